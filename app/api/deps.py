@@ -1,0 +1,48 @@
+"""Dependencies as types: a route's signature says what it needs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from arq.connections import ArqRedis
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.config import Settings
+from app.errors import Unauthorized
+from app.store import keys
+from app.store.models import ApiKey
+
+
+async def _session(request: Request) -> AsyncIterator[AsyncSession]:
+    async with request.app.state.sessions() as session:
+        yield session
+
+
+def _settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def _arq(request: Request) -> ArqRedis:
+    return request.app.state.arq
+
+
+SessionDep = Annotated[AsyncSession, Depends(_session)]
+SettingsDep = Annotated[Settings, Depends(_settings)]
+ArqDep = Annotated[ArqRedis, Depends(_arq)]
+
+_bearer = HTTPBearer(auto_error=False, description="An API key made by `aidsafe keys create`.")
+
+
+async def _current_key(
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> ApiKey:
+    if credentials is None:
+        raise Unauthorized("send an API key as 'Authorization: Bearer <key>'")
+    return await keys.authenticate(session, credentials.credentials)
+
+
+CurrentKey = Annotated[ApiKey, Depends(_current_key)]

@@ -1,0 +1,36 @@
+"""Liveness and readiness."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from app.api.errors import error_response
+from app.api.schemas import ErrorOut
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is up."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"model": ErrorOut}})
+async def readyz(request: Request) -> JSONResponse:
+    """Postgres and Redis both answer."""
+    problems = []
+    try:
+        async with request.app.state.sessions() as session:
+            await session.execute(text("select 1"))
+    except Exception as exc:
+        problems.append(f"postgres: {type(exc).__name__}")
+    try:
+        await request.app.state.arq.ping()
+    except Exception as exc:
+        problems.append(f"redis: {type(exc).__name__}")
+    if problems:
+        return error_response(503, "not_ready", "; ".join(problems))
+    return JSONResponse({"status": "ready"})

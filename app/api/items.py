@@ -1,0 +1,27 @@
+"""/v1/items/{id}: one item with its CoT and every agent turn (the deliberation log)."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+from fastapi import APIRouter
+
+from app.api import views
+from app.api.deps import CurrentKey, SessionDep
+from app.api.jobs import ERRORS
+from app.api.schemas import ItemDetailOut
+from app.store import jobs
+
+router = APIRouter(prefix="/v1/items", tags=["items"])
+
+
+@router.get("/{item_id}", responses=ERRORS)
+async def get_item(item_id: UUID, session: SessionDep, key: CurrentKey) -> ItemDetailOut:
+    item, _ = await jobs.get_item_owned(session, item_id, key.id)
+    cot = await jobs.item_cot(session, item_id)
+    turns = await jobs.item_turns(session, item_id)
+    return ItemDetailOut(
+        **views.item_out(item).model_dump(),
+        cot=views.cot_out(cot, item) if cot else None,
+        turns=[views.turn_out(t) for t in turns],
+    )

@@ -1,0 +1,116 @@
+"""/v1/jobs: submit prompt batches, follow them, cancel them, page through results."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Annotated
+from uuid import UUID
+
+from fastapi import APIRouter, Header, Query, Response, status
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.api import views
+from app.api.deps import ArqDep, CurrentKey, SessionDep, SettingsDep
+from app.api.schemas import CotPage, ErrorOut, ItemPage, ItemStatus, JobIn, JobOut
+from app.pipeline_config import resolve
+from app.queue import enqueue_items
+from app.store import jobs, policy_sets
+from app.store.models import Job, PolicySetRow
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+log = logging.getLogger("aidsafe.api")
+Limit = Annotated[int, Query(ge=1, le=500, description="Page size.")]
+Cursor = Annotated[str | None, Query(description="`next_cursor` of the previous page.")]
+ERRORS = {401: {"model": ErrorOut}, 404: {"model": ErrorOut}}
+
+
+async def _job_out(session: AsyncSession, job: Job) -> JobOut:
+    policy_set = await session.get(PolicySetRow, job.policy_set_id)
+    assert policy_set is not None
+    return views.job_out(job, policy_set, await jobs.summary(session, job))
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses={
+        200: {"model": JobOut, "description": "Replay of an earlier POST with the same Idempotency-Key."},
+        409: {"model": ErrorOut},
+        422: {"model": ErrorOut},
+        401: {"model": ErrorOut},
+    },
+)
+async def submit_job(
+    body: JobIn,
+    response: Response,
+    session: SessionDep,
+    key: CurrentKey,
+    settings: SettingsDep,
+    arq: ArqDep,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JobOut:
+    """Accept a batch of 1 to 10,000 prompts; one arq job per item is enqueued after commit."""
+    config = resolve(body.config, settings)
+    request_hash = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+    policy_set = await policy_sets.resolve_for_job(
+        session, key.id, body.policy_set.name, body.policy_set.version
+    )
+    job, new_item_ids = await jobs.submit(
+        session,
+        owner_key_id=key.id,
+        policy_set_id=policy_set.id,
+        config=config,
+        items=[jobs.NewItem(p.prompt, p.metadata) for p in body.prompt_items()],
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+    )
+    await session.commit()
+    if not new_item_ids:
+        response.status_code = status.HTTP_200_OK
+    try:
+        await enqueue_items(arq, settings.queue_name, [(item_id, 1) for item_id in new_item_ids])
+    except Exception:  # committed already: the sweeper enqueues what did not make it
+        log.exception("enqueue failed for job %s; the sweeper will enqueue its items", job.id)
+    return await _job_out(session, job)
+
+
+@router.get("/{job_id}", responses=ERRORS)
+async def get_job(job_id: UUID, session: SessionDep, key: CurrentKey) -> JobOut:
+    """Status, counts per stage and status, and token totals."""
+    return await _job_out(session, await jobs.get_owned(session, job_id, key.id))
+
+
+@router.post("/{job_id}/cancel", responses=ERRORS)
+async def cancel_job(job_id: UUID, session: SessionDep, key: CurrentKey) -> JobOut:
+    """Queued items are cancelled at once; running items stop within a lease period.
+    Finished items and their data are kept. Cancelling twice is harmless."""
+    job = await jobs.get_owned(session, job_id, key.id)
+    await jobs.cancel(session, job)
+    await session.commit()
+    await session.refresh(job)
+    return await _job_out(session, job)
+
+
+@router.get("/{job_id}/items", responses={**ERRORS, 400: {"model": ErrorOut}})
+async def list_items(
+    job_id: UUID,
+    session: SessionDep,
+    key: CurrentKey,
+    status: ItemStatus | None = None,
+    cursor: Cursor = None,
+    limit: Limit = 100,
+) -> ItemPage:
+    await jobs.get_owned(session, job_id, key.id)
+    rows, next_cursor = await jobs.page_items(session, job_id, status, cursor, limit)
+    return ItemPage(data=[views.item_out(item) for item in rows], next_cursor=next_cursor)
+
+
+@router.get("/{job_id}/cots", responses={**ERRORS, 400: {"model": ErrorOut}})
+async def list_cots(
+    job_id: UUID, session: SessionDep, key: CurrentKey, cursor: Cursor = None, limit: Limit = 100
+) -> CotPage:
+    """Refined CoTs of completed items, in prompt order."""
+    await jobs.get_owned(session, job_id, key.id)
+    rows, next_cursor = await jobs.page_cots(session, job_id, cursor, limit)
+    return CotPage(data=[views.cot_out(cot, item) for cot, item in rows], next_cursor=next_cursor)

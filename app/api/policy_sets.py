@@ -1,0 +1,51 @@
+"""/v1/policy-sets: the built-in AIDSAFE set and each key's own, all versioned by content."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+from fastapi import APIRouter, Response, status
+
+from app.api import views
+from app.api.deps import CurrentKey, SessionDep
+from app.api.jobs import ERRORS
+from app.api.schemas import ErrorOut, PolicySetDetailOut, PolicySetIn, PolicySetOut
+from app.store import policy_sets
+
+router = APIRouter(prefix="/v1/policy-sets", tags=["policy sets"])
+
+
+@router.get("", responses={401: {"model": ErrorOut}})
+async def list_policy_sets(session: SessionDep, key: CurrentKey) -> list[PolicySetOut]:
+    """Built-in sets and this key's own, every version."""
+    await policy_sets.ensure_default(session)
+    await session.commit()
+    return [views.policy_set_out(row) for row in await policy_sets.list_visible(session, key.id)]
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    responses={
+        200: {"model": PolicySetDetailOut, "description": "This exact content is already registered."},
+        401: {"model": ErrorOut},
+        422: {"model": ErrorOut},
+    },
+)
+async def register_policy_set(
+    body: PolicySetIn, response: Response, session: SessionDep, key: CurrentKey
+) -> PolicySetDetailOut:
+    """Register a version. Versions never change: new content under a name is a new version,
+    and jobs keep the exact version they were submitted with."""
+    policies = [p.model_dump() for p in body.policies]
+    before = {row.id for row in await policy_sets.list_visible(session, key.id)}
+    row = await policy_sets.register(session, key.id, body.name, body.description, policies)
+    await session.commit()
+    if row.id in before:
+        response.status_code = status.HTTP_200_OK
+    return views.policy_set_detail(row)
+
+
+@router.get("/{policy_set_id}", responses=ERRORS)
+async def get_policy_set(policy_set_id: UUID, session: SessionDep, key: CurrentKey) -> PolicySetDetailOut:
+    return views.policy_set_detail(await policy_sets.get_visible(session, key.id, policy_set_id))

@@ -1,0 +1,66 @@
+"""Server-wide settings, read once from the environment (prefix AIDSAFE_)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class EndpointConfig(BaseModel):
+    """An OpenAI-compatible server the workers may call. Jobs name endpoints, never URLs,
+    so secrets stay in the server's environment and jobs cannot aim workers anywhere."""
+
+    base_url: str  # up to and including /v1
+    api_key: str | None = None
+    max_concurrency: int = Field(default=4, ge=1)  # shared by every worker, via Redis
+    default_model: str | None = None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AIDSAFE_", env_nested_delimiter="__")
+
+    database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/aidsafe"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    queue_name: str = "aidsafe:queue"
+
+    # The endpoint called "default": the embedded llama.cpp server unless pointed elsewhere.
+    llm_base_url: str = "http://127.0.0.1:8088/v1"
+    llm_api_key: str | None = None
+    llm_model: str = "smollm2-135m-instruct"
+    llm_max_concurrency: int = Field(default=4, ge=1)
+    # More endpoints by name, as JSON: {"vllm": {"base_url": "http://gpu:8000/v1"}}
+    llm_endpoints: dict[str, EndpointConfig] = Field(default_factory=dict)
+    llm_timeout_s: float = Field(default=120.0, gt=0)
+    llm_max_retries: int = Field(default=4, ge=0)
+    llm_backoff_base_s: float = Field(default=1.0, ge=0)
+    llm_backoff_max_s: float = Field(default=30.0, ge=0)
+
+    # Job defaults, each overridable per job.
+    default_agents: int = 2
+    default_max_rounds: int = 4
+    default_max_tokens: int = 768
+    default_temperature: float = 0.7
+    max_reasks: int = 2  # re-asks after malformed or truncated output, per call
+
+    # Workers.
+    worker_max_jobs: int = 8
+    lease_seconds: int = 60  # an item's lease; renewed while its worker is alive
+    item_max_attempts: int = 8  # claims of one item before it fails for good
+    sweep_interval_s: int = 15
+    enqueue_grace_s: int = 30  # a queued item unclaimed this long is enqueued again
+
+    def endpoints(self) -> dict[str, EndpointConfig]:
+        default = EndpointConfig(
+            base_url=self.llm_base_url,
+            api_key=self.llm_api_key,
+            max_concurrency=self.llm_max_concurrency,
+            default_model=self.llm_model,
+        )
+        return {"default": default, **self.llm_endpoints}
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,155 @@
+"""Tolerant reading of agent replies: find the JSON, check what each stage needs, and tell a
+malformed or truncated reply from an agent that refused to do the reasoning task at all.
+
+Normalizers return plain JSON-able dicts: that is what a turn stores, and what a replay
+reads back, so a resumed item sees exactly what the first run saw.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from app.deliberation.ports import ChatReply, TurnOutcome
+from app.deliberation.schemas import DROP_REASONS
+
+_FENCE = re.compile(r"^```(?:json)?\s*|\s*```$", re.IGNORECASE)
+_REFUSAL = re.compile(
+    r"^\W*(i'?m sorry|i am sorry|sorry,|i can(?:no|')t|i cannot|i won'?t|i will not|"
+    r"i am (?:not able|unable)|i'?m (?:not able|unable)|as an ai\b|i must decline|"
+    r"unfortunately,? i can)",
+    re.IGNORECASE,
+)
+
+
+class MalformedOutput(ValueError):
+    """The reply is not usable JSON for the stage; the message says what was wrong."""
+
+
+def extract_json(text: str) -> dict[str, Any]:
+    """The first JSON object in `text`, tolerating fences and chatter around it."""
+    stripped = _FENCE.sub("", text.strip())
+    start = stripped.find("{")
+    if start < 0:
+        raise MalformedOutput("no JSON object in the reply")
+    try:
+        value, _ = json.JSONDecoder().raw_decode(stripped[start:])
+    except json.JSONDecodeError as exc:
+        raise MalformedOutput(f"invalid JSON ({exc.msg} at char {exc.pos})") from exc
+    if not isinstance(value, dict):
+        raise MalformedOutput("the JSON is not an object")
+    return value
+
+
+def looks_like_refusal(text: str) -> bool:
+    return bool(_REFUSAL.match(text.strip()))
+
+
+def refusal_of(reply: ChatReply) -> str | None:
+    """Why this reply counts as the agent declining the task, or None."""
+    if reply.refusal:
+        return reply.refusal
+    if reply.finish_reason == "content_filter":
+        return "the server's content filter stopped the reply"
+    if looks_like_refusal(reply.content) and "{" not in reply.content:
+        return reply.content.strip()[:300]
+    return None
+
+
+def _strings(value: Any, field: str, *, required: bool) -> list[str]:
+    if value is None and not required:
+        return []
+    if isinstance(value, str):  # a lone string where a list was asked for
+        value = [value]
+    if not isinstance(value, list):
+        raise MalformedOutput(f"'{field}' is not a list of strings")
+    items = [str(v).strip() for v in value if isinstance(v, str | int | float) and str(v).strip()]
+    if required and not items:
+        raise MalformedOutput(f"'{field}' is empty")
+    return items
+
+
+def _text(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise MalformedOutput(f"'{field}' is missing or empty")
+    return value.strip()
+
+
+def _all_refusals(thoughts: list[str]) -> bool:
+    return bool(thoughts) and all(looks_like_refusal(t) for t in thoughts)
+
+
+def normalize_intent(data: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "explicit_intents": _strings(data.get("explicit_intents"), "explicit_intents", required=True),
+        "implicit_intents": _strings(data.get("implicit_intents"), "implicit_intents", required=False),
+    }
+
+
+def normalize_seed(data: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "thoughts": _strings(data.get("thoughts"), "thoughts", required=True),
+        "response": _text(data.get("response"), "response"),
+    }
+
+
+def normalize_deliberation(data: dict[str, Any]) -> dict[str, Any]:
+    agree = data.get("agree")
+    if isinstance(agree, str) and agree.lower() in ("true", "false"):
+        agree = agree.lower() == "true"
+    if not isinstance(agree, bool):
+        raise MalformedOutput("'agree' is not a boolean")
+    return {
+        "agree": agree,
+        "critique": str(data.get("critique") or "").strip(),
+        "new_thoughts": _strings(data.get("new_thoughts"), "new_thoughts", required=False),
+        "response": _text(data.get("response"), "response"),
+    }
+
+
+def normalize_refined(data: dict[str, Any], thought_count: int) -> dict[str, Any]:
+    """Keep what is well-formed; ids outside 1..thought_count are ignored, not guessed."""
+    valid_ids = range(1, thought_count + 1)
+    raw_thoughts = data.get("thoughts")
+    if not isinstance(raw_thoughts, list):
+        raise MalformedOutput("'thoughts' is not a list")
+    thoughts = []
+    for entry in raw_thoughts:
+        if isinstance(entry, str) and entry.strip():
+            thoughts.append({"text": entry.strip(), "sources": []})
+        elif isinstance(entry, dict) and isinstance(entry.get("text"), str) and entry["text"].strip():
+            sources = entry.get("sources") or []
+            sources = sorted({s for s in sources if isinstance(s, int) and s in valid_ids})
+            thoughts.append({"text": entry["text"].strip(), "sources": sources})
+    if not thoughts:
+        raise MalformedOutput("'thoughts' has no usable thought")
+    dropped: dict[int, dict[str, Any]] = {}
+    for entry in data.get("dropped") or []:
+        if not isinstance(entry, dict):
+            continue
+        thought_id, reason = entry.get("id"), entry.get("reason")
+        if isinstance(thought_id, int) and thought_id in valid_ids and reason in DROP_REASONS:
+            explanation = str(entry.get("explanation") or "").strip()
+            dropped.setdefault(thought_id, {"id": thought_id, "reason": reason, "explanation": explanation})
+    return {
+        "thoughts": thoughts,
+        "dropped": sorted(dropped.values(), key=lambda d: d["id"]),
+        "response": _text(data.get("response"), "response"),
+    }
+
+
+def judge_reply(reply: ChatReply, normalize: Any) -> tuple[TurnOutcome, dict[str, Any] | None, str | None]:
+    """Classify a reply: (outcome, normalized output when OK, error message otherwise)."""
+    refusal = refusal_of(reply)
+    if refusal is not None:
+        return TurnOutcome.REFUSED, None, refusal
+    try:
+        parsed = normalize(extract_json(reply.content))
+    except MalformedOutput as exc:
+        outcome = TurnOutcome.TRUNCATED if reply.finish_reason == "length" else TurnOutcome.MALFORMED
+        return outcome, None, str(exc)
+    thoughts = parsed.get("thoughts") if "agree" not in parsed else parsed.get("new_thoughts")
+    if isinstance(thoughts, list) and thoughts and isinstance(thoughts[0], str) and _all_refusals(thoughts):
+        return TurnOutcome.REFUSED, None, "every thought is a refusal to reason: " + thoughts[0][:200]
+    return TurnOutcome.OK, parsed, None

@@ -1,0 +1,116 @@
+"""The two narrow ports the AIDSAFE engine talks through: an LLM client and a turn log.
+
+Production wires an httpx client and a Postgres turn log; tests wire a scripted HTTP
+server and, where a database is beside the point, an in-memory log.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+from uuid import UUID
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One structured-output chat completion, as the engine asks for it."""
+
+    role: str  # "intent", "seed", "deliberator-2", "refiner": for limits, metrics, logs
+    endpoint: str  # name of a configured OpenAI-compatible endpoint
+    model: str
+    messages: list[dict[str, str]]
+    schema_name: str
+    schema: dict[str, Any]
+    temperature: float
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class ChatReply:
+    """What came back: raw text plus what the server said about it."""
+
+    content: str
+    finish_reason: str | None
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: float
+    refusal: str | None = None  # OpenAI structured outputs put a model refusal here
+
+
+class LLMUnavailable(Exception):
+    """The endpoint could not answer after the client's retries (429/5xx/timeouts).
+
+    Transient by nature: the caller should retry the whole item later; every turn
+    already recorded is kept, so nothing paid for is repeated.
+    """
+
+
+class LLMRequestRejected(Exception):
+    """The endpoint refused the request itself (4xx other than 429): retrying will not help.
+
+    Permanent by nature (bad model name, bad key, unknown endpoint): the caller should
+    fail the item rather than retry it.
+    """
+
+
+class Stage(StrEnum):
+    INTENT = "intent"
+    SEED = "seed"
+    DELIBERATION = "deliberation"
+    REFINE = "refine"
+
+
+class TurnOutcome(StrEnum):
+    OK = "ok"
+    MALFORMED = "malformed"  # not JSON, or JSON that breaks the schema
+    TRUNCATED = "truncated"  # the server stopped at max_tokens
+    REFUSED = "refused"  # the agent declined the reasoning task itself
+
+
+@dataclass(frozen=True)
+class TurnKey:
+    """Identifies one LLM call of an item; a replay never records the same key twice."""
+
+    stage: Stage
+    round: int = 0
+    agent: int = 0
+    attempt: int = 0  # 0 for the first ask, 1.. for re-asks after bad output
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One agent turn: the request, the raw reply, and what the engine made of it."""
+
+    item_id: UUID
+    key: TurnKey
+    role: str
+    endpoint: str
+    model: str
+    request_hash: str
+    raw_output: str
+    outcome: TurnOutcome
+    parsed: dict[str, Any] | None = None
+    error: str | None = None
+    agreed: bool | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_ms: float = 0.0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class LLMClient(Protocol):
+    async def chat(self, request: ChatRequest) -> ChatReply:
+        """Send one chat completion. Raises LLMUnavailable when retries are spent."""
+        ...
+
+
+class TurnLog(Protocol):
+    async def done(self, item_id: UUID) -> list[Turn]:
+        """Every turn already recorded for the item, in any order."""
+        ...
+
+    async def record(self, turn: Turn) -> None:
+        """Store a turn; idempotent on (item, key): a second record is a no-op."""
+        ...

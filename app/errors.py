@@ -1,0 +1,51 @@
+"""Domain errors: each carries an HTTP status and a stable code. The API maps them to the
+one JSON error shape in a single handler; business code never raises HTTPException."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServiceError(Exception):
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, details: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class Unauthorized(ServiceError):
+    status = 401
+    code = "unauthorized"
+
+
+class NotFound(ServiceError):
+    status = 404
+    code = "not_found"
+
+
+class IdempotencyConflict(ServiceError):
+    status = 409
+    code = "idempotency_conflict"
+
+
+class PolicySetConflict(ServiceError):
+    status = 409
+    code = "policy_set_exists"
+
+
+class InvalidConfig(ServiceError):
+    status = 422
+    code = "invalid_config"
+
+
+class UnknownPolicySet(ServiceError):
+    status = 422
+    code = "unknown_policy_set"
+
+
+class InvalidCursor(ServiceError):
+    status = 400
+    code = "invalid_cursor"

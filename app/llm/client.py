@@ -1,0 +1,233 @@
+"""The production LLMClient: structured-output chat completions over OpenAI-compatible HTTP.
+
+Transient faults (429, 5xx, connection errors, timeouts, a 200 with a body of the wrong
+shape) are retried with exponential backoff and full jitter, honouring Retry-After; when
+retries run out the caller gets LLMUnavailable. A refusal of the request itself (other
+4xx) is permanent and raises LLMRequestRejected at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from contextlib import AbstractAsyncContextManager, nullcontext
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from types import TracebackType
+from typing import Any
+
+import httpx
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    RetryError,
+    before_sleep_log,
+    retry_if_exception_type,
+    stop_after_attempt,
+)
+
+from app.config import EndpointConfig
+from app.deliberation.ports import ChatReply, ChatRequest, LLMRequestRejected, LLMUnavailable
+from app.llm.limits import EndpointLimiter
+
+logger = logging.getLogger(__name__)
+
+# A limiter lease must outlast the longest legitimate attempt, or a slow request loses
+# its slot to another worker while still running.
+LEASE_MARGIN_S = 15.0
+# Retry-After is honoured as given, up to this floor on the cap: servers rarely ask for
+# more than a couple of minutes, and a bogus huge value must not park a worker for hours.
+RETRY_AFTER_CAP_FLOOR_S = 120.0
+_ERROR_BODY_CHARS = 500
+
+
+class _TransientFault(Exception):
+    """One failed attempt that another attempt may fix."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class OpenAICompatibleClient:
+    """LLMClient over one shared httpx.AsyncClient; close it with aclose() or `async with`."""
+
+    def __init__(
+        self,
+        endpoints: dict[str, EndpointConfig],
+        limiter: EndpointLimiter | None = None,
+        *,
+        timeout_s: float = 120.0,
+        max_retries: int = 4,
+        backoff_base_s: float = 1.0,
+        backoff_max_s: float = 30.0,
+    ) -> None:
+        """
+        endpoints: OpenAI-compatible servers by name; requests name one of them.
+        limiter: caps simultaneous attempts per endpoint (at its max_concurrency); None
+            means no cap beyond what the server enforces.
+        timeout_s: limit on one HTTP attempt, start to last byte.
+        max_retries: attempts after the first before giving up with LLMUnavailable.
+        backoff_base_s, backoff_max_s: full-jitter exponential backoff between attempts.
+        """
+        self._endpoints = endpoints
+        self._limiter = limiter
+        self._timeout_s = timeout_s
+        self._max_retries = max_retries
+        self._backoff_base_s = backoff_base_s
+        self._backoff_max_s = backoff_max_s
+        self._retry_after_cap_s = max(backoff_max_s, RETRY_AFTER_CAP_FLOOR_S)
+        self._http = httpx.AsyncClient(timeout=timeout_s)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> OpenAICompatibleClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def chat(self, request: ChatRequest) -> ChatReply:
+        """Send one chat completion with the request's JSON schema as response_format.
+
+        Raises LLMRequestRejected for an unknown endpoint or a 4xx other than 429, and
+        LLMUnavailable once max_retries retries of transient faults are spent.
+        """
+        endpoint = self._endpoints.get(request.endpoint)
+        if endpoint is None:
+            raise LLMRequestRejected(f"unknown LLM endpoint {request.endpoint!r}")
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(_TransientFault),
+            stop=stop_after_attempt(self._max_retries + 1),
+            wait=self._wait_before_retry,
+            before_sleep=before_sleep_log(logger, logging.WARNING),
+        )
+        try:
+            return await retrying(self._attempt, request, endpoint)
+        except RetryError as spent:
+            last = spent.last_attempt.exception()
+            raise LLMUnavailable(
+                f"endpoint {request.endpoint!r} ({request.role}) gave no usable answer in "
+                f"{spent.last_attempt.attempt_number} attempts; last fault: {last}"
+            ) from last
+
+    def _wait_before_retry(self, state: RetryCallState) -> float:
+        # Full jitter: uniform in [0, min(max, base * 2^(n-1))].
+        ceiling = self._backoff_base_s * 2 ** (state.attempt_number - 1)
+        wait = random.uniform(0, min(self._backoff_max_s, ceiling))
+        fault = state.outcome.exception() if state.outcome else None
+        if isinstance(fault, _TransientFault) and fault.retry_after_s is not None:
+            wait = max(wait, min(fault.retry_after_s, self._retry_after_cap_s))
+        return wait
+
+    async def _attempt(self, request: ChatRequest, endpoint: EndpointConfig) -> ChatReply:
+        async with self._slot(request.endpoint, endpoint):
+            started = time.monotonic()
+            try:
+                # httpx's timeout bounds each read; this bounds the whole attempt.
+                async with asyncio.timeout(self._timeout_s):
+                    response = await self._http.post(
+                        f"{endpoint.base_url.rstrip('/')}/chat/completions",
+                        json=_payload(request),
+                        headers=_headers(endpoint),
+                    )
+            except httpx.UnsupportedProtocol as error:
+                message = f"bad base_url for {request.endpoint!r}: {error}"
+                raise LLMRequestRejected(message) from error
+            except (httpx.TransportError, TimeoutError) as error:
+                detail = str(error) or f"no complete answer within {self._timeout_s} s"
+                raise _TransientFault(f"{type(error).__name__}: {detail}") from error
+            latency_ms = (time.monotonic() - started) * 1000
+        _raise_for_status(response)
+        return _parse_reply(response, request, latency_ms)
+
+    def _slot(self, name: str, endpoint: EndpointConfig) -> AbstractAsyncContextManager[None]:
+        if self._limiter is None:
+            return nullcontext()
+        lease_s = self._timeout_s + LEASE_MARGIN_S
+        return self._limiter.slot(name, endpoint.max_concurrency, lease_s)
+
+
+def _payload(request: ChatRequest) -> dict[str, Any]:
+    return {
+        "model": request.model,
+        "messages": request.messages,
+        "temperature": request.temperature,
+        "max_tokens": request.max_tokens,
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": request.schema_name, "schema": request.schema, "strict": True},
+        },
+    }
+
+
+def _headers(endpoint: EndpointConfig) -> dict[str, str]:
+    if endpoint.api_key:
+        return {"Authorization": f"Bearer {endpoint.api_key}"}
+    return {}
+
+
+def _raise_for_status(response: httpx.Response) -> None:
+    status = response.status_code
+    if status < 400:
+        return
+    detail = f"HTTP {status}: {response.text[:_ERROR_BODY_CHARS]}"
+    if status == 429 or status >= 500:
+        raise _TransientFault(detail, _retry_after_s(response.headers.get("Retry-After")))
+    raise LLMRequestRejected(detail)
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header: delay-seconds or an HTTP date."""
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT; obsolete formats may omit it
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _parse_reply(response: httpx.Response, request: ChatRequest, latency_ms: float) -> ChatReply:
+    # A 200 of the wrong shape is a proxy or server hiccup, not an answer: retry it.
+    try:
+        body = response.json()
+        choice = body["choices"][0]
+        message = choice["message"]
+        content = message.get("content")
+        refusal = message.get("refusal")
+        finish_reason = choice.get("finish_reason")
+        usage = body.get("usage") or {}
+        prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        completion_tokens = int(usage.get("completion_tokens") or 0)
+        model = body.get("model") or request.model
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
+        raise _TransientFault(
+            f"unexpected 200 body ({type(error).__name__}: {error}): {response.text[:_ERROR_BODY_CHARS]}"
+        ) from error
+    if not all(isinstance(v, str | None) for v in (content, refusal, finish_reason, model)):
+        raise _TransientFault(f"unexpected field types: {repr(body)[:_ERROR_BODY_CHARS]}")
+    return ChatReply(
+        content=content or "",
+        finish_reason=finish_reason,
+        model=model,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        latency_ms=latency_ms,
+        refusal=refusal,
+    )

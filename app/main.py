@@ -1,0 +1,46 @@
+"""The FastAPI application (`uvicorn app.main:app`). It never calls an LLM."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from arq.connections import RedisSettings, create_pool
+from fastapi import FastAPI
+
+from app.api import errors, health, items, jobs, policy_sets
+from app.config import Settings, get_settings
+from app.store.db import make_engine, make_sessions
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_engine(settings.database_url)
+        app.state.settings = settings
+        app.state.sessions = make_sessions(engine)
+        app.state.arq = await create_pool(RedisSettings.from_dsn(settings.redis_url))
+        try:
+            yield
+        finally:
+            await app.state.arq.aclose()
+            await engine.dispose()
+
+    app = FastAPI(
+        title="AIDSAFE data service",
+        version="0.1.0",
+        description=(
+            "Multi-agent deliberation (AIDSAFE) that turns prompts into policy-embedded "
+            "chains of thought for safety-reasoning training data."
+        ),
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    for module in (health, jobs, items, policy_sets):
+        app.include_router(module.router)
+    return app
+
+
+app = create_app()

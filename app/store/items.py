@@ -1,0 +1,227 @@
+"""Items as workers see them: claim with a lease, renew it, and finish exactly once.
+
+The claim token is the item's attempt counter: every write after the claim is
+conditional on it, so a worker that lost its lease (paused, partitioned, presumed dead)
+cannot overwrite the work of the worker that took the item over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import and_, func, select, update
+from sqlalchemy.dialects.postgresql import insert
+
+from app.deliberation.engine import Completed
+from app.store.db import Sessions
+from app.store.models import Cot, Item, Job, PolicySetRow
+
+
+@dataclass(frozen=True)
+class Claim:
+    item_id: UUID
+    job_id: UUID
+    attempt: int
+    prompt: str
+    config: dict[str, Any]
+    policy_set: PolicySetRow
+
+
+class ClaimLost(Exception):
+    """The lease is gone: it expired and another worker may hold the item now."""
+
+
+class JobCancelled(ClaimLost):
+    """The item's job was cancelled while the item ran."""
+
+
+def _lease(seconds: int) -> Any:
+    return func.now() + timedelta(seconds=seconds)
+
+
+async def claim(sessions: Sessions, item_id: UUID, lease_s: int, max_attempts: int) -> Claim | None:
+    """Take the item if it is queued or its lease expired; None if there is nothing to do."""
+    async with sessions.begin() as session:
+        row = (
+            await session.execute(
+                select(Item, Job)
+                .join(Job, Job.id == Item.job_id)
+                .where(Item.id == item_id)
+                .with_for_update(of=Item)
+            )
+        ).one_or_none()
+        if row is None:
+            return None
+        item, job = row
+        claimable = item.status == "queued" or (
+            item.status == "running"
+            and item.lease_until is not None
+            and item.lease_until < await session.scalar(select(func.now()))
+        )
+        if not claimable:
+            return None
+        if job.cancelled_at is not None:
+            _finish(item, "cancelled")
+            return None
+        if item.attempts >= max_attempts:
+            _finish(
+                item,
+                "failed",
+                "too_many_attempts",
+                f"gave up after {item.attempts} attempts; last: {item.error_message or 'worker lost'}",
+            )
+            return None
+        item.status, item.attempts = "running", item.attempts + 1
+        item.lease_until, item.updated_at = _lease(lease_s), func.now()
+        policy_set = await session.get(PolicySetRow, job.policy_set_id)
+        assert policy_set is not None
+        return Claim(item.id, job.id, item.attempts, item.prompt, job.config, policy_set)
+
+
+def _finish(item: Item, status: str, code: str | None = None, message: str | None = None) -> None:
+    item.status, item.lease_until = status, None
+    item.error_code, item.error_message = code, message
+    item.finished_at = item.updated_at = func.now()
+
+
+def _mine(claim: Claim) -> Any:
+    return and_(Item.id == claim.item_id, Item.attempts == claim.attempt, Item.status == "running")
+
+
+async def renew(sessions: Sessions, claim: Claim, lease_s: int) -> None:
+    """Extend the lease; raises ClaimLost if the item is no longer ours or was cancelled."""
+    async with sessions.begin() as session:
+        cancelled = await session.scalar(select(Job.cancelled_at).where(Job.id == claim.job_id))
+        if cancelled is not None:
+            raise JobCancelled(f"job {claim.job_id} was cancelled")
+        renewed = await session.execute(
+            update(Item).where(_mine(claim)).values(lease_until=_lease(lease_s)).returning(Item.id)
+        )
+        if renewed.first() is None:
+            raise ClaimLost(f"lease on item {claim.item_id} lost")
+
+
+async def release(sessions: Sessions, claim: Claim, reason: str) -> None:
+    """Hand the item back to the queue (transient fault, shutdown); its turns stay."""
+    async with sessions.begin() as session:
+        await session.execute(
+            update(Item)
+            .where(_mine(claim))
+            .values(status="queued", lease_until=None, error_message=reason, updated_at=func.now())
+        )
+
+
+async def end(sessions: Sessions, claim: Claim, status: str, code: str | None, message: str | None) -> None:
+    """Finish without a CoT: failed with a recorded reason, or cancelled."""
+    async with sessions.begin() as session:
+        await session.execute(
+            update(Item)
+            .where(_mine(claim))
+            .values(
+                status=status,
+                lease_until=None,
+                error_code=code,
+                error_message=message,
+                finished_at=func.now(),
+                updated_at=func.now(),
+            )
+        )
+
+
+async def complete(sessions: Sessions, claim: Claim, result: Completed) -> bool:
+    """Store the CoT and mark the item completed in one transaction; False if not ours."""
+    async with sessions.begin() as session:
+        mine = await session.execute(
+            update(Item)
+            .where(_mine(claim))
+            .values(
+                status="completed",
+                stage="done",
+                lease_until=None,
+                error_code=None,
+                error_message=None,
+                finished_at=func.now(),
+                updated_at=func.now(),
+            )
+            .returning(Item.position)
+        )
+        position = mine.scalar_one_or_none()
+        if position is None:
+            return False
+        await session.execute(
+            insert(Cot)
+            .values(
+                item_id=claim.item_id,
+                job_id=claim.job_id,
+                position=position,
+                policy_set_id=claim.policy_set.id,
+                policy_set_name=claim.policy_set.name,
+                policy_set_version=claim.policy_set.version,
+                intents=result.intents,
+                thoughts=[t.__dict__ for t in result.thoughts],
+                refined_thoughts=result.refined_thoughts,
+                dropped_thoughts=result.dropped,
+                unaccounted_thought_ids=result.unaccounted,
+                response=result.response,
+                rounds_used=result.rounds_used,
+                agreed=result.agreed,
+                agreed_by=result.agreed_by,
+            )
+            .on_conflict_do_nothing(index_elements=["item_id"])
+        )
+        return True
+
+
+async def take_expired_leases(sessions: Sessions, limit: int = 1000) -> list[tuple[UUID, int]]:
+    """Items whose worker stopped renewing; bumps their enqueue counter for a fresh arq id."""
+    async with sessions.begin() as session:
+        stale = (
+            select(Item.id)
+            .where(Item.status == "running", Item.lease_until < func.now())
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        rows = await session.execute(
+            update(Item)
+            .where(Item.id.in_(stale))
+            .values(enqueues=Item.enqueues + 1)
+            .returning(Item.id, Item.enqueues)
+        )
+        return [(row.id, row.enqueues) for row in rows]
+
+
+async def queued_unclaimed(sessions: Sessions, grace_s: int, limit: int = 2000) -> list[tuple[UUID, int]]:
+    """Queued items older than the grace period, oldest first (their arq job may be lost)."""
+    async with sessions() as session:
+        rows = await session.execute(
+            select(Item.id, Item.enqueues)
+            .join(Job, Job.id == Item.job_id)
+            .where(
+                Item.status == "queued",
+                Item.updated_at < func.now() - timedelta(seconds=grace_s),
+                Job.cancelled_at.is_(None),
+            )
+            .order_by(Item.updated_at)
+            .limit(limit)
+        )
+        return [(row.id, row.enqueues) for row in rows]
+
+
+async def touch(sessions: Sessions, item_ids: list[UUID], *, bump_enqueues: bool) -> list[tuple[UUID, int]]:
+    """Mark queued items as checked now (and optionally give them a new arq id)."""
+    if not item_ids:
+        return []
+    values: dict[str, Any] = {"updated_at": func.now()}
+    if bump_enqueues:
+        values["enqueues"] = Item.enqueues + 1
+    async with sessions.begin() as session:
+        rows = await session.execute(
+            update(Item)
+            .where(Item.id.in_(item_ids), Item.status == "queued")
+            .values(**values)
+            .returning(Item.id, Item.enqueues)
+        )
+        return [(row.id, row.enqueues) for row in rows]

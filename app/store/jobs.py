@@ -1,0 +1,206 @@
+"""Jobs as the API sees them: submit, read, cancel, and page through items and CoTs."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID, uuid4
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.errors import IdempotencyConflict, InvalidCursor, NotFound
+from app.store.models import Cot, Item, Job, TurnRow
+
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class NewItem:
+    prompt: str
+    metadata: dict[str, Any]
+
+
+async def submit(
+    session: AsyncSession,
+    *,
+    owner_key_id: UUID,
+    policy_set_id: UUID,
+    config: dict[str, Any],
+    items: Sequence[NewItem],
+    idempotency_key: str | None,
+    request_hash: str,
+) -> tuple[Job, list[UUID]]:
+    """Write the job and all its items in the caller's transaction.
+
+    Returns (job, ids of the items created: empty for a replay). A repeated
+    Idempotency-Key with the same request returns the first job; with a different
+    request it is a conflict, never a silent second job.
+    """
+    if idempotency_key:
+        existing = await _by_idempotency_key(session, owner_key_id, idempotency_key)
+        if existing:
+            return _same_request(existing, request_hash), []
+    job = Job(
+        owner_key_id=owner_key_id,
+        policy_set_id=policy_set_id,
+        config=config,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+        item_count=len(items),
+    )
+    try:
+        async with session.begin_nested():
+            session.add(job)
+            await session.flush()
+    except IntegrityError:  # a concurrent POST with the same key won the race
+        existing = await _by_idempotency_key(session, owner_key_id, idempotency_key or "")
+        if existing is None:
+            raise
+        return _same_request(existing, request_hash), []
+    ids = [uuid4() for _ in items]
+    await session.execute(
+        insert(Item),
+        [
+            {"id": ids[i], "job_id": job.id, "position": i, "prompt": it.prompt, "item_metadata": it.metadata}
+            for i, it in enumerate(items)
+        ],
+    )
+    return job, ids
+
+
+async def _by_idempotency_key(session: AsyncSession, owner_key_id: UUID, key: str) -> Job | None:
+    return await session.scalar(
+        select(Job).where(Job.owner_key_id == owner_key_id, Job.idempotency_key == key)
+    )
+
+
+def _same_request(job: Job, request_hash: str) -> Job:
+    if job.request_hash != request_hash:
+        raise IdempotencyConflict("this Idempotency-Key was already used with a different request body")
+    return job
+
+
+async def get_owned(session: AsyncSession, job_id: UUID, owner_key_id: UUID) -> Job:
+    """The job if this key owns it; another key's job is indistinguishable from none."""
+    job = await session.get(Job, job_id)
+    if job is None or job.owner_key_id != owner_key_id:
+        raise NotFound(f"job {job_id} not found")
+    return job
+
+
+async def summary(session: AsyncSession, job: Job) -> dict[str, Any]:
+    """Status derived from the items, counts per status and per stage, token totals."""
+    by_status: dict[str, int] = {}
+    by_stage: dict[str, dict[str, int]] = {}
+    rows = await session.execute(
+        select(Item.stage, Item.status, func.count())
+        .where(Item.job_id == job.id)
+        .group_by(Item.stage, Item.status)
+    )
+    for stage, status, count in rows:
+        by_status[status] = by_status.get(status, 0) + count
+        by_stage.setdefault(stage, {})[status] = count
+    tokens = (
+        await session.execute(
+            select(
+                func.count(),
+                func.coalesce(func.sum(TurnRow.prompt_tokens), 0),
+                func.coalesce(func.sum(TurnRow.completion_tokens), 0),
+            ).where(TurnRow.job_id == job.id)
+        )
+    ).one()
+    finished = sum(by_status.get(s, 0) for s in TERMINAL)
+    if finished == job.item_count:
+        status = "cancelled" if job.cancelled_at else "completed"
+    elif job.cancelled_at:
+        status = "cancelling"
+    elif finished or by_status.get("running"):
+        status = "running"
+    else:
+        status = "queued"
+    return {
+        "status": status,
+        "counts": {"total": job.item_count, "by_status": by_status, "by_stage": by_stage},
+        "usage": {"llm_calls": tokens[0], "prompt_tokens": tokens[1], "completion_tokens": tokens[2]},
+    }
+
+
+async def cancel(session: AsyncSession, job: Job) -> None:
+    """Queued items end as cancelled now; running ones stop at their worker's next check."""
+    if job.cancelled_at is None:
+        job.cancelled_at = func.now()
+    await session.execute(
+        update(Item)
+        .where(Item.job_id == job.id, Item.status == "queued")
+        .values(status="cancelled", finished_at=func.now(), updated_at=func.now())
+    )
+
+
+def encode_cursor(position: int) -> str:
+    return base64.urlsafe_b64encode(f"p:{position}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> int:
+    if not cursor:
+        return -1
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        kind, _, value = text.partition(":")
+        if kind != "p":
+            raise ValueError(kind)
+        return int(value)
+    except ValueError as exc:
+        raise InvalidCursor("the cursor is not one this API returned") from exc
+
+
+async def page_items(
+    session: AsyncSession, job_id: UUID, status: str | None, cursor: str | None, limit: int
+) -> tuple[list[Item], str | None]:
+    query = select(Item).where(Item.job_id == job_id, Item.position > decode_cursor(cursor))
+    if status:
+        query = query.where(Item.status == status)
+    rows = list(await session.scalars(query.order_by(Item.position).limit(limit + 1)))
+    return _page(rows, limit, lambda item: item.position)
+
+
+async def page_cots(
+    session: AsyncSession, job_id: UUID, cursor: str | None, limit: int
+) -> tuple[list[tuple[Cot, Item]], str | None]:
+    query = (
+        select(Cot, Item)
+        .join(Item, Item.id == Cot.item_id)
+        .where(Cot.job_id == job_id, Cot.position > decode_cursor(cursor))
+        .order_by(Cot.position)
+        .limit(limit + 1)
+    )
+    rows = [(cot, item) for cot, item in (await session.execute(query)).all()]
+    return _page(rows, limit, lambda row: row[0].position)
+
+
+def _page(rows: list[Any], limit: int, position_of: Any) -> tuple[list[Any], str | None]:
+    if len(rows) <= limit:
+        return rows, None
+    rows = rows[:limit]
+    return rows, encode_cursor(position_of(rows[-1]))
+
+
+async def get_item_owned(session: AsyncSession, item_id: UUID, owner_key_id: UUID) -> tuple[Item, Job]:
+    row = (
+        await session.execute(select(Item, Job).join(Job, Job.id == Item.job_id).where(Item.id == item_id))
+    ).one_or_none()
+    if row is None or row[1].owner_key_id != owner_key_id:
+        raise NotFound(f"item {item_id} not found")
+    return row[0], row[1]
+
+
+async def item_turns(session: AsyncSession, item_id: UUID) -> list[TurnRow]:
+    rows = await session.scalars(select(TurnRow).where(TurnRow.item_id == item_id).order_by(TurnRow.id))
+    return list(rows)
+
+
+async def item_cot(session: AsyncSession, item_id: UUID) -> Cot | None:
+    return await session.scalar(select(Cot).where(Cot.item_id == item_id))

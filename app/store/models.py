@@ -1,0 +1,150 @@
+"""Tables (SQLAlchemy 2 declarative). They are created only by Alembic migrations."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSONB, list[Any]: JSONB, uuid.UUID: UUID(as_uuid=True)}
+
+
+def _now() -> Mapped[datetime]:
+    return mapped_column(DateTime(timezone=True), server_default=func.now(), nullable=False)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(200))
+    prefix: Mapped[str] = mapped_column(String(16))  # shown to humans to tell keys apart
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 of the secret
+    created_at: Mapped[datetime] = _now()
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class PolicySetRow(Base):
+    """Immutable: new content under the same name is a new version (content hash)."""
+
+    __tablename__ = "policy_sets"
+    __table_args__ = (
+        UniqueConstraint("owner_key_id", "name", "version", postgresql_nulls_not_distinct=True),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    owner_key_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_keys.id"))  # None: built-in
+    name: Mapped[str] = mapped_column(String(100))
+    version: Mapped[str] = mapped_column(String(32))
+    description: Mapped[str] = mapped_column(Text, default="")
+    policies: Mapped[list[Any]]
+    created_at: Mapped[datetime] = _now()
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("owner_key_id", "idempotency_key"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    owner_key_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    policy_set_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("policy_sets.id"))
+    config: Mapped[dict[str, Any]]  # the resolved pipeline config, frozen at submission
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    item_count: Mapped[int] = mapped_column(Integer)
+    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _now()
+
+
+class Item(Base):
+    __tablename__ = "items"
+    __table_args__ = (
+        UniqueConstraint("job_id", "position"),
+        Index("ix_items_job_status", "job_id", "status"),
+        Index("ix_items_sweep", "status", "lease_until"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id"))
+    position: Mapped[int] = mapped_column(Integer)
+    prompt: Mapped[str] = mapped_column(Text)
+    item_metadata: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB, default=dict)
+    # queued -> running -> completed | failed; queued/running -> cancelled
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    stage: Mapped[str] = mapped_column(String(16), default="intent")  # last stage with a turn
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # claims so far
+    enqueues: Mapped[int] = mapped_column(Integer, default=1)  # part of the arq job id
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _now()
+    updated_at: Mapped[datetime] = _now()
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class TurnRow(Base):
+    __tablename__ = "turns"
+    __table_args__ = (UniqueConstraint("item_id", "stage", "round", "agent", "attempt"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    item_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("items.id"))
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id"), index=True)
+    stage: Mapped[str] = mapped_column(String(16))
+    round: Mapped[int] = mapped_column(Integer)
+    agent: Mapped[int] = mapped_column(Integer)
+    attempt: Mapped[int] = mapped_column(Integer)
+    role: Mapped[str] = mapped_column(String(32))
+    endpoint: Mapped[str] = mapped_column(String(100))
+    model: Mapped[str] = mapped_column(String(200))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    raw_output: Mapped[str] = mapped_column(Text)
+    parsed: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    outcome: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text)
+    agreed: Mapped[bool | None] = mapped_column(Boolean)
+    prompt_tokens: Mapped[int] = mapped_column(Integer)
+    completion_tokens: Mapped[int] = mapped_column(Integer)
+    latency_ms: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = _now()
+
+
+class Cot(Base):
+    __tablename__ = "cots"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    item_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("items.id"), unique=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id"))
+    position: Mapped[int] = mapped_column(Integer)  # the item's, for ordered pagination
+    policy_set_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("policy_sets.id"))
+    policy_set_name: Mapped[str] = mapped_column(String(100))
+    policy_set_version: Mapped[str] = mapped_column(String(32))
+    intents: Mapped[dict[str, Any]]
+    thoughts: Mapped[list[Any]]  # every thought, with provenance
+    refined_thoughts: Mapped[list[Any]]
+    dropped_thoughts: Mapped[list[Any]]
+    unaccounted_thought_ids: Mapped[list[Any]]
+    response: Mapped[str] = mapped_column(Text)
+    rounds_used: Mapped[int] = mapped_column(Integer)
+    agreed: Mapped[bool] = mapped_column(Boolean)
+    agreed_by: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = _now()
+
+    __table_args__ = (Index("ix_cots_job_position", "job_id", "position"),)

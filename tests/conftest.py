@@ -1,0 +1,169 @@
+"""Shared fixtures: a migrated Postgres database per run, real Redis, the scripted LLM
+server, the API in-process, and arq's real worker in burst mode."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from alembic import command
+from alembic.config import Config
+from arq.worker import Worker
+from redis.asyncio import Redis
+
+from app.config import EndpointConfig, Settings
+from app.main import create_app
+from app.store import keys
+from app.store.db import Sessions, make_engine, make_sessions
+from tests.scripted_llm import ScriptedLLM, running_scripted_llm
+from workers.main import worker_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+PG_ADMIN_DSN = os.environ.get("AIDSAFE_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+TEST_DB = os.environ.get("AIDSAFE_TEST_DB", "aidsafe_test")
+DATABASE_URL = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://") + "/" + TEST_DB
+REDIS_URL = os.environ.get("AIDSAFE_TEST_REDIS", "redis://127.0.0.1:6379/0")
+TABLES = "cots, turns, items, jobs, policy_sets, api_keys"
+
+
+@pytest.fixture(scope="session")
+def scripted_llm() -> Iterator[ScriptedLLM]:
+    with running_scripted_llm() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def second_llm() -> Iterator[ScriptedLLM]:
+    """Another endpoint, to show roles can use different servers."""
+    with running_scripted_llm() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def settings(scripted_llm: ScriptedLLM, second_llm: ScriptedLLM) -> Settings:
+    return Settings(
+        database_url=DATABASE_URL,
+        redis_url=REDIS_URL,
+        queue_name=f"aidsafe:test:{uuid.uuid4().hex[:8]}",
+        llm_base_url=scripted_llm.base_url,
+        llm_model="scripted-model",
+        llm_endpoints={"second": EndpointConfig(base_url=second_llm.base_url, default_model="second-model")},
+        llm_timeout_s=2.0,
+        llm_max_retries=2,
+        llm_backoff_base_s=0.01,
+        llm_backoff_max_s=0.05,
+        lease_seconds=3,
+        sweep_interval_s=1,
+        enqueue_grace_s=1,
+    )
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    """The environment a worker subprocess needs to behave like `settings`."""
+    env = dict(os.environ)
+    for name, value in settings.model_dump(mode="json").items():
+        if value is None:
+            continue
+        env[f"AIDSAFE_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
+    return env
+
+
+async def _recreate_database() -> None:
+    admin = await asyncpg.connect(PG_ADMIN_DSN)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{TEST_DB}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{TEST_DB}"')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(scope="session")
+async def migrated(settings: Settings) -> str:
+    """A fresh database, built by the migrations alone."""
+    await _recreate_database()
+    config = Config(str(ROOT / "alembic.ini"))
+    config.attributes["database_url"] = settings.database_url
+    await asyncio.to_thread(command.upgrade, config, "head")
+    return settings.database_url
+
+
+@pytest.fixture(scope="session")
+async def sessions(migrated: str) -> AsyncIterator[Sessions]:
+    engine = make_engine(migrated)
+    yield make_sessions(engine)
+    await engine.dispose()
+
+
+@pytest.fixture
+async def redis(settings: Settings) -> AsyncIterator[Redis]:
+    client = Redis.from_url(settings.redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(autouse=True)
+async def clean_state(request: pytest.FixtureRequest, settings: Settings) -> AsyncIterator[None]:
+    """Each test starts with empty tables, an empty test queue and a reset LLM script."""
+    if "sessions" in request.fixturenames or "api" in request.fixturenames:
+        engine = make_engine(settings.database_url)
+        async with engine.begin() as conn:
+            await conn.exec_driver_sql(f"TRUNCATE {TABLES} CASCADE")
+        await engine.dispose()
+        client = Redis.from_url(settings.redis_url)
+        keys_ = [k async for k in client.scan_iter(f"{settings.queue_name}*")]
+        keys_ += [k async for k in client.scan_iter("arq:*item:*")]
+        keys_ += [k async for k in client.scan_iter("aidsafe:limits:*")]
+        if keys_:
+            await client.delete(*keys_)
+        await client.aclose()
+    for name in ("scripted_llm", "second_llm"):
+        if name in request.fixturenames:
+            request.getfixturevalue(name).reset()
+    yield
+
+
+@pytest.fixture
+async def api(settings: Settings, sessions: Sessions) -> AsyncIterator[httpx.AsyncClient]:
+    """The real app, in-process, with its lifespan (Postgres pool, arq Redis pool)."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            yield client
+
+
+async def new_key(sessions: Sessions, name: str = "test") -> dict[str, str]:
+    async with sessions.begin() as session:
+        _, secret = await keys.create_key(session, name)
+    return {"Authorization": f"Bearer {secret}"}
+
+
+@pytest.fixture
+async def auth(sessions: Sessions) -> dict[str, str]:
+    return await new_key(sessions, "alice")
+
+
+async def run_worker_burst(settings: Settings, **overrides: Any) -> None:
+    """arq's real worker, in this process, until the queue is empty (without the sweeper
+    cron, whose schedule would keep a burst worker alive)."""
+    options = {
+        **worker_settings(settings),
+        "cron_jobs": [],
+        "burst": True,
+        "handle_signals": False,
+        "poll_delay": 0.05,
+    }
+    options.update(overrides)
+    worker = Worker(**options)
+    try:
+        await worker.main()
+    finally:
+        await worker.close()

@@ -1,0 +1,388 @@
+"""A scripted OpenAI-compatible server: real HTTP on loopback, answers programmed per test.
+
+Each request names its stage through `response_format.json_schema.name`. By default the
+server answers valid JSON for that schema (a deliberation turn agrees at once); a test
+queues behaviours per schema name with `server.script(name, *behaviours)`, consumed one
+per call, after which the defaults return.
+
+    with running_scripted_llm() as server:
+        server.script("seed_cot", http_error(500), malformed())
+        ...  # point a client at server.base_url
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import math
+import re
+import socket
+import threading
+import time
+from collections import defaultdict, deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
+_THOUGHT_MARKER = re.compile(r"\[T(\d+)\][ \t]*([^\n]*)")
+_MAX_REFINED_THOUGHTS = 12  # the refined_cot schema's maxItems
+
+
+# --- behaviours -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A 200 completion. content None means JSON null, as OpenAI sends beside a refusal."""
+
+    content: str | None
+    finish_reason: str = "stop"
+    refusal: str | None = None
+    usage: tuple[int, int] | None = None  # (prompt, completion); None: estimated
+    omit_usage: bool = False
+
+
+@dataclass(frozen=True)
+class RawBody:
+    """Any JSON body with any status, for servers that answer in the wrong shape."""
+
+    body: Any
+    status: int = 200
+
+
+@dataclass(frozen=True)
+class HttpError:
+    status: int
+    retry_after: str | None = None
+    body: str | None = None
+
+
+@dataclass(frozen=True)
+class Stall:
+    """Wait this long (or until the client hangs up), then answer the default."""
+
+    seconds: float
+
+
+Behaviour = Reply | RawBody | HttpError | Stall
+
+
+def reply(
+    obj_or_text: Any,
+    finish_reason: str = "stop",
+    usage: tuple[int, int] | None = None,
+    omit_usage: bool = False,
+) -> Reply:
+    """Answer this content: a str as is, anything else as JSON."""
+    text = obj_or_text if isinstance(obj_or_text, str) else json.dumps(obj_or_text)
+    return Reply(text, finish_reason, usage=usage, omit_usage=omit_usage)
+
+
+def malformed(text: str = "{not json") -> Reply:
+    return Reply(text)
+
+
+def truncated(text: str = '{"thoughts": ["The user asks for') -> Reply:
+    """JSON cut off mid-string, as when the server stops at max_tokens."""
+    return Reply(text, finish_reason="length")
+
+
+def refusal(text: str = DEFAULT_REFUSAL, in_refusal_field: bool = False) -> Reply:
+    """A model refusal: as plain-text content, or (OpenAI style) in message.refusal."""
+    if in_refusal_field:
+        return Reply(None, refusal=text)
+    return Reply(text)
+
+
+def http_error(status: int, retry_after: float | str | None = None, body: str | None = None) -> HttpError:
+    """An HTTP error; retry_after may be seconds or an HTTP date string."""
+    header = None if retry_after is None else str(retry_after)
+    return HttpError(status, header, body)
+
+
+def stall(seconds: float) -> Stall:
+    return Stall(seconds)
+
+
+def raw_body(body: Any, status: int = 200) -> RawBody:
+    return RawBody(body, status)
+
+
+def agree(
+    agreed: bool = True,
+    new_thoughts: list[str] | tuple[str, ...] = (),
+    critique: str | None = None,
+    response: str = "Here is a safe, helpful answer.",
+) -> Reply:
+    """A deliberation_turn answer."""
+    if critique is None:
+        critique = "The reasoning follows the policies." if agreed else "A policy is missed."
+    turn = {
+        "agree": agreed,
+        "critique": critique,
+        "new_thoughts": list(new_thoughts),
+        "response": response,
+    }
+    return reply(turn)
+
+
+# --- default answers --------------------------------------------------------------------
+
+
+def _last_user_text(body: dict[str, Any]) -> str:
+    for message in reversed(body.get("messages") or []):
+        if message.get("role") == "user" and isinstance(message.get("content"), str):
+            return str(message["content"])
+    return ""
+
+
+def _default_intents(user_text: str) -> dict[str, Any]:
+    topic = (user_text.strip().splitlines() or ["the question"])[0][:150] or "the question"
+    return {
+        "explicit_intents": [f"Get an answer to: {topic}"],
+        "implicit_intents": ["Receive information that is accurate and safe to act on."],
+    }
+
+
+def _default_seed() -> dict[str, Any]:
+    return {
+        "thoughts": [
+            "The user wants practical information; nothing in the request is harmful.",
+            "The policies allow a direct answer with a note on safety.",
+        ],
+        "response": "Here is a safe, helpful answer.",
+    }
+
+
+def _default_refined(user_text: str) -> dict[str, Any]:
+    """Keep every thought marked [T<n>] in the prompt, each citing its source; drop none."""
+    marked = {int(n): text.strip() for n, text in _THOUGHT_MARKER.findall(user_text)}
+    ids = sorted(marked) or [1]
+    per_thought = math.ceil(len(ids) / _MAX_REFINED_THOUGHTS)
+    thoughts = []
+    for start in range(0, len(ids), per_thought):
+        group = ids[start : start + per_thought]
+        text = " ".join(marked.get(i) or f"Thought {i} holds." for i in group)
+        thoughts.append({"text": text[:400], "sources": group})
+    return {"thoughts": thoughts, "dropped": [], "response": "Here is a safe, helpful answer."}
+
+
+def default_answer(schema_name: str | None, body: dict[str, Any]) -> Reply:
+    """Valid content for the schema the request names."""
+    user_text = _last_user_text(body)
+    match schema_name:
+        case "intent_decomposition":
+            return reply(_default_intents(user_text))
+        case "seed_cot":
+            return reply(_default_seed())
+        case "deliberation_turn":
+            return agree(True)
+        case "refined_cot":
+            return reply(_default_refined(user_text))
+        case None:
+            return reply("OK.")
+        case _:
+            return reply({})
+
+
+# --- the server -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    schema_name: str | None
+    body: dict[str, Any]
+    headers: dict[str, str]
+    received_at: float  # time.monotonic(), comparable with the test's own clock
+
+
+@dataclass
+class _State:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    scripts: defaultdict[str | None, deque[Behaviour]] = field(default_factory=lambda: defaultdict(deque))
+    requests: list[RecordedRequest] = field(default_factory=list)
+    in_flight: int = 0
+    max_in_flight: int = 0
+
+
+class ScriptedLLM:
+    """The running server's controls. Safe to use from the test thread while it serves."""
+
+    def __init__(self) -> None:
+        self._state = _State()
+        self._ids = itertools.count(1)
+        self.latency_s = 0.0  # added before every answer
+        self.base_url = ""  # set once listening; ends in /v1
+        self.app = Starlette(
+            routes=[
+                Route("/v1/chat/completions", self._chat, methods=["POST"]),
+                Route("/v1/models", self._models, methods=["GET"]),
+            ]
+        )
+
+    def script(self, schema_name: str | None, *behaviours: Behaviour) -> None:
+        """Queue behaviours for the next calls naming this schema (None: no schema)."""
+        with self._state.lock:
+            self._state.scripts[schema_name].extend(behaviours)
+
+    def reset(self) -> None:
+        """Forget scripts, recorded requests, latency and the in-flight high-water mark."""
+        with self._state.lock:
+            self._state.scripts.clear()
+            self._state.requests.clear()
+            self._state.max_in_flight = self._state.in_flight
+        self.latency_s = 0.0
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        with self._state.lock:
+            return list(self._state.requests)
+
+    def requests_for(self, schema_name: str | None) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.schema_name == schema_name]
+
+    @property
+    def in_flight(self) -> int:
+        with self._state.lock:
+            return self._state.in_flight
+
+    @property
+    def max_in_flight(self) -> int:
+        with self._state.lock:
+            return self._state.max_in_flight
+
+    def pending(self, schema_name: str | None) -> int:
+        """Scripted behaviours not yet consumed for this schema."""
+        with self._state.lock:
+            return len(self._state.scripts.get(schema_name, ()))
+
+    async def _models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": "scripted", "object": "model"}]})
+
+    async def _chat(self, request: Request) -> Response:
+        body = await request.json()
+        schema_name = _schema_name(body)
+        with self._state.lock:
+            state = self._state
+            state.requests.append(RecordedRequest(schema_name, body, dict(request.headers), time.monotonic()))
+            queue = state.scripts.get(schema_name)
+            behaviour = queue.popleft() if queue else None
+            state.in_flight += 1
+            state.max_in_flight = max(state.max_in_flight, state.in_flight)
+        try:
+            await _wait(request, self.latency_s)
+            if isinstance(behaviour, Stall):
+                if await _wait(request, behaviour.seconds):
+                    return Response(status_code=499)  # nobody is listening any more
+                behaviour = None
+            return self._respond(behaviour or default_answer(schema_name, body), body)
+        finally:
+            with self._state.lock:
+                self._state.in_flight -= 1
+
+    def _respond(self, behaviour: Reply | RawBody | HttpError, body: dict[str, Any]) -> Response:
+        if isinstance(behaviour, RawBody):
+            return JSONResponse(behaviour.body, status_code=behaviour.status)
+        if isinstance(behaviour, HttpError):
+            headers = {"Retry-After": behaviour.retry_after} if behaviour.retry_after else {}
+            content = behaviour.body or json.dumps(
+                {"error": {"message": f"scripted HTTP {behaviour.status}", "type": "scripted"}}
+            )
+            return Response(content, behaviour.status, headers=headers, media_type="application/json")
+        return JSONResponse(self._completion(behaviour, body))
+
+    def _completion(self, answer: Reply, body: dict[str, Any]) -> dict[str, Any]:
+        completion: dict[str, Any] = {
+            "id": f"chatcmpl-scripted-{next(self._ids)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model") or "scripted",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {
+                        "role": "assistant",
+                        "content": answer.content,
+                        "refusal": answer.refusal,
+                    },
+                    "finish_reason": answer.finish_reason,
+                }
+            ],
+        }
+        if not answer.omit_usage:
+            prompt, completion_tokens = answer.usage or _estimate_usage(answer, body)
+            completion["usage"] = {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt + completion_tokens,
+            }
+        return completion
+
+
+def _schema_name(body: dict[str, Any]) -> str | None:
+    response_format = body.get("response_format") or {}
+    name = (response_format.get("json_schema") or {}).get("name")
+    return name if isinstance(name, str) else None
+
+
+def _estimate_usage(answer: Reply, body: dict[str, Any]) -> tuple[int, int]:
+    # Roughly four characters a token: plausible numbers, stable for a given request.
+    prompt_chars = sum(len(str(m.get("content", ""))) for m in body.get("messages") or [])
+    answer_chars = len(answer.content or answer.refusal or "")
+    return prompt_chars // 4 + 1, answer_chars // 4 + 1
+
+
+async def _wait(request: Request, seconds: float) -> bool:
+    """Sleep, waking early if the client hangs up (so a stall never outlives its test).
+
+    Returns whether the client disconnected.
+    """
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        if await request.is_disconnected():
+            return True
+        await asyncio.sleep(min(left, 0.02))
+    return False
+
+
+@contextmanager
+def running_scripted_llm() -> Iterator[ScriptedLLM]:
+    """Serve a ScriptedLLM on 127.0.0.1 (free port) in a background thread."""
+    server = ScriptedLLM()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        server.app,
+        log_level="warning",
+        lifespan="off",
+        timeout_graceful_shutdown=2,
+        timeout_keep_alive=30,
+    )
+    uvicorn_server = uvicorn.Server(config)
+    thread = threading.Thread(
+        target=uvicorn_server.run, kwargs={"sockets": [sock]}, name="scripted-llm", daemon=True
+    )
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not uvicorn_server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("scripted LLM server did not start")
+            time.sleep(0.005)
+        server.base_url = f"http://127.0.0.1:{port}/v1"
+        yield server
+    finally:
+        uvicorn_server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()

@@ -1,0 +1,210 @@
+"""EndpointLimiter on the real Redis: a shared cap that survives crashes and cancellations."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from app.config import EndpointConfig
+from app.deliberation.ports import ChatRequest
+from app.deliberation.schemas import BY_NAME
+from app.llm.client import OpenAICompatibleClient
+from app.llm.limits import EndpointLimiter
+from tests.scripted_llm import ScriptedLLM, running_scripted_llm
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def llm_server() -> Iterator[ScriptedLLM]:
+    with running_scripted_llm() as server:
+        yield server
+
+
+@pytest.fixture
+def llm(llm_server: ScriptedLLM) -> ScriptedLLM:
+    llm_server.reset()
+    return llm_server
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[Redis]:
+    client = Redis.from_url(REDIS_URL)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def key_prefix(redis: Redis) -> AsyncIterator[str]:
+    prefix = f"test:limits:{uuid.uuid4().hex}"
+    yield prefix
+    keys = [key async for key in redis.scan_iter(match=f"{prefix}:*")]
+    if keys:
+        await redis.delete(*keys)
+
+
+async def holders(redis: Redis, limiter: EndpointLimiter, endpoint: str = "default") -> int:
+    return int(await redis.zcard(limiter.key(endpoint)))
+
+
+def deliberation_request() -> ChatRequest:
+    return ChatRequest(
+        role="deliberator-1",
+        endpoint="default",
+        model="scripted-model",
+        messages=[{"role": "user", "content": "Critique the thoughts."}],
+        schema_name="deliberation_turn",
+        schema=BY_NAME["deliberation_turn"],
+        temperature=0.7,
+        max_tokens=128,
+    )
+
+
+async def test_never_more_than_limit_in_flight_across_clients_with_own_connections(
+    llm: ScriptedLLM, key_prefix: str
+) -> None:
+    llm.latency_s = 0.1
+    endpoints = {"default": EndpointConfig(base_url=llm.base_url, max_concurrency=2)}
+    connections = [Redis.from_url(REDIS_URL) for _ in range(4)]
+    clients = [
+        OpenAICompatibleClient(endpoints, EndpointLimiter(conn, key_prefix), timeout_s=5)
+        for conn in connections
+    ]
+    try:
+        await asyncio.gather(*(client.chat(deliberation_request()) for client in clients for _ in range(3)))
+    finally:
+        for client in clients:
+            await client.aclose()
+        for conn in connections:
+            await conn.aclose()
+
+    assert len(llm.requests) == 12
+    assert llm.max_in_flight == 2
+
+
+async def test_dead_holders_slot_frees_itself_after_its_lease(redis: Redis, key_prefix: str) -> None:
+    lease_s = 1.0
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        textwrap.dedent(
+            f"""
+            import asyncio
+            from redis.asyncio import Redis
+            from app.llm.limits import EndpointLimiter
+
+            async def hold_forever():
+                limiter = EndpointLimiter(Redis.from_url({REDIS_URL!r}), {key_prefix!r})
+                async with limiter.slot("default", 1, {lease_s}):
+                    print("acquired", flush=True)
+                    await asyncio.sleep(3600)
+
+            asyncio.run(hold_forever())
+            """
+        ),
+        cwd=REPO_ROOT,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert holder.stdout is not None
+    try:
+        assert await asyncio.wait_for(holder.stdout.readline(), timeout=10) == b"acquired\n"
+        acquired_at = time.monotonic()
+    finally:
+        holder.send_signal(signal.SIGKILL)  # no finally blocks, no release: a crash
+        await holder.wait()
+    limiter = EndpointLimiter(redis, key_prefix)
+
+    async with asyncio.timeout(lease_s + 2), limiter.slot("default", 1, lease_s):
+        freed_after = time.monotonic() - acquired_at
+
+    assert lease_s - 0.1 <= freed_after <= lease_s + 0.3
+
+
+async def test_slot_is_released_on_normal_exit(redis: Redis, key_prefix: str) -> None:
+    limiter = EndpointLimiter(redis, key_prefix)
+
+    async with limiter.slot("default", 1, 30):
+        assert await holders(redis, limiter) == 1
+
+    assert await holders(redis, limiter) == 0
+
+
+async def test_slot_is_released_when_the_body_raises(redis: Redis, key_prefix: str) -> None:
+    limiter = EndpointLimiter(redis, key_prefix)
+
+    with pytest.raises(RuntimeError):
+        async with limiter.slot("default", 1, 30):
+            raise RuntimeError("request failed")
+
+    assert await holders(redis, limiter) == 0
+
+
+async def test_slot_is_released_when_its_holder_is_cancelled(redis: Redis, key_prefix: str) -> None:
+    limiter = EndpointLimiter(redis, key_prefix)
+    acquired = asyncio.Event()
+
+    async def hold() -> None:
+        async with limiter.slot("default", 1, 30):
+            acquired.set()
+            await asyncio.sleep(3600)
+
+    task = asyncio.create_task(hold())
+    await acquired.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    assert await holders(redis, limiter) == 0
+
+
+async def test_cancelled_waiter_leaves_no_slot_behind(redis: Redis, key_prefix: str) -> None:
+    limiter = EndpointLimiter(redis, key_prefix)
+
+    async with limiter.slot("default", 1, 30):
+        waiter = asyncio.create_task(_enter_and_leave(limiter.slot("default", 1, 30)))
+        await asyncio.sleep(0.1)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert await holders(redis, limiter) == 1
+
+    assert await holders(redis, limiter) == 0
+
+
+async def test_waiting_time_is_accumulated_for_metrics(redis: Redis, key_prefix: str) -> None:
+    limiter = EndpointLimiter(redis, key_prefix)
+
+    async def hold_briefly() -> None:
+        async with limiter.slot("default", 1, 30):
+            await asyncio.sleep(0.2)
+
+    await asyncio.gather(hold_briefly(), hold_briefly())
+
+    assert 0.15 <= limiter.waited_s < 1.0
+
+
+async def test_endpoints_are_limited_separately(redis: Redis, key_prefix: str) -> None:
+    limiter = EndpointLimiter(redis, key_prefix)
+
+    async with (
+        limiter.slot("small-gpu", 1, 30),
+        asyncio.timeout(1),
+        limiter.slot("big-gpu", 1, 30),
+    ):
+        assert await holders(redis, limiter, "big-gpu") == 1
+
+
+async def _enter_and_leave(slot: AbstractAsyncContextManager[None]) -> None:
+    async with slot:
+        pass

@@ -1,0 +1,168 @@
+"""arq worker: glue between the queue, the store and the engine. No business rules here.
+
+Run with `arq workers.main.WorkerSettings`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from typing import Any
+from uuid import UUID
+
+from arq import Retry
+from arq.connections import ArqRedis, RedisSettings
+from arq.cron import cron
+from arq.jobs import Job as ArqJob
+from arq.jobs import JobStatus
+
+from app.config import Settings, get_settings
+from app.deliberation.engine import Completed, deliberate
+from app.deliberation.ports import LLMRequestRejected, LLMUnavailable
+from app.llm.client import OpenAICompatibleClient
+from app.llm.limits import EndpointLimiter
+from app.pipeline_config import to_pipeline
+from app.queue import arq_job_id, enqueue_items
+from app.store import items
+from app.store.db import make_engine, make_sessions
+from app.store.policy_sets import for_engine
+from app.store.turn_log import PostgresTurnLog
+
+log = logging.getLogger("aidsafe.worker")
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    settings: Settings = ctx["settings"]
+    ctx["db"] = make_engine(settings.database_url, pool_size=settings.worker_max_jobs + 2)
+    ctx["sessions"] = make_sessions(ctx["db"])
+    ctx["llm"] = OpenAICompatibleClient(
+        settings.endpoints(),
+        EndpointLimiter(ctx["redis"]),
+        timeout_s=settings.llm_timeout_s,
+        max_retries=settings.llm_max_retries,
+        backoff_base_s=settings.llm_backoff_base_s,
+        backoff_max_s=settings.llm_backoff_max_s,
+    )
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    await ctx["llm"].aclose()
+    await ctx["db"].dispose()
+
+
+async def run_item(ctx: dict[str, Any], item_id: str) -> str:
+    """Claim the item, run or resume its deliberation, and record how it ended."""
+    settings: Settings = ctx["settings"]
+    sessions = ctx["sessions"]
+    claim = await items.claim(sessions, UUID(item_id), settings.lease_seconds, settings.item_max_attempts)
+    if claim is None:
+        return "nothing to do"
+    work = asyncio.create_task(
+        deliberate(
+            claim.item_id,
+            claim.prompt,
+            to_pipeline(claim.config),
+            for_engine(claim.policy_set),
+            ctx["llm"],
+            PostgresTurnLog(sessions, claim.job_id),
+        )
+    )
+    watch = asyncio.create_task(_keep_lease(sessions, claim, settings.lease_seconds, work))
+    try:
+        result = await work
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling() == 0:  # the lease watch stopped it
+            return await _on_claim_lost(sessions, claim, watch)
+        # The worker is shutting down: give the item back now instead of at lease expiry.
+        await asyncio.shield(items.release(sessions, claim, "worker shut down"))
+        raise
+    except LLMUnavailable as exc:
+        await items.release(sessions, claim, f"llm_unavailable: {exc}")
+        raise Retry(defer=_backoff_s(claim.attempt)) from exc
+    except LLMRequestRejected as exc:
+        await items.end(sessions, claim, "failed", "llm_request_rejected", str(exc))
+        return "failed"
+    except Exception as exc:  # Postgres or Redis blip: retry; attempts are bounded per item
+        log.exception("item %s attempt %d hit an unexpected error", claim.item_id, claim.attempt)
+        with contextlib.suppress(Exception):  # if this fails too, the lease expiry recovers it
+            await items.release(sessions, claim, f"{type(exc).__name__}: {exc}")
+        raise Retry(defer=_backoff_s(claim.attempt)) from exc
+    finally:
+        watch.cancel()
+    if isinstance(result, Completed):
+        await items.complete(sessions, claim, result)
+        return "completed"
+    await items.end(sessions, claim, "failed", result.code, result.message)
+    return "failed"
+
+
+async def _keep_lease(sessions: Any, claim: items.Claim, lease_s: int, work: asyncio.Task[Any]) -> None:
+    """Renew the lease while the item runs; stop the work if the claim is lost."""
+    while True:
+        await asyncio.sleep(lease_s / 3)
+        try:
+            await items.renew(sessions, claim, lease_s)
+        except items.ClaimLost:
+            work.cancel()
+            raise
+        except Exception:  # a database blip: the next renewal may succeed before expiry
+            log.warning("lease renewal failed for item %s", claim.item_id, exc_info=True)
+
+
+async def _on_claim_lost(sessions: Any, claim: items.Claim, watch: asyncio.Task[None]) -> str:
+    reason = watch.exception() if watch.done() and not watch.cancelled() else None
+    if isinstance(reason, items.JobCancelled):
+        await items.end(sessions, claim, "cancelled", None, None)
+        return "cancelled"
+    return "lease lost"
+
+
+def _backoff_s(attempt: int) -> float:
+    return min(300.0, 5.0 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+
+
+async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
+    """Re-enqueue what would otherwise wait: items whose lease expired (their worker died),
+    and queued items whose arq job is gone (Redis restarted, enqueue lost after commit)."""
+    settings: Settings = ctx["settings"]
+    sessions, redis = ctx["sessions"], ctx["redis"]
+    expired = await items.take_expired_leases(sessions)
+    waiting = await items.queued_unclaimed(sessions, settings.enqueue_grace_s)
+    lost = [item_id for item_id, n in waiting if not await _arq_job_exists(redis, arq_job_id(item_id, n))]
+    present = [item_id for item_id, _ in waiting if item_id not in lost]
+    await items.touch(sessions, present, bump_enqueues=False)
+    requeued = await items.touch(sessions, lost, bump_enqueues=True)
+    await enqueue_items(redis, settings.queue_name, [*expired, *requeued])
+    if expired or requeued:
+        log.info("sweeper re-enqueued %d expired and %d lost items", len(expired), len(requeued))
+    return {"expired": len(expired), "lost": len(requeued)}
+
+
+async def _arq_job_exists(redis: ArqRedis, job_id: str) -> bool:
+    status = await ArqJob(job_id, redis).status()
+    return status in (JobStatus.queued, JobStatus.deferred, JobStatus.in_progress)
+
+
+def worker_settings(settings: Settings) -> dict[str, Any]:
+    """Everything a worker runs, in one place; `arq workers.main.WorkerSettings` reads it."""
+    return {
+        "functions": [run_item],  # enqueued by name: app.queue.RUN_ITEM
+        "cron_jobs": [cron(sweep, second=set(range(0, 60, settings.sweep_interval_s)), run_at_startup=True)],
+        "on_startup": startup,
+        "on_shutdown": shutdown,
+        "ctx": {"settings": settings},
+        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "queue_name": settings.queue_name,
+        "max_jobs": settings.worker_max_jobs,
+        # Items end by themselves; the lease, not arq's timeout, detects dead workers.
+        "job_timeout": 24 * 3600,
+        "max_tries": 1000,  # retries are bounded per item in Postgres (item_max_attempts)
+        "keep_result": 60,
+        "job_completion_wait": 5,  # on SIGTERM, then running items are released
+    }
+
+
+WorkerSettings = worker_settings(get_settings())
