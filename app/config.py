@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -16,6 +17,9 @@ class EndpointConfig(BaseModel):
     api_key: str | None = None
     max_concurrency: int = Field(default=4, ge=1)  # shared by every worker, via Redis
     default_model: str | None = None
+    # How to ask for structured output: OpenAI's "json_schema" (OpenAI, vLLM, Ollama,
+    # SGLang, llama.cpp's llama-server) or "json_object" + schema (llama-cpp-python).
+    response_format: Literal["json_schema", "json_object"] = "json_schema"
 
 
 class Settings(BaseSettings):
@@ -24,12 +28,14 @@ class Settings(BaseSettings):
     database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/aidsafe"
     redis_url: str = "redis://127.0.0.1:6379/0"
     queue_name: str = "aidsafe:queue"
+    redis_key_prefix: str = "aidsafe"  # for keys other than arq's (endpoint limits)
 
     # The endpoint called "default": the embedded llama.cpp server unless pointed elsewhere.
     llm_base_url: str = "http://127.0.0.1:8088/v1"
     llm_api_key: str | None = None
     llm_model: str = "smollm2-135m-instruct"
     llm_max_concurrency: int = Field(default=4, ge=1)
+    llm_response_format: Literal["json_schema", "json_object"] = "json_schema"
     # More endpoints by name, as JSON: {"vllm": {"base_url": "http://gpu:8000/v1"}}
     llm_endpoints: dict[str, EndpointConfig] = Field(default_factory=dict)
     llm_timeout_s: float = Field(default=120.0, gt=0)
@@ -57,6 +63,7 @@ class Settings(BaseSettings):
             api_key=self.llm_api_key,
             max_concurrency=self.llm_max_concurrency,
             default_model=self.llm_model,
+            response_format=self.llm_response_format,
         )
         return {"default": default, **self.llm_endpoints}
 

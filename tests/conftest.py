@@ -28,8 +28,12 @@ from workers.main import worker_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN_DSN = os.environ.get("AIDSAFE_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
-TEST_DB = os.environ.get("AIDSAFE_TEST_DB", "aidsafe_test")
-DATABASE_URL = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://") + "/" + TEST_DB
+# One database and one set of Redis keys per test run, so concurrent runs never collide.
+RUN_ID = uuid.uuid4().hex[:8]
+TEST_DB = f"aidsafe_test_{RUN_ID}"
+DATABASE_URL = (
+    PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://") + "/" + TEST_DB
+)
 REDIS_URL = os.environ.get("AIDSAFE_TEST_REDIS", "redis://127.0.0.1:6379/0")
 TABLES = "cots, turns, items, jobs, policy_sets, api_keys"
 
@@ -52,7 +56,8 @@ def settings(scripted_llm: ScriptedLLM, second_llm: ScriptedLLM) -> Settings:
     return Settings(
         database_url=DATABASE_URL,
         redis_url=REDIS_URL,
-        queue_name=f"aidsafe:test:{uuid.uuid4().hex[:8]}",
+        queue_name=f"aidsafe:test:{RUN_ID}:queue",
+        redis_key_prefix=f"aidsafe:test:{RUN_ID}",
         llm_base_url=scripted_llm.base_url,
         llm_model="scripted-model",
         llm_endpoints={"second": EndpointConfig(base_url=second_llm.base_url, default_model="second-model")},
@@ -76,23 +81,23 @@ def worker_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-async def _recreate_database() -> None:
+async def _admin(sql: str) -> None:
     admin = await asyncpg.connect(PG_ADMIN_DSN)
     try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{TEST_DB}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{TEST_DB}"')
+        await admin.execute(sql)
     finally:
         await admin.close()
 
 
 @pytest.fixture(scope="session")
-async def migrated(settings: Settings) -> str:
-    """A fresh database, built by the migrations alone."""
-    await _recreate_database()
+async def migrated(settings: Settings) -> AsyncIterator[str]:
+    """A fresh database, built by the migrations alone, dropped after the run."""
+    await _admin(f'CREATE DATABASE "{TEST_DB}"')
     config = Config(str(ROOT / "alembic.ini"))
     config.attributes["database_url"] = settings.database_url
     await asyncio.to_thread(command.upgrade, config, "head")
-    return settings.database_url
+    yield settings.database_url
+    await _admin(f'DROP DATABASE IF EXISTS "{TEST_DB}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
@@ -118,9 +123,7 @@ async def clean_state(request: pytest.FixtureRequest, settings: Settings) -> Asy
             await conn.exec_driver_sql(f"TRUNCATE {TABLES} CASCADE")
         await engine.dispose()
         client = Redis.from_url(settings.redis_url)
-        keys_ = [k async for k in client.scan_iter(f"{settings.queue_name}*")]
-        keys_ += [k async for k in client.scan_iter("arq:*item:*")]
-        keys_ += [k async for k in client.scan_iter("aidsafe:limits:*")]
+        keys_ = [k async for k in client.scan_iter(f"aidsafe:test:{RUN_ID}:*")]
         if keys_:
             await client.delete(*keys_)
         await client.aclose()

@@ -39,7 +39,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["sessions"] = make_sessions(ctx["db"])
     ctx["llm"] = OpenAICompatibleClient(
         settings.endpoints(),
-        EndpointLimiter(ctx["redis"]),
+        EndpointLimiter(ctx["redis"], key_prefix=f"{settings.redis_key_prefix}:limits"),
         timeout_s=settings.llm_timeout_s,
         max_retries=settings.llm_max_retries,
         backoff_base_s=settings.llm_backoff_base_s,

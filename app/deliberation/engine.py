@@ -272,8 +272,8 @@ async def _pipeline(run: _Run) -> Completed:
                 agreed_by = {"round": round_no, "agent": agent_no}
                 break
             thoughts.extend(
-                Thought(len(thoughts) + i, text, Stage.DELIBERATION, round_no, agent_no)
-                for i, text in enumerate(turn["new_thoughts"], 1)
+                Thought(i, text, Stage.DELIBERATION, round_no, agent_no)
+                for i, text in enumerate(turn["new_thoughts"], len(thoughts) + 1)
             )
             response = turn["response"]
         if agreed_by:

@@ -1,21 +1,19 @@
 """JSON schemas each stage asks for through `response_format`.
 
-Bounds (maxItems, maxLength) matter: grammar-constrained servers such as llama.cpp turn
-them into a grammar, so a small model cannot ramble until max_tokens.
+Grammar-constrained servers (llama.cpp, vLLM) compile these into a grammar. maxItems keeps
+a small model from listing thoughts until max_tokens; string maxLength is left out on
+purpose: llama.cpp unrolls it into one nested rule per character and rejects the grammar.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-THOUGHT_MAX_CHARS = 400
 MAX_THOUGHTS_PER_TURN = 6
-RESPONSE_MAX_CHARS = 1500
 DROP_REASONS = ("redundant", "deceptive", "policy_inconsistent")
 
 
-def _text(max_chars: int) -> dict[str, Any]:
-    return {"type": "string", "minLength": 1, "maxLength": max_chars}
+TEXT: dict[str, Any] = {"type": "string", "minLength": 1}
 
 
 def _list_of(item: dict[str, Any], max_items: int, min_items: int = 0) -> dict[str, Any]:
@@ -33,24 +31,24 @@ def _object(properties: dict[str, Any]) -> dict[str, Any]:
 
 INTENT = _object(
     {
-        "explicit_intents": _list_of(_text(200), 5, min_items=1),
-        "implicit_intents": _list_of(_text(200), 5),
+        "explicit_intents": _list_of(TEXT, 5, min_items=1),
+        "implicit_intents": _list_of(TEXT, 5),
     }
 )
 
 SEED = _object(
     {
-        "thoughts": _list_of(_text(THOUGHT_MAX_CHARS), MAX_THOUGHTS_PER_TURN, min_items=1),
-        "response": _text(RESPONSE_MAX_CHARS),
+        "thoughts": _list_of(TEXT, MAX_THOUGHTS_PER_TURN, min_items=1),
+        "response": TEXT,
     }
 )
 
 DELIBERATION = _object(
     {
         "agree": {"type": "boolean"},
-        "critique": _text(400),
-        "new_thoughts": _list_of(_text(THOUGHT_MAX_CHARS), MAX_THOUGHTS_PER_TURN),
-        "response": _text(RESPONSE_MAX_CHARS),
+        "critique": TEXT,
+        "new_thoughts": _list_of(TEXT, MAX_THOUGHTS_PER_TURN),
+        "response": TEXT,
     }
 )
 
@@ -59,7 +57,7 @@ REFINED = _object(
         "thoughts": _list_of(
             _object(
                 {
-                    "text": _text(THOUGHT_MAX_CHARS),
+                    "text": TEXT,
                     "sources": _list_of({"type": "integer", "minimum": 1}, 8, min_items=1),
                 }
             ),
@@ -71,12 +69,12 @@ REFINED = _object(
                 {
                     "id": {"type": "integer", "minimum": 1},
                     "reason": {"type": "string", "enum": list(DROP_REASONS)},
-                    "explanation": _text(300),
+                    "explanation": TEXT,
                 }
             ),
             24,
         ),
-        "response": _text(RESPONSE_MAX_CHARS),
+        "response": TEXT,
     }
 )
 

@@ -136,7 +136,7 @@ class OpenAICompatibleClient:
                 async with asyncio.timeout(self._timeout_s):
                     response = await self._http.post(
                         f"{endpoint.base_url.rstrip('/')}/chat/completions",
-                        json=_payload(request),
+                        json=_payload(request, endpoint),
                         headers=_headers(endpoint),
                     )
             except httpx.UnsupportedProtocol as error:
@@ -156,16 +156,21 @@ class OpenAICompatibleClient:
         return self._limiter.slot(name, endpoint.max_concurrency, lease_s)
 
 
-def _payload(request: ChatRequest) -> dict[str, Any]:
+def _payload(request: ChatRequest, endpoint: EndpointConfig) -> dict[str, Any]:
+    if endpoint.response_format == "json_object":
+        # llama-cpp-python's server: JSON mode with the schema compiled into a grammar
+        response_format: dict[str, Any] = {"type": "json_object", "schema": request.schema}
+    else:
+        response_format = {
+            "type": "json_schema",
+            "json_schema": {"name": request.schema_name, "schema": request.schema, "strict": True},
+        }
     return {
         "model": request.model,
         "messages": request.messages,
         "temperature": request.temperature,
         "max_tokens": request.max_tokens,
-        "response_format": {
-            "type": "json_schema",
-            "json_schema": {"name": request.schema_name, "schema": request.schema, "strict": True},
-        },
+        "response_format": response_format,
     }
 
 
