@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     worker_max_jobs: int = 8
     lease_seconds: int = 60  # an item's lease; renewed while its worker is alive
     item_max_attempts: int = 8  # claims of one item before it fails for good
+    item_retry_base_s: float = 5.0  # first back-off after the LLM stayed unavailable; doubles
     sweep_interval_s: int = 15
     enqueue_grace_s: int = 30  # a queued item unclaimed this long is enqueued again
 

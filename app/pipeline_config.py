@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.config import Settings
 from app.deliberation.engine import PipelineConfig, RoleConfig
@@ -16,12 +16,15 @@ from app.errors import InvalidConfig
 class RoleIn(BaseModel):
     """Any field left out falls back to the job's `defaults`, then to the server's."""
 
+    model_config = ConfigDict(extra="forbid")
+
     endpoint: str | None = Field(default=None, description="Name of a configured endpoint.")
     model: str | None = Field(default=None, max_length=200)
     temperature: float | None = Field(default=None, ge=0, le=2)
 
 
 class JobConfigIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     agents: int | None = Field(default=None, ge=1, le=8, description="Deliberating agents.")
     max_rounds: int | None = Field(default=None, ge=1, le=20, description="Round budget.")
     max_tokens: int | None = Field(default=None, ge=64, le=16384, description="Per call.")

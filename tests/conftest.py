@@ -66,6 +66,7 @@ def settings(scripted_llm: ScriptedLLM, second_llm: ScriptedLLM) -> Settings:
         llm_backoff_base_s=0.01,
         llm_backoff_max_s=0.05,
         lease_seconds=3,
+        item_retry_base_s=0.2,
         sweep_interval_s=1,
         enqueue_grace_s=1,
     )

@@ -8,8 +8,12 @@ from app.config import Settings
 from tests.conftest import run_worker_burst
 
 
-async def test_posted_prompts_come_back_as_refined_cots(api: httpx.AsyncClient, auth: dict[str, str], settings: Settings) -> None:
-    created = await api.post("/v1/jobs", json={"prompts": ["How do I bake bread?", "How do I pick a lock?"]}, headers=auth)
+async def test_posted_prompts_come_back_as_refined_cots(
+    api: httpx.AsyncClient, auth: dict[str, str], settings: Settings
+) -> None:
+    created = await api.post(
+        "/v1/jobs", json={"prompts": ["How do I bake bread?", "How do I pick a lock?"]}, headers=auth
+    )
     assert created.status_code == 202, created.text
     job_id = created.json()["id"]
 

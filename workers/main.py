@@ -81,7 +81,7 @@ async def run_item(ctx: dict[str, Any], item_id: str) -> str:
         raise
     except LLMUnavailable as exc:
         await items.release(sessions, claim, f"llm_unavailable: {exc}")
-        raise Retry(defer=_backoff_s(claim.attempt)) from exc
+        raise Retry(defer=_backoff_s(settings, claim.attempt)) from exc
     except LLMRequestRejected as exc:
         await items.end(sessions, claim, "failed", "llm_request_rejected", str(exc))
         return "failed"
@@ -89,7 +89,7 @@ async def run_item(ctx: dict[str, Any], item_id: str) -> str:
         log.exception("item %s attempt %d hit an unexpected error", claim.item_id, claim.attempt)
         with contextlib.suppress(Exception):  # if this fails too, the lease expiry recovers it
             await items.release(sessions, claim, f"{type(exc).__name__}: {exc}")
-        raise Retry(defer=_backoff_s(claim.attempt)) from exc
+        raise Retry(defer=_backoff_s(settings, claim.attempt)) from exc
     finally:
         watch.cancel()
     if isinstance(result, Completed):
@@ -120,8 +120,8 @@ async def _on_claim_lost(sessions: Any, claim: items.Claim, watch: asyncio.Task[
     return "lease lost"
 
 
-def _backoff_s(attempt: int) -> float:
-    return min(300.0, 5.0 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+def _backoff_s(settings: Settings, attempt: int) -> float:
+    return min(300.0, settings.item_retry_base_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
 
 
 async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
@@ -131,7 +131,11 @@ async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
     sessions, redis = ctx["sessions"], ctx["redis"]
     expired = await items.take_expired_leases(sessions)
     waiting = await items.queued_unclaimed(sessions, settings.enqueue_grace_s)
-    lost = [item_id for item_id, n in waiting if not await _arq_job_exists(redis, arq_job_id(item_id, n))]
+    lost = [
+        item_id
+        for item_id, n in waiting
+        if not await _arq_job_exists(redis, settings.queue_name, arq_job_id(item_id, n))
+    ]
     present = [item_id for item_id, _ in waiting if item_id not in lost]
     await items.touch(sessions, present, bump_enqueues=False)
     requeued = await items.touch(sessions, lost, bump_enqueues=True)
@@ -141,8 +145,8 @@ async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
     return {"expired": len(expired), "lost": len(requeued)}
 
 
-async def _arq_job_exists(redis: ArqRedis, job_id: str) -> bool:
-    status = await ArqJob(job_id, redis).status()
+async def _arq_job_exists(redis: ArqRedis, queue_name: str, job_id: str) -> bool:
+    status = await ArqJob(job_id, redis, _queue_name=queue_name).status()
     return status in (JobStatus.queued, JobStatus.deferred, JobStatus.in_progress)
 
 

@@ -15,6 +15,21 @@ MAX_PROMPT_CHARS = 20_000
 ItemStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
 
 
+def reject_nul(data: Any) -> Any:
+    """PostgreSQL text and jsonb cannot hold U+0000; refuse it at the edge, not with a 500."""
+    if isinstance(data, str):
+        if "\x00" in data:
+            raise ValueError("text must not contain the NUL character (U+0000)")
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            reject_nul(key)
+            reject_nul(value)
+    elif isinstance(data, list):
+        for value in data:
+            reject_nul(value)
+    return data
+
+
 class ErrorBody(BaseModel):
     code: str = Field(description="Stable, machine-readable error code.")
     message: str = Field(description="What went wrong, for humans.")
@@ -45,6 +60,8 @@ class JobIn(BaseModel):
     items: list[PromptIn] | None = Field(default=None, min_length=1, max_length=MAX_PROMPTS_PER_JOB)
     policy_set: PolicySetRef = Field(default_factory=PolicySetRef)
     config: JobConfigIn = Field(default_factory=JobConfigIn)
+
+    _no_nul = model_validator(mode="before")(reject_nul)
 
     @model_validator(mode="after")
     def _one_source_of_prompts(self) -> JobIn:
@@ -91,6 +108,8 @@ class PolicySetIn(BaseModel):
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str = Field(default="", max_length=5000)
     policies: list[PolicyIn] = Field(min_length=1, max_length=50)
+
+    _no_nul = model_validator(mode="before")(reject_nul)
 
 
 class PolicySetBrief(BaseModel):

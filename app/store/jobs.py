@@ -150,9 +150,10 @@ def decode_cursor(cursor: str | None) -> int:
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         kind, _, value = text.partition(":")
-        if kind != "p":
-            raise ValueError(kind)
-        return int(value)
+        position = int(value)
+        if kind != "p" or not -1 <= position < 2**31:
+            raise ValueError(text)
+        return position
     except ValueError as exc:
         raise InvalidCursor("the cursor is not one this API returned") from exc
 

@@ -1,0 +1,790 @@
+"""The /v1 HTTP API as a client sees it: the real app on real Postgres and Redis, with
+arq's real worker in burst mode against the scripted LLM where results are needed."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+from sqlalchemy import func, select
+
+from app.config import Settings
+from app.queue import arq_job_id
+from app.store.db import Sessions
+from app.store.models import Item, Job
+from tests.conftest import new_key, run_worker_burst
+from tests.scripted_llm import ScriptedLLM
+
+Headers = dict[str, str]
+HEX = re.compile(r"[0-9a-f]+")
+KITCHEN_POLICIES = [
+    {
+        "id": "kitchen-safety",
+        "title": "Kitchen safety",
+        "scope": "Cooking, knives, hot surfaces.",
+        "allowed": ["recipes", "knife skills"],
+        "not_allowed": ["poisoning someone"],
+    }
+]
+KITCHEN_POLICIES_V2 = [{**KITCHEN_POLICIES[0], "allowed": ["recipes", "knife skills", "food storage"]}]
+V1_PATHS = {
+    "/v1/jobs": {"post"},
+    "/v1/jobs/{job_id}": {"get"},
+    "/v1/jobs/{job_id}/cancel": {"post"},
+    "/v1/jobs/{job_id}/items": {"get"},
+    "/v1/jobs/{job_id}/cots": {"get"},
+    "/v1/items/{item_id}": {"get"},
+    "/v1/policy-sets": {"get", "post"},
+    "/v1/policy-sets/{policy_set_id}": {"get"},
+}
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def error_of(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    """Assert the one error shape, {"error": {"code", "message", "details"}}, and return it."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"code", "message", "details"}, body
+    assert body["error"]["code"] == code, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"], body
+    return body["error"]
+
+
+async def submit(api: httpx.AsyncClient, auth: Headers, prompts: list[str], **fields: Any) -> dict[str, Any]:
+    response = await api.post("/v1/jobs", json={"prompts": prompts, **fields}, headers=auth)
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+async def all_pages(
+    api: httpx.AsyncClient, auth: Headers, url: str, limit: int
+) -> list[list[dict[str, Any]]]:
+    """Every page of a listing, following next_cursor until it is null."""
+    pages: list[list[dict[str, Any]]] = []
+    cursor: str | None = None
+    while True:
+        params: dict[str, Any] = {"limit": limit, **({"cursor": cursor} if cursor else {})}
+        response = await api.get(url, params=params, headers=auth)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        pages.append(body["data"])
+        cursor = body["next_cursor"]
+        if cursor is None:
+            return pages
+        assert len(pages) < 50, "next_cursor never ends"
+
+
+async def items_of(api: httpx.AsyncClient, auth: Headers, job_id: str, **params: Any) -> list[dict[str, Any]]:
+    response = await api.get(f"/v1/jobs/{job_id}/items", params={"limit": 500, **params}, headers=auth)
+    assert response.status_code == 200, response.text
+    return response.json()["data"]
+
+
+async def register(
+    api: httpx.AsyncClient, auth: Headers, policies: list[dict[str, Any]], name: str = "kitchen"
+) -> httpx.Response:
+    return await api.post("/v1/policy-sets", json={"name": name, "policies": policies}, headers=auth)
+
+
+async def row_counts(sessions: Sessions) -> tuple[int, int]:
+    async with sessions() as session:
+        jobs_ = await session.scalar(select(func.count()).select_from(Job))
+        items_ = await session.scalar(select(func.count()).select_from(Item))
+    return jobs_ or 0, items_ or 0
+
+
+@pytest.fixture
+async def other(sessions: Sessions) -> Headers:
+    """A second API key, unrelated to `auth`."""
+    return await new_key(sessions, "bob")
+
+
+# --- errors and validation ----------------------------------------------------------------
+
+INVALID_JOBS = {
+    "empty prompts": ({"prompts": []}, "validation_error"),
+    "prompts and items": ({"prompts": ["a"], "items": [{"prompt": "b"}]}, "validation_error"),
+    "neither prompts nor items": ({}, "validation_error"),
+    "10,001 prompts": ({"prompts": ["p"] * 10_001}, "validation_error"),
+    "prompt over 20,000 chars": ({"prompts": ["x" * 20_001]}, "validation_error"),
+    "item prompt over 20,000 chars": ({"items": [{"prompt": "x" * 20_001}]}, "validation_error"),
+    "blank prompt": ({"prompts": ["   "]}, "validation_error"),
+    "unknown field": ({"prompts": ["a"], "priority": "high"}, "validation_error"),
+    "unknown endpoint": (
+        {"prompts": ["a"], "config": {"refiner": {"endpoint": "nowhere"}}},
+        "invalid_config",
+    ),
+    "unknown default endpoint": (
+        {"prompts": ["a"], "config": {"defaults": {"endpoint": "nowhere"}}},
+        "invalid_config",
+    ),
+    "deliberators != agents": (
+        {"prompts": ["a"], "config": {"agents": 3, "deliberators": [{}, {}]}},
+        "invalid_config",
+    ),
+    "unknown policy set": ({"prompts": ["a"], "policy_set": {"name": "no-such-set"}}, "unknown_policy_set"),
+    "unknown policy set version": (
+        {"prompts": ["a"], "policy_set": {"name": "aidsafe-default", "version": "0123456789abcdef"}},
+        "unknown_policy_set",
+    ),
+}
+
+
+@pytest.mark.parametrize(("body", "code"), INVALID_JOBS.values(), ids=INVALID_JOBS.keys())
+async def test_invalid_job_is_rejected_with_422_and_the_error_shape(
+    api: httpx.AsyncClient, auth: Headers, body: dict[str, Any], code: str
+) -> None:
+    error_of(await api.post("/v1/jobs", json=body, headers=auth), 422, code)
+
+
+async def test_rejected_jobs_write_and_enqueue_nothing(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions, redis: Redis, settings: Settings
+) -> None:
+    for body, _ in INVALID_JOBS.values():
+        assert (await api.post("/v1/jobs", json=body, headers=auth)).status_code == 422
+
+    assert await row_counts(sessions) == (0, 0)
+    assert await redis.zcard(settings.queue_name) == 0
+
+
+async def test_validation_error_details_name_the_field(api: httpx.AsyncClient, auth: Headers) -> None:
+    error = error_of(
+        await api.post("/v1/jobs", json={"prompts": ["a"], "priority": 1}, headers=auth),
+        422,
+        "validation_error",
+    )
+
+    assert {"field": "priority", "problem": "Extra inputs are not permitted"} in error["details"]
+
+
+async def test_malformed_json_body_is_a_validation_error(api: httpx.AsyncClient, auth: Headers) -> None:
+    response = await api.post(
+        "/v1/jobs", content=b'{"prompts": ["a"', headers={**auth, "Content-Type": "application/json"}
+    )
+
+    error_of(response, 422, "validation_error")
+
+
+async def test_invalid_policy_set_body_is_a_validation_error(api: httpx.AsyncClient, auth: Headers) -> None:
+    bad_id = [{**KITCHEN_POLICIES[0], "id": "Not A Slug"}]
+
+    error_of(await register(api, auth, bad_id), 422, "validation_error")
+
+
+async def test_too_long_idempotency_key_is_a_validation_error(api: httpx.AsyncClient, auth: Headers) -> None:
+    response = await api.post(
+        "/v1/jobs", json={"prompts": ["a"]}, headers={**auth, "Idempotency-Key": "k" * 201}
+    )
+
+    error_of(response, 422, "validation_error")
+
+
+async def test_malformed_uuid_in_path_is_a_validation_error(api: httpx.AsyncClient, auth: Headers) -> None:
+    for path in ["/v1/jobs/not-a-uuid", "/v1/jobs/not-a-uuid/items", "/v1/items/42", "/v1/policy-sets/nope"]:
+        error_of(await api.get(path, headers=auth), 422, "validation_error")
+
+
+async def test_bad_listing_parameters_are_validation_errors(api: httpx.AsyncClient, auth: Headers) -> None:
+    job = await submit(api, auth, ["a"])
+
+    for params in [{"limit": 0}, {"limit": 501}, {"status": "done"}]:
+        response = await api.get(f"/v1/jobs/{job['id']}/items", params=params, headers=auth)
+        error_of(response, 422, "validation_error")
+
+
+FOREIGN_CURSORS = [
+    "not a cursor!",
+    base64.urlsafe_b64encode(b"x:3").decode(),
+    base64.urlsafe_b64encode(b"p:three").decode(),
+]
+
+
+@pytest.mark.parametrize("listing", ["items", "cots"])
+async def test_cursor_the_api_did_not_issue_is_rejected(
+    api: httpx.AsyncClient, auth: Headers, listing: str
+) -> None:
+    job = await submit(api, auth, ["a"])
+
+    for cursor in FOREIGN_CURSORS:
+        response = await api.get(f"/v1/jobs/{job['id']}/{listing}", params={"cursor": cursor}, headers=auth)
+        error_of(response, 400, "invalid_cursor")
+
+
+async def test_request_without_a_valid_key_is_unauthorized(api: httpx.AsyncClient) -> None:
+    missing, wrong, not_bearer = {}, {"Authorization": "Bearer aidsafe_nope"}, {"Authorization": "Basic dTpw"}
+
+    for headers in (missing, wrong, not_bearer):
+        response = await api.post("/v1/jobs", json={"prompts": ["a"]}, headers=headers)
+        error_of(response, 401, "unauthorized")
+
+
+async def test_every_v1_operation_requires_a_key(api: httpx.AsyncClient) -> None:
+    some_id = uuid.uuid4()
+    for path, methods in V1_PATHS.items():
+        url = path.format(job_id=some_id, item_id=some_id, policy_set_id=some_id)
+        for method in methods:
+            error_of(await api.request(method, url, json={}), 401, "unauthorized")
+
+
+async def test_cursor_beyond_any_position_is_rejected(api: httpx.AsyncClient, auth: Headers) -> None:
+    job = await submit(api, auth, ["a"])
+    cursor = base64.urlsafe_b64encode(b"p:99999999999999999999").decode()
+
+    response = await api.get(f"/v1/jobs/{job['id']}/items", params={"cursor": cursor}, headers=auth)
+
+    error_of(response, 400, "invalid_cursor")
+
+
+async def test_prompt_with_a_nul_character_is_a_validation_error(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    error_of(
+        await api.post("/v1/jobs", json={"prompts": ["a\u0000b"]}, headers=auth), 422, "validation_error"
+    )
+
+
+async def test_unknown_config_field_is_a_validation_error(api: httpx.AsyncClient, auth: Headers) -> None:
+    body = {"prompts": ["a"], "config": {"agentz": 5}}
+
+    error_of(await api.post("/v1/jobs", json=body, headers=auth), 422, "validation_error")
+
+
+async def test_unknown_route_is_not_found_in_the_error_shape(api: httpx.AsyncClient, auth: Headers) -> None:
+    error_of(await api.get("/v1/nothing-here", headers=auth), 404, "not_found")
+
+
+async def test_wrong_method_is_reported_in_the_error_shape(api: httpx.AsyncClient, auth: Headers) -> None:
+    error_of(await api.delete("/v1/jobs", headers=auth), 405, "method_not_allowed")
+
+
+# --- submitting ---------------------------------------------------------------------------
+
+
+async def test_submitted_job_is_accepted_as_queued(api: httpx.AsyncClient, auth: Headers) -> None:
+    response = await api.post("/v1/jobs", json={"prompts": ["a", "b", "c"]}, headers=auth)
+
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert uuid.UUID(job["id"])
+    assert job["status"] == "queued"
+    assert job["counts"] == {"total": 3, "by_status": {"queued": 3}, "by_stage": {"intent": {"queued": 3}}}
+    assert job["usage"] == {"llm_calls": 0, "prompt_tokens": 0, "completion_tokens": 0}
+    assert job["cancelled_at"] is None
+
+
+async def test_submitted_job_names_the_default_policy_set_version(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    job = await submit(api, auth, ["a"])
+
+    assert job["policy_set"]["name"] == "aidsafe-default"
+    assert HEX.fullmatch(job["policy_set"]["version"])
+    listed = (await api.get("/v1/policy-sets", headers=auth)).json()
+    assert job["policy_set"]["id"] in {p["id"] for p in listed}
+
+
+async def test_job_config_is_resolved_from_server_defaults(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings
+) -> None:
+    job = await submit(api, auth, ["a"])
+
+    default_role = {
+        "endpoint": "default",
+        "model": "scripted-model",
+        "temperature": settings.default_temperature,
+    }
+    assert job["config"] == {
+        "max_rounds": settings.default_max_rounds,
+        "max_tokens": settings.default_max_tokens,
+        "max_reasks": settings.max_reasks,
+        "roles": {
+            "intent": default_role,
+            "seed": default_role,
+            "deliberators": [default_role] * settings.default_agents,
+            "refiner": default_role,
+        },
+    }
+
+
+async def test_job_config_fills_each_role_from_job_defaults_then_server_defaults(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    config = {
+        "agents": 3,
+        "max_rounds": 2,
+        "defaults": {"temperature": 0.2},
+        "refiner": {"endpoint": "second"},
+        "seed": {"model": "seed-model", "temperature": 0.0},
+    }
+
+    roles = (await submit(api, auth, ["a"], config=config))["config"]["roles"]
+
+    assert roles["intent"] == {"endpoint": "default", "model": "scripted-model", "temperature": 0.2}
+    assert roles["seed"] == {"endpoint": "default", "model": "seed-model", "temperature": 0.0}
+    assert roles["refiner"] == {"endpoint": "second", "model": "second-model", "temperature": 0.2}
+    assert len(roles["deliberators"]) == 3
+
+
+async def test_submitted_items_keep_prompt_order_and_metadata(api: httpx.AsyncClient, auth: Headers) -> None:
+    items = [{"prompt": "first", "metadata": {"source": "s1"}}, {"prompt": "second"}]
+    response = await api.post("/v1/jobs", json={"items": items}, headers=auth)
+    assert response.status_code == 202, response.text
+
+    stored = await items_of(api, auth, response.json()["id"])
+
+    assert [(i["position"], i["prompt"], i["metadata"]) for i in stored] == [
+        (0, "first", {"source": "s1"}),
+        (1, "second", {}),
+    ]
+
+
+async def test_submitting_enqueues_one_arq_job_per_item(
+    api: httpx.AsyncClient, auth: Headers, redis: Redis, settings: Settings
+) -> None:
+    job = await submit(api, auth, ["a", "b", "c"])
+
+    item_ids = [i["id"] for i in await items_of(api, auth, job["id"])]
+    queued = {member.decode() for member in await redis.zrange(settings.queue_name, 0, -1)}
+    assert queued == {arq_job_id(uuid.UUID(item_id), 1) for item_id in item_ids}
+
+
+# --- idempotency --------------------------------------------------------------------------
+
+
+async def test_same_idempotency_key_and_body_replays_the_first_job(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions, redis: Redis, settings: Settings
+) -> None:
+    headers = {**auth, "Idempotency-Key": "batch-1"}
+    first = await api.post("/v1/jobs", json={"prompts": ["a", "b"]}, headers=headers)
+    assert first.status_code == 202, first.text
+
+    again = await api.post("/v1/jobs", json={"prompts": ["a", "b"]}, headers=headers)
+
+    assert again.status_code == 200, again.text
+    assert again.json()["id"] == first.json()["id"]
+    assert await row_counts(sessions) == (1, 2)
+    assert await redis.zcard(settings.queue_name) == 2
+
+
+async def test_same_idempotency_key_with_another_body_is_a_conflict(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    headers = {**auth, "Idempotency-Key": "batch-1"}
+    assert (await api.post("/v1/jobs", json={"prompts": ["a"]}, headers=headers)).status_code == 202
+
+    response = await api.post("/v1/jobs", json={"prompts": ["b"]}, headers=headers)
+
+    error_of(response, 409, "idempotency_conflict")
+    assert await row_counts(sessions) == (1, 1)
+
+
+async def test_idempotency_keys_are_scoped_to_the_api_key(
+    api: httpx.AsyncClient, auth: Headers, other: Headers
+) -> None:
+    body = {"prompts": ["a"]}
+    mine = await api.post("/v1/jobs", json=body, headers={**auth, "Idempotency-Key": "shared"})
+    theirs = await api.post("/v1/jobs", json=body, headers={**other, "Idempotency-Key": "shared"})
+
+    assert (mine.status_code, theirs.status_code) == (202, 202)
+    assert mine.json()["id"] != theirs.json()["id"]
+
+
+async def test_concurrent_posts_with_one_idempotency_key_make_one_job(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    headers = {**auth, "Idempotency-Key": "raced"}
+
+    responses = await asyncio.gather(
+        *(api.post("/v1/jobs", json={"prompts": ["a", "b"]}, headers=headers) for _ in range(2))
+    )
+
+    assert sorted(r.status_code for r in responses) == [200, 202], [r.text for r in responses]
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert await row_counts(sessions) == (1, 2)
+
+
+# --- one key cannot see another's data ----------------------------------------------------
+
+OWNED_RESOURCES = {
+    "job": ("GET", "/v1/jobs/{job}"),
+    "items": ("GET", "/v1/jobs/{job}/items"),
+    "cots": ("GET", "/v1/jobs/{job}/cots"),
+    "cancel": ("POST", "/v1/jobs/{job}/cancel"),
+    "item detail": ("GET", "/v1/items/{item}"),
+    "custom policy set": ("GET", "/v1/policy-sets/{policy_set}"),
+}
+
+
+@pytest.mark.parametrize(("method", "template"), OWNED_RESOURCES.values(), ids=OWNED_RESOURCES.keys())
+async def test_another_keys_resources_are_not_found(
+    api: httpx.AsyncClient, auth: Headers, other: Headers, method: str, template: str
+) -> None:
+    job = await submit(api, auth, ["a"])
+    item = (await items_of(api, auth, job["id"]))[0]
+    policy_set = (await register(api, auth, KITCHEN_POLICIES)).json()
+    path = template.format(job=job["id"], item=item["id"], policy_set=policy_set["id"])
+
+    error_of(await api.request(method, path, headers=other), 404, "not_found")
+    assert (await api.request(method, path, headers=auth)).status_code == 200
+
+
+async def test_another_key_cannot_cancel_a_job(api: httpx.AsyncClient, auth: Headers, other: Headers) -> None:
+    job = await submit(api, auth, ["a"])
+
+    await api.post(f"/v1/jobs/{job['id']}/cancel", headers=other)
+
+    assert (await api.get(f"/v1/jobs/{job['id']}", headers=auth)).json()["status"] == "queued"
+
+
+async def test_custom_policy_set_is_listed_only_for_its_key(
+    api: httpx.AsyncClient, auth: Headers, other: Headers
+) -> None:
+    await register(api, auth, KITCHEN_POLICIES)
+
+    mine = (await api.get("/v1/policy-sets", headers=auth)).json()
+    theirs = (await api.get("/v1/policy-sets", headers=other)).json()
+
+    assert "kitchen" in {p["name"] for p in mine}
+    assert "kitchen" not in {p["name"] for p in theirs}
+
+
+async def test_builtin_default_policy_set_is_listed_for_every_key(
+    api: httpx.AsyncClient, auth: Headers, other: Headers
+) -> None:
+    for headers in (auth, other):
+        listed = (await api.get("/v1/policy-sets", headers=headers)).json()
+        assert [(p["name"], p["builtin"]) for p in listed] == [("aidsafe-default", True)]
+
+
+async def test_another_keys_policy_set_cannot_be_used_by_name(
+    api: httpx.AsyncClient, auth: Headers, other: Headers
+) -> None:
+    await register(api, auth, KITCHEN_POLICIES)
+
+    response = await api.post(
+        "/v1/jobs", json={"prompts": ["a"], "policy_set": {"name": "kitchen"}}, headers=other
+    )
+
+    error_of(response, 422, "unknown_policy_set")
+
+
+# --- pagination ---------------------------------------------------------------------------
+
+
+async def test_items_page_through_in_prompt_order_via_next_cursor(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    prompts = [f"prompt {n}" for n in range(7)]
+    job = await submit(api, auth, prompts)
+
+    pages = await all_pages(api, auth, f"/v1/jobs/{job['id']}/items", limit=3)
+
+    assert [len(page) for page in pages] == [3, 3, 1]
+    items = [item for page in pages for item in page]
+    assert [i["position"] for i in items] == list(range(7))
+    assert [i["prompt"] for i in items] == prompts
+    assert len({i["id"] for i in items}) == 7
+
+
+async def test_items_can_be_filtered_by_status(api: httpx.AsyncClient, auth: Headers) -> None:
+    job = await submit(api, auth, ["a", "b", "c"])
+
+    assert len(await items_of(api, auth, job["id"], status="queued")) == 3
+    assert await items_of(api, auth, job["id"], status="cancelled") == []
+
+
+async def test_cancelled_items_are_found_by_the_cancelled_filter(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    job = await submit(api, auth, ["a", "b", "c"])
+    await api.post(f"/v1/jobs/{job['id']}/cancel", headers=auth)
+
+    assert await items_of(api, auth, job["id"], status="queued") == []
+    assert [i["position"] for i in await items_of(api, auth, job["id"], status="cancelled")] == [0, 1, 2]
+
+
+async def test_filtered_items_page_through_via_next_cursor(api: httpx.AsyncClient, auth: Headers) -> None:
+    job = await submit(api, auth, [f"p{n}" for n in range(5)])
+    await api.post(f"/v1/jobs/{job['id']}/cancel", headers=auth)
+
+    pages = await all_pages(api, auth, f"/v1/jobs/{job['id']}/items?status=cancelled", limit=2)
+
+    assert [[i["position"] for i in page] for page in pages] == [[0, 1], [2, 3], [4]]
+
+
+async def test_cots_page_through_in_prompt_order_after_the_worker_runs(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings
+) -> None:
+    prompts = [f"How do I cook dish {n}?" for n in range(5)]
+    job = await submit(api, auth, prompts)
+    await run_worker_burst(settings)
+
+    pages = await all_pages(api, auth, f"/v1/jobs/{job['id']}/cots", limit=2)
+
+    assert [len(page) for page in pages] == [2, 2, 1]
+    cots = [cot for page in pages for cot in page]
+    item_ids = [i["id"] for i in await items_of(api, auth, job["id"])]
+    assert [c["item_id"] for c in cots] == item_ids
+    assert [(c["position"], c["prompt"]) for c in cots] == list(enumerate(prompts))
+
+
+async def test_cots_of_a_job_not_yet_run_are_an_empty_page(api: httpx.AsyncClient, auth: Headers) -> None:
+    job = await submit(api, auth, ["a"])
+
+    response = await api.get(f"/v1/jobs/{job['id']}/cots", headers=auth)
+
+    assert response.json() == {"data": [], "next_cursor": None}
+
+
+async def test_item_detail_has_its_turns_and_cot(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings
+) -> None:
+    job = await submit(api, auth, ["How do I sharpen a knife?"])
+    await run_worker_burst(settings)
+    item = (await items_of(api, auth, job["id"]))[0]
+
+    detail = (await api.get(f"/v1/items/{item['id']}", headers=auth)).json()
+
+    assert detail["status"] == "completed"
+    assert detail["cot"]["item_id"] == item["id"]
+    assert detail["cot"]["prompt"] == "How do I sharpen a knife?"
+    assert detail["turns"]
+    for turn in detail["turns"]:
+        assert {
+            "stage",
+            "round",
+            "agent",
+            "outcome",
+            "raw_output",
+            "prompt_tokens",
+            "completion_tokens",
+        } <= set(turn)
+    assert {t["stage"] for t in detail["turns"]} >= {"intent", "seed", "deliberation", "refine"}
+    assert all(t["outcome"] == "ok" and t["raw_output"] for t in detail["turns"])
+
+
+async def test_item_detail_before_the_worker_runs_has_no_turns_or_cot(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    job = await submit(api, auth, ["a"])
+    item = (await items_of(api, auth, job["id"]))[0]
+
+    detail = (await api.get(f"/v1/items/{item['id']}", headers=auth)).json()
+
+    assert (detail["status"], detail["cot"], detail["turns"]) == ("queued", None, [])
+
+
+# --- cancelling ---------------------------------------------------------------------------
+
+
+async def test_cancelling_a_queued_job_cancels_every_item(api: httpx.AsyncClient, auth: Headers) -> None:
+    job = await submit(api, auth, ["a", "b", "c"])
+
+    response = await api.post(f"/v1/jobs/{job['id']}/cancel", headers=auth)
+
+    assert response.status_code == 200, response.text
+    cancelled = response.json()
+    assert cancelled["status"] == "cancelled"
+    assert cancelled["cancelled_at"] is not None
+    assert cancelled["counts"]["by_status"] == {"cancelled": 3}
+    assert {i["status"] for i in await items_of(api, auth, job["id"])} == {"cancelled"}
+
+
+async def test_workers_run_nothing_of_a_cancelled_job(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, scripted_llm: ScriptedLLM
+) -> None:
+    job = await submit(api, auth, ["a", "b"])
+    await api.post(f"/v1/jobs/{job['id']}/cancel", headers=auth)
+
+    await run_worker_burst(settings)
+
+    after = (await api.get(f"/v1/jobs/{job['id']}", headers=auth)).json()
+    assert after["status"] == "cancelled"
+    assert after["usage"]["llm_calls"] == 0
+    assert scripted_llm.requests == []
+    for item in await items_of(api, auth, job["id"]):
+        assert (await api.get(f"/v1/items/{item['id']}", headers=auth)).json()["turns"] == []
+
+
+async def test_cancelling_twice_is_harmless(api: httpx.AsyncClient, auth: Headers) -> None:
+    job = await submit(api, auth, ["a"])
+    first = await api.post(f"/v1/jobs/{job['id']}/cancel", headers=auth)
+
+    second = await api.post(f"/v1/jobs/{job['id']}/cancel", headers=auth)
+
+    assert second.status_code == 200, second.text
+    assert second.json()["status"] == "cancelled"
+    assert second.json()["cancelled_at"] == first.json()["cancelled_at"]
+
+
+async def test_cancelling_a_completed_job_keeps_its_results(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings
+) -> None:
+    job = await submit(api, auth, ["a", "b"])
+    await run_worker_burst(settings)
+
+    cancelled = (await api.post(f"/v1/jobs/{job['id']}/cancel", headers=auth)).json()
+
+    assert cancelled["counts"]["by_status"] == {"completed": 2}
+    assert len((await api.get(f"/v1/jobs/{job['id']}/cots", headers=auth)).json()["data"]) == 2
+
+
+# --- policy sets --------------------------------------------------------------------------
+
+
+async def test_registering_a_policy_set_returns_201_with_a_content_hash_version(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    response = await register(api, auth, KITCHEN_POLICIES)
+
+    assert response.status_code == 201, response.text
+    created = response.json()
+    assert HEX.fullmatch(created["version"])
+    assert (created["name"], created["builtin"]) == ("kitchen", False)
+    assert created["policies"][0]["id"] == "kitchen-safety"
+
+
+async def test_registering_identical_content_again_returns_the_same_version(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    first = (await register(api, auth, KITCHEN_POLICIES)).json()
+
+    again = await register(api, auth, KITCHEN_POLICIES)
+
+    assert again.status_code == 200, again.text
+    assert (again.json()["id"], again.json()["version"]) == (first["id"], first["version"])
+
+
+async def test_changed_content_is_a_new_version_and_the_old_one_stays(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    old = (await register(api, auth, KITCHEN_POLICIES)).json()
+
+    new = await register(api, auth, KITCHEN_POLICIES_V2)
+
+    assert new.status_code == 201, new.text
+    assert new.json()["version"] != old["version"]
+    kept = (await api.get(f"/v1/policy-sets/{old['id']}", headers=auth)).json()
+    assert (kept["version"], kept["policies"]) == (old["version"], old["policies"])
+
+
+async def test_job_naming_a_custom_set_uses_its_newest_version(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings
+) -> None:
+    await register(api, auth, KITCHEN_POLICIES)
+    newest = (await register(api, auth, KITCHEN_POLICIES_V2)).json()
+
+    job = await submit(api, auth, ["How long do leftovers keep?"], policy_set={"name": "kitchen"})
+    await run_worker_burst(settings)
+
+    expected = {"id": newest["id"], "name": "kitchen", "version": newest["version"]}
+    assert job["policy_set"] == expected
+    cots = (await api.get(f"/v1/jobs/{job['id']}/cots", headers=auth)).json()["data"]
+    assert [c["policy_set"] for c in cots] == [expected]
+
+
+async def test_job_pinned_to_an_old_version_keeps_it(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings
+) -> None:
+    old = (await register(api, auth, KITCHEN_POLICIES)).json()
+    await register(api, auth, KITCHEN_POLICIES_V2)
+
+    pinned = {"name": "kitchen", "version": old["version"]}
+    job = await submit(api, auth, ["How do I dice onions?"], policy_set=pinned)
+    await run_worker_burst(settings)
+
+    assert job["policy_set"]["version"] == old["version"]
+    cots = (await api.get(f"/v1/jobs/{job['id']}/cots", headers=auth)).json()["data"]
+    assert [c["policy_set"]["version"] for c in cots] == [old["version"]]
+
+
+async def test_job_keeps_its_version_when_a_newer_one_is_registered(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings
+) -> None:
+    old = (await register(api, auth, KITCHEN_POLICIES)).json()
+    job = await submit(api, auth, ["How do I dice onions?"], policy_set={"name": "kitchen"})
+
+    await register(api, auth, KITCHEN_POLICIES_V2)
+    await run_worker_burst(settings)
+
+    cots = (await api.get(f"/v1/jobs/{job['id']}/cots", headers=auth)).json()["data"]
+    assert [c["policy_set"]["version"] for c in cots] == [old["version"]]
+
+
+# --- health and the OpenAPI document ------------------------------------------------------
+
+
+async def test_healthz_answers_ok(api: httpx.AsyncClient) -> None:
+    response = await api.get("/healthz")
+
+    assert (response.status_code, response.json()) == (200, {"status": "ok"})
+
+
+async def test_readyz_answers_ready_with_postgres_and_redis_up(api: httpx.AsyncClient) -> None:
+    response = await api.get("/readyz")
+
+    assert (response.status_code, response.json()) == (200, {"status": "ready"})
+
+
+async def test_openapi_document_lists_every_v1_path(api: httpx.AsyncClient) -> None:
+    paths = (await api.get("/openapi.json")).json()["paths"]
+
+    assert {path: set(ops) for path, ops in paths.items() if path.startswith("/v1")} == V1_PATHS
+
+
+async def test_openapi_document_declares_bearer_auth_on_every_v1_operation(api: httpx.AsyncClient) -> None:
+    document = (await api.get("/openapi.json")).json()
+
+    schemes = document["components"]["securitySchemes"]
+    [(name, scheme)] = schemes.items()
+    assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
+    for path, ops in V1_PATHS.items():
+        for op in ops:
+            assert document["paths"][path][op]["security"] == [{name: []}], (path, op)
+
+
+# --- a finished job -----------------------------------------------------------------------
+
+
+async def test_completed_job_reports_counts_by_status_and_stage(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings
+) -> None:
+    job = await submit(api, auth, ["a", "b", "c"])
+    await run_worker_burst(settings)
+
+    done = (await api.get(f"/v1/jobs/{job['id']}", headers=auth)).json()
+
+    assert done["status"] == "completed"
+    assert done["counts"] == {
+        "total": 3,
+        "by_status": {"completed": 3},
+        "by_stage": {"done": {"completed": 3}},
+    }
+
+
+async def test_completed_job_usage_sums_its_items_turns(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings
+) -> None:
+    job = await submit(api, auth, ["a", "b", "c"])
+    await run_worker_burst(settings)
+
+    usage = (await api.get(f"/v1/jobs/{job['id']}", headers=auth)).json()["usage"]
+
+    turns = []
+    for item in await items_of(api, auth, job["id"]):
+        turns += (await api.get(f"/v1/items/{item['id']}", headers=auth)).json()["turns"]
+    assert usage["llm_calls"] > 0
+    assert usage == {
+        "llm_calls": len(turns),
+        "prompt_tokens": sum(t["prompt_tokens"] for t in turns),
+        "completion_tokens": sum(t["completion_tokens"] for t in turns),
+    }

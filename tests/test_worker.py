@@ -1,0 +1,309 @@
+"""Workers under faults: killed mid-item, shut down, lost queue entries, expired leases,
+an unavailable LLM, cancellation, and a 50-prompt job with every turn retrievable."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import httpx
+import pytest
+from arq.connections import ArqRedis, RedisSettings, create_pool
+from sqlalchemy import func, select
+
+from app.config import Settings
+from app.store import items
+from app.store.db import Sessions
+from app.store.models import Item, TurnRow
+from tests.conftest import run_worker_burst, worker_env
+from tests.scripted_llm import ScriptedLLM, agree, http_error, stall
+from workers.main import sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+ARQ = str(Path(sys.executable).parent / "arq")
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], timeout_s: float = 30, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := await check():
+            return value
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what or check}")
+
+
+def start_worker(settings: Settings) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [ARQ, "workers.main.WorkerSettings"],
+        cwd=ROOT,
+        env=worker_env(settings),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+@pytest.fixture
+async def workers(settings: Settings) -> AsyncIterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
+@pytest.fixture
+async def arq_redis(settings: Settings) -> AsyncIterator[ArqRedis]:
+    pool = await create_pool(RedisSettings.from_dsn(settings.redis_url))
+    yield pool
+    await pool.aclose()
+
+
+async def submit(api: httpx.AsyncClient, auth: dict[str, str], prompts: list[str], **config: Any) -> str:
+    response = await api.post("/v1/jobs", json={"prompts": prompts, "config": config}, headers=auth)
+    assert response.status_code == 202, response.text
+    return response.json()["id"]
+
+
+async def one_item(sessions: Sessions, job_id: str) -> Item:
+    async with sessions() as session:
+        return (await session.scalars(select(Item).where(Item.job_id == UUID(job_id)))).one()
+
+
+async def turn_count(sessions: Sessions, item_id: UUID) -> int:
+    async with sessions() as session:
+        return await session.scalar(select(func.count()).where(TurnRow.item_id == item_id)) or 0
+
+
+async def test_a_worker_killed_mid_item_costs_at_most_its_call_in_flight(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    scripted_llm: ScriptedLLM,
+    workers: list[subprocess.Popen[bytes]],
+) -> None:
+    scripted_llm.latency_s = 0.4
+    scripted_llm.script("deliberation_turn", *[agree(False, new_thoughts=[f"point {n}"]) for n in range(5)])
+    job_id = await submit(api, auth, ["Explain how vaccines are tested."], agents=2, max_rounds=4)
+    item_id = (await one_item(sessions, job_id)).id
+
+    workers.append(start_worker(settings))
+    await eventually(lambda: _at_least(sessions, item_id, 3), what="three stored turns")
+    workers[0].send_signal(signal.SIGKILL)
+    workers[0].wait()
+    stored_at_kill = await turn_count(sessions, item_id)
+
+    workers.append(start_worker(settings))  # its sweeper re-enqueues once the lease expires
+    item = await eventually(lambda: _finished(sessions, item_id), what="the item to finish")
+
+    assert item.status == "completed"
+    assert item.attempts == 2
+    turns = (await api.get(f"/v1/items/{item_id}", headers=auth)).json()["turns"]
+    keys = [(t["stage"], t["round"], t["agent"], t["attempt"]) for t in turns]
+    assert len(keys) == len(set(keys)), "a turn was stored twice"
+    assert len(turns) > stored_at_kill
+    re_spent = len(scripted_llm.requests) - len(turns)
+    assert 0 <= re_spent <= 1, f"{re_spent} LLM calls repeated; only the one in flight may be"
+
+
+async def _at_least(sessions: Sessions, item_id: UUID, n: int) -> bool:
+    return await turn_count(sessions, item_id) >= n
+
+
+async def _finished(sessions: Sessions, item_id: UUID) -> Item | None:
+    async with sessions() as session:
+        item = await session.get(Item, item_id)
+        return item if item is not None and item.status in ("completed", "failed", "cancelled") else None
+
+
+async def test_sigterm_releases_the_running_item_at_once(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    scripted_llm: ScriptedLLM,
+    workers: list[subprocess.Popen[bytes]],
+) -> None:
+    scripted_llm.script("seed_cot", stall(60))
+    job_id = await submit(api, auth, ["What is a good first programming language?"])
+    item_id = (await one_item(sessions, job_id)).id
+    workers.append(start_worker(settings.model_copy(update={"llm_timeout_s": 60})))
+    await eventually(lambda: _at_least(sessions, item_id, 1), what="the intent turn")
+
+    workers[0].send_signal(signal.SIGTERM)
+    assert workers[0].wait(timeout=30) is not None
+
+    item = await one_item(sessions, job_id)
+    assert item.status == "queued"
+    assert item.lease_until is None
+    assert item.error_message == "worker shut down"
+
+
+async def test_sweeper_re_enqueues_queued_items_whose_arq_job_was_lost(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+) -> None:
+    job_id = await submit(api, auth, ["Tell me about tides.", "Is coffee bad for you?"])
+    await arq_redis.delete(settings.queue_name)  # what a Redis restart without persistence does
+    await asyncio.sleep(settings.enqueue_grace_s + 0.2)
+
+    swept = await sweep({"settings": settings, "sessions": sessions, "redis": arq_redis})
+    await run_worker_burst(settings)
+
+    assert swept == {"expired": 0, "lost": 2}
+    job = (await api.get(f"/v1/jobs/{job_id}", headers=auth)).json()
+    assert job["counts"]["by_status"] == {"completed": 2}
+
+
+async def test_sweeper_leaves_queued_items_with_a_live_arq_job_alone(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+) -> None:
+    await submit(api, auth, ["Tell me about tides."])
+    await asyncio.sleep(settings.enqueue_grace_s + 0.2)
+
+    swept = await sweep({"settings": settings, "sessions": sessions, "redis": arq_redis})
+
+    assert swept == {"expired": 0, "lost": 0}
+    assert await arq_redis.zcard(settings.queue_name) == 1
+
+
+async def test_sweeper_recovers_an_item_whose_lease_expired(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+) -> None:
+    job_id = await submit(api, auth, ["How do plants make sugar?"])
+    item_id = (await one_item(sessions, job_id)).id
+    await arq_redis.delete(settings.queue_name)
+    # A worker claims the item and dies without a trace.
+    assert await items.claim(sessions, item_id, lease_s=1, max_attempts=8) is not None
+    await asyncio.sleep(1.2)
+
+    swept = await sweep({"settings": settings, "sessions": sessions, "redis": arq_redis})
+    await run_worker_burst(settings)
+
+    assert swept["expired"] == 1
+    item = await one_item(sessions, job_id)
+    assert (item.status, item.attempts, item.enqueues) == ("completed", 2, 2)
+
+
+async def test_an_unavailable_llm_delays_the_item_and_loses_nothing(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    attempts_per_call = settings.llm_max_retries + 1
+    scripted_llm.script("seed_cot", *[http_error(503)] * attempts_per_call)
+    job_id = await submit(api, auth, ["How do I make my home office quieter?"])
+
+    await run_worker_burst(settings)
+
+    item = await one_item(sessions, job_id)
+    assert (item.status, item.attempts) == ("completed", 2)
+    detail = (await api.get(f"/v1/items/{item.id}", headers=auth)).json()
+    intent_turns = [t for t in detail["turns"] if t["stage"] == "intent"]
+    assert len(intent_turns) == 1, "the stored intent turn was asked again after the outage"
+    assert len(scripted_llm.requests_for("intent_decomposition")) == 1
+
+
+async def test_an_item_that_keeps_failing_ends_failed_with_its_reason(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    max_attempts = 2
+    scripted_llm.script(
+        "intent_decomposition", *[http_error(500)] * (settings.llm_max_retries + 1) * max_attempts
+    )
+    job_id = await submit(api, auth, ["What is the capital of Peru?"])
+
+    await run_worker_burst(settings.model_copy(update={"item_max_attempts": max_attempts}))
+
+    item = await one_item(sessions, job_id)
+    assert item.status == "failed"
+    assert item.error_code == "too_many_attempts"
+    assert "llm_unavailable" in (item.error_message or "")
+
+
+async def test_cancelling_a_job_stops_its_running_item(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    scripted_llm: ScriptedLLM,
+    workers: list[subprocess.Popen[bytes]],
+) -> None:
+    scripted_llm.latency_s = 0.3
+    scripted_llm.script("deliberation_turn", *[agree(False, new_thoughts=["more"]) for _ in range(40)])
+    job_id = await submit(api, auth, ["Explain inflation."], agents=2, max_rounds=20)
+    item_id = (await one_item(sessions, job_id)).id
+    workers.append(start_worker(settings))
+    await eventually(lambda: _at_least(sessions, item_id, 3), what="the item to be running")
+
+    response = await api.post(f"/v1/jobs/{job_id}/cancel", headers=auth)
+    assert response.status_code == 200
+    item = await eventually(lambda: _finished(sessions, item_id), what="the item to stop")
+
+    assert item.status == "cancelled"
+    job = (await api.get(f"/v1/jobs/{job_id}", headers=auth)).json()
+    assert job["status"] == "cancelled"
+
+
+async def test_fifty_prompts_complete_with_every_turn_retrievable_over_http(
+    api: httpx.AsyncClient, auth: dict[str, str], settings: Settings, scripted_llm: ScriptedLLM
+) -> None:
+    prompts = [f"Question {n}: how do I keep houseplant number {n} alive?" for n in range(50)]
+    job_id = await submit(api, auth, prompts)
+
+    await run_worker_burst(settings)
+
+    job = (await api.get(f"/v1/jobs/{job_id}", headers=auth)).json()
+    assert job["status"] == "completed"
+    assert job["counts"]["by_status"] == {"completed": 50}
+    item_ids: list[str] = []
+    cursor = None
+    while True:
+        params = {"limit": 20, **({"cursor": cursor} if cursor else {})}
+        page = (await api.get(f"/v1/jobs/{job_id}/items", params=params, headers=auth)).json()
+        item_ids += [i["id"] for i in page["data"]]
+        if not (cursor := page["next_cursor"]):
+            break
+    assert len(item_ids) == 50
+    turns = 0
+    for item_id in item_ids:
+        detail = (await api.get(f"/v1/items/{item_id}", headers=auth)).json()
+        assert [t["stage"] for t in detail["turns"]] == ["intent", "seed", "deliberation", "refine"]
+        assert detail["cot"]["refined_thoughts"]
+        turns += len(detail["turns"])
+    assert turns == len(scripted_llm.requests) == job["usage"]["llm_calls"]
+
+
+def test_worker_entry_point_lists_its_function_and_sweeper() -> None:
+    from app.queue import RUN_ITEM
+    from workers.main import WorkerSettings
+
+    assert [f.__name__ for f in WorkerSettings["functions"]] == [RUN_ITEM]
+    assert WorkerSettings["cron_jobs"][0].coroutine is sweep
+    assert os.path.basename(ARQ) == "arq"
