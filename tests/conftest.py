@@ -8,6 +8,7 @@ import json
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -134,14 +135,20 @@ async def clean_state(request: pytest.FixtureRequest, settings: Settings) -> Asy
     yield
 
 
-@pytest.fixture
-async def api(settings: Settings, sessions: Sessions) -> AsyncIterator[httpx.AsyncClient]:
+@asynccontextmanager
+async def api_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     """The real app, in-process, with its lifespan (Postgres pool, arq Redis pool)."""
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
             yield client
+
+
+@pytest.fixture
+async def api(settings: Settings, sessions: Sessions) -> AsyncIterator[httpx.AsyncClient]:
+    async with api_client(settings) as client:
+        yield client
 
 
 async def new_key(sessions: Sessions, name: str = "test") -> dict[str, str]:

@@ -263,6 +263,23 @@ async def test_output_truncated_on_every_try_fails_as_unparseable(
     assert scripted_llm.requests_for("deliberation_turn") == []
 
 
+async def test_truncated_output_is_reasked_without_it_and_with_twice_the_tokens(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script("seed_cot", truncated(), truncated())
+
+    completed(await run(llm, InMemoryTurnLog()))
+
+    first, second, third = scripted_llm.requests_for("seed_cot")
+    assert [r.body["max_tokens"] for r in (first, second, third)] == [
+        first.body["max_tokens"] * factor for factor in (1, 2, 4)
+    ]
+    for reask in (second, third):
+        assert reask.body["messages"][:2] == first.body["messages"]
+        assert len(reask.body["messages"]) == 3, "the cut-off reply is not sent back"
+        assert "cut off" in reask.body["messages"][2]["content"]
+
+
 async def test_plain_text_refusal_fails_the_item_as_agent_refused(
     llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM
 ) -> None:

@@ -105,11 +105,16 @@ class _Run:
         messages: list[dict[str, str]],
         normalize: Callable[[dict[str, Any]], dict[str, Any]],
     ) -> dict[str, Any]:
-        """One stage call with bounded re-asks; returns the normalized output or stops."""
+        """One stage call with bounded re-asks; returns the normalized output or stops.
+
+        A malformed reply is shown back with what was wrong. A truncated one is not (it is
+        long and useless); the re-ask asks for brevity and allows twice the tokens.
+        """
+        original, max_tokens = messages, self.config.max_tokens
         for attempt in range(self.config.max_reasks + 1):
             attempt_key = replace(key, attempt=attempt)
             turn = self.replayed.get(attempt_key) or await self._call(
-                attempt_key, role, role_config, schema_name, messages, normalize
+                attempt_key, role, role_config, schema_name, messages, normalize, max_tokens
             )
             if turn.outcome is TurnOutcome.OK:
                 assert turn.parsed is not None
@@ -118,12 +123,15 @@ class _Run:
                 raise _Stop(
                     Failed("agent_refused", f"the {role} agent refused to reason: {turn.error}", key.stage)
                 )
-            reask = "reask.truncated" if turn.outcome is TurnOutcome.TRUNCATED else "reask.malformed"
-            messages = [
-                *messages,
-                {"role": "assistant", "content": turn.raw_output},
-                {"role": "user", "content": render(reask, error=turn.error or "")},
-            ]
+            if turn.outcome is TurnOutcome.TRUNCATED:
+                max_tokens *= 2
+                messages = [*original, {"role": "user", "content": render("reask.truncated")}]
+            else:
+                messages = [
+                    *messages,
+                    {"role": "assistant", "content": turn.raw_output},
+                    {"role": "user", "content": render("reask.malformed", error=turn.error or "")},
+                ]
         raise _Stop(
             Failed(
                 "unparseable_output",
@@ -141,6 +149,7 @@ class _Run:
         schema_name: str,
         messages: list[dict[str, str]],
         normalize: Callable[[dict[str, Any]], dict[str, Any]],
+        max_tokens: int,
     ) -> Turn:
         request = ChatRequest(
             role=role,
@@ -150,7 +159,7 @@ class _Run:
             schema_name=schema_name,
             schema=schemas.BY_NAME[schema_name],
             temperature=role_config.temperature,
-            max_tokens=self.config.max_tokens,
+            max_tokens=max_tokens,
         )
         started = time.perf_counter()
         reply = await self.llm.chat(request)

