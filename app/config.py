@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     llm_backoff_base_s: float = Field(default=1.0, ge=0)
     llm_backoff_max_s: float = Field(default=30.0, ge=0)
 
+    # The API refuses larger request bodies with 413 (10,000 prompts of ~3,000 characters fit).
+    max_request_bytes: int = 32 * 1024 * 1024
+
     # Job defaults, each overridable per job.
     default_agents: int = 2
     default_max_rounds: int = 4
@@ -53,7 +56,8 @@ class Settings(BaseSettings):
     # Workers.
     worker_max_jobs: int = 8
     lease_seconds: int = 60  # an item's lease; renewed while its worker is alive
-    item_max_attempts: int = 8  # claims of one item before it fails for good
+    item_max_attempts: int = 100  # claims of one item, LLM outages included, before it fails
+    item_max_failures: int = 5  # claims lost to a dead worker or an unexpected error
     item_retry_base_s: float = 5.0  # first back-off after the LLM stayed unavailable; doubles
     sweep_interval_s: int = 15
     enqueue_grace_s: int = 30  # a queued item unclaimed this long is enqueued again

@@ -9,6 +9,7 @@ from arq.connections import RedisSettings, create_pool
 from fastapi import FastAPI
 
 from app.api import errors, health, items, jobs, policy_sets
+from app.api.limits import BodySizeLimit
 from app.config import Settings, get_settings
 from app.store.db import make_engine, make_sessions
 
@@ -38,6 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     for module in (health, jobs, items, policy_sets):
         app.include_router(module.router)
     return app

@@ -163,11 +163,10 @@ async def auth(sessions: Sessions) -> dict[str, str]:
 
 
 async def run_worker_burst(settings: Settings, **overrides: Any) -> None:
-    """arq's real worker, in this process, until the queue is empty (without the sweeper
-    cron, whose schedule would keep a burst worker alive)."""
+    """arq's real worker, in this process, until the queue is empty. Tests call the sweeper
+    themselves."""
     options = {
-        **worker_settings(settings),
-        "cron_jobs": [],
+        **worker_settings(settings, sweeper=False),
         "burst": True,
         "handle_signals": False,
         "poll_delay": 0.05,

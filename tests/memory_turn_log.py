@@ -9,8 +9,8 @@ from app.deliberation.ports import Stage, Turn, TurnKey
 
 class InMemoryTurnLog:
     """Turns kept in a dict, in recording order. Like the Postgres log, `record` is
-    idempotent on (item_id, key): a second record of a key keeps the first turn and only
-    bumps `ignored_records`, so a test can prove a replay never asked twice."""
+    idempotent on (item_id, key): a second record of a key keeps and returns the first
+    turn and bumps `ignored_records`, so a test can prove a replay never asked twice."""
 
     def __init__(self) -> None:
         self._turns: dict[tuple[UUID, TurnKey], Turn] = {}
@@ -19,12 +19,13 @@ class InMemoryTurnLog:
     async def done(self, item_id: UUID) -> list[Turn]:
         return self.turns(item_id)
 
-    async def record(self, turn: Turn) -> None:
+    async def record(self, turn: Turn) -> Turn:
         slot = (turn.item_id, turn.key)
         if slot in self._turns:
             self.ignored_records += 1
-            return
+            return self._turns[slot]
         self._turns[slot] = turn
+        return turn
 
     def turns(self, item_id: UUID, stage: Stage | None = None) -> list[Turn]:
         """The item's turns in recording order, optionally of one stage only."""

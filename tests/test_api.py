@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import re
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -250,6 +252,58 @@ async def test_prompt_with_a_nul_character_is_a_validation_error(
     error_of(
         await api.post("/v1/jobs", json={"prompts": ["a\u0000b"]}, headers=auth), 422, "validation_error"
     )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"items": [{"prompt": "a", "metadata": {"score": NaN}}]}',
+        '{"items": [{"prompt": "a", "metadata": {"score": Infinity}}]}',
+        '{"prompts": ["lone surrogate \\ud800 here"]}',
+        '{"items": [{"prompt": "   "}]}',
+    ],
+    ids=["nan", "infinity", "lone-surrogate", "blank-item-prompt"],
+)
+async def test_input_postgres_cannot_store_is_a_validation_error(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions, body: str
+) -> None:
+    headers = {**auth, "Content-Type": "application/json"}
+
+    error_of(await api.post("/v1/jobs", content=body, headers=headers), 422, "validation_error")
+    assert await row_counts(sessions) == (0, 0)
+
+
+async def test_body_over_the_size_limit_is_refused_with_413(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings
+) -> None:
+    prompt = "x" * 15_000
+    count = settings.max_request_bytes // len(prompt) + 10
+    body = json.dumps({"prompts": [prompt] * count}).encode()
+
+    error_of(await api.post("/v1/jobs", content=body, headers=auth), 413, "payload_too_large")
+
+
+async def test_chunked_body_over_the_size_limit_is_refused_with_413(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings
+) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"prompts": ["'
+        for _ in range(settings.max_request_bytes // 1_000_000 + 1):
+            yield b"x" * 1_000_000
+        yield b'"]}'
+
+    error_of(await api.post("/v1/jobs", content=chunks(), headers=auth), 413, "payload_too_large")
+
+
+async def test_chunked_body_under_the_limit_is_accepted(api: httpx.AsyncClient, auth: Headers) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"prompts": '
+        yield b'["How do tides work?"]}'
+
+    response = await api.post(
+        "/v1/jobs", content=chunks(), headers={**auth, "Content-Type": "application/json"}
+    )
+    assert response.status_code == 202, response.text
 
 
 async def test_unknown_config_field_is_a_validation_error(api: httpx.AsyncClient, auth: Headers) -> None:

@@ -192,17 +192,20 @@ async def test_sweeper_recovers_an_item_whose_lease_expired(
 ) -> None:
     job_id = await submit(api, auth, ["How do plants make sugar?"])
     item_id = (await one_item(sessions, job_id)).id
-    await arq_redis.delete(settings.queue_name)
-    # A worker claims the item and dies without a trace.
-    assert await items.claim(sessions, item_id, lease_s=1, max_attempts=8) is not None
+    # A worker takes the arq job, claims the item and dies without a trace.
+    assert await arq_redis.zrange(settings.queue_name, 0, -1) == [f"item:{item_id}:1".encode()]
+    await arq_redis.set(f"arq:in-progress:item:{item_id}:1", b"1")
+    assert await items.claim(sessions, item_id, items.Limits(lease_s=1, max_claims=8, max_failures=5))
     await asyncio.sleep(1.2)
 
     swept = await sweep({"settings": settings, "sessions": sessions, "redis": arq_redis})
-    await run_worker_burst(settings)
 
     assert swept["expired"] == 1
+    assert await arq_redis.zrange(settings.queue_name, 0, -1) == [f"item:{item_id}:2".encode()]
+    assert not await arq_redis.exists(f"arq:in-progress:item:{item_id}:1"), "the dead job still blocks"
+    await run_worker_burst(settings)
     item = await one_item(sessions, job_id)
-    assert (item.status, item.attempts, item.enqueues) == ("completed", 2, 2)
+    assert (item.status, item.attempts, item.failures, item.enqueues) == ("completed", 2, 1, 2)
 
 
 async def test_an_unavailable_llm_delays_the_item_and_loses_nothing(
@@ -219,7 +222,7 @@ async def test_an_unavailable_llm_delays_the_item_and_loses_nothing(
     await run_worker_burst(settings)
 
     item = await one_item(sessions, job_id)
-    assert (item.status, item.attempts) == ("completed", 2)
+    assert (item.status, item.attempts, item.failures) == ("completed", 2, 0)
     detail = (await api.get(f"/v1/items/{item.id}", headers=auth)).json()
     intent_turns = [t for t in detail["turns"] if t["stage"] == "intent"]
     assert len(intent_turns) == 1, "the stored intent turn was asked again after the outage"
@@ -300,10 +303,10 @@ async def test_fifty_prompts_complete_with_every_turn_retrievable_over_http(
     assert turns == len(scripted_llm.requests) == job["usage"]["llm_calls"]
 
 
-def test_worker_entry_point_lists_its_function_and_sweeper() -> None:
+def test_worker_entry_point_runs_items_and_starts_the_sweeper() -> None:
     from app.queue import RUN_ITEM
-    from workers.main import WorkerSettings
+    from workers.main import WorkerSettings, startup
 
     assert [f.__name__ for f in WorkerSettings["functions"]] == [RUN_ITEM]
-    assert WorkerSettings["cron_jobs"][0].coroutine is sweep
+    assert WorkerSettings["on_startup"] is startup
     assert os.path.basename(ARQ) == "arq"

@@ -14,9 +14,7 @@ from uuid import UUID
 
 from arq import Retry
 from arq.connections import ArqRedis, RedisSettings
-from arq.cron import cron
-from arq.jobs import Job as ArqJob
-from arq.jobs import JobStatus
+from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 
 from app.config import Settings, get_settings
 from app.deliberation.engine import Completed, deliberate
@@ -34,6 +32,11 @@ log = logging.getLogger("aidsafe.worker")
 
 
 async def startup(ctx: dict[str, Any]) -> None:
+    await _startup_without_sweeper(ctx)
+    ctx["sweeper"] = asyncio.create_task(_sweep_forever(ctx))
+
+
+async def _startup_without_sweeper(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     ctx["db"] = make_engine(settings.database_url, pool_size=settings.worker_max_jobs + 2)
     ctx["sessions"] = make_sessions(ctx["db"])
@@ -48,6 +51,8 @@ async def startup(ctx: dict[str, Any]) -> None:
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
+    if sweeper := ctx.get("sweeper"):
+        sweeper.cancel()
     await ctx["llm"].aclose()
     await ctx["db"].dispose()
 
@@ -56,7 +61,7 @@ async def run_item(ctx: dict[str, Any], item_id: str) -> str:
     """Claim the item, run or resume its deliberation, and record how it ended."""
     settings: Settings = ctx["settings"]
     sessions = ctx["sessions"]
-    claim = await items.claim(sessions, UUID(item_id), settings.lease_seconds, settings.item_max_attempts)
+    claim = await items.claim(sessions, UUID(item_id), _limits(settings))
     if claim is None:
         return "nothing to do"
     work = asyncio.create_task(
@@ -66,7 +71,7 @@ async def run_item(ctx: dict[str, Any], item_id: str) -> str:
             to_pipeline(claim.config),
             for_engine(claim.policy_set),
             ctx["llm"],
-            PostgresTurnLog(sessions, claim.job_id),
+            PostgresTurnLog(sessions, claim),
         )
     )
     watch = asyncio.create_task(_keep_lease(sessions, claim, settings.lease_seconds, work))
@@ -77,26 +82,31 @@ async def run_item(ctx: dict[str, Any], item_id: str) -> str:
         if current is not None and current.cancelling() == 0:  # the lease watch stopped it
             return await _on_claim_lost(sessions, claim, watch)
         # The worker is shutting down: give the item back now instead of at lease expiry.
-        await asyncio.shield(items.release(sessions, claim, "worker shut down"))
+        await asyncio.shield(items.release(sessions, claim, "worker shut down", failed=False))
         raise
-    except LLMUnavailable as exc:
-        await items.release(sessions, claim, f"llm_unavailable: {exc}")
+    except items.ClaimLost:  # another worker holds the item now; it carries on from the log
+        return "lease lost"
+    except LLMUnavailable as exc:  # an outage delays the item; it does not use up its tries
+        await items.release(sessions, claim, f"llm_unavailable: {exc}", failed=False)
         raise Retry(defer=_backoff_s(settings, claim.attempt)) from exc
     except LLMRequestRejected as exc:
         await items.end(sessions, claim, "failed", "llm_request_rejected", str(exc))
         return "failed"
-    except Exception as exc:  # Postgres or Redis blip: retry; attempts are bounded per item
+    except Exception as exc:  # Postgres or Redis blip, or a bug: retry a bounded number of times
         log.exception("item %s attempt %d hit an unexpected error", claim.item_id, claim.attempt)
         with contextlib.suppress(Exception):  # if this fails too, the lease expiry recovers it
-            await items.release(sessions, claim, f"{type(exc).__name__}: {exc}")
+            await items.release(sessions, claim, f"{type(exc).__name__}: {exc}", failed=True)
         raise Retry(defer=_backoff_s(settings, claim.attempt)) from exc
     finally:
         watch.cancel()
     if isinstance(result, Completed):
-        await items.complete(sessions, claim, result)
-        return "completed"
+        return "completed" if await items.complete(sessions, claim, result) else "lease lost"
     await items.end(sessions, claim, "failed", result.code, result.message)
     return "failed"
+
+
+def _limits(settings: Settings) -> items.Limits:
+    return items.Limits(settings.lease_seconds, settings.item_max_attempts, settings.item_max_failures)
 
 
 async def _keep_lease(sessions: Any, claim: items.Claim, lease_s: int, work: asyncio.Task[Any]) -> None:
@@ -130,13 +140,12 @@ async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
     settings: Settings = ctx["settings"]
     sessions, redis = ctx["sessions"], ctx["redis"]
     expired = await items.take_expired_leases(sessions)
+    # A dead worker's arq jobs would sit in the queue, in progress, until arq's job timeout.
+    await _forget_arq_jobs(redis, settings.queue_name, expired)
     waiting = await items.queued_unclaimed(sessions, settings.enqueue_grace_s)
-    lost = [
-        item_id
-        for item_id, n in waiting
-        if not await _arq_job_exists(redis, settings.queue_name, arq_job_id(item_id, n))
-    ]
-    present = [item_id for item_id, _ in waiting if item_id not in lost]
+    alive = await _arq_jobs_alive(redis, settings.queue_name, [arq_job_id(i, n) for i, n in waiting])
+    lost = [item_id for (item_id, _), is_alive in zip(waiting, alive, strict=True) if not is_alive]
+    present = [item_id for (item_id, _), is_alive in zip(waiting, alive, strict=True) if is_alive]
     await items.touch(sessions, present, bump_enqueues=False)
     requeued = await items.touch(sessions, lost, bump_enqueues=True)
     await enqueue_items(redis, settings.queue_name, [*expired, *requeued])
@@ -145,25 +154,58 @@ async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
     return {"expired": len(expired), "lost": len(requeued)}
 
 
-async def _arq_job_exists(redis: ArqRedis, queue_name: str, job_id: str) -> bool:
-    status = await ArqJob(job_id, redis, _queue_name=queue_name).status()
-    return status in (JobStatus.queued, JobStatus.deferred, JobStatus.in_progress)
+async def _arq_jobs_alive(redis: ArqRedis, queue_name: str, job_ids: list[str]) -> list[bool]:
+    """Whether each arq job is still queued, deferred or running (one round trip)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            pipe.zscore(queue_name, job_id)
+            pipe.exists(in_progress_key_prefix + job_id)
+        answers = await pipe.execute()
+    return [
+        score is not None or bool(running) for score, running in zip(answers[::2], answers[1::2], strict=True)
+    ]
 
 
-def worker_settings(settings: Settings) -> dict[str, Any]:
+async def _forget_arq_jobs(redis: ArqRedis, queue_name: str, expired: list[tuple[UUID, int]]) -> None:
+    """Drop every earlier arq job of these items: their ids are 1 .. current counter - 1."""
+    old = [arq_job_id(item_id, n) for item_id, current in expired for n in range(1, current)]
+    if not old:
+        return
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zrem(queue_name, *old)
+        for prefix in (job_key_prefix, in_progress_key_prefix, retry_key_prefix):
+            pipe.delete(*(prefix + job_id for job_id in old))
+        await pipe.execute()
+
+
+async def _sweep_forever(ctx: dict[str, Any]) -> None:
+    """Every worker runs this loop; a Redis lock lets one of them sweep per interval. It runs
+    beside the queue, not in it, so a long backlog cannot delay recovery."""
+    settings: Settings = ctx["settings"]
+    lock = f"{settings.redis_key_prefix}:sweeper"
+    while True:
+        try:
+            if await ctx["redis"].set(lock, "1", nx=True, px=int(settings.sweep_interval_s * 1000)):
+                await sweep(ctx)
+        except Exception:  # Redis or Postgres away: try again next interval
+            log.warning("sweep failed", exc_info=True)
+        await asyncio.sleep(settings.sweep_interval_s)
+
+
+def worker_settings(settings: Settings, *, sweeper: bool = True) -> dict[str, Any]:
     """Everything a worker runs, in one place; `arq workers.main.WorkerSettings` reads it."""
     return {
         "functions": [run_item],  # enqueued by name: app.queue.RUN_ITEM
-        "cron_jobs": [cron(sweep, second=set(range(0, 60, settings.sweep_interval_s)), run_at_startup=True)],
-        "on_startup": startup,
+        "on_startup": startup if sweeper else _startup_without_sweeper,
         "on_shutdown": shutdown,
         "ctx": {"settings": settings},
         "redis_settings": RedisSettings.from_dsn(settings.redis_url),
         "queue_name": settings.queue_name,
         "max_jobs": settings.worker_max_jobs,
+        "queue_read_limit": max(1000, settings.worker_max_jobs * 10),
         # Items end by themselves; the lease, not arq's timeout, detects dead workers.
         "job_timeout": 24 * 3600,
-        "max_tries": 1000,  # retries are bounded per item in Postgres (item_max_attempts)
+        "max_tries": 1_000_000,  # retries are bounded per item in Postgres
         "keep_result": 60,
         "job_completion_wait": 5,  # on SIGTERM, then running items are released
     }

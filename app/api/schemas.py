@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Any, Literal
 from uuid import UUID
@@ -15,18 +16,25 @@ MAX_PROMPT_CHARS = 20_000
 ItemStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
 
 
-def reject_nul(data: Any) -> Any:
-    """PostgreSQL text and jsonb cannot hold U+0000; refuse it at the edge, not with a 500."""
+def storable_input(data: Any) -> Any:
+    """Refuse at the edge what PostgreSQL would refuse with a 500: U+0000 and lone
+    surrogates in text, NaN and infinities in JSON."""
     if isinstance(data, str):
         if "\x00" in data:
             raise ValueError("text must not contain the NUL character (U+0000)")
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError("text must be valid Unicode (no lone surrogates)") from exc
+    elif isinstance(data, float) and not math.isfinite(data):
+        raise ValueError("numbers must be finite (no NaN or Infinity)")
     elif isinstance(data, dict):
         for key, value in data.items():
-            reject_nul(key)
-            reject_nul(value)
+            storable_input(key)
+            storable_input(value)
     elif isinstance(data, list):
         for value in data:
-            reject_nul(value)
+            storable_input(value)
     return data
 
 
@@ -42,7 +50,7 @@ class ErrorOut(BaseModel):
 
 class PromptIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, pattern=r"\S")
     metadata: dict[str, Any] = Field(default_factory=dict, description="Kept with the item.")
 
 
@@ -61,7 +69,7 @@ class JobIn(BaseModel):
     policy_set: PolicySetRef = Field(default_factory=PolicySetRef)
     config: JobConfigIn = Field(default_factory=JobConfigIn)
 
-    _no_nul = model_validator(mode="before")(reject_nul)
+    _storable = model_validator(mode="before")(storable_input)
 
     @model_validator(mode="after")
     def _one_source_of_prompts(self) -> JobIn:
@@ -109,7 +117,7 @@ class PolicySetIn(BaseModel):
     description: str = Field(default="", max_length=5000)
     policies: list[PolicyIn] = Field(min_length=1, max_length=50)
 
-    _no_nul = model_validator(mode="before")(reject_nul)
+    _storable = model_validator(mode="before")(storable_input)
 
 
 class PolicySetBrief(BaseModel):

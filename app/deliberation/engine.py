@@ -180,8 +180,7 @@ class _Run:
             completion_tokens=reply.completion_tokens,
             latency_ms=reply.latency_ms or (time.perf_counter() - started) * 1000,
         )
-        await self.log.record(turn)
-        return turn
+        return await self.log.record(turn)
 
 
 def _request_hash(request: ChatRequest) -> str:

@@ -111,6 +111,7 @@ class TurnLog(Protocol):
         """Every turn already recorded for the item, in any order."""
         ...
 
-    async def record(self, turn: Turn) -> None:
-        """Store a turn; idempotent on (item, key): a second record is a no-op."""
+    async def record(self, turn: Turn) -> Turn:
+        """Store a turn and return it as stored. Idempotent on (item, key): if the key is
+        already stored, nothing is written and the stored turn is returned."""
         ...

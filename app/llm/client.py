@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import Any
 
 import httpx
+from redis.exceptions import RedisError
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -129,6 +130,12 @@ class OpenAICompatibleClient:
         return wait
 
     async def _attempt(self, request: ChatRequest, endpoint: EndpointConfig) -> ChatReply:
+        try:
+            return await self._attempt_in_slot(request, endpoint)
+        except RedisError as error:  # the shared cap is unreachable for a moment: retry
+            raise _TransientFault(f"limiter: {type(error).__name__}: {error}") from error
+
+    async def _attempt_in_slot(self, request: ChatRequest, endpoint: EndpointConfig) -> ChatReply:
         async with self._slot(request.endpoint, endpoint):
             started = time.monotonic()
             try:
@@ -180,12 +187,15 @@ def _headers(endpoint: EndpointConfig) -> dict[str, str]:
     return {}
 
 
+_RETRYABLE = {408, 409, 425, 429}  # timeout, conflict, too early, rate limited
+
+
 def _raise_for_status(response: httpx.Response) -> None:
     status = response.status_code
     if status < 400:
         return
     detail = f"HTTP {status}: {response.text[:_ERROR_BODY_CHARS]}"
-    if status == 429 or status >= 500:
+    if status in _RETRYABLE or status >= 500:
         raise _TransientFault(detail, _retry_after_s(response.headers.get("Retry-After")))
     raise LLMRequestRejected(detail)
 

@@ -42,7 +42,16 @@ def _lease(seconds: int) -> Any:
     return func.now() + timedelta(seconds=seconds)
 
 
-async def claim(sessions: Sessions, item_id: UUID, lease_s: int, max_attempts: int) -> Claim | None:
+@dataclass(frozen=True)
+class Limits:
+    """When an item stops being retried."""
+
+    lease_s: int
+    max_claims: int  # all claims, including those handed back while the LLM was down
+    max_failures: int  # claims lost to a dead worker or an unexpected error
+
+
+async def claim(sessions: Sessions, item_id: UUID, limits: Limits) -> Claim | None:
     """Take the item if it is queued or its lease expired; None if there is nothing to do."""
     async with sessions.begin() as session:
         row = (
@@ -56,26 +65,30 @@ async def claim(sessions: Sessions, item_id: UUID, lease_s: int, max_attempts: i
         if row is None:
             return None
         item, job = row
-        claimable = item.status == "queued" or (
+        lease_expired = (
             item.status == "running"
             and item.lease_until is not None
             and item.lease_until < await session.scalar(select(func.now()))
         )
-        if not claimable:
+        if item.status != "queued" and not lease_expired:
             return None
+        if lease_expired:  # its worker died before the sweeper noticed
+            item.failures += 1
+            item.error_message = "worker lost (lease expired)"
         if job.cancelled_at is not None:
             _finish(item, "cancelled")
             return None
-        if item.attempts >= max_attempts:
+        last = item.error_message or "unknown"
+        if item.failures >= limits.max_failures:
+            _finish(item, "failed", "too_many_failures", f"{item.failures} failed attempts; last: {last}")
+            return None
+        if item.attempts >= limits.max_claims:
             _finish(
-                item,
-                "failed",
-                "too_many_attempts",
-                f"gave up after {item.attempts} attempts; last: {item.error_message or 'worker lost'}",
+                item, "failed", "too_many_attempts", f"gave up after {item.attempts} attempts; last: {last}"
             )
             return None
         item.status, item.attempts = "running", item.attempts + 1
-        item.lease_until, item.updated_at = _lease(lease_s), func.now()
+        item.lease_until, item.updated_at = _lease(limits.lease_s), func.now()
         policy_set = await session.get(PolicySetRow, job.policy_set_id)
         assert policy_set is not None
         return Claim(item.id, job.id, item.attempts, item.prompt, job.config, policy_set)
@@ -87,7 +100,8 @@ def _finish(item: Item, status: str, code: str | None = None, message: str | Non
     item.finished_at = item.updated_at = func.now()
 
 
-def _mine(claim: Claim) -> Any:
+def claimed(claim: Claim) -> Any:
+    """SQL condition: the item is still held under this claim."""
     return and_(Item.id == claim.item_id, Item.attempts == claim.attempt, Item.status == "running")
 
 
@@ -98,20 +112,20 @@ async def renew(sessions: Sessions, claim: Claim, lease_s: int) -> None:
         if cancelled is not None:
             raise JobCancelled(f"job {claim.job_id} was cancelled")
         renewed = await session.execute(
-            update(Item).where(_mine(claim)).values(lease_until=_lease(lease_s)).returning(Item.id)
+            update(Item).where(claimed(claim)).values(lease_until=_lease(lease_s)).returning(Item.id)
         )
         if renewed.first() is None:
             raise ClaimLost(f"lease on item {claim.item_id} lost")
 
 
-async def release(sessions: Sessions, claim: Claim, reason: str) -> None:
-    """Hand the item back to the queue (transient fault, shutdown); its turns stay."""
+async def release(sessions: Sessions, claim: Claim, reason: str, *, failed: bool) -> None:
+    """Hand the item back to the queue; its turns stay. `failed` counts the attempt against
+    max_failures (an unexpected error); an LLM outage or a shutdown does not."""
+    values: dict[str, Any] = {"status": "queued", "lease_until": None, "error_message": reason}
+    if failed:
+        values["failures"] = Item.failures + 1
     async with sessions.begin() as session:
-        await session.execute(
-            update(Item)
-            .where(_mine(claim))
-            .values(status="queued", lease_until=None, error_message=reason, updated_at=func.now())
-        )
+        await session.execute(update(Item).where(claimed(claim)).values(**values, updated_at=func.now()))
 
 
 async def end(sessions: Sessions, claim: Claim, status: str, code: str | None, message: str | None) -> None:
@@ -119,7 +133,7 @@ async def end(sessions: Sessions, claim: Claim, status: str, code: str | None, m
     async with sessions.begin() as session:
         await session.execute(
             update(Item)
-            .where(_mine(claim))
+            .where(claimed(claim))
             .values(
                 status=status,
                 lease_until=None,
@@ -136,7 +150,7 @@ async def complete(sessions: Sessions, claim: Claim, result: Completed) -> bool:
     async with sessions.begin() as session:
         mine = await session.execute(
             update(Item)
-            .where(_mine(claim))
+            .where(claimed(claim))
             .values(
                 status="completed",
                 stage="done",
@@ -176,7 +190,8 @@ async def complete(sessions: Sessions, claim: Claim, result: Completed) -> bool:
 
 
 async def take_expired_leases(sessions: Sessions, limit: int = 1000) -> list[tuple[UUID, int]]:
-    """Items whose worker stopped renewing; bumps their enqueue counter for a fresh arq id."""
+    """Items whose worker stopped renewing: back to queued, the lost claim counted as a
+    failure, and a new enqueue counter for a fresh arq id."""
     async with sessions.begin() as session:
         stale = (
             select(Item.id)
@@ -187,7 +202,14 @@ async def take_expired_leases(sessions: Sessions, limit: int = 1000) -> list[tup
         rows = await session.execute(
             update(Item)
             .where(Item.id.in_(stale))
-            .values(enqueues=Item.enqueues + 1)
+            .values(
+                status="queued",
+                lease_until=None,
+                failures=Item.failures + 1,
+                error_message="worker lost (lease expired)",
+                enqueues=Item.enqueues + 1,
+                updated_at=func.now(),
+            )
             .returning(Item.id, Item.enqueues)
         )
         return [(row.id, row.enqueues) for row in rows]
@@ -197,13 +219,9 @@ async def queued_unclaimed(sessions: Sessions, grace_s: int, limit: int = 2000) 
     """Queued items older than the grace period, oldest first (their arq job may be lost)."""
     async with sessions() as session:
         rows = await session.execute(
+            # Items of cancelled jobs too: a claim is what ends them as cancelled.
             select(Item.id, Item.enqueues)
-            .join(Job, Job.id == Item.job_id)
-            .where(
-                Item.status == "queued",
-                Item.updated_at < func.now() - timedelta(seconds=grace_s),
-                Job.cancelled_at.is_(None),
-            )
+            .where(Item.status == "queued", Item.updated_at < func.now() - timedelta(seconds=grace_s))
             .order_by(Item.updated_at)
             .limit(limit)
         )

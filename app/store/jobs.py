@@ -131,8 +131,8 @@ async def summary(session: AsyncSession, job: Job) -> dict[str, Any]:
 
 async def cancel(session: AsyncSession, job: Job) -> None:
     """Queued items end as cancelled now; running ones stop at their worker's next check."""
-    if job.cancelled_at is None:
-        job.cancelled_at = func.now()
+    # coalesce: of two concurrent cancels, the first time stays
+    job.cancelled_at = func.coalesce(Job.cancelled_at, func.now())
     await session.execute(
         update(Item)
         .where(Item.job_id == job.id, Item.status == "queued")

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -79,7 +80,8 @@ class Item(Base):
     __table_args__ = (
         UniqueConstraint("job_id", "position"),
         Index("ix_items_job_status", "job_id", "status"),
-        Index("ix_items_sweep", "status", "lease_until"),
+        Index("ix_items_running_lease", "lease_until", postgresql_where=text("status = 'running'")),
+        Index("ix_items_queued_since", "updated_at", postgresql_where=text("status = 'queued'")),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
@@ -90,7 +92,8 @@ class Item(Base):
     # queued -> running -> completed | failed; queued/running -> cancelled
     status: Mapped[str] = mapped_column(String(16), default="queued")
     stage: Mapped[str] = mapped_column(String(16), default="intent")  # last stage with a turn
-    attempts: Mapped[int] = mapped_column(Integer, default=0)  # claims so far
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # claims so far; the claim token
+    failures: Mapped[int] = mapped_column(Integer, default=0)  # claims lost to crashes and errors
     enqueues: Mapped[int] = mapped_column(Integer, default=1)  # part of the arq job id
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     error_code: Mapped[str | None] = mapped_column(String(64))
@@ -102,11 +105,15 @@ class Item(Base):
 
 class TurnRow(Base):
     __tablename__ = "turns"
-    __table_args__ = (UniqueConstraint("item_id", "stage", "round", "agent", "attempt"),)
+    __table_args__ = (
+        UniqueConstraint("item_id", "stage", "round", "agent", "attempt"),
+        # Job totals (GET /v1/jobs/{id}) by an index-only scan, without reading raw outputs.
+        Index("ix_turns_job_usage", "job_id", postgresql_include=["prompt_tokens", "completion_tokens"]),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     item_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("items.id"))
-    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id"), index=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id"))
     stage: Mapped[str] = mapped_column(String(16))
     round: Mapped[int] = mapped_column(Integer)
     agent: Mapped[int] = mapped_column(Integer)

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-23 08:36:01.486276
+Create Date: 2026-11-23 09:19:26.164865
 """
 
 from collections.abc import Sequence
@@ -24,12 +24,7 @@ def upgrade() -> None:
         sa.Column("name", sa.String(length=200), nullable=False),
         sa.Column("prefix", sa.String(length=16), nullable=False),
         sa.Column("key_hash", sa.String(length=64), nullable=False),
-        sa.Column(
-            "created_at",
-            sa.DateTime(timezone=True),
-            server_default=sa.text("now()"),
-            nullable=False,
-        ),
+        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
         sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("key_hash"),
@@ -42,12 +37,7 @@ def upgrade() -> None:
         sa.Column("version", sa.String(length=32), nullable=False),
         sa.Column("description", sa.Text(), nullable=False),
         sa.Column("policies", postgresql.JSONB(astext_type=sa.Text()), nullable=False),
-        sa.Column(
-            "created_at",
-            sa.DateTime(timezone=True),
-            server_default=sa.text("now()"),
-            nullable=False,
-        ),
+        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
         sa.ForeignKeyConstraint(
             ["owner_key_id"],
             ["api_keys.id"],
@@ -65,12 +55,7 @@ def upgrade() -> None:
         sa.Column("request_hash", sa.String(length=64), nullable=False),
         sa.Column("item_count", sa.Integer(), nullable=False),
         sa.Column("cancelled_at", sa.DateTime(timezone=True), nullable=True),
-        sa.Column(
-            "created_at",
-            sa.DateTime(timezone=True),
-            server_default=sa.text("now()"),
-            nullable=False,
-        ),
+        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
         sa.ForeignKeyConstraint(
             ["owner_key_id"],
             ["api_keys.id"],
@@ -93,22 +78,13 @@ def upgrade() -> None:
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("stage", sa.String(length=16), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
+        sa.Column("failures", sa.Integer(), nullable=False),
         sa.Column("enqueues", sa.Integer(), nullable=False),
         sa.Column("lease_until", sa.DateTime(timezone=True), nullable=True),
         sa.Column("error_code", sa.String(length=64), nullable=True),
         sa.Column("error_message", sa.Text(), nullable=True),
-        sa.Column(
-            "created_at",
-            sa.DateTime(timezone=True),
-            server_default=sa.text("now()"),
-            nullable=False,
-        ),
-        sa.Column(
-            "updated_at",
-            sa.DateTime(timezone=True),
-            server_default=sa.text("now()"),
-            nullable=False,
-        ),
+        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
         sa.ForeignKeyConstraint(
             ["job_id"],
@@ -118,7 +94,20 @@ def upgrade() -> None:
         sa.UniqueConstraint("job_id", "position"),
     )
     op.create_index("ix_items_job_status", "items", ["job_id", "status"], unique=False)
-    op.create_index("ix_items_sweep", "items", ["status", "lease_until"], unique=False)
+    op.create_index(
+        "ix_items_queued_since",
+        "items",
+        ["updated_at"],
+        unique=False,
+        postgresql_where=sa.text("status = 'queued'"),
+    )
+    op.create_index(
+        "ix_items_running_lease",
+        "items",
+        ["lease_until"],
+        unique=False,
+        postgresql_where=sa.text("status = 'running'"),
+    )
     op.create_table(
         "cots",
         sa.Column("id", sa.UUID(), nullable=False),
@@ -137,12 +126,7 @@ def upgrade() -> None:
         sa.Column("rounds_used", sa.Integer(), nullable=False),
         sa.Column("agreed", sa.Boolean(), nullable=False),
         sa.Column("agreed_by", postgresql.JSONB(astext_type=sa.Text()), nullable=True),
-        sa.Column(
-            "created_at",
-            sa.DateTime(timezone=True),
-            server_default=sa.text("now()"),
-            nullable=False,
-        ),
+        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
         sa.ForeignKeyConstraint(
             ["item_id"],
             ["items.id"],
@@ -180,12 +164,7 @@ def upgrade() -> None:
         sa.Column("prompt_tokens", sa.Integer(), nullable=False),
         sa.Column("completion_tokens", sa.Integer(), nullable=False),
         sa.Column("latency_ms", sa.Float(), nullable=False),
-        sa.Column(
-            "created_at",
-            sa.DateTime(timezone=True),
-            server_default=sa.text("now()"),
-            nullable=False,
-        ),
+        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
         sa.ForeignKeyConstraint(
             ["item_id"],
             ["items.id"],
@@ -197,15 +176,26 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("item_id", "stage", "round", "agent", "attempt"),
     )
-    op.create_index(op.f("ix_turns_job_id"), "turns", ["job_id"], unique=False)
+    op.create_index(
+        "ix_turns_job_usage",
+        "turns",
+        ["job_id"],
+        unique=False,
+        postgresql_include=["prompt_tokens", "completion_tokens"],
+    )
 
 
 def downgrade() -> None:
-    op.drop_index(op.f("ix_turns_job_id"), table_name="turns")
+    op.drop_index(
+        "ix_turns_job_usage", table_name="turns", postgresql_include=["prompt_tokens", "completion_tokens"]
+    )
     op.drop_table("turns")
     op.drop_index("ix_cots_job_position", table_name="cots")
     op.drop_table("cots")
-    op.drop_index("ix_items_sweep", table_name="items")
+    op.drop_index(
+        "ix_items_running_lease", table_name="items", postgresql_where=sa.text("status = 'running'")
+    )
+    op.drop_index("ix_items_queued_since", table_name="items", postgresql_where=sa.text("status = 'queued'"))
     op.drop_index("ix_items_job_status", table_name="items")
     op.drop_table("items")
     op.drop_index(op.f("ix_jobs_owner_key_id"), table_name="jobs")
