@@ -180,6 +180,7 @@ def follow_job(client: httpx.Client, job_id: str, poll_s: float = 2.0) -> dict[s
         TimeElapsedColumn(),
         TextColumn("{task.fields[detail]}"),
     )
+    last_detail = ""
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("items", total=None, detail="")
         while True:
@@ -198,6 +199,9 @@ def follow_job(client: httpx.Client, job_id: str, poll_s: float = 2.0) -> dict[s
                 f"{usage['llm_calls']} calls, {usage['prompt_tokens'] + usage['completion_tokens']} tokens"
             )
             progress.update(task, total=counts["total"], completed=done, detail=detail)
+            if not console.is_terminal and detail != last_detail:  # a log gets lines, not a bar
+                console.print(f"{done}/{counts['total']} items | {detail}")
+                last_detail = detail
             if job["status"] in FINISHED:
                 return job
             time.sleep(poll_s)

@@ -77,3 +77,5 @@ export AIDSAFE_API_KEY=$(.venv/bin/aidsafe keys create demo --quiet)
 echo "== Submitting $PROMPTS (a small CPU model: expect about a minute per prompt)"
 .venv/bin/aidsafe submit "$PROMPTS" --agents 2 --max-rounds 2 --max-tokens 384
 echo "API key of this run: $AIDSAFE_API_KEY"
+echo "SmolLM2-135M is tiny: expect fluent nonsense above. For real data, point AIDSAFE_LLM_BASE_URL"
+echo "at a capable model (README: Using vLLM, Ollama or OpenAI)."
