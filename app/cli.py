@@ -237,10 +237,9 @@ def _print_item(item: dict[str, Any], cot: dict[str, Any] | None) -> None:
             f"[bold]Intents:[/] {'; '.join(intents['explicit_intents'] + intents['implicit_intents'])}"
         )
         lines.append("[bold]Refined thoughts:[/]")
-        lines += [
-            f"  {n}. {t['text']}  [dim](from T{t['sources']})[/]"
-            for n, t in enumerate(cot["refined_thoughts"], 1)
-        ]
+        for n, thought in enumerate(cot["refined_thoughts"], 1):
+            sources = ", ".join(f"T{source}" for source in thought["sources"]) or "no source"
+            lines.append(f"  {n}. {thought['text']}  [dim](from {sources})[/]")
         for dropped in cot["dropped_thoughts"]:
             lines.append(f"  [dim]dropped T{dropped['id']} ({dropped['reason']}): {dropped['text']}[/]")
         agreement = f"agreed in round {cot['agreed_by']['round']}" if cot["agreed"] else "round budget spent"
