@@ -125,6 +125,28 @@ async def _finished(sessions: Sessions, item_id: UUID) -> Item | None:
         return item if item is not None and item.status in ("completed", "failed", "cancelled") else None
 
 
+async def test_worker_processes_together_never_exceed_the_endpoint_cap(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    scripted_llm: ScriptedLLM,
+    workers: list[subprocess.Popen[bytes]],
+) -> None:
+    scripted_llm.latency_s = 0.2
+    capped = settings.model_copy(update={"llm_max_concurrency": 2, "worker_max_jobs": 4})
+    job_id = await submit(api, auth, [f"Prompt {n}: how do magnets work?" for n in range(8)])
+
+    workers.extend(start_worker(capped) for _ in range(3))
+    await eventually(lambda: _job_finished(api, auth, job_id), timeout_s=60, what="the job to finish")
+
+    assert scripted_llm.max_in_flight == 2, "3 workers x 4 jobs must share a cap of 2"
+
+
+async def _job_finished(api: httpx.AsyncClient, auth: dict[str, str], job_id: str) -> bool:
+    return (await api.get(f"/v1/jobs/{job_id}", headers=auth)).json()["status"] == "completed"
+
+
 async def test_sigterm_releases_the_running_item_at_once(
     api: httpx.AsyncClient,
     auth: dict[str, str],

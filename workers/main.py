@@ -32,11 +32,11 @@ log = logging.getLogger("aidsafe.worker")
 
 
 async def startup(ctx: dict[str, Any]) -> None:
-    await _startup_without_sweeper(ctx)
+    await connect(ctx)
     ctx["sweeper"] = asyncio.create_task(_sweep_forever(ctx))
 
 
-async def _startup_without_sweeper(ctx: dict[str, Any]) -> None:
+async def connect(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     ctx["db"] = make_engine(settings.database_url, pool_size=settings.worker_max_jobs + 2)
     ctx["sessions"] = make_sessions(ctx["db"])
@@ -196,7 +196,7 @@ def worker_settings(settings: Settings, *, sweeper: bool = True) -> dict[str, An
     """Everything a worker runs, in one place; `arq workers.main.WorkerSettings` reads it."""
     return {
         "functions": [run_item],  # enqueued by name: app.queue.RUN_ITEM
-        "on_startup": startup if sweeper else _startup_without_sweeper,
+        "on_startup": startup if sweeper else connect,
         "on_shutdown": shutdown,
         "ctx": {"settings": settings},
         "redis_settings": RedisSettings.from_dsn(settings.redis_url),
