@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from arq.connections import RedisSettings, create_pool
+from arq.connections import create_pool
 from fastapi import FastAPI
 
 from app.api import errors, health, items, jobs, policy_sets
 from app.api.limits import BodySizeLimit
 from app.config import Settings, get_settings
+from app.queue import redis_settings
 from app.store.db import make_engine, make_sessions
 
 
@@ -22,7 +23,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = make_engine(settings.database_url)
         app.state.settings = settings
         app.state.sessions = make_sessions(engine)
-        app.state.arq = await create_pool(RedisSettings.from_dsn(settings.redis_url))
+        app.state.arq = await create_pool(redis_settings(settings.redis_url))
         try:
             yield
         finally:

@@ -6,10 +6,23 @@ import asyncio
 from collections.abc import Iterable
 from uuid import UUID
 
-from arq.connections import ArqRedis
+from arq.connections import ArqRedis, RedisSettings
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError, TimeoutError
 
 RUN_ITEM = "run_item"
 _BATCH = 500  # enqueue concurrently, but not 10,000 coroutines at once
+
+
+def redis_settings(redis_url: str) -> RedisSettings:
+    """arq's connection, retrying each command through a Redis restart (about a minute)
+    instead of letting the first ConnectionError end the worker's poll loop."""
+    settings = RedisSettings.from_dsn(redis_url)
+    settings.retry = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=40)
+    settings.retry_on_error = [ConnectionError, TimeoutError]
+    settings.conn_retries = 30
+    return settings
 
 
 def arq_job_id(item_id: UUID, enqueues: int) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 from uuid import UUID
 
 from arq import Retry
-from arq.connections import ArqRedis, RedisSettings
+from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 
 from app.config import Settings, get_settings
@@ -22,7 +22,7 @@ from app.deliberation.ports import LLMRequestRejected, LLMUnavailable
 from app.llm.client import OpenAICompatibleClient
 from app.llm.limits import EndpointLimiter
 from app.pipeline_config import to_pipeline
-from app.queue import arq_job_id, enqueue_items
+from app.queue import arq_job_id, enqueue_items, redis_settings
 from app.store import items
 from app.store.db import make_engine, make_sessions
 from app.store.policy_sets import for_engine
@@ -199,7 +199,7 @@ def worker_settings(settings: Settings, *, sweeper: bool = True) -> dict[str, An
         "on_startup": startup if sweeper else connect,
         "on_shutdown": shutdown,
         "ctx": {"settings": settings},
-        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "redis_settings": redis_settings(settings.redis_url),
         "queue_name": settings.queue_name,
         "max_jobs": settings.worker_max_jobs,
         "queue_read_limit": max(1000, settings.worker_max_jobs * 10),
