@@ -27,6 +27,8 @@ class Settings(BaseSettings):
 
     database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/aidsafe"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    log_level: str = "INFO"
+    log_json: bool = True  # structured logs (one JSON object per line) with job and item ids
     queue_name: str = "aidsafe:queue"
     redis_key_prefix: str = "aidsafe"  # for keys other than arq's (endpoint limits)
 

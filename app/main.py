@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from arq.connections import create_pool
 from fastapi import FastAPI
 
+from app import logs
 from app.api import errors, health, items, jobs, policy_sets
 from app.api.limits import BodySizeLimit
 from app.config import Settings, get_settings
@@ -20,6 +21,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        logs.configure(settings.log_level, settings.log_json)
         engine = make_engine(settings.database_url)
         app.state.settings = settings
         app.state.sessions = make_sessions(engine)

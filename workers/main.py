@@ -16,6 +16,7 @@ from arq import Retry
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 
+from app import logs
 from app.config import Settings, get_settings
 from app.deliberation.engine import Completed, deliberate
 from app.deliberation.ports import LLMRequestRejected, LLMUnavailable
@@ -38,6 +39,7 @@ async def startup(ctx: dict[str, Any]) -> None:
 
 async def connect(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
+    logs.configure(settings.log_level, settings.log_json)
     ctx["db"] = make_engine(settings.database_url, pool_size=settings.worker_max_jobs + 2)
     ctx["sessions"] = make_sessions(ctx["db"])
     ctx["llm"] = OpenAICompatibleClient(
@@ -59,11 +61,23 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 
 async def run_item(ctx: dict[str, Any], item_id: str) -> str:
     """Claim the item, run or resume its deliberation, and record how it ended."""
+    with logs.ids(item_id=item_id):
+        return await _run_item(ctx, item_id)
+
+
+async def _run_item(ctx: dict[str, Any], item_id: str) -> str:
     settings: Settings = ctx["settings"]
     sessions = ctx["sessions"]
     claim = await items.claim(sessions, UUID(item_id), _limits(settings))
     if claim is None:
         return "nothing to do"
+    with logs.ids(job_id=str(claim.job_id)):
+        return await _run_claimed(ctx, claim)
+
+
+async def _run_claimed(ctx: dict[str, Any], claim: items.Claim) -> str:
+    settings: Settings = ctx["settings"]
+    sessions = ctx["sessions"]
     work = asyncio.create_task(
         deliberate(
             claim.item_id,

@@ -1,0 +1,39 @@
+"""Structured logs carry the ids of the item being worked on."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from app import logs
+
+
+@pytest.fixture
+def fresh_logging() -> None:
+    """Drop a handler an earlier test's app installed: it writes to that test's stderr."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, logs._Handler)]:
+        root.removeHandler(handler)
+
+
+def test_records_inside_an_item_carry_its_job_and_item_ids(
+    fresh_logging: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    logs.configure("INFO", json=True)
+    logger = logging.getLogger("aidsafe.test")
+
+    with logs.ids(item_id="i-1"), logs.ids(job_id="j-1"):
+        logger.info("inside")
+    logger.info("outside")
+
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    inside, outside = (next(r for r in lines if r["message"] == m) for m in ("inside", "outside"))
+    assert (inside["job_id"], inside["item_id"], inside["level"], inside["logger"]) == (
+        "j-1",
+        "i-1",
+        "INFO",
+        "aidsafe.test",
+    )
+    assert "job_id" not in outside and "item_id" not in outside
