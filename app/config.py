@@ -57,6 +57,7 @@ class Settings(BaseSettings):
 
     # Workers.
     worker_max_jobs: int = 8
+    worker_metrics_port: int = 0  # >0: each worker serves Prometheus metrics on this port
     lease_seconds: int = 60  # an item's lease; renewed while its worker is alive
     item_max_attempts: int = 100  # claims of one item, LLM outages included, before it fails
     item_max_failures: int = 5  # claims lost to a dead worker or an unexpected error

@@ -15,6 +15,7 @@ from uuid import UUID
 from arq import Retry
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
+from prometheus_client import start_http_server
 
 from app import logs
 from app.config import Settings, get_settings
@@ -22,6 +23,7 @@ from app.deliberation.engine import Completed, deliberate
 from app.deliberation.ports import LLMRequestRejected, LLMUnavailable
 from app.llm.client import OpenAICompatibleClient
 from app.llm.limits import EndpointLimiter
+from app.metrics import ITEMS_FINISHED
 from app.pipeline_config import to_pipeline
 from app.queue import arq_job_id, enqueue_items, redis_settings
 from app.store import items
@@ -40,6 +42,8 @@ async def startup(ctx: dict[str, Any]) -> None:
 async def connect(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     logs.configure(settings.log_level, settings.log_json)
+    if settings.worker_metrics_port:
+        start_http_server(settings.worker_metrics_port)
     ctx["db"] = make_engine(settings.database_url, pool_size=settings.worker_max_jobs + 2)
     ctx["sessions"] = make_sessions(ctx["db"])
     ctx["llm"] = OpenAICompatibleClient(
@@ -76,6 +80,12 @@ async def _run_item(ctx: dict[str, Any], item_id: str) -> str:
 
 
 async def _run_claimed(ctx: dict[str, Any], claim: items.Claim) -> str:
+    outcome = await _deliberate_claimed(ctx, claim)
+    ITEMS_FINISHED.labels(outcome).inc()
+    return outcome
+
+
+async def _deliberate_claimed(ctx: dict[str, Any], claim: items.Claim) -> str:
     settings: Settings = ctx["settings"]
     sessions = ctx["sessions"]
     work = asyncio.create_task(

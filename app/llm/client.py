@@ -32,6 +32,7 @@ from tenacity import (
 from app.config import EndpointConfig
 from app.deliberation.ports import ChatReply, ChatRequest, LLMRequestRejected, LLMUnavailable
 from app.llm.limits import EndpointLimiter
+from app.metrics import LLM_REQUEST_SECONDS, LLM_TOKENS
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +45,17 @@ RETRY_AFTER_CAP_FLOOR_S = 120.0
 _ERROR_BODY_CHARS = 500
 
 
+def _outcome_of(fault: Exception) -> str:
+    return fault.kind if isinstance(fault, _TransientFault) else "rejected"
+
+
 class _TransientFault(Exception):
     """One failed attempt that another attempt may fix."""
 
-    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+    def __init__(self, message: str, retry_after_s: float | None = None, kind: str = "bad_body") -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.kind = kind  # for metrics: rate_limited, server_error, timeout, connection, bad_body
 
 
 class OpenAICompatibleClient:
@@ -130,10 +136,21 @@ class OpenAICompatibleClient:
         return wait
 
     async def _attempt(self, request: ChatRequest, endpoint: EndpointConfig) -> ChatReply:
+        labels = (request.endpoint, request.role)
+        started, outcome = time.monotonic(), "ok"
         try:
-            return await self._attempt_in_slot(request, endpoint)
+            reply = await self._attempt_in_slot(request, endpoint)
         except RedisError as error:  # the shared cap is unreachable for a moment: retry
-            raise _TransientFault(f"limiter: {type(error).__name__}: {error}") from error
+            outcome = "limiter"
+            raise _TransientFault(f"limiter: {type(error).__name__}: {error}", kind=outcome) from error
+        except (_TransientFault, LLMRequestRejected) as fault:
+            outcome = _outcome_of(fault)
+            raise
+        finally:
+            LLM_REQUEST_SECONDS.labels(*labels, outcome).observe(time.monotonic() - started)
+        LLM_TOKENS.labels(*labels, "prompt").inc(reply.prompt_tokens)
+        LLM_TOKENS.labels(*labels, "completion").inc(reply.completion_tokens)
+        return reply
 
     async def _attempt_in_slot(self, request: ChatRequest, endpoint: EndpointConfig) -> ChatReply:
         async with self._slot(request.endpoint, endpoint):
@@ -151,7 +168,8 @@ class OpenAICompatibleClient:
                 raise LLMRequestRejected(message) from error
             except (httpx.TransportError, TimeoutError) as error:
                 detail = str(error) or f"no complete answer within {self._timeout_s} s"
-                raise _TransientFault(f"{type(error).__name__}: {detail}") from error
+                kind = "timeout" if isinstance(error, TimeoutError | httpx.TimeoutException) else "connection"
+                raise _TransientFault(f"{type(error).__name__}: {detail}", kind=kind) from error
             latency_ms = (time.monotonic() - started) * 1000
         _raise_for_status(response)
         return _parse_reply(response, request, latency_ms)
@@ -196,7 +214,8 @@ def _raise_for_status(response: httpx.Response) -> None:
         return
     detail = f"HTTP {status}: {response.text[:_ERROR_BODY_CHARS]}"
     if status in _RETRYABLE or status >= 500:
-        raise _TransientFault(detail, _retry_after_s(response.headers.get("Retry-After")))
+        kind = "rate_limited" if status == 429 else "server_error"
+        raise _TransientFault(detail, _retry_after_s(response.headers.get("Retry-After")), kind)
     raise LLMRequestRejected(detail)
 
 

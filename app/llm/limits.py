@@ -20,6 +20,8 @@ from contextlib import asynccontextmanager
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from app.metrics import LIMIT_WAIT_SECONDS
+
 logger = logging.getLogger(__name__)
 
 # Redis's own clock, so machines with skewed clocks still agree on who has expired.
@@ -86,7 +88,9 @@ class EndpointLimiter:
             while not await self._acquire(keys=[key], args=[token, limit, lease_ms]):  # noqa: ASYNC110
                 await asyncio.sleep(random.uniform(_POLL_MIN_S, _POLL_MAX_S))
         finally:
-            self.waited_s += time.monotonic() - started
+            waited = time.monotonic() - started
+            self.waited_s += waited
+            LIMIT_WAIT_SECONDS.labels(key.removeprefix(f"{self._key_prefix}:")).inc(waited)
 
     async def _release(self, key: str, token: str) -> None:
         try:

@@ -1,0 +1,25 @@
+"""/metrics for Prometheus: queue depth and items waiting or running, read at scrape time.
+LLM and per-item metrics live in the workers (AIDSAFE_WORKER_METRICS_PORT)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import func, select
+
+from app.api.deps import ArqDep, SessionDep, SettingsDep
+from app.metrics import ITEMS, QUEUE_DEPTH
+from app.store.models import Item
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+async def metrics(session: SessionDep, arq: ArqDep, settings: SettingsDep) -> Response:
+    """Prometheus text format. No key needed: it holds counts only, no job data."""
+    for status in ("queued", "running"):
+        # Partial indexes on items make each count cheap however many items have finished.
+        count = await session.scalar(select(func.count()).select_from(Item).where(Item.status == status))
+        ITEMS.labels(status).set(count or 0)
+    QUEUE_DEPTH.set(await arq.zcard(settings.queue_name))
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,23 @@
+"""Prometheus metrics. Workers expose theirs on AIDSAFE_WORKER_METRICS_PORT; the API
+serves its own (queue depth, items by state) at /metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LLM_REQUEST_SECONDS = Histogram(
+    "aidsafe_llm_request_seconds",
+    "One HTTP attempt to an LLM endpoint, by outcome (ok, rate_limited, server_error, "
+    "timeout, connection, rejected, bad_body).",
+    ["endpoint", "role", "outcome"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+LLM_TOKENS = Counter(
+    "aidsafe_llm_tokens_total", "Tokens used, by kind (prompt, completion).", ["endpoint", "role", "kind"]
+)
+LIMIT_WAIT_SECONDS = Counter(
+    "aidsafe_llm_limit_wait_seconds_total", "Time spent waiting for a shared endpoint slot.", ["endpoint"]
+)
+ITEMS_FINISHED = Counter("aidsafe_items_finished_total", "Items ended by this worker, by status.", ["status"])
+ITEMS = Gauge("aidsafe_items", "Items waiting or running, over all jobs.", ["status"])
+QUEUE_DEPTH = Gauge("aidsafe_queue_depth", "arq jobs in the queue (waiting, deferred or running).")

@@ -1,0 +1,54 @@
+"""Prometheus metrics: the API's queue view and the workers' LLM and item counters."""
+
+from __future__ import annotations
+
+import httpx
+from prometheus_client import REGISTRY
+
+from app.config import Settings
+from tests.conftest import run_worker_burst
+from tests.scripted_llm import ScriptedLLM, http_error
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_api_metrics_show_queued_items_and_queue_depth(
+    api: httpx.AsyncClient, auth: dict[str, str]
+) -> None:
+    await api.post("/v1/jobs", json={"prompts": ["a", "b", "c"]}, headers=auth)
+
+    response = await api.get("/metrics")
+
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    assert 'aidsafe_items{status="queued"} 3.0' in response.text
+    assert "aidsafe_queue_depth 3.0" in response.text
+
+
+async def test_worker_counts_llm_calls_tokens_errors_and_finished_items(
+    api: httpx.AsyncClient, auth: dict[str, str], settings: Settings, scripted_llm: ScriptedLLM
+) -> None:
+    ok = {"endpoint": "default", "role": "seed", "outcome": "ok"}
+    limited = {**ok, "outcome": "rate_limited"}
+    before = (
+        sample("aidsafe_llm_request_seconds_count", **ok),
+        sample("aidsafe_llm_request_seconds_count", **limited),
+        sample("aidsafe_llm_tokens_total", endpoint="default", role="seed", kind="completion"),
+        sample("aidsafe_items_finished_total", status="completed"),
+    )
+    scripted_llm.script("seed_cot", http_error(429, retry_after=0))
+    await api.post("/v1/jobs", json={"prompts": ["How do I fix a flat tyre?"]}, headers=auth)
+
+    await run_worker_burst(settings)
+
+    after = (
+        sample("aidsafe_llm_request_seconds_count", **ok),
+        sample("aidsafe_llm_request_seconds_count", **limited),
+        sample("aidsafe_llm_tokens_total", endpoint="default", role="seed", kind="completion"),
+        sample("aidsafe_items_finished_total", status="completed"),
+    )
+    calls, rate_limited, tokens, finished = (a - b for a, b in zip(after, before, strict=True))
+    assert (calls, rate_limited, finished) == (1, 1, 1)
+    assert tokens > 0
