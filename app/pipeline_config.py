@@ -32,7 +32,7 @@ class JobConfigIn(BaseModel):
     intent: RoleIn | None = None
     seed: RoleIn | None = None
     deliberators: list[RoleIn] | None = Field(
-        default=None, max_length=8, description="One per agent, in speaking order."
+        default=None, min_length=1, max_length=8, description="One per agent, in speaking order."
     )
     refiner: RoleIn | None = None
 

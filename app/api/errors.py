@@ -11,11 +11,27 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.api.schemas import ErrorOut
 from app.errors import ServiceError
 
 log = logging.getLogger("aidsafe.api")
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+_WHY = {
+    400: "Malformed request: a body that is not UTF-8 JSON text, or a cursor this API did not return.",
+    401: "No API key, or an unknown or revoked one.",
+    404: "No such resource visible to this API key.",
+    409: "The Idempotency-Key was already used with a different request body.",
+    413: "The request body is over the size limit.",
+    422: "The request is invalid (validation_error, invalid_config, unknown_policy_set).",
+    503: "The database is unavailable; retry shortly.",
+}
+
+
+def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` entries for the error statuses a route really returns, all in the one error
+    shape (a listed 422 also replaces FastAPI's own HTTPValidationError, which we never send)."""
+    return {status: {"model": ErrorOut, "description": _WHY[status]} for status in statuses}
 
 
 def error_response(status: int, code: str, message: str, details: Any = None) -> JSONResponse:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
@@ -10,6 +12,7 @@ from app.api.errors import error_response
 from app.api.schemas import ErrorOut
 
 router = APIRouter(tags=["health"])
+_CHECK_TIMEOUT_S = 3
 
 
 @router.get("/healthz")
@@ -20,15 +23,17 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", responses={503: {"model": ErrorOut}})
 async def readyz(request: Request) -> JSONResponse:
-    """Postgres and Redis both answer."""
+    """Postgres and Redis both answer within a few seconds."""
     problems = []
     try:
-        async with request.app.state.sessions() as session:
+        async with asyncio.timeout(_CHECK_TIMEOUT_S), request.app.state.sessions() as session:
             await session.execute(text("select 1"))
     except Exception as exc:
         problems.append(f"postgres: {type(exc).__name__}")
     try:
-        await request.app.state.arq.ping()
+        # The Redis client retries through restarts for a minute; a probe must not wait that long.
+        async with asyncio.timeout(_CHECK_TIMEOUT_S):
+            await request.app.state.arq.ping()
     except Exception as exc:
         problems.append(f"redis: {type(exc).__name__}")
     if problems:

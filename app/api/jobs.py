@@ -12,7 +12,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.api import views
 from app.api.deps import ArqDep, CurrentKey, SessionDep, SettingsDep
-from app.api.schemas import CotPage, ErrorOut, ItemPage, ItemStatus, JobIn, JobOut
+from app.api.errors import documented
+from app.api.schemas import CotPage, ItemPage, ItemStatus, JobIn, JobOut
 from app.pipeline_config import resolve
 from app.queue import enqueue_items
 from app.store import jobs, policy_sets
@@ -22,7 +23,8 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger("aidsafe.api")
 Limit = Annotated[int, Query(ge=1, le=500, description="Page size.")]
 Cursor = Annotated[str | None, Query(description="`next_cursor` of the previous page.")]
-ERRORS = {401: {"model": ErrorOut}, 404: {"model": ErrorOut}}
+ERRORS = documented(401, 404, 422, 503)  # routes with an id in the path
+PAGE_ERRORS = documented(400, 401, 404, 422, 503)
 
 
 async def _job_out(session: AsyncSession, job: Job) -> JobOut:
@@ -36,9 +38,7 @@ async def _job_out(session: AsyncSession, job: Job) -> JobOut:
     status_code=status.HTTP_202_ACCEPTED,
     responses={
         200: {"model": JobOut, "description": "Replay of an earlier POST with the same Idempotency-Key."},
-        409: {"model": ErrorOut},
-        422: {"model": ErrorOut},
-        401: {"model": ErrorOut},
+        **documented(400, 401, 409, 413, 422, 503),
     },
 )
 async def submit_job(
@@ -92,7 +92,7 @@ async def cancel_job(job_id: UUID, session: SessionDep, key: CurrentKey) -> JobO
     return await _job_out(session, job)
 
 
-@router.get("/{job_id}/items", responses={**ERRORS, 400: {"model": ErrorOut}})
+@router.get("/{job_id}/items", responses=PAGE_ERRORS)
 async def list_items(
     job_id: UUID,
     session: SessionDep,
@@ -106,7 +106,7 @@ async def list_items(
     return ItemPage(data=[views.item_out(item) for item in rows], next_cursor=next_cursor)
 
 
-@router.get("/{job_id}/cots", responses={**ERRORS, 400: {"model": ErrorOut}})
+@router.get("/{job_id}/cots", responses=PAGE_ERRORS)
 async def list_cots(
     job_id: UUID, session: SessionDep, key: CurrentKey, cursor: Cursor = None, limit: Limit = 100
 ) -> CotPage:

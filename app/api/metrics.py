@@ -8,13 +8,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select
 
 from app.api.deps import ArqDep, SessionDep, SettingsDep
+from app.api.errors import documented
 from app.metrics import ITEMS, QUEUE_DEPTH
 from app.store.models import Item
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}, **documented(503)},
+)
 async def metrics(session: SessionDep, arq: ArqDep, settings: SettingsDep) -> Response:
     """Prometheus text format. No key needed: it holds counts only, no job data."""
     for status in ("queued", "running"):

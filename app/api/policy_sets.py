@@ -8,14 +8,15 @@ from fastapi import APIRouter, Response, status
 
 from app.api import views
 from app.api.deps import CurrentKey, SessionDep
+from app.api.errors import documented
 from app.api.jobs import ERRORS
-from app.api.schemas import ErrorOut, PolicySetDetailOut, PolicySetIn, PolicySetOut
+from app.api.schemas import PolicySetDetailOut, PolicySetIn, PolicySetOut
 from app.store import policy_sets
 
 router = APIRouter(prefix="/v1/policy-sets", tags=["policy sets"])
 
 
-@router.get("", responses={401: {"model": ErrorOut}})
+@router.get("", responses=documented(401, 503))
 async def list_policy_sets(session: SessionDep, key: CurrentKey) -> list[PolicySetOut]:
     """Built-in sets and this key's own, every version."""
     await policy_sets.ensure_default(session)
@@ -28,8 +29,7 @@ async def list_policy_sets(session: SessionDep, key: CurrentKey) -> list[PolicyS
     status_code=status.HTTP_201_CREATED,
     responses={
         200: {"model": PolicySetDetailOut, "description": "This exact content is already registered."},
-        401: {"model": ErrorOut},
-        422: {"model": ErrorOut},
+        **documented(400, 401, 413, 422, 503),
     },
 )
 async def register_policy_set(

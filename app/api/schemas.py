@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -14,6 +14,7 @@ from app.pipeline_config import JobConfigIn
 MAX_PROMPTS_PER_JOB = 10_000
 MAX_PROMPT_CHARS = 20_000
 ItemStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
+PromptText = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS, pattern=r"\S")]
 
 
 def storable_input(data: Any) -> Any:
@@ -50,7 +51,7 @@ class ErrorOut(BaseModel):
 
 class PromptIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, pattern=r"\S")
+    prompt: PromptText
     metadata: dict[str, Any] = Field(default_factory=dict, description="Kept with the item.")
 
 
@@ -63,8 +64,17 @@ class PolicySetRef(BaseModel):
 class JobIn(BaseModel):
     """Give either `prompts` (plain strings) or `items` (prompts with metadata)."""
 
-    model_config = ConfigDict(extra="forbid")
-    prompts: list[str] | None = Field(default=None, min_length=1, max_length=MAX_PROMPTS_PER_JOB)
+    model_config = ConfigDict(
+        extra="forbid",
+        # What `_one_source_of_prompts` enforces, so the OpenAPI document says it too.
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["prompts"], "properties": {"prompts": {"type": "array"}}},
+                {"required": ["items"], "properties": {"items": {"type": "array"}}},
+            ]
+        },
+    )
+    prompts: list[PromptText] | None = Field(default=None, min_length=1, max_length=MAX_PROMPTS_PER_JOB)
     items: list[PromptIn] | None = Field(default=None, min_length=1, max_length=MAX_PROMPTS_PER_JOB)
     policy_set: PolicySetRef = Field(default_factory=PolicySetRef)
     config: JobConfigIn = Field(default_factory=JobConfigIn)
@@ -75,9 +85,6 @@ class JobIn(BaseModel):
     def _one_source_of_prompts(self) -> JobIn:
         if (self.prompts is None) == (self.items is None):
             raise ValueError("give exactly one of 'prompts' or 'items'")
-        for index, prompt in enumerate(self.prompts or []):
-            if not prompt.strip() or len(prompt) > MAX_PROMPT_CHARS:
-                raise ValueError(f"prompts[{index}] must have 1 to {MAX_PROMPT_CHARS} characters")
         return self
 
     def prompt_items(self) -> list[PromptIn]:
