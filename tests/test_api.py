@@ -842,3 +842,11 @@ async def test_completed_job_usage_sums_its_items_turns(
         "prompt_tokens": sum(t["prompt_tokens"] for t in turns),
         "completion_tokens": sum(t["completion_tokens"] for t in turns),
     }
+
+
+async def test_body_that_is_not_utf8_is_a_bad_request(api: httpx.AsyncClient, auth: Headers) -> None:
+    headers = {**auth, "Content-Type": "application/json"}
+
+    error_of(
+        await api.post("/v1/jobs", content=b'{"prompts": ["\xff\xfe"]}', headers=headers), 400, "bad_request"
+    )

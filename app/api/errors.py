@@ -16,7 +16,7 @@ from app.errors import ServiceError
 
 log = logging.getLogger("aidsafe.api")
 
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+_HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 _WHY = {
     400: "Malformed request: a body that is not UTF-8 JSON text, or a cursor this API did not return.",
     401: "No API key, or an unknown or revoked one.",
