@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
+import sys
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -177,3 +180,38 @@ async def run_worker_burst(settings: Settings, **overrides: Any) -> None:
         await worker.main()
     finally:
         await worker.close()
+
+
+ARQ = str(Path(sys.executable).parent / "arq")
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], timeout_s: float = 30, what: str = "") -> Any:
+    """Poll `check` until it returns something truthy; fail the test after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := await check():
+            return value
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what or check}")
+
+
+def start_worker(settings: Settings) -> subprocess.Popen[bytes]:
+    """A real `arq workers.main.WorkerSettings` process configured like `settings`."""
+    return subprocess.Popen(
+        [ARQ, "workers.main.WorkerSettings"],
+        cwd=ROOT,
+        env=worker_env(settings),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+@pytest.fixture
+async def workers() -> AsyncIterator[list[subprocess.Popen[bytes]]]:
+    """Worker processes a test starts; killed at the end whatever happened."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.wait()

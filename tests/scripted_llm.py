@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -212,6 +212,7 @@ class _State:
     requests: list[RecordedRequest] = field(default_factory=list)
     in_flight: int = 0
     max_in_flight: int = 0
+    ok_answers: int = 0  # 200 responses sent (a client may still have hung up before reading)
 
 
 class ScriptedLLM:
@@ -221,6 +222,8 @@ class ScriptedLLM:
         self._state = _State()
         self._ids = itertools.count(1)
         self.latency_s = 0.0  # added before every answer
+        # Called for a request with nothing scripted: a behaviour, or None for the default.
+        self.unscripted: Callable[[], Behaviour | None] = lambda: None
         self.base_url = ""  # set once listening; ends in /v1
         self.app = Starlette(
             routes=[
@@ -240,7 +243,9 @@ class ScriptedLLM:
             self._state.scripts.clear()
             self._state.requests.clear()
             self._state.max_in_flight = self._state.in_flight
+            self._state.ok_answers = 0
         self.latency_s = 0.0
+        self.unscripted = lambda: None
 
     @property
     def requests(self) -> list[RecordedRequest]:
@@ -260,6 +265,11 @@ class ScriptedLLM:
         with self._state.lock:
             return self._state.max_in_flight
 
+    @property
+    def ok_answers(self) -> int:
+        with self._state.lock:
+            return self._state.ok_answers
+
     def pending(self, schema_name: str | None) -> int:
         """Scripted behaviours not yet consumed for this schema."""
         with self._state.lock:
@@ -275,7 +285,7 @@ class ScriptedLLM:
             state = self._state
             state.requests.append(RecordedRequest(schema_name, body, dict(request.headers), time.monotonic()))
             queue = state.scripts.get(schema_name)
-            behaviour = queue.popleft() if queue else None
+            behaviour = queue.popleft() if queue else self.unscripted()
             state.in_flight += 1
             state.max_in_flight = max(state.max_in_flight, state.in_flight)
         try:
@@ -284,7 +294,11 @@ class ScriptedLLM:
                 if await _wait(request, behaviour.seconds):
                     return Response(status_code=499)  # nobody is listening any more
                 behaviour = None
-            return self._respond(behaviour or default_answer(schema_name, body), body)
+            response = self._respond(behaviour or default_answer(schema_name, body), body)
+            if response.status_code == 200:
+                with self._state.lock:
+                    self._state.ok_answers += 1
+            return response
         finally:
             with self._state.lock:
                 self._state.in_flight -= 1

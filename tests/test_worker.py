@@ -7,10 +7,7 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 from uuid import UUID
 
@@ -23,41 +20,9 @@ from app.config import Settings
 from app.store import items
 from app.store.db import Sessions
 from app.store.models import Item, TurnRow
-from tests.conftest import run_worker_burst, worker_env
+from tests.conftest import ARQ, eventually, run_worker_burst, start_worker
 from tests.scripted_llm import ScriptedLLM, agree, http_error, stall
 from workers.main import sweep
-
-ROOT = Path(__file__).resolve().parents[1]
-ARQ = str(Path(sys.executable).parent / "arq")
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], timeout_s: float = 30, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := await check():
-            return value
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what or check}")
-
-
-def start_worker(settings: Settings) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [ARQ, "workers.main.WorkerSettings"],
-        cwd=ROOT,
-        env=worker_env(settings),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-@pytest.fixture
-async def workers(settings: Settings) -> AsyncIterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
 
 
 @pytest.fixture
