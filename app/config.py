@@ -16,6 +16,8 @@ class EndpointConfig(BaseModel):
     base_url: str  # up to and including /v1
     api_key: str | None = None
     max_concurrency: int = Field(default=4, ge=1)  # shared by every worker, via Redis
+    requests_per_minute: int | None = Field(default=None, ge=1)  # shared too; None: no limit
+    tokens_per_minute: int | None = Field(default=None, ge=1)  # prompt + completion tokens
     default_model: str | None = None
     # How to ask for structured output: OpenAI's "json_schema" (OpenAI, vLLM, Ollama,
     # SGLang, llama.cpp's llama-server) or "json_object" + schema (llama-cpp-python).
@@ -37,6 +39,8 @@ class Settings(BaseSettings):
     llm_api_key: str | None = None
     llm_model: str = "smollm2-135m-instruct"
     llm_max_concurrency: int = Field(default=4, ge=1)
+    llm_requests_per_minute: int | None = Field(default=None, ge=1)
+    llm_tokens_per_minute: int | None = Field(default=None, ge=1)
     llm_response_format: Literal["json_schema", "json_object"] = "json_schema"
     # More endpoints by name, as JSON: {"vllm": {"base_url": "http://gpu:8000/v1"}}
     llm_endpoints: dict[str, EndpointConfig] = Field(default_factory=dict)
@@ -70,6 +74,8 @@ class Settings(BaseSettings):
             base_url=self.llm_base_url,
             api_key=self.llm_api_key,
             max_concurrency=self.llm_max_concurrency,
+            requests_per_minute=self.llm_requests_per_minute,
+            tokens_per_minute=self.llm_tokens_per_minute,
             default_model=self.llm_model,
             response_format=self.llm_response_format,
         )

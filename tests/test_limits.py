@@ -208,3 +208,41 @@ async def test_endpoints_are_limited_separately(redis: Redis, key_prefix: str) -
 async def _enter_and_leave(slot: AbstractAsyncContextManager[None]) -> None:
     async with slot:
         pass
+
+
+async def test_requests_per_minute_budget_is_shared_across_clients(
+    redis: Redis, key_prefix: str, llm: ScriptedLLM
+) -> None:
+    from app.llm.rates import EndpointRates
+
+    endpoints = {"default": EndpointConfig(base_url=llm.base_url, requests_per_minute=3)}
+    clients = [
+        OpenAICompatibleClient(endpoints, rates=EndpointRates(redis, key_prefix, window_s=1.0))
+        for _ in range(2)
+    ]
+    request = ChatRequest(
+        role="seed", endpoint="default", model="m", messages=[{"role": "user", "content": "hi"}],
+        schema_name="seed_cot", schema=BY_NAME["seed_cot"], temperature=0, max_tokens=16,
+    )  # fmt: skip
+    started = time.monotonic()
+    await asyncio.gather(*(clients[n % 2].chat(request) for n in range(7)))
+    elapsed = time.monotonic() - started
+    for client in clients:
+        await client.aclose()
+
+    times = sorted(r.received_at for r in llm.requests)
+    assert elapsed >= 2.0, "7 requests at 3 per 1 s window need at least 2 s"
+    assert all(later - earlier >= 0.95 for earlier, later in zip(times, times[3:], strict=False))
+
+
+async def test_a_429_halves_the_adaptive_cap_and_successes_grow_it_back(
+    redis: Redis, key_prefix: str
+) -> None:
+    limiter = EndpointLimiter(redis, key_prefix)
+
+    assert await limiter.rate_limited("default", 8) == 4
+    assert await limiter.rate_limited("default", 8) == 4, "a burst of 429s is one cut"
+    for _ in range(40):
+        await limiter.succeeded("default", 8)
+
+    assert await limiter.adapted_cap("default", 8) == 8

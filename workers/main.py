@@ -23,6 +23,7 @@ from app.deliberation.engine import Completed, deliberate
 from app.deliberation.ports import LLMRequestRejected, LLMUnavailable
 from app.llm.client import OpenAICompatibleClient
 from app.llm.limits import EndpointLimiter
+from app.llm.rates import EndpointRates
 from app.metrics import ITEMS_FINISHED
 from app.pipeline_config import to_pipeline
 from app.queue import arq_job_id, enqueue_items, redis_settings
@@ -49,6 +50,7 @@ async def connect(ctx: dict[str, Any]) -> None:
     ctx["llm"] = OpenAICompatibleClient(
         settings.endpoints(),
         EndpointLimiter(ctx["redis"], key_prefix=f"{settings.redis_key_prefix}:limits"),
+        rates=EndpointRates(ctx["redis"], key_prefix=f"{settings.redis_key_prefix}:rates"),
         timeout_s=settings.llm_timeout_s,
         max_retries=settings.llm_max_retries,
         backoff_base_s=settings.llm_backoff_base_s,

@@ -32,6 +32,7 @@ from tenacity import (
 from app.config import EndpointConfig
 from app.deliberation.ports import ChatReply, ChatRequest, LLMRequestRejected, LLMUnavailable
 from app.llm.limits import EndpointLimiter
+from app.llm.rates import EndpointRates, Reservation
 from app.metrics import LLM_REQUEST_SECONDS, LLM_TOKENS
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class OpenAICompatibleClient:
         endpoints: dict[str, EndpointConfig],
         limiter: EndpointLimiter | None = None,
         *,
+        rates: EndpointRates | None = None,
         timeout_s: float = 120.0,
         max_retries: int = 4,
         backoff_base_s: float = 1.0,
@@ -73,14 +75,16 @@ class OpenAICompatibleClient:
     ) -> None:
         """
         endpoints: OpenAI-compatible servers by name; requests name one of them.
-        limiter: caps simultaneous attempts per endpoint (at its max_concurrency); None
-            means no cap beyond what the server enforces.
+        limiter: caps simultaneous attempts per endpoint (at its max_concurrency, halved on
+            429 and grown back on success); None means no cap beyond the server's own.
+        rates: enforces each endpoint's requests_per_minute / tokens_per_minute, if set.
         timeout_s: limit on one HTTP attempt, start to last byte.
         max_retries: attempts after the first before giving up with LLMUnavailable.
         backoff_base_s, backoff_max_s: full-jitter exponential backoff between attempts.
         """
         self._endpoints = endpoints
         self._limiter = limiter
+        self._rates = rates
         self._timeout_s = timeout_s
         self._max_retries = max_retries
         self._backoff_base_s = backoff_base_s
@@ -153,6 +157,7 @@ class OpenAICompatibleClient:
         return reply
 
     async def _attempt_in_slot(self, request: ChatRequest, endpoint: EndpointConfig) -> ChatReply:
+        reservation = await self._reserve(request, endpoint)
         async with self._slot(request.endpoint, endpoint):
             started = time.monotonic()
             try:
@@ -171,8 +176,25 @@ class OpenAICompatibleClient:
                 kind = "timeout" if isinstance(error, TimeoutError | httpx.TimeoutException) else "connection"
                 raise _TransientFault(f"{type(error).__name__}: {detail}", kind=kind) from error
             latency_ms = (time.monotonic() - started) * 1000
+        if self._limiter is not None:
+            if response.status_code == 429:
+                await self._limiter.rate_limited(request.endpoint, endpoint.max_concurrency)
+            elif response.status_code < 400:
+                await self._limiter.succeeded(request.endpoint, endpoint.max_concurrency)
         _raise_for_status(response)
-        return _parse_reply(response, request, latency_ms)
+        reply = _parse_reply(response, request, latency_ms)
+        if reservation is not None and self._rates is not None:
+            await self._rates.settle(reservation, reply.prompt_tokens + reply.completion_tokens)
+        return reply
+
+    async def _reserve(self, request: ChatRequest, endpoint: EndpointConfig) -> Reservation | None:
+        if self._rates is None or not (endpoint.requests_per_minute or endpoint.tokens_per_minute):
+            return None
+        # Before the answer only an estimate exists: ~4 characters a token, plus the ceiling.
+        estimate = sum(len(m["content"]) for m in request.messages) // 4 + request.max_tokens
+        return await self._rates.reserve(
+            request.endpoint, endpoint.requests_per_minute, endpoint.tokens_per_minute, estimate
+        )
 
     def _slot(self, name: str, endpoint: EndpointConfig) -> AbstractAsyncContextManager[None]:
         if self._limiter is None:
