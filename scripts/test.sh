@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 bash scripts/services.sh
-.venv/bin/ruff check app workers tests migrations
+.venv/bin/ruff check app workers tests migrations bench
 exec .venv/bin/pytest -q "$@"

@@ -1,0 +1,434 @@
+"""A latency-simulating OpenAI-compatible server for benchmarks (one process, asyncio).
+
+    python -m bench.sim_llm --port 9100 --latency-ms 200 --jitter-ms 20 --tokens-per-s 0 \
+        --max-concurrency 0 --fault-5xx 0 --fault-429 0 --fault-stall 0 --fault-truncated 0 --seed 1
+
+`POST /v1/chat/completions` answers valid JSON for the schema the request names in
+`response_format.json_schema.name` (intent_decomposition, seed_cot, deliberation_turn,
+refined_cot), after a simulated latency: latency-ms plus uniform jitter in
+[-jitter-ms, +jitter-ms], plus completion tokens / tokens-per-s when that is > 0.
+A deliberation turn agrees from the --agree-after'th turn of its prompt on (1: at once),
+read from the "agent X of Y, in round R" line of the request.
+
+Faults are probabilities per request, drawn once from one seeded generator, in this
+order: --fault-5xx (HTTP 503 after the latency), --fault-429 (at once, Retry-After: 1),
+--fault-stall (nothing until the client hangs up or --stall-s pass, then a normal answer),
+--fault-truncated (half the JSON, finish_reason "length"). With --max-concurrency N > 0 a request arriving
+while N are in flight gets 429 at once and counts as a cap violation.
+
+`GET /stats` returns counters (requests, per schema, in flight, max in flight, time-averaged
+in flight, faults, cap violations, simulated latency, tokens); `POST /stats/reset` zeroes
+them. `GET /v1/models` lists one model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import re
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+MODEL_ID = "sim-llm"
+_TURN_LINE = re.compile(r"You are agent (\d+) of (\d+), in round (\d+)")
+_THOUGHT_MARKER = re.compile(r"\[T(\d+)\][ \t]*(?:\([^)]*\)[ \t]*)?([^\n]*)")
+_BLOCK = r"{label}:\n<<<\n(.*?)\n>>>"
+_MAX_REFINED_THOUGHTS = 12  # refined_cot's maxItems
+_MAX_SOURCES = 8  # refined_cot's sources maxItems
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    latency_ms: float = 200.0
+    jitter_ms: float = 20.0
+    tokens_per_s: float = 0.0
+    max_concurrency: int = 0
+    fault_5xx: float = 0.0
+    fault_429: float = 0.0
+    fault_stall: float = 0.0
+    fault_truncated: float = 0.0
+    stall_s: float = 600.0
+    agree_after: int = 1
+    seed: int = 1
+
+
+@dataclass
+class SimStats:
+    requests: int = 0  # every POST /v1/chat/completions, faults and cap refusals included
+    answered: int = 0  # 200s (truncated answers included)
+    by_schema: Counter[str] = field(default_factory=Counter)
+    in_flight: int = 0
+    max_in_flight: int = 0
+    cap_violations: int = 0
+    faults: Counter[str] = field(default_factory=Counter)
+    simulated_latency_ms_sum: float = 0.0  # the sleeps the server chose, over every request that slept
+    slept: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    # in-flight integrated over time, for the time-averaged concurrency while busy
+    in_flight_area_s: float = 0.0
+    last_change: float | None = None
+    first_request: float | None = None
+    last_response: float | None = None
+
+    def change_in_flight(self, delta: int) -> None:
+        now = time.monotonic()
+        if self.last_change is not None:
+            self.in_flight_area_s += self.in_flight * (now - self.last_change)
+        self.last_change = now
+        self.in_flight += delta
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def snapshot(self) -> dict[str, Any]:
+        busy_s = (
+            self.last_response - self.first_request
+            if self.first_request is not None and self.last_response is not None
+            else 0.0
+        )
+        return {
+            "requests": self.requests,
+            "answered": self.answered,
+            "by_schema": dict(self.by_schema),
+            "in_flight": self.in_flight,
+            "max_in_flight": self.max_in_flight,
+            "mean_in_flight_while_busy": self.in_flight_area_s / busy_s if busy_s > 0 else 0.0,
+            "busy_s": busy_s,
+            "cap_violations": self.cap_violations,
+            "faults": dict(self.faults),
+            "simulated_latency_ms_mean": self.simulated_latency_ms_sum / self.slept if self.slept else 0.0,
+            "simulated_latency_ms_sum": self.simulated_latency_ms_sum,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+        }
+
+
+# --- answers --------------------------------------------------------------------------
+
+
+def _last_user_text(body: dict[str, Any]) -> str:
+    for message in reversed(body.get("messages") or []):
+        if message.get("role") == "user" and isinstance(message.get("content"), str):
+            return str(message["content"])
+    return ""
+
+
+def _block(text: str, label: str) -> str | None:
+    found = re.search(_BLOCK.format(label=re.escape(label)), text, re.DOTALL)
+    return found.group(1).strip() if found else None
+
+
+def _topic(user_text: str) -> str:
+    query = _block(user_text, "User query") or user_text
+    return " ".join(query.split())[:160] or "the question"
+
+
+def _response_text(topic: str) -> str:
+    return (
+        f"Here is a practical answer to your question about {topic[:80]}. Start with the simplest "
+        "option that fits what you have, check the result after the first step, and adjust. "
+        "If anything involves heat, tools, chemicals or someone else's property, take the usual "
+        "precautions and stay within the law. If you share more detail about your situation, "
+        "I can tailor the steps further."
+    )
+
+
+def intents_answer(user_text: str) -> dict[str, Any]:
+    topic = _topic(user_text)
+    return {
+        "explicit_intents": [
+            f"Get an answer to: {topic[:120]}",
+            "Get concrete steps that can be followed now.",
+        ],
+        "implicit_intents": [
+            "Receive information that is accurate and safe to act on.",
+            "Avoid approaches that waste time or cause harm to the user or others.",
+        ],
+    }
+
+
+def seed_answer(user_text: str) -> dict[str, Any]:
+    topic = _topic(user_text)
+    return {
+        "thoughts": [
+            f"The user asks about {topic[:80]}; the explicit intent is practical help with it.",
+            "Nothing in the wording points to harm to others, so the respect and helpfulness policy "
+            "says a full, direct answer is expected; refusing would be a failure.",
+            "The physical harm policy still asks for brief safety notes where the steps carry risk.",
+            "The answer should be concrete, ordered, and short enough to act on.",
+        ],
+        "response": _response_text(topic),
+    }
+
+
+def deliberation_answer(user_text: str, agree_after: int) -> dict[str, Any]:
+    turn = _TURN_LINE.search(user_text)
+    agent, agents, round_no = (int(g) for g in turn.groups()) if turn else (1, 1, 1)
+    turn_no = (round_no - 1) * agents + agent
+    response = _block(user_text, "Current response") or _response_text(_topic(user_text))
+    if turn_no >= agree_after:
+        return {
+            "agree": True,
+            "critique": "The thoughts cover every intent, apply the policies without needless refusal, "
+            "and the response follows from them.",
+            "new_thoughts": [],
+            "response": response,
+        }
+    return {
+        "agree": False,
+        "critique": f"Round {round_no}, agent {agent}: the safety note is vague and one intent is thin.",
+        "new_thoughts": [
+            f"Agent {agent} in round {round_no}: the implicit intent of acting safely needs one concrete "
+            "precaution named in the response.",
+            f"Agent {agent} in round {round_no}: the steps should be ordered so the user can stop early "
+            "if the first one works.",
+        ],
+        "response": response + " First try the simplest step; stop there if it works.",
+    }
+
+
+def refined_answer(user_text: str) -> dict[str, Any]:
+    """Keep every thought marked [T<n>], merging neighbours so the schema's limits hold."""
+    marked = {int(n): text.strip() for n, text in _THOUGHT_MARKER.findall(user_text)}
+    ids = sorted(marked) or [1]
+    per_thought = min(_MAX_SOURCES, -(-len(ids) // _MAX_REFINED_THOUGHTS))
+    thoughts = []
+    for start in range(0, min(len(ids), _MAX_REFINED_THOUGHTS * per_thought), per_thought):
+        group = ids[start : start + per_thought]
+        text = " ".join(marked.get(i) or f"Thought {i} holds." for i in group)
+        thoughts.append({"text": text[:400], "sources": group})
+    response = _block(user_text, "Last response") or _response_text(_topic(user_text))
+    return {"thoughts": thoughts, "dropped": [], "response": response}
+
+
+def answer_for(schema_name: str | None, body: dict[str, Any], agree_after: int) -> dict[str, Any] | str:
+    user_text = _last_user_text(body)
+    match schema_name:
+        case "intent_decomposition":
+            return intents_answer(user_text)
+        case "seed_cot":
+            return seed_answer(user_text)
+        case "deliberation_turn":
+            return deliberation_answer(user_text, agree_after)
+        case "refined_cot":
+            return refined_answer(user_text)
+        case None:
+            return "OK."
+        case _:
+            return {}
+
+
+def _schema_name(body: dict[str, Any]) -> str | None:
+    response_format = body.get("response_format") or {}
+    name = (response_format.get("json_schema") or {}).get("name")
+    return name if isinstance(name, str) else None
+
+
+def estimate_tokens(text: str) -> int:
+    """About four characters a token (English, BPE): plausible and cheap."""
+    return len(text) // 4 + 1
+
+
+# --- the server -----------------------------------------------------------------------
+
+
+class SimLLM:
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.stats = SimStats()
+        self._rng = random.Random(config.seed)
+        self._ids = 0
+        self.app = Starlette(
+            routes=[
+                Route("/v1/chat/completions", self._chat, methods=["POST"]),
+                Route("/v1/models", self._models, methods=["GET"]),
+                Route("/stats", self._stats, methods=["GET"]),
+                Route("/stats/reset", self._reset, methods=["POST"]),
+            ]
+        )
+
+    async def _models(self, request: Request) -> Response:
+        return JSONResponse(
+            {"object": "list", "data": [{"id": MODEL_ID, "object": "model", "owned_by": "bench"}]}
+        )
+
+    async def _stats(self, request: Request) -> Response:
+        return JSONResponse({"config": asdict(self.config), **self.stats.snapshot()})
+
+    async def _reset(self, request: Request) -> Response:
+        in_flight = self.stats.in_flight
+        self.stats = SimStats(in_flight=in_flight, max_in_flight=in_flight, last_change=time.monotonic())
+        return JSONResponse({"reset": True})
+
+    def _latency_s(self) -> float:
+        jitter = (
+            self._rng.uniform(-self.config.jitter_ms, self.config.jitter_ms) if self.config.jitter_ms else 0.0
+        )
+        return max(0.0, self.config.latency_ms + jitter) / 1000
+
+    def _fault(self) -> str | None:
+        draw = self._rng.random()
+        for name, p in (
+            ("5xx", self.config.fault_5xx),
+            ("429", self.config.fault_429),
+            ("stall", self.config.fault_stall),
+            ("truncated", self.config.fault_truncated),
+        ):
+            if draw < p:
+                return name
+            draw -= p
+        return None
+
+    async def _chat(self, request: Request) -> Response:
+        stats = self.stats
+        stats.requests += 1
+        if stats.first_request is None:
+            stats.first_request = time.monotonic()
+        cap = self.config.max_concurrency
+        if cap and stats.in_flight >= cap:
+            stats.cap_violations += 1
+            return _error(429, "over the simulated concurrency cap", retry_after="1")
+        stats.change_in_flight(+1)
+        try:
+            return await self._answer(request, stats)
+        finally:
+            stats.change_in_flight(-1)
+            stats.last_response = time.monotonic()
+
+    async def _answer(self, request: Request, stats: SimStats) -> Response:
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            return _error(400, "the body is not JSON")
+        schema_name = _schema_name(body)
+        stats.by_schema[schema_name or "none"] += 1
+        fault = self._fault()
+        if fault == "429":
+            stats.faults[fault] += 1
+            return _error(429, "simulated rate limit", retry_after="1")
+        if fault == "stall":
+            stats.faults[fault] += 1
+            if await _hold_until_disconnect(request, self.config.stall_s):
+                return Response(status_code=499)  # nobody is listening any more
+        answer = answer_for(schema_name, body, self.config.agree_after)
+        content = answer if isinstance(answer, str) else json.dumps(answer)
+        finish_reason = "stop"
+        if fault == "truncated":
+            content, finish_reason = content[: len(content) // 2], "length"
+        prompt_tokens = sum(
+            estimate_tokens(str(m.get("content", ""))) + 4 for m in body.get("messages") or []
+        )
+        completion_tokens = estimate_tokens(content)
+        delay = self._latency_s()
+        if self.config.tokens_per_s > 0:
+            delay += completion_tokens / self.config.tokens_per_s
+        stats.simulated_latency_ms_sum += delay * 1000
+        stats.slept += 1
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if fault == "5xx":
+            stats.faults[fault] += 1
+            return _error(503, "simulated server error")
+        if fault == "truncated":
+            stats.faults[fault] += 1
+        stats.answered += 1
+        stats.prompt_tokens += prompt_tokens
+        stats.completion_tokens += completion_tokens
+        self._ids += 1
+        completion = {
+            "id": f"chatcmpl-sim-{self._ids}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model") or MODEL_ID,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content, "refusal": None},
+                    "finish_reason": finish_reason,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+        return Response(json.dumps(completion), media_type="application/json")
+
+
+def _error(status: int, message: str, retry_after: str | None = None) -> Response:
+    headers = {"Retry-After": retry_after} if retry_after else {}
+    body = json.dumps({"error": {"message": message, "type": "sim_llm", "code": status}})
+    return Response(body, status, headers=headers, media_type="application/json")
+
+
+async def _hold_until_disconnect(request: Request, seconds: float) -> bool:
+    """Wait up to `seconds`; True if the client hung up meanwhile."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if await request.is_disconnected():
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, SimConfig]:
+    parser = argparse.ArgumentParser(prog="python -m bench.sim_llm", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9100)
+    parser.add_argument("--latency-ms", type=float, default=200.0)
+    parser.add_argument("--jitter-ms", type=float, default=20.0)
+    parser.add_argument("--tokens-per-s", type=float, default=0.0, help="0: no per-token time")
+    parser.add_argument("--max-concurrency", type=int, default=0, help="0: no cap")
+    parser.add_argument("--fault-5xx", type=float, default=0.0, help="probability per request")
+    parser.add_argument("--fault-429", type=float, default=0.0, help="probability per request")
+    parser.add_argument("--fault-stall", type=float, default=0.0, help="probability per request")
+    parser.add_argument("--fault-truncated", type=float, default=0.0, help="probability per request")
+    parser.add_argument("--stall-s", type=float, default=600.0, help="longest stall")
+    parser.add_argument(
+        "--agree-after", type=int, default=1, help="deliberation turn of a prompt that agrees"
+    )
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    config = SimConfig(
+        latency_ms=args.latency_ms,
+        jitter_ms=args.jitter_ms,
+        tokens_per_s=args.tokens_per_s,
+        max_concurrency=args.max_concurrency,
+        fault_5xx=args.fault_5xx,
+        fault_429=args.fault_429,
+        fault_stall=args.fault_stall,
+        fault_truncated=args.fault_truncated,
+        stall_s=args.stall_s,
+        agree_after=args.agree_after,
+        seed=args.seed,
+    )
+    return args, config
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, config = parse_args(argv)
+    sim = SimLLM(config)
+    uvicorn.run(
+        sim.app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        backlog=4096,
+        timeout_keep_alive=120,
+    )
+
+
+if __name__ == "__main__":
+    main()
