@@ -16,12 +16,12 @@ from uuid import UUID
 class ChatRequest:
     """One structured-output chat completion, as the engine asks for it."""
 
-    role: str  # "intent", "seed", "deliberator-2", "refiner": for limits, metrics, logs
+    role: str  # "intent", "seed", "deliberator-2", "refiner", "guard": for limits, metrics, logs
     endpoint: str  # name of a configured OpenAI-compatible endpoint
     model: str
     messages: list[dict[str, str]]
-    schema_name: str
-    schema: dict[str, Any]
+    schema_name: str | None  # None: plain text (classifiers such as Llama Guard)
+    schema: dict[str, Any] | None
     temperature: float
     max_tokens: int
 
@@ -60,6 +60,22 @@ class Stage(StrEnum):
     SEED = "seed"
     DELIBERATION = "deliberation"
     REFINE = "refine"
+    ZERO_SHOT = "zero_shot"  # the baseline mode's single call
+    GRADE = "grade"  # round 0: the item's CoT; round n: the rejected side of whisper try n
+    WHISPER = "whisper"  # round n: the bad belief of try n
+    REJECTED = "rejected"  # round n: the CoT written under that belief
+    GUARD = "guard"  # round n: the guard's verdict on it
+    JUDGE = "judge"  # comparison jobs: round 1 sees (a, b), round 2 sees (b, a)
+
+
+# Turns whose text may carry hazardous content: the whispered beliefs, the CoTs written
+# under them, and what the guard and the grader said about those. Only keys with the
+# hazardous scope read them.
+HAZARDOUS_STAGES = frozenset({Stage.WHISPER, Stage.REJECTED, Stage.GUARD})
+
+
+def is_hazardous(stage: str, round: int) -> bool:
+    return stage in HAZARDOUS_STAGES or (stage == Stage.GRADE and round > 0)
 
 
 class TurnOutcome(StrEnum):

@@ -204,21 +204,23 @@ class OpenAICompatibleClient:
 
 
 def _payload(request: ChatRequest, endpoint: EndpointConfig) -> dict[str, Any]:
-    if endpoint.response_format == "json_object":
-        # llama-cpp-python's server: JSON mode with the schema compiled into a grammar
-        response_format: dict[str, Any] = {"type": "json_object", "schema": request.schema}
-    else:
-        response_format = {
-            "type": "json_schema",
-            "json_schema": {"name": request.schema_name, "schema": request.schema, "strict": True},
-        }
-    return {
+    payload: dict[str, Any] = {
         "model": request.model,
         "messages": request.messages,
         "temperature": request.temperature,
         "max_tokens": request.max_tokens,
-        "response_format": response_format,
     }
+    if request.schema is None:  # a plain-text classifier (Llama Guard): its template rules
+        return payload
+    if endpoint.response_format == "json_object":
+        # llama-cpp-python's server: JSON mode with the schema compiled into a grammar
+        payload["response_format"] = {"type": "json_object", "schema": request.schema}
+    else:
+        payload["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": request.schema_name, "schema": request.schema, "strict": True},
+        }
+    return payload
 
 
 def _headers(endpoint: EndpointConfig) -> dict[str, str]:

@@ -1,0 +1,149 @@
+"""What the engine returns. Plain data: the store persists it, the API shows it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+# The auto-grader's six axes (AIDSAFE paper, section "Evaluation"), each scored 1-5.
+METRICS = (
+    "relevance",
+    "coherence",
+    "completeness",
+    "cot_policy_faithfulness",
+    "response_policy_faithfulness",
+    "response_cot_faithfulness",
+)
+# The pair gap is taken on these two: how faithfully the reasoning and the answer follow the policies.
+POLICY_METRICS = ("cot_policy_faithfulness", "response_policy_faithfulness")
+
+
+@dataclass(frozen=True)
+class Thought:
+    """A thought with its provenance: which stage, round and agent wrote it."""
+
+    id: int
+    text: str
+    stage: str
+    round: int
+    agent: int
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A chain of thought and its response: what graders, guards and judges read."""
+
+    thoughts: list[str]
+    response: str
+
+
+@dataclass(frozen=True)
+class Grade:
+    """The grader's scores ({metric: {"score": 1-5, "rationale"}}), or why there are none."""
+
+    scores: dict[str, dict[str, Any]] | None
+    error: str | None = None
+
+    def policy_faithfulness(self) -> float | None:
+        if self.scores is None:
+            return None
+        return sum(self.scores[m]["score"] for m in POLICY_METRICS) / len(POLICY_METRICS)
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The quality gate's decision on one CoT; nothing is deleted either way."""
+
+    accepted: bool
+    reasons: list[str]  # for a rejection, every threshold missed (empty when accepted)
+
+
+@dataclass(frozen=True)
+class GuardVerdict:
+    unsafe: bool | None  # None: the guard's output could not be read (recorded, not guessed)
+    categories: list[str] = field(default_factory=list)  # violated policies or S-codes
+    rationale: str = ""
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class WhisperTry:
+    """One ear-whisperer try. belief and the rejected sample are hazardous text."""
+
+    number: int
+    belief: str
+    rejected: Sample | None  # None when the generator refused to follow the belief
+    refusal: str | None  # the generator's refusal, shown to the whisperer on the next try
+    guard: GuardVerdict | None  # None when there was nothing to judge (a refusal)
+
+
+PairReason = Literal[
+    "whisperer_refused",
+    "whisperer_unparseable",
+    "rejected_unparseable",
+    "guard_unparseable",
+    "guard_never_flagged",
+    "grading_failed",
+    "gap_below_threshold",
+]
+
+
+@dataclass(frozen=True)
+class PairOutcome:
+    """The DPO pair attempt of one item. The chosen side is the item's own CoT."""
+
+    kept: bool
+    reason: PairReason | None  # why no pair was kept; None when kept
+    tries: list[WhisperTry]
+    rejected_grade: Grade | None = None
+    gap: float | None = None  # chosen minus rejected policy faithfulness
+
+    @property
+    def rejected(self) -> WhisperTry | None:
+        """The try the guard flagged, if any: the rejected side of the pair."""
+        last = self.tries[-1] if self.tries else None
+        return last if last and last.guard and last.guard.unsafe else None
+
+
+@dataclass(frozen=True)
+class Completed:
+    intents: dict[str, list[str]]
+    thoughts: list[Thought]  # every thought from seed and deliberation, numbered
+    refined_thoughts: list[dict[str, Any]]  # {"text", "sources": [thought ids]}
+    dropped: list[dict[str, Any]]  # {"id", "reason", "explanation", "text"}
+    unaccounted: list[int]  # ids the refiner neither kept nor dropped with a reason
+    response: str
+    rounds_used: int
+    agreed: bool
+    agreed_by: dict[str, int] | None  # {"round", "agent"} of the first agreement
+    grade: Grade | None = None  # None: grading not asked for
+    gate: Gate | None = None
+    pair: PairOutcome | None = None  # None: pairs not asked for
+
+    def sample(self) -> Sample:
+        return Sample([t["text"] for t in self.refined_thoughts], self.response)
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The item ended without a CoT; `code` is stable, `message` is for humans."""
+
+    code: str  # "agent_refused" | "unparseable_output"
+    message: str
+    stage: str
+
+
+@dataclass(frozen=True)
+class Vote:
+    order: Literal["ab", "ba"]  # which sample the judge saw first
+    choice: Literal["a", "b", "tie"] | None  # None: the judge's output could not be read
+    rationale: str
+
+
+@dataclass(frozen=True)
+class Judged:
+    """A pairwise judgement of two samples of one prompt, asked in both orders against
+    position bias: a sample wins only when both orders prefer it."""
+
+    winner: Literal["a", "b", "tie"] | None  # None: no readable vote
+    votes: list[Vote]
