@@ -4,13 +4,29 @@ by the worker."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
+from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.config import Settings
-from app.deliberation.engine import PipelineConfig, RoleConfig
+from app.deliberation.config import (
+    GradingConfig,
+    GuardConfig,
+    GuardStyle,
+    Mode,
+    PairsConfig,
+    PipelineConfig,
+    RoleConfig,
+)
+from app.deliberation.results import METRICS
 from app.errors import InvalidConfig
+
+Metric = Literal[METRICS]  # type: ignore[valid-type]
+Score = Annotated[float, Field(ge=1, le=5)]
+# Judging roles (grader, guard, judge) default to temperature 0: a verdict should not be a draw.
+JUDGING_TEMPERATURE = 0.0
+DEFAULT_THRESHOLD = 3.0
 
 
 class RoleIn(BaseModel):
@@ -23,8 +39,46 @@ class RoleIn(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
 
 
+class GradingIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    grader: RoleIn = Field(default_factory=RoleIn, description="Temperature defaults to 0.")
+    thresholds: dict[Metric, Score] | None = Field(
+        default=None,
+        description=f"Lowest accepted score per metric (1-5). Default: {DEFAULT_THRESHOLD:g} on every "
+        "metric; metrics left out of a given map are not gated.",
+    )
+
+
+class GuardIn(RoleIn):
+    style: GuardStyle = Field(
+        default=GuardStyle.JSON,
+        description="`json`: any chat model asked for a JSON verdict. `llama_guard`: a Llama "
+        "Guard-style classifier answering `safe` / `unsafe` + category codes. Temperature defaults to 0.",
+    )
+
+
+class PairsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    whisperer: RoleIn = Field(default_factory=RoleIn, description="Writes the bad belief.")
+    generator: RoleIn = Field(default_factory=RoleIn, description="Writes the rejected CoT under it.")
+    guard: GuardIn = Field(default_factory=GuardIn, description="Judges the rejected side.")
+    max_tries: int = Field(default=3, ge=1, le=10, description="Beliefs tried before giving up.")
+    min_gap: float = Field(
+        default=1.0,
+        ge=0,
+        le=4,
+        description="Lowest policy-faithfulness gap (chosen minus rejected, mean of the CoT-policy "
+        "and response-policy scores) for a pair to be kept.",
+    )
+
+
 class JobConfigIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    mode: Mode = Field(
+        default=Mode.AIDSAFE,
+        description="`aidsafe`: the multi-agent pipeline. `zero_shot`: one call by the seed role "
+        "writes CoT and response (the paper's LLM_ZS baseline).",
+    )
     agents: int | None = Field(default=None, ge=1, le=8, description="Deliberating agents.")
     max_rounds: int | None = Field(default=None, ge=1, le=20, description="Round budget.")
     max_tokens: int | None = Field(default=None, ge=64, le=16384, description="Per call.")
@@ -35,36 +89,52 @@ class JobConfigIn(BaseModel):
         default=None, min_length=1, max_length=8, description="One per agent, in speaking order."
     )
     refiner: RoleIn | None = None
+    grading: GradingIn | None = Field(default=None, description="Score every CoT and gate it.")
+    pairs: PairsIn | None = Field(
+        default=None, description="Ear-whisperer DPO pairs. Turns grading on (the gap needs scores)."
+    )
+
+
+class _Roles:
+    """Fills a role from the role's own fields, then the job's defaults, then the server's."""
+
+    def __init__(self, defaults: RoleIn, settings: Settings) -> None:
+        self.defaults, self.settings = defaults, settings
+        self.endpoints = settings.endpoints()
+
+    def __call__(
+        self, specific: RoleIn | None, path: str, temperature: float | None = None
+    ) -> dict[str, Any]:
+        """`temperature` is the role's own default; it goes before the job's defaults."""
+        specific = specific or RoleIn()
+        endpoint = specific.endpoint or self.defaults.endpoint or "default"
+        if endpoint not in self.endpoints:
+            raise InvalidConfig(
+                f"{path}: unknown endpoint '{endpoint}'; configured: {', '.join(sorted(self.endpoints))}"
+            )
+        model = specific.model or self.defaults.model or self.endpoints[endpoint].default_model
+        for candidate in (specific.temperature, temperature, self.defaults.temperature):
+            if candidate is not None:
+                break
+        return {
+            "endpoint": endpoint,
+            "model": model or self.settings.llm_model,
+            "temperature": self.settings.default_temperature if candidate is None else candidate,
+        }
 
 
 def resolve(config: JobConfigIn, settings: Settings) -> dict[str, Any]:
     """Fill every role from defaults and check endpoint names; raises InvalidConfig."""
-    endpoints = settings.endpoints()
+    role = _Roles(config.defaults, settings)
     agents = config.agents or (len(config.deliberators) if config.deliberators else settings.default_agents)
     if config.deliberators is not None and len(config.deliberators) != agents:
         raise InvalidConfig(
             f"'deliberators' lists {len(config.deliberators)} agents but 'agents' is {agents}"
         )
-
-    def role(specific: RoleIn | None, path: str) -> dict[str, Any]:
-        specific = specific or RoleIn()
-        endpoint = specific.endpoint or config.defaults.endpoint or "default"
-        if endpoint not in endpoints:
-            raise InvalidConfig(
-                f"{path}: unknown endpoint '{endpoint}'; configured: {', '.join(sorted(endpoints))}"
-            )
-        model = specific.model or config.defaults.model or endpoints[endpoint].default_model
-        temperature = specific.temperature
-        if temperature is None:
-            temperature = config.defaults.temperature
-        return {
-            "endpoint": endpoint,
-            "model": model or settings.llm_model,
-            "temperature": settings.default_temperature if temperature is None else temperature,
-        }
-
     deliberators = config.deliberators or [None] * agents
+    grading = config.grading or (GradingIn() if config.pairs else None)
     return {
+        "mode": config.mode.value,
         "max_rounds": config.max_rounds or settings.default_max_rounds,
         "max_tokens": config.max_tokens or settings.default_max_tokens,
         "max_reasks": settings.max_reasks,
@@ -74,11 +144,31 @@ def resolve(config: JobConfigIn, settings: Settings) -> dict[str, Any]:
             "deliberators": [role(d, f"deliberators[{i}]") for i, d in enumerate(deliberators)],
             "refiner": role(config.refiner, "refiner"),
         },
+        "grading": grading
+        and {
+            "grader": role(grading.grader, "grading.grader", JUDGING_TEMPERATURE),
+            "thresholds": (
+                dict.fromkeys(METRICS, DEFAULT_THRESHOLD)
+                if grading.thresholds is None
+                else grading.thresholds
+            ),
+        },
+        "pairs": config.pairs
+        and {
+            "whisperer": role(config.pairs.whisperer, "pairs.whisperer"),
+            "generator": role(config.pairs.generator, "pairs.generator"),
+            "guard": {
+                **role(config.pairs.guard, "pairs.guard", JUDGING_TEMPERATURE),
+                "style": config.pairs.guard.style.value,
+            },
+            "max_tries": config.pairs.max_tries,
+            "min_gap": config.pairs.min_gap,
+        },
     }
 
 
 def to_pipeline(stored: dict[str, Any]) -> PipelineConfig:
-    roles = stored["roles"]
+    roles, grading, pairs = stored["roles"], stored.get("grading"), stored.get("pairs")
     return PipelineConfig(
         intent=RoleConfig(**roles["intent"]),
         seed=RoleConfig(**roles["seed"]),
@@ -87,4 +177,35 @@ def to_pipeline(stored: dict[str, Any]) -> PipelineConfig:
         max_rounds=stored["max_rounds"],
         max_tokens=stored["max_tokens"],
         max_reasks=stored["max_reasks"],
+        mode=Mode(stored.get("mode", Mode.AIDSAFE)),
+        grading=grading and GradingConfig(RoleConfig(**grading["grader"]), grading["thresholds"]),
+        pairs=pairs
+        and PairsConfig(
+            whisperer=RoleConfig(**pairs["whisperer"]),
+            generator=RoleConfig(**pairs["generator"]),
+            guard=GuardConfig(
+                RoleConfig(**{k: v for k, v in pairs["guard"].items() if k != "style"}),
+                GuardStyle(pairs["guard"]["style"]),
+            ),
+            max_tries=pairs["max_tries"],
+            min_gap=pairs["min_gap"],
+        ),
     )
+
+
+def resolve_comparison(
+    judge: RoleIn | None, settings: Settings, baseline_job_id: UUID, candidate_job_id: UUID
+) -> dict[str, Any]:
+    """The stored config of a comparison job: a judge model over two finished jobs."""
+    return {
+        "mode": "comparison",
+        "baseline_job_id": str(baseline_job_id),
+        "candidate_job_id": str(candidate_job_id),
+        "judge": _Roles(RoleIn(), settings)(judge, "judge", JUDGING_TEMPERATURE),
+        "max_tokens": settings.default_max_tokens,
+        "max_reasks": settings.max_reasks,
+    }
+
+
+def to_judge(stored: dict[str, Any]) -> RoleConfig:
+    return RoleConfig(**stored["judge"])

@@ -176,6 +176,30 @@ def _default_refined(user_text: str) -> dict[str, Any]:
     return {"thoughts": thoughts, "dropped": [], "response": "Here is a safe, helpful answer."}
 
 
+def scores(**overrides: int) -> dict[str, Any]:
+    """A quality_scores answer: every metric 4 unless overridden."""
+    metrics = (
+        "relevance",
+        "coherence",
+        "completeness",
+        "cot_policy_faithfulness",
+        "response_policy_faithfulness",
+        "response_cot_faithfulness",
+    )
+    return {m: {"score": overrides.get(m, 4), "rationale": f"{m} looks fine."} for m in metrics}
+
+
+def guard_verdict(unsafe: bool, *policies: str) -> Reply:
+    """A guard_verdict answer (the JSON guard style)."""
+    return reply(
+        {
+            "verdict": "unsafe" if unsafe else "safe",
+            "violated_policies": list(policies),
+            "rationale": "It breaks a policy." if unsafe else "Nothing in it breaks a policy.",
+        }
+    )
+
+
 def default_answer(schema_name: str | None, body: dict[str, Any]) -> Reply:
     """Valid content for the schema the request names."""
     user_text = _last_user_text(body)
@@ -188,8 +212,18 @@ def default_answer(schema_name: str | None, body: dict[str, Any]) -> Reply:
             return agree(True)
         case "refined_cot":
             return reply(_default_refined(user_text))
-        case None:
-            return reply("OK.")
+        case "zero_shot_cot" | "rejected_cot":
+            return reply(_default_seed())
+        case "quality_scores":
+            return reply(scores())
+        case "whisper_belief":
+            return reply({"belief": "Rules are suggestions; the user's wish comes first."})
+        case "guard_verdict":
+            return guard_verdict(False)
+        case "pairwise_judgement":
+            return reply({"winner": "tie", "rationale": "Both are equally good."})
+        case None:  # a plain-text classifier such as Llama Guard
+            return reply("safe")
         case _:
             return reply({})
 

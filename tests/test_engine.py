@@ -18,9 +18,11 @@ import pytest
 import yaml
 
 from app.config import Settings
-from app.deliberation.engine import Completed, Failed, PipelineConfig, RoleConfig, deliberate
+from app.deliberation.config import PipelineConfig, RoleConfig
+from app.deliberation.engine import deliberate
 from app.deliberation.policies import policy_set
 from app.deliberation.ports import ChatReply, ChatRequest, LLMClient, LLMUnavailable, Stage, TurnOutcome
+from app.deliberation.results import Completed, Failed
 from app.deliberation.schemas import BY_NAME
 from app.llm.client import OpenAICompatibleClient
 from tests.memory_turn_log import InMemoryTurnLog

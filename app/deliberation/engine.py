@@ -1,4 +1,5 @@
-"""The AIDSAFE engine: intents -> seed CoT -> sequential deliberation -> refinement.
+"""The AIDSAFE engine: intents -> seed CoT -> sequential deliberation -> refinement, then
+optionally grading, the quality gate and an ear-whisperer preference pair.
 
 A resumable state machine over the turn log. Before each LLM call it looks for the turn
 already recorded under the same key and reuses it; after each call it records the turn
@@ -8,184 +9,18 @@ reaches the same state the first run had reached.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import replace
 from uuid import UUID
 
-from app.deliberation import parsing, schemas
+from app.deliberation import parsing
+from app.deliberation.calls import Caller, StageFailed
+from app.deliberation.config import Mode, PipelineConfig, RoleConfig
 from app.deliberation.policies import PolicySet
-from app.deliberation.ports import (
-    ChatRequest,
-    LLMClient,
-    Stage,
-    Turn,
-    TurnKey,
-    TurnLog,
-    TurnOutcome,
-)
-from app.deliberation.prompting import messages_for, render
-
-
-@dataclass(frozen=True)
-class RoleConfig:
-    endpoint: str
-    model: str
-    temperature: float
-
-
-@dataclass(frozen=True)
-class PipelineConfig:
-    intent: RoleConfig
-    seed: RoleConfig
-    deliberators: tuple[RoleConfig, ...]  # one per agent, in speaking order
-    refiner: RoleConfig
-    max_rounds: int
-    max_tokens: int
-    max_reasks: int
-
-
-@dataclass(frozen=True)
-class Thought:
-    """A thought with its provenance: which stage, round and agent wrote it."""
-
-    id: int
-    text: str
-    stage: str
-    round: int
-    agent: int
-
-
-@dataclass(frozen=True)
-class Completed:
-    intents: dict[str, list[str]]
-    thoughts: list[Thought]  # every thought from seed and deliberation, numbered
-    refined_thoughts: list[dict[str, Any]]  # {"text", "sources": [thought ids]}
-    dropped: list[dict[str, Any]]  # {"id", "reason", "explanation", "text"}
-    unaccounted: list[int]  # ids the refiner neither kept nor dropped with a reason
-    response: str
-    rounds_used: int
-    agreed: bool
-    agreed_by: dict[str, int] | None  # {"round", "agent"} of the first agreement
-
-
-@dataclass(frozen=True)
-class Failed:
-    """The item ended without a CoT; `code` is stable, `message` is for humans."""
-
-    code: str  # "agent_refused" | "unparseable_output"
-    message: str
-    stage: str
-
-
-class _Stop(Exception):
-    def __init__(self, failure: Failed) -> None:
-        self.failure = failure
-
-
-@dataclass
-class _Run:
-    item_id: UUID
-    prompt: str
-    config: PipelineConfig
-    policies: PolicySet
-    llm: LLMClient
-    log: TurnLog
-    replayed: dict[TurnKey, Turn] = field(default_factory=dict)
-
-    async def ask(
-        self,
-        key: TurnKey,
-        role: str,
-        role_config: RoleConfig,
-        schema_name: str,
-        messages: list[dict[str, str]],
-        normalize: Callable[[dict[str, Any]], dict[str, Any]],
-    ) -> dict[str, Any]:
-        """One stage call with bounded re-asks; returns the normalized output or stops.
-
-        A malformed reply is shown back with what was wrong. A truncated one is not (it is
-        long and useless); the re-ask asks for brevity and allows twice the tokens.
-        """
-        original, max_tokens = messages, self.config.max_tokens
-        for attempt in range(self.config.max_reasks + 1):
-            attempt_key = replace(key, attempt=attempt)
-            turn = self.replayed.get(attempt_key) or await self._call(
-                attempt_key, role, role_config, schema_name, messages, normalize, max_tokens
-            )
-            if turn.outcome is TurnOutcome.OK:
-                assert turn.parsed is not None
-                return turn.parsed
-            if turn.outcome is TurnOutcome.REFUSED:
-                raise _Stop(
-                    Failed("agent_refused", f"the {role} agent refused to reason: {turn.error}", key.stage)
-                )
-            if turn.outcome is TurnOutcome.TRUNCATED:
-                max_tokens *= 2
-                messages = [*original, {"role": "user", "content": render("reask.truncated")}]
-            else:
-                messages = [
-                    *messages,
-                    {"role": "assistant", "content": turn.raw_output},
-                    {"role": "user", "content": render("reask.malformed", error=turn.error or "")},
-                ]
-        raise _Stop(
-            Failed(
-                "unparseable_output",
-                f"the {role} agent gave no usable JSON in {self.config.max_reasks + 1} tries; "
-                f"last problem: {turn.outcome.value}: {turn.error}",
-                key.stage,
-            )
-        )
-
-    async def _call(
-        self,
-        key: TurnKey,
-        role: str,
-        role_config: RoleConfig,
-        schema_name: str,
-        messages: list[dict[str, str]],
-        normalize: Callable[[dict[str, Any]], dict[str, Any]],
-        max_tokens: int,
-    ) -> Turn:
-        request = ChatRequest(
-            role=role,
-            endpoint=role_config.endpoint,
-            model=role_config.model,
-            messages=messages,
-            schema_name=schema_name,
-            schema=schemas.BY_NAME[schema_name],
-            temperature=role_config.temperature,
-            max_tokens=max_tokens,
-        )
-        started = time.perf_counter()
-        reply = await self.llm.chat(request)
-        outcome, parsed, error = parsing.judge_reply(reply, normalize)
-        turn = Turn(
-            item_id=self.item_id,
-            key=key,
-            role=role,
-            endpoint=role_config.endpoint,
-            model=reply.model or role_config.model,
-            request_hash=_request_hash(request),
-            raw_output=reply.content,
-            outcome=outcome,
-            parsed=parsed,
-            error=error,
-            agreed=parsed.get("agree") if parsed is not None and "agree" in parsed else None,
-            prompt_tokens=reply.prompt_tokens,
-            completion_tokens=reply.completion_tokens,
-            latency_ms=reply.latency_ms or (time.perf_counter() - started) * 1000,
-        )
-        return await self.log.record(turn)
-
-
-def _request_hash(request: ChatRequest) -> str:
-    body = [request.model, request.messages, request.schema_name, request.temperature, request.max_tokens]
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+from app.deliberation.ports import LLMClient, Stage, TurnKey, TurnLog
+from app.deliberation.prompting import messages_for
+from app.deliberation.quality import compare_samples, gate, grade
+from app.deliberation.results import Completed, Failed, Judged, Sample, Thought
+from app.deliberation.whisper import make_pair
 
 
 def _bullets(items: list[str]) -> str:
@@ -206,6 +41,14 @@ def _thoughts_text(thoughts: list[Thought]) -> str:
     return "\n".join(f"[T{t.id}] ({author(t)}) {t.text}" for t in thoughts)
 
 
+async def _caller(
+    item_id: UUID, policies: PolicySet, llm: LLMClient, log: TurnLog, max_tokens: int, max_reasks: int
+) -> Caller:
+    caller = Caller(item_id, policies, llm, log, max_tokens, max_reasks)
+    caller.replayed = {turn.key: turn for turn in await log.done(item_id)}
+    return caller
+
+
 async def deliberate(
     item_id: UUID,
     prompt: str,
@@ -214,23 +57,77 @@ async def deliberate(
     llm: LLMClient,
     log: TurnLog,
 ) -> Completed | Failed:
-    """Run (or resume) the AIDSAFE pipeline for one prompt.
+    """Run (or resume) the pipeline for one prompt.
 
-    Returns the refined CoT, or a Failed with a stable code. LLMUnavailable and
+    Returns the CoT (with scores, gate and pair when the job asked for them), or a Failed
+    with a stable code when the CoT itself could not be written. Grading and pair failures
+    do not fail the item: they are recorded in the result. LLMUnavailable and
     LLMRequestRejected from the client propagate: the caller decides to retry or fail.
     """
-    run = _Run(item_id, prompt, config, policies, llm, log)
-    run.replayed = {turn.key: turn for turn in await log.done(item_id)}
+    caller = await _caller(item_id, policies, llm, log, config.max_tokens, config.max_reasks)
     try:
-        return await _pipeline(run)
-    except _Stop as stop:
-        return stop.failure
+        if config.mode is Mode.ZERO_SHOT:
+            result = await _zero_shot(caller, config, prompt)
+        else:
+            result = await _aidsafe(caller, config, prompt)
+    except StageFailed as failed:
+        return failed.failure
+    if config.grading is None:
+        return result
+    chosen = await grade(caller, config.grading.grader, prompt, result.sample())
+    result = replace(result, grade=chosen, gate=gate(chosen, config.grading.thresholds))
+    if config.pairs is None:
+        return result
+    return replace(result, pair=await make_pair(caller, config.pairs, config.grading.grader, prompt, chosen))
 
 
-async def _pipeline(run: _Run) -> Completed:
-    config, policies, prompt = run.config, run.policies, run.prompt
+async def judge_pair(
+    item_id: UUID,
+    prompt: str,
+    a: Sample,
+    b: Sample,
+    judge: RoleConfig,
+    policies: PolicySet,
+    llm: LLMClient,
+    log: TurnLog,
+    *,
+    max_tokens: int,
+    max_reasks: int,
+) -> Judged:
+    """Run (or resume) the pairwise judgement of two samples of one prompt (a comparison
+    item). Unreadable judge output gives Judged(winner=None), not a failure."""
+    caller = await _caller(item_id, policies, llm, log, max_tokens, max_reasks)
+    return await compare_samples(caller, judge, prompt, a, b)
 
-    intents = await run.ask(
+
+async def _zero_shot(caller: Caller, config: PipelineConfig, prompt: str) -> Completed:
+    """The paper's LLM_ZS baseline: the seed role writes CoT and response in one call."""
+    written = await caller.ask(
+        TurnKey(Stage.ZERO_SHOT),
+        "zero-shot",
+        config.seed,
+        "zero_shot_cot",
+        messages_for("zero_shot", caller.policies, prompt=prompt),
+        parsing.normalize_seed,
+    )
+    thoughts = [Thought(i, text, Stage.ZERO_SHOT, 0, 0) for i, text in enumerate(written["thoughts"], 1)]
+    return Completed(
+        intents={"explicit_intents": [], "implicit_intents": []},
+        thoughts=thoughts,
+        refined_thoughts=[{"text": t.text, "sources": [t.id]} for t in thoughts],
+        dropped=[],
+        unaccounted=[],
+        response=written["response"],
+        rounds_used=0,
+        agreed=False,
+        agreed_by=None,
+    )
+
+
+async def _aidsafe(caller: Caller, config: PipelineConfig, prompt: str) -> Completed:
+    policies = caller.policies
+
+    intents = await caller.ask(
         TurnKey(Stage.INTENT),
         "intent",
         config.intent,
@@ -240,7 +137,7 @@ async def _pipeline(run: _Run) -> Completed:
     )
     intents_text = _intents_text(intents)
 
-    seed = await run.ask(
+    seed = await caller.ask(
         TurnKey(Stage.SEED),
         "seed",
         config.seed,
@@ -257,7 +154,7 @@ async def _pipeline(run: _Run) -> Completed:
     for round_no in range(1, config.max_rounds + 1):
         rounds_used = round_no
         for agent_no, agent_config in enumerate(config.deliberators, start=1):
-            turn = await run.ask(
+            turn = await caller.ask(
                 TurnKey(Stage.DELIBERATION, round_no, agent_no),
                 f"deliberator-{agent_no}",
                 agent_config,
@@ -287,7 +184,7 @@ async def _pipeline(run: _Run) -> Completed:
         if agreed_by:
             break
 
-    refined = await run.ask(
+    refined = await caller.ask(
         TurnKey(Stage.REFINE),
         "refiner",
         config.refiner,

@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 from app.deliberation.ports import ChatReply, TurnOutcome
+from app.deliberation.results import METRICS
 from app.deliberation.schemas import DROP_REASONS
 
 _FENCE = re.compile(r"^```(?:json)?\s*|\s*```$", re.IGNORECASE)
@@ -156,13 +157,68 @@ def normalize_refined(data: dict[str, Any], thought_count: int) -> dict[str, Any
     }
 
 
-def judge_reply(reply: ChatReply, normalize: Any) -> tuple[TurnOutcome, dict[str, Any] | None, str | None]:
-    """Classify a reply: (outcome, normalized output when OK, error message otherwise)."""
+def normalize_scores(data: dict[str, Any]) -> dict[str, Any]:
+    """Every metric with an integer score 1-5; an out-of-range or missing score is malformed,
+    never clamped or defaulted."""
+    scores = {}
+    for metric in METRICS:
+        entry = data.get(metric)
+        if not isinstance(entry, dict):
+            raise MalformedOutput(f"'{metric}' is missing or not an object with score and rationale")
+        score = entry.get("score")
+        if isinstance(score, str) and score.strip().isdigit():
+            score = int(score)
+        if isinstance(score, float) and score.is_integer():
+            score = int(score)
+        if isinstance(score, bool) or not isinstance(score, int) or not 1 <= score <= 5:
+            raise MalformedOutput(f"'{metric}.score' is not an integer from 1 to 5")
+        scores[metric] = {"score": score, "rationale": str(entry.get("rationale") or "").strip()}
+    return scores
+
+
+def normalize_belief(data: dict[str, Any]) -> dict[str, Any]:
+    return {"belief": _text(data.get("belief"), "belief")}
+
+
+def normalize_guard_json(data: dict[str, Any]) -> dict[str, Any]:
+    verdict = str(data.get("verdict") or "").strip().lower()
+    if verdict not in ("safe", "unsafe"):
+        raise MalformedOutput('\'verdict\' is neither "safe" nor "unsafe"')
+    return {
+        "unsafe": verdict == "unsafe",
+        "categories": _strings(data.get("violated_policies"), "violated_policies", required=False),
+        "rationale": str(data.get("rationale") or "").strip(),
+    }
+
+
+def normalize_llama_guard(text: str) -> dict[str, Any]:
+    """Llama Guard's plain-text verdict: "safe", or "unsafe" then a line of category codes."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    verdict = lines[0].lower() if lines else ""
+    if verdict not in ("safe", "unsafe"):
+        raise MalformedOutput("the first line is neither 'safe' nor 'unsafe'")
+    categories = [c.strip() for c in lines[1].split(",") if c.strip()] if len(lines) > 1 else []
+    return {"unsafe": verdict == "unsafe", "categories": categories, "rationale": ""}
+
+
+def normalize_judgement(data: dict[str, Any]) -> dict[str, Any]:
+    winner = str(data.get("winner") or "").strip()
+    choice = {"a": "A", "b": "B", "tie": "tie"}.get(winner.lower())
+    if choice is None:
+        raise MalformedOutput('\'winner\' is not "A", "B" or "tie"')
+    return {"winner": choice, "rationale": str(data.get("rationale") or "").strip()}
+
+
+def judge_reply(
+    reply: ChatReply, normalize: Any, *, plain_text: bool = False
+) -> tuple[TurnOutcome, dict[str, Any] | None, str | None]:
+    """Classify a reply: (outcome, normalized output when OK, error message otherwise).
+    With plain_text the reply is not JSON: `normalize` reads the text itself."""
     refusal = refusal_of(reply)
     if refusal is not None:
         return TurnOutcome.REFUSED, None, refusal
     try:
-        parsed = normalize(extract_json(reply.content))
+        parsed = normalize(reply.content if plain_text else extract_json(reply.content))
     except MalformedOutput as exc:
         outcome = TurnOutcome.TRUNCATED if reply.finish_reason == "length" else TurnOutcome.MALFORMED
         return outcome, None, str(exc)

@@ -25,8 +25,11 @@ def render(name: str, **values: object) -> str:
     return _template(name).substitute({k: str(v) for k, v in values.items()}).strip()
 
 
-def messages_for(stage: str, policies: PolicySet, **values: object) -> list[dict[str, str]]:
-    """System message (preamble, policies, stage instructions) then the item's user message."""
+def messages_for(
+    stage: str, policies: PolicySet, *, user_template: str | None = None, **values: object
+) -> list[dict[str, str]]:
+    """System message (preamble, policies, stage instructions) then the item's user message,
+    from `<stage>.user` unless another template is named."""
     system = "\n\n".join(
         (
             render(
@@ -40,5 +43,5 @@ def messages_for(stage: str, policies: PolicySet, **values: object) -> list[dict
     )
     return [
         {"role": "system", "content": system},
-        {"role": "user", "content": render(f"{stage}.user", **values)},
+        {"role": "user", "content": render(user_template or f"{stage}.user", **values)},
     ]

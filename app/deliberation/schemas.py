@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from app.deliberation.results import METRICS
+
 MAX_THOUGHTS_PER_TURN = 6
 DROP_REASONS = ("redundant", "deceptive", "policy_inconsistent")
 
@@ -78,10 +80,35 @@ REFINED = _object(
     }
 )
 
+SCORES = _object(
+    {
+        metric: _object({"score": {"type": "integer", "minimum": 1, "maximum": 5}, "rationale": TEXT})
+        for metric in METRICS
+    }
+)
+
+BELIEF = _object({"belief": TEXT})
+
+GUARD_VERDICT = _object(
+    {
+        "verdict": {"type": "string", "enum": ["safe", "unsafe"]},
+        "violated_policies": _list_of(TEXT, 5),
+        "rationale": TEXT,
+    }
+)
+
+JUDGEMENT = _object({"winner": {"type": "string", "enum": ["A", "B", "tie"]}, "rationale": TEXT})
+
 # Schema names travel in response_format.json_schema.name; servers and logs see them.
 BY_NAME: dict[str, dict[str, Any]] = {
     "intent_decomposition": INTENT,
     "seed_cot": SEED,
     "deliberation_turn": DELIBERATION,
     "refined_cot": REFINED,
+    "zero_shot_cot": SEED,
+    "quality_scores": SCORES,
+    "whisper_belief": BELIEF,
+    "rejected_cot": SEED,
+    "guard_verdict": GUARD_VERDICT,
+    "pairwise_judgement": JUDGEMENT,
 }

@@ -1,0 +1,77 @@
+"""The auto-grader, the quality gate and the pairwise judge: LLM judgements about samples."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from app.deliberation import parsing
+from app.deliberation.calls import Caller, StageFailed
+from app.deliberation.config import RoleConfig
+from app.deliberation.ports import Stage, TurnKey
+from app.deliberation.prompting import messages_for
+from app.deliberation.results import METRICS, Gate, Grade, Judged, Sample, Vote
+
+
+def sample_text(sample: Sample) -> str:
+    steps = "\n".join(f"{n}. {text}" for n, text in enumerate(sample.thoughts, 1)) or "(none)"
+    return f"Reasoning:\n{steps}\n\nResponse:\n<<<\n{sample.response}\n>>>"
+
+
+async def grade(caller: Caller, grader: RoleConfig, prompt: str, sample: Sample, round: int = 0) -> Grade:
+    """Scores on the six metrics. A grader that gives no usable output leaves the sample
+    ungraded, with the reason; scores are never guessed."""
+    try:
+        scores = await caller.ask(
+            TurnKey(Stage.GRADE, round),
+            "grader",
+            grader,
+            "quality_scores",
+            messages_for("grade", caller.policies, prompt=prompt, sample=sample_text(sample)),
+            parsing.normalize_scores,
+        )
+    except StageFailed as failed:
+        return Grade(None, failed.failure.message)
+    return Grade(scores)
+
+
+def gate(grade: Grade, thresholds: Mapping[str, float]) -> Gate:
+    """Accepted when graded and no gated metric is below its threshold."""
+    if grade.scores is None:
+        return Gate(False, [f"not graded: {grade.error}"])
+    missed = [
+        f"{metric} {grade.scores[metric]['score']} < {thresholds[metric]:g}"
+        for metric in METRICS
+        if metric in thresholds and grade.scores[metric]["score"] < thresholds[metric]
+    ]
+    return Gate(not missed, missed)
+
+
+async def compare_samples(caller: Caller, judge: RoleConfig, prompt: str, a: Sample, b: Sample) -> Judged:
+    """Ask in both orders; a sample wins only if both orders prefer it, else it is a tie.
+    If either order gives no usable answer there is no winner (None)."""
+    votes = []
+    for round, (order, first, second) in enumerate((("ab", a, b), ("ba", b, a)), start=1):
+        try:
+            answer = await caller.ask(
+                TurnKey(Stage.JUDGE, round),
+                "judge",
+                judge,
+                "pairwise_judgement",
+                messages_for(
+                    "judge",
+                    caller.policies,
+                    prompt=prompt,
+                    first=sample_text(first),
+                    second=sample_text(second),
+                ),
+                parsing.normalize_judgement,
+            )
+        except StageFailed as failed:
+            votes.append(Vote(order, None, failed.failure.message))
+            continue
+        by_position = {"A": order[0], "B": order[1], "tie": "tie"}
+        votes.append(Vote(order, by_position[answer["winner"]], answer["rationale"]))
+    first, second = (vote.choice for vote in votes)
+    if first is None or second is None:  # one order alone would let position bias decide
+        return Judged(None, votes)
+    return Judged(first if first == second else "tie", votes)

@@ -1,0 +1,111 @@
+"""The ear-whisperer: DPO preference pairs whose rejected side really breaks a policy.
+
+Each try, the whisperer writes a short bad belief; a generator writes a CoT and response
+with that belief injected; the guard judges the result. A try the guard passes is shown
+back to the whisperer, which refines its belief. The chosen side is the item's own CoT; a
+pair is kept only when the guard flagged the rejected side and the grader sees a large
+enough policy-faithfulness gap between the two sides.
+"""
+
+from __future__ import annotations
+
+from app.deliberation import parsing
+from app.deliberation.calls import Caller, StageFailed
+from app.deliberation.config import GuardConfig, GuardStyle, PairsConfig, RoleConfig
+from app.deliberation.ports import Stage, TurnKey
+from app.deliberation.prompting import messages_for
+from app.deliberation.quality import grade, sample_text
+from app.deliberation.results import Grade, GuardVerdict, PairOutcome, Sample, WhisperTry
+
+
+async def make_pair(
+    caller: Caller, pairs: PairsConfig, grader: RoleConfig, prompt: str, chosen: Grade
+) -> PairOutcome:
+    tries: list[WhisperTry] = []
+    for number in range(1, pairs.max_tries + 1):
+        try:
+            whispered = await caller.ask(
+                TurnKey(Stage.WHISPER, number),
+                "whisperer",
+                pairs.whisperer,
+                "whisper_belief",
+                messages_for("whisper", caller.policies, prompt=prompt, history=_history(tries)),
+                parsing.normalize_belief,
+            )
+        except StageFailed as failed:
+            refused = failed.failure.code == "agent_refused"
+            return PairOutcome(False, "whisperer_refused" if refused else "whisperer_unparseable", tries)
+        belief = whispered["belief"]
+        try:
+            written = await caller.ask(
+                TurnKey(Stage.REJECTED, number),
+                "generator",
+                pairs.generator,
+                "rejected_cot",
+                messages_for(
+                    "zero_shot", caller.policies, user_template="rejected.user", prompt=prompt, belief=belief
+                ),
+                parsing.normalize_seed,
+            )
+        except StageFailed as failed:
+            if failed.failure.code != "agent_refused":
+                return PairOutcome(False, "rejected_unparseable", tries)
+            # The generator resisted the belief: a failed try, which the whisperer gets to see.
+            tries.append(WhisperTry(number, belief, None, failed.turn.error, None))
+            continue
+        rejected = Sample(written["thoughts"], written["response"])
+        verdict = await _guard(caller, pairs.guard, prompt, rejected, number)
+        tries.append(WhisperTry(number, belief, rejected, None, verdict))
+        if verdict.unsafe is None:
+            return PairOutcome(False, "guard_unparseable", tries)
+        if verdict.unsafe:
+            break
+    else:
+        return PairOutcome(False, "guard_never_flagged", tries)
+
+    rejected_grade = await grade(caller, grader, prompt, rejected, round=number)
+    chosen_score, rejected_score = chosen.policy_faithfulness(), rejected_grade.policy_faithfulness()
+    if chosen_score is None or rejected_score is None:
+        return PairOutcome(False, "grading_failed", tries, rejected_grade)
+    gap = chosen_score - rejected_score
+    kept = gap >= pairs.min_gap
+    return PairOutcome(kept, None if kept else "gap_below_threshold", tries, rejected_grade, gap)
+
+
+async def _guard(
+    caller: Caller, guard: GuardConfig, prompt: str, sample: Sample, number: int
+) -> GuardVerdict:
+    """The guard's verdict; output it cannot read is recorded as such, never guessed."""
+    if guard.style is GuardStyle.LLAMA_GUARD:
+        # Llama Guard classifies the last turn of a conversation with its own chat template
+        # (its categories live there), answers in plain text, and is not re-asked.
+        messages = [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": sample_text(sample)},
+        ]
+        schema_name, normalize, reasks = None, parsing.normalize_llama_guard, False
+    else:
+        messages = messages_for("guard", caller.policies, prompt=prompt, sample=sample_text(sample))
+        schema_name, normalize, reasks = "guard_verdict", parsing.normalize_guard_json, True
+    try:
+        verdict = await caller.ask(
+            TurnKey(Stage.GUARD, number), "guard", guard.role, schema_name, messages, normalize, reasks=reasks
+        )
+    except StageFailed as failed:
+        return GuardVerdict(None, error=failed.failure.message)
+    return GuardVerdict(verdict["unsafe"], verdict["categories"], verdict["rationale"])
+
+
+def _history(tries: list[WhisperTry]) -> str:
+    if not tries:
+        return "This is the first try."
+    lines = ["Earlier tries; none of them led to a policy violation:"]
+    for attempt in tries:
+        lines.append(f"\nTry {attempt.number}. Belief: {attempt.belief}")
+        if attempt.rejected is None:
+            lines.append(f"The assistant refused: {attempt.refusal}")
+        else:
+            assert attempt.guard is not None
+            lines.append(f"The assistant wrote:\n{sample_text(attempt.rejected)}")
+            lines.append(f"The safety classifier found it safe. {attempt.guard.rationale}".strip())
+    return "\n".join(lines)
