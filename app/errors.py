@@ -49,3 +49,8 @@ class UnknownPolicySet(ServiceError):
 class InvalidCursor(ServiceError):
     status = 400
     code = "invalid_cursor"
+
+
+class NoCommonPrompts(ServiceError):
+    status = 422
+    code = "no_common_prompts"

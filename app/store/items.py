@@ -7,17 +7,19 @@ cannot overwrite the work of the worker that took the item over.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
 from sqlalchemy import and_, func, select, update
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.deliberation.engine import Completed
+from app.deliberation.results import Completed, Judged, PairOutcome, Sample
+from app.store.comparisons import BASELINE_ITEM, CANDIDATE_ITEM
 from app.store.db import Sessions
-from app.store.models import Cot, Item, Job, PolicySetRow
+from app.store.models import Cot, Item, Job, Judgement, PolicySetRow, PreferencePair
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class Claim:
     job_id: UUID
     attempt: int
     prompt: str
+    metadata: dict[str, Any]
     config: dict[str, Any]
     policy_set: PolicySetRow
 
@@ -91,7 +94,7 @@ async def claim(sessions: Sessions, item_id: UUID, limits: Limits) -> Claim | No
         item.lease_until, item.updated_at = _lease(limits.lease_s), func.now()
         policy_set = await session.get(PolicySetRow, job.policy_set_id)
         assert policy_set is not None
-        return Claim(item.id, job.id, item.attempts, item.prompt, job.config, policy_set)
+        return Claim(item.id, job.id, item.attempts, item.prompt, item.item_metadata, job.config, policy_set)
 
 
 def _finish(item: Item, status: str, code: str | None = None, message: str | None = None) -> None:
@@ -146,23 +149,10 @@ async def end(sessions: Sessions, claim: Claim, status: str, code: str | None, m
 
 
 async def complete(sessions: Sessions, claim: Claim, result: Completed) -> bool:
-    """Store the CoT and mark the item completed in one transaction; False if not ours."""
+    """Store the CoT (with its grade and gate) and the preference pair attempt, and mark the
+    item completed, in one transaction; False if the item is not ours. A replay writes nothing."""
     async with sessions.begin() as session:
-        mine = await session.execute(
-            update(Item)
-            .where(claimed(claim))
-            .values(
-                status="completed",
-                stage="done",
-                lease_until=None,
-                error_code=None,
-                error_message=None,
-                finished_at=func.now(),
-                updated_at=func.now(),
-            )
-            .returning(Item.position)
-        )
-        position = mine.scalar_one_or_none()
+        position = await _mark_completed(session, claim)
         if position is None:
             return False
         await session.execute(
@@ -175,7 +165,7 @@ async def complete(sessions: Sessions, claim: Claim, result: Completed) -> bool:
                 policy_set_name=claim.policy_set.name,
                 policy_set_version=claim.policy_set.version,
                 intents=result.intents,
-                thoughts=[t.__dict__ for t in result.thoughts],
+                thoughts=[asdict(t) for t in result.thoughts],
                 refined_thoughts=result.refined_thoughts,
                 dropped_thoughts=result.dropped,
                 unaccounted_thought_ids=result.unaccounted,
@@ -183,10 +173,99 @@ async def complete(sessions: Sessions, claim: Claim, result: Completed) -> bool:
                 rounds_used=result.rounds_used,
                 agreed=result.agreed,
                 agreed_by=result.agreed_by,
+                scores=result.grade.scores if result.grade else None,
+                grade_error=result.grade.error if result.grade else None,
+                accepted=result.gate.accepted if result.gate else None,
+                gate_reasons=result.gate.reasons if result.gate else None,
+            )
+            .on_conflict_do_nothing(index_elements=["item_id"])
+        )
+        if result.pair is not None:
+            chosen_scores = result.grade.scores if result.grade else None
+            await session.execute(
+                insert(PreferencePair)
+                .values(
+                    **_pair_row(result.pair, chosen_scores),
+                    item_id=claim.item_id,
+                    job_id=claim.job_id,
+                    position=position,
+                )
+                .on_conflict_do_nothing(index_elements=["item_id"])
+            )
+        return True
+
+
+def _pair_row(pair: PairOutcome, chosen_scores: dict[str, Any] | None) -> dict[str, Any]:
+    rejected, grade = pair.rejected, pair.rejected_grade
+    return {
+        "kept": pair.kept,
+        "reason": pair.reason,
+        "gap": pair.gap,
+        "chosen_scores": chosen_scores,
+        "rejected_scores": grade.scores if grade else None,
+        "rejected_grade_error": grade.error if grade else None,
+        "belief": rejected.belief if rejected else None,
+        "rejected_thoughts": rejected.rejected.thoughts if rejected and rejected.rejected else None,
+        "rejected_response": rejected.rejected.response if rejected and rejected.rejected else None,
+        "guard": asdict(rejected.guard) if rejected and rejected.guard else None,
+        "tries": [asdict(t) for t in pair.tries],
+    }
+
+
+async def complete_judged(sessions: Sessions, claim: Claim, judged: Judged) -> bool:
+    """Store a comparison item's judgement and mark it completed in one transaction; False
+    if the item is not ours."""
+    async with sessions.begin() as session:
+        position = await _mark_completed(session, claim)
+        if position is None:
+            return False
+        await session.execute(
+            insert(Judgement)
+            .values(
+                item_id=claim.item_id,
+                job_id=claim.job_id,
+                position=position,
+                a_item_id=UUID(claim.metadata[BASELINE_ITEM]),
+                b_item_id=UUID(claim.metadata[CANDIDATE_ITEM]),
+                winner=judged.winner,
+                votes=[asdict(v) for v in judged.votes],
             )
             .on_conflict_do_nothing(index_elements=["item_id"])
         )
         return True
+
+
+async def _mark_completed(session: AsyncSession, claim: Claim) -> int | None:
+    """The item's position, or None if it is no longer held under this claim."""
+    mine = await session.execute(
+        update(Item)
+        .where(claimed(claim))
+        .values(
+            status="completed",
+            stage="done",
+            lease_until=None,
+            error_code=None,
+            error_message=None,
+            finished_at=func.now(),
+            updated_at=func.now(),
+        )
+        .returning(Item.position)
+    )
+    return mine.scalar_one_or_none()
+
+
+async def compared_samples(sessions: Sessions, claim: Claim) -> tuple[Sample, Sample]:
+    """The two samples a comparison item judges: its baseline and candidate items' CoTs
+    (which exist: a comparison is made of items with a CoT, and CoTs are never deleted)."""
+    ids = [UUID(claim.metadata[BASELINE_ITEM]), UUID(claim.metadata[CANDIDATE_ITEM])]
+    async with sessions() as session:
+        cots = {cot.item_id: cot for cot in await session.scalars(select(Cot).where(Cot.item_id.in_(ids)))}
+    baseline, candidate = (cots[item_id] for item_id in ids)
+    return _sample(baseline), _sample(candidate)
+
+
+def _sample(cot: Cot) -> Sample:
+    return Sample([t["text"] for t in cot.refined_thoughts], cot.response)
 
 
 async def take_expired_leases(sessions: Sessions, limit: int = 1000) -> list[tuple[UUID, int]]:

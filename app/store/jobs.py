@@ -1,4 +1,4 @@
-"""Jobs as the API sees them: submit, read, cancel, and page through items and CoTs."""
+"""Jobs as the API sees them: submit, read, cancel, and page through items, CoTs and pairs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import IdempotencyConflict, InvalidCursor, NotFound
-from app.store.models import Cot, Item, Job, TurnRow
+from app.store import quality
+from app.store.models import Cot, Item, Job, PreferencePair, TurnRow
 
 TERMINAL = ("completed", "failed", "cancelled")
 
@@ -36,31 +37,19 @@ async def submit(
 ) -> tuple[Job, list[UUID]]:
     """Write the job and all its items in the caller's transaction.
 
-    Returns (job, ids of the items created: empty for a replay). A repeated
-    Idempotency-Key with the same request returns the first job; with a different
-    request it is a conflict, never a silent second job.
+    Returns (job, ids of the items created: empty for a replay); see `create`.
     """
-    if idempotency_key:
-        existing = await _by_idempotency_key(session, owner_key_id, idempotency_key)
-        if existing:
-            return _same_request(existing, request_hash), []
-    job = Job(
+    job, created = await create(
+        session,
         owner_key_id=owner_key_id,
         policy_set_id=policy_set_id,
         config=config,
+        item_count=len(items),
         idempotency_key=idempotency_key,
         request_hash=request_hash,
-        item_count=len(items),
     )
-    try:
-        async with session.begin_nested():
-            session.add(job)
-            await session.flush()
-    except IntegrityError:  # a concurrent POST with the same key won the race
-        existing = await _by_idempotency_key(session, owner_key_id, idempotency_key or "")
-        if existing is None:
-            raise
-        return _same_request(existing, request_hash), []
+    if not created:
+        return job, []
     ids = [uuid4() for _ in items]
     await session.execute(
         insert(Item),
@@ -70,6 +59,45 @@ async def submit(
         ],
     )
     return job, ids
+
+
+async def create(
+    session: AsyncSession,
+    *,
+    owner_key_id: UUID,
+    policy_set_id: UUID,
+    config: dict[str, Any],
+    item_count: int,
+    idempotency_key: str | None,
+    request_hash: str,
+) -> tuple[Job, bool]:
+    """Write a job row without items in the caller's transaction; (job, True) if created.
+
+    A repeated Idempotency-Key with the same request returns the first job and False; with
+    a different request it is a conflict, never a silent second job.
+    """
+    if idempotency_key:
+        existing = await _by_idempotency_key(session, owner_key_id, idempotency_key)
+        if existing:
+            return _same_request(existing, request_hash), False
+    job = Job(
+        owner_key_id=owner_key_id,
+        policy_set_id=policy_set_id,
+        config=config,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+        item_count=item_count,
+    )
+    try:
+        async with session.begin_nested():
+            session.add(job)
+            await session.flush()
+    except IntegrityError:  # a concurrent POST with the same key won the race
+        existing = await _by_idempotency_key(session, owner_key_id, idempotency_key or "")
+        if existing is None:
+            raise
+        return _same_request(existing, request_hash), False
+    return job, True
 
 
 async def _by_idempotency_key(session: AsyncSession, owner_key_id: UUID, key: str) -> Job | None:
@@ -93,7 +121,8 @@ async def get_owned(session: AsyncSession, job_id: UUID, owner_key_id: UUID) -> 
 
 
 async def summary(session: AsyncSession, job: Job) -> dict[str, Any]:
-    """Status derived from the items, counts per status and per stage, token totals."""
+    """Status derived from the items, counts per status and per stage, token totals, and
+    the quality and pairs figures when the job asked for grading or pairs."""
     by_status: dict[str, int] = {}
     by_stage: dict[str, dict[str, int]] = {}
     rows = await session.execute(
@@ -122,11 +151,26 @@ async def summary(session: AsyncSession, job: Job) -> dict[str, Any]:
         status = "running"
     else:
         status = "queued"
-    return {
+    summary: dict[str, Any] = {
         "status": status,
         "counts": {"total": job.item_count, "by_status": by_status, "by_stage": by_stage},
         "usage": {"llm_calls": tokens[0], "prompt_tokens": tokens[1], "completion_tokens": tokens[2]},
     }
+    if job.config.get("grading"):
+        summary["quality"] = await quality.grading(session, job.id)
+    if job.config.get("pairs"):
+        summary["pairs"] = await quality.pairs(session, job.id)
+    return summary
+
+
+async def report(session: AsyncSession, job: Job) -> dict[str, Any]:
+    """The summary, with the quality gate's thresholds and what CoTs missed, and usage by stage."""
+    full = await summary(session, job)
+    if "quality" in full:
+        full["quality"]["thresholds"] = job.config["grading"]["thresholds"]
+        full["quality"]["below_threshold"] = await quality.below_threshold(session, job.id)
+    full["usage_by_stage"] = await quality.usage_by_stage(session, job.id)
+    return full
 
 
 async def cancel(session: AsyncSession, job: Job) -> None:
@@ -169,16 +213,41 @@ async def page_items(
 
 
 async def page_cots(
-    session: AsyncSession, job_id: UUID, cursor: str | None, limit: int
+    session: AsyncSession, job_id: UUID, accepted: bool | None, cursor: str | None, limit: int
 ) -> tuple[list[tuple[Cot, Item]], str | None]:
+    """CoTs in prompt order; `accepted` keeps only those the quality gate accepted (True)
+    or rejected (False)."""
+    query = select(Cot, Item).join(Item, Item.id == Cot.item_id)
+    query = query.where(Cot.job_id == job_id, Cot.position > decode_cursor(cursor))
+    if accepted is not None:
+        query = query.where(Cot.accepted.is_(accepted))
+    query = query.order_by(Cot.position).limit(limit + 1)
+    rows = [(cot, item) for cot, item in await session.execute(query)]
+    return _page(rows, limit, lambda row: row[0].position)
+
+
+async def page_pairs(
+    session: AsyncSession,
+    job_id: UUID,
+    *,
+    kept: bool | None,
+    min_gap: float | None,
+    cursor: str | None,
+    limit: int,
+) -> tuple[list[tuple[PreferencePair, Item, Cot]], str | None]:
+    """Preference pair attempts in prompt order, each with its item and chosen CoT."""
     query = (
-        select(Cot, Item)
-        .join(Item, Item.id == Cot.item_id)
-        .where(Cot.job_id == job_id, Cot.position > decode_cursor(cursor))
-        .order_by(Cot.position)
-        .limit(limit + 1)
+        select(PreferencePair, Item, Cot)
+        .join(Item, Item.id == PreferencePair.item_id)
+        .join(Cot, Cot.item_id == PreferencePair.item_id)
+        .where(PreferencePair.job_id == job_id, PreferencePair.position > decode_cursor(cursor))
     )
-    rows = [(cot, item) for cot, item in (await session.execute(query)).all()]
+    if kept is not None:
+        query = query.where(PreferencePair.kept.is_(kept))
+    if min_gap is not None:
+        query = query.where(PreferencePair.gap >= min_gap)
+    query = query.order_by(PreferencePair.position).limit(limit + 1)
+    rows = [(pair, item, cot) for pair, item, cot in await session.execute(query)]
     return _page(rows, limit, lambda row: row[0].position)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Iterable
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -13,16 +14,28 @@ from app.errors import Unauthorized
 from app.store.models import ApiKey
 
 KEY_PREFIX = "aidsafe_"
+# Lets a key read hazardous text: whispered beliefs, rejected CoTs, guard rationales and the
+# turns that hold them. Without it a key sees that such text exists, never the text.
+HAZARDOUS_READ = "hazardous:read"
+SCOPES = frozenset({HAZARDOUS_READ})
+
+
+class UnknownScope(ValueError):
+    pass
 
 
 def hash_key(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-async def create_key(session: AsyncSession, name: str) -> tuple[ApiKey, str]:
-    """A new key and its secret; the secret is not stored and cannot be shown again."""
+async def create_key(session: AsyncSession, name: str, scopes: Iterable[str] = ()) -> tuple[ApiKey, str]:
+    """A new key and its secret; the secret is not stored and cannot be shown again.
+    Raises UnknownScope for a scope not in SCOPES."""
+    wanted = sorted(set(scopes))
+    if unknown := [scope for scope in wanted if scope not in SCOPES]:
+        raise UnknownScope(f"unknown scope {', '.join(unknown)}; known scopes: {', '.join(sorted(SCOPES))}")
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
-    key = ApiKey(name=name, prefix=secret[: len(KEY_PREFIX) + 6], key_hash=hash_key(secret))
+    key = ApiKey(name=name, prefix=secret[: len(KEY_PREFIX) + 6], key_hash=hash_key(secret), scopes=wanted)
     session.add(key)
     await session.flush()
     return key, secret
@@ -33,3 +46,7 @@ async def authenticate(session: AsyncSession, secret: str) -> ApiKey:
     if key is None or key.revoked_at is not None:
         raise Unauthorized("unknown or revoked API key")
     return key
+
+
+def reads_hazardous(key: ApiKey) -> bool:
+    return HAZARDOUS_READ in key.scopes

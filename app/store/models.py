@@ -39,6 +39,8 @@ class ApiKey(Base):
     name: Mapped[str] = mapped_column(String(200))
     prefix: Mapped[str] = mapped_column(String(16))  # shown to humans to tell keys apart
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 of the secret
+    # What the key may read beyond its own jobs' ordinary data (see app.store.keys.SCOPES).
+    scopes: Mapped[list[Any]] = mapped_column(JSONB, default=list, server_default=text("'[]'::jsonb"))
     created_at: Mapped[datetime] = _now()
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
@@ -152,6 +154,58 @@ class Cot(Base):
     rounds_used: Mapped[int] = mapped_column(Integer)
     agreed: Mapped[bool] = mapped_column(Boolean)
     agreed_by: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    # The auto-grader's {metric: {"score", "rationale"}}; None when not graded (or it failed).
+    scores: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    grade_error: Mapped[str | None] = mapped_column(Text)
+    accepted: Mapped[bool | None] = mapped_column(Boolean)  # the quality gate; None: no grading asked
+    gate_reasons: Mapped[list[Any] | None] = mapped_column(JSONB)  # thresholds missed
     created_at: Mapped[datetime] = _now()
 
-    __table_args__ = (Index("ix_cots_job_position", "job_id", "position"),)
+    __table_args__ = (
+        Index("ix_cots_job_position", "job_id", "position"),
+        # "Accepted only" (or "rejected only") pages of a job, in prompt order.
+        Index("ix_cots_job_accepted_position", "job_id", "accepted", "position"),
+    )
+
+
+class PreferencePair(Base):
+    """The ear-whisperer attempt of one item: kept or not, with every try. The chosen side
+    is the item's CoT. Beliefs, rejected CoTs and guard rationales are hazardous text."""
+
+    __tablename__ = "preference_pairs"
+    __table_args__ = (Index("ix_preference_pairs_job_position", "job_id", "position"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    item_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("items.id"), unique=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id"))
+    position: Mapped[int] = mapped_column(Integer)  # the item's, for ordered pagination
+    kept: Mapped[bool] = mapped_column(Boolean)
+    reason: Mapped[str | None] = mapped_column(String(32))  # why not kept (PairReason)
+    gap: Mapped[float | None] = mapped_column(Float)  # chosen minus rejected policy faithfulness
+    chosen_scores: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    rejected_scores: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    rejected_grade_error: Mapped[str | None] = mapped_column(Text)
+    # The try the guard flagged (the rejected side); all None when no try was flagged.
+    belief: Mapped[str | None] = mapped_column(Text)
+    rejected_thoughts: Mapped[list[Any] | None] = mapped_column(JSONB)
+    rejected_response: Mapped[str | None] = mapped_column(Text)
+    guard: Mapped[dict[str, Any] | None] = mapped_column(JSONB)  # {unsafe, categories, rationale, error}
+    tries: Mapped[list[Any]]  # every WhisperTry, in order
+    created_at: Mapped[datetime] = _now()
+
+
+class Judgement(Base):
+    """A comparison item's verdict: which of two jobs' samples of one prompt is better."""
+
+    __tablename__ = "judgements"
+    __table_args__ = (Index("ix_judgements_job_position", "job_id", "position"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    item_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("items.id"), unique=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id"))
+    position: Mapped[int] = mapped_column(Integer)
+    a_item_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("items.id"))  # the baseline job's item
+    b_item_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("items.id"))  # the candidate job's item
+    winner: Mapped[str | None] = mapped_column(String(8))  # a | b | tie; None: no readable vote
+    votes: Mapped[list[Any]]  # [{order, choice, rationale}]
+    created_at: Mapped[datetime] = _now()

@@ -1,0 +1,121 @@
+"""Comparison jobs: a judge model compares, prompt by prompt, the samples two jobs wrote
+(a baseline and a candidate), as in the paper's LLM_ZS vs AIDSAFE evaluation."""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import Uuid, cast, func, insert, literal, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.errors import NoCommonPrompts, NotFound
+from app.store import jobs, quality
+from app.store.models import Cot, Item, Job, Judgement
+
+MODE = "comparison"
+# Item metadata naming the two samples a comparison item judges.
+BASELINE_ITEM, CANDIDATE_ITEM = "a_item_id", "b_item_id"
+
+
+async def create(
+    session: AsyncSession,
+    *,
+    owner_key_id: UUID,
+    baseline: Job,
+    candidate: Job,
+    config: dict[str, Any],
+    idempotency_key: str | None,
+    request_hash: str,
+) -> tuple[Job, list[UUID]]:
+    """A comparison job whose items are the prompts both jobs have a CoT for (matched by
+    exact text; the first by position among duplicates), in the baseline's order, written in
+    the caller's transaction. Returns (job, new item ids: empty for a replay); raises
+    NoCommonPrompts if no prompt matches. The judge reads the candidate's policy set."""
+    job, created = await jobs.create(
+        session,
+        owner_key_id=owner_key_id,
+        policy_set_id=candidate.policy_set_id,
+        config=config,
+        item_count=0,  # known once the matching rows are in
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+    )
+    if not created:
+        return job, []
+    a, b = _first_cot_per_prompt(baseline.id), _first_cot_per_prompt(candidate.id)
+    matched = (
+        select(
+            func.gen_random_uuid(),
+            literal(job.id, Uuid),
+            func.row_number().over(order_by=a.c.position) - 1,
+            a.c.prompt,
+            func.jsonb_build_object(BASELINE_ITEM, a.c.item_id, CANDIDATE_ITEM, b.c.item_id),
+            literal("judge"),
+        )
+        .select_from(a)
+        .join(b, b.c.prompt == a.c.prompt)
+    )
+    columns = ["id", "job_id", "position", "prompt", "metadata", "stage"]
+    ids = list(await session.scalars(insert(Item).from_select(columns, matched).returning(Item.id)))
+    if not ids:
+        raise NoCommonPrompts(
+            f"jobs {baseline.id} and {candidate.id} have no completed prompt in common (exact text)"
+        )
+    job.item_count = len(ids)
+    await session.flush()
+    return job, ids
+
+
+def _first_cot_per_prompt(job_id: UUID) -> Any:
+    return (
+        select(Item.prompt, Cot.item_id, Cot.position)
+        .join(Item, Item.id == Cot.item_id)
+        .where(Cot.job_id == job_id)
+        .distinct(Item.prompt)
+        .order_by(Item.prompt, Cot.position)
+        .subquery()
+    )
+
+
+async def get_owned(session: AsyncSession, job_id: UUID, owner_key_id: UUID) -> Job:
+    job = await jobs.get_owned(session, job_id, owner_key_id)
+    if job.config.get("mode") != MODE:
+        raise NotFound(f"comparison {job_id} not found")
+    return job
+
+
+async def metric_means(session: AsyncSession, comparison: Job) -> dict[str, dict[str, float | None]]:
+    """Per metric, the grader's mean on each side over the matched prompts, and the
+    candidate's lead (candidate minus baseline). Jobs run without grading have no scores."""
+    means: dict[str, dict[str, float]] = {}
+    for side, key in (("baseline", BASELINE_ITEM), ("candidate", CANDIDATE_ITEM)):
+        matched = select(cast(Item.item_metadata[key].astext, Uuid)).where(Item.job_id == comparison.id)
+        stats = await quality.metric_stats(session, Cot.item_id.in_(matched))
+        for metric, figures in stats.items():
+            means.setdefault(metric, {})[side] = figures["mean"]
+    return {
+        metric: {
+            "baseline": sides.get("baseline"),
+            "candidate": sides.get("candidate"),
+            "delta": sides["candidate"] - sides["baseline"] if len(sides) == 2 else None,
+        }
+        for metric, sides in sorted(means.items())
+    }
+
+
+async def pairwise(session: AsyncSession, comparison_id: UUID) -> dict[str, int]:
+    """The judge's verdicts from the candidate's side: wins, ties, losses, and unreadable
+    (no verdict in both orders)."""
+    rows = await session.execute(
+        select(Judgement.winner, func.count())
+        .where(Judgement.job_id == comparison_id)
+        .group_by(Judgement.winner)
+    )
+    by_winner = {winner: count for winner, count in rows}
+    return {
+        "wins": by_winner.get("b", 0),
+        "ties": by_winner.get("tie", 0),
+        "losses": by_winner.get("a", 0),
+        "unreadable": by_winner.get(None, 0),
+    }

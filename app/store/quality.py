@@ -1,0 +1,120 @@
+"""Quality figures of a job, aggregated in SQL: grader scores, the quality gate, preference
+pairs and LLM usage by stage. Nothing here loads per-item rows into Python."""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import Integer, Numeric, String, cast, column, func, select, true
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.store.models import Cot, Job, PreferencePair, TurnRow
+
+SCORES = range(1, 6)
+
+
+def _score_entries() -> Any:
+    """(metric, value) rows of Cot.scores, joined laterally to each cot."""
+    return func.jsonb_each(Cot.scores).table_valued(column("key", String), column("value", JSONB)).lateral()
+
+
+async def metric_stats(session: AsyncSession, cots: Any) -> dict[str, dict[str, Any]]:
+    """{metric: {"mean", "distribution": {"1".."5": count}}} over the graded CoTs that match
+    the SQL condition `cots`."""
+    entry = _score_entries()
+    score = cast(entry.c.value["score"].astext, Integer)
+    rows = await session.execute(
+        select(entry.c.key, score, func.count())
+        .select_from(Cot)
+        .join(entry, true())
+        .where(cots)
+        .group_by(entry.c.key, score)
+    )
+    counts: dict[str, dict[int, int]] = {}
+    for metric, value, count in rows:
+        counts.setdefault(metric, {})[value] = count
+    return {
+        metric: {
+            "mean": sum(value * n for value, n in by_score.items()) / sum(by_score.values()),
+            "distribution": {str(value): by_score.get(value, 0) for value in SCORES},
+        }
+        for metric, by_score in sorted(counts.items())
+    }
+
+
+async def grading(session: AsyncSession, job_id: UUID) -> dict[str, Any]:
+    """Graded, ungraded (grader failed), accepted and rejected CoTs, and per-metric stats."""
+    row = (
+        await session.execute(
+            select(
+                func.count(Cot.scores),
+                func.count(Cot.grade_error),
+                func.count().filter(Cot.accepted.is_(True)),
+                func.count().filter(Cot.accepted.is_(False)),
+            ).where(Cot.job_id == job_id)
+        )
+    ).one()
+    return {
+        "graded": row[0],
+        "grade_failed": row[1],
+        "accepted": row[2],
+        "rejected": row[3],
+        "metrics": await metric_stats(session, Cot.job_id == job_id),
+    }
+
+
+async def below_threshold(session: AsyncSession, job_id: UUID) -> dict[str, int]:
+    """Why CoTs were rejected: per gated metric, how many scored under the job's threshold."""
+    entry = _score_entries()
+    threshold = Job.config["grading"]["thresholds"][entry.c.key].astext
+    rows = await session.execute(
+        select(entry.c.key, func.count())
+        .select_from(Cot)
+        .join(Job, Job.id == Cot.job_id)
+        .join(entry, true())
+        .where(
+            Cot.job_id == job_id,
+            cast(entry.c.value["score"].astext, Numeric) < cast(threshold, Numeric),
+        )
+        .group_by(entry.c.key)
+        .order_by(entry.c.key)
+    )
+    return {metric: count for metric, count in rows}
+
+
+async def pairs(session: AsyncSession, job_id: UUID) -> dict[str, Any]:
+    """Pair attempts, pairs kept, attempts not kept by reason, and the mean gap of kept pairs."""
+    rows = await session.execute(
+        select(PreferencePair.kept, PreferencePair.reason, func.count(), func.avg(PreferencePair.gap))
+        .where(PreferencePair.job_id == job_id)
+        .group_by(PreferencePair.kept, PreferencePair.reason)
+    )
+    summary: dict[str, Any] = {"attempted": 0, "kept": 0, "not_kept": {}, "mean_gap": None}
+    for kept, reason, count, mean_gap in rows:
+        summary["attempted"] += count
+        if kept:
+            summary["kept"], summary["mean_gap"] = count, mean_gap
+        else:
+            summary["not_kept"][reason] = count
+    return summary
+
+
+async def usage_by_stage(session: AsyncSession, job_id: UUID) -> dict[str, dict[str, int]]:
+    """LLM calls and tokens per stage (intent, seed, ..., grade, whisper, rejected, guard, judge)."""
+    rows = await session.execute(
+        select(
+            TurnRow.stage,
+            func.count(),
+            func.sum(TurnRow.prompt_tokens),
+            func.sum(TurnRow.completion_tokens),
+        )
+        .where(TurnRow.job_id == job_id)
+        .group_by(TurnRow.stage)
+        .order_by(TurnRow.stage)
+    )
+    return {
+        stage: {"llm_calls": calls, "prompt_tokens": prompt, "completion_tokens": completion}
+        for stage, calls, prompt, completion in rows
+    }
