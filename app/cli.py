@@ -43,27 +43,40 @@ async def _with_session(work: Any) -> Any:
 @keys_cli.command("create")
 def create_key(
     name: str,
+    scope: Annotated[
+        list[str] | None,
+        typer.Option(
+            help=f"Grant a scope (repeatable). Known: {', '.join(sorted(keys.SCOPES))}. "
+            f"{keys.HAZARDOUS_READ} reads whispered beliefs, rejected CoTs and guard rationales."
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the secret.")] = False,
 ) -> None:
     """Create a key; its secret is shown once and stored only as a hash."""
-    key, secret = asyncio.run(_with_session(lambda s: keys.create_key(s, name)))
+    try:
+        key, secret = asyncio.run(_with_session(lambda s: keys.create_key(s, name, scope or [])))
+    except keys.UnknownScope as exc:
+        raise typer.BadParameter(str(exc), param_hint="--scope") from exc
     if quiet:
         print(secret)
     else:
-        console.print(f"Created key [bold]{key.name}[/] ({key.prefix}…, id {key.id}). Secret, shown once:")
+        scopes = f", scopes {', '.join(key.scopes)}" if key.scopes else ""
+        console.print(f"Created key [bold]{key.name}[/] ({key.prefix}…, id {key.id}{scopes}).")
+        console.print("Secret, shown once:")
         print(secret)
 
 
 @keys_cli.command("list")
 def list_keys() -> None:
-    """Every key: id, name, prefix, created, revoked."""
+    """Every key: id, name, prefix, created, revoked, scopes."""
 
     async def rows(session: Any) -> list[ApiKey]:
         return list(await session.scalars(select(ApiKey).order_by(ApiKey.created_at)))
 
     for key in asyncio.run(_with_session(rows)):
         revoked = f"revoked {key.revoked_at:%Y-%m-%d}" if key.revoked_at else "active"
-        console.print(f"{key.id}  {key.prefix}…  {key.name}  {key.created_at:%Y-%m-%d}  {revoked}")
+        scopes = ",".join(key.scopes) or "-"
+        console.print(f"{key.id}  {key.prefix}…  {key.name}  {key.created_at:%Y-%m-%d}  {revoked}  {scopes}")
 
 
 @keys_cli.command("revoke")

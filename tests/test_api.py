@@ -42,6 +42,10 @@ V1_PATHS = {
     "/v1/jobs/{job_id}/items": {"get"},
     "/v1/jobs/{job_id}/cots": {"get"},
     "/v1/items/{item_id}": {"get"},
+    "/v1/jobs/{job_id}/preference-pairs": {"get"},
+    "/v1/jobs/{job_id}/report": {"get"},
+    "/v1/comparisons": {"post"},
+    "/v1/comparisons/{comparison_id}": {"get"},
     "/v1/policy-sets": {"get", "post"},
     "/v1/policy-sets/{policy_set_id}": {"get"},
 }
@@ -232,7 +236,7 @@ async def test_request_without_a_valid_key_is_unauthorized(api: httpx.AsyncClien
 async def test_every_v1_operation_requires_a_key(api: httpx.AsyncClient) -> None:
     some_id = uuid.uuid4()
     for path, methods in V1_PATHS.items():
-        url = path.format(job_id=some_id, item_id=some_id, policy_set_id=some_id)
+        url = path.format(job_id=some_id, item_id=some_id, policy_set_id=some_id, comparison_id=some_id)
         for method in methods:
             error_of(await api.request(method, url, json={}), 401, "unauthorized")
 
@@ -357,6 +361,7 @@ async def test_job_config_is_resolved_from_server_defaults(
         "temperature": settings.default_temperature,
     }
     assert job["config"] == {
+        "mode": "aidsafe",
         "max_rounds": settings.default_max_rounds,
         "max_tokens": settings.default_max_tokens,
         "max_reasks": settings.max_reasks,
@@ -366,6 +371,8 @@ async def test_job_config_is_resolved_from_server_defaults(
             "deliberators": [default_role] * settings.default_agents,
             "refiner": default_role,
         },
+        "grading": None,
+        "pairs": None,
     }
 
 

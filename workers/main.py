@@ -19,15 +19,16 @@ from prometheus_client import start_http_server
 
 from app import logs
 from app.config import Settings, get_settings
-from app.deliberation.engine import Completed, deliberate
+from app.deliberation.engine import deliberate, judge_pair
 from app.deliberation.ports import LLMRequestRejected, LLMUnavailable
+from app.deliberation.results import Completed, Failed, Judged
 from app.llm.client import OpenAICompatibleClient
 from app.llm.limits import EndpointLimiter
 from app.llm.rates import EndpointRates
 from app.metrics import ITEMS_FINISHED
-from app.pipeline_config import to_pipeline
+from app.pipeline_config import to_judge, to_pipeline
 from app.queue import arq_job_id, enqueue_items, redis_settings
-from app.store import items
+from app.store import comparisons, items
 from app.store.db import make_engine, make_sessions
 from app.store.policy_sets import for_engine
 from app.store.turn_log import PostgresTurnLog
@@ -66,7 +67,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 
 
 async def run_item(ctx: dict[str, Any], item_id: str) -> str:
-    """Claim the item, run or resume its deliberation, and record how it ended."""
+    """Claim the item, run or resume its deliberation (or judgement), and record how it ended."""
     with logs.ids(item_id=item_id):
         return await _run_item(ctx, item_id)
 
@@ -82,24 +83,47 @@ async def _run_item(ctx: dict[str, Any], item_id: str) -> str:
 
 
 async def _run_claimed(ctx: dict[str, Any], claim: items.Claim) -> str:
-    outcome = await _deliberate_claimed(ctx, claim)
+    outcome = await _process_claimed(ctx, claim)
     ITEMS_FINISHED.labels(outcome).inc()
     return outcome
 
 
-async def _deliberate_claimed(ctx: dict[str, Any], claim: items.Claim) -> str:
-    settings: Settings = ctx["settings"]
-    sessions = ctx["sessions"]
-    work = asyncio.create_task(
-        deliberate(
+async def _run_engine(ctx: dict[str, Any], claim: items.Claim) -> Completed | Judged | Failed:
+    """The engine's work for the item's job mode: judge two samples, or write a CoT."""
+    sessions, config = ctx["sessions"], claim.config
+    policies, log_ = for_engine(claim.policy_set), PostgresTurnLog(sessions, claim)
+    if config["mode"] == comparisons.MODE:
+        baseline, candidate = await items.compared_samples(sessions, claim)
+        return await judge_pair(
             claim.item_id,
             claim.prompt,
-            to_pipeline(claim.config),
-            for_engine(claim.policy_set),
+            baseline,
+            candidate,
+            to_judge(config),
+            policies,
             ctx["llm"],
-            PostgresTurnLog(sessions, claim),
+            log_,
+            max_tokens=config["max_tokens"],
+            max_reasks=config["max_reasks"],
         )
-    )
+    return await deliberate(claim.item_id, claim.prompt, to_pipeline(config), policies, ctx["llm"], log_)
+
+
+async def _record(sessions: Any, claim: items.Claim, result: Completed | Judged | Failed) -> str:
+    if isinstance(result, Failed):
+        await items.end(sessions, claim, "failed", result.code, result.message)
+        return "failed"
+    if isinstance(result, Judged):
+        stored = await items.complete_judged(sessions, claim, result)
+    else:
+        stored = await items.complete(sessions, claim, result)
+    return "completed" if stored else "lease lost"
+
+
+async def _process_claimed(ctx: dict[str, Any], claim: items.Claim) -> str:
+    settings: Settings = ctx["settings"]
+    sessions = ctx["sessions"]
+    work = asyncio.create_task(_run_engine(ctx, claim))
     watch = asyncio.create_task(_keep_lease(sessions, claim, settings.lease_seconds, work))
     try:
         result = await work
@@ -125,10 +149,7 @@ async def _deliberate_claimed(ctx: dict[str, Any], claim: items.Claim) -> str:
         raise Retry(defer=_backoff_s(settings, claim.attempt)) from exc
     finally:
         watch.cancel()
-    if isinstance(result, Completed):
-        return "completed" if await items.complete(sessions, claim, result) else "lease lost"
-    await items.end(sessions, claim, "failed", result.code, result.message)
-    return "failed"
+    return await _record(sessions, claim, result)
 
 
 def _limits(settings: Settings) -> items.Limits:

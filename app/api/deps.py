@@ -46,3 +46,11 @@ async def _current_key(
 
 
 CurrentKey = Annotated[ApiKey, Depends(_current_key)]
+
+
+def _reads_hazardous(key: CurrentKey) -> bool:
+    return keys.reads_hazardous(key)
+
+
+# Whether the caller may read hazardous text (whispered beliefs, rejected CoTs, guard rationales).
+ReadsHazardous = Annotated[bool, Depends(_reads_hazardous)]

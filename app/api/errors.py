@@ -23,7 +23,7 @@ _WHY = {
     404: "No such resource visible to this API key.",
     409: "The Idempotency-Key was already used with a different request body.",
     413: "The request body is over the size limit.",
-    422: "The request is invalid (validation_error, invalid_config, unknown_policy_set).",
+    422: "The request is invalid (validation_error, invalid_config, unknown_policy_set, no_common_prompts).",
     503: "The database is unavailable; retry shortly.",
 }
 

@@ -7,7 +7,7 @@ from uuid import UUID
 from fastapi import APIRouter
 
 from app.api import views
-from app.api.deps import CurrentKey, SessionDep
+from app.api.deps import CurrentKey, ReadsHazardous, SessionDep
 from app.api.jobs import ERRORS
 from app.api.schemas import ItemDetailOut
 from app.store import jobs
@@ -16,12 +16,16 @@ router = APIRouter(prefix="/v1/items", tags=["items"])
 
 
 @router.get("/{item_id}", responses=ERRORS)
-async def get_item(item_id: UUID, session: SessionDep, key: CurrentKey) -> ItemDetailOut:
+async def get_item(
+    item_id: UUID, session: SessionDep, key: CurrentKey, reads_hazardous: ReadsHazardous
+) -> ItemDetailOut:
+    """Turns that may hold hazardous text (see TurnOut) are blanked for keys without the
+    `hazardous:read` scope."""
     item, _ = await jobs.get_item_owned(session, item_id, key.id)
     cot = await jobs.item_cot(session, item_id)
     turns = await jobs.item_turns(session, item_id)
     return ItemDetailOut(
         **views.item_out(item).model_dump(),
         cot=views.cot_out(cot, item) if cot else None,
-        turns=[views.turn_out(t) for t in turns],
+        turns=[views.turn_out(t, reads_hazardous) for t in turns],
     )

@@ -7,13 +7,15 @@ import logging
 from typing import Annotated
 from uuid import UUID
 
+from arq.connections import ArqRedis
 from fastapi import APIRouter, Header, Query, Response, status
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.api import views
-from app.api.deps import ArqDep, CurrentKey, SessionDep, SettingsDep
+from app.api.deps import ArqDep, CurrentKey, ReadsHazardous, SessionDep, SettingsDep
 from app.api.errors import documented
-from app.api.schemas import CotPage, ItemPage, ItemStatus, JobIn, JobOut
+from app.api.schemas import CotPage, ItemPage, ItemStatus, JobIn, JobOut, PreferencePairPage, ReportOut
+from app.config import Settings
 from app.pipeline_config import resolve
 from app.queue import enqueue_items
 from app.store import jobs, policy_sets
@@ -23,6 +25,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger("aidsafe.api")
 Limit = Annotated[int, Query(ge=1, le=500, description="Page size.")]
 Cursor = Annotated[str | None, Query(description="`next_cursor` of the previous page.")]
+IdempotencyKey = Annotated[str | None, Header(max_length=200)]
 ERRORS = documented(401, 404, 422, 503)  # routes with an id in the path
 PAGE_ERRORS = documented(400, 401, 404, 422, 503)
 
@@ -48,7 +51,7 @@ async def submit_job(
     key: CurrentKey,
     settings: SettingsDep,
     arq: ArqDep,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> JobOut:
     """Accept a batch of 1 to 10,000 prompts; one arq job per item is enqueued after commit."""
     config = resolve(body.config, settings)
@@ -68,11 +71,17 @@ async def submit_job(
     await session.commit()
     if not new_item_ids:
         response.status_code = status.HTTP_200_OK
-    try:
-        await enqueue_items(arq, settings.queue_name, [(item_id, 1) for item_id in new_item_ids])
-    except Exception:  # committed already: the sweeper enqueues what did not make it
-        log.exception("enqueue failed for job %s; the sweeper will enqueue its items", job.id)
+    await enqueue_committed(arq, settings, job.id, new_item_ids)
     return await _job_out(session, job)
+
+
+async def enqueue_committed(arq: ArqRedis, settings: Settings, job_id: UUID, item_ids: list[UUID]) -> None:
+    """Enqueue a committed job's new items. A failure is logged, not raised: the job exists
+    now, and the sweeper enqueues queued items whose arq job is missing."""
+    try:
+        await enqueue_items(arq, settings.queue_name, [(item_id, 1) for item_id in item_ids])
+    except Exception:
+        log.exception("enqueue failed for job %s; the sweeper will enqueue its items", job_id)
 
 
 @router.get("/{job_id}", responses=ERRORS)
@@ -108,9 +117,49 @@ async def list_items(
 
 @router.get("/{job_id}/cots", responses=PAGE_ERRORS)
 async def list_cots(
-    job_id: UUID, session: SessionDep, key: CurrentKey, cursor: Cursor = None, limit: Limit = 100
+    job_id: UUID,
+    session: SessionDep,
+    key: CurrentKey,
+    accepted: Annotated[
+        bool | None, Query(description="Only CoTs the quality gate accepted (true) or rejected (false).")
+    ] = None,
+    cursor: Cursor = None,
+    limit: Limit = 100,
 ) -> CotPage:
-    """Refined CoTs of completed items, in prompt order."""
+    """Refined CoTs of completed items, in prompt order, with their scores and gate decision."""
     await jobs.get_owned(session, job_id, key.id)
-    rows, next_cursor = await jobs.page_cots(session, job_id, cursor, limit)
+    rows, next_cursor = await jobs.page_cots(session, job_id, accepted, cursor, limit)
     return CotPage(data=[views.cot_out(cot, item) for cot, item in rows], next_cursor=next_cursor)
+
+
+@router.get("/{job_id}/preference-pairs", responses=PAGE_ERRORS)
+async def list_preference_pairs(
+    job_id: UUID,
+    session: SessionDep,
+    key: CurrentKey,
+    reads_hazardous: ReadsHazardous,
+    kept: Annotated[bool | None, Query(description="Only pairs kept (true) or not kept (false).")] = None,
+    min_gap: Annotated[
+        float | None, Query(ge=-4, le=4, description="Only pairs with at least this policy-faithfulness gap.")
+    ] = None,
+    cursor: Cursor = None,
+    limit: Limit = 100,
+) -> PreferencePairPage:
+    """Ear-whisperer pair attempts in prompt order, with every try. Beliefs, rejected CoTs and
+    guard rationales are hazardous: keys without the `hazardous:read` scope get them as null."""
+    await jobs.get_owned(session, job_id, key.id)
+    rows, next_cursor = await jobs.page_pairs(
+        session, job_id, kept=kept, min_gap=min_gap, cursor=cursor, limit=limit
+    )
+    return PreferencePairPage(
+        data=[views.pair_out(pair, item, cot, reads_hazardous) for pair, item, cot in rows],
+        next_cursor=next_cursor,
+    )
+
+
+@router.get("/{job_id}/report", responses=ERRORS)
+async def get_report(job_id: UUID, session: SessionDep, key: CurrentKey) -> ReportOut:
+    """Quality in full: grader statistics, the gate's thresholds and misses, pair outcomes,
+    and LLM usage by stage."""
+    job = await jobs.get_owned(session, job_id, key.id)
+    return views.report_out(job, await jobs.report(session, job))

@@ -9,7 +9,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.pipeline_config import JobConfigIn
+from app.pipeline_config import JobConfigIn, RoleIn
 
 MAX_PROMPTS_PER_JOB = 10_000
 MAX_PROMPT_CHARS = 20_000
@@ -147,15 +147,64 @@ class Usage(BaseModel):
     completion_tokens: int
 
 
+JobStatus = Literal["queued", "running", "completed", "cancelling", "cancelled"]
+
+
+class MetricStats(BaseModel):
+    mean: float = Field(description="Mean score, 1 to 5.")
+    distribution: dict[str, int] = Field(description='CoTs per score, "1" to "5".')
+
+
+class QualitySummary(BaseModel):
+    """The auto-grader and the quality gate over the job's CoTs so far."""
+
+    graded: int = Field(description="CoTs with scores.")
+    grade_failed: int = Field(description="CoTs the grader gave no usable scores for (rejected).")
+    accepted: int = Field(description="CoTs that passed every threshold.")
+    rejected: int
+    metrics: dict[str, MetricStats] = Field(description="Per metric, over the graded CoTs.")
+
+
+class PairSummary(BaseModel):
+    """Ear-whisperer preference pairs: one attempt per completed item."""
+
+    attempted: int
+    kept: int
+    not_kept: dict[str, int] = Field(description="Attempts not kept, by reason.")
+    mean_gap: float | None = Field(description="Mean policy-faithfulness gap of the kept pairs.")
+
+
 class JobOut(BaseModel):
     id: UUID
-    status: Literal["queued", "running", "completed", "cancelling", "cancelled"]
+    status: JobStatus
     created_at: datetime
     cancelled_at: datetime | None
     policy_set: PolicySetBrief
     config: dict[str, Any]
     counts: JobCounts
     usage: Usage
+    quality: QualitySummary | None = Field(
+        default=None, description="Present when the job asked for grading."
+    )
+    pairs: PairSummary | None = Field(default=None, description="Present when the job asked for pairs.")
+
+
+class QualityReport(QualitySummary):
+    thresholds: dict[str, float] = Field(description="The job's gate: lowest accepted score per metric.")
+    below_threshold: dict[str, int] = Field(
+        description="Why CoTs were rejected: per gated metric, CoTs scored under its threshold "
+        "(a CoT may miss several); ungraded CoTs are counted in grade_failed."
+    )
+
+
+class ReportOut(BaseModel):
+    job_id: UUID
+    status: JobStatus
+    counts: JobCounts
+    quality: QualityReport | None = Field(default=None, description="Present when the job asked for grading.")
+    pairs: PairSummary | None = Field(default=None, description="Present when the job asked for pairs.")
+    usage: Usage
+    usage_by_stage: dict[str, Usage] = Field(description="LLM calls and tokens per stage.")
 
 
 class ItemOut(BaseModel):
@@ -174,6 +223,10 @@ class ItemOut(BaseModel):
 
 
 class TurnOut(BaseModel):
+    """A turn that may hold hazardous text (whisper, rejected, guard, and grading of the
+    rejected side) has its raw_output, parsed and error blanked for keys without the
+    `hazardous:read` scope, and `redacted` true."""
+
     stage: str
     round: int
     agent: int
@@ -191,6 +244,7 @@ class TurnOut(BaseModel):
     latency_ms: float
     request_hash: str
     created_at: datetime
+    redacted: bool
 
 
 class ThoughtOut(BaseModel):
@@ -213,6 +267,19 @@ class DroppedThoughtOut(BaseModel):
     explanation: str
 
 
+class ScoreOut(BaseModel):
+    score: int = Field(ge=1, le=5)
+    rationale: str | None = Field(description="Null when redacted (grading of a rejected CoT).")
+
+
+Scores = dict[str, ScoreOut]
+
+
+class GateOut(BaseModel):
+    accepted: bool | None = Field(description="The quality gate's decision; null when no grading was asked.")
+    reasons: list[str] = Field(description="Thresholds missed, or why the CoT is ungraded.")
+
+
 class CotOut(BaseModel):
     item_id: UUID
     position: int
@@ -227,6 +294,9 @@ class CotOut(BaseModel):
     agreed: bool
     agreed_by: dict[str, int] | None
     policy_set: PolicySetBrief
+    scores: Scores | None = Field(description="The auto-grader's scores; null when not graded.")
+    grade_error: str | None = Field(description="Why the grader gave no scores.")
+    quality: GateOut
     created_at: datetime
 
 
@@ -243,3 +313,103 @@ class ItemPage(BaseModel):
 class CotPage(BaseModel):
     data: list[CotOut]
     next_cursor: str | None
+
+
+class GuardOut(BaseModel):
+    unsafe: bool | None = Field(description="Null when the guard's output could not be read.")
+    categories: list[str] = Field(description="Policies (or S-codes) the guard says are violated.")
+    rationale: str | None = Field(description="Null when redacted.")
+    error: str | None = Field(description="Why the guard's output was unreadable; null when redacted.")
+
+
+class SampleOut(BaseModel):
+    thoughts: list[str]
+    response: str
+
+
+class ChosenOut(BaseModel):
+    """The item's own refined CoT."""
+
+    thoughts: list[str]
+    response: str
+    scores: Scores | None
+
+
+class RejectedOut(BaseModel):
+    """The CoT written under the whispered belief that the guard flagged. Text is null when
+    redacted, or when no try was flagged."""
+
+    belief: str | None
+    thoughts: list[str] | None
+    response: str | None
+    scores: Scores | None
+    grade_error: str | None
+    guard: GuardOut | None
+
+
+class WhisperTryOut(BaseModel):
+    number: int
+    belief: str | None = Field(description="Null when redacted.")
+    refused: bool = Field(description="The generator refused to follow the belief.")
+    rejected: SampleOut | None = Field(description="Null when redacted or refused.")
+    refusal: str | None = Field(description="The generator's refusal; null when redacted.")
+    guard: GuardOut | None = Field(description="Null when there was nothing to judge.")
+
+
+class PreferencePairOut(BaseModel):
+    item_id: UUID
+    position: int
+    prompt: str
+    kept: bool
+    reason: str | None = Field(description="Why the pair was not kept; null when kept.")
+    gap: float | None = Field(description="Chosen minus rejected policy faithfulness.")
+    chosen: ChosenOut
+    rejected: RejectedOut
+    tries: list[WhisperTryOut]
+    redacted: bool = Field(description="Hazardous text was withheld: the key lacks `hazardous:read`.")
+
+
+class PreferencePairPage(BaseModel):
+    data: list[PreferencePairOut]
+    next_cursor: str | None
+
+
+class ComparisonIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    baseline_job_id: UUID
+    candidate_job_id: UUID
+    judge: RoleIn | None = Field(default=None, description="Temperature defaults to 0.")
+
+    _storable = model_validator(mode="before")(storable_input)
+
+
+class MetricComparison(BaseModel):
+    baseline: float | None
+    candidate: float | None
+    delta: float | None = Field(description="Candidate minus baseline.")
+
+
+class Pairwise(BaseModel):
+    """The judge's verdicts, from the candidate's side. A sample wins only when the judge
+    prefers it in both orders; a split is a tie."""
+
+    wins: int
+    ties: int
+    losses: int
+    unreadable: int = Field(description="No readable verdict in both orders.")
+
+
+class ComparisonOut(BaseModel):
+    id: UUID
+    status: JobStatus
+    created_at: datetime
+    baseline_job_id: UUID
+    candidate_job_id: UUID
+    judge: dict[str, Any]
+    prompts: int = Field(description="Prompts both jobs completed: the items compared.")
+    counts: JobCounts
+    metrics: dict[str, MetricComparison] = Field(
+        description="Per metric, the grader's mean on each side over the compared prompts."
+    )
+    pairwise: Pairwise
+    usage: Usage

@@ -5,15 +5,26 @@ from __future__ import annotations
 from typing import Any
 
 from app.api.schemas import (
+    ChosenOut,
+    ComparisonOut,
     CotOut,
+    GateOut,
+    GuardOut,
     ItemOut,
     JobOut,
     PolicySetBrief,
     PolicySetDetailOut,
     PolicySetOut,
+    PreferencePairOut,
+    RejectedOut,
+    ReportOut,
+    SampleOut,
+    ScoreOut,
     TurnOut,
+    WhisperTryOut,
 )
-from app.store.models import Cot, Item, Job, PolicySetRow, TurnRow
+from app.deliberation.ports import is_hazardous
+from app.store.models import Cot, Item, Job, PolicySetRow, PreferencePair, TurnRow
 
 
 def job_out(job: Job, policy_set: PolicySetRow, summary: dict[str, Any]) -> JobOut:
@@ -44,8 +55,15 @@ def item_out(item: Item) -> ItemOut:
     )
 
 
-def turn_out(turn: TurnRow) -> TurnOut:
-    return TurnOut.model_validate(turn, from_attributes=True)
+def turn_out(turn: TurnRow, reads_hazardous: bool) -> TurnOut:
+    out = TurnOut.model_validate({**_columns(turn), "redacted": False})
+    if reads_hazardous or not is_hazardous(turn.stage, turn.round):
+        return out
+    return out.model_copy(update={"raw_output": "", "parsed": None, "error": None, "redacted": True})
+
+
+def _columns(row: Any) -> dict[str, Any]:
+    return {column.key: getattr(row, column.key) for column in row.__mapper__.column_attrs}
 
 
 def cot_out(cot: Cot, item: Item) -> CotOut:
@@ -65,7 +83,91 @@ def cot_out(cot: Cot, item: Item) -> CotOut:
         policy_set=PolicySetBrief(
             id=cot.policy_set_id, name=cot.policy_set_name, version=cot.policy_set_version
         ),
+        scores=scores_out(cot.scores, with_rationale=True),
+        grade_error=cot.grade_error,
+        quality=GateOut(accepted=cot.accepted, reasons=cot.gate_reasons or []),
         created_at=cot.created_at,
+    )
+
+
+def scores_out(scores: dict[str, Any] | None, *, with_rationale: bool) -> dict[str, ScoreOut] | None:
+    if scores is None:
+        return None
+    return {
+        metric: ScoreOut(score=s["score"], rationale=s["rationale"] if with_rationale else None)
+        for metric, s in scores.items()
+    }
+
+
+def guard_out(verdict: dict[str, Any] | None, reads_hazardous: bool) -> GuardOut | None:
+    if verdict is None:
+        return None
+    return GuardOut(
+        unsafe=verdict["unsafe"],
+        categories=verdict["categories"],
+        rationale=verdict["rationale"] if reads_hazardous else None,
+        error=verdict["error"] if reads_hazardous else None,
+    )
+
+
+def pair_out(pair: PreferencePair, item: Item, cot: Cot, reads_hazardous: bool) -> PreferencePairOut:
+    """A pair attempt; without the hazardous scope, every text written under a whispered
+    belief (and what the guard and grader said about it) is null."""
+    shown = reads_hazardous
+    return PreferencePairOut(
+        item_id=pair.item_id,
+        position=pair.position,
+        prompt=item.prompt,
+        kept=pair.kept,
+        reason=pair.reason,
+        gap=pair.gap,
+        chosen=ChosenOut(
+            thoughts=[t["text"] for t in cot.refined_thoughts],
+            response=cot.response,
+            scores=scores_out(pair.chosen_scores, with_rationale=True),
+        ),
+        rejected=RejectedOut(
+            belief=pair.belief if shown else None,
+            thoughts=pair.rejected_thoughts if shown else None,
+            response=pair.rejected_response if shown else None,
+            scores=scores_out(pair.rejected_scores, with_rationale=shown),
+            grade_error=pair.rejected_grade_error,
+            guard=guard_out(pair.guard, shown),
+        ),
+        tries=[
+            WhisperTryOut(
+                number=t["number"],
+                belief=t["belief"] if shown else None,
+                refused=t["rejected"] is None,
+                rejected=SampleOut(**t["rejected"]) if shown and t["rejected"] else None,
+                refusal=t["refusal"] if shown else None,
+                guard=guard_out(t["guard"], shown),
+            )
+            for t in pair.tries
+        ],
+        redacted=not shown,
+    )
+
+
+def report_out(job: Job, report: dict[str, Any]) -> ReportOut:
+    return ReportOut(job_id=job.id, **report)
+
+
+def comparison_out(
+    job: Job, summary: dict[str, Any], metrics: dict[str, Any], pairwise: dict[str, int]
+) -> ComparisonOut:
+    return ComparisonOut(
+        id=job.id,
+        status=summary["status"],
+        created_at=job.created_at,
+        baseline_job_id=job.config["baseline_job_id"],
+        candidate_job_id=job.config["candidate_job_id"],
+        judge=job.config["judge"],
+        prompts=job.item_count,
+        counts=summary["counts"],
+        metrics=metrics,
+        pairwise=pairwise,
+        usage=summary["usage"],
     )
 
 

@@ -1,0 +1,79 @@
+"""/v1/comparisons: judge two jobs' samples of the same prompts against each other (the
+paper's LLM_ZS vs AIDSAFE comparison), with the grader's means side by side."""
+
+from __future__ import annotations
+
+import hashlib
+from uuid import UUID
+
+from fastapi import APIRouter, Response, status
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.api import views
+from app.api.deps import ArqDep, CurrentKey, SessionDep, SettingsDep
+from app.api.errors import documented
+from app.api.jobs import ERRORS, IdempotencyKey, enqueue_committed
+from app.api.schemas import ComparisonIn, ComparisonOut
+from app.pipeline_config import resolve_comparison
+from app.store import comparisons, jobs
+from app.store.models import Job
+
+router = APIRouter(prefix="/v1/comparisons", tags=["comparisons"])
+
+
+async def _comparison_out(session: AsyncSession, job: Job) -> ComparisonOut:
+    return views.comparison_out(
+        job,
+        await jobs.summary(session, job),
+        await comparisons.metric_means(session, job),
+        await comparisons.pairwise(session, job.id),
+    )
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses={
+        200: {
+            "model": ComparisonOut,
+            "description": "Replay of an earlier POST with the same Idempotency-Key.",
+        },
+        **documented(400, 401, 404, 409, 413, 422, 503),
+    },
+)
+async def create_comparison(
+    body: ComparisonIn,
+    response: Response,
+    session: SessionDep,
+    key: CurrentKey,
+    settings: SettingsDep,
+    arq: ArqDep,
+    idempotency_key: IdempotencyKey = None,
+) -> ComparisonOut:
+    """Compare two of this key's jobs on the prompts both completed (exact text; 422
+    `no_common_prompts` if none). A judge reads each pair of samples in both orders; a
+    sample wins only if preferred both times. Runs as a job of mode `comparison`."""
+    baseline = await jobs.get_owned(session, body.baseline_job_id, key.id)
+    candidate = await jobs.get_owned(session, body.candidate_job_id, key.id)
+    config = resolve_comparison(body.judge, settings, baseline.id, candidate.id)
+    job, new_item_ids = await comparisons.create(
+        session,
+        owner_key_id=key.id,
+        baseline=baseline,
+        candidate=candidate,
+        config=config,
+        idempotency_key=idempotency_key,
+        request_hash=hashlib.sha256(body.model_dump_json().encode()).hexdigest(),
+    )
+    await session.commit()
+    if not new_item_ids:
+        response.status_code = status.HTTP_200_OK
+    await enqueue_committed(arq, settings, job.id, new_item_ids)
+    return await _comparison_out(session, job)
+
+
+@router.get("/{comparison_id}", responses=ERRORS)
+async def get_comparison(comparison_id: UUID, session: SessionDep, key: CurrentKey) -> ComparisonOut:
+    """Progress, the grader's per-metric means of both jobs over the compared prompts, and
+    the judge's wins, ties and losses from the candidate's side."""
+    return await _comparison_out(session, await comparisons.get_owned(session, comparison_id, key.id))
