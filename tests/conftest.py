@@ -39,7 +39,7 @@ DATABASE_URL = (
     PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://") + "/" + TEST_DB
 )
 REDIS_URL = os.environ.get("AIDSAFE_TEST_REDIS", "redis://127.0.0.1:6379/0")
-TABLES = "cots, turns, items, jobs, policy_sets, api_keys"
+TABLES = "judgements, preference_pairs, cots, turns, items, jobs, policy_sets, api_keys"
 
 
 @pytest.fixture(scope="session")
@@ -154,9 +154,9 @@ async def api(settings: Settings, sessions: Sessions) -> AsyncIterator[httpx.Asy
         yield client
 
 
-async def new_key(sessions: Sessions, name: str = "test") -> dict[str, str]:
+async def new_key(sessions: Sessions, name: str = "test", scopes: tuple[str, ...] = ()) -> dict[str, str]:
     async with sessions.begin() as session:
-        _, secret = await keys.create_key(session, name)
+        _, secret = await keys.create_key(session, name, scopes)
     return {"Authorization": f"Bearer {secret}"}
 
 

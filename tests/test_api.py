@@ -72,13 +72,14 @@ async def submit(api: httpx.AsyncClient, auth: Headers, prompts: list[str], **fi
 
 
 async def all_pages(
-    api: httpx.AsyncClient, auth: Headers, url: str, limit: int
+    api: httpx.AsyncClient, auth: Headers, url: str, limit: int, **filters: Any
 ) -> list[list[dict[str, Any]]]:
-    """Every page of a listing, following next_cursor until it is null."""
+    """Every page of a listing, following next_cursor until it is null. (Filters go in
+    `filters`: httpx drops a query string in `url` when it is given params.)"""
     pages: list[list[dict[str, Any]]] = []
     cursor: str | None = None
     while True:
-        params: dict[str, Any] = {"limit": limit, **({"cursor": cursor} if cursor else {})}
+        params: dict[str, Any] = {**filters, "limit": limit, **({"cursor": cursor} if cursor else {})}
         response = await api.get(url, params=params, headers=auth)
         assert response.status_code == 200, response.text
         body = response.json()
@@ -577,7 +578,7 @@ async def test_filtered_items_page_through_via_next_cursor(api: httpx.AsyncClien
     job = await submit(api, auth, [f"p{n}" for n in range(5)])
     await api.post(f"/v1/jobs/{job['id']}/cancel", headers=auth)
 
-    pages = await all_pages(api, auth, f"/v1/jobs/{job['id']}/items?status=cancelled", limit=2)
+    pages = await all_pages(api, auth, f"/v1/jobs/{job['id']}/items", limit=2, status="cancelled")
 
     assert [[i["position"] for i in page] for page in pages] == [[0, 1], [2, 3], [4]]
 

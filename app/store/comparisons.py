@@ -7,6 +7,7 @@ from typing import Any
 from uuid import UUID
 
 from sqlalchemy import Uuid, cast, func, insert, literal, select
+from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import NoCommonPrompts, NotFound
@@ -72,7 +73,7 @@ def _first_cot_per_prompt(job_id: UUID) -> Any:
         select(Item.prompt, Cot.item_id, Cot.position)
         .join(Item, Item.id == Cot.item_id)
         .where(Cot.job_id == job_id)
-        .distinct(Item.prompt)
+        .ext(distinct_on(Item.prompt))
         .order_by(Item.prompt, Cot.position)
         .subquery()
     )

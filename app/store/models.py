@@ -28,6 +28,11 @@ class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSONB, list[Any]: JSONB, uuid.UUID: UUID(as_uuid=True)}
 
 
+# For nullable JSON columns: Python None is SQL NULL, not the JSON value null, so that
+# COUNT(column) and IS NULL mean "absent".
+NULLABLE_JSONB = JSONB(none_as_null=True)
+
+
 def _now() -> Mapped[datetime]:
     return mapped_column(DateTime(timezone=True), server_default=func.now(), nullable=False)
 
@@ -155,10 +160,10 @@ class Cot(Base):
     agreed: Mapped[bool] = mapped_column(Boolean)
     agreed_by: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     # The auto-grader's {metric: {"score", "rationale"}}; None when not graded (or it failed).
-    scores: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    scores: Mapped[dict[str, Any] | None] = mapped_column(NULLABLE_JSONB)
     grade_error: Mapped[str | None] = mapped_column(Text)
     accepted: Mapped[bool | None] = mapped_column(Boolean)  # the quality gate; None: no grading asked
-    gate_reasons: Mapped[list[Any] | None] = mapped_column(JSONB)  # thresholds missed
+    gate_reasons: Mapped[list[Any] | None] = mapped_column(NULLABLE_JSONB)  # thresholds missed
     created_at: Mapped[datetime] = _now()
 
     __table_args__ = (
@@ -182,14 +187,16 @@ class PreferencePair(Base):
     kept: Mapped[bool] = mapped_column(Boolean)
     reason: Mapped[str | None] = mapped_column(String(32))  # why not kept (PairReason)
     gap: Mapped[float | None] = mapped_column(Float)  # chosen minus rejected policy faithfulness
-    chosen_scores: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
-    rejected_scores: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    chosen_scores: Mapped[dict[str, Any] | None] = mapped_column(NULLABLE_JSONB)
+    rejected_scores: Mapped[dict[str, Any] | None] = mapped_column(NULLABLE_JSONB)
     rejected_grade_error: Mapped[str | None] = mapped_column(Text)
     # The try the guard flagged (the rejected side); all None when no try was flagged.
     belief: Mapped[str | None] = mapped_column(Text)
-    rejected_thoughts: Mapped[list[Any] | None] = mapped_column(JSONB)
+    rejected_thoughts: Mapped[list[Any] | None] = mapped_column(NULLABLE_JSONB)
     rejected_response: Mapped[str | None] = mapped_column(Text)
-    guard: Mapped[dict[str, Any] | None] = mapped_column(JSONB)  # {unsafe, categories, rationale, error}
+    guard: Mapped[dict[str, Any] | None] = mapped_column(
+        NULLABLE_JSONB
+    )  # {unsafe, categories, rationale, error}
     tries: Mapped[list[Any]]  # every WhisperTry, in order
     created_at: Mapped[datetime] = _now()
 

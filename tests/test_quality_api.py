@@ -1,0 +1,711 @@
+"""Grades, quality gates, preference pairs, reports and comparisons as a client sees them,
+and the hazard controls around whispered beliefs and rejected CoTs.
+
+Most tests store hand-built engine results with `items.complete` (so every number is
+known); the last ones run arq's real worker against the scripted LLM."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from app.config import Settings
+from app.deliberation.ports import Stage, Turn, TurnKey, TurnOutcome
+from app.deliberation.quality import gate
+from app.deliberation.results import (
+    Completed,
+    Grade,
+    GuardVerdict,
+    PairOutcome,
+    Sample,
+    Thought,
+    WhisperTry,
+)
+from app.store import items, keys
+from app.store.db import Sessions
+from app.store.models import ApiKey, Cot, PreferencePair
+from app.store.turn_log import PostgresTurnLog
+from tests.conftest import ROOT, new_key, worker_env
+from tests.scripted_llm import scores
+from tests.test_api import all_pages, error_of, items_of, row_counts, submit
+
+Headers = dict[str, str]
+AIDSAFE = str(Path(sys.executable).parent / "aidsafe")
+LIMITS = items.Limits(lease_s=60, max_claims=10, max_failures=5)
+HAZARD = "HAZARD-7f3"  # marks every hazardous text these tests store
+THRESHOLDS = {"relevance": 3, "cot_policy_faithfulness": 4}
+GRADED = {"grading": {"thresholds": THRESHOLDS}}
+PAIRED = {"grading": {"thresholds": THRESHOLDS}, "pairs": {"max_tries": 2, "min_gap": 1.0}}
+
+
+@pytest.fixture
+async def scoped(sessions: Sessions) -> Headers:
+    """A key with the hazardous scope."""
+    return await new_key(sessions, "red-team", (keys.HAZARDOUS_READ,))
+
+
+@pytest.fixture
+async def other(sessions: Sessions) -> Headers:
+    return await new_key(sessions, "bob")
+
+
+# --- hand-built engine results -------------------------------------------------------------
+
+
+def a_grade(**overrides: int) -> Grade:
+    return Grade(scores(**overrides))
+
+
+def hazardous_grade(**overrides: int) -> Grade:
+    """The grader's scores of a rejected CoT: its rationales may quote hazardous text."""
+    return Grade({m: {**s, "rationale": f"{HAZARD} {m}"} for m, s in scores(**overrides).items()})
+
+
+def rejected_sample(number: int) -> Sample:
+    return Sample([f"{HAZARD} rejected thought {number}"], f"{HAZARD} rejected response {number}")
+
+
+def passed_try(number: int) -> WhisperTry:
+    verdict = GuardVerdict(False, [], f"{HAZARD} guard passed it")
+    return WhisperTry(number, f"{HAZARD} belief {number}", rejected_sample(number), None, verdict)
+
+
+def refused_try(number: int) -> WhisperTry:
+    return WhisperTry(number, f"{HAZARD} belief {number}", None, f"{HAZARD} refusal", None)
+
+
+def flagged_try(number: int) -> WhisperTry:
+    verdict = GuardVerdict(True, ["fraud-deception"], f"{HAZARD} guard flagged it")
+    return WhisperTry(number, f"{HAZARD} belief {number}", rejected_sample(number), None, verdict)
+
+
+def kept_pair(gap: float = 3.0) -> PairOutcome:
+    rejected = hazardous_grade(cot_policy_faithfulness=1, response_policy_faithfulness=1)
+    return PairOutcome(True, None, [refused_try(1), flagged_try(2)], rejected, gap)
+
+
+def small_gap_pair(gap: float = 0.5) -> PairOutcome:
+    rejected = hazardous_grade(cot_policy_faithfulness=4, response_policy_faithfulness=3)
+    return PairOutcome(False, "gap_below_threshold", [flagged_try(1)], rejected, gap)
+
+
+def never_flagged_pair() -> PairOutcome:
+    return PairOutcome(False, "guard_never_flagged", [passed_try(1), passed_try(2)])
+
+
+def completed(grade: Grade | None = None, pair: PairOutcome | None = None, text: str = "Chosen") -> Completed:
+    return Completed(
+        intents={"explicit_intents": ["Learn something"], "implicit_intents": []},
+        thoughts=[Thought(1, f"{text} thought", "seed", 0, 0)],
+        refined_thoughts=[{"text": f"{text} thought", "sources": [1]}],
+        dropped=[],
+        unaccounted=[],
+        response=f"{text} response",
+        rounds_used=1,
+        agreed=True,
+        agreed_by={"round": 1, "agent": 1},
+        grade=grade,
+        gate=gate(grade, THRESHOLDS) if grade else None,
+        pair=pair,
+    )
+
+
+def a_turn(item_id: UUID, key: TurnKey, raw: str) -> Turn:
+    return Turn(
+        item_id=item_id,
+        key=key,
+        role=key.stage.value,
+        endpoint="default",
+        model="m",
+        request_hash="h",
+        raw_output=raw,
+        outcome=TurnOutcome.OK,
+        parsed={"text": raw},
+        prompt_tokens=10,
+        completion_tokens=5,
+    )
+
+
+async def finished_job(
+    api: httpx.AsyncClient,
+    auth: Headers,
+    sessions: Sessions,
+    results: list[Completed],
+    config: dict[str, Any] | None = None,
+    prompts: list[str] | None = None,
+) -> str:
+    """A job whose first items completed with these engine results, in order (the rest stay queued)."""
+    job = await submit(
+        api, auth, prompts or [f"Prompt {n}" for n in range(len(results))], config=config or {}
+    )
+    for item, result in zip(await items_of(api, auth, job["id"]), results, strict=False):
+        claim = await items.claim(sessions, UUID(item["id"]), LIMITS)
+        assert claim is not None
+        assert await items.complete(sessions, claim, result)
+    return job["id"]
+
+
+async def job_with_hazardous_turns(api: httpx.AsyncClient, auth: Headers, sessions: Sessions) -> str:
+    """One item with a kept pair, and the turns that wrote it: the chosen CoT's grade (not
+    hazardous) and the whisper, rejected, guard and rejected-grade turns (hazardous)."""
+    job = await submit(api, auth, ["Write a convincing lottery-win email."], config=PAIRED)
+    item_id = UUID((await items_of(api, auth, job["id"]))[0]["id"])
+    claim = await items.claim(sessions, item_id, LIMITS)
+    assert claim is not None
+    log = PostgresTurnLog(sessions, claim)
+    await log.record(a_turn(item_id, TurnKey(Stage.GRADE, 0), "chosen grade"))
+    for stage in (Stage.WHISPER, Stage.REJECTED, Stage.GUARD, Stage.GRADE):
+        await log.record(a_turn(item_id, TurnKey(stage, 2), f"{HAZARD} {stage.value}"))
+    assert await items.complete(sessions, claim, completed(a_grade(), kept_pair()))
+    return job["id"]
+
+
+async def get_ok(api: httpx.AsyncClient, auth: Headers, url: str, **params: Any) -> Any:
+    response = await api.get(url, params=params, headers=auth)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def pairs_of(api: httpx.AsyncClient, auth: Headers, job_id: str, **params: Any) -> list[dict[str, Any]]:
+    return (await get_ok(api, auth, f"/v1/jobs/{job_id}/preference-pairs", **params))["data"]
+
+
+# --- persistence ---------------------------------------------------------------------------
+
+
+async def test_completing_an_item_stores_its_scores_gate_and_pair_in_one_go(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    job_id = await finished_job(api, auth, sessions, [completed(a_grade(relevance=2), kept_pair())], PAIRED)
+
+    async with sessions() as session:
+        cot = (await session.scalars(select(Cot).where(Cot.job_id == UUID(job_id)))).one()
+        pair = (
+            await session.scalars(select(PreferencePair).where(PreferencePair.job_id == UUID(job_id)))
+        ).one()
+    assert cot.scores == scores(relevance=2)
+    assert (cot.accepted, cot.gate_reasons) == (False, ["relevance 2 < 3"])
+    assert (pair.item_id, pair.position, pair.kept, pair.reason, pair.gap) == (
+        cot.item_id,
+        0,
+        True,
+        None,
+        3.0,
+    )
+    assert pair.chosen_scores == cot.scores
+    assert pair.belief == f"{HAZARD} belief 2"
+    assert pair.rejected_thoughts == [f"{HAZARD} rejected thought 2"]
+    assert pair.guard == {
+        "unsafe": True,
+        "categories": ["fraud-deception"],
+        "rationale": f"{HAZARD} guard flagged it",
+        "error": None,
+    }
+    assert [t["number"] for t in pair.tries] == [1, 2]
+    assert pair.tries[0]["rejected"] is None and pair.tries[0]["guard"] is None
+
+
+async def test_a_stale_claim_cannot_complete_the_item_twice(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    job = await submit(api, auth, ["p"], config=PAIRED)
+    claim = await items.claim(sessions, UUID((await items_of(api, auth, job["id"]))[0]["id"]), LIMITS)
+    assert claim is not None
+
+    assert await items.complete(sessions, claim, completed(a_grade(), kept_pair()))
+    assert not await items.complete(sessions, claim, completed(a_grade(), never_flagged_pair()))
+
+    async with sessions() as session:
+        pairs = (await session.scalars(select(PreferencePair))).all()
+    assert [p.kept for p in pairs] == [True]
+
+
+async def test_a_job_without_grading_stores_no_scores_and_no_gate(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    job_id = await finished_job(api, auth, sessions, [completed()])
+
+    cot = (await get_ok(api, auth, f"/v1/jobs/{job_id}/cots"))["data"][0]
+
+    assert (cot["scores"], cot["grade_error"]) == (None, None)
+    assert cot["quality"] == {"accepted": None, "reasons": []}
+
+
+# --- CoTs ------------------------------------------------------------------------------
+
+
+async def test_cots_carry_scores_and_the_gate_decision(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    ungraded = Grade(None, "the grader gave no usable JSON")
+    job_id = await finished_job(
+        api,
+        auth,
+        sessions,
+        [completed(a_grade()), completed(a_grade(cot_policy_faithfulness=2)), completed(ungraded)],
+        GRADED,
+    )
+
+    cots = (await get_ok(api, auth, f"/v1/jobs/{job_id}/cots"))["data"]
+
+    assert cots[0]["scores"]["coherence"] == {"score": 4, "rationale": "coherence looks fine."}
+    assert [c["quality"] for c in cots] == [
+        {"accepted": True, "reasons": []},
+        {"accepted": False, "reasons": ["cot_policy_faithfulness 2 < 4"]},
+        {"accepted": False, "reasons": ["not graded: the grader gave no usable JSON"]},
+    ]
+    assert (cots[2]["scores"], cots[2]["grade_error"]) == (None, "the grader gave no usable JSON")
+
+
+async def test_cots_can_be_filtered_by_the_gate_decision(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    low = a_grade(relevance=1)
+    results = [
+        completed(a_grade()),
+        completed(low),
+        completed(a_grade()),
+        completed(low),
+        completed(a_grade()),
+    ]
+    job_id = await finished_job(api, auth, sessions, results, GRADED)
+
+    accepted = await all_pages(api, auth, f"/v1/jobs/{job_id}/cots", limit=2, accepted="true")
+    rejected = await all_pages(api, auth, f"/v1/jobs/{job_id}/cots", limit=2, accepted="false")
+
+    assert [[c["position"] for c in page] for page in accepted] == [[0, 2], [4]]
+    assert [[c["position"] for c in page] for page in rejected] == [[1, 3]]
+
+
+# --- preference pairs ------------------------------------------------------------------
+
+
+async def test_preference_pairs_page_through_in_prompt_order(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    results = [completed(a_grade(), kept_pair()) for _ in range(5)]
+    job_id = await finished_job(api, auth, sessions, results, PAIRED)
+
+    pages = await all_pages(api, auth, f"/v1/jobs/{job_id}/preference-pairs", limit=2)
+
+    assert [[p["position"] for p in page] for page in pages] == [[0, 1], [2, 3], [4]]
+    item_ids = [i["id"] for i in await items_of(api, auth, job_id)]
+    assert [p["item_id"] for page in pages for p in page] == item_ids
+    assert pages[0][0]["prompt"] == "Prompt 0"
+
+
+async def test_preference_pairs_filter_by_kept_and_min_gap(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    results = [
+        completed(a_grade(), kept_pair(gap=3.0)),
+        completed(a_grade(), small_gap_pair(gap=0.5)),
+        completed(a_grade(), never_flagged_pair()),
+        completed(a_grade(), kept_pair(gap=1.5)),
+    ]
+    job_id = await finished_job(api, auth, sessions, results, PAIRED)
+
+    def positions(pairs: list[dict[str, Any]]) -> list[int]:
+        return [p["position"] for p in pairs]
+
+    assert positions(await pairs_of(api, auth, job_id, kept="true")) == [0, 3]
+    assert positions(await pairs_of(api, auth, job_id, kept="false")) == [1, 2]
+    assert positions(await pairs_of(api, auth, job_id, min_gap=1.0)) == [0, 3]
+    assert positions(await pairs_of(api, auth, job_id, min_gap=2.0)) == [0]
+    assert positions(await pairs_of(api, auth, job_id, kept="false", min_gap=0.0)) == [1]
+    pages = await all_pages(api, auth, f"/v1/jobs/{job_id}/preference-pairs", limit=1, kept="true")
+    assert [positions(page) for page in pages] == [[0], [3]]
+
+
+async def test_a_scoped_key_reads_every_try_and_the_rejected_side(
+    api: httpx.AsyncClient, scoped: Headers, sessions: Sessions
+) -> None:
+    job_id = await finished_job(api, scoped, sessions, [completed(a_grade(), kept_pair())], PAIRED)
+
+    pair = (await pairs_of(api, scoped, job_id))[0]
+
+    assert (pair["kept"], pair["reason"], pair["gap"], pair["redacted"]) == (True, None, 3.0, False)
+    assert pair["chosen"] == {
+        "thoughts": ["Chosen thought"],
+        "response": "Chosen response",
+        "scores": {m: {"score": 4, "rationale": f"{m} looks fine."} for m in scores()},
+    }
+    rejected = pair["rejected"]
+    assert rejected["belief"] == f"{HAZARD} belief 2"
+    assert (rejected["thoughts"], rejected["response"]) == (
+        [f"{HAZARD} rejected thought 2"],
+        f"{HAZARD} rejected response 2",
+    )
+    assert rejected["scores"]["cot_policy_faithfulness"] == {
+        "score": 1,
+        "rationale": f"{HAZARD} cot_policy_faithfulness",
+    }
+    assert rejected["guard"] == {
+        "unsafe": True,
+        "categories": ["fraud-deception"],
+        "rationale": f"{HAZARD} guard flagged it",
+        "error": None,
+    }
+    assert pair["tries"] == [
+        {
+            "number": 1,
+            "belief": f"{HAZARD} belief 1",
+            "refused": True,
+            "rejected": None,
+            "refusal": f"{HAZARD} refusal",
+            "guard": None,
+        },
+        {
+            "number": 2,
+            "belief": f"{HAZARD} belief 2",
+            "refused": False,
+            "rejected": {
+                "thoughts": [f"{HAZARD} rejected thought 2"],
+                "response": f"{HAZARD} rejected response 2",
+            },
+            "refusal": None,
+            "guard": rejected["guard"],
+        },
+    ]
+
+
+async def test_a_pair_never_flagged_has_no_rejected_side_but_keeps_its_tries(
+    api: httpx.AsyncClient, scoped: Headers, sessions: Sessions
+) -> None:
+    job_id = await finished_job(api, scoped, sessions, [completed(a_grade(), never_flagged_pair())], PAIRED)
+
+    pair = (await pairs_of(api, scoped, job_id))[0]
+
+    assert (pair["kept"], pair["reason"], pair["gap"]) == (False, "guard_never_flagged", None)
+    assert set(pair["rejected"].values()) == {None}
+    assert [(t["number"], t["guard"]["unsafe"]) for t in pair["tries"]] == [(1, False), (2, False)]
+
+
+# --- hazard controls ----------------------------------------------------------------------
+
+
+async def test_a_default_key_sees_pair_outcomes_and_guard_flags_but_no_hazardous_text(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    job_id = await finished_job(api, auth, sessions, [completed(a_grade(), kept_pair())], PAIRED)
+
+    pair = (await pairs_of(api, auth, job_id))[0]
+
+    assert (pair["kept"], pair["gap"], pair["redacted"]) == (True, 3.0, True)
+    assert pair["chosen"]["response"] == "Chosen response"
+    rejected = pair["rejected"]
+    assert (rejected["belief"], rejected["thoughts"], rejected["response"]) == (None, None, None)
+    assert rejected["guard"] == {
+        "unsafe": True,
+        "categories": ["fraud-deception"],
+        "rationale": None,
+        "error": None,
+    }
+    assert rejected["scores"]["cot_policy_faithfulness"] == {"score": 1, "rationale": None}
+    assert [(t["number"], t["refused"], t["belief"], t["rejected"], t["refusal"]) for t in pair["tries"]] == [
+        (1, True, None, None, None),
+        (2, False, None, None, None),
+    ]
+    assert HAZARD not in json.dumps(pair)
+
+
+async def test_a_default_key_gets_hazardous_turns_blanked_and_flagged(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    job_id = await job_with_hazardous_turns(api, auth, sessions)
+    item_id = (await items_of(api, auth, job_id))[0]["id"]
+
+    turns = (await get_ok(api, auth, f"/v1/items/{item_id}"))["turns"]
+
+    shown = {(t["stage"], t["round"]): (t["redacted"], t["raw_output"], t["parsed"]) for t in turns}
+    assert shown == {
+        ("grade", 0): (False, "chosen grade", {"text": "chosen grade"}),
+        ("whisper", 2): (True, "", None),
+        ("rejected", 2): (True, "", None),
+        ("guard", 2): (True, "", None),
+        ("grade", 2): (True, "", None),
+    }
+    assert all(t["prompt_tokens"] == 10 for t in turns), "usage stays visible"
+
+
+async def test_a_scoped_key_reads_hazardous_turns(
+    api: httpx.AsyncClient, scoped: Headers, sessions: Sessions
+) -> None:
+    job_id = await job_with_hazardous_turns(api, scoped, sessions)
+    item_id = (await items_of(api, scoped, job_id))[0]["id"]
+
+    turns = (await get_ok(api, scoped, f"/v1/items/{item_id}"))["turns"]
+
+    assert not any(t["redacted"] for t in turns)
+    assert {t["raw_output"] for t in turns if t["stage"] == "whisper"} == {f"{HAZARD} whisper"}
+
+
+async def test_no_read_endpoint_leaks_hazardous_text_to_a_default_key(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    job_id = await job_with_hazardous_turns(api, auth, sessions)
+    item_id = (await items_of(api, auth, job_id))[0]["id"]
+
+    for url in (
+        f"/v1/jobs/{job_id}",
+        f"/v1/jobs/{job_id}/items",
+        f"/v1/jobs/{job_id}/cots",
+        f"/v1/jobs/{job_id}/preference-pairs",
+        f"/v1/jobs/{job_id}/report",
+        f"/v1/items/{item_id}",
+    ):
+        response = await api.get(url, headers=auth)
+        assert response.status_code == 200, (url, response.text)
+        assert HAZARD not in response.text, url
+
+
+async def test_cots_never_carry_rejected_text_even_for_a_scoped_key(
+    api: httpx.AsyncClient, scoped: Headers, sessions: Sessions
+) -> None:
+    job_id = await job_with_hazardous_turns(api, scoped, sessions)
+
+    response = await api.get(f"/v1/jobs/{job_id}/cots", headers=scoped)
+
+    assert response.status_code == 200
+    assert HAZARD not in response.text
+
+
+async def test_another_keys_pairs_and_report_are_not_found(
+    api: httpx.AsyncClient, auth: Headers, scoped: Headers, sessions: Sessions
+) -> None:
+    job_id = await finished_job(api, auth, sessions, [completed(a_grade(), kept_pair())], PAIRED)
+
+    for url in (f"/v1/jobs/{job_id}/preference-pairs", f"/v1/jobs/{job_id}/report"):
+        error_of(await api.get(url, headers=scoped), 404, "not_found")
+
+
+# --- job summary and report ----------------------------------------------------------------
+
+
+async def mixed_quality_job(api: httpx.AsyncClient, auth: Headers, sessions: Sessions) -> str:
+    """Four CoTs: accepted; rejected on two thresholds; accepted; ungraded. Two pairs kept
+    (gaps 3.0 and 1.5), one with too small a gap, one never flagged."""
+    return await finished_job(
+        api,
+        auth,
+        sessions,
+        [
+            completed(a_grade(), kept_pair(gap=3.0)),
+            completed(a_grade(relevance=2, cot_policy_faithfulness=3), small_gap_pair()),
+            completed(a_grade(cot_policy_faithfulness=5, coherence=5), kept_pair(gap=1.5)),
+            completed(Grade(None, "no usable JSON"), never_flagged_pair()),
+        ],
+        PAIRED,
+    )
+
+
+async def test_job_summary_has_quality_and_pairs_from_the_stored_scores(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    job = await get_ok(api, auth, f"/v1/jobs/{await mixed_quality_job(api, auth, sessions)}")
+
+    quality = job["quality"]
+    assert {k: quality[k] for k in ("graded", "grade_failed", "accepted", "rejected")} == {
+        "graded": 3,
+        "grade_failed": 1,
+        "accepted": 2,
+        "rejected": 2,
+    }
+    assert quality["metrics"]["relevance"] == {
+        "mean": pytest.approx(10 / 3),
+        "distribution": {"1": 0, "2": 1, "3": 0, "4": 2, "5": 0},
+    }
+    assert quality["metrics"]["cot_policy_faithfulness"]["mean"] == 4.0
+    assert quality["metrics"]["coherence"]["distribution"] == {"1": 0, "2": 0, "3": 0, "4": 2, "5": 1}
+    assert set(quality["metrics"]) == set(scores())
+    assert job["pairs"] == {
+        "attempted": 4,
+        "kept": 2,
+        "not_kept": {"gap_below_threshold": 1, "guard_never_flagged": 1},
+        "mean_gap": 2.25,
+    }
+
+
+async def test_job_without_grading_or_pairs_has_neither_block(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    job = await get_ok(api, auth, f"/v1/jobs/{await finished_job(api, auth, sessions, [completed()])}")
+
+    assert (job["quality"], job["pairs"]) == (None, None)
+
+
+async def test_report_has_the_gate_thresholds_what_cots_missed_and_pair_outcomes(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    job_id = await mixed_quality_job(api, auth, sessions)
+    job = await get_ok(api, auth, f"/v1/jobs/{job_id}")
+
+    report = await get_ok(api, auth, f"/v1/jobs/{job_id}/report")
+
+    assert report["job_id"] == job_id
+    assert report["quality"]["thresholds"] == THRESHOLDS
+    assert report["quality"]["below_threshold"] == {"cot_policy_faithfulness": 1, "relevance": 1}
+    assert report["quality"]["metrics"] == job["quality"]["metrics"]
+    assert report["pairs"] == job["pairs"]
+    assert report["counts"]["by_status"] == {"completed": 4}
+
+
+async def test_report_sums_usage_by_stage(api: httpx.AsyncClient, auth: Headers, sessions: Sessions) -> None:
+    job_id = await job_with_hazardous_turns(api, auth, sessions)
+
+    report = await get_ok(api, auth, f"/v1/jobs/{job_id}/report")
+
+    one = {"llm_calls": 1, "prompt_tokens": 10, "completion_tokens": 5}
+    assert report["usage_by_stage"] == {
+        "grade": {"llm_calls": 2, "prompt_tokens": 20, "completion_tokens": 10},
+        "guard": one,
+        "rejected": one,
+        "whisper": one,
+    }
+    assert report["usage"] == {"llm_calls": 5, "prompt_tokens": 50, "completion_tokens": 25}
+
+
+# --- comparisons: creation -----------------------------------------------------------------
+
+
+async def compare(
+    api: httpx.AsyncClient, auth: Headers, baseline: str, candidate: str, **body: Any
+) -> httpx.Response:
+    return await api.post(
+        "/v1/comparisons",
+        json={"baseline_job_id": baseline, "candidate_job_id": candidate, **body},
+        headers=auth,
+    )
+
+
+async def test_comparison_items_are_the_prompts_both_jobs_completed_first_by_position(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    baseline = await finished_job(api, auth, sessions, [completed()] * 4, prompts=["a", "b", "dup", "c"])
+    # "c" is in both jobs but the candidate has not completed it.
+    candidate = await finished_job(
+        api, auth, sessions, [completed()] * 4, prompts=["dup", "x", "b", "dup", "c"]
+    )
+    base_ids = [i["id"] for i in await items_of(api, auth, baseline)]
+    cand_ids = [i["id"] for i in await items_of(api, auth, candidate)]
+
+    response = await compare(api, auth, baseline, candidate)
+
+    assert response.status_code == 202, response.text
+    comparison = response.json()
+    assert (comparison["status"], comparison["prompts"]) == ("queued", 2)
+    assert (comparison["baseline_job_id"], comparison["candidate_job_id"]) == (baseline, candidate)
+    assert comparison["pairwise"] == {"wins": 0, "ties": 0, "losses": 0, "unreadable": 0}
+    compared = await items_of(api, auth, comparison["id"])
+    assert [(i["position"], i["prompt"], i["metadata"]) for i in compared] == [
+        (0, "b", {"a_item_id": base_ids[1], "b_item_id": cand_ids[2]}),
+        (1, "dup", {"a_item_id": base_ids[2], "b_item_id": cand_ids[0]}),
+    ]
+    job = await get_ok(api, auth, f"/v1/jobs/{comparison['id']}")
+    assert job["config"]["mode"] == "comparison"
+    assert job["config"]["judge"]["temperature"] == 0.0
+
+
+async def test_comparison_of_another_keys_job_is_not_found(
+    api: httpx.AsyncClient, auth: Headers, other: Headers, sessions: Sessions
+) -> None:
+    mine = await finished_job(api, auth, sessions, [completed()], prompts=["a"])
+    theirs = await finished_job(api, other, sessions, [completed()], prompts=["a"])
+    before = await row_counts(sessions)
+
+    error_of(await compare(api, auth, theirs, mine), 404, "not_found")
+    error_of(await compare(api, auth, mine, theirs), 404, "not_found")
+    assert await row_counts(sessions) == before
+
+
+async def test_comparison_without_a_common_completed_prompt_is_refused_and_writes_nothing(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    baseline = await finished_job(api, auth, sessions, [completed()], prompts=["a"])
+    candidate = await finished_job(api, auth, sessions, [completed()], prompts=["A"])
+    before = await row_counts(sessions)
+
+    error_of(await compare(api, auth, baseline, candidate), 422, "no_common_prompts")
+    assert await row_counts(sessions) == before
+
+
+async def test_a_plain_job_is_not_a_comparison(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    job_id = await finished_job(api, auth, sessions, [completed()])
+
+    error_of(await api.get(f"/v1/comparisons/{job_id}", headers=auth), 404, "not_found")
+
+
+async def test_comparison_shows_the_grader_means_side_by_side(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    prompts = ["a", "b"]
+    weaker = [completed(a_grade(cot_policy_faithfulness=3)), completed(a_grade(cot_policy_faithfulness=4))]
+    baseline = await finished_job(api, auth, sessions, weaker, GRADED, prompts)
+    candidate = await finished_job(
+        api, auth, sessions, [completed(a_grade(cot_policy_faithfulness=5))] * 2, GRADED, prompts
+    )
+
+    comparison = (await compare(api, auth, baseline, candidate)).json()
+
+    assert comparison["metrics"]["cot_policy_faithfulness"] == {
+        "baseline": 3.5,
+        "candidate": 5.0,
+        "delta": 1.5,
+    }
+    assert comparison["metrics"]["relevance"] == {"baseline": 4.0, "candidate": 4.0, "delta": 0.0}
+
+
+# --- keys ----------------------------------------------------------------------------------
+
+
+async def test_an_unknown_scope_is_refused(sessions: Sessions) -> None:
+    async with sessions.begin() as session:
+        with pytest.raises(keys.UnknownScope, match="unknown scope hazardous:write"):
+            await keys.create_key(session, "x", ["hazardous:write"])
+
+
+def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [AIDSAFE, *args],
+        cwd=ROOT,
+        env=worker_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_cli_creates_a_key_with_the_hazardous_scope_and_lists_it(
+    settings: Settings, sessions: Sessions
+) -> None:
+    created = _cli(settings, "keys", "create", "red-team", "--scope", "hazardous:read", "--quiet")
+    listed = _cli(settings, "keys", "list")
+
+    assert created.returncode == 0, created.stderr
+    async with sessions() as session:
+        key = (await session.scalars(select(ApiKey))).one()
+    assert key.scopes == ["hazardous:read"]
+    assert key.key_hash == keys.hash_key(created.stdout.strip())
+    assert "hazardous:read" in listed.stdout
+
+
+async def test_cli_refuses_an_unknown_scope_and_creates_nothing(
+    settings: Settings, sessions: Sessions
+) -> None:
+    created = _cli(settings, "keys", "create", "x", "--scope", "everything")
+
+    assert created.returncode == 2
+    assert "unknown scope everything" in created.stderr
+    async with sessions() as session:
+        assert await session.scalar(select(func.count()).select_from(ApiKey)) == 0
