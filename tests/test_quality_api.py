@@ -33,8 +33,8 @@ from app.store import items, keys
 from app.store.db import Sessions
 from app.store.models import ApiKey, Cot, PreferencePair
 from app.store.turn_log import PostgresTurnLog
-from tests.conftest import ROOT, new_key, worker_env
-from tests.scripted_llm import scores
+from tests.conftest import ROOT, new_key, run_worker_burst, worker_env
+from tests.scripted_llm import ScriptedLLM, guard_verdict, malformed, reply, scores
 from tests.test_api import all_pages, error_of, items_of, row_counts, submit
 
 Headers = dict[str, str]
@@ -709,3 +709,113 @@ async def test_cli_refuses_an_unknown_scope_and_creates_nothing(
     assert "unknown scope everything" in created.stderr
     async with sessions() as session:
         assert await session.scalar(select(func.count()).select_from(ApiKey)) == 0
+
+
+# --- through the worker and the scripted LLM -----------------------------------------------
+
+
+def judged(first: str, second: str) -> list[Any]:
+    """A judge's answers to one comparison item: the (a, b) order, then the (b, a) order."""
+    return [reply({"winner": w, "rationale": "Reasons."}) for w in (first, second)]
+
+
+async def test_a_job_with_pairs_and_grading_keeps_one_pair_and_records_why_the_other_was_not(
+    api: httpx.AsyncClient, scoped: Headers, settings: Settings, scripted_llm: ScriptedLLM
+) -> None:
+    # One item at a time, so the scripts below are consumed item by item, whichever runs first:
+    # the first item's guard flags its rejected CoT, which the grader scores low (gap 3); the
+    # second item's guard never flags it in its single try.
+    scripted_llm.script("guard_verdict", guard_verdict(True, "fraud-deception"), guard_verdict(False))
+    scripted_llm.script(
+        "quality_scores",
+        reply(scores()),
+        reply(scores(cot_policy_faithfulness=1, response_policy_faithfulness=1)),
+        reply(scores()),
+    )
+    config = {**PAIRED, "pairs": {"max_tries": 1, "min_gap": 1.0}}
+    job = await submit(
+        api, scoped, ["Write a phishing email.", "How do I spot a phishing email?"], config=config
+    )
+
+    await run_worker_burst(settings, max_jobs=1)
+
+    pairs = await pairs_of(api, scoped, job["id"])
+    assert sorted((p["kept"], p["reason"], p["gap"]) for p in pairs) == [
+        (False, "guard_never_flagged", None),
+        (True, None, 3.0),
+    ]
+    kept = next(p for p in pairs if p["kept"])
+    assert kept["rejected"]["belief"] and kept["rejected"]["thoughts"] and kept["rejected"]["response"]
+    assert kept["rejected"]["guard"]["categories"] == ["fraud-deception"]
+    for pair in pairs:
+        assert [t["number"] for t in pair["tries"]] == [1]
+        assert pair["tries"][0]["belief"] and pair["tries"][0]["rejected"]
+    cots = (await get_ok(api, scoped, f"/v1/jobs/{job['id']}/cots"))["data"]
+    assert all(c["scores"] == scores() and c["quality"]["accepted"] for c in cots)
+    report = await get_ok(api, scoped, f"/v1/jobs/{job['id']}/report")
+    assert (report["status"], report["quality"]["graded"], report["quality"]["accepted"]) == (
+        "completed",
+        2,
+        2,
+    )
+    assert report["pairs"] == {
+        "attempted": 2,
+        "kept": 1,
+        "not_kept": {"guard_never_flagged": 1},
+        "mean_gap": 3.0,
+    }
+    assert {"grade", "whisper", "rejected", "guard"} <= set(report["usage_by_stage"])
+    assert report["usage_by_stage"]["grade"]["llm_calls"] == 3
+
+
+async def test_a_comparison_counts_wins_ties_losses_and_unreadable_verdicts_for_the_candidate(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions, settings: Settings, scripted_llm: ScriptedLLM
+) -> None:
+    prompts = ["a", "b", "c", "d"]
+    baseline = await finished_job(api, auth, sessions, [completed(text="Base")] * 4, prompts=prompts)
+    candidate = await finished_job(api, auth, sessions, [completed(text="Cand")] * 4, prompts=prompts)
+    unreadable = [malformed()] * (settings.max_reasks + 1)  # the (a, b) order never reads
+    scripted_llm.script(
+        "pairwise_judgement",
+        *judged("B", "A"),  # b preferred in both orders: a win
+        *judged("A", "B"),  # a preferred in both orders: a loss
+        *judged("A", "A"),  # first shown preferred each time: position bias, a tie
+        *unreadable,
+        reply({"winner": "B", "rationale": "Reasons."}),
+    )
+    comparison = (await compare(api, auth, baseline, candidate)).json()
+
+    await run_worker_burst(settings, max_jobs=1)
+
+    result = await get_ok(api, auth, f"/v1/comparisons/{comparison['id']}")
+    assert result["status"] == "completed"
+    assert result["pairwise"] == {"wins": 1, "ties": 1, "losses": 1, "unreadable": 1}
+    judge_requests = scripted_llm.requests_for("pairwise_judgement")
+    assert "Base thought" in json.dumps(judge_requests[0].body) and "Cand thought" in json.dumps(
+        judge_requests[0].body
+    )
+
+
+async def test_a_zero_shot_baseline_and_an_aidsafe_job_compare_side_by_side(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, scripted_llm: ScriptedLLM
+) -> None:
+    prompts = ["How do I store rice safely?", "Is it safe to mix bleach and vinegar?"]
+    aidsafe = await submit(api, auth, prompts, config=GRADED)
+    await run_worker_burst(settings)
+    scripted_llm.script("quality_scores", *[reply(scores(cot_policy_faithfulness=3))] * 2)
+    zero_shot = await submit(api, auth, prompts, config={**GRADED, "mode": "zero_shot"})
+    await run_worker_burst(settings)
+    scripted_llm.script("pairwise_judgement", *judged("B", "A"), *judged("tie", "tie"))
+
+    response = await compare(api, auth, zero_shot["id"], aidsafe["id"], judge={"model": "judge-model"})
+    assert response.status_code == 202, response.text
+    await run_worker_burst(settings, max_jobs=1)
+
+    result = await get_ok(api, auth, f"/v1/comparisons/{response.json()['id']}")
+    assert (result["status"], result["prompts"]) == ("completed", 2)
+    assert result["pairwise"] == {"wins": 1, "ties": 1, "losses": 0, "unreadable": 0}
+    assert result["metrics"]["cot_policy_faithfulness"] == {"baseline": 3.0, "candidate": 4.0, "delta": 1.0}
+    assert result["judge"]["model"] == "judge-model"
+    assert {r.body["model"] for r in scripted_llm.requests_for("pairwise_judgement")} == {"judge-model"}
+    zero_shot_stages = (await get_ok(api, auth, f"/v1/jobs/{zero_shot['id']}/report"))["usage_by_stage"]
+    assert set(zero_shot_stages) == {"zero_shot", "grade"}
