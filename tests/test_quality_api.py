@@ -819,3 +819,5 @@ async def test_a_zero_shot_baseline_and_an_aidsafe_job_compare_side_by_side(
     assert {r.body["model"] for r in scripted_llm.requests_for("pairwise_judgement")} == {"judge-model"}
     zero_shot_stages = (await get_ok(api, auth, f"/v1/jobs/{zero_shot['id']}/report"))["usage_by_stage"]
     assert set(zero_shot_stages) == {"zero_shot", "grade"}
+    baseline_cots = (await get_ok(api, auth, f"/v1/jobs/{zero_shot['id']}/cots"))["data"]
+    assert [c["scores"]["cot_policy_faithfulness"]["score"] for c in baseline_cots] == [3, 3]

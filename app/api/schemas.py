@@ -244,7 +244,7 @@ class TurnOut(BaseModel):
     latency_ms: float
     request_hash: str
     created_at: datetime
-    redacted: bool
+    redacted: bool = False
 
 
 class ThoughtOut(BaseModel):

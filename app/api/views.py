@@ -56,14 +56,10 @@ def item_out(item: Item) -> ItemOut:
 
 
 def turn_out(turn: TurnRow, reads_hazardous: bool) -> TurnOut:
-    out = TurnOut.model_validate({**_columns(turn), "redacted": False})
+    out = TurnOut.model_validate(turn, from_attributes=True)
     if reads_hazardous or not is_hazardous(turn.stage, turn.round):
         return out
     return out.model_copy(update={"raw_output": "", "parsed": None, "error": None, "redacted": True})
-
-
-def _columns(row: Any) -> dict[str, Any]:
-    return {column.key: getattr(row, column.key) for column in row.__mapper__.column_attrs}
 
 
 def cot_out(cot: Cot, item: Item) -> CotOut:
