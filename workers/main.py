@@ -91,7 +91,7 @@ async def _run_claimed(ctx: dict[str, Any], claim: items.Claim) -> str:
 async def _run_engine(ctx: dict[str, Any], claim: items.Claim) -> Completed | Judged | Failed:
     """The engine's work for the item's job mode: judge two samples, or write a CoT."""
     sessions, config = ctx["sessions"], claim.config
-    policies, log_ = for_engine(claim.policy_set), PostgresTurnLog(sessions, claim)
+    policies, turn_log = for_engine(claim.policy_set), PostgresTurnLog(sessions, claim)
     if config["mode"] == comparisons.MODE:
         baseline, candidate = await items.compared_samples(sessions, claim)
         return await judge_pair(
@@ -102,11 +102,11 @@ async def _run_engine(ctx: dict[str, Any], claim: items.Claim) -> Completed | Ju
             to_judge(config),
             policies,
             ctx["llm"],
-            log_,
+            turn_log,
             max_tokens=config["max_tokens"],
             max_reasks=config["max_reasks"],
         )
-    return await deliberate(claim.item_id, claim.prompt, to_pipeline(config), policies, ctx["llm"], log_)
+    return await deliberate(claim.item_id, claim.prompt, to_pipeline(config), policies, ctx["llm"], turn_log)
 
 
 async def _record(sessions: Any, claim: items.Claim, result: Completed | Judged | Failed) -> str:
