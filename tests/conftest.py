@@ -39,7 +39,7 @@ DATABASE_URL = (
     PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://") + "/" + TEST_DB
 )
 REDIS_URL = os.environ.get("AIDSAFE_TEST_REDIS", "redis://127.0.0.1:6379/0")
-TABLES = "judgements, preference_pairs, cots, turns, items, jobs, policy_sets, api_keys"
+TABLES = "annotations, judgements, preference_pairs, cots, turns, items, jobs, policy_sets, api_keys"
 
 
 @pytest.fixture(scope="session")

@@ -216,3 +216,33 @@ class Judgement(Base):
     winner: Mapped[str | None] = mapped_column(String(8))  # a | b | tie; None: no readable vote
     votes: Mapped[list[Any]]  # [{order, choice, rationale}]
     created_at: Mapped[datetime] = _now()
+
+
+class Annotation(Base):
+    """A human review of one CoT, imported from a labeling tool. Append-only: the model's
+    output is never changed, and a re-imported version of the same annotation is a no-op
+    (unique on source, external id and time), while an edited one adds a row."""
+
+    __tablename__ = "annotations"
+    __table_args__ = (
+        UniqueConstraint("source", "external_id", "annotated_at"),
+        Index("ix_annotations_item", "item_id", "annotated_at"),
+        Index("ix_annotations_job", "job_id"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    item_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("items.id"))
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id"))
+    source: Mapped[str] = mapped_column(String(16))  # label_studio | argilla
+    external_id: Mapped[str] = mapped_column(String(200))  # the tool's id for this annotation
+    annotator: Mapped[str] = mapped_column(String(200))
+    annotated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    verdict: Mapped[str | None] = mapped_column(String(8))  # accept | reject; None: no decision
+    edited_response: Mapped[str | None] = mapped_column(Text)  # the reviewer's version, if any
+    policy_faithfulness: Mapped[int | None] = mapped_column(Integer)  # 1-5
+    flagged_thoughts: Mapped[list[Any]] = mapped_column(
+        JSONB, default=list
+    )  # refined thought numbers, 1-based
+    comment: Mapped[str | None] = mapped_column(Text)
+    raw: Mapped[dict[str, Any]]  # what the tool sent, for audit
+    created_at: Mapped[datetime] = _now()
