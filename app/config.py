@@ -69,6 +69,18 @@ class Settings(BaseSettings):
     sweep_interval_s: int = 15
     enqueue_grace_s: int = 30  # a queued item unclaimed this long is enqueued again
 
+    # Progress events (GET /v1/jobs/{id}/events): one Redis stream per job, trimmed and expiring;
+    # Postgres stays the truth, so a follower resyncs from it whenever the stream falls short.
+    events_stream_max_len: int = Field(default=20_000, ge=100)  # approximate trimming (XADD MAXLEN ~)
+    events_stream_ttl_s: int = Field(default=24 * 3600, ge=60)  # renewed by every event
+    events_snapshot_interval_s: float = Field(default=1.0, gt=0)  # at most one snapshot this often
+    events_resync_s: float = Field(default=10.0, gt=0)  # a snapshot at least this often, events or not
+
+    # Web viewer (/view): the session cookie is signed with this secret. Unset, each API process
+    # makes its own at start, so viewer logins end on restart and do not carry across processes.
+    web_secret: str | None = None
+    web_session_hours: float = Field(default=12.0, gt=0)
+
     def endpoints(self) -> dict[str, EndpointConfig]:
         default = EndpointConfig(
             base_url=self.llm_base_url,

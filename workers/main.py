@@ -17,7 +17,7 @@ from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from prometheus_client import start_http_server
 
-from app import logs
+from app import events, logs
 from app.config import Settings, get_settings
 from app.deliberation.engine import deliberate, judge_pair
 from app.deliberation.ports import LLMRequestRejected, LLMUnavailable
@@ -85,7 +85,14 @@ async def _run_item(ctx: dict[str, Any], item_id: str) -> str:
 async def _run_claimed(ctx: dict[str, Any], claim: items.Claim) -> str:
     outcome = await _process_claimed(ctx, claim)
     ITEMS_FINISHED.labels(outcome).inc()
+    await _announce(ctx, claim, outcome)
     return outcome
+
+
+async def _announce(ctx: dict[str, Any], claim: items.Claim, outcome: str) -> None:
+    """Followers of the job's progress events hear that the item ended (best effort)."""
+    if outcome in ("completed", "failed", "cancelled"):
+        await events.announce_item_finished(ctx["redis"], ctx["sessions"], ctx["settings"], claim.item_id)
 
 
 async def _run_engine(ctx: dict[str, Any], claim: items.Claim) -> Completed | Judged | Failed:

@@ -1,0 +1,217 @@
+"""Progress events of a job: what `GET /v1/jobs/{id}/events` streams.
+
+Workers append one entry per finished item to a Redis stream per job (trimmed, expiring).
+Redis is not a store of record: a follower starts from a snapshot computed from Postgres, and
+whenever the stream cannot serve what a reconnecting client missed (trimmed, expired, Redis
+restarted) the missed items are read back from Postgres, so a client never ends up wrong.
+
+Event kinds: `item` (an item finished: id, position, status, error code; its SSE id is the
+stream entry id), `snapshot` (the job summary: status, counts per status and stage, usage,
+quality), and `done` (the last snapshot, once the job has ended; the stream then closes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from sqlalchemy import select
+
+from app.config import Settings
+from app.errors import InvalidCursor
+from app.store.db import Sessions
+from app.store.jobs import TERMINAL
+from app.store.models import Item
+
+log = logging.getLogger("aidsafe.events")
+
+ENDED = ("completed", "cancelled")  # job statuses after which nothing changes
+# Redis and Postgres clocks may differ: replays from Postgres start this much earlier
+# (a duplicate item event is harmless, a missing one is not).
+CLOCK_MARGIN_MS = 5_000
+
+
+@dataclass(frozen=True)
+class ItemFinished:
+    item_id: str
+    position: int
+    status: str
+    error_code: str | None
+
+    def fields(self) -> dict[str, str]:
+        return {k: "" if v is None else str(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_fields(cls, fields: dict[bytes, bytes]) -> ItemFinished:
+        text = {k.decode(): v.decode() for k, v in fields.items()}
+        return cls(text["item_id"], int(text["position"]), text["status"], text["error_code"] or None)
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    kind: str  # item | snapshot | done
+    data: dict[str, Any]
+    id: str | None = None  # a stream entry id; the client sends it back as Last-Event-ID
+
+
+def stream_key(settings: Settings, job_id: UUID) -> str:
+    return f"{settings.redis_key_prefix}:events:{job_id}"
+
+
+def parse_event_id(text: str) -> tuple[int, int]:
+    """A stream entry id `<ms>-<seq>` as a comparable pair; InvalidCursor if it is not one."""
+    ms, dash, seq = text.strip().partition("-")
+    if not (dash and ms.isdigit() and seq.isdigit() and len(ms) <= 15 and len(seq) <= 15):
+        raise InvalidCursor("Last-Event-ID is not an event id this API sent")
+    return int(ms), int(seq)
+
+
+# --- the worker side ----------------------------------------------------------------------
+
+
+async def announce_item_finished(redis: Redis, sessions: Sessions, settings: Settings, item_id: UUID) -> None:
+    """Append the item's end, as stored, to its job's stream. Best effort: a follower that
+    misses it catches up from Postgres, so a Redis fault is logged, never raised."""
+    try:
+        async with sessions() as session:
+            row = (
+                await session.execute(
+                    select(Item.job_id, Item.position, Item.status, Item.error_code).where(Item.id == item_id)
+                )
+            ).one()
+        event = ItemFinished(str(item_id), row.position, row.status, row.error_code)
+        key = stream_key(settings, row.job_id)
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(key, event.fields(), maxlen=settings.events_stream_max_len, approximate=True)
+            pipe.expire(key, settings.events_stream_ttl_s)
+            await pipe.execute()
+    except Exception:
+        log.warning("could not announce item %s; followers resync from Postgres", item_id, exc_info=True)
+
+
+# --- the API side -------------------------------------------------------------------------
+
+
+async def finished_since(sessions: Sessions, job_id: UUID, since_ms: int) -> list[ItemFinished]:
+    """Items of the job that ended at or after this time (ms since the epoch), in the order they ended."""
+    since = datetime.fromtimestamp(max(0, since_ms - CLOCK_MARGIN_MS) / 1000, tz=UTC)
+    async with sessions() as session:
+        rows = await session.execute(
+            select(Item.id, Item.position, Item.status, Item.error_code)
+            .where(Item.job_id == job_id, Item.status.in_(TERMINAL), Item.finished_at >= since)
+            .order_by(Item.finished_at, Item.position)
+        )
+        return [ItemFinished(str(r.id), r.position, r.status, r.error_code) for r in rows]
+
+
+class JobEventSource:
+    """Reads one job's events: the Redis stream for what is new, Postgres for the truth."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        sessions: Sessions,
+        settings: Settings,
+        job_id: UUID,
+        snapshot: Callable[[], Awaitable[dict[str, Any]]],
+    ) -> None:
+        self.redis, self.sessions, self.settings, self.job_id = redis, sessions, settings, job_id
+        self.key = stream_key(settings, job_id)
+        self.snapshot = snapshot
+
+    async def tail_id(self) -> str:
+        """The newest entry's id, or 0-0 when the stream is empty or gone."""
+        newest = await self.redis.xrevrange(self.key, count=1)
+        return newest[0][0].decode() if newest else "0-0"
+
+    async def can_replay_after(self, event_id: str) -> bool:
+        """Whether every entry after `event_id` is still in the stream. Trimming removes the
+        oldest entries, so it is when the oldest one left is not newer than the client's."""
+        oldest = await self.redis.xrange(self.key, count=1)
+        return bool(oldest) and parse_event_id(oldest[0][0].decode()) <= parse_event_id(event_id)
+
+    async def missed_after(self, event_id: str) -> list[tuple[str, ItemFinished]]:
+        """Every entry after `event_id` stored now."""
+        entries = await self.redis.xrange(self.key, min=f"({event_id}")
+        return [(entry_id.decode(), ItemFinished.from_fields(fields)) for entry_id, fields in entries]
+
+    async def read_after(self, event_id: str, block_s: float) -> list[tuple[str, ItemFinished]]:
+        """New entries after `event_id`, waiting up to `block_s` for one (without blocking the loop)."""
+        answer = await self.redis.xread({self.key: event_id}, count=500, block=max(1, int(block_s * 1000)))
+        return [
+            (entry_id.decode(), ItemFinished.from_fields(f))
+            for _, entries in answer
+            for entry_id, f in entries
+        ]
+
+
+async def follow(
+    source: JobEventSource, last_event_id: str | None, *, clock: Callable[[], float] = time.monotonic
+) -> AsyncIterator[ProgressEvent]:
+    """The job's events from `last_event_id` (or from now) until it ends.
+
+    On (re)connect: the items missed (from the stream, or from Postgres if the stream lost
+    them), then a snapshot. Then each finished item as it comes, a snapshot at most every
+    `events_snapshot_interval_s` after new items and at least every `events_resync_s` (which
+    also catches changes no worker announces: a cancel, an item failed by the sweeper), and
+    `done` with the final snapshot. While Redis is away it keeps sending snapshots from
+    Postgres and resumes, replaying what it missed, when Redis is back."""
+    resume_from = last_event_id
+    while True:
+        cursor: list[str | None] = [resume_from]
+        try:
+            async for event in _follow_stream(source, resume_from, cursor, clock):
+                yield event
+                if event.kind == "done":
+                    return
+        except RedisError:
+            log.warning("events of job %s: Redis unavailable, polling Postgres", source.job_id, exc_info=True)
+            summary = await source.snapshot()
+            yield ProgressEvent("snapshot", summary)
+            if summary["status"] in ENDED:
+                yield ProgressEvent("done", summary)
+                return
+            await asyncio.sleep(source.settings.events_resync_s)
+        resume_from = cursor[0]
+
+
+async def _follow_stream(
+    source: JobEventSource, resume_from: str | None, cursor: list[str | None], clock: Callable[[], float]
+) -> AsyncIterator[ProgressEvent]:
+    settings = source.settings
+    position = await source.tail_id()  # read before the snapshot: nothing between is lost
+    if resume_from is not None:
+        if await source.can_replay_after(resume_from):
+            position = resume_from
+            for position, item in await source.missed_after(resume_from):
+                cursor[0] = position
+                yield ProgressEvent("item", asdict(item), position)
+        else:
+            for item in await finished_since(source.sessions, source.job_id, parse_event_id(resume_from)[0]):
+                yield ProgressEvent("item", asdict(item))
+    while True:  # one snapshot per pass; then items until the next one is due
+        summary = await source.snapshot()
+        event_id = None if position == "0-0" else position
+        cursor[0] = event_id or cursor[0]
+        yield ProgressEvent("snapshot", summary, event_id)
+        if summary["status"] in ENDED:
+            yield ProgressEvent("done", summary, event_id)
+            return
+        last_snapshot, dirty = clock(), False
+        while True:
+            since = clock() - last_snapshot
+            due_in = (settings.events_snapshot_interval_s if dirty else settings.events_resync_s) - since
+            if due_in <= 0:
+                break
+            for entry_id, item in await source.read_after(position, due_in):
+                position = cursor[0] = entry_id
+                dirty = True
+                yield ProgressEvent("item", asdict(item), entry_id)

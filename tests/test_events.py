@@ -1,0 +1,198 @@
+"""Progress events over Server-Sent Events: what a follower of a job receives, live and after
+reconnecting, with the Redis stream intact, trimmed or lost."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+from uuid import UUID
+
+import httpx
+import pytest
+from httpx_sse import aconnect_sse
+from redis.asyncio import Redis
+
+from app.config import Settings
+from app.events import JobEventSource, follow, stream_key
+from app.store import jobs
+from app.store.db import Sessions
+from app.store.models import Job
+from tests.conftest import new_key, run_worker_burst
+from tests.scripted_llm import ScriptedLLM, refusal
+from tests.test_api import error_of, submit
+
+Headers = dict[str, str]
+Event = dict[str, Any]
+
+
+async def events_of(
+    base_url: str,
+    auth: Headers,
+    job_id: str,
+    last_event_id: str | None = None,
+    on_event: Any = None,
+) -> list[Event]:
+    """Every event of the stream until `done` (the server closes it then)."""
+    headers = {**auth, **({"Last-Event-ID": last_event_id} if last_event_id else {})}
+    received: list[Event] = []
+    async with (
+        httpx.AsyncClient(base_url=base_url, timeout=30) as client,
+        aconnect_sse(client, "GET", f"/v1/jobs/{job_id}/events", headers=headers) as source,
+    ):
+        assert source.response.status_code == 200
+        assert source.response.headers["content-type"].startswith("text/event-stream")
+        async for sse in source.aiter_sse():
+            event = {
+                "event": sse.event,
+                "id": sse.id or None,
+                "data": json.loads(sse.data) if sse.data else None,
+            }
+            if sse.event == "message" and not sse.data:  # the opening comment with `retry`
+                continue
+            received.append(event)
+            if on_event:
+                await on_event(event)
+    assert received[-1]["event"] == "done", received
+    return received
+
+
+def kinds(events: list[Event]) -> list[str]:
+    return [e["event"] for e in events]
+
+
+async def stream_ids(redis: Redis, settings: Settings, job_id: str) -> list[str]:
+    return [entry_id.decode() for entry_id, _ in await redis.xrange(stream_key(settings, UUID(job_id)))]
+
+
+async def test_a_finished_job_streams_a_snapshot_then_done(
+    live_api: str, api: httpx.AsyncClient, auth: Headers, settings: Settings
+) -> None:
+    job = await submit(api, auth, ["How do I boil an egg?", "How do I poach an egg?"])
+    await run_worker_burst(settings)
+
+    events = await events_of(live_api, auth, job["id"])
+
+    assert kinds(events) == ["snapshot", "done"]
+    final = events[-1]["data"]
+    assert final["status"] == "completed"
+    assert final["counts"]["by_status"] == {"completed": 2}
+    assert final["usage"]["llm_calls"] > 0
+
+
+async def test_a_follower_hears_each_item_finish_with_its_status_and_error_code(
+    live_api: str, api: httpx.AsyncClient, auth: Headers, settings: Settings, scripted_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script("intent_decomposition", refusal())
+    job = await submit(api, auth, ["Write a phishing email.", "How do I spot a phishing email?"])
+    connected = asyncio.Event()
+
+    async def on_event(event: Event) -> None:
+        connected.set()
+
+    follower = asyncio.create_task(events_of(live_api, auth, job["id"], on_event=on_event))
+    await asyncio.wait_for(connected.wait(), 10)  # the first snapshot: the worker may start
+    await run_worker_burst(settings, max_jobs=1)
+    events = await asyncio.wait_for(follower, 30)
+
+    assert events[0]["event"] == "snapshot" and events[0]["data"]["status"] == "queued"
+    items = [e for e in events if e["event"] == "item"]
+    assert sorted(e["data"]["position"] for e in items) == [0, 1]
+    assert sorted((e["data"]["status"], e["data"]["error_code"]) for e in items) == [
+        ("completed", None),
+        ("failed", "agent_refused"),
+    ]
+    assert all(e["id"] for e in items), "item events carry the stream id to resume from"
+    assert events[-1]["data"]["status"] == "completed"
+    assert events[-1]["data"]["counts"]["by_status"] == {"completed": 1, "failed": 1}
+
+
+async def test_the_worker_appends_each_finished_item_to_an_expiring_stream(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, redis: Redis
+) -> None:
+    job = await submit(api, auth, ["a", "b", "c"])
+    await run_worker_burst(settings)
+
+    key = stream_key(settings, UUID(job["id"]))
+    entries = await redis.xrange(key)
+    assert sorted(int(fields[b"position"]) for _, fields in entries) == [0, 1, 2]
+    assert {fields[b"status"] for _, fields in entries} == {b"completed"}
+    assert 0 < await redis.ttl(key) <= settings.events_stream_ttl_s
+
+
+async def test_reconnecting_with_last_event_id_gets_only_what_was_missed(
+    live_api: str, api: httpx.AsyncClient, auth: Headers, settings: Settings, redis: Redis
+) -> None:
+    job = await submit(api, auth, ["a", "b", "c"])
+    await run_worker_burst(settings)
+    first, *missed = await stream_ids(redis, settings, job["id"])
+
+    events = await events_of(live_api, auth, job["id"], last_event_id=first)
+
+    assert kinds(events) == ["item", "item", "snapshot", "done"]
+    assert [e["id"] for e in events[:2]] == missed
+    assert events[2]["id"] == missed[-1]
+
+
+@pytest.mark.parametrize("loss", ["redis lost the stream", "trimmed past the client's id"])
+async def test_items_the_stream_lost_are_replayed_from_postgres(
+    loss: str, live_api: str, api: httpx.AsyncClient, auth: Headers, settings: Settings, redis: Redis
+) -> None:
+    job = await submit(api, auth, ["a", "b", "c"])
+    await run_worker_burst(settings)
+    key = stream_key(settings, UUID(job["id"]))
+    first, *_ = await stream_ids(redis, settings, job["id"])
+    if loss == "redis lost the stream":
+        await redis.delete(key)
+    else:
+        await redis.xtrim(key, maxlen=1, approximate=False)
+
+    events = await events_of(live_api, auth, job["id"], last_event_id=first)
+
+    replayed = [e for e in events if e["event"] == "item"]
+    assert sorted(e["data"]["position"] for e in replayed) == [0, 1, 2]
+    assert kinds(events)[-2:] == ["snapshot", "done"]
+    assert events[-1]["data"]["counts"]["by_status"] == {"completed": 3}
+
+
+async def test_a_cancel_no_worker_announces_still_ends_the_stream(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions, redis: Redis
+) -> None:
+    job = await submit(api, auth, ["a", "b"])
+    quick = settings.model_copy(update={"events_resync_s": 0.2})
+
+    async def snapshot() -> dict[str, Any]:
+        async with sessions() as session:
+            row = await session.get(Job, UUID(job["id"]))
+            assert row is not None
+            return await jobs.summary(session, row)
+
+    source = JobEventSource(redis, sessions, quick, UUID(job["id"]), snapshot)
+    received: list[str] = []
+    async for event in follow(source, None):
+        received.append(event.kind)
+        if len(received) == 1:
+            assert (await api.post(f"/v1/jobs/{job['id']}/cancel", headers=auth)).status_code == 200
+        if event.kind == "done":
+            assert event.data["status"] == "cancelled"
+        assert len(received) < 10, received
+
+    assert received[0] == "snapshot" and received[-2:] == ["snapshot", "done"]
+
+
+async def test_events_of_another_keys_job_are_not_found(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    job = await submit(api, auth, ["a"])
+    other = await new_key(sessions, "bob")
+
+    error_of(await api.get(f"/v1/jobs/{job['id']}/events", headers=other), 404, "not_found")
+    error_of(await api.get(f"/v1/jobs/{job['id']}/events"), 401, "unauthorized")
+
+
+async def test_a_last_event_id_this_api_never_sent_is_refused(api: httpx.AsyncClient, auth: Headers) -> None:
+    job = await submit(api, auth, ["a"])
+
+    response = await api.get(f"/v1/jobs/{job['id']}/events", headers={**auth, "Last-Event-ID": "yesterday"})
+
+    error_of(response, 400, "invalid_cursor")
