@@ -11,9 +11,19 @@ from typing import Annotated, Any
 
 import httpx
 import typer
+import yaml
+from httpx_sse import SSEError, connect_sse
 from rich.console import Console
 from rich.panel import Panel
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from sqlalchemy import func, select, update
 
 from app.config import get_settings
@@ -103,6 +113,15 @@ class PromptFileError(ValueError):
 def read_prompt_file(path: Path) -> list[dict[str, Any]]:
     """Items from a JSONL ({"prompt", "metadata"?} per line) or CSV (a `prompt` column,
     other columns become metadata). Any bad line fails the whole file, naming the line."""
+    try:
+        return _read_prompt_file(path)
+    except UnicodeDecodeError as exc:
+        raise PromptFileError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except csv.Error as exc:
+        raise PromptFileError(f"{path}: not a readable CSV ({exc})") from exc
+
+
+def _read_prompt_file(path: Path) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = []
     if path.suffix.lower() == ".csv":
         with path.open(newline="", encoding="utf-8") as handle:
@@ -126,6 +145,8 @@ def read_prompt_file(path: Path) -> list[dict[str, Any]]:
                 raise PromptFileError(f"{path}:{line}: expected an object with a string 'prompt'")
             if not record["prompt"].strip():
                 raise PromptFileError(f"{path}:{line}: empty prompt")
+            if not isinstance(record.get("metadata") or {}, dict):
+                raise PromptFileError(f"{path}:{line}: 'metadata' must be an object")
             items.append({"prompt": record["prompt"], "metadata": record.get("metadata") or {}})
     if not items:
         raise PromptFileError(f"{path}: no prompts")
@@ -148,6 +169,52 @@ def _check(response: httpx.Response) -> dict[str, Any]:
     return response.json()
 
 
+Threshold = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--threshold",
+        help="METRIC=SCORE (repeatable): the quality gate's lowest accepted score; turns grading on. "
+        "Metrics left out are not gated; without any, every metric is gated at 3.",
+    ),
+]
+
+
+def job_config(
+    *,
+    agents: int | None,
+    max_rounds: int | None,
+    max_tokens: int | None,
+    mode: str,
+    grading: bool,
+    thresholds: list[str],
+    pairs: bool,
+    pair_max_tries: int | None,
+    pair_min_gap: float | None,
+) -> dict[str, Any]:
+    """The `config` of a job request from the command line's options (the API validates it)."""
+    config: dict[str, Any] = {"mode": mode}
+    config.update(
+        {k: v for k, v in {"agents": agents, "max_rounds": max_rounds, "max_tokens": max_tokens}.items() if v}
+    )
+    if grading or thresholds:
+        config["grading"] = {"thresholds": _thresholds(thresholds)} if thresholds else {}
+    if pairs:
+        tries_and_gap = {"max_tries": pair_max_tries, "min_gap": pair_min_gap}
+        config["pairs"] = {k: v for k, v in tries_and_gap.items() if v is not None}
+    return config
+
+
+def _thresholds(pairs: list[str]) -> dict[str, float]:
+    thresholds = {}
+    for pair in pairs:
+        metric, _, score = pair.partition("=")
+        try:
+            thresholds[metric.strip()] = float(score)
+        except ValueError:
+            raise typer.BadParameter(f"{pair!r}: expected METRIC=SCORE", param_hint="--threshold") from None
+    return thresholds
+
+
 @cli.command()
 def submit(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSONL or CSV of prompts.")],
@@ -156,7 +223,18 @@ def submit(
     agents: Annotated[int | None, typer.Option(help="Deliberating agents.")] = None,
     max_rounds: Annotated[int | None, typer.Option(help="Deliberation round budget.")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Max tokens per LLM call.")] = None,
+    mode: Annotated[
+        str, typer.Option(help="aidsafe (multi-agent deliberation) or zero_shot (one-call baseline).")
+    ] = "aidsafe",
+    grading: Annotated[bool, typer.Option(help="Grade every CoT and gate it.")] = False,
+    threshold: Threshold = None,
+    pairs: Annotated[bool, typer.Option(help="Ear-whisperer preference pairs (turns grading on).")] = False,
+    pair_max_tries: Annotated[int | None, typer.Option(help="Beliefs tried per item for a pair.")] = None,
+    pair_min_gap: Annotated[
+        float | None, typer.Option(help="Lowest policy-faithfulness gap for a kept pair.")
+    ] = None,
     policy_set: Annotated[str, typer.Option(help="Policy set name.")] = "aidsafe-default",
+    policy_version: Annotated[str | None, typer.Option(help="Pin a policy set version.")] = None,
     idempotency_key: Annotated[str | None, typer.Option(help="Makes a retried submit safe.")] = None,
     follow: Annotated[bool, typer.Option(help="Show progress until the job ends.")] = True,
     show: Annotated[bool, typer.Option(help="Print the refined CoTs at the end.")] = True,
@@ -167,57 +245,134 @@ def submit(
     except PromptFileError as exc:
         console.print(f"[red]{exc}[/] (nothing was submitted)")
         raise typer.Exit(2) from exc
-    config = {
-        k: v for k, v in {"agents": agents, "max_rounds": max_rounds, "max_tokens": max_tokens}.items() if v
-    }
+    config = job_config(
+        agents=agents,
+        max_rounds=max_rounds,
+        max_tokens=max_tokens,
+        mode=mode,
+        grading=grading,
+        thresholds=threshold or [],
+        pairs=pairs,
+        pair_max_tries=pair_max_tries,
+        pair_min_gap=pair_min_gap,
+    )
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
     with _client(api_url, key) as client:
-        body = {"items": items, "policy_set": {"name": policy_set}, "config": config}
+        body = {
+            "items": items,
+            "policy_set": {"name": policy_set, "version": policy_version},
+            "config": config,
+        }
         job = _check(client.post("/v1/jobs", json=body, headers=headers))
         console.print(
             f"Job [bold]{job['id']}[/]: {len(items)} prompts, policy set "
             f"{job['policy_set']['name']}@{job['policy_set']['version']}"
         )
         if follow:
-            job = follow_job(client, job["id"])
+            follow_job(client, job["id"])
         if show:
             print_cots(client, job["id"])
 
 
+@cli.command("follow")
+def follow_command(job_id: str, api_url: ApiUrl = "http://127.0.0.1:8000", key: ApiKeyOpt = "") -> None:
+    """Show a job's progress until it ends."""
+    with _client(api_url, key) as client:
+        follow_job(client, job_id)
+
+
 def follow_job(client: httpx.Client, job_id: str, poll_s: float = 2.0) -> dict[str, Any]:
-    """Poll the job, showing items done, per-stage counts and tokens, until it ends."""
+    """Show items done, per-stage counts, tokens and the time left until the job ends; driven
+    by the job's progress events, or by polling when the event stream is unavailable.
+    Returns the final job summary."""
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        TimeRemainingColumn(),
         TextColumn("{task.fields[detail]}"),
     )
-    last_detail = ""
     with Progress(*columns, console=console) as progress:
-        task = progress.add_task("items", total=None, detail="")
+        view = ProgressView(progress, progress.add_task("items", total=None, detail=""))
+        try:
+            return _follow_events(client, job_id, view)
+        except (httpx.HTTPError, SSEError, EventStreamUnavailable) as exc:
+            console.print(f"[dim]Progress events unavailable ({exc}); polling instead.[/]")
         while True:
-            job = _check(client.get(f"/v1/jobs/{job_id}"))
-            counts = job["counts"]
-            done = sum(counts["by_status"].get(s, 0) for s in ("completed", "failed", "cancelled"))
-            active = {
-                stage: n
-                for stage, statuses in counts["by_stage"].items()
-                if (n := statuses.get("running", 0) + statuses.get("queued", 0)) and stage != "done"
-            }
-            stages = " ".join(f"{stage}:{n}" for stage, n in active.items()) or "-"
-            usage = job["usage"]
-            detail = (
-                f"{job['status']} | in progress {stages} | failed {counts['by_status'].get('failed', 0)} | "
-                f"{usage['llm_calls']} calls, {usage['prompt_tokens'] + usage['completion_tokens']} tokens"
-            )
-            progress.update(task, total=counts["total"], completed=done, detail=detail)
-            if not console.is_terminal and detail != last_detail:  # a log gets lines, not a bar
-                console.print(f"{done}/{counts['total']} items | {detail}")
-                last_detail = detail
-            if job["status"] in FINISHED:
-                return job
+            summary = _check(client.get(f"/v1/jobs/{job_id}"))
+            view.show(summary)
+            if summary["status"] in FINISHED:
+                return summary
             time.sleep(poll_s)
+
+
+class EventStreamUnavailable(Exception):
+    pass
+
+
+def _follow_events(client: httpx.Client, job_id: str, view: ProgressView) -> dict[str, Any]:
+    """Follow the SSE stream, resuming with Last-Event-ID when the connection drops."""
+    last_event_id: str | None = None
+    for _ in range(5):  # reconnects in a row without an event in between
+        headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+        with connect_sse(client, "GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=60) as events:
+            if events.response.status_code != 200:
+                events.response.read()
+                _check(events.response)  # an API error ends the command with its message
+                raise EventStreamUnavailable(f"HTTP {events.response.status_code}")
+            try:
+                for sse in events.iter_sse():
+                    if not sse.data:
+                        continue
+                    last_event_id = sse.id or last_event_id
+                    data = json.loads(sse.data)
+                    if sse.event == "item":
+                        view.item_finished(data)
+                    elif sse.event in ("snapshot", "done"):
+                        view.show(data)
+                    if sse.event == "done":
+                        return data
+            except httpx.TransportError:
+                continue
+    raise EventStreamUnavailable("the event stream kept dropping")
+
+
+class ProgressView:
+    """The progress bar: items done out of the total, what is in which stage, failures, tokens.
+    Item events move the bar at once; snapshots correct it."""
+
+    def __init__(self, progress: Progress, task: TaskID) -> None:
+        self.progress, self.task = progress, task
+        self.finished: set[str] = set()
+        self.done_in_snapshot = 0
+        self.last_line = ""
+
+    def item_finished(self, item: dict[str, Any]) -> None:
+        self.finished.add(item["item_id"])
+        self.progress.update(self.task, completed=max(self.done_in_snapshot, len(self.finished)))
+
+    def show(self, summary: dict[str, Any]) -> None:
+        counts = summary["counts"]
+        self.done_in_snapshot = sum(
+            counts["by_status"].get(s, 0) for s in ("completed", "failed", "cancelled")
+        )
+        active = {
+            stage: n
+            for stage, statuses in counts["by_stage"].items()
+            if (n := statuses.get("running", 0) + statuses.get("queued", 0)) and stage != "done"
+        }
+        stages = " ".join(f"{stage}:{n}" for stage, n in active.items()) or "-"
+        usage = summary["usage"]
+        detail = (
+            f"{summary['status']} | in progress {stages} | failed {counts['by_status'].get('failed', 0)} | "
+            f"{usage['llm_calls']} calls, {usage['prompt_tokens'] + usage['completion_tokens']} tokens"
+        )
+        self.progress.update(self.task, total=counts["total"], completed=self.done_in_snapshot, detail=detail)
+        line = f"{self.done_in_snapshot}/{counts['total']} items | {detail}"
+        if not console.is_terminal and line != self.last_line:  # a log gets lines, not a bar
+            console.print(line)
+            self.last_line = line
 
 
 def print_cots(client: httpx.Client, job_id: str) -> None:
@@ -269,6 +424,112 @@ def show(job_id: str, api_url: ApiUrl = "http://127.0.0.1:8000", key: ApiKeyOpt 
     """Print a job's items with their refined CoTs."""
     with _client(api_url, key) as client:
         print_cots(client, job_id)
+
+
+@cli.command()
+def export(
+    job_id: str,
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format", "-f", help="trl_sft, trl_dpo, aidsafe_csv, jsonl, parquet, label_studio or argilla."
+        ),
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", dir_okay=False, help="File to write.")],
+    cot: Annotated[str | None, typer.Option(help="How chat formats carry the CoT.")] = None,
+    system: Annotated[str | None, typer.Option(help="A system message to put first in chat formats.")] = None,
+    accepted_only: Annotated[bool, typer.Option(help="Only CoTs the quality gate accepted.")] = False,
+    min_score: Annotated[
+        list[str] | None, typer.Option(help="METRIC:SCORE (repeatable): only CoTs graded at least this.")
+    ] = None,
+    human_approved: Annotated[bool, typer.Option(help="Only CoTs a reviewer approved.")] = False,
+    api_url: ApiUrl = "http://127.0.0.1:8000",
+    key: ApiKeyOpt = "",
+) -> None:
+    """Download an export of the job, streamed to disk. The file appears only when complete."""
+    params = {
+        "format": format,
+        "cot": cot,
+        "system": system,
+        "accepted_only": accepted_only or None,  # filters left off are not sent
+        "min_score": min_score or [],
+        "human_approved": human_approved or None,
+    }
+    partial = output.with_name(output.name + ".part")
+    with (
+        _client(api_url, key) as client,
+        client.stream(
+            "GET",
+            f"/v1/jobs/{job_id}/export",
+            params={k: v for k, v in params.items() if v is not None},
+            timeout=None,
+        ) as response,
+    ):
+        if response.status_code != 200:
+            response.read()
+            _check(response)
+        try:
+            with partial.open("wb") as handle:
+                for chunk in response.iter_bytes():
+                    handle.write(chunk)
+        except BaseException:  # a broken download leaves no file that looks complete
+            partial.unlink(missing_ok=True)
+            raise
+    written = partial.stat().st_size
+    partial.replace(output)
+    console.print(f"Wrote {output} ({written:,} bytes, {format}).")
+
+
+policy_sets_cli = typer.Typer(help="Policy sets (over the HTTP API).", no_args_is_help=True)
+cli.add_typer(policy_sets_cli, name="policy-sets")
+
+
+@policy_sets_cli.command("list")
+def list_policy_sets(api_url: ApiUrl = "http://127.0.0.1:8000", key: ApiKeyOpt = "") -> None:
+    """Built-in sets and yours, every version: id, name@version, built-in or own, created."""
+    with _client(api_url, key) as client:
+        for row in _check(client.get("/v1/policy-sets")):
+            origin = "built-in" if row["builtin"] else "own"
+            console.print(f"{row['id']}  {row['name']}@{row['version']}  {origin}  {row['created_at'][:10]}")
+
+
+@policy_sets_cli.command("show")
+def show_policy_set(
+    policy_set_id: str, api_url: ApiUrl = "http://127.0.0.1:8000", key: ApiKeyOpt = ""
+) -> None:
+    """One version with its policies, as YAML (the format `create` reads)."""
+    with _client(api_url, key) as client:
+        row = _check(client.get(f"/v1/policy-sets/{policy_set_id}"))
+    document = {"name": row["name"], "description": row["description"], "policies": row["policies"]}
+    console.print(f"# {row['name']}@{row['version']} ({row['id']})", highlight=False)
+    print(yaml.safe_dump(document, sort_keys=False, allow_unicode=True), end="")
+
+
+@policy_sets_cli.command("create")
+def create_policy_set(
+    file: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, help="YAML: name, description, policies.")
+    ],
+    api_url: ApiUrl = "http://127.0.0.1:8000",
+    key: ApiKeyOpt = "",
+) -> None:
+    """Register a policy set version from a YAML file (the layout of policies/default.yaml).
+    The same content again is the same version."""
+    try:
+        document = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        console.print(f"[red]{file}: not YAML ({exc})[/] (nothing was registered)")
+        raise typer.Exit(2) from exc
+    if not isinstance(document, dict):
+        console.print(f"[red]{file}: expected a mapping with name, description, policies[/]")
+        raise typer.Exit(2)
+    with _client(api_url, key) as client:
+        response = client.post("/v1/policy-sets", json=document)
+        row = _check(response)
+    state = "registered" if response.status_code == 201 else "already registered"
+    console.print(
+        f"{row['name']}@{row['version']} {state} (id {row['id']}, {len(row['policies'])} policies)."
+    )
 
 
 def main() -> None:

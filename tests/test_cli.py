@@ -1,0 +1,230 @@
+"""The `aidsafe` command line against the real API over HTTP (uvicorn on a free port), arq's
+real worker and the scripted LLM: submit with job options, follow, export, policy sets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from app.cli import cli
+from app.config import Settings
+from app.store.db import Sessions
+from app.store.models import Job
+from tests.conftest import eventually, run_worker_burst
+from tests.test_api import row_counts, submit
+
+Headers = dict[str, str]
+AIDSAFE = str(Path(sys.executable).parent / "aidsafe")
+KITCHEN = {
+    "name": "kitchen",
+    "description": "House rules.",
+    "policies": [
+        {
+            "id": "knives",
+            "title": "Knife safety",
+            "scope": "Cutting, sharpening.",
+            "allowed": ["Technique"],
+            "not_allowed": ["Hurting people"],
+            "borderline_examples": [{"prompt": "How sharp is too sharp?", "guidance": "Explain safe use."}],
+        }
+    ],
+}
+
+
+def cli_env(live_api: str, auth: Headers) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIDSAFE_")}
+    env.update(
+        AIDSAFE_API_URL=live_api,
+        AIDSAFE_API_KEY=auth["Authorization"].removeprefix("Bearer "),
+        COLUMNS="200",
+    )
+    return env
+
+
+async def aidsafe(live_api: str, auth: Headers, *args: str) -> tuple[int, str]:
+    """Run the installed `aidsafe` command against the live API; (exit code, its output)."""
+    process = await asyncio.create_subprocess_exec(
+        AIDSAFE,
+        *args,
+        env=cli_env(live_api, auth),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), 60)
+    return process.returncode or 0, out.decode()
+
+
+async def job_ids(sessions: Sessions) -> list[str]:
+    async with sessions() as session:
+        return [str(i) for i in await session.scalars(select(Job.id).order_by(Job.created_at))]
+
+
+def write(tmp_path: Path, name: str, *lines: str) -> Path:
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+async def test_cli_submits_with_job_options_follows_the_events_and_prints_the_cots(
+    live_api: str,
+    api: httpx.AsyncClient,
+    auth: Headers,
+    settings: Settings,
+    sessions: Sessions,
+    tmp_path: Path,
+) -> None:
+    prompts = write(
+        tmp_path,
+        "prompts.jsonl",
+        json.dumps({"prompt": "How do I sharpen a knife?", "metadata": {"source": "test"}}),
+        json.dumps({"prompt": "How do I store knives safely?"}),
+    )
+    options = ["--agents", "3", "--max-rounds", "2", "--threshold", "relevance=3"]
+    options += ["--pairs", "--pair-max-tries", "1", "--pair-min-gap", "0.5"]
+    cli_run = asyncio.create_task(aidsafe(live_api, auth, "submit", str(prompts), *options))
+
+    [job_id] = await eventually(lambda: job_ids(sessions), 20, "the CLI's job")
+    await asyncio.sleep(0.5)  # the CLI connects to the event stream before the items finish
+    await run_worker_burst(settings)
+    code, out = await cli_run
+
+    assert code == 0, out
+    job = (await api.get(f"/v1/jobs/{job_id}", headers=auth)).json()
+    assert (len(job["config"]["roles"]["deliberators"]), job["config"]["max_rounds"]) == (3, 2)
+    assert job["config"]["grading"]["thresholds"] == {"relevance": 3}
+    assert (job["config"]["pairs"]["max_tries"], job["config"]["pairs"]["min_gap"]) == (1, 0.5)
+    assert job["status"] == "completed"
+    assert "2/2 items | completed" in out
+    assert "polling instead" not in out
+    assert "How do I sharpen a knife?" in out and "Refined thoughts" in out
+
+
+async def test_cli_follows_a_job_to_the_end(
+    live_api: str, api: httpx.AsyncClient, auth: Headers, settings: Settings
+) -> None:
+    job = await submit(api, auth, ["a", "b", "c"])
+    process = await asyncio.create_subprocess_exec(
+        AIDSAFE, "follow", job["id"], env=cli_env(live_api, auth), stdout=asyncio.subprocess.PIPE
+    )
+    assert process.stdout is not None
+    first = await asyncio.wait_for(process.stdout.readline(), 30)
+    await run_worker_burst(settings)
+    rest = await asyncio.wait_for(process.stdout.read(), 30)
+
+    assert await process.wait() == 0
+    assert first.decode().startswith("0/3 items | queued")
+    assert "3/3 items | completed" in rest.decode()
+
+
+@pytest.mark.parametrize(
+    ("name", "lines", "reason"),
+    [
+        ("bad.jsonl", ['{"prompt": "fine"}', '{"prompt": "fine too"}', '{"prompt": "cut'], ":3: not JSON"),
+        (
+            "bad.jsonl",
+            ['{"prompt": "fine"}', '{"text": "no prompt"}'],
+            ":2: expected an object with a string",
+        ),
+        ("bad.jsonl", ['{"prompt": "fine"}', '{"prompt": "x", "metadata": "m"}'], ":2: 'metadata' must be"),
+        ("bad.csv", ["text", "no prompt column"], "needs a 'prompt' column"),
+        ("bad.csv", ["prompt,source", "fine,a", ",b"], ":3: empty prompt"),
+    ],
+)
+async def test_a_bad_prompt_file_is_reported_by_line_and_nothing_is_submitted(
+    name: str, lines: list[str], reason: str, sessions: Sessions, tmp_path: Path
+) -> None:
+    path = write(tmp_path, name, *lines)
+
+    result = CliRunner().invoke(cli, ["submit", str(path), "--api-url", "http://127.0.0.1:9", "--key", "k"])
+
+    assert result.exit_code == 2, result.output
+    assert reason in " ".join(result.output.split()) and "nothing was submitted" in result.output
+    assert await row_counts(sessions) == (0, 0)
+
+
+async def test_a_file_that_is_not_utf8_is_refused(sessions: Sessions, tmp_path: Path) -> None:
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"prompt": "caf\xe9"}\n'.encode("latin-1"))
+
+    result = CliRunner().invoke(cli, ["submit", str(path), "--api-url", "http://127.0.0.1:9", "--key", "k"])
+
+    assert result.exit_code == 2 and "not UTF-8" in " ".join(result.output.split())
+    assert await row_counts(sessions) == (0, 0)
+
+
+async def test_a_job_option_the_api_refuses_is_reported_and_creates_nothing(
+    live_api: str, auth: Headers, sessions: Sessions, tmp_path: Path
+) -> None:
+    path = write(tmp_path, "p.jsonl", '{"prompt": "fine"}')
+
+    code, out = await aidsafe(live_api, auth, "submit", str(path), "--agents", "99")
+
+    assert code == 1 and "422: validation_error" in out
+    assert await row_counts(sessions) == (0, 0)
+
+
+async def test_cli_downloads_an_export_to_a_file(
+    live_api: str, api: httpx.AsyncClient, auth: Headers, settings: Settings, tmp_path: Path
+) -> None:
+    job = await submit(api, auth, ["a", "b"])
+    await run_worker_burst(settings)
+    output = tmp_path / "out.jsonl"
+
+    code, out = await aidsafe(live_api, auth, "export", job["id"], "--format", "jsonl", "-o", str(output))
+
+    assert code == 0, out
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [row["prompt"] for row in rows] == ["a", "b"]
+    assert not output.with_name("out.jsonl.part").exists()
+
+
+async def test_cli_export_refused_by_the_api_says_why_and_writes_no_file(
+    live_api: str, api: httpx.AsyncClient, auth: Headers, tmp_path: Path
+) -> None:
+    job = await submit(api, auth, ["a"])
+    output = tmp_path / "out.csv"
+
+    code, out = await aidsafe(live_api, auth, "export", job["id"], "--format", "docx", "-o", str(output))
+
+    assert code == 1 and "422" in out
+    assert not output.exists() and not output.with_name("out.csv.part").exists()
+
+
+async def test_cli_registers_lists_and_shows_policy_sets(
+    live_api: str, auth: Headers, tmp_path: Path
+) -> None:
+    path = tmp_path / "kitchen.yaml"
+    path.write_text(yaml.safe_dump(KITCHEN), encoding="utf-8")
+
+    code, out = await aidsafe(live_api, auth, "policy-sets", "create", str(path))
+    assert code == 0 and "kitchen@" in out and "registered (id" in out, out
+    again_code, again = await aidsafe(live_api, auth, "policy-sets", "create", str(path))
+    assert again_code == 0 and "already registered" in again
+
+    code, listing = await aidsafe(live_api, auth, "policy-sets", "list")
+    assert code == 0 and "aidsafe-default@" in listing and "built-in" in listing
+    own = next(line for line in listing.splitlines() if "kitchen@" in line)
+    assert own.endswith(own.split()[-1]) and " own " in own
+
+    code, shown = await aidsafe(live_api, auth, "policy-sets", "show", own.split()[0])
+    assert code == 0, shown
+    assert yaml.safe_load(shown) == KITCHEN
+
+
+async def test_cli_refuses_a_policy_file_that_is_not_yaml(
+    live_api: str, auth: Headers, tmp_path: Path
+) -> None:
+    path = write(tmp_path, "bad.yaml", "name: [unclosed")
+
+    code, out = await aidsafe(live_api, auth, "policy-sets", "create", str(path))
+
+    assert code == 2 and "not YAML" in out and "nothing was registered" in out
