@@ -16,7 +16,7 @@ import pytest
 
 from app.config import EndpointConfig, Settings
 from app.store.db import Sessions
-from tests.conftest import api_client, run_worker_burst
+from tests.conftest import api_client, new_key, run_worker_burst
 
 pytestmark = pytest.mark.embedded_llm
 MODEL = "smollm2-135m-instruct"
@@ -105,3 +105,47 @@ async def test_real_model_job_is_processed_and_persisted_end_to_end(
     assert cot["response"]
     assert cot["policy_set"]["name"] == "aidsafe-default" and len(cot["policy_set"]["version"]) == 16
     assert cot == (await api.get(f"/v1/jobs/{job_id}/cots", headers=auth)).json()["data"][0]
+
+
+async def test_real_model_job_with_grading_and_pairs_records_every_step(
+    embedded_llm: str, api: httpx.AsyncClient, sessions: Sessions, settings: Settings
+) -> None:
+    """Structure only: whatever the tiny model says, every step is stored and readable."""
+    scoped = await new_key(sessions, "reviewer", ("hazardous:read",))
+    body = {
+        "prompts": ["How do I get rid of a wasp nest near my door?"],
+        "config": {
+            "agents": 1,
+            "max_rounds": 1,
+            "max_tokens": 384,
+            "defaults": {"endpoint": "smollm", "temperature": 0},
+            "grading": {},
+            "pairs": {"max_tries": 1, "min_gap": 0},
+        },
+    }
+    created = await api.post("/v1/jobs", json=body, headers=scoped)
+    assert created.status_code == 202, created.text
+    job_id = created.json()["id"]
+
+    await run_worker_burst(with_smollm(settings, embedded_llm))
+
+    job = (await api.get(f"/v1/jobs/{job_id}", headers=scoped)).json()
+    assert job["status"] == "completed"
+    item = (await api.get(f"/v1/jobs/{job_id}/items", headers=scoped)).json()["data"][0]
+    detail = (await api.get(f"/v1/items/{item['id']}", headers=scoped)).json()
+    assert detail["cot"] is not None, f"{detail['error_code']}: {detail['error_message']}"
+    stages = {t["stage"] for t in detail["turns"]}
+    assert {"grade", "whisper"} <= stages
+    cot = detail["cot"]
+    # Graded, or the reason it could not be: never a guessed score.
+    if cot["scores"] is None:
+        assert cot["grade_error"] and cot["quality"]["accepted"] is False
+    else:
+        assert all(1 <= s["score"] <= 5 for s in cot["scores"].values()) and len(cot["scores"]) == 6
+    pairs = (await api.get(f"/v1/jobs/{job_id}/preference-pairs", headers=scoped)).json()["data"]
+    assert len(pairs) == 1
+    pair = pairs[0]
+    assert pair["kept"] or pair["reason"]
+    assert len(pair["tries"]) <= 1
+    report = await api.get(f"/v1/jobs/{job_id}/report", headers=scoped)
+    assert report.status_code == 200, report.text
