@@ -27,6 +27,7 @@ from arq.worker import Worker
 from redis.asyncio import Redis
 
 from app.config import EndpointConfig, Settings
+from app.llm.client import OpenAICompatibleClient
 from app.main import create_app
 from app.store import keys
 from app.store.db import Sessions, make_engine, make_sessions
@@ -56,6 +57,23 @@ def second_llm() -> Iterator[ScriptedLLM]:
     """Another endpoint, to show roles can use different servers."""
     with running_scripted_llm() as server:
         yield server
+
+
+def client_for(settings: Settings, timeout_s: float | None = None) -> OpenAICompatibleClient:
+    """The production LLM client pointed at the test endpoints, without shared limits."""
+    return OpenAICompatibleClient(
+        settings.endpoints(),
+        timeout_s=timeout_s or settings.llm_timeout_s,
+        max_retries=settings.llm_max_retries,
+        backoff_base_s=settings.llm_backoff_base_s,
+        backoff_max_s=settings.llm_backoff_max_s,
+    )
+
+
+@pytest.fixture
+async def llm(settings: Settings) -> AsyncIterator[OpenAICompatibleClient]:
+    async with client_for(settings) as client:
+        yield client
 
 
 @pytest.fixture(scope="session")

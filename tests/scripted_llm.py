@@ -32,6 +32,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from app.deliberation.results import METRICS
+
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
 _THOUGHT_MARKER = re.compile(r"\[T(\d+)\][ \t]*([^\n]*)")
 _MAX_REFINED_THOUGHTS = 12  # the refined_cot schema's maxItems
@@ -178,15 +180,7 @@ def _default_refined(user_text: str) -> dict[str, Any]:
 
 def scores(**overrides: int) -> dict[str, Any]:
     """A quality_scores answer: every metric 4 unless overridden."""
-    metrics = (
-        "relevance",
-        "coherence",
-        "completeness",
-        "cot_policy_faithfulness",
-        "response_policy_faithfulness",
-        "response_cot_faithfulness",
-    )
-    return {m: {"score": overrides.get(m, 4), "rationale": f"{m} looks fine."} for m in metrics}
+    return {m: {"score": overrides.get(m, 4), "rationale": f"{m} looks fine."} for m in METRICS}
 
 
 def guard_verdict(unsafe: bool, *policies: str) -> Reply:

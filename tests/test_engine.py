@@ -11,7 +11,6 @@ import textwrap
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from app.deliberation.ports import ChatReply, ChatRequest, LLMClient, LLMUnavail
 from app.deliberation.results import Completed, Failed
 from app.deliberation.schemas import BY_NAME
 from app.llm.client import OpenAICompatibleClient
+from tests.conftest import client_for
 from tests.memory_turn_log import InMemoryTurnLog
 from tests.scripted_llm import (
     ScriptedLLM,
@@ -64,22 +64,6 @@ def pipeline(
         max_tokens=512,
         max_reasks=max_reasks,
     )
-
-
-def client_for(settings: Settings, timeout_s: float | None = None) -> OpenAICompatibleClient:
-    return OpenAICompatibleClient(
-        settings.endpoints(),
-        timeout_s=timeout_s or settings.llm_timeout_s,
-        max_retries=settings.llm_max_retries,
-        backoff_base_s=settings.llm_backoff_base_s,
-        backoff_max_s=settings.llm_backoff_max_s,
-    )
-
-
-@pytest.fixture
-async def llm(settings: Settings) -> AsyncIterator[OpenAICompatibleClient]:
-    async with client_for(settings) as client:
-        yield client
 
 
 async def run(

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import pytest
 
-from app.config import Settings
 from app.deliberation.config import GradingConfig, GuardConfig, GuardStyle, Mode, PairsConfig, PipelineConfig
 from app.deliberation.engine import deliberate, judge_pair
 from app.deliberation.ports import LLMUnavailable, Stage
@@ -25,7 +23,7 @@ from tests.scripted_llm import (
     reply,
     scores,
 )
-from tests.test_engine import DEFAULT_ROLE, ITEM, POLICIES, PROMPT, GoesDownAfter, client_for, pipeline
+from tests.test_engine import DEFAULT_ROLE, ITEM, POLICIES, PROMPT, GoesDownAfter, pipeline
 
 ALL_THREES = dict.fromkeys(METRICS, 3.0)
 
@@ -49,12 +47,6 @@ def with_quality(
         if pairs
         else None,
     )
-
-
-@pytest.fixture
-async def llm(settings: Settings) -> AsyncIterator[OpenAICompatibleClient]:
-    async with client_for(settings) as client:
-        yield client
 
 
 async def run(
