@@ -14,6 +14,7 @@ from app.api.limits import BodySizeLimit
 from app.config import Settings, get_settings
 from app.queue import redis_settings
 from app.store.db import make_engine, make_sessions
+from app.web import pages
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -45,6 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     for module in (health, metrics, jobs, events, items, comparisons, policy_sets):
         app.include_router(module.router)
+    app.include_router(pages.router)  # the web viewer, /view
     return app
 
 

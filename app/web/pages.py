@@ -1,0 +1,227 @@
+"""/view: the read-only web viewer. Jobs, one job's progress and items, one item's
+deliberation timeline. Browsers cannot send Bearer headers, so a login form turns an API key
+into a signed session cookie (see session.py); every page then checks it as the API checks a
+key, and another key's job or item is a 404. Jinja autoescapes everything: model output is
+untrusted, and the Content-Security-Policy allows no inline script besides."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
+from typing import Annotated, Any, get_args
+from urllib.parse import parse_qs
+from uuid import UUID
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
+from fastapi.routing import APIRoute
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from fastapi.templating import Jinja2Templates
+from sqlalchemy import select
+
+from app.api import views
+from app.api.deps import SessionDep, SettingsDep
+from app.api.events import LastEventId, job_event_source, server_sent
+from app.api.jobs import _job_out as job_out
+from app.api.schemas import ItemStatus
+from app.errors import NotFound, ServiceError, Unauthorized
+from app.store import jobs, keys
+from app.store.models import ApiKey, Cot, Job, PreferencePair
+from app.web import session as web_session
+from app.web import timeline
+
+HERE = Path(__file__).parent
+templates = Jinja2Templates(directory=HERE / "templates")  # autoescape is on for .html
+STATIC = {"viewer.css": "text/css", "viewer.js": "text/javascript"}
+PAGE_SIZE = 100
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+class LoginRequired(Exception):
+    pass
+
+
+class PageRoute(APIRoute):
+    """Errors become pages (or a redirect to the login form), not the API's JSON."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def page(request: Request) -> Response:
+            try:
+                response = await handler(request)
+            except LoginRequired:
+                response = RedirectResponse("/view/login", status_code=303)
+            except (ServiceError, RequestValidationError) as exc:
+                status, message = (
+                    (exc.status, exc.message) if isinstance(exc, ServiceError) else (400, "Bad request.")
+                )
+                response = templates.TemplateResponse(
+                    request, "error.html", {"status": status, "message": message}, status_code=status
+                )
+            response.headers.update(SECURITY_HEADERS)
+            return response
+
+        return page
+
+
+router = APIRouter(prefix="/view", include_in_schema=False, route_class=PageRoute)
+
+
+async def _viewer_key(request: Request, session: SessionDep, settings: SettingsDep) -> ApiKey:
+    token = request.cookies.get(web_session.COOKIE)
+    key_id = token and web_session.key_id_of(token, web_session.signing_secret(settings), time.time())
+    key = key_id and await session.get(ApiKey, key_id)
+    if not key or key.revoked_at is not None:
+        raise LoginRequired()
+    return key
+
+
+ViewerKey = Annotated[ApiKey, Depends(_viewer_key)]
+
+
+@router.get("")
+async def home() -> RedirectResponse:
+    return RedirectResponse("/view/jobs", status_code=303)
+
+
+@router.get("/static/{name}")
+async def static(name: str) -> FileResponse:
+    if name not in STATIC:
+        raise NotFound(f"no file {name}")
+    return FileResponse(HERE / "static" / name, media_type=STATIC[name])
+
+
+@router.get("/login", response_class=HTMLResponse)
+async def login_form(request: Request) -> Response:
+    return templates.TemplateResponse(request, "login.html", {"error": None})
+
+
+@router.post("/login", response_class=HTMLResponse)
+async def login(request: Request, session: SessionDep, settings: SettingsDep) -> Response:
+    """Check the key like the API does; on success set the session cookie and go to the jobs."""
+    form = parse_qs((await request.body()).decode("utf-8", errors="replace"))
+    secret = (form.get("api_key") or [""])[0].strip()
+    try:
+        key = await keys.authenticate(session, secret)
+    except Unauthorized:
+        context = {"error": "Unknown or revoked API key."}
+        return templates.TemplateResponse(request, "login.html", context, status_code=401)
+    lifetime_s = settings.web_session_hours * 3600
+    token = web_session.issue(key.id, web_session.signing_secret(settings), time.time(), lifetime_s)
+    response = RedirectResponse("/view/jobs", status_code=303)
+    response.set_cookie(
+        web_session.COOKIE,
+        token,
+        max_age=int(lifetime_s),
+        path="/view",
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
+    return response
+
+
+@router.post("/logout")
+async def logout() -> RedirectResponse:
+    response = RedirectResponse("/view/login", status_code=303)
+    response.delete_cookie(web_session.COOKIE, path="/view")
+    return response
+
+
+@router.get("/jobs", response_class=HTMLResponse)
+async def job_list(request: Request, session: SessionDep, key: ViewerKey) -> Response:
+    """This key's newest jobs."""
+    rows = await session.scalars(
+        select(Job).where(Job.owner_key_id == key.id).order_by(Job.created_at.desc()).limit(PAGE_SIZE)
+    )
+    return templates.TemplateResponse(request, "jobs.html", {"key": key, "jobs": list(rows)})
+
+
+@router.get("/jobs/{job_id}", response_class=HTMLResponse)
+async def job_page(
+    request: Request,
+    job_id: UUID,
+    session: SessionDep,
+    key: ViewerKey,
+    status: ItemStatus | None = None,
+    accepted: Annotated[bool | None, Query()] = None,
+    cursor: str | None = None,
+) -> Response:
+    """Progress, counts per stage and status, quality, and a page of items (filtered by status
+    and by the quality gate's decision)."""
+    job = await jobs.get_owned(session, job_id, key.id)
+    if accepted is None:
+        items, next_cursor = await jobs.page_items(session, job.id, status, cursor, PAGE_SIZE)
+        gate = await _gate_decisions(session, [item.id for item in items])
+    else:  # only items with a CoT have a gate decision
+        rows, next_cursor = await jobs.page_cots(session, job.id, accepted, cursor, PAGE_SIZE)
+        items = [item for _, item in rows if status in (None, item.status)]
+        gate = {cot.item_id: cot.accepted for cot, _ in rows}
+    context = {
+        "key": key,
+        "job": await job_out(session, job),
+        "items": items,
+        "gate": gate,
+        "filters": {
+            "status": status or "",
+            "accepted": "" if accepted is None else str(accepted).lower(),
+        },
+        "next_cursor": next_cursor,
+        "statuses": get_args(ItemStatus),
+    }
+    return templates.TemplateResponse(request, "job.html", context)
+
+
+async def _gate_decisions(session: Any, item_ids: list[UUID]) -> dict[UUID, bool | None]:
+    rows = await session.execute(select(Cot.item_id, Cot.accepted).where(Cot.item_id.in_(item_ids)))
+    return {item_id: accepted for item_id, accepted in rows}
+
+
+async def _viewed_job(job_id: UUID, session: SessionDep, key: ViewerKey) -> UUID:
+    await jobs.get_owned(session, job_id, key.id)
+    await session.close()  # the stream may last hours; each snapshot takes its own session
+    return job_id
+
+
+@router.get("/jobs/{job_id}/events", response_class=EventSourceResponse)
+async def job_events(
+    request: Request, job_id: Annotated[UUID, Depends(_viewed_job)], last_event_id: LastEventId
+) -> AsyncIterator[ServerSentEvent]:
+    """The job's progress events (as GET /v1/jobs/{id}/events) for the page's live progress."""
+    async for event in server_sent(job_event_source(request, job_id), last_event_id):
+        yield event
+
+
+@router.get("/items/{item_id}", response_class=HTMLResponse)
+async def item_page(request: Request, item_id: UUID, session: SessionDep, key: ViewerKey) -> Response:
+    """The deliberation timeline, scores and gate, and the preference pair side by side.
+    Hazardous text (beliefs, rejected CoTs) only for keys with `hazardous:read`."""
+    reads_hazardous = keys.reads_hazardous(key)
+    item, job = await jobs.get_item_owned(session, item_id, key.id)
+    cot_row = await jobs.item_cot(session, item_id)
+    turns = [views.turn_out(turn, reads_hazardous) for turn in await jobs.item_turns(session, item_id)]
+    cot = views.cot_out(cot_row, item) if cot_row else None
+    pair_row = await session.scalar(select(PreferencePair).where(PreferencePair.item_id == item_id))
+    pair = views.pair_out(pair_row, item, cot_row, reads_hazardous) if pair_row and cot_row else None
+    context = {
+        "key": key,
+        "item": item,
+        "job": job,
+        "cot": cot,
+        "timeline": timeline.build(cot, turns) if cot else None,
+        "turns": turns,
+        "pair": pair,
+        "reads_hazardous": reads_hazardous,
+    }
+    return templates.TemplateResponse(request, "item.html", context)

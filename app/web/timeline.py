@@ -1,0 +1,106 @@
+"""One item's deliberation as a timeline: who added which thought, who changed the response
+and how, and what the refiner kept, dropped or left out. Pure: built from the same shapes
+the API sends (so the same redaction applies), rendered by the viewer's templates."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+
+from app.api.schemas import CotOut, ThoughtOut, TurnOut
+
+_WORDS = re.compile(r"\S+\s*|\s+")  # a word and the spaces after it, so changes read as phrases
+
+
+@dataclass(frozen=True)
+class DiffPart:
+    kind: str  # same | added | removed
+    text: str
+
+
+@dataclass(frozen=True)
+class DeliberationStep:
+    round: int
+    agent: int
+    agreed: bool
+    critique: str
+    new_thoughts: list[ThoughtOut]
+    response_diff: list[DiffPart] | None  # None: the response was left as it was
+
+
+@dataclass(frozen=True)
+class Timeline:
+    explicit_intents: list[str]
+    implicit_intents: list[str]
+    seed_thoughts: list[ThoughtOut]
+    seed_response: str | None  # None when the seed turn is not stored (or not readable)
+    steps: list[DeliberationStep]
+    unaccounted: list[ThoughtOut]  # thoughts the refiner neither kept nor dropped with a reason
+    thought_text: dict[int, str]  # every thought by id, for the refiner's sources
+
+
+def response_diff(before: str, after: str) -> list[DiffPart]:
+    """Word-level changes from `before` to `after`, whitespace kept."""
+    old, new = _WORDS.findall(before), _WORDS.findall(after)
+    parts: list[DiffPart] = []
+    for op, a1, a2, b1, b2 in difflib.SequenceMatcher(a=old, b=new, autojunk=False).get_opcodes():
+        if op == "equal":
+            parts.append(DiffPart("same", "".join(old[a1:a2])))
+            continue
+        if a2 > a1:
+            parts.append(DiffPart("removed", "".join(old[a1:a2])))
+        if b2 > b1:
+            parts.append(DiffPart("added", "".join(new[b1:b2])))
+    return parts
+
+
+def _answers(turns: list[TurnOut], stage: str) -> dict[tuple[int, int], dict]:
+    """The parsed answer of each (round, agent) of a stage: its last attempt that parsed."""
+    answers: dict[tuple[int, int], dict] = {}
+    for turn in turns:
+        if turn.stage == stage and turn.outcome == "ok" and turn.parsed is not None:
+            answers[(turn.round, turn.agent)] = turn.parsed
+    return answers
+
+
+def build(cot: CotOut, turns: list[TurnOut]) -> Timeline:
+    """The timeline of an item that has a CoT. Thoughts come from the CoT (with their authors);
+    critiques and responses from the stored deliberation turns."""
+    seed = next(iter(_answers(turns, "seed").values()), None) or next(
+        iter(_answers(turns, "zero_shot").values()), None
+    )
+    response = seed.get("response") if seed else None
+    steps = []
+    for (round_no, agent), answer in sorted(_answers(turns, "deliberation").items()):
+        agreed = bool(answer.get("agree"))
+        new_response = answer.get("response")
+        changed = (
+            not agreed and isinstance(new_response, str) and response is not None and new_response != response
+        )
+        steps.append(
+            DeliberationStep(
+                round=round_no,
+                agent=agent,
+                agreed=agreed,
+                critique=str(answer.get("critique") or ""),
+                new_thoughts=[
+                    t
+                    for t in cot.thoughts
+                    if t.stage == "deliberation" and (t.round, t.agent) == (round_no, agent)
+                ],
+                response_diff=response_diff(response, new_response) if changed else None,
+            )
+        )
+        if changed:
+            response = new_response
+    unaccounted = set(cot.unaccounted_thought_ids)
+    return Timeline(
+        explicit_intents=cot.intents.get("explicit_intents", []),
+        implicit_intents=cot.intents.get("implicit_intents", []),
+        seed_thoughts=[t for t in cot.thoughts if t.stage in ("seed", "zero_shot")],
+        seed_response=seed.get("response") if seed else None,
+        steps=steps,
+        unaccounted=[t for t in cot.thoughts if t.id in unaccounted],
+        thought_text={t.id: t.text for t in cot.thoughts},
+    )

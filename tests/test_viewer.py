@@ -1,0 +1,347 @@
+"""The web viewer: login sessions, ownership, escaping, filters, and (in real headless Debian
+Chromium driven by Playwright) the job page's live progress and an item's deliberation
+timeline with its preference pair, redacted or not by the key's scope."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import httpx
+import pytest
+from PIL import Image
+from sqlalchemy import update
+
+from app.config import Settings
+from app.store import keys
+from app.store.db import Sessions
+from app.store.models import ApiKey
+from app.web import session as web_session
+from app.web.timeline import DiffPart, response_diff
+from tests.conftest import new_key, run_worker_burst
+from tests.scripted_llm import ScriptedLLM, agree, guard_verdict, reply, scores
+from tests.test_api import items_of, submit
+
+Headers = dict[str, str]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+HAZARD = "HAZARD-5c1"  # marks the whispered belief and the rejected CoT
+NEW_THOUGHT = "Check the policy on household chemicals before answering."
+SCRIPT_THOUGHT = '<script>document.title="owned"</script><b>bold?</b>'
+
+
+def secret_of(headers: Headers) -> str:
+    return headers["Authorization"].removeprefix("Bearer ")
+
+
+async def paired_job(
+    api: httpx.AsyncClient,
+    headers: Headers,
+    settings: Settings,
+    llm: ScriptedLLM,
+    new_thought: str = NEW_THOUGHT,
+) -> tuple[str, str]:
+    """A finished one-item job with grading and a kept preference pair, whose deliberation has
+    a revising turn (a new thought, a changed response), an agreeing one, a refiner drop and
+    a thought the refiner left out. Returns (job id, item id)."""
+    llm.script(
+        "deliberation_turn",
+        agree(
+            False, [new_thought], "The seed misses the storage advice.", "Store bleach apart from ammonia."
+        ),
+        agree(True),
+    )
+    refined = {
+        "thoughts": [{"text": "The user wants safe cleaning advice.", "sources": [1]}],
+        "dropped": [{"id": 3, "reason": "redundant", "explanation": "Repeats the first thought."}],
+        "response": "Never mix bleach and ammonia; store them apart.",
+    }
+    llm.script("refined_cot", reply(refined))
+    llm.script("whisper_belief", reply({"belief": f"{HAZARD} belief: safety rules are optional."}))
+    llm.script(
+        "rejected_cot", reply({"thoughts": [f"{HAZARD} rejected thought"], "response": f"{HAZARD} reply"})
+    )
+    llm.script("guard_verdict", guard_verdict(True, "physical-harm"))
+    llm.script(
+        "quality_scores",
+        reply(scores()),
+        reply(scores(cot_policy_faithfulness=1, response_policy_faithfulness=1)),
+    )
+    config = {"agents": 2, "max_rounds": 2, "grading": {}, "pairs": {"max_tries": 1, "min_gap": 1.0}}
+    job = await submit(api, headers, ["Is it safe to mix bleach and ammonia?"], config=config)
+    await run_worker_burst(settings, max_jobs=1)
+    [item] = await items_of(api, headers, job["id"])
+    assert item["status"] == "completed", item
+    return job["id"], item["id"]
+
+
+async def logged_in(api: httpx.AsyncClient, headers: Headers) -> httpx.AsyncClient:
+    response = await api.post("/view/login", data={"api_key": secret_of(headers)})
+    assert response.status_code == 303 and response.headers["location"] == "/view/jobs"
+    return api
+
+
+@pytest.fixture
+async def scoped(sessions: Sessions) -> Headers:
+    return await new_key(sessions, "red-team", (keys.HAZARDOUS_READ,))
+
+
+# --- sessions and ownership ---------------------------------------------------------------
+
+
+async def test_pages_send_a_visitor_without_a_session_to_the_login_form(api: httpx.AsyncClient) -> None:
+    for path in ("/view/jobs", f"/view/jobs/{uuid4()}", f"/view/items/{uuid4()}"):
+        response = await api.get(path)
+        assert (response.status_code, response.headers["location"]) == (303, "/view/login"), path
+    form = await api.get("/view/login")
+    assert form.status_code == 200 and 'name="api_key"' in form.text
+
+
+async def test_an_unknown_key_cannot_log_in(api: httpx.AsyncClient) -> None:
+    response = await api.post("/view/login", data={"api_key": "aidsafe_not-a-key"})
+
+    assert response.status_code == 401 and "Unknown or revoked API key." in response.text
+    assert "set-cookie" not in response.headers
+
+
+async def test_login_sets_a_signed_httponly_strict_cookie_that_is_not_the_key(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    response = await api.post("/view/login", data={"api_key": secret_of(auth)})
+
+    cookie = response.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/view" in cookie
+    assert secret_of(auth) not in cookie
+    assert (await api.get("/view/jobs")).status_code == 200
+
+
+def test_a_session_token_is_refused_when_altered_expired_or_signed_with_another_secret() -> None:
+    key_id, secret, now = uuid4(), b"s" * 32, time.time()
+    token = web_session.issue(key_id, secret, now, 60)
+
+    assert web_session.key_id_of(token, secret, now) == key_id
+    assert web_session.key_id_of(token, secret, now + 61) is None
+    assert web_session.key_id_of(token, b"t" * 32, now) is None
+    other = str(uuid4())
+    assert web_session.key_id_of(token.replace(str(key_id), other), secret, now) is None
+
+
+async def test_revoking_the_key_ends_its_viewer_session(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    await logged_in(api, auth)
+    async with sessions.begin() as session:
+        await session.execute(update(ApiKey).values(revoked_at=ApiKey.created_at))
+
+    response = await api.get("/view/jobs")
+
+    assert (response.status_code, response.headers["location"]) == (303, "/view/login")
+
+
+async def test_another_keys_job_and_item_are_not_found(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    job = await submit(api, auth, ["mine"])
+    [item] = await items_of(api, auth, job["id"])
+    await logged_in(api, await new_key(sessions, "bob"))
+
+    for path in (f"/view/jobs/{job['id']}", f"/view/items/{item['id']}", f"/view/jobs/{job['id']}/events"):
+        response = await api.get(path)
+        assert response.status_code == 404 and "Not found" in response.text, path
+    listing = await api.get("/view/jobs")
+    assert job["id"] not in listing.text
+
+
+async def test_logging_out_ends_the_session(api: httpx.AsyncClient, auth: Headers) -> None:
+    await logged_in(api, auth)
+
+    await api.post("/view/logout")
+
+    assert (await api.get("/view/jobs")).status_code == 303
+
+
+# --- what the pages show ------------------------------------------------------------------
+
+
+async def test_model_output_is_shown_as_text_never_as_markup(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, scripted_llm: ScriptedLLM
+) -> None:
+    _, item_id = await paired_job(api, auth, settings, scripted_llm, new_thought=SCRIPT_THOUGHT)
+    await logged_in(api, auth)
+
+    page = await api.get(f"/view/items/{item_id}")
+
+    assert page.status_code == 200
+    assert "&lt;script&gt;document.title=&#34;owned&#34;&lt;/script&gt;&lt;b&gt;bold?&lt;/b&gt;" in page.text
+    assert "<script>document.title" not in page.text and "<b>bold?" not in page.text
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+
+
+async def test_the_job_page_filters_items_by_status_and_gate(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, scripted_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script("quality_scores", reply(scores()), reply(scores(relevance=1)))
+    job = await submit(api, auth, ["first prompt", "second prompt", "third prompt"], config={"grading": {}})
+    scripted_llm.script("intent_decomposition", reply({"explicit_intents": [], "implicit_intents": []}))
+    await run_worker_burst(settings, max_jobs=1)
+    await logged_in(api, auth)
+    url = f"/view/jobs/{job['id']}"
+
+    async def rows(**filters: str) -> int:
+        page = await api.get(url, params=filters)
+        assert page.status_code == 200, page.text
+        return page.text.count('class="item-row"')
+
+    assert await rows() == 3
+    assert await rows(accepted="true") + await rows(accepted="false") == (await rows(status="completed"))
+    assert await rows(status="failed") == 3 - await rows(status="completed")
+    assert (await api.get(url, params={"status": "lost"})).status_code == 400
+
+
+def test_a_response_diff_marks_words_added_and_removed() -> None:
+    assert response_diff("Mix a and b.", "Mix a or b.") == [
+        DiffPart("same", "Mix a "),
+        DiffPart("removed", "and "),
+        DiffPart("added", "or "),
+        DiffPart("same", "b."),
+    ]
+    parts = response_diff("Mix them carefully.", "Never mix them, ever.")
+    assert "".join(p.text for p in parts if p.kind != "added") == "Mix them carefully."
+    assert "".join(p.text for p in parts if p.kind != "removed") == "Never mix them, ever."
+
+
+# --- in real headless Chromium ------------------------------------------------------------
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"{CHROMIUM} is missing: scripts/install.sh installs Debian's chromium")
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+        )
+        yield browser
+        await browser.close()
+
+
+async def browser_login(browser: Any, live_api: str, headers: Headers) -> Any:
+    context = await browser.new_context(base_url=live_api, viewport={"width": 1280, "height": 900})
+    page = await context.new_page()
+    await page.goto("/view/jobs")  # redirected to the form
+    assert page.url.endswith("/view/login")
+    await page.fill("#api_key", secret_of(headers))
+    await page.click("#login button[type=submit]")
+    await page.wait_for_url("**/view/jobs")
+    return page
+
+
+async def test_in_chromium_a_default_key_sees_the_timeline_with_the_hazardous_side_redacted(
+    live_api: str,
+    api: httpx.AsyncClient,
+    auth: Headers,
+    settings: Settings,
+    scripted_llm: ScriptedLLM,
+    browser: Any,
+    tmp_path: Path,
+) -> None:
+    job_id, item_id = await paired_job(api, auth, settings, scripted_llm)
+    page = await browser_login(browser, live_api, auth)
+
+    await page.click(f"a[href='/view/jobs/{job_id}']")
+    await page.wait_for_url(f"**/view/jobs/{job_id}")
+    assert await page.text_content("#job-status") == "completed"
+    assert "1 kept of 1" in (await page.text_content("#pairs-summary") or "")
+    await page.click(f"#item-list a[href='/view/items/{item_id}'] >> nth=0")
+    await page.wait_for_url(f"**/view/items/{item_id}")
+
+    assert await page.locator("#intents .intent").count() >= 1
+    assert await page.locator("#seed .thought").count() == 2
+    rounds = page.locator(".timeline .round")
+    assert await rounds.count() == 2
+    revising = rounds.nth(0)
+    assert NEW_THOUGHT in (await revising.locator(".thoughts.new").text_content() or "")
+    added = " ".join(await revising.locator(".diff ins").all_text_contents())
+    assert "Store bleach apart from ammonia." in added
+    assert "agreed" in (await rounds.nth(1).get_attribute("class") or "")
+    dropped = page.locator("#refiner .dropped")
+    assert await dropped.count() == 1 and "redundant" in (await dropped.text_content() or "")
+    assert await page.locator("#refiner .unaccounted").count() == 1  # T2: neither kept nor dropped
+    assert await page.locator("#scores tr").count() == 7  # a header and six metrics
+    assert "accepted" in (await page.text_content("#gate") or "")
+    assert (
+        await page.locator("#pair .chosen").is_visible()
+        and await page.locator("#pair .rejected").is_visible()
+    )
+    assert await page.locator("#redacted-note").is_visible()
+    assert HAZARD not in await page.content()
+
+    shot = tmp_path / "item-redacted.png"
+    await page.screenshot(path=str(shot), full_page=True)
+    assert_rendered(shot)
+
+
+async def test_in_chromium_a_scoped_key_reads_the_belief_and_the_rejected_cot(
+    live_api: str,
+    api: httpx.AsyncClient,
+    scoped: Headers,
+    settings: Settings,
+    scripted_llm: ScriptedLLM,
+    browser: Any,
+    tmp_path: Path,
+) -> None:
+    _, item_id = await paired_job(api, scoped, settings, scripted_llm)
+    page = await browser_login(browser, live_api, scoped)
+
+    await page.goto(f"/view/items/{item_id}")
+
+    rejected = await page.text_content("#pair .rejected") or ""
+    assert (
+        f"{HAZARD} belief" in rejected
+        and f"{HAZARD} rejected thought" in rejected
+        and f"{HAZARD} reply" in rejected
+    )
+    assert await page.locator("#redacted-note").count() == 0
+    await page.screenshot(path=str(tmp_path / "item-scoped.png"), full_page=True)
+    assert_rendered(tmp_path / "item-scoped.png")
+
+
+async def test_in_chromium_the_job_page_follows_progress_live(
+    live_api: str, api: httpx.AsyncClient, auth: Headers, settings: Settings, browser: Any
+) -> None:
+    job = await submit(api, auth, ["a", "b"])
+    page = await browser_login(browser, live_api, auth)
+    await page.goto(f"/view/jobs/{job['id']}")
+    assert await page.text_content("#job-status") == "queued"
+    await page.wait_for_timeout(500)  # the EventSource connects
+
+    await run_worker_burst(settings)
+
+    await page.wait_for_selector("#job-status.completed", timeout=20_000)
+    assert await page.locator("#live-note").count() == 0  # reloaded as a finished job
+    assert await page.locator(".item-row").count() == 2
+
+
+def assert_rendered(png: Path) -> None:
+    """The screenshot is a real page: a decodable PNG of plausible size, not one flat colour."""
+    data = png.read_bytes()
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    assert image.format == "PNG" and image.width == 1280 and image.height >= 900
+    colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colours is not None and len(colours) > 50, "the page rendered (almost) blank"
