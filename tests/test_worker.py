@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 from collections.abc import AsyncIterator
-from typing import Any
 from uuid import UUID
 
 import httpx
@@ -20,7 +19,7 @@ from app.config import Settings
 from app.store import items
 from app.store.db import Sessions
 from app.store.models import Item, TurnRow
-from tests.conftest import ARQ, eventually, run_worker_burst, start_worker
+from tests.conftest import ARQ, eventually, run_worker_burst, start_worker, submit
 from tests.scripted_llm import ScriptedLLM, agree, http_error, stall
 from workers.main import sweep
 
@@ -30,12 +29,6 @@ async def arq_redis(settings: Settings) -> AsyncIterator[ArqRedis]:
     pool = await create_pool(RedisSettings.from_dsn(settings.redis_url))
     yield pool
     await pool.aclose()
-
-
-async def submit(api: httpx.AsyncClient, auth: dict[str, str], prompts: list[str], **config: Any) -> str:
-    response = await api.post("/v1/jobs", json={"prompts": prompts, "config": config}, headers=auth)
-    assert response.status_code == 202, response.text
-    return response.json()["id"]
 
 
 async def one_item(sessions: Sessions, job_id: str) -> Item:
