@@ -13,9 +13,11 @@ from uuid import UUID
 import httpx
 import pytest
 from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.constants import in_progress_key_prefix
 from sqlalchemy import func, select
 
 from app.config import Settings
+from app.queue import arq_job_id
 from app.store import items
 from app.store.db import Sessions
 from app.store.models import Item, TurnRow
@@ -145,6 +147,29 @@ async def test_sweeper_re_enqueues_queued_items_whose_arq_job_was_lost(
     assert swept == {"expired": 0, "lost": 2}
     job = (await api.get(f"/v1/jobs/{job_id}", headers=auth)).json()
     assert job["counts"]["by_status"] == {"completed": 2}
+
+
+async def test_sweeper_re_enqueues_a_queued_item_whose_worker_died_before_claiming_it(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+) -> None:
+    job_id = await submit(api, auth, ["Tell me about tides."])
+    item = await one_item(sessions, job_id)
+    # What arq leaves behind when its worker is killed between taking the job and the claim:
+    # the job still in the queue, marked in progress for as long as arq's job timeout.
+    taken = in_progress_key_prefix + arq_job_id(item.id, item.enqueues)
+    await arq_redis.set(taken, b"1", ex=60)  # arq: its job timeout, 24 h here
+    await asyncio.sleep(settings.enqueue_grace_s + 0.2)
+
+    swept = await sweep({"settings": settings, "sessions": sessions, "redis": arq_redis})
+    assert swept == {"expired": 0, "lost": 1}
+    await run_worker_burst(settings)
+
+    assert (await one_item(sessions, job_id)).status == "completed"
+    assert not await arq_redis.exists(taken)
 
 
 async def test_sweeper_leaves_queued_items_with_a_live_arq_job_alone(
