@@ -316,7 +316,8 @@ def spend_budget(
     async def spend(**budget: int) -> dict[str, int]:
         scripted_llm.latency_s = 0.05
         job_id = await submit(api, auth, [f"Prompt {n}: how do tides work?" for n in range(BUDGET_PROMPTS)])
-        budgeted = settings.model_copy(update={"worker_max_jobs": 2, **budget})
+        # One item at a time each: a spent budget then still leaves some items completed.
+        budgeted = settings.model_copy(update={"worker_max_jobs": 1, **budget})
         workers.extend(start_worker(budgeted) for _ in range(3))
         await eventually(lambda: _quiet(scripted_llm), timeout_s=40, what="the LLM to go quiet")
         return await status_counts(sessions, UUID(job_id))
@@ -343,8 +344,8 @@ async def test_worker_processes_together_keep_to_the_requests_per_minute_budget(
 async def test_worker_processes_together_keep_to_the_tokens_per_minute_budget(
     spend_budget: Callable[..., Awaitable[dict[str, int]]], scripted_llm: ScriptedLLM
 ) -> None:
-    items = await spend_budget(llm_tokens_per_minute=20_000)
+    items = await spend_budget(llm_tokens_per_minute=40_000)
 
     _, busiest_tokens = scripted_llm.busiest_window(BUDGET_WINDOW_S)
-    assert busiest_tokens <= 20_000, f"{busiest_tokens} tokens within a minute"
+    assert busiest_tokens <= 40_000, f"{busiest_tokens} tokens within a minute"
     assert 0 < items.get("completed", 0) < BUDGET_PROMPTS, items
