@@ -50,10 +50,12 @@ class StackError(RuntimeError):
 class ServiceStack:
     """One benchmark's database, Redis namespace and processes. Use with `async with`."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, pg_admin_dsn: str = PG_ADMIN_DSN, redis_url: str = REDIS_URL) -> None:
         self.run_id = uuid.uuid4().hex[:8]
         self.db_name = f"aidsafe_bench_{self.run_id}"
-        admin_base = PG_ADMIN_DSN.rsplit("/", 1)[0]
+        self.pg_admin_dsn = pg_admin_dsn
+        self.redis_url = redis_url
+        admin_base = pg_admin_dsn.rsplit("/", 1)[0]
         self.database_url = admin_base.replace("postgresql://", "postgresql+asyncpg://") + "/" + self.db_name
         self.queue_name = f"aidsafe-bench:{self.run_id}:queue"
         self.key_prefix = f"aidsafe-bench:{self.run_id}"
@@ -73,7 +75,7 @@ class ServiceStack:
     # --- the database ---------------------------------------------------------------
 
     async def create_database(self) -> None:
-        await _admin(f'CREATE DATABASE "{self.db_name}"')
+        await _admin(self.pg_admin_dsn, f'CREATE DATABASE "{self.db_name}"')
         self._db_created = True
         migrate = await asyncio.to_thread(self._run, [str(BIN / "alembic"), "upgrade", "head"])
         if migrate.returncode != 0:
@@ -100,7 +102,7 @@ class ServiceStack:
         env = {k: v for k, v in os.environ.items() if not k.startswith("AIDSAFE_")}
         env.update(
             AIDSAFE_DATABASE_URL=self.database_url,
-            AIDSAFE_REDIS_URL=REDIS_URL,
+            AIDSAFE_REDIS_URL=self.redis_url,
             AIDSAFE_QUEUE_NAME=self.queue_name,
             AIDSAFE_REDIS_KEY_PREFIX=self.key_prefix,
             PYTHONUNBUFFERED="1",
@@ -226,12 +228,13 @@ class ServiceStack:
         except Exception as exc:  # report, but still drop the database
             print(f"[bench] could not delete Redis keys of run {self.run_id}: {exc}", file=sys.stderr)
         if self._db_created:
-            await _retrying(lambda: _admin(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)'))
+            drop = f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)'
+            await _retrying(lambda: _admin(self.pg_admin_dsn, drop))
             self._db_created = False
 
     async def _delete_redis_keys(self, item_ids: set[str]) -> None:
         """Our queue and prefix keys, and arq's job/result/retry/in-progress keys of our items."""
-        redis = Redis.from_url(REDIS_URL)
+        redis = Redis.from_url(self.redis_url)
         try:
             doomed: list[bytes] = []
             for pattern in (f"{self.key_prefix}*", f"{self.queue_name}*"):
@@ -260,8 +263,8 @@ async def _retrying(step: Callable[[], Awaitable[T]], within_s: float = 60.0) ->
             await asyncio.sleep(1.0)
 
 
-async def _admin(sql: str) -> None:
-    conn = await asyncpg.connect(PG_ADMIN_DSN)
+async def _admin(dsn: str, sql: str) -> None:
+    conn = await asyncpg.connect(dsn)
     try:
         await conn.execute(sql)
     finally:

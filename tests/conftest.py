@@ -186,6 +186,13 @@ async def auth(sessions: Sessions) -> dict[str, str]:
     return await new_key(sessions, "alice")
 
 
+async def submit(api: httpx.AsyncClient, auth: dict[str, str], prompts: list[str], **config: Any) -> str:
+    """POST a job; its id."""
+    response = await api.post("/v1/jobs", json={"prompts": prompts, "config": config}, headers=auth)
+    assert response.status_code == 202, response.text
+    return response.json()["id"]
+
+
 async def run_worker_burst(settings: Settings, **overrides: Any) -> None:
     """arq's real worker, in this process, until the queue is empty. Tests call the sweeper
     themselves."""

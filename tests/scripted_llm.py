@@ -241,6 +241,7 @@ class _State:
     in_flight: int = 0
     max_in_flight: int = 0
     ok_answers: int = 0  # 200 responses sent (a client may still have hung up before reading)
+    answered_tokens: list[tuple[float, int]] = field(default_factory=list)  # (received_at, usage) of 200s
 
 
 class ScriptedLLM:
@@ -272,6 +273,7 @@ class ScriptedLLM:
             self._state.requests.clear()
             self._state.max_in_flight = self._state.in_flight
             self._state.ok_answers = 0
+            self._state.answered_tokens.clear()
         self.latency_s = 0.0
         self.unscripted = lambda: None
 
@@ -298,6 +300,15 @@ class ScriptedLLM:
         with self._state.lock:
             return self._state.ok_answers
 
+    def busiest_window(self, window_s: float) -> tuple[int, int]:
+        """The most requests received within any `window_s` seconds, and the most tokens
+        (prompt + completion, as reported in `usage`) of 200 answers to requests received
+        within any `window_s` seconds: what a provider's RPM/TPM limits count."""
+        with self._state.lock:
+            requests = [(r.received_at, 1) for r in self._state.requests]
+            tokens = list(self._state.answered_tokens)
+        return _busiest(requests, window_s), _busiest(tokens, window_s)
+
     def pending(self, schema_name: str | None) -> int:
         """Scripted behaviours not yet consumed for this schema."""
         with self._state.lock:
@@ -311,7 +322,8 @@ class ScriptedLLM:
         schema_name = _schema_name(body)
         with self._state.lock:
             state = self._state
-            state.requests.append(RecordedRequest(schema_name, body, dict(request.headers), time.monotonic()))
+            received_at = time.monotonic()
+            state.requests.append(RecordedRequest(schema_name, body, dict(request.headers), received_at))
             queue = state.scripts.get(schema_name)
             behaviour = queue.popleft() if queue else self.unscripted()
             state.in_flight += 1
@@ -322,25 +334,28 @@ class ScriptedLLM:
                 if await _wait(request, behaviour.seconds):
                     return Response(status_code=499)  # nobody is listening any more
                 behaviour = None
-            response = self._respond(behaviour or default_answer(schema_name, body), body)
+            response, tokens = self._respond(behaviour or default_answer(schema_name, body), body)
             if response.status_code == 200:
                 with self._state.lock:
                     self._state.ok_answers += 1
+                    self._state.answered_tokens.append((received_at, tokens))
             return response
         finally:
             with self._state.lock:
                 self._state.in_flight -= 1
 
-    def _respond(self, behaviour: Reply | RawBody | HttpError, body: dict[str, Any]) -> Response:
+    def _respond(self, behaviour: Reply | RawBody | HttpError, body: dict[str, Any]) -> tuple[Response, int]:
+        """The response and the tokens its `usage` reports (0 when it has none)."""
         if isinstance(behaviour, RawBody):
-            return JSONResponse(behaviour.body, status_code=behaviour.status)
+            return JSONResponse(behaviour.body, status_code=behaviour.status), 0
         if isinstance(behaviour, HttpError):
             headers = {"Retry-After": behaviour.retry_after} if behaviour.retry_after else {}
             content = behaviour.body or json.dumps(
                 {"error": {"message": f"scripted HTTP {behaviour.status}", "type": "scripted"}}
             )
-            return Response(content, behaviour.status, headers=headers, media_type="application/json")
-        return JSONResponse(self._completion(behaviour, body))
+            return Response(content, behaviour.status, headers=headers, media_type="application/json"), 0
+        completion = self._completion(behaviour, body)
+        return JSONResponse(completion), int(completion.get("usage", {}).get("total_tokens", 0))
 
     def _completion(self, answer: Reply, body: dict[str, Any]) -> dict[str, Any]:
         completion: dict[str, Any] = {
@@ -368,6 +383,19 @@ class ScriptedLLM:
                 "total_tokens": prompt + completion_tokens,
             }
         return completion
+
+
+def _busiest(events: list[tuple[float, int]], window_s: float) -> int:
+    """The largest sum of weights of (time, weight) events within any window_s seconds."""
+    events = sorted(events)
+    busiest = in_window = first = 0
+    for at, weight in events:
+        in_window += weight
+        while at - events[first][0] >= window_s:  # a sliding window: drop what fell out
+            in_window -= events[first][1]
+            first += 1
+        busiest = max(busiest, in_window)
+    return busiest
 
 
 def _schema_name(body: dict[str, Any]) -> str | None:

@@ -1,26 +1,35 @@
-"""EndpointLimiter on the real Redis: a shared cap that survives crashes and cancellations."""
+"""Shared endpoint limits on the real Redis: the concurrency cap (EndpointLimiter), which
+survives crashes and cancellations and backs off on 429, and the per-minute request and
+token budgets (EndpointRates), kept by worker processes together."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 import sys
 import textwrap
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
+from uuid import UUID
 
+import httpx
 import pytest
 from redis.asyncio import Redis
 
-from app.config import EndpointConfig
+from app.config import EndpointConfig, Settings
 from app.deliberation.ports import ChatRequest
 from app.deliberation.schemas import BY_NAME
 from app.llm.client import OpenAICompatibleClient
 from app.llm.limits import EndpointLimiter
-from tests.scripted_llm import ScriptedLLM, running_scripted_llm
+from app.llm.rates import EndpointRates
+from app.store.db import Sessions
+from bench.audit import status_counts
+from tests.conftest import eventually, start_worker, submit
+from tests.scripted_llm import ScriptedLLM, http_error, running_scripted_llm
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -213,8 +222,6 @@ async def _enter_and_leave(slot: AbstractAsyncContextManager[None]) -> None:
 async def test_requests_per_minute_budget_is_shared_across_clients(
     redis: Redis, key_prefix: str, llm: ScriptedLLM
 ) -> None:
-    from app.llm.rates import EndpointRates
-
     endpoints = {"default": EndpointConfig(base_url=llm.base_url, requests_per_minute=3)}
     clients = [
         OpenAICompatibleClient(endpoints, rates=EndpointRates(redis, key_prefix, window_s=1.0))
@@ -246,3 +253,99 @@ async def test_a_429_halves_the_adaptive_cap_and_successes_grow_it_back(
         await limiter.succeeded("default", 8)
 
     assert await limiter.adapted_cap("default", 8) == 8
+
+
+async def test_a_429_seen_by_one_client_halves_the_shared_cap_until_successes_restore_it(
+    llm: ScriptedLLM, key_prefix: str
+) -> None:
+    endpoints = {"default": EndpointConfig(base_url=llm.base_url, max_concurrency=4)}
+    connections = [Redis.from_url(REDIS_URL) for _ in range(2)]
+    limiters = [EndpointLimiter(conn, key_prefix) for conn in connections]
+    clients = [
+        OpenAICompatibleClient(endpoints, limiter, timeout_s=5, backoff_base_s=0.01, backoff_max_s=0.05)
+        for limiter in limiters
+    ]
+
+    async def burst(n: int) -> int:
+        """n requests at once through both clients; the most the server had in flight."""
+        llm.reset()
+        llm.latency_s = 0.1
+        await asyncio.gather(*(clients[i % 2].chat(deliberation_request()) for i in range(n)))
+        return llm.max_in_flight
+
+    try:
+        llm.script("deliberation_turn", http_error(429, retry_after=0))
+        await clients[0].chat(deliberation_request())  # 429, then a success on the retry
+        in_flight_after_429 = await burst(4)
+        for _ in range(3):  # each success adds 1/cap: about `cap` successes per step back up
+            await burst(4)
+        restored_cap = await limiters[1].adapted_cap("default", 4)
+        in_flight_restored = await burst(4)
+    finally:
+        for client in clients:
+            await client.aclose()
+        for conn in connections:
+            await conn.aclose()
+
+    assert in_flight_after_429 == 2, "the other client too must keep to the halved cap"
+    assert restored_cap == 4
+    assert in_flight_restored == 4
+
+
+# --- worker processes sharing per-minute budgets -------------------------------------------
+
+BUDGET_WINDOW_S = 60  # the workers' window: per minute, as providers count
+BUDGET_PROMPTS = 15  # 60 LLM calls, about 114,000 tokens: minutes' worth of the budgets below
+QUIET_S = 2.0
+
+
+@pytest.fixture
+def spend_budget(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    scripted_llm: ScriptedLLM,
+    workers: list[subprocess.Popen[bytes]],
+) -> Callable[..., Awaitable[dict[str, int]]]:
+    """spend(**budget): three worker processes share `budget` (Settings fields) on one job;
+    once the LLM has heard nothing for QUIET_S (the budget is spent and the rest of the work
+    waits for the window to slide), the job's items by status. Unlimited, the whole job
+    would be done within seconds."""
+
+    async def spend(**budget: int) -> dict[str, int]:
+        scripted_llm.latency_s = 0.05
+        job_id = await submit(api, auth, [f"Prompt {n}: how do tides work?" for n in range(BUDGET_PROMPTS)])
+        # One item at a time each: a spent budget then still leaves some items completed.
+        budgeted = settings.model_copy(update={"worker_max_jobs": 1, **budget})
+        workers.extend(start_worker(budgeted) for _ in range(3))
+        await eventually(lambda: _quiet(scripted_llm), timeout_s=40, what="the LLM to go quiet")
+        return await status_counts(sessions, UUID(job_id))
+
+    return spend
+
+
+async def _quiet(llm: ScriptedLLM) -> bool:
+    requests = llm.requests
+    return bool(requests) and time.monotonic() - requests[-1].received_at > QUIET_S
+
+
+async def test_worker_processes_together_keep_to_the_requests_per_minute_budget(
+    spend_budget: Callable[..., Awaitable[dict[str, int]]], scripted_llm: ScriptedLLM
+) -> None:
+    items = await spend_budget(llm_requests_per_minute=30)
+
+    busiest_requests, _ = scripted_llm.busiest_window(BUDGET_WINDOW_S)
+    assert busiest_requests <= 30, "more than 30 requests within a minute"
+    assert busiest_requests == 30, "the budget should be used up before anything waits"
+    assert 0 < items.get("completed", 0) < BUDGET_PROMPTS, items
+
+
+async def test_worker_processes_together_keep_to_the_tokens_per_minute_budget(
+    spend_budget: Callable[..., Awaitable[dict[str, int]]], scripted_llm: ScriptedLLM
+) -> None:
+    items = await spend_budget(llm_tokens_per_minute=40_000)
+
+    _, busiest_tokens = scripted_llm.busiest_window(BUDGET_WINDOW_S)
+    assert busiest_tokens <= 40_000, f"{busiest_tokens} tokens within a minute"
+    assert 0 < items.get("completed", 0) < BUDGET_PROMPTS, items

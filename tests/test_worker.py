@@ -8,19 +8,20 @@ import os
 import signal
 import subprocess
 from collections.abc import AsyncIterator
-from typing import Any
 from uuid import UUID
 
 import httpx
 import pytest
 from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.constants import in_progress_key_prefix
 from sqlalchemy import func, select
 
 from app.config import Settings
+from app.queue import arq_job_id
 from app.store import items
 from app.store.db import Sessions
 from app.store.models import Item, TurnRow
-from tests.conftest import ARQ, eventually, run_worker_burst, start_worker
+from tests.conftest import ARQ, eventually, run_worker_burst, start_worker, submit
 from tests.scripted_llm import ScriptedLLM, agree, http_error, stall
 from workers.main import sweep
 
@@ -30,12 +31,6 @@ async def arq_redis(settings: Settings) -> AsyncIterator[ArqRedis]:
     pool = await create_pool(RedisSettings.from_dsn(settings.redis_url))
     yield pool
     await pool.aclose()
-
-
-async def submit(api: httpx.AsyncClient, auth: dict[str, str], prompts: list[str], **config: Any) -> str:
-    response = await api.post("/v1/jobs", json={"prompts": prompts, "config": config}, headers=auth)
-    assert response.status_code == 202, response.text
-    return response.json()["id"]
 
 
 async def one_item(sessions: Sessions, job_id: str) -> Item:
@@ -152,6 +147,29 @@ async def test_sweeper_re_enqueues_queued_items_whose_arq_job_was_lost(
     assert swept == {"expired": 0, "lost": 2}
     job = (await api.get(f"/v1/jobs/{job_id}", headers=auth)).json()
     assert job["counts"]["by_status"] == {"completed": 2}
+
+
+async def test_sweeper_re_enqueues_a_queued_item_whose_worker_died_before_claiming_it(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+) -> None:
+    job_id = await submit(api, auth, ["Tell me about tides."])
+    item = await one_item(sessions, job_id)
+    # What arq leaves behind when its worker is killed between taking the job and the claim:
+    # the job still in the queue, marked in progress for as long as arq's job timeout.
+    taken = in_progress_key_prefix + arq_job_id(item.id, item.enqueues)
+    await arq_redis.set(taken, b"1", ex=60)  # arq: its job timeout, 24 h here
+    await asyncio.sleep(settings.enqueue_grace_s + 0.2)
+
+    swept = await sweep({"settings": settings, "sessions": sessions, "redis": arq_redis})
+    assert swept == {"expired": 0, "lost": 1}
+    await run_worker_burst(settings)
+
+    assert (await one_item(sessions, job_id)).status == "completed"
+    assert not await arq_redis.exists(taken)
 
 
 async def test_sweeper_leaves_queued_items_with_a_live_arq_job_alone(

@@ -190,39 +190,43 @@ def _backoff_s(settings: Settings, attempt: int) -> float:
 
 async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
     """Re-enqueue what would otherwise wait: items whose lease expired (their worker died),
-    and queued items whose arq job is gone (Redis restarted, enqueue lost after commit)."""
+    and queued items whose arq job is gone (Redis restarted, enqueue lost after commit) or
+    was taken by a worker that died before claiming the item."""
     settings: Settings = ctx["settings"]
     sessions, redis = ctx["sessions"], ctx["redis"]
     expired = await items.take_expired_leases(sessions)
-    # A dead worker's arq jobs would sit in the queue, in progress, until arq's job timeout.
-    await _forget_arq_jobs(redis, settings.queue_name, expired)
     waiting = await items.queued_unclaimed(sessions, settings.enqueue_grace_s)
-    alive = await _arq_jobs_alive(redis, settings.queue_name, [arq_job_id(i, n) for i, n in waiting])
-    lost = [item_id for (item_id, _), is_alive in zip(waiting, alive, strict=True) if not is_alive]
-    present = [item_id for (item_id, _), is_alive in zip(waiting, alive, strict=True) if is_alive]
+    pending = await _arq_jobs_pending(redis, settings.queue_name, [arq_job_id(i, n) for i, n in waiting])
+    lost = [item_id for (item_id, _), is_pending in zip(waiting, pending, strict=True) if not is_pending]
+    present = [item_id for (item_id, _), is_pending in zip(waiting, pending, strict=True) if is_pending]
     await items.touch(sessions, present, bump_enqueues=False)
     requeued = await items.touch(sessions, lost, bump_enqueues=True)
+    # A dead worker's arq jobs would sit in the queue, in progress, until arq's job timeout.
+    await _forget_arq_jobs(redis, settings.queue_name, [*expired, *requeued])
     await enqueue_items(redis, settings.queue_name, [*expired, *requeued])
     if expired or requeued:
         log.info("sweeper re-enqueued %d expired and %d lost items", len(expired), len(requeued))
     return {"expired": len(expired), "lost": len(requeued)}
 
 
-async def _arq_jobs_alive(redis: ArqRedis, queue_name: str, job_ids: list[str]) -> list[bool]:
-    """Whether each arq job is still queued, deferred or running (one round trip)."""
+async def _arq_jobs_pending(redis: ArqRedis, queue_name: str, job_ids: list[str]) -> list[bool]:
+    """Whether each arq job of a queued item still waits in the queue (or is deferred), one
+    round trip. One in progress does not count: a live worker claims the item at once, so
+    the worker that took it died before claiming, and arq keeps a job in the queue and in
+    progress until its job timeout (24 h)."""
     async with redis.pipeline(transaction=False) as pipe:
         for job_id in job_ids:
             pipe.zscore(queue_name, job_id)
             pipe.exists(in_progress_key_prefix + job_id)
         answers = await pipe.execute()
     return [
-        score is not None or bool(running) for score, running in zip(answers[::2], answers[1::2], strict=True)
+        score is not None and not running for score, running in zip(answers[::2], answers[1::2], strict=True)
     ]
 
 
-async def _forget_arq_jobs(redis: ArqRedis, queue_name: str, expired: list[tuple[UUID, int]]) -> None:
+async def _forget_arq_jobs(redis: ArqRedis, queue_name: str, renumbered: list[tuple[UUID, int]]) -> None:
     """Drop every earlier arq job of these items: their ids are 1 .. current counter - 1."""
-    old = [arq_job_id(item_id, n) for item_id, current in expired for n in range(1, current)]
+    old = [arq_job_id(item_id, n) for item_id, current in renumbered for n in range(1, current)]
     if not old:
         return
     async with redis.pipeline(transaction=False) as pipe:
