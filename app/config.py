@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -51,6 +51,10 @@ class Settings(BaseSettings):
 
     # The API refuses larger request bodies with 413 (10,000 prompts of ~3,000 characters fit).
     max_request_bytes: int = 32 * 1024 * 1024
+
+    # Label Studio sends it in the X-Aidsafe-Webhook-Secret header of its webhook (a custom
+    # header set on the webhook); unset, POST /v1/webhooks/label-studio is off (404).
+    label_studio_webhook_secret: SecretStr | None = None
 
     # Job defaults, each overridable per job.
     default_agents: int = 2
