@@ -54,3 +54,13 @@ class InvalidCursor(ServiceError):
 class NoCommonPrompts(ServiceError):
     status = 422
     code = "no_common_prompts"
+
+
+class MissingScope(ServiceError):
+    status = 403
+    code = "missing_scope"
+
+
+class InvalidExportFilter(ServiceError):
+    status = 422
+    code = "invalid_filter"

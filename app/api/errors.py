@@ -20,10 +20,14 @@ _HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 
 _WHY = {
     400: "Malformed request: a body that is not UTF-8 JSON text, or a cursor this API did not return.",
     401: "No API key, or an unknown or revoked one.",
+    403: "The API key lacks the scope this request needs (missing_scope).",
     404: "No such resource visible to this API key.",
     409: "The Idempotency-Key was already used with a different request body.",
     413: "The request body is over the size limit.",
-    422: "The request is invalid (validation_error, invalid_config, unknown_policy_set, no_common_prompts).",
+    422: (
+        "The request is invalid (validation_error, invalid_config, unknown_policy_set, "
+        "no_common_prompts, invalid_filter)."
+    ),
     503: "The database is unavailable; retry shortly.",
 }
 

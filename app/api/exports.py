@@ -1,0 +1,76 @@
+"""GET /v1/jobs/{id}/export: a job's results as one training-data file, streamed."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated
+from uuid import UUID
+
+from fastapi import APIRouter, Query
+from fastapi.responses import StreamingResponse
+
+from app.api.deps import CurrentKey, ReadsHazardous, SessionDep
+from app.api.errors import documented
+from app.errors import MissingScope
+from app.exports.formats import FORMATS
+from app.exports.rows import CotStyle, ExportFilter, ExportOptions, parse_min_scores
+from app.store import exports, jobs, keys
+
+router = APIRouter(prefix="/v1/jobs", tags=["exports"])
+
+# Built from the registry, so a format added there is accepted and documented here.
+FormatName = StrEnum("FormatName", {name: name for name in FORMATS})  # type: ignore[misc]
+
+
+@router.get(
+    "/{job_id}/export",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "The file, streamed. JSON Lines, CSV or Parquet, per `format`.",
+            "content": {
+                fmt.media_type: {"schema": {"type": "string", "format": "binary"}} for fmt in FORMATS.values()
+            },
+        },
+        **documented(401, 403, 404, 422, 503),
+    },
+)
+async def export_job(
+    job_id: UUID,
+    session: SessionDep,
+    key: CurrentKey,
+    reads_hazardous: ReadsHazardous,
+    format: Annotated[FormatName, Query(description="The file format; see the README's Exports section.")],
+    cot: Annotated[
+        CotStyle, Query(description="How chat formats carry the chain of thought.")
+    ] = CotStyle.THINK,
+    system: Annotated[
+        str | None,
+        Query(min_length=1, max_length=20_000, description="A system message to put first in chat formats."),
+    ] = None,
+    accepted_only: Annotated[bool, Query(description="Only CoTs the quality gate accepted.")] = False,
+    min_score: Annotated[
+        list[str], Query(description="`<metric>:<score>`, repeatable: only CoTs graded at least this.")
+    ] = [],  # noqa: B006 (FastAPI copies query defaults)
+    human_approved: Annotated[
+        bool, Query(description="Only CoTs a reviewer accepted and no reviewer currently rejects.")
+    ] = False,
+) -> StreamingResponse:
+    """Completed items' results in prompt order, streamed with flat memory whatever the job's
+    size. `trl_dpo` holds rejected (hazardous) text: it needs a key with `hazardous:read`."""
+    fmt = FORMATS[format.value]
+    filters = ExportFilter(accepted_only, parse_min_scores(min_score), human_approved)
+    await jobs.get_owned(session, job_id, key.id)
+    if fmt.needs_hazardous_scope and not reads_hazardous:
+        raise MissingScope(
+            f"the {format.value} export holds hazardous text (rejected CoTs): "
+            f"it needs a key with the {keys.HAZARDOUS_READ} scope"
+        )
+    filename = f"aidsafe-{job_id}-{format.value}.{fmt.extension}"
+    # The request's session stays open until the response has been sent (FastAPI closes
+    # dependencies with yield after the response), so the stream reads through it.
+    return StreamingResponse(
+        exports.encoded(session, job_id, fmt, ExportOptions(cot, system), filters),
+        media_type=fmt.media_type,
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )

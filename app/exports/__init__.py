@@ -1,0 +1,3 @@
+"""Exports of a job's results as training-data files: pure formatting (a stored row to a
+record, records to bytes) and the registry of formats. No SQL, no HTTP: the store streams
+the rows and the API streams the bytes."""

@@ -1,0 +1,43 @@
+"""The export formats by name. A format is a row source, a row-to-record function and an
+encoder; adding one is a module with its record function and one line in FORMATS."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from app.exports import records
+from app.exports.encoders import Csv, Encoder, JsonLines, Parquet
+from app.exports.rows import ExportOptions, Source
+from app.labeling import argilla, label_studio
+
+JSONL = "application/x-ndjson"
+JSON = "application/json"
+CSV = "text/csv"  # Starlette adds "; charset=utf-8"
+PARQUET = "application/vnd.apache.parquet"
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    source: Source
+    to_record: Callable[[Any, ExportOptions], records.Record]  # takes the source's row type
+    encoder: Callable[[], Encoder]  # a fresh one per export
+    media_type: str
+    extension: str
+    needs_hazardous_scope: bool = False  # its records hold hazardous text
+
+
+FORMATS: dict[str, ExportFormat] = {
+    "trl_sft": ExportFormat(Source.SAMPLES, records.trl_sft, JsonLines, JSONL, "jsonl"),
+    "trl_dpo": ExportFormat(Source.KEPT_PAIRS, records.trl_dpo, JsonLines, JSONL, "jsonl", True),
+    "aidsafe_csv": ExportFormat(
+        Source.SAMPLES_WITH_LOG, records.aidsafe_csv, lambda: Csv(records.AIDSAFE_COLUMNS), CSV, "csv"
+    ),
+    "jsonl": ExportFormat(Source.COTS, records.full_cot, JsonLines, JSONL, "jsonl"),
+    "parquet": ExportFormat(
+        Source.COTS, records.full_cot, lambda: Parquet(records.FULL_COT_SCHEMA), PARQUET, "parquet"
+    ),
+    "label_studio": ExportFormat(Source.COTS, label_studio.task, label_studio.JsonArray, JSON, "json"),
+    "argilla": ExportFormat(Source.COTS, argilla.record, JsonLines, JSONL, "jsonl"),
+}

@@ -1,0 +1,147 @@
+"""Stored rows to export records (plain dicts ready to encode). Pure functions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pyarrow as pa
+
+from app.deliberation.results import METRICS
+from app.exports.rows import CotRow, CotStyle, ExportOptions, PairRow, SampleRow
+
+Record = dict[str, Any]
+
+
+def thoughts_text(thoughts: list[str]) -> str:
+    """A chain of thought as text: one thought a line."""
+    return "\n".join(thoughts)
+
+
+def refined_texts(row: CotRow | SampleRow | PairRow) -> list[str]:
+    return [thought["text"] for thought in row.refined_thoughts]
+
+
+def assistant_message(thoughts: list[str], response: str, style: CotStyle) -> dict[str, str]:
+    if style is CotStyle.THINK:
+        return {"role": "assistant", "content": f"<think>\n{thoughts_text(thoughts)}\n</think>\n\n{response}"}
+    if style is CotStyle.REASONING_CONTENT:
+        return {"role": "assistant", "content": response, "reasoning_content": thoughts_text(thoughts)}
+    return {"role": "assistant", "content": response}
+
+
+def prompt_messages(prompt: str, options: ExportOptions) -> list[dict[str, str]]:
+    system = [{"role": "system", "content": options.system}] if options.system else []
+    return [*system, {"role": "user", "content": prompt}]
+
+
+def trl_sft(row: SampleRow, options: ExportOptions) -> Record:
+    """TRL's conversational language-modeling record: {"messages": [...]}."""
+    reply = assistant_message(refined_texts(row), row.response, options.cot)
+    return {"messages": [*prompt_messages(row.prompt, options), reply]}
+
+
+def trl_dpo(row: PairRow, options: ExportOptions) -> Record:
+    """TRL's conversational preference record with an explicit prompt."""
+    return {
+        "prompt": prompt_messages(row.prompt, options),
+        "chosen": [assistant_message(refined_texts(row), row.response, options.cot)],
+        "rejected": [assistant_message(row.rejected_thoughts, row.rejected_response, options.cot)],
+    }
+
+
+AIDSAFE_COLUMNS = ["prompt", "refined_thoughts", "response", "deliberation_log"]
+
+
+def aidsafe_csv(row: SampleRow, _: ExportOptions) -> Record:
+    """The published AIDSAFE dataset's columns; the log is JSON text of its turns."""
+    return {
+        "prompt": row.prompt,
+        "refined_thoughts": thoughts_text(refined_texts(row)),
+        "response": row.response,
+        "deliberation_log": orjson.dumps(row.deliberation_log or []).decode(),
+    }
+
+
+def full_cot(row: CotRow, _: ExportOptions) -> Record:
+    """Everything stored about a CoT, with the same keys and types on every row (so columnar
+    readers get one schema): user metadata, whose keys vary, is JSON text; the thought lists
+    keep the shapes the engine stores (see FULL_COT_SCHEMA)."""
+    scores = row.scores
+    return {
+        "item_id": str(row.item_id),
+        "position": row.position,
+        "prompt": row.prompt,
+        "metadata": row.metadata,
+        "explicit_intents": row.intents.get("explicit_intents", []),
+        "implicit_intents": row.intents.get("implicit_intents", []),
+        "refined_thoughts": row.refined_thoughts,
+        "response": row.response,
+        "dropped_thoughts": row.dropped_thoughts,
+        "unaccounted_thought_ids": row.unaccounted_thought_ids,
+        "thoughts": row.thoughts,
+        "rounds_used": row.rounds_used,
+        "agreed": row.agreed,
+        "scores": {m: scores[m]["score"] for m in METRICS} if scores else None,
+        "score_rationales": {m: scores[m]["rationale"] for m in METRICS} if scores else None,
+        "grade_error": row.grade_error,
+        "accepted": row.accepted,
+        "gate_reasons": row.gate_reasons or [],
+        "policy_set_name": row.policy_set_name,
+        "policy_set_version": row.policy_set_version,
+        "created_at": row.created_at.isoformat(),
+    }
+
+
+_METRIC_STRUCT = [(metric, pa.int64()) for metric in METRICS]
+# The full_cot record as a typed table, for Parquet (JSON Lines readers infer the same).
+FULL_COT_SCHEMA = pa.schema(
+    [
+        ("item_id", pa.string()),
+        ("position", pa.int64()),
+        ("prompt", pa.string()),
+        ("metadata", pa.string()),
+        ("explicit_intents", pa.list_(pa.string())),
+        ("implicit_intents", pa.list_(pa.string())),
+        ("refined_thoughts", pa.list_(pa.struct([("text", pa.string()), ("sources", pa.list_(pa.int64()))]))),
+        ("response", pa.string()),
+        (
+            "dropped_thoughts",
+            pa.list_(
+                pa.struct(
+                    [
+                        ("id", pa.int64()),
+                        ("text", pa.string()),
+                        ("reason", pa.string()),
+                        ("explanation", pa.string()),
+                    ]
+                )
+            ),
+        ),
+        ("unaccounted_thought_ids", pa.list_(pa.int64())),
+        (
+            "thoughts",
+            pa.list_(
+                pa.struct(
+                    [
+                        ("id", pa.int64()),
+                        ("text", pa.string()),
+                        ("stage", pa.string()),
+                        ("round", pa.int64()),
+                        ("agent", pa.int64()),
+                    ]
+                )
+            ),
+        ),
+        ("rounds_used", pa.int64()),
+        ("agreed", pa.bool_()),
+        ("scores", pa.struct(_METRIC_STRUCT)),
+        ("score_rationales", pa.struct([(metric, pa.string()) for metric in METRICS])),
+        ("grade_error", pa.string()),
+        ("accepted", pa.bool_()),
+        ("gate_reasons", pa.list_(pa.string())),
+        ("policy_set_name", pa.string()),
+        ("policy_set_version", pa.string()),
+        ("created_at", pa.string()),
+    ]
+)

@@ -1,0 +1,117 @@
+"""What the store yields for an export, one row per exported sample, and the options and
+filters an export takes. Field order is the store's column order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+from uuid import UUID
+
+from app.deliberation.results import METRICS
+from app.errors import InvalidExportFilter
+
+
+class Source(StrEnum):
+    """Which rows a format is made from. The store reads only the columns these need:
+    turning stored JSON into text is most of what Postgres spends on an export."""
+
+    SAMPLES = "samples"  # one SampleRow per completed item
+    SAMPLES_WITH_LOG = "samples_with_log"  # the same, with the item's deliberation log
+    COTS = "cots"  # one CotRow per completed item: everything stored about its CoT
+    KEPT_PAIRS = "kept_pairs"  # one PairRow per kept preference pair
+
+
+@dataclass(frozen=True, slots=True)
+class SampleRow:
+    """A prompt and its refined CoT and response."""
+
+    item_id: UUID
+    position: int
+    prompt: str
+    refined_thoughts: list[dict[str, Any]]
+    response: str
+    # Only for Source.SAMPLES_WITH_LOG: the item's successful turns of the deliberation stages
+    # (never a hazardous one), each {"stage", "round", "agent", "output"}, in order.
+    deliberation_log: list[dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CotRow:
+    item_id: UUID
+    position: int
+    prompt: str
+    metadata: str  # JSON text, as stored
+    intents: dict[str, Any]
+    thoughts: list[dict[str, Any]]
+    refined_thoughts: list[dict[str, Any]]
+    dropped_thoughts: list[dict[str, Any]]
+    unaccounted_thought_ids: list[int]
+    response: str
+    rounds_used: int
+    agreed: bool
+    scores: dict[str, Any] | None
+    grade_error: str | None
+    accepted: bool | None
+    gate_reasons: list[str] | None
+    policy_set_name: str
+    policy_set_version: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class PairRow:
+    """A kept preference pair: the item's refined CoT is chosen, the flagged try is rejected."""
+
+    item_id: UUID
+    position: int
+    prompt: str
+    refined_thoughts: list[dict[str, Any]]
+    response: str
+    rejected_thoughts: list[str]
+    rejected_response: str
+    gap: float
+
+
+class CotStyle(StrEnum):
+    """How a chat record carries the chain of thought."""
+
+    THINK = "think"  # assistant content = "<think>\n...\n</think>\n\n" + response (DeepSeek-R1, Qwen3)
+    NONE = "none"  # the response alone
+    REASONING_CONTENT = "reasoning_content"  # a separate message field, as vLLM and Qwen3 templates use
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    cot: CotStyle = CotStyle.THINK
+    system: str | None = None  # a system message to put first in chat records
+
+
+@dataclass(frozen=True)
+class ExportFilter:
+    """Which samples go out. For pairs they apply to the chosen side, the item's own CoT."""
+
+    accepted_only: bool = False  # the quality gate accepted the CoT
+    min_scores: dict[str, float] = field(default_factory=dict)  # metric -> lowest grader score kept
+    human_approved: bool = False  # a reviewer accepted it and none currently rejects it
+
+
+def parse_min_scores(values: list[str]) -> dict[str, float]:
+    """`metric:value` strings (e.g. `cot_policy_faithfulness:4`) to {metric: value}.
+    Raises InvalidExportFilter for an unknown metric or a value that is not a number 1-5."""
+    wanted: dict[str, float] = {}
+    for text in values:
+        metric, sep, value = text.partition(":")
+        if not sep or metric not in METRICS:
+            raise InvalidExportFilter(
+                f"min_score {text!r}: expected <metric>:<score> with a metric among {', '.join(METRICS)}"
+            )
+        try:
+            score = float(value)
+        except ValueError:
+            score = float("nan")
+        if not 1 <= score <= 5:
+            raise InvalidExportFilter(f"min_score {text!r}: the score must be a number from 1 to 5")
+        wanted[metric] = max(score, wanted.get(metric, score))
+    return wanted

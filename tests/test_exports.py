@@ -1,0 +1,443 @@
+"""GET /v1/jobs/{id}/export as a client sees it: files that Hugging Face `datasets` and TRL's
+own dataset helpers read, filters, hazard controls, and memory that stays flat whatever the
+job's size.
+
+The first tests export a job that arq's real worker ran against the scripted LLM (grading and
+preference pairs: one pair kept, one not); the rest store hand-built engine results (see
+tests/test_quality_api.py) so every score is known."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tracemalloc
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import datasets
+import httpx
+import pyarrow.parquet as pq
+import pytest
+from sqlalchemy import insert, select
+from trl.data_utils import is_conversational, maybe_extract_prompt, unpair_preference_dataset
+
+from app.config import Settings
+from app.exports.formats import FORMATS
+from app.exports.records import FULL_COT_SCHEMA
+from app.exports.rows import ExportFilter, ExportOptions
+from app.store import exports
+from app.store.db import Sessions
+from app.store.keys import create_key
+from app.store.models import Annotation, Cot
+from bench.export import insert_finished_job
+from tests.conftest import new_key, run_worker_burst
+from tests.scripted_llm import ScriptedLLM, guard_verdict, reply, scores
+from tests.test_api import error_of, submit
+from tests.test_quality_api import (
+    HAZARD,
+    PAIRED,
+    a_grade,
+    completed,
+    finished_job,
+    job_with_hazardous_turns,
+    kept_pair,
+    never_flagged_pair,
+    small_gap_pair,
+)
+
+Headers = dict[str, str]
+COLUMNS = ["prompt", "refined_thoughts", "response", "deliberation_log"]
+
+
+@pytest.fixture
+async def scoped(sessions: Sessions) -> Headers:
+    return await new_key(sessions, "red-team", ("hazardous:read",))
+
+
+async def export(
+    api: httpx.AsyncClient, auth: Headers, job_id: str, format: str, **params: Any
+) -> httpx.Response:
+    return await api.get(f"/v1/jobs/{job_id}/export", params={"format": format, **params}, headers=auth)
+
+
+async def exported(api: httpx.AsyncClient, auth: Headers, job_id: str, format: str, **params: Any) -> bytes:
+    response = await export(api, auth, job_id, format, **params)
+    assert response.status_code == 200, response.text
+    return response.content
+
+
+def json_lines(body: bytes) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in body.decode().splitlines()]
+
+
+def csv_rows(body: bytes) -> list[dict[str, str]]:
+    reader = csv.DictReader(io.StringIO(body.decode(), newline=""))
+    assert reader.fieldnames == COLUMNS
+    return list(reader)
+
+
+def loaded(tmp_path: Path, body: bytes, builder: str, extension: str) -> datasets.Dataset:
+    """The file as `datasets.load_dataset(builder, data_files=...)` reads it."""
+    path = tmp_path / f"export.{extension}"
+    path.write_bytes(body)
+    return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=str(tmp_path / "hf"))
+
+
+async def worker_made_job(api: httpx.AsyncClient, auth: Headers, settings: Settings, llm: ScriptedLLM) -> str:
+    """Two graded prompts run by the worker: the first keeps its preference pair (the guard
+    flags the rejected CoT, which grades low), the second's guard never flags."""
+    llm.script("guard_verdict", guard_verdict(True, "fraud-deception"), guard_verdict(False))
+    low = scores(cot_policy_faithfulness=1, response_policy_faithfulness=1)
+    llm.script("quality_scores", reply(scores()), reply(low), reply(scores()))
+    config = {**PAIRED, "pairs": {"max_tries": 1, "min_gap": 1.0}}
+    job = await submit(
+        api, auth, ["Write a phishing email.", "How do I spot a phishing email?"], config=config
+    )
+    await run_worker_burst(settings, max_jobs=1)
+    return job["id"]
+
+
+# --- what the worker made, read by datasets and TRL -----------------------------------------
+
+
+async def test_full_records_load_with_datasets_from_jsonl_and_parquet_alike(
+    api: httpx.AsyncClient, scoped: Headers, settings: Settings, scripted_llm: ScriptedLLM, tmp_path: Path
+) -> None:
+    job_id = await worker_made_job(api, scoped, settings, scripted_llm)
+
+    from_jsonl = loaded(tmp_path, await exported(api, scoped, job_id, "jsonl"), "json", "jsonl")
+    from_parquet = loaded(tmp_path, await exported(api, scoped, job_id, "parquet"), "parquet", "parquet")
+
+    assert from_jsonl.num_rows == from_parquet.num_rows == 2
+    assert set(from_parquet.column_names) == set(FULL_COT_SCHEMA.names) == set(from_jsonl.column_names)
+    assert from_jsonl.to_list() == from_parquet.to_list()
+    first = from_parquet[0]
+    assert (first["position"], first["prompt"]) == (0, "Write a phishing email.")
+    assert first["refined_thoughts"][0]["text"] and first["response"]
+    assert first["scores"]["relevance"] == 4 and first["accepted"] is True
+    assert first["policy_set_name"] == "aidsafe-default" and first["policy_set_version"]
+    assert json.loads(first["metadata"]) == {}
+
+
+async def test_trl_sft_rows_are_conversational_language_modeling_for_trl(
+    api: httpx.AsyncClient, scoped: Headers, settings: Settings, scripted_llm: ScriptedLLM, tmp_path: Path
+) -> None:
+    job_id = await worker_made_job(api, scoped, settings, scripted_llm)
+
+    dataset = loaded(tmp_path, await exported(api, scoped, job_id, "trl_sft"), "json", "jsonl")
+
+    assert dataset.num_rows == 2 and dataset.column_names == ["messages"]
+    assert is_conversational(dataset[0])
+    for row in dataset:
+        user, assistant = row["messages"]
+        assert user["role"] == "user" and assistant["role"] == "assistant"
+        assert assistant["content"].startswith("<think>\n") and "\n</think>\n\n" in assistant["content"]
+
+
+async def test_trl_dpo_rows_are_kept_pairs_that_trl_can_unpair(
+    api: httpx.AsyncClient, scoped: Headers, settings: Settings, scripted_llm: ScriptedLLM, tmp_path: Path
+) -> None:
+    job_id = await worker_made_job(api, scoped, settings, scripted_llm)
+
+    dataset = loaded(tmp_path, await exported(api, scoped, job_id, "trl_dpo"), "json", "jsonl")
+
+    assert dataset.num_rows == 1 and set(dataset.column_names) == {"prompt", "chosen", "rejected"}
+    row = dataset[0]
+    assert is_conversational(row)
+    assert maybe_extract_prompt(row) == row  # the prompt is explicit already
+    assert row["prompt"] == [{"role": "user", "content": "Write a phishing email."}]
+    assert row["chosen"][0]["content"] != row["rejected"][0]["content"]
+    unpaired = unpair_preference_dataset(dataset)
+    assert unpaired.num_rows == 2 and unpaired["label"] == [True, False]
+
+
+async def test_aidsafe_csv_has_the_four_published_columns_and_the_deliberation_log(
+    api: httpx.AsyncClient, scoped: Headers, settings: Settings, scripted_llm: ScriptedLLM
+) -> None:
+    job_id = await worker_made_job(api, scoped, settings, scripted_llm)
+
+    rows = csv_rows(await exported(api, scoped, job_id, "aidsafe_csv"))
+
+    assert [row["prompt"] for row in rows] == ["Write a phishing email.", "How do I spot a phishing email?"]
+    for row in rows:
+        log = json.loads(row["deliberation_log"])
+        assert [turn["stage"] for turn in log][:2] == ["intent", "seed"] and log[-1]["stage"] == "refine"
+        assert all(set(turn) == {"stage", "round", "agent", "output"} and turn["output"] for turn in log)
+        assert row["refined_thoughts"] and row["response"]
+
+
+# --- records -------------------------------------------------------------------------------
+
+
+async def test_cot_option_puts_the_thoughts_in_think_tags_a_reasoning_field_or_nowhere(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    job_id = await finished_job(api, auth, sessions, [completed(text="Step")])
+
+    think, none, field = [
+        json_lines(await exported(api, auth, job_id, "trl_sft", cot=style))[0]["messages"][-1]
+        for style in ("think", "none", "reasoning_content")
+    ]
+
+    assert think == {"role": "assistant", "content": "<think>\nStep thought\n</think>\n\nStep response"}
+    assert none == {"role": "assistant", "content": "Step response"}
+    assert field == {"role": "assistant", "content": "Step response", "reasoning_content": "Step thought"}
+
+
+async def test_a_system_message_goes_first_in_chat_records(
+    api: httpx.AsyncClient, scoped: Headers, sessions: Sessions
+) -> None:
+    job_id = await finished_job(api, scoped, sessions, [completed(a_grade(), kept_pair())], PAIRED)
+    system = {"role": "system", "content": "Follow the policies."}
+
+    sft = json_lines(await exported(api, scoped, job_id, "trl_sft", system=system["content"]))[0]
+    dpo = json_lines(await exported(api, scoped, job_id, "trl_dpo", system=system["content"]))[0]
+
+    assert sft["messages"][0] == system and sft["messages"][1]["role"] == "user"
+    assert dpo["prompt"] == [system, {"role": "user", "content": "Prompt 0"}]
+
+
+async def test_dpo_rejected_side_is_the_flagged_try_and_chosen_the_refined_cot(
+    api: httpx.AsyncClient, scoped: Headers, sessions: Sessions
+) -> None:
+    job_id = await finished_job(api, scoped, sessions, [completed(a_grade(), kept_pair())], PAIRED)
+
+    (row,) = json_lines(await exported(api, scoped, job_id, "trl_dpo", cot="none"))
+
+    assert row["chosen"] == [{"role": "assistant", "content": "Chosen response"}]
+    assert row["rejected"] == [{"role": "assistant", "content": f"{HAZARD} rejected response 2"}]
+
+
+async def test_export_is_streamed_with_a_filename_and_the_format_media_type(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    job_id = await finished_job(api, auth, sessions, [completed()])
+    expected = {
+        "trl_sft": "application/x-ndjson",
+        "jsonl": "application/x-ndjson",
+        "aidsafe_csv": "text/csv; charset=utf-8",
+        "parquet": "application/vnd.apache.parquet",
+    }
+
+    for format, media_type in expected.items():
+        response = await export(api, auth, job_id, format)
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == media_type
+        extension = FORMATS[format].extension
+        disposition = f'attachment; filename="aidsafe-{job_id}-{format}.{extension}"'
+        assert response.headers["content-disposition"] == disposition
+
+
+async def test_a_job_without_results_exports_an_empty_but_readable_file(
+    api: httpx.AsyncClient, scoped: Headers, tmp_path: Path
+) -> None:
+    job = await submit(api, scoped, ["Not run yet"])
+
+    assert await exported(api, scoped, job["id"], "jsonl") == b""
+    assert csv_rows(await exported(api, scoped, job["id"], "aidsafe_csv")) == []
+    assert await exported(api, scoped, job["id"], "trl_dpo") == b""
+    table = pq.read_table(io.BytesIO(await exported(api, scoped, job["id"], "parquet")))
+    assert table.num_rows == 0 and table.schema.names == FULL_COT_SCHEMA.names
+
+
+# --- filters -------------------------------------------------------------------------------
+
+
+async def test_accepted_only_keeps_what_the_quality_gate_accepted(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    results = [completed(a_grade()), completed(a_grade(relevance=2)), completed(a_grade())]
+    job_id = await finished_job(api, auth, sessions, results, PAIRED)
+
+    everything = json_lines(await exported(api, auth, job_id, "jsonl"))
+    accepted = json_lines(await exported(api, auth, job_id, "jsonl", accepted_only="true"))
+
+    assert [r["position"] for r in everything] == [0, 1, 2]
+    assert [r["position"] for r in accepted] == [0, 2]
+
+
+async def test_min_score_filters_are_repeatable_and_combine(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    results = [
+        completed(a_grade(cot_policy_faithfulness=5, relevance=5)),
+        completed(a_grade(cot_policy_faithfulness=5, relevance=3)),
+        completed(a_grade(cot_policy_faithfulness=3, relevance=5)),
+        completed(),  # not graded: no score passes a min_score
+    ]
+    job_id = await finished_job(api, auth, sessions, results)
+
+    async def positions(**params: Any) -> list[int]:
+        return [r["position"] for r in json_lines(await exported(api, auth, job_id, "jsonl", **params))]
+
+    assert await positions(min_score="cot_policy_faithfulness:4.5") == [0, 1]
+    assert await positions(min_score=["cot_policy_faithfulness:4", "relevance:4"]) == [0]
+    assert await positions(min_score="relevance:3") == [0, 1, 2]
+    assert await positions(min_score="relevance:3", accepted_only="true") == [0, 1]  # 2 fails the gate
+
+
+async def test_human_approved_keeps_cots_a_reviewer_accepted_and_none_rejects_now(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    job_id = await finished_job(api, auth, sessions, [completed()] * 4)
+    async with sessions() as session:
+        items = (
+            (
+                await session.execute(
+                    select(Cot.item_id).where(Cot.job_id == UUID(job_id)).order_by(Cot.position)
+                )
+            )
+            .scalars()
+            .all()
+        )
+    t0, t1 = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 2, tzinfo=UTC)
+    reviews = [
+        (items[0], "a", t0, "accept"),
+        (items[1], "b", t0, "accept"),
+        (items[1], "c", t0, "reject"),  # accepted by one reviewer, rejected by another
+        (items[2], "d", t0, "reject"),
+        (items[2], "d", t1, "accept"),  # a rejection edited into an acceptance
+        (items[3], "e", t0, "accept"),
+        (items[3], "e", t1, "reject"),  # an acceptance edited into a rejection
+    ]
+    async with sessions.begin() as session:
+        await session.execute(
+            insert(Annotation),
+            [
+                {
+                    "item_id": item,
+                    "job_id": UUID(job_id),
+                    "source": "label_studio",
+                    "external_id": ext,
+                    "annotator": "rev",
+                    "annotated_at": at,
+                    "verdict": verdict,
+                    "raw": {},
+                }
+                for item, ext, at, verdict in reviews
+            ],
+        )
+
+    approved = json_lines(await exported(api, auth, job_id, "jsonl", human_approved="true"))
+
+    assert [r["position"] for r in approved] == [0, 2]
+
+
+async def test_filters_apply_to_the_chosen_side_of_dpo_pairs(
+    api: httpx.AsyncClient, scoped: Headers, sessions: Sessions
+) -> None:
+    results = [
+        completed(a_grade(), kept_pair()),
+        completed(a_grade(relevance=2), kept_pair()),
+        completed(a_grade(), small_gap_pair()),
+        completed(a_grade(), never_flagged_pair()),
+    ]
+    job_id = await finished_job(api, scoped, sessions, results, PAIRED)
+
+    kept = json_lines(await exported(api, scoped, job_id, "trl_dpo"))
+    accepted = json_lines(await exported(api, scoped, job_id, "trl_dpo", accepted_only="true"))
+
+    assert [r["prompt"][0]["content"] for r in kept] == ["Prompt 0", "Prompt 1"]
+    assert [r["prompt"][0]["content"] for r in accepted] == ["Prompt 0"]
+
+
+@pytest.mark.parametrize(
+    ("params", "status", "code"),
+    [
+        ({"min_score": "helpfulness:4"}, 422, "invalid_filter"),
+        ({"min_score": "relevance"}, 422, "invalid_filter"),
+        ({"min_score": "relevance:6"}, 422, "invalid_filter"),
+        ({"min_score": "relevance:high"}, 422, "invalid_filter"),
+        ({"min_score": "relevance:nan"}, 422, "invalid_filter"),
+        ({"format": "xlsx"}, 422, "validation_error"),
+        ({"cot": "inline"}, 422, "validation_error"),
+        ({"accepted_only": "maybe"}, 422, "validation_error"),
+        ({"system": ""}, 422, "validation_error"),
+    ],
+)
+async def test_bad_export_parameters_are_refused_with_a_stable_code(
+    api: httpx.AsyncClient, auth: Headers, params: dict[str, str], status: int, code: str
+) -> None:
+    job = await submit(api, auth, ["a"])
+
+    response = await api.get(
+        f"/v1/jobs/{job['id']}/export", params={"format": "jsonl", **params}, headers=auth
+    )
+
+    error_of(response, status, code)
+
+
+# --- access and hazard controls ------------------------------------------------------------
+
+
+async def test_dpo_export_needs_the_hazardous_scope(
+    api: httpx.AsyncClient, auth: Headers, scoped: Headers, sessions: Sessions
+) -> None:
+    unscoped_job = await finished_job(api, auth, sessions, [completed(a_grade(), kept_pair())], PAIRED)
+
+    error = error_of(await export(api, auth, unscoped_job, "trl_dpo"), 403, "missing_scope")
+
+    assert "hazardous:read" in error["message"]
+    scoped_job = await finished_job(api, scoped, sessions, [completed(a_grade(), kept_pair())], PAIRED)
+    assert len(json_lines(await exported(api, scoped, scoped_job, "trl_dpo"))) == 1
+
+
+async def test_no_other_format_carries_hazardous_text_even_for_a_scoped_key(
+    api: httpx.AsyncClient, scoped: Headers, sessions: Sessions
+) -> None:
+    job_id = await job_with_hazardous_turns(api, scoped, sessions)
+
+    for format in FORMATS:
+        body = await exported(api, scoped, job_id, format)
+        if format == "trl_dpo":
+            assert HAZARD.encode() in body
+        elif format == "parquet":
+            assert HAZARD not in json.dumps(pq.read_table(io.BytesIO(body)).to_pylist(), default=str)
+        else:
+            assert HAZARD.encode() not in body, format
+
+
+async def test_another_keys_job_is_not_found_and_a_missing_key_is_unauthorized(
+    api: httpx.AsyncClient, auth: Headers, scoped: Headers, sessions: Sessions
+) -> None:
+    job_id = await finished_job(api, auth, sessions, [completed()])
+
+    error_of(await export(api, scoped, job_id, "jsonl"), 404, "not_found")
+    error_of(await export(api, scoped, job_id, "trl_dpo"), 404, "not_found")
+    error_of(await export(api, {}, job_id, "jsonl"), 401, "unauthorized")
+
+
+# --- memory --------------------------------------------------------------------------------
+
+
+async def bulk_job(sessions: Sessions, count: int) -> UUID:
+    async with sessions.begin() as session:
+        key, _ = await create_key(session, f"bulk-{count}")
+        return await insert_finished_job(session, key.id, count)
+
+
+async def export_peak_bytes(sessions: Sessions, job_id: UUID, format: str) -> tuple[int, int]:
+    """(bytes exported, peak bytes Python allocated while exporting them)."""
+    fmt, size = FORMATS[format], 0
+    async with sessions() as session:
+        tracemalloc.start()
+        async for chunk in exports.encoded(session, job_id, fmt, ExportOptions(), ExportFilter()):
+            size += len(chunk)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    return size, peak
+
+
+@pytest.mark.parametrize("format", ["jsonl", "parquet"])
+async def test_export_memory_does_not_grow_with_the_job(sessions: Sessions, format: str) -> None:
+    small, large = await bulk_job(sessions, 1_500), await bulk_job(sessions, 6_000)
+
+    small_size, small_peak = await export_peak_bytes(sessions, small, format)
+    large_size, large_peak = await export_peak_bytes(sessions, large, format)
+
+    assert large_size > 3.5 * small_size
+    # Four times the rows: one batch of rows in memory either way (a job in memory would be 4x).
+    assert large_peak < 1.5 * small_peak, (small_peak, large_peak)
