@@ -317,10 +317,12 @@ def _follow_events(client: httpx.Client, job_id: str, view: ProgressView) -> dic
     for _ in range(5):  # reconnects in a row without an event in between
         headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
         with connect_sse(client, "GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=60) as events:
-            if events.response.status_code != 200:
+            status = events.response.status_code
+            if status >= 500 or status == 200 and not _is_event_stream(events.response):
+                raise EventStreamUnavailable(f"HTTP {status}")  # e.g. a proxy that cannot stream
+            if status != 200:
                 events.response.read()
-                _check(events.response)  # an API error ends the command with its message
-                raise EventStreamUnavailable(f"HTTP {events.response.status_code}")
+                _check(events.response)  # the API's own refusal (401, 404) ends the command
             try:
                 for sse in events.iter_sse():
                     if not sse.data:
@@ -336,6 +338,10 @@ def _follow_events(client: httpx.Client, job_id: str, view: ProgressView) -> dic
             except httpx.TransportError:
                 continue
     raise EventStreamUnavailable("the event stream kept dropping")
+
+
+def _is_event_stream(response: httpx.Response) -> bool:
+    return response.headers.get("content-type", "").startswith("text/event-stream")
 
 
 class ProgressView:

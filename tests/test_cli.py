@@ -15,7 +15,7 @@ import yaml
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from app.cli import cli
+from app.cli import cli, follow_job
 from app.config import Settings
 from app.store.db import Sessions
 from app.store.models import Job
@@ -228,3 +228,26 @@ async def test_cli_refuses_a_policy_file_that_is_not_yaml(
     code, out = await aidsafe(live_api, auth, "policy-sets", "create", str(path))
 
     assert code == 2 and "not YAML" in out and "nothing was registered" in out
+
+
+class ProxyThatCannotStream(httpx.HTTPTransport):
+    """A proxy between the CLI and the API that answers event streams with an error page."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/events"):
+            return httpx.Response(502, text="<html>Bad gateway</html>", headers={"content-type": "text/html"})
+        return super().handle_request(request)
+
+
+async def test_cli_follows_by_polling_when_the_event_stream_is_unavailable(
+    live_api: str, api: httpx.AsyncClient, auth: Headers, settings: Settings
+) -> None:
+    job = await submit(api, auth, ["a", "b"])
+    with httpx.Client(base_url=live_api, headers=auth, transport=ProxyThatCannotStream()) as client:
+        follower = asyncio.create_task(asyncio.to_thread(follow_job, client, job["id"], 0.1))
+        await asyncio.sleep(0.5)
+        await run_worker_burst(settings)
+        final = await asyncio.wait_for(follower, 30)
+
+    assert final["status"] == "completed"
+    assert final["counts"]["by_status"] == {"completed": 2}
