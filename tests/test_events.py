@@ -160,14 +160,7 @@ async def test_a_cancel_no_worker_announces_still_ends_the_stream(
 ) -> None:
     job = await submit(api, auth, ["a", "b"])
     quick = settings.model_copy(update={"events_resync_s": 0.2})
-
-    async def snapshot() -> dict[str, Any]:
-        async with sessions() as session:
-            row = await session.get(Job, UUID(job["id"]))
-            assert row is not None
-            return await jobs.summary(session, row)
-
-    source = JobEventSource(redis, sessions, quick, UUID(job["id"]), snapshot)
+    source = JobEventSource(redis, sessions, quick, UUID(job["id"]), _summary_of(sessions, job["id"]))
     received: list[str] = []
     async for event in follow(source, None):
         received.append(event.kind)
@@ -178,6 +171,37 @@ async def test_a_cancel_no_worker_announces_still_ends_the_stream(
         assert len(received) < 10, received
 
     assert received[0] == "snapshot" and received[-2:] == ["snapshot", "done"]
+
+
+async def test_while_redis_is_unreachable_the_follower_goes_on_from_postgres(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    job = await submit(api, auth, ["a", "b"])
+    quick = settings.model_copy(update={"events_resync_s": 0.2})
+    unreachable = Redis.from_url("redis://127.0.0.1:9/0", socket_connect_timeout=0.5)
+    source = JobEventSource(unreachable, sessions, quick, UUID(job["id"]), _summary_of(sessions, job["id"]))
+    received: list[tuple[str, str]] = []
+    try:
+        async for event in follow(source, "1-0"):
+            received.append((event.kind, event.data["status"]))
+            if len(received) == 1:
+                await run_worker_burst(settings)  # the queue's Redis is up; the stream's is not
+            assert len(received) < 20, received
+    finally:
+        await unreachable.aclose()
+
+    assert received[0] == ("snapshot", "queued")
+    assert received[-2:] == [("snapshot", "completed"), ("done", "completed")]
+
+
+def _summary_of(sessions: Sessions, job_id: str) -> Any:
+    async def snapshot() -> dict[str, Any]:
+        async with sessions() as session:
+            row = await session.get(Job, UUID(job_id))
+            assert row is not None
+            return await jobs.summary(session, row)
+
+    return snapshot
 
 
 async def test_events_of_another_keys_job_are_not_found(
