@@ -9,7 +9,18 @@ from arq.connections import create_pool
 from fastapi import FastAPI
 
 from app import logs
-from app.api import comparisons, errors, events, exports, health, items, jobs, metrics, policy_sets
+from app.api import (
+    annotations,
+    comparisons,
+    errors,
+    events,
+    exports,
+    health,
+    items,
+    jobs,
+    metrics,
+    policy_sets,
+)
 from app.api.limits import BodySizeLimit
 from app.config import Settings, get_settings
 from app.queue import redis_settings
@@ -44,7 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     errors.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
-    for module in (health, metrics, jobs, events, exports, items, comparisons, policy_sets):
+    for module in (health, metrics, jobs, events, exports, annotations, items, comparisons, policy_sets):
         app.include_router(module.router)
     app.include_router(pages.router)  # the web viewer, /view
     return app

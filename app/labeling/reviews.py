@@ -97,10 +97,14 @@ class Answers:
         if verdict is not None and verdict not in VERDICTS:
             problems.append(f"{where}: verdict {self.verdict!r} is not one of {', '.join(VERDICTS)}")
         rating = self.policy_faithfulness
-        if rating is not None and (isinstance(rating, bool) or rating not in RATINGS):
+        if rating is not None and (type(rating) is not int or rating not in RATINGS):
             problems.append(f"{where}: policy_faithfulness {rating!r} is not a whole number 1-5")
+        choices = self.flagged_thoughts or []
+        if not isinstance(choices, list):
+            problems.append(f"{where}: flagged thoughts {choices!r} are not a list of choices")
+            choices = []
         flagged = []
-        for choice in self.flagged_thoughts or []:
+        for choice in choices:
             number = _THOUGHT_NUMBER.search(str(choice))
             if number is None or int(number.group(1)) < 1:
                 problems.append(f"{where}: flagged thought {choice!r} is not a thought number")

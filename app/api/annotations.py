@@ -1,0 +1,140 @@
+"""The labeling-tool round trip: Label Studio's config and Argilla's dataset settings for a
+job, and human reviews imported back from either tool (a file, or Label Studio's webhook).
+
+Tasks and records go out through GET /v1/jobs/{id}/export (formats `label_studio` and
+`argilla`). Reviews are stored append-only beside the model's output, never over it."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated, Any
+from uuid import UUID
+
+from fastapi import APIRouter, Depends, Header, Response
+from pydantic import BaseModel, Field
+
+from app.api.deps import CurrentKey, SessionDep, SettingsDep
+from app.api.errors import documented
+from app.api.schemas import ErrorOut
+from app.errors import NotFound, Unauthorized
+from app.labeling import argilla, label_studio
+from app.labeling.reviews import Parsed
+from app.store import annotations, jobs
+
+router = APIRouter(tags=["labeling"])
+SECRET_HEADER = "X-Aidsafe-Webhook-Secret"
+_NOT_IMPORTED = {
+    "model": ErrorOut,
+    "description": (
+        "Nothing was imported: the body is not in the tool's format (validation_error), an "
+        "annotation cannot be read (invalid_annotation), or names an item without a CoT in "
+        "this job (unknown_items)."
+    ),
+}
+READ_ERRORS = documented(401, 404, 422, 503)
+IMPORT_ERRORS = {**documented(400, 401, 404, 413, 503), 422: _NOT_IMPORTED}
+WEBHOOK_ERRORS = {
+    **IMPORT_ERRORS,
+    401: {"model": ErrorOut, "description": f"No {SECRET_HEADER} header, or a wrong secret."},
+    404: {"model": ErrorOut, "description": "The webhook is off: no secret is configured."},
+}
+
+
+class SkippedOut(BaseModel):
+    annotation: str | None = Field(description="The tool's id of the annotation or response.")
+    reason: str
+
+
+class ImportOut(BaseModel):
+    imported: int = Field(description="Reviews stored now.")
+    duplicates: int = Field(description="Reviews already stored (the same version), left as they were.")
+    skipped: list[SkippedOut] = Field(description="Left out on purpose: cancelled, draft, discarded, empty.")
+
+
+class WebhookNotConfigured(NotFound):
+    code = "webhook_not_configured"
+
+
+def _label_studio_webhook(
+    settings: SettingsDep,
+    secret: Annotated[str | None, Header(alias=SECRET_HEADER, description="The shared secret.")] = None,
+) -> None:
+    expected = settings.label_studio_webhook_secret
+    if expected is None:
+        raise WebhookNotConfigured(
+            "the Label Studio webhook is off: set AIDSAFE_LABEL_STUDIO_WEBHOOK_SECRET on the server"
+        )
+    if secret is None or not hmac.compare_digest(secret.encode(), expected.get_secret_value().encode()):
+        raise Unauthorized(f"send the shared secret in the {SECRET_HEADER} header")
+
+
+async def _imported(session: SessionDep, parsed: Parsed, job_id: UUID | None) -> ImportOut:
+    report = await annotations.record_reviews(session, parsed, job_id)
+    await session.commit()
+    return ImportOut(
+        imported=report.imported,
+        duplicates=report.duplicates,
+        skipped=[SkippedOut(annotation=s.annotation, reason=s.reason) for s in report.skipped],
+    )
+
+
+@router.get(
+    "/v1/jobs/{job_id}/label-studio/config",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "The labeling config (XML) for a Label Studio project of this job's tasks.",
+            "content": {"application/xml": {"schema": {"type": "string"}}},
+        },
+        **READ_ERRORS,
+    },
+)
+async def label_studio_config(job_id: UUID, session: SessionDep, key: CurrentKey) -> Response:
+    """Shows the prompt, intents, numbered refined thoughts and response; asks for a verdict,
+    a policy-faithfulness rating, flagged thoughts, an edited response and a comment."""
+    await jobs.get_owned(session, job_id, key.id)
+    return Response(label_studio.CONFIG, media_type="application/xml")
+
+
+@router.post("/v1/jobs/{job_id}/annotations/label-studio", responses=IMPORT_ERRORS)
+async def import_label_studio(
+    job_id: UUID, tasks: list[label_studio.TaskIn], session: SessionDep, key: CurrentKey
+) -> ImportOut:
+    """Import the annotations of a Label Studio JSON export (the file as the body). All or
+    nothing; importing the same file again adds nothing; an edited annotation adds a row."""
+    await jobs.get_owned(session, job_id, key.id)
+    return await _imported(session, label_studio.read_export(tasks), job_id)
+
+
+@router.post(
+    "/v1/webhooks/label-studio",
+    responses=WEBHOOK_ERRORS,
+    dependencies=[Depends(_label_studio_webhook)],
+)
+async def label_studio_webhook(event: label_studio.WebhookIn, session: SessionDep) -> ImportOut:
+    """Label Studio's webhook (ANNOTATION_CREATED, ANNOTATION_UPDATED, ANNOTATIONS_CREATED;
+    other events are acknowledged and skipped). Authenticated by the shared secret in the
+    X-Aidsafe-Webhook-Secret header, not by an API key."""
+    return await _imported(session, label_studio.read_webhook(event), None)
+
+
+@router.get("/v1/jobs/{job_id}/argilla/settings", responses=READ_ERRORS)
+async def argilla_settings(job_id: UUID, session: SessionDep, key: CurrentKey) -> dict[str, Any]:
+    """Argilla dataset settings (fields, questions, metadata) for this job's records: load
+    them with `rg.Settings.from_json`."""
+    await jobs.get_owned(session, job_id, key.id)
+    return argilla.settings()
+
+
+@router.post("/v1/jobs/{job_id}/annotations/argilla", responses=IMPORT_ERRORS)
+async def import_argilla(
+    job_id: UUID,
+    records: list[argilla.RecordIn] | argilla.RecordPageIn,
+    session: SessionDep,
+    key: CurrentKey,
+) -> ImportOut:
+    """Import reviewers' responses from Argilla records with their responses (a list, or a
+    page `{"items": [...]}` as Argilla's API returns). Only submitted responses count."""
+    await jobs.get_owned(session, job_id, key.id)
+    listed = records if isinstance(records, list) else records.items
+    return await _imported(session, argilla.read_records(listed), job_id)

@@ -1,0 +1,271 @@
+"""Label Studio: the labeling config, tasks in its JSON import format (the service's output
+as predictions), and its annotations read back, from a JSON export file or a webhook event.
+
+Tasks carry the item id in `data.item_id`; that is how an annotation finds its CoT again."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from app.api.schemas import storable_input
+from app.deliberation.results import POLICY_METRICS
+from app.exports.rows import CotRow, ExportOptions
+from app.labeling.reviews import Answers, Parsed, Question, Review, Skipped, utc
+
+SOURCE = "label_studio"
+Record = dict[str, Any]
+
+# One config for every job: the task data fills it. Thoughts are Paragraphs (one per refined
+# thought, named by its number) and the thought checkboxes are dynamic Choices loaded from
+# `data.thought_choices`, since the number of thoughts differs per CoT.
+CONFIG = f"""<View>
+  <Header value="Prompt"/>
+  <Text name="prompt" value="$prompt"/>
+  <Header value="Intents"/>
+  <Text name="intents" value="$intents"/>
+  <Header value="Refined chain of thought"/>
+  <Paragraphs name="thoughts" value="$thoughts" nameKey="number" textKey="text"/>
+  <Header value="Response"/>
+  <Text name="response" value="$response"/>
+  <Header value="May this sample go into training data?"/>
+  <Choices name="{Question.VERDICT}" toName="response" choice="single-radio" required="true"
+           showInline="true">
+    <Choice value="Accept" alias="accept"/>
+    <Choice value="Reject" alias="reject"/>
+  </Choices>
+  <Header value="How faithfully do the thoughts and the response follow the policies? (1-5)"/>
+  <Rating name="{Question.POLICY_FAITHFULNESS}" toName="response" maxRating="5"/>
+  <Header value="Flag thoughts that are wrong, redundant or against a policy"/>
+  <Choices name="{Question.FLAGGED_THOUGHTS}" toName="thoughts" choice="multiple" showInline="true"
+           value="$thought_choices"/>
+  <Header value="Response as it should be (edit if needed)"/>
+  <TextArea name="{Question.EDITED_RESPONSE}" toName="response" editable="true" maxSubmissions="1" rows="6"/>
+  <TextArea name="{Question.COMMENT}" toName="prompt" maxSubmissions="1" rows="2"
+            placeholder="Comment (optional)"/>
+</View>
+"""
+
+
+# --- export ---------------------------------------------------------------------------------
+
+
+def task(row: CotRow, _: ExportOptions) -> Record:
+    """One task of Label Studio's JSON import format. Only the chosen CoT: never rejected or
+    whispered text. The prediction prefills the response and, when graded, the rating."""
+    thoughts = [thought["text"] for thought in row.refined_thoughts]
+    return {
+        "data": {
+            "item_id": str(row.item_id),
+            "position": row.position,
+            "prompt": row.prompt,
+            "intents": intents_text(row.intents),
+            "thoughts": [{"number": str(n), "text": text} for n, text in enumerate(thoughts, 1)],
+            "thought_choices": [
+                {"value": f"Thought {n}", "alias": str(n)} for n in range(1, len(thoughts) + 1)
+            ],
+            "response": row.response,
+            "policy_set": f"{row.policy_set_name}@{row.policy_set_version}",
+        },
+        "predictions": [_prediction(row)],
+    }
+
+
+def intents_text(intents: dict[str, Any]) -> str:
+    lines = ["Explicit:", *(f"- {i}" for i in intents.get("explicit_intents", []))]
+    implicit = intents.get("implicit_intents", [])
+    if implicit:
+        lines += ["Implicit:", *(f"- {i}" for i in implicit)]
+    return "\n".join(lines)
+
+
+def policy_faithfulness(scores: dict[str, Any] | None) -> float | None:
+    """The grader's mean of the two policy metrics (the scale the pair gap uses), if graded."""
+    if scores is None:
+        return None
+    return sum(scores[m]["score"] for m in POLICY_METRICS) / len(POLICY_METRICS)
+
+
+def as_rating(score: float) -> int:
+    return math.floor(score + 0.5)  # half up: 3.5 is 4, not Python's banker's 4/2
+
+
+def _prediction(row: CotRow) -> Record:
+    result: list[Record] = [
+        _result(Question.EDITED_RESPONSE, "response", "textarea", {"text": [row.response]})
+    ]
+    prediction: Record = {"model_version": f"aidsafe {row.policy_set_name}@{row.policy_set_version}"}
+    graded = policy_faithfulness(row.scores)
+    if graded is not None:
+        result.append(
+            _result(Question.POLICY_FAITHFULNESS, "response", "rating", {"rating": as_rating(graded)})
+        )
+        prediction["score"] = round(graded / 5, 3)  # sorts tasks in Label Studio, weakest first
+    return {**prediction, "result": result}
+
+
+def _result(from_name: str, to_name: str, type_: str, value: Record) -> Record:
+    return {"from_name": from_name, "to_name": to_name, "type": type_, "value": value}
+
+
+class JsonArray:
+    """One JSON array written a batch at a time (Label Studio imports a file of tasks)."""
+
+    def __init__(self) -> None:
+        self.written = False
+
+    def start(self) -> bytes:
+        return b"["
+
+    def encode(self, records: list[Record]) -> bytes:
+        if not records:
+            return b""
+        text = ",\n".join(json.dumps(r, ensure_ascii=False) for r in records)
+        separator = ",\n" if self.written else "\n"
+        self.written = True
+        return (separator + text).encode()
+
+    def finish(self) -> bytes:
+        return b"\n]\n"
+
+
+# --- import ---------------------------------------------------------------------------------
+
+
+class _Loose(BaseModel):
+    """Label Studio sends more than we read; the rest is kept in `raw` for audit."""
+
+    model_config = ConfigDict(extra="allow")
+    _storable = model_validator(mode="before")(storable_input)
+
+
+class ResultIn(_Loose):
+    from_name: str
+    to_name: str | None = None
+    type: str
+    value: dict[str, Any]
+
+
+class AnnotationIn(_Loose):
+    id: int | str
+    completed_by: int | str | dict[str, Any] | None = None
+    result: list[ResultIn] = Field(default_factory=list)
+    was_cancelled: bool = False
+    created_at: datetime
+    updated_at: datetime | None = None
+    task: int | dict[str, Any] | None = Field(default=None, description="The task's id (webhooks).")
+
+
+class TaskIn(_Loose):
+    """A task of Label Studio's JSON export, with its annotations."""
+
+    id: int | None = None
+    data: dict[str, Any]
+    annotations: list[AnnotationIn] = Field(default_factory=list)
+
+
+class WebhookIn(_Loose):
+    """A Label Studio webhook event. ANNOTATION_CREATED and ANNOTATION_UPDATED carry one
+    annotation and its task; ANNOTATIONS_CREATED lists of both (matched by task id)."""
+
+    action: str
+    annotation: AnnotationIn | list[AnnotationIn] | None = None
+    task: TaskIn | list[TaskIn] | None = None
+
+
+ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
+
+
+def read_export(tasks: list[TaskIn]) -> Parsed:
+    """Every annotation of an export file; cancelled (skipped) ones are left out."""
+    parsed = Parsed()
+    for task_in in tasks:
+        for annotation in task_in.annotations:
+            _read(task_in, annotation, parsed)
+    return parsed
+
+
+def read_webhook(event: WebhookIn) -> Parsed:
+    """The annotation(s) of an annotation event; any other event is skipped as a whole."""
+    parsed = Parsed()
+    if event.action not in ANNOTATION_EVENTS:
+        parsed.skipped.append(Skipped(None, f"{event.action} is not an annotation event"))
+        return parsed
+    annotations = event.annotation if isinstance(event.annotation, list) else [event.annotation]
+    tasks = event.task if isinstance(event.task, list) else [event.task]
+    by_id = {t.id: t for t in tasks if t is not None}
+    for annotation in annotations:
+        if annotation is None:
+            parsed.problems.append(f"{event.action} without an annotation")
+            continue
+        task_id = annotation.task.get("id") if isinstance(annotation.task, dict) else annotation.task
+        task_in = by_id.get(task_id) or (next(iter(by_id.values())) if len(by_id) == 1 else None)
+        if task_in is None:
+            parsed.problems.append(f"annotation {annotation.id}: the event has no task {annotation.task}")
+            continue
+        _read(task_in, annotation, parsed)
+    return parsed
+
+
+def _read(task_in: TaskIn, annotation: AnnotationIn, parsed: Parsed) -> None:
+    where = f"task {task_in.id} annotation {annotation.id}"
+    if annotation.was_cancelled:
+        parsed.skipped.append(Skipped(str(annotation.id), "cancelled: the reviewer skipped the task"))
+        return
+    item_id = _item_id(task_in.data)
+    if item_id is None:
+        parsed.problems.append(f"{where}: the task's data has no item_id of this service")
+        return
+    answers = _answers(annotation.result)
+    if answers.empty():
+        parsed.skipped.append(Skipped(str(annotation.id), "no answer in the annotation"))
+        return
+    parsed.reviews.append(
+        Review(
+            item_id=item_id,
+            source=SOURCE,
+            external_id=str(annotation.id),
+            annotator=_annotator(annotation.completed_by),
+            annotated_at=utc(annotation.updated_at or annotation.created_at),
+            raw=annotation.model_dump(mode="json"),
+            **answers.read(where, parsed.problems),
+        )
+    )
+
+
+def _answers(results: list[ResultIn]) -> Answers:
+    """Results of our controls; a control the project added is ignored (it stays in raw)."""
+    answers = Answers()
+    for result in results:
+        match result.from_name:
+            case Question.VERDICT:
+                choices = result.value.get("choices") or []
+                answers.verdict = choices[0] if len(choices) == 1 else choices
+            case Question.POLICY_FAITHFULNESS:
+                answers.policy_faithfulness = result.value.get("rating")
+            case Question.FLAGGED_THOUGHTS:
+                answers.flagged_thoughts = result.value.get("choices")
+            case Question.EDITED_RESPONSE:
+                answers.edited_response = result.value.get("text")
+            case Question.COMMENT:
+                answers.comment = result.value.get("text")
+    return answers
+
+
+def _item_id(data: dict[str, Any]) -> UUID | None:
+    try:
+        return UUID(str(data.get("item_id")))
+    except ValueError:
+        return None
+
+
+def _annotator(completed_by: int | str | dict[str, Any] | None) -> str:
+    """Label Studio sends the user id; older exports a user object (its email is clearer)."""
+    if isinstance(completed_by, dict):
+        return str(completed_by.get("email") or completed_by.get("id") or "unknown")[:200]
+    return "unknown" if completed_by is None else str(completed_by)[:200]

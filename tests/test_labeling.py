@@ -1,0 +1,590 @@
+"""The labeling-tool round trip: tasks and records out to Label Studio and Argilla, reviews
+back in from their export files and Label Studio's webhook, stored append-only beside the
+model's output, and `human_approved()` choosing what reviewers accepted.
+
+Jobs are made by arq's real worker against the scripted LLM. The tools' files are fixtures
+in their own formats (tests/fixtures/); only the item ids, new each run, are filled in.
+Label Studio's own SDK (LabelInterface) checks the config, the tasks and the fixtures."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import httpx
+import pytest
+from label_studio_sdk.label_interface import LabelInterface
+from pydantic import SecretStr
+from sqlalchemy import select
+
+from app.config import Settings
+from app.labeling import label_studio
+from app.store.annotations import human_approved
+from app.store.db import Sessions
+from app.store.models import Annotation, Cot, PreferencePair
+from tests.conftest import api_client, new_key, run_worker_burst
+from tests.scripted_llm import ScriptedLLM, guard_verdict, reply, scores
+from tests.test_api import error_of, items_of, submit
+
+Headers = dict[str, str]
+FIXTURES = Path(__file__).parent / "fixtures"
+PROMPTS = [
+    "How do I store rice safely?",
+    "Is it safe to mix bleach and vinegar?",
+    "How do I sharpen a kitchen knife?",
+]
+GRADED = {"grading": {"thresholds": {"cot_policy_faithfulness": 4}}}
+SECRET = "ls-webhook-secret-5d1"
+HAZARD = "HAZARD-9c2"
+
+
+@pytest.fixture
+async def other(sessions: Sessions) -> Headers:
+    return await new_key(sessions, "bob")
+
+
+@pytest.fixture
+async def webhook_api(settings: Settings, sessions: Sessions) -> Any:
+    """The API with the Label Studio webhook secret configured."""
+    configured = settings.model_copy(update={"label_studio_webhook_secret": SecretStr(SECRET)})
+    async with api_client(configured) as client:
+        yield client
+
+
+async def graded_job(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, prompts: list[str] = PROMPTS
+) -> str:
+    """A job whose items all completed, graded (every metric 4 by default) and gated."""
+    job = await submit(api, auth, prompts, config=GRADED)
+    await run_worker_burst(settings)
+    assert {i["status"] for i in await items_of(api, auth, job["id"])} == {"completed"}
+    return str(job["id"])
+
+
+async def item_ids(api: httpx.AsyncClient, auth: Headers, job_id: str) -> list[str]:
+    return [item["id"] for item in await items_of(api, auth, job_id)]
+
+
+async def export(api: httpx.AsyncClient, auth: Headers, job_id: str, fmt: str) -> httpx.Response:
+    response = await api.get(f"/v1/jobs/{job_id}/export", params={"format": fmt}, headers=auth)
+    assert response.status_code == 200, response.text
+    return response
+
+
+def fixture(name: str, ids: list[str]) -> Any:
+    """A tool's file from tests/fixtures with this run's item ids in place of $ITEM_<n>."""
+    text = (FIXTURES / name).read_text()
+    for n, item_id in enumerate(ids):
+        text = text.replace(f"$ITEM_{n}", item_id)
+    return json.loads(text)
+
+
+async def import_file(
+    api: httpx.AsyncClient, auth: Headers, job_id: str, tool: str, body: Any, status: int = 200
+) -> dict[str, Any]:
+    response = await api.post(f"/v1/jobs/{job_id}/annotations/{tool}", json=body, headers=auth)
+    assert response.status_code == status, response.text
+    return dict(response.json())
+
+
+async def stored(sessions: Sessions) -> list[Annotation]:
+    async with sessions() as session:
+        rows = await session.scalars(select(Annotation).order_by(Annotation.annotated_at))
+        return list(rows)
+
+
+async def approved(sessions: Sessions, job_id: str) -> set[str]:
+    async with sessions() as session:
+        rows = await session.scalars(select(Cot.item_id).where(Cot.job_id == UUID(job_id), human_approved()))
+        return {str(item_id) for item_id in rows}
+
+
+async def model_output(sessions: Sessions, job_id: str) -> list[tuple[Any, ...]]:
+    async with sessions() as session:
+        rows = await session.execute(
+            select(Cot.item_id, Cot.refined_thoughts, Cot.response, Cot.scores, Cot.accepted)
+            .where(Cot.job_id == UUID(job_id))
+            .order_by(Cot.position)
+        )
+        return [tuple(row) for row in rows]
+
+
+# --- Label Studio: config and tasks -----------------------------------------------------------
+
+
+async def test_the_label_studio_config_is_served_as_xml_the_sdk_accepts(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings
+) -> None:
+    job_id = await graded_job(api, auth, settings, PROMPTS[:1])
+
+    response = await api.get(f"/v1/jobs/{job_id}/label-studio/config", headers=auth)
+
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("application/xml")
+    interface = LabelInterface(response.text)
+    assert {(c.name, c.tag) for c in interface.controls} == {
+        ("verdict", "Choices"),
+        ("policy_faithfulness", "Rating"),
+        ("flagged_thoughts", "Choices"),
+        ("edited_response", "TextArea"),
+        ("comment", "TextArea"),
+    }
+    assert {(o.name, o.tag) for o in interface.objects} == {
+        ("prompt", "Text"),
+        ("intents", "Text"),
+        ("thoughts", "Paragraphs"),
+        ("response", "Text"),
+    }
+
+
+async def test_label_studio_tasks_conform_to_the_config_and_prefill_the_service_output(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    job_id = await graded_job(api, auth, settings)
+    interface = LabelInterface((await api.get(f"/v1/jobs/{job_id}/label-studio/config", headers=auth)).text)
+
+    response = await export(api, auth, job_id, "label_studio")
+
+    assert response.headers["content-type"].startswith("application/json")
+    tasks = response.json()
+    cots = await model_output(sessions, job_id)
+    assert [t["data"]["item_id"] for t in tasks] == [str(cot[0]) for cot in cots]
+    for task, (_, refined, response_text, _, _) in zip(tasks, cots, strict=True):
+        data = task["data"]
+        assert data["prompt"] in PROMPTS and data["response"] == response_text
+        assert [t["text"] for t in data["thoughts"]] == [t["text"] for t in refined]
+        assert [t["number"] for t in data["thoughts"]] == [str(n) for n in range(1, len(refined) + 1)]
+        assert [c["alias"] for c in data["thought_choices"]] == [t["number"] for t in data["thoughts"]]
+        [prediction] = task["predictions"]
+        assert prediction["score"] == 0.8  # the grader's policy faithfulness, 4 of 5
+        assert {r["from_name"]: r["value"] for r in prediction["result"]} == {
+            "edited_response": {"text": [response_text]},
+            "policy_faithfulness": {"rating": 4},
+        }
+        assert interface.validate_prediction(prediction)
+        assert interface.validate_task({"data": data})
+
+
+async def test_an_ungraded_job_predicts_the_response_without_a_rating(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings
+) -> None:
+    job = await submit(api, auth, PROMPTS[:1])
+    await run_worker_burst(settings)
+
+    [task] = (await export(api, auth, job["id"], "label_studio")).json()
+
+    [prediction] = task["predictions"]
+    assert "score" not in prediction
+    assert [r["from_name"] for r in prediction["result"]] == ["edited_response"]
+
+
+def test_the_tool_fixtures_conform_to_the_config() -> None:
+    """The hand-made Label Studio files are in the shape the SDK expects for this config."""
+    interface = LabelInterface(label_studio.CONFIG)
+    export_file = fixture("label_studio_export.json", [])
+    event = fixture("label_studio_webhook.json", [])
+    for task in [*export_file, {**event["task"], "annotations": [event["annotation"]]}]:
+        for annotation in task["annotations"]:
+            if not annotation["was_cancelled"]:
+                assert interface.validate_annotation(annotation), annotation["id"]
+    for task in export_file:
+        assert interface.validate_task({"data": task["data"]})
+
+
+# --- Label Studio: import from an export file -------------------------------------------------
+
+
+async def test_an_annotated_export_is_stored_beside_the_unchanged_output_and_selects_the_accepted(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    job_id = await graded_job(api, auth, settings)
+    ids = await item_ids(api, auth, job_id)
+    before = await model_output(sessions, job_id)
+
+    report = await import_file(api, auth, job_id, "label-studio", fixture("label_studio_export.json", ids))
+
+    assert report == {
+        "imported": 2,
+        "duplicates": 0,
+        "skipped": [{"annotation": "503", "reason": "cancelled: the reviewer skipped the task"}],
+    }
+    accepted, rejected = await stored(sessions)
+    assert (str(accepted.item_id), str(accepted.job_id), accepted.source, accepted.external_id) == (
+        ids[0],
+        job_id,
+        "label_studio",
+        "501",
+    )
+    assert (accepted.verdict, accepted.policy_faithfulness, accepted.annotator) == ("accept", 5, "1")
+    assert accepted.edited_response is None  # the prefilled response, submitted unchanged
+    assert accepted.annotated_at.isoformat() == "2026-11-20T10:00:00+00:00"
+    assert (str(rejected.item_id), rejected.verdict, rejected.policy_faithfulness) == (ids[1], "reject", 2)
+    assert rejected.flagged_thoughts == [1]
+    assert (
+        rejected.edited_response == "No. Mixing them makes toxic fumes: use one at a time and air the room."
+    )
+    assert rejected.comment == "The answer must warn about the fumes."
+    assert rejected.annotator == "2" and rejected.annotated_at.isoformat() == "2026-11-20T10:06:30+00:00"
+    assert rejected.raw["id"] == 502 and rejected.raw["lead_time"] == 210.4
+    assert await model_output(sessions, job_id) == before
+    assert await approved(sessions, job_id) == {ids[0]}
+
+
+async def test_importing_the_same_file_again_adds_nothing(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    job_id = await graded_job(api, auth, settings)
+    body = fixture("label_studio_export.json", await item_ids(api, auth, job_id))
+    await import_file(api, auth, job_id, "label-studio", body)
+
+    again = await import_file(api, auth, job_id, "label-studio", body)
+
+    assert (again["imported"], again["duplicates"]) == (0, 2)
+    assert len(await stored(sessions)) == 2
+
+
+async def test_an_edited_annotation_adds_a_row_and_its_latest_version_counts(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    job_id = await graded_job(api, auth, settings)
+    ids = await item_ids(api, auth, job_id)
+    body = fixture("label_studio_export.json", ids)
+    await import_file(api, auth, job_id, "label-studio", body)
+    edited = copy.deepcopy(body)
+    annotation = edited[0]["annotations"][0]
+    annotation["updated_at"] = "2026-11-20T11:30:00.000000Z"
+    annotation["result"][0]["value"]["choices"] = ["reject"]
+
+    report = await import_file(api, auth, job_id, "label-studio", edited)
+
+    assert (report["imported"], report["duplicates"]) == (1, 1)
+    versions = [(a.verdict, a.annotated_at.hour) for a in await stored(sessions) if a.external_id == "501"]
+    assert versions == [("accept", 10), ("reject", 11)]
+    assert await approved(sessions, job_id) == set()
+
+
+async def test_a_file_naming_an_unknown_item_is_refused_whole(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    job_id = await graded_job(api, auth, settings)
+    ids = await item_ids(api, auth, job_id)
+    unknown = "00000000-0000-4000-8000-000000000001"
+    body = fixture("label_studio_export.json", [ids[0], unknown, ids[2]])
+
+    response = await api.post(f"/v1/jobs/{job_id}/annotations/label-studio", json=body, headers=auth)
+
+    assert error_of(response, 422, "unknown_items")["details"] == [unknown]
+    assert await stored(sessions) == []
+
+
+async def test_another_keys_items_are_refused_and_its_job_is_not_found(
+    api: httpx.AsyncClient, auth: Headers, other: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    mine = await graded_job(api, auth, settings, PROMPTS[:1])
+    theirs = await graded_job(api, other, settings)
+    body = fixture("label_studio_export.json", await item_ids(api, other, theirs))
+
+    into_mine = await api.post(f"/v1/jobs/{mine}/annotations/label-studio", json=body, headers=auth)
+    into_theirs = await api.post(f"/v1/jobs/{theirs}/annotations/label-studio", json=body, headers=auth)
+
+    error_of(into_mine, 422, "unknown_items")
+    error_of(into_theirs, 404, "not_found")
+    assert await stored(sessions) == []
+
+
+@pytest.mark.parametrize(
+    ("result", "problem"),
+    [
+        ({"from_name": "verdict", "type": "choices", "value": {"choices": ["maybe"]}}, "verdict 'maybe'"),
+        (
+            {"from_name": "policy_faithfulness", "type": "rating", "value": {"rating": 7}},
+            "not a whole number",
+        ),
+        (
+            {"from_name": "policy_faithfulness", "type": "rating", "value": {"rating": 4.5}},
+            "not a whole number",
+        ),
+        (
+            {"from_name": "flagged_thoughts", "type": "choices", "value": {"choices": ["9"]}},
+            "flags thought 9",
+        ),
+    ],
+)
+async def test_an_unreadable_annotation_refuses_the_whole_file(
+    api: httpx.AsyncClient,
+    auth: Headers,
+    settings: Settings,
+    sessions: Sessions,
+    result: dict[str, Any],
+    problem: str,
+) -> None:
+    job_id = await graded_job(api, auth, settings)
+    body = fixture("label_studio_export.json", await item_ids(api, auth, job_id))
+    body[1]["annotations"][0]["result"].append({"to_name": "response", **result})
+
+    response = await api.post(f"/v1/jobs/{job_id}/annotations/label-studio", json=body, headers=auth)
+
+    assert problem in error_of(response, 422, "invalid_annotation")["message"]
+    assert await stored(sessions) == []
+
+
+async def test_a_task_without_an_item_id_is_refused(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    job_id = await graded_job(api, auth, settings)
+    body = fixture("label_studio_export.json", await item_ids(api, auth, job_id))
+    del body[0]["data"]["item_id"]
+
+    response = await api.post(f"/v1/jobs/{job_id}/annotations/label-studio", json=body, headers=auth)
+
+    assert "no item_id" in error_of(response, 422, "invalid_annotation")["message"]
+    assert await stored(sessions) == []
+
+
+async def test_a_body_that_is_not_an_export_is_a_validation_error(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings
+) -> None:
+    job_id = await graded_job(api, auth, settings, PROMPTS[:1])
+
+    for body in ({"tasks": []}, [{"annotations": []}], [{"data": {}, "annotations": [{"id": 1}]}]):
+        response = await api.post(f"/v1/jobs/{job_id}/annotations/label-studio", json=body, headers=auth)
+        error_of(response, 422, "validation_error")
+
+
+# --- Label Studio: webhook --------------------------------------------------------------------
+
+
+async def test_the_webhook_is_off_until_a_secret_is_configured(api: httpx.AsyncClient) -> None:
+    response = await api.post("/v1/webhooks/label-studio", json={"action": "ANNOTATION_CREATED"})
+
+    assert (
+        "AIDSAFE_LABEL_STUDIO_WEBHOOK_SECRET" in error_of(response, 404, "webhook_not_configured")["message"]
+    )
+
+
+async def test_the_webhook_refuses_a_missing_or_wrong_secret(
+    webhook_api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    job_id = await graded_job(webhook_api, auth, settings, PROMPTS[:1])
+    event = fixture("label_studio_webhook.json", await item_ids(webhook_api, auth, job_id))
+
+    for headers in ({}, {"X-Aidsafe-Webhook-Secret": "wrong"}, auth):
+        response = await webhook_api.post("/v1/webhooks/label-studio", json=event, headers=headers)
+        error_of(response, 401, "unauthorized")
+    assert await stored(sessions) == []
+
+
+async def test_the_webhook_stores_created_and_updated_annotations(
+    webhook_api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    job_id = await graded_job(webhook_api, auth, settings, PROMPTS[:1])
+    [item_id] = await item_ids(webhook_api, auth, job_id)
+    created = fixture("label_studio_webhook.json", [item_id])
+    updated = copy.deepcopy(created)
+    updated["action"] = "ANNOTATION_UPDATED"
+    updated["annotation"]["updated_at"] = "2026-11-21T09:00:00.000000Z"
+    updated["annotation"]["result"][0]["value"]["choices"] = ["reject"]
+    secret = {"X-Aidsafe-Webhook-Secret": SECRET}
+
+    reports = [
+        (await webhook_api.post("/v1/webhooks/label-studio", json=event, headers=secret)).json()
+        for event in (created, created, updated)
+    ]
+
+    assert [(r["imported"], r["duplicates"]) for r in reports] == [(1, 0), (0, 1), (1, 0)]
+    rows = await stored(sessions)
+    assert [(str(r.item_id), r.external_id, r.verdict, r.annotator) for r in rows] == [
+        (item_id, "601", "accept", "3"),
+        (item_id, "601", "reject", "3"),
+    ]
+    assert await approved(sessions, job_id) == set()
+
+
+async def test_the_webhook_reads_bulk_created_annotations_by_task(
+    webhook_api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    job_id = await graded_job(webhook_api, auth, settings, PROMPTS[:2])
+    ids = await item_ids(webhook_api, auth, job_id)
+    single = fixture("label_studio_webhook.json", ids)
+    second_task = {**copy.deepcopy(single["task"]), "id": 105, "data": {"item_id": ids[1]}}
+    second = {**copy.deepcopy(single["annotation"]), "id": 602, "task": 105}
+    second["result"][0]["value"]["choices"] = ["reject"]
+    bulk = {**single, "action": "ANNOTATIONS_CREATED", "annotation": [second, single["annotation"]]}
+    bulk["task"] = [single["task"], second_task]
+
+    response = await webhook_api.post(
+        "/v1/webhooks/label-studio", json=bulk, headers={"X-Aidsafe-Webhook-Secret": SECRET}
+    )
+
+    assert response.json()["imported"] == 2, response.text
+    assert {(str(r.item_id), r.verdict) for r in await stored(sessions)} == {
+        (ids[0], "accept"),
+        (ids[1], "reject"),
+    }
+
+
+async def test_the_webhook_acknowledges_other_events_and_stores_nothing(
+    webhook_api: httpx.AsyncClient, sessions: Sessions
+) -> None:
+    event = {"action": "TASKS_CREATED", "tasks": [{"id": 1, "data": {}}], "project": {"id": 3}}
+
+    response = await webhook_api.post(
+        "/v1/webhooks/label-studio", json=event, headers={"X-Aidsafe-Webhook-Secret": SECRET}
+    )
+
+    assert response.status_code == 200, response.text
+    assert response.json()["skipped"] == [
+        {"annotation": None, "reason": "TASKS_CREATED is not an annotation event"}
+    ]
+    assert await stored(sessions) == []
+
+
+async def test_the_webhook_refuses_an_item_no_job_has(
+    webhook_api: httpx.AsyncClient, sessions: Sessions
+) -> None:
+    event = fixture("label_studio_webhook.json", ["00000000-0000-4000-8000-000000000002"])
+
+    response = await webhook_api.post(
+        "/v1/webhooks/label-studio", json=event, headers={"X-Aidsafe-Webhook-Secret": SECRET}
+    )
+
+    error_of(response, 422, "unknown_items")
+    assert await stored(sessions) == []
+
+
+# --- Argilla ----------------------------------------------------------------------------------
+
+
+async def test_argilla_settings_name_the_fields_and_questions_records_use(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings
+) -> None:
+    job_id = await graded_job(api, auth, settings, PROMPTS[:1])
+
+    response = await api.get(f"/v1/jobs/{job_id}/argilla/settings", headers=auth)
+
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [f["name"] for f in body["fields"]] == ["prompt", "intents", "thoughts", "response"]
+    questions = {q["name"]: q["settings"]["type"] for q in body["questions"]}
+    assert questions == {
+        "verdict": "label_selection",
+        "policy_faithfulness": "rating",
+        "flagged_thoughts": "multi_label_selection",
+        "edited_response": "text",
+        "comment": "text",
+    }
+    [record] = [json.loads(line) for line in (await export(api, auth, job_id, "argilla")).text.splitlines()]
+    assert set(record["fields"]) == {f["name"] for f in body["fields"]}
+    assert set(record["suggestions"]) <= set(questions)
+    assert set(record["metadata"]) - {"item_id"} == {m["name"] for m in body["metadata"]}
+
+
+async def test_argilla_records_suggest_the_grader_score_and_the_gate_decision(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, scripted_llm: ScriptedLLM, sessions: Sessions
+) -> None:
+    scripted_llm.script("quality_scores", reply(scores()), reply(scores(cot_policy_faithfulness=2)))
+    job_id = await graded_job(api, auth, settings, PROMPTS[:2])
+
+    response = await export(api, auth, job_id, "argilla")
+
+    records = [json.loads(line) for line in response.text.splitlines()]
+    cots = await model_output(sessions, job_id)
+    assert [r["id"] for r in records] == [str(cot[0]) for cot in cots]
+    by_gate = {r["metadata"]["gate"]: r for r in records}
+    assert set(by_gate) == {"accepted", "rejected"}
+    accepted, rejected = by_gate["accepted"], by_gate["rejected"]
+    assert accepted["suggestions"]["verdict"] == {
+        "value": "accept",
+        "score": None,
+        "agent": "aidsafe-quality-gate",
+    }
+    assert accepted["suggestions"]["policy_faithfulness"]["value"] == 4
+    assert rejected["suggestions"]["verdict"]["value"] == "reject"
+    assert rejected["suggestions"]["policy_faithfulness"]["value"] == 3  # (2 + 4) / 2
+    for record in records:
+        assert record["fields"]["thoughts"].startswith("1. ")
+        assert record["suggestions"]["edited_response"]["value"] == record["fields"]["response"]
+        assert record["metadata"]["item_id"] == record["id"]
+
+
+async def test_argilla_responses_are_imported_once_and_only_when_submitted(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    job_id = await graded_job(api, auth, settings)
+    ids = await item_ids(api, auth, job_id)
+    page = fixture("argilla_records.json", ids)
+
+    first = await import_file(api, auth, job_id, "argilla", page)
+    again = await import_file(api, auth, job_id, "argilla", page["items"])  # a plain list too
+
+    assert (first["imported"], first["duplicates"]) == (2, 0)
+    assert sorted(s["reason"] for s in first["skipped"]) == [
+        "discarded: only submitted responses count",
+        "draft: only submitted responses count",
+    ]
+    assert (again["imported"], again["duplicates"]) == (0, 2)
+    accepted, rejected = await stored(sessions)
+    assert (accepted.source, str(accepted.item_id), accepted.verdict, accepted.edited_response) == (
+        "argilla",
+        ids[0],
+        "accept",
+        None,
+    )
+    assert accepted.annotator == "9d1f3c5e-7a9b-4c1d-8e2f-3a4b5c6d7e01"
+    assert accepted.annotated_at.isoformat() == "2026-11-22T09:00:00+00:00"
+    assert (rejected.verdict, rejected.policy_faithfulness, rejected.flagged_thoughts) == ("reject", 2, [1])
+    assert rejected.comment == "The answer must warn about the fumes."
+    assert await approved(sessions, job_id) == {ids[0]}
+
+
+async def test_an_argilla_record_of_another_job_is_refused_whole(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    first = await graded_job(api, auth, settings, PROMPTS[:1])
+    second = await graded_job(api, auth, settings, PROMPTS[1:2])
+    ids = await item_ids(api, auth, first) + await item_ids(api, auth, second)
+
+    response = await api.post(
+        f"/v1/jobs/{first}/annotations/argilla", json=fixture("argilla_records.json", ids), headers=auth
+    )
+
+    assert error_of(response, 422, "unknown_items")["details"] == [ids[1]]
+    assert await stored(sessions) == []
+
+
+# --- hazard and keys --------------------------------------------------------------------------
+
+
+async def test_labeling_exports_hold_only_the_chosen_cot_never_whispered_or_rejected_text(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, scripted_llm: ScriptedLLM, sessions: Sessions
+) -> None:
+    scripted_llm.script("whisper_belief", reply({"belief": f"{HAZARD} belief"}))
+    scripted_llm.script(
+        "rejected_cot", reply({"thoughts": [f"{HAZARD} thought"], "response": f"{HAZARD} response"})
+    )
+    scripted_llm.script("guard_verdict", guard_verdict(True, "fraud-deception"))
+    scripted_llm.script("quality_scores", reply(scores()), reply(scores(cot_policy_faithfulness=1)))
+    config = {**GRADED, "pairs": {"max_tries": 1, "min_gap": 0.5}}
+    job = await submit(api, auth, PROMPTS[:1], config=config)
+    await run_worker_burst(settings)
+    async with sessions() as session:
+        pair = (await session.scalars(select(PreferencePair))).one()
+    assert pair.kept and HAZARD in (pair.belief or "") and HAZARD in (pair.rejected_response or "")
+
+    for fmt in ("label_studio", "argilla"):
+        body = (await export(api, auth, job["id"], fmt)).text
+        assert PROMPTS[0] in body and HAZARD not in body, fmt
+
+
+async def test_labeling_routes_need_a_key(api: httpx.AsyncClient) -> None:
+    some_id = "00000000-0000-4000-8000-000000000003"
+    for method, url in [
+        ("GET", f"/v1/jobs/{some_id}/label-studio/config"),
+        ("POST", f"/v1/jobs/{some_id}/annotations/label-studio"),
+        ("GET", f"/v1/jobs/{some_id}/argilla/settings"),
+        ("POST", f"/v1/jobs/{some_id}/annotations/argilla"),
+    ]:
+        error_of(await api.request(method, url, json=[]), 401, "unauthorized")
