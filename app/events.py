@@ -153,9 +153,7 @@ class JobEventSource:
         ]
 
 
-async def follow(
-    source: JobEventSource, last_event_id: str | None, *, clock: Callable[[], float] = time.monotonic
-) -> AsyncIterator[ProgressEvent]:
+async def follow(source: JobEventSource, last_event_id: str | None) -> AsyncIterator[ProgressEvent]:
     """The job's events from `last_event_id` (or from now) until it ends.
 
     On (re)connect: the items missed (from the stream, or from Postgres if the stream lost
@@ -168,7 +166,7 @@ async def follow(
     while True:
         cursor: list[str | None] = [resume_from]
         try:
-            async for event in _follow_stream(source, resume_from, cursor, clock):
+            async for event in _follow_stream(source, resume_from, cursor):
                 yield event
                 if event.kind == "done":
                     return
@@ -184,8 +182,9 @@ async def follow(
 
 
 async def _follow_stream(
-    source: JobEventSource, resume_from: str | None, cursor: list[str | None], clock: Callable[[], float]
+    source: JobEventSource, resume_from: str | None, cursor: list[str | None]
 ) -> AsyncIterator[ProgressEvent]:
+    """One connection's worth of `follow`; `cursor[0]` tracks the last id sent, to resume from."""
     settings = source.settings
     position = await source.tail_id()  # read before the snapshot: nothing between is lost
     if resume_from is not None:
@@ -205,9 +204,9 @@ async def _follow_stream(
         if summary["status"] in ENDED:
             yield ProgressEvent("done", summary, event_id)
             return
-        last_snapshot, dirty = clock(), False
+        last_snapshot, dirty = time.monotonic(), False
         while True:
-            since = clock() - last_snapshot
+            since = time.monotonic() - last_snapshot
             due_in = (settings.events_snapshot_interval_s if dirty else settings.events_resync_s) - since
             if due_in <= 0:
                 break

@@ -206,6 +206,7 @@ async def test_the_job_page_filters_items_by_status_and_gate(
         return page.text.count('class="item-row"')
 
     assert await rows() == 3
+    assert await rows(status="", accepted="") == 3  # the form's "any"
     assert await rows(accepted="true") + await rows(accepted="false") == (await rows(status="completed"))
     assert await rows(status="failed") == 3 - await rows(status="completed")
     assert (await api.get(url, params={"status": "lost"})).status_code == 400
@@ -267,6 +268,10 @@ async def test_in_chromium_a_default_key_sees_the_timeline_with_the_hazardous_si
     await page.wait_for_url(f"**/view/jobs/{job_id}")
     assert await page.text_content("#job-status") == "completed"
     assert "1 kept of 1" in (await page.text_content("#pairs-summary") or "")
+    await page.select_option("select[name=accepted]", "true")
+    await page.click(".filters button")
+    await page.wait_for_url("**accepted=true**")
+    assert await page.locator(".item-row").count() == 1
     await page.click(f"#item-list a[href='/view/items/{item_id}'] >> nth=0")
     await page.wait_for_url(f"**/view/items/{item_id}")
 

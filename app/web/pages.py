@@ -13,13 +13,15 @@ from typing import Annotated, Any, get_args
 from urllib.parse import parse_qs
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from fastapi.routing import APIRoute
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from fastapi.templating import Jinja2Templates
+from pydantic import BeforeValidator
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.api import views
 from app.api.deps import SessionDep, SettingsDep
@@ -148,15 +150,20 @@ async def job_list(request: Request, session: SessionDep, key: ViewerKey) -> Res
     return templates.TemplateResponse(request, "jobs.html", {"key": key, "jobs": list(rows)})
 
 
+def _blank_is_none(value: Any) -> Any:
+    """The filter form sends `status=` for "any"."""
+    return value or None
+
+
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
 async def job_page(
     request: Request,
     job_id: UUID,
     session: SessionDep,
     key: ViewerKey,
-    status: ItemStatus | None = None,
-    accepted: Annotated[bool | None, Query()] = None,
-    cursor: str | None = None,
+    status: Annotated[ItemStatus | None, BeforeValidator(_blank_is_none)] = None,
+    accepted: Annotated[bool | None, BeforeValidator(_blank_is_none)] = None,
+    cursor: Annotated[str | None, BeforeValidator(_blank_is_none)] = None,
 ) -> Response:
     """Progress, counts per stage and status, quality, and a page of items (filtered by status
     and by the quality gate's decision)."""
@@ -183,7 +190,7 @@ async def job_page(
     return templates.TemplateResponse(request, "job.html", context)
 
 
-async def _gate_decisions(session: Any, item_ids: list[UUID]) -> dict[UUID, bool | None]:
+async def _gate_decisions(session: AsyncSession, item_ids: list[UUID]) -> dict[UUID, bool | None]:
     rows = await session.execute(select(Cot.item_id, Cot.accepted).where(Cot.item_id.in_(item_ids)))
     return {item_id: accepted for item_id, accepted in rows}
 
