@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 from app.api.deps import CurrentKey, ReadsHazardous, SessionDep
 from app.api.errors import documented
 from app.errors import MissingScope
-from app.exports.formats import FORMATS
+from app.exports.formats import FORMATS, JSON
 from app.exports.rows import CotStyle, ExportFilter, ExportOptions, parse_min_scores
 from app.store import exports, jobs, keys
 
@@ -20,6 +20,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["exports"])
 
 # Built from the registry, so a format added there is accepted and documented here.
 FormatName = StrEnum("FormatName", {name: name for name in FORMATS})  # type: ignore[misc]
+_BINARY = {"type": "string", "format": "binary"}
 
 
 @router.get(
@@ -27,9 +28,11 @@ FormatName = StrEnum("FormatName", {name: name for name in FORMATS})  # type: ig
     response_class=StreamingResponse,
     responses={
         200: {
-            "description": "The file, streamed. JSON Lines, CSV or Parquet, per `format`.",
+            "description": "The file, streamed. JSON Lines, CSV, Parquet or a JSON array, per `format`.",
             "content": {
-                fmt.media_type: {"schema": {"type": "string", "format": "binary"}} for fmt in FORMATS.values()
+                # A JSON array (label_studio's tasks) is read as JSON by clients, not as bytes.
+                fmt.media_type: {"schema": {"type": "array"} if fmt.media_type == JSON else _BINARY}
+                for fmt in FORMATS.values()
             },
         },
         **documented(401, 403, 404, 422, 503),
