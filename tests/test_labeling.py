@@ -588,3 +588,18 @@ async def test_labeling_routes_need_a_key(api: httpx.AsyncClient) -> None:
         ("POST", f"/v1/jobs/{some_id}/annotations/argilla"),
     ]:
         error_of(await api.request(method, url, json=[]), 401, "unauthorized")
+
+
+async def test_the_human_approved_export_filter_keeps_what_reviewers_accepted(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings
+) -> None:
+    job_id = await graded_job(api, auth, settings)
+    ids = await item_ids(api, auth, job_id)
+    await import_file(api, auth, job_id, "label-studio", fixture("label_studio_export.json", ids))
+
+    response = await api.get(
+        f"/v1/jobs/{job_id}/export", params={"format": "label_studio", "human_approved": "true"}, headers=auth
+    )
+
+    assert response.status_code == 200, response.text
+    assert [task["data"]["item_id"] for task in response.json()] == [ids[0]]
