@@ -15,7 +15,7 @@ import yaml
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from app.cli import cli, follow_job
+from app.cli import cli, follow_job, job_config
 from app.config import Settings
 from app.store.db import Sessions
 from app.store.models import Job
@@ -251,3 +251,48 @@ async def test_cli_follows_by_polling_when_the_event_stream_is_unavailable(
 
     assert final["status"] == "completed"
     assert final["counts"]["by_status"] == {"completed": 2}
+
+
+def test_job_options_become_the_job_config() -> None:
+    baseline = job_config(
+        agents=None,
+        max_rounds=None,
+        max_tokens=None,
+        mode="zero_shot",
+        grading=True,
+        thresholds=[],
+        pairs=False,
+        pair_max_tries=None,
+        pair_min_gap=None,
+    )
+    gated = job_config(
+        agents=2,
+        max_rounds=None,
+        max_tokens=512,
+        mode="aidsafe",
+        grading=False,
+        thresholds=["relevance=3", "cot_policy_faithfulness=4.5"],
+        pairs=True,
+        pair_max_tries=None,
+        pair_min_gap=1.5,
+    )
+
+    assert baseline == {"mode": "zero_shot", "grading": {}}
+    assert gated == {
+        "mode": "aidsafe",
+        "agents": 2,
+        "max_tokens": 512,
+        "grading": {"thresholds": {"relevance": 3.0, "cot_policy_faithfulness": 4.5}},
+        "pairs": {"min_gap": 1.5},
+    }
+
+
+def test_a_threshold_without_a_score_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "p.jsonl", '{"prompt": "fine"}')
+
+    result = CliRunner().invoke(
+        cli,
+        ["submit", str(path), "--threshold", "relevance", "--api-url", "http://127.0.0.1:9", "--key", "k"],
+    )
+
+    assert result.exit_code == 2 and "expected METRIC=SCORE" in " ".join(result.output.split())
