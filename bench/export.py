@@ -10,6 +10,12 @@ exports the small job once to warm up, then each job once, reading the stream to
 and throwing it away, and reports:
 
 - `rows_per_s`: rows / seconds from sending the request to the last byte (target 20,000);
+- `database_rows_per_s`: the same SQL the export runs, read through a plain asyncpg cursor
+  by this process and thrown away (no parsing, no formatting): what Postgres alone
+  delivers, since turning stored JSON into text is most of its work. `share_of_database`
+  = rows_per_s / database_rows_per_s, a ratio that survives a busy machine;
+- `machine_cpu_busy`: how busy the whole machine was during the export (others' work
+  included: this machine is shared);
 - `peak_rss_growth_mib`: the API process's peak RSS during the export minus its RSS just
   before it (the kernel's high-water mark, reset before each export through
   /proc/PID/clear_refs). Flat memory means the 100,000-row figure is no larger than the
@@ -25,14 +31,19 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
 
+import asyncpg
 import httpx
 from sqlalchemy import insert, select
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.deliberation.results import METRICS
+from app.exports.formats import FORMATS
+from app.exports.rows import ExportFilter
+from app.store import exports
 from app.store.db import make_engine, make_sessions
 from app.store.models import ApiKey, Cot, Item, Job, PolicySetRow
-from bench.machine import describe
+from bench.machine import describe, machine_cpu_jiffies
 from bench.stack import ServiceStack, run_bounded
 
 TARGET_ROWS_PER_S = 20_000
@@ -45,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--small", type=int, default=25_000, help="CoTs in the small job")
     p.add_argument("--thoughts", type=int, default=5, help="refined thoughts per CoT")
     p.add_argument("--formats", default="jsonl,parquet,trl_sft", help="comma-separated export formats")
-    p.add_argument("--time-limit", type=float, default=280.0)
+    p.add_argument("--time-limit", type=float, default=600.0)
     p.add_argument("--json", type=Path, default=None, help="also write the summary here")
     return p.parse_args(argv)
 
@@ -137,10 +148,27 @@ def reset_peak_rss(pid: int) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets VmHWM to the current RSS
 
 
+async def database_rate(dsn: str, job_id: UUID, format: str, rows: int) -> int:
+    """Rows per second of the export's own SQL through a bare asyncpg cursor."""
+    query = exports.rows_query(job_id, FORMATS[format].source, ExportFilter())
+    sql = str(query.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
+    conn = await asyncpg.connect(dsn)
+    try:
+        started = time.perf_counter()
+        async with conn.transaction():
+            cursor = await conn.cursor(sql)
+            while await cursor.fetch(exports.BATCH_ROWS):
+                pass
+        return round(rows / (time.perf_counter() - started))
+    finally:
+        await conn.close()
+
+
 async def one_export(client: httpx.AsyncClient, api_pid: int, job_id: UUID, format: str) -> dict[str, Any]:
     reset_peak_rss(api_pid)
     before = rss_kib(api_pid, "VmRSS")
     size, newlines = 0, 0
+    busy_before, total_before = machine_cpu_jiffies()
     started = time.perf_counter()
     async with client.stream("GET", f"/v1/jobs/{job_id}/export", params={"format": format}) as response:
         response.raise_for_status()
@@ -149,10 +177,12 @@ async def one_export(client: httpx.AsyncClient, api_pid: int, job_id: UUID, form
             newlines += chunk.count(b"\n")
     seconds = time.perf_counter() - started
     peak = rss_kib(api_pid, "VmHWM")
+    busy, total = machine_cpu_jiffies()
     return {
         "seconds": round(seconds, 2),
         "bytes": size,
         "jsonl_lines": newlines if format != "parquet" else None,
+        "machine_cpu_busy": round((busy - busy_before) / max(total - total_before, 1), 2),
         "rss_before_mib": round(before / 1024, 1),
         "peak_rss_growth_mib": round((peak - before) / 1024, 1),
     }
@@ -182,6 +212,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             await engine.dispose()
         await stack.sql("VACUUM ANALYZE")
         api_pid = stack.pid("api")
+        dsn = stack.database_url.replace("postgresql+asyncpg://", "postgresql://")
         results: dict[str, Any] = {}
         headers = {"Authorization": f"Bearer {secret}"}
         async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600) as client:
@@ -194,6 +225,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                         raise RuntimeError(f"{format}: {run['jsonl_lines']} lines for {rows} rows")
                     run["rows"] = rows
                     run["rows_per_s"] = round(rows / run["seconds"])
+                    run["database_rows_per_s"] = await database_rate(dsn, job_id, format, rows)
+                    run["share_of_database"] = round(run["rows_per_s"] / run["database_rows_per_s"], 2)
                     runs[size] = run
                 growth = [max(runs[s]["peak_rss_growth_mib"], 0.1) for s in ("small", "large")]
                 results[format] = {

@@ -97,7 +97,7 @@ def _conditions(filters: ExportFilter) -> list[ColumnElement[bool]]:
     return conditions
 
 
-def _query(job_id: UUID, source: Source, filters: ExportFilter) -> Select[Any]:
+def rows_query(job_id: UUID, source: Source, filters: ExportFilter) -> Select[Any]:
     """The columns of the source's row type, in its field order, for the job's CoTs."""
     columns = [_COLUMNS[f.name] for f in fields(_ROW_TYPES[source]) if f.name in _COLUMNS]
     if source is Source.SAMPLES_WITH_LOG:
@@ -115,7 +115,7 @@ async def stream_rows(
     """The job's rows for `source` (of its row type) in prompt order, `batch_rows` at a time,
     from one server-side cursor: memory holds one batch whatever the job's size."""
     row_type = _ROW_TYPES[source]
-    result = await session.stream(_query(job_id, source, filters).execution_options(yield_per=batch_rows))
+    result = await session.stream(rows_query(job_id, source, filters).execution_options(yield_per=batch_rows))
     async for batch in result.partitions():
         yield [row_type(*row) for row in batch]
 
