@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable
 from uuid import UUID
 
 from arq.connections import ArqRedis, RedisSettings
+from arq.constants import job_key_prefix
+from arq.jobs import serialize_job
+from arq.utils import timestamp_ms
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError, TimeoutError
 
 RUN_ITEM = "run_item"
-_BATCH = 500  # enqueue concurrently, but not 10,000 coroutines at once
+_BATCH = 1000  # jobs per pipeline: a bounded request and reply per round trip
 
 
 def redis_settings(redis_url: str) -> RedisSettings:
@@ -32,15 +34,20 @@ def arq_job_id(item_id: UUID, enqueues: int) -> str:
 
 
 async def enqueue_items(redis: ArqRedis, queue_name: str, items: Iterable[tuple[UUID, int]]) -> None:
-    """Enqueue (item id, enqueue counter) pairs. Duplicates are harmless: a worker claims
+    """Enqueue (item id, enqueue counter) pairs as arq jobs of RUN_ITEM, in a few pipelined
+    round trips rather than arq's four per job. Duplicates are harmless: a worker claims
     an item in Postgres before running it, and a second arq job finds nothing to claim."""
     pending = list(items)
     for start in range(0, len(pending), _BATCH):
-        await asyncio.gather(
-            *(
-                redis.enqueue_job(
-                    RUN_ITEM, str(item_id), _job_id=arq_job_id(item_id, n), _queue_name=queue_name
+        enqueued_ms = timestamp_ms()
+        async with redis.pipeline(transaction=False) as pipe:
+            for item_id, enqueues in pending[start : start + _BATCH]:
+                job_id = arq_job_id(item_id, enqueues)
+                job = serialize_job(
+                    RUN_ITEM, (str(item_id),), {}, None, enqueued_ms, serializer=redis.job_serializer
                 )
-                for item_id, n in pending[start : start + _BATCH]
-            )
-        )
+                # What ArqRedis.enqueue_job writes, without its WATCH/EXISTS round trips:
+                # NX keeps a job that is already there as it is.
+                pipe.set(job_key_prefix + job_id, job, px=redis.expires_extra_ms, nx=True)
+                pipe.zadd(queue_name, {job_id: enqueued_ms}, nx=True)
+            await pipe.execute()
