@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from app import logs
 from app.api import errors, health, items, jobs, metrics, policy_sets
 from app.api.limits import BodySizeLimit
+from app.api.summaries import JobSummaries
 from app.config import Settings, get_settings
 from app.queue import redis_settings
 from app.store.db import make_engine, make_sessions
@@ -26,6 +27,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.sessions = make_sessions(engine)
         app.state.arq = await create_pool(redis_settings(settings.redis_url))
+        app.state.summaries = JobSummaries(settings.job_summary_max_age_s)
         try:
             yield
         finally:

@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.api.summaries import JobSummaries
 from app.config import Settings
 from app.errors import Unauthorized
 from app.store import keys
@@ -29,9 +30,14 @@ def _arq(request: Request) -> ArqRedis:
     return request.app.state.arq
 
 
+def _summaries(request: Request) -> JobSummaries:
+    return request.app.state.summaries
+
+
 SessionDep = Annotated[AsyncSession, Depends(_session)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 ArqDep = Annotated[ArqRedis, Depends(_arq)]
+SummariesDep = Annotated[JobSummaries, Depends(_summaries)]
 
 _bearer = HTTPBearer(auto_error=False, description="An API key made by `aidsafe keys create`.")
 

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Annotated
+from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import APIRouter, Header, Query, Response, status
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.api import views
-from app.api.deps import ArqDep, CurrentKey, SessionDep, SettingsDep
+from app.api.deps import ArqDep, CurrentKey, SessionDep, SettingsDep, SummariesDep
 from app.api.errors import documented
 from app.api.schemas import CotPage, ItemPage, ItemStatus, JobIn, JobOut
 from app.pipeline_config import resolve
 from app.queue import enqueue_items
 from app.store import jobs, policy_sets
-from app.store.models import Job, PolicySetRow
+from app.store.models import Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger("aidsafe.api")
@@ -27,10 +27,9 @@ ERRORS = documented(401, 404, 422, 503)  # routes with an id in the path
 PAGE_ERRORS = documented(400, 401, 404, 422, 503)
 
 
-async def _job_out(session: AsyncSession, job: Job) -> JobOut:
-    policy_set = await session.get(PolicySetRow, job.policy_set_id)
-    assert policy_set is not None
-    return views.job_out(job, policy_set, await jobs.summary(session, job))
+async def _job_out(session: AsyncSession, job: Job, summary: dict[str, Any]) -> JobOut:
+    policy_set = await policy_sets.by_id(session, job.policy_set_id)
+    return views.job_out(job, policy_set, summary)
 
 
 @router.post(
@@ -72,24 +71,27 @@ async def submit_job(
         await enqueue_items(arq, settings.queue_name, [(item_id, 1) for item_id in new_item_ids])
     except Exception:  # committed already: the sweeper enqueues what did not make it
         log.exception("enqueue failed for job %s; the sweeper will enqueue its items", job.id)
-    return await _job_out(session, job)
+    return await _job_out(session, job, await jobs.summary(session, job))
 
 
 @router.get("/{job_id}", responses=ERRORS)
-async def get_job(job_id: UUID, session: SessionDep, key: CurrentKey) -> JobOut:
-    """Status, counts per stage and status, and token totals."""
-    return await _job_out(session, await jobs.get_owned(session, job_id, key.id))
+async def get_job(job_id: UUID, session: SessionDep, key: CurrentKey, summaries: SummariesDep) -> JobOut:
+    """Status, counts per stage and status, and token totals. Counts and totals may be up
+    to a second old (the server's `job_summary_max_age_s`)."""
+    job = await jobs.get_owned(session, job_id, key.id)
+    return await _job_out(session, job, await summaries.get(session, job))
 
 
 @router.post("/{job_id}/cancel", responses=ERRORS)
-async def cancel_job(job_id: UUID, session: SessionDep, key: CurrentKey) -> JobOut:
+async def cancel_job(job_id: UUID, session: SessionDep, key: CurrentKey, summaries: SummariesDep) -> JobOut:
     """Queued items are cancelled at once; running items stop within a lease period.
     Finished items and their data are kept. Cancelling twice is harmless."""
     job = await jobs.get_owned(session, job_id, key.id)
     await jobs.cancel(session, job)
     await session.commit()
     await session.refresh(job)
-    return await _job_out(session, job)
+    summaries.forget(job.id)
+    return await _job_out(session, job, await jobs.summary(session, job))
 
 
 @router.get("/{job_id}/items", responses=PAGE_ERRORS)
