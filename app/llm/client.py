@@ -33,7 +33,7 @@ from tenacity import (
 
 from app.config import EndpointConfig
 from app.deliberation.ports import ChatReply, ChatRequest, LLMRequestRejected, LLMUnavailable
-from app.llm.limits import EndpointLimiter
+from app.llm.limits import EndpointLimiter, Slot
 from app.llm.rates import EndpointRates, Reservation
 from app.metrics import LLM_REQUEST_SECONDS, LLM_TOKENS
 
@@ -185,15 +185,13 @@ class OpenAICompatibleClient:
 
     async def _attempt_in_slot(self, request: ChatRequest, endpoint: EndpointConfig) -> ChatReply:
         reservation = await self._reserve(request, endpoint)
-        async with self._slot(request.endpoint, endpoint):
+        async with self._slot(request.endpoint, endpoint) as slot:
             started = time.monotonic()
             answer = await self._post(request, endpoint)
             latency_ms = (time.monotonic() - started) * 1000
-        if self._limiter is not None:
-            if answer.status == 429:
-                await self._limiter.rate_limited(request.endpoint, endpoint.max_concurrency)
-            elif answer.status < 400:
-                await self._limiter.succeeded(request.endpoint, endpoint.max_concurrency)
+            slot.succeeded = answer.status < 400  # grows the adaptive cap back on release
+        if self._limiter is not None and answer.status == 429:
+            await self._limiter.rate_limited(request.endpoint, endpoint.max_concurrency)
         _raise_for_status(answer)
         reply = _parse_reply(answer, request, latency_ms)
         if reservation is not None and self._rates is not None:
@@ -231,9 +229,9 @@ class OpenAICompatibleClient:
             request.endpoint, endpoint.requests_per_minute, endpoint.tokens_per_minute, estimate
         )
 
-    def _slot(self, name: str, endpoint: EndpointConfig) -> AbstractAsyncContextManager[None]:
+    def _slot(self, name: str, endpoint: EndpointConfig) -> AbstractAsyncContextManager[Slot]:
         if self._limiter is None:
-            return nullcontext()
+            return nullcontext(Slot())
         lease_s = self._timeout_s + LEASE_MARGIN_S
         return self._limiter.slot(name, endpoint.max_concurrency, lease_s)
 
