@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -63,6 +64,8 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(OSError)  # connection refused or reset before SQLAlchemy wraps it
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
+    @app.exception_handler(asyncpg.PostgresConnectionError)  # statements sent on the driver itself
+    @app.exception_handler(asyncpg.InterfaceError)
     async def _database_unavailable(_: Request, exc: Exception) -> JSONResponse:
         log.warning("database unavailable: %s", exc)
         return error_response(503, "unavailable", "the database is unavailable; retry shortly")
