@@ -43,12 +43,12 @@ _bearer = HTTPBearer(auto_error=False, description="An API key made by `aidsafe 
 
 
 async def _current_key(
-    session: SessionDep,
+    request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> ApiKey:
     if credentials is None:
         raise Unauthorized("send an API key as 'Authorization: Bearer <key>'")
-    return await keys.authenticate(session, credentials.credentials)
+    return await keys.authenticate(request.app.state.sessions, credentials.credentials)
 
 
 CurrentKey = Annotated[ApiKey, Depends(_current_key)]
