@@ -76,10 +76,10 @@ async def submit_job(
 
 @router.get("/{job_id}", responses=ERRORS)
 async def get_job(job_id: UUID, session: SessionDep, key: CurrentKey, summaries: SummariesDep) -> JobOut:
-    """Status, counts per stage and status, and token totals. Counts and totals may be up
-    to a second old (the server's `job_summary_max_age_s`)."""
-    job = await jobs.get_owned(session, job_id, key.id)
-    return await _job_out(session, job, await summaries.get(session, job))
+    """Status, counts per stage and status, and token totals, as read at most a second ago
+    (the server's `job_summary_max_age_s`)."""
+    job, summary = await summaries.get_owned(session, job_id, key.id)
+    return await _job_out(session, job, summary)
 
 
 @router.post("/{job_id}/cancel", responses=ERRORS)

@@ -99,7 +99,11 @@ def _same_request(job: Job, request_hash: str) -> Job:
 
 async def get_owned(session: AsyncSession, job_id: UUID, owner_key_id: UUID) -> Job:
     """The job if this key owns it; another key's job is indistinguishable from none."""
-    job = await session.get(Job, job_id)
+    return owned(await session.get(Job, job_id), job_id, owner_key_id)
+
+
+def owned(job: Job | None, job_id: UUID, owner_key_id: UUID) -> Job:
+    """`job` (the row read for `job_id`) if this key owns it; NotFound otherwise."""
     if job is None or job.owner_key_id != owner_key_id:
         raise NotFound(f"job {job_id} not found")
     return job
