@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from app import logs
 from app.api import errors, health, items, jobs, metrics, policy_sets
+from app.api.known_keys import KnownKeys
 from app.api.limits import BodySizeLimit
 from app.api.summaries import JobSummaries
 from app.config import Settings, get_settings
@@ -23,11 +24,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logs.configure(settings.log_level, settings.log_json)
-        engine = make_engine(settings.database_url)
+        engine = make_engine(settings.database_url, pool_size=settings.api_db_pool_size)
         app.state.settings = settings
         app.state.sessions = make_sessions(engine)
         app.state.arq = await create_pool(redis_settings(settings.redis_url))
         app.state.summaries = JobSummaries(settings.job_summary_max_age_s)
+        app.state.known_keys = KnownKeys(app.state.sessions, settings.api_key_cache_s)
         try:
             yield
         finally:

@@ -10,10 +10,10 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.api.known_keys import KnownKeys
 from app.api.summaries import JobSummaries
 from app.config import Settings
 from app.errors import Unauthorized
-from app.store import keys
 from app.store.models import ApiKey
 
 
@@ -48,7 +48,8 @@ async def _current_key(
 ) -> ApiKey:
     if credentials is None:
         raise Unauthorized("send an API key as 'Authorization: Bearer <key>'")
-    return await keys.authenticate(request.app.state.sessions, credentials.credentials)
+    known_keys: KnownKeys = request.app.state.known_keys
+    return await known_keys.authenticate(credentials.credentials)
 
 
 CurrentKey = Annotated[ApiKey, Depends(_current_key)]
