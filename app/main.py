@@ -28,7 +28,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.sessions = make_sessions(engine)
         app.state.arq = await create_pool(redis_settings(settings.redis_url))
-        app.state.summaries = JobSummaries(settings.job_summary_max_age_s)
+        app.state.summaries = JobSummaries(app.state.sessions, settings.job_summary_max_age_s)
         app.state.known_keys = KnownKeys(app.state.sessions, settings.api_key_cache_s)
         try:
             yield

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Annotated, Any
+from typing import Annotated
 from uuid import UUID
 
 from fastapi import APIRouter, Header, Query, Response, status
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.api import views
 from app.api.deps import ArqDep, CurrentKey, SessionDep, SettingsDep, SummariesDep
 from app.api.errors import documented
 from app.api.schemas import CotPage, ItemPage, ItemStatus, JobIn, JobOut
+from app.api.summaries import job_out
 from app.pipeline_config import resolve
 from app.queue import enqueue_items
 from app.store import jobs, policy_sets
-from app.store.models import Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger("aidsafe.api")
@@ -25,11 +24,6 @@ Limit = Annotated[int, Query(ge=1, le=500, description="Page size.")]
 Cursor = Annotated[str | None, Query(description="`next_cursor` of the previous page.")]
 ERRORS = documented(401, 404, 422, 503)  # routes with an id in the path
 PAGE_ERRORS = documented(400, 401, 404, 422, 503)
-
-
-async def _job_out(session: AsyncSession, job: Job, summary: dict[str, Any]) -> JobOut:
-    policy_set = await policy_sets.by_id(session, job.policy_set_id)
-    return views.job_out(job, policy_set, summary)
 
 
 @router.post(
@@ -71,15 +65,14 @@ async def submit_job(
         await enqueue_items(arq, settings.queue_name, [(item_id, 1) for item_id in new_item_ids])
     except Exception:  # committed already: the sweeper enqueues what did not make it
         log.exception("enqueue failed for job %s; the sweeper will enqueue its items", job.id)
-    return await _job_out(session, job, await jobs.summary(session, job))
+    return await job_out(session, job)
 
 
 @router.get("/{job_id}", responses=ERRORS)
-async def get_job(job_id: UUID, session: SessionDep, key: CurrentKey, summaries: SummariesDep) -> JobOut:
+async def get_job(job_id: UUID, key: CurrentKey, summaries: SummariesDep) -> JobOut:
     """Status, counts per stage and status, and token totals, as read at most a second ago
     (the server's `job_summary_max_age_s`)."""
-    job, summary = await summaries.get_owned(session, job_id, key.id)
-    return await _job_out(session, job, summary)
+    return await summaries.get_owned(job_id, key.id)
 
 
 @router.post("/{job_id}/cancel", responses=ERRORS)
@@ -91,7 +84,7 @@ async def cancel_job(job_id: UUID, session: SessionDep, key: CurrentKey, summari
     await session.commit()
     await session.refresh(job)
     summaries.forget(job.id)
-    return await _job_out(session, job, await jobs.summary(session, job))
+    return await job_out(session, job)
 
 
 @router.get("/{job_id}/items", responses=PAGE_ERRORS)
