@@ -132,7 +132,8 @@ def _finish(item: Item, status: str, code: str | None = None, message: str | Non
 
 
 def claimed(claim: Claim) -> Any:
-    """SQL condition: the item is still held under this claim."""
+    """SQL condition: the item is still held under this claim (turn_log._RECORD spells
+    the same condition out in SQL)."""
     return and_(Item.id == claim.item_id, Item.attempts == claim.attempt, Item.status == "running")
 
 
