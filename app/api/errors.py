@@ -64,7 +64,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(OSError)  # connection refused or reset before SQLAlchemy wraps it
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
-    @app.exception_handler(asyncpg.PostgresConnectionError)  # statements sent on the driver itself
+    # Statements sent on the asyncpg connection itself (app/store/db.py driver_connection):
+    # connection lost, or Postgres shutting down or starting up.
+    @app.exception_handler(asyncpg.PostgresConnectionError)
+    @app.exception_handler(asyncpg.OperatorInterventionError)
     @app.exception_handler(asyncpg.InterfaceError)
     async def _database_unavailable(_: Request, exc: Exception) -> JSONResponse:
         log.warning("database unavailable: %s", exc)
