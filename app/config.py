@@ -55,9 +55,6 @@ class Settings(BaseSettings):
     job_summary_max_age_s: float = Field(default=1.0, ge=0)
     # An API process answers for a key it found for this long: revocation takes as long.
     api_key_cache_s: float = Field(default=5.0, ge=0)
-    # Database connections the API keeps open. Under load every request briefly needs one
-    # (authentication); connections beyond the pool are opened and closed per request.
-    api_db_pool_size: int = Field(default=32, ge=1)
 
     # Job defaults, each overridable per job.
     default_agents: int = 2

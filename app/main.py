@@ -24,7 +24,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logs.configure(settings.log_level, settings.log_json)
-        engine = make_engine(settings.database_url, pool_size=settings.api_db_pool_size)
+        engine = make_engine(settings.database_url)
         app.state.settings = settings
         app.state.sessions = make_sessions(engine)
         app.state.arq = await create_pool(redis_settings(settings.redis_url))
