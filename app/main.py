@@ -21,7 +21,9 @@ from app.api import (
     metrics,
     policy_sets,
 )
+from app.api.known_keys import KnownKeys
 from app.api.limits import BodySizeLimit
+from app.api.summaries import JobSummaries
 from app.config import Settings, get_settings
 from app.queue import redis_settings
 from app.store.db import make_engine, make_sessions
@@ -38,6 +40,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.sessions = make_sessions(engine)
         app.state.arq = await create_pool(redis_settings(settings.redis_url))
+        app.state.summaries = JobSummaries(app.state.sessions, settings.job_summary_max_age_s)
+        app.state.known_keys = KnownKeys(app.state.sessions, settings.api_key_cache_s)
         try:
             yield
         finally:

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable
 from uuid import UUID
 
 from arq.connections import ArqRedis, RedisSettings
+from arq.constants import job_key_prefix
+from arq.jobs import serialize_job
+from arq.utils import timestamp_ms
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError, TimeoutError
 
 RUN_ITEM = "run_item"
-_BATCH = 500  # enqueue concurrently, but not 10,000 coroutines at once
+_BATCH = 1000  # jobs per Redis call: bounded requests, and Redis is not blocked for long
 
 
 def redis_settings(redis_url: str) -> RedisSettings:
@@ -31,16 +33,31 @@ def arq_job_id(item_id: UUID, enqueues: int) -> str:
     return f"item:{item_id}:{enqueues}"
 
 
+# What ArqRedis.enqueue_job writes for each job (the pickled job under arq:job:<id> with
+# arq's expiry, and the id in the queue's sorted set), for many jobs in one call, with NX
+# in place of its WATCH/EXISTS check: a job that is already there stays as it is.
+_ENQUEUE = """
+local job_key_prefix, expiry_ms, score = ARGV[1], ARGV[2], ARGV[3]
+for i = 4, #ARGV, 2 do
+  redis.call('SET', job_key_prefix .. ARGV[i], ARGV[i + 1], 'PX', expiry_ms, 'NX')
+  redis.call('ZADD', KEYS[1], 'NX', score, ARGV[i])
+end
+return 0
+"""
+
+
 async def enqueue_items(redis: ArqRedis, queue_name: str, items: Iterable[tuple[UUID, int]]) -> None:
-    """Enqueue (item id, enqueue counter) pairs. Duplicates are harmless: a worker claims
-    an item in Postgres before running it, and a second arq job finds nothing to claim."""
+    """Enqueue (item id, enqueue counter) pairs as arq jobs of RUN_ITEM: one Redis call
+    per 1,000 rather than arq's four round trips per job. Duplicates are harmless: a worker
+    claims an item in Postgres before running it, and a second arq job finds nothing."""
+    enqueue = redis.register_script(_ENQUEUE)
     pending = list(items)
     for start in range(0, len(pending), _BATCH):
-        await asyncio.gather(
-            *(
-                redis.enqueue_job(
-                    RUN_ITEM, str(item_id), _job_id=arq_job_id(item_id, n), _queue_name=queue_name
-                )
-                for item_id, n in pending[start : start + _BATCH]
+        enqueued_ms = timestamp_ms()
+        args: list[str | bytes | int] = [job_key_prefix, redis.expires_extra_ms, enqueued_ms]
+        for item_id, enqueues in pending[start : start + _BATCH]:
+            job = serialize_job(
+                RUN_ITEM, (str(item_id),), {}, None, enqueued_ms, serializer=redis.job_serializer
             )
-        )
+            args += [arq_job_id(item_id, enqueues), job]
+        await enqueue(keys=[queue_name], args=args)

@@ -10,6 +10,8 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.api.known_keys import KnownKeys
+from app.api.summaries import JobSummaries
 from app.config import Settings
 from app.errors import Unauthorized
 from app.store import keys
@@ -29,20 +31,26 @@ def _arq(request: Request) -> ArqRedis:
     return request.app.state.arq
 
 
+def _summaries(request: Request) -> JobSummaries:
+    return request.app.state.summaries
+
+
 SessionDep = Annotated[AsyncSession, Depends(_session)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 ArqDep = Annotated[ArqRedis, Depends(_arq)]
+SummariesDep = Annotated[JobSummaries, Depends(_summaries)]
 
 _bearer = HTTPBearer(auto_error=False, description="An API key made by `aidsafe keys create`.")
 
 
 async def _current_key(
-    session: SessionDep,
+    request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> ApiKey:
     if credentials is None:
         raise Unauthorized("send an API key as 'Authorization: Bearer <key>'")
-    return await keys.authenticate(session, credentials.credentials)
+    known_keys: KnownKeys = request.app.state.known_keys
+    return await known_keys.authenticate(credentials.credentials)
 
 
 CurrentKey = Annotated[ApiKey, Depends(_current_key)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -67,6 +68,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(OSError)  # connection refused or reset before SQLAlchemy wraps it
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
+    # Statements sent on the asyncpg connection itself (app/store/db.py driver_connection):
+    # connection lost, or Postgres shutting down or starting up.
+    @app.exception_handler(asyncpg.PostgresConnectionError)
+    @app.exception_handler(asyncpg.OperatorInterventionError)
+    @app.exception_handler(asyncpg.InterfaceError)
     async def _database_unavailable(_: Request, exc: Exception) -> JSONResponse:
         log.warning("database unavailable: %s", exc)
         return error_response(503, "unavailable", "the database is unavailable; retry shortly")

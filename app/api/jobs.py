@@ -9,17 +9,16 @@ from uuid import UUID
 
 from arq.connections import ArqRedis
 from fastapi import APIRouter, Header, Query, Response, status
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.api import views
-from app.api.deps import ArqDep, CurrentKey, ReadsHazardous, SessionDep, SettingsDep
+from app.api.deps import ArqDep, CurrentKey, ReadsHazardous, SessionDep, SettingsDep, SummariesDep
 from app.api.errors import documented
 from app.api.schemas import CotPage, ItemPage, ItemStatus, JobIn, JobOut, PreferencePairPage, ReportOut
+from app.api.summaries import job_out
 from app.config import Settings
 from app.pipeline_config import resolve
 from app.queue import enqueue_items
 from app.store import jobs, policy_sets
-from app.store.models import Job, PolicySetRow
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger("aidsafe.api")
@@ -28,12 +27,6 @@ Cursor = Annotated[str | None, Query(description="`next_cursor` of the previous 
 IdempotencyKey = Annotated[str | None, Header(max_length=200)]
 ERRORS = documented(401, 404, 422, 503)  # routes with an id in the path
 PAGE_ERRORS = documented(400, 401, 404, 422, 503)
-
-
-async def _job_out(session: AsyncSession, job: Job) -> JobOut:
-    policy_set = await session.get(PolicySetRow, job.policy_set_id)
-    assert policy_set is not None
-    return views.job_out(job, policy_set, await jobs.summary(session, job))
 
 
 @router.post(
@@ -72,7 +65,7 @@ async def submit_job(
     if not new_item_ids:
         response.status_code = status.HTTP_200_OK
     await enqueue_committed(arq, settings, job.id, new_item_ids)
-    return await _job_out(session, job)
+    return await job_out(session, job)
 
 
 async def enqueue_committed(arq: ArqRedis, settings: Settings, job_id: UUID, item_ids: list[UUID]) -> None:
@@ -85,20 +78,22 @@ async def enqueue_committed(arq: ArqRedis, settings: Settings, job_id: UUID, ite
 
 
 @router.get("/{job_id}", responses=ERRORS)
-async def get_job(job_id: UUID, session: SessionDep, key: CurrentKey) -> JobOut:
-    """Status, counts per stage and status, and token totals."""
-    return await _job_out(session, await jobs.get_owned(session, job_id, key.id))
+async def get_job(job_id: UUID, key: CurrentKey, summaries: SummariesDep) -> JobOut:
+    """Status, counts per stage and status, and token totals, as read at most a second ago
+    (the server's `job_summary_max_age_s`)."""
+    return await summaries.get_owned(job_id, key.id)
 
 
 @router.post("/{job_id}/cancel", responses=ERRORS)
-async def cancel_job(job_id: UUID, session: SessionDep, key: CurrentKey) -> JobOut:
+async def cancel_job(job_id: UUID, session: SessionDep, key: CurrentKey, summaries: SummariesDep) -> JobOut:
     """Queued items are cancelled at once; running items stop within a lease period.
     Finished items and their data are kept. Cancelling twice is harmless."""
     job = await jobs.get_owned(session, job_id, key.id)
     await jobs.cancel(session, job)
     await session.commit()
     await session.refresh(job)
-    return await _job_out(session, job)
+    summaries.forget(job.id)
+    return await job_out(session, job)
 
 
 @router.get("/{job_id}/items", responses=PAGE_ERRORS)

@@ -1,6 +1,6 @@
 """The two narrow ports the AIDSAFE engine talks through: an LLM client and a turn log.
 
-Production wires an httpx client and a Postgres turn log; tests wire a scripted HTTP
+Production wires an aiohttp client and a Postgres turn log; tests wire a scripted HTTP
 server and, where a database is beside the point, an in-memory log.
 """
 

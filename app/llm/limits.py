@@ -7,6 +7,11 @@ adds ours only while fewer than `limit` remain, all in one Lua script so the che
 the add cannot interleave. A worker killed mid-request never releases; its slot frees
 itself when the lease runs out, so the lease must outlast the longest legitimate hold.
 
+Waiters block (BLPOP) on "<key>:freed", a list that gets one entry per release, until a
+release or the first lease's end, whichever comes first; waiting costs no polling. An
+entry nobody was waiting for only makes a later waiter try once more; at most `limit` are
+kept.
+
 The adaptive cap lives beside it in "<key>:cap": a 429 halves it (at most once per
 cooldown, so one burst of 429s is one cut), each success adds 1/cap (about +1 per cap
 successes), never above the configured limit nor below 1.
@@ -16,11 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -38,14 +43,16 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms)
 local limit = tonumber(ARGV[2])
 local adapted = tonumber(redis.call('GET', KEYS[2]) or limit)
 if redis.call('ZCARD', KEYS[1]) >= math.max(1, math.min(limit, math.floor(adapted))) then
-  return 0
+  -- Full: the ms until the first lease runs out (a dead holder's slot frees itself then).
+  local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return math.max(1, tonumber(first[2]) - now_ms)
 end
 redis.call('ZADD', KEYS[1], now_ms + lease_ms, ARGV[1])
 -- The key outlives its longest lease, then vanishes once the endpoint goes idle.
 if redis.call('PTTL', KEYS[1]) < lease_ms then
   redis.call('PEXPIRE', KEYS[1], lease_ms)
 end
-return 1
+return 0
 """
 
 _CUT = """
@@ -61,24 +68,57 @@ redis.call('SET', KEYS[2], now, 'EX', 3600)
 return tostring(cap)
 """
 
-_GROW = """
-local cap = tonumber(redis.call('GET', KEYS[1]) or 0)
-if cap == 0 then
-  return 0
+_GROW_FUNCTION = """
+local function grow(cap_key, limit)
+  local cap = tonumber(redis.call('GET', cap_key) or 0)
+  if cap == 0 then
+    return
+  end
+  cap = cap + 1 / cap
+  if cap >= limit then
+    redis.call('DEL', cap_key)
+  else
+    redis.call('SET', cap_key, tostring(cap), 'EX', 3600)
+  end
 end
-cap = cap + 1 / cap
-if cap >= tonumber(ARGV[1]) then
-  redis.call('DEL', KEYS[1])
-else
-  redis.call('SET', KEYS[1], tostring(cap), 'EX', 3600)
+"""
+
+_GROW = (
+    _GROW_FUNCTION
+    + """
+grow(KEYS[1], tonumber(ARGV[1]))
+return 0
+"""
+)
+
+# Release, wake one waiter, and (after a success) grow the cap: one round trip.
+_RELEASE = (
+    _GROW_FUNCTION
+    + """
+local limit = tonumber(ARGV[3])
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('RPUSH', KEYS[3], 1)
+redis.call('LTRIM', KEYS[3], -limit, -1)
+redis.call('PEXPIRE', KEYS[3], 60000)
+if ARGV[2] == '1' then
+  grow(KEYS[2], limit)
 end
 return 0
 """
+)
 _CUT_COOLDOWN_MS = 2000
 
-# Short jittered polls: waiters on many machines do not wake in lockstep.
-_POLL_MIN_S = 0.005
-_POLL_MAX_S = 0.05
+# A waiter also looks again after this long without a wake-up: the adaptive cap may have
+# grown, or a waiter that took a wake-up was cancelled before it could use it.
+_MAX_BLOCK_S = 1.0
+
+
+@dataclass
+class Slot:
+    """A held slot. Set `succeeded` when the request went through: the release then grows
+    the adaptive cap back in the same round trip."""
+
+    succeeded: bool = False
 
 
 class EndpointLimiter:
@@ -90,6 +130,7 @@ class EndpointLimiter:
         self._acquire = redis.register_script(_ACQUIRE)
         self._cut = redis.register_script(_CUT)
         self._grow = redis.register_script(_GROW)
+        self._release_script = redis.register_script(_RELEASE)
         # Seconds spent waiting for slots, summed over every slot() of this limiter.
         self.waited_s = 0.0
 
@@ -98,11 +139,11 @@ class EndpointLimiter:
         return f"{self._key_prefix}:{endpoint}"
 
     @asynccontextmanager
-    async def slot(self, endpoint: str, limit: int, lease_s: float) -> AsyncIterator[None]:
+    async def slot(self, endpoint: str, limit: int, lease_s: float) -> AsyncIterator[Slot]:
         """Hold one of `limit` slots of `endpoint` for the body of the `async with`.
 
-        Waits (polling) until a slot is free. The slot is released on exit, on error and
-        on cancellation; if the holder dies instead, it frees itself after `lease_s`.
+        Waits until a slot is free. The slot is released on exit, on error and on
+        cancellation; if the holder dies instead, it frees itself after `lease_s`.
         """
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
@@ -110,21 +151,21 @@ class EndpointLimiter:
             raise ValueError(f"lease_s must be positive, got {lease_s}")
         key = self.key(endpoint)
         token = uuid.uuid4().hex
+        held = Slot()
         try:
             # Inside the try: a cancel that lands after Redis added us must still release.
             await self._wait_for_slot(key, token, limit, lease_s)
-            yield
+            yield held
         finally:
-            await asyncio.shield(self._release(key, token))
+            await asyncio.shield(self._release(key, token, limit, held.succeeded))
 
     async def _wait_for_slot(self, key: str, token: str, limit: int, lease_s: float) -> None:
         lease_ms = max(1, round(lease_s * 1000))
         started = time.monotonic()
         try:
-            # Polling, not an asyncio.Event: the slot is freed by other processes.
             keys = [key, f"{key}:cap"]
-            while not await self._acquire(keys=keys, args=[token, limit, lease_ms]):  # noqa: ASYNC110
-                await asyncio.sleep(random.uniform(_POLL_MIN_S, _POLL_MAX_S))
+            while wait_ms := await self._acquire(keys=keys, args=[token, limit, lease_ms]):
+                await self._redis.blpop([f"{key}:freed"], timeout=min(int(wait_ms) / 1000, _MAX_BLOCK_S))
         finally:
             waited = time.monotonic() - started
             self.waited_s += waited
@@ -143,9 +184,11 @@ class EndpointLimiter:
         value = await self._redis.get(f"{self.key(endpoint)}:cap")
         return min(float(limit), float(value)) if value is not None else float(limit)
 
-    async def _release(self, key: str, token: str) -> None:
+    async def _release(self, key: str, token: str, limit: int, succeeded: bool) -> None:
         try:
-            await self._redis.zrem(key, token)
+            await self._release_script(
+                keys=[key, f"{key}:cap", f"{key}:freed"], args=[token, int(succeeded), limit]
+            )
         except RedisError:
             # Not fatal: the lease frees the slot anyway, only later.
             logger.warning("could not release limiter slot %s on %s", token, key, exc_info=True)

@@ -17,8 +17,9 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.deliberation.results import Completed, Judged, PairOutcome, Sample
+from app.store import policy_sets
 from app.store.comparisons import BASELINE_ITEM, CANDIDATE_ITEM
-from app.store.db import Sessions
+from app.store.db import Sessions, driver_connection
 from app.store.models import Cot, Item, Job, Judgement, PolicySetRow, PreferencePair
 
 
@@ -56,6 +57,38 @@ class Limits:
 
 async def claim(sessions: Sessions, item_id: UUID, limits: Limits) -> Claim | None:
     """Take the item if it is queued or its lease expired; None if there is nothing to do."""
+    async with driver_connection(sessions) as connection:
+        row = await connection.fetchrow(
+            _CLAIM_QUEUED, item_id, limits.lease_s, limits.max_claims, limits.max_failures
+        )
+    if row is not None:
+        attempt, prompt, metadata, job_id, config, policy_set_id = row
+        policy_set = await _policy_set(sessions, policy_set_id)
+        return Claim(item_id, job_id, attempt, prompt, metadata, config, policy_set)
+    return await _claim_or_settle(sessions, item_id, limits)
+
+
+# The usual case in one round trip: a queued item of a live job, with tries left. Anything
+# else (an expired lease, a cancelled job, no tries left) takes _claim_or_settle.
+_CLAIM_QUEUED = """
+UPDATE items
+SET status = 'running', attempts = items.attempts + 1,
+    lease_until = now() + make_interval(secs => $2), updated_at = now()
+FROM jobs
+WHERE items.id = $1 AND items.status = 'queued' AND items.attempts < $3 AND items.failures < $4
+  AND jobs.id = items.job_id AND jobs.cancelled_at IS NULL
+RETURNING items.attempts, items.prompt, items.metadata, jobs.id, jobs.config, jobs.policy_set_id
+"""
+
+
+async def _policy_set(sessions: Sessions, policy_set_id: UUID) -> PolicySetRow:
+    async with sessions() as session:
+        return await policy_sets.by_id(session, policy_set_id)
+
+
+async def _claim_or_settle(sessions: Sessions, item_id: UUID, limits: Limits) -> Claim | None:
+    """The general claim: also takes over an expired lease, and ends an item whose job was
+    cancelled or whose tries are spent instead of running it."""
     async with sessions.begin() as session:
         row = (
             await session.execute(
@@ -92,8 +125,7 @@ async def claim(sessions: Sessions, item_id: UUID, limits: Limits) -> Claim | No
             return None
         item.status, item.attempts = "running", item.attempts + 1
         item.lease_until, item.updated_at = _lease(limits.lease_s), func.now()
-        policy_set = await session.get(PolicySetRow, job.policy_set_id)
-        assert policy_set is not None
+        policy_set = await _policy_set(sessions, job.policy_set_id)
         return Claim(item.id, job.id, item.attempts, item.prompt, item.item_metadata, job.config, policy_set)
 
 
@@ -104,7 +136,8 @@ def _finish(item: Item, status: str, code: str | None = None, message: str | Non
 
 
 def claimed(claim: Claim) -> Any:
-    """SQL condition: the item is still held under this claim."""
+    """SQL condition: the item is still held under this claim (turn_log._RECORD spells
+    the same condition out in SQL)."""
     return and_(Item.id == claim.item_id, Item.attempts == claim.attempt, Item.status == "running")
 
 

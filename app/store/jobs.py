@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID, uuid4
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -51,10 +52,14 @@ async def submit(
     if not created:
         return job, []
     ids = [uuid4() for _ in items]
-    await session.execute(
-        insert(Item),
-        [
-            {"id": ids[i], "job_id": job.id, "position": i, "prompt": it.prompt, "item_metadata": it.metadata}
+    # COPY, in the session's transaction: for 10,000 items the ORM's multi-row INSERTs
+    # spent most of the POST's database time building parameters.
+    driver = (await (await session.connection()).get_raw_connection()).driver_connection
+    await driver.copy_records_to_table(
+        Item.__table__.name,
+        columns=["id", "job_id", "position", "prompt", "metadata", *_ITEM_DEFAULTS],
+        records=[
+            (ids[i], job.id, i, it.prompt, json.dumps(it.metadata), *_ITEM_DEFAULTS.values())
             for i, it in enumerate(items)
         ],
     )
@@ -100,6 +105,14 @@ async def create(
     return job, True
 
 
+# A new item's other columns, as the model's defaults give them (COPY bypasses the ORM).
+_ITEM_DEFAULTS = {
+    column.name: column.default.arg
+    for column in Item.__table__.columns
+    if column.default is not None and column.default.is_scalar
+}
+
+
 async def _by_idempotency_key(session: AsyncSession, owner_key_id: UUID, key: str) -> Job | None:
     return await session.scalar(
         select(Job).where(Job.owner_key_id == owner_key_id, Job.idempotency_key == key)
@@ -114,7 +127,11 @@ def _same_request(job: Job, request_hash: str) -> Job:
 
 async def get_owned(session: AsyncSession, job_id: UUID, owner_key_id: UUID) -> Job:
     """The job if this key owns it; another key's job is indistinguishable from none."""
-    job = await session.get(Job, job_id)
+    return owned(await session.get(Job, job_id), job_id, owner_key_id)
+
+
+def owned(job: Job | None, job_id: UUID, owner_key_id: UUID) -> Job:
+    """`job` (the row read for `job_id`) if this key owns it; NotFound otherwise."""
     if job is None or job.owner_key_id != owner_key_id:
         raise NotFound(f"job {job_id} not found")
     return job

@@ -7,10 +7,10 @@ import hashlib
 import secrets
 from collections.abc import Iterable
 
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import Unauthorized
+from app.store.db import Sessions, driver_connection
 from app.store.models import ApiKey
 
 KEY_PREFIX = "aidsafe_"
@@ -41,12 +41,20 @@ async def create_key(session: AsyncSession, name: str, scopes: Iterable[str] = (
     return key, secret
 
 
-async def authenticate(session: AsyncSession, secret: str) -> ApiKey:
-    key = await session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(secret)))
-    if key is None or key.revoked_at is not None:
+async def authenticate(sessions: Sessions, secret: str) -> ApiKey:
+    """The key with this secret, if it is not revoked. Every API request asks, so this is
+    one statement on the driver, outside any transaction: no ORM, no BEGIN/ROLLBACK."""
+    async with driver_connection(sessions) as connection:
+        row = await connection.fetchrow(_BY_HASH, hash_key(secret))
+    if row is None or row["revoked_at"] is not None:
         raise Unauthorized("unknown or revoked API key")
-    return key
+    return ApiKey(**row)
 
 
 def reads_hazardous(key: ApiKey) -> bool:
     return HAZARDOUS_READ in key.scopes
+
+
+_BY_HASH = (
+    "SELECT id, name, prefix, key_hash, scopes, created_at, revoked_at FROM api_keys WHERE key_hash = $1"
+)

@@ -96,5 +96,19 @@ async def resolve_for_job(
     return row
 
 
+# Rows never change (new content is a new row), so a process may keep every one it read.
+_by_id: dict[UUID, PolicySetRow] = {}
+
+
+async def by_id(session: AsyncSession, policy_set_id: UUID) -> PolicySetRow:
+    """The policy set with this id, from this process's copy after the first read."""
+    if policy_set_id not in _by_id:
+        row = await session.get(PolicySetRow, policy_set_id)
+        if row is None:
+            raise NotFound(f"policy set {policy_set_id} not found")
+        _by_id[policy_set_id] = row
+    return _by_id[policy_set_id]
+
+
 def for_engine(row: PolicySetRow) -> PolicySet:
     return PolicySet(name=row.name, version=row.version, text=render_policies(row.policies))

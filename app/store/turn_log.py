@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import select, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import select
 
 from app.deliberation.ports import Stage, Turn, TurnKey, TurnOutcome
-from app.store.db import Sessions
-from app.store.items import Claim, ClaimLost, claimed
-from app.store.models import Item, TurnRow
+from app.store.db import Sessions, driver_connection
+from app.store.items import Claim, ClaimLost
+from app.store.models import TurnRow
 
 
 class PostgresTurnLog:
@@ -23,8 +23,13 @@ class PostgresTurnLog:
     def __init__(self, sessions: Sessions, claim: Claim) -> None:
         self._sessions = sessions
         self._claim = claim
+        self._recorded: dict[TurnKey, Turn] = {}
 
     async def done(self, item_id: UUID) -> list[Turn]:
+        # Turns are written only under a claim, so under the first claim of an item the
+        # stored turns are the ones this log recorded: no query needed. (One log per claim.)
+        if self._claim.attempt == 1:
+            return list(self._recorded.values())
         async with self._sessions() as session:
             rows = (await session.scalars(select(TurnRow).where(TurnRow.item_id == item_id))).all()
         return [to_turn(row) for row in rows]
@@ -32,47 +37,70 @@ class PostgresTurnLog:
     async def record(self, turn: Turn) -> Turn:
         turn = replace(turn, raw_output=storable(turn.raw_output), parsed=storable(turn.parsed))
         key = turn.key
-        values = {
-            "item_id": turn.item_id,
-            "job_id": self._claim.job_id,
-            "stage": key.stage.value,
-            "round": key.round,
-            "agent": key.agent,
-            "attempt": key.attempt,
-            "role": turn.role,
-            "endpoint": turn.endpoint,
-            "model": turn.model,
-            "request_hash": turn.request_hash,
-            "raw_output": turn.raw_output,
-            "parsed": turn.parsed,
-            "outcome": turn.outcome.value,
-            "error": turn.error,
-            "agreed": turn.agreed,
-            "prompt_tokens": turn.prompt_tokens,
-            "completion_tokens": turn.completion_tokens,
-            "latency_ms": turn.latency_ms,
-        }
-        async with self._sessions.begin() as session:
-            # Locks the item row, so a takeover claim cannot interleave with this write.
-            if await session.scalar(select(Item.id).where(claimed(self._claim)).with_for_update()) is None:
-                raise ClaimLost(f"lease on item {turn.item_id} lost")
-            stored_id = await session.scalar(
-                insert(TurnRow).values(values).on_conflict_do_nothing().returning(TurnRow.id)
+        async with driver_connection(self._sessions) as connection:
+            held, inserted = await connection.fetchrow(
+                _RECORD,
+                turn.item_id,
+                self._claim.attempt,
+                self._claim.job_id,
+                key.stage.value,
+                key.round,
+                key.agent,
+                key.attempt,
+                turn.role,
+                turn.endpoint,
+                turn.model,
+                turn.request_hash,
+                turn.raw_output,
+                None if turn.parsed is None else json.dumps(turn.parsed),
+                turn.outcome.value,
+                turn.error,
+                turn.agreed,
+                turn.prompt_tokens,
+                turn.completion_tokens,
+                turn.latency_ms,
             )
-            if stored_id is None:
-                existing = await session.scalar(
-                    select(TurnRow).where(
-                        TurnRow.item_id == turn.item_id,
-                        TurnRow.stage == key.stage.value,
-                        TurnRow.round == key.round,
-                        TurnRow.agent == key.agent,
-                        TurnRow.attempt == key.attempt,
-                    )
+        if not held:
+            raise ClaimLost(f"lease on item {turn.item_id} lost")
+        if inserted:
+            self._recorded[key] = turn
+            return turn
+        async with self._sessions() as session:  # the key was stored before: that turn wins
+            existing = await session.scalar(
+                select(TurnRow).where(
+                    TurnRow.item_id == turn.item_id,
+                    TurnRow.stage == key.stage.value,
+                    TurnRow.round == key.round,
+                    TurnRow.agent == key.agent,
+                    TurnRow.attempt == key.attempt,
                 )
-                assert existing is not None
-                return to_turn(existing)
-            await session.execute(update(Item).where(Item.id == turn.item_id).values(stage=key.stage.value))
-        return turn
+            )
+        assert existing is not None
+        self._recorded[key] = to_turn(existing)
+        return self._recorded[key]
+
+
+# One round trip. FOR UPDATE locks the item row while the claim is checked, so a takeover
+# claim cannot interleave with the write (it waits, or this sees its new attempt and
+# writes nothing); ON CONFLICT keeps the first turn stored under a key; the item's stage
+# moves only when a turn really was added.
+_RECORD = """
+WITH held AS (
+    SELECT id FROM items WHERE id = $1 AND attempts = $2 AND status = 'running' FOR UPDATE
+), inserted AS (
+    INSERT INTO turns (item_id, job_id, stage, round, agent, attempt, role, endpoint, model,
+                       request_hash, raw_output, parsed, outcome, error, agreed,
+                       prompt_tokens, completion_tokens, latency_ms)
+    SELECT id, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::jsonb, $14, $15, $16, $17, $18, $19
+    FROM held
+    ON CONFLICT DO NOTHING
+    RETURNING item_id
+), staged AS (
+    UPDATE items SET stage = $4 FROM inserted
+    WHERE items.id = inserted.item_id AND items.stage <> $4
+)
+SELECT EXISTS (SELECT FROM held), EXISTS (SELECT FROM inserted)
+"""
 
 
 def storable(value: Any) -> Any:

@@ -26,8 +26,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.api import views
 from app.api.deps import SessionDep, SettingsDep
 from app.api.events import LastEventId, job_event_source, server_sent
-from app.api.jobs import _job_out as job_out
 from app.api.schemas import ItemStatus
+from app.api.summaries import job_out
 from app.errors import NotFound, ServiceError, Unauthorized
 from app.store import jobs, keys
 from app.store.models import ApiKey, Cot, Job, PreferencePair
@@ -115,7 +115,7 @@ async def login(request: Request, session: SessionDep, settings: SettingsDep) ->
     form = parse_qs((await request.body()).decode("utf-8", errors="replace"))
     secret = (form.get("api_key") or [""])[0].strip()
     try:
-        key = await keys.authenticate(session, secret)
+        key = await keys.authenticate(request.app.state.sessions, secret)
     except Unauthorized:
         context = {"error": "Unknown or revoked API key."}
         return templates.TemplateResponse(request, "login.html", context, status_code=401)

@@ -1,0 +1,67 @@
+"""Recent: values an API process remembers briefly (found keys, job summaries)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from app.api.recent import Recent
+
+
+class Source:
+    """Counts reads; each read answers the next number, after `delay_s`."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.reads = 0
+        self.delay_s = delay_s
+
+    async def read(self) -> int:
+        self.reads += 1
+        await asyncio.sleep(self.delay_s)
+        return self.reads
+
+
+async def test_a_value_is_read_again_only_after_max_age() -> None:
+    recent: Recent[str, int] = Recent(max_age_s=0.2)
+    source = Source()
+
+    first = [await recent.get("k", source.read) for _ in range(3)]
+    await asyncio.sleep(0.25)
+    later = await recent.get("k", source.read)
+
+    assert (first, later, source.reads) == ([1, 1, 1], 2, 2)
+
+
+async def test_while_one_caller_reads_again_the_others_get_the_previous_value() -> None:
+    recent: Recent[str, int] = Recent(max_age_s=0.05)
+    source = Source(delay_s=0.2)
+    await recent.get("k", source.read)
+    await asyncio.sleep(0.1)
+
+    results = await asyncio.gather(*(recent.get("k", source.read) for _ in range(5)))
+
+    assert sorted(results) == [1, 1, 1, 1, 2]
+    assert source.reads == 2
+
+
+async def test_a_failed_read_is_not_remembered() -> None:
+    recent: Recent[str, int] = Recent(max_age_s=60)
+
+    async def fail() -> int:
+        raise LookupError("no such key")
+
+    with pytest.raises(LookupError):
+        await recent.get("k", fail)
+
+    assert await recent.get("k", Source().read) == 1
+
+
+async def test_a_forgotten_value_is_read_afresh() -> None:
+    recent: Recent[str, int] = Recent(max_age_s=60)
+    source = Source()
+    await recent.get("k", source.read)
+
+    recent.forget("k")
+
+    assert await recent.get("k", source.read) == 2
