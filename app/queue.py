@@ -40,7 +40,8 @@ _ENQUEUE = """
 local job_key_prefix, expiry_ms, score = ARGV[1], ARGV[2], ARGV[3]
 for i = 4, #ARGV, 2 do
   redis.call('SET', job_key_prefix .. ARGV[i], ARGV[i + 1], 'PX', expiry_ms, 'NX')
-  redis.call('ZADD', KEYS[1], 'NX', score, ARGV[i])
+  -- scores rise with the item's place (all in the past): workers take prompts in order
+  redis.call('ZADD', KEYS[1], 'NX', tonumber(score) - (#ARGV - i) / 2, ARGV[i])
 end
 return 0
 """
