@@ -77,24 +77,19 @@ def parse_event_id(text: str) -> tuple[int, int]:
 # --- the worker side ----------------------------------------------------------------------
 
 
-async def announce_item_finished(redis: Redis, sessions: Sessions, settings: Settings, item_id: UUID) -> None:
-    """Append the item's end, as stored, to its job's stream. Best effort: a follower that
-    misses it catches up from Postgres, so a Redis fault is logged, never raised."""
+async def announce_item_finished(redis: Redis, settings: Settings, job_id: UUID, event: ItemFinished) -> None:
+    """Append the item's end to its job's stream. Best effort: a follower that misses it
+    catches up from Postgres, so a Redis fault is logged, never raised."""
+    key = stream_key(settings, job_id)
     try:
-        async with sessions() as session:
-            row = (
-                await session.execute(
-                    select(Item.job_id, Item.position, Item.status, Item.error_code).where(Item.id == item_id)
-                )
-            ).one()
-        event = ItemFinished(str(item_id), row.position, row.status, row.error_code)
-        key = stream_key(settings, row.job_id)
         async with redis.pipeline(transaction=True) as pipe:
             pipe.xadd(key, event.fields(), maxlen=settings.events_stream_max_len, approximate=True)
             pipe.expire(key, settings.events_stream_ttl_s)
             await pipe.execute()
     except Exception:
-        log.warning("could not announce item %s; followers resync from Postgres", item_id, exc_info=True)
+        log.warning(
+            "could not announce item %s; followers catch up from Postgres", event.item_id, exc_info=True
+        )
 
 
 # --- the API side -------------------------------------------------------------------------

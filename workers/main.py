@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import random
+from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
@@ -83,17 +84,29 @@ async def _run_item(ctx: dict[str, Any], item_id: str) -> str:
         return await _run_claimed(ctx, claim)
 
 
+@dataclass(frozen=True)
+class Ending:
+    """How this run of an item ended: an item status, or "lease lost" (another worker has it)."""
+
+    status: str
+    error_code: str | None = None
+
+
+LEASE_LOST = Ending("lease lost")
+
+
 async def _run_claimed(ctx: dict[str, Any], claim: items.Claim) -> str:
-    outcome = await _process_claimed(ctx, claim)
-    ITEMS_FINISHED.labels(outcome).inc()
-    await _announce(ctx, claim, outcome)
-    return outcome
+    ending = await _process_claimed(ctx, claim)
+    ITEMS_FINISHED.labels(ending.status).inc()
+    await _announce(ctx, claim, ending)
+    return ending.status
 
 
-async def _announce(ctx: dict[str, Any], claim: items.Claim, outcome: str) -> None:
+async def _announce(ctx: dict[str, Any], claim: items.Claim, ending: Ending) -> None:
     """Followers of the job's progress events hear that the item ended (best effort)."""
-    if outcome in ("completed", "failed", "cancelled"):
-        await events.announce_item_finished(ctx["redis"], ctx["sessions"], ctx["settings"], claim.item_id)
+    if ending.status in ("completed", "failed", "cancelled"):
+        event = events.ItemFinished(str(claim.item_id), claim.position, ending.status, ending.error_code)
+        await events.announce_item_finished(ctx["redis"], ctx["settings"], claim.job_id, event)
 
 
 async def _run_engine(ctx: dict[str, Any], claim: items.Claim) -> Completed | Judged | Failed:
@@ -117,18 +130,22 @@ async def _run_engine(ctx: dict[str, Any], claim: items.Claim) -> Completed | Ju
     return await deliberate(claim.item_id, claim.prompt, to_pipeline(config), policies, ctx["llm"], turn_log)
 
 
-async def _record(sessions: Any, claim: items.Claim, result: Completed | Judged | Failed) -> str:
+async def _record(sessions: Any, claim: items.Claim, result: Completed | Judged | Failed) -> Ending:
     if isinstance(result, Failed):
-        await items.end(sessions, claim, "failed", result.code, result.message)
-        return "failed"
+        return await _fail(sessions, claim, result.code, result.message)
     if isinstance(result, Judged):
         stored = await items.complete_judged(sessions, claim, result)
     else:
         stored = await items.complete(sessions, claim, result)
-    return "completed" if stored else "lease lost"
+    return Ending("completed") if stored else LEASE_LOST
 
 
-async def _process_claimed(ctx: dict[str, Any], claim: items.Claim) -> str:
+async def _fail(sessions: Any, claim: items.Claim, code: str, message: str) -> Ending:
+    await items.end(sessions, claim, "failed", code, message)
+    return Ending("failed", code)
+
+
+async def _process_claimed(ctx: dict[str, Any], claim: items.Claim) -> Ending:
     settings: Settings = ctx["settings"]
     sessions = ctx["sessions"]
     work = asyncio.create_task(_run_engine(ctx, claim))
@@ -143,13 +160,12 @@ async def _process_claimed(ctx: dict[str, Any], claim: items.Claim) -> str:
         await asyncio.shield(items.release(sessions, claim, "worker shut down", failed=False))
         raise
     except items.ClaimLost:  # another worker holds the item now; it carries on from the log
-        return "lease lost"
+        return LEASE_LOST
     except LLMUnavailable as exc:  # an outage delays the item; it does not use up its tries
         await items.release(sessions, claim, f"llm_unavailable: {exc}", failed=False)
         raise Retry(defer=_backoff_s(settings, claim.attempt)) from exc
     except LLMRequestRejected as exc:
-        await items.end(sessions, claim, "failed", "llm_request_rejected", str(exc))
-        return "failed"
+        return await _fail(sessions, claim, "llm_request_rejected", str(exc))
     except Exception as exc:  # Postgres or Redis blip, or a bug: retry a bounded number of times
         log.exception("item %s attempt %d hit an unexpected error", claim.item_id, claim.attempt)
         with contextlib.suppress(Exception):  # if this fails too, the lease expiry recovers it
@@ -177,12 +193,12 @@ async def _keep_lease(sessions: Any, claim: items.Claim, lease_s: int, work: asy
             log.warning("lease renewal failed for item %s", claim.item_id, exc_info=True)
 
 
-async def _on_claim_lost(sessions: Any, claim: items.Claim, watch: asyncio.Task[None]) -> str:
+async def _on_claim_lost(sessions: Any, claim: items.Claim, watch: asyncio.Task[None]) -> Ending:
     reason = watch.exception() if watch.done() and not watch.cancelled() else None
     if isinstance(reason, items.JobCancelled):
         await items.end(sessions, claim, "cancelled", None, None)
-        return "cancelled"
-    return "lease lost"
+        return Ending("cancelled")
+    return LEASE_LOST
 
 
 def _backoff_s(settings: Settings, attempt: int) -> float:
