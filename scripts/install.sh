@@ -17,18 +17,6 @@ pip() { .venv/bin/pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip install -q -e ".[dev]"
 
-# The web viewer's tests drive Debian's Chromium headless through Playwright, which is
-# never asked to download a browser of its own.
-if [ ! -x /usr/bin/chromium ]; then
-  if [ "$(id -u)" = 0 ]; then
-    echo "Installing Debian's chromium for the viewer tests..."
-    apt-get update -q
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver
-  else
-    echo "warning: /usr/bin/chromium is missing (the viewer tests need it): as root, apt-get install -y chromium chromium-driver" >&2
-  fi
-fi
-
 if ! .venv/bin/python -c "import llama_cpp.server" 2>/dev/null; then
   if ! ls "$WHEELS"/llama_cpp_python-$LLAMA_VERSION-*.whl >/dev/null 2>&1; then
     echo "Building llama-cpp-python $LLAMA_VERSION (portable CPU build, about 4 minutes, once)..."

@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+bash scripts/install-browser.sh
 bash scripts/services.sh
 .venv/bin/ruff check app workers tests migrations bench
 exec .venv/bin/pytest -q "$@"

@@ -230,7 +230,7 @@ def test_a_response_diff_marks_words_added_and_removed() -> None:
 @pytest.fixture
 async def browser() -> AsyncIterator[Any]:
     if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(f"{CHROMIUM} is missing: scripts/install.sh installs Debian's chromium")
+        pytest.fail(f"{CHROMIUM} is missing: scripts/install-browser.sh installs Debian's chromium")
     from playwright.async_api import async_playwright
 
     async with async_playwright() as playwright:
