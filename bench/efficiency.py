@@ -188,6 +188,7 @@ async def _measure(stack: ServiceStack, args: argparse.Namespace, kind: str) -> 
             "simulated_latency_ms_mean": round(sim["simulated_latency_ms_mean"], 2),
             "client_seen_latency_ms_mean": round(turns["latency"] or 0.0, 2),
             "busy_s": round(sim["busy_s"], 3),
+            "mean_in_flight_by_half_second": sim["mean_in_flight_by_half_second"],
         },
         "timing": {
             "post_s": round(post_s, 3),

@@ -77,6 +77,8 @@ class SimStats:
     completion_tokens: int = 0
     # in-flight integrated over time, for the time-averaged concurrency while busy
     in_flight_area_s: float = 0.0
+    # the same per half second since the first request: where a run loses concurrency
+    in_flight_area_by_half_second: list[float] = field(default_factory=list)
     last_change: float | None = None
     first_request: float | None = None
     last_response: float | None = None
@@ -84,7 +86,13 @@ class SimStats:
     def change_in_flight(self, delta: int) -> None:
         now = time.monotonic()
         if self.last_change is not None:
-            self.in_flight_area_s += self.in_flight * (now - self.last_change)
+            area = self.in_flight * (now - self.last_change)
+            self.in_flight_area_s += area
+            if self.first_request is not None:  # intervals are milliseconds: charge the bucket they end in
+                bucket = int((now - self.first_request) / 0.5)
+                by_half = self.in_flight_area_by_half_second
+                by_half.extend([0.0] * (bucket + 1 - len(by_half)))
+                by_half[bucket] += area
         self.last_change = now
         self.in_flight += delta
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -102,6 +110,7 @@ class SimStats:
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
             "mean_in_flight_while_busy": self.in_flight_area_s / busy_s if busy_s > 0 else 0.0,
+            "mean_in_flight_by_half_second": [round(a / 0.5, 1) for a in self.in_flight_area_by_half_second],
             "busy_s": busy_s,
             "cap_violations": self.cap_violations,
             "faults": dict(self.faults),

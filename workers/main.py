@@ -278,6 +278,9 @@ def worker_settings(settings: Settings, *, sweeper: bool = True) -> dict[str, An
         "queue_name": settings.queue_name,
         "max_jobs": settings.worker_max_jobs,
         "queue_read_limit": max(1000, settings.worker_max_jobs * 10),
+        # arq's default of 0.5 s: a new batch waited up to that long for its first worker.
+        # An idle worker's poll is one ZRANGEBYSCORE; a busy one's touches no Redis.
+        "poll_delay": 0.05,
         # Items end by themselves; the lease, not arq's timeout, detects dead workers.
         "job_timeout": 24 * 3600,
         "max_tries": 1_000_000,  # retries are bounded per item in Postgres

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from typing import Any
 from uuid import UUID
 
+import orjson
 from sqlalchemy import select
 
 from app.deliberation.ports import Stage, Turn, TurnKey, TurnOutcome
@@ -52,7 +52,7 @@ class PostgresTurnLog:
                 turn.model,
                 turn.request_hash,
                 turn.raw_output,
-                None if turn.parsed is None else json.dumps(turn.parsed),
+                None if turn.parsed is None else orjson.dumps(turn.parsed).decode(),
                 turn.outcome.value,
                 turn.error,
                 turn.agreed,
