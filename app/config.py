@@ -69,6 +69,9 @@ class Settings(BaseSettings):
 
     # Workers.
     worker_max_jobs: int = 8
+    # Pooled Postgres connections per worker: an item holds one only for a statement, so a
+    # few serve many items (and 2 x 128 items must not open 260 connections).
+    worker_db_connections: int = 20
     worker_metrics_port: int = 0  # >0: each worker serves Prometheus metrics on this port
     lease_seconds: int = 60  # an item's lease; renewed while its worker is alive
     item_max_attempts: int = 100  # claims of one item, LLM outages included, before it fails

@@ -86,16 +86,25 @@ class SimStats:
     def change_in_flight(self, delta: int) -> None:
         now = time.monotonic()
         if self.last_change is not None:
-            area = self.in_flight * (now - self.last_change)
-            self.in_flight_area_s += area
-            if self.first_request is not None:  # intervals are milliseconds: charge the bucket they end in
-                bucket = int((now - self.first_request) / 0.5)
-                by_half = self.in_flight_area_by_half_second
-                by_half.extend([0.0] * (bucket + 1 - len(by_half)))
-                by_half[bucket] += area
+            self.in_flight_area_s += self.in_flight * (now - self.last_change)
+            if self.first_request is not None:
+                self._charge_halves(max(self.last_change, self.first_request), now)
         self.last_change = now
         self.in_flight += delta
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def _charge_halves(self, start: float, end: float) -> None:
+        """Add in_flight x time over [start, end] to the half-second buckets it spans."""
+        assert self.first_request is not None
+        by_half = self.in_flight_area_by_half_second
+        while start < end:
+            bucket = int((start - self.first_request) / 0.5)
+            if self.first_request + (bucket + 1) * 0.5 <= start:  # float rounding at a boundary
+                bucket += 1
+            bucket_end = min(end, self.first_request + (bucket + 1) * 0.5)
+            by_half.extend([0.0] * (bucket + 1 - len(by_half)))
+            by_half[bucket] += self.in_flight * (bucket_end - start)
+            start = bucket_end
 
     def snapshot(self) -> dict[str, Any]:
         busy_s = (

@@ -186,7 +186,7 @@ class OpenAICompatibleClient:
 
     async def _attempt_in_slot(self, request: ChatRequest, endpoint: EndpointConfig) -> ChatReply:
         reservation = await self._reserve(request, endpoint)
-        async with self._slot(request.endpoint, endpoint) as slot:
+        async with self._slot(request, endpoint) as slot:
             started = time.monotonic()
             answer = await self._post(request, endpoint)
             latency_ms = (time.monotonic() - started) * 1000
@@ -230,11 +230,11 @@ class OpenAICompatibleClient:
             request.endpoint, endpoint.requests_per_minute, endpoint.tokens_per_minute, estimate
         )
 
-    def _slot(self, name: str, endpoint: EndpointConfig) -> AbstractAsyncContextManager[Slot]:
+    def _slot(self, request: ChatRequest, endpoint: EndpointConfig) -> AbstractAsyncContextManager[Slot]:
         if self._limiter is None:
             return nullcontext(Slot())
         lease_s = self._timeout_s + LEASE_MARGIN_S
-        return self._limiter.slot(name, endpoint.max_concurrency, lease_s)
+        return self._limiter.slot(request.endpoint, endpoint.max_concurrency, lease_s, request.item_progress)
 
 
 def _payload(request: ChatRequest, endpoint: EndpointConfig) -> dict[str, Any]:
