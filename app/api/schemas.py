@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
@@ -10,33 +9,12 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.pipeline_config import JobConfigIn, RoleIn
+from app.storable import storable_input
 
 MAX_PROMPTS_PER_JOB = 10_000
 MAX_PROMPT_CHARS = 20_000
 ItemStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
 PromptText = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS, pattern=r"\S")]
-
-
-def storable_input(data: Any) -> Any:
-    """Refuse at the edge what PostgreSQL would refuse with a 500: U+0000 and lone
-    surrogates in text, NaN and infinities in JSON."""
-    if isinstance(data, str):
-        if "\x00" in data:
-            raise ValueError("text must not contain the NUL character (U+0000)")
-        try:
-            data.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise ValueError("text must be valid Unicode (no lone surrogates)") from exc
-    elif isinstance(data, float) and not math.isfinite(data):
-        raise ValueError("numbers must be finite (no NaN or Infinity)")
-    elif isinstance(data, dict):
-        for key, value in data.items():
-            storable_input(key)
-            storable_input(value)
-    elif isinstance(data, list):
-        for value in data:
-            storable_input(value)
-    return data
 
 
 class ErrorBody(BaseModel):

@@ -12,11 +12,11 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.api.schemas import storable_input
 from app.deliberation.schemas import REFINED
 from app.exports.rows import CotRow, ExportOptions
 from app.labeling.label_studio import as_rating, intents_text, policy_faithfulness
 from app.labeling.reviews import VERDICTS, Answers, Parsed, Question, Review, Skipped, utc
+from app.storable import storable_input
 
 SOURCE = "argilla"
 Record = dict[str, Any]

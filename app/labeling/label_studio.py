@@ -13,10 +13,10 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.api.schemas import storable_input
 from app.deliberation.results import POLICY_METRICS
 from app.exports.rows import CotRow, ExportOptions
 from app.labeling.reviews import Answers, Parsed, Question, Review, Skipped, utc
+from app.storable import storable_input
 
 SOURCE = "label_studio"
 Record = dict[str, Any]
