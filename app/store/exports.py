@@ -11,12 +11,14 @@ from typing import Any
 from uuid import UUID
 
 import orjson
-from sqlalchemy import ColumnElement, Float, Row, Select, Text, cast, func, select, text
+from sqlalchemy import ColumnElement, Float, Row, Select, Text, case, cast, func, literal_column, select, text
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.deliberation.ports import Stage
+from app.deliberation.results import METRICS
 from app.exports.formats import ExportFormat
+from app.exports.records import FULL_COT_SCHEMA
 from app.exports.rows import CotRow, ExportFilter, ExportOptions, PairRow, SampleRow, Source
 from app.store.annotations import human_approved
 from app.store.models import Cot, Item, PreferencePair, TurnRow
@@ -44,6 +46,63 @@ def _deliberation_log() -> Any:
         .where(TurnRow.item_id == Cot.item_id, TurnRow.stage.in_(LOG_STAGES), TurnRow.outcome == "ok")
         .scalar_subquery()
     )
+
+
+def _jsonb(literal: str) -> Any:
+    return literal_column(f"'{literal}'::jsonb")
+
+
+def _utc_isoformat(column: Any) -> Any:
+    """A timestamptz as text, as Python's datetime.isoformat() writes it in UTC (what asyncpg
+    returns): microseconds only when there are some."""
+    utc = func.timezone("UTC", column)
+    whole = func.date_trunc("second", utc) == utc
+    return case(
+        (whole, func.to_char(utc, 'YYYY-MM-DD"T"HH24:MI:SS"+00:00"')),
+        else_=func.to_char(utc, 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'),
+    )
+
+
+def _per_metric(key: str) -> Any:
+    """{metric: scores[metric][key]} in METRICS order, or null when not graded."""
+    pairs = [value for m in METRICS for value in (literal_column(f"'{m}'"), Cot.scores[m][key])]
+    graded = Cot.scores.not_in([_jsonb("null"), _jsonb("{}")])  # NULL too: NOT IN gives NULL
+    return case((graded, func.json_build_object(*pairs)))
+
+
+# The full record (FULL_COT_SCHEMA), key by key: its one definition. Postgres writes it as
+# JSON text straight from the stored JSON, so the API neither parses nor re-encodes it.
+FULL_COT: dict[str, Any] = {
+    "item_id": cast(Cot.item_id, Text),
+    "position": Cot.position,
+    "prompt": Item.prompt,
+    "metadata": cast(Item.item_metadata, Text),  # JSON text (a string in the record), as stored
+    "explicit_intents": func.coalesce(Cot.intents["explicit_intents"], _jsonb("[]")),
+    "implicit_intents": func.coalesce(Cot.intents["implicit_intents"], _jsonb("[]")),
+    "refined_thoughts": Cot.refined_thoughts,
+    "response": Cot.response,
+    "dropped_thoughts": Cot.dropped_thoughts,
+    "unaccounted_thought_ids": Cot.unaccounted_thought_ids,
+    "thoughts": Cot.thoughts,
+    "rounds_used": Cot.rounds_used,
+    "agreed": Cot.agreed,
+    "scores": _per_metric("score"),
+    "score_rationales": _per_metric("rationale"),
+    "grade_error": Cot.grade_error,
+    "accepted": Cot.accepted,
+    "gate_reasons": func.coalesce(func.nullif(Cot.gate_reasons, _jsonb("null")), _jsonb("[]")),
+    "policy_set_name": Cot.policy_set_name,
+    "policy_set_version": Cot.policy_set_version,
+    "created_at": _utc_isoformat(Cot.created_at),
+}
+
+
+def _full_cot_json() -> Any:
+    """The full record as one JSON text: json_build_object, not jsonb_build_object, keeps
+    the keys in FULL_COT's order (and writes the stored JSON's text as it is)."""
+    assert list(FULL_COT) == FULL_COT_SCHEMA.names, "FULL_COT and FULL_COT_SCHEMA differ"
+    pairs = [v for name, value in FULL_COT.items() for v in (literal_column(f"'{name}'"), value)]
+    return cast(func.json_build_object(*pairs), Text)
 
 
 _JSON_FIELDS = frozenset(
@@ -85,6 +144,7 @@ _COLUMNS: dict[str, Any] = {
     "rejected_response": PreferencePair.rejected_response,
     "gap": PreferencePair.gap,
     "deliberation_log": _deliberation_log(),
+    "full_cot_json": _full_cot_json(),
 }
 _ROW_TYPES: dict[Source, type[Any]] = {
     Source.SAMPLES: SampleRow,
@@ -92,6 +152,8 @@ _ROW_TYPES: dict[Source, type[Any]] = {
     Source.COTS: CotRow,
     Source.KEPT_PAIRS: PairRow,
 }
+# Sources whose rows are a single column rather than a row type's fields.
+_SOURCE_COLUMNS: dict[Source, list[str]] = {Source.FULL_COT_JSON: ["full_cot_json"]}
 
 
 def _conditions(filters: ExportFilter) -> list[ColumnElement[bool]]:
@@ -107,6 +169,8 @@ def _conditions(filters: ExportFilter) -> list[ColumnElement[bool]]:
 
 def _selected(source: Source) -> list[str]:
     """The source's row fields read from the database, in order (the rest keep defaults)."""
+    if source in _SOURCE_COLUMNS:
+        return _SOURCE_COLUMNS[source]
     names = [f.name for f in fields(_ROW_TYPES[source])]
     return [n for n in names if n != "deliberation_log" or source is Source.SAMPLES_WITH_LOG]
 
@@ -174,8 +238,15 @@ async def encoded(
         while (rows := await following) is not None:
             following = asyncio.ensure_future(anext(batches, None))
             await asyncio.sleep(0)  # send the next FETCH before encoding (the CPU-bound part)
-            with _collector_paused():
-                chunk = encoder.encode([fmt.to_record(row, options) for row in _typed(fmt.source, rows)])
+            if fmt.to_record is None:
+                # The rows are the records, as JSON text. Encoding them is C++ that releases
+                # the GIL (Arrow's JSON reader and Parquet writer), so it runs in a thread while
+                # the event loop reads the next batch off the socket: on the loop, Postgres
+                # would stall on a full socket buffer until the batch was encoded.
+                chunk = await asyncio.to_thread(encoder.encode, [record for (record,) in rows])
+            else:
+                with _collector_paused():
+                    chunk = encoder.encode([fmt.to_record(row, options) for row in _typed(fmt.source, rows)])
             yield chunk
     finally:
         following.cancel()
