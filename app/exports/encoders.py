@@ -42,7 +42,7 @@ class JsonTextLines:
         return b""
 
     def encode(self, records: list[str]) -> bytes:
-        return "".join(f"{r}\n" for r in records).encode()
+        return ("\n".join(records) + "\n").encode() if records else b""
 
     def finish(self) -> bytes:
         return b""

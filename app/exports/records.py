@@ -67,7 +67,7 @@ _METRIC_STRUCT = [(metric, pa.int64()) for metric in METRICS]
 # The full record: everything stored about a CoT, with the same keys and types on every row
 # (so columnar readers get one schema). User metadata, whose keys vary, is JSON text; the
 # thought lists keep the shapes the engine stores. Postgres builds each record as JSON text
-# (app.store.exports.FULL_COT, keys in this order); Parquet reads that text with this schema
+# (app.store.exports._full_cot, keys in this order); Parquet reads that text with this schema
 # (JSON Lines readers infer the same).
 FULL_COT_SCHEMA = pa.schema(
     [

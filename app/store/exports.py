@@ -101,43 +101,79 @@ def _utc_isoformat(column: Any) -> Any:
     )
 
 
-def _per_metric(key: str) -> Any:
+def _per_metric(scores: Any, key: str) -> Any:
     """{metric: scores[metric][key]} in METRICS order, or null when not graded."""
-    graded = Cot.scores.not_in([_jsonb("null"), _jsonb("{}")])  # NULL too: NOT IN gives NULL
-    return type_coerce(case((graded, _json_object({m: Cot.scores[m][key] for m in METRICS}))), JSON)
+    graded = scores.not_in([_jsonb("null"), _jsonb("{}")])  # NULL too: NOT IN gives NULL
+    return type_coerce(case((graded, _json_object({m: scores[m][key] for m in METRICS}))), JSON)
 
 
-# The full record (FULL_COT_SCHEMA), key by key: its one definition. Postgres writes it as
-# JSON text straight from the stored JSON, so the API neither parses nor re-encodes it.
-FULL_COT: dict[str, Any] = {
-    "item_id": cast(Cot.item_id, Text),
-    "position": Cot.position,
-    "prompt": Item.prompt,
-    "metadata": cast(Item.item_metadata, Text),  # JSON text (a string in the record), as stored
-    "explicit_intents": func.coalesce(Cot.intents["explicit_intents"], _jsonb("[]")),
-    "implicit_intents": func.coalesce(Cot.intents["implicit_intents"], _jsonb("[]")),
-    "refined_thoughts": Cot.refined_thoughts,
-    "response": Cot.response,
-    "dropped_thoughts": Cot.dropped_thoughts,
-    "unaccounted_thought_ids": Cot.unaccounted_thought_ids,
-    "thoughts": Cot.thoughts,
-    "rounds_used": Cot.rounds_used,
-    "agreed": Cot.agreed,
-    "scores": _per_metric("score"),
-    "score_rationales": _per_metric("rationale"),
-    "grade_error": Cot.grade_error,
-    "accepted": Cot.accepted,
-    "gate_reasons": func.coalesce(func.nullif(Cot.gate_reasons, _jsonb("null")), _jsonb("[]"), type_=JSONB),
-    "policy_set_name": Cot.policy_set_name,
-    "policy_set_version": Cot.policy_set_version,
-    "created_at": _utc_isoformat(Cot.created_at),
-}
+def _full_cot(c: Any) -> dict[str, Any]:
+    """The full record (FULL_COT_SCHEMA), key by key, from the stored columns `c` (of
+    `_full_cot_query`'s subquery): its one definition."""
+    return {
+        "item_id": cast(c.item_id, Text),
+        "position": c.position,
+        "prompt": c.prompt,
+        "metadata": cast(c.metadata, Text),  # JSON text (a string in the record), as stored
+        "explicit_intents": func.coalesce(c.intents["explicit_intents"], _jsonb("[]")),
+        "implicit_intents": func.coalesce(c.intents["implicit_intents"], _jsonb("[]")),
+        "refined_thoughts": c.refined_thoughts,
+        "response": c.response,
+        "dropped_thoughts": c.dropped_thoughts,
+        "unaccounted_thought_ids": c.unaccounted_thought_ids,
+        "thoughts": c.thoughts,
+        "rounds_used": c.rounds_used,
+        "agreed": c.agreed,
+        "scores": _per_metric(c.scores, "score"),
+        "score_rationales": _per_metric(c.scores, "rationale"),
+        "grade_error": c.grade_error,
+        "accepted": c.accepted,
+        "gate_reasons": func.coalesce(func.nullif(c.gate_reasons, _jsonb("null")), _jsonb("[]"), type_=JSONB),
+        "policy_set_name": c.policy_set_name,
+        "policy_set_version": c.policy_set_version,
+        "created_at": _utc_isoformat(c.created_at),
+    }
 
 
-def _full_cot_json() -> Any:
-    """The full record as one JSON text."""
-    assert list(FULL_COT) == FULL_COT_SCHEMA.names, "FULL_COT and FULL_COT_SCHEMA differ"
-    return cast(_json_object(FULL_COT), Text)
+_FULL_COT_STORED = [
+    Cot.item_id,
+    Cot.position,
+    Item.prompt,
+    Item.item_metadata.label("metadata"),
+    Cot.intents,
+    Cot.refined_thoughts,
+    Cot.response,
+    Cot.dropped_thoughts,
+    Cot.unaccounted_thought_ids,
+    Cot.thoughts,
+    Cot.rounds_used,
+    Cot.agreed,
+    Cot.scores,
+    Cot.grade_error,
+    Cot.accepted,
+    Cot.gate_reasons,
+    Cot.policy_set_name,
+    Cot.policy_set_version,
+    Cot.created_at,
+]
+
+
+def _full_cot_query(job_id: UUID, filters: ExportFilter) -> Select[Any]:
+    """The job's full records as JSON text, one a row, in prompt order. Postgres writes each
+    straight from the stored JSON (the API neither parses nor re-encodes it), in the outer
+    query: above the subquery's sort, so it writes them as they are fetched. Inside, the
+    sort's input would be the records, all written before the first one is sent, with
+    Postgres and the API taking turns instead of working at the same time."""
+    stored = (
+        select(*_FULL_COT_STORED)
+        .join(Item, Item.id == Cot.item_id)
+        .where(Cot.job_id == job_id, *_conditions(filters))
+        .order_by(Cot.position)
+        .subquery("stored")
+    )
+    record = _full_cot(stored.c)
+    assert list(record) == FULL_COT_SCHEMA.names, "the full record's keys are FULL_COT_SCHEMA's"
+    return select(cast(_json_object(record), Text)).order_by(stored.c.position)
 
 
 _JSON_FIELDS = frozenset(
@@ -179,7 +215,6 @@ _COLUMNS: dict[str, Any] = {
     "rejected_response": PreferencePair.rejected_response,
     "gap": PreferencePair.gap,
     "deliberation_log": _deliberation_log(),
-    "full_cot_json": _full_cot_json(),
 }
 _ROW_TYPES: dict[Source, type[Any]] = {
     Source.SAMPLES: SampleRow,
@@ -187,8 +222,6 @@ _ROW_TYPES: dict[Source, type[Any]] = {
     Source.COTS: CotRow,
     Source.KEPT_PAIRS: PairRow,
 }
-# Sources whose rows are a single column rather than a row type's fields.
-_SOURCE_COLUMNS: dict[Source, list[str]] = {Source.FULL_COT_JSON: ["full_cot_json"]}
 
 
 def _conditions(filters: ExportFilter) -> list[ColumnElement[bool]]:
@@ -204,15 +237,15 @@ def _conditions(filters: ExportFilter) -> list[ColumnElement[bool]]:
 
 def _selected(source: Source) -> list[str]:
     """The source's row fields read from the database, in order (the rest keep defaults)."""
-    if source in _SOURCE_COLUMNS:
-        return _SOURCE_COLUMNS[source]
     names = [f.name for f in fields(_ROW_TYPES[source])]
     return [n for n in names if n != "deliberation_log" or source is Source.SAMPLES_WITH_LOG]
 
 
 def rows_query(job_id: UUID, source: Source, filters: ExportFilter) -> Select[Any]:
     """The columns of the source's row type, in its field order, for the job's CoTs; JSON
-    columns as text."""
+    columns as text. For Source.FULL_COT_JSON, one column: the record as JSON text."""
+    if source is Source.FULL_COT_JSON:
+        return _full_cot_query(job_id, filters)
     columns = [_COLUMNS[name] for name in _selected(source)]
     query = select(*columns).select_from(Cot).join(Item, Item.id == Cot.item_id).where(Cot.job_id == job_id)
     if source is Source.KEPT_PAIRS:
