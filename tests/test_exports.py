@@ -21,17 +21,18 @@ import datasets
 import httpx
 import pyarrow.parquet as pq
 import pytest
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 from trl.data_utils import is_conversational, maybe_extract_prompt, unpair_preference_dataset
 
 from app.config import Settings
+from app.deliberation.results import METRICS
 from app.exports.formats import FORMATS
 from app.exports.records import FULL_COT_SCHEMA
 from app.exports.rows import ExportFilter, ExportOptions
 from app.store import exports
 from app.store.db import Sessions
 from app.store.keys import create_key
-from app.store.models import Annotation, Cot
+from app.store.models import Annotation, Cot, Item
 from bench.export import insert_finished_job
 from tests.conftest import new_key, run_worker_burst
 from tests.scripted_llm import ScriptedLLM, guard_verdict, reply, scores
@@ -241,6 +242,74 @@ async def test_a_job_without_results_exports_an_empty_but_readable_file(
     assert await exported(api, scoped, job["id"], "trl_dpo") == b""
     table = pq.read_table(io.BytesIO(await exported(api, scoped, job["id"], "parquet")))
     assert table.num_rows == 0 and table.schema.names == FULL_COT_SCHEMA.names
+
+
+async def test_jsonl_and_parquet_carry_the_same_full_record_of_exactly_what_is_stored(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    results = [completed(a_grade(relevance=2)), completed()]  # graded and gated out; not graded
+    job_id = await finished_job(api, auth, sessions, results, prompts=['Première "question" ✓', "Second"])
+    created = [datetime(2026, 3, 4, 5, 6, 7, 890000, tzinfo=UTC), datetime(2026, 3, 4, 5, 6, 8, tzinfo=UTC)]
+    async with sessions.begin() as session:
+        for position, at in enumerate(created):
+            cot = (Cot.job_id == UUID(job_id)) & (Cot.position == position)
+            await session.execute(update(Cot).where(cot).values(created_at=at))
+        first = (Item.job_id == UUID(job_id)) & (Item.position == 0)
+        await session.execute(update(Item).where(first).values(item_metadata={"source": "s1", "n": 1}))
+        stored = (
+            await session.execute(
+                select(Cot.item_id, Cot.policy_set_version)
+                .where(Cot.job_id == UUID(job_id))
+                .order_by(Cot.position)
+            )
+        ).all()
+
+    from_jsonl = json_lines(await exported(api, auth, job_id, "jsonl"))
+    from_parquet = pq.read_table(io.BytesIO(await exported(api, auth, job_id, "parquet"))).to_pylist()
+
+    assert from_jsonl == from_parquet
+    assert [list(record) for record in from_jsonl] == [FULL_COT_SCHEMA.names] * 2  # key order too
+    common = {
+        "explicit_intents": ["Learn something"],
+        "implicit_intents": [],
+        "refined_thoughts": [{"text": "Chosen thought", "sources": [1]}],
+        "response": "Chosen response",
+        "dropped_thoughts": [],
+        "unaccounted_thought_ids": [],
+        "thoughts": [{"id": 1, "text": "Chosen thought", "stage": "seed", "round": 0, "agent": 0}],
+        "rounds_used": 1,
+        "agreed": True,
+        "grade_error": None,
+        "policy_set_name": "aidsafe-default",
+    }
+    assert from_jsonl == [
+        {
+            **common,
+            "item_id": str(stored[0].item_id),
+            "position": 0,
+            "prompt": 'Première "question" ✓',
+            "metadata": '{"n": 1, "source": "s1"}',  # the stored JSON's text, as a string
+            "scores": {m: 2 if m == "relevance" else 4 for m in METRICS},
+            "score_rationales": {m: f"{m} looks fine." for m in METRICS},
+            "accepted": False,
+            "gate_reasons": ["relevance 2 < 3"],
+            "policy_set_version": stored[0].policy_set_version,
+            "created_at": "2026-03-04T05:06:07.890000+00:00",  # datetime.isoformat() in UTC
+        },
+        {
+            **common,
+            "item_id": str(stored[1].item_id),
+            "position": 1,
+            "prompt": "Second",
+            "metadata": "{}",
+            "scores": None,
+            "score_rationales": None,
+            "accepted": None,
+            "gate_reasons": [],
+            "policy_set_version": stored[1].policy_set_version,
+            "created_at": "2026-03-04T05:06:08+00:00",  # no microseconds: none written
+        },
+    ]
 
 
 # --- filters -------------------------------------------------------------------------------

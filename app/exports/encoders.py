@@ -1,4 +1,6 @@
-"""Records to bytes, a batch at a time, so an export of any size holds one batch in memory."""
+"""Records to bytes, a batch at a time, so an export of any size holds one batch in memory.
+A record is a dict, or for the full record JSON text that Postgres built (`JsonTextLines`,
+`Parquet`)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from typing import Any, Protocol
 
 import orjson
 import pyarrow as pa
+import pyarrow.json as pj
 import pyarrow.parquet as pq
 
 Record = dict[str, Any]
@@ -17,7 +20,7 @@ class Encoder(Protocol):
     """One export's byte stream: `start()`, `encode()` per batch, then `finish()`."""
 
     def start(self) -> bytes: ...
-    def encode(self, records: list[Record]) -> bytes: ...
+    def encode(self, records: list[Any]) -> bytes: ...
     def finish(self) -> bytes: ...
 
 
@@ -27,6 +30,19 @@ class JsonLines:
 
     def encode(self, records: list[Record]) -> bytes:
         return b"".join(orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE) for r in records)
+
+    def finish(self) -> bytes:
+        return b""
+
+
+class JsonTextLines:
+    """JSON Lines from records that are JSON text already (no newline inside: JSON escapes it)."""
+
+    def start(self) -> bytes:
+        return b""
+
+    def encode(self, records: list[str]) -> bytes:
+        return ("\n".join(records) + "\n").encode() if records else b""
 
     def finish(self) -> bytes:
         return b""
@@ -81,21 +97,32 @@ class _Drain:
         return data
 
 
+_JSON_BLOCK = 1 << 20
+
+
 class Parquet:
     """One row group per batch, written straight into the stream; the footer (row group
-    offsets and statistics, a few bytes a group) is written by `finish()`."""
+    offsets and statistics, a few bytes a group) is written by `finish()`. Records are JSON
+    text, read into columns by Arrow's JSON reader (C++) with the schema given: keys the schema
+    lacks (in nested objects too) are ignored, missing ones are null."""
 
     def __init__(self, schema: pa.Schema) -> None:
         self.schema = schema
+        self.parse = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
         self.sink = _Drain()
         self.writer = pq.ParquetWriter(self.sink, schema, compression="zstd")
 
     def start(self) -> bytes:
         return self.sink.drain()
 
-    def encode(self, records: list[Record]) -> bytes:
+    def encode(self, records: list[str]) -> bytes:
         if records:
-            self.writer.write_table(pa.Table.from_pylist(records, schema=self.schema))
+            data = "\n".join(records).encode()
+            # A block must hold a whole record (4 bytes a character at most); one thread, since
+            # Postgres and the event loop need the other cores.
+            longest = 4 * max(map(len, records)) + 1
+            read = pj.ReadOptions(use_threads=False, block_size=max(_JSON_BLOCK, longest))
+            self.writer.write_table(pj.read_json(pa.py_buffer(data), read, self.parse))
         return self.sink.drain()
 
     def finish(self) -> bytes:

@@ -1,5 +1,6 @@
 """The export formats by name. A format is a row source, a row-to-record function and an
-encoder; adding one is a module with its record function and one line in FORMATS."""
+encoder; adding one is a module with its record function and one line in FORMATS. The
+full-record formats have no record function: Postgres builds their records (as JSON text)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.exports import records
-from app.exports.encoders import Csv, Encoder, JsonLines, Parquet
+from app.exports.encoders import Csv, Encoder, JsonLines, JsonTextLines, Parquet
 from app.exports.rows import ExportOptions, Source
 from app.labeling import argilla, label_studio
 
@@ -21,7 +22,8 @@ PARQUET = "application/vnd.apache.parquet"
 @dataclass(frozen=True)
 class ExportFormat:
     source: Source
-    to_record: Callable[[Any, ExportOptions], records.Record]  # takes the source's row type
+    # Takes the source's row type; None: the source's rows are the records (JSON text).
+    to_record: Callable[[Any, ExportOptions], records.Record] | None
     encoder: Callable[[], Encoder]  # a fresh one per export
     media_type: str
     extension: str
@@ -34,9 +36,9 @@ FORMATS: dict[str, ExportFormat] = {
     "aidsafe_csv": ExportFormat(
         Source.SAMPLES_WITH_LOG, records.aidsafe_csv, lambda: Csv(records.AIDSAFE_COLUMNS), CSV, "csv"
     ),
-    "jsonl": ExportFormat(Source.COTS, records.full_cot, JsonLines, JSONL, "jsonl"),
+    "jsonl": ExportFormat(Source.FULL_COT_JSON, None, JsonTextLines, JSONL, "jsonl"),
     "parquet": ExportFormat(
-        Source.COTS, records.full_cot, lambda: Parquet(records.FULL_COT_SCHEMA), PARQUET, "parquet"
+        Source.FULL_COT_JSON, None, lambda: Parquet(records.FULL_COT_SCHEMA), PARQUET, "parquet"
     ),
     "label_studio": ExportFormat(Source.COTS, label_studio.task, label_studio.JsonArray, JSON, "json"),
     "argilla": ExportFormat(Source.COTS, argilla.record, JsonLines, JSONL, "jsonl"),

@@ -8,7 +8,7 @@ import orjson
 import pyarrow as pa
 
 from app.deliberation.results import METRICS
-from app.exports.rows import CotRow, CotStyle, ExportOptions, PairRow, SampleRow
+from app.exports.rows import CotStyle, ExportOptions, PairRow, SampleRow
 
 Record = dict[str, Any]
 
@@ -18,7 +18,7 @@ def thoughts_text(thoughts: list[str]) -> str:
     return "\n".join(thoughts)
 
 
-def refined_texts(row: CotRow | SampleRow | PairRow) -> list[str]:
+def refined_texts(row: SampleRow | PairRow) -> list[str]:
     return [thought["text"] for thought in row.refined_thoughts]
 
 
@@ -63,38 +63,12 @@ def aidsafe_csv(row: SampleRow, _: ExportOptions) -> Record:
     }
 
 
-def full_cot(row: CotRow, _: ExportOptions) -> Record:
-    """Everything stored about a CoT, with the same keys and types on every row (so columnar
-    readers get one schema): user metadata, whose keys vary, is JSON text; the thought lists
-    keep the shapes the engine stores (see FULL_COT_SCHEMA)."""
-    scores = row.scores
-    return {
-        "item_id": str(row.item_id),
-        "position": row.position,
-        "prompt": row.prompt,
-        "metadata": row.metadata,
-        "explicit_intents": row.intents.get("explicit_intents", []),
-        "implicit_intents": row.intents.get("implicit_intents", []),
-        "refined_thoughts": row.refined_thoughts,
-        "response": row.response,
-        "dropped_thoughts": row.dropped_thoughts,
-        "unaccounted_thought_ids": row.unaccounted_thought_ids,
-        "thoughts": row.thoughts,
-        "rounds_used": row.rounds_used,
-        "agreed": row.agreed,
-        "scores": {m: scores[m]["score"] for m in METRICS} if scores else None,
-        "score_rationales": {m: scores[m]["rationale"] for m in METRICS} if scores else None,
-        "grade_error": row.grade_error,
-        "accepted": row.accepted,
-        "gate_reasons": row.gate_reasons or [],
-        "policy_set_name": row.policy_set_name,
-        "policy_set_version": row.policy_set_version,
-        "created_at": row.created_at.isoformat(),
-    }
-
-
 _METRIC_STRUCT = [(metric, pa.int64()) for metric in METRICS]
-# The full_cot record as a typed table, for Parquet (JSON Lines readers infer the same).
+# The full record: everything stored about a CoT, with the same keys and types on every row
+# (so columnar readers get one schema). User metadata, whose keys vary, is JSON text; the
+# thought lists keep the shapes the engine stores. Postgres builds each record as JSON text
+# (app.store.exports._full_cot, keys in this order); Parquet reads that text with this schema
+# (JSON Lines readers infer the same).
 FULL_COT_SCHEMA = pa.schema(
     [
         ("item_id", pa.string()),

@@ -20,6 +20,9 @@ class Source(StrEnum):
     SAMPLES = "samples"  # one SampleRow per completed item
     SAMPLES_WITH_LOG = "samples_with_log"  # the same, with the item's deliberation log
     COTS = "cots"  # one CotRow per completed item: everything stored about its CoT
+    # One str per completed item: its full record (FULL_COT_SCHEMA) as JSON text, built by
+    # Postgres from the stored JSON without the API parsing it.
+    FULL_COT_JSON = "full_cot_json"
     KEPT_PAIRS = "kept_pairs"  # one PairRow per kept preference pair
 
 
