@@ -191,40 +191,41 @@ async def test_cancelled_waiter_leaves_no_slot_behind(redis: Redis, key_prefix: 
     assert await holders(redis, limiter) == 0
 
 
-async def test_waiters_get_a_freed_slot_least_advanced_first(redis: Redis, key_prefix: str) -> None:
+async def test_waiters_of_one_process_get_freed_slots_in_arrival_order(redis: Redis, key_prefix: str) -> None:
     limiter = EndpointLimiter(redis, key_prefix)
     served: list[int] = []
 
-    async def wait_and_hold(priority: int) -> None:
-        async with limiter.slot("default", 1, 30, priority=priority):
-            served.append(priority)
+    async def wait_and_hold(n: int) -> None:
+        async with limiter.slot("default", 1, 30):
+            served.append(n)
+            await asyncio.sleep(0.01)
 
     async with limiter.slot("default", 1, 30):
         waiters = []
-        for priority in (3, 1, 2, 1, 0):
-            waiters.append(asyncio.create_task(wait_and_hold(priority)))
-            await asyncio.sleep(0.02)  # arrival order breaks the tie between the two 1s
+        for n in range(5):
+            waiters.append(asyncio.create_task(wait_and_hold(n)))
+            await asyncio.sleep(0.02)
         await asyncio.sleep(0.1)
         assert served == []
     await asyncio.gather(*waiters)
 
-    assert served == [0, 1, 1, 2, 3]
+    assert served == [0, 1, 2, 3, 4]
     assert await holders(redis, limiter) == 0
 
 
-async def test_a_cancelled_waiter_does_not_hold_up_the_ones_behind_it(redis: Redis, key_prefix: str) -> None:
+async def test_cancelled_waiters_do_not_hold_up_the_ones_behind_them(redis: Redis, key_prefix: str) -> None:
     limiter = EndpointLimiter(redis, key_prefix)
     served: list[str] = []
 
-    async def wait_and_hold(name: str, priority: int) -> None:
-        async with limiter.slot("default", 1, 30, priority=priority):
+    async def wait_and_hold(name: str) -> None:
+        async with limiter.slot("default", 1, 30):
             served.append(name)
 
     async with limiter.slot("default", 1, 30):
-        first = asyncio.create_task(wait_and_hold("first", 0))  # talks to Redis for this process
+        first = asyncio.create_task(wait_and_hold("first"))  # talks to Redis for this process
         await asyncio.sleep(0.05)
-        second = asyncio.create_task(wait_and_hold("second", 1))
-        third = asyncio.create_task(wait_and_hold("third", 2))
+        second = asyncio.create_task(wait_and_hold("second"))
+        third = asyncio.create_task(wait_and_hold("third"))
         await asyncio.sleep(0.05)
         first.cancel()
         second.cancel()

@@ -223,9 +223,12 @@ async def test_a_stale_claim_cannot_complete_the_item_twice(
     assert await items.complete(sessions, claim, completed(a_grade(), kept_pair()))
     assert not await items.complete(sessions, claim, completed(a_grade(), never_flagged_pair()))
 
+    assert not await items.end(sessions, claim, "failed", "unparseable_output", "too late")
+
     async with sessions() as session:
         pairs = (await session.scalars(select(PreferencePair))).all()
     assert [p.kept for p in pairs] == [True]
+    assert [i["status"] for i in await items_of(api, auth, job["id"])] == ["completed"]
 
 
 async def test_a_job_without_grading_stores_no_scores_and_no_gate(

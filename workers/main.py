@@ -146,8 +146,8 @@ async def _record(sessions: Any, claim: items.Claim, result: Completed | Judged 
 
 
 async def _fail(sessions: Any, claim: items.Claim, code: str, message: str) -> Ending:
-    await items.end(sessions, claim, "failed", code, message)
-    return Ending("failed", code)
+    ended = await items.end(sessions, claim, "failed", code, message)
+    return Ending("failed", code) if ended else LEASE_LOST
 
 
 async def _process_claimed(ctx: dict[str, Any], claim: items.Claim) -> Ending:
@@ -200,8 +200,7 @@ async def _keep_lease(sessions: Any, claim: items.Claim, lease_s: int, work: asy
 
 async def _on_claim_lost(sessions: Any, claim: items.Claim, watch: asyncio.Task[None]) -> Ending:
     reason = watch.exception() if watch.done() and not watch.cancelled() else None
-    if isinstance(reason, items.JobCancelled):
-        await items.end(sessions, claim, "cancelled", None, None)
+    if isinstance(reason, items.JobCancelled) and await items.end(sessions, claim, "cancelled", None, None):
         return Ending("cancelled")
     return LEASE_LOST
 
@@ -284,8 +283,9 @@ def worker_settings(settings: Settings, *, sweeper: bool = True) -> dict[str, An
         "max_jobs": settings.worker_max_jobs,
         "queue_read_limit": max(1000, settings.worker_max_jobs * 10),
         # arq's default of 0.5 s: a new batch waited up to that long for its first worker.
-        # An idle worker's poll is one ZRANGEBYSCORE; a busy one's touches no Redis.
-        "poll_delay": 0.05,
+        # Not much less: a worker with a free slot re-checks every listed job at each poll,
+        # its own running ones included (three round trips each).
+        "poll_delay": 0.2,
         # Items end by themselves; the lease, not arq's timeout, detects dead workers.
         "job_timeout": 24 * 3600,
         "max_tries": 1_000_000,  # retries are bounded per item in Postgres

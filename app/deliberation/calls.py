@@ -40,7 +40,6 @@ class Caller:
     max_tokens: int
     max_reasks: int
     replayed: dict[TurnKey, Turn] = field(default_factory=dict)
-    calls: int = 0  # LLM calls made by this run of the item
 
     async def ask(
         self,
@@ -111,9 +110,7 @@ class Caller:
             schema=schemas.BY_NAME[schema_name] if schema_name else None,
             temperature=role_config.temperature,
             max_tokens=max_tokens,
-            item_progress=len(self.replayed) + self.calls,
         )
-        self.calls += 1
         started = time.perf_counter()
         reply = await self.llm.chat(request)
         outcome, parsed, error = parsing.judge_reply(reply, normalize, plain_text=schema_name is None)

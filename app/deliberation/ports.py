@@ -24,10 +24,6 @@ class ChatRequest:
     schema: dict[str, Any] | None
     temperature: float
     max_tokens: int
-    # LLM calls the item made before this one. A client that queues requests serves the
-    # least advanced items first: a batch's items finish together instead of a few
-    # trailing alone while the endpoint idles.
-    item_progress: int = 0
 
 
 @dataclass(frozen=True)

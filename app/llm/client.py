@@ -234,7 +234,7 @@ class OpenAICompatibleClient:
         if self._limiter is None:
             return nullcontext(Slot())
         lease_s = self._timeout_s + LEASE_MARGIN_S
-        return self._limiter.slot(request.endpoint, endpoint.max_concurrency, lease_s, request.item_progress)
+        return self._limiter.slot(request.endpoint, endpoint.max_concurrency, lease_s)
 
 
 def _payload(request: ChatRequest, endpoint: EndpointConfig) -> dict[str, Any]:

@@ -10,8 +10,8 @@ itself when the lease runs out, so the lease must outlast the longest legitimate
 Waiters block (BLPOP) on "<key>:freed", a list that gets one entry per release, until a
 release or the first lease's end, whichever comes first; waiting costs no polling. An
 entry nobody was waiting for only makes a later waiter try once more; at most `limit` are
-kept. In each process one waiter per endpoint talks to Redis at a time; the others queue
-locally, least `priority` first, so the process decides who gets the next free slot.
+kept. In each process one waiter per endpoint talks to Redis at a time (blocked in BLPOP
+on a connection of its own); the others queue behind it locally, in arrival order.
 
 The adaptive cap lives beside it in "<key>:cap": a 429 halves it (at most once per
 cooldown, so one burst of 429s is one cut), each success adds 1/cap (about +1 per cap
@@ -21,8 +21,6 @@ successes), never above the configured limit nor below 1.
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
 import logging
 import time
 import uuid
@@ -125,45 +123,6 @@ class Slot:
     succeeded: bool = False
 
 
-class _Turnstile:
-    """This process's waiters for one endpoint: one at a time may try Redis (the one whose
-    turn it is); the rest wait here, least priority first, ties in arrival order."""
-
-    def __init__(self) -> None:
-        self._taken = False
-        self._queue: list[tuple[int, int, asyncio.Future[None]]] = []
-        self._arrivals = itertools.count()
-
-    @asynccontextmanager
-    async def turn(self, priority: int) -> AsyncIterator[None]:
-        if self._taken:
-            handed = asyncio.get_running_loop().create_future()
-            heapq.heappush(self._queue, (priority, next(self._arrivals), handed))
-            try:
-                await handed
-            except asyncio.CancelledError:
-                if handed.done() and not handed.cancelled():  # handed the turn as it was cancelled
-                    self._pass_on()
-                raise
-        self._taken = True
-        try:
-            yield
-        finally:
-            self._pass_on()
-
-    def someone_before(self, priority: int) -> bool:
-        """Whether a waiter queued here comes before `priority`."""
-        return any(p < priority and not handed.done() for p, _, handed in self._queue)
-
-    def _pass_on(self) -> None:
-        while self._queue:
-            handed = heapq.heappop(self._queue)[2]
-            if not handed.done():  # a cancelled waiter's future is done
-                handed.set_result(None)
-                return
-        self._taken = False
-
-
 class EndpointLimiter:
     """Distributed, lease-based semaphore: at most `limit` holders per endpoint name."""
 
@@ -174,7 +133,7 @@ class EndpointLimiter:
         self._cut = redis.register_script(_CUT)
         self._grow = redis.register_script(_GROW)
         self._release_script = redis.register_script(_RELEASE)
-        self._turnstiles: defaultdict[str, _Turnstile] = defaultdict(_Turnstile)
+        self._turns: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)  # FIFO
         # Seconds spent waiting for slots, summed over every slot() of this limiter.
         self.waited_s = 0.0
 
@@ -183,12 +142,12 @@ class EndpointLimiter:
         return f"{self._key_prefix}:{endpoint}"
 
     @asynccontextmanager
-    async def slot(self, endpoint: str, limit: int, lease_s: float, priority: int = 0) -> AsyncIterator[Slot]:
+    async def slot(self, endpoint: str, limit: int, lease_s: float) -> AsyncIterator[Slot]:
         """Hold one of `limit` slots of `endpoint` for the body of the `async with`.
 
-        Waits until a slot is free; of this process's waiters, the least `priority` goes
-        first. The slot is released on exit, on error and on cancellation; if the holder
-        dies instead, it frees itself after `lease_s`.
+        Waits until a slot is free (this process's waiters in arrival order). The slot is
+        released on exit, on error and on cancellation; if the holder dies instead, it
+        frees itself after `lease_s`.
         """
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
@@ -199,32 +158,23 @@ class EndpointLimiter:
         held = Slot()
         try:
             # Inside the try: a cancel that lands after Redis added us must still release.
-            await self._wait_for_slot(key, token, limit, lease_s, priority)
+            await self._wait_for_slot(key, token, limit, lease_s)
             yield held
         finally:
             await asyncio.shield(self._release(key, token, limit, held.succeeded))
 
-    async def _wait_for_slot(self, key: str, token: str, limit: int, lease_s: float, priority: int) -> None:
+    async def _wait_for_slot(self, key: str, token: str, limit: int, lease_s: float) -> None:
         lease_ms = max(1, round(lease_s * 1000))
         started = time.monotonic()
         try:
-            while not await self._acquire_in_turn(key, token, limit, lease_ms, priority):
-                pass  # a waiter that comes first took the slot just freed: queue again
+            async with self._turns[key]:
+                keys = [key, f"{key}:cap"]
+                while wait_ms := await self._acquire(keys=keys, args=[token, limit, lease_ms]):
+                    await self._redis.blpop([f"{key}:freed"], timeout=min(int(wait_ms) / 1000, _MAX_BLOCK_S))
         finally:
             waited = time.monotonic() - started
             self.waited_s += waited
             LIMIT_WAIT_SECONDS.labels(key.removeprefix(f"{self._key_prefix}:")).inc(waited)
-
-    async def _acquire_in_turn(self, key: str, token: str, limit: int, lease_ms: int, priority: int) -> bool:
-        """Try Redis when this process's turn comes: True once the slot is ours; False
-        after a wake-up if a waiter that comes before us has queued meanwhile."""
-        turnstile = self._turnstiles[key]
-        async with turnstile.turn(priority):
-            while wait_ms := await self._acquire(keys=[key, f"{key}:cap"], args=[token, limit, lease_ms]):
-                await self._redis.blpop([f"{key}:freed"], timeout=min(int(wait_ms) / 1000, _MAX_BLOCK_S))
-                if turnstile.someone_before(priority):
-                    return False
-            return True
 
     async def rate_limited(self, endpoint: str, limit: int) -> float:
         """The endpoint said 429: halve its adaptive cap (once per cooldown); the new cap."""

@@ -78,9 +78,10 @@ def _as_json(value: Any) -> Any:
 
 
 def _json_object(fields: dict[str, Any]) -> Any:
-    """A JSON object as compact text with the keys in this order, built by one concat:
-    about 15 % less Postgres CPU a full record than json_build_object (which also keeps the
-    order, but dispatches on each value's type every row)."""
+    """A JSON object as text with the keys in this order (no spaces between them; nested
+    stored JSON as Postgres prints it, with spaces), built by one concat: about 15 % less
+    Postgres CPU a full record than json_build_object (which also keeps the order, but
+    dispatches on each value's type every row)."""
     parts: list[Any] = []
     for n, (key, value) in enumerate(fields.items()):
         parts += [_sql_text(("{" if n == 0 else ",") + orjson.dumps(key).decode() + ":"), _as_json(value)]

@@ -128,7 +128,7 @@ async def _claim_or_settle(sessions: Sessions, item_id: UUID, limits: Limits) ->
             return None
         item.status, item.attempts = "running", item.attempts + 1
         item.lease_until, item.updated_at = _lease(limits.lease_s), func.now()
-        policy_set = await _policy_set(sessions, job.policy_set_id)
+        policy_set = await policy_sets.by_id(session, job.policy_set_id)  # no second connection
         return Claim(
             item.id,
             job.id,
@@ -176,10 +176,11 @@ async def release(sessions: Sessions, claim: Claim, reason: str, *, failed: bool
         await session.execute(update(Item).where(claimed(claim)).values(**values, updated_at=func.now()))
 
 
-async def end(sessions: Sessions, claim: Claim, status: str, code: str | None, message: str | None) -> None:
-    """Finish without a CoT: failed with a recorded reason, or cancelled."""
+async def end(sessions: Sessions, claim: Claim, status: str, code: str | None, message: str | None) -> bool:
+    """Finish without a CoT: failed with a recorded reason, or cancelled. False if the item
+    is no longer held under this claim (another worker has it now)."""
     async with sessions.begin() as session:
-        await session.execute(
+        ended = await session.execute(
             update(Item)
             .where(claimed(claim))
             .values(
@@ -190,7 +191,9 @@ async def end(sessions: Sessions, claim: Claim, status: str, code: str | None, m
                 finished_at=func.now(),
                 updated_at=func.now(),
             )
+            .returning(Item.id)
         )
+        return ended.first() is not None
 
 
 async def complete(sessions: Sessions, claim: Claim, result: Completed) -> bool:
@@ -217,7 +220,7 @@ async def complete(sessions: Sessions, claim: Claim, result: Completed) -> bool:
             result.response,
             result.rounds_used,
             result.agreed,
-            _json(result.agreed_by),
+            orjson.dumps(result.agreed_by).decode(),  # JSON null when no one agreed, as before
             _json(grade.scores if grade else None),
             grade.error if grade else None,
             gate.accepted if gate else None,
