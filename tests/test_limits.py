@@ -191,25 +191,26 @@ async def test_cancelled_waiter_leaves_no_slot_behind(redis: Redis, key_prefix: 
     assert await holders(redis, limiter) == 0
 
 
+async def _hold_and_note(limiter: EndpointLimiter, served: list[str], name: str) -> None:
+    async with limiter.slot("default", 1, 30):
+        served.append(name)
+        await asyncio.sleep(0.01)
+
+
 async def test_waiters_of_one_process_get_freed_slots_in_arrival_order(redis: Redis, key_prefix: str) -> None:
     limiter = EndpointLimiter(redis, key_prefix)
-    served: list[int] = []
-
-    async def wait_and_hold(n: int) -> None:
-        async with limiter.slot("default", 1, 30):
-            served.append(n)
-            await asyncio.sleep(0.01)
+    served: list[str] = []
 
     async with limiter.slot("default", 1, 30):
         waiters = []
         for n in range(5):
-            waiters.append(asyncio.create_task(wait_and_hold(n)))
+            waiters.append(asyncio.create_task(_hold_and_note(limiter, served, str(n))))
             await asyncio.sleep(0.02)
         await asyncio.sleep(0.1)
         assert served == []
     await asyncio.gather(*waiters)
 
-    assert served == [0, 1, 2, 3, 4]
+    assert served == ["0", "1", "2", "3", "4"]
     assert await holders(redis, limiter) == 0
 
 
@@ -217,15 +218,11 @@ async def test_cancelled_waiters_do_not_hold_up_the_ones_behind_them(redis: Redi
     limiter = EndpointLimiter(redis, key_prefix)
     served: list[str] = []
 
-    async def wait_and_hold(name: str) -> None:
-        async with limiter.slot("default", 1, 30):
-            served.append(name)
-
     async with limiter.slot("default", 1, 30):
-        first = asyncio.create_task(wait_and_hold("first"))  # talks to Redis for this process
+        first = asyncio.create_task(_hold_and_note(limiter, served, "first"))  # the one at Redis
         await asyncio.sleep(0.05)
-        second = asyncio.create_task(wait_and_hold("second"))
-        third = asyncio.create_task(wait_and_hold("third"))
+        second = asyncio.create_task(_hold_and_note(limiter, served, "second"))
+        third = asyncio.create_task(_hold_and_note(limiter, served, "third"))
         await asyncio.sleep(0.05)
         first.cancel()
         second.cancel()
