@@ -37,7 +37,7 @@ from bench.hotspots import Profiler, print_summary, summarize
 from bench.loadgen import LoadResult, open_loop_get
 from bench.machine import cpu_seconds, cpu_seconds_of_named, describe, machine_cpu_jiffies
 from bench.prompts import make_prompts
-from bench.stack import ServiceStack, run_bounded
+from bench.stack import ServiceStack, publish, run_bounded
 
 POST_TARGET_S = 1.0
 GET_P99_TARGET_MS = 10.0
@@ -246,9 +246,7 @@ def _profile(args: argparse.Namespace, name: str, pid: int) -> Profiler | None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     summary = run_bounded(lambda: measure(args), args.time_limit, use_uvloop=True)
-    print(json.dumps(summary, indent=2, default=str))
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=2, default=str))
+    publish(summary, args.json)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import signal
@@ -43,7 +42,7 @@ from bench.audit import JobAudit, audit_job, finished, status_counts
 from bench.machine import describe
 from bench.prompts import make_prompts
 from bench.services import PrivatePostgres, PrivateRedis, private_services
-from bench.stack import BIN, ServiceStack, run_bounded
+from bench.stack import BIN, ServiceStack, publish, run_bounded
 
 FAULT_MIX = ("--fault-5xx", "0.2", "--fault-429", "0.1", "--fault-stall", "0.05", "--fault-truncated", "0.05")
 # Faults fire when this share of the items has finished (uniformly drawn), so that all of
@@ -259,9 +258,7 @@ def _summary(
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     summary = run_bounded(lambda: run(args), args.time_limit)
-    print(json.dumps(summary, indent=2, default=str))
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=2, default=str))
+    publish(summary, args.json)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import time
@@ -40,7 +39,7 @@ from bench.machine import (
     machine_cpu_jiffies,
 )
 from bench.prompts import make_prompts
-from bench.stack import REDIS_URL, ServiceStack, run_bounded
+from bench.stack import REDIS_URL, ServiceStack, publish, run_bounded
 
 TARGET = 0.95
 
@@ -252,21 +251,21 @@ def _cpu_snapshot(pids: dict[str, list[int]]) -> dict[str, Any]:
     return snapshot
 
 
-def report(summary: dict[str, Any], target_key: str, target: float, higher_is_better: bool) -> None:
+def report(
+    summary: dict[str, Any], target_key: str, target: float, higher_is_better: bool, json_path: Path | None
+) -> None:
     value = summary[target_key]
     met = value is not None and (value >= target if higher_is_better else value <= target)
     summary["target"] = {"metric": target_key, "target": target, "met": met}
     if "profile" in summary:
         print_summary("worker hotspots (py-spy)", summary["profile"])
-    print(json.dumps(summary, indent=2, default=str))
+    publish(summary, json_path)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     summary = run_bounded(lambda: measure(args), args.time_limit)
-    report(summary, "efficiency", TARGET, higher_is_better=True)
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=2, default=str))
+    report(summary, "efficiency", TARGET, higher_is_better=True, json_path=args.json)
 
 
 if __name__ == "__main__":

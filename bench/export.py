@@ -25,7 +25,6 @@ and throwing it away, and reports:
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ from app.store import exports
 from app.store.db import make_engine, make_sessions
 from app.store.models import ApiKey, Cot, Item, Job, PolicySetRow
 from bench.machine import describe, machine_cpu_jiffies
-from bench.stack import ServiceStack, run_bounded
+from bench.stack import ServiceStack, publish, run_bounded
 
 TARGET_ROWS_PER_S = 20_000
 INSERT_BATCH = 2_000
@@ -250,9 +249,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     summary = run_bounded(lambda: measure(args), args.time_limit)
-    print(json.dumps(summary, indent=2, default=str))
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=2, default=str))
+    publish(summary, args.json)
 
 
 if __name__ == "__main__":

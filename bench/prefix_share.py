@@ -37,7 +37,7 @@ from app.llm.client import OpenAICompatibleClient
 from app.pipeline_config import JobConfigIn, resolve, to_pipeline
 from app.store.policy_sets import DEFAULT_FILE, load_file
 from bench.machine import ROOT, describe
-from bench.stack import ServiceStack, run_bounded
+from bench.stack import ServiceStack, publish, run_bounded
 
 TARGET = 0.70
 STAGE_OF_SCHEMA = {
@@ -206,9 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     summary = run_bounded(lambda: measure(args), args.time_limit)
-    print(json.dumps(summary, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=2))
+    publish(summary, args.json)
 
 
 if __name__ == "__main__":

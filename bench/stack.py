@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -269,6 +270,14 @@ async def _admin(dsn: str, sql: str) -> None:
         await conn.execute(sql)
     finally:
         await conn.close()
+
+
+def publish(summary: dict[str, Any], json_path: Path | None) -> None:
+    """Print a run's summary, and also write it to json_path when one was given."""
+    text = json.dumps(summary, indent=2, default=str)
+    print(text)
+    if json_path:
+        json_path.write_text(text)
 
 
 def run_bounded(main: Callable[[], Awaitable[T]], time_limit_s: float, *, use_uvloop: bool = False) -> T:

@@ -12,8 +12,6 @@ With --profile DIR the workers run under py-spy and the summary lists their hots
 
 from __future__ import annotations
 
-import json
-
 from bench.efficiency import measure, parser, report
 from bench.stack import run_bounded
 
@@ -25,9 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(latency_ms=0.0, jitter_ms=0.0)
     args = p.parse_args(argv)
     summary = run_bounded(lambda: measure(args, kind="worker_cpu"), args.time_limit)
-    report(summary, "worker_cpu_ms_per_call", TARGET_MS, higher_is_better=False)
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=2, default=str))
+    report(summary, "worker_cpu_ms_per_call", TARGET_MS, higher_is_better=False, json_path=args.json)
 
 
 if __name__ == "__main__":
