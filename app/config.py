@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -55,10 +55,6 @@ class Settings(BaseSettings):
     job_summary_max_age_s: float = Field(default=1.0, ge=0)
     # An API process answers for a key it found for this long: revocation takes as long.
     api_key_cache_s: float = Field(default=5.0, ge=0)
-
-    # Label Studio sends it in the X-Aidsafe-Webhook-Secret header of its webhook (a custom
-    # header set on the webhook); unset, POST /v1/webhooks/label-studio is off (404).
-    label_studio_webhook_secret: SecretStr | None = None
 
     # Job defaults, each overridable per job.
     default_agents: int = 2

@@ -16,6 +16,19 @@ class ServiceError(Exception):
         self.details = details
 
 
+class BadRequest(ServiceError):
+    status = 400
+    code = "bad_request"
+
+
+class InvalidBody(ServiceError):
+    """A request body that does not fit its schema (what FastAPI reports for typed bodies,
+    for routes that parse their body themselves)."""
+
+    status = 422
+    code = "validation_error"
+
+
 class Unauthorized(ServiceError):
     status = 401
     code = "unauthorized"

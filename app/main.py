@@ -20,6 +20,7 @@ from app.api import (
     jobs,
     metrics,
     policy_sets,
+    webhooks,
 )
 from app.api.known_keys import KnownKeys
 from app.api.limits import BodySizeLimit
@@ -59,7 +60,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     errors.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
-    for module in (health, metrics, jobs, events, exports, annotations, items, comparisons, policy_sets):
+    routers = (health, metrics, jobs, events, exports, annotations, webhooks, items, comparisons, policy_sets)
+    for module in routers:
         app.include_router(module.router)
     app.include_router(pages.router)  # the web viewer, /view
     return app

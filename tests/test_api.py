@@ -53,10 +53,13 @@ V1_PATHS = {
     "/v1/jobs/{job_id}/annotations/label-studio": {"post"},
     "/v1/jobs/{job_id}/argilla/settings": {"get"},
     "/v1/jobs/{job_id}/annotations/argilla": {"post"},
-    "/v1/webhooks/label-studio": {"post"},
+    "/v1/webhooks": {"get", "post"},
+    "/v1/webhooks/{webhook_id}/revoke": {"post"},
+    "/v1/webhooks/{webhook_id}/rejections": {"get"},
+    "/v1/webhooks/label-studio/{webhook_id}": {"post"},
 }
-# Label Studio calls its webhook with a shared secret, not an API key (tests/test_labeling.py).
-SECRET_AUTHENTICATED = {"/v1/webhooks/label-studio"}
+# Label Studio calls its webhook with the webhook's own secret, not an API key (test_webhooks.py).
+SECRET_AUTHENTICATED = {"/v1/webhooks/label-studio/{webhook_id}"}
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -247,7 +250,9 @@ async def test_every_v1_operation_requires_a_key(api: httpx.AsyncClient) -> None
     for path, methods in V1_PATHS.items():
         if path in SECRET_AUTHENTICATED:
             continue
-        url = path.format(job_id=some_id, item_id=some_id, policy_set_id=some_id, comparison_id=some_id)
+        url = path.format(
+            job_id=some_id, item_id=some_id, policy_set_id=some_id, comparison_id=some_id, webhook_id=some_id
+        )
         for method in methods:
             error_of(await api.request(method, url, json={}), 401, "unauthorized")
 

@@ -1,5 +1,5 @@
 """The labeling-tool round trip: tasks and records out to Label Studio and Argilla, reviews
-back in from their export files and Label Studio's webhook, stored append-only beside the
+back in from their export files (webhooks: test_webhooks.py), stored append-only beside the
 model's output, and `human_approved()` choosing what reviewers accepted.
 
 Jobs are made by arq's real worker against the scripted LLM. The tools' files are fixtures
@@ -17,7 +17,6 @@ from uuid import UUID
 import httpx
 import pytest
 from label_studio_sdk.label_interface import LabelInterface
-from pydantic import SecretStr
 from sqlalchemy import select
 
 from app.config import Settings
@@ -25,7 +24,7 @@ from app.labeling import label_studio
 from app.store.annotations import human_approved
 from app.store.db import Sessions
 from app.store.models import Annotation, Cot, PreferencePair
-from tests.conftest import api_client, new_key, run_worker_burst
+from tests.conftest import new_key, run_worker_burst
 from tests.scripted_llm import ScriptedLLM, guard_verdict, reply, scores
 from tests.test_api import error_of, items_of, submit
 
@@ -37,21 +36,12 @@ PROMPTS = [
     "How do I sharpen a kitchen knife?",
 ]
 GRADED = {"grading": {"thresholds": {"cot_policy_faithfulness": 4}}}
-SECRET = "ls-webhook-secret-5d1"
 HAZARD = "HAZARD-9c2"
 
 
 @pytest.fixture
 async def other(sessions: Sessions) -> Headers:
     return await new_key(sessions, "bob")
-
-
-@pytest.fixture
-async def webhook_api(settings: Settings, sessions: Sessions) -> Any:
-    """The API with the Label Studio webhook secret configured."""
-    configured = settings.model_copy(update={"label_studio_webhook_secret": SecretStr(SECRET)})
-    async with api_client(configured) as client:
-        yield client
 
 
 async def graded_job(
@@ -209,6 +199,7 @@ async def test_an_annotated_export_is_stored_beside_the_unchanged_output_and_sel
     assert report == {
         "imported": 2,
         "duplicates": 0,
+        "retracted": 0,
         "skipped": [{"annotation": "503", "reason": "cancelled: the reviewer skipped the task"}],
     }
     accepted, rejected = await stored(sessions)
@@ -352,107 +343,6 @@ async def test_a_body_that_is_not_an_export_is_a_validation_error(
     for body in ({"tasks": []}, [{"annotations": []}], [{"data": {}, "annotations": [{"id": 1}]}]):
         response = await api.post(f"/v1/jobs/{job_id}/annotations/label-studio", json=body, headers=auth)
         error_of(response, 422, "validation_error")
-
-
-# --- Label Studio: webhook --------------------------------------------------------------------
-
-
-async def test_the_webhook_is_off_until_a_secret_is_configured(api: httpx.AsyncClient) -> None:
-    response = await api.post("/v1/webhooks/label-studio", json={"action": "ANNOTATION_CREATED"})
-
-    assert (
-        "AIDSAFE_LABEL_STUDIO_WEBHOOK_SECRET" in error_of(response, 404, "webhook_not_configured")["message"]
-    )
-
-
-async def test_the_webhook_refuses_a_missing_or_wrong_secret(
-    webhook_api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
-) -> None:
-    job_id = await graded_job(webhook_api, auth, settings, PROMPTS[:1])
-    event = fixture("label_studio_webhook.json", await item_ids(webhook_api, auth, job_id))
-
-    for headers in ({}, {"X-Aidsafe-Webhook-Secret": "wrong"}, auth):
-        response = await webhook_api.post("/v1/webhooks/label-studio", json=event, headers=headers)
-        error_of(response, 401, "unauthorized")
-    assert await stored(sessions) == []
-
-
-async def test_the_webhook_stores_created_and_updated_annotations(
-    webhook_api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
-) -> None:
-    job_id = await graded_job(webhook_api, auth, settings, PROMPTS[:1])
-    [item_id] = await item_ids(webhook_api, auth, job_id)
-    created = fixture("label_studio_webhook.json", [item_id])
-    updated = copy.deepcopy(created)
-    updated["action"] = "ANNOTATION_UPDATED"
-    updated["annotation"]["updated_at"] = "2026-11-21T09:00:00.000000Z"
-    updated["annotation"]["result"][0]["value"]["choices"] = ["reject"]
-    secret = {"X-Aidsafe-Webhook-Secret": SECRET}
-
-    reports = [
-        (await webhook_api.post("/v1/webhooks/label-studio", json=event, headers=secret)).json()
-        for event in (created, created, updated)
-    ]
-
-    assert [(r["imported"], r["duplicates"]) for r in reports] == [(1, 0), (0, 1), (1, 0)]
-    rows = await stored(sessions)
-    assert [(str(r.item_id), r.external_id, r.verdict, r.annotator) for r in rows] == [
-        (item_id, "601", "accept", "3"),
-        (item_id, "601", "reject", "3"),
-    ]
-    assert await approved(sessions, job_id) == set()
-
-
-async def test_the_webhook_reads_bulk_created_annotations_by_task(
-    webhook_api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
-) -> None:
-    job_id = await graded_job(webhook_api, auth, settings, PROMPTS[:2])
-    ids = await item_ids(webhook_api, auth, job_id)
-    single = fixture("label_studio_webhook.json", ids)
-    second_task = {**copy.deepcopy(single["task"]), "id": 105, "data": {"item_id": ids[1]}}
-    second = {**copy.deepcopy(single["annotation"]), "id": 602, "task": 105}
-    second["result"][0]["value"]["choices"] = ["reject"]
-    bulk = {**single, "action": "ANNOTATIONS_CREATED", "annotation": [second, single["annotation"]]}
-    bulk["task"] = [single["task"], second_task]
-
-    response = await webhook_api.post(
-        "/v1/webhooks/label-studio", json=bulk, headers={"X-Aidsafe-Webhook-Secret": SECRET}
-    )
-
-    assert response.json()["imported"] == 2, response.text
-    assert {(str(r.item_id), r.verdict) for r in await stored(sessions)} == {
-        (ids[0], "accept"),
-        (ids[1], "reject"),
-    }
-
-
-async def test_the_webhook_acknowledges_other_events_and_stores_nothing(
-    webhook_api: httpx.AsyncClient, sessions: Sessions
-) -> None:
-    event = {"action": "TASKS_CREATED", "tasks": [{"id": 1, "data": {}}], "project": {"id": 3}}
-
-    response = await webhook_api.post(
-        "/v1/webhooks/label-studio", json=event, headers={"X-Aidsafe-Webhook-Secret": SECRET}
-    )
-
-    assert response.status_code == 200, response.text
-    assert response.json()["skipped"] == [
-        {"annotation": None, "reason": "TASKS_CREATED is not an annotation event"}
-    ]
-    assert await stored(sessions) == []
-
-
-async def test_the_webhook_refuses_an_item_no_job_has(
-    webhook_api: httpx.AsyncClient, sessions: Sessions
-) -> None:
-    event = fixture("label_studio_webhook.json", ["00000000-0000-4000-8000-000000000002"])
-
-    response = await webhook_api.post(
-        "/v1/webhooks/label-studio", json=event, headers={"X-Aidsafe-Webhook-Secret": SECRET}
-    )
-
-    error_of(response, 422, "unknown_items")
-    assert await stored(sessions) == []
 
 
 # --- Argilla ----------------------------------------------------------------------------------

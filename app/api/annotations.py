@@ -1,28 +1,26 @@
 """The labeling-tool round trip: Label Studio's config and Argilla's dataset settings for a
-job, and human reviews imported back from either tool (a file, or Label Studio's webhook).
+job, and human reviews imported back from either tool's files (Label Studio's webhook
+deliveries are in app/api/webhooks.py).
 
 Tasks and records go out through GET /v1/jobs/{id}/export (formats `label_studio` and
 `argilla`). Reviews are stored append-only beside the model's output, never over it."""
 
 from __future__ import annotations
 
-import hmac
-from typing import Annotated, Any
+from typing import Any
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, Header, Response
+from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 
-from app.api.deps import CurrentKey, SessionDep, SettingsDep
+from app.api.deps import CurrentKey, SessionDep
 from app.api.errors import documented
 from app.api.schemas import ErrorOut
-from app.errors import NotFound, Unauthorized
 from app.labeling import argilla, label_studio
 from app.labeling.reviews import Parsed
 from app.store import annotations, jobs
 
 router = APIRouter(tags=["labeling"])
-SECRET_HEADER = "X-Aidsafe-Webhook-Secret"
 _NOT_IMPORTED = {
     "model": ErrorOut,
     "description": (
@@ -33,11 +31,6 @@ _NOT_IMPORTED = {
 }
 READ_ERRORS = documented(401, 404, 422, 503)
 IMPORT_ERRORS = {**documented(400, 401, 404, 413, 503), 422: _NOT_IMPORTED}
-WEBHOOK_ERRORS = {
-    **IMPORT_ERRORS,
-    401: {"model": ErrorOut, "description": f"No {SECRET_HEADER} header, or a wrong secret."},
-    404: {"model": ErrorOut, "description": "The webhook is off: no secret is configured."},
-}
 
 
 class SkippedOut(BaseModel):
@@ -48,34 +41,23 @@ class SkippedOut(BaseModel):
 class ImportOut(BaseModel):
     imported: int = Field(description="Reviews stored now.")
     duplicates: int = Field(description="Reviews already stored (the same version), left as they were.")
+    retracted: int = Field(description="Reviews withdrawn because the annotation was deleted in the tool.")
     skipped: list[SkippedOut] = Field(description="Left out on purpose: cancelled, draft, discarded, empty.")
 
 
-class WebhookNotConfigured(NotFound):
-    code = "webhook_not_configured"
-
-
-def _label_studio_webhook(
-    settings: SettingsDep,
-    secret: Annotated[str | None, Header(alias=SECRET_HEADER, description="The shared secret.")] = None,
-) -> None:
-    expected = settings.label_studio_webhook_secret
-    if expected is None:
-        raise WebhookNotConfigured(
-            "the Label Studio webhook is off: set AIDSAFE_LABEL_STUDIO_WEBHOOK_SECRET on the server"
-        )
-    if secret is None or not hmac.compare_digest(secret.encode(), expected.get_secret_value().encode()):
-        raise Unauthorized(f"send the shared secret in the {SECRET_HEADER} header")
-
-
-async def _imported(session: SessionDep, parsed: Parsed, job_id: UUID | None) -> ImportOut:
-    report = await annotations.record_reviews(session, parsed, job_id)
-    await session.commit()
+def import_out(report: annotations.ImportReport) -> ImportOut:
     return ImportOut(
         imported=report.imported,
         duplicates=report.duplicates,
+        retracted=report.retracted,
         skipped=[SkippedOut(annotation=s.annotation, reason=s.reason) for s in report.skipped],
     )
+
+
+async def _imported(session: SessionDep, parsed: Parsed, key: CurrentKey, job_id: UUID) -> ImportOut:
+    report = await annotations.record_reviews(session, parsed, owner_key_id=key.id, job_id=job_id)
+    await session.commit()
+    return import_out(report)
 
 
 @router.get(
@@ -103,19 +85,7 @@ async def import_label_studio(
     """Import the annotations of a Label Studio JSON export (the file as the body). All or
     nothing; importing the same file again adds nothing; an edited annotation adds a row."""
     await jobs.get_owned(session, job_id, key.id)
-    return await _imported(session, label_studio.read_export(tasks), job_id)
-
-
-@router.post(
-    "/v1/webhooks/label-studio",
-    responses=WEBHOOK_ERRORS,
-    dependencies=[Depends(_label_studio_webhook)],
-)
-async def label_studio_webhook(event: label_studio.WebhookIn, session: SessionDep) -> ImportOut:
-    """Label Studio's webhook (ANNOTATION_CREATED, ANNOTATION_UPDATED, ANNOTATIONS_CREATED;
-    other events are acknowledged and skipped). Authenticated by the shared secret in the
-    X-Aidsafe-Webhook-Secret header, not by an API key."""
-    return await _imported(session, label_studio.read_webhook(event), None)
+    return await _imported(session, label_studio.read_export(tasks), key, job_id)
 
 
 @router.get("/v1/jobs/{job_id}/argilla/settings", responses=READ_ERRORS)
@@ -137,4 +107,4 @@ async def import_argilla(
     page `{"items": [...]}` as Argilla's API returns). Only submitted responses count."""
     await jobs.get_owned(session, job_id, key.id)
     listed = records if isinstance(records, list) else records.items
-    return await _imported(session, argilla.read_records(listed), job_id)
+    return await _imported(session, argilla.read_records(listed), key, job_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
@@ -13,7 +14,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.schemas import ErrorOut
-from app.errors import ServiceError
+from app.errors import InvalidBody, ServiceError
 
 log = logging.getLogger("aidsafe.api")
 
@@ -49,6 +50,17 @@ def _where(loc: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in loc if part != "body") or "body"
 
 
+def invalid_body(errors: Sequence[Any]) -> InvalidBody:
+    """Pydantic's (or FastAPI's) validation errors as one validation_error: the first problem
+    in the message, all of them in the details."""
+    problems = [{"field": _where(tuple(e.get("loc", ()))), "problem": e.get("msg", "")} for e in errors]
+    first = problems[0] if problems else {"field": "body", "problem": "invalid"}
+    message = f"{first['field']}: {first['problem']}"
+    if len(problems) > 1:
+        message += f" (and {len(problems) - 1} more)"
+    return InvalidBody(message, problems)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
@@ -56,14 +68,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [
-            {"field": _where(tuple(e.get("loc", ()))), "problem": e.get("msg", "")} for e in exc.errors()
-        ]
-        first = problems[0] if problems else {"field": "body", "problem": "invalid"}
-        message = f"{first['field']}: {first['problem']}"
-        if len(problems) > 1:
-            message += f" (and {len(problems) - 1} more)"
-        return error_response(422, "validation_error", message, problems)
+        invalid = invalid_body(exc.errors())
+        return error_response(invalid.status, invalid.code, invalid.message, invalid.details)
 
     @app.exception_handler(OSError)  # connection refused or reset before SQLAlchemy wraps it
     @app.exception_handler(OperationalError)

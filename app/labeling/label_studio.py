@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.deliberation.results import POLICY_METRICS
 from app.exports.rows import CotRow, ExportOptions
-from app.labeling.reviews import Answers, Parsed, Question, Review, Skipped, utc
+from app.labeling.reviews import Answers, Parsed, Question, Retraction, Review, Skipped, utc
 from app.storable import storable_input
 
 SOURCE = "label_studio"
@@ -169,16 +169,25 @@ class TaskIn(_Loose):
     annotations: list[AnnotationIn] = Field(default_factory=list)
 
 
+class DeletedIn(_Loose):
+    """A deleted annotation: Label Studio sends only its id."""
+
+    id: int | str
+
+
 class WebhookIn(_Loose):
     """A Label Studio webhook event. ANNOTATION_CREATED and ANNOTATION_UPDATED carry one
-    annotation and its task; ANNOTATIONS_CREATED lists of both (matched by task id)."""
+    annotation and its task; ANNOTATIONS_CREATED lists of both (matched by task id);
+    ANNOTATIONS_DELETED lists the deleted annotations' ids under `annotations`."""
 
     action: str
     annotation: AnnotationIn | list[AnnotationIn] | None = None
     task: TaskIn | list[TaskIn] | None = None
+    annotations: list[DeletedIn] | None = None
 
 
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
+DELETION_EVENT = "ANNOTATIONS_DELETED"
 
 
 def read_export(tasks: list[TaskIn]) -> Parsed:
@@ -191,8 +200,16 @@ def read_export(tasks: list[TaskIn]) -> Parsed:
 
 
 def read_webhook(event: WebhookIn) -> Parsed:
-    """The annotation(s) of an annotation event; any other event is skipped as a whole."""
+    """The annotation(s) of an annotation event, or the retractions of a deletion; any other
+    event is skipped as a whole."""
     parsed = Parsed()
+    if event.action == DELETION_EVENT:
+        for deleted in event.annotations or []:
+            raw = {"action": event.action, "annotation": deleted.model_dump(mode="json")}
+            parsed.retractions.append(Retraction(SOURCE, str(deleted.id), raw))
+        if not event.annotations:
+            parsed.problems.append(f"{event.action} without the deleted annotations")
+        return parsed
     if event.action not in ANNOTATION_EVENTS:
         parsed.skipped.append(Skipped(None, f"{event.action} is not an annotation event"))
         return parsed

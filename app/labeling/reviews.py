@@ -60,12 +60,22 @@ class Skipped:
     reason: str
 
 
+@dataclass(frozen=True)
+class Retraction:
+    """An annotation deleted in the tool: its reviews stop counting (nothing is deleted here)."""
+
+    source: str
+    external_id: str  # the tool's id of the deleted annotation
+    raw: dict[str, Any]  # what the tool sent about the deletion
+
+
 @dataclass
 class Parsed:
-    """What a tool's file or event holds: reviews to store, annotations deliberately left
-    out, and problems that refuse the whole request."""
+    """What a tool's file or event holds: reviews to store, annotations deleted in the tool,
+    annotations deliberately left out, and problems that refuse the whole request."""
 
     reviews: list[Review] = field(default_factory=list)
+    retractions: list[Retraction] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 

@@ -220,23 +220,36 @@ class Judgement(Base):
 
 class Annotation(Base):
     """A human review of one CoT, imported from a labeling tool. Append-only: the model's
-    output is never changed, and a re-imported version of the same annotation is a no-op
-    (unique on source, external id and time), while an edited one adds a row."""
+    output is never changed, and a re-imported version of the same annotation is a no-op,
+    while an edited one adds a row and a deleted one adds a retraction.
+
+    An annotation's identity is (owner, item, source, the tool's id): tools number their
+    annotations per instance (Label Studio from 1), so the tool's id alone names nothing, and
+    no import of one key or one tool instance can change what another's reviews mean. The
+    latest version of an identity counts; a retraction is a version that counts as nothing."""
 
     __tablename__ = "annotations"
     __table_args__ = (
-        UniqueConstraint("source", "external_id", "annotated_at"),
+        UniqueConstraint(
+            "owner_key_id", "item_id", "source", "external_id", "annotated_at", name="uq_annotations_version"
+        ),
         Index("ix_annotations_item", "item_id", "annotated_at"),
         Index("ix_annotations_job", "job_id"),
+        Index("ix_annotations_owner_external", "owner_key_id", "source", "external_id"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    owner_key_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.id"))  # the job's owner
     item_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("items.id"))
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id"))
     source: Mapped[str] = mapped_column(String(16))  # label_studio | argilla
     external_id: Mapped[str] = mapped_column(String(200))  # the tool's id for this annotation
+    # The webhook that delivered it; None: imported from a file.
+    webhook_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("webhooks.id"))
     annotator: Mapped[str] = mapped_column(String(200))
     annotated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # True: the annotation was deleted in the tool; this version withdraws it.
+    retracted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     verdict: Mapped[str | None] = mapped_column(String(8))  # accept | reject; None: no decision
     edited_response: Mapped[str | None] = mapped_column(Text)  # the reviewer's version, if any
     policy_faithfulness: Mapped[int | None] = mapped_column(Integer)  # 1-5
@@ -246,3 +259,36 @@ class Annotation(Base):
     comment: Mapped[str | None] = mapped_column(Text)
     raw: Mapped[dict[str, Any]]  # what the tool sent, for audit
     created_at: Mapped[datetime] = _now()
+
+
+class Webhook(Base):
+    """An endpoint a labeling tool delivers reviews to, owned by one API key: its secret
+    admits reviews of that key's items only, so a leaked secret exposes one tenant at most.
+    The secret is stored as SHA-256 (it is random and long, like an API key)."""
+
+    __tablename__ = "webhooks"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    owner_key_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    source: Mapped[str] = mapped_column(String(16))  # label_studio
+    name: Mapped[str] = mapped_column(String(200))
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = _now()
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class WebhookRejection(Base):
+    """A delivery a webhook refused, with why. Label Studio sends each delivery once and keeps
+    no failure log, so this is the only trace of a review that did not arrive. The body is
+    kept only for deliveries that carried the right secret (the owner's own data)."""
+
+    __tablename__ = "webhook_rejections"
+    __table_args__ = (Index("ix_webhook_rejections_webhook_received", "webhook_id", "received_at"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    webhook_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("webhooks.id"))
+    owner_key_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.id"))
+    received_at: Mapped[datetime] = _now()
+    code: Mapped[str] = mapped_column(String(32))  # the error code the tool was answered with
+    message: Mapped[str] = mapped_column(Text)
+    body: Mapped[str | None] = mapped_column(Text)  # as received (capped); None: not authenticated

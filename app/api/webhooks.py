@@ -1,0 +1,192 @@
+"""/v1/webhooks: per-key webhooks for Label Studio, and their deliveries.
+
+Each webhook belongs to one API key and has its own URL and secret; a delivery is read
+against that key's items only, so a leaked secret exposes one tenant at most, and an answer
+never says whether another tenant's item exists. Label Studio sends each delivery once and
+keeps no failure log, so every refused delivery is kept for the owner to read (and, when it
+carried the right secret, with its body, to re-import by hand)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime
+from typing import Annotated, Literal
+from uuid import UUID
+
+import anyio
+from fastapi import APIRouter, Header, Query, Request, status
+from pydantic import BaseModel, Field, ValidationError
+
+from app.api.annotations import IMPORT_ERRORS, ImportOut, import_out
+from app.api.deps import CurrentKey, SessionDep
+from app.api.errors import documented, invalid_body
+from app.api.schemas import ErrorOut
+from app.errors import BadRequest, ServiceError
+from app.labeling import label_studio
+from app.labeling.reviews import Parsed
+from app.store import annotations
+from app.store import webhooks as store
+from app.store.models import Webhook, WebhookRejection
+
+router = APIRouter(prefix="/v1/webhooks", tags=["labeling"])
+log = logging.getLogger("aidsafe.api")
+SECRET_HEADER = "X-Aidsafe-Webhook-Secret"
+DELIVERY_ERRORS = {
+    **IMPORT_ERRORS,
+    401: {
+        "model": ErrorOut,
+        "description": f"No {SECRET_HEADER} header, a wrong secret, or a revoked webhook.",
+    },
+    404: {"model": ErrorOut, "description": "No such webhook."},
+}
+
+
+class WebhookIn(BaseModel):
+    source: Literal["label_studio"] = Field(default="label_studio", description="The tool that delivers.")
+    name: str = Field(min_length=1, max_length=200, description="Which tool instance or project, for you.")
+
+
+class WebhookOut(BaseModel):
+    id: UUID
+    source: str
+    name: str
+    url: str = Field(description="Where the tool delivers: set it as the webhook's URL in the tool.")
+    secret_header: str = Field(description="The header the tool must send the secret in.")
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class WebhookCreatedOut(WebhookOut):
+    secret: str = Field(description="Shown once: set it as the value of `secret_header` in the tool.")
+
+
+class RejectionOut(BaseModel):
+    received_at: datetime
+    code: str = Field(description="The error code the tool was answered with.")
+    message: str
+    body: str | None = Field(
+        description="The delivery as received (first 1,000,000 characters); null when it did not "
+        "carry the webhook's secret."
+    )
+
+
+def _webhook_out(request: Request, webhook: Webhook) -> WebhookOut:
+    return WebhookOut(
+        id=webhook.id,
+        source=webhook.source,
+        name=webhook.name,
+        url=str(request.url_for("label_studio_delivery", webhook_id=webhook.id)),
+        secret_header=SECRET_HEADER,
+        created_at=webhook.created_at,
+        revoked_at=webhook.revoked_at,
+    )
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, responses=documented(400, 401, 413, 422, 503))
+async def create_webhook(
+    body: WebhookIn, request: Request, session: SessionDep, key: CurrentKey
+) -> WebhookCreatedOut:
+    """A webhook for one tool instance (make one per Label Studio instance). Its deliveries
+    may carry reviews of this key's items only."""
+    webhook, secret = await store.create(session, key.id, body.source, body.name)
+    await session.commit()
+    return WebhookCreatedOut(**_webhook_out(request, webhook).model_dump(), secret=secret)
+
+
+@router.get("", responses=documented(401, 503))
+async def list_webhooks(request: Request, session: SessionDep, key: CurrentKey) -> list[WebhookOut]:
+    """This key's webhooks, revoked ones included, oldest first."""
+    return [_webhook_out(request, webhook) for webhook in await store.list_owned(session, key.id)]
+
+
+@router.post("/{webhook_id}/revoke", responses=documented(401, 404, 422, 503))
+async def revoke_webhook(
+    webhook_id: UUID, request: Request, session: SessionDep, key: CurrentKey
+) -> WebhookOut:
+    """Refuse its deliveries from now on (they are still logged). Revoking twice is harmless."""
+    webhook = await store.get_owned(session, webhook_id, key.id)
+    await store.revoke(session, webhook)
+    await session.commit()
+    return _webhook_out(request, webhook)
+
+
+@router.get("/{webhook_id}/rejections", responses=documented(401, 404, 422, 503))
+async def list_rejections(
+    webhook_id: UUID,
+    session: SessionDep,
+    key: CurrentKey,
+    limit: Annotated[int, Query(ge=1, le=store.KEPT_REJECTIONS, description="How many, newest first.")] = 100,
+) -> list[RejectionOut]:
+    """Deliveries this webhook refused, newest first (the newest 1,000 are kept)."""
+    webhook = await store.get_owned(session, webhook_id, key.id)
+    return [_rejection_out(row) for row in await store.recent_rejections(session, webhook, limit)]
+
+
+def _rejection_out(row: WebhookRejection) -> RejectionOut:
+    return RejectionOut(received_at=row.received_at, code=row.code, message=row.message, body=row.body)
+
+
+@router.post(
+    "/label-studio/{webhook_id}",
+    responses=DELIVERY_ERRORS,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "description": "A Label Studio webhook event.",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["action"],
+                        "properties": {"action": {"type": "string"}},
+                    }
+                }
+            },
+        }
+    },
+)
+async def label_studio_delivery(
+    webhook_id: UUID,
+    request: Request,
+    session: SessionDep,
+    secret: Annotated[str | None, Header(alias=SECRET_HEADER, description="The webhook's secret.")] = None,
+) -> ImportOut:
+    """Label Studio's webhook: ANNOTATION_CREATED, ANNOTATION_UPDATED, ANNOTATIONS_CREATED store
+    reviews; ANNOTATIONS_DELETED withdraws them; other events are acknowledged and skipped.
+    A refused delivery is kept: GET /v1/webhooks/{id}/rejections."""
+    webhook = await store.find(session, webhook_id, "label_studio")
+    owner_key_id = webhook.owner_key_id
+    body: str | None = None
+    try:
+        store.check_secret(webhook, secret, SECRET_HEADER)
+        raw = await request.body()
+        body = raw.decode("utf-8", errors="replace")
+        parsed = await anyio.to_thread.run_sync(_read_delivery, raw)  # JSON and validation: CPU
+        report = await annotations.record_reviews(
+            session, parsed, owner_key_id=owner_key_id, webhook_id=webhook_id
+        )
+        await session.commit()
+    except ServiceError as exc:
+        await session.rollback()
+        log.warning("webhook %s refused a delivery: %s %s", webhook_id, exc.code, exc.message)
+        await store.record_rejection(session, webhook_id, owner_key_id, exc.code, exc.message, body)
+        await session.commit()
+        raise
+    return import_out(report)
+
+
+def _read_delivery(raw: bytes) -> Parsed:
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"the body is not UTF-8 JSON text: {exc}") from None
+    except RecursionError:
+        raise BadRequest("the body is nested too deeply") from None
+    try:
+        event = label_studio.WebhookIn.model_validate(data)
+    except ValidationError as exc:
+        raise invalid_body(exc.errors(include_url=False)) from None
+    except RecursionError:
+        raise BadRequest("the body is nested too deeply") from None
+    return label_studio.read_webhook(event)

@@ -1,0 +1,110 @@
+"""Webhooks a labeling tool delivers reviews to: one per key and tool instance, each with its
+own secret, so a leaked secret admits reviews of one tenant's items at most. Deliveries
+refused are kept (the newest per webhook) for the owner to read."""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from uuid import UUID
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.errors import NotFound, Unauthorized
+from app.store.keys import hash_key
+from app.store.models import Webhook, WebhookRejection
+
+SECRET_PREFIX = "aidsafe_whsec_"
+SOURCES = ("label_studio",)
+KEPT_REJECTIONS = 1000  # per webhook; older ones are dropped as new ones come
+MAX_KEPT_BODY_CHARS = 1_000_000  # of a refused delivery's body
+
+
+async def create(session: AsyncSession, owner_key_id: UUID, source: str, name: str) -> tuple[Webhook, str]:
+    """A new webhook and its secret; the secret is stored only as a hash."""
+    secret = SECRET_PREFIX + secrets.token_urlsafe(32)
+    webhook = Webhook(owner_key_id=owner_key_id, source=source, name=name, secret_hash=hash_key(secret))
+    session.add(webhook)
+    await session.flush()
+    await session.refresh(webhook)
+    return webhook, secret
+
+
+async def list_owned(session: AsyncSession, owner_key_id: UUID) -> list[Webhook]:
+    query = select(Webhook).where(Webhook.owner_key_id == owner_key_id).order_by(Webhook.created_at)
+    return list(await session.scalars(query))
+
+
+async def get_owned(session: AsyncSession, webhook_id: UUID, owner_key_id: UUID) -> Webhook:
+    webhook = await session.get(Webhook, webhook_id)
+    if webhook is None or webhook.owner_key_id != owner_key_id:
+        raise NotFound("no such webhook")
+    return webhook
+
+
+async def revoke(session: AsyncSession, webhook: Webhook) -> None:
+    """From now on its deliveries are refused (and logged). Revoking twice is harmless."""
+    await session.execute(
+        update(Webhook)
+        .where(Webhook.id == webhook.id, Webhook.revoked_at.is_(None))
+        .values(revoked_at=func.now())
+    )
+    await session.refresh(webhook)
+
+
+async def find(session: AsyncSession, webhook_id: UUID, source: str) -> Webhook:
+    """The webhook a delivery is addressed to; NotFound for an unknown one (which tells a
+    caller without its secret nothing about anyone's data)."""
+    webhook = await session.get(Webhook, webhook_id)
+    if webhook is None or webhook.source != source:
+        raise NotFound("no such webhook")
+    return webhook
+
+
+def check_secret(webhook: Webhook, secret: str | None, header: str) -> None:
+    """Unauthorized unless `secret` is the webhook's and it is not revoked."""
+    if webhook.revoked_at is not None:
+        raise Unauthorized("this webhook was revoked")
+    if secret is None or not hmac.compare_digest(hash_key(secret), webhook.secret_hash):
+        raise Unauthorized(f"send the webhook's secret in the {header} header")
+
+
+async def record_rejection(
+    session: AsyncSession, webhook_id: UUID, owner_key_id: UUID, code: str, message: str, body: str | None
+) -> None:
+    """Keep a refused delivery (its body only if it was authenticated: the owner's data),
+    and drop the webhook's rejections beyond the newest KEPT_REJECTIONS."""
+    session.add(
+        WebhookRejection(
+            webhook_id=webhook_id,
+            owner_key_id=owner_key_id,
+            code=code,
+            message=message,
+            body=None if body is None else body[:MAX_KEPT_BODY_CHARS],
+        )
+    )
+    await session.flush()
+    newest = (
+        select(WebhookRejection.id)
+        .where(WebhookRejection.webhook_id == webhook_id)
+        .order_by(WebhookRejection.id.desc())
+        .limit(KEPT_REJECTIONS)
+    )
+    await session.execute(
+        delete(WebhookRejection).where(
+            WebhookRejection.webhook_id == webhook_id, WebhookRejection.id.not_in(newest)
+        )
+    )
+
+
+async def recent_rejections(session: AsyncSession, webhook: Webhook, limit: int) -> list[WebhookRejection]:
+    query = (
+        select(WebhookRejection)
+        .where(
+            WebhookRejection.webhook_id == webhook.id, WebhookRejection.owner_key_id == webhook.owner_key_id
+        )
+        .order_by(WebhookRejection.id.desc())
+        .limit(limit)
+    )
+    return list(await session.scalars(query))

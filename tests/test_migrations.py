@@ -1,0 +1,100 @@
+"""Migrations carry existing rows forward: each test builds its own database at an older
+revision, writes rows as that revision's code did, and upgrades to head."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+from alembic import command
+from alembic.config import Config
+
+from tests.conftest import PG_ADMIN_DSN, ROOT, RUN_ID, _admin
+
+
+@pytest.fixture
+async def old_database() -> AsyncIterator[tuple[Config, str]]:
+    """An empty database of its own and an Alembic config pointed at it."""
+    name = f"aidsafe_test_{RUN_ID}_migrations"
+    await _admin(f'CREATE DATABASE "{name}"')
+    dsn = PG_ADMIN_DSN.rsplit("/", 1)[0] + "/" + name
+    config = Config(str(ROOT / "alembic.ini"))
+    config.attributes["database_url"] = dsn.replace("postgresql://", "postgresql+asyncpg://")
+    try:
+        yield config, dsn
+    finally:
+        await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def test_annotations_get_their_jobs_owner_and_a_per_item_identity(
+    old_database: tuple[Config, str],
+) -> None:
+    config, dsn = old_database
+    await asyncio.to_thread(command.upgrade, config, "0003_annotations")
+    connection = await asyncpg.connect(dsn)
+    try:
+        owners = [uuid.uuid4(), uuid.uuid4()]
+        items = []
+        for owner in owners:
+            job, item, policy_set = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+            await connection.execute(
+                "INSERT INTO api_keys (id, name, prefix, key_hash) VALUES ($1, 'k', 'p', $2)",
+                owner,
+                owner.hex,
+            )
+            await connection.execute(
+                "INSERT INTO policy_sets (id, name, version, description, policies) "
+                "VALUES ($1, 'p', $2, '', '[]')",
+                policy_set,
+                owner.hex[:32],
+            )
+            await connection.execute(
+                "INSERT INTO jobs (id, owner_key_id, policy_set_id, config, request_hash, item_count) "
+                "VALUES ($1, $2, $3, '{}', 'h', 1)",
+                job,
+                owner,
+                policy_set,
+            )
+            await connection.execute(
+                "INSERT INTO items (id, job_id, position, prompt, metadata, status, stage, attempts, "
+                "failures, enqueues) VALUES ($1, $2, 0, 'p', '{}', 'completed', 'done', 1, 0, 1)",
+                item,
+                job,
+            )
+            items.append((item, job))
+        for (item, job), annotation_id in zip(items, ("1", "2"), strict=True):
+            await connection.execute(
+                "INSERT INTO annotations (id, item_id, job_id, source, external_id, annotator, "
+                "annotated_at, verdict, flagged_thoughts, raw) "
+                "VALUES ($1, $2, $3, 'label_studio', $4, 'a', now(), 'accept', '[]', '{}')",
+                uuid.uuid4(),
+                item,
+                job,
+                annotation_id,
+            )
+
+        await asyncio.to_thread(command.upgrade, config, "head")
+
+        rows = await connection.fetch(
+            "SELECT item_id, owner_key_id, retracted FROM annotations ORDER BY external_id"
+        )
+        assert [(r["item_id"], r["owner_key_id"], r["retracted"]) for r in rows] == [
+            (items[0][0], owners[0], False),
+            (items[1][0], owners[1], False),
+        ]
+        # The same tool id and time is now a different annotation for another owner's item.
+        copied = await connection.execute(
+            "INSERT INTO annotations (id, owner_key_id, item_id, job_id, source, external_id, annotator, "
+            "annotated_at, flagged_thoughts, raw) SELECT gen_random_uuid(), $1, $2, $3, source, external_id, "
+            "annotator, annotated_at, flagged_thoughts, raw FROM annotations WHERE item_id = $4",
+            owners[1],
+            items[1][0],
+            items[1][1],
+            items[0][0],
+        )
+        assert copied == "INSERT 0 1"
+    finally:
+        await connection.close()

@@ -1,0 +1,315 @@
+"""Label Studio webhooks: one per key and tool instance, each with its own secret. A delivery
+reads the owner's items only, deletions withdraw reviews, and every refused delivery is kept
+for the owner to read."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import httpx
+import pytest
+
+from app.config import Settings
+from app.store.db import Sessions
+from tests.conftest import new_key
+from tests.test_api import error_of
+from tests.test_cli import aidsafe
+from tests.test_labeling import PROMPTS, approved, fixture, graded_job, item_ids, stored
+
+Headers = dict[str, str]
+HEADER = "X-Aidsafe-Webhook-Secret"
+
+
+@pytest.fixture
+async def other(sessions: Sessions) -> Headers:
+    return await new_key(sessions, "bob")
+
+
+async def new_webhook(api: httpx.AsyncClient, auth: Headers, name: str = "ls-prod") -> dict[str, Any]:
+    response = await api.post("/v1/webhooks", json={"name": name}, headers=auth)
+    assert response.status_code == 201, response.text
+    return dict(response.json())
+
+
+async def deliver(
+    api: httpx.AsyncClient, webhook: dict[str, Any], event: Any, secret: str | None = None
+) -> httpx.Response:
+    path = httpx.URL(webhook["url"]).path
+    headers = {HEADER: webhook["secret"] if secret is None else secret}
+    return await api.post(path, json=event, headers=headers)
+
+
+async def rejections(api: httpx.AsyncClient, auth: Headers, webhook: dict[str, Any]) -> list[dict[str, Any]]:
+    response = await api.get(f"/v1/webhooks/{webhook['id']}/rejections", headers=auth)
+    assert response.status_code == 200, response.text
+    return list(response.json())
+
+
+def deletion(*annotation_ids: int) -> dict[str, Any]:
+    """Label Studio's ANNOTATIONS_DELETED event: only the ids."""
+    return {
+        "action": "ANNOTATIONS_DELETED",
+        "annotations": [{"id": i} for i in annotation_ids],
+        "project": {"id": 3},
+    }
+
+
+async def test_a_webhook_is_made_per_key_with_a_secret_shown_once(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    made = await new_webhook(api, auth)
+
+    listed = (await api.get("/v1/webhooks", headers=auth)).json()
+
+    assert made["secret"].startswith("aidsafe_whsec_") and made["secret_header"] == HEADER
+    assert made["url"].endswith(f"/v1/webhooks/label-studio/{made['id']}")
+    assert [w["id"] for w in listed] == [made["id"]] and "secret" not in listed[0]
+
+
+async def test_a_delivery_to_an_unknown_webhook_is_not_found(api: httpx.AsyncClient) -> None:
+    response = await api.post(
+        "/v1/webhooks/label-studio/00000000-0000-4000-8000-000000000009",
+        json={"action": "ANNOTATION_CREATED"},
+        headers={HEADER: "anything"},
+    )
+
+    error_of(response, 404, "not_found")
+
+
+async def test_a_missing_or_wrong_secret_is_refused_and_logged_without_the_body(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    webhook = await new_webhook(api, auth)
+    job_id = await graded_job(api, auth, settings, PROMPTS[:1])
+    event = fixture("label_studio_webhook.json", await item_ids(api, auth, job_id))
+    path = httpx.URL(webhook["url"]).path
+
+    for headers in ({}, {HEADER: "wrong"}, auth):
+        error_of(await api.post(path, json=event, headers=headers), 401, "unauthorized")
+
+    assert await stored(sessions) == []
+    logged = await rejections(api, auth, webhook)
+    assert [(r["code"], r["body"]) for r in logged] == [("unauthorized", None)] * 3
+
+
+async def test_created_and_updated_annotations_are_stored(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    webhook = await new_webhook(api, auth)
+    job_id = await graded_job(api, auth, settings, PROMPTS[:1])
+    [item_id] = await item_ids(api, auth, job_id)
+    created = fixture("label_studio_webhook.json", [item_id])
+    updated = copy.deepcopy(created)
+    updated["action"] = "ANNOTATION_UPDATED"
+    updated["annotation"]["updated_at"] = "2026-11-21T09:00:00.000000Z"
+    updated["annotation"]["result"][0]["value"]["choices"] = ["reject"]
+
+    reports = [(await deliver(api, webhook, event)).json() for event in (created, created, updated)]
+
+    assert [(r["imported"], r["duplicates"]) for r in reports] == [(1, 0), (0, 1), (1, 0)]
+    rows = await stored(sessions)
+    assert [(str(r.item_id), r.external_id, r.verdict, r.annotator, str(r.webhook_id)) for r in rows] == [
+        (item_id, "601", "accept", "3", webhook["id"]),
+        (item_id, "601", "reject", "3", webhook["id"]),
+    ]
+    assert await approved(sessions, job_id) == set()
+
+
+async def test_bulk_created_annotations_are_read_by_task(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    webhook = await new_webhook(api, auth)
+    job_id = await graded_job(api, auth, settings, PROMPTS[:2])
+    ids = await item_ids(api, auth, job_id)
+    single = fixture("label_studio_webhook.json", ids)
+    second_task = {**copy.deepcopy(single["task"]), "id": 105, "data": {"item_id": ids[1]}}
+    second = {**copy.deepcopy(single["annotation"]), "id": 602, "task": 105}
+    second["result"][0]["value"]["choices"] = ["reject"]
+    bulk = {**single, "action": "ANNOTATIONS_CREATED", "annotation": [second, single["annotation"]]}
+    bulk["task"] = [single["task"], second_task]
+
+    response = await deliver(api, webhook, bulk)
+
+    assert response.json()["imported"] == 2, response.text
+    assert {(str(r.item_id), r.verdict) for r in await stored(sessions)} == {
+        (ids[0], "accept"),
+        (ids[1], "reject"),
+    }
+
+
+async def test_other_events_are_acknowledged_and_store_nothing(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    webhook = await new_webhook(api, auth)
+    event = {"action": "TASKS_CREATED", "tasks": [{"id": 1, "data": {}}], "project": {"id": 3}}
+
+    response = await deliver(api, webhook, event)
+
+    assert response.status_code == 200, response.text
+    assert response.json()["skipped"] == [
+        {"annotation": None, "reason": "TASKS_CREATED is not an annotation event"}
+    ]
+    assert await stored(sessions) == []
+
+
+async def test_another_keys_item_is_unknown_like_an_item_nobody_has_and_the_refusal_is_kept(
+    api: httpx.AsyncClient, auth: Headers, other: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    webhook = await new_webhook(api, auth)
+    theirs = await graded_job(api, other, settings, PROMPTS[:1])
+    [their_item] = await item_ids(api, other, theirs)
+    nobodys = "00000000-0000-4000-8000-000000000002"
+
+    answers = [
+        await deliver(api, webhook, fixture("label_studio_webhook.json", [item_id]))
+        for item_id in (their_item, nobodys)
+    ]
+
+    first, second = (error_of(answer, 422, "unknown_items") for answer in answers)
+    assert first["message"].replace(their_item, nobodys) == second["message"]
+    assert await stored(sessions) == []
+    logged = await rejections(api, auth, webhook)
+    assert [r["code"] for r in logged] == ["unknown_items", "unknown_items"]
+    assert nobodys in (logged[0]["body"] or "") and their_item in (logged[1]["body"] or "")
+
+
+async def test_a_revoked_webhook_refuses_deliveries(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    webhook = await new_webhook(api, auth)
+    job_id = await graded_job(api, auth, settings, PROMPTS[:1])
+    event = fixture("label_studio_webhook.json", await item_ids(api, auth, job_id))
+    revoked = await api.post(f"/v1/webhooks/{webhook['id']}/revoke", headers=auth)
+
+    response = await deliver(api, webhook, event)
+
+    assert revoked.status_code == 200 and revoked.json()["revoked_at"] is not None
+    assert "revoked" in error_of(response, 401, "unauthorized")["message"]
+    assert await stored(sessions) == []
+
+
+async def test_a_keys_webhooks_and_rejections_are_its_own(
+    api: httpx.AsyncClient, auth: Headers, other: Headers
+) -> None:
+    webhook = await new_webhook(api, auth)
+
+    for method, url in (
+        ("GET", f"/v1/webhooks/{webhook['id']}/rejections"),
+        ("POST", f"/v1/webhooks/{webhook['id']}/revoke"),
+    ):
+        error_of(await api.request(method, url, headers=other), 404, "not_found")
+    assert (await api.get("/v1/webhooks", headers=other)).json() == []
+
+
+async def test_an_unreadable_delivery_is_refused_and_kept_with_its_body(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    webhook = await new_webhook(api, auth)
+    path = httpx.URL(webhook["url"]).path
+
+    not_json = await api.post(path, content=b"{not json", headers={HEADER: webhook["secret"]})
+    no_action = await api.post(
+        path, content=b'{"annotation": {"id": 1}}', headers={HEADER: webhook["secret"]}
+    )
+
+    error_of(not_json, 400, "bad_request")
+    error_of(no_action, 422, "validation_error")
+    logged = await rejections(api, auth, webhook)
+    assert [(r["code"], r["body"]) for r in logged] == [
+        ("validation_error", '{"annotation": {"id": 1}}'),
+        ("bad_request", "{not json"),
+    ]
+
+
+# --- deletions --------------------------------------------------------------------------------
+
+
+async def test_deleting_an_annotation_retracts_it_and_the_cot_is_no_longer_approved(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    webhook = await new_webhook(api, auth)
+    job_id = await graded_job(api, auth, settings, PROMPTS[:1])
+    [item_id] = await item_ids(api, auth, job_id)
+    await deliver(api, webhook, fixture("label_studio_webhook.json", [item_id]))
+    assert await approved(sessions, job_id) == {item_id}
+
+    report = (await deliver(api, webhook, deletion(601))).json()
+    again = (await deliver(api, webhook, deletion(601))).json()
+
+    assert (report["retracted"], report["skipped"]) == (1, [])
+    assert again["retracted"] == 0 and again["skipped"][0]["annotation"] == "601"
+    assert await approved(sessions, job_id) == set()
+    versions = await stored(sessions)
+    assert [(v.verdict, v.retracted) for v in versions] == [("accept", False), (None, True)]  # appended
+    export = await api.get(
+        f"/v1/jobs/{job_id}/export", params={"format": "label_studio", "human_approved": "true"}, headers=auth
+    )
+    assert export.json() == []
+
+
+async def test_a_deleted_annotation_reimported_from_an_old_file_stays_retracted(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    webhook = await new_webhook(api, auth)
+    job_id = await graded_job(api, auth, settings)
+    ids = await item_ids(api, auth, job_id)
+    old_file = fixture("label_studio_export.json", ids)  # annotation 501 accepts ids[0]
+    await api.post(f"/v1/jobs/{job_id}/annotations/label-studio", json=old_file, headers=auth)
+    await deliver(api, webhook, deletion(501))
+
+    again = await api.post(f"/v1/jobs/{job_id}/annotations/label-studio", json=old_file, headers=auth)
+
+    assert again.json()["duplicates"] == 2
+    assert await approved(sessions, job_id) == set()
+
+
+async def test_a_deletion_from_another_instance_does_not_retract_this_ones_annotation(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    first, second = await new_webhook(api, auth, "instance A"), await new_webhook(api, auth, "instance B")
+    job_id = await graded_job(api, auth, settings, PROMPTS[:1])
+    [item_id] = await item_ids(api, auth, job_id)
+    await deliver(api, first, fixture("label_studio_webhook.json", [item_id]))
+
+    report = (await deliver(api, second, deletion(601))).json()
+
+    assert report["retracted"] == 0
+    assert await approved(sessions, job_id) == {item_id}
+
+
+async def test_a_deletion_never_reaches_another_keys_annotation(
+    api: httpx.AsyncClient, auth: Headers, other: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    mine, theirs = await new_webhook(api, auth), await new_webhook(api, other)
+    job_id = await graded_job(api, auth, settings, PROMPTS[:1])
+    [item_id] = await item_ids(api, auth, job_id)
+    await deliver(api, mine, fixture("label_studio_webhook.json", [item_id]))
+
+    report = (await deliver(api, theirs, deletion(601))).json()
+
+    assert report["retracted"] == 0
+    assert await approved(sessions, job_id) == {item_id}
+
+
+async def test_the_cli_makes_lists_and_revokes_webhooks_and_shows_refusals(
+    live_api: str, auth: Headers
+) -> None:
+    code, made = await aidsafe(live_api, auth, "webhooks", "create", "ls-staging")
+    assert code == 0, made
+    secret = made.strip().splitlines()[-1]
+    url = next(line.split()[-1] for line in made.splitlines() if "URL:" in line)
+    async with httpx.AsyncClient() as client:
+        refused = await client.post(url, json={"action": "ANNOTATION_CREATED"}, headers={HEADER: "wrong"})
+        accepted = await client.post(url, json={"action": "TASKS_CREATED"}, headers={HEADER: secret})
+    assert (refused.status_code, accepted.status_code) == (401, 200)
+
+    code, listing = await aidsafe(live_api, auth, "webhooks", "list")
+    webhook_id = url.rsplit("/", 1)[-1]
+    assert code == 0 and webhook_id in listing and "ls-staging" in listing and "revoked" not in listing
+    code, refusals = await aidsafe(live_api, auth, "webhooks", "rejections", webhook_id)
+    assert code == 0 and "unauthorized" in refusals and "no body" in refusals, refusals
+    code, revoked = await aidsafe(live_api, auth, "webhooks", "revoke", webhook_id)
+    assert code == 0 and "Revoked" in revoked
+    _, listing = await aidsafe(live_api, auth, "webhooks", "list")
+    assert "revoked" in listing
