@@ -22,7 +22,7 @@ from app.api.annotations import IMPORT_ERRORS, ImportOut, import_out
 from app.api.deps import CurrentKey, SessionDep
 from app.api.errors import documented, invalid_body
 from app.api.schemas import ErrorOut
-from app.errors import BadRequest, ServiceError
+from app.errors import BadRequest, NotFound, ServiceError
 from app.labeling import label_studio
 from app.labeling.reviews import Parsed
 from app.store import annotations
@@ -155,7 +155,11 @@ async def label_studio_delivery(
     """Label Studio's webhook: ANNOTATION_CREATED, ANNOTATION_UPDATED, ANNOTATIONS_CREATED store
     reviews; ANNOTATIONS_DELETED withdraws them; other events are acknowledged and skipped.
     A refused delivery is kept: GET /v1/webhooks/{id}/rejections."""
-    webhook = await store.find(session, webhook_id, "label_studio")
+    try:
+        webhook = await store.find(session, webhook_id, "label_studio")
+    except NotFound:
+        log.warning("a delivery to unknown webhook %s was refused", webhook_id)
+        raise
     owner_key_id = webhook.owner_key_id
     body: str | None = None
     try:
