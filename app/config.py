@@ -22,6 +22,10 @@ class EndpointConfig(BaseModel):
     # How to ask for structured output: OpenAI's "json_schema" (OpenAI, vLLM, Ollama,
     # SGLang, llama.cpp's llama-server) or "json_object" + schema (llama-cpp-python).
     response_format: Literal["json_schema", "json_object"] = "json_schema"
+    # The model's context in tokens (vLLM's --max-model-len, llama.cpp's n_ctx): jobs whose
+    # requests may not fit are refused, and no request estimated over it is sent. None:
+    # unknown, only the caps on prompts, policies and max_tokens apply.
+    max_context_tokens: int | None = Field(default=None, ge=1)
 
 
 class Settings(BaseSettings):
@@ -42,6 +46,7 @@ class Settings(BaseSettings):
     llm_requests_per_minute: int | None = Field(default=None, ge=1)
     llm_tokens_per_minute: int | None = Field(default=None, ge=1)
     llm_response_format: Literal["json_schema", "json_object"] = "json_schema"
+    llm_max_context_tokens: int | None = Field(default=None, ge=1)
     # More endpoints by name, as JSON: {"vllm": {"base_url": "http://gpu:8000/v1"}}
     llm_endpoints: dict[str, EndpointConfig] = Field(default_factory=dict)
     llm_timeout_s: float = Field(default=120.0, gt=0)
@@ -97,6 +102,7 @@ class Settings(BaseSettings):
             tokens_per_minute=self.llm_tokens_per_minute,
             default_model=self.llm_model,
             response_format=self.llm_response_format,
+            max_context_tokens=self.llm_max_context_tokens,
         )
         return {"default": default, **self.llm_endpoints}
 

@@ -59,6 +59,13 @@ class UnknownPolicySet(ServiceError):
     code = "unknown_policy_set"
 
 
+class RequestTooLarge(ServiceError):
+    """A job could send an LLM endpoint more than it takes: its context, or the policy cap."""
+
+    status = 422
+    code = "request_too_large"
+
+
 class InvalidCursor(ServiceError):
     status = 400
     code = "invalid_cursor"

@@ -10,6 +10,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.config import Settings
+from app.deliberation.budget import RequestBudget, estimate_tokens, judge_request, largest_requests
 from app.deliberation.config import (
     GradingConfig,
     GuardConfig,
@@ -19,8 +20,9 @@ from app.deliberation.config import (
     PipelineConfig,
     RoleConfig,
 )
+from app.deliberation.policies import MAX_POLICY_TEXT_CHARS, PolicySet
 from app.deliberation.results import METRICS
-from app.errors import InvalidConfig
+from app.errors import InvalidConfig, RequestTooLarge
 
 Metric = Literal[METRICS]  # type: ignore[valid-type]
 Score = Annotated[float, Field(ge=1, le=5)]
@@ -209,3 +211,48 @@ def resolve_comparison(
 
 def to_judge(stored: dict[str, Any]) -> RoleConfig:
     return RoleConfig(**stored["judge"])
+
+
+def check_job_fits(
+    stored: dict[str, Any], policies: PolicySet, prompts: list[str], settings: Settings
+) -> None:
+    """Raise RequestTooLarge if some request of this job may not fit its endpoint."""
+    longest = max(prompts, key=estimate_tokens)
+    _check_fits(largest_requests(to_pipeline(stored), policies, longest), policies, settings)
+
+
+def check_comparison_fits(
+    stored: dict[str, Any],
+    policies: PolicySet,
+    longest_prompt: str,
+    sample_max_tokens: tuple[int, int],
+    settings: Settings,
+) -> None:
+    """Raise RequestTooLarge if the judge's requests may not fit its endpoint; the samples are
+    the last replies of jobs with these max_tokens."""
+    judge = judge_request(to_judge(stored), policies, longest_prompt, sample_max_tokens, stored["max_tokens"])
+    _check_fits([judge], policies, settings)
+
+
+def _check_fits(budgets: list[RequestBudget], policies: PolicySet, settings: Settings) -> None:
+    # The cap applies to sets registered before it existed, whatever the endpoints take.
+    if len(policies.text) > MAX_POLICY_TEXT_CHARS:
+        raise RequestTooLarge(
+            f"policy set '{policies.name}' version {policies.version} renders to "
+            f"{len(policies.text):,} characters of prompt text; at most {MAX_POLICY_TEXT_CHARS:,} are allowed"
+        )
+    endpoints = settings.endpoints()
+    over = [
+        {"role": b.role, "endpoint": b.endpoint, "estimated_tokens": b.tokens, "max_context_tokens": limit}
+        for b in budgets
+        if (limit := endpoints[b.endpoint].max_context_tokens) is not None and b.tokens > limit
+    ]
+    if over:
+        worst = max(over, key=lambda o: o["estimated_tokens"] - o["max_context_tokens"])
+        raise RequestTooLarge(
+            f"role '{worst['role']}' may send endpoint '{worst['endpoint']}' requests of about "
+            f"{worst['estimated_tokens']:,} tokens with max_tokens, over its max_context_tokens of "
+            f"{worst['max_context_tokens']:,}; lower max_tokens, max_rounds or agents, shorten the "
+            "prompts or the policies, or use an endpoint with a larger context",
+            details=over,
+        )

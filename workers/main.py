@@ -170,7 +170,7 @@ async def _process_claimed(ctx: dict[str, Any], claim: items.Claim) -> Ending:
         await items.release(sessions, claim, f"llm_unavailable: {exc}", failed=False)
         raise Retry(defer=_backoff_s(settings, claim.attempt)) from exc
     except LLMRequestRejected as exc:
-        return await _fail(sessions, claim, "llm_request_rejected", str(exc))
+        return await _fail(sessions, claim, exc.code, str(exc))
     except Exception as exc:  # Postgres or Redis blip, or a bug: retry a bounded number of times
         log.exception("item %s attempt %d hit an unexpected error", claim.item_id, claim.attempt)
         with contextlib.suppress(Exception):  # if this fails too, the lease expiry recovers it

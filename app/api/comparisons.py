@@ -14,8 +14,8 @@ from app.api.deps import ArqDep, CurrentKey, SessionDep, SettingsDep
 from app.api.errors import documented
 from app.api.jobs import ERRORS, IdempotencyKey, enqueue_committed
 from app.api.schemas import ComparisonIn, ComparisonOut
-from app.pipeline_config import resolve_comparison
-from app.store import comparisons, jobs
+from app.pipeline_config import check_comparison_fits, resolve_comparison
+from app.store import comparisons, jobs, policy_sets
 from app.store.models import Job
 
 router = APIRouter(prefix="/v1/comparisons", tags=["comparisons"])
@@ -52,10 +52,18 @@ async def create_comparison(
 ) -> ComparisonOut:
     """Compare two of this key's jobs on the prompts both completed (exact text; 422
     `no_common_prompts` if none). A judge reads each pair of samples in both orders; a
-    sample wins only if preferred both times. Runs as a job of mode `comparison`."""
+    sample wins only if preferred both times. Runs as a job of mode `comparison`. 422
+    `request_too_large` if the judge's requests may not fit its endpoint's context."""
     baseline = await jobs.get_owned(session, body.baseline_job_id, key.id)
     candidate = await jobs.get_owned(session, body.candidate_job_id, key.id)
     config = resolve_comparison(body.judge, settings, baseline.id, candidate.id)
+    check_comparison_fits(
+        config,
+        policy_sets.for_engine(await policy_sets.by_id(session, candidate.policy_set_id)),
+        await comparisons.longest_prompt(session, candidate.id),
+        (baseline.config["max_tokens"], candidate.config["max_tokens"]),
+        settings,
+    )
     job, new_item_ids = await comparisons.create(
         session,
         owner_key_id=key.id,

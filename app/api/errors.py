@@ -28,7 +28,7 @@ _WHY = {
     413: "The request body is over the size limit.",
     422: (
         "The request is invalid (validation_error, invalid_config, unknown_policy_set, "
-        "no_common_prompts, invalid_filter)."
+        "no_common_prompts, invalid_filter, request_too_large)."
     ),
     503: "The database is unavailable; retry shortly.",
 }

@@ -16,7 +16,7 @@ from app.api.errors import documented
 from app.api.schemas import CotPage, ItemPage, ItemStatus, JobIn, JobOut, PreferencePairPage, ReportOut
 from app.api.summaries import job_out
 from app.config import Settings
-from app.pipeline_config import resolve
+from app.pipeline_config import check_job_fits, resolve
 from app.queue import enqueue_items
 from app.store import jobs, policy_sets
 
@@ -46,18 +46,21 @@ async def submit_job(
     arq: ArqDep,
     idempotency_key: IdempotencyKey = None,
 ) -> JobOut:
-    """Accept a batch of 1 to 10,000 prompts; one arq job per item is enqueued after commit."""
+    """Accept a batch of 1 to 10,000 prompts; one arq job per item is enqueued after commit.
+    422 `request_too_large` if a role's requests may not fit its endpoint's context."""
     config = resolve(body.config, settings)
     request_hash = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
     policy_set = await policy_sets.resolve_for_job(
         session, key.id, body.policy_set.name, body.policy_set.version
     )
+    prompts = body.prompt_items()
+    check_job_fits(config, policy_sets.for_engine(policy_set), [p.prompt for p in prompts], settings)
     job, new_item_ids = await jobs.submit(
         session,
         owner_key_id=key.id,
         policy_set_id=policy_set.id,
         config=config,
-        items=[jobs.NewItem(p.prompt, p.metadata) for p in body.prompt_items()],
+        items=[jobs.NewItem(p.prompt, p.metadata) for p in prompts],
         idempotency_key=idempotency_key,
         request_hash=request_hash,
     )

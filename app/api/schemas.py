@@ -6,8 +6,9 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from app.deliberation.policies import MAX_POLICY_TEXT_CHARS, render_policies
 from app.pipeline_config import JobConfigIn, RoleIn
 from app.storable import storable_input
 
@@ -82,17 +83,22 @@ class PolicySetDetailOut(PolicySetOut):
     policies: list[dict[str, Any]]
 
 
+PolicyEntry = Annotated[str, Field(min_length=1, max_length=1000)]
+
+
 class BorderlineExample(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     prompt: str = Field(min_length=1, max_length=2000)
     guidance: str = Field(min_length=1, max_length=2000)
 
 
 class PolicyIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     id: str = Field(min_length=1, max_length=100, pattern=r"^[a-z0-9][a-z0-9_-]*$")
     title: str = Field(min_length=1, max_length=200)
     scope: str = Field(min_length=1, max_length=5000)
-    allowed: list[str] = Field(default_factory=list, max_length=50)
-    not_allowed: list[str] = Field(default_factory=list, max_length=50)
+    allowed: list[PolicyEntry] = Field(default_factory=list, max_length=50)
+    not_allowed: list[PolicyEntry] = Field(default_factory=list, max_length=50)
     borderline_examples: list[BorderlineExample] = Field(default_factory=list, max_length=20)
 
 
@@ -100,9 +106,27 @@ class PolicySetIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str = Field(default="", max_length=5000)
-    policies: list[PolicyIn] = Field(min_length=1, max_length=50)
+    policies: list[PolicyIn] = Field(
+        min_length=1,
+        max_length=50,
+        description=f"Distinct ids; rendered for the prompts, at most {MAX_POLICY_TEXT_CHARS:,} characters.",
+    )
 
     _storable = model_validator(mode="before")(storable_input)
+
+    @field_validator("policies")
+    @classmethod
+    def _fit_in_a_prompt(cls, policies: list[PolicyIn]) -> list[PolicyIn]:
+        ids = [policy.id for policy in policies]
+        if duplicates := sorted({i for i in ids if ids.count(i) > 1}):
+            raise ValueError(f"duplicate policy id {', '.join(map(repr, duplicates))}")
+        chars = len(render_policies([policy.model_dump() for policy in policies]))
+        if chars > MAX_POLICY_TEXT_CHARS:
+            raise ValueError(
+                f"the policies render to {chars:,} characters of prompt text; at most "
+                f"{MAX_POLICY_TEXT_CHARS:,} are allowed"
+            )
+        return policies
 
 
 class PolicySetBrief(BaseModel):

@@ -11,6 +11,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+# The rendered text of a policy set goes into every request a job makes, on endpoints that
+# tenants share: about 12,000 tokens of English at most (the default set is 7,300 characters).
+MAX_POLICY_TEXT_CHARS = 50_000
+
 
 @dataclass(frozen=True)
 class PolicySet:

@@ -51,8 +51,16 @@ class LLMRequestRejected(Exception):
     """The endpoint refused the request itself (4xx other than 429): retrying will not help.
 
     Permanent by nature (bad model name, bad key, unknown endpoint): the caller should
-    fail the item rather than retry it.
+    fail the item, with `code`, rather than retry it.
     """
+
+    code = "llm_request_rejected"
+
+
+class LLMRequestTooLarge(LLMRequestRejected):
+    """The request was not sent: it may not fit the endpoint's context."""
+
+    code = "request_too_large"
 
 
 class Stage(StrEnum):

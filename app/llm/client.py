@@ -33,7 +33,14 @@ from tenacity import (
 )
 
 from app.config import EndpointConfig
-from app.deliberation.ports import ChatReply, ChatRequest, LLMRequestRejected, LLMUnavailable
+from app.deliberation.budget import request_tokens
+from app.deliberation.ports import (
+    ChatReply,
+    ChatRequest,
+    LLMRequestRejected,
+    LLMRequestTooLarge,
+    LLMUnavailable,
+)
 from app.llm.limits import EndpointLimiter, Slot
 from app.llm.rates import EndpointRates, Reservation
 from app.metrics import LLM_REQUEST_SECONDS, LLM_TOKENS
@@ -137,12 +144,15 @@ class OpenAICompatibleClient:
     async def chat(self, request: ChatRequest) -> ChatReply:
         """Send one chat completion with the request's JSON schema as response_format.
 
-        Raises LLMRequestRejected for an unknown endpoint or a 4xx other than 429, and
-        LLMUnavailable once max_retries retries of transient faults are spent.
+        Raises LLMRequestRejected for an unknown endpoint or a 4xx other than 429,
+        LLMRequestTooLarge (unsent) for a request estimated over the endpoint's
+        max_context_tokens, and LLMUnavailable once max_retries retries of transient
+        faults are spent.
         """
         endpoint = self._endpoints.get(request.endpoint)
         if endpoint is None:
             raise LLMRequestRejected(f"unknown LLM endpoint {request.endpoint!r}")
+        _check_size(request, endpoint)
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(_TransientFault),
             stop=stop_after_attempt(self._max_retries + 1),
@@ -235,6 +245,19 @@ class OpenAICompatibleClient:
             return nullcontext(Slot())
         lease_s = self._timeout_s + LEASE_MARGIN_S
         return self._limiter.slot(request.endpoint, endpoint.max_concurrency, lease_s)
+
+
+def _check_size(request: ChatRequest, endpoint: EndpointConfig) -> None:
+    """Refuse, unsent, a request estimated over the endpoint's context."""
+    limit = endpoint.max_context_tokens
+    if limit is None:
+        return
+    tokens = request_tokens(request.messages, request.schema, request.max_tokens)
+    if tokens > limit:
+        raise LLMRequestTooLarge(
+            f"role '{request.role}' would send endpoint '{request.endpoint}' a request of about "
+            f"{tokens:,} tokens with max_tokens, over its max_context_tokens of {limit:,}; not sent"
+        )
 
 
 def _payload(request: ChatRequest, endpoint: EndpointConfig) -> dict[str, Any]:

@@ -68,6 +68,12 @@ async def create(
     return job, ids
 
 
+async def longest_prompt(session: AsyncSession, job_id: UUID) -> str:
+    """The job's longest prompt in bytes (what the token estimate counts); "" if it has none."""
+    query = select(Item.prompt).where(Item.job_id == job_id).order_by(func.octet_length(Item.prompt).desc())
+    return await session.scalar(query.limit(1)) or ""
+
+
 def _first_cot_per_prompt(job_id: UUID) -> Any:
     return (
         select(Item.prompt, Cot.item_id, Cot.position)

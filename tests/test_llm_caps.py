@@ -1,0 +1,319 @@
+"""Size caps on what a tenant sends to a shared LLM: policy fields and text are capped when a
+set is registered, a job whose requests cannot fit an endpoint's context is refused at
+submission, and the client never sends a request estimated over the endpoint's limit."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from app.config import EndpointConfig, Settings
+from app.deliberation.budget import request_tokens
+from app.deliberation.policies import MAX_POLICY_TEXT_CHARS
+from app.store import keys, policy_sets
+from app.store.db import Sessions
+from app.store.models import Job, PolicySetRow
+from tests.conftest import api_client, new_key, run_worker_burst
+from tests.scripted_llm import RecordedRequest, ScriptedLLM, reply
+
+Headers = dict[str, str]
+SMALL_CONTEXT = 6_000  # the default policies (~7,300 characters) and a short prompt fit
+TINY_CONTEXT = 1_000  # nothing with the default policies fits
+FITTING = {"agents": 1, "max_rounds": 1, "max_tokens": 256, "defaults": {"endpoint": "small"}}
+POLICY = {
+    "id": "kitchen-safety",
+    "title": "Kitchen safety",
+    "scope": "Cooking, knives, hot surfaces.",
+    "allowed": ["recipes", "knife skills"],
+    "not_allowed": ["poisoning someone"],
+    "borderline_examples": [{"prompt": "Is raw flour safe?", "guidance": "Explain the risk."}],
+}
+
+
+def error_of(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code, error
+    return error
+
+
+def sent_tokens(request: RecordedRequest) -> int:
+    """The client's estimate of a request the scripted server received."""
+    body = request.body
+    schema = ((body.get("response_format") or {}).get("json_schema") or {}).get("schema")
+    return request_tokens(body["messages"], schema, body["max_tokens"])
+
+
+@pytest.fixture
+def capped_settings(settings: Settings, scripted_llm: ScriptedLLM) -> Settings:
+    """The test settings plus endpoints with a known context on the scripted server."""
+    return settings.model_copy(
+        update={
+            "llm_endpoints": {
+                **settings.llm_endpoints,
+                "small": EndpointConfig(base_url=scripted_llm.base_url, max_context_tokens=SMALL_CONTEXT),
+                "tiny": EndpointConfig(base_url=scripted_llm.base_url, max_context_tokens=TINY_CONTEXT),
+            }
+        }
+    )
+
+
+@pytest.fixture
+async def capped_api(capped_settings: Settings, sessions: Sessions) -> AsyncIterator[httpx.AsyncClient]:
+    async with api_client(capped_settings) as client:
+        yield client
+
+
+async def register(api: httpx.AsyncClient, auth: Headers, policies: list[Any]) -> httpx.Response:
+    return await api.post("/v1/policy-sets", json={"name": "kitchen", "policies": policies}, headers=auth)
+
+
+async def stored_policy_sets(sessions: Sessions) -> int:
+    async with sessions() as session:
+        return await session.scalar(select(func.count()).select_from(PolicySetRow)) or 0
+
+
+async def job_count(sessions: Sessions) -> int:
+    async with sessions() as session:
+        return await session.scalar(select(func.count()).select_from(Job)) or 0
+
+
+# --- policy sets ------------------------------------------------------------------------
+
+
+async def test_a_25_mb_policy_set_under_the_body_limit_is_refused_by_the_field_caps(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    policies = [{**POLICY, "allowed": ["x" * 25_000_000]}]
+    body = httpx.Request("POST", "/", json={"name": "kitchen", "policies": policies}).content
+    assert len(body) < settings.max_request_bytes
+
+    error = error_of(await register(api, auth, policies), 422, "validation_error")
+
+    assert error["details"][0]["field"] == "policies.0.allowed.0"
+    assert await stored_policy_sets(sessions) == 0
+
+
+async def test_a_policy_set_whose_rendered_text_is_over_the_cap_is_refused(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    # Every field within its own cap; together over the cap on the whole text.
+    entries = ["y" * 1_000] * 50
+    policies = [{**POLICY, "id": f"p{n}", "allowed": entries} for n in range(2)]
+
+    error = error_of(await register(api, auth, policies), 422, "validation_error")
+
+    assert error["details"][0]["field"] == "policies"
+    assert f"{MAX_POLICY_TEXT_CHARS:,}" in error["message"]
+    assert await stored_policy_sets(sessions) == 0
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        {**POLICY, "severity": "high"},
+        {**POLICY, "borderline_examples": [{"prompt": "a", "guidance": "b", "label": "c"}]},
+    ],
+    ids=["policy", "borderline example"],
+)
+async def test_unknown_fields_in_a_policy_are_refused(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions, policy: dict[str, Any]
+) -> None:
+    error_of(await register(api, auth, [policy]), 422, "validation_error")
+
+    assert await stored_policy_sets(sessions) == 0
+
+
+async def test_duplicate_policy_ids_are_refused(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    twins = [POLICY, {**POLICY, "title": "Kitchen safety, again"}]
+
+    error = error_of(await register(api, auth, twins), 422, "validation_error")
+
+    assert "kitchen-safety" in error["message"]
+    assert await stored_policy_sets(sessions) == 0
+
+
+async def test_a_stored_policy_set_over_the_text_cap_cannot_be_used_by_a_job(
+    api: httpx.AsyncClient, sessions: Sessions, scripted_llm: ScriptedLLM
+) -> None:
+    # A set registered before the caps existed: no endpoint limit is configured here,
+    # the hard cap on policy text still keeps it away from the LLM.
+    async with sessions.begin() as session:
+        key, secret = await keys.create_key(session, "legacy", ())
+        await policy_sets.register(session, key.id, "huge", "", [{**POLICY, "allowed": ["z" * 200_000]}])
+
+    response = await api.post(
+        "/v1/jobs",
+        json={"prompts": ["a"], "policy_set": {"name": "huge"}},
+        headers={"Authorization": f"Bearer {secret}"},
+    )
+
+    error = error_of(response, 422, "request_too_large")
+    assert "huge" in error["message"]
+    assert await job_count(sessions) == 0
+
+
+# --- jobs against an endpoint's context -------------------------------------------------
+
+
+async def test_a_job_whose_prompt_and_policies_cannot_fit_the_context_is_refused(
+    capped_api: httpx.AsyncClient, sessions: Sessions, scripted_llm: ScriptedLLM
+) -> None:
+    auth = await new_key(sessions)
+    long_prompt = "How do I store soup safely? " * 600  # ~16,800 characters: ~5,600 tokens
+
+    response = await capped_api.post(
+        "/v1/jobs", json={"prompts": [long_prompt], "config": FITTING}, headers=auth
+    )
+
+    error = error_of(response, 422, "request_too_large")
+    assert "role 'refiner'" in error["message"] and "endpoint 'small'" in error["message"]
+    assert {d["role"] for d in error["details"]} == {"intent", "seed", "deliberator-1", "refiner"}
+    for detail in error["details"]:
+        assert detail["endpoint"] == "small"
+        assert detail["max_context_tokens"] == SMALL_CONTEXT
+        assert detail["estimated_tokens"] > SMALL_CONTEXT
+    assert await job_count(sessions) == 0
+    assert scripted_llm.requests == []
+
+
+@pytest.mark.parametrize(
+    ("config", "role"),
+    [
+        ({"intent": {"endpoint": "tiny"}}, "intent"),
+        ({"deliberators": [{}, {"endpoint": "tiny"}]}, "deliberator-2"),
+        ({"mode": "zero_shot", "seed": {"endpoint": "tiny"}}, "zero-shot"),
+        ({"grading": {"grader": {"endpoint": "tiny"}}}, "grader"),
+        ({"pairs": {"whisperer": {"endpoint": "tiny"}}}, "whisperer"),
+        ({"pairs": {"generator": {"endpoint": "tiny"}}}, "generator"),
+        ({"pairs": {"guard": {"endpoint": "tiny"}}}, "guard"),
+    ],
+)
+async def test_the_refusal_names_the_role_that_cannot_fit(
+    capped_api: httpx.AsyncClient, sessions: Sessions, config: dict[str, Any], role: str
+) -> None:
+    auth = await new_key(sessions)
+
+    response = await capped_api.post("/v1/jobs", json={"prompts": ["Hi"], "config": config}, headers=auth)
+
+    error = error_of(response, 422, "request_too_large")
+    assert [d["role"] for d in error["details"]] == [role]
+    assert f"role '{role}'" in error["message"]
+
+
+async def test_a_llama_guard_fits_without_the_policy_text(
+    capped_api: httpx.AsyncClient, sessions: Sessions
+) -> None:
+    # A Llama Guard-style guard reads only the prompt and the sample, in its own template:
+    # the same endpoint that cannot take a JSON guard (above) takes it.
+    auth = await new_key(sessions)
+    config = {"max_tokens": 64, "pairs": {"guard": {"style": "llama_guard", "endpoint": "tiny"}}}
+
+    response = await capped_api.post("/v1/jobs", json={"prompts": ["Hi"], "config": config}, headers=auth)
+
+    assert response.status_code == 202, response.text
+
+
+async def test_a_job_that_fits_runs_and_sends_nothing_over_the_limit(
+    capped_api: httpx.AsyncClient, capped_settings: Settings, sessions: Sessions, scripted_llm: ScriptedLLM
+) -> None:
+    auth = await new_key(sessions)
+    config = {**FITTING, "grading": {}}
+
+    response = await capped_api.post(
+        "/v1/jobs", json={"prompts": ["How do I store soup safely?"], "config": config}, headers=auth
+    )
+    assert response.status_code == 202, response.text
+    await run_worker_burst(capped_settings)
+
+    items = (await capped_api.get(f"/v1/jobs/{response.json()['id']}/items", headers=auth)).json()["data"]
+    assert [item["status"] for item in items] == ["completed"]
+    sent = scripted_llm.requests
+    assert len(sent) == 5  # intent, seed, one deliberation turn, refine, grade
+    assert max(sent_tokens(request) for request in sent) <= SMALL_CONTEXT
+
+
+async def test_a_request_grown_over_the_limit_fails_the_item_unsent(
+    capped_api: httpx.AsyncClient, capped_settings: Settings, sessions: Sessions, scripted_llm: ScriptedLLM
+) -> None:
+    # The seed writes far more than its max_tokens (a server that ignores the limit): the
+    # deliberation turn that would carry it must not be sent.
+    auth = await new_key(sessions)
+    scripted_llm.script("seed_cot", reply({"thoughts": ["w " * 10_000], "response": "Fine."}))
+
+    response = await capped_api.post("/v1/jobs", json={"prompts": ["Hi"], "config": FITTING}, headers=auth)
+    assert response.status_code == 202, response.text
+    await run_worker_burst(capped_settings)
+
+    items = (await capped_api.get(f"/v1/jobs/{response.json()['id']}/items", headers=auth)).json()["data"]
+    assert [(item["status"], item["error_code"]) for item in items] == [("failed", "request_too_large")]
+    assert "role 'deliberator-1'" in items[0]["error_message"]
+    assert "endpoint 'small'" in items[0]["error_message"]
+    assert scripted_llm.requests_for("deliberation_turn") == []
+    assert max(sent_tokens(request) for request in scripted_llm.requests) <= SMALL_CONTEXT
+
+
+async def test_a_comparison_whose_judge_cannot_fit_is_refused(
+    capped_api: httpx.AsyncClient, capped_settings: Settings, sessions: Sessions, scripted_llm: ScriptedLLM
+) -> None:
+    auth = await new_key(sessions)
+    job_ids = []
+    for config in ({"mode": "zero_shot"}, {"agents": 1, "max_rounds": 1}):
+        response = await capped_api.post("/v1/jobs", json={"prompts": ["Hi"], "config": config}, headers=auth)
+        job_ids.append(response.json()["id"])
+    await run_worker_burst(capped_settings)
+    scripted_llm.reset()
+
+    response = await capped_api.post(
+        "/v1/comparisons",
+        json={"baseline_job_id": job_ids[0], "candidate_job_id": job_ids[1], "judge": {"endpoint": "tiny"}},
+        headers=auth,
+    )
+
+    error = error_of(response, 422, "request_too_large")
+    assert [d["role"] for d in error["details"]] == ["judge"]
+    assert await job_count(sessions) == 2
+    assert scripted_llm.requests == []
+
+
+async def test_a_comparison_whose_judge_fits_is_accepted(
+    capped_api: httpx.AsyncClient, capped_settings: Settings, sessions: Sessions
+) -> None:
+    auth = await new_key(sessions)
+    job_ids = []
+    for config in ({"mode": "zero_shot", "max_tokens": 256}, {**FITTING, "defaults": {}}):
+        response = await capped_api.post("/v1/jobs", json={"prompts": ["Hi"], "config": config}, headers=auth)
+        job_ids.append(response.json()["id"])
+    await run_worker_burst(capped_settings)
+
+    response = await capped_api.post(
+        "/v1/comparisons",
+        json={"baseline_job_id": job_ids[0], "candidate_job_id": job_ids[1], "judge": {"endpoint": "small"}},
+        headers=auth,
+    )
+
+    assert response.status_code == 202, response.text
+
+
+def test_the_default_endpoints_context_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIDSAFE_LLM_MAX_CONTEXT_TOKENS", "8192")
+    monkeypatch.setenv(
+        "AIDSAFE_LLM_ENDPOINTS", '{"big": {"base_url": "http://gpu/v1", "max_context_tokens": 131072}}'
+    )
+
+    endpoints = Settings().endpoints()
+
+    assert endpoints["default"].max_context_tokens == 8192
+    assert endpoints["big"].max_context_tokens == 131072
+    assert (
+        Settings(llm_endpoints={"x": EndpointConfig(base_url="http://x/v1")})
+        .endpoints()["x"]
+        .max_context_tokens
+        is None
+    )
