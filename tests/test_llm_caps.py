@@ -14,10 +14,12 @@ from sqlalchemy import func, select
 from app.config import EndpointConfig, Settings
 from app.deliberation.budget import request_tokens
 from app.deliberation.policies import MAX_POLICY_TEXT_CHARS
+from app.deliberation.ports import ChatRequest, LLMRequestTooLarge
+from app.deliberation.schemas import BY_NAME
 from app.store import keys, policy_sets
 from app.store.db import Sessions
 from app.store.models import Job, PolicySetRow
-from tests.conftest import api_client, new_key, run_worker_burst
+from tests.conftest import api_client, client_for, new_key, run_worker_burst
 from tests.scripted_llm import RecordedRequest, ScriptedLLM, reply
 
 Headers = dict[str, str]
@@ -257,6 +259,30 @@ async def test_a_request_grown_over_the_limit_fails_the_item_unsent(
     assert "endpoint 'small'" in items[0]["error_message"]
     assert scripted_llm.requests_for("deliberation_turn") == []
     assert max(sent_tokens(request) for request in scripted_llm.requests) <= SMALL_CONTEXT
+
+
+async def test_a_max_tokens_over_what_the_context_leaves_is_lowered_to_it(
+    capped_settings: Settings, scripted_llm: ScriptedLLM
+) -> None:
+    # A re-ask after truncation doubles max_tokens: it gets the room the prompt leaves instead.
+    messages = [{"role": "user", "content": "x" * 3_000}]  # about 1,000 tokens
+    prompt = request_tokens(messages, BY_NAME["seed_cot"], 0)
+    asks = [SMALL_CONTEXT, SMALL_CONTEXT - prompt, SMALL_CONTEXT - prompt - 1]
+
+    async with client_for(capped_settings) as client:
+        for max_tokens in asks:
+            request = ChatRequest(
+                "seed", "small", "m", messages, "seed_cot", BY_NAME["seed_cot"], 0.0, max_tokens
+            )
+            await client.chat(request)
+        too_little = ChatRequest(
+            "seed", "small", "m", messages * 6, "seed_cot", BY_NAME["seed_cot"], 0.0, 256
+        )
+        with pytest.raises(LLMRequestTooLarge):
+            await client.chat(too_little)
+
+    sent = [request.body["max_tokens"] for request in scripted_llm.requests]
+    assert sent == [SMALL_CONTEXT - prompt, SMALL_CONTEXT - prompt, SMALL_CONTEXT - prompt - 1]
 
 
 async def test_a_comparison_whose_judge_cannot_fit_is_refused(

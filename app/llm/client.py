@@ -9,6 +9,7 @@ retries run out the caller gets LLMUnavailable. A refusal of the request itself 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import random
@@ -44,6 +45,10 @@ from app.deliberation.ports import (
 from app.llm.limits import EndpointLimiter, Slot
 from app.llm.rates import EndpointRates, Reservation
 from app.metrics import LLM_REQUEST_SECONDS, LLM_TOKENS
+
+# The least max_tokens worth sending (a job's smallest): a request the context leaves less room
+# for is refused rather than sent to be cut off.
+MIN_REPLY_TOKENS = 64
 
 logger = logging.getLogger(__name__)
 
@@ -145,14 +150,14 @@ class OpenAICompatibleClient:
         """Send one chat completion with the request's JSON schema as response_format.
 
         Raises LLMRequestRejected for an unknown endpoint or a 4xx other than 429,
-        LLMRequestTooLarge (unsent) for a request estimated over the endpoint's
-        max_context_tokens, and LLMUnavailable once max_retries retries of transient
-        faults are spent.
+        LLMRequestTooLarge (unsent) for a request whose prompt leaves the reply too little of
+        the endpoint's max_context_tokens (a max_tokens over what it leaves is lowered to it),
+        and LLMUnavailable once max_retries retries of transient faults are spent.
         """
         endpoint = self._endpoints.get(request.endpoint)
         if endpoint is None:
             raise LLMRequestRejected(f"unknown LLM endpoint {request.endpoint!r}")
-        _check_size(request, endpoint)
+        request = _fitted(request, endpoint)
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(_TransientFault),
             stop=stop_after_attempt(self._max_retries + 1),
@@ -247,17 +252,23 @@ class OpenAICompatibleClient:
         return self._limiter.slot(request.endpoint, endpoint.max_concurrency, lease_s)
 
 
-def _check_size(request: ChatRequest, endpoint: EndpointConfig) -> None:
-    """Refuse, unsent, a request estimated over the endpoint's context."""
+def _fitted(request: ChatRequest, endpoint: EndpointConfig) -> ChatRequest:
+    """The request, with max_tokens lowered to what the endpoint's context leaves if it asks
+    for more (a re-ask after truncation doubles it); refused, unsent, when the prompt leaves
+    less than MIN_REPLY_TOKENS."""
     limit = endpoint.max_context_tokens
     if limit is None:
-        return
-    tokens = request_tokens(request.messages, request.schema, request.max_tokens)
-    if tokens > limit:
+        return request
+    room = limit - request_tokens(request.messages, request.schema, 0)
+    if room >= request.max_tokens:
+        return request
+    if room < min(request.max_tokens, MIN_REPLY_TOKENS):
         raise LLMRequestTooLarge(
             f"role '{request.role}' would send endpoint '{request.endpoint}' a request of about "
-            f"{tokens:,} tokens with max_tokens, over its max_context_tokens of {limit:,}; not sent"
+            f"{limit - room + request.max_tokens:,} tokens with max_tokens, over its "
+            f"max_context_tokens of {limit:,}; not sent"
         )
+    return dataclasses.replace(request, max_tokens=room)
 
 
 def _payload(request: ChatRequest, endpoint: EndpointConfig) -> dict[str, Any]:
