@@ -195,7 +195,9 @@ class ItemOut(BaseModel):
     stage: str
     attempts: int
     error_code: str | None
-    error_message: str | None
+    error_message: str | None = Field(
+        description="Why the item failed or waits, in the service's words (never an upstream's answer)."
+    )
     created_at: datetime
     finished_at: datetime | None
 
