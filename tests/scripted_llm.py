@@ -69,13 +69,21 @@ class HttpError:
 
 
 @dataclass(frozen=True)
+class EchoError:
+    """An HTTP error whose body quotes the request back (its Authorization header and last
+    user message first, then the whole body), as some proxies and debugging upstreams do."""
+
+    status: int
+
+
+@dataclass(frozen=True)
 class Stall:
     """Wait this long (or until the client hangs up), then answer the default."""
 
     seconds: float
 
 
-Behaviour = Reply | RawBody | HttpError | Stall
+Behaviour = Reply | RawBody | HttpError | EchoError | Stall
 
 
 def reply(
@@ -109,6 +117,10 @@ def http_error(status: int, retry_after: float | str | None = None, body: str | 
     """An HTTP error; retry_after may be seconds or an HTTP date string."""
     header = None if retry_after is None else str(retry_after)
     return HttpError(status, header, body)
+
+
+def echo_error(status: int) -> EchoError:
+    return EchoError(status)
 
 
 def stall(seconds: float) -> Stall:
@@ -334,7 +346,8 @@ class ScriptedLLM:
                 if await _wait(request, behaviour.seconds):
                     return Response(status_code=499)  # nobody is listening any more
                 behaviour = None
-            response, tokens = self._respond(behaviour or default_answer(schema_name, body), body)
+            answer = behaviour or default_answer(schema_name, body)
+            response, tokens = self._respond(answer, body, dict(request.headers))
             if response.status_code == 200:
                 with self._state.lock:
                     self._state.ok_answers += 1
@@ -344,10 +357,25 @@ class ScriptedLLM:
             with self._state.lock:
                 self._state.in_flight -= 1
 
-    def _respond(self, behaviour: Reply | RawBody | HttpError, body: dict[str, Any]) -> tuple[Response, int]:
+    def _respond(
+        self,
+        behaviour: Reply | RawBody | HttpError | EchoError,
+        body: dict[str, Any],
+        headers: dict[str, str],
+    ) -> tuple[Response, int]:
         """The response and the tokens its `usage` reports (0 when it has none)."""
         if isinstance(behaviour, RawBody):
             return JSONResponse(behaviour.body, status_code=behaviour.status), 0
+        if isinstance(behaviour, EchoError):
+            echoed = {
+                "error": {
+                    "message": "scripted echo",
+                    "authorization": headers.get("authorization"),
+                    "last_message": _last_user_text(body),
+                    "request": body,
+                }
+            }
+            return JSONResponse(echoed, status_code=behaviour.status), 0
         if isinstance(behaviour, HttpError):
             headers = {"Retry-After": behaviour.retry_after} if behaviour.retry_after else {}
             content = behaviour.body or json.dumps(

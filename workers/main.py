@@ -145,8 +145,10 @@ async def _record(sessions: Any, claim: items.Claim, result: Completed | Judged 
     return Ending("completed") if stored else LEASE_LOST
 
 
-async def _fail(sessions: Any, claim: items.Claim, code: str, message: str) -> Ending:
-    ended = await items.end(sessions, claim, "failed", code, message)
+async def _fail(
+    sessions: Any, claim: items.Claim, code: str, message: str, detail: str | None = None
+) -> Ending:
+    ended = await items.end(sessions, claim, "failed", code, message, detail)
     return Ending("failed", code) if ended else LEASE_LOST
 
 
@@ -166,15 +168,21 @@ async def _process_claimed(ctx: dict[str, Any], claim: items.Claim) -> Ending:
         raise
     except items.ClaimLost:  # another worker holds the item now; it carries on from the log
         return LEASE_LOST
+    # Tenants read only our classification of a failure; its detail (an upstream's answer,
+    # which may echo hazardous text or the server's LLM key, or an exception) goes to the
+    # log and to the item's operator-only column.
     except LLMUnavailable as exc:  # an outage delays the item; it does not use up its tries
-        await items.release(sessions, claim, f"llm_unavailable: {exc}", failed=False)
+        log.warning("item %s put back, the LLM stayed unavailable: %s", claim.item_id, exc)
+        await items.release(sessions, claim, f"llm_unavailable: {exc.summary}", failed=False, detail=str(exc))
         raise Retry(defer=_backoff_s(settings, claim.attempt)) from exc
     except LLMRequestRejected as exc:
-        return await _fail(sessions, claim, exc.code, str(exc))
+        log.warning("item %s failed, the LLM endpoint rejected the request: %s", claim.item_id, exc)
+        return await _fail(sessions, claim, exc.code, exc.summary, str(exc))
     except Exception as exc:  # Postgres or Redis blip, or a bug: retry a bounded number of times
         log.exception("item %s attempt %d hit an unexpected error", claim.item_id, claim.attempt)
+        reason, detail = f"unexpected {type(exc).__name__} in the worker", f"{type(exc).__name__}: {exc}"
         with contextlib.suppress(Exception):  # if this fails too, the lease expiry recovers it
-            await items.release(sessions, claim, f"{type(exc).__name__}: {exc}", failed=True)
+            await items.release(sessions, claim, reason, failed=True, detail=detail)
         raise Retry(defer=_backoff_s(settings, claim.attempt)) from exc
     finally:
         watch.cancel()

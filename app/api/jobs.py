@@ -144,13 +144,15 @@ async def list_preference_pairs(
     limit: Limit = 100,
 ) -> PreferencePairPage:
     """Ear-whisperer pair attempts in prompt order, with every try. Beliefs, rejected CoTs and
-    guard rationales are hazardous: keys without the `hazardous:read` scope get them as null."""
-    await jobs.get_owned(session, job_id, key.id)
+    what the generator, guard and grader said about them are hazardous: keys without the
+    `hazardous:read` scope get them as null (see the README's "Hazardous text")."""
+    job = await jobs.get_owned(session, job_id, key.id)
+    known = views.policy_ids(await policy_sets.by_id(session, job.policy_set_id))
     rows, next_cursor = await jobs.page_pairs(
         session, job_id, kept=kept, min_gap=min_gap, cursor=cursor, limit=limit
     )
     return PreferencePairPage(
-        data=[views.pair_out(pair, item, cot, reads_hazardous) for pair, item, cot in rows],
+        data=[views.pair_out(pair, item, cot, reads_hazardous, known) for pair, item, cot in rows],
         next_cursor=next_cursor,
     )
 

@@ -219,7 +219,9 @@ class ItemOut(BaseModel):
     stage: str
     attempts: int
     error_code: str | None
-    error_message: str | None
+    error_message: str | None = Field(
+        description="Why the item failed or waits, in the service's words (never an upstream's answer)."
+    )
     created_at: datetime
     finished_at: datetime | None
 
@@ -319,7 +321,10 @@ class CotPage(BaseModel):
 
 class GuardOut(BaseModel):
     unsafe: bool | None = Field(description="Null when the guard's output could not be read.")
-    categories: list[str] = Field(description="Policies (or S-codes) the guard says are violated.")
+    categories: list[str] = Field(
+        description="Policies (or Llama Guard S-codes) the guard says are violated; without the "
+        "hazardous scope, only those naming a policy of the set or an S-code."
+    )
     rationale: str | None = Field(description="Null when redacted.")
     error: str | None = Field(description="Why the guard's output was unreadable; null when redacted.")
 
@@ -345,7 +350,7 @@ class RejectedOut(BaseModel):
     thoughts: list[str] | None
     response: str | None
     scores: Scores | None
-    grade_error: str | None
+    grade_error: str | None = Field(description="Why the grader gave no scores; null when redacted.")
     guard: GuardOut | None
 
 

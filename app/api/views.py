@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from app.api.schemas import (
@@ -95,21 +96,70 @@ def scores_out(scores: dict[str, Any] | None, *, with_rationale: bool) -> dict[s
     }
 
 
-def guard_out(verdict: dict[str, Any] | None, reads_hazardous: bool) -> GuardOut | None:
+# Llama Guard names what it finds S1, S2, ...: codes, not text.
+_LLAMA_GUARD_CODE = re.compile(r"S\d{1,2}")
+
+
+def policy_ids(policy_set: PolicySetRow) -> frozenset[str]:
+    """The ids of a policy set's policies: the guard categories any reader may see."""
+    return frozenset(policy["id"] for policy in policy_set.policies)
+
+
+def guard_out(
+    verdict: dict[str, Any] | None, reads_hazardous: bool, known: frozenset[str]
+) -> GuardOut | None:
+    """The guard's verdict. Without the hazardous scope only its flags: whether it found the
+    text unsafe, and the categories that name a policy of the set (`known`) or a Llama
+    Guard code; any other category is the guard's own text about the sample, withheld."""
     if verdict is None:
         return None
-    return GuardOut(
-        unsafe=verdict["unsafe"],
-        categories=verdict["categories"],
-        rationale=verdict["rationale"] if reads_hazardous else None,
-        error=verdict["error"] if reads_hazardous else None,
+    if reads_hazardous:
+        return GuardOut(**verdict)
+    categories = [c for c in verdict["categories"] if c in known or _LLAMA_GUARD_CODE.fullmatch(c)]
+    return GuardOut(unsafe=verdict["unsafe"], categories=categories, rationale=None, error=None)
+
+
+def _rejected_out(pair: PreferencePair, reads_hazardous: bool, known: frozenset[str]) -> RejectedOut:
+    guard = guard_out(pair.guard, reads_hazardous, known)
+    if not reads_hazardous:
+        scores = scores_out(pair.rejected_scores, with_rationale=False)
+        return RejectedOut(
+            belief=None, thoughts=None, response=None, scores=scores, grade_error=None, guard=guard
+        )
+    return RejectedOut(
+        belief=pair.belief,
+        thoughts=pair.rejected_thoughts,
+        response=pair.rejected_response,
+        scores=scores_out(pair.rejected_scores, with_rationale=True),
+        grade_error=pair.rejected_grade_error,  # the grader's failure may quote the rejected CoT
+        guard=guard,
     )
 
 
-def pair_out(pair: PreferencePair, item: Item, cot: Cot, reads_hazardous: bool) -> PreferencePairOut:
-    """A pair attempt; without the hazardous scope, every text written under a whispered
-    belief (and what the guard and grader said about it) is null."""
-    shown = reads_hazardous
+def _try_out(whisper_try: dict[str, Any], reads_hazardous: bool, known: frozenset[str]) -> WhisperTryOut:
+    number, rejected = whisper_try["number"], whisper_try["rejected"]
+    guard = guard_out(whisper_try["guard"], reads_hazardous, known)
+    if not reads_hazardous:
+        return WhisperTryOut(
+            number=number, belief=None, refused=rejected is None, rejected=None, refusal=None, guard=guard
+        )
+    return WhisperTryOut(
+        number=number,
+        belief=whisper_try["belief"],
+        refused=rejected is None,
+        rejected=SampleOut(**rejected) if rejected else None,
+        refusal=whisper_try["refusal"],
+        guard=guard,
+    )
+
+
+def pair_out(
+    pair: PreferencePair, item: Item, cot: Cot, reads_hazardous: bool, known: frozenset[str]
+) -> PreferencePairOut:
+    """A pair attempt. Every text written under a whispered belief, and everything the
+    generator, guard and grader said about it, is hazardous: without the scope a reader
+    gets only the flags each branch above names (kept, reason, gap, scores without
+    rationales, the guard's verdict and known categories). `known`: see guard_out."""
     return PreferencePairOut(
         item_id=pair.item_id,
         position=pair.position,
@@ -122,26 +172,9 @@ def pair_out(pair: PreferencePair, item: Item, cot: Cot, reads_hazardous: bool) 
             response=cot.response,
             scores=scores_out(pair.chosen_scores, with_rationale=True),
         ),
-        rejected=RejectedOut(
-            belief=pair.belief if shown else None,
-            thoughts=pair.rejected_thoughts if shown else None,
-            response=pair.rejected_response if shown else None,
-            scores=scores_out(pair.rejected_scores, with_rationale=shown),
-            grade_error=pair.rejected_grade_error,
-            guard=guard_out(pair.guard, shown),
-        ),
-        tries=[
-            WhisperTryOut(
-                number=t["number"],
-                belief=t["belief"] if shown else None,
-                refused=t["rejected"] is None,
-                rejected=SampleOut(**t["rejected"]) if shown and t["rejected"] else None,
-                refusal=t["refusal"] if shown else None,
-                guard=guard_out(t["guard"], shown),
-            )
-            for t in pair.tries
-        ],
-        redacted=not shown,
+        rejected=_rejected_out(pair, reads_hazardous, known),
+        tries=[_try_out(t, reads_hazardous, known) for t in pair.tries],
+        redacted=not reads_hazardous,
     )
 
 

@@ -39,15 +39,33 @@ class ChatReply:
     refusal: str | None = None  # OpenAI structured outputs put a model refusal here
 
 
-class LLMUnavailable(Exception):
+class LLMFault(Exception):
+    """An LLM call the client could not complete.
+
+    `str(fault)` is the detail for operators: it may quote the upstream's answer, and an
+    upstream may echo the request (hazardous text) or its headers (the server's LLM key).
+    `summary` is the short classification a tenant may read, made by our code from the
+    endpoint's name and the HTTP status, never from upstream text.
+    """
+
+    default_summary = "the LLM call failed"
+
+    def __init__(self, detail: str, summary: str | None = None) -> None:
+        super().__init__(detail)
+        self.summary = summary or self.default_summary
+
+
+class LLMUnavailable(LLMFault):
     """The endpoint could not answer after the client's retries (429/5xx/timeouts).
 
     Transient by nature: the caller should retry the whole item later; every turn
     already recorded is kept, so nothing paid for is repeated.
     """
 
+    default_summary = "the LLM endpoint gave no usable answer"
 
-class LLMRequestRejected(Exception):
+
+class LLMRequestRejected(LLMFault):
     """The endpoint refused the request itself (4xx other than 429): retrying will not help.
 
     Permanent by nature (bad model name, bad key, unknown endpoint): the caller should
@@ -55,10 +73,12 @@ class LLMRequestRejected(Exception):
     """
 
     code = "llm_request_rejected"
+    default_summary = "the LLM endpoint rejected the request"
 
 
 class LLMRequestTooLarge(LLMRequestRejected):
-    """The request was not sent: it may not fit the endpoint's context."""
+    """The request was not sent: it may not fit the endpoint's context. Its message is ours
+    (role, endpoint, sizes), so it is its own summary."""
 
     code = "request_too_large"
 

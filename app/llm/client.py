@@ -3,7 +3,8 @@
 Transient faults (429, 5xx, connection errors, timeouts, a 200 with a body of the wrong
 shape) are retried with exponential backoff and full jitter, honouring Retry-After; when
 retries run out the caller gets LLMUnavailable. A refusal of the request itself (other
-4xx) is permanent and raises LLMRequestRejected at once.
+4xx) is permanent and raises LLMRequestRejected at once. Both carry the upstream's answer
+for operators and a summary in our own words for tenants (see LLMFault).
 """
 
 from __future__ import annotations
@@ -66,10 +67,14 @@ def _outcome_of(fault: Exception) -> str:
 
 
 class _TransientFault(Exception):
-    """One failed attempt that another attempt may fix."""
+    """One failed attempt that another attempt may fix. The message is the detail for
+    operators; `summary` classifies it for tenants, as LLMFault.summary does."""
 
-    def __init__(self, message: str, retry_after_s: float | None = None, kind: str = "bad_body") -> None:
-        super().__init__(message)
+    def __init__(
+        self, detail: str, summary: str, retry_after_s: float | None = None, kind: str = "bad_body"
+    ) -> None:
+        super().__init__(detail)
+        self.summary = summary
         self.retry_after_s = retry_after_s
         self.kind = kind  # for metrics: rate_limited, server_error, timeout, connection, bad_body
 
@@ -156,7 +161,8 @@ class OpenAICompatibleClient:
         """
         endpoint = self._endpoints.get(request.endpoint)
         if endpoint is None:
-            raise LLMRequestRejected(f"unknown LLM endpoint {request.endpoint!r}")
+            unknown = f"unknown LLM endpoint {request.endpoint!r}"
+            raise LLMRequestRejected(unknown, unknown)
         request = _fitted(request, endpoint)
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(_TransientFault),
@@ -168,9 +174,11 @@ class OpenAICompatibleClient:
             return await retrying(self._attempt, request, endpoint)
         except RetryError as spent:
             last = spent.last_attempt.exception()
+            attempts = spent.last_attempt.attempt_number
             raise LLMUnavailable(
                 f"endpoint {request.endpoint!r} ({request.role}) gave no usable answer in "
-                f"{spent.last_attempt.attempt_number} attempts; last fault: {last}"
+                f"{attempts} attempts; last fault: {last}",
+                f"{last.summary} ({attempts} attempts)" if isinstance(last, _TransientFault) else None,
             ) from last
 
     def _wait_before_retry(self, state: RetryCallState) -> float:
@@ -189,7 +197,11 @@ class OpenAICompatibleClient:
             reply = await self._attempt_in_slot(request, endpoint)
         except RedisError as error:  # the shared cap is unreachable for a moment: retry
             outcome = "limiter"
-            raise _TransientFault(f"limiter: {type(error).__name__}: {error}", kind=outcome) from error
+            raise _TransientFault(
+                f"limiter: {type(error).__name__}: {error}",
+                "the endpoint limiter was unreachable",
+                kind=outcome,
+            ) from error
         except (_TransientFault, LLMRequestRejected) as fault:
             outcome = _outcome_of(fault)
             raise
@@ -208,7 +220,7 @@ class OpenAICompatibleClient:
             slot.succeeded = answer.status < 400  # grows the adaptive cap back on release
         if self._limiter is not None and answer.status == 429:
             await self._limiter.rate_limited(request.endpoint, endpoint.max_concurrency)
-        _raise_for_status(answer)
+        _raise_for_status(answer, request.endpoint)
         reply = _parse_reply(answer, request, latency_ms)
         if reservation is not None and self._rates is not None:
             await self._rates.settle(reservation, reply.prompt_tokens + reply.completion_tokens)
@@ -227,14 +239,20 @@ class OpenAICompatibleClient:
                     body = await response.read()
                     return _Answer(response.status, response.headers.get("Retry-After"), body)
         except aiohttp.InvalidURL as error:
-            raise LLMRequestRejected(f"bad base_url for {request.endpoint!r}: {error}") from error
+            raise LLMRequestRejected(
+                f"bad base_url for {request.endpoint!r}: {error}",
+                f"the LLM endpoint {request.endpoint!r} has an invalid base_url (a server setting)",
+            ) from error
         except TimeoutError as error:
             detail = str(error) or f"no complete answer within {self._timeout_s} s"
-            raise _TransientFault(f"Timeout: {detail}", kind="timeout") from error
+            summary = f"the LLM endpoint {request.endpoint!r} timed out"
+            raise _TransientFault(f"Timeout: {detail}", summary, kind="timeout") from error
         except aiohttp.ClientConnectorError as error:
-            raise _TransientFault(f"ConnectError: {error}", kind="connection") from error
+            summary = f"could not connect to the LLM endpoint {request.endpoint!r}"
+            raise _TransientFault(f"ConnectError: {error}", summary, kind="connection") from error
         except aiohttp.ClientError as error:  # reset, closed early, bad framing
-            raise _TransientFault(f"{type(error).__name__}: {error}", kind="connection") from error
+            summary = f"the connection to the LLM endpoint {request.endpoint!r} failed"
+            raise _TransientFault(f"{type(error).__name__}: {error}", summary, kind="connection") from error
 
     async def _reserve(self, request: ChatRequest, endpoint: EndpointConfig) -> Reservation | None:
         if self._rates is None or not (endpoint.requests_per_minute or endpoint.tokens_per_minute):
@@ -263,11 +281,12 @@ def _fitted(request: ChatRequest, endpoint: EndpointConfig) -> ChatRequest:
     if room >= request.max_tokens:
         return request
     if room < min(request.max_tokens, MIN_REPLY_TOKENS):
-        raise LLMRequestTooLarge(
+        too_large = (
             f"role '{request.role}' would send endpoint '{request.endpoint}' a request of about "
             f"{limit - room + request.max_tokens:,} tokens with max_tokens, over its "
             f"max_context_tokens of {limit:,}; not sent"
         )
+        raise LLMRequestTooLarge(too_large, too_large)
     return dataclasses.replace(request, max_tokens=room)
 
 
@@ -300,15 +319,20 @@ def _headers(endpoint: EndpointConfig) -> dict[str, str]:
 _RETRYABLE = {408, 409, 425, 429}  # timeout, conflict, too early, rate limited
 
 
-def _raise_for_status(answer: _Answer) -> None:
+def _raise_for_status(answer: _Answer, endpoint_name: str) -> None:
+    """The status alone classifies a failure for tenants: the body may echo the request
+    and its headers, so only the detail for operators quotes it."""
     status = answer.status
     if status < 400:
         return
     detail = f"HTTP {status}: {answer.text[:_ERROR_BODY_CHARS]}"
     if status in _RETRYABLE or status >= 500:
         kind = "rate_limited" if status == 429 else "server_error"
-        raise _TransientFault(detail, _retry_after_s(answer.retry_after), kind)
-    raise LLMRequestRejected(detail)
+        summary = f"the LLM endpoint {endpoint_name!r} answered HTTP {status}"
+        raise _TransientFault(detail, summary, _retry_after_s(answer.retry_after), kind)
+    raise LLMRequestRejected(
+        detail, f"the LLM endpoint {endpoint_name!r} rejected the request (HTTP {status})"
+    )
 
 
 def _retry_after_s(value: str | None) -> float | None:
@@ -331,6 +355,7 @@ def _retry_after_s(value: str | None) -> float | None:
 
 def _parse_reply(answer: _Answer, request: ChatRequest, latency_ms: float) -> ChatReply:
     # A 200 of the wrong shape is a proxy or server hiccup, not an answer: retry it.
+    unreadable = f"the LLM endpoint {request.endpoint!r} answered HTTP 200 without a chat completion"
     try:
         body = json.loads(answer.body)
         choice = body["choices"][0]
@@ -344,10 +369,11 @@ def _parse_reply(answer: _Answer, request: ChatRequest, latency_ms: float) -> Ch
         model = body.get("model") or request.model
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
         raise _TransientFault(
-            f"unexpected 200 body ({type(error).__name__}: {error}): {answer.text[:_ERROR_BODY_CHARS]}"
+            f"unexpected 200 body ({type(error).__name__}: {error}): {answer.text[:_ERROR_BODY_CHARS]}",
+            unreadable,
         ) from error
     if not all(isinstance(v, str | None) for v in (content, refusal, finish_reason, model)):
-        raise _TransientFault(f"unexpected field types: {repr(body)[:_ERROR_BODY_CHARS]}")
+        raise _TransientFault(f"unexpected field types: {repr(body)[:_ERROR_BODY_CHARS]}", unreadable)
     return ChatReply(
         content=content or "",
         finish_reason=finish_reason,

@@ -113,7 +113,7 @@ async def _claim_or_settle(sessions: Sessions, item_id: UUID, limits: Limits) ->
             return None
         if lease_expired:  # its worker died before the sweeper noticed
             item.failures += 1
-            item.error_message = "worker lost (lease expired)"
+            item.error_message, item.operator_error = "worker lost (lease expired)", None
         if job.cancelled_at is not None:
             _finish(item, "cancelled")
             return None
@@ -166,19 +166,35 @@ async def renew(sessions: Sessions, claim: Claim, lease_s: int) -> None:
             raise ClaimLost(f"lease on item {claim.item_id} lost")
 
 
-async def release(sessions: Sessions, claim: Claim, reason: str, *, failed: bool) -> None:
+async def release(
+    sessions: Sessions, claim: Claim, reason: str, *, failed: bool, detail: str | None = None
+) -> None:
     """Hand the item back to the queue; its turns stay. `failed` counts the attempt against
-    max_failures (an unexpected error); an LLM outage or a shutdown does not."""
-    values: dict[str, Any] = {"status": "queued", "lease_until": None, "error_message": reason}
+    max_failures (an unexpected error); an LLM outage or a shutdown does not. `reason` is
+    shown to the tenant; `detail` (an upstream's answer, an exception) only to operators."""
+    values: dict[str, Any] = {
+        "status": "queued",
+        "lease_until": None,
+        "error_message": reason,
+        "operator_error": detail,
+    }
     if failed:
         values["failures"] = Item.failures + 1
     async with sessions.begin() as session:
         await session.execute(update(Item).where(claimed(claim)).values(**values, updated_at=func.now()))
 
 
-async def end(sessions: Sessions, claim: Claim, status: str, code: str | None, message: str | None) -> bool:
+async def end(
+    sessions: Sessions,
+    claim: Claim,
+    status: str,
+    code: str | None,
+    message: str | None,
+    detail: str | None = None,
+) -> bool:
     """Finish without a CoT: failed with a recorded reason, or cancelled. False if the item
-    is no longer held under this claim (another worker has it now)."""
+    is no longer held under this claim (another worker has it now). `message` is shown to
+    the tenant; `detail` only to operators."""
     async with sessions.begin() as session:
         ended = await session.execute(
             update(Item)
@@ -188,6 +204,7 @@ async def end(sessions: Sessions, claim: Claim, status: str, code: str | None, m
                 lease_until=None,
                 error_code=code,
                 error_message=message,
+                operator_error=detail,
                 finished_at=func.now(),
                 updated_at=func.now(),
             )
@@ -258,7 +275,7 @@ _PAIR_JSON = frozenset({"chosen_scores", "rejected_scores", "rejected_thoughts",
 _COMPLETE = """
 WITH done AS (
     UPDATE items SET status = 'completed', stage = 'done', lease_until = NULL, error_code = NULL,
-                     error_message = NULL, finished_at = now(), updated_at = now()
+                     error_message = NULL, operator_error = NULL, finished_at = now(), updated_at = now()
     WHERE id = $1 AND attempts = $2 AND status = 'running'
     RETURNING id
 ), cot AS (
@@ -333,6 +350,7 @@ async def _mark_completed(session: AsyncSession, claim: Claim) -> int | None:
             lease_until=None,
             error_code=None,
             error_message=None,
+            operator_error=None,
             finished_at=func.now(),
             updated_at=func.now(),
         )
@@ -373,6 +391,7 @@ async def take_expired_leases(sessions: Sessions, limit: int = 1000) -> list[tup
                 lease_until=None,
                 failures=Item.failures + 1,
                 error_message="worker lost (lease expired)",
+                operator_error=None,
                 enqueues=Item.enqueues + 1,
                 updated_at=func.now(),
             )

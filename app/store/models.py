@@ -104,7 +104,10 @@ class Item(Base):
     enqueues: Mapped[int] = mapped_column(Integer, default=1)  # part of the arq job id
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     error_code: Mapped[str | None] = mapped_column(String(64))
-    error_message: Mapped[str | None] = mapped_column(Text)
+    error_message: Mapped[str | None] = mapped_column(Text)  # for the tenant: our words only
+    # The full detail behind error_message (an upstream's answer, an exception), for operators:
+    # it may quote hazardous text or the server's LLM key, so no route ever serves it.
+    operator_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _now()
     updated_at: Mapped[datetime] = _now()
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

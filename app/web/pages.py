@@ -29,7 +29,7 @@ from app.api.events import LastEventId, job_event_source, server_sent
 from app.api.schemas import ItemStatus
 from app.api.summaries import job_out
 from app.errors import NotFound, ServiceError, Unauthorized
-from app.store import jobs, keys
+from app.store import jobs, keys, policy_sets
 from app.store.models import ApiKey, Cot, Job, PreferencePair
 from app.web import session as web_session
 from app.web import timeline
@@ -220,7 +220,8 @@ async def item_page(request: Request, item_id: UUID, session: SessionDep, key: V
     turns = [views.turn_out(turn, reads_hazardous) for turn in await jobs.item_turns(session, item_id)]
     cot = views.cot_out(cot_row, item) if cot_row else None
     pair_row = await session.scalar(select(PreferencePair).where(PreferencePair.item_id == item_id))
-    pair = views.pair_out(pair_row, item, cot_row, reads_hazardous) if pair_row and cot_row else None
+    known = views.policy_ids(await policy_sets.by_id(session, job.policy_set_id))
+    pair = views.pair_out(pair_row, item, cot_row, reads_hazardous, known) if pair_row and cot_row else None
     context = {
         "key": key,
         "item": item,
