@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from uuid import UUID
 
 import httpx
@@ -79,12 +80,15 @@ async def test_text_postgres_cannot_hold_is_stored_with_a_replacement_character(
     claim = await claimed_item(api, auth, sessions)
     log = PostgresTurnLog(sessions, claim)
 
-    stored = await log.record(
-        a_turn(claim.item_id, "nul\x00 and \ud800", {"explicit_intents": ["a\x00b"], "implicit_intents": []})
+    turn = a_turn(
+        claim.item_id, "nul\x00 and \ud800", {"explicit_intents": ["a\x00b"], "implicit_intents": []}
     )
+
+    stored = await log.record(replace(turn, error="the reply quotes \x00 and \ud800"))
 
     assert "\x00" not in stored.raw_output and "\ud800" not in stored.raw_output
     assert stored.parsed == {"explicit_intents": ["a\ufffdb"], "implicit_intents": []}
+    assert stored.error == "the reply quotes \ufffd and ?"
     assert (await log.done(claim.item_id))[0].raw_output == stored.raw_output
 
 

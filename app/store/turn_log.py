@@ -35,7 +35,12 @@ class PostgresTurnLog:
         return [to_turn(row) for row in rows]
 
     async def record(self, turn: Turn) -> Turn:
-        turn = replace(turn, raw_output=storable(turn.raw_output), parsed=storable(turn.parsed))
+        turn = replace(
+            turn,
+            raw_output=storable(turn.raw_output),
+            parsed=storable(turn.parsed),
+            error=storable(turn.error),
+        )
         key = turn.key
         async with driver_connection(self._sessions) as connection:
             held, inserted = await connection.fetchrow(
