@@ -335,6 +335,13 @@ async def test_wrong_method_is_reported_in_the_error_shape(api: httpx.AsyncClien
     error_of(await api.delete("/v1/jobs", headers=auth), 405, "method_not_allowed")
 
 
+async def test_wrong_method_answer_names_the_allowed_methods(api: httpx.AsyncClient, auth: Headers) -> None:
+    response = await api.delete(f"/v1/jobs/{uuid.uuid4()}/cancel", headers=auth)
+
+    error_of(response, 405, "method_not_allowed")
+    assert response.headers["allow"] == "POST"
+
+
 # --- submitting ---------------------------------------------------------------------------
 
 
