@@ -717,6 +717,19 @@ async def test_cancelling_a_completed_job_keeps_its_results(
     assert len((await api.get(f"/v1/jobs/{job['id']}/cots", headers=auth)).json()["data"]) == 2
 
 
+async def test_cancelling_a_finished_job_leaves_it_completed(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings
+) -> None:
+    job = await submit(api, auth, ["a", "b"])
+    await run_worker_burst(settings)
+
+    cancelled = (await api.post(f"/v1/jobs/{job['id']}/cancel", headers=auth)).json()
+
+    assert (cancelled["status"], cancelled["cancelled_at"]) == ("completed", None)
+    again = (await api.get(f"/v1/jobs/{job['id']}", headers=auth)).json()
+    assert (again["status"], again["cancelled_at"]) == ("completed", None)
+
+
 # --- policy sets --------------------------------------------------------------------------
 
 

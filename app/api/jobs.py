@@ -87,7 +87,8 @@ async def get_job(job_id: UUID, key: CurrentKey, summaries: SummariesDep) -> Job
 @router.post("/{job_id}/cancel", responses=ERRORS)
 async def cancel_job(job_id: UUID, session: SessionDep, key: CurrentKey, summaries: SummariesDep) -> JobOut:
     """Queued items are cancelled at once; running items stop within a lease period.
-    Finished items and their data are kept. Cancelling twice is harmless."""
+    Finished items and their data are kept; a job that has already finished stays as it
+    is (`completed`, no `cancelled_at`). Cancelling twice is harmless."""
     job = await jobs.get_owned(session, job_id, key.id)
     await jobs.cancel(session, job)
     await session.commit()

@@ -191,9 +191,18 @@ async def report(session: AsyncSession, job: Job) -> dict[str, Any]:
 
 
 async def cancel(session: AsyncSession, job: Job) -> None:
-    """Queued items end as cancelled now; running ones stop at their worker's next check."""
-    # coalesce: of two concurrent cancels, the first time stays
-    job.cancelled_at = func.coalesce(Job.cancelled_at, func.now())
+    """Queued items end as cancelled now; running ones stop at their worker's next check.
+    A job with no queued or running item has finished: it is left as it is, not cancelled.
+    The caller refreshes `job` after committing."""
+    unfinished = (
+        select(Item.id).where(Item.job_id == job.id, Item.status.in_(("queued", "running"))).exists()
+    )
+    # `cancelled_at IS NULL`: of two concurrent cancels, the first time stays
+    await session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.cancelled_at.is_(None), unfinished)
+        .values(cancelled_at=func.now())
+    )
     await session.execute(
         update(Item)
         .where(Item.job_id == job.id, Item.status == "queued")
