@@ -466,6 +466,15 @@ async def test_same_idempotency_key_with_another_body_is_a_conflict(
     assert await row_counts(sessions) == (1, 1)
 
 
+async def test_an_empty_idempotency_key_is_refused_not_used_as_a_key(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    response = await api.post("/v1/jobs", json={"prompts": ["a"]}, headers={**auth, "Idempotency-Key": ""})
+
+    error_of(response, 422, "validation_error")
+    assert await row_counts(sessions) == (0, 0)
+
+
 async def test_idempotency_keys_are_scoped_to_the_api_key(
     api: httpx.AsyncClient, auth: Headers, other: Headers
 ) -> None:

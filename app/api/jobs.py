@@ -24,7 +24,9 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger("aidsafe.api")
 Limit = Annotated[int, Query(ge=1, le=500, description="Page size.")]
 Cursor = Annotated[str | None, Query(description="`next_cursor` of the previous page.")]
-IdempotencyKey = Annotated[str | None, Header(max_length=200)]
+# An empty header is refused (422), not taken as no key: it is likely an unset variable in the
+# client, and answering 202 would hide that its retries are not idempotent.
+IdempotencyKey = Annotated[str | None, Header(min_length=1, max_length=200)]
 ERRORS = documented(401, 404, 422, 503)  # routes with an id in the path
 PAGE_ERRORS = documented(400, 401, 404, 422, 503)
 
