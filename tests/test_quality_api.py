@@ -640,6 +640,16 @@ async def test_comparison_without_a_common_completed_prompt_is_refused_and_write
     assert await row_counts(sessions) == before
 
 
+async def test_a_job_cannot_be_compared_with_itself(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    job_id = await finished_job(api, auth, sessions, [completed()], prompts=["a"])
+    before = await row_counts(sessions)
+
+    error_of(await compare(api, auth, job_id, job_id), 422, "validation_error")
+    assert await row_counts(sessions) == before
+
+
 async def test_a_plain_job_is_not_a_comparison(
     api: httpx.AsyncClient, auth: Headers, sessions: Sessions
 ) -> None:
