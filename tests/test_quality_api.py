@@ -650,6 +650,27 @@ async def test_a_job_cannot_be_compared_with_itself(
     assert await row_counts(sessions) == before
 
 
+async def test_jobs_and_comparisons_keep_separate_idempotency_keys(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    baseline = await finished_job(api, auth, sessions, [completed()], prompts=["a"])
+    candidate = await finished_job(api, auth, sessions, [completed()], prompts=["a"])
+    headers = {**auth, "Idempotency-Key": "nightly"}
+    job = await api.post("/v1/jobs", json={"prompts": ["a"]}, headers=headers)
+    body = {"baseline_job_id": baseline, "candidate_job_id": candidate}
+
+    comparison = await api.post("/v1/comparisons", json=body, headers=headers)
+
+    assert (job.status_code, comparison.status_code) == (202, 202), comparison.text
+    replayed_job = await api.post("/v1/jobs", json={"prompts": ["a"]}, headers=headers)
+    replayed_comparison = await api.post("/v1/comparisons", json=body, headers=headers)
+    assert (replayed_job.status_code, replayed_job.json()["id"]) == (200, job.json()["id"])
+    assert (replayed_comparison.status_code, replayed_comparison.json()["id"]) == (
+        200,
+        comparison.json()["id"],
+    )
+
+
 async def test_a_plain_job_is_not_a_comparison(
     api: httpx.AsyncClient, auth: Headers, sessions: Sessions
 ) -> None:

@@ -6,7 +6,7 @@ import base64
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID, uuid4
 
 from sqlalchemy import func, select, update
@@ -18,6 +18,9 @@ from app.store import quality
 from app.store.models import Cot, Item, Job, PreferencePair, TurnRow
 
 TERMINAL = ("completed", "failed", "cancelled")
+# Each submitting route keeps its own Idempotency-Key namespace (per API key): a key used for
+# a job is still free for a comparison.
+IdempotencyScope = Literal["jobs", "comparisons"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ async def submit(
         config=config,
         item_count=len(items),
         idempotency_key=idempotency_key,
+        idempotency_scope="jobs",
         request_hash=request_hash,
     )
     if not created:
@@ -74,15 +78,16 @@ async def create(
     config: dict[str, Any],
     item_count: int,
     idempotency_key: str | None,
+    idempotency_scope: IdempotencyScope,
     request_hash: str,
 ) -> tuple[Job, bool]:
     """Write a job row without items in the caller's transaction; (job, True) if created.
 
-    A repeated Idempotency-Key with the same request returns the first job and False; with
-    a different request it is a conflict, never a silent second job.
+    A repeated Idempotency-Key (in the same scope) with the same request returns the first
+    job and False; with a different request it is a conflict, never a silent second job.
     """
     if idempotency_key:
-        existing = await _by_idempotency_key(session, owner_key_id, idempotency_key)
+        existing = await _by_idempotency_key(session, owner_key_id, idempotency_scope, idempotency_key)
         if existing:
             return _same_request(existing, request_hash), False
     job = Job(
@@ -90,6 +95,7 @@ async def create(
         policy_set_id=policy_set_id,
         config=config,
         idempotency_key=idempotency_key,
+        idempotency_scope=idempotency_scope,
         request_hash=request_hash,
         item_count=item_count,
     )
@@ -98,7 +104,7 @@ async def create(
             session.add(job)
             await session.flush()
     except IntegrityError:  # a concurrent POST with the same key won the race
-        existing = await _by_idempotency_key(session, owner_key_id, idempotency_key or "")
+        existing = await _by_idempotency_key(session, owner_key_id, idempotency_scope, idempotency_key or "")
         if existing is None:
             raise
         return _same_request(existing, request_hash), False
@@ -113,9 +119,13 @@ _ITEM_DEFAULTS = {
 }
 
 
-async def _by_idempotency_key(session: AsyncSession, owner_key_id: UUID, key: str) -> Job | None:
+async def _by_idempotency_key(
+    session: AsyncSession, owner_key_id: UUID, scope: IdempotencyScope, key: str
+) -> Job | None:
     return await session.scalar(
-        select(Job).where(Job.owner_key_id == owner_key_id, Job.idempotency_key == key)
+        select(Job).where(
+            Job.owner_key_id == owner_key_id, Job.idempotency_scope == scope, Job.idempotency_key == key
+        )
     )
 
 
