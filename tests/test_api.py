@@ -234,6 +234,31 @@ async def test_cursor_the_api_did_not_issue_is_rejected(
         error_of(response, 400, "invalid_cursor")
 
 
+async def test_a_well_formed_cursor_the_api_never_issued_is_rejected(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    job = await submit(api, auth, ["a", "b", "c"])
+    made_up = base64.urlsafe_b64encode(b"p:0").decode().rstrip("=")
+    random_row = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+    for cursor in (made_up, random_row):
+        response = await api.get(f"/v1/jobs/{job['id']}/items", params={"cursor": cursor}, headers=auth)
+        error_of(response, 400, "invalid_cursor")
+
+
+async def test_a_cursor_is_good_only_for_the_job_and_listing_that_issued_it(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    job, another = await submit(api, auth, ["a", "b"]), await submit(api, auth, ["a", "b"])
+    page = await api.get(f"/v1/jobs/{job['id']}/items", params={"limit": 1}, headers=auth)
+    cursor = page.json()["next_cursor"]
+
+    for path in (f"/v1/jobs/{another['id']}/items", f"/v1/jobs/{job['id']}/cots"):
+        error_of(await api.get(path, params={"cursor": cursor}, headers=auth), 400, "invalid_cursor")
+    rest = await api.get(f"/v1/jobs/{job['id']}/items", params={"cursor": cursor}, headers=auth)
+    assert [item["prompt"] for item in rest.json()["data"]] == ["b"]
+
+
 async def test_request_without_a_valid_key_is_unauthorized(api: httpx.AsyncClient) -> None:
     missing, wrong, not_bearer = {}, {"Authorization": "Bearer aidsafe_nope"}, {"Authorization": "Basic dTpw"}
 
