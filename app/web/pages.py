@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.api import views
 from app.api.deps import SessionDep, SettingsDep
-from app.api.events import LastEventId, job_event_source, server_sent
+from app.api.events import LastEventIdHeader, ResumedEvents, follow_owned, server_sent
 from app.api.schemas import ItemStatus
 from app.api.summaries import job_out
 from app.errors import NotFound, ServiceError, Unauthorized
@@ -195,18 +195,20 @@ async def _gate_decisions(session: AsyncSession, item_ids: list[UUID]) -> dict[U
     return {item_id: accepted for item_id, accepted in rows}
 
 
-async def _viewed_job(job_id: UUID, session: SessionDep, key: ViewerKey) -> UUID:
-    await jobs.get_owned(session, job_id, key.id)
-    await session.close()  # the stream may last hours; each snapshot takes its own session
-    return job_id
+async def _viewed(
+    request: Request,
+    job_id: UUID,
+    session: SessionDep,
+    key: ViewerKey,
+    last_event_id: LastEventIdHeader = None,
+) -> ResumedEvents:
+    return await follow_owned(request, session, job_id, key.id, last_event_id)
 
 
 @router.get("/jobs/{job_id}/events", response_class=EventSourceResponse)
-async def job_events(
-    request: Request, job_id: Annotated[UUID, Depends(_viewed_job)], last_event_id: LastEventId
-) -> AsyncIterator[ServerSentEvent]:
+async def job_events(events: Annotated[ResumedEvents, Depends(_viewed)]) -> AsyncIterator[ServerSentEvent]:
     """The job's progress events (as GET /v1/jobs/{id}/events) for the page's live progress."""
-    async for event in server_sent(job_event_source(request, job_id), last_event_id):
+    async for event in server_sent(events):
         yield event
 
 
