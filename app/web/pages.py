@@ -6,7 +6,6 @@ untrusted, and the Content-Security-Policy allows no inline script besides."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, get_args
@@ -28,10 +27,11 @@ from app.api.deps import SessionDep, SettingsDep
 from app.api.events import LastEventIdHeader, ResumedEvents, follow_owned, server_sent
 from app.api.schemas import ItemStatus
 from app.api.summaries import job_out
+from app.config import Settings
 from app.errors import NotFound, ServiceError, Unauthorized
-from app.store import jobs, keys
+from app.store import jobs, keys, web_sessions
 from app.store.models import ApiKey, Cot, Job, PreferencePair
-from app.web import session as web_session
+from app.web import session as session_token
 from app.web import timeline
 
 HERE = Path(__file__).parent
@@ -80,11 +80,15 @@ class PageRoute(APIRoute):
 router = APIRouter(prefix="/view", include_in_schema=False, route_class=PageRoute)
 
 
+def _session_id(request: Request, settings: Settings) -> UUID | None:
+    token = request.cookies.get(session_token.COOKIE)
+    return session_token.session_id_of(token, session_token.signing_secret(settings)) if token else None
+
+
 async def _viewer_key(request: Request, session: SessionDep, settings: SettingsDep) -> ApiKey:
-    token = request.cookies.get(web_session.COOKIE)
-    key_id = token and web_session.key_id_of(token, web_session.signing_secret(settings), time.time())
-    key = key_id and await session.get(ApiKey, key_id)
-    if not key or key.revoked_at is not None:
+    session_id = _session_id(request, settings)
+    key = session_id and await web_sessions.live_key(session, session_id)
+    if not key:
         raise LoginRequired()
     return key
 
@@ -120,10 +124,12 @@ async def login(request: Request, session: SessionDep, settings: SettingsDep) ->
         context = {"error": "Unknown or revoked API key."}
         return templates.TemplateResponse(request, "login.html", context, status_code=401)
     lifetime_s = settings.web_session_hours * 3600
-    token = web_session.issue(key.id, web_session.signing_secret(settings), time.time(), lifetime_s)
+    session_id = await web_sessions.start(session, key.id, lifetime_s)
+    await session.commit()
+    token = session_token.issue(session_id, session_token.signing_secret(settings))
     response = RedirectResponse("/view/jobs", status_code=303)
     response.set_cookie(
-        web_session.COOKIE,
+        session_token.COOKIE,
         token,
         max_age=int(lifetime_s),
         path="/view",
@@ -135,9 +141,14 @@ async def login(request: Request, session: SessionDep, settings: SettingsDep) ->
 
 
 @router.post("/logout")
-async def logout() -> RedirectResponse:
+async def logout(request: Request, session: SessionDep, settings: SettingsDep) -> RedirectResponse:
+    """End the session server-side (a copy of the cookie kept elsewhere opens nothing), then
+    drop the cookie."""
+    if session_id := _session_id(request, settings):
+        await web_sessions.end(session, session_id)
+        await session.commit()
     response = RedirectResponse("/view/login", status_code=303)
-    response.delete_cookie(web_session.COOKIE, path="/view")
+    response.delete_cookie(session_token.COOKIE, path="/view")
     return response
 
 

@@ -17,6 +17,15 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    op.create_table(
+        "web_sessions",
+        sa.Column("id", sa.UUID(), nullable=False),
+        sa.Column("key_id", sa.UUID(), sa.ForeignKey("api_keys.id"), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
+        sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("ended_at", sa.DateTime(timezone=True), nullable=True),
+        sa.PrimaryKeyConstraint("id"),
+    )
     op.add_column(
         "jobs",
         sa.Column("idempotency_scope", sa.String(length=16), server_default="jobs", nullable=False),
@@ -37,3 +46,4 @@ def downgrade() -> None:
         "jobs_owner_key_id_idempotency_key_key", "jobs", ["owner_key_id", "idempotency_key"]
     )
     op.drop_column("jobs", "idempotency_scope")
+    op.drop_table("web_sessions")
