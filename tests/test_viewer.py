@@ -194,6 +194,47 @@ async def test_a_logged_out_session_cookie_no_longer_opens_the_viewer(
     assert (response.status_code, response.headers["location"]) == (303, "/view/login")
 
 
+CROSS_SITE = {
+    "another origin": {"Origin": "https://evil.example"},
+    "an opaque origin": {"Origin": "null"},
+    "another scheme": {"Origin": "https://api"},
+    "fetch metadata cross-site": {"Sec-Fetch-Site": "cross-site"},
+    "fetch metadata same-site": {"Sec-Fetch-Site": "same-site"},
+}
+
+
+@pytest.mark.parametrize("headers", CROSS_SITE.values(), ids=CROSS_SITE.keys())
+async def test_a_cross_site_login_is_refused(api: httpx.AsyncClient, auth: Headers, headers: Headers) -> None:
+    response = await api.post("/view/login", data={"api_key": secret_of(auth)}, headers=headers)
+
+    assert response.status_code == 403 and "set-cookie" not in response.headers
+    assert (await api.get("/view/jobs")).status_code == 303
+
+
+@pytest.mark.parametrize("headers", CROSS_SITE.values(), ids=CROSS_SITE.keys())
+async def test_a_cross_site_logout_is_refused(
+    api: httpx.AsyncClient, auth: Headers, headers: Headers
+) -> None:
+    await logged_in(api, auth)
+
+    response = await api.post("/view/logout", headers=headers)
+
+    assert response.status_code == 403 and "set-cookie" not in response.headers
+    assert (await api.get("/view/jobs")).status_code == 200
+
+
+async def test_a_same_origin_login_and_logout_from_a_browser_are_accepted(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    browser = {"Origin": "http://api", "Sec-Fetch-Site": "same-origin"}
+
+    login = await api.post("/view/login", data={"api_key": secret_of(auth)}, headers=browser)
+    logout = await api.post("/view/logout", headers=browser)
+
+    assert (login.status_code, logout.status_code) == (303, 303)
+    assert (await api.get("/view/jobs")).status_code == 303
+
+
 # --- what the pages show ------------------------------------------------------------------
 
 

@@ -28,7 +28,7 @@ from app.api.events import LastEventIdHeader, ResumedEvents, follow_owned, serve
 from app.api.schemas import ItemStatus
 from app.api.summaries import job_out
 from app.config import Settings
-from app.errors import NotFound, ServiceError, Unauthorized
+from app.errors import CrossSiteRequest, NotFound, ServiceError, Unauthorized
 from app.store import jobs, keys, web_sessions
 from app.store.models import ApiKey, Cot, Job, PreferencePair
 from app.web import session as session_token
@@ -96,6 +96,25 @@ async def _viewer_key(request: Request, session: SessionDep, settings: SettingsD
 ViewerKey = Annotated[ApiKey, Depends(_viewer_key)]
 
 
+def _refuse_cross_site(request: Request) -> None:
+    """Login and logout take only posts from the viewer's own pages: SameSite=Strict keeps the
+    cookie off cross-site posts, but a forged login would plant the attacker's session and a
+    forged logout end the user's. Checked by the headers browsers set themselves (Origin on
+    every cross-site POST, Sec-Fetch-Site in current ones) rather than a CSRF token, which
+    would need a pre-login cookie to match; a client sending neither is no browser and
+    carries no victim's cookie."""
+    fetch_site = request.headers.get("sec-fetch-site")
+    origin = request.headers.get("origin")
+    own_origin = f"{request.url.scheme}://{request.url.netloc}"
+    if (fetch_site is not None and fetch_site not in ("same-origin", "none")) or (
+        origin is not None and origin.lower() != own_origin.lower()
+    ):
+        raise CrossSiteRequest("Log in and out from the viewer's own pages.")
+
+
+SameOriginPost = Depends(_refuse_cross_site)
+
+
 @router.get("")
 async def home() -> RedirectResponse:
     return RedirectResponse("/view/jobs", status_code=303)
@@ -113,7 +132,7 @@ async def login_form(request: Request) -> Response:
     return templates.TemplateResponse(request, "login.html", {"error": None})
 
 
-@router.post("/login", response_class=HTMLResponse)
+@router.post("/login", response_class=HTMLResponse, dependencies=[SameOriginPost])
 async def login(request: Request, session: SessionDep, settings: SettingsDep) -> Response:
     """Check the key like the API does; on success set the session cookie and go to the jobs."""
     form = parse_qs((await request.body()).decode("utf-8", errors="replace"))
@@ -140,7 +159,7 @@ async def login(request: Request, session: SessionDep, settings: SettingsDep) ->
     return response
 
 
-@router.post("/logout")
+@router.post("/logout", dependencies=[SameOriginPost])
 async def logout(request: Request, session: SessionDep, settings: SettingsDep) -> RedirectResponse:
     """End the session server-side (a copy of the cookie kept elsewhere opens nothing), then
     drop the cookie."""
