@@ -76,6 +76,11 @@ class NoCommonPrompts(ServiceError):
     code = "no_common_prompts"
 
 
+class CrossSiteRequest(ServiceError):
+    status = 403
+    code = "cross_site_request"
+
+
 class MissingScope(ServiceError):
     status = 403
     code = "missing_scope"

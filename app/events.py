@@ -70,8 +70,12 @@ def parse_event_id(text: str) -> tuple[int, int]:
     """A stream entry id `<ms>-<seq>` as a comparable pair; InvalidCursor if it is not one."""
     ms, dash, seq = text.strip().partition("-")
     if not (dash and ms.isdigit() and seq.isdigit() and len(ms) <= 15 and len(seq) <= 15):
-        raise InvalidCursor("Last-Event-ID is not an event id this API sent")
+        raise _never_sent()
     return int(ms), int(seq)
+
+
+def _never_sent() -> InvalidCursor:
+    return InvalidCursor("Last-Event-ID is not an event id this API sent")
 
 
 # --- the worker side ----------------------------------------------------------------------
@@ -121,6 +125,32 @@ class JobEventSource:
         self.redis, self.sessions, self.settings, self.job_id = redis, sessions, settings, job_id
         self.key = stream_key(settings, job_id)
         self.snapshot = snapshot
+
+    async def check_sent(self, event_id: str, job_created_at: datetime) -> None:
+        """InvalidCursor unless `event_id` can be an id this API sent for this job: one of its
+        stream's entries. Where the stream no longer holds that stretch (trimmed, expired, lost
+        with Redis), the id must at least fall between the job's creation and its newest
+        entry, or now if it has none. Event ids are checked, not signed: every API process
+        must accept every other's, with no secret to share."""
+        sent = parse_event_id(event_id)
+        if sent[0] < job_created_at.timestamp() * 1000 - CLOCK_MARGIN_MS:
+            raise _never_sent()
+        entry_id = f"{sent[0]}-{sent[1]}"
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:  # one view of the stream
+                pipe.xrange(self.key, count=1)
+                pipe.xrevrange(self.key, count=1)
+                pipe.xrange(self.key, min=entry_id, max=entry_id)
+                oldest, newest, same = await pipe.execute()
+        except RedisError:  # following goes on from Postgres; only the clock can tell
+            oldest = newest = same = []
+        if newest:
+            beyond_newest = sent > parse_event_id(newest[0][0].decode())
+            held_but_missing = parse_event_id(oldest[0][0].decode()) <= sent and not same
+            if beyond_newest or held_but_missing:
+                raise _never_sent()
+        elif sent[0] > time.time() * 1000 + CLOCK_MARGIN_MS:
+            raise _never_sent()
 
     async def tail_id(self) -> str:
         """The newest entry's id, or 0-0 when the stream is empty or gone."""

@@ -237,6 +237,31 @@ async def test_cursor_the_api_did_not_issue_is_rejected(
         error_of(response, 400, "invalid_cursor")
 
 
+async def test_a_well_formed_cursor_the_api_never_issued_is_rejected(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    job = await submit(api, auth, ["a", "b", "c"])
+    made_up = base64.urlsafe_b64encode(b"p:0").decode().rstrip("=")
+    random_row = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+    for cursor in (made_up, random_row):
+        response = await api.get(f"/v1/jobs/{job['id']}/items", params={"cursor": cursor}, headers=auth)
+        error_of(response, 400, "invalid_cursor")
+
+
+async def test_a_cursor_is_good_only_for_the_job_and_listing_that_issued_it(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    job, another = await submit(api, auth, ["a", "b"]), await submit(api, auth, ["a", "b"])
+    page = await api.get(f"/v1/jobs/{job['id']}/items", params={"limit": 1}, headers=auth)
+    cursor = page.json()["next_cursor"]
+
+    for path in (f"/v1/jobs/{another['id']}/items", f"/v1/jobs/{job['id']}/cots"):
+        error_of(await api.get(path, params={"cursor": cursor}, headers=auth), 400, "invalid_cursor")
+    rest = await api.get(f"/v1/jobs/{job['id']}/items", params={"cursor": cursor}, headers=auth)
+    assert [item["prompt"] for item in rest.json()["data"]] == ["b"]
+
+
 async def test_request_without_a_valid_key_is_unauthorized(api: httpx.AsyncClient) -> None:
     missing, wrong, not_bearer = {}, {"Authorization": "Bearer aidsafe_nope"}, {"Authorization": "Basic dTpw"}
 
@@ -338,6 +363,13 @@ async def test_unknown_route_is_not_found_in_the_error_shape(api: httpx.AsyncCli
 
 async def test_wrong_method_is_reported_in_the_error_shape(api: httpx.AsyncClient, auth: Headers) -> None:
     error_of(await api.delete("/v1/jobs", headers=auth), 405, "method_not_allowed")
+
+
+async def test_wrong_method_answer_names_the_allowed_methods(api: httpx.AsyncClient, auth: Headers) -> None:
+    response = await api.delete(f"/v1/jobs/{uuid.uuid4()}/cancel", headers=auth)
+
+    error_of(response, 405, "method_not_allowed")
+    assert response.headers["allow"] == "POST"
 
 
 # --- submitting ---------------------------------------------------------------------------
@@ -462,6 +494,15 @@ async def test_same_idempotency_key_with_another_body_is_a_conflict(
 
     error_of(response, 409, "idempotency_conflict")
     assert await row_counts(sessions) == (1, 1)
+
+
+async def test_an_empty_idempotency_key_is_refused_not_used_as_a_key(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    response = await api.post("/v1/jobs", json={"prompts": ["a"]}, headers={**auth, "Idempotency-Key": ""})
+
+    error_of(response, 422, "validation_error")
+    assert await row_counts(sessions) == (0, 0)
 
 
 async def test_idempotency_keys_are_scoped_to_the_api_key(
@@ -713,6 +754,19 @@ async def test_cancelling_a_completed_job_keeps_its_results(
 
     assert cancelled["counts"]["by_status"] == {"completed": 2}
     assert len((await api.get(f"/v1/jobs/{job['id']}/cots", headers=auth)).json()["data"]) == 2
+
+
+async def test_cancelling_a_finished_job_leaves_it_completed(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings
+) -> None:
+    job = await submit(api, auth, ["a", "b"])
+    await run_worker_burst(settings)
+
+    cancelled = (await api.post(f"/v1/jobs/{job['id']}/cancel", headers=auth)).json()
+
+    assert (cancelled["status"], cancelled["cancelled_at"]) == ("completed", None)
+    again = (await api.get(f"/v1/jobs/{job['id']}", headers=auth)).json()
+    assert (again["status"], again["cancelled_at"]) == ("completed", None)
 
 
 # --- policy sets --------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 from uuid import UUID
 
@@ -14,7 +15,7 @@ from httpx_sse import aconnect_sse
 from redis.asyncio import Redis
 
 from app.config import Settings
-from app.events import JobEventSource, follow, stream_key
+from app.events import ItemFinished, JobEventSource, follow, stream_key
 from app.store import jobs
 from app.store.db import Sessions
 from app.store.models import Job
@@ -220,3 +221,37 @@ async def test_a_last_event_id_this_api_never_sent_is_refused(api: httpx.AsyncCl
     response = await api.get(f"/v1/jobs/{job['id']}/events", headers={**auth, "Last-Event-ID": "yesterday"})
 
     error_of(response, 400, "invalid_cursor")
+
+
+async def resume_status(base_url: str, auth: Headers, job_id: str, last_event_id: str) -> tuple[int, Any]:
+    """The status of a follow resuming from `last_event_id`, and its error code if refused
+    (a stream that starts is left at once: the job never ends)."""
+    headers = {**auth, "Last-Event-ID": last_event_id}
+    async with (
+        httpx.AsyncClient(base_url=base_url, timeout=10) as client,
+        client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as response,
+    ):
+        if response.status_code == 200:
+            return 200, None
+        return response.status_code, json.loads(await response.aread())["error"]["code"]
+
+
+async def test_a_well_formed_last_event_id_this_api_never_sent_is_refused(
+    live_api: str, api: httpx.AsyncClient, auth: Headers, settings: Settings, redis: Redis
+) -> None:
+    job = await submit(api, auth, ["a", "b"])
+    key = stream_key(settings, UUID(job["id"]))
+    now_ms = int(time.time() * 1000)
+    for position, entry_ms in enumerate((now_ms, now_ms + 2)):  # two events, as workers append them
+        finished = ItemFinished(str(UUID(int=position)), position, "completed", None)
+        await redis.xadd(key, finished.fields(), id=f"{entry_ms}-0")
+    before_the_job, between_the_events, after_the_newest = "1-0", f"{now_ms + 1}-0", f"{now_ms + 60_000}-0"
+
+    for never_sent in (before_the_job, between_the_events, after_the_newest):
+        assert await resume_status(live_api, auth, job["id"], never_sent) == (400, "invalid_cursor"), (
+            never_sent
+        )
+    assert await resume_status(live_api, auth, job["id"], f"{now_ms}-0") == (200, None)
+    await redis.delete(key)  # Redis lost the stream: ids from the future are still refused
+    assert await resume_status(live_api, auth, job["id"], after_the_newest) == (400, "invalid_cursor")
+    assert await resume_status(live_api, auth, job["id"], f"{now_ms}-0") == (200, None)

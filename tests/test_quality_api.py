@@ -640,6 +640,37 @@ async def test_comparison_without_a_common_completed_prompt_is_refused_and_write
     assert await row_counts(sessions) == before
 
 
+async def test_a_job_cannot_be_compared_with_itself(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    job_id = await finished_job(api, auth, sessions, [completed()], prompts=["a"])
+    before = await row_counts(sessions)
+
+    error_of(await compare(api, auth, job_id, job_id), 422, "validation_error")
+    assert await row_counts(sessions) == before
+
+
+async def test_jobs_and_comparisons_keep_separate_idempotency_keys(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    baseline = await finished_job(api, auth, sessions, [completed()], prompts=["a"])
+    candidate = await finished_job(api, auth, sessions, [completed()], prompts=["a"])
+    headers = {**auth, "Idempotency-Key": "nightly"}
+    job = await api.post("/v1/jobs", json={"prompts": ["a"]}, headers=headers)
+    body = {"baseline_job_id": baseline, "candidate_job_id": candidate}
+
+    comparison = await api.post("/v1/comparisons", json=body, headers=headers)
+
+    assert (job.status_code, comparison.status_code) == (202, 202), comparison.text
+    replayed_job = await api.post("/v1/jobs", json={"prompts": ["a"]}, headers=headers)
+    replayed_comparison = await api.post("/v1/comparisons", json=body, headers=headers)
+    assert (replayed_job.status_code, replayed_job.json()["id"]) == (200, job.json()["id"])
+    assert (replayed_comparison.status_code, replayed_comparison.json()["id"]) == (
+        200,
+        comparison.json()["id"],
+    )
+
+
 async def test_a_plain_job_is_not_a_comparison(
     api: httpx.AsyncClient, auth: Headers, sessions: Sessions
 ) -> None:

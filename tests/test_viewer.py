@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import os
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from sqlalchemy import update
 from app.config import Settings
 from app.store import keys
 from app.store.db import Sessions
-from app.store.models import ApiKey
+from app.store.models import ApiKey, WebSession
 from app.web import session as web_session
 from app.web.timeline import DiffPart, response_diff
 from tests.conftest import new_key, run_worker_burst
@@ -128,15 +127,25 @@ async def test_login_sets_a_signed_httponly_strict_cookie_that_is_not_the_key(
     assert (await api.get("/view/jobs")).status_code == 200
 
 
-def test_a_session_token_is_refused_when_altered_expired_or_signed_with_another_secret() -> None:
-    key_id, secret, now = uuid4(), b"s" * 32, time.time()
-    token = web_session.issue(key_id, secret, now, 60)
+def test_a_session_token_is_refused_when_altered_or_signed_with_another_secret() -> None:
+    session_id, secret = uuid4(), b"s" * 32
+    token = web_session.issue(session_id, secret)
 
-    assert web_session.key_id_of(token, secret, now) == key_id
-    assert web_session.key_id_of(token, secret, now + 61) is None
-    assert web_session.key_id_of(token, b"t" * 32, now) is None
-    other = str(uuid4())
-    assert web_session.key_id_of(token.replace(str(key_id), other), secret, now) is None
+    assert web_session.session_id_of(token, secret) == session_id
+    assert web_session.session_id_of(token, b"t" * 32) is None
+    assert web_session.session_id_of(token.replace(str(session_id), str(uuid4())), secret) is None
+
+
+async def test_an_expired_session_no_longer_opens_the_viewer(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    await logged_in(api, auth)
+    async with sessions.begin() as session:
+        await session.execute(update(WebSession).values(expires_at=WebSession.created_at))
+
+    response = await api.get("/view/jobs")
+
+    assert (response.status_code, response.headers["location"]) == (303, "/view/login")
 
 
 async def test_revoking_the_key_ends_its_viewer_session(
@@ -170,6 +179,59 @@ async def test_logging_out_ends_the_session(api: httpx.AsyncClient, auth: Header
 
     await api.post("/view/logout")
 
+    assert (await api.get("/view/jobs")).status_code == 303
+
+
+async def test_a_logged_out_session_cookie_no_longer_opens_the_viewer(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    await logged_in(api, auth)
+    kept = api.cookies[web_session.COOKIE]
+
+    await api.post("/view/logout")
+
+    response = await api.get("/view/jobs", headers={"Cookie": f"{web_session.COOKIE}={kept}"})
+    assert (response.status_code, response.headers["location"]) == (303, "/view/login")
+
+
+CROSS_SITE = {
+    "another origin": {"Origin": "https://evil.example"},
+    "an opaque origin": {"Origin": "null"},
+    "another scheme": {"Origin": "https://api"},
+    "fetch metadata cross-site": {"Sec-Fetch-Site": "cross-site"},
+    "fetch metadata same-site": {"Sec-Fetch-Site": "same-site"},
+}
+
+
+@pytest.mark.parametrize("headers", CROSS_SITE.values(), ids=CROSS_SITE.keys())
+async def test_a_cross_site_login_is_refused(api: httpx.AsyncClient, auth: Headers, headers: Headers) -> None:
+    response = await api.post("/view/login", data={"api_key": secret_of(auth)}, headers=headers)
+
+    assert response.status_code == 403 and "set-cookie" not in response.headers
+    assert (await api.get("/view/jobs")).status_code == 303
+
+
+@pytest.mark.parametrize("headers", CROSS_SITE.values(), ids=CROSS_SITE.keys())
+async def test_a_cross_site_logout_is_refused(
+    api: httpx.AsyncClient, auth: Headers, headers: Headers
+) -> None:
+    await logged_in(api, auth)
+
+    response = await api.post("/view/logout", headers=headers)
+
+    assert response.status_code == 403 and "set-cookie" not in response.headers
+    assert (await api.get("/view/jobs")).status_code == 200
+
+
+async def test_a_same_origin_login_and_logout_from_a_browser_are_accepted(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    browser = {"Origin": "http://api", "Sec-Fetch-Site": "same-origin"}
+
+    login = await api.post("/view/login", data={"api_key": secret_of(auth)}, headers=browser)
+    logout = await api.post("/view/logout", headers=browser)
+
+    assert (login.status_code, logout.status_code) == (303, 303)
     assert (await api.get("/view/jobs")).status_code == 303
 
 

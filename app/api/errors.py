@@ -40,9 +40,13 @@ def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorOut, "description": _WHY[status]} for status in statuses}
 
 
-def error_response(status: int, code: str, message: str, details: Any = None) -> JSONResponse:
+def error_response(
+    status: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse(
-        status_code=status, content={"error": {"code": code, "message": message, "details": details}}
+        status_code=status,
+        content={"error": {"code": code, "message": message, "details": details}},
+        headers=headers,
     )
 
 
@@ -86,4 +90,5 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail))
+        # Starlette's own headers, such as a 405's `Allow`, are part of the answer.
+        return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)

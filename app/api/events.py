@@ -3,38 +3,31 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.sse import EventSourceResponse, ServerSentEvent
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.api.deps import CurrentKey, SessionDep
 from app.api.jobs import PAGE_ERRORS
-from app.events import JobEventSource, follow, parse_event_id
+from app.events import JobEventSource, follow
 from app.store import jobs
 from app.store.models import Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 RETRY_MS = 2_000  # how long an EventSource waits before it reconnects
+LastEventIdHeader = Annotated[str | None, Header()]
 
 
-async def _followed_job(job_id: UUID, session: SessionDep, key: CurrentKey) -> UUID:
-    await jobs.get_owned(session, job_id, key.id)
-    # The stream may last hours: give the connection back now, each snapshot takes its own.
-    await session.close()
-    return job_id
+@dataclass(frozen=True)
+class ResumedEvents:
+    """A job's events, and the id of the last one the client has (None: from now)."""
 
-
-async def _last_event_id(last_event_id: Annotated[str | None, Header()] = None) -> str | None:
-    """Checked before the stream starts, so a bad one gets a 400, not a broken stream."""
-    if last_event_id:
-        parse_event_id(last_event_id)
-    return last_event_id or None
-
-
-FollowedJob = Annotated[UUID, Depends(_followed_job)]
-LastEventId = Annotated[str | None, Depends(_last_event_id)]
+    source: JobEventSource
+    last_event_id: str | None
 
 
 def job_event_source(request: Request, job_id: UUID) -> JobEventSource:
@@ -50,10 +43,35 @@ def job_event_source(request: Request, job_id: UUID) -> JobEventSource:
     return JobEventSource(state.arq, state.sessions, state.settings, job_id, snapshot)
 
 
-async def server_sent(source: JobEventSource, last_event_id: str | None) -> AsyncIterator[ServerSentEvent]:
+async def follow_owned(
+    request: Request, session: AsyncSession, job_id: UUID, owner_key_id: UUID, last_event_id: str | None
+) -> ResumedEvents:
+    """The events of this key's job (NotFound if it is not theirs), from `last_event_id`. For
+    a route's dependency: a Last-Event-ID this API never sent is refused before the stream
+    starts, so it gets a 400, not a broken stream."""
+    job = await jobs.get_owned(session, job_id, owner_key_id)
+    # The stream may last hours: give the connection back now, each snapshot takes its own.
+    await session.close()
+    source = job_event_source(request, job.id)
+    if last_event_id:
+        await source.check_sent(last_event_id, job.created_at)
+    return ResumedEvents(source, last_event_id or None)
+
+
+async def server_sent(events: ResumedEvents) -> AsyncIterator[ServerSentEvent]:
     yield ServerSentEvent(comment="connected", retry=RETRY_MS)
-    async for event in follow(source, last_event_id):
+    async for event in follow(events.source, events.last_event_id):
         yield ServerSentEvent(event=event.kind, data=event.data, id=event.id)
+
+
+async def _followed(
+    request: Request,
+    job_id: UUID,
+    session: SessionDep,
+    key: CurrentKey,
+    last_event_id: LastEventIdHeader = None,
+) -> ResumedEvents:
+    return await follow_owned(request, session, job_id, key.id, last_event_id)
 
 
 # Not in the OpenAPI document: a generated request for a job that never ends would stream forever.
@@ -61,10 +79,10 @@ async def server_sent(source: JobEventSource, last_event_id: str | None) -> Asyn
     "/{job_id}/events", response_class=EventSourceResponse, responses=PAGE_ERRORS, include_in_schema=False
 )
 async def job_events(
-    request: Request, job_id: FollowedJob, last_event_id: LastEventId
+    events: Annotated[ResumedEvents, Depends(_followed)],
 ) -> AsyncIterator[ServerSentEvent]:
     """Events `item` (an item finished), `snapshot` (job status, counts, usage, quality) and
     `done` (the job ended; the stream closes). Each id can be sent back as `Last-Event-ID` to
     resume; keep-alive comments come every 15 s."""
-    async for event in server_sent(job_event_source(request, job_id), last_event_id):
+    async for event in server_sent(events):
         yield event

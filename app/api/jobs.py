@@ -24,7 +24,9 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger("aidsafe.api")
 Limit = Annotated[int, Query(ge=1, le=500, description="Page size.")]
 Cursor = Annotated[str | None, Query(description="`next_cursor` of the previous page.")]
-IdempotencyKey = Annotated[str | None, Header(max_length=200)]
+# An empty header is refused (422), not taken as no key: it is likely an unset variable in the
+# client, and answering 202 would hide that its retries are not idempotent.
+IdempotencyKey = Annotated[str | None, Header(min_length=1, max_length=200)]
 ERRORS = documented(401, 404, 422, 503)  # routes with an id in the path
 PAGE_ERRORS = documented(400, 401, 404, 422, 503)
 
@@ -90,7 +92,8 @@ async def get_job(job_id: UUID, key: CurrentKey, summaries: SummariesDep) -> Job
 @router.post("/{job_id}/cancel", responses=ERRORS)
 async def cancel_job(job_id: UUID, session: SessionDep, key: CurrentKey, summaries: SummariesDep) -> JobOut:
     """Queued items are cancelled at once; running items stop within a lease period.
-    Finished items and their data are kept. Cancelling twice is harmless."""
+    Finished items and their data are kept; a job that has already finished stays as it
+    is (`completed`, no `cancelled_at`). Cancelling twice is harmless."""
     job = await jobs.get_owned(session, job_id, key.id)
     await jobs.cancel(session, job)
     await session.commit()

@@ -389,6 +389,12 @@ class ComparisonIn(BaseModel):
 
     _storable = model_validator(mode="before")(storable_input)
 
+    @model_validator(mode="after")
+    def _two_jobs(self) -> ComparisonIn:
+        if self.baseline_job_id == self.candidate_job_id:
+            raise ValueError("a job cannot be compared with itself: name two different jobs")
+        return self
+
 
 class MetricComparison(BaseModel):
     baseline: float | None

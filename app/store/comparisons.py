@@ -40,6 +40,7 @@ async def create(
         config=config,
         item_count=0,  # known once the matching rows are in
         idempotency_key=idempotency_key,
+        idempotency_scope="comparisons",
         request_hash=request_hash,
     )
     if not created:

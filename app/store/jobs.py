@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID, uuid4
 
 from sqlalchemy import func, select, update
@@ -18,6 +18,11 @@ from app.store import quality
 from app.store.models import Cot, Item, Job, PreferencePair, TurnRow
 
 TERMINAL = ("completed", "failed", "cancelled")
+# Each submitting route keeps its own Idempotency-Key namespace (per API key): a key used for
+# a job is still free for a comparison.
+IdempotencyScope = Literal["jobs", "comparisons"]
+# What a listing pages through: rows with an id, their job, and their item's position.
+Listed = type[Item] | type[Cot] | type[PreferencePair]
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,7 @@ async def submit(
         config=config,
         item_count=len(items),
         idempotency_key=idempotency_key,
+        idempotency_scope="jobs",
         request_hash=request_hash,
     )
     if not created:
@@ -74,15 +80,16 @@ async def create(
     config: dict[str, Any],
     item_count: int,
     idempotency_key: str | None,
+    idempotency_scope: IdempotencyScope,
     request_hash: str,
 ) -> tuple[Job, bool]:
     """Write a job row without items in the caller's transaction; (job, True) if created.
 
-    A repeated Idempotency-Key with the same request returns the first job and False; with
-    a different request it is a conflict, never a silent second job.
+    A repeated Idempotency-Key (in the same scope) with the same request returns the first
+    job and False; with a different request it is a conflict, never a silent second job.
     """
     if idempotency_key:
-        existing = await _by_idempotency_key(session, owner_key_id, idempotency_key)
+        existing = await _by_idempotency_key(session, owner_key_id, idempotency_scope, idempotency_key)
         if existing:
             return _same_request(existing, request_hash), False
     job = Job(
@@ -90,6 +97,7 @@ async def create(
         policy_set_id=policy_set_id,
         config=config,
         idempotency_key=idempotency_key,
+        idempotency_scope=idempotency_scope,
         request_hash=request_hash,
         item_count=item_count,
     )
@@ -98,7 +106,7 @@ async def create(
             session.add(job)
             await session.flush()
     except IntegrityError:  # a concurrent POST with the same key won the race
-        existing = await _by_idempotency_key(session, owner_key_id, idempotency_key or "")
+        existing = await _by_idempotency_key(session, owner_key_id, idempotency_scope, idempotency_key or "")
         if existing is None:
             raise
         return _same_request(existing, request_hash), False
@@ -113,9 +121,13 @@ _ITEM_DEFAULTS = {
 }
 
 
-async def _by_idempotency_key(session: AsyncSession, owner_key_id: UUID, key: str) -> Job | None:
+async def _by_idempotency_key(
+    session: AsyncSession, owner_key_id: UUID, scope: IdempotencyScope, key: str
+) -> Job | None:
     return await session.scalar(
-        select(Job).where(Job.owner_key_id == owner_key_id, Job.idempotency_key == key)
+        select(Job).where(
+            Job.owner_key_id == owner_key_id, Job.idempotency_scope == scope, Job.idempotency_key == key
+        )
     )
 
 
@@ -191,9 +203,16 @@ async def report(session: AsyncSession, job: Job) -> dict[str, Any]:
 
 
 async def cancel(session: AsyncSession, job: Job) -> None:
-    """Queued items end as cancelled now; running ones stop at their worker's next check."""
-    # coalesce: of two concurrent cancels, the first time stays
-    job.cancelled_at = func.coalesce(Job.cancelled_at, func.now())
+    """Queued items end as cancelled now; running ones stop at their worker's next check.
+    A job with no queued or running item has finished: it is left as it is, not cancelled.
+    The caller refreshes `job` after committing."""
+    unfinished = select(Item.id).where(Item.job_id == job.id, Item.status.in_(("queued", "running"))).exists()
+    # `cancelled_at IS NULL`: of two concurrent cancels, the first time stays
+    await session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.cancelled_at.is_(None), unfinished)
+        .values(cancelled_at=func.now())
+    )
     await session.execute(
         update(Item)
         .where(Item.job_id == job.id, Item.status == "queued")
@@ -201,32 +220,40 @@ async def cancel(session: AsyncSession, job: Job) -> None:
     )
 
 
-def encode_cursor(position: int) -> str:
-    return base64.urlsafe_b64encode(f"p:{position}".encode()).decode().rstrip("=")
+def encode_cursor(row_id: UUID) -> str:
+    return base64.urlsafe_b64encode(row_id.bytes).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str | None) -> int:
+async def _start_after(session: AsyncSession, listing: Listed, job_id: UUID, cursor: str | None) -> int:
+    """The position a page starts after: -1 without a cursor, else the position of the row it
+    names. A cursor names the last row of the previous page by its id (checked here, not
+    signed: no secret to share between API processes), so one naming no row of this job's
+    listing is not a cursor the API returned: InvalidCursor."""
     if not cursor:
         return -1
     try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        kind, _, value = text.partition(":")
-        position = int(value)
-        if kind != "p" or not -1 <= position < 2**31:
-            raise ValueError(text)
-        return position
-    except ValueError as exc:
+        row_id = UUID(
+            bytes=base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True)
+        )
+    except ValueError as exc:  # not base64, or not 16 bytes
         raise InvalidCursor("the cursor is not one this API returned") from exc
+    position = await session.scalar(
+        select(listing.position).where(listing.id == row_id, listing.job_id == job_id)
+    )
+    if position is None:
+        raise InvalidCursor("the cursor is not one this API returned for this listing of this job")
+    return position
 
 
 async def page_items(
     session: AsyncSession, job_id: UUID, status: str | None, cursor: str | None, limit: int
 ) -> tuple[list[Item], str | None]:
-    query = select(Item).where(Item.job_id == job_id, Item.position > decode_cursor(cursor))
+    after = await _start_after(session, Item, job_id, cursor)
+    query = select(Item).where(Item.job_id == job_id, Item.position > after)
     if status:
         query = query.where(Item.status == status)
     rows = list(await session.scalars(query.order_by(Item.position).limit(limit + 1)))
-    return _page(rows, limit, lambda item: item.position)
+    return _page(rows, limit, lambda item: item.id)
 
 
 async def page_cots(
@@ -234,13 +261,14 @@ async def page_cots(
 ) -> tuple[list[tuple[Cot, Item]], str | None]:
     """CoTs in prompt order; `accepted` keeps only those the quality gate accepted (True)
     or rejected (False)."""
+    after = await _start_after(session, Cot, job_id, cursor)
     query = select(Cot, Item).join(Item, Item.id == Cot.item_id)
-    query = query.where(Cot.job_id == job_id, Cot.position > decode_cursor(cursor))
+    query = query.where(Cot.job_id == job_id, Cot.position > after)
     if accepted is not None:
         query = query.where(Cot.accepted.is_(accepted))
     query = query.order_by(Cot.position).limit(limit + 1)
     rows = [(cot, item) for cot, item in await session.execute(query)]
-    return _page(rows, limit, lambda row: row[0].position)
+    return _page(rows, limit, lambda row: row[0].id)
 
 
 async def page_pairs(
@@ -253,11 +281,12 @@ async def page_pairs(
     limit: int,
 ) -> tuple[list[tuple[PreferencePair, Item, Cot]], str | None]:
     """Preference pair attempts in prompt order, each with its item and chosen CoT."""
+    after = await _start_after(session, PreferencePair, job_id, cursor)
     query = (
         select(PreferencePair, Item, Cot)
         .join(Item, Item.id == PreferencePair.item_id)
         .join(Cot, Cot.item_id == PreferencePair.item_id)
-        .where(PreferencePair.job_id == job_id, PreferencePair.position > decode_cursor(cursor))
+        .where(PreferencePair.job_id == job_id, PreferencePair.position > after)
     )
     if kept is not None:
         query = query.where(PreferencePair.kept.is_(kept))
@@ -265,14 +294,14 @@ async def page_pairs(
         query = query.where(PreferencePair.gap >= min_gap)
     query = query.order_by(PreferencePair.position).limit(limit + 1)
     rows = [(pair, item, cot) for pair, item, cot in await session.execute(query)]
-    return _page(rows, limit, lambda row: row[0].position)
+    return _page(rows, limit, lambda row: row[0].id)
 
 
-def _page(rows: list[Any], limit: int, position_of: Any) -> tuple[list[Any], str | None]:
+def _page(rows: list[Any], limit: int, id_of: Callable[[Any], UUID]) -> tuple[list[Any], str | None]:
     if len(rows) <= limit:
         return rows, None
     rows = rows[:limit]
-    return rows, encode_cursor(position_of(rows[-1]))
+    return rows, encode_cursor(id_of(rows[-1]))
 
 
 async def get_item_owned(session: AsyncSession, item_id: UUID, owner_key_id: UUID) -> tuple[Item, Job]:

@@ -50,6 +50,19 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+class WebSession(Base):
+    """A viewer login (app/web/session.py): live until it expires, its key is revoked, or it
+    is ended at logout."""
+
+    __tablename__ = "web_sessions"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    key_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.id"))
+    created_at: Mapped[datetime] = _now()
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
 class PolicySetRow(Base):
     """Immutable: new content under the same name is a new version (content hash)."""
 
@@ -69,13 +82,15 @@ class PolicySetRow(Base):
 
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (UniqueConstraint("owner_key_id", "idempotency_key"),)
+    __table_args__ = (UniqueConstraint("owner_key_id", "idempotency_scope", "idempotency_key"),)
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     owner_key_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.id"), index=True)
     policy_set_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("policy_sets.id"))
     config: Mapped[dict[str, Any]]  # the resolved pipeline config, frozen at submission
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    # The route whose Idempotency-Key namespace holds the key: jobs | comparisons.
+    idempotency_scope: Mapped[str] = mapped_column(String(16), server_default="jobs")
     request_hash: Mapped[str] = mapped_column(String(64))
     item_count: Mapped[int] = mapped_column(Integer)
     cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

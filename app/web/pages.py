@@ -6,7 +6,6 @@ untrusted, and the Content-Security-Policy allows no inline script besides."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, get_args
@@ -25,13 +24,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.api import views
 from app.api.deps import SessionDep, SettingsDep
-from app.api.events import LastEventId, job_event_source, server_sent
+from app.api.events import LastEventIdHeader, ResumedEvents, follow_owned, server_sent
 from app.api.schemas import ItemStatus
 from app.api.summaries import job_out
-from app.errors import NotFound, ServiceError, Unauthorized
-from app.store import jobs, keys, policy_sets
+from app.config import Settings
+from app.errors import CrossSiteRequest, NotFound, ServiceError, Unauthorized
+from app.store import jobs, keys, policy_sets, web_sessions
 from app.store.models import ApiKey, Cot, Job, PreferencePair
-from app.web import session as web_session
+from app.web import session as session_token
 from app.web import timeline
 
 HERE = Path(__file__).parent
@@ -80,16 +80,39 @@ class PageRoute(APIRoute):
 router = APIRouter(prefix="/view", include_in_schema=False, route_class=PageRoute)
 
 
+def _session_id(request: Request, settings: Settings) -> UUID | None:
+    token = request.cookies.get(session_token.COOKIE)
+    return session_token.session_id_of(token, session_token.signing_secret(settings)) if token else None
+
+
 async def _viewer_key(request: Request, session: SessionDep, settings: SettingsDep) -> ApiKey:
-    token = request.cookies.get(web_session.COOKIE)
-    key_id = token and web_session.key_id_of(token, web_session.signing_secret(settings), time.time())
-    key = key_id and await session.get(ApiKey, key_id)
-    if not key or key.revoked_at is not None:
+    session_id = _session_id(request, settings)
+    key = session_id and await web_sessions.live_key(session, session_id)
+    if not key:
         raise LoginRequired()
     return key
 
 
 ViewerKey = Annotated[ApiKey, Depends(_viewer_key)]
+
+
+def _refuse_cross_site(request: Request) -> None:
+    """Login and logout take only posts from the viewer's own pages: SameSite=Strict keeps the
+    cookie off cross-site posts, but a forged login would plant the attacker's session and a
+    forged logout end the user's. Checked by the headers browsers set themselves (Origin on
+    every cross-site POST, Sec-Fetch-Site in current ones) rather than a CSRF token, which
+    would need a pre-login cookie to match; a client sending neither is no browser and
+    carries no victim's cookie."""
+    fetch_site = request.headers.get("sec-fetch-site")
+    origin = request.headers.get("origin")
+    own_origin = f"{request.url.scheme}://{request.url.netloc}"
+    if (fetch_site is not None and fetch_site not in ("same-origin", "none")) or (
+        origin is not None and origin.lower() != own_origin.lower()
+    ):
+        raise CrossSiteRequest("Log in and out from the viewer's own pages.")
+
+
+SameOriginPost = Depends(_refuse_cross_site)
 
 
 @router.get("")
@@ -109,7 +132,7 @@ async def login_form(request: Request) -> Response:
     return templates.TemplateResponse(request, "login.html", {"error": None})
 
 
-@router.post("/login", response_class=HTMLResponse)
+@router.post("/login", response_class=HTMLResponse, dependencies=[SameOriginPost])
 async def login(request: Request, session: SessionDep, settings: SettingsDep) -> Response:
     """Check the key like the API does; on success set the session cookie and go to the jobs."""
     form = parse_qs((await request.body()).decode("utf-8", errors="replace"))
@@ -120,10 +143,12 @@ async def login(request: Request, session: SessionDep, settings: SettingsDep) ->
         context = {"error": "Unknown or revoked API key."}
         return templates.TemplateResponse(request, "login.html", context, status_code=401)
     lifetime_s = settings.web_session_hours * 3600
-    token = web_session.issue(key.id, web_session.signing_secret(settings), time.time(), lifetime_s)
+    session_id = await web_sessions.start(session, key.id, lifetime_s)
+    await session.commit()
+    token = session_token.issue(session_id, session_token.signing_secret(settings))
     response = RedirectResponse("/view/jobs", status_code=303)
     response.set_cookie(
-        web_session.COOKIE,
+        session_token.COOKIE,
         token,
         max_age=int(lifetime_s),
         path="/view",
@@ -134,10 +159,15 @@ async def login(request: Request, session: SessionDep, settings: SettingsDep) ->
     return response
 
 
-@router.post("/logout")
-async def logout() -> RedirectResponse:
+@router.post("/logout", dependencies=[SameOriginPost])
+async def logout(request: Request, session: SessionDep, settings: SettingsDep) -> RedirectResponse:
+    """End the session server-side (a copy of the cookie kept elsewhere opens nothing), then
+    drop the cookie."""
+    if session_id := _session_id(request, settings):
+        await web_sessions.end(session, session_id)
+        await session.commit()
     response = RedirectResponse("/view/login", status_code=303)
-    response.delete_cookie(web_session.COOKIE, path="/view")
+    response.delete_cookie(session_token.COOKIE, path="/view")
     return response
 
 
@@ -195,18 +225,20 @@ async def _gate_decisions(session: AsyncSession, item_ids: list[UUID]) -> dict[U
     return {item_id: accepted for item_id, accepted in rows}
 
 
-async def _viewed_job(job_id: UUID, session: SessionDep, key: ViewerKey) -> UUID:
-    await jobs.get_owned(session, job_id, key.id)
-    await session.close()  # the stream may last hours; each snapshot takes its own session
-    return job_id
+async def _viewed(
+    request: Request,
+    job_id: UUID,
+    session: SessionDep,
+    key: ViewerKey,
+    last_event_id: LastEventIdHeader = None,
+) -> ResumedEvents:
+    return await follow_owned(request, session, job_id, key.id, last_event_id)
 
 
 @router.get("/jobs/{job_id}/events", response_class=EventSourceResponse)
-async def job_events(
-    request: Request, job_id: Annotated[UUID, Depends(_viewed_job)], last_event_id: LastEventId
-) -> AsyncIterator[ServerSentEvent]:
+async def job_events(events: Annotated[ResumedEvents, Depends(_viewed)]) -> AsyncIterator[ServerSentEvent]:
     """The job's progress events (as GET /v1/jobs/{id}/events) for the page's live progress."""
-    async for event in server_sent(job_event_source(request, job_id), last_event_id):
+    async for event in server_sent(events):
         yield event
 
 

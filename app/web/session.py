@@ -1,10 +1,11 @@
-"""The viewer's login session: a signed, expiring token naming an API key, kept in an
-HttpOnly, SameSite=Strict cookie.
+"""The viewer's login session: a row in `web_sessions` (app/store/web_sessions.py) naming an
+API key, live until it expires, the key is revoked, or it is ended at logout; the browser
+holds a signed token naming the row, in an HttpOnly, SameSite=Strict cookie.
 
 The cookie never holds the API key itself: a leaked cookie then opens the read-only viewer
-until it expires (or the key is revoked), never the API. The token is
-`<key id>.<expiry, unix seconds>.<HMAC-SHA256 of both>`; every request also checks the key
-still exists and is not revoked, so revoking a key ends its viewer sessions at once."""
+until the session ends, never the API. The token is `<session id>.<HMAC-SHA256 of it>`; the
+signature turns away tokens we never issued before any database read, and every request then
+checks the row, so logging out or revoking the key ends the session at once."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from uuid import UUID
 from app.config import Settings
 
 COOKIE = "aidsafe_view"
-# Used when AIDSAFE_WEB_SECRET is unset: sessions then last as long as this process.
+# Used when AIDSAFE_WEB_SECRET is unset: tokens are then good only in this process.
 _PROCESS_SECRET = secrets.token_bytes(32)
 
 
@@ -28,20 +29,17 @@ def _signature(secret: bytes, payload: str) -> str:
     return hmac.new(secret, payload.encode(), hashlib.sha256).hexdigest()
 
 
-def issue(key_id: UUID, secret: bytes, now: float, lifetime_s: float) -> str:
-    payload = f"{key_id}.{int(now + lifetime_s)}"
-    return f"{payload}.{_signature(secret, payload)}"
+def issue(session_id: UUID, secret: bytes) -> str:
+    return f"{session_id}.{_signature(secret, str(session_id))}"
 
 
-def key_id_of(token: str, secret: bytes, now: float) -> UUID | None:
-    """The key a token names, if the token is ours, unaltered and not expired; else None."""
+def session_id_of(token: str, secret: bytes) -> UUID | None:
+    """The session a token names, if the token is ours and unaltered; else None. Whether the
+    session is still live is the database's to say."""
     payload, _, signature = token.rpartition(".")
-    key_id, _, expires = payload.partition(".")
     if not hmac.compare_digest(signature.encode(), _signature(secret, payload).encode()):
         return None
-    if not expires.isdigit() or int(expires) < now:
-        return None
     try:
-        return UUID(key_id)
+        return UUID(payload)
     except ValueError:
         return None

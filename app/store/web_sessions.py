@@ -1,0 +1,43 @@
+"""Viewer login sessions (app/web/session.py): started at login, ended at logout, and live
+only while unexpired and their API key is not revoked."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from uuid import UUID
+
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.store.models import ApiKey, WebSession
+
+
+async def start(session: AsyncSession, key_id: UUID, lifetime_s: float) -> UUID:
+    """A new session for this key, in the caller's transaction; its id."""
+    row = WebSession(key_id=key_id, expires_at=func.now() + timedelta(seconds=lifetime_s))
+    session.add(row)
+    await session.flush()
+    return row.id
+
+
+async def live_key(session: AsyncSession, session_id: UUID) -> ApiKey | None:
+    """The key of this session if the session is live: not ended, not expired, key not revoked."""
+    return await session.scalar(
+        select(ApiKey)
+        .join(WebSession, WebSession.key_id == ApiKey.id)
+        .where(
+            WebSession.id == session_id,
+            WebSession.ended_at.is_(None),
+            WebSession.expires_at > func.now(),
+            ApiKey.revoked_at.is_(None),
+        )
+    )
+
+
+async def end(session: AsyncSession, session_id: UUID) -> None:
+    """End the session, in the caller's transaction; ending it again changes nothing."""
+    await session.execute(
+        update(WebSession)
+        .where(WebSession.id == session_id, WebSession.ended_at.is_(None))
+        .values(ended_at=func.now())
+    )
