@@ -25,9 +25,11 @@ import pyarrow.parquet as pq
 from fastapi.dependencies.utils import get_flat_params
 from fastapi.params import Query
 from fastapi.routing import APIRoute, iter_route_contexts
+from redis.asyncio import Redis
 from sqlalchemy import select, text, update
 
 from app.config import Settings
+from app.events import stream_key
 from app.exports.formats import FORMATS, PARQUET
 from app.main import create_app
 from app.store import keys
@@ -207,6 +209,13 @@ class World:
     comparison_id: str
     policy_set_id: str
     webhook_id: str
+    first_event_ids: dict[str, str]  # per job: the first entry of its event stream
+
+    def resume_from(self, url: str) -> dict[str, str]:
+        """The Last-Event-ID that replays a job's stream from its first entry, for its
+        events URL (an id the API sent: it relays the stream's ids)."""
+        job_id = next((job for job in self.first_event_ids if url.endswith(f"/{job}/events")), None)
+        return {"Last-Event-ID": self.first_event_ids[job_id]} if job_id else {}
 
 
 def worker_settings(settings: Settings, scenario: Scenario | None = None) -> Settings:
@@ -243,8 +252,22 @@ async def run_scenarios(api: httpx.AsyncClient, auth: Headers, settings: Setting
     item_ids += [item["id"] for item in await items_of(api, auth, comparison_id)]
     policy_sets = await api.get("/v1/policy-sets", headers=auth)
     return World(
-        job_ids, item_ids, comparison_id, policy_sets.json()[0]["id"], await refusing_webhook(api, auth)
+        job_ids,
+        item_ids,
+        comparison_id,
+        policy_sets.json()[0]["id"],
+        await refusing_webhook(api, auth),
+        await first_event_ids(settings, job_ids),
     )
+
+
+async def first_event_ids(settings: Settings, job_ids: list[str]) -> dict[str, str]:
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        first = {job: await redis.xrange(stream_key(settings, UUID(job)), count=1) for job in job_ids}
+    finally:
+        await redis.aclose()
+    return {job: entries[0][0].decode() for job, entries in first.items() if entries}
 
 
 async def refusing_webhook(api: httpx.AsyncClient, auth: Headers) -> str:
@@ -322,12 +345,12 @@ def _text_of(response: httpx.Response) -> str:
 
 async def read_routes(api: httpx.AsyncClient, headers: Headers, world: World, viewer: bool) -> list[Read]:
     """Every GET route for every id of the world. Event streams replay from their first
-    entry (the jobs have ended, so the streams close)."""
+    entry on (the jobs have ended, so the streams close)."""
     reads = []
     for route, url, params in read_urls(world, viewer):
         async with asyncio.timeout(30):
             response = await api.get(
-                url, params=params, headers={**headers, "Last-Event-ID": "0-0"}, follow_redirects=True
+                url, params=params, headers={**headers, **world.resume_from(url)}, follow_redirects=True
             )
         reads.append(Read(route, url, params, response.status_code, response.url.path, _text_of(response)))
     return reads
