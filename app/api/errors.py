@@ -81,3 +81,9 @@ def install(app: FastAPI) -> None:
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail))
+
+    # Last resort, for a bug: still the one shape, and nothing of the request or the failed
+    # statement in the answer. Starlette re-raises afterwards, so the server logs the traceback.
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(500, "internal_error", "an unexpected error occurred; it was logged")
