@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+MAX_LISTED_PROBLEMS = 100  # a refusal's details name the first problems; its message counts them all
+
 
 class ServiceError(Exception):
     status = 400

@@ -24,6 +24,7 @@ import uvicorn
 from alembic import command
 from alembic.config import Config
 from arq.worker import Worker
+from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from app.config import EndpointConfig, Settings
@@ -43,6 +44,7 @@ DATABASE_URL = (
     PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://") + "/" + TEST_DB
 )
 REDIS_URL = os.environ.get("AIDSAFE_TEST_REDIS", "redis://127.0.0.1:6379/0")
+WEBHOOK_SECRET = "ls-webhook-secret-7e3"
 TABLES = "annotations, judgements, preference_pairs, cots, turns, items, jobs, policy_sets, api_keys"
 
 
@@ -172,6 +174,14 @@ async def api_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
 @pytest.fixture
 async def api(settings: Settings, sessions: Sessions) -> AsyncIterator[httpx.AsyncClient]:
     async with api_client(settings) as client:
+        yield client
+
+
+@pytest.fixture
+async def webhook_api(settings: Settings, sessions: Sessions) -> AsyncIterator[httpx.AsyncClient]:
+    """The API with the Label Studio webhook on: its secret is WEBHOOK_SECRET."""
+    configured = settings.model_copy(update={"label_studio_webhook_secret": SecretStr(WEBHOOK_SECRET)})
+    async with api_client(configured) as client:
         yield client
 
 

@@ -129,7 +129,7 @@ async def argilla_settings(job_id: UUID, session: SessionDep, key: CurrentKey) -
 @router.post("/v1/jobs/{job_id}/annotations/argilla", responses=IMPORT_ERRORS)
 async def import_argilla(
     job_id: UUID,
-    records: list[argilla.RecordIn] | argilla.RecordPageIn,
+    records: argilla.RecordsIn,
     session: SessionDep,
     key: CurrentKey,
 ) -> ImportOut:
