@@ -9,7 +9,6 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.pipeline_config import JobConfigIn, RoleIn
-from app.storable import storable_input
 
 MAX_PROMPTS_PER_JOB = 10_000
 MAX_PROMPT_CHARS = 20_000
@@ -57,8 +56,6 @@ class JobIn(BaseModel):
     policy_set: PolicySetRef = Field(default_factory=PolicySetRef)
     config: JobConfigIn = Field(default_factory=JobConfigIn)
 
-    _storable = model_validator(mode="before")(storable_input)
-
     @model_validator(mode="after")
     def _one_source_of_prompts(self) -> JobIn:
         if (self.prompts is None) == (self.items is None):
@@ -101,8 +98,6 @@ class PolicySetIn(BaseModel):
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str = Field(default="", max_length=5000)
     policies: list[PolicyIn] = Field(min_length=1, max_length=50)
-
-    _storable = model_validator(mode="before")(storable_input)
 
 
 class PolicySetBrief(BaseModel):
@@ -357,8 +352,6 @@ class ComparisonIn(BaseModel):
     baseline_job_id: UUID
     candidate_job_id: UUID
     judge: RoleIn | None = Field(default=None, description="Temperature defaults to 0.")
-
-    _storable = model_validator(mode="before")(storable_input)
 
 
 class MetricComparison(BaseModel):

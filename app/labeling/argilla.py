@@ -9,12 +9,11 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from app.exports.rows import CotRow, ExportOptions
 from app.labeling.label_studio import as_rating, intents_text, policy_faithfulness
 from app.labeling.reviews import MAX_THOUGHTS, VERDICTS, Answers, Parsed, Question, Review, Skipped, ToolTime
-from app.storable import storable_input
 
 SOURCE = "argilla"
 Record = dict[str, Any]
@@ -132,7 +131,6 @@ def _suggestion(value: Any, agent: str) -> Record:
 
 class _Loose(BaseModel):
     model_config = ConfigDict(extra="allow")
-    _storable = model_validator(mode="before")(storable_input)
 
 
 class ResponseIn(_Loose):

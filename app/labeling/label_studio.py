@@ -10,12 +10,11 @@ import math
 from typing import Annotated, Any
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.deliberation.results import POLICY_METRICS
 from app.exports.rows import CotRow, ExportOptions
 from app.labeling.reviews import Answers, Parsed, Question, Review, Skipped, ToolTime
-from app.storable import storable_input
 
 SOURCE = "label_studio"
 Record = dict[str, Any]
@@ -140,7 +139,6 @@ class _Loose(BaseModel):
     """Label Studio sends more than we read; the rest is kept in `raw` for audit."""
 
     model_config = ConfigDict(extra="allow")
-    _storable = model_validator(mode="before")(storable_input)
 
 
 class ResultIn(_Loose):
