@@ -35,8 +35,10 @@ from tests.conftest import ROOT, WEBHOOK_SECRET, worker_env
 from tests.test_api import error_of
 from tests.test_labeling import (
     PROMPTS,
+    export,
     fixture,
     graded_job,
+    import_file,
     item_ids,
     stored,
 )
@@ -420,3 +422,39 @@ async def test_a_failed_statement_does_not_carry_the_values_it_was_sent(migrated
         await engine.dispose()
 
     assert "SECRET" not in str(failed.value)
+
+
+# --- Label Studio's "Create Annotations From Predictions" -------------------------------------
+
+
+async def test_annotations_made_from_the_prediction_alone_are_skipped_not_stored(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    job_id = await graded_job(api, auth, settings, PROMPTS[:1])
+    [task] = (await export(api, auth, job_id, "label_studio")).json()
+    [prediction] = task["predictions"]  # the response and the grader's rating, prefilled
+    made = {"id": 701, "result": prediction["result"], "created_at": "2026-11-20T10:00:00Z", "task": 1}
+    reviewed = {
+        **made,
+        "id": 702,
+        "result": [
+            *prediction["result"],
+            {
+                "from_name": "verdict",
+                "to_name": "response",
+                "type": "choices",
+                "value": {"choices": ["accept"]},
+            },
+        ],
+    }
+
+    report = await import_file(
+        api, auth, job_id, "label-studio", [{**task, "id": 1, "annotations": [made, reviewed]}]
+    )
+
+    assert report == {
+        "imported": 1,
+        "duplicates": 0,
+        "skipped": [{"annotation": "701", "reason": "no reviewer's answer: only the prefilled prediction"}],
+    }
+    assert [(row.external_id, row.verdict) for row in await stored(sessions)] == [("702", "accept")]

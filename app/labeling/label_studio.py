@@ -223,8 +223,10 @@ def _read(task_in: TaskIn, annotation: AnnotationIn, parsed: Parsed) -> None:
         parsed.problems.append(f"{where}: the task's data has no item_id of this service")
         return
     answers = _answers(annotation.result)
-    if answers.empty():
-        parsed.skipped.append(Skipped(str(annotation.id), "no answer in the annotation"))
+    if not answers.reviewed(task_in.data.get("response")):
+        parsed.skipped.append(
+            Skipped(str(annotation.id), "no reviewer's answer: only the prefilled prediction")
+        )
         return
     parsed.reviews.append(
         Review(

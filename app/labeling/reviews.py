@@ -114,17 +114,17 @@ class Answers:
             "comment": _text(Question.COMMENT, self.comment, where, problems),
         }
 
-    def empty(self) -> bool:
-        return all(
-            value in (None, "", [])
-            for value in (
-                self.verdict,
-                self.policy_faithfulness,
-                self.edited_response,
-                self.flagged_thoughts,
-                self.comment,
-            )
-        )
+    def reviewed(self, prefilled_response: Any) -> bool:
+        """Whether a reviewer answered anything the prefill did not: a verdict, a flagged
+        thought, a comment or a changed response. An annotation made from the prediction
+        alone (Label Studio's "Create Annotations From Predictions": the response and the
+        grader's rating, unchanged) is no review; a rating alone is none either, since both
+        tools require a reviewer's verdict."""
+        response = _joined(self.edited_response)
+        prefill = prefilled_response.strip() if isinstance(prefilled_response, str) else ""
+        unchanged = response is None or (isinstance(response, str) and response.strip() in ("", prefill))
+        others = (self.verdict, self.flagged_thoughts, _joined(self.comment))
+        return not unchanged or not all(_blank(value) for value in others)
 
     def _flagged(self, where: str, problems: list[str]) -> list[int]:
         choices = self.flagged_thoughts
