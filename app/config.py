@@ -56,6 +56,8 @@ class Settings(BaseSettings):
 
     # The API refuses larger request bodies with 413 (10,000 prompts of ~3,000 characters fit).
     max_request_bytes: int = 32 * 1024 * 1024
+    # Annotation imports and the Label Studio webhook: a smaller cap, their parsing goes deeper.
+    max_import_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     # GET /v1/jobs/{id} counts a job's items at most this often (app/api/summaries.py).
     job_summary_max_age_s: float = Field(default=1.0, ge=0)
     # An API process answers for a key it found for this long: revocation takes as long.

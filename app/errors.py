@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+MAX_LISTED_PROBLEMS = 100  # a refusal's details name the first problems; its message counts them all
+
 
 class ServiceError(Exception):
     status = 400
@@ -19,14 +21,6 @@ class ServiceError(Exception):
 class BadRequest(ServiceError):
     status = 400
     code = "bad_request"
-
-
-class InvalidBody(ServiceError):
-    """A request body that does not fit its schema (what FastAPI reports for typed bodies,
-    for routes that parse their body themselves)."""
-
-    status = 422
-    code = "validation_error"
 
 
 class Unauthorized(ServiceError):

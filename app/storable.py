@@ -6,10 +6,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
+# Deeper JSON serves no caller, and pydantic refuses to serialize past ~255 levels (a 500
+# after the row was accepted); the check stays far from Python's recursion limit too.
+MAX_JSON_DEPTH = 32
 
-def storable_input(data: Any) -> Any:
-    """Refuse at the edge what PostgreSQL would refuse with a 500: U+0000 and lone
-    surrogates in text, NaN and infinities in JSON."""
+
+def storable_input(data: Any, depth: int = 0) -> Any:
+    """Refuse at the edge what PostgreSQL or serialization would refuse with a 500: U+0000
+    and lone surrogates in text, NaN and infinities in JSON, nesting deeper than
+    MAX_JSON_DEPTH arrays and objects."""
     if isinstance(data, str):
         if "\x00" in data:
             raise ValueError("text must not contain the NUL character (U+0000)")
@@ -20,10 +25,17 @@ def storable_input(data: Any) -> Any:
     elif isinstance(data, float) and not math.isfinite(data):
         raise ValueError("numbers must be finite (no NaN or Infinity)")
     elif isinstance(data, dict):
+        _nest(depth)
         for key, value in data.items():
-            storable_input(key)
-            storable_input(value)
+            storable_input(key, depth + 1)
+            storable_input(value, depth + 1)
     elif isinstance(data, list):
+        _nest(depth)
         for value in data:
-            storable_input(value)
+            storable_input(value, depth + 1)
     return data
+
+
+def _nest(depth: int) -> None:
+    if depth >= MAX_JSON_DEPTH:
+        raise ValueError(f"JSON must not nest arrays and objects more than {MAX_JSON_DEPTH} deep")

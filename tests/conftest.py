@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +174,26 @@ async def api_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
 async def api(settings: Settings, sessions: Sessions) -> AsyncIterator[httpx.AsyncClient]:
     async with api_client(settings) as client:
         yield client
+
+
+@dataclass(frozen=True)
+class WebhookTarget:
+    """Where a Label Studio webhook of a key's delivers, and the headers it sends (its secret)."""
+
+    path: str
+    headers: dict[str, str]
+
+
+@pytest.fixture
+async def ls_webhook(api: httpx.AsyncClient, auth: dict[str, str]) -> WebhookTarget:
+    """A Label Studio webhook of the `auth` key's."""
+    made = await api.post("/v1/webhooks", json={"name": "test"}, headers=auth)
+    assert made.status_code == 201, made.text
+    webhook = made.json()
+    return WebhookTarget(
+        httpx.URL(webhook["url"]).path,
+        {webhook["secret_header"]: webhook["secret"], "Content-Type": "application/json"},
+    )
 
 
 async def new_key(sessions: Sessions, name: str = "test", scopes: tuple[str, ...] = ()) -> dict[str, str]:

@@ -184,12 +184,12 @@ async def test_validation_error_details_name_the_field(api: httpx.AsyncClient, a
     assert {"field": "priority", "problem": "Extra inputs are not permitted"} in error["details"]
 
 
-async def test_malformed_json_body_is_a_validation_error(api: httpx.AsyncClient, auth: Headers) -> None:
+async def test_malformed_json_body_is_a_bad_request(api: httpx.AsyncClient, auth: Headers) -> None:
     response = await api.post(
         "/v1/jobs", content=b'{"prompts": ["a"', headers={**auth, "Content-Type": "application/json"}
     )
 
-    error_of(response, 422, "validation_error")
+    error_of(response, 400, "bad_request")
 
 
 async def test_invalid_policy_set_body_is_a_validation_error(api: httpx.AsyncClient, auth: Headers) -> None:

@@ -208,7 +208,9 @@ async def test_an_unreadable_delivery_is_refused_and_kept_with_its_body(
     webhook = await new_webhook(api, auth)
     path = httpx.URL(webhook["url"]).path
 
-    not_json = await api.post(path, content=b"{not json", headers={HEADER: webhook["secret"]})
+    not_json = await api.post(
+        path, content=b"{not json", headers={HEADER: webhook["secret"], "Content-Type": "application/json"}
+    )
     no_action = await api.post(
         path, content=b'{"annotation": {"id": 1}}', headers={HEADER: webhook["secret"]}
     )

@@ -7,15 +7,18 @@ Tasks and records go out through GET /v1/jobs/{id}/export (formats `label_studio
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from typing import Annotated, Any
 from uuid import UUID
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Depends, Response
 from pydantic import BaseModel, Field
 
+from app.api.bodies import JsonBody
 from app.api.deps import CurrentKey, SessionDep
 from app.api.errors import documented
 from app.api.schemas import ErrorOut
+from app.config import Settings
 from app.labeling import argilla, label_studio
 from app.labeling.reviews import Parsed
 from app.store import annotations, jobs
@@ -31,6 +34,23 @@ _NOT_IMPORTED = {
 }
 READ_ERRORS = documented(401, 404, 422, 503)
 IMPORT_ERRORS = {**documented(400, 401, 404, 413, 503), 422: _NOT_IMPORTED}
+
+
+def _import_cap(settings: Settings) -> int:
+    return settings.max_import_bytes
+
+
+# Reading an import walks every annotation and keeps a copy of each, so its bodies are capped
+# lower than others (a Label Studio export of some 300 tasks fits): each object it makes may be
+# walked by a garbage collection that holds the GIL, and so the event loop.
+MAX_IMPORT_VALUES = 50_000
+LABEL_STUDIO_EXPORT = JsonBody[list[label_studio.TaskIn]](
+    list[label_studio.TaskIn], MAX_IMPORT_VALUES, _import_cap
+)
+LABEL_STUDIO_EVENT = JsonBody[label_studio.WebhookIn](label_studio.WebhookIn, MAX_IMPORT_VALUES, _import_cap)
+ARGILLA_RECORDS = JsonBody[list[argilla.RecordIn] | argilla.RecordPageIn](
+    argilla.RecordsIn, MAX_IMPORT_VALUES, _import_cap
+)
 
 
 class SkippedOut(BaseModel):
@@ -78,14 +98,21 @@ async def label_studio_config(job_id: UUID, session: SessionDep, key: CurrentKey
     return Response(label_studio.CONFIG, media_type="application/xml")
 
 
-@router.post("/v1/jobs/{job_id}/annotations/label-studio", responses=IMPORT_ERRORS)
+@router.post(
+    "/v1/jobs/{job_id}/annotations/label-studio",
+    responses=IMPORT_ERRORS,
+    openapi_extra=LABEL_STUDIO_EXPORT.openapi,
+)
 async def import_label_studio(
-    job_id: UUID, tasks: list[label_studio.TaskIn], session: SessionDep, key: CurrentKey
+    job_id: UUID,
+    key: CurrentKey,
+    tasks: Annotated[list[label_studio.TaskIn], Depends(LABEL_STUDIO_EXPORT)],
+    session: SessionDep,
 ) -> ImportOut:
     """Import the annotations of a Label Studio JSON export (the file as the body). All or
     nothing; importing the same file again adds nothing; an edited annotation adds a row."""
     await jobs.get_owned(session, job_id, key.id)
-    return await _imported(session, label_studio.read_export(tasks), key, job_id)
+    return await _imported(session, await asyncio.to_thread(label_studio.read_export, tasks), key, job_id)
 
 
 @router.get("/v1/jobs/{job_id}/argilla/settings", responses=READ_ERRORS)
@@ -96,15 +123,17 @@ async def argilla_settings(job_id: UUID, session: SessionDep, key: CurrentKey) -
     return argilla.settings()
 
 
-@router.post("/v1/jobs/{job_id}/annotations/argilla", responses=IMPORT_ERRORS)
+@router.post(
+    "/v1/jobs/{job_id}/annotations/argilla", responses=IMPORT_ERRORS, openapi_extra=ARGILLA_RECORDS.openapi
+)
 async def import_argilla(
     job_id: UUID,
-    records: list[argilla.RecordIn] | argilla.RecordPageIn,
-    session: SessionDep,
     key: CurrentKey,
+    records: Annotated[list[argilla.RecordIn] | argilla.RecordPageIn, Depends(ARGILLA_RECORDS)],
+    session: SessionDep,
 ) -> ImportOut:
     """Import reviewers' responses from Argilla records with their responses (a list, or a
     page `{"items": [...]}` as Argilla's API returns). Only submitted responses count."""
     await jobs.get_owned(session, job_id, key.id)
     listed = records if isinstance(records, list) else records.items
-    return await _imported(session, argilla.read_records(listed), key, job_id)
+    return await _imported(session, await asyncio.to_thread(argilla.read_records, listed), key, job_id)

@@ -4,12 +4,14 @@ paper's LLM_ZS vs AIDSAFE comparison), with the grader's means side by side."""
 from __future__ import annotations
 
 import hashlib
+from typing import Annotated
 from uuid import UUID
 
-from fastapi import APIRouter, Response, status
+from fastapi import APIRouter, Depends, Response, status
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.api import views
+from app.api.bodies import JsonBody
 from app.api.deps import ArqDep, CurrentKey, SessionDep, SettingsDep
 from app.api.errors import documented
 from app.api.jobs import ERRORS, IdempotencyKey, enqueue_committed
@@ -19,6 +21,7 @@ from app.store import comparisons, jobs, policy_sets
 from app.store.models import Job
 
 router = APIRouter(prefix="/v1/comparisons", tags=["comparisons"])
+COMPARISON_BODY = JsonBody[ComparisonIn](ComparisonIn, max_values=1_000)  # two ids and a judge
 
 
 async def _comparison_out(session: AsyncSession, job: Job) -> ComparisonOut:
@@ -40,12 +43,13 @@ async def _comparison_out(session: AsyncSession, job: Job) -> ComparisonOut:
         },
         **documented(400, 401, 404, 409, 413, 422, 503),
     },
+    openapi_extra=COMPARISON_BODY.openapi,
 )
 async def create_comparison(
-    body: ComparisonIn,
+    key: CurrentKey,
+    body: Annotated[ComparisonIn, Depends(COMPARISON_BODY)],
     response: Response,
     session: SessionDep,
-    key: CurrentKey,
     settings: SettingsDep,
     arq: ArqDep,
     idempotency_key: IdempotencyKey = None,

@@ -14,13 +14,16 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.schemas import ErrorOut
-from app.errors import InvalidBody, ServiceError
+from app.errors import MAX_LISTED_PROBLEMS, ServiceError
 
 log = logging.getLogger("aidsafe.api")
 
 _HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 _WHY = {
-    400: "Malformed request: a body that is not UTF-8 JSON text, or a cursor this API did not return.",
+    400: (
+        "Malformed request: a body that is not UTF-8 JSON text sent as application/json, or a "
+        "cursor this API did not return."
+    ),
     401: "No API key, or an unknown or revoked one.",
     403: "The API key lacks the scope this request needs (missing_scope).",
     404: "No such resource visible to this API key.",
@@ -54,15 +57,21 @@ def _where(loc: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in loc if part != "body") or "body"
 
 
-def invalid_body(errors: Sequence[Any]) -> InvalidBody:
-    """Pydantic's (or FastAPI's) validation errors as one validation_error: the first problem
-    in the message, all of them in the details."""
-    problems = [{"field": _where(tuple(e.get("loc", ()))), "problem": e.get("msg", "")} for e in errors]
-    first = problems[0] if problems else {"field": "body", "problem": "invalid"}
-    message = f"{first['field']}: {first['problem']}"
-    if len(problems) > 1:
-        message += f" (and {len(problems) - 1} more)"
-    return InvalidBody(message, problems)
+class InvalidRequest(ServiceError):
+    """A request that does not validate, as pydantic reports it: details list each field
+    and its problem (the first MAX_LISTED_PROBLEMS of them)."""
+
+    status = 422
+    code = "validation_error"
+
+    @classmethod
+    def of(cls, errors: Sequence[Any]) -> InvalidRequest:
+        problems = [{"field": _where(tuple(e.get("loc", ()))), "problem": e.get("msg", "")} for e in errors]
+        first = problems[0] if problems else {"field": "body", "problem": "invalid"}
+        message = f"{first['field']}: {first['problem']}"
+        if len(problems) > 1:
+            message += f" (and {len(problems) - 1} more)"
+        return cls(message, problems[:MAX_LISTED_PROBLEMS])
 
 
 def install(app: FastAPI) -> None:
@@ -70,9 +79,9 @@ def install(app: FastAPI) -> None:
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
         return error_response(exc.status, exc.code, exc.message, exc.details)
 
-    @app.exception_handler(RequestValidationError)
+    @app.exception_handler(RequestValidationError)  # path, query and header parameters
     async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        invalid = invalid_body(exc.errors())
+        invalid = InvalidRequest.of(exc.errors())
         return error_response(invalid.status, invalid.code, invalid.message, invalid.details)
 
     @app.exception_handler(OSError)  # connection refused or reset before SQLAlchemy wraps it
@@ -92,3 +101,9 @@ def install(app: FastAPI) -> None:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         # Starlette's own headers, such as a 405's `Allow`, are part of the answer.
         return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
+
+    # Last resort, for a bug: still the one shape, and nothing of the request or the failed
+    # statement in the answer. Starlette re-raises afterwards, so the server logs the traceback.
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(500, "internal_error", "an unexpected error occurred; it was logged")

@@ -8,12 +8,22 @@ from typing import Annotated
 from uuid import UUID
 
 from arq.connections import ArqRedis
-from fastapi import APIRouter, Header, Query, Response, status
+from fastapi import APIRouter, Depends, Header, Query, Response, status
 
 from app.api import views
+from app.api.bodies import JsonBody
 from app.api.deps import ArqDep, CurrentKey, ReadsHazardous, SessionDep, SettingsDep, SummariesDep
 from app.api.errors import documented
-from app.api.schemas import CotPage, ItemPage, ItemStatus, JobIn, JobOut, PreferencePairPage, ReportOut
+from app.api.schemas import (
+    MAX_PROMPTS_PER_JOB,
+    CotPage,
+    ItemPage,
+    ItemStatus,
+    JobIn,
+    JobOut,
+    PreferencePairPage,
+    ReportOut,
+)
 from app.api.summaries import job_out
 from app.config import Settings
 from app.pipeline_config import check_job_fits, resolve
@@ -29,6 +39,8 @@ Cursor = Annotated[str | None, Query(description="`next_cursor` of the previous 
 IdempotencyKey = Annotated[str | None, Header(min_length=1, max_length=200)]
 ERRORS = documented(401, 404, 422, 503)  # routes with an id in the path
 PAGE_ERRORS = documented(400, 401, 404, 422, 503)
+# Room for the largest job: each prompt with a dozen or so metadata values.
+JOB_BODY = JsonBody[JobIn](JobIn, max_values=20 * MAX_PROMPTS_PER_JOB)
 
 
 @router.post(
@@ -38,12 +50,13 @@ PAGE_ERRORS = documented(400, 401, 404, 422, 503)
         200: {"model": JobOut, "description": "Replay of an earlier POST with the same Idempotency-Key."},
         **documented(400, 401, 409, 413, 422, 503),
     },
+    openapi_extra=JOB_BODY.openapi,
 )
 async def submit_job(
-    body: JobIn,
+    key: CurrentKey,
+    body: Annotated[JobIn, Depends(JOB_BODY)],
     response: Response,
     session: SessionDep,
-    key: CurrentKey,
     settings: SettingsDep,
     arq: ArqDep,
     idempotency_key: IdempotencyKey = None,

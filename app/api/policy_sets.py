@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Annotated
 from uuid import UUID
 
-from fastapi import APIRouter, Response, status
+from fastapi import APIRouter, Depends, Response, status
 
 from app.api import views
+from app.api.bodies import JsonBody
 from app.api.deps import CurrentKey, SessionDep
 from app.api.errors import documented
 from app.api.jobs import ERRORS
@@ -14,6 +16,7 @@ from app.api.schemas import PolicySetDetailOut, PolicySetIn, PolicySetOut
 from app.store import policy_sets
 
 router = APIRouter(prefix="/v1/policy-sets", tags=["policy sets"])
+POLICY_SET_BODY = JsonBody[PolicySetIn](PolicySetIn, max_values=20_000)  # 50 full policies fit
 
 
 @router.get("", responses=documented(401, 503))
@@ -31,9 +34,13 @@ async def list_policy_sets(session: SessionDep, key: CurrentKey) -> list[PolicyS
         200: {"model": PolicySetDetailOut, "description": "This exact content is already registered."},
         **documented(400, 401, 413, 422, 503),
     },
+    openapi_extra=POLICY_SET_BODY.openapi,
 )
 async def register_policy_set(
-    body: PolicySetIn, response: Response, session: SessionDep, key: CurrentKey
+    key: CurrentKey,
+    body: Annotated[PolicySetIn, Depends(POLICY_SET_BODY)],
+    response: Response,
+    session: SessionDep,
 ) -> PolicySetDetailOut:
     """Register a version. Versions never change: new content under a name is a new version,
     and jobs keep the exact version they were submitted with."""

@@ -10,7 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from app.deliberation.policies import MAX_POLICY_TEXT_CHARS, render_policies
 from app.pipeline_config import JobConfigIn, RoleIn
-from app.storable import storable_input
 
 MAX_PROMPTS_PER_JOB = 10_000
 MAX_PROMPT_CHARS = 20_000
@@ -57,8 +56,6 @@ class JobIn(BaseModel):
     items: list[PromptIn] | None = Field(default=None, min_length=1, max_length=MAX_PROMPTS_PER_JOB)
     policy_set: PolicySetRef = Field(default_factory=PolicySetRef)
     config: JobConfigIn = Field(default_factory=JobConfigIn)
-
-    _storable = model_validator(mode="before")(storable_input)
 
     @model_validator(mode="after")
     def _one_source_of_prompts(self) -> JobIn:
@@ -111,8 +108,6 @@ class PolicySetIn(BaseModel):
         max_length=50,
         description=f"Distinct ids; rendered for the prompts, at most {MAX_POLICY_TEXT_CHARS:,} characters.",
     )
-
-    _storable = model_validator(mode="before")(storable_input)
 
     @field_validator("policies")
     @classmethod
@@ -386,8 +381,6 @@ class ComparisonIn(BaseModel):
     baseline_job_id: UUID
     candidate_job_id: UUID
     judge: RoleIn | None = Field(default=None, description="Temperature defaults to 0.")
-
-    _storable = model_validator(mode="before")(storable_input)
 
     @model_validator(mode="after")
     def _two_jobs(self) -> ComparisonIn:

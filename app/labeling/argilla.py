@@ -6,21 +6,17 @@ metadata repeats it; either finds the CoT again."""
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-from app.deliberation.schemas import REFINED
 from app.exports.rows import CotRow, ExportOptions
 from app.labeling.label_studio import as_rating, intents_text, policy_faithfulness
-from app.labeling.reviews import VERDICTS, Answers, Parsed, Question, Review, Skipped, utc
-from app.storable import storable_input
+from app.labeling.reviews import MAX_THOUGHTS, VERDICTS, Answers, Parsed, Question, Review, Skipped, ToolTime
 
 SOURCE = "argilla"
 Record = dict[str, Any]
-MAX_THOUGHTS = REFINED["properties"]["thoughts"]["maxItems"]  # the refiner writes no more
 GRADER = "aidsafe-grader"
 GATE = "aidsafe-quality-gate"
 GENERATOR = "aidsafe"
@@ -135,7 +131,6 @@ def _suggestion(value: Any, agent: str) -> Record:
 
 class _Loose(BaseModel):
     model_config = ConfigDict(extra="allow")
-    _storable = model_validator(mode="before")(storable_input)
 
 
 class ResponseIn(_Loose):
@@ -144,13 +139,15 @@ class ResponseIn(_Loose):
     id: str = Field(max_length=200)
     values: dict[str, dict[str, Any]] | None = None  # question name -> {"value": ...}
     status: Literal["submitted", "discarded", "draft"]
-    user_id: str | None = None  # None once the user was deleted
-    updated_at: datetime
+    user_id: str | None = Field(default=None, max_length=200)  # None once the user was deleted
+    updated_at: ToolTime
 
 
 class RecordIn(_Loose):
-    id: str | None = None
-    external_id: str | None = Field(default=None, description="The item id the record was exported with.")
+    id: str | None = Field(default=None, max_length=200)
+    external_id: str | None = Field(
+        default=None, max_length=200, description="The item id the record was exported with."
+    )
     metadata: dict[str, Any] | None = None
     responses: list[ResponseIn] = Field(default_factory=list)
 
@@ -159,6 +156,17 @@ class RecordPageIn(_Loose):
     """A page of records as `GET /api/v1/datasets/{id}/records?include=responses` answers."""
 
     items: list[RecordIn]
+
+
+def _shape(body: Any) -> str:
+    return "records" if isinstance(body, list) else "page"
+
+
+# Records as a list or a page; the shape picks the model, so errors speak of that one only.
+RecordsIn = Annotated[
+    Annotated[list[RecordIn], Tag("records")] | Annotated[RecordPageIn, Tag("page")],
+    Discriminator(_shape),
+]
 
 
 def read_records(records: list[RecordIn]) -> Parsed:
@@ -184,7 +192,7 @@ def read_records(records: list[RecordIn]) -> Parsed:
                     source=SOURCE,
                     external_id=response.id,
                     annotator=response.user_id or "deleted user",
-                    annotated_at=utc(response.updated_at),
+                    annotated_at=response.updated_at,
                     raw=response.model_dump(mode="json"),
                     **answers.read(where, parsed.problems),
                 )

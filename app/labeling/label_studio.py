@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.deliberation.results import POLICY_METRICS
 from app.exports.rows import CotRow, ExportOptions
-from app.labeling.reviews import Answers, Parsed, Question, Retraction, Review, Skipped, utc
-from app.storable import storable_input
+from app.labeling.reviews import Answers, Parsed, Question, Retraction, Review, Skipped, ToolTime
 
 SOURCE = "label_studio"
 Record = dict[str, Any]
@@ -141,7 +139,6 @@ class _Loose(BaseModel):
     """Label Studio sends more than we read; the rest is kept in `raw` for audit."""
 
     model_config = ConfigDict(extra="allow")
-    _storable = model_validator(mode="before")(storable_input)
 
 
 class ResultIn(_Loose):
@@ -151,14 +148,18 @@ class ResultIn(_Loose):
     value: dict[str, Any]
 
 
+class TaskRef(_Loose):
+    id: int
+
+
 class AnnotationIn(_Loose):
-    id: int | str
+    id: int | Annotated[str, Field(max_length=200)]
     completed_by: int | str | dict[str, Any] | None = None
     result: list[ResultIn] = Field(default_factory=list)
     was_cancelled: bool = False
-    created_at: datetime
-    updated_at: datetime | None = None
-    task: int | dict[str, Any] | None = Field(default=None, description="The task's id (webhooks).")
+    created_at: ToolTime
+    updated_at: ToolTime | None = None
+    task: int | TaskRef | None = Field(default=None, description="The task, or its id (webhooks).")
 
 
 class TaskIn(_Loose):
@@ -180,7 +181,7 @@ class WebhookIn(_Loose):
     annotation and its task; ANNOTATIONS_CREATED lists of both (matched by task id);
     ANNOTATIONS_DELETED lists the deleted annotations' ids under `annotations`."""
 
-    action: str
+    action: str = Field(max_length=100)
     annotation: AnnotationIn | list[AnnotationIn] | None = None
     task: TaskIn | list[TaskIn] | None = None
     annotations: list[DeletedIn] | None = None
@@ -220,10 +221,10 @@ def read_webhook(event: WebhookIn) -> Parsed:
         if annotation is None:
             parsed.problems.append(f"{event.action} without an annotation")
             continue
-        task_id = annotation.task.get("id") if isinstance(annotation.task, dict) else annotation.task
+        task_id = annotation.task.id if isinstance(annotation.task, TaskRef) else annotation.task
         task_in = by_id.get(task_id) or (next(iter(by_id.values())) if len(by_id) == 1 else None)
         if task_in is None:
-            parsed.problems.append(f"annotation {annotation.id}: the event has no task {annotation.task}")
+            parsed.problems.append(f"annotation {annotation.id}: the event has no task {task_id}")
             continue
         _read(task_in, annotation, parsed)
     return parsed
@@ -239,8 +240,10 @@ def _read(task_in: TaskIn, annotation: AnnotationIn, parsed: Parsed) -> None:
         parsed.problems.append(f"{where}: the task's data has no item_id of this service")
         return
     answers = _answers(annotation.result)
-    if answers.empty():
-        parsed.skipped.append(Skipped(str(annotation.id), "no answer in the annotation"))
+    if not answers.reviewed(task_in.data.get("response")):
+        parsed.skipped.append(
+            Skipped(str(annotation.id), "no reviewer's answer: only the prefilled prediction")
+        )
         return
     parsed.reviews.append(
         Review(
@@ -248,7 +251,7 @@ def _read(task_in: TaskIn, annotation: AnnotationIn, parsed: Parsed) -> None:
             source=SOURCE,
             external_id=str(annotation.id),
             annotator=_annotator(annotation.completed_by),
-            annotated_at=utc(annotation.updated_at or annotation.created_at),
+            annotated_at=annotation.updated_at or annotation.created_at,
             raw=annotation.model_dump(mode="json"),
             **answers.read(where, parsed.problems),
         )
@@ -261,8 +264,7 @@ def _answers(results: list[ResultIn]) -> Answers:
     for result in results:
         match result.from_name:
             case Question.VERDICT:
-                choices = result.value.get("choices") or []
-                answers.verdict = choices[0] if len(choices) == 1 else choices
+                answers.verdict = _one_choice(result.value.get("choices"))
             case Question.POLICY_FAITHFULNESS:
                 answers.policy_faithfulness = result.value.get("rating")
             case Question.FLAGGED_THOUGHTS:
@@ -272,6 +274,13 @@ def _answers(results: list[ResultIn]) -> Answers:
             case Question.COMMENT:
                 answers.comment = result.value.get("text")
     return answers
+
+
+def _one_choice(choices: Any) -> Any:
+    """A single-choice answer: its one choice, none, or what came if not a list of one."""
+    if isinstance(choices, list) and len(choices) <= 1:
+        return choices[0] if choices else None
+    return choices
 
 
 def _item_id(data: dict[str, Any]) -> UUID | None:

@@ -7,14 +7,21 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 from uuid import UUID
 
-from app.errors import ServiceError
+from pydantic import AfterValidator
+
+from app.deliberation.schemas import REFINED
+from app.errors import MAX_LISTED_PROBLEMS, ServiceError
 
 VERDICTS = ("accept", "reject")
 RATINGS = (1, 2, 3, 4, 5)
-_THOUGHT_NUMBER = re.compile(r"(\d+)\s*$")  # "3" or "Thought 3"
+MAX_THOUGHTS = REFINED["properties"]["thoughts"]["maxItems"]  # the refiner writes no more
+# A choice naming a thought: "3" (an alias, Argilla's value) or "Thought 3" (Label Studio's
+# value without alias). Longer text is refused unread, and fullmatch on it is linear.
+_THOUGHT_CHOICE = re.compile(r"(?:thought\s*)?(\d{1,4})", re.IGNORECASE | re.ASCII)
+_MAX_THOUGHT_CHOICE_CHARS = 20
 
 
 class Question(StrEnum):
@@ -80,13 +87,13 @@ class Parsed:
     problems: list[str] = field(default_factory=list)
 
     def checked(self) -> Parsed:
-        """Itself, or InvalidAnnotations listing every problem: nothing of a request with a
+        """Itself, or InvalidAnnotations listing the problems: nothing of a request with a
         problem is stored."""
         if self.problems:
             raise InvalidAnnotations(
                 f"{len(self.problems)} annotation(s) cannot be read, "
                 f"nothing was imported: {self.problems[0]}",
-                self.problems,
+                self.problems[:MAX_LISTED_PROBLEMS],
             )
         return self
 
@@ -105,55 +112,98 @@ class Answers:
         """Review fields; each answer that is not a valid one adds a problem naming `where`."""
         verdict = _lower(self.verdict)
         if verdict is not None and verdict not in VERDICTS:
-            problems.append(f"{where}: verdict {self.verdict!r} is not one of {', '.join(VERDICTS)}")
+            problems.append(f"{where}: verdict {_shown(self.verdict)} is not one of {', '.join(VERDICTS)}")
         rating = self.policy_faithfulness
         if rating is not None and (type(rating) is not int or rating not in RATINGS):
-            problems.append(f"{where}: policy_faithfulness {rating!r} is not a whole number 1-5")
-        choices = self.flagged_thoughts or []
-        if not isinstance(choices, list):
-            problems.append(f"{where}: flagged thoughts {choices!r} are not a list of choices")
-            choices = []
-        flagged = []
-        for choice in choices:
-            number = _THOUGHT_NUMBER.search(str(choice))
-            if number is None or int(number.group(1)) < 1:
-                problems.append(f"{where}: flagged thought {choice!r} is not a thought number")
-            else:
-                flagged.append(int(number.group(1)))
+            problems.append(f"{where}: policy_faithfulness {_shown(rating)} is not a whole number 1-5")
         return {
             "verdict": verdict,
-            "response": _text(self.edited_response),
+            "response": _text(Question.EDITED_RESPONSE, self.edited_response, where, problems),
             "policy_faithfulness": rating,
-            "flagged_thoughts": sorted(set(flagged)),
-            "comment": _text(self.comment),
+            "flagged_thoughts": self._flagged(where, problems),
+            "comment": _text(Question.COMMENT, self.comment, where, problems),
         }
 
-    def empty(self) -> bool:
-        return all(
-            value in (None, "", [])
-            for value in (
-                self.verdict,
-                self.policy_faithfulness,
-                self.edited_response,
-                self.flagged_thoughts,
-                self.comment,
-            )
-        )
+    def reviewed(self, prefilled_response: Any) -> bool:
+        """Whether a reviewer answered anything the prefill did not: a verdict, a flagged
+        thought, a comment or a changed response. An annotation made from the prediction
+        alone (Label Studio's "Create Annotations From Predictions": the response and the
+        grader's rating, unchanged) is no review; a rating alone is none either, since both
+        tools require a reviewer's verdict."""
+        response = _joined(self.edited_response)
+        prefill = prefilled_response.strip() if isinstance(prefilled_response, str) else ""
+        unchanged = response is None or (isinstance(response, str) and response.strip() in ("", prefill))
+        others = (self.verdict, self.flagged_thoughts, _joined(self.comment))
+        return not unchanged or not all(_blank(value) for value in others)
+
+    def _flagged(self, where: str, problems: list[str]) -> list[int]:
+        choices = self.flagged_thoughts
+        if choices is None:
+            return []
+        if not isinstance(choices, list):
+            problems.append(f"{where}: flagged thoughts {_shown(choices)} are not a list of choices")
+            return []
+        if len(choices) > MAX_THOUGHTS:  # refused unread: no CoT has that many thoughts
+            problems.append(f"{where}: {len(choices)} flagged thoughts, a CoT has at most {MAX_THOUGHTS}")
+            return []
+        flagged = set()
+        for choice in choices:
+            number = _thought_number(choice)
+            if number is None:
+                problems.append(f"{where}: flagged thought {_shown(choice)} is not a thought number")
+            else:
+                flagged.add(number)
+        return sorted(flagged)
 
 
-def utc(moment: datetime) -> datetime:
-    """A tool's time; one without a zone (Argilla's server sends them so) is UTC."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+def _thought_number(choice: Any) -> int | None:
+    """The 1-based thought number a choice names, or None: 3, "3" or "Thought 3"."""
+    if type(choice) is int:
+        return choice if 1 <= choice < 10_000 else None
+    if not isinstance(choice, str) or len(choice) > _MAX_THOUGHT_CHOICE_CHARS:
+        return None
+    match = _THOUGHT_CHOICE.fullmatch(choice.strip())
+    return int(match.group(1)) if match and int(match.group(1)) >= 1 else None
+
+
+def _utc(moment: datetime) -> datetime:
+    """A tool's time in UTC; one without a zone (Argilla's server sends them so) is UTC."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+14:00 is a time of year 0 in UTC
+        raise ValueError("the time is outside years 1 to 9999 in UTC") from None
+
+
+ToolTime = Annotated[datetime, AfterValidator(_utc)]
 
 
 def _lower(value: Any) -> Any:
     return value.strip().lower() if isinstance(value, str) else value
 
 
-def _text(value: Any) -> str | None:
-    """A text answer: a string, or lines as a list (Label Studio's TextArea); blank is none."""
-    if isinstance(value, list):
-        value = "\n".join(str(line) for line in value)
-    if value is None or not str(value).strip():
+def _text(question: str, value: Any, where: str, problems: list[str]) -> str | None:
+    """A text answer: a string, or its lines (Label Studio's TextArea); blank is none."""
+    value = _joined(value)
+    if value is not None and not isinstance(value, str):
+        problems.append(f"{where}: {question} {_shown(value)} is not text")
         return None
-    return str(value)
+    return None if _blank(value) else value
+
+
+def _joined(value: Any) -> Any:
+    """Text given as a list of lines (Label Studio's TextArea) as one string; else as is."""
+    if isinstance(value, list) and all(isinstance(line, str) for line in value):
+        return "\n".join(value)
+    return value
+
+
+def _blank(value: Any) -> bool:
+    return value is None or value == [] or (isinstance(value, str) and not value.strip())
+
+
+def _shown(value: Any) -> str:
+    """A value as a problem quotes it: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -25,7 +25,9 @@ def make_engine(database_url: str, pool_size: int = 10) -> AsyncEngine:
     # connections a Postgres restart closed while they sat in the pool; one that breaks
     # mid-use fails its statement, SQLAlchemy invalidates the pool, and the caller's retry
     # (the worker's item retry, the client's retry after a 503) gets a fresh connection.
-    engine = create_async_engine(database_url, pool_size=pool_size)
+    # hide_parameters: a failed statement's message (logged, maybe shown) never carries the
+    # values it was sent, which are user data: prompts, reviews, raw tool payloads.
+    engine = create_async_engine(database_url, pool_size=pool_size, hide_parameters=True)
     event.listen(engine.sync_engine, "checkout", _replace_if_closed)
     return engine
 

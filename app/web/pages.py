@@ -23,6 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.api import views
+from app.api.bodies import read_capped
 from app.api.deps import SessionDep, SettingsDep
 from app.api.events import LastEventIdHeader, ResumedEvents, follow_owned, server_sent
 from app.api.schemas import ItemStatus
@@ -38,6 +39,7 @@ HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")  # autoescape is on for .html
 STATIC = {"viewer.css": "text/css", "viewer.js": "text/javascript"}
 PAGE_SIZE = 100
+LOGIN_FORM_BYTES = 4096  # an API key and some; parsing more would only stall the event loop
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -135,7 +137,7 @@ async def login_form(request: Request) -> Response:
 @router.post("/login", response_class=HTMLResponse, dependencies=[SameOriginPost])
 async def login(request: Request, session: SessionDep, settings: SettingsDep) -> Response:
     """Check the key like the API does; on success set the session cookie and go to the jobs."""
-    form = parse_qs((await request.body()).decode("utf-8", errors="replace"))
+    form = parse_qs((await read_capped(request, LOGIN_FORM_BYTES)).decode("utf-8", errors="replace"))
     secret = (form.get("api_key") or [""])[0].strip()
     try:
         key = await keys.authenticate(request.app.state.sessions, secret)

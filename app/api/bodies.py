@@ -1,0 +1,150 @@
+"""JSON request bodies, read and checked without stalling the event loop.
+
+FastAPI decodes and validates a body on the event loop, so one large or hostile body (a few
+MiB of `[],` take seconds) holds up every other request, /healthz included. Routes take their
+body through `JsonBody` instead: its bytes are capped as they arrive, its values are counted
+on the raw bytes and capped before anything is decoded, and decoding, the storable-data check
+and validation run in a worker thread.
+
+The value cap matters as much as the byte cap: the C decoder and pydantic hold the GIL for a
+whole call, so a worker thread still stalls the loop for as long as one such call takes, and
+that grows with the number of values (each a Python object), not with the bytes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+from fastapi import Request
+from pydantic import TypeAdapter, ValidationError
+
+from app.api.deps import SettingsDep
+from app.api.errors import InvalidRequest
+from app.config import Settings
+from app.errors import ServiceError
+from app.storable import MAX_JSON_DEPTH, storable_input
+
+T = TypeVar("T")
+_COUNTED_SLICE = 256 * 1024
+
+
+class PayloadTooLarge(ServiceError):
+    status = 413
+    code = "payload_too_large"
+
+
+class MalformedBody(ServiceError):
+    """Not UTF-8 JSON text (the status and code of ServiceError: 400 bad_request)."""
+
+
+def _request_cap(settings: Settings) -> int:
+    return settings.max_request_bytes
+
+
+class JsonBody(Generic[T]):
+    """A route's JSON body as a dependency: `body: Annotated[JobIn, Depends(JOB_BODY)]`.
+    Declare it after the key, so an unauthenticated request is refused unread."""
+
+    def __init__(
+        self, type_: Any, max_values: int, max_bytes: Callable[[Settings], int] = _request_cap
+    ) -> None:
+        self.adapter: TypeAdapter[T] = TypeAdapter(type_)
+        self.max_values = max_values
+        self.max_bytes = max_bytes
+
+    @property
+    def openapi(self) -> dict[str, Any]:
+        """The route's `openapi_extra`: FastAPI sees no body parameter, so it documents none.
+        The schema is inlined, as the operation cannot add its models to the components."""
+        schema = self.adapter.json_schema()
+        schema = _inlined(schema, schema.pop("$defs", {}))
+        return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+    async def __call__(self, request: Request, settings: SettingsDep) -> T:
+        return await asyncio.to_thread(self.decode, await self.read(request, settings))
+
+    async def read(self, request: Request, settings: Settings) -> bytes:
+        """The body's bytes, undecoded: MalformedBody unless it is declared JSON, and
+        PayloadTooLarge past the byte cap."""
+        # As FastAPI's own bodies: JSON only when declared so, so that no browser form
+        # (text/plain needs no CORS preflight) can pass for one.
+        media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if media_type != "application/json" and not (
+            media_type.startswith("application/") and media_type.endswith("+json")
+        ):
+            raise MalformedBody("send the body as JSON, with the header Content-Type: application/json")
+        return await read_capped(request, self.max_bytes(settings))
+
+    def decode(self, raw: bytes) -> T:
+        """The body as `type_`: MalformedBody (400), InvalidRequest (422) or PayloadTooLarge
+        (413, too many values). Slow for a big body: call it off the event loop."""
+        if count_values(raw, self.max_values) > self.max_values:
+            raise PayloadTooLarge(f"the request body holds over {self.max_values:,} JSON values")
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise MalformedBody(f"the body is not UTF-8 JSON text: {exc}") from None
+        except RecursionError:
+            raise _invalid(f"JSON must not nest arrays and objects more than {MAX_JSON_DEPTH} deep") from None
+        except ValueError:  # Python reads no integer of over 4,300 digits
+            raise _invalid("integers must have at most 4,300 digits") from None
+        try:
+            return self.adapter.validate_python(storable_input(data))
+        except ValueError as exc:  # storable_input, and ValidationError (a ValueError)
+            if isinstance(exc, ValidationError):
+                raise InvalidRequest.of(exc.errors(include_url=False)) from None
+            raise _invalid(str(exc)) from None
+
+
+def _invalid(problem: str) -> InvalidRequest:
+    return InvalidRequest.of([{"loc": (), "msg": problem}])
+
+
+async def read_capped(request: Request, max_bytes: int) -> bytes:
+    """The request body; PayloadTooLarge as soon as it is known to exceed `max_bytes`."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLarge(f"the request body is over the limit of {max_bytes} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLarge(f"the request body is over the limit of {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def count_values(raw: bytes, limit: int) -> int:
+    """An upper bound on the number of values in JSON text `raw` (objects, arrays, strings,
+    numbers, literals), counted at C speed without parsing it: `limit + 1` once over `limit`.
+
+    Every value but the first of each array or object follows a comma, and the first follows
+    the bracket. Commas and brackets inside strings do not count: with escaped backslashes
+    and quotes dropped, every other quote-delimited piece is string content. Each string has
+    two quotes and a value has at most one key, so more than 4 x limit quotes is over the
+    limit. The text is split a slice at a time, so that no one call holds the GIL for long."""
+    unescaped = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    if unescaped.count(b'"') > 4 * limit:
+        return limit + 1
+    count, in_string = 1, False
+    for start in range(0, len(unescaped), _COUNTED_SLICE):
+        pieces = unescaped[start : start + _COUNTED_SLICE].split(b'"')
+        outside = b"".join(pieces[int(in_string) :: 2])
+        count += outside.count(b",") + outside.count(b"[") + outside.count(b"{")
+        in_string ^= len(pieces) % 2 == 0  # an odd number of quotes in the slice
+    return count
+
+
+def _inlined(node: Any, definitions: dict[str, Any]) -> Any:
+    """A JSON schema with every `$ref` replaced by its definition (body models are not recursive)."""
+    if isinstance(node, list):
+        return [_inlined(value, definitions) for value in node]
+    if not isinstance(node, dict):
+        return node
+    inlined = {key: _inlined(value, definitions) for key, value in node.items() if key != "$ref"}
+    if "$ref" in node:
+        return {**_inlined(definitions[node["$ref"].removeprefix("#/$defs/")], definitions), **inlined}
+    return inlined
