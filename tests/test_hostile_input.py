@@ -455,6 +455,7 @@ async def test_annotations_made_from_the_prediction_alone_are_skipped_not_stored
     assert report == {
         "imported": 1,
         "duplicates": 0,
+        "retracted": 0,
         "skipped": [{"annotation": "701", "reason": "no reviewer's answer: only the prefilled prediction"}],
     }
     assert [(row.external_id, row.verdict) for row in await stored(sessions)] == [("702", "accept")]

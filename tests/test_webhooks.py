@@ -208,12 +208,10 @@ async def test_an_unreadable_delivery_is_refused_and_kept_with_its_body(
     webhook = await new_webhook(api, auth)
     path = httpx.URL(webhook["url"]).path
 
-    not_json = await api.post(
-        path, content=b"{not json", headers={HEADER: webhook["secret"], "Content-Type": "application/json"}
-    )
-    no_action = await api.post(
-        path, content=b'{"annotation": {"id": 1}}', headers={HEADER: webhook["secret"]}
-    )
+    headers = {HEADER: webhook["secret"], "Content-Type": "application/json"}
+
+    not_json = await api.post(path, content=b"{not json", headers=headers)
+    no_action = await api.post(path, content=b'{"annotation": {"id": 1}}', headers=headers)
 
     error_of(not_json, 400, "bad_request")
     error_of(no_action, 422, "validation_error")
