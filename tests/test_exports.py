@@ -32,7 +32,7 @@ from app.exports.rows import ExportFilter, ExportOptions
 from app.store import exports
 from app.store.db import Sessions
 from app.store.keys import create_key
-from app.store.models import Annotation, Cot, Item
+from app.store.models import Annotation, Cot, Item, Job
 from bench.export import insert_finished_job
 from tests.conftest import new_key, run_worker_burst
 from tests.scripted_llm import ScriptedLLM, guard_verdict, reply, scores
@@ -362,6 +362,7 @@ async def test_human_approved_keeps_cots_a_reviewer_accepted_and_none_rejects_no
             .scalars()
             .all()
         )
+        owner = await session.scalar(select(Job.owner_key_id).where(Job.id == UUID(job_id)))
     t0, t1 = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 2, tzinfo=UTC)
     reviews = [
         (items[0], "a", t0, "accept"),
@@ -377,6 +378,7 @@ async def test_human_approved_keeps_cots_a_reviewer_accepted_and_none_rejects_no
             insert(Annotation),
             [
                 {
+                    "owner_key_id": owner,
                     "item_id": item,
                     "job_id": UUID(job_id),
                     "source": "label_studio",
