@@ -38,11 +38,6 @@ class IdempotencyConflict(ServiceError):
     code = "idempotency_conflict"
 
 
-class PolicySetConflict(ServiceError):
-    status = 409
-    code = "policy_set_exists"
-
-
 class InvalidConfig(ServiceError):
     status = 422
     code = "invalid_config"

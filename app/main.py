@@ -22,10 +22,12 @@ from app.api import (
     jobs,
     metrics,
     policy_sets,
+    state,
     webhooks,
 )
 from app.api.known_keys import KnownKeys
 from app.api.limits import BodySizeLimit
+from app.api.state import ApiState
 from app.api.summaries import JobSummaries
 from app.config import Settings, get_settings
 from app.queue import redis_settings
@@ -40,15 +42,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logs.configure(settings.log_level, settings.log_json)
         engine = make_engine(settings.database_url)
-        app.state.settings = settings
-        app.state.sessions = make_sessions(engine)
-        app.state.arq = await create_pool(redis_settings(settings.redis_url))
-        app.state.summaries = JobSummaries(app.state.sessions, settings.job_summary_max_age_s)
-        app.state.known_keys = KnownKeys(app.state.sessions, settings.api_key_cache_s)
+        sessions = make_sessions(engine)
+        arq = await create_pool(redis_settings(settings.redis_url))
+        summaries = JobSummaries(sessions, settings.job_summary_max_age_s)
+        state.install(
+            app, ApiState(settings, sessions, arq, summaries, KnownKeys(sessions, settings.api_key_cache_s))
+        )
         try:
             yield
         finally:
-            await app.state.arq.aclose()
+            await arq.aclose()
             await engine.dispose()
 
     app = FastAPI(

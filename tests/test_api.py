@@ -20,7 +20,7 @@ from app.config import Settings
 from app.queue import arq_job_id
 from app.store.db import Sessions
 from app.store.models import Item, Job
-from tests.conftest import new_key, run_worker_burst
+from tests.conftest import api_client, new_key, run_worker_burst
 from tests.scripted_llm import ScriptedLLM
 
 Headers = dict[str, str]
@@ -929,3 +929,14 @@ async def test_body_that_is_not_utf8_is_a_bad_request(api: httpx.AsyncClient, au
     error_of(
         await api.post("/v1/jobs", content=b'{"prompts": ["\xff\xfe"]}', headers=headers), 400, "bad_request"
     )
+
+
+async def test_a_database_that_refuses_connections_is_a_503(settings: Settings) -> None:
+    unreachable = settings.model_copy(
+        update={"database_url": "postgresql+asyncpg://postgres@127.0.0.1:1/none"}
+    )
+
+    async with api_client(unreachable) as client:
+        response = await client.get(f"/v1/jobs/{uuid.uuid4()}", headers={"Authorization": "Bearer aidsafe_x"})
+
+    error_of(response, 503, "unavailable")

@@ -497,7 +497,7 @@ def test_engine_core_imports_no_web_queue_database_or_http_library() -> None:
         modules = [m.name for m in pkgutil.walk_packages(core.__path__, core.__name__ + ".")]
         for name in modules:
             importlib.import_module(name)
-        banned = {"fastapi", "arq", "sqlalchemy", "redis", "httpx", "starlette", "asyncpg"}
+        banned = {"fastapi", "arq", "sqlalchemy", "redis", "httpx", "aiohttp", "starlette", "asyncpg"}
         leaked = sorted(m for m in sys.modules if m.split(".")[0] in banned)
         print(json.dumps({"modules": modules, "leaked": leaked}))
         """

@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import asyncio
 from typing import Annotated, Any
-from uuid import UUID
 
 from fastapi import APIRouter, Depends, Response
 from pydantic import BaseModel, Field
 
 from app.api.bodies import JsonBody
-from app.api.deps import CurrentKey, SessionDep
+from app.api.deps import OwnedJob, SessionDep
 from app.api.errors import documented
 from app.api.schemas import ErrorOut
 from app.config import Settings
 from app.labeling import argilla, label_studio
 from app.labeling.reviews import Parsed
-from app.store import annotations, jobs
+from app.store import annotations
+from app.store.models import Job
 
 router = APIRouter(tags=["labeling"])
 _NOT_IMPORTED = {
@@ -74,8 +74,8 @@ def import_out(report: annotations.ImportReport) -> ImportOut:
     )
 
 
-async def _imported(session: SessionDep, parsed: Parsed, key: CurrentKey, job_id: UUID) -> ImportOut:
-    report = await annotations.record_reviews(session, parsed, owner_key_id=key.id, job_id=job_id)
+async def _imported(session: SessionDep, parsed: Parsed, job: Job) -> ImportOut:
+    report = await annotations.record_reviews(session, parsed, owner_key_id=job.owner_key_id, job_id=job.id)
     await session.commit()
     return import_out(report)
 
@@ -91,10 +91,9 @@ async def _imported(session: SessionDep, parsed: Parsed, key: CurrentKey, job_id
         **READ_ERRORS,
     },
 )
-async def label_studio_config(job_id: UUID, session: SessionDep, key: CurrentKey) -> Response:
+async def label_studio_config(job: OwnedJob) -> Response:
     """Shows the prompt, intents, numbered refined thoughts and response; asks for a verdict,
     a policy-faithfulness rating, flagged thoughts, an edited response and a comment."""
-    await jobs.get_owned(session, job_id, key.id)
     return Response(label_studio.CONFIG, media_type="application/xml")
 
 
@@ -104,22 +103,19 @@ async def label_studio_config(job_id: UUID, session: SessionDep, key: CurrentKey
     openapi_extra=LABEL_STUDIO_EXPORT.openapi,
 )
 async def import_label_studio(
-    job_id: UUID,
-    key: CurrentKey,
+    job: OwnedJob,
     tasks: Annotated[list[label_studio.TaskIn], Depends(LABEL_STUDIO_EXPORT)],
     session: SessionDep,
 ) -> ImportOut:
     """Import the annotations of a Label Studio JSON export (the file as the body). All or
     nothing; importing the same file again adds nothing; an edited annotation adds a row."""
-    await jobs.get_owned(session, job_id, key.id)
-    return await _imported(session, await asyncio.to_thread(label_studio.read_export, tasks), key, job_id)
+    return await _imported(session, await asyncio.to_thread(label_studio.read_export, tasks), job)
 
 
 @router.get("/v1/jobs/{job_id}/argilla/settings", responses=READ_ERRORS)
-async def argilla_settings(job_id: UUID, session: SessionDep, key: CurrentKey) -> dict[str, Any]:
+async def argilla_settings(job: OwnedJob) -> dict[str, Any]:
     """Argilla dataset settings (fields, questions, metadata) for this job's records: load
     them with `rg.Settings.from_json`."""
-    await jobs.get_owned(session, job_id, key.id)
     return argilla.settings()
 
 
@@ -127,13 +123,11 @@ async def argilla_settings(job_id: UUID, session: SessionDep, key: CurrentKey) -
     "/v1/jobs/{job_id}/annotations/argilla", responses=IMPORT_ERRORS, openapi_extra=ARGILLA_RECORDS.openapi
 )
 async def import_argilla(
-    job_id: UUID,
-    key: CurrentKey,
+    job: OwnedJob,
     records: Annotated[list[argilla.RecordIn] | argilla.RecordPageIn, Depends(ARGILLA_RECORDS)],
     session: SessionDep,
 ) -> ImportOut:
     """Import reviewers' responses from Argilla records with their responses (a list, or a
     page `{"items": [...]}` as Argilla's API returns). Only submitted responses count."""
-    await jobs.get_owned(session, job_id, key.id)
     listed = records if isinstance(records, list) else records.items
-    return await _imported(session, await asyncio.to_thread(argilla.read_records, listed), key, job_id)
+    return await _imported(session, await asyncio.to_thread(argilla.read_records, listed), job)

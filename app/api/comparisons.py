@@ -3,19 +3,19 @@ paper's LLM_ZS vs AIDSAFE comparison), with the grader's means side by side."""
 
 from __future__ import annotations
 
-import hashlib
 from typing import Annotated
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, Response, status
+from fastapi import APIRouter, Depends, status
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.api import views
 from app.api.bodies import JsonBody
-from app.api.deps import ArqDep, CurrentKey, SessionDep, SettingsDep
+from app.api.deps import CurrentKey, SessionDep
 from app.api.errors import documented
-from app.api.jobs import ERRORS, IdempotencyKey, enqueue_committed
+from app.api.jobs import ERRORS
 from app.api.schemas import ComparisonIn, ComparisonOut
+from app.api.submissions import SubmissionDep
 from app.pipeline_config import check_comparison_fits, resolve_comparison
 from app.store import comparisons, jobs, policy_sets
 from app.store.models import Job
@@ -46,18 +46,13 @@ async def _comparison_out(session: AsyncSession, job: Job) -> ComparisonOut:
     openapi_extra=COMPARISON_BODY.openapi,
 )
 async def create_comparison(
-    key: CurrentKey,
-    body: Annotated[ComparisonIn, Depends(COMPARISON_BODY)],
-    response: Response,
-    session: SessionDep,
-    settings: SettingsDep,
-    arq: ArqDep,
-    idempotency_key: IdempotencyKey = None,
+    key: CurrentKey, body: Annotated[ComparisonIn, Depends(COMPARISON_BODY)], submission: SubmissionDep
 ) -> ComparisonOut:
     """Compare two of this key's jobs on the prompts both completed (exact text; 422
     `no_common_prompts` if none). A judge reads each pair of samples in both orders; a
     sample wins only if preferred both times. Runs as a job of mode `comparison`. 422
     `request_too_large` if the judge's requests may not fit its endpoint's context."""
+    session, settings = submission.session, submission.settings
     baseline = await jobs.get_owned(session, body.baseline_job_id, key.id)
     candidate = await jobs.get_owned(session, body.candidate_job_id, key.id)
     config = resolve_comparison(body.judge, settings, baseline.id, candidate.id)
@@ -74,13 +69,10 @@ async def create_comparison(
         baseline=baseline,
         candidate=candidate,
         config=config,
-        idempotency_key=idempotency_key,
-        request_hash=hashlib.sha256(body.model_dump_json().encode()).hexdigest(),
+        idempotency_key=submission.idempotency_key,
+        request_hash=submission.request_hash(body),
     )
-    await session.commit()
-    if not new_item_ids:
-        response.status_code = status.HTTP_200_OK
-    await enqueue_committed(arq, settings, job.id, new_item_ids)
+    await submission.accept(job, new_item_ids)
     return await _comparison_out(session, job)
 
 

@@ -2,37 +2,40 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated
+from uuid import UUID
 
 from arq.connections import ArqRedis
-from fastapi import Depends, Request
+from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.api.known_keys import KnownKeys
+from app.api.state import ApiState, api_state
 from app.api.summaries import JobSummaries
 from app.config import Settings
 from app.errors import Unauthorized
-from app.store import keys
-from app.store.models import ApiKey
+from app.store import jobs, keys
+from app.store.models import ApiKey, Job
+
+StateDep = Annotated[ApiState, Depends(api_state)]
 
 
-async def _session(request: Request) -> AsyncIterator[AsyncSession]:
-    async with request.app.state.sessions() as session:
+async def _session(state: StateDep) -> AsyncIterator[AsyncSession]:
+    async with state.sessions() as session:
         yield session
 
 
-def _settings(request: Request) -> Settings:
-    return request.app.state.settings
+def _settings(state: StateDep) -> Settings:
+    return state.settings
 
 
-def _arq(request: Request) -> ArqRedis:
-    return request.app.state.arq
+def _arq(state: StateDep) -> ArqRedis:
+    return state.arq
 
 
-def _summaries(request: Request) -> JobSummaries:
-    return request.app.state.summaries
+def _summaries(state: StateDep) -> JobSummaries:
+    return state.summaries
 
 
 SessionDep = Annotated[AsyncSession, Depends(_session)]
@@ -44,13 +47,12 @@ _bearer = HTTPBearer(auto_error=False, description="An API key made by `aidsafe 
 
 
 async def _current_key(
-    request: Request,
+    state: StateDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> ApiKey:
     if credentials is None:
         raise Unauthorized("send an API key as 'Authorization: Bearer <key>'")
-    known_keys: KnownKeys = request.app.state.known_keys
-    return await known_keys.authenticate(credentials.credentials)
+    return await state.known_keys.authenticate(credentials.credentials)
 
 
 CurrentKey = Annotated[ApiKey, Depends(_current_key)]
@@ -62,3 +64,20 @@ def _reads_hazardous(key: CurrentKey) -> bool:
 
 # Whether the caller may read hazardous text (whispered beliefs, rejected CoTs, guard rationales).
 ReadsHazardous = Annotated[bool, Depends(_reads_hazardous)]
+
+
+def job_owned_by(key: Callable[..., Awaitable[ApiKey]]) -> Callable[..., Awaitable[Job]]:
+    """A dependency giving the route the job in its path if the key `key` gives owns it,
+    NotFound otherwise (another key's job does not exist for this one). The key is
+    resolved first, so a request without one is a 401 whatever the job."""
+
+    async def owned(job_id: UUID, session: SessionDep, owner: ApiKey) -> Job:
+        return await jobs.get_owned(session, job_id, owner.id)
+
+    # Set as an object: this module's string annotations cannot name the local `key`.
+    owned.__annotations__["owner"] = Annotated[ApiKey, Depends(key)]
+    return owned
+
+
+# The caller's job named by the path's `job_id`, or 404.
+OwnedJob = Annotated[Job, Depends(job_owned_by(_current_key))]

@@ -84,7 +84,10 @@ def install(app: FastAPI) -> None:
         invalid = InvalidRequest.of(exc.errors())
         return error_response(invalid.status, invalid.code, invalid.message, invalid.details)
 
-    @app.exception_handler(OSError)  # connection refused or reset before SQLAlchemy wraps it
+    # A connection to Postgres refused, reset or timed out before SQLAlchemy wraps it; other
+    # OSErrors (a file, a socket of another service) are bugs, not "the database is away".
+    @app.exception_handler(ConnectionError)
+    @app.exception_handler(TimeoutError)
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
     # Statements sent on the asyncpg connection itself (app/store/db.py driver_connection):

@@ -11,8 +11,9 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.api.deps import CurrentKey, SessionDep
+from app.api.deps import OwnedJob, SessionDep
 from app.api.jobs import PAGE_ERRORS
+from app.api.state import api_state
 from app.events import JobEventSource, follow
 from app.store import jobs
 from app.store.models import Job
@@ -32,7 +33,7 @@ class ResumedEvents:
 
 def job_event_source(request: Request, job_id: UUID) -> JobEventSource:
     """The job's events with snapshots from a short-lived session each (for any auth in front)."""
-    state = request.app.state
+    state = api_state(request)
 
     async def snapshot() -> dict[str, Any]:
         async with state.sessions() as session:
@@ -43,13 +44,11 @@ def job_event_source(request: Request, job_id: UUID) -> JobEventSource:
     return JobEventSource(state.arq, state.sessions, state.settings, job_id, snapshot)
 
 
-async def follow_owned(
-    request: Request, session: AsyncSession, job_id: UUID, owner_key_id: UUID, last_event_id: str | None
+async def resumed(
+    request: Request, session: AsyncSession, job: Job, last_event_id: str | None
 ) -> ResumedEvents:
-    """The events of this key's job (NotFound if it is not theirs), from `last_event_id`. For
-    a route's dependency: a Last-Event-ID this API never sent is refused before the stream
-    starts, so it gets a 400, not a broken stream."""
-    job = await jobs.get_owned(session, job_id, owner_key_id)
+    """The job's events from `last_event_id`. For a route's dependency: a Last-Event-ID this
+    API never sent is refused before the stream starts, so it gets a 400, not a broken stream."""
     # The stream may last hours: give the connection back now, each snapshot takes its own.
     await session.close()
     source = job_event_source(request, job.id)
@@ -65,13 +64,9 @@ async def server_sent(events: ResumedEvents) -> AsyncIterator[ServerSentEvent]:
 
 
 async def _followed(
-    request: Request,
-    job_id: UUID,
-    session: SessionDep,
-    key: CurrentKey,
-    last_event_id: LastEventIdHeader = None,
+    request: Request, job: OwnedJob, session: SessionDep, last_event_id: LastEventIdHeader = None
 ) -> ResumedEvents:
-    return await follow_owned(request, session, job_id, key.id, last_event_id)
+    return await resumed(request, session, job, last_event_id)
 
 
 # Not in the OpenAPI document: a generated request for a job that never ends would stream forever.

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 from enum import StrEnum
 from typing import Annotated
-from uuid import UUID
 
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
-from app.api.deps import CurrentKey, ReadsHazardous, SessionDep
+from app.api.deps import OwnedJob, ReadsHazardous, SessionDep
 from app.api.errors import documented
 from app.errors import MissingScope
 from app.exports.formats import FORMATS, JSON
 from app.exports.rows import CotStyle, ExportFilter, ExportOptions, parse_min_scores
-from app.store import exports, jobs, keys
+from app.store import exports, keys
 
 router = APIRouter(prefix="/v1/jobs", tags=["exports"])
 
@@ -39,9 +38,8 @@ _BINARY = {"type": "string", "format": "binary"}
     },
 )
 async def export_job(
-    job_id: UUID,
+    job: OwnedJob,
     session: SessionDep,
-    key: CurrentKey,
     reads_hazardous: ReadsHazardous,
     format: Annotated[FormatName, Query(description="The file format; see the README's Exports section.")],
     cot: Annotated[
@@ -63,17 +61,16 @@ async def export_job(
     size. `trl_dpo` holds rejected (hazardous) text: it needs a key with `hazardous:read`."""
     fmt = FORMATS[format.value]
     filters = ExportFilter(accepted_only, parse_min_scores(min_score), human_approved)
-    await jobs.get_owned(session, job_id, key.id)
     if fmt.needs_hazardous_scope and not reads_hazardous:
         raise MissingScope(
             f"the {format.value} export holds hazardous text (rejected CoTs): "
             f"it needs a key with the {keys.HAZARDOUS_READ} scope"
         )
-    filename = f"aidsafe-{job_id}-{format.value}.{fmt.extension}"
+    filename = f"aidsafe-{job.id}-{format.value}.{fmt.extension}"
     # The request's session stays open until the response has been sent (FastAPI closes
     # dependencies with yield after the response), so the stream reads through it.
     return StreamingResponse(
-        exports.encoded(session, job_id, fmt, ExportOptions(cot, system), filters),
+        exports.encoded(session, job.id, fmt, ExportOptions(cot, system), filters),
         media_type=fmt.media_type,
         headers={"Content-Disposition": f'attachment; filename="{filename}"'},
     )

@@ -10,6 +10,7 @@ from sqlalchemy import text
 
 from app.api.errors import error_response
 from app.api.schemas import ErrorOut
+from app.api.state import api_state
 
 router = APIRouter(tags=["health"])
 _CHECK_TIMEOUT_S = 3
@@ -26,14 +27,14 @@ async def readyz(request: Request) -> JSONResponse:
     """Postgres and Redis both answer within a few seconds."""
     problems = []
     try:
-        async with asyncio.timeout(_CHECK_TIMEOUT_S), request.app.state.sessions() as session:
+        async with asyncio.timeout(_CHECK_TIMEOUT_S), api_state(request).sessions() as session:
             await session.execute(text("select 1"))
     except Exception as exc:
         problems.append(f"postgres: {type(exc).__name__}")
     try:
         # The Redis client retries through restarts for a minute; a probe must not wait that long.
         async with asyncio.timeout(_CHECK_TIMEOUT_S):
-            await request.app.state.arq.ping()
+            await api_state(request).arq.ping()
     except Exception as exc:
         problems.append(f"redis: {type(exc).__name__}")
     if problems:

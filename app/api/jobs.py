@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import Annotated
 from uuid import UUID
 
-from arq.connections import ArqRedis
-from fastapi import APIRouter, Depends, Header, Query, Response, status
+from fastapi import APIRouter, Depends, Query, status
 
 from app.api import views
 from app.api.bodies import JsonBody
-from app.api.deps import ArqDep, CurrentKey, ReadsHazardous, SessionDep, SettingsDep, SummariesDep
+from app.api.deps import CurrentKey, OwnedJob, ReadsHazardous, SessionDep, SummariesDep
 from app.api.errors import documented
 from app.api.schemas import (
     MAX_PROMPTS_PER_JOB,
@@ -24,19 +22,15 @@ from app.api.schemas import (
     PreferencePairPage,
     ReportOut,
 )
+from app.api.submissions import SubmissionDep
 from app.api.summaries import job_out
-from app.config import Settings
 from app.pipeline_config import check_job_fits, resolve
-from app.queue import enqueue_items
 from app.store import jobs, policy_sets
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger("aidsafe.api")
 Limit = Annotated[int, Query(ge=1, le=500, description="Page size.")]
 Cursor = Annotated[str | None, Query(description="`next_cursor` of the previous page.")]
-# An empty header is refused (422), not taken as no key: it is likely an unset variable in the
-# client, and answering 202 would hide that its retries are not idempotent.
-IdempotencyKey = Annotated[str | None, Header(min_length=1, max_length=200)]
 ERRORS = documented(401, 404, 422, 503)  # routes with an id in the path
 PAGE_ERRORS = documented(400, 401, 404, 422, 503)
 # Room for the largest job: each prompt with a dozen or so metadata values.
@@ -53,18 +47,12 @@ JOB_BODY = JsonBody[JobIn](JobIn, max_values=20 * MAX_PROMPTS_PER_JOB)
     openapi_extra=JOB_BODY.openapi,
 )
 async def submit_job(
-    key: CurrentKey,
-    body: Annotated[JobIn, Depends(JOB_BODY)],
-    response: Response,
-    session: SessionDep,
-    settings: SettingsDep,
-    arq: ArqDep,
-    idempotency_key: IdempotencyKey = None,
+    key: CurrentKey, body: Annotated[JobIn, Depends(JOB_BODY)], submission: SubmissionDep
 ) -> JobOut:
     """Accept a batch of 1 to 10,000 prompts; one arq job per item is enqueued after commit.
     422 `request_too_large` if a role's requests may not fit its endpoint's context."""
+    session, settings = submission.session, submission.settings
     config = resolve(body.config, settings)
-    request_hash = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
     policy_set = await policy_sets.resolve_for_job(
         session, key.id, body.policy_set.name, body.policy_set.version
     )
@@ -76,23 +64,11 @@ async def submit_job(
         policy_set_id=policy_set.id,
         config=config,
         items=[jobs.NewItem(p.prompt, p.metadata) for p in prompts],
-        idempotency_key=idempotency_key,
-        request_hash=request_hash,
+        idempotency_key=submission.idempotency_key,
+        request_hash=submission.request_hash(body),
     )
-    await session.commit()
-    if not new_item_ids:
-        response.status_code = status.HTTP_200_OK
-    await enqueue_committed(arq, settings, job.id, new_item_ids)
+    await submission.accept(job, new_item_ids)
     return await job_out(session, job)
-
-
-async def enqueue_committed(arq: ArqRedis, settings: Settings, job_id: UUID, item_ids: list[UUID]) -> None:
-    """Enqueue a committed job's new items. A failure is logged, not raised: the job exists
-    now, and the sweeper enqueues queued items whose arq job is missing."""
-    try:
-        await enqueue_items(arq, settings.queue_name, [(item_id, 1) for item_id in item_ids])
-    except Exception:
-        log.exception("enqueue failed for job %s; the sweeper will enqueue its items", job_id)
 
 
 @router.get("/{job_id}", responses=ERRORS)
@@ -103,11 +79,10 @@ async def get_job(job_id: UUID, key: CurrentKey, summaries: SummariesDep) -> Job
 
 
 @router.post("/{job_id}/cancel", responses=ERRORS)
-async def cancel_job(job_id: UUID, session: SessionDep, key: CurrentKey, summaries: SummariesDep) -> JobOut:
+async def cancel_job(job: OwnedJob, session: SessionDep, summaries: SummariesDep) -> JobOut:
     """Queued items are cancelled at once; running items stop within a lease period.
     Finished items and their data are kept; a job that has already finished stays as it
     is (`completed`, no `cancelled_at`). Cancelling twice is harmless."""
-    job = await jobs.get_owned(session, job_id, key.id)
     await jobs.cancel(session, job)
     await session.commit()
     await session.refresh(job)
@@ -117,23 +92,20 @@ async def cancel_job(job_id: UUID, session: SessionDep, key: CurrentKey, summari
 
 @router.get("/{job_id}/items", responses=PAGE_ERRORS)
 async def list_items(
-    job_id: UUID,
+    job: OwnedJob,
     session: SessionDep,
-    key: CurrentKey,
     status: ItemStatus | None = None,
     cursor: Cursor = None,
     limit: Limit = 100,
 ) -> ItemPage:
-    await jobs.get_owned(session, job_id, key.id)
-    rows, next_cursor = await jobs.page_items(session, job_id, status, cursor, limit)
+    rows, next_cursor = await jobs.page_items(session, job.id, status, cursor, limit)
     return ItemPage(data=[views.item_out(item) for item in rows], next_cursor=next_cursor)
 
 
 @router.get("/{job_id}/cots", responses=PAGE_ERRORS)
 async def list_cots(
-    job_id: UUID,
+    job: OwnedJob,
     session: SessionDep,
-    key: CurrentKey,
     accepted: Annotated[
         bool | None, Query(description="Only CoTs the quality gate accepted (true) or rejected (false).")
     ] = None,
@@ -141,16 +113,14 @@ async def list_cots(
     limit: Limit = 100,
 ) -> CotPage:
     """Refined CoTs of completed items, in prompt order, with their scores and gate decision."""
-    await jobs.get_owned(session, job_id, key.id)
-    rows, next_cursor = await jobs.page_cots(session, job_id, accepted, cursor, limit)
+    rows, next_cursor = await jobs.page_cots(session, job.id, accepted, cursor, limit)
     return CotPage(data=[views.cot_out(cot, item) for cot, item in rows], next_cursor=next_cursor)
 
 
 @router.get("/{job_id}/preference-pairs", responses=PAGE_ERRORS)
 async def list_preference_pairs(
-    job_id: UUID,
+    job: OwnedJob,
     session: SessionDep,
-    key: CurrentKey,
     reads_hazardous: ReadsHazardous,
     kept: Annotated[bool | None, Query(description="Only pairs kept (true) or not kept (false).")] = None,
     min_gap: Annotated[
@@ -162,10 +132,9 @@ async def list_preference_pairs(
     """Ear-whisperer pair attempts in prompt order, with every try. Beliefs, rejected CoTs and
     what the generator, guard and grader said about them are hazardous: keys without the
     `hazardous:read` scope get them as null (see the README's "Hazardous text")."""
-    job = await jobs.get_owned(session, job_id, key.id)
     known = views.policy_ids(await policy_sets.by_id(session, job.policy_set_id))
     rows, next_cursor = await jobs.page_pairs(
-        session, job_id, kept=kept, min_gap=min_gap, cursor=cursor, limit=limit
+        session, job.id, kept=kept, min_gap=min_gap, cursor=cursor, limit=limit
     )
     return PreferencePairPage(
         data=[views.pair_out(pair, item, cot, reads_hazardous, known) for pair, item, cot in rows],
@@ -174,8 +143,7 @@ async def list_preference_pairs(
 
 
 @router.get("/{job_id}/report", responses=ERRORS)
-async def get_report(job_id: UUID, session: SessionDep, key: CurrentKey) -> ReportOut:
+async def get_report(job: OwnedJob, session: SessionDep) -> ReportOut:
     """Quality in full: grader statistics, the gate's thresholds and misses, pair outcomes,
     and LLM usage by stage."""
-    job = await jobs.get_owned(session, job_id, key.id)
     return views.report_out(job, await jobs.report(session, job))

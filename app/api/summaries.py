@@ -16,9 +16,8 @@ from uuid import UUID
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.api import views
 from app.api.recent import Recent
-from app.api.schemas import JobOut
+from app.api.schemas import JobOut, PolicySetBrief
 from app.store import jobs, policy_sets
 from app.store.db import Sessions
 from app.store.models import Job
@@ -27,7 +26,14 @@ from app.store.models import Job
 async def job_out(session: AsyncSession, job: Job) -> JobOut:
     """The job as the API shows it, counted now."""
     policy_set = await policy_sets.by_id(session, job.policy_set_id)
-    return views.job_out(job, policy_set, await jobs.summary(session, job))
+    return JobOut(
+        id=job.id,
+        created_at=job.created_at,
+        cancelled_at=job.cancelled_at,
+        policy_set=PolicySetBrief(id=policy_set.id, name=policy_set.name, version=policy_set.version),
+        config=job.config,
+        **await jobs.summary(session, job),
+    )
 
 
 class JobSummaries:

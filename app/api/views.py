@@ -12,7 +12,6 @@ from app.api.schemas import (
     GateOut,
     GuardOut,
     ItemOut,
-    JobOut,
     PolicySetBrief,
     PolicySetDetailOut,
     PolicySetOut,
@@ -26,17 +25,6 @@ from app.api.schemas import (
 )
 from app.deliberation.ports import is_hazardous
 from app.store.models import Cot, Item, Job, PolicySetRow, PreferencePair, TurnRow
-
-
-def job_out(job: Job, policy_set: PolicySetRow, summary: dict[str, Any]) -> JobOut:
-    return JobOut(
-        id=job.id,
-        created_at=job.created_at,
-        cancelled_at=job.cancelled_at,
-        policy_set=PolicySetBrief(id=policy_set.id, name=policy_set.name, version=policy_set.version),
-        config=job.config,
-        **summary,
-    )
 
 
 def item_out(item: Item) -> ItemOut:

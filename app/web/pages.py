@@ -24,9 +24,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.api import views
 from app.api.bodies import read_capped
-from app.api.deps import SessionDep, SettingsDep
-from app.api.events import LastEventIdHeader, ResumedEvents, follow_owned, server_sent
+from app.api.deps import SessionDep, SettingsDep, job_owned_by
+from app.api.events import LastEventIdHeader, ResumedEvents, resumed, server_sent
 from app.api.schemas import ItemStatus
+from app.api.state import api_state
 from app.api.summaries import job_out
 from app.config import Settings
 from app.errors import CrossSiteRequest, NotFound, ServiceError, Unauthorized
@@ -96,6 +97,8 @@ async def _viewer_key(request: Request, session: SessionDep, settings: SettingsD
 
 
 ViewerKey = Annotated[ApiKey, Depends(_viewer_key)]
+# The viewer's job named by the path's `job_id`, or 404.
+ViewedJob = Annotated[Job, Depends(job_owned_by(_viewer_key))]
 
 
 def _refuse_cross_site(request: Request) -> None:
@@ -140,7 +143,7 @@ async def login(request: Request, session: SessionDep, settings: SettingsDep) ->
     form = parse_qs((await read_capped(request, LOGIN_FORM_BYTES)).decode("utf-8", errors="replace"))
     secret = (form.get("api_key") or [""])[0].strip()
     try:
-        key = await keys.authenticate(request.app.state.sessions, secret)
+        key = await keys.authenticate(api_state(request).sessions, secret)
     except Unauthorized:
         context = {"error": "Unknown or revoked API key."}
         return templates.TemplateResponse(request, "login.html", context, status_code=401)
@@ -190,7 +193,7 @@ def _blank_is_none(value: Any) -> Any:
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
 async def job_page(
     request: Request,
-    job_id: UUID,
+    job: ViewedJob,
     session: SessionDep,
     key: ViewerKey,
     status: Annotated[ItemStatus | None, BeforeValidator(_blank_is_none)] = None,
@@ -199,7 +202,6 @@ async def job_page(
 ) -> Response:
     """Progress, counts per stage and status, quality, and a page of items (filtered by status
     and by the quality gate's decision)."""
-    job = await jobs.get_owned(session, job_id, key.id)
     if accepted is None:
         items, next_cursor = await jobs.page_items(session, job.id, status, cursor, PAGE_SIZE)
         gate = await _gate_decisions(session, [item.id for item in items])
@@ -228,13 +230,9 @@ async def _gate_decisions(session: AsyncSession, item_ids: list[UUID]) -> dict[U
 
 
 async def _viewed(
-    request: Request,
-    job_id: UUID,
-    session: SessionDep,
-    key: ViewerKey,
-    last_event_id: LastEventIdHeader = None,
+    request: Request, job: ViewedJob, session: SessionDep, last_event_id: LastEventIdHeader = None
 ) -> ResumedEvents:
-    return await follow_owned(request, session, job_id, key.id, last_event_id)
+    return await resumed(request, session, job, last_event_id)
 
 
 @router.get("/jobs/{job_id}/events", response_class=EventSourceResponse)

@@ -1,0 +1,31 @@
+"""What the API process holds for its lifetime, typed: made at startup, read by dependencies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from arq.connections import ArqRedis
+from fastapi import FastAPI, Request
+
+from app.api.known_keys import KnownKeys
+from app.api.summaries import JobSummaries
+from app.config import Settings
+from app.store.db import Sessions
+
+
+@dataclass(frozen=True)
+class ApiState:
+    settings: Settings
+    sessions: Sessions
+    arq: ArqRedis
+    summaries: JobSummaries
+    known_keys: KnownKeys
+
+
+def install(app: FastAPI, state: ApiState) -> None:
+    app.state.api = state
+
+
+def api_state(request: Request) -> ApiState:
+    state: ApiState = request.app.state.api
+    return state

@@ -1,0 +1,70 @@
+"""What both submit routes (a job, a comparison) share: the request's idempotency, and
+accepting the new job (commit, then enqueue its items; a replay answers 200)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Annotated
+from uuid import UUID
+
+from arq.connections import ArqRedis
+from fastapi import Depends, Header, Response, status
+from pydantic import BaseModel
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.api.deps import ArqDep, SessionDep, SettingsDep
+from app.config import Settings
+from app.queue import enqueue_items
+from app.store.models import Job
+
+log = logging.getLogger("aidsafe.api")
+# An empty header is refused (422), not taken as no key: it is likely an unset variable in the
+# client, and answering 202 would hide that its retries are not idempotent.
+IdempotencyKey = Annotated[str | None, Header(min_length=1, max_length=200)]
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A submit request's session and idempotency key, and how to accept what it made."""
+
+    session: AsyncSession
+    settings: Settings
+    idempotency_key: str | None
+    _arq: ArqRedis
+    _response: Response
+
+    @staticmethod
+    def request_hash(body: BaseModel) -> str:
+        """What tells a replay (the same key, the same body) from a conflict."""
+        return hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+
+    async def accept(self, job: Job, new_item_ids: list[UUID]) -> None:
+        """Commit the job, then enqueue its new items; none new means a replay: 200, not 202."""
+        await self.session.commit()
+        if not new_item_ids:
+            self._response.status_code = status.HTTP_200_OK
+        await enqueue_committed(self._arq, self.settings, job.id, new_item_ids)
+
+
+async def _submission(
+    session: SessionDep,
+    settings: SettingsDep,
+    arq: ArqDep,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
+) -> Submission:
+    return Submission(session, settings, idempotency_key, arq, response)
+
+
+SubmissionDep = Annotated[Submission, Depends(_submission)]
+
+
+async def enqueue_committed(arq: ArqRedis, settings: Settings, job_id: UUID, item_ids: list[UUID]) -> None:
+    """Enqueue a committed job's new items. A failure is logged, not raised: the job exists
+    now, and the sweeper enqueues queued items whose arq job is missing."""
+    try:
+        await enqueue_items(arq, settings.queue_name, [(item_id, 1) for item_id in item_ids])
+    except Exception:
+        log.exception("enqueue failed for job %s; the sweeper will enqueue its items", job_id)
