@@ -1,20 +1,19 @@
-"""The test fixtures themselves: every pytest session (a session forked from a test process,
-as mutmut runs each mutant, or an xdist worker) has a database and Redis keys of its own and
-leaves neither behind; `serial` tests never run beside others.
-
-Each test runs pytest on a probe file in a subprocess, with tests/conftest.py as a plugin."""
+"""The test fixtures themselves: every pytest session (an xdist worker, or a session forked
+from a test process, as mutmut runs each mutant) has a database and Redis keys of its own and
+leaves neither behind; `serial` tests never run beside others."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
-import subprocess
 import sys
 import textwrap
+from asyncio.subprocess import PIPE, STDOUT
 from pathlib import Path
-from typing import Any
 
 import asyncpg
+import pytest
 from redis.asyncio import Redis
 from sqlalchemy import make_url
 
@@ -23,8 +22,6 @@ from tests.conftest import ARQ_JOB_KEY_PREFIXES, PG_ADMIN_DSN, REDIS_URL, ROOT
 PROBE = """
 import json
 import os
-
-import pytest
 
 from tests.conftest import submit
 
@@ -35,67 +32,19 @@ async def test_probe(api, auth, settings, redis):
     record = {"database_url": settings.database_url, "prefix": settings.redis_key_prefix, "queued": queued}
     with open(os.environ["PROBE_RECORDS"], "a") as records:
         records.write(json.dumps(record) + "\\n")
-
-
-@pytest.mark.serial
-def test_serial_probe():
-    with open(os.environ["PROBE_RECORDS"], "a") as records:
-        records.write(json.dumps({"serial": True}) + "\\n")
 """
 
 
-def probe_pytest_args(tmp_path: Path, *args: str) -> list[str]:
-    probe = tmp_path / "test_probe.py"
+async def test_a_session_forked_from_a_test_process_has_its_own_database_and_keys_and_leaves_none(
+    tmp_path: Path,
+) -> None:
+    probe, records = tmp_path / "test_probe.py", tmp_path / "records.jsonl"
     probe.write_text(PROBE)
-    plugins = ["-p", "pytest_asyncio.plugin", "-p", "xdist.plugin", "-p", "tests.conftest"]
-    return [str(probe), *plugins, "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(ROOT), "-q", *args]
-
-
-def run_probe(tmp_path: Path, code: str) -> list[dict[str, Any]]:
-    """Run Python `code` (which runs pytest on the probe) in a child; the probe's records."""
-    records = tmp_path / "records.jsonl"
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        # Only the plugins named: the others (schemathesis's, hypothesis's...) take seconds to load.
-        env={**_clean_environ(), "PROBE_RECORDS": str(records), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return [json.loads(line) for line in records.read_text().splitlines()] if records.exists() else []
-
-
-def _clean_environ() -> dict[str, str]:
-    """This process's environment without what marks it an xdist worker."""
-    return {name: value for name, value in os.environ.items() if not name.startswith("PYTEST_")}
-
-
-async def assert_nothing_left(probes: list[dict[str, Any]]) -> None:
-    databases = [make_url(probe["database_url"]).database for probe in probes]
-    admin = await asyncpg.connect(PG_ADMIN_DSN)
-    try:
-        left = await admin.fetch("SELECT datname FROM pg_database WHERE datname = ANY($1::text[])", databases)
-    finally:
-        await admin.close()
-    assert left == [], "a session's database outlived it"
-    redis = Redis.from_url(REDIS_URL)
-    try:
-        for probe in probes:
-            assert [key async for key in redis.scan_iter(f"{probe['prefix']}:*")] == []
-            arq_keys = [prefix + job_id for job_id in probe["queued"] for prefix in ARQ_JOB_KEY_PREFIXES]
-            assert await redis.exists(*arq_keys) == 0, "arq keys of a job left in the queue"
-    finally:
-        await redis.aclose()
-
-
-async def test_a_session_forked_from_a_test_process_has_its_own_database_and_keys(tmp_path: Path) -> None:
-    args = probe_pytest_args(tmp_path, "-m", "not serial")
-    # What mutmut does: pytest in this process, then pytest in a forked child, tests.conftest
+    plugins = ["-p", "pytest_asyncio.plugin", "-p", "tests.conftest"]
+    args = [str(probe), *plugins, "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(ROOT), "-q"]
+    # What mutmut does: pytest in this process, then in a forked child; tests.conftest is
     # imported once.
-    code = textwrap.dedent(
-        f"""
+    code = f"""
         import os, sys
         import pytest
 
@@ -106,19 +55,44 @@ async def test_a_session_forked_from_a_test_process_has_its_own_database_and_key
         _, status = os.waitpid(child, 0)
         sys.exit(int(first) or os.waitstatus_to_exitcode(status))
         """
+    environ = {name: value for name, value in os.environ.items() if not name.startswith("PYTEST_")}
+    # Only the plugins named: the others (schemathesis's, hypothesis's...) take seconds to load.
+    environ.update(PROBE_RECORDS=str(records), PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
+
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", textwrap.dedent(code), cwd=ROOT, env=environ, stdout=PIPE, stderr=STDOUT
     )
+    output, _ = await child.communicate()
 
-    parent, forked = run_probe(tmp_path, code)
-
+    assert child.returncode == 0, output.decode()
+    parent, forked = [json.loads(line) for line in records.read_text().splitlines()]
     assert parent["database_url"] != forked["database_url"]
     assert parent["prefix"] != forked["prefix"]
-    assert parent["queued"] and forked["queued"]
-    await assert_nothing_left([parent, forked])
+    databases = [make_url(probe["database_url"]).database for probe in (parent, forked)]
+    admin = await asyncpg.connect(PG_ADMIN_DSN)
+    try:
+        assert await admin.fetch("SELECT 1 FROM pg_database WHERE datname = ANY($1::text[])", databases) == []
+    finally:
+        await admin.close()
+    redis = Redis.from_url(REDIS_URL)
+    try:
+        for probe in (parent, forked):
+            assert probe["queued"], "the probe left a job in its queue"
+            assert [key async for key in redis.scan_iter(f"{probe['prefix']}:*")] == []
+            arq_keys = [prefix + job_id for job_id in probe["queued"] for prefix in ARQ_JOB_KEY_PREFIXES]
+            assert await redis.exists(*arq_keys) == 0
+    finally:
+        await redis.aclose()
 
 
-def test_serial_tests_never_run_in_an_xdist_worker_and_run_alone_with_only_serial(tmp_path: Path) -> None:
-    in_worker = probe_pytest_args(tmp_path, "-n", "1", "-m", "serial")
-    alone = probe_pytest_args(tmp_path, "--only-serial")
+# scripts/test.sh runs the suite with -n auto, then with --only-serial: these two fail there
+# if a serial test ran in an xdist worker or --only-serial ran anything else.
 
-    assert run_probe(tmp_path, f"import pytest, sys; sys.exit(pytest.main({in_worker!r}))") == []
-    assert run_probe(tmp_path, f"import pytest, sys; sys.exit(pytest.main({alone!r}))") == [{"serial": True}]
+
+@pytest.mark.serial
+def test_a_serial_test_never_runs_in_an_xdist_worker() -> None:
+    assert "PYTEST_XDIST_WORKER" not in os.environ
+
+
+def test_only_serial_runs_serial_tests_only(pytestconfig: pytest.Config) -> None:
+    assert not pytestconfig.getoption("only_serial")
