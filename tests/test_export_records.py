@@ -155,9 +155,9 @@ async def test_parquet_leaves_out_stored_fields_its_schema_does_not_have(
 async def test_a_record_larger_than_arrows_json_block_exports_to_parquet(
     api: httpx.AsyncClient, auth: Headers, sessions: Sessions
 ) -> None:
-    """300,000 four-byte characters: 1.2 MB of UTF-8 in one record, more than the 1 MiB
-    block Arrow's JSON reader would read by default and than 3 bytes a character allows."""
-    response = "\U0001f642" * 300_000
+    """600,000 four-byte characters: 2.4 MB of UTF-8 in one record. Arrow's JSON reader reads
+    1 MiB blocks by default and a record may straddle one block boundary, not two."""
+    response = "\U0001f642" * 600_000
     small = completed()
     job_id = await finished_job(api, auth, sessions, [replace(small, response=response), small])
 
