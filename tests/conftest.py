@@ -54,7 +54,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """A `serial` test disturbs what every test shares (it restarts PostgreSQL and Redis), so
     it never runs in a pytest-xdist worker, beside other tests: it is skipped there, and
-    `--only-serial` runs these tests alone."""
+    `--only-serial` runs these tests alone. xdist hands tests out in this order (every
+    worker collects the same list), so `slow` tests go first: started last, one would keep
+    its worker busy long after the others ran out of tests."""
     if config.getoption("only_serial"):
         kept = [item for item in items if item.get_closest_marker("serial")]
         config.hook.pytest_deselected(items=[item for item in items if item not in kept])
@@ -64,6 +66,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             if item.get_closest_marker("serial"):
                 item.add_marker(alone)
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def xdist_worker(config: pytest.Config) -> str | None:
