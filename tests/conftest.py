@@ -58,9 +58,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     worker collects the same list), so `slow` tests go first: started last, one would keep
     its worker busy long after the others ran out of tests."""
     if config.getoption("only_serial"):
-        kept = [item for item in items if item.get_closest_marker("serial")]
-        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
-        items[:] = kept
+        config.hook.pytest_deselected(items=[item for item in items if not item.get_closest_marker("serial")])
+        items[:] = [item for item in items if item.get_closest_marker("serial")]
     elif xdist_worker(config):
         alone = pytest.mark.skip(reason="runs alone, never beside other tests: use --only-serial without -n")
         for item in items:
