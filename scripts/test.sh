@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # The test command: install, make sure Postgres and Redis run, run every test.
 # Extra arguments go to pytest (e.g. `scripts/test.sh -m "not embedded_llm"`).
+# The suite runs on every core (pytest-xdist, a database and Redis keys per worker); then
+# the tests marked `serial` (the chaos test restarts PostgreSQL and Redis) run alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 bash scripts/install-browser.sh
 bash scripts/services.sh
 .venv/bin/ruff check app workers tests migrations bench
-exec .venv/bin/pytest -q "$@"
+.venv/bin/pytest -q -n auto "$@"
+# Exit status 5: no serial test among those selected.
+.venv/bin/pytest -q --only-serial "$@" || [ $? -eq 5 ]

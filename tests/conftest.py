@@ -24,8 +24,10 @@ import pytest
 import uvicorn
 from alembic import command
 from alembic.config import Config
+from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
 from arq.worker import Worker
 from redis.asyncio import Redis
+from sqlalchemy import make_url
 
 from app.config import EndpointConfig, Settings
 from app.llm.client import OpenAICompatibleClient
@@ -37,14 +39,48 @@ from workers.main import worker_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN_DSN = os.environ.get("AIDSAFE_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
-# One database and one set of Redis keys per test run, so concurrent runs never collide.
-RUN_ID = uuid.uuid4().hex[:8]
-TEST_DB = f"aidsafe_test_{RUN_ID}"
-DATABASE_URL = (
-    PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://") + "/" + TEST_DB
-)
 REDIS_URL = os.environ.get("AIDSAFE_TEST_REDIS", "redis://127.0.0.1:6379/0")
+ARQ_JOB_KEY_PREFIXES = (job_key_prefix, retry_key_prefix, in_progress_key_prefix, result_key_prefix)
 TABLES = "annotations, judgements, preference_pairs, cots, turns, items, jobs, policy_sets, api_keys"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--only-serial",
+        action="store_true",
+        help="run only the tests marked `serial` (scripts/test.sh runs them after the parallel run)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A `serial` test disturbs what every test shares (it restarts PostgreSQL and Redis), so
+    it never runs in a pytest-xdist worker, beside other tests: it is skipped there, and
+    `--only-serial` runs these tests alone. xdist hands tests out in this order (every
+    worker collects the same list), so `slow` tests go first: started last, one would keep
+    its worker busy long after the others ran out of tests."""
+    if config.getoption("only_serial"):
+        config.hook.pytest_deselected(items=[item for item in items if not item.get_closest_marker("serial")])
+        items[:] = [item for item in items if item.get_closest_marker("serial")]
+    elif xdist_worker(config):
+        alone = pytest.mark.skip(reason="runs alone, never beside other tests: use --only-serial without -n")
+        for item in items:
+            if item.get_closest_marker("serial"):
+                item.add_marker(alone)
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def xdist_worker(config: pytest.Config) -> str | None:
+    """The pytest-xdist worker this process is (`gw0`, ...), or None."""
+    workerinput: dict[str, Any] | None = getattr(config, "workerinput", None)
+    return workerinput["workerid"] if workerinput else None
+
+
+@pytest.fixture(scope="session")
+def run_id(pytestconfig: pytest.Config) -> str:
+    """This test session's id, naming its database and its Redis keys. Made per session, not
+    at import: a process forked from a test process (mutmut runs each mutant's tests so) runs
+    a session of its own and gets an id of its own; each pytest-xdist worker is a session too."""
+    return uuid.uuid4().hex[:8] + (xdist_worker(pytestconfig) or "")
 
 
 @pytest.fixture(scope="session")
@@ -78,12 +114,16 @@ async def llm(settings: Settings) -> AsyncIterator[OpenAICompatibleClient]:
 
 
 @pytest.fixture(scope="session")
-def settings(scripted_llm: ScriptedLLM, second_llm: ScriptedLLM) -> Settings:
-    return Settings(
-        database_url=DATABASE_URL,
+async def settings(
+    run_id: str, scripted_llm: ScriptedLLM, second_llm: ScriptedLLM
+) -> AsyncIterator[Settings]:
+    """The session's configuration; the Redis keys it names are deleted when the session ends."""
+    database = make_url(PG_ADMIN_DSN).set(drivername="postgresql+asyncpg", database=f"aidsafe_test_{run_id}")
+    settings = Settings(
+        database_url=database.render_as_string(hide_password=False),
         redis_url=REDIS_URL,
-        queue_name=f"aidsafe:test:{RUN_ID}:queue",
-        redis_key_prefix=f"aidsafe:test:{RUN_ID}",
+        queue_name=f"aidsafe:test:{run_id}:queue",
+        redis_key_prefix=f"aidsafe:test:{run_id}",
         llm_base_url=scripted_llm.base_url,
         llm_model="scripted-model",
         llm_endpoints={"second": EndpointConfig(base_url=second_llm.base_url, default_model="second-model")},
@@ -96,6 +136,10 @@ def settings(scripted_llm: ScriptedLLM, second_llm: ScriptedLLM) -> Settings:
         sweep_interval_s=1,
         enqueue_grace_s=1,
     )
+    creator = os.getpid()
+    yield settings
+    if os.getpid() == creator:  # a child forked mid-session must not delete its parent's keys
+        await delete_redis_keys(settings)
 
 
 def worker_env(settings: Settings) -> dict[str, str]:
@@ -106,6 +150,20 @@ def worker_env(settings: Settings) -> dict[str, str]:
             continue
         env[f"AIDSAFE_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
     return env
+
+
+async def delete_redis_keys(settings: Settings) -> None:
+    """Delete the Redis keys of `settings`: those under its prefix (its queue included) and
+    arq's keys of the jobs still in its queue (arq keeps every job's keys under `arq:`)."""
+    client = Redis.from_url(settings.redis_url)
+    try:
+        queued = [job_id.decode() for job_id in await client.zrange(settings.queue_name, 0, -1)]
+        arq_keys = [prefix + job_id for job_id in queued for prefix in ARQ_JOB_KEY_PREFIXES]
+        own_keys = [key async for key in client.scan_iter(f"{settings.redis_key_prefix}:*")]
+        if arq_keys or own_keys:
+            await client.delete(*arq_keys, *own_keys)
+    finally:
+        await client.aclose()
 
 
 async def _admin(sql: str) -> None:
@@ -119,12 +177,15 @@ async def _admin(sql: str) -> None:
 @pytest.fixture(scope="session")
 async def migrated(settings: Settings) -> AsyncIterator[str]:
     """A fresh database, built by the migrations alone, dropped after the run."""
-    await _admin(f'CREATE DATABASE "{TEST_DB}"')
+    database = make_url(settings.database_url).database
+    await _admin(f'CREATE DATABASE "{database}"')
+    creator = os.getpid()
     config = Config(str(ROOT / "alembic.ini"))
     config.attributes["database_url"] = settings.database_url
     await asyncio.to_thread(command.upgrade, config, "head")
     yield settings.database_url
-    await _admin(f'DROP DATABASE IF EXISTS "{TEST_DB}" WITH (FORCE)')
+    if os.getpid() == creator:  # a child forked mid-session must not drop its parent's database
+        await _admin(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
@@ -149,11 +210,7 @@ async def clean_state(request: pytest.FixtureRequest, settings: Settings) -> Asy
         async with engine.begin() as conn:
             await conn.exec_driver_sql(f"TRUNCATE {TABLES} CASCADE")
         await engine.dispose()
-        client = Redis.from_url(settings.redis_url)
-        keys_ = [k async for k in client.scan_iter(f"aidsafe:test:{RUN_ID}:*")]
-        if keys_:
-            await client.delete(*keys_)
-        await client.aclose()
+        await delete_redis_keys(settings)
     for name in ("scripted_llm", "second_llm"):
         if name in request.fixturenames:
             request.getfixturevalue(name).reset()

@@ -24,7 +24,7 @@ from bench.audit import audit_job, finished, status_counts
 from tests.conftest import eventually, start_worker
 from tests.scripted_llm import Behaviour, ScriptedLLM, http_error, stall, truncated
 
-pytestmark = pytest.mark.chaos
+pytestmark = [pytest.mark.chaos, pytest.mark.serial]
 
 PROMPTS = 40
 WORKERS = 2

@@ -29,6 +29,7 @@ from app.store.db import Sessions
 from tests.conftest import api_client, new_key, run_worker_burst
 from tests.scripted_llm import ScriptedLLM, refusal
 
+pytestmark = pytest.mark.slow
 Headers = dict[str, str]
 CHECKS = [
     not_a_server_error,

@@ -199,7 +199,7 @@ async def test_sweeper_recovers_an_item_whose_lease_expired(
     item_id = (await one_item(sessions, job_id)).id
     # A worker takes the arq job, claims the item and dies without a trace.
     assert await arq_redis.zrange(settings.queue_name, 0, -1) == [f"item:{item_id}:1".encode()]
-    await arq_redis.set(f"arq:in-progress:item:{item_id}:1", b"1")
+    await arq_redis.set(f"arq:in-progress:item:{item_id}:1", b"1", ex=60)
     assert await items.claim(sessions, item_id, items.Limits(lease_s=1, max_claims=8, max_failures=5))
     await asyncio.sleep(1.2)
 

@@ -42,7 +42,7 @@ class JsonTextLines:
         return b""
 
     def encode(self, records: list[str]) -> bytes:
-        return ("\n".join(records) + "\n").encode() if records else b""
+        return "".join(f"{record}\n" for record in records).encode()
 
     def finish(self) -> bytes:
         return b""
@@ -70,27 +70,16 @@ class Csv:
 
 
 class _Drain:
-    """A write-only file for pyarrow that hands back what was written since the last drain."""
+    """A write-only file for pyarrow that hands back what was written since the last drain.
+    Arrow reads `closed` once, then only calls `write` (it counts the position itself)."""
+
+    closed = False
 
     def __init__(self) -> None:
         self.chunks: list[bytes] = []
-        self.position = 0
-        self.closed = False
 
-    def write(self, data: Any) -> int:
-        chunk = bytes(data)
-        self.chunks.append(chunk)
-        self.position += len(chunk)
-        return len(chunk)
-
-    def tell(self) -> int:
-        return self.position
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.closed = True
+    def write(self, data: Any) -> None:
+        self.chunks.append(bytes(data))
 
     def drain(self) -> bytes:
         data, self.chunks = b"".join(self.chunks), []
@@ -107,7 +96,6 @@ class Parquet:
     lacks (in nested objects too) are ignored, missing ones are null."""
 
     def __init__(self, schema: pa.Schema) -> None:
-        self.schema = schema
         self.parse = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
         self.sink = _Drain()
         self.writer = pq.ParquetWriter(self.sink, schema, compression="zstd")
@@ -117,12 +105,11 @@ class Parquet:
 
     def encode(self, records: list[str]) -> bytes:
         if records:
-            data = "\n".join(records).encode()
-            # A block must hold a whole record (4 bytes a character at most); one thread, since
-            # Postgres and the event loop need the other cores.
-            longest = 4 * max(map(len, records)) + 1
-            read = pj.ReadOptions(use_threads=False, block_size=max(_JSON_BLOCK, longest))
-            self.writer.write_table(pj.read_json(pa.py_buffer(data), read, self.parse))
+            lines = [record.encode() for record in records]
+            # A record may straddle two blocks, not three: no block shorter than a record. One
+            # thread, since Postgres and the event loop need the other cores.
+            read = pj.ReadOptions(use_threads=False, block_size=max(_JSON_BLOCK, *map(len, lines)))
+            self.writer.write_table(pj.read_json(pa.py_buffer(b"\n".join(lines)), read, self.parse))
         return self.sink.drain()
 
     def finish(self) -> bytes:

@@ -3,6 +3,7 @@ filters an export takes. Field order is the store's column order."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -101,19 +102,22 @@ class ExportFilter:
 
 
 def parse_min_scores(values: list[str]) -> dict[str, float]:
-    """`metric:value` strings (e.g. `cot_policy_faithfulness:4`) to {metric: value}.
-    Raises InvalidExportFilter for an unknown metric or a value that is not a number 1-5."""
+    """`metric:value` strings (e.g. `cot_policy_faithfulness:4`) to {metric: value}, the
+    highest value of a metric named twice. Raises InvalidExportFilter for an unknown metric
+    (its details list the metrics) or a value that is not a number 1-5."""
     wanted: dict[str, float] = {}
     for text in values:
-        metric, sep, value = text.partition(":")
-        if not sep or metric not in METRICS:
+        parts = text.split(":")
+        if len(parts) != 2 or parts[0] not in METRICS:
             raise InvalidExportFilter(
-                f"min_score {text!r}: expected <metric>:<score> with a metric among {', '.join(METRICS)}"
+                f"min_score {text!r}: expected <metric>:<score>, the metric one of details.metrics",
+                {"metrics": list(METRICS)},
             )
+        metric, value = parts
         try:
             score = float(value)
         except ValueError:
-            score = float("nan")
+            score = math.nan  # refused below
         if not 1 <= score <= 5:
             raise InvalidExportFilter(f"min_score {text!r}: the score must be a number from 1 to 5")
         wanted[metric] = max(score, wanted.get(metric, score))
