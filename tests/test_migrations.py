@@ -12,13 +12,13 @@ import pytest
 from alembic import command
 from alembic.config import Config
 
-from tests.conftest import PG_ADMIN_DSN, ROOT, RUN_ID, _admin
+from tests.conftest import PG_ADMIN_DSN, ROOT, _admin
 
 
 @pytest.fixture
-async def old_database() -> AsyncIterator[tuple[Config, str]]:
+async def old_database(run_id: str) -> AsyncIterator[tuple[Config, str]]:
     """An empty database of its own and an Alembic config pointed at it."""
-    name = f"aidsafe_test_{RUN_ID}_migrations"
+    name = f"aidsafe_test_{run_id}_migrations"
     await _admin(f'CREATE DATABASE "{name}"')
     dsn = PG_ADMIN_DSN.rsplit("/", 1)[0] + "/" + name
     config = Config(str(ROOT / "alembic.ini"))
