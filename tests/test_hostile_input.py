@@ -137,6 +137,8 @@ def _answers(url: str) -> bool:
         return False
 
 
+# Alone: it times the API, which must not share the machine's cores with other tests' workers.
+@pytest.mark.serial
 async def test_a_hostile_import_of_the_largest_accepted_size_leaves_healthz_answering_within_100ms(
     api: httpx.AsyncClient, auth: Headers, settings: Settings, api_process: str
 ) -> None:
