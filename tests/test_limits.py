@@ -11,7 +11,7 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from uuid import UUID
@@ -29,22 +29,10 @@ from app.llm.rates import EndpointRates
 from app.store.db import Sessions
 from bench.audit import status_counts
 from tests.conftest import eventually, start_worker, submit
-from tests.scripted_llm import ScriptedLLM, http_error, running_scripted_llm
+from tests.scripted_llm import ScriptedLLM, http_error
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def llm_server() -> Iterator[ScriptedLLM]:
-    with running_scripted_llm() as server:
-        yield server
-
-
-@pytest.fixture
-def llm(llm_server: ScriptedLLM) -> ScriptedLLM:
-    llm_server.reset()
-    return llm_server
 
 
 @pytest.fixture
@@ -81,10 +69,10 @@ def deliberation_request() -> ChatRequest:
 
 
 async def test_never_more_than_limit_in_flight_across_clients_with_own_connections(
-    llm: ScriptedLLM, key_prefix: str
+    scripted_llm: ScriptedLLM, key_prefix: str
 ) -> None:
-    llm.latency_s = 0.1
-    endpoints = {"default": EndpointConfig(base_url=llm.base_url, max_concurrency=2)}
+    scripted_llm.latency_s = 0.1
+    endpoints = {"default": EndpointConfig(base_url=scripted_llm.base_url, max_concurrency=2)}
     connections = [Redis.from_url(REDIS_URL) for _ in range(4)]
     clients = [
         OpenAICompatibleClient(endpoints, EndpointLimiter(conn, key_prefix), timeout_s=5)
@@ -98,8 +86,8 @@ async def test_never_more_than_limit_in_flight_across_clients_with_own_connectio
         for conn in connections:
             await conn.aclose()
 
-    assert len(llm.requests) == 12
-    assert llm.max_in_flight == 2
+    assert len(scripted_llm.requests) == 12
+    assert scripted_llm.max_in_flight == 2
 
 
 async def test_dead_holders_slot_frees_itself_after_its_lease(redis: Redis, key_prefix: str) -> None:
@@ -262,9 +250,9 @@ async def _enter_and_leave(slot: AbstractAsyncContextManager[None]) -> None:
 
 
 async def test_requests_per_minute_budget_is_shared_across_clients(
-    redis: Redis, key_prefix: str, llm: ScriptedLLM
+    redis: Redis, key_prefix: str, scripted_llm: ScriptedLLM
 ) -> None:
-    endpoints = {"default": EndpointConfig(base_url=llm.base_url, requests_per_minute=3)}
+    endpoints = {"default": EndpointConfig(base_url=scripted_llm.base_url, requests_per_minute=3)}
     clients = [
         OpenAICompatibleClient(endpoints, rates=EndpointRates(redis, key_prefix, window_s=1.0))
         for _ in range(2)
@@ -279,7 +267,7 @@ async def test_requests_per_minute_budget_is_shared_across_clients(
     for client in clients:
         await client.aclose()
 
-    times = sorted(r.received_at for r in llm.requests)
+    times = sorted(r.received_at for r in scripted_llm.requests)
     assert elapsed >= 2.0, "7 requests at 3 per 1 s window need at least 2 s"
     assert all(later - earlier >= 0.95 for earlier, later in zip(times, times[3:], strict=False))
 
@@ -298,9 +286,9 @@ async def test_a_429_halves_the_adaptive_cap_and_successes_grow_it_back(
 
 
 async def test_a_429_seen_by_one_client_halves_the_shared_cap_until_successes_restore_it(
-    llm: ScriptedLLM, key_prefix: str
+    scripted_llm: ScriptedLLM, key_prefix: str
 ) -> None:
-    endpoints = {"default": EndpointConfig(base_url=llm.base_url, max_concurrency=4)}
+    endpoints = {"default": EndpointConfig(base_url=scripted_llm.base_url, max_concurrency=4)}
     connections = [Redis.from_url(REDIS_URL) for _ in range(2)]
     limiters = [EndpointLimiter(conn, key_prefix) for conn in connections]
     clients = [
@@ -310,13 +298,13 @@ async def test_a_429_seen_by_one_client_halves_the_shared_cap_until_successes_re
 
     async def burst(n: int) -> int:
         """n requests at once through both clients; the most the server had in flight."""
-        llm.reset()
-        llm.latency_s = 0.1
+        scripted_llm.reset()
+        scripted_llm.latency_s = 0.1
         await asyncio.gather(*(clients[i % 2].chat(deliberation_request()) for i in range(n)))
-        return llm.max_in_flight
+        return scripted_llm.max_in_flight
 
     try:
-        llm.script("deliberation_turn", http_error(429, retry_after=0))
+        scripted_llm.script("deliberation_turn", http_error(429, retry_after=0))
         await clients[0].chat(deliberation_request())  # 429, then a success on the retry
         in_flight_after_429 = await burst(4)
         for _ in range(3):  # each success adds 1/cap: about `cap` successes per step back up
@@ -367,8 +355,8 @@ def spend_budget(
     return spend
 
 
-async def _quiet(llm: ScriptedLLM) -> bool:
-    requests = llm.requests
+async def _quiet(scripted_llm: ScriptedLLM) -> bool:
+    requests = scripted_llm.requests
     return bool(requests) and time.monotonic() - requests[-1].received_at > QUIET_S
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from email.utils import formatdate
 
 import pytest
@@ -19,7 +19,6 @@ from tests.scripted_llm import (
     raw_body,
     refusal,
     reply,
-    running_scripted_llm,
     stall,
 )
 
@@ -27,21 +26,9 @@ MAX_RETRIES = 2
 TIMEOUT_S = 0.3
 
 
-@pytest.fixture(scope="module")
-def llm_server() -> Iterator[ScriptedLLM]:
-    with running_scripted_llm() as server:
-        yield server
-
-
 @pytest.fixture
-def llm(llm_server: ScriptedLLM) -> ScriptedLLM:
-    llm_server.reset()
-    return llm_server
-
-
-@pytest.fixture
-async def client(llm: ScriptedLLM) -> AsyncIterator[OpenAICompatibleClient]:
-    endpoints = {"default": EndpointConfig(base_url=llm.base_url, api_key="sk-test")}
+async def client(scripted_llm: ScriptedLLM) -> AsyncIterator[OpenAICompatibleClient]:
+    endpoints = {"default": EndpointConfig(base_url=scripted_llm.base_url, api_key="sk-test")}
     async with OpenAICompatibleClient(
         endpoints,
         timeout_s=TIMEOUT_S,
@@ -73,11 +60,11 @@ def seed_request(endpoint: str = "default") -> ChatRequest:
 
 
 async def test_sends_schema_as_strict_response_format_with_bearer_key(
-    client: OpenAICompatibleClient, llm: ScriptedLLM
+    client: OpenAICompatibleClient, scripted_llm: ScriptedLLM
 ) -> None:
     await client.chat(seed_request())
 
-    [sent] = llm.requests
+    [sent] = scripted_llm.requests
     assert sent.headers["authorization"] == "Bearer sk-test"
     assert sent.body["model"] == "scripted-model"
     assert sent.body["max_tokens"] == 256
@@ -88,107 +75,111 @@ async def test_sends_schema_as_strict_response_format_with_bearer_key(
     }
 
 
-async def test_retries_server_error_then_succeeds(client: OpenAICompatibleClient, llm: ScriptedLLM) -> None:
-    llm.script("seed_cot", http_error(500))
+async def test_retries_server_error_then_succeeds(
+    client: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script("seed_cot", http_error(500))
 
     answer = await client.chat(seed_request())
 
     assert '"thoughts"' in answer.content
     assert answer.finish_reason == "stop"
-    assert len(llm.requests) == 2
+    assert len(scripted_llm.requests) == 2
 
 
-async def test_honours_retry_after_seconds_on_429(client: OpenAICompatibleClient, llm: ScriptedLLM) -> None:
-    llm.script("seed_cot", http_error(429, retry_after=1))
+async def test_honours_retry_after_seconds_on_429(
+    client: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script("seed_cot", http_error(429, retry_after=1))
 
     started = time.monotonic()
     await client.chat(seed_request())
 
-    first, second = llm.requests
+    first, second = scripted_llm.requests
     # Backoff alone would wait at most 0.02 s.
     assert second.received_at - first.received_at >= 1.0
     assert time.monotonic() - started >= 1.0
 
 
 async def test_honours_retry_after_given_as_http_date(
-    client: OpenAICompatibleClient, llm: ScriptedLLM
+    client: OpenAICompatibleClient, scripted_llm: ScriptedLLM
 ) -> None:
     # HTTP dates have whole seconds, so "two seconds from now" means at least one.
-    llm.script("seed_cot", http_error(503, retry_after=formatdate(time.time() + 2, usegmt=True)))
+    scripted_llm.script("seed_cot", http_error(503, retry_after=formatdate(time.time() + 2, usegmt=True)))
 
     await client.chat(seed_request())
 
-    first, second = llm.requests
+    first, second = scripted_llm.requests
     assert second.received_at - first.received_at >= 0.9
 
 
 async def test_gives_up_with_llm_unavailable_after_max_retries(
-    client: OpenAICompatibleClient, llm: ScriptedLLM
+    client: OpenAICompatibleClient, scripted_llm: ScriptedLLM
 ) -> None:
-    llm.script("seed_cot", *[http_error(503)] * (MAX_RETRIES + 1))
+    scripted_llm.script("seed_cot", *[http_error(503)] * (MAX_RETRIES + 1))
 
     with pytest.raises(LLMUnavailable, match="503"):
         await client.chat(seed_request())
 
-    assert len(llm.requests) == MAX_RETRIES + 1
+    assert len(scripted_llm.requests) == MAX_RETRIES + 1
 
 
 async def test_request_stalled_past_timeout_is_retried(
-    client: OpenAICompatibleClient, llm: ScriptedLLM
+    client: OpenAICompatibleClient, scripted_llm: ScriptedLLM
 ) -> None:
-    llm.script("seed_cot", stall(5))
+    scripted_llm.script("seed_cot", stall(5))
 
     answer = await client.chat(seed_request())
 
     assert '"thoughts"' in answer.content
-    assert len(llm.requests) == 2
+    assert len(scripted_llm.requests) == 2
 
 
 async def test_requests_stalled_on_every_attempt_end_in_llm_unavailable(
-    client: OpenAICompatibleClient, llm: ScriptedLLM
+    client: OpenAICompatibleClient, scripted_llm: ScriptedLLM
 ) -> None:
-    llm.script("seed_cot", *[stall(5)] * (MAX_RETRIES + 1))
+    scripted_llm.script("seed_cot", *[stall(5)] * (MAX_RETRIES + 1))
 
     started = time.monotonic()
     with pytest.raises(LLMUnavailable):
         await client.chat(seed_request())
 
-    assert len(llm.requests) == MAX_RETRIES + 1
+    assert len(scripted_llm.requests) == MAX_RETRIES + 1
     assert time.monotonic() - started < (MAX_RETRIES + 1) * TIMEOUT_S + 1
 
 
 async def test_bad_request_is_rejected_without_retry(
-    client: OpenAICompatibleClient, llm: ScriptedLLM
+    client: OpenAICompatibleClient, scripted_llm: ScriptedLLM
 ) -> None:
-    llm.script("seed_cot", http_error(400, body='{"error": {"message": "no such model"}}'))
+    scripted_llm.script("seed_cot", http_error(400, body='{"error": {"message": "no such model"}}'))
 
     with pytest.raises(LLMRequestRejected, match="no such model"):
         await client.chat(seed_request())
 
-    assert len(llm.requests) == 1
+    assert len(scripted_llm.requests) == 1
 
 
 async def test_unknown_endpoint_is_rejected_without_a_request(
-    client: OpenAICompatibleClient, llm: ScriptedLLM
+    client: OpenAICompatibleClient, scripted_llm: ScriptedLLM
 ) -> None:
     with pytest.raises(LLMRequestRejected, match="nowhere"):
         await client.chat(seed_request(endpoint="nowhere"))
 
-    assert llm.requests == []
+    assert scripted_llm.requests == []
 
 
 async def test_ok_status_with_unexpected_body_is_retried(
-    client: OpenAICompatibleClient, llm: ScriptedLLM
+    client: OpenAICompatibleClient, scripted_llm: ScriptedLLM
 ) -> None:
-    llm.script("seed_cot", raw_body({"detail": "upstream warming up"}))
+    scripted_llm.script("seed_cot", raw_body({"detail": "upstream warming up"}))
 
     answer = await client.chat(seed_request())
 
     assert '"thoughts"' in answer.content
-    assert len(llm.requests) == 2
+    assert len(scripted_llm.requests) == 2
 
 
-async def test_connection_refused_ends_in_llm_unavailable(llm: ScriptedLLM) -> None:
+async def test_connection_refused_ends_in_llm_unavailable(scripted_llm: ScriptedLLM) -> None:
     endpoints = {"gone": EndpointConfig(base_url=f"http://127.0.0.1:{closed_port()}/v1")}
     async with OpenAICompatibleClient(
         endpoints, timeout_s=TIMEOUT_S, max_retries=1, backoff_base_s=0.01, backoff_max_s=0.01
@@ -197,9 +188,11 @@ async def test_connection_refused_ends_in_llm_unavailable(llm: ScriptedLLM) -> N
             await client.chat(seed_request(endpoint="gone"))
 
 
-async def test_records_token_usage_and_latency(client: OpenAICompatibleClient, llm: ScriptedLLM) -> None:
-    llm.latency_s = 0.05
-    llm.script("seed_cot", reply({"thoughts": ["t"], "response": "r"}, usage=(123, 45)))
+async def test_records_token_usage_and_latency(
+    client: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    scripted_llm.latency_s = 0.05
+    scripted_llm.script("seed_cot", reply({"thoughts": ["t"], "response": "r"}, usage=(123, 45)))
 
     answer = await client.chat(seed_request())
 
@@ -208,8 +201,10 @@ async def test_records_token_usage_and_latency(client: OpenAICompatibleClient, l
     assert answer.model == "scripted-model"
 
 
-async def test_missing_usage_counts_as_zero_tokens(client: OpenAICompatibleClient, llm: ScriptedLLM) -> None:
-    llm.script("seed_cot", reply({"thoughts": ["t"], "response": "r"}, omit_usage=True))
+async def test_missing_usage_counts_as_zero_tokens(
+    client: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script("seed_cot", reply({"thoughts": ["t"], "response": "r"}, omit_usage=True))
 
     answer = await client.chat(seed_request())
 
@@ -217,9 +212,9 @@ async def test_missing_usage_counts_as_zero_tokens(client: OpenAICompatibleClien
 
 
 async def test_refusal_field_is_surfaced_with_empty_content(
-    client: OpenAICompatibleClient, llm: ScriptedLLM
+    client: OpenAICompatibleClient, scripted_llm: ScriptedLLM
 ) -> None:
-    llm.script("seed_cot", refusal("I can't help with that.", in_refusal_field=True))
+    scripted_llm.script("seed_cot", refusal("I can't help with that.", in_refusal_field=True))
 
     answer = await client.chat(seed_request())
 
@@ -228,13 +223,13 @@ async def test_refusal_field_is_surfaced_with_empty_content(
 
 
 async def test_truncated_reply_is_returned_with_length_finish_reason(
-    client: OpenAICompatibleClient, llm: ScriptedLLM
+    client: OpenAICompatibleClient, scripted_llm: ScriptedLLM
 ) -> None:
     # Judging output is the engine's job: the client passes a cut-off reply through.
-    llm.script("seed_cot", reply('{"thoughts": ["cut', finish_reason="length"))
+    scripted_llm.script("seed_cot", reply('{"thoughts": ["cut', finish_reason="length"))
 
     answer = await client.chat(seed_request())
 
     assert answer.finish_reason == "length"
     assert answer.content == '{"thoughts": ["cut'
-    assert len(llm.requests) == 1
+    assert len(scripted_llm.requests) == 1
