@@ -27,9 +27,9 @@ from rich.progress import (
 from sqlalchemy import func, select, update
 
 from app.config import get_settings
-from app.store import keys
+from app.store import keys, models
 from app.store.db import make_engine, make_sessions
-from app.store.models import ApiKey
+from app.store.models import ApiKey, ItemStatus
 
 cli = typer.Typer(help="AIDSAFE data service: policy-embedded CoT generation.", no_args_is_help=True)
 keys_cli = typer.Typer(help="API keys (written straight to the database).", no_args_is_help=True)
@@ -359,19 +359,18 @@ class ProgressView:
         self.progress.update(self.task, completed=max(self.done_in_snapshot, len(self.finished)))
 
     def show(self, summary: dict[str, Any]) -> None:
-        counts = summary["counts"]
-        self.done_in_snapshot = sum(
-            counts["by_status"].get(s, 0) for s in ("completed", "failed", "cancelled")
-        )
+        counts, by_status = summary["counts"], summary["counts"]["by_status"]
+        self.done_in_snapshot = sum(by_status.get(s, 0) for s in models.FINISHED)
         active = {
             stage: n
             for stage, statuses in counts["by_stage"].items()
-            if (n := statuses.get("running", 0) + statuses.get("queued", 0)) and stage != "done"
+            if (n := statuses.get(ItemStatus.RUNNING, 0) + statuses.get(ItemStatus.QUEUED, 0))
+            and stage != "done"
         }
         stages = " ".join(f"{stage}:{n}" for stage, n in active.items()) or "-"
         usage = summary["usage"]
         detail = (
-            f"{summary['status']} | in progress {stages} | failed {counts['by_status'].get('failed', 0)} | "
+            f"{summary['status']} | in progress {stages} | failed {by_status.get(ItemStatus.FAILED, 0)} | "
             f"{usage['llm_calls']} calls, {usage['prompt_tokens'] + usage['completion_tokens']} tokens"
         )
         self.progress.update(self.task, total=counts["total"], completed=self.done_in_snapshot, detail=detail)

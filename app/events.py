@@ -28,8 +28,7 @@ from sqlalchemy import select
 from app.config import Settings
 from app.errors import InvalidCursor
 from app.store.db import Sessions
-from app.store.jobs import TERMINAL
-from app.store.models import Item
+from app.store.models import FINISHED, Item
 
 log = logging.getLogger("aidsafe.events")
 
@@ -105,7 +104,7 @@ async def finished_since(sessions: Sessions, job_id: UUID, since_ms: int) -> lis
     async with sessions() as session:
         rows = await session.execute(
             select(Item.id, Item.position, Item.status, Item.error_code)
-            .where(Item.job_id == job_id, Item.status.in_(TERMINAL), Item.finished_at >= since)
+            .where(Item.job_id == job_id, Item.status.in_(FINISHED), Item.finished_at >= since)
             .order_by(Item.finished_at, Item.position)
         )
         return [ItemFinished(str(r.id), r.position, r.status, r.error_code) for r in rows]

@@ -13,7 +13,17 @@ target_metadata = Base.metadata
 
 
 def _migrate(connection: Connection) -> None:
-    context.configure(connection=connection, target_metadata=target_metadata, compare_type=True)
+    # Alembic's operations name unnamed constraints by target_metadata's naming convention if
+    # it has one. Migrations 0001-0006 must keep creating the names PostgreSQL chose when they
+    # were deployed (0007 renames those), so the models go in a list: autogenerate compares
+    # against them all the same, operations see no convention (and a new migration names its
+    # constraints, as autogenerate writes them).
+    context.configure(
+        connection=connection,
+        target_metadata=[target_metadata],
+        compare_type=True,
+        compare_server_default=True,
+    )
     with context.begin_transaction():
         context.run_migrations()
 

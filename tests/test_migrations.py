@@ -98,3 +98,40 @@ async def test_annotations_get_their_jobs_owner_and_a_per_item_identity(
         assert copied == "INSERT 0 1"
     finally:
         await connection.close()
+
+
+async def _constraint_names(dsn: str) -> set[tuple[str, str]]:
+    connection = await asyncpg.connect(dsn)
+    try:
+        rows = await connection.fetch(
+            "SELECT conrelid::regclass::text AS table_name, conname FROM pg_constraint "
+            "WHERE connamespace = 'public'::regnamespace "
+            "UNION SELECT tablename, indexname FROM pg_indexes WHERE schemaname = 'public'"
+        )
+    finally:
+        await connection.close()
+    return {(row["table_name"], row["conname"]) for row in rows}
+
+
+async def test_the_naming_convention_migration_renames_constraints_and_back(
+    old_database: tuple[Config, str],
+) -> None:
+    config, dsn = old_database
+    await asyncio.to_thread(command.upgrade, config, "0006_operator_errors")
+    named_by_postgres = await _constraint_names(dsn)
+
+    await asyncio.to_thread(command.upgrade, config, "0007_naming_convention")
+    renamed = await _constraint_names(dsn)
+    assert {
+        ("items", "pk_items"),
+        ("items", "fk_items_job_id_jobs"),
+        ("items", "uq_items_job_id_position"),
+    } < renamed
+    assert not {name for _, name in renamed} & {
+        "items_pkey",
+        "items_job_id_fkey",
+        "items_job_id_position_key",
+    }
+
+    await asyncio.to_thread(command.downgrade, config, "0006_operator_errors")
+    assert await _constraint_names(dsn) == named_by_postgres

@@ -31,6 +31,7 @@ from app.deliberation.results import (
 )
 from app.store import items, keys
 from app.store.db import Sessions
+from app.store.endings import failed
 from app.store.models import ApiKey, Cot, PreferencePair
 from app.store.turn_log import PostgresTurnLog
 from tests.conftest import ROOT, new_key, run_worker_burst, worker_env
@@ -223,7 +224,7 @@ async def test_a_stale_claim_cannot_complete_the_item_twice(
     assert await items.complete(sessions, claim, completed(a_grade(), kept_pair()))
     assert not await items.complete(sessions, claim, completed(a_grade(), never_flagged_pair()))
 
-    assert not await items.end(sessions, claim, "failed", "unparseable_output", "too late")
+    assert not await items.end(sessions, claim, failed("unparseable_output", "too late"))
 
     async with sessions() as session:
         pairs = (await session.scalars(select(PreferencePair))).all()

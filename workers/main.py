@@ -10,7 +10,6 @@ import contextlib
 import gc
 import logging
 import random
-from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
@@ -33,6 +32,7 @@ from app.pipeline_config import to_judge, to_pipeline
 from app.queue import arq_job_id, enqueue_items, redis_settings
 from app.store import comparisons, items
 from app.store.db import make_engine, make_sessions
+from app.store.endings import CANCELLED, Ending, failed, handed_back
 from app.store.policy_sets import for_engine
 from app.store.turn_log import PostgresTurnLog
 
@@ -89,29 +89,22 @@ async def _run_item(ctx: dict[str, Any], item_id: str) -> str:
         return await _run_claimed(ctx, claim)
 
 
-@dataclass(frozen=True)
-class Ending:
-    """How this run of an item ended: an item status, or "lease lost" (another worker has it)."""
-
-    status: str
-    error_code: str | None = None
-
-
-LEASE_LOST = Ending("lease lost")
+LEASE_LOST = "lease lost"  # how a run ends that finds another worker holding its item
 
 
 async def _run_claimed(ctx: dict[str, Any], claim: items.Claim) -> str:
     ending = await _process_claimed(ctx, claim)
-    ITEMS_FINISHED.labels(ending.status).inc()
-    await _announce(ctx, claim, ending)
-    return ending.status
+    outcome = LEASE_LOST if ending is None else ending.status.value
+    ITEMS_FINISHED.labels(outcome).inc()
+    if ending is not None:
+        await _announce(ctx, claim, ending)
+    return outcome
 
 
 async def _announce(ctx: dict[str, Any], claim: items.Claim, ending: Ending) -> None:
     """Followers of the job's progress events hear that the item ended (best effort)."""
-    if ending.status in ("completed", "failed", "cancelled"):
-        event = events.ItemFinished(str(claim.item_id), claim.position, ending.status, ending.error_code)
-        await events.announce_item_finished(ctx["redis"], ctx["settings"], claim.job_id, event)
+    event = events.ItemFinished(str(claim.item_id), claim.position, ending.status.value, ending.error_code)
+    await events.announce_item_finished(ctx["redis"], ctx["settings"], claim.job_id, event)
 
 
 async def _run_engine(ctx: dict[str, Any], claim: items.Claim) -> Completed | Judged | Failed:
@@ -135,24 +128,18 @@ async def _run_engine(ctx: dict[str, Any], claim: items.Claim) -> Completed | Ju
     return await deliberate(claim.item_id, claim.prompt, to_pipeline(config), policies, ctx["llm"], turn_log)
 
 
-async def _record(sessions: Any, claim: items.Claim, result: Completed | Judged | Failed) -> Ending:
+async def _record(sessions: Any, claim: items.Claim, result: Completed | Judged | Failed) -> Ending | None:
+    """How the item ended, as stored; None if another worker holds it now."""
     if isinstance(result, Failed):
-        return await _fail(sessions, claim, result.code, result.message)
+        return await items.end(sessions, claim, failed(result.code, result.message))
     if isinstance(result, Judged):
-        stored = await items.complete_judged(sessions, claim, result)
-    else:
-        stored = await items.complete(sessions, claim, result)
-    return Ending("completed") if stored else LEASE_LOST
+        return await items.complete_judged(sessions, claim, result)
+    return await items.complete(sessions, claim, result)
 
 
-async def _fail(
-    sessions: Any, claim: items.Claim, code: str, message: str, detail: str | None = None
-) -> Ending:
-    ended = await items.end(sessions, claim, "failed", code, message, detail)
-    return Ending("failed", code) if ended else LEASE_LOST
-
-
-async def _process_claimed(ctx: dict[str, Any], claim: items.Claim) -> Ending:
+async def _process_claimed(ctx: dict[str, Any], claim: items.Claim) -> Ending | None:
+    """Run the item to its end: a finished ending, or None if another worker holds it now.
+    An ending that hands the item back raises (arq's Retry, or the cancellation)."""
     settings: Settings = ctx["settings"]
     sessions = ctx["sessions"]
     work = asyncio.create_task(_run_engine(ctx, claim))
@@ -164,25 +151,28 @@ async def _process_claimed(ctx: dict[str, Any], claim: items.Claim) -> Ending:
         if current is not None and current.cancelling() == 0:  # the lease watch stopped it
             return await _on_claim_lost(sessions, claim, watch)
         # The worker is shutting down: give the item back now instead of at lease expiry.
-        await asyncio.shield(items.release(sessions, claim, "worker shut down", failed=False))
+        await asyncio.shield(
+            items.end(sessions, claim, handed_back("worker shut down", counts_as_failure=False))
+        )
         raise
     except items.ClaimLost:  # another worker holds the item now; it carries on from the log
-        return LEASE_LOST
+        return None
     # Tenants read only our classification of a failure; its detail (an upstream's answer,
     # which may echo hazardous text or the server's LLM key, or an exception) goes to the
     # log and to the item's operator-only column.
     except LLMUnavailable as exc:  # an outage delays the item; it does not use up its tries
         log.warning("item %s put back, the LLM stayed unavailable: %s", claim.item_id, exc)
-        await items.release(sessions, claim, f"llm_unavailable: {exc.summary}", failed=False, detail=str(exc))
+        outage = handed_back(f"llm_unavailable: {exc.summary}", counts_as_failure=False, detail=str(exc))
+        await items.end(sessions, claim, outage)
         raise Retry(defer=_backoff_s(settings, claim.attempt)) from exc
     except LLMRequestRejected as exc:
         log.warning("item %s failed, the LLM endpoint rejected the request: %s", claim.item_id, exc)
-        return await _fail(sessions, claim, exc.code, exc.summary, str(exc))
+        return await items.end(sessions, claim, failed(exc.code, exc.summary, str(exc)))
     except Exception as exc:  # Postgres or Redis blip, or a bug: retry a bounded number of times
         log.exception("item %s attempt %d hit an unexpected error", claim.item_id, claim.attempt)
         reason, detail = f"unexpected {type(exc).__name__} in the worker", f"{type(exc).__name__}: {exc}"
         with contextlib.suppress(Exception):  # if this fails too, the lease expiry recovers it
-            await items.release(sessions, claim, reason, failed=True, detail=detail)
+            await items.end(sessions, claim, handed_back(reason, counts_as_failure=True, detail=detail))
         raise Retry(defer=_backoff_s(settings, claim.attempt)) from exc
     finally:
         watch.cancel()
@@ -206,11 +196,11 @@ async def _keep_lease(sessions: Any, claim: items.Claim, lease_s: int, work: asy
             log.warning("lease renewal failed for item %s", claim.item_id, exc_info=True)
 
 
-async def _on_claim_lost(sessions: Any, claim: items.Claim, watch: asyncio.Task[None]) -> Ending:
+async def _on_claim_lost(sessions: Any, claim: items.Claim, watch: asyncio.Task[None]) -> Ending | None:
     reason = watch.exception() if watch.done() and not watch.cancelled() else None
-    if isinstance(reason, items.JobCancelled) and await items.end(sessions, claim, "cancelled", None, None):
-        return Ending("cancelled")
-    return LEASE_LOST
+    if isinstance(reason, items.JobCancelled):
+        return await items.end(sessions, claim, CANCELLED)
+    return None
 
 
 def _backoff_s(settings: Settings, attempt: int) -> float:

@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from app.api.deps import ArqDep, SessionDep, SettingsDep
 from app.api.errors import documented
 from app.metrics import ITEMS, QUEUE_DEPTH
-from app.store.models import Item
+from app.store.models import Item, ItemStatus
 
 router = APIRouter(tags=["health"])
 
@@ -22,9 +22,9 @@ router = APIRouter(tags=["health"])
 )
 async def metrics(session: SessionDep, arq: ArqDep, settings: SettingsDep) -> Response:
     """Prometheus text format. No key needed: it holds counts only, no job data."""
-    for status in ("queued", "running"):
+    for status in (ItemStatus.QUEUED, ItemStatus.RUNNING):
         # Partial indexes on items make each count cheap however many items have finished.
         count = await session.scalar(select(func.count()).select_from(Item).where(Item.status == status))
-        ITEMS.labels(status).set(count or 0)
+        ITEMS.labels(status.value).set(count or 0)
     QUEUE_DEPTH.set(await arq.zcard(settings.queue_name))
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

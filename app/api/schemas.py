@@ -10,10 +10,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from app.deliberation.policies import MAX_POLICY_TEXT_CHARS, render_policies
 from app.pipeline_config import JobConfigIn, RoleIn
+from app.store import models
 
 MAX_PROMPTS_PER_JOB = 10_000
 MAX_PROMPT_CHARS = 20_000
-ItemStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
+# The store's item statuses, as a Literal: the OpenAPI document lists them inline.
+ItemStatus = Literal[tuple(status.value for status in models.ItemStatus)]  # type: ignore[valid-type]
 PromptText = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS, pattern=r"\S")]
 
 

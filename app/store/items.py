@@ -1,19 +1,20 @@
-"""Items as workers see them: claim with a lease, renew it, and finish exactly once.
+"""Items as workers see them: claim with a lease, renew it, and end the claim exactly once.
 
-The claim token is the item's attempt counter: every write after the claim is
-conditional on it, so a worker that lost its lease (paused, partitioned, presumed dead)
-cannot overwrite the work of the worker that took the item over.
+The claim token is the item's attempt counter: every write after the claim is conditional on
+it (`claim_holds`), so a worker that lost its lease (paused, partitioned, presumed dead)
+cannot overwrite the work of the worker that took the item over. How a claim can end, and
+what each ending writes, is app.store.endings.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
-import orjson
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import ColumnElement, Interval, Update, and_, bindparam, exists, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -21,7 +22,9 @@ from app.deliberation.results import Completed, Judged, PairOutcome, Sample
 from app.store import policy_sets
 from app.store.comparisons import BASELINE_ITEM, CANDIDATE_ITEM
 from app.store.db import Sessions, driver_connection
-from app.store.models import Cot, Item, Job, Judgement, PolicySetRow
+from app.store.driver_statements import DriverStatement, insert_from
+from app.store.endings import CANCELLED, COMPLETED, WORKER_LOST, Ending, ending_values, failed
+from app.store.models import Cot, Item, ItemStatus, Job, Judgement, PolicySetRow, PreferencePair
 
 
 @dataclass(frozen=True)
@@ -44,8 +47,10 @@ class JobCancelled(ClaimLost):
     """The item's job was cancelled while the item ran."""
 
 
-def _lease(seconds: int) -> Any:
-    return func.now() + timedelta(seconds=seconds)
+def claim_holds(item_id: Any, attempt: Any) -> ColumnElement[bool]:
+    """SQL condition: the item is still held under the claim with this attempt counter (values,
+    or bindparam()s in a driver statement). Every write under a claim is conditional on it."""
+    return and_(Item.id == item_id, Item.attempts == attempt, Item.status == ItemStatus.RUNNING)
 
 
 @dataclass(frozen=True)
@@ -57,31 +62,74 @@ class Limits:
     max_failures: int  # claims lost to a dead worker or an unexpected error
 
 
+# A claim's fields, by name, as both claim statements return them (the policy set is read by id).
+_CLAIMED = (
+    Item.attempts.label("attempt"),
+    Item.position,
+    Item.prompt,
+    Item.item_metadata.label("metadata"),
+    Job.id.label("job_id"),
+    Job.config,
+    Job.policy_set_id,
+)
+
+
+def _claim_update(*conditions: ColumnElement[bool], values: dict[str, Any]) -> Update:
+    """UPDATE the item where `conditions` hold (its job joined), returning the claim's fields."""
+    return update(Item).where(*conditions, Job.id == Item.job_id).values(values).returning(*_CLAIMED)
+
+
+def _claiming_values(lease: Any) -> dict[str, Any]:
+    """What a claim writes on the item row; `lease`: a timedelta, or a bindparam() of one."""
+    return {
+        "status": ItemStatus.RUNNING,
+        "attempts": Item.attempts + 1,
+        "lease_until": func.now() + lease,
+        "updated_at": func.now(),
+    }
+
+
+def _claim(item_id: UUID, row: Mapping[str, Any], policy_set: PolicySetRow) -> Claim:
+    """The claim from a row of _CLAIMED."""
+    return Claim(
+        item_id,
+        row["job_id"],
+        row["attempt"],
+        row["position"],
+        row["prompt"],
+        row["metadata"],
+        row["config"],
+        policy_set,
+    )
+
+
 async def claim(sessions: Sessions, item_id: UUID, limits: Limits) -> Claim | None:
     """Take the item if it is queued or its lease expired; None if there is nothing to do."""
     async with driver_connection(sessions) as connection:
-        row = await connection.fetchrow(
-            _CLAIM_QUEUED, item_id, limits.lease_s, limits.max_claims, limits.max_failures
+        row = await _CLAIM_QUEUED.fetchrow(
+            connection,
+            item_id=item_id,
+            lease=timedelta(seconds=limits.lease_s),
+            max_claims=limits.max_claims,
+            max_failures=limits.max_failures,
         )
     if row is not None:
-        attempt, position, prompt, metadata, job_id, config, policy_set_id = row
-        policy_set = await _policy_set(sessions, policy_set_id)
-        return Claim(item_id, job_id, attempt, position, prompt, metadata, config, policy_set)
+        return _claim(item_id, row, await _policy_set(sessions, row["policy_set_id"]))
     return await _claim_or_settle(sessions, item_id, limits)
 
 
 # The usual case in one round trip: a queued item of a live job, with tries left. Anything
 # else (an expired lease, a cancelled job, no tries left) takes _claim_or_settle.
-_CLAIM_QUEUED = """
-UPDATE items
-SET status = 'running', attempts = items.attempts + 1,
-    lease_until = now() + make_interval(secs => $2), updated_at = now()
-FROM jobs
-WHERE items.id = $1 AND items.status = 'queued' AND items.attempts < $3 AND items.failures < $4
-  AND jobs.id = items.job_id AND jobs.cancelled_at IS NULL
-RETURNING items.attempts, items.position, items.prompt, items.metadata,
-          jobs.id, jobs.config, jobs.policy_set_id
-"""
+_CLAIM_QUEUED = DriverStatement(
+    _claim_update(
+        Item.id == bindparam("item_id"),
+        Item.status == ItemStatus.QUEUED,
+        Item.attempts < bindparam("max_claims"),
+        Item.failures < bindparam("max_failures"),
+        Job.cancelled_at.is_(None),
+        values=_claiming_values(bindparam("lease", type_=Interval)),
+    )
+)
 
 
 async def _policy_set(sessions: Sessions, policy_set_id: UUID) -> PolicySetRow:
@@ -105,52 +153,45 @@ async def _claim_or_settle(sessions: Sessions, item_id: UUID, limits: Limits) ->
             return None
         item, job = row
         lease_expired = (
-            item.status == "running"
+            item.status == ItemStatus.RUNNING
             and item.lease_until is not None
             and item.lease_until < await session.scalar(select(func.now()))
         )
-        if item.status != "queued" and not lease_expired:
+        if item.status != ItemStatus.QUEUED and not lease_expired:
             return None
-        if lease_expired:  # its worker died before the sweeper noticed
-            item.failures += 1
-            item.error_message, item.operator_error = "worker lost (lease expired)", None
-        if job.cancelled_at is not None:
-            _finish(item, "cancelled")
-            return None
-        last = item.error_message or "unknown"
-        if item.failures >= limits.max_failures:
-            _finish(item, "failed", "too_many_failures", f"{item.failures} failed attempts; last: {last}")
-            return None
-        if item.attempts >= limits.max_claims:
-            _finish(
-                item, "failed", "too_many_attempts", f"gave up after {item.attempts} attempts; last: {last}"
+        # An expired lease: its worker died before the sweeper noticed.
+        handed_back = ending_values(WORKER_LOST) if lease_expired else {}
+        ending = _no_claim_left(job, item, lease_expired, limits)
+        if ending is not None:
+            await session.execute(
+                update(Item).where(Item.id == item_id).values(handed_back | ending_values(ending)),
+                execution_options={"synchronize_session": False},
             )
             return None
-        item.status, item.attempts = "running", item.attempts + 1
-        item.lease_until, item.updated_at = _lease(limits.lease_s), func.now()
-        policy_set = await policy_sets.by_id(session, job.policy_set_id)  # no second connection
-        return Claim(
-            item.id,
-            job.id,
-            item.attempts,
-            item.position,
-            item.prompt,
-            item.item_metadata,
-            job.config,
-            policy_set,
+        claimed = await session.execute(
+            _claim_update(
+                Item.id == item_id, values=handed_back | _claiming_values(timedelta(seconds=limits.lease_s))
+            ),
+            execution_options={"synchronize_session": False},
         )
+        policy_set = await policy_sets.by_id(session, job.policy_set_id)  # no second connection
+        return _claim(item_id, claimed.one()._mapping, policy_set)
 
 
-def _finish(item: Item, status: str, code: str | None = None, message: str | None = None) -> None:
-    item.status, item.lease_until = status, None
-    item.error_code, item.error_message = code, message
-    item.finished_at = item.updated_at = func.now()
-
-
-def claimed(claim: Claim) -> Any:
-    """SQL condition: the item is still held under this claim (turn_log._RECORD spells
-    the same condition out in SQL)."""
-    return and_(Item.id == claim.item_id, Item.attempts == claim.attempt, Item.status == "running")
+def _no_claim_left(job: Job, item: Item, lease_expired: bool, limits: Limits) -> Ending | None:
+    """How the item ends instead of being claimed, if it does: its job was cancelled, or its
+    tries are spent. An expired lease is a failure, and then the last one."""
+    if job.cancelled_at is not None:
+        return CANCELLED
+    if lease_expired:
+        failures, last, detail = item.failures + 1, WORKER_LOST.message, WORKER_LOST.detail
+    else:
+        failures, last, detail = item.failures, item.error_message or "unknown", item.operator_error
+    if failures >= limits.max_failures:
+        return failed("too_many_failures", f"{failures} failed attempts; last: {last}", detail)
+    if item.attempts >= limits.max_claims:
+        return failed("too_many_attempts", f"gave up after {item.attempts} attempts; last: {last}", detail)
+    return None
 
 
 async def renew(sessions: Sessions, claim: Claim, lease_s: int) -> None:
@@ -160,148 +201,106 @@ async def renew(sessions: Sessions, claim: Claim, lease_s: int) -> None:
         if cancelled is not None:
             raise JobCancelled(f"job {claim.job_id} was cancelled")
         renewed = await session.execute(
-            update(Item).where(claimed(claim)).values(lease_until=_lease(lease_s)).returning(Item.id)
+            update(Item)
+            .where(claim_holds(claim.item_id, claim.attempt))
+            .values(lease_until=func.now() + timedelta(seconds=lease_s))
+            .returning(Item.id)
         )
         if renewed.first() is None:
             raise ClaimLost(f"lease on item {claim.item_id} lost")
 
 
-async def release(
-    sessions: Sessions, claim: Claim, reason: str, *, failed: bool, detail: str | None = None
-) -> None:
-    """Hand the item back to the queue; its turns stay. `failed` counts the attempt against
-    max_failures (an unexpected error); an LLM outage or a shutdown does not. `reason` is
-    shown to the tenant; `detail` (an upstream's answer, an exception) only to operators."""
-    values: dict[str, Any] = {
-        "status": "queued",
-        "lease_until": None,
-        "error_message": reason,
-        "operator_error": detail,
-    }
-    if failed:
-        values["failures"] = Item.failures + 1
+async def end(sessions: Sessions, claim: Claim, ending: Ending) -> Ending | None:
+    """End the claim without a result: failed, cancelled, or handed back to the queue. The
+    ending, or None if the item is no longer held under this claim (another worker has it
+    now) and nothing was written."""
     async with sessions.begin() as session:
-        await session.execute(update(Item).where(claimed(claim)).values(**values, updated_at=func.now()))
+        return ending if await _write_ending(session, claim, ending) else None
 
 
-async def end(
-    sessions: Sessions,
-    claim: Claim,
-    status: str,
-    code: str | None,
-    message: str | None,
-    detail: str | None = None,
-) -> bool:
-    """Finish without a CoT: failed with a recorded reason, or cancelled. False if the item
-    is no longer held under this claim (another worker has it now). `message` is shown to
-    the tenant; `detail` only to operators."""
-    async with sessions.begin() as session:
-        ended = await session.execute(
-            update(Item)
-            .where(claimed(claim))
-            .values(
-                status=status,
-                lease_until=None,
-                error_code=code,
-                error_message=message,
-                operator_error=detail,
-                finished_at=func.now(),
-                updated_at=func.now(),
-            )
-            .returning(Item.id)
-        )
-        return ended.first() is not None
+async def _write_ending(session: AsyncSession, claim: Claim, ending: Ending) -> bool:
+    """Write the ending on the item if the claim holds; whether it did."""
+    ended = await session.execute(
+        update(Item)
+        .where(claim_holds(claim.item_id, claim.attempt))
+        .values(ending_values(ending))
+        .returning(Item.id)
+    )
+    return ended.first() is not None
 
 
-async def complete(sessions: Sessions, claim: Claim, result: Completed) -> bool:
+async def complete(sessions: Sessions, claim: Claim, result: Completed) -> Ending | None:
     """Store the CoT (with its grade and gate) and the preference pair attempt, and mark the
-    item completed, in one statement; False if the item is not ours. A replay writes nothing."""
-    grade, gate, pair = result.grade, result.gate, result.pair
-    pair_row = _pair_row(pair, grade.scores if grade else None) if pair else {}
-    async with driver_connection(sessions) as connection:
-        return await connection.fetchval(
-            _COMPLETE,
-            claim.item_id,
-            claim.attempt,
-            uuid4(),
-            claim.job_id,
-            claim.position,
-            claim.policy_set.id,
-            claim.policy_set.name,
-            claim.policy_set.version,
-            _json(result.intents),
-            _json([asdict(t) for t in result.thoughts]),
-            _json(result.refined_thoughts),
-            _json(result.dropped),
-            _json(result.unaccounted),
-            result.response,
-            result.rounds_used,
-            result.agreed,
-            orjson.dumps(result.agreed_by).decode(),  # JSON null when no one agreed, as before
-            _json(grade.scores if grade else None),
-            grade.error if grade else None,
-            gate.accepted if gate else None,
-            _json(gate.reasons if gate else None),
-            pair is not None,
-            uuid4(),
-            *(_json(v) if k in _PAIR_JSON else v for k, v in ((k, pair_row.get(k)) for k in _PAIR_COLUMNS)),
+    item completed, in one statement. COMPLETED, or None if the item is not ours (nothing
+    written). A replay writes nothing."""
+    rows = {"cots": _cot_row(claim, result)}
+    statement = _COMPLETE
+    if result.pair is not None:
+        rows["preference_pairs"] = _pair_row(
+            claim, result.pair, result.grade.scores if result.grade else None
         )
+        statement = _COMPLETE_WITH_PAIR
+    async with driver_connection(sessions) as connection:
+        done = await statement.fetchval(connection, item_id=claim.item_id, attempt=claim.attempt, **rows)
+    return COMPLETED if done else None
 
 
-def _json(value: Any) -> str | None:
-    """A jsonb parameter as JSON text; None stays SQL NULL."""
-    return None if value is None else orjson.dumps(value).decode()
+def _completion(*tables: Any) -> DriverStatement:
+    """The ORM path took a transaction, an UPDATE and one INSERT per table, and was a fifth
+    of a worker's CPU; this is one round trip. The item is marked completed only while the
+    claim holds, and the rows of `tables` (each with a unique item_id) exist only if it was."""
+    done = (
+        update(Item)
+        .where(claim_holds(bindparam("item_id"), bindparam("attempt")))
+        .values(ending_values(COMPLETED))
+        .returning(Item.id)
+        .cte("done")
+    )
+    writes = [
+        insert_from(table.__table__, done, item_id=done.c.id)
+        .on_conflict_do_nothing(index_elements=["item_id"])
+        .cte(f"{table.__tablename__}_written")
+        for table in tables
+    ]
+    return DriverStatement(select(exists().select_from(done)).add_cte(*writes))
 
 
-_PAIR_COLUMNS = (
-    "kept",
-    "reason",
-    "gap",
-    "chosen_scores",
-    "rejected_scores",
-    "rejected_grade_error",
-    "belief",
-    "rejected_thoughts",
-    "rejected_response",
-    "guard",
-    "tries",
-)
-_PAIR_JSON = frozenset({"chosen_scores", "rejected_scores", "rejected_thoughts", "guard", "tries"})
-
-# The ORM path took a transaction, an UPDATE and one INSERT per table, and was a fifth of a
-# worker's CPU; this is one round trip. The item is marked done only while the claim holds
-# (the same condition as `claimed`), and the CoT and pair rows exist only if it was.
-# Spelled out like turn_log._RECORD: a column added to cots or preference_pairs belongs here.
-_COMPLETE = """
-WITH done AS (
-    UPDATE items SET status = 'completed', stage = 'done', lease_until = NULL, error_code = NULL,
-                     error_message = NULL, operator_error = NULL, finished_at = now(), updated_at = now()
-    WHERE id = $1 AND attempts = $2 AND status = 'running'
-    RETURNING id
-), cot AS (
-    INSERT INTO cots (id, item_id, job_id, position, policy_set_id, policy_set_name, policy_set_version,
-                      intents, thoughts, refined_thoughts, dropped_thoughts, unaccounted_thought_ids,
-                      response, rounds_used, agreed, agreed_by, scores, grade_error, accepted, gate_reasons)
-    SELECT $3, id, $4, $5, $6, $7, $8, $9::jsonb, $10::jsonb, $11::jsonb, $12::jsonb, $13::jsonb,
-           $14, $15, $16, $17::jsonb, $18::jsonb, $19, $20, $21::jsonb
-    FROM done
-    ON CONFLICT (item_id) DO NOTHING
-), pair AS (
-    INSERT INTO preference_pairs (id, item_id, job_id, position, kept, reason, gap, chosen_scores,
-                                  rejected_scores, rejected_grade_error, belief, rejected_thoughts,
-                                  rejected_response, guard, tries)
-    SELECT $23, id, $4, $5, $24, $25, $26, $27::jsonb, $28::jsonb, $29, $30, $31::jsonb, $32, $33::jsonb,
-           $34::jsonb
-    FROM done WHERE $22
-    ON CONFLICT (item_id) DO NOTHING
-)
-SELECT EXISTS (SELECT FROM done)
-"""
+_COMPLETE = _completion(Cot)
+_COMPLETE_WITH_PAIR = _completion(Cot, PreferencePair)
 
 
-def _pair_row(pair: PairOutcome, chosen_scores: dict[str, Any] | None) -> dict[str, Any]:
+def _new_row_of(claim: Claim) -> dict[str, Any]:
+    """The columns a result row shares with its item (the item's job and position)."""
+    return {"id": uuid4(), "job_id": claim.job_id, "position": claim.position}
+
+
+def _cot_row(claim: Claim, result: Completed) -> dict[str, Any]:
+    grade, gate = result.grade, result.gate
+    return {
+        **_new_row_of(claim),
+        "policy_set_id": claim.policy_set.id,
+        "policy_set_name": claim.policy_set.name,
+        "policy_set_version": claim.policy_set.version,
+        "intents": result.intents,
+        "thoughts": [asdict(t) for t in result.thoughts],
+        "refined_thoughts": result.refined_thoughts,
+        "dropped_thoughts": result.dropped,
+        "unaccounted_thought_ids": result.unaccounted,
+        "response": result.response,
+        "rounds_used": result.rounds_used,
+        "agreed": result.agreed,
+        "agreed_by": result.agreed_by,
+        "scores": grade.scores if grade else None,
+        "grade_error": grade.error if grade else None,
+        "accepted": gate.accepted if gate else None,
+        "gate_reasons": gate.reasons if gate else None,
+    }
+
+
+def _pair_row(claim: Claim, pair: PairOutcome, chosen_scores: dict[str, Any] | None) -> dict[str, Any]:
     rejected, grade = pair.rejected, pair.rejected_grade
     return {
+        **_new_row_of(claim),
         "kept": pair.kept,
         "reason": pair.reason,
         "gap": pair.gap,
@@ -316,19 +315,18 @@ def _pair_row(pair: PairOutcome, chosen_scores: dict[str, Any] | None) -> dict[s
     }
 
 
-async def complete_judged(sessions: Sessions, claim: Claim, judged: Judged) -> bool:
-    """Store a comparison item's judgement and mark it completed in one transaction; False
-    if the item is not ours."""
+async def complete_judged(sessions: Sessions, claim: Claim, judged: Judged) -> Ending | None:
+    """Store a comparison item's judgement and mark it completed in one transaction.
+    COMPLETED, or None if the item is not ours (nothing written)."""
     async with sessions.begin() as session:
-        position = await _mark_completed(session, claim)
-        if position is None:
-            return False
+        if not await _write_ending(session, claim, COMPLETED):
+            return None
         await session.execute(
             insert(Judgement)
             .values(
                 item_id=claim.item_id,
                 job_id=claim.job_id,
-                position=position,
+                position=claim.position,
                 a_item_id=UUID(claim.metadata[BASELINE_ITEM]),
                 b_item_id=UUID(claim.metadata[CANDIDATE_ITEM]),
                 winner=judged.winner,
@@ -336,27 +334,7 @@ async def complete_judged(sessions: Sessions, claim: Claim, judged: Judged) -> b
             )
             .on_conflict_do_nothing(index_elements=["item_id"])
         )
-        return True
-
-
-async def _mark_completed(session: AsyncSession, claim: Claim) -> int | None:
-    """The item's position, or None if it is no longer held under this claim."""
-    mine = await session.execute(
-        update(Item)
-        .where(claimed(claim))
-        .values(
-            status="completed",
-            stage="done",
-            lease_until=None,
-            error_code=None,
-            error_message=None,
-            operator_error=None,
-            finished_at=func.now(),
-            updated_at=func.now(),
-        )
-        .returning(Item.position)
-    )
-    return mine.scalar_one_or_none()
+        return COMPLETED
 
 
 async def compared_samples(sessions: Sessions, claim: Claim) -> tuple[Sample, Sample]:
@@ -379,22 +357,14 @@ async def take_expired_leases(sessions: Sessions, limit: int = 1000) -> list[tup
     async with sessions.begin() as session:
         stale = (
             select(Item.id)
-            .where(Item.status == "running", Item.lease_until < func.now())
+            .where(Item.status == ItemStatus.RUNNING, Item.lease_until < func.now())
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
         rows = await session.execute(
             update(Item)
             .where(Item.id.in_(stale))
-            .values(
-                status="queued",
-                lease_until=None,
-                failures=Item.failures + 1,
-                error_message="worker lost (lease expired)",
-                operator_error=None,
-                enqueues=Item.enqueues + 1,
-                updated_at=func.now(),
-            )
+            .values(ending_values(WORKER_LOST) | {"enqueues": Item.enqueues + 1})
             .returning(Item.id, Item.enqueues)
         )
         return [(row.id, row.enqueues) for row in rows]
@@ -406,7 +376,9 @@ async def queued_unclaimed(sessions: Sessions, grace_s: int, limit: int = 2000) 
         rows = await session.execute(
             # Items of cancelled jobs too: a claim is what ends them as cancelled.
             select(Item.id, Item.enqueues)
-            .where(Item.status == "queued", Item.updated_at < func.now() - timedelta(seconds=grace_s))
+            .where(
+                Item.status == ItemStatus.QUEUED, Item.updated_at < func.now() - timedelta(seconds=grace_s)
+            )
             .order_by(Item.updated_at)
             .limit(limit)
         )
@@ -423,7 +395,7 @@ async def touch(sessions: Sessions, item_ids: list[UUID], *, bump_enqueues: bool
     async with sessions.begin() as session:
         rows = await session.execute(
             update(Item)
-            .where(Item.id.in_(item_ids), Item.status == "queued")
+            .where(Item.id.in_(item_ids), Item.status == ItemStatus.QUEUED)
             .values(**values)
             .returning(Item.id, Item.enqueues)
         )

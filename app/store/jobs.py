@@ -15,9 +15,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import IdempotencyConflict, InvalidCursor, NotFound
 from app.store import quality
-from app.store.models import Cot, Item, Job, PreferencePair, TurnRow
+from app.store.endings import CANCELLED, ending_values
+from app.store.models import FINISHED, Cot, Item, ItemStatus, Job, PreferencePair, TurnRow
 
-TERMINAL = ("completed", "failed", "cancelled")
 # Each submitting route keeps its own Idempotency-Key namespace (per API key): a key used for
 # a job is still free for a comparison.
 IdempotencyScope = Literal["jobs", "comparisons"]
@@ -171,12 +171,12 @@ async def summary(session: AsyncSession, job: Job) -> dict[str, Any]:
             ).where(TurnRow.job_id == job.id)
         )
     ).one()
-    finished = sum(by_status.get(s, 0) for s in TERMINAL)
+    finished = sum(by_status.get(s, 0) for s in FINISHED)
     if finished == job.item_count:
         status = "cancelled" if job.cancelled_at else "completed"
     elif job.cancelled_at:
         status = "cancelling"
-    elif finished or by_status.get("running"):
+    elif finished or by_status.get(ItemStatus.RUNNING):
         status = "running"
     else:
         status = "queued"
@@ -206,7 +206,11 @@ async def cancel(session: AsyncSession, job: Job) -> None:
     """Queued items end as cancelled now; running ones stop at their worker's next check.
     A job with no queued or running item has finished: it is left as it is, not cancelled.
     The caller refreshes `job` after committing."""
-    unfinished = select(Item.id).where(Item.job_id == job.id, Item.status.in_(("queued", "running"))).exists()
+    unfinished = (
+        select(Item.id)
+        .where(Item.job_id == job.id, Item.status.in_((ItemStatus.QUEUED, ItemStatus.RUNNING)))
+        .exists()
+    )
     # `cancelled_at IS NULL`: of two concurrent cancels, the first time stays
     await session.execute(
         update(Job)
@@ -215,8 +219,8 @@ async def cancel(session: AsyncSession, job: Job) -> None:
     )
     await session.execute(
         update(Item)
-        .where(Item.job_id == job.id, Item.status == "queued")
-        .values(status="cancelled", finished_at=func.now(), updated_at=func.now())
+        .where(Item.job_id == job.id, Item.status == ItemStatus.QUEUED)
+        .values(ending_values(CANCELLED))
     )
 
 

@@ -7,10 +7,12 @@ import hashlib
 import secrets
 from collections.abc import Iterable
 
+from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import Unauthorized
 from app.store.db import Sessions, driver_connection
+from app.store.driver_statements import DriverStatement
 from app.store.models import ApiKey
 
 KEY_PREFIX = "aidsafe_"
@@ -45,7 +47,7 @@ async def authenticate(sessions: Sessions, secret: str) -> ApiKey:
     """The key with this secret, if it is not revoked. Every API request asks, so this is
     one statement on the driver, outside any transaction: no ORM, no BEGIN/ROLLBACK."""
     async with driver_connection(sessions) as connection:
-        row = await connection.fetchrow(_BY_HASH, hash_key(secret))
+        row = await _BY_HASH.fetchrow(connection, key_hash=hash_key(secret))
     if row is None or row["revoked_at"] is not None:
         raise Unauthorized("unknown or revoked API key")
     return ApiKey(**row)
@@ -55,6 +57,5 @@ def reads_hazardous(key: ApiKey) -> bool:
     return HAZARDOUS_READ in key.scopes
 
 
-_BY_HASH = (
-    "SELECT id, name, prefix, key_hash, scopes, created_at, revoked_at FROM api_keys WHERE key_hash = $1"
-)
+# Every column, by the names ApiKey's attributes have.
+_BY_HASH = DriverStatement(select(ApiKey.__table__).where(ApiKey.key_hash == bindparam("key_hash")))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -14,6 +15,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    MetaData,
     String,
     Text,
     UniqueConstraint,
@@ -23,9 +25,34 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+# Alembic's recipe: every constraint and index gets a name the model determines, so a migration
+# can name what it alters (migration 0007 renamed the names PostgreSQL had chosen to these).
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
 
 class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map = {dict[str, Any]: JSONB, list[Any]: JSONB, uuid.UUID: UUID(as_uuid=True)}
+
+
+class ItemStatus(StrEnum):
+    """queued -> running -> completed | failed; queued or running -> cancelled. A running item
+    handed back (an LLM outage, a shutdown, an error, a dead worker) is queued again."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINISHED = (ItemStatus.COMPLETED, ItemStatus.FAILED, ItemStatus.CANCELLED)  # nothing changes after these
 
 
 # For nullable JSON columns: Python None is SQL NULL, not the JSON value null, so that
@@ -102,8 +129,12 @@ class Item(Base):
     __table_args__ = (
         UniqueConstraint("job_id", "position"),
         Index("ix_items_job_status", "job_id", "status"),
-        Index("ix_items_running_lease", "lease_until", postgresql_where=text("status = 'running'")),
-        Index("ix_items_queued_since", "updated_at", postgresql_where=text("status = 'queued'")),
+        Index(
+            "ix_items_running_lease", "lease_until", postgresql_where=text(f"status = '{ItemStatus.RUNNING}'")
+        ),
+        Index(
+            "ix_items_queued_since", "updated_at", postgresql_where=text(f"status = '{ItemStatus.QUEUED}'")
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
@@ -111,8 +142,7 @@ class Item(Base):
     position: Mapped[int] = mapped_column(Integer)
     prompt: Mapped[str] = mapped_column(Text)
     item_metadata: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB, default=dict)
-    # queued -> running -> completed | failed; queued/running -> cancelled
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[str] = mapped_column(String(16), default=ItemStatus.QUEUED)  # an ItemStatus
     stage: Mapped[str] = mapped_column(String(16), default="intent")  # last stage with a turn
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # claims so far; the claim token
     failures: Mapped[int] = mapped_column(Integer, default=0)  # claims lost to crashes and errors
@@ -148,7 +178,7 @@ class TurnRow(Base):
     model: Mapped[str] = mapped_column(String(200))
     request_hash: Mapped[str] = mapped_column(String(64))
     raw_output: Mapped[str] = mapped_column(Text)
-    parsed: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    parsed: Mapped[dict[str, Any] | None] = mapped_column(NULLABLE_JSONB)
     outcome: Mapped[str] = mapped_column(String(16))
     error: Mapped[str | None] = mapped_column(Text)
     agreed: Mapped[bool | None] = mapped_column(Boolean)

@@ -6,13 +6,13 @@ from dataclasses import replace
 from typing import Any
 from uuid import UUID
 
-import orjson
-from sqlalchemy import select
+from sqlalchemy import bindparam, exists, select, update
 
 from app.deliberation.ports import Stage, Turn, TurnKey, TurnOutcome
 from app.store.db import Sessions, driver_connection
-from app.store.items import Claim, ClaimLost
-from app.store.models import TurnRow
+from app.store.driver_statements import DriverStatement, insert_from, row_parameter
+from app.store.items import Claim, ClaimLost, claim_holds
+from app.store.models import Item, TurnRow
 
 
 class PostgresTurnLog:
@@ -43,27 +43,8 @@ class PostgresTurnLog:
         )
         key = turn.key
         async with driver_connection(self._sessions) as connection:
-            held, inserted = await connection.fetchrow(
-                _RECORD,
-                turn.item_id,
-                self._claim.attempt,
-                self._claim.job_id,
-                key.stage.value,
-                key.round,
-                key.agent,
-                key.attempt,
-                turn.role,
-                turn.endpoint,
-                turn.model,
-                turn.request_hash,
-                turn.raw_output,
-                None if turn.parsed is None else orjson.dumps(turn.parsed).decode(),
-                turn.outcome.value,
-                turn.error,
-                turn.agreed,
-                turn.prompt_tokens,
-                turn.completion_tokens,
-                turn.latency_ms,
+            held, inserted = await _RECORD.fetchrow(
+                connection, item_id=turn.item_id, attempt=self._claim.attempt, turns=self._row(turn)
             )
         if not held:
             raise ClaimLost(f"lease on item {turn.item_id} lost")
@@ -84,28 +65,62 @@ class PostgresTurnLog:
         self._recorded[key] = to_turn(existing)
         return self._recorded[key]
 
+    def _row(self, turn: Turn) -> dict[str, Any]:
+        """The turn's row, but for its item_id (the statement takes the claimed item's)."""
+        key = turn.key
+        return {
+            "job_id": self._claim.job_id,
+            "stage": key.stage.value,
+            "round": key.round,
+            "agent": key.agent,
+            "attempt": key.attempt,
+            "role": turn.role,
+            "endpoint": turn.endpoint,
+            "model": turn.model,
+            "request_hash": turn.request_hash,
+            "raw_output": turn.raw_output,
+            "parsed": turn.parsed,
+            "outcome": turn.outcome.value,
+            "error": turn.error,
+            "agreed": turn.agreed,
+            "prompt_tokens": turn.prompt_tokens,
+            "completion_tokens": turn.completion_tokens,
+            "latency_ms": turn.latency_ms,
+        }
 
-# One round trip. FOR UPDATE locks the item row while the claim is checked, so a takeover
-# claim cannot interleave with the write (it waits, or this sees its new attempt and
-# writes nothing); ON CONFLICT keeps the first turn stored under a key; the item's stage
-# moves only when a turn really was added.
-_RECORD = """
-WITH held AS (
-    SELECT id FROM items WHERE id = $1 AND attempts = $2 AND status = 'running' FOR UPDATE
-), inserted AS (
-    INSERT INTO turns (item_id, job_id, stage, round, agent, attempt, role, endpoint, model,
-                       request_hash, raw_output, parsed, outcome, error, agreed,
-                       prompt_tokens, completion_tokens, latency_ms)
-    SELECT id, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::jsonb, $14, $15, $16, $17, $18, $19
-    FROM held
-    ON CONFLICT DO NOTHING
-    RETURNING item_id
-), staged AS (
-    UPDATE items SET stage = $4 FROM inserted
-    WHERE items.id = inserted.item_id AND items.stage <> $4
-)
-SELECT EXISTS (SELECT FROM held), EXISTS (SELECT FROM inserted)
-"""
+
+def _record_statement() -> DriverStatement:
+    """One round trip. FOR UPDATE locks the item row while the claim is checked, so a
+    takeover claim cannot interleave with the write (it waits, or this sees its new attempt
+    and writes nothing); ON CONFLICT keeps the first turn stored under a key; the item's
+    stage moves only when a turn really was added."""
+    held = (
+        select(Item.id)
+        .where(claim_holds(bindparam("item_id"), bindparam("attempt")))
+        .with_for_update()
+        .cte("held")
+    )
+    inserted = (
+        insert_from(TurnRow.__table__, held, item_id=held.c.id)
+        .on_conflict_do_nothing()
+        .returning(TurnRow.item_id)
+        .cte("inserted")
+    )
+    stage = row_parameter(TurnRow.__table__.c.stage)
+    staged = (
+        update(Item)
+        .where(Item.id == inserted.c.item_id, Item.stage != stage)
+        .values(stage=stage)
+        .cte("staged")
+    )
+    return DriverStatement(
+        select(
+            exists().select_from(held).label("held"), exists().select_from(inserted).label("inserted")
+        ).add_cte(staged)
+    )
+
+
+_RECORD = _record_statement()
 
 
 def storable(value: Any) -> Any:

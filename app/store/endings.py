@@ -1,0 +1,68 @@
+"""How a claim on an item ends: one vocabulary, and one place that says what each ending
+writes on the item row.
+
+A finished ending (completed, failed, cancelled) is the item's last. A handed-back one puts
+the item back in the queue for another claim, its turns kept: an LLM outage, a shutdown, an
+unexpected error, or a worker that stopped renewing its lease.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func
+
+from app.store.models import FINISHED, Item, ItemStatus
+
+
+@dataclass(frozen=True)
+class Ending:
+    status: ItemStatus
+    error_code: str | None = None
+    message: str | None = None  # error_message: for the tenant, in our words only
+    # operator_error: the detail behind `message` (an upstream's answer, an exception), which
+    # may quote hazardous text or the server's LLM key: for operators only.
+    detail: str | None = None
+    counts_as_failure: bool = False  # a hand-back that uses up one of the item's max_failures
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+
+COMPLETED = Ending(ItemStatus.COMPLETED)
+CANCELLED = Ending(ItemStatus.CANCELLED)
+
+
+def failed(code: str, message: str, detail: str | None = None) -> Ending:
+    return Ending(ItemStatus.FAILED, code, message, detail)
+
+
+def handed_back(reason: str, *, counts_as_failure: bool, detail: str | None = None) -> Ending:
+    """Back to the queue. An unexpected error or a dead worker counts as a failure; an LLM
+    outage or a shutdown does not."""
+    return Ending(ItemStatus.QUEUED, None, reason, detail, counts_as_failure)
+
+
+WORKER_LOST = handed_back("worker lost (lease expired)", counts_as_failure=True)
+
+
+def ending_values(ending: Ending) -> dict[str, Any]:
+    """What the ending writes on the item row (an UPDATE's SET), in every statement that
+    ends a claim."""
+    values: dict[str, Any] = {
+        "status": ending.status,
+        "lease_until": None,
+        "error_code": ending.error_code,
+        "error_message": ending.message,
+        "operator_error": ending.detail,
+        "updated_at": func.now(),
+    }
+    if ending.counts_as_failure:
+        values["failures"] = Item.failures + 1
+    if ending.finished:
+        values["finished_at"] = func.now()
+    if ending.status == ItemStatus.COMPLETED:
+        values["stage"] = "done"
+    return values

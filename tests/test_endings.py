@@ -1,0 +1,103 @@
+"""An item's claim ends one of a few ways (app.store.endings), and each ending writes the
+same columns wherever it is written: by the worker, by the next claim, by a cancel."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+import httpx
+
+from app.store import items
+from app.store.db import Sessions
+from app.store.endings import handed_back
+from app.store.models import Item
+from tests.test_api import Headers, items_of, submit
+
+LIMITS = items.Limits(lease_s=60, max_claims=10, max_failures=5)
+OUTAGE = handed_back("llm_unavailable: the endpoint is down", counts_as_failure=False, detail="upstream: 503")
+
+
+async def claimed_item(api: httpx.AsyncClient, auth: Headers, sessions: Sessions) -> tuple[str, items.Claim]:
+    job = await submit(api, auth, ["Explain how vaccines are tested."])
+    claim = await items.claim(sessions, UUID((await items_of(api, auth, job["id"]))[0]["id"]), LIMITS)
+    assert claim is not None
+    return job["id"], claim
+
+
+async def stored(sessions: Sessions, item_id: UUID) -> Item:
+    async with sessions() as session:
+        item = await session.get(Item, item_id)
+    assert item is not None
+    return item
+
+
+async def test_a_queued_item_cancelled_with_its_job_no_longer_says_why_it_waited(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    job_id, claim = await claimed_item(api, auth, sessions)
+    assert await items.end(sessions, claim, OUTAGE)  # queued again, waiting for the LLM
+
+    assert (await api.post(f"/v1/jobs/{job_id}/cancel", headers=auth)).status_code == 200
+
+    [item] = await items_of(api, auth, job_id)
+    assert (item["status"], item["error_code"], item["error_message"]) == ("cancelled", None, None)
+    assert (await stored(sessions, claim.item_id)).operator_error is None
+
+
+async def test_an_item_handed_back_after_its_job_was_cancelled_ends_cancelled_without_an_error(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    job_id, claim = await claimed_item(api, auth, sessions)
+    assert (await api.post(f"/v1/jobs/{job_id}/cancel", headers=auth)).status_code == 200
+    assert await items.end(sessions, claim, OUTAGE)  # the running item stopped after the cancel
+
+    assert await items.claim(sessions, claim.item_id, LIMITS) is None  # the claim ends it instead
+
+    item = await stored(sessions, claim.item_id)
+    assert (item.status, item.error_code, item.error_message, item.operator_error) == (
+        "cancelled",
+        None,
+        None,
+        None,
+    )
+    assert item.finished_at is not None and item.lease_until is None
+
+
+async def expire_lease(sessions: Sessions, item_id: UUID) -> None:
+    """Its worker stops renewing: the lease runs out."""
+    async with sessions.begin() as session:
+        item = await session.get(Item, item_id)
+        assert item is not None
+        item.lease_until = item.created_at
+
+
+async def test_a_claim_that_takes_over_an_expired_lease_counts_the_lost_worker(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    _, lost = await claimed_item(api, auth, sessions)
+    await expire_lease(sessions, lost.item_id)
+
+    taken = await items.claim(sessions, lost.item_id, LIMITS)
+
+    assert taken is not None and taken.attempt == lost.attempt + 1
+    item = await stored(sessions, lost.item_id)
+    assert (item.status, item.failures, item.error_message) == ("running", 1, "worker lost (lease expired)")
+    assert item.lease_until is not None and item.lease_until > item.created_at
+
+
+async def test_a_worker_lost_on_the_last_try_fails_the_item_with_that_loss_as_the_last_failure(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    _, lost = await claimed_item(api, auth, sessions)
+    await expire_lease(sessions, lost.item_id)
+
+    assert await items.claim(sessions, lost.item_id, items.Limits(60, max_claims=10, max_failures=1)) is None
+
+    item = await stored(sessions, lost.item_id)
+    assert (item.status, item.error_code, item.error_message, item.operator_error) == (
+        "failed",
+        "too_many_failures",
+        "1 failed attempts; last: worker lost (lease expired)",
+        None,
+    )
+    assert (item.failures, item.lease_until) == (1, None) and item.finished_at is not None
