@@ -85,14 +85,6 @@ local function grow(cap_key, limit)
 end
 """
 
-_GROW = (
-    _GROW_FUNCTION
-    + """
-grow(KEYS[1], tonumber(ARGV[1]))
-return 0
-"""
-)
-
 # Release, wake one waiter, and (after a success) grow the cap: one round trip.
 _RELEASE = (
     _GROW_FUNCTION
@@ -131,7 +123,6 @@ class EndpointLimiter:
         self._key_prefix = key_prefix
         self._acquire = redis.register_script(_ACQUIRE)
         self._cut = redis.register_script(_CUT)
-        self._grow = redis.register_script(_GROW)
         self._release_script = redis.register_script(_RELEASE)
         self._turns: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)  # FIFO
         # Seconds spent waiting for slots, summed over every slot() of this limiter.
@@ -180,14 +171,6 @@ class EndpointLimiter:
         """The endpoint said 429: halve its adaptive cap (once per cooldown); the new cap."""
         key = self.key(endpoint)
         return float(await self._cut(keys=[f"{key}:cap", f"{key}:cut_at"], args=[limit, _CUT_COOLDOWN_MS]))
-
-    async def succeeded(self, endpoint: str, limit: int) -> None:
-        """A request went through: let the adaptive cap grow back towards `limit`."""
-        await self._grow(keys=[f"{self.key(endpoint)}:cap"], args=[limit])
-
-    async def adapted_cap(self, endpoint: str, limit: int) -> float:
-        value = await self._redis.get(f"{self.key(endpoint)}:cap")
-        return min(float(limit), float(value)) if value is not None else float(limit)
 
     async def _release(self, key: str, token: str, limit: int, succeeded: bool) -> None:
         try:
