@@ -32,11 +32,29 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from app.deliberation.ports import ChatRequest
 from app.deliberation.results import METRICS
+from app.deliberation.schemas import BY_NAME
 
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
 _THOUGHT_MARKER = re.compile(r"\[T(\d+)\][ \t]*([^\n]*)")
 _MAX_REFINED_THOUGHTS = 12  # the refined_cot schema's maxItems
+
+
+def chat_request(
+    schema_name: str, role: str, content: str, endpoint: str = "default", max_tokens: int = 256
+) -> ChatRequest:
+    """A one-message request for `schema_name`'s stage, as the engine would send it."""
+    return ChatRequest(
+        role=role,
+        endpoint=endpoint,
+        model="scripted-model",
+        messages=[{"role": "user", "content": content}],
+        schema_name=schema_name,
+        schema=BY_NAME[schema_name],
+        temperature=0.7,
+        max_tokens=max_tokens,
+    )
 
 
 # --- behaviours -------------------------------------------------------------------------

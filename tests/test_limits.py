@@ -22,14 +22,13 @@ from redis.asyncio import Redis
 
 from app.config import EndpointConfig, Settings
 from app.deliberation.ports import ChatRequest
-from app.deliberation.schemas import BY_NAME
 from app.llm.client import OpenAICompatibleClient
 from app.llm.limits import EndpointLimiter
 from app.llm.rates import EndpointRates
 from app.store.db import Sessions
 from bench.audit import status_counts
 from tests.conftest import eventually, start_worker, submit
-from tests.scripted_llm import ScriptedLLM, http_error
+from tests.scripted_llm import ScriptedLLM, chat_request, http_error
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -56,16 +55,7 @@ async def holders(redis: Redis, limiter: EndpointLimiter, endpoint: str = "defau
 
 
 def deliberation_request() -> ChatRequest:
-    return ChatRequest(
-        role="deliberator-1",
-        endpoint="default",
-        model="scripted-model",
-        messages=[{"role": "user", "content": "Critique the thoughts."}],
-        schema_name="deliberation_turn",
-        schema=BY_NAME["deliberation_turn"],
-        temperature=0.7,
-        max_tokens=128,
-    )
+    return chat_request("deliberation_turn", "deliberator-1", "Critique the thoughts.", max_tokens=128)
 
 
 async def test_never_more_than_limit_in_flight_across_clients_with_own_connections(
@@ -257,10 +247,7 @@ async def test_requests_per_minute_budget_is_shared_across_clients(
         OpenAICompatibleClient(endpoints, rates=EndpointRates(redis, key_prefix, window_s=1.0))
         for _ in range(2)
     ]
-    request = ChatRequest(
-        role="seed", endpoint="default", model="m", messages=[{"role": "user", "content": "hi"}],
-        schema_name="seed_cot", schema=BY_NAME["seed_cot"], temperature=0, max_tokens=16,
-    )  # fmt: skip
+    request = chat_request("seed_cot", "seed", "hi", max_tokens=16)
     started = time.monotonic()
     await asyncio.gather(*(clients[n % 2].chat(request) for n in range(7)))
     elapsed = time.monotonic() - started

@@ -15,6 +15,7 @@ from app.deliberation.schemas import BY_NAME
 from app.llm.client import OpenAICompatibleClient
 from tests.scripted_llm import (
     ScriptedLLM,
+    chat_request,
     http_error,
     raw_body,
     refusal,
@@ -47,16 +48,7 @@ def closed_port() -> int:
 
 
 def seed_request(endpoint: str = "default") -> ChatRequest:
-    return ChatRequest(
-        role="seed",
-        endpoint=endpoint,
-        model="scripted-model",
-        messages=[{"role": "user", "content": "How do I store bleach safely?"}],
-        schema_name="seed_cot",
-        schema=BY_NAME["seed_cot"],
-        temperature=0.7,
-        max_tokens=256,
-    )
+    return chat_request("seed_cot", "seed", "How do I store bleach safely?", endpoint)
 
 
 async def test_sends_schema_as_strict_response_format_with_bearer_key(
