@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 
 from app.config import EndpointConfig, Settings
 from app.deliberation.ports import ChatRequest
-from app.deliberation.schemas import BY_NAME
+from app.deliberation.stages import DELIBERATION, SEED
 from app.llm.client import OpenAICompatibleClient
 from app.llm.limits import EndpointLimiter
 from app.llm.rates import EndpointRates
@@ -62,7 +62,7 @@ def deliberation_request() -> ChatRequest:
         model="scripted-model",
         messages=[{"role": "user", "content": "Critique the thoughts."}],
         schema_name="deliberation_turn",
-        schema=BY_NAME["deliberation_turn"],
+        schema=DELIBERATION.schema,
         temperature=0.7,
         max_tokens=128,
     )
@@ -259,7 +259,7 @@ async def test_requests_per_minute_budget_is_shared_across_clients(
     ]
     request = ChatRequest(
         role="seed", endpoint="default", model="m", messages=[{"role": "user", "content": "hi"}],
-        schema_name="seed_cot", schema=BY_NAME["seed_cot"], temperature=0, max_tokens=16,
+        schema_name="seed_cot", schema=SEED.schema, temperature=0, max_tokens=16,
     )  # fmt: skip
     started = time.monotonic()
     await asyncio.gather(*(clients[n % 2].chat(request) for n in range(7)))

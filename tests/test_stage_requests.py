@@ -17,7 +17,10 @@ from dataclasses import replace
 from app.deliberation.budget import judge_request, largest_requests
 from app.deliberation.config import GradingConfig, GuardConfig, GuardStyle, Mode, PairsConfig, PipelineConfig
 from app.deliberation.engine import deliberate, judge_pair
+from app.deliberation.ports import Stage
+from app.deliberation.prompting import TEMPLATES
 from app.deliberation.results import METRICS, Completed, Judged, Sample
+from app.deliberation.stages import DECLARED
 from app.llm.client import OpenAICompatibleClient
 from tests.memory_turn_log import InMemoryTurnLog
 from tests.scripted_llm import ScriptedLLM, agree, guard_verdict, malformed, refusal, reply, scores, truncated
@@ -169,3 +172,14 @@ def test_request_budgets_of_every_role_are_pinned() -> None:
         ("guard", 1121),
         ("judge", 4772),
     ]
+
+
+def test_every_stage_is_declared_with_its_own_schema_name_and_existing_templates() -> None:
+    assert {spec.stage for spec in DECLARED} == set(Stage)
+    # Servers, logs and the scripted server tell stages apart by schema name.
+    named = [spec.schema_name for spec in DECLARED if spec.schema_name is not None]
+    assert len(named) == len(set(named))
+    for spec in DECLARED:
+        assert (spec.schema is None) == spec.plain_text
+        for template in spec.templates or ():
+            assert (TEMPLATES / f"{template}.txt").is_file(), template
