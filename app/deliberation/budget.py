@@ -105,7 +105,6 @@ def largest_requests(config: PipelineConfig, policies: PolicySet, prompt: str) -
 
 def _aidsafe_budgets(job: _Job, config: PipelineConfig) -> list[RequestBudget]:
     agents, rounds = len(config.deliberators), config.max_rounds
-    carried = {"intents": "", "thoughts": "", "response": ""}
     budgets = [job.budget(INTENT, config.intent, 0), job.budget(SEED, config.seed, 1, intents="")]
     for agent, deliberator in enumerate(config.deliberators, start=1):
         # An agent's last turn reads the intents, the seed and every turn before it.
@@ -116,13 +115,16 @@ def _aidsafe_budgets(job: _Job, config: PipelineConfig) -> list[RequestBudget]:
                 deliberator,
                 read,
                 agent,
-                **carried,
+                intents="",
+                thoughts="",
+                response="",
                 agents=agents,
                 round=rounds,
                 max_rounds=rounds,
             )
         )
-    budgets.append(job.budget(REFINE, config.refiner, 2 + rounds * agents, **carried))
+    refine = job.budget(REFINE, config.refiner, 2 + rounds * agents, intents="", thoughts="", response="")
+    budgets.append(refine)
     return budgets
 
 
