@@ -33,6 +33,7 @@ from app.config import EndpointConfig, Settings
 from app.deliberation.engine import Completed, deliberate
 from app.deliberation.policies import policy_set
 from app.deliberation.ports import ChatReply, ChatRequest, Turn, TurnKey
+from app.deliberation.stages import DECLARED
 from app.llm.client import OpenAICompatibleClient
 from app.pipeline_config import JobConfigIn, resolve, to_pipeline
 from app.store.policy_sets import DEFAULT_FILE, load_file
@@ -40,12 +41,7 @@ from bench.machine import ROOT, describe
 from bench.stack import ServiceStack, publish, run_bounded
 
 TARGET = 0.70
-STAGE_OF_SCHEMA = {
-    "intent_decomposition": "intent",
-    "seed_cot": "seed",
-    "deliberation_turn": "deliberation",
-    "refined_cot": "refine",
-}
+STAGE_OF_SCHEMA = {spec.schema_name: spec.stage for spec in DECLARED}
 
 
 class RecordingClient:

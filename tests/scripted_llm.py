@@ -34,7 +34,7 @@ from starlette.routing import Route
 
 from app.deliberation.ports import ChatRequest
 from app.deliberation.results import METRICS
-from app.deliberation.schemas import BY_NAME
+from app.deliberation.stages import StageSpec
 
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
 _THOUGHT_MARKER = re.compile(r"\[T(\d+)\][ \t]*([^\n]*)")
@@ -42,16 +42,16 @@ _MAX_REFINED_THOUGHTS = 12  # the refined_cot schema's maxItems
 
 
 def chat_request(
-    schema_name: str, role: str, content: str, endpoint: str = "default", max_tokens: int = 256
+    spec: StageSpec, content: str, endpoint: str = "default", max_tokens: int = 256
 ) -> ChatRequest:
-    """A one-message request for `schema_name`'s stage, as the engine would send it."""
+    """A one-message request for the stage `spec` declares, as its first agent would send it."""
     return ChatRequest(
-        role=role,
+        role=spec.role_of(1),
         endpoint=endpoint,
         model="scripted-model",
         messages=[{"role": "user", "content": content}],
-        schema_name=schema_name,
-        schema=BY_NAME[schema_name],
+        schema_name=spec.schema_name,
+        schema=spec.schema,
         temperature=0.7,
         max_tokens=max_tokens,
     )

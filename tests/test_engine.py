@@ -22,7 +22,7 @@ from app.deliberation.engine import deliberate
 from app.deliberation.policies import policy_set
 from app.deliberation.ports import ChatReply, ChatRequest, LLMClient, LLMUnavailable, Stage, TurnOutcome
 from app.deliberation.results import Completed, Failed
-from app.deliberation.schemas import BY_NAME
+from app.deliberation.stages import DECLARED
 from app.llm.client import OpenAICompatibleClient
 from tests.conftest import client_for
 from tests.memory_turn_log import InMemoryTurnLog
@@ -483,7 +483,8 @@ async def test_every_request_names_its_stage_schema_in_response_format(
         response_format = request.body["response_format"]
         assert response_format["type"] == "json_schema"
         assert response_format["json_schema"]["name"] == request.schema_name
-        assert response_format["json_schema"]["schema"] == BY_NAME[request.schema_name]
+        [declared] = [stage for stage in DECLARED if stage.schema_name == request.schema_name]
+        assert response_format["json_schema"]["schema"] == declared.schema
 
 
 # --- purity ---------------------------------------------------------------------------------

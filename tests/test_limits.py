@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 
 from app.config import EndpointConfig, Settings
 from app.deliberation.ports import ChatRequest
+from app.deliberation.stages import DELIBERATION, SEED
 from app.llm.client import OpenAICompatibleClient
 from app.llm.limits import EndpointLimiter
 from app.llm.rates import EndpointRates
@@ -55,7 +56,7 @@ async def holders(redis: Redis, limiter: EndpointLimiter, endpoint: str = "defau
 
 
 def deliberation_request() -> ChatRequest:
-    return chat_request("deliberation_turn", "deliberator-1", "Critique the thoughts.", max_tokens=128)
+    return chat_request(DELIBERATION, "Critique the thoughts.", max_tokens=128)
 
 
 async def test_never_more_than_limit_in_flight_across_clients_with_own_connections(
@@ -247,7 +248,7 @@ async def test_requests_per_minute_budget_is_shared_across_clients(
         OpenAICompatibleClient(endpoints, rates=EndpointRates(redis, key_prefix, window_s=1.0))
         for _ in range(2)
     ]
-    request = chat_request("seed_cot", "seed", "hi", max_tokens=16)
+    request = chat_request(SEED, "hi", max_tokens=16)
     started = time.monotonic()
     await asyncio.gather(*(clients[n % 2].chat(request) for n in range(7)))
     elapsed = time.monotonic() - started

@@ -11,7 +11,7 @@ import pytest
 
 from app.config import EndpointConfig
 from app.deliberation.ports import ChatRequest, LLMRequestRejected, LLMUnavailable
-from app.deliberation.schemas import BY_NAME
+from app.deliberation.stages import SEED
 from app.llm.client import OpenAICompatibleClient
 from tests.scripted_llm import (
     ScriptedLLM,
@@ -48,7 +48,7 @@ def closed_port() -> int:
 
 
 def seed_request(endpoint: str = "default") -> ChatRequest:
-    return chat_request("seed_cot", "seed", "How do I store bleach safely?", endpoint)
+    return chat_request(SEED, "How do I store bleach safely?", endpoint)
 
 
 async def test_sends_schema_as_strict_response_format_with_bearer_key(
@@ -63,7 +63,7 @@ async def test_sends_schema_as_strict_response_format_with_bearer_key(
     assert sent.body["temperature"] == 0.7
     assert sent.body["response_format"] == {
         "type": "json_schema",
-        "json_schema": {"name": "seed_cot", "schema": BY_NAME["seed_cot"], "strict": True},
+        "json_schema": {"name": "seed_cot", "schema": SEED.schema, "strict": True},
     }
 
 

@@ -19,10 +19,21 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from app.deliberation.config import GuardConfig, GuardStyle, Mode, PipelineConfig, RoleConfig
+from app.deliberation.config import Mode, PipelineConfig, RoleConfig
 from app.deliberation.policies import PolicySet
-from app.deliberation.prompting import messages_for
-from app.deliberation.schemas import BY_NAME
+from app.deliberation.stages import (
+    DELIBERATION,
+    GRADE,
+    GUARDS,
+    INTENT,
+    JUDGE,
+    REFINE,
+    REJECTED,
+    SEED,
+    WHISPER,
+    ZERO_SHOT,
+    StageSpec,
+)
 
 BYTES_PER_TOKEN = 3
 MESSAGE_OVERHEAD_TOKENS = 8  # role markers and separators of a chat template, per message
@@ -61,23 +72,14 @@ class _Job:
     max_tokens: int
 
     def budget(
-        self,
-        role: str,
-        config: RoleConfig,
-        schema_name: str | None,
-        messages: list[dict[str, str]],
-        replies_read: int,
+        self, spec: StageSpec, config: RoleConfig, replies_read: int, agent: int = 0, **values: object
     ) -> RequestBudget:
-        """`messages` holds the fixed text, every earlier reply left out; each of the
-        `replies_read` replies adds at most max_tokens and its labels."""
-        schema = BY_NAME[schema_name] if schema_name else None
+        """The stage's request with every earlier reply it shows left out of `values` (as
+        ""); each of the `replies_read` replies adds at most max_tokens and its labels."""
+        messages = spec.messages(self.policies, prompt=self.prompt, agent=agent, **values)
         replies = replies_read * (self.max_tokens + REPLY_LABEL_TOKENS)
-        return RequestBudget(
-            role, config.endpoint, request_tokens(messages, schema, self.max_tokens) + replies
-        )
-
-    def messages(self, stage: str, **values: object) -> list[dict[str, str]]:
-        return messages_for(stage, self.policies, prompt=self.prompt, **values)
+        tokens = request_tokens(messages, spec.schema, self.max_tokens) + replies
+        return RequestBudget(spec.role_of(agent), config.endpoint, tokens)
 
 
 def largest_requests(config: PipelineConfig, policies: PolicySet, prompt: str) -> list[RequestBudget]:
@@ -85,51 +87,45 @@ def largest_requests(config: PipelineConfig, policies: PolicySet, prompt: str) -
     order the roles speak."""
     job = _Job(policies, prompt, config.max_tokens)
     if config.mode is Mode.ZERO_SHOT:
-        budgets = [job.budget("zero-shot", config.seed, "zero_shot_cot", job.messages("zero_shot"), 0)]
+        budgets = [job.budget(ZERO_SHOT, config.seed, 0)]
     else:
         budgets = _aidsafe_budgets(job, config)
     if config.grading is not None:  # the item's sample, or (pairs) a rejected one
-        grade = job.messages("grade", sample="")
-        budgets.append(job.budget("grader", config.grading.grader, "quality_scores", grade, 1))
+        budgets.append(job.budget(GRADE, config.grading.grader, 1, sample=""))
     if config.pairs is not None:
         pairs = config.pairs
         # The last try reads every earlier one: its belief, rejected sample and guard rationale.
-        whisper = job.messages("whisper", history="")
-        rejected = job.messages("zero_shot", user_template="rejected.user", belief="")
         budgets += [
-            job.budget("whisperer", pairs.whisperer, "whisper_belief", whisper, 3 * (pairs.max_tries - 1)),
-            job.budget("generator", pairs.generator, "rejected_cot", rejected, 1),
-            _guard_budget(job, pairs.guard),
+            job.budget(WHISPER, pairs.whisperer, 3 * (pairs.max_tries - 1), history=""),
+            job.budget(REJECTED, pairs.generator, 1, belief=""),
+            job.budget(GUARDS[pairs.guard.style], pairs.guard.role, 1, sample=""),
         ]
     return budgets
 
 
 def _aidsafe_budgets(job: _Job, config: PipelineConfig) -> list[RequestBudget]:
     agents, rounds = len(config.deliberators), config.max_rounds
-    carried = {"intents": "", "thoughts": "", "response": ""}
-    intent = job.messages("intent")
-    seed = job.messages("seed", intents="")
-    refine = job.messages("refine", **carried)
-    budgets = [
-        job.budget("intent", config.intent, "intent_decomposition", intent, 0),
-        job.budget("seed", config.seed, "seed_cot", seed, 1),
-    ]
+    budgets = [job.budget(INTENT, config.intent, 0), job.budget(SEED, config.seed, 1, intents="")]
     for agent, deliberator in enumerate(config.deliberators, start=1):
         # An agent's last turn reads the intents, the seed and every turn before it.
-        turn = job.messages(
-            "deliberation", **carried, agent=agent, agents=agents, round=rounds, max_rounds=rounds
-        )
         read = 2 + (rounds - 1) * agents + agent - 1
-        budgets.append(job.budget(f"deliberator-{agent}", deliberator, "deliberation_turn", turn, read))
-    budgets.append(job.budget("refiner", config.refiner, "refined_cot", refine, 2 + rounds * agents))
+        budgets.append(
+            job.budget(
+                DELIBERATION,
+                deliberator,
+                read,
+                agent,
+                intents="",
+                thoughts="",
+                response="",
+                agents=agents,
+                round=rounds,
+                max_rounds=rounds,
+            )
+        )
+    refine = job.budget(REFINE, config.refiner, 2 + rounds * agents, intents="", thoughts="", response="")
+    budgets.append(refine)
     return budgets
-
-
-def _guard_budget(job: _Job, guard: GuardConfig) -> RequestBudget:
-    if guard.style is GuardStyle.LLAMA_GUARD:  # the prompt and the sample, in its own chat template
-        conversation = [{"role": "user", "content": job.prompt}, {"role": "assistant", "content": ""}]
-        return job.budget("guard", guard.role, None, conversation, 1)
-    return job.budget("guard", guard.role, "guard_verdict", job.messages("guard", sample=""), 1)
 
 
 def judge_request(
@@ -137,7 +133,7 @@ def judge_request(
 ) -> RequestBudget:
     """The largest request of a comparison's judge: two samples, each the last reply of a
     job with the given `max_tokens`."""
-    messages = messages_for("judge", policies, prompt=prompt, first="", second="")
+    messages = JUDGE.messages(policies, prompt=prompt, first="", second="")
     samples = sum(tokens + REPLY_LABEL_TOKENS for tokens in sample_max_tokens)
-    tokens = request_tokens(messages, BY_NAME["pairwise_judgement"], max_tokens) + samples
-    return RequestBudget("judge", judge.endpoint, tokens)
+    tokens = request_tokens(messages, JUDGE.schema, max_tokens) + samples
+    return RequestBudget(JUDGE.role, judge.endpoint, tokens)

@@ -6,19 +6,19 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 from uuid import UUID
 
-from app.deliberation import parsing, schemas
+from app.deliberation import parsing
 from app.deliberation.config import RoleConfig
 from app.deliberation.policies import PolicySet
 from app.deliberation.ports import ChatRequest, LLMClient, Turn, TurnKey, TurnLog, TurnOutcome
 from app.deliberation.prompting import render
 from app.deliberation.results import Failed
-
-Normalize = Callable[[Any], dict[str, Any]]
+from app.deliberation.stages import Normalize, StageSpec
 
 
 class StageFailed(Exception):
@@ -33,7 +33,10 @@ class StageFailed(Exception):
 
 @dataclass
 class Caller:
+    """Asks the stages of one item: `prompt` and the policies are in every request."""
+
     item_id: UUID
+    prompt: str
     policies: PolicySet
     llm: LLMClient
     log: TurnLog
@@ -41,30 +44,36 @@ class Caller:
     max_reasks: int
     replayed: dict[TurnKey, Turn] = field(default_factory=dict)
 
-    async def ask(
+    async def call(
         self,
-        key: TurnKey,
-        role: str,
+        spec: StageSpec,
         role_config: RoleConfig,
-        schema_name: str | None,
-        messages: list[dict[str, str]],
-        normalize: Normalize,
         *,
-        reasks: bool = True,
+        round: int = 0,
+        agent: int = 0,
+        normalize_with: Mapping[str, object] | None = None,
+        **values: object,
     ) -> dict[str, Any]:
-        """The normalized output of one stage call, or StageFailed.
+        """The normalized output of the stage's turn (round, agent), or StageFailed.
 
+        `values` fill the stage's user template, beside the prompt, the round and the agent;
+        `normalize_with` are what the stage's normalizer needs besides the reply.
         A malformed reply is shown back with what was wrong. A truncated one is not (it is
-        long and useless); the re-ask asks for brevity and allows twice the tokens.
-        `schema_name` None asks for plain text, read by `normalize` itself; such callers
-        (classifiers with their own chat template) pass reasks=False.
+        long and useless); the re-ask asks for brevity and allows twice the tokens. A
+        plain-text reply is not re-asked.
         """
-        original, max_tokens = messages, self.max_tokens
-        tries = self.max_reasks + 1 if reasks else 1
+        key = TurnKey(spec.stage, round, agent)
+        role = spec.role_of(agent)
+        normalize = partial(spec.normalize, **(normalize_with or {}))
+        messages = original = spec.messages(
+            self.policies, prompt=self.prompt, round=round, agent=agent, **values
+        )
+        max_tokens = self.max_tokens
+        tries = 1 if spec.plain_text else self.max_reasks + 1
         for attempt in range(tries):
             attempt_key = replace(key, attempt=attempt)
             turn = self.replayed.get(attempt_key) or await self._call(
-                attempt_key, role, role_config, schema_name, messages, normalize, max_tokens
+                attempt_key, role, role_config, spec, messages, normalize, max_tokens
             )
             if turn.outcome is TurnOutcome.OK:
                 assert turn.parsed is not None
@@ -96,7 +105,7 @@ class Caller:
         key: TurnKey,
         role: str,
         role_config: RoleConfig,
-        schema_name: str | None,
+        spec: StageSpec,
         messages: list[dict[str, str]],
         normalize: Normalize,
         max_tokens: int,
@@ -106,14 +115,14 @@ class Caller:
             endpoint=role_config.endpoint,
             model=role_config.model,
             messages=messages,
-            schema_name=schema_name,
-            schema=schemas.BY_NAME[schema_name] if schema_name else None,
+            schema_name=spec.schema_name,
+            schema=spec.schema,
             temperature=role_config.temperature,
             max_tokens=max_tokens,
         )
         started = time.perf_counter()
         reply = await self.llm.chat(request)
-        outcome, parsed, error = parsing.judge_reply(reply, normalize, plain_text=schema_name is None)
+        outcome, parsed, error = parsing.judge_reply(reply, normalize, plain_text=spec.plain_text)
         turn = Turn(
             item_id=self.item_id,
             key=key,

@@ -12,14 +12,13 @@ from __future__ import annotations
 from dataclasses import replace
 from uuid import UUID
 
-from app.deliberation import parsing
 from app.deliberation.calls import Caller, StageFailed
 from app.deliberation.config import Mode, PipelineConfig, RoleConfig
 from app.deliberation.policies import PolicySet
-from app.deliberation.ports import LLMClient, Stage, TurnKey, TurnLog
-from app.deliberation.prompting import messages_for
+from app.deliberation.ports import LLMClient, Stage, TurnLog
 from app.deliberation.quality import compare_samples, gate, grade
 from app.deliberation.results import Completed, Failed, Judged, Sample, Thought
+from app.deliberation.stages import DELIBERATION, INTENT, REFINE, SEED, ZERO_SHOT
 from app.deliberation.whisper import make_pair
 
 
@@ -42,9 +41,15 @@ def _thoughts_text(thoughts: list[Thought]) -> str:
 
 
 async def _caller(
-    item_id: UUID, policies: PolicySet, llm: LLMClient, log: TurnLog, max_tokens: int, max_reasks: int
+    item_id: UUID,
+    prompt: str,
+    policies: PolicySet,
+    llm: LLMClient,
+    log: TurnLog,
+    max_tokens: int,
+    max_reasks: int,
 ) -> Caller:
-    caller = Caller(item_id, policies, llm, log, max_tokens, max_reasks)
+    caller = Caller(item_id, prompt, policies, llm, log, max_tokens, max_reasks)
     caller.replayed = {turn.key: turn for turn in await log.done(item_id)}
     return caller
 
@@ -64,21 +69,21 @@ async def deliberate(
     do not fail the item: they are recorded in the result. LLMUnavailable and
     LLMRequestRejected from the client propagate: the caller decides to retry or fail.
     """
-    caller = await _caller(item_id, policies, llm, log, config.max_tokens, config.max_reasks)
+    caller = await _caller(item_id, prompt, policies, llm, log, config.max_tokens, config.max_reasks)
     try:
         if config.mode is Mode.ZERO_SHOT:
-            result = await _zero_shot(caller, config, prompt)
+            result = await _zero_shot(caller, config)
         else:
-            result = await _aidsafe(caller, config, prompt)
+            result = await _aidsafe(caller, config)
     except StageFailed as failed:
         return failed.failure
     if config.grading is None:
         return result
-    chosen = await grade(caller, config.grading.grader, prompt, result.sample())
+    chosen = await grade(caller, config.grading.grader, result.sample())
     result = replace(result, grade=chosen, gate=gate(chosen, config.grading.thresholds))
     if config.pairs is None:
         return result
-    return replace(result, pair=await make_pair(caller, config.pairs, config.grading.grader, prompt, chosen))
+    return replace(result, pair=await make_pair(caller, config.pairs, config.grading.grader, chosen))
 
 
 async def judge_pair(
@@ -96,20 +101,13 @@ async def judge_pair(
 ) -> Judged:
     """Run (or resume) the pairwise judgement of two samples of one prompt (a comparison
     item). Unreadable judge output gives Judged(winner=None), not a failure."""
-    caller = await _caller(item_id, policies, llm, log, max_tokens, max_reasks)
-    return await compare_samples(caller, judge, prompt, a, b)
+    caller = await _caller(item_id, prompt, policies, llm, log, max_tokens, max_reasks)
+    return await compare_samples(caller, judge, a, b)
 
 
-async def _zero_shot(caller: Caller, config: PipelineConfig, prompt: str) -> Completed:
+async def _zero_shot(caller: Caller, config: PipelineConfig) -> Completed:
     """The paper's LLM_ZS baseline: the seed role writes CoT and response in one call."""
-    written = await caller.ask(
-        TurnKey(Stage.ZERO_SHOT),
-        "zero-shot",
-        config.seed,
-        "zero_shot_cot",
-        messages_for("zero_shot", caller.policies, prompt=prompt),
-        parsing.normalize_seed,
-    )
+    written = await caller.call(ZERO_SHOT, config.seed)
     thoughts = [Thought(i, text, Stage.ZERO_SHOT, 0, 0) for i, text in enumerate(written["thoughts"], 1)]
     return Completed(
         intents={"explicit_intents": [], "implicit_intents": []},
@@ -124,27 +122,11 @@ async def _zero_shot(caller: Caller, config: PipelineConfig, prompt: str) -> Com
     )
 
 
-async def _aidsafe(caller: Caller, config: PipelineConfig, prompt: str) -> Completed:
-    policies = caller.policies
-
-    intents = await caller.ask(
-        TurnKey(Stage.INTENT),
-        "intent",
-        config.intent,
-        "intent_decomposition",
-        messages_for("intent", policies, prompt=prompt),
-        parsing.normalize_intent,
-    )
+async def _aidsafe(caller: Caller, config: PipelineConfig) -> Completed:
+    intents = await caller.call(INTENT, config.intent)
     intents_text = _intents_text(intents)
 
-    seed = await caller.ask(
-        TurnKey(Stage.SEED),
-        "seed",
-        config.seed,
-        "seed_cot",
-        messages_for("seed", policies, prompt=prompt, intents=intents_text),
-        parsing.normalize_seed,
-    )
+    seed = await caller.call(SEED, config.seed, intents=intents_text)
     thoughts = [Thought(i, text, Stage.SEED, 0, 0) for i, text in enumerate(seed["thoughts"], 1)]
     response = seed["response"]
 
@@ -154,24 +136,16 @@ async def _aidsafe(caller: Caller, config: PipelineConfig, prompt: str) -> Compl
     for round_no in range(1, config.max_rounds + 1):
         rounds_used = round_no
         for agent_no, agent_config in enumerate(config.deliberators, start=1):
-            turn = await caller.ask(
-                TurnKey(Stage.DELIBERATION, round_no, agent_no),
-                f"deliberator-{agent_no}",
+            turn = await caller.call(
+                DELIBERATION,
                 agent_config,
-                "deliberation_turn",
-                messages_for(
-                    "deliberation",
-                    policies,
-                    prompt=prompt,
-                    intents=intents_text,
-                    thoughts=_thoughts_text(thoughts),
-                    response=response,
-                    agent=agent_no,
-                    agents=agents,
-                    round=round_no,
-                    max_rounds=config.max_rounds,
-                ),
-                parsing.normalize_deliberation,
+                round=round_no,
+                agent=agent_no,
+                intents=intents_text,
+                thoughts=_thoughts_text(thoughts),
+                response=response,
+                agents=agents,
+                max_rounds=config.max_rounds,
             )
             if turn["agree"]:
                 agreed_by = {"round": round_no, "agent": agent_no}
@@ -184,20 +158,13 @@ async def _aidsafe(caller: Caller, config: PipelineConfig, prompt: str) -> Compl
         if agreed_by:
             break
 
-    refined = await caller.ask(
-        TurnKey(Stage.REFINE),
-        "refiner",
+    refined = await caller.call(
+        REFINE,
         config.refiner,
-        "refined_cot",
-        messages_for(
-            "refine",
-            policies,
-            prompt=prompt,
-            intents=intents_text,
-            thoughts=_thoughts_text(thoughts),
-            response=response,
-        ),
-        lambda data: parsing.normalize_refined(data, len(thoughts)),
+        normalize_with={"thought_count": len(thoughts)},
+        intents=intents_text,
+        thoughts=_thoughts_text(thoughts),
+        response=response,
     )
     by_id = {t.id: t for t in thoughts}
     kept = {source for t in refined["thoughts"] for source in t["sources"]}

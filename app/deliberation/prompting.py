@@ -25,23 +25,13 @@ def render(name: str, **values: object) -> str:
     return _template(name).substitute({k: str(v) for k, v in values.items()}).strip()
 
 
-def messages_for(
-    stage: str, policies: PolicySet, *, user_template: str | None = None, **values: object
-) -> list[dict[str, str]]:
-    """System message (preamble, policies, stage instructions) then the item's user message,
-    from `<stage>.user` unless another template is named."""
-    system = "\n\n".join(
-        (
-            render(
-                "preamble",
-                policy_set_name=policies.name,
-                policy_version=policies.version,
-                policies=policies.text,
-            ),
-            render(f"{stage}.system"),
-        )
+def instructed(policies: PolicySet, system: str, user: str, **values: object) -> list[dict[str, str]]:
+    """The system message (preamble, policies, then the stage's instructions from template
+    `system`) and the item's user message from template `user`."""
+    preamble = render(
+        "preamble", policy_set_name=policies.name, policy_version=policies.version, policies=policies.text
     )
     return [
-        {"role": "system", "content": system},
-        {"role": "user", "content": render(user_template or f"{stage}.user", **values)},
+        {"role": "system", "content": "\n\n".join((preamble, render(system)))},
+        {"role": "user", "content": render(user, **values)},
     ]

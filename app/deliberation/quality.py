@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from app.deliberation import parsing
 from app.deliberation.calls import Caller, StageFailed
 from app.deliberation.config import RoleConfig
-from app.deliberation.ports import Stage, TurnKey
-from app.deliberation.prompting import messages_for
 from app.deliberation.results import METRICS, Gate, Grade, Judged, Sample, Vote
+from app.deliberation.stages import GRADE, JUDGE
 
 
 def sample_text(sample: Sample) -> str:
@@ -17,18 +15,11 @@ def sample_text(sample: Sample) -> str:
     return f"Reasoning:\n{steps}\n\nResponse:\n<<<\n{sample.response}\n>>>"
 
 
-async def grade(caller: Caller, grader: RoleConfig, prompt: str, sample: Sample, round: int = 0) -> Grade:
+async def grade(caller: Caller, grader: RoleConfig, sample: Sample, round: int = 0) -> Grade:
     """Scores on the six metrics. A grader that gives no usable output leaves the sample
     ungraded, with the reason; scores are never guessed."""
     try:
-        scores = await caller.ask(
-            TurnKey(Stage.GRADE, round),
-            "grader",
-            grader,
-            "quality_scores",
-            messages_for("grade", caller.policies, prompt=prompt, sample=sample_text(sample)),
-            parsing.normalize_scores,
-        )
+        scores = await caller.call(GRADE, grader, round=round, sample=sample_text(sample))
     except StageFailed as failed:
         return Grade(None, failed.failure.message)
     return Grade(scores)
@@ -46,25 +37,14 @@ def gate(grade: Grade, thresholds: Mapping[str, float]) -> Gate:
     return Gate(not missed, missed)
 
 
-async def compare_samples(caller: Caller, judge: RoleConfig, prompt: str, a: Sample, b: Sample) -> Judged:
+async def compare_samples(caller: Caller, judge: RoleConfig, a: Sample, b: Sample) -> Judged:
     """Ask in both orders; a sample wins only if both orders prefer it, else it is a tie.
     If either order gives no usable answer there is no winner (None)."""
     votes = []
     for round, (order, first, second) in enumerate((("ab", a, b), ("ba", b, a)), start=1):
         try:
-            answer = await caller.ask(
-                TurnKey(Stage.JUDGE, round),
-                "judge",
-                judge,
-                "pairwise_judgement",
-                messages_for(
-                    "judge",
-                    caller.policies,
-                    prompt=prompt,
-                    first=sample_text(first),
-                    second=sample_text(second),
-                ),
-                parsing.normalize_judgement,
+            answer = await caller.call(
+                JUDGE, judge, round=round, first=sample_text(first), second=sample_text(second)
             )
         except StageFailed as failed:
             votes.append(Vote(order, None, failed.failure.message))

@@ -98,17 +98,3 @@ GUARD_VERDICT = _object(
 )
 
 JUDGEMENT = _object({"winner": {"type": "string", "enum": ["A", "B", "tie"]}, "rationale": TEXT})
-
-# Schema names travel in response_format.json_schema.name; servers and logs see them.
-BY_NAME: dict[str, dict[str, Any]] = {
-    "intent_decomposition": INTENT,
-    "seed_cot": SEED,
-    "deliberation_turn": DELIBERATION,
-    "refined_cot": REFINED,
-    "zero_shot_cot": SEED,
-    "quality_scores": SCORES,
-    "whisper_belief": BELIEF,
-    "rejected_cot": SEED,
-    "guard_verdict": GUARD_VERDICT,
-    "pairwise_judgement": JUDGEMENT,
-}

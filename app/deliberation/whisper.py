@@ -9,44 +9,24 @@ enough policy-faithfulness gap between the two sides.
 
 from __future__ import annotations
 
-from app.deliberation import parsing
 from app.deliberation.calls import Caller, StageFailed
-from app.deliberation.config import GuardConfig, GuardStyle, PairsConfig, RoleConfig
-from app.deliberation.ports import Stage, TurnKey
-from app.deliberation.prompting import messages_for
+from app.deliberation.config import GuardConfig, PairsConfig, RoleConfig
 from app.deliberation.quality import grade, sample_text
 from app.deliberation.results import Grade, GuardVerdict, PairOutcome, Sample, WhisperTry
+from app.deliberation.stages import GUARDS, REJECTED, WHISPER
 
 
-async def make_pair(
-    caller: Caller, pairs: PairsConfig, grader: RoleConfig, prompt: str, chosen: Grade
-) -> PairOutcome:
+async def make_pair(caller: Caller, pairs: PairsConfig, grader: RoleConfig, chosen: Grade) -> PairOutcome:
     tries: list[WhisperTry] = []
     for number in range(1, pairs.max_tries + 1):
         try:
-            whispered = await caller.ask(
-                TurnKey(Stage.WHISPER, number),
-                "whisperer",
-                pairs.whisperer,
-                "whisper_belief",
-                messages_for("whisper", caller.policies, prompt=prompt, history=_history(tries)),
-                parsing.normalize_belief,
-            )
+            whispered = await caller.call(WHISPER, pairs.whisperer, round=number, history=_history(tries))
         except StageFailed as failed:
             refused = failed.failure.code == "agent_refused"
             return PairOutcome(False, "whisperer_refused" if refused else "whisperer_unparseable", tries)
         belief = whispered["belief"]
         try:
-            written = await caller.ask(
-                TurnKey(Stage.REJECTED, number),
-                "generator",
-                pairs.generator,
-                "rejected_cot",
-                messages_for(
-                    "zero_shot", caller.policies, user_template="rejected.user", prompt=prompt, belief=belief
-                ),
-                parsing.normalize_seed,
-            )
+            written = await caller.call(REJECTED, pairs.generator, round=number, belief=belief)
         except StageFailed as failed:
             if failed.failure.code != "agent_refused":
                 return PairOutcome(False, "rejected_unparseable", tries)
@@ -54,7 +34,7 @@ async def make_pair(
             tries.append(WhisperTry(number, belief, None, failed.turn.error, None))
             continue
         rejected = Sample(written["thoughts"], written["response"])
-        verdict = await _guard(caller, pairs.guard, prompt, rejected, number)
+        verdict = await _guard(caller, pairs.guard, rejected, number)
         tries.append(WhisperTry(number, belief, rejected, None, verdict))
         if verdict.unsafe is None:
             return PairOutcome(False, "guard_unparseable", tries)
@@ -63,7 +43,7 @@ async def make_pair(
     else:
         return PairOutcome(False, "guard_never_flagged", tries)
 
-    rejected_grade = await grade(caller, grader, prompt, rejected, round=number)
+    rejected_grade = await grade(caller, grader, rejected, round=number)
     chosen_score, rejected_score = chosen.policy_faithfulness(), rejected_grade.policy_faithfulness()
     if chosen_score is None or rejected_score is None:
         return PairOutcome(False, "grading_failed", tries, rejected_grade)
@@ -72,25 +52,10 @@ async def make_pair(
     return PairOutcome(kept, None if kept else "gap_below_threshold", tries, rejected_grade, gap)
 
 
-async def _guard(
-    caller: Caller, guard: GuardConfig, prompt: str, sample: Sample, number: int
-) -> GuardVerdict:
+async def _guard(caller: Caller, guard: GuardConfig, sample: Sample, number: int) -> GuardVerdict:
     """The guard's verdict; output it cannot read is recorded as such, never guessed."""
-    if guard.style is GuardStyle.LLAMA_GUARD:
-        # Llama Guard classifies the last turn of a conversation with its own chat template
-        # (its categories live there), answers in plain text, and is not re-asked.
-        messages = [
-            {"role": "user", "content": prompt},
-            {"role": "assistant", "content": sample_text(sample)},
-        ]
-        schema_name, normalize, reasks = None, parsing.normalize_llama_guard, False
-    else:
-        messages = messages_for("guard", caller.policies, prompt=prompt, sample=sample_text(sample))
-        schema_name, normalize, reasks = "guard_verdict", parsing.normalize_guard_json, True
     try:
-        verdict = await caller.ask(
-            TurnKey(Stage.GUARD, number), "guard", guard.role, schema_name, messages, normalize, reasks=reasks
-        )
+        verdict = await caller.call(GUARDS[guard.style], guard.role, round=number, sample=sample_text(sample))
     except StageFailed as failed:
         return GuardVerdict(None, error=failed.failure.message)
     return GuardVerdict(verdict["unsafe"], verdict["categories"], verdict["rationale"])

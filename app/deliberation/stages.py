@@ -1,0 +1,174 @@
+"""Every stage of the engine, declared once: the role that speaks, the schema it answers in,
+the normalizer that reads its reply and the templates that ask it.
+
+The Caller asks a stage from its declaration, and the request budgets are worked out from
+the same declarations. Adding a stage: a `Stage` member, a declaration here, its
+templates in prompts/, and one `caller.call` where the engine needs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from app.deliberation import parsing, schemas
+from app.deliberation.config import GuardStyle
+from app.deliberation.policies import PolicySet
+from app.deliberation.ports import Stage
+from app.deliberation.prompting import instructed
+
+Normalize = Callable[..., dict[str, Any]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageSpec:
+    stage: Stage
+    role: str  # as turns, limits and logs name the speaker; "{agent}" is filled in
+    # Travels in response_format.json_schema.name; servers and logs see it. None: the reply
+    # is plain text, read by `normalize` itself, and is not re-asked (re-asks ask for JSON).
+    schema_name: str | None
+    schema: dict[str, Any] | None
+    normalize: Normalize
+    # (system, user) templates in prompts/; None: a classifier with its own chat template,
+    # sent the conversation it judges (the prompt, then the sample as the assistant's turn).
+    templates: tuple[str, str] | None
+
+    @property
+    def plain_text(self) -> bool:
+        return self.schema_name is None
+
+    def role_of(self, agent: int) -> str:
+        return self.role.format(agent=agent)
+
+    def messages(self, policies: PolicySet, **values: object) -> list[dict[str, str]]:
+        if self.templates is None:
+            return [
+                {"role": "user", "content": str(values["prompt"])},
+                {"role": "assistant", "content": str(values["sample"])},
+            ]
+        system, user = self.templates
+        return instructed(policies, system, user, **values)
+
+
+INTENT = StageSpec(
+    stage=Stage.INTENT,
+    role="intent",
+    schema_name="intent_decomposition",
+    schema=schemas.INTENT,
+    normalize=parsing.normalize_intent,
+    templates=("intent.system", "intent.user"),
+)
+
+SEED = StageSpec(
+    stage=Stage.SEED,
+    role="seed",
+    schema_name="seed_cot",
+    schema=schemas.SEED,
+    normalize=parsing.normalize_seed,
+    templates=("seed.system", "seed.user"),
+)
+
+DELIBERATION = StageSpec(
+    stage=Stage.DELIBERATION,
+    role="deliberator-{agent}",
+    schema_name="deliberation_turn",
+    schema=schemas.DELIBERATION,
+    normalize=parsing.normalize_deliberation,
+    templates=("deliberation.system", "deliberation.user"),
+)
+
+# Its normalizer also takes thought_count: the ids the reply may cite.
+REFINE = StageSpec(
+    stage=Stage.REFINE,
+    role="refiner",
+    schema_name="refined_cot",
+    schema=schemas.REFINED,
+    normalize=parsing.normalize_refined,
+    templates=("refine.system", "refine.user"),
+)
+
+# The paper's LLM_ZS baseline: CoT and response in one call.
+ZERO_SHOT = StageSpec(
+    stage=Stage.ZERO_SHOT,
+    role="zero-shot",
+    schema_name="zero_shot_cot",
+    schema=schemas.SEED,
+    normalize=parsing.normalize_seed,
+    templates=("zero_shot.system", "zero_shot.user"),
+)
+
+# Round 0: the item's CoT; round n: the rejected side of whisper try n.
+GRADE = StageSpec(
+    stage=Stage.GRADE,
+    role="grader",
+    schema_name="quality_scores",
+    schema=schemas.SCORES,
+    normalize=parsing.normalize_scores,
+    templates=("grade.system", "grade.user"),
+)
+
+WHISPER = StageSpec(
+    stage=Stage.WHISPER,
+    role="whisperer",
+    schema_name="whisper_belief",
+    schema=schemas.BELIEF,
+    normalize=parsing.normalize_belief,
+    templates=("whisper.system", "whisper.user"),
+)
+
+# The zero-shot instructions, with the whispered belief injected.
+REJECTED = StageSpec(
+    stage=Stage.REJECTED,
+    role="generator",
+    schema_name="rejected_cot",
+    schema=schemas.SEED,
+    normalize=parsing.normalize_seed,
+    templates=("zero_shot.system", "rejected.user"),
+)
+
+# Any chat model, asked for a JSON verdict against the policy set.
+GUARD = StageSpec(
+    stage=Stage.GUARD,
+    role="guard",
+    schema_name="guard_verdict",
+    schema=schemas.GUARD_VERDICT,
+    normalize=parsing.normalize_guard_json,
+    templates=("guard.system", "guard.user"),
+)
+
+# The guard stage played by a Llama Guard-style classifier.
+LLAMA_GUARD = StageSpec(
+    stage=Stage.GUARD,
+    role="guard",
+    schema_name=None,
+    schema=None,
+    normalize=parsing.normalize_llama_guard,
+    templates=None,
+)
+
+GUARDS = {GuardStyle.JSON: GUARD, GuardStyle.LLAMA_GUARD: LLAMA_GUARD}  # by the job's guard style
+
+# Comparison jobs: round 1 sees (a, b), round 2 sees (b, a).
+JUDGE = StageSpec(
+    stage=Stage.JUDGE,
+    role="judge",
+    schema_name="pairwise_judgement",
+    schema=schemas.JUDGEMENT,
+    normalize=parsing.normalize_judgement,
+    templates=("judge.system", "judge.user"),
+)
+
+DECLARED = (
+    INTENT,
+    SEED,
+    DELIBERATION,
+    REFINE,
+    ZERO_SHOT,
+    GRADE,
+    WHISPER,
+    REJECTED,
+    GUARD,
+    LLAMA_GUARD,
+    JUDGE,
+)

@@ -1,0 +1,185 @@
+"""Every stage's request, pinned byte for byte.
+
+A turn stores the hash of the request it sent (model, messages, schema name, temperature,
+max_tokens). Replay reads stored turns by key, not by hash, but a stored hash that no longer
+matches what the engine would send means old items and new ones were asked different
+questions. So any change to a template, a renderer, a schema or the order of messages shows
+up here first: if it is meant, re-pin the figures (print `_fingerprint(...)`), and say so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import replace
+
+from app.deliberation.budget import judge_request, largest_requests
+from app.deliberation.config import GradingConfig, GuardConfig, GuardStyle, Mode, PairsConfig, PipelineConfig
+from app.deliberation.engine import deliberate, judge_pair
+from app.deliberation.ports import Stage
+from app.deliberation.prompting import TEMPLATES
+from app.deliberation.results import METRICS, Completed, Judged, Sample
+from app.deliberation.stages import DECLARED
+from app.llm.client import OpenAICompatibleClient
+from tests.memory_turn_log import InMemoryTurnLog
+from tests.scripted_llm import ScriptedLLM, agree, guard_verdict, malformed, refusal, reply, scores, truncated
+from tests.test_engine import DEFAULT_ROLE, ITEM, POLICIES, PROMPT, pipeline
+
+GRADER = replace(DEFAULT_ROLE, temperature=0.0)
+
+
+def _config(mode: Mode, guard_style: GuardStyle, max_tries: int) -> PipelineConfig:
+    return replace(
+        pipeline(agents=2, max_rounds=2),
+        mode=mode,
+        grading=GradingConfig(GRADER, dict.fromkeys(METRICS, 3.0)),
+        pairs=PairsConfig(DEFAULT_ROLE, DEFAULT_ROLE, GuardConfig(GRADER, guard_style), max_tries, 1.0),
+    )
+
+
+def _fingerprint(log: InMemoryTurnLog, item: uuid.UUID, server: ScriptedLLM) -> dict[str, object]:
+    """Per turn: key, role and request hash; and one digest of every HTTP body sent, which
+    also covers what the hash leaves out (the schema itself, response_format)."""
+    turns = [
+        f"{t.key.stage}/{t.key.round}/{t.key.agent}/{t.key.attempt} {t.role} {t.request_hash[:16]}"
+        for t in log.turns(item)
+    ]
+    bodies = json.dumps([r.body for r in server.requests], sort_keys=True)
+    return {"turns": turns, "bodies": hashlib.sha256(bodies.encode()).hexdigest()[:16]}
+
+
+async def test_aidsafe_stages_with_reasks_grading_and_a_whispered_pair_send_pinned_requests(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script("intent_decomposition", malformed())  # a malformed re-ask
+    scripted_llm.script("seed_cot", truncated())  # a truncated re-ask: brevity, twice the tokens
+    scripted_llm.script(
+        "deliberation_turn",
+        agree(False, ["Name the policy."], response="Round 1, agent 1."),
+        agree(False, ["Mention ventilation."], response="Round 1, agent 2."),
+        agree(True),
+    )
+    scripted_llm.script("whisper_belief", *(reply({"belief": f"Belief {n}."}) for n in (1, 2, 3)))
+    scripted_llm.script(
+        "rejected_cot",
+        reply({"thoughts": ["Try one thought."], "response": "Try one answer."}),
+        refusal(),  # the generator resists: the whisperer sees the refusal
+        reply({"thoughts": ["Try three thought."], "response": "Try three answer."}),
+    )
+    scripted_llm.script("guard_verdict", guard_verdict(False), guard_verdict(True, "Physical harm"))
+    scripted_llm.script(
+        "quality_scores",
+        reply(scores()),
+        reply(scores(cot_policy_faithfulness=1, response_policy_faithfulness=1)),
+    )
+    log = InMemoryTurnLog()
+
+    result = await deliberate(ITEM, PROMPT, _config(Mode.AIDSAFE, GuardStyle.JSON, 3), POLICIES, llm, log)
+
+    assert isinstance(result, Completed) and result.pair is not None and result.pair.kept
+    assert _fingerprint(log, ITEM, scripted_llm) == {
+        "turns": [
+            "intent/0/0/0 intent 6613e7669a6bbb8f",
+            "intent/0/0/1 intent 229347950cc14264",
+            "seed/0/0/0 seed d8f94f488d0574bb",
+            "seed/0/0/1 seed 16e4660fee877791",
+            "deliberation/1/1/0 deliberator-1 3ca347e8516bfebb",
+            "deliberation/1/2/0 deliberator-2 51dd85fe51c36508",
+            "deliberation/2/1/0 deliberator-1 55a9dfa68fbf7b47",
+            "refine/0/0/0 refiner 37373c7192c36cb5",
+            "grade/0/0/0 grader cf40c1df3f266961",
+            "whisper/1/0/0 whisperer 593ec6cb631e7030",
+            "rejected/1/0/0 generator 229a1c92f77f5387",
+            "guard/1/0/0 guard 8359ae2849fb9ae2",
+            "whisper/2/0/0 whisperer 82d7acbf8264b544",
+            "rejected/2/0/0 generator d754f5f17a0fdfad",
+            "whisper/3/0/0 whisperer 35de990cfec2a18a",
+            "rejected/3/0/0 generator 5b7ede876d14d3d5",
+            "guard/3/0/0 guard 8fc40c1ac8d245ef",
+            "grade/3/0/0 grader 8a9712e0307b9fb3",
+        ],
+        "bodies": "94008f47b49639b7",
+    }
+
+
+async def test_zero_shot_with_a_llama_guard_pair_sends_pinned_requests(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script("rejected_cot", reply({"thoughts": ["Rules bend."], "response": "Bent answer."}))
+    scripted_llm.script(None, reply("unsafe\nS1"))
+    scripted_llm.script("quality_scores", reply(scores()), reply(scores(cot_policy_faithfulness=1)))
+    log = InMemoryTurnLog()
+
+    config = _config(Mode.ZERO_SHOT, GuardStyle.LLAMA_GUARD, 1)
+    result = await deliberate(ITEM, PROMPT, config, POLICIES, llm, log)
+
+    assert isinstance(result, Completed) and result.pair is not None and result.pair.tries[0].guard
+    assert _fingerprint(log, ITEM, scripted_llm) == {
+        "turns": [
+            "zero_shot/0/0/0 zero-shot f6634bcfae6c0d4a",
+            "grade/0/0/0 grader cefc22aca5cee350",
+            "whisper/1/0/0 whisperer 593ec6cb631e7030",
+            "rejected/1/0/0 generator 7cbc1d2ac4828674",
+            "guard/1/0/0 guard dfa128c27c2976d5",
+            "grade/1/0/0 grader 7d6ebf3e8fb9852b",
+        ],
+        "bodies": "efb8323c641d0805",
+    }
+
+
+async def test_the_pairwise_judge_sends_pinned_requests(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script("pairwise_judgement", malformed(), reply({"winner": "A", "rationale": "Clearer."}))
+    log = InMemoryTurnLog()
+    a, b = Sample(["Base thought."], "Base answer."), Sample(["Candidate thought."], "Candidate answer.")
+
+    judged = await judge_pair(ITEM, PROMPT, a, b, GRADER, POLICIES, llm, log, max_tokens=256, max_reasks=1)
+
+    assert isinstance(judged, Judged)
+    assert _fingerprint(log, ITEM, scripted_llm) == {
+        "turns": [
+            "judge/1/0/0 judge 38bb3658769975bd",
+            "judge/1/0/1 judge 7463ff35b183a061",
+            "judge/2/0/0 judge b07dfb35c317f496",
+        ],
+        "bodies": "27ae18d2397653dc",
+    }
+
+
+def test_request_budgets_of_every_role_are_pinned() -> None:
+    budgets = [
+        *largest_requests(_config(Mode.AIDSAFE, GuardStyle.JSON, 3), POLICIES, PROMPT),
+        *largest_requests(_config(Mode.ZERO_SHOT, GuardStyle.LLAMA_GUARD, 2), POLICIES, PROMPT),
+        judge_request(GRADER, POLICIES, PROMPT, (512, 1024), 256),
+    ]
+
+    assert [(b.role, b.tokens) for b in budgets] == [
+        ("intent", 3438),
+        ("seed", 4054),
+        ("deliberator-1", 5897),
+        ("deliberator-2", 6473),
+        ("refiner", 7190),
+        ("grader", 4594),
+        ("whisperer", 6884),
+        ("generator", 4028),
+        ("guard", 4034),
+        ("zero-shot", 3439),
+        ("grader", 4594),
+        ("whisperer", 5156),
+        ("generator", 4028),
+        ("guard", 1121),
+        ("judge", 4772),
+    ]
+
+
+def test_every_stage_is_declared_with_its_own_schema_name_and_existing_templates() -> None:
+    assert {spec.stage for spec in DECLARED} == set(Stage)
+    # Servers, logs and the scripted server tell stages apart by schema name.
+    named = [spec.schema_name for spec in DECLARED if spec.schema_name is not None]
+    assert len(named) == len(set(named))
+    for spec in DECLARED:
+        assert (spec.schema is None) == spec.plain_text
+        for template in spec.templates or ():
+            assert (TEMPLATES / f"{template}.txt").is_file(), template
