@@ -9,6 +9,7 @@ bash scripts/install.sh
 bash scripts/install-browser.sh
 bash scripts/services.sh
 .venv/bin/ruff check app workers tests migrations bench
+.venv/bin/mypy  # the files pyproject.toml's [tool.mypy] names, strictly
 .venv/bin/pytest -q -n auto "$@"
 # Exit status 5: no serial test among those selected.
 .venv/bin/pytest -q --only-serial "$@" || [ $? -eq 5 ]

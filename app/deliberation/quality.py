@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 from app.deliberation.calls import Caller, StageFailed
 from app.deliberation.config import RoleConfig
-from app.deliberation.results import METRICS, Gate, Grade, Judged, Sample, Vote
+from app.deliberation.results import METRICS, Choice, Gate, Grade, Judged, Order, Sample, Vote
 from app.deliberation.stages import GRADE, JUDGE
 
 
@@ -37,11 +37,19 @@ def gate(grade: Grade, thresholds: Mapping[str, float]) -> Gate:
     return Gate(not missed, missed)
 
 
+# The judge answers by position (A is shown first); a vote names the sample.
+_CHOICE_BY_POSITION: dict[Order, dict[str, Choice]] = {
+    "ab": {"A": "a", "B": "b", "tie": "tie"},
+    "ba": {"A": "b", "B": "a", "tie": "tie"},
+}
+
+
 async def compare_samples(caller: Caller, judge: RoleConfig, a: Sample, b: Sample) -> Judged:
     """Ask in both orders; a sample wins only if both orders prefer it, else it is a tie.
     If either order gives no usable answer there is no winner (None)."""
     votes = []
-    for round, (order, first, second) in enumerate((("ab", a, b), ("ba", b, a)), start=1):
+    orders: tuple[tuple[Order, Sample, Sample], ...] = (("ab", a, b), ("ba", b, a))
+    for round, (order, first, second) in enumerate(orders, start=1):
         try:
             answer = await caller.call(
                 JUDGE, judge, round=round, first=sample_text(first), second=sample_text(second)
@@ -49,9 +57,8 @@ async def compare_samples(caller: Caller, judge: RoleConfig, a: Sample, b: Sampl
         except StageFailed as failed:
             votes.append(Vote(order, None, failed.failure.message))
             continue
-        by_position = {"A": order[0], "B": order[1], "tie": "tie"}
-        votes.append(Vote(order, by_position[answer["winner"]], answer["rationale"]))
-    first, second = (vote.choice for vote in votes)
-    if first is None or second is None:  # one order alone would let position bias decide
+        votes.append(Vote(order, _CHOICE_BY_POSITION[order][answer["winner"]], answer["rationale"]))
+    in_order, in_reverse = (vote.choice for vote in votes)
+    if in_order is None or in_reverse is None:  # one order alone would let position bias decide
         return Judged(None, votes)
-    return Judged(first if first == second else "tie", votes)
+    return Judged(in_order if in_order == in_reverse else "tie", votes)

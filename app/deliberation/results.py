@@ -47,7 +47,7 @@ class Grade:
     def policy_faithfulness(self) -> float | None:
         if self.scores is None:
             return None
-        return sum(self.scores[m]["score"] for m in POLICY_METRICS) / len(POLICY_METRICS)
+        return sum(float(self.scores[m]["score"]) for m in POLICY_METRICS) / len(POLICY_METRICS)
 
 
 @dataclass(frozen=True)
@@ -133,10 +133,14 @@ class Failed:
     stage: str
 
 
+Order = Literal["ab", "ba"]  # which sample the judge saw first
+Choice = Literal["a", "b", "tie"]
+
+
 @dataclass(frozen=True)
 class Vote:
-    order: Literal["ab", "ba"]  # which sample the judge saw first
-    choice: Literal["a", "b", "tie"] | None  # None: the judge's output could not be read
+    order: Order
+    choice: Choice | None  # None: the judge's output could not be read
     rationale: str
 
 
@@ -145,5 +149,5 @@ class Judged:
     """A pairwise judgement of two samples of one prompt, asked in both orders against
     position bias: a sample wins only when both orders prefer it."""
 
-    winner: Literal["a", "b", "tie"] | None  # None: no readable vote
+    winner: Choice | None  # None: no readable vote
     votes: list[Vote]
