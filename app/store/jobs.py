@@ -13,7 +13,6 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.deliberation.config import GradingConfig
 from app.errors import IdempotencyConflict, InvalidCursor, NotFound
 from app.plan import GenerationPlan, JobPlan
 from app.store import quality
@@ -187,22 +186,18 @@ async def summary(session: AsyncSession, job: Job) -> dict[str, Any]:
         "counts": {"total": job.item_count, "by_status": by_status, "by_stage": by_stage},
         "usage": {"llm_calls": tokens[0], "prompt_tokens": tokens[1], "completion_tokens": tokens[2]},
     }
-    if _grading(job.plan) is not None:
-        summary["quality"] = await quality.grading(session, job.id)
-    if isinstance(job.plan, GenerationPlan) and job.plan.pairs is not None:
-        summary["pairs"] = await quality.pairs(session, job.id)
+    if isinstance(plan := job.plan, GenerationPlan):  # comparisons neither grade nor pair
+        if plan.grading is not None:
+            summary["quality"] = await quality.grading(session, job.id)
+        if plan.pairs is not None:
+            summary["pairs"] = await quality.pairs(session, job.id)
     return summary
-
-
-def _grading(plan: JobPlan) -> GradingConfig | None:
-    """The job's grading, if it asked for it."""
-    return plan.grading if isinstance(plan, GenerationPlan) else None
 
 
 async def report(session: AsyncSession, job: Job) -> dict[str, Any]:
     """The summary, with the quality gate's thresholds and what CoTs missed, and usage by stage."""
     full = await summary(session, job)
-    if (grading := _grading(job.plan)) is not None:
+    if isinstance(plan := job.plan, GenerationPlan) and (grading := plan.grading) is not None:
         full["quality"]["thresholds"] = dict(grading.thresholds)
         full["quality"]["below_threshold"] = await quality.below_threshold(
             session, job.id, grading.thresholds
