@@ -219,7 +219,7 @@ def resolve(config: JobConfigIn, settings: Settings) -> GenerationPlan:
         raise InvalidConfig(
             f"'deliberators' lists {len(config.deliberators)} agents but 'agents' is {agents}"
         )
-    deliberators = config.deliberators or [None] * agents
+    deliberators: list[RoleIn | None] = [*config.deliberators] if config.deliberators else [None] * agents
     grading = config.grading or (GradingIn() if config.pairs else None)
     pairs = config.pairs
     return GenerationPlan(
