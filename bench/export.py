@@ -36,9 +36,11 @@ from sqlalchemy import insert, select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.config import get_settings
 from app.deliberation.results import METRICS
 from app.exports.formats import FORMATS
 from app.exports.rows import ExportFilter
+from app.plan import JobConfigIn, resolve
 from app.store import exports
 from app.store.db import make_engine, make_sessions
 from app.store.models import ApiKey, Cot, Item, Job, PolicySetRow
@@ -108,7 +110,7 @@ async def insert_finished_job(
             id=job_id,
             owner_key_id=owner_key_id,
             policy_set_id=policy_set.id,
-            config={},
+            plan=resolve(JobConfigIn(), get_settings()),  # the server's defaults
             request_hash="bulk",
             item_count=count,
         )

@@ -35,7 +35,7 @@ from app.deliberation.policies import policy_set
 from app.deliberation.ports import ChatReply, ChatRequest, Turn, TurnKey
 from app.deliberation.stages import DECLARED
 from app.llm.client import OpenAICompatibleClient
-from app.pipeline_config import JobConfigIn, resolve, to_pipeline
+from app.plan import JobConfigIn, resolve
 from app.store.policy_sets import DEFAULT_FILE, load_file
 from bench.machine import ROOT, describe
 from bench.stack import ServiceStack, publish, run_bounded
@@ -119,7 +119,7 @@ def read_prompts(path: Path) -> list[str]:
 
 async def run_engine(sim_url: str, prompts: list[str]) -> tuple[list[ChatRequest], int]:
     settings = Settings(llm_base_url=sim_url, llm_model="sim-llm")
-    config = to_pipeline(resolve(JobConfigIn(), settings))
+    config = resolve(JobConfigIn(), settings).pipeline()
     data = load_file(DEFAULT_FILE)
     policies = policy_set(data["name"], data["policies"])
     endpoints = {"default": EndpointConfig(base_url=sim_url, default_model="sim-llm")}

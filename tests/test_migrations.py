@@ -4,6 +4,7 @@ revision, writes rows as that revision's code did, and upgrades to head."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 
@@ -12,6 +13,8 @@ import pytest
 from alembic import command
 from alembic.config import Config
 
+from app.deliberation.config import Mode
+from app.plan import ComparisonPlan, GenerationPlan, read_plan
 from tests.conftest import PG_ADMIN_DSN, ROOT, _admin
 
 
@@ -135,3 +138,112 @@ async def test_the_naming_convention_migration_renames_constraints_and_back(
 
     await asyncio.to_thread(command.downgrade, config, "0006_operator_errors")
     assert await _constraint_names(dsn) == named_by_postgres
+
+
+# A job's config as the first release stored it: no mode, grading or pairs.
+LEGACY_CONFIG = {
+    "max_rounds": 2,
+    "max_tokens": 256,
+    "max_reasks": 1,
+    "roles": {
+        role: {"endpoint": "default", "model": "m", "temperature": 0.7}
+        for role in ("intent", "seed", "refiner")
+    }
+    | {"deliberators": [{"endpoint": "default", "model": "m", "temperature": 0.7}]},
+}
+
+
+async def test_job_plans_migration_moves_comparison_links_out_of_item_metadata_and_back(
+    old_database: tuple[Config, str],
+) -> None:
+    config, dsn = old_database
+    await asyncio.to_thread(command.upgrade, config, "0007_naming_convention")
+    connection = await asyncpg.connect(dsn)
+    try:
+        owner, policy_set = uuid.uuid4(), uuid.uuid4()
+        await connection.execute(
+            "INSERT INTO api_keys (id, name, prefix, key_hash) VALUES ($1, 'k', 'p', 'h')", owner
+        )
+        await connection.execute(
+            "INSERT INTO policy_sets (id, owner_key_id, name, version, description, policies) "
+            "VALUES ($1, $2, 'p', 'v', '', '[]')",
+            policy_set,
+            owner,
+        )
+        baseline, candidate, comparison = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+        comparison_config = {
+            "mode": "comparison",
+            "baseline_job_id": str(baseline),
+            "candidate_job_id": str(candidate),
+            "judge": {"endpoint": "default", "model": "m", "temperature": 0.0},
+            "max_tokens": 256,
+            "max_reasks": 1,
+        }
+        for job, job_config in (
+            (baseline, LEGACY_CONFIG),
+            (candidate, {**LEGACY_CONFIG, "mode": "zero_shot", "grading": None, "pairs": None}),
+            (comparison, comparison_config),
+        ):
+            await connection.execute(
+                "INSERT INTO jobs (id, owner_key_id, policy_set_id, config, request_hash, item_count) "
+                "VALUES ($1, $2, $3, $4, 'h', 1)",
+                job,
+                owner,
+                policy_set,
+                json.dumps(job_config),
+            )
+        # The user's own metadata may use the same names: only a comparison item's are links.
+        user_metadata = {"a_item_id": "mine", "source": "csv"}
+        base_item, cand_item, compared = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+        for item, job, metadata in (
+            (base_item, baseline, user_metadata),
+            (cand_item, candidate, {}),
+            (compared, comparison, {"a_item_id": str(base_item), "b_item_id": str(cand_item)}),
+        ):
+            await connection.execute(
+                "INSERT INTO items (id, job_id, position, prompt, metadata, status, stage, attempts, "
+                "failures, enqueues) VALUES ($1, $2, 0, 'p', $3, 'queued', 'intent', 0, 0, 1)",
+                item,
+                job,
+                json.dumps(metadata),
+            )
+
+        await asyncio.to_thread(command.upgrade, config, "0008_job_plans")
+
+        items = {
+            row["id"]: (json.loads(row["metadata"]), row["baseline_item_id"], row["candidate_item_id"])
+            for row in await connection.fetch(
+                "SELECT id, metadata, baseline_item_id, candidate_item_id FROM items"
+            )
+        }
+        assert items == {
+            base_item: (user_metadata, None, None),
+            cand_item: ({}, None, None),
+            compared: ({}, base_item, cand_item),
+        }
+        plans = {
+            row["id"]: read_plan(json.loads(row["plan"]))
+            for row in await connection.fetch("SELECT id, plan FROM jobs")
+        }
+        legacy = plans[baseline]
+        assert isinstance(legacy, GenerationPlan)  # read as the worker always read it
+        assert (legacy.mode, legacy.grading, legacy.pairs, legacy.max_rounds) == (Mode.AIDSAFE, None, None, 2)
+        assert isinstance(plans[candidate], GenerationPlan) and plans[candidate].mode is Mode.ZERO_SHOT
+        assert plans[comparison] == ComparisonPlan.model_validate(comparison_config)
+
+        await asyncio.to_thread(command.downgrade, config, "0007_naming_convention")
+
+        metadata = {
+            row["id"]: json.loads(row["metadata"])
+            for row in await connection.fetch("SELECT id, metadata FROM items")
+        }
+        assert metadata == {
+            base_item: user_metadata,
+            cand_item: {},
+            compared: {"a_item_id": str(base_item), "b_item_id": str(cand_item)},
+        }
+        assert json.loads(await connection.fetchval("SELECT config FROM jobs WHERE id = $1", comparison)) == (
+            comparison_config
+        )
+    finally:
+        await connection.close()

@@ -141,7 +141,7 @@ async def test_sweeper_re_enqueues_queued_items_whose_arq_job_was_lost(
     await arq_redis.delete(settings.queue_name)  # what a Redis restart without persistence does
     await asyncio.sleep(settings.enqueue_grace_s + 0.2)
 
-    swept = await sweep({"settings": settings, "sessions": sessions, "redis": arq_redis})
+    swept = await sweep(settings, sessions, arq_redis)
     await run_worker_burst(settings)
 
     assert swept == {"expired": 0, "lost": 2}
@@ -164,7 +164,7 @@ async def test_sweeper_re_enqueues_a_queued_item_whose_worker_died_before_claimi
     await arq_redis.set(taken, b"1", ex=60)  # arq: its job timeout, 24 h here
     await asyncio.sleep(settings.enqueue_grace_s + 0.2)
 
-    swept = await sweep({"settings": settings, "sessions": sessions, "redis": arq_redis})
+    swept = await sweep(settings, sessions, arq_redis)
     assert swept == {"expired": 0, "lost": 1}
     await run_worker_burst(settings)
 
@@ -182,7 +182,7 @@ async def test_sweeper_leaves_queued_items_with_a_live_arq_job_alone(
     await submit(api, auth, ["Tell me about tides."])
     await asyncio.sleep(settings.enqueue_grace_s + 0.2)
 
-    swept = await sweep({"settings": settings, "sessions": sessions, "redis": arq_redis})
+    swept = await sweep(settings, sessions, arq_redis)
 
     assert swept == {"expired": 0, "lost": 0}
     assert await arq_redis.zcard(settings.queue_name) == 1
@@ -203,7 +203,7 @@ async def test_sweeper_recovers_an_item_whose_lease_expired(
     assert await items.claim(sessions, item_id, items.Limits(lease_s=1, max_claims=8, max_failures=5))
     await asyncio.sleep(1.2)
 
-    swept = await sweep({"settings": settings, "sessions": sessions, "redis": arq_redis})
+    swept = await sweep(settings, sessions, arq_redis)
 
     assert swept["expired"] == 1
     assert await arq_redis.zrange(settings.queue_name, 0, -1) == [f"item:{item_id}:2".encode()]

@@ -10,6 +10,7 @@ import contextlib
 import gc
 import logging
 import random
+from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
@@ -18,6 +19,7 @@ from arq import Retry
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from prometheus_client import start_http_server
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import events, logs
 from app.config import Settings, get_settings
@@ -28,10 +30,10 @@ from app.llm.client import OpenAICompatibleClient
 from app.llm.limits import EndpointLimiter
 from app.llm.rates import EndpointRates
 from app.metrics import ITEMS_FINISHED
-from app.pipeline_config import to_judge, to_pipeline
+from app.plan import ComparisonPlan, GenerationPlan
 from app.queue import arq_job_id, enqueue_items, redis_settings
-from app.store import comparisons, items
-from app.store.db import make_engine, make_sessions
+from app.store import items
+from app.store.db import Sessions, make_engine, make_sessions
 from app.store.endings import CANCELLED, Ending, failed, handed_back
 from app.store.policy_sets import for_engine
 from app.store.turn_log import PostgresTurnLog
@@ -39,96 +41,123 @@ from app.store.turn_log import PostgresTurnLog
 log = logging.getLogger("aidsafe.worker")
 
 
+@dataclass
+class Worker:
+    """What every task of a worker process shares, made once by on_startup and kept in arq's
+    ctx under WORKER (arq hands its tasks that dict, with the settings put in it and its own
+    Redis pool)."""
+
+    settings: Settings
+    redis: ArqRedis
+    db: AsyncEngine
+    sessions: Sessions
+    llm: OpenAICompatibleClient
+    sweeper: asyncio.Task[None] | None = None  # this process's sweeper loop, if it runs one
+
+
+WORKER = "worker"
+
+
+def _worker(ctx: dict[str, Any]) -> Worker:
+    worker: Worker = ctx[WORKER]
+    return worker
+
+
 async def startup(ctx: dict[str, Any]) -> None:
     await connect(ctx)
     # What exists now (modules, settings, pools) lives as long as the worker: keep it out of
     # the collector's full passes, which otherwise stall every running item for tens of ms.
     gc.freeze()
-    ctx["sweeper"] = asyncio.create_task(_sweep_forever(ctx))
+    worker = _worker(ctx)
+    worker.sweeper = asyncio.create_task(_sweep_forever(worker))
 
 
 async def connect(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
+    redis: ArqRedis = ctx["redis"]
     logs.configure(settings.log_level, settings.log_json)
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port)
     pool_size = min(settings.worker_max_jobs + 2, settings.worker_db_connections)
-    ctx["db"] = make_engine(settings.database_url, pool_size=pool_size)
-    ctx["sessions"] = make_sessions(ctx["db"])
-    ctx["llm"] = OpenAICompatibleClient(
+    db = make_engine(settings.database_url, pool_size=pool_size)
+    llm = OpenAICompatibleClient(
         settings.endpoints(),
-        EndpointLimiter(ctx["redis"], key_prefix=f"{settings.redis_key_prefix}:limits"),
-        rates=EndpointRates(ctx["redis"], key_prefix=f"{settings.redis_key_prefix}:rates"),
+        EndpointLimiter(redis, key_prefix=f"{settings.redis_key_prefix}:limits"),
+        rates=EndpointRates(redis, key_prefix=f"{settings.redis_key_prefix}:rates"),
         timeout_s=settings.llm_timeout_s,
         max_retries=settings.llm_max_retries,
         backoff_base_s=settings.llm_backoff_base_s,
         backoff_max_s=settings.llm_backoff_max_s,
     )
+    ctx[WORKER] = Worker(settings, redis, db, make_sessions(db), llm)
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
-    if sweeper := ctx.get("sweeper"):
-        sweeper.cancel()
-    await ctx["llm"].aclose()
-    await ctx["db"].dispose()
+    worker = _worker(ctx)
+    if worker.sweeper:
+        worker.sweeper.cancel()
+    await worker.llm.aclose()
+    await worker.db.dispose()
 
 
 async def run_item(ctx: dict[str, Any], item_id: str) -> str:
     """Claim the item, run or resume its deliberation (or judgement), and record how it ended."""
     with logs.ids(item_id=item_id):
-        return await _run_item(ctx, item_id)
+        return await _run_item(_worker(ctx), item_id)
 
 
-async def _run_item(ctx: dict[str, Any], item_id: str) -> str:
-    settings: Settings = ctx["settings"]
-    sessions = ctx["sessions"]
-    claim = await items.claim(sessions, UUID(item_id), _limits(settings))
+async def _run_item(worker: Worker, item_id: str) -> str:
+    claim = await items.claim(worker.sessions, UUID(item_id), _limits(worker.settings))
     if claim is None:
         return "nothing to do"
     with logs.ids(job_id=str(claim.job_id)):
-        return await _run_claimed(ctx, claim)
+        return await _run_claimed(worker, claim)
 
 
 LEASE_LOST = "lease lost"  # how a run ends that finds another worker holding its item
 
 
-async def _run_claimed(ctx: dict[str, Any], claim: items.Claim) -> str:
-    ending = await _process_claimed(ctx, claim)
+async def _run_claimed(worker: Worker, claim: items.Claim) -> str:
+    ending = await _process_claimed(worker, claim)
     outcome = LEASE_LOST if ending is None else ending.status.value
     ITEMS_FINISHED.labels(outcome).inc()
     if ending is not None:
-        await _announce(ctx, claim, ending)
+        await _announce(worker, claim, ending)
     return outcome
 
 
-async def _announce(ctx: dict[str, Any], claim: items.Claim, ending: Ending) -> None:
+async def _announce(worker: Worker, claim: items.Claim, ending: Ending) -> None:
     """Followers of the job's progress events hear that the item ended (best effort)."""
     event = events.ItemFinished(str(claim.item_id), claim.position, ending.status.value, ending.error_code)
-    await events.announce_item_finished(ctx["redis"], ctx["settings"], claim.job_id, event)
+    await events.announce_item_finished(worker.redis, worker.settings, claim.job_id, event)
 
 
-async def _run_engine(ctx: dict[str, Any], claim: items.Claim) -> Completed | Judged | Failed:
-    """The engine's work for the item's job mode: judge two samples, or write a CoT."""
-    sessions, config = ctx["sessions"], claim.config
+async def _run_engine(worker: Worker, claim: items.Claim) -> Completed | Judged | Failed:
+    """The engine's work for the item's job: judge two samples, or write a CoT."""
+    sessions, llm = worker.sessions, worker.llm
     policies, turn_log = for_engine(claim.policy_set), PostgresTurnLog(sessions, claim)
-    if config["mode"] == comparisons.MODE:
-        baseline, candidate = await items.compared_samples(sessions, claim)
-        return await judge_pair(
-            claim.item_id,
-            claim.prompt,
-            baseline,
-            candidate,
-            to_judge(config),
-            policies,
-            ctx["llm"],
-            turn_log,
-            max_tokens=config["max_tokens"],
-            max_reasks=config["max_reasks"],
-        )
-    return await deliberate(claim.item_id, claim.prompt, to_pipeline(config), policies, ctx["llm"], turn_log)
+    match claim.plan:
+        case ComparisonPlan() as plan:
+            baseline, candidate = await items.compared_samples(sessions, claim)
+            return await judge_pair(
+                claim.item_id,
+                claim.prompt,
+                baseline,
+                candidate,
+                plan.judge,
+                policies,
+                llm,
+                turn_log,
+                max_tokens=plan.max_tokens,
+                max_reasks=plan.max_reasks,
+            )
+        case GenerationPlan() as plan:
+            return await deliberate(claim.item_id, claim.prompt, plan.pipeline(), policies, llm, turn_log)
 
 
-async def _record(sessions: Any, claim: items.Claim, result: Completed | Judged | Failed) -> Ending | None:
+async def _record(
+    sessions: Sessions, claim: items.Claim, result: Completed | Judged | Failed
+) -> Ending | None:
     """How the item ended, as stored; None if another worker holds it now."""
     if isinstance(result, Failed):
         return await items.end(sessions, claim, failed(result.code, result.message))
@@ -137,12 +166,11 @@ async def _record(sessions: Any, claim: items.Claim, result: Completed | Judged 
     return await items.complete(sessions, claim, result)
 
 
-async def _process_claimed(ctx: dict[str, Any], claim: items.Claim) -> Ending | None:
+async def _process_claimed(worker: Worker, claim: items.Claim) -> Ending | None:
     """Run the item to its end: a finished ending, or None if another worker holds it now.
     An ending that hands the item back raises (arq's Retry, or the cancellation)."""
-    settings: Settings = ctx["settings"]
-    sessions = ctx["sessions"]
-    work = asyncio.create_task(_run_engine(ctx, claim))
+    settings, sessions = worker.settings, worker.sessions
+    work = asyncio.create_task(_run_engine(worker, claim))
     watch = asyncio.create_task(_keep_lease(sessions, claim, settings.lease_seconds, work))
     try:
         result = await work
@@ -183,7 +211,7 @@ def _limits(settings: Settings) -> items.Limits:
     return items.Limits(settings.lease_seconds, settings.item_max_attempts, settings.item_max_failures)
 
 
-async def _keep_lease(sessions: Any, claim: items.Claim, lease_s: int, work: asyncio.Task[Any]) -> None:
+async def _keep_lease(sessions: Sessions, claim: items.Claim, lease_s: int, work: asyncio.Task[Any]) -> None:
     """Renew the lease while the item runs; stop the work if the claim is lost."""
     while True:
         await asyncio.sleep(lease_s / 3)
@@ -196,7 +224,7 @@ async def _keep_lease(sessions: Any, claim: items.Claim, lease_s: int, work: asy
             log.warning("lease renewal failed for item %s", claim.item_id, exc_info=True)
 
 
-async def _on_claim_lost(sessions: Any, claim: items.Claim, watch: asyncio.Task[None]) -> Ending | None:
+async def _on_claim_lost(sessions: Sessions, claim: items.Claim, watch: asyncio.Task[None]) -> Ending | None:
     reason = watch.exception() if watch.done() and not watch.cancelled() else None
     if isinstance(reason, items.JobCancelled):
         return await items.end(sessions, claim, CANCELLED)
@@ -207,12 +235,10 @@ def _backoff_s(settings: Settings, attempt: int) -> float:
     return min(300.0, settings.item_retry_base_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
 
 
-async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
+async def sweep(settings: Settings, sessions: Sessions, redis: ArqRedis) -> dict[str, int]:
     """Re-enqueue what would otherwise wait: items whose lease expired (their worker died),
     and queued items whose arq job is gone (Redis restarted, enqueue lost after commit) or
     was taken by a worker that died before claiming the item."""
-    settings: Settings = ctx["settings"]
-    sessions, redis = ctx["sessions"], ctx["redis"]
     expired = await items.take_expired_leases(sessions)
     waiting = await items.queued_unclaimed(sessions, settings.enqueue_grace_s)
     pending = await _arq_jobs_pending(redis, settings.queue_name, [arq_job_id(i, n) for i, n in waiting])
@@ -255,15 +281,15 @@ async def _forget_arq_jobs(redis: ArqRedis, queue_name: str, renumbered: list[tu
         await pipe.execute()
 
 
-async def _sweep_forever(ctx: dict[str, Any]) -> None:
+async def _sweep_forever(worker: Worker) -> None:
     """Every worker runs this loop; a Redis lock lets one of them sweep per interval. It runs
     beside the queue, not in it, so a long backlog cannot delay recovery."""
-    settings: Settings = ctx["settings"]
+    settings, redis = worker.settings, worker.redis
     lock = f"{settings.redis_key_prefix}:sweeper"
     while True:
         try:
-            if await ctx["redis"].set(lock, "1", nx=True, px=int(settings.sweep_interval_s * 1000)):
-                await sweep(ctx)
+            if await redis.set(lock, "1", nx=True, px=int(settings.sweep_interval_s * 1000)):
+                await sweep(settings, worker.sessions, redis)
         except Exception:  # Redis or Postgres away: try again next interval
             log.warning("sweep failed", exc_info=True)
         await asyncio.sleep(settings.sweep_interval_s)

@@ -16,7 +16,7 @@ from app.api.errors import documented
 from app.api.jobs import ERRORS
 from app.api.schemas import ComparisonIn, ComparisonOut
 from app.api.submissions import SubmissionDep
-from app.pipeline_config import check_comparison_fits, resolve_comparison
+from app.plan import check_comparison_fits, resolve_comparison
 from app.store import comparisons, jobs, policy_sets
 from app.store.models import Job
 
@@ -25,8 +25,10 @@ COMPARISON_BODY = JsonBody[ComparisonIn](ComparisonIn, max_values=1_000)  # two 
 
 
 async def _comparison_out(session: AsyncSession, job: Job) -> ComparisonOut:
+    """The job as a comparison; NotFound if it is not one."""
     return views.comparison_out(
         job,
+        comparisons.plan_of(job),
         await jobs.summary(session, job),
         await comparisons.metric_means(session, job),
         await comparisons.pairwise(session, job.id),
@@ -55,12 +57,12 @@ async def create_comparison(
     session, settings = submission.session, submission.settings
     baseline = await jobs.get_owned(session, body.baseline_job_id, key.id)
     candidate = await jobs.get_owned(session, body.candidate_job_id, key.id)
-    config = resolve_comparison(body.judge, settings, baseline.id, candidate.id)
+    plan = resolve_comparison(body.judge, settings, baseline.id, candidate.id)
     check_comparison_fits(
-        config,
+        plan,
         policy_sets.for_engine(await policy_sets.by_id(session, candidate.policy_set_id)),
         await comparisons.longest_prompt(session, candidate.id),
-        (baseline.config["max_tokens"], candidate.config["max_tokens"]),
+        (baseline.plan.max_tokens, candidate.plan.max_tokens),
         settings,
     )
     job, new_item_ids = await comparisons.create(
@@ -68,7 +70,7 @@ async def create_comparison(
         owner_key_id=key.id,
         baseline=baseline,
         candidate=candidate,
-        config=config,
+        plan=plan,
         idempotency_key=submission.idempotency_key,
         request_hash=submission.request_hash(body),
     )
@@ -80,4 +82,4 @@ async def create_comparison(
 async def get_comparison(comparison_id: UUID, session: SessionDep, key: CurrentKey) -> ComparisonOut:
     """Progress, the grader's per-metric means of both jobs over the compared prompts, and
     the judge's wins, ties and losses from the candidate's side."""
-    return await _comparison_out(session, await comparisons.get_owned(session, comparison_id, key.id))
+    return await _comparison_out(session, await jobs.get_owned(session, comparison_id, key.id))

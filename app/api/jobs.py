@@ -24,7 +24,7 @@ from app.api.schemas import (
 )
 from app.api.submissions import SubmissionDep
 from app.api.summaries import job_out
-from app.pipeline_config import check_job_fits, resolve
+from app.plan import check_job_fits, resolve
 from app.store import jobs, policy_sets
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -52,17 +52,17 @@ async def submit_job(
     """Accept a batch of 1 to 10,000 prompts; one arq job per item is enqueued after commit.
     422 `request_too_large` if a role's requests may not fit its endpoint's context."""
     session, settings = submission.session, submission.settings
-    config = resolve(body.config, settings)
+    plan = resolve(body.config, settings)
     policy_set = await policy_sets.resolve_for_job(
         session, key.id, body.policy_set.name, body.policy_set.version
     )
     prompts = body.prompt_items()
-    check_job_fits(config, policy_sets.for_engine(policy_set), [p.prompt for p in prompts], settings)
+    check_job_fits(plan, policy_sets.for_engine(policy_set), [p.prompt for p in prompts], settings)
     job, new_item_ids = await jobs.submit(
         session,
         owner_key_id=key.id,
         policy_set_id=policy_set.id,
-        config=config,
+        plan=plan,
         items=[jobs.NewItem(p.prompt, p.metadata) for p in prompts],
         idempotency_key=submission.idempotency_key,
         request_hash=submission.request_hash(body),

@@ -9,7 +9,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.deliberation.policies import MAX_POLICY_TEXT_CHARS, render_policies
-from app.pipeline_config import JobConfigIn, RoleIn
+from app.plan import JobConfigIn, RoleIn
 from app.store import models
 
 MAX_PROMPTS_PER_JOB = 10_000

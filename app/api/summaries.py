@@ -31,7 +31,7 @@ async def job_out(session: AsyncSession, job: Job) -> JobOut:
         created_at=job.created_at,
         cancelled_at=job.cancelled_at,
         policy_set=PolicySetBrief(id=policy_set.id, name=policy_set.name, version=policy_set.version),
-        config=job.config,
+        config=job.plan.model_dump(mode="json"),  # the plan's JSON, as stored
         **await jobs.summary(session, job),
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import asdict
 from typing import Any
 
 from app.api.schemas import (
@@ -24,6 +25,7 @@ from app.api.schemas import (
     WhisperTryOut,
 )
 from app.deliberation.ports import is_hazardous
+from app.plan import ComparisonPlan
 from app.store.models import Cot, Item, Job, PolicySetRow, PreferencePair, TurnRow
 
 
@@ -33,7 +35,7 @@ def item_out(item: Item) -> ItemOut:
         job_id=item.job_id,
         position=item.position,
         prompt=item.prompt,
-        metadata=item.item_metadata,
+        metadata=_metadata(item),
         status=item.status,
         stage=item.stage,
         attempts=item.attempts,
@@ -42,6 +44,14 @@ def item_out(item: Item) -> ItemOut:
         created_at=item.created_at,
         finished_at=item.finished_at,
     )
+
+
+def _metadata(item: Item) -> dict[str, Any]:
+    """The item's metadata as the API has always shown it: a comparison item's, which the
+    user gives none of, names its two samples (stored as the item's links)."""
+    if item.baseline_item_id is None or item.candidate_item_id is None:
+        return item.item_metadata
+    return {"a_item_id": str(item.baseline_item_id), "b_item_id": str(item.candidate_item_id)}
 
 
 def turn_out(turn: TurnRow, reads_hazardous: bool) -> TurnOut:
@@ -171,15 +181,15 @@ def report_out(job: Job, report: dict[str, Any]) -> ReportOut:
 
 
 def comparison_out(
-    job: Job, summary: dict[str, Any], metrics: dict[str, Any], pairwise: dict[str, int]
+    job: Job, plan: ComparisonPlan, summary: dict[str, Any], metrics: dict[str, Any], pairwise: dict[str, int]
 ) -> ComparisonOut:
     return ComparisonOut(
         id=job.id,
         status=summary["status"],
         created_at=job.created_at,
-        baseline_job_id=job.config["baseline_job_id"],
-        candidate_job_id=job.config["candidate_job_id"],
-        judge=job.config["judge"],
+        baseline_job_id=plan.baseline_job_id,
+        candidate_job_id=plan.candidate_job_id,
+        judge=asdict(plan.judge),
         prompts=job.item_count,
         counts=summary["counts"],
         metrics=metrics,

@@ -6,17 +6,14 @@ from __future__ import annotations
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import Uuid, cast, func, insert, literal, select
+from sqlalchemy import Uuid, func, insert, literal, select
 from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import NoCommonPrompts, NotFound
+from app.plan import ComparisonPlan
 from app.store import jobs, quality
 from app.store.models import Cot, Item, Job, Judgement
-
-MODE = "comparison"
-# Item metadata naming the two samples a comparison item judges.
-BASELINE_ITEM, CANDIDATE_ITEM = "a_item_id", "b_item_id"
 
 
 async def create(
@@ -25,7 +22,7 @@ async def create(
     owner_key_id: UUID,
     baseline: Job,
     candidate: Job,
-    config: dict[str, Any],
+    plan: ComparisonPlan,
     idempotency_key: str | None,
     request_hash: str,
 ) -> tuple[Job, list[UUID]]:
@@ -37,7 +34,7 @@ async def create(
         session,
         owner_key_id=owner_key_id,
         policy_set_id=candidate.policy_set_id,
-        config=config,
+        plan=plan,
         item_count=0,  # known once the matching rows are in
         idempotency_key=idempotency_key,
         idempotency_scope="comparisons",
@@ -46,20 +43,18 @@ async def create(
     if not created:
         return job, []
     a, b = _first_cot_per_prompt(baseline.id), _first_cot_per_prompt(candidate.id)
-    matched = (
-        select(
-            func.gen_random_uuid(),
-            literal(job.id, Uuid),
-            func.row_number().over(order_by=a.c.position) - 1,
-            a.c.prompt,
-            func.jsonb_build_object(BASELINE_ITEM, a.c.item_id, CANDIDATE_ITEM, b.c.item_id),
-            literal("judge"),
-        )
-        .select_from(a)
-        .join(b, b.c.prompt == a.c.prompt)
-    )
-    columns = ["id", "job_id", "position", "prompt", "metadata", "stage"]
-    ids = list(await session.scalars(insert(Item).from_select(columns, matched).returning(Item.id)))
+    item = {
+        "id": func.gen_random_uuid(),
+        "job_id": literal(job.id, Uuid),
+        "position": func.row_number().over(order_by=a.c.position) - 1,
+        "prompt": a.c.prompt,
+        "metadata": func.jsonb_build_object(),  # the user's, and the user gave none
+        "baseline_item_id": a.c.item_id,
+        "candidate_item_id": b.c.item_id,
+        "stage": literal("judge"),
+    }
+    matched = select(*item.values()).select_from(a).join(b, b.c.prompt == a.c.prompt)
+    ids = list(await session.scalars(insert(Item).from_select(list(item), matched).returning(Item.id)))
     if not ids:
         raise NoCommonPrompts(
             f"jobs {baseline.id} and {candidate.id} have no completed prompt in common (exact text)"
@@ -86,19 +81,19 @@ def _first_cot_per_prompt(job_id: UUID) -> Any:
     )
 
 
-async def get_owned(session: AsyncSession, job_id: UUID, owner_key_id: UUID) -> Job:
-    job = await jobs.get_owned(session, job_id, owner_key_id)
-    if job.config.get("mode") != MODE:
-        raise NotFound(f"comparison {job_id} not found")
-    return job
+def plan_of(job: Job) -> ComparisonPlan:
+    """The comparison's plan; NotFound if the job is not a comparison."""
+    if not isinstance(job.plan, ComparisonPlan):
+        raise NotFound(f"comparison {job.id} not found")
+    return job.plan
 
 
 async def metric_means(session: AsyncSession, comparison: Job) -> dict[str, dict[str, float | None]]:
     """Per metric, the grader's mean on each side over the matched prompts, and the
     candidate's lead (candidate minus baseline). Jobs run without grading have no scores."""
     means: dict[str, dict[str, float]] = {}
-    for side, key in (("baseline", BASELINE_ITEM), ("candidate", CANDIDATE_ITEM)):
-        matched = select(cast(Item.item_metadata[key].astext, Uuid)).where(Item.job_id == comparison.id)
+    for side, link in (("baseline", Item.baseline_item_id), ("candidate", Item.candidate_item_id)):
+        matched = select(link).where(Item.job_id == comparison.id)
         stats = await quality.metric_stats(session, Cot.item_id.in_(matched))
         for metric, figures in stats.items():
             means.setdefault(metric, {})[side] = figures["mean"]

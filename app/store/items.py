@@ -17,10 +17,11 @@ from uuid import UUID, uuid4
 from sqlalchemy import ColumnElement, Interval, Update, and_, bindparam, exists, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from app.deliberation.results import Completed, Judged, PairOutcome, Sample
+from app.plan import JobPlan, read_plan
 from app.store import policy_sets
-from app.store.comparisons import BASELINE_ITEM, CANDIDATE_ITEM
 from app.store.db import Sessions, driver_connection
 from app.store.driver_statements import DriverStatement, insert_from
 from app.store.endings import CANCELLED, COMPLETED, WORKER_LOST, Ending, ending_values, failed
@@ -34,8 +35,7 @@ class Claim:
     attempt: int
     position: int
     prompt: str
-    metadata: dict[str, Any]
-    config: dict[str, Any]
+    plan: JobPlan
     policy_set: PolicySetRow
 
 
@@ -67,9 +67,8 @@ _CLAIMED = (
     Item.attempts.label("attempt"),
     Item.position,
     Item.prompt,
-    Item.item_metadata.label("metadata"),
     Job.id.label("job_id"),
-    Job.config,
+    Job.plan,
     Job.policy_set_id,
 )
 
@@ -89,16 +88,15 @@ def _claiming_values(lease: Any) -> dict[str, Any]:
     }
 
 
-def _claim(item_id: UUID, row: Mapping[str, Any], policy_set: PolicySetRow) -> Claim:
-    """The claim from a row of _CLAIMED."""
+def _claim(item_id: UUID, row: Mapping[str, Any], plan: JobPlan, policy_set: PolicySetRow) -> Claim:
+    """The claim from a row of _CLAIMED (its plan read by the caller)."""
     return Claim(
         item_id,
         row["job_id"],
         row["attempt"],
         row["position"],
         row["prompt"],
-        row["metadata"],
-        row["config"],
+        plan,
         policy_set,
     )
 
@@ -114,7 +112,9 @@ async def claim(sessions: Sessions, item_id: UUID, limits: Limits) -> Claim | No
             max_failures=limits.max_failures,
         )
     if row is not None:
-        return _claim(item_id, row, await _policy_set(sessions, row["policy_set_id"]))
+        # The driver returns the plan's JSON, decoded: the ORM's column type is not applied.
+        plan = read_plan(row["plan"])
+        return _claim(item_id, row, plan, await _policy_set(sessions, row["policy_set_id"]))
     return await _claim_or_settle(sessions, item_id, limits)
 
 
@@ -175,7 +175,7 @@ async def _claim_or_settle(sessions: Sessions, item_id: UUID, limits: Limits) ->
             execution_options={"synchronize_session": False},
         )
         policy_set = await policy_sets.by_id(session, job.policy_set_id)  # no second connection
-        return _claim(item_id, claimed.one()._mapping, policy_set)
+        return _claim(item_id, claimed.one()._mapping, job.plan, policy_set)
 
 
 def _no_claim_left(job: Job, item: Item, lease_expired: bool, limits: Limits) -> Ending | None:
@@ -327,8 +327,8 @@ async def complete_judged(sessions: Sessions, claim: Claim, judged: Judged) -> E
                 item_id=claim.item_id,
                 job_id=claim.job_id,
                 position=claim.position,
-                a_item_id=UUID(claim.metadata[BASELINE_ITEM]),
-                b_item_id=UUID(claim.metadata[CANDIDATE_ITEM]),
+                a_item_id=_linked(Item.baseline_item_id, claim),
+                b_item_id=_linked(Item.candidate_item_id, claim),
                 winner=judged.winner,
                 votes=[asdict(v) for v in judged.votes],
             )
@@ -337,14 +337,25 @@ async def complete_judged(sessions: Sessions, claim: Claim, judged: Judged) -> E
         return COMPLETED
 
 
+def _linked(link: Any, claim: Claim) -> Any:
+    """The claimed item's `link` (a comparison item's sample item), as a scalar subquery."""
+    return select(link).where(Item.id == claim.item_id).scalar_subquery()
+
+
 async def compared_samples(sessions: Sessions, claim: Claim) -> tuple[Sample, Sample]:
     """The two samples a comparison item judges: its baseline and candidate items' CoTs
     (which exist: a comparison is made of items with a CoT, and CoTs are never deleted)."""
-    ids = [UUID(claim.metadata[BASELINE_ITEM]), UUID(claim.metadata[CANDIDATE_ITEM])]
+    baseline, candidate = aliased(Cot), aliased(Cot)
     async with sessions() as session:
-        cots = {cot.item_id: cot for cot in await session.scalars(select(Cot).where(Cot.item_id.in_(ids)))}
-    baseline, candidate = (cots[item_id] for item_id in ids)
-    return _sample(baseline), _sample(candidate)
+        pair = await session.execute(
+            select(baseline, candidate)
+            .select_from(Item)
+            .join(baseline, baseline.item_id == Item.baseline_item_id)
+            .join(candidate, candidate.item_id == Item.candidate_item_id)
+            .where(Item.id == claim.item_id)
+        )
+        baseline_cot, candidate_cot = pair.one()
+    return _sample(baseline_cot), _sample(candidate_cot)
 
 
 def _sample(cot: Cot) -> Sample:

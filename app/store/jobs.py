@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import IdempotencyConflict, InvalidCursor, NotFound
+from app.plan import GenerationPlan, JobPlan
 from app.store import quality
 from app.store.endings import CANCELLED, ending_values
 from app.store.models import FINISHED, Cot, Item, ItemStatus, Job, PreferencePair, TurnRow
@@ -36,7 +37,7 @@ async def submit(
     *,
     owner_key_id: UUID,
     policy_set_id: UUID,
-    config: dict[str, Any],
+    plan: GenerationPlan,
     items: Sequence[NewItem],
     idempotency_key: str | None,
     request_hash: str,
@@ -49,7 +50,7 @@ async def submit(
         session,
         owner_key_id=owner_key_id,
         policy_set_id=policy_set_id,
-        config=config,
+        plan=plan,
         item_count=len(items),
         idempotency_key=idempotency_key,
         idempotency_scope="jobs",
@@ -77,7 +78,7 @@ async def create(
     *,
     owner_key_id: UUID,
     policy_set_id: UUID,
-    config: dict[str, Any],
+    plan: JobPlan,
     item_count: int,
     idempotency_key: str | None,
     idempotency_scope: IdempotencyScope,
@@ -95,7 +96,7 @@ async def create(
     job = Job(
         owner_key_id=owner_key_id,
         policy_set_id=policy_set_id,
-        config=config,
+        plan=plan,
         idempotency_key=idempotency_key,
         idempotency_scope=idempotency_scope,
         request_hash=request_hash,
@@ -185,19 +186,22 @@ async def summary(session: AsyncSession, job: Job) -> dict[str, Any]:
         "counts": {"total": job.item_count, "by_status": by_status, "by_stage": by_stage},
         "usage": {"llm_calls": tokens[0], "prompt_tokens": tokens[1], "completion_tokens": tokens[2]},
     }
-    if job.config.get("grading"):
-        summary["quality"] = await quality.grading(session, job.id)
-    if job.config.get("pairs"):
-        summary["pairs"] = await quality.pairs(session, job.id)
+    if isinstance(plan := job.plan, GenerationPlan):  # comparisons neither grade nor pair
+        if plan.grading is not None:
+            summary["quality"] = await quality.grading(session, job.id)
+        if plan.pairs is not None:
+            summary["pairs"] = await quality.pairs(session, job.id)
     return summary
 
 
 async def report(session: AsyncSession, job: Job) -> dict[str, Any]:
     """The summary, with the quality gate's thresholds and what CoTs missed, and usage by stage."""
     full = await summary(session, job)
-    if "quality" in full:
-        full["quality"]["thresholds"] = job.config["grading"]["thresholds"]
-        full["quality"]["below_threshold"] = await quality.below_threshold(session, job.id)
+    if isinstance(plan := job.plan, GenerationPlan) and (grading := plan.grading) is not None:
+        full["quality"]["thresholds"] = dict(grading.thresholds)
+        full["quality"]["below_threshold"] = await quality.below_threshold(
+            session, job.id, grading.thresholds
+        )
     full["usage_by_stage"] = await quality.usage_by_stage(session, job.id)
     return full
 

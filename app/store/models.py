@@ -23,7 +23,11 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+from app.plan import JobPlan, read_plan
 
 # Alembic's recipe: every constraint and index gets a name the model determines, so a migration
 # can name what it alters (migration 0007 renamed the names PostgreSQL had chosen to these).
@@ -58,6 +62,19 @@ FINISHED = (ItemStatus.COMPLETED, ItemStatus.FAILED, ItemStatus.CANCELLED)  # no
 # For nullable JSON columns: Python None is SQL NULL, not the JSON value null, so that
 # COUNT(column) and IS NULL mean "absent".
 NULLABLE_JSONB = JSONB(none_as_null=True)
+
+
+class PlanJSON(TypeDecorator[JobPlan]):
+    """A job's plan, stored as its JSON and read back typed."""
+
+    impl = JSONB
+    cache_ok = True
+
+    def process_bind_param(self, value: JobPlan | None, dialect: Dialect) -> dict[str, Any] | None:
+        return None if value is None else value.model_dump(mode="json")
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> JobPlan | None:
+        return None if value is None else read_plan(value)
 
 
 def _now() -> Mapped[datetime]:
@@ -114,7 +131,7 @@ class Job(Base):
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     owner_key_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.id"), index=True)
     policy_set_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("policy_sets.id"))
-    config: Mapped[dict[str, Any]]  # the resolved pipeline config, frozen at submission
+    plan: Mapped[JobPlan] = mapped_column(PlanJSON)  # resolved and frozen at submission
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     # The route whose Idempotency-Key namespace holds the key: jobs | comparisons.
     idempotency_scope: Mapped[str] = mapped_column(String(16), server_default="jobs")
@@ -141,7 +158,10 @@ class Item(Base):
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id"))
     position: Mapped[int] = mapped_column(Integer)
     prompt: Mapped[str] = mapped_column(Text)
-    item_metadata: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB, default=dict)
+    item_metadata: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB, default=dict)  # the user's
+    # A comparison item's two samples: the baseline and the candidate job's items of its prompt.
+    baseline_item_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("items.id"))
+    candidate_item_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("items.id"))
     status: Mapped[str] = mapped_column(String(16), default=ItemStatus.QUEUED)  # an ItemStatus
     stage: Mapped[str] = mapped_column(String(16), default="intent")  # last stage with a turn
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # claims so far; the claim token

@@ -3,14 +3,15 @@ pairs and LLM usage by stage. Nothing here loads per-item rows into Python."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import Integer, Numeric, String, cast, column, func, select, true
+from sqlalchemy import Integer, Numeric, String, case, cast, column, func, select, true
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.store.models import Cot, Job, PreferencePair, TurnRow
+from app.store.models import Cot, PreferencePair, TurnRow
 
 SCORES = range(1, 6)
 
@@ -65,19 +66,20 @@ async def grading(session: AsyncSession, job_id: UUID) -> dict[str, Any]:
     }
 
 
-async def below_threshold(session: AsyncSession, job_id: UUID) -> dict[str, int]:
-    """Why CoTs were rejected: per gated metric, how many scored under the job's threshold."""
+async def below_threshold(
+    session: AsyncSession, job_id: UUID, thresholds: Mapping[str, float]
+) -> dict[str, int]:
+    """Why CoTs were rejected: per gated metric (a key of `thresholds`, the job's gate), how
+    many scored under its threshold."""
+    if not thresholds:
+        return {}
     entry = _score_entries()
-    threshold = Job.config["grading"]["thresholds"][entry.c.key].astext
+    threshold = case(thresholds, value=entry.c.key)  # NULL for a metric not gated: no row
     rows = await session.execute(
         select(entry.c.key, func.count())
         .select_from(Cot)
-        .join(Job, Job.id == Cot.job_id)
         .join(entry, true())
-        .where(
-            Cot.job_id == job_id,
-            cast(entry.c.value["score"].astext, Numeric) < cast(threshold, Numeric),
-        )
+        .where(Cot.job_id == job_id, cast(entry.c.value["score"].astext, Numeric) < threshold)
         .group_by(entry.c.key)
         .order_by(entry.c.key)
     )

@@ -212,6 +212,7 @@ async def job_page(
     context = {
         "key": key,
         "job": await job_out(session, job),
+        "mode": job.plan.mode,
         "items": items,
         "gate": gate,
         "filters": {

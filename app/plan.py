@@ -1,13 +1,15 @@
-"""A job's pipeline config: resolved from the request and server defaults at submission,
-stored with the job (so it cannot change under it), and turned into the engine's config
-by the worker."""
+"""A job's plan: what its request asked for, resolved against the server's defaults at
+submission into a typed, frozen plan (one variant per kind of job), stored as its JSON with
+the job (so it cannot change under it) and read back typed by the API and the worker, which
+turns it into the engine's config."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from app.config import Settings
 from app.deliberation.budget import RequestBudget, estimate_tokens, judge_request, largest_requests
@@ -97,6 +99,92 @@ class JobConfigIn(BaseModel):
     )
 
 
+# The plan's JSON is what GET /v1/jobs/{id} shows as the job's `config`: its fields keep the
+# names and order the stored config always had, and `mode` tells the variants apart.
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+class GuardPlan(BaseModel):
+    model_config = _FROZEN
+    endpoint: str
+    model: str
+    temperature: float
+    style: GuardStyle
+
+    def config(self) -> GuardConfig:
+        return GuardConfig(RoleConfig(self.endpoint, self.model, self.temperature), self.style)
+
+
+class PairsPlan(BaseModel):
+    model_config = _FROZEN
+    whisperer: RoleConfig
+    generator: RoleConfig
+    guard: GuardPlan
+    max_tries: int
+    min_gap: float
+
+    def config(self) -> PairsConfig:
+        return PairsConfig(self.whisperer, self.generator, self.guard.config(), self.max_tries, self.min_gap)
+
+
+class RolesPlan(BaseModel):
+    model_config = _FROZEN
+    intent: RoleConfig
+    seed: RoleConfig
+    deliberators: tuple[RoleConfig, ...]  # one per agent, in speaking order
+    refiner: RoleConfig
+
+
+class GenerationPlan(BaseModel):
+    """Write a CoT per prompt: the multi-agent pipeline, or the zero-shot baseline."""
+
+    model_config = _FROZEN
+    mode: Literal[Mode.AIDSAFE, Mode.ZERO_SHOT]
+    max_rounds: int
+    max_tokens: int
+    max_reasks: int
+    roles: RolesPlan
+    grading: GradingConfig | None = None
+    pairs: PairsPlan | None = None
+
+    def pipeline(self) -> PipelineConfig:
+        """The engine's config for every item of the job."""
+        roles = self.roles
+        return PipelineConfig(
+            intent=roles.intent,
+            seed=roles.seed,
+            deliberators=roles.deliberators,
+            refiner=roles.refiner,
+            max_rounds=self.max_rounds,
+            max_tokens=self.max_tokens,
+            max_reasks=self.max_reasks,
+            mode=self.mode,
+            grading=self.grading,
+            pairs=None if self.pairs is None else self.pairs.config(),
+        )
+
+
+class ComparisonPlan(BaseModel):
+    """Judge, prompt by prompt, the samples two finished jobs wrote (a baseline and a candidate)."""
+
+    model_config = _FROZEN
+    mode: Literal["comparison"] = "comparison"
+    baseline_job_id: UUID
+    candidate_job_id: UUID
+    judge: RoleConfig
+    max_tokens: int
+    max_reasks: int
+
+
+JobPlan = Annotated[GenerationPlan | ComparisonPlan, Field(discriminator="mode")]
+_JOB_PLAN: TypeAdapter[JobPlan] = TypeAdapter(JobPlan)
+
+
+def read_plan(stored: Any) -> JobPlan:
+    """The plan from its stored JSON (decoded); raises pydantic's ValidationError."""
+    return _JOB_PLAN.validate_python(stored)
+
+
 class _Roles:
     """Fills a role from the role's own fields, then the job's defaults, then the server's."""
 
@@ -104,9 +192,7 @@ class _Roles:
         self.defaults, self.settings = defaults, settings
         self.endpoints = settings.endpoints()
 
-    def __call__(
-        self, specific: RoleIn | None, path: str, temperature: float | None = None
-    ) -> dict[str, Any]:
+    def __call__(self, specific: RoleIn | None, path: str, temperature: float | None = None) -> RoleConfig:
         """`temperature` is the role's own default; it goes before the job's defaults."""
         specific = specific or RoleIn()
         endpoint = specific.endpoint or self.defaults.endpoint or "default"
@@ -118,14 +204,14 @@ class _Roles:
         for candidate in (specific.temperature, temperature, self.defaults.temperature):
             if candidate is not None:
                 break
-        return {
-            "endpoint": endpoint,
-            "model": model or self.settings.llm_model,
-            "temperature": self.settings.default_temperature if candidate is None else candidate,
-        }
+        return RoleConfig(
+            endpoint,
+            model or self.settings.llm_model,
+            self.settings.default_temperature if candidate is None else candidate,
+        )
 
 
-def resolve(config: JobConfigIn, settings: Settings) -> dict[str, Any]:
+def resolve(config: JobConfigIn, settings: Settings) -> GenerationPlan:
     """Fill every role from defaults and check endpoint names; raises InvalidConfig."""
     role = _Roles(config.defaults, settings)
     agents = config.agents or (len(config.deliberators) if config.deliberators else settings.default_agents)
@@ -133,96 +219,61 @@ def resolve(config: JobConfigIn, settings: Settings) -> dict[str, Any]:
         raise InvalidConfig(
             f"'deliberators' lists {len(config.deliberators)} agents but 'agents' is {agents}"
         )
-    deliberators = config.deliberators or [None] * agents
+    deliberators: list[RoleIn | None] = [*config.deliberators] if config.deliberators else [None] * agents
     grading = config.grading or (GradingIn() if config.pairs else None)
-    return {
-        "mode": config.mode.value,
-        "max_rounds": config.max_rounds or settings.default_max_rounds,
-        "max_tokens": config.max_tokens or settings.default_max_tokens,
-        "max_reasks": settings.max_reasks,
-        "roles": {
-            "intent": role(config.intent, "intent"),
-            "seed": role(config.seed, "seed"),
-            "deliberators": [role(d, f"deliberators[{i}]") for i, d in enumerate(deliberators)],
-            "refiner": role(config.refiner, "refiner"),
-        },
-        "grading": grading
-        and {
-            "grader": role(grading.grader, "grading.grader", JUDGING_TEMPERATURE),
-            "thresholds": (
-                dict.fromkeys(METRICS, DEFAULT_THRESHOLD)
-                if grading.thresholds is None
-                else grading.thresholds
+    pairs = config.pairs
+    return GenerationPlan(
+        mode=config.mode,
+        max_rounds=config.max_rounds or settings.default_max_rounds,
+        max_tokens=config.max_tokens or settings.default_max_tokens,
+        max_reasks=settings.max_reasks,
+        roles=RolesPlan(
+            intent=role(config.intent, "intent"),
+            seed=role(config.seed, "seed"),
+            deliberators=tuple(role(d, f"deliberators[{i}]") for i, d in enumerate(deliberators)),
+            refiner=role(config.refiner, "refiner"),
+        ),
+        grading=None
+        if grading is None
+        else GradingConfig(
+            role(grading.grader, "grading.grader", JUDGING_TEMPERATURE),
+            dict.fromkeys(METRICS, DEFAULT_THRESHOLD) if grading.thresholds is None else grading.thresholds,
+        ),
+        pairs=None
+        if pairs is None
+        else PairsPlan(
+            whisperer=role(pairs.whisperer, "pairs.whisperer"),
+            generator=role(pairs.generator, "pairs.generator"),
+            guard=GuardPlan(
+                **asdict(role(pairs.guard, "pairs.guard", JUDGING_TEMPERATURE)), style=pairs.guard.style
             ),
-        },
-        "pairs": config.pairs
-        and {
-            "whisperer": role(config.pairs.whisperer, "pairs.whisperer"),
-            "generator": role(config.pairs.generator, "pairs.generator"),
-            "guard": {
-                **role(config.pairs.guard, "pairs.guard", JUDGING_TEMPERATURE),
-                "style": config.pairs.guard.style.value,
-            },
-            "max_tries": config.pairs.max_tries,
-            "min_gap": config.pairs.min_gap,
-        },
-    }
-
-
-def to_pipeline(stored: dict[str, Any]) -> PipelineConfig:
-    roles, grading, pairs = stored["roles"], stored.get("grading"), stored.get("pairs")
-    return PipelineConfig(
-        intent=RoleConfig(**roles["intent"]),
-        seed=RoleConfig(**roles["seed"]),
-        deliberators=tuple(RoleConfig(**d) for d in roles["deliberators"]),
-        refiner=RoleConfig(**roles["refiner"]),
-        max_rounds=stored["max_rounds"],
-        max_tokens=stored["max_tokens"],
-        max_reasks=stored["max_reasks"],
-        mode=Mode(stored.get("mode", Mode.AIDSAFE)),
-        grading=grading and GradingConfig(RoleConfig(**grading["grader"]), grading["thresholds"]),
-        pairs=pairs
-        and PairsConfig(
-            whisperer=RoleConfig(**pairs["whisperer"]),
-            generator=RoleConfig(**pairs["generator"]),
-            guard=GuardConfig(
-                RoleConfig(**{k: v for k, v in pairs["guard"].items() if k != "style"}),
-                GuardStyle(pairs["guard"]["style"]),
-            ),
-            max_tries=pairs["max_tries"],
-            min_gap=pairs["min_gap"],
+            max_tries=pairs.max_tries,
+            min_gap=pairs.min_gap,
         ),
     )
 
 
 def resolve_comparison(
     judge: RoleIn | None, settings: Settings, baseline_job_id: UUID, candidate_job_id: UUID
-) -> dict[str, Any]:
-    """The stored config of a comparison job: a judge model over two finished jobs."""
-    return {
-        "mode": "comparison",
-        "baseline_job_id": str(baseline_job_id),
-        "candidate_job_id": str(candidate_job_id),
-        "judge": _Roles(RoleIn(), settings)(judge, "judge", JUDGING_TEMPERATURE),
-        "max_tokens": settings.default_max_tokens,
-        "max_reasks": settings.max_reasks,
-    }
+) -> ComparisonPlan:
+    """The plan of a comparison job: a judge model over two finished jobs."""
+    return ComparisonPlan(
+        baseline_job_id=baseline_job_id,
+        candidate_job_id=candidate_job_id,
+        judge=_Roles(RoleIn(), settings)(judge, "judge", JUDGING_TEMPERATURE),
+        max_tokens=settings.default_max_tokens,
+        max_reasks=settings.max_reasks,
+    )
 
 
-def to_judge(stored: dict[str, Any]) -> RoleConfig:
-    return RoleConfig(**stored["judge"])
-
-
-def check_job_fits(
-    stored: dict[str, Any], policies: PolicySet, prompts: list[str], settings: Settings
-) -> None:
+def check_job_fits(plan: GenerationPlan, policies: PolicySet, prompts: list[str], settings: Settings) -> None:
     """Raise RequestTooLarge if some request of this job may not fit its endpoint."""
     longest = max(prompts, key=estimate_tokens)
-    _check_fits(largest_requests(to_pipeline(stored), policies, longest), policies, settings)
+    _check_fits(largest_requests(plan.pipeline(), policies, longest), policies, settings)
 
 
 def check_comparison_fits(
-    stored: dict[str, Any],
+    plan: ComparisonPlan,
     policies: PolicySet,
     longest_prompt: str,
     sample_max_tokens: tuple[int, int],
@@ -230,7 +281,7 @@ def check_comparison_fits(
 ) -> None:
     """Raise RequestTooLarge if the judge's requests may not fit its endpoint; the samples are
     the last replies of jobs with these max_tokens."""
-    judge = judge_request(to_judge(stored), policies, longest_prompt, sample_max_tokens, stored["max_tokens"])
+    judge = judge_request(plan.judge, policies, longest_prompt, sample_max_tokens, plan.max_tokens)
     _check_fits([judge], policies, settings)
 
 

@@ -1,0 +1,100 @@
+"""A job's plan: resolved from the request into a frozen, typed variant per kind of job, stored
+as its JSON and read back as the same plan."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from pydantic import ValidationError
+
+from app.config import EndpointConfig, Settings
+from app.deliberation.config import GuardConfig, GuardStyle, Mode, RoleConfig
+from app.plan import (
+    ComparisonPlan,
+    GenerationPlan,
+    JobConfigIn,
+    RoleIn,
+    read_plan,
+    resolve,
+    resolve_comparison,
+)
+
+SETTINGS = Settings(
+    llm_model="server-model",
+    llm_endpoints={"second": EndpointConfig(base_url="http://127.0.0.1:1/v1", default_model="second-model")},
+)
+EVERYTHING = JobConfigIn.model_validate(
+    {
+        "mode": "zero_shot",
+        "agents": 2,
+        "max_tokens": 512,
+        "defaults": {"temperature": 0.3},
+        "refiner": {"endpoint": "second"},
+        "grading": {"thresholds": {"relevance": 4}},
+        "pairs": {"guard": {"style": "llama_guard", "model": "guard-model"}, "max_tries": 2},
+    }
+)
+
+
+def stored(plan: GenerationPlan | ComparisonPlan) -> object:
+    """The plan as the jobs table holds it: its JSON, decoded."""
+    return json.loads(plan.model_dump_json())
+
+
+@pytest.mark.parametrize("config", [JobConfigIn(), EVERYTHING])
+def test_a_generation_plan_reads_back_from_its_json_as_the_same_plan(config: JobConfigIn) -> None:
+    plan = resolve(config, SETTINGS)
+
+    assert read_plan(stored(plan)) == plan
+    assert type(read_plan(stored(plan))) is GenerationPlan
+
+
+def test_a_comparison_plan_reads_back_from_its_json_as_the_same_plan() -> None:
+    plan = resolve_comparison(RoleIn(endpoint="second"), SETTINGS, uuid.uuid4(), uuid.uuid4())
+
+    assert read_plan(stored(plan)) == plan
+    assert type(read_plan(stored(plan))) is ComparisonPlan
+    assert plan.judge == RoleConfig("second", "second-model", 0.0)  # judging roles default to 0
+
+
+def test_the_mode_tells_the_plans_apart() -> None:
+    generation = stored(resolve(JobConfigIn(), SETTINGS))
+    comparison = stored(resolve_comparison(None, SETTINGS, uuid.uuid4(), uuid.uuid4()))
+    assert isinstance(generation, dict) and isinstance(comparison, dict)
+
+    assert isinstance(read_plan({**generation, "mode": "zero_shot"}), GenerationPlan)
+    with pytest.raises(ValidationError, match="union_tag_invalid"):
+        read_plan({**generation, "mode": "pairs_only"})
+    with pytest.raises(ValidationError, match="union_tag_not_found"):
+        read_plan({k: v for k, v in generation.items() if k != "mode"})
+    # A comparison's fields are not a generation plan's, whatever else the JSON holds.
+    with pytest.raises(ValidationError):
+        read_plan({**comparison, "mode": "aidsafe"})
+    with pytest.raises(ValidationError):
+        read_plan({**generation, "mode": "comparison"})
+
+
+def test_a_plan_is_frozen() -> None:
+    plan = resolve(EVERYTHING, SETTINGS)
+    assert plan.pairs is not None
+
+    with pytest.raises(ValidationError, match="frozen"):
+        plan.max_tokens = 4096  # type: ignore[misc]
+    with pytest.raises(ValidationError, match="frozen"):
+        plan.pairs.guard.style = GuardStyle.JSON  # type: ignore[misc]
+    with pytest.raises(AttributeError):  # the engine's dataclasses: frozen too
+        plan.roles.refiner.model = "other"  # type: ignore[misc]
+
+
+def test_the_engine_config_carries_every_choice_of_the_plan() -> None:
+    pipeline = resolve(EVERYTHING, SETTINGS).pipeline()
+
+    assert (pipeline.mode, pipeline.max_tokens, len(pipeline.deliberators)) == (Mode.ZERO_SHOT, 512, 2)
+    assert pipeline.refiner == RoleConfig("second", "second-model", 0.3)
+    assert pipeline.grading is not None and dict(pipeline.grading.thresholds) == {"relevance": 4}
+    assert pipeline.pairs is not None and pipeline.pairs.max_tries == 2
+    assert pipeline.pairs.guard == GuardConfig(
+        RoleConfig("default", "guard-model", 0.0), GuardStyle.LLAMA_GUARD
+    )
