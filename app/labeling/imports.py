@@ -12,8 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import ServiceError
 from app.labeling.reviews import Parsed, Review, Skipped
-from app.store import annotations
-from app.store.annotations import ReviewedCot
+from app.store.annotations import ReviewedCot, add_versions, retract, reviewed_cots
 
 INSERT_BATCH = 200
 
@@ -48,7 +47,7 @@ async def record_reviews(
     `webhook_id` names the webhook that delivered the request (None: a file import).
     """
     parsed.checked()
-    cots = await annotations.reviewed_cots(session, {r.item_id for r in parsed.reviews}, owner_key_id, job_id)
+    cots = await reviewed_cots(session, {r.item_id for r in parsed.reviews}, owner_key_id, job_id)
     missing = sorted({str(r.item_id) for r in parsed.reviews if r.item_id not in cots})
     if missing:
         where = "in this job" if job_id else "in your jobs"
@@ -68,12 +67,12 @@ async def record_reviews(
     # A batch at a time, yielding between them: building the parameters of a whole import at
     # once held the event loop (and every other request) for up to 0.2 s.
     for start in range(0, len(rows), INSERT_BATCH):
-        inserted += await annotations.add_versions(session, rows[start : start + INSERT_BATCH])
+        inserted += await add_versions(session, rows[start : start + INSERT_BATCH])
         await asyncio.sleep(0)
     skipped = list(parsed.skipped)
     retracted = 0
     for retraction in parsed.retractions:
-        withdrawn = await annotations.retract(
+        withdrawn = await retract(
             session,
             owner_key_id=owner_key_id,
             source=retraction.source,

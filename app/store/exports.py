@@ -3,7 +3,7 @@ them (records, bytes) is app.exports' business."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import fields
 from typing import Any
 from uuid import UUID
@@ -222,7 +222,7 @@ _ROW_TYPES: dict[Source, type[Any]] = {
 
 
 def _conditions(filters: ExportFilter) -> list[ColumnElement[bool]]:
-    conditions = []
+    conditions: list[ColumnElement[bool]] = []
     if filters.accepted_only:
         conditions.append(Cot.accepted.is_(True))
     for metric, lowest in filters.min_scores.items():
@@ -253,7 +253,7 @@ def rows_query(job_id: UUID, source: Source, filters: ExportFilter) -> Select[An
 
 async def stream_rows(
     session: AsyncSession, job_id: UUID, source: Source, filters: ExportFilter, batch_rows: int = BATCH_ROWS
-) -> AsyncIterator[Sequence[Row[Any]]]:
+) -> AsyncGenerator[Sequence[Row[Any]], None]:
     """The job's rows of `rows_query` in prompt order, `batch_rows` at a time, from one
     server-side cursor: memory holds one batch whatever the job's size."""
     result = await session.stream(rows_query(job_id, source, filters).execution_options(yield_per=batch_rows))
