@@ -39,10 +39,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.config import get_settings
 from app.deliberation.results import METRICS
 from app.exports.formats import FORMATS
-from app.exports.rows import ExportFilter
 from app.plan import JobConfigIn, resolve
 from app.store import exports
 from app.store.db import make_engine, make_sessions
+from app.store.export_rows import ExportFilter
 from app.store.models import ApiKey, Cot, Item, Job, PolicySetRow
 from bench.machine import describe, machine_cpu_jiffies
 from bench.stack import ServiceStack, publish, run_bounded

@@ -27,10 +27,11 @@ from trl.data_utils import is_conversational, maybe_extract_prompt, unpair_prefe
 from app.config import Settings
 from app.deliberation.results import METRICS
 from app.exports.formats import FORMATS
+from app.exports.options import ExportOptions
 from app.exports.records import FULL_COT_SCHEMA
-from app.exports.rows import ExportFilter, ExportOptions
-from app.store import exports
+from app.exports.streaming import encoded
 from app.store.db import Sessions
+from app.store.export_rows import ExportFilter
 from app.store.keys import create_key
 from app.store.models import Annotation, Cot, Item, Job
 from bench.export import insert_finished_job
@@ -495,7 +496,7 @@ async def export_peak_bytes(sessions: Sessions, job_id: UUID, format: str) -> tu
     fmt, size = FORMATS[format], 0
     async with sessions() as session:
         tracemalloc.start()
-        async for chunk in exports.encoded(session, job_id, fmt, ExportOptions(), ExportFilter()):
+        async for chunk in encoded(session, job_id, fmt, ExportOptions(), ExportFilter()):
             size += len(chunk)
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()

@@ -18,9 +18,8 @@ from app.api.deps import OwnedJob, SessionDep
 from app.api.errors import documented
 from app.api.schemas import ErrorOut
 from app.config import Settings
-from app.labeling import argilla, label_studio
+from app.labeling import argilla, imports, label_studio
 from app.labeling.reviews import Parsed
-from app.store import annotations
 from app.store.models import Job
 
 router = APIRouter(tags=["labeling"])
@@ -65,7 +64,7 @@ class ImportOut(BaseModel):
     skipped: list[SkippedOut] = Field(description="Left out on purpose: cancelled, draft, discarded, empty.")
 
 
-def import_out(report: annotations.ImportReport) -> ImportOut:
+def import_out(report: imports.ImportReport) -> ImportOut:
     return ImportOut(
         imported=report.imported,
         duplicates=report.duplicates,
@@ -75,7 +74,7 @@ def import_out(report: annotations.ImportReport) -> ImportOut:
 
 
 async def _imported(session: SessionDep, parsed: Parsed, job: Job) -> ImportOut:
-    report = await annotations.record_reviews(session, parsed, owner_key_id=job.owner_key_id, job_id=job.id)
+    report = await imports.record_reviews(session, parsed, owner_key_id=job.owner_key_id, job_id=job.id)
     await session.commit()
     return import_out(report)
 

@@ -12,8 +12,10 @@ from app.api.deps import OwnedJob, ReadsHazardous, SessionDep
 from app.api.errors import documented
 from app.errors import MissingScope
 from app.exports.formats import FORMATS, JSON
-from app.exports.rows import CotStyle, ExportFilter, ExportOptions, parse_min_scores
-from app.store import exports, keys
+from app.exports.options import CotStyle, ExportOptions, parse_min_scores
+from app.exports.streaming import encoded
+from app.store import keys
+from app.store.export_rows import ExportFilter
 
 router = APIRouter(prefix="/v1/jobs", tags=["exports"])
 
@@ -70,7 +72,7 @@ async def export_job(
     # The request's session stays open until the response has been sent (FastAPI closes
     # dependencies with yield after the response), so the stream reads through it.
     return StreamingResponse(
-        exports.encoded(session, job.id, fmt, ExportOptions(cot, system), filters),
+        encoded(session, job.id, fmt, ExportOptions(cot, system), filters),
         media_type=fmt.media_type,
         headers={"Content-Disposition": f'attachment; filename="{filename}"'},
     )

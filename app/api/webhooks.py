@@ -23,9 +23,8 @@ from app.api.deps import CurrentKey, SessionDep, SettingsDep
 from app.api.errors import documented
 from app.api.schemas import ErrorOut
 from app.errors import NotFound, ServiceError
-from app.labeling import label_studio
+from app.labeling import imports, label_studio
 from app.labeling.reviews import Parsed
-from app.store import annotations
 from app.store import webhooks as store
 from app.store.models import Webhook, WebhookRejection
 
@@ -165,7 +164,7 @@ async def label_studio_delivery(
         raw = await LABEL_STUDIO_EVENT.read(request, settings)
         body = raw.decode("utf-8", errors="replace")
         parsed = await asyncio.to_thread(_read_delivery, raw)
-        report = await annotations.record_reviews(
+        report = await imports.record_reviews(
             session, parsed, owner_key_id=owner_key_id, webhook_id=webhook_id
         )
         await session.commit()

@@ -10,8 +10,9 @@ from typing import Any
 
 from app.exports import records
 from app.exports.encoders import Csv, Encoder, JsonLines, JsonTextLines, Parquet
-from app.exports.rows import ExportOptions, Source
+from app.exports.options import ExportOptions
 from app.labeling import argilla, label_studio
+from app.store.export_rows import Source
 
 JSONL = "application/x-ndjson"
 JSON = "application/json"

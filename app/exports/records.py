@@ -8,7 +8,8 @@ import orjson
 import pyarrow as pa
 
 from app.deliberation.results import METRICS
-from app.exports.rows import CotStyle, ExportOptions, PairRow, SampleRow
+from app.exports.options import CotStyle, ExportOptions
+from app.store.export_rows import PairRow, SampleRow
 
 Record = dict[str, Any]
 

@@ -11,9 +11,9 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-from app.exports.rows import CotRow, ExportOptions
 from app.labeling.label_studio import as_rating, intents_text, policy_faithfulness
 from app.labeling.reviews import MAX_THOUGHTS, VERDICTS, Answers, Parsed, Question, Review, Skipped, ToolTime
+from app.store.export_rows import CotRow
 
 SOURCE = "argilla"
 Record = dict[str, Any]
@@ -94,9 +94,10 @@ def settings() -> Record:
     }
 
 
-def record(row: CotRow, _: ExportOptions) -> Record:
-    """A record in the form `rg.Record.to_dict()` writes and `rg.Record.from_dict()` reads.
-    Only the chosen CoT: never rejected or whispered text."""
+def record(row: CotRow, _options: object) -> Record:
+    """A record in the form `rg.Record.to_dict()` writes and `rg.Record.from_dict()` reads
+    (an export's record function; a record takes none of the export's options). Only the
+    chosen CoT: never rejected or whispered text."""
     thoughts = [thought["text"] for thought in row.refined_thoughts]
     suggestions: Record = {Question.EDITED_RESPONSE: _suggestion(row.response, GENERATOR)}
     graded = policy_faithfulness(row.scores)

@@ -13,8 +13,8 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.deliberation.results import POLICY_METRICS
-from app.exports.rows import CotRow, ExportOptions
 from app.labeling.reviews import Answers, Parsed, Question, Retraction, Review, Skipped, ToolTime
+from app.store.export_rows import CotRow
 
 SOURCE = "label_studio"
 Record = dict[str, Any]
@@ -53,9 +53,10 @@ CONFIG = f"""<View>
 # --- export ---------------------------------------------------------------------------------
 
 
-def task(row: CotRow, _: ExportOptions) -> Record:
-    """One task of Label Studio's JSON import format. Only the chosen CoT: never rejected or
-    whispered text. The prediction prefills the response and, when graded, the rating."""
+def task(row: CotRow, _options: object) -> Record:
+    """One task of Label Studio's JSON import format (an export's record function; a task
+    takes none of the export's options). Only the chosen CoT: never rejected or whispered
+    text. The prediction prefills the response and, when graded, the rating."""
     thoughts = [thought["text"] for thought in row.refined_thoughts]
     return {
         "data": {

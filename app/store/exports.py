@@ -1,11 +1,9 @@
-"""An export's rows, streamed from a server-side cursor a batch at a time, and its bytes."""
+"""An export's rows, streamed from a server-side cursor a batch at a time. What becomes of
+them (records, bytes) is app.exports' business."""
 
 from __future__ import annotations
 
-import asyncio
-import gc
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import fields
 from typing import Any
 from uuid import UUID
@@ -32,10 +30,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.deliberation.ports import Stage
 from app.deliberation.results import METRICS
-from app.exports.formats import ExportFormat
-from app.exports.records import FULL_COT_SCHEMA
-from app.exports.rows import CotRow, ExportFilter, ExportOptions, PairRow, SampleRow, Source
 from app.store.annotations import human_approved
+from app.store.export_rows import CotRow, ExportFilter, PairRow, SampleRow, Source
 from app.store.models import Cot, Item, PreferencePair, TurnRow
 
 BATCH_ROWS = 1000
@@ -46,7 +42,7 @@ LOG_STAGES = (Stage.INTENT, Stage.SEED, Stage.DELIBERATION, Stage.REFINE, Stage.
 
 
 def _json(column: Any) -> Any:
-    """A JSON column read as text: `_typed` parses it with orjson, three times faster than
+    """A JSON column read as text: `typed_rows` parses it with orjson, three times faster than
     the json module the driver would use (parsing is most of an export's CPU)."""
     return cast(column, Text)
 
@@ -110,8 +106,9 @@ def _per_metric(scores: Any, key: str) -> Any:
 
 
 def _full_cot(c: Any) -> dict[str, Any]:
-    """The full record (FULL_COT_SCHEMA), key by key, from the stored columns `c` (of
-    `_full_cot_query`'s subquery): its one definition."""
+    """The full record, key by key in the order of app.exports.records.FULL_COT_SCHEMA (which
+    tests/test_exports.py holds it to), from the stored columns `c` (of `_full_cot_query`'s
+    subquery): its one definition."""
     return {
         "item_id": cast(c.item_id, Text),
         "position": c.position,
@@ -173,9 +170,7 @@ def _full_cot_query(job_id: UUID, filters: ExportFilter) -> Select[Any]:
         .order_by(Cot.position)
         .subquery("stored")
     )
-    record = _full_cot(stored.c)
-    assert list(record) == FULL_COT_SCHEMA.names, "the full record's keys are FULL_COT_SCHEMA's"
-    return select(cast(_json_object(record), Text)).order_by(stored.c.position)
+    return select(cast(_json_object(_full_cot(stored.c)), Text)).order_by(stored.c.position)
 
 
 _JSON_FIELDS = frozenset(
@@ -227,7 +222,7 @@ _ROW_TYPES: dict[Source, type[Any]] = {
 
 
 def _conditions(filters: ExportFilter) -> list[ColumnElement[bool]]:
-    conditions = []
+    conditions: list[ColumnElement[bool]] = []
     if filters.accepted_only:
         conditions.append(Cot.accepted.is_(True))
     for metric, lowest in filters.min_scores.items():
@@ -258,7 +253,7 @@ def rows_query(job_id: UUID, source: Source, filters: ExportFilter) -> Select[An
 
 async def stream_rows(
     session: AsyncSession, job_id: UUID, source: Source, filters: ExportFilter, batch_rows: int = BATCH_ROWS
-) -> AsyncIterator[Sequence[Row[Any]]]:
+) -> AsyncGenerator[Sequence[Row[Any]], None]:
     """The job's rows of `rows_query` in prompt order, `batch_rows` at a time, from one
     server-side cursor: memory holds one batch whatever the job's size."""
     result = await session.stream(rows_query(job_id, source, filters).execution_options(yield_per=batch_rows))
@@ -266,7 +261,7 @@ async def stream_rows(
         yield batch
 
 
-def _typed(source: Source, batch: Sequence[Row[Any]]) -> list[Any]:
+def typed_rows(source: Source, batch: Sequence[Row[Any]]) -> list[Any]:
     """Rows of `rows_query` as the source's row type, their JSON text parsed."""
     row_type = _ROW_TYPES[source]
     parsed = [i for i, name in enumerate(_selected(source)) if name in _JSON_FIELDS]
@@ -278,47 +273,3 @@ def _typed(source: Source, batch: Sequence[Row[Any]]) -> list[Any]:
                 values[i] = orjson.loads(values[i])
         typed.append(row_type(*values))
     return typed
-
-
-@contextmanager
-def _collector_paused() -> Iterator[None]:
-    """No cyclic garbage collection while a batch is parsed and encoded: the batch's thousands of
-    young objects would set it off over and over, each time traversing them all (up to a
-    third of an export's CPU), and records hold no cycles for it to find. The block awaits
-    nothing, so no other request runs while it is paused."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
-async def encoded(
-    session: AsyncSession, job_id: UUID, fmt: ExportFormat, options: ExportOptions, filters: ExportFilter
-) -> AsyncIterator[bytes]:
-    """The job's export file, a chunk per batch of rows. The next batch is fetched while
-    this one is encoded, so Postgres and the API work at the same time."""
-    encoder = fmt.encoder()
-    yield encoder.start()
-    batches = stream_rows(session, job_id, fmt.source, filters)
-    following = asyncio.ensure_future(anext(batches, None))
-    try:
-        while (rows := await following) is not None:
-            following = asyncio.ensure_future(anext(batches, None))
-            await asyncio.sleep(0)  # send the next FETCH before encoding (the CPU-bound part)
-            if fmt.to_record is None:
-                # The rows are the records, as JSON text. Encoding them is mostly C++ that
-                # releases the GIL (Arrow's JSON reader and Parquet writer), so it runs in a
-                # thread and the event loop keeps reading the next batch meanwhile (Parquet:
-                # 19,000 -> 24,000-27,000 rows/s measured in-process).
-                chunk = await asyncio.to_thread(encoder.encode, [record for (record,) in rows])
-            else:
-                with _collector_paused():
-                    chunk = encoder.encode([fmt.to_record(row, options) for row in _typed(fmt.source, rows)])
-            yield chunk
-    finally:
-        following.cancel()
-        await batches.aclose()
-    yield encoder.finish()

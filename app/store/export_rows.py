@@ -1,17 +1,13 @@
-"""What the store yields for an export, one row per exported sample, and the options and
-filters an export takes. Field order is the store's column order."""
+"""What the store yields for an export, one row per exported sample, and the filters that
+choose the samples. Field order is the store's column order."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
 from uuid import UUID
-
-from app.deliberation.results import METRICS
-from app.errors import InvalidExportFilter
 
 
 class Source(StrEnum):
@@ -78,20 +74,6 @@ class PairRow:
     gap: float
 
 
-class CotStyle(StrEnum):
-    """How a chat record carries the chain of thought."""
-
-    THINK = "think"  # assistant content = "<think>\n...\n</think>\n\n" + response (DeepSeek-R1, Qwen3)
-    NONE = "none"  # the response alone
-    REASONING_CONTENT = "reasoning_content"  # a separate message field, as vLLM and Qwen3 templates use
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    cot: CotStyle = CotStyle.THINK
-    system: str | None = None  # a system message to put first in chat records
-
-
 @dataclass(frozen=True)
 class ExportFilter:
     """Which samples go out. For pairs they apply to the chosen side, the item's own CoT."""
@@ -99,26 +81,3 @@ class ExportFilter:
     accepted_only: bool = False  # the quality gate accepted the CoT
     min_scores: dict[str, float] = field(default_factory=dict)  # metric -> lowest grader score kept
     human_approved: bool = False  # a reviewer accepted it and none currently rejects it
-
-
-def parse_min_scores(values: list[str]) -> dict[str, float]:
-    """`metric:value` strings (e.g. `cot_policy_faithfulness:4`) to {metric: value}, the
-    highest value of a metric named twice. Raises InvalidExportFilter for an unknown metric
-    (its details list the metrics) or a value that is not a number 1-5."""
-    wanted: dict[str, float] = {}
-    for text in values:
-        parts = text.split(":")
-        if len(parts) != 2 or parts[0] not in METRICS:
-            raise InvalidExportFilter(
-                f"min_score {text!r}: expected <metric>:<score>, the metric one of details.metrics",
-                {"metrics": list(METRICS)},
-            )
-        metric, value = parts
-        try:
-            score = float(value)
-        except ValueError:
-            score = math.nan  # refused below
-        if not 1 <= score <= 5:
-            raise InvalidExportFilter(f"min_score {text!r}: the score must be a number from 1 to 5")
-        wanted[metric] = max(score, wanted.get(metric, score))
-    return wanted

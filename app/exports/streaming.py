@@ -1,0 +1,62 @@
+"""An export as a byte stream: the store's rows, a batch at a time, through the format's
+record function and encoder, with Postgres and the API working at the same time."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from uuid import UUID
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.exports.formats import ExportFormat
+from app.exports.options import ExportOptions
+from app.store import exports
+from app.store.export_rows import ExportFilter
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a batch is parsed and encoded: the batch's thousands of
+    young objects would set it off over and over, each time traversing them all (up to a
+    third of an export's CPU), and records hold no cycles for it to find. The block awaits
+    nothing, so no other request runs while it is paused."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+async def encoded(
+    session: AsyncSession, job_id: UUID, fmt: ExportFormat, options: ExportOptions, filters: ExportFilter
+) -> AsyncIterator[bytes]:
+    """The job's export file, a chunk per batch of rows. The next batch is fetched while
+    this one is encoded, so Postgres and the API work at the same time."""
+    encoder = fmt.encoder()
+    yield encoder.start()
+    batches = exports.stream_rows(session, job_id, fmt.source, filters)
+    following = asyncio.ensure_future(anext(batches, None))
+    try:
+        while (rows := await following) is not None:
+            following = asyncio.ensure_future(anext(batches, None))
+            await asyncio.sleep(0)  # send the next FETCH before encoding (the CPU-bound part)
+            if fmt.to_record is None:
+                # The rows are the records, as JSON text. Encoding them is mostly C++ that
+                # releases the GIL (Arrow's JSON reader and Parquet writer), so it runs in a
+                # thread and the event loop keeps reading the next batch meanwhile (Parquet:
+                # 19,000 -> 24,000-27,000 rows/s measured in-process).
+                chunk = await asyncio.to_thread(encoder.encode, [record for (record,) in rows])
+            else:
+                with _collector_paused():
+                    typed = exports.typed_rows(fmt.source, rows)
+                    chunk = encoder.encode([fmt.to_record(row, options) for row in typed])
+            yield chunk
+    finally:
+        following.cancel()
+        await batches.aclose()
+    yield encoder.finish()
