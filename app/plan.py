@@ -293,7 +293,7 @@ def _check_fits(budgets: list[RequestBudget], policies: PolicySet, settings: Set
             f"{len(policies.text):,} characters of prompt text; at most {MAX_POLICY_TEXT_CHARS:,} are allowed"
         )
     endpoints = settings.endpoints()
-    over = [
+    over: list[dict[str, Any]] = [
         {"role": b.role, "endpoint": b.endpoint, "estimated_tokens": b.tokens, "max_context_tokens": limit}
         for b in budgets
         if (limit := endpoints[b.endpoint].max_context_tokens) is not None and b.tokens > limit

@@ -10,6 +10,7 @@ import asyncpg
 from sqlalchemy import event
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -42,6 +43,13 @@ def make_sessions(engine: AsyncEngine) -> Sessions:
     return async_sessionmaker(engine, expire_on_commit=False)
 
 
+async def driver_of(connection: AsyncConnection) -> asyncpg.Connection:
+    """The asyncpg connection under a SQLAlchemy one (a checked-out connection has one)."""
+    driver = (await connection.get_raw_connection()).driver_connection
+    assert driver is not None
+    return driver
+
+
 @asynccontextmanager
 async def driver_connection(sessions: Sessions) -> AsyncIterator[asyncpg.Connection]:
     """A pooled connection's own asyncpg connection, in autocommit, for the hot single
@@ -50,7 +58,7 @@ async def driver_connection(sessions: Sessions) -> AsyncIterator[asyncpg.Connect
     JSON text and comes back decoded."""
     engine: AsyncEngine = sessions.kw["bind"]
     async with engine.connect() as connection:
-        driver = (await connection.get_raw_connection()).driver_connection
+        driver = await driver_of(connection)
         try:
             yield driver
         except BaseException:

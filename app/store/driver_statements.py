@@ -32,20 +32,22 @@ from sqlalchemy import Column, ColumnElement, FromClause, Table, bindparam, sele
 from sqlalchemy.dialects.postgresql import Insert, insert
 from sqlalchemy.dialects.postgresql.asyncpg import PGCompiler_asyncpg, PGDialect_asyncpg
 from sqlalchemy.sql.elements import BindParameter
-from sqlalchemy.sql.expression import Executable
+from sqlalchemy.sql.expression import ClauseElement
 from sqlalchemy.types import JSON, TypeEngine
 
-_DIALECT = PGDialect_asyncpg()
+# SQLAlchemy's compiler internals are untyped: the ignores below say so, nothing more.
+_DIALECT = PGDialect_asyncpg()  # type: ignore[no-untyped-call]
 
 
 class _Compiler(PGCompiler_asyncpg):
     """The asyncpg dialect's compiler, writing constants into the SQL: a bindparam() without
     a value (one a call supplies) is the only kind that stays a parameter."""
 
-    def visit_bindparam(self, bindparam: BindParameter[Any], **kw: Any) -> str:
+    def visit_bindparam(self, bindparam: BindParameter[Any], **kw: Any) -> str:  # type: ignore[override]
         if not bindparam.required:
             kw["literal_binds"] = True
-        return super().visit_bindparam(bindparam, **kw)
+        sql: str = super().visit_bindparam(bindparam, **kw)  # type: ignore[no-untyped-call]
+        return sql
 
 
 Encode = Callable[[Any], Any]
@@ -56,7 +58,7 @@ class DriverStatement:
     bindparam("name"), and a mapping of column values under the table's name for the row
     parameters of `insert_from` (`turns={"stage": ..., ...}`)."""
 
-    def __init__(self, statement: Executable) -> None:
+    def __init__(self, statement: ClauseElement) -> None:
         compiled = _Compiler(_DIALECT, statement)
         self.sql: str = compiled.string
         self.parameters: tuple[str, ...] = tuple(compiled.positiontup or ())

@@ -88,7 +88,7 @@ def _claiming_values(lease: Any) -> dict[str, Any]:
     }
 
 
-def _claim(item_id: UUID, row: Mapping[str, Any], plan: JobPlan, policy_set: PolicySetRow) -> Claim:
+def _claim(item_id: UUID, row: Mapping[Any, Any], plan: JobPlan, policy_set: PolicySetRow) -> Claim:
     """The claim from a row of _CLAIMED (its plan read by the caller)."""
     return Claim(
         item_id,
@@ -155,7 +155,7 @@ async def _claim_or_settle(sessions: Sessions, item_id: UUID, limits: Limits) ->
         lease_expired = (
             item.status == ItemStatus.RUNNING
             and item.lease_until is not None
-            and item.lease_until < await session.scalar(select(func.now()))
+            and item.lease_until < (await session.execute(select(func.now()))).scalar_one()
         )
         if item.status != ItemStatus.QUEUED and not lease_expired:
             return None

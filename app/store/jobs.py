@@ -12,10 +12,12 @@ from uuid import UUID, uuid4
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
 from app.errors import IdempotencyConflict, InvalidCursor, NotFound
 from app.plan import GenerationPlan, JobPlan
 from app.store import quality
+from app.store.db import driver_of
 from app.store.endings import CANCELLED, ending_values
 from app.store.models import FINISHED, Cot, Item, ItemStatus, Job, PreferencePair, TurnRow
 
@@ -61,9 +63,9 @@ async def submit(
     ids = [uuid4() for _ in items]
     # COPY, in the session's transaction: for 10,000 items the ORM's multi-row INSERTs
     # spent most of the POST's database time building parameters.
-    driver = (await (await session.connection()).get_raw_connection()).driver_connection
+    driver = await driver_of(await session.connection())
     await driver.copy_records_to_table(
-        Item.__table__.name,
+        Item.__tablename__,
         columns=["id", "job_id", "position", "prompt", "metadata", *_ITEM_DEFAULTS],
         records=[
             (ids[i], job.id, i, it.prompt, json.dumps(it.metadata), *_ITEM_DEFAULTS.values())
@@ -118,7 +120,7 @@ async def create(
 _ITEM_DEFAULTS = {
     column.name: column.default.arg
     for column in Item.__table__.columns
-    if column.default is not None and column.default.is_scalar
+    if isinstance(column.default, ScalarElementColumnDefault)
 }
 
 

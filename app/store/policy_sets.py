@@ -7,7 +7,7 @@ from typing import Any
 from uuid import UUID
 
 import yaml
-from sqlalchemy import or_, select
+from sqlalchemy import ColumnElement, or_, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -20,7 +20,8 @@ DEFAULT_NAME = "aidsafe-default"
 
 
 def load_file(path: Path) -> dict[str, Any]:
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
+    data: dict[str, Any] = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return data
 
 
 async def register(
@@ -57,7 +58,7 @@ async def ensure_default(session: AsyncSession) -> PolicySetRow:
     return await register(session, None, data["name"], data.get("description", ""), data["policies"])
 
 
-def _visible_to(owner_key_id: UUID):  # noqa: ANN202 - a SQL expression
+def _visible_to(owner_key_id: UUID) -> ColumnElement[bool]:
     return or_(PolicySetRow.owner_key_id.is_(None), PolicySetRow.owner_key_id == owner_key_id)
 
 

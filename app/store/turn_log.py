@@ -43,9 +43,11 @@ class PostgresTurnLog:
         )
         key = turn.key
         async with driver_connection(self._sessions) as connection:
-            held, inserted = await _RECORD.fetchrow(
+            recorded = await _RECORD.fetchrow(
                 connection, item_id=turn.item_id, attempt=self._claim.attempt, turns=self._row(turn)
             )
+        assert recorded is not None  # a SELECT without FROM: one row
+        held, inserted = recorded
         if not held:
             raise ClaimLost(f"lease on item {turn.item_id} lost")
         if inserted:
