@@ -537,6 +537,19 @@ def create_policy_set(
     )
 
 
+jobs_cli = typer.Typer(help="Your jobs (over the HTTP API).", no_args_is_help=True)
+cli.add_typer(jobs_cli, name="jobs")
+
+
+@jobs_cli.command("delete")
+def delete_job(job_id: str, api_url: ApiUrl = "http://127.0.0.1:8000", key: ApiKeyOpt = "") -> None:
+    """Delete a finished job (or comparison) and everything derived from it."""
+    with _client(api_url, key) as client:
+        deletion = _check(client.delete(f"/v1/jobs/{job_id}"))
+    rows = ", ".join(f"{table} {count}" for table, count in deletion["row_counts"].items() if count)
+    console.print(f"Deleted job {deletion['job_id']}: {rows}.", highlight=False)
+
+
 webhooks_cli = typer.Typer(help="Webhooks labeling tools deliver reviews to (over the HTTP API).")
 cli.add_typer(webhooks_cli, name="webhooks", no_args_is_help=True)
 

@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     item_retry_base_s: float = 5.0  # first back-off after the LLM stayed unavailable; doubles
     sweep_interval_s: int = 15
     enqueue_grace_s: int = 30  # a queued item unclaimed this long is enqueued again
+    # Workers blank the hazardous text (whispered beliefs, rejected CoTs, guard texts) of
+    # finished jobs submitted more than this many days ago and keep the rest; unset: never.
+    purge_hazardous_after_days: float | None = Field(default=None, gt=0)
+    purge_interval_s: int = Field(default=3600, gt=0)  # how often one of the workers purges
 
     # Progress events (GET /v1/jobs/{id}/events): one Redis stream per job, trimmed and expiring;
     # Postgres stays the truth, so a follower resyncs from it whenever the stream falls short.

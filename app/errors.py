@@ -78,3 +78,17 @@ class MissingScope(ServiceError):
 class InvalidExportFilter(ServiceError):
     status = 422
     code = "invalid_filter"
+
+
+class JobRunning(ServiceError):
+    """The job still has queued or running items: cancel it, and let it end, first."""
+
+    status = 409
+    code = "job_running"
+
+
+class JobInComparison(ServiceError):
+    """Comparisons judge this job's samples: delete them first (details name them)."""
+
+    status = 409
+    code = "job_in_comparison"

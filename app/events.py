@@ -98,6 +98,14 @@ async def announce_item_finished(redis: Redis, settings: Settings, job_id: UUID,
 # --- the API side -------------------------------------------------------------------------
 
 
+async def forget_job(redis: Redis, settings: Settings, job_id: UUID) -> None:
+    """Drop a deleted job's stream. Best effort: it expires anyway (events_stream_ttl_s)."""
+    try:
+        await redis.delete(stream_key(settings, job_id))
+    except RedisError:
+        log.warning("could not delete the event stream of deleted job %s", job_id, exc_info=True)
+
+
 async def finished_since(sessions: Sessions, job_id: UUID, since_ms: int) -> list[ItemFinished]:
     """Items of the job that ended at or after this time (ms since the epoch), in the order they ended."""
     since = datetime.fromtimestamp(max(0, since_ms - CLOCK_MARGIN_MS) / 1000, tz=UTC)

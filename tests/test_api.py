@@ -37,7 +37,7 @@ KITCHEN_POLICIES = [
 KITCHEN_POLICIES_V2 = [{**KITCHEN_POLICIES[0], "allowed": ["recipes", "knife skills", "food storage"]}]
 V1_PATHS = {
     "/v1/jobs": {"post"},
-    "/v1/jobs/{job_id}": {"get"},
+    "/v1/jobs/{job_id}": {"get", "delete"},
     "/v1/jobs/{job_id}/cancel": {"post"},
     "/v1/jobs/{job_id}/items": {"get"},
     "/v1/jobs/{job_id}/cots": {"get"},
@@ -57,6 +57,7 @@ V1_PATHS = {
     "/v1/webhooks/{webhook_id}/revoke": {"post"},
     "/v1/webhooks/{webhook_id}/rejections": {"get"},
     "/v1/webhooks/label-studio/{webhook_id}": {"post"},
+    "/v1/deletions": {"get"},
 }
 # Label Studio calls its webhook with the webhook's own secret, not an API key (test_webhooks.py).
 SECRET_AUTHENTICATED = {"/v1/webhooks/label-studio/{webhook_id}"}

@@ -10,7 +10,9 @@ import contextlib
 import gc
 import logging
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
@@ -32,7 +34,7 @@ from app.llm.rates import EndpointRates
 from app.metrics import ITEMS_FINISHED
 from app.plan import ComparisonPlan, GenerationPlan
 from app.queue import arq_job_id, enqueue_items, redis_settings
-from app.store import items
+from app.store import deletions, items
 from app.store.db import Sessions, make_engine, make_sessions
 from app.store.endings import CANCELLED, Ending, failed, handed_back
 from app.store.policy_sets import for_engine
@@ -53,6 +55,7 @@ class Worker:
     sessions: Sessions
     llm: OpenAICompatibleClient
     sweeper: asyncio.Task[None] | None = None  # this process's sweeper loop, if it runs one
+    purger: asyncio.Task[None] | None = None  # its hazardous-text purge loop, if it runs one
 
 
 WORKER = "worker"
@@ -70,6 +73,8 @@ async def startup(ctx: dict[str, Any]) -> None:
     gc.freeze()
     worker = _worker(ctx)
     worker.sweeper = asyncio.create_task(_sweep_forever(worker))
+    if (days := worker.settings.purge_hazardous_after_days) is not None:
+        worker.purger = asyncio.create_task(_purge_forever(worker, timedelta(days=days)))
 
 
 async def connect(ctx: dict[str, Any]) -> None:
@@ -94,8 +99,9 @@ async def connect(ctx: dict[str, Any]) -> None:
 
 async def shutdown(ctx: dict[str, Any]) -> None:
     worker = _worker(ctx)
-    if worker.sweeper:
-        worker.sweeper.cancel()
+    for loop in (worker.sweeper, worker.purger):
+        if loop:
+            loop.cancel()
     await worker.llm.aclose()
     await worker.db.dispose()
 
@@ -284,15 +290,34 @@ async def _forget_arq_jobs(redis: ArqRedis, queue_name: str, renumbered: list[tu
 async def _sweep_forever(worker: Worker) -> None:
     """Every worker runs this loop; a Redis lock lets one of them sweep per interval. It runs
     beside the queue, not in it, so a long backlog cannot delay recovery."""
-    settings, redis = worker.settings, worker.redis
-    lock = f"{settings.redis_key_prefix}:sweeper"
+    settings = worker.settings
+    await _one_per_interval(
+        worker, "sweeper", settings.sweep_interval_s, lambda: sweep(settings, worker.sessions, worker.redis)
+    )
+
+
+async def _purge_forever(worker: Worker, older_than: timedelta) -> None:
+    """Blank old hazardous text (setting purge_hazardous_after_days), in one worker per interval."""
+
+    async def purge() -> None:
+        if purged := await deletions.purge_hazardous(worker.sessions, older_than):
+            log.info("purged the hazardous text of %d jobs", purged)
+
+    await _one_per_interval(worker, "purger", worker.settings.purge_interval_s, purge)
+
+
+async def _one_per_interval(
+    worker: Worker, name: str, interval_s: float, work: Callable[[], Awaitable[Any]]
+) -> None:
+    """Every worker runs this loop; a Redis lock lets one of them do `work` per interval."""
+    lock = f"{worker.settings.redis_key_prefix}:{name}"
     while True:
         try:
-            if await redis.set(lock, "1", nx=True, px=int(settings.sweep_interval_s * 1000)):
-                await sweep(settings, worker.sessions, redis)
+            if await worker.redis.set(lock, "1", nx=True, px=int(interval_s * 1000)):
+                await work()
         except Exception:  # Redis or Postgres away: try again next interval
-            log.warning("sweep failed", exc_info=True)
-        await asyncio.sleep(settings.sweep_interval_s)
+            log.warning("%s failed", name, exc_info=True)
+        await asyncio.sleep(interval_s)
 
 
 def worker_settings(settings: Settings, *, sweeper: bool = True) -> dict[str, Any]:

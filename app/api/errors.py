@@ -27,7 +27,10 @@ _WHY = {
     401: "No API key, or an unknown or revoked one.",
     403: "The API key lacks the scope this request needs (missing_scope).",
     404: "No such resource visible to this API key.",
-    409: "The Idempotency-Key was already used with a different request body.",
+    409: (
+        "The Idempotency-Key was already used with a different request body (idempotency_conflict), "
+        "or the job to delete is still running (job_running) or compared (job_in_comparison)."
+    ),
     413: "The request body is over the size limit.",
     422: (
         "The request is invalid (validation_error, invalid_config, unknown_policy_set, "

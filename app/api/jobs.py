@@ -8,15 +8,17 @@ from uuid import UUID
 
 from fastapi import APIRouter, Depends, Query, status
 
+from app import events
 from app.api import views
 from app.api.bodies import JsonBody
-from app.api.deps import CurrentKey, OwnedJob, ReadsHazardous, SessionDep, SummariesDep
+from app.api.deps import CurrentKey, OwnedJob, ReadsHazardous, SessionDep, StateDep, SummariesDep
 from app.api.errors import documented
 from app.api.schemas import (
     MAX_PROMPTS_PER_JOB,
     CotPage,
     ItemPage,
     ItemStatus,
+    JobDeletionOut,
     JobIn,
     JobOut,
     PreferencePairPage,
@@ -25,7 +27,7 @@ from app.api.schemas import (
 from app.api.submissions import SubmissionDep
 from app.api.summaries import job_out
 from app.plan import check_job_fits, resolve
-from app.store import jobs, policy_sets
+from app.store import deletions, jobs, policy_sets
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger("aidsafe.api")
@@ -147,3 +149,20 @@ async def get_report(job: OwnedJob, session: SessionDep) -> ReportOut:
     """Quality in full: grader statistics, the gate's thresholds and misses, pair outcomes,
     and LLM usage by stage."""
     return views.report_out(job, await jobs.report(session, job))
+
+
+@router.delete("/{job_id}", responses=documented(401, 404, 409, 422, 503))
+async def delete_job(
+    job_id: UUID, key: CurrentKey, session: SessionDep, summaries: SummariesDep, state: StateDep
+) -> JobDeletionOut:
+    """Delete a finished job (a comparison too) and everything derived from it: items,
+    turns, CoTs, preference pairs, judgements, annotations, its progress events and its
+    Idempotency-Key (which is free again), in one transaction. Answers the deletion's
+    trace, which GET /v1/deletions keeps listing. 409 `job_running` while items are queued
+    or running (cancel the job first); 409 `job_in_comparison` while comparisons judge its
+    samples (their ids in `details.comparison_ids`: delete them first). Deleting again is a 404."""
+    deletion = await deletions.delete_job(session, job_id, key.id)
+    await session.commit()
+    summaries.forget(job_id)
+    await events.forget_job(state.arq, state.settings, job_id)
+    return JobDeletionOut.model_validate(deletion, from_attributes=True)

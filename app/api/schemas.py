@@ -421,3 +421,14 @@ class ComparisonOut(BaseModel):
     )
     pairwise: Pairwise
     usage: Usage
+
+
+class JobDeletionOut(BaseModel):
+    """The trace of a deleted job: who deleted it, when, and the rows deleted per table."""
+
+    id: int = Field(description="Pass as `before_id` to read older deletions.")
+    job_id: UUID
+    mode: str = Field(description="The job's mode (`comparison` for a comparison).")
+    deleted_by_key_id: UUID
+    deleted_at: datetime
+    row_counts: dict[str, int] = Field(description="Rows deleted per table, the job's row included.")

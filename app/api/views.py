@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict
 from typing import Any
 
@@ -24,7 +23,7 @@ from app.api.schemas import (
     TurnOut,
     WhisperTryOut,
 )
-from app.deliberation.ports import is_hazardous
+from app.deliberation.ports import is_hazardous, is_known_category
 from app.plan import ComparisonPlan
 from app.store.models import Cot, Item, Job, PolicySetRow, PreferencePair, TurnRow
 
@@ -94,10 +93,6 @@ def scores_out(scores: dict[str, Any] | None, *, with_rationale: bool) -> dict[s
     }
 
 
-# Llama Guard names what it finds S1, S2, ...: codes, not text.
-_LLAMA_GUARD_CODE = re.compile(r"S\d{1,2}")
-
-
 def policy_ids(policy_set: PolicySetRow) -> frozenset[str]:
     """The ids of a policy set's policies: the guard categories any reader may see."""
     return frozenset(policy["id"] for policy in policy_set.policies)
@@ -113,7 +108,7 @@ def guard_out(
         return None
     if reads_hazardous:
         return GuardOut(**verdict)
-    categories = [c for c in verdict["categories"] if c in known or _LLAMA_GUARD_CODE.fullmatch(c)]
+    categories = [c for c in verdict["categories"] if is_known_category(c, known)]
     return GuardOut(unsafe=verdict["unsafe"], categories=categories, rationale=None, error=None)
 
 
@@ -136,15 +131,16 @@ def _rejected_out(pair: PreferencePair, reads_hazardous: bool, known: frozenset[
 
 def _try_out(whisper_try: dict[str, Any], reads_hazardous: bool, known: frozenset[str]) -> WhisperTryOut:
     number, rejected = whisper_try["number"], whisper_try["rejected"]
+    refused = whisper_try.get("refused", rejected is None)  # a purged try says so: no text is left
     guard = guard_out(whisper_try["guard"], reads_hazardous, known)
     if not reads_hazardous:
         return WhisperTryOut(
-            number=number, belief=None, refused=rejected is None, rejected=None, refusal=None, guard=guard
+            number=number, belief=None, refused=refused, rejected=None, refusal=None, guard=guard
         )
     return WhisperTryOut(
         number=number,
         belief=whisper_try["belief"],
-        refused=rejected is None,
+        refused=refused,
         rejected=SampleOut(**rejected) if rejected else None,
         refusal=whisper_try["refusal"],
         guard=guard,

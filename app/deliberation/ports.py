@@ -6,6 +6,7 @@ server and, where a database is beside the point, an in-memory log.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
@@ -104,6 +105,16 @@ HAZARDOUS_STAGES = frozenset({Stage.WHISPER, Stage.REJECTED, Stage.GUARD})
 
 def is_hazardous(stage: str, round: int) -> bool:
     return stage in HAZARDOUS_STAGES or (stage == Stage.GRADE and round > 0)
+
+
+# Llama Guard names what it finds S1, S2, ...: codes, not text.
+_LLAMA_GUARD_CODE = re.compile(r"S\d{1,2}")
+
+
+def is_known_category(category: str, policy_ids: frozenset[str]) -> bool:
+    """Whether a guard's category names a policy of the job's set or is a Llama Guard code:
+    not hazardous. Any other category is the guard's own text about a rejected sample."""
+    return category in policy_ids or _LLAMA_GUARD_CODE.fullmatch(category) is not None
 
 
 class TurnOutcome(StrEnum):

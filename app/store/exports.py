@@ -247,7 +247,8 @@ def rows_query(job_id: UUID, source: Source, filters: ExportFilter) -> Select[An
     query = select(*columns).select_from(Cot).join(Item, Item.id == Cot.item_id).where(Cot.job_id == job_id)
     if source is Source.KEPT_PAIRS:
         query = query.join(PreferencePair, PreferencePair.item_id == Cot.item_id)
-        query = query.where(PreferencePair.kept.is_(True))
+        # A purged pair (app/store/deletions.py purge_hazardous) has no rejected side left.
+        query = query.where(PreferencePair.kept.is_(True), PreferencePair.rejected_response.is_not(None))
     return query.where(*_conditions(filters)).order_by(Cot.position)
 
 

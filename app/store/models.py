@@ -141,6 +141,12 @@ class Job(Base):
     item_count: Mapped[int] = mapped_column(Integer)
     cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = _now()
+    # When its hazardous text was purged (app/store/deletions.py purge_hazardous); None: not yet.
+    hazardous_purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+# Jobs whose hazardous text is still held, for the purge to find the old ones.
+Index("ix_jobs_hazardous_unpurged", Job.created_at, postgresql_where=text("hazardous_purged_at IS NULL"))
 
 
 class Item(Base):
@@ -153,6 +159,17 @@ class Item(Base):
         ),
         Index(
             "ix_items_queued_since", "updated_at", postgresql_where=text(f"status = '{ItemStatus.QUEUED}'")
+        ),
+        # The comparison items using an item: deleting a job's items checks them (foreign keys).
+        Index(
+            "ix_items_baseline_item_id",
+            "baseline_item_id",
+            postgresql_where=text("baseline_item_id IS NOT NULL"),
+        ),
+        Index(
+            "ix_items_candidate_item_id",
+            "candidate_item_id",
+            postgresql_where=text("candidate_item_id IS NOT NULL"),
         ),
     )
 
@@ -281,8 +298,9 @@ class Judgement(Base):
     item_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("items.id"), unique=True)
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id"))
     position: Mapped[int] = mapped_column(Integer)
-    a_item_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("items.id"))  # the baseline job's item
-    b_item_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("items.id"))  # the candidate job's item
+    # The baseline and the candidate job's items (indexed: deleting an item checks them).
+    a_item_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("items.id"), index=True)
+    b_item_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("items.id"), index=True)
     winner: Mapped[str | None] = mapped_column(String(8))  # a | b | tie; None: no readable vote
     votes: Mapped[list[Any]]  # [{order, choice, rationale}]
     created_at: Mapped[datetime] = _now()
@@ -362,3 +380,18 @@ class WebhookRejection(Base):
     code: Mapped[str] = mapped_column(String(32))  # the error code the tool was answered with
     message: Mapped[str] = mapped_column(Text)
     body: Mapped[str | None] = mapped_column(Text)  # as received (capped); None: not authenticated
+
+
+class JobDeletion(Base):
+    """The trace a deleted job leaves (DELETE /v1/jobs/{id}): which key deleted it, when, and
+    how many rows of each table went with it. That key reads it (GET /v1/deletions)."""
+
+    __tablename__ = "job_deletions"
+    __table_args__ = (Index("ix_job_deletions_key_newest", "deleted_by_key_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    job_id: Mapped[uuid.UUID]  # no foreign key: the job is gone
+    mode: Mapped[str] = mapped_column(String(16))  # the job's plan mode
+    deleted_by_key_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.id"))  # the job's owner
+    deleted_at: Mapped[datetime] = _now()
+    row_counts: Mapped[dict[str, Any]]  # {table: rows deleted}
