@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
-from sqlalchemy import ColumnElement, Table, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, CursorResult, Table, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.deliberation.ports import is_hazardous, is_known_category
@@ -72,7 +72,8 @@ async def delete_job(session: AsyncSession, job_id: UUID, key_id: UUID) -> JobDe
     row_counts: dict[str, int] = {}
     for table in DERIVED:
         if (condition := _of_job(table, job_id)) is not None:
-            row_counts[table.name] = (await session.execute(delete(table).where(condition))).rowcount
+            deleted = await session.execute(delete(table).where(condition))
+            row_counts[table.name] = cast(CursorResult[Any], deleted).rowcount  # a DELETE's result
     await session.execute(delete(Job).where(Job.id == job_id))
     row_counts[Job.__tablename__] = 1
     deletion = JobDeletion(job_id=job_id, mode=job.plan.mode, deleted_by_key_id=key_id, row_counts=row_counts)
