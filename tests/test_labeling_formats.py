@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -109,10 +110,17 @@ def read_as_written(written: Any, read: Any, path: str = "settings") -> None:
         assert written == read and type(written) is type(read), f"{path}: {written!r} read as {read!r}"
 
 
-def test_argillas_sdk_reads_the_settings_as_the_service_writes_them(dataset: rg.Dataset) -> None:
-    served = json.loads(json.dumps(argilla.settings()))  # as the API serves them
-    read_as_written(served, dataset.settings.serialize())
-    assert dataset.settings.distribution.min_submitted == 1
+def test_argillas_sdk_reads_the_settings_as_the_service_writes_them(
+    argilla_client: rg.Argilla, tmp_path: Path
+) -> None:
+    served = tmp_path / "settings.json"  # as the README has users save and load them
+    served.write_text(json.dumps(argilla.settings()))
+
+    read = rg.Settings.from_json(served)
+
+    read.validate()
+    read_as_written(json.loads(served.read_text()), read.serialize())
+    assert read.distribution.min_submitted == 1
 
 
 def test_argilla_offers_exactly_the_answers_the_import_reads(dataset: rg.Dataset) -> None:
@@ -125,6 +133,47 @@ def test_argilla_offers_exactly_the_answers_the_import_reads(dataset: rg.Dataset
     # for, and every field a record fills is needed to judge it.
     assert [q.name for q in questions if q.required] == ["verdict"]
     assert all(f.required for f in dataset.settings.fields)
+
+
+# What a reviewer reads in Argilla for each field and question: the question's wording is what
+# its answer means (an accept is "may go into training data"). Label Studio's config asks the
+# same, in its headers (the comment is a placeholder there).
+ARGILLA_WORDING = {
+    "prompt": "Prompt",
+    "intents": "Intents",
+    "thoughts": "Refined chain of thought",
+    "response": "Response",
+    "verdict": "May this sample go into training data?",
+    "policy_faithfulness": "How faithfully do the thoughts and the response follow the policies?",
+    "flagged_thoughts": "Thoughts that are wrong, redundant or against a policy",
+    "edited_response": "Response as it should be",
+    "comment": "Comment",
+}
+GUIDELINES = (
+    "Review one chain of thought written under a safety policy. Accept it only if the thoughts and "
+    "the response follow the policies and the response helps where it may. Flag the thoughts that "
+    "are wrong, redundant or against a policy; edit the response if it should read differently."
+)
+
+
+def test_argilla_reviewers_read_the_questions_label_studio_asks(dataset: rg.Dataset) -> None:
+    settings = dataset.settings
+    titles = {p.name: p.title for p in [*settings.fields, *settings.questions]}
+    assert titles == ARGILLA_WORDING and settings.guidelines == GUIDELINES
+    for name, title in ARGILLA_WORDING.items():
+        assert title.lower() in label_studio.CONFIG.lower(), name
+    assert settings.questions["verdict"].serialize()["settings"]["options"] == [
+        {"value": "accept", "text": "Accept"},
+        {"value": "reject", "text": "Reject"},
+    ]
+    assert {m.name: m.title for m in settings.metadata} == {
+        "position": "Position",
+        "gate": "Quality gate",
+        "policy_set": "Policy set",
+    }
+    # Prompts and responses are shown as written, never rendered (a prompt may carry markup).
+    assert not any(f.use_markdown for f in settings.fields)
+    assert not any(q.use_markdown for q in settings.questions if isinstance(q, rg.TextQuestion))
 
 
 def argilla_accepts(dataset: rg.Dataset, written: dict[str, Any]) -> rg.Record:
