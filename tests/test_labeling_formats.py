@@ -32,6 +32,7 @@ from app.labeling.reviews import MAX_THOUGHTS, RATINGS, VERDICTS, Answers, Inval
 
 ITEM = UUID("6f1c2b3a-4d5e-4f60-8a7b-9c0d1e2f3a4b")
 OTHER_ITEM = UUID("0a1b2c3d-4e5f-4061-8273-8495a6b7c8d9")
+SERVER_RECORD = UUID("3e4f5a6b-7c8d-4e9f-8a0b-1c2d3e4f5a6b")  # Argilla's own id of the record
 USER = "9d1f3c5e-7a9b-4c1d-8e2f-3a4b5c6d7e01"
 WHEN = "2026-11-22T09:00:00.000000"
 INTENTS = {"explicit_intents": ["Store rice"], "implicit_intents": ["Avoid food poisoning"]}
@@ -128,7 +129,9 @@ def test_argilla_offers_exactly_the_answers_the_import_reads(dataset: rg.Dataset
     assert questions["verdict"].labels == list(VERDICTS)
     assert questions["policy_faithfulness"].values == list(RATINGS)
     # One option per thought a refined CoT can have, named as the record numbers its thoughts.
-    assert questions["flagged_thoughts"].labels == [str(n) for n in range(1, MAX_THOUGHTS + 1)]
+    assert questions["flagged_thoughts"].serialize()["settings"]["options"] == [
+        {"value": str(n), "text": f"Thought {n}"} for n in range(1, MAX_THOUGHTS + 1)
+    ]
     # A reviewer must give a verdict (the human-approved filter reads it); nothing else is asked
     # for, and every field a record fills is needed to judge it.
     assert [q.name for q in questions if q.required] == ["verdict"]
@@ -264,7 +267,7 @@ def argilla_page(dataset: rg.Dataset, *responses: rg.Response, record_id: Any = 
         responses=list(responses),
         _dataset=dataset,
     )
-    body = record.api_model().model_dump(mode="json")
+    body = {**record.api_model().model_dump(mode="json"), "id": str(SERVER_RECORD)}
     for n, response in enumerate(body["responses"], 1):
         response.update(id=f"response-{n}", updated_at=WHEN)
     return {"items": [body], "total": 1}
@@ -372,7 +375,7 @@ def test_an_argilla_answer_outside_the_settings_is_a_problem_not_a_review(
 
 
 def test_an_argilla_record_finds_its_item_by_metadata_when_it_has_no_external_id(dataset: rg.Dataset) -> None:
-    page = argilla_page(dataset, answer("verdict", "accept"))
+    page = argilla_page(dataset, answer("verdict", "accept"), answer("verdict", "reject", user=str(uuid4())))
     record = page["items"][0]
     without = {key: value for key, value in record.items() if key != "external_id"}
     not_ours = {**record, "external_id": "row-17"}
@@ -381,10 +384,11 @@ def test_an_argilla_record_finds_its_item_by_metadata_when_it_has_no_external_id
     found = read_argilla([without, not_ours])
     lost = read_argilla([nowhere])
 
-    assert [r.item_id for r in found.reviews] == [ITEM, ITEM] and found.problems == []
+    assert [r.item_id for r in found.reviews] == [ITEM] * 4 and found.problems == []
     assert lost.reviews == []
-    assert lost.problems == [
-        f"record {record['id']} response response-1: the record has no item id of this service"
+    assert lost.problems == [  # each response is named: the record is known by Argilla's id
+        f"record {SERVER_RECORD} response response-{n}: the record has no item id of this service"
+        for n in (1, 2)
     ]
 
 
@@ -468,7 +472,7 @@ def test_an_ungraded_task_predicts_the_response_alone_and_intents_without_implic
 ) -> None:
     row = a_row(thoughts=1)
     task = label_studio.task(
-        replace(row, intents={"explicit_intents": ["Store rice"]}),
+        replace(row, intents={"explicit_intents": ["Store rice"], "implicit_intents": []}),
         ExportOptions(),
     )
 
@@ -680,13 +684,16 @@ def test_annotations_created_together_are_matched_to_their_tasks_by_id() -> None
 def test_a_webhook_annotation_whose_task_is_not_in_the_event_is_a_problem() -> None:
     unmatched = {
         "action": "ANNOTATIONS_CREATED",
-        "annotation": [annotation(VERDICT, task=106)],
+        "annotation": [annotation(VERDICT, task=106), annotation(VERDICT, id=502, task=107)],
         "task": [a_task(104), a_task(105, OTHER_ITEM)],
     }
     taskless = {"action": "ANNOTATION_CREATED", "annotation": annotation(VERDICT, task=104)}
     empty = {"action": "ANNOTATION_CREATED", "task": a_task(104)}
 
-    assert read_webhook(unmatched).problems == ["annotation 501: the event has no task 106"]
+    assert read_webhook(unmatched).problems == [
+        "annotation 501: the event has no task 106",
+        "annotation 502: the event has no task 107",
+    ]
     assert read_webhook(taskless).problems == ["annotation 501: the event has no task 104"]
     assert read_webhook(empty).problems == ["ANNOTATION_CREATED without an annotation"]
     assert read_webhook(unmatched).reviews == read_webhook(taskless).reviews == []
@@ -727,7 +734,16 @@ def read_answers(**answers: Any) -> tuple[dict[str, Any], list[str]]:
 
 @pytest.mark.parametrize(
     ("choice", "number"),
-    [(3, 3), ("3", 3), ("Thought 3", 3), (" thought  12 ", 12), ("THOUGHT3", 3), (9_999, 9_999), ("0003", 3)],
+    [
+        (3, 3),
+        ("3", 3),
+        ("Thought 3", 3),
+        (" thought  12 ", 12),
+        ("THOUGHT3", 3),
+        (9_999, 9_999),
+        ("0003", 3),
+        ("Thought 3" + " " * 11, 3),
+    ],
 )
 def test_a_flagged_thought_is_named_by_its_number_or_its_label(choice: Any, number: int) -> None:
     fields, problems = read_answers(flagged_thoughts=[choice, choice])
@@ -782,11 +798,11 @@ def test_an_answer_that_is_not_text_is_a_problem_and_blank_text_is_none() -> Non
 
 
 def test_a_long_answer_is_quoted_cut_short_in_the_problem() -> None:
-    _, problems = read_answers(verdict="x" * 100, flagged_thoughts="y" * 57)
+    _, problems = read_answers(verdict="x" * 100, flagged_thoughts="y" * 58)
 
     assert problems == [
         f"here: verdict '{'x' * 56}... is not one of accept, reject",
-        f"here: flagged thoughts {'y' * 57!r} are not a list of choices",
+        f"here: flagged thoughts {'y' * 58!r} are not a list of choices",  # 60 characters: whole
     ]
 
 
