@@ -753,7 +753,22 @@ def test_a_flagged_thought_is_named_by_its_number_or_its_label(choice: Any, numb
 
 @pytest.mark.parametrize(
     "choice",
-    [0, -1, 10_000, True, 2.0, "0", "Thought 0", "Thought", "3a", "12345", "Thought 3" + " " * 12, None],
+    [
+        0,
+        -1,
+        10_000,
+        True,
+        2.0,
+        "0",
+        "Thought 0",
+        "Thought",
+        "3a",
+        "12345",
+        "Thought 3" + " " * 12,
+        None,
+        "Thought \u0663",
+        "Thought\u00a03",
+    ],
 )
 def test_a_flagged_choice_naming_no_thought_is_a_problem(choice: Any) -> None:
     fields, problems = read_answers(flagged_thoughts=["1", choice])
@@ -850,3 +865,33 @@ def test_a_tools_time_is_read_in_utc(sent: str, read: datetime) -> None:
 def test_a_time_outside_the_calendar_in_utc_is_a_validation_error() -> None:
     with pytest.raises(ValidationError, match=re.escape("outside years 1 to 9999 in UTC")):
         read_export(annotation(VERDICT, created_at="0001-01-01T00:00:00+14:00"))
+
+
+@pytest.mark.parametrize(
+    ("model", "field", "limit"),
+    [
+        (argilla.RecordIn, "id", 200),
+        (argilla.RecordIn, "external_id", 200),
+        (argilla.ResponseIn, "id", 200),
+        (argilla.ResponseIn, "user_id", 200),
+        (label_studio.AnnotationIn, "id", 200),
+        (label_studio.WebhookIn, "action", 100),
+    ],
+)
+def test_a_tools_id_is_read_up_to_its_length_limit(model: Any, field: str, limit: int) -> None:
+    """Ids are stored in columns of that size: a longer one is refused when read, not at insert."""
+    body = {"action": "X", "id": "r", "status": "submitted", "updated_at": WHEN, "created_at": WHEN}
+
+    assert getattr(model.model_validate({**body, field: "x" * limit}), field) == "x" * limit
+    with pytest.raises(ValidationError):
+        model.model_validate({**body, field: "x" * (limit + 1)})
+
+
+def test_an_export_without_task_ids_or_annotators_is_still_read() -> None:
+    tasks = TypeAdapter(list[label_studio.TaskIn]).validate_python(
+        [{"data": DATA, "annotations": [{"id": 1, "result": [VERDICT], "created_at": WHEN}]}]
+    )
+
+    [review] = label_studio.read_export(tasks).reviews
+
+    assert (review.annotator, review.verdict) == ("unknown", "accept")
