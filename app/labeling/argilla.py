@@ -185,7 +185,7 @@ def read_records(records: list[RecordIn]) -> Parsed:
             if item_id is None:
                 parsed.problems.append(f"{where}: the record has no item id of this service")
                 continue
-            values = {name: (answer or {}).get("value") for name, answer in (response.values or {}).items()}
+            values = {name: answer.get("value") for name, answer in (response.values or {}).items()}
             answers = Answers(**{q.value: values.get(q.value) for q in Question})
             parsed.reviews.append(
                 Review(

@@ -76,8 +76,9 @@ def task(row: CotRow, _options: object) -> Record:
 
 
 def intents_text(intents: dict[str, Any]) -> str:
-    lines = ["Explicit:", *(f"- {i}" for i in intents.get("explicit_intents", []))]
-    implicit = intents.get("implicit_intents", [])
+    """The intent stage's output (both lists always there, empty in zero-shot mode) as text."""
+    lines = ["Explicit:", *(f"- {i}" for i in intents["explicit_intents"])]
+    implicit = intents["implicit_intents"]
     if implicit:
         lines += ["Implicit:", *(f"- {i}" for i in implicit)]
     return "\n".join(lines)
@@ -104,7 +105,7 @@ def _prediction(row: CotRow) -> Record:
         result.append(
             _result(Question.POLICY_FAITHFULNESS, "response", "rating", {"rating": as_rating(graded)})
         )
-        prediction["score"] = round(graded / 5, 3)  # sorts tasks in Label Studio, weakest first
+        prediction["score"] = graded / 5  # sorts tasks in Label Studio, weakest first
     return {**prediction, "result": result}
 
 
@@ -207,7 +208,7 @@ def read_webhook(event: WebhookIn) -> Parsed:
     parsed = Parsed()
     if event.action == DELETION_EVENT:
         for deleted in event.annotations or []:
-            raw = {"action": event.action, "annotation": deleted.model_dump(mode="json")}
+            raw = {"action": event.action, "annotation": deleted.model_dump()}  # JSON types only
             parsed.retractions.append(Retraction(SOURCE, str(deleted.id), raw))
         if not event.annotations:
             parsed.problems.append(f"{event.action} without the deleted annotations")
@@ -215,13 +216,13 @@ def read_webhook(event: WebhookIn) -> Parsed:
     if event.action not in ANNOTATION_EVENTS:
         parsed.skipped.append(Skipped(None, f"{event.action} is not an annotation event"))
         return parsed
+    if event.annotation is None:
+        parsed.problems.append(f"{event.action} without an annotation")
+        return parsed
     annotations = event.annotation if isinstance(event.annotation, list) else [event.annotation]
     tasks = event.task if isinstance(event.task, list) else [event.task]
     by_id = {t.id: t for t in tasks if t is not None}
     for annotation in annotations:
-        if annotation is None:
-            parsed.problems.append(f"{event.action} without an annotation")
-            continue
         task_id = annotation.task.id if isinstance(annotation.task, TaskRef) else annotation.task
         task_in = by_id.get(task_id) or (next(iter(by_id.values())) if len(by_id) == 1 else None)
         if task_in is None:

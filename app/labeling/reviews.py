@@ -20,7 +20,7 @@ RATINGS = (1, 2, 3, 4, 5)
 MAX_THOUGHTS = REFINED["properties"]["thoughts"]["maxItems"]  # the refiner writes no more
 # A choice naming a thought: "3" (an alias, Argilla's value) or "Thought 3" (Label Studio's
 # value without alias). Longer text is refused unread, and fullmatch on it is linear.
-_THOUGHT_CHOICE = re.compile(r"(?:thought\s*)?(\d{1,4})", re.IGNORECASE | re.ASCII)
+_THOUGHT_CHOICE = re.compile(r"(?:thought\s*)?(\d{1,4})", re.ASCII)  # matched lowercased
 _MAX_THOUGHT_CHOICE_CHARS = 20
 
 
@@ -162,7 +162,7 @@ def _thought_number(choice: Any) -> int | None:
         return choice if 1 <= choice < 10_000 else None
     if not isinstance(choice, str) or len(choice) > _MAX_THOUGHT_CHOICE_CHARS:
         return None
-    match = _THOUGHT_CHOICE.fullmatch(choice.strip())
+    match = _THOUGHT_CHOICE.fullmatch(choice.strip().lower())
     return int(match.group(1)) if match and int(match.group(1)) >= 1 else None
 
 
