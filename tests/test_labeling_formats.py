@@ -26,9 +26,10 @@ from label_studio_sdk.label_interface import LabelInterface
 from pydantic import TypeAdapter, ValidationError
 
 from app.errors import MAX_LISTED_PROBLEMS
-from app.exports.rows import CotRow, ExportOptions
+from app.exports.options import ExportOptions
 from app.labeling import argilla, label_studio
 from app.labeling.reviews import MAX_THOUGHTS, RATINGS, VERDICTS, Answers, InvalidAnnotations, Parsed, Review
+from app.store.export_rows import CotRow
 
 ITEM = UUID("6f1c2b3a-4d5e-4f60-8a7b-9c0d1e2f3a4b")
 OTHER_ITEM = UUID("0a1b2c3d-4e5f-4061-8273-8495a6b7c8d9")
