@@ -78,3 +78,22 @@ class MissingScope(ServiceError):
 class InvalidExportFilter(ServiceError):
     status = 422
     code = "invalid_filter"
+
+
+class CallbackRefused(ServiceError):
+    """A job's callback URL the server will not call; the code says why."""
+
+    status = 422
+    code = "callback_not_allowed"
+
+
+class CallbacksDisabled(CallbackRefused):
+    code = "callbacks_disabled"
+
+
+class InvalidCallbackUrl(CallbackRefused):
+    code = "invalid_callback_url"
+
+
+class CallbackHostNotAllowed(CallbackRefused):
+    code = "callback_host_not_allowed"

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from app import logs
 from app.api import (
     annotations,
+    callbacks,
     comparisons,
     errors,
     events,
@@ -65,7 +66,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     errors.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
-    routers = (health, metrics, jobs, events, exports, annotations, webhooks, items, comparisons, policy_sets)
+    routers = (
+        health,
+        metrics,
+        jobs,
+        callbacks,
+        events,
+        exports,
+        annotations,
+        webhooks,
+        items,
+        comparisons,
+        policy_sets,
+    )
     for module in routers:
         app.include_router(module.router)
     app.include_router(pages.router)  # the web viewer, /view

@@ -22,6 +22,8 @@ from prometheus_client import start_http_server
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import events, logs
+from app.callbacks import BATCH as CALLBACK_BATCH
+from app.callbacks import Sender
 from app.config import Settings, get_settings
 from app.deliberation.engine import deliberate, judge_pair
 from app.deliberation.ports import LLMRequestRejected, LLMUnavailable
@@ -52,7 +54,9 @@ class Worker:
     db: AsyncEngine
     sessions: Sessions
     llm: OpenAICompatibleClient
+    callbacks: Sender
     sweeper: asyncio.Task[None] | None = None  # this process's sweeper loop, if it runs one
+    deliverer: asyncio.Task[None] | None = None  # its callback sender loop, beside the sweeper
 
 
 WORKER = "worker"
@@ -70,6 +74,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     gc.freeze()
     worker = _worker(ctx)
     worker.sweeper = asyncio.create_task(_sweep_forever(worker))
+    worker.deliverer = asyncio.create_task(_deliver_forever(worker))
 
 
 async def connect(ctx: dict[str, Any]) -> None:
@@ -89,14 +94,18 @@ async def connect(ctx: dict[str, Any]) -> None:
         backoff_base_s=settings.llm_backoff_base_s,
         backoff_max_s=settings.llm_backoff_max_s,
     )
-    ctx[WORKER] = Worker(settings, redis, db, make_sessions(db), llm)
+    sessions = make_sessions(db)
+    ctx[WORKER] = Worker(settings, redis, db, sessions, llm, Sender(settings, sessions))
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
     worker = _worker(ctx)
     if worker.sweeper:
         worker.sweeper.cancel()
+    if worker.deliverer:
+        worker.deliverer.cancel()
     await worker.llm.aclose()
+    await worker.callbacks.aclose()
     await worker.db.dispose()
 
 
@@ -293,6 +302,20 @@ async def _sweep_forever(worker: Worker) -> None:
         except Exception:  # Redis or Postgres away: try again next interval
             log.warning("sweep failed", exc_info=True)
         await asyncio.sleep(settings.sweep_interval_s)
+
+
+async def _deliver_forever(worker: Worker) -> None:
+    """Send due callback deliveries, in every worker: they are rows, claimed with SKIP LOCKED,
+    so workers share them without a lock and none is sent twice by two workers at once. A
+    full batch means more may be due: look again at once."""
+    while True:
+        try:
+            claimed = await worker.callbacks.send_due()
+        except Exception:  # Postgres away: try again next interval
+            log.warning("callback delivery failed", exc_info=True)
+            claimed = 0
+        if claimed < CALLBACK_BATCH:
+            await asyncio.sleep(worker.settings.callback_poll_interval_s)
 
 
 def worker_settings(settings: Settings, *, sweeper: bool = True) -> dict[str, Any]:
