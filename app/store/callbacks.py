@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
-from sqlalchemy import Text, cast, exists, func, select, update
+from sqlalchemy import exists, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -32,7 +32,7 @@ async def record_if_finished(session: AsyncSession, job_id: UUID) -> None:
     the transaction) comes after their item updates, and the check after the lock reads what
     the other committed. Exactly one of them finds the job finished; a unique job_id keeps
     any later call (a cancel of a finished job) from writing a second delivery."""
-    await session.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(cast(job_id, Text), 0))))
+    await session.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(str(job_id), 0))))
     unfinished = exists().where(
         Item.job_id == job_id, Item.status.in_((ItemStatus.QUEUED, ItemStatus.RUNNING))
     )
