@@ -4,6 +4,7 @@ at submission and at sending; and a delivery outlives the worker that finished i
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import signal
@@ -20,7 +21,7 @@ import httpx
 import orjson
 import pytest
 import uvicorn
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
@@ -28,8 +29,10 @@ from starlette.routing import Route
 
 from app.callbacks import DELIVERY_HEADER, SIGNATURE_HEADER, Sender
 from app.config import Settings
+from app.store import callbacks
 from app.store.db import Sessions
-from app.store.models import CallbackDelivery
+from app.store.endings import COMPLETED, ending_values
+from app.store.models import CallbackDelivery, Item
 from tests.conftest import api_client, eventually, new_key, run_worker_burst, start_worker
 
 
@@ -409,3 +412,29 @@ async def test_a_comparison_announces_its_end(
     assert (body["job_id"], body["mode"], body["status"]) == (comparison_id, "comparison", "completed")
     assert body["counts"] == {"total": 2, "by_status": {"completed": 2}}
     assert verify(secret, request.headers[SIGNATURE_HEADER.lower()], request.body)
+
+
+async def test_of_two_transactions_ending_a_jobs_last_items_one_writes_its_delivery(
+    api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions, receiver: Receiver
+) -> None:
+    """Each sees the other's item unfinished while neither has committed: the second waits
+    for the first, then sees the job finished."""
+    job_id, _ = await submit_notifying(api, auth, receiver.url, n=2)
+    async with sessions() as session:
+        item_ids = list(await session.scalars(select(Item.id).where(Item.job_id == UUID(job_id))))
+    first, second = sessions(), sessions()
+    try:
+        for session, item_id in ((first, item_ids[0]), (second, item_ids[1])):
+            await session.execute(update(Item).where(Item.id == item_id).values(ending_values(COMPLETED)))
+        await callbacks.record_if_finished(first, UUID(job_id))  # the other item still runs
+        waiting = asyncio.create_task(callbacks.record_if_finished(second, UUID(job_id)))
+        await asyncio.sleep(0.5)
+        assert not waiting.done(), "the second must wait for the first to commit"
+        await first.commit()
+        await waiting
+        await second.commit()
+    finally:
+        await first.close()
+        await second.close()
+    (delivery,) = await deliveries(sessions, job_id)
+    assert delivery.payload["counts"] == {"total": 2, "by_status": {"completed": 2}}
