@@ -199,7 +199,8 @@ async def test_a_failing_receiver_is_retried_with_back_off_until_it_answers(
     receiver.failures = 2
     job_id, secret = await submit_notifying(api, auth, receiver.url)
     await run_worker_burst(notifying)
-    sender = Sender(notifying, sessions)
+    # Back-offs of 0.5 to 1 s: long enough to see the delivery is not due in between.
+    sender = Sender(notifying.model_copy(update={"callback_retry_base_s": 1.0}), sessions)
     try:
         await sender.send_due()
         assert len(receiver.received) == 1
@@ -230,16 +231,22 @@ async def test_a_delivery_gives_up_when_the_retry_period_runs_out(
     job_id, _ = await submit_notifying(api, auth, receiver.url)
     await run_worker_burst(notifying)
     sender = Sender(notifying.model_copy(update={"callback_retry_for_s": 1.0}), sessions)
+
+    async def gave_up() -> bool:
+        await sender.send_due()
+        return (await deliveries(sessions, job_id))[0].status == "gave_up"
+
     try:
-        await send_until(sender, lambda: len(receiver.received) >= 2, "a retry")
-        for _ in range(20):
-            await sender.send_due()
+        await eventually(gave_up, timeout_s=20, what="the delivery to give up")
+        await asyncio.sleep(1.5)  # past any back-off
+        await sender.send_due()
     finally:
         await sender.aclose()
 
     (delivery,) = (await api.get(f"/v1/jobs/{job_id}/callbacks", headers=auth)).json()["deliveries"]
     assert delivery["status"] == "gave_up"
-    assert len(delivery["log"]) == len(receiver.received) < 10
+    assert delivery["next_attempt_at"] is None
+    assert 2 <= len(delivery["log"]) == len(receiver.received) < 10
 
 
 @pytest.mark.parametrize(
