@@ -99,6 +99,15 @@ class Settings(BaseSettings):
     web_secret: str | None = None
     web_session_hours: float = Field(default=12.0, gt=0)
 
+    # Job callbacks (app/callbacks.py): the hosts a job may name, comma-separated, each `host`
+    # (any port) or `host:port`; empty: jobs cannot name callbacks. Checked again at each send.
+    callback_hosts: str = ""
+    callback_timeout_s: float = Field(default=10.0, gt=0)  # per attempt, connecting included
+    callback_retry_base_s: float = Field(default=10.0, gt=0)  # first back-off; doubles per attempt
+    callback_retry_max_s: float = Field(default=3600.0, gt=0)  # longest back-off
+    callback_retry_for_s: float = Field(default=24 * 3600.0, gt=0)  # then a failing delivery gives up
+    callback_poll_interval_s: float = Field(default=2.0, gt=0)  # how often each worker looks for due ones
+
     def endpoints(self) -> dict[str, EndpointConfig]:
         default = EndpointConfig(
             base_url=self.llm_base_url,

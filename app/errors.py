@@ -92,3 +92,22 @@ class JobInComparison(ServiceError):
 
     status = 409
     code = "job_in_comparison"
+
+
+class CallbackRefused(ServiceError):
+    """A job's callback URL the server will not call; the code says why."""
+
+    status = 422
+    code = "callback_not_allowed"
+
+
+class CallbacksDisabled(CallbackRefused):
+    code = "callbacks_disabled"
+
+
+class InvalidCallbackUrl(CallbackRefused):
+    code = "invalid_callback_url"
+
+
+class CallbackHostNotAllowed(CallbackRefused):
+    code = "callback_host_not_allowed"

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from app import logs
 from app.api import (
     annotations,
+    callbacks,
     comparisons,
     deletions,
     errors,
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         health,
         metrics,
         jobs,
+        callbacks,
         events,
         exports,
         annotations,

@@ -44,6 +44,7 @@ V1_PATHS = {
     "/v1/items/{item_id}": {"get"},
     "/v1/jobs/{job_id}/preference-pairs": {"get"},
     "/v1/jobs/{job_id}/report": {"get"},
+    "/v1/jobs/{job_id}/callbacks": {"get"},
     "/v1/jobs/{job_id}/export": {"get"},
     "/v1/comparisons": {"post"},
     "/v1/comparisons/{comparison_id}": {"get"},

@@ -24,6 +24,8 @@ from prometheus_client import start_http_server
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import events, logs
+from app.callbacks import BATCH as CALLBACK_BATCH
+from app.callbacks import Sender
 from app.config import Settings, get_settings
 from app.deliberation.engine import deliberate, judge_pair
 from app.deliberation.ports import LLMRequestRejected, LLMUnavailable
@@ -54,8 +56,10 @@ class Worker:
     db: AsyncEngine
     sessions: Sessions
     llm: OpenAICompatibleClient
+    callbacks: Sender
     sweeper: asyncio.Task[None] | None = None  # this process's sweeper loop, if it runs one
     purger: asyncio.Task[None] | None = None  # its hazardous-text purge loop, if it runs one
+    deliverer: asyncio.Task[None] | None = None  # its callback sender loop, beside the sweeper
 
 
 WORKER = "worker"
@@ -75,6 +79,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     worker.sweeper = asyncio.create_task(_sweep_forever(worker))
     if (days := worker.settings.purge_hazardous_after_days) is not None:
         worker.purger = asyncio.create_task(_purge_forever(worker, timedelta(days=days)))
+    worker.deliverer = asyncio.create_task(_deliver_forever(worker))
 
 
 async def connect(ctx: dict[str, Any]) -> None:
@@ -94,15 +99,17 @@ async def connect(ctx: dict[str, Any]) -> None:
         backoff_base_s=settings.llm_backoff_base_s,
         backoff_max_s=settings.llm_backoff_max_s,
     )
-    ctx[WORKER] = Worker(settings, redis, db, make_sessions(db), llm)
+    sessions = make_sessions(db)
+    ctx[WORKER] = Worker(settings, redis, db, sessions, llm, Sender(settings, sessions))
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
     worker = _worker(ctx)
-    for loop in (worker.sweeper, worker.purger):
+    for loop in (worker.sweeper, worker.purger, worker.deliverer):
         if loop:
             loop.cancel()
     await worker.llm.aclose()
+    await worker.callbacks.aclose()
     await worker.db.dispose()
 
 
@@ -318,6 +325,20 @@ async def _one_per_interval(
         except Exception:  # Redis or Postgres away: try again next interval
             log.warning("%s failed", name, exc_info=True)
         await asyncio.sleep(interval_s)
+
+
+async def _deliver_forever(worker: Worker) -> None:
+    """Send due callback deliveries, in every worker: they are rows, claimed with SKIP LOCKED,
+    so workers share them without a lock and none is sent twice by two workers at once. A
+    full batch means more may be due: look again at once."""
+    while True:
+        try:
+            claimed = await worker.callbacks.send_due()
+        except Exception:  # Postgres away: try again next interval
+            log.warning("callback delivery failed", exc_info=True)
+            claimed = 0
+        if claimed < CALLBACK_BATCH:
+            await asyncio.sleep(worker.settings.callback_poll_interval_s)
 
 
 def worker_settings(settings: Settings, *, sweeper: bool = True) -> dict[str, Any]:

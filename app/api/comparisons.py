@@ -9,12 +9,13 @@ from uuid import UUID
 from fastapi import APIRouter, Depends, status
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app import callbacks
 from app.api import views
 from app.api.bodies import JsonBody
 from app.api.deps import CurrentKey, SessionDep
 from app.api.errors import documented
 from app.api.jobs import ERRORS
-from app.api.schemas import ComparisonIn, ComparisonOut
+from app.api.schemas import ComparisonIn, ComparisonOut, SubmittedComparisonOut
 from app.api.submissions import SubmissionDep
 from app.plan import check_comparison_fits, resolve_comparison
 from app.store import comparisons, jobs, policy_sets
@@ -40,7 +41,7 @@ async def _comparison_out(session: AsyncSession, job: Job) -> ComparisonOut:
     status_code=status.HTTP_202_ACCEPTED,
     responses={
         200: {
-            "model": ComparisonOut,
+            "model": SubmittedComparisonOut,
             "description": "Replay of an earlier POST with the same Idempotency-Key.",
         },
         **documented(400, 401, 404, 409, 413, 422, 503),
@@ -49,12 +50,13 @@ async def _comparison_out(session: AsyncSession, job: Job) -> ComparisonOut:
 )
 async def create_comparison(
     key: CurrentKey, body: Annotated[ComparisonIn, Depends(COMPARISON_BODY)], submission: SubmissionDep
-) -> ComparisonOut:
+) -> SubmittedComparisonOut:
     """Compare two of this key's jobs on the prompts both completed (exact text; 422
     `no_common_prompts` if none). A judge reads each pair of samples in both orders; a
     sample wins only if preferred both times. Runs as a job of mode `comparison`. 422
     `request_too_large` if the judge's requests may not fit its endpoint's context."""
     session, settings = submission.session, submission.settings
+    callback = callbacks.requested(body.callback_url, settings)
     baseline = await jobs.get_owned(session, body.baseline_job_id, key.id)
     candidate = await jobs.get_owned(session, body.candidate_job_id, key.id)
     plan = resolve_comparison(body.judge, settings, baseline.id, candidate.id)
@@ -73,9 +75,11 @@ async def create_comparison(
         plan=plan,
         idempotency_key=submission.idempotency_key,
         request_hash=submission.request_hash(body),
+        callback=callback,
     )
     await submission.accept(job, new_item_ids)
-    return await _comparison_out(session, job)
+    shown = await _comparison_out(session, job)
+    return SubmittedComparisonOut(**shown.model_dump(), callback_secret=job.callback_secret)
 
 
 @router.get("/{comparison_id}", responses=ERRORS)

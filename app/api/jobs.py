@@ -8,7 +8,7 @@ from uuid import UUID
 
 from fastapi import APIRouter, Depends, Query, status
 
-from app import events
+from app import callbacks, events
 from app.api import views
 from app.api.bodies import JsonBody
 from app.api.deps import CurrentKey, OwnedJob, ReadsHazardous, SessionDep, StateDep, SummariesDep
@@ -23,6 +23,7 @@ from app.api.schemas import (
     JobOut,
     PreferencePairPage,
     ReportOut,
+    SubmittedJobOut,
 )
 from app.api.submissions import SubmissionDep
 from app.api.summaries import job_out
@@ -43,17 +44,21 @@ JOB_BODY = JsonBody[JobIn](JobIn, max_values=20 * MAX_PROMPTS_PER_JOB)
     "",
     status_code=status.HTTP_202_ACCEPTED,
     responses={
-        200: {"model": JobOut, "description": "Replay of an earlier POST with the same Idempotency-Key."},
+        200: {
+            "model": SubmittedJobOut,
+            "description": "Replay of an earlier POST with the same Idempotency-Key.",
+        },
         **documented(400, 401, 409, 413, 422, 503),
     },
     openapi_extra=JOB_BODY.openapi,
 )
 async def submit_job(
     key: CurrentKey, body: Annotated[JobIn, Depends(JOB_BODY)], submission: SubmissionDep
-) -> JobOut:
+) -> SubmittedJobOut:
     """Accept a batch of 1 to 10,000 prompts; one arq job per item is enqueued after commit.
     422 `request_too_large` if a role's requests may not fit its endpoint's context."""
     session, settings = submission.session, submission.settings
+    callback = callbacks.requested(body.callback_url, settings)
     plan = resolve(body.config, settings)
     policy_set = await policy_sets.resolve_for_job(
         session, key.id, body.policy_set.name, body.policy_set.version
@@ -68,9 +73,11 @@ async def submit_job(
         items=[jobs.NewItem(p.prompt, p.metadata) for p in prompts],
         idempotency_key=submission.idempotency_key,
         request_hash=submission.request_hash(body),
+        callback=callback,
     )
     await submission.accept(job, new_item_ids)
-    return await job_out(session, job)
+    shown = await job_out(session, job)
+    return SubmittedJobOut(**shown.model_dump(), callback_secret=job.callback_secret)
 
 
 @router.get("/{job_id}", responses=ERRORS)

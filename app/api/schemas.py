@@ -17,6 +17,15 @@ MAX_PROMPT_CHARS = 20_000
 # The store's item statuses, as a Literal: the OpenAPI document lists them inline.
 ItemStatus = Literal[tuple(status.value for status in models.ItemStatus)]  # type: ignore[valid-type]
 PromptText = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS, pattern=r"\S")]
+CallbackUrl = Annotated[
+    str | None,
+    Field(
+        max_length=2000,
+        description="An http(s) URL to POST to when the job ends (signed; see the README's "
+        "Callbacks). Its host must be on the server's allow-list: 422 `callbacks_disabled`, "
+        "`callback_host_not_allowed` or `invalid_callback_url` otherwise.",
+    ),
+]
 
 
 class ErrorBody(BaseModel):
@@ -58,6 +67,7 @@ class JobIn(BaseModel):
     items: list[PromptIn] | None = Field(default=None, min_length=1, max_length=MAX_PROMPTS_PER_JOB)
     policy_set: PolicySetRef = Field(default_factory=PolicySetRef)
     config: JobConfigIn = Field(default_factory=JobConfigIn)
+    callback_url: CallbackUrl = None
 
     @model_validator(mode="after")
     def _one_source_of_prompts(self) -> JobIn:
@@ -383,6 +393,7 @@ class ComparisonIn(BaseModel):
     baseline_job_id: UUID
     candidate_job_id: UUID
     judge: RoleIn | None = Field(default=None, description="Temperature defaults to 0.")
+    callback_url: CallbackUrl = None
 
     @model_validator(mode="after")
     def _two_jobs(self) -> ComparisonIn:
@@ -432,3 +443,19 @@ class JobDeletionOut(BaseModel):
     deleted_by_key_id: UUID
     deleted_at: datetime
     row_counts: dict[str, int] = Field(description="Rows deleted per table, the job's row included.")
+
+
+class CallbackSecretOut(BaseModel):
+    callback_secret: str | None = Field(
+        description="The key of the HMAC-SHA256 signature on the job's callback deliveries (see "
+        "the README's Callbacks), shown only in the answer to the submission (and to its "
+        "replays). Null when the job names no callback."
+    )
+
+
+class SubmittedJobOut(JobOut, CallbackSecretOut):
+    pass
+
+
+class SubmittedComparisonOut(ComparisonOut, CallbackSecretOut):
+    pass

@@ -25,6 +25,7 @@ async def create(
     plan: ComparisonPlan,
     idempotency_key: str | None,
     request_hash: str,
+    callback: jobs.NewCallback | None,
 ) -> tuple[Job, list[UUID]]:
     """A comparison job whose items are the prompts both jobs have a CoT for (matched by
     exact text; the first by position among duplicates), in the baseline's order, written in
@@ -39,6 +40,7 @@ async def create(
         idempotency_key=idempotency_key,
         idempotency_scope="comparisons",
         request_hash=request_hash,
+        callback=callback,
     )
     if not created:
         return job, []

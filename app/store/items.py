@@ -8,12 +8,14 @@ what each ending writes, is app.store.endings.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
+import asyncpg
 from sqlalchemy import ColumnElement, Interval, Update, and_, bindparam, exists, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -21,7 +23,7 @@ from sqlalchemy.orm import aliased
 
 from app.deliberation.results import Completed, Judged, PairOutcome, Sample
 from app.plan import JobPlan, read_plan
-from app.store import policy_sets
+from app.store import callbacks, policy_sets
 from app.store.db import Sessions, driver_connection
 from app.store.driver_statements import DriverStatement, insert_from
 from app.store.endings import CANCELLED, COMPLETED, WORKER_LOST, Ending, ending_values, failed
@@ -37,6 +39,7 @@ class Claim:
     prompt: str
     plan: JobPlan
     policy_set: PolicySetRow
+    notifies: bool  # the job names a callback: the ending that finishes it writes its delivery
 
 
 class ClaimLost(Exception):
@@ -70,6 +73,7 @@ _CLAIMED = (
     Job.id.label("job_id"),
     Job.plan,
     Job.policy_set_id,
+    Job.callback_url.is_not(None).label("notifies"),
 )
 
 
@@ -98,6 +102,7 @@ def _claim(item_id: UUID, row: Mapping[Any, Any], plan: JobPlan, policy_set: Pol
         row["prompt"],
         plan,
         policy_set,
+        row["notifies"],
     )
 
 
@@ -167,6 +172,8 @@ async def _claim_or_settle(sessions: Sessions, item_id: UUID, limits: Limits) ->
                 update(Item).where(Item.id == item_id).values(handed_back | ending_values(ending)),
                 execution_options={"synchronize_session": False},
             )
+            if job.callback_url is not None:
+                await callbacks.record_if_finished(session, job.id)
             return None
         claimed = await session.execute(
             _claim_update(
@@ -219,14 +226,19 @@ async def end(sessions: Sessions, claim: Claim, ending: Ending) -> Ending | None
 
 
 async def _write_ending(session: AsyncSession, claim: Claim, ending: Ending) -> bool:
-    """Write the ending on the item if the claim holds; whether it did."""
+    """Write the ending on the item if the claim holds (and the job's delivery, if that
+    finished a job that names a callback); whether it did."""
     ended = await session.execute(
         update(Item)
         .where(claim_holds(claim.item_id, claim.attempt))
         .values(ending_values(ending))
         .returning(Item.id)
     )
-    return ended.first() is not None
+    if ended.first() is None:
+        return False
+    if ending.finished and claim.notifies:
+        await callbacks.record_if_finished(session, claim.job_id)
+    return True
 
 
 async def complete(sessions: Sessions, claim: Claim, result: Completed) -> Ending | None:
@@ -240,9 +252,27 @@ async def complete(sessions: Sessions, claim: Claim, result: Completed) -> Endin
             claim, result.pair, result.grade.scores if result.grade else None
         )
         statement = _COMPLETE_WITH_PAIR
-    async with driver_connection(sessions) as connection:
+    async with _completing(sessions, claim) as connection:
         done = await statement.fetchval(connection, item_id=claim.item_id, attempt=claim.attempt, **rows)
     return COMPLETED if done else None
+
+
+@asynccontextmanager
+async def _completing(sessions: Sessions, claim: Claim) -> AsyncIterator[asyncpg.Connection]:
+    """The connection to complete the claimed item on: in autocommit; or, for a job that
+    names a callback, in a transaction that then writes the job's delivery if this item
+    finished the job."""
+    if not claim.notifies:
+        async with driver_connection(sessions) as connection:
+            yield connection
+        return
+    async with sessions.begin() as session:
+        connection = await session.connection()
+        # SQLAlchemy begins its transaction at its first statement: a statement sent on the
+        # driver's connection before that would run outside it.
+        await connection.exec_driver_sql("SELECT 1")
+        yield (await connection.get_raw_connection()).driver_connection
+        await callbacks.record_if_finished(session, claim.job_id)
 
 
 def _completion(*tables: Any) -> DriverStatement:

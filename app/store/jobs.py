@@ -16,7 +16,7 @@ from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
 from app.errors import IdempotencyConflict, InvalidCursor, NotFound
 from app.plan import GenerationPlan, JobPlan
-from app.store import quality
+from app.store import callbacks, quality
 from app.store.db import driver_of
 from app.store.endings import CANCELLED, ending_values
 from app.store.models import FINISHED, Cot, Item, ItemStatus, Job, PreferencePair, TurnRow
@@ -34,6 +34,14 @@ class NewItem:
     metadata: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class NewCallback:
+    """Where a new job's end is announced (an allowed URL), and the secret that signs it."""
+
+    url: str
+    secret: str
+
+
 async def submit(
     session: AsyncSession,
     *,
@@ -43,6 +51,7 @@ async def submit(
     items: Sequence[NewItem],
     idempotency_key: str | None,
     request_hash: str,
+    callback: NewCallback | None,
 ) -> tuple[Job, list[UUID]]:
     """Write the job and all its items in the caller's transaction.
 
@@ -57,6 +66,7 @@ async def submit(
         idempotency_key=idempotency_key,
         idempotency_scope="jobs",
         request_hash=request_hash,
+        callback=callback,
     )
     if not created:
         return job, []
@@ -85,6 +95,7 @@ async def create(
     idempotency_key: str | None,
     idempotency_scope: IdempotencyScope,
     request_hash: str,
+    callback: NewCallback | None,
 ) -> tuple[Job, bool]:
     """Write a job row without items in the caller's transaction; (job, True) if created.
 
@@ -103,6 +114,8 @@ async def create(
         idempotency_scope=idempotency_scope,
         request_hash=request_hash,
         item_count=item_count,
+        callback_url=callback.url if callback else None,
+        callback_secret=callback.secret if callback else None,
     )
     try:
         async with session.begin_nested():
@@ -228,6 +241,8 @@ async def cancel(session: AsyncSession, job: Job) -> None:
         .where(Item.job_id == job.id, Item.status == ItemStatus.QUEUED)
         .values(ending_values(CANCELLED))
     )
+    if job.callback_url is not None:  # this may have ended its last items
+        await callbacks.record_if_finished(session, job.id)
 
 
 def encode_cursor(row_id: UUID) -> str:

@@ -143,6 +143,10 @@ class Job(Base):
     created_at: Mapped[datetime] = _now()
     # When its hazardous text was purged (app/store/deletions.py purge_hazardous); None: not yet.
     hazardous_purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Where the job's end is announced (app/callbacks.py), and the secret that signs it: kept
+    # as given, since signing needs it. None: the job names no callback.
+    callback_url: Mapped[str | None] = mapped_column(Text)
+    callback_secret: Mapped[str | None] = mapped_column(String(64))
 
 
 # Jobs whose hazardous text is still held, for the purge to find the old ones.
@@ -395,3 +399,55 @@ class JobDeletion(Base):
     deleted_by_key_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.id"))  # the job's owner
     deleted_at: Mapped[datetime] = _now()
     row_counts: Mapped[dict[str, Any]]  # {table: rows deleted}
+
+
+class CallbackStatus(StrEnum):
+    """pending -> delivered | gave_up | refused. Pending deliveries are due at next_attempt_at."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"  # the receiver answered 2xx
+    GAVE_UP = "gave_up"  # still failing when the retry period ran out
+    REFUSED = "refused"  # its host left the operator's allow-list: never sent again
+
+
+class CallbackDelivery(Base):
+    """The outbox: a job's end to announce to its callback URL, written in the transaction
+    that finished the job, and sent (and retried) by the workers. The body is frozen then."""
+
+    __tablename__ = "callback_deliveries"
+    __table_args__ = (
+        Index(
+            "ix_callback_deliveries_due",
+            "next_attempt_at",
+            postgresql_where=text(f"status = '{CallbackStatus.PENDING}'"),
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    # One per job: its end. Deleting the job deletes its deliveries and their log.
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
+    url: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict[str, Any]]  # the JSON body, signed anew at each attempt
+    status: Mapped[str] = mapped_column(String(16), default=CallbackStatus.PENDING)  # a CallbackStatus
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # claims so far; the claim token
+    # When a worker may send it next: due, or backed off, or leased to the worker sending it.
+    next_attempt_at: Mapped[datetime] = _now()
+    created_at: Mapped[datetime] = _now()
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class CallbackAttempt(Base):
+    """One try at a delivery, for its owner to read: the receiver's status code or our
+    words for what failed, and the first characters of its answer."""
+
+    __tablename__ = "callback_attempts"
+    __table_args__ = (UniqueConstraint("delivery_id", "number"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("callback_deliveries.id", ondelete="CASCADE"))
+    number: Mapped[int] = mapped_column(Integer)  # the delivery's attempt counter when it was sent
+    attempted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    duration_ms: Mapped[float] = mapped_column(Float)
+    status_code: Mapped[int | None] = mapped_column(Integer)  # None: no answer (or not sent)
+    error: Mapped[str | None] = mapped_column(Text)  # None: delivered
+    response_snippet: Mapped[str | None] = mapped_column(Text)  # capped: CALLBACK_SNIPPET_CHARS

@@ -1,0 +1,189 @@
+"""Job callbacks: which URLs a job may name, how a delivery is signed, and the sender the
+workers run.
+
+A job names a URL whose host is on the operator's allow-list (`callback_hosts`), so the
+service cannot be aimed at arbitrary internal addresses; nothing is resolved at submission,
+and the list is checked again before every send (a host taken off it is refused). When the
+job ends, its delivery (a row: app/store/callbacks.py) is POSTed with a signature over a
+timestamp and the body, keyed by the job's own secret (returned once, at submission),
+and retried with exponential back-off until it is answered 2xx or `callback_retry_for_s` has
+passed. Redirects are not followed; of an answer only the status and its first characters
+are kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import random
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from urllib.parse import SplitResult, urlsplit
+
+import aiohttp
+import orjson
+
+from app.config import Settings
+from app.errors import CallbackHostNotAllowed, CallbackRefused, CallbacksDisabled, InvalidCallbackUrl
+from app.store import callbacks as store
+from app.store.db import Sessions
+from app.store.jobs import NewCallback
+from app.store.models import CallbackStatus
+
+log = logging.getLogger("aidsafe.callbacks")
+
+SIGNATURE_HEADER = "X-Aidsafe-Signature"  # t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">
+DELIVERY_HEADER = "X-Aidsafe-Delivery"  # the delivery's id, the same on every attempt: dedupe by it
+SECRET_PREFIX = "aidsafe_cbsec_"
+MAX_URL_CHARS = 2000
+SNIPPET_CHARS = 200  # of a receiver's answer, kept in the attempt log
+BATCH = 20  # deliveries a worker sends at once
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def new_secret() -> str:
+    return SECRET_PREFIX + secrets.token_urlsafe(32)
+
+
+def sign(secret: str, body: bytes, timestamp: int) -> str:
+    """The signature header's value: the receiver recomputes v1 and checks t is recent."""
+    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={digest}"
+
+
+@dataclass(frozen=True)
+class AllowedHosts:
+    """The operator's allow-list: (host, port) pairs, port None for any port."""
+
+    entries: frozenset[tuple[str, int | None]]
+
+    @classmethod
+    def parse(cls, setting: str) -> AllowedHosts:
+        """`host` or `host:port` entries, comma-separated (`[::1]:8080` for IPv6)."""
+        entries = set()
+        for entry in filter(None, (part.strip() for part in setting.split(","))):
+            parts = urlsplit(f"//{entry}")
+            if not parts.hostname or parts.path or parts.username is not None:
+                raise ValueError(f"AIDSAFE_CALLBACK_HOSTS: {entry!r} is not a host or host:port")
+            entries.add((parts.hostname, parts.port))
+        return cls(frozenset(entries))
+
+    def check(self, url: str) -> None:
+        """Raise the CallbackRefused that says why `url` may not be called, if it may not."""
+        if not self.entries:
+            raise CallbacksDisabled("this server takes no callbacks (its AIDSAFE_CALLBACK_HOSTS is empty)")
+        parts = _http_url(url)
+        host, port = parts.hostname or "", parts.port or _DEFAULT_PORTS[parts.scheme]
+        if (host, None) not in self.entries and (host, port) not in self.entries:
+            raise CallbackHostNotAllowed(f"{host}:{port} is not on this server's callback allow-list")
+
+
+def _http_url(url: str) -> SplitResult:
+    """The URL's parts, if it is an absolute http(s) URL with a host and no credentials."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (a port out of range raises here)
+    except ValueError as exc:
+        raise InvalidCallbackUrl(f"the callback URL is malformed: {exc}") from exc
+    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
+        raise InvalidCallbackUrl("the callback URL must be an absolute http:// or https:// URL")
+    if parts.username is not None or parts.password is not None:
+        raise InvalidCallbackUrl("the callback URL may not carry credentials")
+    return parts
+
+
+class Sender:
+    """Sends due deliveries, one batch per call; one per worker process."""
+
+    def __init__(self, settings: Settings, sessions: Sessions) -> None:
+        self._settings = settings
+        self._sessions = sessions
+        self._http: aiohttp.ClientSession | None = None  # made on first use, in the event loop
+
+    async def send_due(self) -> int:
+        """Claim up to BATCH due deliveries and send them; how many were claimed."""
+        settings = self._settings
+        # The lease outlasts an attempt, so no other worker sends the same one meanwhile.
+        claimed = await store.claim_due(self._sessions, BATCH, lease_s=settings.callback_timeout_s + 30)
+        if claimed:
+            allowed = AllowedHosts.parse(settings.callback_hosts)  # read now: it may have changed
+            await asyncio.gather(*(self._send(due, allowed) for due in claimed))
+        return len(claimed)
+
+    async def _send(self, due: store.Due, allowed: AllowedHosts) -> None:
+        started, attempted_at = time.monotonic(), datetime.now(UTC)
+        try:
+            allowed.check(due.url)
+        except CallbackRefused as exc:
+            log.warning("callback delivery %s refused: %s", due.id, exc)
+            outcome = store.Outcome(attempted_at, 0.0, error=f"refused: {exc}")
+            await store.record_attempt(self._sessions, due, outcome, CallbackStatus.REFUSED, None)
+            return
+        outcome = await self._post(due, attempted_at, started)
+        if outcome.error is None:
+            await store.record_attempt(self._sessions, due, outcome, CallbackStatus.DELIVERED, None)
+            return
+        retry_in = self._backoff_s(due.attempt)
+        elapsed = (due.claimed_at - due.created_at).total_seconds() + retry_in
+        status = (
+            CallbackStatus.GAVE_UP
+            if elapsed > self._settings.callback_retry_for_s
+            else CallbackStatus.PENDING
+        )
+        log.info("callback delivery %s attempt %d failed: %s", due.id, due.attempt, outcome.error)
+        await store.record_attempt(self._sessions, due, outcome, status, retry_in)
+
+    async def _post(self, due: store.Due, attempted_at: datetime, started: float) -> store.Outcome:
+        body = orjson.dumps(due.payload)
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "aidsafe-callbacks/1",
+            DELIVERY_HEADER: str(due.id),
+            SIGNATURE_HEADER: sign(due.secret, body, int(time.time())),
+        }
+
+        def took() -> float:
+            return (time.monotonic() - started) * 1000
+
+        try:
+            async with self._client().post(
+                due.url, data=body, headers=headers, allow_redirects=False
+            ) as answer:
+                snippet = (await answer.content.read(SNIPPET_CHARS)).decode("utf-8", errors="replace")
+                error = None if 200 <= answer.status < 300 else f"answered HTTP {answer.status}"
+                return store.Outcome(attempted_at, took(), answer.status, error, snippet[:SNIPPET_CHARS])
+        except TimeoutError:
+            return store.Outcome(
+                attempted_at, took(), error=f"no answer within {self._settings.callback_timeout_s} s"
+            )
+        except aiohttp.ClientError as exc:  # refused, reset, DNS, bad framing
+            return store.Outcome(attempted_at, took(), error=f"{type(exc).__name__}: {exc}"[:500])
+
+    def _backoff_s(self, attempt: int) -> float:
+        settings = self._settings
+        delay = min(settings.callback_retry_max_s, settings.callback_retry_base_s * 2 ** (attempt - 1))
+        return delay * random.uniform(0.5, 1.0)  # receivers back after an outage are not hit at once
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            self._http = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self._settings.callback_timeout_s)
+            )
+        return self._http
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+
+
+def requested(url: str | None, settings: Settings) -> NewCallback | None:
+    """The callback a submission names, if it names one: its URL checked against the
+    allow-list (CallbackRefused otherwise), with a new secret."""
+    if url is None:
+        return None
+    AllowedHosts.parse(settings.callback_hosts).check(url)
+    return NewCallback(url, new_secret())

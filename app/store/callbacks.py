@@ -1,0 +1,192 @@
+"""Job callbacks as rows: the outbox a job's end is written to, claimed by workers to send,
+and the log of every attempt for the job's owner.
+
+A delivery is written in the transaction that finishes the job (its last item's ending, or
+the cancel that ended its last queued items), so a job that ended has its delivery even if
+the process died right after the commit; the workers send what is due, whoever wrote it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import UUID, uuid4
+
+from sqlalchemy import exists, func, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.store.db import Sessions
+from app.store.models import CallbackAttempt, CallbackDelivery, CallbackStatus, Item, ItemStatus, Job
+
+EVENT = "job.finished"
+
+
+async def record_if_finished(session: AsyncSession, job_id: UUID) -> None:
+    """In the caller's transaction, after it ended items of a job that names a callback:
+    write the job's delivery if no item is left to run. Call it last in the transaction.
+
+    Two transactions ending a job's last two items each see the other's item unfinished
+    (neither has committed), so they take turns here: the lock (the job's, for the rest of
+    the transaction) comes after their item updates, and the check after the lock reads what
+    the other committed. Exactly one of them finds the job finished; a unique job_id keeps
+    any later call (a cancel of a finished job) from writing a second delivery."""
+    await session.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(str(job_id), 0))))
+    unfinished = exists().where(
+        Item.job_id == job_id, Item.status.in_((ItemStatus.QUEUED, ItemStatus.RUNNING))
+    )
+    if await session.scalar(select(unfinished)):
+        return
+    job = (
+        await session.execute(
+            select(Job.callback_url, Job.cancelled_at, Job.item_count, Job.plan).where(Job.id == job_id)
+        )
+    ).one()
+    if job.callback_url is None:
+        return
+    rows = (
+        await session.execute(
+            select(Item.status, func.count(), func.max(Item.finished_at))
+            .where(Item.job_id == job_id)
+            .group_by(Item.status)
+        )
+    ).all()
+    by_status = {status: count for status, count, _ in rows}
+    finished_at = max((last for _, _, last in rows if last is not None), default=None)
+    delivery_id = uuid4()
+    payload = {
+        "event": EVENT,
+        "delivery_id": str(delivery_id),
+        "job_id": str(job_id),
+        "mode": str(job.plan.mode),
+        "status": "cancelled" if job.cancelled_at else "completed",  # as GET /v1/jobs/{id} says
+        "counts": {"total": job.item_count, "by_status": by_status},
+        "finished_at": finished_at.isoformat() if finished_at else None,
+    }
+    await session.execute(
+        insert(CallbackDelivery)
+        .values(id=delivery_id, job_id=job_id, url=job.callback_url, payload=payload)
+        .on_conflict_do_nothing(index_elements=["job_id"])
+    )
+
+
+@dataclass(frozen=True)
+class Due:
+    """A delivery a worker claimed to send: its attempt number is the claim token."""
+
+    id: UUID
+    job_id: UUID
+    url: str
+    secret: str  # the job's, which signs it
+    payload: dict[str, Any]
+    attempt: int
+    created_at: datetime
+    claimed_at: datetime  # the database's clock
+
+
+async def claim_due(sessions: Sessions, limit: int, lease_s: float) -> list[Due]:
+    """Take up to `limit` pending deliveries that are due, each for `lease_s` (no other worker
+    takes it meanwhile; a worker that dies with it leaves it due again after the lease: the
+    delivery is at least once, and receivers dedupe by delivery id)."""
+    async with sessions.begin() as session:
+        due = (
+            select(CallbackDelivery.id)
+            .where(
+                CallbackDelivery.status == CallbackStatus.PENDING,
+                CallbackDelivery.next_attempt_at <= func.now(),
+            )
+            .order_by(CallbackDelivery.next_attempt_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        rows = await session.execute(
+            update(CallbackDelivery)
+            .where(CallbackDelivery.id.in_(due), Job.id == CallbackDelivery.job_id)
+            .values(
+                attempts=CallbackDelivery.attempts + 1,
+                next_attempt_at=func.now() + timedelta(seconds=lease_s),
+            )
+            .returning(
+                CallbackDelivery.id,
+                CallbackDelivery.job_id,
+                CallbackDelivery.url,
+                Job.callback_secret,
+                CallbackDelivery.payload,
+                CallbackDelivery.attempts,
+                CallbackDelivery.created_at,
+                func.now(),
+            )
+        )
+        return [Due(*row) for row in rows]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one attempt came to."""
+
+    attempted_at: datetime
+    duration_ms: float
+    status_code: int | None = None
+    error: str | None = None  # None: delivered
+    response_snippet: str | None = None
+
+
+async def record_attempt(
+    sessions: Sessions, due: Due, outcome: Outcome, status: CallbackStatus, retry_in_s: float | None
+) -> bool:
+    """Log the attempt and move the delivery on: to `status`, due again in `retry_in_s` if it
+    stays pending. False (nothing written) if the claim is no longer this one's: its lease
+    ran out and another worker took the delivery."""
+    async with sessions.begin() as session:
+        moved = await session.execute(
+            update(CallbackDelivery)
+            .where(
+                CallbackDelivery.id == due.id,
+                CallbackDelivery.attempts == due.attempt,
+                CallbackDelivery.status == CallbackStatus.PENDING,
+            )
+            .values(
+                status=status,
+                next_attempt_at=func.now() + timedelta(seconds=retry_in_s or 0),
+                finished_at=None if status == CallbackStatus.PENDING else func.now(),
+            )
+            .returning(CallbackDelivery.id)
+        )
+        if moved.first() is None:
+            return False
+        session.add(
+            CallbackAttempt(
+                delivery_id=due.id,
+                number=due.attempt,
+                attempted_at=outcome.attempted_at,
+                duration_ms=outcome.duration_ms,
+                status_code=outcome.status_code,
+                error=outcome.error,
+                response_snippet=outcome.response_snippet,
+            )
+        )
+        return True
+
+
+async def deliveries_of(
+    session: AsyncSession, job_id: UUID
+) -> list[tuple[CallbackDelivery, list[CallbackAttempt]]]:
+    """The job's deliveries, each with its attempts in order."""
+    deliveries = list(
+        await session.scalars(
+            select(CallbackDelivery)
+            .where(CallbackDelivery.job_id == job_id)
+            .order_by(CallbackDelivery.created_at)
+        )
+    )
+    attempts: dict[UUID, list[CallbackAttempt]] = {delivery.id: [] for delivery in deliveries}
+    if deliveries:
+        rows = await session.scalars(
+            select(CallbackAttempt)
+            .where(CallbackAttempt.delivery_id.in_(attempts))
+            .order_by(CallbackAttempt.delivery_id, CallbackAttempt.number)
+        )
+        for attempt in rows:
+            attempts[attempt.delivery_id].append(attempt)
+    return [(delivery, attempts[delivery.id]) for delivery in deliveries]

@@ -1,0 +1,447 @@
+"""Job callbacks on the real stack: a loopback receiver gets each job's end once, signed;
+a failing receiver is retried with back-off; a host off the operator's allow-list is refused
+at submission and at sending; and a delivery outlives the worker that finished its job."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID, uuid4
+
+import httpx
+import orjson
+import pytest
+import uvicorn
+from sqlalchemy import func, select, update
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Route
+
+from app.callbacks import DELIVERY_HEADER, SIGNATURE_HEADER, Sender
+from app.config import Settings
+from app.store import callbacks
+from app.store.db import Sessions
+from app.store.endings import COMPLETED, ending_values
+from app.store.models import CallbackDelivery, Item
+from tests.conftest import api_client, eventually, new_key, run_worker_burst, start_worker
+
+
+@dataclass(frozen=True)
+class Received:
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class Receiver:
+    """A callback receiver on loopback: it logs every request and fails the first
+    `failures` of them with a 500."""
+
+    port: int = 0
+    failures: int = 0
+    received: list[Received] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hooks/aidsafe"
+
+    async def receive(self, request: Request) -> Response:
+        self.received.append(Received(dict(request.headers), await request.body()))
+        if self.failures > 0:
+            self.failures -= 1
+            return Response("receiver down " + "x" * 1000, status_code=500)
+        return Response("ok", status_code=200)
+
+
+@pytest.fixture(scope="session")
+def running_receiver() -> Iterator[Receiver]:
+    receiver = Receiver()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    receiver.port = sock.getsockname()[1]
+    moved = RedirectResponse(receiver.url, status_code=307)
+    app = Starlette(
+        routes=[
+            Route("/hooks/aidsafe", receiver.receive, methods=["POST"]),
+            Route("/hooks/moved", lambda _: moved, methods=["POST"]),
+        ]
+    )
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="receiver", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the callback receiver did not start")
+            time.sleep(0.01)
+        yield receiver
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@pytest.fixture
+def receiver(running_receiver: Receiver) -> Receiver:
+    running_receiver.failures = 0
+    running_receiver.received.clear()
+    return running_receiver
+
+
+@pytest.fixture
+def notifying(settings: Settings, receiver: Receiver) -> Settings:
+    """The session's settings with the receiver's host:port allowed, and quick retries."""
+    return settings.model_copy(
+        update={
+            "callback_hosts": f"example.org, 127.0.0.1:{receiver.port}",
+            "callback_retry_base_s": 0.2,
+            "callback_retry_max_s": 1.0,
+            "callback_timeout_s": 2.0,
+            "callback_poll_interval_s": 0.1,
+        }
+    )
+
+
+@pytest.fixture
+async def api(notifying: Settings, sessions: Sessions) -> AsyncIterator[httpx.AsyncClient]:
+    async with api_client(notifying) as client:
+        yield client
+
+
+@pytest.fixture
+async def auth(sessions: Sessions) -> dict[str, str]:
+    return await new_key(sessions, "pipeline")
+
+
+def verify(secret: str, header: str, body: bytes, tolerance_s: float = 300) -> bool:
+    """The README's recipe for a receiver."""
+    fields = dict(part.split("=", 1) for part in header.split(","))
+    timestamp = int(fields["t"])
+    expected = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return abs(time.time() - timestamp) <= tolerance_s and hmac.compare_digest(expected, fields["v1"])
+
+
+async def submit_notifying(
+    api: httpx.AsyncClient, auth: dict[str, str], url: str, n: int = 1
+) -> tuple[str, str]:
+    """POST a job naming `url`; its id and callback secret."""
+    prompts = [f"Prompt {i}: how do tides work?" for i in range(n)]
+    response = await api.post("/v1/jobs", json={"prompts": prompts, "callback_url": url}, headers=auth)
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["callback_secret"].startswith("aidsafe_cbsec_")
+    return job["id"], job["callback_secret"]
+
+
+async def deliveries(sessions: Sessions, job_id: str) -> list[CallbackDelivery]:
+    async with sessions() as session:
+        query = select(CallbackDelivery).where(CallbackDelivery.job_id == UUID(job_id))
+        return list(await session.scalars(query))
+
+
+async def send_until(sender: Sender, check: Any, what: str) -> None:
+    async def sent() -> Any:
+        await sender.send_due()
+        return check()
+
+    await eventually(sent, timeout_s=20, what=what)
+
+
+async def test_a_callback_arrives_once_with_a_valid_signature(
+    api: httpx.AsyncClient, auth: dict[str, str], notifying: Settings, sessions: Sessions, receiver: Receiver
+) -> None:
+    job_id, secret = await submit_notifying(api, auth, receiver.url, n=3)
+    await run_worker_burst(notifying)
+    sender = Sender(notifying, sessions)
+    try:
+        await send_until(sender, lambda: receiver.received, "the callback")
+        for _ in range(3):  # nothing more is due
+            await sender.send_due()
+    finally:
+        await sender.aclose()
+
+    assert len(receiver.received) == 1
+    (request,) = receiver.received
+    assert verify(secret, request.headers[SIGNATURE_HEADER.lower()], request.body)
+    assert not verify("aidsafe_cbsec_another", request.headers[SIGNATURE_HEADER.lower()], request.body)
+    body = orjson.loads(request.body)
+    assert body["event"] == "job.finished"
+    assert body["job_id"] == job_id
+    assert body["status"] == "completed"
+    assert body["counts"] == {"total": 3, "by_status": {"completed": 3}}
+    assert body["finished_at"] is not None
+    assert request.headers[DELIVERY_HEADER.lower()] == body["delivery_id"]
+    log = (await api.get(f"/v1/jobs/{job_id}/callbacks", headers=auth)).json()
+    assert log["url"] == receiver.url
+    (delivery,) = log["deliveries"]
+    assert delivery["id"] == body["delivery_id"]
+    assert delivery["status"] == "delivered"
+    assert delivery["next_attempt_at"] is None
+    assert [(a["number"], a["status_code"], a["error"]) for a in delivery["log"]] == [(1, 200, None)]
+    assert delivery["log"][0]["response_snippet"] == "ok"
+
+
+async def test_a_failing_receiver_is_retried_with_back_off_until_it_answers(
+    api: httpx.AsyncClient, auth: dict[str, str], notifying: Settings, sessions: Sessions, receiver: Receiver
+) -> None:
+    receiver.failures = 2
+    job_id, secret = await submit_notifying(api, auth, receiver.url)
+    await run_worker_burst(notifying)
+    # Back-offs of 0.5 to 1 s: long enough to see the delivery is not due in between.
+    sender = Sender(notifying.model_copy(update={"callback_retry_base_s": 1.0}), sessions)
+    try:
+        await sender.send_due()
+        assert len(receiver.received) == 1
+        await sender.send_due()  # backed off: not due yet
+        assert len(receiver.received) == 1
+        await send_until(sender, lambda: len(receiver.received) == 3, "the third attempt")
+    finally:
+        await sender.aclose()
+
+    ids = {request.headers[DELIVERY_HEADER.lower()] for request in receiver.received}
+    assert len(ids) == 1, "every attempt carries the same delivery id"
+    assert all(verify(secret, r.headers[SIGNATURE_HEADER.lower()], r.body) for r in receiver.received)
+    (delivery,) = (await api.get(f"/v1/jobs/{job_id}/callbacks", headers=auth)).json()["deliveries"]
+    assert delivery["status"] == "delivered"
+    assert delivery["attempts"] == 3
+    assert [(a["number"], a["status_code"], a["error"]) for a in delivery["log"]] == [
+        (1, 500, "answered HTTP 500"),
+        (2, 500, "answered HTTP 500"),
+        (3, 200, None),
+    ]
+    assert len(delivery["log"][0]["response_snippet"]) == 200, "only the start of an answer is kept"
+
+
+async def test_a_delivery_gives_up_when_the_retry_period_runs_out(
+    api: httpx.AsyncClient, auth: dict[str, str], notifying: Settings, sessions: Sessions, receiver: Receiver
+) -> None:
+    receiver.failures = 100
+    job_id, _ = await submit_notifying(api, auth, receiver.url)
+    await run_worker_burst(notifying)
+    sender = Sender(notifying.model_copy(update={"callback_retry_for_s": 1.0}), sessions)
+
+    async def gave_up() -> bool:
+        await sender.send_due()
+        return (await deliveries(sessions, job_id))[0].status == "gave_up"
+
+    try:
+        await eventually(gave_up, timeout_s=20, what="the delivery to give up")
+        await asyncio.sleep(1.5)  # past any back-off
+        await sender.send_due()
+    finally:
+        await sender.aclose()
+
+    (delivery,) = (await api.get(f"/v1/jobs/{job_id}/callbacks", headers=auth)).json()["deliveries"]
+    assert delivery["status"] == "gave_up"
+    assert delivery["next_attempt_at"] is None
+    assert 2 <= len(delivery["log"]) == len(receiver.received) < 10
+
+
+@pytest.mark.parametrize(
+    ("hosts", "url", "code"),
+    [
+        ("", "http://127.0.0.1:9/hook", "callbacks_disabled"),
+        ("127.0.0.1:9", "http://127.0.0.1:10/hook", "callback_host_not_allowed"),
+        ("127.0.0.1:9", "http://10.0.0.1:9/hook", "callback_host_not_allowed"),
+        ("127.0.0.1", "https://localhost/hook", "callback_host_not_allowed"),
+        ("example.org:443", "http://example.org/hook", "callback_host_not_allowed"),
+        ("127.0.0.1:9", "ftp://127.0.0.1:9/hook", "invalid_callback_url"),
+        ("127.0.0.1:9", "http://user:pw@127.0.0.1:9/hook", "invalid_callback_url"),
+        ("127.0.0.1:9", "127.0.0.1:9/hook", "invalid_callback_url"),
+    ],
+)
+async def test_a_callback_off_the_allow_list_is_refused_at_submission(
+    settings: Settings, sessions: Sessions, auth: dict[str, str], hosts: str, url: str, code: str
+) -> None:
+    async with api_client(settings.model_copy(update={"callback_hosts": hosts})) as api:
+        job = await api.post("/v1/jobs", json={"prompts": ["Hi"], "callback_url": url}, headers=auth)
+        comparison = await api.post(
+            "/v1/comparisons",
+            json={"baseline_job_id": str(uuid4()), "candidate_job_id": str(uuid4()), "callback_url": url},
+            headers=auth,
+        )
+    for refused in (job, comparison):
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["error"]["code"] == code
+    async with sessions() as session:
+        assert await session.scalar(select(func.count()).select_from(CallbackDelivery)) == 0
+
+
+async def test_an_allowed_host_names_any_port_and_is_matched_without_case(
+    settings: Settings, sessions: Sessions, auth: dict[str, str]
+) -> None:
+    async with api_client(settings.model_copy(update={"callback_hosts": "Example.ORG"})) as api:
+        job = await api.post(
+            "/v1/jobs", json={"prompts": ["Hi"], "callback_url": "https://EXAMPLE.org:8443/h"}, headers=auth
+        )
+    assert job.status_code == 202, job.text
+
+
+async def test_a_delivery_is_refused_at_sending_once_its_host_left_the_allow_list(
+    api: httpx.AsyncClient, auth: dict[str, str], notifying: Settings, sessions: Sessions, receiver: Receiver
+) -> None:
+    job_id, _ = await submit_notifying(api, auth, receiver.url)
+    await run_worker_burst(notifying)
+    sender = Sender(notifying.model_copy(update={"callback_hosts": "example.org"}), sessions)
+    try:
+        await sender.send_due()
+    finally:
+        await sender.aclose()
+
+    assert receiver.received == []
+    (delivery,) = (await api.get(f"/v1/jobs/{job_id}/callbacks", headers=auth)).json()["deliveries"]
+    assert delivery["status"] == "refused"
+    (attempt,) = delivery["log"]
+    assert attempt["status_code"] is None
+    assert "allow-list" in attempt["error"]
+
+
+async def test_cancelling_a_job_before_it_ran_announces_it_cancelled(
+    api: httpx.AsyncClient, auth: dict[str, str], notifying: Settings, sessions: Sessions, receiver: Receiver
+) -> None:
+    job_id, secret = await submit_notifying(api, auth, receiver.url, n=2)
+    assert await deliveries(sessions, job_id) == []
+    cancelled = await api.post(f"/v1/jobs/{job_id}/cancel", headers=auth)
+    assert cancelled.json()["status"] == "cancelled"
+    await api.post(f"/v1/jobs/{job_id}/cancel", headers=auth)  # twice: still one delivery
+    sender = Sender(notifying, sessions)
+    try:
+        await send_until(sender, lambda: receiver.received, "the callback")
+    finally:
+        await sender.aclose()
+
+    assert len(await deliveries(sessions, job_id)) == 1
+    (request,) = receiver.received
+    body = orjson.loads(request.body)
+    assert (body["status"], body["counts"]) == ("cancelled", {"total": 2, "by_status": {"cancelled": 2}})
+    assert verify(secret, request.headers[SIGNATURE_HEADER.lower()], request.body)
+
+
+async def test_a_job_without_a_callback_writes_no_delivery(
+    api: httpx.AsyncClient, auth: dict[str, str], notifying: Settings, sessions: Sessions
+) -> None:
+    response = await api.post("/v1/jobs", json={"prompts": ["Hi", "Hello"]}, headers=auth)
+    job_id = response.json()["id"]
+    assert response.json()["callback_secret"] is None
+    await run_worker_burst(notifying)
+    assert await deliveries(sessions, job_id) == []
+    assert (await api.get(f"/v1/jobs/{job_id}/callbacks", headers=auth)).json() == {
+        "url": None,
+        "deliveries": [],
+    }
+
+
+async def test_a_callback_arrives_after_the_worker_was_killed_between_the_jobs_end_and_its_delivery(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    notifying: Settings,
+    sessions: Sessions,
+    receiver: Receiver,
+    workers: list[subprocess.Popen[bytes]],
+) -> None:
+    # The first worker runs the job, but looks for due deliveries only when it starts.
+    workers.append(start_worker(notifying.model_copy(update={"callback_poll_interval_s": 3600})))
+    job_id, secret = await submit_notifying(api, auth, receiver.url, n=2)
+
+    async def ended() -> bool:
+        return (await api.get(f"/v1/jobs/{job_id}", headers=auth)).json()["status"] == "completed"
+
+    await eventually(ended, timeout_s=60, what="the job to end")
+    (delivery,) = await deliveries(sessions, job_id)
+    assert delivery.status == "pending"
+    workers[0].send_signal(signal.SIGKILL)
+    workers[0].wait()
+    assert receiver.received == []
+
+    workers.append(start_worker(notifying))
+    await eventually(lambda: _received(receiver), timeout_s=30, what="the callback")
+    (request,) = receiver.received
+    assert orjson.loads(request.body)["job_id"] == job_id
+    assert verify(secret, request.headers[SIGNATURE_HEADER.lower()], request.body)
+
+
+async def _received(receiver: Receiver) -> bool:
+    return bool(receiver.received)
+
+
+async def test_a_redirect_is_not_followed(
+    api: httpx.AsyncClient, auth: dict[str, str], notifying: Settings, sessions: Sessions, receiver: Receiver
+) -> None:
+    job_id, _ = await submit_notifying(api, auth, receiver.url.replace("/aidsafe", "/moved"))
+    await run_worker_burst(notifying)
+    sender = Sender(notifying, sessions)
+    try:
+        await sender.send_due()
+    finally:
+        await sender.aclose()
+
+    assert receiver.received == []
+    (delivery,) = (await api.get(f"/v1/jobs/{job_id}/callbacks", headers=auth)).json()["deliveries"]
+    assert delivery["status"] == "pending"
+    assert [(a["status_code"], a["error"]) for a in delivery["log"]] == [(307, "answered HTTP 307")]
+
+
+async def test_a_comparison_announces_its_end(
+    api: httpx.AsyncClient, auth: dict[str, str], notifying: Settings, sessions: Sessions, receiver: Receiver
+) -> None:
+    prompts = {"prompts": ["How do tides work?", "Why is the sky blue?"]}
+    job_ids = [(await api.post("/v1/jobs", json=prompts, headers=auth)).json()["id"] for _ in range(2)]
+    await run_worker_burst(notifying)
+    assert receiver.received == [] and await deliveries(sessions, job_ids[0]) == []
+    made = await api.post(
+        "/v1/comparisons",
+        json={"baseline_job_id": job_ids[0], "candidate_job_id": job_ids[1], "callback_url": receiver.url},
+        headers=auth,
+    )
+    assert made.status_code == 202, made.text
+    comparison_id, secret = made.json()["id"], made.json()["callback_secret"]
+    await run_worker_burst(notifying)
+    sender = Sender(notifying, sessions)
+    try:
+        await send_until(sender, lambda: receiver.received, "the callback")
+    finally:
+        await sender.aclose()
+
+    (request,) = receiver.received
+    body = orjson.loads(request.body)
+    assert (body["job_id"], body["mode"], body["status"]) == (comparison_id, "comparison", "completed")
+    assert body["counts"] == {"total": 2, "by_status": {"completed": 2}}
+    assert verify(secret, request.headers[SIGNATURE_HEADER.lower()], request.body)
+
+
+async def test_of_two_transactions_ending_a_jobs_last_items_one_writes_its_delivery(
+    api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions, receiver: Receiver
+) -> None:
+    """Each sees the other's item unfinished while neither has committed: the second waits
+    for the first, then sees the job finished."""
+    job_id, _ = await submit_notifying(api, auth, receiver.url, n=2)
+    async with sessions() as session:
+        item_ids = list(await session.scalars(select(Item.id).where(Item.job_id == UUID(job_id))))
+    first, second = sessions(), sessions()
+    try:
+        for session, item_id in ((first, item_ids[0]), (second, item_ids[1])):
+            await session.execute(update(Item).where(Item.id == item_id).values(ending_values(COMPLETED)))
+        await callbacks.record_if_finished(first, UUID(job_id))  # the other item still runs
+        waiting = asyncio.create_task(callbacks.record_if_finished(second, UUID(job_id)))
+        await asyncio.sleep(0.5)
+        assert not waiting.done(), "the second must wait for the first to commit"
+        await first.commit()
+        await waiting
+        await second.commit()
+    finally:
+        await first.close()
+        await second.close()
+    (delivery,) = await deliveries(sessions, job_id)
+    assert delivery.payload["counts"] == {"total": 2, "by_status": {"completed": 2}}
