@@ -241,6 +241,27 @@ class JobOut(BaseModel):
     pairs: PairSummary | None = Field(default=None, description="Present when the job asked for pairs.")
 
 
+class JobProgressOut(BaseModel):
+    """A job's progress: the data of the `snapshot` and `done` events of its event stream."""
+
+    status: JobStatus
+    counts: JobCounts
+    usage: Usage
+    quality: QualitySummary | None = Field(
+        default=None, description="Present when the job asked for grading."
+    )
+    pairs: PairSummary | None = Field(default=None, description="Present when the job asked for pairs.")
+
+
+class ItemFinishedOut(BaseModel):
+    """The data of an `item` event: an item of the job ended."""
+
+    item_id: UUID
+    position: int
+    status: Literal["completed", "failed", "cancelled"]
+    error_code: str | None
+
+
 class QualityReport(QualitySummary):
     thresholds: dict[str, float] = Field(description="The job's gate: lowest accepted score per metric.")
     below_threshold: dict[str, int] = Field(
