@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.api.bodies import inlined
 from app.api.deps import OwnedJob, SessionDep
-from app.api.jobs import PAGE_ERRORS
+from app.api.errors import documented_beside_a_stream
 from app.api.schemas import ItemFinishedOut, JobProgressOut
 from app.api.state import api_state
 from app.events import JobEventSource, follow
@@ -107,7 +107,11 @@ EVENTS = {
 }
 
 
-@router.get("/{job_id}/events", response_class=EventSourceResponse, responses={200: EVENTS, **PAGE_ERRORS})
+@router.get(
+    "/{job_id}/events",
+    response_class=EventSourceResponse,
+    responses={200: EVENTS, **documented_beside_a_stream(400, 401, 404, 422, 503)},
+)
 async def job_events(
     events: Annotated[ResumedEvents, Depends(_followed)],
 ) -> AsyncIterator[ServerSentEvent]:
