@@ -461,7 +461,9 @@ class JobListed(BaseModel):
     """A job as GET /v1/jobs lists it; GET /v1/jobs/{id} has the rest."""
 
     id: UUID
-    kind: JobKind = Field(description="The job's mode: `aidsafe`, `zero_shot` or `comparison`.")
+    kind: JobKind = Field(  # type: ignore[valid-type]
+        description="The job's mode: `aidsafe`, `zero_shot` or `comparison`."
+    )
     status: JobStatus
     created_at: datetime
     cancelled_at: datetime | None

@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import ColumnElement, and_, case, func, select, true, tuple_, type_coerce
+from sqlalchemy import ColumnElement, and_, case, func, literal, select, true, tuple_, type_coerce
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -38,7 +38,8 @@ class ListedJob:
 
 
 def _mode() -> ColumnElement[str]:
-    return type_coerce(Job.plan, JSONB)["mode"].astext
+    mode: ColumnElement[str] = type_coerce(Job.plan, JSONB)["mode"].astext
+    return mode
 
 
 # Each job's items per status, by the index on (job_id, status).
@@ -53,7 +54,9 @@ def _status() -> ColumnElement[str]:
     """The job's status as jobs.summary derives it (GET /v1/jobs/{id}), in SQL so a listing
     can filter on it: completed or cancelled when every item has finished, cancelling after
     a cancel, running once an item started, queued before."""
-    finished = sum((_COUNTS.c[status] for status in FINISHED), start=0)
+    finished: ColumnElement[int] = literal(0)
+    for status in FINISHED:
+        finished = finished + _COUNTS.c[status]
     cancelled = Job.cancelled_at.is_not(None)
     return case(
         (finished == Job.item_count, case((cancelled, "cancelled"), else_="completed")),
@@ -97,7 +100,7 @@ async def page(
 def _conditions(
     only_kinds: Sequence[str], keep: JobFilter, status: ColumnElement[str]
 ) -> list[ColumnElement[bool]]:
-    conditions = []
+    conditions: list[ColumnElement[bool]] = []
     if only_kinds:
         conditions.append(_mode().in_(only_kinds))
     if keep.kinds:

@@ -26,9 +26,7 @@ def upgrade() -> None:
     op.add_column("jobs", sa.Column("label", sa.String(length=100), nullable=True))
     op.add_column(
         "jobs",
-        sa.Column(
-            "metadata", postgresql.JSONB(), nullable=False, server_default=sa.text("'{}'::jsonb")
-        ),
+        sa.Column("metadata", postgresql.JSONB(), nullable=False, server_default=sa.text("'{}'::jsonb")),
     )
     op.create_index("ix_jobs_owner_created", "jobs", ["owner_key_id", "created_at", "id"])
     op.drop_index("ix_jobs_owner_key_id", table_name="jobs")
