@@ -236,6 +236,10 @@ def submit(
     policy_set: Annotated[str, typer.Option(help="Policy set name.")] = "aidsafe-default",
     policy_version: Annotated[str | None, typer.Option(help="Pin a policy set version.")] = None,
     idempotency_key: Annotated[str | None, typer.Option(help="Makes a retried submit safe.")] = None,
+    label: Annotated[str | None, typer.Option(help="A name of yours for the job.")] = None,
+    metadata: Annotated[
+        str | None, typer.Option(help='The job\'s metadata, a JSON object: {"source": "wildchat"}.')
+    ] = None,
     follow: Annotated[bool, typer.Option(help="Show progress until the job ends.")] = True,
     show: Annotated[bool, typer.Option(help="Print the refined CoTs at the end.")] = True,
 ) -> None:
@@ -262,6 +266,7 @@ def submit(
             "items": items,
             "policy_set": {"name": policy_set, "version": policy_version},
             "config": config,
+            **_labels(label, metadata),
         }
         job = _check(client.post("/v1/jobs", json=body, headers=headers))
         console.print(
@@ -272,6 +277,17 @@ def submit(
             follow_job(client, job["id"])
         if show:
             print_cots(client, job["id"])
+
+
+def _labels(label: str | None, metadata: str | None) -> dict[str, Any]:
+    """A job body's label and metadata, as far as given (the API validates them)."""
+    labels: dict[str, Any] = {"label": label} if label is not None else {}
+    if metadata is not None:
+        try:
+            labels["metadata"] = json.loads(metadata)
+        except json.JSONDecodeError as exc:
+            raise typer.BadParameter(f"not JSON ({exc.msg})", param_hint="--metadata") from None
+    return labels
 
 
 @cli.command("follow")
@@ -483,6 +499,66 @@ def export(
     written = partial.stat().st_size
     partial.replace(output)
     console.print(f"Wrote {output} ({written:,} bytes, {format}).")
+
+
+jobs_cli = typer.Typer(help="Your jobs (over the HTTP API).", no_args_is_help=True)
+cli.add_typer(jobs_cli, name="jobs")
+
+
+@jobs_cli.command("list")
+def list_jobs(
+    status: Annotated[
+        list[str] | None,
+        typer.Option(help="queued, running, completed, cancelling or cancelled (repeatable: any of them)."),
+    ] = None,
+    kind: Annotated[
+        list[str] | None, typer.Option(help="aidsafe, zero_shot or comparison (repeatable: any of them).")
+    ] = None,
+    created_after: Annotated[
+        str | None, typer.Option(help="ISO 8601 with a UTC offset: 2026-01-01T00:00:00Z.")
+    ] = None,
+    created_before: Annotated[str | None, typer.Option(help="ISO 8601 with a UTC offset.")] = None,
+    label: Annotated[str | None, typer.Option(help="Only jobs with exactly this label.")] = None,
+    metadata: Annotated[
+        str | None,
+        typer.Option(help='A JSON object the job\'s metadata must contain: {"source": "wildchat"}.'),
+    ] = None,
+    limit: Annotated[int, typer.Option(min=0, help="How many, newest first (0: every one).")] = 50,
+    api_url: ApiUrl = "http://127.0.0.1:8000",
+    key: ApiKeyOpt = "",
+) -> None:
+    """Your jobs, comparisons included, newest first: id, created, kind, status, items
+    finished of total, label."""
+    filters = {
+        "status": status or [],
+        "kind": kind or [],
+        "created_after": created_after,
+        "created_before": created_before,
+        "label": label,
+        "metadata": metadata,
+    }
+    with _client(api_url, key) as client:
+        for job in listed_jobs(client, {k: v for k, v in filters.items() if v is not None}, limit):
+            finished = sum(job["counts"]["by_status"].get(s, 0) for s in models.FINISHED)
+            console.print(
+                f"{job['id']}  {job['created_at'][:19]}  {job['kind']}  {job['status']}  "
+                f"{finished}/{job['counts']['total']}  {job['label'] or '-'}",
+                highlight=False,
+            )
+
+
+def listed_jobs(client: httpx.Client, filters: dict[str, Any], limit: int) -> list[dict[str, Any]]:
+    """The first `limit` jobs GET /v1/jobs lists with these filters (0: all), page by page."""
+    jobs: list[dict[str, Any]] = []
+    cursor = None
+    while not limit or len(jobs) < limit:
+        page_size = min(limit - len(jobs), 500) if limit else 500
+        params = {**filters, "limit": page_size, **({"cursor": cursor} if cursor else {})}
+        page = _check(client.get("/v1/jobs", params=params))
+        jobs += page["data"]
+        if not (cursor := page["next_cursor"]):
+            break
+    return jobs
 
 
 policy_sets_cli = typer.Typer(help="Policy sets (over the HTTP API).", no_args_is_help=True)

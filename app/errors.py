@@ -75,7 +75,7 @@ class MissingScope(ServiceError):
     code = "missing_scope"
 
 
-class InvalidExportFilter(ServiceError):
+class InvalidFilter(ServiceError):
     status = 422
     code = "invalid_filter"
 

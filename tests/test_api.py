@@ -13,14 +13,16 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi.routing import iter_route_contexts
 from redis.asyncio import Redis
 from sqlalchemy import func, select
 
 from app.config import Settings
+from app.main import create_app
 from app.queue import arq_job_id
 from app.store.db import Sessions
 from app.store.models import Item, Job
-from tests.conftest import api_client, new_key, run_worker_burst
+from tests.conftest import ROOT, api_client, new_key, run_worker_burst
 from tests.scripted_llm import ScriptedLLM
 
 Headers = dict[str, str]
@@ -36,8 +38,8 @@ KITCHEN_POLICIES = [
 ]
 KITCHEN_POLICIES_V2 = [{**KITCHEN_POLICIES[0], "allowed": ["recipes", "knife skills", "food storage"]}]
 V1_PATHS = {
-    "/v1/jobs": {"post"},
-    "/v1/jobs/{job_id}": {"get", "delete"},
+    "/v1/jobs": {"get", "post"},
+    "/v1/jobs/{job_id}": {"get", "delete", "patch"},
     "/v1/jobs/{job_id}/cancel": {"post"},
     "/v1/jobs/{job_id}/items": {"get"},
     "/v1/jobs/{job_id}/cots": {"get"},
@@ -45,8 +47,9 @@ V1_PATHS = {
     "/v1/jobs/{job_id}/preference-pairs": {"get"},
     "/v1/jobs/{job_id}/report": {"get"},
     "/v1/jobs/{job_id}/callbacks": {"get"},
+    "/v1/jobs/{job_id}/events": {"get"},
     "/v1/jobs/{job_id}/export": {"get"},
-    "/v1/comparisons": {"post"},
+    "/v1/comparisons": {"get", "post"},
     "/v1/comparisons/{comparison_id}": {"get"},
     "/v1/policy-sets": {"get", "post"},
     "/v1/policy-sets/{policy_set_id}": {"get"},
@@ -872,6 +875,21 @@ async def test_openapi_document_lists_every_v1_path(api: httpx.AsyncClient) -> N
     paths = (await api.get("/openapi.json")).json()["paths"]
 
     assert {path: set(ops) for path, ops in paths.items() if path.startswith("/v1")} == V1_PATHS
+
+
+def test_readme_lists_every_route_of_the_app(settings: Settings) -> None:
+    """README's route table names each method and path the app serves, and no other."""
+    served = {
+        (method, route.path)
+        for route in iter_route_contexts(create_app(settings).routes)
+        for method in route.methods or ()
+        if method != "HEAD"
+    }
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+
+    listed = set(re.findall(r"^\| `([A-Z]+)` \| `([^`]+)` \|", readme, re.MULTILINE))
+
+    assert listed == served
 
 
 async def test_openapi_document_declares_bearer_auth_on_every_v1_operation(api: httpx.AsyncClient) -> None:

@@ -298,3 +298,32 @@ def test_a_threshold_without_a_score_is_refused(tmp_path: Path) -> None:
     )
 
     assert result.exit_code == 2 and "expected METRIC=SCORE" in " ".join(result.output.split())
+
+
+async def test_cli_lists_jobs_newest_first_with_filters(live_api: str, auth: Headers, tmp_path: Path) -> None:
+    prompts = write(tmp_path, "p.jsonl", '{"prompt": "Dice an onion?"}', '{"prompt": "Boil an egg?"}')
+    submitted = []
+    for n in range(3):
+        code, out = await aidsafe(
+            live_api, auth, "submit", str(prompts), "--label", f"run-{n % 2}",
+            "--metadata", json.dumps({"n": n}), "--mode", "zero_shot" if n == 2 else "aidsafe",
+            "--no-follow", "--no-show",
+        )  # fmt: skip
+        assert code == 0, out
+        submitted.append(out.split()[1].rstrip(":"))
+
+    code, everything = await aidsafe(live_api, auth, "jobs", "list", "--limit", "0")
+    _, newest = await aidsafe(live_api, auth, "jobs", "list", "--limit", "1")
+    _, run_0 = await aidsafe(live_api, auth, "jobs", "list", "--label", "run-0", "--status", "queued")
+    _, second = await aidsafe(live_api, auth, "jobs", "list", "--metadata", '{"n": 1}')
+    _, zero_shot = await aidsafe(live_api, auth, "jobs", "list", "--kind", "zero_shot")
+    bad_code, bad = await aidsafe(live_api, auth, "jobs", "list", "--metadata", "[1]")
+
+    assert code == 0, everything
+    assert [line.split()[0] for line in everything.splitlines()] == submitted[::-1]
+    assert everything.splitlines()[0].split()[2:] == ["zero_shot", "queued", "0/2", "run-0"]
+    assert [line.split()[0] for line in newest.splitlines()] == submitted[2:]
+    assert [line.split()[0] for line in run_0.splitlines()] == [submitted[2], submitted[0]]
+    assert [line.split()[0] for line in second.splitlines()] == [submitted[1]]
+    assert [line.split()[0] for line in zero_shot.splitlines()] == [submitted[2]]
+    assert bad_code == 1 and "invalid_filter" in bad, bad

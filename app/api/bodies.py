@@ -59,7 +59,7 @@ class JsonBody(Generic[T]):
         """The route's `openapi_extra`: FastAPI sees no body parameter, so it documents none.
         The schema is inlined, as the operation cannot add its models to the components."""
         schema = self.adapter.json_schema()
-        schema = _inlined(schema, schema.pop("$defs", {}))
+        schema = inlined(schema)
         return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
     async def __call__(self, request: Request, settings: SettingsDep) -> T:
@@ -138,8 +138,14 @@ def count_values(raw: bytes, limit: int) -> int:
     return count
 
 
+def inlined(schema: dict[str, Any]) -> Any:
+    """A model's JSON schema with every `$ref` replaced by its definition, for a part of the
+    OpenAPI document that cannot add models to the components (the model is not recursive)."""
+    return _inlined(schema, schema.pop("$defs", {}))
+
+
 def _inlined(node: Any, definitions: dict[str, Any]) -> Any:
-    """A JSON schema with every `$ref` replaced by its definition (body models are not recursive)."""
+    """`node` with every `$ref` replaced by its definition."""
     if isinstance(node, list):
         return [_inlined(value, definitions) for value in node]
     if not isinstance(node, dict):

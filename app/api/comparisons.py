@@ -14,11 +14,12 @@ from app.api import views
 from app.api.bodies import JsonBody
 from app.api.deps import CurrentKey, SessionDep
 from app.api.errors import documented
-from app.api.jobs import ERRORS
-from app.api.schemas import ComparisonIn, ComparisonOut, SubmittedComparisonOut
+from app.api.jobs import ERRORS, Cursor, Limit
+from app.api.listing import JobFilterDep
+from app.api.schemas import ComparisonIn, ComparisonOut, ComparisonPage, SubmittedComparisonOut
 from app.api.submissions import SubmissionDep
 from app.plan import check_comparison_fits, resolve_comparison
-from app.store import comparisons, jobs, policy_sets
+from app.store import comparisons, job_listing, jobs, policy_sets
 from app.store.models import Job
 
 router = APIRouter(prefix="/v1/comparisons", tags=["comparisons"])
@@ -73,6 +74,7 @@ async def create_comparison(
         baseline=baseline,
         candidate=candidate,
         plan=plan,
+        labels=jobs.Labels(body.label, body.metadata),
         idempotency_key=submission.idempotency_key,
         request_hash=submission.request_hash(body),
         callback=callback,
@@ -80,6 +82,19 @@ async def create_comparison(
     await submission.accept(job, new_item_ids)
     shown = await _comparison_out(session, job)
     return SubmittedComparisonOut(**shown.model_dump(), callback_secret=job.callback_secret)
+
+
+@router.get("", responses=documented(400, 401, 422, 503))
+async def list_comparisons(
+    key: CurrentKey, session: SessionDep, keep: JobFilterDep, cursor: Cursor = None, limit: Limit = 100
+) -> ComparisonPage:
+    """This key's comparisons, newest first, with their items counted per status. Filters
+    combine (all must hold); a cursor is good for this listing of this key."""
+    rows, next_cursor = await job_listing.page(session, key.id, ("comparison",), keep, cursor, limit)
+    return ComparisonPage(
+        data=[views.comparison_listed(row, comparisons.plan_of(row.job)) for row in rows],
+        next_cursor=next_cursor,
+    )
 
 
 @router.get("/{comparison_id}", responses=ERRORS)

@@ -47,6 +47,16 @@ def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorOut, "description": _WHY[status]} for status in statuses}
 
 
+def documented_beside_a_stream(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """As `documented`, for a route whose success is not JSON (an event stream): FastAPI would
+    list the errors under the route's media type, but they are JSON like every other."""
+    error = {"$ref": f"#/components/schemas/{ErrorOut.__name__}"}
+    return {
+        status: {"description": _WHY[status], "content": {"application/json": {"schema": error}}}
+        for status in statuses
+    }
+
+
 def error_response(
     status: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:

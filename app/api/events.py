@@ -9,10 +9,13 @@ from uuid import UUID
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.sse import EventSourceResponse, ServerSentEvent
+from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.api.bodies import inlined
 from app.api.deps import OwnedJob, SessionDep
-from app.api.jobs import PAGE_ERRORS
+from app.api.errors import documented_beside_a_stream
+from app.api.schemas import ItemFinishedOut, JobProgressOut
 from app.api.state import api_state
 from app.events import JobEventSource, follow
 from app.store import jobs
@@ -69,9 +72,45 @@ async def _followed(
     return await resumed(request, session, job, last_event_id)
 
 
-# Not in the OpenAPI document: a generated request for a job that never ends would stream forever.
+def _event(kind: str, data: type[BaseModel], when: str) -> dict[str, Any]:
+    """One kind of event as the OpenAPI document shows it: its name, and its JSON data."""
+    return {
+        "type": "object",
+        "description": when,
+        "required": ["event", "data"],
+        "properties": {
+            "event": {"const": kind},
+            "data": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "contentSchema": inlined(data.model_json_schema()),
+            },
+            "id": {"type": "string", "description": "Send back as Last-Event-ID to resume after it."},
+            "retry": {"type": "integer", "minimum": 0},
+        },
+    }
+
+
+EVENTS = {
+    "description": "The job's events, until it ends.",
+    "content": {
+        "text/event-stream": {
+            "itemSchema": {
+                "oneOf": [
+                    _event("item", ItemFinishedOut, "An item ended."),
+                    _event("snapshot", JobProgressOut, "On connect, then while items end and every 10 s."),
+                    _event("done", JobProgressOut, "The job ended (the last snapshot); the stream closes."),
+                ]
+            }
+        }
+    },
+}
+
+
 @router.get(
-    "/{job_id}/events", response_class=EventSourceResponse, responses=PAGE_ERRORS, include_in_schema=False
+    "/{job_id}/events",
+    response_class=EventSourceResponse,
+    responses={200: EVENTS, **documented_beside_a_stream(400, 401, 404, 422, 503)},
 )
 async def job_events(
     events: Annotated[ResumedEvents, Depends(_followed)],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Annotated
 from uuid import UUID
 
@@ -13,6 +14,7 @@ from app.api import views
 from app.api.bodies import JsonBody
 from app.api.deps import CurrentKey, OwnedJob, ReadsHazardous, SessionDep, StateDep, SummariesDep
 from app.api.errors import documented
+from app.api.listing import JobFilterDep
 from app.api.schemas import (
     MAX_PROMPTS_PER_JOB,
     CotPage,
@@ -20,7 +22,10 @@ from app.api.schemas import (
     ItemStatus,
     JobDeletionOut,
     JobIn,
+    JobKind,
+    JobLabelsIn,
     JobOut,
+    JobPage,
     PreferencePairPage,
     ReportOut,
     SubmittedJobOut,
@@ -28,7 +33,7 @@ from app.api.schemas import (
 from app.api.submissions import SubmissionDep
 from app.api.summaries import job_out
 from app.plan import check_job_fits, resolve
-from app.store import deletions, jobs, policy_sets
+from app.store import deletions, job_listing, jobs, policy_sets
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger("aidsafe.api")
@@ -38,6 +43,7 @@ ERRORS = documented(401, 404, 422, 503)  # routes with an id in the path
 PAGE_ERRORS = documented(400, 401, 404, 422, 503)
 # Room for the largest job: each prompt with a dozen or so metadata values.
 JOB_BODY = JsonBody[JobIn](JobIn, max_values=20 * MAX_PROMPTS_PER_JOB)
+LABELS_BODY = JsonBody[JobLabelsIn](JobLabelsIn, max_values=5_000)  # a label and 8 KiB of metadata
 
 
 @router.post(
@@ -71,6 +77,7 @@ async def submit_job(
         policy_set_id=policy_set.id,
         plan=plan,
         items=[jobs.NewItem(p.prompt, p.metadata) for p in prompts],
+        labels=jobs.Labels(body.label, body.metadata),
         idempotency_key=submission.idempotency_key,
         request_hash=submission.request_hash(body),
         callback=callback,
@@ -80,11 +87,45 @@ async def submit_job(
     return SubmittedJobOut(**shown.model_dump(), callback_secret=job.callback_secret)
 
 
+@router.get("", responses=documented(400, 401, 422, 503))
+async def list_jobs(
+    key: CurrentKey,
+    session: SessionDep,
+    keep: JobFilterDep,
+    kind: Annotated[list[JobKind] | None, Query(description="Only jobs of these modes (repeatable).")] = None,
+    cursor: Cursor = None,
+    limit: Limit = 100,
+) -> JobPage:
+    """This key's jobs, comparisons included, newest first, with their items counted per
+    status. Filters combine (all must hold); a cursor is good for this listing of this key."""
+    rows, next_cursor = await job_listing.page(
+        session, key.id, (), replace(keep, kinds=kind or ()), cursor, limit
+    )
+    return JobPage(data=[views.job_listed(row) for row in rows], next_cursor=next_cursor)
+
+
 @router.get("/{job_id}", responses=ERRORS)
 async def get_job(job_id: UUID, key: CurrentKey, summaries: SummariesDep) -> JobOut:
     """Status, counts per stage and status, and token totals, as read at most a second ago
     (the server's `job_summary_max_age_s`)."""
     return await summaries.get_owned(job_id, key.id)
+
+
+@router.patch(
+    "/{job_id}", responses=documented(400, 401, 404, 413, 422, 503), openapi_extra=LABELS_BODY.openapi
+)
+async def relabel_job(
+    job: OwnedJob,
+    body: Annotated[JobLabelsIn, Depends(LABELS_BODY)],
+    session: SessionDep,
+    summaries: SummariesDep,
+) -> JobOut:
+    """Set the job's label and/or metadata; a field left out stays as it is."""
+    await jobs.relabel(session, job, body.model_dump(include=body.model_fields_set))
+    await session.commit()
+    await session.refresh(job)
+    summaries.forget(job.id)
+    return await job_out(session, job)
 
 
 @router.post("/{job_id}/cancel", responses=ERRORS)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from app.deliberation.config import Mode
 from app.deliberation.policies import MAX_POLICY_TEXT_CHARS, render_policies
 from app.plan import JobConfigIn, RoleIn
 from app.store import models
@@ -25,6 +27,38 @@ CallbackUrl = Annotated[
         "Callbacks). Its host must be on the server's allow-list: 422 `callbacks_disabled`, "
         "`callback_host_not_allowed` or `invalid_callback_url` otherwise.",
     ),
+]
+
+MAX_LABEL_CHARS = 100
+MAX_JOB_METADATA_BYTES = 8_192
+# One line of text without control characters: what a listing matches and a terminal shows.
+LABEL_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+Label = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=MAX_LABEL_CHARS,
+        pattern=LABEL_PATTERN,
+        description=f"A name of yours for the job: 1 to {MAX_LABEL_CHARS} characters, one line.",
+    ),
+]
+# What GET /v1/jobs and /v1/comparisons list: the job's plan's mode.
+JobKind = Literal[(*(mode.value for mode in Mode), "comparison")]  # type: ignore[valid-type]
+
+
+def _small_json(metadata: dict[str, Any]) -> dict[str, Any]:
+    size = len(json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode())
+    if size > MAX_JOB_METADATA_BYTES:
+        raise ValueError(
+            f"the metadata is {size:,} bytes of JSON; at most {MAX_JOB_METADATA_BYTES:,} are allowed"
+        )
+    return metadata
+
+
+JobMetadata = Annotated[
+    dict[str, Any],
+    AfterValidator(_small_json),
+    Field(description=f"Free-form JSON object of yours, at most {MAX_JOB_METADATA_BYTES:,} bytes."),
 ]
 
 
@@ -50,7 +84,25 @@ class PolicySetRef(BaseModel):
     version: str | None = Field(default=None, description="Content hash; newest if omitted.")
 
 
-class JobIn(BaseModel):
+class Labelled(BaseModel):
+    """A submitted job's label and metadata. Left out, they are also left out of the request's
+    hash, so a body without them is the same request it was before jobs had them."""
+
+    label: Label | None = Field(default=None, exclude_if=lambda label: label is None)
+    metadata: JobMetadata = Field(default_factory=dict, exclude_if=lambda metadata: not metadata)
+
+
+class JobLabelsIn(BaseModel):
+    """PATCH /v1/jobs/{id}: a field left out stays as it is."""
+
+    model_config = ConfigDict(extra="forbid")
+    label: Label | None = Field(default=None, description="null clears the label.")
+    metadata: JobMetadata = Field(
+        default_factory=dict, description="Replaces the job's metadata whole; {} clears it."
+    )
+
+
+class JobIn(Labelled):
     """Give either `prompts` (plain strings) or `items` (prompts with metadata)."""
 
     model_config = ConfigDict(
@@ -188,6 +240,8 @@ class JobOut(BaseModel):
     status: JobStatus
     created_at: datetime
     cancelled_at: datetime | None
+    label: str | None
+    metadata: dict[str, Any]
     policy_set: PolicySetBrief
     config: dict[str, Any]
     counts: JobCounts
@@ -196,6 +250,27 @@ class JobOut(BaseModel):
         default=None, description="Present when the job asked for grading."
     )
     pairs: PairSummary | None = Field(default=None, description="Present when the job asked for pairs.")
+
+
+class JobProgressOut(BaseModel):
+    """A job's progress: the data of the `snapshot` and `done` events of its event stream."""
+
+    status: JobStatus
+    counts: JobCounts
+    usage: Usage
+    quality: QualitySummary | None = Field(
+        default=None, description="Present when the job asked for grading."
+    )
+    pairs: PairSummary | None = Field(default=None, description="Present when the job asked for pairs.")
+
+
+class ItemFinishedOut(BaseModel):
+    """The data of an `item` event: an item of the job ended."""
+
+    item_id: UUID
+    position: int
+    status: Literal["completed", "failed", "cancelled"]
+    error_code: str | None
 
 
 class QualityReport(QualitySummary):
@@ -388,7 +463,51 @@ class PreferencePairPage(BaseModel):
     next_cursor: str | None
 
 
-class ComparisonIn(BaseModel):
+class StatusCounts(BaseModel):
+    total: int
+    by_status: dict[str, int] = Field(description="Items per status (statuses with none left out).")
+
+
+class JobListed(BaseModel):
+    """A job as GET /v1/jobs lists it; GET /v1/jobs/{id} has the rest."""
+
+    id: UUID
+    kind: JobKind = Field(  # type: ignore[valid-type]
+        description="The job's mode: `aidsafe`, `zero_shot` or `comparison`."
+    )
+    status: JobStatus
+    created_at: datetime
+    cancelled_at: datetime | None
+    label: str | None
+    metadata: dict[str, Any]
+    counts: StatusCounts
+
+
+class JobPage(BaseModel):
+    data: list[JobListed]
+    next_cursor: str | None
+
+
+class ComparisonListed(BaseModel):
+    """A comparison as GET /v1/comparisons lists it; GET /v1/comparisons/{id} has the rest."""
+
+    id: UUID
+    status: JobStatus
+    created_at: datetime
+    cancelled_at: datetime | None
+    label: str | None
+    metadata: dict[str, Any]
+    baseline_job_id: UUID
+    candidate_job_id: UUID
+    counts: StatusCounts
+
+
+class ComparisonPage(BaseModel):
+    data: list[ComparisonListed]
+    next_cursor: str | None
+
+
+class ComparisonIn(Labelled):
     model_config = ConfigDict(extra="forbid")
     baseline_job_id: UUID
     candidate_job_id: UUID
@@ -422,6 +541,8 @@ class ComparisonOut(BaseModel):
     id: UUID
     status: JobStatus
     created_at: datetime
+    label: str | None
+    metadata: dict[str, Any]
     baseline_job_id: UUID
     candidate_job_id: UUID
     judge: dict[str, Any]

@@ -30,6 +30,8 @@ async def job_out(session: AsyncSession, job: Job) -> JobOut:
         id=job.id,
         created_at=job.created_at,
         cancelled_at=job.cancelled_at,
+        label=job.label,
+        metadata=job.job_metadata,
         policy_set=PolicySetBrief(id=policy_set.id, name=policy_set.name, version=policy_set.version),
         config=job.plan.model_dump(mode="json"),  # the plan's JSON, as stored
         **await jobs.summary(session, job),

@@ -7,11 +7,13 @@ from typing import Any
 
 from app.api.schemas import (
     ChosenOut,
+    ComparisonListed,
     ComparisonOut,
     CotOut,
     GateOut,
     GuardOut,
     ItemOut,
+    JobListed,
     PolicySetBrief,
     PolicySetDetailOut,
     PolicySetOut,
@@ -20,11 +22,13 @@ from app.api.schemas import (
     ReportOut,
     SampleOut,
     ScoreOut,
+    StatusCounts,
     TurnOut,
     WhisperTryOut,
 )
 from app.deliberation.ports import is_hazardous, is_known_category
 from app.plan import ComparisonPlan
+from app.store.job_listing import ListedJob
 from app.store.models import Cot, Item, Job, PolicySetRow, PreferencePair, TurnRow
 
 
@@ -183,6 +187,8 @@ def comparison_out(
         id=job.id,
         status=summary["status"],
         created_at=job.created_at,
+        label=job.label,
+        metadata=job.job_metadata,
         baseline_job_id=plan.baseline_job_id,
         candidate_job_id=plan.candidate_job_id,
         judge=asdict(plan.judge),
@@ -207,3 +213,32 @@ def policy_set_out(row: PolicySetRow) -> PolicySetOut:
 
 def policy_set_detail(row: PolicySetRow) -> PolicySetDetailOut:
     return PolicySetDetailOut(**policy_set_out(row).model_dump(), policies=row.policies)
+
+
+def job_listed(listed: ListedJob) -> JobListed:
+    job = listed.job
+    return JobListed(
+        id=job.id,
+        kind=job.plan.mode,
+        status=listed.status,
+        created_at=job.created_at,
+        cancelled_at=job.cancelled_at,
+        label=job.label,
+        metadata=job.job_metadata,
+        counts=StatusCounts(total=job.item_count, by_status=listed.by_status),
+    )
+
+
+def comparison_listed(listed: ListedJob, plan: ComparisonPlan) -> ComparisonListed:
+    job = listed.job
+    return ComparisonListed(
+        id=job.id,
+        status=listed.status,
+        created_at=job.created_at,
+        cancelled_at=job.cancelled_at,
+        label=job.label,
+        metadata=job.job_metadata,
+        baseline_job_id=plan.baseline_job_id,
+        candidate_job_id=plan.candidate_job_id,
+        counts=StatusCounts(total=job.item_count, by_status=listed.by_status),
+    )

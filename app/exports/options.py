@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from app.deliberation.results import METRICS
-from app.errors import InvalidExportFilter
+from app.errors import InvalidFilter
 
 
 class CotStyle(StrEnum):
@@ -27,13 +27,13 @@ class ExportOptions:
 
 def parse_min_scores(values: list[str]) -> dict[str, float]:
     """`metric:value` strings (e.g. `cot_policy_faithfulness:4`) to {metric: value}, the
-    highest value of a metric named twice. Raises InvalidExportFilter for an unknown metric
+    highest value of a metric named twice. Raises InvalidFilter for an unknown metric
     (its details list the metrics) or a value that is not a number 1-5."""
     wanted: dict[str, float] = {}
     for text in values:
         parts = text.split(":")
         if len(parts) != 2 or parts[0] not in METRICS:
-            raise InvalidExportFilter(
+            raise InvalidFilter(
                 f"min_score {text!r}: expected <metric>:<score>, the metric one of details.metrics",
                 {"metrics": list(METRICS)},
             )
@@ -43,6 +43,6 @@ def parse_min_scores(values: list[str]) -> dict[str, float]:
         except ValueError:
             score = math.nan  # refused below
         if not 1 <= score <= 5:
-            raise InvalidExportFilter(f"min_score {text!r}: the score must be a number from 1 to 5")
+            raise InvalidFilter(f"min_score {text!r}: the score must be a number from 1 to 5")
         wanted[metric] = max(score, wanted.get(metric, score))
     return wanted

@@ -23,6 +23,7 @@ async def create(
     baseline: Job,
     candidate: Job,
     plan: ComparisonPlan,
+    labels: jobs.Labels,
     idempotency_key: str | None,
     request_hash: str,
     callback: jobs.NewCallback | None,
@@ -37,6 +38,7 @@ async def create(
         policy_set_id=candidate.policy_set_id,
         plan=plan,
         item_count=0,  # known once the matching rows are in
+        labels=labels,
         idempotency_key=idempotency_key,
         idempotency_scope="comparisons",
         request_hash=request_hash,

@@ -42,6 +42,14 @@ class NewCallback:
     secret: str
 
 
+@dataclass(frozen=True)
+class Labels:
+    """The user's own name and free-form metadata for a job."""
+
+    label: str | None
+    metadata: dict[str, Any]
+
+
 async def submit(
     session: AsyncSession,
     *,
@@ -49,6 +57,7 @@ async def submit(
     policy_set_id: UUID,
     plan: GenerationPlan,
     items: Sequence[NewItem],
+    labels: Labels,
     idempotency_key: str | None,
     request_hash: str,
     callback: NewCallback | None,
@@ -63,6 +72,7 @@ async def submit(
         policy_set_id=policy_set_id,
         plan=plan,
         item_count=len(items),
+        labels=labels,
         idempotency_key=idempotency_key,
         idempotency_scope="jobs",
         request_hash=request_hash,
@@ -92,6 +102,7 @@ async def create(
     policy_set_id: UUID,
     plan: JobPlan,
     item_count: int,
+    labels: Labels,
     idempotency_key: str | None,
     idempotency_scope: IdempotencyScope,
     request_hash: str,
@@ -116,6 +127,8 @@ async def create(
         item_count=item_count,
         callback_url=callback.url if callback else None,
         callback_secret=callback.secret if callback else None,
+        label=labels.label,
+        job_metadata=labels.metadata,
     )
     try:
         async with session.begin_nested():
@@ -249,6 +262,15 @@ def encode_cursor(row_id: UUID) -> str:
     return base64.urlsafe_b64encode(row_id.bytes).decode().rstrip("=")
 
 
+def decode_cursor(cursor: str) -> UUID:
+    """The row id a cursor names; InvalidCursor if it cannot be one (the caller checks the
+    row is in its listing)."""
+    try:
+        return UUID(bytes=base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True))
+    except ValueError as exc:  # not base64, or not 16 bytes
+        raise InvalidCursor("the cursor is not one this API returned") from exc
+
+
 async def _start_after(session: AsyncSession, listing: Listed, job_id: UUID, cursor: str | None) -> int:
     """The position a page starts after: -1 without a cursor, else the position of the row it
     names. A cursor names the last row of the previous page by its id (checked here, not
@@ -256,14 +278,8 @@ async def _start_after(session: AsyncSession, listing: Listed, job_id: UUID, cur
     listing is not a cursor the API returned: InvalidCursor."""
     if not cursor:
         return -1
-    try:
-        row_id = UUID(
-            bytes=base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True)
-        )
-    except ValueError as exc:  # not base64, or not 16 bytes
-        raise InvalidCursor("the cursor is not one this API returned") from exc
     position = await session.scalar(
-        select(listing.position).where(listing.id == row_id, listing.job_id == job_id)
+        select(listing.position).where(listing.id == decode_cursor(cursor), listing.job_id == job_id)
     )
     if position is None:
         raise InvalidCursor("the cursor is not one this API returned for this listing of this job")
@@ -345,3 +361,12 @@ async def item_turns(session: AsyncSession, item_id: UUID) -> list[TurnRow]:
 
 async def item_cot(session: AsyncSession, item_id: UUID) -> Cot | None:
     return await session.scalar(select(Cot).where(Cot.item_id == item_id))
+
+
+async def relabel(session: AsyncSession, job: Job, changes: dict[str, Any]) -> None:
+    """Set the job's `label` and/or `metadata` (the keys of `changes`; others stay as they are).
+    The caller commits."""
+    columns = {"label": "label", "metadata": "job_metadata"}
+    for name, value in changes.items():
+        setattr(job, columns[name], value)
+    await session.flush()

@@ -128,10 +128,14 @@ class PolicySetRow(Base):
 
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (UniqueConstraint("owner_key_id", "idempotency_scope", "idempotency_key"),)
+    __table_args__ = (
+        UniqueConstraint("owner_key_id", "idempotency_scope", "idempotency_key"),
+        # A key's jobs newest first (GET /v1/jobs), and where a cursor resumes that order.
+        Index("ix_jobs_owner_created", "owner_key_id", "created_at", "id"),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
-    owner_key_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    owner_key_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.id"))
     policy_set_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("policy_sets.id"))
     plan: Mapped[JobPlan] = mapped_column(PlanJSON)  # resolved and frozen at submission
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
@@ -147,6 +151,11 @@ class Job(Base):
     # as given, since signing needs it. None: the job names no callback.
     callback_url: Mapped[str | None] = mapped_column(Text)
     callback_secret: Mapped[str | None] = mapped_column(String(64))
+    # The user's: a short name and free-form JSON, given at submission or set later.
+    label: Mapped[str | None] = mapped_column(String(100))
+    job_metadata: Mapped[dict[str, Any]] = mapped_column(
+        "metadata", JSONB, default=dict, server_default=text("'{}'::jsonb")
+    )
 
 
 # Jobs whose hazardous text is still held, for the purge to find the old ones.

@@ -1,0 +1,136 @@
+"""A key's jobs, newest first, a page at a time (GET /v1/jobs, GET /v1/comparisons): one
+query per page, with each job's items counted per status and its status derived from them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import ColumnElement, and_, case, func, literal, select, true, tuple_, type_coerce
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.errors import InvalidCursor
+from app.store.jobs import decode_cursor, encode_cursor
+from app.store.models import FINISHED, Item, ItemStatus, Job
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    """What a listing keeps; an empty field keeps every job. Times are exclusive bounds."""
+
+    statuses: Sequence[str] = ()  # derived job statuses (JobStatus)
+    kinds: Sequence[str] = ()  # plan modes
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    label: str | None = None  # exact match
+    metadata: dict[str, Any] | None = None  # the job's metadata contains it (jsonb @>)
+
+
+@dataclass(frozen=True)
+class ListedJob:
+    job: Job
+    status: str
+    by_status: dict[str, int]  # items per status, statuses with none left out
+
+
+def _mode() -> ColumnElement[str]:
+    mode: ColumnElement[str] = type_coerce(Job.plan, JSONB)["mode"].astext
+    return mode
+
+
+# Each job's items per status, by the index on (job_id, status).
+_COUNTS = (
+    select(*(func.count().filter(Item.status == status).label(status) for status in ItemStatus))
+    .where(Item.job_id == Job.id)
+    .lateral("counts")
+)
+
+
+def _status() -> ColumnElement[str]:
+    """The job's status as jobs.summary derives it (GET /v1/jobs/{id}), in SQL so a listing
+    can filter on it: completed or cancelled when every item has finished, cancelling after
+    a cancel, running once an item started, queued before."""
+    finished: ColumnElement[int] = literal(0)
+    for status in FINISHED:
+        finished = finished + _COUNTS.c[status]
+    cancelled = Job.cancelled_at.is_not(None)
+    return case(
+        (finished == Job.item_count, case((cancelled, "cancelled"), else_="completed")),
+        (cancelled, "cancelling"),
+        ((finished > 0) | (_COUNTS.c[ItemStatus.RUNNING] > 0), "running"),
+        else_="queued",
+    )
+
+
+async def page(
+    session: AsyncSession,
+    owner_key_id: UUID,
+    only_kinds: Sequence[str],
+    keep: JobFilter,
+    cursor: str | None,
+    limit: int,
+) -> tuple[list[ListedJob], str | None]:
+    """The key's jobs of `only_kinds` (the listing's; empty: every kind) that `keep` keeps,
+    newest first, after the job `cursor` names. A cursor naming no job of this listing
+    (another key's, another kind's) is not one the API returned: InvalidCursor."""
+    status = _status().label("status")
+    query = (
+        select(Job, status, *(_COUNTS.c[s] for s in ItemStatus))
+        .join(_COUNTS, true())
+        .where(Job.owner_key_id == owner_key_id, *_conditions(only_kinds, keep, status.element))
+    )
+    if cursor:
+        query = query.where(
+            tuple_(Job.created_at, Job.id) < await _resume_at(session, owner_key_id, only_kinds, cursor)
+        )
+    query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    rows = [
+        ListedJob(row[0], row[1], {s: n for s, n in zip(ItemStatus, row[2:], strict=True) if n})
+        for row in await session.execute(query)
+    ]
+    if len(rows) <= limit:
+        return rows, None
+    return rows[:limit], encode_cursor(rows[limit - 1].job.id)
+
+
+def _conditions(
+    only_kinds: Sequence[str], keep: JobFilter, status: ColumnElement[str]
+) -> list[ColumnElement[bool]]:
+    conditions: list[ColumnElement[bool]] = []
+    if only_kinds:
+        conditions.append(_mode().in_(only_kinds))
+    if keep.kinds:
+        conditions.append(_mode().in_(keep.kinds))
+    if keep.statuses:
+        conditions.append(status.in_(keep.statuses))
+    if keep.created_after is not None:
+        conditions.append(Job.created_at > keep.created_after)
+    if keep.created_before is not None:
+        conditions.append(Job.created_at < keep.created_before)
+    if keep.label is not None:
+        conditions.append(Job.label == keep.label)
+    if keep.metadata is not None:
+        conditions.append(Job.job_metadata.contains(keep.metadata))
+    return conditions
+
+
+async def _resume_at(
+    session: AsyncSession, owner_key_id: UUID, only_kinds: Sequence[str], cursor: str
+) -> Any:
+    """(created_at, id) of the job the cursor names, if it is one of this listing's."""
+    job_id = decode_cursor(cursor)
+    row = (
+        await session.execute(
+            select(Job.created_at, Job.id).where(
+                and_(Job.id == job_id, Job.owner_key_id == owner_key_id),
+                *([_mode().in_(only_kinds)] if only_kinds else []),
+            )
+        )
+    ).one_or_none()
+    if row is None:
+        raise InvalidCursor("the cursor is not one this API returned for this listing")
+    return tuple_(row.created_at, row.id)
