@@ -11,12 +11,23 @@ from typing import Any
 import pytest
 
 from app.deliberation.config import GradingConfig, GuardConfig, GuardStyle, PairsConfig, PipelineConfig
-from app.deliberation.ports import Stage, Turn, TurnOutcome
-from app.deliberation.results import METRICS, Completed, Failed, GuardVerdict
+from app.deliberation.engine import judge_pair
+from app.deliberation.ports import Stage, Turn, TurnKey, TurnOutcome
+from app.deliberation.results import METRICS, Completed, Failed, GuardVerdict, Judged, Sample
 from app.llm.client import OpenAICompatibleClient
 from tests.memory_turn_log import InMemoryTurnLog
 from tests.scripted_llm import ScriptedLLM, agree, guard_verdict, reply, scores
-from tests.test_engine import DEFAULT_ROLE, ITEM, SEED_THOUGHTS, completed, failed, pipeline, run
+from tests.test_engine import (
+    DEFAULT_ROLE,
+    ITEM,
+    POLICIES,
+    PROMPT,
+    SEED_THOUGHTS,
+    completed,
+    failed,
+    pipeline,
+    run,
+)
 from tests.test_engine_quality import judge
 
 ONE_TRY = pipeline(max_reasks=0)
@@ -440,3 +451,28 @@ async def test_a_judge_answer_outside_a_b_and_tie_is_no_vote(
 
     assert judged.winner is None
     assert [v.choice for v in judged.votes] == [None, "b"]
+
+
+async def test_the_judges_turns_are_stored_under_the_item_one_per_order_and_replayed(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    a, b = Sample(["A's thought."], "A's answer."), Sample(["B's thought."], "B's answer.")
+    log = InMemoryTurnLog()
+
+    async def judged() -> Judged:
+        return await judge_pair(
+            ITEM, PROMPT, a, b, DEFAULT_ROLE, POLICIES, llm, log, max_tokens=200, max_reasks=0
+        )
+
+    first = await judged()
+    requests = scripted_llm.requests_for("pairwise_judgement")
+    scripted_llm.reset()
+    again = await judged()
+
+    assert [(t.key, t.role) for t in log.turns(ITEM)] == [
+        (TurnKey(Stage.JUDGE, 1), "judge"),
+        (TurnKey(Stage.JUDGE, 2), "judge"),
+    ]
+    assert [r.body["max_tokens"] for r in requests] == [200, 200]
+    assert all(PROMPT in r.body["messages"][-1]["content"] for r in requests)
+    assert scripted_llm.requests == [] and again == first
