@@ -476,3 +476,54 @@ async def test_the_judges_turns_are_stored_under_the_item_one_per_order_and_repl
     assert [r.body["max_tokens"] for r in requests] == [200, 200]
     assert all(PROMPT in r.body["messages"][-1]["content"] for r in requests)
     assert scripted_llm.requests == [] and again == first
+
+
+# --- what a re-ask tells the agent ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("schema_name", "bad", "field"),
+    [
+        ("intent_decomposition", {"implicit_intents": []}, "explicit_intents"),
+        ("intent_decomposition", {"explicit_intents": ["x"], "implicit_intents": 5}, "implicit_intents"),
+        ("seed_cot", {"thoughts": ["x"]}, "response"),
+        ("seed_cot", {"response": "x"}, "thoughts"),
+        ("deliberation_turn", {"agree": "maybe", "response": "x"}, "agree"),
+        ("deliberation_turn", {"agree": False, "new_thoughts": {"a": 1}, "response": "x"}, "new_thoughts"),
+        ("deliberation_turn", {"agree": True}, "response"),
+        ("refined_cot", {"thoughts": {}, "response": "x"}, "thoughts"),
+        ("refined_cot", {"thoughts": ["..."], "response": "x"}, "thoughts"),
+        ("refined_cot", {"thoughts": ["Kept."]}, "response"),
+        ("quality_scores", {}, "relevance"),
+        ("quality_scores", {**scores(), "coherence": {"score": 9}}, "coherence.score"),
+        ("whisper_belief", {"belief": "..."}, "belief"),
+        ("rejected_cot", {"thoughts": 3, "response": "x"}, "thoughts"),
+        ("guard_verdict", {"verdict": "maybe"}, "verdict"),
+        ("guard_verdict", {"verdict": "unsafe", "violated_policies": {"x": 1}}, "violated_policies"),
+    ],
+)
+async def test_the_reask_of_a_malformed_reply_names_the_field_at_fault(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM, schema_name: str, bad: dict[str, Any], field: str
+) -> None:
+    scripted_llm.script(schema_name, reply(bad))
+    pairs = PairsConfig(DEFAULT_ROLE, DEFAULT_ROLE, GuardConfig(DEFAULT_ROLE), max_tries=1)
+
+    completed(
+        await run(
+            llm, InMemoryTurnLog(), replace(pipeline(), grading=GradingConfig(DEFAULT_ROLE), pairs=pairs)
+        )
+    )
+
+    reask = scripted_llm.requests_for(schema_name)[1].body["messages"]
+    assert reask[-2] == {"role": "assistant", "content": json.dumps(bad)}
+    assert f"'{field}'" in reask[-1]["content"]
+
+
+async def test_the_judges_reask_names_the_winner_field(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script("pairwise_judgement", reply({"winner": "C"}))
+
+    await judge(llm)
+
+    assert "'winner'" in scripted_llm.requests_for("pairwise_judgement")[1].body["messages"][-1]["content"]
