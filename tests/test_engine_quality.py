@@ -287,8 +287,12 @@ async def test_zero_shot_mode_writes_cot_and_response_in_one_call(
     assert result.rounds_used == 0 and result.grade is not None
 
 
-async def judge(llm: OpenAICompatibleClient, log: InMemoryTurnLog | None = None) -> Judged:
-    a, b = (
+async def judge(
+    llm: OpenAICompatibleClient,
+    log: InMemoryTurnLog | None = None,
+    samples: tuple[Sample, Sample] | None = None,
+) -> Judged:
+    a, b = samples or (
         Sample(["Baseline thought."], "Baseline answer."),
         Sample(["Candidate thought."], "Candidate answer."),
     )

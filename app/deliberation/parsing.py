@@ -41,12 +41,11 @@ def extract_json(text: str) -> dict[str, Any]:
     if start < 0:
         raise MalformedOutput("no JSON object in the reply")
     try:
-        # strict=False: grammar-constrained servers let raw newlines into strings
-        value, _ = json.JSONDecoder(strict=False).raw_decode(stripped[start:])
+        # strict=False: grammar-constrained servers let raw newlines into strings. Decoding
+        # from a "{" gives an object or fails.
+        value: dict[str, Any] = json.JSONDecoder(strict=False).raw_decode(stripped[start:])[0]
     except json.JSONDecodeError as exc:
         raise MalformedOutput(f"invalid JSON ({exc.msg} at char {exc.pos})") from exc
-    if not isinstance(value, dict):
-        raise MalformedOutput("the JSON is not an object")
     return value
 
 

@@ -1,0 +1,276 @@
+"""Properties of the readers of agent replies: whatever an agent sends, a stage either gets a
+record of the shape its schema promises, or the reply is malformed (truncated, refused)
+output with the reason in words, never another exception.
+
+A record is what the stage asked for (schemas.BY_NAME) with these differences, which later
+stages and the store rely on: lists may be longer than maxItems (a server without grammars
+does not keep to it); free comments (critique, rationale, explanation) may be empty; a
+refined thought's sources are the ids 1..N of the N thoughts shown, without repeats, in
+order, possibly none; dropped ids too; and a guard's verdict is read into
+{unsafe, categories, rationale}.
+
+Hypothesis draws values loosely from each schema (keys left out or added, lone strings
+for lists, numbers as text, placeholders, refusal words) and from arbitrary JSON, so both
+outcomes are exercised. Generation is derandomized and bounded."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import jsonschema
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from app.deliberation import parsing
+from app.deliberation.ports import ChatReply, Stage, TurnOutcome
+from app.deliberation.results import Completed
+from app.deliberation.schemas import BY_NAME, DROP_REASONS
+from app.llm.client import OpenAICompatibleClient
+from tests.memory_turn_log import InMemoryTurnLog
+from tests.scripted_llm import ScriptedLLM, reply
+from tests.test_engine import pipeline, run
+
+THOUGHTS_SHOWN = 4  # the refiner's parser is given this many thoughts
+QUICK = settings(max_examples=40, deadline=None, derandomize=True, database=None)
+OVER_HTTP = settings(
+    max_examples=8,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+# --- the record each stage promises ----------------------------------------------------------
+
+
+def _relaxed(schema: Any, key: str | None = None) -> Any:
+    """The wire schema as a record schema: no maxItems, free comments may be empty."""
+    if isinstance(schema, dict):
+        relaxed = {k: _relaxed(v, k) for k, v in schema.items() if k != "maxItems"}
+        if key in ("critique", "rationale", "explanation"):
+            relaxed.pop("minLength", None)
+        return relaxed
+    if isinstance(schema, list):
+        return [_relaxed(v) for v in schema]
+    return schema
+
+
+def _refined_record() -> dict[str, Any]:
+    schema = _relaxed(BY_NAME["refined_cot"])
+    ids = {"type": "integer", "minimum": 1, "maximum": THOUGHTS_SHOWN}
+    sources = schema["properties"]["thoughts"]["items"]["properties"]["sources"]
+    sources.update(minItems=0, uniqueItems=True, items=ids)
+    schema["properties"]["dropped"]["items"]["properties"]["id"] = ids
+    return schema
+
+
+_VERDICT = {
+    "type": "object",
+    "properties": {
+        "unsafe": {"type": "boolean"},
+        "categories": _relaxed(BY_NAME["guard_verdict"]["properties"]["violated_policies"]),
+        "rationale": {"type": "string"},
+    },
+    "required": ["unsafe", "categories", "rationale"],
+    "additionalProperties": False,
+}
+
+
+def _read_refined(data: Any) -> dict[str, Any]:
+    return parsing.normalize_refined(data, THOUGHTS_SHOWN)
+
+
+# schema name -> (reader of the parsed JSON, record schema)
+STAGES: dict[str, tuple[Callable[[Any], dict[str, Any]], dict[str, Any]]] = {
+    "intent_decomposition": (parsing.normalize_intent, _relaxed(BY_NAME["intent_decomposition"])),
+    "seed_cot": (parsing.normalize_seed, _relaxed(BY_NAME["seed_cot"])),
+    "zero_shot_cot": (parsing.normalize_seed, _relaxed(BY_NAME["zero_shot_cot"])),
+    "rejected_cot": (parsing.normalize_seed, _relaxed(BY_NAME["rejected_cot"])),
+    "deliberation_turn": (parsing.normalize_deliberation, _relaxed(BY_NAME["deliberation_turn"])),
+    "refined_cot": (_read_refined, _refined_record()),
+    "quality_scores": (parsing.normalize_scores, _relaxed(BY_NAME["quality_scores"])),
+    "whisper_belief": (parsing.normalize_belief, _relaxed(BY_NAME["whisper_belief"])),
+    "guard_verdict": (parsing.normalize_guard_json, _VERDICT),
+    "pairwise_judgement": (parsing.normalize_judgement, _relaxed(BY_NAME["pairwise_judgement"])),
+}
+
+
+def test_every_stage_schema_has_a_reader() -> None:
+    assert sorted(STAGES) == sorted(BY_NAME)
+
+
+def assert_is_a_record(record: dict[str, Any], schema: dict[str, Any]) -> None:
+    jsonschema.Draft202012Validator(schema).validate(record)
+    assert json.loads(json.dumps(record)) == record  # plain JSON: what a turn stores
+    for thought in record.get("thoughts", []):
+        if isinstance(thought, dict):
+            assert thought["sources"] == sorted(thought["sources"])
+    dropped = [d["id"] for d in record.get("dropped", [])]
+    assert dropped == sorted(set(dropped))
+    assert not any(isinstance(m.get("score"), bool) for m in record.values() if isinstance(m, dict))
+
+
+# --- loose values ------------------------------------------------------------------------
+
+_WORDS = ["...", "…", "<>", "< Keep apart. >", "  ", "", "true", "FALSE", "4", " 5 ", "4.5", "-1", "A", "b"]
+_WORDS += ["Tie", "safe", " UNSAFE ", "I'm sorry, I can't.", "Store them apart.", *DROP_REASONS]
+_TEXT = st.one_of(st.sampled_from(_WORDS), st.text(max_size=12))
+_ANY_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 9) | st.floats(allow_nan=False, allow_infinity=False) | _TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TEXT, inner, max_size=3),
+    max_leaves=8,
+)
+
+
+def loose(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
+    """Values near `schema`: often valid, often a little off, sometimes anything."""
+    kind = schema.get("type")
+    if kind == "object":
+        near: st.SearchStrategy[Any] = st.fixed_dictionaries(
+            {}, optional={name: loose(sub) for name, sub in schema["properties"].items()}
+        )
+    elif kind == "array":
+        item = loose(schema["items"])
+        near = st.lists(item, max_size=5) | item
+    elif kind == "integer":
+        near = st.integers(-1, 7) | st.sampled_from([4.0, 2.5, "3", True])
+    elif kind == "boolean":
+        near = st.booleans() | st.sampled_from(["true", "False", "yes", 1])
+    else:
+        near = st.sampled_from(schema["enum"]) if "enum" in schema else _TEXT
+    return st.one_of(near, near, near, _ANY_JSON)
+
+
+def wrapped(value: Any) -> st.SearchStrategy[str]:
+    """The JSON text of `value`, alone or with the fences and chatter models add."""
+    text = json.dumps(value)
+    return st.sampled_from([text, f"```json\n{text}\n```", f"Here you go: {text} Done.", text[:-1]])
+
+
+# --- the properties -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schema_name", sorted(STAGES))
+@QUICK
+@given(data=st.data())
+def test_a_reply_is_a_record_of_the_stage_or_malformed_never_an_exception(
+    schema_name: str, data: st.DataObject
+) -> None:
+    read, record_schema = STAGES[schema_name]
+    value = data.draw(loose(BY_NAME[schema_name]) | _ANY_JSON, label="value")
+    content = data.draw(wrapped(value) | _TEXT, label="content")
+    finish_reason = data.draw(st.sampled_from(["stop", "length", None]), label="finish_reason")
+
+    outcome, record, error = parsing.judge_reply(ChatReply(content, finish_reason, "m", 0, 0, 0.0), read)
+
+    if outcome is TurnOutcome.OK:
+        assert record is not None and error is None
+        assert_is_a_record(record, record_schema)
+    else:
+        assert record is None and isinstance(error, str) and error
+        if outcome is not TurnOutcome.REFUSED:
+            assert outcome is (TurnOutcome.TRUNCATED if finish_reason == "length" else TurnOutcome.MALFORMED)
+
+
+@QUICK
+@given(
+    lines=st.lists(st.sampled_from(["safe", " Unsafe ", "S1, S2", " S3 ,", "", "maybe"]) | _TEXT, max_size=4)
+)
+def test_a_llama_guard_reply_is_a_verdict_or_malformed_never_an_exception(lines: list[str]) -> None:
+    content = "\n".join(lines)
+
+    outcome, record, error = parsing.judge_reply(
+        ChatReply(content, "stop", "m", 0, 0, 0.0), parsing.normalize_llama_guard, plain_text=True
+    )
+
+    if outcome is TurnOutcome.OK:
+        assert record is not None
+        assert_is_a_record(record, _VERDICT)
+        assert record["unsafe"] is (content.split()[0].lower() == "unsafe")
+    else:
+        assert record is None and isinstance(error, str) and error
+
+
+def _valid(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
+    """Values the wire schema allows, with text no reader mistakes for a placeholder or a
+    refusal, and ids among the thoughts shown."""
+    kind = schema.get("type")
+    if kind == "object":
+        return st.fixed_dictionaries({name: _valid(sub) for name, sub in schema["properties"].items()})
+    if kind == "array":
+        return st.lists(
+            _valid(schema["items"]), min_size=schema.get("minItems", 0), max_size=schema["maxItems"]
+        )
+    if kind == "integer":
+        return st.integers(schema["minimum"], schema.get("maximum", THOUGHTS_SHOWN))
+    if kind == "boolean":
+        return st.booleans()
+    if "enum" in schema:
+        return st.sampled_from(schema["enum"])
+    return st.text("abc ,.'\n", max_size=12).map(lambda text: f"Step {text}")
+
+
+@pytest.mark.parametrize("schema_name", sorted(set(STAGES) - {"guard_verdict"}))
+@settings(QUICK, max_examples=15)
+@given(data=st.data())
+def test_a_reply_the_wire_schema_allows_is_read_as_sent(schema_name: str, data: st.DataObject) -> None:
+    read, record_schema = STAGES[schema_name]
+    value = data.draw(_valid(BY_NAME[schema_name]))
+
+    outcome, record, error = parsing.judge_reply(ChatReply(json.dumps(value), "stop", "m", 0, 0, 0.0), read)
+
+    assert (outcome, error) == (TurnOutcome.OK, None)
+    assert record is not None
+    assert_is_a_record(record, record_schema)
+    expected = copy.deepcopy(value)
+    if schema_name == "refined_cot":
+        for thought in expected["thoughts"]:
+            thought["sources"] = sorted(set(thought["sources"]))
+        first_word = {}
+        for entry in expected["dropped"]:
+            first_word.setdefault(entry["id"], entry)
+        expected["dropped"] = sorted(first_word.values(), key=lambda d: d["id"])
+    assert record == _stripped(expected)
+
+
+def _stripped(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, dict):
+        return {k: _stripped(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_stripped(v) for v in value]
+    return value
+
+
+# --- over HTTP: the stage that failed is named ---------------------------------------------
+
+ITEM_STAGES = {
+    Stage.INTENT: "intent_decomposition",
+    Stage.SEED: "seed_cot",
+    Stage.DELIBERATION: "deliberation_turn",
+    Stage.REFINE: "refined_cot",
+}
+
+
+@pytest.mark.parametrize("stage", list(ITEM_STAGES))
+@OVER_HTTP
+@given(data=st.data())
+async def test_whatever_a_stage_replies_the_item_completes_or_fails_naming_that_stage(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM, stage: Stage, data: st.DataObject
+) -> None:
+    schema_name = ITEM_STAGES[stage]
+    value = data.draw(loose(BY_NAME[schema_name]))
+    scripted_llm.reset()
+    scripted_llm.script(schema_name, reply(data.draw(wrapped(value))))
+
+    result = await run(llm, InMemoryTurnLog(), replace(pipeline(), max_reasks=0))
+
+    if not isinstance(result, Completed):
+        assert result.code in ("unparseable_output", "agent_refused")
+        assert result.stage == stage
