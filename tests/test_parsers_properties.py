@@ -2,7 +2,7 @@
 record of the shape its schema promises, or the reply is malformed (truncated, refused)
 output with the reason in words, never another exception.
 
-A record is what the stage asked for (schemas.BY_NAME) with these differences, which later
+A record is what the stage asked for (its schema in stages.py) with these differences, which later
 stages and the store rely on: lists may be longer than maxItems (a server without grammars
 does not keep to it); free comments (critique, rationale, explanation) may be empty; a
 refined thought's sources are the ids 1..N of the N thoughts shown, without repeats, in
@@ -29,12 +29,15 @@ from hypothesis import strategies as st
 from app.deliberation import parsing
 from app.deliberation.ports import ChatReply, Stage, TurnOutcome
 from app.deliberation.results import Completed
-from app.deliberation.schemas import BY_NAME, DROP_REASONS
+from app.deliberation.schemas import DROP_REASONS
+from app.deliberation.stages import DECLARED
 from app.llm.client import OpenAICompatibleClient
 from tests.memory_turn_log import InMemoryTurnLog
 from tests.scripted_llm import ScriptedLLM, reply
 from tests.test_engine import pipeline, run
 
+# Each stage's schema by the name it travels under.
+BY_NAME = {spec.schema_name: spec.schema for spec in DECLARED if spec.schema_name and spec.schema}
 THOUGHTS_SHOWN = 4  # the refiner's parser is given this many thoughts
 QUICK = settings(max_examples=40, deadline=None, derandomize=True, database=None)
 OVER_HTTP = settings(
