@@ -613,10 +613,6 @@ def create_policy_set(
     )
 
 
-jobs_cli = typer.Typer(help="Your jobs (over the HTTP API).", no_args_is_help=True)
-cli.add_typer(jobs_cli, name="jobs")
-
-
 @jobs_cli.command("delete")
 def delete_job(job_id: str, api_url: ApiUrl = "http://127.0.0.1:8000", key: ApiKeyOpt = "") -> None:
     """Delete a finished job (or comparison) and everything derived from it."""
