@@ -17,7 +17,7 @@ from app.api.errors import documented
 from app.api.jobs import ERRORS, Cursor, Limit
 from app.api.listing import JobFilterDep
 from app.api.schemas import ComparisonIn, ComparisonOut, ComparisonPage, SubmittedComparisonOut
-from app.api.submissions import SubmissionDep
+from app.api.submissions import SubmissionDep, submit_responses
 from app.plan import check_comparison_fits, resolve_comparison
 from app.store import comparisons, job_listing, jobs, policy_sets
 from app.store.models import Job
@@ -40,13 +40,7 @@ async def _comparison_out(session: AsyncSession, job: Job) -> ComparisonOut:
 @router.post(
     "",
     status_code=status.HTTP_202_ACCEPTED,
-    responses={
-        200: {
-            "model": SubmittedComparisonOut,
-            "description": "Replay of an earlier POST with the same Idempotency-Key.",
-        },
-        **documented(400, 401, 404, 409, 413, 422, 503),
-    },
+    responses=submit_responses(SubmittedComparisonOut, 400, 401, 404, 409, 413, 422, 503),
     openapi_extra=COMPARISON_BODY.openapi,
 )
 async def create_comparison(

@@ -30,7 +30,7 @@ from app.api.schemas import (
     ReportOut,
     SubmittedJobOut,
 )
-from app.api.submissions import SubmissionDep
+from app.api.submissions import SubmissionDep, submit_responses
 from app.api.summaries import job_out
 from app.plan import check_job_fits, resolve
 from app.store import deletions, job_listing, jobs, policy_sets
@@ -49,13 +49,7 @@ LABELS_BODY = JsonBody[JobLabelsIn](JobLabelsIn, max_values=5_000)  # a label an
 @router.post(
     "",
     status_code=status.HTTP_202_ACCEPTED,
-    responses={
-        200: {
-            "model": SubmittedJobOut,
-            "description": "Replay of an earlier POST with the same Idempotency-Key.",
-        },
-        **documented(400, 401, 409, 413, 422, 503),
-    },
+    responses=submit_responses(SubmittedJobOut, 400, 401, 409, 413, 422, 503),
     openapi_extra=JOB_BODY.openapi,
 )
 async def submit_job(

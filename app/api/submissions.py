@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 from uuid import UUID
 
 from arq.connections import ArqRedis
@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.api.deps import ArqDep, SessionDep, SettingsDep
+from app.api.errors import documented
 from app.config import Settings
 from app.queue import enqueue_items
 from app.store.models import Job
@@ -23,6 +24,12 @@ log = logging.getLogger("aidsafe.api")
 # An empty header is refused (422), not taken as no key: it is likely an unset variable in the
 # client, and answering 202 would hide that its retries are not idempotent.
 IdempotencyKey = Annotated[str | None, Header(min_length=1, max_length=200)]
+
+
+def submit_responses(submitted: type[BaseModel], *errors: int) -> dict[int | str, dict[str, Any]]:
+    """A submit route's documented answers besides its 202: a replay's 200, and `errors`."""
+    replay = {"model": submitted, "description": "Replay of an earlier POST with the same Idempotency-Key."}
+    return {200: replay, **documented(*errors)}
 
 
 @dataclass(frozen=True)
