@@ -224,6 +224,25 @@ async def test_agree_that_is_not_a_boolean_is_malformed(
 # --- refinement ----------------------------------------------------------------------------
 
 
+async def test_a_boolean_is_no_thought_id(llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM) -> None:
+    # JSON true is not thought 1 (in Python a bool is an int, and True == 1).
+    scripted_llm.script(
+        "refined_cot",
+        reply(
+            {
+                "thoughts": [{"text": "Kept.", "sources": [True, 2]}],
+                "dropped": [{"id": True, "reason": "redundant"}],
+                "response": "Final.",
+            }
+        ),
+    )
+
+    result = completed(await run(llm, InMemoryTurnLog(), ONE_TRY))
+
+    assert json.dumps(result.refined_thoughts) == json.dumps([{"text": "Kept.", "sources": [2]}])
+    assert result.dropped == []
+
+
 async def test_the_refiner_keeps_known_sources_and_drops_with_a_known_reason_in_id_order(
     llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM
 ) -> None:

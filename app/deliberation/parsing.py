@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, TypeGuard
 
 from app.deliberation.ports import ChatReply, TurnOutcome
 from app.deliberation.results import METRICS
@@ -125,9 +125,13 @@ def normalize_deliberation(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _is_thought_id(value: Any, thought_count: int) -> TypeGuard[int]:
+    # JSON true is not thought 1, though a bool is an int in Python.
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= thought_count
+
+
 def normalize_refined(data: dict[str, Any], thought_count: int) -> dict[str, Any]:
     """Keep what is well-formed; ids outside 1..thought_count are ignored, not guessed."""
-    valid_ids = range(1, thought_count + 1)
     raw_thoughts = data.get("thoughts")
     if not isinstance(raw_thoughts, list):
         raise MalformedOutput("'thoughts' is not a list")
@@ -137,7 +141,7 @@ def normalize_refined(data: dict[str, Any], thought_count: int) -> dict[str, Any
             thoughts.append({"text": _usable(entry), "sources": []})
         elif isinstance(entry, dict) and isinstance(entry.get("text"), str) and _usable(entry["text"]):
             sources = entry.get("sources") or []
-            sources = sorted({s for s in sources if isinstance(s, int) and s in valid_ids})
+            sources = sorted({s for s in sources if _is_thought_id(s, thought_count)})
             thoughts.append({"text": _usable(entry["text"]), "sources": sources})
     if not thoughts:
         raise MalformedOutput("'thoughts' has no usable thought")
@@ -146,7 +150,7 @@ def normalize_refined(data: dict[str, Any], thought_count: int) -> dict[str, Any
         if not isinstance(entry, dict):
             continue
         thought_id, reason = entry.get("id"), entry.get("reason")
-        if isinstance(thought_id, int) and thought_id in valid_ids and reason in DROP_REASONS:
+        if _is_thought_id(thought_id, thought_count) and reason in DROP_REASONS:
             explanation = str(entry.get("explanation") or "").strip()
             dropped.setdefault(thought_id, {"id": thought_id, "reason": reason, "explanation": explanation})
     return {
