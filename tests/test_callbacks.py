@@ -329,6 +329,19 @@ async def test_cancelling_a_job_before_it_ran_announces_it_cancelled(
     assert verify(secret, request.headers[SIGNATURE_HEADER.lower()], request.body)
 
 
+async def test_another_keys_job_has_no_callback_log_for_you(
+    api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions, receiver: Receiver
+) -> None:
+    job_id, _ = await submit_notifying(api, auth, receiver.url, n=1)
+    stranger = await new_key(sessions, "stranger")
+
+    answer = await api.get(f"/v1/jobs/{job_id}/callbacks", headers=stranger)
+
+    assert answer.status_code == 404
+    assert answer.json()["error"]["code"] == "not_found"
+    assert receiver.url not in answer.text
+
+
 async def test_a_job_without_a_callback_writes_no_delivery(
     api: httpx.AsyncClient, auth: dict[str, str], notifying: Settings, sessions: Sessions
 ) -> None:
