@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Mutation testing of one package with the tests that should catch its bugs:
+# Mutation testing of one package (or one module) with the tests that should catch its bugs:
 #   bash scripts/mutation.sh app/exports tests/test_exports.py [more test files...]
+#   bash scripts/mutation.sh app/deliberation/budget.py tests/test_stage_requests.py
 # mutmut 3 (the dev extras) mutates the package's code and runs those tests against each
 # mutant, one mutant at a time (MUTATION_CHILDREN to change that). Score = killed /
 # (killed + survived). It works in a scratch copy of the checkout, .mutation/<package>/
@@ -12,11 +13,12 @@
 # (a process forked from mutmut's) has its own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-package=${1:?usage: scripts/mutation.sh <package dir> <test file>...}
+package=${1:?usage: scripts/mutation.sh <package dir or module> <test file>...}
 shift
 [ $# -gt 0 ] || { echo "name the test files that cover $package" >&2; exit 2; }
-[ -d "$package" ] || { echo "no package directory $package" >&2; exit 2; }
+[ -e "$package" ] || { echo "no package or module $package" >&2; exit 2; }
 package=${package%/}
+if [ -d "$package" ]; then only_mutate="$package/*"; else only_mutate=$package; fi
 venv=${VENV:-$PWD/.venv}
 
 scratch=.mutation/${package//\//.}
@@ -32,7 +34,7 @@ others=$(cd "$scratch" && ls -A | grep -vx "$top")
 {
   echo "[mutmut]"
   echo "source_paths = $top"
-  echo "only_mutate = $package/*"
+  echo "only_mutate = $only_mutate"
   echo "also_copy ="
   printf '    %s\n' $others
   echo "pytest_add_cli_args_test_selection ="

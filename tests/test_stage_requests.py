@@ -13,6 +13,9 @@ import hashlib
 import json
 import uuid
 from dataclasses import replace
+from typing import Any
+
+from jsonschema import Draft202012Validator
 
 from app.deliberation.budget import judge_request, largest_requests
 from app.deliberation.config import GradingConfig, GuardConfig, GuardStyle, Mode, PairsConfig, PipelineConfig
@@ -20,7 +23,18 @@ from app.deliberation.engine import deliberate, judge_pair
 from app.deliberation.ports import Stage
 from app.deliberation.prompting import TEMPLATES
 from app.deliberation.results import METRICS, Completed, Judged, Sample
-from app.deliberation.stages import DECLARED
+from app.deliberation.stages import (
+    DECLARED,
+    DELIBERATION,
+    GRADE,
+    GUARD,
+    INTENT,
+    JUDGE,
+    REFINE,
+    REJECTED,
+    SEED,
+    ZERO_SHOT,
+)
 from app.llm.client import OpenAICompatibleClient
 from tests.memory_turn_log import InMemoryTurnLog
 from tests.scripted_llm import ScriptedLLM, agree, guard_verdict, malformed, refusal, reply, scores, truncated
@@ -183,3 +197,65 @@ def test_every_stage_is_declared_with_its_own_schema_name_and_existing_templates
         assert (spec.schema is None) == spec.plain_text
         for template in spec.templates or ():
             assert (TEMPLATES / f"{template}.txt").is_file(), template
+
+
+def _closed_and_bounded(schema: dict[str, Any], where: str) -> list[str]:
+    """What a grammar-constrained server needs of a schema: every object closed with all its
+    fields required, every list bounded, no string maxLength (llama.cpp unrolls it into a
+    rule per character and rejects the grammar). The problems, by path."""
+    problems = []
+    if schema.get("type") == "object":
+        properties = schema["properties"]
+        if schema.get("additionalProperties") is not False:
+            problems.append(f"{where}: open object")
+        if schema.get("required") != list(properties):
+            problems.append(f"{where}: required {schema.get('required')} is not every field")
+        for name, value in properties.items():
+            problems += _closed_and_bounded(value, f"{where}.{name}")
+    elif schema.get("type") == "array":
+        if not 0 <= schema.get("minItems", 0) <= schema.get("maxItems", -1):
+            problems.append(f"{where}: unbounded list")
+        problems += _closed_and_bounded(schema["items"], f"{where}[]")
+    elif "maxLength" in schema:
+        problems.append(f"{where}: string maxLength")
+    return problems
+
+
+def test_every_schema_is_closed_bounded_and_compilable_by_a_grammar() -> None:
+    for spec in DECLARED:
+        if spec.schema is not None:
+            Draft202012Validator.check_schema(spec.schema)
+            assert _closed_and_bounded(spec.schema, spec.schema_name or "") == []
+
+
+def test_what_each_stage_may_list() -> None:
+    """The list bounds the prompts promise the model and the readers rely on."""
+
+    def bounds(schema: dict[str, Any]) -> tuple[int, int]:
+        return schema["minItems"], schema["maxItems"]
+
+    intent, seed, turn, refined = (spec.schema for spec in (INTENT, SEED, DELIBERATION, REFINE))
+    assert intent and seed and turn and refined
+    assert bounds(intent["properties"]["explicit_intents"]) == (1, 5)
+    assert bounds(intent["properties"]["implicit_intents"]) == (0, 5)
+    assert bounds(seed["properties"]["thoughts"]) == (1, 6)
+    assert bounds(turn["properties"]["new_thoughts"]) == (0, 6)
+    assert turn["properties"]["agree"] == {"type": "boolean"}
+    kept = refined["properties"]["thoughts"]
+    assert bounds(kept) == (1, 12)
+    assert bounds(kept["items"]["properties"]["sources"]) == (1, 8)
+    dropped = refined["properties"]["dropped"]
+    assert bounds(dropped) == (0, 24)
+    assert dropped["items"]["properties"]["reason"]["enum"] == [
+        "redundant",
+        "deceptive",
+        "policy_inconsistent",
+    ]
+    assert ZERO_SHOT.schema == REJECTED.schema == seed
+    assert JUDGE.schema and JUDGE.schema["properties"]["winner"]["enum"] == ["A", "B", "tie"]
+    assert GUARD.schema and GUARD.schema["properties"]["verdict"]["enum"] == ["safe", "unsafe"]
+    assert GRADE.schema and set(GRADE.schema["properties"]) == set(METRICS)
+    assert all(
+        metric["properties"]["score"] == {"type": "integer", "minimum": 1, "maximum": 5}
+        for metric in GRADE.schema["properties"].values()
+    )

@@ -3,6 +3,9 @@
 Grammar-constrained servers (llama.cpp, vLLM) compile these into a grammar. maxItems keeps
 a small model from listing thoughts until max_tokens; string maxLength is left out on
 purpose: llama.cpp unrolls it into one nested rule per character and rejects the grammar.
+
+Each schema is built when a request is made (a few microseconds), not at import, so that
+what a stage asks for is code the tests exercise.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import Any
 from app.deliberation.results import METRICS
 
 MAX_THOUGHTS_PER_TURN = 6
+MAX_REFINED_THOUGHTS = 12
 DROP_REASONS = ("redundant", "deceptive", "policy_inconsistent")
 
 
@@ -31,70 +35,85 @@ def _object(properties: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-INTENT = _object(
-    {
-        "explicit_intents": _list_of(TEXT, 5, min_items=1),
-        "implicit_intents": _list_of(TEXT, 5),
-    }
-)
+def intent() -> dict[str, Any]:
+    return _object(
+        {
+            "explicit_intents": _list_of(TEXT, 5, min_items=1),
+            "implicit_intents": _list_of(TEXT, 5),
+        }
+    )
 
-SEED = _object(
-    {
-        "thoughts": _list_of(TEXT, MAX_THOUGHTS_PER_TURN, min_items=1),
-        "response": TEXT,
-    }
-)
 
-DELIBERATION = _object(
-    {
-        "agree": {"type": "boolean"},
-        "critique": TEXT,
-        "new_thoughts": _list_of(TEXT, MAX_THOUGHTS_PER_TURN),
-        "response": TEXT,
-    }
-)
+def seed() -> dict[str, Any]:
+    return _object(
+        {
+            "thoughts": _list_of(TEXT, MAX_THOUGHTS_PER_TURN, min_items=1),
+            "response": TEXT,
+        }
+    )
 
-REFINED = _object(
-    {
-        "thoughts": _list_of(
-            _object(
-                {
-                    "text": TEXT,
-                    "sources": _list_of({"type": "integer", "minimum": 1}, 8, min_items=1),
-                }
+
+def deliberation() -> dict[str, Any]:
+    return _object(
+        {
+            "agree": {"type": "boolean"},
+            "critique": TEXT,
+            "new_thoughts": _list_of(TEXT, MAX_THOUGHTS_PER_TURN),
+            "response": TEXT,
+        }
+    )
+
+
+def refined() -> dict[str, Any]:
+    return _object(
+        {
+            "thoughts": _list_of(
+                _object(
+                    {
+                        "text": TEXT,
+                        "sources": _list_of({"type": "integer", "minimum": 1}, 8, min_items=1),
+                    }
+                ),
+                MAX_REFINED_THOUGHTS,
+                min_items=1,
             ),
-            12,
-            min_items=1,
-        ),
-        "dropped": _list_of(
-            _object(
-                {
-                    "id": {"type": "integer", "minimum": 1},
-                    "reason": {"type": "string", "enum": list(DROP_REASONS)},
-                    "explanation": TEXT,
-                }
+            "dropped": _list_of(
+                _object(
+                    {
+                        "id": {"type": "integer", "minimum": 1},
+                        "reason": {"type": "string", "enum": list(DROP_REASONS)},
+                        "explanation": TEXT,
+                    }
+                ),
+                24,
             ),
-            24,
-        ),
-        "response": TEXT,
-    }
-)
+            "response": TEXT,
+        }
+    )
 
-SCORES = _object(
-    {
-        metric: _object({"score": {"type": "integer", "minimum": 1, "maximum": 5}, "rationale": TEXT})
-        for metric in METRICS
-    }
-)
 
-BELIEF = _object({"belief": TEXT})
+def scores() -> dict[str, Any]:
+    return _object(
+        {
+            metric: _object({"score": {"type": "integer", "minimum": 1, "maximum": 5}, "rationale": TEXT})
+            for metric in METRICS
+        }
+    )
 
-GUARD_VERDICT = _object(
-    {
-        "verdict": {"type": "string", "enum": ["safe", "unsafe"]},
-        "violated_policies": _list_of(TEXT, 5),
-        "rationale": TEXT,
-    }
-)
 
-JUDGEMENT = _object({"winner": {"type": "string", "enum": ["A", "B", "tie"]}, "rationale": TEXT})
+def belief() -> dict[str, Any]:
+    return _object({"belief": TEXT})
+
+
+def guard_verdict() -> dict[str, Any]:
+    return _object(
+        {
+            "verdict": {"type": "string", "enum": ["safe", "unsafe"]},
+            "violated_policies": _list_of(TEXT, 5),
+            "rationale": TEXT,
+        }
+    )
+
+
+def judgement() -> dict[str, Any]:
+    return _object({"winner": {"type": "string", "enum": ["A", "B", "tie"]}, "rationale": TEXT})

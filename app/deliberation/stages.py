@@ -28,7 +28,7 @@ class StageSpec:
     # Travels in response_format.json_schema.name; servers and logs see it. None: the reply
     # is plain text, read by `normalize` itself, and is not re-asked (re-asks ask for JSON).
     schema_name: str | None
-    schema: dict[str, Any] | None
+    build_schema: Callable[[], dict[str, Any]] | None
     normalize: Normalize
     # (system, user) templates in prompts/; None: a classifier with its own chat template,
     # sent the conversation it judges (the prompt, then the sample as the assistant's turn).
@@ -37,6 +37,10 @@ class StageSpec:
     @property
     def plain_text(self) -> bool:
         return self.schema_name is None
+
+    @property
+    def schema(self) -> dict[str, Any] | None:
+        return None if self.build_schema is None else self.build_schema()
 
     def role_of(self, agent: int) -> str:
         return self.role.format(agent=agent)
@@ -55,7 +59,7 @@ INTENT = StageSpec(
     stage=Stage.INTENT,
     role="intent",
     schema_name="intent_decomposition",
-    schema=schemas.INTENT,
+    build_schema=schemas.intent,
     normalize=parsing.normalize_intent,
     templates=("intent.system", "intent.user"),
 )
@@ -64,7 +68,7 @@ SEED = StageSpec(
     stage=Stage.SEED,
     role="seed",
     schema_name="seed_cot",
-    schema=schemas.SEED,
+    build_schema=schemas.seed,
     normalize=parsing.normalize_seed,
     templates=("seed.system", "seed.user"),
 )
@@ -73,7 +77,7 @@ DELIBERATION = StageSpec(
     stage=Stage.DELIBERATION,
     role="deliberator-{agent}",
     schema_name="deliberation_turn",
-    schema=schemas.DELIBERATION,
+    build_schema=schemas.deliberation,
     normalize=parsing.normalize_deliberation,
     templates=("deliberation.system", "deliberation.user"),
 )
@@ -83,7 +87,7 @@ REFINE = StageSpec(
     stage=Stage.REFINE,
     role="refiner",
     schema_name="refined_cot",
-    schema=schemas.REFINED,
+    build_schema=schemas.refined,
     normalize=parsing.normalize_refined,
     templates=("refine.system", "refine.user"),
 )
@@ -93,7 +97,7 @@ ZERO_SHOT = StageSpec(
     stage=Stage.ZERO_SHOT,
     role="zero-shot",
     schema_name="zero_shot_cot",
-    schema=schemas.SEED,
+    build_schema=schemas.seed,
     normalize=parsing.normalize_seed,
     templates=("zero_shot.system", "zero_shot.user"),
 )
@@ -103,7 +107,7 @@ GRADE = StageSpec(
     stage=Stage.GRADE,
     role="grader",
     schema_name="quality_scores",
-    schema=schemas.SCORES,
+    build_schema=schemas.scores,
     normalize=parsing.normalize_scores,
     templates=("grade.system", "grade.user"),
 )
@@ -112,7 +116,7 @@ WHISPER = StageSpec(
     stage=Stage.WHISPER,
     role="whisperer",
     schema_name="whisper_belief",
-    schema=schemas.BELIEF,
+    build_schema=schemas.belief,
     normalize=parsing.normalize_belief,
     templates=("whisper.system", "whisper.user"),
 )
@@ -122,7 +126,7 @@ REJECTED = StageSpec(
     stage=Stage.REJECTED,
     role="generator",
     schema_name="rejected_cot",
-    schema=schemas.SEED,
+    build_schema=schemas.seed,
     normalize=parsing.normalize_seed,
     templates=("zero_shot.system", "rejected.user"),
 )
@@ -132,7 +136,7 @@ GUARD = StageSpec(
     stage=Stage.GUARD,
     role="guard",
     schema_name="guard_verdict",
-    schema=schemas.GUARD_VERDICT,
+    build_schema=schemas.guard_verdict,
     normalize=parsing.normalize_guard_json,
     templates=("guard.system", "guard.user"),
 )
@@ -142,7 +146,7 @@ LLAMA_GUARD = StageSpec(
     stage=Stage.GUARD,
     role="guard",
     schema_name=None,
-    schema=None,
+    build_schema=None,
     normalize=parsing.normalize_llama_guard,
     templates=None,
 )
@@ -154,7 +158,7 @@ JUDGE = StageSpec(
     stage=Stage.JUDGE,
     role="judge",
     schema_name="pairwise_judgement",
-    schema=schemas.JUDGEMENT,
+    build_schema=schemas.judgement,
     normalize=parsing.normalize_judgement,
     templates=("judge.system", "judge.user"),
 )

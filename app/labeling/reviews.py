@@ -12,12 +12,11 @@ from uuid import UUID
 
 from pydantic import AfterValidator
 
-from app.deliberation.schemas import REFINED
+from app.deliberation.schemas import MAX_REFINED_THOUGHTS
 from app.errors import MAX_LISTED_PROBLEMS, ServiceError
 
 VERDICTS = ("accept", "reject")
 RATINGS = (1, 2, 3, 4, 5)
-MAX_THOUGHTS = REFINED["properties"]["thoughts"]["maxItems"]  # the refiner writes no more
 # A choice naming a thought: "3" (an alias, Argilla's value) or "Thought 3" (Label Studio's
 # value without alias). Longer text is refused unread, and fullmatch on it is linear.
 _THOUGHT_CHOICE = re.compile(r"(?:thought\s*)?(\d{1,4})", re.ASCII)  # matched lowercased
@@ -143,8 +142,10 @@ class Answers:
         if not isinstance(choices, list):
             problems.append(f"{where}: flagged thoughts {_shown(choices)} are not a list of choices")
             return []
-        if len(choices) > MAX_THOUGHTS:  # refused unread: no CoT has that many thoughts
-            problems.append(f"{where}: {len(choices)} flagged thoughts, a CoT has at most {MAX_THOUGHTS}")
+        if len(choices) > MAX_REFINED_THOUGHTS:  # refused unread: no CoT has that many thoughts
+            problems.append(
+                f"{where}: {len(choices)} flagged thoughts, a CoT has at most {MAX_REFINED_THOUGHTS}"
+            )
             return []
         flagged = set()
         for choice in choices:
