@@ -397,7 +397,9 @@ class SimLLM:
                 wait_s = bucket.wait_s()
                 refused = _error(429, "simulated requests-per-minute limit", str(max(1, math.ceil(wait_s))))
                 if self.config.ratelimit_headers:
-                    refused.headers.update({**bucket.headers(), "retry-after-ms": str(math.ceil(wait_s * 1000))})
+                    refused.headers.update(
+                        {**bucket.headers(), "retry-after-ms": str(math.ceil(wait_s * 1000))}
+                    )
                 return refused
         cap = self.config.max_concurrency
         if cap and stats.in_flight >= cap:
@@ -428,7 +430,9 @@ class SimLLM:
             stats.faults[fault] += 1
             if await _hold_until_disconnect(request, self.config.stall_s):
                 return Response(status_code=499)  # nobody is listening any more
-        answer = answer_for(schema_name, body, self.config.agree_after, self.config.agree_prob, self.config.seed)
+        answer = answer_for(
+            schema_name, body, self.config.agree_after, self.config.agree_prob, self.config.seed
+        )
         content = answer if isinstance(answer, str) else json.dumps(answer)
         finish_reason = "stop"
         if fault == "truncated":
