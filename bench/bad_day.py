@@ -432,6 +432,13 @@ async def kills(args: argparse.Namespace) -> dict[str, Any]:
     run["target_extra_s"] = KILLS_EXTRA_S_TARGET
     if extra_s is None or extra_s > KILLS_EXTRA_S_TARGET:
         run["problems"].append(f"{extra_s} s over the fault-free run, more than {KILLS_EXTRA_S_TARGET:.0f} s")
+    # The bound: no more answers bought twice than calls in flight at the kills (the
+    # audit's own bound, items running at the kills, counts an orphaned item at every kill).
+    if run["llm"]["re_spent"] > run["sim_in_flight_at_kills"]:
+        run["problems"].append(
+            f"{run['llm']['re_spent']} answers bought twice, more than the"
+            f" {run['sim_in_flight_at_kills']} calls in flight at the kills"
+        )
     slowest = run["claimed_again_after_s"].get("max")
     if slowest is not None and slowest > RESUME_TARGET_S:
         run["problems"].append(f"a killed worker's item waited {slowest} s to be claimed again")
@@ -477,6 +484,7 @@ def _headline(runs: dict[str, Any]) -> dict[str, Any]:
             "duplicates": run["turns"]["duplicates"],
             "re_spent": run["llm"]["re_spent"],
             "re_spend_bound": run.get("re_spend_bound"),
+            "sim_in_flight_at_kills": run.get("sim_in_flight_at_kills"),
             "claimed_again_after_s": run.get("claimed_again_after_s"),
             "rate_limit": run.get("rate_limit"),
         }
