@@ -88,28 +88,41 @@ def schedule(rng: random.Random, kills: int) -> list[Fault]:
     return [Fault(action, at) for action, at in zip(actions, moments, strict=True)]
 
 
+class WorkerKiller:
+    """SIGKILLs a random worker of the stack and starts a new one in its slot at once."""
+
+    def __init__(self, stack: ServiceStack, workers: int, rng: random.Random) -> None:
+        self.stack, self.rng = stack, rng
+        self.workers = [f"worker{n}" for n in range(1, workers + 1)]  # current process per slot
+        self.restarts = 0
+
+    async def kill(self) -> str:
+        """Kill one; returns the killed process's name."""
+        slot = self.rng.randrange(len(self.workers))
+        name = self.workers[slot]
+        victim = self.stack.procs[name]
+        os.killpg(victim.pid, signal.SIGKILL)  # no shutdown hook runs: a crash
+        await asyncio.to_thread(victim.wait)
+        self.restarts += 1
+        self.workers[slot] = f"worker{slot + 1}-restart{self.restarts}"
+        self.stack.start(self.workers[slot], [str(BIN / "arq"), "workers.main.WorkerSettings"])
+        return name
+
+
 class Chaos:
     """Fires the faults at the stack's workers and the private servers."""
 
     def __init__(
         self, stack: ServiceStack, postgres: PrivatePostgres, redis: PrivateRedis, workers: int, seed: int
     ) -> None:
-        self.stack, self.postgres, self.redis = stack, postgres, redis
-        self.workers = [f"worker{n}" for n in range(1, workers + 1)]  # current process per slot
-        self.restarts = 0
+        self.postgres, self.redis = postgres, redis
         self.rng = random.Random(seed)
+        self.killer = WorkerKiller(stack, workers, self.rng)
 
     async def fire(self, fault: Fault) -> None:
         started = time.monotonic()
         if fault.action == "kill":
-            slot = self.rng.randrange(len(self.workers))
-            fault.victim = self.workers[slot]
-            victim = self.stack.procs[fault.victim]
-            os.killpg(victim.pid, signal.SIGKILL)  # no shutdown hook runs: a crash
-            await asyncio.to_thread(victim.wait)
-            self.restarts += 1
-            self.workers[slot] = f"worker{slot + 1}-restart{self.restarts}"
-            self.stack.start(self.workers[slot], [str(BIN / "arq"), "workers.main.WorkerSettings"])
+            fault.victim = await self.killer.kill()
         elif fault.action == "redis":
             await asyncio.to_thread(self.redis.restart)
         else:
@@ -165,7 +178,7 @@ async def _run(
                 raise RuntimeError(f"POST /v1/jobs: {answer.status_code} {answer.text[:500]}")
             job_id, started = UUID(answer.json()["id"]), time.monotonic()
             fired = await _fire_all(chaos, faults, http, sim_url, sessions, job_id, args.prompts, started)
-            settled = await _wait_for_job(sessions, job_id, args.prompts, args.settle_s)
+            settled = await wait_for_job(sessions, job_id, args.prompts, args.settle_s)
             duration_s = time.monotonic() - started
             sim = (await http.get(f"{sim_url.removesuffix('/v1')}/stats")).json()
         audit = await audit_job(sessions, job_id)
@@ -203,7 +216,7 @@ async def _fire_all(
     return len(faults)
 
 
-async def _wait_for_job(sessions: Sessions, job_id: UUID, prompts: int, within_s: float) -> bool:
+async def wait_for_job(sessions: Sessions, job_id: UUID, prompts: int, within_s: float) -> bool:
     """Whether every item finished within within_s."""
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:

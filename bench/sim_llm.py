@@ -1,20 +1,30 @@
 """A latency-simulating OpenAI-compatible server for benchmarks (one process, asyncio).
 
     python -m bench.sim_llm --port 9100 --latency-ms 200 --jitter-ms 20 --tokens-per-s 0 \
-        --max-concurrency 0 --fault-5xx 0 --fault-429 0 --fault-stall 0 --fault-truncated 0 --seed 1
+        --max-concurrency 0 --fault-5xx 0 --fault-429 0 --fault-stall 0 --fault-truncated 0 --seed 1 \
+        --agree-prob 0 --rpm-limit 0 --rpm-burst-s 1
 
 `POST /v1/chat/completions` answers valid JSON for the schema the request names in
 `response_format.json_schema.name` (intent_decomposition, seed_cot, deliberation_turn,
 refined_cot), after a simulated latency: latency-ms plus uniform jitter in
 [-jitter-ms, +jitter-ms], plus completion tokens / tokens-per-s when that is > 0.
 A deliberation turn agrees from the --agree-after'th turn of its prompt on (1: at once),
-read from the "agent X of Y, in round R" line of the request.
+read from the "agent X of Y, in round R" line of the request. With --agree-prob P an earlier
+turn agrees with probability P, drawn from a hash of the seed, the prompt and the turn, so a
+retried turn answers the same and every run of a job deliberates the same number of turns.
 
 Faults are probabilities per request, drawn once from one seeded generator, in this
 order: --fault-5xx (HTTP 503 after the latency), --fault-429 (at once, Retry-After: 1),
 --fault-stall (nothing until the client hangs up or --stall-s pass, then a normal answer),
 --fault-truncated (half the JSON, finish_reason "length"). With --max-concurrency N > 0 a request arriving
 while N are in flight gets 429 at once and counts as a cap violation.
+
+With --rpm-limit N > 0 the server is rate limited like a hosted API: a token bucket holding
+N x --rpm-burst-s / 60 requests, refilled at N/60 a second; a request arriving at an empty
+bucket gets 429 with Retry-After (whole seconds until a request is allowed again) and is
+counted as rate_limited (it takes no token). --ratelimit-headers adds OpenAI's
+x-ratelimit-limit-requests, x-ratelimit-remaining-requests and x-ratelimit-reset-requests
+(time until the bucket is full, e.g. "1.2s") to every answer, and retry-after-ms to a 429.
 
 `GET /stats` returns counters (requests, per schema, in flight, max in flight, time-averaged
 in flight, faults, cap violations, simulated latency, tokens); `POST /stats/reset` zeroes
@@ -25,7 +35,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
+import math
 import random
 import re
 import time
@@ -59,6 +71,10 @@ class SimConfig:
     fault_truncated: float = 0.0
     stall_s: float = 600.0
     agree_after: int = 1
+    agree_prob: float = 0.0
+    rpm_limit: int = 0
+    rpm_burst_s: float = 1.0
+    ratelimit_headers: bool = False
     seed: int = 1
 
 
@@ -70,6 +86,10 @@ class SimStats:
     in_flight: int = 0
     max_in_flight: int = 0
     cap_violations: int = 0
+    rate_limited: int = 0  # 429s of --rpm-limit
+    # requests let through by the rate limit and refused by it, per second since the first
+    admitted_by_second: list[int] = field(default_factory=list)
+    rate_limited_by_second: list[int] = field(default_factory=list)
     faults: Counter[str] = field(default_factory=Counter)
     simulated_latency_ms_sum: float = 0.0  # the sleeps the server chose, over every request that slept
     slept: int = 0
@@ -106,6 +126,13 @@ class SimStats:
             by_half[bucket] += self.in_flight * (bucket_end - start)
             start = bucket_end
 
+    def count_arrival(self, rate_limited: bool) -> None:
+        assert self.first_request is not None
+        second = int(time.monotonic() - self.first_request)
+        series = self.rate_limited_by_second if rate_limited else self.admitted_by_second
+        series.extend([0] * (second + 1 - len(series)))
+        series[second] += 1
+
     def snapshot(self) -> dict[str, Any]:
         busy_s = (
             self.last_response - self.first_request
@@ -122,6 +149,9 @@ class SimStats:
             "mean_in_flight_by_half_second": [round(a / 0.5, 1) for a in self.in_flight_area_by_half_second],
             "busy_s": busy_s,
             "cap_violations": self.cap_violations,
+            "rate_limited": self.rate_limited,
+            "admitted_by_second": self.admitted_by_second,
+            "rate_limited_by_second": self.rate_limited_by_second,
             "faults": dict(self.faults),
             "simulated_latency_ms_mean": self.simulated_latency_ms_sum / self.slept if self.slept else 0.0,
             "simulated_latency_ms_sum": self.simulated_latency_ms_sum,
@@ -188,12 +218,20 @@ def seed_answer(user_text: str) -> dict[str, Any]:
     }
 
 
-def deliberation_answer(user_text: str, agree_after: int) -> dict[str, Any]:
+def _draw(seed: int, topic: str, turn_no: int) -> float:
+    """A uniform number in [0, 1) fixed by the seed, the prompt and the turn."""
+    digest = hashlib.blake2b(f"{seed}|{turn_no}|{topic}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def deliberation_answer(
+    user_text: str, agree_after: int, agree_prob: float = 0.0, seed: int = 1
+) -> dict[str, Any]:
     turn = _TURN_LINE.search(user_text)
     agent, agents, round_no = (int(g) for g in turn.groups()) if turn else (1, 1, 1)
     turn_no = (round_no - 1) * agents + agent
     response = _block(user_text, "Current response") or _response_text(_topic(user_text))
-    if turn_no >= agree_after:
+    if turn_no >= agree_after or _draw(seed, _topic(user_text), turn_no) < agree_prob:
         return {
             "agree": True,
             "critique": "The thoughts cover every intent, apply the policies without needless refusal, "
@@ -228,7 +266,9 @@ def refined_answer(user_text: str) -> dict[str, Any]:
     return {"thoughts": thoughts, "dropped": [], "response": response}
 
 
-def answer_for(schema_name: str | None, body: dict[str, Any], agree_after: int) -> dict[str, Any] | str:
+def answer_for(
+    schema_name: str | None, body: dict[str, Any], agree_after: int, agree_prob: float = 0.0, seed: int = 1
+) -> dict[str, Any] | str:
     user_text = _last_user_text(body)
     match schema_name:
         case "intent_decomposition":
@@ -236,7 +276,7 @@ def answer_for(schema_name: str | None, body: dict[str, Any], agree_after: int) 
         case "seed_cot":
             return seed_answer(user_text)
         case "deliberation_turn":
-            return deliberation_answer(user_text, agree_after)
+            return deliberation_answer(user_text, agree_after, agree_prob, seed)
         case "refined_cot":
             return refined_answer(user_text)
         case None:
@@ -259,12 +299,49 @@ def estimate_tokens(text: str) -> int:
 # --- the server -----------------------------------------------------------------------
 
 
+class RequestBucket:
+    """A hosted API's request rate limit: `per_minute` a minute, bursts of `burst_s` worth."""
+
+    def __init__(self, per_minute: int, burst_s: float) -> None:
+        self.rate = per_minute / 60
+        self.size = max(1.0, self.rate * burst_s)
+        self.tokens = self.size
+        self.limit = per_minute
+        self._at = time.monotonic()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.size, self.tokens + (now - self._at) * self.rate)
+        self._at = now
+
+    def take(self) -> bool:
+        self._refill()
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+    def wait_s(self) -> float:
+        """Until the next request is allowed."""
+        return max(0.0, (1 - self.tokens) / self.rate)
+
+    def headers(self) -> dict[str, str]:
+        """OpenAI's request-limit headers: reset is the time until the bucket is full."""
+        self._refill()
+        return {
+            "x-ratelimit-limit-requests": str(self.limit),
+            "x-ratelimit-remaining-requests": str(int(self.tokens)),
+            "x-ratelimit-reset-requests": f"{(self.size - self.tokens) / self.rate:.3f}s",
+        }
+
+
 class SimLLM:
     def __init__(self, config: SimConfig) -> None:
         self.config = config
         self.stats = SimStats()
         self._rng = random.Random(config.seed)
         self._ids = 0
+        self._bucket = RequestBucket(config.rpm_limit, config.rpm_burst_s) if config.rpm_limit else None
         self.app = Starlette(
             routes=[
                 Route("/v1/chat/completions", self._chat, methods=["POST"]),
@@ -311,16 +388,32 @@ class SimLLM:
         stats.requests += 1
         if stats.first_request is None:
             stats.first_request = time.monotonic()
+        bucket = self._bucket
+        if bucket is not None:
+            allowed = bucket.take()
+            stats.count_arrival(rate_limited=not allowed)
+            if not allowed:
+                stats.rate_limited += 1
+                wait_s = bucket.wait_s()
+                refused = _error(429, "simulated requests-per-minute limit", str(max(1, math.ceil(wait_s))))
+                if self.config.ratelimit_headers:
+                    refused.headers.update(
+                        {**bucket.headers(), "retry-after-ms": str(math.ceil(wait_s * 1000))}
+                    )
+                return refused
         cap = self.config.max_concurrency
         if cap and stats.in_flight >= cap:
             stats.cap_violations += 1
             return _error(429, "over the simulated concurrency cap", retry_after="1")
         stats.change_in_flight(+1)
         try:
-            return await self._answer(request, stats)
+            answer = await self._answer(request, stats)
         finally:
             stats.change_in_flight(-1)
             stats.last_response = time.monotonic()
+        if bucket is not None and self.config.ratelimit_headers:
+            answer.headers.update(bucket.headers())
+        return answer
 
     async def _answer(self, request: Request, stats: SimStats) -> Response:
         try:
@@ -337,7 +430,9 @@ class SimLLM:
             stats.faults[fault] += 1
             if await _hold_until_disconnect(request, self.config.stall_s):
                 return Response(status_code=499)  # nobody is listening any more
-        answer = answer_for(schema_name, body, self.config.agree_after)
+        answer = answer_for(
+            schema_name, body, self.config.agree_after, self.config.agree_prob, self.config.seed
+        )
         content = answer if isinstance(answer, str) else json.dumps(answer)
         finish_reason = "stop"
         if fault == "truncated":
@@ -415,6 +510,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, SimCo
     parser.add_argument(
         "--agree-after", type=int, default=1, help="deliberation turn of a prompt that agrees"
     )
+    parser.add_argument(
+        "--agree-prob", type=float, default=0.0, help="chance that a turn before --agree-after agrees"
+    )
+    parser.add_argument("--rpm-limit", type=int, default=0, help="requests a minute; 0: no limit")
+    parser.add_argument("--rpm-burst-s", type=float, default=1.0, help="the rate limit's burst, in seconds")
+    parser.add_argument(
+        "--ratelimit-headers", action="store_true", help="send x-ratelimit-* (and retry-after-ms on 429)"
+    )
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     config = SimConfig(
@@ -428,6 +531,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, SimCo
         fault_truncated=args.fault_truncated,
         stall_s=args.stall_s,
         agree_after=args.agree_after,
+        agree_prob=args.agree_prob,
+        rpm_limit=args.rpm_limit,
+        rpm_burst_s=args.rpm_burst_s,
+        ratelimit_headers=args.ratelimit_headers,
         seed=args.seed,
     )
     return args, config
