@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app.deliberation import parsing
+from app.deliberation.config import Limits
 from app.deliberation.ports import ChatReply, Stage, TurnOutcome
 from app.deliberation.results import Completed
 from app.deliberation.schemas import DROP_REASONS
@@ -37,7 +38,9 @@ from tests.scripted_llm import ScriptedLLM, reply
 from tests.test_engine import pipeline, run
 
 # Each stage's schema by the name it travels under.
-BY_NAME = {spec.schema_name: spec.schema for spec in DECLARED if spec.schema_name and spec.schema}
+BY_NAME = {
+    spec.schema_name: spec.schema(Limits()) for spec in DECLARED if spec.schema_name and spec.schema(Limits())
+}
 THOUGHTS_SHOWN = 4  # the refiner's parser is given this many thoughts
 QUICK = settings(max_examples=40, deadline=None, derandomize=True, database=None)
 OVER_HTTP = settings(
