@@ -180,7 +180,7 @@ def _last_user_text(body: dict[str, Any]) -> str:
 def _default_intents(user_text: str) -> dict[str, Any]:
     topic = (user_text.strip().splitlines() or ["the question"])[0][:150] or "the question"
     return {
-        "explicit_intents": [f"Get an answer to: {topic}"],
+        "explicit_intents": [{"intent": f"Get an answer to: {topic}", "label": "benign"}],
         "implicit_intents": ["Receive information that is accurate and safe to act on."],
     }
 

@@ -40,7 +40,7 @@ async def test_without_intent_decomposition_later_stages_are_told_so(
     assert all(key.stage != Stage.INTENT for key in stored_keys(log))
     for stage in ("seed_cot", "deliberation_turn", "refined_cot"):
         assert f"Intents found:\n{NOT_DECOMPOSED}" in user_message(scripted_llm, stage)
-    assert result.intents == {"explicit_intents": [], "implicit_intents": []}
+    assert result.intents == {"explicit_intents": [], "explicit_labels": [], "implicit_intents": []}
 
 
 async def test_zero_rounds_take_the_seed_straight_to_the_refiner(

@@ -102,14 +102,14 @@ async def test_aidsafe_stages_with_reasks_grading_and_a_whispered_pair_send_pinn
     assert isinstance(result, Completed) and result.pair is not None and result.pair.kept
     assert _fingerprint(log, ITEM, scripted_llm) == {
         "turns": [
-            "intent/0/0/0 intent 6613e7669a6bbb8f",
-            "intent/0/0/1 intent 229347950cc14264",
-            "seed/0/0/0 seed d8f94f488d0574bb",
-            "seed/0/0/1 seed 16e4660fee877791",
-            "deliberation/1/1/0 deliberator-1 3ca347e8516bfebb",
-            "deliberation/1/2/0 deliberator-2 51dd85fe51c36508",
-            "deliberation/2/1/0 deliberator-1 55a9dfa68fbf7b47",
-            "refine/0/0/0 refiner 37373c7192c36cb5",
+            "intent/0/0/0 intent 13f2cb3b46a1df57",
+            "intent/0/0/1 intent dbedbb13c4467555",
+            "seed/0/0/0 seed 1c41c616fb1273b5",
+            "seed/0/0/1 seed fa841e6d2fc19c55",
+            "deliberation/1/1/0 deliberator-1 a1f21a2a786505b4",
+            "deliberation/1/2/0 deliberator-2 027d9cac4919d49b",
+            "deliberation/2/1/0 deliberator-1 2bc9e24327b91856",
+            "refine/0/0/0 refiner 45a50bf0ec69972d",
             "grade/0/0/0 grader cf40c1df3f266961",
             "whisper/1/0/0 whisperer 593ec6cb631e7030",
             "rejected/1/0/0 generator 229a1c92f77f5387",
@@ -121,7 +121,7 @@ async def test_aidsafe_stages_with_reasks_grading_and_a_whispered_pair_send_pinn
             "guard/3/0/0 guard 8fc40c1ac8d245ef",
             "grade/3/0/0 grader 8a9712e0307b9fb3",
         ],
-        "bodies": "94008f47b49639b7",
+        "bodies": "b847d940aeb33d68",
     }
 
 
@@ -178,7 +178,7 @@ def test_request_budgets_of_every_role_are_pinned() -> None:
     ]
 
     assert [(b.role, b.tokens) for b in budgets] == [
-        ("intent", 3438),
+        ("intent", 3563),
         ("seed", 4054),
         ("deliberator-1", 5897),
         ("deliberator-2", 6473),

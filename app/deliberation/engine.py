@@ -15,6 +15,7 @@ from uuid import UUID
 
 from app.deliberation.calls import Caller, StageFailed
 from app.deliberation.config import Limits, Mode, PipelineConfig, RoleConfig
+from app.deliberation.parsing import UNLABELLED
 from app.deliberation.policies import PolicySet
 from app.deliberation.ports import LLMClient, Stage, TurnLog
 from app.deliberation.quality import compare_samples, gate, grade
@@ -23,14 +24,22 @@ from app.deliberation.stages import DELIBERATION, INTENT, NOT_DECOMPOSED, REFINE
 from app.deliberation.whisper import make_pair
 
 
+def _no_intents() -> dict[str, list[str]]:
+    return {"explicit_intents": [], "explicit_labels": [], "implicit_intents": []}
+
+
 def _bullets(items: list[str]) -> str:
     return "\n".join(f"- {item}" for item in items) or "- (none)"
 
 
 def _intents_text(intents: dict[str, list[str]]) -> str:
+    texts = intents["explicit_intents"]
+    # Intents stored before labels existed are replayed unlabelled.
+    labels = intents.get("explicit_labels") or [UNLABELLED] * len(texts)
+    explicit = [f"{text} [{label.replace('_', ' ')}]" for text, label in zip(texts, labels, strict=True)]
     return (
-        f"Explicit:\n{_bullets(intents['explicit_intents'])}\n"
-        f"Implicit:\n{_bullets(intents['implicit_intents'])}"
+        f"Explicit (what the query asks for):\n{_bullets(explicit)}\n"
+        f"Implicit (plausible benign readings):\n{_bullets(intents['implicit_intents'])}"
     )
 
 
@@ -114,7 +123,7 @@ async def _zero_shot(caller: Caller, config: PipelineConfig) -> Completed:
     written = await caller.call(ZERO_SHOT, config.seed)
     thoughts = [Thought(i, text, Stage.ZERO_SHOT, 0, 0) for i, text in enumerate(written["thoughts"], 1)]
     return Completed(
-        intents={"explicit_intents": [], "implicit_intents": []},
+        intents=_no_intents(),
         thoughts=thoughts,
         refined_thoughts=[{"text": t.text, "sources": [t.id]} for t in thoughts],
         dropped=[],
@@ -131,7 +140,7 @@ async def _aidsafe(caller: Caller, config: PipelineConfig) -> Completed:
         intents = await caller.call(INTENT, config.intent)
         intents_text = _intents_text(intents)
     else:
-        intents, intents_text = {"explicit_intents": [], "implicit_intents": []}, NOT_DECOMPOSED
+        intents, intents_text = _no_intents(), NOT_DECOMPOSED
 
     seed = await caller.call(SEED, config.seed, intents=intents_text)
     thoughts = [Thought(i, text, Stage.SEED, 0, 0) for i, text in enumerate(seed["thoughts"], 1)]

@@ -16,9 +16,11 @@ from app.deliberation.config import Limits
 from app.deliberation.results import METRICS
 
 DROP_REASONS = ("redundant", "deceptive", "policy_inconsistent")
+INTENT_LABELS = ("benign", "possibly_harmful")
 
 
 TEXT: dict[str, Any] = {"type": "string", "minLength": 1}
+LABEL: dict[str, Any] = {"type": "string", "enum": list(INTENT_LABELS)}
 
 
 def _list_of(item: dict[str, Any], max_items: int, min_items: int = 0) -> dict[str, Any]:
@@ -37,7 +39,11 @@ def _object(properties: dict[str, Any]) -> dict[str, Any]:
 def intent(limits: Limits) -> dict[str, Any]:
     return _object(
         {
-            "explicit_intents": _list_of(TEXT, 5, min_items=1),
+            "explicit_intents": _list_of(
+                _object({"intent": TEXT, "label": {"type": "string", "enum": list(INTENT_LABELS)}}),
+                5,
+                min_items=1,
+            ),
             "implicit_intents": _list_of(TEXT, 5),
         }
     )
