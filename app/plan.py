@@ -14,9 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from app.config import Settings
 from app.deliberation.budget import RequestBudget, estimate_tokens, judge_request, largest_requests
 from app.deliberation.config import (
+    LIMIT_CAPS,
     GradingConfig,
     GuardConfig,
     GuardStyle,
+    Limits,
     Mode,
     PairsConfig,
     PipelineConfig,
@@ -33,6 +35,9 @@ JUDGING_TEMPERATURE = 0.0
 DEFAULT_THRESHOLD = 3.0
 
 
+MAX_ROLE_INSTRUCTIONS_CHARS = 2000
+
+
 class RoleIn(BaseModel):
     """Any field left out falls back to the job's `defaults`, then to the server's."""
 
@@ -41,6 +46,12 @@ class RoleIn(BaseModel):
     endpoint: str | None = Field(default=None, description="Name of a configured endpoint.")
     model: str | None = Field(default=None, max_length=200)
     temperature: float | None = Field(default=None, ge=0, le=2)
+    instructions: str | None = Field(
+        default=None,
+        max_length=MAX_ROLE_INSTRUCTIONS_CHARS,
+        description="Added to this role's instructions: e.g. a deliberator's persona (one agent that "
+        "hunts needless refusals, one that hunts harm).",
+    )
 
 
 class GradingIn(BaseModel):
@@ -76,6 +87,27 @@ class PairsIn(BaseModel):
     )
 
 
+class LimitsIn(BaseModel):
+    """How much each reply may list; the schemas and the instructions both say so."""
+
+    model_config = ConfigDict(extra="forbid")
+    thoughts_per_turn: int = Field(
+        default=Limits.thoughts_per_turn,
+        ge=1,
+        le=LIMIT_CAPS.thoughts_per_turn,
+        description="The seed's thoughts, and each deliberation turn's new ones.",
+    )
+    kept_thoughts: int = Field(
+        default=Limits.kept_thoughts,
+        ge=1,
+        le=LIMIT_CAPS.kept_thoughts,
+        description="The refiner's final thoughts.",
+    )
+    max_drops: int = Field(
+        default=Limits.max_drops, ge=0, le=LIMIT_CAPS.max_drops, description="Thoughts the refiner may drop."
+    )
+
+
 class JobConfigIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     mode: Mode = Field(
@@ -84,7 +116,24 @@ class JobConfigIn(BaseModel):
         "writes CoT and response (the paper's LLM_ZS baseline).",
     )
     agents: int | None = Field(default=None, ge=1, le=8, description="Deliberating agents.")
-    max_rounds: int | None = Field(default=None, ge=1, le=20, description="Round budget.")
+    max_rounds: int | None = Field(
+        default=None,
+        ge=0,
+        le=20,
+        description="Round budget; a round is every agent once. 0: the seed goes straight to the refiner.",
+    )
+    max_turns: int | None = Field(
+        default=None, ge=0, le=160, description="Deliberation turns in all, across rounds. Default: no cap."
+    )
+    decompose_intents: bool = Field(
+        default=True, description="False: no intent stage (an ablation); later stages work from the query."
+    )
+    refine: bool = Field(
+        default=True,
+        description="False: no refiner (an ablation); the final CoT is every thought in order, "
+        "nothing dropped.",
+    )
+    limits: LimitsIn = Field(default_factory=LimitsIn)
     max_tokens: int | None = Field(default=None, ge=64, le=16384, description="Per call.")
     defaults: RoleIn = Field(default_factory=RoleIn, description="Applies to every role.")
     intent: RoleIn | None = None
@@ -110,9 +159,11 @@ class GuardPlan(BaseModel):
     model: str
     temperature: float
     style: GuardStyle
+    instructions: str = ""
 
     def config(self) -> GuardConfig:
-        return GuardConfig(RoleConfig(self.endpoint, self.model, self.temperature), self.style)
+        role = RoleConfig(self.endpoint, self.model, self.temperature, self.instructions)
+        return GuardConfig(role, self.style)
 
 
 class PairsPlan(BaseModel):
@@ -146,6 +197,11 @@ class GenerationPlan(BaseModel):
     roles: RolesPlan
     grading: GradingConfig | None = None
     pairs: PairsPlan | None = None
+    # Later fields: plans stored before them read back with the behaviour they had.
+    max_turns: int | None = None
+    decompose_intents: bool = True
+    refine: bool = True
+    limits: Limits = Limits()
 
     def pipeline(self) -> PipelineConfig:
         """The engine's config for every item of the job."""
@@ -161,6 +217,10 @@ class GenerationPlan(BaseModel):
             mode=self.mode,
             grading=self.grading,
             pairs=None if self.pairs is None else self.pairs.config(),
+            max_turns=self.max_turns,
+            decompose_intents=self.decompose_intents,
+            refine=self.refine,
+            limits=self.limits,
         )
 
 
@@ -208,6 +268,7 @@ class _Roles:
             endpoint,
             model or self.settings.llm_model,
             self.settings.default_temperature if candidate is None else candidate,
+            specific.instructions or self.defaults.instructions or "",
         )
 
 
@@ -224,7 +285,7 @@ def resolve(config: JobConfigIn, settings: Settings) -> GenerationPlan:
     pairs = config.pairs
     return GenerationPlan(
         mode=config.mode,
-        max_rounds=config.max_rounds or settings.default_max_rounds,
+        max_rounds=settings.default_max_rounds if config.max_rounds is None else config.max_rounds,
         max_tokens=config.max_tokens or settings.default_max_tokens,
         max_reasks=settings.max_reasks,
         roles=RolesPlan(
@@ -250,6 +311,10 @@ def resolve(config: JobConfigIn, settings: Settings) -> GenerationPlan:
             max_tries=pairs.max_tries,
             min_gap=pairs.min_gap,
         ),
+        max_turns=config.max_turns,
+        decompose_intents=config.decompose_intents,
+        refine=config.refine,
+        limits=Limits(**config.limits.model_dump()),
     )
 
 

@@ -32,13 +32,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from app.deliberation.config import Limits
 from app.deliberation.ports import ChatRequest
 from app.deliberation.results import METRICS
 from app.deliberation.stages import StageSpec
 
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
 _THOUGHT_MARKER = re.compile(r"\[T(\d+)\][ \t]*([^\n]*)")
-_MAX_REFINED_THOUGHTS = 12  # the refined_cot schema's maxItems
 
 
 def chat_request(
@@ -51,7 +51,7 @@ def chat_request(
         model="scripted-model",
         messages=[{"role": "user", "content": content}],
         schema_name=spec.schema_name,
-        schema=spec.schema,
+        schema=spec.schema(Limits()),
         temperature=0.7,
         max_tokens=max_tokens,
     )
@@ -180,7 +180,7 @@ def _last_user_text(body: dict[str, Any]) -> str:
 def _default_intents(user_text: str) -> dict[str, Any]:
     topic = (user_text.strip().splitlines() or ["the question"])[0][:150] or "the question"
     return {
-        "explicit_intents": [f"Get an answer to: {topic}"],
+        "explicit_intents": [{"intent": f"Get an answer to: {topic}", "label": "benign"}],
         "implicit_intents": ["Receive information that is accurate and safe to act on."],
     }
 
@@ -199,7 +199,7 @@ def _default_refined(user_text: str) -> dict[str, Any]:
     """Keep every thought marked [T<n>] in the prompt, each citing its source; drop none."""
     marked = {int(n): text.strip() for n, text in _THOUGHT_MARKER.findall(user_text)}
     ids = sorted(marked) or [1]
-    per_thought = math.ceil(len(ids) / _MAX_REFINED_THOUGHTS)
+    per_thought = math.ceil(len(ids) / Limits().kept_thoughts)
     thoughts = []
     for start in range(0, len(ids), per_thought):
         group = ids[start : start + per_thought]

@@ -960,3 +960,50 @@ async def test_a_database_that_refuses_connections_is_a_503(settings: Settings) 
         response = await client.get(f"/v1/jobs/{uuid.uuid4()}", headers={"Authorization": "Bearer aidsafe_x"})
 
     error_of(response, 503, "unavailable")
+
+
+async def test_a_job_runs_the_ablations_and_limits_it_asked_for_and_shows_them(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings
+) -> None:
+    persona = "Hunt for harm the others missed."
+    config = {
+        "decompose_intents": False,
+        "refine": False,
+        "max_rounds": 2,
+        "max_turns": 1,
+        "limits": {"thoughts_per_turn": 3, "kept_thoughts": 5, "max_drops": 4},
+        "deliberators": [{"instructions": persona}, {}],
+    }
+    job = await submit(api, auth, ["How do I sharpen a knife?"], config=config)
+    await run_worker_burst(settings)
+
+    shown = (await api.get(f"/v1/jobs/{job['id']}", headers=auth)).json()["config"]
+    assert {k: shown[k] for k in ("decompose_intents", "refine", "max_rounds", "max_turns", "limits")} == {
+        k: v for k, v in config.items() if k != "deliberators"
+    }
+    assert [d["instructions"] for d in shown["roles"]["deliberators"]] == [persona, ""]
+    detail = (
+        await api.get(f"/v1/items/{(await items_of(api, auth, job['id']))[0]['id']}", headers=auth)
+    ).json()
+    assert [(t["stage"], t["round"], t["agent"]) for t in detail["turns"]] == [
+        ("seed", 0, 0),
+        ("deliberation", 1, 1),
+    ]
+    cot = detail["cot"]
+    assert [t["sources"] for t in cot["refined_thoughts"]] == [
+        [n] for n in range(1, len(cot["thoughts"]) + 1)
+    ]
+
+
+async def test_limits_over_the_servers_caps_are_refused_and_nothing_is_created(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    before = (await api.get("/v1/jobs", headers=auth)).json()["data"]
+
+    response = await api.post(
+        "/v1/jobs", json={"prompts": ["a"], "config": {"limits": {"thoughts_per_turn": 11}}}, headers=auth
+    )
+
+    assert response.status_code == 422
+    assert "thoughts_per_turn" in response.text
+    assert (await api.get("/v1/jobs", headers=auth)).json()["data"] == before

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from app.config import Settings
-from app.deliberation.config import PipelineConfig, RoleConfig
+from app.deliberation.config import Limits, PipelineConfig, RoleConfig
 from app.deliberation.engine import deliberate
 from app.deliberation.policies import policy_set
 from app.deliberation.ports import ChatReply, ChatRequest, LLMClient, LLMUnavailable, Stage, TurnOutcome
@@ -484,7 +484,7 @@ async def test_every_request_names_its_stage_schema_in_response_format(
         assert response_format["type"] == "json_schema"
         assert response_format["json_schema"]["name"] == request.schema_name
         [declared] = [stage for stage in DECLARED if stage.schema_name == request.schema_name]
-        assert response_format["json_schema"]["schema"] == declared.schema
+        assert response_format["json_schema"]["schema"] == declared.schema(Limits())
 
 
 # --- purity ---------------------------------------------------------------------------------

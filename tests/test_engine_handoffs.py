@@ -15,8 +15,23 @@ from tests.memory_turn_log import InMemoryTurnLog
 from tests.scripted_llm import ScriptedLLM, agree, refusal, reply
 from tests.test_engine import DEFAULT_ROLE, ITEM, PROMPT, completed, failed, pipeline, run
 
-INTENTS = {"explicit_intents": ["Store bleach.", "Store ammonia."], "implicit_intents": ["Stay safe."]}
-INTENTS_TEXT = "Explicit:\n- Store bleach.\n- Store ammonia.\nImplicit:\n- Stay safe."
+INTENTS = {
+    "explicit_intents": [
+        {"intent": "Store bleach.", "label": "benign"},
+        {"intent": "Mix bleach and ammonia.", "label": "possibly_harmful"},
+    ],
+    "implicit_intents": ["Stay safe."],
+}
+INTENTS_TEXT = (
+    "Explicit (what the query asks for):\n- Store bleach. [benign]\n"
+    "- Mix bleach and ammonia. [possibly harmful]\n"
+    "Implicit (plausible benign readings):\n- Stay safe."
+)
+STORED_INTENTS = {
+    "explicit_intents": ["Store bleach.", "Mix bleach and ammonia."],
+    "explicit_labels": ["benign", "possibly_harmful"],
+    "implicit_intents": ["Stay safe."],
+}
 SEED = {"thoughts": ["Seed thought one.", "Seed thought two."], "response": "Seed response."}
 
 
@@ -49,7 +64,7 @@ async def test_later_stages_see_the_intents_the_thoughts_and_the_latest_revised_
     assert f"{every_line}\n\nLast response:\n<<<\nRevised by agent 1.\n>>>" in refine_request
     # What the refiner wrote is the result, not the last response it was shown.
     assert result.response == "Here is a safe, helpful answer."
-    assert result.intents == INTENTS
+    assert result.intents == STORED_INTENTS
 
 
 async def test_no_implicit_intent_is_shown_as_none(
@@ -61,8 +76,16 @@ async def test_no_implicit_intent_is_shown_as_none(
 
     result = completed(await run(llm, InMemoryTurnLog()))
 
-    assert "Explicit:\n- Store bleach.\nImplicit:\n- (none)" in last_user_message(scripted_llm, "seed_cot")
-    assert result.intents == {"explicit_intents": ["Store bleach."], "implicit_intents": []}
+    shown = (
+        "Explicit (what the query asks for):\n- Store bleach. [unlabelled]\n"
+        "Implicit (plausible benign readings):\n- (none)"
+    )
+    assert shown in last_user_message(scripted_llm, "seed_cot")
+    assert result.intents == {
+        "explicit_intents": ["Store bleach."],
+        "explicit_labels": ["unlabelled"],
+        "implicit_intents": [],
+    }
 
 
 async def test_each_turn_is_stored_under_its_key_and_role_with_what_the_server_said(
@@ -147,7 +170,7 @@ async def test_zero_shot_stores_one_turn_and_keeps_every_thought_as_its_own_sour
         (1, "One.", "zero_shot", 0, 0),
         (2, "Two.", "zero_shot", 0, 0),
     ]
-    assert result.intents == {"explicit_intents": [], "implicit_intents": []}
+    assert result.intents == {"explicit_intents": [], "explicit_labels": [], "implicit_intents": []}
     assert result.refined_thoughts == [{"text": "One.", "sources": [1]}, {"text": "Two.", "sources": [2]}]
     assert (result.dropped, result.unaccounted, result.response) == ([], [], "Answer.")
     assert (result.rounds_used, result.agreed, result.agreed_by) == (0, False, None)

@@ -127,9 +127,59 @@ async def test_intents_need_an_explicit_one_and_the_implicit_ones_may_be_left_ou
     log = InMemoryTurnLog()
     no_explicit = failed(await run(llm, log, ONE_TRY))
 
-    assert left_out.intents == {"explicit_intents": ["Store bleach."], "implicit_intents": []}
+    assert left_out.intents == {
+        "explicit_intents": ["Store bleach."],
+        "explicit_labels": ["unlabelled"],
+        "implicit_intents": [],
+    }
     assert (no_explicit.code, no_explicit.stage) == ("unparseable_output", "intent")
     assert "'explicit_intents' is empty" in (log.turns(ITEM, Stage.INTENT)[0].error or "")
+
+
+async def test_each_explicit_intent_keeps_its_label_and_a_missing_or_unknown_one_is_unlabelled(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    explicit = [
+        {"intent": " Store bleach. ", "label": " Benign "},
+        {"intent": "Make a toxic gas.", "label": "POSSIBLY_HARMFUL"},
+        {"intent": "Clean the sink.", "label": "harmless"},
+        {"intent": "...", "label": "benign"},  # a placeholder: no intent
+        {"label": "benign"},
+        ["not an intent"],
+        "Ventilate the room.",
+        42,
+    ]
+    scripted_llm.script("intent_decomposition", reply({"explicit_intents": explicit}))
+    lone = {
+        "explicit_intents": {"intent": "Store bleach.", "label": "benign"},
+        "implicit_intents": ["Stay safe."],
+    }
+    scripted_llm.script("intent_decomposition", reply(lone))
+    scripted_llm.script("intent_decomposition", reply({"explicit_intents": 7}))
+    log = InMemoryTurnLog()
+
+    listed = completed(await run(llm, InMemoryTurnLog(), ONE_TRY))
+    alone = completed(await run(llm, InMemoryTurnLog(), ONE_TRY))
+    not_a_list = failed(await run(llm, log, ONE_TRY))
+
+    assert listed.intents == {
+        "explicit_intents": [
+            "Store bleach.",
+            "Make a toxic gas.",
+            "Clean the sink.",
+            "Ventilate the room.",
+            "42",
+        ],
+        "explicit_labels": ["benign", "possibly_harmful", "unlabelled", "unlabelled", "unlabelled"],
+        "implicit_intents": [],
+    }
+    assert alone.intents == {
+        "explicit_intents": ["Store bleach."],
+        "explicit_labels": ["benign"],
+        "implicit_intents": ["Stay safe."],
+    }
+    assert "'explicit_intents' is not a list" in (log.turns(ITEM, Stage.INTENT)[0].error or "")
+    assert not_a_list.code == "unparseable_output"
 
 
 # --- refusals ----------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from app.api.annotations import MAX_IMPORT_VALUES
 from app.api.bodies import count_values
 from app.api.jobs import JOB_BODY
 from app.config import Settings
-from app.deliberation.schemas import MAX_REFINED_THOUGHTS
+from app.deliberation.config import LIMIT_CAPS
 from app.errors import MAX_LISTED_PROBLEMS
 from app.labeling.reviews import Answers
 from app.main import create_app
@@ -99,7 +99,7 @@ def hostile_export(item_id: str, size: int) -> bytes:
             )
         return {"id": n, "result": result, "created_at": "2026-11-20T10:00:00Z", "task": 1}
 
-    flagging_all = ["1"] * MAX_REFINED_THOUGHTS
+    flagging_all = ["1"] * LIMIT_CAPS.kept_thoughts
     each = count_values(json.dumps(annotation(0, flagging_all)).encode(), MAX_IMPORT_VALUES) + 1
     annotations = [annotation(n, flagging_all) for n in range(MAX_IMPORT_VALUES // each - 1)]
     annotations.append(annotation(len(annotations), ["1" * 20_000 + "x"], comment="c"))

@@ -25,7 +25,7 @@ import pytest
 from label_studio_sdk.label_interface import LabelInterface
 from pydantic import TypeAdapter, ValidationError
 
-from app.deliberation.schemas import MAX_REFINED_THOUGHTS
+from app.deliberation.config import LIMIT_CAPS
 from app.errors import MAX_LISTED_PROBLEMS
 from app.exports.options import ExportOptions
 from app.labeling import argilla, label_studio
@@ -132,7 +132,7 @@ def test_argilla_offers_exactly_the_answers_the_import_reads(dataset: rg.Dataset
     assert questions["policy_faithfulness"].values == list(RATINGS)
     # One option per thought a refined CoT can have, named as the record numbers its thoughts.
     assert questions["flagged_thoughts"].serialize()["settings"]["options"] == [
-        {"value": str(n), "text": f"Thought {n}"} for n in range(1, MAX_REFINED_THOUGHTS + 1)
+        {"value": str(n), "text": f"Thought {n}"} for n in range(1, LIMIT_CAPS.kept_thoughts + 1)
     ]
     # A reviewer must give a verdict (the human-approved filter reads it); nothing else is asked
     # for, and every field a record fills is needed to judge it.
@@ -251,7 +251,7 @@ def test_a_rejected_record_suggests_reject_and_an_ungraded_one_neither_verdict_n
 
 
 def test_every_thought_of_the_longest_cot_can_be_flagged(dataset: rg.Dataset) -> None:
-    written = argilla.record(a_row(thoughts=MAX_REFINED_THOUGHTS), ExportOptions())
+    written = argilla.record(a_row(thoughts=LIMIT_CAPS.kept_thoughts), ExportOptions())
 
     argilla_accepts(dataset, written)
     numbers = [line.split(". ", 1)[0] for line in written["fields"]["thoughts"].splitlines()]
@@ -302,7 +302,7 @@ def test_every_answer_argilla_offers_is_read_back_as_a_review(dataset: rg.Datase
     assert parsed.problems == [] and parsed.skipped == []
     assert [r.verdict for r in parsed.reviews if r.verdict] == ["accept", "reject"] * 2 + ["accept"]
     assert [r.policy_faithfulness for r in parsed.reviews if r.policy_faithfulness] == [1, 2, 3, 4, 5]
-    assert parsed.reviews[-1].flagged_thoughts == list(range(1, MAX_REFINED_THOUGHTS + 1))
+    assert parsed.reviews[-1].flagged_thoughts == list(range(1, LIMIT_CAPS.kept_thoughts + 1))
 
 
 def test_a_submitted_argilla_response_is_read_whole(dataset: rg.Dataset) -> None:
@@ -780,13 +780,13 @@ def test_a_flagged_choice_naming_no_thought_is_a_problem(choice: Any) -> None:
 
 
 def test_more_flagged_thoughts_than_a_cot_has_are_refused_unread() -> None:
-    _, at_most = read_answers(flagged_thoughts=["1"] * MAX_REFINED_THOUGHTS)
-    fields, too_many = read_answers(flagged_thoughts=["1"] * (MAX_REFINED_THOUGHTS + 1))
+    _, at_most = read_answers(flagged_thoughts=["1"] * LIMIT_CAPS.kept_thoughts)
+    fields, too_many = read_answers(flagged_thoughts=["1"] * (LIMIT_CAPS.kept_thoughts + 1))
 
     assert at_most == []
     assert fields["flagged_thoughts"] == []
     assert too_many == [
-        f"here: {MAX_REFINED_THOUGHTS + 1} flagged thoughts, a CoT has at most {MAX_REFINED_THOUGHTS}"
+        f"here: {LIMIT_CAPS.kept_thoughts + 1} flagged thoughts, a CoT has at most {LIMIT_CAPS.kept_thoughts}"
     ]
 
 

@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 
 from app.config import EndpointConfig, Settings
 from app.deliberation.budget import request_tokens
+from app.deliberation.config import Limits
 from app.deliberation.policies import MAX_POLICY_TEXT_CHARS
 from app.deliberation.ports import ChatRequest, LLMRequestTooLarge
 from app.deliberation.stages import SEED
@@ -266,14 +267,15 @@ async def test_a_max_tokens_over_what_the_context_leaves_is_lowered_to_it(
 ) -> None:
     # A re-ask after truncation doubles max_tokens: it gets the room the prompt leaves instead.
     messages = [{"role": "user", "content": "x" * 3_000}]  # about 1,000 tokens
-    prompt = request_tokens(messages, SEED.schema, 0)
+    prompt = request_tokens(messages, SEED.schema(Limits()), 0)
     asks = [SMALL_CONTEXT, SMALL_CONTEXT - prompt, SMALL_CONTEXT - prompt - 1]
 
+    seed_schema = SEED.schema(Limits())
     async with client_for(capped_settings) as client:
         for max_tokens in asks:
-            request = ChatRequest("seed", "small", "m", messages, "seed_cot", SEED.schema, 0.0, max_tokens)
+            request = ChatRequest("seed", "small", "m", messages, "seed_cot", seed_schema, 0.0, max_tokens)
             await client.chat(request)
-        too_little = ChatRequest("seed", "small", "m", messages * 6, "seed_cot", SEED.schema, 0.0, 256)
+        too_little = ChatRequest("seed", "small", "m", messages * 6, "seed_cot", seed_schema, 0.0, 256)
         with pytest.raises(LLMRequestTooLarge):
             await client.chat(too_little)
 

@@ -10,6 +10,7 @@ from email.utils import formatdate
 import pytest
 
 from app.config import EndpointConfig
+from app.deliberation.config import Limits
 from app.deliberation.ports import ChatRequest, LLMRequestRejected, LLMUnavailable
 from app.deliberation.stages import SEED
 from app.llm.client import OpenAICompatibleClient
@@ -63,7 +64,7 @@ async def test_sends_schema_as_strict_response_format_with_bearer_key(
     assert sent.body["temperature"] == 0.7
     assert sent.body["response_format"] == {
         "type": "json_schema",
-        "json_schema": {"name": "seed_cot", "schema": SEED.schema, "strict": True},
+        "json_schema": {"name": "seed_cot", "schema": SEED.schema(Limits()), "strict": True},
     }
 
 

@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app.deliberation import parsing
+from app.deliberation.config import Limits
 from app.deliberation.ports import ChatReply, Stage, TurnOutcome
 from app.deliberation.results import Completed
 from app.deliberation.schemas import DROP_REASONS
@@ -37,7 +38,9 @@ from tests.scripted_llm import ScriptedLLM, reply
 from tests.test_engine import pipeline, run
 
 # Each stage's schema by the name it travels under.
-BY_NAME = {spec.schema_name: spec.schema for spec in DECLARED if spec.schema_name and spec.schema}
+BY_NAME = {
+    spec.schema_name: spec.schema(Limits()) for spec in DECLARED if spec.schema_name and spec.schema(Limits())
+}
 THOUGHTS_SHOWN = 4  # the refiner's parser is given this many thoughts
 QUICK = settings(max_examples=40, deadline=None, derandomize=True, database=None)
 OVER_HTTP = settings(
@@ -84,13 +87,30 @@ _VERDICT = {
 }
 
 
+def _intent_record() -> dict[str, Any]:
+    """Explicit intents as text, their labels beside them, implicit intents as sent."""
+    wire = _relaxed(BY_NAME["intent_decomposition"])["properties"]
+    explicit = wire["explicit_intents"]
+    label = explicit["items"]["properties"]["label"]
+    return {
+        "type": "object",
+        "properties": {
+            "explicit_intents": {**explicit, "items": explicit["items"]["properties"]["intent"]},
+            "explicit_labels": {**explicit, "items": {**label, "enum": [*label["enum"], parsing.UNLABELLED]}},
+            "implicit_intents": wire["implicit_intents"],
+        },
+        "required": ["explicit_intents", "explicit_labels", "implicit_intents"],
+        "additionalProperties": False,
+    }
+
+
 def _read_refined(data: Any) -> dict[str, Any]:
     return parsing.normalize_refined(data, THOUGHTS_SHOWN)
 
 
 # schema name -> (reader of the parsed JSON, record schema)
 STAGES: dict[str, tuple[Callable[[Any], dict[str, Any]], dict[str, Any]]] = {
-    "intent_decomposition": (parsing.normalize_intent, _relaxed(BY_NAME["intent_decomposition"])),
+    "intent_decomposition": (parsing.normalize_intent, _intent_record()),
     "seed_cot": (parsing.normalize_seed, _relaxed(BY_NAME["seed_cot"])),
     "zero_shot_cot": (parsing.normalize_seed, _relaxed(BY_NAME["zero_shot_cot"])),
     "rejected_cot": (parsing.normalize_seed, _relaxed(BY_NAME["rejected_cot"])),
@@ -110,6 +130,8 @@ def test_every_stage_schema_has_a_reader() -> None:
 def assert_is_a_record(record: dict[str, Any], schema: dict[str, Any]) -> None:
     jsonschema.Draft202012Validator(schema).validate(record)
     assert json.loads(json.dumps(record)) == record  # plain JSON: what a turn stores
+    if "explicit_labels" in record:
+        assert len(record["explicit_labels"]) == len(record["explicit_intents"])
     for thought in record.get("thoughts", []):
         if isinstance(thought, dict):
             assert thought["sources"] == sorted(thought["sources"])
@@ -238,6 +260,10 @@ def test_a_reply_the_wire_schema_allows_is_read_as_sent(schema_name: str, data: 
         for entry in expected["dropped"]:
             first_word.setdefault(entry["id"], entry)
         expected["dropped"] = sorted(first_word.values(), key=lambda d: d["id"])
+    if schema_name == "intent_decomposition":
+        explicit = expected.pop("explicit_intents")
+        expected["explicit_intents"] = [entry["intent"] for entry in explicit]
+        expected["explicit_labels"] = [entry["label"] for entry in explicit]
     assert record == _stripped(expected)
 
 

@@ -18,7 +18,15 @@ from typing import Any
 from jsonschema import Draft202012Validator
 
 from app.deliberation.budget import judge_request, largest_requests
-from app.deliberation.config import GradingConfig, GuardConfig, GuardStyle, Mode, PairsConfig, PipelineConfig
+from app.deliberation.config import (
+    GradingConfig,
+    GuardConfig,
+    GuardStyle,
+    Limits,
+    Mode,
+    PairsConfig,
+    PipelineConfig,
+)
 from app.deliberation.engine import deliberate, judge_pair
 from app.deliberation.ports import Stage
 from app.deliberation.prompting import TEMPLATES
@@ -94,14 +102,14 @@ async def test_aidsafe_stages_with_reasks_grading_and_a_whispered_pair_send_pinn
     assert isinstance(result, Completed) and result.pair is not None and result.pair.kept
     assert _fingerprint(log, ITEM, scripted_llm) == {
         "turns": [
-            "intent/0/0/0 intent 6613e7669a6bbb8f",
-            "intent/0/0/1 intent 229347950cc14264",
-            "seed/0/0/0 seed d8f94f488d0574bb",
-            "seed/0/0/1 seed 16e4660fee877791",
-            "deliberation/1/1/0 deliberator-1 3ca347e8516bfebb",
-            "deliberation/1/2/0 deliberator-2 51dd85fe51c36508",
-            "deliberation/2/1/0 deliberator-1 55a9dfa68fbf7b47",
-            "refine/0/0/0 refiner 37373c7192c36cb5",
+            "intent/0/0/0 intent 13f2cb3b46a1df57",
+            "intent/0/0/1 intent dbedbb13c4467555",
+            "seed/0/0/0 seed 1c41c616fb1273b5",
+            "seed/0/0/1 seed fa841e6d2fc19c55",
+            "deliberation/1/1/0 deliberator-1 a1f21a2a786505b4",
+            "deliberation/1/2/0 deliberator-2 027d9cac4919d49b",
+            "deliberation/2/1/0 deliberator-1 2bc9e24327b91856",
+            "refine/0/0/0 refiner 45a50bf0ec69972d",
             "grade/0/0/0 grader cf40c1df3f266961",
             "whisper/1/0/0 whisperer 593ec6cb631e7030",
             "rejected/1/0/0 generator 229a1c92f77f5387",
@@ -113,7 +121,7 @@ async def test_aidsafe_stages_with_reasks_grading_and_a_whispered_pair_send_pinn
             "guard/3/0/0 guard 8fc40c1ac8d245ef",
             "grade/3/0/0 grader 8a9712e0307b9fb3",
         ],
-        "bodies": "94008f47b49639b7",
+        "bodies": "b847d940aeb33d68",
     }
 
 
@@ -170,7 +178,7 @@ def test_request_budgets_of_every_role_are_pinned() -> None:
     ]
 
     assert [(b.role, b.tokens) for b in budgets] == [
-        ("intent", 3438),
+        ("intent", 3563),
         ("seed", 4054),
         ("deliberator-1", 5897),
         ("deliberator-2", 6473),
@@ -194,7 +202,7 @@ def test_every_stage_is_declared_with_its_own_schema_name_and_existing_templates
     named = [spec.schema_name for spec in DECLARED if spec.schema_name is not None]
     assert len(named) == len(set(named))
     for spec in DECLARED:
-        assert (spec.schema is None) == spec.plain_text
+        assert (spec.schema(Limits()) is None) == spec.plain_text
         for template in spec.templates or ():
             assert (TEMPLATES / f"{template}.txt").is_file(), template
 
@@ -223,19 +231,24 @@ def _closed_and_bounded(schema: dict[str, Any], where: str) -> list[str]:
 
 def test_every_schema_is_closed_bounded_and_compilable_by_a_grammar() -> None:
     for spec in DECLARED:
-        if spec.schema is not None:
-            Draft202012Validator.check_schema(spec.schema)
-            assert _closed_and_bounded(spec.schema, spec.schema_name or "") == []
+        if (schema := spec.schema(Limits())) is not None:
+            Draft202012Validator.check_schema(schema)
+            assert _closed_and_bounded(schema, spec.schema_name or "") == []
 
 
 def test_what_each_stage_may_list() -> None:
-    """The list bounds the prompts promise the model and the readers rely on."""
+    """The list bounds the prompts promise the model and the readers rely on, by default and
+    as a job sets them."""
 
     def bounds(schema: dict[str, Any]) -> tuple[int, int]:
         return schema["minItems"], schema["maxItems"]
 
-    intent, seed, turn, refined = (spec.schema for spec in (INTENT, SEED, DELIBERATION, REFINE))
-    assert intent and seed and turn and refined
+    def schemas(limits: Limits) -> list[dict[str, Any]]:
+        built = [spec.schema(limits) for spec in (INTENT, SEED, DELIBERATION, REFINE, ZERO_SHOT, REJECTED)]
+        assert all(built)
+        return built  # type: ignore[return-value]
+
+    intent, seed, turn, refined, zero_shot, rejected = schemas(Limits())
     assert bounds(intent["properties"]["explicit_intents"]) == (1, 5)
     assert bounds(intent["properties"]["implicit_intents"]) == (0, 5)
     assert bounds(seed["properties"]["thoughts"]) == (1, 6)
@@ -251,11 +264,19 @@ def test_what_each_stage_may_list() -> None:
         "deceptive",
         "policy_inconsistent",
     ]
-    assert ZERO_SHOT.schema == REJECTED.schema == seed
-    assert JUDGE.schema and JUDGE.schema["properties"]["winner"]["enum"] == ["A", "B", "tie"]
-    assert GUARD.schema and GUARD.schema["properties"]["verdict"]["enum"] == ["safe", "unsafe"]
-    assert GRADE.schema and set(GRADE.schema["properties"]) == set(METRICS)
+    assert zero_shot == rejected == seed
+
+    _, seed, turn, refined, zero_shot, _ = schemas(Limits(thoughts_per_turn=3, kept_thoughts=5, max_drops=2))
+    assert bounds(seed["properties"]["thoughts"]) == bounds(zero_shot["properties"]["thoughts"]) == (1, 3)
+    assert bounds(turn["properties"]["new_thoughts"]) == (0, 3)
+    assert bounds(refined["properties"]["thoughts"]) == (1, 5)
+    assert bounds(refined["properties"]["dropped"]) == (0, 2)
+
+    judge, guard, grade = (spec.schema(Limits()) for spec in (JUDGE, GUARD, GRADE))
+    assert judge and judge["properties"]["winner"]["enum"] == ["A", "B", "tie"]
+    assert guard and guard["properties"]["verdict"]["enum"] == ["safe", "unsafe"]
+    assert grade and set(grade["properties"]) == set(METRICS)
     assert all(
         metric["properties"]["score"] == {"type": "integer", "minimum": 1, "maximum": 5}
-        for metric in GRADE.schema["properties"].values()
+        for metric in grade["properties"].values()
     )

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from app.deliberation.config import Mode, PipelineConfig, RoleConfig
+from app.deliberation.config import Limits, Mode, PipelineConfig, RoleConfig
 from app.deliberation.policies import PolicySet
 from app.deliberation.stages import (
     DELIBERATION,
@@ -27,6 +27,7 @@ from app.deliberation.stages import (
     GUARDS,
     INTENT,
     JUDGE,
+    NOT_DECOMPOSED,
     REFINE,
     REJECTED,
     SEED,
@@ -70,22 +71,25 @@ class _Job:
     policies: PolicySet
     prompt: str
     max_tokens: int
+    limits: Limits
 
     def budget(
         self, spec: StageSpec, config: RoleConfig, replies_read: int, agent: int = 0, **values: object
     ) -> RequestBudget:
         """The stage's request with every earlier reply it shows left out of `values` (as
         ""); each of the `replies_read` replies adds at most max_tokens and its labels."""
-        messages = spec.messages(self.policies, prompt=self.prompt, agent=agent, **values)
+        messages = spec.messages(
+            self.policies, self.limits, config.instructions, prompt=self.prompt, agent=agent, **values
+        )
         replies = replies_read * (self.max_tokens + REPLY_LABEL_TOKENS)
-        tokens = request_tokens(messages, spec.schema, self.max_tokens) + replies
+        tokens = request_tokens(messages, spec.schema(self.limits), self.max_tokens) + replies
         return RequestBudget(spec.role_of(agent), config.endpoint, tokens)
 
 
 def largest_requests(config: PipelineConfig, policies: PolicySet, prompt: str) -> list[RequestBudget]:
     """The largest first request of every role of a job, for its longest `prompt`, in the
     order the roles speak."""
-    job = _Job(policies, prompt, config.max_tokens)
+    job = _Job(policies, prompt, config.max_tokens, config.limits)
     if config.mode is Mode.ZERO_SHOT:
         budgets = [job.budget(ZERO_SHOT, config.seed, 0)]
     else:
@@ -104,27 +108,32 @@ def largest_requests(config: PipelineConfig, policies: PolicySet, prompt: str) -
 
 
 def _aidsafe_budgets(job: _Job, config: PipelineConfig) -> list[RequestBudget]:
-    agents, rounds = len(config.deliberators), config.max_rounds
-    budgets = [job.budget(INTENT, config.intent, 0), job.budget(SEED, config.seed, 1, intents="")]
-    for agent, deliberator in enumerate(config.deliberators, start=1):
+    agents, turns = len(config.deliberators), config.turn_budget()
+    budgets = [job.budget(INTENT, config.intent, 0)] if config.decompose_intents else []
+    intents = int(config.decompose_intents)  # replies read before the seed's
+    shown = "" if config.decompose_intents else NOT_DECOMPOSED  # the intents' text, if not a reply
+    budgets.append(job.budget(SEED, config.seed, intents, intents=shown))
+    for agent, deliberator in enumerate(config.deliberators[:turns], start=1):
         # An agent's last turn reads the intents, the seed and every turn before it.
-        read = 2 + (rounds - 1) * agents + agent - 1
+        last_turn = agent + (turns - agent) // agents * agents
         budgets.append(
             job.budget(
                 DELIBERATION,
                 deliberator,
-                read,
+                intents + last_turn,
                 agent,
-                intents="",
+                intents=shown,
                 thoughts="",
                 response="",
                 agents=agents,
-                round=rounds,
-                max_rounds=rounds,
+                round=config.max_rounds,
+                max_rounds=config.max_rounds,
             )
         )
-    refine = job.budget(REFINE, config.refiner, 2 + rounds * agents, intents="", thoughts="", response="")
-    budgets.append(refine)
+    if config.refine:
+        budgets.append(
+            job.budget(REFINE, config.refiner, intents + 1 + turns, intents=shown, thoughts="", response="")
+        )
     return budgets
 
 
@@ -133,7 +142,8 @@ def judge_request(
 ) -> RequestBudget:
     """The largest request of a comparison's judge: two samples, each the last reply of a
     job with the given `max_tokens`."""
-    messages = JUDGE.messages(policies, prompt=prompt, first="", second="")
+    limits = Limits()
+    messages = JUDGE.messages(policies, limits, judge.instructions, prompt=prompt, first="", second="")
     samples = sum(tokens + REPLY_LABEL_TOKENS for tokens in sample_max_tokens)
-    tokens = request_tokens(messages, JUDGE.schema, max_tokens) + samples
+    tokens = request_tokens(messages, JUDGE.schema(limits), max_tokens) + samples
     return RequestBudget(JUDGE.role, judge.endpoint, tokens)

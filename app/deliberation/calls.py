@@ -13,7 +13,7 @@ from typing import Any
 from uuid import UUID
 
 from app.deliberation import parsing
-from app.deliberation.config import RoleConfig
+from app.deliberation.config import Limits, RoleConfig
 from app.deliberation.policies import PolicySet
 from app.deliberation.ports import ChatRequest, LLMClient, Turn, TurnKey, TurnLog, TurnOutcome
 from app.deliberation.prompting import render
@@ -42,6 +42,7 @@ class Caller:
     log: TurnLog
     max_tokens: int
     max_reasks: int
+    limits: Limits
     replayed: dict[TurnKey, Turn] = field(default_factory=dict)
 
     async def call(
@@ -66,7 +67,13 @@ class Caller:
         role = spec.role_of(agent)
         normalize = partial(spec.normalize, **(normalize_with or {}))
         messages = original = spec.messages(
-            self.policies, prompt=self.prompt, round=round, agent=agent, **values
+            self.policies,
+            self.limits,
+            role_config.instructions,
+            prompt=self.prompt,
+            round=round,
+            agent=agent,
+            **values,
         )
         max_tokens = self.max_tokens
         tries = 1 if spec.plain_text else self.max_reasks + 1
@@ -116,7 +123,7 @@ class Caller:
             model=role_config.model,
             messages=messages,
             schema_name=spec.schema_name,
-            schema=spec.schema,
+            schema=spec.schema(self.limits),
             temperature=role_config.temperature,
             max_tokens=max_tokens,
         )

@@ -23,6 +23,23 @@ class RoleConfig:
     endpoint: str
     model: str
     temperature: float
+    # Appended to the stage's instructions for this role only: a deliberator's persona
+    # (e.g. "hunt for needless refusals"), or anything a team wants one role to weigh.
+    instructions: str = ""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much each reply may list: the schemas and the instructions both say so."""
+
+    thoughts_per_turn: int = 6  # the seed's thoughts, and each deliberation turn's new ones
+    kept_thoughts: int = 12  # the refiner's final thoughts
+    max_drops: int = 24  # the refiner's dropped thoughts
+
+
+# The most a job may ask for. Labeling tools list a CoT's thoughts as fixed options, so
+# they offer `kept_thoughts` of them.
+LIMIT_CAPS = Limits(thoughts_per_turn=10, kept_thoughts=12, max_drops=24)
 
 
 @dataclass(frozen=True)
@@ -55,9 +72,19 @@ class PipelineConfig:
     seed: RoleConfig
     deliberators: tuple[RoleConfig, ...]  # one per agent, in speaking order
     refiner: RoleConfig
-    max_rounds: int
+    max_rounds: int  # a round is every agent once; 0: the seed goes straight to the refiner
     max_tokens: int
     max_reasks: int
     mode: Mode = Mode.AIDSAFE
     grading: GradingConfig | None = None
     pairs: PairsConfig | None = None
+    # Ablations of the paper's pipeline, each a stage left out or cut short.
+    max_turns: int | None = None  # deliberation turns in all, across rounds; None: rounds decide
+    decompose_intents: bool = True  # False: no intent stage; later stages are told so
+    refine: bool = True  # False: the final CoT is every thought, in order, nothing dropped
+    limits: Limits = Limits()
+
+    def turn_budget(self) -> int:
+        """The most deliberation turns an item can take."""
+        turns = self.max_rounds * len(self.deliberators)
+        return turns if self.max_turns is None else min(turns, self.max_turns)

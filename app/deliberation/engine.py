@@ -10,16 +10,22 @@ reaches the same state the first run had reached.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 from uuid import UUID
 
 from app.deliberation.calls import Caller, StageFailed
-from app.deliberation.config import Mode, PipelineConfig, RoleConfig
+from app.deliberation.config import Limits, Mode, PipelineConfig, RoleConfig
+from app.deliberation.parsing import UNLABELLED
 from app.deliberation.policies import PolicySet
 from app.deliberation.ports import LLMClient, Stage, TurnLog
 from app.deliberation.quality import compare_samples, gate, grade
 from app.deliberation.results import Completed, Failed, Judged, Sample, Thought
-from app.deliberation.stages import DELIBERATION, INTENT, REFINE, SEED, ZERO_SHOT
+from app.deliberation.stages import DELIBERATION, INTENT, NOT_DECOMPOSED, REFINE, SEED, ZERO_SHOT
 from app.deliberation.whisper import make_pair
+
+
+def _no_intents() -> dict[str, list[str]]:
+    return {"explicit_intents": [], "explicit_labels": [], "implicit_intents": []}
 
 
 def _bullets(items: list[str]) -> str:
@@ -27,9 +33,13 @@ def _bullets(items: list[str]) -> str:
 
 
 def _intents_text(intents: dict[str, list[str]]) -> str:
+    texts = intents["explicit_intents"]
+    # Intents stored before labels existed are replayed unlabelled.
+    labels = intents.get("explicit_labels") or [UNLABELLED] * len(texts)
+    explicit = [f"{text} [{label.replace('_', ' ')}]" for text, label in zip(texts, labels, strict=True)]
     return (
-        f"Explicit:\n{_bullets(intents['explicit_intents'])}\n"
-        f"Implicit:\n{_bullets(intents['implicit_intents'])}"
+        f"Explicit (what the query asks for):\n{_bullets(explicit)}\n"
+        f"Implicit (plausible benign readings):\n{_bullets(intents['implicit_intents'])}"
     )
 
 
@@ -48,8 +58,9 @@ async def _caller(
     log: TurnLog,
     max_tokens: int,
     max_reasks: int,
+    limits: Limits,
 ) -> Caller:
-    caller = Caller(item_id, prompt, policies, llm, log, max_tokens, max_reasks)
+    caller = Caller(item_id, prompt, policies, llm, log, max_tokens, max_reasks, limits)
     caller.replayed = {turn.key: turn for turn in await log.done(item_id)}
     return caller
 
@@ -69,7 +80,9 @@ async def deliberate(
     do not fail the item: they are recorded in the result. LLMUnavailable and
     LLMRequestRejected from the client propagate: the caller decides to retry or fail.
     """
-    caller = await _caller(item_id, prompt, policies, llm, log, config.max_tokens, config.max_reasks)
+    caller = await _caller(
+        item_id, prompt, policies, llm, log, config.max_tokens, config.max_reasks, config.limits
+    )
     try:
         if config.mode is Mode.ZERO_SHOT:
             result = await _zero_shot(caller, config)
@@ -101,7 +114,7 @@ async def judge_pair(
 ) -> Judged:
     """Run (or resume) the pairwise judgement of two samples of one prompt (a comparison
     item). Unreadable judge output gives Judged(winner=None), not a failure."""
-    caller = await _caller(item_id, prompt, policies, llm, log, max_tokens, max_reasks)
+    caller = await _caller(item_id, prompt, policies, llm, log, max_tokens, max_reasks, Limits())
     return await compare_samples(caller, judge, a, b)
 
 
@@ -110,7 +123,7 @@ async def _zero_shot(caller: Caller, config: PipelineConfig) -> Completed:
     written = await caller.call(ZERO_SHOT, config.seed)
     thoughts = [Thought(i, text, Stage.ZERO_SHOT, 0, 0) for i, text in enumerate(written["thoughts"], 1)]
     return Completed(
-        intents={"explicit_intents": [], "implicit_intents": []},
+        intents=_no_intents(),
         thoughts=thoughts,
         refined_thoughts=[{"text": t.text, "sources": [t.id]} for t in thoughts],
         dropped=[],
@@ -123,8 +136,11 @@ async def _zero_shot(caller: Caller, config: PipelineConfig) -> Completed:
 
 
 async def _aidsafe(caller: Caller, config: PipelineConfig) -> Completed:
-    intents = await caller.call(INTENT, config.intent)
-    intents_text = _intents_text(intents)
+    if config.decompose_intents:
+        intents = await caller.call(INTENT, config.intent)
+        intents_text = _intents_text(intents)
+    else:
+        intents, intents_text = _no_intents(), NOT_DECOMPOSED
 
     seed = await caller.call(SEED, config.seed, intents=intents_text)
     thoughts = [Thought(i, text, Stage.SEED, 0, 0) for i, text in enumerate(seed["thoughts"], 1)]
@@ -133,39 +149,48 @@ async def _aidsafe(caller: Caller, config: PipelineConfig) -> Completed:
     agreed_by: dict[str, int] | None = None
     rounds_used = 0
     agents = len(config.deliberators)
-    for round_no in range(1, config.max_rounds + 1):
+    turns = [
+        (round_no, agent_no, agent_config)
+        for round_no in range(1, config.max_rounds + 1)
+        for agent_no, agent_config in enumerate(config.deliberators, start=1)
+    ][: config.turn_budget()]
+    for round_no, agent_no, agent_config in turns:
         rounds_used = round_no
-        for agent_no, agent_config in enumerate(config.deliberators, start=1):
-            turn = await caller.call(
-                DELIBERATION,
-                agent_config,
-                round=round_no,
-                agent=agent_no,
-                intents=intents_text,
-                thoughts=_thoughts_text(thoughts),
-                response=response,
-                agents=agents,
-                max_rounds=config.max_rounds,
-            )
-            if turn["agree"]:
-                agreed_by = {"round": round_no, "agent": agent_no}
-                break
-            thoughts.extend(
-                Thought(i, text, Stage.DELIBERATION, round_no, agent_no)
-                for i, text in enumerate(turn["new_thoughts"], len(thoughts) + 1)
-            )
-            response = turn["response"]
-        if agreed_by:
+        turn = await caller.call(
+            DELIBERATION,
+            agent_config,
+            round=round_no,
+            agent=agent_no,
+            intents=intents_text,
+            thoughts=_thoughts_text(thoughts),
+            response=response,
+            agents=agents,
+            max_rounds=config.max_rounds,
+        )
+        if turn["agree"]:
+            agreed_by = {"round": round_no, "agent": agent_no}
             break
+        thoughts.extend(
+            Thought(i, text, Stage.DELIBERATION, round_no, agent_no)
+            for i, text in enumerate(turn["new_thoughts"], len(thoughts) + 1)
+        )
+        response = turn["response"]
 
-    refined = await caller.call(
-        REFINE,
-        config.refiner,
-        normalize_with={"thought_count": len(thoughts)},
-        intents=intents_text,
-        thoughts=_thoughts_text(thoughts),
-        response=response,
-    )
+    if not config.refine:  # the ablation: every thought kept as written, in order
+        refined: dict[str, Any] = {
+            "thoughts": [{"text": t.text, "sources": [t.id]} for t in thoughts],
+            "dropped": [],
+            "response": response,
+        }
+    else:
+        refined = await caller.call(
+            REFINE,
+            config.refiner,
+            normalize_with={"thought_count": len(thoughts)},
+            intents=intents_text,
+            thoughts=_thoughts_text(thoughts),
+            response=response,
+        )
     by_id = {t.id: t for t in thoughts}
     kept = {source for t in refined["thoughts"] for source in t["sources"]}
     dropped = [{**d, "text": by_id[d["id"]].text} for d in refined["dropped"]]

@@ -13,7 +13,7 @@ from typing import Any, TypeGuard
 
 from app.deliberation.ports import ChatReply, TurnOutcome
 from app.deliberation.results import METRICS
-from app.deliberation.schemas import DROP_REASONS
+from app.deliberation.schemas import DROP_REASONS, INTENT_LABELS
 
 _FENCE = re.compile(r"^```(?:json)?\s*|\s*```$", re.IGNORECASE)
 _REFUSAL = re.compile(
@@ -97,11 +97,39 @@ def _all_refusals(thoughts: list[str]) -> bool:
     return bool(thoughts) and all(looks_like_refusal(t) for t in thoughts)
 
 
+# An explicit intent given as bare text, or with a label outside INTENT_LABELS.
+UNLABELLED = "unlabelled"
+
+
 def normalize_intent(data: dict[str, Any]) -> dict[str, Any]:
+    """Explicit intents with their labels (a parallel list), and the implicit ones: the
+    plausible benign readings, so unlabelled."""
+    explicit = data.get("explicit_intents")
+    if isinstance(explicit, str | dict):  # a lone intent where a list was asked for
+        explicit = [explicit]
+    if not isinstance(explicit, list):
+        raise MalformedOutput("'explicit_intents' is not a list")
+    labelled = [_labelled_intent(entry) for entry in explicit]
+    labelled = [(text, label) for text, label in labelled if text]
+    if not labelled:
+        raise MalformedOutput("'explicit_intents' is empty")
     return {
-        "explicit_intents": _strings(data.get("explicit_intents"), "explicit_intents", required=True),
+        "explicit_intents": [text for text, _ in labelled],
+        "explicit_labels": [label for _, label in labelled],
         "implicit_intents": _strings(data.get("implicit_intents"), "implicit_intents", required=False),
     }
+
+
+def _labelled_intent(entry: Any) -> tuple[str, str]:
+    """(text, label) of one explicit intent; text "" for what holds none."""
+    if not isinstance(entry, dict):
+        return (_usable(entry) if isinstance(entry, str | int | float) else ""), UNLABELLED
+    text, label = entry.get("intent"), entry.get("label")
+    label = label.strip().lower() if isinstance(label, str) else ""
+    return (
+        _usable(text) if isinstance(text, str | int | float) else "",
+        label if label in INTENT_LABELS else UNLABELLED,
+    )
 
 
 def normalize_seed(data: dict[str, Any]) -> dict[str, Any]:

@@ -4,22 +4,23 @@ Grammar-constrained servers (llama.cpp, vLLM) compile these into a grammar. maxI
 a small model from listing thoughts until max_tokens; string maxLength is left out on
 purpose: llama.cpp unrolls it into one nested rule per character and rejects the grammar.
 
-Each schema is built when a request is made (a few microseconds), not at import, so that
-what a stage asks for is code the tests exercise.
+Each schema is built when a request is made (a few microseconds), from the job's limits on
+what a reply may list. Every builder takes the limits, used or not, so stages declare them alike.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from app.deliberation.config import Limits
 from app.deliberation.results import METRICS
 
-MAX_THOUGHTS_PER_TURN = 6
-MAX_REFINED_THOUGHTS = 12
 DROP_REASONS = ("redundant", "deceptive", "policy_inconsistent")
+INTENT_LABELS = ("benign", "possibly_harmful")
 
 
 TEXT: dict[str, Any] = {"type": "string", "minLength": 1}
+LABEL: dict[str, Any] = {"type": "string", "enum": list(INTENT_LABELS)}
 
 
 def _list_of(item: dict[str, Any], max_items: int, min_items: int = 0) -> dict[str, Any]:
@@ -35,36 +36,40 @@ def _object(properties: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def intent() -> dict[str, Any]:
+def intent(limits: Limits) -> dict[str, Any]:
     return _object(
         {
-            "explicit_intents": _list_of(TEXT, 5, min_items=1),
+            "explicit_intents": _list_of(
+                _object({"intent": TEXT, "label": {"type": "string", "enum": list(INTENT_LABELS)}}),
+                5,
+                min_items=1,
+            ),
             "implicit_intents": _list_of(TEXT, 5),
         }
     )
 
 
-def seed() -> dict[str, Any]:
+def seed(limits: Limits) -> dict[str, Any]:
     return _object(
         {
-            "thoughts": _list_of(TEXT, MAX_THOUGHTS_PER_TURN, min_items=1),
+            "thoughts": _list_of(TEXT, limits.thoughts_per_turn, min_items=1),
             "response": TEXT,
         }
     )
 
 
-def deliberation() -> dict[str, Any]:
+def deliberation(limits: Limits) -> dict[str, Any]:
     return _object(
         {
             "agree": {"type": "boolean"},
             "critique": TEXT,
-            "new_thoughts": _list_of(TEXT, MAX_THOUGHTS_PER_TURN),
+            "new_thoughts": _list_of(TEXT, limits.thoughts_per_turn),
             "response": TEXT,
         }
     )
 
 
-def refined() -> dict[str, Any]:
+def refined(limits: Limits) -> dict[str, Any]:
     return _object(
         {
             "thoughts": _list_of(
@@ -74,7 +79,7 @@ def refined() -> dict[str, Any]:
                         "sources": _list_of({"type": "integer", "minimum": 1}, 8, min_items=1),
                     }
                 ),
-                MAX_REFINED_THOUGHTS,
+                limits.kept_thoughts,
                 min_items=1,
             ),
             "dropped": _list_of(
@@ -85,14 +90,14 @@ def refined() -> dict[str, Any]:
                         "explanation": TEXT,
                     }
                 ),
-                24,
+                limits.max_drops,
             ),
             "response": TEXT,
         }
     )
 
 
-def scores() -> dict[str, Any]:
+def scores(limits: Limits) -> dict[str, Any]:
     return _object(
         {
             metric: _object({"score": {"type": "integer", "minimum": 1, "maximum": 5}, "rationale": TEXT})
@@ -101,11 +106,11 @@ def scores() -> dict[str, Any]:
     )
 
 
-def belief() -> dict[str, Any]:
+def belief(limits: Limits) -> dict[str, Any]:
     return _object({"belief": TEXT})
 
 
-def guard_verdict() -> dict[str, Any]:
+def guard_verdict(limits: Limits) -> dict[str, Any]:
     return _object(
         {
             "verdict": {"type": "string", "enum": ["safe", "unsafe"]},
@@ -115,5 +120,5 @@ def guard_verdict() -> dict[str, Any]:
     )
 
 
-def judgement() -> dict[str, Any]:
+def judgement(limits: Limits) -> dict[str, Any]:
     return _object({"winner": {"type": "string", "enum": ["A", "B", "tie"]}, "rationale": TEXT})

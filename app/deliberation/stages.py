@@ -13,12 +13,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.deliberation import parsing, schemas
-from app.deliberation.config import GuardStyle
+from app.deliberation.config import GuardStyle, Limits
 from app.deliberation.policies import PolicySet
 from app.deliberation.ports import Stage
 from app.deliberation.prompting import instructed
 
 Normalize = Callable[..., dict[str, Any]]
+
+# What later stages are shown for the intents when a job skips their decomposition.
+NOT_DECOMPOSED = "(not decomposed: work from the query itself)"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,7 +31,7 @@ class StageSpec:
     # Travels in response_format.json_schema.name; servers and logs see it. None: the reply
     # is plain text, read by `normalize` itself, and is not re-asked (re-asks ask for JSON).
     schema_name: str | None
-    build_schema: Callable[[], dict[str, Any]] | None
+    build_schema: Callable[[Limits], dict[str, Any]] | None
     normalize: Normalize
     # (system, user) templates in prompts/; None: a classifier with its own chat template,
     # sent the conversation it judges (the prompt, then the sample as the assistant's turn).
@@ -38,21 +41,23 @@ class StageSpec:
     def plain_text(self) -> bool:
         return self.schema_name is None
 
-    @property
-    def schema(self) -> dict[str, Any] | None:
-        return None if self.build_schema is None else self.build_schema()
+    def schema(self, limits: Limits) -> dict[str, Any] | None:
+        return None if self.build_schema is None else self.build_schema(limits)
 
     def role_of(self, agent: int) -> str:
         return self.role.format(agent=agent)
 
-    def messages(self, policies: PolicySet, **values: object) -> list[dict[str, str]]:
+    def messages(
+        self, policies: PolicySet, limits: Limits, instructions: str = "", **values: object
+    ) -> list[dict[str, str]]:
+        """The request's messages; `instructions` are the role's own, after the stage's."""
         if self.templates is None:
             return [
                 {"role": "user", "content": str(values["prompt"])},
                 {"role": "assistant", "content": str(values["sample"])},
             ]
         system, user = self.templates
-        return instructed(policies, system, user, **values)
+        return instructed(policies, limits, instructions, system, user, **values)
 
 
 INTENT = StageSpec(

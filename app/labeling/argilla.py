@@ -11,7 +11,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-from app.deliberation.schemas import MAX_REFINED_THOUGHTS
+from app.deliberation.config import LIMIT_CAPS
 from app.labeling.label_studio import as_rating, intents_text, policy_faithfulness
 from app.labeling.reviews import VERDICTS, Answers, Parsed, Question, Review, Skipped, ToolTime
 from app.store.export_rows import CotRow
@@ -43,7 +43,7 @@ def _options(labels: dict[str, str]) -> list[Record]:
 def settings() -> Record:
     """The dataset settings in the form `rg.Settings.serialize()` writes and
     `rg.Settings.from_json()` reads."""
-    thoughts = {str(n): f"Thought {n}" for n in range(1, MAX_REFINED_THOUGHTS + 1)}
+    thoughts = {str(n): f"Thought {n}" for n in range(1, LIMIT_CAPS.kept_thoughts + 1)}
     return {
         "guidelines": (
             "Review one chain of thought written under a safety policy. Accept it only if the "

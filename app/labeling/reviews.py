@@ -12,7 +12,7 @@ from uuid import UUID
 
 from pydantic import AfterValidator
 
-from app.deliberation.schemas import MAX_REFINED_THOUGHTS
+from app.deliberation.config import LIMIT_CAPS
 from app.errors import MAX_LISTED_PROBLEMS, ServiceError
 
 VERDICTS = ("accept", "reject")
@@ -142,9 +142,9 @@ class Answers:
         if not isinstance(choices, list):
             problems.append(f"{where}: flagged thoughts {_shown(choices)} are not a list of choices")
             return []
-        if len(choices) > MAX_REFINED_THOUGHTS:  # refused unread: no CoT has that many thoughts
+        if len(choices) > LIMIT_CAPS.kept_thoughts:  # refused unread: no CoT has that many thoughts
             problems.append(
-                f"{where}: {len(choices)} flagged thoughts, a CoT has at most {MAX_REFINED_THOUGHTS}"
+                f"{where}: {len(choices)} flagged thoughts, a CoT has at most {LIMIT_CAPS.kept_thoughts}"
             )
             return []
         flagged = set()

@@ -1,0 +1,158 @@
+"""The paper's pipeline with a stage left out or cut short, per-role instructions and the
+job's reply limits: over real HTTP against the scripted server, with the in-memory turn log."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from app.deliberation.budget import largest_requests
+from app.deliberation.config import Limits
+from app.deliberation.ports import Stage, TurnKey
+from app.deliberation.stages import NOT_DECOMPOSED
+from app.llm.client import OpenAICompatibleClient
+from tests.memory_turn_log import InMemoryTurnLog
+from tests.scripted_llm import ScriptedLLM, agree, reply
+from tests.test_engine import DEFAULT_ROLE, ITEM, POLICIES, PROMPT, completed, pipeline, request_counts, run
+
+SEED = {"thoughts": ["Seed thought one.", "Seed thought two."], "response": "Seed response."}
+
+
+def user_message(server: ScriptedLLM, schema_name: str, index: int = 0) -> str:
+    return str(server.requests_for(schema_name)[index].body["messages"][-1]["content"])
+
+
+def system_message(server: ScriptedLLM, schema_name: str, index: int = 0) -> str:
+    return str(server.requests_for(schema_name)[index].body["messages"][0]["content"])
+
+
+def stored_keys(log: InMemoryTurnLog) -> list[TurnKey]:
+    return [turn.key for turn in log.turns(ITEM)]
+
+
+async def test_without_intent_decomposition_later_stages_are_told_so(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    log = InMemoryTurnLog()
+
+    result = completed(await run(llm, log, replace(pipeline(), decompose_intents=False)))
+
+    assert "intent_decomposition" not in request_counts(scripted_llm)
+    assert all(key.stage != Stage.INTENT for key in stored_keys(log))
+    for stage in ("seed_cot", "deliberation_turn", "refined_cot"):
+        assert f"Intents found:\n{NOT_DECOMPOSED}" in user_message(scripted_llm, stage)
+    assert result.intents == {"explicit_intents": [], "explicit_labels": [], "implicit_intents": []}
+
+
+async def test_zero_rounds_take_the_seed_straight_to_the_refiner(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script("seed_cot", reply(SEED))
+    log = InMemoryTurnLog()
+
+    result = completed(await run(llm, log, pipeline(max_rounds=0)))
+
+    assert "deliberation_turn" not in request_counts(scripted_llm)
+    assert [key.stage for key in stored_keys(log)] == [Stage.INTENT, Stage.SEED, Stage.REFINE]
+    assert (
+        "[T1] (seed) Seed thought one.\n[T2] (seed) Seed thought two.\n\nLast response:\n<<<\nSeed response."
+        in (user_message(scripted_llm, "refined_cot"))
+    )
+    assert (result.rounds_used, result.agreed, result.agreed_by) == (0, False, None)
+
+
+async def test_a_turn_budget_stops_deliberation_mid_round(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script("deliberation_turn", *(agree(False, [f"Turn {n}."]) for n in range(1, 5)))
+    log = InMemoryTurnLog()
+
+    result = completed(await run(llm, log, replace(pipeline(agents=2, max_rounds=4), max_turns=3)))
+
+    turns = [(key.round, key.agent) for key in stored_keys(log) if key.stage == Stage.DELIBERATION]
+    assert turns == [(1, 1), (1, 2), (2, 1)]
+    assert [t.text for t in result.thoughts[-3:]] == ["Turn 1.", "Turn 2.", "Turn 3."]
+    assert (result.rounds_used, result.agreed) == (2, False)
+
+
+async def test_without_the_refiner_the_cot_is_every_thought_in_order_and_the_last_response(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script("seed_cot", reply(SEED))
+    scripted_llm.script(
+        "deliberation_turn",
+        agree(False, ["Agent one's thought."], response="Revised by agent 1."),
+        agree(True, response="An agreeing agent's response is not taken."),
+    )
+
+    result = completed(await run(llm, InMemoryTurnLog(), replace(pipeline(), refine=False)))
+
+    assert "refined_cot" not in request_counts(scripted_llm)
+    assert result.refined_thoughts == [
+        {"text": "Seed thought one.", "sources": [1]},
+        {"text": "Seed thought two.", "sources": [2]},
+        {"text": "Agent one's thought.", "sources": [3]},
+    ]
+    assert (result.dropped, result.unaccounted) == ([], [])
+    assert result.response == "Revised by agent 1."
+    assert result.agreed_by == {"round": 1, "agent": 2}
+
+
+async def test_a_roles_own_instructions_follow_its_stage_instructions_for_that_role_only(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script("deliberation_turn", agree(False, ["A thought."]), agree(True))
+    persona = "Hunt for needless refusals: a safe request must get a full answer."
+    hunter = replace(DEFAULT_ROLE, instructions=persona)
+    config = replace(pipeline(agents=2, max_rounds=1), deliberators=(DEFAULT_ROLE, hunter))
+
+    completed(await run(llm, InMemoryTurnLog(), config))
+
+    first, second = (system_message(scripted_llm, "deliberation_turn", i) for i in (0, 1))
+    assert second == f"{first}\n\n# Your own instructions for this role\n{persona}"
+    assert persona not in system_message(scripted_llm, "refined_cot")
+
+
+async def test_the_jobs_limits_reach_the_schemas_and_the_instructions(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    limits = Limits(thoughts_per_turn=3, kept_thoughts=4, max_drops=2)
+
+    completed(await run(llm, InMemoryTurnLog(), replace(pipeline(max_rounds=1), limits=limits)))
+
+    def response_schema(name: str) -> dict[str, object]:
+        schema: dict[str, object] = scripted_llm.requests_for(name)[0].body["response_format"]["json_schema"][
+            "schema"
+        ]
+        return schema
+
+    assert response_schema("seed_cot")["properties"]["thoughts"]["maxItems"] == 3  # type: ignore[index]
+    assert response_schema("deliberation_turn")["properties"]["new_thoughts"]["maxItems"] == 3  # type: ignore[index]
+    refined = response_schema("refined_cot")["properties"]
+    assert (refined["thoughts"]["maxItems"], refined["dropped"]["maxItems"]) == (4, 2)  # type: ignore[index]
+    assert "- thoughts: 2 to 3 short reasoning steps." in system_message(scripted_llm, "seed_cot")
+    assert "- new_thoughts: reasoning steps to add (0 to 3)" in system_message(
+        scripted_llm, "deliberation_turn"
+    )
+
+
+def test_the_request_budgets_follow_the_ablations() -> None:
+    full = pipeline(agents=2, max_rounds=4)
+
+    def budgets(**changes: object) -> dict[str, int]:
+        return {b.role: b.tokens for b in largest_requests(replace(full, **changes), POLICIES, PROMPT)}
+
+    default = budgets()
+    assert list(default) == ["intent", "seed", "deliberator-1", "deliberator-2", "refiner"]
+    assert list(budgets(decompose_intents=False)) == ["seed", "deliberator-1", "deliberator-2", "refiner"]
+    assert list(budgets(refine=False)) == ["intent", "seed", "deliberator-1", "deliberator-2"]
+    assert list(budgets(max_rounds=0)) == ["intent", "seed", "refiner"]
+    assert list(budgets(max_turns=1)) == ["intent", "seed", "deliberator-1", "refiner"]
+
+    reply_tokens = full.max_tokens + 64  # each reply read, at most, with its labels
+    capped = budgets(max_turns=3)  # agent 1's last turn is the third: it reads 4 replies, not 8
+    assert default["deliberator-1"] - capped["deliberator-1"] == 4 * reply_tokens
+    assert default["deliberator-2"] - capped["deliberator-2"] == 6 * reply_tokens  # its turn 2 reads 3, not 9
+    assert default["refiner"] - capped["refiner"] == 5 * reply_tokens  # 3 turns read, not 8
+    # Without intents, nothing reads their reply; the note that replaces it is short.
+    no_intents = budgets(decompose_intents=False)
+    assert 0 < default["seed"] - no_intents["seed"] < reply_tokens
