@@ -17,7 +17,8 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = "0013_job_duplicates"
-# 0012 is being written on another branch: whichever merges second revises the other.
+# 0012_item_claimed_by (another branch) is numbered before this: when both are merged, this
+# revises that one instead, so the history stays one line.
 down_revision: str | None = "0011_job_labels"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
