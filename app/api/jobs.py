@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import replace
 from typing import Annotated
@@ -9,7 +10,7 @@ from uuid import UUID
 
 from fastapi import APIRouter, Depends, Query, status
 
-from app import callbacks, events
+from app import callbacks, duplicates, events
 from app.api import views
 from app.api.bodies import JsonBody
 from app.api.deps import CurrentKey, OwnedJob, ReadsHazardous, SessionDep, StateDep, SummariesDep
@@ -56,6 +57,7 @@ async def submit_job(
     key: CurrentKey, body: Annotated[JobIn, Depends(JOB_BODY)], submission: SubmissionDep
 ) -> SubmittedJobOut:
     """Accept a batch of 1 to 10,000 prompts; one arq job per item is enqueued after commit.
+    Duplicate prompts are reported in `duplicates`, and with `"duplicates": "skip"` get no item.
     422 `request_too_large` if a role's requests may not fit its endpoint's context."""
     session, settings = submission.session, submission.settings
     callback = callbacks.requested(body.callback_url, settings)
@@ -64,17 +66,21 @@ async def submit_job(
         session, key.id, body.policy_set.name, body.policy_set.version
     )
     prompts = body.prompt_items()
-    check_job_fits(plan, policy_sets.for_engine(policy_set), [p.prompt for p in prompts], settings)
+    found = await asyncio.to_thread(duplicates.find, [p.prompt for p in prompts], body.duplicates)
+    skipped = set(found.skipped)
+    kept = [(position, p) for position, p in enumerate(prompts) if position not in skipped]
+    check_job_fits(plan, policy_sets.for_engine(policy_set), [p.prompt for _, p in kept], settings)
     job, new_item_ids = await jobs.submit(
         session,
         owner_key_id=key.id,
         policy_set_id=policy_set.id,
         plan=plan,
-        items=[jobs.NewItem(p.prompt, p.metadata) for p in prompts],
+        items=[jobs.NewItem(position, p.prompt, p.metadata) for position, p in kept],
         labels=jobs.Labels(body.label, body.metadata),
         idempotency_key=submission.idempotency_key,
         request_hash=submission.request_hash(body),
         callback=callback,
+        duplicates=found.model_dump(mode="json"),
     )
     await submission.accept(job, new_item_ids)
     shown = await job_out(session, job)

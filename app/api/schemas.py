@@ -11,6 +11,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from app.deliberation.config import Mode
 from app.deliberation.policies import MAX_POLICY_TEXT_CHARS, render_policies
+from app.duplicates import DuplicatesOut, Handling
 from app.plan import JobConfigIn, RoleIn
 from app.store import models
 
@@ -120,6 +121,15 @@ class JobIn(Labelled):
     policy_set: PolicySetRef = Field(default_factory=PolicySetRef)
     config: JobConfigIn = Field(default_factory=JobConfigIn)
     callback_url: CallbackUrl = None
+    # Left out of the request's hash when "keep", as label and metadata are: a body without it
+    # stays the request it was before jobs had it, so its replays still match.
+    duplicates: Handling = Field(
+        default="keep",
+        exclude_if=lambda handling: handling == "keep",
+        description="Prompts repeated in this job (exact or normalised: see the README's Duplicate "
+        "prompts) are always reported. `keep`: an item for every prompt. `skip`: an item only for "
+        "the first occurrence; items keep their prompt's position in the list.",
+    )
 
     @model_validator(mode="after")
     def _one_source_of_prompts(self) -> JobIn:
@@ -250,6 +260,11 @@ class JobOut(BaseModel):
         default=None, description="Present when the job asked for grading."
     )
     pairs: PairSummary | None = Field(default=None, description="Present when the job asked for pairs.")
+    duplicates: DuplicatesOut | None = Field(
+        default=None,
+        description="Duplicate prompts found at submission; null for comparisons and for jobs "
+        "submitted before duplicates were reported.",
+    )
 
 
 class JobProgressOut(BaseModel):

@@ -34,6 +34,7 @@ async def job_out(session: AsyncSession, job: Job) -> JobOut:
         metadata=job.job_metadata,
         policy_set=PolicySetBrief(id=policy_set.id, name=policy_set.name, version=policy_set.version),
         config=job.plan.model_dump(mode="json"),  # the plan's JSON, as stored
+        duplicates=job.duplicates,
         **await jobs.summary(session, job),
     )
 

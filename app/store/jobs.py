@@ -30,6 +30,7 @@ Listed = type[Item] | type[Cot] | type[PreferencePair]
 
 @dataclass(frozen=True)
 class NewItem:
+    position: int  # the prompt's index in the submitted list (skipped duplicates leave gaps)
     prompt: str
     metadata: dict[str, Any]
 
@@ -61,6 +62,7 @@ async def submit(
     idempotency_key: str | None,
     request_hash: str,
     callback: NewCallback | None,
+    duplicates: dict[str, Any],
 ) -> tuple[Job, list[UUID]]:
     """Write the job and all its items in the caller's transaction.
 
@@ -77,6 +79,7 @@ async def submit(
         idempotency_scope="jobs",
         request_hash=request_hash,
         callback=callback,
+        duplicates=duplicates,
     )
     if not created:
         return job, []
@@ -88,7 +91,7 @@ async def submit(
         Item.__tablename__,
         columns=["id", "job_id", "position", "prompt", "metadata", *_ITEM_DEFAULTS],
         records=[
-            (ids[i], job.id, i, it.prompt, json.dumps(it.metadata), *_ITEM_DEFAULTS.values())
+            (ids[i], job.id, it.position, it.prompt, json.dumps(it.metadata), *_ITEM_DEFAULTS.values())
             for i, it in enumerate(items)
         ],
     )
@@ -107,6 +110,7 @@ async def create(
     idempotency_scope: IdempotencyScope,
     request_hash: str,
     callback: NewCallback | None,
+    duplicates: dict[str, Any] | None = None,
 ) -> tuple[Job, bool]:
     """Write a job row without items in the caller's transaction; (job, True) if created.
 
@@ -129,6 +133,7 @@ async def create(
         callback_secret=callback.secret if callback else None,
         label=labels.label,
         job_metadata=labels.metadata,
+        duplicates=duplicates,
     )
     try:
         async with session.begin_nested():

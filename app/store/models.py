@@ -156,6 +156,9 @@ class Job(Base):
     job_metadata: Mapped[dict[str, Any]] = mapped_column(
         "metadata", JSONB, default=dict, server_default=text("'{}'::jsonb")
     )
+    # Duplicate prompts found at submission (app/duplicates.py, DuplicatesOut's JSON); None for
+    # comparisons and for jobs older than the report.
+    duplicates: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
 
 
 # Jobs whose hazardous text is still held, for the purge to find the old ones.
