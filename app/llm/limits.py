@@ -17,23 +17,25 @@ Pauses. When the endpoint says when to come back (Retry-After on a 429 or 503, o
 `x-ratelimit-remaining-*` of 0 with its `x-ratelimit-reset-*`), the release sets
 "<key>:paused" with that PX expiry (only ever lengthening it), and the acquire script
 answers every acquirer in every process with the time left: the whole endpoint waits, not
-just the request that was told. This is what Curator and LiteLLM's cooldowns do; it is
-the provider's own answer, so it beats any guess of ours.
+just the request that was told (as Curator pauses all its requests after a rate-limit
+error, and LiteLLM cools a deployment down). It is the provider's own answer, so it beats
+any guess of ours; `retry_after_max_s` bounds it against bogus values.
 
 The adaptive cap ("<key>:aimd", a hash) is for endpoints that 429 without saying for how
 long. Halving on every 429 (as TCP halves on every loss) collapses on noise: with 2 % of
-answers 429 at 64 in flight there is a 429 every few hundred ms, more cuts than +1 per
-round trip can repair, and the cap sat near 40 of 64. So, as Google's client-side
-throttling does, the cut follows the *share* of 429s rather than the event: the outcomes
-(successes and 429s; other faults say nothing about rate) of requests counted in windows
-of WINDOW, shared by every worker. A window with more than CUT_SHARE 429s halves the cap;
-any other window adds 1 (additive increase per window, about one round trip at cap 40).
-2 % noise then essentially never cuts (more than 8 of 40 at p = 0.02: about 1 in 10^7), even
-the 8 % of a harsh day rarely does (about 1 in 200 windows), while a real limit that the
-cap overshoots answers a large share of 429s and is cut within a window. Like TCP's
-once per round trip, outcomes of requests sent before the last cut are not counted
-(the cap's generation is taken at acquire): they were sent at the old cap and would cut
-it again for the same overload.
+answers 429 and 64 in flight at 200 ms there are several 429s a second, more cuts than +1
+per round trip can repair, and no more than 40 of 64 were ever in flight. So, as Google's
+client-side throttling does, the cut follows the *share* of 429s rather than the event:
+the outcomes of requests (successes and 429s; other faults say nothing about rate) are
+counted in windows of WINDOW, shared by every worker. A window with more than CUT_SHARE
+429s halves the cap; any other adds 1 (about one round trip's worth at a cap of 40).
+2 % noise then essentially never cuts (more than 8 of 40 at p = 0.02: one window in 10^7),
+even the 8 % of a harsh day rarely does (one window in 270), while a real limit that the
+cap overshoots answers a large share of 429s and is cut within a window (at 30 %, nine
+windows in ten). Settled on a real limit, the cap saw-tooths just under it: +1 a window
+until the 429s pass 20 %, then half. As TCP cuts at most once per round trip, outcomes
+of requests sent before the last cut are not counted (the cap's generation is taken at
+acquire): they were sent at the old cap and would cut it again for the same overload.
 """
 
 from __future__ import annotations
