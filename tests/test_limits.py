@@ -31,7 +31,7 @@ from app.config import EndpointConfig, Settings
 from app.deliberation.ports import ChatRequest, LLMUnavailable
 from app.deliberation.stages import DELIBERATION, SEED
 from app.llm.client import OpenAICompatibleClient
-from app.llm.limits import WINDOW, EndpointLimiter
+from app.llm.limits import CUT_SHARE, WINDOW, EndpointLimiter
 from app.llm.rates import EndpointRates
 from app.store.db import Sessions
 from bench.audit import status_counts
@@ -97,7 +97,7 @@ async def test_dead_holders_slot_frees_itself_after_its_lease(redis: Redis, key_
             f"""
             import asyncio
             from redis.asyncio import Redis
-            from app.llm.limits import WINDOW, EndpointLimiter
+            from app.llm.limits import CUT_SHARE, WINDOW, EndpointLimiter
 
             async def hold_forever():
                 limiter = EndpointLimiter(Redis.from_url({REDIS_URL!r}), {key_prefix!r})
@@ -337,71 +337,92 @@ def two_clients(
     return clients, stack
 
 
-async def test_sporadic_429s_leave_the_cap_at_the_limit(scripted_llm: ScriptedLLM, key_prefix: str) -> None:
+async def test_sporadic_429s_neither_cut_the_cap_nor_pause_the_endpoint(
+    scripted_llm: ScriptedLLM, key_prefix: str
+) -> None:
     clients, stack = two_clients(scripted_llm, key_prefix, max_concurrency=8)
     calls = itertools.count(1)
-    in_flight = []
-    async with stack:
-        for _ in range(15):  # 120 requests, 2 % of them 429 (no Retry-After: no pause)
-            scripted_llm.reset()
-            scripted_llm.latency_s = 0.05
-            scripted_llm.unscripted = lambda: http_error(429) if next(calls) % 50 == 0 else None
-            await asyncio.gather(*(clients[n % 2].chat(deliberation_request()) for n in range(8)))
-            in_flight.append(scripted_llm.max_in_flight)
+    refused: list[float] = []
 
-    assert next(calls) > 100
-    assert in_flight == [8] * 15
+    def sporadic_429() -> Behaviour | None:  # 2 % of the first 200, each asking to wait 1 s
+        call = next(calls)
+        if call % 50 or call > 200:
+            return None
+        refused.append(time.monotonic())
+        return http_error(429, retry_after=1)
+
+    async def keep_asking(client: OpenAICompatibleClient) -> None:
+        while len(scripted_llm.requests) < 300:
+            await client.chat(deliberation_request())
+
+    scripted_llm.latency_s = 0.05
+    scripted_llm.unscripted = sporadic_429
+    async with stack:
+        await asyncio.gather(*(keep_asking(clients[n % 2]) for n in range(8)))
+        arrivals = [r.received_at for r in scripted_llm.requests]
+        scripted_llm.reset()
+        scripted_llm.latency_s = 0.05
+        await asyncio.gather(*(clients[n % 2].chat(deliberation_request()) for n in range(8)))
+
+    assert len(refused) == 4
+    for at in refused:
+        assert any(at + 0.2 < later < at + 0.8 for later in arrivals), "the others went on"
+    assert scripted_llm.max_in_flight == 8, "the cap is where it was"
 
 
 async def pause_seen_by_the_other_client(
-    scripted_llm: ScriptedLLM, key_prefix: str, first: Behaviour, **endpoint: Any
+    scripted_llm: ScriptedLLM, key_prefix: str, *first: Behaviour, **endpoint: Any
 ) -> float:
-    """Client 0's request is answered `first`; client 1 then asks. Seconds from the first
-    request's arrival at the server to the next one's (client 1's, or client 0's retry if
-    that came sooner: either way, nothing came sooner)."""
+    """Client 0 sends one request per behaviour in `first`, at once, and they are answered
+    so; then client 1 asks. Seconds from the last of client 0's first requests to arrive at
+    the server to the next request to arrive (client 1's, or a retry of client 0's if that
+    came sooner: either way, nothing came sooner)."""
     clients, stack = two_clients(scripted_llm, key_prefix, **endpoint)
     async with stack:
-        scripted_llm.script("deliberation_turn", first)
-        told = asyncio.create_task(clients[0].chat(deliberation_request()))
-        await eventually(lambda: _answered(scripted_llm), timeout_s=5, what="the first answer")
-        await asyncio.sleep(0.05)  # its slot released (the pause set) before the other asks
+        scripted_llm.script("deliberation_turn", *first)
+        told = [asyncio.create_task(clients[0].chat(deliberation_request())) for _ in first]
+        await eventually(lambda: _answered(scripted_llm, len(first)), timeout_s=5, what="the answers")
+        await asyncio.sleep(0.05)  # the slots released (the pause set) before the other asks
         await clients[1].chat(deliberation_request())
-        await told
-    first_at, other_at = (r.received_at for r in scripted_llm.requests[:2])
-    return other_at - first_at
+        await asyncio.gather(*told)
+    arrivals = [r.received_at for r in scripted_llm.requests]
+    return min(arrivals[len(first) :]) - max(arrivals[: len(first)])
 
 
-async def _answered(scripted_llm: ScriptedLLM) -> bool:
-    return scripted_llm.in_flight == 0 and bool(scripted_llm.requests)
+async def _answered(scripted_llm: ScriptedLLM, requests: int) -> bool:
+    return scripted_llm.in_flight == 0 and len(scripted_llm.requests) >= requests
+
+
+# More 429s than a window may have without cutting: they are not noise.
+SUSTAINED = int(CUT_SHARE * WINDOW) + 1
 
 
 @pytest.mark.parametrize("status", [429, 503])
-async def test_retry_after_pauses_every_client_of_the_endpoint(
+async def test_a_run_of_retry_afters_pauses_every_client_of_the_endpoint(
     scripted_llm: ScriptedLLM, key_prefix: str, status: int
 ) -> None:
-    waited = await pause_seen_by_the_other_client(
-        scripted_llm, key_prefix, http_error(status, retry_after=1), max_concurrency=4
-    )
+    refusals = [http_error(status, retry_after=1)] * SUSTAINED
+
+    waited = await pause_seen_by_the_other_client(scripted_llm, key_prefix, *refusals, max_concurrency=16)
 
     assert 0.95 <= waited < 2.0
 
 
 async def test_retry_after_given_as_http_date_pauses_too(scripted_llm: ScriptedLLM, key_prefix: str) -> None:
     # HTTP dates have whole seconds, so "two seconds from now" means more than one.
-    retry_at = formatdate(time.time() + 2, usegmt=True)
+    refusals = [http_error(429, retry_after=formatdate(time.time() + 2, usegmt=True))] * SUSTAINED
 
-    waited = await pause_seen_by_the_other_client(
-        scripted_llm, key_prefix, http_error(429, retry_after=retry_at)
-    )
+    waited = await pause_seen_by_the_other_client(scripted_llm, key_prefix, *refusals, max_concurrency=16)
 
     assert 0.95 <= waited < 3.0
 
 
 async def test_a_pause_is_at_most_retry_after_max_s(scripted_llm: ScriptedLLM, key_prefix: str) -> None:
     paused_before = pause_seconds()
+    refusals = [http_error(429, retry_after=3600)] * SUSTAINED
 
     waited = await pause_seen_by_the_other_client(
-        scripted_llm, key_prefix, http_error(429, retry_after=3600), retry_after_max_s=0.5
+        scripted_llm, key_prefix, *refusals, max_concurrency=16, retry_after_max_s=0.5
     )
 
     assert 0.45 <= waited < 1.5

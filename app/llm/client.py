@@ -219,11 +219,14 @@ class OpenAICompatibleClient:
             started = time.monotonic()
             answer = await self._post(request, endpoint)
             latency_ms = (time.monotonic() - started) * 1000
-            # For the release: the adaptive cap counts these, the pause applies to everyone.
+            retry_after = _retry_after_s(answer.headers.get("Retry-After"), endpoint.retry_after_max_s)
+            # For the release, which adapts the cap and pauses the endpoint for everyone.
             slot.succeeded = answer.status < 400
-            slot.rate_limited = answer.status == 429
-            slot.pause_s = _pause_s(answer, endpoint.retry_after_max_s)
-        _raise_for_status(answer, request.endpoint, endpoint.retry_after_max_s)
+            # Told to slow down: a 429, or a 503 saying when to come back (overloaded).
+            slot.rate_limited = answer.status == 429 or (answer.status == 503 and retry_after is not None)
+            slot.retry_after_s = (retry_after or 0.0) if slot.rate_limited else 0.0
+            slot.pause_s = _spent_s(answer.headers, endpoint.retry_after_max_s)
+        _raise_for_status(answer, request.endpoint, retry_after)
         reply = _parse_reply(answer, request, latency_ms)
         if reservation is not None and self._rates is not None:
             await self._rates.settle(reservation, reply.prompt_tokens + reply.completion_tokens)
@@ -322,7 +325,7 @@ def _headers(endpoint: EndpointConfig) -> dict[str, str]:
 _RETRYABLE = {408, 409, 425, 429}  # timeout, conflict, too early, rate limited
 
 
-def _raise_for_status(answer: _Answer, endpoint_name: str, retry_after_max_s: float) -> None:
+def _raise_for_status(answer: _Answer, endpoint_name: str, retry_after_s: float | None) -> None:
     """The status alone classifies a failure for tenants: the body may echo the request
     and its headers, so only the detail for operators quotes it."""
     status = answer.status
@@ -332,22 +335,20 @@ def _raise_for_status(answer: _Answer, endpoint_name: str, retry_after_max_s: fl
     if status in _RETRYABLE or status >= 500:
         kind = "rate_limited" if status == 429 else "server_error"
         summary = f"the LLM endpoint {endpoint_name!r} answered HTTP {status}"
-        retry_after = _retry_after_s(answer.headers.get("Retry-After"))
-        if retry_after is not None:
-            retry_after = min(retry_after, retry_after_max_s)
-        raise _TransientFault(detail, summary, retry_after, kind)
+        raise _TransientFault(detail, summary, retry_after_s, kind)
     raise LLMRequestRejected(
         detail, f"the LLM endpoint {endpoint_name!r} rejected the request (HTTP {status})"
     )
 
 
-def _retry_after_s(value: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header: delay-seconds or an HTTP date."""
+def _retry_after_s(value: str | None, max_s: float) -> float | None:
+    """Seconds to wait from a Retry-After header (delay-seconds or an HTTP date), at most
+    max_s; None when absent or unreadable."""
     if value is None:
         return None
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        return min(max(0.0, float(value)), max_s)
     except ValueError:
         pass
     try:
@@ -356,23 +357,18 @@ def _retry_after_s(value: str | None) -> float | None:
         return None
     if when.tzinfo is None:  # RFC 9110 dates are GMT; obsolete formats may omit it
         when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    return min(max(0.0, (when - datetime.now(UTC)).total_seconds()), max_s)
 
 
-# Where a pause is the endpoint's to call: 429 (rate limited), 503 (overloaded or down for
-# maintenance). On a 408 or 409 Retry-After concerns the one request, so only it waits.
-_PAUSING = {429, 503}
-
-
-def _pause_s(answer: _Answer, max_s: float) -> float:
-    """How long every request to this endpoint should wait: the longest of Retry-After
-    (on a 429 or 503) and the reset of each x-ratelimit-remaining-* that hit 0, at most
-    max_s; 0 when none applies. Headers we cannot read are ignored."""
-    headers = answer.headers
-    waits = [_retry_after_s(headers.get("Retry-After")) if answer.status in _PAUSING else None]
-    for budget in ("requests", "tokens"):
-        if headers.get(f"x-ratelimit-remaining-{budget}", "").strip() == "0":
-            waits.append(_duration_s(headers.get(f"x-ratelimit-reset-{budget}")))
+def _spent_s(headers: Mapping[str, str], max_s: float) -> float:
+    """How long every request to this endpoint should wait because a budget the endpoint
+    reports (x-ratelimit-remaining-requests or -tokens) is spent: the longest of their
+    x-ratelimit-reset-*, at most max_s; 0 when none is spent. Unreadable headers are ignored."""
+    waits = [
+        _duration_s(headers.get(f"x-ratelimit-reset-{budget}"))
+        for budget in ("requests", "tokens")
+        if headers.get(f"x-ratelimit-remaining-{budget}", "").strip() == "0"
+    ]
     return min(max((w for w in waits if w is not None), default=0.0), max_s)
 
 

@@ -13,29 +13,33 @@ entry nobody was waiting for only makes a later waiter try once more; at most `l
 kept. In each process one waiter per endpoint talks to Redis at a time (blocked in BLPOP
 on a connection of its own); the others queue behind it locally, in arrival order.
 
-Pauses. When the endpoint says when to come back (Retry-After on a 429 or 503, or an
-`x-ratelimit-remaining-*` of 0 with its `x-ratelimit-reset-*`), the release sets
-"<key>:paused" with that PX expiry (only ever lengthening it), and the acquire script
-answers every acquirer in every process with the time left: the whole endpoint waits, not
-just the request that was told (as Curator pauses all its requests after a rate-limit
-error, and LiteLLM cools a deployment down). It is the provider's own answer, so it beats
-any guess of ours; `retry_after_max_s` bounds it against bogus values.
+The adaptive cap ("<key>:aimd", a hash). Halving on every 429 (as TCP halves on every
+loss) collapses on noise: with 2 % of answers 429 and 64 in flight at 200 ms there are
+several 429s a second, more cuts than +1 per round trip can repair, and no more than 40 of
+64 were ever in flight. So, as Google's client-side throttling does, the cut follows the
+*share* of 429s rather than the event: the outcomes of requests (successes and 429s, and
+503s that say when to come back; other faults say nothing about rate) are counted in
+windows of WINDOW, shared by every worker. A window with more than CUT_SHARE 429s halves
+the cap, as soon as its 429s pass that share of WINDOW (its verdict is certain then); a
+window without adds 1 (about one round trip's worth at a cap of 40). 2 % noise then
+essentially never cuts (more than 8 of 40 at p = 0.02: one window in 10^7), even the 8 % of
+a harsh day rarely does (one window in 270), while a real limit that the cap overshoots
+answers a large share of 429s and is cut within a window (at 30 %, nine windows in ten).
+Settled on a real limit, the cap saw-tooths just under it: +1 a window until the 429s pass
+20 %, then half. As TCP cuts at most once per round trip, outcomes of requests sent before
+the last cut are not counted (the cap's generation is taken at acquire): they were sent at
+the old cap and would cut it again for the same overload.
 
-The adaptive cap ("<key>:aimd", a hash) is for endpoints that 429 without saying for how
-long. Halving on every 429 (as TCP halves on every loss) collapses on noise: with 2 % of
-answers 429 and 64 in flight at 200 ms there are several 429s a second, more cuts than +1
-per round trip can repair, and no more than 40 of 64 were ever in flight. So, as Google's
-client-side throttling does, the cut follows the *share* of 429s rather than the event:
-the outcomes of requests (successes and 429s; other faults say nothing about rate) are
-counted in windows of WINDOW, shared by every worker. A window with more than CUT_SHARE
-429s halves the cap; any other adds 1 (about one round trip's worth at a cap of 40).
-2 % noise then essentially never cuts (more than 8 of 40 at p = 0.02: one window in 10^7),
-even the 8 % of a harsh day rarely does (one window in 270), while a real limit that the
-cap overshoots answers a large share of 429s and is cut within a window (at 30 %, nine
-windows in ten). Settled on a real limit, the cap saw-tooths just under it: +1 a window
-until the 429s pass 20 %, then half. As TCP cuts at most once per round trip, outcomes
-of requests sent before the last cut are not counted (the cap's generation is taken at
-acquire): they were sent at the old cap and would cut it again for the same overload.
+Pauses ("<key>:paused", a key with a PX expiry, only ever lengthened; the acquire script
+answers every acquirer in every process with the time left). When the endpoint reports a
+budget spent (`x-ratelimit-remaining-*` of 0), the whole endpoint waits for its
+`x-ratelimit-reset-*`, at once: that is a statement about every request. A Retry-After on a
+429 is the same statement only when 429s are not noise: the cut that a window's 429s
+trigger also pauses every worker for that Retry-After (as Curator pauses all its requests
+after a rate-limit error, and LiteLLM cools a deployment down); a sporadic 429 makes only
+its own request wait (the client's retry honours it), for pausing everyone for each of 2 %
+of answers with `Retry-After: 1` would stop the endpoint most of the time. Both are bounded
+by the endpoint's `retry_after_max_s` against bogus values.
 """
 
 from __future__ import annotations
@@ -89,40 +93,41 @@ return {0, 0, gen}
 """
 
 # KEYS: holders, aimd, freed, paused. ARGV: token, outcome (ok, limited or none), limit,
-# the generation taken at acquire, pause ms (0: none), WINDOW, CUT_SHARE.
-# Release, wake one waiter, pause, count the outcome: one round trip.
+# the generation taken at acquire, pause ms (0: none), the Retry-After ms that pauses if
+# this outcome cuts the cap, WINDOW, CUT_SHARE.
+# Release, wake one waiter, count the outcome, pause: one round trip.
 # Returns {the cap, ms this release added to the pause, the pause's ms left}.
 _RELEASE = """
 local token, outcome, limit, gen = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local pause_ms, window, cut_share = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local pause_ms, retry_ms = tonumber(ARGV[5]), tonumber(ARGV[6])
+local window, cut_share = tonumber(ARGV[7]), tonumber(ARGV[8])
 redis.call('ZREM', KEYS[1], token)
 redis.call('RPUSH', KEYS[3], 1)
 redis.call('LTRIM', KEYS[3], -limit, -1)
 redis.call('PEXPIRE', KEYS[3], 60000)
+local state = redis.call('HMGET', KEYS[2], 'cap', 'gen', 'ok', 'limited')
+local cap = math.max(1, math.min(limit, tonumber(state[1] or limit)))
+if outcome ~= 'none' and gen == tonumber(state[2] or 0) then
+  local ok, limited = tonumber(state[3] or 0), tonumber(state[4] or 0)
+  if outcome == 'ok' then ok = ok + 1 else limited = limited + 1 end
+  if limited > cut_share * window then
+    cap = math.max(1, math.floor(cap / 2))
+    gen = gen + 1
+    ok, limited = 0, 0
+    pause_ms = math.max(pause_ms, retry_ms)
+  elseif ok + limited >= window then
+    cap = math.min(limit, cap + 1)
+    ok, limited = 0, 0
+  end
+  redis.call('HSET', KEYS[2], 'cap', cap, 'gen', gen, 'ok', ok, 'limited', limited)
+  redis.call('EXPIRE', KEYS[2], 3600)
+end
 local left = math.max(0, redis.call('PTTL', KEYS[4]))
 local added = 0
 if pause_ms > left then
   redis.call('SET', KEYS[4], 1, 'PX', pause_ms)
   added, left = pause_ms - left, pause_ms
 end
-local state = redis.call('HMGET', KEYS[2], 'cap', 'gen', 'ok', 'limited')
-local cap = math.max(1, math.min(limit, tonumber(state[1] or limit)))
-if outcome == 'none' or gen ~= tonumber(state[2] or 0) then
-  return {cap, added, left}
-end
-local ok, limited = tonumber(state[3] or 0), tonumber(state[4] or 0)
-if outcome == 'ok' then ok = ok + 1 else limited = limited + 1 end
-if ok + limited >= window then
-  if limited > cut_share * (ok + limited) then
-    cap = math.max(1, math.floor(cap / 2))
-    gen = gen + 1
-  else
-    cap = math.min(limit, cap + 1)
-  end
-  ok, limited = 0, 0
-end
-redis.call('HSET', KEYS[2], 'cap', cap, 'gen', gen, 'ok', ok, 'limited', limited)
-redis.call('EXPIRE', KEYS[2], 3600)
 return {cap, added, left}
 """
 
@@ -137,8 +142,9 @@ class Slot:
     it for the adaptive cap and sets the pause, in the same round trip."""
 
     succeeded: bool = False
-    rate_limited: bool = False  # the endpoint answered 429
-    pause_s: float = 0.0  # the endpoint asked every request to wait this long
+    rate_limited: bool = False  # the endpoint told us to slow down (429)
+    retry_after_s: float = 0.0  # for how long, if it said: pauses everyone if 429s are not noise
+    pause_s: float = 0.0  # the endpoint's budget is spent for this long: pauses everyone
     generation: int = 0  # the adaptive cap's, when this slot was taken
 
     @property
@@ -209,11 +215,11 @@ class EndpointLimiter:
 
     async def _release(self, endpoint: str, token: str, limit: int, held: Slot) -> None:
         key = self.key(endpoint)
-        pause_ms = round(held.pause_s * 1000)
+        pause_ms, retry_ms = round(held.pause_s * 1000), round(held.retry_after_s * 1000)
         try:
             cap, added_ms, left_ms = await self._release_script(
                 keys=[key, f"{key}:aimd", f"{key}:freed", f"{key}:paused"],
-                args=[token, held.outcome, limit, held.generation, pause_ms, WINDOW, CUT_SHARE],
+                args=[token, held.outcome, limit, held.generation, pause_ms, retry_ms, WINDOW, CUT_SHARE],
             )
         except RedisError:
             # Not fatal: the lease frees the slot anyway, only later.
