@@ -26,10 +26,10 @@ class EndpointConfig(BaseModel):
     # requests may not fit are refused, and no request estimated over it is sent. None:
     # unknown, only the caps on prompts, policies and max_tokens apply.
     max_context_tokens: int | None = Field(default=None, ge=1)
-    # The longest pause honoured when the endpoint asks for one (Retry-After on a 429 or 503,
-    # x-ratelimit-reset-* once x-ratelimit-remaining-* is 0): every worker's requests to the
-    # endpoint wait that long. Servers rarely ask for more than a minute; a bogus huge value
-    # must not park the workers for hours.
+    # The longest wait honoured when the endpoint asks for one (Retry-After; x-ratelimit-reset-*
+    # once x-ratelimit-remaining-* is 0): before a request's retry, or by every worker's
+    # requests while the endpoint is paused (app/llm/limits.py). Servers rarely ask for more
+    # than a minute; a bogus huge value must not park the workers for hours.
     retry_after_max_s: float = Field(default=120.0, ge=0)
 
 

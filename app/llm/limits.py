@@ -142,7 +142,7 @@ class Slot:
     it for the adaptive cap and sets the pause, in the same round trip."""
 
     succeeded: bool = False
-    rate_limited: bool = False  # the endpoint told us to slow down (429)
+    rate_limited: bool = False  # told to slow down: a 429, or a 503 with Retry-After
     retry_after_s: float = 0.0  # for how long, if it said: pauses everyone if 429s are not noise
     pause_s: float = 0.0  # the endpoint's budget is spent for this long: pauses everyone
     generation: int = 0  # the adaptive cap's, when this slot was taken
