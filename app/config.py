@@ -26,6 +26,11 @@ class EndpointConfig(BaseModel):
     # requests may not fit are refused, and no request estimated over it is sent. None:
     # unknown, only the caps on prompts, policies and max_tokens apply.
     max_context_tokens: int | None = Field(default=None, ge=1)
+    # The longest wait honoured when the endpoint asks for one (Retry-After; x-ratelimit-reset-*
+    # once x-ratelimit-remaining-* is 0): before a request's retry, or by every worker's
+    # requests while the endpoint is paused (app/llm/limits.py). Servers rarely ask for more
+    # than a minute; a bogus huge value must not park the workers for hours.
+    retry_after_max_s: float = Field(default=120.0, ge=0)
 
 
 class Settings(BaseSettings):
@@ -47,6 +52,7 @@ class Settings(BaseSettings):
     llm_tokens_per_minute: int | None = Field(default=None, ge=1)
     llm_response_format: Literal["json_schema", "json_object"] = "json_schema"
     llm_max_context_tokens: int | None = Field(default=None, ge=1)
+    llm_retry_after_max_s: float = Field(default=120.0, ge=0)  # see EndpointConfig.retry_after_max_s
     # More endpoints by name, as JSON: {"vllm": {"base_url": "http://gpu:8000/v1"}}
     llm_endpoints: dict[str, EndpointConfig] = Field(default_factory=dict)
     llm_timeout_s: float = Field(default=120.0, gt=0)
@@ -118,6 +124,7 @@ class Settings(BaseSettings):
             default_model=self.llm_model,
             response_format=self.llm_response_format,
             max_context_tokens=self.llm_max_context_tokens,
+            retry_after_max_s=self.llm_retry_after_max_s,
         )
         return {"default": default, **self.llm_endpoints}
 

@@ -18,6 +18,22 @@ LLM_TOKENS = Counter(
 LIMIT_WAIT_SECONDS = Counter(
     "aidsafe_llm_limit_wait_seconds_total", "Time spent waiting for a shared endpoint slot.", ["endpoint"]
 )
+LIMIT_CAP = Gauge(
+    "aidsafe_llm_limit_cap",
+    "An endpoint's adaptive concurrency cap (shared by every worker), as of this worker's last release.",
+    ["endpoint"],
+)
+LIMIT_PAUSE_SECONDS = Counter(
+    "aidsafe_llm_limit_pause_seconds_total",
+    "Seconds this worker paused an endpoint for every worker (Retry-After, x-ratelimit-reset-*); "
+    "overlapping pauses count once.",
+    ["endpoint"],
+)
+LIMIT_PAUSED_UNTIL = Gauge(
+    "aidsafe_llm_limit_paused_until_seconds",
+    "Unix time the last pause this worker set on an endpoint ends.",
+    ["endpoint"],
+)
 ITEMS_FINISHED = Counter("aidsafe_items_finished_total", "Items ended by this worker, by status.", ["status"])
 ITEMS = Gauge("aidsafe_items", "Items waiting or running, over all jobs.", ["status"])
 QUEUE_DEPTH = Gauge("aidsafe_queue_depth", "arq jobs in the queue (waiting, deferred or running).")

@@ -13,6 +13,7 @@ per call, after which the defaults return.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import math
@@ -69,6 +70,7 @@ class Reply:
     refusal: str | None = None
     usage: tuple[int, int] | None = None  # (prompt, completion); None: estimated
     omit_usage: bool = False
+    headers: dict[str, str] | None = None  # sent with it, e.g. x-ratelimit-*
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class HttpError:
     status: int
     retry_after: str | None = None
     body: str | None = None
+    headers: dict[str, str] | None = None  # more headers, e.g. x-ratelimit-*
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,11 @@ def http_error(status: int, retry_after: float | str | None = None, body: str | 
     """An HTTP error; retry_after may be seconds or an HTTP date string."""
     header = None if retry_after is None else str(retry_after)
     return HttpError(status, header, body)
+
+
+def with_headers(behaviour: Reply | HttpError, headers: dict[str, str]) -> Reply | HttpError:
+    """The same answer, sent with these headers too."""
+    return dataclasses.replace(behaviour, headers=headers)
 
 
 def echo_error(status: int) -> EchoError:
@@ -396,12 +404,14 @@ class ScriptedLLM:
             return JSONResponse(echoed, status_code=behaviour.status), 0
         if isinstance(behaviour, HttpError):
             headers = {"Retry-After": behaviour.retry_after} if behaviour.retry_after else {}
+            headers.update(behaviour.headers or {})
             content = behaviour.body or json.dumps(
                 {"error": {"message": f"scripted HTTP {behaviour.status}", "type": "scripted"}}
             )
             return Response(content, behaviour.status, headers=headers, media_type="application/json"), 0
         completion = self._completion(behaviour, body)
-        return JSONResponse(completion), int(completion.get("usage", {}).get("total_tokens", 0))
+        tokens = int(completion.get("usage", {}).get("total_tokens", 0))
+        return JSONResponse(completion, headers=behaviour.headers), tokens
 
     def _completion(self, answer: Reply, body: dict[str, Any]) -> dict[str, Any]:
         completion: dict[str, Any] = {

@@ -1,35 +1,42 @@
 """Shared endpoint limits on the real Redis: the concurrency cap (EndpointLimiter), which
-survives crashes and cancellations and backs off on 429, and the per-minute request and
+survives crashes and cancellations, backs off on a sustained share of 429s and pauses
+every client when the endpoint asks for it, and the per-minute request and
 token budgets (EndpointRates), kept by worker processes together."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import signal
 import subprocess
 import sys
 import textwrap
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from email.utils import formatdate
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from app.config import EndpointConfig, Settings
-from app.deliberation.ports import ChatRequest
+from app.deliberation.ports import ChatRequest, LLMUnavailable
 from app.deliberation.stages import DELIBERATION, SEED
 from app.llm.client import OpenAICompatibleClient
-from app.llm.limits import EndpointLimiter
+from app.llm.limits import CUT_SHARE, WINDOW, EndpointLimiter
 from app.llm.rates import EndpointRates
 from app.store.db import Sessions
 from bench.audit import status_counts
 from tests.conftest import eventually, start_worker, submit
-from tests.scripted_llm import ScriptedLLM, chat_request, http_error
+from tests.scripted_llm import Behaviour, ScriptedLLM, agree, chat_request, http_error, with_headers
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +97,7 @@ async def test_dead_holders_slot_frees_itself_after_its_lease(redis: Redis, key_
             f"""
             import asyncio
             from redis.asyncio import Redis
-            from app.llm.limits import EndpointLimiter
+            from app.llm.limits import CUT_SHARE, WINDOW, EndpointLimiter
 
             async def hold_forever():
                 limiter = EndpointLimiter(Redis.from_url({REDIS_URL!r}), {key_prefix!r})
@@ -260,64 +267,257 @@ async def test_requests_per_minute_budget_is_shared_across_clients(
     assert all(later - earlier >= 0.95 for earlier, later in zip(times, times[3:], strict=False))
 
 
-async def test_a_429_halves_the_adaptive_cap_and_successes_grow_it_back(
+async def held_at_once(limiter: EndpointLimiter, limit: int) -> int:
+    """How many of `limit` slots can be held together (a request that waits 0.3 s gets none)."""
+    async with AsyncExitStack() as held:
+        for got in range(limit):
+            try:
+                await asyncio.wait_for(held.enter_async_context(limiter.slot("default", limit, 30)), 0.3)
+            except TimeoutError:
+                return got
+        return limit
+
+
+async def answer(limiter: EndpointLimiter, limit: int, ok: int = 0, limited: int = 0) -> None:
+    """Hold and release slots one after another: `ok` successes, then `limited` 429s."""
+    for n in range(ok + limited):
+        async with limiter.slot("default", limit, 30) as slot:
+            slot.succeeded = n < ok
+            slot.rate_limited = not slot.succeeded
+
+
+async def test_the_cap_is_cut_on_a_sustained_share_of_429s_not_on_each_and_grows_back(
     redis: Redis, key_prefix: str
 ) -> None:
     limiter = EndpointLimiter(redis, key_prefix)
 
-    async def held_at_once(n: int) -> int:
-        """How many of n slots can be held together (a request that waits 0.3 s gets none)."""
-        async with AsyncExitStack() as held:
-            for got in range(n):
-                try:
-                    await asyncio.wait_for(held.enter_async_context(limiter.slot("default", 8, 30)), 0.3)
-                except TimeoutError:
-                    return got
-            return n
+    await answer(limiter, 8, ok=WINDOW - 8, limited=8)  # CUT_SHARE of a window: noise
+    assert await held_at_once(limiter, 8) == 8
+    await answer(limiter, 8, ok=WINDOW - 9, limited=9)
+    assert await held_at_once(limiter, 8) == 4
+    assert REGISTRY.get_sample_value("aidsafe_llm_limit_cap", {"endpoint": "default"}) == 4
+    await answer(limiter, 8, ok=3 * WINDOW)  # +1 per window without a sustained share
+    assert await held_at_once(limiter, 8) == 7
+    await answer(limiter, 8, ok=3 * WINDOW)
 
-    assert await limiter.rate_limited("default", 8) == 4
-    assert await limiter.rate_limited("default", 8) == 4, "a burst of 429s is one cut"
-    assert await held_at_once(8) == 4
-    for _ in range(40):  # each success adds 1/cap
-        async with limiter.slot("default", 8, 30) as slot:
-            slot.succeeded = True
-
-    assert await held_at_once(8) == 8
+    assert await held_at_once(limiter, 8) == 8, "never above the configured limit"
 
 
-async def test_a_429_seen_by_one_client_halves_the_shared_cap_until_successes_restore_it(
+async def test_429s_of_requests_sent_before_a_cut_do_not_cut_again(redis: Redis, key_prefix: str) -> None:
+    limiter = EndpointLimiter(redis, key_prefix)
+    limit = 2 * WINDOW
+
+    async with AsyncExitStack() as held:
+        for _ in range(limit):  # all sent at the full cap, all answered 429
+            slot = await held.enter_async_context(limiter.slot("default", limit, 30))
+            slot.rate_limited = True
+
+    assert await held_at_once(limiter, limit) == WINDOW, "one cut: the first window's"
+
+
+def pause_seconds() -> float:
+    return REGISTRY.get_sample_value("aidsafe_llm_limit_pause_seconds_total", {"endpoint": "default"}) or 0.0
+
+
+def two_clients(
+    scripted_llm: ScriptedLLM, key_prefix: str, **endpoint: Any
+) -> tuple[list[OpenAICompatibleClient], AsyncExitStack]:
+    """Two clients, each with a Redis connection of its own, sharing one endpoint's limits."""
+    endpoints = {"default": EndpointConfig(base_url=scripted_llm.base_url, **endpoint)}
+    stack = AsyncExitStack()
+    clients = []
+    for _ in range(2):
+        conn = Redis.from_url(REDIS_URL)
+        stack.push_async_callback(conn.aclose)
+        client = OpenAICompatibleClient(
+            endpoints, EndpointLimiter(conn, key_prefix), timeout_s=5, backoff_base_s=0.01, backoff_max_s=0.05
+        )
+        stack.push_async_callback(client.aclose)
+        clients.append(client)
+    return clients, stack
+
+
+async def test_sporadic_429s_leave_the_cap_at_the_limit(scripted_llm: ScriptedLLM, key_prefix: str) -> None:
+    clients, stack = two_clients(scripted_llm, key_prefix, max_concurrency=8)
+    calls = itertools.count(1)
+    in_flight = []
+    async with stack:
+        for _ in range(15):  # 120 requests, 2 % of them 429
+            scripted_llm.reset()
+            scripted_llm.latency_s = 0.2  # long enough for all 8 to arrive on a busy machine
+            scripted_llm.unscripted = lambda: None if next(calls) % 50 else http_error(429)
+            await asyncio.gather(*(clients[n % 2].chat(deliberation_request()) for n in range(8)))
+            in_flight.append(scripted_llm.max_in_flight)
+
+    assert next(calls) > 100
+    assert in_flight == [8] * 15
+
+
+async def test_a_sporadic_retry_after_delays_its_own_request_only(
     scripted_llm: ScriptedLLM, key_prefix: str
 ) -> None:
-    endpoints = {"default": EndpointConfig(base_url=scripted_llm.base_url, max_concurrency=4)}
-    connections = [Redis.from_url(REDIS_URL) for _ in range(2)]
-    limiters = [EndpointLimiter(conn, key_prefix) for conn in connections]
-    clients = [
-        OpenAICompatibleClient(endpoints, limiter, timeout_s=5, backoff_base_s=0.01, backoff_max_s=0.05)
-        for limiter in limiters
-    ]
+    clients, stack = two_clients(scripted_llm, key_prefix, max_concurrency=8)
+    calls = itertools.count(1)
+    refused: list[float] = []
 
-    async def burst(n: int) -> int:
-        """n requests at once through both clients; the most the server had in flight."""
-        scripted_llm.reset()
-        scripted_llm.latency_s = 0.1
-        await asyncio.gather(*(clients[i % 2].chat(deliberation_request()) for i in range(n)))
-        return scripted_llm.max_in_flight
+    def sporadic_429() -> Behaviour | None:  # 2 % of the first 200, each asking to wait 1 s
+        call = next(calls)
+        if call % 50 or call > 200:
+            return None
+        refused.append(time.monotonic())
+        return http_error(429, retry_after=1)
 
-    try:
-        scripted_llm.script("deliberation_turn", http_error(429, retry_after=0))
-        await clients[0].chat(deliberation_request())  # 429, then a success on the retry
-        in_flight_after_429 = await burst(4)
-        for _ in range(3):  # each success adds 1/cap: about `cap` successes per step back up
-            await burst(4)
-        in_flight_restored = await burst(4)
-    finally:
-        for client in clients:
-            await client.aclose()
-        for conn in connections:
-            await conn.aclose()
+    async def keep_asking(client: OpenAICompatibleClient) -> None:
+        while len(scripted_llm.requests) < 300:
+            await client.chat(deliberation_request())
 
-    assert in_flight_after_429 == 2, "the other client too must keep to the halved cap"
-    assert in_flight_restored == 4
+    scripted_llm.latency_s = 0.05
+    scripted_llm.unscripted = sporadic_429
+    async with stack:
+        await asyncio.gather(*(keep_asking(clients[n % 2]) for n in range(8)))
+
+    arrivals = [r.received_at for r in scripted_llm.requests]
+    assert len(refused) == 4
+    for at in refused:
+        assert any(at + 0.2 < later < at + 0.8 for later in arrivals), "the others went on"
+
+
+async def pause_seen_by_the_other_client(
+    scripted_llm: ScriptedLLM, key_prefix: str, *first: Behaviour, **endpoint: Any
+) -> float:
+    """Client 0 sends one request per behaviour in `first`, at once, and they are answered
+    so; then client 1 asks. Seconds from the last of client 0's first requests to arrive at
+    the server to the next request to arrive (client 1's, or a retry of client 0's if that
+    came sooner: either way, nothing came sooner)."""
+    clients, stack = two_clients(scripted_llm, key_prefix, **endpoint)
+    async with stack:
+        scripted_llm.script("deliberation_turn", *first)
+        told = [asyncio.create_task(clients[0].chat(deliberation_request())) for _ in first]
+        await eventually(lambda: _answered(scripted_llm, len(first)), timeout_s=5, what="the answers")
+        await asyncio.sleep(0.05)  # the slots released (the pause set) before the other asks
+        await clients[1].chat(deliberation_request())
+        await asyncio.gather(*told)
+    arrivals = [r.received_at for r in scripted_llm.requests]
+    return min(arrivals[len(first) :]) - max(arrivals[: len(first)])
+
+
+async def _answered(scripted_llm: ScriptedLLM, requests: int) -> bool:
+    return scripted_llm.in_flight == 0 and len(scripted_llm.requests) >= requests
+
+
+# More 429s than a window may have without cutting: they are not noise.
+SUSTAINED = int(CUT_SHARE * WINDOW) + 1
+
+
+@pytest.mark.parametrize("status", [429, 503])
+async def test_a_run_of_retry_afters_pauses_every_client_of_the_endpoint(
+    scripted_llm: ScriptedLLM, key_prefix: str, status: int
+) -> None:
+    refusals = [http_error(status, retry_after=1)] * SUSTAINED
+
+    waited = await pause_seen_by_the_other_client(scripted_llm, key_prefix, *refusals, max_concurrency=16)
+
+    assert 0.95 <= waited < 2.0
+
+
+async def test_retry_after_given_as_http_date_pauses_too(scripted_llm: ScriptedLLM, key_prefix: str) -> None:
+    # HTTP dates have whole seconds, so "two seconds from now" means more than one.
+    refusals = [http_error(429, retry_after=formatdate(time.time() + 2, usegmt=True))] * SUSTAINED
+
+    waited = await pause_seen_by_the_other_client(scripted_llm, key_prefix, *refusals, max_concurrency=16)
+
+    assert 0.95 <= waited < 3.0
+
+
+async def test_a_pause_is_at_most_retry_after_max_s(scripted_llm: ScriptedLLM, key_prefix: str) -> None:
+    paused_before = pause_seconds()
+    refusals = [http_error(429, retry_after=3600)] * SUSTAINED
+
+    waited = await pause_seen_by_the_other_client(
+        scripted_llm, key_prefix, *refusals, max_concurrency=16, retry_after_max_s=0.5
+    )
+
+    assert 0.45 <= waited < 1.5
+    assert pause_seconds() - paused_before == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "800ms"},
+        {"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "0m0.8s"},
+        {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "0.8"},
+    ],
+)
+async def test_a_spent_rate_limit_pauses_the_endpoint_until_its_reset(
+    scripted_llm: ScriptedLLM, key_prefix: str, headers: dict[str, str]
+) -> None:
+    waited = await pause_seen_by_the_other_client(scripted_llm, key_prefix, with_headers(agree(), headers))
+
+    assert 0.75 <= waited < 1.5
+
+
+SPENT_FOR_HALF_A_SECOND = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "500ms"}
+
+
+@pytest.mark.parametrize(
+    "malformed",
+    [
+        {"Retry-After": "soon"},
+        {"Retry-After": "Someday, 32 Foo 2999 25:00:00 GMT"},
+        {"x-ratelimit-remaining-tokens": "zero", "x-ratelimit-reset-tokens": "1m"},
+        {"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "-5s"},
+        {"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "1 hour"},
+        {"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "5x3s"},
+        {"x-ratelimit-remaining-tokens": "1", "x-ratelimit-reset-tokens": "1m"},  # not spent
+    ],
+)
+async def test_headers_that_cannot_be_read_are_ignored(
+    scripted_llm: ScriptedLLM, key_prefix: str, malformed: dict[str, str]
+) -> None:
+    first = with_headers(http_error(429), {**SPENT_FOR_HALF_A_SECOND, **malformed})
+
+    waited = await pause_seen_by_the_other_client(scripted_llm, key_prefix, first)
+
+    assert 0.45 <= waited < 1.0, "the readable headers alone decide the pause"
+
+
+async def test_a_real_rate_limit_is_converged_on_with_few_429s(
+    scripted_llm: ScriptedLLM, key_prefix: str
+) -> None:
+    """The server takes at most 50 requests in any second and answers 429 (saying nothing
+    more) beyond; the cap of 32 would send 160 a second. The first second's overshoot is
+    the price of not knowing the limit; after it, the cap hovers around 10 (50/s x 0.2 s)."""
+    per_second, run_s = 50, 6.0
+    clients, stack = two_clients(scripted_llm, key_prefix, max_concurrency=32)
+    taken: deque[float] = deque()
+    refused: list[float] = []
+
+    def rate_limit() -> Behaviour | None:  # called under the server's lock
+        now = time.monotonic()
+        while taken and now - taken[0] >= 1.0:
+            taken.popleft()
+        if len(taken) >= per_second:
+            refused.append(now)
+            return http_error(429)
+        taken.append(now)
+        return None
+
+    async def keep_asking(client: OpenAICompatibleClient, until: float) -> None:
+        while time.monotonic() < until:
+            with contextlib.suppress(LLMUnavailable):
+                await client.chat(deliberation_request())
+
+    scripted_llm.latency_s = 0.2
+    scripted_llm.unscripted = rate_limit
+    started = time.monotonic()
+    async with stack:
+        await asyncio.gather(*(keep_asking(clients[n % 2], started + run_s) for n in range(64)))
+
+    requests = [r.received_at - started for r in scripted_llm.requests]
+    settled = [at for at in refused if at > started + 1.0]
+    assert len(settled) <= 0.15 * sum(1 for at in requests if at > 1.0), "few 429s once converged"
+    assert scripted_llm.ok_answers >= 0.8 * per_second * run_s, "the limit is used"
 
 
 # --- worker processes sharing per-minute budgets -------------------------------------------

@@ -2,7 +2,10 @@
 
 Transient faults (429, 5xx, connection errors, timeouts, a 200 with a body of the wrong
 shape) are retried with exponential backoff and full jitter, honouring Retry-After; when
-retries run out the caller gets LLMUnavailable. A refusal of the request itself (other
+retries run out the caller gets LLMUnavailable. What the endpoint says about its limits
+(429s, Retry-After on a 429 or 503, OpenAI's x-ratelimit-remaining-* at 0 with their
+x-ratelimit-reset-*) goes to the shared limiter, which adapts its cap and pauses the
+endpoint for every worker (app/llm/limits.py). A refusal of the request itself (other
 4xx) is permanent and raises LLMRequestRejected at once. Both carry the upstream's answer
 for operators and a summary in our own words for tenants (see LLMFault).
 """
@@ -14,7 +17,9 @@ import dataclasses
 import json
 import logging
 import random
+import re
 import time
+from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -56,9 +61,6 @@ logger = logging.getLogger(__name__)
 # A limiter lease must outlast the longest legitimate attempt, or a slow request loses
 # its slot to another worker while still running.
 LEASE_MARGIN_S = 15.0
-# Retry-After is honoured as given, up to this floor on the cap: servers rarely ask for
-# more than a couple of minutes, and a bogus huge value must not park a worker for hours.
-RETRY_AFTER_CAP_FLOOR_S = 120.0
 _ERROR_BODY_CHARS = 500
 
 
@@ -82,7 +84,7 @@ class _TransientFault(Exception):
 @dataclass(frozen=True)
 class _Answer:
     status: int
-    retry_after: str | None
+    headers: Mapping[str, str]  # case-insensitive (aiohttp's)
     body: bytes
 
     @property
@@ -110,8 +112,9 @@ class OpenAICompatibleClient:
     ) -> None:
         """
         endpoints: OpenAI-compatible servers by name; requests name one of them.
-        limiter: caps simultaneous attempts per endpoint (at its max_concurrency, halved on
-            429 and grown back on success); None means no cap beyond the server's own.
+        limiter: caps simultaneous attempts per endpoint (at its max_concurrency, cut when
+            a sustained share of answers is 429) and pauses an endpoint that asks for it;
+            None means no cap beyond the server's own.
         rates: enforces each endpoint's requests_per_minute / tokens_per_minute, if set.
         timeout_s: limit on one HTTP attempt, start to last byte.
         max_retries: attempts after the first before giving up with LLMUnavailable.
@@ -124,7 +127,6 @@ class OpenAICompatibleClient:
         self._max_retries = max_retries
         self._backoff_base_s = backoff_base_s
         self._backoff_max_s = backoff_max_s
-        self._retry_after_cap_s = max(backoff_max_s, RETRY_AFTER_CAP_FLOOR_S)
         self._session: aiohttp.ClientSession | None = None  # made on first use, in the event loop
 
     def _http(self) -> aiohttp.ClientSession:
@@ -187,7 +189,7 @@ class OpenAICompatibleClient:
         wait = random.uniform(0, min(self._backoff_max_s, ceiling))
         fault = state.outcome.exception() if state.outcome else None
         if isinstance(fault, _TransientFault) and fault.retry_after_s is not None:
-            wait = max(wait, min(fault.retry_after_s, self._retry_after_cap_s))
+            wait = max(wait, fault.retry_after_s)
         return wait
 
     async def _attempt(self, request: ChatRequest, endpoint: EndpointConfig) -> ChatReply:
@@ -217,10 +219,14 @@ class OpenAICompatibleClient:
             started = time.monotonic()
             answer = await self._post(request, endpoint)
             latency_ms = (time.monotonic() - started) * 1000
-            slot.succeeded = answer.status < 400  # grows the adaptive cap back on release
-        if self._limiter is not None and answer.status == 429:
-            await self._limiter.rate_limited(request.endpoint, endpoint.max_concurrency)
-        _raise_for_status(answer, request.endpoint)
+            retry_after = _retry_after_s(answer.headers.get("Retry-After"), endpoint.retry_after_max_s)
+            # For the release, which adapts the cap and pauses the endpoint for everyone.
+            slot.succeeded = answer.status < 400
+            # Told to slow down: a 429, or a 503 saying when to come back (overloaded).
+            slot.rate_limited = answer.status == 429 or (answer.status == 503 and retry_after is not None)
+            slot.retry_after_s = (retry_after or 0.0) if slot.rate_limited else 0.0
+            slot.pause_s = _spent_s(answer.headers, endpoint.retry_after_max_s)
+        _raise_for_status(answer, request.endpoint, retry_after)
         reply = _parse_reply(answer, request, latency_ms)
         if reservation is not None and self._rates is not None:
             await self._rates.settle(reservation, reply.prompt_tokens + reply.completion_tokens)
@@ -237,7 +243,7 @@ class OpenAICompatibleClient:
                     headers=_headers(endpoint),
                 ) as response:
                     body = await response.read()
-                    return _Answer(response.status, response.headers.get("Retry-After"), body)
+                    return _Answer(response.status, response.headers, body)
         except aiohttp.InvalidURL as error:
             raise LLMRequestRejected(
                 f"bad base_url for {request.endpoint!r}: {error}",
@@ -319,7 +325,7 @@ def _headers(endpoint: EndpointConfig) -> dict[str, str]:
 _RETRYABLE = {408, 409, 425, 429}  # timeout, conflict, too early, rate limited
 
 
-def _raise_for_status(answer: _Answer, endpoint_name: str) -> None:
+def _raise_for_status(answer: _Answer, endpoint_name: str, retry_after_s: float | None) -> None:
     """The status alone classifies a failure for tenants: the body may echo the request
     and its headers, so only the detail for operators quotes it."""
     status = answer.status
@@ -329,19 +335,20 @@ def _raise_for_status(answer: _Answer, endpoint_name: str) -> None:
     if status in _RETRYABLE or status >= 500:
         kind = "rate_limited" if status == 429 else "server_error"
         summary = f"the LLM endpoint {endpoint_name!r} answered HTTP {status}"
-        raise _TransientFault(detail, summary, _retry_after_s(answer.retry_after), kind)
+        raise _TransientFault(detail, summary, retry_after_s, kind)
     raise LLMRequestRejected(
         detail, f"the LLM endpoint {endpoint_name!r} rejected the request (HTTP {status})"
     )
 
 
-def _retry_after_s(value: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header: delay-seconds or an HTTP date."""
+def _retry_after_s(value: str | None, max_s: float) -> float | None:
+    """Seconds to wait from a Retry-After header (delay-seconds or an HTTP date), at most
+    max_s; None when absent or unreadable."""
     if value is None:
         return None
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        return min(max(0.0, float(value)), max_s)
     except ValueError:
         pass
     try:
@@ -350,7 +357,38 @@ def _retry_after_s(value: str | None) -> float | None:
         return None
     if when.tzinfo is None:  # RFC 9110 dates are GMT; obsolete formats may omit it
         when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    return min(max(0.0, (when - datetime.now(UTC)).total_seconds()), max_s)
+
+
+def _spent_s(headers: Mapping[str, str], max_s: float) -> float:
+    """How long every request to this endpoint should wait because a budget the endpoint
+    reports (x-ratelimit-remaining-requests or -tokens) is spent: the longest of their
+    x-ratelimit-reset-*, at most max_s; 0 when none is spent. Unreadable headers are ignored."""
+    waits = [
+        _duration_s(headers.get(f"x-ratelimit-reset-{budget}"))
+        for budget in ("requests", "tokens")
+        if headers.get(f"x-ratelimit-remaining-{budget}", "").strip() == "0"
+    ]
+    return min(max((w for w in waits if w is not None), default=0.0), max_s)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def _duration_s(value: str | None) -> float | None:
+    """Seconds in an x-ratelimit-reset-* header: OpenAI's "1s", "6m0s", "250ms", "1h2m3.5s",
+    or a bare number of seconds."""
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        parts = _DURATION.findall(value)
+        if not parts or "".join(n + unit for n, unit in parts) != value:
+            return None
+        seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1, "ms": 0.001}[unit] for n, unit in parts)
+    return seconds if seconds >= 0 and seconds != float("inf") else None
 
 
 def _parse_reply(answer: _Answer, request: ChatRequest, latency_ms: float) -> ChatReply:
