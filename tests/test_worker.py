@@ -7,12 +7,10 @@ import asyncio
 import os
 import signal
 import subprocess
-from collections.abc import AsyncIterator
 from uuid import UUID
 
 import httpx
-import pytest
-from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix
 from sqlalchemy import func, select
 
@@ -24,13 +22,6 @@ from app.store.models import Item, TurnRow
 from tests.conftest import ARQ, eventually, run_worker_burst, start_worker, submit
 from tests.scripted_llm import ScriptedLLM, agree, http_error, stall
 from workers.main import sweep
-
-
-@pytest.fixture
-async def arq_redis(settings: Settings) -> AsyncIterator[ArqRedis]:
-    pool = await create_pool(RedisSettings.from_dsn(settings.redis_url))
-    yield pool
-    await pool.aclose()
 
 
 async def one_item(sessions: Sessions, job_id: str) -> Item:

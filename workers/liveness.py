@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from collections.abc import Sequence
 from uuid import UUID
 
@@ -27,16 +29,21 @@ from app.config import Settings
 log = logging.getLogger("aidsafe.worker")
 
 
-def _key(settings: Settings, suffix: object) -> str:
-    return f"{settings.redis_key_prefix}:workers:{suffix}"
+def heartbeat_key(settings: Settings, worker_id: UUID | str) -> str:
+    return f"{settings.redis_key_prefix}:workers:{worker_id}"
 
 
-def heartbeat_key(settings: Settings, worker_id: UUID) -> str:
-    return _key(settings, worker_id)
+def _sweeper_key(settings: Settings, name: str) -> str:
+    return f"{settings.redis_key_prefix}:liveness:{name}"
+
+
+def process() -> str:
+    """Where a worker runs, for operators: the value of its heartbeat key."""
+    return f"{socket.gethostname()} pid {os.getpid()}"
 
 
 async def beat(redis: Redis, settings: Settings, worker_id: UUID) -> None:
-    await redis.set(heartbeat_key(settings, worker_id), b"1", px=int(settings.heartbeat_ttl_s * 1000))
+    await redis.set(heartbeat_key(settings, worker_id), process(), px=int(settings.heartbeat_ttl_s * 1000))
 
 
 async def beat_forever(redis: Redis, settings: Settings, worker_id: UUID) -> None:
@@ -80,7 +87,7 @@ async def dead_holders(redis: Redis, settings: Settings, holders: Sequence[UUID]
     if not holders:
         return []
     server: dict[str, str] = await redis.info("server")
-    keys = [_key(settings, "redis-run-id"), _key(settings, "settling")]
+    keys = [_sweeper_key(settings, "redis-run-id"), _sweeper_key(settings, "settling")]
     keys += [heartbeat_key(settings, holder) for holder in holders]
     ttl_ms = int(settings.heartbeat_ttl_s * 1000)
     alive = await redis.register_script(_ALIVE)(keys=keys, args=[server["run_id"], ttl_ms])

@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import os
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -109,7 +108,7 @@ async def connect(ctx: dict[str, Any]) -> None:
     await liveness.beat(redis, settings, worker_id)
     heartbeat = asyncio.create_task(liveness.beat_forever(redis, settings, worker_id))
     ctx[WORKER] = Worker(settings, redis, db, sessions, llm, Sender(settings, sessions), heartbeat, worker_id)
-    log.info("worker %s started (pid %d)", worker_id, os.getpid())
+    log.info("worker %s started (%s)", worker_id, liveness.process())
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
