@@ -271,7 +271,7 @@ async def sweep(settings: Settings, sessions: Sessions, redis: ArqRedis) -> dict
     requeued = await items.touch(sessions, lost, bump_enqueues=True)
     # A dead worker's arq jobs would sit in the queue, in progress, until arq's job timeout.
     await _forget_arq_jobs(redis, settings.queue_name, [*expired, *requeued])
-    await enqueue_items(redis, settings.queue_name, [*expired, *requeued])
+    await enqueue_items(redis, settings.queue_name, [*expired, *requeued], ahead=True)
     if expired or requeued:
         log.info("sweeper re-enqueued %d expired and %d lost items", len(expired), len(requeued))
     return {"expired": len(expired), "lost": len(requeued)}
