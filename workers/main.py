@@ -11,7 +11,7 @@ import gc
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 from uuid import UUID, uuid4
@@ -58,8 +58,8 @@ class Worker:
     sessions: Sessions
     llm: OpenAICompatibleClient
     callbacks: Sender
-    heartbeat: asyncio.Task[None]  # keeps this process's claims alive (workers/liveness.py)
-    worker_id: UUID = field(default_factory=uuid4)  # its claims carry it
+    worker_id: UUID  # this process's claims carry it
+    heartbeat: asyncio.Task[None]  # keeps them alive (workers/liveness.py)
     sweeper: asyncio.Task[None] | None = None  # this process's sweeper loop, if it runs one
     purger: asyncio.Task[None] | None = None  # its hazardous-text purge loop, if it runs one
     deliverer: asyncio.Task[None] | None = None  # its callback sender loop, beside the sweeper
@@ -107,7 +107,7 @@ async def connect(ctx: dict[str, Any]) -> None:
     # The first beat before the first claim: a claim without a heartbeat looks dead.
     await liveness.beat(redis, settings, worker_id)
     heartbeat = asyncio.create_task(liveness.beat_forever(redis, settings, worker_id))
-    ctx[WORKER] = Worker(settings, redis, db, sessions, llm, Sender(settings, sessions), heartbeat, worker_id)
+    ctx[WORKER] = Worker(settings, redis, db, sessions, llm, Sender(settings, sessions), worker_id, heartbeat)
     log.info("worker %s started (%s)", worker_id, liveness.process())
 
 
