@@ -83,8 +83,8 @@ async def test_a_killed_workers_items_resume_within_20_s_with_the_default_heartb
 
     assert resumed_after_s < 20
     finished = await _job_items(sessions, job_id)
-    assert [(item.status, item.attempts, item.failures) for item in finished] == [
-        ("completed", 2, 1) if item.id in lost else ("completed", 1, 0) for item in finished
+    assert [(item.status, item.attempts, item.failures, item.claimed_by) for item in finished] == [
+        ("completed", 2, 1, None) if item.id in lost else ("completed", 1, 0, None) for item in finished
     ]
     turns = 0
     for item in finished:

@@ -55,6 +55,9 @@ def ending_values(ending: Ending) -> dict[str, Any]:
     values: dict[str, Any] = {
         "status": ending.status,
         "lease_until": None,
+        # Nobody holds it now; and a claim by a worker that does not set it (an older release,
+        # mid-deploy) must not carry a dead worker's id, which would have it taken back.
+        "claimed_by": None,
         "error_code": ending.error_code,
         "error_message": ending.message,
         "operator_error": ending.detail,

@@ -1,8 +1,8 @@
 """the worker that claimed an item
 
-`items.claimed_by` names the worker process that made an item's latest claim, so the sweeper
-can take a running item back as soon as that worker's heartbeat in Redis is gone rather than
-when its lease expires.
+`items.claimed_by` names the worker process running an item (cleared when the claim ends),
+so the sweeper can take the item back as soon as that worker's heartbeat in Redis is gone
+rather than when its lease expires.
 
 Revision ID: 0012_item_claimed_by
 Revises: 0011_job_labels
