@@ -76,9 +76,8 @@ class Settings(BaseSettings):
     # few serve many items (and 2 x 128 items must not open 260 connections).
     worker_db_connections: int = 20
     worker_metrics_port: int = 0  # >0: each worker serves Prometheus metrics on this port
-    # An item's lease in Postgres, renewed every third of it: the fence on every write of a
-    # claim, and the backstop should heartbeats be lost. A dead worker is found by its
-    # heartbeat, well before its leases expire.
+    # An item's lease in Postgres, renewed every third of it: the backstop should heartbeats
+    # be lost. A dead worker is found by its heartbeat, well before its leases expire.
     lease_seconds: int = 60
     # Each worker sets a key in Redis this often, which lives this long: the sweeper takes
     # back the items of a worker whose key is gone (workers/liveness.py). A worker whose

@@ -5,8 +5,9 @@ A worker's claims carry its id (`items.claimed_by`). Its heartbeat is a task of 
 does nothing but set the key, so a slow LLM call or a busy item never delays it; only an
 event loop blocked for longer than the key's TTL would (a runaway computation, or a pause of
 the whole process), and then the worker loses its items as a dead one would. That is safe:
-the lease in Postgres stays the fence (a worker whose item was taken over gets ClaimLost at
-its next write), and its backstop, should Redis lose the keys and the sweeper not notice.
+every write under a claim is fenced by it (a worker whose item was taken over gets ClaimLost
+at its next write), and the lease in Postgres stays the backstop, should heartbeats be lost
+and the sweeper not notice.
 
 Heartbeats missing because Redis restarted, failed over or was flushed are not deaths: the
 sweeper remembers the Redis server's run id and, when it changes or its record is gone,
