@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -82,11 +82,18 @@ class Settings(BaseSettings):
     # few serve many items (and 2 x 128 items must not open 260 connections).
     worker_db_connections: int = 20
     worker_metrics_port: int = 0  # >0: each worker serves Prometheus metrics on this port
-    lease_seconds: int = 60  # an item's lease; renewed while its worker is alive
+    # An item's lease in Postgres, renewed every third of it: the backstop should heartbeats
+    # be lost. A dead worker is found by its heartbeat, well before its leases expire.
+    lease_seconds: int = 60
+    # Each worker sets a key in Redis this often, which lives this long: the sweeper takes
+    # back the items of a worker whose key is gone (workers/liveness.py). A worker whose
+    # event loop is blocked for longer than the TTL loses its items (safely: fenced).
+    heartbeat_interval_s: float = Field(default=2.0, gt=0)
+    heartbeat_ttl_s: float = Field(default=10.0, gt=0)
     item_max_attempts: int = 100  # claims of one item, LLM outages included, before it fails
     item_max_failures: int = 5  # claims lost to a dead worker or an unexpected error
     item_retry_base_s: float = 5.0  # first back-off after the LLM stayed unavailable; doubles
-    sweep_interval_s: int = 15
+    sweep_interval_s: int = Field(default=3, ge=1)  # one sweep per interval, across all workers
     enqueue_grace_s: int = 30  # a queued item unclaimed this long is enqueued again
     # Workers blank the hazardous text (whispered beliefs, rejected CoTs, guard texts) of
     # finished jobs submitted more than this many days ago and keep the rest; unset: never.
@@ -113,6 +120,12 @@ class Settings(BaseSettings):
     callback_retry_max_s: float = Field(default=3600.0, gt=0)  # longest back-off
     callback_retry_for_s: float = Field(default=24 * 3600.0, gt=0)  # then a failing delivery gives up
     callback_poll_interval_s: float = Field(default=2.0, gt=0)  # how often each worker looks for due ones
+
+    @model_validator(mode="after")
+    def _heartbeats_outlive_their_interval(self) -> Settings:
+        if self.heartbeat_ttl_s < 2 * self.heartbeat_interval_s:
+            raise ValueError("heartbeat_ttl_s must be at least twice heartbeat_interval_s")
+        return self
 
     def endpoints(self) -> dict[str, EndpointConfig]:
         default = EndpointConfig(

@@ -35,10 +35,15 @@ def arq_job_id(item_id: UUID, enqueues: int) -> str:
 
 # What ArqRedis.enqueue_job writes for each job (the pickled job under arq:job:<id> with
 # arq's expiry, and the id in the queue's sorted set), for many jobs in one call, with NX
-# in place of its WATCH/EXISTS check: a job that is already there stays as it is.
+# in place of its WATCH/EXISTS check: a job that is already there stays as it is. ARGV[4]
+# "ahead": the jobs go before every job now in the queue.
 _ENQUEUE = """
-local job_key_prefix, expiry_ms, score = ARGV[1], ARGV[2], ARGV[3]
-for i = 4, #ARGV, 2 do
+local job_key_prefix, expiry_ms, score = ARGV[1], ARGV[2], tonumber(ARGV[3])
+if ARGV[4] == '1' then
+  local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  if head[2] then score = math.min(score, tonumber(head[2]) - 1) end
+end
+for i = 5, #ARGV, 2 do
   redis.call('SET', job_key_prefix .. ARGV[i], ARGV[i + 1], 'PX', expiry_ms, 'NX')
   -- scores rise with the item's place (all in the past): workers take prompts in order
   redis.call('ZADD', KEYS[1], 'NX', tonumber(score) - (#ARGV - i) / 2, ARGV[i])
@@ -47,15 +52,19 @@ return 0
 """
 
 
-async def enqueue_items(redis: ArqRedis, queue_name: str, items: Iterable[tuple[UUID, int]]) -> None:
+async def enqueue_items(
+    redis: ArqRedis, queue_name: str, items: Iterable[tuple[UUID, int]], *, ahead: bool = False
+) -> None:
     """Enqueue (item id, enqueue counter) pairs as arq jobs of RUN_ITEM: one Redis call
     per 1,000 rather than arq's four round trips per job. Duplicates are harmless: a worker
-    claims an item in Postgres before running it, and a second arq job finds nothing."""
+    claims an item in Postgres before running it, and a second arq job finds nothing.
+    `ahead`: before the jobs already waiting (items taken back from a dead worker resume
+    first, not behind the backlog)."""
     enqueue = redis.register_script(_ENQUEUE)
     pending = list(items)
     for start in range(0, len(pending), _BATCH):
         enqueued_ms = timestamp_ms()
-        args: list[str | bytes | int] = [job_key_prefix, redis.expires_extra_ms, enqueued_ms]
+        args: list[str | bytes | int] = [job_key_prefix, redis.expires_extra_ms, enqueued_ms, int(ahead)]
         for item_id, enqueues in pending[start : start + _BATCH]:
             job = serialize_job(
                 RUN_ITEM, (str(item_id),), {}, None, enqueued_ms, serializer=redis.job_serializer

@@ -24,6 +24,7 @@ import pytest
 import uvicorn
 from alembic import command
 from alembic.config import Config
+from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
 from arq.worker import Worker
 from redis.asyncio import Redis
@@ -200,6 +201,14 @@ async def redis(settings: Settings) -> AsyncIterator[Redis]:
     client = Redis.from_url(settings.redis_url)
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+async def arq_redis(settings: Settings) -> AsyncIterator[ArqRedis]:
+    """arq's Redis pool, as the sweeper is given it."""
+    pool = await create_pool(RedisSettings.from_dsn(settings.redis_url))
+    yield pool
+    await pool.aclose()
 
 
 @pytest.fixture(autouse=True)

@@ -7,12 +7,10 @@ import asyncio
 import os
 import signal
 import subprocess
-from collections.abc import AsyncIterator
 from uuid import UUID
 
 import httpx
-import pytest
-from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix
 from sqlalchemy import func, select
 
@@ -24,13 +22,6 @@ from app.store.models import Item, TurnRow
 from tests.conftest import ARQ, eventually, run_worker_burst, start_worker, submit
 from tests.scripted_llm import ScriptedLLM, agree, http_error, stall
 from workers.main import sweep
-
-
-@pytest.fixture
-async def arq_redis(settings: Settings) -> AsyncIterator[ArqRedis]:
-    pool = await create_pool(RedisSettings.from_dsn(settings.redis_url))
-    yield pool
-    await pool.aclose()
 
 
 async def one_item(sessions: Sessions, job_id: str) -> Item:
@@ -211,6 +202,27 @@ async def test_sweeper_recovers_an_item_whose_lease_expired(
     await run_worker_burst(settings)
     item = await one_item(sessions, job_id)
     assert (item.status, item.attempts, item.failures, item.enqueues) == ("completed", 2, 1, 2)
+
+
+async def test_an_item_taken_back_from_a_dead_worker_goes_before_the_backlog(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+) -> None:
+    job_id = await submit(api, auth, ["How do plants make sugar?", "Why is the sky blue?", "What is rust?"])
+    async with sessions() as session:
+        first, *backlog = await session.scalars(
+            select(Item.id).where(Item.job_id == UUID(job_id)).order_by(Item.position)
+        )
+    assert await items.claim(sessions, first, items.Limits(lease_s=1, max_claims=8, max_failures=5))
+    await asyncio.sleep(1.2)
+
+    assert (await sweep(settings, sessions, arq_redis))["expired"] == 1
+
+    queue = await arq_redis.zrange(settings.queue_name, 0, -1)
+    assert queue == [arq_job_id(first, 2).encode(), *(arq_job_id(i, 1).encode() for i in backlog)]
 
 
 async def test_an_unavailable_llm_delays_the_item_and_loses_nothing(

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import uvloop
 from arq import Retry
@@ -41,6 +41,7 @@ from app.store.db import Sessions, make_engine, make_sessions
 from app.store.endings import CANCELLED, Ending, failed, handed_back
 from app.store.policy_sets import for_engine
 from app.store.turn_log import PostgresTurnLog
+from workers import liveness
 
 log = logging.getLogger("aidsafe.worker")
 
@@ -57,6 +58,8 @@ class Worker:
     sessions: Sessions
     llm: OpenAICompatibleClient
     callbacks: Sender
+    worker_id: UUID  # this process's claims carry it
+    heartbeat: asyncio.Task[None]  # keeps them alive (workers/liveness.py)
     sweeper: asyncio.Task[None] | None = None  # this process's sweeper loop, if it runs one
     purger: asyncio.Task[None] | None = None  # its hazardous-text purge loop, if it runs one
     deliverer: asyncio.Task[None] | None = None  # its callback sender loop, beside the sweeper
@@ -100,7 +103,12 @@ async def connect(ctx: dict[str, Any]) -> None:
         backoff_max_s=settings.llm_backoff_max_s,
     )
     sessions = make_sessions(db)
-    ctx[WORKER] = Worker(settings, redis, db, sessions, llm, Sender(settings, sessions))
+    worker_id = uuid4()
+    # The first beat before the first claim: a claim without a heartbeat looks dead.
+    await liveness.beat(redis, settings, worker_id)
+    heartbeat = asyncio.create_task(liveness.beat_forever(redis, settings, worker_id))
+    ctx[WORKER] = Worker(settings, redis, db, sessions, llm, Sender(settings, sessions), worker_id, heartbeat)
+    log.info("worker %s started (%s)", worker_id, liveness.process())
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
@@ -108,6 +116,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     for loop in (worker.sweeper, worker.purger, worker.deliverer):
         if loop:
             loop.cancel()
+    await liveness.stop(worker.redis, worker.settings, worker.worker_id, worker.heartbeat)
     await worker.llm.aclose()
     await worker.callbacks.aclose()
     await worker.db.dispose()
@@ -120,7 +129,7 @@ async def run_item(ctx: dict[str, Any], item_id: str) -> str:
 
 
 async def _run_item(worker: Worker, item_id: str) -> str:
-    claim = await items.claim(worker.sessions, UUID(item_id), _limits(worker.settings))
+    claim = await items.claim(worker.sessions, UUID(item_id), _limits(worker.settings), worker.worker_id)
     if claim is None:
         return "nothing to do"
     with logs.ids(job_id=str(claim.job_id)):
@@ -249,10 +258,11 @@ def _backoff_s(settings: Settings, attempt: int) -> float:
 
 
 async def sweep(settings: Settings, sessions: Sessions, redis: ArqRedis) -> dict[str, int]:
-    """Re-enqueue what would otherwise wait: items whose lease expired (their worker died),
-    and queued items whose arq job is gone (Redis restarted, enqueue lost after commit) or
-    was taken by a worker that died before claiming the item."""
-    expired = await items.take_expired_leases(sessions)
+    """Re-enqueue what would otherwise wait: items whose worker died (its heartbeat stopped,
+    or their lease expired), and queued items whose arq job is gone (Redis restarted, enqueue
+    lost after commit) or was taken by a worker that died before claiming the item."""
+    dead = await liveness.dead_holders(redis, settings, await items.running_holders(sessions))
+    expired = await items.take_lost_claims(sessions, dead)
     waiting = await items.queued_unclaimed(sessions, settings.enqueue_grace_s)
     pending = await _arq_jobs_pending(redis, settings.queue_name, [arq_job_id(i, n) for i, n in waiting])
     lost = [item_id for (item_id, _), is_pending in zip(waiting, pending, strict=True) if not is_pending]
@@ -261,7 +271,7 @@ async def sweep(settings: Settings, sessions: Sessions, redis: ArqRedis) -> dict
     requeued = await items.touch(sessions, lost, bump_enqueues=True)
     # A dead worker's arq jobs would sit in the queue, in progress, until arq's job timeout.
     await _forget_arq_jobs(redis, settings.queue_name, [*expired, *requeued])
-    await enqueue_items(redis, settings.queue_name, [*expired, *requeued])
+    await enqueue_items(redis, settings.queue_name, [*expired, *requeued], ahead=True)
     if expired or requeued:
         log.info("sweeper re-enqueued %d expired and %d lost items", len(expired), len(requeued))
     return {"expired": len(expired), "lost": len(requeued)}

@@ -3,7 +3,7 @@ writes on the item row.
 
 A finished ending (completed, failed, cancelled) is the item's last. A handed-back one puts
 the item back in the queue for another claim, its turns kept: an LLM outage, a shutdown, an
-unexpected error, or a worker that stopped renewing its lease.
+unexpected error, or a dead worker (its heartbeat stopped, or its lease expired).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def handed_back(reason: str, *, counts_as_failure: bool, detail: str | None = No
 
 
 WORKER_LOST = handed_back("worker lost (lease expired)", counts_as_failure=True)
+WORKER_SILENT = handed_back("worker lost (heartbeat stopped)", counts_as_failure=True)
 
 
 def ending_values(ending: Ending) -> dict[str, Any]:
@@ -54,6 +55,9 @@ def ending_values(ending: Ending) -> dict[str, Any]:
     values: dict[str, Any] = {
         "status": ending.status,
         "lease_until": None,
+        # Nobody holds it now; and a claim by a worker that does not set it (an older release,
+        # mid-deploy) must not carry a dead worker's id, which would have it taken back.
+        "claimed_by": None,
         "error_code": ending.error_code,
         "error_message": ending.message,
         "operator_error": ending.detail,

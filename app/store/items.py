@@ -8,7 +8,7 @@ what each ending writes, is app.store.endings.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -16,7 +16,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import asyncpg
-from sqlalchemy import ColumnElement, Interval, Update, and_, bindparam, exists, func, select, update
+from sqlalchemy import ColumnElement, Interval, Update, Uuid, and_, bindparam, exists, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
@@ -26,7 +26,7 @@ from app.plan import JobPlan, read_plan
 from app.store import callbacks, policy_sets
 from app.store.db import Sessions, driver_connection
 from app.store.driver_statements import DriverStatement, insert_from
-from app.store.endings import CANCELLED, COMPLETED, WORKER_LOST, Ending, ending_values, failed
+from app.store.endings import CANCELLED, COMPLETED, WORKER_LOST, WORKER_SILENT, Ending, ending_values, failed
 from app.store.models import Cot, Item, ItemStatus, Job, Judgement, PolicySetRow, PreferencePair
 
 
@@ -82,12 +82,14 @@ def _claim_update(*conditions: ColumnElement[bool], values: dict[str, Any]) -> U
     return update(Item).where(*conditions, Job.id == Item.job_id).values(values).returning(*_CLAIMED)
 
 
-def _claiming_values(lease: Any) -> dict[str, Any]:
-    """What a claim writes on the item row; `lease`: a timedelta, or a bindparam() of one."""
+def _claiming_values(lease: Any, holder: Any) -> dict[str, Any]:
+    """What a claim writes on the item row; `lease`: a timedelta, or a bindparam() of one;
+    `holder`: the claiming worker's id (or its bindparam())."""
     return {
         "status": ItemStatus.RUNNING,
         "attempts": Item.attempts + 1,
         "lease_until": func.now() + lease,
+        "claimed_by": holder,
         "updated_at": func.now(),
     }
 
@@ -106,13 +108,17 @@ def _claim(item_id: UUID, row: Mapping[Any, Any], plan: JobPlan, policy_set: Pol
     )
 
 
-async def claim(sessions: Sessions, item_id: UUID, limits: Limits) -> Claim | None:
-    """Take the item if it is queued or its lease expired; None if there is nothing to do."""
+async def claim(
+    sessions: Sessions, item_id: UUID, limits: Limits, holder: UUID | None = None
+) -> Claim | None:
+    """Take the item if it is queued or its lease expired; None if there is nothing to do.
+    `holder`: the claiming worker, whose heartbeat keeps the item (None: its lease alone)."""
     async with driver_connection(sessions) as connection:
         row = await _CLAIM_QUEUED.fetchrow(
             connection,
             item_id=item_id,
             lease=timedelta(seconds=limits.lease_s),
+            holder=holder,
             max_claims=limits.max_claims,
             max_failures=limits.max_failures,
         )
@@ -120,7 +126,7 @@ async def claim(sessions: Sessions, item_id: UUID, limits: Limits) -> Claim | No
         # The driver returns the plan's JSON, decoded: the ORM's column type is not applied.
         plan = read_plan(row["plan"])
         return _claim(item_id, row, plan, await _policy_set(sessions, row["policy_set_id"]))
-    return await _claim_or_settle(sessions, item_id, limits)
+    return await _claim_or_settle(sessions, item_id, limits, holder)
 
 
 # The usual case in one round trip: a queued item of a live job, with tries left. Anything
@@ -132,7 +138,7 @@ _CLAIM_QUEUED = DriverStatement(
         Item.attempts < bindparam("max_claims"),
         Item.failures < bindparam("max_failures"),
         Job.cancelled_at.is_(None),
-        values=_claiming_values(bindparam("lease", type_=Interval)),
+        values=_claiming_values(bindparam("lease", type_=Interval), bindparam("holder", type_=Uuid)),
     )
 )
 
@@ -142,7 +148,9 @@ async def _policy_set(sessions: Sessions, policy_set_id: UUID) -> PolicySetRow:
         return await policy_sets.by_id(session, policy_set_id)
 
 
-async def _claim_or_settle(sessions: Sessions, item_id: UUID, limits: Limits) -> Claim | None:
+async def _claim_or_settle(
+    sessions: Sessions, item_id: UUID, limits: Limits, holder: UUID | None
+) -> Claim | None:
     """The general claim: also takes over an expired lease, and ends an item whose job was
     cancelled or whose tries are spent instead of running it."""
     async with sessions.begin() as session:
@@ -177,7 +185,8 @@ async def _claim_or_settle(sessions: Sessions, item_id: UUID, limits: Limits) ->
             return None
         claimed = await session.execute(
             _claim_update(
-                Item.id == item_id, values=handed_back | _claiming_values(timedelta(seconds=limits.lease_s))
+                Item.id == item_id,
+                values=handed_back | _claiming_values(timedelta(seconds=limits.lease_s), holder),
             ),
             execution_options={"synchronize_session": False},
         )
@@ -392,23 +401,46 @@ def _sample(cot: Cot) -> Sample:
     return Sample([t["text"] for t in cot.refined_thoughts], cot.response)
 
 
-async def take_expired_leases(sessions: Sessions, limit: int = 1000) -> list[tuple[UUID, int]]:
-    """Items whose worker stopped renewing: back to queued, the lost claim counted as a
-    failure, and a new enqueue counter for a fresh arq id."""
+async def running_holders(sessions: Sessions) -> list[UUID]:
+    """The workers holding running items (by their claims), for the sweeper to check their
+    heartbeats."""
+    async with sessions() as session:
+        rows = await session.scalars(
+            select(Item.claimed_by).where(Item.status == ItemStatus.RUNNING).distinct()
+        )
+        return [holder for holder in rows if holder is not None]  # None: a claim without one
+
+
+async def take_lost_claims(
+    sessions: Sessions, dead_holders: Sequence[UUID] = (), limit: int = 1000
+) -> list[tuple[UUID, int]]:
+    """Running items whose worker is gone: its heartbeat stopped (`dead_holders`), or it
+    stopped renewing the lease. Back to queued, the lost claim counted as a failure, and a new
+    enqueue counter for a fresh arq id."""
     async with sessions.begin() as session:
-        stale = (
-            select(Item.id)
-            .where(Item.status == ItemStatus.RUNNING, Item.lease_until < func.now())
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        rows = await session.execute(
-            update(Item)
-            .where(Item.id.in_(stale))
-            .values(ending_values(WORKER_LOST) | {"enqueues": Item.enqueues + 1})
-            .returning(Item.id, Item.enqueues)
-        )
-        return [(row.id, row.enqueues) for row in rows]
+        taken = []
+        if dead_holders:
+            taken += await _take_running(session, Item.claimed_by.in_(dead_holders), WORKER_SILENT, limit)
+        taken += await _take_running(session, Item.lease_until < func.now(), WORKER_LOST, limit)
+        return taken
+
+
+async def _take_running(
+    session: AsyncSession, condition: ColumnElement[bool], ending: Ending, limit: int
+) -> list[tuple[UUID, int]]:
+    stale = (
+        select(Item.id)
+        .where(Item.status == ItemStatus.RUNNING, condition)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    rows = await session.execute(
+        update(Item)
+        .where(Item.id.in_(stale))
+        .values(ending_values(ending) | {"enqueues": Item.enqueues + 1})
+        .returning(Item.id, Item.enqueues)
+    )
+    return [(row.id, row.enqueues) for row in rows]
 
 
 async def queued_unclaimed(sessions: Sessions, grace_s: int, limit: int = 2000) -> list[tuple[UUID, int]]:

@@ -203,6 +203,9 @@ class Item(Base):
     failures: Mapped[int] = mapped_column(Integer, default=0)  # claims lost to crashes and errors
     enqueues: Mapped[int] = mapped_column(Integer, default=1)  # part of the arq job id
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The worker process running the item (None once the claim ended): the sweeper takes the
+    # item back as soon as that worker's heartbeat is gone (workers/liveness.py).
+    claimed_by: Mapped[uuid.UUID | None] = mapped_column()
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)  # for the tenant: our words only
     # The full detail behind error_message (an upstream's answer, an exception), for operators:

@@ -1,0 +1,233 @@
+"""Worker liveness: a killed worker's item resumes within seconds (its heartbeat, not its
+lease), a slow one keeps its item, the heartbeat ends with its worker, and heartbeats lost
+with Redis's keys take nothing back until the live workers had time to beat again."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import time
+from uuid import UUID, uuid4
+
+import httpx
+import pytest
+from arq.connections import ArqRedis
+from redis.asyncio import Redis
+from sqlalchemy import select
+
+from app.config import Settings
+from app.store import items
+from app.store.db import Sessions
+from app.store.models import Item
+from tests.conftest import delete_redis_keys, eventually, start_worker, submit
+from tests.scripted_llm import ScriptedLLM, agree, stall
+from tests.test_worker import one_item, turn_count
+from workers import liveness
+from workers.main import sweep
+
+DEFAULTS = Settings.model_fields
+
+
+def long_lease(settings: Settings, **update: object) -> Settings:
+    """The test settings with a production-length lease: only a heartbeat can free an item
+    within the test's time."""
+    return settings.model_copy(update={"lease_seconds": 60, **update})
+
+
+async def item_row(sessions: Sessions, item_id: UUID) -> Item:
+    async with sessions() as session:
+        item = await session.get(Item, item_id)
+        assert item is not None
+        return item
+
+
+async def test_a_killed_workers_items_resume_within_20_s_with_the_default_heartbeat(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    redis: Redis,
+    scripted_llm: ScriptedLLM,
+    workers: list[subprocess.Popen[bytes]],
+) -> None:
+    production = long_lease(
+        settings,
+        heartbeat_interval_s=DEFAULTS["heartbeat_interval_s"].default,
+        heartbeat_ttl_s=DEFAULTS["heartbeat_ttl_s"].default,
+        sweep_interval_s=DEFAULTS["sweep_interval_s"].default,
+    )
+    workers.extend(start_worker(production) for _ in range(2))
+    await eventually(lambda: _live_workers(redis, production, 2), timeout_s=60, what="both workers to beat")
+    scripted_llm.latency_s = 0.4
+    scripted_llm.script("deliberation_turn", *[agree(False, new_thoughts=[f"point {n}"]) for n in range(40)])
+    job_id = await submit(
+        api, auth, [f"Prompt {n}: how are vaccines tested?" for n in range(4)], max_rounds=4
+    )
+    first = (await _job_items(sessions, job_id))[0].id
+    await eventually(lambda: _turns_at_least(sessions, first, 3), what="three stored turns")
+    holder = await _holding_process(redis, production, sessions, first, workers)
+
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    killed_at = time.monotonic()
+    at_kill = await _job_items(sessions, job_id)
+    lost = {
+        item.id for item in at_kill if item.status == "running" and item.claimed_by == at_kill[0].claimed_by
+    }
+    await eventually(
+        lambda: _all_claimed_again(sessions, lost), timeout_s=20, what="every lost item claimed again"
+    )
+    resumed_after_s = time.monotonic() - killed_at
+    await eventually(lambda: _job_finished(sessions, job_id), timeout_s=60, what="the job to finish")
+
+    assert resumed_after_s < 20
+    finished = await _job_items(sessions, job_id)
+    assert [(item.status, item.attempts, item.failures, item.claimed_by) for item in finished] == [
+        ("completed", 2, 1, None) if item.id in lost else ("completed", 1, 0, None) for item in finished
+    ]
+    turns = 0
+    for item in finished:
+        stored = (await api.get(f"/v1/items/{item.id}", headers=auth)).json()["turns"]
+        keys = [(t["stage"], t["round"], t["agent"], t["attempt"]) for t in stored]
+        assert len(keys) == len(set(keys)), "a turn was stored twice"
+        turns += len(stored)
+    re_spent = len(scripted_llm.requests) - turns
+    assert 0 <= re_spent <= len(lost), f"{re_spent} LLM calls repeated; only those in flight may be"
+
+
+async def test_a_worker_slower_than_its_heartbeat_ttl_keeps_its_item(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    scripted_llm: ScriptedLLM,
+    workers: list[subprocess.Popen[bytes]],
+) -> None:
+    # One LLM call takes three heartbeat TTLs, with another worker's sweeper watching.
+    quick = long_lease(settings, heartbeat_interval_s=0.3, heartbeat_ttl_s=1.0, llm_timeout_s=10.0)
+    scripted_llm.script("seed_cot", stall(3))
+    job_id = await submit(api, auth, ["What is a good first programming language?"])
+    item_id = (await one_item(sessions, job_id)).id
+    workers.extend(start_worker(quick) for _ in range(2))
+
+    item = await eventually(lambda: _finished(sessions, item_id), what="the item to finish")
+
+    assert (item.status, item.attempts, item.failures) == ("completed", 1, 0)
+    turns = (await api.get(f"/v1/items/{item.id}", headers=auth)).json()["turns"]
+    assert len(turns) == len(scripted_llm.requests), "an LLM call was made twice"
+
+
+async def test_the_heartbeat_ends_with_its_worker(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    redis: Redis,
+    scripted_llm: ScriptedLLM,
+    workers: list[subprocess.Popen[bytes]],
+) -> None:
+    lasting = long_lease(settings, heartbeat_ttl_s=60.0, llm_timeout_s=60.0)
+    scripted_llm.script("seed_cot", stall(60))
+    job_id = await submit(api, auth, ["How do tides work?"])
+    item_id = (await one_item(sessions, job_id)).id
+    workers.append(start_worker(lasting))
+    await eventually(lambda: _turns_at_least(sessions, item_id, 1), what="the intent turn")
+    holder = (await item_row(sessions, item_id)).claimed_by
+    assert holder is not None
+    key = liveness.heartbeat_key(lasting, holder)
+    assert 50_000 < await redis.pttl(key) <= 60_000
+
+    workers[0].send_signal(signal.SIGTERM)
+    assert workers[0].wait(timeout=30) is not None
+
+    assert not await redis.exists(key), "the key outlives its worker until its TTL"
+    await asyncio.sleep(lasting.heartbeat_interval_s * 1.5)
+    assert not await redis.exists(key), "something still beats for the stopped worker"
+
+
+@pytest.mark.parametrize("persisted", [False, True], ids=["emptied", "reloaded"])
+async def test_missing_heartbeats_count_only_after_redis_kept_them_for_a_ttl(
+    persisted: bool,
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    redis: Redis,
+    arq_redis: ArqRedis,
+) -> None:
+    """Redis restarted: every heartbeat is gone at once, live workers' too (emptied: without
+    persistence, or flushed; reloaded: from a snapshot older than the TTL, with the sweeper's
+    record of the server it saw). The sweeper waits one TTL, while they beat again, before it
+    believes a missing one."""
+    brief = long_lease(settings, heartbeat_interval_s=0.2, heartbeat_ttl_s=1.0)
+    job_id = await submit(api, auth, ["How do plants make sugar?", "Why is the sky blue?"])
+    silent_id, live_id = [item.id for item in await _job_items(sessions, job_id)]
+    silent, live = uuid4(), uuid4()
+    limits = items.Limits(lease_s=60, max_claims=8, max_failures=5)
+    assert await items.claim(sessions, silent_id, limits, holder=silent)
+    assert await items.claim(sessions, live_id, limits, holder=live)
+    await delete_redis_keys(brief)  # no heartbeat, no record of the server
+    if persisted:
+        await redis.set(f"{brief.redis_key_prefix}:liveness:redis-run-id", "the server before the restart")
+
+    await liveness.beat(redis, brief, live)  # the live worker beats again at once
+    assert await sweep(brief, sessions, arq_redis) == {"expired": 0, "lost": 0}
+    await asyncio.sleep(brief.heartbeat_ttl_s + 0.1)
+    await liveness.beat(redis, brief, live)  # ... and on
+    assert await sweep(brief, sessions, arq_redis) == {"expired": 1, "lost": 0}
+
+    taken, kept = await item_row(sessions, silent_id), await item_row(sessions, live_id)
+    assert (taken.status, taken.failures, taken.error_message) == (
+        "queued",
+        1,
+        "worker lost (heartbeat stopped)",
+    )
+    assert (kept.status, kept.failures) == ("running", 0)
+
+
+async def _turns_at_least(sessions: Sessions, item_id: UUID, n: int) -> bool:
+    return await turn_count(sessions, item_id) >= n
+
+
+async def _job_items(sessions: Sessions, job_id: str) -> list[Item]:
+    async with sessions() as session:
+        rows = await session.scalars(select(Item).where(Item.job_id == UUID(job_id)).order_by(Item.position))
+        return list(rows)
+
+
+async def _all_claimed_again(sessions: Sessions, item_ids: set[UUID]) -> bool:
+    async with sessions() as session:
+        rows = await session.scalars(select(Item).where(Item.id.in_(item_ids)))
+        return all(item.attempts >= 2 and item.status in ("running", "completed") for item in rows)
+
+
+async def _job_finished(sessions: Sessions, job_id: str) -> bool:
+    return all(
+        item.status in ("completed", "failed", "cancelled") for item in await _job_items(sessions, job_id)
+    )
+
+
+async def _finished(sessions: Sessions, item_id: UUID) -> Item | None:
+    item = await item_row(sessions, item_id)
+    return item if item.status in ("completed", "failed", "cancelled") else None
+
+
+async def _holding_process(
+    redis: Redis,
+    settings: Settings,
+    sessions: Sessions,
+    item_id: UUID,
+    workers: list[subprocess.Popen[bytes]],
+) -> subprocess.Popen[bytes]:
+    """The worker process that holds the item, by its heartbeat key's value."""
+    holder = (await item_row(sessions, item_id)).claimed_by
+    assert holder is not None
+    where = await redis.get(liveness.heartbeat_key(settings, holder))
+    assert where is not None
+    pid = int(where.decode().rsplit(" ", 1)[1])
+    return next(process for process in workers if process.pid == pid)
+
+
+async def _live_workers(redis: Redis, settings: Settings, n: int) -> bool:
+    return len([key async for key in redis.scan_iter(liveness.heartbeat_key(settings, "*"))]) >= n

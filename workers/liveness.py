@@ -1,0 +1,98 @@
+"""Worker liveness: every worker process keeps a short-lived key in Redis alive, and the
+sweeper takes back the running items of workers whose key is gone.
+
+A worker's claims carry its id (`items.claimed_by`). Its heartbeat is a task of its own that
+does nothing but set the key, so a slow LLM call or a busy item never delays it; only an
+event loop blocked for longer than the key's TTL would (a runaway computation, or a pause of
+the whole process), and then the worker loses its items as a dead one would. That is safe:
+every write under a claim is fenced by it (a worker whose item was taken over gets ClaimLost
+at its next write), and the lease in Postgres stays the backstop, should heartbeats be lost
+and the sweeper not notice.
+
+Heartbeats missing because Redis restarted, failed over or was flushed are not deaths: the
+sweeper remembers the Redis server's run id and, when it changes or its record is gone,
+trusts no missing heartbeat for one TTL, while the live workers set their keys again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from uuid import UUID
+
+from redis.asyncio import Redis
+
+from app.config import Settings
+
+log = logging.getLogger("aidsafe.worker")
+
+
+def heartbeat_key(settings: Settings, worker_id: UUID | str) -> str:
+    return f"{settings.redis_key_prefix}:workers:{worker_id}"
+
+
+def _sweeper_key(settings: Settings, name: str) -> str:
+    return f"{settings.redis_key_prefix}:liveness:{name}"
+
+
+def process() -> str:
+    """Where a worker runs, for operators: the value of its heartbeat key."""
+    return f"{socket.gethostname()} pid {os.getpid()}"
+
+
+async def beat(redis: Redis, settings: Settings, worker_id: UUID) -> None:
+    await redis.set(heartbeat_key(settings, worker_id), process(), px=int(settings.heartbeat_ttl_s * 1000))
+
+
+async def beat_forever(redis: Redis, settings: Settings, worker_id: UUID) -> None:
+    while True:
+        await asyncio.sleep(settings.heartbeat_interval_s)
+        try:
+            await beat(redis, settings, worker_id)
+        except Exception:  # Redis away: the next beat may land before the key expires
+            log.warning("heartbeat failed", exc_info=True)
+
+
+async def stop(redis: Redis, settings: Settings, worker_id: UUID, heartbeat: asyncio.Task[None]) -> None:
+    """Stop beating and drop the key: any item still held is free for the sweeper at once."""
+    heartbeat.cancel()
+    try:
+        await redis.delete(heartbeat_key(settings, worker_id))
+    except Exception:  # the key expires by itself
+        log.warning("could not drop the heartbeat key", exc_info=True)
+
+
+# KEYS: the Redis server's run id as last seen, the settling marker, then the heartbeats.
+# ARGV: the server's run id now, the TTL in ms. Nil while settling, else 0/1 per heartbeat.
+_ALIVE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1])
+  redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return false
+end
+local alive = {}
+for i = 3, #KEYS do
+  alive[i - 2] = redis.call('EXISTS', KEYS[i])
+end
+return alive
+"""
+
+
+async def dead_holders(redis: Redis, settings: Settings, holders: Sequence[UUID]) -> list[UUID]:
+    """The workers among `holders` whose heartbeat is gone; none while Redis's keys settle."""
+    if not holders:
+        return []
+    server: dict[str, str] = await redis.info("server")
+    keys = [_sweeper_key(settings, "redis-run-id"), _sweeper_key(settings, "settling")]
+    keys += [heartbeat_key(settings, holder) for holder in holders]
+    ttl_ms = int(settings.heartbeat_ttl_s * 1000)
+    alive = await redis.register_script(_ALIVE)(keys=keys, args=[server["run_id"], ttl_ms])
+    if alive is None:
+        log.info("Redis is new to the sweeper: missing heartbeats count after %s s", settings.heartbeat_ttl_s)
+        return []
+    return [holder for holder, is_alive in zip(holders, alive, strict=True) if not is_alive]
