@@ -368,3 +368,31 @@ def test_the_client_imports_without_the_server() -> None:
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
 
     assert out.stdout.strip() == "[]"
+
+
+async def test_the_readme_example_runs(
+    live_api: str, auth: Headers, settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    example = readme_example()
+    monkeypatch.setenv("AIDSAFE_API_URL", live_api)
+    monkeypatch.setenv("AIDSAFE_API_KEY", secret(auth))
+    monkeypatch.chdir(tmp_path)  # where the example writes sft.jsonl
+
+    scope: dict[str, Any] = {}
+    run = asyncio.create_task(asyncio.to_thread(exec, example, scope))
+    await asyncio.sleep(1)
+    await run_worker_burst(settings)
+    await asyncio.wait_for(run, 30)
+
+    assert scope["final"].status == "completed"
+    assert (tmp_path / "sft.jsonl").exists()
+    assert scope["client"].list_deletions()[0].job_id == scope["job"].id
+    scope["client"].close()
+
+
+def readme_example() -> str:
+    """The Python code block of the README's "Python client" section."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Python client") :]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start : section.index("```\n", start)]
