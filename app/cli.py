@@ -1,19 +1,21 @@
-"""`aidsafe`: manage API keys (straight in Postgres) and submit/follow/read jobs (over HTTP)."""
+"""`aidsafe`: manage API keys (straight in Postgres) and submit/follow/read jobs (over HTTP,
+through the Python client `aidsafe.Client`: the one HTTP layer)."""
 
 from __future__ import annotations
 
 import asyncio
 import csv
 import json
-import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from itertools import islice
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 import typer
 import yaml
-from httpx_sse import SSEError, connect_sse
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import (
     BarColumn,
@@ -26,8 +28,11 @@ from rich.progress import (
 )
 from sqlalchemy import func, select, update
 
+import aidsafe
+from aidsafe.client import KEY_ENV, URL_ENV
+from aidsafe.models import Cot, Item, JobProgress
 from app.config import get_settings
-from app.store import keys, models
+from app.store import keys
 from app.store.db import make_engine, make_sessions
 from app.store.models import ApiKey, ItemStatus
 
@@ -36,9 +41,8 @@ keys_cli = typer.Typer(help="API keys (written straight to the database).", no_a
 cli.add_typer(keys_cli, name="keys")
 console = Console()
 
-ApiUrl = Annotated[str, typer.Option(envvar="AIDSAFE_API_URL", help="Base URL of the API.")]
-ApiKeyOpt = Annotated[str, typer.Option("--key", envvar="AIDSAFE_API_KEY", help="API key.")]
-FINISHED = ("completed", "cancelled")
+ApiUrl = Annotated[str, typer.Option(envvar=URL_ENV, help="Base URL of the API.")]
+ApiKeyOpt = Annotated[str, typer.Option("--key", envvar=KEY_ENV, help="API key.")]
 
 
 async def _with_session(work: Any) -> Any:
@@ -153,20 +157,16 @@ def _read_prompt_file(path: Path) -> list[dict[str, Any]]:
     return items
 
 
-def _client(api_url: str, key: str) -> httpx.Client:
-    return httpx.Client(base_url=api_url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
-
-
-def _check(response: httpx.Response) -> dict[str, Any]:
-    if response.status_code >= 400:
-        try:
-            error = response.json()["error"]
-            message = f"{error['code']}: {error['message']}"
-        except (ValueError, KeyError, TypeError):
-            message = response.text[:500]
-        console.print(f"[red]The API answered {response.status_code}: {message}[/]")
-        raise typer.Exit(1)
-    return response.json()
+@contextmanager
+def _client(api_url: str, key: str) -> Iterator[aidsafe.Client]:
+    """The API's client; what it refuses ends the command (exit code 1), saying why."""
+    try:
+        with aidsafe.Client(api_url, key) as client:
+            yield client
+    except aidsafe.AidsafeError as exc:
+        said = "The API answered " + str(exc.status) if exc.status else "No answer from the API"
+        console.print(f"[red]{said}: {exc.code}: {escape(exc.message)}[/]")
+        raise typer.Exit(1) from exc
 
 
 Threshold = Annotated[
@@ -260,34 +260,32 @@ def submit(
         pair_max_tries=pair_max_tries,
         pair_min_gap=pair_min_gap,
     )
-    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
     with _client(api_url, key) as client:
-        body = {
-            "items": items,
-            "policy_set": {"name": policy_set, "version": policy_version},
-            "config": config,
-            **_labels(label, metadata),
-        }
-        job = _check(client.post("/v1/jobs", json=body, headers=headers))
+        job = client.submit(
+            items,
+            config=config,
+            policy_set=policy_set,
+            policy_version=policy_version,
+            label=label,
+            metadata=_metadata(metadata),
+            idempotency_key=idempotency_key or None,
+        )
         console.print(
-            f"Job [bold]{job['id']}[/]: {len(items)} prompts, policy set "
-            f"{job['policy_set']['name']}@{job['policy_set']['version']}"
+            f"Job [bold]{job.id}[/]: {len(items)} prompts, policy set "
+            f"{job.policy_set.name}@{job.policy_set.version}"
         )
         if follow:
-            follow_job(client, job["id"])
+            follow_job(client, job.id)
         if show:
-            print_cots(client, job["id"])
+            print_cots(client, job.id)
 
 
-def _labels(label: str | None, metadata: str | None) -> dict[str, Any]:
-    """A job body's label and metadata, as far as given (the API validates them)."""
-    labels: dict[str, Any] = {"label": label} if label is not None else {}
-    if metadata is not None:
-        try:
-            labels["metadata"] = json.loads(metadata)
-        except json.JSONDecodeError as exc:
-            raise typer.BadParameter(f"not JSON ({exc.msg})", param_hint="--metadata") from None
-    return labels
+def _metadata(metadata: str | None) -> Any:
+    """The --metadata option's JSON (the API says whether it is an object it takes)."""
+    try:
+        return None if metadata is None else json.loads(metadata)
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"not JSON ({exc.msg})", param_hint="--metadata") from None
 
 
 @cli.command("follow")
@@ -297,10 +295,10 @@ def follow_command(job_id: str, api_url: ApiUrl = "http://127.0.0.1:8000", key: 
         follow_job(client, job_id)
 
 
-def follow_job(client: httpx.Client, job_id: str, poll_s: float = 2.0) -> dict[str, Any]:
+def follow_job(client: aidsafe.Client, job_id: Any, poll_s: float = 2.0) -> JobProgress:
     """Show items done, per-stage counts, tokens and the time left until the job ends; driven
     by the job's progress events, or by polling when the event stream is unavailable.
-    Returns the final job summary."""
+    Returns the job's final progress."""
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -311,53 +309,14 @@ def follow_job(client: httpx.Client, job_id: str, poll_s: float = 2.0) -> dict[s
     )
     with Progress(*columns, console=console) as progress:
         view = ProgressView(progress, progress.add_task("items", total=None, detail=""))
-        try:
-            return _follow_events(client, job_id, view)
-        except (httpx.HTTPError, SSEError, EventStreamUnavailable) as exc:
-            console.print(f"[dim]Progress events unavailable ({exc}); polling instead.[/]")
-        while True:
-            summary = _check(client.get(f"/v1/jobs/{job_id}"))
-            view.show(summary)
-            if summary["status"] in FINISHED:
-                return summary
-            time.sleep(poll_s)
-
-
-class EventStreamUnavailable(Exception):
-    pass
-
-
-def _follow_events(client: httpx.Client, job_id: str, view: ProgressView) -> dict[str, Any]:
-    """Follow the SSE stream, resuming with Last-Event-ID when the connection drops."""
-    last_event_id: str | None = None
-    for _ in range(5):  # reconnects in a row without an event in between
-        headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
-        with connect_sse(client, "GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=60) as events:
-            status = events.response.status_code
-            if status >= 500 or status == 200 and not _is_event_stream(events.response):
-                raise EventStreamUnavailable(f"HTTP {status}")  # e.g. a proxy that cannot stream
-            if status != 200:
-                events.response.read()
-                _check(events.response)  # the API's own refusal (401, 404) ends the command
-            try:
-                for sse in events.iter_sse():
-                    if not sse.data:
-                        continue
-                    last_event_id = sse.id or last_event_id
-                    data = json.loads(sse.data)
-                    if sse.event == "item":
-                        view.item_finished(data)
-                    elif sse.event in ("snapshot", "done"):
-                        view.show(data)
-                    if sse.event == "done":
-                        return data
-            except httpx.TransportError:
-                continue
-    raise EventStreamUnavailable("the event stream kept dropping")
-
-
-def _is_event_stream(response: httpx.Response) -> bool:
-    return response.headers.get("content-type", "").startswith("text/event-stream")
+        return client.wait(
+            job_id,
+            poll_s=poll_s,
+            on_event=view.event,
+            on_polling=lambda exc: console.print(
+                f"[dim]Progress events unavailable ({exc}); polling instead.[/]"
+            ),
+        )
 
 
 class ProgressView:
@@ -370,72 +329,66 @@ class ProgressView:
         self.done_in_snapshot = 0
         self.last_line = ""
 
-    def item_finished(self, item: dict[str, Any]) -> None:
-        self.finished.add(item["item_id"])
-        self.progress.update(self.task, completed=max(self.done_in_snapshot, len(self.finished)))
+    def event(self, event: aidsafe.Event) -> None:
+        if isinstance(event.data, JobProgress):
+            self.show(event.data)
+        else:
+            self.finished.add(str(event.data.item_id))
+            self.progress.update(self.task, completed=max(self.done_in_snapshot, len(self.finished)))
 
-    def show(self, summary: dict[str, Any]) -> None:
-        counts, by_status = summary["counts"], summary["counts"]["by_status"]
-        self.done_in_snapshot = sum(by_status.get(s, 0) for s in models.FINISHED)
+    def show(self, summary: JobProgress) -> None:
+        counts, by_status, usage = summary.counts, summary.counts.by_status, summary.usage
+        self.done_in_snapshot = counts.finished
         active = {
             stage: n
-            for stage, statuses in counts["by_stage"].items()
+            for stage, statuses in counts.by_stage.items()
             if (n := statuses.get(ItemStatus.RUNNING, 0) + statuses.get(ItemStatus.QUEUED, 0))
             and stage != "done"
         }
         stages = " ".join(f"{stage}:{n}" for stage, n in active.items()) or "-"
-        usage = summary["usage"]
         detail = (
-            f"{summary['status']} | in progress {stages} | failed {by_status.get(ItemStatus.FAILED, 0)} | "
-            f"{usage['llm_calls']} calls, {usage['prompt_tokens'] + usage['completion_tokens']} tokens"
+            f"{summary.status} | in progress {stages} | failed {by_status.get(ItemStatus.FAILED, 0)} | "
+            f"{usage.llm_calls} calls, {usage.prompt_tokens + usage.completion_tokens} tokens"
         )
-        self.progress.update(self.task, total=counts["total"], completed=self.done_in_snapshot, detail=detail)
-        line = f"{self.done_in_snapshot}/{counts['total']} items | {detail}"
+        self.progress.update(self.task, total=counts.total, completed=self.done_in_snapshot, detail=detail)
+        line = f"{self.done_in_snapshot}/{counts.total} items | {detail}"
         if not console.is_terminal and line != self.last_line:  # a log gets lines, not a bar
             console.print(line)
             self.last_line = line
 
 
-def print_cots(client: httpx.Client, job_id: str) -> None:
+def print_cots(client: aidsafe.Client, job_id: Any) -> None:
     """Every item of the job in order: its refined CoT, or why it has none."""
-    cots: dict[int, dict[str, Any]] = {}
-    cursor = None
-    while True:
-        page = _check(client.get(f"/v1/jobs/{job_id}/cots", params={"cursor": cursor} if cursor else {}))
-        cots.update({c["position"]: c for c in page["data"]})
-        if not (cursor := page["next_cursor"]):
-            break
-    cursor = None
-    while True:
-        params = {"cursor": cursor} if cursor else {}
-        page = _check(client.get(f"/v1/jobs/{job_id}/items", params=params))
-        for item in page["data"]:
-            _print_item(item, cots.get(item["position"]))
-        if not (cursor := page["next_cursor"]):
-            break
+    cots = {cot.position: cot for cot in client.iter_cots(job_id, limit=500)}
+    for item in client.iter_items(job_id, limit=500):
+        _print_item(item, cots.get(item.position))
 
 
-def _print_item(item: dict[str, Any], cot: dict[str, Any] | None) -> None:
-    title = f"#{item['position']} {item['status']}"
-    lines = [f"[bold]Prompt:[/] {item['prompt']}"]
+def _print_item(item: Item, cot: Cot | None) -> None:
+    title = f"#{item.position} {item.status}"
+    lines = [f"[bold]Prompt:[/] {item.prompt}"]
     if cot is None:
-        lines.append(f"[red]No CoT: {item['error_code'] or item['status']}: {item['error_message'] or ''}[/]")
+        lines.append(f"[red]No CoT: {item.error_code or item.status}: {item.error_message or ''}[/]")
     else:
-        intents = cot["intents"]
+        intents = cot.intents
         lines.append(
             f"[bold]Intents:[/] {'; '.join(intents['explicit_intents'] + intents['implicit_intents'])}"
         )
         lines.append("[bold]Refined thoughts:[/]")
-        for n, thought in enumerate(cot["refined_thoughts"], 1):
-            sources = ", ".join(f"T{source}" for source in thought["sources"]) or "no source"
-            lines.append(f"  {n}. {thought['text']}  [dim](from {sources})[/]")
-        for dropped in cot["dropped_thoughts"]:
-            lines.append(f"  [dim]dropped T{dropped['id']} ({dropped['reason']}): {dropped['text']}[/]")
-        agreement = f"agreed in round {cot['agreed_by']['round']}" if cot["agreed"] else "round budget spent"
-        lines.append(f"[bold]Response:[/] {cot['response']}")
+        for n, thought in enumerate(cot.refined_thoughts, 1):
+            sources = ", ".join(f"T{source}" for source in thought.sources) or "no source"
+            lines.append(f"  {n}. {thought.text}  [dim](from {sources})[/]")
+        for dropped in cot.dropped_thoughts:
+            lines.append(f"  [dim]dropped T{dropped.id} ({dropped.reason}): {dropped.text}[/]")
+        agreement = (
+            f"agreed in round {cot.agreed_by['round']}"
+            if cot.agreed and cot.agreed_by
+            else "round budget spent"
+        )
+        lines.append(f"[bold]Response:[/] {cot.response}")
         lines.append(
-            f"[dim]{cot['rounds_used']} round(s), {agreement}; policy set {cot['policy_set']['name']}@"
-            f"{cot['policy_set']['version']}[/]"
+            f"[dim]{cot.rounds_used} round(s), {agreement}; policy set {cot.policy_set.name}@"
+            f"{cot.policy_set.version}[/]"
         )
     console.print(Panel("\n".join(lines), title=title, title_align="left"))
 
@@ -468,37 +421,18 @@ def export(
     key: ApiKeyOpt = "",
 ) -> None:
     """Download an export of the job, streamed to disk. The file appears only when complete."""
-    params = {
-        "format": format,
-        "cot": cot,
-        "system": system,
-        "accepted_only": accepted_only or None,  # filters left off are not sent
-        "min_score": min_score or [],
-        "human_approved": human_approved or None,
-    }
-    partial = output.with_name(output.name + ".part")
-    with (
-        _client(api_url, key) as client,
-        client.stream(
-            "GET",
-            f"/v1/jobs/{job_id}/export",
-            params={k: v for k, v in params.items() if v is not None},
-            timeout=None,
-        ) as response,
-    ):
-        if response.status_code != 200:
-            response.read()
-            _check(response)
-        try:
-            with partial.open("wb") as handle:
-                for chunk in response.iter_bytes():
-                    handle.write(chunk)
-        except BaseException:  # a broken download leaves no file that looks complete
-            partial.unlink(missing_ok=True)
-            raise
-    written = partial.stat().st_size
-    partial.replace(output)
-    console.print(f"Wrote {output} ({written:,} bytes, {format}).")
+    with _client(api_url, key) as client:
+        client.export(
+            job_id,
+            output,
+            format=format,
+            cot=cot,
+            system=system,
+            accepted_only=accepted_only,
+            min_score=min_score,  # METRIC:SCORE as given: the API reads them
+            human_approved=human_approved,
+        )
+    console.print(f"Wrote {output} ({output.stat().st_size:,} bytes, {format}).")
 
 
 jobs_cli = typer.Typer(help="Your jobs (over the HTTP API).", no_args_is_help=True)
@@ -529,36 +463,22 @@ def list_jobs(
 ) -> None:
     """Your jobs, comparisons included, newest first: id, created, kind, status, items
     finished of total, label."""
-    filters = {
-        "status": status or [],
-        "kind": kind or [],
-        "created_after": created_after,
-        "created_before": created_before,
-        "label": label,
-        "metadata": metadata,
-    }
     with _client(api_url, key) as client:
-        for job in listed_jobs(client, {k: v for k, v in filters.items() if v is not None}, limit):
-            finished = sum(job["counts"]["by_status"].get(s, 0) for s in models.FINISHED)
+        listed = client.iter_jobs(
+            status=status,
+            kind=kind,
+            created_after=created_after,
+            created_before=created_before,
+            label=label,
+            metadata=metadata,  # JSON text as given: the API says what is wrong with it
+            limit=min(limit, 500) if limit else 500,
+        )
+        for job in islice(listed, limit or None):
             console.print(
-                f"{job['id']}  {job['created_at'][:19]}  {job['kind']}  {job['status']}  "
-                f"{finished}/{job['counts']['total']}  {job['label'] or '-'}",
+                f"{job.id}  {job.created_at:%Y-%m-%dT%H:%M:%S}  {job.kind}  {job.status}  "
+                f"{job.counts.finished}/{job.counts.total}  {job.label or '-'}",
                 highlight=False,
             )
-
-
-def listed_jobs(client: httpx.Client, filters: dict[str, Any], limit: int) -> list[dict[str, Any]]:
-    """The first `limit` jobs GET /v1/jobs lists with these filters (0: all), page by page."""
-    jobs: list[dict[str, Any]] = []
-    cursor = None
-    while not limit or len(jobs) < limit:
-        page_size = min(limit - len(jobs), 500) if limit else 500
-        params = {**filters, "limit": page_size, **({"cursor": cursor} if cursor else {})}
-        page = _check(client.get("/v1/jobs", params=params))
-        jobs += page["data"]
-        if not (cursor := page["next_cursor"]):
-            break
-    return jobs
 
 
 policy_sets_cli = typer.Typer(help="Policy sets (over the HTTP API).", no_args_is_help=True)
@@ -569,9 +489,9 @@ cli.add_typer(policy_sets_cli, name="policy-sets")
 def list_policy_sets(api_url: ApiUrl = "http://127.0.0.1:8000", key: ApiKeyOpt = "") -> None:
     """Built-in sets and yours, every version: id, name@version, built-in or own, created."""
     with _client(api_url, key) as client:
-        for row in _check(client.get("/v1/policy-sets")):
-            origin = "built-in" if row["builtin"] else "own"
-            console.print(f"{row['id']}  {row['name']}@{row['version']}  {origin}  {row['created_at'][:10]}")
+        for row in client.list_policy_sets():
+            origin = "built-in" if row.builtin else "own"
+            console.print(f"{row.id}  {row.name}@{row.version}  {origin}  {row.created_at:%Y-%m-%d}")
 
 
 @policy_sets_cli.command("show")
@@ -580,9 +500,9 @@ def show_policy_set(
 ) -> None:
     """One version with its policies, as YAML (the format `create` reads)."""
     with _client(api_url, key) as client:
-        row = _check(client.get(f"/v1/policy-sets/{policy_set_id}"))
-    document = {"name": row["name"], "description": row["description"], "policies": row["policies"]}
-    console.print(f"# {row['name']}@{row['version']} ({row['id']})", highlight=False)
+        row = client.get_policy_set(policy_set_id)
+    document = {"name": row.name, "description": row.description, "policies": row.policies}
+    console.print(f"# {row.name}@{row.version} ({row.id})", highlight=False)
     print(yaml.safe_dump(document, sort_keys=False, allow_unicode=True), end="")
 
 
@@ -605,21 +525,18 @@ def create_policy_set(
         console.print(f"[red]{file}: expected a mapping with name, description, policies[/]")
         raise typer.Exit(2)
     with _client(api_url, key) as client:
-        response = client.post("/v1/policy-sets", json=document)
-        row = _check(response)
-    state = "registered" if response.status_code == 201 else "already registered"
-    console.print(
-        f"{row['name']}@{row['version']} {state} (id {row['id']}, {len(row['policies'])} policies)."
-    )
+        row = client.register_policy_set(document)
+    state = "registered" if row.created else "already registered"
+    console.print(f"{row.name}@{row.version} {state} (id {row.id}, {len(row.policies)} policies).")
 
 
 @jobs_cli.command("delete")
 def delete_job(job_id: str, api_url: ApiUrl = "http://127.0.0.1:8000", key: ApiKeyOpt = "") -> None:
     """Delete a finished job (or comparison) and everything derived from it."""
     with _client(api_url, key) as client:
-        deletion = _check(client.delete(f"/v1/jobs/{job_id}"))
-    rows = ", ".join(f"{table} {count}" for table, count in deletion["row_counts"].items() if count)
-    console.print(f"Deleted job {deletion['job_id']}: {rows}.", highlight=False)
+        deletion = client.delete_job(job_id)
+    rows = ", ".join(f"{table} {count}" for table, count in deletion.row_counts.items() if count)
+    console.print(f"Deleted job {deletion.job_id}: {rows}.", highlight=False)
 
 
 webhooks_cli = typer.Typer(help="Webhooks labeling tools deliver reviews to (over the HTTP API).")
@@ -634,22 +551,21 @@ def create_webhook(
 ) -> None:
     """A Label Studio webhook of your key's: its URL, and its secret (shown once)."""
     with _client(api_url, key) as client:
-        row = _check(client.post("/v1/webhooks", json={"name": name}))
-    console.print(f"Created webhook [bold]{row['name']}[/] (id {row['id']}). In Label Studio set:")
-    console.print(f"  URL:    {row['url']}", highlight=False)
-    console.print(f"  header: {row['secret_header']}: <the secret below, shown once>", highlight=False)
-    print(row["secret"])
+        row = client.create_webhook(name)
+    console.print(f"Created webhook [bold]{row.name}[/] (id {row.id}). In Label Studio set:")
+    console.print(f"  URL:    {row.url}", highlight=False)
+    console.print(f"  header: {row.secret_header}: <the secret below, shown once>", highlight=False)
+    print(row.secret)
 
 
 @webhooks_cli.command("list")
 def list_webhooks(api_url: ApiUrl = "http://127.0.0.1:8000", key: ApiKeyOpt = "") -> None:
     """Your webhooks: id, name, URL, created, revoked."""
     with _client(api_url, key) as client:
-        for row in _check(client.get("/v1/webhooks")):
-            revoked = f"  revoked {row['revoked_at'][:19]}" if row["revoked_at"] else ""
+        for row in client.list_webhooks():
+            revoked = f"  revoked {row.revoked_at:%Y-%m-%dT%H:%M:%S}" if row.revoked_at else ""
             console.print(
-                f"{row['id']}  {row['name']}  {row['url']}  {row['created_at'][:10]}{revoked}",
-                highlight=False,
+                f"{row.id}  {row.name}  {row.url}  {row.created_at:%Y-%m-%d}{revoked}", highlight=False
             )
 
 
@@ -657,8 +573,8 @@ def list_webhooks(api_url: ApiUrl = "http://127.0.0.1:8000", key: ApiKeyOpt = ""
 def revoke_webhook(webhook_id: str, api_url: ApiUrl = "http://127.0.0.1:8000", key: ApiKeyOpt = "") -> None:
     """Refuse the webhook's deliveries from now on."""
     with _client(api_url, key) as client:
-        row = _check(client.post(f"/v1/webhooks/{webhook_id}/revoke"))
-    console.print(f"Revoked webhook {row['name']} ({row['id']}).")
+        row = client.revoke_webhook(webhook_id)
+    console.print(f"Revoked webhook {row.name} ({row.id}).")
 
 
 @webhooks_cli.command("rejections")
@@ -670,11 +586,11 @@ def webhook_rejections(
 ) -> None:
     """Deliveries the webhook refused, newest first, with why."""
     with _client(api_url, key) as client:
-        rows = _check(client.get(f"/v1/webhooks/{webhook_id}/rejections", params={"limit": limit}))
+        rows = client.webhook_rejections(webhook_id, limit=limit)
     for row in rows:
-        kept = "body kept" if row["body"] is not None else "no body (not authenticated)"
+        kept = "body kept" if row.body is not None else "no body (not authenticated)"
         console.print(
-            f"{row['received_at'][:19]}  {row['code']}  {row['message']}  ({kept})", highlight=False
+            f"{row.received_at:%Y-%m-%dT%H:%M:%S}  {row.code}  {row.message}  ({kept})", highlight=False
         )
 
 

@@ -15,6 +15,7 @@ import yaml
 from sqlalchemy import select
 from typer.testing import CliRunner
 
+from aidsafe import Client
 from app.cli import cli, follow_job, job_config
 from app.config import Settings
 from app.store.db import Sessions
@@ -245,14 +246,15 @@ async def test_cli_follows_by_polling_when_the_event_stream_is_unavailable(
     live_api: str, api: httpx.AsyncClient, auth: Headers, settings: Settings
 ) -> None:
     job = await submit(api, auth, ["a", "b"])
-    with httpx.Client(base_url=live_api, headers=auth, transport=ProxyThatCannotStream()) as client:
+    secret = auth["Authorization"].removeprefix("Bearer ")
+    with Client(live_api, secret, transport=ProxyThatCannotStream()) as client:
         follower = asyncio.create_task(asyncio.to_thread(follow_job, client, job["id"], 0.1))
         await asyncio.sleep(0.5)
         await run_worker_burst(settings)
         final = await asyncio.wait_for(follower, 30)
 
-    assert final["status"] == "completed"
-    assert final["counts"]["by_status"] == {"completed": 2}
+    assert final.status == "completed"
+    assert final.counts.by_status == {"completed": 2}
 
 
 def test_job_options_become_the_job_config() -> None:

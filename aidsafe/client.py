@@ -1,0 +1,875 @@
+"""`aidsafe.Client` and `aidsafe.AsyncClient`: the AIDSAFE HTTP API from Python, on httpx.
+
+Each API route is written once, in `_Routes`, as a function that builds a `Call` (the
+request, whether it may be retried, how its answer is read). The `endpoint` descriptor
+turns it into a method that sends the call: a plain one on `Client`, a coroutine on
+`AsyncClient`. Only what differs between the two (sending, paging, streaming) is written
+twice, each in its own idiom.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import inspect
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from itertools import count
+from pathlib import Path
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
+from urllib.parse import quote
+from uuid import UUID
+
+import httpx
+from httpx_sse import EventSource, ServerSentEvent
+from pydantic import BaseModel, TypeAdapter
+
+from aidsafe.errors import AidsafeError, EventStreamUnavailable
+from aidsafe.models import (
+    Comparison,
+    ComparisonListed,
+    Cot,
+    Deletion,
+    Item,
+    ItemDetail,
+    ItemFinished,
+    Job,
+    JobListed,
+    JobProgress,
+    Page,
+    PolicySet,
+    PolicySetDetail,
+    PreferencePair,
+    RegisteredPolicySet,
+    Rejection,
+    Report,
+    SubmittedComparison,
+    SubmittedJob,
+    Webhook,
+    WebhookCreated,
+)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+Id = str | UUID
+Params = tuple[tuple[str, str | int | float | bool], ...]
+Timeout = float | None | httpx.Timeout
+
+# What the CLI has always read (app/cli.py passes its --api-url and --key through).
+URL_ENV, KEY_ENV = "AIDSAFE_API_URL", "AIDSAFE_API_KEY"
+DEFAULT_URL = "http://127.0.0.1:8000"
+RETRIED_STATUSES = (429, 503)  # rate-limited; the database unavailable: both say "try again"
+IDEMPOTENT_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")
+MAX_EVENT_RECONNECTS = 5  # in a row, without an event in between
+RECONNECT_PAUSE_S = 0.5  # times the reconnects so far
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Any = _Unset()  # "leave as it is", where None means "clear"
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    """One request to the API and how to read its successful answer."""
+
+    method: str
+    path: str
+    read: Callable[[httpx.Response], T]
+    params: Params = ()
+    json: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+    # None: as the method is (GET, DELETE... are). A POST is retried only when it says so.
+    idempotent: bool | None = None
+
+    @property
+    def retryable(self) -> bool:
+        return self.method in IDEMPOTENT_METHODS if self.idempotent is None else self.idempotent
+
+
+PageCall = Callable[[str | None], Call[Page[T]]]  # a listing's page after a cursor
+
+
+@dataclass(frozen=True)
+class Event:
+    """One event of a job's stream: `item` (data: ItemFinished), `snapshot` or `done`
+    (data: JobProgress; `done` is the last). Pass `id` back as `last_event_id` to resume."""
+
+    kind: str
+    id: str | None
+    data: ItemFinished | JobProgress
+
+
+def _path(*parts: Id) -> str:
+    return "/v1/" + "/".join(quote(str(part), safe="") for part in parts)
+
+
+def _as(model: type[M]) -> Callable[[httpx.Response], M]:
+    return lambda response: model.model_validate_json(response.content)
+
+
+def _list_of(model: type[M]) -> Callable[[httpx.Response], list[M]]:
+    adapter = TypeAdapter(list[model])  # type: ignore[valid-type]
+    return lambda response: adapter.validate_json(response.content)
+
+
+def _submitted(model: type[M]) -> Callable[[httpx.Response], M]:
+    """A submission's answer: 200 (not 202) is a replay of the same Idempotency-Key."""
+    return lambda response: model.model_validate({**response.json(), "replayed": response.status_code == 200})
+
+
+def _params(**values: Any) -> Params:
+    """Query parameters: None is left out, a list or tuple repeats the parameter."""
+    params: list[tuple[str, str | int | float | bool]] = []
+    for name, value in values.items():
+        for one in value if isinstance(value, list | tuple) else [value]:
+            if one is not None:
+                params.append((name, one.isoformat() if isinstance(one, datetime) else one))
+    return tuple(params)
+
+
+def _labels(label: str | None, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A new job's label and metadata as far as given: left out, they are left out of the
+    request's idempotency hash too."""
+    return {
+        **({"label": label} if label is not None else {}),
+        **({"metadata": dict(metadata)} if metadata is not None else {}),
+    }
+
+
+def _idempotency(key: str | None) -> dict[str, str]:
+    return {"Idempotency-Key": key} if key is not None else {}
+
+
+def _job_filters(
+    status: str | Sequence[str] | None,
+    created_after: datetime | str | None,
+    created_before: datetime | str | None,
+    label: str | None,
+    metadata: Mapping[str, Any] | str | None,
+) -> dict[str, Any]:
+    return {
+        "status": [status] if isinstance(status, str) else list(status or []),
+        "created_after": created_after,
+        "created_before": created_before,
+        "label": label,
+        # a str is JSON text already: the API, not the client, says what is wrong with it
+        "metadata": metadata if metadata is None or isinstance(metadata, str) else json.dumps(metadata),
+    }
+
+
+def _retry_after(response: httpx.Response, attempt: int) -> float:
+    """Seconds to wait before retrying: the answer's Retry-After (seconds or an HTTP date),
+    or else a doubling back-off."""
+    value = response.headers.get("Retry-After", "").strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when: datetime = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return 0.5 * 2.0**attempt
+    return max(0.0, (when.replace(tzinfo=when.tzinfo or UTC) - datetime.now(UTC)).total_seconds())
+
+
+def _event(sse: ServerSentEvent) -> Event | None:
+    """The event a server-sent event carries; None for a comment and for kinds this client
+    does not know (a newer server's)."""
+    if not sse.data:
+        return None
+    if sse.event == "item":
+        return Event(sse.event, sse.id or None, ItemFinished.model_validate_json(sse.data))
+    if sse.event in ("snapshot", "done"):
+        return Event(sse.event, sse.id or None, JobProgress.model_validate_json(sse.data))
+    return None
+
+
+def _event_stream_refusal(response: httpx.Response) -> EventStreamUnavailable | None:
+    """Why this answer is no event stream to read, when that is a fault of the way there (a
+    5xx, a proxy that answers with a page) rather than the API's refusal (401, 404)."""
+    status = response.status_code
+    is_stream = response.headers.get("content-type", "").startswith("text/event-stream")
+    if status >= 500 or status == 200 and not is_stream:
+        return EventStreamUnavailable(f"HTTP {status}", status)
+    return None
+
+
+EVENT_HEADERS = {"Accept": "text/event-stream", "Cache-Control": "no-store"}
+
+
+def _partial(path: Path) -> Path:
+    """Where a download goes until it is complete."""
+    return path.with_name(path.name + ".part")
+
+
+class endpoint(Generic[P, T]):  # noqa: N801 (used as a decorator)
+    """A route's call builder as a method that sends the call (see the module's docstring)."""
+
+    def __init__(self, build: Callable[Concatenate[Any, P], Call[T]]) -> None:
+        self.build = build
+        self.__doc__, self.__name__ = build.__doc__, build.__name__
+        signature = inspect.signature(build)
+        self._signature = signature.replace(parameters=list(signature.parameters.values())[1:])
+
+    @overload
+    def __get__(self, client: None, owner: type) -> endpoint[P, T]: ...
+    @overload
+    def __get__(self, client: Client, owner: type) -> Callable[P, T]: ...
+    @overload
+    def __get__(self, client: AsyncClient, owner: type) -> Callable[P, Awaitable[T]]: ...
+    def __get__(self, client: Any, owner: type | None = None) -> Any:
+        if client is None:
+            return self
+        build = self.build
+
+        def send(*args: Any, **kwargs: Any) -> Any:
+            return client._send(build(client, *args, **kwargs))
+
+        send.__doc__, send.__name__, send.__signature__ = self.__doc__, self.__name__, self._signature  # type: ignore[attr-defined]
+        return send
+
+
+class paged(Generic[P, T]):  # noqa: N801
+    """Every row of a paged listing, fetched a page at a time as the iteration goes; the
+    listing's `limit` is the page size, its `cursor` where to start."""
+
+    def __init__(self, listing: endpoint[P, Page[T]]) -> None:
+        self.listing = listing
+        self.__doc__ = f"Every row of `{listing.__name__}`, following its cursors.\n\n{listing.__doc__}"
+
+    @overload
+    def __get__(self, client: None, owner: type) -> paged[P, T]: ...
+    @overload
+    def __get__(self, client: Client, owner: type) -> Callable[P, Iterator[T]]: ...
+    @overload
+    def __get__(self, client: AsyncClient, owner: type) -> Callable[P, AsyncIterator[T]]: ...
+    def __get__(self, client: Any, owner: type | None = None) -> Any:
+        if client is None:
+            return self
+        build = self.listing.build
+
+        def rows(*args: Any, **kwargs: Any) -> Any:
+            def page(cursor: str | None) -> Call[Page[T]]:
+                return build(client, *args, **{**kwargs, "cursor": cursor})
+
+            return client._rows(page, kwargs.get("cursor"))
+
+        rows.__doc__ = self.__doc__
+        return rows
+
+
+class _Routes:
+    """Every route of the API, once. Ids may be given as str or UUID."""
+
+    max_retries: int
+
+    def _retries(self, call: Call[Any], response: httpx.Response, attempt: int) -> bool:
+        """Whether to send the call again after this answer."""
+        return response.status_code in RETRIED_STATUSES and call.retryable and attempt < self.max_retries
+
+    # --- jobs -----------------------------------------------------------------------------
+
+    @endpoint
+    def submit(
+        self,
+        prompts: Sequence[str | Mapping[str, Any]],
+        *,
+        config: Mapping[str, Any] | None = None,
+        policy_set: str = "aidsafe-default",
+        policy_version: str | None = None,
+        label: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        callback_url: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Call[SubmittedJob]:
+        """Submit prompts as one job (POST /v1/jobs). Each prompt is a string or a
+        `{"prompt": ..., "metadata": {...}}` mapping. `config` is the job's options as the
+        README's "Per-job configuration" names them (`agents`, `max_rounds`, `mode`,
+        `grading`, `pairs`, `roles`...). With an `idempotency_key` the submission is safe to
+        retry (and is retried on 429/503): the same key and body answer the first job, with
+        `replayed` True."""
+        if all(isinstance(prompt, str) for prompt in prompts):
+            body: dict[str, Any] = {"prompts": list(prompts)}
+        else:
+            body = {"items": [{"prompt": p} if isinstance(p, str) else dict(p) for p in prompts]}
+        body["policy_set"] = {"name": policy_set, "version": policy_version}
+        if config is not None:
+            body["config"] = dict(config)
+        if callback_url is not None:
+            body["callback_url"] = callback_url
+        return Call(
+            "POST",
+            _path("jobs"),
+            _submitted(SubmittedJob),
+            json={**body, **_labels(label, metadata)},
+            headers=_idempotency(idempotency_key),
+            idempotent=idempotency_key is not None,
+        )
+
+    @endpoint
+    def get_job(self, job_id: Id) -> Call[Job]:
+        """Status, counts per status and stage, usage, quality (GET /v1/jobs/{id})."""
+        return Call("GET", _path("jobs", job_id), _as(Job))
+
+    @endpoint
+    def list_jobs(
+        self,
+        *,
+        status: str | Sequence[str] | None = None,
+        kind: str | Sequence[str] | None = None,
+        created_after: datetime | str | None = None,
+        created_before: datetime | str | None = None,
+        label: str | None = None,
+        metadata: Mapping[str, Any] | str | None = None,
+        cursor: str | None = None,
+        limit: int = 100,
+    ) -> Call[Page[JobListed]]:
+        """One page of your jobs, comparisons included, newest first (GET /v1/jobs). Filters
+        combine; `status` and `kind` may list several (any of them); `metadata` is an object
+        the job's metadata must contain; times need a UTC offset."""
+        filters = _job_filters(status, created_after, created_before, label, metadata)
+        kinds = [kind] if isinstance(kind, str) else list(kind or [])
+        params = _params(**filters, kind=kinds, cursor=cursor, limit=limit)
+        return Call("GET", _path("jobs"), _as(Page[JobListed]), params)
+
+    iter_jobs = paged(list_jobs)
+
+    @endpoint
+    def update_job(
+        self, job_id: Id, *, label: str | None = UNSET, metadata: Mapping[str, Any] = UNSET
+    ) -> Call[Job]:
+        """Set the job's label (None clears it) and/or metadata (replaced whole; {} clears
+        it); what is not given stays (PATCH /v1/jobs/{id})."""
+        given = (("label", label), ("metadata", metadata))
+        body = {name: value for name, value in given if value is not UNSET}
+        return Call("PATCH", _path("jobs", job_id), _as(Job), json=body, idempotent=True)
+
+    @endpoint
+    def cancel_job(self, job_id: Id) -> Call[Job]:
+        """Cancel queued items now and running ones within a lease; cancelling twice is
+        harmless (POST /v1/jobs/{id}/cancel)."""
+        return Call("POST", _path("jobs", job_id, "cancel"), _as(Job), idempotent=True)
+
+    @endpoint
+    def delete_job(self, job_id: Id) -> Call[Deletion]:
+        """Delete a finished job (or comparison) and every row of it; the deletion's trace
+        (DELETE /v1/jobs/{id}). 409 `job_running` while it runs: cancel it first."""
+        return Call("DELETE", _path("jobs", job_id), _as(Deletion))
+
+    @endpoint
+    def list_deletions(self, *, before_id: int | None = None, limit: int = 100) -> Call[list[Deletion]]:
+        """Jobs you deleted, newest first (GET /v1/deletions)."""
+        params = _params(before_id=before_id, limit=limit)
+        return Call("GET", _path("deletions"), _list_of(Deletion), params)
+
+    @endpoint
+    def get_report(self, job_id: Id) -> Call[Report]:
+        """Quality in full and usage by stage (GET /v1/jobs/{id}/report)."""
+        return Call("GET", _path("jobs", job_id, "report"), _as(Report))
+
+    # --- a job's rows -----------------------------------------------------------------------
+
+    @endpoint
+    def list_items(
+        self, job_id: Id, *, status: str | None = None, cursor: str | None = None, limit: int = 100
+    ) -> Call[Page[Item]]:
+        """One page of the job's items in prompt order (GET /v1/jobs/{id}/items)."""
+        params = _params(status=status, cursor=cursor, limit=limit)
+        return Call("GET", _path("jobs", job_id, "items"), _as(Page[Item]), params)
+
+    iter_items = paged(list_items)
+
+    @endpoint
+    def get_item(self, item_id: Id) -> Call[ItemDetail]:
+        """One item with its CoT and every agent turn (GET /v1/items/{id})."""
+        return Call("GET", _path("items", item_id), _as(ItemDetail))
+
+    @endpoint
+    def list_cots(
+        self, job_id: Id, *, accepted: bool | None = None, cursor: str | None = None, limit: int = 100
+    ) -> Call[Page[Cot]]:
+        """One page of the job's refined CoTs in prompt order; `accepted` keeps those the
+        quality gate accepted (True) or rejected (False) (GET /v1/jobs/{id}/cots)."""
+        params = _params(accepted=accepted, cursor=cursor, limit=limit)
+        return Call("GET", _path("jobs", job_id, "cots"), _as(Page[Cot]), params)
+
+    iter_cots = paged(list_cots)
+
+    @endpoint
+    def list_preference_pairs(
+        self,
+        job_id: Id,
+        *,
+        kept: bool | None = None,
+        min_gap: float | None = None,
+        cursor: str | None = None,
+        limit: int = 100,
+    ) -> Call[Page[PreferencePair]]:
+        """One page of the job's ear-whisperer pair attempts in prompt order
+        (GET /v1/jobs/{id}/preference-pairs)."""
+        params = _params(kept=kept, min_gap=min_gap, cursor=cursor, limit=limit)
+        return Call("GET", _path("jobs", job_id, "preference-pairs"), _as(Page[PreferencePair]), params)
+
+    iter_preference_pairs = paged(list_preference_pairs)
+
+    # --- comparisons ------------------------------------------------------------------------
+
+    @endpoint
+    def create_comparison(
+        self,
+        baseline_job_id: Id,
+        candidate_job_id: Id,
+        *,
+        judge: Mapping[str, Any] | None = None,
+        label: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        callback_url: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Call[SubmittedComparison]:
+        """Judge two of your jobs' samples of the prompts both completed (POST /v1/comparisons);
+        `judge` is a role (`endpoint`, `model`, `temperature`)."""
+        body: dict[str, Any] = {
+            "baseline_job_id": str(baseline_job_id),
+            "candidate_job_id": str(candidate_job_id),
+        }
+        if judge is not None:
+            body["judge"] = dict(judge)
+        if callback_url is not None:
+            body["callback_url"] = callback_url
+        return Call(
+            "POST",
+            _path("comparisons"),
+            _submitted(SubmittedComparison),
+            json={**body, **_labels(label, metadata)},
+            headers=_idempotency(idempotency_key),
+            idempotent=idempotency_key is not None,
+        )
+
+    @endpoint
+    def get_comparison(self, comparison_id: Id) -> Call[Comparison]:
+        """Progress, metric means of both jobs, the judge's wins (GET /v1/comparisons/{id})."""
+        return Call("GET", _path("comparisons", comparison_id), _as(Comparison))
+
+    @endpoint
+    def list_comparisons(
+        self,
+        *,
+        status: str | Sequence[str] | None = None,
+        created_after: datetime | str | None = None,
+        created_before: datetime | str | None = None,
+        label: str | None = None,
+        metadata: Mapping[str, Any] | str | None = None,
+        cursor: str | None = None,
+        limit: int = 100,
+    ) -> Call[Page[ComparisonListed]]:
+        """One page of your comparisons, newest first, filtered as `list_jobs`."""
+        filters = _job_filters(status, created_after, created_before, label, metadata)
+        params = _params(**filters, cursor=cursor, limit=limit)
+        return Call("GET", _path("comparisons"), _as(Page[ComparisonListed]), params)
+
+    iter_comparisons = paged(list_comparisons)
+
+    # --- policy sets ------------------------------------------------------------------------
+
+    @endpoint
+    def list_policy_sets(self) -> Call[list[PolicySet]]:
+        """Built-in sets and yours, every version (GET /v1/policy-sets)."""
+        return Call("GET", _path("policy-sets"), _list_of(PolicySet))
+
+    @endpoint
+    def get_policy_set(self, policy_set_id: Id) -> Call[PolicySetDetail]:
+        """One version with its policies (GET /v1/policy-sets/{id})."""
+        return Call("GET", _path("policy-sets", policy_set_id), _as(PolicySetDetail))
+
+    @endpoint
+    def register_policy_set(self, document: Mapping[str, Any]) -> Call[RegisteredPolicySet]:
+        """Register a version from `{"name", "description", "policies"}` (the layout of
+        policies/default.yaml). The same content again is the same version, with `created`
+        False (POST /v1/policy-sets)."""
+        return Call(
+            "POST",
+            _path("policy-sets"),
+            lambda r: RegisteredPolicySet.model_validate({**r.json(), "created": r.status_code == 201}),
+            json=dict(document),
+            idempotent=True,  # content-addressed: sending it twice registers it once
+        )
+
+    # --- webhooks ---------------------------------------------------------------------------
+
+    @endpoint
+    def create_webhook(self, name: str) -> Call[WebhookCreated]:
+        """A Label Studio webhook of yours; its `secret` is shown only here (POST /v1/webhooks)."""
+        return Call("POST", _path("webhooks"), _as(WebhookCreated), json={"name": name})
+
+    @endpoint
+    def list_webhooks(self) -> Call[list[Webhook]]:
+        """Your webhooks, revoked ones included, oldest first (GET /v1/webhooks)."""
+        return Call("GET", _path("webhooks"), _list_of(Webhook))
+
+    @endpoint
+    def revoke_webhook(self, webhook_id: Id) -> Call[Webhook]:
+        """Refuse its deliveries from now on (POST /v1/webhooks/{id}/revoke)."""
+        return Call("POST", _path("webhooks", webhook_id, "revoke"), _as(Webhook), idempotent=True)
+
+    @endpoint
+    def webhook_rejections(self, webhook_id: Id, *, limit: int = 100) -> Call[list[Rejection]]:
+        """Deliveries the webhook refused, newest first (GET /v1/webhooks/{id}/rejections)."""
+        params = _params(limit=limit)
+        return Call("GET", _path("webhooks", webhook_id, "rejections"), _list_of(Rejection), params)
+
+    # --- what Client and AsyncClient send it with ---------------------------------------------
+
+    @staticmethod
+    def _export_call(
+        job_id: Id,
+        format: str,
+        cot: str | None,
+        system: str | None,
+        accepted_only: bool,
+        min_score: Mapping[str, float] | Sequence[str] | None,
+        human_approved: bool,
+    ) -> Call[None]:
+        scores = [f"{m}:{s}" for m, s in min_score.items()] if isinstance(min_score, Mapping) else min_score
+        params = _params(
+            format=format,
+            cot=cot,
+            system=system,
+            accepted_only=accepted_only or None,  # filters left off are not sent
+            min_score=list(scores or []),
+            human_approved=human_approved or None,
+        )
+        return Call("GET", _path("jobs", job_id, "export"), lambda _: None, params)
+
+    @staticmethod
+    def _events_call(job_id: Id, last_event_id: str | None) -> Call[None]:
+        headers = {**EVENT_HEADERS, **({"Last-Event-ID": last_event_id} if last_event_id else {})}
+        return Call("GET", _path("jobs", job_id, "events"), lambda _: None, headers=headers)
+
+
+def _http_options(
+    base_url: str | None, api_key: str | None, timeout: float, transport: Any
+) -> dict[str, Any]:
+    key = api_key if api_key is not None else os.environ.get(KEY_ENV)
+    return {
+        "base_url": base_url or os.environ.get(URL_ENV) or DEFAULT_URL,
+        # No key: no header, and the API's 401 `unauthorized` says so.
+        "headers": {"Authorization": f"Bearer {key}"} if key else {},
+        "timeout": timeout,
+        "transport": transport,
+    }
+
+
+class Client(_Routes):
+    """The AIDSAFE API over HTTP. `base_url` and `api_key` default to the environment's
+    AIDSAFE_API_URL (else http://127.0.0.1:8000) and AIDSAFE_API_KEY. Refusals raise
+    AidsafeError with the API's code; a 429 or 503 is retried (after its Retry-After) up to
+    `max_retries` times, for calls that are safe to repeat only. Use it as a context manager,
+    or `close()` it."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 60.0,
+        max_retries: int = 3,
+        max_retry_wait_s: float = 60.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._http = httpx.Client(**_http_options(base_url, api_key, timeout, transport))
+        self.max_retries, self.max_retry_wait_s = max_retries, max_retry_wait_s
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    @property
+    def base_url(self) -> str:
+        return str(self._http.base_url)
+
+    @contextmanager
+    def _opened(self, call: Call[Any], read_timeout: Timeout) -> Iterator[httpx.Response]:
+        """The call's answer, streamed, after the retries it may have; raises what the
+        transport raises (httpx errors)."""
+        for attempt in count():
+            with self._http.stream(
+                call.method,
+                call.path,
+                params=call.params,
+                json=call.json,
+                headers=call.headers,
+                timeout=read_timeout,
+            ) as response:
+                if not self._retries(call, response, attempt):
+                    yield response
+                    return
+                wait = min(_retry_after(response, attempt), self.max_retry_wait_s)
+            time.sleep(wait)
+
+    def _send(self, call: Call[T]) -> T:
+        with _reached(), self._opened(call, self._http.timeout) as response:
+            response.read()
+        if response.status_code >= 400:
+            raise AidsafeError.of(response)
+        return call.read(response)
+
+    def _rows(self, page: PageCall[T], cursor: str | None) -> Iterator[T]:
+        while True:
+            got = self._send(page(cursor))
+            yield from got.data
+            if not (cursor := got.next_cursor):
+                return
+
+    def export(
+        self,
+        job_id: Id,
+        path: str | os.PathLike[str],
+        *,
+        format: str,
+        cot: str | None = None,
+        system: str | None = None,
+        accepted_only: bool = False,
+        min_score: Mapping[str, float] | Sequence[str] | None = None,
+        human_approved: bool = False,
+    ) -> Path:
+        """Stream the job's export (GET /v1/jobs/{id}/export) to `path`, chunk by chunk: it is
+        written as `path.part` and renamed when complete, so a broken download leaves no
+        file that looks whole. `format`: trl_sft, trl_dpo, aidsafe_csv, jsonl, parquet,
+        label_studio or argilla; `min_score` as {"relevance": 4}. Returns the path."""
+        call = self._export_call(job_id, format, cot, system, accepted_only, min_score, human_approved)
+        target, partial = Path(path), _partial(Path(path))
+        with _reached(), self._opened(call, None) as response:  # an export may take long
+            if response.status_code != 200:
+                response.read()
+                raise AidsafeError.of(response)
+            try:
+                with partial.open("wb") as handle:
+                    for chunk in response.iter_bytes():
+                        handle.write(chunk)
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
+        partial.replace(target)
+        return target
+
+    def events(self, job_id: Id, *, last_event_id: str | None = None) -> Iterator[Event]:
+        """The job's events until `done` (GET /v1/jobs/{id}/events), from `last_event_id` on
+        (None: from now, starting with a snapshot). A dropped connection is resumed with the
+        last event's id. EventStreamUnavailable when the stream cannot be read here."""
+        drops = 0
+        while drops < MAX_EVENT_RECONNECTS:
+            try:
+                call = self._events_call(job_id, last_event_id)
+                with self._opened(call, self._http.timeout) as response:
+                    if refusal := _event_stream_refusal(response):
+                        raise refusal
+                    if response.status_code != 200:
+                        response.read()
+                        raise AidsafeError.of(response)
+                    for sse in EventSource(response).iter_sse():
+                        if event := _event(sse):
+                            drops, last_event_id = 0, event.id or last_event_id
+                            yield event
+                            if event.kind == "done":
+                                return
+            except httpx.TransportError:
+                pass
+            drops += 1
+            time.sleep(RECONNECT_PAUSE_S * (drops - 1))
+        raise EventStreamUnavailable("the event stream kept dropping")
+
+    def wait(
+        self,
+        job_id: Id,
+        *,
+        poll_s: float = 2.0,
+        on_event: Callable[[Event], None] | None = None,
+        on_polling: Callable[[EventStreamUnavailable], None] | None = None,
+    ) -> JobProgress:
+        """Block until the job ends; its final progress. Follows the events (each goes to
+        `on_event`), or, when the stream is unavailable (told to `on_polling`), polls the
+        job every `poll_s` seconds (each reading goes to `on_event` as a snapshot)."""
+        try:
+            for event in self.events(job_id):
+                if on_event:
+                    on_event(event)
+                if event.kind == "done":
+                    assert isinstance(event.data, JobProgress)
+                    return event.data
+        except EventStreamUnavailable as exc:
+            if on_polling:
+                on_polling(exc)
+        while True:
+            job = self.get_job(job_id)
+            if on_event:
+                on_event(Event("snapshot", None, job))
+            if job.finished:
+                return job
+            time.sleep(poll_s)
+
+
+class AsyncClient(_Routes):
+    """`Client`'s async twin: the same methods, awaited (`iter_*` and `events` are async
+    iterators). Use it as an async context manager, or `await aclose()`."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 60.0,
+        max_retries: int = 3,
+        max_retry_wait_s: float = 60.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._http = httpx.AsyncClient(**_http_options(base_url, api_key, timeout, transport))
+        self.max_retries, self.max_retry_wait_s = max_retries, max_retry_wait_s
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    @property
+    def base_url(self) -> str:
+        return str(self._http.base_url)
+
+    @asynccontextmanager
+    async def _opened(self, call: Call[Any], read_timeout: Timeout) -> AsyncIterator[httpx.Response]:
+        for attempt in count():
+            async with self._http.stream(
+                call.method,
+                call.path,
+                params=call.params,
+                json=call.json,
+                headers=call.headers,
+                timeout=read_timeout,
+            ) as response:
+                if not self._retries(call, response, attempt):
+                    yield response
+                    return
+                wait = min(_retry_after(response, attempt), self.max_retry_wait_s)
+            await asyncio.sleep(wait)
+
+    async def _send(self, call: Call[T]) -> T:
+        with _reached():
+            async with self._opened(call, self._http.timeout) as response:
+                await response.aread()
+        if response.status_code >= 400:
+            raise AidsafeError.of(response)
+        return call.read(response)
+
+    async def _rows(self, page: PageCall[T], cursor: str | None) -> AsyncIterator[T]:
+        while True:
+            got = await self._send(page(cursor))
+            for row in got.data:
+                yield row
+            if not (cursor := got.next_cursor):
+                return
+
+    async def export(
+        self,
+        job_id: Id,
+        path: str | os.PathLike[str],
+        *,
+        format: str,
+        cot: str | None = None,
+        system: str | None = None,
+        accepted_only: bool = False,
+        min_score: Mapping[str, float] | Sequence[str] | None = None,
+        human_approved: bool = False,
+    ) -> Path:
+        """See Client.export."""
+        call = self._export_call(job_id, format, cot, system, accepted_only, min_score, human_approved)
+        target, partial = Path(path), _partial(Path(path))
+        with _reached():
+            async with self._opened(call, None) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    raise AidsafeError.of(response)
+                try:
+                    with partial.open("wb") as handle:
+                        async for chunk in response.aiter_bytes():
+                            handle.write(chunk)
+                except BaseException:
+                    partial.unlink(missing_ok=True)
+                    raise
+        partial.replace(target)
+        return target
+
+    async def events(self, job_id: Id, *, last_event_id: str | None = None) -> AsyncIterator[Event]:
+        """See Client.events."""
+        drops = 0
+        while drops < MAX_EVENT_RECONNECTS:
+            try:
+                call = self._events_call(job_id, last_event_id)
+                async with self._opened(call, self._http.timeout) as response:
+                    if refusal := _event_stream_refusal(response):
+                        raise refusal
+                    if response.status_code != 200:
+                        await response.aread()
+                        raise AidsafeError.of(response)
+                    async for sse in EventSource(response).aiter_sse():
+                        if event := _event(sse):
+                            drops, last_event_id = 0, event.id or last_event_id
+                            yield event
+                            if event.kind == "done":
+                                return
+            except httpx.TransportError:
+                pass
+            drops += 1
+            await asyncio.sleep(RECONNECT_PAUSE_S * (drops - 1))
+        raise EventStreamUnavailable("the event stream kept dropping")
+
+    async def wait(
+        self,
+        job_id: Id,
+        *,
+        poll_s: float = 2.0,
+        on_event: Callable[[Event], None] | None = None,
+        on_polling: Callable[[EventStreamUnavailable], None] | None = None,
+    ) -> JobProgress:
+        """See Client.wait."""
+        try:
+            async for event in self.events(job_id):
+                if on_event:
+                    on_event(event)
+                if event.kind == "done":
+                    assert isinstance(event.data, JobProgress)
+                    return event.data
+        except EventStreamUnavailable as exc:
+            if on_polling:
+                on_polling(exc)
+        while True:
+            job = await self.get_job(job_id)
+            if on_event:
+                on_event(Event("snapshot", None, job))
+            if job.finished:
+                return job
+            await asyncio.sleep(poll_s)
+
+
+@contextmanager
+def _reached() -> Iterator[None]:
+    """No answer at all (refused, reset, timed out) is an AidsafeError too."""
+    try:
+        yield
+    except httpx.TransportError as exc:
+        raise AidsafeError("connection_failed", str(exc) or type(exc).__name__) from exc

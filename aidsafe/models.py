@@ -1,0 +1,355 @@
+"""What the API answers, as the client reads it.
+
+These mirror the response schemas in app/api/schemas.py (a test compares them with the
+OpenAPI document). They are the client's own: the server's schemas import the store and
+the job plan, which a notebook should not need. Fields the server adds later are kept
+(`extra="allow"`), and statuses are plain strings, so an older client reads a newer API.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field
+
+T = TypeVar("T")
+
+# Item statuses after which nothing changes (the store's FINISHED).
+FINISHED_ITEM_STATUSES = ("completed", "failed", "cancelled")
+# Job statuses after which nothing changes.
+FINISHED_JOB_STATUSES = ("completed", "cancelled")
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class Page(Model, Generic[T]):
+    """One page of a listing; pass `next_cursor` back as `cursor` for the next (None: the last)."""
+
+    data: list[T]
+    next_cursor: str | None
+
+
+class PolicySetBrief(Model):
+    id: UUID
+    name: str
+    version: str
+
+
+class JobCounts(Model):
+    total: int
+    by_status: dict[str, int]
+    by_stage: dict[str, dict[str, int]]
+
+    @property
+    def finished(self) -> int:
+        """Items that will not change any more."""
+        return sum(self.by_status.get(status, 0) for status in FINISHED_ITEM_STATUSES)
+
+
+class StatusCounts(Model):
+    total: int
+    by_status: dict[str, int]
+
+    @property
+    def finished(self) -> int:
+        return sum(self.by_status.get(status, 0) for status in FINISHED_ITEM_STATUSES)
+
+
+class Usage(Model):
+    llm_calls: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class MetricStats(Model):
+    mean: float
+    distribution: dict[str, int]
+
+
+class QualitySummary(Model):
+    graded: int
+    grade_failed: int
+    accepted: int
+    rejected: int
+    metrics: dict[str, MetricStats]
+
+
+class PairSummary(Model):
+    attempted: int
+    kept: int
+    not_kept: dict[str, int]
+    mean_gap: float | None
+
+
+class JobProgress(Model):
+    """A job's progress: what `snapshot` and `done` events carry, and part of every Job."""
+
+    status: str
+    counts: JobCounts
+    usage: Usage
+    quality: QualitySummary | None = None
+    pairs: PairSummary | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED_JOB_STATUSES
+
+
+class Job(JobProgress):
+    id: UUID
+    created_at: datetime
+    cancelled_at: datetime | None
+    label: str | None
+    metadata: dict[str, Any]
+    policy_set: PolicySetBrief
+    config: dict[str, Any]
+
+
+class SubmittedJob(Job):
+    callback_secret: str | None = Field(description="Shown only in the answer to the submission.")
+    replayed: bool = Field(
+        default=False,
+        description="Client-side: the Idempotency-Key named an earlier job (HTTP 200, not 202).",
+    )
+
+
+class JobListed(Model):
+    id: UUID
+    kind: str
+    status: str
+    created_at: datetime
+    cancelled_at: datetime | None
+    label: str | None
+    metadata: dict[str, Any]
+    counts: StatusCounts
+
+
+class ItemFinished(Model):
+    """What an `item` event carries: an item of the job ended."""
+
+    item_id: UUID
+    position: int
+    status: str
+    error_code: str | None
+
+
+class Item(Model):
+    id: UUID
+    job_id: UUID
+    position: int
+    prompt: str
+    metadata: dict[str, Any]
+    status: str
+    stage: str
+    attempts: int
+    error_code: str | None
+    error_message: str | None
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class Turn(Model):
+    stage: str
+    round: int
+    agent: int
+    attempt: int
+    role: str
+    endpoint: str
+    model: str
+    outcome: str
+    error: str | None
+    agreed: bool | None
+    raw_output: str
+    parsed: dict[str, Any] | None
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: float
+    request_hash: str
+    created_at: datetime
+    redacted: bool = False
+
+
+class Thought(Model):
+    id: int
+    text: str
+    stage: str
+    round: int
+    agent: int
+
+
+class RefinedThought(Model):
+    text: str
+    sources: list[int]
+
+
+class DroppedThought(Model):
+    id: int
+    text: str
+    reason: str
+    explanation: str
+
+
+class Score(Model):
+    score: int
+    rationale: str | None
+
+
+class Gate(Model):
+    accepted: bool | None
+    reasons: list[str]
+
+
+class Cot(Model):
+    item_id: UUID
+    position: int
+    prompt: str
+    intents: dict[str, list[str]]
+    refined_thoughts: list[RefinedThought]
+    response: str
+    dropped_thoughts: list[DroppedThought]
+    unaccounted_thought_ids: list[int]
+    thoughts: list[Thought]
+    rounds_used: int
+    agreed: bool
+    agreed_by: dict[str, int] | None
+    policy_set: PolicySetBrief
+    scores: dict[str, Score] | None
+    grade_error: str | None
+    quality: Gate
+    created_at: datetime
+
+
+class ItemDetail(Item):
+    cot: Cot | None
+    turns: list[Turn]
+
+
+class PreferencePair(Model):
+    """An ear-whisperer pair attempt. `chosen`, `rejected` and `tries` are kept as the API
+    sends them (see the README's "Preference pairs"); hazardous text is null without the
+    `hazardous:read` scope."""
+
+    item_id: UUID
+    position: int
+    prompt: str
+    kept: bool
+    reason: str | None
+    gap: float | None
+    chosen: dict[str, Any]
+    rejected: dict[str, Any]
+    tries: list[dict[str, Any]]
+    redacted: bool
+
+
+class QualityReport(QualitySummary):
+    thresholds: dict[str, float]
+    below_threshold: dict[str, int]
+
+
+class Report(Model):
+    job_id: UUID
+    status: str
+    counts: JobCounts
+    quality: QualityReport | None = None
+    pairs: PairSummary | None = None
+    usage: Usage
+    usage_by_stage: dict[str, Usage]
+
+
+class MetricComparison(Model):
+    baseline: float | None
+    candidate: float | None
+    delta: float | None
+
+
+class Pairwise(Model):
+    wins: int
+    ties: int
+    losses: int
+    unreadable: int
+
+
+class Comparison(Model):
+    id: UUID
+    status: str
+    created_at: datetime
+    label: str | None
+    metadata: dict[str, Any]
+    baseline_job_id: UUID
+    candidate_job_id: UUID
+    judge: dict[str, Any]
+    prompts: int
+    counts: JobCounts
+    metrics: dict[str, MetricComparison]
+    pairwise: Pairwise
+    usage: Usage
+
+
+class SubmittedComparison(Comparison):
+    callback_secret: str | None
+    replayed: bool = Field(default=False, description="Client-side: see SubmittedJob.replayed.")
+
+
+class ComparisonListed(Model):
+    id: UUID
+    status: str
+    created_at: datetime
+    cancelled_at: datetime | None
+    label: str | None
+    metadata: dict[str, Any]
+    baseline_job_id: UUID
+    candidate_job_id: UUID
+    counts: StatusCounts
+
+
+class Deletion(Model):
+    id: int
+    job_id: UUID
+    mode: str
+    deleted_by_key_id: UUID
+    deleted_at: datetime
+    row_counts: dict[str, int]
+
+
+class PolicySet(Model):
+    id: UUID
+    name: str
+    version: str
+    description: str
+    builtin: bool
+    created_at: datetime
+
+
+class PolicySetDetail(PolicySet):
+    policies: list[dict[str, Any]]
+
+
+class RegisteredPolicySet(PolicySetDetail):
+    created: bool = Field(
+        default=True, description="Client-side: False when this exact content was registered already."
+    )
+
+
+class Webhook(Model):
+    id: UUID
+    source: str
+    name: str
+    url: str
+    secret_header: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class WebhookCreated(Webhook):
+    secret: str
+
+
+class Rejection(Model):
+    received_at: datetime
+    code: str
+    message: str
+    body: str | None

@@ -1,0 +1,398 @@
+"""aidsafe.Client and aidsafe.AsyncClient against the real API over HTTP (uvicorn on a free
+port), arq's real worker and the scripted LLM: submit, wait on the events, page, export,
+delete; the API's error codes; retries; and the client's models against the OpenAPI document."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import BaseModel
+from redis.asyncio import Redis
+
+import aidsafe
+from aidsafe import models
+from app.api import schemas, webhooks
+from app.config import Settings
+from app.events import stream_key
+from app.store.db import Sessions
+from tests.conftest import run_worker_burst
+from tests.test_api import row_counts
+from tests.test_cli import KITCHEN
+
+Headers = dict[str, str]
+
+
+def secret(auth: Headers) -> str:
+    return auth["Authorization"].removeprefix("Bearer ")
+
+
+@pytest.fixture
+def client(live_api: str, auth: Headers) -> Iterator[aidsafe.Client]:
+    with aidsafe.Client(live_api, secret(auth)) as client:
+        yield client
+
+
+async def waited(client: aidsafe.Client, settings: Settings, job_id: Any) -> list[aidsafe.Event]:
+    """Run the worker while `client.wait` follows the job's events; the events it saw."""
+    seen: list[aidsafe.Event] = []
+    waiter = asyncio.create_task(asyncio.to_thread(client.wait, job_id, on_event=seen.append))
+    await asyncio.sleep(0.5)  # connected before the items finish
+    await run_worker_burst(settings)
+    final = await asyncio.wait_for(waiter, 30)
+    assert final == seen[-1].data
+    return seen
+
+
+async def test_submit_wait_iterate_export_and_delete(
+    client: aidsafe.Client, settings: Settings, sessions: Sessions, tmp_path: Path
+) -> None:
+    prompts = [
+        "How do I sharpen a knife?",
+        {"prompt": "How do I store knives?", "metadata": {"n": 1}},
+        "Dice?",
+    ]
+    job = client.submit(
+        prompts,
+        config={"agents": 2, "max_rounds": 1},
+        label="knives",
+        metadata={"src": "t"},
+        idempotency_key="k1",
+    )
+    replay = client.submit(
+        prompts,
+        config={"agents": 2, "max_rounds": 1},
+        label="knives",
+        metadata={"src": "t"},
+        idempotency_key="k1",
+    )
+    assert (replay.id, replay.replayed, job.replayed) == (job.id, True, False)
+    assert (job.label, job.metadata, job.counts.total, job.status) == ("knives", {"src": "t"}, 3, "queued")
+
+    seen = await waited(client, settings, job.id)
+
+    assert [e.kind for e in seen][0] == "snapshot" and seen[-1].kind == "done"
+    items = [e.data for e in seen if e.kind == "item"]
+    assert sorted((i.position, i.status) for i in items if isinstance(i, models.ItemFinished)) == [
+        (0, "completed"),
+        (1, "completed"),
+        (2, "completed"),
+    ]
+    cots = list(client.iter_cots(job.id, limit=1))  # three pages of one
+    assert [(c.position, c.prompt) for c in cots] == [
+        (0, prompts[0]),
+        (1, "How do I store knives?"),
+        (2, "Dice?"),
+    ]
+    assert all(isinstance(c, models.Cot) and c.refined_thoughts and c.response for c in cots)
+    assert [i.metadata for i in client.iter_items(job.id, limit=2)] == [{}, {"n": 1}, {}]
+    detail = client.get_item(cots[1].item_id)
+    assert detail.cot is not None and detail.cot.response == cots[1].response and detail.turns
+    assert client.get_report(job.id).usage_by_stage["refine"].llm_calls == 3
+
+    path = client.export(job.id, tmp_path / "sft.jsonl", format="jsonl")
+    assert [json.loads(line)["prompt"] for line in path.read_text().splitlines()] == [c.prompt for c in cots]
+    assert not (tmp_path / "sft.jsonl.part").exists()
+
+    deletion = client.delete_job(job.id)
+    assert deletion.job_id == job.id and deletion.row_counts["items"] == 3
+    assert [d.job_id for d in client.list_deletions()] == [job.id]
+    with pytest.raises(aidsafe.AidsafeError) as gone:
+        client.get_job(job.id)
+    assert (gone.value.status, gone.value.code) == (404, "not_found")
+    assert await row_counts(sessions) == (0, 0)
+
+
+async def test_the_async_client_does_the_same(
+    live_api: str, auth: Headers, settings: Settings, sessions: Sessions, tmp_path: Path
+) -> None:
+    async with aidsafe.AsyncClient(live_api, secret(auth)) as client:
+        job = await client.submit(["a", "b", "c"], policy_set="aidsafe-default")
+        seen: list[aidsafe.Event] = []
+        waiter = asyncio.create_task(client.wait(job.id, on_event=seen.append))
+        await asyncio.sleep(0.5)
+        await run_worker_burst(settings)
+        final = await asyncio.wait_for(waiter, 30)
+        assert final.status == "completed" and final.counts.by_status == {"completed": 3}
+        first = next(e.id for e in seen if e.kind == "item")
+
+        resumed = [e async for e in client.events(job.id, last_event_id=first)]
+        cots = [c async for c in client.iter_cots(job.id, limit=2)]
+        path = await client.export(job.id, tmp_path / "rows.csv", format="aidsafe_csv")
+        with pytest.raises(aidsafe.AidsafeError) as refused:
+            await client.export(job.id, tmp_path / "no.docx", format="docx")
+        deletion = await client.delete_job(job.id)
+
+    assert [e.kind for e in resumed] == ["item", "item", "snapshot", "done"]
+    assert [c.prompt for c in cots] == ["a", "b", "c"]
+    assert path.read_text().count("\n") >= 4 and "a" in path.read_text()
+    assert (refused.value.status, refused.value.code) == (422, "validation_error")
+    assert not (tmp_path / "no.docx").exists() and not (tmp_path / "no.docx.part").exists()
+    assert deletion.row_counts["jobs"] == 1 and await row_counts(sessions) == (0, 0)
+
+
+async def test_errors_carry_the_api_code_message_and_status(
+    client: aidsafe.Client, live_api: str, sessions: Sessions
+) -> None:
+    def error(call: Any, *args: Any, **kwargs: Any) -> tuple[int | None, str]:
+        with pytest.raises(aidsafe.AidsafeError) as raised:
+            call(*args, **kwargs)
+        return raised.value.status, raised.value.code
+
+    assert error(client.get_job, uuid.uuid4()) == (404, "not_found")
+    assert error(client.get_item, "not-a-uuid") == (422, "validation_error")
+    assert error(client.submit, []) == (422, "validation_error")
+    assert error(client.submit, ["a"], config={"agents": 99}) == (422, "validation_error")
+    assert error(client.submit, ["a"], policy_set="nope") == (422, "unknown_policy_set")
+    assert error(client.list_jobs, metadata="[1]") == (422, "invalid_filter")
+    with aidsafe.Client(live_api, "wrong") as stranger:
+        assert error(stranger.list_jobs) == (401, "unauthorized")
+    with aidsafe.Client("http://127.0.0.1:9", "k") as nowhere:
+        assert error(nowhere.list_jobs) == (None, "connection_failed")
+    with pytest.raises(aidsafe.AidsafeError) as raised:
+        client.submit([], label="x")
+    assert raised.value.message.startswith("prompts") and raised.value.details
+    assert await row_counts(sessions) == (0, 0)
+
+
+async def test_listing_filters_relabelling_and_cancelling(client: aidsafe.Client) -> None:
+    jobs = [client.submit(["a"], label=f"run-{n % 2}", metadata={"n": n}) for n in range(3)]
+    zero_shot = client.submit(["b"], config={"mode": "zero_shot"})
+    newest_first = [j.id for j in (zero_shot, *jobs[::-1])]
+
+    assert [j.id for j in client.iter_jobs(limit=1)] == newest_first  # four pages of one
+    assert [j.id for j in client.iter_jobs(label="run-0")] == [jobs[2].id, jobs[0].id]
+    assert [j.id for j in client.iter_jobs(metadata={"n": 1})] == [jobs[1].id]
+    assert [j.id for j in client.iter_jobs(kind="zero_shot")] == [zero_shot.id]
+    assert [j.id for j in client.iter_jobs(kind=["zero_shot", "aidsafe"], status=["queued"])] == newest_first
+    page = client.list_jobs(limit=3)
+    assert len(page.data) == 3 and page.next_cursor
+    assert [j.id for j in client.list_jobs(cursor=page.next_cursor).data] == [jobs[0].id]
+
+    relabelled = client.update_job(jobs[0].id, label="renamed")
+    assert (relabelled.label, relabelled.metadata) == ("renamed", {"n": 0})  # metadata left as it was
+    cleared = client.update_job(jobs[0].id, label=None, metadata={})
+    assert (cleared.label, cleared.metadata) == (None, {})
+    cancelled = client.cancel_job(zero_shot.id)
+    assert cancelled.status in ("cancelling", "cancelled") and cancelled.cancelled_at is not None
+    with pytest.raises(aidsafe.AidsafeError) as running:
+        client.delete_job(jobs[1].id)
+    assert (running.value.status, running.value.code) == (409, "job_running")
+
+
+async def test_comparisons_and_preference_pairs(client: aidsafe.Client, settings: Settings) -> None:
+    prompts = ["How do I sharpen a knife?", "How do I store knives?"]
+    baseline = client.submit(prompts, config={"mode": "zero_shot", "grading": {}})
+    candidate = client.submit(prompts, config={"agents": 2, "pairs": {"max_tries": 1}})
+    await run_worker_burst(settings)
+
+    pairs = list(client.iter_preference_pairs(candidate.id, limit=1))
+    assert [p.position for p in pairs] == [0, 1] and all(p.redacted for p in pairs)
+
+    comparison = client.create_comparison(
+        baseline.id, candidate.id, label="zs-vs-aidsafe", idempotency_key="c"
+    )
+    assert (comparison.baseline_job_id, comparison.prompts, comparison.replayed) == (baseline.id, 2, False)
+    await waited(client, settings, comparison.id)
+    judged = client.get_comparison(comparison.id)
+    pairwise = judged.pairwise
+    assert (
+        judged.status == "completed"
+        and pairwise.wins + pairwise.ties + pairwise.losses + pairwise.unreadable == 2
+    )
+    assert [c.id for c in client.iter_comparisons(label="zs-vs-aidsafe")] == [comparison.id]
+    assert [j.kind for j in client.iter_jobs()] == ["comparison", "aidsafe", "zero_shot"]
+
+
+async def test_policy_sets_and_webhooks(client: aidsafe.Client) -> None:
+    registered = client.register_policy_set(KITCHEN)
+    again = client.register_policy_set(KITCHEN)
+
+    assert (registered.created, again.created, again.id) == (True, False, registered.id)
+    listed = {(p.name, p.builtin) for p in client.list_policy_sets()}
+    assert {("kitchen", False), ("aidsafe-default", True)} <= listed
+    assert client.get_policy_set(registered.id).policies[0]["id"] == "knives"
+    job = client.submit(["Whetstone?"], policy_set="kitchen", policy_version=registered.version)
+    assert job.policy_set.version == registered.version
+
+    webhook = client.create_webhook("ls-prod")
+    assert webhook.secret and webhook.url.endswith(f"/v1/webhooks/label-studio/{webhook.id}")
+    assert [w.id for w in client.list_webhooks()] == [webhook.id]
+    assert client.revoke_webhook(webhook.id).revoked_at is not None
+    assert client.webhook_rejections(webhook.id) == []
+
+
+class CutAfterFirstItem(httpx.HTTPTransport):
+    """Between the client and the API: the first event stream breaks right after its first
+    item event, as a dropped connection does. Records each events request's Last-Event-ID."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_event_ids: list[str | None] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        if not request.url.path.endswith("/events"):
+            return response
+        self.last_event_ids.append(request.headers.get("Last-Event-ID"))
+        if len(self.last_event_ids) > 1:
+            return response
+        return httpx.Response(response.status_code, headers=response.headers, stream=CutStream(response))
+
+
+class CutStream(httpx.SyncByteStream):
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+
+    def __iter__(self) -> Iterator[bytes]:
+        received = b""
+        for chunk in self.response.stream:  # type: ignore[union-attr]
+            received += chunk
+            if first_item := re.search(rb"event: item\n.*?\n\n", received, re.S):
+                yield received[: first_item.end()]
+                raise httpx.ReadError("connection reset by peer")
+        yield received
+
+    def close(self) -> None:
+        self.response.close()
+
+
+async def test_a_dropped_event_stream_resumes_from_the_last_event_id(
+    live_api: str, auth: Headers, settings: Settings, redis: Redis
+) -> None:
+    cutter = CutAfterFirstItem()
+    with aidsafe.Client(live_api, secret(auth), transport=cutter) as client:
+        job = client.submit(["a", "b", "c"])
+        await run_worker_burst(settings)
+        first, *missed = [entry.decode() for entry, _ in await redis.xrange(stream_key(settings, job.id))]
+
+        events = await asyncio.to_thread(lambda: list(client.events(job.id, last_event_id=first)))
+
+    assert [e.kind for e in events] == ["item", "item", "snapshot", "done"]
+    assert [e.id for e in events[:2]] == missed
+    assert cutter.last_event_ids == [first, missed[0]]  # resumed after the last event it got
+
+
+class RateLimited(httpx.HTTPTransport):
+    """Between the client and the API: the first `times` requests get a 429 with Retry-After."""
+
+    def __init__(self, times: int) -> None:
+        super().__init__()
+        self.times, self.sent = times, 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.sent += 1
+        if self.sent <= self.times:
+            body = {"error": {"code": "rate_limited", "message": "slow down", "details": None}}
+            return httpx.Response(429, json=body, headers={"Retry-After": "0"})
+        return super().handle_request(request)
+
+
+async def test_a_429_is_retried_for_calls_safe_to_repeat_only(
+    live_api: str, auth: Headers, sessions: Sessions
+) -> None:
+    with aidsafe.Client(live_api, secret(auth), transport=RateLimited(2)) as client:
+        assert client.list_jobs().data == []
+        assert client._http._transport.sent == 3  # type: ignore[attr-defined]
+
+    with aidsafe.Client(live_api, secret(auth), transport=RateLimited(1)) as client:
+        with pytest.raises(aidsafe.AidsafeError) as limited:
+            client.submit(["a"])  # no Idempotency-Key: a retry might make a second job
+        assert (limited.value.status, limited.value.code, limited.value.message) == (
+            429,
+            "rate_limited",
+            "slow down",
+        )
+        assert await row_counts(sessions) == (0, 0)
+        assert client.submit(["a"], idempotency_key="once").counts.total == 1
+
+    with aidsafe.Client(live_api, secret(auth), transport=RateLimited(1)) as client:
+        assert client.submit(["b"], idempotency_key="twice").replayed is False
+    assert await row_counts(sessions) == (2, 2)
+
+    gives_up = aidsafe.Client(live_api, secret(auth), transport=RateLimited(9), max_retries=2)
+    with gives_up, pytest.raises(aidsafe.AidsafeError) as gave_up:
+        gives_up.list_jobs()
+    assert gave_up.value.status == 429
+
+
+# The client's models beside the API's response schemas.
+MIRRORED = {
+    models.Job: schemas.JobOut,
+    models.SubmittedJob: schemas.SubmittedJobOut,
+    models.JobProgress: schemas.JobProgressOut,
+    models.JobListed: schemas.JobListed,
+    models.ItemFinished: schemas.ItemFinishedOut,
+    models.Item: schemas.ItemOut,
+    models.ItemDetail: schemas.ItemDetailOut,
+    models.Turn: schemas.TurnOut,
+    models.Cot: schemas.CotOut,
+    models.PreferencePair: schemas.PreferencePairOut,
+    models.Report: schemas.ReportOut,
+    models.Comparison: schemas.ComparisonOut,
+    models.SubmittedComparison: schemas.SubmittedComparisonOut,
+    models.ComparisonListed: schemas.ComparisonListed,
+    models.Deletion: schemas.JobDeletionOut,
+    models.PolicySet: schemas.PolicySetOut,
+    models.PolicySetDetail: schemas.PolicySetDetailOut,
+    models.RegisteredPolicySet: schemas.PolicySetDetailOut,
+    models.Webhook: webhooks.WebhookOut,
+    models.WebhookCreated: webhooks.WebhookCreatedOut,
+    models.Rejection: webhooks.RejectionOut,
+    models.JobCounts: schemas.JobCounts,
+    models.Usage: schemas.Usage,
+    models.QualityReport: schemas.QualityReport,
+}
+CLIENT_SIDE = {"replayed", "created"}  # what the client adds from the answer's status
+
+
+@pytest.mark.parametrize(("model", "schema"), MIRRORED.items(), ids=[m.__name__ for m in MIRRORED])
+def test_each_model_has_exactly_the_fields_the_api_sends(
+    model: type[models.Model], schema: type[BaseModel]
+) -> None:
+    assert set(model.model_fields) - CLIENT_SIDE == set(schema.model_fields)
+
+
+def test_the_client_imports_without_the_server() -> None:
+    server = ("fastapi", "sqlalchemy", "arq", "asyncpg", "redis", "app", "starlette", "uvicorn")
+    script = f"import sys, aidsafe; print(sorted(m for m in sys.modules if m.split('.')[0] in {server!r}))"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+
+    assert out.stdout.strip() == "[]"
+
+
+async def test_the_readme_example_runs(
+    live_api: str, auth: Headers, settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    example = readme_example()
+    monkeypatch.setenv("AIDSAFE_API_URL", live_api)
+    monkeypatch.setenv("AIDSAFE_API_KEY", secret(auth))
+    monkeypatch.chdir(tmp_path)  # where the example writes sft.jsonl
+
+    scope: dict[str, Any] = {}
+    run = asyncio.create_task(asyncio.to_thread(exec, example, scope))
+    await asyncio.sleep(1)
+    await run_worker_burst(settings)
+    await asyncio.wait_for(run, 30)
+
+    assert scope["final"].status == "completed"
+    assert (tmp_path / "sft.jsonl").exists()
+    assert scope["client"].list_deletions()[0].job_id == scope["job"].id
+    scope["client"].close()
+
+
+def readme_example() -> str:
+    """The Python code block of the README's "Python client" section."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Python client") :]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start : section.index("```\n", start)]
