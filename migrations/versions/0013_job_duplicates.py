@@ -6,8 +6,8 @@ items, so the report cannot be derived later. Jobs submitted before it, and comp
 none (NULL).
 
 Revision ID: 0013_job_duplicates
-Revises: 0011_job_labels
-Create Date: 2026-12-12 09:00:00.000000
+Revises: 0012_item_claimed_by
+Create Date: 2026-12-02 15:00:00.000000
 """
 
 from collections.abc import Sequence
@@ -17,9 +17,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = "0013_job_duplicates"
-# 0012_item_claimed_by (another branch) is numbered before this: when both are merged, this
-# revises that one instead, so the history stays one line.
-down_revision: str | None = "0011_job_labels"
+down_revision: str | None = "0012_item_claimed_by"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
