@@ -144,6 +144,7 @@ class Caller:
             agreed=parsed.get("agree") if parsed is not None and "agree" in parsed else None,
             prompt_tokens=reply.prompt_tokens,
             completion_tokens=reply.completion_tokens,
+            cached_prompt_tokens=reply.cached_prompt_tokens,
             latency_ms=reply.latency_ms or (time.perf_counter() - started) * 1000,
         )
         return await self.log.record(turn)

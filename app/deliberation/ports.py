@@ -38,6 +38,7 @@ class ChatReply:
     completion_tokens: int
     latency_ms: float
     refusal: str | None = None  # OpenAI structured outputs put a model refusal here
+    cached_prompt_tokens: int = 0  # of prompt_tokens, those the server read from its prompt cache
 
 
 class LLMFault(Exception):
@@ -153,6 +154,7 @@ class Turn:
     completion_tokens: int = 0
     latency_ms: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict)
+    cached_prompt_tokens: int = 0
 
 
 class LLMClient(Protocol):
