@@ -5,6 +5,7 @@ with Redis's keys take nothing back until the live workers had time to beat agai
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import subprocess
 import time
@@ -12,7 +13,7 @@ from uuid import UUID, uuid4
 
 import httpx
 import pytest
-from arq.connections import ArqRedis
+from arq.connections import ArqRedis, RedisSettings, create_pool
 from redis.asyncio import Redis
 from sqlalchemy import select
 
@@ -184,6 +185,26 @@ async def test_missing_heartbeats_count_only_after_redis_kept_them_for_a_ttl(
         "worker lost (heartbeat stopped)",
     )
     assert (kept.status, kept.failures) == ("running", 0)
+
+
+async def test_a_redis_that_denies_info_still_gets_expired_leases_swept(
+    api: httpx.AsyncClient, auth: dict[str, str], settings: Settings, sessions: Sessions, redis: Redis
+) -> None:
+    """Where INFO is denied (an ACL, a managed Redis) the sweeper cannot tell a restart from
+    dead workers, but it must still sweep: leases, lost arq jobs."""
+    job_id = await submit(api, auth, ["Why do cats purr?"])
+    item_id = (await one_item(sessions, job_id)).id
+    expired = items.Limits(lease_s=0, max_claims=8, max_failures=5)
+    assert await items.claim(sessions, item_id, expired, holder=uuid4())
+    user = f"aidsafe-test-no-info-{uuid4().hex}"
+    await redis.execute_command("ACL", "SETUSER", user, "on", "nopass", "~*", "&*", "+@all", "-info")
+    denied = await create_pool(dataclasses.replace(RedisSettings.from_dsn(settings.redis_url), username=user))
+    try:
+        assert await sweep(settings, sessions, denied) == {"expired": 1, "lost": 0}
+    finally:
+        await denied.aclose()
+        await redis.execute_command("ACL", "DELUSER", user)
+    assert (await item_row(sessions, item_id)).status == "queued"
 
 
 async def _turns_at_least(sessions: Sessions, item_id: UUID, n: int) -> bool:

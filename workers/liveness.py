@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from uuid import UUID
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from app.config import Settings
 
@@ -87,11 +88,17 @@ async def dead_holders(redis: Redis, settings: Settings, holders: Sequence[UUID]
     """The workers among `holders` whose heartbeat is gone; none while Redis's keys settle."""
     if not holders:
         return []
-    server: dict[str, str] = await redis.info("server")
+    try:
+        run_id = (await redis.info("server"))["run_id"]
+    except (ResponseError, KeyError):
+        # INFO denied (an ACL, a managed Redis) or without a run id: a restart cannot be told
+        # from dead workers, so none is trusted; their leases still free their items.
+        log.warning("no Redis run id (INFO server): dead workers are found by their leases only", exc_info=True)
+        return []
     keys = [_sweeper_key(settings, "redis-run-id"), _sweeper_key(settings, "settling")]
     keys += [heartbeat_key(settings, holder) for holder in holders]
     ttl_ms = int(settings.heartbeat_ttl_s * 1000)
-    alive = await redis.register_script(_ALIVE)(keys=keys, args=[server["run_id"], ttl_ms])
+    alive = await redis.register_script(_ALIVE)(keys=keys, args=[run_id, ttl_ms])
     if alive is None:
         log.info("Redis is new to the sweeper: missing heartbeats count after %s s", settings.heartbeat_ttl_s)
         return []
