@@ -207,6 +207,66 @@ async def test_a_redis_that_denies_info_still_gets_expired_leases_swept(
     assert (await item_row(sessions, item_id)).status == "queued"
 
 
+async def test_a_heartbeat_stuck_on_a_silent_connection_beats_again_on_a_new_one(
+    settings: Settings, redis: Redis
+) -> None:
+    """A connection whose peer vanished without a reset (a partition, a host gone) answers
+    nothing, for as long as TCP keeps trying; the worker is alive and must stay so."""
+    brief = settings.model_copy(update={"heartbeat_interval_s": 0.2, "heartbeat_ttl_s": 1.0})
+    target = redis.connection_pool.connection_kwargs
+    relay = _SilencingRelay(target["host"], target["port"])
+    await relay.start()
+    client = Redis(host="127.0.0.1", port=relay.port, db=target.get("db", 0))
+    worker_id = uuid4()
+    await liveness.beat(client, brief, worker_id)
+    heartbeat = asyncio.create_task(liveness.beat_forever(client, brief, worker_id))
+    try:
+        relay.silence()  # the connection the pool holds now answers nothing
+        await asyncio.sleep(brief.heartbeat_ttl_s * 2)
+        assert await redis.exists(liveness.heartbeat_key(brief, worker_id)), "a live worker looks dead"
+    finally:
+        heartbeat.cancel()
+        await client.aclose()
+        relay.close()
+
+
+class _SilencingRelay:
+    """A TCP relay to Redis whose open connections can go silent at once (bytes swallowed
+    both ways, the sockets left open); connections made afterwards relay normally."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._target = (host, port)
+        self._open: list[tuple[asyncio.Event, asyncio.StreamWriter, asyncio.StreamWriter]] = []
+        self.port = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def silence(self) -> None:
+        for silent, _, _ in self._open:
+            silent.set()
+
+    def close(self) -> None:
+        self._server.close()
+        for _, down, up in self._open:
+            down.close()
+            up.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self._target)
+        silent = asyncio.Event()
+        self._open.append((silent, writer, up_writer))
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            while data := await source.read(65536):
+                if not silent.is_set():
+                    sink.write(data)
+                    await sink.drain()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)
+
+
 async def _turns_at_least(sessions: Sessions, item_id: UUID, n: int) -> bool:
     return await turn_count(sessions, item_id) >= n
 

@@ -52,7 +52,11 @@ async def beat_forever(redis: Redis, settings: Settings, worker_id: UUID) -> Non
     while True:
         await asyncio.sleep(settings.heartbeat_interval_s)
         try:
-            await beat(redis, settings, worker_id)
+            # A connection whose peer vanished without a reset would hold this beat until TCP
+            # gives up, many minutes after the key expired while the worker kept claiming: give
+            # it up instead (the client drops the connection) and beat on a new one next time.
+            async with asyncio.timeout(settings.heartbeat_interval_s):
+                await beat(redis, settings, worker_id)
         except Exception:  # Redis away: the next beat may land before the key expires
             log.warning("heartbeat failed", exc_info=True)
 
