@@ -94,10 +94,10 @@ async def dead_holders(redis: Redis, settings: Settings, holders: Sequence[UUID]
         return []
     try:
         run_id = (await redis.info("server"))["run_id"]
-    except (ResponseError, KeyError):
+    except (ResponseError, KeyError) as error:
         # INFO denied (an ACL, a managed Redis) or without a run id: a restart cannot be told
         # from dead workers, so none is trusted; their leases still free their items.
-        log.warning("no Redis run id (INFO server): dead workers are found by their leases only", exc_info=True)
+        log.warning("no Redis run id (%r): dead workers are found by their leases only", error)
         return []
     keys = [_sweeper_key(settings, "redis-run-id"), _sweeper_key(settings, "settling")]
     keys += [heartbeat_key(settings, holder) for holder in holders]
