@@ -197,13 +197,15 @@ async def test_a_redis_that_denies_info_still_gets_expired_leases_swept(
     expired = items.Limits(lease_s=0, max_claims=8, max_failures=5)
     assert await items.claim(sessions, item_id, expired, holder=uuid4())
     user = f"aidsafe-test-no-info-{uuid4().hex}"
-    await redis.execute_command("ACL", "SETUSER", user, "on", "nopass", "~*", "&*", "+@all", "-info")
+    await redis.acl_setuser(
+        user, enabled=True, nopass=True, categories=["+@all"], commands=["-info"], keys=["*"], channels=["*"]
+    )
     denied = await create_pool(dataclasses.replace(RedisSettings.from_dsn(settings.redis_url), username=user))
     try:
         assert await sweep(settings, sessions, denied) == {"expired": 1, "lost": 0}
     finally:
         await denied.aclose()
-        await redis.execute_command("ACL", "DELUSER", user)
+        await redis.acl_deluser(user)
     assert (await item_row(sessions, item_id)).status == "queued"
 
 
