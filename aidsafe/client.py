@@ -45,6 +45,7 @@ from aidsafe.models import (
     PolicySet,
     PolicySetDetail,
     PreferencePair,
+    Preset,
     RegisteredPolicySet,
     Rejection,
     Report,
@@ -289,13 +290,16 @@ class _Routes:
         metadata: Mapping[str, Any] | None = None,
         callback_url: str | None = None,
         idempotency_key: str | None = None,
+        preset: str | None = None,
+        preset_version: str | None = None,
     ) -> Call[SubmittedJob]:
         """Submit prompts as one job (POST /v1/jobs). Each prompt is a string or a
         `{"prompt": ..., "metadata": {...}}` mapping. `config` is the job's options as the
         README's "Per-job configuration" names them (`agents`, `max_rounds`, `mode`,
-        `grading`, `pairs`, `roles`...). With an `idempotency_key` the submission is safe to
-        retry (and is retried on 429/503): the same key and body answer the first job, with
-        `replayed` True."""
+        `grading`, `pairs`, `roles`...); with a `preset` (see `list_presets`) it overrides
+        the preset's fields, and `preset_version` pins the preset's version. With an
+        `idempotency_key` the submission is safe to retry (and is retried on 429/503): the
+        same key and body answer the first job, with `replayed` True."""
         if all(isinstance(prompt, str) for prompt in prompts):
             body: dict[str, Any] = {"prompts": list(prompts)}
         else:
@@ -305,6 +309,10 @@ class _Routes:
             body["config"] = dict(config)
         if callback_url is not None:
             body["callback_url"] = callback_url
+        if preset is not None:
+            body["preset"] = preset
+        if preset_version is not None:
+            body["preset_version"] = preset_version
         return Call(
             "POST",
             _path("jobs"),
@@ -501,6 +509,18 @@ class _Routes:
             json=dict(document),
             idempotent=True,  # content-addressed: sending it twice registers it once
         )
+
+    # --- presets ----------------------------------------------------------------------------
+
+    @endpoint
+    def list_presets(self) -> Call[list[Preset]]:
+        """The server's named job configs, with their versions (GET /v1/presets)."""
+        return Call("GET", _path("presets"), _list_of(Preset))
+
+    @endpoint
+    def get_preset(self, name: str) -> Call[Preset]:
+        """One preset: its notes and the config fields it sets (GET /v1/presets/{name})."""
+        return Call("GET", _path("presets", name), _as(Preset))
 
     # --- webhooks ---------------------------------------------------------------------------
 

@@ -328,6 +328,16 @@ class PolicySetDetail(PolicySet):
     policies: list[dict[str, Any]]
 
 
+class Preset(Model):
+    """A named job config of the server's; `config` holds the fields it sets."""
+
+    name: str
+    version: str
+    description: str
+    notes: str
+    config: dict[str, Any]
+
+
 class RegisteredPolicySet(PolicySetDetail):
     created: bool = Field(
         default=True, description="Client-side: False when this exact content was registered already."

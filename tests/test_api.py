@@ -53,6 +53,8 @@ V1_PATHS = {
     "/v1/comparisons/{comparison_id}": {"get"},
     "/v1/policy-sets": {"get", "post"},
     "/v1/policy-sets/{policy_set_id}": {"get"},
+    "/v1/presets": {"get"},
+    "/v1/presets/{name}": {"get"},
     "/v1/jobs/{job_id}/label-studio/config": {"get"},
     "/v1/jobs/{job_id}/annotations/label-studio": {"post"},
     "/v1/jobs/{job_id}/argilla/settings": {"get"},
@@ -281,7 +283,12 @@ async def test_every_v1_operation_requires_a_key(api: httpx.AsyncClient) -> None
         if path in SECRET_AUTHENTICATED:
             continue
         url = path.format(
-            job_id=some_id, item_id=some_id, policy_set_id=some_id, comparison_id=some_id, webhook_id=some_id
+            job_id=some_id,
+            item_id=some_id,
+            policy_set_id=some_id,
+            comparison_id=some_id,
+            webhook_id=some_id,
+            name="paper",
         )
         for method in methods:
             error_of(await api.request(method, url, json={}), 401, "unauthorized")

@@ -13,7 +13,15 @@ from fastapi import APIRouter, Depends, Query, status
 from app import callbacks, duplicates, events
 from app.api import views
 from app.api.bodies import JsonBody
-from app.api.deps import CurrentKey, OwnedJob, ReadsHazardous, SessionDep, StateDep, SummariesDep
+from app.api.deps import (
+    CurrentKey,
+    OwnedJob,
+    PresetsDep,
+    ReadsHazardous,
+    SessionDep,
+    StateDep,
+    SummariesDep,
+)
 from app.api.errors import documented
 from app.api.listing import JobFilterDep
 from app.api.schemas import (
@@ -54,14 +62,15 @@ LABELS_BODY = JsonBody[JobLabelsIn](JobLabelsIn, max_values=5_000)  # a label an
     openapi_extra=JOB_BODY.openapi,
 )
 async def submit_job(
-    key: CurrentKey, body: Annotated[JobIn, Depends(JOB_BODY)], submission: SubmissionDep
+    key: CurrentKey, body: Annotated[JobIn, Depends(JOB_BODY)], submission: SubmissionDep, presets: PresetsDep
 ) -> SubmittedJobOut:
     """Accept a batch of 1 to 10,000 prompts; one arq job per item is enqueued after commit.
     Duplicate prompts are reported in `duplicates`, and with `"duplicates": "skip"` get no item.
     422 `request_too_large` if a role's requests may not fit its endpoint's context."""
     session, settings = submission.session, submission.settings
     callback = callbacks.requested(body.callback_url, settings)
-    plan = resolve(body.config, settings)
+    config, preset = presets.config_for(body.preset, body.preset_version, body.config)
+    plan = resolve(config, settings, preset)
     policy_set = await policy_sets.resolve_for_job(
         session, key.id, body.policy_set.name, body.policy_set.version
     )
