@@ -85,6 +85,26 @@ class PairSummary(Model):
     mean_gap: float | None
 
 
+class DuplicateGroup(Model):
+    first: int  # position of the first occurrence
+    repeats: list[int]  # positions that repeat it
+
+
+class DuplicateKind(Model):
+    count: int
+    groups: list[DuplicateGroup]
+
+
+class Duplicates(Model):
+    """Duplicate prompts found at submission (see the README's Duplicate prompts)."""
+
+    handling: str  # the job's `duplicates` option: "keep" or "skip"
+    submitted: int
+    exact: DuplicateKind
+    normalised: DuplicateKind
+    skipped: list[int]  # positions no item was made for
+
+
 class JobProgress(Model):
     """A job's progress: what `snapshot` and `done` events carry, and part of every Job."""
 
@@ -107,6 +127,7 @@ class Job(JobProgress):
     metadata: dict[str, Any]
     policy_set: PolicySetBrief
     config: dict[str, Any]
+    duplicates: Duplicates | None = None  # None for comparisons and jobs from before the report
 
 
 class SubmittedJob(Job):

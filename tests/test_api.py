@@ -419,6 +419,7 @@ async def test_job_config_is_resolved_from_server_defaults(
         "endpoint": "default",
         "model": "scripted-model",
         "temperature": settings.default_temperature,
+        "instructions": "",
     }
     assert job["config"] == {
         "mode": "aidsafe",
@@ -433,6 +434,10 @@ async def test_job_config_is_resolved_from_server_defaults(
         },
         "grading": None,
         "pairs": None,
+        "max_turns": None,
+        "decompose_intents": True,
+        "refine": True,
+        "limits": {"thoughts_per_turn": 6, "kept_thoughts": 12, "max_drops": 24},
     }
 
 
@@ -442,16 +447,32 @@ async def test_job_config_fills_each_role_from_job_defaults_then_server_defaults
     config = {
         "agents": 3,
         "max_rounds": 2,
-        "defaults": {"temperature": 0.2},
-        "refiner": {"endpoint": "second"},
+        "defaults": {"temperature": 0.2, "instructions": "Be brief."},
+        "refiner": {"endpoint": "second", "instructions": "Keep every policy name."},
         "seed": {"model": "seed-model", "temperature": 0.0},
     }
 
     roles = (await submit(api, auth, ["a"], config=config))["config"]["roles"]
 
-    assert roles["intent"] == {"endpoint": "default", "model": "scripted-model", "temperature": 0.2}
-    assert roles["seed"] == {"endpoint": "default", "model": "seed-model", "temperature": 0.0}
-    assert roles["refiner"] == {"endpoint": "second", "model": "second-model", "temperature": 0.2}
+    brief = "Be brief."
+    assert roles["intent"] == {
+        "endpoint": "default",
+        "model": "scripted-model",
+        "temperature": 0.2,
+        "instructions": brief,
+    }
+    assert roles["seed"] == {
+        "endpoint": "default",
+        "model": "seed-model",
+        "temperature": 0.0,
+        "instructions": brief,
+    }
+    assert roles["refiner"] == {
+        "endpoint": "second",
+        "model": "second-model",
+        "temperature": 0.2,
+        "instructions": "Keep every policy name.",
+    }
     assert len(roles["deliberators"]) == 3
 
 

@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 
 import aidsafe
 from aidsafe import models
+from app import duplicates
 from app.api import schemas, webhooks
 from app.config import Settings
 from app.events import stream_key
@@ -372,6 +373,9 @@ MIRRORED = {
     models.JobCounts: schemas.JobCounts,
     models.Usage: schemas.Usage,
     models.QualityReport: schemas.QualityReport,
+    models.Duplicates: duplicates.DuplicatesOut,
+    models.DuplicateKind: duplicates.DuplicateKind,
+    models.DuplicateGroup: duplicates.DuplicateGroup,
 }
 CLIENT_SIDE = {"replayed", "created"}  # what the client adds from the answer's status
 
