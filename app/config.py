@@ -75,7 +75,14 @@ class Settings(BaseSettings):
     default_max_rounds: int = 4
     default_max_tokens: int = 768
     default_temperature: float = 0.7
-    max_reasks: int = 2  # re-asks after malformed or truncated output, per call
+    # Re-asks after malformed or truncated output, per call; below FALLBACK_ATTEMPT, where a
+    # fallback's attempts are numbered from.
+    max_reasks: int = Field(default=2, ge=0, le=50)
+    # The fallback every job gets unless it names its own (or `"fallback": false`): when an
+    # agent refuses a stage, the same request goes to this endpoint and model. Unset: none.
+    fallback_endpoint: str | None = None
+    fallback_model: str | None = None  # unset: the fallback endpoint's default model
+    fallback_temperature: float | None = Field(default=None, ge=0, le=2)  # unset: the job's default
     # Named job configs a job may start from, one YAML file each (see the README's "Presets");
     # the API loads and checks them at startup and will not start if one is invalid.
     presets_dir: Path = Path(__file__).resolve().parents[1] / "presets"

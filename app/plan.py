@@ -108,6 +108,15 @@ class LimitsIn(BaseModel):
     )
 
 
+class FallbackIn(BaseModel):
+    """Fields left out fall back to the server's fallback settings, then the endpoint's."""
+
+    model_config = ConfigDict(extra="forbid")
+    endpoint: str | None = Field(default=None, description="Name of a configured endpoint.")
+    model: str | None = Field(default=None, max_length=200)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+
+
 class JobConfigIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     mode: Mode = Field(
@@ -145,6 +154,12 @@ class JobConfigIn(BaseModel):
     grading: GradingIn | None = Field(default=None, description="Score every CoT and gate it.")
     pairs: PairsIn | None = Field(
         default=None, description="Ear-whisperer DPO pairs. Turns grading on (the gap needs scores)."
+    )
+    fallback: FallbackIn | Literal[False] | None = Field(
+        default=None,
+        description="Asked the same request when an agent refuses one of the item's stages (intent, "
+        "seed, deliberation, refine, zero-shot); the item fails `agent_refused` only if it refuses "
+        "too. Default: the server's fallback, if one is set. `false`: none.",
     )
 
 
@@ -212,6 +227,8 @@ class GenerationPlan(BaseModel):
     limits: Limits = Limits()
     # Left out of the JSON when None, so a job without a preset stores and shows as before.
     preset: PresetRef | None = Field(default=None, exclude_if=lambda preset: preset is None)
+    # Asked again when an agent refuses (app.deliberation.calls); left out of the JSON when None too.
+    fallback: RoleConfig | None = Field(default=None, exclude_if=lambda fallback: fallback is None)
 
     def pipeline(self) -> PipelineConfig:
         """The engine's config for every item of the job."""
@@ -231,6 +248,7 @@ class GenerationPlan(BaseModel):
             decompose_intents=self.decompose_intents,
             refine=self.refine,
             limits=self.limits,
+            fallback=self.fallback,
         )
 
 
@@ -281,6 +299,28 @@ class _Roles:
             specific.instructions or self.defaults.instructions or "",
         )
 
+    def fallback(self, specific: FallbackIn | Literal[False] | None) -> RoleConfig | None:
+        """The job's fallback, or the server's; the job's `defaults` name the model the
+        fallback stands in for, so they do not apply to it."""
+        settings = self.settings
+        if specific is False or (specific is None and not (settings.fallback_endpoint or settings.fallback_model)):
+            return None
+        specific = specific or FallbackIn()
+        endpoint = specific.endpoint or settings.fallback_endpoint or "default"
+        if endpoint not in self.endpoints:
+            raise InvalidConfig(
+                f"fallback: unknown endpoint '{endpoint}'; configured: {', '.join(sorted(self.endpoints))}"
+            )
+        model = specific.model or settings.fallback_model or self.endpoints[endpoint].default_model
+        for temperature in (specific.temperature, settings.fallback_temperature, self.defaults.temperature):
+            if temperature is not None:
+                break
+        return RoleConfig(
+            endpoint,
+            model or settings.llm_model,
+            settings.default_temperature if temperature is None else temperature,
+        )
+
 
 def resolve(config: JobConfigIn, settings: Settings, preset: PresetRef | None = None) -> GenerationPlan:
     """Fill every role from defaults and check endpoint names; raises InvalidConfig. `config`
@@ -327,6 +367,7 @@ def resolve(config: JobConfigIn, settings: Settings, preset: PresetRef | None = 
         refine=config.refine,
         limits=Limits(**config.limits.model_dump()),
         preset=preset,
+        fallback=role.fallback(config.fallback),
     )
 
 

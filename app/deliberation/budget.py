@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from app.deliberation.config import Limits, Mode, PipelineConfig, RoleConfig
@@ -94,6 +94,8 @@ def largest_requests(config: PipelineConfig, policies: PolicySet, prompt: str) -
         budgets = [job.budget(ZERO_SHOT, config.seed, 0)]
     else:
         budgets = _aidsafe_budgets(job, config)
+    if (fallback := config.fallback) is not None:  # it is sent the same requests, on its endpoint
+        budgets += [replace(b, role=f"{b.role} (fallback)", endpoint=fallback.endpoint) for b in budgets]
     if config.grading is not None:  # the item's sample, or (pairs) a rejected one
         budgets.append(job.budget(GRADE, config.grading.grader, 1, sample=""))
     if config.pairs is not None:

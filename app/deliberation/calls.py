@@ -15,7 +15,15 @@ from uuid import UUID
 from app.deliberation import parsing
 from app.deliberation.config import Limits, RoleConfig
 from app.deliberation.policies import PolicySet
-from app.deliberation.ports import ChatRequest, LLMClient, Turn, TurnKey, TurnLog, TurnOutcome
+from app.deliberation.ports import (
+    FALLBACK_ATTEMPT,
+    ChatRequest,
+    LLMClient,
+    Turn,
+    TurnKey,
+    TurnLog,
+    TurnOutcome,
+)
 from app.deliberation.prompting import render
 from app.deliberation.results import Failed
 from app.deliberation.stages import Normalize, StageSpec
@@ -44,6 +52,8 @@ class Caller:
     max_reasks: int
     limits: Limits
     replayed: dict[TurnKey, Turn] = field(default_factory=dict)
+    # The stages the fallback answered after a refusal: {"stage", "round", "agent", "model"}.
+    fell_back: list[dict[str, Any]] = field(default_factory=list)
 
     async def call(
         self,
@@ -52,21 +62,21 @@ class Caller:
         *,
         round: int = 0,
         agent: int = 0,
+        fallback: RoleConfig | None = None,
         normalize_with: Mapping[str, object] | None = None,
         **values: object,
     ) -> dict[str, Any]:
         """The normalized output of the stage's turn (round, agent), or StageFailed.
 
         `values` fill the stage's user template, beside the prompt, the round and the agent;
-        `normalize_with` are what the stage's normalizer needs besides the reply.
-        A malformed reply is shown back with what was wrong. A truncated one is not (it is
-        long and useless); the re-ask asks for brevity and allows twice the tokens. A
-        plain-text reply is not re-asked.
+        `normalize_with` are what the stage's normalizer needs besides the reply. If the
+        agent refuses, the same request goes to `fallback`'s endpoint and model (numbered
+        from FALLBACK_ATTEMPT), and the stage is listed in `fell_back`.
         """
         key = TurnKey(spec.stage, round, agent)
         role = spec.role_of(agent)
         normalize = partial(spec.normalize, **(normalize_with or {}))
-        messages = original = spec.messages(
+        messages = spec.messages(
             self.policies,
             self.limits,
             role_config.instructions,
@@ -75,20 +85,48 @@ class Caller:
             agent=agent,
             **values,
         )
-        max_tokens = self.max_tokens
+        try:
+            turn = await self._ask(spec, key, f"the {role} agent", role_config, messages, normalize)
+        except StageFailed as failed:
+            if fallback is None or failed.failure.code != "agent_refused":
+                raise
+            stand_in = replace(
+                role_config, endpoint=fallback.endpoint, model=fallback.model, temperature=fallback.temperature
+            )
+            key = replace(key, attempt=FALLBACK_ATTEMPT)
+            who = f"the fallback {fallback.model} (as {role})"
+            turn = await self._ask(spec, key, who, stand_in, messages, normalize)
+            self.fell_back.append({"stage": key.stage.value, "round": round, "agent": agent, "model": turn.model})
+        assert turn.parsed is not None
+        return turn.parsed
+
+    async def _ask(
+        self,
+        spec: StageSpec,
+        key: TurnKey,
+        who: str,
+        role_config: RoleConfig,
+        original: list[dict[str, str]],
+        normalize: Normalize,
+    ) -> Turn:
+        """The first OK turn of one agent, re-asked from `key`'s attempt on, or StageFailed.
+
+        A malformed reply is shown back with what was wrong. A truncated one is not (it is
+        long and useless); the re-ask asks for brevity and allows twice the tokens. A
+        plain-text reply is not re-asked, nor is a refusal.
+        """
+        role = spec.role_of(key.agent)
+        messages, max_tokens = original, self.max_tokens
         tries = 1 if spec.plain_text else self.max_reasks + 1
-        for attempt in range(tries):
+        for attempt in range(key.attempt, key.attempt + tries):
             attempt_key = replace(key, attempt=attempt)
             turn = self.replayed.get(attempt_key) or await self._call(
                 attempt_key, role, role_config, spec, messages, normalize, max_tokens
             )
             if turn.outcome is TurnOutcome.OK:
-                assert turn.parsed is not None
-                return turn.parsed
+                return turn
             if turn.outcome is TurnOutcome.REFUSED:
-                failure = Failed(
-                    "agent_refused", f"the {role} agent refused to reason: {turn.error}", key.stage
-                )
+                failure = Failed("agent_refused", f"{who} refused to reason: {turn.error}", key.stage)
                 raise StageFailed(failure, turn)
             if turn.outcome is TurnOutcome.TRUNCATED:
                 max_tokens *= 2
@@ -101,7 +139,7 @@ class Caller:
                 ]
         failure = Failed(
             "unparseable_output",
-            f"the {role} agent gave no usable output in {tries} tries; "
+            f"{who} gave no usable output in {tries} tries; "
             f"last problem: {turn.outcome.value}: {turn.error}",
             key.stage,
         )

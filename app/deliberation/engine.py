@@ -90,6 +90,7 @@ async def deliberate(
             result = await _aidsafe(caller, config)
     except StageFailed as failed:
         return failed.failure
+    result = replace(result, fallbacks=caller.fell_back)
     if config.grading is None:
         return result
     chosen = await grade(caller, config.grading.grader, result.sample())
@@ -120,7 +121,7 @@ async def judge_pair(
 
 async def _zero_shot(caller: Caller, config: PipelineConfig) -> Completed:
     """The paper's LLM_ZS baseline: the seed role writes CoT and response in one call."""
-    written = await caller.call(ZERO_SHOT, config.seed)
+    written = await caller.call(ZERO_SHOT, config.seed, fallback=config.fallback)
     thoughts = [Thought(i, text, Stage.ZERO_SHOT, 0, 0) for i, text in enumerate(written["thoughts"], 1)]
     return Completed(
         intents=_no_intents(),
@@ -137,12 +138,12 @@ async def _zero_shot(caller: Caller, config: PipelineConfig) -> Completed:
 
 async def _aidsafe(caller: Caller, config: PipelineConfig) -> Completed:
     if config.decompose_intents:
-        intents = await caller.call(INTENT, config.intent)
+        intents = await caller.call(INTENT, config.intent, fallback=config.fallback)
         intents_text = _intents_text(intents)
     else:
         intents, intents_text = _no_intents(), NOT_DECOMPOSED
 
-    seed = await caller.call(SEED, config.seed, intents=intents_text)
+    seed = await caller.call(SEED, config.seed, fallback=config.fallback, intents=intents_text)
     thoughts = [Thought(i, text, Stage.SEED, 0, 0) for i, text in enumerate(seed["thoughts"], 1)]
     response = seed["response"]
 
@@ -161,6 +162,7 @@ async def _aidsafe(caller: Caller, config: PipelineConfig) -> Completed:
             agent_config,
             round=round_no,
             agent=agent_no,
+            fallback=config.fallback,
             intents=intents_text,
             thoughts=_thoughts_text(thoughts),
             response=response,
@@ -186,6 +188,7 @@ async def _aidsafe(caller: Caller, config: PipelineConfig) -> Completed:
         refined = await caller.call(
             REFINE,
             config.refiner,
+            fallback=config.fallback,
             normalize_with={"thought_count": len(thoughts)},
             intents=intents_text,
             thoughts=_thoughts_text(thoughts),

@@ -125,6 +125,12 @@ class TurnOutcome(StrEnum):
     REFUSED = "refused"  # the agent declined the reasoning task itself
 
 
+# A stage's agent refused, so the job's fallback role was asked the same request: its ask
+# and re-asks are numbered from here, under the same (stage, round, agent), so a replay
+# finds both the refusal and the fallback's answer. Above any job's re-asks.
+FALLBACK_ATTEMPT = 100
+
+
 @dataclass(frozen=True)
 class TurnKey:
     """Identifies one LLM call of an item; a replay never records the same key twice."""
@@ -132,7 +138,7 @@ class TurnKey:
     stage: Stage
     round: int = 0
     agent: int = 0
-    attempt: int = 0  # 0 for the first ask, 1.. for re-asks after bad output
+    attempt: int = 0  # 0 for the first ask, 1.. for re-asks after bad output; see FALLBACK_ATTEMPT
 
 
 @dataclass(frozen=True)

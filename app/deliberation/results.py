@@ -119,6 +119,8 @@ class Completed:
     grade: Grade | None = None  # None: grading not asked for
     gate: Gate | None = None
     pair: PairOutcome | None = None  # None: pairs not asked for
+    # The stages whose agent refused and the fallback answered: {"stage", "round", "agent", "model"}.
+    fallbacks: list[dict[str, Any]] = field(default_factory=list)
 
     def sample(self) -> Sample:
         return Sample([t["text"] for t in self.refined_thoughts], self.response)

@@ -1,0 +1,217 @@
+"""A refusal asks the job's fallback role the same request: the engine over real HTTP (the
+scripted server plays the stage's agent on the default endpoint and the fallback on
+`second`), with the in-memory turn log standing in for Postgres."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from app.deliberation.budget import largest_requests
+from app.deliberation.config import GradingConfig, Mode, PipelineConfig, RoleConfig
+from app.deliberation.ports import FALLBACK_ATTEMPT, LLMUnavailable, Stage, TurnKey, TurnOutcome
+from app.deliberation.results import METRICS
+from app.llm.client import OpenAICompatibleClient
+from tests.memory_turn_log import InMemoryTurnLog
+from tests.scripted_llm import ScriptedLLM, agree, http_error, malformed, refusal, reply
+from tests.test_engine import DEFAULT_ROLE, ITEM, POLICIES, PROMPT, completed, failed, pipeline, run
+
+FALLBACK = RoleConfig(endpoint="second", model="fallback-model", temperature=0.3)
+SEED = {"thoughts": ["The fallback reasons about safe storage."], "response": "Keep them apart."}
+
+
+def with_fallback(agents: int = 2, max_rounds: int = 3) -> PipelineConfig:
+    return replace(pipeline(agents, max_rounds), fallback=FALLBACK)
+
+
+def keys(log: InMemoryTurnLog, stage: Stage) -> list[tuple[int, int, int, str, str, TurnOutcome]]:
+    return [
+        (t.key.round, t.key.agent, t.key.attempt, t.endpoint, t.model, t.outcome) for t in log.turns(ITEM, stage)
+    ]
+
+
+async def test_a_refused_seed_is_answered_by_the_fallback_and_both_turns_are_kept(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM, second_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script("seed_cot", refusal())
+    second_llm.script("seed_cot", reply(SEED))
+    log = InMemoryTurnLog()
+
+    result = completed(await run(llm, log, with_fallback()))
+
+    assert keys(log, Stage.SEED) == [
+        (0, 0, 0, "default", "scripted-model", TurnOutcome.REFUSED),
+        (0, 0, FALLBACK_ATTEMPT, "second", "fallback-model", TurnOutcome.OK),
+    ]
+    assert result.fallbacks == [{"stage": "seed", "round": 0, "agent": 0, "model": "fallback-model"}]
+    assert result.thoughts[0].text == SEED["thoughts"][0]  # the fallback's answer is the stage's
+    [refused] = scripted_llm.requests_for("seed_cot")
+    [asked] = second_llm.requests
+    assert asked.body["messages"] == refused.body["messages"]  # the same request, of another model
+    assert (asked.body["model"], asked.body["temperature"]) == ("fallback-model", 0.3)
+    # Only the refused stage moved: the later ones are the stage agents' own.
+    assert {r.body["model"] for r in scripted_llm.requests} == {"scripted-model"}
+    assert len(scripted_llm.requests_for("refined_cot")) == 1
+
+
+async def test_a_refused_deliberation_turn_falls_back_with_the_agents_persona_and_is_named_in_the_result(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM, second_llm: ScriptedLLM
+) -> None:
+    persona = "Hunt for needless refusals."
+    hunter = replace(DEFAULT_ROLE, instructions=persona)
+    config = replace(with_fallback(agents=2, max_rounds=2), deliberators=(DEFAULT_ROLE, hunter))
+    scripted_llm.script(
+        "deliberation_turn",
+        agree(False, ["Agent 1 adds a thought."]),
+        refusal("I can't assist with that.", in_refusal_field=True),
+        agree(True),  # round 2, agent 1: back with the job's own agent
+    )
+    second_llm.script("deliberation_turn", agree(False, ["The fallback adds one."], response="Fallback's."))
+    log = InMemoryTurnLog()
+
+    result = completed(await run(llm, log, config))
+
+    assert keys(log, Stage.DELIBERATION) == [
+        (1, 1, 0, "default", "scripted-model", TurnOutcome.OK),
+        (1, 2, 0, "default", "scripted-model", TurnOutcome.REFUSED),
+        (1, 2, FALLBACK_ATTEMPT, "second", "fallback-model", TurnOutcome.OK),
+        (2, 1, 0, "default", "scripted-model", TurnOutcome.OK),
+    ]
+    assert result.fallbacks == [{"stage": "deliberation", "round": 1, "agent": 2, "model": "fallback-model"}]
+    assert [(t.text, t.round, t.agent) for t in result.thoughts[-2:]] == [
+        ("Agent 1 adds a thought.", 1, 1),
+        ("The fallback adds one.", 1, 2),
+    ]
+    [asked] = second_llm.requests
+    assert persona in asked.body["messages"][0]["content"]  # the role's instructions stay
+    assert asked.body["messages"] == scripted_llm.requests_for("deliberation_turn")[1].body["messages"]
+
+
+async def test_a_fallback_that_refuses_too_fails_the_item_as_agent_refused(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM, second_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script("intent_decomposition", refusal())
+    second_llm.script("intent_decomposition", refusal("I won't do that either."))
+    log = InMemoryTurnLog()
+
+    result = failed(await run(llm, log, with_fallback()))
+
+    assert (result.code, result.stage) == ("agent_refused", "intent")
+    assert "fallback-model" in result.message and "I won't do that either." in result.message
+    assert keys(log, Stage.INTENT) == [
+        (0, 0, 0, "default", "scripted-model", TurnOutcome.REFUSED),
+        (0, 0, FALLBACK_ATTEMPT, "second", "fallback-model", TurnOutcome.REFUSED),
+    ]
+    assert len(second_llm.requests) == 1  # a refusal is not re-asked, the fallback's neither
+    assert scripted_llm.requests_for("seed_cot") == []
+
+
+async def test_without_a_fallback_a_refusal_fails_the_item_with_one_call(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM, second_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script("refined_cot", refusal())
+    log = InMemoryTurnLog()
+
+    result = failed(await run(llm, log, pipeline()))
+
+    assert (result.code, result.stage) == ("agent_refused", "refine")
+    assert result.message.startswith("the refiner agent refused to reason")
+    assert [t.key for t in log.turns(ITEM, Stage.REFINE)] == [TurnKey(Stage.REFINE)]
+    assert second_llm.requests == []
+
+
+async def test_only_a_refusal_falls_back_not_unusable_output(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM, second_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script("seed_cot", malformed(), malformed(), malformed())
+
+    result = failed(await run(llm, InMemoryTurnLog(), with_fallback()))
+
+    assert (result.code, result.stage) == ("unparseable_output", "seed")
+    assert second_llm.requests == []
+
+
+async def test_the_fallbacks_bad_output_is_re_asked_from_its_own_attempt_numbers(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM, second_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script("seed_cot", malformed(), refusal())  # refused on the re-ask
+    second_llm.script("seed_cot", malformed(), reply(SEED))
+    log = InMemoryTurnLog()
+
+    result = completed(await run(llm, log, with_fallback()))
+
+    assert [(t.key.attempt, t.outcome) for t in log.turns(ITEM, Stage.SEED)] == [
+        (0, TurnOutcome.MALFORMED),
+        (1, TurnOutcome.REFUSED),
+        (FALLBACK_ATTEMPT, TurnOutcome.MALFORMED),
+        (FALLBACK_ATTEMPT + 1, TurnOutcome.OK),
+    ]
+    first, reask = second_llm.requests
+    # The fallback starts from the stage's request, not from the refused conversation.
+    assert first.body["messages"] == scripted_llm.requests_for("seed_cot")[0].body["messages"]
+    assert len(reask.body["messages"]) == len(first.body["messages"]) + 2
+    assert result.fallbacks == [{"stage": "seed", "round": 0, "agent": 0, "model": "fallback-model"}]
+
+
+async def test_a_zero_shot_refusal_falls_back(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM, second_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script("zero_shot_cot", refusal())
+    second_llm.script("zero_shot_cot", reply(SEED))
+    log = InMemoryTurnLog()
+
+    result = completed(await run(llm, log, replace(with_fallback(), mode=Mode.ZERO_SHOT)))
+
+    assert result.response == SEED["response"]
+    assert result.fallbacks == [{"stage": "zero_shot", "round": 0, "agent": 0, "model": "fallback-model"}]
+    assert [t.key.attempt for t in log.turns(ITEM, Stage.ZERO_SHOT)] == [0, FALLBACK_ATTEMPT]
+
+
+async def test_a_resumed_item_reuses_the_refusal_and_asks_the_fallback_once(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM, second_llm: ScriptedLLM
+) -> None:
+    """A crash between the refusal and the fallback's answer: here the fallback's endpoint
+    stays down past the client's retries, so the first run ends with LLMUnavailable."""
+    scripted_llm.script("seed_cot", refusal())
+    second_llm.script("seed_cot", *[http_error(500)] * 3, reply(SEED))
+    log = InMemoryTurnLog()
+    config = with_fallback()
+
+    with pytest.raises(LLMUnavailable):
+        await run(llm, log, config)
+    assert [t.outcome for t in log.turns(ITEM, Stage.SEED)] == [TurnOutcome.REFUSED]
+
+    resumed = completed(await run(llm, log, config))
+    again = completed(await run(llm, log, config))  # everything is stored: nothing is asked
+
+    assert len(scripted_llm.requests_for("seed_cot")) == 1  # the refusing agent was not asked again
+    assert len(second_llm.requests) == 4 and second_llm.pending("seed_cot") == 0
+    assert log.ignored_records == 0
+    assert resumed.fallbacks == again.fallbacks == [
+        {"stage": "seed", "round": 0, "agent": 0, "model": "fallback-model"}
+    ]
+    assert resumed == again
+
+
+async def test_grading_keeps_its_own_refusal_handling(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM, second_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script("quality_scores", refusal())
+    config = replace(with_fallback(), grading=GradingConfig(DEFAULT_ROLE, dict.fromkeys(METRICS, 3.0)))
+
+    result = completed(await run(llm, InMemoryTurnLog(), config))
+
+    assert result.grade is not None and result.grade.scores is None
+    assert result.fallbacks == []
+    assert second_llm.requests == []
+
+
+def test_the_fallbacks_requests_are_budgeted_on_its_endpoint() -> None:
+    plain = largest_requests(pipeline(), POLICIES, PROMPT)
+    budgets = largest_requests(with_fallback(), POLICIES, PROMPT)
+
+    assert budgets[: len(plain)] == plain
+    assert [(b.role, b.endpoint, b.tokens) for b in budgets[len(plain) :]] == [
+        (f"{b.role} (fallback)", "second", b.tokens) for b in plain
+    ]
