@@ -329,6 +329,10 @@ class ReportOut(BaseModel):
     pairs: PairSummary | None = Field(default=None, description="Present when the job asked for pairs.")
     usage: Usage
     usage_by_stage: dict[str, Usage] = Field(description="LLM calls and tokens per stage.")
+    refusals_by_stage: dict[str, dict[str, int]] = Field(
+        description="Refused turns per stage, then per model: those the fallback then answered and "
+        "those that failed their item."
+    )
 
 
 class ItemOut(BaseModel):
@@ -386,6 +390,13 @@ class RefinedThoughtOut(BaseModel):
     sources: list[int] = Field(description="Ids of the deliberation thoughts it keeps or merges.")
 
 
+class FallbackOut(BaseModel):
+    stage: str
+    round: int
+    agent: int
+    model: str = Field(description="The fallback's model, as its endpoint named it.")
+
+
 class DroppedThoughtOut(BaseModel):
     id: int
     text: str
@@ -423,6 +434,9 @@ class CotOut(BaseModel):
     scores: Scores | None = Field(description="The auto-grader's scores; null when not graded.")
     grade_error: str | None = Field(description="Why the grader gave no scores.")
     quality: GateOut
+    fallbacks: list[FallbackOut] = Field(
+        description="Stages whose agent refused and the job's fallback answered; both turns are stored."
+    )
     created_at: datetime
 
 

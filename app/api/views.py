@@ -84,6 +84,7 @@ def cot_out(cot: Cot, item: Item) -> CotOut:
         scores=scores_out(cot.scores, with_rationale=True),
         grade_error=cot.grade_error,
         quality=GateOut(accepted=cot.accepted, reasons=cot.gate_reasons or []),
+        fallbacks=cot.fallbacks,
         created_at=cot.created_at,
     )
 

@@ -333,6 +333,7 @@ def _cot_row(claim: Claim, result: Completed) -> dict[str, Any]:
         "grade_error": grade.error if grade else None,
         "accepted": gate.accepted if gate else None,
         "gate_reasons": gate.reasons if gate else None,
+        "fallbacks": result.fallbacks,
     }
 
 

@@ -236,6 +236,7 @@ async def report(session: AsyncSession, job: Job) -> dict[str, Any]:
             session, job.id, grading.thresholds
         )
     full["usage_by_stage"] = await quality.usage_by_stage(session, job.id)
+    full["refusals_by_stage"] = await quality.refusals_by_stage(session, job.id)
     return full
 
 

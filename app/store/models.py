@@ -270,6 +270,8 @@ class Cot(Base):
     grade_error: Mapped[str | None] = mapped_column(Text)
     accepted: Mapped[bool | None] = mapped_column(Boolean)  # the quality gate; None: no grading asked
     gate_reasons: Mapped[list[Any] | None] = mapped_column(NULLABLE_JSONB)  # thresholds missed
+    # Stages the job's fallback answered after a refusal: {"stage", "round", "agent", "model"}.
+    fallbacks: Mapped[list[Any]] = mapped_column(default=list)
     created_at: Mapped[datetime] = _now()
 
     __table_args__ = (

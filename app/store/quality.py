@@ -11,6 +11,7 @@ from sqlalchemy import Integer, Numeric, String, case, cast, column, func, selec
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.deliberation.ports import TurnOutcome
 from app.store.models import Cot, PreferencePair, TurnRow
 
 SCORES = range(1, 6)
@@ -120,3 +121,17 @@ async def usage_by_stage(session: AsyncSession, job_id: UUID) -> dict[str, dict[
         stage: {"llm_calls": calls, "prompt_tokens": prompt, "completion_tokens": completion}
         for stage, calls, prompt, completion in rows
     }
+
+
+async def refusals_by_stage(session: AsyncSession, job_id: UUID) -> dict[str, dict[str, int]]:
+    """Refused turns per stage, then per model (the stage's agent's or the fallback's)."""
+    rows = await session.execute(
+        select(TurnRow.stage, TurnRow.model, func.count())
+        .where(TurnRow.job_id == job_id, TurnRow.outcome == TurnOutcome.REFUSED.value)
+        .group_by(TurnRow.stage, TurnRow.model)
+        .order_by(TurnRow.stage, TurnRow.model)
+    )
+    refusals: dict[str, dict[str, int]] = {}
+    for stage, model, count in rows:
+        refusals.setdefault(stage, {})[model] = count
+    return refusals
