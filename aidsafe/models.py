@@ -214,6 +214,15 @@ class DroppedThought(Model):
     explanation: str
 
 
+class Fallback(Model):
+    """A stage whose agent refused and the job's fallback answered."""
+
+    stage: str
+    round: int
+    agent: int
+    model: str
+
+
 class Score(Model):
     score: int
     rationale: str | None
@@ -241,6 +250,7 @@ class Cot(Model):
     scores: dict[str, Score] | None
     grade_error: str | None
     quality: Gate
+    fallbacks: list[Fallback] = []
     created_at: datetime
 
 
@@ -279,6 +289,7 @@ class Report(Model):
     pairs: PairSummary | None = None
     usage: Usage
     usage_by_stage: dict[str, Usage]
+    refusals_by_stage: dict[str, dict[str, int]] = {}  # stage -> model -> refused turns
 
 
 class MetricComparison(Model):

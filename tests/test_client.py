@@ -357,6 +357,7 @@ MIRRORED = {
     models.ItemDetail: schemas.ItemDetailOut,
     models.Turn: schemas.TurnOut,
     models.Cot: schemas.CotOut,
+    models.Fallback: schemas.FallbackOut,
     models.PreferencePair: schemas.PreferencePairOut,
     models.Report: schemas.ReportOut,
     models.Comparison: schemas.ComparisonOut,
