@@ -107,6 +107,23 @@ async def test_a_fallback_that_refuses_too_fails_the_item_as_agent_refused(
     assert scripted_llm.requests_for("seed_cot") == []
 
 
+async def test_a_refused_refinement_falls_back_and_reads_the_same_thoughts(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM, second_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script("refined_cot", refusal())
+    log = InMemoryTurnLog()
+
+    result = completed(await run(llm, log, with_fallback()))
+
+    assert [(t.key.attempt, t.model, t.outcome) for t in log.turns(ITEM, Stage.REFINE)] == [
+        (0, "scripted-model", TurnOutcome.REFUSED),
+        (FALLBACK_ATTEMPT, "fallback-model", TurnOutcome.OK),
+    ]
+    assert result.fallbacks == [{"stage": "refine", "round": 0, "agent": 0, "model": "fallback-model"}]
+    [asked] = second_llm.requests
+    assert asked.body["messages"] == scripted_llm.requests_for("refined_cot")[0].body["messages"]
+
+
 async def test_without_a_fallback_a_refusal_fails_the_item_with_one_call(
     llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM, second_llm: ScriptedLLM
 ) -> None:
