@@ -303,7 +303,9 @@ class _Roles:
         """The job's fallback, or the server's; the job's `defaults` name the model the
         fallback stands in for, so they do not apply to it."""
         settings = self.settings
-        if specific is False or (specific is None and not (settings.fallback_endpoint or settings.fallback_model)):
+        if specific is False or (
+            specific is None and not (settings.fallback_endpoint or settings.fallback_model)
+        ):
             return None
         specific = specific or FallbackIn()
         endpoint = specific.endpoint or settings.fallback_endpoint or "default"

@@ -27,7 +27,8 @@ def with_fallback(agents: int = 2, max_rounds: int = 3) -> PipelineConfig:
 
 def keys(log: InMemoryTurnLog, stage: Stage) -> list[tuple[int, int, int, str, str, TurnOutcome]]:
     return [
-        (t.key.round, t.key.agent, t.key.attempt, t.endpoint, t.model, t.outcome) for t in log.turns(ITEM, stage)
+        (t.key.round, t.key.agent, t.key.attempt, t.endpoint, t.model, t.outcome)
+        for t in log.turns(ITEM, stage)
     ]
 
 
@@ -205,9 +206,11 @@ async def test_a_resumed_item_reuses_the_refusal_and_asks_the_fallback_once(
     assert len(scripted_llm.requests_for("seed_cot")) == 1  # the refusing agent was not asked again
     assert len(second_llm.requests) == 4 and second_llm.pending("seed_cot") == 0
     assert log.ignored_records == 0
-    assert resumed.fallbacks == again.fallbacks == [
-        {"stage": "seed", "round": 0, "agent": 0, "model": "fallback-model"}
-    ]
+    assert (
+        resumed.fallbacks
+        == again.fallbacks
+        == [{"stage": "seed", "round": 0, "agent": 0, "model": "fallback-model"}]
+    )
     assert resumed == again
 
 

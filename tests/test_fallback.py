@@ -11,7 +11,7 @@ import httpx
 from app.config import Settings
 from app.deliberation.config import RoleConfig
 from app.deliberation.ports import FALLBACK_ATTEMPT
-from app.plan import JobConfigIn, resolve
+from app.plan import JobConfigIn, RoleIn, resolve
 from tests.conftest import run_worker_burst
 from tests.scripted_llm import ScriptedLLM, refusal, reply
 from tests.test_api import error_of, items_of, submit
@@ -50,13 +50,17 @@ async def test_a_refused_stage_completes_on_the_fallback_and_the_cot_and_report_
     assert second["status"] == "completed"
     detail = await get_ok(api, auth, f"/v1/items/{second['id']}")
     seed_turns = [
-        (t["attempt"], t["endpoint"], t["model"], t["outcome"]) for t in detail["turns"] if t["stage"] == "seed"
+        (t["attempt"], t["endpoint"], t["model"], t["outcome"])
+        for t in detail["turns"]
+        if t["stage"] == "seed"
     ]
     assert sorted(seed_turns) == [
         (0, "default", "scripted-model", "refused"),
         (FALLBACK_ATTEMPT, "second", "fallback-model", "ok"),
     ]
-    assert detail["cot"]["fallbacks"] == [{"stage": "seed", "round": 0, "agent": 0, "model": "fallback-model"}]
+    assert detail["cot"]["fallbacks"] == [
+        {"stage": "seed", "round": 0, "agent": 0, "model": "fallback-model"}
+    ]
     assert detail["cot"]["thoughts"][0]["text"] == SEED["thoughts"][0]
     [cot] = (await get_ok(api, auth, f"/v1/jobs/{job['id']}/cots"))["data"]
     assert cot["fallbacks"] == detail["cot"]["fallbacks"]
@@ -116,7 +120,7 @@ def test_the_server_default_fallback_applies_unless_the_job_names_its_own_or_tur
     server = settings.model_copy(update={"fallback_endpoint": "second", "fallback_temperature": 0.2})
 
     def fallback(**config: Any) -> RoleConfig | None:
-        return resolve(JobConfigIn(defaults={"model": "job-model"}, **config), server).fallback
+        return resolve(JobConfigIn(defaults=RoleIn(model="job-model"), **config), server).fallback
 
     # The endpoint's default model, not the job's: the fallback stands in for the job's model.
     assert fallback() == RoleConfig("second", "second-model", 0.2)

@@ -91,12 +91,17 @@ class Caller:
             if fallback is None or failed.failure.code != "agent_refused":
                 raise
             stand_in = replace(
-                role_config, endpoint=fallback.endpoint, model=fallback.model, temperature=fallback.temperature
+                role_config,
+                endpoint=fallback.endpoint,
+                model=fallback.model,
+                temperature=fallback.temperature,
             )
             key = replace(key, attempt=FALLBACK_ATTEMPT)
             who = f"the fallback {fallback.model} (as {role})"
             turn = await self._ask(spec, key, who, stand_in, messages, normalize)
-            self.fell_back.append({"stage": key.stage.value, "round": round, "agent": agent, "model": turn.model})
+            self.fell_back.append(
+                {"stage": key.stage.value, "round": round, "agent": agent, "model": turn.model}
+            )
         assert turn.parsed is not None
         return turn.parsed
 
@@ -139,8 +144,7 @@ class Caller:
                 ]
         failure = Failed(
             "unparseable_output",
-            f"{who} gave no usable output in {tries} tries; "
-            f"last problem: {turn.outcome.value}: {turn.error}",
+            f"{who} gave no usable output in {tries} tries; last problem: {turn.outcome.value}: {turn.error}",
             key.stage,
         )
         raise StageFailed(failure, turn)
