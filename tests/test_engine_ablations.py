@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from app.deliberation.budget import largest_requests
+from app.deliberation.budget import judge_request, largest_requests
 from app.deliberation.config import Limits
-from app.deliberation.ports import Stage, TurnKey
+from app.deliberation.ports import Stage, Turn, TurnKey, TurnOutcome
 from app.deliberation.stages import NOT_DECOMPOSED
 from app.llm.client import OpenAICompatibleClient
 from tests.memory_turn_log import InMemoryTurnLog
@@ -97,6 +97,24 @@ async def test_without_the_refiner_the_cot_is_every_thought_in_order_and_the_las
     assert result.agreed_by == {"round": 1, "agent": 2}
 
 
+async def test_intents_stored_before_labels_existed_are_shown_unlabelled_on_replay(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    log = InMemoryTurnLog()
+    old = {"explicit_intents": ["Store bleach.", "Store ammonia."], "implicit_intents": []}
+    await log.record(
+        Turn(ITEM, TurnKey(Stage.INTENT), "intent", "default", "m", "h", "{}", TurnOutcome.OK, parsed=old)
+    )
+
+    completed(await run(llm, log, pipeline(max_rounds=0)))
+
+    assert "intent_decomposition" not in request_counts(scripted_llm)
+    shown = (
+        "Explicit (what the query asks for):\n- Store bleach. [unlabelled]\n- Store ammonia. [unlabelled]\n"
+    )
+    assert shown in user_message(scripted_llm, "seed_cot")
+
+
 async def test_a_roles_own_instructions_follow_its_stage_instructions_for_that_role_only(
     llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM
 ) -> None:
@@ -156,3 +174,26 @@ def test_the_request_budgets_follow_the_ablations() -> None:
     # Without intents, nothing reads their reply; the note that replaces it is short.
     no_intents = budgets(decompose_intents=False)
     assert 0 < default["seed"] - no_intents["seed"] < reply_tokens
+
+
+def test_a_roles_budget_counts_its_own_instructions_and_names_its_endpoint() -> None:
+    persona = "Hunt for needless refusals. " * 30  # 840 bytes: 280 estimated tokens
+    other = replace(DEFAULT_ROLE, endpoint="second", instructions=persona)
+    plain = pipeline(agents=2, max_rounds=1)
+    configured = replace(plain, deliberators=(DEFAULT_ROLE, other))
+
+    before = {b.role: b for b in largest_requests(plain, POLICIES, PROMPT)}
+    after = {b.role: b for b in largest_requests(configured, POLICIES, PROMPT)}
+
+    assert after["deliberator-1"] == before["deliberator-1"]
+    assert after["deliberator-2"].endpoint == "second" and before["deliberator-2"].endpoint == "default"
+    assert 280 < after["deliberator-2"].tokens - before["deliberator-2"].tokens < 300  # and its heading
+
+
+def test_the_judges_budget_counts_its_own_instructions() -> None:
+    persona = "Prefer the answer that refuses less. " * 20
+    plain = judge_request(DEFAULT_ROLE, POLICIES, PROMPT, (512, 512), 256)
+    judged = judge_request(replace(DEFAULT_ROLE, instructions=persona), POLICIES, PROMPT, (512, 512), 256)
+
+    assert (judged.role, judged.endpoint) == ("judge", "default")
+    assert judged.tokens - plain.tokens > len(persona) // 3

@@ -10,6 +10,7 @@ reaches the same state the first run had reached.
 from __future__ import annotations
 
 from dataclasses import replace
+from itertools import zip_longest
 from typing import Any
 from uuid import UUID
 
@@ -33,10 +34,11 @@ def _bullets(items: list[str]) -> str:
 
 
 def _intents_text(intents: dict[str, list[str]]) -> str:
-    texts = intents["explicit_intents"]
     # Intents stored before labels existed are replayed unlabelled.
-    labels = intents.get("explicit_labels") or [UNLABELLED] * len(texts)
-    explicit = [f"{text} [{label.replace('_', ' ')}]" for text, label in zip(texts, labels, strict=True)]
+    labelled = zip_longest(
+        intents["explicit_intents"], intents.get("explicit_labels", []), fillvalue=UNLABELLED
+    )
+    explicit = [f"{text} [{label.replace('_', ' ')}]" for text, label in labelled]
     return (
         f"Explicit (what the query asks for):\n{_bullets(explicit)}\n"
         f"Implicit (plausible benign readings):\n{_bullets(intents['implicit_intents'])}"
@@ -150,12 +152,9 @@ async def _aidsafe(caller: Caller, config: PipelineConfig) -> Completed:
     agreed_by: dict[str, int] | None = None
     rounds_used = 0
     agents = len(config.deliberators)
-    turns = [
-        (round_no, agent_no, agent_config)
-        for round_no in range(1, config.max_rounds + 1)
-        for agent_no, agent_config in enumerate(config.deliberators, start=1)
-    ][: config.turn_budget()]
-    for round_no, agent_no, agent_config in turns:
+    for turn_no in range(config.turn_budget()):
+        rounds_done, agent_index = divmod(turn_no, agents)
+        round_no, agent_no, agent_config = rounds_done + 1, agent_index + 1, config.deliberators[agent_index]
         rounds_used = round_no
         turn = await caller.call(
             DELIBERATION,
