@@ -9,12 +9,14 @@ from uuid import UUID
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 
 from app.config import EndpointConfig, Prices, Settings
+from app.store import callbacks
 from app.store.db import Sessions
-from app.store.models import Job, TurnRow
+from app.store.models import CallbackDelivery, Item, Job, TurnRow
 from tests.conftest import api_client, run_worker_burst
 from tests.scripted_llm import ScriptedLLM
 from tests.test_viewer import logged_in
@@ -24,6 +26,7 @@ PRICES = {"input": 1.0, "cached_input": 0.5, "output": 2.0}  # USD per million t
 USAGE = (1000, 200, 400)
 CALL_USD = (600 * 1.0 + 400 * 0.5 + 200 * 2.0) / 1e6
 CALL_TOKENS = 1200
+COST_METRIC = "aidsafe_llm_cost_usd_total"
 QUICK = {"agents": 2, "max_rounds": 2, "max_tokens": 64}  # agreement at once: 4 calls an item
 
 
@@ -87,6 +90,7 @@ async def test_turns_items_and_jobs_cost_their_reported_usage_at_the_prices_pinn
     second_llm: ScriptedLLM,
 ) -> None:
     scripted_llm.usage = second_llm.usage = USAGE
+    counted_before = REGISTRY.get_sample_value(COST_METRIC, {"endpoint": "default"}) or 0.0
     priced_job = await post_job(priced_api, auth, {"prompts": prompts(2), "config": QUICK})
     assert priced_job.status_code == 202, priced_job.text
     assert priced_job.json()["config"]["prices"] == {"default": {**PRICES}}
@@ -104,6 +108,10 @@ async def test_turns_items_and_jobs_cost_their_reported_usage_at_the_prices_pinn
     }
     assert all(t.cost_usd == pytest.approx(CALL_USD) for t in turns)
     assert all(t.cost_usd is None for t in await turns_of(sessions, unpriced_id))
+    # The worker's metrics count the priced calls' cost per endpoint, and none for "second".
+    counted = REGISTRY.get_sample_value(COST_METRIC, {"endpoint": "default"})
+    assert counted - counted_before == pytest.approx(8 * CALL_USD)
+    assert REGISTRY.get_sample_value(COST_METRIC, {"endpoint": "second"}) is None
 
     # A price change afterwards prices new jobs only: this one keeps its pinned prices.
     repriced = settings.model_copy(update={"llm_prices": {"default": Prices(input=100, output=100)}})
@@ -205,7 +213,10 @@ async def test_a_job_waiting_for_budget_can_be_cancelled(
     await run_worker_burst(settings)
     assert len(scripted_llm.requests) == 3
     waiting = (await priced_api.get(f"/v1/jobs/{job_id}", headers=auth)).json()
-    assert (waiting["status"], waiting["budget"]["spent_cost_usd"]) == ("budget_exhausted", pytest.approx(3 * CALL_USD))
+    assert waiting["status"] == "budget_exhausted"
+    assert waiting["budget"]["spent_cost_usd"] == pytest.approx(3 * CALL_USD)
+    deleted = await priced_api.delete(f"/v1/jobs/{job_id}", headers=auth)  # it has not ended
+    assert (deleted.status_code, deleted.json()["error"]["code"]) == (409, "job_running")
     cancelled = (await priced_api.post(f"/v1/jobs/{job_id}/cancel", headers=auth)).json()
     assert cancelled["status"] == "cancelled"
     assert cancelled["counts"]["by_status"] == {"cancelled": 1}
@@ -299,3 +310,24 @@ async def test_the_viewer_shows_job_item_and_turn_costs_and_unknown_for_an_unpri
     assert '<td class="cost">unknown (unpriced endpoint)</td>' in listing
     item_id = (await priced_api.get(f"/v1/jobs/{priced_id}/items", headers=auth)).json()["data"][0]["id"]
     assert f"cost ${4 * CALL_USD:,.4f}" in (await viewer.get(f"/view/items/{item_id}")).text
+
+
+async def test_a_job_is_not_announced_as_finished_while_items_wait_for_budget(
+    priced: Settings, auth: dict[str, str], sessions: Sessions
+) -> None:
+    async with api_client(priced.model_copy(update={"callback_hosts": "127.0.0.1:9"})) as api:
+        body = {
+            "prompts": prompts(2),
+            "callback_url": "http://127.0.0.1:9/hook",
+            "budget": {"max_tokens": 50_000},
+        }
+        job_id = UUID((await api.post("/v1/jobs", json=body, headers=auth)).json()["id"])
+    async with sessions.begin() as session:
+        # One item completed after the other had stopped to wait for budget.
+        for position, status in ((0, "budget_exhausted"), (1, "completed")):
+            await session.execute(
+                update(Item).where(Item.job_id == job_id, Item.position == position).values(status=status)
+            )
+        await callbacks.record_if_finished(session, job_id)
+    async with sessions() as session:
+        assert await session.scalar(select(func.count()).select_from(CallbackDelivery)) == 0
