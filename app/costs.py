@@ -157,9 +157,9 @@ def estimate(plan: GenerationPlan, policies: PolicySet, prompts: list[str]) -> E
     unpriced = sorted(plan.endpoints() - plan.prices.keys())
     cost = None
     if not unpriced:
-        cost = Range(
-            sum(fewest.cost(plan.prices, extra) or 0.0 for extra in extras),
-            sum(most.cost(plan.prices, extra) or 0.0 for extra in extras),
+        cost = Range(  # to the nano-dollar: float sums would show 0.07502400000000001
+            round(sum(fewest.cost(plan.prices, extra) or 0.0 for extra in extras), 9),
+            round(sum(most.cost(plan.prices, extra) or 0.0 for extra in extras), 9),
         )
     return Estimate(
         items=n,

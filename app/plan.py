@@ -102,9 +102,12 @@ class JobConfigIn(BaseModel):
 # The plan's JSON is what GET /v1/jobs/{id} shows as the job's `config`: its fields keep the
 # names and order the stored config always had, and `mode` tells the variants apart.
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
-# The prices of the endpoints a job uses, pinned at submission (left out of the JSON when none
-# is priced, so a plan without prices reads and shows as it always did).
-PinnedPrices = Annotated[dict[str, Prices], Field(default_factory=dict, exclude_if=lambda prices: not prices)]
+
+
+def _pinned_prices() -> Any:
+    """The prices of the endpoints a job uses, pinned at submission (left out of the JSON when
+    none is priced, so a plan without prices reads and shows as it always did)."""
+    return Field(default_factory=dict, exclude_if=lambda prices: not prices)
 
 
 class GuardPlan(BaseModel):
@@ -149,7 +152,7 @@ class GenerationPlan(BaseModel):
     roles: RolesPlan
     grading: GradingConfig | None = None
     pairs: PairsPlan | None = None
-    prices: PinnedPrices
+    prices: dict[str, Prices] = _pinned_prices()
 
     def endpoints(self) -> set[str]:
         """Every endpoint the job may call."""
@@ -187,7 +190,7 @@ class ComparisonPlan(BaseModel):
     judge: RoleConfig
     max_tokens: int
     max_reasks: int
-    prices: PinnedPrices
+    prices: dict[str, Prices] = _pinned_prices()
 
     def endpoints(self) -> set[str]:
         return {self.judge.endpoint}
