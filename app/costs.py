@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.config import Prices
 from app.deliberation.budget import RequestBudget, estimate_tokens, largest_requests
-from app.deliberation.config import Mode
 from app.deliberation.policies import PolicySet
 from app.errors import BudgetTooSmall, UnpricedEndpoint
 from app.plan import GenerationPlan, JobPlan
@@ -110,34 +109,42 @@ class _Calls:
 _PROBE = "x"  # the prompt the per-call figures are estimated for; each item adds its own
 
 
+# The roles of the optional stages (grading, pairs); every other role writes the item's CoT.
+_GRADER, _PAIRS = "grader", ("whisperer", "generator", "guard")
+
+
 def _item_calls(plan: GenerationPlan, policies: PolicySet) -> tuple[_Calls, _Calls]:
     """The fewest calls of an item (agreement at the first deliberation turn, the first
     whisper try flagged) and the most (every round of every agent, every whisper try);
-    re-asks excluded. Each call is budget.py's largest request of its role and round."""
+    re-asks excluded. Each call is budget.py's largest request of its role and round, found
+    by role name, so stages a plan leaves out are simply not there."""
     config = plan.pipeline()
     first = largest_requests(replace(config, max_rounds=1), policies, _PROBE)
     last = largest_requests(config, policies, _PROBE)
-    if config.mode is Mode.ZERO_SHOT:
-        main = 1
-        fewest, most = first[:1], last[:1]
-    else:
-        agents = len(config.deliberators)
-        main = 3 + agents
-        rounds = [
-            largest_requests(replace(config, max_rounds=r), policies, _PROBE)[2 : 2 + agents]
-            for r in range(1, config.max_rounds + 1)
+
+    def deliberating(budget: RequestBudget) -> bool:
+        return budget.role.startswith("deliberator-")
+
+    def writing(budgets: list[RequestBudget]) -> list[RequestBudget]:
+        return [b for b in budgets if b.role != _GRADER and b.role not in _PAIRS]
+
+    deliberators = [b for b in first if deliberating(b)]
+    fewest = [b for b in writing(first) if not deliberating(b)] + deliberators[:1]
+    most = [b for b in writing(last) if not deliberating(b)]
+    for rounds in range(1, config.max_rounds + 1):
+        most += [
+            b
+            for b in largest_requests(replace(config, max_rounds=rounds), policies, _PROBE)
+            if deliberating(b)
         ]
-        fewest = [*first[:3], first[main - 1]]  # intent, seed, agent 1 agrees, refiner
-        most = [*last[:2], *(b for per_round in rounds for b in per_round), last[main - 1]]
-    extra_first, extra_last = first[main:], last[main:]
-    if config.grading is not None:
-        fewest.append(extra_first[0])
-        most.append(extra_last[0])
-    if config.pairs is not None:
-        # One try, flagged, then its grade; or every try, the last flagged.
-        tries = config.pairs.max_tries
-        fewest += [*extra_first[1:4], extra_first[0]]
-        most += [*(extra_last[1:4] * tries), extra_last[0]]
+    for budgets, calls, tries in (
+        (first, fewest, 1),
+        (last, most, config.pairs.max_tries if config.pairs else 0),
+    ):
+        # The grader scores the item's CoT and, with pairs, the flagged rejected one.
+        graders = [b for b in budgets if b.role == _GRADER]
+        pair_calls = [b for b in budgets if b.role in _PAIRS]
+        calls += graders[:1] + pair_calls * tries + (graders[:1] if config.pairs else [])
     return _Calls(fewest, config.max_tokens), _Calls(most, config.max_tokens)
 
 

@@ -257,6 +257,15 @@ async def test_the_estimate_gives_calls_tokens_and_a_cost_range_and_creates_noth
     assert unpriced.json()["unpriced_endpoints"] == ["second"]
     assert unpriced.json()["calls"] == figures["calls"]
 
+    async def calls(config: dict) -> dict:
+        answer = await priced_api.post("/v1/jobs/estimate", json={**body, "config": config}, headers=auth)
+        return answer.json()["calls"]
+
+    assert await calls({"mode": "zero_shot"}) == {"min": 3, "max": 3}
+    # Grading adds a call; pairs a try of three calls (or max_tries of them) and a grade.
+    graded = {**QUICK, "grading": {}, "pairs": {"max_tries": 2}}
+    assert await calls(graded) == {"min": 3 * (4 + 1 + 3 + 1), "max": 3 * (7 + 1 + 6 + 1)}
+
 
 async def test_budgets_no_call_fits_or_that_cannot_be_counted_are_refused_with_stable_codes(
     priced_api: httpx.AsyncClient, auth: dict[str, str], settings: Settings, scripted_llm: ScriptedLLM
