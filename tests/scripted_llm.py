@@ -289,6 +289,9 @@ class ScriptedLLM:
         self._state = _State()
         self._ids = itertools.count(1)
         self.latency_s = 0.0  # added before every answer
+        # (prompt, completion, cached prompt) tokens every answer's `usage` reports unless its
+        # Reply gives its own; None: estimated from the text, nothing cached.
+        self.usage: tuple[int, int, int] | None = None
         # Called for a request with nothing scripted: a behaviour, or None for the default.
         self.unscripted: Callable[[], Behaviour | None] = lambda: None
         self.base_url = ""  # set once listening; ends in /v1
@@ -313,6 +316,7 @@ class ScriptedLLM:
             self._state.ok_answers = 0
             self._state.answered_tokens.clear()
         self.latency_s = 0.0
+        self.usage = None
         self.unscripted = lambda: None
 
     @property
@@ -432,12 +436,17 @@ class ScriptedLLM:
             ],
         }
         if not answer.omit_usage:
-            prompt, completion_tokens = answer.usage or _estimate_usage(answer, body)
+            if answer.usage:
+                (prompt, completion_tokens), cached = answer.usage, 0
+            else:
+                prompt, completion_tokens, cached = self.usage or (*_estimate_usage(answer, body), 0)
             completion["usage"] = {
                 "prompt_tokens": prompt,
                 "completion_tokens": completion_tokens,
                 "total_tokens": prompt + completion_tokens,
             }
+            if cached:  # as OpenAI reports its prompt cache: a part of prompt_tokens
+                completion["usage"]["prompt_tokens_details"] = {"cached_tokens": cached}
         return completion
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Annotated
 from uuid import UUID
 
@@ -13,12 +13,13 @@ from fastapi import APIRouter, Depends, Query, status
 from app import callbacks, duplicates, events
 from app.api import views
 from app.api.bodies import JsonBody
-from app.api.deps import CurrentKey, OwnedJob, ReadsHazardous, SessionDep, StateDep, SummariesDep
+from app.api.deps import CurrentKey, OwnedJob, ReadsHazardous, SessionDep, SettingsDep, StateDep, SummariesDep
 from app.api.errors import documented
 from app.api.listing import JobFilterDep
 from app.api.schemas import (
     MAX_PROMPTS_PER_JOB,
     CotPage,
+    EstimateOut,
     ItemPage,
     ItemStatus,
     JobDeletionOut,
@@ -33,7 +34,9 @@ from app.api.schemas import (
 )
 from app.api.submissions import SubmissionDep, submit_responses
 from app.api.summaries import job_out
+from app.costs import check_budget, estimate
 from app.plan import check_job_fits, resolve
+from app.queue import enqueue_items
 from app.store import deletions, job_listing, jobs, policy_sets
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -69,7 +72,9 @@ async def submit_job(
     found = await asyncio.to_thread(duplicates.find, [p.prompt for p in prompts], body.duplicates)
     skipped = set(found.skipped)
     kept = [(position, p) for position, p in enumerate(prompts) if position not in skipped]
-    check_job_fits(plan, policy_sets.for_engine(policy_set), [p.prompt for _, p in kept], settings)
+    texts, policies = [p.prompt for _, p in kept], policy_sets.for_engine(policy_set)
+    check_job_fits(plan, policies, texts, settings)
+    check_budget(body.budget, plan, policies, texts)
     job, new_item_ids = await jobs.submit(
         session,
         owner_key_id=key.id,
@@ -81,10 +86,28 @@ async def submit_job(
         request_hash=submission.request_hash(body),
         callback=callback,
         duplicates=found.model_dump(mode="json"),
+        budget=body.budget,
     )
     await submission.accept(job, new_item_ids)
     shown = await job_out(session, job)
     return SubmittedJobOut(**shown.model_dump(), callback_secret=job.callback_secret)
+
+
+@router.post("/estimate", responses=documented(400, 401, 413, 422, 503), openapi_extra=JOB_BODY.openapi)
+async def estimate_job(
+    key: CurrentKey, body: Annotated[JobIn, Depends(JOB_BODY)], session: SessionDep, settings: SettingsDep
+) -> EstimateOut:
+    """What the job in the body would use: LLM calls, tokens and cost, as a range, at the
+    current prices. Checks the body as POST /v1/jobs does (its 422s included) and creates
+    nothing: no job, no items, no Idempotency-Key."""
+    plan = resolve(body.config, settings)
+    policy_set = await policy_sets.resolve_for_job(
+        session, key.id, body.policy_set.name, body.policy_set.version
+    )
+    texts, policies = [p.prompt for p in body.prompt_items()], policy_sets.for_engine(policy_set)
+    check_job_fits(plan, policies, texts, settings)
+    check_budget(body.budget, plan, policies, texts)
+    return EstimateOut.model_validate({**asdict(estimate(plan, policies, texts)), "prices": plan.prices})
 
 
 @router.get("", responses=documented(400, 401, 422, 503))
@@ -119,10 +142,22 @@ async def relabel_job(
     body: Annotated[JobLabelsIn, Depends(LABELS_BODY)],
     session: SessionDep,
     summaries: SummariesDep,
+    state: StateDep,
 ) -> JobOut:
-    """Set the job's label and/or metadata; a field left out stays as it is."""
-    await jobs.relabel(session, job, body.model_dump(include=body.model_fields_set))
+    """Set the job's label, metadata and/or budget; a field left out stays as it is. A budget
+    that is no longer spent resumes the items waiting as `budget_exhausted`."""
+    changed = body.model_fields_set
+    await jobs.relabel(session, job, body.model_dump(include=changed - {"budget"}))
+    resumed: list[tuple[UUID, int]] = []
+    if "budget" in changed:
+        policies = policy_sets.for_engine(await policy_sets.by_id(session, job.policy_set_id))
+        check_budget(body.budget, job.plan, policies, [await jobs.shortest_prompt(session, job.id)])
+        resumed = await jobs.set_budget(session, job, body.budget)
     await session.commit()
+    try:
+        await enqueue_items(state.arq, state.settings.queue_name, resumed)
+    except Exception:  # committed: the sweeper enqueues queued items whose arq job is missing
+        log.exception("enqueue failed for job %s; the sweeper will enqueue its resumed items", job.id)
     await session.refresh(job)
     summaries.forget(job.id)
     return await job_out(session, job)

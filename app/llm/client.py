@@ -50,6 +50,7 @@ from app.deliberation.ports import (
 )
 from app.llm.limits import EndpointLimiter, Slot
 from app.llm.rates import EndpointRates, Reservation
+from app.llm.usage import MeteredReply, reported_cached_tokens
 from app.metrics import LLM_REQUEST_SECONDS, LLM_TOKENS
 
 # The least max_tokens worth sending (a job's smallest): a request the context leaves less room
@@ -412,7 +413,7 @@ def _parse_reply(answer: _Answer, request: ChatRequest, latency_ms: float) -> Ch
         ) from error
     if not all(isinstance(v, str | None) for v in (content, refusal, finish_reason, model)):
         raise _TransientFault(f"unexpected field types: {repr(body)[:_ERROR_BODY_CHARS]}", unreadable)
-    return ChatReply(
+    return MeteredReply(
         content=content or "",
         finish_reason=finish_reason,
         model=model,
@@ -420,4 +421,5 @@ def _parse_reply(answer: _Answer, request: ChatRequest, latency_ms: float) -> Ch
         completion_tokens=completion_tokens,
         latency_ms=latency_ms,
         refusal=refusal,
+        cached_prompt_tokens=reported_cached_tokens(usage),
     )

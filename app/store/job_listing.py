@@ -53,15 +53,18 @@ _COUNTS = (
 def _status() -> ColumnElement[str]:
     """The job's status as jobs.summary derives it (GET /v1/jobs/{id}), in SQL so a listing
     can filter on it: completed or cancelled when every item has finished, cancelling after
-    a cancel, running once an item started, queued before."""
+    a cancel, budget_exhausted when the unfinished items all wait for budget, running once an
+    item started, queued before."""
     finished: ColumnElement[int] = literal(0)
     for status in FINISHED:
         finished = finished + _COUNTS.c[status]
     cancelled = Job.cancelled_at.is_not(None)
+    running, waiting = _COUNTS.c[ItemStatus.RUNNING], _COUNTS.c[ItemStatus.BUDGET_EXHAUSTED]
     return case(
         (finished == Job.item_count, case((cancelled, "cancelled"), else_="completed")),
         (cancelled, "cancelling"),
-        ((finished > 0) | (_COUNTS.c[ItemStatus.RUNNING] > 0), "running"),
+        ((waiting > 0) & (_COUNTS.c[ItemStatus.QUEUED] + running == 0), "budget_exhausted"),
+        ((finished > 0) | (running > 0) | (waiting > 0), "running"),
         else_="queued",
     )
 

@@ -2,27 +2,37 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import bindparam, exists, select, update
+from sqlalchemy import bindparam, exists, func, select, update
 
+from app.costs import call_cost
 from app.deliberation.ports import Stage, Turn, TurnKey, TurnOutcome
+from app.metrics import LLM_COST_USD
 from app.store.db import Sessions, driver_connection
 from app.store.driver_statements import DriverStatement, insert_from, row_parameter
 from app.store.items import Claim, ClaimLost, claim_holds
-from app.store.models import Item, TurnRow
+from app.store.models import Item, Job, TurnRow
 
 
 class PostgresTurnLog:
     """The turn log of one claimed item. `record` writes only while the claim holds (a
     worker that lost its lease gets ClaimLost), and is idempotent on the turn key: if the
-    key is already stored, the stored turn wins and is returned."""
+    key is already stored, the stored turn wins and is returned. A turn is stored with its
+    cost at the job's pinned prices, and adds its tokens and cost to the job's totals.
 
-    def __init__(self, sessions: Sessions, claim: Claim) -> None:
+    `cached_tokens(turn)`: the prompt tokens the server reported as cached for the reply the
+    turn records (the engine's Turn does not carry them; see app/store/budgets.py)."""
+
+    def __init__(
+        self, sessions: Sessions, claim: Claim, cached_tokens: Callable[[Turn], int] = lambda turn: 0
+    ) -> None:
         self._sessions = sessions
         self._claim = claim
+        self._cached_tokens = cached_tokens
         self._recorded: dict[TurnKey, Turn] = {}
 
     async def done(self, item_id: UUID) -> list[Turn]:
@@ -35,6 +45,7 @@ class PostgresTurnLog:
         return [to_turn(row) for row in rows]
 
     async def record(self, turn: Turn) -> Turn:
+        cached = self._cached_tokens(turn)
         turn = replace(
             turn,
             raw_output=storable(turn.raw_output),
@@ -42,15 +53,18 @@ class PostgresTurnLog:
             error=storable(turn.error),
         )
         key = turn.key
+        row = self._row(turn, cached)
         async with driver_connection(self._sessions) as connection:
             recorded = await _RECORD.fetchrow(
-                connection, item_id=turn.item_id, attempt=self._claim.attempt, turns=self._row(turn)
+                connection, item_id=turn.item_id, attempt=self._claim.attempt, turns=row
             )
         assert recorded is not None  # a SELECT without FROM: one row
         held, inserted = recorded
         if not held:
             raise ClaimLost(f"lease on item {turn.item_id} lost")
         if inserted:
+            if row["cost_usd"] is not None:
+                LLM_COST_USD.labels(turn.endpoint).inc(row["cost_usd"])
             self._recorded[key] = turn
             return turn
         async with self._sessions() as session:  # the key was stored before: that turn wins
@@ -67,9 +81,10 @@ class PostgresTurnLog:
         self._recorded[key] = to_turn(existing)
         return self._recorded[key]
 
-    def _row(self, turn: Turn) -> dict[str, Any]:
+    def _row(self, turn: Turn, cached: int) -> dict[str, Any]:
         """The turn's row, but for its item_id (the statement takes the claimed item's)."""
         key = turn.key
+        prices = self._claim.plan.prices.get(turn.endpoint)
         return {
             "job_id": self._claim.job_id,
             "stage": key.stage.value,
@@ -87,6 +102,8 @@ class PostgresTurnLog:
             "agreed": turn.agreed,
             "prompt_tokens": turn.prompt_tokens,
             "completion_tokens": turn.completion_tokens,
+            "cached_prompt_tokens": cached,
+            "cost_usd": call_cost(prices, turn.prompt_tokens, cached, turn.completion_tokens),
             "latency_ms": turn.latency_ms,
         }
 
@@ -95,17 +112,27 @@ def _record_statement() -> DriverStatement:
     """One round trip. FOR UPDATE locks the item row while the claim is checked, so a
     takeover claim cannot interleave with the write (it waits, or this sees its new attempt
     and writes nothing); ON CONFLICT keeps the first turn stored under a key; the item's
-    stage moves only when a turn really was added."""
+    stage moves, and the job's totals grow, only when a turn really was added."""
     held = (
         select(Item.id)
         .where(claim_holds(bindparam("item_id"), bindparam("attempt")))
         .with_for_update()
         .cte("held")
     )
+    turns = TurnRow.__table__
     inserted = (
-        insert_from(TurnRow.__table__, held, item_id=held.c.id)
+        # cached_prompt_tokens has a server default (for rows older than it): supplied here.
+        insert_from(
+            turns, held, item_id=held.c.id, cached_prompt_tokens=row_parameter(turns.c.cached_prompt_tokens)
+        )
         .on_conflict_do_nothing()
-        .returning(TurnRow.item_id)
+        .returning(
+            TurnRow.item_id,
+            TurnRow.job_id,
+            TurnRow.prompt_tokens,
+            TurnRow.completion_tokens,
+            TurnRow.cost_usd,
+        )
         .cte("inserted")
     )
     stage = row_parameter(TurnRow.__table__.c.stage)
@@ -115,10 +142,19 @@ def _record_statement() -> DriverStatement:
         .values(stage=stage)
         .cte("staged")
     )
+    counted = (
+        update(Job)
+        .where(Job.id == inserted.c.job_id)
+        .values(
+            spent_tokens=Job.spent_tokens + inserted.c.prompt_tokens + inserted.c.completion_tokens,
+            spent_usd=Job.spent_usd + func.coalesce(inserted.c.cost_usd, 0),
+        )
+        .cte("counted")
+    )
     return DriverStatement(
         select(
             exists().select_from(held).label("held"), exists().select_from(inserted).label("inserted")
-        ).add_cte(staged)
+        ).add_cte(staged, counted)
     )
 
 
