@@ -68,7 +68,8 @@ class Reply:
     content: str | None
     finish_reason: str = "stop"
     refusal: str | None = None
-    usage: tuple[int, int] | None = None  # (prompt, completion); None: estimated
+    # (prompt, completion) or (prompt, completion, cached prompt); None: estimated, none cached
+    usage: tuple[int, ...] | None = None
     omit_usage: bool = False
     headers: dict[str, str] | None = None  # sent with it, e.g. x-ratelimit-*
 
@@ -110,7 +111,7 @@ Behaviour = Reply | RawBody | HttpError | EchoError | Stall
 def reply(
     obj_or_text: Any,
     finish_reason: str = "stop",
-    usage: tuple[int, int] | None = None,
+    usage: tuple[int, ...] | None = None,
     omit_usage: bool = False,
 ) -> Reply:
     """Answer this content: a str as is, anything else as JSON."""
@@ -437,7 +438,7 @@ class ScriptedLLM:
         }
         if not answer.omit_usage:
             if answer.usage:
-                (prompt, completion_tokens), cached = answer.usage, 0
+                prompt, completion_tokens, cached = (*answer.usage, 0)[:3]
             else:
                 prompt, completion_tokens, cached = self.usage or (*_estimate_usage(answer, body), 0)
             completion["usage"] = {

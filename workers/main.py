@@ -158,7 +158,7 @@ async def _announce(worker: Worker, claim: items.Claim, ending: Ending) -> None:
 async def _run_engine(worker: Worker, claim: items.Claim) -> Completed | Judged | Failed:
     """The engine's work for the item's job: judge two samples, or write a CoT."""
     sessions, llm = worker.sessions, budgets.MeteredLLM(worker.llm, worker.sessions, claim.job_id)
-    policies, turn_log = for_engine(claim.policy_set), PostgresTurnLog(sessions, claim, llm.cached_tokens)
+    policies, turn_log = for_engine(claim.policy_set), PostgresTurnLog(sessions, claim)
     match claim.plan:
         case ComparisonPlan() as plan:
             baseline, candidate = await items.compared_samples(sessions, claim)

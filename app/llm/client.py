@@ -50,7 +50,6 @@ from app.deliberation.ports import (
 )
 from app.llm.limits import EndpointLimiter, Slot
 from app.llm.rates import EndpointRates, Reservation
-from app.llm.usage import MeteredReply, reported_cached_tokens
 from app.metrics import LLM_REQUEST_SECONDS, LLM_TOKENS
 
 # The least max_tokens worth sending (a job's smallest): a request the context leaves less room
@@ -413,7 +412,7 @@ def _parse_reply(answer: _Answer, request: ChatRequest, latency_ms: float) -> Ch
         ) from error
     if not all(isinstance(v, str | None) for v in (content, refusal, finish_reason, model)):
         raise _TransientFault(f"unexpected field types: {repr(body)[:_ERROR_BODY_CHARS]}", unreadable)
-    return MeteredReply(
+    return ChatReply(
         content=content or "",
         finish_reason=finish_reason,
         model=model,
@@ -421,5 +420,13 @@ def _parse_reply(answer: _Answer, request: ChatRequest, latency_ms: float) -> Ch
         completion_tokens=completion_tokens,
         latency_ms=latency_ms,
         refusal=refusal,
-        cached_prompt_tokens=reported_cached_tokens(usage),
+        cached_prompt_tokens=_cached_tokens(usage),
     )
+
+
+def _cached_tokens(usage: dict[str, Any]) -> int:
+    """`usage.prompt_tokens_details.cached_tokens` (OpenAI, vLLM); 0 when absent or not a
+    count: a server that says nothing about its cache is billed at the input price."""
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return cached if isinstance(cached, int) and not isinstance(cached, bool) and cached > 0 else 0

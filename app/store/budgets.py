@@ -17,8 +17,7 @@ from sqlalchemy import ColumnElement, and_, bindparam, exists, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.costs import BudgetExhausted
-from app.deliberation.ports import ChatReply, ChatRequest, LLMClient, Turn
-from app.llm.usage import cached_prompt_tokens
+from app.deliberation.ports import ChatReply, ChatRequest, LLMClient
 from app.queue import enqueue_items
 from app.store import callbacks, items
 from app.store.db import Sessions, driver_connection
@@ -49,25 +48,16 @@ _EXHAUSTED = DriverStatement(select(exists().where(Job.id == bindparam("job_id")
 
 class MeteredLLM:
     """The LLM client one claimed item calls through: no call starts once the job's budget is
-    spent (BudgetExhausted), and each reply's cached prompt tokens are kept for the turn the
-    engine records from it (an item's calls are sequential; the turn's raw output is the
-    reply's content, which ties the two)."""
+    spent (BudgetExhausted)."""
 
     def __init__(self, llm: LLMClient, sessions: Sessions, job_id: UUID) -> None:
         self._llm, self._sessions, self._job_id = llm, sessions, job_id
-        self._last: tuple[str, int] = ("", 0)
 
     async def chat(self, request: ChatRequest) -> ChatReply:
         async with driver_connection(self._sessions) as connection:
             if await _EXHAUSTED.fetchval(connection, job_id=self._job_id):
                 raise BudgetExhausted(f"job {self._job_id}: budget spent")
-        reply = await self._llm.chat(request)
-        self._last = (reply.content, cached_prompt_tokens(reply))
-        return reply
-
-    def cached_tokens(self, turn: Turn) -> int:
-        content, cached = self._last
-        return cached if turn.raw_output == content else 0
+        return await self._llm.chat(request)
 
 
 async def park(sessions: Sessions, redis: ArqRedis, queue_name: str, claim: items.Claim) -> Ending | None:

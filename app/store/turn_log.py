@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 from uuid import UUID
@@ -22,17 +21,11 @@ class PostgresTurnLog:
     """The turn log of one claimed item. `record` writes only while the claim holds (a
     worker that lost its lease gets ClaimLost), and is idempotent on the turn key: if the
     key is already stored, the stored turn wins and is returned. A turn is stored with its
-    cost at the job's pinned prices, and adds its tokens and cost to the job's totals.
+    cost at the job's pinned prices, and adds its tokens and cost to the job's totals."""
 
-    `cached_tokens(turn)`: the prompt tokens the server reported as cached for the reply the
-    turn records (the engine's Turn does not carry them; see app/store/budgets.py)."""
-
-    def __init__(
-        self, sessions: Sessions, claim: Claim, cached_tokens: Callable[[Turn], int] = lambda turn: 0
-    ) -> None:
+    def __init__(self, sessions: Sessions, claim: Claim) -> None:
         self._sessions = sessions
         self._claim = claim
-        self._cached_tokens = cached_tokens
         self._recorded: dict[TurnKey, Turn] = {}
 
     async def done(self, item_id: UUID) -> list[Turn]:
@@ -45,7 +38,6 @@ class PostgresTurnLog:
         return [to_turn(row) for row in rows]
 
     async def record(self, turn: Turn) -> Turn:
-        cached = self._cached_tokens(turn)
         turn = replace(
             turn,
             raw_output=storable(turn.raw_output),
@@ -53,7 +45,7 @@ class PostgresTurnLog:
             error=storable(turn.error),
         )
         key = turn.key
-        row = self._row(turn, cached)
+        row = self._row(turn)
         async with driver_connection(self._sessions) as connection:
             recorded = await _RECORD.fetchrow(
                 connection, item_id=turn.item_id, attempt=self._claim.attempt, turns=row
@@ -81,7 +73,7 @@ class PostgresTurnLog:
         self._recorded[key] = to_turn(existing)
         return self._recorded[key]
 
-    def _row(self, turn: Turn, cached: int) -> dict[str, Any]:
+    def _row(self, turn: Turn) -> dict[str, Any]:
         """The turn's row, but for its item_id (the statement takes the claimed item's)."""
         key = turn.key
         prices = self._claim.plan.prices.get(turn.endpoint)
@@ -102,8 +94,10 @@ class PostgresTurnLog:
             "agreed": turn.agreed,
             "prompt_tokens": turn.prompt_tokens,
             "completion_tokens": turn.completion_tokens,
-            "cached_prompt_tokens": cached,
-            "cost_usd": call_cost(prices, turn.prompt_tokens, cached, turn.completion_tokens),
+            "cached_prompt_tokens": turn.cached_prompt_tokens,
+            "cost_usd": call_cost(
+                prices, turn.prompt_tokens, turn.cached_prompt_tokens, turn.completion_tokens
+            ),
             "latency_ms": turn.latency_ms,
         }
 
@@ -188,4 +182,5 @@ def to_turn(row: TurnRow) -> Turn:
         prompt_tokens=row.prompt_tokens,
         completion_tokens=row.completion_tokens,
         latency_ms=row.latency_ms,
+        cached_prompt_tokens=row.cached_prompt_tokens,
     )
