@@ -41,6 +41,19 @@ class Budget(BaseModel):
             raise ValueError("give max_cost_usd, max_tokens or both (or null for no budget)")
         return self
 
+    @classmethod
+    def of(cls, max_cost_usd: float | None, max_tokens: int | None) -> Budget | None:
+        """A job's budget from its row's columns; None: it has none."""
+        if max_cost_usd is None and max_tokens is None:
+            return None
+        return cls.model_construct(max_cost_usd=max_cost_usd, max_tokens=max_tokens)
+
+    def reached(self, tokens: int, usd: float) -> bool:
+        """Whether calls that used `tokens` and cost `usd` have spent it."""
+        return (self.max_tokens is not None and tokens >= self.max_tokens) or (
+            self.max_cost_usd is not None and usd >= self.max_cost_usd
+        )
+
 
 class BudgetExhausted(Exception):
     """The job's budget is spent: the item's next call was not started."""

@@ -33,6 +33,7 @@ from app.api.state import ApiState
 from app.api.summaries import JobSummaries
 from app.config import Settings, get_settings
 from app.queue import redis_settings
+from app.store.budgets import Spending
 from app.store.db import make_engine, make_sessions
 from app.web import pages
 
@@ -48,7 +49,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         arq = await create_pool(redis_settings(settings.redis_url))
         summaries = JobSummaries(sessions, settings.job_summary_max_age_s)
         state.install(
-            app, ApiState(settings, sessions, arq, summaries, KnownKeys(sessions, settings.api_key_cache_s))
+            app,
+            ApiState(
+                settings,
+                sessions,
+                arq,
+                summaries,
+                KnownKeys(sessions, settings.api_key_cache_s),
+                Spending(arq, sessions, settings.redis_key_prefix),
+            ),
         )
         try:
             yield

@@ -4,6 +4,7 @@ PATCH that resumes it; the dry-run estimate; and the refusals."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from uuid import UUID
 
@@ -11,6 +12,8 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 from pydantic import ValidationError
+from redis import Redis as SyncRedis
+from redis.asyncio import Redis
 from sqlalchemy import func, select, update
 
 from app.config import EndpointConfig, Prices, Settings
@@ -145,11 +148,12 @@ async def test_turns_items_and_jobs_cost_their_reported_usage_at_the_prices_pinn
         assert [t["cost_usd"] for t in item["turns"]] == [pytest.approx(CALL_USD)] * 4
         assert {t["cached_prompt_tokens"] for t in item["turns"]} == {400}
 
-        # The job's running totals, which the budget check reads, agree with its turns.
-        async with sessions() as session:
-            row = await session.get(Job, UUID(priced_id))
-            assert row is not None
-            assert (row.spent_tokens, row.spent_usd) == (8 * CALL_TOKENS, pytest.approx(8 * CALL_USD))
+    # Neither job has a budget: their workers kept no spending counters (no Redis round trip).
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        assert not [key async for key in redis.scan_iter(f"{settings.redis_key_prefix}:spent:*")]
+    finally:
+        await redis.aclose()
 
 
 @pytest.mark.parametrize("items_at_once", [1, 3])
@@ -165,13 +169,13 @@ async def test_a_spent_budget_parks_the_items_and_raising_it_resumes_them_with_n
     scripted_llm.latency_s = 0.1  # calls of items run at once overlap
     # Three recorded calls (3,600 tokens) reach it; every call starts with at most two recorded,
     # so beyond those, only calls in flight then (one per other running item) can be made.
-    body = {"prompts": prompts(3), "config": QUICK, "budget": {"max_tokens": 3000}}
+    body = {"prompts": prompts(3), "config": QUICK, "budget": {"max_tokens": 3600}}
     submitted = await post_job(priced_api, auth, body)
     assert submitted.status_code == 202, submitted.text
     job_id = submitted.json()["id"]
     assert submitted.json()["budget"] == {
         "max_cost_usd": None,
-        "max_tokens": 3000,
+        "max_tokens": 3600,
         "spent_cost_usd": 0.0,
         "spent_tokens": 0,
         "exhausted": False,
@@ -207,6 +211,55 @@ async def test_a_spent_budget_parks_the_items_and_raising_it_resumes_them_with_n
     assert job["usage"]["cost_usd"] == pytest.approx(12 * CALL_USD)
     cots = (await priced_api.get(f"/v1/jobs/{job_id}/cots", headers=auth)).json()["data"]
     assert len(cots) == 3
+
+
+async def test_counters_lost_mid_job_are_rebuilt_from_the_turns_and_the_job_stops_where_it_would_have(
+    priced_api: httpx.AsyncClient, auth: dict[str, str], settings: Settings, scripted_llm: ScriptedLLM
+) -> None:
+    scripted_llm.usage = USAGE
+    key_prefix = f"{settings.redis_key_prefix}:spent:"
+    redis = SyncRedis.from_url(settings.redis_url)
+    answered = 0
+
+    def restart_redis_at_the_third_call() -> None:  # its counters go, as in a Redis restart
+        nonlocal answered
+        answered += 1
+        if answered == 3:
+            redis.delete(*redis.keys(f"{key_prefix}*"))
+
+    scripted_llm.unscripted = restart_redis_at_the_third_call
+    # Five recorded calls (6,000 tokens) reach it, of the eight the two items would make.
+    body = {"prompts": prompts(2), "config": QUICK, "budget": {"max_tokens": 6000}}
+    job_id = (await post_job(priced_api, auth, body)).json()["id"]
+    try:
+        await run_worker_burst(settings, max_jobs=1)
+        assert answered == 5
+        job = (await priced_api.get(f"/v1/jobs/{job_id}", headers=auth)).json()
+        assert job["status"] == "budget_exhausted"
+        assert job["budget"]["spent_tokens"] == 5 * CALL_TOKENS
+        counted = redis.hmget(f"{key_prefix}{job_id}", ["tokens", "usd"])
+        assert (int(counted[0]), float(counted[1])) == (5 * CALL_TOKENS, pytest.approx(5 * CALL_USD))
+    finally:
+        redis.close()
+
+
+async def test_turns_of_one_job_do_not_wait_for_its_row(
+    priced_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    """A turn's insert does not update its job's row: with the row locked as an update locks
+    it (a PATCH of the budget, a cancel), a job with a budget still runs to its end."""
+    scripted_llm.usage = USAGE
+    body = {"prompts": prompts(1), "config": QUICK, "budget": {"max_tokens": 50_000}}
+    job_id = UUID((await post_job(priced_api, auth, body)).json()["id"])
+    async with sessions.begin() as session:
+        await session.execute(select(Job.id).where(Job.id == job_id).with_for_update(key_share=True))
+        await asyncio.wait_for(run_worker_burst(settings), timeout=30)
+    job = (await priced_api.get(f"/v1/jobs/{job_id}", headers=auth)).json()
+    assert (job["status"], job["budget"]["spent_tokens"]) == ("completed", 4 * CALL_TOKENS)
 
 
 async def test_a_job_waiting_for_budget_can_be_cancelled(

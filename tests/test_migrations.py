@@ -249,7 +249,7 @@ async def test_job_plans_migration_moves_comparison_links_out_of_item_metadata_a
         await connection.close()
 
 
-async def test_the_costs_migration_counts_existing_turns_into_job_totals_and_parks_nothing_on_the_way_down(
+async def test_the_costs_migration_leaves_old_turns_unpriced_and_requeues_waiting_items_on_the_way_down(
     old_database: tuple[Config, str],
 ) -> None:
     config, dsn = old_database
@@ -293,10 +293,8 @@ async def test_the_costs_migration_counts_existing_turns_into_job_totals_and_par
 
         await asyncio.to_thread(command.upgrade, config, "0014_costs")
 
-        totals = await connection.fetchrow(
-            "SELECT spent_tokens, spent_usd, budget_max_cost_usd, budget_max_tokens FROM jobs"
-        )
-        assert tuple(totals) == (470, 0.0, None, None)
+        budget = await connection.fetchrow("SELECT budget_max_cost_usd, budget_max_tokens FROM jobs")
+        assert tuple(budget) == (None, None)
         turns = await connection.fetch("SELECT cached_prompt_tokens, cost_usd FROM turns")
         assert [tuple(t) for t in turns] == [(0, None), (0, None)]  # unpriced then: unknown cost
         await connection.execute(
@@ -314,8 +312,7 @@ async def test_the_costs_migration_counts_existing_turns_into_job_totals_and_par
             )
         }
         assert not columns & {
-            "spent_tokens",
-            "spent_usd",
+            "budget_max_cost_usd",
             "budget_max_tokens",
             "cost_usd",
             "cached_prompt_tokens",

@@ -152,7 +152,7 @@ async def relabel_job(
     if "budget" in changed:
         policies = policy_sets.for_engine(await policy_sets.by_id(session, job.policy_set_id))
         check_budget(body.budget, job.plan, policies, [await jobs.shortest_prompt(session, job.id)])
-        resumed = await jobs.set_budget(session, job, body.budget)
+        resumed = await jobs.set_budget(session, state.spending, job, body.budget)
     await session.commit()
     try:
         await enqueue_items(state.arq, state.settings.queue_name, resumed)

@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from app.api.known_keys import KnownKeys
 from app.api.summaries import JobSummaries
 from app.config import Settings
+from app.store.budgets import Spending
 from app.store.db import Sessions
 
 
@@ -20,6 +21,7 @@ class ApiState:
     arq: ArqRedis
     summaries: JobSummaries
     known_keys: KnownKeys
+    spending: Spending  # what jobs with a budget have spent (read and reset by PATCH)
 
 
 def install(app: FastAPI, state: ApiState) -> None:

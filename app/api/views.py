@@ -239,7 +239,7 @@ def job_listed(listed: ListedJob) -> JobListed:
         label=job.label,
         metadata=job.job_metadata,
         counts=StatusCounts(total=job.item_count, by_status=listed.by_status),
-        cost_usd=job_cost(job.plan, job.spent_usd),
+        cost_usd=job_cost(job.plan, listed.spent_usd),
     )
 
 
@@ -255,5 +255,5 @@ def comparison_listed(listed: ListedJob, plan: ComparisonPlan) -> ComparisonList
         baseline_job_id=plan.baseline_job_id,
         candidate_job_id=plan.candidate_job_id,
         counts=StatusCounts(total=job.item_count, by_status=listed.by_status),
-        cost_usd=job_cost(job.plan, job.spent_usd),
+        cost_usd=job_cost(job.plan, listed.spent_usd),
     )

@@ -215,11 +215,12 @@ async def summary(session: AsyncSession, job: Job) -> dict[str, Any]:
         status = "running"
     else:
         status = "queued"
+    shown_usage = quality.usage(usage, priced(job.plan))
     summary: dict[str, Any] = {
         "status": status,
         "counts": {"total": job.item_count, "by_status": by_status, "by_stage": by_stage},
-        "usage": quality.usage(usage, priced(job.plan)),
-        "budget": budget_out(job),
+        "usage": shown_usage,
+        "budget": budget_out(job, shown_usage),
     }
     if isinstance(plan := job.plan, GenerationPlan):  # comparisons neither grade nor pair
         if plan.grading is not None:
@@ -241,19 +242,19 @@ async def report(session: AsyncSession, job: Job) -> dict[str, Any]:
     return full
 
 
-def budget_out(job: Job) -> dict[str, Any] | None:
-    """The job's budget and whether its recorded calls have reached it; None: no budget."""
-    if job.budget_max_cost_usd is None and job.budget_max_tokens is None:
+def budget_out(job: Job, usage: dict[str, Any]) -> dict[str, Any] | None:
+    """The job's budget and whether its recorded calls (`usage`, the job's as shown) have
+    reached it; None: no budget."""
+    budget = Budget.of(job.budget_max_cost_usd, job.budget_max_tokens)
+    if budget is None:
         return None
-    reached = (job.budget_max_cost_usd is not None and job.spent_usd >= job.budget_max_cost_usd) or (
-        job.budget_max_tokens is not None and job.spent_tokens >= job.budget_max_tokens
-    )
+    tokens, cost = usage["prompt_tokens"] + usage["completion_tokens"], usage["cost_usd"]
     return {
-        "max_cost_usd": job.budget_max_cost_usd,
-        "max_tokens": job.budget_max_tokens,
-        "spent_cost_usd": job.spent_usd if priced(job.plan) else None,
-        "spent_tokens": job.spent_tokens,
-        "exhausted": reached,
+        "max_cost_usd": budget.max_cost_usd,
+        "max_tokens": budget.max_tokens,
+        "spent_cost_usd": cost,
+        "spent_tokens": tokens,
+        "exhausted": budget.reached(tokens, cost or 0.0),
     }
 
 
@@ -407,11 +408,16 @@ async def shortest_prompt(session: AsyncSession, job_id: UUID) -> str:
     return prompt or ""
 
 
-async def set_budget(session: AsyncSession, job: Job, budget: Budget | None) -> list[tuple[UUID, int]]:
+async def set_budget(
+    session: AsyncSession, spending: budgets.Spending, job: Job, budget: Budget | None
+) -> list[tuple[UUID, int]]:
     """Replace the job's budget (None: no limit) and put the items that waited for it back in
     the queue if it is no longer spent: the (item id, enqueue counter) pairs to enqueue after
-    the caller commits. The job's row stays locked until then (app/store/budgets.py)."""
+    the caller commits. The job's row stays locked until then (app/store/budgets.py). Its
+    spending counters are dropped, to be rebuilt from its turns: turns recorded while it had
+    no budget were not counted."""
     job.budget_max_cost_usd = budget.max_cost_usd if budget else None
     job.budget_max_tokens = budget.max_tokens if budget else None
     await session.flush()
-    return await budgets.settle_waiting(session, job.id)
+    await spending.forget(job.id)
+    return await budgets.settle_waiting(session, spending, job.id)

@@ -165,10 +165,6 @@ class Job(Base):
     # The user's budget (app/costs.py Budget), changed by PATCH; None: no limit.
     budget_max_cost_usd: Mapped[float | None] = mapped_column(Float)
     budget_max_tokens: Mapped[int | None] = mapped_column(BigInteger)
-    # What its recorded turns used: kept up by each turn's insert (app/store/turn_log.py), so
-    # the budget check before every call and the listings read one row, not the turns.
-    spent_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
-    spent_usd: Mapped[float] = mapped_column(Float, default=0.0, server_default=text("0"))  # priced turns
 
 
 # Jobs whose hazardous text is still held, for the purge to find the old ones.

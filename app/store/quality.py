@@ -127,6 +127,17 @@ def usage(row: Sequence[Any], priced: bool) -> dict[str, Any]:
     }
 
 
+async def spent_usd(session: AsyncSession, job_ids: Sequence[UUID]) -> dict[UUID, float]:
+    """Each job's turns' costs summed (a job without turns: 0), for a page of jobs, by the
+    covering index on turns."""
+    rows = await session.execute(
+        select(TurnRow.job_id, func.coalesce(func.sum(TurnRow.cost_usd), 0.0))
+        .where(TurnRow.job_id.in_(job_ids))
+        .group_by(TurnRow.job_id)
+    )
+    return dict.fromkeys(job_ids, 0.0) | {job_id: float(cost or 0.0) for job_id, cost in rows}
+
+
 async def usage_by_stage(session: AsyncSession, job_id: UUID, priced: bool) -> dict[str, dict[str, Any]]:
     """LLM calls, tokens and cost per stage (intent, seed, ..., grade, whisper, rejected, guard, judge)."""
     rows = await session.execute(

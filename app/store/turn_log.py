@@ -6,11 +6,12 @@ from dataclasses import replace
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import bindparam, exists, func, select, update
+from sqlalchemy import bindparam, exists, select, update
 
-from app.costs import call_cost
+from app.costs import Budget, call_cost
 from app.deliberation.ports import Stage, Turn, TurnKey, TurnOutcome
 from app.metrics import LLM_COST_USD
+from app.store.budgets import Meter
 from app.store.db import Sessions, driver_connection
 from app.store.driver_statements import DriverStatement, insert_from, row_parameter
 from app.store.items import Claim, ClaimLost, claim_holds
@@ -21,11 +22,12 @@ class PostgresTurnLog:
     """The turn log of one claimed item. `record` writes only while the claim holds (a
     worker that lost its lease gets ClaimLost), and is idempotent on the turn key: if the
     key is already stored, the stored turn wins and is returned. A turn is stored with its
-    cost at the job's pinned prices, and adds its tokens and cost to the job's totals."""
+    cost at the job's pinned prices, and told to the item's `meter` (app/store/budgets.py)."""
 
-    def __init__(self, sessions: Sessions, claim: Claim) -> None:
+    def __init__(self, sessions: Sessions, claim: Claim, meter: Meter | None = None) -> None:
         self._sessions = sessions
         self._claim = claim
+        self._meter = meter
         self._recorded: dict[TurnKey, Turn] = {}
 
     async def done(self, item_id: UUID) -> list[Turn]:
@@ -51,12 +53,16 @@ class PostgresTurnLog:
                 connection, item_id=turn.item_id, attempt=self._claim.attempt, turns=row
             )
         assert recorded is not None  # a SELECT without FROM: one row
-        held, inserted = recorded
+        held, inserted, max_cost_usd, max_tokens = recorded
         if not held:
             raise ClaimLost(f"lease on item {turn.item_id} lost")
         if inserted:
-            if row["cost_usd"] is not None:
-                LLM_COST_USD.labels(turn.endpoint).inc(row["cost_usd"])
+            cost = row["cost_usd"]
+            if cost is not None:
+                LLM_COST_USD.labels(turn.endpoint).inc(cost)
+            if self._meter is not None:
+                tokens = turn.prompt_tokens + turn.completion_tokens
+                await self._meter.recorded(Budget.of(max_cost_usd, max_tokens), tokens, cost)
             self._recorded[key] = turn
             return turn
         async with self._sessions() as session:  # the key was stored before: that turn wins
@@ -106,11 +112,12 @@ def _record_statement() -> DriverStatement:
     """One round trip. FOR UPDATE locks the item row while the claim is checked, so a
     takeover claim cannot interleave with the write (it waits, or this sees its new attempt
     and writes nothing); ON CONFLICT keeps the first turn stored under a key; the item's
-    stage moves, and the job's totals grow, only when a turn really was added."""
+    stage moves only when a turn really was added. The job's budget is read, not locked:
+    turns of one job never wait for each other (app/store/budgets.py)."""
     held = (
-        select(Item.id)
+        select(Item.id, Item.job_id)
         .where(claim_holds(bindparam("item_id"), bindparam("attempt")))
-        .with_for_update()
+        .with_for_update(of=Item)
         .cte("held")
     )
     turns = TurnRow.__table__
@@ -120,13 +127,7 @@ def _record_statement() -> DriverStatement:
             turns, held, item_id=held.c.id, cached_prompt_tokens=row_parameter(turns.c.cached_prompt_tokens)
         )
         .on_conflict_do_nothing()
-        .returning(
-            TurnRow.item_id,
-            TurnRow.job_id,
-            TurnRow.prompt_tokens,
-            TurnRow.completion_tokens,
-            TurnRow.cost_usd,
-        )
+        .returning(TurnRow.item_id)
         .cte("inserted")
     )
     stage = row_parameter(TurnRow.__table__.c.stage)
@@ -136,19 +137,16 @@ def _record_statement() -> DriverStatement:
         .values(stage=stage)
         .cte("staged")
     )
-    counted = (
-        update(Job)
-        .where(Job.id == inserted.c.job_id)
-        .values(
-            spent_tokens=Job.spent_tokens + inserted.c.prompt_tokens + inserted.c.completion_tokens,
-            spent_usd=Job.spent_usd + func.coalesce(inserted.c.cost_usd, 0),
-        )
-        .cte("counted")
+    budget = (
+        select(Job.budget_max_cost_usd, Job.budget_max_tokens).where(Job.id == held.c.job_id).cte("budget")
     )
     return DriverStatement(
         select(
-            exists().select_from(held).label("held"), exists().select_from(inserted).label("inserted")
-        ).add_cte(staged, counted)
+            exists().select_from(held).label("held"),
+            exists().select_from(inserted).label("inserted"),
+            select(budget.c.budget_max_cost_usd).scalar_subquery().label("max_cost_usd"),
+            select(budget.c.budget_max_tokens).scalar_subquery().label("max_tokens"),
+        ).add_cte(staged)
     )
 
 

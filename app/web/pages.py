@@ -32,7 +32,7 @@ from app.api.summaries import job_out
 from app.config import Settings
 from app.costs import job_cost
 from app.errors import CrossSiteRequest, NotFound, ServiceError, Unauthorized
-from app.store import jobs, keys, policy_sets, web_sessions
+from app.store import jobs, keys, policy_sets, quality, web_sessions
 from app.store.models import ApiKey, Cot, Job, PreferencePair
 from app.web import session as session_token
 from app.web import timeline
@@ -192,7 +192,8 @@ async def job_list(request: Request, session: SessionDep, key: ViewerKey) -> Res
         select(Job).where(Job.owner_key_id == key.id).order_by(Job.created_at.desc()).limit(PAGE_SIZE)
     )
     listed = list(rows)
-    costs = {job.id: job_cost(job.plan, job.spent_usd) for job in listed}
+    spent = await quality.spent_usd(session, [job.id for job in listed])
+    costs = {job.id: job_cost(job.plan, spent[job.id]) for job in listed}
     return templates.TemplateResponse(request, "jobs.html", {"key": key, "jobs": listed, "costs": costs})
 
 

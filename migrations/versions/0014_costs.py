@@ -2,9 +2,9 @@
 
 Turns record the prompt tokens the server reported as cached and their cost at the job's
 pinned prices (NULL: unpriced, as every turn before this revision is, since no job pinned
-prices then). Jobs get an optional budget (money and/or tokens) and running totals of what
-their turns used, which the budget check before each call reads; the token total is filled
-from the existing turns. The index behind job totals covers the new turn columns.
+prices then). Jobs get an optional budget (money and/or tokens); what they spent is summed
+from their turns (the workers count it in Redis, app/store/budgets.py). The index behind job
+totals covers the new turn columns.
 
 Revision ID: 0014_costs
 Revises: 0013_job_duplicates
@@ -36,16 +36,6 @@ def upgrade() -> None:
     )
     op.add_column("jobs", sa.Column("budget_max_cost_usd", sa.Float(), nullable=True))
     op.add_column("jobs", sa.Column("budget_max_tokens", sa.BigInteger(), nullable=True))
-    op.add_column(
-        "jobs", sa.Column("spent_tokens", sa.BigInteger(), nullable=False, server_default=sa.text("0"))
-    )
-    op.add_column("jobs", sa.Column("spent_usd", sa.Float(), nullable=False, server_default=sa.text("0")))
-    op.execute(
-        "UPDATE jobs SET spent_tokens = totals.tokens FROM "
-        "(SELECT job_id, SUM(prompt_tokens + completion_tokens) AS tokens FROM turns GROUP BY job_id) "
-        "AS totals "
-        "WHERE totals.job_id = jobs.id"
-    )
 
 
 def downgrade() -> None:
@@ -55,8 +45,6 @@ def downgrade() -> None:
         "UPDATE items SET status = 'queued', error_code = NULL, error_message = NULL "
         "WHERE status = 'budget_exhausted'"
     )
-    op.drop_column("jobs", "spent_usd")
-    op.drop_column("jobs", "spent_tokens")
     op.drop_column("jobs", "budget_max_tokens")
     op.drop_column("jobs", "budget_max_cost_usd")
     op.drop_index("ix_turns_job_usage", table_name="turns")
