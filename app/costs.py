@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.config import Prices
 from app.deliberation.budget import RequestBudget, estimate_tokens, largest_requests
+from app.deliberation.config import Mode, PipelineConfig
 from app.deliberation.policies import PolicySet
 from app.errors import BudgetTooSmall, UnpricedEndpoint
 from app.plan import GenerationPlan, JobPlan
@@ -128,37 +129,32 @@ _GRADER, _PAIRS = "grader", ("whisperer", "generator", "guard")
 
 def _item_calls(plan: GenerationPlan, policies: PolicySet) -> tuple[_Calls, _Calls]:
     """The fewest calls of an item (agreement at the first deliberation turn, the first
-    whisper try flagged) and the most (every round of every agent, every whisper try);
-    re-asks excluded. Each call is budget.py's largest request of its role and round, found
-    by role name, so stages a plan leaves out are simply not there."""
+    whisper try flagged) and the most (every turn of the turn budget, every whisper try);
+    re-asks excluded. Each call is budget.py's largest request of its role, found by role
+    name, so stages a plan leaves out (no intents, no refiner, no deliberation) are simply
+    not there; deliberation turn t is the request of the agent speaking t-th, which reads the
+    t - 1 turns before it."""
     config = plan.pipeline()
-    first = largest_requests(replace(config, max_rounds=1), policies, _PROBE)
-    last = largest_requests(config, policies, _PROBE)
-
-    def deliberating(budget: RequestBudget) -> bool:
-        return budget.role.startswith("deliberator-")
-
-    def writing(budgets: list[RequestBudget]) -> list[RequestBudget]:
-        return [b for b in budgets if b.role != _GRADER and b.role not in _PAIRS]
-
-    deliberators = [b for b in first if deliberating(b)]
-    fewest = [b for b in writing(first) if not deliberating(b)] + deliberators[:1]
-    most = [b for b in writing(last) if not deliberating(b)]
-    for rounds in range(1, config.max_rounds + 1):
-        most += [
-            b
-            for b in largest_requests(replace(config, max_rounds=rounds), policies, _PROBE)
-            if deliberating(b)
-        ]
-    for budgets, calls, tries in (
-        (first, fewest, 1),
-        (last, most, config.pairs.max_tries if config.pairs else 0),
-    ):
-        # The grader scores the item's CoT and, with pairs, the flagged rejected one.
-        graders = [b for b in budgets if b.role == _GRADER]
-        pair_calls = [b for b in budgets if b.role in _PAIRS]
-        calls += graders[:1] + pair_calls * tries + (graders[:1] if config.pairs else [])
+    turns = config.turn_budget() if config.mode is Mode.AIDSAFE else 0  # zero-shot: one call
+    budgets = largest_requests(config, policies, _PROBE)
+    writing = [b for b in budgets if b.role != _GRADER and b.role not in _PAIRS]
+    others = [b for b in writing if not b.role.startswith("deliberator-")]
+    deliberation = [_turn(config, policies, t) for t in range(1, turns + 1)]
+    graders = [b for b in budgets if b.role == _GRADER]
+    pair_calls = [b for b in budgets if b.role in _PAIRS]
+    # The grader scores the item's CoT and, with pairs, the flagged rejected one.
+    fewest = others + deliberation[:1] + graders[:1] + pair_calls + (graders[:1] if config.pairs else [])
+    tries = config.pairs.max_tries if config.pairs else 0
+    most = others + deliberation + graders[:1] + pair_calls * tries + (graders[:1] if config.pairs else [])
     return _Calls(fewest, config.max_tokens), _Calls(most, config.max_tokens)
+
+
+def _turn(config: PipelineConfig, policies: PolicySet, turn: int) -> RequestBudget:
+    """Deliberation turn `turn` (from 1): budget.py sizes each agent's last turn of a turn
+    budget, and with a budget of `turn` turns the agent speaking last speaks turn `turn`."""
+    agent = (turn - 1) % len(config.deliberators) + 1
+    budgets = largest_requests(replace(config, max_turns=turn), policies, _PROBE)
+    return next(b for b in budgets if b.role == f"deliberator-{agent}")
 
 
 def estimate(plan: GenerationPlan, policies: PolicySet, prompts: list[str]) -> Estimate:

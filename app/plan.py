@@ -211,8 +211,13 @@ class GenerationPlan(BaseModel):
     prices: dict[str, Prices] = _pinned_prices()
 
     def endpoints(self) -> set[str]:
-        """Every endpoint the job may call."""
-        roles = [self.roles.intent, self.roles.seed, *self.roles.deliberators, self.roles.refiner]
+        """Every endpoint the job may call: those of the stages it runs."""
+        config = self.pipeline()
+        roles = [self.roles.seed]  # the zero-shot writer too
+        if self.mode is Mode.AIDSAFE:
+            roles += [self.roles.intent] if self.decompose_intents else []
+            roles += self.roles.deliberators[: config.turn_budget()]
+            roles += [self.roles.refiner] if self.refine else []
         if self.grading is not None:
             roles.append(self.grading.grader)
         if self.pairs is not None:

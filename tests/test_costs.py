@@ -318,6 +318,23 @@ async def test_the_estimate_gives_calls_tokens_and_a_cost_range_and_creates_noth
     # Grading adds a call; pairs a try of three calls (or max_tries of them) and a grade.
     graded = {**QUICK, "grading": {}, "pairs": {"max_tries": 2}}
     assert await calls(graded) == {"min": 3 * (4 + 1 + 3 + 1), "max": 3 * (7 + 1 + 6 + 1)}
+    # Ablations: a stage left out is no call; a turn budget caps the deliberation turns.
+    assert await calls({**QUICK, "decompose_intents": False}) == {"min": 3 * 3, "max": 3 * 6}
+    assert await calls({**QUICK, "refine": False}) == {"min": 3 * 3, "max": 3 * 6}
+    assert await calls({**QUICK, "max_rounds": 0}) == {"min": 3 * 3, "max": 3 * 3}
+    assert await calls({**QUICK, "max_turns": 3}) == {"min": 3 * 4, "max": 3 * 6}
+    assert await calls({**QUICK, "max_turns": 1}) == {"min": 3 * 4, "max": 3 * 4}
+    # A later turn reads the earlier ones: capping turns takes the largest prompts off.
+    capped = await priced_api.post(
+        "/v1/jobs/estimate", json={**body, "config": {**QUICK, "max_turns": 3}}, headers=auth
+    )
+    assert capped.json()["prompt_tokens"]["max"] < figures["prompt_tokens"]["max"]
+    # An endpoint only a left-out stage names is not called, so need not be priced.
+    unused = {**QUICK, "refine": False, "refiner": {"endpoint": "second"}}
+    answer = (
+        await priced_api.post("/v1/jobs/estimate", json={**body, "config": unused}, headers=auth)
+    ).json()
+    assert (answer["unpriced_endpoints"], answer["cost_usd"] is None) == ([], False)
 
 
 async def test_budgets_no_call_fits_or_that_cannot_be_counted_are_refused_with_stable_codes(
