@@ -35,6 +35,7 @@ from aidsafe.models import (
     ComparisonListed,
     Cot,
     Deletion,
+    Estimate,
     Item,
     ItemDetail,
     ItemFinished,
@@ -135,6 +136,31 @@ def _params(**values: Any) -> Params:
             if one is not None:
                 params.append((name, one.isoformat() if isinstance(one, datetime) else one))
     return tuple(params)
+
+
+def _stops(event: Event) -> bool:
+    """Whether `wait` returns on this event: the job ended, or waits for budget."""
+    data = event.data
+    return event.kind == "done" or (isinstance(data, JobProgress) and data.waiting_for_budget)
+
+
+def _job_body(
+    prompts: Sequence[str | Mapping[str, Any]],
+    config: Mapping[str, Any] | None,
+    policy_set: str,
+    policy_version: str | None,
+    callback_url: str | None,
+    budget: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """A job's request body, but for its label and metadata."""
+    if all(isinstance(prompt, str) for prompt in prompts):
+        body: dict[str, Any] = {"prompts": list(prompts)}
+    else:
+        body = {"items": [{"prompt": p} if isinstance(p, str) else dict(p) for p in prompts]}
+    body["policy_set"] = {"name": policy_set, "version": policy_version}
+    optional = {"config": config, "callback_url": callback_url, "budget": budget}
+    body.update({name: value for name, value in optional.items() if value is not None})
+    return body
 
 
 def _labels(label: str | None, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -288,23 +314,17 @@ class _Routes:
         label: str | None = None,
         metadata: Mapping[str, Any] | None = None,
         callback_url: str | None = None,
+        budget: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> Call[SubmittedJob]:
         """Submit prompts as one job (POST /v1/jobs). Each prompt is a string or a
         `{"prompt": ..., "metadata": {...}}` mapping. `config` is the job's options as the
         README's "Per-job configuration" names them (`agents`, `max_rounds`, `mode`,
-        `grading`, `pairs`, `roles`...). With an `idempotency_key` the submission is safe to
-        retry (and is retried on 429/503): the same key and body answer the first job, with
-        `replayed` True."""
-        if all(isinstance(prompt, str) for prompt in prompts):
-            body: dict[str, Any] = {"prompts": list(prompts)}
-        else:
-            body = {"items": [{"prompt": p} if isinstance(p, str) else dict(p) for p in prompts]}
-        body["policy_set"] = {"name": policy_set, "version": policy_version}
-        if config is not None:
-            body["config"] = dict(config)
-        if callback_url is not None:
-            body["callback_url"] = callback_url
+        `grading`, `pairs`, `roles`...). `budget`: `{"max_cost_usd": ..., "max_tokens": ...}`
+        (either or both), after which no new LLM call starts (see `update_job`). With an
+        `idempotency_key` the submission is safe to retry (and is retried on 429/503): the
+        same key and body answer the first job, with `replayed` True."""
+        body = _job_body(prompts, config, policy_set, policy_version, callback_url, budget)
         return Call(
             "POST",
             _path("jobs"),
@@ -313,6 +333,22 @@ class _Routes:
             headers=_idempotency(idempotency_key),
             idempotent=idempotency_key is not None,
         )
+
+    @endpoint
+    def estimate(
+        self,
+        prompts: Sequence[str | Mapping[str, Any]],
+        *,
+        config: Mapping[str, Any] | None = None,
+        policy_set: str = "aidsafe-default",
+        policy_version: str | None = None,
+        budget: Mapping[str, Any] | None = None,
+    ) -> Call[Estimate]:
+        """What `submit` with these arguments would use: LLM calls, tokens and cost, each a
+        range, at the current prices (POST /v1/jobs/estimate). Creates nothing; checks the
+        body as a submission would (its 422s included)."""
+        body = _job_body(prompts, config, policy_set, policy_version, None, budget)
+        return Call("POST", _path("jobs", "estimate"), _as(Estimate), json=body, idempotent=True)
 
     @endpoint
     def get_job(self, job_id: Id) -> Call[Job]:
@@ -344,11 +380,17 @@ class _Routes:
 
     @endpoint
     def update_job(
-        self, job_id: Id, *, label: str | None = UNSET, metadata: Mapping[str, Any] = UNSET
+        self,
+        job_id: Id,
+        *,
+        label: str | None = UNSET,
+        metadata: Mapping[str, Any] = UNSET,
+        budget: Mapping[str, Any] | None = UNSET,
     ) -> Call[Job]:
-        """Set the job's label (None clears it) and/or metadata (replaced whole; {} clears
-        it); what is not given stays (PATCH /v1/jobs/{id})."""
-        given = (("label", label), ("metadata", metadata))
+        """Set the job's label (None clears it), metadata (replaced whole; {} clears it)
+        and/or budget (replaced whole; None removes it: a budget no longer spent resumes the
+        items waiting for it); what is not given stays (PATCH /v1/jobs/{id})."""
+        given = (("label", label), ("metadata", metadata), ("budget", budget))
         body = {name: value for name, value in given if value is not UNSET}
         return Call("PATCH", _path("jobs", job_id), _as(Job), json=body, idempotent=True)
 
@@ -699,14 +741,15 @@ class Client(_Routes):
         on_event: Callable[[Event], None] | None = None,
         on_polling: Callable[[EventStreamUnavailable], None] | None = None,
     ) -> JobProgress:
-        """Block until the job ends; its final progress. Follows the events (each goes to
+        """Block until the job ends, or waits for a spent budget to be raised
+        (`waiting_for_budget`); its progress then. Follows the events (each goes to
         `on_event`), or, when the stream is unavailable (told to `on_polling`), polls the
         job every `poll_s` seconds (each reading goes to `on_event` as a snapshot)."""
         try:
             for event in self.events(job_id):
                 if on_event:
                     on_event(event)
-                if event.kind == "done":
+                if _stops(event):
                     assert isinstance(event.data, JobProgress)
                     return event.data
         except EventStreamUnavailable as exc:
@@ -716,7 +759,7 @@ class Client(_Routes):
             job = self.get_job(job_id)
             if on_event:
                 on_event(Event("snapshot", None, job))
-            if job.finished:
+            if job.finished or job.waiting_for_budget:
                 return job
             time.sleep(poll_s)
 
@@ -851,7 +894,7 @@ class AsyncClient(_Routes):
             async for event in self.events(job_id):
                 if on_event:
                     on_event(event)
-                if event.kind == "done":
+                if _stops(event):
                     assert isinstance(event.data, JobProgress)
                     return event.data
         except EventStreamUnavailable as exc:
@@ -861,7 +904,7 @@ class AsyncClient(_Routes):
             job = await self.get_job(job_id)
             if on_event:
                 on_event(Event("snapshot", None, job))
-            if job.finished:
+            if job.finished or job.waiting_for_budget:
                 return job
             await asyncio.sleep(poll_s)
 

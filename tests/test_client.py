@@ -350,6 +350,8 @@ MIRRORED = {
     models.Rejection: webhooks.RejectionOut,
     models.JobCounts: schemas.JobCounts,
     models.Usage: schemas.Usage,
+    models.Budget: schemas.BudgetOut,
+    models.Estimate: schemas.EstimateOut,
     models.QualityReport: schemas.QualityReport,
 }
 CLIENT_SIDE = {"replayed", "created"}  # what the client adds from the answer's status

@@ -302,6 +302,7 @@ class JobProgressOut(BaseModel):
     status: JobStatus
     counts: JobCounts
     usage: Usage
+    budget: BudgetOut | None = Field(default=None, description="null: the job has no budget.")
     quality: QualitySummary | None = Field(
         default=None, description="Present when the job asked for grading."
     )
