@@ -324,7 +324,8 @@ async def test_cli_lists_jobs_newest_first_with_filters(live_api: str, auth: Hea
 
     assert code == 0, everything
     assert [line.split()[0] for line in everything.splitlines()] == submitted[::-1]
-    assert everything.splitlines()[0].split()[2:] == ["zero_shot", "queued", "0/2", "run-0"]
+    # No endpoint has prices here: the cost is unknown.
+    assert everything.splitlines()[0].split()[2:] == ["zero_shot", "queued", "0/2", "unknown", "run-0"]
     assert [line.split()[0] for line in newest.splitlines()] == submitted[2:]
     assert [line.split()[0] for line in run_0.splitlines()] == [submitted[2], submitted[0]]
     assert [line.split()[0] for line in second.splitlines()] == [submitted[1]]
