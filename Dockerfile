@@ -11,6 +11,7 @@ COPY app ./app
 COPY workers ./workers
 COPY migrations ./migrations
 COPY policies ./policies
+COPY presets ./presets
 COPY samples ./samples
 
 # llama-cpp-python compiles from source; a portable build (no -march=native) runs on any

@@ -46,6 +46,7 @@ from aidsafe.models import (
     PolicySet,
     PolicySetDetail,
     PreferencePair,
+    Preset,
     RegisteredPolicySet,
     Rejection,
     Report,
@@ -151,6 +152,8 @@ def _job_body(
     policy_version: str | None,
     callback_url: str | None,
     budget: Mapping[str, Any] | None,
+    preset: str | None,
+    preset_version: str | None,
 ) -> dict[str, Any]:
     """A job's request body, but for its label and metadata."""
     if all(isinstance(prompt, str) for prompt in prompts):
@@ -158,7 +161,13 @@ def _job_body(
     else:
         body = {"items": [{"prompt": p} if isinstance(p, str) else dict(p) for p in prompts]}
     body["policy_set"] = {"name": policy_set, "version": policy_version}
-    optional = {"config": config, "callback_url": callback_url, "budget": budget}
+    optional = {
+        "config": None if config is None else dict(config),
+        "callback_url": callback_url,
+        "budget": None if budget is None else dict(budget),
+        "preset": preset,
+        "preset_version": preset_version,
+    }
     body.update({name: value for name, value in optional.items() if value is not None})
     return body
 
@@ -316,15 +325,21 @@ class _Routes:
         callback_url: str | None = None,
         budget: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
+        preset: str | None = None,
+        preset_version: str | None = None,
     ) -> Call[SubmittedJob]:
         """Submit prompts as one job (POST /v1/jobs). Each prompt is a string or a
         `{"prompt": ..., "metadata": {...}}` mapping. `config` is the job's options as the
         README's "Per-job configuration" names them (`agents`, `max_rounds`, `mode`,
-        `grading`, `pairs`, `roles`...). `budget`: `{"max_cost_usd": ..., "max_tokens": ...}`
-        (either or both), after which no new LLM call starts (see `update_job`). With an
-        `idempotency_key` the submission is safe to retry (and is retried on 429/503): the
-        same key and body answer the first job, with `replayed` True."""
-        body = _job_body(prompts, config, policy_set, policy_version, callback_url, budget)
+        `grading`, `pairs`, `roles`...); with a `preset` (see `list_presets`) it overrides
+        the preset's fields, and `preset_version` pins the preset's version. `budget`:
+        `{"max_cost_usd": ..., "max_tokens": ...}` (either or both), after which no new LLM
+        call starts (see `update_job`). With an `idempotency_key` the submission is safe to
+        retry (and is retried on 429/503): the same key and body answer the first job, with
+        `replayed` True."""
+        body = _job_body(
+            prompts, config, policy_set, policy_version, callback_url, budget, preset, preset_version
+        )
         return Call(
             "POST",
             _path("jobs"),
@@ -343,11 +358,13 @@ class _Routes:
         policy_set: str = "aidsafe-default",
         policy_version: str | None = None,
         budget: Mapping[str, Any] | None = None,
+        preset: str | None = None,
+        preset_version: str | None = None,
     ) -> Call[Estimate]:
         """What `submit` with these arguments would use: LLM calls, tokens and cost, each a
         range, at the current prices (POST /v1/jobs/estimate). Creates nothing; checks the
         body as a submission would (its 422s included)."""
-        body = _job_body(prompts, config, policy_set, policy_version, None, budget)
+        body = _job_body(prompts, config, policy_set, policy_version, None, budget, preset, preset_version)
         return Call("POST", _path("jobs", "estimate"), _as(Estimate), json=body, idempotent=True)
 
     @endpoint
@@ -543,6 +560,18 @@ class _Routes:
             json=dict(document),
             idempotent=True,  # content-addressed: sending it twice registers it once
         )
+
+    # --- presets ----------------------------------------------------------------------------
+
+    @endpoint
+    def list_presets(self) -> Call[list[Preset]]:
+        """The server's named job configs, with their versions (GET /v1/presets)."""
+        return Call("GET", _path("presets"), _list_of(Preset))
+
+    @endpoint
+    def get_preset(self, name: str) -> Call[Preset]:
+        """One preset: its notes and the config fields it sets (GET /v1/presets/{name})."""
+        return Call("GET", _path("presets", name), _as(Preset))
 
     # --- webhooks ---------------------------------------------------------------------------
 

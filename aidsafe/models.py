@@ -99,6 +99,26 @@ class PairSummary(Model):
     mean_gap: float | None
 
 
+class DuplicateGroup(Model):
+    first: int  # position of the first occurrence
+    repeats: list[int]  # positions that repeat it
+
+
+class DuplicateKind(Model):
+    count: int
+    groups: list[DuplicateGroup]
+
+
+class Duplicates(Model):
+    """Duplicate prompts found at submission (see the README's Duplicate prompts)."""
+
+    handling: str  # the job's `duplicates` option: "keep" or "skip"
+    submitted: int
+    exact: DuplicateKind
+    normalised: DuplicateKind
+    skipped: list[int]  # positions no item was made for
+
+
 class JobProgress(Model):
     """A job's progress: what `snapshot` and `done` events carry, and part of every Job."""
 
@@ -127,6 +147,7 @@ class Job(JobProgress):
     metadata: dict[str, Any]
     policy_set: PolicySetBrief
     config: dict[str, Any]
+    duplicates: Duplicates | None = None  # None for comparisons and jobs from before the report
 
 
 class SubmittedJob(Job):
@@ -374,6 +395,16 @@ class PolicySet(Model):
 
 class PolicySetDetail(PolicySet):
     policies: list[dict[str, Any]]
+
+
+class Preset(Model):
+    """A named job config of the server's; `config` holds the fields it sets."""
+
+    name: str
+    version: str
+    description: str
+    notes: str
+    config: dict[str, Any]
 
 
 class RegisteredPolicySet(PolicySetDetail):

@@ -184,15 +184,16 @@ def job_config(
     agents: int | None,
     max_rounds: int | None,
     max_tokens: int | None,
-    mode: str,
+    mode: str | None,
     grading: bool,
     thresholds: list[str],
     pairs: bool,
     pair_max_tries: int | None,
     pair_min_gap: float | None,
 ) -> dict[str, Any]:
-    """The `config` of a job request from the command line's options (the API validates it)."""
-    config: dict[str, Any] = {"mode": mode}
+    """The `config` of a job request from the command line's options (the API validates it).
+    Only the options given: the rest are a preset's, or the server's defaults."""
+    config: dict[str, Any] = {"mode": mode} if mode else {}
     config.update(
         {k: v for k, v in {"agents": agents, "max_rounds": max_rounds, "max_tokens": max_tokens}.items() if v}
     )
@@ -224,8 +225,11 @@ def submit(
     max_rounds: Annotated[int | None, typer.Option(help="Deliberation round budget.")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Max tokens per LLM call.")] = None,
     mode: Annotated[
-        str, typer.Option(help="aidsafe (multi-agent deliberation) or zero_shot (one-call baseline).")
-    ] = "aidsafe",
+        str | None,
+        typer.Option(
+            help="aidsafe (multi-agent deliberation, the default) or zero_shot (one-call baseline)."
+        ),
+    ] = None,
     grading: Annotated[bool, typer.Option(help="Grade every CoT and gate it.")] = False,
     threshold: Threshold = None,
     pairs: Annotated[bool, typer.Option(help="Ear-whisperer preference pairs (turns grading on).")] = False,
@@ -235,6 +239,10 @@ def submit(
     ] = None,
     policy_set: Annotated[str, typer.Option(help="Policy set name.")] = "aidsafe-default",
     policy_version: Annotated[str | None, typer.Option(help="Pin a policy set version.")] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="A preset to start from (`aidsafe presets list`); options override it.")
+    ] = None,
+    preset_version: Annotated[str | None, typer.Option(help="Pin the preset's version.")] = None,
     idempotency_key: Annotated[str | None, typer.Option(help="Makes a retried submit safe.")] = None,
     label: Annotated[str | None, typer.Option(help="A name of yours for the job.")] = None,
     metadata: Annotated[
@@ -277,7 +285,13 @@ def submit(
         if estimate:
             print_estimate(
                 client.estimate(
-                    items, config=config, policy_set=policy_set, policy_version=policy_version, budget=budget
+                    items,
+                    config=config,
+                    policy_set=policy_set,
+                    policy_version=policy_version,
+                    budget=budget,
+                    preset=preset,
+                    preset_version=preset_version,
                 )
             )
             return
@@ -286,6 +300,8 @@ def submit(
             config=config,
             policy_set=policy_set,
             policy_version=policy_version,
+            preset=preset,
+            preset_version=preset_version,
             label=label,
             metadata=_metadata(metadata),
             budget=budget,
@@ -617,6 +633,34 @@ def set_budget(
         + (f"budget {_budget_text(job.budget)}" if job.budget else "no budget"),
         highlight=False,
     )
+
+
+presets_cli = typer.Typer(
+    help="The server's presets: named job configs (over the HTTP API).", no_args_is_help=True
+)
+cli.add_typer(presets_cli, name="presets")
+
+
+@presets_cli.command("list")
+def list_presets(api_url: ApiUrl = "http://127.0.0.1:8000", key: ApiKeyOpt = "") -> None:
+    """Every preset: name@version and what it is for."""
+    with _client(api_url, key) as client:
+        for preset in client.list_presets():
+            console.print(
+                f"{preset.name}@{preset.version}  {escape(preset.description)}",
+                highlight=False,
+                soft_wrap=True,
+            )
+
+
+@presets_cli.command("show")
+def show_preset(name: str, api_url: ApiUrl = "http://127.0.0.1:8000", key: ApiKeyOpt = "") -> None:
+    """One preset as YAML, the layout of the server's presets/*.yaml."""
+    with _client(api_url, key) as client:
+        preset = client.get_preset(name)
+    document = {"description": preset.description, "notes": preset.notes, "config": preset.config}
+    console.print(f"# {preset.name}@{preset.version}", highlight=False)
+    print(yaml.safe_dump(document, sort_keys=False, allow_unicode=True), end="")
 
 
 @jobs_cli.command("delete")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -93,6 +94,9 @@ class Settings(BaseSettings):
     default_max_tokens: int = 768
     default_temperature: float = 0.7
     max_reasks: int = 2  # re-asks after malformed or truncated output, per call
+    # Named job configs a job may start from, one YAML file each (see the README's "Presets");
+    # the API loads and checks them at startup and will not start if one is invalid.
+    presets_dir: Path = Path(__file__).resolve().parents[1] / "presets"
 
     # Workers.
     worker_max_jobs: int = 8

@@ -48,6 +48,20 @@ class UnknownPolicySet(ServiceError):
     code = "unknown_policy_set"
 
 
+class UnknownPreset(ServiceError):
+    """The job names a preset this server does not ship (details list those it does)."""
+
+    status = 422
+    code = "unknown_preset"
+
+
+class PresetVersionMismatch(ServiceError):
+    """The job pins a version of a preset other than the one this server ships."""
+
+    status = 422
+    code = "preset_version_mismatch"
+
+
 class RequestTooLarge(ServiceError):
     """A job could send an LLM endpoint more than it takes: its context, or the policy cap."""
 

@@ -24,6 +24,7 @@ from app.api import (
     jobs,
     metrics,
     policy_sets,
+    presets,
     state,
     webhooks,
 )
@@ -32,6 +33,7 @@ from app.api.limits import BodySizeLimit
 from app.api.state import ApiState
 from app.api.summaries import JobSummaries
 from app.config import Settings, get_settings
+from app.presets import load as load_presets
 from app.queue import redis_settings
 from app.store.budgets import Spending
 from app.store.db import make_engine, make_sessions
@@ -44,6 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logs.configure(settings.log_level, settings.log_json)
+        shipped = load_presets(settings.presets_dir, settings)  # an invalid preset stops the start
         engine = make_engine(settings.database_url)
         sessions = make_sessions(engine)
         arq = await create_pool(redis_settings(settings.redis_url))
@@ -56,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 arq,
                 summaries,
                 KnownKeys(sessions, settings.api_key_cache_s),
+                shipped,
                 Spending(arq, sessions, settings.redis_key_prefix),
             ),
         )
@@ -88,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         items,
         comparisons,
         policy_sets,
+        presets,
         deletions,
     )
     for module in routers:

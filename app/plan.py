@@ -148,6 +148,14 @@ class JobConfigIn(BaseModel):
     )
 
 
+class PresetRef(BaseModel):
+    """The preset a job started from (presets/*.yaml): its name and content version."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str
+    version: str
+
+
 # The plan's JSON is what GET /v1/jobs/{id} shows as the job's `config`: its fields keep the
 # names and order the stored config always had, and `mode` tells the variants apart.
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
@@ -208,6 +216,8 @@ class GenerationPlan(BaseModel):
     decompose_intents: bool = True
     refine: bool = True
     limits: Limits = Limits()
+    # Left out of the JSON when None, so a job without a preset stores and shows as before.
+    preset: PresetRef | None = Field(default=None, exclude_if=lambda preset: preset is None)
     prices: dict[str, Prices] = _pinned_prices()
 
     def endpoints(self) -> set[str]:
@@ -297,8 +307,9 @@ class _Roles:
         )
 
 
-def resolve(config: JobConfigIn, settings: Settings) -> GenerationPlan:
-    """Fill every role from defaults and check endpoint names; raises InvalidConfig."""
+def resolve(config: JobConfigIn, settings: Settings, preset: PresetRef | None = None) -> GenerationPlan:
+    """Fill every role from defaults and check endpoint names; raises InvalidConfig. `config`
+    is already merged with the `preset` it started from, if any (app/presets.py)."""
     role = _Roles(config.defaults, settings)
     agents = config.agents or (len(config.deliberators) if config.deliberators else settings.default_agents)
     if config.deliberators is not None and len(config.deliberators) != agents:
@@ -340,6 +351,7 @@ def resolve(config: JobConfigIn, settings: Settings) -> GenerationPlan:
         decompose_intents=config.decompose_intents,
         refine=config.refine,
         limits=Limits(**config.limits.model_dump()),
+        preset=preset,
     )
     return plan.model_copy(update={"prices": pinned_prices(plan.endpoints(), settings)})
 

@@ -54,6 +54,8 @@ V1_PATHS = {
     "/v1/comparisons/{comparison_id}": {"get"},
     "/v1/policy-sets": {"get", "post"},
     "/v1/policy-sets/{policy_set_id}": {"get"},
+    "/v1/presets": {"get"},
+    "/v1/presets/{name}": {"get"},
     "/v1/jobs/{job_id}/label-studio/config": {"get"},
     "/v1/jobs/{job_id}/annotations/label-studio": {"post"},
     "/v1/jobs/{job_id}/argilla/settings": {"get"},
@@ -282,7 +284,12 @@ async def test_every_v1_operation_requires_a_key(api: httpx.AsyncClient) -> None
         if path in SECRET_AUTHENTICATED:
             continue
         url = path.format(
-            job_id=some_id, item_id=some_id, policy_set_id=some_id, comparison_id=some_id, webhook_id=some_id
+            job_id=some_id,
+            item_id=some_id,
+            policy_set_id=some_id,
+            comparison_id=some_id,
+            webhook_id=some_id,
+            name="paper",
         )
         for method in methods:
             error_of(await api.request(method, url, json={}), 401, "unauthorized")
@@ -419,6 +426,7 @@ async def test_job_config_is_resolved_from_server_defaults(
         "endpoint": "default",
         "model": "scripted-model",
         "temperature": settings.default_temperature,
+        "instructions": "",
     }
     assert job["config"] == {
         "mode": "aidsafe",
@@ -433,6 +441,10 @@ async def test_job_config_is_resolved_from_server_defaults(
         },
         "grading": None,
         "pairs": None,
+        "max_turns": None,
+        "decompose_intents": True,
+        "refine": True,
+        "limits": {"thoughts_per_turn": 6, "kept_thoughts": 12, "max_drops": 24},
     }
 
 
@@ -442,16 +454,32 @@ async def test_job_config_fills_each_role_from_job_defaults_then_server_defaults
     config = {
         "agents": 3,
         "max_rounds": 2,
-        "defaults": {"temperature": 0.2},
-        "refiner": {"endpoint": "second"},
+        "defaults": {"temperature": 0.2, "instructions": "Be brief."},
+        "refiner": {"endpoint": "second", "instructions": "Keep every policy name."},
         "seed": {"model": "seed-model", "temperature": 0.0},
     }
 
     roles = (await submit(api, auth, ["a"], config=config))["config"]["roles"]
 
-    assert roles["intent"] == {"endpoint": "default", "model": "scripted-model", "temperature": 0.2}
-    assert roles["seed"] == {"endpoint": "default", "model": "seed-model", "temperature": 0.0}
-    assert roles["refiner"] == {"endpoint": "second", "model": "second-model", "temperature": 0.2}
+    brief = "Be brief."
+    assert roles["intent"] == {
+        "endpoint": "default",
+        "model": "scripted-model",
+        "temperature": 0.2,
+        "instructions": brief,
+    }
+    assert roles["seed"] == {
+        "endpoint": "default",
+        "model": "seed-model",
+        "temperature": 0.0,
+        "instructions": brief,
+    }
+    assert roles["refiner"] == {
+        "endpoint": "second",
+        "model": "second-model",
+        "temperature": 0.2,
+        "instructions": "Keep every policy name.",
+    }
     assert len(roles["deliberators"]) == 3
 
 

@@ -234,6 +234,44 @@ async def test_cli_refuses_a_policy_file_that_is_not_yaml(
     assert code == 2 and "not YAML" in out and "nothing was registered" in out
 
 
+async def test_cli_lists_and_shows_presets_and_submits_from_one(
+    live_api: str, api: httpx.AsyncClient, auth: Headers, sessions: Sessions, tmp_path: Path
+) -> None:
+    served = {p["name"]: p for p in (await api.get("/v1/presets", headers=auth)).json()}
+    path = write(tmp_path, "p.jsonl", '{"prompt": "fine"}')
+
+    code, listing = await aidsafe(live_api, auth, "presets", "list")
+    assert code == 0, listing
+    assert [line.split()[0] for line in listing.splitlines()] == [
+        f"{n}@{p['version']}" for n, p in served.items()
+    ]
+    code, shown = await aidsafe(live_api, auth, "presets", "show", "thorough")
+    assert code == 0 and shown.startswith(f"# thorough@{served['thorough']['version']}\n"), shown
+    assert yaml.safe_load(shown) == {k: served["thorough"][k] for k in ("description", "notes", "config")}
+
+    code, out = await aidsafe(
+        live_api,
+        auth,
+        "submit",
+        str(path),
+        "--preset",
+        "paper",
+        "--max-rounds",
+        "1",
+        "--no-follow",
+        "--no-show",
+    )
+    assert code == 0, out
+    [job_id] = await job_ids(sessions)
+    config = (await api.get(f"/v1/jobs/{job_id}", headers=auth)).json()["config"]
+    assert config["preset"] == {"name": "paper", "version": served["paper"]["version"]}
+    assert (config["max_rounds"], len(config["roles"]["deliberators"])) == (1, 2)
+
+    code, out = await aidsafe(live_api, auth, "submit", str(path), "--preset", "fast")
+    assert code == 1 and "422: unknown_preset" in out and "paper, quick, thorough" in out
+    assert await row_counts(sessions) == (1, 1)
+
+
 class ProxyThatCannotStream(httpx.HTTPTransport):
     """A proxy between the CLI and the API that answers event streams with an error page."""
 
@@ -282,6 +320,19 @@ def test_job_options_become_the_job_config() -> None:
         pair_min_gap=1.5,
     )
 
+    given_only = job_config(
+        agents=None,
+        max_rounds=1,
+        max_tokens=None,
+        mode=None,
+        grading=False,
+        thresholds=[],
+        pairs=False,
+        pair_max_tries=None,
+        pair_min_gap=None,
+    )
+
+    assert given_only == {"max_rounds": 1}  # no mode unless asked: a preset's stays
     assert baseline == {"mode": "zero_shot", "grading": {}}
     assert gated == {
         "mode": "aidsafe",

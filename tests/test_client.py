@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 
 import aidsafe
 from aidsafe import models
+from app import duplicates
 from app.api import schemas, webhooks
 from app.config import Settings
 from app.events import stream_key
@@ -231,6 +232,26 @@ async def test_policy_sets_and_webhooks(client: aidsafe.Client) -> None:
     assert client.webhook_rejections(webhook.id) == []
 
 
+async def test_presets_listed_shown_and_submitted_with_overrides(
+    client: aidsafe.Client, live_api: str, auth: Headers
+) -> None:
+    listed = client.list_presets()
+    paper = client.get_preset("paper")
+
+    assert [p.name for p in listed] == ["paper", "quick", "thorough"] and paper in listed
+    job = client.submit(
+        ["Whetstone?"], preset="paper", preset_version=paper.version, config={"max_rounds": 1}
+    )
+    assert job.config["preset"] == {"name": "paper", "version": paper.version}
+    assert (job.config["max_rounds"], len(job.config["roles"]["deliberators"])) == (1, 2)
+    with pytest.raises(aidsafe.AidsafeError) as unknown:
+        client.submit(["a"], preset="fast")
+    assert (unknown.value.status, unknown.value.code) == (422, "unknown_preset")
+    assert unknown.value.details == {"known": ["paper", "quick", "thorough"]}
+    async with aidsafe.AsyncClient(live_api, secret(auth)) as async_client:
+        assert await async_client.get_preset("quick") == client.get_preset("quick")
+
+
 class CutAfterFirstItem(httpx.HTTPTransport):
     """Between the client and the API: the first event stream breaks right after its first
     item event, as a dropped connection does. Records each events request's Last-Event-ID."""
@@ -344,6 +365,7 @@ MIRRORED = {
     models.Deletion: schemas.JobDeletionOut,
     models.PolicySet: schemas.PolicySetOut,
     models.PolicySetDetail: schemas.PolicySetDetailOut,
+    models.Preset: schemas.PresetOut,
     models.RegisteredPolicySet: schemas.PolicySetDetailOut,
     models.Webhook: webhooks.WebhookOut,
     models.WebhookCreated: webhooks.WebhookCreatedOut,
@@ -353,6 +375,9 @@ MIRRORED = {
     models.Budget: schemas.BudgetOut,
     models.Estimate: schemas.EstimateOut,
     models.QualityReport: schemas.QualityReport,
+    models.Duplicates: duplicates.DuplicatesOut,
+    models.DuplicateKind: duplicates.DuplicateKind,
+    models.DuplicateGroup: duplicates.DuplicateGroup,
 }
 CLIENT_SIDE = {"replayed", "created"}  # what the client adds from the answer's status
 

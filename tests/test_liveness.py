@@ -5,6 +5,7 @@ with Redis's keys take nothing back until the live workers had time to beat agai
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import subprocess
 import time
@@ -12,7 +13,7 @@ from uuid import UUID, uuid4
 
 import httpx
 import pytest
-from arq.connections import ArqRedis
+from arq.connections import ArqRedis, RedisSettings, create_pool
 from redis.asyncio import Redis
 from sqlalchemy import select
 
@@ -184,6 +185,88 @@ async def test_missing_heartbeats_count_only_after_redis_kept_them_for_a_ttl(
         "worker lost (heartbeat stopped)",
     )
     assert (kept.status, kept.failures) == ("running", 0)
+
+
+async def test_a_redis_that_denies_info_still_gets_expired_leases_swept(
+    api: httpx.AsyncClient, auth: dict[str, str], settings: Settings, sessions: Sessions, redis: Redis
+) -> None:
+    """Where INFO is denied (an ACL, a managed Redis) the sweeper cannot tell a restart from
+    dead workers, but it must still sweep: leases, lost arq jobs."""
+    job_id = await submit(api, auth, ["Why do cats purr?"])
+    item_id = (await one_item(sessions, job_id)).id
+    expired = items.Limits(lease_s=0, max_claims=8, max_failures=5)
+    assert await items.claim(sessions, item_id, expired, holder=uuid4())
+    user = f"aidsafe-test-no-info-{uuid4().hex}"
+    await redis.acl_setuser(
+        user, enabled=True, nopass=True, categories=["+@all"], commands=["-info"], keys=["*"], channels=["*"]
+    )
+    denied = await create_pool(dataclasses.replace(RedisSettings.from_dsn(settings.redis_url), username=user))
+    try:
+        assert await sweep(settings, sessions, denied) == {"expired": 1, "lost": 0}
+    finally:
+        await denied.aclose()
+        await redis.acl_deluser(user)
+    assert (await item_row(sessions, item_id)).status == "queued"
+
+
+async def test_a_heartbeat_stuck_on_a_silent_connection_beats_again_on_a_new_one(
+    settings: Settings, redis: Redis
+) -> None:
+    """A connection whose peer vanished without a reset (a partition, a host gone) answers
+    nothing, for as long as TCP keeps trying; the worker is alive and must stay so."""
+    brief = settings.model_copy(update={"heartbeat_interval_s": 0.2, "heartbeat_ttl_s": 1.0})
+    target = redis.connection_pool.connection_kwargs
+    relay = _SilencingRelay(target["host"], target["port"])
+    await relay.start()
+    client = Redis(host="127.0.0.1", port=relay.port, db=target.get("db", 0))
+    worker_id = uuid4()
+    await liveness.beat(client, brief, worker_id)
+    heartbeat = asyncio.create_task(liveness.beat_forever(client, brief, worker_id))
+    try:
+        relay.silence()  # the connection the pool holds now answers nothing
+        await asyncio.sleep(brief.heartbeat_ttl_s * 2)
+        assert await redis.exists(liveness.heartbeat_key(brief, worker_id)), "a live worker looks dead"
+    finally:
+        heartbeat.cancel()
+        await client.aclose()
+        relay.close()
+
+
+class _SilencingRelay:
+    """A TCP relay to Redis whose open connections can go silent at once (bytes swallowed
+    both ways, the sockets left open); connections made afterwards relay normally."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._target = (host, port)
+        self._open: list[tuple[asyncio.Event, asyncio.StreamWriter, asyncio.StreamWriter]] = []
+        self.port = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def silence(self) -> None:
+        for silent, _, _ in self._open:
+            silent.set()
+
+    def close(self) -> None:
+        self._server.close()
+        for _, down, up in self._open:
+            down.close()
+            up.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self._target)
+        silent = asyncio.Event()
+        self._open.append((silent, writer, up_writer))
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            while data := await source.read(65536):
+                if not silent.is_set():
+                    sink.write(data)
+                    await sink.drain()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)
 
 
 async def _turns_at_least(sessions: Sessions, item_id: UUID, n: int) -> bool:

@@ -252,6 +252,23 @@ async def test_model_output_is_shown_as_text_never_as_markup(
     assert "script-src 'self'" in page.headers["content-security-policy"]
 
 
+async def test_each_explicit_intent_shows_its_label(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, scripted_llm: ScriptedLLM
+) -> None:
+    explicit = [
+        {"intent": "Store bleach.", "label": "benign"},
+        {"intent": "Make a toxic gas.", "label": "possibly_harmful"},
+    ]
+    scripted_llm.script("intent_decomposition", reply({"explicit_intents": explicit, "implicit_intents": []}))
+    _, item_id = await paired_job(api, auth, settings, scripted_llm)
+    await logged_in(api, auth)
+
+    page = (await api.get(f"/view/items/{item_id}")).text
+
+    assert 'Store bleach. <span class="tag ok">benign</span>' in page
+    assert 'Make a toxic gas. <span class="tag bad">possibly harmful</span>' in page
+
+
 async def test_the_job_page_filters_items_by_status_and_gate(
     api: httpx.AsyncClient, auth: Headers, settings: Settings, scripted_llm: ScriptedLLM
 ) -> None:

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from uuid import UUID
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from app.config import Settings
 
@@ -51,7 +52,11 @@ async def beat_forever(redis: Redis, settings: Settings, worker_id: UUID) -> Non
     while True:
         await asyncio.sleep(settings.heartbeat_interval_s)
         try:
-            await beat(redis, settings, worker_id)
+            # A connection whose peer vanished without a reset would hold this beat until TCP
+            # gives up, many minutes after the key expired while the worker kept claiming: give
+            # it up instead (the client drops the connection) and beat on a new one next time.
+            async with asyncio.timeout(settings.heartbeat_interval_s):
+                await beat(redis, settings, worker_id)
         except Exception:  # Redis away: the next beat may land before the key expires
             log.warning("heartbeat failed", exc_info=True)
 
@@ -87,11 +92,17 @@ async def dead_holders(redis: Redis, settings: Settings, holders: Sequence[UUID]
     """The workers among `holders` whose heartbeat is gone; none while Redis's keys settle."""
     if not holders:
         return []
-    server: dict[str, str] = await redis.info("server")
+    try:
+        run_id = (await redis.info("server"))["run_id"]
+    except (ResponseError, KeyError) as error:
+        # INFO denied (an ACL, a managed Redis) or without a run id: a restart cannot be told
+        # from dead workers, so none is trusted; their leases still free their items.
+        log.warning("no Redis run id (%r): dead workers are found by their leases only", error)
+        return []
     keys = [_sweeper_key(settings, "redis-run-id"), _sweeper_key(settings, "settling")]
     keys += [heartbeat_key(settings, holder) for holder in holders]
     ttl_ms = int(settings.heartbeat_ttl_s * 1000)
-    alive = await redis.register_script(_ALIVE)(keys=keys, args=[server["run_id"], ttl_ms])
+    alive = await redis.register_script(_ALIVE)(keys=keys, args=[run_id, ttl_ms])
     if alive is None:
         log.info("Redis is new to the sweeper: missing heartbeats count after %s s", settings.heartbeat_ttl_s)
         return []

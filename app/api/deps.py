@@ -15,6 +15,7 @@ from app.api.state import ApiState, api_state
 from app.api.summaries import JobSummaries
 from app.config import Settings
 from app.errors import Unauthorized
+from app.presets import Presets
 from app.store import jobs, keys
 from app.store.models import ApiKey, Job
 
@@ -38,10 +39,15 @@ def _summaries(state: StateDep) -> JobSummaries:
     return state.summaries
 
 
+def _presets(state: StateDep) -> Presets:
+    return state.presets
+
+
 SessionDep = Annotated[AsyncSession, Depends(_session)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 ArqDep = Annotated[ArqRedis, Depends(_arq)]
 SummariesDep = Annotated[JobSummaries, Depends(_summaries)]
+PresetsDep = Annotated[Presets, Depends(_presets)]
 
 _bearer = HTTPBearer(auto_error=False, description="An API key made by `aidsafe keys create`.")
 

@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Annotated
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, Query, status
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import callbacks, duplicates, events
 from app.api import views
 from app.api.bodies import JsonBody
-from app.api.deps import CurrentKey, OwnedJob, ReadsHazardous, SessionDep, SettingsDep, StateDep, SummariesDep
+from app.api.deps import (
+    CurrentKey,
+    OwnedJob,
+    PresetsDep,
+    ReadsHazardous,
+    SessionDep,
+    SettingsDep,
+    StateDep,
+    SummariesDep,
+)
 from app.api.errors import documented
 from app.api.listing import JobFilterDep
 from app.api.schemas import (
@@ -29,15 +39,20 @@ from app.api.schemas import (
     JobOut,
     JobPage,
     PreferencePairPage,
+    PromptIn,
     ReportOut,
     SubmittedJobOut,
 )
 from app.api.submissions import SubmissionDep, submit_responses
 from app.api.summaries import job_out
+from app.config import Settings
 from app.costs import check_budget, estimate
-from app.plan import check_job_fits, resolve
+from app.duplicates import DuplicatesOut
+from app.plan import GenerationPlan, check_job_fits, resolve
+from app.presets import Presets
 from app.queue import enqueue_items
 from app.store import deletions, job_listing, jobs, policy_sets
+from app.store.models import PolicySetRow
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger("aidsafe.api")
@@ -57,24 +72,15 @@ LABELS_BODY = JsonBody[JobLabelsIn](JobLabelsIn, max_values=5_000)  # a label an
     openapi_extra=JOB_BODY.openapi,
 )
 async def submit_job(
-    key: CurrentKey, body: Annotated[JobIn, Depends(JOB_BODY)], submission: SubmissionDep
+    key: CurrentKey, body: Annotated[JobIn, Depends(JOB_BODY)], submission: SubmissionDep, presets: PresetsDep
 ) -> SubmittedJobOut:
     """Accept a batch of 1 to 10,000 prompts; one arq job per item is enqueued after commit.
     Duplicate prompts are reported in `duplicates`, and with `"duplicates": "skip"` get no item.
     422 `request_too_large` if a role's requests may not fit its endpoint's context."""
     session, settings = submission.session, submission.settings
     callback = callbacks.requested(body.callback_url, settings)
-    plan = resolve(body.config, settings)
-    policy_set = await policy_sets.resolve_for_job(
-        session, key.id, body.policy_set.name, body.policy_set.version
-    )
-    prompts = body.prompt_items()
-    found = await asyncio.to_thread(duplicates.find, [p.prompt for p in prompts], body.duplicates)
-    skipped = set(found.skipped)
-    kept = [(position, p) for position, p in enumerate(prompts) if position not in skipped]
-    texts, policies = [p.prompt for _, p in kept], policy_sets.for_engine(policy_set)
-    check_job_fits(plan, policies, texts, settings)
-    check_budget(body.budget, plan, policies, texts)
+    planned = await _planned(key.id, body, session, settings, presets)
+    plan, policy_set, found, kept = planned.plan, planned.policy_set, planned.found, planned.kept
     job, new_item_ids = await jobs.submit(
         session,
         owner_key_id=key.id,
@@ -95,19 +101,47 @@ async def submit_job(
 
 @router.post("/estimate", responses=documented(400, 401, 413, 422, 503), openapi_extra=JOB_BODY.openapi)
 async def estimate_job(
-    key: CurrentKey, body: Annotated[JobIn, Depends(JOB_BODY)], session: SessionDep, settings: SettingsDep
+    key: CurrentKey,
+    body: Annotated[JobIn, Depends(JOB_BODY)],
+    session: SessionDep,
+    settings: SettingsDep,
+    presets: PresetsDep,
 ) -> EstimateOut:
     """What the job in the body would use: LLM calls, tokens and cost, as a range, at the
     current prices. Checks the body as POST /v1/jobs does (its 422s included) and creates
     nothing: no job, no items, no Idempotency-Key."""
-    plan = resolve(body.config, settings)
+    planned = await _planned(key.id, body, session, settings, presets)
+    plan, texts = planned.plan, [p.prompt for _, p in planned.kept]
+    figures = estimate(plan, policy_sets.for_engine(planned.policy_set), texts)
+    return EstimateOut.model_validate({**asdict(figures), "prices": plan.prices})
+
+
+@dataclass(frozen=True)
+class _Planned:
+    plan: GenerationPlan
+    policy_set: PolicySetRow
+    found: DuplicatesOut
+    kept: list[tuple[int, PromptIn]]  # (position, prompt) of the items it makes
+
+
+async def _planned(
+    key_id: UUID, body: JobIn, session: AsyncSession, settings: Settings, presets: Presets
+) -> _Planned:
+    """A job request resolved and checked as submitting it does (its 422s), creating nothing:
+    the plan (its preset merged), the policy set, the duplicates and the prompts kept."""
+    config, preset = presets.config_for(body.preset, body.preset_version, body.config)
+    plan = resolve(config, settings, preset)
     policy_set = await policy_sets.resolve_for_job(
-        session, key.id, body.policy_set.name, body.policy_set.version
+        session, key_id, body.policy_set.name, body.policy_set.version
     )
-    texts, policies = [p.prompt for p in body.prompt_items()], policy_sets.for_engine(policy_set)
+    prompts = body.prompt_items()
+    found = await asyncio.to_thread(duplicates.find, [p.prompt for p in prompts], body.duplicates)
+    skipped = set(found.skipped)
+    kept = [(position, p) for position, p in enumerate(prompts) if position not in skipped]
+    texts, policies = [p.prompt for _, p in kept], policy_sets.for_engine(policy_set)
     check_job_fits(plan, policies, texts, settings)
     check_budget(body.budget, plan, policies, texts)
-    return EstimateOut.model_validate({**asdict(estimate(plan, policies, texts)), "prices": plan.prices})
+    return _Planned(plan, policy_set, found, kept)
 
 
 @router.get("", responses=documented(400, 401, 422, 503))

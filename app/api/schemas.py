@@ -128,6 +128,21 @@ class JobIn(Labelled):
     items: list[PromptIn] | None = Field(default=None, min_length=1, max_length=MAX_PROMPTS_PER_JOB)
     policy_set: PolicySetRef = Field(default_factory=PolicySetRef)
     config: JobConfigIn = Field(default_factory=JobConfigIn)
+    # Left out of the request's hash when unset, as label and metadata are.
+    preset: str | None = Field(
+        default=None,
+        max_length=64,
+        exclude_if=lambda preset: preset is None,
+        description="A preset (GET /v1/presets) to start from; `config` overrides its fields "
+        "(objects merge key by key, other values and lists replace). 422 `unknown_preset` "
+        "if this server has none of that name.",
+    )
+    preset_version: str | None = Field(
+        default=None,
+        max_length=64,
+        exclude_if=lambda version: version is None,
+        description="Pins the preset's version: 422 `preset_version_mismatch` if the server's differs.",
+    )
     callback_url: CallbackUrl = None
     # Left out of the request's hash when "keep", as label and metadata are: a body without it
     # stays the request it was before jobs had it, so its replays still match.
@@ -154,6 +169,16 @@ class JobIn(Labelled):
 
     def prompt_items(self) -> list[PromptIn]:
         return self.items or [PromptIn(prompt=p) for p in self.prompts or []]
+
+
+class PresetOut(BaseModel):
+    name: str
+    version: str = Field(description="Hash of the preset's config: the same config, the same version.")
+    description: str
+    notes: str = Field(description="What is known (e.g. from the paper) and what is this project's choice.")
+    config: dict[str, Any] = Field(
+        description="The fields the preset sets, as in a job's `config`; the rest are the server's defaults."
+    )
 
 
 class PolicySetOut(BaseModel):

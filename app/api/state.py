@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from app.api.known_keys import KnownKeys
 from app.api.summaries import JobSummaries
 from app.config import Settings
+from app.presets import Presets
 from app.store.budgets import Spending
 from app.store.db import Sessions
 
@@ -21,6 +22,7 @@ class ApiState:
     arq: ArqRedis
     summaries: JobSummaries
     known_keys: KnownKeys
+    presets: Presets
     spending: Spending  # what jobs with a budget have spent (read and reset by PATCH)
 
 

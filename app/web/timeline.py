@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from app.api.schemas import CotOut, ThoughtOut, TurnOut
 
@@ -30,8 +31,14 @@ class DeliberationStep:
 
 
 @dataclass(frozen=True)
+class Intent:
+    text: str
+    label: str | None  # "benign", "possibly_harmful", "unlabelled"; None: stored before labels
+
+
+@dataclass(frozen=True)
 class Timeline:
-    explicit_intents: list[str]
+    explicit_intents: list[Intent]
     implicit_intents: list[str]
     seed_thoughts: list[ThoughtOut]
     seed_response: str | None  # None when the seed turn is not stored (or not readable)
@@ -96,7 +103,7 @@ def build(cot: CotOut, turns: list[TurnOut]) -> Timeline:
             response = new_response
     unaccounted = set(cot.unaccounted_thought_ids)
     return Timeline(
-        explicit_intents=cot.intents.get("explicit_intents", []),
+        explicit_intents=_explicit_intents(cot.intents),
         implicit_intents=cot.intents.get("implicit_intents", []),
         seed_thoughts=[t for t in cot.thoughts if t.stage in ("seed", "zero_shot")],
         seed_response=seed.get("response") if seed else None,
@@ -104,3 +111,9 @@ def build(cot: CotOut, turns: list[TurnOut]) -> Timeline:
         unaccounted=[t for t in cot.thoughts if t.id in unaccounted],
         thought_text={t.id: t.text for t in cot.thoughts},
     )
+
+
+def _explicit_intents(intents: dict[str, Any]) -> list[Intent]:
+    texts = intents.get("explicit_intents", [])
+    labels = intents.get("explicit_labels") or [None] * len(texts)
+    return [Intent(text, label) for text, label in zip(texts, labels, strict=True)]
