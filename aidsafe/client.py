@@ -35,6 +35,7 @@ from aidsafe.models import (
     ComparisonListed,
     Cot,
     Deletion,
+    Estimate,
     Item,
     ItemDetail,
     ItemFinished,
@@ -136,6 +137,39 @@ def _params(**values: Any) -> Params:
             if one is not None:
                 params.append((name, one.isoformat() if isinstance(one, datetime) else one))
     return tuple(params)
+
+
+def _stops(event: Event) -> bool:
+    """Whether `wait` returns on this event: the job ended, or waits for budget."""
+    data = event.data
+    return event.kind == "done" or (isinstance(data, JobProgress) and data.waiting_for_budget)
+
+
+def _job_body(
+    prompts: Sequence[str | Mapping[str, Any]],
+    config: Mapping[str, Any] | None,
+    policy_set: str,
+    policy_version: str | None,
+    callback_url: str | None,
+    budget: Mapping[str, Any] | None,
+    preset: str | None,
+    preset_version: str | None,
+) -> dict[str, Any]:
+    """A job's request body, but for its label and metadata."""
+    if all(isinstance(prompt, str) for prompt in prompts):
+        body: dict[str, Any] = {"prompts": list(prompts)}
+    else:
+        body = {"items": [{"prompt": p} if isinstance(p, str) else dict(p) for p in prompts]}
+    body["policy_set"] = {"name": policy_set, "version": policy_version}
+    optional = {
+        "config": None if config is None else dict(config),
+        "callback_url": callback_url,
+        "budget": None if budget is None else dict(budget),
+        "preset": preset,
+        "preset_version": preset_version,
+    }
+    body.update({name: value for name, value in optional.items() if value is not None})
+    return body
 
 
 def _labels(label: str | None, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -289,6 +323,7 @@ class _Routes:
         label: str | None = None,
         metadata: Mapping[str, Any] | None = None,
         callback_url: str | None = None,
+        budget: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
         preset: str | None = None,
         preset_version: str | None = None,
@@ -297,22 +332,14 @@ class _Routes:
         `{"prompt": ..., "metadata": {...}}` mapping. `config` is the job's options as the
         README's "Per-job configuration" names them (`agents`, `max_rounds`, `mode`,
         `grading`, `pairs`, `roles`...); with a `preset` (see `list_presets`) it overrides
-        the preset's fields, and `preset_version` pins the preset's version. With an
-        `idempotency_key` the submission is safe to retry (and is retried on 429/503): the
-        same key and body answer the first job, with `replayed` True."""
-        if all(isinstance(prompt, str) for prompt in prompts):
-            body: dict[str, Any] = {"prompts": list(prompts)}
-        else:
-            body = {"items": [{"prompt": p} if isinstance(p, str) else dict(p) for p in prompts]}
-        body["policy_set"] = {"name": policy_set, "version": policy_version}
-        if config is not None:
-            body["config"] = dict(config)
-        if callback_url is not None:
-            body["callback_url"] = callback_url
-        if preset is not None:
-            body["preset"] = preset
-        if preset_version is not None:
-            body["preset_version"] = preset_version
+        the preset's fields, and `preset_version` pins the preset's version. `budget`:
+        `{"max_cost_usd": ..., "max_tokens": ...}` (either or both), after which no new LLM
+        call starts (see `update_job`). With an `idempotency_key` the submission is safe to
+        retry (and is retried on 429/503): the same key and body answer the first job, with
+        `replayed` True."""
+        body = _job_body(
+            prompts, config, policy_set, policy_version, callback_url, budget, preset, preset_version
+        )
         return Call(
             "POST",
             _path("jobs"),
@@ -321,6 +348,24 @@ class _Routes:
             headers=_idempotency(idempotency_key),
             idempotent=idempotency_key is not None,
         )
+
+    @endpoint
+    def estimate(
+        self,
+        prompts: Sequence[str | Mapping[str, Any]],
+        *,
+        config: Mapping[str, Any] | None = None,
+        policy_set: str = "aidsafe-default",
+        policy_version: str | None = None,
+        budget: Mapping[str, Any] | None = None,
+        preset: str | None = None,
+        preset_version: str | None = None,
+    ) -> Call[Estimate]:
+        """What `submit` with these arguments would use: LLM calls, tokens and cost, each a
+        range, at the current prices (POST /v1/jobs/estimate). Creates nothing; checks the
+        body as a submission would (its 422s included)."""
+        body = _job_body(prompts, config, policy_set, policy_version, None, budget, preset, preset_version)
+        return Call("POST", _path("jobs", "estimate"), _as(Estimate), json=body, idempotent=True)
 
     @endpoint
     def get_job(self, job_id: Id) -> Call[Job]:
@@ -352,11 +397,17 @@ class _Routes:
 
     @endpoint
     def update_job(
-        self, job_id: Id, *, label: str | None = UNSET, metadata: Mapping[str, Any] = UNSET
+        self,
+        job_id: Id,
+        *,
+        label: str | None = UNSET,
+        metadata: Mapping[str, Any] = UNSET,
+        budget: Mapping[str, Any] | None = UNSET,
     ) -> Call[Job]:
-        """Set the job's label (None clears it) and/or metadata (replaced whole; {} clears
-        it); what is not given stays (PATCH /v1/jobs/{id})."""
-        given = (("label", label), ("metadata", metadata))
+        """Set the job's label (None clears it), metadata (replaced whole; {} clears it)
+        and/or budget (replaced whole; None removes it: a budget no longer spent resumes the
+        items waiting for it); what is not given stays (PATCH /v1/jobs/{id})."""
+        given = (("label", label), ("metadata", metadata), ("budget", budget))
         body = {name: value for name, value in given if value is not UNSET}
         return Call("PATCH", _path("jobs", job_id), _as(Job), json=body, idempotent=True)
 
@@ -719,14 +770,15 @@ class Client(_Routes):
         on_event: Callable[[Event], None] | None = None,
         on_polling: Callable[[EventStreamUnavailable], None] | None = None,
     ) -> JobProgress:
-        """Block until the job ends; its final progress. Follows the events (each goes to
+        """Block until the job ends, or waits for a spent budget to be raised
+        (`waiting_for_budget`); its progress then. Follows the events (each goes to
         `on_event`), or, when the stream is unavailable (told to `on_polling`), polls the
         job every `poll_s` seconds (each reading goes to `on_event` as a snapshot)."""
         try:
             for event in self.events(job_id):
                 if on_event:
                     on_event(event)
-                if event.kind == "done":
+                if _stops(event):
                     assert isinstance(event.data, JobProgress)
                     return event.data
         except EventStreamUnavailable as exc:
@@ -736,7 +788,7 @@ class Client(_Routes):
             job = self.get_job(job_id)
             if on_event:
                 on_event(Event("snapshot", None, job))
-            if job.finished:
+            if job.finished or job.waiting_for_budget:
                 return job
             time.sleep(poll_s)
 
@@ -871,7 +923,7 @@ class AsyncClient(_Routes):
             async for event in self.events(job_id):
                 if on_event:
                     on_event(event)
-                if event.kind == "done":
+                if _stops(event):
                     assert isinstance(event.data, JobProgress)
                     return event.data
         except EventStreamUnavailable as exc:
@@ -881,7 +933,7 @@ class AsyncClient(_Routes):
             job = await self.get_job(job_id)
             if on_event:
                 on_event(Event("snapshot", None, job))
-            if job.finished:
+            if job.finished or job.waiting_for_budget:
                 return job
             await asyncio.sleep(poll_s)
 

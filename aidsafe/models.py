@@ -20,6 +20,8 @@ T = TypeVar("T")
 FINISHED_ITEM_STATUSES = ("completed", "failed", "cancelled")
 # Job statuses after which nothing changes.
 FINISHED_JOB_STATUSES = ("completed", "cancelled")
+# A job's, and an item's, status while the job's budget is spent.
+WAITING_FOR_BUDGET = "budget_exhausted"
 
 
 class Model(BaseModel):
@@ -62,7 +64,19 @@ class StatusCounts(Model):
 class Usage(Model):
     llm_calls: int
     prompt_tokens: int
+    cached_prompt_tokens: int = 0  # of prompt_tokens
     completion_tokens: int
+    cost_usd: float | None = None  # None: an endpoint is unpriced (unknown, not free)
+
+
+class Budget(Model):
+    """A job's budget and what its recorded calls spent of it."""
+
+    max_cost_usd: float | None
+    max_tokens: int | None
+    spent_cost_usd: float | None
+    spent_tokens: int
+    exhausted: bool
 
 
 class MetricStats(Model):
@@ -111,12 +125,18 @@ class JobProgress(Model):
     status: str
     counts: JobCounts
     usage: Usage
+    budget: Budget | None = None
     quality: QualitySummary | None = None
     pairs: PairSummary | None = None
 
     @property
     def finished(self) -> bool:
         return self.status in FINISHED_JOB_STATUSES
+
+    @property
+    def waiting_for_budget(self) -> bool:
+        """Its budget is spent: nothing moves until it is raised (Client.update_job)."""
+        return self.status == WAITING_FOR_BUDGET
 
 
 class Job(JobProgress):
@@ -147,6 +167,7 @@ class JobListed(Model):
     label: str | None
     metadata: dict[str, Any]
     counts: StatusCounts
+    cost_usd: float | None = None
 
 
 class ItemFinished(Model):
@@ -187,7 +208,9 @@ class Turn(Model):
     raw_output: str
     parsed: dict[str, Any] | None
     prompt_tokens: int
+    cached_prompt_tokens: int = 0
     completion_tokens: int
+    cost_usd: float | None = None
     latency_ms: float
     request_hash: str
     created_at: datetime
@@ -257,6 +280,7 @@ class Cot(Model):
 class ItemDetail(Item):
     cot: Cot | None
     turns: list[Turn]
+    usage: Usage | None = None
 
 
 class PreferencePair(Model):
@@ -290,6 +314,7 @@ class Report(Model):
     usage: Usage
     usage_by_stage: dict[str, Usage]
     refusals_by_stage: dict[str, dict[str, int]] = {}  # stage -> model -> refused turns
+    budget: Budget | None = None
 
 
 class MetricComparison(Model):
@@ -336,6 +361,29 @@ class ComparisonListed(Model):
     baseline_job_id: UUID
     candidate_job_id: UUID
     counts: StatusCounts
+    cost_usd: float | None = None
+
+
+class CountRange(Model):
+    min: int
+    max: int
+
+
+class CostRange(Model):
+    min: float
+    max: float
+
+
+class Estimate(Model):
+    """What a job would use (Client.estimate): a range, usually above real use."""
+
+    items: int
+    calls: CountRange
+    prompt_tokens: CountRange
+    completion_tokens: CountRange
+    cost_usd: CostRange | None
+    unpriced_endpoints: list[str]
+    prices: dict[str, dict[str, float | None]]
 
 
 class Deletion(Model):

@@ -30,7 +30,7 @@ from sqlalchemy import func, select, update
 
 import aidsafe
 from aidsafe.client import KEY_ENV, URL_ENV
-from aidsafe.models import Cot, Item, JobProgress
+from aidsafe.models import Budget, Cot, Estimate, Item, JobProgress
 from app.config import get_settings
 from app.store import keys
 from app.store.db import make_engine, make_sessions
@@ -248,6 +248,18 @@ def submit(
     metadata: Annotated[
         str | None, typer.Option(help='The job\'s metadata, a JSON object: {"source": "wildchat"}.')
     ] = None,
+    budget_usd: Annotated[
+        float | None, typer.Option(help="Budget in USD: no new LLM call starts once it is spent.")
+    ] = None,
+    budget_tokens: Annotated[
+        int | None, typer.Option(help="Budget in tokens (prompt + completion, all calls).")
+    ] = None,
+    estimate: Annotated[
+        bool,
+        typer.Option(
+            "--estimate", help="Print what the job would use (calls, tokens, cost); submit nothing."
+        ),
+    ] = False,
     follow: Annotated[bool, typer.Option(help="Show progress until the job ends.")] = True,
     show: Annotated[bool, typer.Option(help="Print the refined CoTs at the end.")] = True,
 ) -> None:
@@ -268,7 +280,21 @@ def submit(
         pair_max_tries=pair_max_tries,
         pair_min_gap=pair_min_gap,
     )
+    budget = _budget(budget_usd, budget_tokens)
     with _client(api_url, key) as client:
+        if estimate:
+            print_estimate(
+                client.estimate(
+                    items,
+                    config=config,
+                    policy_set=policy_set,
+                    policy_version=policy_version,
+                    budget=budget,
+                    preset=preset,
+                    preset_version=preset_version,
+                )
+            )
+            return
         job = client.submit(
             items,
             config=config,
@@ -278,16 +304,51 @@ def submit(
             preset_version=preset_version,
             label=label,
             metadata=_metadata(metadata),
+            budget=budget,
             idempotency_key=idempotency_key or None,
         )
         console.print(
             f"Job [bold]{job.id}[/]: {len(items)} prompts, policy set "
             f"{job.policy_set.name}@{job.policy_set.version}"
+            + (f", budget {_budget_text(job.budget)}" if job.budget else "")
         )
         if follow:
             follow_job(client, job.id)
         if show:
             print_cots(client, job.id)
+
+
+def _budget(usd: float | None, tokens: int | None) -> dict[str, Any] | None:
+    """A job's budget from the command line (the API says what is wrong with it)."""
+    given = {"max_cost_usd": usd, "max_tokens": tokens}
+    return {name: value for name, value in given.items() if value is not None} or None
+
+
+def usd(cost: float | None) -> str:
+    """A cost as the CLI shows it: None is an unpriced endpoint, not free."""
+    return "unknown" if cost is None else f"${cost:,.4f}"
+
+
+def _budget_text(budget: Budget) -> str:
+    limits = [usd(budget.max_cost_usd)] if budget.max_cost_usd is not None else []
+    limits += [f"{budget.max_tokens:,} tokens"] if budget.max_tokens is not None else []
+    return " / ".join(limits) + (" (spent)" if budget.exhausted else "")
+
+
+def print_estimate(estimate: Estimate) -> None:
+    cost = estimate.cost_usd
+    console.print(
+        f"{estimate.items} items: {estimate.calls.min:,}-{estimate.calls.max:,} LLM calls, "
+        f"{estimate.prompt_tokens.min:,}-{estimate.prompt_tokens.max:,} prompt tokens, "
+        f"{estimate.completion_tokens.min:,}-{estimate.completion_tokens.max:,} completion tokens, cost "
+        + (
+            f"{usd(cost.min)}-{usd(cost.max)}"
+            if cost
+            else f"unknown (unpriced: {', '.join(estimate.unpriced_endpoints)})"
+        ),
+        highlight=False,
+    )
+    console.print("[dim]High estimates (prompts at three bytes a token, every reply at max_tokens).[/]")
 
 
 def _metadata(metadata: str | None) -> Any:
@@ -319,7 +380,7 @@ def follow_job(client: aidsafe.Client, job_id: Any, poll_s: float = 2.0) -> JobP
     )
     with Progress(*columns, console=console) as progress:
         view = ProgressView(progress, progress.add_task("items", total=None, detail=""))
-        return client.wait(
+        final = client.wait(
             job_id,
             poll_s=poll_s,
             on_event=view.event,
@@ -327,6 +388,13 @@ def follow_job(client: aidsafe.Client, job_id: Any, poll_s: float = 2.0) -> JobP
                 f"[dim]Progress events unavailable ({exc}); polling instead.[/]"
             ),
         )
+    if final.waiting_for_budget:
+        console.print(
+            f"[yellow]The job's budget is spent: its items wait. Raise it to resume, e.g. "
+            f"`aidsafe jobs budget {job_id} --usd <more>` (or --tokens), or cancel the job.[/]",
+            highlight=False,
+        )
+    return final
 
 
 class ProgressView:
@@ -358,7 +426,9 @@ class ProgressView:
         stages = " ".join(f"{stage}:{n}" for stage, n in active.items()) or "-"
         detail = (
             f"{summary.status} | in progress {stages} | failed {by_status.get(ItemStatus.FAILED, 0)} | "
-            f"{usage.llm_calls} calls, {usage.prompt_tokens + usage.completion_tokens} tokens"
+            f"{usage.llm_calls} calls, {usage.prompt_tokens + usage.completion_tokens} tokens, "
+            f"cost {usd(usage.cost_usd)}"
+            + (f" | budget {_budget_text(summary.budget)}" if summary.budget else "")
         )
         self.progress.update(self.task, total=counts.total, completed=self.done_in_snapshot, detail=detail)
         line = f"{self.done_in_snapshot}/{counts.total} items | {detail}"
@@ -453,7 +523,10 @@ cli.add_typer(jobs_cli, name="jobs")
 def list_jobs(
     status: Annotated[
         list[str] | None,
-        typer.Option(help="queued, running, completed, cancelling or cancelled (repeatable: any of them)."),
+        typer.Option(
+            help="queued, running, budget_exhausted, completed, cancelling or cancelled "
+            "(repeatable: any of them)."
+        ),
     ] = None,
     kind: Annotated[
         list[str] | None, typer.Option(help="aidsafe, zero_shot or comparison (repeatable: any of them).")
@@ -486,7 +559,7 @@ def list_jobs(
         for job in islice(listed, limit or None):
             console.print(
                 f"{job.id}  {job.created_at:%Y-%m-%dT%H:%M:%S}  {job.kind}  {job.status}  "
-                f"{job.counts.finished}/{job.counts.total}  {job.label or '-'}",
+                f"{job.counts.finished}/{job.counts.total}  {usd(job.cost_usd)}  {job.label or '-'}",
                 highlight=False,
             )
 
@@ -538,6 +611,28 @@ def create_policy_set(
         row = client.register_policy_set(document)
     state = "registered" if row.created else "already registered"
     console.print(f"{row.name}@{row.version} {state} (id {row.id}, {len(row.policies)} policies).")
+
+
+@jobs_cli.command("budget")
+def set_budget(
+    job_id: str,
+    usd_: Annotated[float | None, typer.Option("--usd", help="The new budget in USD.")] = None,
+    tokens: Annotated[int | None, typer.Option(help="The new budget in tokens.")] = None,
+    none: Annotated[bool, typer.Option("--none", help="Remove the budget.")] = False,
+    api_url: ApiUrl = "http://127.0.0.1:8000",
+    key: ApiKeyOpt = "",
+) -> None:
+    """Replace a job's budget (PATCH); items waiting for budget resume if it is no longer spent."""
+    budget = _budget(usd_, tokens)
+    if (budget is None) != none:
+        raise typer.BadParameter("give --usd and/or --tokens, or --none")
+    with _client(api_url, key) as client:
+        job = client.update_job(job_id, budget=budget)
+    console.print(
+        f"Job {job.id}: {job.status}, cost {usd(job.usage.cost_usd)}, "
+        + (f"budget {_budget_text(job.budget)}" if job.budget else "no budget"),
+        highlight=False,
+    )
 
 
 presets_cli = typer.Typer(

@@ -6,8 +6,21 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Prices(BaseModel):
+    """What an endpoint charges, in USD per million tokens. Pinned in each job's plan at
+    submission: a later change prices new jobs only."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    input: float = Field(ge=0, description="Prompt tokens.")
+    cached_input: float | None = Field(
+        default=None, ge=0, description="Prompt tokens the server reports as cached; None: the input price."
+    )
+    output: float = Field(ge=0, description="Completion tokens.")
 
 
 class EndpointConfig(BaseModel):
@@ -32,6 +45,8 @@ class EndpointConfig(BaseModel):
     # requests while the endpoint is paused (app/llm/limits.py). Servers rarely ask for more
     # than a minute; a bogus huge value must not park the workers for hours.
     retry_after_max_s: float = Field(default=120.0, ge=0)
+    # None: unpriced, and the cost of its calls is unknown (null), never 0.
+    prices: Prices | None = None
 
 
 class Settings(BaseSettings):
@@ -56,6 +71,9 @@ class Settings(BaseSettings):
     llm_retry_after_max_s: float = Field(default=120.0, ge=0)  # see EndpointConfig.retry_after_max_s
     # More endpoints by name, as JSON: {"vllm": {"base_url": "http://gpu:8000/v1"}}
     llm_endpoints: dict[str, EndpointConfig] = Field(default_factory=dict)
+    # Prices by endpoint name, "default" included, as JSON: {"default": {"input": 0.15,
+    # "cached_input": 0.075, "output": 0.6}}. An endpoint may carry its own `prices` instead.
+    llm_prices: dict[str, Prices] = Field(default_factory=dict)
     llm_timeout_s: float = Field(default=120.0, gt=0)
     llm_max_retries: int = Field(default=4, ge=0)
     llm_backoff_base_s: float = Field(default=1.0, ge=0)
@@ -138,6 +156,26 @@ class Settings(BaseSettings):
             raise ValueError("heartbeat_ttl_s must be at least twice heartbeat_interval_s")
         return self
 
+    @model_validator(mode="after")
+    def _prices_name_endpoints(self) -> Settings:
+        """A price for an endpoint that does not exist is a typo that would leave the real
+        one unpriced: refuse to start (as for one priced twice)."""
+        named = {"default", *self.llm_endpoints}
+        for name in self.llm_prices:
+            if name not in named:
+                raise PydanticCustomError(
+                    "unknown_price_endpoint",
+                    "llm_prices names endpoint {name!r}, which is not configured (configured: {known})",
+                    {"name": name, "known": ", ".join(sorted(named))},
+                )
+            if name in self.llm_endpoints and self.llm_endpoints[name].prices is not None:
+                raise PydanticCustomError(
+                    "endpoint_priced_twice",
+                    "endpoint {name!r} has prices in both llm_prices and llm_endpoints: give them once",
+                    {"name": name},
+                )
+        return self
+
     def endpoints(self) -> dict[str, EndpointConfig]:
         default = EndpointConfig(
             base_url=self.llm_base_url,
@@ -150,7 +188,13 @@ class Settings(BaseSettings):
             max_context_tokens=self.llm_max_context_tokens,
             retry_after_max_s=self.llm_retry_after_max_s,
         )
-        return {"default": default, **self.llm_endpoints}
+        endpoints = {"default": default, **self.llm_endpoints}
+        return {
+            name: endpoint.model_copy(update={"prices": self.llm_prices[name]})
+            if name in self.llm_prices
+            else endpoint
+            for name, endpoint in endpoints.items()
+        }
 
 
 @lru_cache

@@ -125,3 +125,17 @@ class InvalidCallbackUrl(CallbackRefused):
 
 class CallbackHostNotAllowed(CallbackRefused):
     code = "callback_host_not_allowed"
+
+
+class BudgetTooSmall(ServiceError):
+    """A job budget below what one of its calls may cost: the job could not start a call."""
+
+    status = 422
+    code = "budget_too_small"
+
+
+class UnpricedEndpoint(ServiceError):
+    """A money budget for a job that uses an endpoint without prices."""
+
+    status = 422
+    code = "unpriced_endpoint"

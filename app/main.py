@@ -35,6 +35,7 @@ from app.api.summaries import JobSummaries
 from app.config import Settings, get_settings
 from app.presets import load as load_presets
 from app.queue import redis_settings
+from app.store.budgets import Spending
 from app.store.db import make_engine, make_sessions
 from app.web import pages
 
@@ -53,7 +54,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.install(
             app,
             ApiState(
-                settings, sessions, arq, summaries, KnownKeys(sessions, settings.api_key_cache_s), shipped
+                settings,
+                sessions,
+                arq,
+                summaries,
+                KnownKeys(sessions, settings.api_key_cache_s),
+                shipped,
+                Spending(arq, sessions, settings.redis_key_prefix),
             ),
         )
         try:

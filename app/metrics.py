@@ -15,6 +15,11 @@ LLM_REQUEST_SECONDS = Histogram(
 LLM_TOKENS = Counter(
     "aidsafe_llm_tokens_total", "Tokens used, by kind (prompt, completion).", ["endpoint", "role", "kind"]
 )
+LLM_COST_USD = Counter(
+    "aidsafe_llm_cost_usd_total",
+    "USD of recorded LLM calls at their jobs' pinned prices (calls to unpriced endpoints are not counted).",
+    ["endpoint"],
+)
 LIMIT_WAIT_SECONDS = Counter(
     "aidsafe_llm_limit_wait_seconds_total", "Time spent waiting for a shared endpoint slot.", ["endpoint"]
 )

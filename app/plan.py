@@ -11,7 +11,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from app.config import Settings
+from app.config import Prices, Settings
 from app.deliberation.budget import RequestBudget, estimate_tokens, judge_request, largest_requests
 from app.deliberation.config import (
     LIMIT_CAPS,
@@ -176,6 +176,12 @@ class PresetRef(BaseModel):
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
 
+def _pinned_prices() -> Any:
+    """The prices of the endpoints a job uses, pinned at submission (left out of the JSON when
+    none is priced, so a plan without prices reads and shows as it always did)."""
+    return Field(default_factory=dict, exclude_if=lambda prices: not prices)
+
+
 class GuardPlan(BaseModel):
     model_config = _FROZEN
     endpoint: str
@@ -229,6 +235,23 @@ class GenerationPlan(BaseModel):
     preset: PresetRef | None = Field(default=None, exclude_if=lambda preset: preset is None)
     # Asked again when an agent refuses (app.deliberation.calls); left out of the JSON when None too.
     fallback: RoleConfig | None = Field(default=None, exclude_if=lambda fallback: fallback is None)
+    prices: dict[str, Prices] = _pinned_prices()
+
+    def endpoints(self) -> set[str]:
+        """Every endpoint the job may call: those of the stages it runs."""
+        config = self.pipeline()
+        roles = [self.roles.seed]  # the zero-shot writer too
+        if self.mode is Mode.AIDSAFE:
+            roles += [self.roles.intent] if self.decompose_intents else []
+            roles += self.roles.deliberators[: config.turn_budget()]
+            roles += [self.roles.refiner] if self.refine else []
+        if self.grading is not None:
+            roles.append(self.grading.grader)
+        if self.pairs is not None:
+            roles += [self.pairs.whisperer, self.pairs.generator, self.pairs.guard.config().role]
+        if self.fallback is not None:
+            roles.append(self.fallback)
+        return {role.endpoint for role in roles}
 
     def pipeline(self) -> PipelineConfig:
         """The engine's config for every item of the job."""
@@ -262,6 +285,10 @@ class ComparisonPlan(BaseModel):
     judge: RoleConfig
     max_tokens: int
     max_reasks: int
+    prices: dict[str, Prices] = _pinned_prices()
+
+    def endpoints(self) -> set[str]:
+        return {self.judge.endpoint}
 
 
 JobPlan = Annotated[GenerationPlan | ComparisonPlan, Field(discriminator="mode")]
@@ -336,7 +363,7 @@ def resolve(config: JobConfigIn, settings: Settings, preset: PresetRef | None = 
     deliberators: list[RoleIn | None] = [*config.deliberators] if config.deliberators else [None] * agents
     grading = config.grading or (GradingIn() if config.pairs else None)
     pairs = config.pairs
-    return GenerationPlan(
+    plan = GenerationPlan(
         mode=config.mode,
         max_rounds=settings.default_max_rounds if config.max_rounds is None else config.max_rounds,
         max_tokens=config.max_tokens or settings.default_max_tokens,
@@ -371,19 +398,28 @@ def resolve(config: JobConfigIn, settings: Settings, preset: PresetRef | None = 
         preset=preset,
         fallback=role.fallback(config.fallback),
     )
+    return plan.model_copy(update={"prices": pinned_prices(plan.endpoints(), settings)})
 
 
 def resolve_comparison(
     judge: RoleIn | None, settings: Settings, baseline_job_id: UUID, candidate_job_id: UUID
 ) -> ComparisonPlan:
     """The plan of a comparison job: a judge model over two finished jobs."""
+    role = _Roles(RoleIn(), settings)(judge, "judge", JUDGING_TEMPERATURE)
     return ComparisonPlan(
         baseline_job_id=baseline_job_id,
         candidate_job_id=candidate_job_id,
-        judge=_Roles(RoleIn(), settings)(judge, "judge", JUDGING_TEMPERATURE),
+        judge=role,
         max_tokens=settings.default_max_tokens,
         max_reasks=settings.max_reasks,
+        prices=pinned_prices({role.endpoint}, settings),
     )
+
+
+def pinned_prices(endpoints: set[str], settings: Settings) -> dict[str, Prices]:
+    """The current prices of those of `endpoints` that have prices."""
+    configured = settings.endpoints()
+    return {name: prices for name in sorted(endpoints) if (prices := configured[name].prices) is not None}
 
 
 def check_job_fits(plan: GenerationPlan, policies: PolicySet, prompts: list[str], settings: Settings) -> None:

@@ -68,7 +68,8 @@ class Reply:
     content: str | None
     finish_reason: str = "stop"
     refusal: str | None = None
-    usage: tuple[int, int] | None = None  # (prompt, completion); None: estimated
+    # (prompt, completion) or (prompt, completion, cached prompt); None: estimated, none cached
+    usage: tuple[int, ...] | None = None
     omit_usage: bool = False
     headers: dict[str, str] | None = None  # sent with it, e.g. x-ratelimit-*
 
@@ -110,7 +111,7 @@ Behaviour = Reply | RawBody | HttpError | EchoError | Stall
 def reply(
     obj_or_text: Any,
     finish_reason: str = "stop",
-    usage: tuple[int, int] | None = None,
+    usage: tuple[int, ...] | None = None,
     omit_usage: bool = False,
 ) -> Reply:
     """Answer this content: a str as is, anything else as JSON."""
@@ -289,6 +290,9 @@ class ScriptedLLM:
         self._state = _State()
         self._ids = itertools.count(1)
         self.latency_s = 0.0  # added before every answer
+        # (prompt, completion, cached prompt) tokens every answer's `usage` reports unless its
+        # Reply gives its own; None: estimated from the text, nothing cached.
+        self.usage: tuple[int, int, int] | None = None
         # Called for a request with nothing scripted: a behaviour, or None for the default.
         self.unscripted: Callable[[], Behaviour | None] = lambda: None
         self.base_url = ""  # set once listening; ends in /v1
@@ -313,6 +317,7 @@ class ScriptedLLM:
             self._state.ok_answers = 0
             self._state.answered_tokens.clear()
         self.latency_s = 0.0
+        self.usage = None
         self.unscripted = lambda: None
 
     @property
@@ -432,12 +437,17 @@ class ScriptedLLM:
             ],
         }
         if not answer.omit_usage:
-            prompt, completion_tokens = answer.usage or _estimate_usage(answer, body)
+            if answer.usage:
+                prompt, completion_tokens, cached = (*answer.usage, 0)[:3]
+            else:
+                prompt, completion_tokens, cached = self.usage or (*_estimate_usage(answer, body), 0)
             completion["usage"] = {
                 "prompt_tokens": prompt,
                 "completion_tokens": completion_tokens,
                 "total_tokens": prompt + completion_tokens,
             }
+            if cached:  # as OpenAI reports its prompt cache: a part of prompt_tokens
+                completion["usage"]["prompt_tokens_details"] = {"cached_tokens": cached}
         return completion
 
 

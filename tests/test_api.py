@@ -39,6 +39,7 @@ KITCHEN_POLICIES = [
 KITCHEN_POLICIES_V2 = [{**KITCHEN_POLICIES[0], "allowed": ["recipes", "knife skills", "food storage"]}]
 V1_PATHS = {
     "/v1/jobs": {"get", "post"},
+    "/v1/jobs/estimate": {"post"},
     "/v1/jobs/{job_id}": {"get", "delete", "patch"},
     "/v1/jobs/{job_id}/cancel": {"post"},
     "/v1/jobs/{job_id}/items": {"get"},
@@ -395,7 +396,13 @@ async def test_submitted_job_is_accepted_as_queued(api: httpx.AsyncClient, auth:
     assert uuid.UUID(job["id"])
     assert job["status"] == "queued"
     assert job["counts"] == {"total": 3, "by_status": {"queued": 3}, "by_stage": {"intent": {"queued": 3}}}
-    assert job["usage"] == {"llm_calls": 0, "prompt_tokens": 0, "completion_tokens": 0}
+    assert job["usage"] == {
+        "llm_calls": 0,
+        "prompt_tokens": 0,
+        "cached_prompt_tokens": 0,
+        "completion_tokens": 0,
+        "cost_usd": None,  # the default endpoint has no prices here
+    }
     assert job["cancelled_at"] is None
 
 
@@ -967,7 +974,9 @@ async def test_completed_job_usage_sums_its_items_turns(
     assert usage == {
         "llm_calls": len(turns),
         "prompt_tokens": sum(t["prompt_tokens"] for t in turns),
+        "cached_prompt_tokens": sum(t["cached_prompt_tokens"] for t in turns),
         "completion_tokens": sum(t["completion_tokens"] for t in turns),
+        "cost_usd": None,  # the default endpoint has no prices here
     }
 
 

@@ -21,6 +21,7 @@ from app.config import Settings
 from app.store.db import Sessions
 from app.store.models import Job
 from tests.conftest import eventually, run_worker_burst
+from tests.scripted_llm import ScriptedLLM
 from tests.test_api import row_counts, submit
 
 Headers = dict[str, str]
@@ -374,9 +375,46 @@ async def test_cli_lists_jobs_newest_first_with_filters(live_api: str, auth: Hea
 
     assert code == 0, everything
     assert [line.split()[0] for line in everything.splitlines()] == submitted[::-1]
-    assert everything.splitlines()[0].split()[2:] == ["zero_shot", "queued", "0/2", "run-0"]
+    # No endpoint has prices here: the cost is unknown.
+    assert everything.splitlines()[0].split()[2:] == ["zero_shot", "queued", "0/2", "unknown", "run-0"]
     assert [line.split()[0] for line in newest.splitlines()] == submitted[2:]
     assert [line.split()[0] for line in run_0.splitlines()] == [submitted[2], submitted[0]]
     assert [line.split()[0] for line in second.splitlines()] == [submitted[1]]
     assert [line.split()[0] for line in zero_shot.splitlines()] == [submitted[2]]
     assert bad_code == 1 and "invalid_filter" in bad, bad
+
+
+async def test_cli_estimates_submits_with_a_budget_stops_following_when_it_is_spent_and_raises_it(
+    live_api: str,
+    api: httpx.AsyncClient,
+    auth: Headers,
+    settings: Settings,
+    sessions: Sessions,
+    scripted_llm: ScriptedLLM,
+    tmp_path: Path,
+) -> None:
+    scripted_llm.usage = (1000, 200, 0)  # 1,200 tokens a call: three calls reach 3,600
+    prompts = write(tmp_path, "prompts.txt.jsonl", json.dumps({"prompt": "How do I sharpen a knife?"}))
+    options = ["--agents", "2", "--max-rounds", "2", "--max-tokens", "64", "--budget-tokens", "3600"]
+
+    code, out = await aidsafe(live_api, auth, "submit", str(prompts), *options, "--estimate")
+    assert code == 0, out
+    assert "1 items: 4-7 LLM calls" in out and "cost unknown (unpriced: default)" in out
+    assert await job_ids(sessions) == []  # an estimate creates nothing
+
+    cli_run = asyncio.create_task(aidsafe(live_api, auth, "submit", str(prompts), *options, "--no-show"))
+    [job_id] = await eventually(lambda: job_ids(sessions), 20, "the CLI's job")
+    assert (await api.get(f"/v1/jobs/{job_id}", headers=auth)).json()["budget"]["max_tokens"] == 3600
+    await asyncio.sleep(0.5)  # the CLI connects to the event stream before the items stop
+    await run_worker_burst(settings)
+    code, out = await cli_run
+
+    assert code == 0, out
+    assert "budget 3,600 tokens" in out
+    assert "budget_exhausted" in out and "cost unknown" in out
+    assert f"aidsafe jobs budget {job_id}" in out  # the hint to raise it
+    code, out = await aidsafe(live_api, auth, "jobs", "budget", job_id, "--tokens", "100000")
+    assert code == 0, out
+    assert "queued" in out and "budget 100,000 tokens" in out
+    code, out = await aidsafe(live_api, auth, "jobs", "budget", job_id)
+    assert code == 2 and "--none" in out

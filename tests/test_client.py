@@ -373,6 +373,8 @@ MIRRORED = {
     models.Rejection: webhooks.RejectionOut,
     models.JobCounts: schemas.JobCounts,
     models.Usage: schemas.Usage,
+    models.Budget: schemas.BudgetOut,
+    models.Estimate: schemas.EstimateOut,
     models.QualityReport: schemas.QualityReport,
     models.Duplicates: duplicates.DuplicatesOut,
     models.DuplicateKind: duplicates.DuplicateKind,

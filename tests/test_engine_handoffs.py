@@ -91,7 +91,7 @@ async def test_no_implicit_intent_is_shown_as_none(
 async def test_each_turn_is_stored_under_its_key_and_role_with_what_the_server_said(
     llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM
 ) -> None:
-    scripted_llm.script("seed_cot", reply(SEED, usage=(321, 45)))
+    scripted_llm.script("seed_cot", reply(SEED, usage=(321, 45, 300)))
     scripted_llm.script(
         "deliberation_turn", agree(False, ["More."], critique="  Misses policy 3.  "), agree(True)
     )
@@ -112,7 +112,8 @@ async def test_each_turn_is_stored_under_its_key_and_role_with_what_the_server_s
     }
     intent, seed, disagreeing, agreeing, refine = turns
     assert [t.agreed for t in turns] == [None, None, False, True, None]
-    assert (seed.prompt_tokens, seed.completion_tokens) == (321, 45)
+    assert (seed.prompt_tokens, seed.completion_tokens, seed.cached_prompt_tokens) == (321, 45, 300)
+    assert intent.cached_prompt_tokens == 0  # the server reported no prompt cache
     assert seed.raw_output == json.dumps(SEED) and seed.parsed == SEED
     assert disagreeing.parsed == {
         "agree": False,

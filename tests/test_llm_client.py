@@ -201,7 +201,27 @@ async def test_missing_usage_counts_as_zero_tokens(
 
     answer = await client.chat(seed_request())
 
-    assert (answer.prompt_tokens, answer.completion_tokens) == (0, 0)
+    assert (answer.prompt_tokens, answer.completion_tokens, answer.cached_prompt_tokens) == (0, 0, 0)
+
+
+async def test_cached_prompt_tokens_are_read_from_the_usage_details_and_a_bad_count_is_none(
+    client: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    def answer(cached: object) -> dict[str, object]:
+        return {
+            "choices": [{"message": {"role": "assistant", "content": "{}"}, "finish_reason": "stop"}],
+            "usage": {
+                "prompt_tokens": 100,
+                "completion_tokens": 5,
+                "prompt_tokens_details": {"cached_tokens": cached},
+            },
+        }
+
+    scripted_llm.script("seed_cot", reply({"thoughts": ["t"], "response": "r"}, usage=(100, 5, 64)))
+    assert (await client.chat(seed_request())).cached_prompt_tokens == 64
+    for bad in (None, "64", True, -3, 6.5):
+        scripted_llm.script("seed_cot", raw_body(answer(bad)))
+        assert (await client.chat(seed_request())).cached_prompt_tokens == 0
 
 
 async def test_refusal_field_is_surfaced_with_empty_content(

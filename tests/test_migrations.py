@@ -247,3 +247,75 @@ async def test_job_plans_migration_moves_comparison_links_out_of_item_metadata_a
         )
     finally:
         await connection.close()
+
+
+async def test_the_costs_migration_leaves_old_turns_unpriced_and_requeues_waiting_items_on_the_way_down(
+    old_database: tuple[Config, str],
+) -> None:
+    config, dsn = old_database
+    await asyncio.to_thread(command.upgrade, config, "0014_cot_fallbacks")
+    connection = await asyncpg.connect(dsn)
+    try:
+        owner, policy_set, job, item = uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+        await connection.execute(
+            "INSERT INTO api_keys (id, name, prefix, key_hash) VALUES ($1, 'k', 'p', 'h')", owner
+        )
+        await connection.execute(
+            "INSERT INTO policy_sets (id, owner_key_id, name, version, description, policies) "
+            "VALUES ($1, $2, 'p', 'v', '', '[]')",
+            policy_set,
+            owner,
+        )
+        await connection.execute(
+            "INSERT INTO jobs (id, owner_key_id, policy_set_id, plan, request_hash, item_count) "
+            "VALUES ($1, $2, $3, '{}', 'h', 1)",
+            job,
+            owner,
+            policy_set,
+        )
+        await connection.execute(
+            "INSERT INTO items (id, job_id, position, prompt, metadata, status, stage, attempts, "
+            "failures, enqueues) VALUES ($1, $2, 0, 'p', '{}', 'running', 'seed', 1, 0, 1)",
+            item,
+            job,
+        )
+        for stage, prompt_tokens, completion_tokens in (("intent", 100, 20), ("seed", 300, 50)):
+            await connection.execute(
+                "INSERT INTO turns (item_id, job_id, stage, round, agent, attempt, role, endpoint, model, "
+                "request_hash, raw_output, outcome, prompt_tokens, completion_tokens, latency_ms) "
+                "VALUES ($1, $2, $3, 0, 0, 0, $3, 'default', 'm', 'h', '{}', 'ok', $4, $5, 1.0)",
+                item,
+                job,
+                stage,
+                prompt_tokens,
+                completion_tokens,
+            )
+
+        await asyncio.to_thread(command.upgrade, config, "0015_costs")
+
+        budget = await connection.fetchrow("SELECT budget_max_cost_usd, budget_max_tokens FROM jobs")
+        assert tuple(budget) == (None, None)
+        turns = await connection.fetch("SELECT cached_prompt_tokens, cost_usd FROM turns")
+        assert [tuple(t) for t in turns] == [(0, None), (0, None)]  # unpriced then: unknown cost
+        await connection.execute(
+            "UPDATE items SET status = 'budget_exhausted', error_code = 'budget_exhausted'"
+        )
+
+        await asyncio.to_thread(command.downgrade, config, "0014_cot_fallbacks")
+
+        # The older code knows no such status: the item goes back to the queue.
+        assert tuple(await connection.fetchrow("SELECT status, error_code FROM items")) == ("queued", None)
+        columns = {
+            r["column_name"]
+            for r in await connection.fetch(
+                "SELECT column_name FROM information_schema.columns WHERE table_name IN ('jobs', 'turns')"
+            )
+        }
+        assert not columns & {
+            "budget_max_cost_usd",
+            "budget_max_tokens",
+            "cost_usd",
+            "cached_prompt_tokens",
+        }
+    finally:
+        await connection.close()

@@ -567,14 +567,15 @@ async def test_report_sums_usage_by_stage(api: httpx.AsyncClient, auth: Headers,
 
     report = await get_ok(api, auth, f"/v1/jobs/{job_id}/report")
 
-    one = {"llm_calls": 1, "prompt_tokens": 10, "completion_tokens": 5}
+    unpriced = {"cached_prompt_tokens": 0, "cost_usd": None}  # no endpoint has prices here
+    one = {"llm_calls": 1, "prompt_tokens": 10, "completion_tokens": 5, **unpriced}
     assert report["usage_by_stage"] == {
-        "grade": {"llm_calls": 2, "prompt_tokens": 20, "completion_tokens": 10},
+        "grade": {"llm_calls": 2, "prompt_tokens": 20, "completion_tokens": 10, **unpriced},
         "guard": one,
         "rejected": one,
         "whisper": one,
     }
-    assert report["usage"] == {"llm_calls": 5, "prompt_tokens": 50, "completion_tokens": 25}
+    assert report["usage"] == {"llm_calls": 5, "prompt_tokens": 50, "completion_tokens": 25, **unpriced}
 
 
 # --- comparisons: creation -----------------------------------------------------------------

@@ -27,6 +27,7 @@ from app import events, logs
 from app.callbacks import BATCH as CALLBACK_BATCH
 from app.callbacks import Sender
 from app.config import Settings, get_settings
+from app.costs import BudgetExhausted
 from app.deliberation.engine import deliberate, judge_pair
 from app.deliberation.ports import LLMRequestRejected, LLMUnavailable
 from app.deliberation.results import Completed, Failed, Judged
@@ -36,7 +37,7 @@ from app.llm.rates import EndpointRates
 from app.metrics import ITEMS_FINISHED
 from app.plan import ComparisonPlan, GenerationPlan
 from app.queue import arq_job_id, enqueue_items, redis_settings
-from app.store import deletions, items
+from app.store import budgets, deletions, items
 from app.store.db import Sessions, make_engine, make_sessions
 from app.store.endings import CANCELLED, Ending, failed, handed_back
 from app.store.policy_sets import for_engine
@@ -60,6 +61,7 @@ class Worker:
     callbacks: Sender
     worker_id: UUID  # this process's claims carry it
     heartbeat: asyncio.Task[None]  # keeps them alive (workers/liveness.py)
+    spending: budgets.Spending  # what jobs with a budget have spent
     sweeper: asyncio.Task[None] | None = None  # this process's sweeper loop, if it runs one
     purger: asyncio.Task[None] | None = None  # its hazardous-text purge loop, if it runs one
     deliverer: asyncio.Task[None] | None = None  # its callback sender loop, beside the sweeper
@@ -107,7 +109,9 @@ async def connect(ctx: dict[str, Any]) -> None:
     # The first beat before the first claim: a claim without a heartbeat looks dead.
     await liveness.beat(redis, settings, worker_id)
     heartbeat = asyncio.create_task(liveness.beat_forever(redis, settings, worker_id))
-    ctx[WORKER] = Worker(settings, redis, db, sessions, llm, Sender(settings, sessions), worker_id, heartbeat)
+    spending = budgets.Spending(redis, sessions, settings.redis_key_prefix)
+    callbacks = Sender(settings, sessions)
+    ctx[WORKER] = Worker(settings, redis, db, sessions, llm, callbacks, worker_id, heartbeat, spending)
     log.info("worker %s started (%s)", worker_id, liveness.process())
 
 
@@ -156,8 +160,8 @@ async def _announce(worker: Worker, claim: items.Claim, ending: Ending) -> None:
 
 async def _run_engine(worker: Worker, claim: items.Claim) -> Completed | Judged | Failed:
     """The engine's work for the item's job: judge two samples, or write a CoT."""
-    sessions, llm = worker.sessions, worker.llm
-    policies, turn_log = for_engine(claim.policy_set), PostgresTurnLog(sessions, claim)
+    sessions, llm = worker.sessions, budgets.Meter(worker.llm, worker.spending, claim.job_id, claim.budget)
+    policies, turn_log = for_engine(claim.policy_set), PostgresTurnLog(sessions, claim, llm)
     match claim.plan:
         case ComparisonPlan() as plan:
             baseline, candidate = await items.compared_samples(sessions, claim)
@@ -207,6 +211,8 @@ async def _process_claimed(worker: Worker, claim: items.Claim) -> Ending | None:
         raise
     except items.ClaimLost:  # another worker holds the item now; it carries on from the log
         return None
+    except BudgetExhausted:  # no new call starts: the item waits for a raised budget
+        return await budgets.park(sessions, worker.spending, worker.redis, settings.queue_name, claim)
     # Tenants read only our classification of a failure; its detail (an upstream's answer,
     # which may echo hazardous text or the server's LLM key, or an exception) goes to the
     # log and to the item's operator-only column.

@@ -21,11 +21,12 @@ async def get_item(
 ) -> ItemDetailOut:
     """Turns that may hold hazardous text (see TurnOut) are blanked for keys without the
     `hazardous:read` scope."""
-    item, _ = await jobs.get_item_owned(session, item_id, key.id)
+    item, job = await jobs.get_item_owned(session, item_id, key.id)
     cot = await jobs.item_cot(session, item_id)
     turns = await jobs.item_turns(session, item_id)
     return ItemDetailOut(
         **views.item_out(item).model_dump(),
         cot=views.cot_out(cot, item) if cot else None,
         turns=[views.turn_out(t, reads_hazardous) for t in turns],
+        usage=views.item_usage(turns, job.plan),
     )

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from typing import Annotated
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, Query, status
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import callbacks, duplicates, events
 from app.api import views
@@ -19,6 +20,7 @@ from app.api.deps import (
     PresetsDep,
     ReadsHazardous,
     SessionDep,
+    SettingsDep,
     StateDep,
     SummariesDep,
 )
@@ -27,6 +29,7 @@ from app.api.listing import JobFilterDep
 from app.api.schemas import (
     MAX_PROMPTS_PER_JOB,
     CotPage,
+    EstimateOut,
     ItemPage,
     ItemStatus,
     JobDeletionOut,
@@ -36,13 +39,20 @@ from app.api.schemas import (
     JobOut,
     JobPage,
     PreferencePairPage,
+    PromptIn,
     ReportOut,
     SubmittedJobOut,
 )
 from app.api.submissions import SubmissionDep, submit_responses
 from app.api.summaries import job_out
-from app.plan import check_job_fits, resolve
+from app.config import Settings
+from app.costs import check_budget, estimate
+from app.duplicates import DuplicatesOut
+from app.plan import GenerationPlan, check_job_fits, resolve
+from app.presets import Presets
+from app.queue import enqueue_items
 from app.store import deletions, job_listing, jobs, policy_sets
+from app.store.models import PolicySetRow
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger("aidsafe.api")
@@ -69,16 +79,8 @@ async def submit_job(
     422 `request_too_large` if a role's requests may not fit its endpoint's context."""
     session, settings = submission.session, submission.settings
     callback = callbacks.requested(body.callback_url, settings)
-    config, preset = presets.config_for(body.preset, body.preset_version, body.config)
-    plan = resolve(config, settings, preset)
-    policy_set = await policy_sets.resolve_for_job(
-        session, key.id, body.policy_set.name, body.policy_set.version
-    )
-    prompts = body.prompt_items()
-    found = await asyncio.to_thread(duplicates.find, [p.prompt for p in prompts], body.duplicates)
-    skipped = set(found.skipped)
-    kept = [(position, p) for position, p in enumerate(prompts) if position not in skipped]
-    check_job_fits(plan, policy_sets.for_engine(policy_set), [p.prompt for _, p in kept], settings)
+    planned = await _planned(key.id, body, session, settings, presets)
+    plan, policy_set, found, kept = planned.plan, planned.policy_set, planned.found, planned.kept
     job, new_item_ids = await jobs.submit(
         session,
         owner_key_id=key.id,
@@ -90,10 +92,56 @@ async def submit_job(
         request_hash=submission.request_hash(body),
         callback=callback,
         duplicates=found.model_dump(mode="json"),
+        budget=body.budget,
     )
     await submission.accept(job, new_item_ids)
     shown = await job_out(session, job)
     return SubmittedJobOut(**shown.model_dump(), callback_secret=job.callback_secret)
+
+
+@router.post("/estimate", responses=documented(400, 401, 413, 422, 503), openapi_extra=JOB_BODY.openapi)
+async def estimate_job(
+    key: CurrentKey,
+    body: Annotated[JobIn, Depends(JOB_BODY)],
+    session: SessionDep,
+    settings: SettingsDep,
+    presets: PresetsDep,
+) -> EstimateOut:
+    """What the job in the body would use: LLM calls, tokens and cost, as a range, at the
+    current prices. Checks the body as POST /v1/jobs does (its 422s included) and creates
+    nothing: no job, no items, no Idempotency-Key."""
+    planned = await _planned(key.id, body, session, settings, presets)
+    plan, texts = planned.plan, [p.prompt for _, p in planned.kept]
+    figures = estimate(plan, policy_sets.for_engine(planned.policy_set), texts)
+    return EstimateOut.model_validate({**asdict(figures), "prices": plan.prices})
+
+
+@dataclass(frozen=True)
+class _Planned:
+    plan: GenerationPlan
+    policy_set: PolicySetRow
+    found: DuplicatesOut
+    kept: list[tuple[int, PromptIn]]  # (position, prompt) of the items it makes
+
+
+async def _planned(
+    key_id: UUID, body: JobIn, session: AsyncSession, settings: Settings, presets: Presets
+) -> _Planned:
+    """A job request resolved and checked as submitting it does (its 422s), creating nothing:
+    the plan (its preset merged), the policy set, the duplicates and the prompts kept."""
+    config, preset = presets.config_for(body.preset, body.preset_version, body.config)
+    plan = resolve(config, settings, preset)
+    policy_set = await policy_sets.resolve_for_job(
+        session, key_id, body.policy_set.name, body.policy_set.version
+    )
+    prompts = body.prompt_items()
+    found = await asyncio.to_thread(duplicates.find, [p.prompt for p in prompts], body.duplicates)
+    skipped = set(found.skipped)
+    kept = [(position, p) for position, p in enumerate(prompts) if position not in skipped]
+    texts, policies = [p.prompt for _, p in kept], policy_sets.for_engine(policy_set)
+    check_job_fits(plan, policies, texts, settings)
+    check_budget(body.budget, plan, policies, texts)
+    return _Planned(plan, policy_set, found, kept)
 
 
 @router.get("", responses=documented(400, 401, 422, 503))
@@ -128,10 +176,22 @@ async def relabel_job(
     body: Annotated[JobLabelsIn, Depends(LABELS_BODY)],
     session: SessionDep,
     summaries: SummariesDep,
+    state: StateDep,
 ) -> JobOut:
-    """Set the job's label and/or metadata; a field left out stays as it is."""
-    await jobs.relabel(session, job, body.model_dump(include=body.model_fields_set))
+    """Set the job's label, metadata and/or budget; a field left out stays as it is. A budget
+    that is no longer spent resumes the items waiting as `budget_exhausted`."""
+    changed = body.model_fields_set
+    await jobs.relabel(session, job, body.model_dump(include=changed - {"budget"}))
+    resumed: list[tuple[UUID, int]] = []
+    if "budget" in changed:
+        policies = policy_sets.for_engine(await policy_sets.by_id(session, job.policy_set_id))
+        check_budget(body.budget, job.plan, policies, [await jobs.shortest_prompt(session, job.id)])
+        resumed = await jobs.set_budget(session, state.spending, job, body.budget)
     await session.commit()
+    try:
+        await enqueue_items(state.arq, state.settings.queue_name, resumed)
+    except Exception:  # committed: the sweeper enqueues queued items whose arq job is missing
+        log.exception("enqueue failed for job %s; the sweeper will enqueue its resumed items", job.id)
     await session.refresh(job)
     summaries.forget(job.id)
     return await job_out(session, job)

@@ -9,6 +9,8 @@ from uuid import UUID
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from app.config import Prices
+from app.costs import Budget
 from app.deliberation.config import Mode
 from app.deliberation.policies import MAX_POLICY_TEXT_CHARS, render_policies
 from app.duplicates import DuplicatesOut, Handling
@@ -101,6 +103,12 @@ class JobLabelsIn(BaseModel):
     metadata: JobMetadata = Field(
         default_factory=dict, description="Replaces the job's metadata whole; {} clears it."
     )
+    budget: Budget | None = Field(
+        default=None,
+        description="Replaces the job's budget whole; null removes it. Items waiting as "
+        "`budget_exhausted` resume if the new budget is not spent. 422 `budget_too_small` below "
+        "what one call may cost, `unpriced_endpoint` for money with an unpriced endpoint.",
+    )
 
 
 class JobIn(Labelled):
@@ -144,6 +152,13 @@ class JobIn(Labelled):
         description="Prompts repeated in this job (exact or normalised: see the README's Duplicate "
         "prompts) are always reported. `keep`: an item for every prompt. `skip`: an item only for "
         "the first occurrence; items keep their prompt's position in the list.",
+    )
+    budget: Budget | None = Field(
+        default=None,
+        exclude_if=lambda budget: budget is None,  # left out of the request's hash when absent
+        description="Stop starting LLM calls once the job's recorded calls reach this (see the "
+        "README's Costs and budgets); raise it with PATCH. 422 `budget_too_small` below what one "
+        "call may cost, `unpriced_endpoint` for max_cost_usd with an endpoint without prices.",
     )
 
     @model_validator(mode="after")
@@ -240,10 +255,23 @@ class JobCounts(BaseModel):
 class Usage(BaseModel):
     llm_calls: int
     prompt_tokens: int
+    cached_prompt_tokens: int = Field(description="Of prompt_tokens, those the servers reported as cached.")
     completion_tokens: int
+    cost_usd: float | None = Field(
+        description="At the prices pinned in the job when it was submitted; null when an endpoint "
+        "the job uses has no price (unknown, not free)."
+    )
 
 
-JobStatus = Literal["queued", "running", "completed", "cancelling", "cancelled"]
+class BudgetOut(BaseModel):
+    max_cost_usd: float | None
+    max_tokens: int | None
+    spent_cost_usd: float | None = Field(description="Recorded calls so far; null if unpriced.")
+    spent_tokens: int
+    exhausted: bool = Field(description="No new call starts; items wait as `budget_exhausted`.")
+
+
+JobStatus = Literal["queued", "running", "budget_exhausted", "completed", "cancelling", "cancelled"]
 
 
 class MetricStats(BaseModel):
@@ -281,6 +309,7 @@ class JobOut(BaseModel):
     config: dict[str, Any]
     counts: JobCounts
     usage: Usage
+    budget: BudgetOut | None = Field(description="null: the job has no budget.")
     quality: QualitySummary | None = Field(
         default=None, description="Present when the job asked for grading."
     )
@@ -298,6 +327,7 @@ class JobProgressOut(BaseModel):
     status: JobStatus
     counts: JobCounts
     usage: Usage
+    budget: BudgetOut | None = Field(default=None, description="null: the job has no budget.")
     quality: QualitySummary | None = Field(
         default=None, description="Present when the job asked for grading."
     )
@@ -305,11 +335,12 @@ class JobProgressOut(BaseModel):
 
 
 class ItemFinishedOut(BaseModel):
-    """The data of an `item` event: an item of the job ended."""
+    """The data of an `item` event: an item of the job ended, or stopped to wait for budget
+    (`budget_exhausted`: it resumes when the budget is raised)."""
 
     item_id: UUID
     position: int
-    status: Literal["completed", "failed", "cancelled"]
+    status: Literal["completed", "failed", "cancelled", "budget_exhausted"]
     error_code: str | None
 
 
@@ -328,7 +359,8 @@ class ReportOut(BaseModel):
     quality: QualityReport | None = Field(default=None, description="Present when the job asked for grading.")
     pairs: PairSummary | None = Field(default=None, description="Present when the job asked for pairs.")
     usage: Usage
-    usage_by_stage: dict[str, Usage] = Field(description="LLM calls and tokens per stage.")
+    usage_by_stage: dict[str, Usage] = Field(description="LLM calls, tokens and cost per stage.")
+    budget: BudgetOut | None
     refusals_by_stage: dict[str, dict[str, int]] = Field(
         description="Refused turns per stage, then per model: those the fallback then answered and "
         "those that failed their item."
@@ -370,7 +402,9 @@ class TurnOut(BaseModel):
     raw_output: str
     parsed: dict[str, Any] | None
     prompt_tokens: int
+    cached_prompt_tokens: int
     completion_tokens: int
+    cost_usd: float | None = Field(description="At the job's pinned prices; null: unpriced endpoint.")
     latency_ms: float
     request_hash: str
     created_at: datetime
@@ -443,6 +477,7 @@ class CotOut(BaseModel):
 class ItemDetailOut(ItemOut):
     cot: CotOut | None
     turns: list[TurnOut]
+    usage: Usage = Field(description="The item's turns summed (a comparison item: the judge's).")
 
 
 class ItemPage(BaseModel):
@@ -535,6 +570,7 @@ class JobListed(BaseModel):
     label: str | None
     metadata: dict[str, Any]
     counts: StatusCounts
+    cost_usd: float | None = Field(description="So far; null when an endpoint the job uses has no price.")
 
 
 class JobPage(BaseModel):
@@ -554,6 +590,7 @@ class ComparisonListed(BaseModel):
     baseline_job_id: UUID
     candidate_job_id: UUID
     counts: StatusCounts
+    cost_usd: float | None = Field(description="The judge's calls so far; null if its endpoint has no price.")
 
 
 class ComparisonPage(BaseModel):
@@ -606,7 +643,7 @@ class ComparisonOut(BaseModel):
         description="Per metric, the grader's mean on each side over the compared prompts."
     )
     pairwise: Pairwise
-    usage: Usage
+    usage: Usage = Field(description="The judge's calls (the compared jobs' own are theirs).")
 
 
 class JobDeletionOut(BaseModel):
@@ -626,6 +663,32 @@ class CallbackSecretOut(BaseModel):
         "the README's Callbacks), shown only in the answer to the submission (and to its "
         "replays). Null when the job names no callback."
     )
+
+
+class CountRange(BaseModel):
+    min: int
+    max: int
+
+
+class CostRange(BaseModel):
+    min: float
+    max: float
+
+
+class EstimateOut(BaseModel):
+    """What a job would use (POST /v1/jobs/estimate); nothing is created. `min`: every
+    deliberation agrees at its first turn (and the first whisper try is flagged); `max`: every
+    round of every agent (and every whisper try). Re-asks are not counted. Prompts are
+    estimated high (three bytes a token) and every reply at its full max_tokens, so real use
+    is usually lower, often below `min`."""
+
+    items: int
+    calls: CountRange
+    prompt_tokens: CountRange
+    completion_tokens: CountRange
+    cost_usd: CostRange | None = Field(description="At the current prices; null if an endpoint is unpriced.")
+    unpriced_endpoints: list[str]
+    prices: dict[str, Prices] = Field(description="The prices a job submitted now would pin.")
 
 
 class SubmittedJobOut(JobOut, CallbackSecretOut):

@@ -11,6 +11,7 @@ from app.api.known_keys import KnownKeys
 from app.api.summaries import JobSummaries
 from app.config import Settings
 from app.presets import Presets
+from app.store.budgets import Spending
 from app.store.db import Sessions
 
 
@@ -22,6 +23,7 @@ class ApiState:
     summaries: JobSummaries
     known_keys: KnownKeys
     presets: Presets
+    spending: Spending  # what jobs with a budget have spent (read and reset by PATCH)
 
 
 def install(app: FastAPI, state: ApiState) -> None:

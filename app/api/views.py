@@ -24,10 +24,12 @@ from app.api.schemas import (
     ScoreOut,
     StatusCounts,
     TurnOut,
+    Usage,
     WhisperTryOut,
 )
+from app.costs import job_cost, priced
 from app.deliberation.ports import is_hazardous, is_known_category
-from app.plan import ComparisonPlan
+from app.plan import ComparisonPlan, JobPlan
 from app.store.job_listing import ListedJob
 from app.store.models import Cot, Item, Job, PolicySetRow, PreferencePair, TurnRow
 
@@ -62,6 +64,17 @@ def turn_out(turn: TurnRow, reads_hazardous: bool) -> TurnOut:
     if reads_hazardous or not is_hazardous(turn.stage, turn.round):
         return out
     return out.model_copy(update={"raw_output": "", "parsed": None, "error": None, "redacted": True})
+
+
+def item_usage(turns: list[TurnRow], plan: JobPlan) -> Usage:
+    """An item's turns summed; the cost as its job's (null unless every endpoint is priced)."""
+    return Usage(
+        llm_calls=len(turns),
+        prompt_tokens=sum(t.prompt_tokens for t in turns),
+        cached_prompt_tokens=sum(t.cached_prompt_tokens for t in turns),
+        completion_tokens=sum(t.completion_tokens for t in turns),
+        cost_usd=sum(t.cost_usd or 0.0 for t in turns) if priced(plan) else None,
+    )
 
 
 def cot_out(cot: Cot, item: Item) -> CotOut:
@@ -227,6 +240,7 @@ def job_listed(listed: ListedJob) -> JobListed:
         label=job.label,
         metadata=job.job_metadata,
         counts=StatusCounts(total=job.item_count, by_status=listed.by_status),
+        cost_usd=job_cost(job.plan, listed.spent_usd),
     )
 
 
@@ -242,4 +256,5 @@ def comparison_listed(listed: ListedJob, plan: ComparisonPlan) -> ComparisonList
         baseline_job_id=plan.baseline_job_id,
         candidate_job_id=plan.candidate_job_id,
         counts=StatusCounts(total=job.item_count, by_status=listed.by_status),
+        cost_usd=job_cost(job.plan, listed.spent_usd),
     )

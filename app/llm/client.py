@@ -420,4 +420,13 @@ def _parse_reply(answer: _Answer, request: ChatRequest, latency_ms: float) -> Ch
         completion_tokens=completion_tokens,
         latency_ms=latency_ms,
         refusal=refusal,
+        cached_prompt_tokens=_cached_tokens(usage),
     )
+
+
+def _cached_tokens(usage: dict[str, Any]) -> int:
+    """`usage.prompt_tokens_details.cached_tokens` (OpenAI, vLLM); 0 when absent or not a
+    count: a server that says nothing about its cache is billed at the input price."""
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return cached if isinstance(cached, int) and not isinstance(cached, bool) and cached > 0 else 0

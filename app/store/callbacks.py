@@ -18,7 +18,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.store.db import Sessions
-from app.store.models import CallbackAttempt, CallbackDelivery, CallbackStatus, Item, ItemStatus, Job
+from app.store.models import FINISHED, CallbackAttempt, CallbackDelivery, CallbackStatus, Item, Job
 
 EVENT = "job.finished"
 
@@ -33,9 +33,7 @@ async def record_if_finished(session: AsyncSession, job_id: UUID) -> None:
     the other committed. Exactly one of them finds the job finished; a unique job_id keeps
     any later call (a cancel of a finished job) from writing a second delivery."""
     await session.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(str(job_id), 0))))
-    unfinished = exists().where(
-        Item.job_id == job_id, Item.status.in_((ItemStatus.QUEUED, ItemStatus.RUNNING))
-    )
+    unfinished = exists().where(Item.job_id == job_id, Item.status.not_in(FINISHED))  # waiting ones too
     if await session.scalar(select(unfinished)):
         return
     job = (

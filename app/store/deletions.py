@@ -32,7 +32,8 @@ from app.store.models import (
     TurnRow,
 )
 
-UNFINISHED = (ItemStatus.QUEUED, ItemStatus.RUNNING)
+# A job whose items wait for budget has not ended either: it resumes when the budget is raised.
+UNFINISHED = (ItemStatus.QUEUED, ItemStatus.RUNNING, ItemStatus.BUDGET_EXHAUSTED)
 
 
 def _of_job(table: Table, job_id: UUID) -> ColumnElement[bool] | None:
@@ -61,7 +62,7 @@ async def delete_job(session: AsyncSession, job_id: UUID, key_id: UUID) -> JobDe
     unfinished = select(Item.id).where(Item.job_id == job_id, Item.status.in_(UNFINISHED)).exists()
     if await session.scalar(select(unfinished)):
         raise JobRunning(
-            f"job {job_id} has queued or running items: cancel it (POST /v1/jobs/{job_id}/cancel) "
+            f"job {job_id} has queued, running or waiting items: cancel it (POST /v1/jobs/{job_id}/cancel) "
             "and delete it once it has ended"
         )
     if users := await comparisons_using(session, job_id):

@@ -21,6 +21,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
+from app.costs import Budget
 from app.deliberation.results import Completed, Judged, PairOutcome, Sample
 from app.plan import JobPlan, read_plan
 from app.store import callbacks, policy_sets
@@ -40,6 +41,7 @@ class Claim:
     plan: JobPlan
     policy_set: PolicySetRow
     notifies: bool  # the job names a callback: the ending that finishes it writes its delivery
+    budget: Budget | None  # the job's when claimed (later changes reach the item by its turns)
 
 
 class ClaimLost(Exception):
@@ -74,6 +76,8 @@ _CLAIMED = (
     Job.plan,
     Job.policy_set_id,
     Job.callback_url.is_not(None).label("notifies"),
+    Job.budget_max_cost_usd,
+    Job.budget_max_tokens,
 )
 
 
@@ -105,6 +109,7 @@ def _claim(item_id: UUID, row: Mapping[Any, Any], plan: JobPlan, policy_set: Pol
         plan,
         policy_set,
         row["notifies"],
+        Budget.of(row["budget_max_cost_usd"], row["budget_max_tokens"]),
     )
 
 

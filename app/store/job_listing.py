@@ -1,5 +1,6 @@
 """A key's jobs, newest first, a page at a time (GET /v1/jobs, GET /v1/comparisons): one
-query per page, with each job's items counted per status and its status derived from them."""
+query per page, with each job's items counted per status and its status derived from them,
+and one summing the page's jobs' turn costs."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import InvalidCursor
+from app.store import quality
 from app.store.jobs import decode_cursor, encode_cursor
 from app.store.models import FINISHED, Item, ItemStatus, Job
 
@@ -35,6 +37,7 @@ class ListedJob:
     job: Job
     status: str
     by_status: dict[str, int]  # items per status, statuses with none left out
+    spent_usd: float  # its turns' costs summed (unpriced turns count nothing)
 
 
 def _mode() -> ColumnElement[str]:
@@ -53,15 +56,18 @@ _COUNTS = (
 def _status() -> ColumnElement[str]:
     """The job's status as jobs.summary derives it (GET /v1/jobs/{id}), in SQL so a listing
     can filter on it: completed or cancelled when every item has finished, cancelling after
-    a cancel, running once an item started, queued before."""
+    a cancel, budget_exhausted when the unfinished items all wait for budget, running once an
+    item started, queued before."""
     finished: ColumnElement[int] = literal(0)
     for status in FINISHED:
         finished = finished + _COUNTS.c[status]
     cancelled = Job.cancelled_at.is_not(None)
+    running, waiting = _COUNTS.c[ItemStatus.RUNNING], _COUNTS.c[ItemStatus.BUDGET_EXHAUSTED]
     return case(
         (finished == Job.item_count, case((cancelled, "cancelled"), else_="completed")),
         (cancelled, "cancelling"),
-        ((finished > 0) | (_COUNTS.c[ItemStatus.RUNNING] > 0), "running"),
+        ((waiting > 0) & (_COUNTS.c[ItemStatus.QUEUED] + running == 0), "budget_exhausted"),
+        ((finished > 0) | (running > 0) | (waiting > 0), "running"),
         else_="queued",
     )
 
@@ -88,13 +94,13 @@ async def page(
             tuple_(Job.created_at, Job.id) < await _resume_at(session, owner_key_id, only_kinds, cursor)
         )
     query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
-    rows = [
-        ListedJob(row[0], row[1], {s: n for s, n in zip(ItemStatus, row[2:], strict=True) if n})
-        for row in await session.execute(query)
+    rows = list(await session.execute(query))
+    costs = await quality.spent_usd(session, [row[0].id for row in rows[:limit]])
+    listed = [
+        ListedJob(job, status, {s: n for s, n in zip(ItemStatus, counts, strict=True) if n}, costs[job.id])
+        for job, status, *counts in rows[:limit]
     ]
-    if len(rows) <= limit:
-        return rows, None
-    return rows[:limit], encode_cursor(rows[limit - 1].job.id)
+    return listed, encode_cursor(listed[-1].job.id) if len(rows) > limit else None
 
 
 def _conditions(

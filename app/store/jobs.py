@@ -14,9 +14,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
+from app.costs import Budget, priced
 from app.errors import IdempotencyConflict, InvalidCursor, NotFound
 from app.plan import GenerationPlan, JobPlan
-from app.store import callbacks, quality
+from app.store import budgets, callbacks, quality
 from app.store.db import driver_of
 from app.store.endings import CANCELLED, ending_values
 from app.store.models import FINISHED, Cot, Item, ItemStatus, Job, PreferencePair, TurnRow
@@ -63,6 +64,7 @@ async def submit(
     request_hash: str,
     callback: NewCallback | None,
     duplicates: dict[str, Any],
+    budget: Budget | None = None,
 ) -> tuple[Job, list[UUID]]:
     """Write the job and all its items in the caller's transaction.
 
@@ -80,6 +82,7 @@ async def submit(
         request_hash=request_hash,
         callback=callback,
         duplicates=duplicates,
+        budget=budget,
     )
     if not created:
         return job, []
@@ -111,6 +114,7 @@ async def create(
     request_hash: str,
     callback: NewCallback | None,
     duplicates: dict[str, Any] | None = None,
+    budget: Budget | None = None,
 ) -> tuple[Job, bool]:
     """Write a job row without items in the caller's transaction; (job, True) if created.
 
@@ -134,6 +138,8 @@ async def create(
         label=labels.label,
         job_metadata=labels.metadata,
         duplicates=duplicates,
+        budget_max_cost_usd=budget.max_cost_usd if budget else None,
+        budget_max_tokens=budget.max_tokens if budget else None,
     )
     try:
         async with session.begin_nested():
@@ -196,28 +202,25 @@ async def summary(session: AsyncSession, job: Job) -> dict[str, Any]:
     for stage, status, count in rows:
         by_status[status] = by_status.get(status, 0) + count
         by_stage.setdefault(stage, {})[status] = count
-    tokens = (
-        await session.execute(
-            select(
-                func.count(),
-                func.coalesce(func.sum(TurnRow.prompt_tokens), 0),
-                func.coalesce(func.sum(TurnRow.completion_tokens), 0),
-            ).where(TurnRow.job_id == job.id)
-        )
-    ).one()
+    usage = (await session.execute(select(*quality.usage_columns()).where(TurnRow.job_id == job.id))).one()
     finished = sum(by_status.get(s, 0) for s in FINISHED)
+    active = by_status.get(ItemStatus.QUEUED, 0) + by_status.get(ItemStatus.RUNNING, 0)
     if finished == job.item_count:
         status = "cancelled" if job.cancelled_at else "completed"
     elif job.cancelled_at:
         status = "cancelling"
-    elif finished or by_status.get(ItemStatus.RUNNING):
+    elif by_status.get(ItemStatus.BUDGET_EXHAUSTED) and not active:
+        status = "budget_exhausted"
+    elif finished or by_status.get(ItemStatus.RUNNING) or by_status.get(ItemStatus.BUDGET_EXHAUSTED):
         status = "running"
     else:
         status = "queued"
+    shown_usage = quality.usage(usage, priced(job.plan))
     summary: dict[str, Any] = {
         "status": status,
         "counts": {"total": job.item_count, "by_status": by_status, "by_stage": by_stage},
-        "usage": {"llm_calls": tokens[0], "prompt_tokens": tokens[1], "completion_tokens": tokens[2]},
+        "usage": shown_usage,
+        "budget": budget_out(job, shown_usage),
     }
     if isinstance(plan := job.plan, GenerationPlan):  # comparisons neither grade nor pair
         if plan.grading is not None:
@@ -235,18 +238,38 @@ async def report(session: AsyncSession, job: Job) -> dict[str, Any]:
         full["quality"]["below_threshold"] = await quality.below_threshold(
             session, job.id, grading.thresholds
         )
-    full["usage_by_stage"] = await quality.usage_by_stage(session, job.id)
+    full["usage_by_stage"] = await quality.usage_by_stage(session, job.id, priced(job.plan))
     full["refusals_by_stage"] = await quality.refusals_by_stage(session, job.id)
     return full
 
 
+def budget_out(job: Job, usage: dict[str, Any]) -> dict[str, Any] | None:
+    """The job's budget and whether its recorded calls (`usage`, the job's as shown) have
+    reached it; None: no budget."""
+    budget = Budget.of(job.budget_max_cost_usd, job.budget_max_tokens)
+    if budget is None:
+        return None
+    tokens, cost = usage["prompt_tokens"] + usage["completion_tokens"], usage["cost_usd"]
+    return {
+        "max_cost_usd": budget.max_cost_usd,
+        "max_tokens": budget.max_tokens,
+        "spent_cost_usd": cost,
+        "spent_tokens": tokens,
+        "exhausted": budget.reached(tokens, cost or 0.0),
+    }
+
+
+_WAITING = (ItemStatus.BUDGET_EXHAUSTED,)
+
+
 async def cancel(session: AsyncSession, job: Job) -> None:
-    """Queued items end as cancelled now; running ones stop at their worker's next check.
+    """Queued items, and those waiting for budget, end as cancelled now; running ones stop at
+    their worker's next check.
     A job with no queued or running item has finished: it is left as it is, not cancelled.
     The caller refreshes `job` after committing."""
     unfinished = (
         select(Item.id)
-        .where(Item.job_id == job.id, Item.status.in_((ItemStatus.QUEUED, ItemStatus.RUNNING)))
+        .where(Item.job_id == job.id, Item.status.in_((ItemStatus.QUEUED, ItemStatus.RUNNING, *_WAITING)))
         .exists()
     )
     # `cancelled_at IS NULL`: of two concurrent cancels, the first time stays
@@ -257,7 +280,7 @@ async def cancel(session: AsyncSession, job: Job) -> None:
     )
     await session.execute(
         update(Item)
-        .where(Item.job_id == job.id, Item.status == ItemStatus.QUEUED)
+        .where(Item.job_id == job.id, Item.status.in_((ItemStatus.QUEUED, *_WAITING)))
         .values(ending_values(CANCELLED))
     )
     if job.callback_url is not None:  # this may have ended its last items
@@ -376,3 +399,26 @@ async def relabel(session: AsyncSession, job: Job, changes: dict[str, Any]) -> N
     for name, value in changes.items():
         setattr(job, columns[name], value)
     await session.flush()
+
+
+async def shortest_prompt(session: AsyncSession, job_id: UUID) -> str:
+    """The job's shortest prompt (in bytes, as token estimates count): its cheapest first call."""
+    prompt = await session.scalar(
+        select(Item.prompt).where(Item.job_id == job_id).order_by(func.octet_length(Item.prompt)).limit(1)
+    )
+    return prompt or ""
+
+
+async def set_budget(
+    session: AsyncSession, spending: budgets.Spending, job: Job, budget: Budget | None
+) -> list[tuple[UUID, int]]:
+    """Replace the job's budget (None: no limit) and put the items that waited for it back in
+    the queue if it is no longer spent: the (item id, enqueue counter) pairs to enqueue after
+    the caller commits. The job's row stays locked until then (app/store/budgets.py). Its
+    spending counters are dropped, to be rebuilt from its turns: turns recorded while it had
+    no budget were not counted."""
+    job.budget_max_cost_usd = budget.max_cost_usd if budget else None
+    job.budget_max_tokens = budget.max_tokens if budget else None
+    await session.flush()
+    await spending.forget(job.id)
+    return await budgets.settle_waiting(session, spending, job.id)

@@ -49,13 +49,16 @@ class Base(DeclarativeBase):
 
 class ItemStatus(StrEnum):
     """queued -> running -> completed | failed; queued or running -> cancelled. A running item
-    handed back (an LLM outage, a shutdown, an error, a dead worker) is queued again."""
+    handed back (an LLM outage, a shutdown, an error, a dead worker) is queued again. One whose
+    job's budget ran out waits as budget_exhausted (its turns kept) until the budget is raised,
+    then is queued again, or until the job is cancelled."""
 
     QUEUED = "queued"
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    BUDGET_EXHAUSTED = "budget_exhausted"
 
 
 FINISHED = (ItemStatus.COMPLETED, ItemStatus.FAILED, ItemStatus.CANCELLED)  # nothing changes after these
@@ -159,6 +162,9 @@ class Job(Base):
     # Duplicate prompts found at submission (app/duplicates.py, DuplicatesOut's JSON); None for
     # comparisons and for jobs older than the report.
     duplicates: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    # The user's budget (app/costs.py Budget), changed by PATCH; None: no limit.
+    budget_max_cost_usd: Mapped[float | None] = mapped_column(Float)
+    budget_max_tokens: Mapped[int | None] = mapped_column(BigInteger)
 
 
 # Jobs whose hazardous text is still held, for the purge to find the old ones.
@@ -221,7 +227,11 @@ class TurnRow(Base):
     __table_args__ = (
         UniqueConstraint("item_id", "stage", "round", "agent", "attempt"),
         # Job totals (GET /v1/jobs/{id}) by an index-only scan, without reading raw outputs.
-        Index("ix_turns_job_usage", "job_id", postgresql_include=["prompt_tokens", "completion_tokens"]),
+        Index(
+            "ix_turns_job_usage",
+            "job_id",
+            postgresql_include=["prompt_tokens", "cached_prompt_tokens", "completion_tokens", "cost_usd"],
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
@@ -242,6 +252,10 @@ class TurnRow(Base):
     agreed: Mapped[bool | None] = mapped_column(Boolean)
     prompt_tokens: Mapped[int] = mapped_column(Integer)
     completion_tokens: Mapped[int] = mapped_column(Integer)
+    # Of prompt_tokens, those the server reported as cached (usage.prompt_tokens_details).
+    cached_prompt_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    # At the job's pinned prices, when recorded; None: its endpoint is unpriced (unknown, not 0).
+    cost_usd: Mapped[float | None] = mapped_column(Float)
     latency_ms: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = _now()
 

@@ -3,7 +3,7 @@ pairs and LLM usage by stage. Nothing here loads per-item rows into Python."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 from uuid import UUID
 
@@ -104,23 +104,50 @@ async def pairs(session: AsyncSession, job_id: UUID) -> dict[str, Any]:
     return summary
 
 
-async def usage_by_stage(session: AsyncSession, job_id: UUID) -> dict[str, dict[str, int]]:
-    """LLM calls and tokens per stage (intent, seed, ..., grade, whisper, rejected, guard, judge)."""
+def usage_columns() -> tuple[Any, ...]:
+    """Aggregates of turns: calls, prompt, cached prompt and completion tokens, and cost."""
+    return (
+        func.count(),
+        func.coalesce(func.sum(TurnRow.prompt_tokens), 0),
+        func.coalesce(func.sum(TurnRow.cached_prompt_tokens), 0),
+        func.coalesce(func.sum(TurnRow.completion_tokens), 0),
+        func.coalesce(func.sum(TurnRow.cost_usd), 0.0),
+    )
+
+
+def usage(row: Sequence[Any], priced: bool) -> dict[str, Any]:
+    """A row of usage_columns as the API shows it; the cost is null unless the job's every
+    endpoint is priced (then every turn has a cost)."""
+    calls, prompt, cached, completion, cost = row
+    return {
+        "llm_calls": calls,
+        "prompt_tokens": prompt,
+        "cached_prompt_tokens": cached,
+        "completion_tokens": completion,
+        "cost_usd": cost if priced else None,
+    }
+
+
+async def spent_usd(session: AsyncSession, job_ids: Sequence[UUID]) -> dict[UUID, float]:
+    """Each job's turns' costs summed (a job without turns: 0), for a page of jobs, by the
+    covering index on turns."""
     rows = await session.execute(
-        select(
-            TurnRow.stage,
-            func.count(),
-            func.sum(TurnRow.prompt_tokens),
-            func.sum(TurnRow.completion_tokens),
-        )
+        select(TurnRow.job_id, func.coalesce(func.sum(TurnRow.cost_usd), 0.0))
+        .where(TurnRow.job_id.in_(job_ids))
+        .group_by(TurnRow.job_id)
+    )
+    return dict.fromkeys(job_ids, 0.0) | {job_id: float(cost or 0.0) for job_id, cost in rows}
+
+
+async def usage_by_stage(session: AsyncSession, job_id: UUID, priced: bool) -> dict[str, dict[str, Any]]:
+    """LLM calls, tokens and cost per stage (intent, seed, ..., grade, whisper, rejected, guard, judge)."""
+    rows = await session.execute(
+        select(TurnRow.stage, *usage_columns())
         .where(TurnRow.job_id == job_id)
         .group_by(TurnRow.stage)
         .order_by(TurnRow.stage)
     )
-    return {
-        stage: {"llm_calls": calls, "prompt_tokens": prompt, "completion_tokens": completion}
-        for stage, calls, prompt, completion in rows
-    }
+    return {row[0]: usage(row[1:], priced) for row in rows}
 
 
 async def refusals_by_stage(session: AsyncSession, job_id: UUID) -> dict[str, dict[str, int]]:

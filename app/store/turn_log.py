@@ -8,21 +8,26 @@ from uuid import UUID
 
 from sqlalchemy import bindparam, exists, select, update
 
+from app.costs import Budget, call_cost
 from app.deliberation.ports import Stage, Turn, TurnKey, TurnOutcome
+from app.metrics import LLM_COST_USD
+from app.store.budgets import Meter
 from app.store.db import Sessions, driver_connection
 from app.store.driver_statements import DriverStatement, insert_from, row_parameter
 from app.store.items import Claim, ClaimLost, claim_holds
-from app.store.models import Item, TurnRow
+from app.store.models import Item, Job, TurnRow
 
 
 class PostgresTurnLog:
     """The turn log of one claimed item. `record` writes only while the claim holds (a
     worker that lost its lease gets ClaimLost), and is idempotent on the turn key: if the
-    key is already stored, the stored turn wins and is returned."""
+    key is already stored, the stored turn wins and is returned. A turn is stored with its
+    cost at the job's pinned prices, and told to the item's `meter` (app/store/budgets.py)."""
 
-    def __init__(self, sessions: Sessions, claim: Claim) -> None:
+    def __init__(self, sessions: Sessions, claim: Claim, meter: Meter | None = None) -> None:
         self._sessions = sessions
         self._claim = claim
+        self._meter = meter
         self._recorded: dict[TurnKey, Turn] = {}
 
     async def done(self, item_id: UUID) -> list[Turn]:
@@ -42,15 +47,22 @@ class PostgresTurnLog:
             error=storable(turn.error),
         )
         key = turn.key
+        row = self._row(turn)
         async with driver_connection(self._sessions) as connection:
             recorded = await _RECORD.fetchrow(
-                connection, item_id=turn.item_id, attempt=self._claim.attempt, turns=self._row(turn)
+                connection, item_id=turn.item_id, attempt=self._claim.attempt, turns=row
             )
         assert recorded is not None  # a SELECT without FROM: one row
-        held, inserted = recorded
+        held, inserted, max_cost_usd, max_tokens = recorded
         if not held:
             raise ClaimLost(f"lease on item {turn.item_id} lost")
         if inserted:
+            cost = row["cost_usd"]
+            if cost is not None:
+                LLM_COST_USD.labels(turn.endpoint).inc(cost)
+            if self._meter is not None:
+                tokens = turn.prompt_tokens + turn.completion_tokens
+                await self._meter.recorded(Budget.of(max_cost_usd, max_tokens), tokens, cost)
             self._recorded[key] = turn
             return turn
         async with self._sessions() as session:  # the key was stored before: that turn wins
@@ -70,6 +82,7 @@ class PostgresTurnLog:
     def _row(self, turn: Turn) -> dict[str, Any]:
         """The turn's row, but for its item_id (the statement takes the claimed item's)."""
         key = turn.key
+        prices = self._claim.plan.prices.get(turn.endpoint)
         return {
             "job_id": self._claim.job_id,
             "stage": key.stage.value,
@@ -87,6 +100,10 @@ class PostgresTurnLog:
             "agreed": turn.agreed,
             "prompt_tokens": turn.prompt_tokens,
             "completion_tokens": turn.completion_tokens,
+            "cached_prompt_tokens": turn.cached_prompt_tokens,
+            "cost_usd": call_cost(
+                prices, turn.prompt_tokens, turn.cached_prompt_tokens, turn.completion_tokens
+            ),
             "latency_ms": turn.latency_ms,
         }
 
@@ -95,15 +112,20 @@ def _record_statement() -> DriverStatement:
     """One round trip. FOR UPDATE locks the item row while the claim is checked, so a
     takeover claim cannot interleave with the write (it waits, or this sees its new attempt
     and writes nothing); ON CONFLICT keeps the first turn stored under a key; the item's
-    stage moves only when a turn really was added."""
+    stage moves only when a turn really was added. The job's budget is read, not locked:
+    turns of one job never wait for each other (app/store/budgets.py)."""
     held = (
-        select(Item.id)
+        select(Item.id, Item.job_id)
         .where(claim_holds(bindparam("item_id"), bindparam("attempt")))
-        .with_for_update()
+        .with_for_update(of=Item)
         .cte("held")
     )
+    turns = TurnRow.__table__
     inserted = (
-        insert_from(TurnRow.__table__, held, item_id=held.c.id)
+        # cached_prompt_tokens has a server default (for rows older than it): supplied here.
+        insert_from(
+            turns, held, item_id=held.c.id, cached_prompt_tokens=row_parameter(turns.c.cached_prompt_tokens)
+        )
         .on_conflict_do_nothing()
         .returning(TurnRow.item_id)
         .cte("inserted")
@@ -115,9 +137,15 @@ def _record_statement() -> DriverStatement:
         .values(stage=stage)
         .cte("staged")
     )
+    budget = (
+        select(Job.budget_max_cost_usd, Job.budget_max_tokens).where(Job.id == held.c.job_id).cte("budget")
+    )
     return DriverStatement(
         select(
-            exists().select_from(held).label("held"), exists().select_from(inserted).label("inserted")
+            exists().select_from(held).label("held"),
+            exists().select_from(inserted).label("inserted"),
+            select(budget.c.budget_max_cost_usd).scalar_subquery().label("max_cost_usd"),
+            select(budget.c.budget_max_tokens).scalar_subquery().label("max_tokens"),
         ).add_cte(staged)
     )
 
@@ -152,4 +180,5 @@ def to_turn(row: TurnRow) -> Turn:
         prompt_tokens=row.prompt_tokens,
         completion_tokens=row.completion_tokens,
         latency_ms=row.latency_ms,
+        cached_prompt_tokens=row.cached_prompt_tokens,
     )

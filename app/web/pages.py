@@ -30,14 +30,23 @@ from app.api.schemas import ItemStatus
 from app.api.state import api_state
 from app.api.summaries import job_out
 from app.config import Settings
+from app.costs import job_cost
 from app.errors import CrossSiteRequest, NotFound, ServiceError, Unauthorized
-from app.store import jobs, keys, policy_sets, web_sessions
+from app.store import jobs, keys, policy_sets, quality, web_sessions
 from app.store.models import ApiKey, Cot, Job, PreferencePair
 from app.web import session as session_token
 from app.web import timeline
 
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")  # autoescape is on for .html
+
+
+def _usd(cost: float | None) -> str:
+    """A cost as the viewer shows it: null is an unpriced endpoint, not free."""
+    return "unknown (unpriced endpoint)" if cost is None else f"${cost:,.4f}"
+
+
+templates.env.filters["usd"] = _usd
 STATIC = {"viewer.css": "text/css", "viewer.js": "text/javascript"}
 PAGE_SIZE = 100
 LOGIN_FORM_BYTES = 4096  # an API key and some; parsing more would only stall the event loop
@@ -182,7 +191,10 @@ async def job_list(request: Request, session: SessionDep, key: ViewerKey) -> Res
     rows = await session.scalars(
         select(Job).where(Job.owner_key_id == key.id).order_by(Job.created_at.desc()).limit(PAGE_SIZE)
     )
-    return templates.TemplateResponse(request, "jobs.html", {"key": key, "jobs": list(rows)})
+    listed = list(rows)
+    spent = await quality.spent_usd(session, [job.id for job in listed])
+    costs = {job.id: job_cost(job.plan, spent[job.id]) for job in listed}
+    return templates.TemplateResponse(request, "jobs.html", {"key": key, "jobs": listed, "costs": costs})
 
 
 def _blank_is_none(value: Any) -> Any:
@@ -250,7 +262,8 @@ async def item_page(request: Request, item_id: UUID, session: SessionDep, key: V
     reads_hazardous = keys.reads_hazardous(key)
     item, job = await jobs.get_item_owned(session, item_id, key.id)
     cot_row = await jobs.item_cot(session, item_id)
-    turns = [views.turn_out(turn, reads_hazardous) for turn in await jobs.item_turns(session, item_id)]
+    turn_rows = await jobs.item_turns(session, item_id)
+    turns = [views.turn_out(turn, reads_hazardous) for turn in turn_rows]
     cot = views.cot_out(cot_row, item) if cot_row else None
     pair_row = await session.scalar(select(PreferencePair).where(PreferencePair.item_id == item_id))
     known = views.policy_ids(await policy_sets.by_id(session, job.policy_set_id))
@@ -262,6 +275,7 @@ async def item_page(request: Request, item_id: UUID, session: SessionDep, key: V
         "cot": cot,
         "timeline": timeline.build(cot, turns) if cot else None,
         "turns": turns,
+        "usage": views.item_usage(turn_rows, job.plan),
         "pair": pair,
         "reads_hazardous": reads_hazardous,
     }

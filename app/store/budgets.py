@@ -1,0 +1,195 @@
+"""A job's budget as the workers enforce it and the API changes it.
+
+What a job has spent is counted in Redis, not on the job's row: with hundreds of calls of one
+job in flight, a counter on that row would make every turn's insert wait for its lock. Each
+turn recorded for a job with a budget adds its tokens and cost to the job's counters (one
+Redis round trip), and before each LLM call of such a job its worker reads them (another):
+once they reach the budget the call is not started and the item is parked as
+`budget_exhausted`, its turns kept. Calls already in flight finish and are recorded, so a job
+can exceed its budget by at most its calls in flight. A job without a budget costs nothing
+here: its workers neither read nor add (the claim and each turn's insert say whether the job
+has a budget, from the job's row, without locking it).
+
+The turns stay the record (the API's totals are sums over them); the counters are rebuilt
+from the turns when missing (a Redis restart, expiry, or a changed budget, which drops them).
+A rebuild creates the counters before summing the turns, so a turn is never missed: one
+recorded while the sum runs may be counted twice, which can stop a job early by at most its
+calls in flight, never late. Raising (or removing) the budget puts the parked items back in
+the queue; they resume from their turns.
+"""
+
+from __future__ import annotations
+
+import logging
+from uuid import UUID
+
+from arq.connections import ArqRedis
+from redis.asyncio import Redis
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.costs import Budget, BudgetExhausted
+from app.deliberation.ports import ChatReply, ChatRequest, LLMClient
+from app.queue import enqueue_items
+from app.store import callbacks, items
+from app.store.db import Sessions
+from app.store.endings import CANCELLED, Ending, ending_values
+from app.store.models import Item, ItemStatus, Job, TurnRow
+
+log = logging.getLogger("aidsafe.budgets")
+
+WAITING = Ending(
+    ItemStatus.BUDGET_EXHAUSTED,
+    "budget_exhausted",
+    "the job's budget is spent; raising it (PATCH /v1/jobs/{id}) resumes the item",
+)
+
+# Counters of a job nobody reads or adds to for a day go (and are rebuilt if it resumes).
+_TTL_MS = 24 * 3600 * 1000
+# Counters being rebuilt go sooner: a rebuilder that dies midway must not leave them.
+_REBUILD_TTL_MS = 30 * 1000
+
+# Add to counters that exist (missing ones are rebuilt from the turns, which hold this turn).
+_ADD = """
+if redis.call('exists', KEYS[1]) == 0 then return 0 end
+redis.call('hincrby', KEYS[1], 'tokens', ARGV[1])
+redis.call('hincrbyfloat', KEYS[1], 'usd', ARGV[2])
+if redis.call('hget', KEYS[1], 'ready') == '1' then redis.call('pexpire', KEYS[1], ARGV[3]) end
+return 1
+"""
+# The counters if ready; else 'rebuild' if this caller starts their rebuild (they were
+# missing), or 'wait' if another caller's rebuild runs.
+_READ = """
+local tokens, usd, ready = unpack(redis.call('hmget', KEYS[1], 'tokens', 'usd', 'ready'))
+if ready == '1' then return {tokens, usd} end
+if ready then return 'wait' end
+redis.call('hset', KEYS[1], 'tokens', 0, 'usd', 0, 'ready', 0)
+redis.call('pexpire', KEYS[1], ARGV[1])
+return 'rebuild'
+"""
+# Finish it: the turns' sums join what was added meanwhile.
+_FINISH = """
+if redis.call('exists', KEYS[1]) == 0 then return nil end
+local tokens = redis.call('hincrby', KEYS[1], 'tokens', ARGV[1])
+local usd = redis.call('hincrbyfloat', KEYS[1], 'usd', ARGV[2])
+redis.call('hset', KEYS[1], 'ready', 1)
+redis.call('pexpire', KEYS[1], ARGV[3])
+return {tokens, usd}
+"""
+
+
+class Spending:
+    """Every job's spent tokens and USD, as counted in Redis (see the module's docstring)."""
+
+    def __init__(self, redis: Redis, sessions: Sessions, key_prefix: str) -> None:
+        self._redis, self._sessions, self._key_prefix = redis, sessions, key_prefix
+        self._add = redis.register_script(_ADD)
+        self._read = redis.register_script(_READ)
+        self._finish = redis.register_script(_FINISH)
+
+    def key(self, job_id: UUID) -> str:
+        return f"{self._key_prefix}:spent:{job_id}"
+
+    async def add(self, job_id: UUID, tokens: int, usd: float | None) -> None:
+        await self._add(keys=[self.key(job_id)], args=[tokens, repr(usd or 0.0), _TTL_MS])
+
+    async def spent(self, job_id: UUID) -> tuple[int, float]:
+        """(tokens, USD) the job's recorded turns used; unpriced turns add no USD."""
+        key = self.key(job_id)
+        counters = await self._read(keys=[key], args=[_REBUILD_TTL_MS])
+        if isinstance(counters, list):
+            return int(counters[0]), float(counters[1])
+        recorded = await self._recorded(job_id)
+        if counters != b"rebuild":  # another caller rebuilds: the turns answer meanwhile
+            return recorded
+        finished = await self._finish(keys=[key], args=[recorded[0], repr(recorded[1]), _TTL_MS])
+        return recorded if finished is None else (int(finished[0]), float(finished[1]))
+
+    async def forget(self, job_id: UUID) -> None:
+        """Drop the job's counters: the next read rebuilds them from the turns."""
+        await self._redis.delete(self.key(job_id))
+
+    async def _recorded(self, job_id: UUID) -> tuple[int, float]:
+        async with self._sessions() as session:
+            row = (
+                await session.execute(
+                    select(
+                        func.coalesce(func.sum(TurnRow.prompt_tokens + TurnRow.completion_tokens), 0),
+                        func.coalesce(func.sum(TurnRow.cost_usd), 0.0),
+                    ).where(TurnRow.job_id == job_id)
+                )
+            ).one()
+        return int(row[0]), float(row[1] or 0.0)
+
+
+class Meter:
+    """The budget of one claimed item's job, between the item's LLM calls and its turn log:
+    no call starts once the job's budget is spent (BudgetExhausted), and each recorded turn
+    of a job with a budget is added to its counters. The budget is the claim's, then what
+    each turn's insert read from the job's row, so a PATCH applies from an item's next call."""
+
+    def __init__(self, llm: LLMClient, spending: Spending, job_id: UUID, budget: Budget | None) -> None:
+        self._llm, self._spending, self._job_id, self._budget = llm, spending, job_id, budget
+
+    async def chat(self, request: ChatRequest) -> ChatReply:
+        if self._budget is not None and self._budget.reached(*await self._spending.spent(self._job_id)):
+            raise BudgetExhausted(f"job {self._job_id}: budget spent")
+        return await self._llm.chat(request)
+
+    async def recorded(self, budget: Budget | None, tokens: int, usd: float | None) -> None:
+        """A turn was stored; `budget`: the job's as its insert read it."""
+        self._budget = budget
+        if budget is not None:
+            await self._spending.add(self._job_id, tokens, usd)
+
+
+async def park(
+    sessions: Sessions, spending: Spending, redis: ArqRedis, queue_name: str, claim: items.Claim
+) -> Ending | None:
+    """End the claim as waiting for budget, then settle it at once if the budget was raised or
+    the job cancelled meanwhile (the check before the call may have read the old budget)."""
+    ending = await items.end(sessions, claim, WAITING)
+    async with sessions.begin() as session:
+        resumed = await settle_waiting(session, spending, claim.job_id)
+    try:
+        await enqueue_items(redis, queue_name, resumed)
+    except Exception:  # committed: the sweeper enqueues queued items whose arq job is missing
+        log.exception("enqueue failed for job %s; the sweeper will enqueue its resumed items", claim.job_id)
+    return ending
+
+
+async def settle_waiting(session: AsyncSession, spending: Spending, job_id: UUID) -> list[tuple[UUID, int]]:
+    """In the caller's transaction, with the job's row locked (a concurrent PATCH, cancel or
+    park waits for it, inserts of its turns do not): the job's waiting items are cancelled if
+    the job was, and queued again if its budget is no longer spent (by the counters the
+    workers read, so an item is not resumed only to park again). The (item id, enqueue
+    counter) pairs to enqueue once the caller has committed."""
+    job = (
+        await session.execute(
+            select(Job.cancelled_at, Job.callback_url, Job.budget_max_cost_usd, Job.budget_max_tokens)
+            .where(Job.id == job_id)
+            .with_for_update(key_share=True)  # NO KEY UPDATE: turn inserts (key share) go on
+        )
+    ).one()
+    waiting = (Item.job_id == job_id) & (Item.status == ItemStatus.BUDGET_EXHAUSTED)
+    if job.cancelled_at is not None:
+        await session.execute(update(Item).where(waiting).values(ending_values(CANCELLED)))
+        if job.callback_url is not None:
+            await callbacks.record_if_finished(session, job_id)
+        return []
+    budget = Budget.of(job.budget_max_cost_usd, job.budget_max_tokens)
+    if budget is not None and budget.reached(*await spending.spent(job_id)):
+        return []
+    requeued = await session.execute(
+        update(Item)
+        .where(waiting)
+        .values(
+            status=ItemStatus.QUEUED,
+            error_code=None,
+            error_message=None,
+            updated_at=func.now(),
+            enqueues=Item.enqueues + 1,  # a fresh arq job id
+        )
+        .returning(Item.id, Item.enqueues)
+    )
+    return [(row.id, row.enqueues) for row in requeued]
