@@ -26,7 +26,7 @@ from app.api import schemas, webhooks
 from app.config import Settings
 from app.events import stream_key
 from app.store.db import Sessions
-from tests.conftest import run_worker_burst
+from tests.conftest import eventually, run_worker_burst
 from tests.test_api import row_counts
 from tests.test_cli import KITCHEN
 
@@ -47,7 +47,11 @@ async def waited(client: aidsafe.Client, settings: Settings, job_id: Any) -> lis
     """Run the worker while `client.wait` follows the job's events; the events it saw."""
     seen: list[aidsafe.Event] = []
     waiter = asyncio.create_task(asyncio.to_thread(client.wait, job_id, on_event=seen.append))
-    await asyncio.sleep(0.5)  # connected before the items finish
+
+    async def connected() -> bool:  # its snapshot came, so it sees the items finish
+        return bool(seen) or waiter.done()
+
+    await eventually(connected, what="the event stream's snapshot")
     await run_worker_burst(settings)
     final = await asyncio.wait_for(waiter, 30)
     assert final == seen[-1].data
@@ -408,7 +412,11 @@ async def test_the_readme_example_runs(
 
     scope: dict[str, Any] = {}
     run = asyncio.create_task(asyncio.to_thread(exec, example, scope))
-    await asyncio.sleep(1)
+
+    async def submitted() -> bool:  # the worker has something to run
+        return "job" in scope or run.done()
+
+    await eventually(submitted, what="the example's submission")
     await run_worker_burst(settings)
     await asyncio.wait_for(run, 30)
 
