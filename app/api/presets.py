@@ -26,7 +26,7 @@ async def list_presets(key: CurrentKey, presets: PresetsDep) -> list[PresetOut]:
     return [_out(preset) for preset in presets.all()]
 
 
-@router.get("/{name}", responses=documented(401, 404, 503))
+@router.get("/{name}", responses=documented(401, 404, 422, 503))
 async def get_preset(name: str, key: CurrentKey, presets: PresetsDep) -> PresetOut:
     preset = presets.named(name)
     if preset is None:
