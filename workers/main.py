@@ -271,7 +271,8 @@ async def sweep(settings: Settings, sessions: Sessions, redis: ArqRedis) -> dict
     expired = await items.take_lost_claims(sessions, dead)
     # Their LLM slots too: held until their leases end (the LLM timeout and a margin), a few
     # dead workers' slots would fill the cap and stall the live ones.
-    if freed := await llm_limiter(redis, settings).release_owners(settings.endpoints(), [str(d) for d in dead]):
+    freed = await llm_limiter(redis, settings).release_owners(settings.endpoints(), [str(d) for d in dead])
+    if freed:
         log.info("sweeper freed %d LLM slots of dead workers", freed)
     waiting = await items.queued_unclaimed(sessions, settings.enqueue_grace_s)
     pending = await _arq_jobs_pending(redis, settings.queue_name, [arq_job_id(i, n) for i, n in waiting])
