@@ -9,6 +9,7 @@ import dataclasses
 import signal
 import subprocess
 import time
+from contextlib import AsyncExitStack
 from uuid import UUID, uuid4
 
 import httpx
@@ -25,7 +26,7 @@ from tests.conftest import delete_redis_keys, eventually, start_worker, submit
 from tests.scripted_llm import ScriptedLLM, agree, stall
 from tests.test_worker import one_item, turn_count
 from workers import liveness
-from workers.main import sweep
+from workers.main import llm_limiter, sweep
 
 DEFAULTS = Settings.model_fields
 
@@ -185,6 +186,39 @@ async def test_missing_heartbeats_count_only_after_redis_kept_them_for_a_ttl(
         "worker lost (heartbeat stopped)",
     )
     assert (kept.status, kept.failures) == ("running", 0)
+
+
+async def test_a_dead_workers_llm_slots_are_freed_with_its_items(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    redis: Redis,
+    arq_redis: ArqRedis,
+) -> None:
+    """A killed worker never releases its slots of the shared LLM cap. Left to their leases
+    (the LLM timeout and a margin, 25 s by default), a few kills in a row fill the cap and
+    every live worker waits; the sweeper frees them with the dead worker's items. A live
+    worker's slot stays."""
+    job_id = await submit(api, auth, ["What makes bread rise?"])
+    item_id = (await one_item(sessions, job_id)).id
+    dead, live = uuid4(), uuid4()
+    assert await items.claim(sessions, item_id, items.Limits(60, 8, 5), holder=dead)
+    run_id = (await redis.info("server"))["run_id"]  # a Redis the sweeper knows: no settling
+    await redis.set(f"{settings.redis_key_prefix}:liveness:redis-run-id", run_id)
+    await liveness.beat(redis, settings, live)
+    cap, lease_s = 3, 60.0
+    async with AsyncExitStack() as held:
+        for owner in (dead, dead, live):
+            limiter = llm_limiter(arq_redis, settings, owner=owner)
+            await held.enter_async_context(limiter.slot("default", cap, lease_s))
+
+        assert await sweep(settings, sessions, arq_redis) == {"expired": 1, "lost": 0}
+
+        async with asyncio.timeout(2):  # not the 60 s of the dead worker's leases
+            async with llm_limiter(arq_redis, settings, owner=live).slot("default", cap, lease_s):
+                holders = await redis.zrange(llm_limiter(arq_redis, settings).key("default"), 0, -1)
+    assert sorted(holder.decode().split("/")[0] for holder in holders) == [str(live)] * 2
 
 
 async def test_a_redis_that_denies_info_still_gets_expired_leases_swept(

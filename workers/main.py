@@ -95,9 +95,10 @@ async def connect(ctx: dict[str, Any]) -> None:
         start_http_server(settings.worker_metrics_port)
     pool_size = min(settings.worker_max_jobs + 2, settings.worker_db_connections)
     db = make_engine(settings.database_url, pool_size=pool_size)
+    worker_id = uuid4()
     llm = OpenAICompatibleClient(
         settings.endpoints(),
-        EndpointLimiter(redis, key_prefix=f"{settings.redis_key_prefix}:limits"),
+        llm_limiter(redis, settings, owner=worker_id),
         rates=EndpointRates(redis, key_prefix=f"{settings.redis_key_prefix}:rates"),
         timeout_s=settings.llm_timeout_s,
         max_retries=settings.llm_max_retries,
@@ -105,7 +106,6 @@ async def connect(ctx: dict[str, Any]) -> None:
         backoff_max_s=settings.llm_backoff_max_s,
     )
     sessions = make_sessions(db)
-    worker_id = uuid4()
     # The first beat before the first claim: a claim without a heartbeat looks dead.
     await liveness.beat(redis, settings, worker_id)
     heartbeat = asyncio.create_task(liveness.beat_forever(redis, settings, worker_id))
@@ -113,6 +113,11 @@ async def connect(ctx: dict[str, Any]) -> None:
     callbacks = Sender(settings, sessions)
     ctx[WORKER] = Worker(settings, redis, db, sessions, llm, callbacks, worker_id, heartbeat, spending)
     log.info("worker %s started (%s)", worker_id, liveness.process())
+
+
+def llm_limiter(redis: ArqRedis, settings: Settings, owner: UUID | None = None) -> EndpointLimiter:
+    """The shared LLM cap; its slots taken by `owner` (a worker) carry its id."""
+    return EndpointLimiter(redis, key_prefix=f"{settings.redis_key_prefix}:limits", owner=str(owner or ""))
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
@@ -265,10 +270,16 @@ def _backoff_s(settings: Settings, attempt: int) -> float:
 
 async def sweep(settings: Settings, sessions: Sessions, redis: ArqRedis) -> dict[str, int]:
     """Re-enqueue what would otherwise wait: items whose worker died (its heartbeat stopped,
-    or their lease expired), and queued items whose arq job is gone (Redis restarted, enqueue
-    lost after commit) or was taken by a worker that died before claiming the item."""
+    and then its LLM slots are freed too, or their lease expired), and queued items whose arq
+    job is gone (Redis restarted, enqueue lost after commit) or was taken by a worker that
+    died before claiming the item."""
     dead = await liveness.dead_holders(redis, settings, await items.running_holders(sessions))
     expired = await items.take_lost_claims(sessions, dead)
+    # Their LLM slots too: held until their leases end (the LLM timeout and a margin), a few
+    # dead workers' slots would fill the cap and stall the live ones.
+    freed = await llm_limiter(redis, settings).release_owners(settings.endpoints(), [str(d) for d in dead])
+    if freed:
+        log.info("sweeper freed %d LLM slots of dead workers", freed)
     waiting = await items.queued_unclaimed(sessions, settings.enqueue_grace_s)
     pending = await _arq_jobs_pending(redis, settings.queue_name, [arq_job_id(i, n) for i, n in waiting])
     lost = [item_id for (item_id, _), is_pending in zip(waiting, pending, strict=True) if not is_pending]

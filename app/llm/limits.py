@@ -1,11 +1,14 @@
 """A cap on simultaneous requests per endpoint, shared by every worker through Redis,
 that adapts to the endpoint's 429s (AIMD) and pauses when the endpoint asks for a pause.
 
-Each endpoint's holders live in one sorted set: member = a random token, score = the
-moment (Redis server clock, ms) its lease runs out. Acquiring drops expired holders and
-adds ours only while fewer than the cap remain, all in one Lua script so the check and
+Each endpoint's holders live in one sorted set: member = "<owner>/<random token>", score
+= the moment (Redis server clock, ms) its lease runs out. Acquiring drops expired holders
+and adds ours only while fewer than the cap remain, all in one Lua script so the check and
 the add cannot interleave. A worker killed mid-request never releases; its slot frees
-itself when the lease runs out, so the lease must outlast the longest legitimate hold.
+itself when the lease runs out, so the lease must outlast the longest legitimate hold. That
+is long (the LLM timeout and a margin): whoever learns that an owner is dead (the sweeper,
+from its heartbeat) frees its slots at once with `release_owners`, or a few kills in a row
+would fill the cap with dead holders and stall every live worker until their leases end.
 
 Waiters block (BLPOP) on "<key>:freed", a list that gets one entry per release, until a
 release or the first lease's end, whichever comes first; waiting costs no polling. An
@@ -49,7 +52,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -131,6 +134,27 @@ end
 return {cap, added, left}
 """
 
+# KEYS: holders, freed. ARGV: the dead owners. Drops their slots; wakes as many waiters.
+_RELEASE_OWNERS = """
+local dead = {}
+for i = 1, #ARGV do
+  dead[ARGV[i]] = true
+end
+local freed = 0
+for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local owner = string.match(member, '^(.*)/')
+  if owner and dead[owner] then
+    redis.call('ZREM', KEYS[1], member)
+    redis.call('RPUSH', KEYS[2], 1)
+    freed = freed + 1
+  end
+end
+if freed > 0 then
+  redis.call('PEXPIRE', KEYS[2], 60000)
+end
+return freed
+"""
+
 # A waiter also looks again after this long without a wake-up: the adaptive cap may have
 # grown, or a waiter that took a wake-up was cancelled before it could use it.
 _MAX_BLOCK_S = 1.0
@@ -155,11 +179,14 @@ class Slot:
 class EndpointLimiter:
     """Distributed, lease-based semaphore: at most `limit` holders per endpoint name."""
 
-    def __init__(self, redis: Redis, key_prefix: str = "aidsafe:limits") -> None:
+    def __init__(self, redis: Redis, key_prefix: str = "aidsafe:limits", owner: str = "") -> None:
+        """`owner`: who holds the slots taken here (a worker's id), for `release_owners`."""
         self._redis = redis
         self._key_prefix = key_prefix
+        self._owner = owner
         self._acquire = redis.register_script(_ACQUIRE)
         self._release_script = redis.register_script(_RELEASE)
+        self._release_owners = redis.register_script(_RELEASE_OWNERS)
         self._turns: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)  # FIFO
         # Seconds spent waiting for slots, summed over every slot() of this limiter.
         self.waited_s = 0.0
@@ -180,7 +207,7 @@ class EndpointLimiter:
             raise ValueError(f"limit must be at least 1, got {limit}")
         if lease_s <= 0:
             raise ValueError(f"lease_s must be positive, got {lease_s}")
-        token = uuid.uuid4().hex
+        token = f"{self._owner}/{uuid.uuid4().hex}"
         held = Slot()
         try:
             # Inside the try: a cancel that lands after Redis added us must still release.
@@ -188,6 +215,16 @@ class EndpointLimiter:
             yield held
         finally:
             await asyncio.shield(self._release(endpoint, token, limit, held))
+
+    async def release_owners(self, endpoints: Iterable[str], owners: Sequence[str]) -> int:
+        """Free every slot these (dead) owners hold on these endpoints; how many were held."""
+        if not owners:
+            return 0
+        freed = 0
+        for endpoint in endpoints:
+            key = self.key(endpoint)
+            freed += int(await self._release_owners(keys=[key, f"{key}:freed"], args=list(owners)))
+        return freed
 
     async def _wait_for_slot(self, endpoint: str, token: str, limit: int, lease_s: float) -> int:
         """Take a slot; the adaptive cap's generation it was taken in."""
