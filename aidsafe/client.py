@@ -570,7 +570,7 @@ class _Routes:
 
     @endpoint
     def get_preset(self, name: str) -> Call[Preset]:
-        """One preset: its notes and the config fields it sets (GET /v1/presets/{name})."""
+        """One preset: its notes and the config fields it sets (GET /v1/presets/{preset_name})."""
         return Call("GET", _path("presets", name), _as(Preset))
 
     # --- webhooks ---------------------------------------------------------------------------

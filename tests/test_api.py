@@ -55,7 +55,7 @@ V1_PATHS = {
     "/v1/policy-sets": {"get", "post"},
     "/v1/policy-sets/{policy_set_id}": {"get"},
     "/v1/presets": {"get"},
-    "/v1/presets/{name}": {"get"},
+    "/v1/presets/{preset_name}": {"get"},
     "/v1/jobs/{job_id}/label-studio/config": {"get"},
     "/v1/jobs/{job_id}/annotations/label-studio": {"post"},
     "/v1/jobs/{job_id}/argilla/settings": {"get"},

@@ -36,7 +36,7 @@ from app.store import keys
 from app.store.db import Sessions
 from app.store.models import ApiKey, Item, PreferencePair, TurnRow
 from app.web.pages import STATIC
-from tests.conftest import api_client, new_key, run_worker_burst
+from tests.conftest import ROOT, api_client, new_key, run_worker_burst
 from tests.scripted_llm import (
     ScriptedLLM,
     echo_error,
@@ -318,6 +318,7 @@ def read_urls(world: World, viewer: bool) -> Iterator[tuple[str, str, dict[str, 
         "policy_set_id": [world.policy_set_id],
         "webhook_id": [world.webhook_id],
         "name": sorted(STATIC),
+        "preset_name": sorted(path.stem for path in (ROOT / "presets").glob("*.yaml")),
     }
     query_values = {"format": sorted(FORMATS)}
     for context in iter_route_contexts(create_app().routes):

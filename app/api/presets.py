@@ -26,10 +26,10 @@ async def list_presets(key: CurrentKey, presets: PresetsDep) -> list[PresetOut]:
     return [_out(preset) for preset in presets.all()]
 
 
-@router.get("/{name}", responses=documented(401, 404, 422, 503))
-async def get_preset(name: str, key: CurrentKey, presets: PresetsDep) -> PresetOut:
-    preset = presets.named(name)
+@router.get("/{preset_name}", responses=documented(401, 404, 422, 503))
+async def get_preset(preset_name: str, key: CurrentKey, presets: PresetsDep) -> PresetOut:
+    preset = presets.named(preset_name)
     if preset is None:
         known = ", ".join(p.name for p in presets.all()) or "none"
-        raise NotFound(f"no preset '{name}'; this server has: {known}")
+        raise NotFound(f"no preset '{preset_name}'; this server has: {known}")
     return _out(preset)
