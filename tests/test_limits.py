@@ -482,6 +482,7 @@ async def test_headers_that_cannot_be_read_are_ignored(
     assert 0.45 <= waited < 1.0, "the readable headers alone decide the pause"
 
 
+@pytest.mark.serial  # it times the convergence: other tests' CPU would slow it, not the limiter
 async def test_a_real_rate_limit_is_converged_on_with_few_429s(
     scripted_llm: ScriptedLLM, key_prefix: str
 ) -> None:
