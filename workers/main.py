@@ -36,7 +36,7 @@ from app.llm.limits import EndpointLimiter
 from app.llm.rates import EndpointRates
 from app.metrics import ITEMS_FINISHED
 from app.plan import ComparisonPlan, GenerationPlan
-from app.queue import arq_job_id, enqueue_items, redis_settings
+from app.queue import arq_job_id, enqueue_items, item_of_job, redis_settings
 from app.store import budgets, deletions, items
 from app.store.db import Sessions, make_engine, make_sessions
 from app.store.endings import CANCELLED, Ending, failed, handed_back
@@ -134,11 +134,13 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 async def run_item(ctx: dict[str, Any], item_id: str) -> str:
     """Claim the item, run or resume its deliberation (or judgement), and record how it ended."""
     with logs.ids(item_id=item_id):
-        return await _run_item(_worker(ctx), item_id)
+        return await _run_item(_worker(ctx), ctx["job_id"], item_id)
 
 
-async def _run_item(worker: Worker, item_id: str) -> str:
-    claim = await items.claim(worker.sessions, UUID(item_id), _limits(worker.settings), worker.worker_id)
+async def _run_item(worker: Worker, job_id: str, item_id: str) -> str:
+    # Until the claim, only this record tells the sweeper whose the job arq marked in progress.
+    async with liveness.taking(worker.redis, worker.settings, worker.worker_id, job_id):
+        claim = await items.claim(worker.sessions, UUID(item_id), _limits(worker.settings), worker.worker_id)
     if claim is None:
         return "nothing to do"
     with logs.ids(job_id=str(claim.job_id)):
@@ -270,28 +272,41 @@ def _backoff_s(settings: Settings, attempt: int) -> float:
 
 async def sweep(settings: Settings, sessions: Sessions, redis: ArqRedis) -> dict[str, int]:
     """Re-enqueue what would otherwise wait: items whose worker died (its heartbeat stopped,
-    and then its LLM slots are freed too, or their lease expired), and queued items whose arq
-    job is gone (Redis restarted, enqueue lost after commit) or was taken by a worker that
-    died before claiming the item."""
-    dead = await liveness.dead_holders(redis, settings, await items.running_holders(sessions))
+    and then its LLM slots are freed too, or their lease expired), queued items whose arq job
+    was taken by a worker now dead (its heartbeat stopped) before it claimed them, and queued
+    items whose arq job is gone (Redis restarted, enqueue lost after commit) or is held by a
+    worker that died unnoticed (no record of it: the grace period)."""
+    taken = await liveness.taken_jobs(redis, settings)
+    holders = {*await items.running_holders(sessions), *taken.values()}
+    dead = await liveness.dead_holders(redis, settings, list(holders))
     expired = await items.take_lost_claims(sessions, dead)
     # Their LLM slots too: held until their leases end (the LLM timeout and a margin), a few
     # dead workers' slots would fill the cap and stall the live ones.
     freed = await llm_limiter(redis, settings).release_owners(settings.endpoints(), [str(d) for d in dead])
     if freed:
         log.info("sweeper freed %d LLM slots of dead workers", freed)
+    abandoned = [job_id for job_id, holder in taken.items() if holder in dead]
+    # Before the grace check below: these get a new updated_at, which keeps them out of it.
+    untaken = await items.take_back_unclaimed(sessions, [item_of_job(job_id) for job_id in abandoned])
     waiting = await items.queued_unclaimed(sessions, settings.enqueue_grace_s)
     pending = await _arq_jobs_pending(redis, settings.queue_name, [arq_job_id(i, n) for i, n in waiting])
     lost = [item_id for (item_id, _), is_pending in zip(waiting, pending, strict=True) if not is_pending]
     present = [item_id for (item_id, _), is_pending in zip(waiting, pending, strict=True) if is_pending]
     await items.touch(sessions, present, bump_enqueues=False)
     requeued = await items.touch(sessions, lost, bump_enqueues=True)
+    resumed = [*expired, *untaken, *requeued]
     # A dead worker's arq jobs would sit in the queue, in progress, until arq's job timeout.
-    await _forget_arq_jobs(redis, settings.queue_name, [*expired, *requeued])
-    await enqueue_items(redis, settings.queue_name, [*expired, *requeued], ahead=True)
-    if expired or requeued:
-        log.info("sweeper re-enqueued %d expired and %d lost items", len(expired), len(requeued))
-    return {"expired": len(expired), "lost": len(requeued)}
+    await _forget_arq_jobs(redis, settings.queue_name, resumed)
+    await enqueue_items(redis, settings.queue_name, resumed, ahead=True)
+    await liveness.forget_taken(redis, settings, abandoned)
+    if resumed:
+        log.info(
+            "sweeper re-enqueued %d expired items, %d unclaimed by dead workers and %d lost",
+            len(expired),
+            len(untaken),
+            len(requeued),
+        )
+    return {"expired": len(expired), "lost": len(untaken) + len(requeued)}
 
 
 async def _arq_jobs_pending(redis: ArqRedis, queue_name: str, job_ids: list[str]) -> list[bool]:
