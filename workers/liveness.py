@@ -17,7 +17,9 @@ Before its claim, an item is held only by its arq job, which arq marks in progre
 worker) for its job timeout when a worker takes it; a worker may hold many such jobs while
 their claims wait for a database connection. Each is recorded under its worker until the
 claim (`taking`), so that the sweeper gives back a dead worker's unclaimed items with its
-running ones instead of after the grace for lost arq jobs.
+running ones instead of after the grace for lost arq jobs, and keeps a live worker's however
+long its claims wait. A worker killed between arq's mark and its record leaves a job that no
+one recorded: the sweeper gives it back a heartbeat TTL after arq's mark (workers/main.py).
 """
 
 from __future__ import annotations
