@@ -33,6 +33,12 @@ def arq_job_id(item_id: UUID, enqueues: int) -> str:
     return f"item:{item_id}:{enqueues}"
 
 
+def item_of_job(job_id: str) -> tuple[UUID, int]:
+    """The (item id, enqueue counter) an arq_job_id was made of."""
+    _, item_id, enqueues = job_id.split(":")
+    return UUID(item_id), int(enqueues)
+
+
 # What ArqRedis.enqueue_job writes for each job (the pickled job under arq:job:<id> with
 # arq's expiry, and the id in the queue's sorted set), for many jobs in one call, with NX
 # in place of its WATCH/EXISTS check: a job that is already there stays as it is. ARGV[4]

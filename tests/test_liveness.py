@@ -9,16 +9,19 @@ import dataclasses
 import signal
 import subprocess
 import time
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from uuid import UUID, uuid4
 
 import httpx
 import pytest
 from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.constants import in_progress_key_prefix
 from redis.asyncio import Redis
-from sqlalchemy import select
+from sqlalchemy import make_url, select
 
 from app.config import Settings
+from app.queue import arq_job_id
 from app.store import items
 from app.store.db import Sessions
 from app.store.models import Item
@@ -26,7 +29,7 @@ from tests.conftest import delete_redis_keys, eventually, start_worker, submit
 from tests.scripted_llm import ScriptedLLM, agree, stall
 from tests.test_worker import one_item, turn_count
 from workers import liveness
-from workers.main import llm_limiter, sweep
+from workers.main import IN_PROGRESS_TTL_MS, llm_limiter, sweep
 
 DEFAULTS = Settings.model_fields
 
@@ -78,7 +81,7 @@ async def test_a_killed_workers_items_resume_within_20_s_with_the_default_heartb
         item.id for item in at_kill if item.status == "running" and item.claimed_by == at_kill[0].claimed_by
     }
     await eventually(
-        lambda: _all_claimed_again(sessions, lost), timeout_s=20, what="every lost item claimed again"
+        lambda: _all_claimed(sessions, lost, 2), timeout_s=20, what="every lost item claimed again"
     )
     resumed_after_s = time.monotonic() - killed_at
     await eventually(lambda: _job_finished(sessions, job_id), timeout_s=60, what="the job to finish")
@@ -96,6 +99,134 @@ async def test_a_killed_workers_items_resume_within_20_s_with_the_default_heartb
         turns += len(stored)
     re_spent = len(scripted_llm.requests) - turns
     assert 0 <= re_spent <= len(lost), f"{re_spent} LLM calls repeated; only those in flight may be"
+
+
+async def test_a_killed_workers_taken_but_unclaimed_items_resume_with_its_heartbeat(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    redis: Redis,
+    scripted_llm: ScriptedLLM,
+    workers: list[subprocess.Popen[bytes]],
+) -> None:
+    """A worker takes arq jobs faster than it claims their items (here it cannot reach the
+    database at all; under load its claims wait for a connection). arq marks each job in
+    progress, of no worker, for its job timeout (24 h); killed before its claims, the worker
+    must give them back with its heartbeat, not after the grace for lost arq jobs (30 s)."""
+    production = long_lease(
+        settings,
+        heartbeat_interval_s=DEFAULTS["heartbeat_interval_s"].default,
+        heartbeat_ttl_s=DEFAULTS["heartbeat_ttl_s"].default,
+        sweep_interval_s=DEFAULTS["sweep_interval_s"].default,
+        enqueue_grace_s=DEFAULTS["enqueue_grace_s"].default,
+    )
+    await _known_redis(redis, production)
+    async with _unanswering_port() as port:
+        unreachable = make_url(production.database_url).set(host="127.0.0.1", port=port)
+        cut_off = production.model_copy(
+            update={"database_url": unreachable.render_as_string(hide_password=False)}
+        )
+        workers.append(start_worker(cut_off))
+        await eventually(lambda: _live_workers(redis, production, 1), timeout_s=60, what="the worker to beat")
+        job_id = await submit(api, auth, [f"Prompt {n}: why do leaves fall?" for n in range(4)])
+        taken = [arq_job_id(item.id, item.enqueues) for item in await _job_items(sessions, job_id)]
+        await eventually(lambda: _in_progress(redis, taken), what="the worker to take every job")
+        workers.append(start_worker(production))
+        await eventually(lambda: _live_workers(redis, production, 2), timeout_s=60, what="a second worker")
+
+        workers[0].send_signal(signal.SIGKILL)
+        workers[0].wait()
+        killed_at = time.monotonic()
+        unclaimed = {item.id for item in await _job_items(sessions, job_id)}
+        await eventually(
+            lambda: _all_claimed(sessions, unclaimed, 1), timeout_s=30, what="every item claimed"
+        )
+        resumed_after_s = time.monotonic() - killed_at
+    await eventually(lambda: _job_finished(sessions, job_id), timeout_s=60, what="the job to finish")
+
+    # The worker's last beat outlives it by up to a TTL; then one sweep; then a claim.
+    assert resumed_after_s < production.heartbeat_ttl_s + production.sweep_interval_s + 2, (
+        f"resumed {resumed_after_s:.1f} s after the kill"
+    )
+    finished = await _job_items(sessions, job_id)
+    assert [(item.status, item.attempts, item.failures) for item in finished] == [("completed", 1, 0)] * 4
+    turns = 0
+    for item in finished:
+        turns += len((await api.get(f"/v1/items/{item.id}", headers=auth)).json()["turns"])
+    assert turns == len(scripted_llm.requests), "an item ran twice"
+    assert not await redis.exists(*(in_progress_key_prefix + job for job in taken)), "stale arq jobs"
+
+
+async def test_a_live_worker_keeps_the_jobs_it_took_before_claiming(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    redis: Redis,
+    arq_redis: ArqRedis,
+) -> None:
+    """Two workers each took an arq job and wait to claim its item: the sweeper gives back
+    the dead one's at once, ahead of the backlog, and leaves the live one's alone."""
+    job_id = await submit(api, auth, ["What makes bread rise?", "Why is ice slippery?", "What is rust?"])
+    dead_item, live_item, backlog = await _job_items(sessions, job_id)
+    dead_job, live_job = arq_job_id(dead_item.id, 1), arq_job_id(live_item.id, 1)
+    for job in (dead_job, live_job):
+        await arq_redis.set(in_progress_key_prefix + job, b"1", ex=60)  # as arq marks a taken job
+    await _known_redis(redis, settings)
+    dead, live = uuid4(), uuid4()
+    await liveness.beat(redis, settings, live)
+    async with AsyncExitStack() as claiming:
+        await claiming.enter_async_context(liveness.taking(redis, settings, dead, dead_job))
+        await claiming.enter_async_context(liveness.taking(redis, settings, live, live_job))
+
+        assert await sweep(settings, sessions, arq_redis) == {"expired": 0, "lost": 1}
+
+        assert [(i.status, i.enqueues) for i in await _job_items(sessions, job_id)] == [
+            ("queued", 2),
+            ("queued", 1),
+            ("queued", 1),
+        ]
+        assert await arq_redis.zrange(settings.queue_name, 0, -1) == [
+            arq_job_id(dead_item.id, 2).encode(),
+            live_job.encode(),
+            arq_job_id(backlog.id, 1).encode(),
+        ]
+        assert not await arq_redis.exists(in_progress_key_prefix + dead_job)
+        assert await arq_redis.exists(in_progress_key_prefix + live_job)
+        assert list(await liveness.taken_jobs(redis, settings)) == [live_job]
+
+
+async def test_a_job_no_worker_recorded_is_given_back_a_heartbeat_ttl_after_arq_took_it(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+) -> None:
+    """A worker killed between arq's mark (in progress) and its own record of the job leaves
+    a job of no one: the sweeper gives its item back once the mark is a heartbeat TTL old,
+    and leaves alone a job taken just now (its worker is about to record it)."""
+    job_id = await submit(api, auth, ["What makes bread rise?", "Why is ice slippery?"])
+    old_item, new_item = await _job_items(sessions, job_id)
+    old_job, new_job = arq_job_id(old_item.id, 1), arq_job_id(new_item.id, 1)
+    # As arq marks the jobs it takes: the first a heartbeat TTL and a second ago, the other now.
+    taken_before_ms = int((settings.heartbeat_ttl_s + 1) * 1000)
+    await arq_redis.set(in_progress_key_prefix + old_job, b"1", px=IN_PROGRESS_TTL_MS - taken_before_ms)
+    await arq_redis.set(in_progress_key_prefix + new_job, b"1", px=IN_PROGRESS_TTL_MS)
+
+    assert await sweep(settings, sessions, arq_redis) == {"expired": 0, "lost": 1}
+
+    assert [(i.status, i.enqueues) for i in await _job_items(sessions, job_id)] == [
+        ("queued", 2),
+        ("queued", 1),
+    ]
+    assert await arq_redis.zrange(settings.queue_name, 0, -1) == [
+        arq_job_id(old_item.id, 2).encode(),
+        new_job.encode(),
+    ]
+    assert not await arq_redis.exists(in_progress_key_prefix + old_job)
+    assert await arq_redis.exists(in_progress_key_prefix + new_job)
 
 
 async def test_a_worker_slower_than_its_heartbeat_ttl_keeps_its_item(
@@ -204,8 +335,7 @@ async def test_a_dead_workers_llm_slots_are_freed_with_its_items(
     item_id = (await one_item(sessions, job_id)).id
     dead, live = uuid4(), uuid4()
     assert await items.claim(sessions, item_id, items.Limits(60, 8, 5), holder=dead)
-    run_id = (await redis.info("server"))["run_id"]  # a Redis the sweeper knows: no settling
-    await redis.set(f"{settings.redis_key_prefix}:liveness:redis-run-id", run_id)
+    await _known_redis(redis, settings)
     await liveness.beat(redis, settings, live)
     cap, lease_s = 3, 60.0
     async with AsyncExitStack() as held:
@@ -303,6 +433,36 @@ class _SilencingRelay:
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)
 
 
+async def _known_redis(redis: Redis, settings: Settings) -> None:
+    """Record the Redis server as the sweeper's own: missing heartbeats count at once."""
+    run_id = (await redis.info("server"))["run_id"]
+    await redis.set(f"{settings.redis_key_prefix}:liveness:redis-run-id", run_id)
+
+
+@asynccontextmanager
+async def _unanswering_port() -> AsyncIterator[int]:
+    """A port that accepts connections and answers nothing: a database out of reach."""
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(65536):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    async with server:
+        yield server.sockets[0].getsockname()[1]
+
+
+async def _in_progress(redis: Redis, job_ids: list[str]) -> bool:
+    return await redis.exists(*(in_progress_key_prefix + job for job in job_ids)) == len(job_ids)
+
+
+async def _all_claimed(sessions: Sessions, item_ids: set[UUID], attempts: int) -> bool:
+    async with sessions() as session:
+        rows = await session.scalars(select(Item).where(Item.id.in_(item_ids)))
+        return all(item.attempts >= attempts and item.status in ("running", "completed") for item in rows)
+
+
 async def _turns_at_least(sessions: Sessions, item_id: UUID, n: int) -> bool:
     return await turn_count(sessions, item_id) >= n
 
@@ -311,12 +471,6 @@ async def _job_items(sessions: Sessions, job_id: str) -> list[Item]:
     async with sessions() as session:
         rows = await session.scalars(select(Item).where(Item.job_id == UUID(job_id)).order_by(Item.position))
         return list(rows)
-
-
-async def _all_claimed_again(sessions: Sessions, item_ids: set[UUID]) -> bool:
-    async with sessions() as session:
-        rows = await session.scalars(select(Item).where(Item.id.in_(item_ids)))
-        return all(item.attempts >= 2 and item.status in ("running", "completed") for item in rows)
 
 
 async def _job_finished(sessions: Sessions, job_id: str) -> bool:

@@ -12,6 +12,14 @@ and the sweeper not notice.
 Heartbeats missing because Redis restarted, failed over or was flushed are not deaths: the
 sweeper remembers the Redis server's run id and, when it changes or its record is gone,
 trusts no missing heartbeat for one TTL, while the live workers set their keys again.
+
+Before its claim, an item is held only by its arq job, which arq marks in progress (of no
+worker) for its job timeout when a worker takes it; a worker may hold many such jobs while
+their claims wait for a database connection. Each is recorded under its worker until the
+claim (`taking`), so that the sweeper gives back a dead worker's unclaimed items with its
+running ones instead of after the grace for lost arq jobs, and keeps a live worker's however
+long its claims wait. A worker killed between arq's mark and its record leaves a job that no
+one recorded: the sweeper gives it back a heartbeat TTL after arq's mark (workers/main.py).
 """
 
 from __future__ import annotations
@@ -20,7 +28,8 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from uuid import UUID
 
 from redis.asyncio import Redis
@@ -37,6 +46,11 @@ def heartbeat_key(settings: Settings, worker_id: UUID | str) -> str:
 
 def _sweeper_key(settings: Settings, name: str) -> str:
     return f"{settings.redis_key_prefix}:liveness:{name}"
+
+
+def _taken_key(settings: Settings) -> str:
+    """A hash: arq job id -> the worker that took it and has not yet claimed its item."""
+    return _sweeper_key(settings, "taken")
 
 
 def process() -> str:
@@ -68,6 +82,31 @@ async def stop(redis: Redis, settings: Settings, worker_id: UUID, heartbeat: asy
         await redis.delete(heartbeat_key(settings, worker_id))
     except Exception:  # the key expires by itself
         log.warning("could not drop the heartbeat key", exc_info=True)
+
+
+@asynccontextmanager
+async def taking(redis: Redis, settings: Settings, worker_id: UUID, job_id: str) -> AsyncIterator[None]:
+    """While the worker claims the item of the arq job it took: the job is recorded as its."""
+    key = _taken_key(settings)
+    await redis.hset(key, job_id, str(worker_id))
+    try:
+        yield
+    finally:
+        try:
+            await redis.hdel(key, job_id)
+        except Exception:  # harmless if left: only the worker's death makes the sweeper read it
+            log.warning("could not drop the record of a taken job", exc_info=True)
+
+
+async def taken_jobs(redis: Redis, settings: Settings) -> dict[str, UUID]:
+    """The arq jobs taken and not yet claimed, with the workers that took them."""
+    taken = await redis.hgetall(_taken_key(settings))
+    return {job_id.decode(): UUID(worker_id.decode()) for job_id, worker_id in taken.items()}
+
+
+async def forget_taken(redis: Redis, settings: Settings, job_ids: Sequence[str]) -> None:
+    if job_ids:
+        await redis.hdel(_taken_key(settings), *job_ids)
 
 
 # KEYS: the Redis server's run id as last seen, the settling marker, then the heartbeats.

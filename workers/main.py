@@ -36,7 +36,7 @@ from app.llm.limits import EndpointLimiter
 from app.llm.rates import EndpointRates
 from app.metrics import ITEMS_FINISHED
 from app.plan import ComparisonPlan, GenerationPlan
-from app.queue import arq_job_id, enqueue_items, redis_settings
+from app.queue import arq_job_id, enqueue_items, item_of_job, redis_settings
 from app.store import budgets, deletions, items
 from app.store.db import Sessions, make_engine, make_sessions
 from app.store.endings import CANCELLED, Ending, failed, handed_back
@@ -134,11 +134,13 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 async def run_item(ctx: dict[str, Any], item_id: str) -> str:
     """Claim the item, run or resume its deliberation (or judgement), and record how it ended."""
     with logs.ids(item_id=item_id):
-        return await _run_item(_worker(ctx), item_id)
+        return await _run_item(_worker(ctx), ctx["job_id"], item_id)
 
 
-async def _run_item(worker: Worker, item_id: str) -> str:
-    claim = await items.claim(worker.sessions, UUID(item_id), _limits(worker.settings), worker.worker_id)
+async def _run_item(worker: Worker, job_id: str, item_id: str) -> str:
+    # Until the claim, only this record tells the sweeper whose the job arq marked in progress.
+    async with liveness.taking(worker.redis, worker.settings, worker.worker_id, job_id):
+        claim = await items.claim(worker.sessions, UUID(item_id), _limits(worker.settings), worker.worker_id)
     if claim is None:
         return "nothing to do"
     with logs.ids(job_id=str(claim.job_id)):
@@ -270,28 +272,76 @@ def _backoff_s(settings: Settings, attempt: int) -> float:
 
 async def sweep(settings: Settings, sessions: Sessions, redis: ArqRedis) -> dict[str, int]:
     """Re-enqueue what would otherwise wait: items whose worker died (its heartbeat stopped,
-    and then its LLM slots are freed too, or their lease expired), and queued items whose arq
-    job is gone (Redis restarted, enqueue lost after commit) or was taken by a worker that
-    died before claiming the item."""
-    dead = await liveness.dead_holders(redis, settings, await items.running_holders(sessions))
+    and then its LLM slots are freed too, or their lease expired); queued items whose arq job
+    a worker took and did not claim: recorded as a worker's now dead, or recorded by none a
+    heartbeat TTL after arq marked it in progress (a live worker records it at once); and
+    queued items whose arq job is gone (Redis restarted, enqueue lost after commit) or was
+    otherwise missed, after the grace period."""
+    taken = await liveness.taken_jobs(redis, settings)
+    holders = {*await items.running_holders(sessions), *taken.values()}
+    dead = await liveness.dead_holders(redis, settings, list(holders))
     expired = await items.take_lost_claims(sessions, dead)
     # Their LLM slots too: held until their leases end (the LLM timeout and a margin), a few
     # dead workers' slots would fill the cap and stall the live ones.
     freed = await llm_limiter(redis, settings).release_owners(settings.endpoints(), [str(d) for d in dead])
     if freed:
         log.info("sweeper freed %d LLM slots of dead workers", freed)
+    abandoned = [job_id for job_id, holder in taken.items() if holder in dead]
+    # A worker killed between arq's mark and its record leaves a job recorded by none.
+    unrecorded = [
+        job_id
+        for job_id in await _taken_before(redis, settings, settings.heartbeat_ttl_s)
+        if job_id not in taken
+    ]
+    # Before the grace check below: these get a new updated_at, which keeps them out of it.
+    untaken = await items.take_back_unclaimed(
+        sessions, [item_of_job(job_id) for job_id in [*abandoned, *unrecorded]]
+    )
     waiting = await items.queued_unclaimed(sessions, settings.enqueue_grace_s)
     pending = await _arq_jobs_pending(redis, settings.queue_name, [arq_job_id(i, n) for i, n in waiting])
     lost = [item_id for (item_id, _), is_pending in zip(waiting, pending, strict=True) if not is_pending]
     present = [item_id for (item_id, _), is_pending in zip(waiting, pending, strict=True) if is_pending]
     await items.touch(sessions, present, bump_enqueues=False)
     requeued = await items.touch(sessions, lost, bump_enqueues=True)
+    resumed = [*expired, *untaken, *requeued]
     # A dead worker's arq jobs would sit in the queue, in progress, until arq's job timeout.
-    await _forget_arq_jobs(redis, settings.queue_name, [*expired, *requeued])
-    await enqueue_items(redis, settings.queue_name, [*expired, *requeued], ahead=True)
-    if expired or requeued:
-        log.info("sweeper re-enqueued %d expired and %d lost items", len(expired), len(requeued))
-    return {"expired": len(expired), "lost": len(requeued)}
+    await _forget_arq_jobs(redis, settings.queue_name, resumed)
+    await enqueue_items(redis, settings.queue_name, resumed, ahead=True)
+    await liveness.forget_taken(redis, settings, abandoned)
+    if resumed:
+        log.info(
+            "sweeper re-enqueued %d expired items, %d unclaimed by dead workers and %d lost",
+            len(expired),
+            len(untaken),
+            len(requeued),
+        )
+    return {"expired": len(expired), "lost": len(untaken) + len(requeued)}
+
+
+# KEYS: the queue. ARGV: arq's in-progress key prefix, how many jobs from the queue's head,
+# the TTL arq gives that key, the age in ms. The jobs there marked in progress longer ago.
+_TAKEN_BEFORE = """
+local full_ttl, age = tonumber(ARGV[3]), tonumber(ARGV[4])
+local old = {}
+for _, job_id in ipairs(redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)) do
+  local ttl = redis.call('PTTL', ARGV[1] .. job_id)
+  if ttl > 0 and full_ttl - ttl > age then
+    old[#old + 1] = job_id
+  end
+end
+return old
+"""
+
+
+async def _taken_before(redis: ArqRedis, settings: Settings, age_s: float) -> list[str]:
+    """The arq jobs a worker took from the queue more than `age_s` ago (by what is left of
+    the TTL arq puts on its in-progress mark), among those at the head of the queue, where
+    workers take them from (an arq job stays in the queue until it ends)."""
+    found = await redis.register_script(_TAKEN_BEFORE)(
+        keys=[settings.queue_name],
+        args=[in_progress_key_prefix, _queue_read_limit(settings), IN_PROGRESS_TTL_MS, int(age_s * 1000)],
+    )
+    return [job_id.decode() for job_id in found]
 
 
 async def _arq_jobs_pending(redis: ArqRedis, queue_name: str, job_ids: list[str]) -> list[bool]:
@@ -368,6 +418,14 @@ async def _deliver_forever(worker: Worker) -> None:
             await asyncio.sleep(worker.settings.callback_poll_interval_s)
 
 
+_JOB_TIMEOUT_S = 24 * 3600
+IN_PROGRESS_TTL_MS = (_JOB_TIMEOUT_S + 10) * 1000  # arq's in_progress_timeout_s: the job timeout + 10 s
+
+
+def _queue_read_limit(settings: Settings) -> int:
+    return max(1000, settings.worker_max_jobs * 10)
+
+
 def worker_settings(settings: Settings, *, sweeper: bool = True) -> dict[str, Any]:
     """Everything a worker runs, in one place; `arq workers.main.WorkerSettings` reads it."""
     return {
@@ -378,13 +436,13 @@ def worker_settings(settings: Settings, *, sweeper: bool = True) -> dict[str, An
         "redis_settings": redis_settings(settings.redis_url),
         "queue_name": settings.queue_name,
         "max_jobs": settings.worker_max_jobs,
-        "queue_read_limit": max(1000, settings.worker_max_jobs * 10),
+        "queue_read_limit": _queue_read_limit(settings),
         # arq's default of 0.5 s: a new batch waited up to that long for its first worker.
         # Not much less: a worker with a free slot re-checks every listed job at each poll,
         # its own running ones included (three round trips each).
         "poll_delay": 0.2,
         # Items end by themselves; the lease, not arq's timeout, detects dead workers.
-        "job_timeout": 24 * 3600,
+        "job_timeout": _JOB_TIMEOUT_S,
         "max_tries": 1_000_000,  # retries are bounded per item in Postgres
         "keep_result": 60,
         "job_completion_wait": 5,  # on SIGTERM, then running items are released

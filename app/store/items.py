@@ -16,7 +16,19 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import asyncpg
-from sqlalchemy import ColumnElement, Interval, Update, Uuid, and_, bindparam, exists, func, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Interval,
+    Update,
+    Uuid,
+    and_,
+    bindparam,
+    exists,
+    func,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
@@ -460,6 +472,22 @@ async def queued_unclaimed(sessions: Sessions, grace_s: int, limit: int = 2000) 
             )
             .order_by(Item.updated_at)
             .limit(limit)
+        )
+        return [(row.id, row.enqueues) for row in rows]
+
+
+async def take_back_unclaimed(sessions: Sessions, jobs: Sequence[tuple[UUID, int]]) -> list[tuple[UUID, int]]:
+    """Queued items still waiting on these arq jobs ((item id, enqueue counter) pairs), taken
+    by a worker that died before claiming them: a new enqueue counter for a fresh arq id. Not
+    a failure: no claim was lost."""
+    if not jobs:
+        return []
+    async with sessions.begin() as session:
+        rows = await session.execute(
+            update(Item)
+            .where(tuple_(Item.id, Item.enqueues).in_(jobs), Item.status == ItemStatus.QUEUED)
+            .values(enqueues=Item.enqueues + 1, updated_at=func.now())
+            .returning(Item.id, Item.enqueues)
         )
         return [(row.id, row.enqueues) for row in rows]
 
