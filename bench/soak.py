@@ -418,7 +418,12 @@ def _summary(
         if pts
     }
     long_lived = {n: w for n, w in workers.items() if w["lived_min"] * 60 >= LONG_LIFE_S}
-    keys = trend([(s.t_s, float(s.redis_keys)) for s in run.samples if s.phase == "soak"])
+    loaded = [s for s in run.samples if s.phase == "soak"]
+    arq_keys = trend([(s.t_s, float(s.redis_arq_keys)) for s in loaded])
+    prefix_keys = trend([(s.t_s, float(s.redis_keys - s.redis_arq_keys)) for s in loaded])
+    # A key per job or worker (an id in its name) without an expiry is one that only grows;
+    # with one, the count is bounded by what arrives within its expiry (events: 24 h of jobs).
+    undying = {shape: n["no_ttl"] for shape, n in shapes.items() if "*" in shape and n["no_ttl"]}
     audit = JobAudit(
         statuses=dict(sum((Counter(a.statuses) for a in audits), Counter())),
         failed_by_code=dict(sum((Counter(a.failed_by_code) for a in audits), Counter())),
@@ -443,8 +448,10 @@ def _summary(
         problems.append(f"an item ran {max_running} s, over {args.stuck_s:.0f} s")
     if not drained or end.items.get("queued", 0) or end.items.get("running", 0):
         problems.append(f"the queue did not drain within {args.drain_s:.0f} s: {end.items}")
-    if not keys["flat"]:
-        problems.append(f"the run's Redis keys grew from {keys['first_median']} to {keys['last_median']}")
+    if not arq_keys["flat"]:
+        problems.append(f"arq's keys grew from {arq_keys['first_median']} to {arq_keys['last_median']}")
+    if undying:
+        problems.append(f"keys per job or worker without an expiry: {undying}")
     if sim["cap_violations"]:
         problems.append(f"{sim['cap_violations']} requests over the cap")
     return {
@@ -471,8 +478,12 @@ def _summary(
             "items_per_s": round(audit.statuses.get("completed", 0) / load_s, 1) if load_s else None,
             "failed_by_code": audit.failed_by_code,
             "turns_duplicated": audit.duplicate_turns,
-            "redis_keys": {k: keys[k] for k in ("first_median", "last_median", "growth", "max", "flat")}
-            | {"at_end": end.redis_keys},
+            "redis_arq_keys": {
+                k: arq_keys[k] for k in ("first_median", "last_median", "growth", "max", "flat")
+            }
+            | {"at_end": end.redis_arq_keys},
+            "redis_prefix_keys": {k: prefix_keys[k] for k in ("first_median", "last_median", "growth", "max")}
+            | {"at_end": end.redis_keys - end.redis_arq_keys, "per_id_without_expiry": undying},
             "db_size_mb_at_end": end.db_size_mb,
             "kills": len(run.kills),
         },
@@ -480,7 +491,8 @@ def _summary(
         "transient_errors": dict(run.errors),
         "api_rss_mb": api,
         "workers_rss_mb": workers,
-        "redis_keys": keys,
+        "redis_arq_keys": arq_keys,
+        "redis_prefix_keys": prefix_keys,
         "redis_key_shapes_at_end": shapes,
         "turns": {"stored": audit.turns, "duplicates": audit.duplicate_turns},
         "llm": {
