@@ -100,7 +100,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fault_args(mix: dict[str, float]) -> list[str]:
+def fault_args(mix: dict[str, float]) -> list[str]:
     return [arg for kind, p in mix.items() for arg in (f"--fault-{kind}", str(p))]
 
 
@@ -295,7 +295,7 @@ async def faults(args: argparse.Namespace) -> dict[str, Any]:
     base = await run_job(args, "fault_free", [])
     runs = {"fault_free": base}
     for label, mix in (("everyday", EVERYDAY), ("harsh", HARSH)):
-        run = await run_job(args, label, _fault_args(mix))
+        run = await run_job(args, label, fault_args(mix))
         ratio = _ratio(run, base)
         run["mix"] = mix
         run["ratio_to_fault_free"] = ratio
