@@ -61,10 +61,8 @@ POLL_S = 0.25
 SCENARIOS = ("faults", "ratelimit", "kills")
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--scenario", choices=[*SCENARIOS, "all"], default="all")
-    p.add_argument("--prompts", type=int, default=500)
+def add_service_args(p: argparse.ArgumentParser) -> None:
+    """The job, the service and the simulator a bad day is measured with (soak uses them too)."""
     p.add_argument("--agents", type=int, default=2)
     p.add_argument("--max-rounds", type=int, default=2, help="rounds; turns = agents x rounds")
     p.add_argument("--agree-prob", type=float, default=0.5, help="chance that a deliberation turn agrees")
@@ -77,6 +75,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--jitter-ms", type=float, default=20.0)
     p.add_argument("--llm-timeout-s", type=float, default=10.0, help="AIDSAFE_LLM_TIMEOUT_S")
     p.add_argument("--stall-s", type=float, default=30.0, help="how long a stalled request stays silent")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--scenario", choices=[*SCENARIOS, "all"], default="all")
+    p.add_argument("--prompts", type=int, default=500)
+    add_service_args(p)
     p.add_argument("--lease-s", type=int, default=None, help="AIDSAFE_LEASE_SECONDS (default: the service's)")
     p.add_argument(
         "--sweep-s", type=int, default=None, help="AIDSAFE_SWEEP_INTERVAL_S (default: the service's)"

@@ -45,7 +45,7 @@ from redis.exceptions import RedisError
 
 from app.store.db import make_engine, make_sessions
 from bench.audit import FINISHED, JobAudit, audit_job
-from bench.bad_day import EVERYDAY, fault_args
+from bench.bad_day import EVERYDAY, add_service_args, fault_args
 from bench.chaos import WorkerKiller
 from bench.machine import describe, machine_cpu_jiffies
 from bench.prompts import make_prompts
@@ -69,18 +69,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kill-every-s", type=float, default=120.0, help="a worker SIGKILLed this often")
     p.add_argument("--prompts-per-job", type=int, default=100)
     p.add_argument("--queued-low", type=int, default=256, help="a new job when fewer items are queued")
-    p.add_argument("--agents", type=int, default=2)
-    p.add_argument("--max-rounds", type=int, default=2, help="rounds; turns = agents x rounds")
-    p.add_argument("--agree-prob", type=float, default=0.5, help="chance that a deliberation turn agrees")
-    p.add_argument(
-        "--concurrency", type=int, default=64, help="AIDSAFE_LLM_MAX_CONCURRENCY and the sim's cap"
-    )
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--max-jobs", type=int, default=64, help="AIDSAFE_WORKER_MAX_JOBS")
-    p.add_argument("--latency-ms", type=float, default=200.0)
-    p.add_argument("--jitter-ms", type=float, default=20.0)
-    p.add_argument("--llm-timeout-s", type=float, default=10.0, help="AIDSAFE_LLM_TIMEOUT_S")
-    p.add_argument("--stall-s", type=float, default=30.0, help="how long a stalled request stays silent")
+    add_service_args(p)
     p.add_argument("--sample-s", type=float, default=10.0)
     p.add_argument("--stuck-s", type=float, default=300.0, help="an item running longer is stuck")
     p.add_argument("--drain-s", type=float, default=600.0, help="longest wait for the queue to drain")
