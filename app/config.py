@@ -152,8 +152,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _heartbeats_outlive_their_interval(self) -> Settings:
-        if self.heartbeat_ttl_s < 2 * self.heartbeat_interval_s:
-            raise ValueError("heartbeat_ttl_s must be at least twice heartbeat_interval_s")
+        # A beat may take up to an interval before it gives up (a silent connection), so the
+        # key must outlive two intervals plus that one.
+        if self.heartbeat_ttl_s < 3 * self.heartbeat_interval_s:
+            raise ValueError("heartbeat_ttl_s must be at least three times heartbeat_interval_s")
         return self
 
     @model_validator(mode="after")

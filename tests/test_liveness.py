@@ -17,6 +17,7 @@ import httpx
 import pytest
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.constants import in_progress_key_prefix
+from pydantic import ValidationError
 from redis.asyncio import Redis
 from sqlalchemy import make_url, select
 
@@ -502,3 +503,10 @@ async def _holding_process(
 
 async def _live_workers(redis: Redis, settings: Settings, n: int) -> bool:
     return len([key async for key in redis.scan_iter(liveness.heartbeat_key(settings, "*"))]) >= n
+
+
+def test_a_heartbeat_must_outlive_three_intervals() -> None:
+    """One beat may hang for an interval before it gives up; two more must still fit."""
+    assert Settings(heartbeat_interval_s=2.0, heartbeat_ttl_s=6.0).heartbeat_ttl_s == 6.0
+    with pytest.raises(ValidationError, match="three times"):
+        Settings(heartbeat_interval_s=2.0, heartbeat_ttl_s=5.9)
