@@ -289,7 +289,7 @@ async def test_every_v1_operation_requires_a_key(api: httpx.AsyncClient) -> None
             policy_set_id=some_id,
             comparison_id=some_id,
             webhook_id=some_id,
-            name="paper",
+            preset_name="paper",
         )
         for method in methods:
             error_of(await api.request(method, url, json={}), 401, "unauthorized")
