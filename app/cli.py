@@ -281,30 +281,24 @@ def submit(
         pair_min_gap=pair_min_gap,
     )
     budget = _budget(budget_usd, budget_tokens)
+    # What the estimate and the submission both read: the estimate answers for this very job.
+    job_body: dict[str, Any] = dict(
+        config=config,
+        policy_set=policy_set,
+        policy_version=policy_version,
+        preset=preset,
+        preset_version=preset_version,
+        budget=budget,
+    )
     with _client(api_url, key) as client:
         if estimate:
-            print_estimate(
-                client.estimate(
-                    items,
-                    config=config,
-                    policy_set=policy_set,
-                    policy_version=policy_version,
-                    budget=budget,
-                    preset=preset,
-                    preset_version=preset_version,
-                )
-            )
+            print_estimate(client.estimate(items, **job_body))
             return
         job = client.submit(
             items,
-            config=config,
-            policy_set=policy_set,
-            policy_version=policy_version,
-            preset=preset,
-            preset_version=preset_version,
+            **job_body,
             label=label,
             metadata=_metadata(metadata),
-            budget=budget,
             idempotency_key=idempotency_key or None,
         )
         console.print(
