@@ -34,7 +34,9 @@ class Budget(BaseModel):
         gt=0,
         description="In USD, at the job's pinned prices (every endpoint it uses needs prices).",
     )
-    max_tokens: int | None = Field(default=None, ge=1, description="Prompt + completion tokens, all calls.")
+    max_tokens: int | None = Field(
+        default=None, ge=1, le=2**63 - 1, description="Prompt + completion tokens, all calls."
+    )  # le: the column is a BIGINT
 
     @model_validator(mode="after")
     def _a_limit(self) -> Budget:

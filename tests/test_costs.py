@@ -353,6 +353,7 @@ async def test_budgets_no_call_fits_or_that_cannot_be_counted_are_refused_with_s
     assert await refused(money_unpriced) == (422, "unpriced_endpoint")
     assert await refused({"budget": {"max_cost_usd": -1}}) == (422, "validation_error")
     assert await refused({"budget": {}}) == (422, "validation_error")
+    assert await refused({"budget": {"max_tokens": 2**63}}) == (422, "validation_error")  # over BIGINT
     assert (await priced_api.get("/v1/jobs", headers=auth)).json()["data"] == []
 
     # A PATCH that would make the budget too small changes nothing.
