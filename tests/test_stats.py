@@ -1,0 +1,49 @@
+"""Report intervals against figures computed by hand (Wilson 1927; Student t tables)."""
+
+import pytest
+
+from app.stats import NOTHING_MEASURED, Estimate, mean, proportion
+
+
+def test_wilson_interval_matches_the_textbook_figure() -> None:
+    # 8 of 10: Wilson 95 % is [0.490, 0.943] (Newcombe 1998, table I style).
+    estimate = proportion(8, 10)
+    assert estimate.value == 0.8
+    assert estimate.low == pytest.approx(0.4902, abs=1e-4)
+    assert estimate.high == pytest.approx(0.9433, abs=1e-4)
+    assert estimate.n == 10
+
+
+def test_wilson_interval_stays_inside_zero_and_one_at_the_edges() -> None:
+    none = proportion(0, 5)
+    every = proportion(5, 5)
+    assert none.low == 0.0 and 0.0 < none.high < 0.5
+    assert every.high == pytest.approx(1.0) and 0.5 < every.low < 1.0
+
+
+def test_a_wider_confidence_gives_a_wider_interval() -> None:
+    narrow, wide = proportion(30, 100, confidence=0.8), proportion(30, 100, confidence=0.99)
+    assert wide.low < narrow.low < 0.3 < narrow.high < wide.high
+
+
+def test_nothing_measured_and_impossible_counts() -> None:
+    assert proportion(0, 0) == NOTHING_MEASURED
+    assert mean([]) == NOTHING_MEASURED
+    with pytest.raises(ValueError):
+        proportion(3, 2)
+    with pytest.raises(ValueError):
+        proportion(-1, 2)
+
+
+def test_mean_interval_uses_student_t() -> None:
+    # mean 3, sd 1.5811, n 5: t(0.975, 4) = 2.7764, half-width 1.9632.
+    estimate = mean([1, 2, 3, 4, 5])
+    assert estimate.value == 3
+    assert estimate.low == pytest.approx(3 - 1.9632, abs=1e-3)
+    assert estimate.high == pytest.approx(3 + 1.9632, abs=1e-3)
+    assert estimate.n == 5
+
+
+def test_mean_of_one_value_or_no_spread() -> None:
+    assert mean([4.0]) == Estimate(4.0, None, None, 1)
+    assert mean([2.0, 2.0, 2.0]) == Estimate(2.0, 2.0, 2.0, 3)
