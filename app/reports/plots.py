@@ -1,21 +1,40 @@
-"""The report's plots as PNG bytes. matplotlib's object API on its Agg canvas: no pyplot
+"""The report's plots as PNG bytes. matplotlib's object API, never pyplot: no global figure
 state shared between threads, so plots can be drawn off the event loop concurrently."""
 
 from __future__ import annotations
 
 import io
+from enum import StrEnum
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
+import anyio
 from matplotlib.figure import Figure
 
 from app.reports.figures import SCORES, ComparisonFigures
 
 GAP_BINS = [edge / 2 for edge in range(-8, 9)]  # -4 .. 4 in steps of 0.5
+# Drawing takes a core for a few hundred ms: off the event loop, two at a time per process,
+# so requests for plots queue instead of starving everything else.
+_DRAWING = anyio.CapacityLimiter(2)
+
+
+class Plot(StrEnum):
+    SCORES = "scores"  # the grader's score distributions, side by side
+    GAPS = "gaps"  # the preference-pair gaps by method (the paper's Figure 4)
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.value}.png"
+
+
+async def png(plot: Plot, figures: ComparisonFigures) -> bytes:
+    """The plot drawn in a worker thread."""
+    draw = score_distributions if plot is Plot.SCORES else gap_distributions
+    return await anyio.to_thread.run_sync(draw, figures, limiter=_DRAWING)
 
 
 def _png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
-    FigureCanvasAgg(figure).print_png(buffer)
+    figure.savefig(buffer, format="png")
     return buffer.getvalue()
 
 
