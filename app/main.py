@@ -25,6 +25,7 @@ from app.api import (
     metrics,
     policy_sets,
     presets,
+    reports,
     state,
     webhooks,
 )
@@ -91,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         webhooks,
         items,
         comparisons,
+        reports,
         policy_sets,
         presets,
         deletions,

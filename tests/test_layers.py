@@ -11,7 +11,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # Above the store: what turns its rows into files and reviews into rows, and who serves them.
-ABOVE_THE_STORE = ("app.api", "app.cli", "app.exports", "app.labeling", "app.main", "app.web", "workers")
+ABOVE_THE_STORE = (
+    "app.api",
+    "app.cli",
+    "app.exports",
+    "app.labeling",
+    "app.main",
+    "app.reports",
+    "app.web",
+    "workers",
+)
 # Around the engine: its adapters (the LLM client, the store) and everything above them.
 OUTSIDE_THE_ENGINE = (*ABOVE_THE_STORE, "app.llm", "app.store")
 

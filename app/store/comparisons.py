@@ -92,13 +92,20 @@ def plan_of(job: Job) -> ComparisonPlan:
     return job.plan
 
 
+async def side_stats(session: AsyncSession, comparison: Job) -> dict[str, dict[str, dict[str, Any]]]:
+    """{"baseline"|"candidate": quality.metric_stats} over each side's matched prompts."""
+    sides = {}
+    for side, link in (("baseline", Item.baseline_item_id), ("candidate", Item.candidate_item_id)):
+        matched = select(link).where(Item.job_id == comparison.id)
+        sides[side] = await quality.metric_stats(session, Cot.item_id.in_(matched))
+    return sides
+
+
 async def metric_means(session: AsyncSession, comparison: Job) -> dict[str, dict[str, float | None]]:
     """Per metric, the grader's mean on each side over the matched prompts, and the
     candidate's lead (candidate minus baseline). Jobs run without grading have no scores."""
     means: dict[str, dict[str, float]] = {}
-    for side, link in (("baseline", Item.baseline_item_id), ("candidate", Item.candidate_item_id)):
-        matched = select(link).where(Item.job_id == comparison.id)
-        stats = await quality.metric_stats(session, Cot.item_id.in_(matched))
+    for side, stats in (await side_stats(session, comparison)).items():
         for metric, figures in stats.items():
             means.setdefault(metric, {})[side] = figures["mean"]
     return {

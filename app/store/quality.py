@@ -104,6 +104,14 @@ async def pairs(session: AsyncSession, job_id: UUID) -> dict[str, Any]:
     return summary
 
 
+async def pair_gaps(session: AsyncSession, job_id: UUID) -> list[float]:
+    """Every graded pair attempt's gap (chosen minus rejected policy faithfulness)."""
+    gaps = await session.scalars(
+        select(PreferencePair.gap).where(PreferencePair.job_id == job_id, PreferencePair.gap.is_not(None))
+    )
+    return [float(gap) for gap in gaps]
+
+
 def usage_columns() -> tuple[Any, ...]:
     """Aggregates of turns: calls, prompt, cached prompt and completion tokens, and cost."""
     return (

@@ -32,6 +32,7 @@ from app.api.summaries import job_out
 from app.config import Settings
 from app.costs import job_cost
 from app.errors import CrossSiteRequest, NotFound, ServiceError, Unauthorized
+from app.reports import comparisons, plots
 from app.store import jobs, keys, policy_sets, quality, web_sessions
 from app.store.models import ApiKey, Cot, Job, PreferencePair
 from app.web import session as session_token
@@ -233,8 +234,15 @@ async def job_page(
         },
         "next_cursor": next_cursor,
         "statuses": get_args(ItemStatus),
+        "report": await comparisons.figures(session, job) if job.plan.mode == "comparison" else None,
     }
     return templates.TemplateResponse(request, "job.html", context)
+
+
+@router.get("/jobs/{job_id}/plots/{plot}.png")
+async def job_plot(job: ViewedJob, session: SessionDep, plot: plots.Plot) -> Response:
+    """A comparison's plot, as GET /v1/comparisons/{id}/plots/{plot}.png draws it."""
+    return Response(await plots.png(plot, await comparisons.figures(session, job)), media_type="image/png")
 
 
 async def _gate_decisions(session: AsyncSession, item_ids: list[UUID]) -> dict[UUID, bool | None]:

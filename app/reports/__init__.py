@@ -1,0 +1,1 @@
+"""Reports a reader can take away: the paper's comparison as Markdown, CSV and PNG plots."""

@@ -1,0 +1,62 @@
+"""What a comparison report shows, computed once from the stored counts: per metric each
+side's mean with its interval, the judges' verdicts as shares with intervals, and the
+preference-pair gaps by method. The renderers (Markdown, CSV, PNG) only lay these out."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from app import stats
+from app.deliberation.results import METRICS
+
+SCORES = (1, 2, 3, 4, 5)
+
+
+@dataclass(frozen=True)
+class Side:
+    """One job's grader scores over the compared prompts: {metric: {score: count}}."""
+
+    name: str
+    distributions: Mapping[str, Mapping[int, int]]
+
+    def scores(self, metric: str) -> list[int]:
+        counts = self.distributions.get(metric, {})
+        return [score for score in SCORES for _ in range(counts.get(score, 0))]
+
+    def mean(self, metric: str) -> stats.Estimate:
+        return stats.mean(self.scores(metric))
+
+
+@dataclass(frozen=True)
+class Verdicts:
+    """One judge's verdicts from the candidate's side."""
+
+    judge: str
+    wins: int
+    ties: int
+    losses: int
+
+    @property
+    def judged(self) -> int:
+        return self.wins + self.ties + self.losses
+
+    def share(self, outcome: str) -> stats.Estimate:
+        return stats.proportion(getattr(self, outcome), self.judged)
+
+
+@dataclass(frozen=True)
+class ComparisonFigures:
+    title: str
+    prompts: int
+    baseline: Side
+    candidate: Side
+    verdicts: Sequence[Verdicts]
+    # Preference-pair gaps (chosen minus rejected policy faithfulness) by how the rejected
+    # side was made, e.g. {"whisper": [...], "standard": [...]}; empty without pairs.
+    gaps: Mapping[str, Sequence[float]] = field(default_factory=dict)
+    notes: Sequence[str] = ()
+
+    def metrics(self) -> list[str]:
+        graded = set(self.baseline.distributions) | set(self.candidate.distributions)
+        return [metric for metric in METRICS if metric in graded]

@@ -1,0 +1,95 @@
+"""The comparison report's renderers: figures computed from counts, laid out as Markdown,
+CSV and PNG."""
+
+import csv
+import io
+
+import numpy
+import pytest
+from PIL import Image
+
+from app.reports import plots, render
+from app.reports.figures import ComparisonFigures, Side, Verdicts
+
+BASELINE = Side("zero-shot", {"relevance": {3: 2, 4: 2}, "coherence": {5: 4}})
+CANDIDATE = Side("AIDSAFE", {"relevance": {4: 1, 5: 3}, "coherence": {4: 4}})
+
+
+def figures(**changes: object) -> ComparisonFigures:
+    values: dict[str, object] = {
+        "title": "demo",
+        "prompts": 4,
+        "baseline": BASELINE,
+        "candidate": CANDIDATE,
+        "verdicts": [Verdicts("judge-a", wins=3, ties=1, losses=0)],
+        "gaps": {"whisper": [2.0, 1.5, 3.0], "standard": [0.5, -0.5]},
+    }
+    values.update(changes)
+    return ComparisonFigures(**values)  # type: ignore[arg-type]
+
+
+def test_side_expands_counts_into_scores_and_means() -> None:
+    assert BASELINE.scores("relevance") == [3, 3, 4, 4]
+    assert BASELINE.mean("relevance").value == 3.5
+    assert BASELINE.scores("completeness") == []
+    assert BASELINE.mean("completeness").value is None
+
+
+def test_metrics_follow_the_graders_order_and_only_graded_ones() -> None:
+    assert figures().metrics() == ["relevance", "coherence"]
+
+
+def test_verdict_shares_have_intervals() -> None:
+    verdicts = Verdicts("j", wins=3, ties=1, losses=0)
+    assert verdicts.judged == 4
+    wins = verdicts.share("wins")
+    assert wins.value == 0.75 and wins.low is not None and wins.low < 0.75 < wins.high  # type: ignore[operator]
+    assert Verdicts("j", 0, 0, 0).share("wins").value is None
+
+
+def test_markdown_lays_out_every_figure() -> None:
+    text = render.markdown(figures(notes=["made by a test"]), plots={"Scores": "scores.png"})
+    assert "# demo" in text and "4 prompts compared" in text
+    assert "| relevance | 3.50 [2.58, 4.42] | 4.75 [3.95, 5.55] | +1.25 |" in text
+    assert "| coherence | 5.00 [5.00, 5.00] | 4.00 [4.00, 4.00] | -1.00 |" in text
+    assert "| judge-a | 4 | 75% [30%, 95%] | 25% [5%, 70%] | 0% [0%, 49%] |" in text
+    assert "| standard | 2 | 0.00 [-6.35, 6.35] |" in text
+    assert "| whisper | 3 |" in text
+    assert "![Scores](scores.png)" in text
+    assert "> made by a test" in text
+
+
+def test_markdown_leaves_out_sections_with_nothing_to_show() -> None:
+    text = render.markdown(figures(verdicts=[], gaps={}))
+    assert "Pairwise" not in text and "gaps" not in text
+
+
+def test_csv_has_one_row_per_figure() -> None:
+    rows = list(csv.DictReader(io.StringIO(render.table(figures()))))
+    scores = [r for r in rows if r["section"] == "score"]
+    assert [(r["name"], r["side"], r["n"]) for r in scores] == [
+        ("relevance", "zero-shot", "4"),
+        ("relevance", "AIDSAFE", "4"),
+        ("coherence", "zero-shot", "4"),
+        ("coherence", "AIDSAFE", "4"),
+    ]
+    assert float(scores[1]["value"]) == pytest.approx(4.75)
+    wins = next(r for r in rows if r["section"] == "pairwise" and r["name"] == "wins")
+    assert (wins["side"], float(wins["value"])) == ("judge-a", 0.75)
+    gap_sides = [r["side"] for r in rows if r["section"] == "gap"]
+    assert gap_sides == ["standard", "whisper"]
+
+
+@pytest.mark.parametrize("draw", [plots.score_distributions, plots.gap_distributions])
+def test_plots_are_pngs_that_show_the_data(draw) -> None:  # type: ignore[no-untyped-def]
+    image = Image.open(io.BytesIO(draw(figures())))
+    assert image.format == "PNG" and image.width > 300 and image.height > 200
+    empty = Image.open(io.BytesIO(draw(figures(gaps={}, baseline=Side("b", {}), candidate=Side("c", {})))))
+    # The bars are drawn in colour; a plot of nothing has none of them.
+    assert _coloured_pixels(image) > 500
+    assert _coloured_pixels(empty) < 50
+
+
+def _coloured_pixels(image: Image.Image) -> int:
+    rgb = numpy.asarray(image.convert("RGB"), dtype=int)
+    return int(((rgb.max(axis=2) - rgb.min(axis=2)) > 60).sum())
