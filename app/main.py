@@ -25,6 +25,7 @@ from app.api import (
     metrics,
     policy_sets,
     presets,
+    sample_evaluations,
     state,
     webhooks,
 )
@@ -91,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         webhooks,
         items,
         comparisons,
+        sample_evaluations,
         policy_sets,
         presets,
         deletions,
