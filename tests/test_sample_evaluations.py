@@ -13,6 +13,7 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
+import aidsafe
 from app.config import Settings
 from app.deliberation.engine import evaluate_sample
 from app.deliberation.ports import LLMRequestRejected
@@ -27,6 +28,7 @@ from app.store.turn_log import PostgresTurnLog
 from tests.conftest import client_for, new_key, run_worker_burst
 from tests.scripted_llm import ScriptedLLM, guard_verdict, http_error, reply, scores
 from tests.test_api import error_of
+from tests.test_cli import aidsafe as aidsafe_cli
 
 Headers = dict[str, str]
 FIXTURES = Path(__file__).parent / "fixtures" / "samples"
@@ -325,3 +327,52 @@ async def test_no_prompt_in_common_with_the_other_set_is_refused_and_nothing_sto
     body = {"samples": [{"prompt": "b", "response": "r"}], "judge": {"job_id": first.json()["id"]}}
     error_of(await api.post("/v1/sample-evaluations", json=body, headers=auth), 422, "no_common_prompts")
     assert (await stored(sessions))["jobs"] == 1
+
+
+# --- the Python client and the CLI --------------------------------------------------------
+
+
+async def test_the_client_uploads_a_file_and_reads_the_report_and_results(
+    live_api: str, auth: Headers, settings: Settings
+) -> None:
+    with aidsafe.Client(live_api, auth["Authorization"].removeprefix("Bearer ")) as client:
+        job = client.upload_samples(
+            FIXTURES / "jailbreak.jsonl", format="jailbreak", guard={}, label="jb", idempotency_key="k"
+        )
+        assert (job.samples, job.replayed) == (2, False)
+        again = client.upload_samples(
+            FIXTURES / "jailbreak.jsonl", format="jailbreak", guard={}, label="jb", idempotency_key="k"
+        )
+        assert (again.id, again.replayed) == (job.id, True)
+        await run_worker_burst(settings)
+        report = client.get_sample_evaluation(job.id)
+        assert report.guard is not None and report.guard.safe == 2 and report.grades is None
+        results = list(client.iter_sample_results(job.id, limit=1))
+        assert [r.metadata["category"] for r in results] == ["Violence", "Disinformation and deception"]
+        assert client.get_sample_result(job.id, results[1].item_id) == results[1]
+
+
+async def test_the_cli_evaluates_a_file_with_a_column_mapping(
+    live_api: str, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    code, out = await aidsafe_cli(
+        live_api,
+        auth,
+        "evaluate",
+        "samples",
+        str(FIXTURES / "wrong_columns.csv"),
+        "--map",
+        "prompt=question",
+        "--map",
+        "response=answer",
+        "--grade",
+        "--no-follow",
+    )
+    assert code == 0, out
+    async with sessions() as session:
+        [job_id] = await session.scalars(select(Job.id))
+    assert str(job_id) in out
+    await run_worker_burst(settings)
+    with aidsafe.Client(live_api, auth["Authorization"].removeprefix("Bearer ")) as client:
+        report = client.get_sample_evaluation(job_id)
+    assert report.status == "completed" and report.grades is not None and report.grades.graded == 1
