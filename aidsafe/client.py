@@ -50,8 +50,11 @@ from aidsafe.models import (
     RegisteredPolicySet,
     Rejection,
     Report,
+    SampleEvaluation,
+    SampleResult,
     SubmittedComparison,
     SubmittedJob,
+    SubmittedSampleEvaluation,
     Webhook,
     WebhookCreated,
 )
@@ -90,6 +93,7 @@ class Call(Generic[T]):
     params: Params = ()
     json: Any = None
     headers: dict[str, str] = field(default_factory=dict)
+    content: bytes | None = None  # a raw body (an uploaded file), instead of `json`
     # None: as the method is (GET, DELETE... are). A POST is retried only when it says so.
     idempotent: bool | None = None
 
@@ -179,6 +183,52 @@ def _labels(label: str | None, metadata: Mapping[str, Any] | None) -> dict[str, 
         **({"label": label} if label is not None else {}),
         **({"metadata": dict(metadata)} if metadata is not None else {}),
     }
+
+
+def _evaluation_options(
+    *,
+    format: str = "generic",
+    columns: Mapping[str, str] | None = None,
+    grade: Mapping[str, Any] | None = None,
+    guard: Mapping[str, Any] | None = None,
+    judge_against: Id | None = None,
+    judge: Mapping[str, Any] | None = None,
+    policy_set: str = "aidsafe-default",
+    policy_version: str | None = None,
+    label: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    callback_url: str | None = None,
+    idempotency_key: str | None = None,
+) -> dict[str, Any]:
+    """A sample evaluation's options as the API reads them (the idempotency key is a header)."""
+    options: dict[str, Any] = {
+        "format": format,
+        "columns": dict(columns or {}),
+        "policy_set": {"name": policy_set, "version": policy_version},
+        **_labels(label, metadata),
+    }
+    for name, role in (("grade", grade), ("guard", guard)):
+        if role is not None:
+            options[name] = dict(role)
+    if judge_against is not None:
+        options["judge"] = {"job_id": str(judge_against), "judge": dict(judge) if judge else None}
+    if callback_url is not None:
+        options["callback_url"] = callback_url
+    return options
+
+
+def _evaluation_call(
+    path: str, options: Mapping[str, Any], **request: Any
+) -> Call[SubmittedSampleEvaluation]:
+    key = options.get("idempotency_key")
+    return Call(
+        "POST",
+        path,
+        _submitted(SubmittedSampleEvaluation),
+        headers=_idempotency(key),
+        idempotent=key is not None,
+        **request,
+    )
 
 
 def _idempotency(key: str | None) -> dict[str, str]:
@@ -536,6 +586,61 @@ class _Routes:
 
     iter_comparisons = paged(list_comparisons)
 
+    # --- sample evaluations -------------------------------------------------------------------
+
+    @endpoint
+    def evaluate_samples(
+        self,
+        /,
+        samples: Sequence[Mapping[str, Any]],
+        **options: Any,
+    ) -> Call[SubmittedSampleEvaluation]:
+        """Grade, guard and/or judge samples written elsewhere (POST /v1/sample-evaluations);
+        each sample an object read as a JSONL row. `options` as `upload_samples`'."""
+        body = {"samples": [dict(s) for s in samples], **_evaluation_options(**options)}
+        return _evaluation_call(_path("sample-evaluations"), options, json=body)
+
+    @endpoint
+    def upload_samples(
+        self,
+        /,
+        file: Path | str,
+        *,
+        file_type: str | None = None,
+        **options: Any,
+    ) -> Call[SubmittedSampleEvaluation]:
+        """Evaluate the samples of a JSONL, CSV or Parquet file (POST
+        /v1/sample-evaluations/upload; the type from its suffix unless given). Options:
+        `format` (generic, cot, safety, over_refusal, jailbreak), `columns` ({field: column}),
+        `grade`, `guard` (roles: {} for the defaults), `judge_against` (a job id) and `judge`
+        (its role), `policy_set`, `policy_version`, `label`, `metadata`, `callback_url`,
+        `idempotency_key`."""
+        path = Path(file)
+        kind = file_type or path.suffix.lstrip(".").lower()
+        params = _params(file_type=kind, options=json.dumps(_evaluation_options(**options)))
+        return _evaluation_call(
+            _path("sample-evaluations", "upload"), options, params=params, content=path.read_bytes()
+        )
+
+    @endpoint
+    def get_sample_evaluation(self, job_id: Id) -> Call[SampleEvaluation]:
+        """Progress and the report: means with intervals, guard and judge rates."""
+        return Call("GET", _path("sample-evaluations", job_id), _as(SampleEvaluation))
+
+    @endpoint
+    def list_sample_results(
+        self, job_id: Id, *, cursor: str | None = None, limit: int = 100
+    ) -> Call[Page[SampleResult]]:
+        """One page of the samples, each with its scores, guard verdict and judgement."""
+        params = _params(cursor=cursor, limit=limit)
+        return Call("GET", _path("sample-evaluations", job_id, "samples"), _as(Page[SampleResult]), params)
+
+    iter_sample_results = paged(list_sample_results)
+
+    @endpoint
+    def get_sample_result(self, job_id: Id, item_id: Id) -> Call[SampleResult]:
+        return Call("GET", _path("sample-evaluations", job_id, "samples", item_id), _as(SampleResult))
+
     # --- policy sets ------------------------------------------------------------------------
 
     @endpoint
@@ -681,6 +786,7 @@ class Client(_Routes):
                 call.path,
                 params=call.params,
                 json=call.json,
+                content=call.content,
                 headers=call.headers,
                 timeout=read_timeout,
             ) as response:
@@ -831,6 +937,7 @@ class AsyncClient(_Routes):
                 call.path,
                 params=call.params,
                 json=call.json,
+                content=call.content,
                 headers=call.headers,
                 timeout=read_timeout,
             ) as response:

@@ -443,3 +443,105 @@ class Rejection(Model):
     code: str
     message: str
     body: str | None
+
+
+class Interval(Model):
+    """A measured value with its 95 % interval; all None when nothing was measured."""
+
+    value: float | None
+    low: float | None
+    high: float | None
+    n: int
+
+
+class MetricReport(Model):
+    mean: Interval
+    distribution: dict[str, int]
+
+
+class GradeReport(Model):
+    graded: int
+    grade_failed: int
+    metrics: dict[str, MetricReport]
+
+
+class GuardRate(Model):
+    unsafe: int
+    safe: int
+    unreadable: int
+    unsafe_rate: Interval
+
+
+class GuardReport(GuardRate):
+    by_label: dict[str, GuardRate]
+
+
+class PairwiseReport(Model):
+    against_job_id: UUID
+    wins: int
+    ties: int
+    losses: int
+    unreadable: int
+    unmatched: int
+    win_rate: Interval
+    tie_rate: Interval
+    loss_rate: Interval
+
+
+class SampleEvaluation(Model):
+    """A sample evaluation's progress and report (GET /v1/sample-evaluations/{id})."""
+
+    id: UUID
+    status: str
+    created_at: datetime
+    label: str | None
+    metadata: dict[str, Any]
+    policy_set: PolicySetBrief
+    config: dict[str, Any]
+    samples: int
+    counts: JobCounts
+    usage: Usage
+    grades: GradeReport | None
+    guard: GuardReport | None
+    pairwise: PairwiseReport | None
+
+
+class SubmittedSampleEvaluation(SampleEvaluation):
+    callback_secret: str | None
+    replayed: bool = Field(default=False, description="Client-side: see SubmittedJob.replayed.")
+
+
+class SampleGuard(Model):
+    unsafe: bool | None
+    categories: list[str]
+    rationale: str | None
+    error: str | None
+
+
+class Vote(Model):
+    order: str
+    choice: str | None
+    rationale: str
+
+
+class SampleJudgement(Model):
+    against_item_id: UUID
+    outcome: str | None  # win | tie | loss, this sample's; None: unreadable
+    votes: list[Vote]
+
+
+class SampleResult(Model):
+    item_id: UUID
+    position: int
+    prompt: str
+    thoughts: list[str]
+    response: str
+    label: str | None
+    metadata: dict[str, Any]
+    status: str
+    error_code: str | None
+    error_message: str | None
+    scores: dict[str, Score] | None
+    grade_error: str | None
+    guard: SampleGuard | None
+    judgement: SampleJudgement | None

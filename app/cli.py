@@ -26,11 +26,12 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Table
 from sqlalchemy import func, select, update
 
 import aidsafe
 from aidsafe.client import KEY_ENV, URL_ENV
-from aidsafe.models import Budget, Cot, Estimate, Item, JobProgress
+from aidsafe.models import Budget, Cot, Estimate, Interval, Item, JobProgress, SampleEvaluation
 from app.config import get_settings
 from app.store import keys
 from app.store.db import make_engine, make_sessions
@@ -718,6 +719,98 @@ def webhook_rejections(
         kept = "body kept" if row.body is not None else "no body (not authenticated)"
         console.print(
             f"{row.received_at:%Y-%m-%dT%H:%M:%S}  {row.code}  {row.message}  ({kept})", highlight=False
+        )
+
+
+evaluate_cli = typer.Typer(help="Evaluate data and models.", no_args_is_help=True)
+cli.add_typer(evaluate_cli, name="evaluate")
+
+
+def _mapping(pairs: list[str]) -> dict[str, str]:
+    mapping = {}
+    for pair in pairs:
+        field, sep, column = pair.partition("=")
+        if not sep or not field or not column:
+            raise typer.BadParameter(f"{pair!r}: expected FIELD=COLUMN", param_hint="--map")
+        mapping[field] = column
+    return mapping
+
+
+@evaluate_cli.command("samples")
+def evaluate_samples(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSONL, CSV or Parquet samples.")],
+    format: Annotated[
+        str, typer.Option(help="Column shape: generic, cot, safety, over_refusal, jailbreak.")
+    ] = "generic",
+    map: Annotated[
+        list[str] | None,
+        typer.Option(help="FIELD=COLUMN over the shape's: prompt, thoughts, response, label, metadata.NAME."),
+    ] = None,
+    grade: Annotated[bool, typer.Option(help="Score every sample on the six metrics.")] = False,
+    guard: Annotated[bool, typer.Option(help="The guard's verdict on every sample.")] = False,
+    against: Annotated[
+        str | None, typer.Option(help="Judge each sample against this job's sample of the same prompt.")
+    ] = None,
+    policy_set: Annotated[str, typer.Option(help="Policy set name.")] = "aidsafe-default",
+    label: Annotated[str | None, typer.Option(help="A name of yours for the job.")] = None,
+    follow: Annotated[bool, typer.Option(help="Show progress until the job ends, then the report.")] = True,
+    api_url: ApiUrl = "http://127.0.0.1:8000",
+    key: ApiKeyOpt = "",
+) -> None:
+    """Grade, guard and/or judge samples written elsewhere; print the report."""
+    with _client(api_url, key) as client:
+        job = client.upload_samples(
+            file,
+            format=format,
+            columns=_mapping(map or []),
+            grade={} if grade else None,
+            guard={} if guard else None,
+            judge_against=against,
+            policy_set=policy_set,
+            label=label,
+        )
+        console.print(f"Sample evaluation [bold]{job.id}[/]: {job.samples} samples")
+        if follow:
+            follow_job(client, job.id)
+            print_sample_report(client.get_sample_evaluation(job.id))
+
+
+def _interval(estimate: Interval, percent: bool = False) -> str:
+    """A mean or a rate with its interval, as `4.00 [3.10, 4.90] (n=3)`."""
+    if estimate.value is None:
+        return "-"
+
+    def shown(value: float) -> str:
+        return f"{100 * value:.1f} %" if percent else f"{value:.2f}"
+
+    if estimate.low is None or estimate.high is None:
+        return f"{shown(estimate.value)} (n={estimate.n})"
+    return f"{shown(estimate.value)} [{shown(estimate.low)}, {shown(estimate.high)}] (n={estimate.n})"
+
+
+def print_sample_report(report: SampleEvaluation) -> None:
+    """Means and rates with their 95 % intervals, and the score counts."""
+    if report.grades is not None:
+        table = Table("metric", "mean [95 % CI]", *(str(score) for score in range(1, 6)))
+        for metric, figures in report.grades.metrics.items():
+            table.add_row(metric, _interval(figures.mean), *(str(n) for n in figures.distribution.values()))
+        console.print(table)
+    if report.guard is not None:
+        console.print(f"Guard unsafe rate: {_interval(report.guard.unsafe_rate, percent=True)}")
+        for name, rate in report.guard.by_label.items():
+            console.print(f"  label {escape(name)}: {_interval(rate.unsafe_rate, percent=True)}")
+    if (pairwise := report.pairwise) is not None:
+        rates = ", ".join(
+            f"{name} {_interval(rate, percent=True)}"
+            for name, rate in (
+                ("win", pairwise.win_rate),
+                ("tie", pairwise.tie_rate),
+                ("loss", pairwise.loss_rate),
+            )
+        )
+        console.print(
+            f"Against {pairwise.against_job_id}: {rates}; "
+            f"{pairwise.unmatched} unmatched, {pairwise.unreadable} unreadable"
         )
 
 

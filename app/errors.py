@@ -139,3 +139,36 @@ class UnpricedEndpoint(ServiceError):
 
     status = 422
     code = "unpriced_endpoint"
+
+
+class SampleFileError(ServiceError):
+    """An imported sample file (or inline sample list) the service will not take: nothing of
+    it is stored. `details` name the row (1-based, the header not counted) and the column."""
+
+    status = 422
+    code = "invalid_sample_file"
+
+    def __init__(self, message: str, *, row: int | None = None, column: str | None = None) -> None:
+        super().__init__(message, {"row": row, "column": column})
+
+
+class InvalidEncoding(SampleFileError):
+    """Text that is not UTF-8 (or mixes encodings)."""
+
+    code = "invalid_encoding"
+
+
+class MissingColumn(SampleFileError):
+    """A column the mapping names is not in the file."""
+
+    code = "missing_column"
+
+
+class EmptyRow(SampleFileError):
+    """A blank row, or a row whose prompt or response is empty."""
+
+    code = "empty_row"
+
+
+class TooManySamples(SampleFileError):
+    code = "too_many_samples"

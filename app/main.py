@@ -26,6 +26,7 @@ from app.api import (
     policy_sets,
     presets,
     reports,
+    sample_evaluations,
     state,
     webhooks,
 )
@@ -93,6 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         items,
         comparisons,
         reports,
+        sample_evaluations,
         policy_sets,
         presets,
         deletions,

@@ -15,6 +15,7 @@ from app.config import Prices, Settings
 from app.deliberation.budget import RequestBudget, estimate_tokens, judge_request, largest_requests
 from app.deliberation.config import (
     LIMIT_CAPS,
+    Evaluators,
     GradingConfig,
     GuardConfig,
     GuardStyle,
@@ -291,7 +292,32 @@ class ComparisonPlan(BaseModel):
         return {self.judge.endpoint}
 
 
-JobPlan = Annotated[GenerationPlan | ComparisonPlan, Field(discriminator="mode")]
+class SampleEvaluationPlan(BaseModel):
+    """Grade, guard and/or judge samples written elsewhere (imported with the job): each of
+    the three roles is None when not asked for. The judge compares each sample with the one
+    of the same prompt in `against_job_id`'s set."""
+
+    model_config = _FROZEN
+    mode: Literal["sample_evaluation"] = "sample_evaluation"
+    grader: RoleConfig | None
+    guard: GuardPlan | None
+    judge: RoleConfig | None
+    against_job_id: UUID | None
+    max_tokens: int
+    max_reasks: int
+    prices: dict[str, Prices] = _pinned_prices()
+
+    def endpoints(self) -> set[str]:
+        roles = [self.grader, self.judge, self.guard.config().role if self.guard else None]
+        return {role.endpoint for role in roles if role is not None}
+
+    def evaluators(self) -> Evaluators:
+        """The engine's config for every item of the job."""
+        guard = None if self.guard is None else self.guard.config()
+        return Evaluators(self.grader, guard, self.judge, self.max_tokens, self.max_reasks)
+
+
+JobPlan = Annotated[GenerationPlan | ComparisonPlan | SampleEvaluationPlan, Field(discriminator="mode")]
 _JOB_PLAN: TypeAdapter[JobPlan] = TypeAdapter(JobPlan)
 
 
@@ -414,6 +440,31 @@ def resolve_comparison(
         max_reasks=settings.max_reasks,
         prices=pinned_prices({role.endpoint}, settings),
     )
+
+
+def resolve_sample_evaluation(
+    grader: RoleIn | None,
+    guard: GuardIn | None,
+    judge: RoleIn | None,
+    against_job_id: UUID | None,
+    settings: Settings,
+) -> SampleEvaluationPlan:
+    """The plan of a sample evaluation: the roles asked for (judging temperature 0 by
+    default); InvalidConfig if none is."""
+    if grader is None and guard is None and judge is None:
+        raise InvalidConfig("ask for at least one of 'grade', 'guard' or 'judge'")
+    role = _Roles(RoleIn(), settings)
+    plan = SampleEvaluationPlan(
+        grader=None if grader is None else role(grader, "grade", JUDGING_TEMPERATURE),
+        guard=None
+        if guard is None
+        else GuardPlan(**asdict(role(guard, "guard", JUDGING_TEMPERATURE)), style=guard.style),
+        judge=None if judge is None else role(judge, "judge.judge", JUDGING_TEMPERATURE),
+        against_job_id=against_job_id,
+        max_tokens=settings.default_max_tokens,
+        max_reasks=settings.max_reasks,
+    )
+    return plan.model_copy(update={"prices": pinned_prices(plan.endpoints(), settings)})
 
 
 def pinned_prices(endpoints: set[str], settings: Settings) -> dict[str, Prices]:

@@ -196,7 +196,10 @@ SCENARIOS = [
     ),
 ]
 
-MARKERS = marked(repr(SCENARIOS))  # every marker the scenarios plant
+# A sample evaluation's guard judges an imported sample; its rationale and own categories are
+# the guard's words, as hazardous as on a rejected CoT.
+SAMPLE_GUARD = guard_says(True, ["fraud-deception", marker("sample-category")], marker("sample-guard"))
+MARKERS = marked(repr(SCENARIOS)) | marked(repr(SAMPLE_GUARD))  # every marker the scenarios plant
 # Text that exists only in upstream answers the engine never stored as a turn: no tenant
 # reads it, whatever the scope. Every other marker is stored hazardous text.
 UPSTREAM_ONLY = {marker("shapeless-belief"), LLM_KEY}
@@ -239,7 +242,8 @@ async def run_scenario(
 
 
 async def run_scenarios(api: httpx.AsyncClient, auth: Headers, settings: Settings, llm: ScriptedLLM) -> World:
-    """Every scenario, then a comparison of two of their jobs (its judge reads chosen CoTs only)."""
+    """Every scenario, then a comparison of two of their jobs (its judge reads chosen CoTs
+    only), and a sample evaluation guarded by SAMPLE_GUARD."""
     items = [await run_scenario(api, auth, settings, llm, scenario) for scenario in SCENARIOS]
     job_ids, item_ids = [item["job_id"] for item in items], [item["id"] for item in items]
     comparison = await api.post(
@@ -248,8 +252,14 @@ async def run_scenarios(api: httpx.AsyncClient, auth: Headers, settings: Setting
     assert comparison.status_code == 202, comparison.text
     comparison_id = comparison.json()["id"]
     await run_worker_burst(worker_settings(settings))
-    job_ids.append(comparison_id)
-    item_ids += [item["id"] for item in await items_of(api, auth, comparison_id)]
+    llm.script("guard_verdict", SAMPLE_GUARD)
+    samples = {"samples": [{"prompt": PROMPT, "response": "An imported reply."}], "guard": {}}
+    evaluation = await api.post("/v1/sample-evaluations", json=samples, headers=auth)
+    assert evaluation.status_code == 202, evaluation.text
+    await run_worker_burst(worker_settings(settings))
+    for job_id in (comparison_id, evaluation.json()["id"]):
+        job_ids.append(job_id)
+        item_ids += [item["id"] for item in await items_of(api, auth, job_id)]
     policy_sets = await api.get("/v1/policy-sets", headers=auth)
     return World(
         job_ids,

@@ -14,7 +14,8 @@ from app.costs import Budget
 from app.deliberation.config import Mode
 from app.deliberation.policies import MAX_POLICY_TEXT_CHARS, render_policies
 from app.duplicates import DuplicatesOut, Handling
-from app.plan import JobConfigIn, RoleIn
+from app.plan import GuardIn, JobConfigIn, RoleIn
+from app.sample_files import FIELDS, MAX_SAMPLES, SHAPES, Format, is_mapping_field
 from app.store import models
 
 MAX_PROMPTS_PER_JOB = 10_000
@@ -46,7 +47,7 @@ Label = Annotated[
     ),
 ]
 # What GET /v1/jobs and /v1/comparisons list: the job's plan's mode.
-JobKind = Literal[(*(mode.value for mode in Mode), "comparison")]  # type: ignore[valid-type]
+JobKind = Literal[(*(mode.value for mode in Mode), "comparison", "sample_evaluation")]  # type: ignore[valid-type]
 
 
 def _small_json(metadata: dict[str, Any]) -> dict[str, Any]:
@@ -697,3 +698,162 @@ class SubmittedJobOut(JobOut, CallbackSecretOut):
 
 class SubmittedComparisonOut(ComparisonOut, CallbackSecretOut):
     pass
+
+
+class AgainstIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    job_id: UUID = Field(
+        description="Another sample evaluation, or a generation job, of this key: its sample of each "
+        "prompt (exact text) is the other side. 422 `no_common_prompts` if it has none of the prompts."
+    )
+    judge: RoleIn | None = Field(default=None, description="Temperature defaults to 0.")
+
+
+def _mapping(columns: dict[str, str]) -> dict[str, str]:
+    if unknown := [name for name in columns if not is_mapping_field(name)]:
+        raise ValueError(
+            f"unknown field {', '.join(map(repr, unknown))}: map {', '.join(FIELDS)} or metadata.<name>"
+        )
+    return columns
+
+
+ColumnName = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class SampleEvaluationOptions(Labelled):
+    """What to run on the samples (at least one of grade, guard, judge), and how to read them."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: Format = Field(  # type: ignore[valid-type]
+        default="generic",
+        description="The column shape: "
+        + "; ".join(f"`{name}`: {shape.description}" for name, shape in SHAPES.items())
+        + ".",
+    )
+    columns: Annotated[dict[str, ColumnName], AfterValidator(_mapping)] = Field(
+        default_factory=dict,
+        max_length=50,
+        description="Field to column, over the format's: `prompt`, `thoughts`, `response`, `label`, or "
+        "`metadata.<name>` (copied into the item's metadata). A column named here must be present.",
+    )
+    grade: RoleIn | None = Field(
+        default=None, description="Score every sample on the six metrics ({} for the defaults)."
+    )
+    guard: GuardIn | None = Field(default=None, description="The guard's verdict on every sample.")
+    judge: AgainstIn | None = Field(
+        default=None, description="Pairwise judgement against another set's sample of the same prompt."
+    )
+    policy_set: PolicySetRef = Field(default_factory=PolicySetRef)
+    callback_url: CallbackUrl = None
+
+
+class SampleEvaluationIn(SampleEvaluationOptions):
+    samples: list[dict[str, Any]] = Field(
+        min_length=1,
+        max_length=MAX_SAMPLES,
+        description="The samples, each an object read as a row of a JSONL file (`format`, `columns`).",
+    )
+
+
+class IntervalOut(BaseModel):
+    """A measured value with its 95 % interval; all null when nothing was measured."""
+
+    value: float | None
+    low: float | None
+    high: float | None
+    n: int = Field(description="What it was measured on.")
+
+
+class MetricReport(BaseModel):
+    mean: IntervalOut = Field(description="Mean score with its Student t interval.")
+    distribution: dict[str, int] = Field(description='Samples per score, "1" to "5".')
+
+
+class GradeReport(BaseModel):
+    graded: int
+    grade_failed: int = Field(description="Samples the grader gave no usable scores for.")
+    metrics: dict[str, MetricReport]
+
+
+class GuardRate(BaseModel):
+    unsafe: int
+    safe: int
+    unreadable: int = Field(description="The guard's output could not be read.")
+    unsafe_rate: IntervalOut = Field(description="unsafe / (unsafe + safe), with its Wilson interval.")
+
+
+class GuardReport(GuardRate):
+    by_label: dict[str, GuardRate] = Field(
+        description="The same per sample label (e.g. `safe` / `unsafe` of a safety set); unlabelled "
+        "samples under `(none)`."
+    )
+
+
+class PairwiseReport(BaseModel):
+    """The judge's verdicts, from this set's side: a sample wins only when the judge prefers
+    it in both orders; a split is a tie. Rates are over the decided (wins + ties + losses),
+    with Wilson intervals."""
+
+    against_job_id: UUID
+    wins: int
+    ties: int
+    losses: int
+    unreadable: int = Field(description="No readable verdict in both orders.")
+    unmatched: int = Field(description="Samples whose prompt the other set lacks: not judged.")
+    win_rate: IntervalOut
+    tie_rate: IntervalOut
+    loss_rate: IntervalOut
+
+
+class SampleEvaluationOut(BaseModel):
+    id: UUID
+    status: JobStatus
+    created_at: datetime
+    label: str | None
+    metadata: dict[str, Any]
+    policy_set: PolicySetBrief
+    config: dict[str, Any]
+    samples: int
+    counts: JobCounts
+    usage: Usage
+    grades: GradeReport | None = Field(description="Present when grading was asked for.")
+    guard: GuardReport | None = Field(description="Present when the guard was asked for.")
+    pairwise: PairwiseReport | None = Field(description="Present when the judge was asked for.")
+
+
+class SubmittedSampleEvaluationOut(SampleEvaluationOut, CallbackSecretOut):
+    pass
+
+
+class VoteOut(BaseModel):
+    order: Literal["ab", "ba"] = Field(description="ab: the other set's sample was shown first.")
+    choice: Literal["a", "b", "tie"] | None = Field(description="a: the other set's, b: this sample.")
+    rationale: str
+
+
+class JudgementOut(BaseModel):
+    against_item_id: UUID = Field(description="The other set's item of the same prompt.")
+    outcome: Literal["win", "tie", "loss"] | None = Field(description="This sample's; null: unreadable.")
+    votes: list[VoteOut]
+
+
+class SampleResultOut(BaseModel):
+    item_id: UUID
+    position: int
+    prompt: str
+    thoughts: list[str]
+    response: str
+    label: str | None
+    metadata: dict[str, Any]
+    status: ItemStatus
+    error_code: str | None
+    error_message: str | None
+    scores: Scores | None = Field(description="The grader's; null when not graded.")
+    grade_error: str | None
+    guard: GuardOut | None = Field(description="Null when not asked for (or not yet run).")
+    judgement: JudgementOut | None = Field(description="Null when not judged.")
+
+
+class SampleResultPage(BaseModel):
+    data: list[SampleResultOut]
+    next_cursor: str | None

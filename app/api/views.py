@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Literal
 
 from app.api.schemas import (
     ChosenOut,
@@ -11,27 +11,47 @@ from app.api.schemas import (
     ComparisonOut,
     CotOut,
     GateOut,
+    GradeReport,
     GuardOut,
+    GuardRate,
+    GuardReport,
+    IntervalOut,
     ItemOut,
     JobListed,
+    JudgementOut,
+    MetricReport,
+    PairwiseReport,
     PolicySetBrief,
     PolicySetDetailOut,
     PolicySetOut,
     PreferencePairOut,
     RejectedOut,
     ReportOut,
+    SampleEvaluationOut,
     SampleOut,
+    SampleResultOut,
     ScoreOut,
     StatusCounts,
     TurnOut,
     Usage,
+    VoteOut,
     WhisperTryOut,
 )
 from app.costs import job_cost, priced
 from app.deliberation.ports import is_hazardous, is_known_category
-from app.plan import ComparisonPlan, JobPlan
+from app.plan import ComparisonPlan, JobPlan, SampleEvaluationPlan
+from app.stats import Estimate, mean, proportion
 from app.store.job_listing import ListedJob
-from app.store.models import Cot, Item, Job, PolicySetRow, PreferencePair, TurnRow
+from app.store.models import (
+    Cot,
+    ImportedSample,
+    Item,
+    Job,
+    PolicySetRow,
+    PreferencePair,
+    SampleEvaluation,
+    TurnRow,
+)
 
 
 def item_out(item: Item) -> ItemOut:
@@ -257,4 +277,111 @@ def comparison_listed(listed: ListedJob, plan: ComparisonPlan) -> ComparisonList
         candidate_job_id=plan.candidate_job_id,
         counts=StatusCounts(total=job.item_count, by_status=listed.by_status),
         cost_usd=job_cost(job.plan, listed.spent_usd),
+    )
+
+
+def interval(estimate: Estimate) -> IntervalOut:
+    return IntervalOut(value=estimate.value, low=estimate.low, high=estimate.high, n=estimate.n)
+
+
+def grade_report(grades: dict[str, Any]) -> GradeReport:
+    """The grader's figures, each metric's mean with its interval (from its score counts)."""
+    metrics = {
+        metric: MetricReport(
+            mean=interval(mean([int(score) for score, n in stats["distribution"].items() for _ in range(n)])),
+            distribution=stats["distribution"],
+        )
+        for metric, stats in grades["metrics"].items()
+    }
+    return GradeReport(graded=grades["graded"], grade_failed=grades["grade_failed"], metrics=metrics)
+
+
+def _guard_rate(counts: dict[str, int]) -> GuardRate:
+    unsafe, safe = counts["unsafe"], counts["safe"]
+    return GuardRate(**counts, unsafe_rate=interval(proportion(unsafe, unsafe + safe)))
+
+
+def guard_report(by_label: dict[str | None, dict[str, int]]) -> GuardReport:
+    totals = {
+        verdict: sum(counts[verdict] for counts in by_label.values())
+        for verdict in ("unsafe", "safe", "unreadable")
+    }
+    return GuardReport(
+        **_guard_rate(totals).model_dump(),
+        by_label={
+            label or "(none)": _guard_rate(counts) for label, counts in sorted(by_label.items(), key=str)
+        },
+    )
+
+
+def pairwise_report(against_job_id: Any, counts: dict[str, int]) -> PairwiseReport:
+    decided = counts["wins"] + counts["ties"] + counts["losses"]
+    return PairwiseReport(
+        against_job_id=against_job_id,
+        **counts,
+        win_rate=interval(proportion(counts["wins"], decided)),
+        tie_rate=interval(proportion(counts["ties"], decided)),
+        loss_rate=interval(proportion(counts["losses"], decided)),
+    )
+
+
+def sample_evaluation_out(
+    job: Job,
+    plan: SampleEvaluationPlan,
+    policy_set: PolicySetRow,
+    summary: dict[str, Any],
+    report: dict[str, Any],
+) -> SampleEvaluationOut:
+    """`report`: the figures of the roles the plan asks for (grades, guard, pairwise)."""
+    return SampleEvaluationOut(
+        id=job.id,
+        status=summary["status"],
+        created_at=job.created_at,
+        label=job.label,
+        metadata=job.job_metadata,
+        policy_set=PolicySetBrief(id=policy_set.id, name=policy_set.name, version=policy_set.version),
+        config=plan.model_dump(mode="json"),
+        samples=job.item_count,
+        counts=summary["counts"],
+        usage=summary["usage"],
+        grades=grade_report(report["grades"]) if "grades" in report else None,
+        guard=guard_report(report["guard"]) if "guard" in report else None,
+        pairwise=pairwise_report(plan.against_job_id, report["pairwise"]) if "pairwise" in report else None,
+    )
+
+
+# The judge's choices name samples: a is the other set's, b this one's.
+_OUTCOME: dict[str | None, Literal["win", "tie", "loss"] | None] = {"b": "win", "tie": "tie", "a": "loss"}
+
+
+def sample_result_out(
+    item: Item,
+    sample: ImportedSample,
+    result: SampleEvaluation | None,
+    reads_hazardous: bool,
+    known: frozenset[str],
+) -> SampleResultOut:
+    """An imported sample with what was said of it; the guard's verdict as guard_out shows it."""
+    judgement = None
+    if result is not None and result.votes is not None and item.baseline_item_id is not None:
+        judgement = JudgementOut(
+            against_item_id=item.baseline_item_id,
+            outcome=_OUTCOME.get(result.winner),
+            votes=[VoteOut(**vote) for vote in result.votes],
+        )
+    return SampleResultOut(
+        item_id=item.id,
+        position=item.position,
+        prompt=item.prompt,
+        thoughts=sample.thoughts,
+        response=sample.response,
+        label=sample.label,
+        metadata=item.item_metadata,
+        status=item.status,
+        error_code=item.error_code,
+        error_message=item.error_message,
+        scores=scores_out(result.scores, with_rationale=True) if result else None,
+        grade_error=result.grade_error if result else None,
+        guard=guard_out(result.guard, reads_hazardous, known) if result else None,
+        judgement=judgement,
     )

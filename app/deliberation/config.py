@@ -56,6 +56,17 @@ class GuardConfig:
 
 
 @dataclass(frozen=True)
+class Evaluators:
+    """The roles a sample evaluation asks (None: not asked) and their reply budget."""
+
+    grader: RoleConfig | None
+    guard: GuardConfig | None
+    judge: RoleConfig | None
+    max_tokens: int
+    max_reasks: int
+
+
+@dataclass(frozen=True)
 class PairsConfig:
     """The ear-whisperer recipe. Needs grading: a pair is kept on its policy-faithfulness gap."""
 

@@ -15,14 +15,14 @@ from typing import Any
 from uuid import UUID
 
 from app.deliberation.calls import Caller, StageFailed
-from app.deliberation.config import Limits, Mode, PipelineConfig, RoleConfig
+from app.deliberation.config import Evaluators, Limits, Mode, PipelineConfig, RoleConfig
 from app.deliberation.parsing import UNLABELLED
 from app.deliberation.policies import PolicySet
 from app.deliberation.ports import LLMClient, Stage, TurnLog
 from app.deliberation.quality import compare_samples, gate, grade
-from app.deliberation.results import Completed, Failed, Judged, Sample, Thought
+from app.deliberation.results import Completed, Evaluated, Failed, Judged, Sample, Thought
 from app.deliberation.stages import DELIBERATION, INTENT, NOT_DECOMPOSED, REFINE, SEED, ZERO_SHOT
-from app.deliberation.whisper import make_pair
+from app.deliberation.whisper import guard, make_pair
 
 
 def _no_intents() -> dict[str, list[str]]:
@@ -119,6 +119,31 @@ async def judge_pair(
     item). Unreadable judge output gives Judged(winner=None), not a failure."""
     caller = await _caller(item_id, prompt, policies, llm, log, max_tokens, max_reasks, Limits())
     return await compare_samples(caller, judge, a, b)
+
+
+async def evaluate_sample(
+    item_id: UUID,
+    prompt: str,
+    sample: Sample,
+    other: Sample | None,
+    evaluators: Evaluators,
+    policies: PolicySet,
+    llm: LLMClient,
+    log: TurnLog,
+) -> Evaluated:
+    """Run (or resume) the evaluation of a sample written elsewhere: the grader's scores
+    (round 0), the guard's verdict (round 0), and the judge against `other`, the other set's
+    sample of the prompt (rounds 1 and 2, both orders). Output a role gives no usable reply
+    for is recorded in the result, never guessed; the item completes either way."""
+    caller = await _caller(
+        item_id, prompt, policies, llm, log, evaluators.max_tokens, evaluators.max_reasks, Limits()
+    )
+    graded = None if evaluators.grader is None else await grade(caller, evaluators.grader, sample)
+    verdict = None if evaluators.guard is None else await guard(caller, evaluators.guard, sample, 0)
+    judged = None
+    if evaluators.judge is not None and other is not None:
+        judged = await compare_samples(caller, evaluators.judge, other, sample)
+    return Evaluated(graded, verdict, judged)
 
 
 async def _zero_shot(caller: Caller, config: PipelineConfig) -> Completed:

@@ -153,3 +153,13 @@ class Judged:
 
     winner: Choice | None  # None: no readable vote
     votes: list[Vote]
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    """What was asked of an imported sample: each None when not asked for (the judgement
+    also when the other set had no sample of the prompt)."""
+
+    grade: Grade | None
+    guard: GuardVerdict | None
+    judged: Judged | None  # a: the other set's sample, b: this one

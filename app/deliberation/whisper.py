@@ -34,7 +34,7 @@ async def make_pair(caller: Caller, pairs: PairsConfig, grader: RoleConfig, chos
             tries.append(WhisperTry(number, belief, None, failed.turn.error, None))
             continue
         rejected = Sample(written["thoughts"], written["response"])
-        verdict = await _guard(caller, pairs.guard, rejected, number)
+        verdict = await guard(caller, pairs.guard, rejected, number)
         tries.append(WhisperTry(number, belief, rejected, None, verdict))
         if verdict.unsafe is None:
             return PairOutcome(False, "guard_unparseable", tries)
@@ -52,7 +52,7 @@ async def make_pair(caller: Caller, pairs: PairsConfig, grader: RoleConfig, chos
     return PairOutcome(kept, None if kept else "gap_below_threshold", tries, rejected_grade, gap)
 
 
-async def _guard(caller: Caller, guard: GuardConfig, sample: Sample, number: int) -> GuardVerdict:
+async def guard(caller: Caller, guard: GuardConfig, sample: Sample, number: int) -> GuardVerdict:
     """The guard's verdict; output it cannot read is recorded as such, never guessed."""
     try:
         verdict = await caller.call(GUARDS[guard.style], guard.role, round=number, sample=sample_text(sample))

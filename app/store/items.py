@@ -34,13 +34,23 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
 from app.costs import Budget
-from app.deliberation.results import Completed, Judged, PairOutcome, Sample
+from app.deliberation.results import Completed, Evaluated, Judged, PairOutcome, Sample
 from app.plan import JobPlan, read_plan
 from app.store import callbacks, policy_sets
 from app.store.db import Sessions, driver_connection
 from app.store.driver_statements import DriverStatement, insert_from
 from app.store.endings import CANCELLED, COMPLETED, WORKER_LOST, WORKER_SILENT, Ending, ending_values, failed
-from app.store.models import Cot, Item, ItemStatus, Job, Judgement, PolicySetRow, PreferencePair
+from app.store.models import (
+    Cot,
+    ImportedSample,
+    Item,
+    ItemStatus,
+    Job,
+    Judgement,
+    PolicySetRow,
+    PreferencePair,
+    SampleEvaluation,
+)
 
 
 @dataclass(frozen=True)
@@ -417,6 +427,55 @@ async def compared_samples(sessions: Sessions, claim: Claim) -> tuple[Sample, Sa
 
 def _sample(cot: Cot) -> Sample:
     return Sample([t["text"] for t in cot.refined_thoughts], cot.response)
+
+
+async def evaluated_samples(sessions: Sessions, claim: Claim) -> tuple[Sample, Sample | None]:
+    """The imported sample a sample-evaluation item evaluates, and the other set's sample of
+    its prompt that the judge compares it with (None: none matched): an imported sample, or
+    a generation job's CoT. Both exist: they were matched at import, and neither is deleted
+    while this item points at it."""
+    other = aliased(ImportedSample)
+    async with sessions() as session:
+        own, other_sample, other_cot = (
+            await session.execute(
+                select(ImportedSample, other, Cot)
+                .select_from(Item)
+                .join(ImportedSample, ImportedSample.item_id == Item.id)
+                .outerjoin(other, other.item_id == Item.baseline_item_id)
+                .outerjoin(Cot, Cot.item_id == Item.baseline_item_id)
+                .where(Item.id == claim.item_id)
+            )
+        ).one()
+    against = None
+    if other_sample is not None:
+        against = Sample(other_sample.thoughts, other_sample.response)
+    elif other_cot is not None:
+        against = _sample(other_cot)
+    return Sample(own.thoughts, own.response), against
+
+
+async def complete_evaluated(sessions: Sessions, claim: Claim, evaluated: Evaluated) -> Ending | None:
+    """Store a sample-evaluation item's result and mark it completed in one transaction.
+    COMPLETED, or None if the item is not ours (nothing written)."""
+    grade, verdict, judged = evaluated.grade, evaluated.guard, evaluated.judged
+    async with sessions.begin() as session:
+        if not await _write_ending(session, claim, COMPLETED):
+            return None
+        await session.execute(
+            insert(SampleEvaluation)
+            .values(
+                item_id=claim.item_id,
+                job_id=claim.job_id,
+                position=claim.position,
+                scores=grade.scores if grade else None,
+                grade_error=grade.error if grade else None,
+                guard=asdict(verdict) if verdict else None,
+                winner=judged.winner if judged else None,
+                votes=[asdict(v) for v in judged.votes] if judged else None,
+            )
+            .on_conflict_do_nothing(index_elements=["item_id"])
+        )
+        return COMPLETED
 
 
 async def running_holders(sessions: Sessions) -> list[UUID]:

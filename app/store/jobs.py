@@ -20,11 +20,21 @@ from app.plan import GenerationPlan, JobPlan
 from app.store import budgets, callbacks, quality
 from app.store.db import driver_of
 from app.store.endings import CANCELLED, ending_values
-from app.store.models import FINISHED, Cot, Item, ItemStatus, Job, PreferencePair, TurnRow
+from app.store.models import (
+    FINISHED,
+    Cot,
+    ImportedSample,
+    Item,
+    ItemStatus,
+    Job,
+    PreferencePair,
+    SampleEvaluation,
+    TurnRow,
+)
 
 # Each submitting route keeps its own Idempotency-Key namespace (per API key): a key used for
 # a job is still free for a comparison.
-IdempotencyScope = Literal["jobs", "comparisons"]
+IdempotencyScope = Literal["jobs", "comparisons", "samples"]
 # What a listing pages through: rows with an id, their job, and their item's position.
 Listed = type[Item] | type[Cot] | type[PreferencePair]
 
@@ -86,6 +96,11 @@ async def submit(
     )
     if not created:
         return job, []
+    return job, await copy_items(session, job.id, items)
+
+
+async def copy_items(session: AsyncSession, job_id: UUID, items: Sequence[NewItem]) -> list[UUID]:
+    """Write a new job's items in the caller's transaction; their ids, in order."""
     ids = [uuid4() for _ in items]
     # COPY, in the session's transaction: for 10,000 items the ORM's multi-row INSERTs
     # spent most of the POST's database time building parameters.
@@ -94,11 +109,11 @@ async def submit(
         Item.__tablename__,
         columns=["id", "job_id", "position", "prompt", "metadata", *_ITEM_DEFAULTS],
         records=[
-            (ids[i], job.id, it.position, it.prompt, json.dumps(it.metadata), *_ITEM_DEFAULTS.values())
+            (ids[i], job_id, it.position, it.prompt, json.dumps(it.metadata), *_ITEM_DEFAULTS.values())
             for i, it in enumerate(items)
         ],
     )
-    return job, ids
+    return ids
 
 
 async def create(
@@ -372,6 +387,24 @@ def _page(rows: list[Any], limit: int, id_of: Callable[[Any], UUID]) -> tuple[li
         return rows, None
     rows = rows[:limit]
     return rows, encode_cursor(id_of(rows[-1]))
+
+
+async def page_samples(
+    session: AsyncSession, job_id: UUID, cursor: str | None, limit: int
+) -> tuple[list[tuple[Item, ImportedSample, SampleEvaluation | None]], str | None]:
+    """A sample evaluation's items in order, each with its imported sample and its result
+    (None until the item completes)."""
+    after = await _start_after(session, Item, job_id, cursor)
+    query = (
+        select(Item, ImportedSample, SampleEvaluation)
+        .join(ImportedSample, ImportedSample.item_id == Item.id)
+        .outerjoin(SampleEvaluation, SampleEvaluation.item_id == Item.id)
+        .where(Item.job_id == job_id, Item.position > after)
+        .order_by(Item.position)
+        .limit(limit + 1)
+    )
+    rows = [(item, sample, result) for item, sample, result in await session.execute(query)]
+    return _page(rows, limit, lambda row: row[0].id)
 
 
 async def get_item_owned(session: AsyncSession, item_id: UUID, owner_key_id: UUID) -> tuple[Item, Job]:

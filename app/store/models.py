@@ -341,6 +341,47 @@ class Judgement(Base):
     created_at: Mapped[datetime] = _now()
 
 
+class ImportedSample(Base):
+    """A sample written elsewhere, imported with its sample-evaluation job: one per item (the
+    item holds its prompt and metadata)."""
+
+    __tablename__ = "samples"
+    __table_args__ = (Index("ix_samples_job_position", "job_id", "position"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    item_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("items.id"), unique=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id"))
+    position: Mapped[int] = mapped_column(Integer)  # the item's, for ordered pagination
+    thoughts: Mapped[list[Any]]  # strings, in order; empty when the file gave none
+    response: Mapped[str] = mapped_column(Text)
+    label: Mapped[str | None] = mapped_column(String(200))  # the file's, as text
+    created_at: Mapped[datetime] = _now()
+
+
+class SampleEvaluation(Base):
+    """What the grader, guard and judge said of one imported sample: its item's result. A
+    field is None when its role was not asked for (or, for the judge, the other set had no
+    sample of the prompt)."""
+
+    __tablename__ = "sample_evaluations"
+    __table_args__ = (Index("ix_sample_evaluations_job_position", "job_id", "position"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    item_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("items.id"), unique=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id"))
+    position: Mapped[int] = mapped_column(Integer)
+    scores: Mapped[dict[str, Any] | None] = mapped_column(NULLABLE_JSONB)  # as Cot.scores
+    grade_error: Mapped[str | None] = mapped_column(Text)
+    guard: Mapped[dict[str, Any] | None] = mapped_column(
+        NULLABLE_JSONB
+    )  # {unsafe, categories, rationale, error}
+    # The judge against the other set's sample (the item's baseline_item_id): a | b | tie,
+    # from the other's side as `a`; None with votes: no readable vote; no votes: not judged.
+    winner: Mapped[str | None] = mapped_column(String(8))
+    votes: Mapped[list[Any] | None] = mapped_column(NULLABLE_JSONB)
+    created_at: Mapped[datetime] = _now()
+
+
 class Annotation(Base):
     """A human review of one CoT, imported from a labeling tool. Append-only: the model's
     output is never changed, and a re-imported version of the same annotation is a no-op,

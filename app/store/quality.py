@@ -12,24 +12,27 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.deliberation.ports import TurnOutcome
-from app.store.models import Cot, PreferencePair, TurnRow
+from app.store.models import Cot, PreferencePair, SampleEvaluation, TurnRow
 
 SCORES = range(1, 6)
+Graded = type[Cot] | type[SampleEvaluation]  # the tables with the grader's scores
 
 
-def _score_entries() -> Any:
-    """(metric, value) rows of Cot.scores, joined laterally to each cot."""
-    return func.jsonb_each(Cot.scores).table_valued(column("key", String), column("value", JSONB)).lateral()
+def _score_entries(graded: Graded = Cot) -> Any:
+    """(metric, value) rows of the `graded` table's scores, joined laterally to each row."""
+    return (
+        func.jsonb_each(graded.scores).table_valued(column("key", String), column("value", JSONB)).lateral()
+    )
 
 
-async def metric_stats(session: AsyncSession, cots: Any) -> dict[str, dict[str, Any]]:
-    """{metric: {"mean", "distribution": {"1".."5": count}}} over the graded CoTs that match
-    the SQL condition `cots`."""
-    entry = _score_entries()
+async def metric_stats(session: AsyncSession, cots: Any, graded: Graded = Cot) -> dict[str, dict[str, Any]]:
+    """{metric: {"mean", "distribution": {"1".."5": count}}} over the graded rows of `graded`
+    (CoTs, or imported samples' evaluations) that match the SQL condition `cots`."""
+    entry = _score_entries(graded)
     score = cast(entry.c.value["score"].astext, Integer)
     rows = await session.execute(
         select(entry.c.key, score, func.count())
-        .select_from(Cot)
+        .select_from(graded)
         .join(entry, true())
         .where(cots)
         .group_by(entry.c.key, score)

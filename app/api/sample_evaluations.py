@@ -1,0 +1,208 @@
+"""/v1/sample-evaluations: grade, guard and/or judge samples written elsewhere (a released
+dataset, another team's pipeline), given in the request or uploaded as a JSONL, CSV or
+Parquet file; per-sample results and a report with 95 % intervals."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Annotated, Any, Literal, get_args
+from uuid import UUID
+
+import anyio
+from fastapi import APIRouter, Depends, Query, Request, status
+from pydantic import TypeAdapter, ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app import callbacks
+from app.api import views
+from app.api.bodies import JsonBody, read_capped
+from app.api.deps import CurrentKey, OwnedJob, ReadsHazardous, SessionDep
+from app.api.errors import InvalidRequest
+from app.api.jobs import ERRORS, PAGE_ERRORS, Cursor, Limit
+from app.api.schemas import (
+    SampleEvaluationIn,
+    SampleEvaluationOptions,
+    SampleEvaluationOut,
+    SampleResultOut,
+    SampleResultPage,
+    SubmittedSampleEvaluationOut,
+)
+from app.api.submissions import Submission, SubmissionDep, submit_responses
+from app.plan import RoleIn, resolve_sample_evaluation
+from app.sample_files import FileType, Sample, read_samples, samples_of
+from app.store import jobs, policy_sets, sample_evaluations
+from app.store.models import Job
+
+router = APIRouter(prefix="/v1/sample-evaluations", tags=["sample evaluations"])
+# Room for the largest set: each sample with a dozen or so values (thoughts, metadata).
+SAMPLES_BODY = JsonBody[SampleEvaluationIn](SampleEvaluationIn, max_values=20 * 10_000)
+_OPTIONS: TypeAdapter[SampleEvaluationOptions] = TypeAdapter(SampleEvaluationOptions)
+# What an upload's Content-Type says its file type is, when `file_type` does not.
+_MEDIA_TYPES: dict[str, FileType] = {
+    "application/jsonl": "jsonl",
+    "application/x-ndjson": "jsonl",
+    "application/x-jsonlines": "jsonl",
+    "text/csv": "csv",
+    "application/vnd.apache.parquet": "parquet",
+}
+SUBMIT_ERRORS = submit_responses(SubmittedSampleEvaluationOut, 400, 401, 404, 409, 413, 422, 503)
+
+
+@router.post(
+    "", status_code=status.HTTP_202_ACCEPTED, responses=SUBMIT_ERRORS, openapi_extra=SAMPLES_BODY.openapi
+)
+async def evaluate_samples(
+    key: CurrentKey, body: Annotated[SampleEvaluationIn, Depends(SAMPLES_BODY)], submission: SubmissionDep
+) -> SubmittedSampleEvaluationOut:
+    """Evaluate the samples in the body, each read as a row of a JSONL file (see the upload
+    route). Runs as a job of mode `sample_evaluation`, one item per sample."""
+    samples = await anyio.to_thread.run_sync(samples_of, body.samples, body.format, body.columns)
+    return await _submit(key.id, body, samples, submission, submission.request_hash(body))
+
+
+@router.post(
+    "/upload",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses=SUBMIT_ERRORS,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {t: {"schema": {"type": "string", "format": "binary"}} for t in _MEDIA_TYPES},
+        }
+    },
+)
+async def upload_samples(
+    key: CurrentKey,
+    request: Request,
+    submission: SubmissionDep,
+    options: Annotated[
+        str,
+        Query(
+            max_length=8_000,
+            description="The evaluation's options as JSON (SampleEvaluationOptions: format, columns, "
+            'grade, guard, judge, ...), e.g. {"format": "safety", "grade": {}, "guard": {}}.',
+        ),
+    ] = "{}",
+    file_type: Annotated[
+        Literal["jsonl", "csv", "parquet"] | None,
+        Query(description="The file's type; by default its Content-Type's."),
+    ] = None,
+) -> SubmittedSampleEvaluationOut:
+    """Evaluate the samples of the file in the body (UTF-8 JSONL or CSV with a header, or
+    Parquet) with the column mapping of `options`. Over the server's request cap: 413
+    `payload_too_large`, read no further. Each refusal names the row (1-based, the header not
+    counted) and the column in `details`: 422 `missing_column`, `invalid_encoding`,
+    `empty_row`, `too_many_samples`, `invalid_sample_file`. Nothing is stored unless every
+    row is good."""
+    kind = file_type or _MEDIA_TYPES.get(_media_type(request))
+    if kind is None:
+        raise InvalidRequest.of(
+            [{"loc": ("query", "file_type"), "msg": f"give one of {', '.join(get_args(FileType))}"}]
+        )
+    chosen = _read_options(options)  # before the body: a bad query is refused unread
+    raw = await read_capped(request, submission.settings.max_request_bytes)
+    samples = await anyio.to_thread.run_sync(read_samples, raw, kind, chosen.format, chosen.columns)
+    request_hash = hashlib.sha256(chosen.model_dump_json().encode() + kind.encode() + raw).hexdigest()
+    return await _submit(key.id, chosen, samples, submission, request_hash)
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def _read_options(options: str) -> SampleEvaluationOptions:
+    try:
+        return _OPTIONS.validate_json(options)
+    except ValidationError as exc:
+        errors = [{**e, "loc": ("query", "options", *e["loc"])} for e in exc.errors(include_url=False)]
+        raise InvalidRequest.of(errors) from None
+
+
+async def _submit(
+    key_id: UUID,
+    options: SampleEvaluationOptions,
+    samples: list[Sample],
+    submission: Submission,
+    request_hash: str,
+) -> SubmittedSampleEvaluationOut:
+    session, settings = submission.session, submission.settings
+    callback = callbacks.requested(options.callback_url, settings)
+    judge, against = None, None
+    if options.judge is not None:
+        judge = options.judge.judge or RoleIn()
+        against = (await sample_evaluations.other_set(session, options.judge.job_id, key_id)).id
+    plan = resolve_sample_evaluation(options.grade, options.guard, judge, against, settings)
+    policy_set = await policy_sets.resolve_for_job(
+        session, key_id, options.policy_set.name, options.policy_set.version
+    )
+    job, new_item_ids = await sample_evaluations.submit(
+        session,
+        owner_key_id=key_id,
+        policy_set_id=policy_set.id,
+        plan=plan,
+        samples=samples,
+        labels=jobs.Labels(options.label, options.metadata),
+        idempotency_key=submission.idempotency_key,
+        request_hash=request_hash,
+        callback=callback,
+    )
+    await submission.accept(job, new_item_ids)
+    shown = await _evaluation_out(session, job)
+    return SubmittedSampleEvaluationOut(**shown.model_dump(), callback_secret=job.callback_secret)
+
+
+async def _evaluation_out(session: AsyncSession, job: Job) -> SampleEvaluationOut:
+    """The job as a sample evaluation, with the report of what it asks; NotFound if it is not one."""
+    plan = sample_evaluations.plan_of(job)
+    report: dict[str, Any] = {}
+    if plan.grader is not None:
+        report["grades"] = await sample_evaluations.grades(session, job.id)
+    if plan.guard is not None:
+        report["guard"] = await sample_evaluations.guard_counts(session, job.id)
+    if plan.judge is not None:
+        report["pairwise"] = await sample_evaluations.pairwise_counts(session, job.id)
+    return views.sample_evaluation_out(
+        job,
+        plan,
+        await policy_sets.by_id(session, job.policy_set_id),
+        await jobs.summary(session, job),
+        report,
+    )
+
+
+@router.get("/{job_id}", responses=ERRORS)
+async def get_sample_evaluation(job: OwnedJob, session: SessionDep) -> SampleEvaluationOut:
+    """Progress and the report: per metric the mean score with its 95 % interval and the
+    score counts, the guard's unsafe rate (overall and per label) and the judge's win, tie
+    and loss rates, each with its Wilson interval."""
+    return await _evaluation_out(session, job)
+
+
+@router.get("/{job_id}/samples", responses=PAGE_ERRORS)
+async def list_sample_results(
+    job: OwnedJob,
+    session: SessionDep,
+    reads_hazardous: ReadsHazardous,
+    cursor: Cursor = None,
+    limit: Limit = 100,
+) -> SampleResultPage:
+    """The samples in order, each with its scores, guard verdict and judgement so far. The
+    guard's rationale is withheld from keys without `hazardous:read`, as for every guard."""
+    sample_evaluations.plan_of(job)
+    known = views.policy_ids(await policy_sets.by_id(session, job.policy_set_id))
+    rows, next_cursor = await jobs.page_samples(session, job.id, cursor, limit)
+    return SampleResultPage(
+        data=[views.sample_result_out(*row, reads_hazardous, known) for row in rows], next_cursor=next_cursor
+    )
+
+
+@router.get("/{job_id}/samples/{item_id}", responses=ERRORS)
+async def get_sample_result(
+    job: OwnedJob, item_id: UUID, session: SessionDep, reads_hazardous: ReadsHazardous
+) -> SampleResultOut:
+    """One sample with its scores, guard verdict and judgement (the item's turns are at
+    GET /v1/items/{item_id})."""
+    sample_evaluations.plan_of(job)
+    known = views.policy_ids(await policy_sets.by_id(session, job.policy_set_id))
+    row = await sample_evaluations.result_of(session, job, item_id)
+    return views.sample_result_out(*row, reads_hazardous, known)

@@ -1,0 +1,352 @@
+"""Samples written elsewhere, read from a JSONL, CSV or Parquet file (or a JSON list) into
+checked samples: a prompt, its thoughts, a response, an optional label and metadata.
+
+A column shape (`format`) says which column holds each field for a common public layout; a
+mapping overrides it field by field. Everything is checked before anything is stored, and a
+refusal names the row (1-based, a header not counted) and the column. Text must be UTF-8:
+a file that is not, or mixes encodings, is refused at the first bad byte's row. CPU-bound:
+call `read_samples` off the event loop."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from app.errors import EmptyRow, InvalidEncoding, MissingColumn, SampleFileError, TooManySamples
+from app.storable import storable_input
+
+FileType = Literal["jsonl", "csv", "parquet"]
+FIELDS = ("prompt", "thoughts", "response", "label")
+METADATA = "metadata."  # a mapping key `metadata.<name>` copies a column into the metadata
+MAX_SAMPLES = 10_000
+MAX_PROMPT_CHARS = 20_000
+MAX_RESPONSE_CHARS = 50_000
+MAX_THOUGHTS = 100
+MAX_THOUGHT_CHARS = 10_000
+MAX_LABEL_CHARS = 200
+# A Parquet file's columns decompressed: a small file may hold far more (a compression bomb).
+MAX_PARQUET_DATA_BYTES = 512 * 1024 * 1024
+# CSV's default cap on a cell is 128 KiB; a response may be longer, no cell need be this long.
+_CSV_CELL_CHARS = 4 * MAX_RESPONSE_CHARS
+
+
+@dataclass(frozen=True)
+class Sample:
+    prompt: str
+    thoughts: list[str]
+    response: str
+    label: str | None
+    metadata: dict[str, Any]
+
+
+def _as_text(value: Any) -> str | None:
+    """A label as text: booleans and numbers as JSON writes them."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+_TRUE, _FALSE = {"true", "1", "yes", "safe"}, {"false", "0", "no", "unsafe"}
+
+
+def _safe_or_unsafe(value: Any) -> str | None:
+    """An is_safe column (a boolean, or its text as CSV writes it) as the label safe/unsafe."""
+    text = str(value).strip().lower()
+    if isinstance(value, bool) or text in _TRUE | _FALSE:
+        return "safe" if (value is True or text in _TRUE) else "unsafe"
+    raise ValueError(f"expected a boolean (true/false), got {str(value)[:40]!r}")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A common public column layout: the column of each field (a `metadata.<name>` field
+    copies its column into the metadata), which fields may be absent, and how its label
+    column reads."""
+
+    columns: Mapping[str, str]
+    optional: frozenset[str] = frozenset()
+    label: Callable[[Any], str | None] = _as_text
+    description: str = ""
+
+
+SHAPES: dict[str, Shape] = {
+    "generic": Shape(
+        {"prompt": "prompt", "thoughts": "thoughts", "response": "response", "label": "label"},
+        frozenset({"thoughts", "label"}),
+        description="prompt, response; optional thoughts and label",
+    ),
+    "cot": Shape(
+        {"prompt": "prompt", "thoughts": "thoughts", "response": "response"},
+        description="CoT datasets: prompt, thoughts (a list, or text one thought a line), response",
+    ),
+    "safety": Shape(
+        {"prompt": "prompt", "response": "response", "label": "is_safe"},
+        label=_safe_or_unsafe,
+        description="safety sets: prompt, response, is_safe (the label: safe or unsafe)",
+    ),
+    "over_refusal": Shape(
+        {"prompt": "prompt", "response": "response", "label": "label", "metadata.type": "type"},
+        description="over-refusal sets: prompt, type (into the metadata), label, and the response",
+    ),
+    "jailbreak": Shape(
+        {"prompt": "forbidden_prompt", "response": "response", "metadata.category": "category"},
+        description="jailbreak sets: forbidden_prompt, category (into the metadata), and the response",
+    ),
+}
+Format = Literal["generic", "cot", "safety", "over_refusal", "jailbreak"]
+
+
+def is_mapping_field(name: str) -> bool:
+    return name in FIELDS or (name.startswith(METADATA) and len(name) > len(METADATA))
+
+
+@dataclass(frozen=True)
+class ColumnMap:
+    """The columns to read: the shape's, with the caller's overrides; a column the caller
+    names is required."""
+
+    shape: Shape
+    columns: dict[str, str] = field(default_factory=dict)
+    required: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, shape: Shape, overrides: Mapping[str, str]) -> ColumnMap:
+        columns = {**shape.columns, **overrides}
+        required = frozenset(name for name in columns if name not in shape.optional or name in overrides)
+        return cls(shape, columns, required)
+
+    def check_header(self, header: list[str]) -> None:
+        present = set(header)
+        for name, column in self.columns.items():
+            if name in self.required and column not in present:
+                raise MissingColumn(
+                    f"the file has no column '{column}' (the {name}); its columns: "
+                    f"{', '.join(header[:50]) or '(none)'}; map another with columns",
+                    column=column,
+                )
+
+
+def read_samples(
+    raw: bytes, file_type: FileType, format: Format = "generic", columns: Mapping[str, str] | None = None
+) -> list[Sample]:
+    """Every sample of the file, checked; SampleFileError (naming the row and column) for
+    the first problem. Slow for a big file: call it off the event loop."""
+    mapping = ColumnMap.of(SHAPES[format], columns or {})
+    match file_type:
+        case "jsonl":
+            rows = _jsonl_rows(raw)
+        case "csv":
+            rows = _csv_rows(raw, mapping)
+        case "parquet":
+            rows = _parquet_rows(raw, mapping)
+    return _samples(rows, mapping)
+
+
+def samples_of(rows: list[dict[str, Any]], format: Format, columns: Mapping[str, str]) -> list[Sample]:
+    """Samples from decoded JSON objects (an inline list), read as the rows of a JSONL file."""
+    return _samples(enumerate(rows, 1), ColumnMap.of(SHAPES[format], columns))
+
+
+Rows = Iterator[tuple[int, Mapping[str, Any]]]  # (row number, values by column)
+
+
+def _samples(rows: Rows | Any, mapping: ColumnMap) -> list[Sample]:
+    samples: list[Sample] = []
+    for number, row in rows:
+        if len(samples) == MAX_SAMPLES:
+            raise TooManySamples(f"the file holds over {MAX_SAMPLES:,} samples", row=number)
+        samples.append(_sample(number, row, mapping))
+    if not samples:
+        raise EmptyRow("the file holds no sample")
+    return samples
+
+
+def _decoded(raw: bytes, row_of: Callable[[str], int | None]) -> str:
+    """`raw` as UTF-8 text (a byte-order mark dropped); InvalidEncoding naming the row of the
+    first byte that is not, given by `row_of(the valid text before it)`."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        before = raw[: exc.start].decode("utf-8-sig")
+        row = row_of(before)
+        where = "the header" if row is None else f"row {row}"
+        raise InvalidEncoding(
+            f"{where} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+            "save the file as UTF-8",
+            row=row,
+        ) from None
+
+
+def _jsonl_rows(raw: bytes) -> Rows:
+    text = _decoded(raw, lambda before: before.count("\n") + 1)
+    lines = text.split("\n")
+    if lines and not lines[-1].strip():
+        lines.pop()  # the newline that ends the last line
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            raise EmptyRow(f"row {number} is empty", row=number)
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError, ValueError) as exc:
+            raise SampleFileError(f"row {number} is not JSON: {exc}", row=number) from None
+        if not isinstance(row, dict):
+            raise SampleFileError(f"row {number} is not a JSON object", row=number)
+        yield number, row
+
+
+def _csv_records(text: str) -> Iterator[list[str]]:
+    csv.field_size_limit(_CSV_CELL_CHARS)
+    return csv.reader(io.StringIO(text, newline=""), strict=True)
+
+
+def _csv_row_of(before: str) -> int | None:
+    """The data row holding the character after `before` (None: the header)."""
+    record = sum(1 for _ in _csv_records(before + "x"))
+    return record - 1 or None
+
+
+def _csv_rows(raw: bytes, mapping: ColumnMap) -> Rows:
+    records = _csv_records(_decoded(raw, _csv_row_of))
+    number = 0
+    try:
+        header = next(records, [])
+        mapping.check_header(header)
+        for number, record in enumerate(records, 1):
+            if len(record) > len(header):
+                raise SampleFileError(
+                    f"row {number} has {len(record)} cells, the header {len(header)}", row=number
+                )
+            yield number, dict(zip(header, record, strict=False))
+    except csv.Error as exc:
+        raise SampleFileError(f"row {number + 1} is not CSV: {exc}", row=number + 1) from None
+
+
+def _parquet_rows(raw: bytes, mapping: ColumnMap) -> Rows:
+    try:
+        metadata = pq.ParquetFile(io.BytesIO(raw)).metadata
+        if metadata.num_rows > MAX_SAMPLES:
+            raise TooManySamples(f"the file holds {metadata.num_rows:,} samples; at most {MAX_SAMPLES:,}")
+        data_bytes = sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
+        if data_bytes > MAX_PARQUET_DATA_BYTES:
+            raise SampleFileError(f"the file's columns hold {data_bytes:,} bytes uncompressed; too many")
+        table = pq.read_table(io.BytesIO(raw))
+    except (pa.ArrowException, OSError) as exc:
+        raise SampleFileError(f"the file is not Parquet: {exc}") from None
+    mapping.check_header(table.column_names)
+    wanted = [c for c in dict.fromkeys(mapping.columns.values()) if c in table.column_names]
+    values = {column: _parquet_column(table, column) for column in wanted}
+    for index in range(table.num_rows):
+        yield index + 1, {column: values[column][index] for column in wanted}
+
+
+def _parquet_column(table: pa.Table, column: str) -> list[Any]:
+    chunks = table.column(column)
+    try:
+        values: list[Any] = chunks.to_pylist()
+        return values
+    except UnicodeDecodeError:  # a string column holding bytes that are not UTF-8
+        for index, value in enumerate(chunks.cast(pa.binary()).to_pylist()):
+            try:
+                (value or b"").decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidEncoding(
+                    f"row {index + 1}, column '{column}' is not UTF-8 text", row=index + 1, column=column
+                ) from None
+        raise
+
+
+def _sample(number: int, row: Mapping[str, Any], mapping: ColumnMap) -> Sample:
+    if all(value is None or value == "" for value in row.values()):
+        raise EmptyRow(f"row {number} is empty", row=number)
+
+    def value(name: str) -> Any:
+        column = mapping.columns[name]
+        if column not in row:
+            if name in mapping.required:
+                raise MissingColumn(
+                    f"row {number} has no column '{column}' (the {name})", row=number, column=column
+                )
+            return None
+        return row[column]
+
+    def checked(name: str, read: Callable[[Any], Any]) -> Any:
+        column = mapping.columns.get(name)
+        if column is None:
+            return None
+        try:
+            return read(storable_input(value(name)))
+        except EmptyRow as exc:
+            raise EmptyRow(
+                f"row {number}: the {name} ('{column}') is empty", row=number, column=column
+            ) from exc
+        except ValueError as exc:
+            raise SampleFileError(
+                f"row {number}, column '{column}': {exc}", row=number, column=column
+            ) from None
+
+    metadata = {
+        name.removeprefix(METADATA): checked(name, _json_value)
+        for name in mapping.columns
+        if name.startswith(METADATA)
+    }
+    return Sample(
+        prompt=checked("prompt", _text(MAX_PROMPT_CHARS)),
+        thoughts=checked("thoughts", _thoughts) or [],
+        response=checked("response", _text(MAX_RESPONSE_CHARS)),
+        label=checked("label", lambda v: None if v is None or v == "" else _label(mapping.shape.label(v))),
+        metadata=metadata,
+    )
+
+
+def _text(max_chars: int) -> Callable[[Any], str]:
+    def read(value: Any) -> str:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise EmptyRow("empty")
+        if not isinstance(value, str):
+            raise ValueError(f"expected text, got {type(value).__name__}")
+        if len(value) > max_chars:
+            raise ValueError(f"{len(value):,} characters; at most {max_chars:,}")
+        return value
+
+    return read
+
+
+def _thoughts(value: Any) -> list[str]:
+    """A list of thoughts; text is a JSON array of strings, or one thought a non-blank line."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        value = _thought_list(value)
+    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+        raise ValueError("expected a list of strings, or text with one thought a line")
+    thoughts = [t for t in value if t.strip()]
+    if len(thoughts) > MAX_THOUGHTS:
+        raise ValueError(f"{len(thoughts)} thoughts; at most {MAX_THOUGHTS}")
+    if any(len(t) > MAX_THOUGHT_CHARS for t in thoughts):
+        raise ValueError(f"a thought is over {MAX_THOUGHT_CHARS:,} characters")
+    return thoughts
+
+
+def _thought_list(text: str) -> Any:
+    """Thoughts given as text: a JSON array (as a CSV cell holds a list), else one a line."""
+    if text.lstrip().startswith("["):
+        try:
+            return storable_input(json.loads(text))
+        except (json.JSONDecodeError, RecursionError):
+            pass
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _label(text: str | None) -> str | None:
+    if text is not None and len(text) > MAX_LABEL_CHARS:
+        raise ValueError(f"a label of {len(text):,} characters; at most {MAX_LABEL_CHARS}")
+    return text
+
+
+def _json_value(value: Any) -> Any:
+    return None if value == "" else value

@@ -1,0 +1,174 @@
+"""Sample evaluations: samples written elsewhere, imported as a job's items (the prompt and
+metadata on the item, the rest in `samples`), then graded, guarded and/or judged against the
+other set's sample of each prompt. The report's figures are counted in SQL."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+from uuid import UUID, uuid4
+
+from sqlalchemy import exists, func, or_, select, update
+from sqlalchemy.dialects.postgresql import distinct_on
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.errors import InvalidConfig, NoCommonPrompts, NotFound
+from app.plan import ComparisonPlan, SampleEvaluationPlan
+from app.sample_files import Sample
+from app.store import jobs, quality
+from app.store.db import driver_of
+from app.store.models import Cot, ImportedSample, Item, Job, SampleEvaluation
+
+
+async def submit(
+    session: AsyncSession,
+    *,
+    owner_key_id: UUID,
+    policy_set_id: UUID,
+    plan: SampleEvaluationPlan,
+    samples: Sequence[Sample],
+    labels: jobs.Labels,
+    idempotency_key: str | None,
+    request_hash: str,
+    callback: jobs.NewCallback | None,
+) -> tuple[Job, list[UUID]]:
+    """Write the job, an item and a sample row per sample, and (with a judge) each item's
+    link to the other set's sample of its prompt, all in the caller's transaction: nothing
+    is stored unless everything is. Returns (job, new item ids: empty for a replay); raises
+    NoCommonPrompts if the judge's other set has none of the prompts."""
+    job, created = await jobs.create(
+        session,
+        owner_key_id=owner_key_id,
+        policy_set_id=policy_set_id,
+        plan=plan,
+        item_count=len(samples),
+        labels=labels,
+        idempotency_key=idempotency_key,
+        idempotency_scope="samples",
+        request_hash=request_hash,
+        callback=callback,
+    )
+    if not created:
+        return job, []
+    new_items = [jobs.NewItem(position, s.prompt, s.metadata) for position, s in enumerate(samples)]
+    ids = await jobs.copy_items(session, job.id, new_items)
+    driver = await driver_of(await session.connection())
+    await driver.copy_records_to_table(
+        ImportedSample.__tablename__,
+        columns=["id", "item_id", "job_id", "position", "thoughts", "response", "label"],
+        records=[
+            (uuid4(), item_id, job.id, position, json.dumps(s.thoughts), s.response, s.label)
+            for position, (item_id, s) in enumerate(zip(ids, samples, strict=True))
+        ],
+    )
+    if plan.against_job_id is not None and not await _link_other_set(session, job.id, plan.against_job_id):
+        raise NoCommonPrompts(f"job {plan.against_job_id} has a sample of none of these prompts (exact text)")
+    return job, ids
+
+
+async def other_set(session: AsyncSession, job_id: UUID, owner_key_id: UUID) -> Job:
+    """The job whose samples the judge compares with: this key's sample evaluation or
+    generation job (NotFound for another key's); InvalidConfig for a comparison."""
+    job = await jobs.get_owned(session, job_id, owner_key_id)
+    if isinstance(job.plan, ComparisonPlan):
+        raise InvalidConfig(f"job {job_id} is a comparison: it has no samples to judge against")
+    return job
+
+
+async def _link_other_set(session: AsyncSession, job_id: UUID, other_job_id: UUID) -> int:
+    """Point each item at the other job's sample of its prompt (exact text; the first by
+    position among repeats): an imported sample, or a CoT. How many found one."""
+    has_sample = or_(
+        exists().where(ImportedSample.item_id == Item.id), exists().where(Cot.item_id == Item.id)
+    )
+    first = (
+        select(Item.prompt, Item.id)
+        .where(Item.job_id == other_job_id, has_sample)
+        .ext(distinct_on(Item.prompt))
+        .order_by(Item.prompt, Item.position)
+        .subquery()
+    )
+    linked = await session.execute(
+        update(Item)
+        .where(Item.job_id == job_id, Item.prompt == first.c.prompt)
+        .values(baseline_item_id=first.c.id)
+        .returning(Item.id)
+    )
+    return len(linked.all())
+
+
+def plan_of(job: Job) -> SampleEvaluationPlan:
+    """The sample evaluation's plan; NotFound if the job is not one."""
+    if not isinstance(job.plan, SampleEvaluationPlan):
+        raise NotFound(f"sample evaluation {job.id} not found")
+    return job.plan
+
+
+async def result_of(
+    session: AsyncSession, job: Job, item_id: UUID
+) -> tuple[Item, ImportedSample, SampleEvaluation | None]:
+    """One of the job's samples with its result (None until it completes); NotFound if the
+    item is not one of the job's."""
+    row = (
+        await session.execute(
+            select(Item, ImportedSample, SampleEvaluation)
+            .join(ImportedSample, ImportedSample.item_id == Item.id)
+            .outerjoin(SampleEvaluation, SampleEvaluation.item_id == Item.id)
+            .where(Item.id == item_id, Item.job_id == job.id)
+        )
+    ).one_or_none()
+    if row is None:
+        raise NotFound(f"sample {item_id} of evaluation {job.id} not found")
+    return row[0], row[1], row[2]
+
+
+async def grades(session: AsyncSession, job_id: UUID) -> dict[str, Any]:
+    """Samples graded and ungraded (the grader failed), and per metric the score counts."""
+    graded, failed = (
+        await session.execute(
+            select(func.count(SampleEvaluation.scores), func.count(SampleEvaluation.grade_error)).where(
+                SampleEvaluation.job_id == job_id
+            )
+        )
+    ).one()
+    metrics = await quality.metric_stats(session, SampleEvaluation.job_id == job_id, SampleEvaluation)
+    return {"graded": graded, "grade_failed": failed, "metrics": metrics}
+
+
+async def guard_counts(session: AsyncSession, job_id: UUID) -> dict[str | None, dict[str, int]]:
+    """Per sample label (None: unlabelled), the guard's verdicts: unsafe, safe, unreadable."""
+    unsafe = SampleEvaluation.guard["unsafe"].as_boolean()
+    rows = await session.execute(
+        select(
+            ImportedSample.label,
+            func.count().filter(unsafe.is_(True)),
+            func.count().filter(unsafe.is_(False)),
+            func.count().filter(unsafe.is_(None)),
+        )
+        .join(ImportedSample, ImportedSample.item_id == SampleEvaluation.item_id)
+        .where(SampleEvaluation.job_id == job_id, SampleEvaluation.guard.is_not(None))
+        .group_by(ImportedSample.label)
+    )
+    return {label: {"unsafe": u, "safe": s, "unreadable": n} for label, u, s, n in rows}
+
+
+async def pairwise_counts(session: AsyncSession, job_id: UUID) -> dict[str, int]:
+    """The judge's verdicts from this set's side (it is `b`): wins, ties, losses, unreadable;
+    and the samples whose prompt the other set lacks (unmatched)."""
+    rows = await session.execute(
+        select(SampleEvaluation.winner, func.count())
+        .where(SampleEvaluation.job_id == job_id, SampleEvaluation.votes.is_not(None))
+        .group_by(SampleEvaluation.winner)
+    )
+    by_winner = {winner: count for winner, count in rows}
+    unmatched = await session.scalar(
+        select(func.count()).where(Item.job_id == job_id, Item.baseline_item_id.is_(None))
+    )
+    return {
+        "wins": by_winner.get("b", 0),
+        "ties": by_winner.get("tie", 0),
+        "losses": by_winner.get("a", 0),
+        "unreadable": by_winner.get(None, 0),
+        "unmatched": unmatched or 0,
+    }
