@@ -123,6 +123,14 @@ def _as(model: type[M]) -> Callable[[httpx.Response], M]:
     return lambda response: model.model_validate_json(response.content)
 
 
+def _text(response: httpx.Response) -> str:
+    return response.text
+
+
+def _bytes(response: httpx.Response) -> bytes:
+    return response.content
+
+
 def _list_of(model: type[M]) -> Callable[[httpx.Response], list[M]]:
     adapter = TypeAdapter(list[model])  # type: ignore[valid-type]
     return lambda response: adapter.validate_json(response.content)
@@ -566,6 +574,18 @@ class _Routes:
     def get_comparison(self, comparison_id: Id) -> Call[Comparison]:
         """Progress, metric means of both jobs, the judge's wins (GET /v1/comparisons/{id})."""
         return Call("GET", _path("comparisons", comparison_id), _as(Comparison))
+
+    @endpoint
+    def get_comparison_report(self, comparison_id: Id, *, format: str = "markdown") -> Call[str]:
+        """The comparison as a report: `markdown` (it links the plots as scores.png and
+        gaps.png) or `csv` (GET /v1/comparisons/{id}/report)."""
+        params = _params(format=format)
+        return Call("GET", _path("comparisons", comparison_id, "report"), _text, params)
+
+    @endpoint
+    def get_comparison_plot(self, comparison_id: Id, plot: str) -> Call[bytes]:
+        """A plot as PNG bytes: `scores` or `gaps` (GET /v1/comparisons/{id}/plots/{plot}.png)."""
+        return Call("GET", _path("comparisons", comparison_id, "plots", f"{plot}.png"), _bytes)
 
     @endpoint
     def list_comparisons(

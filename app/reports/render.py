@@ -31,8 +31,8 @@ def markdown(figures: ComparisonFigures, plots: dict[str, str] | None = None) ->
     lines = [
         f"# {figures.title}",
         "",
-        f"{figures.prompts} prompts compared: **{base.name}** (baseline) against **{cand.name}** "
-        "(candidate). Means are on the grader's 1–5 scale with 95 % Student t intervals; shares "
+        f"{figures.prompts} prompts compared: **{base.name}** against **{cand.name}**. "
+        "Means are on the grader's 1–5 scale with 95 % Student t intervals; shares "
         "have 95 % Wilson intervals.",
         "",
         "## Grader scores",
