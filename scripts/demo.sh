@@ -6,6 +6,8 @@
 #
 #   KEEP_RUNNING=1 scripts/demo.sh   leave LLM, API and worker up to try the curl examples
 #   PROMPTS=my.jsonl scripts/demo.sh  another prompt file (JSONL or CSV)
+#   REPRODUCE=1 scripts/demo.sh       the paper's procedure instead (aidsafe reproduce): AIDSAFE
+#                                     and zero-shot jobs, graded, compared, report in reports/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -78,8 +80,14 @@ wait_for "http://127.0.0.1:$API_PORT/readyz" api
 
 export AIDSAFE_API_URL="http://127.0.0.1:$API_PORT"
 export AIDSAFE_API_KEY=$(.venv/bin/aidsafe keys create demo --quiet)
-echo "== Submitting $PROMPTS (a small CPU model: expect about a minute per prompt)"
-.venv/bin/aidsafe submit "$PROMPTS" --agents 2 --max-rounds 2 --max-tokens 384
+if [ "${REPRODUCE:-0}" = 1 ]; then
+  echo "== Reproducing the paper's comparison on $PROMPTS (expect a few minutes per prompt)"
+  .venv/bin/aidsafe reproduce "$PROMPTS" --agents 2 --max-rounds 1 --out reports/smollm2-135m \
+    --label "AIDSAFE vs zero-shot, SmolLM2-135M-Instruct (embedded demo model)"
+else
+  echo "== Submitting $PROMPTS (a small CPU model: expect about a minute per prompt)"
+  .venv/bin/aidsafe submit "$PROMPTS" --agents 2 --max-rounds 2 --max-tokens 384
+fi
 echo "API key of this run: $AIDSAFE_API_KEY"
 echo "SmolLM2-135M is tiny: expect fluent nonsense above. For real data, point AIDSAFE_LLM_BASE_URL"
 echo "at a capable model (README: Using vLLM, Ollama or OpenAI)."
