@@ -36,8 +36,11 @@ def proportion(successes: int, n: int, confidence: float = CONFIDENCE) -> Estima
     return Estimate(successes / n, float(interval.low), float(interval.high), n)
 
 
-def mean(values: Sequence[float], confidence: float = CONFIDENCE) -> Estimate:
-    """The mean with its Student t interval (scores are bounded and few, so not normal-z)."""
+def mean(
+    values: Sequence[float], confidence: float = CONFIDENCE, within: tuple[float, float] | None = None
+) -> Estimate:
+    """The mean with its Student t interval (scores are bounded and few, so not normal-z),
+    cut to `within`, the scale's ends, where the true mean must lie."""
     n = len(values)
     if n == 0:
         return NOTHING_MEASURED
@@ -48,4 +51,6 @@ def mean(values: Sequence[float], confidence: float = CONFIDENCE) -> Estimate:
     if error == 0:
         return Estimate(centre, centre, centre, n)
     low, high = stats.t.interval(confidence, n - 1, loc=centre, scale=error)
+    if within is not None:
+        low, high = max(low, within[0]), min(high, within[1])
     return Estimate(centre, float(low), float(high), n)

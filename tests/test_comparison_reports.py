@@ -61,7 +61,7 @@ async def test_the_report_gives_means_shares_and_gaps_with_intervals(
     assert "| cot_policy_faithfulness | 3.00 [3.00, 3.00] | 5.00 [5.00, 5.00] | +2.00 |" in text
     assert "| baseline (zero-shot) | candidate (AIDSAFE) |" in text
     assert "| judge-model | 3 | 67% [21%, 94%] | 33% [6%, 79%] | 0% [0%, 56%] |" in text
-    assert "| whisper | 3 | 2.67 [1.23, 4.10] |" in text
+    assert "| whisper | 3 | 2.67 [1.23, 4.00] |" in text
     assert "![Grader score distributions](scores.png)" in text and "(gaps.png)" in text
     assert (
         "> baseline written by scripted-model; candidate written by scripted-model; judged by judge-model."

@@ -50,10 +50,10 @@ def test_verdict_shares_have_intervals() -> None:
 def test_markdown_lays_out_every_figure() -> None:
     text = render.markdown(figures(notes=["made by a test"]), plots={"Scores": "scores.png"})
     assert "# demo" in text and "4 prompts compared" in text
-    assert "| relevance | 3.50 [2.58, 4.42] | 4.75 [3.95, 5.55] | +1.25 |" in text
+    assert "| relevance | 3.50 [2.58, 4.42] | 4.75 [3.95, 5.00] | +1.25 |" in text
     assert "| coherence | 5.00 [5.00, 5.00] | 4.00 [4.00, 4.00] | -1.00 |" in text
     assert "| judge-a | 4 | 75% [30%, 95%] | 25% [5%, 70%] | 0% [0%, 49%] |" in text
-    assert "| standard | 2 | 0.00 [-6.35, 6.35] |" in text
+    assert "| standard | 2 | 0.00 [-4.00, 4.00] |" in text
     assert "| whisper | 3 |" in text
     assert "![Scores](scores.png)" in text
     assert "> made by a test" in text

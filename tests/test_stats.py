@@ -47,3 +47,11 @@ def test_mean_interval_uses_student_t() -> None:
 def test_mean_of_one_value_or_no_spread() -> None:
     assert mean([4.0]) == Estimate(4.0, None, None, 1)
     assert mean([2.0, 2.0, 2.0]) == Estimate(2.0, 2.0, 2.0, 3)
+
+
+def test_a_mean_interval_is_cut_to_the_scale() -> None:
+    # [4, 5, 5]: t interval about [3.23, 6.10]; a 1-5 score's mean cannot pass 5.
+    free, cut = mean([4, 5, 5]), mean([4, 5, 5], within=(1, 5))
+    assert free.high is not None and free.high > 5
+    assert (cut.value, cut.low, cut.high) == (free.value, free.low, 5)
+    assert mean([1, 1, 2], within=(1, 5)).low == 1

@@ -11,6 +11,8 @@ from app import stats
 from app.deliberation.results import METRICS
 
 SCORES = (1, 2, 3, 4, 5)
+SCALE = (SCORES[0], SCORES[-1])
+GAP_SCALE = (SCALE[0] - SCALE[1], SCALE[1] - SCALE[0])  # chosen minus rejected: -4 .. 4
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,7 @@ class Side:
         return [score for score in SCORES for _ in range(counts.get(score, 0))]
 
     def mean(self, metric: str) -> stats.Estimate:
-        return stats.mean(self.scores(metric))
+        return stats.mean(self.scores(metric), within=SCALE)
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,9 @@ class ComparisonFigures:
     # side was made, e.g. {"whisper": [...], "standard": [...]}; empty without pairs.
     gaps: Mapping[str, Sequence[float]] = field(default_factory=dict)
     notes: Sequence[str] = ()
+
+    def gap_mean(self, method: str) -> stats.Estimate:
+        return stats.mean(self.gaps[method], within=GAP_SCALE)
 
     def metrics(self) -> list[str]:
         graded = set(self.baseline.distributions) | set(self.candidate.distributions)

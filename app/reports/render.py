@@ -64,7 +64,7 @@ def markdown(figures: ComparisonFigures, plots: dict[str, str] | None = None) ->
         ]
         lines.append("|---|---|---|")
         for method, gaps in sorted(figures.gaps.items()):
-            lines.append(f"| {method} | {len(gaps)} | {_interval(stats.mean(gaps))} |")
+            lines.append(f"| {method} | {len(gaps)} | {_interval(figures.gap_mean(method))} |")
     for title, file_name in (plots or {}).items():
         lines += ["", f"![{title}]({file_name})"]
     lines += [f"\n> {note}" for note in figures.notes]
@@ -86,6 +86,6 @@ def table(figures: ComparisonFigures) -> str:
     for verdicts in figures.verdicts:
         for outcome in OUTCOMES:
             row("pairwise", outcome, verdicts.judge, verdicts.share(outcome))
-    for method, gaps in sorted(figures.gaps.items()):
-        row("gap", "mean", method, stats.mean(gaps))
+    for method in sorted(figures.gaps):
+        row("gap", "mean", method, figures.gap_mean(method))
     return out.getvalue()
