@@ -25,6 +25,7 @@ from app.api import (
     metrics,
     policy_sets,
     presets,
+    prompt_sets,
     state,
     webhooks,
 )
@@ -92,6 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         items,
         comparisons,
         policy_sets,
+        prompt_sets,
         presets,
         deletions,
     )

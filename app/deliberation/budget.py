@@ -71,7 +71,7 @@ class _Job:
     """The text every request of one job shares, and its reply budget."""
 
     policies: PolicySet
-    prompts: PromptSet
+    wording: PromptSet
     prompt: str
     max_tokens: int
     limits: Limits
@@ -83,7 +83,7 @@ class _Job:
         ""); each of the `replies_read` replies adds at most max_tokens and its labels."""
         messages = spec.messages(
             self.policies,
-            self.prompts,
+            self.wording,
             self.limits,
             config.instructions,
             prompt=self.prompt,
@@ -96,11 +96,11 @@ class _Job:
 
 
 def largest_requests(
-    config: PipelineConfig, policies: PolicySet, prompts: PromptSet, prompt: str
+    config: PipelineConfig, policies: PolicySet, wording: PromptSet, prompt: str
 ) -> list[RequestBudget]:
     """The largest first request of every role of a job, for its longest `prompt`, in the
     order the roles speak."""
-    job = _Job(policies, prompts, prompt, config.max_tokens, config.limits)
+    job = _Job(policies, wording, prompt, config.max_tokens, config.limits)
     if config.mode is Mode.ZERO_SHOT:
         budgets = [job.budget(ZERO_SHOT, config.seed, 0)]
     else:
@@ -153,7 +153,7 @@ def _aidsafe_budgets(job: _Job, config: PipelineConfig) -> list[RequestBudget]:
 def judge_request(
     judge: RoleConfig,
     policies: PolicySet,
-    prompts: PromptSet,
+    wording: PromptSet,
     prompt: str,
     sample_max_tokens: tuple[int, int],
     max_tokens: int,
@@ -162,15 +162,15 @@ def judge_request(
     job with the given `max_tokens`."""
     limits = Limits()
     messages = JUDGE.messages(
-        policies, prompts, limits, judge.instructions, prompt=prompt, first="", second=""
+        policies, wording, limits, judge.instructions, prompt=prompt, first="", second=""
     )
     samples = sum(tokens + REPLY_LABEL_TOKENS for tokens in sample_max_tokens)
     tokens = request_tokens(messages, JUDGE.schema(limits), max_tokens) + samples
     return RequestBudget(JUDGE.role, judge.endpoint, tokens)
 
 
-def stage_floors(prompts: PromptSet, max_tokens: int) -> dict[str, int]:
-    """The smallest request each stage worded by `prompts` can send: no policy text, an
+def stage_floors(wording: PromptSet, max_tokens: int) -> dict[str, int]:
+    """The smallest request each stage worded by `wording` can send: no policy text, an
     empty prompt and values, a reply of `max_tokens`. An endpoint whose context is below a
     stage's floor can never be sent that stage. The templates must be valid (prompt_sets)."""
     nothing, limits = PolicySet("", "", ""), Limits()
@@ -178,6 +178,6 @@ def stage_floors(prompts: PromptSet, max_tokens: int) -> dict[str, int]:
     for spec in DECLARED:
         if spec.templates is not None:
             values = dict.fromkeys((*spec.inputs, *spec.extras), "")
-            messages = spec.messages(nothing, prompts, limits, prompt="", **values)
+            messages = spec.messages(nothing, wording, limits, prompt="", **values)
             floors[spec.stage.value] = request_tokens(messages, spec.schema(limits), max_tokens)
     return floors

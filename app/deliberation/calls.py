@@ -42,12 +42,12 @@ class StageFailed(Exception):
 @dataclass
 class Caller:
     """Asks the stages of one item: `prompt` and the policies are in every request, worded
-    by the templates of `prompts`."""
+    in the words of the prompt set `wording`."""
 
     item_id: UUID
     prompt: str
     policies: PolicySet
-    prompts: PromptSet
+    wording: PromptSet
     llm: LLMClient
     log: TurnLog
     max_tokens: int
@@ -80,7 +80,7 @@ class Caller:
         normalize = partial(spec.normalize, **(normalize_with or {}))
         messages = spec.messages(
             self.policies,
-            self.prompts,
+            self.wording,
             self.limits,
             role_config.instructions,
             prompt=self.prompt,
@@ -138,14 +138,14 @@ class Caller:
                 raise StageFailed(failure, turn)
             if turn.outcome is TurnOutcome.TRUNCATED:
                 max_tokens *= 2
-                messages = [*original, {"role": "user", "content": self.prompts.render("reask.truncated")}]
+                messages = [*original, {"role": "user", "content": self.wording.render("reask.truncated")}]
             else:
                 messages = [
                     *messages,
                     {"role": "assistant", "content": turn.raw_output},
                     {
                         "role": "user",
-                        "content": self.prompts.render("reask.malformed", error=turn.error or ""),
+                        "content": self.wording.render("reask.malformed", error=turn.error or ""),
                     },
                 ]
         failure = Failed(

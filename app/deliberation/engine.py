@@ -57,14 +57,14 @@ async def _caller(
     item_id: UUID,
     prompt: str,
     policies: PolicySet,
-    prompts: PromptSet,
+    wording: PromptSet,
     llm: LLMClient,
     log: TurnLog,
     max_tokens: int,
     max_reasks: int,
     limits: Limits,
 ) -> Caller:
-    caller = Caller(item_id, prompt, policies, prompts, llm, log, max_tokens, max_reasks, limits)
+    caller = Caller(item_id, prompt, policies, wording, llm, log, max_tokens, max_reasks, limits)
     caller.replayed = {turn.key: turn for turn in await log.done(item_id)}
     return caller
 
@@ -74,11 +74,11 @@ async def deliberate(
     prompt: str,
     config: PipelineConfig,
     policies: PolicySet,
-    prompts: PromptSet,
+    wording: PromptSet,
     llm: LLMClient,
     log: TurnLog,
 ) -> Completed | Failed:
-    """Run (or resume) the pipeline for one prompt, its requests worded by `prompts`.
+    """Run (or resume) the pipeline for one prompt, its requests worded by `wording`.
 
     Returns the CoT (with scores, gate and pair when the job asked for them), or a Failed
     with a stable code when the CoT itself could not be written. Grading and pair failures
@@ -86,7 +86,7 @@ async def deliberate(
     LLMRequestRejected from the client propagate: the caller decides to retry or fail.
     """
     caller = await _caller(
-        item_id, prompt, policies, prompts, llm, log, config.max_tokens, config.max_reasks, config.limits
+        item_id, prompt, policies, wording, llm, log, config.max_tokens, config.max_reasks, config.limits
     )
     try:
         if config.mode is Mode.ZERO_SHOT:
@@ -112,7 +112,7 @@ async def judge_pair(
     b: Sample,
     judge: RoleConfig,
     policies: PolicySet,
-    prompts: PromptSet,
+    wording: PromptSet,
     llm: LLMClient,
     log: TurnLog,
     *,
@@ -121,7 +121,7 @@ async def judge_pair(
 ) -> Judged:
     """Run (or resume) the pairwise judgement of two samples of one prompt (a comparison
     item). Unreadable judge output gives Judged(winner=None), not a failure."""
-    caller = await _caller(item_id, prompt, policies, prompts, llm, log, max_tokens, max_reasks, Limits())
+    caller = await _caller(item_id, prompt, policies, wording, llm, log, max_tokens, max_reasks, Limits())
     return await compare_samples(caller, judge, a, b)
 
 

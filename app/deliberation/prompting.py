@@ -31,7 +31,7 @@ class PromptSet:
 
 def instructed(
     policies: PolicySet,
-    prompts: PromptSet,
+    wording: PromptSet,
     limits: Limits,
     instructions: str,
     system: str,
@@ -41,13 +41,13 @@ def instructed(
     """The system message (preamble, policies, the stage's instructions from template
     `system` with the job's limits, then the role's own `instructions`) and the item's user
     message from template `user`."""
-    preamble = prompts.render(
+    preamble = wording.render(
         "preamble", policy_set_name=policies.name, policy_version=policies.version, policies=policies.text
     )
-    parts = [preamble, prompts.render(system, **asdict(limits))]
+    parts = [preamble, wording.render(system, **asdict(limits))]
     if instructions:
-        parts.append(prompts.render("role_instructions", instructions=instructions))
+        parts.append(wording.render("role_instructions", instructions=instructions))
     return [
         {"role": "system", "content": "\n\n".join(parts)},
-        {"role": "user", "content": prompts.render(user, **values)},
+        {"role": "user", "content": wording.render(user, **values)},
     ]

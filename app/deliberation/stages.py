@@ -55,7 +55,7 @@ class StageSpec:
     def messages(
         self,
         policies: PolicySet,
-        prompts: PromptSet,
+        wording: PromptSet,
         limits: Limits,
         instructions: str = "",
         **values: object,
@@ -67,7 +67,7 @@ class StageSpec:
                 {"role": "assistant", "content": str(values["sample"])},
             ]
         system, user = self.templates
-        return instructed(policies, prompts, limits, instructions, system, user, **values)
+        return instructed(policies, wording, limits, instructions, system, user, **values)
 
 
 INTENT = StageSpec(
