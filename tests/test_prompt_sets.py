@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select, update
 
 from app.config import EndpointConfig, Settings
 from app.deliberation.prompt_sets import builtin
@@ -317,3 +317,19 @@ async def test_a_set_the_stages_have_outgrown_is_refused_at_submission(
     error = error_of(response, 422, "invalid_prompt_set")
     assert "no longer fits the stages: stage judge has no template 'judge.user'" in error["message"]
     assert await job_count(sessions) == 0
+
+
+async def test_a_job_from_before_prompt_sets_runs_and_names_the_builtin_set(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    submitted = await api.post("/v1/jobs", json={"prompts": ["Hi"], "config": ONE_AGENT}, headers=auth)
+    job_id = submitted.json()["id"]
+    async with sessions.begin() as session:  # as the migration leaves jobs submitted before it
+        await session.execute(update(Job).where(Job.id == job_id).values(prompt_set_id=None))
+        await session.execute(delete(PromptSetRow))
+
+    await run_worker_burst(settings, max_jobs=1)
+
+    assert (await api.get(f"/v1/jobs/{job_id}", headers=auth)).json()["prompt_set"] is None
+    cot = (await api.get(f"/v1/jobs/{job_id}/cots", headers=auth)).json()["data"][0]
+    assert (cot["prompt_set"]["name"], cot["prompt_set"]["version"]) == ("aidsafe-default", builtin().version)
