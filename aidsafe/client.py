@@ -47,7 +47,10 @@ from aidsafe.models import (
     PolicySetDetail,
     PreferencePair,
     Preset,
+    PromptSet,
+    PromptSetDetail,
     RegisteredPolicySet,
+    RegisteredPromptSet,
     Rejection,
     Report,
     SampleEvaluation,
@@ -166,6 +169,8 @@ def _job_body(
     budget: Mapping[str, Any] | None,
     preset: str | None,
     preset_version: str | None,
+    prompt_set: str | None = None,
+    prompt_set_version: str | None = None,
 ) -> dict[str, Any]:
     """A job's request body, but for its label and metadata."""
     if all(isinstance(prompt, str) for prompt in prompts):
@@ -173,6 +178,8 @@ def _job_body(
     else:
         body = {"items": [{"prompt": p} if isinstance(p, str) else dict(p) for p in prompts]}
     body["policy_set"] = {"name": policy_set, "version": policy_version}
+    if prompt_set is not None:  # left out, the server's built-in set
+        body["prompt_set"] = {"name": prompt_set, "version": prompt_set_version}
     optional = {
         "config": None if config is None else dict(config),
         "callback_url": callback_url,
@@ -385,6 +392,8 @@ class _Routes:
         idempotency_key: str | None = None,
         preset: str | None = None,
         preset_version: str | None = None,
+        prompt_set: str | None = None,
+        prompt_set_version: str | None = None,
     ) -> Call[SubmittedJob]:
         """Submit prompts as one job (POST /v1/jobs). Each prompt is a string or a
         `{"prompt": ..., "metadata": {...}}` mapping. `config` is the job's options as the
@@ -392,11 +401,21 @@ class _Routes:
         `grading`, `pairs`, `roles`...); with a `preset` (see `list_presets`) it overrides
         the preset's fields, and `preset_version` pins the preset's version. `budget`:
         `{"max_cost_usd": ..., "max_tokens": ...}` (either or both), after which no new LLM
-        call starts (see `update_job`). With an `idempotency_key` the submission is safe to
-        retry (and is retried on 429/503): the same key and body answer the first job, with
-        `replayed` True."""
+        call starts (see `update_job`). `prompt_set` names the templates that word the
+        requests (see `list_prompt_sets`; default: the built-in set), `prompt_set_version`
+        pins one version. With an `idempotency_key` the submission is safe to retry (and is
+        retried on 429/503): the same key and body answer the first job, with `replayed` True."""
         body = _job_body(
-            prompts, config, policy_set, policy_version, callback_url, budget, preset, preset_version
+            prompts,
+            config,
+            policy_set,
+            policy_version,
+            callback_url,
+            budget,
+            preset,
+            preset_version,
+            prompt_set,
+            prompt_set_version,
         )
         return Call(
             "POST",
@@ -418,11 +437,24 @@ class _Routes:
         budget: Mapping[str, Any] | None = None,
         preset: str | None = None,
         preset_version: str | None = None,
+        prompt_set: str | None = None,
+        prompt_set_version: str | None = None,
     ) -> Call[Estimate]:
         """What `submit` with these arguments would use: LLM calls, tokens and cost, each a
         range, at the current prices (POST /v1/jobs/estimate). Creates nothing; checks the
         body as a submission would (its 422s included)."""
-        body = _job_body(prompts, config, policy_set, policy_version, None, budget, preset, preset_version)
+        body = _job_body(
+            prompts,
+            config,
+            policy_set,
+            policy_version,
+            None,
+            budget,
+            preset,
+            preset_version,
+            prompt_set,
+            prompt_set_version,
+        )
         return Call("POST", _path("jobs", "estimate"), _as(Estimate), json=body, idempotent=True)
 
     @endpoint
@@ -682,6 +714,31 @@ class _Routes:
             "POST",
             _path("policy-sets"),
             lambda r: RegisteredPolicySet.model_validate({**r.json(), "created": r.status_code == 201}),
+            json=dict(document),
+            idempotent=True,  # content-addressed: sending it twice registers it once
+        )
+
+    # --- prompt sets -------------------------------------------------------------------------
+
+    @endpoint
+    def list_prompt_sets(self) -> Call[list[PromptSet]]:
+        """The built-in set and yours, every version (GET /v1/prompt-sets)."""
+        return Call("GET", _path("prompt-sets"), _list_of(PromptSet))
+
+    @endpoint
+    def get_prompt_set(self, prompt_set_id: Id) -> Call[PromptSetDetail]:
+        """One version with its templates (GET /v1/prompt-sets/{id})."""
+        return Call("GET", _path("prompt-sets", prompt_set_id), _as(PromptSetDetail))
+
+    @endpoint
+    def register_prompt_set(self, document: Mapping[str, Any]) -> Call[RegisteredPromptSet]:
+        """Register a version from `{"name", "description", "templates"}`: every template the
+        stages use, by name (the built-in set's, from `get_prompt_set`, are a start). The same
+        templates again are the same version, with `created` False (POST /v1/prompt-sets)."""
+        return Call(
+            "POST",
+            _path("prompt-sets"),
+            lambda r: RegisteredPromptSet.model_validate({**r.json(), "created": r.status_code == 201}),
             json=dict(document),
             idempotent=True,  # content-addressed: sending it twice registers it once
         )

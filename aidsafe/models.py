@@ -41,6 +41,12 @@ class PolicySetBrief(Model):
     version: str
 
 
+class PromptSetBrief(Model):
+    id: UUID
+    name: str
+    version: str
+
+
 class JobCounts(Model):
     total: int
     by_status: dict[str, int]
@@ -146,6 +152,7 @@ class Job(JobProgress):
     label: str | None
     metadata: dict[str, Any]
     policy_set: PolicySetBrief
+    prompt_set: PromptSetBrief | None = None  # None: a job from before jobs pinned one (built-in)
     config: dict[str, Any]
     duplicates: Duplicates | None = None  # None for comparisons and jobs from before the report
 
@@ -270,6 +277,7 @@ class Cot(Model):
     agreed: bool
     agreed_by: dict[str, int] | None
     policy_set: PolicySetBrief
+    prompt_set: PromptSetBrief | None = None  # None: a CoT from before they were recorded
     scores: dict[str, Score] | None
     grade_error: str | None
     quality: Gate
@@ -421,6 +429,25 @@ class Preset(Model):
 class RegisteredPolicySet(PolicySetDetail):
     created: bool = Field(
         default=True, description="Client-side: False when this exact content was registered already."
+    )
+
+
+class PromptSet(Model):
+    id: UUID
+    name: str
+    version: str
+    description: str
+    builtin: bool
+    created_at: datetime
+
+
+class PromptSetDetail(PromptSet):
+    templates: dict[str, str]
+
+
+class RegisteredPromptSet(PromptSetDetail):
+    created: bool = Field(
+        default=True, description="Client-side: False when these exact templates were registered already."
     )
 
 

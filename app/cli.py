@@ -31,7 +31,17 @@ from sqlalchemy import func, select, update
 
 import aidsafe
 from aidsafe.client import KEY_ENV, URL_ENV
-from aidsafe.models import Budget, Cot, Estimate, Interval, Item, JobProgress, SampleEvaluation
+from aidsafe.models import (
+    Budget,
+    Cot,
+    Estimate,
+    Interval,
+    Item,
+    JobProgress,
+    PolicySet,
+    PromptSet,
+    SampleEvaluation,
+)
 from app.config import get_settings
 from app.store import keys
 from app.store.db import make_engine, make_sessions
@@ -240,6 +250,11 @@ def submit(
     ] = None,
     policy_set: Annotated[str, typer.Option(help="Policy set name.")] = "aidsafe-default",
     policy_version: Annotated[str | None, typer.Option(help="Pin a policy set version.")] = None,
+    prompt_set: Annotated[
+        str | None,
+        typer.Option(help="Prompt set name (`aidsafe prompt-sets list`). Default: the built-in set."),
+    ] = None,
+    prompt_set_version: Annotated[str | None, typer.Option(help="Pin a prompt set version.")] = None,
     preset: Annotated[
         str | None, typer.Option(help="A preset to start from (`aidsafe presets list`); options override it.")
     ] = None,
@@ -287,6 +302,8 @@ def submit(
         config=config,
         policy_set=policy_set,
         policy_version=policy_version,
+        prompt_set=prompt_set,
+        prompt_set_version=prompt_set_version,
         preset=preset,
         preset_version=preset_version,
         budget=budget,
@@ -620,13 +637,18 @@ policy_sets_cli = typer.Typer(help="Policy sets (over the HTTP API).", no_args_i
 cli.add_typer(policy_sets_cli, name="policy-sets")
 
 
+def _print_registered(rows: list[PolicySet] | list[PromptSet]) -> None:
+    """Registered sets, one a line: id, name@version, built-in or own, created."""
+    for row in rows:
+        origin = "built-in" if row.builtin else "own"
+        console.print(f"{row.id}  {row.name}@{row.version}  {origin}  {row.created_at:%Y-%m-%d}")
+
+
 @policy_sets_cli.command("list")
 def list_policy_sets(api_url: ApiUrl = "http://127.0.0.1:8000", key: ApiKeyOpt = "") -> None:
     """Built-in sets and yours, every version: id, name@version, built-in or own, created."""
     with _client(api_url, key) as client:
-        for row in client.list_policy_sets():
-            origin = "built-in" if row.builtin else "own"
-            console.print(f"{row.id}  {row.name}@{row.version}  {origin}  {row.created_at:%Y-%m-%d}")
+        _print_registered(client.list_policy_sets())
 
 
 @policy_sets_cli.command("show")
@@ -652,17 +674,111 @@ def create_policy_set(
     """Register a policy set version from a YAML file (the layout of policies/default.yaml).
     The same content again is the same version."""
     try:
-        document = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        console.print(f"[red]{file}: not YAML ({exc})[/] (nothing was registered)")
+        document = read_set_file(file, "name, description, policies")
+    except SetFileError as exc:
+        console.print(f"[red]{exc}[/] (nothing was registered)")
         raise typer.Exit(2) from exc
-    if not isinstance(document, dict):
-        console.print(f"[red]{file}: expected a mapping with name, description, policies[/]")
-        raise typer.Exit(2)
     with _client(api_url, key) as client:
         row = client.register_policy_set(document)
     state = "registered" if row.created else "already registered"
     console.print(f"{row.name}@{row.version} {state} (id {row.id}, {len(row.policies)} policies).")
+
+
+prompt_sets_cli = typer.Typer(help="Prompt sets: the templates that word requests.", no_args_is_help=True)
+cli.add_typer(prompt_sets_cli, name="prompt-sets")
+
+
+@prompt_sets_cli.command("list")
+def list_prompt_sets(api_url: ApiUrl = "http://127.0.0.1:8000", key: ApiKeyOpt = "") -> None:
+    """The built-in set and yours, every version: id, name@version, built-in or own, created."""
+    with _client(api_url, key) as client:
+        _print_registered(client.list_prompt_sets())
+
+
+@prompt_sets_cli.command("show")
+def show_prompt_set(
+    prompt_set_id: str,
+    to_folder: Annotated[
+        Path | None,
+        typer.Option(file_okay=False, help="Write each template to <name>.txt here (what `create` reads)."),
+    ] = None,
+    api_url: ApiUrl = "http://127.0.0.1:8000",
+    key: ApiKeyOpt = "",
+) -> None:
+    """One version with its templates: as YAML, or as a folder of .txt files to edit."""
+    with _client(api_url, key) as client:
+        row = client.get_prompt_set(prompt_set_id)
+    if to_folder is None:
+        document = {"name": row.name, "description": row.description, "templates": row.templates}
+        console.print(f"# {row.name}@{row.version} ({row.id})", highlight=False)
+        print(yaml.safe_dump(document, sort_keys=False, allow_unicode=True), end="")
+        return
+    to_folder.mkdir(parents=True, exist_ok=True)
+    for name, text in row.templates.items():
+        (to_folder / f"{name}.txt").write_text(text, encoding="utf-8")
+    console.print(f"{len(row.templates)} templates of {row.name}@{row.version} in {to_folder}")
+
+
+class SetFileError(ValueError):
+    """A policy or prompt set the CLI cannot read from its file or folder."""
+
+
+def read_set_file(path: Path, fields: str) -> dict[str, Any]:
+    """The YAML mapping in `path` (of `fields`, as the error names them)."""
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise SetFileError(f"{path}: not YAML ({exc})") from exc
+    if not isinstance(document, dict):
+        raise SetFileError(f"{path}: expected a mapping with {fields}")
+    return document
+
+
+def read_prompt_set(path: Path, name: str | None, description: str) -> dict[str, Any]:
+    """The document to register from `path`: a YAML file (name, description, templates), or a
+    folder of <template>.txt files (named after the folder); `name` and `description`, if
+    given, replace theirs. Raises SetFileError."""
+    if path.is_dir():
+        files = sorted(path.glob("*.txt"))
+        if not files:
+            raise SetFileError(f"{path}: no <template>.txt files")
+        try:
+            templates = {f.name.removesuffix(".txt"): f.read_text(encoding="utf-8") for f in files}
+        except UnicodeDecodeError as exc:
+            raise SetFileError(f"{path}: a template is not UTF-8 text ({exc.reason})") from exc
+        document: dict[str, Any] = {"name": path.name, "templates": templates}
+    else:
+        document = read_set_file(path, "name, description, templates")
+    given = {"name": name, "description": description}
+    return {**document, **{field: value for field, value in given.items() if value}}
+
+
+@prompt_sets_cli.command("create")
+def create_prompt_set(
+    path: Annotated[
+        Path,
+        typer.Argument(
+            exists=True, help="A folder of <template>.txt files, or YAML: name, description, templates."
+        ),
+    ],
+    name: Annotated[
+        str | None, typer.Option(help="The set's name (default: the folder's or the YAML's).")
+    ] = None,
+    description: Annotated[str, typer.Option(help="What the set changes, for its readers.")] = "",
+    api_url: ApiUrl = "http://127.0.0.1:8000",
+    key: ApiKeyOpt = "",
+) -> None:
+    """Register a prompt set version: every template the stages use (start from `show
+    --to-folder` of the built-in set). The same templates again are the same version."""
+    try:
+        document = read_prompt_set(path, name, description)
+    except SetFileError as exc:
+        console.print(f"[red]{exc}[/] (nothing was registered)")
+        raise typer.Exit(2) from exc
+    with _client(api_url, key) as client:
+        row = client.register_prompt_set(document)
+    state = "registered" if row.created else "already registered"
+    console.print(f"{row.name}@{row.version} {state} (id {row.id}, {len(row.templates)} templates).")
 
 
 @jobs_cli.command("budget")

@@ -17,6 +17,7 @@ from app.config import Prices
 from app.deliberation.budget import RequestBudget, estimate_tokens, largest_requests
 from app.deliberation.config import Mode, PipelineConfig
 from app.deliberation.policies import PolicySet
+from app.deliberation.prompting import PromptSet
 from app.errors import BudgetTooSmall, UnpricedEndpoint
 from app.plan import GenerationPlan, JobPlan
 
@@ -129,7 +130,7 @@ _PROBE = "x"  # the prompt the per-call figures are estimated for; each item add
 _GRADER, _PAIRS = "grader", ("whisperer", "generator", "guard")
 
 
-def _item_calls(plan: GenerationPlan, policies: PolicySet) -> tuple[_Calls, _Calls]:
+def _item_calls(plan: GenerationPlan, policies: PolicySet, wording: PromptSet) -> tuple[_Calls, _Calls]:
     """The fewest calls of an item (agreement at the first deliberation turn, the first
     whisper try flagged) and the most (every turn of the turn budget, every whisper try);
     re-asks excluded. Each call is budget.py's largest request of its role, found by role
@@ -138,10 +139,10 @@ def _item_calls(plan: GenerationPlan, policies: PolicySet) -> tuple[_Calls, _Cal
     t - 1 turns before it."""
     config = plan.pipeline()
     turns = config.turn_budget() if config.mode is Mode.AIDSAFE else 0  # zero-shot: one call
-    budgets = largest_requests(config, policies, _PROBE)
+    budgets = largest_requests(config, policies, wording, _PROBE)
     writing = [b for b in budgets if b.role != _GRADER and b.role not in _PAIRS]
     others = [b for b in writing if not b.role.startswith("deliberator-")]
-    deliberation = [_turn(config, policies, t) for t in range(1, turns + 1)]
+    deliberation = [_turn(config, policies, wording, t) for t in range(1, turns + 1)]
     graders = [b for b in budgets if b.role == _GRADER]
     pair_calls = [b for b in budgets if b.role in _PAIRS]
     # The grader scores the item's CoT and, with pairs, the flagged rejected one.
@@ -151,19 +152,19 @@ def _item_calls(plan: GenerationPlan, policies: PolicySet) -> tuple[_Calls, _Cal
     return _Calls(fewest, config.max_tokens), _Calls(most, config.max_tokens)
 
 
-def _turn(config: PipelineConfig, policies: PolicySet, turn: int) -> RequestBudget:
+def _turn(config: PipelineConfig, policies: PolicySet, wording: PromptSet, turn: int) -> RequestBudget:
     """Deliberation turn `turn` (from 1): budget.py sizes each agent's last turn of a turn
     budget, and with a budget of `turn` turns the agent speaking last speaks turn `turn`."""
     agent = (turn - 1) % len(config.deliberators) + 1
-    budgets = largest_requests(replace(config, max_turns=turn), policies, _PROBE)
+    budgets = largest_requests(replace(config, max_turns=turn), policies, wording, _PROBE)
     return next(b for b in budgets if b.role == f"deliberator-{agent}")
 
 
-def estimate(plan: GenerationPlan, policies: PolicySet, prompts: list[str]) -> Estimate:
+def estimate(plan: GenerationPlan, policies: PolicySet, wording: PromptSet, prompts: list[str]) -> Estimate:
     """Calls, tokens and cost of running `prompts` under `plan`, as a range. The token
     figures are budget.py's deliberately high estimates (three bytes a token) and every reply
     at its full max_tokens, so the real figures are usually lower, even below `min`."""
-    fewest, most = _item_calls(plan, policies)
+    fewest, most = _item_calls(plan, policies, wording)
     extras = [estimate_tokens(p) - estimate_tokens(_PROBE) for p in prompts]
     n = len(prompts)
 
@@ -189,7 +190,9 @@ def estimate(plan: GenerationPlan, policies: PolicySet, prompts: list[str]) -> E
     )
 
 
-def check_budget(budget: Budget | None, plan: JobPlan, policies: PolicySet, prompts: list[str]) -> None:
+def check_budget(
+    budget: Budget | None, plan: JobPlan, policies: PolicySet, wording: PromptSet, prompts: list[str]
+) -> None:
     """Refuse a budget no call fits in (the job would stop before it starts), or a money
     budget for a job with an unpriced endpoint (its spending could not be counted). A
     comparison's budget is checked for prices only."""
@@ -205,7 +208,7 @@ def check_budget(budget: Budget | None, plan: JobPlan, policies: PolicySet, prom
         )
     if not isinstance(plan, GenerationPlan):
         return
-    fewest, _ = _item_calls(plan, policies)
+    fewest, _ = _item_calls(plan, policies, wording)
     cheapest = _Calls(fewest.budgets[:1], fewest.max_tokens)
     extra = estimate_tokens(min(prompts, key=estimate_tokens)) - estimate_tokens(_PROBE)
     one_call: dict[str, Any] = {"tokens": cheapest.prompt_tokens(extra) + cheapest.max_tokens}

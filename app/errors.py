@@ -48,6 +48,19 @@ class UnknownPolicySet(ServiceError):
     code = "unknown_policy_set"
 
 
+class UnknownPromptSet(ServiceError):
+    status = 422
+    code = "unknown_prompt_set"
+
+
+class InvalidPromptSet(ServiceError):
+    """Templates the stages cannot use (details list every problem, each naming its
+    template, stage and placeholder), or that cannot fit any endpoint's context."""
+
+    status = 422
+    code = "invalid_prompt_set"
+
+
 class UnknownPreset(ServiceError):
     """The job names a preset this server does not ship (details list those it does)."""
 

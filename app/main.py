@@ -25,6 +25,7 @@ from app.api import (
     metrics,
     policy_sets,
     presets,
+    prompt_sets,
     reports,
     sample_evaluations,
     state,
@@ -96,6 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         reports,
         sample_evaluations,
         policy_sets,
+        prompt_sets,
         presets,
         deletions,
     )

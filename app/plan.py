@@ -12,7 +12,13 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from app.config import Prices, Settings
-from app.deliberation.budget import RequestBudget, estimate_tokens, judge_request, largest_requests
+from app.deliberation.budget import (
+    RequestBudget,
+    estimate_tokens,
+    judge_request,
+    largest_requests,
+    stage_floors,
+)
 from app.deliberation.config import (
     LIMIT_CAPS,
     Evaluators,
@@ -26,8 +32,10 @@ from app.deliberation.config import (
     RoleConfig,
 )
 from app.deliberation.policies import MAX_POLICY_TEXT_CHARS, PolicySet
+from app.deliberation.prompting import PromptSet
 from app.deliberation.results import METRICS
-from app.errors import InvalidConfig, RequestTooLarge
+from app.deliberation.stages import DECLARED
+from app.errors import InvalidConfig, InvalidPromptSet, RequestTooLarge
 
 Metric = Literal[METRICS]  # type: ignore[valid-type]
 Score = Annotated[float, Field(ge=1, le=5)]
@@ -473,22 +481,26 @@ def pinned_prices(endpoints: set[str], settings: Settings) -> dict[str, Prices]:
     return {name: prices for name in sorted(endpoints) if (prices := configured[name].prices) is not None}
 
 
-def check_job_fits(plan: GenerationPlan, policies: PolicySet, prompts: list[str], settings: Settings) -> None:
-    """Raise RequestTooLarge if some request of this job may not fit its endpoint."""
+def check_job_fits(
+    plan: GenerationPlan, policies: PolicySet, wording: PromptSet, prompts: list[str], settings: Settings
+) -> None:
+    """Raise RequestTooLarge if some request of this job, worded by `wording`, may not fit
+    its endpoint."""
     longest = max(prompts, key=estimate_tokens)
-    _check_fits(largest_requests(plan.pipeline(), policies, longest), policies, settings)
+    _check_fits(largest_requests(plan.pipeline(), policies, wording, longest), policies, settings)
 
 
 def check_comparison_fits(
     plan: ComparisonPlan,
     policies: PolicySet,
+    wording: PromptSet,
     longest_prompt: str,
     sample_max_tokens: tuple[int, int],
     settings: Settings,
 ) -> None:
     """Raise RequestTooLarge if the judge's requests may not fit its endpoint; the samples are
     the last replies of jobs with these max_tokens."""
-    judge = judge_request(plan.judge, policies, longest_prompt, sample_max_tokens, plan.max_tokens)
+    judge = judge_request(plan.judge, policies, wording, longest_prompt, sample_max_tokens, plan.max_tokens)
     _check_fits([judge], policies, settings)
 
 
@@ -511,6 +523,34 @@ def _check_fits(budgets: list[RequestBudget], policies: PolicySet, settings: Set
             f"role '{worst['role']}' may send endpoint '{worst['endpoint']}' requests of about "
             f"{worst['estimated_tokens']:,} tokens with max_tokens, over its max_context_tokens of "
             f"{worst['max_context_tokens']:,}; lower max_tokens, max_rounds or agents, shorten the "
-            "prompts or the policies, or use an endpoint with a larger context",
+            "prompts, the policies or the prompt set's templates, or use an endpoint with a larger context",
             details=over,
+        )
+
+
+def check_prompt_set_fits(wording: PromptSet, settings: Settings) -> None:
+    """Raise InvalidPromptSet if some stage's templates alone (no policies, an empty prompt,
+    the server's default max_tokens of reply) are over every endpoint's context. An
+    endpoint of unknown context may take anything. The templates must be valid."""
+    contexts = [endpoint.max_context_tokens for endpoint in settings.endpoints().values()]
+    if not contexts or None in contexts:
+        return
+    largest = max(c for c in contexts if c is not None)
+    max_tokens = settings.default_max_tokens
+    floors = stage_floors(wording, max_tokens)
+    over = [
+        (floors[spec.stage.value], spec.stage.value, spec.templates)
+        for spec in DECLARED
+        if spec.templates is not None and floors[spec.stage.value] > largest
+    ]
+    if over:
+        tokens, stage, names = max(over)
+        raise InvalidPromptSet(
+            f"stage {stage}: templates {', '.join(names)} make requests of about {tokens:,} tokens with "
+            f"the default max_tokens of {max_tokens:,} before any policy or prompt, over the largest "
+            f"endpoint context of {largest:,}; shorten them",
+            details=[
+                {"stage": s, "templates": list(n), "estimated_tokens": t, "max_context_tokens": largest}
+                for t, s, n in over
+            ],
         )

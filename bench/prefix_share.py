@@ -33,6 +33,7 @@ from app.config import EndpointConfig, Settings
 from app.deliberation.engine import Completed, deliberate
 from app.deliberation.policies import policy_set
 from app.deliberation.ports import ChatReply, ChatRequest, Turn, TurnKey
+from app.deliberation.prompt_sets import builtin
 from app.deliberation.stages import DECLARED
 from app.llm.client import OpenAICompatibleClient
 from app.plan import JobConfigIn, resolve
@@ -126,7 +127,10 @@ async def run_engine(sim_url: str, prompts: list[str]) -> tuple[list[ChatRequest
     async with OpenAICompatibleClient(endpoints, None, timeout_s=30, max_retries=0) as client:
         recorder = RecordingClient(client)
         results = await asyncio.gather(
-            *(deliberate(uuid.uuid4(), p, config, policies, recorder, MemoryTurnLog()) for p in prompts)
+            *(
+                deliberate(uuid.uuid4(), p, config, policies, builtin(), recorder, MemoryTurnLog())
+                for p in prompts
+            )
         )
     completed = sum(isinstance(r, Completed) for r in results)
     return recorder.requests, completed

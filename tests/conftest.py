@@ -42,7 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN_DSN = os.environ.get("AIDSAFE_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("AIDSAFE_TEST_REDIS", "redis://127.0.0.1:6379/0")
 ARQ_JOB_KEY_PREFIXES = (job_key_prefix, retry_key_prefix, in_progress_key_prefix, result_key_prefix)
-TABLES = "annotations, judgements, preference_pairs, cots, turns, items, jobs, policy_sets, api_keys"
+TABLES = (
+    "annotations, judgements, preference_pairs, cots, turns, items, jobs, policy_sets, prompt_sets, api_keys"
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

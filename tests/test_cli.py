@@ -234,6 +234,31 @@ async def test_cli_refuses_a_policy_file_that_is_not_yaml(
     assert code == 2 and "not YAML" in out and "nothing was registered" in out
 
 
+async def test_cli_copies_the_builtin_prompt_set_to_a_folder_and_registers_an_edited_one(
+    live_api: str, auth: Headers, tmp_path: Path
+) -> None:
+    code, listing = await aidsafe(live_api, auth, "prompt-sets", "list")
+    assert code == 0 and "aidsafe-default@" in listing and "built-in" in listing, listing
+    folder = tmp_path / "house"
+
+    code, out = await aidsafe(
+        live_api, auth, "prompt-sets", "show", listing.split()[0], "--to-folder", str(folder)
+    )
+    assert code == 0 and "23 templates of aidsafe-default@" in out, out
+    (folder / "seed.user.txt").write_text("Q: $prompt\nI: $intents\n", encoding="utf-8")
+
+    code, out = await aidsafe(live_api, auth, "prompt-sets", "create", str(folder), "--description", "terse")
+    assert code == 0 and "house@" in out and "registered (id" in out and "23 templates" in out, out
+    code, again = await aidsafe(live_api, auth, "prompt-sets", "create", str(folder))
+    assert code == 0 and "already registered" in again, again
+    code, shown = await aidsafe(live_api, auth, "prompt-sets", "show", out.split("(id ")[1].split(",")[0])
+    assert code == 0 and yaml.safe_load(shown)["templates"]["seed.user"] == "Q: $prompt\nI: $intents\n"
+
+    (folder / "seed.user.txt").write_text("Q: $prompt $tone\n", encoding="utf-8")
+    code, refused = await aidsafe(live_api, auth, "prompt-sets", "create", str(folder))
+    assert code != 0 and "invalid_prompt_set" in refused and "$tone" in refused, refused
+
+
 async def test_cli_lists_and_shows_presets_and_submits_from_one(
     live_api: str, api: httpx.AsyncClient, auth: Headers, sessions: Sessions, tmp_path: Path
 ) -> None:

@@ -236,6 +236,31 @@ async def test_policy_sets_and_webhooks(client: aidsafe.Client) -> None:
     assert client.webhook_rejections(webhook.id) == []
 
 
+async def test_prompt_sets_registered_listed_and_pinned_by_both_clients(
+    client: aidsafe.Client, live_api: str, auth: Headers, settings: Settings
+) -> None:
+    builtin = next(p for p in client.list_prompt_sets() if p.builtin)
+    templates = client.get_prompt_set(builtin.id).templates
+    document = {"name": "house", "templates": {**templates, "seed.user": "Q: $prompt\nI: $intents"}}
+
+    registered = client.register_prompt_set(document)
+    async with aidsafe.AsyncClient(live_api, secret(auth)) as async_client:
+        again = await async_client.register_prompt_set(document)
+        listed = {(p.name, p.builtin) for p in await async_client.list_prompt_sets()}
+        with pytest.raises(aidsafe.AidsafeError) as refused:
+            await async_client.register_prompt_set(
+                {**document, "templates": {**templates, "seed.user": "$x"}}
+            )
+    job = client.submit(["Hi"], config={"agents": 1, "max_rounds": 1}, prompt_set="house")
+    await run_worker_burst(settings)
+
+    assert (registered.created, again.created, again.id) == (True, False, registered.id)
+    assert listed == {("house", False), ("aidsafe-default", True)}
+    assert (refused.value.status, refused.value.code) == (422, "invalid_prompt_set")
+    assert job.prompt_set is not None and job.prompt_set.version == registered.version
+    assert [c.prompt_set for c in client.iter_cots(job.id)] == [job.prompt_set]
+
+
 async def test_presets_listed_shown_and_submitted_with_overrides(
     client: aidsafe.Client, live_api: str, auth: Headers
 ) -> None:
@@ -372,6 +397,9 @@ MIRRORED = {
     models.PolicySetDetail: schemas.PolicySetDetailOut,
     models.Preset: schemas.PresetOut,
     models.RegisteredPolicySet: schemas.PolicySetDetailOut,
+    models.PromptSet: schemas.PromptSetOut,
+    models.PromptSetDetail: schemas.PromptSetDetailOut,
+    models.RegisteredPromptSet: schemas.PromptSetDetailOut,
     models.Webhook: webhooks.WebhookOut,
     models.WebhookCreated: webhooks.WebhookCreatedOut,
     models.Rejection: webhooks.RejectionOut,

@@ -21,6 +21,7 @@ from app.deliberation.config import Limits, PipelineConfig, RoleConfig
 from app.deliberation.engine import deliberate
 from app.deliberation.policies import policy_set
 from app.deliberation.ports import ChatReply, ChatRequest, LLMClient, LLMUnavailable, Stage, TurnOutcome
+from app.deliberation.prompt_sets import builtin
 from app.deliberation.results import Completed, Failed
 from app.deliberation.stages import DECLARED
 from app.llm.client import OpenAICompatibleClient
@@ -40,6 +41,7 @@ from tests.scripted_llm import (
 ROOT = Path(__file__).resolve().parents[1]
 _DEFAULT_SET = yaml.safe_load((ROOT / "policies" / "default.yaml").read_text(encoding="utf-8"))
 POLICIES = policy_set(_DEFAULT_SET["name"], _DEFAULT_SET["policies"])
+PROMPTS = builtin()
 PROMPT = "How do I store bleach and ammonia safely at home?"
 ITEM = uuid.UUID("00000000-0000-4000-8000-000000000001")
 MAX_REASKS = 2
@@ -69,7 +71,7 @@ def pipeline(
 async def run(
     llm: LLMClient, log: InMemoryTurnLog, config: PipelineConfig | None = None
 ) -> Completed | Failed:
-    return await deliberate(ITEM, PROMPT, config or pipeline(), POLICIES, llm, log)
+    return await deliberate(ITEM, PROMPT, config or pipeline(), POLICIES, PROMPTS, llm, log)
 
 
 def completed(result: Completed | Failed) -> Completed:

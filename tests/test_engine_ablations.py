@@ -12,7 +12,17 @@ from app.deliberation.stages import NOT_DECOMPOSED
 from app.llm.client import OpenAICompatibleClient
 from tests.memory_turn_log import InMemoryTurnLog
 from tests.scripted_llm import ScriptedLLM, agree, reply
-from tests.test_engine import DEFAULT_ROLE, ITEM, POLICIES, PROMPT, completed, pipeline, request_counts, run
+from tests.test_engine import (
+    DEFAULT_ROLE,
+    ITEM,
+    POLICIES,
+    PROMPT,
+    PROMPTS,
+    completed,
+    pipeline,
+    request_counts,
+    run,
+)
 
 SEED = {"thoughts": ["Seed thought one.", "Seed thought two."], "response": "Seed response."}
 
@@ -157,7 +167,9 @@ def test_the_request_budgets_follow_the_ablations() -> None:
     full = pipeline(agents=2, max_rounds=4)
 
     def budgets(**changes: object) -> dict[str, int]:
-        return {b.role: b.tokens for b in largest_requests(replace(full, **changes), POLICIES, PROMPT)}
+        return {
+            b.role: b.tokens for b in largest_requests(replace(full, **changes), POLICIES, PROMPTS, PROMPT)
+        }
 
     default = budgets()
     assert list(default) == ["intent", "seed", "deliberator-1", "deliberator-2", "refiner"]
@@ -182,8 +194,8 @@ def test_a_roles_budget_counts_its_own_instructions_and_names_its_endpoint() -> 
     plain = pipeline(agents=2, max_rounds=1)
     configured = replace(plain, deliberators=(DEFAULT_ROLE, other))
 
-    before = {b.role: b for b in largest_requests(plain, POLICIES, PROMPT)}
-    after = {b.role: b for b in largest_requests(configured, POLICIES, PROMPT)}
+    before = {b.role: b for b in largest_requests(plain, POLICIES, PROMPTS, PROMPT)}
+    after = {b.role: b for b in largest_requests(configured, POLICIES, PROMPTS, PROMPT)}
 
     assert after["deliberator-1"] == before["deliberator-1"]
     assert after["deliberator-2"].endpoint == "second" and before["deliberator-2"].endpoint == "default"
@@ -192,8 +204,10 @@ def test_a_roles_budget_counts_its_own_instructions_and_names_its_endpoint() -> 
 
 def test_the_judges_budget_counts_its_own_instructions() -> None:
     persona = "Prefer the answer that refuses less. " * 20
-    plain = judge_request(DEFAULT_ROLE, POLICIES, PROMPT, (512, 512), 256)
-    judged = judge_request(replace(DEFAULT_ROLE, instructions=persona), POLICIES, PROMPT, (512, 512), 256)
+    plain = judge_request(DEFAULT_ROLE, POLICIES, PROMPTS, PROMPT, (512, 512), 256)
+    judged = judge_request(
+        replace(DEFAULT_ROLE, instructions=persona), POLICIES, PROMPTS, PROMPT, (512, 512), 256
+    )
 
     assert (judged.role, judged.endpoint) == ("judge", "default")
     assert judged.tokens - plain.tokens > len(persona) // 3

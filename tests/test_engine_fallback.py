@@ -15,7 +15,7 @@ from app.deliberation.results import METRICS
 from app.llm.client import OpenAICompatibleClient
 from tests.memory_turn_log import InMemoryTurnLog
 from tests.scripted_llm import ScriptedLLM, agree, http_error, malformed, refusal, reply
-from tests.test_engine import DEFAULT_ROLE, ITEM, POLICIES, PROMPT, completed, failed, pipeline, run
+from tests.test_engine import DEFAULT_ROLE, ITEM, POLICIES, PROMPT, PROMPTS, completed, failed, pipeline, run
 
 FALLBACK = RoleConfig(endpoint="second", model="fallback-model", temperature=0.3)
 SEED = {"thoughts": ["The fallback reasons about safe storage."], "response": "Keep them apart."}
@@ -228,8 +228,8 @@ async def test_grading_keeps_its_own_refusal_handling(
 
 
 def test_the_fallbacks_requests_are_budgeted_on_its_endpoint() -> None:
-    plain = largest_requests(pipeline(), POLICIES, PROMPT)
-    budgets = largest_requests(with_fallback(), POLICIES, PROMPT)
+    plain = largest_requests(pipeline(), POLICIES, PROMPTS, PROMPT)
+    budgets = largest_requests(with_fallback(), POLICIES, PROMPTS, PROMPT)
 
     assert budgets[: len(plain)] == plain
     assert [(b.role, b.endpoint, b.tokens) for b in budgets[len(plain) :]] == [

@@ -13,7 +13,7 @@ from app.deliberation.ports import Stage, TurnKey, TurnOutcome
 from app.llm.client import OpenAICompatibleClient
 from tests.memory_turn_log import InMemoryTurnLog
 from tests.scripted_llm import ScriptedLLM, agree, refusal, reply
-from tests.test_engine import DEFAULT_ROLE, ITEM, PROMPT, completed, failed, pipeline, run
+from tests.test_engine import DEFAULT_ROLE, ITEM, PROMPT, PROMPTS, completed, failed, pipeline, run
 
 INTENTS = {
     "explicit_intents": [
@@ -225,7 +225,7 @@ async def test_every_request_carries_the_policy_set_rendered_in_order_under_its_
 ) -> None:
     policies = policy_set("tiny", TINY_SET)
 
-    completed(await deliberate(ITEM, PROMPT, pipeline(), policies, llm, InMemoryTurnLog()))
+    completed(await deliberate(ITEM, PROMPT, pipeline(), policies, PROMPTS, llm, InMemoryTurnLog()))
 
     rendered = (
         "# Policies (tiny, version d2134d55cef37465)\n"

@@ -23,7 +23,7 @@ from tests.scripted_llm import (
     reply,
     scores,
 )
-from tests.test_engine import DEFAULT_ROLE, ITEM, POLICIES, PROMPT, GoesDownAfter, pipeline
+from tests.test_engine import DEFAULT_ROLE, ITEM, POLICIES, PROMPT, PROMPTS, GoesDownAfter, pipeline
 
 ALL_THREES = dict.fromkeys(METRICS, 3.0)
 
@@ -52,7 +52,7 @@ def with_quality(
 async def run(
     llm: OpenAICompatibleClient, config: PipelineConfig, log: InMemoryTurnLog | None = None
 ) -> Completed:
-    result = await deliberate(ITEM, PROMPT, config, POLICIES, llm, log or InMemoryTurnLog())
+    result = await deliberate(ITEM, PROMPT, config, POLICIES, PROMPTS, llm, log or InMemoryTurnLog())
     assert isinstance(result, Completed), result
     return result
 
@@ -261,7 +261,7 @@ async def test_a_crash_between_tries_resumes_without_repeating_a_stored_call(
     # intent, seed, 1 deliberation turn, refine, grade, then try 1 (3 calls) and try 2's whisper
     before_crash = 4 + 1 + 3 + 1
     with pytest.raises(LLMUnavailable):
-        await deliberate(ITEM, PROMPT, config, POLICIES, GoesDownAfter(llm, before_crash), log)
+        await deliberate(ITEM, PROMPT, config, POLICIES, PROMPTS, GoesDownAfter(llm, before_crash), log)
     assert len(log.turns(ITEM)) == before_crash
 
     result = await run(llm, config, log)
@@ -304,6 +304,7 @@ async def judge(
         b,
         DEFAULT_ROLE,
         POLICIES,
+        PROMPTS,
         llm,
         log or InMemoryTurnLog(),
         max_tokens=256,

@@ -22,6 +22,7 @@ from tests.test_engine import (
     ITEM,
     POLICIES,
     PROMPT,
+    PROMPTS,
     SEED_THOUGHTS,
     completed,
     failed,
@@ -530,7 +531,7 @@ async def test_the_judges_turns_are_stored_under_the_item_one_per_order_and_repl
 
     async def judged() -> Judged:
         return await judge_pair(
-            ITEM, PROMPT, a, b, DEFAULT_ROLE, POLICIES, llm, log, max_tokens=200, max_reasks=0
+            ITEM, PROMPT, a, b, DEFAULT_ROLE, POLICIES, PROMPTS, llm, log, max_tokens=200, max_reasks=0
         )
 
     first = await judged()

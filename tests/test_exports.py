@@ -25,6 +25,7 @@ from sqlalchemy import insert, select, update
 from trl.data_utils import is_conversational, maybe_extract_prompt, unpair_preference_dataset
 
 from app.config import Settings
+from app.deliberation.prompt_sets import builtin
 from app.deliberation.results import METRICS
 from app.exports.formats import FORMATS
 from app.exports.options import ExportOptions
@@ -121,6 +122,7 @@ async def test_full_records_load_with_datasets_from_jsonl_and_parquet_alike(
     assert first["refined_thoughts"][0]["text"] and first["response"]
     assert first["scores"]["relevance"] == 4 and first["accepted"] is True
     assert first["policy_set_name"] == "aidsafe-default" and first["policy_set_version"]
+    assert (first["prompt_set_name"], first["prompt_set_version"]) == ("aidsafe-default", builtin().version)
     assert json.loads(first["metadata"]) == {}
 
 
@@ -282,6 +284,8 @@ async def test_jsonl_and_parquet_carry_the_same_full_record_of_exactly_what_is_s
         "agreed": True,
         "grade_error": None,
         "policy_set_name": "aidsafe-default",
+        "prompt_set_name": "aidsafe-default",
+        "prompt_set_version": builtin().version,
     }
     assert from_jsonl == [
         {

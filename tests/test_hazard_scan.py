@@ -211,6 +211,7 @@ class World:
     item_ids: list[str]
     comparison_id: str
     policy_set_id: str
+    prompt_set_id: str
     webhook_id: str
     first_event_ids: dict[str, str]  # per job: the first entry of its event stream
 
@@ -261,11 +262,13 @@ async def run_scenarios(api: httpx.AsyncClient, auth: Headers, settings: Setting
         job_ids.append(job_id)
         item_ids += [item["id"] for item in await items_of(api, auth, job_id)]
     policy_sets = await api.get("/v1/policy-sets", headers=auth)
+    prompt_sets = await api.get("/v1/prompt-sets", headers=auth)
     return World(
         job_ids,
         item_ids,
         comparison_id,
         policy_sets.json()[0]["id"],
+        prompt_sets.json()[0]["id"],
         await refusing_webhook(api, auth),
         await first_event_ids(settings, job_ids),
     )
@@ -326,6 +329,7 @@ def read_urls(world: World, viewer: bool) -> Iterator[tuple[str, str, dict[str, 
         "item_id": world.item_ids,
         "comparison_id": [world.comparison_id],
         "policy_set_id": [world.policy_set_id],
+        "prompt_set_id": [world.prompt_set_id],
         "webhook_id": [world.webhook_id],
         "name": sorted(STATIC),
         "preset_name": sorted(path.stem for path in (ROOT / "presets").glob("*.yaml")),

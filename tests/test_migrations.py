@@ -319,3 +319,65 @@ async def test_the_costs_migration_leaves_old_turns_unpriced_and_requeues_waitin
         }
     finally:
         await connection.close()
+
+
+async def test_the_prompt_sets_migration_leaves_old_jobs_on_the_builtin_set_and_old_cots_unnamed(
+    old_database: tuple[Config, str],
+) -> None:
+    config, dsn = old_database
+    await asyncio.to_thread(command.upgrade, config, "0015_costs")
+    connection = await asyncpg.connect(dsn)
+    try:
+        owner, policy_set, job, item = uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+        await connection.execute(
+            "INSERT INTO api_keys (id, name, prefix, key_hash) VALUES ($1, 'k', 'p', 'h')", owner
+        )
+        await connection.execute(
+            "INSERT INTO policy_sets (id, owner_key_id, name, version, description, policies) "
+            "VALUES ($1, $2, 'p', 'v', '', '[]')",
+            policy_set,
+            owner,
+        )
+        await connection.execute(
+            "INSERT INTO jobs (id, owner_key_id, policy_set_id, plan, request_hash, item_count) "
+            "VALUES ($1, $2, $3, '{}', 'h', 1)",
+            job,
+            owner,
+            policy_set,
+        )
+        await connection.execute(
+            "INSERT INTO items (id, job_id, position, prompt, metadata, status, stage, attempts, "
+            "failures, enqueues) VALUES ($1, $2, 0, 'p', '{}', 'completed', 'done', 1, 0, 1)",
+            item,
+            job,
+        )
+        await connection.execute(
+            "INSERT INTO cots (id, item_id, job_id, position, policy_set_id, policy_set_name, "
+            "policy_set_version, intents, thoughts, refined_thoughts, dropped_thoughts, "
+            "unaccounted_thought_ids, response, rounds_used, agreed, fallbacks) "
+            "VALUES ($1, $2, $3, 0, $4, 'p', 'v', '{}', '[]', '[]', '[]', '[]', 'r', 1, true, '[]')",
+            uuid.uuid4(),
+            item,
+            job,
+            policy_set,
+        )
+
+        await asyncio.to_thread(command.upgrade, config, "0017_prompt_sets")
+
+        assert await connection.fetchval("SELECT prompt_set_id FROM jobs") is None  # the built-in set
+        cot = await connection.fetchrow("SELECT prompt_set_id, prompt_set_name, prompt_set_version FROM cots")
+        assert tuple(cot) == (None, None, None)  # which templates wrote it was not recorded
+        assert await connection.fetchval("SELECT count(*) FROM prompt_sets") == 0
+
+        await asyncio.to_thread(command.downgrade, config, "0016_sample_evaluations")
+
+        assert await connection.fetchval("SELECT to_regclass('prompt_sets')") is None
+        columns = {
+            r["column_name"]
+            for r in await connection.fetch(
+                "SELECT column_name FROM information_schema.columns WHERE table_name IN ('jobs', 'cots')"
+            )
+        }
+        assert not columns & {"prompt_set_id", "prompt_set_name", "prompt_set_version"}
+    finally:
+        await connection.close()

@@ -84,10 +84,12 @@ async def known_ids(
         own = await api.post("/v1/policy-sets", json=KITCHEN, headers=fuzz_auth)
         assert own.status_code == 201, own.text
         listed = await api.get("/v1/policy-sets", headers=fuzz_auth)
+        prompt_sets = await api.get("/v1/prompt-sets", headers=fuzz_auth)
     return {
         "job_id": [finished.json()["id"], queued.json()["id"]],
         "item_id": [item["id"] for item in items.json()["data"]],
         "policy_set_id": [row["id"] for row in listed.json()],
+        "prompt_set_id": [row["id"] for row in prompt_sets.json()],
     }
 
 

@@ -19,7 +19,7 @@ from app.deliberation.engine import evaluate_sample
 from app.deliberation.ports import LLMRequestRejected
 from app.plan import SampleEvaluationPlan
 from app.sample_files import read_samples
-from app.store import items
+from app.store import items, prompt_sets
 from app.store.db import Sessions
 from app.store.endings import handed_back
 from app.store.models import ImportedSample, Item, Job, SampleEvaluation, TurnRow
@@ -237,6 +237,7 @@ async def test_a_resumed_item_does_not_ask_again_what_its_turns_hold(
                 other,
                 claim.plan.evaluators(),
                 for_engine(claim.policy_set),
+                prompt_sets.for_engine(claim.prompt_set),
                 llm,
                 PostgresTurnLog(sessions, claim),
             )

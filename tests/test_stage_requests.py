@@ -29,7 +29,7 @@ from app.deliberation.config import (
 )
 from app.deliberation.engine import deliberate, judge_pair
 from app.deliberation.ports import Stage
-from app.deliberation.prompting import TEMPLATES
+from app.deliberation.prompt_sets import TEMPLATE_DIR
 from app.deliberation.results import METRICS, Completed, Judged, Sample
 from app.deliberation.stages import (
     DECLARED,
@@ -46,7 +46,7 @@ from app.deliberation.stages import (
 from app.llm.client import OpenAICompatibleClient
 from tests.memory_turn_log import InMemoryTurnLog
 from tests.scripted_llm import ScriptedLLM, agree, guard_verdict, malformed, refusal, reply, scores, truncated
-from tests.test_engine import DEFAULT_ROLE, ITEM, POLICIES, PROMPT, pipeline
+from tests.test_engine import DEFAULT_ROLE, ITEM, POLICIES, PROMPT, PROMPTS, pipeline
 
 GRADER = replace(DEFAULT_ROLE, temperature=0.0)
 
@@ -97,7 +97,9 @@ async def test_aidsafe_stages_with_reasks_grading_and_a_whispered_pair_send_pinn
     )
     log = InMemoryTurnLog()
 
-    result = await deliberate(ITEM, PROMPT, _config(Mode.AIDSAFE, GuardStyle.JSON, 3), POLICIES, llm, log)
+    result = await deliberate(
+        ITEM, PROMPT, _config(Mode.AIDSAFE, GuardStyle.JSON, 3), POLICIES, PROMPTS, llm, log
+    )
 
     assert isinstance(result, Completed) and result.pair is not None and result.pair.kept
     assert _fingerprint(log, ITEM, scripted_llm) == {
@@ -134,7 +136,7 @@ async def test_zero_shot_with_a_llama_guard_pair_sends_pinned_requests(
     log = InMemoryTurnLog()
 
     config = _config(Mode.ZERO_SHOT, GuardStyle.LLAMA_GUARD, 1)
-    result = await deliberate(ITEM, PROMPT, config, POLICIES, llm, log)
+    result = await deliberate(ITEM, PROMPT, config, POLICIES, PROMPTS, llm, log)
 
     assert isinstance(result, Completed) and result.pair is not None and result.pair.tries[0].guard
     assert _fingerprint(log, ITEM, scripted_llm) == {
@@ -157,7 +159,9 @@ async def test_the_pairwise_judge_sends_pinned_requests(
     log = InMemoryTurnLog()
     a, b = Sample(["Base thought."], "Base answer."), Sample(["Candidate thought."], "Candidate answer.")
 
-    judged = await judge_pair(ITEM, PROMPT, a, b, GRADER, POLICIES, llm, log, max_tokens=256, max_reasks=1)
+    judged = await judge_pair(
+        ITEM, PROMPT, a, b, GRADER, POLICIES, PROMPTS, llm, log, max_tokens=256, max_reasks=1
+    )
 
     assert isinstance(judged, Judged)
     assert _fingerprint(log, ITEM, scripted_llm) == {
@@ -172,9 +176,9 @@ async def test_the_pairwise_judge_sends_pinned_requests(
 
 def test_request_budgets_of_every_role_are_pinned() -> None:
     budgets = [
-        *largest_requests(_config(Mode.AIDSAFE, GuardStyle.JSON, 3), POLICIES, PROMPT),
-        *largest_requests(_config(Mode.ZERO_SHOT, GuardStyle.LLAMA_GUARD, 2), POLICIES, PROMPT),
-        judge_request(GRADER, POLICIES, PROMPT, (512, 1024), 256),
+        *largest_requests(_config(Mode.AIDSAFE, GuardStyle.JSON, 3), POLICIES, PROMPTS, PROMPT),
+        *largest_requests(_config(Mode.ZERO_SHOT, GuardStyle.LLAMA_GUARD, 2), POLICIES, PROMPTS, PROMPT),
+        judge_request(GRADER, POLICIES, PROMPTS, PROMPT, (512, 1024), 256),
     ]
 
     assert [(b.role, b.tokens) for b in budgets] == [
@@ -204,7 +208,7 @@ def test_every_stage_is_declared_with_its_own_schema_name_and_existing_templates
     for spec in DECLARED:
         assert (spec.schema(Limits()) is None) == spec.plain_text
         for template in spec.templates or ():
-            assert (TEMPLATES / f"{template}.txt").is_file(), template
+            assert (TEMPLATE_DIR / f"{template}.txt").is_file(), template
 
 
 def _closed_and_bounded(schema: dict[str, Any], where: str) -> list[str]:

@@ -37,10 +37,9 @@ from app.llm.rates import EndpointRates
 from app.metrics import ITEMS_FINISHED
 from app.plan import ComparisonPlan, GenerationPlan, SampleEvaluationPlan
 from app.queue import arq_job_id, enqueue_items, item_of_job, redis_settings
-from app.store import budgets, deletions, items
+from app.store import budgets, deletions, items, policy_sets, prompt_sets
 from app.store.db import Sessions, make_engine, make_sessions
 from app.store.endings import CANCELLED, Ending, failed, handed_back
-from app.store.policy_sets import for_engine
 from app.store.turn_log import PostgresTurnLog
 from workers import liveness
 
@@ -169,7 +168,8 @@ async def _run_engine(worker: Worker, claim: items.Claim) -> Completed | Judged 
     """The engine's work for the item's job: judge two samples, evaluate an imported one, or
     write a CoT."""
     sessions, llm = worker.sessions, budgets.Meter(worker.llm, worker.spending, claim.job_id, claim.budget)
-    policies, turn_log = for_engine(claim.policy_set), PostgresTurnLog(sessions, claim, llm)
+    policies, prompts = policy_sets.for_engine(claim.policy_set), prompt_sets.for_engine(claim.prompt_set)
+    turn_log = PostgresTurnLog(sessions, claim, llm)
     match claim.plan:
         case ComparisonPlan() as plan:
             baseline, candidate = await items.compared_samples(sessions, claim)
@@ -180,6 +180,7 @@ async def _run_engine(worker: Worker, claim: items.Claim) -> Completed | Judged 
                 candidate,
                 plan.judge,
                 policies,
+                prompts,
                 llm,
                 turn_log,
                 max_tokens=plan.max_tokens,
@@ -188,10 +189,20 @@ async def _run_engine(worker: Worker, claim: items.Claim) -> Completed | Judged 
         case SampleEvaluationPlan() as plan:
             sample, other = await items.evaluated_samples(sessions, claim)
             return await evaluate_sample(
-                claim.item_id, claim.prompt, sample, other, plan.evaluators(), policies, llm, turn_log
+                claim.item_id,
+                claim.prompt,
+                sample,
+                other,
+                plan.evaluators(),
+                policies,
+                prompts,
+                llm,
+                turn_log,
             )
         case GenerationPlan() as plan:
-            return await deliberate(claim.item_id, claim.prompt, plan.pipeline(), policies, llm, turn_log)
+            return await deliberate(
+                claim.item_id, claim.prompt, plan.pipeline(), policies, prompts, llm, turn_log
+            )
 
 
 async def _record(

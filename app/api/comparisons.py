@@ -19,7 +19,7 @@ from app.api.listing import JobFilterDep
 from app.api.schemas import ComparisonIn, ComparisonOut, ComparisonPage, SubmittedComparisonOut
 from app.api.submissions import SubmissionDep, submit_responses
 from app.plan import check_comparison_fits, resolve_comparison
-from app.store import comparisons, job_listing, jobs, policy_sets
+from app.store import comparisons, job_listing, jobs, policy_sets, prompt_sets
 from app.store.models import Job
 
 router = APIRouter(prefix="/v1/comparisons", tags=["comparisons"])
@@ -58,6 +58,7 @@ async def create_comparison(
     check_comparison_fits(
         plan,
         policy_sets.for_engine(await policy_sets.by_id(session, candidate.policy_set_id)),
+        prompt_sets.for_engine(await prompt_sets.of_job(session, candidate.prompt_set_id)),
         await comparisons.longest_prompt(session, candidate.id),
         (baseline.plan.max_tokens, candidate.plan.max_tokens),
         settings,

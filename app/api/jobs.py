@@ -40,6 +40,7 @@ from app.api.schemas import (
     JobPage,
     PreferencePairPage,
     PromptIn,
+    PromptSetRef,
     ReportOut,
     SubmittedJobOut,
 )
@@ -47,12 +48,15 @@ from app.api.submissions import SubmissionDep, submit_responses
 from app.api.summaries import job_out
 from app.config import Settings
 from app.costs import check_budget, estimate
+from app.deliberation.policies import PolicySet
+from app.deliberation.prompt_sets import BUILTIN_NAME
+from app.deliberation.prompting import PromptSet
 from app.duplicates import DuplicatesOut
 from app.plan import GenerationPlan, check_job_fits, resolve
 from app.presets import Presets
 from app.queue import enqueue_items
-from app.store import deletions, job_listing, jobs, policy_sets
-from app.store.models import PolicySetRow
+from app.store import deletions, job_listing, jobs, policy_sets, prompt_sets
+from app.store.models import PolicySetRow, PromptSetRow
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger("aidsafe.api")
@@ -80,11 +84,12 @@ async def submit_job(
     session, settings = submission.session, submission.settings
     callback = callbacks.requested(body.callback_url, settings)
     planned = await _planned(key.id, body, session, settings, presets)
-    plan, policy_set, found, kept = planned.plan, planned.policy_set, planned.found, planned.kept
+    plan, found, kept = planned.plan, planned.found, planned.kept
     job, new_item_ids = await jobs.submit(
         session,
         owner_key_id=key.id,
-        policy_set_id=policy_set.id,
+        policy_set_id=planned.policy_set.id,
+        prompt_set_id=planned.prompt_set.id,
         plan=plan,
         items=[jobs.NewItem(position, p.prompt, p.metadata) for position, p in kept],
         labels=jobs.Labels(body.label, body.metadata),
@@ -112,7 +117,7 @@ async def estimate_job(
     nothing: no job, no items, no Idempotency-Key."""
     planned = await _planned(key.id, body, session, settings, presets)
     plan, texts = planned.plan, [p.prompt for _, p in planned.kept]
-    figures = estimate(plan, policy_sets.for_engine(planned.policy_set), texts)
+    figures = estimate(plan, *planned.for_engine(), texts)
     return EstimateOut.model_validate({**asdict(figures), "prices": plan.prices})
 
 
@@ -120,28 +125,37 @@ async def estimate_job(
 class _Planned:
     plan: GenerationPlan
     policy_set: PolicySetRow
+    prompt_set: PromptSetRow
     found: DuplicatesOut
     kept: list[tuple[int, PromptIn]]  # (position, prompt) of the items it makes
+
+    def for_engine(self) -> tuple[PolicySet, PromptSet]:
+        return policy_sets.for_engine(self.policy_set), prompt_sets.for_engine(self.prompt_set)
 
 
 async def _planned(
     key_id: UUID, body: JobIn, session: AsyncSession, settings: Settings, presets: Presets
 ) -> _Planned:
     """A job request resolved and checked as submitting it does (its 422s), creating nothing:
-    the plan (its preset merged), the policy set, the duplicates and the prompts kept."""
+    the plan (its preset merged), the policy and prompt sets, the duplicates and the prompts kept."""
     config, preset = presets.config_for(body.preset, body.preset_version, body.config)
     plan = resolve(config, settings, preset)
     policy_set = await policy_sets.resolve_for_job(
         session, key_id, body.policy_set.name, body.policy_set.version
     )
+    prompt_set_ref = body.prompt_set or PromptSetRef(name=BUILTIN_NAME)
+    prompt_set = await prompt_sets.resolve_for_job(
+        session, key_id, prompt_set_ref.name, prompt_set_ref.version
+    )
     prompts = body.prompt_items()
     found = await asyncio.to_thread(duplicates.find, [p.prompt for p in prompts], body.duplicates)
     skipped = set(found.skipped)
     kept = [(position, p) for position, p in enumerate(prompts) if position not in skipped]
-    texts, policies = [p.prompt for _, p in kept], policy_sets.for_engine(policy_set)
-    check_job_fits(plan, policies, texts, settings)
-    check_budget(body.budget, plan, policies, texts)
-    return _Planned(plan, policy_set, found, kept)
+    planned = _Planned(plan, policy_set, prompt_set, found, kept)
+    texts, (policies, wording) = [p.prompt for _, p in kept], planned.for_engine()
+    check_job_fits(plan, policies, wording, texts, settings)
+    check_budget(body.budget, plan, policies, wording, texts)
+    return planned
 
 
 @router.get("", responses=documented(400, 401, 422, 503))
@@ -185,7 +199,9 @@ async def relabel_job(
     resumed: list[tuple[UUID, int]] = []
     if "budget" in changed:
         policies = policy_sets.for_engine(await policy_sets.by_id(session, job.policy_set_id))
-        check_budget(body.budget, job.plan, policies, [await jobs.shortest_prompt(session, job.id)])
+        wording = prompt_sets.for_engine(await prompt_sets.of_job(session, job.prompt_set_id))
+        shortest = await jobs.shortest_prompt(session, job.id)
+        check_budget(body.budget, job.plan, policies, wording, [shortest])
         resumed = await jobs.set_budget(session, state.spending, job, body.budget)
     await session.commit()
     try:

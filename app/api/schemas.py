@@ -13,12 +13,16 @@ from app.config import Prices
 from app.costs import Budget
 from app.deliberation.config import Mode
 from app.deliberation.policies import MAX_POLICY_TEXT_CHARS, render_policies
+from app.deliberation.prompt_sets import BUILTIN_NAME
 from app.duplicates import DuplicatesOut, Handling
 from app.plan import GuardIn, JobConfigIn, RoleIn
 from app.sample_files import FIELDS, MAX_SAMPLES, SHAPES, Format, is_mapping_field
 from app.store import models
 
 MAX_PROMPTS_PER_JOB = 10_000
+MAX_TEMPLATES = 50  # the stages use 23
+TemplateName = Annotated[str, Field(min_length=1, max_length=64)]
+TemplateText = Annotated[str, Field(max_length=20_000)]
 MAX_PROMPT_CHARS = 20_000
 # The store's item statuses, as a Literal: the OpenAPI document lists them inline.
 ItemStatus = Literal[tuple(status.value for status in models.ItemStatus)]  # type: ignore[valid-type]
@@ -88,6 +92,12 @@ class PolicySetRef(BaseModel):
     version: str | None = Field(default=None, description="Content hash; newest if omitted.")
 
 
+class PromptSetRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(max_length=100)
+    version: str | None = Field(default=None, max_length=32, description="Content hash; newest if omitted.")
+
+
 class Labelled(BaseModel):
     """A submitted job's label and metadata. Left out, they are also left out of the request's
     hash, so a body without them is the same request it was before jobs had them."""
@@ -128,6 +138,14 @@ class JobIn(Labelled):
     prompts: list[PromptText] | None = Field(default=None, min_length=1, max_length=MAX_PROMPTS_PER_JOB)
     items: list[PromptIn] | None = Field(default=None, min_length=1, max_length=MAX_PROMPTS_PER_JOB)
     policy_set: PolicySetRef = Field(default_factory=PolicySetRef)
+    # Left out of the request's hash when unset, as label and metadata are.
+    prompt_set: PromptSetRef | None = Field(
+        default=None,
+        exclude_if=lambda ref: ref is None,
+        description=f"The templates that word the job's requests (GET /v1/prompt-sets). Default: "
+        f"the built-in '{BUILTIN_NAME}', newest. 422 `unknown_prompt_set` if no such set is visible "
+        "to this key.",
+    )
     config: JobConfigIn = Field(default_factory=JobConfigIn)
     # Left out of the request's hash when unset, as label and metadata are.
     preset: str | None = Field(
@@ -182,7 +200,9 @@ class PresetOut(BaseModel):
     )
 
 
-class PolicySetOut(BaseModel):
+class RegisteredSetOut(BaseModel):
+    """A policy set or a prompt set: a version registered by content."""
+
     id: UUID
     name: str
     version: str
@@ -191,8 +211,20 @@ class PolicySetOut(BaseModel):
     created_at: datetime
 
 
+class PolicySetOut(RegisteredSetOut):
+    pass
+
+
 class PolicySetDetailOut(PolicySetOut):
     policies: list[dict[str, Any]]
+
+
+class PromptSetOut(RegisteredSetOut):
+    pass
+
+
+class PromptSetDetailOut(PromptSetOut):
+    templates: dict[str, str] = Field(description="Every template by name (see the README's Prompt sets).")
 
 
 PolicyEntry = Annotated[str, Field(min_length=1, max_length=1000)]
@@ -214,10 +246,14 @@ class PolicyIn(BaseModel):
     borderline_examples: list[BorderlineExample] = Field(default_factory=list, max_length=20)
 
 
+SetName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+SetDescription = Annotated[str, Field(max_length=5000)]
+
+
 class PolicySetIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    description: str = Field(default="", max_length=5000)
+    name: SetName
+    description: SetDescription = ""
     policies: list[PolicyIn] = Field(
         min_length=1,
         max_length=50,
@@ -239,10 +275,31 @@ class PolicySetIn(BaseModel):
         return policies
 
 
-class PolicySetBrief(BaseModel):
+class PromptSetIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: SetName
+    description: SetDescription = ""
+    templates: dict[TemplateName, TemplateText] = Field(
+        max_length=MAX_TEMPLATES,
+        description="Every template the stages use, by name (the built-in set's names: GET "
+        "/v1/prompt-sets/{id}), as text with $placeholders. 422 `invalid_prompt_set` for a "
+        "template missing or unknown, a placeholder unknown or missing, bad $ syntax, or "
+        "templates too long for every endpoint's context.",
+    )
+
+
+class SetBrief(BaseModel):
     id: UUID
     name: str
     version: str
+
+
+class PolicySetBrief(SetBrief):
+    pass
+
+
+class PromptSetBrief(SetBrief):
+    pass
 
 
 class JobCounts(BaseModel):
@@ -307,6 +364,10 @@ class JobOut(BaseModel):
     label: str | None
     metadata: dict[str, Any]
     policy_set: PolicySetBrief
+    prompt_set: PromptSetBrief | None = Field(
+        description="The templates that word the job's requests; null for jobs submitted before jobs "
+        "pinned one (they run the built-in set)."
+    )
     config: dict[str, Any]
     counts: JobCounts
     usage: Usage
@@ -466,6 +527,9 @@ class CotOut(BaseModel):
     agreed: bool
     agreed_by: dict[str, int] | None
     policy_set: PolicySetBrief
+    prompt_set: PromptSetBrief | None = Field(
+        description="The templates that worded its requests; null for CoTs written before they were recorded."
+    )
     scores: Scores | None = Field(description="The auto-grader's scores; null when not graded.")
     grade_error: str | None = Field(description="Why the grader gave no scores.")
     quality: GateOut

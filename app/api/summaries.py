@@ -17,8 +17,8 @@ from uuid import UUID
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.api.recent import Recent
-from app.api.schemas import JobOut, PolicySetBrief
-from app.store import jobs, policy_sets
+from app.api.schemas import JobOut, PolicySetBrief, PromptSetBrief
+from app.store import jobs, policy_sets, prompt_sets
 from app.store.db import Sessions
 from app.store.models import Job
 
@@ -26,6 +26,7 @@ from app.store.models import Job
 async def job_out(session: AsyncSession, job: Job) -> JobOut:
     """The job as the API shows it, counted now."""
     policy_set = await policy_sets.by_id(session, job.policy_set_id)
+    prompt_set = None if job.prompt_set_id is None else await prompt_sets.by_id(session, job.prompt_set_id)
     return JobOut(
         id=job.id,
         created_at=job.created_at,
@@ -33,6 +34,9 @@ async def job_out(session: AsyncSession, job: Job) -> JobOut:
         label=job.label,
         metadata=job.job_metadata,
         policy_set=PolicySetBrief(id=policy_set.id, name=policy_set.name, version=policy_set.version),
+        prompt_set=None
+        if prompt_set is None
+        else PromptSetBrief(id=prompt_set.id, name=prompt_set.name, version=prompt_set.version),
         config=job.plan.model_dump(mode="json"),  # the plan's JSON, as stored
         duplicates=job.duplicates,
         **await jobs.summary(session, job),

@@ -25,6 +25,9 @@ from app.api.schemas import (
     PolicySetDetailOut,
     PolicySetOut,
     PreferencePairOut,
+    PromptSetBrief,
+    PromptSetDetailOut,
+    PromptSetOut,
     RejectedOut,
     ReportOut,
     SampleEvaluationOut,
@@ -49,6 +52,7 @@ from app.store.models import (
     Job,
     PolicySetRow,
     PreferencePair,
+    PromptSetRow,
     SampleEvaluation,
     TurnRow,
 )
@@ -114,12 +118,20 @@ def cot_out(cot: Cot, item: Item) -> CotOut:
         policy_set=PolicySetBrief(
             id=cot.policy_set_id, name=cot.policy_set_name, version=cot.policy_set_version
         ),
+        prompt_set=_prompt_set_of(cot),
         scores=scores_out(cot.scores, with_rationale=True),
         grade_error=cot.grade_error,
         quality=GateOut(accepted=cot.accepted, reasons=cot.gate_reasons or []),
         fallbacks=cot.fallbacks,
         created_at=cot.created_at,
     )
+
+
+def _prompt_set_of(cot: Cot) -> PromptSetBrief | None:
+    """None for a CoT written before CoTs recorded their prompt set (its three columns null)."""
+    if cot.prompt_set_id is None or cot.prompt_set_name is None or cot.prompt_set_version is None:
+        return None
+    return PromptSetBrief(id=cot.prompt_set_id, name=cot.prompt_set_name, version=cot.prompt_set_version)
 
 
 def scores_out(scores: dict[str, Any] | None, *, with_rationale: bool) -> dict[str, ScoreOut] | None:
@@ -234,19 +246,32 @@ def comparison_out(
     )
 
 
+def _registered(row: PolicySetRow | PromptSetRow) -> dict[str, Any]:
+    """The fields every registered set shows."""
+    return {
+        "id": row.id,
+        "name": row.name,
+        "version": row.version,
+        "description": row.description,
+        "builtin": row.owner_key_id is None,
+        "created_at": row.created_at,
+    }
+
+
 def policy_set_out(row: PolicySetRow) -> PolicySetOut:
-    return PolicySetOut(
-        id=row.id,
-        name=row.name,
-        version=row.version,
-        description=row.description,
-        builtin=row.owner_key_id is None,
-        created_at=row.created_at,
-    )
+    return PolicySetOut(**_registered(row))
 
 
 def policy_set_detail(row: PolicySetRow) -> PolicySetDetailOut:
-    return PolicySetDetailOut(**policy_set_out(row).model_dump(), policies=row.policies)
+    return PolicySetDetailOut(**_registered(row), policies=row.policies)
+
+
+def prompt_set_out(row: PromptSetRow) -> PromptSetOut:
+    return PromptSetOut(**_registered(row))
+
+
+def prompt_set_detail(row: PromptSetRow) -> PromptSetDetailOut:
+    return PromptSetDetailOut(**_registered(row), templates=row.templates)
 
 
 def job_listed(listed: ListedJob) -> JobListed:

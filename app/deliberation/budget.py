@@ -21,7 +21,9 @@ from typing import Any
 
 from app.deliberation.config import Limits, Mode, PipelineConfig, RoleConfig
 from app.deliberation.policies import PolicySet
+from app.deliberation.prompting import PromptSet
 from app.deliberation.stages import (
+    DECLARED,
     DELIBERATION,
     GRADE,
     GUARDS,
@@ -69,6 +71,7 @@ class _Job:
     """The text every request of one job shares, and its reply budget."""
 
     policies: PolicySet
+    wording: PromptSet
     prompt: str
     max_tokens: int
     limits: Limits
@@ -79,17 +82,25 @@ class _Job:
         """The stage's request with every earlier reply it shows left out of `values` (as
         ""); each of the `replies_read` replies adds at most max_tokens and its labels."""
         messages = spec.messages(
-            self.policies, self.limits, config.instructions, prompt=self.prompt, agent=agent, **values
+            self.policies,
+            self.wording,
+            self.limits,
+            config.instructions,
+            prompt=self.prompt,
+            agent=agent,
+            **values,
         )
         replies = replies_read * (self.max_tokens + REPLY_LABEL_TOKENS)
         tokens = request_tokens(messages, spec.schema(self.limits), self.max_tokens) + replies
         return RequestBudget(spec.role_of(agent), config.endpoint, tokens)
 
 
-def largest_requests(config: PipelineConfig, policies: PolicySet, prompt: str) -> list[RequestBudget]:
+def largest_requests(
+    config: PipelineConfig, policies: PolicySet, wording: PromptSet, prompt: str
+) -> list[RequestBudget]:
     """The largest first request of every role of a job, for its longest `prompt`, in the
     order the roles speak."""
-    job = _Job(policies, prompt, config.max_tokens, config.limits)
+    job = _Job(policies, wording, prompt, config.max_tokens, config.limits)
     if config.mode is Mode.ZERO_SHOT:
         budgets = [job.budget(ZERO_SHOT, config.seed, 0)]
     else:
@@ -140,12 +151,33 @@ def _aidsafe_budgets(job: _Job, config: PipelineConfig) -> list[RequestBudget]:
 
 
 def judge_request(
-    judge: RoleConfig, policies: PolicySet, prompt: str, sample_max_tokens: tuple[int, int], max_tokens: int
+    judge: RoleConfig,
+    policies: PolicySet,
+    wording: PromptSet,
+    prompt: str,
+    sample_max_tokens: tuple[int, int],
+    max_tokens: int,
 ) -> RequestBudget:
     """The largest request of a comparison's judge: two samples, each the last reply of a
     job with the given `max_tokens`."""
     limits = Limits()
-    messages = JUDGE.messages(policies, limits, judge.instructions, prompt=prompt, first="", second="")
+    messages = JUDGE.messages(
+        policies, wording, limits, judge.instructions, prompt=prompt, first="", second=""
+    )
     samples = sum(tokens + REPLY_LABEL_TOKENS for tokens in sample_max_tokens)
     tokens = request_tokens(messages, JUDGE.schema(limits), max_tokens) + samples
     return RequestBudget(JUDGE.role, judge.endpoint, tokens)
+
+
+def stage_floors(wording: PromptSet, max_tokens: int) -> dict[str, int]:
+    """The smallest request each stage worded by `wording` can send: no policy text, an
+    empty prompt and values, a reply of `max_tokens`. An endpoint whose context is below a
+    stage's floor can never be sent that stage. The templates must be valid (prompt_sets)."""
+    nothing, limits = PolicySet("", "", ""), Limits()
+    floors = {}
+    for spec in DECLARED:
+        if spec.templates is not None:
+            values = dict.fromkeys((*spec.inputs, *spec.extras), "")
+            messages = spec.messages(nothing, wording, limits, prompt="", **values)
+            floors[spec.stage.value] = request_tokens(messages, spec.schema(limits), max_tokens)
+    return floors

@@ -24,7 +24,7 @@ from app.deliberation.ports import (
     TurnLog,
     TurnOutcome,
 )
-from app.deliberation.prompting import render
+from app.deliberation.prompting import PromptSet
 from app.deliberation.results import Failed
 from app.deliberation.stages import Normalize, StageSpec
 
@@ -41,11 +41,13 @@ class StageFailed(Exception):
 
 @dataclass
 class Caller:
-    """Asks the stages of one item: `prompt` and the policies are in every request."""
+    """Asks the stages of one item: `prompt` and the policies are in every request, worded
+    in the words of the prompt set `wording`."""
 
     item_id: UUID
     prompt: str
     policies: PolicySet
+    wording: PromptSet
     llm: LLMClient
     log: TurnLog
     max_tokens: int
@@ -78,6 +80,7 @@ class Caller:
         normalize = partial(spec.normalize, **(normalize_with or {}))
         messages = spec.messages(
             self.policies,
+            self.wording,
             self.limits,
             role_config.instructions,
             prompt=self.prompt,
@@ -135,12 +138,15 @@ class Caller:
                 raise StageFailed(failure, turn)
             if turn.outcome is TurnOutcome.TRUNCATED:
                 max_tokens *= 2
-                messages = [*original, {"role": "user", "content": render("reask.truncated")}]
+                messages = [*original, {"role": "user", "content": self.wording.render("reask.truncated")}]
             else:
                 messages = [
                     *messages,
                     {"role": "assistant", "content": turn.raw_output},
-                    {"role": "user", "content": render("reask.malformed", error=turn.error or "")},
+                    {
+                        "role": "user",
+                        "content": self.wording.render("reask.malformed", error=turn.error or ""),
+                    },
                 ]
         failure = Failed(
             "unparseable_output",

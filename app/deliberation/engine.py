@@ -19,6 +19,7 @@ from app.deliberation.config import Evaluators, Limits, Mode, PipelineConfig, Ro
 from app.deliberation.parsing import UNLABELLED
 from app.deliberation.policies import PolicySet
 from app.deliberation.ports import LLMClient, Stage, TurnLog
+from app.deliberation.prompting import PromptSet
 from app.deliberation.quality import compare_samples, gate, grade
 from app.deliberation.results import Completed, Evaluated, Failed, Judged, Sample, Thought
 from app.deliberation.stages import DELIBERATION, INTENT, NOT_DECOMPOSED, REFINE, SEED, ZERO_SHOT
@@ -56,13 +57,14 @@ async def _caller(
     item_id: UUID,
     prompt: str,
     policies: PolicySet,
+    wording: PromptSet,
     llm: LLMClient,
     log: TurnLog,
     max_tokens: int,
     max_reasks: int,
     limits: Limits,
 ) -> Caller:
-    caller = Caller(item_id, prompt, policies, llm, log, max_tokens, max_reasks, limits)
+    caller = Caller(item_id, prompt, policies, wording, llm, log, max_tokens, max_reasks, limits)
     caller.replayed = {turn.key: turn for turn in await log.done(item_id)}
     return caller
 
@@ -72,10 +74,11 @@ async def deliberate(
     prompt: str,
     config: PipelineConfig,
     policies: PolicySet,
+    wording: PromptSet,
     llm: LLMClient,
     log: TurnLog,
 ) -> Completed | Failed:
-    """Run (or resume) the pipeline for one prompt.
+    """Run (or resume) the pipeline for one prompt, its requests worded by `wording`.
 
     Returns the CoT (with scores, gate and pair when the job asked for them), or a Failed
     with a stable code when the CoT itself could not be written. Grading and pair failures
@@ -83,7 +86,7 @@ async def deliberate(
     LLMRequestRejected from the client propagate: the caller decides to retry or fail.
     """
     caller = await _caller(
-        item_id, prompt, policies, llm, log, config.max_tokens, config.max_reasks, config.limits
+        item_id, prompt, policies, wording, llm, log, config.max_tokens, config.max_reasks, config.limits
     )
     try:
         if config.mode is Mode.ZERO_SHOT:
@@ -109,6 +112,7 @@ async def judge_pair(
     b: Sample,
     judge: RoleConfig,
     policies: PolicySet,
+    wording: PromptSet,
     llm: LLMClient,
     log: TurnLog,
     *,
@@ -117,7 +121,7 @@ async def judge_pair(
 ) -> Judged:
     """Run (or resume) the pairwise judgement of two samples of one prompt (a comparison
     item). Unreadable judge output gives Judged(winner=None), not a failure."""
-    caller = await _caller(item_id, prompt, policies, llm, log, max_tokens, max_reasks, Limits())
+    caller = await _caller(item_id, prompt, policies, wording, llm, log, max_tokens, max_reasks, Limits())
     return await compare_samples(caller, judge, a, b)
 
 
@@ -128,6 +132,7 @@ async def evaluate_sample(
     other: Sample | None,
     evaluators: Evaluators,
     policies: PolicySet,
+    wording: PromptSet,
     llm: LLMClient,
     log: TurnLog,
 ) -> Evaluated:
@@ -136,7 +141,7 @@ async def evaluate_sample(
     sample of the prompt (rounds 1 and 2, both orders). Output a role gives no usable reply
     for is recorded in the result, never guessed; the item completes either way."""
     caller = await _caller(
-        item_id, prompt, policies, llm, log, evaluators.max_tokens, evaluators.max_reasks, Limits()
+        item_id, prompt, policies, wording, llm, log, evaluators.max_tokens, evaluators.max_reasks, Limits()
     )
     graded = None if evaluators.grader is None else await grade(caller, evaluators.grader, sample)
     verdict = None if evaluators.guard is None else await guard(caller, evaluators.guard, sample, 0)

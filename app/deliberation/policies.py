@@ -25,8 +25,9 @@ class PolicySet:
     text: str
 
 
-def content_version(policies: list[dict[str, Any]]) -> str:
-    canonical = json.dumps(policies, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+def content_version(content: object) -> str:
+    """The hash of JSON `content` (policies, templates, a preset's config): its version."""
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

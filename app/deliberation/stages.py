@@ -1,9 +1,10 @@
 """Every stage of the engine, declared once: the role that speaks, the schema it answers in,
-the normalizer that reads its reply and the templates that ask it.
+the normalizer that reads its reply, the templates that ask it and what fills them.
 
-The Caller asks a stage from its declaration, and the request budgets are worked out from
-the same declarations. Adding a stage: a `Stage` member, a declaration here, its
-templates in prompts/, and one `caller.call` where the engine needs it.
+The Caller asks a stage from its declaration, the request budgets are worked out from the
+same declarations, and prompt sets are checked against them. Adding a stage: a `Stage`
+member, a declaration here, its templates in prompts/, and one `caller.call` where the
+engine needs it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from app.deliberation import parsing, schemas
 from app.deliberation.config import GuardStyle, Limits
 from app.deliberation.policies import PolicySet
 from app.deliberation.ports import Stage
-from app.deliberation.prompting import instructed
+from app.deliberation.prompting import PromptSet, instructed
 
 Normalize = Callable[..., dict[str, Any]]
 
@@ -36,6 +37,10 @@ class StageSpec:
     # (system, user) templates in prompts/; None: a classifier with its own chat template,
     # sent the conversation it judges (the prompt, then the sample as the assistant's turn).
     templates: tuple[str, str] | None
+    # What the engine fills the user template with besides `prompt`: `inputs` are what the
+    # stage works on, so its template must show each; `extras` it may show.
+    inputs: tuple[str, ...] = ()
+    extras: tuple[str, ...] = ()
 
     @property
     def plain_text(self) -> bool:
@@ -48,7 +53,12 @@ class StageSpec:
         return self.role.format(agent=agent)
 
     def messages(
-        self, policies: PolicySet, limits: Limits, instructions: str = "", **values: object
+        self,
+        policies: PolicySet,
+        wording: PromptSet,
+        limits: Limits,
+        instructions: str = "",
+        **values: object,
     ) -> list[dict[str, str]]:
         """The request's messages; `instructions` are the role's own, after the stage's."""
         if self.templates is None:
@@ -57,7 +67,7 @@ class StageSpec:
                 {"role": "assistant", "content": str(values["sample"])},
             ]
         system, user = self.templates
-        return instructed(policies, limits, instructions, system, user, **values)
+        return instructed(policies, wording, limits, instructions, system, user, **values)
 
 
 INTENT = StageSpec(
@@ -76,6 +86,7 @@ SEED = StageSpec(
     build_schema=schemas.seed,
     normalize=parsing.normalize_seed,
     templates=("seed.system", "seed.user"),
+    inputs=("intents",),
 )
 
 DELIBERATION = StageSpec(
@@ -85,6 +96,8 @@ DELIBERATION = StageSpec(
     build_schema=schemas.deliberation,
     normalize=parsing.normalize_deliberation,
     templates=("deliberation.system", "deliberation.user"),
+    inputs=("intents", "thoughts", "response"),
+    extras=("agent", "agents", "round", "max_rounds"),
 )
 
 # Its normalizer also takes thought_count: the ids the reply may cite.
@@ -95,6 +108,7 @@ REFINE = StageSpec(
     build_schema=schemas.refined,
     normalize=parsing.normalize_refined,
     templates=("refine.system", "refine.user"),
+    inputs=("intents", "thoughts", "response"),
 )
 
 # The paper's LLM_ZS baseline: CoT and response in one call.
@@ -115,6 +129,7 @@ GRADE = StageSpec(
     build_schema=schemas.scores,
     normalize=parsing.normalize_scores,
     templates=("grade.system", "grade.user"),
+    inputs=("sample",),
 )
 
 WHISPER = StageSpec(
@@ -124,6 +139,7 @@ WHISPER = StageSpec(
     build_schema=schemas.belief,
     normalize=parsing.normalize_belief,
     templates=("whisper.system", "whisper.user"),
+    inputs=("history",),
 )
 
 # The zero-shot instructions, with the whispered belief injected.
@@ -134,6 +150,7 @@ REJECTED = StageSpec(
     build_schema=schemas.seed,
     normalize=parsing.normalize_seed,
     templates=("zero_shot.system", "rejected.user"),
+    inputs=("belief",),
 )
 
 # Any chat model, asked for a JSON verdict against the policy set.
@@ -144,6 +161,7 @@ GUARD = StageSpec(
     build_schema=schemas.guard_verdict,
     normalize=parsing.normalize_guard_json,
     templates=("guard.system", "guard.user"),
+    inputs=("sample",),
 )
 
 # The guard stage played by a Llama Guard-style classifier.
@@ -166,6 +184,7 @@ JUDGE = StageSpec(
     build_schema=schemas.judgement,
     normalize=parsing.normalize_judgement,
     templates=("judge.system", "judge.user"),
+    inputs=("first", "second"),
 )
 
 DECLARED = (

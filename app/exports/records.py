@@ -117,6 +117,8 @@ FULL_COT_SCHEMA = pa.schema(
         ("gate_reasons", pa.list_(pa.string())),
         ("policy_set_name", pa.string()),
         ("policy_set_version", pa.string()),
+        ("prompt_set_name", pa.string()),  # null for CoTs written before they were recorded
+        ("prompt_set_version", pa.string()),
         ("created_at", pa.string()),
     ]
 )

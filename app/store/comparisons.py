@@ -31,11 +31,13 @@ async def create(
     """A comparison job whose items are the prompts both jobs have a CoT for (matched by
     exact text; the first by position among duplicates), in the baseline's order, written in
     the caller's transaction. Returns (job, new item ids: empty for a replay); raises
-    NoCommonPrompts if no prompt matches. The judge reads the candidate's policy set."""
+    NoCommonPrompts if no prompt matches. The judge reads the candidate's policy set, in the
+    words of its prompt set."""
     job, created = await jobs.create(
         session,
         owner_key_id=owner_key_id,
         policy_set_id=candidate.policy_set_id,
+        prompt_set_id=candidate.prompt_set_id,
         plan=plan,
         item_count=0,  # known once the matching rows are in
         labels=labels,

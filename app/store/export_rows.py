@@ -58,6 +58,9 @@ class CotRow:
     policy_set_name: str
     policy_set_version: str
     created_at: datetime
+    # None for CoTs written before CoTs recorded their prompt set.
+    prompt_set_name: str | None = None
+    prompt_set_version: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

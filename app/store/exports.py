@@ -130,6 +130,8 @@ def _full_cot(c: Any) -> dict[str, Any]:
         "gate_reasons": func.coalesce(func.nullif(c.gate_reasons, _jsonb("null")), _jsonb("[]"), type_=JSONB),
         "policy_set_name": c.policy_set_name,
         "policy_set_version": c.policy_set_version,
+        "prompt_set_name": c.prompt_set_name,
+        "prompt_set_version": c.prompt_set_version,
         "created_at": _utc_isoformat(c.created_at),
     }
 
@@ -153,6 +155,8 @@ _FULL_COT_STORED = [
     Cot.gate_reasons,
     Cot.policy_set_name,
     Cot.policy_set_version,
+    Cot.prompt_set_name,
+    Cot.prompt_set_version,
     Cot.created_at,
 ]
 
@@ -207,6 +211,8 @@ _COLUMNS: dict[str, Any] = {
     "gate_reasons": _json(Cot.gate_reasons),
     "policy_set_name": Cot.policy_set_name,
     "policy_set_version": Cot.policy_set_version,
+    "prompt_set_name": Cot.prompt_set_name,
+    "prompt_set_version": Cot.prompt_set_version,
     "created_at": Cot.created_at,
     "rejected_thoughts": _json(PreferencePair.rejected_thoughts),
     "rejected_response": PreferencePair.rejected_response,

@@ -36,7 +36,7 @@ from sqlalchemy.orm import aliased
 from app.costs import Budget
 from app.deliberation.results import Completed, Evaluated, Judged, PairOutcome, Sample
 from app.plan import JobPlan, read_plan
-from app.store import callbacks, policy_sets
+from app.store import callbacks, policy_sets, prompt_sets
 from app.store.db import Sessions, driver_connection
 from app.store.driver_statements import DriverStatement, insert_from
 from app.store.endings import CANCELLED, COMPLETED, WORKER_LOST, WORKER_SILENT, Ending, ending_values, failed
@@ -49,6 +49,7 @@ from app.store.models import (
     Judgement,
     PolicySetRow,
     PreferencePair,
+    PromptSetRow,
     SampleEvaluation,
 )
 
@@ -62,6 +63,7 @@ class Claim:
     prompt: str
     plan: JobPlan
     policy_set: PolicySetRow
+    prompt_set: PromptSetRow
     notifies: bool  # the job names a callback: the ending that finishes it writes its delivery
     budget: Budget | None  # the job's when claimed (later changes reach the item by its turns)
 
@@ -89,7 +91,7 @@ class Limits:
     max_failures: int  # claims lost to a dead worker or an unexpected error
 
 
-# A claim's fields, by name, as both claim statements return them (the policy set is read by id).
+# A claim's fields, by name, as both claim statements return them (the sets are read by id).
 _CLAIMED = (
     Item.attempts.label("attempt"),
     Item.position,
@@ -97,6 +99,7 @@ _CLAIMED = (
     Job.id.label("job_id"),
     Job.plan,
     Job.policy_set_id,
+    Job.prompt_set_id,
     Job.callback_url.is_not(None).label("notifies"),
     Job.budget_max_cost_usd,
     Job.budget_max_tokens,
@@ -120,8 +123,10 @@ def _claiming_values(lease: Any, holder: Any) -> dict[str, Any]:
     }
 
 
-def _claim(item_id: UUID, row: Mapping[Any, Any], plan: JobPlan, policy_set: PolicySetRow) -> Claim:
-    """The claim from a row of _CLAIMED (its plan read by the caller)."""
+def _claim(
+    item_id: UUID, row: Mapping[Any, Any], plan: JobPlan, sets: tuple[PolicySetRow, PromptSetRow]
+) -> Claim:
+    """The claim from a row of _CLAIMED (its plan and its job's sets read by the caller)."""
     return Claim(
         item_id,
         row["job_id"],
@@ -129,7 +134,7 @@ def _claim(item_id: UUID, row: Mapping[Any, Any], plan: JobPlan, policy_set: Pol
         row["position"],
         row["prompt"],
         plan,
-        policy_set,
+        *sets,
         row["notifies"],
         Budget.of(row["budget_max_cost_usd"], row["budget_max_tokens"]),
     )
@@ -152,7 +157,9 @@ async def claim(
     if row is not None:
         # The driver returns the plan's JSON, decoded: the ORM's column type is not applied.
         plan = read_plan(row["plan"])
-        return _claim(item_id, row, plan, await _policy_set(sessions, row["policy_set_id"]))
+        async with sessions.begin() as session:  # a job older than prompt sets may write the built-in one
+            sets = await _sets_of(session, row["policy_set_id"], row["prompt_set_id"])
+        return _claim(item_id, row, plan, sets)
     return await _claim_or_settle(sessions, item_id, limits, holder)
 
 
@@ -170,9 +177,11 @@ _CLAIM_QUEUED = DriverStatement(
 )
 
 
-async def _policy_set(sessions: Sessions, policy_set_id: UUID) -> PolicySetRow:
-    async with sessions() as session:
-        return await policy_sets.by_id(session, policy_set_id)
+async def _sets_of(
+    session: AsyncSession, policy_set_id: UUID, prompt_set_id: UUID | None
+) -> tuple[PolicySetRow, PromptSetRow]:
+    """The policy set and the prompt set a job pinned."""
+    return await policy_sets.by_id(session, policy_set_id), await prompt_sets.of_job(session, prompt_set_id)
 
 
 async def _claim_or_settle(
@@ -217,8 +226,8 @@ async def _claim_or_settle(
             ),
             execution_options={"synchronize_session": False},
         )
-        policy_set = await policy_sets.by_id(session, job.policy_set_id)  # no second connection
-        return _claim(item_id, claimed.one()._mapping, job.plan, policy_set)
+        sets = await _sets_of(session, job.policy_set_id, job.prompt_set_id)  # no second connection
+        return _claim(item_id, claimed.one()._mapping, job.plan, sets)
 
 
 def _no_claim_left(job: Job, item: Item, lease_expired: bool, limits: Limits) -> Ending | None:
@@ -347,6 +356,9 @@ def _cot_row(claim: Claim, result: Completed) -> dict[str, Any]:
         "policy_set_id": claim.policy_set.id,
         "policy_set_name": claim.policy_set.name,
         "policy_set_version": claim.policy_set.version,
+        "prompt_set_id": claim.prompt_set.id,
+        "prompt_set_name": claim.prompt_set.name,
+        "prompt_set_version": claim.prompt_set.version,
         "intents": result.intents,
         "thoughts": [asdict(t) for t in result.thoughts],
         "refined_thoughts": result.refined_thoughts,

@@ -112,21 +112,34 @@ class WebSession(Base):
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
-class PolicySetRow(Base):
-    """Immutable: new content under the same name is a new version (content hash)."""
-
-    __tablename__ = "policy_sets"
-    __table_args__ = (
-        UniqueConstraint("owner_key_id", "name", "version", postgresql_nulls_not_distinct=True),
-    )
+class RegisteredSet:
+    """The columns of a set registered by content (policy sets, prompt sets). Immutable: new
+    content under the same name is a new version (its content hash)."""
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     owner_key_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_keys.id"))  # None: built-in
     name: Mapped[str] = mapped_column(String(100))
     version: Mapped[str] = mapped_column(String(32))
     description: Mapped[str] = mapped_column(Text, default="")
-    policies: Mapped[list[Any]]
     created_at: Mapped[datetime] = _now()
+
+
+class PolicySetRow(RegisteredSet, Base):
+    __tablename__ = "policy_sets"
+    __table_args__ = (
+        UniqueConstraint("owner_key_id", "name", "version", postgresql_nulls_not_distinct=True),
+    )
+
+    policies: Mapped[list[Any]]
+
+
+class PromptSetRow(RegisteredSet, Base):
+    __tablename__ = "prompt_sets"
+    __table_args__ = (
+        UniqueConstraint("owner_key_id", "name", "version", postgresql_nulls_not_distinct=True),
+    )
+
+    templates: Mapped[dict[str, Any]]  # every template by name (app/deliberation/prompt_sets.py)
 
 
 class Job(Base):
@@ -140,6 +153,8 @@ class Job(Base):
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     owner_key_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.id"))
     policy_set_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("policy_sets.id"))
+    # None: submitted before jobs pinned a prompt set; it runs the built-in set.
+    prompt_set_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("prompt_sets.id"))
     plan: Mapped[JobPlan] = mapped_column(PlanJSON)  # resolved and frozen at submission
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     # The route whose Idempotency-Key namespace holds the key: jobs | comparisons.
@@ -270,6 +285,10 @@ class Cot(Base):
     policy_set_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("policy_sets.id"))
     policy_set_name: Mapped[str] = mapped_column(String(100))
     policy_set_version: Mapped[str] = mapped_column(String(32))
+    # None: written before CoTs recorded their prompt set (the wording then is not known).
+    prompt_set_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("prompt_sets.id"))
+    prompt_set_name: Mapped[str | None] = mapped_column(String(100))
+    prompt_set_version: Mapped[str | None] = mapped_column(String(32))
     intents: Mapped[dict[str, Any]]
     thoughts: Mapped[list[Any]]  # every thought, with provenance
     refined_thoughts: Mapped[list[Any]]

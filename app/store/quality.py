@@ -112,7 +112,7 @@ async def pair_gaps(session: AsyncSession, job_id: UUID) -> list[float]:
     gaps = await session.scalars(
         select(PreferencePair.gap).where(PreferencePair.job_id == job_id, PreferencePair.gap.is_not(None))
     )
-    return [float(gap) for gap in gaps]
+    return [gap for gap in gaps if gap is not None]
 
 
 def usage_columns() -> tuple[Any, ...]:

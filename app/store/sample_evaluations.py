@@ -41,6 +41,7 @@ async def submit(
         session,
         owner_key_id=owner_key_id,
         policy_set_id=policy_set_id,
+        prompt_set_id=None,  # the built-in wording of the grader, guard and judge
         plan=plan,
         item_count=len(samples),
         labels=labels,

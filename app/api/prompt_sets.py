@@ -1,0 +1,70 @@
+"""/v1/prompt-sets: the built-in templates and each key's own, all versioned by content."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+from uuid import UUID
+
+from fastapi import APIRouter, Depends, Response, status
+
+from app.api import views
+from app.api.bodies import JsonBody
+from app.api.deps import CurrentKey, SessionDep, SettingsDep
+from app.api.errors import documented
+from app.api.jobs import ERRORS
+from app.api.schemas import MAX_TEMPLATES, PromptSetDetailOut, PromptSetIn, PromptSetOut
+from app.config import Settings
+from app.deliberation.prompt_sets import prompt_set, validate
+from app.plan import check_prompt_set_fits
+from app.store import prompt_sets
+
+router = APIRouter(prefix="/v1/prompt-sets", tags=["prompt sets"])
+PROMPT_SET_BODY = JsonBody[PromptSetIn](PromptSetIn, max_values=2 * MAX_TEMPLATES + 10)
+
+
+def _check(body: PromptSetIn, settings: Settings) -> None:
+    """Raise InvalidPromptSet unless every stage can use the templates on some endpoint."""
+    if problems := validate(body.templates):
+        raise prompt_sets.refused(f"prompt set '{body.name}' cannot be used", problems)
+    check_prompt_set_fits(prompt_set(body.name, body.templates), settings)
+
+
+@router.get("", responses=documented(401, 503))
+async def list_prompt_sets(session: SessionDep, key: CurrentKey) -> list[PromptSetOut]:
+    """The built-in set and this key's own, every version."""
+    await prompt_sets.ensure_default(session)
+    await session.commit()
+    return [views.prompt_set_out(row) for row in await prompt_sets.list_visible(session, key.id)]
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    responses={
+        200: {"model": PromptSetDetailOut, "description": "This exact content is already registered."},
+        **documented(400, 401, 413, 422, 503),
+    },
+    openapi_extra=PROMPT_SET_BODY.openapi,
+)
+async def register_prompt_set(
+    key: CurrentKey,
+    body: Annotated[PromptSetIn, Depends(PROMPT_SET_BODY)],
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+) -> PromptSetDetailOut:
+    """Register a version: every template the stages use (a full set). Versions never change:
+    new templates under a name are a new version, and jobs keep the version they pinned.
+    422 `invalid_prompt_set` names the template, its stage and the placeholder at fault."""
+    await asyncio.to_thread(_check, body, settings)
+    row, created = await prompt_sets.register(session, key.id, body.name, body.description, body.templates)
+    await session.commit()
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return views.prompt_set_detail(row)
+
+
+@router.get("/{prompt_set_id}", responses=ERRORS)
+async def get_prompt_set(prompt_set_id: UUID, session: SessionDep, key: CurrentKey) -> PromptSetDetailOut:
+    return views.prompt_set_detail(await prompt_sets.get_visible(session, key.id, prompt_set_id))

@@ -1,0 +1,89 @@
+"""What policy sets and prompt sets share: immutable rows registered by content, built-in
+(no owner) or a key's own, read through the owner filter, kept per process by id."""
+
+from __future__ import annotations
+
+from typing import Any, Generic, TypeVar
+from uuid import UUID
+
+from sqlalchemy import ColumnElement, or_, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.errors import NotFound
+from app.store.models import PolicySetRow, PromptSetRow
+
+Row = TypeVar("Row", PolicySetRow, PromptSetRow)
+
+
+async def register(
+    session: AsyncSession,
+    model: type[Row],
+    owner_key_id: UUID | None,
+    name: str,
+    version: str,
+    description: str,
+    content: dict[str, Any],
+) -> tuple[Row, bool]:
+    """Store a version of `name`, or find the owner's row of that version (known content);
+    `content`: the model's own columns. The row, and whether it is new."""
+    inserted = await session.scalar(
+        insert(model)
+        .values(owner_key_id=owner_key_id, name=name, version=version, description=description, **content)
+        .on_conflict_do_nothing()
+        .returning(model.id)
+    )
+    owner = model.owner_key_id.is_(None) if owner_key_id is None else model.owner_key_id == owner_key_id
+    row = await session.scalar(select(model).where(owner, model.name == name, model.version == version))
+    assert row is not None
+    return row, inserted is not None
+
+
+def _visible_to(model: type[Row], owner_key_id: UUID) -> ColumnElement[bool]:
+    return or_(model.owner_key_id.is_(None), model.owner_key_id == owner_key_id)
+
+
+async def list_visible(session: AsyncSession, model: type[Row], owner_key_id: UUID) -> list[Row]:
+    """Built-in sets and the key's own, every version, by name then age."""
+    rows = await session.scalars(
+        select(model).where(_visible_to(model, owner_key_id)).order_by(model.name, model.created_at)
+    )
+    return list(rows)
+
+
+async def get_visible(
+    session: AsyncSession, model: type[Row], owner_key_id: UUID, row_id: UUID, what: str
+) -> Row:
+    row = await session.scalar(select(model).where(model.id == row_id, _visible_to(model, owner_key_id)))
+    if row is None:
+        raise NotFound(f"{what} {row_id} not found")
+    return row
+
+
+async def newest_visible(
+    session: AsyncSession, model: type[Row], owner_key_id: UUID, name: str, version: str | None
+) -> Row | None:
+    """The given version of `name`, or its newest (the key's own before built-in ones)."""
+    query = select(model).where(_visible_to(model, owner_key_id), model.name == name)
+    if version:
+        query = query.where(model.version == version)
+    query = query.order_by(model.owner_key_id.is_(None), model.created_at.desc()).limit(1)
+    return await session.scalar(query)
+
+
+class ById(Generic[Row]):
+    """Rows never change (new content is a new row), so a process may keep every one it read."""
+
+    def __init__(self, model: type[Row], what: str) -> None:
+        self._model: type[Row] = model
+        self._what = what
+        self._rows: dict[UUID, Row] = {}
+
+    async def get(self, session: AsyncSession, row_id: UUID) -> Row:
+        """The row with this id, from this process's copy after the first read."""
+        if row_id not in self._rows:
+            row = await session.get(self._model, row_id)
+            if row is None:
+                raise NotFound(f"{self._what} {row_id} not found")
+            self._rows[row_id] = row
+        return self._rows[row_id]

@@ -1,0 +1,335 @@
+"""Prompt sets over the API: registered by content like policy sets, checked by stage and
+placeholder, kept to their key, pinned by jobs, and named by every CoT and full record."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import delete, func, select, update
+
+from app.config import EndpointConfig, Settings
+from app.deliberation.prompt_sets import builtin
+from app.store import keys, prompt_sets
+from app.store.db import Sessions
+from app.store.models import Job, PromptSetRow
+from tests.conftest import api_client, new_key, run_worker_burst
+from tests.scripted_llm import ScriptedLLM
+
+Headers = dict[str, str]
+BUILTIN = dict(builtin().templates)
+CUSTOM_SEED_USER = "CUSTOM QUERY>> $prompt\nINTENTS>> $intents"
+ONE_AGENT = {"agents": 1, "max_rounds": 1}
+
+
+def templates(**changes: str) -> dict[str, str]:
+    """The built-in templates with some replaced ("__" for "." in names)."""
+    return {**BUILTIN, **{name.replace("__", "."): text for name, text in changes.items()}}
+
+
+async def register(
+    api: httpx.AsyncClient, auth: Headers, name: str = "house", **changes: str
+) -> httpx.Response:
+    body = {"name": name, "description": "ours", "templates": templates(**changes)}
+    return await api.post("/v1/prompt-sets", json=body, headers=auth)
+
+
+def error_of(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    error: dict[str, Any] = response.json()["error"]
+    assert error["code"] == code, error
+    return error
+
+
+async def stored_prompt_sets(sessions: Sessions) -> int:
+    async with sessions() as session:
+        return await session.scalar(select(func.count()).select_from(PromptSetRow)) or 0
+
+
+async def job_count(sessions: Sessions) -> int:
+    async with sessions() as session:
+        return await session.scalar(select(func.count()).select_from(Job)) or 0
+
+
+# --- registering -----------------------------------------------------------------------------
+
+
+async def test_the_builtin_set_is_listed_with_its_templates(api: httpx.AsyncClient, auth: Headers) -> None:
+    listed = (await api.get("/v1/prompt-sets", headers=auth)).json()
+
+    assert [(s["name"], s["version"], s["builtin"]) for s in listed] == [
+        ("aidsafe-default", builtin().version, True)
+    ]
+    shown = (await api.get(f"/v1/prompt-sets/{listed[0]['id']}", headers=auth)).json()
+    assert shown["templates"] == BUILTIN
+
+
+async def test_a_set_registers_once_per_content_and_a_change_is_a_new_version(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    first = await register(api, auth, seed__user=CUSTOM_SEED_USER)
+    again = await register(api, auth, seed__user=CUSTOM_SEED_USER)
+    changed = await register(api, auth, seed__user=CUSTOM_SEED_USER + "\n")
+
+    assert (first.status_code, again.status_code, changed.status_code) == (201, 200, 201)
+    assert again.json()["id"] == first.json()["id"]
+    assert changed.json()["version"] != first.json()["version"]
+    assert first.json()["templates"]["seed.user"] == CUSTOM_SEED_USER
+    assert (first.json()["builtin"], first.json()["description"]) == (False, "ours")
+    listed = (await api.get("/v1/prompt-sets", headers=auth)).json()
+    assert sorted(s["name"] for s in listed) == ["aidsafe-default", "house", "house"]
+
+
+async def test_another_key_can_neither_see_nor_use_a_keys_set(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    mine = (await register(api, auth, seed__user=CUSTOM_SEED_USER)).json()
+    other = await new_key(sessions, "other")
+
+    listed = (await api.get("/v1/prompt-sets", headers=other)).json()
+    shown = await api.get(f"/v1/prompt-sets/{mine['id']}", headers=other)
+    used = await api.post(
+        "/v1/jobs", json={"prompts": ["Hi"], "prompt_set": {"name": "house"}}, headers=other
+    )
+
+    assert [s["name"] for s in listed] == ["aidsafe-default"]
+    assert shown.status_code == 404
+    assert "house" in error_of(used, 422, "unknown_prompt_set")["message"]
+    assert await job_count(sessions) == 0
+
+
+@pytest.mark.parametrize(
+    ("changes", "stage", "template", "placeholder", "says"),
+    [
+        (
+            {"seed__user": CUSTOM_SEED_USER + " $tone"},
+            "seed",
+            "seed.user",
+            "tone",
+            "unknown placeholder $tone",
+        ),
+        (
+            {"refine__user": "$prompt $intents $thoughts"},
+            "refine",
+            "refine.user",
+            "response",
+            "missing placeholder",
+        ),
+        ({"judge__system": "Pick one: costs $5"}, "judge", "judge.system", None, "Invalid placeholder"),
+        (
+            {"grade__system": "Grade $prompt"},
+            "grade",
+            "grade.system",
+            "prompt",
+            "unknown placeholder $prompt",
+        ),
+    ],
+)
+async def test_an_unusable_template_is_a_422_naming_stage_template_and_placeholder(
+    api: httpx.AsyncClient,
+    auth: Headers,
+    sessions: Sessions,
+    changes: dict[str, str],
+    stage: str,
+    template: str,
+    placeholder: str | None,
+    says: str,
+) -> None:
+    error = error_of(await register(api, auth, **changes), 422, "invalid_prompt_set")
+
+    assert f"template '{template}' (stage {stage})" in error["message"] and says in error["message"]
+    assert error["details"] == [
+        {
+            "template": template,
+            "stage": stage,
+            "placeholder": placeholder,
+            "message": error["details"][0]["message"],
+        }
+    ]
+    assert await stored_prompt_sets(sessions) == 0
+
+
+async def test_a_stage_without_its_template_or_an_unknown_template_is_a_422(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    body = {"name": "house", "templates": {**templates(), "intnet.system": "typo"}}
+    del body["templates"]["whisper.user"]  # type: ignore[attr-defined]
+
+    error = error_of(await api.post("/v1/prompt-sets", json=body, headers=auth), 422, "invalid_prompt_set")
+
+    assert (
+        "unknown template 'intnet.system'" in error["message"] and "(and 1 more problems)" in error["message"]
+    )
+    assert [(d["template"], d["stage"]) for d in error["details"]] == [
+        ("intnet.system", ""),
+        ("whisper.user", "whisper"),
+    ]
+    assert error["details"][1]["message"] == "stage whisper has no template 'whisper.user'"
+    assert await stored_prompt_sets(sessions) == 0
+
+
+async def test_a_template_over_the_field_cap_is_a_validation_error(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    response = await register(api, auth, seed__system="x" * 20_001)
+
+    assert error_of(response, 422, "validation_error")["details"][0]["field"] == "templates.seed.system"
+
+
+# --- endpoint contexts ------------------------------------------------------------------------
+
+SMALL_CONTEXT = 6_000  # the default policies and a short prompt fit, with max_tokens 256
+LONG_SEED_INSTRUCTIONS = (
+    "Think hard about every angle of the request before you answer. " * 200
+)  # ~4,300 tokens
+
+
+@pytest.fixture
+def small_settings(settings: Settings, scripted_llm: ScriptedLLM) -> Settings:
+    """Every endpoint has a known context (the default's too): nothing may be over them all."""
+    small = EndpointConfig(base_url=scripted_llm.base_url, max_context_tokens=SMALL_CONTEXT)
+    return settings.model_copy(update={"llm_max_context_tokens": 2_000, "llm_endpoints": {"small": small}})
+
+
+@pytest.fixture
+async def small_api(small_settings: Settings, sessions: Sessions) -> AsyncIterator[httpx.AsyncClient]:
+    async with api_client(small_settings) as client:
+        yield client
+
+
+async def test_templates_too_long_for_every_endpoint_are_a_422_naming_the_stage(
+    small_api: httpx.AsyncClient, sessions: Sessions
+) -> None:
+    auth = await new_key(sessions)
+
+    error = error_of(
+        await register(
+            small_api,
+            auth,
+            seed__system=LONG_SEED_INSTRUCTIONS,
+            seed__user=LONG_SEED_INSTRUCTIONS + CUSTOM_SEED_USER,
+        ),
+        422,
+        "invalid_prompt_set",
+    )
+
+    assert error["message"].startswith("stage seed: templates seed.system, seed.user make requests of about")
+    assert [(d["stage"], d["max_context_tokens"]) for d in error["details"]] == [("seed", SMALL_CONTEXT)]
+    assert (await register(small_api, auth, seed__system=LONG_SEED_INSTRUCTIONS)).status_code == 201
+
+
+async def test_the_fit_check_at_submission_uses_the_jobs_prompt_set(
+    small_api: httpx.AsyncClient, sessions: Sessions
+) -> None:
+    auth = await new_key(sessions)
+    assert (await register(small_api, auth, seed__system=LONG_SEED_INSTRUCTIONS)).status_code == 201
+    config = {**ONE_AGENT, "max_tokens": 256, "defaults": {"endpoint": "small"}}
+
+    with_builtin = await small_api.post("/v1/jobs", json={"prompts": ["Hi"], "config": config}, headers=auth)
+    with_long = await small_api.post(
+        "/v1/jobs", json={"prompts": ["Hi"], "config": config, "prompt_set": {"name": "house"}}, headers=auth
+    )
+
+    assert with_builtin.status_code == 202, with_builtin.text
+    error = error_of(with_long, 422, "request_too_large")
+    assert [d["role"] for d in error["details"]] == ["seed"]
+    assert await job_count(sessions) == 1
+
+
+# --- jobs ------------------------------------------------------------------------------------
+
+
+async def test_a_job_runs_in_the_words_of_its_pinned_set_and_every_cot_and_record_names_it(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, scripted_llm: ScriptedLLM
+) -> None:
+    registered = (await register(api, auth, seed__user=CUSTOM_SEED_USER)).json()
+    await register(api, auth, seed__user=CUSTOM_SEED_USER + " (newer)")  # a later version of the name
+
+    body = {
+        "prompts": ["How do I store bleach?"],
+        "config": ONE_AGENT,
+        "prompt_set": {"name": "house", "version": registered["version"]},
+    }
+    submitted = await api.post("/v1/jobs", json=body, headers=auth)
+    assert submitted.status_code == 202, submitted.text
+    job_id = submitted.json()["id"]
+    await run_worker_burst(settings, max_jobs=1)
+
+    seed_request = scripted_llm.requests_for("seed_cot")[0].body["messages"][-1]["content"]
+    assert seed_request.startswith("CUSTOM QUERY>> How do I store bleach?\nINTENTS>> Explicit")
+    pinned = {"id": registered["id"], "name": "house", "version": registered["version"]}
+    assert (await api.get(f"/v1/jobs/{job_id}", headers=auth)).json()["prompt_set"] == pinned
+    cots = (await api.get(f"/v1/jobs/{job_id}/cots", headers=auth)).json()["data"]
+    assert [cot["prompt_set"] for cot in cots] == [pinned]
+    export = await api.get(f"/v1/jobs/{job_id}/export", params={"format": "jsonl"}, headers=auth)
+    record = json.loads(export.text.splitlines()[0])
+    assert (record["prompt_set_name"], record["prompt_set_version"]) == ("house", registered["version"])
+
+
+async def test_a_job_without_a_prompt_set_pins_the_builtin_one(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, scripted_llm: ScriptedLLM
+) -> None:
+    submitted = await api.post("/v1/jobs", json={"prompts": ["Hi"], "config": ONE_AGENT}, headers=auth)
+    await run_worker_burst(settings, max_jobs=1)
+
+    shown = submitted.json()["prompt_set"]
+    assert (shown["name"], shown["version"]) == ("aidsafe-default", builtin().version)
+    cot = (await api.get(f"/v1/jobs/{submitted.json()['id']}/cots", headers=auth)).json()["data"][0]
+    assert cot["prompt_set"] == shown
+    seed_request = scripted_llm.requests_for("seed_cot")[0].body["messages"][-1]["content"]
+    assert seed_request.startswith("User query:\n<<<\nHi\n>>>")
+
+
+async def test_an_unknown_prompt_set_version_is_a_422_and_no_job(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    await register(api, auth, seed__user=CUSTOM_SEED_USER)
+
+    response = await api.post(
+        "/v1/jobs",
+        json={"prompts": ["Hi"], "prompt_set": {"name": "house", "version": "0" * 16}},
+        headers=auth,
+    )
+
+    assert "version 0000000000000000" in error_of(response, 422, "unknown_prompt_set")["message"]
+    assert await job_count(sessions) == 0
+
+
+async def test_a_set_the_stages_have_outgrown_is_refused_at_submission(
+    api: httpx.AsyncClient, sessions: Sessions
+) -> None:
+    # Written straight to the store: as if registered before the template it lacks existed.
+    outgrown = templates()
+    del outgrown["judge.user"]
+    async with sessions.begin() as session:
+        key, secret = await keys.create_key(session, "legacy")
+        await prompt_sets.register(session, key.id, "old", "", outgrown)
+
+    response = await api.post(
+        "/v1/jobs",
+        json={"prompts": ["Hi"], "prompt_set": {"name": "old"}},
+        headers={"Authorization": f"Bearer {secret}"},
+    )
+
+    error = error_of(response, 422, "invalid_prompt_set")
+    assert "no longer fits the stages: stage judge has no template 'judge.user'" in error["message"]
+    assert await job_count(sessions) == 0
+
+
+async def test_a_job_from_before_prompt_sets_runs_and_names_the_builtin_set(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    submitted = await api.post("/v1/jobs", json={"prompts": ["Hi"], "config": ONE_AGENT}, headers=auth)
+    job_id = submitted.json()["id"]
+    async with sessions.begin() as session:  # as the migration leaves jobs submitted before it
+        await session.execute(update(Job).where(Job.id == job_id).values(prompt_set_id=None))
+        await session.execute(delete(PromptSetRow))
+
+    await run_worker_burst(settings, max_jobs=1)
+
+    assert (await api.get(f"/v1/jobs/{job_id}", headers=auth)).json()["prompt_set"] is None
+    cot = (await api.get(f"/v1/jobs/{job_id}/cots", headers=auth)).json()["data"][0]
+    assert (cot["prompt_set"]["name"], cot["prompt_set"]["version"]) == ("aidsafe-default", builtin().version)
