@@ -15,6 +15,7 @@ from app.deliberation.config import Mode
 from app.deliberation.policies import MAX_POLICY_TEXT_CHARS, render_policies
 from app.duplicates import DuplicatesOut, Handling
 from app.plan import JobConfigIn, RoleIn
+from app.stats import Estimate
 from app.store import models
 
 MAX_PROMPTS_PER_JOB = 10_000
@@ -272,6 +273,19 @@ class BudgetOut(BaseModel):
 
 
 JobStatus = Literal["queued", "running", "budget_exhausted", "completed", "cancelling", "cancelled"]
+
+
+class IntervalOut(BaseModel):
+    """A measured share or mean with its 95 % interval; all null when nothing was measured."""
+
+    value: float | None
+    low: float | None
+    high: float | None
+    n: int = Field(description="What it was measured on.")
+
+    @classmethod
+    def of(cls, estimate: Estimate) -> IntervalOut:
+        return cls(value=estimate.value, low=estimate.low, high=estimate.high, n=estimate.n)
 
 
 class MetricStats(BaseModel):
