@@ -468,7 +468,7 @@ async def test_human_edits_put_the_latest_edit_in_place_of_the_response_and_name
     assert [(r["chosen"][0]["content"], r["human_edit"]) for r in dpo] == list(
         zip(responses, edits, strict=True)
     )
-    assert [r["rejected"][0]["content"] for r in dpo] == [r["rejected"][0]["content"] for r in dpo[:1]] * 3
+    assert all(HAZARD in r["rejected"][0]["content"] for r in dpo)  # the flagged try, never an edit
     assert [(r["response"], r["human_edit"]) for r in rows] == [
         ("Ben's answer", json.dumps(BEN, separators=(",", ":"))),
         ("Chosen response", ""),

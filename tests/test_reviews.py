@@ -246,7 +246,7 @@ async def two_reviewed_items(
         job_id,
         [
             Stored(0, "ana", "accept", edited_response="Ana's answer", comment="Clearer now."),
-            Stored(0, "ben", "accept"),
+            Stored(0, "ben", "accept", minutes=1),
             Stored(1, "ana", "reject"),
             Stored(1, "ben", "accept"),
         ],

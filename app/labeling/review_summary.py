@@ -142,7 +142,7 @@ def _between_reviewers(items: Iterable[list[CountedReview]]) -> ReviewerAgreemen
 
 
 def _kappa(
-    rated: list[list[tuple[str, str | None]]], reviewers: set[str]
+    rated: list[list[tuple[str, str]]], reviewers: set[str]
 ) -> tuple[float | None, KappaMethod | None]:
     """Cohen's kappa when the same two reviewers gave every verdict (two fixed raters, what it
     assumes), Fleiss' otherwise."""

@@ -9,7 +9,6 @@ from uuid import UUID
 from sqlalchemy import (
     ARRAY,
     ColumnElement,
-    Lateral,
     and_,
     any_,
     bindparam,
@@ -28,6 +27,7 @@ from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
+from sqlalchemy.sql.selectable import LateralFromClause
 
 from app.store.models import Annotation, Cot, Job
 
@@ -73,7 +73,7 @@ def human_approved() -> ColumnElement[bool]:
     return and_(_any_current("accept"), ~human_rejected())
 
 
-def latest_edit() -> Lateral:
+def latest_edit() -> LateralFromClause:
     """A lateral subquery on Cot: the newest response a reviewer edited among the current
     reviews of its item (columns edited_response, reviewer, source, annotation_id,
     edited_at), or no row. Join it with `outerjoin(latest_edit(), true())`."""

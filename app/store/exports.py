@@ -109,7 +109,7 @@ def _per_metric(scores: Any, key: str) -> Any:
 def _human_edit(edit: Any) -> Any:
     """The reviewer's edit a row carries, as JSON ({"reviewer", "source", "annotation_id",
     "edited_at"}), from `latest_edit()`'s columns `edit`; SQL NULL when there is none."""
-    described = func.jsonb_build_object(
+    described = func.json_build_object(  # json, not jsonb: the keys stay in this order
         "reviewer",
         edit.reviewer,
         "source",
@@ -119,7 +119,7 @@ def _human_edit(edit: Any) -> Any:
         "edited_at",
         _utc_isoformat(edit.edited_at),
     )
-    return type_coerce(case((edit.reviewer.is_not(None), described)), JSONB)
+    return type_coerce(case((edit.reviewer.is_not(None), described)), JSON)
 
 
 def _full_cot(c: Any, human_edits: bool) -> dict[str, Any]:
