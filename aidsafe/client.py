@@ -39,6 +39,7 @@ from aidsafe.models import (
     Item,
     ItemDetail,
     ItemFinished,
+    ItemReviews,
     Job,
     JobListed,
     JobProgress,
@@ -53,6 +54,7 @@ from aidsafe.models import (
     RegisteredPromptSet,
     Rejection,
     Report,
+    ReviewSummary,
     SampleEvaluation,
     SampleResult,
     SubmittedComparison,
@@ -778,6 +780,18 @@ class _Routes:
         params = _params(limit=limit)
         return Call("GET", _path("webhooks", webhook_id, "rejections"), _list_of(Rejection), params)
 
+    # --- reviews ----------------------------------------------------------------------------
+
+    @endpoint
+    def get_item_reviews(self, item_id: Id) -> Call[ItemReviews]:
+        """The item's reviews as they count now, and its decision (GET /v1/items/{id}/reviews)."""
+        return Call("GET", _path("items", item_id, "reviews"), _as(ItemReviews))
+
+    @endpoint
+    def get_review_summary(self, job_id: Id) -> Call[ReviewSummary]:
+        """Counts and agreement of the job's reviews (GET /v1/jobs/{id}/reviews/summary)."""
+        return Call("GET", _path("jobs", job_id, "reviews", "summary"), _as(ReviewSummary))
+
     # --- what Client and AsyncClient send it with ---------------------------------------------
 
     @staticmethod
@@ -789,6 +803,8 @@ class _Routes:
         accepted_only: bool,
         min_score: Mapping[str, float] | Sequence[str] | None,
         human_approved: bool,
+        exclude_human_rejected: bool,
+        human_edits: bool,
     ) -> Call[None]:
         scores = [f"{m}:{s}" for m, s in min_score.items()] if isinstance(min_score, Mapping) else min_score
         params = _params(
@@ -798,6 +814,8 @@ class _Routes:
             accepted_only=accepted_only or None,  # filters left off are not sent
             min_score=list(scores or []),
             human_approved=human_approved or None,
+            exclude_human_rejected=exclude_human_rejected or None,
+            human_edits=human_edits or None,
         )
         return Call("GET", _path("jobs", job_id, "export"), lambda _: None, params)
 
@@ -898,12 +916,25 @@ class Client(_Routes):
         accepted_only: bool = False,
         min_score: Mapping[str, float] | Sequence[str] | None = None,
         human_approved: bool = False,
+        exclude_human_rejected: bool = False,
+        human_edits: bool = False,
     ) -> Path:
         """Stream the job's export (GET /v1/jobs/{id}/export) to `path`, chunk by chunk: it is
         written as `path.part` and renamed when complete, so a broken download leaves no
         file that looks whole. `format`: trl_sft, trl_dpo, aidsafe_csv, jsonl, parquet,
-        label_studio or argilla; `min_score` as {"relevance": 4}. Returns the path."""
-        call = self._export_call(job_id, format, cot, system, accepted_only, min_score, human_approved)
+        label_studio or argilla; `min_score` as {"relevance": 4}; `human_edits`: reviewers'
+        latest edited responses in place of the model's. Returns the path."""
+        call = self._export_call(
+            job_id,
+            format,
+            cot,
+            system,
+            accepted_only,
+            min_score,
+            human_approved,
+            exclude_human_rejected,
+            human_edits,
+        )
         target, partial = Path(path), _partial(Path(path))
         with _reached(), self._opened(call, None) as response:  # an export may take long
             if response.status_code != 200:
@@ -1051,9 +1082,21 @@ class AsyncClient(_Routes):
         accepted_only: bool = False,
         min_score: Mapping[str, float] | Sequence[str] | None = None,
         human_approved: bool = False,
+        exclude_human_rejected: bool = False,
+        human_edits: bool = False,
     ) -> Path:
         """See Client.export."""
-        call = self._export_call(job_id, format, cot, system, accepted_only, min_score, human_approved)
+        call = self._export_call(
+            job_id,
+            format,
+            cot,
+            system,
+            accepted_only,
+            min_score,
+            human_approved,
+            exclude_human_rejected,
+            human_edits,
+        )
         target, partial = Path(path), _partial(Path(path))
         with _reached():
             async with self._opened(call, None) as response:

@@ -572,3 +572,72 @@ class SampleResult(Model):
     grade_error: str | None
     guard: SampleGuard | None
     judgement: SampleJudgement | None
+
+
+class Review(Model):
+    """A reviewer's annotation as it counts now (its latest version, not withdrawn)."""
+
+    id: UUID
+    source: str
+    annotation_id: str
+    reviewer: str
+    verdict: str | None
+    edited: bool
+    edited_response: str | None
+    policy_faithfulness: int | None
+    flagged_thoughts: list[int]
+    comment: str | None
+    reviewed_at: datetime
+    received_at: datetime
+    webhook_id: UUID | None
+
+
+class ItemReviews(Model):
+    """An item's reviews; `decision` is approved, rejected or None (no verdict yet)."""
+
+    item_id: UUID
+    job_id: UUID
+    decision: str | None
+    gate_accepted: bool | None
+    reviews: list[Review]
+
+
+class ReviewCounts(Model):
+    total: int
+    accepted: int
+    rejected: int
+    no_verdict: int
+    edited: int
+
+
+class ReviewedItems(Model):
+    completed: int
+    reviewed: int
+    approved: int
+    rejected: int
+    edited: int
+
+
+class GraderAgreement(Model):
+    agreement: Interval
+    kappa: float | None
+    both_accept: int
+    both_reject: int
+    human_accepts_grader_rejects: int
+    human_rejects_grader_accepts: int
+
+
+class ReviewerAgreement(Model):
+    agreement: Interval
+    kappa: float | None
+    kappa_method: str | None
+    reviewers: int
+
+
+class ReviewSummary(Model):
+    job_id: UUID
+    reviews: ReviewCounts
+    items: ReviewedItems
+    reviewers: int
+    grader: GraderAgreement
+    between_reviewers: ReviewerAgreement

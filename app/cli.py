@@ -566,6 +566,12 @@ def export(
         list[str] | None, typer.Option(help="METRIC:SCORE (repeatable): only CoTs graded at least this.")
     ] = None,
     human_approved: Annotated[bool, typer.Option(help="Only CoTs a reviewer approved.")] = False,
+    exclude_human_rejected: Annotated[
+        bool, typer.Option(help="Leave out CoTs a reviewer rejects (unreviewed ones stay).")
+    ] = False,
+    human_edits: Annotated[
+        bool, typer.Option(help="Reviewers' latest edited responses in place of the model's, named per row.")
+    ] = False,
     api_url: ApiUrl = "http://127.0.0.1:8000",
     key: ApiKeyOpt = "",
 ) -> None:
@@ -580,6 +586,8 @@ def export(
             accepted_only=accepted_only,
             min_score=min_score,  # METRIC:SCORE as given: the API reads them
             human_approved=human_approved,
+            exclude_human_rejected=exclude_human_rejected,
+            human_edits=human_edits,
         )
     console.print(f"Wrote {output} ({output.stat().st_size:,} bytes, {format}).")
 
@@ -985,6 +993,72 @@ def print_sample_report(report: SampleEvaluation) -> None:
             f"Against {pairwise.against_job_id}: {rates}; "
             f"{pairwise.unmatched} unmatched, {pairwise.unreadable} unreadable"
         )
+
+
+reviews_cli = typer.Typer(help="Reviewers' verdicts from Label Studio and Argilla (over the HTTP API).")
+cli.add_typer(reviews_cli, name="reviews", no_args_is_help=True)
+
+
+def _kappa(kappa: float | None, method: str | None = None) -> str:
+    shown = "n/a" if kappa is None else f"{kappa:.2f}"
+    return f"{shown} ({method})" if method else shown
+
+
+@reviews_cli.command("summary")
+def review_summary(job_id: str, api_url: ApiUrl = "http://127.0.0.1:8000", key: ApiKeyOpt = "") -> None:
+    """What the job's reviews add up to: counts, agreement with the grader's gate and between
+    reviewers (shares with their Wilson 95 % intervals)."""
+    with _client(api_url, key) as client:
+        summary = client.get_review_summary(job_id)
+    reviews, items, grader, between = (
+        summary.reviews,
+        summary.items,
+        summary.grader,
+        summary.between_reviewers,
+    )
+    console.print(
+        f"Reviews: {reviews.total} by {summary.reviewers} reviewers: {reviews.accepted} accept, "
+        f"{reviews.rejected} reject, {reviews.no_verdict} no verdict; {reviews.edited} edited the response.",
+        highlight=False,
+    )
+    console.print(
+        f"Items: {items.reviewed} of {items.completed} reviewed: {items.approved} approved, "
+        f"{items.rejected} rejected, {items.edited} with an edit.",
+        highlight=False,
+    )
+    console.print(
+        f"With the grader's gate: {_interval(grader.agreement, percent=True)} agree, "
+        f"kappa {_kappa(grader.kappa)} "
+        f"(both accept {grader.both_accept}, both reject {grader.both_reject}, "
+        f"human accepts/gate rejects {grader.human_accepts_grader_rejects}, "
+        f"human rejects/gate accepts {grader.human_rejects_grader_accepts}).",
+        highlight=False,
+    )
+    console.print(
+        f"Between reviewers: {_interval(between.agreement, percent=True)} unanimous, "
+        f"kappa {_kappa(between.kappa, between.kappa_method)}.",
+        highlight=False,
+    )
+
+
+@reviews_cli.command("item")
+def item_reviews(item_id: str, api_url: ApiUrl = "http://127.0.0.1:8000", key: ApiKeyOpt = "") -> None:
+    """An item's reviews as they count now, oldest first, and its decision."""
+    with _client(api_url, key) as client:
+        reviewed = client.get_item_reviews(item_id)
+    console.print(f"Item {reviewed.item_id}: {reviewed.decision or 'no verdict yet'}.", highlight=False)
+    for review in reviewed.reviews:
+        rating = f", rated {review.policy_faithfulness}" if review.policy_faithfulness else ""
+        flagged = f", flags thoughts {review.flagged_thoughts}" if review.flagged_thoughts else ""
+        console.print(
+            f"{review.reviewed_at:%Y-%m-%dT%H:%M:%S}  {review.source}:{review.reviewer}  "
+            f"{review.verdict or 'no verdict'}{rating}{flagged}",
+            highlight=False,
+        )
+        if review.edited_response is not None:
+            console.print(f"  edited response: {escape(review.edited_response)}", highlight=False)
+        if review.comment:
+            console.print(f"  comment: {escape(review.comment)}", highlight=False)
 
 
 def main() -> None:

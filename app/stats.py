@@ -1,8 +1,10 @@
-"""How sure a share or a mean measured on a sample is: the intervals every report gives."""
+"""How sure a share or a mean measured on a sample is (the intervals every report gives), and
+how far raters agree beyond chance."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from math import sqrt
 from statistics import fmean, stdev
@@ -54,3 +56,37 @@ def mean(
     if within is not None:
         low, high = max(low, within[0]), min(high, within[1])
     return Estimate(centre, float(low), float(high), n)
+
+
+def cohen_kappa(pairs: Sequence[tuple[Hashable, Hashable]]) -> float | None:
+    """Cohen's kappa of two raters, one (first rater's, second rater's) category per item:
+    their agreement beyond what their own category shares would give by chance. None when
+    chance alone agrees always (both gave one and the same category), where it is undefined."""
+    n = len(pairs)
+    if n == 0:
+        return None
+    observed = sum(first == second for first, second in pairs) / n
+    firsts, seconds = Counter(first for first, _ in pairs), Counter(second for _, second in pairs)
+    chance = sum(firsts[category] * seconds[category] for category in firsts) / (n * n)
+    return None if chance == 1 else (observed - chance) / (1 - chance)
+
+
+def fleiss_kappa(items: Sequence[Mapping[Hashable, int]]) -> float | None:
+    """Fleiss' kappa: raters' agreement beyond chance, from each item's count of ratings per
+    category. Raters need not be the same from item to item, and items may have different
+    numbers of ratings (the usual generalisation of Fleiss 1971, equal to it when all have as
+    many); an item with fewer than two ratings says nothing and is left out. None when no
+    item is left or every rating is one category."""
+    rated = [counts for counts in items if sum(counts.values()) >= 2]
+    if not rated:
+        return None
+    agreement = 0.0
+    totals: Counter[Hashable] = Counter()
+    for counts in rated:
+        n = sum(counts.values())
+        agreement += (sum(c * c for c in counts.values()) - n) / (n * (n - 1))
+        totals.update(counts)
+    observed = agreement / len(rated)
+    ratings = sum(totals.values())
+    chance = sum((count / ratings) ** 2 for count in totals.values())
+    return None if chance == 1 else (observed - chance) / (1 - chance)

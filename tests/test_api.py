@@ -62,6 +62,8 @@ V1_PATHS = {
     "/v1/jobs/{job_id}/annotations/label-studio": {"post"},
     "/v1/jobs/{job_id}/argilla/settings": {"get"},
     "/v1/jobs/{job_id}/annotations/argilla": {"post"},
+    "/v1/jobs/{job_id}/reviews/summary": {"get"},
+    "/v1/items/{item_id}/reviews": {"get"},
     "/v1/webhooks": {"get", "post"},
     "/v1/webhooks/{webhook_id}/revoke": {"post"},
     "/v1/webhooks/{webhook_id}/rejections": {"get"},

@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 import aidsafe
 from aidsafe import models
 from app import duplicates
-from app.api import schemas, webhooks
+from app.api import annotations, schemas, webhooks
 from app.config import Settings
 from app.events import stream_key
 from app.store.db import Sessions
@@ -403,6 +403,14 @@ MIRRORED = {
     models.Webhook: webhooks.WebhookOut,
     models.WebhookCreated: webhooks.WebhookCreatedOut,
     models.Rejection: webhooks.RejectionOut,
+    models.Interval: schemas.IntervalOut,
+    models.Review: annotations.ReviewOut,
+    models.ItemReviews: annotations.ItemReviewsOut,
+    models.ReviewCounts: annotations.ReviewCountsOut,
+    models.ReviewedItems: annotations.ReviewedItemsOut,
+    models.GraderAgreement: annotations.GraderAgreementOut,
+    models.ReviewerAgreement: annotations.ReviewerAgreementOut,
+    models.ReviewSummary: annotations.ReviewSummaryOut,
     models.JobCounts: schemas.JobCounts,
     models.Usage: schemas.Usage,
     models.Budget: schemas.BudgetOut,

@@ -50,6 +50,7 @@ from tests.test_quality_api import (
     never_flagged_pair,
     small_gap_pair,
 )
+from tests.test_reviews import Stored, store_reviews
 
 Headers = dict[str, str]
 COLUMNS = ["prompt", "refined_thoughts", "response", "deliberation_log"]
@@ -420,6 +421,104 @@ async def test_filters_apply_to_the_chosen_side_of_dpo_pairs(
     assert [r["prompt"][0]["content"] for r in accepted] == ["Prompt 0"]
 
 
+# --- reviewers' edits and rejections ----------------------------------------------------------
+
+
+async def edited_job(api: httpx.AsyncClient, scoped: Headers, sessions: Sessions) -> str:
+    """Three kept pairs, all graded: item 0 edited by two reviewers (ben's is the newer), item
+    1's edit withdrawn in the tool, item 2 never reviewed."""
+    job_id = await finished_job(api, scoped, sessions, [completed(a_grade(), kept_pair())] * 3, PAIRED)
+    await store_reviews(
+        sessions,
+        job_id,
+        [
+            Stored(0, "ana", "accept", minutes=1, edited_response="Ana's answer"),
+            Stored(0, "ben", "accept", minutes=2, edited_response="Ben's answer", annotation="77"),
+            Stored(1, "ana", "accept", minutes=1, edited_response="Withdrawn answer"),
+            Stored(1, "ana", None, minutes=2, retracted=True),
+        ],
+    )
+    return job_id
+
+
+BEN = {
+    "reviewer": "ben",
+    "source": "label_studio",
+    "annotation_id": "77",
+    "edited_at": "2026-05-01T09:02:00+00:00",
+}
+
+
+async def test_human_edits_put_the_latest_edit_in_place_of_the_response_and_name_its_reviewer(
+    api: httpx.AsyncClient, scoped: Headers, sessions: Sessions
+) -> None:
+    job_id = await edited_job(api, scoped, sessions)
+
+    full = json_lines(await exported(api, scoped, job_id, "jsonl", human_edits="true"))
+    table = pq.read_table(io.BytesIO(await exported(api, scoped, job_id, "parquet", human_edits="true")))
+    sft = json_lines(await exported(api, scoped, job_id, "trl_sft", human_edits="true", cot="none"))
+    dpo = json_lines(await exported(api, scoped, job_id, "trl_dpo", human_edits="true", cot="none"))
+    body = (await exported(api, scoped, job_id, "aidsafe_csv", human_edits="true")).decode()
+    rows = list(csv.DictReader(io.StringIO(body, newline="")))
+
+    responses = ["Ben's answer", "Chosen response", "Chosen response"]
+    edits = [BEN, None, None]
+    assert [(r["response"], r["human_edit"]) for r in full] == list(zip(responses, edits, strict=True))
+    assert [list(r) for r in full] == [[*FULL_COT_SCHEMA.names, "human_edit"]] * 3  # last, every row
+    assert table.schema.names[-1] == "human_edit" and table.to_pylist() == full
+    assert [(r["messages"][-1]["content"], r["human_edit"]) for r in sft] == list(
+        zip(responses, edits, strict=True)
+    )
+    assert [(r["chosen"][0]["content"], r["human_edit"]) for r in dpo] == list(
+        zip(responses, edits, strict=True)
+    )
+    assert all(HAZARD in r["rejected"][0]["content"] for r in dpo)  # the flagged try, never an edit
+    assert [(r["response"], r["human_edit"]) for r in rows] == [
+        ("Ben's answer", json.dumps(BEN, separators=(",", ":"))),
+        ("Chosen response", ""),
+        ("Chosen response", ""),
+    ]
+
+
+async def test_without_human_edits_exports_keep_the_models_response_and_no_edit_field(
+    api: httpx.AsyncClient, scoped: Headers, sessions: Sessions
+) -> None:
+    job_id = await edited_job(api, scoped, sessions)
+
+    full = json_lines(await exported(api, scoped, job_id, "jsonl"))
+    sft = json_lines(await exported(api, scoped, job_id, "trl_sft", cot="none"))
+    rows = csv_rows(await exported(api, scoped, job_id, "aidsafe_csv"))  # the published columns only
+
+    assert [r["response"] for r in full] == ["Chosen response"] * 3
+    assert [list(r) for r in full] == [FULL_COT_SCHEMA.names] * 3
+    assert [r["messages"][-1]["content"] for r in sft] == ["Chosen response"] * 3
+    assert all("human_edit" not in r for r in sft)
+    assert [r["response"] for r in rows] == ["Chosen response"] * 3
+
+
+async def test_exclude_human_rejected_leaves_out_what_a_reviewer_rejects_now_and_keeps_the_unreviewed(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    job_id = await finished_job(api, auth, sessions, [completed()] * 5)
+    await store_reviews(
+        sessions,
+        job_id,
+        [
+            Stored(0, "ana", "accept"),
+            Stored(1, "ana", "accept"),
+            Stored(1, "ben", "reject"),  # one rejection is enough
+            Stored(2, "ana", "reject", minutes=0),
+            Stored(2, "ana", "accept", minutes=1),  # changed her mind
+            Stored(3, "ana", "reject", minutes=0),
+            Stored(3, "ana", None, minutes=1, retracted=True),  # withdrawn
+        ],
+    )
+
+    kept = json_lines(await exported(api, auth, job_id, "jsonl", exclude_human_rejected="true"))
+
+    assert [r["position"] for r in kept] == [0, 2, 3, 4]
+
+
 @pytest.mark.parametrize(
     ("params", "status", "code"),
     [
@@ -432,6 +531,9 @@ async def test_filters_apply_to_the_chosen_side_of_dpo_pairs(
         ({"cot": "inline"}, 422, "validation_error"),
         ({"accepted_only": "maybe"}, 422, "validation_error"),
         ({"system": ""}, 422, "validation_error"),
+        ({"human_edits": "maybe"}, 422, "validation_error"),
+        ({"format": "label_studio", "human_edits": "true"}, 422, "validation_error"),
+        ({"format": "argilla", "human_edits": "true"}, 422, "validation_error"),
     ],
 )
 async def test_bad_export_parameters_are_refused_with_a_stable_code(

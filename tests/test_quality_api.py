@@ -464,7 +464,9 @@ async def test_no_read_endpoint_leaks_hazardous_text_to_a_default_key(
         f"/v1/jobs/{job_id}/cots",
         f"/v1/jobs/{job_id}/preference-pairs",
         f"/v1/jobs/{job_id}/report",
+        f"/v1/jobs/{job_id}/reviews/summary",
         f"/v1/items/{item_id}",
+        f"/v1/items/{item_id}/reviews",
     ):
         response = await api.get(url, headers=auth)
         assert response.status_code == 200, (url, response.text)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from app.stats import NOTHING_MEASURED, Estimate, mean, proportion
+from app.stats import NOTHING_MEASURED, Estimate, cohen_kappa, fleiss_kappa, mean, proportion
 
 
 def test_wilson_interval_matches_the_textbook_figure() -> None:
@@ -55,3 +55,52 @@ def test_a_mean_interval_is_cut_to_the_scale() -> None:
     assert free.high is not None and free.high > 5
     assert (cut.value, cut.low, cut.high) == (free.value, free.low, 5)
     assert mean([1, 1, 2], within=(1, 5)).low == 1
+
+
+def test_cohen_kappa_matches_the_textbook_figure() -> None:
+    # 50 items: both yes 20, yes/no 5, no/yes 10, both no 15. p_o 0.7, p_e 0.5, kappa 0.4.
+    pairs = [("yes", "yes")] * 20 + [("yes", "no")] * 5 + [("no", "yes")] * 10 + [("no", "no")] * 15
+    assert cohen_kappa(pairs) == pytest.approx(0.4)
+
+
+def test_cohen_kappa_of_perfect_chance_and_systematic_disagreement() -> None:
+    assert cohen_kappa([("a", "a"), ("b", "b")]) == pytest.approx(1.0)
+    assert cohen_kappa([("a", "b"), ("b", "a")]) == pytest.approx(-1.0)
+    assert cohen_kappa([("a", "a"), ("a", "a")]) is None  # one category: chance agrees always
+    assert cohen_kappa([]) is None
+
+
+# Fleiss (1971) as Wikipedia works it: 10 subjects, 14 raters, 5 categories; P-bar 0.378,
+# P_e 0.213, kappa 0.210.
+FLEISS_TABLE = [
+    (0, 0, 0, 0, 14),
+    (0, 2, 6, 4, 2),
+    (0, 0, 3, 5, 6),
+    (0, 3, 9, 2, 0),
+    (2, 2, 8, 1, 1),
+    (7, 7, 0, 0, 0),
+    (3, 2, 6, 3, 0),
+    (2, 5, 3, 2, 2),
+    (6, 5, 2, 1, 0),
+    (0, 2, 2, 3, 7),
+]
+
+
+def test_fleiss_kappa_matches_the_textbook_figure() -> None:
+    items = [dict(enumerate(row)) for row in FLEISS_TABLE]
+    assert fleiss_kappa(items) == pytest.approx(0.2099, abs=1e-4)
+
+
+def test_fleiss_kappa_takes_items_with_different_numbers_of_ratings() -> None:
+    # Every item unanimous: perfect agreement whatever the number of raters.
+    assert fleiss_kappa([{"accept": 2}, {"reject": 3}, {"accept": 4}]) == pytest.approx(1.0)
+    # An item with one rating says nothing about agreement and is left out.
+    assert fleiss_kappa([{"accept": 2}, {"reject": 2}, {"reject": 1}]) == pytest.approx(1.0)
+    # Two raters who always split: as far below chance as they can be.
+    assert fleiss_kappa([{"accept": 1, "reject": 1}] * 4) == pytest.approx(-1.0)
+
+
+def test_fleiss_kappa_of_nothing_or_one_category_is_undefined() -> None:
+    assert fleiss_kappa([]) is None
+    assert fleiss_kappa([{"accept": 1}]) is None
+    assert fleiss_kappa([{"accept": 3}, {"accept": 2}]) is None

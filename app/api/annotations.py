@@ -1,6 +1,7 @@
 """The labeling-tool round trip: Label Studio's config and Argilla's dataset settings for a
-job, and human reviews imported back from either tool's files (Label Studio's webhook
-deliveries are in app/api/webhooks.py).
+job, human reviews imported back from either tool's files (Label Studio's webhook
+deliveries are in app/api/webhooks.py), and the reviews read back: an item's, and what a
+job's add up to.
 
 Tasks and records go out through GET /v1/jobs/{id}/export (formats `label_studio` and
 `argilla`). Reviews are stored append-only beside the model's output, never over it."""
@@ -8,19 +9,24 @@ Tasks and records go out through GET /v1/jobs/{id}/export (formats `label_studio
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 from typing import Annotated, Any
+from uuid import UUID
 
 from fastapi import APIRouter, Depends, Response
 from pydantic import BaseModel, Field
 
 from app.api.bodies import JsonBody
-from app.api.deps import OwnedJob, SessionDep
+from app.api.deps import CurrentKey, OwnedJob, SessionDep
 from app.api.errors import documented
-from app.api.schemas import ErrorOut
+from app.api.schemas import ErrorOut, IntervalOut
 from app.config import Settings
 from app.labeling import argilla, imports, label_studio
+from app.labeling.review_summary import Decision, KappaMethod, decision, summarise
 from app.labeling.reviews import Parsed
-from app.store.models import Job
+from app.store import annotations as stored
+from app.store import jobs
+from app.store.models import Annotation, Job
 
 router = APIRouter(tags=["labeling"])
 _NOT_IMPORTED = {
@@ -130,3 +136,145 @@ async def import_argilla(
     page `{"items": [...]}` as Argilla's API returns). Only submitted responses count."""
     listed = records if isinstance(records, list) else records.items
     return await _imported(session, await asyncio.to_thread(argilla.read_records, listed), job)
+
+
+# --- reviews read back ----------------------------------------------------------------------
+
+
+class ReviewOut(BaseModel):
+    """A review that counts now: the latest version of a reviewer's annotation, not withdrawn."""
+
+    id: UUID = Field(description="The stored version's id.")
+    source: str = Field(description="label_studio or argilla.")
+    annotation_id: str = Field(description="The tool's id of the annotation (Argilla: of the response).")
+    reviewer: str = Field(
+        description="Label Studio's user id (or email, in older exports); Argilla's user id."
+    )
+    verdict: str | None = Field(description="accept, reject, or null: no decision given.")
+    edited: bool = Field(description="The reviewer changed the response.")
+    edited_response: str | None = Field(description="The response as the reviewer left it, when changed.")
+    policy_faithfulness: int | None = Field(description="The reviewer's rating, 1-5.")
+    flagged_thoughts: list[int] = Field(description="Refined thought numbers flagged, 1-based.")
+    comment: str | None
+    reviewed_at: datetime = Field(description="The tool's time of this version.")
+    received_at: datetime = Field(description="When the service stored it.")
+    webhook_id: UUID | None = Field(description="The webhook that delivered it; null: a file import.")
+
+
+class ItemReviewsOut(BaseModel):
+    item_id: UUID
+    job_id: UUID
+    decision: Decision | None = Field(
+        description="approved: some reviewer accepts and none rejects (what `human_approved` exports keep); "
+        "rejected: some reviewer rejects; null: no verdict yet."
+    )
+    gate_accepted: bool | None = Field(description="The grader's quality gate; null when not graded.")
+    reviews: list[ReviewOut] = Field(description="Oldest first.")
+
+
+def _review_out(row: Annotation) -> ReviewOut:
+    return ReviewOut(
+        id=row.id,
+        source=row.source,
+        annotation_id=row.external_id,
+        reviewer=row.annotator,
+        verdict=row.verdict,
+        edited=row.edited_response is not None,
+        edited_response=row.edited_response,
+        policy_faithfulness=row.policy_faithfulness,
+        flagged_thoughts=row.flagged_thoughts,
+        comment=row.comment,
+        reviewed_at=row.annotated_at,
+        received_at=row.created_at,
+        webhook_id=row.webhook_id,
+    )
+
+
+@router.get("/v1/items/{item_id}/reviews", responses=READ_ERRORS)
+async def item_reviews(item_id: UUID, session: SessionDep, key: CurrentKey) -> ItemReviewsOut:
+    """Every review of the item that counts now, one per reviewer's annotation (its latest
+    version; withdrawn ones left out), with the item's decision and the grader's gate."""
+    item, _ = await jobs.get_item_owned(session, item_id, key.id)
+    cot = await jobs.item_cot(session, item_id)
+    rows = await stored.item_reviews(session, item_id, key.id)
+    return ItemReviewsOut(
+        item_id=item.id,
+        job_id=item.job_id,
+        decision=decision(row.verdict for row in rows),
+        gate_accepted=cot.accepted if cot else None,
+        reviews=[_review_out(row) for row in rows],
+    )
+
+
+class ReviewCountsOut(BaseModel):
+    total: int = Field(description="Reviews that count now.")
+    accepted: int
+    rejected: int
+    no_verdict: int = Field(description="A rating, flag, comment or edit without accept or reject.")
+    edited: int = Field(description="With an edited response, whatever the verdict.")
+
+
+class ReviewedItemsOut(BaseModel):
+    completed: int = Field(description="The job's CoTs: what can be reviewed.")
+    reviewed: int = Field(description="With at least one review.")
+    approved: int = Field(description="Some reviewer accepts, none rejects.")
+    rejected: int = Field(description="Some reviewer rejects.")
+    edited: int = Field(description="With at least one edited response.")
+
+
+class GraderAgreementOut(BaseModel):
+    """Items with both a reviewers' decision and a quality-gate decision."""
+
+    agreement: IntervalOut = Field(description="The share of those items where the two decisions match.")
+    kappa: float | None = Field(description="Cohen's kappa, the reviewers' decision against the gate's.")
+    both_accept: int
+    both_reject: int
+    human_accepts_grader_rejects: int
+    human_rejects_grader_accepts: int
+
+
+class ReviewerAgreementOut(BaseModel):
+    """Items with two or more verdicts."""
+
+    agreement: IntervalOut = Field(description="The share of those items where every verdict is the same.")
+    kappa: float | None = Field(
+        description="Agreement beyond chance; null when undefined (one verdict only)."
+    )
+    kappa_method: KappaMethod | None = Field(
+        description="cohen: the same two reviewers on every item; fleiss: any reviewers, any number."
+    )
+    reviewers: int = Field(description="Distinct reviewers on those items.")
+
+
+class ReviewSummaryOut(BaseModel):
+    job_id: UUID
+    reviews: ReviewCountsOut
+    items: ReviewedItemsOut
+    reviewers: int = Field(
+        description="Distinct reviewers (a tool's user: one person in two tools counts twice)."
+    )
+    grader: GraderAgreementOut
+    between_reviewers: ReviewerAgreementOut
+
+
+@router.get("/v1/jobs/{job_id}/reviews/summary", responses=READ_ERRORS)
+async def review_summary(job: OwnedJob, session: SessionDep) -> ReviewSummaryOut:
+    """What the job's reviews that count now add up to: counts of reviews and items,
+    agreement with the grader's quality gate, and agreement between reviewers, each share
+    with its Wilson 95 % interval."""
+    rows = await stored.job_reviews(session, job.id, job.owner_key_id)
+    completed = await stored.count_cots(session, job.id)
+    summary = await asyncio.to_thread(summarise, rows, completed)  # a large job's reviews: off the loop
+    grader, between = summary.grader, summary.between_reviewers
+    return ReviewSummaryOut(
+        job_id=job.id,
+        reviews=ReviewCountsOut(**vars(summary.reviews)),
+        items=ReviewedItemsOut(**vars(summary.items)),
+        reviewers=summary.reviewers,
+        grader=GraderAgreementOut(
+            **{**vars(grader), "agreement": IntervalOut.of(grader.agreement)},
+        ),
+        between_reviewers=ReviewerAgreementOut(
+            **{**vars(between), "agreement": IntervalOut.of(between.agreement)},
+        ),
+    )

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
 from app.api.deps import OwnedJob, ReadsHazardous, SessionDep
-from app.api.errors import documented
+from app.api.errors import InvalidRequest, documented
 from app.errors import MissingScope
 from app.exports.formats import FORMATS, JSON
 from app.exports.options import CotStyle, ExportOptions, parse_min_scores
@@ -58,11 +58,26 @@ async def export_job(
     human_approved: Annotated[
         bool, Query(description="Only CoTs a reviewer accepted and no reviewer currently rejects.")
     ] = False,
+    exclude_human_rejected: Annotated[
+        bool, Query(description="Leave out CoTs a reviewer currently rejects (unreviewed ones stay).")
+    ] = False,
+    human_edits: Annotated[
+        bool,
+        Query(
+            description="The latest reviewer's edited response replaces the model's; each record names "
+            "the edit in `human_edit` (training formats only)."
+        ),
+    ] = False,
 ) -> StreamingResponse:
     """Completed items' results in prompt order, streamed with flat memory whatever the job's
     size. `trl_dpo` holds rejected (hazardous) text: it needs a key with `hazardous:read`."""
     fmt = FORMATS[format.value]
-    filters = ExportFilter(accepted_only, parse_min_scores(min_score), human_approved)
+    filters = ExportFilter(accepted_only, parse_min_scores(min_score), human_approved, exclude_human_rejected)
+    if human_edits and not fmt.takes_human_edits:
+        raise InvalidRequest(
+            f"human_edits: the {format.value} format's tasks carry the model's output for review",
+            [{"field": "human_edits", "problem": f"not for {format.value}"}],
+        )
     if fmt.needs_hazardous_scope and not reads_hazardous:
         raise MissingScope(
             f"the {format.value} export holds hazardous text (rejected CoTs): "
@@ -72,7 +87,7 @@ async def export_job(
     # The request's session stays open until the response has been sent (FastAPI closes
     # dependencies with yield after the response), so the stream reads through it.
     return StreamingResponse(
-        encoded(session, job.id, fmt, ExportOptions(cot, system), filters),
+        encoded(session, job.id, fmt, ExportOptions(cot, system, human_edits), filters),
         media_type=fmt.media_type,
         headers={"Content-Disposition": f'attachment; filename="{filename}"'},
     )

@@ -17,6 +17,7 @@ from app.deliberation.prompt_sets import BUILTIN_NAME
 from app.duplicates import DuplicatesOut, Handling
 from app.plan import GuardIn, JobConfigIn, RoleIn
 from app.sample_files import FIELDS, MAX_SAMPLES, SHAPES, Format, is_mapping_field
+from app.stats import Estimate
 from app.store import models
 
 MAX_PROMPTS_PER_JOB = 10_000
@@ -330,6 +331,19 @@ class BudgetOut(BaseModel):
 
 
 JobStatus = Literal["queued", "running", "budget_exhausted", "completed", "cancelling", "cancelled"]
+
+
+class IntervalOut(BaseModel):
+    """A measured share or mean with its 95 % interval; all null when nothing was measured."""
+
+    value: float | None
+    low: float | None
+    high: float | None
+    n: int = Field(description="What it was measured on.")
+
+    @classmethod
+    def of(cls, estimate: Estimate) -> IntervalOut:
+        return cls(value=estimate.value, low=estimate.low, high=estimate.high, n=estimate.n)
 
 
 class MetricStats(BaseModel):
@@ -817,15 +831,6 @@ class SampleEvaluationIn(SampleEvaluationOptions):
         max_length=MAX_SAMPLES,
         description="The samples, each an object read as a row of a JSONL file (`format`, `columns`).",
     )
-
-
-class IntervalOut(BaseModel):
-    """A measured value with its 95 % interval; all null when nothing was measured."""
-
-    value: float | None
-    low: float | None
-    high: float | None
-    n: int = Field(description="What it was measured on.")
 
 
 class MetricReport(BaseModel):

@@ -42,8 +42,9 @@ from app.api.schemas import (
 )
 from app.costs import job_cost, priced
 from app.deliberation.ports import is_hazardous, is_known_category
+from app.deliberation.results import SCORE_SCALE
 from app.plan import ComparisonPlan, JobPlan, SampleEvaluationPlan
-from app.stats import Estimate, mean, proportion
+from app.stats import mean, proportion
 from app.store.job_listing import ListedJob
 from app.store.models import (
     Cot,
@@ -305,15 +306,20 @@ def comparison_listed(listed: ListedJob, plan: ComparisonPlan) -> ComparisonList
     )
 
 
-def interval(estimate: Estimate) -> IntervalOut:
-    return IntervalOut(value=estimate.value, low=estimate.low, high=estimate.high, n=estimate.n)
+def _scores(distribution: dict[str, int]) -> list[int]:
+    return [int(score) for score, count in distribution.items() for _ in range(count)]
 
 
 def grade_report(grades: dict[str, Any]) -> GradeReport:
     """The grader's figures, each metric's mean with its interval (from its score counts)."""
     metrics = {
         metric: MetricReport(
-            mean=interval(mean([int(score) for score, n in stats["distribution"].items() for _ in range(n)])),
+            mean=IntervalOut.of(
+                mean(
+                    [int(score) for score, n in stats["distribution"].items() for _ in range(n)],
+                    within=SCORE_SCALE,
+                )
+            ),
             distribution=stats["distribution"],
         )
         for metric, stats in grades["metrics"].items()
@@ -323,7 +329,7 @@ def grade_report(grades: dict[str, Any]) -> GradeReport:
 
 def _guard_rate(counts: dict[str, int]) -> GuardRate:
     unsafe, safe = counts["unsafe"], counts["safe"]
-    return GuardRate(**counts, unsafe_rate=interval(proportion(unsafe, unsafe + safe)))
+    return GuardRate(**counts, unsafe_rate=IntervalOut.of(proportion(unsafe, unsafe + safe)))
 
 
 def guard_report(by_label: dict[str | None, dict[str, int]]) -> GuardReport:
@@ -344,9 +350,9 @@ def pairwise_report(against_job_id: Any, counts: dict[str, int]) -> PairwiseRepo
     return PairwiseReport(
         against_job_id=against_job_id,
         **counts,
-        win_rate=interval(proportion(counts["wins"], decided)),
-        tie_rate=interval(proportion(counts["ties"], decided)),
-        loss_rate=interval(proportion(counts["losses"], decided)),
+        win_rate=IntervalOut.of(proportion(counts["wins"], decided)),
+        tie_rate=IntervalOut.of(proportion(counts["ties"], decided)),
+        loss_rate=IntervalOut.of(proportion(counts["losses"], decided)),
     )
 
 

@@ -14,6 +14,7 @@ METRICS = (
     "response_policy_faithfulness",
     "response_cot_faithfulness",
 )
+SCORE_SCALE = (1, 5)  # every metric's score, worst to best
 # The pair gap is taken on these two: how faithfully the reasoning and the answer follow the policies.
 POLICY_METRICS = ("cot_policy_faithfulness", "response_policy_faithfulness")
 

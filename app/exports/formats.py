@@ -25,22 +25,34 @@ class ExportFormat:
     source: Source
     # Takes the source's row type; None: the source's rows are the records (JSON text).
     to_record: Callable[[Any, ExportOptions], records.Record] | None
-    encoder: Callable[[], Encoder]  # a fresh one per export
+    encoder: Callable[[ExportOptions], Encoder]  # a fresh one per export
     media_type: str
     extension: str
     needs_hazardous_scope: bool = False  # its records hold hazardous text
 
+    @property
+    def takes_human_edits(self) -> bool:
+        """Training data does; a labeling tool's tasks carry the model's output to review."""
+        return self.source is not Source.COTS
+
+
+def _always(encoder: Callable[[], Encoder]) -> Callable[[ExportOptions], Encoder]:
+    """An encoder whatever the options."""
+    return lambda _options: encoder()
+
 
 FORMATS: dict[str, ExportFormat] = {
-    "trl_sft": ExportFormat(Source.SAMPLES, records.trl_sft, JsonLines, JSONL, "jsonl"),
-    "trl_dpo": ExportFormat(Source.KEPT_PAIRS, records.trl_dpo, JsonLines, JSONL, "jsonl", True),
+    "trl_sft": ExportFormat(Source.SAMPLES, records.trl_sft, _always(JsonLines), JSONL, "jsonl"),
+    "trl_dpo": ExportFormat(Source.KEPT_PAIRS, records.trl_dpo, _always(JsonLines), JSONL, "jsonl", True),
     "aidsafe_csv": ExportFormat(
-        Source.SAMPLES_WITH_LOG, records.aidsafe_csv, lambda: Csv(records.AIDSAFE_COLUMNS), CSV, "csv"
+        Source.SAMPLES_WITH_LOG, records.aidsafe_csv, lambda o: Csv(records.aidsafe_columns(o)), CSV, "csv"
     ),
-    "jsonl": ExportFormat(Source.FULL_COT_JSON, None, JsonTextLines, JSONL, "jsonl"),
+    "jsonl": ExportFormat(Source.FULL_COT_JSON, None, _always(JsonTextLines), JSONL, "jsonl"),
     "parquet": ExportFormat(
-        Source.FULL_COT_JSON, None, lambda: Parquet(records.FULL_COT_SCHEMA), PARQUET, "parquet"
+        Source.FULL_COT_JSON, None, lambda o: Parquet(records.full_cot_schema(o)), PARQUET, "parquet"
     ),
-    "label_studio": ExportFormat(Source.COTS, label_studio.task, label_studio.JsonArray, JSON, "json"),
-    "argilla": ExportFormat(Source.COTS, argilla.record, JsonLines, JSONL, "jsonl"),
+    "label_studio": ExportFormat(
+        Source.COTS, label_studio.task, _always(label_studio.JsonArray), JSON, "json"
+    ),
+    "argilla": ExportFormat(Source.COTS, argilla.record, _always(JsonLines), JSONL, "jsonl"),
 }

@@ -1,5 +1,5 @@
 """The options an export takes from its request: how chat records carry the chain of
-thought, a system message, and the score filter as the request spells it."""
+thought, a system message, reviewers' edits, and the score filter as the request spells it."""
 
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ class CotStyle(StrEnum):
 class ExportOptions:
     cot: CotStyle = CotStyle.THINK
     system: str | None = None  # a system message to put first in chat records
+    # The latest reviewer's edited response replaces the model's, and each record names the
+    # edit it carries (`human_edit`, null: the model's own response).
+    human_edits: bool = False
 
 
 def parse_min_scores(values: list[str]) -> dict[str, float]:

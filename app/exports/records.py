@@ -36,32 +36,46 @@ def prompt_messages(prompt: str, options: ExportOptions) -> list[dict[str, str]]
     return [*system, {"role": "user", "content": prompt}]
 
 
+def with_human_edit(record: Record, row: SampleRow | PairRow, options: ExportOptions) -> Record:
+    """The record, naming the reviewer's edit its response is when the export uses them
+    (`human_edit`, null: the model's own response); as it is otherwise."""
+    return {**record, "human_edit": row.human_edit} if options.human_edits else record
+
+
 def trl_sft(row: SampleRow, options: ExportOptions) -> Record:
     """TRL's conversational language-modeling record: {"messages": [...]}."""
     reply = assistant_message(refined_texts(row), row.response, options.cot)
-    return {"messages": [*prompt_messages(row.prompt, options), reply]}
+    return with_human_edit({"messages": [*prompt_messages(row.prompt, options), reply]}, row, options)
 
 
 def trl_dpo(row: PairRow, options: ExportOptions) -> Record:
     """TRL's conversational preference record with an explicit prompt."""
-    return {
+    record = {
         "prompt": prompt_messages(row.prompt, options),
         "chosen": [assistant_message(refined_texts(row), row.response, options.cot)],
         "rejected": [assistant_message(row.rejected_thoughts, row.rejected_response, options.cot)],
     }
+    return with_human_edit(record, row, options)
 
 
 AIDSAFE_COLUMNS = ["prompt", "refined_thoughts", "response", "deliberation_log"]
 
 
-def aidsafe_csv(row: SampleRow, _: ExportOptions) -> Record:
+def aidsafe_columns(options: ExportOptions) -> list[str]:
+    """The published columns, and `human_edit` (JSON text, empty for none) with human edits."""
+    return [*AIDSAFE_COLUMNS, "human_edit"] if options.human_edits else AIDSAFE_COLUMNS
+
+
+def aidsafe_csv(row: SampleRow, options: ExportOptions) -> Record:
     """The published AIDSAFE dataset's columns; the log is JSON text of its turns."""
-    return {
+    record = {
         "prompt": row.prompt,
         "refined_thoughts": thoughts_text(refined_texts(row)),
         "response": row.response,
         "deliberation_log": orjson.dumps(row.deliberation_log or []).decode(),
     }
+    edit = orjson.dumps(row.human_edit).decode() if row.human_edit else ""
+    return {**record, "human_edit": edit} if options.human_edits else record
 
 
 _METRIC_STRUCT = [(metric, pa.int64()) for metric in METRICS]
@@ -122,3 +136,18 @@ FULL_COT_SCHEMA = pa.schema(
         ("created_at", pa.string()),
     ]
 )
+HUMAN_EDIT = pa.struct(
+    [
+        ("reviewer", pa.string()),
+        ("source", pa.string()),
+        ("annotation_id", pa.string()),
+        ("edited_at", pa.string()),
+    ]
+)
+
+
+def full_cot_schema(options: ExportOptions) -> pa.Schema:
+    """The full record's schema: FULL_COT_SCHEMA, and `human_edit` last with human edits."""
+    return (
+        FULL_COT_SCHEMA.append(pa.field("human_edit", HUMAN_EDIT)) if options.human_edits else FULL_COT_SCHEMA
+    )

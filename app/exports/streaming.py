@@ -37,9 +37,9 @@ async def encoded(
 ) -> AsyncIterator[bytes]:
     """The job's export file, a chunk per batch of rows. The next batch is fetched while
     this one is encoded, so Postgres and the API work at the same time."""
-    encoder = fmt.encoder()
+    encoder = fmt.encoder(options)
     yield encoder.start()
-    batches = exports.stream_rows(session, job_id, fmt.source, filters)
+    batches = exports.stream_rows(session, job_id, fmt.source, filters, options.human_edits)
     following = asyncio.ensure_future(anext(batches, None))
     try:
         while (rows := await following) is not None:
@@ -53,7 +53,7 @@ async def encoded(
                 chunk = await asyncio.to_thread(encoder.encode, [record for (record,) in rows])
             else:
                 with _collector_paused():
-                    typed = exports.typed_rows(fmt.source, rows)
+                    typed = exports.typed_rows(fmt.source, rows, options.human_edits)
                     chunk = encoder.encode([fmt.to_record(row, options) for row in typed])
             yield chunk
     finally:

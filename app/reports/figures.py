@@ -8,11 +8,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from app import stats
-from app.deliberation.results import METRICS
+from app.deliberation.results import METRICS, SCORE_SCALE
 
-SCORES = (1, 2, 3, 4, 5)
-SCALE = (SCORES[0], SCORES[-1])
-GAP_SCALE = (SCALE[0] - SCALE[1], SCALE[1] - SCALE[0])  # chosen minus rejected: -4 .. 4
+SCORES = tuple(range(SCORE_SCALE[0], SCORE_SCALE[1] + 1))
+GAP_SCALE = (SCORE_SCALE[0] - SCORE_SCALE[1], SCORE_SCALE[1] - SCORE_SCALE[0])  # chosen minus rejected
 
 
 @dataclass(frozen=True)
@@ -27,7 +26,7 @@ class Side:
         return [score for score in SCORES for _ in range(counts.get(score, 0))]
 
     def mean(self, metric: str) -> stats.Estimate:
-        return stats.mean(self.scores(metric), within=SCALE)
+        return stats.mean(self.scores(metric), within=SCORE_SCALE)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
+from sqlalchemy.sql.selectable import LateralFromClause
 
 from app.store.models import Annotation, Cot, Job
 
@@ -52,18 +53,102 @@ def _current() -> ColumnElement[bool]:
     return ~exists().where(_same_annotation(newer), newer.annotated_at > Annotation.annotated_at)
 
 
-def human_approved() -> ColumnElement[bool]:
-    """A condition on Cot: some reviewer accepts it and no reviewer (currently) rejects it.
-    A retracted annotation has no verdict, so it does neither."""
-
-    def any_current(verdict: str) -> ColumnElement[bool]:
-        return exists(
-            select(Annotation.id).where(
-                Annotation.item_id == Cot.item_id, Annotation.verdict == verdict, _current()
-            )
+def _any_current(verdict: str) -> ColumnElement[bool]:
+    """A condition on Cot: some reviewer's current verdict is `verdict`. A retracted
+    annotation has no verdict, so it has neither."""
+    return exists(
+        select(Annotation.id).where(
+            Annotation.item_id == Cot.item_id, Annotation.verdict == verdict, _current()
         )
+    )
 
-    return and_(any_current("accept"), ~any_current("reject"))
+
+def human_rejected() -> ColumnElement[bool]:
+    """A condition on Cot: some reviewer (currently) rejects it."""
+    return _any_current("reject")
+
+
+def human_approved() -> ColumnElement[bool]:
+    """A condition on Cot: some reviewer accepts it and no reviewer (currently) rejects it."""
+    return and_(_any_current("accept"), ~human_rejected())
+
+
+def latest_edit() -> LateralFromClause:
+    """A lateral subquery on Cot: the newest response a reviewer edited among the current
+    reviews of its item (columns edited_response, reviewer, source, annotation_id,
+    edited_at), or no row. Join it with `outerjoin(latest_edit(), true())`."""
+    return (
+        select(
+            Annotation.edited_response,
+            Annotation.annotator.label("reviewer"),
+            Annotation.source,
+            Annotation.external_id.label("annotation_id"),
+            Annotation.annotated_at.label("edited_at"),
+        )
+        .where(
+            Annotation.item_id == Cot.item_id,
+            Annotation.job_id == Cot.job_id,
+            Annotation.edited_response.is_not(None),  # a retraction has none
+            _current(),
+        )
+        .order_by(Annotation.annotated_at.desc(), Annotation.id.desc())
+        .limit(1)
+        .lateral("human_edit")
+    )
+
+
+async def item_reviews(session: AsyncSession, item_id: UUID, owner_key_id: UUID) -> list[Annotation]:
+    """The owner's reviews of the item that count now (the latest version of each
+    annotation, unless withdrawn), oldest first."""
+    rows = await session.scalars(
+        select(Annotation)
+        .where(
+            Annotation.item_id == item_id,
+            Annotation.owner_key_id == owner_key_id,
+            Annotation.retracted.is_(False),
+            _current(),
+        )
+        .order_by(Annotation.annotated_at, Annotation.id)
+    )
+    return list(rows)
+
+
+class CountedReview(NamedTuple):
+    """A review that counts now, with what the grader's gate said of its CoT."""
+
+    item_id: UUID
+    gate_accepted: bool | None  # None: not graded
+    reviewer: str  # the tool and its user: one person in two tools is two reviewers
+    verdict: str | None
+    edited: bool
+
+
+async def job_reviews(session: AsyncSession, job_id: UUID, owner_key_id: UUID) -> list[CountedReview]:
+    """The owner's reviews of the job's CoTs that count now, by item."""
+    rows = await session.execute(
+        select(
+            Annotation.item_id,
+            Cot.accepted,
+            func.concat(Annotation.source, ":", Annotation.annotator),
+            Annotation.verdict,
+            Annotation.edited_response.is_not(None),
+        )
+        .join(Cot, Cot.item_id == Annotation.item_id)
+        .where(
+            Cot.job_id == job_id,
+            Annotation.job_id == job_id,
+            Annotation.owner_key_id == owner_key_id,
+            Annotation.retracted.is_(False),
+            _current(),
+        )
+        .order_by(Annotation.item_id, Annotation.annotated_at)
+    )
+    return [CountedReview(*row) for row in rows]
+
+
+async def count_cots(session: AsyncSession, job_id: UUID) -> int:
+    """The job's CoTs: its completed items, each one a reviewer can review."""
+    return int(await session.scalar(select(func.count()).select_from(Cot).where(Cot.job_id == job_id)) or 0)
 
 
 _ADD_VERSIONS = (

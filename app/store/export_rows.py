@@ -35,6 +35,9 @@ class SampleRow:
     # Only for Source.SAMPLES_WITH_LOG: the item's successful turns of the deliberation stages
     # (never a hazardous one), each {"stage", "round", "agent", "output"}, in order.
     deliberation_log: list[dict[str, Any]] | None = None
+    # Only with human edits: the edit `response` is, {"reviewer", "source", "annotation_id",
+    # "edited_at"}; None: the model's own response.
+    human_edit: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +78,7 @@ class PairRow:
     rejected_thoughts: list[str]
     rejected_response: str
     gap: float
+    human_edit: dict[str, Any] | None = None  # as SampleRow's, of the chosen side's response
 
 
 @dataclass(frozen=True)
@@ -84,3 +88,4 @@ class ExportFilter:
     accepted_only: bool = False  # the quality gate accepted the CoT
     min_scores: dict[str, float] = field(default_factory=dict)  # metric -> lowest grader score kept
     human_approved: bool = False  # a reviewer accepted it and none currently rejects it
+    exclude_human_rejected: bool = False  # no reviewer currently rejects it

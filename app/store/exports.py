@@ -23,6 +23,7 @@ from sqlalchemy import (
     literal_column,
     select,
     text,
+    true,
     type_coerce,
 )
 from sqlalchemy.dialects.postgresql import JSONB, aggregate_order_by
@@ -30,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.deliberation.ports import Stage
 from app.deliberation.results import METRICS
-from app.store.annotations import human_approved
+from app.store.annotations import human_approved, human_rejected, latest_edit
 from app.store.export_rows import CotRow, ExportFilter, PairRow, SampleRow, Source
 from app.store.models import Cot, Item, PreferencePair, TurnRow
 
@@ -105,11 +106,28 @@ def _per_metric(scores: Any, key: str) -> Any:
     return type_coerce(case((graded, _json_object({m: scores[m][key] for m in METRICS}))), JSON)
 
 
-def _full_cot(c: Any) -> dict[str, Any]:
-    """The full record, key by key in the order of app.exports.records.FULL_COT_SCHEMA (which
+def _human_edit(edit: Any) -> Any:
+    """The reviewer's edit a row carries, as JSON ({"reviewer", "source", "annotation_id",
+    "edited_at"}), from `latest_edit()`'s columns `edit`; SQL NULL when there is none."""
+    described = func.json_build_object(  # json, not jsonb: the keys stay in this order
+        "reviewer",
+        edit.reviewer,
+        "source",
+        edit.source,
+        "annotation_id",
+        edit.annotation_id,
+        "edited_at",
+        _utc_isoformat(edit.edited_at),
+    )
+    return type_coerce(case((edit.reviewer.is_not(None), described)), JSON)
+
+
+def _full_cot(c: Any, human_edits: bool) -> dict[str, Any]:
+    """The full record, key by key in the order of app.exports.records.full_cot_schema (which
     tests/test_exports.py holds it to), from the stored columns `c` (of `_full_cot_query`'s
-    subquery): its one definition."""
-    return {
+    subquery): its one definition. With `human_edits`, the latest reviewer's edited response
+    replaces the model's, and `human_edit` (last) names it."""
+    record = {
         "item_id": cast(c.item_id, Text),
         "position": c.position,
         "prompt": c.prompt,
@@ -134,6 +152,10 @@ def _full_cot(c: Any) -> dict[str, Any]:
         "prompt_set_version": c.prompt_set_version,
         "created_at": _utc_isoformat(c.created_at),
     }
+    if human_edits:
+        record["response"] = func.coalesce(c.edited_response, c.response)
+        record["human_edit"] = _human_edit(c)
+    return record
 
 
 _FULL_COT_STORED = [
@@ -161,20 +183,20 @@ _FULL_COT_STORED = [
 ]
 
 
-def _full_cot_query(job_id: UUID, filters: ExportFilter) -> Select[Any]:
+def _full_cot_query(job_id: UUID, filters: ExportFilter, human_edits: bool) -> Select[Any]:
     """The job's full records as JSON text, one a row, in prompt order. Postgres writes each
     straight from the stored JSON (the API neither parses nor re-encodes it), in the outer
     query: above the subquery's sort, so it writes them as they are fetched. Inside, the
     sort's input would be the records, all written before the first one is sent, with
     Postgres and the API taking turns instead of working at the same time."""
+    query = select(*_FULL_COT_STORED).join(Item, Item.id == Cot.item_id)
+    if human_edits:
+        edit = latest_edit()
+        query = query.add_columns(*edit.c).outerjoin(edit, true())
     stored = (
-        select(*_FULL_COT_STORED)
-        .join(Item, Item.id == Cot.item_id)
-        .where(Cot.job_id == job_id, *_conditions(filters))
-        .order_by(Cot.position)
-        .subquery("stored")
+        query.where(Cot.job_id == job_id, *_conditions(filters)).order_by(Cot.position).subquery("stored")
     )
-    return select(cast(_json_object(_full_cot(stored.c)), Text)).order_by(stored.c.position)
+    return select(cast(_json_object(_full_cot(stored.c, human_edits)), Text)).order_by(stored.c.position)
 
 
 _JSON_FIELDS = frozenset(
@@ -188,6 +210,7 @@ _JSON_FIELDS = frozenset(
         "gate_reasons",
         "rejected_thoughts",
         "deliberation_log",
+        "human_edit",
     }
 )
 
@@ -235,22 +258,34 @@ def _conditions(filters: ExportFilter) -> list[ColumnElement[bool]]:
         conditions.append(cast(Cot.scores[metric]["score"].astext, Float) >= lowest)
     if filters.human_approved:
         conditions.append(human_approved())
+    if filters.exclude_human_rejected:
+        conditions.append(~human_rejected())
     return conditions
 
 
-def _selected(source: Source) -> list[str]:
+def _selected(source: Source, human_edits: bool) -> list[str]:
     """The source's row fields read from the database, in order (the rest keep defaults)."""
-    names = [f.name for f in fields(_ROW_TYPES[source])]
-    return [n for n in names if n != "deliberation_log" or source is Source.SAMPLES_WITH_LOG]
+    optional = {"deliberation_log": source is Source.SAMPLES_WITH_LOG, "human_edit": human_edits}
+    return [f.name for f in fields(_ROW_TYPES[source]) if optional.get(f.name, True)]
 
 
-def rows_query(job_id: UUID, source: Source, filters: ExportFilter) -> Select[Any]:
+def rows_query(job_id: UUID, source: Source, filters: ExportFilter, human_edits: bool = False) -> Select[Any]:
     """The columns of the source's row type, in its field order, for the job's CoTs; JSON
-    columns as text. For Source.FULL_COT_JSON, one column: the record as JSON text."""
+    columns as text. For Source.FULL_COT_JSON, one column: the record as JSON text. With
+    `human_edits`, the response is the latest reviewer's edit where there is one, and the
+    row says whose (not for Source.COTS, the labeling tools' rows: what reviewers review)."""
     if source is Source.FULL_COT_JSON:
-        return _full_cot_query(job_id, filters)
-    columns = [_COLUMNS[name] for name in _selected(source)]
-    query = select(*columns).select_from(Cot).join(Item, Item.id == Cot.item_id).where(Cot.job_id == job_id)
+        return _full_cot_query(job_id, filters, human_edits)
+    assert not (human_edits and source is Source.COTS), "labeling tasks carry the model's output"
+    columns = dict(_COLUMNS)
+    query = select().select_from(Cot).join(Item, Item.id == Cot.item_id)
+    if human_edits:
+        edit = latest_edit()
+        query = query.outerjoin(edit, true())
+        columns["response"] = func.coalesce(edit.c.edited_response, Cot.response)
+        columns["human_edit"] = _json(_human_edit(edit.c))
+    query = query.add_columns(*(columns[name] for name in _selected(source, human_edits)))
+    query = query.where(Cot.job_id == job_id)
     if source is Source.KEPT_PAIRS:
         query = query.join(PreferencePair, PreferencePair.item_id == Cot.item_id)
         # A purged pair (app/store/deletions.py purge_hazardous) has no rejected side left.
@@ -259,24 +294,31 @@ def rows_query(job_id: UUID, source: Source, filters: ExportFilter) -> Select[An
 
 
 async def stream_rows(
-    session: AsyncSession, job_id: UUID, source: Source, filters: ExportFilter, batch_rows: int = BATCH_ROWS
+    session: AsyncSession,
+    job_id: UUID,
+    source: Source,
+    filters: ExportFilter,
+    human_edits: bool = False,
+    batch_rows: int = BATCH_ROWS,
 ) -> AsyncGenerator[Sequence[Row[Any]], None]:
     """The job's rows of `rows_query` in prompt order, `batch_rows` at a time, from one
     server-side cursor: memory holds one batch whatever the job's size."""
-    result = await session.stream(rows_query(job_id, source, filters).execution_options(yield_per=batch_rows))
+    query = rows_query(job_id, source, filters, human_edits)
+    result = await session.stream(query.execution_options(yield_per=batch_rows))
     async for batch in result.partitions():
         yield batch
 
 
-def typed_rows(source: Source, batch: Sequence[Row[Any]]) -> list[Any]:
+def typed_rows(source: Source, batch: Sequence[Row[Any]], human_edits: bool = False) -> list[Any]:
     """Rows of `rows_query` as the source's row type, their JSON text parsed."""
     row_type = _ROW_TYPES[source]
-    parsed = [i for i, name in enumerate(_selected(source)) if name in _JSON_FIELDS]
+    names = _selected(source, human_edits)
+    parsed = [i for i, name in enumerate(names) if name in _JSON_FIELDS]
     typed = []
     for row in batch:
         values = list(row)
         for i in parsed:
             if values[i] is not None:
                 values[i] = orjson.loads(values[i])
-        typed.append(row_type(*values))
+        typed.append(row_type(**dict(zip(names, values, strict=True))))
     return typed
