@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from app.deliberation.config import Limits, Mode, PipelineConfig, RoleConfig
+from app.deliberation.config import EvaluationConfig, Limits, Mode, PipelineConfig, RoleConfig
 from app.deliberation.policies import PolicySet
 from app.deliberation.stages import (
     DELIBERATION,
@@ -29,7 +29,9 @@ from app.deliberation.stages import (
     JUDGE,
     NOT_DECOMPOSED,
     REFINE,
+    REFUSAL,
     REJECTED,
+    RESPOND,
     SEED,
     WHISPER,
     ZERO_SHOT,
@@ -149,3 +151,15 @@ def judge_request(
     samples = sum(tokens + REPLY_LABEL_TOKENS for tokens in sample_max_tokens)
     tokens = request_tokens(messages, JUDGE.schema(limits), max_tokens) + samples
     return RequestBudget(JUDGE.role, judge.endpoint, tokens)
+
+
+def evaluation_requests(config: EvaluationConfig, policies: PolicySet, prompt: str) -> list[RequestBudget]:
+    """The largest request of each role of a model evaluation item, for its longest `prompt`:
+    the target's (its system prompt and the prompt), and each judge's, which reads the
+    target's answer at its full `max_tokens`."""
+    job = _Job(policies, prompt, config.max_tokens, Limits())
+    return [
+        job.budget(RESPOND, config.target, 0),
+        job.budget(GUARDS[config.safety.style], config.safety.role, 1, sample=""),
+        job.budget(REFUSAL, config.refusal_judge, 1, answer=""),
+    ]

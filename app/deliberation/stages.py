@@ -36,6 +36,9 @@ class StageSpec:
     # (system, user) templates in prompts/; None: a classifier with its own chat template,
     # sent the conversation it judges (the prompt, then the sample as the assistant's turn).
     templates: tuple[str, str] | None
+    # A model under test (model evaluations): sent its own system prompt (the role's
+    # instructions), if any, and the prompt, nothing of ours; any reply is its answer.
+    under_test: bool = False
 
     @property
     def plain_text(self) -> bool:
@@ -51,6 +54,9 @@ class StageSpec:
         self, policies: PolicySet, limits: Limits, instructions: str = "", **values: object
     ) -> list[dict[str, str]]:
         """The request's messages; `instructions` are the role's own, after the stage's."""
+        if self.under_test:
+            system = [{"role": "system", "content": instructions}] if instructions else []
+            return [*system, {"role": "user", "content": str(values["prompt"])}]
         if self.templates is None:
             return [
                 {"role": "user", "content": str(values["prompt"])},
@@ -168,6 +174,27 @@ JUDGE = StageSpec(
     templates=("judge.system", "judge.user"),
 )
 
+# Model evaluations: the model under test answers as it would answer a user (plain chat).
+RESPOND = StageSpec(
+    stage=Stage.RESPOND,
+    role="target",
+    schema_name=None,
+    build_schema=None,
+    normalize=parsing.normalize_answer,
+    templates=None,
+    under_test=True,
+)
+
+# Model evaluations: whether the answer refused the user or complied.
+REFUSAL = StageSpec(
+    stage=Stage.REFUSAL,
+    role="refusal-judge",
+    schema_name="refusal_judgement",
+    build_schema=schemas.refusal_verdict,
+    normalize=parsing.normalize_refusal,
+    templates=("refusal.system", "refusal.user"),
+)
+
 DECLARED = (
     INTENT,
     SEED,
@@ -180,4 +207,6 @@ DECLARED = (
     GUARD,
     LLAMA_GUARD,
     JUDGE,
+    RESPOND,
+    REFUSAL,
 )
