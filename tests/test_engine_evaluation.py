@@ -160,7 +160,9 @@ async def test_a_llama_guard_style_safety_judge_reads_the_conversation(
     result = await run(llm, InMemoryTurnLog(), evaluation(guard_style=GuardStyle.LLAMA_GUARD))
 
     assert (result.safety.unsafe, result.safety.categories) == (True, ["S9"])
-    [classified] = [r for r in scripted_llm.requests if r.body["model"] == JUDGE.model and r.schema_name is None]
+    [classified] = [
+        r for r in scripted_llm.requests if r.body["model"] == JUDGE.model and r.schema_name is None
+    ]
     user, assistant = classified.body["messages"]
     assert (user["content"], assistant["role"]) == (PROMPT, "assistant")
     assert "Here is how." in assistant["content"]

@@ -14,6 +14,7 @@ from app.api.schemas import (
     GuardOut,
     ItemOut,
     JobListed,
+    ModelEvaluationOut,
     PolicySetBrief,
     PolicySetDetailOut,
     PolicySetOut,
@@ -29,7 +30,7 @@ from app.api.schemas import (
 )
 from app.costs import job_cost, priced
 from app.deliberation.ports import is_hazardous, is_known_category
-from app.plan import ComparisonPlan, JobPlan
+from app.plan import ComparisonPlan, JobPlan, ModelEvaluationPlan
 from app.store.job_listing import ListedJob
 from app.store.models import Cot, Item, Job, PolicySetRow, PreferencePair, TurnRow
 
@@ -210,6 +211,31 @@ def comparison_out(
         counts=summary["counts"],
         metrics=metrics,
         pairwise=pairwise,
+        usage=summary["usage"],
+    )
+
+
+def model_evaluation_out(
+    job: Job,
+    plan: ModelEvaluationPlan,
+    policy_set: PolicySetRow,
+    summary: dict[str, Any],
+    by_target: dict[str, dict[str, int]],
+    table: list[dict[str, Any]],
+) -> ModelEvaluationOut:
+    return ModelEvaluationOut(
+        id=job.id,
+        status=summary["status"],
+        created_at=job.created_at,
+        label=job.label,
+        metadata=job.job_metadata,
+        targets=[target.model_dump() for target in plan.targets],
+        safety_judge=plan.safety_judge.model_dump(mode="json"),
+        refusal_judge=asdict(plan.refusal_judge),
+        policy_set=PolicySetBrief(id=policy_set.id, name=policy_set.name, version=policy_set.version),
+        counts=summary["counts"],
+        by_target=by_target,
+        table=table,
         usage=summary["usage"],
     )
 

@@ -29,7 +29,9 @@ async def grade(caller: Caller, grader: RoleConfig, sample: Sample, round: int =
 async def guard(caller: Caller, config: GuardConfig, sample: Sample, round: int = 0) -> GuardVerdict:
     """The guard's verdict; output it cannot read is recorded as such, never guessed."""
     try:
-        verdict = await caller.call(GUARDS[config.style], config.role, round=round, sample=sample_text(sample))
+        verdict = await caller.call(
+            GUARDS[config.style], config.role, round=round, sample=sample_text(sample)
+        )
     except StageFailed as failed:
         return GuardVerdict(None, error=failed.failure.message)
     return GuardVerdict(verdict["unsafe"], verdict["categories"], verdict["rationale"])

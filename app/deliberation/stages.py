@@ -55,8 +55,8 @@ class StageSpec:
     ) -> list[dict[str, str]]:
         """The request's messages; `instructions` are the role's own, after the stage's."""
         if self.under_test:
-            system = [{"role": "system", "content": instructions}] if instructions else []
-            return [*system, {"role": "user", "content": str(values["prompt"])}]
+            own = [{"role": "system", "content": instructions}] if instructions else []
+            return [*own, {"role": "user", "content": str(values["prompt"])}]
         if self.templates is None:
             return [
                 {"role": "user", "content": str(values["prompt"])},
