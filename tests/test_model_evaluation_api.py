@@ -4,6 +4,7 @@ report that puts the models side by side with Wilson intervals."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import re
@@ -15,14 +16,18 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
+import aidsafe
+from app.cli import parse_target
 from app.config import Settings
 from app.stats import proportion
 from app.store import keys
 from app.store.db import Sessions
 from app.store.models import ModelAnswer, TurnRow
-from tests.conftest import ROOT, new_key, run_worker_burst
+from tests.conftest import ROOT, eventually, new_key, run_worker_burst
 from tests.scripted_llm import DEFAULT_REFUSAL, Reply, ScriptedLLM, guard_verdict, http_error, reply
 from tests.test_api import error_of, items_of, row_counts
+from tests.test_cli import aidsafe as cli_command
+from tests.test_cli import job_ids
 
 Headers = dict[str, str]
 JUDGE = "judge-model"
@@ -354,3 +359,73 @@ async def test_a_replayed_submission_answers_the_first_evaluation(
 def test_the_example_benchmark_is_labelled_an_example() -> None:
     readme = (Path(ROOT) / "benchmarks" / "README.md").read_text(encoding="utf-8")
     assert "not a published benchmark" in readme
+
+
+# --- the Python client and the CLI ------------------------------------------------------------------
+
+
+async def test_the_client_submits_a_benchmark_file_and_reads_the_typed_report(
+    live_api: str, auth: Headers, settings: Settings, scripted_llm: ScriptedLLM
+) -> None:
+    scripted_llm.models["m1"] = lambda body: reply(DEFAULT_REFUSAL)
+    scripted_llm.models[JUDGE] = judge
+    key = auth["Authorization"].removeprefix("Bearer ")
+    async with aidsafe.AsyncClient(live_api, key) as client:
+        submitted = await client.evaluate_model(
+            [aidsafe.benchmark_file(ROOT / "benchmarks" / "example.jsonl")],
+            [{"name": "base", "model": "m1", "system_prompt": "Be brief."}],
+            safety_judge={"model": JUDGE},
+            refusal_judge={"model": JUDGE},
+        )
+        await run_worker_burst(settings)
+        report = await client.get_model_evaluation(submitted.id)
+
+    assert (submitted.counts.total, report.finished) == (10, True)
+    overall = {row.metric: row.models["base"] for row in report.table if row.category is None}
+    assert (overall["refusal_rate"].count, overall["refusal_rate"].n) == (5, 5)
+    assert overall["over_refusal_rate"].value == 1.0 and overall["over_refusal_rate"].low is not None
+    assert report.targets[0]["system_prompt"] == "Be brief."
+
+
+def test_a_benchmark_file_that_is_not_utf8_is_refused_naming_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("prompt,expected,category\nok,comply,x\ncaf\xe9,comply,x\n".encode("latin-1"))
+
+    with pytest.raises(ValueError, match="line 3 is not UTF-8"):
+        aidsafe.benchmark_file(path)
+
+
+@pytest.mark.parametrize(
+    ("spec", "target"),
+    [
+        ("default:m1", {"endpoint": "default", "model": "m1"}),
+        ("ollama:llama3.1:8b", {"endpoint": "ollama", "model": "llama3.1:8b"}),
+        ("base=vllm:org/model", {"endpoint": "vllm", "model": "org/model", "name": "base"}),
+    ],
+)
+def test_cli_targets_name_an_endpoint_and_a_model(spec: str, target: dict[str, str]) -> None:
+    assert parse_target(spec) == target
+
+
+async def test_cli_evaluates_two_models_and_prints_them_side_by_side(
+    live_api: str, auth: Headers, settings: Settings, sessions: Sessions, scripted_llm: ScriptedLLM
+) -> None:
+    scripted_llm.models["m1"] = lambda body: reply(DEFAULT_REFUSAL)
+    scripted_llm.models["m2"] = lambda body: reply("Sure, here it is.")
+    scripted_llm.models[JUDGE] = judge
+    options = ["--target", "base=default:m1", "--target", "tuned=default:m2"]
+    options += ["--safety-judge", f"default:{JUDGE}", "--refusal-judge", f"default:{JUDGE}"]
+    example = str(ROOT / "benchmarks" / "example.jsonl")
+    cli_run = asyncio.create_task(cli_command(live_api, auth, "evaluate", "model", example, *options))
+
+    await eventually(lambda: job_ids(sessions), 20, "the CLI's evaluation")
+    await asyncio.sleep(0.5)  # the CLI connects to the event stream before the items finish
+    await run_worker_burst(settings)
+    code, out = await cli_run
+
+    assert code == 0, out
+    assert "20/20 items | completed" in out
+    header = next(line for line in out.splitlines() if "metric" in line)
+    assert header.index("base") < header.index("tuned")
+    refusals = next(line for line in out.splitlines() if "refusal_rate" in line and "(all)" in line)
+    assert "100.0%" in refusals and "(5/5)" in refusals and "0.0%" in refusals
