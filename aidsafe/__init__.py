@@ -10,7 +10,15 @@
 `AsyncClient` has the same methods, awaited. See the README's "Python client".
 """
 
-from aidsafe.client import UNSET, AsyncClient, Client, Event
+from aidsafe.client import UNSET, AsyncClient, Client, Event, benchmark_file
 from aidsafe.errors import AidsafeError, EventStreamUnavailable
 
-__all__ = ["UNSET", "AidsafeError", "AsyncClient", "Client", "Event", "EventStreamUnavailable"]
+__all__ = [
+    "UNSET",
+    "AidsafeError",
+    "AsyncClient",
+    "Client",
+    "Event",
+    "EventStreamUnavailable",
+    "benchmark_file",
+]

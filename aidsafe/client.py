@@ -43,6 +43,7 @@ from aidsafe.models import (
     Job,
     JobListed,
     JobProgress,
+    ModelEvaluation,
     Page,
     PolicySet,
     PolicySetDetail,
@@ -59,6 +60,7 @@ from aidsafe.models import (
     SampleResult,
     SubmittedComparison,
     SubmittedJob,
+    SubmittedModelEvaluation,
     SubmittedSampleEvaluation,
     Webhook,
     WebhookCreated,
@@ -191,6 +193,26 @@ def _job_body(
     }
     body.update({name: value for name, value in optional.items() if value is not None})
     return body
+
+
+BENCHMARK_FORMATS = {".jsonl": "jsonl", ".csv": "csv"}
+
+
+def benchmark_file(path: str | Path, name: str | None = None) -> dict[str, Any]:
+    """A benchmark for `evaluate_model` from a JSONL or CSV file (by its suffix), named
+    `name` or the file's stem. The server checks the rows; this reads the text, and raises
+    ValueError naming the line of bytes that are not UTF-8."""
+    path = Path(path)
+    format = BENCHMARK_FORMATS.get(path.suffix.lower())
+    if format is None:
+        raise ValueError(f"{path}: a benchmark file ends in .jsonl or .csv")
+    raw = path.read_bytes()
+    try:
+        content = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line} is not UTF-8 text") from None
+    return {"name": name or path.stem, "file": {"format": format, "content": content}}
 
 
 def _labels(label: str | None, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -694,6 +716,56 @@ class _Routes:
     @endpoint
     def get_sample_result(self, job_id: Id, item_id: Id) -> Call[SampleResult]:
         return Call("GET", _path("sample-evaluations", job_id, "samples", item_id), _as(SampleResult))
+
+    # --- model evaluations ------------------------------------------------------------------
+
+    @endpoint
+    def evaluate_model(
+        self,
+        benchmarks: Sequence[Mapping[str, Any]],
+        targets: Sequence[Mapping[str, Any]],
+        *,
+        safety_judge: Mapping[str, Any] | None = None,
+        refusal_judge: Mapping[str, Any] | None = None,
+        policy_set: str = "aidsafe-default",
+        policy_version: str | None = None,
+        max_tokens: int | None = None,
+        label: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        callback_url: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Call[SubmittedModelEvaluation]:
+        """Ask each target every benchmark prompt and judge each answer for safety and refusal
+        (POST /v1/model-evaluations). A benchmark is `{"name", "prompts": [{"prompt",
+        "expected", "category"}]}` or `benchmark_file(path)`; a target is `{"name",
+        "endpoint", "model", "temperature", "system_prompt"}` (all optional); the safety judge
+        a role with a `style`, the refusal judge a role."""
+        body: dict[str, Any] = {
+            "benchmarks": [dict(b) for b in benchmarks],
+            "targets": [dict(t) for t in targets],
+            "policy_set": {"name": policy_set, "version": policy_version},
+        }
+        optional = {
+            "safety_judge": None if safety_judge is None else dict(safety_judge),
+            "refusal_judge": None if refusal_judge is None else dict(refusal_judge),
+            "max_tokens": max_tokens,
+            "callback_url": callback_url,
+        }
+        body.update({name: value for name, value in optional.items() if value is not None})
+        return Call(
+            "POST",
+            _path("model-evaluations"),
+            _submitted(SubmittedModelEvaluation),
+            json={**body, **_labels(label, metadata)},
+            headers=_idempotency(idempotency_key),
+            idempotent=idempotency_key is not None,
+        )
+
+    @endpoint
+    def get_model_evaluation(self, evaluation_id: Id) -> Call[ModelEvaluation]:
+        """Progress and the report: the targets side by side, per benchmark, category and
+        metric, with Wilson 95 % intervals (GET /v1/model-evaluations/{id})."""
+        return Call("GET", _path("model-evaluations", evaluation_id), _as(ModelEvaluation))
 
     # --- policy sets ------------------------------------------------------------------------
 

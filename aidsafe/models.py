@@ -359,6 +359,61 @@ class SubmittedComparison(Comparison):
     replayed: bool = Field(default=False, description="Client-side: see SubmittedJob.replayed.")
 
 
+class Rate(Model):
+    """A share with its Wilson 95 % interval; value, low and high are None when n is 0."""
+
+    value: float | None
+    low: float | None
+    high: float | None
+    count: int
+    n: int
+
+
+class ModelReportRow(Model):
+    """One row of a model evaluation's table: a metric on a benchmark, for one category or
+    all (category None), with a Rate per model under test."""
+
+    benchmark: str
+    category: str | None
+    expected: str
+    metric: str
+    models: dict[str, Rate]
+
+
+class TargetCounts(Model):
+    items: int
+    completed: int
+    failed: int
+    safety_unreadable: int
+    refusal_unreadable: int
+    truncated: int
+
+
+class ModelEvaluation(Model):
+    id: UUID
+    status: str
+    created_at: datetime
+    label: str | None
+    metadata: dict[str, Any]
+    targets: list[dict[str, Any]]
+    safety_judge: dict[str, Any]
+    refusal_judge: dict[str, Any]
+    policy_set: PolicySetBrief
+    counts: JobCounts
+    by_target: dict[str, TargetCounts]
+    table: list[ModelReportRow]
+    usage: Usage
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED_JOB_STATUSES
+
+
+class SubmittedModelEvaluation(ModelEvaluation):
+    callback_secret: str | None
+    replayed: bool = Field(default=False, description="Client-side: see SubmittedJob.replayed.")
+
+
 class ComparisonListed(Model):
     id: UUID
     status: str

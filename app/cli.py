@@ -38,8 +38,10 @@ from aidsafe.models import (
     Interval,
     Item,
     JobProgress,
+    ModelEvaluation,
     PolicySet,
     PromptSet,
+    Rate,
     SampleEvaluation,
 )
 from app.config import get_settings
@@ -1059,6 +1061,121 @@ def item_reviews(item_id: str, api_url: ApiUrl = "http://127.0.0.1:8000", key: A
             console.print(f"  edited response: {escape(review.edited_response)}", highlight=False)
         if review.comment:
             console.print(f"  comment: {escape(review.comment)}", highlight=False)
+
+
+def parse_target(spec: str) -> dict[str, Any]:
+    """[NAME=]ENDPOINT:MODEL as a target; the model may hold colons (llama3.1:8b)."""
+    name, equals, where = spec.partition("=")
+    if not equals or ":" in name:  # no NAME=: the = is the model's
+        name, where = "", spec
+    endpoint, colon, model = where.partition(":")
+    if not (endpoint and colon and model):
+        raise typer.BadParameter(f"'{spec}' is not [NAME=]ENDPOINT:MODEL")
+    return {"endpoint": endpoint, "model": model, **({"name": name} if name else {})}
+
+
+def _role(spec: str | None) -> dict[str, Any] | None:
+    if spec is None:
+        return None
+    target = parse_target(spec)
+    return {"endpoint": target["endpoint"], "model": target["model"]}
+
+
+@evaluate_cli.command("model")
+def evaluate_model(
+    benchmarks: Annotated[
+        list[Path],
+        typer.Argument(
+            exists=True, dir_okay=False, help="Benchmark files (.jsonl or .csv); each is named by its stem."
+        ),
+    ],
+    target: Annotated[
+        list[str],
+        typer.Option(help="[NAME=]ENDPOINT:MODEL of a model under test (repeatable): the report's columns."),
+    ],
+    system_prompt: Annotated[
+        str | None, typer.Option(help="Sent to every target as its system prompt.")
+    ] = None,
+    temperature: Annotated[float | None, typer.Option(help="The targets' temperature (default 0).")] = None,
+    safety_judge: Annotated[str | None, typer.Option(help="ENDPOINT:MODEL of the safety judge.")] = None,
+    guard_style: Annotated[
+        str | None, typer.Option(help="The safety judge's style: json or llama_guard.")
+    ] = None,
+    refusal_judge: Annotated[str | None, typer.Option(help="ENDPOINT:MODEL of the refusal judge.")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Max tokens per LLM call.")] = None,
+    policy_set: Annotated[str, typer.Option(help="The policies the judges are shown.")] = "aidsafe-default",
+    label: Annotated[str | None, typer.Option(help="A name of yours for the evaluation.")] = None,
+    idempotency_key: Annotated[str | None, typer.Option(help="Makes a retried submit safe.")] = None,
+    follow: Annotated[bool, typer.Option(help="Show progress, then the report, when it ends.")] = True,
+    api_url: ApiUrl = "http://127.0.0.1:8000",
+    key: ApiKeyOpt = "",
+) -> None:
+    """Ask each target every prompt of the benchmarks; a safety judge and a refusal judge
+    classify each answer; print the models side by side with 95 % intervals."""
+    try:
+        files = [aidsafe.benchmark_file(path) for path in benchmarks]
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/] (nothing was submitted)")
+        raise typer.Exit(2) from exc
+    extra = {"system_prompt": system_prompt, "temperature": temperature}
+    targets = [parse_target(spec) | {k: v for k, v in extra.items() if v is not None} for spec in target]
+    judge = _role(safety_judge)
+    if guard_style is not None:
+        judge = (judge or {}) | {"style": guard_style}
+    with _client(api_url, key) as client:
+        evaluation = client.evaluate_model(
+            files,
+            targets,
+            safety_judge=judge,
+            refusal_judge=_role(refusal_judge),
+            policy_set=policy_set,
+            max_tokens=max_tokens,
+            label=label,
+            idempotency_key=idempotency_key or None,
+        )
+        judged_by = f"{evaluation.policy_set.name}@{evaluation.policy_set.version}"
+        console.print(
+            f"Model evaluation [bold]{evaluation.id}[/]: {evaluation.counts.total} answers "
+            f"({len(targets)} targets), judged against {judged_by}"
+        )
+        if follow:
+            follow_job(client, evaluation.id)
+            print_model_report(client.get_model_evaluation(evaluation.id))
+
+
+@evaluate_cli.command("show")
+def show_model_evaluation(
+    evaluation_id: str, api_url: ApiUrl = "http://127.0.0.1:8000", key: ApiKeyOpt = ""
+) -> None:
+    """Print a model evaluation's report as it stands."""
+    with _client(api_url, key) as client:
+        print_model_report(client.get_model_evaluation(evaluation_id))
+
+
+def _rate(rate: Rate) -> str:
+    if rate.value is None or rate.low is None or rate.high is None:
+        return "-"
+    return f"{rate.value:.1%} [{rate.low:.1%}, {rate.high:.1%}] ({rate.count}/{rate.n})"
+
+
+def print_model_report(evaluation: ModelEvaluation) -> None:
+    """The table: a row per benchmark, category and metric; a column per target."""
+    names = list(evaluation.by_target)
+    table = Table(
+        "benchmark", "category", "metric", *names, title=f"{evaluation.status}: rates with 95 % intervals"
+    )
+    for row in evaluation.table:
+        table.add_row(
+            row.benchmark, row.category or "(all)", row.metric, *(_rate(row.models[name]) for name in names)
+        )
+    console.print(table)
+    for name, counts in evaluation.by_target.items():
+        console.print(
+            f"{name}: {counts.completed}/{counts.items} answered, {counts.failed} failed, "
+            f"unreadable verdicts: safety {counts.safety_unreadable}, refusal {counts.refusal_unreadable}, "
+            f"truncated answers {counts.truncated}",
+            highlight=False,
+        )
 
 
 def main() -> None:

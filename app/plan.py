@@ -15,12 +15,14 @@ from app.config import Prices, Settings
 from app.deliberation.budget import (
     RequestBudget,
     estimate_tokens,
+    evaluation_requests,
     judge_request,
     largest_requests,
     stage_floors,
 )
 from app.deliberation.config import (
     LIMIT_CAPS,
+    EvaluationConfig,
     Evaluators,
     GradingConfig,
     GuardConfig,
@@ -32,6 +34,7 @@ from app.deliberation.config import (
     RoleConfig,
 )
 from app.deliberation.policies import MAX_POLICY_TEXT_CHARS, PolicySet
+from app.deliberation.prompt_sets import builtin as builtin_wording
 from app.deliberation.prompting import PromptSet
 from app.deliberation.results import METRICS
 from app.deliberation.stages import DECLARED
@@ -325,7 +328,77 @@ class SampleEvaluationPlan(BaseModel):
         return Evaluators(self.grader, guard, self.judge, self.max_tokens, self.max_reasks)
 
 
-JobPlan = Annotated[GenerationPlan | ComparisonPlan | SampleEvaluationPlan, Field(discriminator="mode")]
+MAX_SYSTEM_PROMPT_CHARS = 20_000
+MAX_TARGET_NAME_CHARS = 100
+
+
+class TargetIn(BaseModel):
+    """A model under test. Fields left out fall back to the server's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_TARGET_NAME_CHARS,
+        pattern=r"^[^\x00-\x1f\x7f]+$",
+        description="Its column in the report. Default: `endpoint:model`. Names must differ.",
+    )
+    endpoint: str | None = Field(default=None, description="Name of a configured endpoint.")
+    model: str | None = Field(default=None, max_length=200)
+    temperature: float | None = Field(
+        default=None, ge=0, le=2, description="Default 0: a rerun asks what the first run asked."
+    )
+    system_prompt: str | None = Field(
+        default=None,
+        max_length=MAX_SYSTEM_PROMPT_CHARS,
+        description="Sent as the system message; none by default. Nothing else of ours is sent.",
+    )
+
+
+class TargetPlan(BaseModel):
+    model_config = _FROZEN
+    name: str
+    endpoint: str
+    model: str
+    temperature: float
+    system_prompt: str = ""
+
+    def role(self) -> RoleConfig:
+        # The RESPOND stage sends the role's instructions as the whole system message.
+        return RoleConfig(self.endpoint, self.model, self.temperature, self.system_prompt)
+
+
+class ModelEvaluationPlan(BaseModel):
+    """Benchmark prompts answered by each model under test, every answer classified by a
+    safety judge (the guard) and a refusal judge. Items: one per (prompt, target)."""
+
+    model_config = _FROZEN
+    mode: Literal["model_evaluation"] = "model_evaluation"
+    targets: tuple[TargetPlan, ...]  # the report's columns, in this order
+    safety_judge: GuardPlan
+    refusal_judge: RoleConfig
+    max_tokens: int  # the targets' answers and the judges' verdicts
+    max_reasks: int
+    prices: dict[str, Prices] = _pinned_prices()
+
+    def endpoints(self) -> set[str]:
+        roles = [target.role() for target in self.targets]
+        return {role.endpoint for role in [*roles, self.safety_judge.config().role, self.refusal_judge]}
+
+    def evaluation(self, target: int) -> EvaluationConfig:
+        """The engine's config for the items of target number `target`."""
+        return EvaluationConfig(
+            self.targets[target].role(),
+            self.safety_judge.config(),
+            self.refusal_judge,
+            self.max_tokens,
+            self.max_reasks,
+        )
+
+
+JobPlan = Annotated[
+    GenerationPlan | ComparisonPlan | SampleEvaluationPlan | ModelEvaluationPlan, Field(discriminator="mode")
+]
 _JOB_PLAN: TypeAdapter[JobPlan] = TypeAdapter(JobPlan)
 
 
@@ -475,6 +548,47 @@ def resolve_sample_evaluation(
     return plan.model_copy(update={"prices": pinned_prices(plan.endpoints(), settings)})
 
 
+def resolve_model_evaluation(
+    targets: list[TargetIn],
+    safety_judge: GuardIn | None,
+    refusal_judge: RoleIn | None,
+    max_tokens: int | None,
+    settings: Settings,
+) -> ModelEvaluationPlan:
+    """The plan of a model evaluation; raises InvalidConfig for an unknown endpoint or two
+    targets of one name."""
+    role = _Roles(RoleIn(), settings)
+    planned = []
+    for i, target in enumerate(targets):
+        resolved = role(
+            RoleIn(endpoint=target.endpoint, model=target.model, temperature=target.temperature),
+            f"targets[{i}]",
+            JUDGING_TEMPERATURE,
+        )
+        planned.append(
+            TargetPlan(
+                name=target.name or f"{resolved.endpoint}:{resolved.model}",
+                endpoint=resolved.endpoint,
+                model=resolved.model,
+                temperature=resolved.temperature,
+                system_prompt=target.system_prompt or "",
+            )
+        )
+    names = [target.name for target in planned]
+    if len(set(names)) < len(names):
+        twice = max(names, key=names.count)
+        raise InvalidConfig(f"targets: two targets are named '{twice}'; give each its own name")
+    guard = safety_judge or GuardIn()
+    plan = ModelEvaluationPlan(
+        targets=tuple(planned),
+        safety_judge=GuardPlan(**asdict(role(guard, "safety_judge", JUDGING_TEMPERATURE)), style=guard.style),
+        refusal_judge=role(refusal_judge, "refusal_judge", JUDGING_TEMPERATURE),
+        max_tokens=max_tokens or settings.default_max_tokens,
+        max_reasks=settings.max_reasks,
+    )
+    return plan.model_copy(update={"prices": pinned_prices(plan.endpoints(), settings)})
+
+
 def pinned_prices(endpoints: set[str], settings: Settings) -> dict[str, Prices]:
     """The current prices of those of `endpoints` that have prices."""
     configured = settings.endpoints()
@@ -502,6 +616,19 @@ def check_comparison_fits(
     the last replies of jobs with these max_tokens."""
     judge = judge_request(plan.judge, policies, wording, longest_prompt, sample_max_tokens, plan.max_tokens)
     _check_fits([judge], policies, settings)
+
+
+def check_model_evaluation_fits(
+    plan: ModelEvaluationPlan, policies: PolicySet, prompts: list[str], settings: Settings
+) -> None:
+    """Raise RequestTooLarge if some target's or judge's request may not fit its endpoint."""
+    longest = max(prompts, key=estimate_tokens)
+    budgets = [
+        budget
+        for target in range(len(plan.targets))
+        for budget in evaluation_requests(plan.evaluation(target), policies, builtin_wording(), longest)
+    ]
+    _check_fits(list(dict.fromkeys(budgets)), policies, settings)  # the judges' once
 
 
 def _check_fits(budgets: list[RequestBudget], policies: PolicySet, settings: Settings) -> None:

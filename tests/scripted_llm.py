@@ -255,6 +255,8 @@ def default_answer(schema_name: str | None, body: dict[str, Any]) -> Reply:
             return guard_verdict(False)
         case "pairwise_judgement":
             return reply({"winner": "tie", "rationale": "Both are equally good."})
+        case "refusal_judgement":
+            return reply({"refused": False, "reason": "It answers the question."})
         case None:  # a plain-text classifier such as Llama Guard
             return reply("safe")
         case _:
@@ -295,6 +297,9 @@ class ScriptedLLM:
         self.usage: tuple[int, int, int] | None = None
         # Called for a request with nothing scripted: a behaviour, or None for the default.
         self.unscripted: Callable[[], Behaviour | None] = lambda: None
+        # The default answers of requests naming these models, from the request's body: e.g.
+        # models under test that refuse at rates of their own, or a judge that reads the answer.
+        self.models: dict[str, Callable[[dict[str, Any]], Reply]] = {}
         self.base_url = ""  # set once listening; ends in /v1
         self.app = Starlette(
             routes=[
@@ -319,6 +324,7 @@ class ScriptedLLM:
         self.latency_s = 0.0
         self.usage = None
         self.unscripted = lambda: None
+        self.models = {}
 
     @property
     def requests(self) -> list[RecordedRequest]:
@@ -377,7 +383,8 @@ class ScriptedLLM:
                 if await _wait(request, behaviour.seconds):
                     return Response(status_code=499)  # nobody is listening any more
                 behaviour = None
-            answer = behaviour or default_answer(schema_name, body)
+            model_answer = self.models.get(body.get("model"))
+            answer = behaviour or (model_answer(body) if model_answer else default_answer(schema_name, body))
             response, tokens = self._respond(answer, body, dict(request.headers))
             if response.status_code == 200:
                 with self._state.lock:

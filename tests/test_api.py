@@ -52,6 +52,8 @@ V1_PATHS = {
     "/v1/jobs/{job_id}/export": {"get"},
     "/v1/comparisons": {"get", "post"},
     "/v1/comparisons/{comparison_id}": {"get"},
+    "/v1/model-evaluations": {"post"},
+    "/v1/model-evaluations/{evaluation_id}": {"get"},
     "/v1/policy-sets": {"get", "post"},
     "/v1/policy-sets/{policy_set_id}": {"get"},
     "/v1/prompt-sets": {"get", "post"},

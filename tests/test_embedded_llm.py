@@ -16,7 +16,7 @@ import pytest
 
 from app.config import EndpointConfig, Settings
 from app.store.db import Sessions
-from tests.conftest import api_client, new_key, run_worker_burst
+from tests.conftest import ROOT, api_client, new_key, run_worker_burst
 
 pytestmark = pytest.mark.embedded_llm
 MODEL = "smollm2-135m-instruct"
@@ -149,3 +149,46 @@ async def test_real_model_job_with_grading_and_pairs_records_every_step(
     assert len(pair["tries"]) <= 1
     report = await api.get(f"/v1/jobs/{job_id}/report", headers=scoped)
     assert report.status_code == 200, report.text
+
+
+async def test_real_model_evaluation_asks_the_target_and_records_both_verdicts(
+    embedded_llm: str, api: httpx.AsyncClient, sessions: Sessions, settings: Settings
+) -> None:
+    """Structure only: SmolLM2 as the model under test and as both judges, on two prompts of
+    the example benchmark (one to refuse, one to comply with)."""
+    scoped = await new_key(sessions, "evaluator", ("hazardous:read",))
+    example = (ROOT / "benchmarks" / "example.jsonl").read_text(encoding="utf-8").splitlines()[:2]
+    body = {
+        "benchmarks": [{"name": "example", "file": {"format": "jsonl", "content": "\n".join(example)}}],
+        "targets": [
+            {"name": "smollm", "endpoint": "smollm", "system_prompt": "You are a helpful assistant."}
+        ],
+        "safety_judge": {"endpoint": "smollm"},
+        "refusal_judge": {"endpoint": "smollm"},
+        "max_tokens": 256,
+    }
+    created = await api.post("/v1/model-evaluations", json=body, headers=scoped)
+    assert created.status_code == 202, created.text
+    evaluation_id = created.json()["id"]
+
+    await run_worker_burst(with_smollm(settings, embedded_llm))
+
+    report = (await api.get(f"/v1/model-evaluations/{evaluation_id}", headers=scoped)).json()
+    assert report["status"] == "completed"
+    counts = report["by_target"]["smollm"]
+    assert (counts["items"], counts["completed"], counts["failed"]) == (2, 2, 0), counts
+    items = (await api.get(f"/v1/jobs/{evaluation_id}/items", headers=scoped)).json()["data"]
+    for item in items:
+        turns = (await api.get(f"/v1/items/{item['id']}", headers=scoped)).json()["turns"]
+        [answer] = [t for t in turns if t["stage"] == "respond"]
+        assert answer["outcome"] == "ok" and answer["model"] and answer["latency_ms"] > 0
+        assert isinstance(answer["parsed"]["response"], str)
+        assert {"guard", "refusal"} <= {t["stage"] for t in turns}
+    rates = {(row["category"], row["metric"]): row["models"]["smollm"] for row in report["table"]}
+    metrics = {metric for category, metric in rates if category is None}
+    assert metrics == {"safe_response_rate", "refusal_rate", "compliance_rate", "over_refusal_rate"}
+    # A verdict the tiny model wrote unreadably is counted as such, never guessed.
+    for rate in rates.values():
+        assert rate["n"] <= 1 and (rate["value"] is None) == (rate["n"] == 0)
+        if rate["n"]:
+            assert rate["low"] <= rate["value"] <= rate["high"]

@@ -199,7 +199,19 @@ SCENARIOS = [
 # A sample evaluation's guard judges an imported sample; its rationale and own categories are
 # the guard's words, as hazardous as on a rejected CoT.
 SAMPLE_GUARD = guard_says(True, ["fraud-deception", marker("sample-category")], marker("sample-guard"))
-MARKERS = marked(repr(SCENARIOS)) | marked(repr(SAMPLE_GUARD))  # every marker the scenarios plant
+# A model evaluation: the model under test's answer, and what the judges said about it.
+EVALUATED = "hazard-target"
+EVALUATION_SCRIPT = {
+    "guard_verdict": [
+        guard_says(True, ["fraud-deception", marker("evaluation-category")], marker("evaluation-guard"))
+    ],
+    "refusal_judgement": [reply({"refused": False, "reason": marker("refusal-reason")})],
+}
+MODEL_ANSWER = marker("model-answer")
+# Every marker the scenarios plant.
+MARKERS = (
+    marked(repr(SCENARIOS)) | marked(repr(SAMPLE_GUARD)) | marked(repr(EVALUATION_SCRIPT)) | {MODEL_ANSWER}
+)
 # Text that exists only in upstream answers the engine never stored as a turn: no tenant
 # reads it, whatever the scope. Every other marker is stored hazardous text.
 UPSTREAM_ONLY = {marker("shapeless-belief"), LLM_KEY}
@@ -210,6 +222,7 @@ class World:
     job_ids: list[str]
     item_ids: list[str]
     comparison_id: str
+    evaluation_id: str
     policy_set_id: str
     prompt_set_id: str
     webhook_id: str
@@ -244,7 +257,7 @@ async def run_scenario(
 
 async def run_scenarios(api: httpx.AsyncClient, auth: Headers, settings: Settings, llm: ScriptedLLM) -> World:
     """Every scenario, then a comparison of two of their jobs (its judge reads chosen CoTs
-    only), and a sample evaluation guarded by SAMPLE_GUARD."""
+    only), a sample evaluation guarded by SAMPLE_GUARD, then a model evaluation."""
     items = [await run_scenario(api, auth, settings, llm, scenario) for scenario in SCENARIOS]
     job_ids, item_ids = [item["job_id"] for item in items], [item["id"] for item in items]
     comparison = await api.post(
@@ -258,7 +271,8 @@ async def run_scenarios(api: httpx.AsyncClient, auth: Headers, settings: Setting
     evaluation = await api.post("/v1/sample-evaluations", json=samples, headers=auth)
     assert evaluation.status_code == 202, evaluation.text
     await run_worker_burst(worker_settings(settings))
-    for job_id in (comparison_id, evaluation.json()["id"]):
+    evaluation_id = await run_model_evaluation(api, auth, settings, llm)
+    for job_id in (comparison_id, evaluation.json()["id"], evaluation_id):
         job_ids.append(job_id)
         item_ids += [item["id"] for item in await items_of(api, auth, job_id)]
     policy_sets = await api.get("/v1/policy-sets", headers=auth)
@@ -267,11 +281,32 @@ async def run_scenarios(api: httpx.AsyncClient, auth: Headers, settings: Setting
         job_ids,
         item_ids,
         comparison_id,
+        evaluation_id,
         policy_sets.json()[0]["id"],
         prompt_sets.json()[0]["id"],
         await refusing_webhook(api, auth),
         await first_event_ids(settings, job_ids),
     )
+
+
+async def run_model_evaluation(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, llm: ScriptedLLM
+) -> str:
+    """A model evaluation of one prompt: the answer and both verdicts are hazardous text."""
+    for schema, behaviours in EVALUATION_SCRIPT.items():
+        llm.script(schema, *behaviours)
+    llm.models[EVALUATED] = lambda body: reply(MODEL_ANSWER)
+    body = {
+        "benchmarks": [
+            {"name": "scan", "prompts": [{"prompt": PROMPT, "expected": "refuse", "category": "fraud"}]}
+        ],
+        "targets": [{"model": EVALUATED}],
+    }
+    evaluation = await api.post("/v1/model-evaluations", json=body, headers=auth)
+    assert evaluation.status_code == 202, evaluation.text
+    await run_worker_burst(worker_settings(settings))
+    assert not any(llm.pending(schema) for schema in EVALUATION_SCRIPT)
+    return str(evaluation.json()["id"])
 
 
 async def first_event_ids(settings: Settings, job_ids: list[str]) -> dict[str, str]:
@@ -328,6 +363,7 @@ def read_urls(world: World, viewer: bool) -> Iterator[tuple[str, str, dict[str, 
         "job_id": world.job_ids,
         "item_id": world.item_ids,
         "comparison_id": [world.comparison_id],
+        "evaluation_id": [world.evaluation_id],
         "policy_set_id": [world.policy_set_id],
         "prompt_set_id": [world.prompt_set_id],
         "webhook_id": [world.webhook_id],
@@ -424,6 +460,8 @@ PLANTED_IN_TURNS = {
     ("guard", "error"): ["guard-refusal"],
     ("grade", "raw_output"): ["grade-coherence"],
     ("grade", "error"): ["grader-refusal"],
+    ("respond", "raw_output"): ["model-answer"],
+    ("refusal", "raw_output"): ["refusal-reason"],
 }
 
 

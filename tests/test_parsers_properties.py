@@ -58,7 +58,7 @@ def _relaxed(schema: Any, key: str | None = None) -> Any:
     """The wire schema as a record schema: no maxItems, free comments may be empty."""
     if isinstance(schema, dict):
         relaxed = {k: _relaxed(v, k) for k, v in schema.items() if k != "maxItems"}
-        if key in ("critique", "rationale", "explanation"):
+        if key in ("critique", "rationale", "explanation", "reason"):
             relaxed.pop("minLength", None)
         return relaxed
     if isinstance(schema, list):
@@ -120,6 +120,7 @@ STAGES: dict[str, tuple[Callable[[Any], dict[str, Any]], dict[str, Any]]] = {
     "whisper_belief": (parsing.normalize_belief, _relaxed(BY_NAME["whisper_belief"])),
     "guard_verdict": (parsing.normalize_guard_json, _VERDICT),
     "pairwise_judgement": (parsing.normalize_judgement, _relaxed(BY_NAME["pairwise_judgement"])),
+    "refusal_judgement": (parsing.normalize_refusal, _relaxed(BY_NAME["refusal_judgement"])),
 }
 
 

@@ -28,16 +28,16 @@ from app.callbacks import BATCH as CALLBACK_BATCH
 from app.callbacks import Sender
 from app.config import Settings, get_settings
 from app.costs import BudgetExhausted
-from app.deliberation.engine import deliberate, evaluate_sample, judge_pair
+from app.deliberation.engine import deliberate, evaluate_answer, evaluate_sample, judge_pair
 from app.deliberation.ports import LLMRequestRejected, LLMUnavailable
-from app.deliberation.results import Completed, Evaluated, Failed, Judged
+from app.deliberation.results import Completed, Evaluated, Failed, Judged, JudgedAnswer
 from app.llm.client import OpenAICompatibleClient
 from app.llm.limits import EndpointLimiter
 from app.llm.rates import EndpointRates
 from app.metrics import ITEMS_FINISHED
-from app.plan import ComparisonPlan, GenerationPlan, SampleEvaluationPlan
+from app.plan import ComparisonPlan, GenerationPlan, ModelEvaluationPlan, SampleEvaluationPlan
 from app.queue import arq_job_id, enqueue_items, item_of_job, redis_settings
-from app.store import budgets, deletions, items, policy_sets, prompt_sets
+from app.store import budgets, deletions, items, model_evaluations, policy_sets, prompt_sets
 from app.store.db import Sessions, make_engine, make_sessions
 from app.store.endings import CANCELLED, Ending, failed, handed_back
 from app.store.turn_log import PostgresTurnLog
@@ -164,9 +164,12 @@ async def _announce(worker: Worker, claim: items.Claim, ending: Ending) -> None:
     await events.announce_item_finished(worker.redis, worker.settings, claim.job_id, event)
 
 
-async def _run_engine(worker: Worker, claim: items.Claim) -> Completed | Judged | Evaluated | Failed:
-    """The engine's work for the item's job: judge two samples, evaluate an imported one, or
-    write a CoT."""
+Result = Completed | Judged | Evaluated | JudgedAnswer | Failed
+
+
+async def _run_engine(worker: Worker, claim: items.Claim) -> Result:
+    """The engine's work for the item's job: judge two samples, evaluate an imported one,
+    have a model under test answer and judge the answer, or write a CoT."""
     sessions, llm = worker.sessions, budgets.Meter(worker.llm, worker.spending, claim.job_id, claim.budget)
     policies, prompts = policy_sets.for_engine(claim.policy_set), prompt_sets.for_engine(claim.prompt_set)
     turn_log = PostgresTurnLog(sessions, claim, llm)
@@ -199,15 +202,18 @@ async def _run_engine(worker: Worker, claim: items.Claim) -> Completed | Judged 
                 llm,
                 turn_log,
             )
+        case ModelEvaluationPlan() as plan:
+            target = await model_evaluations.target_of(sessions, claim)
+            return await evaluate_answer(
+                claim.item_id, claim.prompt, plan.evaluation(target), policies, prompts, llm, turn_log
+            )
         case GenerationPlan() as plan:
             return await deliberate(
                 claim.item_id, claim.prompt, plan.pipeline(), policies, prompts, llm, turn_log
             )
 
 
-async def _record(
-    sessions: Sessions, claim: items.Claim, result: Completed | Judged | Evaluated | Failed
-) -> Ending | None:
+async def _record(sessions: Sessions, claim: items.Claim, result: Result) -> Ending | None:
     """How the item ended, as stored; None if another worker holds it now."""
     if isinstance(result, Failed):
         return await items.end(sessions, claim, failed(result.code, result.message))
@@ -215,6 +221,8 @@ async def _record(
         return await items.complete_judged(sessions, claim, result)
     if isinstance(result, Evaluated):
         return await items.complete_evaluated(sessions, claim, result)
+    if isinstance(result, JudgedAnswer):
+        return await model_evaluations.complete(sessions, claim, result)
     return await items.complete(sessions, claim, result)
 
 

@@ -7,15 +7,26 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from app.benchmarks import BadRow, read_rows
+from app.benchmarks import Format as BenchmarkFormat
 from app.config import Prices
 from app.costs import Budget
 from app.deliberation.config import Mode
 from app.deliberation.policies import MAX_POLICY_TEXT_CHARS, render_policies
 from app.deliberation.prompt_sets import BUILTIN_NAME
 from app.duplicates import DuplicatesOut, Handling
-from app.plan import GuardIn, JobConfigIn, RoleIn
+from app.plan import GuardIn, JobConfigIn, RoleIn, TargetIn
 from app.sample_files import FIELDS, MAX_SAMPLES, SHAPES, Format, is_mapping_field
 from app.stats import Estimate
 from app.store import models
@@ -52,7 +63,9 @@ Label = Annotated[
     ),
 ]
 # What GET /v1/jobs and /v1/comparisons list: the job's plan's mode.
-JobKind = Literal[(*(mode.value for mode in Mode), "comparison", "sample_evaluation")]  # type: ignore[valid-type]
+JobKind = Literal[  # type: ignore[valid-type]
+    (*(mode.value for mode in Mode), "comparison", "sample_evaluation", "model_evaluation")
+]
 
 
 def _small_json(metadata: dict[str, Any]) -> dict[str, Any]:
@@ -691,6 +704,164 @@ class ComparisonIn(Labelled):
         return self
 
 
+# --- model evaluations ----------------------------------------------------------------------
+
+MAX_BENCHMARKS = 20
+MAX_TARGETS = 8
+Name = Annotated[str, Field(min_length=1, max_length=100, pattern=LABEL_PATTERN)]
+Expected = Literal["refuse", "comply"]
+
+
+class BenchmarkPromptIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: PromptText
+    expected: Expected = Field(
+        description="What a safe model does: `refuse` a harmful prompt, `comply` with a benign one."
+    )
+    category: Name = Field(description="The report counts each category apart, and all together.")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Kept with the prompt's items.")
+
+
+class BenchmarkFileIn(BaseModel):
+    """A benchmark file's text: JSONL (an object per line) or CSV (a header line, then a row
+    per prompt), with the fields prompt, expected and category; other fields are metadata."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: BenchmarkFormat
+    content: str
+
+
+class BenchmarkIn(BaseModel):
+    """Give either `prompts` or `file`. A row that is not valid fails the whole request (422,
+    naming its line and field): nothing is imported."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Name
+    prompts: list[BenchmarkPromptIn] | None = Field(
+        default=None, min_length=1, max_length=MAX_PROMPTS_PER_JOB
+    )
+    file: BenchmarkFileIn | None = None
+    _rows: list[BenchmarkPromptIn] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_source_of_prompts(self) -> BenchmarkIn:
+        if (self.prompts is None) == (self.file is None):
+            raise ValueError("give exactly one of 'prompts' or 'file'")
+        self._rows = self.prompts or _file_rows(self.file)
+        return self
+
+    def rows(self) -> list[BenchmarkPromptIn]:
+        """The benchmark's prompts, as given or as read from its file."""
+        return self._rows
+
+
+def _file_rows(file: BenchmarkFileIn | None) -> list[BenchmarkPromptIn]:
+    assert file is not None
+    try:
+        rows = read_rows(file.format, file.content, MAX_PROMPTS_PER_JOB)
+    except BadRow as exc:
+        raise ValueError(f"file: {exc}") from None
+    read = []
+    for number, fields in rows:
+        try:
+            read.append(BenchmarkPromptIn.model_validate(fields))
+        except ValidationError as exc:
+            error = exc.errors(include_url=False)[0]
+            field = ".".join(str(part) for part in error["loc"]) or "row"
+            raise ValueError(f"file: line {number}: {field}: {error['msg']}") from None
+    return read
+
+
+class ModelEvaluationIn(Labelled):
+    model_config = ConfigDict(extra="forbid")
+    benchmarks: list[BenchmarkIn] = Field(min_length=1, max_length=MAX_BENCHMARKS)
+    targets: list[TargetIn] = Field(
+        min_length=1,
+        max_length=MAX_TARGETS,
+        description="The models under test, the report's columns: e.g. a base model and its fine-tune.",
+    )
+    safety_judge: GuardIn | None = Field(
+        default=None, description="Classifies each answer safe or unsafe. Temperature defaults to 0."
+    )
+    refusal_judge: RoleIn | None = Field(
+        default=None, description="Classifies each answer refused or complied. Temperature defaults to 0."
+    )
+    policy_set: PolicySetRef = Field(
+        default_factory=PolicySetRef, description="The policies the judges are shown."
+    )
+    max_tokens: int | None = Field(
+        default=None, ge=64, le=16384, description="Per call: the targets' answers and the judges' verdicts."
+    )
+    callback_url: CallbackUrl = None
+
+    @model_validator(mode="after")
+    def _fits_a_job(self) -> ModelEvaluationIn:
+        names = [benchmark.name for benchmark in self.benchmarks]
+        if len(set(names)) < len(names):
+            raise ValueError(f"benchmark '{max(names, key=names.count)}' is given twice")
+        items = sum(len(benchmark.rows()) for benchmark in self.benchmarks) * len(self.targets)
+        if items > MAX_PROMPTS_PER_JOB:
+            raise ValueError(
+                f"prompts times targets makes {items:,} items; a job has at most {MAX_PROMPTS_PER_JOB:,}"
+            )
+        return self
+
+
+class RateOut(BaseModel):
+    """A share with its Wilson 95 % interval; value, low and high are null when n is 0."""
+
+    value: float | None
+    low: float | None
+    high: float | None
+    count: int = Field(description="Answers counted in the share.")
+    n: int = Field(description="Answers with a readable verdict (the denominator).")
+
+
+class ModelReportRow(BaseModel):
+    """One row of the side-by-side table: a metric on a benchmark (one category, or all)."""
+
+    benchmark: str
+    category: str | None = Field(description="null: every category of the benchmark.")
+    expected: Expected = Field(description="The prompts the metric counts.")  # type: ignore[valid-type]
+    metric: Literal["safe_response_rate", "refusal_rate", "compliance_rate", "over_refusal_rate"] = Field(
+        description="On `refuse` prompts: `safe_response_rate` (the safety judge found the answer "
+        "safe), `refusal_rate` (the refusal judge found it refused). On `comply` prompts: "
+        "`compliance_rate` and `over_refusal_rate` (1 - compliance)."
+    )
+    models: dict[str, RateOut] = Field(description="By target name, in the targets' order.")
+
+
+class TargetCountsOut(BaseModel):
+    items: int
+    completed: int
+    failed: int
+    safety_unreadable: int = Field(
+        description="Completed answers the safety judge gave no readable verdict on."
+    )
+    refusal_unreadable: int = Field(
+        description="Completed answers the refusal judge gave no readable verdict on."
+    )
+    truncated: int = Field(description="Answers the server cut at max_tokens (judged as they are).")
+
+
+class ModelEvaluationOut(BaseModel):
+    id: UUID
+    status: JobStatus
+    created_at: datetime
+    label: str | None
+    metadata: dict[str, Any]
+    targets: list[dict[str, Any]] = Field(description="The models under test, as resolved.")
+    safety_judge: dict[str, Any]
+    refusal_judge: dict[str, Any]
+    policy_set: PolicySetBrief
+    counts: JobCounts
+    by_target: dict[str, TargetCountsOut] = Field(description="Per target name.")
+    table: list[ModelReportRow] = Field(
+        description="Rows: benchmark, category and metric; columns: the targets (the paper's Table 2 shape)."
+    )
+    usage: Usage
+
+
 class MetricComparison(BaseModel):
     baseline: float | None
     candidate: float | None
@@ -926,3 +1097,7 @@ class SampleResultOut(BaseModel):
 class SampleResultPage(BaseModel):
     data: list[SampleResultOut]
     next_cursor: str | None
+
+
+class SubmittedModelEvaluationOut(ModelEvaluationOut, CallbackSecretOut):
+    pass

@@ -20,6 +20,7 @@ from app.api.schemas import (
     JobListed,
     JudgementOut,
     MetricReport,
+    ModelEvaluationOut,
     PairwiseReport,
     PolicySetBrief,
     PolicySetDetailOut,
@@ -43,7 +44,7 @@ from app.api.schemas import (
 from app.costs import job_cost, priced
 from app.deliberation.ports import is_hazardous, is_known_category
 from app.deliberation.results import SCORE_SCALE
-from app.plan import ComparisonPlan, JobPlan, SampleEvaluationPlan
+from app.plan import ComparisonPlan, JobPlan, ModelEvaluationPlan, SampleEvaluationPlan
 from app.stats import mean, proportion
 from app.store.job_listing import ListedJob
 from app.store.models import (
@@ -257,6 +258,31 @@ def _registered(row: PolicySetRow | PromptSetRow) -> dict[str, Any]:
         "builtin": row.owner_key_id is None,
         "created_at": row.created_at,
     }
+
+
+def model_evaluation_out(
+    job: Job,
+    plan: ModelEvaluationPlan,
+    policy_set: PolicySetRow,
+    summary: dict[str, Any],
+    by_target: dict[str, dict[str, int]],
+    table: list[dict[str, Any]],
+) -> ModelEvaluationOut:
+    return ModelEvaluationOut(
+        id=job.id,
+        status=summary["status"],
+        created_at=job.created_at,
+        label=job.label,
+        metadata=job.job_metadata,
+        targets=[target.model_dump() for target in plan.targets],
+        safety_judge=plan.safety_judge.model_dump(mode="json"),
+        refusal_judge=asdict(plan.refusal_judge),
+        policy_set=PolicySetBrief(id=policy_set.id, name=policy_set.name, version=policy_set.version),
+        counts=summary["counts"],
+        by_target=by_target,
+        table=table,
+        usage=summary["usage"],
+    )
 
 
 def policy_set_out(row: PolicySetRow) -> PolicySetOut:

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from app.deliberation.config import Limits, Mode, PipelineConfig, RoleConfig
+from app.deliberation.config import EvaluationConfig, Limits, Mode, PipelineConfig, RoleConfig
 from app.deliberation.policies import PolicySet
 from app.deliberation.prompting import PromptSet
 from app.deliberation.stages import (
@@ -31,7 +31,9 @@ from app.deliberation.stages import (
     JUDGE,
     NOT_DECOMPOSED,
     REFINE,
+    REFUSAL,
     REJECTED,
+    RESPOND,
     SEED,
     WHISPER,
     ZERO_SHOT,
@@ -181,3 +183,17 @@ def stage_floors(wording: PromptSet, max_tokens: int) -> dict[str, int]:
             messages = spec.messages(nothing, wording, limits, prompt="", **values)
             floors[spec.stage.value] = request_tokens(messages, spec.schema(limits), max_tokens)
     return floors
+
+
+def evaluation_requests(
+    config: EvaluationConfig, policies: PolicySet, wording: PromptSet, prompt: str
+) -> list[RequestBudget]:
+    """The largest request of each role of a model evaluation item, for its longest `prompt`:
+    the target's (its system prompt and the prompt), and each judge's, which reads the
+    target's answer at its full `max_tokens`."""
+    job = _Job(policies, wording, prompt, config.max_tokens, Limits())
+    return [
+        job.budget(RESPOND, config.target, 0),
+        job.budget(GUARDS[config.safety.style], config.safety.role, 1, sample=""),
+        job.budget(REFUSAL, config.refusal_judge, 1, answer=""),
+    ]

@@ -177,7 +177,9 @@ class Caller:
         )
         started = time.perf_counter()
         reply = await self.llm.chat(request)
-        outcome, parsed, error = parsing.judge_reply(reply, normalize, plain_text=spec.plain_text)
+        outcome, parsed, error = parsing.judge_reply(
+            reply, normalize, plain_text=spec.plain_text, under_test=spec.under_test
+        )
         turn = Turn(
             item_id=self.item_id,
             key=key,

@@ -102,3 +102,15 @@ class PipelineConfig:
         """The most deliberation turns an item can take."""
         turns = self.max_rounds * len(self.deliberators)
         return turns if self.max_turns is None else min(turns, self.max_turns)
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """One model evaluation item: the model under test answers the prompt as a user would
+    ask it, then a safety judge (the guard) and a refusal judge classify the answer."""
+
+    target: RoleConfig  # the model under test; its `instructions` are its system prompt ("": none)
+    safety: GuardConfig
+    refusal_judge: RoleConfig
+    max_tokens: int
+    max_reasks: int

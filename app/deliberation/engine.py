@@ -5,6 +5,9 @@ A resumable state machine over the turn log. Before each LLM call it looks for t
 already recorded under the same key and reuses it; after each call it records the turn
 before moving on. Re-running an item after a crash therefore repeats no stored call and
 reaches the same state the first run had reached.
+
+The other kinds of item start here too: a comparison's pairwise judgement (`judge_pair`) and
+a model evaluation's answer and verdicts (`evaluate_answer`).
 """
 
 from __future__ import annotations
@@ -15,15 +18,16 @@ from typing import Any
 from uuid import UUID
 
 from app.deliberation.calls import Caller, StageFailed
-from app.deliberation.config import Evaluators, Limits, Mode, PipelineConfig, RoleConfig
+from app.deliberation.config import EvaluationConfig, Evaluators, Limits, Mode, PipelineConfig, RoleConfig
+from app.deliberation.evaluation import answer_and_judge
 from app.deliberation.parsing import UNLABELLED
 from app.deliberation.policies import PolicySet
 from app.deliberation.ports import LLMClient, Stage, TurnLog
 from app.deliberation.prompting import PromptSet
-from app.deliberation.quality import compare_samples, gate, grade
-from app.deliberation.results import Completed, Evaluated, Failed, Judged, Sample, Thought
+from app.deliberation.quality import compare_samples, gate, grade, guard
+from app.deliberation.results import Completed, Evaluated, Failed, Judged, JudgedAnswer, Sample, Thought
 from app.deliberation.stages import DELIBERATION, INTENT, NOT_DECOMPOSED, REFINE, SEED, ZERO_SHOT
-from app.deliberation.whisper import guard, make_pair
+from app.deliberation.whisper import make_pair
 
 
 def _no_intents() -> dict[str, list[str]]:
@@ -144,11 +148,29 @@ async def evaluate_sample(
         item_id, prompt, policies, wording, llm, log, evaluators.max_tokens, evaluators.max_reasks, Limits()
     )
     graded = None if evaluators.grader is None else await grade(caller, evaluators.grader, sample)
-    verdict = None if evaluators.guard is None else await guard(caller, evaluators.guard, sample, 0)
+    verdict = None if evaluators.guard is None else await guard(caller, evaluators.guard, sample)
     judged = None
     if evaluators.judge is not None and other is not None:
         judged = await compare_samples(caller, evaluators.judge, other, sample)
     return Evaluated(graded, verdict, judged)
+
+
+async def evaluate_answer(
+    item_id: UUID,
+    prompt: str,
+    config: EvaluationConfig,
+    policies: PolicySet,
+    wording: PromptSet,
+    llm: LLMClient,
+    log: TurnLog,
+) -> JudgedAnswer:
+    """Run (or resume) a model evaluation item: the model under test answers `prompt`, the
+    safety judge and the refusal judge classify the answer. Unreadable judge output leaves
+    that verdict None, not a failure; LLM faults propagate as for `deliberate`."""
+    caller = await _caller(
+        item_id, prompt, policies, wording, llm, log, config.max_tokens, config.max_reasks, Limits()
+    )
+    return await answer_and_judge(caller, config)
 
 
 async def _zero_shot(caller: Caller, config: PipelineConfig) -> Completed:

@@ -232,6 +232,21 @@ def normalize_llama_guard(text: str) -> dict[str, Any]:
     return {"unsafe": verdict == "unsafe", "categories": categories, "rationale": ""}
 
 
+def normalize_refusal(data: dict[str, Any]) -> dict[str, Any]:
+    refused = data.get("refused")
+    if isinstance(refused, str) and refused.strip().lower() in ("true", "false"):
+        refused = refused.strip().lower() == "true"
+    if not isinstance(refused, bool):
+        raise MalformedOutput("'refused' is not a boolean")
+    return {"refused": refused, "reason": str(data.get("reason") or "").strip()}
+
+
+def normalize_answer(reply: ChatReply) -> dict[str, Any]:
+    """What a model under test answered, whatever it is: a server's refusal field stands for
+    its text, and finish_reason tells a truncated or filtered answer."""
+    return {"response": reply.content or reply.refusal or "", "finish_reason": reply.finish_reason}
+
+
 def normalize_judgement(data: dict[str, Any]) -> dict[str, Any]:
     winner = str(data.get("winner") or "").strip()
     choice = {"a": "A", "b": "B", "tie": "tie"}.get(winner.lower())
@@ -241,10 +256,14 @@ def normalize_judgement(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def judge_reply(
-    reply: ChatReply, normalize: Any, *, plain_text: bool = False
+    reply: ChatReply, normalize: Any, *, plain_text: bool = False, under_test: bool = False
 ) -> tuple[TurnOutcome, dict[str, Any] | None, str | None]:
     """Classify a reply: (outcome, normalized output when OK, error message otherwise).
-    With plain_text the reply is not JSON: `normalize` reads the text itself."""
+    With plain_text the reply is not JSON: `normalize` reads the text itself. With
+    under_test it is a model under test's answer, always OK: declining the user is what is
+    measured, not a failure, so `normalize` reads the whole reply."""
+    if under_test:
+        return TurnOutcome.OK, normalize(reply), None
     refusal = refusal_of(reply)
     if refusal is not None:
         return TurnOutcome.REFUSED, None, refusal

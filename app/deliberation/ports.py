@@ -96,12 +96,15 @@ class Stage(StrEnum):
     REJECTED = "rejected"  # round n: the CoT written under that belief
     GUARD = "guard"  # round n: the guard's verdict on it
     JUDGE = "judge"  # comparison jobs: round 1 sees (a, b), round 2 sees (b, a)
+    RESPOND = "respond"  # model evaluations: the model under test answers the prompt
+    REFUSAL = "refusal"  # model evaluations: did that answer refuse or comply?
 
 
 # Turns whose text may carry hazardous content: the whispered beliefs, the CoTs written
-# under them, and what the guard and the grader said about those. Only keys with the
-# hazardous scope read them.
-HAZARDOUS_STAGES = frozenset({Stage.WHISPER, Stage.REJECTED, Stage.GUARD})
+# under them, a model under test's answers (to harmful prompts, by design), and what the
+# guard, the grader and the refusal judge said about those. Only keys with the hazardous
+# scope read them.
+HAZARDOUS_STAGES = frozenset({Stage.WHISPER, Stage.REJECTED, Stage.GUARD, Stage.RESPOND, Stage.REFUSAL})
 
 
 def is_hazardous(stage: str, round: int) -> bool:

@@ -1,13 +1,14 @@
-"""The auto-grader, the quality gate and the pairwise judge: LLM judgements about samples."""
+"""The auto-grader, the quality gate, the guard and the pairwise judge: LLM judgements about
+samples."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
 from app.deliberation.calls import Caller, StageFailed
-from app.deliberation.config import RoleConfig
-from app.deliberation.results import METRICS, Choice, Gate, Grade, Judged, Order, Sample, Vote
-from app.deliberation.stages import GRADE, JUDGE
+from app.deliberation.config import GuardConfig, RoleConfig
+from app.deliberation.results import METRICS, Choice, Gate, Grade, GuardVerdict, Judged, Order, Sample, Vote
+from app.deliberation.stages import GRADE, GUARDS, JUDGE
 
 
 def sample_text(sample: Sample) -> str:
@@ -23,6 +24,17 @@ async def grade(caller: Caller, grader: RoleConfig, sample: Sample, round: int =
     except StageFailed as failed:
         return Grade(None, failed.failure.message)
     return Grade(scores)
+
+
+async def guard(caller: Caller, config: GuardConfig, sample: Sample, round: int = 0) -> GuardVerdict:
+    """The guard's verdict; output it cannot read is recorded as such, never guessed."""
+    try:
+        verdict = await caller.call(
+            GUARDS[config.style], config.role, round=round, sample=sample_text(sample)
+        )
+    except StageFailed as failed:
+        return GuardVerdict(None, error=failed.failure.message)
+    return GuardVerdict(verdict["unsafe"], verdict["categories"], verdict["rationale"])
 
 
 def gate(grade: Grade, thresholds: Mapping[str, float]) -> Gate:

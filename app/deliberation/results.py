@@ -164,3 +164,20 @@ class Evaluated:
     grade: Grade | None
     guard: GuardVerdict | None
     judged: Judged | None  # a: the other set's sample, b: this one
+
+
+@dataclass(frozen=True)
+class RefusalVerdict:
+    refused: bool | None  # None: the judge's output could not be read (recorded, not guessed)
+    reason: str = ""
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class JudgedAnswer:
+    """A model under test's answer to one prompt, and the judges' verdicts on it. The answer
+    itself is its RESPOND turn (hazardous text): this holds what a report counts."""
+
+    finish_reason: str | None  # the server's: "length" is a truncated answer
+    safety: GuardVerdict
+    refusal: RefusalVerdict

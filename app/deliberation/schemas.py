@@ -122,3 +122,7 @@ def guard_verdict(limits: Limits) -> dict[str, Any]:
 
 def judgement(limits: Limits) -> dict[str, Any]:
     return _object({"winner": {"type": "string", "enum": ["A", "B", "tie"]}, "rationale": TEXT})
+
+
+def refusal_verdict(limits: Limits) -> dict[str, Any]:
+    return _object({"refused": {"type": "boolean"}, "reason": TEXT})

@@ -41,6 +41,9 @@ class StageSpec:
     # stage works on, so its template must show each; `extras` it may show.
     inputs: tuple[str, ...] = ()
     extras: tuple[str, ...] = ()
+    # A model under test (model evaluations): sent its own system prompt (the role's
+    # instructions), if any, and the prompt, nothing of ours; any reply is its answer.
+    under_test: bool = False
 
     @property
     def plain_text(self) -> bool:
@@ -61,6 +64,9 @@ class StageSpec:
         **values: object,
     ) -> list[dict[str, str]]:
         """The request's messages; `instructions` are the role's own, after the stage's."""
+        if self.under_test:
+            own = [{"role": "system", "content": instructions}] if instructions else []
+            return [*own, {"role": "user", "content": str(values["prompt"])}]
         if self.templates is None:
             return [
                 {"role": "user", "content": str(values["prompt"])},
@@ -187,6 +193,28 @@ JUDGE = StageSpec(
     inputs=("first", "second"),
 )
 
+# Model evaluations: the model under test answers as it would answer a user (plain chat).
+RESPOND = StageSpec(
+    stage=Stage.RESPOND,
+    role="target",
+    schema_name=None,
+    build_schema=None,
+    normalize=parsing.normalize_answer,
+    templates=None,
+    under_test=True,
+)
+
+# Model evaluations: whether the answer refused the user or complied.
+REFUSAL = StageSpec(
+    stage=Stage.REFUSAL,
+    role="refusal-judge",
+    schema_name="refusal_judgement",
+    build_schema=schemas.refusal_verdict,
+    normalize=parsing.normalize_refusal,
+    templates=("refusal.system", "refusal.user"),
+    inputs=("answer",),
+)
+
 DECLARED = (
     INTENT,
     SEED,
@@ -199,4 +227,6 @@ DECLARED = (
     GUARD,
     LLAMA_GUARD,
     JUDGE,
+    RESPOND,
+    REFUSAL,
 )

@@ -10,10 +10,10 @@ enough policy-faithfulness gap between the two sides.
 from __future__ import annotations
 
 from app.deliberation.calls import Caller, StageFailed
-from app.deliberation.config import GuardConfig, PairsConfig, RoleConfig
-from app.deliberation.quality import grade, sample_text
-from app.deliberation.results import Grade, GuardVerdict, PairOutcome, Sample, WhisperTry
-from app.deliberation.stages import GUARDS, REJECTED, WHISPER
+from app.deliberation.config import PairsConfig, RoleConfig
+from app.deliberation.quality import grade, guard, sample_text
+from app.deliberation.results import Grade, PairOutcome, Sample, WhisperTry
+from app.deliberation.stages import REJECTED, WHISPER
 
 
 async def make_pair(caller: Caller, pairs: PairsConfig, grader: RoleConfig, chosen: Grade) -> PairOutcome:
@@ -34,7 +34,7 @@ async def make_pair(caller: Caller, pairs: PairsConfig, grader: RoleConfig, chos
             tries.append(WhisperTry(number, belief, None, failed.turn.error, None))
             continue
         rejected = Sample(written["thoughts"], written["response"])
-        verdict = await guard(caller, pairs.guard, rejected, number)
+        verdict = await guard(caller, pairs.guard, rejected, round=number)
         tries.append(WhisperTry(number, belief, rejected, None, verdict))
         if verdict.unsafe is None:
             return PairOutcome(False, "guard_unparseable", tries)
@@ -50,15 +50,6 @@ async def make_pair(caller: Caller, pairs: PairsConfig, grader: RoleConfig, chos
     gap = chosen_score - rejected_score
     kept = gap >= pairs.min_gap
     return PairOutcome(kept, None if kept else "gap_below_threshold", tries, rejected_grade, gap)
-
-
-async def guard(caller: Caller, guard: GuardConfig, sample: Sample, number: int) -> GuardVerdict:
-    """The guard's verdict; output it cannot read is recorded as such, never guessed."""
-    try:
-        verdict = await caller.call(GUARDS[guard.style], guard.role, round=number, sample=sample_text(sample))
-    except StageFailed as failed:
-        return GuardVerdict(None, error=failed.failure.message)
-    return GuardVerdict(verdict["unsafe"], verdict["categories"], verdict["rationale"])
 
 
 def _history(tries: list[WhisperTry]) -> str:

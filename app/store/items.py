@@ -416,6 +416,19 @@ async def complete_judged(sessions: Sessions, claim: Claim, judged: Judged) -> E
         return COMPLETED
 
 
+async def complete_with(
+    sessions: Sessions, claim: Claim, table: Any, values: dict[str, Any]
+) -> Ending | None:
+    """Mark the claimed item completed and set `values` on its row of `table` (a model with a
+    unique item_id, written with the item), in one transaction. COMPLETED, or None if the
+    item is not ours (nothing written)."""
+    async with sessions.begin() as session:
+        if not await _write_ending(session, claim, COMPLETED):
+            return None
+        await session.execute(update(table).where(table.item_id == claim.item_id).values(values))
+        return COMPLETED
+
+
 def _linked(link: Any, claim: Claim) -> Any:
     """The claimed item's `link` (a comparison item's sample item), as a scalar subquery."""
     return select(link).where(Item.id == claim.item_id).scalar_subquery()

@@ -34,7 +34,7 @@ from app.store.models import (
 
 # Each submitting route keeps its own Idempotency-Key namespace (per API key): a key used for
 # a job is still free for a comparison.
-IdempotencyScope = Literal["jobs", "comparisons", "samples"]
+IdempotencyScope = Literal["jobs", "comparisons", "samples", "model_evaluation"]
 # What a listing pages through: rows with an id, their job, and their item's position.
 Listed = type[Item] | type[Cot] | type[PreferencePair]
 
@@ -101,17 +101,21 @@ async def submit(
     return job, await copy_items(session, job.id, items)
 
 
-async def copy_items(session: AsyncSession, job_id: UUID, items: Sequence[NewItem]) -> list[UUID]:
-    """Write a new job's items in the caller's transaction; their ids, in order."""
+async def copy_items(
+    session: AsyncSession, job_id: UUID, items: Sequence[NewItem], stage: str | None = None
+) -> list[UUID]:
+    """Write the job's items in the caller's transaction; their ids, in order. `stage`: the
+    first stage they show (default: the column's, the intent stage)."""
     ids = [uuid4() for _ in items]
+    defaults = _ITEM_DEFAULTS | ({"stage": stage} if stage else {})
     # COPY, in the session's transaction: for 10,000 items the ORM's multi-row INSERTs
     # spent most of the POST's database time building parameters.
     driver = await driver_of(await session.connection())
     await driver.copy_records_to_table(
         Item.__tablename__,
-        columns=["id", "job_id", "position", "prompt", "metadata", *_ITEM_DEFAULTS],
+        columns=["id", "job_id", "position", "prompt", "metadata", *defaults],
         records=[
-            (ids[i], job_id, it.position, it.prompt, json.dumps(it.metadata), *_ITEM_DEFAULTS.values())
+            (ids[i], job_id, it.position, it.prompt, json.dumps(it.metadata), *defaults.values())
             for i, it in enumerate(items)
         ],
     )

@@ -157,7 +157,7 @@ class Job(Base):
     prompt_set_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("prompt_sets.id"))
     plan: Mapped[JobPlan] = mapped_column(PlanJSON)  # resolved and frozen at submission
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
-    # The route whose Idempotency-Key namespace holds the key: jobs | comparisons.
+    # The route whose Idempotency-Key namespace holds the key: jobs | comparisons | model_evaluation.
     idempotency_scope: Mapped[str] = mapped_column(String(16), server_default="jobs")
     request_hash: Mapped[str] = mapped_column(String(64))
     item_count: Mapped[int] = mapped_column(Integer)
@@ -399,6 +399,30 @@ class SampleEvaluation(Base):
     winner: Mapped[str | None] = mapped_column(String(8))
     votes: Mapped[list[Any] | None] = mapped_column(NULLABLE_JSONB)
     created_at: Mapped[datetime] = _now()
+
+
+class ModelAnswer(Base):
+    """A model evaluation item: which model under test (the plan's target number) answers
+    which benchmark prompt, what is expected of a safe model, and, once the item completed,
+    the judges' verdicts on the answer. The answer's text is its `respond` turn (hazardous:
+    a harmful prompt's answer may be harmful), so this row holds flags only."""
+
+    __tablename__ = "model_answers"
+    __table_args__ = (Index("ix_model_answers_job_target", "job_id", "target"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    item_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("items.id"), unique=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id"))
+    owner_key_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.id"))  # the job's owner
+    target: Mapped[int] = mapped_column(Integer)  # index into the plan's targets
+    benchmark: Mapped[str] = mapped_column(String(100))
+    category: Mapped[str] = mapped_column(String(100))
+    expected: Mapped[str] = mapped_column(String(8))  # refuse | comply
+    # Set when the item completes; None before, or (verdicts) when the judge was unreadable.
+    finish_reason: Mapped[str | None] = mapped_column(String(32))
+    unsafe: Mapped[bool | None] = mapped_column(Boolean)
+    refused: Mapped[bool | None] = mapped_column(Boolean)
+    judged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Annotation(Base):

@@ -1,0 +1,105 @@
+"""/v1/model-evaluations: ask models under test a benchmark's prompts and judge every answer
+for safety and for refusal, as the paper evaluates its fine-tuned models; the report puts
+the models side by side with Wilson 95 % intervals."""
+
+from __future__ import annotations
+
+from typing import Annotated
+from uuid import UUID
+
+from fastapi import APIRouter, Depends, status
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app import callbacks, model_report
+from app.api import views
+from app.api.bodies import JsonBody
+from app.api.deps import CurrentKey, SessionDep
+from app.api.jobs import ERRORS
+from app.api.schemas import (
+    MAX_PROMPTS_PER_JOB,
+    ModelEvaluationIn,
+    ModelEvaluationOut,
+    SubmittedModelEvaluationOut,
+)
+from app.api.submissions import SubmissionDep, submit_responses
+from app.plan import check_model_evaluation_fits, resolve_model_evaluation
+from app.store import jobs, model_evaluations, policy_sets
+from app.store.models import Job
+
+router = APIRouter(prefix="/v1/model-evaluations", tags=["model evaluations"])
+# Room for the largest: each prompt inline with a dozen or so metadata values (a file's
+# text is one value, capped by the request's bytes).
+MODEL_EVALUATION_BODY = JsonBody[ModelEvaluationIn](ModelEvaluationIn, max_values=20 * MAX_PROMPTS_PER_JOB)
+
+
+async def _evaluation_out(session: AsyncSession, job: Job) -> ModelEvaluationOut:
+    """The job as a model evaluation, with its report; NotFound if it is not one."""
+    plan = model_evaluations.plan_of(job)
+    tallies = await model_evaluations.tallies(session, job)
+    return views.model_evaluation_out(
+        job,
+        plan,
+        await policy_sets.by_id(session, job.policy_set_id),
+        await jobs.summary(session, job),
+        model_report.by_target(plan, tallies),
+        model_report.table(plan, tallies),
+    )
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses=submit_responses(SubmittedModelEvaluationOut, 400, 401, 409, 413, 422, 503),
+    openapi_extra=MODEL_EVALUATION_BODY.openapi,
+)
+async def create_model_evaluation(
+    key: CurrentKey,
+    body: Annotated[ModelEvaluationIn, Depends(MODEL_EVALUATION_BODY)],
+    submission: SubmissionDep,
+) -> SubmittedModelEvaluationOut:
+    """Ask every target every benchmark prompt (an item per prompt and target), then have the
+    safety judge and the refusal judge classify each answer. A benchmark comes inline or as a
+    JSONL or CSV file's text; a bad row is a 422 naming its line and field, and nothing is
+    created. 422 `request_too_large` if a target's or judge's requests may not fit its
+    endpoint's context."""
+    session, settings = submission.session, submission.settings
+    callback = callbacks.requested(body.callback_url, settings)
+    plan = resolve_model_evaluation(
+        body.targets, body.safety_judge, body.refusal_judge, body.max_tokens, settings
+    )
+    policy_set = await policy_sets.resolve_for_job(
+        session, key.id, body.policy_set.name, body.policy_set.version
+    )
+    cases = [
+        model_evaluations.NewCase(benchmark.name, row.category, row.expected, row.prompt, row.metadata)
+        for benchmark in body.benchmarks
+        for row in benchmark.rows()
+    ]
+    check_model_evaluation_fits(
+        plan, policy_sets.for_engine(policy_set), [case.prompt for case in cases], settings
+    )
+    job, new_item_ids = await model_evaluations.create(
+        session,
+        owner_key_id=key.id,
+        policy_set_id=policy_set.id,
+        plan=plan,
+        cases=cases,
+        labels=jobs.Labels(body.label, body.metadata),
+        idempotency_key=submission.idempotency_key,
+        request_hash=submission.request_hash(body),
+        callback=callback,
+    )
+    await submission.accept(job, new_item_ids)
+    shown = await _evaluation_out(session, job)
+    return SubmittedModelEvaluationOut(**shown.model_dump(), callback_secret=job.callback_secret)
+
+
+@router.get("/{evaluation_id}", responses=ERRORS)
+async def get_model_evaluation(
+    evaluation_id: UUID, session: SessionDep, key: CurrentKey
+) -> ModelEvaluationOut:
+    """Progress, and the report over the answers judged so far: per benchmark, category and
+    metric, each target's rate with its Wilson 95 % interval. The answers themselves are the
+    items' `respond` turns (GET /v1/items/{id}; hazardous text: keys without
+    `hazardous:read` see them redacted)."""
+    return await _evaluation_out(session, await jobs.get_owned(session, evaluation_id, key.id))

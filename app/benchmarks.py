@@ -1,0 +1,86 @@
+"""Benchmark files: prompts with what a safe model is expected to do (`refuse` a harmful
+prompt, `comply` with a benign look-alike) and a category, as JSONL or CSV text.
+
+This reads a file's rows and says where one is malformed; what a valid row holds is checked
+by the API's BenchmarkPromptIn. Fields besides prompt, expected and category are kept as the
+prompt's metadata. Row numbers count as an editor does: JSONL lines from 1, CSV lines with
+the header as line 1.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import Any, Literal
+
+Format = Literal["jsonl", "csv"]
+FIELDS = ("prompt", "expected", "category")
+
+
+class BadRow(ValueError):
+    """The file cannot be read at this row; the message names the row (and the field)."""
+
+
+def read_rows(format: Format, text: str, max_rows: int) -> list[tuple[int, dict[str, Any]]]:
+    """(row number, {"prompt", "expected", "category", "metadata"}) for each row, in order.
+    Trailing blank lines are no rows; an empty row elsewhere is a BadRow, as is a file of
+    more than `max_rows` rows or none."""
+    rows = _jsonl(text, max_rows) if format == "jsonl" else _csv(text, max_rows)
+    if not rows:
+        raise BadRow("the file has no rows")
+    return [(number, _split(fields)) for number, fields in rows]
+
+
+def _split(fields: dict[str, Any]) -> dict[str, Any]:
+    """The row's own fields, and the others as its metadata."""
+    own = {name: fields[name] for name in FIELDS if name in fields}
+    return {**own, "metadata": {name: value for name, value in fields.items() if name not in FIELDS}}
+
+
+def _too_many(max_rows: int) -> BadRow:
+    return BadRow(f"the file has over {max_rows:,} rows")
+
+
+def _jsonl(text: str, max_rows: int) -> list[tuple[int, dict[str, Any]]]:
+    rows = []
+    lines = text.rstrip().splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            raise BadRow(f"line {number} is empty")
+        if len(rows) == max_rows:
+            raise _too_many(max_rows)
+        try:
+            fields = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BadRow(f"line {number} is not JSON: {exc.msg} at column {exc.colno}") from None
+        if not isinstance(fields, dict):
+            raise BadRow(f"line {number} is not a JSON object")
+        rows.append((number, fields))
+    return rows
+
+
+def _csv(text: str, max_rows: int) -> list[tuple[int, dict[str, Any]]]:
+    reader = csv.reader(io.StringIO(text.rstrip("\r\n"), newline=""), strict=True)
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise BadRow("the file is empty: it needs a header line naming prompt, expected and category")
+        missing = [name for name in FIELDS if name not in header]
+        if missing:
+            raise BadRow(f"line 1: the header names no column {', '.join(repr(m) for m in missing)}")
+        if len(set(header)) < len(header):
+            raise BadRow("line 1: the header names a column twice")
+        rows = []
+        for cells in reader:
+            number = reader.line_num
+            if not any(cell.strip() for cell in cells):
+                raise BadRow(f"line {number} is empty")
+            if len(cells) != len(header):
+                raise BadRow(f"line {number} has {len(cells)} cells; the header names {len(header)} columns")
+            if len(rows) == max_rows:
+                raise _too_many(max_rows)
+            rows.append((number, dict(zip(header, cells, strict=True))))
+    except csv.Error as exc:
+        raise BadRow(f"line {reader.line_num}: {exc}") from None
+    return rows

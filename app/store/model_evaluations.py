@@ -1,0 +1,162 @@
+"""Model evaluation jobs: benchmark prompts answered by models under test, each answer
+judged for safety and for refusal; and the counts a report is made of, in SQL."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import func, insert, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.deliberation.ports import Stage
+from app.deliberation.results import JudgedAnswer
+from app.errors import NotFound
+from app.plan import ModelEvaluationPlan
+from app.store import jobs
+from app.store.db import Sessions
+from app.store.endings import Ending
+from app.store.items import Claim, complete_with
+from app.store.models import Item, ItemStatus, Job, ModelAnswer
+
+
+@dataclass(frozen=True)
+class NewCase:
+    """A benchmark prompt, asked of every target."""
+
+    benchmark: str
+    category: str
+    expected: str  # refuse | comply
+    prompt: str
+    metadata: dict[str, Any]
+
+
+async def create(
+    session: AsyncSession,
+    *,
+    owner_key_id: UUID,
+    policy_set_id: UUID,
+    plan: ModelEvaluationPlan,
+    cases: Sequence[NewCase],
+    labels: jobs.Labels,
+    idempotency_key: str | None,
+    request_hash: str,
+    callback: jobs.NewCallback | None,
+) -> tuple[Job, list[UUID]]:
+    """The job, an item per (case, target) and its answer row, in the caller's transaction.
+    Returns (job, new item ids: empty for a replay).
+
+    An item per (prompt, target) rather than per prompt: each claim asks one model, so an
+    outage of one target's endpoint delays only its own items, a resumed item replays one
+    target's turns, and every turn key stays (stage, 0, 0). Items are numbered prompt by
+    prompt, the targets of one prompt side by side, so a job cut short has asked every
+    target the same prompts."""
+    targets = len(plan.targets)
+    job, created = await jobs.create(
+        session,
+        owner_key_id=owner_key_id,
+        policy_set_id=policy_set_id,
+        prompt_set_id=None,  # the built-in wording of the judges
+        plan=plan,
+        item_count=len(cases) * targets,
+        labels=labels,
+        idempotency_key=idempotency_key,
+        idempotency_scope="model_evaluation",
+        request_hash=request_hash,
+        callback=callback,
+    )
+    if not created:
+        return job, []
+    asked = [(case, target) for case in cases for target in range(targets)]
+    new_items = [jobs.NewItem(n, case.prompt, case.metadata) for n, (case, _) in enumerate(asked)]
+    ids = await jobs.copy_items(session, job.id, new_items, stage=Stage.RESPOND.value)
+    await session.execute(
+        insert(ModelAnswer),
+        [
+            {
+                "item_id": item_id,
+                "job_id": job.id,
+                "owner_key_id": owner_key_id,
+                "target": target,
+                "benchmark": case.benchmark,
+                "category": case.category,
+                "expected": case.expected,
+            }
+            for item_id, (case, target) in zip(ids, asked, strict=True)
+        ],
+    )
+    return job, ids
+
+
+def plan_of(job: Job) -> ModelEvaluationPlan:
+    """The model evaluation's plan; NotFound if the job is not one."""
+    if not isinstance(job.plan, ModelEvaluationPlan):
+        raise NotFound(f"model evaluation {job.id} not found")
+    return job.plan
+
+
+async def target_of(sessions: Sessions, claim: Claim) -> int:
+    """The number of the target the claimed item asks."""
+    async with sessions() as session:
+        target = await session.scalar(select(ModelAnswer.target).where(ModelAnswer.item_id == claim.item_id))
+    assert target is not None  # written with the item
+    return target
+
+
+async def complete(sessions: Sessions, claim: Claim, evaluated: JudgedAnswer) -> Ending | None:
+    """Store the verdicts on the item's answer and mark it completed, in one transaction;
+    COMPLETED, or None if the item is not ours (nothing written)."""
+    verdicts = {
+        "finish_reason": evaluated.finish_reason,
+        "unsafe": evaluated.safety.unsafe,
+        "refused": evaluated.refusal.refused,
+        "judged_at": func.now(),
+    }
+    return await complete_with(sessions, claim, ModelAnswer, verdicts)
+
+
+@dataclass(frozen=True)
+class Tally:
+    """One (target, benchmark, category, expected) cell of a model evaluation."""
+
+    target: int
+    benchmark: str
+    category: str
+    expected: str
+    items: int
+    completed: int
+    failed: int
+    safety_judged: int  # completed with a readable safety verdict
+    safe: int
+    refusal_judged: int  # completed with a readable refusal verdict
+    refused: int
+    truncated: int  # answers the server cut at max_tokens
+
+
+async def tallies(session: AsyncSession, job: Job) -> list[Tally]:
+    """The job's answers counted per (target, benchmark, category, expected), in that order.
+    Reads the owner's rows only (the job is the owner's: `job` was read for its key)."""
+    completed = Item.status == ItemStatus.COMPLETED
+    done = ModelAnswer.judged_at.is_not(None) & completed
+    count = func.count()
+    cell = (ModelAnswer.target, ModelAnswer.benchmark, ModelAnswer.category, ModelAnswer.expected)
+    rows = await session.execute(
+        select(
+            *cell,
+            count.label("items"),
+            count.filter(completed).label("completed"),
+            count.filter(Item.status == ItemStatus.FAILED).label("failed"),
+            count.filter(done & ModelAnswer.unsafe.is_not(None)).label("safety_judged"),
+            count.filter(done & ModelAnswer.unsafe.is_(False)).label("safe"),
+            count.filter(done & ModelAnswer.refused.is_not(None)).label("refusal_judged"),
+            count.filter(done & ModelAnswer.refused.is_(True)).label("refused"),
+            count.filter(done & (ModelAnswer.finish_reason == "length")).label("truncated"),
+        )
+        .join(Item, Item.id == ModelAnswer.item_id)
+        .where(ModelAnswer.job_id == job.id, ModelAnswer.owner_key_id == job.owner_key_id)
+        .group_by(*cell)
+        .order_by(*cell)
+    )
+    return [Tally(**row._mapping) for row in rows]
