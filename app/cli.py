@@ -335,7 +335,8 @@ def submit(
 REPORT_TITLE = "AIDSAFE vs zero-shot"
 
 
-def _role(endpoint: str | None, model: str | None) -> dict[str, str]:
+def _role_of(endpoint: str | None, model: str | None) -> dict[str, str]:
+    """A role of the options given (the rest: the job's or the server's defaults)."""
     return {name: value for name, value in (("endpoint", endpoint), ("model", model)) if value}
 
 
@@ -366,7 +367,7 @@ def reproduce(
     except PromptFileError as exc:
         console.print(f"[red]{exc}[/] (nothing was submitted)")
         raise typer.Exit(2) from exc
-    writers, judge = _role(endpoint, model), _role(judge_endpoint, judge_model)
+    writers, judge = _role_of(endpoint, model), _role_of(judge_endpoint, judge_model)
     config: dict[str, Any] = {"defaults": writers, "grading": {"grader": judge}}
     config.update({k: v for k, v in {"agents": agents, "max_rounds": max_rounds}.items() if v is not None})
     with _client(api_url, key) as client:

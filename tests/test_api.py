@@ -52,6 +52,13 @@ V1_PATHS = {
     "/v1/jobs/{job_id}/export": {"get"},
     "/v1/comparisons": {"get", "post"},
     "/v1/comparisons/{comparison_id}": {"get"},
+    "/v1/comparisons/{comparison_id}/report": {"get"},
+    "/v1/comparisons/{comparison_id}/plots/{plot}.png": {"get"},
+    "/v1/sample-evaluations": {"post"},
+    "/v1/sample-evaluations/upload": {"post"},
+    "/v1/sample-evaluations/{job_id}": {"get"},
+    "/v1/sample-evaluations/{job_id}/samples": {"get"},
+    "/v1/sample-evaluations/{job_id}/samples/{item_id}": {"get"},
     "/v1/model-evaluations": {"post"},
     "/v1/model-evaluations/{evaluation_id}": {"get"},
     "/v1/policy-sets": {"get", "post"},
@@ -295,8 +302,10 @@ async def test_every_v1_operation_requires_a_key(api: httpx.AsyncClient) -> None
             policy_set_id=some_id,
             prompt_set_id=some_id,
             comparison_id=some_id,
+            evaluation_id=some_id,
             webhook_id=some_id,
             preset_name="paper",
+            plot="scores",
         )
         for method in methods:
             error_of(await api.request(method, url, json={}), 401, "unauthorized")

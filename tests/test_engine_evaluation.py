@@ -24,7 +24,7 @@ from tests.scripted_llm import (
     reply,
     truncated,
 )
-from tests.test_engine import DEFAULT_ROLE, ITEM, MAX_REASKS, POLICIES, PROMPT
+from tests.test_engine import DEFAULT_ROLE, ITEM, MAX_REASKS, POLICIES, PROMPT, PROMPTS
 
 TARGET = RoleConfig("default", "model-under-test", 0.0, "You are a terse assistant.")
 JUDGE = replace(DEFAULT_ROLE, temperature=0.0)
@@ -39,7 +39,7 @@ def evaluation(
 async def run(
     llm: OpenAICompatibleClient, log: InMemoryTurnLog, config: EvaluationConfig | None = None
 ) -> JudgedAnswer:
-    return await evaluate_answer(ITEM, PROMPT, config or evaluation(), POLICIES, llm, log)
+    return await evaluate_answer(ITEM, PROMPT, config or evaluation(), POLICIES, PROMPTS, llm, log)
 
 
 def answers(text: str | Reply) -> Any:

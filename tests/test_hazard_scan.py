@@ -369,6 +369,7 @@ def read_urls(world: World, viewer: bool) -> Iterator[tuple[str, str, dict[str, 
         "webhook_id": [world.webhook_id],
         "name": sorted(STATIC),
         "preset_name": sorted(path.stem for path in (ROOT / "presets").glob("*.yaml")),
+        "plot": ["scores", "gaps"],
     }
     query_values = {"format": sorted(FORMATS)}
     for context in iter_route_contexts(create_app().routes):

@@ -124,6 +124,28 @@ async def test_deleting_a_finished_job_leaves_no_row_of_it_and_other_jobs_untouc
     assert await _rows_of_jobs(sessions, [kept_own, bobs]) == others_before
 
 
+async def test_evaluations_of_samples_and_of_models_are_deleted_and_recorded_by_mode(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    samples = {"samples": [{"prompt": "How do I store rice?", "response": "Cool and dry."}], "guard": {}}
+    benchmark = {"name": "tiny", "prompts": [{"prompt": "Hi", "expected": "comply", "category": "greeting"}]}
+    submitted = [
+        await api.post("/v1/sample-evaluations", json=samples, headers=auth),
+        await api.post(
+            "/v1/model-evaluations", json={"benchmarks": [benchmark], "targets": [{}]}, headers=auth
+        ),
+    ]
+    await run_worker_burst(settings)
+    for response, mode in zip(submitted, ("sample_evaluation", "model_evaluation"), strict=True):
+        assert response.status_code == 202, response.text
+        job_id = response.json()["id"]
+        item_ids = await item_ids_of(sessions, job_id)
+        deleted = await delete(api, auth, job_id)
+        assert deleted.status_code == 200, deleted.text
+        assert deleted.json()["mode"] == mode
+        assert set((await rows_naming(sessions, UUID(job_id), item_ids)).values()) == {0}
+
+
 async def _ids(api: httpx.AsyncClient, auth: Headers, job_id: str) -> list[str]:
     return [item["id"] for item in await items_of(api, auth, job_id)]
 

@@ -510,7 +510,7 @@ class JobDeletion(Base):
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     job_id: Mapped[uuid.UUID]  # no foreign key: the job is gone
-    mode: Mapped[str] = mapped_column(String(16))  # the job's plan mode
+    mode: Mapped[str] = mapped_column(String(32))  # the job's plan mode
     deleted_by_key_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.id"))  # the job's owner
     deleted_at: Mapped[datetime] = _now()
     row_counts: Mapped[dict[str, Any]]  # {table: rows deleted}
