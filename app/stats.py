@@ -1,8 +1,10 @@
-"""How sure a share or a mean measured on a sample is: the intervals every report gives."""
+"""How sure a share or a mean measured on a sample is: the intervals every report gives;
+and how far several raters (judges) agree beyond chance."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from math import sqrt
 from statistics import fmean, stdev
@@ -49,3 +51,38 @@ def mean(values: Sequence[float], confidence: float = CONFIDENCE) -> Estimate:
         return Estimate(centre, centre, centre, n)
     low, high = stats.t.interval(confidence, n - 1, loc=centre, scale=error)
     return Estimate(centre, float(low), float(high), n)
+
+
+def cohen_kappa(pairs: Sequence[tuple[Hashable, Hashable]]) -> float | None:
+    """Cohen's kappa of two raters, from their ratings of the same items, (first, second) per
+    item: (observed - chance agreement) / (1 - chance agreement), chance from each rater's own
+    shares. None when nothing was rated, or when chance agreement is certain (both raters
+    gave one and the same rating throughout), where kappa is undefined."""
+    n = len(pairs)
+    if n == 0:
+        return None
+    observed = sum(first == second for first, second in pairs) / n
+    firsts, seconds = Counter(first for first, _ in pairs), Counter(second for _, second in pairs)
+    chance = sum(firsts[rating] * seconds[rating] for rating in firsts) / n**2
+    return None if chance == 1 else (observed - chance) / (1 - chance)
+
+
+def fleiss_kappa(ratings: Sequence[Sequence[Hashable]]) -> float | None:
+    """Fleiss' kappa of a fixed number (at least two) of raters: one sequence per item, that
+    item's ratings (every item rated by the same number of raters, who need not be the same
+    ones). None when nothing was rated, or when chance agreement is certain."""
+    if not ratings:
+        return None
+    raters = len(ratings[0])
+    if raters < 2 or any(len(item) != raters for item in ratings):
+        raise ValueError("every item needs the same number of ratings, at least two")
+    totals: Counter[Hashable] = Counter()
+    agreement = 0.0
+    for item in ratings:
+        counts = Counter(item)
+        totals.update(counts)
+        # The share of agreeing ordered pairs of this item's raters.
+        agreement += sum(c * (c - 1) for c in counts.values()) / (raters * (raters - 1))
+    observed = agreement / len(ratings)
+    chance = sum((count / (len(ratings) * raters)) ** 2 for count in totals.values())
+    return None if chance == 1 else (observed - chance) / (1 - chance)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from app.stats import NOTHING_MEASURED, Estimate, mean, proportion
+from app.stats import NOTHING_MEASURED, Estimate, cohen_kappa, fleiss_kappa, mean, proportion
 
 
 def test_wilson_interval_matches_the_textbook_figure() -> None:
@@ -47,3 +47,70 @@ def test_mean_interval_uses_student_t() -> None:
 def test_mean_of_one_value_or_no_spread() -> None:
     assert mean([4.0]) == Estimate(4.0, None, None, 1)
     assert mean([2.0, 2.0, 2.0]) == Estimate(2.0, 2.0, 2.0, 3)
+
+
+def _pairs(counts: dict[tuple[str, str], int]) -> list[tuple[str, str]]:
+    return [pair for pair, count in counts.items() for _ in range(count)]
+
+
+def test_cohen_kappa_matches_the_textbook_figure() -> None:
+    # 50 items: both yes 20, yes/no 5, no/yes 10, both no 15. Observed 0.7; the first says
+    # yes 25 times, the second 30: chance 0.5 * 0.6 + 0.5 * 0.4 = 0.5; kappa 0.2 / 0.5 = 0.4.
+    ratings = _pairs({("yes", "yes"): 20, ("yes", "no"): 5, ("no", "yes"): 10, ("no", "no"): 15})
+    assert cohen_kappa(ratings) == pytest.approx(0.4)
+
+
+def test_cohen_kappa_over_three_verdicts() -> None:
+    # 10 items. Observed: 4 + 2 + 1 = 7 of 10. Firsts: a 5, b 3, tie 2; seconds: a 6, b 3,
+    # tie 1. Chance (30 + 9 + 2) / 100 = 0.41; kappa (0.7 - 0.41) / 0.59 = 0.4915.
+    ratings = _pairs(
+        {("a", "a"): 4, ("a", "b"): 1, ("b", "b"): 2, ("b", "a"): 1, ("tie", "tie"): 1, ("tie", "a"): 1}
+    )
+    assert cohen_kappa(ratings) == pytest.approx(0.29 / 0.59)
+
+
+def test_cohen_kappa_is_one_for_full_agreement_and_zero_at_chance() -> None:
+    assert cohen_kappa([("a", "a"), ("b", "b"), ("tie", "tie")]) == pytest.approx(1.0)
+    # Each rater half a, half b, independently: observed 0.5 = chance.
+    assert cohen_kappa(_pairs({("a", "a"): 1, ("a", "b"): 1, ("b", "a"): 1, ("b", "b"): 1})) == 0.0
+
+
+def test_cohen_kappa_is_undefined_without_ratings_or_with_one_rating_throughout() -> None:
+    assert cohen_kappa([]) is None
+    assert cohen_kappa([("tie", "tie")] * 5) is None
+
+
+def test_fleiss_kappa_matches_a_hand_computed_figure() -> None:
+    # Three raters, four items. Per item, agreeing pairs out of 6: 6, 2, 2, 0: mean 5/12.
+    # Ratings: a 6, b 4, tie 2 of 12: chance 1/4 + 1/9 + 1/36 = 7/18.
+    # Kappa (5/12 - 7/18) / (11/18) = 1/22.
+    ratings = [("a", "a", "a"), ("a", "a", "b"), ("b", "b", "tie"), ("tie", "b", "a")]
+    assert fleiss_kappa(ratings) == pytest.approx(1 / 22)
+
+
+def test_fleiss_kappa_matches_the_textbook_figure() -> None:
+    # Fleiss (1971) as Wikipedia's worked example gives it: 10 items, 14 raters, 5 categories.
+    counts = [
+        (0, 0, 0, 0, 14),
+        (0, 2, 6, 4, 2),
+        (0, 0, 3, 5, 6),
+        (0, 3, 9, 2, 0),
+        (2, 2, 8, 1, 1),
+        (7, 7, 0, 0, 0),
+        (3, 2, 6, 3, 0),
+        (2, 5, 3, 2, 2),
+        (6, 5, 2, 1, 0),
+        (0, 2, 2, 3, 7),
+    ]
+    ratings = [[category for category, n in enumerate(row) for _ in range(n)] for row in counts]
+    assert fleiss_kappa(ratings) == pytest.approx(0.2099, abs=1e-4)
+
+
+def test_fleiss_kappa_edges() -> None:
+    assert fleiss_kappa([]) is None
+    assert fleiss_kappa([("a", "a", "a")] * 3) is None  # one rating throughout: chance is certain
+    assert fleiss_kappa([("a", "a", "a"), ("b", "b", "b")]) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        fleiss_kappa([("a", "a"), ("a", "b", "b")])
+    with pytest.raises(ValueError):
+        fleiss_kappa([("a",)])
