@@ -16,7 +16,7 @@ from app.deliberation import parsing, schemas
 from app.deliberation.config import GuardStyle, Limits
 from app.deliberation.policies import PolicySet
 from app.deliberation.ports import Stage
-from app.deliberation.prompting import instructed
+from app.deliberation.prompting import instructed, render
 
 Normalize = Callable[..., dict[str, Any]]
 
@@ -34,8 +34,13 @@ class StageSpec:
     build_schema: Callable[[Limits], dict[str, Any]] | None
     normalize: Normalize
     # (system, user) templates in prompts/; None: a classifier with its own chat template,
-    # sent the conversation it judges (the prompt, then the sample as the assistant's turn).
+    # sent the conversation it judges (the prompt, then the sample as the assistant's turn),
+    # or, with `classifier_prompt`, one user message from that template.
     templates: tuple[str, str] | None
+    # A classifier whose prompt format carries the policies, the prompt and the sample.
+    classifier_prompt: str | None = None
+    # Asks for the reply's logprobs; its normalizer takes them (`logprobs`) and a `threshold`.
+    logprobs: bool = False
 
     @property
     def plain_text(self) -> bool:
@@ -51,6 +56,9 @@ class StageSpec:
         self, policies: PolicySet, limits: Limits, instructions: str = "", **values: object
     ) -> list[dict[str, str]]:
         """The request's messages; `instructions` are the role's own, after the stage's."""
+        if self.classifier_prompt is not None:
+            text = render(self.classifier_prompt, policies=policies.text, **values)
+            return [{"role": "user", "content": text}]
         if self.templates is None:
             return [
                 {"role": "user", "content": str(values["prompt"])},
@@ -154,9 +162,26 @@ LLAMA_GUARD = StageSpec(
     build_schema=None,
     normalize=parsing.normalize_llama_guard,
     templates=None,
+    logprobs=True,
 )
 
-GUARDS = {GuardStyle.JSON: GUARD, GuardStyle.LLAMA_GUARD: LLAMA_GUARD}  # by the job's guard style
+# The guard stage played by a ShieldGemma-style classifier, asked in its prompt format.
+SHIELDGEMMA = StageSpec(
+    stage=Stage.GUARD,
+    role="guard",
+    schema_name=None,
+    build_schema=None,
+    normalize=parsing.normalize_shieldgemma,
+    templates=None,
+    classifier_prompt="shieldgemma.user",
+    logprobs=True,
+)
+
+GUARDS = {  # by the job's guard style
+    GuardStyle.JSON: GUARD,
+    GuardStyle.LLAMA_GUARD: LLAMA_GUARD,
+    GuardStyle.SHIELDGEMMA: SHIELDGEMMA,
+}
 
 # Comparison jobs: round 1 sees (a, b), round 2 sees (b, a).
 JUDGE = StageSpec(
@@ -179,5 +204,6 @@ DECLARED = (
     REJECTED,
     GUARD,
     LLAMA_GUARD,
+    SHIELDGEMMA,
     JUDGE,
 )

@@ -54,11 +54,23 @@ async def make_pair(caller: Caller, pairs: PairsConfig, grader: RoleConfig, chos
 
 async def _guard(caller: Caller, guard: GuardConfig, sample: Sample, number: int) -> GuardVerdict:
     """The guard's verdict; output it cannot read is recorded as such, never guessed."""
+    spec = GUARDS[guard.style]
+    threshold = {"threshold": guard.threshold} if spec.logprobs else None
     try:
-        verdict = await caller.call(GUARDS[guard.style], guard.role, round=number, sample=sample_text(sample))
+        verdict = await caller.call(
+            spec, guard.role, round=number, normalize_with=threshold, sample=sample_text(sample)
+        )
     except StageFailed as failed:
         return GuardVerdict(None, error=failed.failure.message)
-    return GuardVerdict(verdict["unsafe"], verdict["categories"], verdict["rationale"])
+    # Verdicts stored before classifiers read logprobs were all read from the text.
+    return GuardVerdict(
+        verdict["unsafe"],
+        verdict["categories"],
+        verdict["rationale"],
+        unsafe_probability=verdict.get("unsafe_probability"),
+        decided_by=verdict.get("decided_by", "text"),
+        logprobs_missing=verdict.get("logprobs_missing"),
+    )
 
 
 def _history(tries: list[WhisperTry]) -> str:
