@@ -44,15 +44,16 @@ _CHOICE_BY_POSITION: dict[Order, dict[str, Choice]] = {
 }
 
 
-async def compare_samples(caller: Caller, judge: RoleConfig, a: Sample, b: Sample) -> Judged:
+async def compare_samples(caller: Caller, judge: RoleConfig, a: Sample, b: Sample, agent: int = 0) -> Judged:
     """Ask in both orders; a sample wins only if both orders prefer it, else it is a tie.
-    If either order gives no usable answer there is no winner (None)."""
+    If either order gives no usable answer there is no winner (None). `agent` numbers the
+    judge among several (its turns' agent)."""
     votes = []
     orders: tuple[tuple[Order, Sample, Sample], ...] = (("ab", a, b), ("ba", b, a))
     for round, (order, first, second) in enumerate(orders, start=1):
         try:
             answer = await caller.call(
-                JUDGE, judge, round=round, first=sample_text(first), second=sample_text(second)
+                JUDGE, judge, round=round, agent=agent, first=sample_text(first), second=sample_text(second)
             )
         except StageFailed as failed:
             votes.append(Vote(order, None, failed.failure.message))
