@@ -185,7 +185,8 @@ async def test_a_shieldgemma_guard_sends_one_pinned_question_with_the_policies_a
     assert question["role"] == "user" and POLICIES.text in question["content"]
     assert "Human Question: " + PROMPT in question["content"]
     assert question["content"].endswith(
-        "Your answer must start with 'Yes' or 'No'. And then walk through step by step to be sure we answer correctly."
+        "Your answer must start with 'Yes' or 'No'. "
+        "And then walk through step by step to be sure we answer correctly."
     )
     assert (guard.body["logprobs"], guard.body["top_logprobs"]) == (True, 10)
     assert "response_format" not in guard.body
