@@ -165,8 +165,8 @@ async def _announce(worker: Worker, claim: items.Claim, ending: Ending) -> None:
     await events.announce_item_finished(worker.redis, worker.settings, claim.job_id, event)
 
 
-async def _run_engine(worker: Worker, claim: items.Claim) -> Completed | Judged | Failed:
-    """The engine's work for the item's job: judge two samples, or write a CoT."""
+async def _run_engine(worker: Worker, claim: items.Claim) -> Completed | list[Judged] | Failed:
+    """The engine's work for the item's job: judge two samples (each judge), or write a CoT."""
     sessions, llm = worker.sessions, budgets.Meter(worker.llm, worker.spending, claim.job_id, claim.budget)
     policies, turn_log = for_engine(claim.policy_set), PostgresTurnLog(sessions, claim, llm)
     match claim.plan:
@@ -177,7 +177,7 @@ async def _run_engine(worker: Worker, claim: items.Claim) -> Completed | Judged 
                 claim.prompt,
                 baseline,
                 candidate,
-                plan.judge,
+                plan.judges,
                 policies,
                 llm,
                 turn_log,
@@ -189,12 +189,12 @@ async def _run_engine(worker: Worker, claim: items.Claim) -> Completed | Judged 
 
 
 async def _record(
-    sessions: Sessions, claim: items.Claim, result: Completed | Judged | Failed
+    sessions: Sessions, claim: items.Claim, result: Completed | list[Judged] | Failed
 ) -> Ending | None:
     """How the item ended, as stored; None if another worker holds it now."""
     if isinstance(result, Failed):
         return await items.end(sessions, claim, failed(result.code, result.message))
-    if isinstance(result, Judged):
+    if isinstance(result, list):
         return await items.complete_judged(sessions, claim, result)
     return await items.complete(sessions, claim, result)
 
