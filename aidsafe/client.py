@@ -601,20 +601,25 @@ class _Routes:
         baseline_job_id: Id,
         candidate_job_id: Id,
         *,
-        judge: Mapping[str, Any] | None = None,
+        judges: Sequence[Mapping[str, Any]] | None = None,
+        allow_mismatch: bool = False,
         label: str | None = None,
         metadata: Mapping[str, Any] | None = None,
         callback_url: str | None = None,
         idempotency_key: str | None = None,
     ) -> Call[SubmittedComparison]:
         """Judge two of your jobs' samples of the prompts both completed (POST /v1/comparisons);
-        `judge` is a role (`endpoint`, `model`, `temperature`)."""
+        each of `judges` is a role (`endpoint`, `model`, `temperature`, `instructions`; default:
+        one judge of the server's default model). Jobs that differ in their policy set or
+        grader are refused (`comparison_mismatch`) unless `allow_mismatch`."""
         body: dict[str, Any] = {
             "baseline_job_id": str(baseline_job_id),
             "candidate_job_id": str(candidate_job_id),
         }
-        if judge is not None:
-            body["judge"] = dict(judge)
+        if judges is not None:
+            body["judges"] = [dict(judge) for judge in judges]
+        if allow_mismatch:
+            body["allow_mismatch"] = True
         if callback_url is not None:
             body["callback_url"] = callback_url
         return Call(
@@ -628,7 +633,8 @@ class _Routes:
 
     @endpoint
     def get_comparison(self, comparison_id: Id) -> Call[Comparison]:
-        """Progress, metric means of both jobs, the judge's wins (GET /v1/comparisons/{id})."""
+        """Progress, metric means of both jobs and the candidate's lead, each judge's wins, ties
+        and losses, and the judges' agreement, with 95 % intervals (GET /v1/comparisons/{id})."""
         return Call("GET", _path("comparisons", comparison_id), _as(Comparison))
 
     @endpoint

@@ -325,17 +325,38 @@ class Report(Model):
     budget: Budget | None = None
 
 
+class Interval(Model):
+    """A share or a mean with its 95 % interval; all None but `n` when nothing was measured."""
+
+    value: float | None
+    low: float | None
+    high: float | None
+    n: int
+
+
 class MetricComparison(Model):
-    baseline: float | None
-    candidate: float | None
-    delta: float | None
+    baseline: Interval
+    candidate: Interval
+    delta: Interval  # the paired mean of candidate minus baseline
 
 
-class Pairwise(Model):
+class JudgeResults(Model):
+    judge: dict[str, Any]
     wins: int
     ties: int
     losses: int
     unreadable: int
+    win_rate: Interval
+    tie_rate: Interval
+    loss_rate: Interval
+
+
+class JudgeAgreement(Model):
+    judges: int
+    items: int
+    unanimous: Interval
+    kappa: float | None
+    kappa_kind: str  # "cohen" | "fleiss"
 
 
 class Comparison(Model):
@@ -346,11 +367,12 @@ class Comparison(Model):
     metadata: dict[str, Any]
     baseline_job_id: UUID
     candidate_job_id: UUID
-    judge: dict[str, Any]
+    mismatches: list[str] = []
     prompts: int
     counts: JobCounts
     metrics: dict[str, MetricComparison]
-    pairwise: Pairwise
+    judges: list[JudgeResults]
+    agreement: JudgeAgreement | None = None
     usage: Usage
 
 
@@ -525,15 +547,6 @@ class Rejection(Model):
     code: str
     message: str
     body: str | None
-
-
-class Interval(Model):
-    """A measured value with its 95 % interval; all None when nothing was measured."""
-
-    value: float | None
-    low: float | None
-    high: float | None
-    n: int
 
 
 class MetricReport(Model):

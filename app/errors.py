@@ -92,6 +92,14 @@ class NoCommonPrompts(ServiceError):
     code = "no_common_prompts"
 
 
+class ComparisonMismatch(ServiceError):
+    """The two jobs differ in what a comparison rests on (policy set, grader) and the caller
+    did not allow it (details name what differs, on each side)."""
+
+    status = 422
+    code = "comparison_mismatch"
+
+
 class CrossSiteRequest(ServiceError):
     status = 403
     code = "cross_site_request"

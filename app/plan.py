@@ -5,11 +5,12 @@ turns it into the engine's config."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 from app.config import Prices, Settings
 from app.deliberation.budget import (
@@ -80,7 +81,17 @@ class GuardIn(RoleIn):
     style: GuardStyle = Field(
         default=GuardStyle.JSON,
         description="`json`: any chat model asked for a JSON verdict. `llama_guard`: a Llama "
-        "Guard-style classifier answering `safe` / `unsafe` + category codes. Temperature defaults to 0.",
+        "Guard-style classifier answering `safe` / `unsafe` + category codes. `shieldgemma`: a "
+        "ShieldGemma-style classifier asked, in its prompt format with the policies, whether the "
+        "response violates them, answering `Yes` / `No`. Temperature defaults to 0.",
+    )
+    threshold: float = Field(
+        default=GuardConfig.threshold,
+        ge=0,
+        le=1,
+        description="`llama_guard` and `shieldgemma`, where the endpoint sends logprobs: the sample is "
+        "flagged when the probability of the violating answer (`unsafe`, `Yes`) is at least this. "
+        "Without logprobs the text answer decides, and the verdict says so.",
     )
 
 
@@ -201,10 +212,11 @@ class GuardPlan(BaseModel):
     temperature: float
     style: GuardStyle
     instructions: str = ""
+    threshold: float = GuardConfig.threshold  # plans stored before thresholds read with the default
 
     def config(self) -> GuardConfig:
         role = RoleConfig(self.endpoint, self.model, self.temperature, self.instructions)
-        return GuardConfig(role, self.style)
+        return GuardConfig(role, self.style, self.threshold)
 
 
 class PairsPlan(BaseModel):
@@ -288,19 +300,31 @@ class GenerationPlan(BaseModel):
 
 
 class ComparisonPlan(BaseModel):
-    """Judge, prompt by prompt, the samples two finished jobs wrote (a baseline and a candidate)."""
+    """Judge, prompt by prompt, the samples two finished jobs wrote (a baseline and a candidate),
+    by one judge or several."""
 
     model_config = _FROZEN
     mode: Literal["comparison"] = "comparison"
     baseline_job_id: UUID
     candidate_job_id: UUID
-    judge: RoleConfig
+    judges: tuple[RoleConfig, ...] = Field(min_length=1)
     max_tokens: int
     max_reasks: int
+    # What differed between the two jobs (policy_set, grader) when the caller allowed it.
+    mismatches: tuple[str, ...] = Field(default=(), exclude_if=lambda mismatches: not mismatches)
     prices: dict[str, Prices] = _pinned_prices()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_judge(cls, stored: Any) -> Any:
+        """Plans stored before several judges name their one `judge`."""
+        if isinstance(stored, dict) and "judge" in stored and "judges" not in stored:
+            stored = dict(stored)
+            stored["judges"] = [stored.pop("judge")]
+        return stored
+
     def endpoints(self) -> set[str]:
-        return {self.judge.endpoint}
+        return {judge.endpoint for judge in self.judges}
 
 
 class SampleEvaluationPlan(BaseModel):
@@ -493,7 +517,9 @@ def resolve(config: JobConfigIn, settings: Settings, preset: PresetRef | None = 
             whisperer=role(pairs.whisperer, "pairs.whisperer"),
             generator=role(pairs.generator, "pairs.generator"),
             guard=GuardPlan(
-                **asdict(role(pairs.guard, "pairs.guard", JUDGING_TEMPERATURE)), style=pairs.guard.style
+                **asdict(role(pairs.guard, "pairs.guard", JUDGING_TEMPERATURE)),
+                style=pairs.guard.style,
+                threshold=pairs.guard.threshold,
             ),
             max_tries=pairs.max_tries,
             min_gap=pairs.min_gap,
@@ -509,17 +535,24 @@ def resolve(config: JobConfigIn, settings: Settings, preset: PresetRef | None = 
 
 
 def resolve_comparison(
-    judge: RoleIn | None, settings: Settings, baseline_job_id: UUID, candidate_job_id: UUID
+    judges: Sequence[RoleIn | None],
+    settings: Settings,
+    baseline_job_id: UUID,
+    candidate_job_id: UUID,
+    mismatches: Sequence[str] = (),
 ) -> ComparisonPlan:
-    """The plan of a comparison job: a judge model over two finished jobs."""
-    role = _Roles(RoleIn(), settings)(judge, "judge", JUDGING_TEMPERATURE)
+    """The plan of a comparison job: judge models (None: a judge of the server's defaults)
+    over two finished jobs, which differ in `mismatches` (allowed by the caller)."""
+    role = _Roles(RoleIn(), settings)
+    roles = tuple(role(judge, f"judges[{n}]", JUDGING_TEMPERATURE) for n, judge in enumerate(judges))
     return ComparisonPlan(
         baseline_job_id=baseline_job_id,
         candidate_job_id=candidate_job_id,
-        judge=role,
+        judges=roles,
         max_tokens=settings.default_max_tokens,
         max_reasks=settings.max_reasks,
-        prices=pinned_prices({role.endpoint}, settings),
+        mismatches=tuple(mismatches),
+        prices=pinned_prices({judge.endpoint for judge in roles}, settings),
     )
 
 
@@ -589,6 +622,34 @@ def resolve_model_evaluation(
     return plan.model_copy(update={"prices": pinned_prices(plan.endpoints(), settings)})
 
 
+def comparison_mismatches(
+    baseline: JobPlan, candidate: JobPlan, policy_sets: tuple[tuple[str, str], tuple[str, str]]
+) -> dict[str, dict[str, Any]]:
+    """What differs between two jobs in what a comparison of their samples rests on: the
+    policy set (its content version; `policy_sets` are each job's (name, version)), and the
+    grader whose scores the means compare (its endpoint, model, temperature and
+    instructions; the gate's thresholds do not change a score). {what: {"baseline": ...,
+    "candidate": ...}}; empty when nothing differs."""
+    found: dict[str, dict[str, Any]] = {}
+    (base_name, base_version), (cand_name, cand_version) = policy_sets
+    if base_version != cand_version:
+        found["policy_set"] = {
+            "baseline": f"{base_name}@{base_version}",
+            "candidate": f"{cand_name}@{cand_version}",
+        }
+    base_grader, cand_grader = _grader(baseline), _grader(candidate)
+    if base_grader != cand_grader:
+        found["grader"] = {
+            "baseline": None if base_grader is None else asdict(base_grader),
+            "candidate": None if cand_grader is None else asdict(cand_grader),
+        }
+    return found
+
+
+def _grader(plan: JobPlan) -> RoleConfig | None:
+    return plan.grading.grader if isinstance(plan, GenerationPlan) and plan.grading is not None else None
+
+
 def pinned_prices(endpoints: set[str], settings: Settings) -> dict[str, Prices]:
     """The current prices of those of `endpoints` that have prices."""
     configured = settings.endpoints()
@@ -612,10 +673,13 @@ def check_comparison_fits(
     sample_max_tokens: tuple[int, int],
     settings: Settings,
 ) -> None:
-    """Raise RequestTooLarge if the judge's requests may not fit its endpoint; the samples are
-    the last replies of jobs with these max_tokens."""
-    judge = judge_request(plan.judge, policies, wording, longest_prompt, sample_max_tokens, plan.max_tokens)
-    _check_fits([judge], policies, settings)
+    """Raise RequestTooLarge if some judge's requests may not fit its endpoint; the samples
+    are the last replies of jobs with these max_tokens."""
+    budgets = [
+        judge_request(judge, policies, wording, longest_prompt, sample_max_tokens, plan.max_tokens)
+        for judge in plan.judges
+    ]
+    _check_fits(budgets, policies, settings)
 
 
 def check_model_evaluation_fits(

@@ -72,6 +72,9 @@ class Reply:
     usage: tuple[int, ...] | None = None
     omit_usage: bool = False
     headers: dict[str, str] | None = None  # sent with it, e.g. x-ratelimit-*
+    # Sent as the likeliest alternatives of the answer's first non-blank token, {token:
+    # probability}, when the request asks for logprobs (and the server sends them).
+    first_token: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,12 @@ def reply(
     """Answer this content: a str as is, anything else as JSON."""
     text = obj_or_text if isinstance(obj_or_text, str) else json.dumps(obj_or_text)
     return Reply(text, finish_reason, usage=usage, omit_usage=omit_usage)
+
+
+def classified(text: str, **first_token: float) -> Reply:
+    """A classifier's plain-text answer whose first token had these alternatives, e.g.
+    classified("unsafe\nS1", unsafe=0.7, safe=0.3)."""
+    return Reply(text, first_token=first_token)
 
 
 def malformed(text: str = "{not json") -> Reply:
@@ -257,8 +266,9 @@ def default_answer(schema_name: str | None, body: dict[str, Any]) -> Reply:
             return reply({"winner": "tie", "rationale": "Both are equally good."})
         case "refusal_judgement":
             return reply({"refused": False, "reason": "It answers the question."})
-        case None:  # a plain-text classifier such as Llama Guard
-            return reply("safe")
+        case None:  # a plain-text classifier: Llama Guard reads a conversation, ShieldGemma a question
+            asked = (body.get("messages") or [{}])[-1].get("role") == "user"
+            return reply("No" if asked else "safe")
         case _:
             return reply({})
 
@@ -300,6 +310,9 @@ class ScriptedLLM:
         # The default answers of requests naming these models, from the request's body: e.g.
         # models under test that refuse at rates of their own, or a judge that reads the answer.
         self.models: dict[str, Callable[[dict[str, Any]], Reply]] = {}
+        # Whether requests that ask for logprobs get them (llama.cpp's server, vLLM, OpenAI
+        # do; some servers ignore the ask).
+        self.sends_logprobs = True
         self.base_url = ""  # set once listening; ends in /v1
         self.app = Starlette(
             routes=[
@@ -325,6 +338,7 @@ class ScriptedLLM:
         self.usage = None
         self.unscripted = lambda: None
         self.models = {}
+        self.sends_logprobs = True
 
     @property
     def requests(self) -> list[RecordedRequest]:
@@ -443,6 +457,10 @@ class ScriptedLLM:
                 }
             ],
         }
+        if body.get("logprobs") and self.sends_logprobs:
+            completion["choices"][0]["logprobs"] = {
+                "content": _logprobs(answer, body.get("top_logprobs") or 0)
+            }
         if not answer.omit_usage:
             if answer.usage:
                 prompt, completion_tokens, cached = (*answer.usage, 0)[:3]
@@ -456,6 +474,23 @@ class ScriptedLLM:
             if cached:  # as OpenAI reports its prompt cache: a part of prompt_tokens
                 completion["usage"]["prompt_tokens_details"] = {"cached_tokens": cached}
         return completion
+
+
+def _logprobs(answer: Reply, top: int) -> list[dict[str, Any]]:
+    """OpenAI's `logprobs.content` for the answer, a token per word or run of blanks: each
+    token certain (logprob 0), but for the first non-blank one when the answer gives its
+    alternatives (the likeliest `top`; the chosen token is the answer's own)."""
+    tokens = re.findall(r"\s+|\S+", answer.content or "")
+    content, alternatives = [], answer.first_token
+    for token in tokens:
+        if alternatives and token.strip():
+            ranked = sorted(alternatives.items(), key=lambda alt: -alt[1])[:top]
+            top_logprobs = [{"token": t, "logprob": math.log(p) if p > 0 else -9999.0} for t, p in ranked]
+            alternatives = None
+        else:
+            top_logprobs = [{"token": token, "logprob": 0.0}][:top]
+        content.append({"token": token, "logprob": 0.0, "top_logprobs": top_logprobs})
+    return content
 
 
 def _busiest(events: list[tuple[float, int]], window_s: float) -> int:

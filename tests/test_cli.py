@@ -11,12 +11,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+import typer
 import yaml
 from sqlalchemy import select
 from typer.testing import CliRunner
 
 from aidsafe import Client
-from app.cli import cli, follow_job, job_config
+from app.cli import cli, follow_job, job_config, judge_role
 from app.config import Settings
 from app.deliberation.prompt_sets import builtin
 from app.store.db import Sessions
@@ -449,3 +450,51 @@ async def test_cli_estimates_submits_with_a_budget_stops_following_when_it_is_sp
     assert "queued" in out and "budget 100,000 tokens" in out
     code, out = await aidsafe(live_api, auth, "jobs", "budget", job_id)
     assert code == 2 and "--none" in out
+
+
+async def test_cli_compares_two_jobs_with_two_judges_and_prints_each_ones_shares_and_their_agreement(
+    live_api: str, api: httpx.AsyncClient, auth: Headers, settings: Settings, scripted_llm: ScriptedLLM
+) -> None:
+    prompts = ["How do I sharpen a knife?", "How do I store knives?"]
+    baseline = await submit(api, auth, prompts, config={"mode": "zero_shot", "grading": {}})
+    candidate = await submit(api, auth, prompts, config={"grading": {}})
+    await run_worker_burst(settings)
+    process = await asyncio.create_subprocess_exec(
+        *(AIDSAFE, "compare", baseline["id"], candidate["id"]),
+        *("--judge", "judge-a", "--judge", "judge-b@default", "--label", "zs-vs-aidsafe"),
+        env=cli_env(live_api, auth),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    first = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
+    await run_worker_burst(settings)
+    rest = (await asyncio.wait_for(process.stdout.read(), 30)).decode()
+
+    assert await process.wait() == 0
+    assert first.startswith("Comparison ") and "2 prompts in common" in first
+    # The scripted judge calls every pair a tie: 2 of 2, Wilson 95 % [34.2 %, 100.0 %].
+    assert (
+        "Judge judge-a@default: candidate wins 0.0% [0.0%, 65.8%] (n=2), ties 100.0% [34.2%, 100.0%]" in rest
+    )
+    assert "Judge judge-b@default: candidate wins" in rest
+    assert "Agreement of 2 judges: unanimous 100.0% [34.2%, 100.0%] (n=2), Cohen's kappa n/a" in rest
+    assert "relevance: baseline 4.00 [4.00, 4.00] (n=2)" in rest
+    models = {r.body["model"] for r in scripted_llm.requests_for("pairwise_judgement")}
+    assert models == {"judge-a", "judge-b"}
+
+
+@pytest.mark.parametrize(
+    ("spec", "role"),
+    [
+        ("m", {"model": "m"}),
+        ("org/m:7b@vllm", {"model": "org/m:7b", "endpoint": "vllm"}),
+        ("@vllm", {"endpoint": "vllm"}),
+    ],
+)
+def test_a_judge_is_a_model_an_endpoint_or_both(spec: str, role: dict[str, str]) -> None:
+    assert judge_role(spec) == role
+
+
+def test_a_judge_naming_nothing_is_refused() -> None:
+    with pytest.raises(typer.BadParameter):
+        judge_role(" @ ")

@@ -203,19 +203,33 @@ async def test_comparisons_and_preference_pairs(client: aidsafe.Client, settings
     pairs = list(client.iter_preference_pairs(candidate.id, limit=1))
     assert [p.position for p in pairs] == [0, 1] and all(p.redacted for p in pairs)
 
+    # The baseline is graded and the candidate too (pairs turn grading on), by the same grader.
     comparison = client.create_comparison(
-        baseline.id, candidate.id, label="zs-vs-aidsafe", idempotency_key="c"
+        baseline.id,
+        candidate.id,
+        judges=[{"model": "judge-a"}, {"model": "judge-b"}],
+        label="zs-vs-aidsafe",
+        idempotency_key="c",
     )
     assert (comparison.baseline_job_id, comparison.prompts, comparison.replayed) == (baseline.id, 2, False)
     await waited(client, settings, comparison.id)
     judged = client.get_comparison(comparison.id)
-    pairwise = judged.pairwise
-    assert (
-        judged.status == "completed"
-        and pairwise.wins + pairwise.ties + pairwise.losses + pairwise.unreadable == 2
-    )
+    assert judged.status == "completed" and judged.mismatches == []
+    assert [j.judge["model"] for j in judged.judges] == ["judge-a", "judge-b"]
+    for judge in judged.judges:  # the scripted judge calls every pair a tie
+        assert (judge.ties, judge.tie_rate.value, judge.tie_rate.n) == (2, 1.0, 2)
+    assert judged.agreement is not None and judged.agreement.unanimous.value == 1.0
+    assert judged.metrics["relevance"].delta.n == 2
     assert [c.id for c in client.iter_comparisons(label="zs-vs-aidsafe")] == [comparison.id]
     assert [j.kind for j in client.iter_jobs()] == ["comparison", "aidsafe", "zero_shot"]
+
+    ungraded = client.submit(prompts, config={"mode": "zero_shot"})
+    await run_worker_burst(settings)
+    with pytest.raises(aidsafe.AidsafeError) as refused:
+        client.create_comparison(ungraded.id, candidate.id)
+    assert (refused.value.status, refused.value.code) == (422, "comparison_mismatch")
+    allowed = client.create_comparison(ungraded.id, candidate.id, allow_mismatch=True)
+    assert allowed.mismatches == ["grader"]
 
 
 async def test_policy_sets_and_webhooks(client: aidsafe.Client) -> None:
@@ -390,6 +404,10 @@ MIRRORED = {
     models.PreferencePair: schemas.PreferencePairOut,
     models.Report: schemas.ReportOut,
     models.Comparison: schemas.ComparisonOut,
+    models.Interval: schemas.IntervalOut,
+    models.MetricComparison: schemas.MetricComparison,
+    models.JudgeResults: schemas.JudgeResults,
+    models.JudgeAgreement: schemas.JudgeAgreement,
     models.SubmittedComparison: schemas.SubmittedComparisonOut,
     models.ComparisonListed: schemas.ComparisonListed,
     models.Deletion: schemas.JobDeletionOut,

@@ -178,6 +178,26 @@ async def test_zero_shot_stores_one_turn_and_keeps_every_thought_as_its_own_sour
     assert (result.grade, result.gate, result.pair) == (None, None, None)
 
 
+async def test_zero_shot_is_told_what_the_seed_stage_is_told_about_intents_and_helping(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    """So a comparison of the baseline with the pipeline measures deliberation, not wording."""
+    await run(llm, InMemoryTurnLog(), pipeline(max_rounds=0))
+    await run(llm, InMemoryTurnLog(), replace(pipeline(), mode=Mode.ZERO_SHOT))
+
+    def task(schema_name: str) -> dict[str, str]:
+        """The stage's task instructions by bullet: the system message's "- name: ..." lines."""
+        system = scripted_llm.requests_for(schema_name)[0].body["messages"][0]["content"]
+        lines = system.split("# Your task", 1)[1].splitlines()
+        return dict(line[2:].split(": ", 1) for line in lines if line.startswith("- "))
+
+    seed, zero_shot = task("seed_cot"), task("zero_shot_cot")
+    assert zero_shot["response"] == seed["response"]
+    assert "Help fully with what is allowed; decline only what a policy forbids" in zero_shot["response"]
+    assert zero_shot["thoughts"].startswith(seed["thoughts"].removesuffix("."))
+    assert "Address every intent of the query" in zero_shot["thoughts"]
+
+
 async def test_zero_shot_refusal_fails_the_item_at_the_zero_shot_stage(
     llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM
 ) -> None:

@@ -297,12 +297,12 @@ async def judge(
         Sample(["Candidate thought."], "Candidate answer."),
     )
     item = uuid.uuid4()
-    return await judge_pair(
+    (judged,) = await judge_pair(
         item,
         PROMPT,
         a,
         b,
-        DEFAULT_ROLE,
+        [DEFAULT_ROLE],
         POLICIES,
         PROMPTS,
         llm,
@@ -310,6 +310,7 @@ async def judge(
         max_tokens=256,
         max_reasks=1,
     )
+    return judged
 
 
 async def test_the_judge_is_asked_in_both_orders_and_a_win_needs_both(

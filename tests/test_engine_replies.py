@@ -530,9 +530,10 @@ async def test_the_judges_turns_are_stored_under_the_item_one_per_order_and_repl
     log = InMemoryTurnLog()
 
     async def judged() -> Judged:
-        return await judge_pair(
-            ITEM, PROMPT, a, b, DEFAULT_ROLE, POLICIES, PROMPTS, llm, log, max_tokens=200, max_reasks=0
+        (one,) = await judge_pair(
+            ITEM, PROMPT, a, b, [DEFAULT_ROLE], POLICIES, PROMPTS, llm, log, max_tokens=200, max_reasks=0
         )
+        return one
 
     first = await judged()
     requests = scripted_llm.requests_for("pairwise_judgement")

@@ -330,11 +330,14 @@ async def test_the_purge_blanks_the_hazardous_text_of_old_finished_jobs_and_keep
     assert {str(j) for j, at in purged.items() if at} == set(old)
     [pair] = (await api.get(f"/v1/jobs/{old[0]}/preference-pairs", headers=key)).json()["data"]
     assert pair["kept"] and pair["rejected"]["belief"] is None and pair["rejected"]["thoughts"] is None
-    assert pair["rejected"]["guard"] == {
+    assert pair["rejected"]["guard"] == {  # the flags stay, how sure the guard was among them
         "unsafe": True,
         "categories": ["fraud-deception"],
         "rationale": None,
         "error": None,
+        "unsafe_probability": None,
+        "decided_by": "text",
+        "logprobs_missing": None,
     }
     tries = [(t["number"], t["refused"], t["belief"], t["rejected"]) for t in pair["tries"]]
     assert tries == [(1, True, None, None), (2, False, None, None), (3, False, None, None)]

@@ -66,7 +66,7 @@ async def store_jobs(sessions: Sessions, settings: Settings, owner: Owner, made:
     plans = {
         "aidsafe": resolve(JobConfigIn(), settings),
         "zero_shot": resolve(JobConfigIn(mode="zero_shot"), settings),
-        "comparison": resolve_comparison(None, settings, uuid4(), uuid4()),
+        "comparison": resolve_comparison([None], settings, uuid4(), uuid4()),
     }
     async with sessions.begin() as session:
         policy_set = await policy_sets.resolve_for_job(session, owner.id, "aidsafe-default", None)

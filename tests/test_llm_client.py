@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import socket
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from email.utils import formatdate
 
 import pytest
@@ -12,11 +14,12 @@ import pytest
 from app.config import EndpointConfig
 from app.deliberation.config import Limits
 from app.deliberation.ports import ChatRequest, LLMRequestRejected, LLMUnavailable
-from app.deliberation.stages import SEED
-from app.llm.client import OpenAICompatibleClient
+from app.deliberation.stages import LLAMA_GUARD, SEED
+from app.llm.client import LOGPROB_TOKENS_KEPT, TOP_LOGPROBS, OpenAICompatibleClient
 from tests.scripted_llm import (
     ScriptedLLM,
     chat_request,
+    classified,
     http_error,
     raw_body,
     refusal,
@@ -246,3 +249,80 @@ async def test_truncated_reply_is_returned_with_length_finish_reason(
     assert answer.finish_reason == "length"
     assert answer.content == '{"thoughts": ["cut'
     assert len(scripted_llm.requests) == 1
+
+
+# --- logprobs ------------------------------------------------------------------------------
+
+
+def classifier_request(logprobs: bool = True) -> ChatRequest:
+    return replace(chat_request(LLAMA_GUARD, "Is this safe?"), logprobs=logprobs)
+
+
+async def test_logprobs_are_asked_for_with_top_alternatives_and_read_per_token(
+    client: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script(None, classified("unsafe S1", unsafe=0.75, safe=0.25))
+
+    answer = await client.chat(classifier_request())
+
+    [sent] = scripted_llm.requests
+    assert (sent.body["logprobs"], sent.body["top_logprobs"]) == (True, TOP_LOGPROBS)
+    assert answer.logprobs is not None
+    assert [position.token for position in answer.logprobs] == ["unsafe", " ", "S1"]
+    first = answer.logprobs[0]
+    assert [token for token, _ in first.top] == ["unsafe", "safe"]
+    assert [math.exp(logprob) for _, logprob in first.top] == pytest.approx([0.75, 0.25])
+
+
+async def test_a_request_without_logprobs_asks_for_none_and_reads_none(
+    client: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script(None, classified("safe", safe=1.0))
+
+    answer = await client.chat(classifier_request(logprobs=False))
+
+    [sent] = scripted_llm.requests
+    assert "logprobs" not in sent.body and "top_logprobs" not in sent.body
+    assert answer.logprobs is None
+
+
+async def test_logprobs_of_another_shape_are_none_and_the_answer_stands(
+    client: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    def answer(logprobs: object) -> dict[str, object]:
+        choice = {
+            "message": {"role": "assistant", "content": "safe"},
+            "finish_reason": "stop",
+            "logprobs": logprobs,
+        }
+        return {"choices": [choice]}
+
+    def position(token: object = "safe", logprob: object = -0.1) -> dict[str, object]:
+        return {"token": token, "logprob": logprob, "top_logprobs": [{"token": token, "logprob": logprob}]}
+
+    shapes: list[object] = [
+        None,
+        "nope",
+        {"content": None},
+        {"content": []},
+        {"content": [{"token": "safe"}]},  # no top_logprobs
+        {"content": [position(token=7)]},
+        {"content": [position(logprob="-0.1")]},
+        {"content": [position(logprob=True)]},
+        {"content": [position(logprob=0.5)]},  # a probability above 1
+    ]
+    for shape in shapes:
+        scripted_llm.script(None, raw_body(answer(shape)))
+        read = await client.chat(classifier_request())
+        assert (read.content, read.logprobs) == ("safe", None), shape
+    assert len(scripted_llm.requests) == len(shapes)  # none of them is retried
+
+
+async def test_only_the_first_tokens_logprobs_are_kept(
+    client: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script(None, reply(" ".join(["word"] * 20)))
+
+    answer = await client.chat(classifier_request())
+
+    assert answer.logprobs is not None and len(answer.logprobs) == LOGPROB_TOKENS_KEPT

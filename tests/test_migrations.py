@@ -381,3 +381,76 @@ async def test_the_prompt_sets_migration_leaves_old_jobs_on_the_builtin_set_and_
         assert not columns & {"prompt_set_id", "prompt_set_name", "prompt_set_version"}
     finally:
         await connection.close()
+
+
+async def test_judgements_become_the_first_judges_and_several_judges_go_on_the_way_down(
+    old_database: tuple[Config, str],
+) -> None:
+    config, dsn = old_database
+    await asyncio.to_thread(command.upgrade, config, "0019_deletion_mode_width")
+    connection = await asyncpg.connect(dsn)
+    try:
+        owner, policy_set, comparison, item = uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+        await connection.execute(
+            "INSERT INTO api_keys (id, name, prefix, key_hash) VALUES ($1, 'k', 'p', 'h')", owner
+        )
+        await connection.execute(
+            "INSERT INTO policy_sets (id, owner_key_id, name, version, description, policies) "
+            "VALUES ($1, $2, 'p', 'v', '', '[]')",
+            policy_set,
+            owner,
+        )
+        judge = {"endpoint": "default", "model": "m", "temperature": 0.0, "instructions": ""}
+        one_judge = {
+            "mode": "comparison",
+            "baseline_job_id": str(uuid.uuid4()),
+            "candidate_job_id": str(uuid.uuid4()),
+            "judge": judge,
+            "max_tokens": 256,
+            "max_reasks": 1,
+        }
+        await connection.execute(
+            "INSERT INTO jobs (id, owner_key_id, policy_set_id, plan, request_hash, item_count) "
+            "VALUES ($1, $2, $3, $4, 'h', 1)",
+            comparison,
+            owner,
+            policy_set,
+            json.dumps(one_judge),
+        )
+        await connection.execute(
+            "INSERT INTO items (id, job_id, position, prompt, metadata, status, stage, attempts, "
+            "failures, enqueues) VALUES ($1, $2, 0, 'p', '{}', 'completed', 'judge', 1, 0, 1)",
+            item,
+            comparison,
+        )
+        insert_judgement = (
+            "INSERT INTO judgements (id, item_id, job_id, position, a_item_id, b_item_id, winner, votes{}) "
+            "VALUES ($1, $2, $3, 0, $2, $2, $4, '[]'{})"
+        )
+        await connection.execute(insert_judgement.format("", ""), uuid.uuid4(), item, comparison, "b")
+
+        await asyncio.to_thread(command.upgrade, config, "0020_comparison_judges")
+
+        assert [tuple(r) for r in await connection.fetch("SELECT judge, winner FROM judgements")] == [
+            (0, "b")
+        ]
+        plan = read_plan(json.loads(await connection.fetchval("SELECT plan FROM jobs")))
+        assert isinstance(plan, ComparisonPlan) and len(plan.judges) == 1
+        # A second judge's verdict on the item now has a row of its own; a second of the same judge has none.
+        await connection.execute(
+            insert_judgement.format(", judge", ", 1"), uuid.uuid4(), item, comparison, "a"
+        )
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await connection.execute(
+                insert_judgement.format(", judge", ", 1"), uuid.uuid4(), item, comparison, "tie"
+            )
+        two_judges = {**one_judge, "judges": [judge, {**judge, "model": "second"}], "mismatches": ["grader"]}
+        del two_judges["judge"]
+        await connection.execute("UPDATE jobs SET plan = $1", json.dumps(two_judges))
+
+        await asyncio.to_thread(command.downgrade, config, "0019_deletion_mode_width")
+
+        assert [r["winner"] for r in await connection.fetch("SELECT winner FROM judgements")] == ["b"]
+        assert json.loads(await connection.fetchval("SELECT plan FROM jobs")) == one_judge
+    finally:
+        await connection.close()

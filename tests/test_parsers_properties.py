@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import jsonschema
@@ -28,7 +30,7 @@ from hypothesis import strategies as st
 
 from app.deliberation import parsing
 from app.deliberation.config import Limits
-from app.deliberation.ports import ChatReply, Stage, TurnOutcome
+from app.deliberation.ports import ChatReply, Stage, TokenLogprobs, TurnOutcome
 from app.deliberation.results import Completed
 from app.deliberation.schemas import DROP_REASONS
 from app.deliberation.stages import DECLARED
@@ -84,6 +86,17 @@ _VERDICT = {
     },
     "required": ["unsafe", "categories", "rationale"],
     "additionalProperties": False,
+}
+# A classifier's verdict (Llama Guard, ShieldGemma) also says what decided it.
+_CLASSIFIED = {
+    **_VERDICT,
+    "properties": {
+        **_VERDICT["properties"],
+        "unsafe_probability": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+        "decided_by": {"enum": ["text", "logprobs"]},
+        "logprobs_missing": {"type": ["string", "null"]},
+    },
+    "required": [*_VERDICT["required"], "unsafe_probability", "decided_by", "logprobs_missing"],
 }
 
 
@@ -203,21 +216,66 @@ def test_a_reply_is_a_record_of_the_stage_or_malformed_never_an_exception(
             assert outcome is (TurnOutcome.TRUNCATED if finish_reason == "length" else TurnOutcome.MALFORMED)
 
 
+_TOKENS = (
+    st.sampled_from(["safe", "unsafe", "un", "Yes", " yes", "No", "no.", "\n\n", "", "S1", "maybe"]) | _TEXT
+)
+_FIRST_TOKENS = st.lists(
+    st.builds(
+        TokenLogprobs,
+        _TOKENS,
+        st.lists(st.tuples(_TOKENS, st.floats(max_value=0, allow_nan=False)), max_size=4).map(tuple),
+    ),
+    max_size=3,
+).map(lambda tokens: tuple(tokens) or None)
+
+
 @QUICK
 @given(
-    lines=st.lists(st.sampled_from(["safe", " Unsafe ", "S1, S2", " S3 ,", "", "maybe"]) | _TEXT, max_size=4)
+    lines=st.lists(st.sampled_from(["safe", " Unsafe ", "S1, S2", " S3 ,", "", "maybe"]) | _TEXT, max_size=4),
+    logprobs=st.none() | _FIRST_TOKENS,
+    threshold=st.floats(0, 1),
 )
-def test_a_llama_guard_reply_is_a_verdict_or_malformed_never_an_exception(lines: list[str]) -> None:
+def test_a_llama_guard_reply_is_a_verdict_or_malformed_never_an_exception(
+    lines: list[str], logprobs: tuple[TokenLogprobs, ...] | None, threshold: float
+) -> None:
     content = "\n".join(lines)
+    read = partial(parsing.normalize_llama_guard, logprobs=logprobs, threshold=threshold)
 
     outcome, record, error = parsing.judge_reply(
-        ChatReply(content, "stop", "m", 0, 0, 0.0), parsing.normalize_llama_guard, plain_text=True
+        ChatReply(content, "stop", "m", 0, 0, 0.0), read, plain_text=True
     )
 
     if outcome is TurnOutcome.OK:
         assert record is not None
-        assert_is_a_record(record, _VERDICT)
-        assert record["unsafe"] is (content.split()[0].lower() == "unsafe")
+        assert_is_a_record(record, _CLASSIFIED)
+        if record["decided_by"] == "text":
+            assert record["unsafe"] is (content.split()[0].lower() == "unsafe")
+        else:
+            assert record["unsafe"] is (record["unsafe_probability"] >= threshold)
+    else:
+        assert record is None and isinstance(error, str) and error
+
+
+@QUICK
+@given(
+    content=st.sampled_from(["Yes", "No.", " no, it is fine", "**Yes**\nIt breaks 2."]) | _TEXT,
+    logprobs=st.none() | _FIRST_TOKENS,
+)
+def test_a_shieldgemma_reply_is_a_verdict_or_malformed_never_an_exception(
+    content: str, logprobs: tuple[TokenLogprobs, ...] | None
+) -> None:
+    read = partial(parsing.normalize_shieldgemma, logprobs=logprobs, threshold=0.5)
+
+    outcome, record, error = parsing.judge_reply(
+        ChatReply(content, "stop", "m", 0, 0, 0.0), read, plain_text=True
+    )
+
+    if outcome is TurnOutcome.OK:
+        assert record is not None
+        assert_is_a_record(record, _CLASSIFIED)
+        if record["decided_by"] == "text":
+            first_word = re.match(r"\W*(\w*)", content)
+            assert record["unsafe"] is (first_word is not None and first_word.group(1).lower() == "yes")
     else:
         assert record is None and isinstance(error, str) and error
 

@@ -14,8 +14,10 @@ from app.deliberation.config import GuardConfig, GuardStyle, Mode, RoleConfig
 from app.plan import (
     ComparisonPlan,
     GenerationPlan,
+    GradingIn,
     JobConfigIn,
     RoleIn,
+    comparison_mismatches,
     read_plan,
     resolve,
     resolve_comparison,
@@ -33,7 +35,10 @@ EVERYTHING = JobConfigIn.model_validate(
         "defaults": {"temperature": 0.3},
         "refiner": {"endpoint": "second"},
         "grading": {"thresholds": {"relevance": 4}},
-        "pairs": {"guard": {"style": "llama_guard", "model": "guard-model"}, "max_tries": 2},
+        "pairs": {
+            "guard": {"style": "llama_guard", "model": "guard-model", "threshold": 0.3},
+            "max_tries": 2,
+        },
     }
 )
 
@@ -52,16 +57,78 @@ def test_a_generation_plan_reads_back_from_its_json_as_the_same_plan(config: Job
 
 
 def test_a_comparison_plan_reads_back_from_its_json_as_the_same_plan() -> None:
-    plan = resolve_comparison(RoleIn(endpoint="second"), SETTINGS, uuid.uuid4(), uuid.uuid4())
+    plan = resolve_comparison([RoleIn(endpoint="second"), None], SETTINGS, uuid.uuid4(), uuid.uuid4())
 
     assert read_plan(stored(plan)) == plan
     assert type(read_plan(stored(plan))) is ComparisonPlan
-    assert plan.judge == RoleConfig("second", "second-model", 0.0)  # judging roles default to 0
+    # Judging roles default to temperature 0; a judge left out is the server's default model.
+    assert plan.judges == (
+        RoleConfig("second", "second-model", 0.0),
+        RoleConfig("default", "server-model", 0.0),
+    )
+    assert plan.endpoints() == {"second", "default"}
+
+
+def test_a_comparison_plan_stored_with_one_judge_reads_as_a_list_of_one() -> None:
+    plan = resolve_comparison([RoleIn(endpoint="second")], SETTINGS, uuid.uuid4(), uuid.uuid4())
+    old = stored(plan)
+    assert isinstance(old, dict)
+    old["judge"] = old.pop("judges")[0]
+
+    read = read_plan(old)
+
+    assert read == plan and isinstance(read, ComparisonPlan) and read.mismatches == ()
+    assert "mismatches" not in stored(read)  # nothing differed: the JSON stays as it was
+
+
+def test_a_comparison_plan_names_no_judge_twice_or_none() -> None:
+    plan = stored(resolve_comparison([None], SETTINGS, uuid.uuid4(), uuid.uuid4()))
+    assert isinstance(plan, dict)
+    with pytest.raises(ValidationError):
+        read_plan({**plan, "judges": []})
+    with pytest.raises(ValidationError):  # both: the old field is read only when alone
+        read_plan({**plan, "judge": plan["judges"][0]})
+
+
+def test_a_comparison_records_what_the_caller_allowed_to_differ() -> None:
+    plan = resolve_comparison([None], SETTINGS, uuid.uuid4(), uuid.uuid4(), ["policy_set", "grader"])
+
+    assert read_plan(stored(plan)) == plan and plan.mismatches == ("policy_set", "grader")
+
+
+def _generation(grader: RoleIn | None) -> GenerationPlan:
+    return resolve(JobConfigIn(grading=None if grader is None else GradingIn(grader=grader)), SETTINGS)
+
+
+def test_jobs_differ_in_their_policy_set_by_content_version_not_name() -> None:
+    plan = _generation(None)
+
+    assert comparison_mismatches(plan, plan, (("a", "v1"), ("b", "v1"))) == {}
+    assert comparison_mismatches(plan, plan, (("a", "v1"), ("a", "v2"))) == {
+        "policy_set": {"baseline": "a@v1", "candidate": "a@v2"}
+    }
+
+
+def test_jobs_differ_in_their_grader_not_in_their_gate() -> None:
+    same = (("p", "v"), ("p", "v"))
+    graded = _generation(RoleIn())
+    other_gate = resolve(JobConfigIn(grading=GradingIn(thresholds={"relevance": 5})), SETTINGS)
+    other_model = _generation(RoleIn(model="other-grader"))
+
+    assert comparison_mismatches(graded, other_gate, same) == {}
+    assert comparison_mismatches(_generation(None), _generation(None), same) == {}
+    grader = {"endpoint": "default", "model": "server-model", "temperature": 0.0, "instructions": ""}
+    assert comparison_mismatches(graded, other_model, same) == {
+        "grader": {"baseline": grader, "candidate": {**grader, "model": "other-grader"}}
+    }
+    assert comparison_mismatches(_generation(None), graded, same) == {
+        "grader": {"baseline": None, "candidate": grader}
+    }
 
 
 def test_the_mode_tells_the_plans_apart() -> None:
     generation = stored(resolve(JobConfigIn(), SETTINGS))
-    comparison = stored(resolve_comparison(None, SETTINGS, uuid.uuid4(), uuid.uuid4()))
+    comparison = stored(resolve_comparison([None], SETTINGS, uuid.uuid4(), uuid.uuid4()))
     assert isinstance(generation, dict) and isinstance(comparison, dict)
 
     assert isinstance(read_plan({**generation, "mode": "zero_shot"}), GenerationPlan)
@@ -96,5 +163,16 @@ def test_the_engine_config_carries_every_choice_of_the_plan() -> None:
     assert pipeline.grading is not None and dict(pipeline.grading.thresholds) == {"relevance": 4}
     assert pipeline.pairs is not None and pipeline.pairs.max_tries == 2
     assert pipeline.pairs.guard == GuardConfig(
-        RoleConfig("default", "guard-model", 0.0), GuardStyle.LLAMA_GUARD
+        RoleConfig("default", "guard-model", 0.0), GuardStyle.LLAMA_GUARD, threshold=0.3
     )
+
+
+def test_a_guard_stored_before_thresholds_reads_with_the_default() -> None:
+    plan = stored(resolve(EVERYTHING, SETTINGS))
+    assert isinstance(plan, dict)
+    del plan["pairs"]["guard"]["threshold"]
+
+    read = read_plan(plan)
+
+    assert isinstance(read, GenerationPlan) and read.pairs is not None
+    assert read.pairs.config().guard.threshold == 0.5

@@ -15,7 +15,7 @@ from uuid import UUID
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from app.config import Settings
 from app.deliberation.ports import Stage, Turn, TurnKey, TurnOutcome
@@ -32,11 +32,11 @@ from app.deliberation.results import (
 from app.store import items, keys
 from app.store.db import Sessions
 from app.store.endings import failed
-from app.store.models import ApiKey, Cot, PreferencePair
+from app.store.models import ApiKey, Cot, Judgement, PreferencePair
 from app.store.turn_log import PostgresTurnLog
 from tests.conftest import ROOT, new_key, run_worker_burst, worker_env
 from tests.scripted_llm import ScriptedLLM, guard_verdict, malformed, reply, scores
-from tests.test_api import all_pages, error_of, items_of, row_counts, submit
+from tests.test_api import KITCHEN_POLICIES, all_pages, error_of, items_of, register, row_counts, submit
 
 Headers = dict[str, str]
 AIDSAFE = str(Path(sys.executable).parent / "aidsafe")
@@ -84,7 +84,13 @@ def refused_try(number: int) -> WhisperTry:
 
 
 def flagged_try(number: int) -> WhisperTry:
-    verdict = GuardVerdict(True, ["fraud-deception"], f"{HAZARD} guard flagged it")
+    verdict = GuardVerdict(
+        True,
+        ["fraud-deception"],
+        f"{HAZARD} guard flagged it",
+        unsafe_probability=0.93,
+        decided_by="logprobs",
+    )
     return WhisperTry(number, f"{HAZARD} belief {number}", rejected_sample(number), None, verdict)
 
 
@@ -142,10 +148,12 @@ async def finished_job(
     results: list[Completed],
     config: dict[str, Any] | None = None,
     prompts: list[str] | None = None,
+    **fields: Any,
 ) -> str:
-    """A job whose first items completed with these engine results, in order (the rest stay queued)."""
+    """A job whose first items completed with these engine results, in order (the rest stay
+    queued); `fields` are more of the job request's."""
     job = await submit(
-        api, auth, prompts or [f"Prompt {n}" for n in range(len(results))], config=config or {}
+        api, auth, prompts or [f"Prompt {n}" for n in range(len(results))], config=config or {}, **fields
     )
     for item, result in zip(await items_of(api, auth, job["id"]), results, strict=False):
         claim = await items.claim(sessions, UUID(item["id"]), LIMITS)
@@ -209,6 +217,9 @@ async def test_completing_an_item_stores_its_scores_gate_and_pair_in_one_go(
         "categories": ["fraud-deception"],
         "rationale": f"{HAZARD} guard flagged it",
         "error": None,
+        "unsafe_probability": 0.93,
+        "decided_by": "logprobs",
+        "logprobs_missing": None,
     }
     assert [t["number"] for t in pair.tries] == [1, 2]
     assert pair.tries[0]["rejected"] is None and pair.tries[0]["guard"] is None
@@ -357,6 +368,9 @@ async def test_a_scoped_key_reads_every_try_and_the_rejected_side(
         "categories": ["fraud-deception"],
         "rationale": f"{HAZARD} guard flagged it",
         "error": None,
+        "unsafe_probability": 0.93,
+        "decided_by": "logprobs",
+        "logprobs_missing": None,
     }
     assert pair["tries"] == [
         {
@@ -407,11 +421,14 @@ async def test_a_default_key_sees_pair_outcomes_and_guard_flags_but_no_hazardous
     assert pair["chosen"]["response"] == "Chosen response"
     rejected = pair["rejected"]
     assert (rejected["belief"], rejected["thoughts"], rejected["response"]) == (None, None, None)
-    assert rejected["guard"] == {
+    assert rejected["guard"] == {  # how sure the guard was is no hazardous text
         "unsafe": True,
         "categories": ["fraud-deception"],
         "rationale": None,
         "error": None,
+        "unsafe_probability": 0.93,
+        "decided_by": "logprobs",
+        "logprobs_missing": None,
     }
     assert rejected["scores"]["cot_policy_faithfulness"] == {"score": 1, "rationale": None}
     assert [(t["number"], t["refused"], t["belief"], t["rejected"], t["refusal"]) for t in pair["tries"]] == [
@@ -594,7 +611,7 @@ async def compare(
 
 
 async def test_comparison_items_are_the_prompts_both_jobs_completed_first_by_position(
-    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions, settings: Settings
 ) -> None:
     baseline = await finished_job(api, auth, sessions, [completed()] * 4, prompts=["a", "b", "dup", "c"])
     # "c" is in both jobs but the candidate has not completed it.
@@ -610,7 +627,20 @@ async def test_comparison_items_are_the_prompts_both_jobs_completed_first_by_pos
     comparison = response.json()
     assert (comparison["status"], comparison["prompts"]) == ("queued", 2)
     assert (comparison["baseline_job_id"], comparison["candidate_job_id"]) == (baseline, candidate)
-    assert comparison["pairwise"] == {"wins": 0, "ties": 0, "losses": 0, "unreadable": 0}
+    nothing = {"value": None, "low": None, "high": None, "n": 0}
+    assert comparison["judges"] == [
+        {
+            "judge": {
+                "endpoint": "default",
+                "model": settings.llm_model,
+                "temperature": 0.0,
+                "instructions": "",
+            },
+            **{"wins": 0, "ties": 0, "losses": 0, "unreadable": 0},
+            **{"win_rate": nothing, "tie_rate": nothing, "loss_rate": nothing},
+        }
+    ]
+    assert (comparison["agreement"], comparison["mismatches"]) == (None, [])
     compared = await items_of(api, auth, comparison["id"])
     assert [(i["position"], i["prompt"], i["metadata"]) for i in compared] == [
         (0, "b", {"a_item_id": base_ids[1], "b_item_id": cand_ids[2]}),
@@ -618,7 +648,7 @@ async def test_comparison_items_are_the_prompts_both_jobs_completed_first_by_pos
     ]
     job = await get_ok(api, auth, f"/v1/jobs/{comparison['id']}")
     assert job["config"]["mode"] == "comparison"
-    assert job["config"]["judge"]["temperature"] == 0.0
+    assert job["config"]["judges"][0]["temperature"] == 0.0
 
 
 async def test_comparison_of_another_keys_job_is_not_found(
@@ -695,12 +725,113 @@ async def test_comparison_shows_the_grader_means_side_by_side(
 
     comparison = (await compare(api, auth, baseline, candidate)).json()
 
-    assert comparison["metrics"]["cot_policy_faithfulness"] == {
-        "baseline": 3.5,
-        "candidate": 5.0,
-        "delta": 1.5,
+    # Baseline 3 and 4: mean 3.5, sd 0.7071, t(0.975, 1) = 12.706, so 3.5 +- 6.353. The
+    # candidate leads by 2 and by 1 on the same prompts: the paired mean 1.5 +- 6.353.
+    faithfulness = comparison["metrics"]["cot_policy_faithfulness"]
+    assert faithfulness == {
+        "baseline": {
+            "value": 3.5,
+            "low": pytest.approx(-2.853, abs=1e-3),
+            "high": pytest.approx(9.853, abs=1e-3),
+            "n": 2,
+        },
+        "candidate": {"value": 5.0, "low": 5.0, "high": 5.0, "n": 2},
+        "delta": {
+            "value": 1.5,
+            "low": pytest.approx(-4.853, abs=1e-3),
+            "high": pytest.approx(7.853, abs=1e-3),
+            "n": 2,
+        },
     }
-    assert comparison["metrics"]["relevance"] == {"baseline": 4.0, "candidate": 4.0, "delta": 0.0}
+    same = {"value": 4.0, "low": 4.0, "high": 4.0, "n": 2}
+    assert comparison["metrics"]["relevance"] == {
+        "baseline": same,
+        "candidate": same,
+        "delta": {**same, "value": 0.0, "low": 0.0, "high": 0.0},
+    }
+
+
+async def test_jobs_with_different_policy_sets_are_compared_only_when_the_caller_allows_it(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    assert (await register(api, auth, KITCHEN_POLICIES)).status_code == 201
+    baseline = await finished_job(api, auth, sessions, [completed()], prompts=["a"])
+    candidate = await finished_job(
+        api, auth, sessions, [completed()], prompts=["a"], policy_set={"name": "kitchen"}
+    )
+    before = await row_counts(sessions)
+
+    refused = error_of(await compare(api, auth, baseline, candidate), 422, "comparison_mismatch")
+
+    assert "policy set" in refused["message"] and "allow_mismatch" in refused["message"]
+    differs = refused["details"]["mismatches"]
+    assert list(differs) == ["policy_set"]
+    assert differs["policy_set"]["baseline"].startswith("aidsafe-default@")
+    assert differs["policy_set"]["candidate"].startswith("kitchen@")
+    assert await row_counts(sessions) == before
+    allowed = await compare(api, auth, baseline, candidate, allow_mismatch=True)
+    assert allowed.status_code == 202, allowed.text
+    assert allowed.json()["mismatches"] == ["policy_set"]
+    job = await get_ok(api, auth, f"/v1/jobs/{allowed.json()['id']}")
+    assert job["config"]["mismatches"] == ["policy_set"]
+
+
+async def test_jobs_graded_by_different_graders_are_refused_naming_both(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    graded = await finished_job(api, auth, sessions, [completed(a_grade())], GRADED, ["a"])
+    other_grader = {"grading": {"grader": {"model": "another-grader"}}}
+    regraded = await finished_job(api, auth, sessions, [completed(a_grade())], other_grader, ["a"])
+    ungraded = await finished_job(api, auth, sessions, [completed()], prompts=["a"])
+    other_gate = {"grading": {"thresholds": {"relevance": 5}}}
+    gated_otherwise = await finished_job(api, auth, sessions, [completed(a_grade())], other_gate, ["a"])
+
+    differs = error_of(await compare(api, auth, graded, regraded), 422, "comparison_mismatch")["details"]
+
+    assert differs["mismatches"]["grader"]["candidate"]["model"] == "another-grader"
+    assert differs["mismatches"]["grader"]["baseline"]["model"] != "another-grader"
+    error_of(await compare(api, auth, ungraded, graded), 422, "comparison_mismatch")
+    assert (
+        await compare(api, auth, graded, gated_otherwise)
+    ).status_code == 202  # thresholds gate, not score
+
+
+async def test_a_comparison_takes_one_judge_or_several_not_both(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    baseline = await finished_job(api, auth, sessions, [completed()], prompts=["a"])
+    candidate = await finished_job(api, auth, sessions, [completed()], prompts=["a"])
+
+    both = await compare(api, auth, baseline, candidate, judge={}, judges=[{}])
+    error_of(both, 422, "validation_error")
+    error_of(await compare(api, auth, baseline, candidate, judges=[]), 422, "validation_error")
+    error_of(await compare(api, auth, baseline, candidate, judges=[{}] * 6), 422, "validation_error")
+    two = (await compare(api, auth, baseline, candidate, judges=[{"model": "one"}, {"model": "two"}])).json()
+    assert [j["judge"]["model"] for j in two["judges"]] == ["one", "two"]
+
+
+async def test_a_comparison_stored_with_one_judge_still_reports(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions, settings: Settings, scripted_llm: ScriptedLLM
+) -> None:
+    baseline = await finished_job(api, auth, sessions, [completed(text="Base")] * 2, prompts=["a", "b"])
+    candidate = await finished_job(api, auth, sessions, [completed(text="Cand")] * 2, prompts=["a", "b"])
+    scripted_llm.script("pairwise_judgement", *judged("B", "A"), *judged("A", "B"))
+    comparison = (await compare(api, auth, baseline, candidate)).json()
+    await run_worker_burst(settings, max_jobs=1)
+    async with sessions.begin() as session:  # the plan as comparisons stored it before several judges
+        await session.execute(
+            text(
+                "UPDATE jobs SET plan = (plan - 'judges') || jsonb_build_object('judge', plan->'judges'->0) "
+                "WHERE id = :id"
+            ),
+            {"id": comparison["id"]},
+        )
+
+    result = await get_ok(api, auth, f"/v1/comparisons/{comparison['id']}")
+
+    (judge,) = result["judges"]
+    assert (judge["wins"], judge["losses"], judge["judge"]["temperature"]) == (1, 1, 0.0)
+    assert result["agreement"] is None
 
 
 # --- keys ----------------------------------------------------------------------------------
@@ -827,7 +958,16 @@ async def test_a_comparison_counts_wins_ties_losses_and_unreadable_verdicts_for_
 
     result = await get_ok(api, auth, f"/v1/comparisons/{comparison['id']}")
     assert result["status"] == "completed"
-    assert result["pairwise"] == {"wins": 1, "ties": 1, "losses": 1, "unreadable": 1}
+    (judge,) = result["judges"]
+    assert (judge["wins"], judge["ties"], judge["losses"], judge["unreadable"]) == (1, 1, 1, 1)
+    # 1 of the 3 readable verdicts each: Wilson 95 % [0.0615, 0.7923].
+    for share in ("win_rate", "tie_rate", "loss_rate"):
+        assert judge[share] == {
+            "value": pytest.approx(1 / 3),
+            "low": pytest.approx(0.0615, abs=1e-4),
+            "high": pytest.approx(0.7923, abs=1e-4),
+            "n": 3,
+        }
     judge_requests = scripted_llm.requests_for("pairwise_judgement")
     assert "Base thought" in json.dumps(judge_requests[0].body) and "Cand thought" in json.dumps(
         judge_requests[0].body
@@ -851,11 +991,52 @@ async def test_a_zero_shot_baseline_and_an_aidsafe_job_compare_side_by_side(
 
     result = await get_ok(api, auth, f"/v1/comparisons/{response.json()['id']}")
     assert (result["status"], result["prompts"]) == ("completed", 2)
-    assert result["pairwise"] == {"wins": 1, "ties": 1, "losses": 0, "unreadable": 0}
-    assert result["metrics"]["cot_policy_faithfulness"] == {"baseline": 3.0, "candidate": 4.0, "delta": 1.0}
-    assert result["judge"]["model"] == "judge-model"
+    (judge,) = result["judges"]
+    assert (judge["wins"], judge["ties"], judge["losses"], judge["unreadable"]) == (1, 1, 0, 0)
+    faithfulness = result["metrics"]["cot_policy_faithfulness"]
+    assert [faithfulness[side]["value"] for side in ("baseline", "candidate", "delta")] == [3.0, 4.0, 1.0]
+    assert judge["judge"]["model"] == "judge-model"
     assert {r.body["model"] for r in scripted_llm.requests_for("pairwise_judgement")} == {"judge-model"}
     zero_shot_stages = (await get_ok(api, auth, f"/v1/jobs/{zero_shot['id']}/report"))["usage_by_stage"]
     assert set(zero_shot_stages) == {"zero_shot", "grade"}
     baseline_cots = (await get_ok(api, auth, f"/v1/jobs/{zero_shot['id']}/cots"))["data"]
     assert [c["scores"]["cot_policy_faithfulness"]["score"] for c in baseline_cots] == [3, 3]
+
+
+async def test_two_judges_report_each_ones_verdicts_and_how_far_they_agree(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions, settings: Settings, scripted_llm: ScriptedLLM
+) -> None:
+    prompts = ["a", "b", "c", "d"]
+    baseline = await finished_job(api, auth, sessions, [completed(text="Base")] * 4, prompts=prompts)
+    candidate = await finished_job(api, auth, sessions, [completed(text="Cand")] * 4, prompts=prompts)
+    # Item by item (one at a time): the first judge's two orders, then the second's. The first
+    # judge says b, b, a, tie; the second b, a, a, tie.
+    win, loss, tie = judged("B", "A"), judged("A", "B"), judged("tie", "tie")
+    scripted_llm.script("pairwise_judgement", *win, *win, *win, *loss, *loss, *loss, *tie, *tie)
+    judges = [{"model": "judge-one"}, {"model": "judge-two", "temperature": 0.2}]
+    comparison = (await compare(api, auth, baseline, candidate, judges=judges)).json()
+
+    await run_worker_burst(settings, max_jobs=1)
+
+    result = await get_ok(api, auth, f"/v1/comparisons/{comparison['id']}")
+    assert result["status"] == "completed"
+    first, second = result["judges"]
+    assert (first["judge"]["model"], second["judge"]["model"], second["judge"]["temperature"]) == (
+        "judge-one",
+        "judge-two",
+        0.2,
+    )
+    assert [first[k] for k in ("wins", "ties", "losses", "unreadable")] == [2, 1, 1, 0]
+    assert [second[k] for k in ("wins", "ties", "losses", "unreadable")] == [1, 1, 2, 0]
+    assert first["win_rate"]["value"] == 0.5 and second["loss_rate"]["value"] == 0.5
+    # Agreement on 3 of 4. The first says b twice, a once, tie once; the second b once, a
+    # twice, tie once: chance (2*1 + 1*2 + 1*1) / 16 = 5/16; kappa (3/4 - 5/16) / (11/16) = 7/11.
+    agreement = result["agreement"]
+    assert (agreement["judges"], agreement["items"], agreement["kappa_kind"]) == (2, 4, "cohen")
+    assert agreement["unanimous"]["value"] == 0.75 and agreement["unanimous"]["n"] == 4
+    assert agreement["kappa"] == pytest.approx(7 / 11)
+    models = [r.body["model"] for r in scripted_llm.requests_for("pairwise_judgement")]
+    assert models == ["judge-one", "judge-one", "judge-two", "judge-two"] * 4
+    async with sessions() as session:
+        rows = await session.execute(select(Judgement.judge, func.count()).group_by(Judgement.judge))
+        assert dict(rows.tuples().all()) == {0: 4, 1: 4}

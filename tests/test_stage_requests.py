@@ -114,16 +114,16 @@ async def test_aidsafe_stages_with_reasks_grading_and_a_whispered_pair_send_pinn
             "refine/0/0/0 refiner 45a50bf0ec69972d",
             "grade/0/0/0 grader cf40c1df3f266961",
             "whisper/1/0/0 whisperer 593ec6cb631e7030",
-            "rejected/1/0/0 generator 229a1c92f77f5387",
+            "rejected/1/0/0 generator 1bd68b10ee4b07c3",
             "guard/1/0/0 guard 8359ae2849fb9ae2",
             "whisper/2/0/0 whisperer 82d7acbf8264b544",
-            "rejected/2/0/0 generator d754f5f17a0fdfad",
+            "rejected/2/0/0 generator bf112407bc2cc240",
             "whisper/3/0/0 whisperer 35de990cfec2a18a",
-            "rejected/3/0/0 generator 5b7ede876d14d3d5",
+            "rejected/3/0/0 generator db9d9cf82a946f66",
             "guard/3/0/0 guard 8fc40c1ac8d245ef",
             "grade/3/0/0 grader 8a9712e0307b9fb3",
         ],
-        "bodies": "b847d940aeb33d68",
+        "bodies": "3fc89871d3edb881",
     }
 
 
@@ -141,14 +141,14 @@ async def test_zero_shot_with_a_llama_guard_pair_sends_pinned_requests(
     assert isinstance(result, Completed) and result.pair is not None and result.pair.tries[0].guard
     assert _fingerprint(log, ITEM, scripted_llm) == {
         "turns": [
-            "zero_shot/0/0/0 zero-shot f6634bcfae6c0d4a",
+            "zero_shot/0/0/0 zero-shot 2048426acc0a20f8",
             "grade/0/0/0 grader cefc22aca5cee350",
             "whisper/1/0/0 whisperer 593ec6cb631e7030",
-            "rejected/1/0/0 generator 7cbc1d2ac4828674",
+            "rejected/1/0/0 generator 7c6c87fed5d1f405",
             "guard/1/0/0 guard dfa128c27c2976d5",
             "grade/1/0/0 grader 7d6ebf3e8fb9852b",
         ],
-        "bodies": "efb8323c641d0805",
+        "bodies": "573204b2b7066b4a",
     }
 
 
@@ -160,10 +160,10 @@ async def test_the_pairwise_judge_sends_pinned_requests(
     a, b = Sample(["Base thought."], "Base answer."), Sample(["Candidate thought."], "Candidate answer.")
 
     judged = await judge_pair(
-        ITEM, PROMPT, a, b, GRADER, POLICIES, PROMPTS, llm, log, max_tokens=256, max_reasks=1
+        ITEM, PROMPT, a, b, [GRADER], POLICIES, PROMPTS, llm, log, max_tokens=256, max_reasks=1
     )
 
-    assert isinstance(judged, Judged)
+    assert [type(j) for j in judged] == [Judged]
     assert _fingerprint(log, ITEM, scripted_llm) == {
         "turns": [
             "judge/1/0/0 judge 38bb3658769975bd",
@@ -174,10 +174,68 @@ async def test_the_pairwise_judge_sends_pinned_requests(
     }
 
 
+async def test_a_shieldgemma_guard_sends_one_pinned_question_with_the_policies_and_asks_for_logprobs(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script(None, reply("Yes"))
+    log = InMemoryTurnLog()
+
+    config = _config(Mode.ZERO_SHOT, GuardStyle.SHIELDGEMMA, 1)
+    result = await deliberate(ITEM, PROMPT, config, POLICIES, llm, log)
+
+    assert isinstance(result, Completed) and result.pair is not None and result.pair.tries[0].guard
+    (guard,) = scripted_llm.requests_for(None)
+    (question,) = guard.body["messages"]
+    assert question["role"] == "user" and POLICIES.text in question["content"]
+    assert "Human Question: " + PROMPT in question["content"]
+    assert question["content"].endswith(
+        "Your answer must start with 'Yes' or 'No'. "
+        "And then walk through step by step to be sure we answer correctly."
+    )
+    assert (guard.body["logprobs"], guard.body["top_logprobs"]) == (True, 10)
+    assert "response_format" not in guard.body
+    assert _fingerprint(log, ITEM, scripted_llm) == {
+        "turns": [
+            "zero_shot/0/0/0 zero-shot 2048426acc0a20f8",
+            "grade/0/0/0 grader cefc22aca5cee350",
+            "whisper/1/0/0 whisperer 593ec6cb631e7030",
+            "rejected/1/0/0 generator 7c6c87fed5d1f405",
+            "guard/1/0/0 guard 8d8e3cf4dff75b6f",
+            "grade/1/0/0 grader cefc22aca5cee350",
+        ],
+        "bodies": "0765624682bf4106",
+    }
+
+
+async def test_several_judges_send_pinned_requests_each_under_its_own_agent_number(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    log = InMemoryTurnLog()
+    a, b = Sample(["Base thought."], "Base answer."), Sample(["Candidate thought."], "Candidate answer.")
+    second = replace(GRADER, model="second-judge")
+
+    judged = await judge_pair(
+        ITEM, PROMPT, a, b, [GRADER, second], POLICIES, llm, log, max_tokens=256, max_reasks=1
+    )
+
+    assert len(judged) == 2
+    assert [r.body["model"] for r in scripted_llm.requests] == [GRADER.model] * 2 + ["second-judge"] * 2
+    assert _fingerprint(log, ITEM, scripted_llm) == {
+        "turns": [
+            "judge/1/0/0 judge 38bb3658769975bd",
+            "judge/2/0/0 judge b07dfb35c317f496",
+            "judge/1/1/0 judge 18166047af6fe483",
+            "judge/2/1/0 judge 2e9973ac1217b7e8",
+        ],
+        "bodies": "9b07ef580ddbaab7",
+    }
+
+
 def test_request_budgets_of_every_role_are_pinned() -> None:
     budgets = [
         *largest_requests(_config(Mode.AIDSAFE, GuardStyle.JSON, 3), POLICIES, PROMPTS, PROMPT),
         *largest_requests(_config(Mode.ZERO_SHOT, GuardStyle.LLAMA_GUARD, 2), POLICIES, PROMPTS, PROMPT),
+        *largest_requests(_config(Mode.ZERO_SHOT, GuardStyle.SHIELDGEMMA, 1), POLICIES, PROMPTS, PROMPT)[-1:],
         judge_request(GRADER, POLICIES, PROMPTS, PROMPT, (512, 1024), 256),
     ]
 
@@ -189,13 +247,14 @@ def test_request_budgets_of_every_role_are_pinned() -> None:
         ("refiner", 7190),
         ("grader", 4594),
         ("whisperer", 6884),
-        ("generator", 4028),
+        ("generator", 4087),
         ("guard", 4034),
-        ("zero-shot", 3439),
+        ("zero-shot", 3498),
         ("grader", 4594),
         ("whisperer", 5156),
-        ("generator", 4028),
+        ("generator", 4087),
         ("guard", 1121),
+        ("guard", 3697),
         ("judge", 4772),
     ]
 
@@ -207,7 +266,7 @@ def test_every_stage_is_declared_with_its_own_schema_name_and_existing_templates
     assert len(named) == len(set(named))
     for spec in DECLARED:
         assert (spec.schema(Limits()) is None) == spec.plain_text
-        for template in spec.templates or ():
+        for template in [*(spec.templates or ()), *filter(None, [spec.classifier_prompt])]:
             assert (TEMPLATE_DIR / f"{template}.txt").is_file(), template
 
 

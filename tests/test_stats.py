@@ -1,5 +1,7 @@
 """Report intervals against figures computed by hand (Wilson 1927; Student t tables)."""
 
+from collections import Counter
+
 import pytest
 
 from app.stats import NOTHING_MEASURED, Estimate, cohen_kappa, fleiss_kappa, mean, proportion
@@ -104,3 +106,18 @@ def test_fleiss_kappa_of_nothing_or_one_category_is_undefined() -> None:
     assert fleiss_kappa([]) is None
     assert fleiss_kappa([{"accept": 1}]) is None
     assert fleiss_kappa([{"accept": 3}, {"accept": 2}]) is None
+
+
+def test_cohen_kappa_over_three_verdicts() -> None:
+    # 10 items. Observed: 4 + 2 + 1 = 7 of 10. Firsts: a 5, b 3, tie 2; seconds: a 6, b 3,
+    # tie 1. Chance (30 + 9 + 2) / 100 = 0.41; kappa (0.7 - 0.41) / 0.59 = 0.4915.
+    counts = {("a", "a"): 4, ("a", "b"): 1, ("b", "b"): 2, ("b", "a"): 1, ("tie", "tie"): 1, ("tie", "a"): 1}
+    assert cohen_kappa([pair for pair, n in counts.items() for _ in range(n)]) == pytest.approx(0.29 / 0.59)
+
+
+def test_fleiss_kappa_matches_a_hand_computed_figure() -> None:
+    # Three raters, four items. Per item, agreeing pairs out of 6: 6, 2, 2, 0: mean 5/12.
+    # Ratings: a 6, b 4, tie 2 of 12: chance 1/4 + 1/9 + 1/36 = 7/18.
+    # Kappa (5/12 - 7/18) / (11/18) = 1/22.
+    ratings = [("a", "a", "a"), ("a", "a", "b"), ("b", "b", "tie"), ("tie", "b", "a")]
+    assert fleiss_kappa([Counter(item) for item in ratings]) == pytest.approx(1 / 22)

@@ -164,12 +164,12 @@ async def _announce(worker: Worker, claim: items.Claim, ending: Ending) -> None:
     await events.announce_item_finished(worker.redis, worker.settings, claim.job_id, event)
 
 
-Result = Completed | Judged | Evaluated | JudgedAnswer | Failed
+Result = Completed | list[Judged] | Evaluated | JudgedAnswer | Failed
 
 
 async def _run_engine(worker: Worker, claim: items.Claim) -> Result:
-    """The engine's work for the item's job: judge two samples, evaluate an imported one,
-    have a model under test answer and judge the answer, or write a CoT."""
+    """The engine's work for the item's job: judge two samples (each judge), evaluate an
+    imported one, have a model under test answer and judge the answer, or write a CoT."""
     sessions, llm = worker.sessions, budgets.Meter(worker.llm, worker.spending, claim.job_id, claim.budget)
     policies, prompts = policy_sets.for_engine(claim.policy_set), prompt_sets.for_engine(claim.prompt_set)
     turn_log = PostgresTurnLog(sessions, claim, llm)
@@ -181,7 +181,7 @@ async def _run_engine(worker: Worker, claim: items.Claim) -> Result:
                 claim.prompt,
                 baseline,
                 candidate,
-                plan.judge,
+                plan.judges,
                 policies,
                 prompts,
                 llm,
@@ -217,7 +217,7 @@ async def _record(sessions: Sessions, claim: items.Claim, result: Result) -> End
     """How the item ended, as stored; None if another worker holds it now."""
     if isinstance(result, Failed):
         return await items.end(sessions, claim, failed(result.code, result.message))
-    if isinstance(result, Judged):
+    if isinstance(result, list):
         return await items.complete_judged(sessions, claim, result)
     if isinstance(result, Evaluated):
         return await items.complete_evaluated(sessions, claim, result)

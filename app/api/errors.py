@@ -34,8 +34,8 @@ _WHY = {
     413: "The request body is over the size limit.",
     422: (
         "The request is invalid (validation_error, invalid_config, unknown_policy_set, unknown_preset, "
-        "preset_version_mismatch, no_common_prompts, invalid_filter, request_too_large, callbacks_disabled, "
-        "callback_host_not_allowed, invalid_callback_url)."
+        "preset_version_mismatch, no_common_prompts, comparison_mismatch, invalid_filter, request_too_large, "
+        "callbacks_disabled, callback_host_not_allowed, invalid_callback_url)."
     ),
     503: "The database is unavailable; retry shortly.",
 }

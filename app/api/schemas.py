@@ -347,7 +347,8 @@ JobStatus = Literal["queued", "running", "budget_exhausted", "completed", "cance
 
 
 class IntervalOut(BaseModel):
-    """A measured share or mean with its 95 % interval; all null when nothing was measured."""
+    """A measured share or mean with its 95 % interval (Wilson for shares, Student t for
+    means); all null but `n` when nothing was measured, the bounds null when one value was."""
 
     value: float | None
     low: float | None
@@ -590,6 +591,20 @@ class GuardOut(BaseModel):
     )
     rationale: str | None = Field(description="Null when redacted.")
     error: str | None = Field(description="Why the guard's output was unreadable; null when redacted.")
+    # Verdicts stored before classifiers read logprobs have none: the defaults are theirs.
+    unsafe_probability: float | None = Field(
+        default=None,
+        description="`llama_guard` and `shieldgemma` guards whose endpoint sent logprobs: the "
+        "probability of the violating answer, against the job's threshold. Null otherwise.",
+    )
+    decided_by: Literal["text", "logprobs"] = Field(
+        default="text", description="Whether the probability or the guard's text answer decided `unsafe`."
+    )
+    logprobs_missing: str | None = Field(
+        default=None,
+        description="Why a classifier's text decided though logprobs were asked for (the endpoint "
+        "sent none, or none of the answer's likeliest first tokens began either answer).",
+    )
 
 
 class SampleOut(BaseModel):
@@ -690,18 +705,39 @@ class ComparisonPage(BaseModel):
     next_cursor: str | None
 
 
+MAX_JUDGES = 5
+
+
 class ComparisonIn(Labelled):
     model_config = ConfigDict(extra="forbid")
     baseline_job_id: UUID
     candidate_job_id: UUID
-    judge: RoleIn | None = Field(default=None, description="Temperature defaults to 0.")
+    judges: list[RoleIn | None] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_JUDGES,
+        description="The judges, each a role (temperature defaults to 0; null or {}: the server's "
+        "default model). Each judges every prompt; the report gives each judge's results and "
+        "their agreement. Default: one judge of the server's default model.",
+    )
+    judge: RoleIn | None = Field(default=None, description="One judge: the same as `judges: [judge]`.")
+    allow_mismatch: bool = Field(
+        default=False,
+        description="Compare jobs that differ in their policy set or their grader anyway (422 "
+        "`comparison_mismatch` otherwise); the comparison records what differs.",
+    )
     callback_url: CallbackUrl = None
 
     @model_validator(mode="after")
     def _two_jobs(self) -> ComparisonIn:
         if self.baseline_job_id == self.candidate_job_id:
             raise ValueError("a job cannot be compared with itself: name two different jobs")
+        if self.judge is not None and self.judges is not None:
+            raise ValueError("give 'judges' or 'judge', not both")
         return self
+
+    def judge_roles(self) -> list[RoleIn | None]:
+        return self.judges or [self.judge]
 
 
 # --- model evaluations ----------------------------------------------------------------------
@@ -863,19 +899,41 @@ class ModelEvaluationOut(BaseModel):
 
 
 class MetricComparison(BaseModel):
-    baseline: float | None
-    candidate: float | None
-    delta: float | None = Field(description="Candidate minus baseline.")
+    baseline: IntervalOut = Field(description="The mean over the baseline's graded samples.")
+    candidate: IntervalOut = Field(description="The mean over the candidate's graded samples.")
+    delta: IntervalOut = Field(
+        description="The mean of candidate minus baseline over the prompts both sides have a score "
+        "for (a paired difference), with its interval."
+    )
 
 
-class Pairwise(BaseModel):
-    """The judge's verdicts, from the candidate's side. A sample wins only when the judge
-    prefers it in both orders; a split is a tie."""
+class JudgeResults(BaseModel):
+    """One judge's verdicts, from the candidate's side. A sample wins only when the judge
+    prefers it in both orders; a split is a tie. Shares are of the readable verdicts."""
 
+    judge: dict[str, Any] = Field(description="The judge's role: endpoint, model, temperature, instructions.")
     wins: int
     ties: int
     losses: int
     unreadable: int = Field(description="No readable verdict in both orders.")
+    win_rate: IntervalOut
+    tie_rate: IntervalOut
+    loss_rate: IntervalOut
+
+
+class JudgeAgreement(BaseModel):
+    """How far the judges agree, over the prompts every one of them gave a readable verdict."""
+
+    judges: int
+    items: int = Field(description="Prompts every judge gave a readable verdict on.")
+    unanimous: IntervalOut = Field(
+        description="The share of them on which every judge gave the same verdict."
+    )
+    kappa: float | None = Field(
+        description="Agreement beyond chance: 1 full, 0 as by chance, below 0 worse. Null when chance "
+        "agreement is certain (every judge gave one same verdict throughout) or nothing was judged."
+    )
+    kappa_kind: Literal["cohen", "fleiss"] = Field(description="Cohen's for two judges, Fleiss' for more.")
 
 
 class ComparisonOut(BaseModel):
@@ -886,14 +944,19 @@ class ComparisonOut(BaseModel):
     metadata: dict[str, Any]
     baseline_job_id: UUID
     candidate_job_id: UUID
-    judge: dict[str, Any]
+    mismatches: list[str] = Field(
+        description="What differs between the two jobs, compared anyway (`allow_mismatch`): "
+        "`policy_set`, `grader`. Empty for comparable jobs."
+    )
     prompts: int = Field(description="Prompts both jobs completed: the items compared.")
     counts: JobCounts
     metrics: dict[str, MetricComparison] = Field(
-        description="Per metric, the grader's mean on each side over the compared prompts."
+        description="Per metric, the grader's mean on each side over the compared prompts, and the "
+        "candidate's lead. Empty when neither job was graded."
     )
-    pairwise: Pairwise
-    usage: Usage = Field(description="The judge's calls (the compared jobs' own are theirs).")
+    judges: list[JudgeResults] = Field(description="Each judge's results, in the order they were given.")
+    agreement: JudgeAgreement | None = Field(description="Null with one judge.")
+    usage: Usage = Field(description="The judges' calls (the compared jobs' own are theirs).")
 
 
 class JobDeletionOut(BaseModel):

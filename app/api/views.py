@@ -42,7 +42,7 @@ from app.api.schemas import (
     WhisperTryOut,
 )
 from app.costs import job_cost, priced
-from app.deliberation.ports import is_hazardous, is_known_category
+from app.deliberation.ports import guard_flags, is_hazardous
 from app.deliberation.results import SCORE_SCALE
 from app.plan import ComparisonPlan, JobPlan, ModelEvaluationPlan, SampleEvaluationPlan
 from app.stats import mean, proportion
@@ -153,15 +153,12 @@ def policy_ids(policy_set: PolicySetRow) -> frozenset[str]:
 def guard_out(
     verdict: dict[str, Any] | None, reads_hazardous: bool, known: frozenset[str]
 ) -> GuardOut | None:
-    """The guard's verdict. Without the hazardous scope only its flags: whether it found the
-    text unsafe, and the categories that name a policy of the set (`known`) or a Llama
-    Guard code; any other category is the guard's own text about the sample, withheld."""
+    """The guard's verdict. Without the hazardous scope only its flags (ports.guard_flags):
+    the categories that name a policy of the set (`known`) or a Llama Guard code; any other
+    category is the guard's own text about the sample, withheld."""
     if verdict is None:
         return None
-    if reads_hazardous:
-        return GuardOut(**verdict)
-    categories = [c for c in verdict["categories"] if is_known_category(c, known)]
-    return GuardOut(unsafe=verdict["unsafe"], categories=categories, rationale=None, error=None)
+    return GuardOut(**(verdict if reads_hazardous else guard_flags(verdict, known)))
 
 
 def _rejected_out(pair: PreferencePair, reads_hazardous: bool, known: frozenset[str]) -> RejectedOut:
@@ -229,8 +226,10 @@ def report_out(job: Job, report: dict[str, Any]) -> ReportOut:
 
 
 def comparison_out(
-    job: Job, plan: ComparisonPlan, summary: dict[str, Any], metrics: dict[str, Any], pairwise: dict[str, int]
+    job: Job, plan: ComparisonPlan, summary: dict[str, Any], report: dict[str, Any]
 ) -> ComparisonOut:
+    """The comparison with its report (app.comparison_report's figures: per judge, in the
+    plan's order; their agreement; per metric)."""
     return ComparisonOut(
         id=job.id,
         status=summary["status"],
@@ -239,11 +238,15 @@ def comparison_out(
         metadata=job.job_metadata,
         baseline_job_id=plan.baseline_job_id,
         candidate_job_id=plan.candidate_job_id,
-        judge=asdict(plan.judge),
+        mismatches=list(plan.mismatches),
         prompts=job.item_count,
         counts=summary["counts"],
-        metrics=metrics,
-        pairwise=pairwise,
+        metrics=report["metrics"],
+        judges=[
+            {"judge": asdict(judge), **results}
+            for judge, results in zip(plan.judges, report["judges"], strict=True)
+        ],
+        agreement=report["agreement"],
         usage=summary["usage"],
     )
 

@@ -174,9 +174,12 @@ class Caller:
             schema=spec.schema(self.limits),
             temperature=role_config.temperature,
             max_tokens=max_tokens,
+            logprobs=spec.logprobs,
         )
         started = time.perf_counter()
         reply = await self.llm.chat(request)
+        if spec.logprobs:
+            normalize = partial(normalize, logprobs=reply.logprobs)
         outcome, parsed, error = parsing.judge_reply(
             reply, normalize, plain_text=spec.plain_text, under_test=spec.under_test
         )

@@ -16,6 +16,9 @@ class Mode(StrEnum):
 class GuardStyle(StrEnum):
     JSON = "json"  # any chat model, asked for a JSON verdict against the policy set
     LLAMA_GUARD = "llama_guard"  # "safe" / "unsafe\nS1,S2" from Llama Guard-style classifiers
+    SHIELDGEMMA = (
+        "shieldgemma"  # asked in ShieldGemma's format whether the response breaks the policies: Yes / No
+    )
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,9 @@ class GradingConfig:
 class GuardConfig:
     role: RoleConfig
     style: GuardStyle = GuardStyle.JSON
+    # Classifier styles: flagged when the probability of the violating answer ("unsafe",
+    # "Yes") is at least this, where the endpoint sends logprobs.
+    threshold: float = 0.5
 
 
 @dataclass(frozen=True)

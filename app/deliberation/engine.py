@@ -12,6 +12,7 @@ a model evaluation's answer and verdicts (`evaluate_answer`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from itertools import zip_longest
 from typing import Any
@@ -114,7 +115,7 @@ async def judge_pair(
     prompt: str,
     a: Sample,
     b: Sample,
-    judge: RoleConfig,
+    judges: Sequence[RoleConfig],
     policies: PolicySet,
     wording: PromptSet,
     llm: LLMClient,
@@ -122,11 +123,13 @@ async def judge_pair(
     *,
     max_tokens: int,
     max_reasks: int,
-) -> Judged:
+) -> list[Judged]:
     """Run (or resume) the pairwise judgement of two samples of one prompt (a comparison
-    item). Unreadable judge output gives Judged(winner=None), not a failure."""
+    item) by each judge, in order: judge n's turns are agent n (from 0, so the turns of
+    comparisons made before several judges replay as the first judge's). Unreadable judge
+    output gives Judged(winner=None), not a failure."""
     caller = await _caller(item_id, prompt, policies, wording, llm, log, max_tokens, max_reasks, Limits())
-    return await compare_samples(caller, judge, a, b)
+    return [await compare_samples(caller, judge, a, b, agent) for agent, judge in enumerate(judges)]
 
 
 async def evaluate_sample(

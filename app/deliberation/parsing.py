@@ -8,10 +8,13 @@ reads back, so a resumed item sees exactly what the first run saw.
 from __future__ import annotations
 
 import json
+import math
 import re
+import string
+from collections.abc import Sequence
 from typing import Any, TypeGuard
 
-from app.deliberation.ports import ChatReply, TurnOutcome
+from app.deliberation.ports import ChatReply, TokenLogprobs, TurnOutcome
 from app.deliberation.results import METRICS
 from app.deliberation.schemas import DROP_REASONS, INTENT_LABELS
 
@@ -222,14 +225,78 @@ def normalize_guard_json(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def normalize_llama_guard(text: str) -> dict[str, Any]:
-    """Llama Guard's plain-text verdict: "safe", or "unsafe" then a line of category codes."""
+# Classifier styles get the reply's logprobs (None: the endpoint sent none) and the job's
+# threshold on the probability of the violating answer.
+
+
+def normalize_llama_guard(
+    text: str, *, logprobs: Sequence[TokenLogprobs] | None, threshold: float
+) -> dict[str, Any]:
+    """Llama Guard's plain-text verdict: "safe", or "unsafe" then a line of category codes.
+    With logprobs, "unsafe" at `threshold` or more probable than "safe" flags the sample."""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    verdict = lines[0].lower() if lines else ""
-    if verdict not in ("safe", "unsafe"):
-        raise MalformedOutput("the first line is neither 'safe' nor 'unsafe'")
+    said = lines[0].lower() if lines else ""
     categories = [c.strip() for c in lines[1].split(",") if c.strip()] if len(lines) > 1 else []
-    return {"unsafe": verdict == "unsafe", "categories": categories, "rationale": ""}
+    verdict = _classified(said, logprobs, threshold, violating="unsafe", safe="safe")
+    return {**verdict, "categories": categories, "rationale": ""}
+
+
+def normalize_shieldgemma(
+    text: str, *, logprobs: Sequence[TokenLogprobs] | None, threshold: float
+) -> dict[str, Any]:
+    """ShieldGemma's answer: "Yes" (the response violates the policies) or "No" first, then
+    maybe its reasons. With logprobs, "Yes" at `threshold` or more probable than "No" flags it."""
+    first_word = re.match(r"\W*(\w*)(.*)", text.strip(), re.DOTALL)
+    assert first_word is not None  # the pattern matches any text
+    said = {"yes": "unsafe", "no": "safe"}.get(first_word.group(1).lower(), "")
+    verdict = _classified(said, logprobs, threshold, violating="yes", safe="no")
+    return {**verdict, "categories": [], "rationale": first_word.group(2).strip(" \t\n.,:;-")}
+
+
+def _classified(
+    said: str, logprobs: Sequence[TokenLogprobs] | None, threshold: float, *, violating: str, safe: str
+) -> dict[str, Any]:
+    """A classifier's verdict: from the probability of its violating answer when the logprobs
+    give one, else from what it `said` ("safe" or "unsafe"; anything else is malformed), with
+    why the probabilities could not decide it."""
+    if logprobs:
+        probability = answer_probability(logprobs, violating, safe)
+        if probability is not None:
+            return {
+                "unsafe": probability >= threshold,
+                "unsafe_probability": probability,
+                "decided_by": "logprobs",
+                "logprobs_missing": None,
+            }
+        missing = f"neither '{violating}' nor '{safe}' among the answer's likeliest first tokens"
+    else:
+        missing = "the endpoint sent no logprobs"
+    if said not in ("safe", "unsafe"):
+        raise MalformedOutput(f"the answer starts with neither '{safe}' nor '{violating}'")
+    return {
+        "unsafe": said == "unsafe",
+        "unsafe_probability": None,
+        "decided_by": "text",
+        "logprobs_missing": missing,
+    }
+
+
+def answer_probability(logprobs: Sequence[TokenLogprobs], violating: str, safe: str) -> float | None:
+    """The probability of the `violating` answer against the `safe` one, from the first
+    token of the reply that is not blank: the probabilities of its alternatives that begin
+    either word (tokenizers may split "unsafe" into "un" + "safe"), normalized over the two
+    answers. None when no alternative begins either word."""
+    answer = next((position for position in logprobs if position.token.strip()), None)
+    if answer is None:
+        return None
+    mass = {violating: 0.0, safe: 0.0}
+    for token, logprob in answer.top:
+        word = token.strip(string.whitespace + string.punctuation).lower()
+        begun = next((answer_word for answer_word in mass if word and answer_word.startswith(word)), None)
+        if begun is not None:
+            mass[begun] += math.exp(logprob)
+    total = mass[violating] + mass[safe]
+    return None if total == 0 else mass[violating] / total
 
 
 def normalize_refusal(data: dict[str, Any]) -> dict[str, Any]:

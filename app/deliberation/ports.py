@@ -25,6 +25,18 @@ class ChatRequest:
     schema: dict[str, Any] | None
     temperature: float
     max_tokens: int
+    # Ask for the probabilities of the reply's first tokens and their likeliest alternatives
+    # (a classifier's answer is its first token); servers that cannot send them send none.
+    logprobs: bool = False
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """One token of a reply as the server chose it, and its likeliest alternatives at that
+    position (the chosen one among them): (token, natural log of its probability)."""
+
+    token: str
+    top: tuple[tuple[str, float], ...]
 
 
 @dataclass(frozen=True)
@@ -39,6 +51,8 @@ class ChatReply:
     latency_ms: float
     refusal: str | None = None  # OpenAI structured outputs put a model refusal here
     cached_prompt_tokens: int = 0  # of prompt_tokens, those the server read from its prompt cache
+    # The first tokens' probabilities, when the request asked and the server sent them.
+    logprobs: tuple[TokenLogprobs, ...] | None = None
 
 
 class LLMFault(Exception):
@@ -119,6 +133,22 @@ def is_known_category(category: str, policy_ids: frozenset[str]) -> bool:
     """Whether a guard's category names a policy of the job's set or is a Llama Guard code:
     not hazardous. Any other category is the guard's own text about a rejected sample."""
     return category in policy_ids or _LLAMA_GUARD_CODE.fullmatch(category) is not None
+
+
+def guard_flags(verdict: dict[str, Any], policy_ids: frozenset[str]) -> dict[str, Any]:
+    """What any reader may see of a stored guard verdict: whether it found the sample unsafe,
+    how sure (a classifier's probability, and what decided), and its known categories; not
+    its rationale or error, which may quote the sample."""
+    return {
+        "unsafe": verdict["unsafe"],
+        "categories": [c for c in verdict["categories"] if is_known_category(c, policy_ids)],
+        "rationale": None,
+        "error": None,
+        # Verdicts stored before classifiers read logprobs have none of these.
+        "unsafe_probability": verdict.get("unsafe_probability"),
+        "decided_by": verdict.get("decided_by", "text"),
+        "logprobs_missing": verdict.get("logprobs_missing"),
+    }
 
 
 class TurnOutcome(StrEnum):

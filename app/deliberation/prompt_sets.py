@@ -55,6 +55,9 @@ def _declared_slots() -> dict[str, Slots]:
         "reask.truncated": Slots("every stage (re-ask after a cut-off reply)", frozenset(), frozenset()),
     }
     for spec in DECLARED:
+        if spec.classifier_prompt is not None:  # one user message carrying the policies too
+            shown = frozenset({"prompt", "policies", *spec.inputs})
+            slots[spec.classifier_prompt] = Slots(spec.stage.value, shown, shown)
         if spec.templates is None:
             continue
         system, user = spec.templates

@@ -28,13 +28,23 @@ async def grade(caller: Caller, grader: RoleConfig, sample: Sample, round: int =
 
 async def guard(caller: Caller, config: GuardConfig, sample: Sample, round: int = 0) -> GuardVerdict:
     """The guard's verdict; output it cannot read is recorded as such, never guessed."""
+    spec = GUARDS[config.style]
+    threshold = {"threshold": config.threshold} if spec.logprobs else None
     try:
         verdict = await caller.call(
-            GUARDS[config.style], config.role, round=round, sample=sample_text(sample)
+            spec, config.role, round=round, normalize_with=threshold, sample=sample_text(sample)
         )
     except StageFailed as failed:
         return GuardVerdict(None, error=failed.failure.message)
-    return GuardVerdict(verdict["unsafe"], verdict["categories"], verdict["rationale"])
+    # Verdicts stored before classifiers read logprobs were all read from the text.
+    return GuardVerdict(
+        verdict["unsafe"],
+        verdict["categories"],
+        verdict["rationale"],
+        unsafe_probability=verdict.get("unsafe_probability"),
+        decided_by=verdict.get("decided_by", "text"),
+        logprobs_missing=verdict.get("logprobs_missing"),
+    )
 
 
 def gate(grade: Grade, thresholds: Mapping[str, float]) -> Gate:
@@ -56,15 +66,16 @@ _CHOICE_BY_POSITION: dict[Order, dict[str, Choice]] = {
 }
 
 
-async def compare_samples(caller: Caller, judge: RoleConfig, a: Sample, b: Sample) -> Judged:
+async def compare_samples(caller: Caller, judge: RoleConfig, a: Sample, b: Sample, agent: int = 0) -> Judged:
     """Ask in both orders; a sample wins only if both orders prefer it, else it is a tie.
-    If either order gives no usable answer there is no winner (None)."""
+    If either order gives no usable answer there is no winner (None). `agent` numbers the
+    judge among several (its turns' agent)."""
     votes = []
     orders: tuple[tuple[Order, Sample, Sample], ...] = (("ab", a, b), ("ba", b, a))
     for round, (order, first, second) in enumerate(orders, start=1):
         try:
             answer = await caller.call(
-                JUDGE, judge, round=round, first=sample_text(first), second=sample_text(second)
+                JUDGE, judge, round=round, agent=agent, first=sample_text(first), second=sample_text(second)
             )
         except StageFailed as failed:
             votes.append(Vote(order, None, failed.failure.message))

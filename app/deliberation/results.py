@@ -65,6 +65,12 @@ class GuardVerdict:
     categories: list[str] = field(default_factory=list)  # violated policies or S-codes
     rationale: str = ""
     error: str | None = None
+    # Classifier styles, where the endpoint sent logprobs: the probability of the violating
+    # answer, which the job's threshold turned into `unsafe` (decided_by "logprobs").
+    unsafe_probability: float | None = None
+    decided_by: Literal["text", "logprobs"] = "text"
+    # Why a classifier's text decided though its logprobs were asked for; None otherwise.
+    logprobs_missing: str | None = None
 
 
 @dataclass(frozen=True)

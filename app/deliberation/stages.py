@@ -35,7 +35,8 @@ class StageSpec:
     build_schema: Callable[[Limits], dict[str, Any]] | None
     normalize: Normalize
     # (system, user) templates in prompts/; None: a classifier with its own chat template,
-    # sent the conversation it judges (the prompt, then the sample as the assistant's turn).
+    # sent the conversation it judges (the prompt, then the sample as the assistant's turn),
+    # or, with `classifier_prompt`, one user message from that template.
     templates: tuple[str, str] | None
     # What the engine fills the user template with besides `prompt`: `inputs` are what the
     # stage works on, so its template must show each; `extras` it may show.
@@ -44,6 +45,10 @@ class StageSpec:
     # A model under test (model evaluations): sent its own system prompt (the role's
     # instructions), if any, and the prompt, nothing of ours; any reply is its answer.
     under_test: bool = False
+    # A classifier whose prompt format carries the policies, the prompt and the sample.
+    classifier_prompt: str | None = None
+    # Asks for the reply's logprobs; its normalizer takes them (`logprobs`) and a `threshold`.
+    logprobs: bool = False
 
     @property
     def plain_text(self) -> bool:
@@ -67,6 +72,9 @@ class StageSpec:
         if self.under_test:
             own = [{"role": "system", "content": instructions}] if instructions else []
             return [*own, {"role": "user", "content": str(values["prompt"])}]
+        if self.classifier_prompt is not None:
+            text = wording.render(self.classifier_prompt, policies=policies.text, **values)
+            return [{"role": "user", "content": text}]
         if self.templates is None:
             return [
                 {"role": "user", "content": str(values["prompt"])},
@@ -178,9 +186,27 @@ LLAMA_GUARD = StageSpec(
     build_schema=None,
     normalize=parsing.normalize_llama_guard,
     templates=None,
+    logprobs=True,
 )
 
-GUARDS = {GuardStyle.JSON: GUARD, GuardStyle.LLAMA_GUARD: LLAMA_GUARD}  # by the job's guard style
+# The guard stage played by a ShieldGemma-style classifier, asked in its prompt format.
+SHIELDGEMMA = StageSpec(
+    stage=Stage.GUARD,
+    role="guard",
+    schema_name=None,
+    build_schema=None,
+    normalize=parsing.normalize_shieldgemma,
+    templates=None,
+    classifier_prompt="shieldgemma.user",
+    logprobs=True,
+    inputs=("sample",),
+)
+
+GUARDS = {  # by the job's guard style
+    GuardStyle.JSON: GUARD,
+    GuardStyle.LLAMA_GUARD: LLAMA_GUARD,
+    GuardStyle.SHIELDGEMMA: SHIELDGEMMA,
+}
 
 # Comparison jobs: round 1 sees (a, b), round 2 sees (b, a).
 JUDGE = StageSpec(
@@ -226,6 +252,7 @@ DECLARED = (
     REJECTED,
     GUARD,
     LLAMA_GUARD,
+    SHIELDGEMMA,
     JUDGE,
     RESPOND,
     REFUSAL,

@@ -47,6 +47,7 @@ from app.deliberation.ports import (
     LLMRequestRejected,
     LLMRequestTooLarge,
     LLMUnavailable,
+    TokenLogprobs,
 )
 from app.llm.limits import EndpointLimiter, Slot
 from app.llm.rates import EndpointRates, Reservation
@@ -62,6 +63,10 @@ logger = logging.getLogger(__name__)
 # its slot to another worker while still running.
 LEASE_MARGIN_S = 15.0
 _ERROR_BODY_CHARS = 500
+# Alternatives asked per token when a request wants logprobs (OpenAI allows up to 20), and
+# the reply's tokens kept: a classifier answers in its first ones.
+TOP_LOGPROBS = 10
+LOGPROB_TOKENS_KEPT = 8
 
 
 def _outcome_of(fault: Exception) -> str:
@@ -303,6 +308,8 @@ def _payload(request: ChatRequest, endpoint: EndpointConfig) -> dict[str, Any]:
         "temperature": request.temperature,
         "max_tokens": request.max_tokens,
     }
+    if request.logprobs:
+        payload |= {"logprobs": True, "top_logprobs": TOP_LOGPROBS}
     if request.schema is None:  # a plain-text classifier (Llama Guard): its template rules
         return payload
     if endpoint.response_format == "json_object":
@@ -421,6 +428,7 @@ def _parse_reply(answer: _Answer, request: ChatRequest, latency_ms: float) -> Ch
         latency_ms=latency_ms,
         refusal=refusal,
         cached_prompt_tokens=_cached_tokens(usage),
+        logprobs=_logprobs(choice) if request.logprobs else None,
     )
 
 
@@ -430,3 +438,35 @@ def _cached_tokens(usage: dict[str, Any]) -> int:
     details = usage.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
     return cached if isinstance(cached, int) and not isinstance(cached, bool) and cached > 0 else 0
+
+
+def _logprobs(choice: dict[str, Any]) -> tuple[TokenLogprobs, ...] | None:
+    """`choices[0].logprobs.content` (OpenAI, vLLM, llama.cpp's server): the first tokens with
+    their top alternatives. None when absent or not of that shape: the probabilities are an
+    extra a classifier reads if it can, and its text answer stands without them."""
+    logprobs = choice.get("logprobs")
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    if not isinstance(content, list) or not content:
+        return None
+    try:
+        return tuple(
+            TokenLogprobs(
+                _token(entry["token"]),
+                tuple((_token(alt["token"]), _logprob(alt["logprob"])) for alt in entry["top_logprobs"]),
+            )
+            for entry in content[:LOGPROB_TOKENS_KEPT]
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _token(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError("a token is not a string")
+    return value
+
+
+def _logprob(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value <= 0:  # NaN too
+        raise ValueError("a logprob is not a number at most 0")
+    return float(value)

@@ -3,7 +3,10 @@ compared prompts, the judge's verdicts and the candidate's preference-pair gaps.
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Mapping
 from typing import Any
+from uuid import UUID
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -23,17 +26,25 @@ async def figures(session: AsyncSession, comparison: Job) -> ComparisonFigures:
     sides = await comparisons.side_stats(session, comparison)
     baseline = await session.get(Job, plan.baseline_job_id)
     candidate = await session.get(Job, plan.candidate_job_id)
-    verdicts = await comparisons.pairwise(session, comparison.id)
+    by_judge = await comparisons.verdicts(session, comparison.id, len(plan.judges))
     gaps = await quality.pair_gaps(session, plan.candidate_job_id)
     return ComparisonFigures(
         title=comparison.label or "AIDSAFE against its baseline",
         prompts=comparison.item_count,
         baseline=Side(_name("baseline", baseline), _distributions(sides["baseline"])),
         candidate=Side(_name("candidate", candidate), _distributions(sides["candidate"])),
-        verdicts=[Verdicts(plan.judge.model, verdicts["wins"], verdicts["ties"], verdicts["losses"])],
+        verdicts=[
+            _verdicts(judge.model, verdicts) for judge, verdicts in zip(plan.judges, by_judge, strict=True)
+        ],
         gaps={"whisper": gaps} if gaps else {},
-        notes=[_provenance(baseline, candidate, plan.judge.model)],
+        notes=[_provenance(baseline, candidate, ", ".join(judge.model for judge in plan.judges))],
     )
+
+
+def _verdicts(judge: str, by_item: Mapping[UUID, str | None]) -> Verdicts:
+    """A judge's readable verdicts from the candidate's side ("b" wins, "a" loses)."""
+    counts = Counter(by_item.values())
+    return Verdicts(judge, wins=counts["b"], ties=counts["tie"], losses=counts["a"])
 
 
 def _name(side: str, job: Job | None) -> str:

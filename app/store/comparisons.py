@@ -1,4 +1,4 @@
-"""Comparison jobs: a judge model compares, prompt by prompt, the samples two jobs wrote
+"""Comparison jobs: judge models compare, prompt by prompt, the samples two jobs wrote
 (a baseline and a candidate), as in the paper's LLM_ZS vs AIDSAFE evaluation."""
 
 from __future__ import annotations
@@ -6,10 +6,12 @@ from __future__ import annotations
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import Uuid, func, insert, literal, select
+from sqlalchemy import Integer, Uuid, cast, func, insert, literal, select
 from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
+from app.deliberation.results import METRICS
 from app.errors import NoCommonPrompts, NotFound
 from app.plan import ComparisonPlan
 from app.store import jobs, quality
@@ -103,35 +105,29 @@ async def side_stats(session: AsyncSession, comparison: Job) -> dict[str, dict[s
     return sides
 
 
-async def metric_means(session: AsyncSession, comparison: Job) -> dict[str, dict[str, float | None]]:
-    """Per metric, the grader's mean on each side over the matched prompts, and the
-    candidate's lead (candidate minus baseline). Jobs run without grading have no scores."""
-    means: dict[str, dict[str, float]] = {}
-    for side, stats in (await side_stats(session, comparison)).items():
-        for metric, figures in stats.items():
-            means.setdefault(metric, {})[side] = figures["mean"]
-    return {
-        metric: {
-            "baseline": sides.get("baseline"),
-            "candidate": sides.get("candidate"),
-            "delta": sides["candidate"] - sides["baseline"] if len(sides) == 2 else None,
-        }
-        for metric, sides in sorted(means.items())
-    }
-
-
-async def pairwise(session: AsyncSession, comparison_id: UUID) -> dict[str, int]:
-    """The judge's verdicts from the candidate's side: wins, ties, losses, and unreadable
-    (no verdict in both orders)."""
+async def paired_scores(session: AsyncSession, comparison_id: UUID) -> dict[str, list[tuple[Any, Any]]]:
+    """Per metric, each compared prompt's grader scores (baseline, candidate); None for a side
+    whose CoT is ungraded (its job ran without grading, or the grader failed)."""
+    sides = aliased(Cot), aliased(Cot)
+    columns = [cast(cot.scores[metric]["score"].astext, Integer) for metric in METRICS for cot in sides]
     rows = await session.execute(
-        select(Judgement.winner, func.count())
-        .where(Judgement.job_id == comparison_id)
-        .group_by(Judgement.winner)
+        select(*columns)
+        .select_from(Item)
+        .join(sides[0], sides[0].item_id == Item.baseline_item_id)
+        .join(sides[1], sides[1].item_id == Item.candidate_item_id)
+        .where(Item.job_id == comparison_id)
     )
-    by_winner = {winner: count for winner, count in rows}
-    return {
-        "wins": by_winner.get("b", 0),
-        "ties": by_winner.get("tie", 0),
-        "losses": by_winner.get("a", 0),
-        "unreadable": by_winner.get(None, 0),
-    }
+    by_item = [tuple(row) for row in rows]
+    return {metric: [(row[2 * n], row[2 * n + 1]) for row in by_item] for n, metric in enumerate(METRICS)}
+
+
+async def verdicts(session: AsyncSession, comparison_id: UUID, judges: int) -> list[dict[UUID, str | None]]:
+    """Each judge's verdicts (in the plan's order) by item: "a" (the baseline), "b" (the
+    candidate), "tie", or None (no readable verdict in both orders)."""
+    rows = await session.execute(
+        select(Judgement.judge, Judgement.item_id, Judgement.winner).where(Judgement.job_id == comparison_id)
+    )
+    by_judge: list[dict[UUID, str | None]] = [{} for _ in range(judges)]
+    for judge, item_id, winner in rows:
+        by_judge[judge][item_id] = winner
+    return by_judge

@@ -18,7 +18,7 @@ from uuid import UUID
 from sqlalchemy import ColumnElement, CursorResult, Table, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.deliberation.ports import is_hazardous, is_known_category
+from app.deliberation.ports import guard_flags, is_hazardous
 from app.errors import MAX_LISTED_PROBLEMS, JobInComparison, JobRunning
 from app.store import jobs, policy_sets
 from app.store.db import Sessions
@@ -186,11 +186,8 @@ async def _purge_items(session: AsyncSession, item_ids: list[UUID], known: froze
 
 
 def _purged_guard(verdict: dict[str, Any] | None, known: frozenset[str]) -> dict[str, Any] | None:
-    """The guard's flags: whether it found the text unsafe, and its known categories."""
-    if verdict is None:
-        return None
-    categories = [c for c in verdict["categories"] if is_known_category(c, known)]
-    return {"unsafe": verdict["unsafe"], "categories": categories, "rationale": None, "error": None}
+    """The guard's flags: whether it found the text unsafe, how sure, its known categories."""
+    return None if verdict is None else guard_flags(verdict, known)
 
 
 def _without_rationales(scores: dict[str, Any] | None) -> dict[str, Any] | None:

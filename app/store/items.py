@@ -394,24 +394,31 @@ def _pair_row(claim: Claim, pair: PairOutcome, chosen_scores: dict[str, Any] | N
     }
 
 
-async def complete_judged(sessions: Sessions, claim: Claim, judged: Judged) -> Ending | None:
-    """Store a comparison item's judgement and mark it completed in one transaction.
-    COMPLETED, or None if the item is not ours (nothing written)."""
+async def complete_judged(sessions: Sessions, claim: Claim, judgements: list[Judged]) -> Ending | None:
+    """Store a comparison item's judgements, one per judge in the plan's order, and mark it
+    completed in one transaction. COMPLETED, or None if the item is not ours (nothing written)."""
     async with sessions.begin() as session:
         if not await _write_ending(session, claim, COMPLETED):
             return None
+        a_item_id, b_item_id = _linked(Item.baseline_item_id, claim), _linked(Item.candidate_item_id, claim)
         await session.execute(
             insert(Judgement)
             .values(
-                item_id=claim.item_id,
-                job_id=claim.job_id,
-                position=claim.position,
-                a_item_id=_linked(Item.baseline_item_id, claim),
-                b_item_id=_linked(Item.candidate_item_id, claim),
-                winner=judged.winner,
-                votes=[asdict(v) for v in judged.votes],
+                [
+                    {
+                        "item_id": claim.item_id,
+                        "judge": judge,
+                        "job_id": claim.job_id,
+                        "position": claim.position,
+                        "a_item_id": a_item_id,
+                        "b_item_id": b_item_id,
+                        "winner": judged.winner,
+                        "votes": [asdict(v) for v in judged.votes],
+                    }
+                    for judge, judged in enumerate(judgements)
+                ]
             )
-            .on_conflict_do_nothing(index_elements=["item_id"])
+            .on_conflict_do_nothing(index_elements=["item_id", "judge"])
         )
         return COMPLETED
 

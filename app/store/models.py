@@ -16,6 +16,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    SmallInteger,
     String,
     Table,
     Text,
@@ -343,13 +344,19 @@ class PreferencePair(Base):
 
 
 class Judgement(Base):
-    """A comparison item's verdict: which of two jobs' samples of one prompt is better."""
+    """One judge's verdict on a comparison item: which of two jobs' samples of one prompt is
+    better. A comparison with several judges has a row per judge for each item."""
 
     __tablename__ = "judgements"
-    __table_args__ = (Index("ix_judgements_job_position", "job_id", "position"),)
+    __table_args__ = (
+        UniqueConstraint("item_id", "judge"),
+        Index("ix_judgements_job_position", "job_id", "position"),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
-    item_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("items.id"), unique=True)
+    item_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("items.id"))
+    # Which of the plan's judges, from 0 (rows from before several judges are the first's).
+    judge: Mapped[int] = mapped_column(SmallInteger, server_default=text("0"))
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id"))
     position: Mapped[int] = mapped_column(Integer)
     # The baseline and the candidate job's items (indexed: deleting an item checks them).

@@ -1,0 +1,84 @@
+"""What a comparison's verdicts and scores say, with how sure each figure is: per judge the
+candidate's wins, ties and losses as shares with Wilson intervals; the judges' agreement
+beyond chance; per metric each side's mean and the paired difference with t intervals."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from typing import Any
+from uuid import UUID
+
+from app.deliberation.results import SCORE_SCALE
+from app.stats import cohen_kappa, fleiss_kappa, mean, proportion
+
+# One judge's verdicts by item: "a" (the baseline), "b" (the candidate), "tie", or None
+# (no readable verdict in both orders).
+Verdicts = Mapping[UUID, str | None]
+
+
+def judge_results(verdicts: Verdicts) -> dict[str, Any]:
+    """One judge's verdicts from the candidate's side: counts, and the shares of the readable
+    ones (wins + ties + losses) with their intervals."""
+    counts = Counter(verdicts.values())
+    wins, ties, losses = counts["b"], counts["tie"], counts["a"]
+    readable = wins + ties + losses
+    return {
+        "wins": wins,
+        "ties": ties,
+        "losses": losses,
+        "unreadable": counts[None],
+        "win_rate": asdict(proportion(wins, readable)),
+        "tie_rate": asdict(proportion(ties, readable)),
+        "loss_rate": asdict(proportion(losses, readable)),
+    }
+
+
+def agreement(by_judge: Sequence[Verdicts]) -> dict[str, Any] | None:
+    """How far two or more judges agree, over the items every one of them gave a readable
+    verdict: the share they all gave the same one, and Cohen's kappa (two judges) or Fleiss'
+    kappa (more). None for a single judge."""
+    if len(by_judge) < 2:
+        return None
+    first, *others = by_judge
+    ratings = [
+        (verdict, *(other.get(item) for other in others))
+        for item, verdict in first.items()
+        if verdict is not None and all(other.get(item) is not None for other in others)
+    ]
+    unanimous = sum(len(set(rating)) == 1 for rating in ratings)
+    two = len(by_judge) == 2
+    return {
+        "judges": len(by_judge),
+        "items": len(ratings),
+        "unanimous": asdict(proportion(unanimous, len(ratings))),
+        "kappa": cohen_kappa([(a, b) for a, b in ratings])
+        if two
+        else fleiss_kappa([Counter(r) for r in ratings]),
+        "kappa_kind": "cohen" if two else "fleiss",
+    }
+
+
+def metrics(paired: Mapping[str, Sequence[tuple[float | None, float | None]]]) -> dict[str, Any]:
+    """metric_comparison of each metric some sample was graded on."""
+    return {
+        metric: metric_comparison(pairs)
+        for metric, pairs in sorted(paired.items())
+        if any(score is not None for pair in pairs for score in pair)
+    }
+
+
+def metric_comparison(pairs: Sequence[tuple[float | None, float | None]]) -> dict[str, Any]:
+    """One metric over the compared prompts, from each prompt's (baseline, candidate) scores
+    (None: that side was not graded): each side's mean, and the mean of the candidate's lead
+    over the prompts both sides have a score for, with t intervals."""
+    baseline = [b for b, _ in pairs if b is not None]
+    candidate = [c for _, c in pairs if c is not None]
+    leads = [c - b for b, c in pairs if b is not None and c is not None]
+    lowest, highest = SCORE_SCALE
+    return {
+        "baseline": asdict(mean(baseline, within=SCORE_SCALE)),
+        "candidate": asdict(mean(candidate, within=SCORE_SCALE)),
+        "delta": asdict(mean(leads, within=(lowest - highest, highest - lowest))),
+    }
