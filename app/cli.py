@@ -378,7 +378,8 @@ def reproduce(
             console.print(f"{name} job [bold]{job.id}[/]")
             if not follow_job(client, job.id).finished:
                 raise typer.Exit(1)  # waiting for a budget: the message says how to go on
-        comparison = client.create_comparison(baseline.id, candidate.id, judge=judge or None, label=label)
+        judges = [judge] if judge else None
+        comparison = client.create_comparison(baseline.id, candidate.id, judges=judges, label=label)
         console.print(f"Comparison [bold]{comparison.id}[/]")
         follow_job(client, comparison.id)
         out.mkdir(parents=True, exist_ok=True)
@@ -1049,19 +1050,6 @@ def evaluate_samples(
             print_sample_report(client.get_sample_evaluation(job.id))
 
 
-def _interval(estimate: Interval, percent: bool = False) -> str:
-    """A mean or a rate with its interval, as `4.00 [3.10, 4.90] (n=3)`."""
-    if estimate.value is None:
-        return "-"
-
-    def shown(value: float) -> str:
-        return f"{100 * value:.1f} %" if percent else f"{value:.2f}"
-
-    if estimate.low is None or estimate.high is None:
-        return f"{shown(estimate.value)} (n={estimate.n})"
-    return f"{shown(estimate.value)} [{shown(estimate.low)}, {shown(estimate.high)}] (n={estimate.n})"
-
-
 def print_sample_report(report: SampleEvaluation) -> None:
     """Means and rates with their 95 % intervals, and the score counts."""
     if report.grades is not None:
@@ -1070,12 +1058,12 @@ def print_sample_report(report: SampleEvaluation) -> None:
             table.add_row(metric, _interval(figures.mean), *(str(n) for n in figures.distribution.values()))
         console.print(table)
     if report.guard is not None:
-        console.print(f"Guard unsafe rate: {_interval(report.guard.unsafe_rate, percent=True)}")
+        console.print(f"Guard unsafe rate: {_interval(report.guard.unsafe_rate, 1, percent=True)}")
         for name, rate in report.guard.by_label.items():
-            console.print(f"  label {escape(name)}: {_interval(rate.unsafe_rate, percent=True)}")
+            console.print(f"  label {escape(name)}: {_interval(rate.unsafe_rate, 1, percent=True)}")
     if (pairwise := report.pairwise) is not None:
         rates = ", ".join(
-            f"{name} {_interval(rate, percent=True)}"
+            f"{name} {_interval(rate, 1, percent=True)}"
             for name, rate in (
                 ("win", pairwise.win_rate),
                 ("tie", pairwise.tie_rate),
@@ -1120,7 +1108,7 @@ def review_summary(job_id: str, api_url: ApiUrl = "http://127.0.0.1:8000", key: 
         highlight=False,
     )
     console.print(
-        f"With the grader's gate: {_interval(grader.agreement, percent=True)} agree, "
+        f"With the grader's gate: {_interval(grader.agreement, 1, percent=True)} agree, "
         f"kappa {_kappa(grader.kappa)} "
         f"(both accept {grader.both_accept}, both reject {grader.both_reject}, "
         f"human accepts/gate rejects {grader.human_accepts_grader_rejects}, "
@@ -1128,7 +1116,7 @@ def review_summary(job_id: str, api_url: ApiUrl = "http://127.0.0.1:8000", key: 
         highlight=False,
     )
     console.print(
-        f"Between reviewers: {_interval(between.agreement, percent=True)} unanimous, "
+        f"Between reviewers: {_interval(between.agreement, 1, percent=True)} unanimous, "
         f"kappa {_kappa(between.kappa, between.kappa_method)}.",
         highlight=False,
     )

@@ -14,13 +14,12 @@ import pytest
 from app.deliberation.config import GradingConfig, GuardConfig, GuardStyle, PairsConfig, PipelineConfig
 from app.deliberation.engine import judge_pair
 from app.deliberation.ports import Stage, Turn, TurnKey, TurnOutcome
-from app.deliberation.prompting import render
 from app.deliberation.quality import sample_text
 from app.deliberation.results import GuardVerdict, Sample
 from app.llm.client import OpenAICompatibleClient
 from tests.memory_turn_log import InMemoryTurnLog
 from tests.scripted_llm import Reply, ScriptedLLM, classified, default_answer, guard_verdict, reply
-from tests.test_engine import DEFAULT_ROLE, ITEM, POLICIES, PROMPT, completed, pipeline, run
+from tests.test_engine import DEFAULT_ROLE, ITEM, POLICIES, PROMPT, PROMPTS, completed, pipeline, run
 
 GUARD_ROLE = replace(DEFAULT_ROLE, model="guard-model", temperature=0.0)
 
@@ -191,7 +190,7 @@ async def test_shieldgemma_is_asked_in_its_format_whether_the_response_violates_
     rejected = scripted_llm.requests_for("rejected_cot")[0]
     assert question == {
         "role": "user",
-        "content": render(
+        "content": PROMPTS.render(
             "shieldgemma.user",
             prompt=PROMPT,
             policies=POLICIES.text,
@@ -258,7 +257,17 @@ async def test_each_judge_judges_in_both_orders_under_its_own_agent_number(
     log = InMemoryTurnLog()
 
     first, second = await judge_pair(
-        ITEM, PROMPT, A, B, [GUARD_ROLE, SECOND_JUDGE], POLICIES, llm, log, max_tokens=256, max_reasks=1
+        ITEM,
+        PROMPT,
+        A,
+        B,
+        [GUARD_ROLE, SECOND_JUDGE],
+        POLICIES,
+        PROMPTS,
+        llm,
+        log,
+        max_tokens=256,
+        max_reasks=1,
     )
 
     assert (first.winner, second.winner) == ("b", "tie")
@@ -276,13 +285,23 @@ async def test_a_comparison_item_judged_before_several_judges_replays_as_the_fir
     log = InMemoryTurnLog()
     scripted_llm.script("pairwise_judgement", *votes("A", "B"))
     (old,) = await judge_pair(
-        ITEM, PROMPT, A, B, [GUARD_ROLE], POLICIES, llm, log, max_tokens=256, max_reasks=1
+        ITEM, PROMPT, A, B, [GUARD_ROLE], POLICIES, PROMPTS, llm, log, max_tokens=256, max_reasks=1
     )
     scripted_llm.reset()
     scripted_llm.script("pairwise_judgement", *votes("B", "A"))
 
     first, second = await judge_pair(
-        ITEM, PROMPT, A, B, [GUARD_ROLE, SECOND_JUDGE], POLICIES, llm, log, max_tokens=256, max_reasks=1
+        ITEM,
+        PROMPT,
+        A,
+        B,
+        [GUARD_ROLE, SECOND_JUDGE],
+        POLICIES,
+        PROMPTS,
+        llm,
+        log,
+        max_tokens=256,
+        max_reasks=1,
     )
 
     assert first == old and old.winner == "a"

@@ -725,21 +725,22 @@ async def test_comparison_shows_the_grader_means_side_by_side(
 
     comparison = (await compare(api, auth, baseline, candidate)).json()
 
-    # Baseline 3 and 4: mean 3.5, sd 0.7071, t(0.975, 1) = 12.706, so 3.5 +- 6.353. The
-    # candidate leads by 2 and by 1 on the same prompts: the paired mean 1.5 +- 6.353.
+    # Baseline 3 and 4: mean 3.5, sd 0.7071, t(0.975, 1) = 12.706, so 3.5 +- 6.353, cut to
+    # the 1-5 scale. The candidate leads by 2 and by 1 on the same prompts: the paired mean
+    # 1.5 +- 6.353, cut to the -4..4 a lead can be.
     faithfulness = comparison["metrics"]["cot_policy_faithfulness"]
     assert faithfulness == {
         "baseline": {
             "value": 3.5,
-            "low": pytest.approx(-2.853, abs=1e-3),
-            "high": pytest.approx(9.853, abs=1e-3),
+            "low": 1.0,
+            "high": 5.0,
             "n": 2,
         },
         "candidate": {"value": 5.0, "low": 5.0, "high": 5.0, "n": 2},
         "delta": {
             "value": 1.5,
-            "low": pytest.approx(-4.853, abs=1e-3),
-            "high": pytest.approx(7.853, abs=1e-3),
+            "low": -4.0,
+            "high": 4.0,
             "n": 2,
         },
     }

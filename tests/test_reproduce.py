@@ -62,7 +62,8 @@ async def test_reproduce_runs_both_jobs_compares_them_and_writes_the_report(
     [candidate, baseline, comparison] = await job_ids(sessions)
     shown = (await api.get(f"/v1/comparisons/{comparison}", headers=auth)).json()
     assert (shown["baseline_job_id"], shown["candidate_job_id"]) == (baseline, candidate)
-    assert shown["judge"]["model"] == "judge-model" and shown["pairwise"]["wins"] == 1
+    [judge] = shown["judges"]
+    assert judge["judge"]["model"] == "judge-model" and judge["wins"] == 1
     for job, mode in ((candidate, "aidsafe"), (baseline, "zero_shot")):
         config = (await api.get(f"/v1/jobs/{job}", headers=auth)).json()["config"]
         assert (config["mode"], config["grading"]["grader"]["model"]) == (mode, "judge-model")

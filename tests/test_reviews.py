@@ -292,8 +292,8 @@ async def test_the_cli_prints_the_summary_and_an_items_reviews(
     assert code == 0, summary
     assert "Reviews: 4 by 2 reviewers: 3 accept, 1 reject, 0 no verdict; 1 edited the response." in summary
     assert "Items: 2 of 2 reviewed: 1 approved, 1 rejected, 1 with an edit." in summary
-    assert "With the grader's gate: 100.0 % [" in summary and "(n=2) agree" in summary
-    assert "Between reviewers: 50.0 % [" in summary and "(cohen)" in summary
+    assert "With the grader's gate: 100.0% [" in summary and "(n=2) agree" in summary
+    assert "Between reviewers: 50.0% [" in summary and "(cohen)" in summary
     assert item_code == 0, item
     assert f"Item {items[0]}: approved." in item
     assert "label_studio:ana  accept" in item and "edited response: Ana's answer" in item

@@ -181,7 +181,7 @@ async def test_a_shieldgemma_guard_sends_one_pinned_question_with_the_policies_a
     log = InMemoryTurnLog()
 
     config = _config(Mode.ZERO_SHOT, GuardStyle.SHIELDGEMMA, 1)
-    result = await deliberate(ITEM, PROMPT, config, POLICIES, llm, log)
+    result = await deliberate(ITEM, PROMPT, config, POLICIES, PROMPTS, llm, log)
 
     assert isinstance(result, Completed) and result.pair is not None and result.pair.tries[0].guard
     (guard,) = scripted_llm.requests_for(None)
@@ -215,7 +215,7 @@ async def test_several_judges_send_pinned_requests_each_under_its_own_agent_numb
     second = replace(GRADER, model="second-judge")
 
     judged = await judge_pair(
-        ITEM, PROMPT, a, b, [GRADER, second], POLICIES, llm, log, max_tokens=256, max_reasks=1
+        ITEM, PROMPT, a, b, [GRADER, second], POLICIES, PROMPTS, llm, log, max_tokens=256, max_reasks=1
     )
 
     assert len(judged) == 2
