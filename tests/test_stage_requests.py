@@ -56,7 +56,7 @@ def _config(mode: Mode, guard_style: GuardStyle, max_tries: int) -> PipelineConf
         pipeline(agents=2, max_rounds=2),
         mode=mode,
         grading=GradingConfig(GRADER, dict.fromkeys(METRICS, 3.0)),
-        pairs=PairsConfig(DEFAULT_ROLE, DEFAULT_ROLE, GuardConfig(GRADER, guard_style), max_tries, 1.0),
+        pairs=PairsConfig(DEFAULT_ROLE, DEFAULT_ROLE, GuardConfig(GRADER, guard_style), max_tries),
     )
 
 
@@ -99,7 +99,7 @@ async def test_aidsafe_stages_with_reasks_grading_and_a_whispered_pair_send_pinn
 
     result = await deliberate(ITEM, PROMPT, _config(Mode.AIDSAFE, GuardStyle.JSON, 3), POLICIES, llm, log)
 
-    assert isinstance(result, Completed) and result.pair is not None and result.pair.kept
+    assert isinstance(result, Completed) and result.pair is not None and result.pair.made
     assert _fingerprint(log, ITEM, scripted_llm) == {
         "turns": [
             "intent/0/0/0 intent 13f2cb3b46a1df57",
