@@ -607,6 +607,7 @@ class _Routes:
         accepted_only: bool,
         min_score: Mapping[str, float] | Sequence[str] | None,
         human_approved: bool,
+        min_gap: float | None,
     ) -> Call[None]:
         scores = [f"{m}:{s}" for m, s in min_score.items()] if isinstance(min_score, Mapping) else min_score
         params = _params(
@@ -616,6 +617,7 @@ class _Routes:
             accepted_only=accepted_only or None,  # filters left off are not sent
             min_score=list(scores or []),
             human_approved=human_approved or None,
+            min_gap=min_gap,
         )
         return Call("GET", _path("jobs", job_id, "export"), lambda _: None, params)
 
@@ -715,12 +717,16 @@ class Client(_Routes):
         accepted_only: bool = False,
         min_score: Mapping[str, float] | Sequence[str] | None = None,
         human_approved: bool = False,
+        min_gap: float | None = None,
     ) -> Path:
         """Stream the job's export (GET /v1/jobs/{id}/export) to `path`, chunk by chunk: it is
         written as `path.part` and renamed when complete, so a broken download leaves no
         file that looks whole. `format`: trl_sft, trl_dpo, aidsafe_csv, jsonl, parquet,
-        label_studio or argilla; `min_score` as {"relevance": 4}. Returns the path."""
-        call = self._export_call(job_id, format, cot, system, accepted_only, min_score, human_approved)
+        label_studio or argilla; `min_score` as {"relevance": 4}; `min_gap` keeps trl_dpo's pairs
+        at that policy-faithfulness gap (default: the job's `pairs.min_gap`). Returns the path."""
+        call = self._export_call(
+            job_id, format, cot, system, accepted_only, min_score, human_approved, min_gap
+        )
         target, partial = Path(path), _partial(Path(path))
         with _reached(), self._opened(call, None) as response:  # an export may take long
             if response.status_code != 200:
@@ -867,9 +873,12 @@ class AsyncClient(_Routes):
         accepted_only: bool = False,
         min_score: Mapping[str, float] | Sequence[str] | None = None,
         human_approved: bool = False,
+        min_gap: float | None = None,
     ) -> Path:
         """See Client.export."""
-        call = self._export_call(job_id, format, cot, system, accepted_only, min_score, human_approved)
+        call = self._export_call(
+            job_id, format, cot, system, accepted_only, min_score, human_approved, min_gap
+        )
         target, partial = Path(path), _partial(Path(path))
         with _reached():
             async with self._opened(call, None) as response:

@@ -190,6 +190,7 @@ def job_config(
     pairs: bool,
     pair_max_tries: int | None,
     pair_min_gap: float | None,
+    pair_baseline: bool = False,
 ) -> dict[str, Any]:
     """The `config` of a job request from the command line's options (the API validates it).
     Only the options given: the rest are a preset's, or the server's defaults."""
@@ -202,6 +203,8 @@ def job_config(
     if pairs:
         tries_and_gap = {"max_tries": pair_max_tries, "min_gap": pair_min_gap}
         config["pairs"] = {k: v for k, v in tries_and_gap.items() if v is not None}
+        if pair_baseline:
+            config["pairs"]["baseline"] = True
     return config
 
 
@@ -237,6 +240,9 @@ def submit(
     pair_min_gap: Annotated[
         float | None, typer.Option(help="Lowest policy-faithfulness gap for a kept pair.")
     ] = None,
+    pair_baseline: Annotated[
+        bool, typer.Option(help="Also sample rejected sides without the whisperer (the gap's baseline).")
+    ] = False,
     policy_set: Annotated[str, typer.Option(help="Policy set name.")] = "aidsafe-default",
     policy_version: Annotated[str | None, typer.Option(help="Pin a policy set version.")] = None,
     preset: Annotated[
@@ -279,6 +285,7 @@ def submit(
         pairs=pairs,
         pair_max_tries=pair_max_tries,
         pair_min_gap=pair_min_gap,
+        pair_baseline=pair_baseline,
     )
     budget = _budget(budget_usd, budget_tokens)
     # What the estimate and the submission both read: the estimate answers for this very job.
@@ -491,6 +498,10 @@ def export(
         list[str] | None, typer.Option(help="METRIC:SCORE (repeatable): only CoTs graded at least this.")
     ] = None,
     human_approved: Annotated[bool, typer.Option(help="Only CoTs a reviewer approved.")] = False,
+    min_gap: Annotated[
+        float | None,
+        typer.Option(help="trl_dpo: only pairs with at least this gap (default: the job's pairs.min_gap)."),
+    ] = None,
     api_url: ApiUrl = "http://127.0.0.1:8000",
     key: ApiKeyOpt = "",
 ) -> None:
@@ -505,6 +516,7 @@ def export(
             accepted_only=accepted_only,
             min_score=min_score,  # METRIC:SCORE as given: the API reads them
             human_approved=human_approved,
+            min_gap=min_gap,
         )
     console.print(f"Wrote {output} ({output.stat().st_size:,} bytes, {format}).")
 

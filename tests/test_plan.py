@@ -33,7 +33,11 @@ EVERYTHING = JobConfigIn.model_validate(
         "defaults": {"temperature": 0.3},
         "refiner": {"endpoint": "second"},
         "grading": {"thresholds": {"relevance": 4}},
-        "pairs": {"guard": {"style": "llama_guard", "model": "guard-model"}, "max_tries": 2},
+        "pairs": {
+            "guard": {"style": "llama_guard", "model": "guard-model"},
+            "max_tries": 2,
+            "baseline": True,
+        },
     }
 )
 
@@ -94,7 +98,23 @@ def test_the_engine_config_carries_every_choice_of_the_plan() -> None:
     assert (pipeline.mode, pipeline.max_tokens, len(pipeline.deliberators)) == (Mode.ZERO_SHOT, 512, 2)
     assert pipeline.refiner == RoleConfig("second", "second-model", 0.3)
     assert pipeline.grading is not None and dict(pipeline.grading.thresholds) == {"relevance": 4}
-    assert pipeline.pairs is not None and pipeline.pairs.max_tries == 2
+    assert pipeline.pairs is not None and (pipeline.pairs.max_tries, pipeline.pairs.baseline) == (2, True)
     assert pipeline.pairs.guard == GuardConfig(
         RoleConfig("default", "guard-model", 0.0), GuardStyle.LLAMA_GUARD
+    )
+
+
+def test_a_plan_stored_before_the_baseline_reads_back_without_it_and_keeps_its_min_gap() -> None:
+    plan = resolve(JobConfigIn.model_validate({"pairs": {"min_gap": 1.5}}), SETTINGS)
+    old = stored(plan)
+    assert isinstance(old, dict)
+    del old["pairs"]["baseline"]
+
+    read = read_plan(old)
+
+    assert isinstance(read, GenerationPlan) and read.pairs is not None
+    assert (read.pairs.min_gap, read.pairs.baseline, read.pipeline().pairs) == (
+        1.5,
+        False,
+        plan.pipeline().pairs,
     )

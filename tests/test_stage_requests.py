@@ -114,6 +114,7 @@ async def test_aidsafe_stages_with_reasks_grading_and_a_whispered_pair_send_pinn
             "whisper/1/0/0 whisperer 593ec6cb631e7030",
             "rejected/1/0/0 generator 229a1c92f77f5387",
             "guard/1/0/0 guard 8359ae2849fb9ae2",
+            "grade/1/0/0 grader e1d018b87b9c0fa2",
             "whisper/2/0/0 whisperer 82d7acbf8264b544",
             "rejected/2/0/0 generator d754f5f17a0fdfad",
             "whisper/3/0/0 whisperer 35de990cfec2a18a",
@@ -121,7 +122,7 @@ async def test_aidsafe_stages_with_reasks_grading_and_a_whispered_pair_send_pinn
             "guard/3/0/0 guard 8fc40c1ac8d245ef",
             "grade/3/0/0 grader 8a9712e0307b9fb3",
         ],
-        "bodies": "b847d940aeb33d68",
+        "bodies": "cc893682d94365d2",
     }
 
 
