@@ -883,6 +883,7 @@ class _Routes:
         human_approved: bool,
         exclude_human_rejected: bool,
         human_edits: bool,
+        min_gap: float | None,
     ) -> Call[None]:
         scores = [f"{m}:{s}" for m, s in min_score.items()] if isinstance(min_score, Mapping) else min_score
         params = _params(
@@ -894,6 +895,7 @@ class _Routes:
             human_approved=human_approved or None,
             exclude_human_rejected=exclude_human_rejected or None,
             human_edits=human_edits or None,
+            min_gap=min_gap,
         )
         return Call("GET", _path("jobs", job_id, "export"), lambda _: None, params)
 
@@ -996,12 +998,14 @@ class Client(_Routes):
         human_approved: bool = False,
         exclude_human_rejected: bool = False,
         human_edits: bool = False,
+        min_gap: float | None = None,
     ) -> Path:
         """Stream the job's export (GET /v1/jobs/{id}/export) to `path`, chunk by chunk: it is
         written as `path.part` and renamed when complete, so a broken download leaves no
         file that looks whole. `format`: trl_sft, trl_dpo, aidsafe_csv, jsonl, parquet,
         label_studio or argilla; `min_score` as {"relevance": 4}; `human_edits`: reviewers'
-        latest edited responses in place of the model's. Returns the path."""
+        latest edited responses in place of the model's; `min_gap` keeps trl_dpo's pairs at that
+        policy-faithfulness gap (default: the job's `pairs.min_gap`). Returns the path."""
         call = self._export_call(
             job_id,
             format,
@@ -1012,6 +1016,7 @@ class Client(_Routes):
             human_approved,
             exclude_human_rejected,
             human_edits,
+            min_gap,
         )
         target, partial = Path(path), _partial(Path(path))
         with _reached(), self._opened(call, None) as response:  # an export may take long
@@ -1162,6 +1167,7 @@ class AsyncClient(_Routes):
         human_approved: bool = False,
         exclude_human_rejected: bool = False,
         human_edits: bool = False,
+        min_gap: float | None = None,
     ) -> Path:
         """See Client.export."""
         call = self._export_call(
@@ -1174,6 +1180,7 @@ class AsyncClient(_Routes):
             human_approved,
             exclude_human_rejected,
             human_edits,
+            min_gap,
         )
         target, partial = Path(path), _partial(Path(path))
         with _reached():

@@ -99,10 +99,33 @@ class QualitySummary(Model):
 
 
 class PairSummary(Model):
+    """Pair attempts, kept at the job's `min_gap` (None from servers older than the field)."""
+
     attempted: int
     kept: int
     not_kept: dict[str, int]
     mean_gap: float | None
+    min_gap: float | None = None
+
+
+class GapDistribution(Model):
+    mean: Interval  # Student t interval
+    bins: dict[str, int]  # graded candidates per gap, "-4.0" to "4.0" by 0.5
+
+
+class CandidateStats(Model):
+    """One sampling method's rejected sides the guard was asked about."""
+
+    candidates: int
+    judged: int  # with a readable verdict
+    flagged: Interval  # share of the judged ones the guard flagged (Wilson interval)
+    gap: GapDistribution  # every graded candidate
+    flagged_gap: GapDistribution  # the flagged ones: pairs' rejected sides
+
+
+class PairReport(PairSummary):
+    # "whisper", and "standard" when the job asked for the baseline
+    candidates: dict[str, CandidateStats] = {}
 
 
 class DuplicateGroup(Model):
@@ -318,7 +341,7 @@ class Report(Model):
     status: str
     counts: JobCounts
     quality: QualityReport | None = None
-    pairs: PairSummary | None = None
+    pairs: PairReport | None = None
     usage: Usage
     usage_by_stage: dict[str, Usage]
     refusals_by_stage: dict[str, dict[str, int]] = {}  # stage -> model -> refused turns

@@ -204,6 +204,7 @@ def job_config(
     pairs: bool,
     pair_max_tries: int | None,
     pair_min_gap: float | None,
+    pair_baseline: bool = False,
 ) -> dict[str, Any]:
     """The `config` of a job request from the command line's options (the API validates it).
     Only the options given: the rest are a preset's, or the server's defaults."""
@@ -216,6 +217,8 @@ def job_config(
     if pairs:
         tries_and_gap = {"max_tries": pair_max_tries, "min_gap": pair_min_gap}
         config["pairs"] = {k: v for k, v in tries_and_gap.items() if v is not None}
+        if pair_baseline:
+            config["pairs"]["baseline"] = True
     return config
 
 
@@ -251,6 +254,9 @@ def submit(
     pair_min_gap: Annotated[
         float | None, typer.Option(help="Lowest policy-faithfulness gap for a kept pair.")
     ] = None,
+    pair_baseline: Annotated[
+        bool, typer.Option(help="Also sample rejected sides without the whisperer (the gap's baseline).")
+    ] = False,
     policy_set: Annotated[str, typer.Option(help="Policy set name.")] = "aidsafe-default",
     policy_version: Annotated[str | None, typer.Option(help="Pin a policy set version.")] = None,
     prompt_set: Annotated[
@@ -298,6 +304,7 @@ def submit(
         pairs=pairs,
         pair_max_tries=pair_max_tries,
         pair_min_gap=pair_min_gap,
+        pair_baseline=pair_baseline,
     )
     budget = _budget(budget_usd, budget_tokens)
     # What the estimate and the submission both read: the estimate answers for this very job.
@@ -577,6 +584,10 @@ def export(
     human_edits: Annotated[
         bool, typer.Option(help="Reviewers' latest edited responses in place of the model's, named per row.")
     ] = False,
+    min_gap: Annotated[
+        float | None,
+        typer.Option(help="trl_dpo: only pairs with at least this gap (default: the job's pairs.min_gap)."),
+    ] = None,
     api_url: ApiUrl = "http://127.0.0.1:8000",
     key: ApiKeyOpt = "",
 ) -> None:
@@ -593,6 +604,7 @@ def export(
             human_approved=human_approved,
             exclude_human_rejected=exclude_human_rejected,
             human_edits=human_edits,
+            min_gap=min_gap,
         )
     console.print(f"Wrote {output} ({output.stat().st_size:,} bytes, {format}).")
 

@@ -132,11 +132,11 @@ _GRADER, _PAIRS = "grader", ("whisperer", "generator", "guard")
 
 def _item_calls(plan: GenerationPlan, policies: PolicySet, wording: PromptSet) -> tuple[_Calls, _Calls]:
     """The fewest calls of an item (agreement at the first deliberation turn, the first
-    whisper try flagged) and the most (every turn of the turn budget, every whisper try);
-    re-asks excluded. Each call is budget.py's largest request of its role, found by role
-    name, so stages a plan leaves out (no intents, no refiner, no deliberation) are simply
-    not there; deliberation turn t is the request of the agent speaking t-th, which reads the
-    t - 1 turns before it."""
+    whisper try flagged) and the most (every turn of the turn budget, every whisper try, and
+    with the baseline as many standard sampling tries); re-asks excluded. Each call is
+    budget.py's largest request of its role, found by role name, so stages a plan leaves out
+    (no intents, no refiner, no deliberation) are simply not there; deliberation turn t is the
+    request of the agent speaking t-th, which reads the t - 1 turns before it."""
     config = plan.pipeline()
     turns = config.turn_budget() if config.mode is Mode.AIDSAFE else 0  # zero-shot: one call
     budgets = largest_requests(config, policies, wording, _PROBE)
@@ -144,11 +144,15 @@ def _item_calls(plan: GenerationPlan, policies: PolicySet, wording: PromptSet) -
     others = [b for b in writing if not b.role.startswith("deliberator-")]
     deliberation = [_turn(config, policies, wording, t) for t in range(1, turns + 1)]
     graders = [b for b in budgets if b.role == _GRADER]
-    pair_calls = [b for b in budgets if b.role in _PAIRS]
-    # The grader scores the item's CoT and, with pairs, the flagged rejected one.
-    fewest = others + deliberation[:1] + graders[:1] + pair_calls + (graders[:1] if config.pairs else [])
+    # The grader scores the item's CoT and, with pairs, every rejected side the guard judges.
+    pair_try = [b for b in budgets if b.role in _PAIRS] + (graders[:1] if config.pairs else [])
+    # Standard sampling tries without the whisperer (its request, without the belief, sized
+    # as the whispered one: budget.py's estimates are deliberately high).
+    if config.pairs and config.pairs.baseline:
+        pair_try += [b for b in pair_try if b.role != "whisperer"]
+    fewest = others + deliberation[:1] + graders[:1] + pair_try
     tries = config.pairs.max_tries if config.pairs else 0
-    most = others + deliberation + graders[:1] + pair_calls * tries + (graders[:1] if config.pairs else [])
+    most = others + deliberation + graders[:1] + pair_try * tries
     return _Calls(fewest, config.max_tokens), _Calls(most, config.max_tokens)
 
 

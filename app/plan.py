@@ -106,7 +106,13 @@ class PairsIn(BaseModel):
         ge=0,
         le=4,
         description="Lowest policy-faithfulness gap (chosen minus rejected, mean of the CoT-policy "
-        "and response-policy scores) for a pair to be kept.",
+        "and response-policy scores) for a pair to be kept: the default `min_gap` of the pair "
+        "listing, the `trl_dpo` export and the job's pair summary. Every gap is stored.",
+    )
+    baseline: bool = Field(
+        default=False,
+        description="Also sample rejected sides without the whisperer (standard sampling), as many "
+        "tries, judged by the same guard and grader: the report compares the two gap distributions.",
     )
 
 
@@ -225,10 +231,11 @@ class PairsPlan(BaseModel):
     generator: RoleConfig
     guard: GuardPlan
     max_tries: int
-    min_gap: float
+    min_gap: float  # the readers' default threshold: the engine records every gap
+    baseline: bool = False  # plans stored before the baseline read back without it
 
     def config(self) -> PairsConfig:
-        return PairsConfig(self.whisperer, self.generator, self.guard.config(), self.max_tries, self.min_gap)
+        return PairsConfig(self.whisperer, self.generator, self.guard.config(), self.max_tries, self.baseline)
 
 
 class RolesPlan(BaseModel):
@@ -523,6 +530,7 @@ def resolve(config: JobConfigIn, settings: Settings, preset: PresetRef | None = 
             ),
             max_tries=pairs.max_tries,
             min_gap=pairs.min_gap,
+            baseline=pairs.baseline,
         ),
         max_turns=config.max_turns,
         decompose_intents=config.decompose_intents,

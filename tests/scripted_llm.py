@@ -254,7 +254,7 @@ def default_answer(schema_name: str | None, body: dict[str, Any]) -> Reply:
             return agree(True)
         case "refined_cot":
             return reply(_default_refined(user_text))
-        case "zero_shot_cot" | "rejected_cot":
+        case "zero_shot_cot" | "rejected_cot" | "standard_cot":
             return reply(_default_seed())
         case "quality_scores":
             return reply(scores())

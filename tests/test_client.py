@@ -232,6 +232,37 @@ async def test_comparisons_and_preference_pairs(client: aidsafe.Client, settings
     assert allowed.mismatches == ["grader"]
 
 
+async def test_the_report_compares_whispered_and_standard_rejected_sides(
+    client: aidsafe.Client, settings: Settings, tmp_path: Path
+) -> None:
+    job = client.submit(["How do I pick a lock?"], config={"pairs": {"max_tries": 2, "baseline": True}})
+    await run_worker_burst(settings)
+
+    pairs = client.get_report(job.id).pairs
+    assert isinstance(pairs, models.PairReport) and pairs.min_gap == 1.0
+    standard = pairs.candidates["standard"]  # the scripted guard passes everything: two tries each
+    assert (standard.candidates, standard.judged, standard.flagged.value, standard.flagged.n) == (
+        2,
+        2,
+        0.0,
+        2,
+    )
+    assert standard.gap.bins["0.0"] == 2 and standard.gap.mean.value == 0.0
+    assert pairs.candidates["whisper"].flagged_gap.mean == models.Interval(
+        value=None, low=None, high=None, n=0
+    )
+    [pair] = client.list_preference_pairs(job.id).data
+    assert [(t["method"], t["number"]) for t in pair.tries] == [
+        ("whisper", 1),
+        ("whisper", 2),
+        ("standard", 1),
+        ("standard", 2),
+    ]
+    with pytest.raises(aidsafe.AidsafeError) as refused:  # the min_gap reaches the API
+        client.export(job.id, tmp_path / "x.jsonl", format="jsonl", min_gap=0.5)
+    assert refused.value.code == "invalid_filter"
+
+
 async def test_policy_sets_and_webhooks(client: aidsafe.Client) -> None:
     registered = client.register_policy_set(KITCHEN)
     again = client.register_policy_set(KITCHEN)
@@ -434,6 +465,11 @@ MIRRORED = {
     models.Budget: schemas.BudgetOut,
     models.Estimate: schemas.EstimateOut,
     models.QualityReport: schemas.QualityReport,
+    models.PairSummary: schemas.PairSummary,
+    models.PairReport: schemas.PairReport,
+    models.CandidateStats: schemas.CandidateStats,
+    models.GapDistribution: schemas.GapDistribution,
+    models.Interval: schemas.IntervalOut,
     models.Duplicates: duplicates.DuplicatesOut,
     models.DuplicateKind: duplicates.DuplicateKind,
     models.DuplicateGroup: duplicates.DuplicateGroup,

@@ -315,9 +315,12 @@ async def test_the_estimate_gives_calls_tokens_and_a_cost_range_and_creates_noth
         return answer.json()["calls"]
 
     assert await calls({"mode": "zero_shot"}) == {"min": 3, "max": 3}
-    # Grading adds a call; pairs a try of three calls (or max_tries of them) and a grade.
+    # Grading adds a call; pairs a try (or max_tries of them) of three calls and a grade; the
+    # baseline as many tries of a sample, a verdict and a grade.
     graded = {**QUICK, "grading": {}, "pairs": {"max_tries": 2}}
-    assert await calls(graded) == {"min": 3 * (4 + 1 + 3 + 1), "max": 3 * (7 + 1 + 6 + 1)}
+    assert await calls(graded) == {"min": 3 * (4 + 1 + 4), "max": 3 * (7 + 1 + 2 * 4)}
+    baseline = {**QUICK, "grading": {}, "pairs": {"max_tries": 2, "baseline": True}}
+    assert await calls(baseline) == {"min": 3 * (4 + 1 + 4 + 3), "max": 3 * (7 + 1 + 2 * (4 + 3))}
     # Ablations: a stage left out is no call; a turn budget caps the deliberation turns.
     assert await calls({**QUICK, "decompose_intents": False}) == {"min": 3 * 3, "max": 3 * 6}
     assert await calls({**QUICK, "refine": False}) == {"min": 3 * 3, "max": 3 * 6}

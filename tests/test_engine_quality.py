@@ -32,7 +32,7 @@ def with_quality(
     *,
     thresholds: dict[str, float] | None = None,
     max_tries: int = 3,
-    min_gap: float = 1.0,
+    baseline: bool = False,
     guard_style: GuardStyle = GuardStyle.JSON,
     pairs: bool = True,
     mode: Mode = Mode.AIDSAFE,
@@ -42,7 +42,7 @@ def with_quality(
         mode=mode,
         grading=GradingConfig(DEFAULT_ROLE, ALL_THREES if thresholds is None else thresholds),
         pairs=PairsConfig(
-            DEFAULT_ROLE, DEFAULT_ROLE, GuardConfig(DEFAULT_ROLE, guard_style), max_tries, min_gap
+            DEFAULT_ROLE, DEFAULT_ROLE, GuardConfig(DEFAULT_ROLE, guard_style), max_tries, baseline
         )
         if pairs
         else None,
@@ -123,14 +123,21 @@ async def test_whisper_succeeds_at_the_second_try_with_the_first_shown_back(
         reply({"thoughts": ["Try two thought."], "response": "Try two answer."}),
     )
     scripted_llm.script("guard_verdict", guard_verdict(False), guard_verdict(True, "Physical harm"))
-    scripted_llm.script("quality_scores", reply(scores()), reply(unsafe_rejected_scores()))
+    scripted_llm.script(
+        "quality_scores",
+        reply(scores()),
+        reply(scores(cot_policy_faithfulness=3)),
+        reply(unsafe_rejected_scores()),
+    )
 
     log = InMemoryTurnLog()
     result = await run(llm, with_quality(), log)
 
     pair = result.pair
     assert pair is not None
-    assert (pair.kept, pair.reason, pair.gap) == (True, None, 4 - 1.5)
+    assert (pair.made, pair.reason, pair.gap) == (True, None, 4 - 1.5)
+    assert [t.gap for t in pair.tries] == [0.5, 4 - 1.5]  # the try the guard passed is graded too
+    assert [t.method for t in pair.tries] == ["whisper", "whisper"] and pair.baseline == []
     assert [t.belief for t in pair.tries] == ["Belief one.", "Belief two."]
     assert [t.rejected.response for t in pair.tries if t.rejected] == ["Try one answer.", "Try two answer."]
     assert pair.rejected is pair.tries[1]
@@ -148,7 +155,7 @@ async def test_whisper_succeeds_at_the_second_try_with_the_first_shown_back(
     keys = Counter((t.key.stage, t.key.round) for t in log.turns(ITEM))
     for stage in (Stage.WHISPER, Stage.REJECTED, Stage.GUARD):
         assert keys[(stage, 1)] == keys[(stage, 2)] == 1
-    assert keys[(Stage.GRADE, 0)] == keys[(Stage.GRADE, 2)] == 1
+    assert keys[(Stage.GRADE, 0)] == keys[(Stage.GRADE, 1)] == keys[(Stage.GRADE, 2)] == 1
 
 
 async def test_whisper_that_never_succeeds_keeps_no_pair_and_says_why(
@@ -157,10 +164,11 @@ async def test_whisper_that_never_succeeds_keeps_no_pair_and_says_why(
     result = await run(llm, with_quality(max_tries=3))  # the default guard answer is "safe"
 
     assert result.pair is not None
-    assert (result.pair.kept, result.pair.reason) == (False, "guard_never_flagged")
-    assert len(result.pair.tries) == 3 and result.pair.rejected is None
+    assert (result.pair.made, result.pair.reason) == (False, "guard_never_flagged")
+    assert len(result.pair.tries) == 3 and result.pair.rejected is None and result.pair.gap is None
+    assert [t.gap for t in result.pair.tries] == [0.0, 0.0, 0.0]  # every try the guard passed, graded
     assert len(scripted_llm.requests_for("whisper_belief")) == 3
-    assert len(scripted_llm.requests_for("quality_scores")) == 1  # the chosen side only
+    assert len(scripted_llm.requests_for("quality_scores")) == 4
 
 
 async def test_unparseable_guard_output_is_recorded_not_guessed(
@@ -171,21 +179,23 @@ async def test_unparseable_guard_output_is_recorded_not_guessed(
     result = await run(llm, with_quality())
 
     assert result.pair is not None
-    assert (result.pair.kept, result.pair.reason) == (False, "guard_unparseable")
+    assert (result.pair.made, result.pair.reason) == (False, "guard_unparseable")
     verdict = result.pair.tries[0].guard
     assert verdict is not None and verdict.unsafe is None and "neither" in (verdict.error or "")
     assert len(scripted_llm.requests_for("whisper_belief")) == 1  # no second try on a guess
+    assert (result.pair.tries[0].grade, result.pair.tries[0].gap) == (None, None)
+    assert len(scripted_llm.requests_for("quality_scores")) == 1  # nothing judged, nothing graded
 
 
 async def test_llama_guard_style_reads_categories_and_sends_no_schema(
     llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM
 ) -> None:
     scripted_llm.script(None, reply("safe"), reply("unsafe\nS1, S10"))
-    scripted_llm.script("quality_scores", reply(scores()), reply(unsafe_rejected_scores()))
+    scripted_llm.script("quality_scores", reply(scores()), reply(scores()), reply(unsafe_rejected_scores()))
 
     result = await run(llm, with_quality(guard_style=GuardStyle.LLAMA_GUARD))
 
-    assert result.pair is not None and result.pair.kept
+    assert result.pair is not None and result.pair.made
     assert result.pair.tries[1].guard is not None and result.pair.tries[1].guard.categories == ["S1", "S10"]
     guard_requests = scripted_llm.requests_for(None)
     assert len(guard_requests) == 2
@@ -206,21 +216,21 @@ async def test_llama_guard_garbage_is_not_reasked(
     assert len(scripted_llm.requests_for(None)) == 1
 
 
-async def test_gap_below_threshold_keeps_no_pair(
+async def test_a_small_gap_still_makes_a_pair_its_readers_filter(
     llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM
 ) -> None:
     scripted_llm.script("guard_verdict", guard_verdict(True, "Fraud and deception"))
     scripted_llm.script(
         "quality_scores",
         reply(scores()),
-        reply(scores(cot_policy_faithfulness=3, response_policy_faithfulness=4)),
+        reply(scores(cot_policy_faithfulness=5, response_policy_faithfulness=5)),
     )
 
-    result = await run(llm, with_quality(min_gap=1.0))
+    result = await run(llm, with_quality())
 
     assert result.pair is not None
-    assert (result.pair.kept, result.pair.reason, result.pair.gap) == (False, "gap_below_threshold", 0.5)
-    assert result.pair.rejected is not None  # the flagged side stays on record
+    assert (result.pair.made, result.pair.reason, result.pair.gap) == (True, None, -1.0)
+    assert result.pair.rejected is result.pair.tries[0]
 
 
 async def test_a_generator_refusal_is_a_failed_try_the_whisperer_sees(
@@ -232,7 +242,7 @@ async def test_a_generator_refusal_is_a_failed_try_the_whisperer_sees(
 
     result = await run(llm, with_quality())
 
-    assert result.pair is not None and result.pair.kept
+    assert result.pair is not None and result.pair.made
     first = result.pair.tries[0]
     assert first.rejected is None and first.guard is None and "can't reason" in (first.refusal or "")
     second_whisper = scripted_llm.requests_for("whisper_belief")[1].body["messages"][-1]["content"]
@@ -247,7 +257,7 @@ async def test_a_whisperer_refusal_ends_the_pair_not_the_item(
 
     result = await run(llm, with_quality())
 
-    assert result.pair is not None and (result.pair.kept, result.pair.reason) == (False, "whisperer_refused")
+    assert result.pair is not None and (result.pair.made, result.pair.reason) == (False, "whisperer_refused")
     assert result.grade is not None and result.grade.scores is not None
 
 
@@ -255,20 +265,19 @@ async def test_a_crash_between_tries_resumes_without_repeating_a_stored_call(
     llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM
 ) -> None:
     scripted_llm.script("guard_verdict", guard_verdict(False), guard_verdict(False), guard_verdict(True))
-    scripted_llm.script("quality_scores", reply(scores()), reply(unsafe_rejected_scores()))
     config = with_quality(max_tries=3)
     log = InMemoryTurnLog()
-    # intent, seed, 1 deliberation turn, refine, grade, then try 1 (3 calls) and try 2's whisper
-    before_crash = 4 + 1 + 3 + 1
+    # intent, seed, 1 deliberation turn, refine, grade, then try 1 (4 calls) and try 2's whisper
+    before_crash = 4 + 1 + 4 + 1
     with pytest.raises(LLMUnavailable):
         await deliberate(ITEM, PROMPT, config, POLICIES, PROMPTS, GoesDownAfter(llm, before_crash), log)
     assert len(log.turns(ITEM)) == before_crash
 
     result = await run(llm, config, log)
 
-    assert result.pair is not None and result.pair.kept and len(result.pair.tries) == 3
+    assert result.pair is not None and result.pair.made and len(result.pair.tries) == 3
     assert log.ignored_records == 0  # nothing stored was asked again
-    assert len(scripted_llm.requests) == len(log.turns(ITEM)) == before_crash + 2 + 3 + 1
+    assert len(scripted_llm.requests) == len(log.turns(ITEM)) == before_crash + 3 + 4
 
 
 # --- zero-shot baseline and the pairwise judge -----------------------------------------------

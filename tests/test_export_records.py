@@ -23,7 +23,7 @@ from bench.export import insert_finished_job
 from tests.conftest import new_key
 from tests.test_api import error_of
 from tests.test_exports import csv_rows, export, exported, json_lines
-from tests.test_quality_api import PAIRED, a_grade, completed, finished_job, flagged_try, kept_pair
+from tests.test_quality_api import PAIRED, a_grade, completed, finished_job, kept_pair
 
 Headers = dict[str, str]
 
@@ -36,12 +36,11 @@ async def scoped(sessions: Sessions) -> Headers:
 def two_thoughts() -> Any:
     """An item's engine result whose refined CoT has two thoughts, and whose kept pair's
     rejected CoT has two as well."""
-    pair = kept_pair()
     rejected = Sample(["Rejected first", "Rejected second"], "Rejected response")
-    flagged = replace(flagged_try(2), rejected=rejected)
+    flagged = replace(kept_pair().tries[-1], rejected=rejected)
     refined = [{"text": "Chosen first", "sources": [1]}, {"text": "Chosen second", "sources": [1]}]
     return replace(
-        completed(a_grade(), PairOutcome(True, None, [flagged], pair.rejected_grade, pair.gap)),
+        completed(a_grade(), PairOutcome(None, [flagged])),
         refined_thoughts=refined,
     )
 

@@ -519,6 +519,27 @@ async def test_exclude_human_rejected_leaves_out_what_a_reviewer_rejects_now_and
     assert [r["position"] for r in kept] == [0, 2, 3, 4]
 
 
+async def test_dpo_pairs_are_kept_at_the_jobs_min_gap_unless_the_export_names_one(
+    api: httpx.AsyncClient, scoped: Headers, sessions: Sessions
+) -> None:
+    results = [
+        completed(a_grade(), kept_pair(gap=3.0)),
+        completed(a_grade(), small_gap_pair(gap=0.5)),
+        completed(a_grade(), never_flagged_pair()),
+        completed(a_grade(), kept_pair(gap=1.5)),
+    ]
+    job_id = await finished_job(api, scoped, sessions, results, PAIRED)  # min_gap 1
+
+    async def prompts(**params: Any) -> list[str]:
+        rows = json_lines(await exported(api, scoped, job_id, "trl_dpo", **params))
+        return [r["prompt"][0]["content"] for r in rows]
+
+    assert await prompts() == ["Prompt 0", "Prompt 3"]
+    assert await prompts(min_gap=0.5) == ["Prompt 0", "Prompt 1", "Prompt 3"]
+    assert await prompts(min_gap=2) == ["Prompt 0"]
+    assert await prompts(min_gap=-4) == ["Prompt 0", "Prompt 1", "Prompt 3"]  # never a pair not made
+
+
 @pytest.mark.parametrize(
     ("params", "status", "code"),
     [
@@ -534,6 +555,8 @@ async def test_exclude_human_rejected_leaves_out_what_a_reviewer_rejects_now_and
         ({"human_edits": "maybe"}, 422, "validation_error"),
         ({"format": "label_studio", "human_edits": "true"}, 422, "validation_error"),
         ({"format": "argilla", "human_edits": "true"}, 422, "validation_error"),
+        ({"min_gap": "0.5"}, 422, "invalid_filter"),  # jsonl holds no pairs
+        ({"format": "trl_dpo", "min_gap": "4.5"}, 422, "validation_error"),
     ],
 )
 async def test_bad_export_parameters_are_refused_with_a_stable_code(

@@ -64,8 +64,9 @@ def marked(text: str) -> set[str]:
     return set(re.findall(rf"{HAZARD}-[\w-]+", text))
 
 
-def pairs_config(max_tries: int) -> dict[str, Any]:
-    return {"agents": 1, "max_rounds": 1, "grading": {}, "pairs": {"max_tries": max_tries, "min_gap": 1.0}}
+def pairs_config(max_tries: int, baseline: bool = False) -> dict[str, Any]:
+    pairs = {"max_tries": max_tries, "min_gap": 1.0, "baseline": baseline}
+    return {"agents": 1, "max_rounds": 1, "grading": {}, "pairs": pairs}
 
 
 def guard_says(unsafe: bool, categories: list[str], rationale: str) -> Any:
@@ -120,7 +121,8 @@ SCENARIOS = [
                 guard_says(False, [marker("category-2")], marker("guard-rationale-2")),
                 guard_says(True, ["fraud-deception", marker("category-3")], marker("guard-rationale-3")),
             ],
-            "quality_scores": [reply(scores()), rejected_grade()],
+            # The chosen CoT, then the rejected side of try 2 (passed) and of try 3 (flagged).
+            "quality_scores": [reply(scores()), rejected_grade(), rejected_grade()],
         },
     ),
     Scenario(
@@ -193,6 +195,23 @@ SCENARIOS = [
             "the LLM endpoint 'default' answered HTTP 200 without a chat completion (3 attempts)"
         ),
         upstream_said=(marker("shapeless-belief"),),
+    ),
+    Scenario(
+        "standard sampling's refusal and flagged sample beside a kept pair",
+        pairs_config(2, baseline=True),
+        {
+            "whisper_belief": [reply({"belief": marker("baseline-belief")})],
+            "rejected_cot": [rejected_cot("whispered")],
+            "standard_cot": [
+                refusal(f"I'm sorry, but I will not answer {marker('standard-refusal')}."),
+                rejected_cot("standard-2"),
+            ],
+            "guard_verdict": [
+                guard_says(True, ["fraud-deception"], marker("whispered-guard")),
+                guard_says(True, ["fraud-deception", marker("standard-category")], marker("standard-guard")),
+            ],
+            "quality_scores": [reply(scores()), rejected_grade(), rejected_grade()],
+        },
     ),
 ]
 

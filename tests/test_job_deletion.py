@@ -278,7 +278,7 @@ async def kept_by_purge(sessions: Sessions) -> dict[str, Any]:
         pairs = [
             (
                 p.item_id,
-                p.kept,
+                p.paired,
                 p.reason,
                 p.gap,
                 p.chosen_scores,

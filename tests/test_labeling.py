@@ -462,7 +462,7 @@ async def test_labeling_exports_hold_only_the_chosen_cot_never_whispered_or_reje
     await run_worker_burst(settings)
     async with sessions() as session:
         pair = (await session.scalars(select(PreferencePair))).one()
-    assert pair.kept and HAZARD in (pair.belief or "") and HAZARD in (pair.rejected_response or "")
+    assert pair.paired and HAZARD in (pair.belief or "") and HAZARD in (pair.rejected_response or "")
 
     for fmt in ("label_studio", "argilla"):
         body = (await export(api, auth, job["id"], fmt)).text

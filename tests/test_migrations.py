@@ -454,3 +454,71 @@ async def test_judgements_become_the_first_judges_and_several_judges_go_on_the_w
         assert json.loads(await connection.fetchval("SELECT plan FROM jobs")) == one_judge
     finally:
         await connection.close()
+
+
+async def test_pairs_below_their_jobs_min_gap_become_made_pairs_and_not_kept_again_on_the_way_down(
+    old_database: tuple[Config, str],
+) -> None:
+    config, dsn = old_database
+    await asyncio.to_thread(command.upgrade, config, "0020_comparison_judges")
+    connection = await asyncpg.connect(dsn)
+    try:
+        owner, policy_set, job = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+        await connection.execute(
+            "INSERT INTO api_keys (id, name, prefix, key_hash) VALUES ($1, 'k', 'p', 'h')", owner
+        )
+        await connection.execute(
+            "INSERT INTO policy_sets (id, owner_key_id, name, version, description, policies) "
+            "VALUES ($1, $2, 'p', 'v', '', '[]')",
+            policy_set,
+            owner,
+        )
+        await connection.execute(
+            "INSERT INTO jobs (id, owner_key_id, policy_set_id, plan, request_hash, item_count) "
+            "VALUES ($1, $2, $3, $4, 'h', 3)",
+            job,
+            owner,
+            policy_set,
+            json.dumps({"mode": "aidsafe", "pairs": {"max_tries": 3, "min_gap": 1.0}}),
+        )
+        stored = [
+            (True, None, 3.0),
+            (False, "gap_below_threshold", 0.5),
+            (False, "guard_never_flagged", None),
+        ]
+        for position, (kept, reason, gap) in enumerate(stored):
+            item = uuid.uuid4()
+            await connection.execute(
+                "INSERT INTO items (id, job_id, position, prompt, metadata, status, stage, attempts, "
+                "failures, enqueues) VALUES ($1, $2, $3, 'p', '{}', 'completed', 'done', 1, 0, 1)",
+                item,
+                job,
+                position,
+            )
+            await connection.execute(
+                "INSERT INTO preference_pairs (id, item_id, job_id, position, kept, reason, gap, tries) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, '[]')",
+                uuid.uuid4(),
+                item,
+                job,
+                position,
+                kept,
+                reason,
+                gap,
+            )
+
+        def pairs(flag: str) -> str:
+            return f"SELECT {flag}, reason, gap FROM preference_pairs ORDER BY position"
+
+        await asyncio.to_thread(command.upgrade, config, "0021_pair_candidates")
+
+        made = [tuple(row) for row in await connection.fetch(pairs("paired"))]
+        assert made == [(True, None, 3.0), (True, None, 0.5), (False, "guard_never_flagged", None)]
+        assert await connection.fetchval("SELECT count(*) FROM pair_candidates") == 0
+
+        await asyncio.to_thread(command.downgrade, config, "0020_comparison_judges")
+
+        assert [tuple(row) for row in await connection.fetch(pairs("kept"))] == stored
+        assert await connection.fetchval("SELECT to_regclass('pair_candidates')") is None
+    finally:
+        await connection.close()

@@ -127,6 +127,7 @@ STAGES: dict[str, tuple[Callable[[Any], dict[str, Any]], dict[str, Any]]] = {
     "seed_cot": (parsing.normalize_seed, _relaxed(BY_NAME["seed_cot"])),
     "zero_shot_cot": (parsing.normalize_seed, _relaxed(BY_NAME["zero_shot_cot"])),
     "rejected_cot": (parsing.normalize_seed, _relaxed(BY_NAME["rejected_cot"])),
+    "standard_cot": (parsing.normalize_seed, _relaxed(BY_NAME["standard_cot"])),
     "deliberation_turn": (parsing.normalize_deliberation, _relaxed(BY_NAME["deliberation_turn"])),
     "refined_cot": (_read_refined, _refined_record()),
     "quality_scores": (parsing.normalize_scores, _relaxed(BY_NAME["quality_scores"])),

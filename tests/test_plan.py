@@ -38,6 +38,7 @@ EVERYTHING = JobConfigIn.model_validate(
         "pairs": {
             "guard": {"style": "llama_guard", "model": "guard-model", "threshold": 0.3},
             "max_tries": 2,
+            "baseline": True,
         },
     }
 )
@@ -161,7 +162,7 @@ def test_the_engine_config_carries_every_choice_of_the_plan() -> None:
     assert (pipeline.mode, pipeline.max_tokens, len(pipeline.deliberators)) == (Mode.ZERO_SHOT, 512, 2)
     assert pipeline.refiner == RoleConfig("second", "second-model", 0.3)
     assert pipeline.grading is not None and dict(pipeline.grading.thresholds) == {"relevance": 4}
-    assert pipeline.pairs is not None and pipeline.pairs.max_tries == 2
+    assert pipeline.pairs is not None and (pipeline.pairs.max_tries, pipeline.pairs.baseline) == (2, True)
     assert pipeline.pairs.guard == GuardConfig(
         RoleConfig("default", "guard-model", 0.0), GuardStyle.LLAMA_GUARD, threshold=0.3
     )
@@ -176,3 +177,19 @@ def test_a_guard_stored_before_thresholds_reads_with_the_default() -> None:
 
     assert isinstance(read, GenerationPlan) and read.pairs is not None
     assert read.pairs.config().guard.threshold == 0.5
+
+
+def test_a_plan_stored_before_the_baseline_reads_back_without_it_and_keeps_its_min_gap() -> None:
+    plan = resolve(JobConfigIn.model_validate({"pairs": {"min_gap": 1.5}}), SETTINGS)
+    old = stored(plan)
+    assert isinstance(old, dict)
+    del old["pairs"]["baseline"]
+
+    read = read_plan(old)
+
+    assert isinstance(read, GenerationPlan) and read.pairs is not None
+    assert (read.pairs.min_gap, read.pairs.baseline, read.pipeline().pairs) == (
+        1.5,
+        False,
+        plan.pipeline().pairs,
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -24,15 +25,16 @@ from app.deliberation.results import (
     Completed,
     Grade,
     GuardVerdict,
+    PairMethod,
     PairOutcome,
+    PairTry,
     Sample,
     Thought,
-    WhisperTry,
 )
 from app.store import items, keys
 from app.store.db import Sessions
 from app.store.endings import failed
-from app.store.models import ApiKey, Cot, Judgement, PreferencePair
+from app.store.models import ApiKey, Cot, Judgement, PairCandidate, PreferencePair
 from app.store.turn_log import PostgresTurnLog
 from tests.conftest import ROOT, new_key, run_worker_burst, worker_env
 from tests.scripted_llm import ScriptedLLM, guard_verdict, malformed, reply, scores
@@ -74,16 +76,19 @@ def rejected_sample(number: int) -> Sample:
     return Sample([f"{HAZARD} rejected thought {number}"], f"{HAZARD} rejected response {number}")
 
 
-def passed_try(number: int) -> WhisperTry:
+def passed_try(number: int, method: PairMethod = "whisper", gap: float = 0.0) -> PairTry:
     verdict = GuardVerdict(False, [], f"{HAZARD} guard passed it")
-    return WhisperTry(number, f"{HAZARD} belief {number}", rejected_sample(number), None, verdict)
+    belief = f"{HAZARD} belief {number}" if method == "whisper" else None
+    return PairTry(number, belief, rejected_sample(number), None, verdict, hazardous_grade(), gap, method)
 
 
-def refused_try(number: int) -> WhisperTry:
-    return WhisperTry(number, f"{HAZARD} belief {number}", None, f"{HAZARD} refusal", None)
+def refused_try(number: int, method: PairMethod = "whisper") -> PairTry:
+    belief = f"{HAZARD} belief {number}" if method == "whisper" else None
+    return PairTry(number, belief, None, f"{HAZARD} refusal", None, method=method)
 
 
-def flagged_try(number: int) -> WhisperTry:
+def flagged_try(number: int, gap: float, method: PairMethod = "whisper") -> PairTry:
+    """Graded for this gap (the chosen side scored 4 on both policy metrics)."""
     verdict = GuardVerdict(
         True,
         ["fraud-deception"],
@@ -91,21 +96,23 @@ def flagged_try(number: int) -> WhisperTry:
         unsafe_probability=0.93,
         decided_by="logprobs",
     )
-    return WhisperTry(number, f"{HAZARD} belief {number}", rejected_sample(number), None, verdict)
+    belief = f"{HAZARD} belief {number}" if method == "whisper" else None
+    rejected = int(4 - gap)
+    grade = hazardous_grade(cot_policy_faithfulness=rejected, response_policy_faithfulness=rejected)
+    return PairTry(number, belief, rejected_sample(number), None, verdict, grade, gap, method)
 
 
 def kept_pair(gap: float = 3.0) -> PairOutcome:
-    rejected = hazardous_grade(cot_policy_faithfulness=1, response_policy_faithfulness=1)
-    return PairOutcome(True, None, [refused_try(1), flagged_try(2)], rejected, gap)
+    return PairOutcome(None, [refused_try(1), flagged_try(2, gap)])
 
 
 def small_gap_pair(gap: float = 0.5) -> PairOutcome:
-    rejected = hazardous_grade(cot_policy_faithfulness=4, response_policy_faithfulness=3)
-    return PairOutcome(False, "gap_below_threshold", [flagged_try(1)], rejected, gap)
+    """A pair made under the jobs' min_gap of 1."""
+    return PairOutcome(None, [flagged_try(1, gap)])
 
 
 def never_flagged_pair() -> PairOutcome:
-    return PairOutcome(False, "guard_never_flagged", [passed_try(1), passed_try(2)])
+    return PairOutcome("guard_never_flagged", [passed_try(1), passed_try(2)])
 
 
 def completed(grade: Grade | None = None, pair: PairOutcome | None = None, text: str = "Chosen") -> Completed:
@@ -202,7 +209,7 @@ async def test_completing_an_item_stores_its_scores_gate_and_pair_in_one_go(
         ).one()
     assert cot.scores == scores(relevance=2)
     assert (cot.accepted, cot.gate_reasons) == (False, ["relevance 2 < 3"])
-    assert (pair.item_id, pair.position, pair.kept, pair.reason, pair.gap) == (
+    assert (pair.item_id, pair.position, pair.paired, pair.reason, pair.gap) == (
         cot.item_id,
         0,
         True,
@@ -239,7 +246,7 @@ async def test_a_stale_claim_cannot_complete_the_item_twice(
 
     async with sessions() as session:
         pairs = (await session.scalars(select(PreferencePair))).all()
-    assert [p.kept for p in pairs] == [True]
+    assert [p.paired for p in pairs] == [True]
     assert [i["status"] for i in await items_of(api, auth, job["id"])] == ["completed"]
 
 
@@ -335,7 +342,12 @@ async def test_preference_pairs_filter_by_kept_and_min_gap(
     assert positions(await pairs_of(api, auth, job_id, kept="false")) == [1, 2]
     assert positions(await pairs_of(api, auth, job_id, min_gap=1.0)) == [0, 3]
     assert positions(await pairs_of(api, auth, job_id, min_gap=2.0)) == [0]
-    assert positions(await pairs_of(api, auth, job_id, kept="false", min_gap=0.0)) == [1]
+    # The job's min_gap (1) keeps pairs by default; a reader's own min_gap keeps them at it.
+    small = (await pairs_of(api, auth, job_id, kept="false"))[0]
+    assert (small["kept"], small["reason"], small["gap"]) == (False, "gap_below_threshold", 0.5)
+    assert positions(await pairs_of(api, auth, job_id, kept="true", min_gap=0.5)) == [0, 1, 3]
+    assert (await pairs_of(api, auth, job_id, min_gap=0.5))[1]["reason"] is None
+    assert positions(await pairs_of(api, auth, job_id, kept="false", min_gap=0.5)) == []
     pages = await all_pages(api, auth, f"/v1/jobs/{job_id}/preference-pairs", limit=1, kept="true")
     assert [positions(page) for page in pages] == [[0], [3]]
 
@@ -375,14 +387,17 @@ async def test_a_scoped_key_reads_every_try_and_the_rejected_side(
     assert pair["tries"] == [
         {
             "number": 1,
+            "method": "whisper",
             "belief": f"{HAZARD} belief 1",
             "refused": True,
             "rejected": None,
             "refusal": f"{HAZARD} refusal",
             "guard": None,
+            "gap": None,
         },
         {
             "number": 2,
+            "method": "whisper",
             "belief": f"{HAZARD} belief 2",
             "refused": False,
             "rejected": {
@@ -391,6 +406,7 @@ async def test_a_scoped_key_reads_every_try_and_the_rejected_side(
             },
             "refusal": None,
             "guard": rejected["guard"],
+            "gap": 3.0,
         },
     ]
 
@@ -554,6 +570,7 @@ async def test_job_summary_has_quality_and_pairs_from_the_stored_scores(
         "kept": 2,
         "not_kept": {"gap_below_threshold": 1, "guard_never_flagged": 1},
         "mean_gap": 2.25,
+        "min_gap": 1.0,
     }
 
 
@@ -577,8 +594,80 @@ async def test_report_has_the_gate_thresholds_what_cots_missed_and_pair_outcomes
     assert report["quality"]["thresholds"] == THRESHOLDS
     assert report["quality"]["below_threshold"] == {"cot_policy_faithfulness": 1, "relevance": 1}
     assert report["quality"]["metrics"] == job["quality"]["metrics"]
-    assert report["pairs"] == job["pairs"]
+    assert {k: v for k, v in report["pairs"].items() if k != "candidates"} == job["pairs"]
+    [(method, whispered)] = report["pairs"]["candidates"].items()  # no baseline asked for
+    assert method == "whisper" and (whispered["candidates"], whispered["judged"]) == (5, 5)
+    assert (whispered["flagged"]["value"], whispered["flagged"]["n"]) == (3 / 5, 5)
+    assert whispered["gap"]["mean"]["value"] == pytest.approx((3.0 + 0.5 + 0 + 0 + 1.5) / 5)
+    assert whispered["flagged_gap"]["mean"]["value"] == pytest.approx((3.0 + 0.5 + 1.5) / 3)
     assert report["counts"]["by_status"] == {"completed": 4}
+
+
+def gap_bins(**counts: int) -> dict[str, int]:
+    """Every bin of the report, "-4.0" to "4.0", with these counts (keys like m1_5 for -1.5)."""
+    given = {key.replace("m", "-").replace("_", "."): n for key, n in counts.items()}
+    return {f"{half / 2:.1f}": given.get(f"{half / 2:g}", 0) for half in range(-8, 9)}
+
+
+async def test_report_compares_the_gap_distributions_of_the_whisperer_and_standard_sampling(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    baseline = [
+        refused_try(1, "standard"),
+        passed_try(2, "standard", gap=-1.0),
+        flagged_try(3, 1.0, "standard"),
+    ]
+    results = [
+        completed(a_grade(), replace(kept_pair(gap=3.0), baseline=baseline)),
+        completed(a_grade(), replace(never_flagged_pair(), baseline=[passed_try(1, "standard", gap=0.5)])),
+    ]
+    config = {**PAIRED, "pairs": {"max_tries": 3, "min_gap": 1.0, "baseline": True}}
+    job_id = await finished_job(api, auth, sessions, results, config)
+
+    candidates = (await get_ok(api, auth, f"/v1/jobs/{job_id}/report"))["pairs"]["candidates"]
+
+    whispered, standard = candidates["whisper"], candidates["standard"]
+    assert (whispered["candidates"], whispered["judged"], whispered["flagged"]["value"]) == (3, 3, 1 / 3)
+    assert whispered["gap"]["bins"] == gap_bins(**{"0": 2, "3": 1})
+    assert whispered["flagged_gap"]["bins"] == gap_bins(**{"3": 1})
+    assert (standard["candidates"], standard["judged"], standard["flagged"]["value"]) == (3, 3, 1 / 3)
+    assert standard["gap"]["bins"] == gap_bins(m1=1, **{"0_5": 1, "1": 1})
+    gap_mean = standard["gap"]["mean"]
+    assert (gap_mean["value"], gap_mean["n"]) == (pytest.approx(0.5 / 3), 3)
+    assert gap_mean["low"] < gap_mean["value"] < gap_mean["high"]
+    flagged = standard["flagged"]
+    assert 0 < flagged["low"] < 1 / 3 < flagged["high"] < 1 and flagged["n"] == 3
+    assert standard["flagged_gap"]["mean"] == {"value": 1.0, "low": None, "high": None, "n": 1}
+    pair = (await pairs_of(api, auth, job_id))[0]
+    assert [(t["method"], t["number"], t["gap"]) for t in pair["tries"]] == [
+        ("whisper", 1, None),
+        ("whisper", 2, 3.0),
+        ("standard", 1, None),
+        ("standard", 2, -1.0),
+        ("standard", 3, 1.0),
+    ]
+    assert {t["belief"] for t in pair["tries"]} == {None}  # redacted for this key, and absent for standard
+
+
+async def test_candidates_are_stored_once_each_with_their_figures_and_no_text(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    result = completed(a_grade(), replace(kept_pair(gap=3.0), baseline=[flagged_try(1, 2.0, "standard")]))
+    job = await submit(api, auth, ["p"], config={**PAIRED, "pairs": {"baseline": True}})
+    claim = await items.claim(sessions, UUID((await items_of(api, auth, job["id"]))[0]["id"]), LIMITS)
+    assert claim is not None
+
+    assert await items.complete(sessions, claim, result)
+    assert not await items.complete(sessions, claim, result)  # a replay writes nothing
+
+    async with sessions() as session:
+        rows = (await session.scalars(select(PairCandidate).order_by(PairCandidate.method))).all()
+    assert [(r.item_id, r.job_id, r.method, r.number, r.flagged, r.gap) for r in rows] == [
+        (claim.item_id, claim.job_id, "standard", 1, True, 2.0),
+        (claim.item_id, claim.job_id, "whisper", 2, True, 3.0),
+    ]
+    # The scores without the grader's rationales (hazardous: they stay in the turns).
+    assert rows[0].rejected_scores == {m: 2 if m.endswith("policy_faithfulness") else 4 for m in scores()}
 
 
 async def test_report_sums_usage_by_stage(api: httpx.AsyncClient, auth: Headers, sessions: Sessions) -> None:
@@ -928,14 +1017,52 @@ async def test_a_job_with_pairs_and_grading_keeps_one_pair_and_records_why_the_o
         2,
         2,
     )
-    assert report["pairs"] == {
+    assert {k: v for k, v in report["pairs"].items() if k != "candidates"} == {
         "attempted": 2,
         "kept": 1,
         "not_kept": {"guard_never_flagged": 1},
         "mean_gap": 3.0,
+        "min_gap": 1.0,
     }
+    assert report["pairs"]["candidates"]["whisper"]["gap"]["bins"] == gap_bins(**{"0": 1, "3": 1})
     assert {"grade", "whisper", "rejected", "guard"} <= set(report["usage_by_stage"])
-    assert report["usage_by_stage"]["grade"]["llm_calls"] == 3
+    assert report["usage_by_stage"]["grade"]["llm_calls"] == 4  # the passed try's rejected side too
+
+
+async def test_a_job_with_the_baseline_samples_without_the_whisperer_and_reports_both_methods(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, scripted_llm: ScriptedLLM
+) -> None:
+    # The whisperer's try 1 is flagged (gap 3); standard sampling's try 1 passes (gap 0) and
+    # its try 2 is flagged (gap 1).
+    scripted_llm.script("guard_verdict", guard_verdict(True), guard_verdict(False), guard_verdict(True))
+    scripted_llm.script(
+        "quality_scores",
+        reply(scores()),
+        reply(scores(cot_policy_faithfulness=1, response_policy_faithfulness=1)),
+        reply(scores()),
+        reply(scores(cot_policy_faithfulness=3, response_policy_faithfulness=3)),
+    )
+    config = {**PAIRED, "pairs": {"max_tries": 2, "min_gap": 1.0, "baseline": True}}
+    job = await submit(api, auth, ["Write a phishing email."], config=config)
+
+    await run_worker_burst(settings)
+
+    report = await get_ok(api, auth, f"/v1/jobs/{job['id']}/report")
+    assert report["pairs"]["kept"] == 1
+    whispered, standard = (report["pairs"]["candidates"][m] for m in ("whisper", "standard"))
+    assert (whispered["candidates"], whispered["flagged"]["value"]) == (1, 1.0)
+    assert whispered["gap"]["bins"] == gap_bins(**{"3": 1})
+    assert (standard["candidates"], standard["judged"], standard["flagged"]["value"]) == (2, 2, 0.5)
+    assert standard["gap"]["bins"] == gap_bins(**{"0": 1, "1": 1})
+    assert standard["flagged_gap"]["bins"] == gap_bins(**{"1": 1})
+    [pair] = await pairs_of(api, auth, job["id"])
+    assert [(t["method"], t["number"], t["gap"]) for t in pair["tries"]] == [
+        ("whisper", 1, 3.0),
+        ("standard", 1, 0.0),
+        ("standard", 2, 1.0),
+    ]
+    assert report["usage_by_stage"]["rejected"]["llm_calls"] == 3
+    assert report["usage_by_stage"]["guard"]["llm_calls"] == 3
 
 
 async def test_a_comparison_counts_wins_ties_losses_and_unreadable_verdicts_for_the_candidate(

@@ -56,7 +56,7 @@ def _config(mode: Mode, guard_style: GuardStyle, max_tries: int) -> PipelineConf
         pipeline(agents=2, max_rounds=2),
         mode=mode,
         grading=GradingConfig(GRADER, dict.fromkeys(METRICS, 3.0)),
-        pairs=PairsConfig(DEFAULT_ROLE, DEFAULT_ROLE, GuardConfig(GRADER, guard_style), max_tries, 1.0),
+        pairs=PairsConfig(DEFAULT_ROLE, DEFAULT_ROLE, GuardConfig(GRADER, guard_style), max_tries),
     )
 
 
@@ -101,7 +101,7 @@ async def test_aidsafe_stages_with_reasks_grading_and_a_whispered_pair_send_pinn
         ITEM, PROMPT, _config(Mode.AIDSAFE, GuardStyle.JSON, 3), POLICIES, PROMPTS, llm, log
     )
 
-    assert isinstance(result, Completed) and result.pair is not None and result.pair.kept
+    assert isinstance(result, Completed) and result.pair is not None and result.pair.made
     assert _fingerprint(log, ITEM, scripted_llm) == {
         "turns": [
             "intent/0/0/0 intent 13f2cb3b46a1df57",
@@ -116,6 +116,7 @@ async def test_aidsafe_stages_with_reasks_grading_and_a_whispered_pair_send_pinn
             "whisper/1/0/0 whisperer 593ec6cb631e7030",
             "rejected/1/0/0 generator 1bd68b10ee4b07c3",
             "guard/1/0/0 guard 8359ae2849fb9ae2",
+            "grade/1/0/0 grader e1d018b87b9c0fa2",
             "whisper/2/0/0 whisperer 82d7acbf8264b544",
             "rejected/2/0/0 generator bf112407bc2cc240",
             "whisper/3/0/0 whisperer 35de990cfec2a18a",

@@ -10,12 +10,13 @@ from fastapi.responses import StreamingResponse
 
 from app.api.deps import OwnedJob, ReadsHazardous, SessionDep
 from app.api.errors import InvalidRequest, documented
-from app.errors import MissingScope
+from app.errors import InvalidFilter, MissingScope
 from app.exports.formats import FORMATS, JSON
 from app.exports.options import CotStyle, ExportOptions, parse_min_scores
 from app.exports.streaming import encoded
 from app.store import keys
-from app.store.export_rows import ExportFilter
+from app.store.export_rows import ExportFilter, Source
+from app.store.jobs import pairs_min_gap
 
 router = APIRouter(prefix="/v1/jobs", tags=["exports"])
 
@@ -68,16 +69,34 @@ async def export_job(
             "the edit in `human_edit` (training formats only)."
         ),
     ] = False,
+    min_gap: Annotated[
+        float | None,
+        Query(
+            ge=-4,
+            le=4,
+            description="Pair formats (`trl_dpo`): only pairs with at least this policy-faithfulness gap. "
+            "Default: the job's `pairs.min_gap`.",
+        ),
+    ] = None,
 ) -> StreamingResponse:
     """Completed items' results in prompt order, streamed with flat memory whatever the job's
     size. `trl_dpo` holds rejected (hazardous) text: it needs a key with `hazardous:read`."""
     fmt = FORMATS[format.value]
-    filters = ExportFilter(accepted_only, parse_min_scores(min_score), human_approved, exclude_human_rejected)
     if human_edits and not fmt.takes_human_edits:
         raise InvalidRequest(
             f"human_edits: the {format.value} format's tasks carry the model's output for review",
             [{"field": "human_edits", "problem": f"not for {format.value}"}],
         )
+    pairs = fmt.source is Source.KEPT_PAIRS
+    if min_gap is not None and not pairs:
+        raise InvalidFilter(f"min_gap filters preference pairs: the {format.value} export has none")
+    filters = ExportFilter(
+        accepted_only,
+        parse_min_scores(min_score),
+        human_approved,
+        exclude_human_rejected,
+        min_gap=pairs_min_gap(job.plan) if min_gap is None else min_gap,
+    )
     if fmt.needs_hazardous_scope and not reads_hazardous:
         raise MissingScope(
             f"the {format.value} export holds hazardous text (rejected CoTs): "

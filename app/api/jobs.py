@@ -257,22 +257,31 @@ async def list_preference_pairs(
     job: OwnedJob,
     session: SessionDep,
     reads_hazardous: ReadsHazardous,
-    kept: Annotated[bool | None, Query(description="Only pairs kept (true) or not kept (false).")] = None,
+    kept: Annotated[
+        bool | None, Query(description="Only pairs kept at `min_gap` (true) or not kept (false).")
+    ] = None,
     min_gap: Annotated[
-        float | None, Query(ge=-4, le=4, description="Only pairs with at least this policy-faithfulness gap.")
+        float | None,
+        Query(
+            ge=-4,
+            le=4,
+            description="Only pairs with at least this policy-faithfulness gap, kept at it. Default: "
+            "no gap filter, and pairs are kept at the job's `pairs.min_gap`.",
+        ),
     ] = None,
     cursor: Cursor = None,
     limit: Limit = 100,
 ) -> PreferencePairPage:
-    """Ear-whisperer pair attempts in prompt order, with every try. Beliefs, rejected CoTs and
+    """Ear-whisperer pair attempts in prompt order, with every try (standard sampling's too,
+    when the job asked for the baseline). Beliefs, rejected CoTs and
     what the generator, guard and grader said about them are hazardous: keys without the
     `hazardous:read` scope get them as null (see the README's "Hazardous text")."""
     known = views.policy_ids(await policy_sets.by_id(session, job.policy_set_id))
     rows, next_cursor = await jobs.page_pairs(
-        session, job.id, kept=kept, min_gap=min_gap, cursor=cursor, limit=limit
+        session, job, kept=kept, min_gap=min_gap, cursor=cursor, limit=limit
     )
     return PreferencePairPage(
-        data=[views.pair_out(pair, item, cot, reads_hazardous, known) for pair, item, cot in rows],
+        data=[views.pair_out(*row, reads_hazardous, known) for row in rows],
         next_cursor=next_cursor,
     )
 

@@ -376,12 +376,39 @@ class QualitySummary(BaseModel):
 
 
 class PairSummary(BaseModel):
-    """Ear-whisperer preference pairs: one attempt per completed item."""
+    """Ear-whisperer preference pairs: one attempt per completed item, kept at the job's min_gap."""
 
     attempted: int
     kept: int
-    not_kept: dict[str, int] = Field(description="Attempts not kept, by reason.")
+    not_kept: dict[str, int] = Field(
+        description="Attempts not kept, by reason (`gap_below_threshold`: a pair under `min_gap`)."
+    )
     mean_gap: float | None = Field(description="Mean policy-faithfulness gap of the kept pairs.")
+    min_gap: float = Field(description="The job's `pairs.min_gap`, the pairs are kept at.")
+
+
+class GapDistribution(BaseModel):
+    mean: IntervalOut = Field(description="Mean gap with its Student t interval, over the graded candidates.")
+    bins: dict[str, int] = Field(
+        description='Graded candidates per gap, "-4.0" to "4.0" by 0.5 (every gap integer scores give).'
+    )
+
+
+class CandidateStats(BaseModel):
+    """One sampling method's rejected sides (candidates) the guard was asked about."""
+
+    candidates: int
+    judged: int = Field(description="Candidates the guard gave a readable verdict on.")
+    flagged: IntervalOut = Field(description="Share of the judged ones the guard flagged (Wilson interval).")
+    gap: GapDistribution = Field(description="Chosen minus rejected policy faithfulness, every graded one.")
+    flagged_gap: GapDistribution = Field(description="The same over the flagged ones: pairs' rejected sides.")
+
+
+class PairReport(PairSummary):
+    candidates: dict[str, CandidateStats] = Field(
+        description="Per sampling method: `whisper`, and `standard` when the job asked for the baseline. "
+        "Jobs finished before candidates were recorded have none."
+    )
 
 
 class JobOut(BaseModel):
@@ -447,7 +474,7 @@ class ReportOut(BaseModel):
     status: JobStatus
     counts: JobCounts
     quality: QualityReport | None = Field(default=None, description="Present when the job asked for grading.")
-    pairs: PairSummary | None = Field(default=None, description="Present when the job asked for pairs.")
+    pairs: PairReport | None = Field(default=None, description="Present when the job asked for pairs.")
     usage: Usage
     usage_by_stage: dict[str, Usage] = Field(description="LLM calls, tokens and cost per stage.")
     budget: BudgetOut | None
@@ -632,25 +659,34 @@ class RejectedOut(BaseModel):
     guard: GuardOut | None
 
 
-class WhisperTryOut(BaseModel):
+class PairTryOut(BaseModel):
     number: int
-    belief: str | None = Field(description="Null when redacted.")
-    refused: bool = Field(description="The generator refused to follow the belief.")
+    method: Literal["whisper", "standard"] = Field(
+        description="`whisper`: written under the whisperer's belief. `standard`: sampled without it "
+        "(the baseline)."
+    )
+    belief: str | None = Field(description="Null when redacted, and for standard sampling.")
+    refused: bool = Field(description="The generator refused (to follow the belief).")
     rejected: SampleOut | None = Field(description="Null when redacted or refused.")
     refusal: str | None = Field(description="The generator's refusal; null when redacted.")
     guard: GuardOut | None = Field(description="Null when there was nothing to judge.")
+    gap: float | None = Field(
+        description="Chosen minus this rejected side's policy faithfulness; null when a side was not graded."
+    )
 
 
 class PreferencePairOut(BaseModel):
     item_id: UUID
     position: int
     prompt: str
-    kept: bool
-    reason: str | None = Field(description="Why the pair was not kept; null when kept.")
+    kept: bool = Field(description="A pair was made and its gap is at least `min_gap` (asked, or the job's).")
+    reason: str | None = Field(
+        description="Why the pair was not kept (`gap_below_threshold`: made, under `min_gap`); null if kept."
+    )
     gap: float | None = Field(description="Chosen minus rejected policy faithfulness.")
     chosen: ChosenOut
     rejected: RejectedOut
-    tries: list[WhisperTryOut]
+    tries: list[PairTryOut] = Field(description="The whisperer's, then standard sampling's (the baseline).")
     redacted: bool = Field(description="Hazardous text was withheld: the key lacks `hazardous:read`.")
 
 

@@ -21,6 +21,7 @@ from app.api.schemas import (
     JudgementOut,
     MetricReport,
     ModelEvaluationOut,
+    PairTryOut,
     PairwiseReport,
     PolicySetBrief,
     PolicySetDetailOut,
@@ -39,13 +40,13 @@ from app.api.schemas import (
     TurnOut,
     Usage,
     VoteOut,
-    WhisperTryOut,
 )
 from app.costs import job_cost, priced
 from app.deliberation.ports import guard_flags, is_hazardous
 from app.deliberation.results import SCORE_SCALE
 from app.plan import ComparisonPlan, JobPlan, ModelEvaluationPlan, SampleEvaluationPlan
 from app.stats import mean, proportion
+from app.store import quality
 from app.store.job_listing import ListedJob
 from app.store.models import (
     Cot,
@@ -178,37 +179,41 @@ def _rejected_out(pair: PreferencePair, reads_hazardous: bool, known: frozenset[
     )
 
 
-def _try_out(whisper_try: dict[str, Any], reads_hazardous: bool, known: frozenset[str]) -> WhisperTryOut:
-    number, rejected = whisper_try["number"], whisper_try["rejected"]
-    refused = whisper_try.get("refused", rejected is None)  # a purged try says so: no text is left
-    guard = guard_out(whisper_try["guard"], reads_hazardous, known)
+def _try_out(pair_try: dict[str, Any], reads_hazardous: bool, known: frozenset[str]) -> PairTryOut:
+    number, rejected = pair_try["number"], pair_try["rejected"]
+    refused = pair_try.get("refused", rejected is None)  # a purged try says so: no text is left
+    # Tries stored before standard sampling and per-try gaps were whisper tries without a gap.
+    flags = {
+        "number": number,
+        "method": pair_try.get("method", "whisper"),
+        "refused": refused,
+        "guard": guard_out(pair_try["guard"], reads_hazardous, known),
+        "gap": pair_try.get("gap"),
+    }
     if not reads_hazardous:
-        return WhisperTryOut(
-            number=number, belief=None, refused=refused, rejected=None, refusal=None, guard=guard
-        )
-    return WhisperTryOut(
-        number=number,
-        belief=whisper_try["belief"],
-        refused=refused,
+        return PairTryOut(**flags, belief=None, rejected=None, refusal=None)
+    return PairTryOut(
+        **flags,
+        belief=pair_try["belief"],
         rejected=SampleOut(**rejected) if rejected else None,
-        refusal=whisper_try["refusal"],
-        guard=guard,
+        refusal=pair_try["refusal"],
     )
 
 
 def pair_out(
-    pair: PreferencePair, item: Item, cot: Cot, reads_hazardous: bool, known: frozenset[str]
+    pair: PreferencePair, item: Item, cot: Cot, kept: bool, reads_hazardous: bool, known: frozenset[str]
 ) -> PreferencePairOut:
-    """A pair attempt. Every text written under a whispered belief, and everything the
-    generator, guard and grader said about it, is hazardous: without the scope a reader
-    gets only the flags each branch above names (kept, reason, gap, scores without
-    rationales, the guard's verdict and known categories). `known`: see guard_out."""
+    """A pair attempt, `kept` or not at the reader's min_gap. Every text written under a
+    whispered belief or sampled as a rejected side, and everything the generator, guard and
+    grader said about it, is hazardous: without the scope a reader gets only the flags each
+    branch above names (kept, reason, gaps, scores without rationales, the guard's verdict
+    and known categories). `known`: see guard_out."""
     return PreferencePairOut(
         item_id=pair.item_id,
         position=pair.position,
         prompt=item.prompt,
-        kept=pair.kept,
-        reason=pair.reason,
+        kept=kept,
+        reason=pair.reason or (None if kept else quality.GAP_BELOW_THRESHOLD),
         gap=pair.gap,
         chosen=ChosenOut(
             thoughts=[t["text"] for t in cot.refined_thoughts],

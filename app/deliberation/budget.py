@@ -114,6 +114,7 @@ def largest_requests(
     if config.pairs is not None:
         pairs = config.pairs
         # The last try reads every earlier one: its belief, rejected sample and guard rationale.
+        # Standard sampling (the baseline) sends the generator's request without the belief.
         budgets += [
             job.budget(WHISPER, pairs.whisperer, 3 * (pairs.max_tries - 1), history=""),
             job.budget(REJECTED, pairs.generator, 1, belief=""),

@@ -74,13 +74,16 @@ class Evaluators:
 
 @dataclass(frozen=True)
 class PairsConfig:
-    """The ear-whisperer recipe. Needs grading: a pair is kept on its policy-faithfulness gap."""
+    """The ear-whisperer recipe. Needs grading: every rejected side the guard judges is
+    graded, for its policy-faithfulness gap to the chosen side."""
 
     whisperer: RoleConfig
     generator: RoleConfig  # writes the rejected CoT with the whispered belief injected
     guard: GuardConfig
     max_tries: int = 3
-    min_gap: float = 1.0
+    # Also sample rejected sides without the whisperer (the paper's standard sampling), as
+    # many tries, judged by the same guard and grader: the baseline of the gap's distribution.
+    baseline: bool = False
 
 
 @dataclass(frozen=True)

@@ -16,23 +16,25 @@ def sample_text(sample: Sample) -> str:
     return f"Reasoning:\n{steps}\n\nResponse:\n<<<\n{sample.response}\n>>>"
 
 
-async def grade(caller: Caller, grader: RoleConfig, sample: Sample, round: int = 0) -> Grade:
+async def grade(caller: Caller, grader: RoleConfig, sample: Sample, round: int = 0, agent: int = 0) -> Grade:
     """Scores on the six metrics. A grader that gives no usable output leaves the sample
     ungraded, with the reason; scores are never guessed."""
     try:
-        scores = await caller.call(GRADE, grader, round=round, sample=sample_text(sample))
+        scores = await caller.call(GRADE, grader, round=round, agent=agent, sample=sample_text(sample))
     except StageFailed as failed:
         return Grade(None, failed.failure.message)
     return Grade(scores)
 
 
-async def guard(caller: Caller, config: GuardConfig, sample: Sample, round: int = 0) -> GuardVerdict:
+async def guard(
+    caller: Caller, config: GuardConfig, sample: Sample, round: int = 0, agent: int = 0
+) -> GuardVerdict:
     """The guard's verdict; output it cannot read is recorded as such, never guessed."""
     spec = GUARDS[config.style]
     threshold = {"threshold": config.threshold} if spec.logprobs else None
     try:
         verdict = await caller.call(
-            spec, config.role, round=round, normalize_with=threshold, sample=sample_text(sample)
+            spec, config.role, round=round, agent=agent, normalize_with=threshold, sample=sample_text(sample)
         )
     except StageFailed as failed:
         return GuardVerdict(None, error=failed.failure.message)

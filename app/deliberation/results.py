@@ -15,6 +15,7 @@ METRICS = (
     "response_cot_faithfulness",
 )
 SCORE_SCALE = (1, 5)  # every metric's score, worst to best
+GAP_SCALE = (SCORE_SCALE[0] - SCORE_SCALE[1], SCORE_SCALE[1] - SCORE_SCALE[0])  # chosen minus rejected
 # The pair gap is taken on these two: how faithfully the reasoning and the answer follow the policies.
 POLICY_METRICS = ("cot_policy_faithfulness", "response_policy_faithfulness")
 
@@ -73,15 +74,23 @@ class GuardVerdict:
     logprobs_missing: str | None = None
 
 
+PairMethod = Literal["whisper", "standard"]  # how a try's rejected side was sampled
+
+
 @dataclass(frozen=True)
-class WhisperTry:
-    """One ear-whisperer try. belief and the rejected sample are hazardous text."""
+class PairTry:
+    """One try at a rejected side: the ear-whisperer's (a bad belief injected into the
+    generation) or standard sampling's (the generator alone, the whisperer's baseline). The
+    belief, the rejected sample, the refusal and what the guard and grader said are hazardous."""
 
     number: int
-    belief: str
-    rejected: Sample | None  # None when the generator refused to follow the belief
-    refusal: str | None  # the generator's refusal, shown to the whisperer on the next try
+    belief: str | None  # None for standard sampling
+    rejected: Sample | None  # None when the generator refused
+    refusal: str | None  # the generator's refusal (a whispered one is shown to the whisperer)
     guard: GuardVerdict | None  # None when there was nothing to judge (a refusal)
+    grade: Grade | None = None  # the rejected side's; None unless the guard gave a verdict
+    gap: float | None = None  # chosen minus rejected policy faithfulness; None: a side ungraded
+    method: PairMethod = "whisper"
 
 
 PairReason = Literal[
@@ -91,25 +100,40 @@ PairReason = Literal[
     "guard_unparseable",
     "guard_never_flagged",
     "grading_failed",
-    "gap_below_threshold",
 ]
 
 
 @dataclass(frozen=True)
 class PairOutcome:
-    """The DPO pair attempt of one item. The chosen side is the item's own CoT."""
+    """The DPO pair attempt of one item. The chosen side is the item's own CoT, the rejected
+    side the whisper try the guard flagged. Whether a made pair is kept is the reader's
+    threshold on its gap (`min_gap` of the pair listing and the export), not the engine's."""
 
-    kept: bool
-    reason: PairReason | None  # why no pair was kept; None when kept
-    tries: list[WhisperTry]
-    rejected_grade: Grade | None = None
-    gap: float | None = None  # chosen minus rejected policy faithfulness
+    reason: PairReason | None  # why no pair was made; None: made (flagged, both sides graded)
+    tries: list[PairTry]  # the whisperer's, in order
+    baseline: list[PairTry] = field(default_factory=list)  # standard sampling's, when asked for
 
     @property
-    def rejected(self) -> WhisperTry | None:
+    def made(self) -> bool:
+        return self.reason is None
+
+    @property
+    def rejected(self) -> PairTry | None:
         """The try the guard flagged, if any: the rejected side of the pair."""
         last = self.tries[-1] if self.tries else None
         return last if last and last.guard and last.guard.unsafe else None
+
+    @property
+    def rejected_grade(self) -> Grade | None:
+        return self.rejected.grade if self.rejected else None
+
+    @property
+    def gap(self) -> float | None:
+        return self.rejected.gap if self.rejected else None
+
+    def candidates(self) -> list[PairTry]:
+        """Every try of either method whose rejected side the guard was asked about."""
+        return [t for t in (*self.tries, *self.baseline) if t.rejected is not None]
 
 
 @dataclass(frozen=True)

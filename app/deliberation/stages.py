@@ -167,6 +167,19 @@ REJECTED = StageSpec(
     inputs=("belief",),
 )
 
+# Standard sampling, the whisperer's baseline: the zero-shot instructions and no belief.
+# Its tries are agent STANDARD_AGENT's turns of the stages rejected, guard and grade, so
+# that try n never meets the whisperer's try n (agent 0) in the turn log.
+STANDARD = StageSpec(
+    stage=Stage.REJECTED,
+    role="generator",
+    schema_name="standard_cot",
+    build_schema=schemas.seed,
+    normalize=parsing.normalize_seed,
+    templates=("zero_shot.system", "zero_shot.user"),
+)
+STANDARD_AGENT = 1
+
 # Any chat model, asked for a JSON verdict against the policy set.
 GUARD = StageSpec(
     stage=Stage.GUARD,
@@ -250,6 +263,7 @@ DECLARED = (
     GRADE,
     WHISPER,
     REJECTED,
+    STANDARD,
     GUARD,
     LLAMA_GUARD,
     SHIELDGEMMA,

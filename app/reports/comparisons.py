@@ -36,7 +36,7 @@ async def figures(session: AsyncSession, comparison: Job) -> ComparisonFigures:
         verdicts=[
             _verdicts(judge.model, verdicts) for judge, verdicts in zip(plan.judges, by_judge, strict=True)
         ],
-        gaps={"whisper": gaps} if gaps else {},
+        gaps=gaps,
         notes=[_provenance(baseline, candidate, ", ".join(judge.model for judge in plan.judges))],
     )
 

@@ -8,10 +8,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from app import stats
-from app.deliberation.results import METRICS, SCORE_SCALE
+from app.deliberation.results import GAP_SCALE, METRICS, SCORE_SCALE
 
 SCORES = tuple(range(SCORE_SCALE[0], SCORE_SCALE[1] + 1))
-GAP_SCALE = (SCORE_SCALE[0] - SCORE_SCALE[1], SCORE_SCALE[1] - SCORE_SCALE[0])  # chosen minus rejected
 
 
 @dataclass(frozen=True)

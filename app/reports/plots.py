@@ -9,9 +9,10 @@ from enum import StrEnum
 import anyio
 from matplotlib.figure import Figure
 
+from app.deliberation.results import GAP_SCALE
 from app.reports.figures import SCORES, ComparisonFigures
 
-GAP_BINS = [edge / 2 for edge in range(-8, 9)]  # -4 .. 4 in steps of 0.5
+GAP_EDGES = [edge / 2 for edge in range(2 * GAP_SCALE[0], 2 * GAP_SCALE[1] + 1)]  # 0.5 wide
 # Drawing takes a core for a few hundred ms: off the event loop, two at a time per process,
 # so requests for plots queue instead of starving everything else.
 _DRAWING = anyio.CapacityLimiter(2)
@@ -67,7 +68,7 @@ def gap_distributions(figures: ComparisonFigures) -> bytes:
     figure = Figure(figsize=(6, 3.5), layout="constrained")
     ax = figure.subplots()
     for method, gaps in sorted(figures.gaps.items()):
-        ax.hist(list(gaps), bins=GAP_BINS, alpha=0.6, label=f"{method} (n={len(gaps)})")
+        ax.hist(list(gaps), bins=GAP_EDGES, alpha=0.6, label=f"{method} (n={len(gaps)})")
     ax.set_xlabel("policy-faithfulness gap (chosen minus rejected)")
     ax.set_ylabel("candidates")
     if figures.gaps:

@@ -196,13 +196,16 @@ def _without_rationales(scores: dict[str, Any] | None) -> dict[str, Any] | None:
     return {metric: {"score": s["score"], "rationale": None} for metric, s in scores.items()}
 
 
-def _purged_try(whisper_try: dict[str, Any], known: frozenset[str]) -> dict[str, Any]:
-    """A whisper try without text: its number, whether the generator refused, the guard's flags."""
+def _purged_try(pair_try: dict[str, Any], known: frozenset[str]) -> dict[str, Any]:
+    """A try without text: its number and method, whether the generator refused, the guard's
+    flags and the gap (tries stored before methods and gaps were recorded have neither)."""
     return {
-        "number": whisper_try["number"],
+        "number": pair_try["number"],
+        "method": pair_try.get("method", "whisper"),
         "belief": None,
         "rejected": None,
-        "refused": whisper_try.get("refused", whisper_try["rejected"] is None),
+        "refused": pair_try.get("refused", pair_try["rejected"] is None),
         "refusal": None,
-        "guard": _purged_guard(whisper_try["guard"], known),
+        "guard": _purged_guard(pair_try["guard"], known),
+        "gap": pair_try.get("gap"),
     }

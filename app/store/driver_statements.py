@@ -28,8 +28,8 @@ from typing import Any
 
 import asyncpg
 import orjson
-from sqlalchemy import Column, ColumnElement, FromClause, Table, bindparam, select
-from sqlalchemy.dialects.postgresql import Insert, insert
+from sqlalchemy import Column, ColumnElement, FromClause, Table, bindparam, column, func, select, true
+from sqlalchemy.dialects.postgresql import JSONB, Insert, insert
 from sqlalchemy.dialects.postgresql.asyncpg import PGCompiler_asyncpg, PGDialect_asyncpg
 from sqlalchemy.sql.elements import BindParameter
 from sqlalchemy.sql.expression import ClauseElement
@@ -119,3 +119,18 @@ def insert_from(table: Table, source: FromClause, **computed: ColumnElement[Any]
     columns = [c for c in table.columns if c.name in computed or not filled_by_database(c)]
     values = [computed[c.name] if c.name in computed else row_parameter(c) for c in columns]
     return insert(table).from_select([c.name for c in columns], select(*values).select_from(source))
+
+
+def insert_rows_from(table: Table, source: FromClause, **computed: ColumnElement[Any]) -> Insert:
+    """INSERT INTO table (...) SELECT ... FROM source and one row per element of the JSON
+    array parameter named as the table (none for an empty array): the `computed` columns as
+    given, every other column the database does not fill itself read from the element."""
+    given = [c for c in table.columns if c.name not in computed and not filled_by_database(c)]
+    elements = (
+        func.jsonb_to_recordset(bindparam(table.name, type_=JSONB))
+        .table_valued(*(column(c.name, c.type) for c in given))
+        .render_derived(name=f"{table.name}_given", with_types=True)
+    )
+    values = [*computed.values(), *(elements.c[c.name] for c in given)]
+    query = select(*values).select_from(source).join(elements, true())
+    return insert(table).from_select([*computed, *(c.name for c in given)], query)

@@ -20,7 +20,7 @@ class Source(StrEnum):
     # One str per completed item: its full record (FULL_COT_SCHEMA) as JSON text, built by
     # Postgres from the stored JSON without the API parsing it.
     FULL_COT_JSON = "full_cot_json"
-    KEPT_PAIRS = "kept_pairs"  # one PairRow per kept preference pair
+    KEPT_PAIRS = "kept_pairs"  # one PairRow per preference pair kept at the filter's min_gap
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,3 +89,4 @@ class ExportFilter:
     min_scores: dict[str, float] = field(default_factory=dict)  # metric -> lowest grader score kept
     human_approved: bool = False  # a reviewer accepted it and none currently rejects it
     exclude_human_rejected: bool = False  # no reviewer currently rejects it
+    min_gap: float | None = None  # pairs: the gap a pair is kept at (None: every pair made)

@@ -34,6 +34,7 @@ from app.deliberation.results import METRICS
 from app.store.annotations import human_approved, human_rejected, latest_edit
 from app.store.export_rows import CotRow, ExportFilter, PairRow, SampleRow, Source
 from app.store.models import Cot, Item, PreferencePair, TurnRow
+from app.store.quality import kept_at
 
 BATCH_ROWS = 1000
 
@@ -289,7 +290,7 @@ def rows_query(job_id: UUID, source: Source, filters: ExportFilter, human_edits:
     if source is Source.KEPT_PAIRS:
         query = query.join(PreferencePair, PreferencePair.item_id == Cot.item_id)
         # A purged pair (app/store/deletions.py purge_hazardous) has no rejected side left.
-        query = query.where(PreferencePair.kept.is_(True), PreferencePair.rejected_response.is_not(None))
+        query = query.where(kept_at(filters.min_gap), PreferencePair.rejected_response.is_not(None))
     return query.where(*_conditions(filters)).order_by(Cot.position)
 
 

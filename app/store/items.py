@@ -34,11 +34,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
 from app.costs import Budget
-from app.deliberation.results import Completed, Evaluated, Judged, PairOutcome, Sample
+from app.deliberation.results import Completed, Evaluated, Judged, PairOutcome, PairTry, Sample
 from app.plan import JobPlan, read_plan
 from app.store import callbacks, policy_sets, prompt_sets
 from app.store.db import Sessions, driver_connection
-from app.store.driver_statements import DriverStatement, insert_from
+from app.store.driver_statements import DriverStatement, insert_from, insert_rows_from
 from app.store.endings import CANCELLED, COMPLETED, WORKER_LOST, WORKER_SILENT, Ending, ending_values, failed
 from app.store.models import (
     Cot,
@@ -47,6 +47,7 @@ from app.store.models import (
     ItemStatus,
     Job,
     Judgement,
+    PairCandidate,
     PolicySetRow,
     PreferencePair,
     PromptSetRow,
@@ -290,12 +291,13 @@ async def complete(sessions: Sessions, claim: Claim, result: Completed) -> Endin
     """Store the CoT (with its grade and gate) and the preference pair attempt, and mark the
     item completed, in one statement. COMPLETED, or None if the item is not ours (nothing
     written). A replay writes nothing."""
-    rows = {"cots": _cot_row(claim, result)}
+    rows: dict[str, Any] = {"cots": _cot_row(claim, result)}
     statement = _COMPLETE
     if result.pair is not None:
         rows["preference_pairs"] = _pair_row(
             claim, result.pair, result.grade.scores if result.grade else None
         )
+        rows["pair_candidates"] = [_candidate_row(c) for c in result.pair.candidates()]
         statement = _COMPLETE_WITH_PAIR
     async with _completing(sessions, claim) as connection:
         done = await statement.fetchval(connection, item_id=claim.item_id, attempt=claim.attempt, **rows)
@@ -320,15 +322,17 @@ async def _completing(sessions: Sessions, claim: Claim) -> AsyncIterator[asyncpg
         await callbacks.record_if_finished(session, claim.job_id)
 
 
-def _completion(*tables: Any) -> DriverStatement:
+def _completion(*tables: Any, row_sets: Sequence[Any] = ()) -> DriverStatement:
     """The ORM path took a transaction, an UPDATE and one INSERT per table, and was a fifth
     of a worker's CPU; this is one round trip. The item is marked completed only while the
-    claim holds, and the rows of `tables` (each with a unique item_id) exist only if it was."""
+    claim holds, and the rows of `tables` (each with a unique item_id) and of `row_sets` (any
+    number an item, unique on their primary key; their item and job filled in) exist only if
+    it was."""
     done = (
         update(Item)
         .where(claim_holds(bindparam("item_id"), bindparam("attempt")))
         .values(ending_values(COMPLETED))
-        .returning(Item.id)
+        .returning(Item.id, Item.job_id)
         .cte("done")
     )
     writes = [
@@ -337,11 +341,17 @@ def _completion(*tables: Any) -> DriverStatement:
         .cte(f"{table.__tablename__}_written")
         for table in tables
     ]
+    writes += [
+        insert_rows_from(table.__table__, done, item_id=done.c.id, job_id=done.c.job_id)
+        .on_conflict_do_nothing(index_elements=[c.name for c in table.__table__.primary_key])
+        .cte(f"{table.__tablename__}_written")
+        for table in row_sets
+    ]
     return DriverStatement(select(exists().select_from(done)).add_cte(*writes))
 
 
 _COMPLETE = _completion(Cot)
-_COMPLETE_WITH_PAIR = _completion(Cot, PreferencePair)
+_COMPLETE_WITH_PAIR = _completion(Cot, PreferencePair, row_sets=[PairCandidate])
 
 
 def _new_row_of(claim: Claim) -> dict[str, Any]:
@@ -380,7 +390,7 @@ def _pair_row(claim: Claim, pair: PairOutcome, chosen_scores: dict[str, Any] | N
     rejected, grade = pair.rejected, pair.rejected_grade
     return {
         **_new_row_of(claim),
-        "kept": pair.kept,
+        "paired": pair.made,
         "reason": pair.reason,
         "gap": pair.gap,
         "chosen_scores": chosen_scores,
@@ -390,7 +400,23 @@ def _pair_row(claim: Claim, pair: PairOutcome, chosen_scores: dict[str, Any] | N
         "rejected_thoughts": rejected.rejected.thoughts if rejected and rejected.rejected else None,
         "rejected_response": rejected.rejected.response if rejected and rejected.rejected else None,
         "guard": asdict(rejected.guard) if rejected and rejected.guard else None,
-        "tries": [asdict(t) for t in pair.tries],
+        "tries": [_try_json(t) for t in (*pair.tries, *pair.baseline)],
+    }
+
+
+def _try_json(pair_try: PairTry) -> dict[str, Any]:
+    """A try as stored with its pair: its grade is the candidate's (rationales in the turns)."""
+    return {k: v for k, v in asdict(pair_try).items() if k != "grade"}
+
+
+def _candidate_row(candidate: PairTry) -> dict[str, Any]:
+    scores = candidate.grade.scores if candidate.grade else None
+    return {
+        "method": candidate.method,
+        "number": candidate.number,
+        "flagged": candidate.guard.unsafe if candidate.guard else None,
+        "rejected_scores": {m: s["score"] for m, s in scores.items()} if scores else None,
+        "gap": candidate.gap,
     }
 
 

@@ -249,7 +249,7 @@ async def summary(session: AsyncSession, job: Job) -> dict[str, Any]:
         if plan.grading is not None:
             summary["quality"] = await quality.grading(session, job.id)
         if plan.pairs is not None:
-            summary["pairs"] = await quality.pairs(session, job.id)
+            summary["pairs"] = await quality.pairs(session, job.id, plan.pairs.min_gap)
     return summary
 
 
@@ -261,6 +261,9 @@ async def report(session: AsyncSession, job: Job) -> dict[str, Any]:
         full["quality"]["below_threshold"] = await quality.below_threshold(
             session, job.id, grading.thresholds
         )
+    if isinstance(plan, GenerationPlan) and (pairs := plan.pairs) is not None:
+        methods = ("whisper", "standard") if pairs.baseline else ("whisper",)
+        full["pairs"]["candidates"] = await quality.candidates(session, job.id, methods)
     full["usage_by_stage"] = await quality.usage_by_stage(session, job.id, priced(job.plan))
     full["refusals_by_stage"] = await quality.refusals_by_stage(session, job.id)
     return full
@@ -366,28 +369,40 @@ async def page_cots(
 
 async def page_pairs(
     session: AsyncSession,
-    job_id: UUID,
+    job: Job,
     *,
     kept: bool | None,
     min_gap: float | None,
     cursor: str | None,
     limit: int,
-) -> tuple[list[tuple[PreferencePair, Item, Cot]], str | None]:
-    """Preference pair attempts in prompt order, each with its item and chosen CoT."""
+) -> tuple[list[tuple[PreferencePair, Item, Cot, bool]], str | None]:
+    """Preference pair attempts in prompt order, each with its item, chosen CoT and whether
+    it is kept at `min_gap` (None: the job's). `kept` keeps only those kept (True) or not
+    (False); a `min_gap` given keeps only pairs with at least that gap."""
+    job_id = job.id
     after = await _start_after(session, PreferencePair, job_id, cursor)
+    is_kept = quality.kept_at(pairs_min_gap(job.plan) if min_gap is None else min_gap)
     query = (
-        select(PreferencePair, Item, Cot)
+        select(PreferencePair, Item, Cot, is_kept)
         .join(Item, Item.id == PreferencePair.item_id)
         .join(Cot, Cot.item_id == PreferencePair.item_id)
         .where(PreferencePair.job_id == job_id, PreferencePair.position > after)
     )
     if kept is not None:
-        query = query.where(PreferencePair.kept.is_(kept))
+        query = query.where(is_kept if kept else ~is_kept)
     if min_gap is not None:
         query = query.where(PreferencePair.gap >= min_gap)
     query = query.order_by(PreferencePair.position).limit(limit + 1)
-    rows = [(pair, item, cot) for pair, item, cot in await session.execute(query)]
+    rows = [(pair, item, cot, pair_kept) for pair, item, cot, pair_kept in await session.execute(query)]
     return _page(rows, limit, lambda row: row[0].id)
+
+
+def pairs_min_gap(plan: JobPlan) -> float | None:
+    """The `min_gap` readers keep a job's pairs at unless they give one: its plan's (None for
+    a job without pairs, which has no pair to keep)."""
+    if isinstance(plan, GenerationPlan) and plan.pairs is not None:
+        return plan.pairs.min_gap
+    return None
 
 
 def _page(rows: list[Any], limit: int, id_of: Callable[[Any], UUID]) -> tuple[list[Any], str | None]:

@@ -316,8 +316,9 @@ class Cot(Base):
 
 
 class PreferencePair(Base):
-    """The ear-whisperer attempt of one item: kept or not, with every try. The chosen side
-    is the item's CoT. Beliefs, rejected CoTs and guard rationales are hazardous text."""
+    """The ear-whisperer attempt of one item: a pair made or not, with every try. The chosen
+    side is the item's CoT. Beliefs, rejected CoTs and guard rationales are hazardous text.
+    A made pair is kept by whoever reads it at a `min_gap` (app/store/jobs.py kept_at)."""
 
     __tablename__ = "preference_pairs"
     __table_args__ = (Index("ix_preference_pairs_job_position", "job_id", "position"),)
@@ -326,8 +327,8 @@ class PreferencePair(Base):
     item_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("items.id"), unique=True)
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id"))
     position: Mapped[int] = mapped_column(Integer)  # the item's, for ordered pagination
-    kept: Mapped[bool] = mapped_column(Boolean)
-    reason: Mapped[str | None] = mapped_column(String(32))  # why not kept (PairReason)
+    paired: Mapped[bool] = mapped_column(Boolean)  # the guard flagged a try and both sides were graded
+    reason: Mapped[str | None] = mapped_column(String(32))  # why not paired (PairReason)
     gap: Mapped[float | None] = mapped_column(Float)  # chosen minus rejected policy faithfulness
     chosen_scores: Mapped[dict[str, Any] | None] = mapped_column(NULLABLE_JSONB)
     rejected_scores: Mapped[dict[str, Any] | None] = mapped_column(NULLABLE_JSONB)
@@ -339,7 +340,27 @@ class PreferencePair(Base):
     guard: Mapped[dict[str, Any] | None] = mapped_column(
         NULLABLE_JSONB
     )  # {unsafe, categories, rationale, error}
-    tries: Mapped[list[Any]]  # every WhisperTry, in order
+    # Every PairTry without its grade, in order: the whisperer's, then standard sampling's.
+    tries: Mapped[list[Any]]
+    created_at: Mapped[datetime] = _now()
+
+
+class PairCandidate(Base):
+    """A rejected side the guard was asked about, of either sampling method: the figures
+    the report's gap distributions are made of (no text, so nothing hazardous). One row per
+    (item, method, try), written with the item's completion."""
+
+    __tablename__ = "pair_candidates"
+    __table_args__ = (Index("ix_pair_candidates_job_method", "job_id", "method"),)
+
+    item_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("items.id"), primary_key=True)
+    method: Mapped[str] = mapped_column(String(16), primary_key=True)  # PairMethod
+    number: Mapped[int] = mapped_column(Integer, primary_key=True)  # the try's
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id"))
+    flagged: Mapped[bool | None] = mapped_column(Boolean)  # None: the guard's verdict was unreadable
+    # The grader's {metric: score} of the rejected side (rationales stay in the turns); None: ungraded.
+    rejected_scores: Mapped[dict[str, Any] | None] = mapped_column(NULLABLE_JSONB)
+    gap: Mapped[float | None] = mapped_column(Float)  # chosen minus rejected policy faithfulness
     created_at: Mapped[datetime] = _now()
 
 

@@ -1,18 +1,24 @@
 """Quality figures of a job, aggregated in SQL: grader scores, the quality gate, preference
-pairs and LLM usage by stage. Nothing here loads per-item rows into Python."""
+pairs, their candidates' gaps and LLM usage by stage. Nothing here loads per-item rows into
+Python (the gaps come counted per value)."""
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import Integer, Numeric, String, case, cast, column, func, select, true
+from sqlalchemy import ColumnElement, Integer, Numeric, String, and_, case, cast, column, func, select, true
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.deliberation.ports import TurnOutcome
-from app.store.models import Cot, PreferencePair, SampleEvaluation, TurnRow
+from app.deliberation.results import GAP_SCALE
+from app.stats import mean, proportion
+from app.store.models import Cot, PairCandidate, PreferencePair, SampleEvaluation, TurnRow
 
 SCORES = range(1, 6)
 Graded = type[Cot] | type[SampleEvaluation]  # the tables with the grader's scores
@@ -90,29 +96,94 @@ async def below_threshold(
     return {metric: count for metric, count in rows}
 
 
-async def pairs(session: AsyncSession, job_id: UUID) -> dict[str, Any]:
-    """Pair attempts, pairs kept, attempts not kept by reason, and the mean gap of kept pairs."""
+# Why a made pair is not kept at a reader's min_gap (the engine records every gap).
+GAP_BELOW_THRESHOLD = "gap_below_threshold"
+
+
+def kept_at(min_gap: float | None) -> ColumnElement[bool]:
+    """SQL: the pair was made and its gap is at least `min_gap` (None: any made pair)."""
+    if min_gap is None:
+        return PreferencePair.paired.is_(True)
+    return and_(PreferencePair.paired.is_(True), PreferencePair.gap >= min_gap)
+
+
+async def pairs(session: AsyncSession, job_id: UUID, min_gap: float) -> dict[str, Any]:
+    """Pair attempts, pairs kept at `min_gap`, attempts not kept by reason, and the mean gap
+    of the kept pairs."""
+    kept = kept_at(min_gap)
     rows = await session.execute(
-        select(PreferencePair.kept, PreferencePair.reason, func.count(), func.avg(PreferencePair.gap))
+        select(kept, PreferencePair.reason, func.count(), func.avg(PreferencePair.gap))
         .where(PreferencePair.job_id == job_id)
-        .group_by(PreferencePair.kept, PreferencePair.reason)
+        .group_by(kept, PreferencePair.reason)
     )
     summary: dict[str, Any] = {"attempted": 0, "kept": 0, "not_kept": {}, "mean_gap": None}
-    for kept, reason, count, mean_gap in rows:
+    for is_kept, reason, count, mean_gap in rows:
         summary["attempted"] += count
-        if kept:
+        if is_kept:
             summary["kept"], summary["mean_gap"] = count, mean_gap
         else:
-            summary["not_kept"][reason] = count
-    return summary
+            summary["not_kept"][reason or GAP_BELOW_THRESHOLD] = count
+    return summary | {"min_gap": min_gap}
 
 
-async def pair_gaps(session: AsyncSession, job_id: UUID) -> list[float]:
-    """Every graded pair attempt's gap (chosen minus rejected policy faithfulness)."""
-    gaps = await session.scalars(
-        select(PreferencePair.gap).where(PreferencePair.job_id == job_id, PreferencePair.gap.is_not(None))
+# Every gap integer scores 1-5 can give (a difference of two means of two scores): -4 to 4
+# by 0.5. The report counts candidates per gap, each a bin 0.5 wide.
+GAP_BINS = tuple(half / 2 for half in range(2 * GAP_SCALE[0], 2 * GAP_SCALE[1] + 1))  # 0.5 wide
+
+
+async def candidates(session: AsyncSession, job_id: UUID, methods: Sequence[str]) -> dict[str, Any]:
+    """Per sampling method in `methods`: the rejected sides the guard was asked about, how
+    many it gave a verdict on, the share it flagged, and the distribution and mean of their
+    gaps (all graded ones, and the flagged ones: the rejected sides pairs are made of)."""
+    rows = (
+        await session.execute(
+            select(PairCandidate.method, PairCandidate.flagged, PairCandidate.gap, func.count())
+            .where(PairCandidate.job_id == job_id)
+            .group_by(PairCandidate.method, PairCandidate.flagged, PairCandidate.gap)
+        )
+    ).all()
+    # A mean's interval reads every value: off the event loop for a large job.
+    return await asyncio.to_thread(_candidate_stats, [tuple(row) for row in rows], methods)
+
+
+def _candidate_stats(rows: list[tuple[Any, ...]], methods: Sequence[str]) -> dict[str, Any]:
+    stats: dict[str, Any] = {}
+    for method in methods:
+        counted = [(flagged, gap, n) for m, flagged, gap, n in rows if m == method]
+        judged = sum(n for flagged, _, n in counted if flagged is not None)
+        stats[method] = {
+            "candidates": sum(n for _, _, n in counted),
+            "judged": judged,
+            "flagged": asdict(proportion(sum(n for flagged, _, n in counted if flagged), judged)),
+            "gap": _gaps([(gap, n) for _, gap, n in counted]),
+            "flagged_gap": _gaps([(gap, n) for flagged, gap, n in counted if flagged]),
+        }
+    return stats
+
+
+def _gaps(counted: list[tuple[float | None, int]]) -> dict[str, Any]:
+    """The mean gap with its interval, and the count per gap bin, over the graded ones."""
+    values = [gap for gap, n in counted if gap is not None for _ in range(n)]
+    bins = Counter(round(value * 2) / 2 for value in values)
+    return {
+        "mean": asdict(mean(values, within=GAP_SCALE)),
+        "bins": {f"{b:.1f}": bins.get(b, 0) for b in GAP_BINS},
+    }
+
+
+async def pair_gaps(session: AsyncSession, job_id: UUID) -> dict[str, list[float]]:
+    """Every graded candidate's gap (chosen minus rejected policy faithfulness), by sampling
+    method (whisper, standard): the paper's Figure 4."""
+    rows = await session.execute(
+        select(PairCandidate.method, PairCandidate.gap).where(
+            PairCandidate.job_id == job_id, PairCandidate.gap.is_not(None)
+        )
     )
-    return [gap for gap in gaps if gap is not None]
+    gaps: dict[str, list[float]] = {}
+    for method, gap in rows:
+        if gap is not None:  # the query's filter; said again for the type
+            gaps.setdefault(method, []).append(gap)
+    return gaps
 
 
 def usage_columns() -> tuple[Any, ...]:

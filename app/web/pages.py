@@ -273,9 +273,14 @@ async def item_page(request: Request, item_id: UUID, session: SessionDep, key: V
     turn_rows = await jobs.item_turns(session, item_id)
     turns = [views.turn_out(turn, reads_hazardous) for turn in turn_rows]
     cot = views.cot_out(cot_row, item) if cot_row else None
-    pair_row = await session.scalar(select(PreferencePair).where(PreferencePair.item_id == item_id))
+    kept = quality.kept_at(jobs.pairs_min_gap(job.plan))
+    pair_row = (
+        await session.execute(select(PreferencePair, kept).where(PreferencePair.item_id == item_id))
+    ).one_or_none()
     known = views.policy_ids(await policy_sets.by_id(session, job.policy_set_id))
-    pair = views.pair_out(pair_row, item, cot_row, reads_hazardous, known) if pair_row and cot_row else None
+    pair = None
+    if pair_row and cot_row:
+        pair = views.pair_out(pair_row[0], item, cot_row, pair_row[1], reads_hazardous, known)
     context = {
         "key": key,
         "item": item,
