@@ -12,7 +12,7 @@ from app.deliberation.results import Sample
 from app.llm.client import OpenAICompatibleClient
 from tests.memory_turn_log import InMemoryTurnLog
 from tests.scripted_llm import ScriptedLLM, guard_verdict, malformed, refusal, reply, scores
-from tests.test_engine import ITEM, POLICIES, PROMPT, GoesDownAfter
+from tests.test_engine import ITEM, POLICIES, PROMPT, PROMPTS, GoesDownAfter
 from tests.test_engine_quality import judge, run, unsafe_rejected_scores, with_quality
 
 REJECTED = {"thoughts": ["Bad step one.", "Bad step two."], "response": "A bad answer."}
@@ -292,7 +292,7 @@ async def test_a_crash_in_the_baseline_resumes_without_repeating_a_stored_call(
     # standard sampling's try 1 (3 calls) and try 2's sample
     before_crash = 4 + 1 + 2 * 4 + 3 + 1
     with pytest.raises(LLMUnavailable):
-        await deliberate(ITEM, PROMPT, config, POLICIES, GoesDownAfter(llm, before_crash), log)
+        await deliberate(ITEM, PROMPT, config, POLICIES, PROMPTS, GoesDownAfter(llm, before_crash), log)
 
     result = await run(llm, config, log)
 

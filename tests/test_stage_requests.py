@@ -124,7 +124,7 @@ async def test_aidsafe_stages_with_reasks_grading_and_a_whispered_pair_send_pinn
             "guard/3/0/0 guard 8fc40c1ac8d245ef",
             "grade/3/0/0 grader 8a9712e0307b9fb3",
         ],
-        "bodies": "3fc89871d3edb881",
+        "bodies": "5d53705f9c51d4f5",
     }
 
 

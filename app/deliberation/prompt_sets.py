@@ -63,7 +63,13 @@ def _declared_slots() -> dict[str, Slots]:
         system, user = spec.templates
         stage = spec.stage.value
         shared = slots.get(system)  # the rejected CoT is asked with the zero-shot instructions
-        slots[system] = Slots(stage if shared is None else f"{shared.used_by}, {stage}", limits, frozenset())
+        if shared is None:
+            used_by = stage
+        elif stage in shared.used_by.split(", "):  # the standard-sampling baseline's rejected side
+            used_by = shared.used_by
+        else:
+            used_by = f"{shared.used_by}, {stage}"
+        slots[system] = Slots(used_by, limits, frozenset())
         inputs = frozenset({"prompt", *spec.inputs})
         slots[user] = Slots(stage, inputs | set(spec.extras), inputs)
     return slots
