@@ -174,6 +174,7 @@ class Caller:
             schema=spec.schema(self.limits),
             temperature=role_config.temperature,
             max_tokens=max_tokens,
+            key=key,
         )
         started = time.perf_counter()
         reply = await self.llm.chat(request)

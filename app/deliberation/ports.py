@@ -25,6 +25,8 @@ class ChatRequest:
     schema: dict[str, Any] | None
     temperature: float
     max_tokens: int
+    # The turn it asks for (None outside an item): a batch client files the request under it.
+    key: TurnKey | None = None
 
 
 @dataclass(frozen=True)
