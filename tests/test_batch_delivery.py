@@ -9,7 +9,7 @@ import json
 import re
 import signal
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from uuid import UUID
 
@@ -66,19 +66,25 @@ def _varied_answers(scripted_llm: ScriptedLLM) -> None:
     scripted_llm.models["scripted-model"] = answer
 
 
-async def _drive(settings: Settings, sessions: Sessions, redis: ArqRedis, job_id: str) -> int:
-    """Run the worker and the batch rounds in turn until the job has no unfinished item; the
-    rounds it took."""
+async def _drive(settings: Settings, sessions: Sessions, redis: ArqRedis, job_id: str) -> None:
+    """Run the worker and the batch rounds in turn until the job has no unfinished item."""
+    await _drive_until(settings, sessions, redis, lambda: _all_finished(sessions, job_id))
+
+
+async def _drive_until(
+    settings: Settings, sessions: Sessions, redis: ArqRedis, done: Callable[[], Awaitable[bool]]
+) -> None:
+    """Run the worker (burst) and a batch round in turn until `done`."""
     api = BatchAPI(settings.endpoints())
     try:
-        for rounds in range(1, 400):
+        for _ in range(400):
             await run_worker_burst(settings)
             await run_round(settings, sessions, redis, api)
-            if await _all_finished(sessions, job_id):
-                return rounds
+            if await done():
+                return
     finally:
         await api.aclose()
-    raise AssertionError("the batch job did not finish")
+    raise AssertionError(f"never happened: {done}")
 
 
 async def _all_finished(sessions: Sessions, job_id: str) -> bool:
@@ -158,15 +164,10 @@ async def test_an_expired_batch_resubmits_only_its_unanswered_requests(
     online_requests = len(scripted_llm.requests)
     scripted_llm.batches.hold = True
     job_id = await submit(batch_api, auth, prompts, delivery="batch")
-    api = BatchAPI(batch_settings.endpoints())
-    try:
-        await run_worker_burst(batch_settings)
-        for _ in range(3):  # formed, uploaded, created, then polled into in_progress
-            await run_round(batch_settings, sessions, arq_redis, api)
-    finally:
-        await api.aclose()
+    await _drive_until(
+        batch_settings, sessions, arq_redis, lambda: _provider_status(scripted_llm, "in_progress")
+    )
     [first] = scripted_llm.batches.created()
-    assert first["status"] == "in_progress"
 
     scripted_llm.batches.expire(first["id"], answered=2)
     scripted_llm.batches.hold = False
@@ -234,3 +235,30 @@ async def test_batch_delivery_on_an_endpoint_without_a_batch_api_is_refused(
     assert response.json()["error"]["code"] == "batch_unsupported"
     assert response.json()["error"]["details"] == {"endpoints": ["default"]}
     assert json.loads(response.text)["error"]["message"].startswith("delivery 'batch' needs a batch API")
+
+
+async def test_cancelling_a_batch_job_cancels_its_provider_batch(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    scripted_llm.batches.hold = True
+    job_id = await submit(batch_api, auth, PROMPTS[:3], delivery="batch")
+    await _drive_until(
+        batch_settings, sessions, arq_redis, lambda: _provider_status(scripted_llm, "in_progress")
+    )
+
+    cancelled = await batch_api.post(f"/v1/jobs/{job_id}/cancel", headers=auth)
+    await _drive_until(
+        batch_settings, sessions, arq_redis, lambda: _provider_status(scripted_llm, "cancelled")
+    )
+
+    assert cancelled.json()["counts"]["by_status"] == {"cancelled": 3}
+    [provider_batch] = scripted_llm.batches.created()
+    assert scripted_llm.batches.cancel_requests == [provider_batch["id"]]
+    job = (await batch_api.get(f"/v1/jobs/{job_id}", headers=auth)).json()
+    assert job["status"] == "cancelled"
+    assert [b["status"] for b in job["batch"]["batches"]] == ["cancelled"]
