@@ -259,7 +259,8 @@ class ScriptedBatches:
         with self._lock:
             batch = self.batches[batch_id]
             todo = batch.lines[batch.answered : answered]
-        outputs, errors = [], []
+        outputs: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = []
         for line in todo:
             response = self._answer(line["body"])
             answer = json.loads(bytes(response.body)) if response.body else None
@@ -301,7 +302,8 @@ def _form(content_type: str, body: bytes) -> dict[str, tuple[bytes, str]]:
     head = f"Content-Type: {content_type}\r\n\r\n".encode()
     message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
     fields: dict[str, tuple[bytes, str]] = {}
-    for part in message.iter_parts():  # type: ignore[attr-defined]
-        name = part.get_param("name", header="content-disposition")
-        fields[name] = (part.get_payload(decode=True) or b"", part.get_filename() or "")
+    for part in message.iter_parts():
+        name = str(part.get_param("name", header="content-disposition"))
+        payload = part.get_payload(decode=True)
+        fields[name] = (payload if isinstance(payload, bytes) else b"", part.get_filename() or "")
     return fields

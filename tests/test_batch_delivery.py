@@ -211,7 +211,7 @@ async def test_a_worker_killed_mid_wave_is_resumed_by_another_without_loss_or_du
         ours = (
             await session.scalars(select(Batch.provider_batch_id).where(Batch.job_id == UUID(job_id)))
         ).all()
-    assert sorted(ours) == sorted(b["id"] for b in scripted_llm.batches.created()), (
+    assert sorted(str(o) for o in ours) == sorted(b["id"] for b in scripted_llm.batches.created()), (
         "a batch was created twice"
     )
 
@@ -221,7 +221,8 @@ async def _provider_status(scripted_llm: ScriptedLLM, status: str) -> bool:
 
 
 async def _job_completed(api: httpx.AsyncClient, auth: dict[str, str], job_id: str) -> bool:
-    return (await api.get(f"/v1/jobs/{job_id}", headers=auth)).json()["status"] == "completed"
+    status: str = (await api.get(f"/v1/jobs/{job_id}", headers=auth)).json()["status"]
+    return status == "completed"
 
 
 async def test_batch_delivery_on_an_endpoint_without_a_batch_api_is_refused(
