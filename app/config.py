@@ -23,6 +23,19 @@ class Prices(BaseModel):
     output: float = Field(ge=0, description="Completion tokens.")
 
 
+class BatchConfig(BaseModel):
+    """An endpoint's OpenAI-style batch API (`/files`, `/batches`), which jobs with
+    `delivery: batch` use (workers/waves.py): cheaper, answered within the completion window."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    completion_window: str = "24h"
+    # The provider's limits per batch (its input file): a wave larger than either is split.
+    max_requests: int = Field(default=50_000, ge=1)
+    max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
+    # What the batch API charges (pinned in batch jobs instead of the online prices); None: unpriced.
+    prices: Prices | None = None
+
+
 class EndpointConfig(BaseModel):
     """An OpenAI-compatible server the workers may call. Jobs name endpoints, never URLs,
     so secrets stay in the server's environment and jobs cannot aim workers anywhere."""
@@ -47,6 +60,8 @@ class EndpointConfig(BaseModel):
     retry_after_max_s: float = Field(default=120.0, ge=0)
     # None: unpriced, and the cost of its calls is unknown (null), never 0.
     prices: Prices | None = None
+    # None: no batch API; jobs on this endpoint cannot ask for `delivery: batch`.
+    batch: BatchConfig | None = None
 
 
 class Settings(BaseSettings):
@@ -69,6 +84,9 @@ class Settings(BaseSettings):
     llm_response_format: Literal["json_schema", "json_object"] = "json_schema"
     llm_max_context_tokens: int | None = Field(default=None, ge=1)
     llm_retry_after_max_s: float = Field(default=120.0, ge=0)  # see EndpointConfig.retry_after_max_s
+    llm_batch: BatchConfig | None = (
+        None  # the default endpoint's batch API, as JSON; see EndpointConfig.batch
+    )
     # More endpoints by name, as JSON: {"vllm": {"base_url": "http://gpu:8000/v1"}}
     llm_endpoints: dict[str, EndpointConfig] = Field(default_factory=dict)
     # Prices by endpoint name, "default" included, as JSON: {"default": {"input": 0.15,
@@ -104,6 +122,15 @@ class Settings(BaseSettings):
     # Named job configs a job may start from, one YAML file each (see the README's "Presets");
     # the API loads and checks them at startup and will not start if one is invalid.
     presets_dir: Path = Path(__file__).resolve().parents[1] / "presets"
+
+    # Batch delivery (workers/waves.py): how often each worker forms waves and takes due
+    # batches, how often it asks a provider about a running
+    # batch, how long a worker holds a batch it works on (another takes it over after that),
+    # and how many times a request is submitted before its item fails.
+    batch_interval_s: float = Field(default=2.0, gt=0)
+    batch_poll_interval_s: float = Field(default=30.0, ge=0)
+    batch_lease_s: float = Field(default=120.0, gt=0)
+    batch_max_submissions: int = Field(default=3, ge=1)
 
     # Workers.
     worker_max_jobs: int = 8
@@ -189,6 +216,7 @@ class Settings(BaseSettings):
             response_format=self.llm_response_format,
             max_context_tokens=self.llm_max_context_tokens,
             retry_after_max_s=self.llm_retry_after_max_s,
+            batch=self.llm_batch,
         )
         endpoints = {"default": default, **self.llm_endpoints}
         return {

@@ -162,6 +162,13 @@ class UnpricedEndpoint(ServiceError):
     code = "unpriced_endpoint"
 
 
+class BatchUnsupported(ServiceError):
+    """`delivery: batch` for a job that uses an endpoint without a batch API."""
+
+    status = 422
+    code = "batch_unsupported"
+
+
 class SampleFileError(ServiceError):
     """An imported sample file (or inline sample list) the service will not take: nothing of
     it is stored. `details` name the row (1-based, the header not counted) and the column."""

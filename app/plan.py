@@ -12,7 +12,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
-from app.config import Prices, Settings
+from app.config import EndpointConfig, Prices, Settings
 from app.deliberation.budget import (
     RequestBudget,
     estimate_tokens,
@@ -39,7 +39,7 @@ from app.deliberation.prompt_sets import builtin as builtin_wording
 from app.deliberation.prompting import PromptSet
 from app.deliberation.results import METRICS
 from app.deliberation.stages import DECLARED
-from app.errors import InvalidConfig, InvalidPromptSet, RequestTooLarge
+from app.errors import BatchUnsupported, InvalidConfig, InvalidPromptSet, RequestTooLarge
 
 Metric = Literal[METRICS]  # type: ignore[valid-type]
 Score = Annotated[float, Field(ge=1, le=5)]
@@ -49,6 +49,7 @@ DEFAULT_THRESHOLD = 3.0
 
 
 MAX_ROLE_INSTRUCTIONS_CHARS = 2000
+Delivery = Literal["online", "batch"]
 
 
 class RoleIn(BaseModel):
@@ -190,6 +191,12 @@ class JobConfigIn(BaseModel):
         "seed, deliberation, refine, zero-shot); the item fails `agent_refused` only if it refuses "
         "too. Default: the server's fallback, if one is set. `false`: none.",
     )
+    delivery: Delivery = Field(
+        default="online",
+        description="`online`: each call as the item reaches it. `batch`: the items advance in waves, "
+        "every item's next call sent in the providers' batch APIs (cheaper, answered within their "
+        "completion window). 422 `batch_unsupported` if an endpoint the job uses has no batch API.",
+    )
 
 
 class PresetRef(BaseModel):
@@ -267,6 +274,8 @@ class GenerationPlan(BaseModel):
     # Asked again when an agent refuses (app.deliberation.calls); left out of the JSON when None too.
     fallback: RoleConfig | None = Field(default=None, exclude_if=lambda fallback: fallback is None)
     prices: dict[str, Prices] = _pinned_prices()
+    # Left out of the JSON when online, so an online job stores and shows as before.
+    delivery: Delivery = Field(default="online", exclude_if=lambda delivery: delivery == "online")
 
     def endpoints(self) -> set[str]:
         """Every endpoint the job may call: those of the stages it runs."""
@@ -538,8 +547,22 @@ def resolve(config: JobConfigIn, settings: Settings, preset: PresetRef | None = 
         limits=Limits(**config.limits.model_dump()),
         preset=preset,
         fallback=role.fallback(config.fallback),
+        delivery=config.delivery,
     )
-    return plan.model_copy(update={"prices": pinned_prices(plan.endpoints(), settings)})
+    if config.delivery == "batch":
+        _check_batch(plan.endpoints(), settings)
+    return plan.model_copy(update={"prices": pinned_prices(plan.endpoints(), settings, config.delivery)})
+
+
+def _check_batch(endpoints: set[str], settings: Settings) -> None:
+    configured = settings.endpoints()
+    online_only = sorted(name for name in endpoints if configured[name].batch is None)
+    if online_only:
+        raise BatchUnsupported(
+            f"delivery 'batch' needs a batch API on every endpoint the job uses; without one: "
+            f"{', '.join(online_only)} (use delivery 'online', or other endpoints)",
+            details={"endpoints": online_only},
+        )
 
 
 def resolve_comparison(
@@ -658,10 +681,23 @@ def _grader(plan: JobPlan) -> RoleConfig | None:
     return plan.grading.grader if isinstance(plan, GenerationPlan) and plan.grading is not None else None
 
 
-def pinned_prices(endpoints: set[str], settings: Settings) -> dict[str, Prices]:
-    """The current prices of those of `endpoints` that have prices."""
+def pinned_prices(
+    endpoints: set[str], settings: Settings, delivery: Delivery = "online"
+) -> dict[str, Prices]:
+    """The current prices of those of `endpoints` that have prices: their batch APIs' for
+    batch delivery."""
     configured = settings.endpoints()
-    return {name: prices for name in sorted(endpoints) if (prices := configured[name].prices) is not None}
+    return {
+        name: prices
+        for name in sorted(endpoints)
+        if (prices := _prices(configured[name], delivery)) is not None
+    }
+
+
+def _prices(endpoint: EndpointConfig, delivery: Delivery) -> Prices | None:
+    if delivery == "batch":
+        return None if endpoint.batch is None else endpoint.batch.prices
+    return endpoint.prices
 
 
 def check_job_fits(

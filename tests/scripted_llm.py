@@ -1,4 +1,5 @@
 """A scripted OpenAI-compatible server: real HTTP on loopback, answers programmed per test.
+Its batch API (files and batches, answered from the same scripts) is tests/scripted_batches.py.
 
 Each request names its stage through `response_format.json_schema.name`. By default the
 server answers valid JSON for that schema (a deliberation turn agrees at once); a test
@@ -37,6 +38,7 @@ from app.deliberation.config import Limits
 from app.deliberation.ports import ChatRequest
 from app.deliberation.results import METRICS
 from app.deliberation.stages import StageSpec
+from tests.scripted_batches import ScriptedBatches
 
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
 _THOUGHT_MARKER = re.compile(r"\[T(\d+)\][ \t]*([^\n]*)")
@@ -314,10 +316,13 @@ class ScriptedLLM:
         # do; some servers ignore the ask).
         self.sends_logprobs = True
         self.base_url = ""  # set once listening; ends in /v1
+        # The batch API (files, batches), answering each line as `_chat` would.
+        self.batches = ScriptedBatches(self.answer_now)
         self.app = Starlette(
             routes=[
                 Route("/v1/chat/completions", self._chat, methods=["POST"]),
                 Route("/v1/models", self._models, methods=["GET"]),
+                *self.batches.routes(),
             ]
         )
 
@@ -339,6 +344,7 @@ class ScriptedLLM:
         self.unscripted = lambda: None
         self.models = {}
         self.sends_logprobs = True
+        self.batches.reset()
 
     @property
     def requests(self) -> list[RecordedRequest]:
@@ -382,32 +388,51 @@ class ScriptedLLM:
 
     async def _chat(self, request: Request) -> Response:
         body = await request.json()
-        schema_name = _schema_name(body)
+        headers = dict(request.headers)
+        received_at, behaviour = self._take(body, headers)
         with self._state.lock:
-            state = self._state
-            received_at = time.monotonic()
-            state.requests.append(RecordedRequest(schema_name, body, dict(request.headers), received_at))
-            queue = state.scripts.get(schema_name)
-            behaviour = queue.popleft() if queue else self.unscripted()
-            state.in_flight += 1
-            state.max_in_flight = max(state.max_in_flight, state.in_flight)
+            self._state.in_flight += 1
+            self._state.max_in_flight = max(self._state.max_in_flight, self._state.in_flight)
         try:
             await _wait(request, self.latency_s)
             if isinstance(behaviour, Stall):
                 if await _wait(request, behaviour.seconds):
                     return Response(status_code=499)  # nobody is listening any more
                 behaviour = None
-            model_answer = self.models.get(body.get("model"))
-            answer = behaviour or (model_answer(body) if model_answer else default_answer(schema_name, body))
-            response, tokens = self._respond(answer, body, dict(request.headers))
-            if response.status_code == 200:
-                with self._state.lock:
-                    self._state.ok_answers += 1
-                    self._state.answered_tokens.append((received_at, tokens))
-            return response
+            return self._answer(behaviour, body, headers, received_at)
         finally:
             with self._state.lock:
                 self._state.in_flight -= 1
+
+    def answer_now(self, body: dict[str, Any]) -> Response:
+        """The answer to one chat completion body, at once: what the batch API runs for each
+        line of an input file, from the same scripts (a stall is not waited for)."""
+        received_at, behaviour = self._take(body, {})
+        return self._answer(None if isinstance(behaviour, Stall) else behaviour, body, {}, received_at)
+
+    def _take(self, body: dict[str, Any], headers: dict[str, str]) -> tuple[float, Behaviour | None]:
+        """Record the request and take the next behaviour scripted for its schema."""
+        schema_name = _schema_name(body)
+        with self._state.lock:
+            received_at = time.monotonic()
+            self._state.requests.append(RecordedRequest(schema_name, body, headers, received_at))
+            queue = self._state.scripts.get(schema_name)
+            return received_at, queue.popleft() if queue else self.unscripted()
+
+    def _answer(
+        self, behaviour: Behaviour | None, body: dict[str, Any], headers: dict[str, str], received_at: float
+    ) -> Response:
+        assert not isinstance(behaviour, Stall)
+        model_answer = self.models.get(body.get("model"))
+        answer = behaviour or (
+            model_answer(body) if model_answer else default_answer(_schema_name(body), body)
+        )
+        response, tokens = self._respond(answer, body, headers)
+        if response.status_code == 200:
+            with self._state.lock:
+                self._state.ok_answers += 1
+                self._state.answered_tokens.append((received_at, tokens))
+        return response
 
     def _respond(
         self,

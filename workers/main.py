@@ -31,17 +31,19 @@ from app.costs import BudgetExhausted
 from app.deliberation.engine import deliberate, evaluate_answer, evaluate_sample, judge_pair
 from app.deliberation.ports import LLMRequestRejected, LLMUnavailable
 from app.deliberation.results import Completed, Evaluated, Failed, Judged, JudgedAnswer
+from app.llm.batch_api import BatchAPI
 from app.llm.client import OpenAICompatibleClient
 from app.llm.limits import EndpointLimiter
 from app.llm.rates import EndpointRates
 from app.metrics import ITEMS_FINISHED
 from app.plan import ComparisonPlan, GenerationPlan, ModelEvaluationPlan, SampleEvaluationPlan
 from app.queue import arq_job_id, enqueue_items, item_of_job, redis_settings
-from app.store import budgets, deletions, items, model_evaluations, policy_sets, prompt_sets
+from app.store import batches, budgets, deletions, items, model_evaluations, policy_sets, prompt_sets
+from app.store.batches import AwaitingBatch, BatchedLLM
 from app.store.db import Sessions, make_engine, make_sessions
 from app.store.endings import CANCELLED, Ending, failed, handed_back
 from app.store.turn_log import PostgresTurnLog
-from workers import liveness
+from workers import liveness, waves
 
 log = logging.getLogger("aidsafe.worker")
 
@@ -64,6 +66,8 @@ class Worker:
     sweeper: asyncio.Task[None] | None = None  # this process's sweeper loop, if it runs one
     purger: asyncio.Task[None] | None = None  # its hazardous-text purge loop, if it runs one
     deliverer: asyncio.Task[None] | None = None  # its callback sender loop, beside the sweeper
+    batch_api: BatchAPI | None = None  # the providers' batch APIs, for batch jobs' waves
+    waves: asyncio.Task[None] | None = None  # its batch loop (workers/waves.py)
 
 
 WORKER = "worker"
@@ -84,6 +88,10 @@ async def startup(ctx: dict[str, Any]) -> None:
     if (days := worker.settings.purge_hazardous_after_days) is not None:
         worker.purger = asyncio.create_task(_purge_forever(worker, timedelta(days=days)))
     worker.deliverer = asyncio.create_task(_deliver_forever(worker))
+    worker.batch_api = BatchAPI(worker.settings.endpoints())
+    worker.waves = asyncio.create_task(
+        waves.waves_forever(worker.settings, worker.sessions, worker.redis, worker.batch_api)
+    )
 
 
 async def connect(ctx: dict[str, Any]) -> None:
@@ -121,9 +129,11 @@ def llm_limiter(redis: ArqRedis, settings: Settings, owner: UUID | None = None) 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
     worker = _worker(ctx)
-    for loop in (worker.sweeper, worker.purger, worker.deliverer):
+    for loop in (worker.sweeper, worker.purger, worker.deliverer, worker.waves):
         if loop:
             loop.cancel()
+    if worker.batch_api is not None:
+        await worker.batch_api.aclose()
     await liveness.stop(worker.redis, worker.settings, worker.worker_id, worker.heartbeat)
     await worker.llm.aclose()
     await worker.callbacks.aclose()
@@ -170,7 +180,10 @@ Result = Completed | list[Judged] | Evaluated | JudgedAnswer | Failed
 async def _run_engine(worker: Worker, claim: items.Claim) -> Result:
     """The engine's work for the item's job: judge two samples (each judge), evaluate an
     imported one, have a model under test answer and judge the answer, or write a CoT."""
-    sessions, llm = worker.sessions, budgets.Meter(worker.llm, worker.spending, claim.job_id, claim.budget)
+    sessions = worker.sessions
+    batched = isinstance(claim.plan, GenerationPlan) and claim.plan.delivery == "batch"
+    client = BatchedLLM(sessions, claim, worker.settings.endpoints()) if batched else worker.llm
+    llm = budgets.Meter(client, worker.spending, claim.job_id, claim.budget)
     policies, prompts = policy_sets.for_engine(claim.policy_set), prompt_sets.for_engine(claim.prompt_set)
     turn_log = PostgresTurnLog(sessions, claim, llm)
     match claim.plan:
@@ -247,6 +260,8 @@ async def _process_claimed(worker: Worker, claim: items.Claim) -> Ending | None:
         return None
     except BudgetExhausted:  # no new call starts: the item waits for a raised budget
         return await budgets.park(sessions, worker.spending, worker.redis, settings.queue_name, claim)
+    except AwaitingBatch:  # its next call is filed for a wave: workers/waves.py queues it again
+        return await items.end(sessions, claim, batches.AWAITING)
     # Tenants read only our classification of a failure; its detail (an upstream's answer,
     # which may echo hazardous text or the server's LLM key, or an exception) goes to the
     # log and to the item's operator-only column.

@@ -411,6 +411,33 @@ class PairReport(PairSummary):
     )
 
 
+class BatchOut(BaseModel):
+    """One provider batch of a wave."""
+
+    endpoint: str
+    status: Literal["preparing", "uploaded", "submitted", "collected", "refused", "cancelled"] = Field(
+        description="Ours: its requests chosen, its input file uploaded, the batch created (and polled), "
+        "its answers collected; or refused by the provider, or cancelled with the job."
+    )
+    provider_status: str | None = Field(
+        description="The provider's: validating, in_progress, finalizing, completed, failed, expired, "
+        "cancelling, cancelled; null before it was created."
+    )
+    requests: int
+    request_counts: dict[str, int] | None = Field(description="The provider's: total, completed, failed.")
+
+
+class BatchProgressOut(BaseModel):
+    """A batch job's waves: the current one's batches, and the job's requests by status."""
+
+    wave: int = Field(description="The current wave (1, 2, ...); 0 before the first is sent.")
+    batches: list[BatchOut]
+    requests: dict[str, int] = Field(
+        description="The job's batch requests by status: pending (waiting for the next wave), submitted, "
+        "answered, rejected (the provider refused it), failed (unanswered in every batch)."
+    )
+
+
 class JobOut(BaseModel):
     id: UUID
     status: JobStatus
@@ -436,6 +463,9 @@ class JobOut(BaseModel):
         description="Duplicate prompts found at submission; null for comparisons and for jobs "
         "submitted before duplicates were reported.",
     )
+    batch: BatchProgressOut | None = Field(
+        default=None, description="A batch job's waves (`delivery: batch`); null for online jobs."
+    )
 
 
 class JobProgressOut(BaseModel):
@@ -453,11 +483,12 @@ class JobProgressOut(BaseModel):
 
 class ItemFinishedOut(BaseModel):
     """The data of an `item` event: an item of the job ended, or stopped to wait for budget
-    (`budget_exhausted`: it resumes when the budget is raised)."""
+    (`budget_exhausted`: it resumes when the budget is raised) or for its batch's answers
+    (`awaiting_batch`: once per wave, for a batch job)."""
 
     item_id: UUID
     position: int
-    status: Literal["completed", "failed", "cancelled", "budget_exhausted"]
+    status: Literal["completed", "failed", "cancelled", "budget_exhausted", "awaiting_batch"]
     error_code: str | None
 
 

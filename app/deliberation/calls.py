@@ -175,6 +175,7 @@ class Caller:
             temperature=role_config.temperature,
             max_tokens=max_tokens,
             logprobs=spec.logprobs,
+            key=key,
         )
         started = time.perf_counter()
         reply = await self.llm.chat(request)

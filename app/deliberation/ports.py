@@ -28,6 +28,8 @@ class ChatRequest:
     # Ask for the probabilities of the reply's first tokens and their likeliest alternatives
     # (a classifier's answer is its first token); servers that cannot send them send none.
     logprobs: bool = False
+    # The turn it asks for (None outside an item): a batch client files the request under it.
+    key: TurnKey | None = None
 
 
 @dataclass(frozen=True)

@@ -170,7 +170,7 @@ class OpenAICompatibleClient:
         if endpoint is None:
             unknown = f"unknown LLM endpoint {request.endpoint!r}"
             raise LLMRequestRejected(unknown, unknown)
-        request = _fitted(request, endpoint)
+        request = fitted(request, endpoint)
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(_TransientFault),
             stop=stop_after_attempt(self._max_retries + 1),
@@ -244,7 +244,7 @@ class OpenAICompatibleClient:
             async with asyncio.timeout(self._timeout_s):
                 async with self._http().post(
                     f"{endpoint.base_url.rstrip('/')}/chat/completions",
-                    data=orjson.dumps(_payload(request, endpoint)),  # a tenth of json.dumps' CPU
+                    data=orjson.dumps(chat_payload(request, endpoint)),  # a tenth of json.dumps' CPU
                     headers=_headers(endpoint),
                 ) as response:
                     body = await response.read()
@@ -281,7 +281,7 @@ class OpenAICompatibleClient:
         return self._limiter.slot(request.endpoint, endpoint.max_concurrency, lease_s)
 
 
-def _fitted(request: ChatRequest, endpoint: EndpointConfig) -> ChatRequest:
+def fitted(request: ChatRequest, endpoint: EndpointConfig) -> ChatRequest:
     """The request, with max_tokens lowered to what the endpoint's context leaves if it asks
     for more (a re-ask after truncation doubles it); refused, unsent, when the prompt leaves
     less than MIN_REPLY_TOKENS."""
@@ -301,7 +301,8 @@ def _fitted(request: ChatRequest, endpoint: EndpointConfig) -> ChatRequest:
     return dataclasses.replace(request, max_tokens=room)
 
 
-def _payload(request: ChatRequest, endpoint: EndpointConfig) -> dict[str, Any]:
+def chat_payload(request: ChatRequest, endpoint: EndpointConfig) -> dict[str, Any]:
+    """The chat completion request's JSON body, online or as a batch line's `body`."""
     payload: dict[str, Any] = {
         "model": request.model,
         "messages": request.messages,
@@ -398,11 +399,26 @@ def _duration_s(value: str | None) -> float | None:
     return seconds if seconds >= 0 and seconds != float("inf") else None
 
 
+class UnreadableCompletion(ValueError):
+    """A body that is not a chat completion."""
+
+
 def _parse_reply(answer: _Answer, request: ChatRequest, latency_ms: float) -> ChatReply:
     # A 200 of the wrong shape is a proxy or server hiccup, not an answer: retry it.
-    unreadable = f"the LLM endpoint {request.endpoint!r} answered HTTP 200 without a chat completion"
     try:
-        body = json.loads(answer.body)
+        return completion_reply(json.loads(answer.body), request.model, latency_ms, request.logprobs)
+    except (ValueError, UnreadableCompletion) as error:
+        raise _TransientFault(
+            f"unexpected 200 body ({error}): {answer.text[:_ERROR_BODY_CHARS]}",
+            f"the LLM endpoint {request.endpoint!r} answered HTTP 200 without a chat completion",
+        ) from error
+
+
+def completion_reply(body: Any, model: str, latency_ms: float, logprobs: bool = False) -> ChatReply:
+    """The reply in a chat completion's decoded JSON body (online, or a batch output line's);
+    `model`: the one asked for, if the body names none; `logprobs`: whether they were asked
+    for. UnreadableCompletion if it is not one."""
+    try:
         choice = body["choices"][0]
         message = choice["message"]
         content = message.get("content")
@@ -411,14 +427,11 @@ def _parse_reply(answer: _Answer, request: ChatRequest, latency_ms: float) -> Ch
         usage = body.get("usage") or {}
         prompt_tokens = int(usage.get("prompt_tokens") or 0)
         completion_tokens = int(usage.get("completion_tokens") or 0)
-        model = body.get("model") or request.model
+        model = body.get("model") or model
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
-        raise _TransientFault(
-            f"unexpected 200 body ({type(error).__name__}: {error}): {answer.text[:_ERROR_BODY_CHARS]}",
-            unreadable,
-        ) from error
+        raise UnreadableCompletion(f"{type(error).__name__}: {error}") from error
     if not all(isinstance(v, str | None) for v in (content, refusal, finish_reason, model)):
-        raise _TransientFault(f"unexpected field types: {repr(body)[:_ERROR_BODY_CHARS]}", unreadable)
+        raise UnreadableCompletion(f"unexpected field types: {repr(body)[:_ERROR_BODY_CHARS]}")
     return ChatReply(
         content=content or "",
         finish_reason=finish_reason,
@@ -428,7 +441,7 @@ def _parse_reply(answer: _Answer, request: ChatRequest, latency_ms: float) -> Ch
         latency_ms=latency_ms,
         refusal=refusal,
         cached_prompt_tokens=_cached_tokens(usage),
-        logprobs=_logprobs(choice) if request.logprobs else None,
+        logprobs=_logprobs(choice) if logprobs else None,
     )
 
 

@@ -244,7 +244,9 @@ class EndpointLimiter:
                     if paused:  # a release does not end a pause: no use listening for one
                         await asyncio.sleep(wait_s)
                     else:
-                        await self._redis.blpop([f"{key}:freed"], timeout=min(wait_s, _MAX_BLOCK_S))
+                        # Redis 6+ takes fractional seconds; redis-py's annotation says int.
+                        timeout = min(wait_s, _MAX_BLOCK_S)
+                        await self._redis.blpop([f"{key}:freed"], timeout=timeout)  # type: ignore[arg-type,misc]
         finally:
             waited = time.monotonic() - started
             self.waited_s += waited

@@ -23,6 +23,7 @@ from app.errors import MAX_LISTED_PROBLEMS, JobInComparison, JobRunning
 from app.store import jobs, policy_sets
 from app.store.db import Sessions
 from app.store.models import (
+    WAITING,
     Base,
     Item,
     ItemStatus,
@@ -32,8 +33,8 @@ from app.store.models import (
     TurnRow,
 )
 
-# A job whose items wait for budget has not ended either: it resumes when the budget is raised.
-UNFINISHED = (ItemStatus.QUEUED, ItemStatus.RUNNING, ItemStatus.BUDGET_EXHAUSTED)
+# A job whose items wait for budget or a batch has not ended either.
+UNFINISHED = (ItemStatus.QUEUED, ItemStatus.RUNNING, *WAITING)
 
 
 def _of_job(table: Table, job_id: UUID) -> ColumnElement[bool] | None:

@@ -62,7 +62,9 @@ def _status() -> ColumnElement[str]:
     for status in FINISHED:
         finished = finished + _COUNTS.c[status]
     cancelled = Job.cancelled_at.is_not(None)
-    running, waiting = _COUNTS.c[ItemStatus.RUNNING], _COUNTS.c[ItemStatus.BUDGET_EXHAUSTED]
+    # Items waiting for a batch's answers are at work, as running ones are.
+    running = _COUNTS.c[ItemStatus.RUNNING] + _COUNTS.c[ItemStatus.AWAITING_BATCH]
+    waiting = _COUNTS.c[ItemStatus.BUDGET_EXHAUSTED]
     return case(
         (finished == Job.item_count, case((cancelled, "cancelled"), else_="completed")),
         (cancelled, "cancelling"),

@@ -17,11 +17,12 @@ from sqlalchemy.sql.schema import ScalarElementColumnDefault
 from app.costs import Budget, priced
 from app.errors import IdempotencyConflict, InvalidCursor, NotFound
 from app.plan import GenerationPlan, JobPlan
-from app.store import budgets, callbacks, quality
+from app.store import batches, budgets, callbacks, quality
 from app.store.db import driver_of
 from app.store.endings import CANCELLED, ending_values
 from app.store.models import (
     FINISHED,
+    WAITING,
     Cot,
     ImportedSample,
     Item,
@@ -227,14 +228,17 @@ async def summary(session: AsyncSession, job: Job) -> dict[str, Any]:
         by_stage.setdefault(stage, {})[status] = count
     usage = (await session.execute(select(*quality.usage_columns()).where(TurnRow.job_id == job.id))).one()
     finished = sum(by_status.get(s, 0) for s in FINISHED)
-    active = by_status.get(ItemStatus.QUEUED, 0) + by_status.get(ItemStatus.RUNNING, 0)
+    # Items waiting for a batch's answers are at work, as running ones are.
+    active = sum(
+        by_status.get(s, 0) for s in (ItemStatus.QUEUED, ItemStatus.RUNNING, ItemStatus.AWAITING_BATCH)
+    )
     if finished == job.item_count:
         status = "cancelled" if job.cancelled_at else "completed"
     elif job.cancelled_at:
         status = "cancelling"
     elif by_status.get(ItemStatus.BUDGET_EXHAUSTED) and not active:
         status = "budget_exhausted"
-    elif finished or by_status.get(ItemStatus.RUNNING) or by_status.get(ItemStatus.BUDGET_EXHAUSTED):
+    elif finished or any(by_status.get(s) for s in (ItemStatus.RUNNING, *WAITING)):
         status = "running"
     else:
         status = "queued"
@@ -246,6 +250,8 @@ async def summary(session: AsyncSession, job: Job) -> dict[str, Any]:
         "budget": budget_out(job, shown_usage),
     }
     if isinstance(plan := job.plan, GenerationPlan):  # comparisons neither grade nor pair
+        if plan.delivery == "batch":
+            summary["batch"] = await batches.wave_in(session, job.id)
         if plan.grading is not None:
             summary["quality"] = await quality.grading(session, job.id)
         if plan.pairs is not None:
@@ -285,17 +291,14 @@ def budget_out(job: Job, usage: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
-_WAITING = (ItemStatus.BUDGET_EXHAUSTED,)
-
-
 async def cancel(session: AsyncSession, job: Job) -> None:
-    """Queued items, and those waiting for budget, end as cancelled now; running ones stop at
-    their worker's next check.
+    """Queued items, and those waiting for budget or a batch, end as cancelled now; running ones
+    stop at their worker's next check (a worker cancels the job's provider batches).
     A job with no queued or running item has finished: it is left as it is, not cancelled.
     The caller refreshes `job` after committing."""
     unfinished = (
         select(Item.id)
-        .where(Item.job_id == job.id, Item.status.in_((ItemStatus.QUEUED, ItemStatus.RUNNING, *_WAITING)))
+        .where(Item.job_id == job.id, Item.status.in_((ItemStatus.QUEUED, ItemStatus.RUNNING, *WAITING)))
         .exists()
     )
     # `cancelled_at IS NULL`: of two concurrent cancels, the first time stays
@@ -306,7 +309,7 @@ async def cancel(session: AsyncSession, job: Job) -> None:
     )
     await session.execute(
         update(Item)
-        .where(Item.job_id == job.id, Item.status.in_((ItemStatus.QUEUED, *_WAITING)))
+        .where(Item.job_id == job.id, Item.status.in_((ItemStatus.QUEUED, *WAITING)))
         .values(ending_values(CANCELLED))
     )
     if job.callback_url is not None:  # this may have ended its last items

@@ -52,7 +52,9 @@ class ItemStatus(StrEnum):
     """queued -> running -> completed | failed; queued or running -> cancelled. A running item
     handed back (an LLM outage, a shutdown, an error, a dead worker) is queued again. One whose
     job's budget ran out waits as budget_exhausted (its turns kept) until the budget is raised,
-    then is queued again, or until the job is cancelled."""
+    then is queued again, or until the job is cancelled. An item of a batch job waits as
+    awaiting_batch while its next call is in a provider's batch (workers/waves.py), then is
+    queued again."""
 
     QUEUED = "queued"
     RUNNING = "running"
@@ -60,9 +62,12 @@ class ItemStatus(StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     BUDGET_EXHAUSTED = "budget_exhausted"
+    AWAITING_BATCH = "awaiting_batch"
 
 
 FINISHED = (ItemStatus.COMPLETED, ItemStatus.FAILED, ItemStatus.CANCELLED)  # nothing changes after these
+# Neither finished nor in the queue: they wait, and resume by themselves or with the budget.
+WAITING = (ItemStatus.BUDGET_EXHAUSTED, ItemStatus.AWAITING_BATCH)
 
 
 # For nullable JSON columns: Python None is SQL NULL, not the JSON value null, so that
@@ -274,6 +279,93 @@ class TurnRow(Base):
     cost_usd: Mapped[float | None] = mapped_column(Float)
     latency_ms: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = _now()
+
+
+class BatchStatus(StrEnum):
+    """Our side of a provider batch (workers/waves.py): preparing (its requests chosen) ->
+    uploaded (input file id stored) -> submitted (batch id stored, polled) -> collected
+    (answers stored). Or refused (the provider would not take the file or the batch) or
+    cancelled (its job was)."""
+
+    PREPARING = "preparing"
+    UPLOADED = "uploaded"
+    SUBMITTED = "submitted"
+    COLLECTED = "collected"
+    REFUSED = "refused"
+    CANCELLED = "cancelled"
+
+
+class Batch(Base):
+    """One provider batch of a batch job's wave: every id the provider gave is stored before
+    it is used, so any worker can resume it."""
+
+    __tablename__ = "batches"
+    __table_args__ = (
+        Index("ix_batches_job_wave", "job_id", "wave"),
+        Index("ix_batches_open", "next_poll_at", postgresql_where=text("finished_at IS NULL")),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id"))
+    owner_key_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.id"))  # the job's owner
+    wave: Mapped[int] = mapped_column(Integer)  # 1, 2, ...: the job's waves in order
+    endpoint: Mapped[str] = mapped_column(String(100))
+    status: Mapped[str] = mapped_column(String(16), default=BatchStatus.PREPARING)  # a BatchStatus
+    requests: Mapped[int] = mapped_column(Integer)
+    bytes: Mapped[int] = mapped_column(BigInteger)  # its input file's
+    input_file_id: Mapped[str | None] = mapped_column(String(200))
+    provider_batch_id: Mapped[str | None] = mapped_column(String(200))
+    provider_status: Mapped[str | None] = mapped_column(String(32))  # validating, in_progress, ...
+    request_counts: Mapped[dict[str, Any] | None] = mapped_column(NULLABLE_JSONB)  # the provider's
+    output_file_id: Mapped[str | None] = mapped_column(String(200))
+    error_file_id: Mapped[str | None] = mapped_column(String(200))
+    error: Mapped[str | None] = mapped_column(Text)  # why refused: for operators (may quote the provider)
+    # A worker working on it holds it until then; another takes it over after.
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    next_poll_at: Mapped[datetime] = _now()
+    created_at: Mapped[datetime] = _now()
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class BatchRequestStatus(StrEnum):
+    """pending (waits for a wave) -> submitted (in a batch) -> answered | rejected (the
+    provider refused it: its item fails) | failed (submitted too often); a submitted request
+    its batch did not answer (expired, cancelled, a server error) is pending again."""
+
+    PENDING = "pending"
+    SUBMITTED = "submitted"
+    ANSWERED = "answered"
+    REJECTED = "rejected"
+    FAILED = "failed"
+
+
+class BatchRequest(Base):
+    """One LLM call of a batch job's item, keyed like its turn: stored when the item reaches
+    it, sent in a wave's batch, and answered here for the item to read when it resumes."""
+
+    __tablename__ = "batch_requests"
+    __table_args__ = (
+        UniqueConstraint("item_id", "stage", "round", "agent", "attempt"),
+        Index("ix_batch_requests_job_status", "job_id", "status"),
+        Index("ix_batch_requests_batch_id", "batch_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)  # its custom_id
+    item_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("items.id"))
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id"))
+    stage: Mapped[str] = mapped_column(String(16))
+    round: Mapped[int] = mapped_column(Integer)
+    agent: Mapped[int] = mapped_column(Integer)
+    attempt: Mapped[int] = mapped_column(Integer)
+    endpoint: Mapped[str] = mapped_column(String(100))
+    body: Mapped[dict[str, Any]]  # the chat completion request, as the online client sends it
+    status: Mapped[str] = mapped_column(String(16), default=BatchRequestStatus.PENDING)
+    batch_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("batches.id"))  # the last it was in
+    submissions: Mapped[int] = mapped_column(Integer, default=0)
+    answer: Mapped[dict[str, Any] | None] = mapped_column(NULLABLE_JSONB)  # the chat completion
+    error: Mapped[str | None] = mapped_column(Text)  # the last problem: for operators
+    created_at: Mapped[datetime] = _now()
+    answered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Cot(Base):

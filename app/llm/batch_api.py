@@ -1,0 +1,167 @@
+"""OpenAI-style batch APIs over HTTP: upload a JSONL input file (`/files`, purpose `batch`),
+create a batch of chat completions on it (`/batches`), find, retrieve and cancel batches,
+and download their output and error files. Plus the wire format of those files.
+
+Faults come in two kinds: BatchRefused (a 4xx other than 408/409/425/429: the provider will
+not take this file or batch; asking again will not help) and BatchUnavailable (anything
+else: try again later). Their messages may quote the provider: for operators only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+
+from app.config import EndpointConfig
+
+CHAT_COMPLETIONS = "/v1/chat/completions"
+TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+_ERROR_BODY_CHARS = 500
+_TRANSIENT = {408, 409, 425, 429}
+
+
+class BatchFault(Exception):
+    """A batch API call that did not succeed; the message is for operators."""
+
+
+class BatchRefused(BatchFault):
+    """The provider refused the call itself (a 4xx): e.g. a file over its size limit."""
+
+
+class BatchUnavailable(BatchFault):
+    """No usable answer (5xx, 429, a connection fault, a timeout): try again later."""
+
+
+@dataclass(frozen=True)
+class OutputLine:
+    """One line of a batch's output or error file: the request's answer, or why it has none."""
+
+    custom_id: str
+    status_code: int | None  # the request's HTTP status; None: never executed (expired, cancelled)
+    body: Any  # the response body: a chat completion when status_code is 2xx
+    error: str | None  # the provider's code when never executed (batch_expired, ...)
+
+
+def input_file(requests: list[tuple[str, dict[str, Any]]]) -> bytes:
+    """The JSONL input file of (custom_id, chat completion body) requests."""
+    return b"".join(input_line(custom_id, body) for custom_id, body in requests)
+
+
+def input_line(custom_id: str, body: dict[str, Any]) -> bytes:
+    line = {"custom_id": custom_id, "method": "POST", "url": CHAT_COMPLETIONS, "body": body}
+    return orjson.dumps(line) + b"\n"
+
+
+def output_lines(content: bytes) -> list[OutputLine]:
+    """The lines of an output or error file; unreadable lines are skipped (their requests
+    count as unanswered)."""
+    lines = []
+    for raw in content.splitlines():
+        try:
+            line = json.loads(raw)
+            response = line.get("response") or {}
+            error = line.get("error") or {}
+            lines.append(
+                OutputLine(
+                    str(line["custom_id"]),
+                    response.get("status_code"),
+                    response.get("body"),
+                    error.get("code") or error.get("message") if error else None,
+                )
+            )
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return lines
+
+
+class BatchAPI:
+    """The batch APIs of the configured endpoints, over one aiohttp session; aclose() it."""
+
+    def __init__(self, endpoints: dict[str, EndpointConfig], timeout_s: float = 300.0) -> None:
+        self._endpoints = endpoints
+        self._timeout_s = timeout_s  # per call: uploads and downloads may be large
+        self._session: aiohttp.ClientSession | None = None
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def upload(self, endpoint: str, content: bytes, filename: str) -> str:
+        """The id of the uploaded input file."""
+        form = aiohttp.FormData()
+        form.add_field("purpose", "batch")
+        form.add_field("file", content, filename=filename, content_type="application/jsonl")
+        uploaded = await self._call(endpoint, "POST", "/files", data=form)
+        return str(uploaded["id"])
+
+    async def create(self, endpoint: str, input_file_id: str, metadata: dict[str, str]) -> dict[str, Any]:
+        config = self._config(endpoint)
+        assert config.batch is not None
+        body = {
+            "input_file_id": input_file_id,
+            "endpoint": CHAT_COMPLETIONS,
+            "completion_window": config.batch.completion_window,
+            "metadata": metadata,
+        }
+        return await self._call(endpoint, "POST", "/batches", json=body)
+
+    async def find(self, endpoint: str, input_file_id: str) -> dict[str, Any] | None:
+        """The newest batch made of this input file, among the provider's latest 100: one a
+        worker created before it could store its id."""
+        listed = await self._call(endpoint, "GET", "/batches?limit=100")
+        return next((b for b in listed.get("data", []) if b.get("input_file_id") == input_file_id), None)
+
+    async def retrieve(self, endpoint: str, batch_id: str) -> dict[str, Any]:
+        return await self._call(endpoint, "GET", f"/batches/{batch_id}")
+
+    async def cancel(self, endpoint: str, batch_id: str) -> dict[str, Any]:
+        return await self._call(endpoint, "POST", f"/batches/{batch_id}/cancel")
+
+    async def content(self, endpoint: str, file_id: str) -> bytes:
+        status, body = await self._send(endpoint, "GET", f"/files/{file_id}/content")
+        _raise_for(status, body, endpoint)
+        return body
+
+    def _config(self, endpoint: str) -> EndpointConfig:
+        config = self._endpoints.get(endpoint)
+        if config is None or config.batch is None:
+            raise BatchRefused(f"endpoint {endpoint!r} has no batch API configured")
+        return config
+
+    async def _call(self, endpoint: str, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        status, body = await self._send(endpoint, method, path, **kwargs)
+        _raise_for(status, body, endpoint)
+        try:
+            answer = json.loads(body)
+        except ValueError as error:
+            raise BatchUnavailable(f"{endpoint}: {method} {path} answered no JSON: {body[:200]!r}") from error
+        if not isinstance(answer, dict):
+            raise BatchUnavailable(f"{endpoint}: {method} {path} answered {type(answer).__name__}")
+        return answer
+
+    async def _send(self, endpoint: str, method: str, path: str, **kwargs: Any) -> tuple[int, bytes]:
+        config = self._config(endpoint)
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout_s))
+        headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                url = f"{config.base_url.rstrip('/')}{path}"
+                async with self._session.request(method, url, headers=headers, **kwargs) as response:
+                    return response.status, await response.read()
+        except (TimeoutError, aiohttp.ClientError) as error:
+            raise BatchUnavailable(f"{endpoint}: {method} {path}: {type(error).__name__}: {error}") from error
+
+
+def _raise_for(status: int, body: bytes, endpoint: str) -> None:
+    if status < 400:
+        return
+    detail = f"{endpoint}: HTTP {status}: {body[:_ERROR_BODY_CHARS].decode('utf-8', 'replace')}"
+    if status in _TRANSIENT or status >= 500:
+        raise BatchUnavailable(detail)
+    raise BatchRefused(detail)

@@ -1,0 +1,422 @@
+"""Batch delivery's rows: the requests a batch job's items make, and the provider batches of
+its waves.
+
+The engine stays as it is, pure and sequential per item. A batch job's items get
+`BatchedLLM` as their LLM client: asked for a call, it looks up the request under the turn's
+key; answered, it returns the stored answer, which the engine then judges and records as a
+turn exactly as it would an online reply (same parsing, re-asks, agreement stops, refusal
+fallback); not yet, it stores the request (once: the key is unique) and raises
+AwaitingBatch, and the worker parks the item as `awaiting_batch`. Once no item of the job is
+queued or running, its pending requests form the next wave: one or more batches per
+endpoint, cut at the provider's limits (workers/waves.py sends, polls and collects them).
+Collected answers are stored on their requests, and the parked items are queued again: they
+replay their stored turns, read their answer, and go on to their next call.
+
+Every id a provider gives (input file, batch) is stored before it is used, and a worker
+holds a batch by a lease, so any worker resumes a batch whose worker died. An answer is
+stored once (only a request still `submitted` in that batch takes it) and becomes a turn
+once (the turn log's unique key). A request its batch did not answer (expired, cancelled,
+failed, a server error) is pending again and goes in the next wave, up to
+`batch_max_submissions` times; then, or when the provider refuses it, its item fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import and_, case, exists, func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.config import BatchConfig, EndpointConfig
+from app.deliberation.ports import ChatReply, ChatRequest, LLMRequestRejected, TurnKey
+from app.llm.batch_api import input_line
+from app.llm.client import UnreadableCompletion, chat_payload, completion_reply, fitted
+from app.store.db import Sessions
+from app.store.endings import Ending
+from app.store.items import Claim
+from app.store.models import (
+    Batch,
+    BatchRequest,
+    BatchRequestStatus,
+    BatchStatus,
+    Item,
+    ItemStatus,
+    Job,
+)
+
+AWAITING = Ending(ItemStatus.AWAITING_BATCH, None, "waiting for its batch's answer")
+_UNANSWERED = (BatchRequestStatus.PENDING, BatchRequestStatus.SUBMITTED)
+
+
+class AwaitingBatch(Exception):
+    """The item's next call is filed for a batch: park the item until it is answered."""
+
+
+class BatchedLLM:
+    """The LLMClient of one claimed item of a batch job (see the module's docstring)."""
+
+    def __init__(self, sessions: Sessions, claim: Claim, endpoints: dict[str, EndpointConfig]) -> None:
+        self._sessions, self._claim, self._endpoints = sessions, claim, endpoints
+
+    async def chat(self, request: ChatRequest) -> ChatReply:
+        """The stored answer to the request; AwaitingBatch if there is none yet (the request
+        is stored); LLMRequestRejected if the provider refused it or it went unanswered too
+        often; LLMRequestTooLarge, unsent, as the online client."""
+        assert request.key is not None, "a batch job's requests name their turn"
+        filed = await self._filed(request.key)
+        if filed is None:
+            endpoint = self._endpoints.get(request.endpoint)
+            if endpoint is None:
+                unknown = f"unknown LLM endpoint {request.endpoint!r}"
+                raise LLMRequestRejected(unknown, unknown)
+            await self._file(request.key, request.endpoint, chat_payload(fitted(request, endpoint), endpoint))
+            raise AwaitingBatch(f"item {self._claim.item_id}: {request.key} filed")
+        status, answer, error = filed
+        if status == BatchRequestStatus.ANSWERED:
+            return completion_reply(answer, request.model, 0.0, request.logprobs)
+        if status in (BatchRequestStatus.REJECTED, BatchRequestStatus.FAILED):
+            summary = (
+                f"the batch API of the LLM endpoint {request.endpoint!r} rejected the request"
+                if status == BatchRequestStatus.REJECTED
+                else f"the LLM endpoint {request.endpoint!r} left the request unanswered in every batch"
+            )
+            raise LLMRequestRejected(error or summary, summary)
+        raise AwaitingBatch(f"item {self._claim.item_id}: {request.key} still in a batch")
+
+    async def _filed(self, key: TurnKey) -> tuple[str, Any, str | None] | None:
+        async with self._sessions() as session:
+            row = (
+                await session.execute(
+                    select(BatchRequest.status, BatchRequest.answer, BatchRequest.error).where(
+                        BatchRequest.item_id == self._claim.item_id,
+                        BatchRequest.stage == key.stage.value,
+                        BatchRequest.round == key.round,
+                        BatchRequest.agent == key.agent,
+                        BatchRequest.attempt == key.attempt,
+                    )
+                )
+            ).one_or_none()
+        return None if row is None else (row.status, row.answer, row.error)
+
+    async def _file(self, key: TurnKey, endpoint: str, body: dict[str, Any]) -> None:
+        async with self._sessions.begin() as session:
+            await session.execute(
+                insert(BatchRequest)
+                .values(
+                    item_id=self._claim.item_id,
+                    job_id=self._claim.job_id,
+                    stage=key.stage.value,
+                    round=key.round,
+                    agent=key.agent,
+                    attempt=key.attempt,
+                    endpoint=endpoint,
+                    body=body,
+                    status=BatchRequestStatus.PENDING,
+                    submissions=0,
+                )
+                .on_conflict_do_nothing()
+            )
+
+
+# --- waves --------------------------------------------------------------------------------
+
+
+async def form_waves(sessions: Sessions, endpoints: dict[str, EndpointConfig]) -> int:
+    """Put the pending requests of every job none of whose items is queued or running into
+    its next wave's batches (status preparing); the number of batches made."""
+    async with sessions() as session:
+        job_ids = (
+            await session.scalars(
+                select(BatchRequest.job_id)
+                .join(Job, Job.id == BatchRequest.job_id)
+                .where(BatchRequest.status == BatchRequestStatus.PENDING, Job.cancelled_at.is_(None))
+                .distinct()
+            )
+        ).all()
+    made = 0
+    for job_id in job_ids:
+        made += await _form_wave(sessions, job_id, endpoints)
+    return made
+
+
+async def _form_wave(sessions: Sessions, job_id: UUID, endpoints: dict[str, EndpointConfig]) -> int:
+    async with sessions.begin() as session:
+        # NO KEY UPDATE: turn inserts (key share) go on; a second worker forming waves skips the job.
+        job = (
+            await session.execute(
+                select(Job.owner_key_id)
+                .where(Job.id == job_id, Job.cancelled_at.is_(None))
+                .with_for_update(key_share=True, skip_locked=True)
+            )
+        ).one_or_none()
+        busy = select(Item.id).where(
+            Item.job_id == job_id, Item.status.in_((ItemStatus.QUEUED, ItemStatus.RUNNING))
+        )
+        if job is None or await session.scalar(select(busy.exists())):
+            return 0
+        pending = (
+            await session.execute(
+                select(BatchRequest.id, BatchRequest.endpoint, BatchRequest.body)
+                .where(BatchRequest.job_id == job_id, BatchRequest.status == BatchRequestStatus.PENDING)
+                .order_by(BatchRequest.id)
+            )
+        ).all()
+        if not pending:
+            return 0
+        sizes = await asyncio.to_thread(lambda: [len(input_line(str(r.id), r.body)) for r in pending])
+        wave = 1 + (
+            await session.scalar(select(func.coalesce(func.max(Batch.wave), 0)).where(Batch.job_id == job_id))
+            or 0
+        )
+        by_endpoint: dict[str, list[tuple[int, int]]] = {}
+        for row, size in zip(pending, sizes, strict=True):
+            by_endpoint.setdefault(row.endpoint, []).append((row.id, size))
+        made = 0
+        for endpoint, requests in sorted(by_endpoint.items()):
+            limits = endpoints[endpoint].batch or BatchConfig()
+            for part in split(requests, limits.max_requests, limits.max_file_bytes):
+                batch = Batch(
+                    job_id=job_id,
+                    owner_key_id=job.owner_key_id,
+                    wave=wave,
+                    endpoint=endpoint,
+                    status=BatchStatus.PREPARING,
+                    requests=len(part),
+                    bytes=sum(size for _, size in part),
+                )
+                session.add(batch)
+                await session.flush()
+                await session.execute(
+                    update(BatchRequest)
+                    .where(BatchRequest.id.in_([request_id for request_id, _ in part]))
+                    .values(
+                        status=BatchRequestStatus.SUBMITTED,
+                        batch_id=batch.id,
+                        submissions=BatchRequest.submissions + 1,
+                    )
+                )
+                made += 1
+        return made
+
+
+def split(requests: list[tuple[int, int]], max_requests: int, max_bytes: int) -> list[list[tuple[int, int]]]:
+    """(request id, line bytes) in order, cut into runs of at most max_requests lines and
+    max_bytes bytes (a line larger than max_bytes alone goes alone, for the provider to judge)."""
+    parts: list[list[tuple[int, int]]] = [[]]
+    size = 0
+    for request in requests:
+        if parts[-1] and (len(parts[-1]) >= max_requests or size + request[1] > max_bytes):
+            parts.append([])
+            size = 0
+        parts[-1].append(request)
+        size += request[1]
+    return [part for part in parts if part]
+
+
+# --- a batch's life, as a worker leads it ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Held:
+    """A batch a worker holds by its lease."""
+
+    id: UUID
+    job_id: UUID
+    endpoint: str
+    status: BatchStatus
+    input_file_id: str | None
+    provider_batch_id: str | None
+    job_cancelled: bool
+
+
+async def take_due(sessions: Sessions, lease_s: float, limit: int = 20) -> list[Held]:
+    """Lease the open batches due for work (new, or due a poll) that no live lease holds."""
+    due = (
+        select(Batch.id)
+        .where(
+            Batch.finished_at.is_(None),
+            Batch.next_poll_at <= func.now(),
+            or_(Batch.lease_until.is_(None), Batch.lease_until < func.now()),
+        )
+        .order_by(Batch.next_poll_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    async with sessions.begin() as session:
+        rows = (
+            await session.execute(
+                update(Batch)
+                .where(Batch.id.in_(due), Batch.job_id == Job.id)
+                .values(lease_until=func.now() + timedelta(seconds=lease_s))
+                .returning(
+                    Batch.id,
+                    Batch.job_id,
+                    Batch.endpoint,
+                    Batch.status,
+                    Batch.input_file_id,
+                    Batch.provider_batch_id,
+                    Job.cancelled_at.is_not(None),
+                )
+            )
+        ).all()
+    return [Held(r[0], r[1], r[2], BatchStatus(r[3]), r[4], r[5], r[6]) for r in rows]
+
+
+async def input_requests(sessions: Sessions, batch_id: UUID) -> list[tuple[str, dict[str, Any]]]:
+    """(custom_id, body) of the batch's requests: its input file's lines."""
+    async with sessions() as session:
+        rows = await session.execute(
+            select(BatchRequest.id, BatchRequest.body)
+            .where(BatchRequest.batch_id == batch_id, BatchRequest.status == BatchRequestStatus.SUBMITTED)
+            .order_by(BatchRequest.id)
+        )
+        return [(str(r.id), r.body) for r in rows]
+
+
+async def advance(sessions: Sessions, held: Held, poll_in_s: float, **values: Any) -> Held | None:
+    """Write what the worker learnt (`values`: ids, the provider's status and counts, a new
+    status) on the batch, still in the status it was taken in, and when to look at it next:
+    the batch as it is now, or None if another worker moved it on meanwhile."""
+    async with sessions.begin() as session:
+        moved = await session.execute(
+            update(Batch)
+            .where(Batch.id == held.id, Batch.status == held.status)
+            .values(**values, next_poll_at=func.now() + timedelta(seconds=poll_in_s))
+            .returning(Batch.status, Batch.input_file_id, Batch.provider_batch_id)
+        )
+        row = moved.first()
+    if row is None:
+        return None
+    return replace(held, status=BatchStatus(row[0]), input_file_id=row[1], provider_batch_id=row[2])
+
+
+async def release(sessions: Sessions, batch_id: UUID) -> None:
+    """Let go of the batch's lease: any worker may take it when it is next due."""
+    async with sessions.begin() as session:
+        await session.execute(update(Batch).where(Batch.id == batch_id).values(lease_until=None))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a finished batch said of each request: answers, and refusals by custom_id."""
+
+    answers: dict[int, dict[str, Any]]
+    rejected: dict[int, str]
+
+
+async def collect(
+    sessions: Sessions, held: Held, final: BatchStatus, outcome: Outcome, max_submissions: int, **values: Any
+) -> bool:
+    """End the batch as `final` and store its outcome in one transaction: each answer on its
+    request if still submitted in this batch (so stored once), refusals likewise; its other
+    requests pending again, or failed after `max_submissions`. False if another worker
+    ended it first."""
+    async with sessions.begin() as session:
+        ended = await session.execute(
+            update(Batch)
+            .where(Batch.id == held.id, Batch.status == held.status)
+            .values(**values, status=final, finished_at=func.now())
+            .returning(Batch.id)
+        )
+        if ended.first() is None:
+            return False
+        mine = and_(BatchRequest.batch_id == held.id, BatchRequest.status == BatchRequestStatus.SUBMITTED)
+        for request_id, answer in outcome.answers.items():
+            await session.execute(
+                update(BatchRequest)
+                .where(mine, BatchRequest.id == request_id)
+                .values(status=BatchRequestStatus.ANSWERED, answer=answer, answered_at=func.now())
+            )
+        for request_id, error in outcome.rejected.items():
+            await session.execute(
+                update(BatchRequest)
+                .where(mine, BatchRequest.id == request_id)
+                .values(status=BatchRequestStatus.REJECTED, error=error, answered_at=func.now())
+            )
+        unanswered = f"unanswered in {max_submissions} batches; last: {final.value}"
+        await session.execute(
+            update(BatchRequest)
+            .where(mine)
+            .values(
+                status=case(
+                    (BatchRequest.submissions >= max_submissions, BatchRequestStatus.FAILED),
+                    else_=BatchRequestStatus.PENDING,
+                ),
+                error=case((BatchRequest.submissions >= max_submissions, unanswered), else_=None),
+            )
+        )
+        return True
+
+
+async def requeue_answered(sessions: Sessions) -> list[tuple[UUID, int]]:
+    """Queue again the parked items of every batch job that wait for no request any more
+    (answered, refused, failed), or whose job was cancelled: the (item id, enqueue counter)
+    pairs to enqueue after commit."""
+    waiting = select(BatchRequest.id).where(
+        BatchRequest.item_id == Item.id, BatchRequest.status.in_(_UNANSWERED)
+    )
+    async with sessions.begin() as session:
+        rows = await session.execute(
+            update(Item)
+            .where(Item.status == ItemStatus.AWAITING_BATCH, ~exists(waiting))
+            .values(
+                status=ItemStatus.QUEUED,
+                error_message=None,
+                updated_at=func.now(),
+                enqueues=Item.enqueues + 1,  # a fresh arq job id
+            )
+            .returning(Item.id, Item.enqueues)
+        )
+        return [(row.id, row.enqueues) for row in rows]
+
+
+def readable(answer: Any) -> bool:
+    """Whether a batch output line's body is a chat completion the item can read."""
+    try:
+        completion_reply(answer, "", 0.0)
+    except UnreadableCompletion:
+        return False
+    return True
+
+
+async def wave_in(session: AsyncSession, job_id: UUID) -> dict[str, Any] | None:
+    """A batch job's progress for its status: the current wave, its batches (the provider's
+    status and counts), and its requests by status; None before its first request."""
+    wave = await session.scalar(select(func.max(Batch.wave)).where(Batch.job_id == job_id))
+    counts = dict(
+        (
+            await session.execute(
+                select(BatchRequest.status, func.count())
+                .where(BatchRequest.job_id == job_id)
+                .group_by(BatchRequest.status)
+            )
+        ).all()
+    )
+    if wave is None and not counts:
+        return None
+    batches: Sequence[Batch] = (
+        await session.scalars(
+            select(Batch).where(Batch.job_id == job_id, Batch.wave == wave).order_by(Batch.created_at)
+        )
+    ).all()
+    return {
+        "wave": wave or 0,
+        "batches": [
+            {
+                "endpoint": b.endpoint,
+                "status": b.status,
+                "provider_status": b.provider_status,
+                "requests": b.requests,
+                "request_counts": b.request_counts,
+            }
+            for b in batches
+        ],
+        "requests": {status.value: counts.get(status.value, 0) for status in BatchRequestStatus},
+    }

@@ -1,0 +1,309 @@
+"""The OpenAI-style batch API of the scripted LLM server: files and batches, on loopback.
+
+`POST /v1/files` (multipart: `file`, `purpose=batch`), `GET /v1/files/{id}`,
+`GET /v1/files/{id}/content`, `POST /v1/batches` (`input_file_id`, `endpoint`
+`/v1/chat/completions`, `completion_window` `24h`), `GET /v1/batches` (newest first),
+`GET /v1/batches/{id}`, `POST /v1/batches/{id}/cancel`.
+
+A batch moves one step each time it is retrieved: validating -> in_progress -> finalizing ->
+completed, so a poller sees every status without the test sleeping. Each line is answered,
+when the batch leaves in_progress, by the server's chat answer (`ScriptedLLM.answer_now`):
+the same scripts, per-model answers and defaults as an online call, so a batch job and an
+online job given the same scripts get the same answers. A 2xx answer goes to the output
+file, any other to the error file; output lines are written in reverse order (a provider
+keeps none). The test drives the rest:
+
+    batches.hold = True           # batches stay in_progress until the test ends them
+    batches.expire(batch_id, answered=3)   # the first 3 lines answered, the rest batch_expired
+    batches.fail(batch_id)        # failed in validation, no files
+    batches.max_file_bytes = 2000 # larger uploads are refused with 400 file_too_large
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import itertools
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+CHAT_COMPLETIONS = "/v1/chat/completions"
+TERMINAL = ("completed", "failed", "expired", "cancelled")
+_NEXT = {"validating": "in_progress", "in_progress": "finalizing", "finalizing": "completed"}
+
+
+@dataclass
+class _File:
+    id: str
+    purpose: str
+    filename: str
+    content: bytes
+    created_at: int
+
+    def out(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "file",
+            "bytes": len(self.content),
+            "created_at": self.created_at,
+            "filename": self.filename,
+            "purpose": self.purpose,
+            "status": "processed",
+        }
+
+
+@dataclass
+class _Batch:
+    id: str
+    input_file_id: str
+    completion_window: str
+    metadata: dict[str, Any] | None
+    created_at: int
+    lines: list[dict[str, Any]]
+    status: str = "validating"
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    answered: int = 0  # lines answered so far (the rest are cut off if it expires or is cancelled)
+    completed: int = 0  # request_counts
+    failed: int = 0
+    retrievals: int = 0
+
+    def out(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "batch",
+            "endpoint": CHAT_COMPLETIONS,
+            "errors": {"object": "list", "data": self.errors} if self.errors else None,
+            "input_file_id": self.input_file_id,
+            "completion_window": self.completion_window,
+            "status": self.status,
+            "output_file_id": self.output_file_id,
+            "error_file_id": self.error_file_id,
+            "created_at": self.created_at,
+            "request_counts": {"total": len(self.lines), "completed": self.completed, "failed": self.failed},
+            "metadata": self.metadata,
+        }
+
+
+def _error(status: int, message: str, code: str) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"message": message, "type": "invalid_request_error", "code": code}}, status
+    )
+
+
+class ScriptedBatches:
+    """The batch API's state and the test's controls; thread-safe like ScriptedLLM."""
+
+    def __init__(self, answer: Callable[[dict[str, Any]], Response]) -> None:
+        self._answer = answer
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.files: dict[str, _File] = {}
+            self.batches: dict[str, _Batch] = {}
+            self.hold = False
+            self.max_file_bytes = 10 * 1024 * 1024
+            self.max_requests = 50_000
+            self.refused_uploads = 0
+            self.cancel_requests: list[str] = []
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/files", self._upload, methods=["POST"]),
+            Route("/v1/files/{file_id}", self._file, methods=["GET"]),
+            Route("/v1/files/{file_id}/content", self._content, methods=["GET"]),
+            Route("/v1/batches", self._create, methods=["POST"]),
+            Route("/v1/batches", self._list, methods=["GET"]),
+            Route("/v1/batches/{batch_id}", self._retrieve, methods=["GET"]),
+            Route("/v1/batches/{batch_id}/cancel", self._cancel, methods=["POST"]),
+        ]
+
+    # --- the test's controls ----------------------------------------------------------------
+
+    def created(self) -> list[dict[str, Any]]:
+        """Every batch created so far, oldest first, as the API shows it."""
+        with self._lock:
+            return [batch.out() for batch in self.batches.values()]
+
+    def input_lines(self, batch_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self.batches[batch_id].lines)
+
+    def expire(self, batch_id: str, answered: int = 0) -> None:
+        """The completion window ran out: the first `answered` lines were answered, the
+        others get `batch_expired` in the error file."""
+        self._end(batch_id, "expired", answered, "batch_expired", "not executed before the window expired")
+
+    def finish(self, batch_id: str) -> None:
+        """Answer every line now (for a held batch)."""
+        with self._lock:
+            batch = self.batches[batch_id]
+        self._end(batch_id, "completed", len(batch.lines), "", "")
+
+    def fail(self, batch_id: str, message: str = "the input file failed validation") -> None:
+        with self._lock:
+            batch = self.batches[batch_id]
+            batch.status = "failed"
+            batch.errors = [{"code": "invalid_request", "message": message, "line": 1, "param": None}]
+
+    # --- the routes ---------------------------------------------------------------------
+
+    async def _upload(self, request: Request) -> Response:
+        body = await request.body()
+        parts = _form(request.headers.get("content-type", ""), body)
+        content, purpose = parts.get("file"), (parts.get("purpose") or (b"", ""))[0].decode()
+        if content is None or purpose != "batch":
+            return _error(400, "a file with purpose 'batch' is required", "invalid_request")
+        if len(content[0]) > self.max_file_bytes:
+            with self._lock:
+                self.refused_uploads += 1
+            return _error(400, f"file exceeds the {self.max_file_bytes} byte limit", "file_too_large")
+        with self._lock:
+            file = _File(f"file-{next(self._ids)}", purpose, content[1], content[0], int(time.time()))
+            self.files[file.id] = file
+        return JSONResponse(file.out())
+
+    async def _file(self, request: Request) -> Response:
+        file = self.files.get(request.path_params["file_id"])
+        return JSONResponse(file.out()) if file else _error(404, "no such file", "not_found")
+
+    async def _content(self, request: Request) -> Response:
+        file = self.files.get(request.path_params["file_id"])
+        if file is None:
+            return _error(404, "no such file", "not_found")
+        return Response(file.content, media_type="application/jsonl")
+
+    async def _create(self, request: Request) -> Response:
+        body = await request.json()
+        file = self.files.get(body.get("input_file_id", ""))
+        if file is None or file.purpose != "batch":
+            return _error(400, "input_file_id names no batch file", "invalid_request")
+        if body.get("endpoint") != CHAT_COMPLETIONS or body.get("completion_window") != "24h":
+            return _error(400, "endpoint must be /v1/chat/completions and the window 24h", "invalid_request")
+        lines = [json.loads(line) for line in file.content.splitlines() if line.strip()]
+        with self._lock:
+            batch = _Batch(
+                f"batch_{next(self._ids)}",
+                file.id,
+                body["completion_window"],
+                body.get("metadata"),
+                int(time.time()),
+                lines,
+            )
+            self.batches[batch.id] = batch
+        return JSONResponse(batch.out())
+
+    async def _list(self, request: Request) -> Response:
+        with self._lock:
+            data = [batch.out() for batch in reversed(self.batches.values())]
+        return JSONResponse({"object": "list", "data": data, "has_more": False})
+
+    async def _retrieve(self, request: Request) -> Response:
+        batch_id = request.path_params["batch_id"]
+        with self._lock:
+            batch = self.batches.get(batch_id)
+            if batch is None:
+                return _error(404, "no such batch", "not_found")
+            batch.retrievals += 1
+            status = batch.status
+            if status == "validating":
+                self._validate(batch)
+            elif status == "finalizing":
+                batch.status = "completed"
+        if status == "in_progress" and not self.hold:
+            self._end(batch_id, "finalizing", len(batch.lines), "", "")
+        with self._lock:
+            return JSONResponse(batch.out())
+
+    def _validate(self, batch: _Batch) -> None:
+        custom_ids = [line.get("custom_id") for line in batch.lines]
+        urls = {line.get("url") for line in batch.lines}
+        if (
+            len(batch.lines) > self.max_requests
+            or len(set(custom_ids)) < len(custom_ids)
+            or urls != {CHAT_COMPLETIONS}
+        ):
+            batch.status = "failed"
+            message = "too many requests, a duplicate custom_id or a url other than the batch's endpoint"
+            batch.errors = [{"code": "invalid_file", "message": message, "line": None, "param": None}]
+        else:
+            batch.status = "in_progress"
+
+    async def _cancel(self, request: Request) -> Response:
+        batch_id = request.path_params["batch_id"]
+        with self._lock:
+            batch = self.batches.get(batch_id)
+            self.cancel_requests.append(batch_id)
+        if batch is None:
+            return _error(404, "no such batch", "not_found")
+        if batch.status not in TERMINAL:
+            self._end(batch_id, "cancelled", batch.answered, "batch_cancelled", "the batch was cancelled")
+        with self._lock:
+            return JSONResponse(batch.out())
+
+    def _end(self, batch_id: str, status: str, answered: int, code: str, message: str) -> None:
+        """Answer lines up to `answered` and write the output and error files; the lines
+        after it get the error `code`."""
+        with self._lock:
+            batch = self.batches[batch_id]
+            todo = batch.lines[batch.answered : answered]
+        outputs: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = []
+        for line in todo:
+            response = self._answer(line["body"])
+            answer = json.loads(bytes(response.body)) if response.body else None
+            entry = {
+                "id": f"batch_req_{next(self._ids)}",
+                "custom_id": line["custom_id"],
+                "response": {"status_code": response.status_code, "request_id": "scripted", "body": answer},
+                "error": None,
+            }
+            (outputs if response.status_code < 300 else errors).append(entry)
+        cut_off = [
+            {
+                "id": f"batch_req_{next(self._ids)}",
+                "custom_id": line["custom_id"],
+                "response": None,
+                "error": {"code": code, "message": message},
+            }
+            for line in batch.lines[answered:]
+        ]
+        with self._lock:
+            batch.answered = max(batch.answered, answered)
+            batch.completed += len(outputs)
+            batch.failed += len(errors) + len(cut_off)
+            batch.status = status
+            outputs.reverse()  # a provider keeps no order
+            for kind, entries in (("output", outputs), ("error", [*errors, *cut_off])):
+                if not entries:
+                    continue
+                content = b"".join(json.dumps(entry).encode() + b"\n" for entry in entries)
+                file = _File(
+                    f"file-{next(self._ids)}", f"batch_{kind}", f"{batch.id}_{kind}.jsonl", content, 0
+                )
+                self.files[file.id] = file
+                setattr(batch, f"{kind}_file_id", file.id)
+
+
+def _form(content_type: str, body: bytes) -> dict[str, tuple[bytes, str]]:
+    """A multipart/form-data body's fields: name -> (bytes, filename)."""
+    head = f"Content-Type: {content_type}\r\n\r\n".encode()
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    fields: dict[str, tuple[bytes, str]] = {}
+    for part in message.iter_parts():
+        name = str(part.get_param("name", header="content-disposition"))
+        payload = part.get_payload(decode=True)
+        fields[name] = (payload if isinstance(payload, bytes) else b"", part.get_filename() or "")
+    return fields

@@ -1,0 +1,265 @@
+"""Batch delivery (`delivery: batch`): a job advances in waves through the scripted batch
+API and ends with the turns and CoTs an online job given the same scripts ends with, at the
+batch price; it survives an expired batch and a worker killed mid-wave without losing or
+repeating an answer."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+from uuid import UUID
+
+import httpx
+import pytest
+from arq.connections import ArqRedis
+from sqlalchemy import select
+
+from app.config import BatchConfig, Prices, Settings
+from app.llm.batch_api import BatchAPI
+from app.store.db import Sessions
+from app.store.models import Batch, Cot, Item, TurnRow
+from tests.conftest import api_client, eventually, run_worker_burst, start_worker, submit
+from tests.scripted_llm import ScriptedLLM, agree, default_answer, malformed
+from workers.waves import run_round
+
+PROMPTS = [f"Question {n}: how do tides and currents shape a coastline?" for n in range(20)]
+ONLINE, BATCH = Prices(input=0.2, output=0.8), Prices(input=0.1, output=0.4)
+
+
+@pytest.fixture
+def batch_settings(settings: Settings) -> Settings:
+    return settings.model_copy(
+        update={
+            "llm_batch": BatchConfig(max_requests=8, prices=BATCH),
+            "llm_prices": {"default": ONLINE},
+            "batch_interval_s": 0.1,
+            "batch_poll_interval_s": 0.0,
+            "batch_lease_s": 2.0,
+        }
+    )
+
+
+@pytest.fixture
+async def batch_api(batch_settings: Settings, sessions: Sessions) -> AsyncIterator[httpx.AsyncClient]:
+    async with api_client(batch_settings) as client:
+        yield client
+
+
+def _varied_answers(scripted_llm: ScriptedLLM) -> None:
+    """Answers that depend on the request only (so on neither order nor timing): question n
+    % 3 == 0 disagrees once in deliberation, n % 4 == 1 gets a malformed seed, then a good one."""
+
+    def answer(body: dict[str, Any]) -> Any:
+        schema = body["response_format"]["json_schema"]["name"]
+        text = "\n".join(m["content"] for m in body["messages"])
+        n = int(re.search(r"Question (\d+):", text).group(1))  # type: ignore[union-attr]
+        if schema == "deliberation_turn" and n % 3 == 0 and "[T3]" not in text:
+            return agree(False, new_thoughts=[f"Question {n} needs a note on rip currents."])
+        if schema == "seed_cot" and n % 4 == 1 and len(body["messages"]) == 2:
+            return malformed()
+        return default_answer(schema, body)
+
+    scripted_llm.models["scripted-model"] = answer
+
+
+async def _drive(settings: Settings, sessions: Sessions, redis: ArqRedis, job_id: str) -> None:
+    """Run the worker and the batch rounds in turn until the job has no unfinished item."""
+    await _drive_until(settings, sessions, redis, lambda: _all_finished(sessions, job_id))
+
+
+async def _drive_until(
+    settings: Settings, sessions: Sessions, redis: ArqRedis, done: Callable[[], Awaitable[bool]]
+) -> None:
+    """Run the worker (burst) and a batch round in turn until `done`."""
+    api = BatchAPI(settings.endpoints())
+    try:
+        for _ in range(400):
+            await run_worker_burst(settings)
+            await run_round(settings, sessions, redis, api)
+            if await done():
+                return
+    finally:
+        await api.aclose()
+    raise AssertionError(f"never happened: {done}")
+
+
+async def _all_finished(sessions: Sessions, job_id: str) -> bool:
+    async with sessions() as session:
+        statuses = (await session.scalars(select(Item.status).where(Item.job_id == UUID(job_id)))).all()
+    return all(status in ("completed", "failed", "cancelled") for status in statuses)
+
+
+async def _record(sessions: Sessions, job_id: str) -> tuple[dict[Any, Any], dict[int, Any]]:
+    """The job's turns by (position, key) and its CoTs by position, without ids or timings."""
+    async with sessions() as session:
+        turns = (
+            await session.execute(
+                select(Item.position, TurnRow)
+                .join(TurnRow, TurnRow.item_id == Item.id)
+                .where(Item.job_id == UUID(job_id))
+            )
+        ).all()
+        cots = (await session.scalars(select(Cot).where(Cot.job_id == UUID(job_id)))).all()
+    by_key = {
+        (position, t.stage, t.round, t.agent, t.attempt): (t.raw_output, t.parsed, t.outcome, t.request_hash)
+        for position, t in turns
+    }
+    assert len(by_key) == len(turns), "a turn was stored twice"
+    by_position = {
+        c.position: (c.thoughts, c.refined_thoughts, c.dropped_thoughts, c.response, c.rounds_used, c.agreed)
+        for c in cots
+    }
+    return by_key, by_position
+
+
+async def test_a_batch_job_gives_the_turns_and_cots_of_an_online_job_at_the_batch_price(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    _varied_answers(scripted_llm)
+    online_id = await submit(batch_api, auth, PROMPTS)
+    await run_worker_burst(batch_settings)
+    online_requests = len(scripted_llm.requests)
+
+    batch_id = await submit(batch_api, auth, PROMPTS, delivery="batch")
+    await _drive(batch_settings, sessions, arq_redis, batch_id)
+
+    online, batched = await _record(sessions, online_id), await _record(sessions, batch_id)
+    assert len(batched[1]) == len(PROMPTS)
+    assert batched == online
+    assert len(scripted_llm.requests) - online_requests == len(batched[0]), "an answer was paid for twice"
+    created = scripted_llm.batches.created()
+    assert all(b["endpoint"] == "/v1/chat/completions" for b in created)
+    assert max(b["request_counts"]["total"] for b in created) <= 8, "a wave was not split at max_requests"
+    online_job = (await batch_api.get(f"/v1/jobs/{online_id}", headers=auth)).json()
+    job = (await batch_api.get(f"/v1/jobs/{batch_id}", headers=auth)).json()
+    assert job["status"] == "completed"
+    assert job["config"]["delivery"] == "batch"
+    assert job["usage"]["cost_usd"] == pytest.approx(online_job["usage"]["cost_usd"] / 2)
+    assert job["batch"]["wave"] >= 5  # intent, seed, its re-ask, deliberation and its second turn, refine
+    assert job["batch"]["requests"]["answered"] == len(batched[0])
+    assert {b["provider_status"] for b in job["batch"]["batches"]} == {"completed"}
+    assert "batch" not in online_job["config"] and online_job["batch"] is None
+
+
+async def test_an_expired_batch_resubmits_only_its_unanswered_requests(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    prompts = PROMPTS[:6]
+    online_id = await submit(batch_api, auth, prompts)
+    await run_worker_burst(batch_settings)
+    online_requests = len(scripted_llm.requests)
+    scripted_llm.batches.hold = True
+    job_id = await submit(batch_api, auth, prompts, delivery="batch")
+    await _drive_until(
+        batch_settings, sessions, arq_redis, lambda: _provider_status(scripted_llm, "in_progress")
+    )
+    [first] = scripted_llm.batches.created()
+
+    scripted_llm.batches.expire(first["id"], answered=2)
+    scripted_llm.batches.hold = False
+    await _drive(batch_settings, sessions, arq_redis, job_id)
+
+    online, batched = await _record(sessions, online_id), await _record(sessions, job_id)
+    assert batched == online
+    assert len(scripted_llm.requests) - online_requests == len(batched[0]), "an answer was paid for twice"
+    # The next wave: the 4 expired requests, and the next calls of the 2 answered items.
+    second = scripted_llm.batches.created()[1]
+    resent = {line["custom_id"] for line in scripted_llm.batches.input_lines(second["id"])}
+    first_lines = [line["custom_id"] for line in scripted_llm.batches.input_lines(first["id"])]
+    assert len(resent) == 6
+    assert set(first_lines[2:]) <= resent
+    assert not set(first_lines[:2]) & resent
+
+
+async def test_a_worker_killed_mid_wave_is_resumed_by_another_without_loss_or_duplicates(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    scripted_llm: ScriptedLLM,
+    workers: list[subprocess.Popen[bytes]],
+) -> None:
+    scripted_llm.batches.hold = True
+    job_id = await submit(batch_api, auth, PROMPTS, delivery="batch")
+    workers.append(start_worker(batch_settings))
+    await eventually(lambda: _provider_status(scripted_llm, "in_progress"), what="a batch in progress")
+    workers[0].send_signal(signal.SIGKILL)
+    workers[0].wait()
+
+    workers.append(start_worker(batch_settings))
+    scripted_llm.batches.hold = False
+    await eventually(lambda: _job_completed(batch_api, auth, job_id), timeout_s=120, what="the job")
+
+    turns, cots = await _record(sessions, job_id)
+    assert len(cots) == len(PROMPTS)
+    assert len(scripted_llm.requests) == len(turns), "an answer was lost or paid for twice"
+    async with sessions() as session:
+        ours = (
+            await session.scalars(select(Batch.provider_batch_id).where(Batch.job_id == UUID(job_id)))
+        ).all()
+    assert sorted(str(o) for o in ours) == sorted(b["id"] for b in scripted_llm.batches.created()), (
+        "a batch was created twice"
+    )
+
+
+async def _provider_status(scripted_llm: ScriptedLLM, status: str) -> bool:
+    return any(b["status"] == status for b in scripted_llm.batches.created())
+
+
+async def _job_completed(api: httpx.AsyncClient, auth: dict[str, str], job_id: str) -> bool:
+    status: str = (await api.get(f"/v1/jobs/{job_id}", headers=auth)).json()["status"]
+    return status == "completed"
+
+
+async def test_batch_delivery_on_an_endpoint_without_a_batch_api_is_refused(
+    api: httpx.AsyncClient, auth: dict[str, str]
+) -> None:
+    response = await api.post(
+        "/v1/jobs", json={"prompts": ["Why is the sky blue?"], "config": {"delivery": "batch"}}, headers=auth
+    )
+
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "batch_unsupported"
+    assert response.json()["error"]["details"] == {"endpoints": ["default"]}
+    assert json.loads(response.text)["error"]["message"].startswith("delivery 'batch' needs a batch API")
+
+
+async def test_cancelling_a_batch_job_cancels_its_provider_batch(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    scripted_llm.batches.hold = True
+    job_id = await submit(batch_api, auth, PROMPTS[:3], delivery="batch")
+    await _drive_until(
+        batch_settings, sessions, arq_redis, lambda: _provider_status(scripted_llm, "in_progress")
+    )
+
+    cancelled = await batch_api.post(f"/v1/jobs/{job_id}/cancel", headers=auth)
+    await _drive_until(
+        batch_settings, sessions, arq_redis, lambda: _provider_status(scripted_llm, "cancelled")
+    )
+
+    assert cancelled.json()["counts"]["by_status"] == {"cancelled": 3}
+    [provider_batch] = scripted_llm.batches.created()
+    assert scripted_llm.batches.cancel_requests == [provider_batch["id"]]
+    job = (await batch_api.get(f"/v1/jobs/{job_id}", headers=auth)).json()
+    assert job["status"] == "cancelled"
+    assert [b["status"] for b in job["batch"]["batches"]] == ["cancelled"]

@@ -1,0 +1,141 @@
+"""The scripted batch API behaves as the providers' do: files, a batch's lifecycle, output
+in any order, per-line errors, refused large files, expiry and cancellation."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.scripted_llm import ScriptedLLM, http_error, reply
+
+
+def _line(n: int, schema: str = "seed_cot") -> dict[str, Any]:
+    body = {
+        "model": "scripted-model",
+        "messages": [{"role": "user", "content": f"prompt {n}"}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": schema, "schema": {}}},
+    }
+    return {"custom_id": f"req-{n}", "method": "POST", "url": "/v1/chat/completions", "body": body}
+
+
+def _jsonl(lines: list[dict[str, Any]]) -> bytes:
+    return b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+
+
+@pytest.fixture
+def http(scripted_llm: ScriptedLLM) -> httpx.Client:
+    return httpx.Client(base_url=scripted_llm.base_url)
+
+
+def _submit(http: httpx.Client, lines: list[dict[str, Any]]) -> dict[str, Any]:
+    uploaded = http.post("/files", files={"file": ("in.jsonl", _jsonl(lines))}, data={"purpose": "batch"})
+    assert uploaded.status_code == 200, uploaded.text
+    created = http.post(
+        "/batches",
+        json={
+            "input_file_id": uploaded.json()["id"],
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+        },
+    )
+    assert created.status_code == 200, created.text
+    batch: dict[str, Any] = created.json()
+    return batch
+
+
+def _lines(http: httpx.Client, file_id: str | None) -> list[dict[str, Any]]:
+    assert file_id is not None
+    return [json.loads(line) for line in http.get(f"/files/{file_id}/content").text.splitlines()]
+
+
+def test_a_batch_goes_through_validating_in_progress_finalizing_to_completed(
+    http: httpx.Client, scripted_llm: ScriptedLLM
+) -> None:
+    batch = _submit(http, [_line(n) for n in range(3)])
+    seen = [batch["status"]]
+    while seen[-1] != "completed":
+        seen.append(http.get(f"/batches/{batch['id']}").json()["status"])
+
+    assert seen == ["validating", "in_progress", "finalizing", "completed"]
+    done = http.get(f"/batches/{batch['id']}").json()
+    assert done["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
+    outputs = _lines(http, done["output_file_id"])
+    assert [o["custom_id"] for o in outputs] == ["req-2", "req-1", "req-0"], "not in input order"
+    assert all(o["response"]["status_code"] == 200 for o in outputs)
+    assert done["error_file_id"] is None
+
+
+def test_batch_lines_are_answered_from_the_same_scripts_as_online_calls(
+    http: httpx.Client, scripted_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script("seed_cot", reply({"thoughts": ["scripted"], "response": "r"}), http_error(500))
+    batch = _submit(http, [_line(0), _line(1), _line(2)])
+    while (done := http.get(f"/batches/{batch['id']}").json())["status"] != "completed":
+        pass
+
+    outputs = {o["custom_id"]: o for o in _lines(http, done["output_file_id"])}
+    errors = _lines(http, done["error_file_id"])
+    content = outputs["req-0"]["response"]["body"]["choices"][0]["message"]["content"]
+    assert json.loads(content)["thoughts"] == ["scripted"]
+    assert [(e["custom_id"], e["response"]["status_code"]) for e in errors] == [("req-1", 500)]
+    assert "req-2" in outputs
+    assert done["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
+    assert len(scripted_llm.requests_for("seed_cot")) == 3
+
+
+def test_an_expired_batch_keeps_what_was_answered_and_reports_the_rest(
+    http: httpx.Client, scripted_llm: ScriptedLLM
+) -> None:
+    scripted_llm.batches.hold = True
+    batch = _submit(http, [_line(n) for n in range(4)])
+    for _ in range(3):
+        assert http.get(f"/batches/{batch['id']}").json()["status"] == "in_progress"
+
+    scripted_llm.batches.expire(batch["id"], answered=1)
+
+    done = http.get(f"/batches/{batch['id']}").json()
+    assert done["status"] == "expired"
+    assert [o["custom_id"] for o in _lines(http, done["output_file_id"])] == ["req-0"]
+    errors = _lines(http, done["error_file_id"])
+    assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [
+        ("req-1", "batch_expired"),
+        ("req-2", "batch_expired"),
+        ("req-3", "batch_expired"),
+    ]
+
+
+def test_cancelling_a_batch_cuts_off_its_unanswered_lines(
+    http: httpx.Client, scripted_llm: ScriptedLLM
+) -> None:
+    scripted_llm.batches.hold = True
+    batch = _submit(http, [_line(0), _line(1)])
+
+    cancelled = http.post(f"/batches/{batch['id']}/cancel").json()
+
+    assert cancelled["status"] == "cancelled"
+    assert {e["error"]["code"] for e in _lines(http, cancelled["error_file_id"])} == {"batch_cancelled"}
+    assert scripted_llm.batches.cancel_requests == [batch["id"]]
+
+
+def test_files_over_the_size_limit_are_refused(http: httpx.Client, scripted_llm: ScriptedLLM) -> None:
+    scripted_llm.batches.max_file_bytes = 300
+
+    refused = http.post(
+        "/files", files={"file": ("in.jsonl", _jsonl([_line(0), _line(1)]))}, data={"purpose": "batch"}
+    )
+
+    assert refused.status_code == 400
+    assert refused.json()["error"]["code"] == "file_too_large"
+
+
+def test_a_batch_with_duplicate_custom_ids_fails_validation(http: httpx.Client) -> None:
+    batch = _submit(http, [_line(0), _line(0)])
+
+    failed = http.get(f"/batches/{batch['id']}").json()
+
+    assert failed["status"] == "failed"
+    assert failed["errors"]["data"][0]["code"] == "invalid_file"
+    assert failed["output_file_id"] is None

@@ -1,0 +1,176 @@
+"""Batch delivery, the worker's side: every worker runs `waves_forever`, which forms the
+waves of batch jobs, sends each wave's batches to the providers' batch APIs, polls them,
+collects their answers and queues the parked items again. What a wave is, and why it is
+crash-safe, is app/store/batches.py.
+
+One round: form the waves that are ready (a job none of whose items is queued or running);
+take the batches that are due, each under a lease, and move each as far as it can go now
+(preparing -> upload -> uploaded -> create -> submitted -> poll ... -> collected); then
+queue the items whose requests were answered. The rows are shared by leases and SKIP LOCKED,
+so every worker can run it at once and none does a batch's step twice while its lease holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from arq.connections import ArqRedis
+
+from app.config import Settings
+from app.llm.batch_api import (
+    TERMINAL,
+    BatchAPI,
+    BatchRefused,
+    BatchUnavailable,
+    OutputLine,
+    input_file,
+    output_lines,
+)
+from app.queue import enqueue_items
+from app.store import batches
+from app.store.batches import Held, Outcome
+from app.store.db import Sessions
+from app.store.models import BatchStatus
+
+log = logging.getLogger("aidsafe.waves")
+
+# A provider's per-line status that asking again may fix (as the online client retries them).
+_TRANSIENT = {408, 409, 425, 429}
+
+
+async def run_round(settings: Settings, sessions: Sessions, redis: ArqRedis, api: BatchAPI) -> None:
+    """One round of the loop (see the module's docstring)."""
+    if made := await batches.form_waves(sessions, settings.endpoints()):
+        log.info("formed %d batches", made)
+    for held in await batches.take_due(sessions, settings.batch_lease_s):
+        try:
+            await _lead(settings, sessions, api, held)
+        except BatchUnavailable as fault:  # the provider is away: the next poll tries again
+            log.warning("batch %s: %s", held.id, fault)
+            await batches.advance(sessions, held, settings.batch_poll_interval_s)
+        finally:
+            await batches.release(sessions, held.id)
+    requeued = await batches.requeue_answered(sessions)
+    await enqueue_items(redis, settings.queue_name, requeued)
+
+
+async def waves_forever(settings: Settings, sessions: Sessions, redis: ArqRedis, api: BatchAPI) -> None:
+    while True:
+        try:
+            await run_round(settings, sessions, redis, api)
+        except Exception:  # Postgres or Redis away: try again next round
+            log.warning("batch round failed", exc_info=True)
+        await asyncio.sleep(settings.batch_interval_s)
+
+
+async def _lead(settings: Settings, sessions: Sessions, api: BatchAPI, held: Held | None) -> None:
+    """Move the batch as far as it goes now; None once another worker moved it on."""
+    poll_s = settings.batch_poll_interval_s
+    if held is not None and held.job_cancelled:
+        await _cancel(settings, sessions, api, held)
+        return
+    if held is not None and held.status is BatchStatus.PREPARING:
+        requests = await batches.input_requests(sessions, held.id)
+        content = await asyncio.to_thread(input_file, requests)
+        try:
+            file_id = await api.upload(held.endpoint, content, f"aidsafe-{held.id}.jsonl")
+        except BatchRefused as refused:
+            await _refuse(settings, sessions, held, str(refused))
+            return
+        held = await batches.advance(sessions, held, 0, status=BatchStatus.UPLOADED, input_file_id=file_id)
+    if held is not None and held.status is BatchStatus.UPLOADED:
+        assert held.input_file_id is not None
+        # A worker that died between creating the batch and storing its id made it already.
+        try:
+            created = await api.find(held.endpoint, held.input_file_id) or await api.create(
+                held.endpoint, held.input_file_id, {"aidsafe_batch": str(held.id)}
+            )
+        except BatchRefused as refused:
+            await _refuse(settings, sessions, held, str(refused))
+            return
+        held = await batches.advance(
+            sessions,
+            held,
+            poll_s,
+            status=BatchStatus.SUBMITTED,
+            provider_batch_id=str(created["id"]),
+            provider_status=created.get("status"),
+        )
+        return  # polled when due
+    if held is not None and held.status is BatchStatus.SUBMITTED:
+        await _poll(settings, sessions, api, held)
+
+
+async def _poll(settings: Settings, sessions: Sessions, api: BatchAPI, held: Held) -> None:
+    assert held.provider_batch_id is not None
+    seen = await api.retrieve(held.endpoint, held.provider_batch_id)
+    status, counts = seen.get("status"), seen.get("request_counts")
+    if status not in TERMINAL:
+        await batches.advance(
+            sessions, held, settings.batch_poll_interval_s, provider_status=status, request_counts=counts
+        )
+        return
+    outcome = Outcome({}, {})
+    for file_id in (seen.get("output_file_id"), seen.get("error_file_id")):
+        if file_id:
+            content = await api.content(held.endpoint, file_id)
+            _read(await asyncio.to_thread(output_lines, content), outcome)
+    collected = await batches.collect(
+        sessions,
+        held,
+        BatchStatus.COLLECTED,
+        outcome,
+        settings.batch_max_submissions,
+        provider_status=status,
+        request_counts=counts,
+        output_file_id=seen.get("output_file_id"),
+        error_file_id=seen.get("error_file_id"),
+    )
+    if collected:
+        log.info(
+            "batch %s %s: %d answers, %d refused",
+            held.id,
+            status,
+            len(outcome.answers),
+            len(outcome.rejected),
+        )
+
+
+def _read(lines: list[OutputLine], outcome: Outcome) -> None:
+    """Sort the lines into answers and refusals; the others (server errors, lines never
+    executed, unreadable answers) leave their requests unanswered."""
+    for line in lines:
+        if not line.custom_id.isdigit() or line.status_code is None:
+            continue
+        request_id, code = int(line.custom_id), line.status_code
+        if 200 <= code < 300 and batches.readable(line.body):
+            outcome.answers[request_id] = line.body
+        elif 400 <= code < 500 and code not in _TRANSIENT:
+            outcome.rejected[request_id] = f"HTTP {code}: {str(line.body)[:500]}"
+
+
+async def _refuse(settings: Settings, sessions: Sessions, held: Held, detail: str) -> None:
+    """The provider will not take the batch (its file too large, its requests refused): its
+    requests are refused, and their items fail."""
+    log.warning("batch %s refused: %s", held.id, detail)
+    request_ids = [int(custom_id) for custom_id, _ in await batches.input_requests(sessions, held.id)]
+    refused = Outcome({}, dict.fromkeys(request_ids, detail))
+    await batches.collect(
+        sessions, held, BatchStatus.REFUSED, refused, settings.batch_max_submissions, error=detail
+    )
+
+
+async def _cancel(settings: Settings, sessions: Sessions, api: BatchAPI, held: Held) -> None:
+    """The job was cancelled: so is its provider batch."""
+    seen = None
+    if held.provider_batch_id is not None:
+        seen = await api.cancel(held.endpoint, held.provider_batch_id)
+    await batches.collect(
+        sessions,
+        held,
+        BatchStatus.CANCELLED,
+        Outcome({}, {}),
+        settings.batch_max_submissions,
+        provider_status=None if seen is None else seen.get("status"),
+    )
