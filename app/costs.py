@@ -136,7 +136,8 @@ def _item_calls(plan: GenerationPlan, policies: PolicySet) -> tuple[_Calls, _Cal
     name, so stages a plan leaves out (no intents, no refiner, no deliberation) are simply
     not there; deliberation turn t is the request of the agent speaking t-th, which reads the
     t - 1 turns before it."""
-    config = plan.pipeline()
+    # The fallback is asked only after a refusal, which an estimate does not assume (nor re-asks).
+    config = replace(plan.pipeline(), fallback=None)
     turns = config.turn_budget() if config.mode is Mode.AIDSAFE else 0  # zero-shot: one call
     budgets = largest_requests(config, policies, _PROBE)
     writing = [b for b in budgets if b.role != _GRADER and b.role not in _PAIRS]

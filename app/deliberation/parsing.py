@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from typing import Any, TypeGuard
 
 from app.deliberation.ports import ChatReply, TurnOutcome
@@ -99,6 +100,18 @@ def _all_refusals(thoughts: list[str]) -> bool:
 
 # An explicit intent given as bare text, or with a label outside INTENT_LABELS.
 UNLABELLED = "unlabelled"
+
+
+def explicit_labels(intents: Mapping[str, Any]) -> list[str]:
+    """The label of each of the stored intents' explicit ones, in order (intents stored
+    before labels existed are unlabelled)."""
+    return list(intents.get("explicit_labels", [UNLABELLED] * len(intents["explicit_intents"])))
+
+
+def labelled_intents(intents: Mapping[str, Any]) -> list[str]:
+    """The explicit intents as agents and reviewers read them: "<text> [possibly harmful]"."""
+    labelled = zip(intents["explicit_intents"], explicit_labels(intents), strict=True)
+    return [f"{text} [{label.replace('_', ' ')}]" for text, label in labelled]
 
 
 def normalize_intent(data: dict[str, Any]) -> dict[str, Any]:

@@ -36,6 +36,10 @@ class StageSpec:
     # (system, user) templates in prompts/; None: a classifier with its own chat template,
     # sent the conversation it judges (the prompt, then the sample as the assistant's turn).
     templates: tuple[str, str] | None
+    # Whether a refusal is asked again of the job's fallback role: yes where refusing is
+    # declining the task itself. Not where the refusal is the answer being measured (the
+    # rejected side's generator), nor where a chat model cannot stand in (a classifier).
+    falls_back: bool
 
     @property
     def plain_text(self) -> bool:
@@ -67,6 +71,7 @@ INTENT = StageSpec(
     build_schema=schemas.intent,
     normalize=parsing.normalize_intent,
     templates=("intent.system", "intent.user"),
+    falls_back=True,
 )
 
 SEED = StageSpec(
@@ -76,6 +81,7 @@ SEED = StageSpec(
     build_schema=schemas.seed,
     normalize=parsing.normalize_seed,
     templates=("seed.system", "seed.user"),
+    falls_back=True,
 )
 
 DELIBERATION = StageSpec(
@@ -85,6 +91,7 @@ DELIBERATION = StageSpec(
     build_schema=schemas.deliberation,
     normalize=parsing.normalize_deliberation,
     templates=("deliberation.system", "deliberation.user"),
+    falls_back=True,
 )
 
 # Its normalizer also takes thought_count: the ids the reply may cite.
@@ -95,6 +102,7 @@ REFINE = StageSpec(
     build_schema=schemas.refined,
     normalize=parsing.normalize_refined,
     templates=("refine.system", "refine.user"),
+    falls_back=True,
 )
 
 # The paper's LLM_ZS baseline: CoT and response in one call.
@@ -105,6 +113,7 @@ ZERO_SHOT = StageSpec(
     build_schema=schemas.seed,
     normalize=parsing.normalize_seed,
     templates=("zero_shot.system", "zero_shot.user"),
+    falls_back=True,
 )
 
 # Round 0: the item's CoT; round n: the rejected side of whisper try n.
@@ -115,6 +124,7 @@ GRADE = StageSpec(
     build_schema=schemas.scores,
     normalize=parsing.normalize_scores,
     templates=("grade.system", "grade.user"),
+    falls_back=True,
 )
 
 WHISPER = StageSpec(
@@ -124,6 +134,7 @@ WHISPER = StageSpec(
     build_schema=schemas.belief,
     normalize=parsing.normalize_belief,
     templates=("whisper.system", "whisper.user"),
+    falls_back=True,
 )
 
 # The zero-shot instructions, with the whispered belief injected.
@@ -134,6 +145,8 @@ REJECTED = StageSpec(
     build_schema=schemas.seed,
     normalize=parsing.normalize_seed,
     templates=("zero_shot.system", "rejected.user"),
+    # Its refusal is the target model resisting the belief: a failed try the whisperer is shown.
+    falls_back=False,
 )
 
 # Any chat model, asked for a JSON verdict against the policy set.
@@ -144,6 +157,7 @@ GUARD = StageSpec(
     build_schema=schemas.guard_verdict,
     normalize=parsing.normalize_guard_json,
     templates=("guard.system", "guard.user"),
+    falls_back=True,
 )
 
 # The guard stage played by a Llama Guard-style classifier.
@@ -154,6 +168,8 @@ LLAMA_GUARD = StageSpec(
     build_schema=None,
     normalize=parsing.normalize_llama_guard,
     templates=None,
+    # A chat model sent this conversation would answer it, not classify it.
+    falls_back=False,
 )
 
 GUARDS = {GuardStyle.JSON: GUARD, GuardStyle.LLAMA_GUARD: LLAMA_GUARD}  # by the job's guard style
@@ -166,6 +182,8 @@ JUDGE = StageSpec(
     build_schema=schemas.judgement,
     normalize=parsing.normalize_judgement,
     templates=("judge.system", "judge.user"),
+    # Comparison jobs have no fallback role.
+    falls_back=False,
 )
 
 DECLARED = (

@@ -5,6 +5,13 @@ with that belief injected; the guard judges the result. A try the guard passes i
 back to the whisperer, which refines its belief. The chosen side is the item's own CoT; a
 pair is kept only when the guard flagged the rejected side and the grader sees a large
 enough policy-faithfulness gap between the two sides.
+
+With a fallback role, a whisperer, JSON guard or grader that refuses is asked again of the
+fallback: refusing is declining the task. The generator is not: its refusal is the target
+model resisting the belief, a failed try for the whisperer to learn from. The rejected side
+must be that model's own failure (a DPO pair teaches the model off what it would write); a
+fallback's compliance would hide that it held. The fallback's answers are listed with the
+item's other fallbacks (with pairs, the gap may then compare two graders' scores).
 """
 
 from __future__ import annotations
