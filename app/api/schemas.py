@@ -298,6 +298,12 @@ class PairSummary(BaseModel):
     mean_gap: float | None = Field(description="Mean policy-faithfulness gap of the kept pairs.")
 
 
+REFUSALS_BY_STAGE = (
+    "Refused turns per stage, then per model: those the fallback then answered and those that "
+    "failed their item (or, for grading and pairs, left it ungraded or without a pair)."
+)
+
+
 class JobOut(BaseModel):
     id: UUID
     status: JobStatus
@@ -310,6 +316,7 @@ class JobOut(BaseModel):
     counts: JobCounts
     usage: Usage
     budget: BudgetOut | None = Field(description="null: the job has no budget.")
+    refusals_by_stage: dict[str, dict[str, int]] = Field(description=REFUSALS_BY_STAGE)
     quality: QualitySummary | None = Field(
         default=None, description="Present when the job asked for grading."
     )
@@ -328,6 +335,7 @@ class JobProgressOut(BaseModel):
     counts: JobCounts
     usage: Usage
     budget: BudgetOut | None = Field(default=None, description="null: the job has no budget.")
+    refusals_by_stage: dict[str, dict[str, int]] = Field(description=REFUSALS_BY_STAGE)
     quality: QualitySummary | None = Field(
         default=None, description="Present when the job asked for grading."
     )
@@ -361,10 +369,7 @@ class ReportOut(BaseModel):
     usage: Usage
     usage_by_stage: dict[str, Usage] = Field(description="LLM calls, tokens and cost per stage.")
     budget: BudgetOut | None
-    refusals_by_stage: dict[str, dict[str, int]] = Field(
-        description="Refused turns per stage, then per model: those the fallback then answered and "
-        "those that failed their item."
-    )
+    refusals_by_stage: dict[str, dict[str, int]] = Field(description=REFUSALS_BY_STAGE)
 
 
 class ItemOut(BaseModel):
@@ -469,7 +474,8 @@ class CotOut(BaseModel):
     grade_error: str | None = Field(description="Why the grader gave no scores.")
     quality: GateOut
     fallbacks: list[FallbackOut] = Field(
-        description="Stages whose agent refused and the job's fallback answered; both turns are stored."
+        description="Stages whose agent refused and the job's fallback answered (the item's own, "
+        "grading, whisper and a JSON guard); both turns are stored."
     )
     created_at: datetime
 
