@@ -110,8 +110,8 @@ def explicit_labels(intents: Mapping[str, Any]) -> list[str]:
 
 def labelled_intents(intents: Mapping[str, Any]) -> list[str]:
     """The explicit intents as agents and reviewers read them: "<text> [possibly harmful]"."""
-    labelled = zip(intents["explicit_intents"], explicit_labels(intents), strict=True)
-    return [f"{text} [{label.replace('_', ' ')}]" for text, label in labelled]
+    labels = explicit_labels(intents)  # one per intent
+    return [f"{text} [{labels[n].replace('_', ' ')}]" for n, text in enumerate(intents["explicit_intents"])]
 
 
 def normalize_intent(data: dict[str, Any]) -> dict[str, Any]:
