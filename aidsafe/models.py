@@ -155,8 +155,14 @@ class JobProgress(Model):
     counts: JobCounts
     usage: Usage
     budget: Budget | None = None
+    refusals_by_stage: dict[str, dict[str, int]] = {}  # stage -> model -> refused turns
     quality: QualitySummary | None = None
     pairs: PairSummary | None = None
+
+    @property
+    def refusals(self) -> int:
+        """Refused turns in all, those the fallback answered included."""
+        return sum(sum(by_model.values()) for by_model in self.refusals_by_stage.values())
 
     @property
     def finished(self) -> bool:

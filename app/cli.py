@@ -46,6 +46,7 @@ from aidsafe.models import (
     SampleEvaluation,
 )
 from app.config import get_settings
+from app.deliberation.parsing import labelled_intents
 from app.store import keys
 from app.store.db import make_engine, make_sessions
 from app.store.models import ApiKey, ItemStatus
@@ -469,6 +470,8 @@ def follow_job(client: aidsafe.Client, job_id: Any, poll_s: float = 2.0) -> JobP
                 f"[dim]Progress events unavailable ({exc}); polling instead.[/]"
             ),
         )
+    if final.refusals:
+        console.print(f"Refusals by stage and model: {_refusals_text(final)}", highlight=False)
     if final.waiting_for_budget:
         console.print(
             f"[yellow]The job's budget is spent: its items wait. Raise it to resume, e.g. "
@@ -476,6 +479,14 @@ def follow_job(client: aidsafe.Client, job_id: Any, poll_s: float = 2.0) -> JobP
             highlight=False,
         )
     return final
+
+
+def _refusals_text(progress: JobProgress) -> str:
+    """e.g. "seed: gpt-4o-mini 1, smollm2 3; grade: smollm2 1"."""
+    return "; ".join(
+        f"{stage}: " + ", ".join(f"{model} {n}" for model, n in by_model.items())
+        for stage, by_model in progress.refusals_by_stage.items()
+    )
 
 
 class ProgressView:
@@ -509,6 +520,7 @@ class ProgressView:
             f"{summary.status} | in progress {stages} | failed {by_status.get(ItemStatus.FAILED, 0)} | "
             f"{usage.llm_calls} calls, {usage.prompt_tokens + usage.completion_tokens} tokens, "
             f"cost {usd(usage.cost_usd)}"
+            + (f" | refused {summary.refusals}" if summary.refusals else "")
             + (f" | budget {_budget_text(summary.budget)}" if summary.budget else "")
         )
         self.progress.update(self.task, total=counts.total, completed=self.done_in_snapshot, detail=detail)
@@ -532,9 +544,9 @@ def _print_item(item: Item, cot: Cot | None) -> None:
         lines.append(f"[red]No CoT: {item.error_code or item.status}: {item.error_message or ''}[/]")
     else:
         intents = cot.intents
-        lines.append(
-            f"[bold]Intents:[/] {'; '.join(intents['explicit_intents'] + intents['implicit_intents'])}"
-        )
+        # Escaped: rich would read an intent's "[benign]" as markup.
+        intents_text = "; ".join(labelled_intents(intents) + intents["implicit_intents"])
+        lines.append(f"[bold]Intents:[/] {escape(intents_text)}")
         lines.append("[bold]Refined thoughts:[/]")
         for n, thought in enumerate(cot.refined_thoughts, 1):
             sources = ", ".join(f"T{source}" for source in thought.sources) or "no source"

@@ -137,7 +137,8 @@ def _item_calls(plan: GenerationPlan, policies: PolicySet, wording: PromptSet) -
     budget.py's largest request of its role, found by role name, so stages a plan leaves out
     (no intents, no refiner, no deliberation) are simply not there; deliberation turn t is the
     request of the agent speaking t-th, which reads the t - 1 turns before it."""
-    config = plan.pipeline()
+    # The fallback is asked only after a refusal, which an estimate does not assume (nor re-asks).
+    config = replace(plan.pipeline(), fallback=None)
     turns = config.turn_budget() if config.mode is Mode.AIDSAFE else 0  # zero-shot: one call
     budgets = largest_requests(config, policies, wording, _PROBE)
     writing = [b for b in budgets if b.role != _GRADER and b.role not in _PAIRS]

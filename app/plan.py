@@ -189,7 +189,9 @@ class JobConfigIn(BaseModel):
         default=None,
         description="Asked the same request when an agent refuses one of the item's stages (intent, "
         "seed, deliberation, refine, zero-shot); the item fails `agent_refused` only if it refuses "
-        "too. Default: the server's fallback, if one is set. `false`: none.",
+        "too. The grader, the whisperer and a JSON guard fall back too; the rejected side's "
+        "generator and a Llama Guard-style guard do not. Default: the server's fallback, if one "
+        "is set. `false`: none.",
     )
     delivery: Delivery = Field(
         default="online",

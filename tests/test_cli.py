@@ -23,7 +23,7 @@ from app.deliberation.prompt_sets import builtin
 from app.store.db import Sessions
 from app.store.models import Job
 from tests.conftest import eventually, run_worker_burst
-from tests.scripted_llm import ScriptedLLM
+from tests.scripted_llm import ScriptedLLM, refusal
 from tests.test_api import row_counts, submit
 
 Headers = dict[str, str]
@@ -110,6 +110,7 @@ async def test_cli_submits_with_job_options_follows_the_events_and_prints_the_co
     assert "2/2 items | completed" in out
     assert "polling instead" not in out
     assert "How do I sharpen a knife?" in out and "Refined thoughts" in out
+    assert "Intents: Get an answer to: " in out and " [benign]; " in out  # each with its label
 
 
 async def test_cli_follows_a_job_to_the_end(
@@ -127,6 +128,20 @@ async def test_cli_follows_a_job_to_the_end(
     assert await process.wait() == 0
     assert first.decode().startswith("0/3 items | queued")
     assert "3/3 items | completed" in rest.decode()
+
+
+async def test_cli_follow_counts_the_refusals_and_names_them_by_stage_and_model_at_the_end(
+    live_api: str, api: httpx.AsyncClient, auth: Headers, settings: Settings, scripted_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script("seed_cot", refusal())
+    job = await submit(api, auth, ["Refused."])
+    await run_worker_burst(settings)
+
+    code, out = await aidsafe(live_api, auth, "follow", job["id"])
+
+    assert code == 0, out
+    assert "1/1 items | completed | in progress - | failed 1 |" in out and "| refused 1" in out
+    assert "Refusals by stage and model: seed: scripted-model 1" in out
 
 
 @pytest.mark.parametrize(

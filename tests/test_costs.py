@@ -315,6 +315,10 @@ async def test_the_estimate_gives_calls_tokens_and_a_cost_range_and_creates_noth
         return answer.json()["calls"]
 
     assert await calls({"mode": "zero_shot"}) == {"min": 3, "max": 3}
+    # The fallback is asked only after a refusal, which the estimate does not assume.
+    assert await calls({**QUICK, "fallback": {"endpoint": "default"}}) == figures["calls"]
+    fallback_graded = {**QUICK, "fallback": {"endpoint": "default"}, "grading": {}, "pairs": {"max_tries": 2}}
+    assert await calls(fallback_graded) == {"min": 3 * (4 + 1 + 4), "max": 3 * (7 + 1 + 2 * 4)}
     # Grading adds a call; pairs a try (or max_tries of them) of three calls and a grade; the
     # baseline as many tries of a sample, a verdict and a grade.
     graded = {**QUICK, "grading": {}, "pairs": {"max_tries": 2}}

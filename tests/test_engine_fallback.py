@@ -9,13 +9,23 @@ from dataclasses import replace
 import pytest
 
 from app.deliberation.budget import largest_requests
-from app.deliberation.config import GradingConfig, Mode, PipelineConfig, RoleConfig
+from app.deliberation.config import GradingConfig, GuardStyle, Mode, PipelineConfig, RoleConfig
 from app.deliberation.ports import FALLBACK_ATTEMPT, LLMUnavailable, Stage, TurnKey, TurnOutcome
 from app.deliberation.results import METRICS
 from app.llm.client import OpenAICompatibleClient
 from tests.memory_turn_log import InMemoryTurnLog
-from tests.scripted_llm import ScriptedLLM, agree, http_error, malformed, refusal, reply
+from tests.scripted_llm import (
+    ScriptedLLM,
+    agree,
+    guard_verdict,
+    http_error,
+    malformed,
+    refusal,
+    reply,
+    scores,
+)
 from tests.test_engine import DEFAULT_ROLE, ITEM, POLICIES, PROMPT, PROMPTS, completed, failed, pipeline, run
+from tests.test_engine_quality import unsafe_rejected_scores, with_quality
 
 FALLBACK = RoleConfig(endpoint="second", model="fallback-model", temperature=0.3)
 SEED = {"thoughts": ["The fallback reasons about safe storage."], "response": "Keep them apart."}
@@ -214,17 +224,144 @@ async def test_a_resumed_item_reuses_the_refusal_and_asks_the_fallback_once(
     assert resumed == again
 
 
-async def test_grading_keeps_its_own_refusal_handling(
+def with_pairs(guard_style: GuardStyle = GuardStyle.JSON) -> PipelineConfig:
+    return replace(with_quality(guard_style=guard_style), fallback=FALLBACK)
+
+
+def fell_back(stage: str, round: int = 0) -> dict[str, object]:
+    return {"stage": stage, "round": round, "agent": 0, "model": "fallback-model"}
+
+
+async def test_a_refused_grade_is_scored_by_the_fallback_and_listed_after_the_items_own_stages(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM, second_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script("seed_cot", refusal())
+    scripted_llm.script("quality_scores", refusal("I won't grade this."))
+    second_llm.script("seed_cot", reply(SEED))
+    second_llm.script("quality_scores", reply(scores(relevance=2)))
+    config = replace(with_fallback(), grading=GradingConfig(DEFAULT_ROLE, {"relevance": 3.0}))
+    log = InMemoryTurnLog()
+
+    result = completed(await run(llm, log, config))
+
+    assert result.grade is not None and result.grade.scores == scores(relevance=2)
+    assert result.gate is not None and result.gate.reasons == ["relevance 2 < 3"]
+    assert result.fallbacks == [fell_back("seed"), fell_back("grade")]
+    assert keys(log, Stage.GRADE) == [
+        (0, 0, 0, "default", "scripted-model", TurnOutcome.REFUSED),
+        (0, 0, FALLBACK_ATTEMPT, "second", "fallback-model", TurnOutcome.OK),
+    ]
+    graded = second_llm.requests_for("quality_scores")[0]
+    assert graded.body["messages"] == scripted_llm.requests_for("quality_scores")[0].body["messages"]
+
+
+async def test_a_grade_the_fallback_refuses_too_leaves_the_cot_ungraded_not_failed(
     llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM, second_llm: ScriptedLLM
 ) -> None:
     scripted_llm.script("quality_scores", refusal())
+    second_llm.script("quality_scores", refusal("I will not grade it either."))
     config = replace(with_fallback(), grading=GradingConfig(DEFAULT_ROLE, dict.fromkeys(METRICS, 3.0)))
 
     result = completed(await run(llm, InMemoryTurnLog(), config))
 
     assert result.grade is not None and result.grade.scores is None
+    assert "fallback-model" in (result.grade.error or "") and "either" in (result.grade.error or "")
+    assert result.gate is not None and not result.gate.accepted
     assert result.fallbacks == []
-    assert second_llm.requests == []
+
+
+async def test_a_refused_whisper_is_written_by_the_fallback_and_the_pair_goes_on(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM, second_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script("whisper_belief", refusal())
+    second_llm.script("whisper_belief", reply({"belief": "The fallback's belief."}))
+    scripted_llm.script("guard_verdict", guard_verdict(True))
+    scripted_llm.script("quality_scores", reply(scores()), reply(unsafe_rejected_scores()))
+    log = InMemoryTurnLog()
+
+    result = completed(await run(llm, log, with_pairs()))
+
+    assert result.pair is not None and result.pair.kept
+    assert [t.belief for t in result.pair.tries] == ["The fallback's belief."]
+    assert (
+        "The fallback's belief."
+        in scripted_llm.requests_for("rejected_cot")[0].body["messages"][-1]["content"]
+    )
+    assert result.fallbacks == [fell_back("whisper", 1)]
+    assert [(t.key.round, t.key.attempt, t.model) for t in log.turns(ITEM, Stage.WHISPER)] == [
+        (1, 0, "scripted-model"),
+        (1, FALLBACK_ATTEMPT, "fallback-model"),
+    ]
+
+
+async def test_a_whisper_the_fallback_refuses_too_ends_the_pair_as_whisperer_refused(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM, second_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script("whisper_belief", refusal())
+    second_llm.script("whisper_belief", refusal())
+
+    result = completed(await run(llm, InMemoryTurnLog(), with_pairs()))
+
+    assert result.pair is not None and result.pair.reason == "whisperer_refused"
+    assert len(second_llm.requests_for("whisper_belief")) == 1
+    assert scripted_llm.requests_for("rejected_cot") == [] and result.fallbacks == []
+
+
+async def test_a_refusing_json_guard_is_asked_again_of_the_fallback_whose_verdict_counts(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM, second_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script("guard_verdict", refusal())
+    second_llm.script("guard_verdict", guard_verdict(True, "Physical harm"))
+    scripted_llm.script("quality_scores", reply(scores()), reply(unsafe_rejected_scores()))
+
+    result = completed(await run(llm, InMemoryTurnLog(), with_pairs()))
+
+    assert result.pair is not None and result.pair.kept
+    [flagged] = result.pair.tries
+    assert flagged.guard is not None and flagged.guard.categories == ["Physical harm"]
+    assert result.fallbacks == [fell_back("guard", 1)]
+
+
+async def test_a_refused_grade_of_the_rejected_side_falls_back_under_its_try_number(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM, second_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script("guard_verdict", guard_verdict(False), guard_verdict(True))
+    scripted_llm.script("quality_scores", reply(scores()), refusal())
+    second_llm.script("quality_scores", reply(unsafe_rejected_scores()))
+
+    result = completed(await run(llm, InMemoryTurnLog(), with_pairs()))
+
+    assert result.pair is not None and result.pair.kept and result.pair.gap == 2.5
+    assert result.fallbacks == [fell_back("grade", 2)]
+
+
+async def test_the_generator_resisting_the_belief_is_a_failed_try_never_asked_of_the_fallback(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM, second_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script("rejected_cot", refusal("I can't reason from that belief."))
+    scripted_llm.script("guard_verdict", guard_verdict(True))
+    scripted_llm.script("quality_scores", reply(scores()), reply(unsafe_rejected_scores()))
+    log = InMemoryTurnLog()
+
+    result = completed(await run(llm, log, with_pairs()))
+
+    assert result.pair is not None and result.pair.kept
+    assert result.pair.tries[0].refusal == "I can't reason from that belief."
+    assert second_llm.requests == [] and result.fallbacks == []
+    assert [(t.key.round, t.key.attempt) for t in log.turns(ITEM, Stage.REJECTED)] == [(1, 0), (2, 0)]
+
+
+async def test_a_refusing_llama_guard_is_not_asked_of_the_fallback_chat_model(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM, second_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script(None, refusal())
+
+    result = completed(await run(llm, InMemoryTurnLog(), with_pairs(GuardStyle.LLAMA_GUARD)))
+
+    assert result.pair is not None and result.pair.reason == "guard_unparseable"
+    [judged] = result.pair.tries
+    assert judged.guard is not None and "refused" in (judged.guard.error or "")
+    assert second_llm.requests == [] and result.fallbacks == []
 
 
 def test_the_fallbacks_requests_are_budgeted_on_its_endpoint() -> None:
@@ -232,6 +369,33 @@ def test_the_fallbacks_requests_are_budgeted_on_its_endpoint() -> None:
     budgets = largest_requests(with_fallback(), POLICIES, PROMPTS, PROMPT)
 
     assert budgets[: len(plain)] == plain
-    assert [(b.role, b.endpoint, b.tokens) for b in budgets[len(plain) :]] == [
-        (f"{b.role} (fallback)", "second", b.tokens) for b in plain
+    assert [(b.role, b.endpoint, b.tokens, b.falls_back) for b in budgets[len(plain) :]] == [
+        (f"{b.role} (fallback)", "second", b.tokens, False) for b in plain
+    ]
+
+
+@pytest.mark.parametrize(
+    ("guard_style", "falling_back"),
+    [
+        (
+            GuardStyle.JSON,
+            ["intent", "seed", "deliberator-1", "deliberator-2", "refiner", "grader", "whisperer", "guard"],
+        ),
+        (
+            GuardStyle.LLAMA_GUARD,
+            ["intent", "seed", "deliberator-1", "deliberator-2", "refiner", "grader", "whisperer"],
+        ),
+    ],
+)
+def test_the_fallback_is_budgeted_for_every_stage_that_falls_back_and_no_other(
+    guard_style: GuardStyle, falling_back: list[str]
+) -> None:
+    own = largest_requests(replace(with_pairs(guard_style), fallback=None), POLICIES, PROMPT)
+    budgets = largest_requests(with_pairs(guard_style), POLICIES, PROMPT)
+
+    assert budgets[: len(own)] == own
+    assert [b.role for b in own if b.falls_back] == falling_back
+    by_role = {b.role: b for b in own}
+    assert [(b.role, b.endpoint, b.tokens) for b in budgets[len(own) :]] == [
+        (f"{role} (fallback)", "second", by_role[role].tokens) for role in falling_back
     ]

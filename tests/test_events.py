@@ -79,6 +79,7 @@ async def test_a_finished_job_streams_a_snapshot_then_done(
     assert final["status"] == "completed"
     assert final["counts"]["by_status"] == {"completed": 2}
     assert final["usage"]["llm_calls"] > 0
+    assert final["refusals_by_stage"] == {}  # as on GET /v1/jobs/{id}
 
 
 async def test_a_follower_hears_each_item_finish_with_its_status_and_error_code(

@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import tracemalloc
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from app.exports.streaming import encoded
 from app.store.db import Sessions
 from app.store.export_rows import ExportFilter
 from app.store.keys import create_key
-from app.store.models import Annotation, Cot, Item, Job
+from app.store.models import Annotation, Cot, Item, Job, TurnRow
 from bench.export import insert_finished_job
 from tests.conftest import new_key, run_worker_burst
 from tests.scripted_llm import ScriptedLLM, guard_verdict, reply, scores
@@ -53,7 +54,9 @@ from tests.test_quality_api import (
 from tests.test_reviews import Stored, store_reviews
 
 Headers = dict[str, str]
-COLUMNS = ["prompt", "refined_thoughts", "response", "deliberation_log"]
+PUBLISHED = ["prompt", "refined_thoughts", "response", "deliberation_log"]  # the AIDSAFE dataset's
+USAGE = ["llm_calls", "prompt_tokens", "cached_prompt_tokens", "completion_tokens", "cost_usd"]
+COLUMNS = [*PUBLISHED, "explicit_intents", "explicit_labels", "fallbacks", *USAGE]
 
 
 @pytest.fixture
@@ -159,7 +162,7 @@ async def test_trl_dpo_rows_are_kept_pairs_that_trl_can_unpair(
     assert unpaired.num_rows == 2 and unpaired["label"] == [True, False]
 
 
-async def test_aidsafe_csv_has_the_four_published_columns_and_the_deliberation_log(
+async def test_aidsafe_csv_has_the_four_published_columns_and_the_deliberation_log_first(
     api: httpx.AsyncClient, scoped: Headers, settings: Settings, scripted_llm: ScriptedLLM
 ) -> None:
     job_id = await worker_made_job(api, scoped, settings, scripted_llm)
@@ -172,6 +175,12 @@ async def test_aidsafe_csv_has_the_four_published_columns_and_the_deliberation_l
         assert [turn["stage"] for turn in log][:2] == ["intent", "seed"] and log[-1]["stage"] == "refine"
         assert all(set(turn) == {"stage", "round", "agent", "output"} and turn["output"] for turn in log)
         assert row["refined_thoughts"] and row["response"]
+        # Then what the service adds: the intents with their labels, fallbacks, the item's usage.
+        intents = log[0]["output"]
+        assert json.loads(row["explicit_intents"]) == intents["explicit_intents"]
+        assert json.loads(row["explicit_labels"]) == intents["explicit_labels"] == ["benign"]
+        assert (json.loads(row["fallbacks"]), row["cost_usd"]) == ([], "")  # unpriced: unknown
+        assert int(row["llm_calls"]) >= len(log) and int(row["prompt_tokens"]) > 0
 
 
 # --- records -------------------------------------------------------------------------------
@@ -275,6 +284,7 @@ async def test_jsonl_and_parquet_carry_the_same_full_record_of_exactly_what_is_s
     assert [list(record) for record in from_jsonl] == [FULL_COT_SCHEMA.names] * 2  # key order too
     common = {
         "explicit_intents": ["Learn something"],
+        "explicit_labels": ["unlabelled"],  # stored before intents were labelled
         "implicit_intents": [],
         "refined_thoughts": [{"text": "Chosen thought", "sources": [1]}],
         "response": "Chosen response",
@@ -283,6 +293,14 @@ async def test_jsonl_and_parquet_carry_the_same_full_record_of_exactly_what_is_s
         "thoughts": [{"id": 1, "text": "Chosen thought", "stage": "seed", "round": 0, "agent": 0}],
         "rounds_used": 1,
         "agreed": True,
+        "fallbacks": [],
+        "usage": {
+            "llm_calls": 0,
+            "prompt_tokens": 0,
+            "cached_prompt_tokens": 0,
+            "completion_tokens": 0,
+            "cost_usd": None,
+        },
         "grade_error": None,
         "policy_set_name": "aidsafe-default",
         "prompt_set_name": "aidsafe-default",
@@ -316,6 +334,72 @@ async def test_jsonl_and_parquet_carry_the_same_full_record_of_exactly_what_is_s
             "created_at": "2026-03-04T05:06:08+00:00",  # no microseconds: none written
         },
     ]
+
+
+async def test_every_dataset_row_carries_its_intent_labels_fallbacks_and_usage_and_chat_rows_none(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    intents = {
+        "explicit_intents": ["Store bleach.", "Mix it with ammonia."],
+        "explicit_labels": ["benign", "possibly_harmful"],
+        "implicit_intents": ["Stay safe."],
+    }
+    fell_back = [{"stage": "seed", "round": 0, "agent": 0, "model": "fallback-model"}]
+    results = [replace(completed(), intents=intents, fallbacks=fell_back), completed()]
+    job_id = await finished_job(api, auth, sessions, results)
+    async with sessions.begin() as session:
+        items = (
+            await session.scalars(select(Item).where(Item.job_id == UUID(job_id)).order_by(Item.position))
+        ).all()
+        # The first item's turns are all priced; the second's one is not (its endpoint had no prices).
+        for item, n, cost in ((items[0], 0, 0.25), (items[0], 1, 0.5), (items[1], 0, None)):
+            session.add(a_turn_row(item, n, cost))
+
+    from_jsonl = json_lines(await exported(api, auth, job_id, "jsonl"))
+    from_parquet = pq.read_table(io.BytesIO(await exported(api, auth, job_id, "parquet"))).to_pylist()
+    from_csv = csv_rows(await exported(api, auth, job_id, "aidsafe_csv"))
+    sft = json_lines(await exported(api, auth, job_id, "trl_sft"))
+
+    assert from_jsonl == from_parquet
+    labelled, legacy = from_jsonl
+    assert (labelled["explicit_intents"], labelled["explicit_labels"]) == (
+        intents["explicit_intents"],
+        ["benign", "possibly_harmful"],
+    )
+    assert (labelled["fallbacks"], legacy["fallbacks"]) == (fell_back, [])
+    usage = {"llm_calls": 2, "prompt_tokens": 200, "cached_prompt_tokens": 20, "completion_tokens": 30}
+    assert labelled["usage"] == {**usage, "cost_usd": 0.75}
+    assert legacy["usage"] == {**{k: v // 2 for k, v in usage.items()}, "llm_calls": 1, "cost_usd": None}
+    assert [
+        (json.loads(r["explicit_labels"]), json.loads(r["fallbacks"]), r["cost_usd"]) for r in from_csv
+    ] == [
+        (["benign", "possibly_harmful"], fell_back, "0.75"),
+        (["unlabelled"], [], ""),
+    ]
+    assert [row[name] for name in USAGE[:-1] for row in from_csv[:1]] == ["2", "200", "20", "30"]
+    assert all(list(record) == ["messages"] for record in sft)  # training records stay clean
+
+
+def a_turn_row(item: Item, n: int, cost: float | None) -> TurnRow:
+    return TurnRow(
+        item_id=item.id,
+        job_id=item.job_id,
+        stage="seed",
+        round=0,
+        agent=0,
+        attempt=n,
+        role="seed",
+        endpoint="default",
+        model="m",
+        request_hash="h",
+        raw_output="{}",
+        outcome="ok",
+        prompt_tokens=100,
+        cached_prompt_tokens=10,
+        completion_tokens=15,
+        cost_usd=cost,
+        latency_ms=1.0,
+    )
 
 
 # --- filters -------------------------------------------------------------------------------

@@ -8,12 +8,13 @@ from typing import Any
 
 import httpx
 
+import aidsafe
 from app.config import Settings
 from app.deliberation.config import RoleConfig
 from app.deliberation.ports import FALLBACK_ATTEMPT
 from app.plan import JobConfigIn, RoleIn, resolve
 from tests.conftest import run_worker_burst
-from tests.scripted_llm import ScriptedLLM, refusal, reply
+from tests.scripted_llm import ScriptedLLM, refusal, reply, scores
 from tests.test_api import error_of, items_of, submit
 
 Headers = dict[str, str]
@@ -67,8 +68,13 @@ async def test_a_refused_stage_completes_on_the_fallback_and_the_cot_and_report_
 
     report = await get_ok(api, auth, f"/v1/jobs/{job['id']}/report")
     # Both items' refusals by the stage's agent, and the fallback's one.
-    assert report["refusals_by_stage"] == {"seed": {"fallback-model": 1, "scripted-model": 2}}
+    refusals = {"seed": {"fallback-model": 1, "scripted-model": 2}}
+    assert report["refusals_by_stage"] == refusals
     assert report["usage_by_stage"]["seed"]["llm_calls"] == 4
+    # The job's own view counts them the same; the client reads them typed, with a total.
+    view = await get_ok(api, auth, f"/v1/jobs/{job['id']}")
+    assert view["refusals_by_stage"] == refusals
+    assert aidsafe.models.Job.model_validate(view).refusals == 3
 
 
 async def test_without_a_fallback_a_refusal_fails_the_item_and_is_counted(
@@ -101,7 +107,43 @@ async def test_a_job_that_refuses_nothing_reports_no_refusals_and_no_fallbacks(
     [cot] = (await get_ok(api, auth, f"/v1/jobs/{job['id']}/cots"))["data"]
     assert cot["fallbacks"] == []
     assert (await get_ok(api, auth, f"/v1/jobs/{job['id']}/report"))["refusals_by_stage"] == {}
+    view = await get_ok(api, auth, f"/v1/jobs/{job['id']}")
+    assert view["refusals_by_stage"] == {} and aidsafe.models.Job.model_validate(view).refusals == 0
     assert second_llm.requests == []
+
+
+async def test_a_refused_grade_and_whisper_fall_back_and_the_cot_the_job_and_the_report_say_so(
+    api: httpx.AsyncClient,
+    auth: Headers,
+    settings: Settings,
+    scripted_llm: ScriptedLLM,
+    second_llm: ScriptedLLM,
+) -> None:
+    scripted_llm.script("quality_scores", refusal())
+    scripted_llm.script("whisper_belief", refusal())
+    scripted_llm.script("rejected_cot", refusal("I can't reason from that belief."))  # stays its own
+    second_llm.script("quality_scores", reply(scores()))
+    second_llm.script("whisper_belief", reply({"belief": "Rules bend for a good cause."}))
+    config = {"agents": 1, "max_rounds": 1, "fallback": FALLBACK, "grading": {}, "pairs": {"max_tries": 1}}
+    job = await submit(api, auth, ["Graded."], config=config)
+
+    await run_worker_burst(settings, max_jobs=1)
+
+    [cot] = (await get_ok(api, auth, f"/v1/jobs/{job['id']}/cots"))["data"]
+    assert cot["fallbacks"] == [
+        {"stage": "grade", "round": 0, "agent": 0, "model": "fallback-model"},
+        {"stage": "whisper", "round": 1, "agent": 0, "model": "fallback-model"},
+    ]
+    assert cot["scores"]["relevance"]["score"] == 4  # the fallback's grade
+    refusals = {
+        "grade": {"scripted-model": 1},
+        "rejected": {"scripted-model": 1},
+        "whisper": {"scripted-model": 1},
+    }
+    assert (await get_ok(api, auth, f"/v1/jobs/{job['id']}"))["refusals_by_stage"] == refusals
+    assert (await get_ok(api, auth, f"/v1/jobs/{job['id']}/report"))["refusals_by_stage"] == refusals
+    [pair] = (await get_ok(api, auth, f"/v1/jobs/{job['id']}/preference-pairs"))["data"]
+    assert pair["reason"] == "guard_never_flagged"  # the generator's refusal was the one try
 
 
 async def test_a_fallback_on_an_unknown_endpoint_is_refused_at_submission(

@@ -145,6 +145,10 @@ async def test_label_studio_tasks_conform_to_the_config_and_prefill_the_service_
     for task, (_, refined, response_text, _, _) in zip(tasks, cots, strict=True):
         data = task["data"]
         assert data["prompt"] in PROMPTS and data["response"] == response_text
+        # The scripted intent stage labels its one intent benign; reviewers see the label.
+        assert data["intents"].startswith("Explicit:\n- Get an answer to: ")
+        assert data["intents"].splitlines()[1].endswith(" [benign]")
+        assert data["possibly_harmful_intents"] == 0
         assert [t["text"] for t in data["thoughts"]] == [t["text"] for t in refined]
         assert [t["number"] for t in data["thoughts"]] == [str(n) for n in range(1, len(refined) + 1)]
         assert [c["alias"] for c in data["thought_choices"]] == [t["number"] for t in data["thoughts"]]

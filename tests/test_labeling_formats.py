@@ -37,7 +37,11 @@ OTHER_ITEM = UUID("0a1b2c3d-4e5f-4061-8273-8495a6b7c8d9")
 SERVER_RECORD = UUID("3e4f5a6b-7c8d-4e9f-8a0b-1c2d3e4f5a6b")  # Argilla's own id of the record
 USER = "9d1f3c5e-7a9b-4c1d-8e2f-3a4b5c6d7e01"
 WHEN = "2026-11-22T09:00:00.000000"
-INTENTS = {"explicit_intents": ["Store rice"], "implicit_intents": ["Avoid food poisoning"]}
+INTENTS = {
+    "explicit_intents": ["Store rice"],
+    "explicit_labels": ["benign"],
+    "implicit_intents": ["Avoid food poisoning"],
+}
 
 
 def grades(cot: float, response: float) -> dict[str, Any]:
@@ -175,6 +179,7 @@ def test_argilla_reviewers_read_the_questions_label_studio_asks(dataset: rg.Data
         "position": "Position",
         "gate": "Quality gate",
         "policy_set": "Policy set",
+        "possibly_harmful_intents": "Possibly harmful intents",
     }
     # Prompts and responses are shown as written, never rendered (a prompt may carry markup).
     assert not any(f.use_markdown for f in settings.fields)
@@ -217,7 +222,7 @@ def test_a_graded_accepted_record_suggests_the_rating_and_the_gates_verdict(data
         "id": str(ITEM),
         "fields": {
             "prompt": "How do I store rice safely?",
-            "intents": "Explicit:\n- Store rice\nImplicit:\n- Avoid food poisoning",
+            "intents": "Explicit:\n- Store rice [benign]\nImplicit:\n- Avoid food poisoning",
             "thoughts": "1. Thought text 1\n2. Thought text 2",
             "response": "Keep it cool and dry.",
         },
@@ -226,6 +231,7 @@ def test_a_graded_accepted_record_suggests_the_rating_and_the_gates_verdict(data
             "position": 7,
             "gate": "accepted",
             "policy_set": "aidsafe-default@v3",
+            "possibly_harmful_intents": 0,
         },
         "suggestions": {
             "edited_response": {"value": "Keep it cool and dry.", "score": None, "agent": "aidsafe"},
@@ -256,6 +262,47 @@ def test_every_thought_of_the_longest_cot_can_be_flagged(dataset: rg.Dataset) ->
     argilla_accepts(dataset, written)
     numbers = [line.split(". ", 1)[0] for line in written["fields"]["thoughts"].splitlines()]
     assert numbers == dataset.settings.questions["flagged_thoughts"].labels
+
+
+MIXED = {
+    "explicit_intents": ["Store rice", "Poison the neighbours' rice", "Rice facts", "Rice poisons"],
+    "explicit_labels": ["benign", "possibly_harmful", "unlabelled", "possibly_harmful"],
+    "implicit_intents": [],
+}
+MIXED_TEXT = (
+    "Explicit:\n- Store rice [benign]\n- Poison the neighbours' rice [possibly harmful]\n"
+    "- Rice facts [unlabelled]\n- Rice poisons [possibly harmful]"
+)
+
+
+@pytest.mark.parametrize(
+    ("intents", "shown", "harmful"),
+    [
+        (MIXED, MIXED_TEXT, 2),
+        # Stored before intents were labelled: shown unlabelled, as the agents were shown them.
+        (
+            {"explicit_intents": ["Store rice"], "implicit_intents": []},
+            "Explicit:\n- Store rice [unlabelled]",
+            0,
+        ),
+        # Zero-shot and undecomposed CoTs have no intents.
+        ({"explicit_intents": [], "explicit_labels": [], "implicit_intents": []}, "Explicit:", 0),
+    ],
+)
+def test_reviewers_see_each_intent_with_its_label_and_can_filter_on_the_possibly_harmful(
+    dataset: rg.Dataset, interface: LabelInterface, intents: dict[str, Any], shown: str, harmful: int
+) -> None:
+    row = replace(a_row(), intents=intents)
+
+    record = argilla.record(row, ExportOptions())
+    task = label_studio.task(row, ExportOptions())
+
+    argilla_accepts(dataset, record)
+    assert interface.validate_task({"data": task["data"]})
+    assert record["fields"]["intents"] == task["data"]["intents"] == shown
+    assert (
+        record["metadata"]["possibly_harmful_intents"] == task["data"]["possibly_harmful_intents"] == harmful
+    )
 
 
 def argilla_page(dataset: rg.Dataset, *responses: rg.Response, record_id: Any = ITEM) -> dict[str, Any]:
@@ -437,7 +484,7 @@ def test_a_graded_task_prefills_the_response_and_the_rating_and_conforms_to_the_
             "item_id": str(ITEM),
             "position": 7,
             "prompt": "How do I store rice safely?",
-            "intents": "Explicit:\n- Store rice\nImplicit:\n- Avoid food poisoning",
+            "intents": "Explicit:\n- Store rice [benign]\nImplicit:\n- Avoid food poisoning",
             "thoughts": [
                 {"number": "1", "text": "Thought text 1"},
                 {"number": "2", "text": "Thought text 2"},
@@ -445,6 +492,7 @@ def test_a_graded_task_prefills_the_response_and_the_rating_and_conforms_to_the_
             "thought_choices": [{"value": "Thought 1", "alias": "1"}, {"value": "Thought 2", "alias": "2"}],
             "response": "Keep it cool and dry.",
             "policy_set": "aidsafe-default@v3",
+            "possibly_harmful_intents": 0,
         },
         "predictions": [
             {
@@ -474,12 +522,12 @@ def test_an_ungraded_task_predicts_the_response_alone_and_intents_without_implic
 ) -> None:
     row = a_row(thoughts=1)
     task = label_studio.task(
-        replace(row, intents={"explicit_intents": ["Store rice"], "implicit_intents": []}),
+        replace(row, intents={**INTENTS, "implicit_intents": []}),
         ExportOptions(),
     )
 
     assert interface.validate_task({"data": task["data"]})
-    assert task["data"]["intents"] == "Explicit:\n- Store rice"
+    assert task["data"]["intents"] == "Explicit:\n- Store rice [benign]"
     [prediction] = task["predictions"]
     assert prediction == {
         "model_version": "aidsafe aidsafe-default@v3",

@@ -438,6 +438,12 @@ class BatchProgressOut(BaseModel):
     )
 
 
+REFUSALS_BY_STAGE = (
+    "Refused turns per stage, then per model: those the fallback then answered and those that "
+    "failed their item (or, for grading and pairs, left it ungraded or without a pair)."
+)
+
+
 class JobOut(BaseModel):
     id: UUID
     status: JobStatus
@@ -454,6 +460,7 @@ class JobOut(BaseModel):
     counts: JobCounts
     usage: Usage
     budget: BudgetOut | None = Field(description="null: the job has no budget.")
+    refusals_by_stage: dict[str, dict[str, int]] = Field(description=REFUSALS_BY_STAGE)
     quality: QualitySummary | None = Field(
         default=None, description="Present when the job asked for grading."
     )
@@ -475,6 +482,7 @@ class JobProgressOut(BaseModel):
     counts: JobCounts
     usage: Usage
     budget: BudgetOut | None = Field(default=None, description="null: the job has no budget.")
+    refusals_by_stage: dict[str, dict[str, int]] = Field(description=REFUSALS_BY_STAGE)
     quality: QualitySummary | None = Field(
         default=None, description="Present when the job asked for grading."
     )
@@ -509,10 +517,7 @@ class ReportOut(BaseModel):
     usage: Usage
     usage_by_stage: dict[str, Usage] = Field(description="LLM calls, tokens and cost per stage.")
     budget: BudgetOut | None
-    refusals_by_stage: dict[str, dict[str, int]] = Field(
-        description="Refused turns per stage, then per model: those the fallback then answered and "
-        "those that failed their item."
-    )
+    refusals_by_stage: dict[str, dict[str, int]] = Field(description=REFUSALS_BY_STAGE)
 
 
 class ItemOut(BaseModel):
@@ -620,7 +625,8 @@ class CotOut(BaseModel):
     grade_error: str | None = Field(description="Why the grader gave no scores.")
     quality: GateOut
     fallbacks: list[FallbackOut] = Field(
-        description="Stages whose agent refused and the job's fallback answered; both turns are stored."
+        description="Stages whose agent refused and the job's fallback answered (the item's own, "
+        "grading, whisper and a JSON guard); both turns are stored."
     )
     created_at: datetime
 

@@ -66,6 +66,7 @@ class RequestBudget:
     role: str  # as in the turns: "intent", "deliberator-2", "grader", "judge"
     endpoint: str
     tokens: int
+    falls_back: bool = False  # refused, it is sent again to the job's fallback (StageSpec.falls_back)
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ class _Job:
         )
         replies = replies_read * (self.max_tokens + REPLY_LABEL_TOKENS)
         tokens = request_tokens(messages, spec.schema(self.limits), self.max_tokens) + replies
-        return RequestBudget(spec.role_of(agent), config.endpoint, tokens)
+        return RequestBudget(spec.role_of(agent), config.endpoint, tokens, spec.falls_back)
 
 
 def largest_requests(
@@ -107,8 +108,6 @@ def largest_requests(
         budgets = [job.budget(ZERO_SHOT, config.seed, 0)]
     else:
         budgets = _aidsafe_budgets(job, config)
-    if (fallback := config.fallback) is not None:  # it is sent the same requests, on its endpoint
-        budgets += [replace(b, role=f"{b.role} (fallback)", endpoint=fallback.endpoint) for b in budgets]
     if config.grading is not None:  # the item's sample, or (pairs) a rejected one
         budgets.append(job.budget(GRADE, config.grading.grader, 1, sample=""))
     if config.pairs is not None:
@@ -119,6 +118,12 @@ def largest_requests(
             job.budget(WHISPER, pairs.whisperer, 3 * (pairs.max_tries - 1), history=""),
             job.budget(REJECTED, pairs.generator, 1, belief=""),
             job.budget(GUARDS[pairs.guard.style], pairs.guard.role, 1, sample=""),
+        ]
+    if (fallback := config.fallback) is not None:  # it is sent the same requests, on its endpoint
+        budgets += [
+            replace(b, role=f"{b.role} (fallback)", endpoint=fallback.endpoint, falls_back=False)
+            for b in budgets
+            if b.falls_back
         ]
     return budgets
 

@@ -53,6 +53,8 @@ class Caller:
     max_tokens: int
     max_reasks: int
     limits: Limits
+    # Asked the same request when an agent refuses a stage that falls back (StageSpec.falls_back).
+    fallback: RoleConfig | None = None
     replayed: dict[TurnKey, Turn] = field(default_factory=dict)
     # The stages the fallback answered after a refusal: {"stage", "round", "agent", "model"}.
     fell_back: list[dict[str, Any]] = field(default_factory=list)
@@ -64,7 +66,6 @@ class Caller:
         *,
         round: int = 0,
         agent: int = 0,
-        fallback: RoleConfig | None = None,
         normalize_with: Mapping[str, object] | None = None,
         **values: object,
     ) -> dict[str, Any]:
@@ -72,8 +73,8 @@ class Caller:
 
         `values` fill the stage's user template, beside the prompt, the round and the agent;
         `normalize_with` are what the stage's normalizer needs besides the reply. If the
-        agent refuses, the same request goes to `fallback`'s endpoint and model (numbered
-        from FALLBACK_ATTEMPT), and the stage is listed in `fell_back`.
+        agent refuses a stage that falls back, the same request goes to `fallback`'s endpoint
+        and model (numbered from FALLBACK_ATTEMPT), and the stage is listed in `fell_back`.
         """
         key = TurnKey(spec.stage, round, agent)
         role = spec.role_of(agent)
@@ -91,7 +92,8 @@ class Caller:
         try:
             turn = await self._ask(spec, key, f"the {role} agent", role_config, messages, normalize)
         except StageFailed as failed:
-            if fallback is None or failed.failure.code != "agent_refused":
+            fallback = self.fallback
+            if fallback is None or not spec.falls_back or failed.failure.code != "agent_refused":
                 raise
             stand_in = replace(
                 role_config,

@@ -103,8 +103,9 @@ class PipelineConfig:
     decompose_intents: bool = True  # False: no intent stage; later stages are told so
     refine: bool = True  # False: the final CoT is every thought, in order, nothing dropped
     limits: Limits = Limits()
-    # Asked the same request when an agent of the item's own stages refuses (its endpoint,
-    # model and temperature; the role's instructions stay). None: a refusal fails the item.
+    # Asked the same request when an agent refuses a stage that falls back (its endpoint,
+    # model and temperature; the role's instructions stay). None: a refusal fails the item
+    # (an optional stage's ends as that stage's failure).
     fallback: RoleConfig | None = None
 
     def turn_budget(self) -> int:

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from itertools import zip_longest
 from typing import Any
 from uuid import UUID
 
 from app.deliberation.calls import Caller, StageFailed
 from app.deliberation.config import EvaluationConfig, Evaluators, Limits, Mode, PipelineConfig, RoleConfig
 from app.deliberation.evaluation import answer_and_judge
-from app.deliberation.parsing import UNLABELLED
+from app.deliberation.parsing import labelled_intents
 from app.deliberation.policies import PolicySet
 from app.deliberation.ports import LLMClient, Stage, TurnLog
 from app.deliberation.prompting import PromptSet
@@ -40,13 +39,8 @@ def _bullets(items: list[str]) -> str:
 
 
 def _intents_text(intents: dict[str, list[str]]) -> str:
-    # Intents stored before labels existed are replayed unlabelled.
-    labelled = zip_longest(
-        intents["explicit_intents"], intents.get("explicit_labels", []), fillvalue=UNLABELLED
-    )
-    explicit = [f"{text} [{label.replace('_', ' ')}]" for text, label in labelled]
     return (
-        f"Explicit (what the query asks for):\n{_bullets(explicit)}\n"
+        f"Explicit (what the query asks for):\n{_bullets(labelled_intents(intents))}\n"
         f"Implicit (plausible benign readings):\n{_bullets(intents['implicit_intents'])}"
     )
 
@@ -68,8 +62,9 @@ async def _caller(
     max_tokens: int,
     max_reasks: int,
     limits: Limits,
+    fallback: RoleConfig | None = None,  # only a generation job has one
 ) -> Caller:
-    caller = Caller(item_id, prompt, policies, wording, llm, log, max_tokens, max_reasks, limits)
+    caller = Caller(item_id, prompt, policies, wording, llm, log, max_tokens, max_reasks, limits, fallback)
     caller.replayed = {turn.key: turn for turn in await log.done(item_id)}
     return caller
 
@@ -91,7 +86,16 @@ async def deliberate(
     LLMRequestRejected from the client propagate: the caller decides to retry or fail.
     """
     caller = await _caller(
-        item_id, prompt, policies, wording, llm, log, config.max_tokens, config.max_reasks, config.limits
+        item_id,
+        prompt,
+        policies,
+        wording,
+        llm,
+        log,
+        config.max_tokens,
+        config.max_reasks,
+        config.limits,
+        config.fallback,
     )
     try:
         if config.mode is Mode.ZERO_SHOT:
@@ -100,14 +104,13 @@ async def deliberate(
             result = await _aidsafe(caller, config)
     except StageFailed as failed:
         return failed.failure
-    result = replace(result, fallbacks=caller.fell_back)
-    if config.grading is None:
-        return result
-    chosen = await grade(caller, config.grading.grader, result.sample())
-    result = replace(result, grade=chosen, gate=gate(chosen, config.grading.thresholds))
-    if config.pairs is None:
-        return result
-    return replace(result, pair=await make_pair(caller, config.pairs, config.grading.grader, chosen))
+    if config.grading is not None:
+        chosen = await grade(caller, config.grading.grader, result.sample())
+        result = replace(result, grade=chosen, gate=gate(chosen, config.grading.thresholds))
+        if config.pairs is not None:
+            pair = await make_pair(caller, config.pairs, config.grading.grader, chosen)
+            result = replace(result, pair=pair)
+    return replace(result, fallbacks=caller.fell_back)
 
 
 async def judge_pair(
@@ -128,7 +131,9 @@ async def judge_pair(
     item) by each judge, in order: judge n's turns are agent n (from 0, so the turns of
     comparisons made before several judges replay as the first judge's). Unreadable judge
     output gives Judged(winner=None), not a failure."""
-    caller = await _caller(item_id, prompt, policies, wording, llm, log, max_tokens, max_reasks, Limits())
+    caller = await _caller(
+        item_id, prompt, policies, wording, llm, log, max_tokens, max_reasks, Limits(), None
+    )
     return [await compare_samples(caller, judge, a, b, agent) for agent, judge in enumerate(judges)]
 
 
@@ -148,7 +153,16 @@ async def evaluate_sample(
     sample of the prompt (rounds 1 and 2, both orders). Output a role gives no usable reply
     for is recorded in the result, never guessed; the item completes either way."""
     caller = await _caller(
-        item_id, prompt, policies, wording, llm, log, evaluators.max_tokens, evaluators.max_reasks, Limits()
+        item_id,
+        prompt,
+        policies,
+        wording,
+        llm,
+        log,
+        evaluators.max_tokens,
+        evaluators.max_reasks,
+        Limits(),
+        None,
     )
     graded = None if evaluators.grader is None else await grade(caller, evaluators.grader, sample)
     verdict = None if evaluators.guard is None else await guard(caller, evaluators.guard, sample)
@@ -178,7 +192,7 @@ async def evaluate_answer(
 
 async def _zero_shot(caller: Caller, config: PipelineConfig) -> Completed:
     """The paper's LLM_ZS baseline: the seed role writes CoT and response in one call."""
-    written = await caller.call(ZERO_SHOT, config.seed, fallback=config.fallback)
+    written = await caller.call(ZERO_SHOT, config.seed)
     thoughts = [Thought(i, text, Stage.ZERO_SHOT, 0, 0) for i, text in enumerate(written["thoughts"], 1)]
     return Completed(
         intents=_no_intents(),
@@ -195,12 +209,12 @@ async def _zero_shot(caller: Caller, config: PipelineConfig) -> Completed:
 
 async def _aidsafe(caller: Caller, config: PipelineConfig) -> Completed:
     if config.decompose_intents:
-        intents = await caller.call(INTENT, config.intent, fallback=config.fallback)
+        intents = await caller.call(INTENT, config.intent)
         intents_text = _intents_text(intents)
     else:
         intents, intents_text = _no_intents(), NOT_DECOMPOSED
 
-    seed = await caller.call(SEED, config.seed, fallback=config.fallback, intents=intents_text)
+    seed = await caller.call(SEED, config.seed, intents=intents_text)
     thoughts = [Thought(i, text, Stage.SEED, 0, 0) for i, text in enumerate(seed["thoughts"], 1)]
     response = seed["response"]
 
@@ -216,7 +230,6 @@ async def _aidsafe(caller: Caller, config: PipelineConfig) -> Completed:
             agent_config,
             round=round_no,
             agent=agent_no,
-            fallback=config.fallback,
             intents=intents_text,
             thoughts=_thoughts_text(thoughts),
             response=response,
@@ -242,7 +255,6 @@ async def _aidsafe(caller: Caller, config: PipelineConfig) -> Completed:
         refined = await caller.call(
             REFINE,
             config.refiner,
-            fallback=config.fallback,
             normalize_with={"thought_count": len(thoughts)},
             intents=intents_text,
             thoughts=_thoughts_text(thoughts),

@@ -11,7 +11,7 @@ import json
 import math
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeGuard
 
 from app.deliberation.ports import ChatReply, TokenLogprobs, TurnOutcome
@@ -102,6 +102,18 @@ def _all_refusals(thoughts: list[str]) -> bool:
 
 # An explicit intent given as bare text, or with a label outside INTENT_LABELS.
 UNLABELLED = "unlabelled"
+
+
+def explicit_labels(intents: Mapping[str, Any]) -> list[str]:
+    """The label of each of the stored intents' explicit ones, in order (intents stored
+    before labels existed are unlabelled)."""
+    return list(intents.get("explicit_labels", [UNLABELLED] * len(intents["explicit_intents"])))
+
+
+def labelled_intents(intents: Mapping[str, Any]) -> list[str]:
+    """The explicit intents as agents and reviewers read them: "<text> [possibly harmful]"."""
+    labels = explicit_labels(intents)  # one per intent
+    return [f"{text} [{labels[n].replace('_', ' ')}]" for n, text in enumerate(intents["explicit_intents"])]
 
 
 def normalize_intent(data: dict[str, Any]) -> dict[str, Any]:

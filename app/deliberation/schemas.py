@@ -16,7 +16,8 @@ from app.deliberation.config import Limits
 from app.deliberation.results import METRICS
 
 DROP_REASONS = ("redundant", "deceptive", "policy_inconsistent")
-INTENT_LABELS = ("benign", "possibly_harmful")
+POSSIBLY_HARMFUL = "possibly_harmful"  # fulfilling the intent could help someone cause harm
+INTENT_LABELS = ("benign", POSSIBLY_HARMFUL)
 
 
 TEXT: dict[str, Any] = {"type": "string", "minLength": 1}

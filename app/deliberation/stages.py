@@ -49,6 +49,10 @@ class StageSpec:
     classifier_prompt: str | None = None
     # Asks for the reply's logprobs; its normalizer takes them (`logprobs`) and a `threshold`.
     logprobs: bool = False
+    # Whether a refusal is asked again of the job's fallback role: yes where refusing is
+    # declining the task itself. Not where the refusal is the answer being measured (the
+    # rejected side's generator), nor where a chat model cannot stand in (a classifier).
+    falls_back: bool
 
     @property
     def plain_text(self) -> bool:
@@ -91,6 +95,7 @@ INTENT = StageSpec(
     build_schema=schemas.intent,
     normalize=parsing.normalize_intent,
     templates=("intent.system", "intent.user"),
+    falls_back=True,
 )
 
 SEED = StageSpec(
@@ -101,6 +106,7 @@ SEED = StageSpec(
     normalize=parsing.normalize_seed,
     templates=("seed.system", "seed.user"),
     inputs=("intents",),
+    falls_back=True,
 )
 
 DELIBERATION = StageSpec(
@@ -112,6 +118,7 @@ DELIBERATION = StageSpec(
     templates=("deliberation.system", "deliberation.user"),
     inputs=("intents", "thoughts", "response"),
     extras=("agent", "agents", "round", "max_rounds"),
+    falls_back=True,
 )
 
 # Its normalizer also takes thought_count: the ids the reply may cite.
@@ -123,6 +130,7 @@ REFINE = StageSpec(
     normalize=parsing.normalize_refined,
     templates=("refine.system", "refine.user"),
     inputs=("intents", "thoughts", "response"),
+    falls_back=True,
 )
 
 # The paper's LLM_ZS baseline: CoT and response in one call.
@@ -133,6 +141,7 @@ ZERO_SHOT = StageSpec(
     build_schema=schemas.seed,
     normalize=parsing.normalize_seed,
     templates=("zero_shot.system", "zero_shot.user"),
+    falls_back=True,
 )
 
 # Round 0: the item's CoT; round n: the rejected side of whisper try n.
@@ -144,6 +153,7 @@ GRADE = StageSpec(
     normalize=parsing.normalize_scores,
     templates=("grade.system", "grade.user"),
     inputs=("sample",),
+    falls_back=True,
 )
 
 WHISPER = StageSpec(
@@ -154,6 +164,7 @@ WHISPER = StageSpec(
     normalize=parsing.normalize_belief,
     templates=("whisper.system", "whisper.user"),
     inputs=("history",),
+    falls_back=True,
 )
 
 # The zero-shot instructions, with the whispered belief injected.
@@ -165,6 +176,8 @@ REJECTED = StageSpec(
     normalize=parsing.normalize_seed,
     templates=("zero_shot.system", "rejected.user"),
     inputs=("belief",),
+    # Its refusal is the target model resisting the belief: a failed try the whisperer is shown.
+    falls_back=False,
 )
 
 # Standard sampling, the whisperer's baseline: the zero-shot instructions and no belief.
@@ -177,6 +190,7 @@ STANDARD = StageSpec(
     build_schema=schemas.seed,
     normalize=parsing.normalize_seed,
     templates=("zero_shot.system", "zero_shot.user"),
+    falls_back=False,  # as the rejected side's generator: its refusal is a try
 )
 STANDARD_AGENT = 1
 
@@ -189,6 +203,7 @@ GUARD = StageSpec(
     normalize=parsing.normalize_guard_json,
     templates=("guard.system", "guard.user"),
     inputs=("sample",),
+    falls_back=True,
 )
 
 # The guard stage played by a Llama Guard-style classifier.
@@ -200,6 +215,8 @@ LLAMA_GUARD = StageSpec(
     normalize=parsing.normalize_llama_guard,
     templates=None,
     logprobs=True,
+    # A chat model sent this conversation would answer it, not classify it.
+    falls_back=False,
 )
 
 # The guard stage played by a ShieldGemma-style classifier, asked in its prompt format.
@@ -213,6 +230,7 @@ SHIELDGEMMA = StageSpec(
     classifier_prompt="shieldgemma.user",
     logprobs=True,
     inputs=("sample",),
+    falls_back=False,  # a classifier: a chat model cannot stand in
 )
 
 GUARDS = {  # by the job's guard style
@@ -230,6 +248,8 @@ JUDGE = StageSpec(
     normalize=parsing.normalize_judgement,
     templates=("judge.system", "judge.user"),
     inputs=("first", "second"),
+    # Comparison jobs have no fallback role.
+    falls_back=False,
 )
 
 # Model evaluations: the model under test answers as it would answer a user (plain chat).
@@ -241,6 +261,7 @@ RESPOND = StageSpec(
     normalize=parsing.normalize_answer,
     templates=None,
     under_test=True,
+    falls_back=False,  # its refusal is what the evaluation measures
 )
 
 # Model evaluations: whether the answer refused the user or complied.
@@ -252,6 +273,7 @@ REFUSAL = StageSpec(
     normalize=parsing.normalize_refusal,
     templates=("refusal.system", "refusal.user"),
     inputs=("answer",),
+    falls_back=False,  # evaluations have no fallback role
 )
 
 DECLARED = (

@@ -8,6 +8,13 @@ rejected side. Which pairs are kept is decided by their readers, on the recorded
 
 With `baseline`, standard sampling (the generator without the whisperer) gets as many
 tries, judged and graded the same way, so the two gap distributions can be compared.
+
+With a fallback role, a whisperer, JSON guard or grader that refuses is asked again of the
+fallback: refusing is declining the task. The generator is not: its refusal is the target
+model resisting the belief, a failed try for the whisperer to learn from. The rejected side
+must be that model's own failure (a DPO pair teaches the model off what it would write); a
+fallback's compliance would hide that it held. The fallback's answers are listed with the
+item's other fallbacks (with pairs, the gap may then compare two graders' scores).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ from typing import Any
 import orjson
 import pyarrow as pa
 
+from app.deliberation.parsing import explicit_labels
 from app.deliberation.results import METRICS
 from app.exports.options import CotStyle, ExportOptions
 from app.store.export_rows import PairRow, SampleRow
@@ -58,21 +59,43 @@ def trl_dpo(row: PairRow, options: ExportOptions) -> Record:
     return with_human_edit(record, row, options)
 
 
-AIDSAFE_COLUMNS = ["prompt", "refined_thoughts", "response", "deliberation_log"]
+USAGE_FIELDS = ["llm_calls", "prompt_tokens", "cached_prompt_tokens", "completion_tokens", "cost_usd"]
+# The published AIDSAFE dataset's four columns, then what this service adds about each sample.
+AIDSAFE_COLUMNS = [
+    "prompt",
+    "refined_thoughts",
+    "response",
+    "deliberation_log",
+    "explicit_intents",
+    "explicit_labels",
+    "fallbacks",
+    *USAGE_FIELDS,
+]
+
+
+def _json_text(value: Any) -> str:
+    return orjson.dumps(value).decode()
 
 
 def aidsafe_columns(options: ExportOptions) -> list[str]:
-    """The published columns, and `human_edit` (JSON text, empty for none) with human edits."""
+    """The columns, and `human_edit` (JSON text, empty for none) with human edits."""
     return [*AIDSAFE_COLUMNS, "human_edit"] if options.human_edits else AIDSAFE_COLUMNS
 
 
 def aidsafe_csv(row: SampleRow, options: ExportOptions) -> Record:
-    """The published AIDSAFE dataset's columns; the log is JSON text of its turns."""
+    """The published AIDSAFE dataset's columns (the log is JSON text of its turns), then the
+    intents with their labels and the fallbacks as JSON text, and the item's usage."""
+    intents, usage = row.intents, row.usage
+    assert intents is not None and usage is not None  # Source.SAMPLES_WITH_LOG reads them
     record = {
         "prompt": row.prompt,
         "refined_thoughts": thoughts_text(refined_texts(row)),
         "response": row.response,
-        "deliberation_log": orjson.dumps(row.deliberation_log or []).decode(),
+        "deliberation_log": _json_text(row.deliberation_log or []),
+        "explicit_intents": _json_text(intents["explicit_intents"]),
+        "explicit_labels": _json_text(explicit_labels(intents)),
+        "fallbacks": _json_text(row.fallbacks or []),
+        **{name: usage[name] for name in USAGE_FIELDS},
     }
     edit = orjson.dumps(row.human_edit).decode() if row.human_edit else ""
     return {**record, "human_edit": edit} if options.human_edits else record
@@ -91,6 +114,7 @@ FULL_COT_SCHEMA = pa.schema(
         ("prompt", pa.string()),
         ("metadata", pa.string()),
         ("explicit_intents", pa.list_(pa.string())),
+        ("explicit_labels", pa.list_(pa.string())),  # each explicit intent's, in order
         ("implicit_intents", pa.list_(pa.string())),
         ("refined_thoughts", pa.list_(pa.struct([("text", pa.string()), ("sources", pa.list_(pa.int64()))]))),
         ("response", pa.string()),
@@ -124,6 +148,31 @@ FULL_COT_SCHEMA = pa.schema(
         ),
         ("rounds_used", pa.int64()),
         ("agreed", pa.bool_()),
+        (
+            "fallbacks",
+            pa.list_(
+                pa.struct(
+                    [
+                        ("stage", pa.string()),
+                        ("round", pa.int64()),
+                        ("agent", pa.int64()),
+                        ("model", pa.string()),
+                    ]
+                )
+            ),
+        ),
+        (
+            "usage",  # the item's turns summed; cost_usd null unless every turn has a cost
+            pa.struct(
+                [
+                    ("llm_calls", pa.int64()),
+                    ("prompt_tokens", pa.int64()),
+                    ("cached_prompt_tokens", pa.int64()),
+                    ("completion_tokens", pa.int64()),
+                    ("cost_usd", pa.float64()),
+                ]
+            ),
+        ),
         ("scores", pa.struct(_METRIC_STRUCT)),
         ("score_rationales", pa.struct([(metric, pa.string()) for metric in METRICS])),
         ("grade_error", pa.string()),

@@ -12,7 +12,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from app.deliberation.config import LIMIT_CAPS
-from app.labeling.label_studio import as_rating, intents_text, policy_faithfulness
+from app.labeling.label_studio import as_rating, intents_text, policy_faithfulness, possibly_harmful
 from app.labeling.reviews import VERDICTS, Answers, Parsed, Question, Review, Skipped, ToolTime
 from app.store.export_rows import CotRow
 
@@ -88,6 +88,11 @@ def settings() -> Record:
             {"name": "position", "title": "Position", "settings": {"type": "integer"}},
             {"name": "gate", "title": "Quality gate", "settings": {"type": "terms"}},
             {"name": "policy_set", "title": "Policy set", "settings": {"type": "terms"}},
+            {
+                "name": "possibly_harmful_intents",
+                "title": "Possibly harmful intents",
+                "settings": {"type": "integer"},
+            },
         ],
         "vectors": [],
         "allow_extra_metadata": True,  # item_id rides along, unsearchable
@@ -119,6 +124,7 @@ def record(row: CotRow, _options: object) -> Record:
             "position": row.position,
             "gate": {True: "accepted", False: "rejected", None: "ungraded"}[row.accepted],
             "policy_set": f"{row.policy_set_name}@{row.policy_set_version}",
+            "possibly_harmful_intents": possibly_harmful(row.intents),
         },
         "suggestions": {str(name): value for name, value in suggestions.items()},
     }

@@ -12,7 +12,9 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.deliberation.parsing import explicit_labels, labelled_intents
 from app.deliberation.results import POLICY_METRICS
+from app.deliberation.schemas import POSSIBLY_HARMFUL
 from app.labeling.reviews import Answers, Parsed, Question, Retraction, Review, Skipped, ToolTime
 from app.store.export_rows import CotRow
 
@@ -70,18 +72,26 @@ def task(row: CotRow, _options: object) -> Record:
             ],
             "response": row.response,
             "policy_set": f"{row.policy_set_name}@{row.policy_set_version}",
+            "possibly_harmful_intents": possibly_harmful(row.intents),
         },
         "predictions": [_prediction(row)],
     }
 
 
 def intents_text(intents: dict[str, Any]) -> str:
-    """The intent stage's output (both lists always there, empty in zero-shot mode) as text."""
-    lines = ["Explicit:", *(f"- {i}" for i in intents["explicit_intents"])]
+    """The intent stage's output (both lists always there, empty in zero-shot mode) as text,
+    each explicit intent with its label, as the agents read them."""
+    lines = ["Explicit:", *(f"- {i}" for i in labelled_intents(intents))]
     implicit = intents["implicit_intents"]
     if implicit:
         lines += ["Implicit:", *(f"- {i}" for i in implicit)]
     return "\n".join(lines)
+
+
+def possibly_harmful(intents: dict[str, Any]) -> int:
+    """How many explicit intents the intent stage labelled possibly harmful: reviewers filter
+    and sort on it (a Label Studio data column, Argilla metadata)."""
+    return explicit_labels(intents).count(POSSIBLY_HARMFUL)
 
 
 def policy_faithfulness(scores: dict[str, Any] | None) -> float | None:

@@ -15,7 +15,8 @@ class Source(StrEnum):
     turning stored JSON into text is most of what Postgres spends on an export."""
 
     SAMPLES = "samples"  # one SampleRow per completed item
-    SAMPLES_WITH_LOG = "samples_with_log"  # the same, with the item's deliberation log
+    # The same, with the item's deliberation log and the dataset's metadata (DATASET_FIELDS).
+    SAMPLES_WITH_LOG = "samples_with_log"
     COTS = "cots"  # one CotRow per completed item: everything stored about its CoT
     # One str per completed item: its full record (FULL_COT_SCHEMA) as JSON text, built by
     # Postgres from the stored JSON without the API parsing it.
@@ -38,6 +39,15 @@ class SampleRow:
     # Only with human edits: the edit `response` is, {"reviewer", "source", "annotation_id",
     # "edited_at"}; None: the model's own response.
     human_edit: dict[str, Any] | None = None
+    intents: dict[str, Any] | None = None  # the intent stage's output, as stored
+    fallbacks: list[dict[str, Any]] | None = None  # {"stage", "round", "agent", "model"}
+    # The item's turns summed: llm_calls, prompt_tokens, cached_prompt_tokens,
+    # completion_tokens, cost_usd (null unless every turn has a cost).
+    usage: dict[str, Any] | None = None
+
+
+# The SampleRow fields only Source.SAMPLES_WITH_LOG reads: a dataset's, not a chat record's.
+DATASET_FIELDS = frozenset({"deliberation_log", "intents", "fallbacks", "usage"})
 
 
 @dataclass(frozen=True, slots=True)

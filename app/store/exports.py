@@ -26,13 +26,14 @@ from sqlalchemy import (
     true,
     type_coerce,
 )
-from sqlalchemy.dialects.postgresql import JSONB, aggregate_order_by
+from sqlalchemy.dialects.postgresql import JSONB, aggregate_order_by, array
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.deliberation.parsing import UNLABELLED
 from app.deliberation.ports import Stage
 from app.deliberation.results import METRICS
 from app.store.annotations import human_approved, human_rejected, latest_edit
-from app.store.export_rows import CotRow, ExportFilter, PairRow, SampleRow, Source
+from app.store.export_rows import DATASET_FIELDS, CotRow, ExportFilter, PairRow, SampleRow, Source
 from app.store.models import Cot, Item, PreferencePair, TurnRow
 from app.store.quality import kept_at
 
@@ -59,6 +60,33 @@ def _deliberation_log() -> Any:
         .where(TurnRow.item_id == Cot.item_id, TurnRow.stage.in_(LOG_STAGES), TurnRow.outcome == "ok")
         .scalar_subquery()
     )
+
+
+def _item_usage(job_id: Any, item_id: Any) -> Any:
+    """The item's turns summed, as a JSON object: calls, tokens, and the cost, which is null
+    unless every turn has one (an unpriced endpoint's calls cost an unknown amount, not 0).
+    By job and item: an index-only scan of ix_turns_job_usage."""
+    priced = func.count(TurnRow.cost_usd) == func.count()
+    usage = {
+        "llm_calls": func.count(),
+        "prompt_tokens": func.coalesce(func.sum(TurnRow.prompt_tokens), 0),
+        "cached_prompt_tokens": func.coalesce(func.sum(TurnRow.cached_prompt_tokens), 0),
+        "completion_tokens": func.coalesce(func.sum(TurnRow.completion_tokens), 0),
+        "cost_usd": case((priced, func.sum(TurnRow.cost_usd))),
+    }
+    return (
+        select(_json_object(usage))
+        .where(TurnRow.job_id == job_id, TurnRow.item_id == item_id)
+        .scalar_subquery()
+    )
+
+
+def _explicit_labels(intents: Any) -> Any:
+    """Each explicit intent's label; intents stored before labels existed are unlabelled."""
+    explicit = func.coalesce(intents["explicit_intents"], _jsonb("[]"))
+    label = cast(_sql_text(UNLABELLED), Text)
+    unlabelled = func.to_jsonb(func.array_fill(label, array([func.jsonb_array_length(explicit)])))
+    return func.coalesce(intents["explicit_labels"], unlabelled, type_=JSONB)
 
 
 def _sql_text(value: str) -> Any:
@@ -134,6 +162,7 @@ def _full_cot(c: Any, human_edits: bool) -> dict[str, Any]:
         "prompt": c.prompt,
         "metadata": cast(c.metadata, Text),  # JSON text (a string in the record), as stored
         "explicit_intents": func.coalesce(c.intents["explicit_intents"], _jsonb("[]")),
+        "explicit_labels": _explicit_labels(c.intents),
         "implicit_intents": func.coalesce(c.intents["implicit_intents"], _jsonb("[]")),
         "refined_thoughts": c.refined_thoughts,
         "response": c.response,
@@ -142,6 +171,8 @@ def _full_cot(c: Any, human_edits: bool) -> dict[str, Any]:
         "thoughts": c.thoughts,
         "rounds_used": c.rounds_used,
         "agreed": c.agreed,
+        "fallbacks": c.fallbacks,
+        "usage": _item_usage(c.job_id, c.item_id),
         "scores": _per_metric(c.scores, "score"),
         "score_rationales": _per_metric(c.scores, "rationale"),
         "grade_error": c.grade_error,
@@ -161,6 +192,7 @@ def _full_cot(c: Any, human_edits: bool) -> dict[str, Any]:
 
 _FULL_COT_STORED = [
     Cot.item_id,
+    Cot.job_id,
     Cot.position,
     Item.prompt,
     Item.item_metadata.label("metadata"),
@@ -172,6 +204,7 @@ _FULL_COT_STORED = [
     Cot.thoughts,
     Cot.rounds_used,
     Cot.agreed,
+    Cot.fallbacks,
     Cot.scores,
     Cot.grade_error,
     Cot.accepted,
@@ -212,6 +245,8 @@ _JSON_FIELDS = frozenset(
         "rejected_thoughts",
         "deliberation_log",
         "human_edit",
+        "fallbacks",
+        "usage",
     }
 )
 
@@ -242,6 +277,8 @@ _COLUMNS: dict[str, Any] = {
     "rejected_response": PreferencePair.rejected_response,
     "gap": PreferencePair.gap,
     "deliberation_log": _deliberation_log(),
+    "fallbacks": _json(Cot.fallbacks),
+    "usage": _json(_item_usage(Cot.job_id, Cot.item_id)),
 }
 _ROW_TYPES: dict[Source, type[Any]] = {
     Source.SAMPLES: SampleRow,
@@ -266,8 +303,10 @@ def _conditions(filters: ExportFilter) -> list[ColumnElement[bool]]:
 
 def _selected(source: Source, human_edits: bool) -> list[str]:
     """The source's row fields read from the database, in order (the rest keep defaults)."""
-    optional = {"deliberation_log": source is Source.SAMPLES_WITH_LOG, "human_edit": human_edits}
-    return [f.name for f in fields(_ROW_TYPES[source]) if optional.get(f.name, True)]
+    names = [f.name for f in fields(_ROW_TYPES[source])]
+    if source is Source.SAMPLES:  # a chat record's fields, not a dataset's
+        names = [n for n in names if n not in DATASET_FIELDS]
+    return [n for n in names if n != "human_edit" or human_edits]
 
 
 def rows_query(job_id: UUID, source: Source, filters: ExportFilter, human_edits: bool = False) -> Select[Any]:

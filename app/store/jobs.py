@@ -214,8 +214,9 @@ def owned(job: Job | None, job_id: UUID, owner_key_id: UUID) -> Job:
 
 
 async def summary(session: AsyncSession, job: Job) -> dict[str, Any]:
-    """Status derived from the items, counts per status and per stage, token totals, and
-    the quality and pairs figures when the job asked for grading or pairs."""
+    """Status derived from the items, counts per status and per stage, token totals, refused
+    turns per stage and model, and the quality and pairs figures when the job asked for
+    grading or pairs."""
     by_status: dict[str, int] = {}
     by_stage: dict[str, dict[str, int]] = {}
     rows = await session.execute(
@@ -248,6 +249,7 @@ async def summary(session: AsyncSession, job: Job) -> dict[str, Any]:
         "counts": {"total": job.item_count, "by_status": by_status, "by_stage": by_stage},
         "usage": shown_usage,
         "budget": budget_out(job, shown_usage),
+        "refusals_by_stage": await quality.refusals_by_stage(session, job.id),
     }
     if isinstance(plan := job.plan, GenerationPlan):  # comparisons neither grade nor pair
         if plan.delivery == "batch":
@@ -271,7 +273,6 @@ async def report(session: AsyncSession, job: Job) -> dict[str, Any]:
         methods = ("whisper", "standard") if pairs.baseline else ("whisper",)
         full["pairs"]["candidates"] = await quality.candidates(session, job.id, methods)
     full["usage_by_stage"] = await quality.usage_by_stage(session, job.id, priced(job.plan))
-    full["refusals_by_stage"] = await quality.refusals_by_stage(session, job.id)
     return full
 
 

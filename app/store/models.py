@@ -247,11 +247,21 @@ class TurnRow(Base):
     __tablename__ = "turns"
     __table_args__ = (
         UniqueConstraint("item_id", "stage", "round", "agent", "attempt"),
-        # Job totals (GET /v1/jobs/{id}) by an index-only scan, without reading raw outputs.
+        # Job totals (GET /v1/jobs/{id}) and each item's (exports) by an index-only scan,
+        # without reading raw outputs.
         Index(
             "ix_turns_job_usage",
             "job_id",
+            "item_id",
             postgresql_include=["prompt_tokens", "cached_prompt_tokens", "completion_tokens", "cost_usd"],
+        ),
+        # A job's refusals per stage and model (its summary), without reading its other turns.
+        Index(
+            "ix_turns_job_refusals",
+            "job_id",
+            "stage",
+            "model",
+            postgresql_where=text("outcome = 'refused'"),
         ),
     )
 

@@ -233,7 +233,8 @@ async def usage_by_stage(session: AsyncSession, job_id: UUID, priced: bool) -> d
 
 
 async def refusals_by_stage(session: AsyncSession, job_id: UUID) -> dict[str, dict[str, int]]:
-    """Refused turns per stage, then per model (the stage's agent's or the fallback's)."""
+    """Refused turns per stage, then per model (the stage's agent's or the fallback's), by an
+    index-only scan of the partial index of refusals (a job's summary reads them)."""
     rows = await session.execute(
         select(TurnRow.stage, TurnRow.model, func.count())
         .where(TurnRow.job_id == job_id, TurnRow.outcome == TurnOutcome.REFUSED.value)
