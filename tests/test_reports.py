@@ -80,14 +80,20 @@ def test_csv_has_one_row_per_figure() -> None:
     assert gap_sides == ["standard", "whisper"]
 
 
-@pytest.mark.parametrize("draw", [plots.score_distributions, plots.gap_distributions])
-def test_plots_are_pngs_that_show_the_data(draw) -> None:  # type: ignore[no-untyped-def]
-    image = Image.open(io.BytesIO(draw(figures())))
+@pytest.mark.parametrize("plot", list(plots.Plot))
+async def test_plots_are_pngs_that_show_the_data(plot: plots.Plot) -> None:
+    image = Image.open(io.BytesIO(await plots.png(plot, figures())))
     assert image.format == "PNG" and image.width > 300 and image.height > 200
-    empty = Image.open(io.BytesIO(draw(figures(gaps={}, baseline=Side("b", {}), candidate=Side("c", {})))))
+    nothing = figures(gaps={}, baseline=Side("b", {}), candidate=Side("c", {}))
+    empty = Image.open(io.BytesIO(await plots.png(plot, nothing)))
     # The bars are drawn in colour; a plot of nothing has none of them.
     assert _coloured_pixels(image) > 500
     assert _coloured_pixels(empty) < 50
+
+
+def test_one_sides_scores_are_a_plot_of_their_own() -> None:
+    image = Image.open(io.BytesIO(plots.score_distributions("samples", [CANDIDATE])))
+    assert image.format == "PNG" and _coloured_pixels(image) > 500
 
 
 def _coloured_pixels(image: Image.Image) -> int:

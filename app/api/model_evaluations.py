@@ -32,8 +32,9 @@ router = APIRouter(prefix="/v1/model-evaluations", tags=["model evaluations"])
 MODEL_EVALUATION_BODY = JsonBody[ModelEvaluationIn](ModelEvaluationIn, max_values=20 * MAX_PROMPTS_PER_JOB)
 
 
-async def _evaluation_out(session: AsyncSession, job: Job) -> ModelEvaluationOut:
-    """The job as a model evaluation, with its report; NotFound if it is not one."""
+async def evaluation_out(session: AsyncSession, job: Job) -> ModelEvaluationOut:
+    """The job as a model evaluation, with its report (as the API and the web viewer show it);
+    NotFound if it is not one."""
     plan = model_evaluations.plan_of(job)
     tallies = await model_evaluations.tallies(session, job)
     return views.model_evaluation_out(
@@ -90,7 +91,7 @@ async def create_model_evaluation(
         callback=callback,
     )
     await submission.accept(job, new_item_ids)
-    shown = await _evaluation_out(session, job)
+    shown = await evaluation_out(session, job)
     return SubmittedModelEvaluationOut(**shown.model_dump(), callback_secret=job.callback_secret)
 
 
@@ -102,4 +103,4 @@ async def get_model_evaluation(
     metric, each target's rate with its Wilson 95 % interval. The answers themselves are the
     items' `respond` turns (GET /v1/items/{id}; hazardous text: keys without
     `hazardous:read` see them redacted)."""
-    return await _evaluation_out(session, await jobs.get_owned(session, evaluation_id, key.id))
+    return await evaluation_out(session, await jobs.get_owned(session, evaluation_id, key.id))

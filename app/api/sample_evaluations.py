@@ -147,12 +147,13 @@ async def _submit(
         callback=callback,
     )
     await submission.accept(job, new_item_ids)
-    shown = await _evaluation_out(session, job)
+    shown = await evaluation_out(session, job)
     return SubmittedSampleEvaluationOut(**shown.model_dump(), callback_secret=job.callback_secret)
 
 
-async def _evaluation_out(session: AsyncSession, job: Job) -> SampleEvaluationOut:
-    """The job as a sample evaluation, with the report of what it asks; NotFound if it is not one."""
+async def evaluation_out(session: AsyncSession, job: Job) -> SampleEvaluationOut:
+    """The job as a sample evaluation, with the report of what it asks (as the API and the web
+    viewer show it); NotFound if it is not one."""
     plan = sample_evaluations.plan_of(job)
     report: dict[str, Any] = {}
     if plan.grader is not None:
@@ -175,7 +176,7 @@ async def get_sample_evaluation(job: OwnedJob, session: SessionDep) -> SampleEva
     """Progress and the report: per metric the mean score with its 95 % interval and the
     score counts, the guard's unsafe rate (overall and per label) and the judge's win, tie
     and loss rates, each with its Wilson interval."""
-    return await _evaluation_out(session, job)
+    return await evaluation_out(session, job)
 
 
 @router.get("/{job_id}/samples", responses=PAGE_ERRORS)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
-from typing import Any
 from uuid import UUID
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -31,8 +30,8 @@ async def figures(session: AsyncSession, comparison: Job) -> ComparisonFigures:
     return ComparisonFigures(
         title=comparison.label or "AIDSAFE against its baseline",
         prompts=comparison.item_count,
-        baseline=Side(_name("baseline", baseline), _distributions(sides["baseline"])),
-        candidate=Side(_name("candidate", candidate), _distributions(sides["candidate"])),
+        baseline=Side.of(_name("baseline", baseline), sides["baseline"]),
+        candidate=Side.of(_name("candidate", candidate), sides["candidate"]),
         verdicts=[
             _verdicts(judge.model, verdicts) for judge, verdicts in zip(plan.judges, by_judge, strict=True)
         ],
@@ -55,13 +54,6 @@ def _name(side: str, job: Job | None) -> str:
     if isinstance(job.plan, GenerationPlan):
         return f"{side} ({MODE_NAMES.get(job.plan.mode, job.plan.mode)})"
     return f"{side} ({job.plan.mode})"
-
-
-def _distributions(stats: dict[str, dict[str, Any]]) -> dict[str, dict[int, int]]:
-    return {
-        metric: {int(score): count for score, count in figures["distribution"].items()}
-        for metric, figures in stats.items()
-    }
 
 
 def _provenance(baseline: Job | None, candidate: Job | None, judge: str) -> str:

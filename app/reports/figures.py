@@ -4,8 +4,9 @@ preference-pair gaps by method. The renderers (Markdown, CSV, PNG) only lay thes
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from app import stats
 from app.deliberation.results import GAP_SCALE, METRICS, SCORE_SCALE
@@ -19,6 +20,17 @@ class Side:
 
     name: str
     distributions: Mapping[str, Mapping[int, int]]
+
+    @classmethod
+    def of(cls, name: str, metric_stats: Mapping[str, Mapping[str, Any]]) -> Side:
+        """A side from the store's metric stats ({metric: {"distribution": {"1": count, ...}}})."""
+        return cls(
+            name,
+            {
+                metric: {int(score): count for score, count in stats["distribution"].items()}
+                for metric, stats in metric_stats.items()
+            },
+        )
 
     def scores(self, metric: str) -> list[int]:
         counts = self.distributions.get(metric, {})
@@ -61,5 +73,10 @@ class ComparisonFigures:
         return stats.mean(self.gaps[method], within=GAP_SCALE)
 
     def metrics(self) -> list[str]:
-        graded = set(self.baseline.distributions) | set(self.candidate.distributions)
-        return [metric for metric in METRICS if metric in graded]
+        return graded_metrics((self.baseline, self.candidate))
+
+
+def graded_metrics(sides: Iterable[Side]) -> list[str]:
+    """The metrics any of the sides has scores for, in the grader's order."""
+    graded = {metric for side in sides for metric in side.distributions}
+    return [metric for metric in METRICS if metric in graded]

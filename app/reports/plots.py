@@ -4,13 +4,14 @@ state shared between threads, so plots can be drawn off the event loop concurren
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
 
 import anyio
 from matplotlib.figure import Figure
 
 from app.deliberation.results import GAP_SCALE
-from app.reports.figures import SCORES, ComparisonFigures
+from app.reports.figures import SCORES, ComparisonFigures, Side, graded_metrics
 
 GAP_EDGES = [edge / 2 for edge in range(2 * GAP_SCALE[0], 2 * GAP_SCALE[1] + 1)]  # 0.5 wide
 # Drawing takes a core for a few hundred ms: off the event loop, two at a time per process,
@@ -28,9 +29,20 @@ class Plot(StrEnum):
 
 
 async def png(plot: Plot, figures: ComparisonFigures) -> bytes:
-    """The plot drawn in a worker thread."""
-    draw = score_distributions if plot is Plot.SCORES else gap_distributions
-    return await anyio.to_thread.run_sync(draw, figures, limiter=_DRAWING)
+    """A comparison's plot: both sides' scores, or the candidate's pair gaps."""
+    if plot is Plot.SCORES:
+        return await scores_png(figures.title, (figures.baseline, figures.candidate))
+    return await gaps_png(figures.title, figures.gaps)
+
+
+async def scores_png(title: str, sides: Sequence[Side]) -> bytes:
+    """score_distributions drawn in a worker thread."""
+    return await anyio.to_thread.run_sync(score_distributions, title, sides, limiter=_DRAWING)
+
+
+async def gaps_png(title: str, gaps: Mapping[str, Sequence[float]]) -> bytes:
+    """gap_distributions drawn in a worker thread."""
+    return await anyio.to_thread.run_sync(gap_distributions, title, gaps, limiter=_DRAWING)
 
 
 def _png(figure: Figure) -> bytes:
@@ -39,16 +51,17 @@ def _png(figure: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def score_distributions(figures: ComparisonFigures) -> bytes:
-    """Per metric, the share of samples at each score, baseline and candidate side by side."""
-    metrics = figures.metrics()
+def score_distributions(title: str, sides: Sequence[Side]) -> bytes:
+    """Per metric, the share of samples at each score, the sides' bars next to each other."""
+    metrics = graded_metrics(sides)
     columns = 3
     rows = max(1, -(-len(metrics) // columns))
     figure = Figure(figsize=(4 * columns, 3 * rows), layout="constrained")
     axes = figure.subplots(rows, columns, squeeze=False).flatten()
-    width = 0.4
+    width = 0.8 / max(1, len(sides))
     for ax, metric in zip(axes, metrics, strict=False):
-        for offset, side in ((-width / 2, figures.baseline), (width / 2, figures.candidate)):
+        for number, side in enumerate(sides):
+            offset = (number - (len(sides) - 1) / 2) * width
             counts = [side.distributions.get(metric, {}).get(score, 0) for score in SCORES]
             total = sum(counts) or 1
             ax.bar([s + offset for s in SCORES], [c / total for c in counts], width, label=side.name)
@@ -59,19 +72,19 @@ def score_distributions(figures: ComparisonFigures) -> bytes:
         ax.set_visible(False)
     if metrics:
         axes[0].legend(fontsize=8)
-    figure.suptitle(f"{figures.title}: grader score distributions")
+    figure.suptitle(f"{title}: grader score distributions")
     return _png(figure)
 
 
-def gap_distributions(figures: ComparisonFigures) -> bytes:
-    """The chosen-minus-rejected gap per method (the paper's Figure 4)."""
+def gap_distributions(title: str, gaps: Mapping[str, Sequence[float]]) -> bytes:
+    """The chosen-minus-rejected gap per sampling method (the paper's Figure 4)."""
     figure = Figure(figsize=(6, 3.5), layout="constrained")
     ax = figure.subplots()
-    for method, gaps in sorted(figures.gaps.items()):
-        ax.hist(list(gaps), bins=GAP_EDGES, alpha=0.6, label=f"{method} (n={len(gaps)})")
+    for method, method_gaps in sorted(gaps.items()):
+        ax.hist(list(method_gaps), bins=GAP_EDGES, alpha=0.6, label=f"{method} (n={len(method_gaps)})")
     ax.set_xlabel("policy-faithfulness gap (chosen minus rejected)")
     ax.set_ylabel("candidates")
-    if figures.gaps:
+    if gaps:
         ax.legend(fontsize=8)
-    figure.suptitle(f"{figures.title}: preference-pair gaps")
+    figure.suptitle(f"{title}: preference-pair gaps")
     return _png(figure)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from typing import Protocol
 
 from app import stats
 from app.reports.figures import ComparisonFigures
@@ -11,7 +12,19 @@ from app.reports.figures import ComparisonFigures
 OUTCOMES = ("wins", "ties", "losses")
 
 
-def _interval(estimate: stats.Estimate, digits: int = 2) -> str:
+class Measured(Protocol):
+    """A value with its interval: a stats.Estimate, or the API's view of one (IntervalOut)."""
+
+    @property
+    def value(self) -> float | None: ...
+    @property
+    def low(self) -> float | None: ...
+    @property
+    def high(self) -> float | None: ...
+
+
+def interval(estimate: Measured, digits: int = 2) -> str:
+    """`value [low, high]`; the value alone without bounds (one value measured), "–" without one."""
     if estimate.value is None:
         return "–"
     if estimate.low is None or estimate.high is None:
@@ -19,7 +32,8 @@ def _interval(estimate: stats.Estimate, digits: int = 2) -> str:
     return f"{estimate.value:.{digits}f} [{estimate.low:.{digits}f}, {estimate.high:.{digits}f}]"
 
 
-def _percent(estimate: stats.Estimate) -> str:
+def percent(estimate: Measured) -> str:
+    """A share as `value [low, high]` in percent; "–" when none was measured."""
     if estimate.value is None or estimate.low is None or estimate.high is None:
         return "–"
     return f"{estimate.value:.0%} [{estimate.low:.0%}, {estimate.high:.0%}]"
@@ -43,7 +57,7 @@ def markdown(figures: ComparisonFigures, plots: dict[str, str] | None = None) ->
     for metric in figures.metrics():
         before, after = base.mean(metric), cand.mean(metric)
         delta = "–" if before.value is None or after.value is None else f"{after.value - before.value:+.2f}"
-        lines.append(f"| {metric} | {_interval(before)} | {_interval(after)} | {delta} |")
+        lines.append(f"| {metric} | {interval(before)} | {interval(after)} | {delta} |")
     if figures.verdicts:
         lines += [
             "",
@@ -53,7 +67,7 @@ def markdown(figures: ComparisonFigures, plots: dict[str, str] | None = None) ->
         ]
         lines.append("|---|---|---|---|---|")
         for verdicts in figures.verdicts:
-            shares = " | ".join(_percent(verdicts.share(outcome)) for outcome in OUTCOMES)
+            shares = " | ".join(percent(verdicts.share(outcome)) for outcome in OUTCOMES)
             lines.append(f"| {verdicts.judge} | {verdicts.judged} | {shares} |")
     if figures.gaps:
         lines += [
@@ -64,7 +78,7 @@ def markdown(figures: ComparisonFigures, plots: dict[str, str] | None = None) ->
         ]
         lines.append("|---|---|---|")
         for method, gaps in sorted(figures.gaps.items()):
-            lines.append(f"| {method} | {len(gaps)} | {_interval(figures.gap_mean(method))} |")
+            lines.append(f"| {method} | {len(gaps)} | {interval(figures.gap_mean(method))} |")
     for title, file_name in (plots or {}).items():
         lines += ["", f"![{title}]({file_name})"]
     lines += [f"\n> {note}" for note in figures.notes]

@@ -269,11 +269,19 @@ async def report(session: AsyncSession, job: Job) -> dict[str, Any]:
         full["quality"]["below_threshold"] = await quality.below_threshold(
             session, job.id, grading.thresholds
         )
-    if isinstance(plan, GenerationPlan) and (pairs := plan.pairs) is not None:
-        methods = ("whisper", "standard") if pairs.baseline else ("whisper",)
-        full["pairs"]["candidates"] = await quality.candidates(session, job.id, methods)
+    if (candidates := await pair_candidates(session, job)) is not None:
+        full["pairs"]["candidates"] = candidates
     full["usage_by_stage"] = await quality.usage_by_stage(session, job.id, priced(job.plan))
     return full
+
+
+async def pair_candidates(session: AsyncSession, job: Job) -> dict[str, Any] | None:
+    """The figures of the job's pair candidates (quality.candidates) per sampling method it
+    used: the whisperer's, and standard sampling's with a baseline. None without pairs."""
+    if not isinstance(plan := job.plan, GenerationPlan) or (pairs := plan.pairs) is None:
+        return None
+    methods = ("whisper", "standard") if pairs.baseline else ("whisper",)
+    return await quality.candidates(session, job.id, methods)
 
 
 def budget_out(job: Job, usage: dict[str, Any]) -> dict[str, Any] | None:

@@ -1,4 +1,4 @@
-"""/view: the read-only web viewer. Jobs, one job's progress and items, one item's
+"""/view: the read-only web viewer. Jobs, one job's progress, report and items, one item's
 deliberation timeline. Browsers cannot send Bearer headers, so a login form turns an API key
 into a signed session cookie (see session.py); every page then checks it as the API checks a
 key, and another key's job or item is a 404. Jinja autoescapes everything: model output is
@@ -18,22 +18,26 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from fastapi.routing import APIRoute
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from fastapi.templating import Jinja2Templates
-from pydantic import BeforeValidator
+from pydantic import BeforeValidator, TypeAdapter
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.api import model_evaluations as model_evaluation_api
+from app.api import sample_evaluations as sample_evaluation_api
 from app.api import views
 from app.api.bodies import read_capped
 from app.api.deps import SessionDep, SettingsDep, job_owned_by
 from app.api.events import LastEventIdHeader, ResumedEvents, resumed, server_sent
-from app.api.schemas import ItemStatus
+from app.api.schemas import CandidateStats, ItemStatus
 from app.api.state import api_state
 from app.api.summaries import job_out
 from app.config import Settings
 from app.costs import job_cost
 from app.errors import CrossSiteRequest, NotFound, ServiceError, Unauthorized
-from app.reports import comparisons, plots
-from app.store import jobs, keys, policy_sets, quality, web_sessions
+from app.plan import ComparisonPlan, GenerationPlan, ModelEvaluationPlan, SampleEvaluationPlan
+from app.reports import comparisons, plots, render
+from app.reports.figures import SCORES, Side
+from app.store import jobs, keys, policy_sets, quality, sample_evaluations, web_sessions
 from app.store.models import ApiKey, Cot, Job, PreferencePair
 from app.web import session as session_token
 from app.web import timeline
@@ -48,6 +52,11 @@ def _usd(cost: float | None) -> str:
 
 
 templates.env.filters["usd"] = _usd
+templates.env.filters["interval"] = render.interval
+templates.env.filters["percent"] = render.percent
+templates.env.globals["scores"] = SCORES
+# GET /v1/jobs/{id}/report's `pairs.candidates`, typed as the API shows it.
+_CANDIDATES: TypeAdapter[dict[str, CandidateStats]] = TypeAdapter(dict[str, CandidateStats])
 STATIC = {"viewer.css": "text/css", "viewer.js": "text/javascript"}
 PAGE_SIZE = 100
 LOGIN_FORM_BYTES = 4096  # an API key and some; parsing more would only stall the event loop
@@ -234,15 +243,41 @@ async def job_page(
         },
         "next_cursor": next_cursor,
         "statuses": get_args(ItemStatus),
-        "report": await comparisons.figures(session, job) if job.plan.mode == "comparison" else None,
+        **await _report(session, job),
     }
     return templates.TemplateResponse(request, "job.html", context)
 
 
+async def _report(session: AsyncSession, job: Job) -> dict[str, Any]:
+    """The job's report as its own API route computes it, under the name job.html shows it by:
+    a comparison's `report`, a sample or model evaluation's `samples` or `models`, a
+    generation job's pair `candidates` (none without pairs)."""
+    plan = job.plan
+    if isinstance(plan, ComparisonPlan):
+        return {"report": await comparisons.figures(session, job)}
+    if isinstance(plan, SampleEvaluationPlan):
+        return {"samples": await sample_evaluation_api.evaluation_out(session, job)}
+    if isinstance(plan, ModelEvaluationPlan):
+        return {"models": await model_evaluation_api.evaluation_out(session, job)}
+    candidates = await jobs.pair_candidates(session, job)
+    return {"candidates": None if candidates is None else _CANDIDATES.validate_python(candidates)}
+
+
 @router.get("/jobs/{job_id}/plots/{plot}.png")
 async def job_plot(job: ViewedJob, session: SessionDep, plot: plots.Plot) -> Response:
-    """A comparison's plot, as GET /v1/comparisons/{id}/plots/{plot}.png draws it."""
-    return Response(await plots.png(plot, await comparisons.figures(session, job)), media_type="image/png")
+    """A comparison's plots (as GET /v1/comparisons/{id}/plots/{plot}.png draws them), a
+    sample evaluation's grader scores, a generation job's pair gaps; 404 for the others."""
+    plan, title = job.plan, job.label or f"Job {job.id}"
+    if isinstance(plan, ComparisonPlan):
+        image = await plots.png(plot, await comparisons.figures(session, job))
+    elif plot is plots.Plot.SCORES and isinstance(plan, SampleEvaluationPlan) and plan.grader is not None:
+        grades = await sample_evaluations.grades(session, job.id)
+        image = await plots.scores_png(title, [Side.of("samples", grades["metrics"])])
+    elif plot is plots.Plot.GAPS and isinstance(plan, GenerationPlan) and plan.pairs is not None:
+        image = await plots.gaps_png(title, await quality.pair_gaps(session, job.id))
+    else:
+        raise NotFound(f"job {job.id} has no {plot.value} plot")
+    return Response(image, media_type="image/png")
 
 
 async def _gate_decisions(session: AsyncSession, item_ids: list[UUID]) -> dict[UUID, bool | None]:
