@@ -6,7 +6,7 @@ from uuid import UUID, uuid4
 
 import pytest
 
-from app.comparison_report import agreement, judge_results, metrics
+from app.reports.comparison_stats import agreement, judge_results, metrics
 
 ITEMS = [uuid4() for _ in range(4)]
 

@@ -11,7 +11,7 @@ from uuid import UUID
 from fastapi import APIRouter, Depends, status
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import callbacks, comparison_report
+from app import callbacks
 from app.api import views
 from app.api.bodies import JsonBody
 from app.api.deps import CurrentKey, SessionDep
@@ -22,6 +22,7 @@ from app.api.schemas import ComparisonIn, ComparisonOut, ComparisonPage, Submitt
 from app.api.submissions import SubmissionDep, submit_responses
 from app.errors import ComparisonMismatch
 from app.plan import check_comparison_fits, comparison_mismatches, resolve_comparison
+from app.reports import comparison_stats
 from app.store import comparisons, job_listing, jobs, policy_sets, prompt_sets
 from app.store.models import Job
 
@@ -44,9 +45,9 @@ def _report(
     verdicts: list[dict[UUID, str | None]], scores: dict[str, list[tuple[Any, Any]]]
 ) -> dict[str, Any]:
     return {
-        "judges": [comparison_report.judge_results(by_item) for by_item in verdicts],
-        "agreement": comparison_report.agreement(verdicts),
-        "metrics": comparison_report.metrics(scores),
+        "judges": [comparison_stats.judge_results(by_item) for by_item in verdicts],
+        "agreement": comparison_stats.agreement(verdicts),
+        "metrics": comparison_stats.metrics(scores),
     }
 
 

@@ -10,7 +10,7 @@ from uuid import UUID
 from fastapi import APIRouter, Depends, status
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import callbacks, model_report
+from app import callbacks
 from app.api import views
 from app.api.bodies import JsonBody
 from app.api.deps import CurrentKey, SessionDep
@@ -23,6 +23,7 @@ from app.api.schemas import (
 )
 from app.api.submissions import SubmissionDep, submit_responses
 from app.plan import check_model_evaluation_fits, resolve_model_evaluation
+from app.reports import model_evaluation
 from app.store import jobs, model_evaluations, policy_sets
 from app.store.models import Job
 
@@ -42,8 +43,8 @@ async def evaluation_out(session: AsyncSession, job: Job) -> ModelEvaluationOut:
         plan,
         await policy_sets.by_id(session, job.policy_set_id),
         await jobs.summary(session, job),
-        model_report.by_target(plan, tallies),
-        model_report.table(plan, tallies),
+        model_evaluation.by_target(plan, tallies),
+        model_evaluation.table(plan, tallies),
     )
 
 

@@ -233,7 +233,7 @@ def report_out(job: Job, report: dict[str, Any]) -> ReportOut:
 def comparison_out(
     job: Job, plan: ComparisonPlan, summary: dict[str, Any], report: dict[str, Any]
 ) -> ComparisonOut:
-    """The comparison with its report (app.comparison_report's figures: per judge, in the
+    """The comparison with its report (app.reports.comparison_stats' figures: per judge, in the
     plan's order; their agreement; per metric)."""
     return ComparisonOut(
         id=job.id,
