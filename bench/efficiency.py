@@ -13,6 +13,11 @@ prompt), polls GET /v1/jobs/{id} until the job completes, and prints a JSON summ
     actual     = from just before the POST to the last item's finished_at (Postgres clock,
                  same machine), so the poll interval does not blur it
 
+With --private-services the run has a PostgreSQL cluster and a redis-server of its own
+(bench/services.py), so their CPU is the run's alone; `machine_cpu_ms_per_call` is then the
+service's whole CPU per LLM call (workers, API, Postgres, Redis; not the simulator nor this
+script). Without it they are the machine's shared servers, others' work included.
+
 Everything it started is torn down at the end, on error, on Ctrl-C and on SIGTERM.
 """
 
@@ -22,6 +27,7 @@ import argparse
 import asyncio
 import os
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -32,14 +38,17 @@ from redis.asyncio import Redis
 
 from bench.hotspots import Profiler, print_summary, summarize
 from bench.machine import (
+    cpu_seconds,
     cpu_seconds_of,
     cpu_seconds_of_named,
+    cpu_seconds_with_children,
     cpu_user_system,
     describe,
     machine_cpu_jiffies,
 )
 from bench.prompts import make_prompts
-from bench.stack import REDIS_URL, ServiceStack, publish, run_bounded
+from bench.services import PrivatePostgres, PrivateRedis, private_services
+from bench.stack import ServiceStack, publish, run_bounded
 
 TARGET = 0.95
 
@@ -59,17 +68,29 @@ def parser(description: str = __doc__.split("\n\n")[0]) -> argparse.ArgumentPars
     p.add_argument("--poll-s", type=float, default=0.2, help="GET /v1/jobs/{id} interval")
     p.add_argument("--idle-s", type=float, default=2.0, help="idle time to measure the workers' idle CPU")
     p.add_argument("--time-limit", type=float, default=280.0, help="the run stops itself after this")
+    p.add_argument(
+        "--private-services", action="store_true", help="a PostgreSQL and a Redis of the run's own"
+    )
     p.add_argument("--profile", type=Path, default=None, help="py-spy the workers; raw files to this dir")
     p.add_argument("--json", type=Path, default=None, help="also write the summary here")
     return p
 
 
+Servers = tuple[PrivatePostgres, PrivateRedis]
+
+
 async def measure(args: argparse.Namespace, kind: str = "efficiency") -> dict[str, Any]:
-    async with ServiceStack(kind) as stack:
-        return await _measure(stack, args, kind)
+    if not args.private_services:
+        async with ServiceStack(kind) as stack:
+            return await _measure(stack, args, kind, None)
+    with private_services(Path(tempfile.mkdtemp(prefix=f"aidsafe-bench-{kind}-services-"))) as servers:
+        async with ServiceStack(kind, servers[0].dsn, servers[1].url) as stack:
+            return await _measure(stack, args, kind, servers)
 
 
-async def _measure(stack: ServiceStack, args: argparse.Namespace, kind: str) -> dict[str, Any]:
+async def _measure(
+    stack: ServiceStack, args: argparse.Namespace, kind: str, servers: Servers | None
+) -> dict[str, Any]:
     await stack.create_database()
     sim_url = await stack.start_sim_llm(
         "--latency-ms", str(args.latency_ms), "--jitter-ms", str(args.jitter_ms),
@@ -104,7 +125,7 @@ async def _measure(stack: ServiceStack, args: argparse.Namespace, kind: str) -> 
             await asyncio.sleep(1.0)  # py-spy attaches
         await api.post(f"{sim_root}/stats/reset")
         pg_started = await stack.postgres_started_at()
-        cpu_before = _cpu_snapshot(pids)
+        cpu_before = _cpu_snapshot(pids, servers)
         counters_before = await _service_counters(stack)
         own_before = time.process_time()
         started_wall, started = time.time(), time.monotonic()
@@ -128,7 +149,7 @@ async def _measure(stack: ServiceStack, args: argparse.Namespace, kind: str) -> 
                 continue
             job = answer.json()
         polled_wall_s = time.monotonic() - started
-        cpu_after = _cpu_snapshot(pids)
+        cpu_after = _cpu_snapshot(pids, servers)
         counters_after = await _service_counters(stack)
         own_cpu_s = time.process_time() - own_before
         if profiler:
@@ -149,11 +170,14 @@ async def _measure(stack: ServiceStack, args: argparse.Namespace, kind: str) -> 
     mean_latency_s = sim["simulated_latency_ms_mean"] / 1000
     ideal_s = calls * mean_latency_s / args.concurrency
     cpu = {name: cpu_after[name] - cpu_before[name] for name in pids}
-    shared = {name: cpu_after[name] - cpu_before[name] for name in ("postgres", "redis")}
+    postgres_redis = {name: cpu_after[name] - cpu_before[name] for name in ("postgres", "redis")}
     busy, total = (a - b for a, b in zip(cpu_after["machine"], cpu_before["machine"], strict=True))
     worker_system_s = cpu_after["workers_system"] - cpu_before["workers_system"]
     counters = {name: counters_after[name] - counters_before[name] for name in counters_before}
-    everything_s = sum(cpu.values()) + own_cpu_s + sum(shared.values())
+    everything_s = sum(cpu.values()) + own_cpu_s + sum(postgres_redis.values())
+    # The service's own: neither the simulator nor this script.
+    service_s = {"workers": cpu["workers"], "api": cpu["api"], **postgres_redis}
+    service_s["total"] = sum(service_s.values())
     # Calls/s this machine could sustain if its CPUs did nothing but this run, against the
     # rate the ideal needs: an upper bound on the efficiency a CPU-bound run can reach.
     needed_per_s = args.concurrency / mean_latency_s if mean_latency_s else None
@@ -173,6 +197,7 @@ async def _measure(stack: ServiceStack, args: argparse.Namespace, kind: str) -> 
             "max_jobs_per_worker": args.max_jobs,
             "api": "uvicorn app.main:app, 1 process",
             "profiled": bool(args.profile),
+            "postgres_and_redis": "private to this run" if servers else "the machine's, shared",
         },
         "postgres_restarted_during_run": pg_restarted,
         "items": {"completed": row["completed"], "not_completed": row["not_completed"]},
@@ -210,6 +235,10 @@ async def _measure(stack: ServiceStack, args: argparse.Namespace, kind: str) -> 
         "redis_commands_per_call_all_clients": round(counters["redis_commands"] / calls, 2)
         if calls
         else None,
+        # Per process and in all; with shared servers their share counts others' work too.
+        "machine_cpu_ms_per_call": {name: round(value / calls * 1000, 3) for name, value in service_s.items()}
+        if calls
+        else None,
         "all_cpu_ms_per_call_on_this_machine": round(everything_s / calls * 1000, 3) if calls else None,
         "cpu_bound_efficiency_ceiling": round(min(1.0, sustainable_per_s / needed_per_s), 4)
         if sustainable_per_s and needed_per_s
@@ -217,8 +246,8 @@ async def _measure(stack: ServiceStack, args: argparse.Namespace, kind: str) -> 
         "api_cpu_ms_per_call": round(cpu["api"] / calls * 1000, 3) if calls else None,
         "sim_cpu_ms_per_call": round(cpu["sim_llm"] / calls * 1000, 3) if calls else None,
         "cpu_busy_cores_ours": round(sum(cpu.values()) / actual_s, 2) if actual_s > 0 else None,
-        # every postgres/redis-server process on the machine, other users' included
-        "cpu_s_shared_services": {name: round(value, 2) for name, value in shared.items()},
+        # the run's own servers, or every postgres/redis-server process on the machine
+        "cpu_s_postgres_redis": {name: round(value, 2) for name, value in postgres_redis.items()},
         "machine_cpu_busy": round(busy / total, 3) if total else None,
         "logs": str(stack.log_dir),
     }
@@ -234,7 +263,7 @@ async def _service_counters(stack: ServiceStack) -> dict[str, int]:
             "SELECT xact_commit + xact_rollback AS n FROM pg_stat_database WHERE datname = current_database()"
         )
     )[0]
-    redis = Redis.from_url(REDIS_URL)
+    redis = Redis.from_url(stack.redis_url)
     try:
         info = await redis.info("stats")
     finally:
@@ -242,11 +271,15 @@ async def _service_counters(stack: ServiceStack) -> dict[str, int]:
     return {"pg_transactions": int(row["n"]), "redis_commands": int(info["total_commands_processed"])}
 
 
-def _cpu_snapshot(pids: dict[str, list[int]]) -> dict[str, Any]:
+def _cpu_snapshot(pids: dict[str, list[int]], servers: Servers | None) -> dict[str, Any]:
     snapshot: dict[str, Any] = {name: cpu_seconds_of(p) for name, p in pids.items()}
     snapshot["workers_system"] = sum(cpu_user_system(pid)[1] for pid in pids["workers"])
-    snapshot["postgres"] = cpu_seconds_of_named("postgres")
-    snapshot["redis"] = cpu_seconds_of_named("redis-server")
+    if servers:
+        snapshot["postgres"] = cpu_seconds_with_children(servers[0].postmaster_pid())
+        snapshot["redis"] = cpu_seconds(servers[1].pid())
+    else:
+        snapshot["postgres"] = cpu_seconds_of_named("postgres")
+        snapshot["redis"] = cpu_seconds_of_named("redis-server")
     snapshot["machine"] = machine_cpu_jiffies()
     return snapshot
 

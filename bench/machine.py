@@ -69,6 +69,30 @@ def cpu_user_system(pid: int) -> tuple[float, float]:
     return int(fields[11]) / _CLK_TCK, int(fields[12]) / _CLK_TCK
 
 
+def cpu_seconds_with_children(pid: int) -> float:
+    """User + system CPU time of a process, of its children it has reaped (the `cutime` and
+    `cstime` of /proc/<pid>/stat) and of its children alive now: a server that forks a
+    process per connection (Postgres), whatever connections came and went."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    own_and_reaped = sum(int(value) for value in fields[11:15]) / _CLK_TCK
+    alive = 0.0
+    for child in children_of(pid):
+        with contextlib.suppress(OSError):
+            alive += cpu_seconds(child)
+    return own_and_reaped + alive
+
+
+def children_of(pid: int) -> list[int]:
+    """Pids of the processes whose parent is `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+    return found
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process (all its threads) so far, in seconds."""
     return sum(cpu_user_system(pid))

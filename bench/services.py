@@ -65,6 +65,10 @@ class PrivatePostgres:
         )
         self._pg_ctl("start", "-w", "-l", str(self._log), "-o", options)
 
+    def postmaster_pid(self) -> int:
+        """The server's main process; every other process of the cluster is its child."""
+        return int((self._dir / "data" / "postmaster.pid").read_text().split()[0])
+
     def restart(self) -> None:
         """Stop (fast: open connections are cut) and start again; returns once it accepts."""
         self._pg_ctl("restart", "-w", "-m", "fast", "-l", str(self._log))
@@ -100,6 +104,10 @@ class PrivateRedis:
             if self._proc.poll() is not None or time.monotonic() > deadline:
                 raise StackError(f"redis-server on port {self.port} did not start; see {self._log}")
             time.sleep(0.05)
+
+    def pid(self) -> int:
+        assert self._proc is not None, "not started"
+        return self._proc.pid
 
     def _answers_ping(self) -> bool:
         ping = ["redis-cli", "-p", str(self.port), "ping"]
