@@ -173,7 +173,7 @@ async def _measure(
     postgres_redis = {name: cpu_after[name] - cpu_before[name] for name in ("postgres", "redis")}
     busy, total = (a - b for a, b in zip(cpu_after["machine"], cpu_before["machine"], strict=True))
     worker_system_s = cpu_after["workers_system"] - cpu_before["workers_system"]
-    counters = {name: counters_after[name] - counters_before[name] for name in counters_before}
+    counters = {name: counters_after[name] - counters_before.get(name, 0) for name in counters_after}
     everything_s = sum(cpu.values()) + own_cpu_s + sum(postgres_redis.values())
     # The service's own: neither the simulator nor this script.
     service_s = {"workers": cpu["workers"], "api": cpu["api"], **postgres_redis}
@@ -235,6 +235,14 @@ async def _measure(
         "redis_commands_per_call_all_clients": round(counters["redis_commands"] / calls, 2)
         if calls
         else None,
+        # With the run's own Redis: its commands only.
+        "redis_commands_per_call_by_command": {
+            name.removeprefix("redis:"): round(n / calls, 2)
+            for name, n in sorted(counters.items(), key=lambda kv: -kv[1])
+            if name.startswith("redis:") and n >= calls / 100
+        }
+        if calls
+        else None,
         # Per process and in all; with shared servers their share counts others' work too.
         "machine_cpu_ms_per_call": {name: round(value / calls * 1000, 3) for name, value in service_s.items()}
         if calls
@@ -266,9 +274,14 @@ async def _service_counters(stack: ServiceStack) -> dict[str, int]:
     redis = Redis.from_url(stack.redis_url)
     try:
         info = await redis.info("stats")
+        by_command = await redis.info("commandstats")
     finally:
         await redis.aclose()
-    return {"pg_transactions": int(row["n"]), "redis_commands": int(info["total_commands_processed"])}
+    counters = {"pg_transactions": int(row["n"]), "redis_commands": int(info["total_commands_processed"])}
+    # Lua scripts' own commands are counted under their names as well as under evalsha.
+    return counters | {
+        f"redis:{name.removeprefix('cmdstat_')}": int(stat["calls"]) for name, stat in by_command.items()
+    }
 
 
 def _cpu_snapshot(pids: dict[str, list[int]], servers: Servers | None) -> dict[str, Any]:
