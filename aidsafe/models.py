@@ -174,6 +174,24 @@ class JobProgress(Model):
         return self.status == WAITING_FOR_BUDGET
 
 
+class Batch(Model):
+    """One provider batch of a batch job's wave."""
+
+    endpoint: str
+    status: str  # ours: preparing, uploaded, submitted, collected, refused, cancelled
+    provider_status: str | None
+    requests: int
+    request_counts: dict[str, int] | None
+
+
+class BatchProgress(Model):
+    """A batch job's waves: the current one's batches, and its requests by status."""
+
+    wave: int
+    batches: list[Batch]
+    requests: dict[str, int]
+
+
 class Job(JobProgress):
     id: UUID
     created_at: datetime
@@ -184,6 +202,7 @@ class Job(JobProgress):
     prompt_set: PromptSetBrief | None = None  # None: a job from before jobs pinned one (built-in)
     config: dict[str, Any]
     duplicates: Duplicates | None = None  # None for comparisons and jobs from before the report
+    batch: BatchProgress | None = None  # only for jobs with `delivery: batch`
 
 
 class SubmittedJob(Job):

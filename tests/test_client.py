@@ -423,6 +423,8 @@ async def test_a_429_is_retried_for_calls_safe_to_repeat_only(
 # The client's models beside the API's response schemas.
 MIRRORED = {
     models.Job: schemas.JobOut,
+    models.Batch: schemas.BatchOut,
+    models.BatchProgress: schemas.BatchProgressOut,
     models.SubmittedJob: schemas.SubmittedJobOut,
     models.JobProgress: schemas.JobProgressOut,
     models.JobListed: schemas.JobListed,

@@ -281,7 +281,7 @@ async def test_a_refused_whisper_is_written_by_the_fallback_and_the_pair_goes_on
 
     result = completed(await run(llm, log, with_pairs()))
 
-    assert result.pair is not None and result.pair.kept
+    assert result.pair is not None and result.pair.made
     assert [t.belief for t in result.pair.tries] == ["The fallback's belief."]
     assert (
         "The fallback's belief."
@@ -316,7 +316,7 @@ async def test_a_refusing_json_guard_is_asked_again_of_the_fallback_whose_verdic
 
     result = completed(await run(llm, InMemoryTurnLog(), with_pairs()))
 
-    assert result.pair is not None and result.pair.kept
+    assert result.pair is not None and result.pair.made
     [flagged] = result.pair.tries
     assert flagged.guard is not None and flagged.guard.categories == ["Physical harm"]
     assert result.fallbacks == [fell_back("guard", 1)]
@@ -326,12 +326,13 @@ async def test_a_refused_grade_of_the_rejected_side_falls_back_under_its_try_num
     llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM, second_llm: ScriptedLLM
 ) -> None:
     scripted_llm.script("guard_verdict", guard_verdict(False), guard_verdict(True))
-    scripted_llm.script("quality_scores", reply(scores()), refusal())
+    # The chosen side, try 1's rejected side (every guarded try is graded), then try 2's.
+    scripted_llm.script("quality_scores", reply(scores()), reply(scores()), refusal())
     second_llm.script("quality_scores", reply(unsafe_rejected_scores()))
 
     result = completed(await run(llm, InMemoryTurnLog(), with_pairs()))
 
-    assert result.pair is not None and result.pair.kept and result.pair.gap == 2.5
+    assert result.pair is not None and result.pair.made and result.pair.gap == 2.5
     assert result.fallbacks == [fell_back("grade", 2)]
 
 
@@ -345,7 +346,7 @@ async def test_the_generator_resisting_the_belief_is_a_failed_try_never_asked_of
 
     result = completed(await run(llm, log, with_pairs()))
 
-    assert result.pair is not None and result.pair.kept
+    assert result.pair is not None and result.pair.made
     assert result.pair.tries[0].refusal == "I can't reason from that belief."
     assert second_llm.requests == [] and result.fallbacks == []
     assert [(t.key.round, t.key.attempt) for t in log.turns(ITEM, Stage.REJECTED)] == [(1, 0), (2, 0)]
@@ -390,8 +391,8 @@ def test_the_fallbacks_requests_are_budgeted_on_its_endpoint() -> None:
 def test_the_fallback_is_budgeted_for_every_stage_that_falls_back_and_no_other(
     guard_style: GuardStyle, falling_back: list[str]
 ) -> None:
-    own = largest_requests(replace(with_pairs(guard_style), fallback=None), POLICIES, PROMPT)
-    budgets = largest_requests(with_pairs(guard_style), POLICIES, PROMPT)
+    own = largest_requests(replace(with_pairs(guard_style), fallback=None), POLICIES, PROMPTS, PROMPT)
+    budgets = largest_requests(with_pairs(guard_style), POLICIES, PROMPTS, PROMPT)
 
     assert budgets[: len(own)] == own
     assert [b.role for b in own if b.falls_back] == falling_back
