@@ -723,6 +723,8 @@ async def test_export_memory_does_not_grow_with_the_job(sessions: Sessions, form
     small_size, small_peak = await export_peak_bytes(sessions, small, format)
     large_size, large_peak = await export_peak_bytes(sessions, large, format)
 
-    assert large_size > 3.5 * small_size
+    # Four times the rows; Parquet's dictionary pages compress the columns that repeat (usage,
+    # labels) better in the larger file, so its size grows a little less than 4x.
+    assert large_size > 3 * small_size
     # Four times the rows: one batch of rows in memory either way (a job in memory would be 4x).
     assert large_peak < 1.5 * small_peak, (small_peak, large_peak)
