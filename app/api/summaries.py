@@ -16,8 +16,9 @@ from uuid import UUID
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.api import views
 from app.api.recent import Recent
-from app.api.schemas import JobOut, PolicySetBrief, PromptSetBrief
+from app.api.schemas import JobOut, PromptSetBrief
 from app.store import jobs, policy_sets, prompt_sets
 from app.store.db import Sessions
 from app.store.models import Job
@@ -33,7 +34,7 @@ async def job_out(session: AsyncSession, job: Job) -> JobOut:
         cancelled_at=job.cancelled_at,
         label=job.label,
         metadata=job.job_metadata,
-        policy_set=PolicySetBrief(id=policy_set.id, name=policy_set.name, version=policy_set.version),
+        policy_set=views.policy_set_brief(policy_set),
         prompt_set=None
         if prompt_set is None
         else PromptSetBrief(id=prompt_set.id, name=prompt_set.name, version=prompt_set.version),

@@ -268,6 +268,10 @@ def _registered(row: PolicySetRow | PromptSetRow) -> dict[str, Any]:
     }
 
 
+def policy_set_brief(row: PolicySetRow) -> PolicySetBrief:
+    return PolicySetBrief(id=row.id, name=row.name, version=row.version)
+
+
 def model_evaluation_out(
     job: Job,
     plan: ModelEvaluationPlan,
@@ -285,7 +289,7 @@ def model_evaluation_out(
         targets=[target.model_dump() for target in plan.targets],
         safety_judge=plan.safety_judge.model_dump(mode="json"),
         refusal_judge=asdict(plan.refusal_judge),
-        policy_set=PolicySetBrief(id=policy_set.id, name=policy_set.name, version=policy_set.version),
+        policy_set=policy_set_brief(policy_set),
         counts=summary["counts"],
         by_target=by_target,
         table=table,
@@ -404,7 +408,7 @@ def sample_evaluation_out(
         created_at=job.created_at,
         label=job.label,
         metadata=job.job_metadata,
-        policy_set=PolicySetBrief(id=policy_set.id, name=policy_set.name, version=policy_set.version),
+        policy_set=policy_set_brief(policy_set),
         config=plan.model_dump(mode="json"),
         samples=job.item_count,
         counts=summary["counts"],

@@ -3,7 +3,6 @@ compared prompts, the judge's verdicts and the candidate's preference-pair gaps.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Mapping
 from uuid import UUID
 
@@ -11,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.deliberation.config import Mode
 from app.plan import GenerationPlan
+from app.reports import comparison_stats
 from app.reports.figures import ComparisonFigures, Side, Verdicts
 from app.store import comparisons, quality
 from app.store.models import Job
@@ -41,9 +41,9 @@ async def figures(session: AsyncSession, comparison: Job) -> ComparisonFigures:
 
 
 def _verdicts(judge: str, by_item: Mapping[UUID, str | None]) -> Verdicts:
-    """A judge's readable verdicts from the candidate's side ("b" wins, "a" loses)."""
-    counts = Counter(by_item.values())
-    return Verdicts(judge, wins=counts["b"], ties=counts["tie"], losses=counts["a"])
+    """A judge's readable verdicts from the candidate's side, counted as the API counts them."""
+    counted = comparison_stats.judge_results(by_item)
+    return Verdicts(judge, wins=counted["wins"], ties=counted["ties"], losses=counted["losses"])
 
 
 def _name(side: str, job: Job | None) -> str:
