@@ -813,8 +813,9 @@ class _Routes:
     @endpoint
     def register_prompt_set(self, document: Mapping[str, Any]) -> Call[RegisteredPromptSet]:
         """Register a version from `{"name", "description", "templates"}`: every template the
-        stages use, by name (the built-in set's, from `get_prompt_set`, are a start). The same
-        templates again are the same version, with `created` False (POST /v1/prompt-sets)."""
+        stages use, by name (the built-in set's, from `get_prompt_set`, are a start), or with
+        `"base": {"name", "version"}` only those that differ from that set. The same templates
+        again are the same version, with `created` False (POST /v1/prompt-sets)."""
         return Call(
             "POST",
             _path("prompt-sets"),

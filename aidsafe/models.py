@@ -571,6 +571,8 @@ class PromptSetDetail(PromptSet):
 
 
 class RegisteredPromptSet(PromptSetDetail):
+    base: PromptSetBrief | None = None  # the set the templates not given were taken from
+    inherited: list[str] = Field(default_factory=list, description="The templates taken from `base`.")
     created: bool = Field(
         default=True, description="Client-side: False when these exact templates were registered already."
     )

@@ -539,29 +539,30 @@ def print_cots(client: aidsafe.Client, job_id: Any) -> None:
 
 def _print_item(item: Item, cot: Cot | None) -> None:
     title = f"#{item.position} {item.status}"
-    lines = [f"[bold]Prompt:[/] {item.prompt}"]
+    # Every text from the data is escaped: rich would read "[benign]" or "[/]" in a prompt,
+    # a thought or a response as markup (and fail on a closing tag it did not open).
+    lines = [f"[bold]Prompt:[/] {escape(item.prompt)}"]
     if cot is None:
-        lines.append(f"[red]No CoT: {item.error_code or item.status}: {item.error_message or ''}[/]")
+        lines.append(f"[red]No CoT: {item.error_code or item.status}: {escape(item.error_message or '')}[/]")
     else:
         intents = cot.intents
-        # Escaped: rich would read an intent's "[benign]" as markup.
         intents_text = "; ".join(labelled_intents(intents) + intents["implicit_intents"])
         lines.append(f"[bold]Intents:[/] {escape(intents_text)}")
         lines.append("[bold]Refined thoughts:[/]")
         for n, thought in enumerate(cot.refined_thoughts, 1):
             sources = ", ".join(f"T{source}" for source in thought.sources) or "no source"
-            lines.append(f"  {n}. {thought.text}  [dim](from {sources})[/]")
+            lines.append(f"  {n}. {escape(thought.text)}  [dim](from {sources})[/]")
         for dropped in cot.dropped_thoughts:
-            lines.append(f"  [dim]dropped T{dropped.id} ({dropped.reason}): {dropped.text}[/]")
+            lines.append(f"  [dim]dropped T{dropped.id} ({dropped.reason}): {escape(dropped.text)}[/]")
         agreement = (
             f"agreed in round {cot.agreed_by['round']}"
             if cot.agreed and cot.agreed_by
             else "round budget spent"
         )
-        lines.append(f"[bold]Response:[/] {cot.response}")
+        lines.append(f"[bold]Response:[/] {escape(cot.response)}")
         lines.append(
-            f"[dim]{cot.rounds_used} round(s), {agreement}; policy set {cot.policy_set.name}@"
-            f"{cot.policy_set.version}[/]"
+            f"[dim]{cot.rounds_used} round(s), {agreement}; policy set "
+            f"{escape(cot.policy_set.name)}@{cot.policy_set.version}[/]"
         )
     console.print(Panel("\n".join(lines), title=title, title_align="left"))
 
@@ -891,20 +892,35 @@ def create_prompt_set(
         str | None, typer.Option(help="The set's name (default: the folder's or the YAML's).")
     ] = None,
     description: Annotated[str, typer.Option(help="What the set changes, for its readers.")] = "",
+    base: Annotated[
+        str | None,
+        typer.Option(
+            help="NAME or NAME@VERSION of a set (e.g. aidsafe-default) whose templates fill in those "
+            "the folder or file does not give."
+        ),
+    ] = None,
     api_url: ApiUrl = "http://127.0.0.1:8000",
     key: ApiKeyOpt = "",
 ) -> None:
     """Register a prompt set version: every template the stages use (start from `show
-    --to-folder` of the built-in set). The same templates again are the same version."""
+    --to-folder` of the built-in set), or with --base only the ones you change. The same
+    templates again are the same version."""
     try:
         document = read_prompt_set(path, name, description)
     except SetFileError as exc:
         console.print(f"[red]{exc}[/] (nothing was registered)")
         raise typer.Exit(2) from exc
+    if base is not None:
+        base_name, _, base_version = base.partition("@")
+        document["base"] = {"name": base_name, "version": base_version or None}
     with _client(api_url, key) as client:
         row = client.register_prompt_set(document)
     state = "registered" if row.created else "already registered"
-    console.print(f"{row.name}@{row.version} {state} (id {row.id}, {len(row.templates)} templates).")
+    inherited = f", {len(row.inherited)} from {row.base.name}@{row.base.version}" if row.base else ""
+    console.print(
+        f"{row.name}@{row.version} {state} (id {row.id}, {len(row.templates)} templates{inherited}).",
+        highlight=False,
+    )
 
 
 @jobs_cli.command("budget")

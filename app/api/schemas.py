@@ -296,9 +296,15 @@ class PromptSetIn(BaseModel):
     templates: dict[TemplateName, TemplateText] = Field(
         max_length=MAX_TEMPLATES,
         description="Every template the stages use, by name (the built-in set's names: GET "
-        "/v1/prompt-sets/{id}), as text with $placeholders. 422 `invalid_prompt_set` for a "
-        "template missing or unknown, a placeholder unknown or missing, bad $ syntax, or "
-        "templates too long for every endpoint's context.",
+        "/v1/prompt-sets/{id}), as text with $placeholders; with `base`, only those that differ "
+        "from it. 422 `invalid_prompt_set` for a template missing or unknown, a placeholder "
+        "unknown or missing, bad $ syntax, or templates too long for every endpoint's context.",
+    )
+    base: PromptSetRef | None = Field(
+        default=None,
+        description="A set visible to this key (e.g. the built-in `aidsafe-default`) whose templates "
+        "fill in those not given. The result is stored whole: later changes to the base never "
+        "change this version.",
     )
 
 
@@ -314,6 +320,11 @@ class PolicySetBrief(SetBrief):
 
 class PromptSetBrief(SetBrief):
     pass
+
+
+class RegisteredPromptSetOut(PromptSetDetailOut):
+    base: PromptSetBrief | None = Field(description="The set the missing templates were taken from.")
+    inherited: list[str] = Field(description="The templates taken from `base`, by name.")
 
 
 class JobCounts(BaseModel):

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.api import views
 from app.api.recent import Recent
-from app.api.schemas import JobOut, PromptSetBrief
+from app.api.schemas import JobOut
 from app.store import jobs, policy_sets, prompt_sets
 from app.store.db import Sessions
 from app.store.models import Job
@@ -35,9 +35,7 @@ async def job_out(session: AsyncSession, job: Job) -> JobOut:
         label=job.label,
         metadata=job.job_metadata,
         policy_set=views.policy_set_brief(policy_set),
-        prompt_set=None
-        if prompt_set is None
-        else PromptSetBrief(id=prompt_set.id, name=prompt_set.name, version=prompt_set.version),
+        prompt_set=prompt_set and views.prompt_set_brief(prompt_set),
         config=job.plan.model_dump(mode="json"),  # the plan's JSON, as stored
         duplicates=job.duplicates,
         **await jobs.summary(session, job),

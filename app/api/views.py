@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -30,6 +31,7 @@ from app.api.schemas import (
     PromptSetBrief,
     PromptSetDetailOut,
     PromptSetOut,
+    RegisteredPromptSetOut,
     RejectedOut,
     ReportOut,
     SampleEvaluationOut,
@@ -270,6 +272,22 @@ def _registered(row: PolicySetRow | PromptSetRow) -> dict[str, Any]:
 
 def policy_set_brief(row: PolicySetRow) -> PolicySetBrief:
     return PolicySetBrief(id=row.id, name=row.name, version=row.version)
+
+
+def prompt_set_brief(row: PromptSetRow) -> PromptSetBrief:
+    return PromptSetBrief(id=row.id, name=row.name, version=row.version)
+
+
+def prompt_set_registered(
+    row: PromptSetRow, base: PromptSetRow | None, given: Iterable[str]
+) -> RegisteredPromptSetOut:
+    """A registration's answer: the stored set, and which templates came from `base`."""
+    return RegisteredPromptSetOut(
+        **_registered(row),
+        templates=row.templates,
+        base=base and prompt_set_brief(base),
+        inherited=sorted(row.templates.keys() - set(given)),
+    )
 
 
 def model_evaluation_out(
