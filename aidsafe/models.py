@@ -469,6 +469,7 @@ class ModelEvaluation(Model):
     safety_judge: dict[str, Any]
     refusal_judge: dict[str, Any]
     policy_set: PolicySetBrief
+    prompt_set: PromptSetBrief | None = None  # None: from before evaluations pinned one (built-in)
     counts: JobCounts
     by_target: dict[str, TargetCounts]
     table: list[ModelReportRow]
@@ -642,6 +643,7 @@ class SampleEvaluation(Model):
     label: str | None
     metadata: dict[str, Any]
     policy_set: PolicySetBrief
+    prompt_set: PromptSetBrief | None = None  # None: from before evaluations pinned one (built-in)
     config: dict[str, Any]
     samples: int
     counts: JobCounts

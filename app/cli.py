@@ -58,6 +58,12 @@ console = Console()
 
 ApiUrl = Annotated[str, typer.Option(envvar=URL_ENV, help="Base URL of the API.")]
 ApiKeyOpt = Annotated[str, typer.Option("--key", envvar=KEY_ENV, help="API key.")]
+PromptSetOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Prompt set name (`aidsafe prompt-sets list`) wording the requests. Default: the built-in set."
+    ),
+]
 
 
 async def _with_session(work: Any) -> Any:
@@ -260,10 +266,7 @@ def submit(
     ] = False,
     policy_set: Annotated[str, typer.Option(help="Policy set name.")] = "aidsafe-default",
     policy_version: Annotated[str | None, typer.Option(help="Pin a policy set version.")] = None,
-    prompt_set: Annotated[
-        str | None,
-        typer.Option(help="Prompt set name (`aidsafe prompt-sets list`). Default: the built-in set."),
-    ] = None,
+    prompt_set: PromptSetOpt = None,
     prompt_set_version: Annotated[str | None, typer.Option(help="Pin a prompt set version.")] = None,
     preset: Annotated[
         str | None, typer.Option(help="A preset to start from (`aidsafe presets list`); options override it.")
@@ -1067,6 +1070,7 @@ def evaluate_samples(
         str | None, typer.Option(help="Judge each sample against this job's sample of the same prompt.")
     ] = None,
     policy_set: Annotated[str, typer.Option(help="Policy set name.")] = "aidsafe-default",
+    prompt_set: PromptSetOpt = None,
     label: Annotated[str | None, typer.Option(help="A name of yours for the job.")] = None,
     follow: Annotated[bool, typer.Option(help="Show progress until the job ends, then the report.")] = True,
     api_url: ApiUrl = "http://127.0.0.1:8000",
@@ -1082,6 +1086,7 @@ def evaluate_samples(
             guard={} if guard else None,
             judge_against=against,
             policy_set=policy_set,
+            prompt_set=prompt_set,
             label=label,
         )
         console.print(f"Sample evaluation [bold]{job.id}[/]: {job.samples} samples")
@@ -1223,6 +1228,7 @@ def evaluate_model(
     refusal_judge: Annotated[str | None, typer.Option(help="ENDPOINT:MODEL of the refusal judge.")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Max tokens per LLM call.")] = None,
     policy_set: Annotated[str, typer.Option(help="The policies the judges are shown.")] = "aidsafe-default",
+    prompt_set: PromptSetOpt = None,
     label: Annotated[str | None, typer.Option(help="A name of yours for the evaluation.")] = None,
     idempotency_key: Annotated[str | None, typer.Option(help="Makes a retried submit safe.")] = None,
     follow: Annotated[bool, typer.Option(help="Show progress, then the report, when it ends.")] = True,
@@ -1248,6 +1254,7 @@ def evaluate_model(
             safety_judge=judge,
             refusal_judge=_role(refusal_judge),
             policy_set=policy_set,
+            prompt_set=prompt_set,
             max_tokens=max_tokens,
             label=label,
             idempotency_key=idempotency_key or None,

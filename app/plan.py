@@ -35,7 +35,6 @@ from app.deliberation.config import (
     RoleConfig,
 )
 from app.deliberation.policies import MAX_POLICY_TEXT_CHARS, PolicySet
-from app.deliberation.prompt_sets import builtin as builtin_wording
 from app.deliberation.prompting import PromptSet
 from app.deliberation.results import METRICS
 from app.deliberation.stages import DECLARED
@@ -729,14 +728,15 @@ def check_comparison_fits(
 
 
 def check_model_evaluation_fits(
-    plan: ModelEvaluationPlan, policies: PolicySet, prompts: list[str], settings: Settings
+    plan: ModelEvaluationPlan, policies: PolicySet, wording: PromptSet, prompts: list[str], settings: Settings
 ) -> None:
-    """Raise RequestTooLarge if some target's or judge's request may not fit its endpoint."""
+    """Raise RequestTooLarge if some target's or judge's request, the judges' worded by
+    `wording`, may not fit its endpoint."""
     longest = max(prompts, key=estimate_tokens)
     budgets = [
         budget
         for target in range(len(plan.targets))
-        for budget in evaluation_requests(plan.evaluation(target), policies, builtin_wording(), longest)
+        for budget in evaluation_requests(plan.evaluation(target), policies, wording, longest)
     ]
     _check_fits(list(dict.fromkeys(budgets)), policies, settings)  # the judges' once
 

@@ -18,7 +18,7 @@ from app.api import views
 from app.api.bodies import JsonBody, read_capped
 from app.api.deps import CurrentKey, OwnedJob, ReadsHazardous, SessionDep
 from app.api.errors import InvalidRequest
-from app.api.jobs import ERRORS, PAGE_ERRORS, Cursor, Limit
+from app.api.jobs import ERRORS, PAGE_ERRORS, Cursor, Limit, resolve_prompt_set
 from app.api.schemas import (
     SampleEvaluationIn,
     SampleEvaluationOptions,
@@ -30,7 +30,7 @@ from app.api.schemas import (
 from app.api.submissions import Submission, SubmissionDep, submit_responses
 from app.plan import RoleIn, resolve_sample_evaluation
 from app.sample_files import FileType, Sample, read_samples, samples_of
-from app.store import jobs, policy_sets, sample_evaluations
+from app.store import jobs, policy_sets, prompt_sets, sample_evaluations
 from app.store.models import Job
 
 router = APIRouter(prefix="/v1/sample-evaluations", tags=["sample evaluations"])
@@ -135,10 +135,12 @@ async def _submit(
     policy_set = await policy_sets.resolve_for_job(
         session, key_id, options.policy_set.name, options.policy_set.version
     )
+    prompt_set = await resolve_prompt_set(session, key_id, options.prompt_set)
     job, new_item_ids = await sample_evaluations.submit(
         session,
         owner_key_id=key_id,
         policy_set_id=policy_set.id,
+        prompt_set_id=prompt_set.id,
         plan=plan,
         samples=samples,
         labels=jobs.Labels(options.label, options.metadata),
@@ -166,6 +168,7 @@ async def evaluation_out(session: AsyncSession, job: Job) -> SampleEvaluationOut
         job,
         plan,
         await policy_sets.by_id(session, job.policy_set_id),
+        await prompt_sets.pinned(session, job.prompt_set_id),
         await jobs.summary(session, job),
         report,
     )

@@ -909,6 +909,12 @@ class ModelEvaluationIn(Labelled):
     policy_set: PolicySetRef = Field(
         default_factory=PolicySetRef, description="The policies the judges are shown."
     )
+    prompt_set: PromptSetRef | None = Field(
+        default=None,
+        exclude_if=lambda ref: ref is None,  # a body without it hashes as it did before
+        description="The templates that word the judges' requests (`GET /v1/prompt-sets`); left "
+        "out, the built-in set. The targets get nothing of ours but their own system prompt.",
+    )
     max_tokens: int | None = Field(
         default=None, ge=64, le=16384, description="Per call: the targets' answers and the judges' verdicts."
     )
@@ -974,6 +980,10 @@ class ModelEvaluationOut(BaseModel):
     safety_judge: dict[str, Any]
     refusal_judge: dict[str, Any]
     policy_set: PolicySetBrief
+    prompt_set: PromptSetBrief | None = Field(
+        description="The templates that worded its requests; null for one from before evaluations pinned "
+        "a set (the built-in wording of its time)."
+    )
     counts: JobCounts
     by_target: dict[str, TargetCountsOut] = Field(description="Per target name.")
     table: list[ModelReportRow] = Field(
@@ -1140,6 +1150,12 @@ class SampleEvaluationOptions(Labelled):
         default=None, description="Pairwise judgement against another set's sample of the same prompt."
     )
     policy_set: PolicySetRef = Field(default_factory=PolicySetRef)
+    prompt_set: PromptSetRef | None = Field(
+        default=None,
+        exclude_if=lambda ref: ref is None,  # a body without it hashes as it did before
+        description="The templates that word the grader's, guard's and judge's requests "
+        "(`GET /v1/prompt-sets`); left out, the built-in set.",
+    )
     callback_url: CallbackUrl = None
 
 
@@ -1199,6 +1215,10 @@ class SampleEvaluationOut(BaseModel):
     label: str | None
     metadata: dict[str, Any]
     policy_set: PolicySetBrief
+    prompt_set: PromptSetBrief | None = Field(
+        description="The templates that worded its requests; null for one from before evaluations pinned "
+        "a set (the built-in wording of its time)."
+    )
     config: dict[str, Any]
     samples: int
     counts: JobCounts

@@ -27,7 +27,7 @@ from app.store.models import Job
 async def job_out(session: AsyncSession, job: Job) -> JobOut:
     """The job as the API shows it, counted now."""
     policy_set = await policy_sets.by_id(session, job.policy_set_id)
-    prompt_set = None if job.prompt_set_id is None else await prompt_sets.by_id(session, job.prompt_set_id)
+    prompt_set = await prompt_sets.pinned(session, job.prompt_set_id)
     return JobOut(
         id=job.id,
         created_at=job.created_at,

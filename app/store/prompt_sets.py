@@ -94,6 +94,11 @@ def refused(what: str, problems: list[Problem], hint: str = "") -> InvalidPrompt
 by_id = registered_sets.ById(PromptSetRow, "prompt set").get
 
 
+async def pinned(session: AsyncSession, prompt_set_id: UUID | None) -> PromptSetRow | None:
+    """The set a job pinned; None for a job from before jobs pinned one."""
+    return None if prompt_set_id is None else await by_id(session, prompt_set_id)
+
+
 async def of_job(session: AsyncSession, prompt_set_id: UUID | None) -> PromptSetRow:
     """A job's pinned set; a job submitted before jobs pinned one runs the built-in set."""
     return await ensure_default(session) if prompt_set_id is None else await by_id(session, prompt_set_id)
