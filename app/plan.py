@@ -19,6 +19,7 @@ from app.deliberation.budget import (
     evaluation_requests,
     judge_request,
     largest_requests,
+    sample_evaluation_requests,
     stage_floors,
 )
 from app.deliberation.config import (
@@ -36,7 +37,8 @@ from app.deliberation.config import (
 )
 from app.deliberation.policies import MAX_POLICY_TEXT_CHARS, PolicySet
 from app.deliberation.prompting import PromptSet
-from app.deliberation.results import METRICS
+from app.deliberation.quality import sample_text
+from app.deliberation.results import METRICS, Sample
 from app.deliberation.stages import DECLARED
 from app.errors import BatchUnsupported, InvalidConfig, InvalidPromptSet, RequestTooLarge
 
@@ -739,6 +741,20 @@ def check_model_evaluation_fits(
         for budget in evaluation_requests(plan.evaluation(target), policies, wording, longest)
     ]
     _check_fits(list(dict.fromkeys(budgets)), policies, settings)  # the judges' once
+
+
+def check_sample_evaluation_fits(
+    plan: SampleEvaluationPlan,
+    policies: PolicySet,
+    wording: PromptSet,
+    samples: Sequence[tuple[str, Sample]],
+    settings: Settings,
+) -> None:
+    """Raise RequestTooLarge if some role's request about some (prompt, sample) may not fit
+    its endpoint: the largest sample, prompt and reasoning and response together, decides."""
+    evaluators = plan.evaluators()
+    prompt, sample = max(samples, key=lambda s: estimate_tokens(s[0]) + estimate_tokens(sample_text(s[1])))
+    _check_fits(sample_evaluation_requests(evaluators, policies, wording, prompt, sample), policies, settings)
 
 
 def _check_fits(budgets: list[RequestBudget], policies: PolicySet, settings: Settings) -> None:

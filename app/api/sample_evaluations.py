@@ -4,6 +4,7 @@ Parquet file; per-sample results and a report with 95 % intervals."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from typing import Annotated, Any, Literal, get_args
 from uuid import UUID
@@ -28,7 +29,8 @@ from app.api.schemas import (
     SubmittedSampleEvaluationOut,
 )
 from app.api.submissions import Submission, SubmissionDep, submit_responses
-from app.plan import RoleIn, resolve_sample_evaluation
+from app.deliberation.results import Sample as EngineSample
+from app.plan import RoleIn, check_sample_evaluation_fits, resolve_sample_evaluation
 from app.sample_files import FileType, Sample, read_samples, samples_of
 from app.store import jobs, policy_sets, prompt_sets, sample_evaluations
 from app.store.models import Job
@@ -136,6 +138,15 @@ async def _submit(
         session, key_id, options.policy_set.name, options.policy_set.version
     )
     prompt_set = await resolve_prompt_set(session, key_id, options.prompt_set)
+    shown = [(s.prompt, EngineSample(s.thoughts, s.response)) for s in samples]
+    await asyncio.to_thread(
+        check_sample_evaluation_fits,
+        plan,
+        policy_sets.for_engine(policy_set),
+        prompt_sets.for_engine(prompt_set),
+        shown,
+        settings,
+    )
     job, new_item_ids = await sample_evaluations.submit(
         session,
         owner_key_id=key_id,
