@@ -28,6 +28,7 @@ from tests.scripted_llm import DEFAULT_REFUSAL, Reply, ScriptedLLM, guard_verdic
 from tests.test_api import error_of, items_of, row_counts
 from tests.test_cli import aidsafe as cli_command
 from tests.test_cli import job_ids
+from tests.test_prompt_sets import register_on_builtin
 
 Headers = dict[str, str]
 JUDGE = "judge-model"
@@ -434,16 +435,9 @@ async def test_cli_evaluates_two_models_and_prints_them_side_by_side(
 async def test_the_judges_are_worded_by_the_evaluations_prompt_set_and_the_target_is_not(
     api: httpx.AsyncClient, auth: Headers, settings: Settings, scripted_llm: ScriptedLLM
 ) -> None:
-    house = await api.post(
-        "/v1/prompt-sets",
-        json={
-            "name": "house-judges",
-            "base": {"name": "aidsafe-default"},
-            "templates": {"refusal.user": "HOUSE REFUSAL JUDGE. $prompt\n---\n$answer"},
-        },
-        headers=auth,
+    house = await register_on_builtin(
+        api, auth, "house-judges", {"refusal.user": "HOUSE REFUSAL JUDGE. $prompt\n---\n$answer"}
     )
-    assert house.status_code == 201, house.text
     scripted_llm.models["m1"] = lambda body: reply("An answer.")
     body = evaluation_body(
         [{"name": "b", "prompts": benchmark_prompts(1)}], "m1", prompt_set={"name": "house-judges"}
@@ -451,7 +445,7 @@ async def test_the_judges_are_worded_by_the_evaluations_prompt_set_and_the_targe
     submitted = await submit_evaluation(api, auth, body)
     await run_worker_burst(settings)
 
-    assert submitted["prompt_set"] == {k: house.json()[k] for k in ("id", "name", "version")}
+    assert submitted["prompt_set"] == {k: house[k] for k in ("id", "name", "version")}
     judged = [r.body["messages"][-1]["content"] for r in scripted_llm.requests_for("refusal_judgement")]
     assert len(judged) == 2 and all(text.startswith("HOUSE REFUSAL JUDGE.") for text in judged)
     asked = [r.body for r in scripted_llm.requests if r.body["model"] == "m1"]

@@ -37,6 +37,17 @@ async def register(
     return await api.post("/v1/prompt-sets", json=body, headers=auth)
 
 
+async def register_on_builtin(
+    api: httpx.AsyncClient, auth: Headers, name: str, templates: dict[str, str]
+) -> dict[str, Any]:
+    """Register `templates` over the built-in set's; the new set as the API shows it."""
+    body = {"name": name, "base": {"name": "aidsafe-default"}, "templates": templates}
+    response = await api.post("/v1/prompt-sets", json=body, headers=auth)
+    assert response.status_code == 201, response.text
+    shown: dict[str, Any] = response.json()
+    return shown
+
+
 def error_of(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
     assert response.status_code == status, response.text
     error: dict[str, Any] = response.json()["error"]

@@ -29,6 +29,7 @@ from tests.conftest import client_for, new_key, run_worker_burst
 from tests.scripted_llm import ScriptedLLM, guard_verdict, http_error, reply, scores
 from tests.test_api import error_of
 from tests.test_cli import aidsafe as aidsafe_cli
+from tests.test_prompt_sets import register_on_builtin
 
 Headers = dict[str, str]
 FIXTURES = Path(__file__).parent / "fixtures" / "samples"
@@ -382,16 +383,9 @@ async def test_the_cli_evaluates_a_file_with_a_column_mapping(
 async def test_an_evaluation_words_its_requests_with_the_prompt_set_it_pins(
     api: httpx.AsyncClient, auth: Headers, settings: Settings, scripted_llm: ScriptedLLM
 ) -> None:
-    house = await api.post(
-        "/v1/prompt-sets",
-        json={
-            "name": "house-grader",
-            "base": {"name": "aidsafe-default"},
-            "templates": {"grade.user": "HOUSE GRADER. Prompt: $prompt\nSample: $sample"},
-        },
-        headers=auth,
+    house = await register_on_builtin(
+        api, auth, "house-grader", {"grade.user": "HOUSE GRADER. Prompt: $prompt\nSample: $sample"}
     )
-    assert house.status_code == 201, house.text
     response = await upload(
         api,
         auth,
@@ -406,7 +400,7 @@ async def test_an_evaluation_words_its_requests_with_the_prompt_set_it_pins(
     await run_worker_burst(settings)
 
     pinned = response.json()["prompt_set"]
-    assert pinned == {k: house.json()[k] for k in ("id", "name", "version")}
+    assert pinned == {k: house[k] for k in ("id", "name", "version")}
     assert default.json()["prompt_set"]["name"] == "aidsafe-default"
     worded = [r.body["messages"][-1]["content"] for r in scripted_llm.requests_for("quality_scores")]
     assert sum(text.startswith("HOUSE GRADER.") for text in worded) == 3  # this one's, not the other's
