@@ -41,9 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     async with ServiceStack("api_memory") as stack:
-        await stack.create_database()
-        api_url = await stack.start_api()
-        key = await stack.create_key()
+        api_url, key = await stack.api_alone()
         api_pid = stack.pid("api")
         pg_started = await stack.postgres_started_at()
         rss: list[tuple[int, float]] = []  # (jobs submitted, MB)
