@@ -75,9 +75,7 @@ def percentiles(values_s: list[float]) -> dict[str, float | None]:
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     async with ServiceStack("api_latency") as stack:
-        await stack.create_database()
-        api_url = await stack.start_api()
-        key = await stack.create_key()
+        api_url, key = await stack.api_alone()
         api_pid = stack.pid("api")
         pg_started = await stack.postgres_started_at()
         headers = {"Authorization": f"Bearer {key}"}

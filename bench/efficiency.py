@@ -36,7 +36,9 @@ from typing import Any
 import httpx
 from redis.asyncio import Redis
 
+from bench.api_latency import percentiles
 from bench.hotspots import Profiler, print_summary, summarize
+from bench.loadgen import open_loop_get
 from bench.machine import (
     cpu_seconds,
     cpu_seconds_of,
@@ -66,6 +68,9 @@ def parser(description: str = __doc__.split("\n\n")[0]) -> argparse.ArgumentPars
     p.add_argument("--agents", type=int, default=2)
     p.add_argument("--agree-after", type=int, default=1, help="the sim agrees on this deliberation turn")
     p.add_argument("--poll-s", type=float, default=0.2, help="GET /v1/jobs/{id} interval")
+    p.add_argument(
+        "--probe-rate", type=float, default=0.0, help="open-loop GETs of the job per second while it runs"
+    )
     p.add_argument("--idle-s", type=float, default=2.0, help="idle time to measure the workers' idle CPU")
     p.add_argument("--time-limit", type=float, default=280.0, help="the run stops itself after this")
     p.add_argument(
@@ -125,6 +130,7 @@ async def _measure(
             await asyncio.sleep(1.0)  # py-spy attaches
         await api.post(f"{sim_root}/stats/reset")
         pg_started = await stack.postgres_started_at()
+        db_bytes_before = (await stack.sql("SELECT pg_database_size(current_database()) AS n"))[0]["n"]
         cpu_before = _cpu_snapshot(pids, servers)
         counters_before = await _service_counters(stack)
         own_before = time.process_time()
@@ -135,6 +141,8 @@ async def _measure(
             raise RuntimeError(f"POST /v1/jobs: {answer.status_code} {answer.text[:500]}")
         job_id = answer.json()["id"]
         job = answer.json()
+        probe_done = asyncio.Event()
+        probe = _probe(api, f"/v1/jobs/{job_id}", args, probe_done) if args.probe_rate else None
         polls, poll_errors = 0, Counter[str]()
         while job["status"] not in ("completed", "cancelled"):
             await asyncio.sleep(args.poll_s)
@@ -149,6 +157,8 @@ async def _measure(
                 continue
             job = answer.json()
         polled_wall_s = time.monotonic() - started
+        probe_done.set()
+        probed = await probe if probe else None
         cpu_after = _cpu_snapshot(pids, servers)
         counters_after = await _service_counters(stack)
         own_cpu_s = time.process_time() - own_before
@@ -165,6 +175,7 @@ async def _measure(
         )
     )[0]
     turns = (await stack.sql("SELECT count(*) AS n, avg(latency_ms)::float8 AS latency FROM turns"))[0]
+    storage = await _storage(stack, turns["n"], db_bytes_before)
     actual_s = row["last_finished"] - started_wall
     calls = sim["answered"]
     mean_latency_s = sim["simulated_latency_ms_mean"] / 1000
@@ -257,12 +268,59 @@ async def _measure(
         # the run's own servers, or every postgres/redis-server process on the machine
         "cpu_s_postgres_redis": {name: round(value, 2) for name, value in postgres_redis.items()},
         "machine_cpu_busy": round(busy / total, 3) if total else None,
+        "get_job_while_running": probed,
+        "storage": storage,
         "logs": str(stack.log_dir),
     }
     if profiler:
         summary["profile"] = summarize(profiler.files)
         summary["profile"]["dir"] = str(args.profile)
     return summary
+
+
+def _probe(
+    api: httpx.AsyncClient, path: str, args: argparse.Namespace, done: asyncio.Event
+) -> asyncio.Task[dict[str, Any]]:
+    """GET `path` open loop at --probe-rate per second until `done` (bench/loadgen.py, so a
+    slow answer delays no later request and its wait is counted), beside the job's polls."""
+
+    async def run() -> dict[str, Any]:
+        url = f"{api.base_url}".rstrip("/") + path
+        headers = {"Authorization": api.headers["Authorization"]}
+        load = await open_loop_get(url, headers, args.probe_rate, args.time_limit, 8, 10.0, done)
+        return {
+            **percentiles(load.latencies_s),
+            "rate_per_s": args.probe_rate,
+            "requests": load.requests,
+            "errors": dict(load.errors),
+            "client_send_lag_p99_ms": percentiles(load.send_lag_s)["p99_ms"],
+        }
+
+    return asyncio.create_task(run())
+
+
+async def _storage(stack: ServiceStack, turns: int, db_bytes_before: int) -> dict[str, Any]:
+    """Bytes on disk per stored turn: the turns table with its indexes and TOAST, and the
+    whole database (items, jobs and the rest with it; the empty, migrated one subtracted)."""
+    row = (
+        await stack.sql(
+            "SELECT pg_table_size('turns') AS turns_table, pg_indexes_size('turns') AS turns_indexes,"
+            " pg_database_size(current_database()) AS db"
+        )
+    )[0]
+
+    def per_turn(n: int) -> int | None:
+        return round(n / turns) if turns else None
+
+    return {
+        "turns": turns,
+        "turns_table_and_toast_bytes_per_turn": per_turn(row["turns_table"]),
+        "turns_indexes_bytes_per_turn": per_turn(row["turns_indexes"]),
+        "turns_total_bytes_per_turn": per_turn(row["turns_table"] + row["turns_indexes"]),
+        "database_growth_bytes_per_turn": per_turn(row["db"] - db_bytes_before),
+        "database_mb": round(row["db"] / 1024 / 1024, 1),
+        "database_mb_before_the_job": round(db_bytes_before / 1024 / 1024, 1),
+    }
 
 
 async def _service_counters(stack: ServiceStack) -> dict[str, int]:

@@ -193,9 +193,7 @@ async def one_export(client: httpx.AsyncClient, api_pid: int, job_id: UUID, form
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     formats = args.formats.split(",")
     async with ServiceStack("export") as stack:
-        await stack.create_database()
-        url = await stack.start_api()
-        secret = await stack.create_key()
+        url, secret = await stack.api_alone()
         engine = make_engine(stack.database_url)
         try:
             async with make_sessions(engine).begin() as session:

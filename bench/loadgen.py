@@ -72,8 +72,10 @@ async def open_loop_get(
     duration_s: float,
     connections: int = 64,
     drain_s: float = 20.0,
+    stop: asyncio.Event | None = None,
 ) -> LoadResult:
-    """GET `url` at `rate` per second for `duration_s`, open loop; see the module doc."""
+    """GET `url` at `rate` per second for `duration_s` or until `stop` is set, open loop;
+    see the module doc."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     path = parts.path + (f"?{parts.query}" if parts.query else "")
@@ -107,6 +109,9 @@ async def open_loop_get(
         delay = due - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
+        if stop is not None and stop.is_set():
+            result.requests = i
+            break
         due_queue.put_nowait(due)
     for _ in workers:
         due_queue.put_nowait(None)

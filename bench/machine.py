@@ -127,3 +127,13 @@ def cpu_seconds_of_named(comm: str) -> float:
         with contextlib.suppress(OSError):
             total += cpu_seconds(pid)
     return total
+
+
+def rss_mb(pid: int) -> float | None:
+    """Resident memory from /proc (psutil is not a dependency; the bench is Linux-only)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None  # killed between the slot's lookup and now
+    kib = next((line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")), None)
+    return round(int(kib) / 1024, 1) if kib else None  # no VmRSS: a zombie

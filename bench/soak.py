@@ -47,7 +47,7 @@ from app.store.db import make_engine, make_sessions
 from bench.audit import FINISHED, JobAudit, audit_job
 from bench.bad_day import EVERYDAY, add_service_args, fault_args
 from bench.chaos import WorkerKiller
-from bench.machine import describe, machine_cpu_jiffies
+from bench.machine import describe, machine_cpu_jiffies, rss_mb
 from bench.prompts import make_prompts
 from bench.stack import ServiceStack, publish, run_bounded
 
@@ -195,12 +195,12 @@ class Soak:
 
     async def sample(self) -> None:
         t = round(self.now(), 1)
-        api = _rss_mb(self.stack.pid("api"))
+        api = rss_mb(self.stack.pid("api"))
         if api is not None:
             self.rss.setdefault("api", []).append((t, api))
         workers = {}
         for name in self.killer.workers:
-            if (mb := _rss_mb(self.stack.pid(name))) is not None:
+            if (mb := rss_mb(self.stack.pid(name))) is not None:
                 workers[name] = mb
                 self.rss.setdefault(name, []).append((t, mb))
         rows = await self.stack.sql("SELECT status, count(*) AS n FROM items GROUP BY status")
@@ -276,16 +276,6 @@ class Soak:
                 return True
             await asyncio.sleep(1.0)
         return False
-
-
-def _rss_mb(pid: int) -> float | None:
-    """Resident memory from /proc (psutil is not a dependency; the bench is Linux-only)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None  # killed between the slot's lookup and now
-    kib = next((line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")), None)
-    return round(int(kib) / 1024, 1) if kib else None  # no VmRSS: a zombie
 
 
 def trend(points: list[tuple[float, float]]) -> dict[str, Any]:

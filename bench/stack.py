@@ -194,6 +194,12 @@ class ServiceStack:
             raise StackError(f"aidsafe keys create failed:\n{made.stderr[-3000:]}")
         return made.stdout.strip().splitlines()[-1]
 
+    async def api_alone(self) -> tuple[str, str]:
+        """A migrated database and the API, no worker: (the API's URL, a key)."""
+        await self.create_database()
+        api_url = await self.start_api()
+        return api_url, await self.create_key()
+
     def pid(self, name: str) -> int:
         return self.procs[name].pid
 

@@ -65,3 +65,36 @@ async def test_a_forgotten_value_is_read_afresh() -> None:
     recent.forget("k")
 
     assert await recent.get("k", source.read) == 2
+
+
+class Clock:
+    """A clock the test moves: ages without waiting."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_values_held_follow_the_keys_read_within_max_age_not_every_key_ever_read() -> None:
+    clock = Clock()
+    recent: Recent[tuple[int, int], int] = Recent(max_age_s=1.0, clock=clock)
+    source = Source()
+    held = []
+
+    # 10 new keys every 0.1 s, as a stream of jobs each polled once: 20,000 keys in all, at
+    # most 110 of them read within max_age at any moment.
+    for tick in range(2_000):
+        clock.now = tick / 10
+        for k in range(10):
+            await recent.get((tick, k), source.read)
+        held.append(len(recent))
+
+    assert max(held) <= 2 * 110
+    assert min(held[10:]) >= 100  # the fresh ones are kept...
+    reads = source.reads
+    for tick in range(1_991, 2_000):
+        for k in range(10):
+            await recent.get((tick, k), source.read)
+    assert source.reads == reads  # ...and answered without reading again
