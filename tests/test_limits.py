@@ -225,6 +225,20 @@ async def test_cancelled_waiters_do_not_hold_up_the_ones_behind_them(redis: Redi
     assert await holders(redis, limiter) == 0
 
 
+async def test_slots_for_every_waiter_of_a_process_are_taken_in_one_round_trip(
+    redis: Redis, key_prefix: str
+) -> None:
+    limiter = EndpointLimiter(redis, key_prefix)
+
+    async with AsyncExitStack() as held:
+        await asyncio.gather(*(held.enter_async_context(limiter.slot("default", 8, 30)) for _ in range(5)))
+        leases = await redis.zrange(limiter.key("default"), 0, -1, withscores=True)
+
+    assert len(leases) == 5
+    assert len({score for _, score in leases}) == 1, "their leases end together: one script added them"
+    assert await holders(redis, limiter) == 0
+
+
 async def test_waiting_time_is_accumulated_for_metrics(redis: Redis, key_prefix: str) -> None:
     limiter = EndpointLimiter(redis, key_prefix)
 

@@ -481,8 +481,11 @@ class EndpointLimiter:
                 keys=[key, f"{key}:aimd", f"{key}:freed", f"{key}:paused"], args=args + tokens
             )
         except RedisError:
-            # Not fatal: the lease frees the slot anyway, only later.
+            # Not fatal: the lease frees the slot anyway, only later. But Redis may have lost
+            # every slot (a restart), and one kept here would be over the cap: none is reused.
             logger.warning("could not release limiter slots %s on %s", tokens, key, exc_info=True)
+            for lease in local.idle:
+                lease.ends = 0.0
             return
         local.learn(int(generation), int(left_ms))
         LIMIT_CAP.labels(endpoint).set(int(cap))
