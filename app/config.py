@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     llm_max_retries: int = Field(default=4, ge=0)
     llm_backoff_base_s: float = Field(default=1.0, ge=0)
     llm_backoff_max_s: float = Field(default=30.0, ge=0)
+    # How long a worker keeps an LLM slot it released, unused, for its own next request
+    # (app/llm/limits.py): fewer round trips to Redis; 0 gives each back at once.
+    llm_slot_keep_s: float = Field(default=0.05, ge=0)
 
     # The API refuses larger request bodies with 413 (10,000 prompts of ~3,000 characters fit).
     max_request_bytes: int = 32 * 1024 * 1024

@@ -31,7 +31,7 @@ from app.config import EndpointConfig, Settings
 from app.deliberation.ports import ChatRequest, LLMUnavailable
 from app.deliberation.stages import DELIBERATION, SEED
 from app.llm.client import OpenAICompatibleClient
-from app.llm.limits import CUT_SHARE, WINDOW, EndpointLimiter
+from app.llm.limits import CUT_SHARE, REUSE_S, WINDOW, EndpointLimiter
 from app.llm.rates import EndpointRates
 from app.store.db import Sessions
 from bench.audit import status_counts
@@ -58,6 +58,12 @@ async def key_prefix(redis: Redis) -> AsyncIterator[str]:
         await redis.delete(*keys)
 
 
+@pytest.fixture(params=[0.0, 0.05], ids=["given-back", "kept"])
+def keep_s(request: pytest.FixtureRequest) -> float:
+    """How long a process keeps a released slot: the workers keep them (fewer round trips)."""
+    return float(request.param)
+
+
 async def holders(redis: Redis, limiter: EndpointLimiter, endpoint: str = "default") -> int:
     return int(await redis.zcard(limiter.key(endpoint)))
 
@@ -67,13 +73,13 @@ def deliberation_request() -> ChatRequest:
 
 
 async def test_never_more_than_limit_in_flight_across_clients_with_own_connections(
-    scripted_llm: ScriptedLLM, key_prefix: str
+    scripted_llm: ScriptedLLM, key_prefix: str, keep_s: float
 ) -> None:
     scripted_llm.latency_s = 0.1
     endpoints = {"default": EndpointConfig(base_url=scripted_llm.base_url, max_concurrency=2)}
     connections = [Redis.from_url(REDIS_URL) for _ in range(4)]
     clients = [
-        OpenAICompatibleClient(endpoints, EndpointLimiter(conn, key_prefix), timeout_s=5)
+        OpenAICompatibleClient(endpoints, EndpointLimiter(conn, key_prefix, keep_s=keep_s), timeout_s=5)
         for conn in connections
     ]
     try:
@@ -219,6 +225,20 @@ async def test_cancelled_waiters_do_not_hold_up_the_ones_behind_them(redis: Redi
     assert await holders(redis, limiter) == 0
 
 
+async def test_slots_for_every_waiter_of_a_process_are_taken_in_one_round_trip(
+    redis: Redis, key_prefix: str
+) -> None:
+    limiter = EndpointLimiter(redis, key_prefix)
+
+    async with AsyncExitStack() as held:
+        await asyncio.gather(*(held.enter_async_context(limiter.slot("default", 8, 30)) for _ in range(5)))
+        leases = await redis.zrange(limiter.key("default"), 0, -1, withscores=True)
+
+    assert len(leases) == 5
+    assert len({score for _, score in leases}) == 1, "their leases end together: one script added them"
+    assert await holders(redis, limiter) == 0
+
+
 async def test_waiting_time_is_accumulated_for_metrics(redis: Redis, key_prefix: str) -> None:
     limiter = EndpointLimiter(redis, key_prefix)
 
@@ -240,6 +260,107 @@ async def test_endpoints_are_limited_separately(redis: Redis, key_prefix: str) -
         limiter.slot("big-gpu", 1, 30),
     ):
         assert await holders(redis, limiter, "big-gpu") == 1
+
+
+# --- slots kept by their process for its next request (keep_s) ------------------------------
+
+
+async def use(redis: Redis, limiter: EndpointLimiter, limit: int = 1) -> set[bytes]:
+    """Hold a slot, answered with success, and release it; the holders in Redis meanwhile."""
+    async with limiter.slot("default", limit, 30) as slot:
+        slot.succeeded = True
+        return set(await redis.zrange(limiter.key("default"), 0, -1))
+
+
+async def test_a_kept_slot_carries_the_next_request_of_its_process_then_goes_back(
+    redis: Redis, key_prefix: str
+) -> None:
+    limiter = EndpointLimiter(redis, key_prefix, keep_s=0.3)
+
+    first = await use(redis, limiter)
+    assert await holders(redis, limiter) == 1, "kept: it still counts against the cap"
+    assert await use(redis, limiter) == first, "the next request took the kept slot"
+    await asyncio.sleep(0.8)  # unused for more than keep_s
+
+    assert await holders(redis, limiter) == 0
+    assert await use(redis, limiter) != first
+
+
+async def test_a_slot_kept_by_one_process_is_no_other_process_s_until_it_goes_back(
+    redis: Redis, key_prefix: str
+) -> None:
+    keeper = EndpointLimiter(redis, key_prefix, keep_s=0.5)
+    connection = Redis.from_url(REDIS_URL)
+    other = EndpointLimiter(connection, key_prefix)
+    try:
+        await use(redis, keeper)
+        released = time.monotonic()
+        async with asyncio.timeout(5), other.slot("default", 1, 30):
+            waited = time.monotonic() - released
+            assert await holders(redis, other) == 1
+    finally:
+        await connection.aclose()
+
+    assert 0.45 <= waited < 1.5, "the cap of 1 held while the keeper kept its slot unused"
+
+
+async def test_a_caller_waiting_in_the_same_process_gets_the_released_slot_at_once(
+    redis: Redis, key_prefix: str
+) -> None:
+    limiter = EndpointLimiter(redis, key_prefix, keep_s=30)
+    served: list[str] = []
+
+    async with limiter.slot("default", 1, 30) as slot:
+        slot.succeeded = True
+        waiter = asyncio.create_task(_hold_and_note(limiter, served, "waiter"))
+        await asyncio.sleep(0.1)
+        released = time.monotonic()
+    await asyncio.wait_for(waiter, timeout=5)
+
+    assert served == ["waiter"]
+    assert time.monotonic() - released < 0.5
+
+
+@pytest.mark.parametrize("answer", ["429", "pause"])
+async def test_a_429_or_a_pause_is_never_kept(redis: Redis, key_prefix: str, answer: str) -> None:
+    limiter = EndpointLimiter(redis, key_prefix, keep_s=30)
+
+    async with limiter.slot("default", 1, 30) as slot:
+        slot.rate_limited = answer == "429"
+        slot.pause_s = 0.2 if answer == "pause" else 0.0
+
+    assert await holders(redis, limiter) == 0
+
+
+async def test_a_slot_is_not_kept_once_its_lease_may_not_cover_another_request(
+    redis: Redis, key_prefix: str
+) -> None:
+    limiter = EndpointLimiter(redis, key_prefix, keep_s=30)
+
+    async with limiter.slot("default", 1, 30):
+        await asyncio.sleep(REUSE_S + 0.1)
+
+    assert await holders(redis, limiter) == 0
+
+
+async def test_successes_counted_in_the_process_still_grow_the_cap(redis: Redis, key_prefix: str) -> None:
+    limiter = EndpointLimiter(redis, key_prefix, keep_s=30)
+    await answer(limiter, 8, limited=SUSTAINED)  # cut to 4
+    assert await held_at_once(limiter, 8) == 4
+
+    await answer(limiter, 8, ok=2 * WINDOW)  # one kept slot: counted here, told with the next script
+
+    assert await held_at_once(limiter, 8) == 6
+
+
+async def test_closing_gives_back_the_kept_slots(redis: Redis, key_prefix: str) -> None:
+    limiter = EndpointLimiter(redis, key_prefix, keep_s=30)
+    await asyncio.gather(use(redis, limiter, limit=3), use(redis, limiter, limit=3))
+    assert await holders(redis, limiter) >= 1
+
+    await limiter.aclose()
+
+    assert await holders(redis, limiter) == 0
 
 
 async def _enter_and_leave(slot: AbstractAsyncContextManager[None]) -> None:
@@ -287,9 +408,9 @@ async def answer(limiter: EndpointLimiter, limit: int, ok: int = 0, limited: int
 
 
 async def test_the_cap_is_cut_on_a_sustained_share_of_429s_not_on_each_and_grows_back(
-    redis: Redis, key_prefix: str
+    redis: Redis, key_prefix: str, keep_s: float
 ) -> None:
-    limiter = EndpointLimiter(redis, key_prefix)
+    limiter = EndpointLimiter(redis, key_prefix, keep_s=keep_s)
 
     await answer(limiter, 8, ok=WINDOW - 8, limited=8)  # CUT_SHARE of a window: noise
     assert await held_at_once(limiter, 8) == 8
@@ -303,8 +424,10 @@ async def test_the_cap_is_cut_on_a_sustained_share_of_429s_not_on_each_and_grows
     assert await held_at_once(limiter, 8) == 8, "never above the configured limit"
 
 
-async def test_429s_of_requests_sent_before_a_cut_do_not_cut_again(redis: Redis, key_prefix: str) -> None:
-    limiter = EndpointLimiter(redis, key_prefix)
+async def test_429s_of_requests_sent_before_a_cut_do_not_cut_again(
+    redis: Redis, key_prefix: str, keep_s: float
+) -> None:
+    limiter = EndpointLimiter(redis, key_prefix, keep_s=keep_s)
     limit = 2 * WINDOW
 
     async with AsyncExitStack() as held:
@@ -320,9 +443,10 @@ def pause_seconds() -> float:
 
 
 def two_clients(
-    scripted_llm: ScriptedLLM, key_prefix: str, **endpoint: Any
+    scripted_llm: ScriptedLLM, key_prefix: str, keep_s: float = 0.0, **endpoint: Any
 ) -> tuple[list[OpenAICompatibleClient], AsyncExitStack]:
-    """Two clients, each with a Redis connection of its own, sharing one endpoint's limits."""
+    """Two clients, each with a Redis connection of its own, sharing one endpoint's limits
+    (each keeping released slots for `keep_s`)."""
     endpoints = {"default": EndpointConfig(base_url=scripted_llm.base_url, **endpoint)}
     stack = AsyncExitStack()
     clients = []
@@ -330,15 +454,21 @@ def two_clients(
         conn = Redis.from_url(REDIS_URL)
         stack.push_async_callback(conn.aclose)
         client = OpenAICompatibleClient(
-            endpoints, EndpointLimiter(conn, key_prefix), timeout_s=5, backoff_base_s=0.01, backoff_max_s=0.05
+            endpoints,
+            EndpointLimiter(conn, key_prefix, keep_s=keep_s),
+            timeout_s=5,
+            backoff_base_s=0.01,
+            backoff_max_s=0.05,
         )
         stack.push_async_callback(client.aclose)
         clients.append(client)
     return clients, stack
 
 
-async def test_sporadic_429s_leave_the_cap_at_the_limit(scripted_llm: ScriptedLLM, key_prefix: str) -> None:
-    clients, stack = two_clients(scripted_llm, key_prefix, max_concurrency=8)
+async def test_sporadic_429s_leave_the_cap_at_the_limit(
+    scripted_llm: ScriptedLLM, key_prefix: str, keep_s: float
+) -> None:
+    clients, stack = two_clients(scripted_llm, key_prefix, keep_s, max_concurrency=8)
     calls = itertools.count(1)
     in_flight = []
     async with stack:
@@ -354,9 +484,9 @@ async def test_sporadic_429s_leave_the_cap_at_the_limit(scripted_llm: ScriptedLL
 
 
 async def test_a_sporadic_retry_after_delays_its_own_request_only(
-    scripted_llm: ScriptedLLM, key_prefix: str
+    scripted_llm: ScriptedLLM, key_prefix: str, keep_s: float
 ) -> None:
-    clients, stack = two_clients(scripted_llm, key_prefix, max_concurrency=8)
+    clients, stack = two_clients(scripted_llm, key_prefix, keep_s, max_concurrency=8)
     calls = itertools.count(1)
     refused: list[float] = []
 
@@ -383,13 +513,13 @@ async def test_a_sporadic_retry_after_delays_its_own_request_only(
 
 
 async def pause_seen_by_the_other_client(
-    scripted_llm: ScriptedLLM, key_prefix: str, *first: Behaviour, **endpoint: Any
+    scripted_llm: ScriptedLLM, key_prefix: str, *first: Behaviour, keep_s: float = 0.0, **endpoint: Any
 ) -> float:
     """Client 0 sends one request per behaviour in `first`, at once, and they are answered
     so; then client 1 asks. Seconds from the last of client 0's first requests to arrive at
     the server to the next request to arrive (client 1's, or a retry of client 0's if that
     came sooner: either way, nothing came sooner)."""
-    clients, stack = two_clients(scripted_llm, key_prefix, **endpoint)
+    clients, stack = two_clients(scripted_llm, key_prefix, keep_s, **endpoint)
     async with stack:
         scripted_llm.script("deliberation_turn", *first)
         told = [asyncio.create_task(clients[0].chat(deliberation_request())) for _ in first]
@@ -411,11 +541,13 @@ SUSTAINED = int(CUT_SHARE * WINDOW) + 1
 
 @pytest.mark.parametrize("status", [429, 503])
 async def test_a_run_of_retry_afters_pauses_every_client_of_the_endpoint(
-    scripted_llm: ScriptedLLM, key_prefix: str, status: int
+    scripted_llm: ScriptedLLM, key_prefix: str, status: int, keep_s: float
 ) -> None:
     refusals = [http_error(status, retry_after=1)] * SUSTAINED
 
-    waited = await pause_seen_by_the_other_client(scripted_llm, key_prefix, *refusals, max_concurrency=16)
+    waited = await pause_seen_by_the_other_client(
+        scripted_llm, key_prefix, *refusals, keep_s=keep_s, max_concurrency=16
+    )
 
     assert 0.95 <= waited < 2.0
 
@@ -450,9 +582,11 @@ async def test_a_pause_is_at_most_retry_after_max_s(scripted_llm: ScriptedLLM, k
     ],
 )
 async def test_a_spent_rate_limit_pauses_the_endpoint_until_its_reset(
-    scripted_llm: ScriptedLLM, key_prefix: str, headers: dict[str, str]
+    scripted_llm: ScriptedLLM, key_prefix: str, headers: dict[str, str], keep_s: float
 ) -> None:
-    waited = await pause_seen_by_the_other_client(scripted_llm, key_prefix, with_headers(agree(), headers))
+    waited = await pause_seen_by_the_other_client(
+        scripted_llm, key_prefix, with_headers(agree(), headers), keep_s=keep_s
+    )
 
     assert 0.75 <= waited < 1.5
 
@@ -484,13 +618,13 @@ async def test_headers_that_cannot_be_read_are_ignored(
 
 @pytest.mark.serial  # it times the convergence: other tests' CPU would slow it, not the limiter
 async def test_a_real_rate_limit_is_converged_on_with_few_429s(
-    scripted_llm: ScriptedLLM, key_prefix: str
+    scripted_llm: ScriptedLLM, key_prefix: str, keep_s: float
 ) -> None:
     """The server takes at most 50 requests in any second and answers 429 (saying nothing
     more) beyond; the cap of 32 would send 160 a second. The first second's overshoot is
     the price of not knowing the limit; after it, the cap hovers around 10 (50/s x 0.2 s)."""
     per_second, run_s = 50, 6.0
-    clients, stack = two_clients(scripted_llm, key_prefix, max_concurrency=32)
+    clients, stack = two_clients(scripted_llm, key_prefix, keep_s, max_concurrency=32)
     taken: deque[float] = deque()
     refused: list[float] = []
 

@@ -105,7 +105,7 @@ async def connect(ctx: dict[str, Any]) -> None:
     worker_id = uuid4()
     llm = OpenAICompatibleClient(
         settings.endpoints(),
-        llm_limiter(redis, settings, owner=worker_id),
+        llm_limiter(redis, settings, owner=worker_id, keep_s=settings.llm_slot_keep_s),
         rates=EndpointRates(redis, key_prefix=f"{settings.redis_key_prefix}:rates"),
         timeout_s=settings.llm_timeout_s,
         max_retries=settings.llm_max_retries,
@@ -122,9 +122,13 @@ async def connect(ctx: dict[str, Any]) -> None:
     log.info("worker %s started (%s)", worker_id, liveness.process())
 
 
-def llm_limiter(redis: ArqRedis, settings: Settings, owner: UUID | None = None) -> EndpointLimiter:
+def llm_limiter(
+    redis: ArqRedis, settings: Settings, owner: UUID | None = None, keep_s: float = 0.0
+) -> EndpointLimiter:
     """The shared LLM cap; its slots taken by `owner` (a worker) carry its id."""
-    return EndpointLimiter(redis, key_prefix=f"{settings.redis_key_prefix}:limits", owner=str(owner or ""))
+    return EndpointLimiter(
+        redis, key_prefix=f"{settings.redis_key_prefix}:limits", owner=str(owner or ""), keep_s=keep_s
+    )
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:

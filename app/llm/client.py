@@ -144,6 +144,9 @@ class OpenAICompatibleClient:
         return self._session
 
     async def aclose(self) -> None:
+        """Close the HTTP session and give back the limiter's kept slots."""
+        if self._limiter is not None:
+            await self._limiter.aclose()
         if self._session is not None:
             await self._session.close()
 
