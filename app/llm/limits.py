@@ -392,7 +392,7 @@ class EndpointLimiter:
                 asked = time.monotonic()  # Redis's leases surely end later than this one's
                 args = [local.limit, max(1, round(lease_s * 1000)), generation, uncounted, WINDOW, CUT_SHARE]
                 try:
-                    wait_ms, paused, generation, taken = await self._acquire(keys=keys, args=args + tokens)
+                    wait_ms, paused, generation, taken = await self._acquire(keys=keys, args=[*args, *tokens])
                 except Exception:
                     # Redis may have added them before the answer was lost.
                     await asyncio.shield(self._release(endpoint, local, tokens))
@@ -478,7 +478,7 @@ class EndpointLimiter:
         args = [local.limit, generation, uncounted, limited, pause_ms, retry_ms, WINDOW, CUT_SHARE]
         try:
             cap, added_ms, left_ms, generation = await self._release_script(
-                keys=[key, f"{key}:aimd", f"{key}:freed", f"{key}:paused"], args=args + tokens
+                keys=[key, f"{key}:aimd", f"{key}:freed", f"{key}:paused"], args=[*args, *tokens]
             )
         except RedisError:
             # Not fatal: the lease frees the slot anyway, only later. But Redis may have lost
