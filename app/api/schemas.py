@@ -427,14 +427,28 @@ class BatchOut(BaseModel):
     request_counts: dict[str, int] | None = Field(description="The provider's: total, completed, failed.")
 
 
+class BatchSavingOut(BaseModel):
+    """What batch delivery saved on the job's calls so far."""
+
+    cost_usd: float = Field(
+        description="What the calls cost (at the batch price; those sent online at theirs)."
+    )
+    online_cost_usd: float = Field(description="What the same tokens would have cost online.")
+    saving_usd: float = Field(description="online_cost_usd - cost_usd.")
+
+
 class BatchProgressOut(BaseModel):
-    """A batch job's waves: the current one's batches, and the job's requests by status."""
+    """A batch job's waves: the current one's batches, the job's requests by status, its saving."""
 
     wave: int = Field(description="The current wave (1, 2, ...); 0 before the first is sent.")
     batches: list[BatchOut]
     requests: dict[str, int] = Field(
         description="The job's batch requests by status: pending (waiting for the next wave), submitted, "
-        "answered, rejected (the provider refused it), failed (unanswered in every batch)."
+        "answered, rejected (the provider refused it), failed (unanswered in every batch), online "
+        "(unanswered by its batch and sent online, as the job's `batch.unanswered` says)."
+    )
+    saving: BatchSavingOut | None = Field(
+        description="null unless every endpoint the job uses has both an online and a batch price."
     )
 
 
@@ -487,6 +501,9 @@ class JobProgressOut(BaseModel):
         default=None, description="Present when the job asked for grading."
     )
     pairs: PairSummary | None = Field(default=None, description="Present when the job asked for pairs.")
+    batch: BatchProgressOut | None = Field(
+        default=None, description="A batch job's waves (`delivery: batch`); absent for online jobs."
+    )
 
 
 class ItemFinishedOut(BaseModel):
