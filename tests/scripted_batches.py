@@ -17,10 +17,12 @@ keeps none). The test drives the rest:
     batches.expire(batch_id, answered=3)   # the first 3 lines answered, the rest batch_expired
     batches.fail(batch_id)        # failed in validation, no files
     batches.max_file_bytes = 2000 # larger uploads are refused with 400 file_too_large
+    batches.create_delay_s = 30   # a create answers that late (the batch exists at once)
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.parser
 import email.policy
 import itertools
@@ -117,6 +119,7 @@ class ScriptedBatches:
             self.max_file_bytes = 10 * 1024 * 1024
             self.max_requests = 50_000
             self.refused_uploads = 0
+            self.create_delay_s = 0.0
             self.cancel_requests: list[str] = []
 
     def routes(self) -> list[Route]:
@@ -203,6 +206,8 @@ class ScriptedBatches:
                 lines,
             )
             self.batches[batch.id] = batch
+        if self.create_delay_s:  # the caller may die before it learns the batch's id
+            await asyncio.sleep(self.create_delay_s)
         return JSONResponse(batch.out())
 
     async def _list(self, request: Request) -> Response:

@@ -5,6 +5,8 @@ repeating an answer."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 import signal
@@ -21,7 +23,7 @@ from sqlalchemy import select
 from app.config import BatchConfig, Prices, Settings
 from app.llm.batch_api import BatchAPI
 from app.store.db import Sessions
-from app.store.models import Batch, Cot, Item, TurnRow
+from app.store.models import Batch, BatchRequest, Cot, Item, TurnRow
 from tests.conftest import api_client, eventually, run_worker_burst, start_worker, submit
 from tests.scripted_llm import ScriptedLLM, agree, default_answer, malformed
 from workers.waves import run_round
@@ -263,3 +265,169 @@ async def test_cancelling_a_batch_job_cancels_its_provider_batch(
     job = (await batch_api.get(f"/v1/jobs/{job_id}", headers=auth)).json()
     assert job["status"] == "cancelled"
     assert [b["status"] for b in job["batch"]["batches"]] == ["cancelled"]
+
+
+# --- done means: 200 prompts, a worker killed, a batch expired, exports as online's --------------
+
+EXPORTS = ("jsonl", "trl_sft", "aidsafe_csv")
+
+
+async def _exports(api: httpx.AsyncClient, auth: dict[str, str], job_id: str) -> dict[str, list[Any]]:
+    """The job's exports as records, without what names the job (ids, times)."""
+    files = {}
+    for fmt in EXPORTS:
+        response = await api.get(f"/v1/jobs/{job_id}/export", params={"format": fmt}, headers=auth)
+        assert response.status_code == 200, response.text
+        if fmt == "aidsafe_csv":
+            files[fmt] = list(csv.DictReader(io.StringIO(response.text)))
+        else:
+            files[fmt] = [json.loads(line) for line in response.text.splitlines()]
+    for record in files["jsonl"]:
+        del record["item_id"], record["created_at"]
+    return files
+
+
+def _costs(files: dict[str, list[Any]]) -> list[float]:
+    """Each record's cost in the full-record and CSV exports, taken out of the records."""
+    full = [record["usage"].pop("cost_usd") for record in files["jsonl"]]
+    return full + [float(row.pop("cost_usd")) for row in files["aidsafe_csv"]]
+
+
+@pytest.mark.slow
+async def test_a_200_prompt_batch_job_killed_and_expired_midway_stores_and_exports_what_an_online_job_does(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    scripted_llm: ScriptedLLM,
+    workers: list[subprocess.Popen[bytes]],
+) -> None:
+    prompts = [f"Question {n}: what keeps a suspension bridge standing in strong wind?" for n in range(200)]
+    _varied_answers(scripted_llm)
+    online_id = await submit(batch_api, auth, prompts)
+    await run_worker_burst(batch_settings)
+    online_requests = len(scripted_llm.requests)
+    settings = batch_settings.model_copy(update={"llm_batch": BatchConfig(max_requests=64, prices=BATCH)})
+
+    scripted_llm.batches.hold = True
+    job_id = await submit(batch_api, auth, prompts, delivery="batch")
+    workers.append(start_worker(settings))
+    first_wave = await eventually(
+        lambda: _in_progress(scripted_llm, 4), timeout_s=120, what="the first wave's 4 batches in progress"
+    )
+    scripted_llm.batches.expire(first_wave[0], answered=10)
+    workers[0].send_signal(signal.SIGKILL)
+    workers[0].wait()
+    workers.append(start_worker(settings))
+    scripted_llm.batches.hold = False
+    await eventually(lambda: _job_completed(batch_api, auth, job_id), timeout_s=600, what="the batch job")
+
+    online, batched = await _record(sessions, online_id), await _record(sessions, job_id)
+    assert len(batched[1]) == len(prompts)
+    assert batched == online
+    assert len(scripted_llm.requests) - online_requests == len(batched[0]), "an answer was lost or paid twice"
+    created = scripted_llm.batches.created()
+    assert created[0]["status"] == "expired" and all(b["status"] == "completed" for b in created[1:])
+    files = [b["input_file_id"] for b in created]
+    assert len(set(files)) == len(files), "a batch was created twice from one input file"
+    online_files, batch_files = (
+        await _exports(batch_api, auth, online_id),
+        await _exports(batch_api, auth, job_id),
+    )
+    assert _costs(batch_files) == pytest.approx([cost / 2 for cost in _costs(online_files)])
+    assert batch_files == online_files
+    online_job = (await batch_api.get(f"/v1/jobs/{online_id}", headers=auth)).json()
+    job = (await batch_api.get(f"/v1/jobs/{job_id}", headers=auth)).json()
+    assert job["usage"]["cost_usd"] == pytest.approx(online_job["usage"]["cost_usd"] / 2)
+    assert job["batch"]["saving"] == pytest.approx(
+        {
+            "cost_usd": job["usage"]["cost_usd"],
+            "online_cost_usd": online_job["usage"]["cost_usd"],
+            "saving_usd": job["usage"]["cost_usd"],
+        }
+    )
+    async with sessions() as session:
+        bodies = (
+            await session.scalars(select(BatchRequest.body).where(BatchRequest.job_id == UUID(job_id)))
+        ).all()
+    assert len(bodies) == len(batched[0]) and not any(bodies), "an answered request kept its body"
+
+
+async def _in_progress(scripted_llm: ScriptedLLM, count: int) -> list[str] | None:
+    """The ids of the provider's batches once `count` are in progress."""
+    running = [b["id"] for b in scripted_llm.batches.created() if b["status"] == "in_progress"]
+    return running if len(running) >= count else None
+
+
+# --- what a batch leaves undone ------------------------------------------------------------------
+
+
+async def test_a_job_that_sends_unanswered_requests_online_sends_only_those_at_the_online_price(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    prompts = PROMPTS[:6]
+    _varied_answers(scripted_llm)
+    online_id = await submit(batch_api, auth, prompts)
+    await run_worker_burst(batch_settings)
+    online_requests = len(scripted_llm.requests)
+    scripted_llm.batches.hold = True
+    job_id = await submit(batch_api, auth, prompts, delivery="batch", batch={"unanswered": "online"})
+    await _drive_until(
+        batch_settings, sessions, arq_redis, lambda: _provider_status(scripted_llm, "in_progress")
+    )
+    [first] = scripted_llm.batches.created()
+    first_lines = [line["custom_id"] for line in scripted_llm.batches.input_lines(first["id"])]
+
+    scripted_llm.batches.expire(first["id"], answered=2)
+    scripted_llm.batches.hold = False
+    await _drive(batch_settings, sessions, arq_redis, job_id)
+
+    online, batched = await _record(sessions, online_id), await _record(sessions, job_id)
+    assert batched == online
+    assert len(scripted_llm.requests) - online_requests == len(batched[0]), "an answer was paid for twice"
+    resent = {
+        line["custom_id"]
+        for b in scripted_llm.batches.created()[1:]
+        for line in scripted_llm.batches.input_lines(b["id"])
+    }
+    assert not set(first_lines) & resent, "an expired request went in a later batch"
+    sent_online = await _requests(sessions, job_id, "online")
+    assert {custom_id for custom_id, _ in sent_online} == set(first_lines[2:])
+    job = (await batch_api.get(f"/v1/jobs/{job_id}", headers=auth)).json()
+    assert job["config"]["batch"] == {"unanswered": "online"}
+    assert job["batch"]["requests"]["online"] == 4
+    # The turns sent online cost what the online job's did, the others half that.
+    online_costs, costs = await _turn_costs(sessions, online_id), await _turn_costs(sessions, job_id)
+    keys_online = {key for _, key in sent_online}
+    assert costs == pytest.approx(
+        {key: cost if key in keys_online else cost / 2 for key, cost in online_costs.items()}
+    )
+    saving = job["batch"]["saving"]
+    assert saving["online_cost_usd"] == pytest.approx(sum(online_costs.values()))
+    assert saving["saving_usd"] == pytest.approx(sum(online_costs.values()) - sum(costs.values()))
+
+
+async def _requests(sessions: Sessions, job_id: str, status: str) -> list[tuple[str, tuple[Any, ...]]]:
+    """The job's batch requests in this status: (custom_id, turn key by item position)."""
+    async with sessions() as session:
+        rows = await session.execute(
+            select(BatchRequest, Item.position)
+            .join(Item, Item.id == BatchRequest.item_id)
+            .where(BatchRequest.job_id == UUID(job_id), BatchRequest.status == status)
+        )
+        return [(str(r.id), (position, r.stage, r.round, r.agent, r.attempt)) for r, position in rows]
+
+
+async def _turn_costs(sessions: Sessions, job_id: str) -> dict[tuple[Any, ...], float]:
+    async with sessions() as session:
+        rows = await session.execute(
+            select(Item.position, TurnRow)
+            .join(TurnRow, TurnRow.item_id == Item.id)
+            .where(Item.job_id == UUID(job_id))
+        )
+        return {(position, t.stage, t.round, t.agent, t.attempt): t.cost_usd for position, t in rows}
