@@ -12,18 +12,22 @@ import re
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
 import httpx
 import pytest
 from arq.connections import ArqRedis
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 
+from aidsafe.models import BatchProgress
+from app.cli import wave_text
 from app.config import BatchConfig, Prices, Settings
 from app.llm.batch_api import BatchAPI
+from app.store import deletions
 from app.store.db import Sessions
-from app.store.models import Batch, BatchRequest, Cot, Item, TurnRow
+from app.store.models import Batch, BatchRequest, Cot, Item, Job, TurnRow
 from tests.conftest import api_client, eventually, run_worker_burst, start_worker, submit
 from tests.scripted_llm import ScriptedLLM, agree, default_answer, malformed
 from workers.waves import run_round
@@ -254,6 +258,12 @@ async def test_cancelling_a_batch_job_cancels_its_provider_batch(
         batch_settings, sessions, arq_redis, lambda: _provider_status(scripted_llm, "in_progress")
     )
 
+    waiting = (await batch_api.get(f"/v1/jobs/{job_id}", headers=auth)).json()
+    assert (
+        wave_text(BatchProgress.model_validate(waiting["batch"]))
+        == "wave 1 · batch in_progress 0/3 · saved $0.0000"
+    )
+
     cancelled = await batch_api.post(f"/v1/jobs/{job_id}/cancel", headers=auth)
     await _drive_until(
         batch_settings, sessions, arq_redis, lambda: _provider_status(scripted_llm, "cancelled")
@@ -431,3 +441,142 @@ async def _turn_costs(sessions: Sessions, job_id: str) -> dict[tuple[Any, ...], 
             .where(Item.job_id == UUID(job_id))
         )
         return {(position, t.stage, t.round, t.agent, t.attempt): t.cost_usd for position, t in rows}
+
+
+async def test_a_worker_killed_between_creating_a_batch_and_storing_its_id_leaves_one_batch_per_file(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    scripted_llm: ScriptedLLM,
+    workers: list[subprocess.Popen[bytes]],
+) -> None:
+    scripted_llm.batches.create_delay_s = 120  # the batch exists; its creator waits for the answer
+    job_id = await submit(batch_api, auth, PROMPTS[:3], delivery="batch")
+    workers.append(start_worker(batch_settings))
+    await eventually(lambda: _provider_status(scripted_llm, "validating"), what="a batch created")
+    workers[0].send_signal(signal.SIGKILL)
+    workers[0].wait()
+    async with sessions() as session:
+        [(status, provider_batch_id)] = (
+            await session.execute(
+                select(Batch.status, Batch.provider_batch_id).where(Batch.job_id == UUID(job_id))
+            )
+        ).all()
+    assert (status, provider_batch_id) == ("uploaded", None)  # created, its id never stored
+
+    scripted_llm.batches.create_delay_s = 0
+    workers.append(start_worker(batch_settings))
+    await eventually(lambda: _job_completed(batch_api, auth, job_id), timeout_s=120, what="the job")
+
+    created = scripted_llm.batches.created()
+    files = [b["input_file_id"] for b in created]
+    assert len(set(files)) == len(files), "a second batch was created from one input file"
+    async with sessions() as session:
+        ours = (
+            await session.scalars(select(Batch.provider_batch_id).where(Batch.job_id == UUID(job_id)))
+        ).all()
+    assert sorted(str(o) for o in ours) == sorted(b["id"] for b in created)
+    turns, cots = await _record(sessions, job_id)
+    assert len(cots) == 3
+    assert len(scripted_llm.requests) == len(turns), "an answer was lost or paid for twice"
+
+
+async def test_an_input_file_the_provider_refuses_is_split_until_the_provider_takes_it(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    prompts = PROMPTS[:6]
+    _varied_answers(scripted_llm)
+    online_id = await submit(batch_api, auth, prompts)
+    await run_worker_burst(batch_settings)
+    online_requests = len(scripted_llm.requests)
+    scripted_llm.batches.max_file_lines = 2  # a limit the endpoint's settings do not know
+
+    job_id = await submit(batch_api, auth, prompts, delivery="batch")
+    await _drive(batch_settings, sessions, arq_redis, job_id)
+
+    online, batched = await _record(sessions, online_id), await _record(sessions, job_id)
+    assert batched == online
+    assert len(scripted_llm.requests) - online_requests == len(batched[0]), "an answer was paid for twice"
+    assert scripted_llm.batches.refused_uploads > 0
+    assert max(b["request_counts"]["total"] for b in scripted_llm.batches.created()) <= 2
+    async with sessions() as session:
+        refused = (
+            await session.scalars(
+                select(Batch.error).where(Batch.job_id == UUID(job_id), Batch.status == "refused")
+            )
+        ).all()
+    assert len(refused) == scripted_llm.batches.refused_uploads
+    assert all("file_too_large" in error for error in refused)
+
+
+async def test_a_request_whose_file_the_provider_refuses_alone_fails_its_item_with_the_reason(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    scripted_llm.batches.max_file_bytes = 100  # smaller than any request
+
+    job_id = await submit(batch_api, auth, PROMPTS[:3], delivery="batch")
+    await _drive(batch_settings, sessions, arq_redis, job_id)
+
+    job = (await batch_api.get(f"/v1/jobs/{job_id}", headers=auth)).json()
+    assert job["status"] == "completed" and job["counts"]["by_status"] == {"failed": 3}
+    items = (await batch_api.get(f"/v1/jobs/{job_id}/items", headers=auth)).json()["data"]
+    assert {(i["error_code"], i["error_message"]) for i in items} == {
+        ("llm_request_rejected", "the batch API of the LLM endpoint 'default' rejected the request")
+    }
+    assert scripted_llm.batches.created() == []
+    assert job["batch"]["requests"]["rejected"] == 3
+    # 3 lines: refused whole, then as 1 and 2 lines, then the 2 one by one.
+    assert scripted_llm.batches.refused_uploads == 5
+
+
+@pytest.mark.parametrize(
+    ("config", "code"),
+    [
+        ({"batch": {"unanswered": "online"}}, "invalid_config"),
+        ({"delivery": "batch", "batch": {"unanswered": "later"}}, "validation_error"),
+        ({"delivery": "batch", "batch": {"on_expiry": "online"}}, "validation_error"),
+    ],
+)
+async def test_batch_options_are_checked(
+    batch_api: httpx.AsyncClient, auth: dict[str, str], config: dict[str, Any], code: str
+) -> None:
+    response = await batch_api.post("/v1/jobs", json={"prompts": ["Why?"], "config": config}, headers=auth)
+
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == code
+
+
+async def test_the_purge_blanks_a_batch_jobs_requests_and_answers(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+) -> None:
+    job_id = await submit(batch_api, auth, PROMPTS[:2], delivery="batch")
+    await _drive(batch_settings, sessions, arq_redis, job_id)
+    mine = BatchRequest.job_id == UUID(job_id)
+    async with sessions.begin() as session:
+        answers = (await session.scalars(select(BatchRequest.answer).where(mine))).all()
+        await session.execute(
+            update(Job).where(Job.id == UUID(job_id)).values(created_at=func.now() - timedelta(days=8))
+        )
+    assert answers and all(answers)
+
+    assert await deletions.purge_hazardous(sessions, timedelta(days=7)) == 1
+
+    async with sessions() as session:
+        left = (await session.execute(select(BatchRequest.body, BatchRequest.answer).where(mine))).all()
+    assert len(left) == len(answers)
+    assert all(body == {} and answer is None for body, answer in left)
