@@ -14,7 +14,7 @@ import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import httpx
 import pytest
@@ -580,3 +580,41 @@ async def test_the_purge_blanks_a_batch_jobs_requests_and_answers(
         left = (await session.execute(select(BatchRequest.body, BatchRequest.answer).where(mine))).all()
     assert len(left) == len(answers)
     assert all(body == {} and answer is None for body, answer in left)
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/comparisons", {"baseline_job_id": str(uuid4()), "candidate_job_id": str(uuid4())}),
+        ("/v1/sample-evaluations", {"samples": [{"prompt": "Hi", "response": "Hello."}], "guard": {}}),
+        (
+            "/v1/model-evaluations",
+            {
+                "benchmarks": [
+                    {
+                        "name": "tiny",
+                        "prompts": [{"prompt": "Hi", "expected": "comply", "category": "greeting"}],
+                    }
+                ],
+                "targets": [{}],
+            },
+        ),
+    ],
+)
+async def test_comparisons_and_evaluations_refuse_batch_delivery_rather_than_call_online(
+    batch_api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions, path: str, body: dict[str, Any]
+) -> None:
+    jobs_before = await _job_count(sessions)
+
+    response = await batch_api.post(path, json={**body, "delivery": "batch"}, headers=auth)
+
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "batch_unsupported", response.text
+    assert await _job_count(sessions) == jobs_before
+    online = await batch_api.post(path, json={**body, "delivery": "online"}, headers=auth)
+    assert online.status_code == (404 if path == "/v1/comparisons" else 202), online.text  # no such jobs
+
+
+async def _job_count(sessions: Sessions) -> int:
+    async with sessions() as session:
+        return int(await session.scalar(select(func.count()).select_from(Job)) or 0)

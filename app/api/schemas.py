@@ -26,7 +26,8 @@ from app.deliberation.config import Mode
 from app.deliberation.policies import MAX_POLICY_TEXT_CHARS, render_policies
 from app.deliberation.prompt_sets import BUILTIN_NAME
 from app.duplicates import DuplicatesOut, Handling
-from app.plan import GuardIn, JobConfigIn, RoleIn, TargetIn
+from app.errors import BatchUnsupported
+from app.plan import Delivery, GuardIn, JobConfigIn, RoleIn, TargetIn
 from app.sample_files import FIELDS, MAX_SAMPLES, SHAPES, Format, is_mapping_field
 from app.stats import Estimate
 from app.store import models
@@ -118,6 +119,25 @@ class Labelled(BaseModel):
 
     label: Label | None = Field(default=None, exclude_if=lambda label: label is None)
     metadata: JobMetadata = Field(default_factory=dict, exclude_if=lambda metadata: not metadata)
+
+
+class OnlineOnly(BaseModel):
+    """Comparisons and evaluations call online: `delivery: batch` is refused, not ignored."""
+
+    delivery: Delivery = Field(
+        default="online",
+        exclude_if=lambda delivery: delivery == "online",  # the request's hash stays as it was
+        description="Only `online`: comparisons and evaluations are not sent through batch APIs "
+        "(`batch`: 422 `batch_unsupported`).",
+    )
+
+    def refuse_batch(self, kind: str) -> None:
+        if self.delivery == "batch":
+            raise BatchUnsupported(
+                f"delivery 'batch' is for generation jobs only; {kind} call online (leave out "
+                "'delivery', or set it to 'online')",
+                details={"kind": kind},
+            )
 
 
 class JobLabelsIn(BaseModel):
@@ -798,7 +818,7 @@ class ComparisonPage(BaseModel):
 MAX_JUDGES = 5
 
 
-class ComparisonIn(Labelled):
+class ComparisonIn(Labelled, OnlineOnly):
     model_config = ConfigDict(extra="forbid")
     baseline_job_id: UUID
     candidate_job_id: UUID
@@ -898,7 +918,7 @@ def _file_rows(file: BenchmarkFileIn | None) -> list[BenchmarkPromptIn]:
     return read
 
 
-class ModelEvaluationIn(Labelled):
+class ModelEvaluationIn(Labelled, OnlineOnly):
     model_config = ConfigDict(extra="forbid")
     benchmarks: list[BenchmarkIn] = Field(min_length=1, max_length=MAX_BENCHMARKS)
     targets: list[TargetIn] = Field(
@@ -1122,7 +1142,7 @@ def _mapping(columns: dict[str, str]) -> dict[str, str]:
 ColumnName = Annotated[str, Field(min_length=1, max_length=200)]
 
 
-class SampleEvaluationOptions(Labelled):
+class SampleEvaluationOptions(Labelled, OnlineOnly):
     """What to run on the samples (at least one of grade, guard, judge), and how to read them."""
 
     model_config = ConfigDict(extra="forbid")
