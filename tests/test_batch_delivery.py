@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 from uuid import UUID, uuid4
@@ -72,6 +73,58 @@ def _varied_answers(scripted_llm: ScriptedLLM) -> None:
     scripted_llm.models["scripted-model"] = answer
 
 
+@dataclass(frozen=True)
+class OnlineRun:
+    """An online job of the varied answers (`_varied_answers`), to hold a batch job to."""
+
+    job_id: str
+    requests: int  # the scripted server's requests once it had run
+
+
+async def _online_run(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    scripted_llm: ScriptedLLM,
+    prompts: list[str],
+) -> OnlineRun:
+    _varied_answers(scripted_llm)
+    job_id = await submit(api, auth, prompts)
+    await run_worker_burst(settings)
+    return OnlineRun(job_id, len(scripted_llm.requests))
+
+
+async def _same_as_online(
+    sessions: Sessions, scripted_llm: ScriptedLLM, online: OnlineRun, job_id: str
+) -> tuple[dict[Any, Any], dict[int, Any]]:
+    """The batch job's turns and CoTs, checked to be the online job's, each answer paid for once."""
+    batched = await _record(sessions, job_id)
+    assert batched == await _record(sessions, online.job_id)
+    assert len(scripted_llm.requests) - online.requests == len(batched[0]), "an answer was lost or paid twice"
+    return batched
+
+
+async def _first_batch_expires(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+    **config: Any,
+) -> str:
+    """Run a batch job of PROMPTS[:6] whose first batch expires with 2 of its lines answered,
+    to its end: its id."""
+    scripted_llm.batches.hold = True
+    job_id = await submit(api, auth, PROMPTS[:6], delivery="batch", **config)
+    await _drive_until(settings, sessions, redis, lambda: _provider_status(scripted_llm, "in_progress"))
+    [first] = scripted_llm.batches.created()
+    scripted_llm.batches.expire(first["id"], answered=2)
+    scripted_llm.batches.hold = False
+    await _drive(settings, sessions, redis, job_id)
+    return job_id
+
+
 async def _drive(settings: Settings, sessions: Sessions, redis: ArqRedis, job_id: str) -> None:
     """Run the worker and the batch rounds in turn until the job has no unfinished item."""
     await _drive_until(settings, sessions, redis, lambda: _all_finished(sessions, job_id))
@@ -130,22 +183,17 @@ async def test_a_batch_job_gives_the_turns_and_cots_of_an_online_job_at_the_batc
     arq_redis: ArqRedis,
     scripted_llm: ScriptedLLM,
 ) -> None:
-    _varied_answers(scripted_llm)
-    online_id = await submit(batch_api, auth, PROMPTS)
-    await run_worker_burst(batch_settings)
-    online_requests = len(scripted_llm.requests)
+    online = await _online_run(batch_api, auth, batch_settings, scripted_llm, PROMPTS)
 
     batch_id = await submit(batch_api, auth, PROMPTS, delivery="batch")
     await _drive(batch_settings, sessions, arq_redis, batch_id)
 
-    online, batched = await _record(sessions, online_id), await _record(sessions, batch_id)
+    batched = await _same_as_online(sessions, scripted_llm, online, batch_id)
     assert len(batched[1]) == len(PROMPTS)
-    assert batched == online
-    assert len(scripted_llm.requests) - online_requests == len(batched[0]), "an answer was paid for twice"
     created = scripted_llm.batches.created()
     assert all(b["endpoint"] == "/v1/chat/completions" for b in created)
     assert max(b["request_counts"]["total"] for b in created) <= 8, "a wave was not split at max_requests"
-    online_job = (await batch_api.get(f"/v1/jobs/{online_id}", headers=auth)).json()
+    online_job = (await batch_api.get(f"/v1/jobs/{online.job_id}", headers=auth)).json()
     job = (await batch_api.get(f"/v1/jobs/{batch_id}", headers=auth)).json()
     assert job["status"] == "completed"
     assert job["config"]["delivery"] == "batch"
@@ -165,25 +213,12 @@ async def test_an_expired_batch_resubmits_only_its_unanswered_requests(
     scripted_llm: ScriptedLLM,
 ) -> None:
     prompts = PROMPTS[:6]
-    online_id = await submit(batch_api, auth, prompts)
-    await run_worker_burst(batch_settings)
-    online_requests = len(scripted_llm.requests)
-    scripted_llm.batches.hold = True
-    job_id = await submit(batch_api, auth, prompts, delivery="batch")
-    await _drive_until(
-        batch_settings, sessions, arq_redis, lambda: _provider_status(scripted_llm, "in_progress")
-    )
-    [first] = scripted_llm.batches.created()
+    online = await _online_run(batch_api, auth, batch_settings, scripted_llm, prompts)
+    job_id = await _first_batch_expires(batch_api, auth, batch_settings, sessions, arq_redis, scripted_llm)
 
-    scripted_llm.batches.expire(first["id"], answered=2)
-    scripted_llm.batches.hold = False
-    await _drive(batch_settings, sessions, arq_redis, job_id)
-
-    online, batched = await _record(sessions, online_id), await _record(sessions, job_id)
-    assert batched == online
-    assert len(scripted_llm.requests) - online_requests == len(batched[0]), "an answer was paid for twice"
+    await _same_as_online(sessions, scripted_llm, online, job_id)
     # The next wave: the 4 expired requests, and the next calls of the 2 answered items.
-    second = scripted_llm.batches.created()[1]
+    first, second = scripted_llm.batches.created()[:2]
     resent = {line["custom_id"] for line in scripted_llm.batches.input_lines(second["id"])}
     first_lines = [line["custom_id"] for line in scripted_llm.batches.input_lines(first["id"])]
     assert len(resent) == 6
@@ -313,10 +348,7 @@ async def test_a_200_prompt_batch_job_killed_and_expired_midway_stores_and_expor
     workers: list[subprocess.Popen[bytes]],
 ) -> None:
     prompts = [f"Question {n}: what keeps a suspension bridge standing in strong wind?" for n in range(200)]
-    _varied_answers(scripted_llm)
-    online_id = await submit(batch_api, auth, prompts)
-    await run_worker_burst(batch_settings)
-    online_requests = len(scripted_llm.requests)
+    online = await _online_run(batch_api, auth, batch_settings, scripted_llm, prompts)
     settings = batch_settings.model_copy(update={"llm_batch": BatchConfig(max_requests=64, prices=BATCH)})
 
     scripted_llm.batches.hold = True
@@ -332,21 +364,19 @@ async def test_a_200_prompt_batch_job_killed_and_expired_midway_stores_and_expor
     scripted_llm.batches.hold = False
     await eventually(lambda: _job_completed(batch_api, auth, job_id), timeout_s=600, what="the batch job")
 
-    online, batched = await _record(sessions, online_id), await _record(sessions, job_id)
+    batched = await _same_as_online(sessions, scripted_llm, online, job_id)
     assert len(batched[1]) == len(prompts)
-    assert batched == online
-    assert len(scripted_llm.requests) - online_requests == len(batched[0]), "an answer was lost or paid twice"
     created = scripted_llm.batches.created()
     assert created[0]["status"] == "expired" and all(b["status"] == "completed" for b in created[1:])
     files = [b["input_file_id"] for b in created]
     assert len(set(files)) == len(files), "a batch was created twice from one input file"
     online_files, batch_files = (
-        await _exports(batch_api, auth, online_id),
+        await _exports(batch_api, auth, online.job_id),
         await _exports(batch_api, auth, job_id),
     )
     assert _costs(batch_files) == pytest.approx([cost / 2 for cost in _costs(online_files)])
     assert batch_files == online_files
-    online_job = (await batch_api.get(f"/v1/jobs/{online_id}", headers=auth)).json()
+    online_job = (await batch_api.get(f"/v1/jobs/{online.job_id}", headers=auth)).json()
     job = (await batch_api.get(f"/v1/jobs/{job_id}", headers=auth)).json()
     assert job["usage"]["cost_usd"] == pytest.approx(online_job["usage"]["cost_usd"] / 2)
     assert job["batch"]["saving"] == pytest.approx(
@@ -381,25 +411,14 @@ async def test_a_job_that_sends_unanswered_requests_online_sends_only_those_at_t
     scripted_llm: ScriptedLLM,
 ) -> None:
     prompts = PROMPTS[:6]
-    _varied_answers(scripted_llm)
-    online_id = await submit(batch_api, auth, prompts)
-    await run_worker_burst(batch_settings)
-    online_requests = len(scripted_llm.requests)
-    scripted_llm.batches.hold = True
-    job_id = await submit(batch_api, auth, prompts, delivery="batch", batch={"unanswered": "online"})
-    await _drive_until(
-        batch_settings, sessions, arq_redis, lambda: _provider_status(scripted_llm, "in_progress")
+    online = await _online_run(batch_api, auth, batch_settings, scripted_llm, prompts)
+    job_id = await _first_batch_expires(
+        batch_api, auth, batch_settings, sessions, arq_redis, scripted_llm, batch={"unanswered": "online"}
     )
-    [first] = scripted_llm.batches.created()
+
+    await _same_as_online(sessions, scripted_llm, online, job_id)
+    first = scripted_llm.batches.created()[0]
     first_lines = [line["custom_id"] for line in scripted_llm.batches.input_lines(first["id"])]
-
-    scripted_llm.batches.expire(first["id"], answered=2)
-    scripted_llm.batches.hold = False
-    await _drive(batch_settings, sessions, arq_redis, job_id)
-
-    online, batched = await _record(sessions, online_id), await _record(sessions, job_id)
-    assert batched == online
-    assert len(scripted_llm.requests) - online_requests == len(batched[0]), "an answer was paid for twice"
     resent = {
         line["custom_id"]
         for b in scripted_llm.batches.created()[1:]
@@ -412,7 +431,7 @@ async def test_a_job_that_sends_unanswered_requests_online_sends_only_those_at_t
     assert job["config"]["batch"] == {"unanswered": "online"}
     assert job["batch"]["requests"]["online"] == 4
     # The turns sent online cost what the online job's did, the others half that.
-    online_costs, costs = await _turn_costs(sessions, online_id), await _turn_costs(sessions, job_id)
+    online_costs, costs = await _turn_costs(sessions, online.job_id), await _turn_costs(sessions, job_id)
     keys_online = {key for _, key in sent_online}
     assert costs == pytest.approx(
         {key: cost if key in keys_online else cost / 2 for key, cost in online_costs.items()}
@@ -491,18 +510,13 @@ async def test_an_input_file_the_provider_refuses_is_split_until_the_provider_ta
     scripted_llm: ScriptedLLM,
 ) -> None:
     prompts = PROMPTS[:6]
-    _varied_answers(scripted_llm)
-    online_id = await submit(batch_api, auth, prompts)
-    await run_worker_burst(batch_settings)
-    online_requests = len(scripted_llm.requests)
+    online = await _online_run(batch_api, auth, batch_settings, scripted_llm, prompts)
     scripted_llm.batches.max_file_lines = 2  # a limit the endpoint's settings do not know
 
     job_id = await submit(batch_api, auth, prompts, delivery="batch")
     await _drive(batch_settings, sessions, arq_redis, job_id)
 
-    online, batched = await _record(sessions, online_id), await _record(sessions, job_id)
-    assert batched == online
-    assert len(scripted_llm.requests) - online_requests == len(batched[0]), "an answer was paid for twice"
+    await _same_as_online(sessions, scripted_llm, online, job_id)
     assert scripted_llm.batches.refused_uploads > 0
     assert max(b["request_counts"]["total"] for b in scripted_llm.batches.created()) <= 2
     async with sessions() as session:
