@@ -234,6 +234,8 @@ def _evaluation_options(
     judge: Mapping[str, Any] | None = None,
     policy_set: str = "aidsafe-default",
     policy_version: str | None = None,
+    prompt_set: str | None = None,
+    prompt_set_version: str | None = None,
     label: str | None = None,
     metadata: Mapping[str, Any] | None = None,
     callback_url: str | None = None,
@@ -246,6 +248,8 @@ def _evaluation_options(
         "policy_set": {"name": policy_set, "version": policy_version},
         **_labels(label, metadata),
     }
+    if prompt_set is not None:  # left out, the server's built-in set
+        options["prompt_set"] = {"name": prompt_set, "version": prompt_set_version}
     for name, role in (("grade", grade), ("guard", guard)):
         if role is not None:
             options[name] = dict(role)
@@ -695,8 +699,9 @@ class _Routes:
         /v1/sample-evaluations/upload; the type from its suffix unless given). Options:
         `format` (generic, cot, safety, over_refusal, jailbreak), `columns` ({field: column}),
         `grade`, `guard` (roles: {} for the defaults), `judge_against` (a job id) and `judge`
-        (its role), `policy_set`, `policy_version`, `label`, `metadata`, `callback_url`,
-        `idempotency_key`."""
+        (its role), `policy_set`, `policy_version`, `prompt_set`, `prompt_set_version` (the
+        templates that word the grader's, guard's and judge's requests), `label`, `metadata`,
+        `callback_url`, `idempotency_key`."""
         path = Path(file)
         kind = file_type or path.suffix.lstrip(".").lower()
         params = _params(file_type=kind, options=json.dumps(_evaluation_options(**options)))
@@ -735,6 +740,8 @@ class _Routes:
         refusal_judge: Mapping[str, Any] | None = None,
         policy_set: str = "aidsafe-default",
         policy_version: str | None = None,
+        prompt_set: str | None = None,
+        prompt_set_version: str | None = None,
         max_tokens: int | None = None,
         label: str | None = None,
         metadata: Mapping[str, Any] | None = None,
@@ -745,7 +752,8 @@ class _Routes:
         (POST /v1/model-evaluations). A benchmark is `{"name", "prompts": [{"prompt",
         "expected", "category"}]}` or `benchmark_file(path)`; a target is `{"name",
         "endpoint", "model", "temperature", "system_prompt"}` (all optional); the safety judge
-        a role with a `style`, the refusal judge a role."""
+        a role with a `style`, the refusal judge a role; `prompt_set` words the judges'
+        requests (default: the built-in set)."""
         body: dict[str, Any] = {
             "benchmarks": [dict(b) for b in benchmarks],
             "targets": [dict(t) for t in targets],
@@ -754,6 +762,7 @@ class _Routes:
         optional = {
             "safety_judge": None if safety_judge is None else dict(safety_judge),
             "refusal_judge": None if refusal_judge is None else dict(refusal_judge),
+            "prompt_set": None if prompt_set is None else {"name": prompt_set, "version": prompt_set_version},
             "max_tokens": max_tokens,
             "callback_url": callback_url,
         }
@@ -813,8 +822,9 @@ class _Routes:
     @endpoint
     def register_prompt_set(self, document: Mapping[str, Any]) -> Call[RegisteredPromptSet]:
         """Register a version from `{"name", "description", "templates"}`: every template the
-        stages use, by name (the built-in set's, from `get_prompt_set`, are a start). The same
-        templates again are the same version, with `created` False (POST /v1/prompt-sets)."""
+        stages use, by name (the built-in set's, from `get_prompt_set`, are a start), or with
+        `"base": {"name", "version"}` only those that differ from that set. The same templates
+        again are the same version, with `created` False (POST /v1/prompt-sets)."""
         return Call(
             "POST",
             _path("prompt-sets"),

@@ -478,6 +478,7 @@ class ModelEvaluation(Model):
     safety_judge: dict[str, Any]
     refusal_judge: dict[str, Any]
     policy_set: PolicySetBrief
+    prompt_set: PromptSetBrief | None = None  # None: from before evaluations pinned one (built-in)
     counts: JobCounts
     by_target: dict[str, TargetCounts]
     table: list[ModelReportRow]
@@ -580,6 +581,8 @@ class PromptSetDetail(PromptSet):
 
 
 class RegisteredPromptSet(PromptSetDetail):
+    base: PromptSetBrief | None = None  # the set the templates not given were taken from
+    inherited: list[str] = Field(default_factory=list, description="The templates taken from `base`.")
     created: bool = Field(
         default=True, description="Client-side: False when these exact templates were registered already."
     )
@@ -649,6 +652,7 @@ class SampleEvaluation(Model):
     label: str | None
     metadata: dict[str, Any]
     policy_set: PolicySetBrief
+    prompt_set: PromptSetBrief | None = None  # None: from before evaluations pinned one (built-in)
     config: dict[str, Any]
     samples: int
     counts: JobCounts

@@ -59,6 +59,12 @@ console = Console()
 
 ApiUrl = Annotated[str, typer.Option(envvar=URL_ENV, help="Base URL of the API.")]
 ApiKeyOpt = Annotated[str, typer.Option("--key", envvar=KEY_ENV, help="API key.")]
+PromptSetOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Prompt set name (`aidsafe prompt-sets list`) wording the requests. Default: the built-in set."
+    ),
+]
 
 
 async def _with_session(work: Any) -> Any:
@@ -261,10 +267,7 @@ def submit(
     ] = False,
     policy_set: Annotated[str, typer.Option(help="Policy set name.")] = "aidsafe-default",
     policy_version: Annotated[str | None, typer.Option(help="Pin a policy set version.")] = None,
-    prompt_set: Annotated[
-        str | None,
-        typer.Option(help="Prompt set name (`aidsafe prompt-sets list`). Default: the built-in set."),
-    ] = None,
+    prompt_set: PromptSetOpt = None,
     prompt_set_version: Annotated[str | None, typer.Option(help="Pin a prompt set version.")] = None,
     preset: Annotated[
         str | None, typer.Option(help="A preset to start from (`aidsafe presets list`); options override it.")
@@ -553,29 +556,30 @@ def print_cots(client: aidsafe.Client, job_id: Any) -> None:
 
 def _print_item(item: Item, cot: Cot | None) -> None:
     title = f"#{item.position} {item.status}"
-    lines = [f"[bold]Prompt:[/] {item.prompt}"]
+    # Every text from the data is escaped: rich would read "[benign]" or "[/]" in a prompt,
+    # a thought or a response as markup (and fail on a closing tag it did not open).
+    lines = [f"[bold]Prompt:[/] {escape(item.prompt)}"]
     if cot is None:
-        lines.append(f"[red]No CoT: {item.error_code or item.status}: {item.error_message or ''}[/]")
+        lines.append(f"[red]No CoT: {item.error_code or item.status}: {escape(item.error_message or '')}[/]")
     else:
         intents = cot.intents
-        # Escaped: rich would read an intent's "[benign]" as markup.
         intents_text = "; ".join(labelled_intents(intents) + intents["implicit_intents"])
         lines.append(f"[bold]Intents:[/] {escape(intents_text)}")
         lines.append("[bold]Refined thoughts:[/]")
         for n, thought in enumerate(cot.refined_thoughts, 1):
             sources = ", ".join(f"T{source}" for source in thought.sources) or "no source"
-            lines.append(f"  {n}. {thought.text}  [dim](from {sources})[/]")
+            lines.append(f"  {n}. {escape(thought.text)}  [dim](from {sources})[/]")
         for dropped in cot.dropped_thoughts:
-            lines.append(f"  [dim]dropped T{dropped.id} ({dropped.reason}): {dropped.text}[/]")
+            lines.append(f"  [dim]dropped T{dropped.id} ({dropped.reason}): {escape(dropped.text)}[/]")
         agreement = (
             f"agreed in round {cot.agreed_by['round']}"
             if cot.agreed and cot.agreed_by
             else "round budget spent"
         )
-        lines.append(f"[bold]Response:[/] {cot.response}")
+        lines.append(f"[bold]Response:[/] {escape(cot.response)}")
         lines.append(
-            f"[dim]{cot.rounds_used} round(s), {agreement}; policy set {cot.policy_set.name}@"
-            f"{cot.policy_set.version}[/]"
+            f"[dim]{cot.rounds_used} round(s), {agreement}; policy set "
+            f"{escape(cot.policy_set.name)}@{cot.policy_set.version}[/]"
         )
     console.print(Panel("\n".join(lines), title=title, title_align="left"))
 
@@ -905,20 +909,35 @@ def create_prompt_set(
         str | None, typer.Option(help="The set's name (default: the folder's or the YAML's).")
     ] = None,
     description: Annotated[str, typer.Option(help="What the set changes, for its readers.")] = "",
+    base: Annotated[
+        str | None,
+        typer.Option(
+            help="NAME or NAME@VERSION of a set (e.g. aidsafe-default) whose templates fill in those "
+            "the folder or file does not give."
+        ),
+    ] = None,
     api_url: ApiUrl = "http://127.0.0.1:8000",
     key: ApiKeyOpt = "",
 ) -> None:
     """Register a prompt set version: every template the stages use (start from `show
-    --to-folder` of the built-in set). The same templates again are the same version."""
+    --to-folder` of the built-in set), or with --base only the ones you change. The same
+    templates again are the same version."""
     try:
         document = read_prompt_set(path, name, description)
     except SetFileError as exc:
         console.print(f"[red]{exc}[/] (nothing was registered)")
         raise typer.Exit(2) from exc
+    if base is not None:
+        base_name, _, base_version = base.partition("@")
+        document["base"] = {"name": base_name, "version": base_version or None}
     with _client(api_url, key) as client:
         row = client.register_prompt_set(document)
     state = "registered" if row.created else "already registered"
-    console.print(f"{row.name}@{row.version} {state} (id {row.id}, {len(row.templates)} templates).")
+    inherited = f", {len(row.inherited)} from {row.base.name}@{row.base.version}" if row.base else ""
+    console.print(
+        f"{row.name}@{row.version} {state} (id {row.id}, {len(row.templates)} templates{inherited}).",
+        highlight=False,
+    )
 
 
 @jobs_cli.command("budget")
@@ -1065,6 +1084,7 @@ def evaluate_samples(
         str | None, typer.Option(help="Judge each sample against this job's sample of the same prompt.")
     ] = None,
     policy_set: Annotated[str, typer.Option(help="Policy set name.")] = "aidsafe-default",
+    prompt_set: PromptSetOpt = None,
     label: Annotated[str | None, typer.Option(help="A name of yours for the job.")] = None,
     follow: Annotated[bool, typer.Option(help="Show progress until the job ends, then the report.")] = True,
     api_url: ApiUrl = "http://127.0.0.1:8000",
@@ -1080,6 +1100,7 @@ def evaluate_samples(
             guard={} if guard else None,
             judge_against=against,
             policy_set=policy_set,
+            prompt_set=prompt_set,
             label=label,
         )
         console.print(f"Sample evaluation [bold]{job.id}[/]: {job.samples} samples")
@@ -1221,6 +1242,7 @@ def evaluate_model(
     refusal_judge: Annotated[str | None, typer.Option(help="ENDPOINT:MODEL of the refusal judge.")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Max tokens per LLM call.")] = None,
     policy_set: Annotated[str, typer.Option(help="The policies the judges are shown.")] = "aidsafe-default",
+    prompt_set: PromptSetOpt = None,
     label: Annotated[str | None, typer.Option(help="A name of yours for the evaluation.")] = None,
     idempotency_key: Annotated[str | None, typer.Option(help="Makes a retried submit safe.")] = None,
     follow: Annotated[bool, typer.Option(help="Show progress, then the report, when it ends.")] = True,
@@ -1246,6 +1268,7 @@ def evaluate_model(
             safety_judge=judge,
             refusal_judge=_role(refusal_judge),
             policy_set=policy_set,
+            prompt_set=prompt_set,
             max_tokens=max_tokens,
             label=label,
             idempotency_key=idempotency_key or None,

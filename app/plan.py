@@ -19,6 +19,7 @@ from app.deliberation.budget import (
     evaluation_requests,
     judge_request,
     largest_requests,
+    sample_evaluation_requests,
     stage_floors,
 )
 from app.deliberation.config import (
@@ -35,9 +36,9 @@ from app.deliberation.config import (
     RoleConfig,
 )
 from app.deliberation.policies import MAX_POLICY_TEXT_CHARS, PolicySet
-from app.deliberation.prompt_sets import builtin as builtin_wording
 from app.deliberation.prompting import PromptSet
-from app.deliberation.results import METRICS
+from app.deliberation.quality import sample_text
+from app.deliberation.results import METRICS, Sample
 from app.deliberation.stages import DECLARED
 from app.errors import BatchUnsupported, InvalidConfig, InvalidPromptSet, RequestTooLarge
 
@@ -763,16 +764,31 @@ def check_comparison_fits(
 
 
 def check_model_evaluation_fits(
-    plan: ModelEvaluationPlan, policies: PolicySet, prompts: list[str], settings: Settings
+    plan: ModelEvaluationPlan, policies: PolicySet, wording: PromptSet, prompts: list[str], settings: Settings
 ) -> None:
-    """Raise RequestTooLarge if some target's or judge's request may not fit its endpoint."""
+    """Raise RequestTooLarge if some target's or judge's request, the judges' worded by
+    `wording`, may not fit its endpoint."""
     longest = max(prompts, key=estimate_tokens)
     budgets = [
         budget
         for target in range(len(plan.targets))
-        for budget in evaluation_requests(plan.evaluation(target), policies, builtin_wording(), longest)
+        for budget in evaluation_requests(plan.evaluation(target), policies, wording, longest)
     ]
     _check_fits(list(dict.fromkeys(budgets)), policies, settings)  # the judges' once
+
+
+def check_sample_evaluation_fits(
+    plan: SampleEvaluationPlan,
+    policies: PolicySet,
+    wording: PromptSet,
+    samples: Sequence[tuple[str, Sample]],
+    settings: Settings,
+) -> None:
+    """Raise RequestTooLarge if some role's request about some (prompt, sample) may not fit
+    its endpoint: the largest sample, prompt and reasoning and response together, decides."""
+    evaluators = plan.evaluators()
+    prompt, sample = max(samples, key=lambda s: estimate_tokens(s[0]) + estimate_tokens(sample_text(s[1])))
+    _check_fits(sample_evaluation_requests(evaluators, policies, wording, prompt, sample), policies, settings)
 
 
 def _check_fits(budgets: list[RequestBudget], policies: PolicySet, settings: Settings) -> None:

@@ -113,6 +113,20 @@ async def test_cli_submits_with_job_options_follows_the_events_and_prints_the_co
     assert "Intents: Get an answer to: " in out and " [benign]; " in out  # each with its label
 
 
+async def test_cli_show_prints_square_brackets_in_the_data_as_they_are(
+    live_api: str, api: httpx.AsyncClient, auth: Headers, settings: Settings
+) -> None:
+    # Rich markup in a prompt: "[bold]" would vanish, and "[/]" with nothing open would crash.
+    prompt = "What do [bold]tags[/bold] and a stray [/] mean in [red]rich[/red]?"
+    job = await submit(api, auth, [prompt])
+    await run_worker_burst(settings)
+
+    code, out = await aidsafe(live_api, auth, "show", job["id"])
+
+    assert code == 0, out
+    assert prompt in out
+
+
 async def test_cli_follows_a_job_to_the_end(
     live_api: str, api: httpx.AsyncClient, auth: Headers, settings: Settings
 ) -> None:
@@ -279,6 +293,17 @@ async def test_cli_copies_the_builtin_prompt_set_to_a_folder_and_registers_an_ed
     (folder / "seed.user.txt").write_text("Q: $prompt $tone\n", encoding="utf-8")
     code, refused = await aidsafe(live_api, auth, "prompt-sets", "create", str(folder))
     assert code != 0 and "invalid_prompt_set" in refused and "$tone" in refused, refused
+
+    # Only the changed template, the rest from the built-in set.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "seed.user.txt").write_text("Q: $prompt\nI: $intents\n", encoding="utf-8")
+    code, based = await aidsafe(
+        live_api, auth, "prompt-sets", "create", str(mine), "--name", "house", "--base", "aidsafe-default"
+    )
+    inherited = len(builtin().templates) - 1
+    assert code == 0 and "already registered" in based, based  # the same whole set as the folder's
+    assert f"{len(builtin().templates)} templates, {inherited} from aidsafe-default@" in based, based
 
 
 async def test_cli_lists_and_shows_presets_and_submits_from_one(

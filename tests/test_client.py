@@ -450,7 +450,7 @@ MIRRORED = {
     models.RegisteredPolicySet: schemas.PolicySetDetailOut,
     models.PromptSet: schemas.PromptSetOut,
     models.PromptSetDetail: schemas.PromptSetDetailOut,
-    models.RegisteredPromptSet: schemas.PromptSetDetailOut,
+    models.RegisteredPromptSet: schemas.RegisteredPromptSetOut,
     models.Webhook: webhooks.WebhookOut,
     models.WebhookCreated: webhooks.WebhookCreatedOut,
     models.Rejection: webhooks.RejectionOut,

@@ -503,8 +503,8 @@ async def stored_markers(sessions: Sessions) -> set[str]:
     async with sessions() as session:
         rows = await session.execute(
             text(
-                "SELECT (SELECT string_agg(t::text, ' ') FROM turns t)"
-                " || (SELECT string_agg(p::text, ' ') FROM preference_pairs p)"
+                "SELECT concat((SELECT string_agg(t::text, ' ') FROM turns t),"
+                " ' ', (SELECT string_agg(p::text, ' ') FROM preference_pairs p))"
             )
         )
     return marked(rows.scalar_one())

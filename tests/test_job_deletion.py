@@ -18,9 +18,9 @@ from app.config import Settings
 from app.events import stream_key
 from app.store import deletions, keys
 from app.store.db import Sessions
-from app.store.models import Base, Item, Job, PreferencePair, TurnRow
+from app.store.models import Base, Item, Job, PreferencePair, SampleEvaluation, TurnRow
 from tests.conftest import eventually, new_key, run_worker_burst, start_worker
-from tests.scripted_llm import ScriptedLLM
+from tests.scripted_llm import ScriptedLLM, reply
 from tests.test_api import error_of, items_of, submit
 from tests.test_cli import aidsafe
 from tests.test_hazard_scan import SCENARIOS, marker, run_scenario, stored_markers
@@ -370,3 +370,37 @@ async def test_a_worker_purges_old_hazardous_text_when_the_setting_is_on(
 
     await eventually(purged, what="the worker's purge")
     assert await stored_markers(sessions) == set()
+
+
+async def test_the_purge_keeps_a_guards_flags_on_an_imported_sample_and_drops_its_words(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions, scripted_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script(
+        "guard_verdict",
+        reply(
+            {
+                "verdict": "unsafe",
+                "violated_policies": ["physical-harm", "its own words"],
+                "rationale": marker("guard-on-sample"),
+            }
+        ),
+    )
+    submitted = await api.post(
+        "/v1/sample-evaluations",
+        json={"guard": {}, "samples": [{"prompt": "How do I hurt someone?", "response": "Like this."}]},
+        headers=auth,
+    )
+    assert submitted.status_code == 202, submitted.text
+    await run_worker_burst(settings)
+    job_id = submitted.json()["id"]
+    async with sessions() as session:
+        [before] = await session.scalars(select(SampleEvaluation.guard))
+    assert before["rationale"] == marker("guard-on-sample")
+    await make_old(sessions, [job_id], days=8)
+
+    assert await deletions.purge_hazardous(sessions, timedelta(days=7)) == 1
+
+    async with sessions() as session:
+        [after] = await session.scalars(select(SampleEvaluation.guard))
+    assert (after["unsafe"], after["categories"], after["rationale"]) == (True, ["physical-harm"], None)
+    assert await stored_markers(sessions) == set()  # nor in the guard's turn

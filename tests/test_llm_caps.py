@@ -341,3 +341,29 @@ def test_the_default_endpoints_context_comes_from_the_environment(monkeypatch: p
         .max_context_tokens
         is None
     )
+
+
+# --- sample evaluations against an endpoint's context ---------------------------------------
+
+
+async def test_a_sample_too_long_for_the_graders_context_is_refused_and_nothing_stored(
+    capped_api: httpx.AsyncClient, sessions: Sessions, scripted_llm: ScriptedLLM
+) -> None:
+    auth = await new_key(sessions)
+    short = {"prompt": "How do I store soup?", "response": "Cool it fast, then refrigerate."}
+    long = {"prompt": "How do I store soup?", "response": "Cool it fast. " * 1_500}  # ~7,000 tokens
+    body = {"grade": {"endpoint": "small"}, "guard": {"endpoint": "small", "style": "llama_guard"}}
+
+    refused = await capped_api.post(
+        "/v1/sample-evaluations", json={**body, "samples": [short, long, short]}, headers=auth
+    )
+    fitting = await capped_api.post(
+        "/v1/sample-evaluations", json={**body, "samples": [short, short]}, headers=auth
+    )
+
+    error = error_of(refused, 422, "request_too_large")
+    assert {d["role"] for d in error["details"]} == {"grader", "guard"}
+    assert all(d["estimated_tokens"] > SMALL_CONTEXT for d in error["details"])
+    assert fitting.status_code == 202, fitting.text
+    assert await job_count(sessions) == 1
+    assert scripted_llm.requests == []

@@ -429,3 +429,32 @@ async def test_cli_evaluates_two_models_and_prints_them_side_by_side(
     assert header.index("base") < header.index("tuned")
     refusals = next(line for line in out.splitlines() if "refusal_rate" in line and "(all)" in line)
     assert "100.0%" in refusals and "(5/5)" in refusals and "0.0%" in refusals
+
+
+async def test_the_judges_are_worded_by_the_evaluations_prompt_set_and_the_target_is_not(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, scripted_llm: ScriptedLLM
+) -> None:
+    house = await api.post(
+        "/v1/prompt-sets",
+        json={
+            "name": "house-judges",
+            "base": {"name": "aidsafe-default"},
+            "templates": {"refusal.user": "HOUSE REFUSAL JUDGE. $prompt\n---\n$answer"},
+        },
+        headers=auth,
+    )
+    assert house.status_code == 201, house.text
+    scripted_llm.models["m1"] = lambda body: reply("An answer.")
+    body = evaluation_body(
+        [{"name": "b", "prompts": benchmark_prompts(1)}], "m1", prompt_set={"name": "house-judges"}
+    )
+    submitted = await submit_evaluation(api, auth, body)
+    await run_worker_burst(settings)
+
+    assert submitted["prompt_set"] == {k: house.json()[k] for k in ("id", "name", "version")}
+    judged = [r.body["messages"][-1]["content"] for r in scripted_llm.requests_for("refusal_judgement")]
+    assert len(judged) == 2 and all(text.startswith("HOUSE REFUSAL JUDGE.") for text in judged)
+    asked = [r.body for r in scripted_llm.requests if r.body["model"] == "m1"]
+    assert len(asked) == 2 and not any("HOUSE" in m["content"] for b in asked for m in b["messages"])
+    report = (await api.get(f"/v1/model-evaluations/{submitted['id']}", headers=auth)).json()
+    assert report["prompt_set"] == submitted["prompt_set"] and report["status"] == "completed"

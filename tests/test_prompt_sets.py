@@ -316,7 +316,70 @@ async def test_a_set_the_stages_have_outgrown_is_refused_at_submission(
 
     error = error_of(response, 422, "invalid_prompt_set")
     assert "no longer fits the stages: stage judge has no template 'judge.user'" in error["message"]
+    assert "again with base 'aidsafe-default' to take the new templates (judge.user)" in error["message"]
     assert await job_count(sessions) == 0
+
+    # What the message says to do: the old templates, the missing one from the built-in set.
+    again = await api.post(
+        "/v1/prompt-sets",
+        json={"name": "old", "templates": outgrown, "base": {"name": "aidsafe-default"}},
+        headers={"Authorization": f"Bearer {secret}"},
+    )
+    assert (again.status_code, again.json()["inherited"]) == (201, ["judge.user"])
+    resubmitted = await api.post(
+        "/v1/jobs",
+        json={"prompts": ["Hi"], "prompt_set": {"name": "old"}},
+        headers={"Authorization": f"Bearer {secret}"},
+    )
+    assert resubmitted.status_code == 202, resubmitted.text
+    assert resubmitted.json()["prompt_set"]["version"] == again.json()["version"]
+
+
+async def test_a_set_registered_on_a_base_stores_every_template_and_names_what_it_took(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    mine = await register(api, auth, "mine", seed__user=CUSTOM_SEED_USER)
+    on_base = await api.post(
+        "/v1/prompt-sets",
+        json={"name": "terse", "templates": {"refine.system": "Be terse."}, "base": {"name": "mine"}},
+        headers=auth,
+    )
+
+    body = on_base.json()
+    assert on_base.status_code == 201, on_base.text
+    assert body["templates"] == templates(seed__user=CUSTOM_SEED_USER, refine__system="Be terse.")
+    assert body["base"] == {k: mine.json()[k] for k in ("id", "name", "version")}
+    assert body["inherited"] == sorted(set(BUILTIN) - {"refine.system"})
+    shown = (await api.get(f"/v1/prompt-sets/{body['id']}", headers=auth)).json()
+    assert shown["templates"] == body["templates"]
+    # The same whole content given in full is the same version.
+    full = await api.post(
+        "/v1/prompt-sets", json={"name": "terse", "templates": body["templates"]}, headers=auth
+    )
+    assert (full.status_code, full.json()["id"], full.json()["base"]) == (200, body["id"], None)
+
+
+async def test_a_base_the_key_cannot_see_or_a_template_it_breaks_is_a_422_and_nothing_stored(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    await register(api, auth, "mine", seed__user=CUSTOM_SEED_USER)
+    other = await new_key(sessions, "other")
+    before = await stored_prompt_sets(sessions)
+
+    unseen = await api.post(
+        "/v1/prompt-sets",
+        json={"name": "copy", "templates": {}, "base": {"name": "mine"}},
+        headers=other,
+    )
+    broken = await api.post(
+        "/v1/prompt-sets",
+        json={"name": "x", "templates": {"seed.user": "$tone"}, "base": {"name": "aidsafe-default"}},
+        headers=auth,
+    )
+
+    assert "'mine'" in error_of(unseen, 422, "unknown_prompt_set")["message"]
+    assert "unknown placeholder $tone" in error_of(broken, 422, "invalid_prompt_set")["message"]
+    assert await stored_prompt_sets(sessions) == before
 
 
 async def test_a_job_from_before_prompt_sets_runs_and_names_the_builtin_set(

@@ -377,3 +377,50 @@ async def test_the_cli_evaluates_a_file_with_a_column_mapping(
     with aidsafe.Client(live_api, auth["Authorization"].removeprefix("Bearer ")) as client:
         report = client.get_sample_evaluation(job_id)
     assert report.status == "completed" and report.grades is not None and report.grades.graded == 1
+
+
+async def test_an_evaluation_words_its_requests_with_the_prompt_set_it_pins(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, scripted_llm: ScriptedLLM
+) -> None:
+    house = await api.post(
+        "/v1/prompt-sets",
+        json={
+            "name": "house-grader",
+            "base": {"name": "aidsafe-default"},
+            "templates": {"grade.user": "HOUSE GRADER. Prompt: $prompt\nSample: $sample"},
+        },
+        headers=auth,
+    )
+    assert house.status_code == 201, house.text
+    response = await upload(
+        api,
+        auth,
+        fixture("safety.csv"),
+        "csv",
+        format="safety",
+        grade={},
+        prompt_set={"name": "house-grader"},
+    )
+    default = await upload(api, auth, fixture("safety.csv"), "csv", format="safety", grade={})
+    assert (response.status_code, default.status_code) == (202, 202), response.text
+    await run_worker_burst(settings)
+
+    pinned = response.json()["prompt_set"]
+    assert pinned == {k: house.json()[k] for k in ("id", "name", "version")}
+    assert default.json()["prompt_set"]["name"] == "aidsafe-default"
+    worded = [r.body["messages"][-1]["content"] for r in scripted_llm.requests_for("quality_scores")]
+    assert sum(text.startswith("HOUSE GRADER.") for text in worded) == 3  # this one's, not the other's
+    assert len(worded) == 6
+    shown = (await api.get(f"/v1/sample-evaluations/{response.json()['id']}", headers=auth)).json()
+    assert shown["prompt_set"] == pinned and shown["status"] == "completed"
+
+
+async def test_an_unknown_prompt_set_for_an_evaluation_is_a_422_and_nothing_stored(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    response = await upload(
+        api, auth, fixture("safety.csv"), "csv", format="safety", grade={}, prompt_set={"name": "nope"}
+    )
+
+    assert "'nope'" in error_of(response, 422, "unknown_prompt_set")["message"]
+    assert await stored(sessions) == NOTHING

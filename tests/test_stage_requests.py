@@ -17,8 +17,9 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
-from app.deliberation.budget import judge_request, largest_requests
+from app.deliberation.budget import judge_request, largest_requests, sample_evaluation_requests
 from app.deliberation.config import (
+    Evaluators,
     GradingConfig,
     GuardConfig,
     GuardStyle,
@@ -258,6 +259,25 @@ def test_request_budgets_of_every_role_are_pinned() -> None:
         ("guard", 3697),
         ("judge", 4772),
     ]
+
+
+def test_a_sample_evaluations_budgets_are_pinned_and_read_the_whole_sample() -> None:
+    evaluators = Evaluators(GRADER, GuardConfig(GRADER, GuardStyle.LLAMA_GUARD), GRADER, 256, 2)
+    sample = Sample(["Keep it cold."], "Refrigerate it.")
+    longer = replace(sample, response=sample.response + "x" * 3000)  # 1,000 more tokens
+
+    budgets = [
+        [(b.role, b.tokens) for b in sample_evaluation_requests(evaluators, POLICIES, PROMPTS, PROMPT, s)]
+        for s in (sample, longer)
+    ]
+    asked_nothing = Evaluators(None, None, None, 256, 2)
+
+    # The judge's other side is one reply of max_tokens (256) and its labels (64).
+    assert budgets == [
+        [("grader", 3784), ("guard", 310), ("judge", 3449)],
+        [("grader", 4784), ("guard", 1310), ("judge", 4449)],
+    ]
+    assert sample_evaluation_requests(asked_nothing, POLICIES, PROMPTS, PROMPT, sample) == []
 
 
 def test_every_stage_is_declared_with_its_own_schema_name_and_existing_templates() -> None:

@@ -133,6 +133,12 @@ class _Planned:
         return policy_sets.for_engine(self.policy_set), prompt_sets.for_engine(self.prompt_set)
 
 
+async def resolve_prompt_set(session: AsyncSession, key_id: UUID, ref: PromptSetRef | None) -> PromptSetRow:
+    """The prompt set a job or an evaluation pins: the one named, else the built-in set."""
+    ref = ref or PromptSetRef(name=BUILTIN_NAME)
+    return await prompt_sets.resolve_for_job(session, key_id, ref.name, ref.version)
+
+
 async def _planned(
     key_id: UUID, body: JobIn, session: AsyncSession, settings: Settings, presets: Presets
 ) -> _Planned:
@@ -143,10 +149,7 @@ async def _planned(
     policy_set = await policy_sets.resolve_for_job(
         session, key_id, body.policy_set.name, body.policy_set.version
     )
-    prompt_set_ref = body.prompt_set or PromptSetRef(name=BUILTIN_NAME)
-    prompt_set = await prompt_sets.resolve_for_job(
-        session, key_id, prompt_set_ref.name, prompt_set_ref.version
-    )
+    prompt_set = await resolve_prompt_set(session, key_id, body.prompt_set)
     prompts = body.prompt_items()
     found = await asyncio.to_thread(duplicates.find, [p.prompt for p in prompts], body.duplicates)
     skipped = set(found.skipped)

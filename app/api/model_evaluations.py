@@ -14,7 +14,7 @@ from app import callbacks
 from app.api import views
 from app.api.bodies import JsonBody
 from app.api.deps import CurrentKey, SessionDep
-from app.api.jobs import ERRORS
+from app.api.jobs import ERRORS, resolve_prompt_set
 from app.api.schemas import (
     MAX_PROMPTS_PER_JOB,
     ModelEvaluationIn,
@@ -24,7 +24,7 @@ from app.api.schemas import (
 from app.api.submissions import SubmissionDep, submit_responses
 from app.plan import check_model_evaluation_fits, resolve_model_evaluation
 from app.reports import model_evaluation
-from app.store import jobs, model_evaluations, policy_sets
+from app.store import jobs, model_evaluations, policy_sets, prompt_sets
 from app.store.models import Job
 
 router = APIRouter(prefix="/v1/model-evaluations", tags=["model evaluations"])
@@ -42,6 +42,7 @@ async def evaluation_out(session: AsyncSession, job: Job) -> ModelEvaluationOut:
         job,
         plan,
         await policy_sets.by_id(session, job.policy_set_id),
+        await prompt_sets.pinned(session, job.prompt_set_id),
         await jobs.summary(session, job),
         model_evaluation.by_target(plan, tallies),
         model_evaluation.table(plan, tallies),
@@ -73,18 +74,24 @@ async def create_model_evaluation(
     policy_set = await policy_sets.resolve_for_job(
         session, key.id, body.policy_set.name, body.policy_set.version
     )
+    prompt_set = await resolve_prompt_set(session, key.id, body.prompt_set)
     cases = [
         model_evaluations.NewCase(benchmark.name, row.category, row.expected, row.prompt, row.metadata)
         for benchmark in body.benchmarks
         for row in benchmark.rows()
     ]
     check_model_evaluation_fits(
-        plan, policy_sets.for_engine(policy_set), [case.prompt for case in cases], settings
+        plan,
+        policy_sets.for_engine(policy_set),
+        prompt_sets.for_engine(prompt_set),
+        [case.prompt for case in cases],
+        settings,
     )
     job, new_item_ids = await model_evaluations.create(
         session,
         owner_key_id=key.id,
         policy_set_id=policy_set.id,
+        prompt_set_id=prompt_set.id,
         plan=plan,
         cases=cases,
         labels=jobs.Labels(body.label, body.metadata),

@@ -13,7 +13,13 @@ from app.api.bodies import JsonBody
 from app.api.deps import CurrentKey, SessionDep, SettingsDep
 from app.api.errors import documented
 from app.api.jobs import ERRORS
-from app.api.schemas import MAX_TEMPLATES, PromptSetDetailOut, PromptSetIn, PromptSetOut
+from app.api.schemas import (
+    MAX_TEMPLATES,
+    PromptSetDetailOut,
+    PromptSetIn,
+    PromptSetOut,
+    RegisteredPromptSetOut,
+)
 from app.config import Settings
 from app.deliberation.prompt_sets import prompt_set, validate
 from app.plan import check_prompt_set_fits
@@ -23,11 +29,11 @@ router = APIRouter(prefix="/v1/prompt-sets", tags=["prompt sets"])
 PROMPT_SET_BODY = JsonBody[PromptSetIn](PromptSetIn, max_values=2 * MAX_TEMPLATES + 10)
 
 
-def _check(body: PromptSetIn, settings: Settings) -> None:
+def _check(name: str, templates: dict[str, str], settings: Settings) -> None:
     """Raise InvalidPromptSet unless every stage can use the templates on some endpoint."""
-    if problems := validate(body.templates):
-        raise prompt_sets.refused(f"prompt set '{body.name}' cannot be used", problems)
-    check_prompt_set_fits(prompt_set(body.name, body.templates), settings)
+    if problems := validate(templates):
+        raise prompt_sets.refused(f"prompt set '{name}' cannot be used", problems)
+    check_prompt_set_fits(prompt_set(name, templates), settings)
 
 
 @router.get("", responses=documented(401, 503))
@@ -42,7 +48,7 @@ async def list_prompt_sets(session: SessionDep, key: CurrentKey) -> list[PromptS
     "",
     status_code=status.HTTP_201_CREATED,
     responses={
-        200: {"model": PromptSetDetailOut, "description": "This exact content is already registered."},
+        200: {"model": RegisteredPromptSetOut, "description": "This exact content is already registered."},
         **documented(400, 401, 413, 422, 503),
     },
     openapi_extra=PROMPT_SET_BODY.openapi,
@@ -53,16 +59,22 @@ async def register_prompt_set(
     response: Response,
     session: SessionDep,
     settings: SettingsDep,
-) -> PromptSetDetailOut:
-    """Register a version: every template the stages use (a full set). Versions never change:
-    new templates under a name are a new version, and jobs keep the version they pinned.
-    422 `invalid_prompt_set` names the template, its stage and the placeholder at fault."""
-    await asyncio.to_thread(_check, body, settings)
-    row, created = await prompt_sets.register(session, key.id, body.name, body.description, body.templates)
+) -> RegisteredPromptSetOut:
+    """Register a version: every template the stages use (a full set), or with `base` the
+    templates that differ from a visible set. Either way the whole set is stored, so versions
+    never change: new templates under a name are a new version, and jobs keep the version
+    they pinned. 422 `unknown_prompt_set` for a base this key cannot see;
+    `invalid_prompt_set` names the template, its stage and the placeholder at fault."""
+    templates, base = body.templates, None
+    if body.base is not None:
+        base = await prompt_sets.find_visible(session, key.id, body.base.name, body.base.version)
+        templates = {**base.templates, **body.templates}
+    await asyncio.to_thread(_check, body.name, templates, settings)
+    row, created = await prompt_sets.register(session, key.id, body.name, body.description, templates)
     await session.commit()
     if not created:
         response.status_code = status.HTTP_200_OK
-    return views.prompt_set_detail(row)
+    return views.prompt_set_registered(row, base, body.templates)
 
 
 @router.get("/{prompt_set_id}", responses=ERRORS)

@@ -4,6 +4,7 @@ Parquet file; per-sample results and a report with 95 % intervals."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from typing import Annotated, Any, Literal, get_args
 from uuid import UUID
@@ -18,7 +19,7 @@ from app.api import views
 from app.api.bodies import JsonBody, read_capped
 from app.api.deps import CurrentKey, OwnedJob, ReadsHazardous, SessionDep
 from app.api.errors import InvalidRequest
-from app.api.jobs import ERRORS, PAGE_ERRORS, Cursor, Limit
+from app.api.jobs import ERRORS, PAGE_ERRORS, Cursor, Limit, resolve_prompt_set
 from app.api.schemas import (
     SampleEvaluationIn,
     SampleEvaluationOptions,
@@ -28,9 +29,10 @@ from app.api.schemas import (
     SubmittedSampleEvaluationOut,
 )
 from app.api.submissions import Submission, SubmissionDep, submit_responses
-from app.plan import RoleIn, resolve_sample_evaluation
+from app.deliberation.results import Sample as EngineSample
+from app.plan import RoleIn, check_sample_evaluation_fits, resolve_sample_evaluation
 from app.sample_files import FileType, Sample, read_samples, samples_of
-from app.store import jobs, policy_sets, sample_evaluations
+from app.store import jobs, policy_sets, prompt_sets, sample_evaluations
 from app.store.models import Job
 
 router = APIRouter(prefix="/v1/sample-evaluations", tags=["sample evaluations"])
@@ -136,10 +138,21 @@ async def _submit(
     policy_set = await policy_sets.resolve_for_job(
         session, key_id, options.policy_set.name, options.policy_set.version
     )
+    prompt_set = await resolve_prompt_set(session, key_id, options.prompt_set)
+    shown = [(s.prompt, EngineSample(s.thoughts, s.response)) for s in samples]
+    await asyncio.to_thread(
+        check_sample_evaluation_fits,
+        plan,
+        policy_sets.for_engine(policy_set),
+        prompt_sets.for_engine(prompt_set),
+        shown,
+        settings,
+    )
     job, new_item_ids = await sample_evaluations.submit(
         session,
         owner_key_id=key_id,
         policy_set_id=policy_set.id,
+        prompt_set_id=prompt_set.id,
         plan=plan,
         samples=samples,
         labels=jobs.Labels(options.label, options.metadata),
@@ -167,6 +180,7 @@ async def evaluation_out(session: AsyncSession, job: Job) -> SampleEvaluationOut
         job,
         plan,
         await policy_sets.by_id(session, job.policy_set_id),
+        await prompt_sets.pinned(session, job.prompt_set_id),
         await jobs.summary(session, job),
         report,
     )

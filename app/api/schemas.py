@@ -316,9 +316,15 @@ class PromptSetIn(BaseModel):
     templates: dict[TemplateName, TemplateText] = Field(
         max_length=MAX_TEMPLATES,
         description="Every template the stages use, by name (the built-in set's names: GET "
-        "/v1/prompt-sets/{id}), as text with $placeholders. 422 `invalid_prompt_set` for a "
-        "template missing or unknown, a placeholder unknown or missing, bad $ syntax, or "
-        "templates too long for every endpoint's context.",
+        "/v1/prompt-sets/{id}), as text with $placeholders; with `base`, only those that differ "
+        "from it. 422 `invalid_prompt_set` for a template missing or unknown, a placeholder "
+        "unknown or missing, bad $ syntax, or templates too long for every endpoint's context.",
+    )
+    base: PromptSetRef | None = Field(
+        default=None,
+        description="A set visible to this key (e.g. the built-in `aidsafe-default`) whose templates "
+        "fill in those not given. The result is stored whole: later changes to the base never "
+        "change this version.",
     )
 
 
@@ -334,6 +340,11 @@ class PolicySetBrief(SetBrief):
 
 class PromptSetBrief(SetBrief):
     pass
+
+
+class RegisteredPromptSetOut(PromptSetDetailOut):
+    base: PromptSetBrief | None = Field(description="The set the missing templates were taken from.")
+    inherited: list[str] = Field(description="The templates taken from `base`, by name.")
 
 
 class JobCounts(BaseModel):
@@ -935,6 +946,12 @@ class ModelEvaluationIn(Labelled, OnlineOnly):
     policy_set: PolicySetRef = Field(
         default_factory=PolicySetRef, description="The policies the judges are shown."
     )
+    prompt_set: PromptSetRef | None = Field(
+        default=None,
+        exclude_if=lambda ref: ref is None,  # a body without it hashes as it did before
+        description="The templates that word the judges' requests (`GET /v1/prompt-sets`); left "
+        "out, the built-in set. The targets get nothing of ours but their own system prompt.",
+    )
     max_tokens: int | None = Field(
         default=None, ge=64, le=16384, description="Per call: the targets' answers and the judges' verdicts."
     )
@@ -1000,6 +1017,10 @@ class ModelEvaluationOut(BaseModel):
     safety_judge: dict[str, Any]
     refusal_judge: dict[str, Any]
     policy_set: PolicySetBrief
+    prompt_set: PromptSetBrief | None = Field(
+        description="The templates that worded its requests; null for one from before evaluations pinned "
+        "a set (the built-in wording of its time)."
+    )
     counts: JobCounts
     by_target: dict[str, TargetCountsOut] = Field(description="Per target name.")
     table: list[ModelReportRow] = Field(
@@ -1166,6 +1187,12 @@ class SampleEvaluationOptions(Labelled, OnlineOnly):
         default=None, description="Pairwise judgement against another set's sample of the same prompt."
     )
     policy_set: PolicySetRef = Field(default_factory=PolicySetRef)
+    prompt_set: PromptSetRef | None = Field(
+        default=None,
+        exclude_if=lambda ref: ref is None,  # a body without it hashes as it did before
+        description="The templates that word the grader's, guard's and judge's requests "
+        "(`GET /v1/prompt-sets`); left out, the built-in set.",
+    )
     callback_url: CallbackUrl = None
 
 
@@ -1225,6 +1252,10 @@ class SampleEvaluationOut(BaseModel):
     label: str | None
     metadata: dict[str, Any]
     policy_set: PolicySetBrief
+    prompt_set: PromptSetBrief | None = Field(
+        description="The templates that worded its requests; null for one from before evaluations pinned "
+        "a set (the built-in wording of its time)."
+    )
     config: dict[str, Any]
     samples: int
     counts: JobCounts

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.api import views
 from app.api.recent import Recent
-from app.api.schemas import JobOut, PromptSetBrief
+from app.api.schemas import JobOut
 from app.store import jobs, policy_sets, prompt_sets
 from app.store.db import Sessions
 from app.store.models import Job
@@ -27,7 +27,7 @@ from app.store.models import Job
 async def job_out(session: AsyncSession, job: Job) -> JobOut:
     """The job as the API shows it, counted now."""
     policy_set = await policy_sets.by_id(session, job.policy_set_id)
-    prompt_set = None if job.prompt_set_id is None else await prompt_sets.by_id(session, job.prompt_set_id)
+    prompt_set = await prompt_sets.pinned(session, job.prompt_set_id)
     return JobOut(
         id=job.id,
         created_at=job.created_at,
@@ -35,9 +35,7 @@ async def job_out(session: AsyncSession, job: Job) -> JobOut:
         label=job.label,
         metadata=job.job_metadata,
         policy_set=views.policy_set_brief(policy_set),
-        prompt_set=None
-        if prompt_set is None
-        else PromptSetBrief(id=prompt_set.id, name=prompt_set.name, version=prompt_set.version),
+        prompt_set=prompt_set and views.prompt_set_brief(prompt_set),
         config=job.plan.model_dump(mode="json"),  # the plan's JSON, as stored
         duplicates=job.duplicates,
         **await jobs.summary(session, job),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -30,6 +31,7 @@ from app.api.schemas import (
     PromptSetBrief,
     PromptSetDetailOut,
     PromptSetOut,
+    RegisteredPromptSetOut,
     RejectedOut,
     ReportOut,
     SampleEvaluationOut,
@@ -272,10 +274,27 @@ def policy_set_brief(row: PolicySetRow) -> PolicySetBrief:
     return PolicySetBrief(id=row.id, name=row.name, version=row.version)
 
 
+def prompt_set_brief(row: PromptSetRow) -> PromptSetBrief:
+    return PromptSetBrief(id=row.id, name=row.name, version=row.version)
+
+
+def prompt_set_registered(
+    row: PromptSetRow, base: PromptSetRow | None, given: Iterable[str]
+) -> RegisteredPromptSetOut:
+    """A registration's answer: the stored set, and which templates came from `base`."""
+    return RegisteredPromptSetOut(
+        **_registered(row),
+        templates=row.templates,
+        base=base and prompt_set_brief(base),
+        inherited=sorted(row.templates.keys() - set(given)),
+    )
+
+
 def model_evaluation_out(
     job: Job,
     plan: ModelEvaluationPlan,
     policy_set: PolicySetRow,
+    prompt_set: PromptSetRow | None,
     summary: dict[str, Any],
     by_target: dict[str, dict[str, int]],
     table: list[dict[str, Any]],
@@ -290,6 +309,7 @@ def model_evaluation_out(
         safety_judge=plan.safety_judge.model_dump(mode="json"),
         refusal_judge=asdict(plan.refusal_judge),
         policy_set=policy_set_brief(policy_set),
+        prompt_set=prompt_set and prompt_set_brief(prompt_set),
         counts=summary["counts"],
         by_target=by_target,
         table=table,
@@ -398,6 +418,7 @@ def sample_evaluation_out(
     job: Job,
     plan: SampleEvaluationPlan,
     policy_set: PolicySetRow,
+    prompt_set: PromptSetRow | None,
     summary: dict[str, Any],
     report: dict[str, Any],
 ) -> SampleEvaluationOut:
@@ -409,6 +430,7 @@ def sample_evaluation_out(
         label=job.label,
         metadata=job.job_metadata,
         policy_set=policy_set_brief(policy_set),
+        prompt_set=prompt_set and prompt_set_brief(prompt_set),
         config=plan.model_dump(mode="json"),
         samples=job.item_count,
         counts=summary["counts"],

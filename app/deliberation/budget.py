@@ -19,9 +19,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from app.deliberation.config import EvaluationConfig, Limits, Mode, PipelineConfig, RoleConfig
+from app.deliberation.config import EvaluationConfig, Evaluators, Limits, Mode, PipelineConfig, RoleConfig
 from app.deliberation.policies import PolicySet
 from app.deliberation.prompting import PromptSet
+from app.deliberation.quality import sample_text
+from app.deliberation.results import Sample
 from app.deliberation.stages import (
     DECLARED,
     DELIBERATION,
@@ -203,3 +205,20 @@ def evaluation_requests(
         job.budget(GUARDS[config.safety.style], config.safety.role, 1, sample=""),
         job.budget(REFUSAL, config.refusal_judge, 1, answer=""),
     ]
+
+
+def sample_evaluation_requests(
+    evaluators: Evaluators, policies: PolicySet, wording: PromptSet, prompt: str, sample: Sample
+) -> list[RequestBudget]:
+    """The request of each role a sample evaluation asks, for one of its samples: the
+    grader's and the guard's read it whole; the judge's also reads the other set's sample of
+    the prompt, counted as a reply of the evaluation's `max_tokens` (it is not known here)."""
+    job, shown = _Job(policies, wording, prompt, evaluators.max_tokens, Limits()), sample_text(sample)
+    budgets = []
+    if evaluators.grader is not None:
+        budgets.append(job.budget(GRADE, evaluators.grader, 0, sample=shown))
+    if (guard := evaluators.guard) is not None:
+        budgets.append(job.budget(GUARDS[guard.style], guard.role, 0, sample=shown))
+    if evaluators.judge is not None:
+        budgets.append(job.budget(JUDGE, evaluators.judge, 1, first="", second=shown))
+    return budgets

@@ -31,6 +31,7 @@ from app.store.models import (
     Job,
     JobDeletion,
     PreferencePair,
+    SampleEvaluation,
     TurnRow,
 )
 
@@ -168,9 +169,10 @@ async def _purge_job(sessions: Sessions, job: Job, batch_items: int) -> None:
 
 async def _purge_items(session: AsyncSession, item_ids: list[UUID], known: frozenset[str]) -> None:
     """Blank the hazardous text of these items: their hazardous turns' output, their pair
-    attempt's rejected side, their operator-only error detail (which may quote it), and
-    their batch requests' bodies, answers and errors (a body holds the turns before it, an
-    answer is its turn's output; a finished job reads neither again)."""
+    attempt's rejected side, the guard's words on an imported sample (its flags stay), their
+    operator-only error detail (which may quote it), and their batch requests' bodies,
+    answers and errors (a body holds the turns before it, an answer is its turn's output; a
+    finished job reads neither again)."""
     turns = await session.execute(
         select(TurnRow.id, TurnRow.stage, TurnRow.round).where(TurnRow.item_id.in_(item_ids))
     )
@@ -186,6 +188,9 @@ async def _purge_items(session: AsyncSession, item_ids: list[UUID], known: froze
     )
     with_detail = Item.id.in_(item_ids), Item.operator_error.is_not(None)
     await session.execute(update(Item).where(*with_detail).values(operator_error=None))
+    guarded = SampleEvaluation.item_id.in_(item_ids), SampleEvaluation.guard.is_not(None)
+    for evaluation in await session.scalars(select(SampleEvaluation).where(*guarded)):
+        evaluation.guard = _purged_guard(evaluation.guard, known)
     pairs = await session.scalars(select(PreferencePair).where(PreferencePair.item_id.in_(item_ids)))
     for pair in pairs:
         pair.belief = pair.rejected_thoughts = pair.rejected_response = pair.rejected_grade_error = None

@@ -38,6 +38,7 @@ async def create(
     *,
     owner_key_id: UUID,
     policy_set_id: UUID,
+    prompt_set_id: UUID,
     plan: ModelEvaluationPlan,
     cases: Sequence[NewCase],
     labels: jobs.Labels,
@@ -58,7 +59,7 @@ async def create(
         session,
         owner_key_id=owner_key_id,
         policy_set_id=policy_set_id,
-        prompt_set_id=None,  # the built-in wording of the judges
+        prompt_set_id=prompt_set_id,
         plan=plan,
         item_count=len(cases) * targets,
         labels=labels,

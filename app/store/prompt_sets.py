@@ -9,7 +9,7 @@ from uuid import UUID
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.deliberation.policies import content_version
-from app.deliberation.prompt_sets import BUILTIN_NAME, Problem, builtin, validate
+from app.deliberation.prompt_sets import BUILTIN_NAME, TEMPLATES, Problem, builtin, validate
 from app.deliberation.prompting import PromptSet
 from app.errors import MAX_LISTED_PROBLEMS, InvalidPromptSet, UnknownPromptSet
 from app.store import registered_sets
@@ -53,27 +53,50 @@ async def resolve_for_job(
     """The version a job will use: the given one, or the newest of that name (own first;
     for the built-in name, the set this process ships). Raises UnknownPromptSet, or
     InvalidPromptSet for a set the stages have outgrown since it was registered."""
+    row = await find_visible(session, owner_key_id, name, version)
+    if problems := validate(row.templates):
+        missing = [name for name in TEMPLATES if name not in row.templates]
+        hint = (
+            f". Register it again with base '{BUILTIN_NAME}' to take the new templates "
+            f"({', '.join(missing)}) from the built-in set"
+            if missing
+            else ""
+        )
+        what = f"prompt set '{row.name}' version {row.version} no longer fits the stages"
+        raise refused(what, problems, hint)
+    return row
+
+
+async def find_visible(
+    session: AsyncSession, owner_key_id: UUID, name: str, version: str | None
+) -> PromptSetRow:
+    """The given version of `name`, or its newest (own first; for the built-in name, the set
+    this process ships), unchecked. Raises UnknownPromptSet."""
     if name == BUILTIN_NAME and not version:
         await ensure_default(session)
     row = await registered_sets.newest_visible(session, PromptSetRow, owner_key_id, name, version)
     if row is None:
         suffix = f" version {version}" if version else ""
         raise UnknownPromptSet(f"no prompt set '{name}'{suffix} is visible to this key")
-    if problems := validate(row.templates):
-        raise refused(f"prompt set '{row.name}' version {row.version} no longer fits the stages", problems)
     return row
 
 
-def refused(what: str, problems: list[Problem]) -> InvalidPromptSet:
-    """The refusal of a set with these problems: the first in the message, and how many."""
+def refused(what: str, problems: list[Problem], hint: str = "") -> InvalidPromptSet:
+    """The refusal of a set with these problems: the first in the message, how many, and
+    what to do if the caller knows."""
     more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
     return InvalidPromptSet(
-        f"{what}: {problems[0].message}{more}",
+        f"{what}: {problems[0].message}{more}{hint}",
         details=[asdict(problem) for problem in problems[:MAX_LISTED_PROBLEMS]],
     )
 
 
 by_id = registered_sets.ById(PromptSetRow, "prompt set").get
+
+
+async def pinned(session: AsyncSession, prompt_set_id: UUID | None) -> PromptSetRow | None:
+    """The set a job pinned; None for a job from before jobs pinned one."""
+    return None if prompt_set_id is None else await by_id(session, prompt_set_id)
 
 
 async def of_job(session: AsyncSession, prompt_set_id: UUID | None) -> PromptSetRow:

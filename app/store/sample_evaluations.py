@@ -26,6 +26,7 @@ async def submit(
     *,
     owner_key_id: UUID,
     policy_set_id: UUID,
+    prompt_set_id: UUID,
     plan: SampleEvaluationPlan,
     samples: Sequence[Sample],
     labels: jobs.Labels,
@@ -41,7 +42,7 @@ async def submit(
         session,
         owner_key_id=owner_key_id,
         policy_set_id=policy_set_id,
-        prompt_set_id=None,  # the built-in wording of the grader, guard and judge
+        prompt_set_id=prompt_set_id,
         plan=plan,
         item_count=len(samples),
         labels=labels,
