@@ -148,6 +148,33 @@ class Duplicates(Model):
     skipped: list[int]  # positions no item was made for
 
 
+class Batch(Model):
+    """One provider batch of a batch job's wave."""
+
+    endpoint: str
+    status: str  # ours: preparing, uploaded, submitted, collected, refused, cancelled
+    provider_status: str | None
+    requests: int
+    request_counts: dict[str, int] | None
+
+
+class BatchSaving(Model):
+    """What batch delivery saved on a job's calls so far."""
+
+    cost_usd: float
+    online_cost_usd: float  # the same tokens at the online price
+    saving_usd: float
+
+
+class BatchProgress(Model):
+    """A batch job's waves: the current one's batches, its requests by status, its saving."""
+
+    wave: int
+    batches: list[Batch]
+    requests: dict[str, int]
+    saving: BatchSaving | None = None  # None: an endpoint lacks an online or a batch price
+
+
 class JobProgress(Model):
     """A job's progress: what `snapshot` and `done` events carry, and part of every Job."""
 
@@ -158,6 +185,7 @@ class JobProgress(Model):
     refusals_by_stage: dict[str, dict[str, int]] = {}  # stage -> model -> refused turns
     quality: QualitySummary | None = None
     pairs: PairSummary | None = None
+    batch: BatchProgress | None = None  # only for jobs with `delivery: batch`
 
     @property
     def refusals(self) -> int:
@@ -174,24 +202,6 @@ class JobProgress(Model):
         return self.status == WAITING_FOR_BUDGET
 
 
-class Batch(Model):
-    """One provider batch of a batch job's wave."""
-
-    endpoint: str
-    status: str  # ours: preparing, uploaded, submitted, collected, refused, cancelled
-    provider_status: str | None
-    requests: int
-    request_counts: dict[str, int] | None
-
-
-class BatchProgress(Model):
-    """A batch job's waves: the current one's batches, and its requests by status."""
-
-    wave: int
-    batches: list[Batch]
-    requests: dict[str, int]
-
-
 class Job(JobProgress):
     id: UUID
     created_at: datetime
@@ -202,7 +212,6 @@ class Job(JobProgress):
     prompt_set: PromptSetBrief | None = None  # None: a job from before jobs pinned one (built-in)
     config: dict[str, Any]
     duplicates: Duplicates | None = None  # None for comparisons and jobs from before the report
-    batch: BatchProgress | None = None  # only for jobs with `delivery: batch`
 
 
 class SubmittedJob(Job):

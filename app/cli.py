@@ -32,6 +32,7 @@ from sqlalchemy import func, select, update
 import aidsafe
 from aidsafe.client import KEY_ENV, URL_ENV
 from aidsafe.models import (
+    BatchProgress,
     Budget,
     Comparison,
     Cot,
@@ -512,17 +513,18 @@ class ProgressView:
     def show(self, summary: JobProgress) -> None:
         counts, by_status, usage = summary.counts, summary.counts.by_status, summary.usage
         self.done_in_snapshot = counts.finished
+        at_work = (ItemStatus.RUNNING, ItemStatus.QUEUED, ItemStatus.AWAITING_BATCH)
         active = {
             stage: n
             for stage, statuses in counts.by_stage.items()
-            if (n := statuses.get(ItemStatus.RUNNING, 0) + statuses.get(ItemStatus.QUEUED, 0))
-            and stage != "done"
+            if (n := sum(statuses.get(status, 0) for status in at_work)) and stage != "done"
         }
         stages = " ".join(f"{stage}:{n}" for stage, n in active.items()) or "-"
         detail = (
             f"{summary.status} | in progress {stages} | failed {by_status.get(ItemStatus.FAILED, 0)} | "
             f"{usage.llm_calls} calls, {usage.prompt_tokens + usage.completion_tokens} tokens, "
             f"cost {usd(usage.cost_usd)}"
+            + (f" | {wave_text(summary.batch)}" if summary.batch else "")
             + (f" | refused {summary.refusals}" if summary.refusals else "")
             + (f" | budget {_budget_text(summary.budget)}" if summary.budget else "")
         )
@@ -531,6 +533,18 @@ class ProgressView:
         if not console.is_terminal and line != self.last_line:  # a log gets lines, not a bar
             console.print(line)
             self.last_line = line
+
+
+def wave_text(batch: BatchProgress) -> str:
+    """A batch job's current wave, e.g. "wave 3 · batch in_progress 120/200 · saved $0.0123":
+    its batches' provider statuses, their requests answered of all, and the saving so far."""
+    if batch.batches:
+        statuses = "/".join(sorted({b.provider_status or b.status for b in batch.batches}))
+        answered = sum((b.request_counts or {}).get("completed", 0) for b in batch.batches)
+        wave = f"wave {batch.wave} · batch {statuses} {answered}/{sum(b.requests for b in batch.batches)}"
+    else:
+        wave = f"wave {batch.wave} · {batch.requests.get('pending', 0)} calls waiting for a wave"
+    return wave + (f" · saved {usd(batch.saving.saving_usd)}" if batch.saving else "")
 
 
 def print_cots(client: aidsafe.Client, job_id: Any) -> None:

@@ -82,7 +82,12 @@ def job_cost(plan: JobPlan, spent_usd: float) -> float | None:
 
 
 def priced(plan: JobPlan) -> bool:
-    return plan.endpoints() <= plan.prices.keys()
+    """Whether every call of the job has a price: batch jobs that send unanswered requests
+    online need the online prices too."""
+    needed = plan.endpoints()
+    if isinstance(plan, GenerationPlan) and plan.sends_online() and not needed <= plan.online_prices.keys():
+        return False
+    return needed <= plan.prices.keys()
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ DEFAULT_THRESHOLD = 3.0
 
 MAX_ROLE_INSTRUCTIONS_CHARS = 2000
 Delivery = Literal["online", "batch"]
+Unanswered = Literal["next_wave", "online"]
 
 
 class RoleIn(BaseModel):
@@ -148,6 +149,19 @@ class FallbackIn(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
 
 
+class BatchOptions(BaseModel):
+    """How a batch job (`delivery: batch`) treats what its batches leave undone."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    unanswered: Unanswered = Field(
+        default="next_wave",
+        description="A request its batch left unanswered (the batch expired, failed or was cancelled by "
+        "the provider; a line's server error or 429): `next_wave` files it in the job's next wave (its "
+        "item fails after AIDSAFE_BATCH_MAX_SUBMISSIONS batches); `online` sends it online at once, "
+        "at the endpoint's online price.",
+    )
+
+
 class JobConfigIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     mode: Mode = Field(
@@ -199,6 +213,9 @@ class JobConfigIn(BaseModel):
         description="`online`: each call as the item reaches it. `batch`: the items advance in waves, "
         "every item's next call sent in the providers' batch APIs (cheaper, answered within their "
         "completion window). 422 `batch_unsupported` if an endpoint the job uses has no batch API.",
+    )
+    batch: BatchOptions | None = Field(
+        default=None, description="Batch delivery's options; only with `delivery: batch`."
     )
 
 
@@ -279,6 +296,13 @@ class GenerationPlan(BaseModel):
     prices: dict[str, Prices] = _pinned_prices()
     # Left out of the JSON when online, so an online job stores and shows as before.
     delivery: Delivery = Field(default="online", exclude_if=lambda delivery: delivery == "online")
+    # A batch job's options, and its endpoints' online prices (its saving, its calls sent online).
+    batch: BatchOptions | None = Field(default=None, exclude_if=lambda batch: batch is None)
+    online_prices: dict[str, Prices] = _pinned_prices()
+
+    def sends_online(self) -> bool:
+        """A batch job that sends the requests its batches left unanswered online."""
+        return self.batch is not None and self.batch.unanswered == "online"
 
     def endpoints(self) -> set[str]:
         """Every endpoint the job may call: those of the stages it runs."""
@@ -552,9 +576,19 @@ def resolve(config: JobConfigIn, settings: Settings, preset: PresetRef | None = 
         fallback=role.fallback(config.fallback),
         delivery=config.delivery,
     )
-    if config.delivery == "batch":
-        _check_batch(plan.endpoints(), settings)
-    return plan.model_copy(update={"prices": pinned_prices(plan.endpoints(), settings, config.delivery)})
+    endpoints = plan.endpoints()
+    if config.delivery == "online":
+        if config.batch is not None:
+            raise InvalidConfig("'batch' options need delivery 'batch'")
+        return plan.model_copy(update={"prices": pinned_prices(endpoints, settings)})
+    _check_batch(endpoints, settings)
+    return plan.model_copy(
+        update={
+            "batch": config.batch or BatchOptions(),
+            "prices": pinned_prices(endpoints, settings, "batch"),
+            "online_prices": pinned_prices(endpoints, settings),
+        }
+    )
 
 
 def _check_batch(endpoints: set[str], settings: Settings) -> None:

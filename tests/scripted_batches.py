@@ -17,10 +17,13 @@ keeps none). The test drives the rest:
     batches.expire(batch_id, answered=3)   # the first 3 lines answered, the rest batch_expired
     batches.fail(batch_id)        # failed in validation, no files
     batches.max_file_bytes = 2000 # larger uploads are refused with 400 file_too_large
+    batches.max_file_lines = 2    # uploads of more lines are refused with 400 file_too_large
+    batches.create_delay_s = 30   # a create answers that late (the batch exists at once)
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.parser
 import email.policy
 import itertools
@@ -116,7 +119,9 @@ class ScriptedBatches:
             self.hold = False
             self.max_file_bytes = 10 * 1024 * 1024
             self.max_requests = 50_000
+            self.max_file_lines = 50_000
             self.refused_uploads = 0
+            self.create_delay_s = 0.0
             self.cancel_requests: list[str] = []
 
     def routes(self) -> list[Route]:
@@ -166,10 +171,11 @@ class ScriptedBatches:
         content, purpose = parts.get("file"), (parts.get("purpose") or (b"", ""))[0].decode()
         if content is None or purpose != "batch":
             return _error(400, "a file with purpose 'batch' is required", "invalid_request")
-        if len(content[0]) > self.max_file_bytes:
+        if len(content[0]) > self.max_file_bytes or content[0].count(b"\n") > self.max_file_lines:
             with self._lock:
                 self.refused_uploads += 1
-            return _error(400, f"file exceeds the {self.max_file_bytes} byte limit", "file_too_large")
+            limits = f"{self.max_file_bytes} bytes, {self.max_file_lines} lines"
+            return _error(400, f"file exceeds the limits ({limits})", "file_too_large")
         with self._lock:
             file = _File(f"file-{next(self._ids)}", purpose, content[1], content[0], int(time.time()))
             self.files[file.id] = file
@@ -203,6 +209,8 @@ class ScriptedBatches:
                 lines,
             )
             self.batches[batch.id] = batch
+        if self.create_delay_s:  # the caller may die before it learns the batch's id
+            await asyncio.sleep(self.create_delay_s)
         return JSONResponse(batch.out())
 
     async def _list(self, request: Request) -> Response:

@@ -5,23 +5,30 @@ repeating an answer."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import httpx
 import pytest
 from arq.connections import ArqRedis
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 
+from aidsafe.models import BatchProgress
+from app.cli import wave_text
 from app.config import BatchConfig, Prices, Settings
 from app.llm.batch_api import BatchAPI
+from app.store import deletions
 from app.store.db import Sessions
-from app.store.models import Batch, Cot, Item, TurnRow
+from app.store.models import Batch, BatchRequest, Cot, Item, Job, TurnRow
 from tests.conftest import api_client, eventually, run_worker_burst, start_worker, submit
 from tests.scripted_llm import ScriptedLLM, agree, default_answer, malformed
 from workers.waves import run_round
@@ -64,6 +71,58 @@ def _varied_answers(scripted_llm: ScriptedLLM) -> None:
         return default_answer(schema, body)
 
     scripted_llm.models["scripted-model"] = answer
+
+
+@dataclass(frozen=True)
+class OnlineRun:
+    """An online job of the varied answers (`_varied_answers`), to hold a batch job to."""
+
+    job_id: str
+    requests: int  # the scripted server's requests once it had run
+
+
+async def _online_run(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    scripted_llm: ScriptedLLM,
+    prompts: list[str],
+) -> OnlineRun:
+    _varied_answers(scripted_llm)
+    job_id = await submit(api, auth, prompts)
+    await run_worker_burst(settings)
+    return OnlineRun(job_id, len(scripted_llm.requests))
+
+
+async def _same_as_online(
+    sessions: Sessions, scripted_llm: ScriptedLLM, online: OnlineRun, job_id: str
+) -> tuple[dict[Any, Any], dict[int, Any]]:
+    """The batch job's turns and CoTs, checked to be the online job's, each answer paid for once."""
+    batched = await _record(sessions, job_id)
+    assert batched == await _record(sessions, online.job_id)
+    assert len(scripted_llm.requests) - online.requests == len(batched[0]), "an answer was lost or paid twice"
+    return batched
+
+
+async def _first_batch_expires(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+    **config: Any,
+) -> str:
+    """Run a batch job of PROMPTS[:6] whose first batch expires with 2 of its lines answered,
+    to its end: its id."""
+    scripted_llm.batches.hold = True
+    job_id = await submit(api, auth, PROMPTS[:6], delivery="batch", **config)
+    await _drive_until(settings, sessions, redis, lambda: _provider_status(scripted_llm, "in_progress"))
+    [first] = scripted_llm.batches.created()
+    scripted_llm.batches.expire(first["id"], answered=2)
+    scripted_llm.batches.hold = False
+    await _drive(settings, sessions, redis, job_id)
+    return job_id
 
 
 async def _drive(settings: Settings, sessions: Sessions, redis: ArqRedis, job_id: str) -> None:
@@ -124,22 +183,17 @@ async def test_a_batch_job_gives_the_turns_and_cots_of_an_online_job_at_the_batc
     arq_redis: ArqRedis,
     scripted_llm: ScriptedLLM,
 ) -> None:
-    _varied_answers(scripted_llm)
-    online_id = await submit(batch_api, auth, PROMPTS)
-    await run_worker_burst(batch_settings)
-    online_requests = len(scripted_llm.requests)
+    online = await _online_run(batch_api, auth, batch_settings, scripted_llm, PROMPTS)
 
     batch_id = await submit(batch_api, auth, PROMPTS, delivery="batch")
     await _drive(batch_settings, sessions, arq_redis, batch_id)
 
-    online, batched = await _record(sessions, online_id), await _record(sessions, batch_id)
+    batched = await _same_as_online(sessions, scripted_llm, online, batch_id)
     assert len(batched[1]) == len(PROMPTS)
-    assert batched == online
-    assert len(scripted_llm.requests) - online_requests == len(batched[0]), "an answer was paid for twice"
     created = scripted_llm.batches.created()
     assert all(b["endpoint"] == "/v1/chat/completions" for b in created)
     assert max(b["request_counts"]["total"] for b in created) <= 8, "a wave was not split at max_requests"
-    online_job = (await batch_api.get(f"/v1/jobs/{online_id}", headers=auth)).json()
+    online_job = (await batch_api.get(f"/v1/jobs/{online.job_id}", headers=auth)).json()
     job = (await batch_api.get(f"/v1/jobs/{batch_id}", headers=auth)).json()
     assert job["status"] == "completed"
     assert job["config"]["delivery"] == "batch"
@@ -159,25 +213,12 @@ async def test_an_expired_batch_resubmits_only_its_unanswered_requests(
     scripted_llm: ScriptedLLM,
 ) -> None:
     prompts = PROMPTS[:6]
-    online_id = await submit(batch_api, auth, prompts)
-    await run_worker_burst(batch_settings)
-    online_requests = len(scripted_llm.requests)
-    scripted_llm.batches.hold = True
-    job_id = await submit(batch_api, auth, prompts, delivery="batch")
-    await _drive_until(
-        batch_settings, sessions, arq_redis, lambda: _provider_status(scripted_llm, "in_progress")
-    )
-    [first] = scripted_llm.batches.created()
+    online = await _online_run(batch_api, auth, batch_settings, scripted_llm, prompts)
+    job_id = await _first_batch_expires(batch_api, auth, batch_settings, sessions, arq_redis, scripted_llm)
 
-    scripted_llm.batches.expire(first["id"], answered=2)
-    scripted_llm.batches.hold = False
-    await _drive(batch_settings, sessions, arq_redis, job_id)
-
-    online, batched = await _record(sessions, online_id), await _record(sessions, job_id)
-    assert batched == online
-    assert len(scripted_llm.requests) - online_requests == len(batched[0]), "an answer was paid for twice"
+    await _same_as_online(sessions, scripted_llm, online, job_id)
     # The next wave: the 4 expired requests, and the next calls of the 2 answered items.
-    second = scripted_llm.batches.created()[1]
+    first, second = scripted_llm.batches.created()[:2]
     resent = {line["custom_id"] for line in scripted_llm.batches.input_lines(second["id"])}
     first_lines = [line["custom_id"] for line in scripted_llm.batches.input_lines(first["id"])]
     assert len(resent) == 6
@@ -252,6 +293,12 @@ async def test_cancelling_a_batch_job_cancels_its_provider_batch(
         batch_settings, sessions, arq_redis, lambda: _provider_status(scripted_llm, "in_progress")
     )
 
+    waiting = (await batch_api.get(f"/v1/jobs/{job_id}", headers=auth)).json()
+    assert (
+        wave_text(BatchProgress.model_validate(waiting["batch"]))
+        == "wave 1 · batch in_progress 0/3 · saved $0.0000"
+    )
+
     cancelled = await batch_api.post(f"/v1/jobs/{job_id}/cancel", headers=auth)
     await _drive_until(
         batch_settings, sessions, arq_redis, lambda: _provider_status(scripted_llm, "cancelled")
@@ -263,3 +310,325 @@ async def test_cancelling_a_batch_job_cancels_its_provider_batch(
     job = (await batch_api.get(f"/v1/jobs/{job_id}", headers=auth)).json()
     assert job["status"] == "cancelled"
     assert [b["status"] for b in job["batch"]["batches"]] == ["cancelled"]
+
+
+# --- done means: 200 prompts, a worker killed, a batch expired, exports as online's --------------
+
+EXPORTS = ("jsonl", "trl_sft", "aidsafe_csv")
+
+
+async def _exports(api: httpx.AsyncClient, auth: dict[str, str], job_id: str) -> dict[str, list[Any]]:
+    """The job's exports as records, without what names the job (ids, times)."""
+    files = {}
+    for fmt in EXPORTS:
+        response = await api.get(f"/v1/jobs/{job_id}/export", params={"format": fmt}, headers=auth)
+        assert response.status_code == 200, response.text
+        if fmt == "aidsafe_csv":
+            files[fmt] = list(csv.DictReader(io.StringIO(response.text)))
+        else:
+            files[fmt] = [json.loads(line) for line in response.text.splitlines()]
+    for record in files["jsonl"]:
+        del record["item_id"], record["created_at"]
+    return files
+
+
+def _costs(files: dict[str, list[Any]]) -> list[float]:
+    """Each record's cost in the full-record and CSV exports, taken out of the records."""
+    full = [record["usage"].pop("cost_usd") for record in files["jsonl"]]
+    return full + [float(row.pop("cost_usd")) for row in files["aidsafe_csv"]]
+
+
+@pytest.mark.slow
+async def test_a_200_prompt_batch_job_killed_and_expired_midway_stores_and_exports_what_an_online_job_does(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    scripted_llm: ScriptedLLM,
+    workers: list[subprocess.Popen[bytes]],
+) -> None:
+    prompts = [f"Question {n}: what keeps a suspension bridge standing in strong wind?" for n in range(200)]
+    online = await _online_run(batch_api, auth, batch_settings, scripted_llm, prompts)
+    settings = batch_settings.model_copy(update={"llm_batch": BatchConfig(max_requests=64, prices=BATCH)})
+
+    scripted_llm.batches.hold = True
+    job_id = await submit(batch_api, auth, prompts, delivery="batch")
+    workers.append(start_worker(settings))
+    first_wave = await eventually(
+        lambda: _in_progress(scripted_llm, 4), timeout_s=120, what="the first wave's 4 batches in progress"
+    )
+    scripted_llm.batches.expire(first_wave[0], answered=10)
+    workers[0].send_signal(signal.SIGKILL)
+    workers[0].wait()
+    workers.append(start_worker(settings))
+    scripted_llm.batches.hold = False
+    await eventually(lambda: _job_completed(batch_api, auth, job_id), timeout_s=600, what="the batch job")
+
+    batched = await _same_as_online(sessions, scripted_llm, online, job_id)
+    assert len(batched[1]) == len(prompts)
+    created = scripted_llm.batches.created()
+    assert created[0]["status"] == "expired" and all(b["status"] == "completed" for b in created[1:])
+    files = [b["input_file_id"] for b in created]
+    assert len(set(files)) == len(files), "a batch was created twice from one input file"
+    online_files, batch_files = (
+        await _exports(batch_api, auth, online.job_id),
+        await _exports(batch_api, auth, job_id),
+    )
+    assert _costs(batch_files) == pytest.approx([cost / 2 for cost in _costs(online_files)])
+    assert batch_files == online_files
+    online_job = (await batch_api.get(f"/v1/jobs/{online.job_id}", headers=auth)).json()
+    job = (await batch_api.get(f"/v1/jobs/{job_id}", headers=auth)).json()
+    assert job["usage"]["cost_usd"] == pytest.approx(online_job["usage"]["cost_usd"] / 2)
+    assert job["batch"]["saving"] == pytest.approx(
+        {
+            "cost_usd": job["usage"]["cost_usd"],
+            "online_cost_usd": online_job["usage"]["cost_usd"],
+            "saving_usd": job["usage"]["cost_usd"],
+        }
+    )
+    async with sessions() as session:
+        bodies = (
+            await session.scalars(select(BatchRequest.body).where(BatchRequest.job_id == UUID(job_id)))
+        ).all()
+    assert len(bodies) == len(batched[0]) and not any(bodies), "an answered request kept its body"
+
+
+async def _in_progress(scripted_llm: ScriptedLLM, count: int) -> list[str] | None:
+    """The ids of the provider's batches once `count` are in progress."""
+    running = [b["id"] for b in scripted_llm.batches.created() if b["status"] == "in_progress"]
+    return running if len(running) >= count else None
+
+
+# --- what a batch leaves undone ------------------------------------------------------------------
+
+
+async def test_a_job_that_sends_unanswered_requests_online_sends_only_those_at_the_online_price(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    prompts = PROMPTS[:6]
+    online = await _online_run(batch_api, auth, batch_settings, scripted_llm, prompts)
+    job_id = await _first_batch_expires(
+        batch_api, auth, batch_settings, sessions, arq_redis, scripted_llm, batch={"unanswered": "online"}
+    )
+
+    await _same_as_online(sessions, scripted_llm, online, job_id)
+    first = scripted_llm.batches.created()[0]
+    first_lines = [line["custom_id"] for line in scripted_llm.batches.input_lines(first["id"])]
+    resent = {
+        line["custom_id"]
+        for b in scripted_llm.batches.created()[1:]
+        for line in scripted_llm.batches.input_lines(b["id"])
+    }
+    assert not set(first_lines) & resent, "an expired request went in a later batch"
+    sent_online = await _requests(sessions, job_id, "online")
+    assert {custom_id for custom_id, _ in sent_online} == set(first_lines[2:])
+    job = (await batch_api.get(f"/v1/jobs/{job_id}", headers=auth)).json()
+    assert job["config"]["batch"] == {"unanswered": "online"}
+    assert job["batch"]["requests"]["online"] == 4
+    # The turns sent online cost what the online job's did, the others half that.
+    online_costs, costs = await _turn_costs(sessions, online.job_id), await _turn_costs(sessions, job_id)
+    keys_online = {key for _, key in sent_online}
+    assert costs == pytest.approx(
+        {key: cost if key in keys_online else cost / 2 for key, cost in online_costs.items()}
+    )
+    saving = job["batch"]["saving"]
+    assert saving["online_cost_usd"] == pytest.approx(sum(online_costs.values()))
+    assert saving["saving_usd"] == pytest.approx(sum(online_costs.values()) - sum(costs.values()))
+
+
+async def _requests(sessions: Sessions, job_id: str, status: str) -> list[tuple[str, tuple[Any, ...]]]:
+    """The job's batch requests in this status: (custom_id, turn key by item position)."""
+    async with sessions() as session:
+        rows = await session.execute(
+            select(BatchRequest, Item.position)
+            .join(Item, Item.id == BatchRequest.item_id)
+            .where(BatchRequest.job_id == UUID(job_id), BatchRequest.status == status)
+        )
+        return [(str(r.id), (position, r.stage, r.round, r.agent, r.attempt)) for r, position in rows]
+
+
+async def _turn_costs(sessions: Sessions, job_id: str) -> dict[tuple[Any, ...], float]:
+    async with sessions() as session:
+        rows = await session.execute(
+            select(Item.position, TurnRow)
+            .join(TurnRow, TurnRow.item_id == Item.id)
+            .where(Item.job_id == UUID(job_id))
+        )
+        return {(position, t.stage, t.round, t.agent, t.attempt): t.cost_usd for position, t in rows}
+
+
+async def test_a_worker_killed_between_creating_a_batch_and_storing_its_id_leaves_one_batch_per_file(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    scripted_llm: ScriptedLLM,
+    workers: list[subprocess.Popen[bytes]],
+) -> None:
+    scripted_llm.batches.create_delay_s = 120  # the batch exists; its creator waits for the answer
+    job_id = await submit(batch_api, auth, PROMPTS[:3], delivery="batch")
+    workers.append(start_worker(batch_settings))
+    await eventually(lambda: _provider_status(scripted_llm, "validating"), what="a batch created")
+    workers[0].send_signal(signal.SIGKILL)
+    workers[0].wait()
+    async with sessions() as session:
+        [(status, provider_batch_id)] = (
+            await session.execute(
+                select(Batch.status, Batch.provider_batch_id).where(Batch.job_id == UUID(job_id))
+            )
+        ).all()
+    assert (status, provider_batch_id) == ("uploaded", None)  # created, its id never stored
+
+    scripted_llm.batches.create_delay_s = 0
+    workers.append(start_worker(batch_settings))
+    await eventually(lambda: _job_completed(batch_api, auth, job_id), timeout_s=120, what="the job")
+
+    created = scripted_llm.batches.created()
+    files = [b["input_file_id"] for b in created]
+    assert len(set(files)) == len(files), "a second batch was created from one input file"
+    async with sessions() as session:
+        ours = (
+            await session.scalars(select(Batch.provider_batch_id).where(Batch.job_id == UUID(job_id)))
+        ).all()
+    assert sorted(str(o) for o in ours) == sorted(b["id"] for b in created)
+    turns, cots = await _record(sessions, job_id)
+    assert len(cots) == 3
+    assert len(scripted_llm.requests) == len(turns), "an answer was lost or paid for twice"
+
+
+async def test_an_input_file_the_provider_refuses_is_split_until_the_provider_takes_it(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    prompts = PROMPTS[:6]
+    online = await _online_run(batch_api, auth, batch_settings, scripted_llm, prompts)
+    scripted_llm.batches.max_file_lines = 2  # a limit the endpoint's settings do not know
+
+    job_id = await submit(batch_api, auth, prompts, delivery="batch")
+    await _drive(batch_settings, sessions, arq_redis, job_id)
+
+    await _same_as_online(sessions, scripted_llm, online, job_id)
+    assert scripted_llm.batches.refused_uploads > 0
+    assert max(b["request_counts"]["total"] for b in scripted_llm.batches.created()) <= 2
+    async with sessions() as session:
+        refused = (
+            await session.scalars(
+                select(Batch.error).where(Batch.job_id == UUID(job_id), Batch.status == "refused")
+            )
+        ).all()
+    assert len(refused) == scripted_llm.batches.refused_uploads
+    assert all("file_too_large" in error for error in refused)
+
+
+async def test_a_request_whose_file_the_provider_refuses_alone_fails_its_item_with_the_reason(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    scripted_llm.batches.max_file_bytes = 100  # smaller than any request
+
+    job_id = await submit(batch_api, auth, PROMPTS[:3], delivery="batch")
+    await _drive(batch_settings, sessions, arq_redis, job_id)
+
+    job = (await batch_api.get(f"/v1/jobs/{job_id}", headers=auth)).json()
+    assert job["status"] == "completed" and job["counts"]["by_status"] == {"failed": 3}
+    items = (await batch_api.get(f"/v1/jobs/{job_id}/items", headers=auth)).json()["data"]
+    assert {(i["error_code"], i["error_message"]) for i in items} == {
+        ("llm_request_rejected", "the batch API of the LLM endpoint 'default' rejected the request")
+    }
+    assert scripted_llm.batches.created() == []
+    assert job["batch"]["requests"]["rejected"] == 3
+    # 3 lines: refused whole, then as 1 and 2 lines, then the 2 one by one.
+    assert scripted_llm.batches.refused_uploads == 5
+
+
+@pytest.mark.parametrize(
+    ("config", "code"),
+    [
+        ({"batch": {"unanswered": "online"}}, "invalid_config"),
+        ({"delivery": "batch", "batch": {"unanswered": "later"}}, "validation_error"),
+        ({"delivery": "batch", "batch": {"on_expiry": "online"}}, "validation_error"),
+    ],
+)
+async def test_batch_options_are_checked(
+    batch_api: httpx.AsyncClient, auth: dict[str, str], config: dict[str, Any], code: str
+) -> None:
+    response = await batch_api.post("/v1/jobs", json={"prompts": ["Why?"], "config": config}, headers=auth)
+
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == code
+
+
+async def test_the_purge_blanks_a_batch_jobs_requests_and_answers(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+) -> None:
+    job_id = await submit(batch_api, auth, PROMPTS[:2], delivery="batch")
+    await _drive(batch_settings, sessions, arq_redis, job_id)
+    mine = BatchRequest.job_id == UUID(job_id)
+    async with sessions.begin() as session:
+        answers = (await session.scalars(select(BatchRequest.answer).where(mine))).all()
+        await session.execute(
+            update(Job).where(Job.id == UUID(job_id)).values(created_at=func.now() - timedelta(days=8))
+        )
+    assert answers and all(answers)
+
+    assert await deletions.purge_hazardous(sessions, timedelta(days=7)) == 1
+
+    async with sessions() as session:
+        left = (await session.execute(select(BatchRequest.body, BatchRequest.answer).where(mine))).all()
+    assert len(left) == len(answers)
+    assert all(body == {} and answer is None for body, answer in left)
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/comparisons", {"baseline_job_id": str(uuid4()), "candidate_job_id": str(uuid4())}),
+        ("/v1/sample-evaluations", {"samples": [{"prompt": "Hi", "response": "Hello."}], "guard": {}}),
+        (
+            "/v1/model-evaluations",
+            {
+                "benchmarks": [
+                    {
+                        "name": "tiny",
+                        "prompts": [{"prompt": "Hi", "expected": "comply", "category": "greeting"}],
+                    }
+                ],
+                "targets": [{}],
+            },
+        ),
+    ],
+)
+async def test_comparisons_and_evaluations_refuse_batch_delivery_rather_than_call_online(
+    batch_api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions, path: str, body: dict[str, Any]
+) -> None:
+    jobs_before = await _job_count(sessions)
+
+    response = await batch_api.post(path, json={**body, "delivery": "batch"}, headers=auth)
+
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "batch_unsupported", response.text
+    assert await _job_count(sessions) == jobs_before
+    online = await batch_api.post(path, json={**body, "delivery": "online"}, headers=auth)
+    assert online.status_code == (404 if path == "/v1/comparisons" else 202), online.text  # no such jobs
+
+
+async def _job_count(sessions: Sessions) -> int:
+    async with sessions() as session:
+        return int(await session.scalar(select(func.count()).select_from(Job)) or 0)

@@ -186,10 +186,11 @@ async def _run_engine(worker: Worker, claim: items.Claim) -> Result:
     imported one, have a model under test answer and judge the answer, or write a CoT."""
     sessions = worker.sessions
     batched = isinstance(claim.plan, GenerationPlan) and claim.plan.delivery == "batch"
-    client = BatchedLLM(sessions, claim, worker.settings.endpoints()) if batched else worker.llm
+    client = BatchedLLM(sessions, claim, worker.settings.endpoints(), worker.llm) if batched else worker.llm
     llm = budgets.Meter(client, worker.spending, claim.job_id, claim.budget)
     policies, prompts = policy_sets.for_engine(claim.policy_set), prompt_sets.for_engine(claim.prompt_set)
-    turn_log = PostgresTurnLog(sessions, claim, llm)
+    sent_online = client.sent_online if isinstance(client, BatchedLLM) else frozenset()
+    turn_log = PostgresTurnLog(sessions, claim, llm, sent_online)
     match claim.plan:
         case ComparisonPlan() as plan:
             baseline, candidate = await items.compared_samples(sessions, claim)

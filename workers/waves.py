@@ -76,7 +76,7 @@ async def _lead(settings: Settings, sessions: Sessions, api: BatchAPI, held: Hel
         try:
             file_id = await api.upload(held.endpoint, content, f"aidsafe-{held.id}.jsonl")
         except BatchRefused as refused:
-            await _refuse(settings, sessions, held, str(refused))
+            await _refuse(sessions, held, str(refused))
             return
         held = await batches.advance(sessions, held, 0, status=BatchStatus.UPLOADED, input_file_id=file_id)
     if held is not None and held.status is BatchStatus.UPLOADED:
@@ -87,7 +87,7 @@ async def _lead(settings: Settings, sessions: Sessions, api: BatchAPI, held: Hel
                 held.endpoint, held.input_file_id, {"aidsafe_batch": str(held.id)}
             )
         except BatchRefused as refused:
-            await _refuse(settings, sessions, held, str(refused))
+            await _refuse(sessions, held, str(refused))
             return
         held = await batches.advance(
             sessions,
@@ -150,14 +150,12 @@ def _read(lines: list[OutputLine], outcome: Outcome) -> None:
             outcome.rejected[request_id] = f"HTTP {code}: {str(line.body)[:500]}"
 
 
-async def _refuse(settings: Settings, sessions: Sessions, held: Held, detail: str) -> None:
-    """The provider will not take the batch (its file too large, its requests refused): its
-    requests are refused, and their items fail."""
-    log.warning("batch %s refused: %s", held.id, detail)
-    request_ids = [int(custom_id) for custom_id, _ in await batches.input_requests(sessions, held.id)]
-    refused = Outcome({}, dict.fromkeys(request_ids, detail))
-    await batches.collect(
-        sessions, held, BatchStatus.REFUSED, refused, settings.batch_max_submissions, error=detail
+async def _refuse(sessions: Sessions, held: Held, detail: str) -> None:
+    """The provider will not take the batch (its file too large or invalid): its requests go
+    in two smaller batches, until a lone request it refuses fails its item."""
+    made = await batches.split_refused(sessions, held, detail)
+    log.warning(
+        "batch %s refused (%s): %s", held.id, f"split in {made}" if made else "its request fails", detail
     )
 
 

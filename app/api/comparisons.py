@@ -66,6 +66,7 @@ async def create_comparison(
     `comparison_mismatch` if the jobs differ in their policy set or grader (details name
     what differs) unless `allow_mismatch`; 422 `request_too_large` if a judge's requests may
     not fit its endpoint's context."""
+    body.refuse_batch("comparisons")
     session, settings = submission.session, submission.settings
     callback = callbacks.requested(body.callback_url, settings)
     baseline = await jobs.get_owned(session, body.baseline_job_id, key.id)

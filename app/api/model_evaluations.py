@@ -65,6 +65,7 @@ async def create_model_evaluation(
     JSONL or CSV file's text; a bad row is a 422 naming its line and field, and nothing is
     created. 422 `request_too_large` if a target's or judge's requests may not fit its
     endpoint's context."""
+    body.refuse_batch("model evaluations")
     session, settings = submission.session, submission.settings
     callback = callbacks.requested(body.callback_url, settings)
     plan = resolve_model_evaluation(

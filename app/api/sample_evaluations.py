@@ -127,6 +127,7 @@ async def _submit(
     submission: Submission,
     request_hash: str,
 ) -> SubmittedSampleEvaluationOut:
+    options.refuse_batch("sample evaluations")
     session, settings = submission.session, submission.settings
     callback = callbacks.requested(options.callback_url, settings)
     judge, against = None, None

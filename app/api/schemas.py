@@ -26,7 +26,8 @@ from app.deliberation.config import Mode
 from app.deliberation.policies import MAX_POLICY_TEXT_CHARS, render_policies
 from app.deliberation.prompt_sets import BUILTIN_NAME
 from app.duplicates import DuplicatesOut, Handling
-from app.plan import GuardIn, JobConfigIn, RoleIn, TargetIn
+from app.errors import BatchUnsupported
+from app.plan import Delivery, GuardIn, JobConfigIn, RoleIn, TargetIn
 from app.sample_files import FIELDS, MAX_SAMPLES, SHAPES, Format, is_mapping_field
 from app.stats import Estimate
 from app.store import models
@@ -118,6 +119,25 @@ class Labelled(BaseModel):
 
     label: Label | None = Field(default=None, exclude_if=lambda label: label is None)
     metadata: JobMetadata = Field(default_factory=dict, exclude_if=lambda metadata: not metadata)
+
+
+class OnlineOnly(BaseModel):
+    """Comparisons and evaluations call online: `delivery: batch` is refused, not ignored."""
+
+    delivery: Delivery = Field(
+        default="online",
+        exclude_if=lambda delivery: delivery == "online",  # the request's hash stays as it was
+        description="Only `online`: comparisons and evaluations are not sent through batch APIs "
+        "(`batch`: 422 `batch_unsupported`).",
+    )
+
+    def refuse_batch(self, kind: str) -> None:
+        if self.delivery == "batch":
+            raise BatchUnsupported(
+                f"delivery 'batch' is for generation jobs only; {kind} call online (leave out "
+                "'delivery', or set it to 'online')",
+                details={"kind": kind},
+            )
 
 
 class JobLabelsIn(BaseModel):
@@ -438,14 +458,28 @@ class BatchOut(BaseModel):
     request_counts: dict[str, int] | None = Field(description="The provider's: total, completed, failed.")
 
 
+class BatchSavingOut(BaseModel):
+    """What batch delivery saved on the job's calls so far."""
+
+    cost_usd: float = Field(
+        description="What the calls cost (at the batch price; those sent online at theirs)."
+    )
+    online_cost_usd: float = Field(description="What the same tokens would have cost online.")
+    saving_usd: float = Field(description="online_cost_usd - cost_usd.")
+
+
 class BatchProgressOut(BaseModel):
-    """A batch job's waves: the current one's batches, and the job's requests by status."""
+    """A batch job's waves: the current one's batches, the job's requests by status, its saving."""
 
     wave: int = Field(description="The current wave (1, 2, ...); 0 before the first is sent.")
     batches: list[BatchOut]
     requests: dict[str, int] = Field(
         description="The job's batch requests by status: pending (waiting for the next wave), submitted, "
-        "answered, rejected (the provider refused it), failed (unanswered in every batch)."
+        "answered, rejected (the provider refused it), failed (unanswered in every batch), online "
+        "(unanswered by its batch and sent online, as the job's `batch.unanswered` says)."
+    )
+    saving: BatchSavingOut | None = Field(
+        description="null unless every endpoint the job uses has both an online and a batch price."
     )
 
 
@@ -498,6 +532,9 @@ class JobProgressOut(BaseModel):
         default=None, description="Present when the job asked for grading."
     )
     pairs: PairSummary | None = Field(default=None, description="Present when the job asked for pairs.")
+    batch: BatchProgressOut | None = Field(
+        default=None, description="A batch job's waves (`delivery: batch`); absent for online jobs."
+    )
 
 
 class ItemFinishedOut(BaseModel):
@@ -792,7 +829,7 @@ class ComparisonPage(BaseModel):
 MAX_JUDGES = 5
 
 
-class ComparisonIn(Labelled):
+class ComparisonIn(Labelled, OnlineOnly):
     model_config = ConfigDict(extra="forbid")
     baseline_job_id: UUID
     candidate_job_id: UUID
@@ -892,7 +929,7 @@ def _file_rows(file: BenchmarkFileIn | None) -> list[BenchmarkPromptIn]:
     return read
 
 
-class ModelEvaluationIn(Labelled):
+class ModelEvaluationIn(Labelled, OnlineOnly):
     model_config = ConfigDict(extra="forbid")
     benchmarks: list[BenchmarkIn] = Field(min_length=1, max_length=MAX_BENCHMARKS)
     targets: list[TargetIn] = Field(
@@ -1126,7 +1163,7 @@ def _mapping(columns: dict[str, str]) -> dict[str, str]:
 ColumnName = Annotated[str, Field(min_length=1, max_length=200)]
 
 
-class SampleEvaluationOptions(Labelled):
+class SampleEvaluationOptions(Labelled, OnlineOnly):
     """What to run on the samples (at least one of grade, guard, judge), and how to read them."""
 
     model_config = ConfigDict(extra="forbid")

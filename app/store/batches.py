@@ -34,9 +34,12 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import BatchConfig, EndpointConfig
-from app.deliberation.ports import ChatReply, ChatRequest, LLMRequestRejected, TurnKey
+from app.costs import call_cost, priced
+from app.deliberation.ports import ChatReply, ChatRequest, LLMClient, LLMRequestRejected, TurnKey
 from app.llm.batch_api import input_line
 from app.llm.client import UnreadableCompletion, chat_payload, completion_reply, fitted
+from app.plan import GenerationPlan, JobPlan, Unanswered
+from app.store import quality
 from app.store.db import Sessions
 from app.store.endings import Ending
 from app.store.items import Claim
@@ -48,6 +51,7 @@ from app.store.models import (
     Item,
     ItemStatus,
     Job,
+    TurnRow,
 )
 
 AWAITING = Ending(ItemStatus.AWAITING_BATCH, None, "waiting for its batch's answer")
@@ -61,13 +65,18 @@ class AwaitingBatch(Exception):
 class BatchedLLM:
     """The LLMClient of one claimed item of a batch job (see the module's docstring)."""
 
-    def __init__(self, sessions: Sessions, claim: Claim, endpoints: dict[str, EndpointConfig]) -> None:
-        self._sessions, self._claim, self._endpoints = sessions, claim, endpoints
+    def __init__(
+        self, sessions: Sessions, claim: Claim, endpoints: dict[str, EndpointConfig], online: LLMClient
+    ) -> None:
+        self._sessions, self._claim, self._endpoints, self._online = sessions, claim, endpoints, online
+        # The turns this item's run asked online (their cost is at the online price).
+        self.sent_online: set[TurnKey] = set()
 
     async def chat(self, request: ChatRequest) -> ChatReply:
         """The stored answer to the request; AwaitingBatch if there is none yet (the request
         is stored); LLMRequestRejected if the provider refused it or it went unanswered too
-        often; LLMRequestTooLarge, unsent, as the online client."""
+        often; the `online` client's reply if its batch left it unanswered and the job sends
+        those online; LLMRequestTooLarge, unsent, as the online client."""
         assert request.key is not None, "a batch job's requests name their turn"
         filed = await self._filed(request.key)
         if filed is None:
@@ -80,6 +89,10 @@ class BatchedLLM:
         status, answer, error = filed
         if status == BatchRequestStatus.ANSWERED:
             return completion_reply(answer, request.model, 0.0, request.logprobs)
+        if status == BatchRequestStatus.ONLINE:
+            reply = await self._online.chat(request)
+            self.sent_online.add(request.key)
+            return reply
         if status in (BatchRequestStatus.REJECTED, BatchRequestStatus.FAILED):
             summary = (
                 f"the batch API of the LLM endpoint {request.endpoint!r} rejected the request"
@@ -169,40 +182,58 @@ async def _form_wave(sessions: Sessions, job_id: UUID, endpoints: dict[str, Endp
         ).all()
         if not pending:
             return 0
-        sizes = await asyncio.to_thread(lambda: [len(input_line(str(r.id), r.body)) for r in pending])
+        sized = await _sized(pending)
         wave = 1 + (
             await session.scalar(select(func.coalesce(func.max(Batch.wave), 0)).where(Batch.job_id == job_id))
             or 0
         )
         by_endpoint: dict[str, list[tuple[int, int]]] = {}
-        for row, size in zip(pending, sizes, strict=True):
-            by_endpoint.setdefault(row.endpoint, []).append((row.id, size))
+        for row, request in zip(pending, sized, strict=True):
+            by_endpoint.setdefault(row.endpoint, []).append(request)
         made = 0
         for endpoint, requests in sorted(by_endpoint.items()):
             limits = endpoints[endpoint].batch or BatchConfig()
             for part in split(requests, limits.max_requests, limits.max_file_bytes):
-                batch = Batch(
-                    job_id=job_id,
-                    owner_key_id=job.owner_key_id,
-                    wave=wave,
-                    endpoint=endpoint,
-                    status=BatchStatus.PREPARING,
-                    requests=len(part),
-                    bytes=sum(size for _, size in part),
-                )
-                session.add(batch)
-                await session.flush()
+                batch_id = await _open_batch(session, job_id, job.owner_key_id, wave, endpoint, part)
                 await session.execute(
                     update(BatchRequest)
                     .where(BatchRequest.id.in_([request_id for request_id, _ in part]))
                     .values(
                         status=BatchRequestStatus.SUBMITTED,
-                        batch_id=batch.id,
+                        batch_id=batch_id,
                         submissions=BatchRequest.submissions + 1,
                     )
                 )
                 made += 1
         return made
+
+
+async def _open_batch(
+    session: AsyncSession,
+    job_id: UUID,
+    owner_key_id: UUID,
+    wave: int,
+    endpoint: str,
+    part: list[tuple[int, int]],
+) -> UUID:
+    """A new batch (preparing) of the wave for these (request id, line bytes); its id."""
+    batch = Batch(
+        job_id=job_id,
+        owner_key_id=owner_key_id,
+        wave=wave,
+        endpoint=endpoint,
+        status=BatchStatus.PREPARING,
+        requests=len(part),
+        bytes=sum(size for _, size in part),
+    )
+    session.add(batch)
+    await session.flush()
+    return batch.id
+
+
+async def _sized(rows: Sequence[Any]) -> list[tuple[int, int]]:
+    """(request id, its input line's bytes) of rows with an id and a body, sized off the loop."""
+    return await asyncio.to_thread(lambda: [(r.id, len(input_line(str(r.id), r.body))) for r in rows])
 
 
 def split(requests: list[tuple[int, int]], max_requests: int, max_bytes: int) -> list[list[tuple[int, int]]]:
@@ -233,6 +264,7 @@ class Held:
     input_file_id: str | None
     provider_batch_id: str | None
     job_cancelled: bool
+    unanswered: Unanswered  # the job's choice for the requests the batch leaves unanswered
 
 
 async def take_due(sessions: Sessions, lease_s: float, limit: int = 20) -> list[Held]:
@@ -263,10 +295,15 @@ async def take_due(sessions: Sessions, lease_s: float, limit: int = 20) -> list[
                     Batch.input_file_id,
                     Batch.provider_batch_id,
                     Job.cancelled_at.is_not(None),
+                    Job.plan,
                 )
             )
         ).all()
-    return [Held(r[0], r[1], r[2], BatchStatus(r[3]), r[4], r[5], r[6]) for r in rows]
+    return [Held(r[0], r[1], r[2], BatchStatus(r[3]), r[4], r[5], r[6], _unanswered(r[7])) for r in rows]
+
+
+def _unanswered(plan: JobPlan) -> Unanswered:
+    return "online" if isinstance(plan, GenerationPlan) and plan.sends_online() else "next_wave"
 
 
 async def input_requests(sessions: Sessions, batch_id: UUID) -> list[tuple[str, dict[str, Any]]]:
@@ -315,8 +352,9 @@ async def collect(
     sessions: Sessions, held: Held, final: BatchStatus, outcome: Outcome, max_submissions: int, **values: Any
 ) -> bool:
     """End the batch as `final` and store its outcome in one transaction: each answer on its
-    request if still submitted in this batch (so stored once), refusals likewise; its other
-    requests pending again, or failed after `max_submissions`. False if another worker
+    request if still submitted in this batch (so stored once; the request's body, never sent
+    again, blanked), refusals likewise; its other requests online if the job sends those
+    online, else pending again, or failed after `max_submissions`. False if another worker
     ended it first."""
     async with sessions.begin() as session:
         ended = await session.execute(
@@ -332,7 +370,7 @@ async def collect(
             await session.execute(
                 update(BatchRequest)
                 .where(mine, BatchRequest.id == request_id)
-                .values(status=BatchRequestStatus.ANSWERED, answer=answer, answered_at=func.now())
+                .values(status=BatchRequestStatus.ANSWERED, answer=answer, body={}, answered_at=func.now())
             )
         for request_id, error in outcome.rejected.items():
             await session.execute(
@@ -340,6 +378,13 @@ async def collect(
                 .where(mine, BatchRequest.id == request_id)
                 .values(status=BatchRequestStatus.REJECTED, error=error, answered_at=func.now())
             )
+        if held.unanswered == "online":
+            await session.execute(
+                update(BatchRequest)
+                .where(mine)
+                .values(status=BatchRequestStatus.ONLINE, error=f"unanswered by its batch ({final.value})")
+            )
+            return True
         unanswered = f"unanswered in {max_submissions} batches; last: {final.value}"
         await session.execute(
             update(BatchRequest)
@@ -353,6 +398,49 @@ async def collect(
             )
         )
         return True
+
+
+async def split_refused(sessions: Sessions, held: Held, detail: str) -> int:
+    """The provider refused the batch's file whole (too large, invalid): end the batch as
+    refused and, if it has several requests, split them into two new batches of the same
+    wave (so a file over a limit we did not know gets under it, and a bad line ends up
+    alone); a lone request is refused. The number of batches made (0, 1 or 2)."""
+    async with sessions.begin() as session:
+        ended = await session.execute(
+            update(Batch)
+            .where(Batch.id == held.id, Batch.status == held.status)
+            .values(status=BatchStatus.REFUSED, error=detail, finished_at=func.now())
+            .returning(Batch.owner_key_id, Batch.wave)
+        )
+        batch = ended.first()
+        if batch is None:
+            return 0
+        requests = (
+            await session.execute(
+                select(BatchRequest.id, BatchRequest.body)
+                .where(BatchRequest.batch_id == held.id, BatchRequest.status == BatchRequestStatus.SUBMITTED)
+                .order_by(BatchRequest.id)
+            )
+        ).all()
+        if len(requests) <= 1:
+            await session.execute(
+                update(BatchRequest)
+                .where(BatchRequest.batch_id == held.id, BatchRequest.status == BatchRequestStatus.SUBMITTED)
+                .values(status=BatchRequestStatus.REJECTED, error=detail, answered_at=func.now())
+            )
+            return 0
+        sized = await _sized(requests)
+        halves = (sized[: len(sized) // 2], sized[len(sized) // 2 :])
+        for half in halves:
+            batch_id = await _open_batch(
+                session, held.job_id, batch.owner_key_id, batch.wave, held.endpoint, half
+            )
+            await session.execute(
+                update(BatchRequest)
+                .where(BatchRequest.id.in_([request_id for request_id, _ in half]))
+                .values(batch_id=batch_id)
+            )
+        return len(halves)
 
 
 async def requeue_answered(sessions: Sessions) -> list[tuple[UUID, int]]:
@@ -386,9 +474,9 @@ def readable(answer: Any) -> bool:
     return True
 
 
-async def wave_in(session: AsyncSession, job_id: UUID) -> dict[str, Any] | None:
+async def wave_in(session: AsyncSession, job_id: UUID, plan: GenerationPlan) -> dict[str, Any] | None:
     """A batch job's progress for its status: the current wave, its batches (the provider's
-    status and counts), and its requests by status; None before its first request."""
+    status and counts), its requests by status, and its saving; None before its first request."""
     wave = await session.scalar(select(func.max(Batch.wave)).where(Batch.job_id == job_id))
     counts = dict(
         (
@@ -419,4 +507,22 @@ async def wave_in(session: AsyncSession, job_id: UUID) -> dict[str, Any] | None:
             for b in batches
         ],
         "requests": {status.value: counts.get(status.value, 0) for status in BatchRequestStatus},
+        "saving": await _saving(session, job_id, plan),
     }
+
+
+async def _saving(session: AsyncSession, job_id: UUID, plan: GenerationPlan) -> dict[str, float] | None:
+    """What the job's calls so far cost, what the same tokens would have cost online, and
+    the difference; None unless every endpoint it uses is priced both ways."""
+    if not priced(plan) or not plan.endpoints() <= plan.online_prices.keys():
+        return None
+    by_endpoint = await session.execute(
+        select(TurnRow.endpoint, *quality.usage_columns())
+        .where(TurnRow.job_id == job_id)
+        .group_by(TurnRow.endpoint)
+    )
+    cost = online = 0.0
+    for endpoint, _calls, prompt, cached, completion, spent in by_endpoint:
+        online += call_cost(plan.online_prices[endpoint], prompt, cached, completion) or 0.0
+        cost += spent
+    return {"cost_usd": cost, "online_cost_usd": online, "saving_usd": online - cost}

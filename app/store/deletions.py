@@ -25,6 +25,7 @@ from app.store.db import Sessions
 from app.store.models import (
     WAITING,
     Base,
+    BatchRequest,
     Item,
     ItemStatus,
     Job,
@@ -168,8 +169,10 @@ async def _purge_job(sessions: Sessions, job: Job, batch_items: int) -> None:
 
 async def _purge_items(session: AsyncSession, item_ids: list[UUID], known: frozenset[str]) -> None:
     """Blank the hazardous text of these items: their hazardous turns' output, their pair
-    attempt's rejected side, the guard's words on an imported sample (its flags stay), and
-    their operator-only error detail (which may quote it)."""
+    attempt's rejected side, the guard's words on an imported sample (its flags stay), their
+    operator-only error detail (which may quote it), and their batch requests' bodies,
+    answers and errors (a body holds the turns before it, an answer is its turn's output; a
+    finished job reads neither again)."""
     turns = await session.execute(
         select(TurnRow.id, TurnRow.stage, TurnRow.round).where(TurnRow.item_id.in_(item_ids))
     )
@@ -178,6 +181,11 @@ async def _purge_items(session: AsyncSession, item_ids: list[UUID], known: froze
         await session.execute(
             update(TurnRow).where(TurnRow.id.in_(hazardous)).values(raw_output="", parsed=None, error=None)
         )
+    await session.execute(
+        update(BatchRequest)
+        .where(BatchRequest.item_id.in_(item_ids))
+        .values(body={}, answer=None, error=None)
+    )
     with_detail = Item.id.in_(item_ids), Item.operator_error.is_not(None)
     await session.execute(update(Item).where(*with_detail).values(operator_error=None))
     guarded = SampleEvaluation.item_id.in_(item_ids), SampleEvaluation.guard.is_not(None)

@@ -253,7 +253,7 @@ async def summary(session: AsyncSession, job: Job) -> dict[str, Any]:
     }
     if isinstance(plan := job.plan, GenerationPlan):  # comparisons neither grade nor pair
         if plan.delivery == "batch":
-            summary["batch"] = await batches.wave_in(session, job.id)
+            summary["batch"] = await batches.wave_in(session, job.id, plan)
         if plan.grading is not None:
             summary["quality"] = await quality.grading(session, job.id)
         if plan.pairs is not None:

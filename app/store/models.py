@@ -340,13 +340,15 @@ class Batch(Base):
 class BatchRequestStatus(StrEnum):
     """pending (waits for a wave) -> submitted (in a batch) -> answered | rejected (the
     provider refused it: its item fails) | failed (submitted too often); a submitted request
-    its batch did not answer (expired, cancelled, a server error) is pending again."""
+    its batch did not answer (expired, cancelled, a server error) is pending again, or
+    online (its item sends it online) when its job says so."""
 
     PENDING = "pending"
     SUBMITTED = "submitted"
     ANSWERED = "answered"
     REJECTED = "rejected"
     FAILED = "failed"
+    ONLINE = "online"
 
 
 class BatchRequest(Base):
@@ -368,7 +370,8 @@ class BatchRequest(Base):
     agent: Mapped[int] = mapped_column(Integer)
     attempt: Mapped[int] = mapped_column(Integer)
     endpoint: Mapped[str] = mapped_column(String(100))
-    body: Mapped[dict[str, Any]]  # the chat completion request, as the online client sends it
+    # The chat completion request, as the online client sends it; {} once answered (never sent again).
+    body: Mapped[dict[str, Any]]
     status: Mapped[str] = mapped_column(String(16), default=BatchRequestStatus.PENDING)
     batch_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("batches.id"))  # the last it was in
     submissions: Mapped[int] = mapped_column(Integer, default=0)

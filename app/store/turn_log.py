@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import replace
 from typing import Any
 from uuid import UUID
@@ -11,6 +12,7 @@ from sqlalchemy import bindparam, exists, select, update
 from app.costs import Budget, call_cost
 from app.deliberation.ports import Stage, Turn, TurnKey, TurnOutcome
 from app.metrics import LLM_COST_USD
+from app.plan import GenerationPlan
 from app.store.budgets import Meter
 from app.store.db import Sessions, driver_connection
 from app.store.driver_statements import DriverStatement, insert_from, row_parameter
@@ -22,12 +24,20 @@ class PostgresTurnLog:
     """The turn log of one claimed item. `record` writes only while the claim holds (a
     worker that lost its lease gets ClaimLost), and is idempotent on the turn key: if the
     key is already stored, the stored turn wins and is returned. A turn is stored with its
-    cost at the job's pinned prices, and told to the item's `meter` (app/store/budgets.py)."""
+    cost at the job's pinned prices (a batch job's turns in `sent_online`, asked online, at
+    its online prices), and told to the item's `meter` (app/store/budgets.py)."""
 
-    def __init__(self, sessions: Sessions, claim: Claim, meter: Meter | None = None) -> None:
+    def __init__(
+        self,
+        sessions: Sessions,
+        claim: Claim,
+        meter: Meter | None = None,
+        sent_online: Collection[TurnKey] = frozenset(),
+    ) -> None:
         self._sessions = sessions
         self._claim = claim
         self._meter = meter
+        self._sent_online = sent_online
         self._recorded: dict[TurnKey, Turn] = {}
 
     async def done(self, item_id: UUID) -> list[Turn]:
@@ -81,8 +91,11 @@ class PostgresTurnLog:
 
     def _row(self, turn: Turn) -> dict[str, Any]:
         """The turn's row, but for its item_id (the statement takes the claimed item's)."""
-        key = turn.key
-        prices = self._claim.plan.prices.get(turn.endpoint)
+        key, plan = turn.key, self._claim.plan
+        pinned = plan.prices
+        if isinstance(plan, GenerationPlan) and key in self._sent_online:
+            pinned = plan.online_prices
+        prices = pinned.get(turn.endpoint)
         return {
             "job_id": self._claim.job_id,
             "stage": key.stage.value,
