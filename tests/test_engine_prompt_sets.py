@@ -15,10 +15,10 @@ from app.deliberation.policies import content_version
 from app.deliberation.prompt_sets import (
     BUILTIN_NAME,
     TEMPLATE_DIR,
-    TEMPLATES,
     Problem,
     builtin,
     prompt_set,
+    template_slots,
     validate,
 )
 from app.deliberation.stages import DECLARED, INTENT, SEED
@@ -61,14 +61,15 @@ def test_the_builtin_intent_template_asks_for_benign_implicit_intents_and_labell
 
 
 def test_every_template_of_every_stage_is_declared_with_the_values_the_stage_fills() -> None:
+    slots = template_slots()
     for spec in DECLARED:
         if spec.templates is None:
             continue
         system, user = spec.templates
-        assert TEMPLATES[system].required == frozenset()
-        assert TEMPLATES[user].required == {"prompt", *spec.inputs}
-        assert TEMPLATES[user].allowed == {"prompt", *spec.inputs, *spec.extras}
-        assert spec.stage.value in TEMPLATES[system].used_by
+        assert slots[system].required == frozenset()
+        assert slots[user].required == {"prompt", *spec.inputs}
+        assert slots[user].allowed == {"prompt", *spec.inputs, *spec.extras}
+        assert spec.stage.value in slots[system].used_by
 
 
 # --- versions ----------------------------------------------------------------------------
@@ -144,7 +145,11 @@ def test_a_template_no_stage_uses_is_refused() -> None:
     problem = only(validate(changed(**{"intnet.system": "typo"})))
 
     assert (problem.template, problem.stage) == ("intnet.system", "")
-    assert "unknown template 'intnet.system'" in problem.message
+    # It lists the templates a set has, so the typo can be matched to the intended name.
+    # It lists the names a set may use, so the typo can be matched to the intended one.
+    known = "the templates are preamble, role_instructions, reask.malformed, reask.truncated, intent.system"
+    assert problem.message.startswith(f"unknown template 'intnet.system'; {known}, intent.user, ")
+    assert problem.message.endswith(", refusal.system, refusal.user")
 
 
 def test_unparseable_dollar_syntax_says_where() -> None:
