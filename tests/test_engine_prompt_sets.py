@@ -78,7 +78,9 @@ def test_every_template_of_every_stage_is_declared_with_the_values_the_stage_fil
 def test_a_version_is_the_content_whatever_the_name_or_order() -> None:
     reordered = dict(reversed(list(BUILTIN.items())))
 
-    assert prompt_set("mine", reordered).version == builtin().version
+    mine = prompt_set("mine", reordered)
+
+    assert (mine.name, mine.version) == ("mine", builtin().version)
     assert prompt_set("mine", changed(seed__user=BUILTIN["seed.user"] + " ")).version != builtin().version
 
 
@@ -100,6 +102,12 @@ def test_an_unknown_placeholder_names_the_template_the_stage_and_the_placeholder
     assert (problem.template, problem.stage, problem.placeholder) == ("seed.user", "seed", "tone")
     assert "template 'seed.user' (stage seed): unknown placeholder $tone" in problem.message
     assert "$intents, $prompt" in problem.message  # what it may use
+
+
+def test_a_placeholder_in_a_template_that_may_show_none_says_so() -> None:
+    problem = only(validate(changed(reask__truncated="Shorter, $name.")))
+
+    assert problem.message.endswith(": unknown placeholder $name; it may use none")
 
 
 def test_a_missing_placeholder_the_stage_needs_is_a_problem() -> None:
@@ -139,6 +147,25 @@ def test_a_stage_without_its_template_is_named() -> None:
 
     assert (problem.template, problem.stage, problem.placeholder) == ("refine.system", "refine", None)
     assert problem.message == "stage refine has no template 'refine.system'"
+
+
+@pytest.mark.parametrize(
+    ("template", "used_by"),
+    [
+        ("role_instructions", "every stage (a role's own instructions)"),
+        ("reask.malformed", "every stage (re-ask after a malformed reply)"),
+        ("reask.truncated", "every stage (re-ask after a cut-off reply)"),
+        ("shieldgemma.user", "guard"),  # a classifier's one message
+    ],
+)
+def test_a_missing_shared_or_classifier_template_says_where_it_is_used(template: str, used_by: str) -> None:
+    templates = changed()
+    del templates[template]
+
+    problem = only(validate(templates))
+
+    assert (problem.template, problem.stage, problem.placeholder) == (template, used_by, None)
+    assert problem.message == f"stage {used_by} has no template '{template}'"
 
 
 def test_a_template_no_stage_uses_is_refused() -> None:
