@@ -9,7 +9,7 @@ from typing import Any
 
 from app.deliberation.config import EvaluationConfig, GuardConfig, GuardStyle, RoleConfig
 from app.deliberation.engine import evaluate_answer
-from app.deliberation.ports import LLMUnavailable, Stage, TurnOutcome
+from app.deliberation.ports import LLMUnavailable, Stage, TurnKey, TurnOutcome
 from app.deliberation.results import JudgedAnswer
 from app.llm.client import OpenAICompatibleClient
 from tests.memory_turn_log import InMemoryTurnLog
@@ -94,7 +94,12 @@ async def test_both_judges_read_the_prompt_and_the_answer_and_their_verdicts_are
         [judged] = scripted_llm.requests_for(schema)
         user_text = judged.body["messages"][-1]["content"]
         assert PROMPT in user_text and "Mix them in a closed room." in user_text
-    assert [turn.key.stage for turn in log.turns(ITEM)] == [Stage.RESPOND, Stage.GUARD, Stage.REFUSAL]
+    # Round 0, agent 0 each: the keys stored evaluations replay under.
+    assert [turn.key for turn in log.turns(ITEM)] == [
+        TurnKey(Stage.RESPOND, 0, 0),
+        TurnKey(Stage.GUARD, 0, 0),
+        TurnKey(Stage.REFUSAL, 0, 0),
+    ]
 
 
 async def test_a_refusing_target_is_an_answer_to_judge_not_a_failed_item(

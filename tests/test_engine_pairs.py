@@ -215,6 +215,8 @@ async def test_the_baseline_samples_without_the_whisperer_and_is_judged_and_grad
         ("standard", 2, None, 1.5),
     ]
     assert [t.guard.unsafe for t in pair.baseline if t.guard] == [False, True]  # stopped at the flagged one
+    # Each try keeps its own grade, beside the gap read from it.
+    assert [t.grade.policy_faithfulness() if t.grade else None for t in pair.baseline] == [4.5, 2.5]
     assert [t.rejected.response for t in pair.baseline if t.rejected] == [
         "Plain answer one.",
         "Plain answer two.",
@@ -249,7 +251,8 @@ async def test_the_baseline_counts_a_refusal_as_a_try_and_runs_whatever_became_o
     pair = result.pair
     assert pair is not None and pair.reason == "whisperer_refused" and pair.tries == []
     refused, sampled = pair.baseline
-    assert (refused.number, refused.rejected, refused.refusal, refused.guard) == (
+    assert (refused.method, refused.number, refused.rejected, refused.refusal, refused.guard) == (
+        "standard",
         1,
         None,
         "I won't answer that.",

@@ -15,10 +15,10 @@ from app.deliberation.policies import content_version
 from app.deliberation.prompt_sets import (
     BUILTIN_NAME,
     TEMPLATE_DIR,
-    TEMPLATES,
     Problem,
     builtin,
     prompt_set,
+    template_slots,
     validate,
 )
 from app.deliberation.stages import DECLARED, INTENT, SEED
@@ -61,14 +61,15 @@ def test_the_builtin_intent_template_asks_for_benign_implicit_intents_and_labell
 
 
 def test_every_template_of_every_stage_is_declared_with_the_values_the_stage_fills() -> None:
+    slots = template_slots()
     for spec in DECLARED:
         if spec.templates is None:
             continue
         system, user = spec.templates
-        assert TEMPLATES[system].required == frozenset()
-        assert TEMPLATES[user].required == {"prompt", *spec.inputs}
-        assert TEMPLATES[user].allowed == {"prompt", *spec.inputs, *spec.extras}
-        assert spec.stage.value in TEMPLATES[system].used_by
+        assert slots[system].required == frozenset()
+        assert slots[user].required == {"prompt", *spec.inputs}
+        assert slots[user].allowed == {"prompt", *spec.inputs, *spec.extras}
+        assert spec.stage.value in slots[system].used_by
 
 
 # --- versions ----------------------------------------------------------------------------
@@ -77,7 +78,9 @@ def test_every_template_of_every_stage_is_declared_with_the_values_the_stage_fil
 def test_a_version_is_the_content_whatever_the_name_or_order() -> None:
     reordered = dict(reversed(list(BUILTIN.items())))
 
-    assert prompt_set("mine", reordered).version == builtin().version
+    mine = prompt_set("mine", reordered)
+
+    assert (mine.name, mine.version) == ("mine", builtin().version)
     assert prompt_set("mine", changed(seed__user=BUILTIN["seed.user"] + " ")).version != builtin().version
 
 
@@ -99,6 +102,12 @@ def test_an_unknown_placeholder_names_the_template_the_stage_and_the_placeholder
     assert (problem.template, problem.stage, problem.placeholder) == ("seed.user", "seed", "tone")
     assert "template 'seed.user' (stage seed): unknown placeholder $tone" in problem.message
     assert "$intents, $prompt" in problem.message  # what it may use
+
+
+def test_a_placeholder_in_a_template_that_may_show_none_says_so() -> None:
+    problem = only(validate(changed(reask__truncated="Shorter, $name.")))
+
+    assert problem.message.endswith(": unknown placeholder $name; it may use none")
 
 
 def test_a_missing_placeholder_the_stage_needs_is_a_problem() -> None:
@@ -140,11 +149,34 @@ def test_a_stage_without_its_template_is_named() -> None:
     assert problem.message == "stage refine has no template 'refine.system'"
 
 
+@pytest.mark.parametrize(
+    ("template", "used_by"),
+    [
+        ("role_instructions", "every stage (a role's own instructions)"),
+        ("reask.malformed", "every stage (re-ask after a malformed reply)"),
+        ("reask.truncated", "every stage (re-ask after a cut-off reply)"),
+        ("shieldgemma.user", "guard"),  # a classifier's one message
+    ],
+)
+def test_a_missing_shared_or_classifier_template_says_where_it_is_used(template: str, used_by: str) -> None:
+    templates = changed()
+    del templates[template]
+
+    problem = only(validate(templates))
+
+    assert (problem.template, problem.stage, problem.placeholder) == (template, used_by, None)
+    assert problem.message == f"stage {used_by} has no template '{template}'"
+
+
 def test_a_template_no_stage_uses_is_refused() -> None:
     problem = only(validate(changed(**{"intnet.system": "typo"})))
 
     assert (problem.template, problem.stage) == ("intnet.system", "")
-    assert "unknown template 'intnet.system'" in problem.message
+    # It lists the templates a set has, so the typo can be matched to the intended name.
+    # It lists the names a set may use, so the typo can be matched to the intended one.
+    known = "the templates are preamble, role_instructions, reask.malformed, reask.truncated, intent.system"
+    assert problem.message.startswith(f"unknown template 'intnet.system'; {known}, intent.user, ")
+    assert problem.message.endswith(", refusal.system, refusal.user")
 
 
 def test_unparseable_dollar_syntax_says_where() -> None:

@@ -5,14 +5,22 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from dataclasses import replace
+from dataclasses import astuple, replace
 
 import pytest
 
-from app.deliberation.config import GradingConfig, GuardConfig, GuardStyle, Mode, PairsConfig, PipelineConfig
-from app.deliberation.engine import deliberate, judge_pair
-from app.deliberation.ports import LLMUnavailable, Stage
-from app.deliberation.results import METRICS, Completed, Judged, Sample
+from app.deliberation.config import (
+    Evaluators,
+    GradingConfig,
+    GuardConfig,
+    GuardStyle,
+    Mode,
+    PairsConfig,
+    PipelineConfig,
+)
+from app.deliberation.engine import deliberate, evaluate_sample, judge_pair
+from app.deliberation.ports import LLMUnavailable, Stage, TurnKey
+from app.deliberation.results import METRICS, Completed, Evaluated, Judged, Sample
 from app.llm.client import OpenAICompatibleClient
 from tests.memory_turn_log import InMemoryTurnLog
 from tests.scripted_llm import (
@@ -350,4 +358,44 @@ async def test_the_judge_is_asked_in_both_orders_and_a_win_needs_both(
 
     assert won.winner == "b" and [v.choice for v in won.votes] == ["b", "b"]
     assert position_biased.winner == "tie" and [v.choice for v in position_biased.votes] == ["a", "b"]
-    assert unreadable.winner is None and unreadable.votes[1].choice is None
+    assert unreadable.winner is None
+    # An unreadable order is still a vote a tenant sees: its order, and why it has no choice.
+    order, choice, why = astuple(unreadable.votes[1])
+    assert (order, choice) == ("ba", None)
+    assert why.startswith("the judge agent gave no usable output in 2 tries; last problem: malformed: ")
+
+
+async def test_a_sample_evaluation_keys_grade_and_guard_as_round_0_and_the_judge_as_rounds_1_and_2(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    """The keys evaluations were stored under before: a rerun replays them and asks nothing."""
+    scripted_llm.script("quality_scores", reply(scores(coherence=2)))
+    scripted_llm.script("guard_verdict", guard_verdict(False))
+    # Round 1 shows (other, sample): "B" is the sample; round 2 shows (sample, other).
+    scripted_llm.script(
+        "pairwise_judgement",
+        reply({"winner": "B", "rationale": "x"}),
+        reply({"winner": "A", "rationale": "y"}),
+    )
+    log = InMemoryTurnLog()
+    sample, other = Sample(["Imported thought."], "Imported answer."), Sample(["Other."], "Other answer.")
+
+    async def evaluated() -> Evaluated:
+        evaluators = Evaluators(DEFAULT_ROLE, GuardConfig(DEFAULT_ROLE), DEFAULT_ROLE, 256, 1)
+        return await evaluate_sample(ITEM, PROMPT, sample, other, evaluators, POLICIES, PROMPTS, llm, log)
+
+    first = await evaluated()
+    scripted_llm.reset()
+    again = await evaluated()
+
+    assert [t.key for t in log.turns(ITEM)] == [
+        TurnKey(Stage.GRADE, 0, 0),
+        TurnKey(Stage.GUARD, 0, 0),
+        TurnKey(Stage.JUDGE, 1, 0),
+        TurnKey(Stage.JUDGE, 2, 0),
+    ]
+    assert first.grade is not None and first.grade.scores is not None
+    assert first.grade.scores["coherence"]["score"] == 2
+    assert first.guard is not None and first.guard.unsafe is False
+    assert first.judged is not None and first.judged.winner == "b"
+    assert scripted_llm.requests == [] and again == first

@@ -34,7 +34,10 @@ class Slots:
     required: frozenset[str]
 
 
-def _declared_slots() -> dict[str, Slots]:
+def template_slots() -> dict[str, Slots]:
+    """Every template of a full set, by name, with where it is used and what it may show.
+    Derived from the stages' declarations on each call, not at import: it is cheap next to a
+    registration or a job submission, and tests (mutation testing too) see what it derives."""
     # System templates are filled with the job's limits, user templates with the prompt and
     # the stage's values; the shared parts with what every request carries.
     limits = frozenset(f.name for f in fields(Limits))
@@ -75,9 +78,6 @@ def _declared_slots() -> dict[str, Slots]:
     return slots
 
 
-TEMPLATES: Mapping[str, Slots] = MappingProxyType(_declared_slots())
-
-
 @dataclass(frozen=True)
 class Problem:
     """Why a set cannot be used: which template (and stage), and which placeholder if any."""
@@ -91,12 +91,13 @@ class Problem:
 def validate(templates: Mapping[str, str]) -> list[Problem]:
     """Every problem of a full set, in template order: a template no stage uses, a stage's
     template missing, unparseable `$` syntax, an unknown placeholder, a missing one."""
+    declared = template_slots()
     problems = [
-        Problem(name, "", None, f"unknown template '{name}'; the templates are {', '.join(TEMPLATES)}")
+        Problem(name, "", None, f"unknown template '{name}'; the templates are {', '.join(declared)}")
         for name in sorted(templates)
-        if name not in TEMPLATES
+        if name not in declared
     ]
-    for name, slots in TEMPLATES.items():
+    for name, slots in declared.items():
         text = templates.get(name)
         if text is None:
             problems.append(

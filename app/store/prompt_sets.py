@@ -9,7 +9,7 @@ from uuid import UUID
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.deliberation.policies import content_version
-from app.deliberation.prompt_sets import BUILTIN_NAME, TEMPLATES, Problem, builtin, validate
+from app.deliberation.prompt_sets import BUILTIN_NAME, Problem, builtin, template_slots, validate
 from app.deliberation.prompting import PromptSet
 from app.errors import MAX_LISTED_PROBLEMS, InvalidPromptSet, UnknownPromptSet
 from app.store import registered_sets
@@ -55,7 +55,7 @@ async def resolve_for_job(
     InvalidPromptSet for a set the stages have outgrown since it was registered."""
     row = await find_visible(session, owner_key_id, name, version)
     if problems := validate(row.templates):
-        missing = [name for name in TEMPLATES if name not in row.templates]
+        missing = [name for name in template_slots() if name not in row.templates]
         hint = (
             f". Register it again with base '{BUILTIN_NAME}' to take the new templates "
             f"({', '.join(missing)}) from the built-in set"
