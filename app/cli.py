@@ -213,6 +213,8 @@ def job_config(
     pair_max_tries: int | None,
     pair_min_gap: float | None,
     pair_baseline: bool = False,
+    delivery: str | None = None,
+    batch_unanswered: str | None = None,
 ) -> dict[str, Any]:
     """The `config` of a job request from the command line's options (the API validates it).
     Only the options given: the rest are a preset's, or the server's defaults."""
@@ -227,6 +229,10 @@ def job_config(
         config["pairs"] = {k: v for k, v in tries_and_gap.items() if v is not None}
         if pair_baseline:
             config["pairs"]["baseline"] = True
+    if delivery:
+        config["delivery"] = delivery
+    if batch_unanswered:
+        config["batch"] = {"unanswered": batch_unanswered}
     return config
 
 
@@ -265,6 +271,18 @@ def submit(
     pair_baseline: Annotated[
         bool, typer.Option(help="Also sample rejected sides without the whisperer (the gap's baseline).")
     ] = False,
+    delivery: Annotated[
+        str | None,
+        typer.Option(
+            help="online (the default) or batch: the providers' batch APIs, at their price, in waves."
+        ),
+    ] = None,
+    batch_unanswered: Annotated[
+        str | None,
+        typer.Option(
+            help="With --delivery batch, what a batch leaves unanswered goes to: next_wave or online."
+        ),
+    ] = None,
     policy_set: Annotated[str, typer.Option(help="Policy set name.")] = "aidsafe-default",
     policy_version: Annotated[str | None, typer.Option(help="Pin a policy set version.")] = None,
     prompt_set: PromptSetOpt = None,
@@ -310,6 +328,8 @@ def submit(
         pair_max_tries=pair_max_tries,
         pair_min_gap=pair_min_gap,
         pair_baseline=pair_baseline,
+        delivery=delivery,
+        batch_unanswered=batch_unanswered,
     )
     budget = _budget(budget_usd, budget_tokens)
     # What the estimate and the submission both read: the estimate answers for this very job.

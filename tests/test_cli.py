@@ -202,8 +202,11 @@ async def test_a_job_option_the_api_refuses_is_reported_and_creates_nothing(
     path = write(tmp_path, "p.jsonl", '{"prompt": "fine"}')
 
     code, out = await aidsafe(live_api, auth, "submit", str(path), "--agents", "99")
+    # The test endpoints have no batch API: the option reaches the API, which says so.
+    batch_code, batch_out = await aidsafe(live_api, auth, "submit", str(path), "--delivery", "batch")
 
     assert code == 1 and "422: validation_error" in out
+    assert batch_code == 1 and "422: batch_unsupported" in batch_out, batch_out
     assert await row_counts(sessions) == (0, 0)
 
 
@@ -403,8 +406,22 @@ def test_job_options_become_the_job_config() -> None:
         pair_max_tries=None,
         pair_min_gap=None,
     )
+    batched = job_config(
+        agents=None,
+        max_rounds=None,
+        max_tokens=None,
+        mode=None,
+        grading=False,
+        thresholds=[],
+        pairs=False,
+        pair_max_tries=None,
+        pair_min_gap=None,
+        delivery="batch",
+        batch_unanswered="online",
+    )
 
     assert given_only == {"max_rounds": 1}  # no mode unless asked: a preset's stays
+    assert batched == {"delivery": "batch", "batch": {"unanswered": "online"}}
     assert baseline == {"mode": "zero_shot", "grading": {}}
     assert gated == {
         "mode": "aidsafe",
