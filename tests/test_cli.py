@@ -8,6 +8,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -371,54 +372,26 @@ async def test_cli_follows_by_polling_when_the_event_stream_is_unavailable(
     assert final.counts.by_status == {"completed": 2}
 
 
-def test_job_options_become_the_job_config() -> None:
-    baseline = job_config(
-        agents=None,
-        max_rounds=None,
-        max_tokens=None,
-        mode="zero_shot",
-        grading=True,
-        thresholds=[],
-        pairs=False,
-        pair_max_tries=None,
-        pair_min_gap=None,
+def options_config(**given: Any) -> dict[str, Any]:
+    """The job config of the submit options `given`, the others left out."""
+    unset: dict[str, Any] = dict.fromkeys(
+        ("agents", "max_rounds", "max_tokens", "mode", "pair_max_tries", "pair_min_gap")
     )
-    gated = job_config(
+    return job_config(**{**unset, "grading": False, "thresholds": [], "pairs": False, **given})
+
+
+def test_job_options_become_the_job_config() -> None:
+    baseline = options_config(mode="zero_shot", grading=True)
+    gated = options_config(
         agents=2,
-        max_rounds=None,
         max_tokens=512,
         mode="aidsafe",
-        grading=False,
         thresholds=["relevance=3", "cot_policy_faithfulness=4.5"],
         pairs=True,
-        pair_max_tries=None,
         pair_min_gap=1.5,
     )
-
-    given_only = job_config(
-        agents=None,
-        max_rounds=1,
-        max_tokens=None,
-        mode=None,
-        grading=False,
-        thresholds=[],
-        pairs=False,
-        pair_max_tries=None,
-        pair_min_gap=None,
-    )
-    batched = job_config(
-        agents=None,
-        max_rounds=None,
-        max_tokens=None,
-        mode=None,
-        grading=False,
-        thresholds=[],
-        pairs=False,
-        pair_max_tries=None,
-        pair_min_gap=None,
-        delivery="batch",
-        batch_unanswered="online",
-    )
+    given_only = options_config(max_rounds=1)
+    batched = options_config(delivery="batch", batch_unanswered="online")
 
     assert given_only == {"max_rounds": 1}  # no mode unless asked: a preset's stays
     assert batched == {"delivery": "batch", "batch": {"unanswered": "online"}}
