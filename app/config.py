@@ -96,6 +96,13 @@ class Settings(BaseSettings):
     llm_max_retries: int = Field(default=4, ge=0)
     llm_backoff_base_s: float = Field(default=1.0, ge=0)
     llm_backoff_max_s: float = Field(default=30.0, ge=0)
+    # Hedging (app/llm/hedging.py): an attempt still unanswered after llm_hedge_factor times
+    # its endpoint and role's recent p95 latency (and at least llm_hedge_min_s) is sent again
+    # and the first answer wins; at most llm_hedge_budget extra requests per request sent.
+    # A factor of 0 turns it off.
+    llm_hedge_factor: float = Field(default=3.0, ge=0)
+    llm_hedge_min_s: float = Field(default=1.0, ge=0)
+    llm_hedge_budget: float = Field(default=0.05, ge=0, le=1)
     # How long a worker keeps an LLM slot it released, unused, for its own next request
     # (app/llm/limits.py): fewer round trips to Redis; 0 gives each back at once.
     llm_slot_keep_s: float = Field(default=0.05, ge=0)

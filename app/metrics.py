@@ -8,9 +8,15 @@ from prometheus_client import Counter, Gauge, Histogram
 LLM_REQUEST_SECONDS = Histogram(
     "aidsafe_llm_request_seconds",
     "One HTTP attempt to an LLM endpoint, by outcome (ok, rate_limited, server_error, "
-    "timeout, connection, rejected, bad_body).",
+    "timeout, connection, rejected, bad_body, limiter, cancelled: the losing copy of a hedge).",
     ["endpoint", "role", "outcome"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+LLM_HEDGES = Counter(
+    "aidsafe_llm_hedges_total",
+    "Requests that ran long enough to be hedged (app/llm/hedging.py), by what happened: sent, "
+    "or skipped because the hedge budget was spent.",
+    ["endpoint", "role", "outcome"],
 )
 LLM_TOKENS = Counter(
     "aidsafe_llm_tokens_total", "Tokens used, by kind (prompt, completion).", ["endpoint", "role", "kind"]

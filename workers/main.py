@@ -33,6 +33,7 @@ from app.deliberation.ports import LLMRequestRejected, LLMUnavailable
 from app.deliberation.results import Completed, Evaluated, Failed, Judged, JudgedAnswer
 from app.llm.batch_api import BatchAPI
 from app.llm.client import OpenAICompatibleClient
+from app.llm.hedging import HedgePolicy
 from app.llm.limits import EndpointLimiter
 from app.llm.rates import EndpointRates
 from app.metrics import ITEMS_FINISHED
@@ -111,6 +112,7 @@ async def connect(ctx: dict[str, Any]) -> None:
         max_retries=settings.llm_max_retries,
         backoff_base_s=settings.llm_backoff_base_s,
         backoff_max_s=settings.llm_backoff_max_s,
+        hedging=HedgePolicy(settings.llm_hedge_factor, settings.llm_hedge_min_s, settings.llm_hedge_budget),
     )
     sessions = make_sessions(db)
     # The first beat before the first claim: a claim without a heartbeat looks dead.

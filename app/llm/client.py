@@ -7,7 +7,9 @@ retries run out the caller gets LLMUnavailable. What the endpoint says about its
 x-ratelimit-reset-*) goes to the shared limiter, which adapts its cap and pauses the
 endpoint for every worker (app/llm/limits.py). A refusal of the request itself (other
 4xx) is permanent and raises LLMRequestRejected at once. Both carry the upstream's answer
-for operators and a summary in our own words for tenants (see LLMFault).
+for operators and a summary in our own words for tenants (see LLMFault). An attempt that
+runs far past the endpoint's recent latency is hedged: a second copy is sent and the first
+answer wins (app/llm/hedging.py).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -49,9 +51,10 @@ from app.deliberation.ports import (
     LLMUnavailable,
     TokenLogprobs,
 )
+from app.llm.hedging import HedgePolicy
 from app.llm.limits import EndpointLimiter, Slot
 from app.llm.rates import EndpointRates, Reservation
-from app.metrics import LLM_REQUEST_SECONDS, LLM_TOKENS
+from app.metrics import LLM_HEDGES, LLM_REQUEST_SECONDS, LLM_TOKENS
 
 # The least max_tokens worth sending (a job's smallest): a request the context leaves less room
 # for is refused rather than sent to be cut off.
@@ -114,6 +117,7 @@ class OpenAICompatibleClient:
         max_retries: int = 4,
         backoff_base_s: float = 1.0,
         backoff_max_s: float = 30.0,
+        hedging: HedgePolicy | None = None,
     ) -> None:
         """
         endpoints: OpenAI-compatible servers by name; requests name one of them.
@@ -124,6 +128,7 @@ class OpenAICompatibleClient:
         timeout_s: limit on one HTTP attempt, start to last byte.
         max_retries: attempts after the first before giving up with LLMUnavailable.
         backoff_base_s, backoff_max_s: full-jitter exponential backoff between attempts.
+        hedging: when to send a second copy of an attempt that runs long; None: never.
         """
         self._endpoints = endpoints
         self._limiter = limiter
@@ -132,6 +137,7 @@ class OpenAICompatibleClient:
         self._max_retries = max_retries
         self._backoff_base_s = backoff_base_s
         self._backoff_max_s = backoff_max_s
+        self._hedging = hedging
         self._session: aiohttp.ClientSession | None = None  # made on first use, in the event loop
 
     def _http(self) -> aiohttp.ClientSession:
@@ -181,7 +187,7 @@ class OpenAICompatibleClient:
             before_sleep=before_sleep_log(logger, logging.WARNING),
         )
         try:
-            return await retrying(self._attempt, request, endpoint)
+            return await retrying(self._hedged, request, endpoint)
         except RetryError as spent:
             last = spent.last_attempt.exception()
             attempts = spent.last_attempt.attempt_number
@@ -200,11 +206,47 @@ class OpenAICompatibleClient:
             wait = max(wait, fault.retry_after_s)
         return wait
 
-    async def _attempt(self, request: ChatRequest, endpoint: EndpointConfig) -> ChatReply:
+    async def _hedged(self, request: ChatRequest, endpoint: EndpointConfig) -> ChatReply:
+        """One attempt, and a second copy of it if the first runs past the hedging policy's
+        delay (timed from its POST, not its wait for a slot): the first answer wins and the
+        other copy is cancelled. Fails only when every copy sent has failed."""
+        hedging = self._hedging
+        if hedging is None:
+            return await self._attempt(request, endpoint)
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        timers: list[asyncio.TimerHandle] = []
+
+        def posted() -> None:
+            delay = hedging.delay_s(request.endpoint, request.role, self._timeout_s)
+            if delay is not None:
+                timers.append(loop.call_later(delay, wake.set))
+
+        first = asyncio.create_task(self._attempt(request, endpoint, posted))
+        first.add_done_callback(lambda _: wake.set())
+        copies = [first]
+        try:
+            await wake.wait()
+            if not first.done():
+                sent = hedging.spend()
+                LLM_HEDGES.labels(request.endpoint, request.role, "sent" if sent else "no_budget").inc()
+                if sent:
+                    copies.append(asyncio.create_task(self._attempt(request, endpoint)))
+            return await _first_answer(copies)
+        finally:
+            for timer in timers:
+                timer.cancel()
+            for copy in copies:
+                copy.cancel()  # a no-op on those done; the loser's slot is released as it ends
+            await asyncio.gather(*copies, return_exceptions=True)
+
+    async def _attempt(
+        self, request: ChatRequest, endpoint: EndpointConfig, posted: Callable[[], None] | None = None
+    ) -> ChatReply:
         labels = (request.endpoint, request.role)
         started, outcome = time.monotonic(), "ok"
         try:
-            reply = await self._attempt_in_slot(request, endpoint)
+            reply = await self._attempt_in_slot(request, endpoint, posted)
         except RedisError as error:  # the shared cap is unreachable for a moment: retry
             outcome = "limiter"
             raise _TransientFault(
@@ -215,18 +257,25 @@ class OpenAICompatibleClient:
         except (_TransientFault, LLMRequestRejected) as fault:
             outcome = _outcome_of(fault)
             raise
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
         finally:
             LLM_REQUEST_SECONDS.labels(*labels, outcome).observe(time.monotonic() - started)
         LLM_TOKENS.labels(*labels, "prompt").inc(reply.prompt_tokens)
         LLM_TOKENS.labels(*labels, "completion").inc(reply.completion_tokens)
         return reply
 
-    async def _attempt_in_slot(self, request: ChatRequest, endpoint: EndpointConfig) -> ChatReply:
+    async def _attempt_in_slot(
+        self, request: ChatRequest, endpoint: EndpointConfig, posted: Callable[[], None] | None
+    ) -> ChatReply:
         reservation = await self._reserve(request, endpoint)
         async with self._slot(request, endpoint) as slot:
+            if posted is not None:
+                posted()
             started = time.monotonic()
             answer = await self._post(request, endpoint)
-            latency_ms = (time.monotonic() - started) * 1000
+            latency_s = time.monotonic() - started
             retry_after = _retry_after_s(answer.headers.get("Retry-After"), endpoint.retry_after_max_s)
             # For the release, which adapts the cap and pauses the endpoint for everyone.
             slot.succeeded = answer.status < 400
@@ -235,7 +284,9 @@ class OpenAICompatibleClient:
             slot.retry_after_s = (retry_after or 0.0) if slot.rate_limited else 0.0
             slot.pause_s = _spent_s(answer.headers, endpoint.retry_after_max_s)
         _raise_for_status(answer, request.endpoint, retry_after)
-        reply = _parse_reply(answer, request, latency_ms)
+        reply = _parse_reply(answer, request, latency_s * 1000)
+        if self._hedging is not None:
+            self._hedging.observe(request.endpoint, request.role, latency_s)
         if reservation is not None and self._rates is not None:
             await self._rates.settle(reservation, reply.prompt_tokens + reply.completion_tokens)
         return reply
@@ -282,6 +333,21 @@ class OpenAICompatibleClient:
             return nullcontext(Slot())
         lease_s = self._timeout_s + LEASE_MARGIN_S
         return self._limiter.slot(request.endpoint, endpoint.max_concurrency, lease_s)
+
+
+async def _first_answer(copies: list[asyncio.Task[ChatReply]]) -> ChatReply:
+    """The first reply of these copies of one attempt. When all fail: a refusal of the
+    request if one was refused (another copy cannot fix that), else the last fault."""
+    faults: list[BaseException] = []
+    pending = set(copies)
+    while pending:
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        for copy in done:
+            fault = copy.exception()
+            if fault is None:
+                return copy.result()
+            faults.append(fault)
+    raise next((f for f in faults if not isinstance(f, _TransientFault)), faults[-1])
 
 
 def fitted(request: ChatRequest, endpoint: EndpointConfig) -> ChatRequest:
