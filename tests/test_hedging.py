@@ -171,17 +171,35 @@ async def test_no_hedge_once_the_budget_is_spent(scripted_llm: ScriptedLLM) -> N
     assert hedges("no_budget") == skipped_before + 1
 
 
-async def test_a_failed_copy_waits_for_the_other(scripted_llm: ScriptedLLM) -> None:
-    """The hedge fails at once (503) while the first copy is still running: the first copy's
-    answer is the reply, with no retry."""
+async def test_a_failed_first_copy_waits_for_the_hedge(scripted_llm: ScriptedLLM) -> None:
+    """The first copy fails (503) after the hedge was sent: the hedge's answer is the reply,
+    with no retry."""
     policy = warmed(HedgePolicy(factor=1, min_delay_s=HEDGE_AFTER_S, budget=0.05))
-    scripted_llm.script("seed_cot", stall(0.5), http_error(503))
+    scripted_llm.latency_s = 0.2  # the first copy runs past the hedge delay before it fails
+    scripted_llm.script("seed_cot", http_error(503))
 
     async with hedging_client(scripted_llm, policy) as client:
         answer = await client.chat(seed_request())
 
     assert '"thoughts"' in answer.content
     assert len(scripted_llm.requests_for("seed_cot")) == 2
+
+
+async def test_a_failed_hedge_ends_the_attempt_and_the_retry_goes_out(scripted_llm: ScriptedLLM) -> None:
+    """The first copy hangs and its hedge fails (503): the retry is sent after its backoff,
+    not after the hung copy's timeout, and the hung copy is cancelled."""
+    policy = warmed(HedgePolicy(factor=1, min_delay_s=HEDGE_AFTER_S, budget=0.05))
+    scripted_llm.script("seed_cot", stall(60), http_error(503))
+
+    async with hedging_client(scripted_llm, policy) as client:
+        started = time.monotonic()
+        answer = await client.chat(seed_request())
+        elapsed = time.monotonic() - started
+
+    assert '"thoughts"' in answer.content
+    assert elapsed < TIMEOUT_S / 2
+    assert len(scripted_llm.requests_for("seed_cot")) == 3
+    await eventually(nothing_in_flight(scripted_llm), timeout_s=5, what="the hung copy to end")
 
 
 async def test_a_refusal_of_the_request_wins_over_a_transient_fault(scripted_llm: ScriptedLLM) -> None:

@@ -237,7 +237,7 @@ class OpenAICompatibleClient:
             for timer in timers:
                 timer.cancel()
             for copy in copies:
-                copy.cancel()  # a no-op on those done; the loser's slot is released as it ends
+                copy.cancel()  # a no-op on those done; a copy's slot is released as it ends
             await asyncio.gather(*copies, return_exceptions=True)
 
     async def _attempt(
@@ -336,8 +336,12 @@ class OpenAICompatibleClient:
 
 
 async def _first_answer(copies: list[asyncio.Task[ChatReply]]) -> ChatReply:
-    """The first reply of these copies of one attempt. When all fail: a refusal of the
-    request if one was refused (another copy cannot fix that), else the last fault."""
+    """The first reply of these copies of one attempt: the first sent, then its hedge if it
+    ran long. A fault of the first copy waits for the hedge; a fault of the hedge ends the
+    attempt, for the first copy has already run past the hedging delay and is probably hung:
+    the retry, after its backoff, comes sooner than that copy's timeout. The fault raised is
+    a refusal of the request if one was refused (another attempt cannot fix that), else the
+    last one."""
     faults: list[BaseException] = []
     pending = set(copies)
     while pending:
@@ -347,6 +351,8 @@ async def _first_answer(copies: list[asyncio.Task[ChatReply]]) -> ChatReply:
             if fault is None:
                 return copy.result()
             faults.append(fault)
+        if copies[-1] in done:
+            break
     raise next((f for f in faults if not isinstance(f, _TransientFault)), faults[-1])
 
 
