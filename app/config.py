@@ -94,7 +94,10 @@ class Settings(BaseSettings):
     llm_prices: dict[str, Prices] = Field(default_factory=dict)
     llm_timeout_s: float = Field(default=120.0, gt=0)
     llm_max_retries: int = Field(default=4, ge=0)
-    llm_backoff_base_s: float = Field(default=1.0, ge=0)
+    # Full-jitter backoff between attempts, from base doubling up to max. The base is the
+    # OpenAI and Anthropic SDKs' (0.5 s): faults that come one at a time (a 5xx, a cut-off
+    # body) are retried soon, and a longer outage still backs off within a few attempts.
+    llm_backoff_base_s: float = Field(default=0.5, ge=0)
     llm_backoff_max_s: float = Field(default=30.0, ge=0)
     # Hedging (app/llm/hedging.py): an attempt still unanswered after llm_hedge_factor times
     # its endpoint and role's recent p95 latency (and at least llm_hedge_min_s) is sent again
