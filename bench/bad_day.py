@@ -158,6 +158,35 @@ class Job:
 During = Callable[[Job], Coroutine[Any, Any, dict[str, Any]]]
 
 
+async def sample_cap(stack: ServiceStack, stop: asyncio.Event) -> dict[str, Any]:
+    """The default endpoint's adaptive cap and pause (app/llm/limits.py), read from Redis
+    every POLL_S until `stop`: where the cap sat, as the lowest per 5 s, and how long the
+    endpoint was paused for every worker."""
+    key = f"{stack.key_prefix}:limits:default"
+    caps: list[int | None] = []
+    paused = 0
+    redis = Redis.from_url(stack.redis_url)
+    try:
+        while not stop.is_set():
+            cap, pause_ms = await asyncio.gather(
+                redis.hget(f"{key}:aimd", "cap"), redis.pttl(f"{key}:paused")
+            )
+            caps.append(int(cap) if cap is not None else None)
+            paused += pause_ms > 0
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), POLL_S)
+    finally:
+        await redis.aclose()
+    per_5s = int(5 / POLL_S)
+    return {
+        "adaptive_cap_min_by_5s": [
+            min((c for c in caps[i : i + per_5s] if c is not None), default=None)
+            for i in range(0, len(caps), per_5s)
+        ],
+        "paused_s": round(paused * POLL_S, 1),
+    }
+
+
 async def run_job(
     args: argparse.Namespace, label: str, sim_args: list[str], during: During | None = None
 ) -> dict[str, Any]:
@@ -201,8 +230,11 @@ async def run_job(
                     raise RuntimeError(f"POST /v1/jobs: {answer.status_code} {answer.text[:500]}")
                 job = Job(stack, make_sessions(engine), http, sim_root, UUID(answer.json()["id"]), started)
                 beside = asyncio.create_task(during(job)) if during else None
+                sampled = asyncio.Event()
+                sampler = asyncio.create_task(sample_cap(stack, sampled))
                 settled = await wait_for_job(job.sessions, job.job_id, args.prompts, args.settle_s)
-                extra = await beside if beside else {}
+                sampled.set()
+                extra = {"limiter": await sampler, **(await beside if beside else {})}
                 sim = await job.sim_stats()
                 busy_after = machine_cpu_jiffies()
             audit = await audit_job(job.sessions, job.job_id)

@@ -490,7 +490,9 @@ async def _hold_until_disconnect(request: Request, seconds: float) -> bool:
     while time.monotonic() < deadline:
         if await request.is_disconnected():
             return True
-        await asyncio.sleep(0.1)
+        # Soon after the hang-up: until then the request counts as in flight, and a client
+        # that gave its slot to another request would show as over the cap.
+        await asyncio.sleep(0.01)
     return False
 
 
