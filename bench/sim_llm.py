@@ -485,15 +485,16 @@ def _error(status: int, message: str, retry_after: str | None = None) -> Respons
 
 
 async def _hold_until_disconnect(request: Request, seconds: float) -> bool:
-    """Wait up to `seconds`; True if the client hung up meanwhile."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if await request.is_disconnected():
-            return True
-        # Soon after the hang-up: until then the request counts as in flight, and a client
-        # that gave its slot to another request would show as over the cap.
-        await asyncio.sleep(0.01)
-    return False
+    """Wait up to `seconds`; True if the client hung up meanwhile. Waits on the connection's
+    own messages rather than polling: until the hang-up is seen the request counts as in
+    flight, and a client that gave its slot to another request would show as over the cap."""
+    try:
+        async with asyncio.timeout(seconds):
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+    except TimeoutError:
+        return False
+    return True
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, SimConfig]:
