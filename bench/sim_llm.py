@@ -17,7 +17,8 @@ Faults are probabilities per request, drawn once from one seeded generator, in t
 order: --fault-5xx (HTTP 503 after the latency), --fault-429 (at once, Retry-After: 1),
 --fault-stall (nothing until the client hangs up or --stall-s pass, then a normal answer),
 --fault-truncated (half the JSON, finish_reason "length"). With --max-concurrency N > 0 a request arriving
-while N are in flight gets 429 at once and counts as a cap violation.
+while N are in flight (still, HANG_UP_GRACE_S later: a hang-up sent just before it may be read
+just after it) gets 429 and counts as a cap violation.
 
 With --rpm-limit N > 0 the server is rate limited like a hosted API: a token bucket holding
 N x --rpm-burst-s / 60 requests, refilled at N/60 a second; a request arriving at an empty
@@ -52,6 +53,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 MODEL_ID = "sim-llm"
+# How long a request over the cap waits for a hang-up already sent to be read (_drops_below).
+HANG_UP_GRACE_S = 0.02
 _TURN_LINE = re.compile(r"You are agent (\d+) of (\d+), in round (\d+)")
 _THOUGHT_MARKER = re.compile(r"\[T(\d+)\][ \t]*(?:\([^)]*\)[ \t]*)?([^\n]*)")
 _BLOCK = r"{label}:\n<<<\n(.*?)\n>>>"
@@ -402,7 +405,7 @@ class SimLLM:
                     )
                 return refused
         cap = self.config.max_concurrency
-        if cap and stats.in_flight >= cap:
+        if cap and stats.in_flight >= cap and not await _drops_below(stats, cap):
             stats.cap_violations += 1
             return _error(429, "over the simulated concurrency cap", retry_after="1")
         stats.change_in_flight(+1)
@@ -482,6 +485,19 @@ def _error(status: int, message: str, retry_after: str | None = None) -> Respons
     headers = {"Retry-After": retry_after} if retry_after else {}
     body = json.dumps({"error": {"message": message, "type": "sim_llm", "code": status}})
     return Response(body, status, headers=headers, media_type="application/json")
+
+
+async def _drops_below(stats: SimStats, cap: int) -> bool:
+    """Whether in-flight requests drop below `cap` within HANG_UP_GRACE_S. A client that
+    hangs up one request and sends the next on another connection may be read in either
+    order when both arrive together; the hang-up is read within a loop turn or two, while a
+    client really over the cap stays over it."""
+    deadline = time.monotonic() + HANG_UP_GRACE_S
+    while stats.in_flight >= cap:
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.001)
+    return True
 
 
 async def _hold_until_disconnect(request: Request, seconds: float) -> bool:
