@@ -31,7 +31,7 @@ from app.config import EndpointConfig, Settings
 from app.deliberation.ports import ChatRequest, LLMUnavailable
 from app.deliberation.stages import DELIBERATION, SEED
 from app.llm.client import OpenAICompatibleClient
-from app.llm.limits import CUT_SHARE, GROW_EVERY, REUSE_S, WINDOW, EndpointLimiter
+from app.llm.limits import CUT_SHARE, REUSE_S, WINDOW, EndpointLimiter
 from app.llm.rates import EndpointRates
 from app.store.db import Sessions
 from bench.audit import status_counts
@@ -348,7 +348,7 @@ async def test_successes_counted_in_the_process_still_grow_the_cap(redis: Redis,
     await answer(limiter, 8, limited=SUSTAINED)  # cut to 4
     assert await held_at_once(limiter, 8) == 4
 
-    await answer(limiter, 8, ok=2 * GROW_EVERY)  # one kept slot: counted here, told with the next script
+    await answer(limiter, 8, ok=2 * WINDOW)  # one kept slot: counted here, told with the next script
 
     assert await held_at_once(limiter, 8) == 6
 
@@ -417,8 +417,8 @@ async def test_the_cap_is_cut_on_a_sustained_share_of_429s_not_on_each_and_grows
     await answer(limiter, 8, ok=WINDOW - SUSTAINED, limited=SUSTAINED)
     assert await held_at_once(limiter, 8) == 4
     assert REGISTRY.get_sample_value("aidsafe_llm_limit_cap", {"endpoint": "default"}) == 4
-    await answer(limiter, 8, ok=WINDOW)  # +1 per GROW_EVERY outcomes of a window without a cut
-    assert await held_at_once(limiter, 8) == 4 + WINDOW // GROW_EVERY
+    await answer(limiter, 8, ok=3 * WINDOW)  # +1 per window without a sustained share
+    assert await held_at_once(limiter, 8) == 7
     await answer(limiter, 8, ok=3 * WINDOW)
 
     assert await held_at_once(limiter, 8) == 8, "never above the configured limit"

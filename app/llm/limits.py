@@ -38,15 +38,16 @@ several 429s a second, more cuts than +1 per round trip can repair, and no more 
 503s that say when to come back; other faults say nothing about rate) are counted in
 windows of WINDOW, shared by every worker. A window with more than CUT_SHARE 429s halves
 the cap, as soon as its 429s pass that share of WINDOW (its verdict is certain then); a
-window without adds 1 per GROW_EVERY outcomes (about one round trip's worth at a cap of
-40). 2 % noise then never cuts in practice (more than 16 of 80 at p = 0.02: one window in
-10^12), nor does the 8-9 % of a harsh day (one window in 1,000 to 6,000), while a real limit
-that the cap overshoots answers a large share of 429s and is cut within a window (at 30 %,
-97 windows in 100). A window of 40 was too small: at 9 % of 429s it cut one window in 100,
-several times a run, and each cut costs dozens of windows of growth. Settled on a real
-limit, the cap saw-tooths just under it: +1 per GROW_EVERY until the 429s pass 20 %, then
-half. As TCP cuts at most once per round trip, outcomes of requests sent before
-the last cut are not counted (the cap's generation is taken at acquire): they were sent at
+window without adds 1 (about one round trip's worth at a cap of 60). 2 % noise then never
+cuts in practice (more than 12 of 60 at p = 0.02: one window in 10^9), the 8-9 % of a
+harsh day rarely does (one window in 1,300 to 330), while a real limit that the cap
+overshoots answers a large share of 429s and is cut within a window (at 30 %, 94 windows in
+100). The window trades one for the other: at 40 a harsh day cut one window in 100 to 270,
+several times a run (bench/RESULTS.md, "Issue 12 target 1"), and at 80 a real limit, whose
+overshoot is slight, took longer to cut: 5.9 % of 429s against 4.4-4.8 %. Settled on a real
+limit, the cap saw-tooths just under it: +1 a window until the 429s pass 20 %, then half.
+As TCP cuts at most once per round trip, outcomes of requests sent before the last cut are
+not counted (the cap's generation is taken at acquire): they were sent at
 the old cap and would cut it again for the same overload.
 
 Pauses ("<key>:paused", a key with a PX expiry, only ever lengthened; the acquire script
@@ -80,17 +81,15 @@ from app.metrics import LIMIT_CAP, LIMIT_PAUSE_SECONDS, LIMIT_PAUSED_UNTIL, LIMI
 logger = logging.getLogger(__name__)
 
 # Outcomes per decision, and the share of 429s in one that cuts the cap.
-WINDOW = 80
+WINDOW = 60
 CUT_SHARE = 0.2
-# Outcomes per +1 of the cap, in a window without a cut (added when the window completes).
-GROW_EVERY = 40
 
 # Counts outcomes for the adaptive cap: ok_n successes and limited_n 429s of requests sent at
 # the cap's generation `gen` (outcomes of an older one are not counted). Several successes
 # arrive at once from a process that kept its slots (below): each full window of them adds 1.
 # Returns the cap, its generation now, and whether these outcomes cut it.
 _COUNT = """
-local function count(aimd, limit, gen, ok_n, limited_n, window, cut_share, grow_every)
+local function count(aimd, limit, gen, ok_n, limited_n, window, cut_share)
   local state = redis.call('HMGET', aimd, 'cap', 'gen', 'ok', 'limited')
   local cap = math.max(1, math.min(limit, tonumber(state[1] or limit)))
   local now_gen = tonumber(state[2] or 0)
@@ -104,7 +103,7 @@ local function count(aimd, limit, gen, ok_n, limited_n, window, cut_share, grow_
     now_gen = now_gen + 1
     ok, limited = 0, 0
   elseif ok + limited >= window then
-    cap = math.min(limit, cap + math.floor((ok + limited) / grow_every))
+    cap = math.min(limit, cap + math.floor((ok + limited) / window))
     ok, limited = (ok + limited) % window, 0
   end
   redis.call('HSET', aimd, 'cap', cap, 'gen', now_gen, 'ok', ok, 'limited', limited)
@@ -114,7 +113,7 @@ end
 """
 
 # KEYS: holders, aimd, paused. ARGV: limit, lease ms, then the successes not yet counted:
-# generation, how many, WINDOW, CUT_SHARE, GROW_EVERY; then the tokens wanted, in order.
+# generation, how many, WINDOW, CUT_SHARE; then the tokens wanted, in order.
 # Returns {wait ms (0: some taken), paused (0/1), the cap's generation, how many taken}: the
 # first ones, as many as are free.
 # Redis's own clock, so machines with skewed clocks still agree on who has expired.
@@ -123,7 +122,7 @@ _ACQUIRE = (
     + """
 local limit, lease_ms = tonumber(ARGV[1]), tonumber(ARGV[2])
 local cap, gen = count(KEYS[2], limit, tonumber(ARGV[3]), tonumber(ARGV[4]), 0,
-  tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]))
+  tonumber(ARGV[5]), tonumber(ARGV[6]))
 local pause = redis.call('PTTL', KEYS[3])
 if pause > 0 then
   return {pause, 1, gen, 0}
@@ -137,9 +136,9 @@ if free <= 0 then
   local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
   return {math.max(1, tonumber(first[2]) - now_ms), 0, gen, 0}
 end
-local taken = math.min(free, #ARGV - 7)
+local taken = math.min(free, #ARGV - 6)
 for i = 1, taken do
-  redis.call('ZADD', KEYS[1], now_ms + lease_ms, ARGV[7 + i])
+  redis.call('ZADD', KEYS[1], now_ms + lease_ms, ARGV[6 + i])
 end
 -- The key outlives its longest lease, then vanishes once the endpoint goes idle.
 if redis.call('PTTL', KEYS[1]) < lease_ms then
@@ -151,7 +150,7 @@ return {0, 0, gen, taken}
 
 # KEYS: holders, aimd, freed, paused. ARGV: limit, generation, successes, 429s (of that
 # generation), pause ms (0: none), the Retry-After ms that pauses if these outcomes cut the
-# cap, WINDOW, CUT_SHARE, GROW_EVERY, then the tokens released (none: only counting).
+# cap, WINDOW, CUT_SHARE, then the tokens released (none: only counting).
 # Release, wake as many waiters, count the outcomes, pause: one round trip.
 # Returns {the cap, ms this release added to the pause, the pause's ms left, the generation}.
 _RELEASE = (
@@ -159,8 +158,8 @@ _RELEASE = (
     + """
 local limit = tonumber(ARGV[1])
 local pause_ms, retry_ms = tonumber(ARGV[5]), tonumber(ARGV[6])
-if #ARGV > 9 then
-  local tokens = {unpack(ARGV, 10)}
+if #ARGV > 8 then
+  local tokens = {unpack(ARGV, 9)}
   redis.call('ZREM', KEYS[1], unpack(tokens))
   for _ = 1, #tokens do
     redis.call('RPUSH', KEYS[3], 1)
@@ -169,7 +168,7 @@ if #ARGV > 9 then
   redis.call('PEXPIRE', KEYS[3], 60000)
 end
 local cap, gen, cut = count(KEYS[2], limit, tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]),
-  tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]))
+  tonumber(ARGV[7]), tonumber(ARGV[8]))
 if cut then
   pause_ms = math.max(pause_ms, retry_ms)
 end
@@ -394,8 +393,7 @@ class EndpointLimiter:
                 tokens = [f"{self._owner}/{uuid.uuid4().hex}" for _ in waiters]
                 generation, uncounted, local.uncounted_ok = local.generation, local.uncounted_ok, 0
                 asked = time.monotonic()  # Redis's leases surely end later than this one's
-                lease_ms = max(1, round(lease_s * 1000))
-                args = [local.limit, lease_ms, generation, uncounted, WINDOW, CUT_SHARE, GROW_EVERY]
+                args = [local.limit, max(1, round(lease_s * 1000)), generation, uncounted, WINDOW, CUT_SHARE]
                 try:
                     wait_ms, paused, generation, taken = await self._acquire(keys=keys, args=[*args, *tokens])
                 except Exception:
@@ -480,8 +478,7 @@ class EndpointLimiter:
         limited = int(held is not None and held.rate_limited and held.generation == generation)
         pause_ms = round(held.pause_s * 1000) if held else 0
         retry_ms = round(held.retry_after_s * 1000) if held else 0
-        counting = [WINDOW, CUT_SHARE, GROW_EVERY]
-        args = [local.limit, generation, uncounted, limited, pause_ms, retry_ms, *counting]
+        args = [local.limit, generation, uncounted, limited, pause_ms, retry_ms, WINDOW, CUT_SHARE]
         try:
             cap, added_ms, left_ms, generation = await self._release_script(
                 keys=[key, f"{key}:aimd", f"{key}:freed", f"{key}:paused"], args=[*args, *tokens]
