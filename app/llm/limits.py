@@ -38,16 +38,16 @@ several 429s a second, more cuts than +1 per round trip can repair, and no more 
 503s that say when to come back; other faults say nothing about rate) are counted in
 windows of WINDOW, shared by every worker. A window with more than CUT_SHARE 429s halves
 the cap, as soon as its 429s pass that share of WINDOW (its verdict is certain then); a
-window without adds 1 (about one round trip's worth at a cap of 60). 2 % noise then never
-cuts in practice (more than 12 of 60 at p = 0.02: one window in 10^9), the 8-9 % of a
-harsh day rarely does (one window in 1,300 to 330), while a real limit that the cap
-overshoots answers a large share of 429s and is cut within a window (at 30 %, 94 windows in
-100). The window trades one for the other: at 40 a harsh day cut one window in 100 to 270,
-several times a run (bench/RESULTS.md, "Issue 12 target 1"), and at 80 a real limit, whose
-overshoot is slight, took longer to cut: 5.9 % of 429s against 4.4-4.8 %. Settled on a real
-limit, the cap saw-tooths just under it: +1 a window until the 429s pass 20 %, then half.
-As TCP cuts at most once per round trip, outcomes of requests sent before the last cut are
-not counted (the cap's generation is taken at acquire): they were sent at
+window without adds 1 (about one round trip's worth at a cap of 40). 2 % noise then
+essentially never cuts (more than 8 of 40 at p = 0.02: one window in 10^7), even the 8 % of
+a harsh day rarely does (one window in 270), while a real limit that the cap overshoots
+answers a large share of 429s and is cut within a window (at 30 %, nine windows in ten).
+Larger windows cut a harsh day less but a real limit later, and its overshoot is slight:
+at 60 and 80 answers the rate-limit benchmark drew 4.8-5.5 % and 5.9 % of 429s, against
+3.8-4.4 % at 40 (bench/RESULTS.md, "Issue 12 target 1: hedged requests").
+Settled on a real limit, the cap saw-tooths just under it: +1 a window until the 429s pass
+20 %, then half. As TCP cuts at most once per round trip, outcomes of requests sent before
+the last cut are not counted (the cap's generation is taken at acquire): they were sent at
 the old cap and would cut it again for the same overload.
 
 Pauses ("<key>:paused", a key with a PX expiry, only ever lengthened; the acquire script
@@ -81,7 +81,7 @@ from app.metrics import LIMIT_CAP, LIMIT_PAUSE_SECONDS, LIMIT_PAUSED_UNTIL, LIMI
 logger = logging.getLogger(__name__)
 
 # Outcomes per decision, and the share of 429s in one that cuts the cap.
-WINDOW = 60
+WINDOW = 40
 CUT_SHARE = 0.2
 
 # Counts outcomes for the adaptive cap: ok_n successes and limited_n 429s of requests sent at
