@@ -157,7 +157,12 @@ class Settings(BaseSettings):
     # Workers blank the hazardous text (whispered beliefs, rejected CoTs, guard texts) of
     # finished jobs submitted more than this many days ago and keep the rest; unset: never.
     purge_hazardous_after_days: float | None = Field(default=None, gt=0)
-    purge_interval_s: int = Field(default=3600, gt=0)  # how often one of the workers purges
+    # How often one of the workers purges: that hazardous text, and (always) dead viewer
+    # sessions and old webhook rejections.
+    purge_interval_s: int = Field(default=3600, gt=0)
+    # Refused webhook deliveries are deleted this long after they arrived: their bodies may
+    # quote a job's CoTs after the job was deleted (app/store/webhooks.py says why not with it).
+    webhook_rejections_kept_days: float = Field(default=7.0, gt=0)
 
     # Progress events (GET /v1/jobs/{id}/events): one Redis stream per job, trimmed and expiring;
     # Postgres stays the truth, so a follower resyncs from it whenever the stream falls short.

@@ -38,7 +38,17 @@ from app.llm.rates import EndpointRates
 from app.metrics import ITEMS_FINISHED
 from app.plan import ComparisonPlan, GenerationPlan, ModelEvaluationPlan, SampleEvaluationPlan
 from app.queue import arq_job_id, enqueue_items, item_of_job, redis_settings
-from app.store import batches, budgets, deletions, items, model_evaluations, policy_sets, prompt_sets
+from app.store import (
+    batches,
+    budgets,
+    deletions,
+    items,
+    model_evaluations,
+    policy_sets,
+    prompt_sets,
+    web_sessions,
+    webhooks,
+)
 from app.store.batches import AwaitingBatch, BatchedLLM
 from app.store.db import Sessions, make_engine, make_sessions
 from app.store.endings import CANCELLED, Ending, failed, handed_back
@@ -65,6 +75,7 @@ class Worker:
     spending: budgets.Spending  # what jobs with a budget have spent
     sweeper: asyncio.Task[None] | None = None  # this process's sweeper loop, if it runs one
     purger: asyncio.Task[None] | None = None  # its hazardous-text purge loop, if it runs one
+    expirer: asyncio.Task[None] | None = None  # its loop deleting rows kept only for a while
     deliverer: asyncio.Task[None] | None = None  # its callback sender loop, beside the sweeper
     batch_api: BatchAPI | None = None  # the providers' batch APIs, for batch jobs' waves
     waves: asyncio.Task[None] | None = None  # its batch loop (workers/waves.py)
@@ -87,6 +98,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     worker.sweeper = asyncio.create_task(_sweep_forever(worker))
     if (days := worker.settings.purge_hazardous_after_days) is not None:
         worker.purger = asyncio.create_task(_purge_forever(worker, timedelta(days=days)))
+    worker.expirer = asyncio.create_task(_expire_forever(worker))
     worker.deliverer = asyncio.create_task(_deliver_forever(worker))
     worker.batch_api = BatchAPI(worker.settings.endpoints())
     worker.waves = asyncio.create_task(
@@ -133,7 +145,7 @@ def llm_limiter(
 
 async def shutdown(ctx: dict[str, Any]) -> None:
     worker = _worker(ctx)
-    for loop in (worker.sweeper, worker.purger, worker.deliverer, worker.waves):
+    for loop in (worker.sweeper, worker.purger, worker.expirer, worker.deliverer, worker.waves):
         if loop:
             loop.cancel()
     if worker.batch_api is not None:
@@ -435,6 +447,21 @@ async def _purge_forever(worker: Worker, older_than: timedelta) -> None:
             log.info("purged the hazardous text of %d jobs", purged)
 
     await _one_per_interval(worker, "purger", worker.settings.purge_interval_s, purge)
+
+
+async def _expire_forever(worker: Worker) -> None:
+    """Delete the rows kept only for a while (dead viewer sessions, webhook rejections older
+    than webhook_rejections_kept_days), in one worker per purge interval."""
+    kept = timedelta(days=worker.settings.webhook_rejections_kept_days)
+
+    async def expire() -> None:
+        async with worker.sessions.begin() as session:
+            dead = await web_sessions.purge_dead(session)
+            old = await webhooks.purge_old_rejections(session, kept)
+        if dead or old:
+            log.info("deleted %d dead viewer sessions and %d old webhook rejections", dead, old)
+
+    await _one_per_interval(worker, "expirer", worker.settings.purge_interval_s, expire)
 
 
 async def _one_per_interval(
