@@ -1105,7 +1105,8 @@ class CallbackSecretOut(BaseModel):
     callback_secret: str | None = Field(
         description="The key of the HMAC-SHA256 signature on the job's callback deliveries (see "
         "the README's Callbacks), shown only in the answer to the submission (and to its "
-        "replays). Null when the job names no callback."
+        "replays). Null when the job names no callback, or (in a replay) once its delivery is over: "
+        "the secret is then erased."
     )
 
 
