@@ -21,6 +21,10 @@ from arq import Retry
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from prometheus_client import start_http_server
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry as RedisRetry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import events, logs
@@ -66,6 +70,7 @@ class Worker:
 
     settings: Settings
     redis: ArqRedis
+    llm_redis: Redis  # the LLM limiter's and rate budgets' (llm_redis)
     db: AsyncEngine
     sessions: Sessions
     llm: OpenAICompatibleClient
@@ -115,10 +120,11 @@ async def connect(ctx: dict[str, Any]) -> None:
     pool_size = min(settings.worker_max_jobs + 2, settings.worker_db_connections)
     db = make_engine(settings.database_url, pool_size=pool_size)
     worker_id = uuid4()
+    limits = llm_redis(settings)
     llm = OpenAICompatibleClient(
         settings.endpoints(),
-        llm_limiter(redis, settings, owner=worker_id, keep_s=settings.llm_slot_keep_s),
-        rates=EndpointRates(redis, key_prefix=f"{settings.redis_key_prefix}:rates"),
+        llm_limiter(limits, settings, owner=worker_id, keep_s=settings.llm_slot_keep_s),
+        rates=EndpointRates(limits, key_prefix=f"{settings.redis_key_prefix}:rates"),
         timeout_s=settings.llm_timeout_s,
         max_retries=settings.llm_max_retries,
         backoff_base_s=settings.llm_backoff_base_s,
@@ -130,12 +136,29 @@ async def connect(ctx: dict[str, Any]) -> None:
     heartbeat = asyncio.create_task(liveness.beat_forever(redis, settings, worker_id))
     spending = budgets.Spending(redis, sessions, settings.redis_key_prefix)
     callbacks = Sender(settings, sessions)
-    ctx[WORKER] = Worker(settings, redis, db, sessions, llm, callbacks, worker_id, heartbeat, spending)
+    ctx[WORKER] = Worker(
+        settings, redis, limits, db, sessions, llm, callbacks, worker_id, heartbeat, spending
+    )
     log.info("worker %s started (%s)", worker_id, liveness.process())
 
 
+def llm_redis(settings: Settings) -> Redis:
+    """The Redis client of the LLM limiter and rate budgets: a pool of its own, with a socket
+    timeout (arq's has none), so that a Redis that stops answering (hung, not restarted) fails
+    an item's LLM call with a RedisError, which the client retries as a transient fault,
+    instead of holding it forever. A connection error (a pooled connection that a restarted
+    Redis dropped) is tried again once, at once; a timeout is not: the client backs off."""
+    return Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.llm_redis_timeout_s,
+        socket_connect_timeout=settings.llm_redis_timeout_s,
+        retry=RedisRetry(NoBackoff(), 1),
+        retry_on_error=[RedisConnectionError],
+    )
+
+
 def llm_limiter(
-    redis: ArqRedis, settings: Settings, owner: UUID | None = None, keep_s: float = 0.0
+    redis: Redis, settings: Settings, owner: UUID | None = None, keep_s: float = 0.0
 ) -> EndpointLimiter:
     """The shared LLM cap; its slots taken by `owner` (a worker) carry its id."""
     return EndpointLimiter(
@@ -151,7 +174,8 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     if worker.batch_api is not None:
         await worker.batch_api.aclose()
     await liveness.stop(worker.redis, worker.settings, worker.worker_id, worker.heartbeat)
-    await worker.llm.aclose()
+    await worker.llm.aclose()  # gives its kept LLM slots back through llm_redis: close that after
+    await worker.llm_redis.aclose()
     await worker.callbacks.aclose()
     await worker.db.dispose()
 
