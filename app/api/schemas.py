@@ -362,7 +362,8 @@ class Usage(BaseModel):
     completion_tokens: int
     cost_usd: float | None = Field(
         description="At the prices pinned in the job when it was submitted; null when an endpoint "
-        "the job uses has no price (unknown, not free)."
+        "the job uses has no price (unknown, not free), or, for an item, when one of its own calls "
+        "went to such an endpoint."
     )
 
 
