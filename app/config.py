@@ -69,6 +69,11 @@ class Settings(BaseSettings):
 
     database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/aidsafe"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # The workers' LLM limiter and rate budgets give up on a Redis call after this long (a
+    # RedisError, which the LLM client retries as a transient fault) rather than wait forever
+    # on a Redis that stopped answering. Above the limiter's longest BLPOP (1 s), with room for
+    # the round trip.
+    llm_redis_timeout_s: float = Field(default=5.0, ge=2.0)
     log_level: str = "INFO"
     log_json: bool = True  # structured logs (one JSON object per line) with job and item ids
     queue_name: str = "aidsafe:queue"
@@ -167,7 +172,12 @@ class Settings(BaseSettings):
     # Workers blank the hazardous text (whispered beliefs, rejected CoTs, guard texts) of
     # finished jobs submitted more than this many days ago and keep the rest; unset: never.
     purge_hazardous_after_days: float | None = Field(default=None, gt=0)
-    purge_interval_s: int = Field(default=3600, gt=0)  # how often one of the workers purges
+    # How often one of the workers purges: that hazardous text, and (always) dead viewer
+    # sessions and old webhook rejections.
+    purge_interval_s: int = Field(default=3600, gt=0)
+    # Refused webhook deliveries are deleted this long after they arrived: their bodies may
+    # quote a job's CoTs after the job was deleted (app/store/webhooks.py says why not with it).
+    webhook_rejections_kept_days: float = Field(default=7.0, gt=0)
 
     # Progress events (GET /v1/jobs/{id}/events): one Redis stream per job, trimmed and expiring;
     # Postgres stays the truth, so a follower resyncs from it whenever the stream falls short.

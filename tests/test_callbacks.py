@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import signal
 import socket
 import subprocess
@@ -32,7 +33,7 @@ from app.config import Settings
 from app.store import callbacks
 from app.store.db import Sessions
 from app.store.endings import COMPLETED, ending_values
-from app.store.models import CallbackDelivery, Item
+from app.store.models import CallbackDelivery, Item, Job
 from tests.conftest import api_client, eventually, new_key, run_worker_burst, start_worker
 
 
@@ -458,3 +459,82 @@ async def test_of_two_transactions_ending_a_jobs_last_items_one_writes_its_deliv
         await second.close()
     (delivery,) = await deliveries(sessions, job_id)
     assert delivery.payload["counts"] == {"total": 2, "by_status": {"completed": 2}}
+
+
+async def stored_secret(sessions: Sessions, job_id: str) -> str | None:
+    async with sessions() as session:
+        return await session.scalar(select(Job.callback_secret).where(Job.id == UUID(job_id)))
+
+
+@pytest.mark.parametrize(
+    ("outcome", "failures", "sending"),
+    [
+        ("delivered", 0, {}),
+        ("gave_up", 100, {"callback_retry_for_s": 1.0}),
+        ("refused", 0, {"callback_hosts": "example.org"}),
+    ],
+)
+async def test_a_jobs_callback_secret_is_erased_once_its_delivery_is_over(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    notifying: Settings,
+    sessions: Sessions,
+    receiver: Receiver,
+    outcome: str,
+    failures: int,
+    sending: dict[str, Any],
+) -> None:
+    receiver.failures = failures
+    body = {"prompts": ["How do tides work?"], "callback_url": receiver.url}
+    headers = {**auth, "Idempotency-Key": f"erased-{outcome}"}
+    submitted = await api.post("/v1/jobs", json=body, headers=headers)
+    job_id = submitted.json()["id"]
+    await run_worker_burst(notifying)
+    assert await stored_secret(sessions, job_id) == submitted.json()["callback_secret"]
+    sender = Sender(notifying.model_copy(update=sending), sessions)
+
+    async def over() -> bool:
+        await sender.send_due()
+        return (await deliveries(sessions, job_id))[0].status == outcome
+
+    try:
+        await eventually(over, timeout_s=20, what=f"the delivery to end {outcome}")
+    finally:
+        await sender.aclose()
+
+    assert await stored_secret(sessions, job_id) is None
+    replay = await api.post("/v1/jobs", json=body, headers=headers)
+    assert (replay.status_code, replay.json()["id"], replay.json()["callback_secret"]) == (200, job_id, None)
+
+
+async def test_no_answer_or_log_line_shows_a_pending_deliverys_secret(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    notifying: Settings,
+    sessions: Sessions,
+    receiver: Receiver,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    receiver.failures = 100
+    job_id, secret = await submit_notifying(api, auth, receiver.url)
+    await run_worker_burst(notifying)
+    sender = Sender(notifying.model_copy(update={"callback_retry_base_s": 60.0}), sessions)
+    try:
+        await send_until(sender, lambda: receiver.received, "a failed attempt")
+    finally:
+        await sender.aclose()
+    assert (await deliveries(sessions, job_id))[0].status == "pending"
+
+    for path in (
+        "/v1/jobs",
+        f"/v1/jobs/{job_id}",
+        f"/v1/jobs/{job_id}/items",
+        f"/v1/jobs/{job_id}/callbacks",
+        f"/v1/jobs/{job_id}/export?format=jsonl",
+        f"/v1/jobs/{job_id}/export?format=aidsafe_csv",
+    ):
+        answer = await api.get(path, headers=auth)
+        assert answer.status_code == 200, (path, answer.text)
+        assert secret not in answer.text, path
+    assert caplog.records and secret not in caplog.text

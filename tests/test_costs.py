@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from uuid import UUID
 
 import httpx
+import orjson
 import pytest
 from prometheus_client import REGISTRY
 from pydantic import ValidationError
@@ -423,3 +424,28 @@ async def test_a_job_is_not_announced_as_finished_while_items_wait_for_budget(
         await callbacks.record_if_finished(session, job_id)
     async with sessions() as session:
         assert await session.scalar(select(func.count()).select_from(CallbackDelivery)) == 0
+
+
+async def test_an_items_cost_is_known_when_its_own_calls_were_priced_in_the_api_as_in_exports(
+    priced_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    scripted_llm: ScriptedLLM,
+    second_llm: ScriptedLLM,
+) -> None:
+    scripted_llm.usage = second_llm.usage = USAGE
+    # Unpriced "second" is only the fallback, which no call needs here: every turn is priced.
+    fallback = {**QUICK, "fallback": {"endpoint": "second"}}
+    priced_calls = await post_job(priced_api, auth, {"prompts": prompts(1), "config": fallback})
+    on_second = {**QUICK, "defaults": {"endpoint": "second"}}
+    unpriced_calls = await post_job(priced_api, auth, {"prompts": prompts(1), "config": on_second})
+    await run_worker_burst(settings)
+
+    for job, cost in ((priced_calls, pytest.approx(4 * CALL_USD)), (unpriced_calls, None)):
+        job_id = job.json()["id"]
+        [listed] = (await priced_api.get(f"/v1/jobs/{job_id}/items", headers=auth)).json()["data"]
+        item = (await priced_api.get(f"/v1/items/{listed['id']}", headers=auth)).json()
+        export = await priced_api.get(f"/v1/jobs/{job_id}/export?format=jsonl", headers=auth)
+        [record] = [orjson.loads(line) for line in export.text.splitlines()]
+        assert item["usage"]["cost_usd"] == record["usage"]["cost_usd"] == cost

@@ -452,3 +452,20 @@ async def test_the_judges_are_worded_by_the_evaluations_prompt_set_and_the_targe
     assert len(asked) == 2 and not any("HOUSE" in m["content"] for b in asked for m in b["messages"])
     report = (await api.get(f"/v1/model-evaluations/{submitted['id']}", headers=auth)).json()
     assert report["prompt_set"] == submitted["prompt_set"] and report["status"] == "completed"
+
+
+async def test_an_idempotency_key_reused_with_another_body_is_a_conflict(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    headers = {**auth, "Idempotency-Key": "eval-2"}
+    first = await api.post(
+        "/v1/model-evaluations",
+        json=evaluation_body([{"name": "b", "prompts": [GOOD_ROW]}], "m1"),
+        headers=headers,
+    )
+    assert first.status_code == 202, first.text
+
+    other = evaluation_body([{"name": "b", "prompts": [GOOD_ROW]}], "m2")
+    error_of(
+        await api.post("/v1/model-evaluations", json=other, headers=headers), 409, "idempotency_conflict"
+    )

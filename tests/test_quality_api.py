@@ -773,7 +773,7 @@ async def test_a_job_cannot_be_compared_with_itself(
     assert await row_counts(sessions) == before
 
 
-async def test_jobs_and_comparisons_keep_separate_idempotency_keys(
+async def test_jobs_and_comparisons_keep_separate_idempotency_keys_each_refusing_another_body(
     api: httpx.AsyncClient, auth: Headers, sessions: Sessions
 ) -> None:
     baseline = await finished_job(api, auth, sessions, [completed()], prompts=["a"])
@@ -792,6 +792,8 @@ async def test_jobs_and_comparisons_keep_separate_idempotency_keys(
         200,
         comparison.json()["id"],
     )
+    swapped = {"baseline_job_id": candidate, "candidate_job_id": baseline}
+    error_of(await api.post("/v1/comparisons", json=swapped, headers=headers), 409, "idempotency_conflict")
 
 
 async def test_a_plain_job_is_not_a_comparison(

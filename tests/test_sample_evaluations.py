@@ -418,3 +418,27 @@ async def test_an_unknown_prompt_set_for_an_evaluation_is_a_422_and_nothing_stor
 
     assert "'nope'" in error_of(response, 422, "unknown_prompt_set")["message"]
     assert await stored(sessions) == NOTHING
+
+
+async def test_an_idempotency_key_reused_with_another_body_or_file_is_a_conflict(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    sample = {"prompt": "How do tides work?", "response": "The moon pulls the sea."}
+    body = {"guard": {}, "samples": [sample]}
+    first = {**auth, "Idempotency-Key": "samples-1"}
+    assert (await api.post("/v1/sample-evaluations", json=body, headers=first)).status_code == 202
+    another = {**body, "samples": [{**sample, "response": "Wind."}]}
+    csv = b"prompt,response\nHow do tides work?,The moon pulls the sea.\n"
+
+    error_of(
+        await api.post("/v1/sample-evaluations", json=another, headers=first), 409, "idempotency_conflict"
+    )
+    error_of(await upload(api, first, csv, "csv", guard={}), 409, "idempotency_conflict")
+    second = {**auth, "Idempotency-Key": "samples-2"}
+    assert (await upload(api, second, csv, "csv", guard={})).status_code == 202
+    error_of(
+        await upload(api, second, csv + b"Why?,Because.\n", "csv", guard={}), 409, "idempotency_conflict"
+    )
+    error_of(await upload(api, second, csv, "csv", grade={}), 409, "idempotency_conflict")
+    async with sessions() as session:
+        assert await session.scalar(select(func.count()).select_from(Job)) == 2

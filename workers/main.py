@@ -21,6 +21,10 @@ from arq import Retry
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from prometheus_client import start_http_server
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry as RedisRetry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import events, logs
@@ -39,7 +43,17 @@ from app.llm.rates import EndpointRates
 from app.metrics import ITEMS_FINISHED
 from app.plan import ComparisonPlan, GenerationPlan, ModelEvaluationPlan, SampleEvaluationPlan
 from app.queue import arq_job_id, enqueue_items, item_of_job, redis_settings
-from app.store import batches, budgets, deletions, items, model_evaluations, policy_sets, prompt_sets
+from app.store import (
+    batches,
+    budgets,
+    deletions,
+    items,
+    model_evaluations,
+    policy_sets,
+    prompt_sets,
+    web_sessions,
+    webhooks,
+)
 from app.store.batches import AwaitingBatch, BatchedLLM
 from app.store.db import Sessions, make_engine, make_sessions
 from app.store.endings import CANCELLED, Ending, failed, handed_back
@@ -57,6 +71,7 @@ class Worker:
 
     settings: Settings
     redis: ArqRedis
+    llm_redis: Redis  # the LLM limiter's and rate budgets' (llm_redis)
     db: AsyncEngine
     sessions: Sessions
     llm: OpenAICompatibleClient
@@ -66,6 +81,7 @@ class Worker:
     spending: budgets.Spending  # what jobs with a budget have spent
     sweeper: asyncio.Task[None] | None = None  # this process's sweeper loop, if it runs one
     purger: asyncio.Task[None] | None = None  # its hazardous-text purge loop, if it runs one
+    expirer: asyncio.Task[None] | None = None  # its loop deleting rows kept only for a while
     deliverer: asyncio.Task[None] | None = None  # its callback sender loop, beside the sweeper
     batch_api: BatchAPI | None = None  # the providers' batch APIs, for batch jobs' waves
     waves: asyncio.Task[None] | None = None  # its batch loop (workers/waves.py)
@@ -88,6 +104,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     worker.sweeper = asyncio.create_task(_sweep_forever(worker))
     if (days := worker.settings.purge_hazardous_after_days) is not None:
         worker.purger = asyncio.create_task(_purge_forever(worker, timedelta(days=days)))
+    worker.expirer = asyncio.create_task(_expire_forever(worker))
     worker.deliverer = asyncio.create_task(_deliver_forever(worker))
     worker.batch_api = BatchAPI(worker.settings.endpoints())
     worker.waves = asyncio.create_task(
@@ -104,10 +121,11 @@ async def connect(ctx: dict[str, Any]) -> None:
     pool_size = min(settings.worker_max_jobs + 2, settings.worker_db_connections)
     db = make_engine(settings.database_url, pool_size=pool_size)
     worker_id = uuid4()
+    limits = llm_redis(settings)
     llm = OpenAICompatibleClient(
         settings.endpoints(),
-        llm_limiter(redis, settings, owner=worker_id, keep_s=settings.llm_slot_keep_s),
-        rates=EndpointRates(redis, key_prefix=f"{settings.redis_key_prefix}:rates"),
+        llm_limiter(limits, settings, owner=worker_id, keep_s=settings.llm_slot_keep_s),
+        rates=EndpointRates(limits, key_prefix=f"{settings.redis_key_prefix}:rates"),
         timeout_s=settings.llm_timeout_s,
         max_retries=settings.llm_max_retries,
         backoff_base_s=settings.llm_backoff_base_s,
@@ -120,12 +138,29 @@ async def connect(ctx: dict[str, Any]) -> None:
     heartbeat = asyncio.create_task(liveness.beat_forever(redis, settings, worker_id))
     spending = budgets.Spending(redis, sessions, settings.redis_key_prefix)
     callbacks = Sender(settings, sessions)
-    ctx[WORKER] = Worker(settings, redis, db, sessions, llm, callbacks, worker_id, heartbeat, spending)
+    ctx[WORKER] = Worker(
+        settings, redis, limits, db, sessions, llm, callbacks, worker_id, heartbeat, spending
+    )
     log.info("worker %s started (%s)", worker_id, liveness.process())
 
 
+def llm_redis(settings: Settings) -> Redis:
+    """The Redis client of the LLM limiter and rate budgets: a pool of its own, with a socket
+    timeout (arq's has none), so that a Redis that stops answering (hung, not restarted) fails
+    an item's LLM call with a RedisError, which the client retries as a transient fault,
+    instead of holding it forever. A connection error (a pooled connection that a restarted
+    Redis dropped) is tried again once, at once; a timeout is not: the client backs off."""
+    return Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.llm_redis_timeout_s,
+        socket_connect_timeout=settings.llm_redis_timeout_s,
+        retry=RedisRetry(NoBackoff(), 1),
+        retry_on_error=[RedisConnectionError],
+    )
+
+
 def llm_limiter(
-    redis: ArqRedis, settings: Settings, owner: UUID | None = None, keep_s: float = 0.0
+    redis: Redis, settings: Settings, owner: UUID | None = None, keep_s: float = 0.0
 ) -> EndpointLimiter:
     """The shared LLM cap; its slots taken by `owner` (a worker) carry its id."""
     return EndpointLimiter(
@@ -135,13 +170,14 @@ def llm_limiter(
 
 async def shutdown(ctx: dict[str, Any]) -> None:
     worker = _worker(ctx)
-    for loop in (worker.sweeper, worker.purger, worker.deliverer, worker.waves):
+    for loop in (worker.sweeper, worker.purger, worker.expirer, worker.deliverer, worker.waves):
         if loop:
             loop.cancel()
     if worker.batch_api is not None:
         await worker.batch_api.aclose()
     await liveness.stop(worker.redis, worker.settings, worker.worker_id, worker.heartbeat)
-    await worker.llm.aclose()
+    await worker.llm.aclose()  # gives its kept LLM slots back through llm_redis: close that after
+    await worker.llm_redis.aclose()
     await worker.callbacks.aclose()
     await worker.db.dispose()
 
@@ -437,6 +473,21 @@ async def _purge_forever(worker: Worker, older_than: timedelta) -> None:
             log.info("purged the hazardous text of %d jobs", purged)
 
     await _one_per_interval(worker, "purger", worker.settings.purge_interval_s, purge)
+
+
+async def _expire_forever(worker: Worker) -> None:
+    """Delete the rows kept only for a while (dead viewer sessions, webhook rejections older
+    than webhook_rejections_kept_days), in one worker per purge interval."""
+    kept = timedelta(days=worker.settings.webhook_rejections_kept_days)
+
+    async def expire() -> None:
+        async with worker.sessions.begin() as session:
+            dead = await web_sessions.purge_dead(session)
+            old = await webhooks.purge_old_rejections(session, kept)
+        if dead or old:
+            log.info("deleted %d dead viewer sessions and %d old webhook rejections", dead, old)
+
+    await _one_per_interval(worker, "expirer", worker.settings.purge_interval_s, expire)
 
 
 async def _one_per_interval(

@@ -28,5 +28,5 @@ async def get_item(
         **views.item_out(item).model_dump(),
         cot=views.cot_out(cot, item) if cot else None,
         turns=[views.turn_out(t, reads_hazardous) for t in turns],
-        usage=views.item_usage(turns, job.plan),
+        usage=views.item_usage(turns),
     )

@@ -362,7 +362,8 @@ class Usage(BaseModel):
     completion_tokens: int
     cost_usd: float | None = Field(
         description="At the prices pinned in the job when it was submitted; null when an endpoint "
-        "the job uses has no price (unknown, not free)."
+        "the job uses has no price (unknown, not free), or, for an item, when one of its own calls "
+        "went to such an endpoint."
     )
 
 
@@ -1105,7 +1106,8 @@ class CallbackSecretOut(BaseModel):
     callback_secret: str | None = Field(
         description="The key of the HMAC-SHA256 signature on the job's callback deliveries (see "
         "the README's Callbacks), shown only in the answer to the submission (and to its "
-        "replays). Null when the job names no callback."
+        "replays). Null when the job names no callback, or (in a replay) once its delivery is over: "
+        "the secret is then erased."
     )
 
 

@@ -43,10 +43,10 @@ from app.api.schemas import (
     Usage,
     VoteOut,
 )
-from app.costs import job_cost, priced
+from app.costs import job_cost
 from app.deliberation.ports import guard_flags, is_hazardous
 from app.deliberation.results import SCORE_SCALE
-from app.plan import ComparisonPlan, JobPlan, ModelEvaluationPlan, SampleEvaluationPlan
+from app.plan import ComparisonPlan, ModelEvaluationPlan, SampleEvaluationPlan
 from app.stats import mean, proportion
 from app.store import quality
 from app.store.job_listing import ListedJob
@@ -95,14 +95,16 @@ def turn_out(turn: TurnRow, reads_hazardous: bool) -> TurnOut:
     return out.model_copy(update={"raw_output": "", "parsed": None, "error": None, "redacted": True})
 
 
-def item_usage(turns: list[TurnRow], plan: JobPlan) -> Usage:
-    """An item's turns summed; the cost as its job's (null unless every endpoint is priced)."""
+def item_usage(turns: list[TurnRow]) -> Usage:
+    """An item's turns summed; the cost null unless every turn has one (a call to an unpriced
+    endpoint costs an unknown amount), as exports count it (app/store/exports.py)."""
+    costs = [t.cost_usd for t in turns if t.cost_usd is not None]
     return Usage(
         llm_calls=len(turns),
         prompt_tokens=sum(t.prompt_tokens for t in turns),
         cached_prompt_tokens=sum(t.cached_prompt_tokens for t in turns),
         completion_tokens=sum(t.completion_tokens for t in turns),
-        cost_usd=sum(t.cost_usd or 0.0 for t in turns) if priced(plan) else None,
+        cost_usd=sum(costs) if len(costs) == len(turns) else None,
     )
 
 

@@ -4,7 +4,8 @@ Each webhook belongs to one API key and has its own URL and secret; a delivery i
 against that key's items only, so a leaked secret exposes one tenant at most, and an answer
 never says whether another tenant's item exists. Label Studio sends each delivery once and
 keeps no failure log, so every refused delivery is kept for the owner to read (and, when it
-carried the right secret, with its body, to re-import by hand)."""
+carried the right secret, with its body, to re-import by hand), for a while: the workers
+delete it after `webhook_rejections_kept_days` (app/store/webhooks.py says why)."""
 
 from __future__ import annotations
 
@@ -128,7 +129,8 @@ async def list_rejections(
     key: CurrentKey,
     limit: Annotated[int, Query(ge=1, le=store.KEPT_REJECTIONS, description="How many, newest first.")] = 100,
 ) -> list[RejectionOut]:
-    """Deliveries this webhook refused, newest first (the newest 1,000 are kept)."""
+    """Deliveries this webhook refused, newest first: the newest 1,000 received in the last
+    `AIDSAFE_WEBHOOK_REJECTIONS_KEPT_DAYS` days (7 unless the server says otherwise)."""
     webhook = await store.get_owned(session, webhook_id, key.id)
     return [_rejection_out(row) for row in await store.recent_rejections(session, webhook, limit)]
 

@@ -204,8 +204,9 @@ return freed
 """
 
 # A waiter also looks again after this long without a wake-up: the adaptive cap may have
-# grown, or a waiter that took a wake-up was cancelled before it could use it.
-_MAX_BLOCK_S = 1.0
+# grown, or a waiter that took a wake-up was cancelled before it could use it. The Redis
+# client's socket timeout must be longer, or every such wait would end in a timeout.
+MAX_BLOCK_S = 1.0
 
 # A slot kept by its process (keep_s > 0) carries its requests for this long at most after
 # Redis gave it; its Redis lease is this much longer. Then it goes back, as every 429 does.
@@ -288,11 +289,19 @@ class EndpointLimiter:
     def __init__(
         self, redis: Redis, key_prefix: str = "aidsafe:limits", owner: str = "", keep_s: float = 0.0
     ) -> None:
-        """`owner`: who holds the slots taken here (a worker's id), for `release_owners`.
+        """`redis`: a client whose socket timeout, if it has one, is longer than MAX_BLOCK_S
+        (a ValueError otherwise). `owner`: who holds the slots taken here (a worker's id), for
+        `release_owners`.
         `keep_s`: how long a released slot may stay with this process, unused, for its next
         request (0: none stays; see the module's docstring). Close with `aclose`."""
         if keep_s < 0:
             raise ValueError(f"keep_s must not be negative, got {keep_s}")
+        socket_timeout = redis.connection_pool.connection_kwargs.get("socket_timeout")
+        if socket_timeout is not None and socket_timeout <= MAX_BLOCK_S:
+            raise ValueError(
+                f"the Redis client's socket_timeout ({socket_timeout} s) must be longer than the "
+                f"limiter's blocking waits ({MAX_BLOCK_S} s)"
+            )
         self._redis = redis
         self._key_prefix = key_prefix
         self._owner = owner
@@ -416,7 +425,7 @@ class EndpointLimiter:
                         await asyncio.sleep(wait_s)
                     else:
                         # Redis 6+ takes fractional seconds; redis-py's annotation says int.
-                        timeout = min(wait_s, _MAX_BLOCK_S)
+                        timeout = min(wait_s, MAX_BLOCK_S)
                         await self._redis.blpop([f"{key}:freed"], timeout=timeout)  # type: ignore[arg-type,misc]
                 finally:
                     local.blocked = False

@@ -8,7 +8,7 @@ the process died right after the commit; the workers send what is due, whoever w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
@@ -76,7 +76,7 @@ class Due:
     id: UUID
     job_id: UUID
     url: str
-    secret: str  # the job's, which signs it
+    secret: str = field(repr=False)  # the job's, which signs it: kept out of logs
     payload: dict[str, Any]
     attempt: int
     created_at: datetime
@@ -134,8 +134,9 @@ async def record_attempt(
     sessions: Sessions, due: Due, outcome: Outcome, status: CallbackStatus, retry_in_s: float | None
 ) -> bool:
     """Log the attempt and move the delivery on: to `status`, due again in `retry_in_s` if it
-    stays pending. False (nothing written) if the claim is no longer this one's: its lease
-    ran out and another worker took the delivery."""
+    stays pending; once it does not, the job's callback secret is erased (nothing will be
+    signed with it again). False (nothing written) if the claim is no longer this one's: its
+    lease ran out and another worker took the delivery."""
     async with sessions.begin() as session:
         moved = await session.execute(
             update(CallbackDelivery)
@@ -153,6 +154,8 @@ async def record_attempt(
         )
         if moved.first() is None:
             return False
+        if status != CallbackStatus.PENDING:
+            await session.execute(update(Job).where(Job.id == due.job_id).values(callback_secret=None))
         session.add(
             CallbackAttempt(
                 delivery_id=due.id,

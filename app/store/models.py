@@ -172,7 +172,8 @@ class Job(Base):
     # When its hazardous text was purged (app/store/deletions.py purge_hazardous); None: not yet.
     hazardous_purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Where the job's end is announced (app/callbacks.py), and the secret that signs it: kept
-    # as given, since signing needs it. None: the job names no callback.
+    # as given, since signing needs it, until its delivery is over (delivered, given up or
+    # refused: app/store/callbacks.py erases it then). None: no callback, or that.
     callback_url: Mapped[str | None] = mapped_column(Text)
     callback_secret: Mapped[str | None] = mapped_column(String(64))
     # The user's: a short name and free-form JSON, given at submission or set later.

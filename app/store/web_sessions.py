@@ -1,12 +1,13 @@
 """Viewer login sessions (app/web/session.py): started at login, ended at logout, and live
-only while unexpired and their API key is not revoked."""
+only while unexpired and their API key is not revoked; the workers delete the dead ones."""
 
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any, cast
 from uuid import UUID
 
-from sqlalchemy import func, select, update
+from sqlalchemy import CursorResult, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.store.models import ApiKey, WebSession
@@ -41,3 +42,19 @@ async def end(session: AsyncSession, session_id: UUID) -> None:
         .where(WebSession.id == session_id, WebSession.ended_at.is_(None))
         .values(ended_at=func.now())
     )
+
+
+async def purge_dead(session: AsyncSession) -> int:
+    """Delete, in the caller's transaction, the sessions that can never be live again: ended,
+    expired, or of a revoked key (a key is never unrevoked); how many."""
+    revoked = select(ApiKey.id).where(ApiKey.revoked_at.is_not(None))
+    deleted = await session.execute(
+        delete(WebSession).where(
+            or_(
+                WebSession.ended_at.is_not(None),
+                WebSession.expires_at <= func.now(),
+                WebSession.key_id.in_(revoked),
+            )
+        )
+    )
+    return cast(CursorResult[Any], deleted).rowcount  # a DELETE's result

@@ -1,14 +1,27 @@
 """Webhooks a labeling tool delivers reviews to: one per key and tool instance, each with its
 own secret, so a leaked secret admits reviews of one tenant's items at most. Deliveries
-refused are kept (the newest per webhook) for the owner to read."""
+refused are kept (the newest per webhook, for a while) for the owner to read.
+
+A refused delivery's body quotes the reviewed CoTs (a Label Studio task carries its item's
+prompt, thoughts and response), and it outlives them: the workers delete rejections older
+than `webhook_rejections_kept_days` (`purge_old_rejections`) rather than deleting or
+blanking them with their job. No link from a job to the bodies that quote it can be made
+reliably: a body is kept exactly when it could not be read as reviews of the owner's items
+(malformed, truncated at MAX_KEPT_BODY_CHARS, or naming items that are not there), and a
+delivery about a deleted job's task arrives, and is refused as `unknown_items`, after the
+deletion, which no deletion-time search could find. A short retention bounds them all.
+The hazardous-text purge has nothing to blank in them: a task carries only the chosen CoT
+(app/labeling/label_studio.py), which the purge keeps."""
 
 from __future__ import annotations
 
 import hmac
 import secrets
+from datetime import timedelta
+from typing import Any, cast
 from uuid import UUID
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import CursorResult, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import NotFound, Unauthorized
@@ -108,3 +121,12 @@ async def recent_rejections(session: AsyncSession, webhook: Webhook, limit: int)
         .limit(limit)
     )
     return list(await session.scalars(query))
+
+
+async def purge_old_rejections(session: AsyncSession, older_than: timedelta) -> int:
+    """Delete, in the caller's transaction, every webhook's rejections received longer than
+    `older_than` ago; how many."""
+    deleted = await session.execute(
+        delete(WebhookRejection).where(WebhookRejection.received_at < func.now() - older_than)
+    )
+    return cast(CursorResult[Any], deleted).rowcount  # a DELETE's result

@@ -323,7 +323,7 @@ async def item_page(request: Request, item_id: UUID, session: SessionDep, key: V
         "cot": cot,
         "timeline": timeline.build(cot, turns) if cot else None,
         "turns": turns,
-        "usage": views.item_usage(turn_rows, job.plan),
+        "usage": views.item_usage(turn_rows),
         "pair": pair,
         "reads_hazardous": reads_hazardous,
     }

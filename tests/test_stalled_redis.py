@@ -1,0 +1,205 @@
+"""A Redis that stops answering (hung, not restarted) fails the workers' LLM limiter and rate
+budget calls after `llm_redis_timeout_s`, so an item's LLM call ends as a transient fault
+instead of holding its worker forever; the limiter's blocking waits stay shorter than that
+timeout. Each test stops (SIGSTOP) a redis-server of its own, never the shared one."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from arq.connections import ArqRedis
+from pydantic import ValidationError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from app.config import Settings
+from app.deliberation.ports import LLMUnavailable
+from app.deliberation.stages import SEED
+from app.llm.limits import MAX_BLOCK_S, EndpointLimiter
+from app.llm.rates import EndpointRates
+from app.store.db import Sessions
+from tests.scripted_llm import ScriptedLLM, chat_request
+from workers.main import WORKER, Worker, connect, llm_limiter, llm_redis, shutdown
+
+TIMEOUT_S = 2.0  # the least llm_redis_timeout_s allowed
+# A call on a hung Redis fails within this: its own timeout, and the release of what it may
+# have taken, which times out too.
+FAILS_WITHIN_S = 3 * TIMEOUT_S
+NEVER_S = 30.0  # the test's own bound: without a socket timeout these waits never end
+
+
+@dataclass(frozen=True)
+class OwnRedis:
+    url: str
+    process: subprocess.Popen[bytes]
+
+    def stall(self) -> None:
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.process.pid, signal.SIGCONT)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
+    """A redis-server on a free loopback port, for this test alone."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    options = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    process = subprocess.Popen(
+        ["redis-server", *options, "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError("the test's redis-server did not start") from None
+                time.sleep(0.05)
+        yield OwnRedis(f"redis://127.0.0.1:{port}/0", process)
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture
+def stalling(settings: Settings, own_redis: OwnRedis) -> Settings:
+    """The session's settings with the limits' Redis on `own_redis`."""
+    return settings.model_copy(update={"redis_url": own_redis.url, "llm_redis_timeout_s": TIMEOUT_S})
+
+
+@pytest.fixture
+async def limits(stalling: Settings, own_redis: OwnRedis) -> AsyncIterator[Redis]:
+    """The workers' client for the limits, on `own_redis`, with a connection already open."""
+    client = llm_redis(stalling)
+    await client.ping()
+    yield client
+    own_redis.resume()  # closing must not wait on a stopped server
+    await client.aclose()
+
+
+async def fails_fast(call: Any) -> float:
+    """How long `call` took to fail with a RedisError."""
+    started = time.monotonic()
+    with pytest.raises(RedisError):
+        async with asyncio.timeout(NEVER_S):
+            await call()
+    return time.monotonic() - started
+
+
+async def test_a_slot_request_fails_within_the_timeout_when_redis_hangs(
+    limits: Redis, stalling: Settings, own_redis: OwnRedis
+) -> None:
+    limiter = llm_limiter(limits, stalling)
+    async with limiter.slot("default", 1, lease_s=10):
+        pass
+    own_redis.stall()
+
+    async def take_a_slot() -> None:
+        async with limiter.slot("default", 1, lease_s=10):
+            pass
+
+    assert await fails_fast(take_a_slot) < FAILS_WITHIN_S
+
+
+async def test_a_rate_reservation_fails_within_the_timeout_when_redis_hangs(
+    limits: Redis, stalling: Settings, own_redis: OwnRedis
+) -> None:
+    rates = EndpointRates(limits, key_prefix=f"{stalling.redis_key_prefix}:rates")
+    await rates.reserve("default", rpm=100, tpm=None, tokens=10)
+    own_redis.stall()
+
+    assert await fails_fast(lambda: rates.reserve("default", rpm=100, tpm=None, tokens=10)) < FAILS_WITHIN_S
+
+
+async def test_a_waiter_blocked_for_a_slot_fails_within_the_timeout_when_redis_hangs(
+    limits: Redis, stalling: Settings, own_redis: OwnRedis
+) -> None:
+    limiter = llm_limiter(limits, stalling)
+
+    async def wait_for_the_slot() -> None:
+        async with limiter.slot("default", 1, lease_s=10):
+            pass
+
+    async with limiter.slot("default", 1, lease_s=10):
+        waiter = asyncio.create_task(fails_fast(wait_for_the_slot))
+        await asyncio.sleep(0.5)  # in its BLPOP
+        own_redis.stall()
+        try:
+            took = await waiter
+        finally:
+            own_redis.resume()  # for this slot's release
+
+    assert took < FAILS_WITHIN_S + MAX_BLOCK_S
+
+
+async def test_a_wait_for_a_slot_longer_than_the_timeout_ends_with_the_slot(
+    limits: Redis, stalling: Settings
+) -> None:
+    limiter = llm_limiter(limits, stalling)
+    holding = asyncio.Event()
+
+    async def hold() -> None:
+        async with limiter.slot("default", 1, lease_s=10):
+            holding.set()
+            await asyncio.sleep(2.5 * TIMEOUT_S)
+
+    holder = asyncio.create_task(hold())
+    await holding.wait()
+    started = time.monotonic()
+    async with limiter.slot("default", 1, lease_s=10):
+        waited = time.monotonic() - started
+    await holder
+
+    assert waited > 2 * TIMEOUT_S
+
+
+def test_the_limits_timeout_must_outlast_the_limiters_blocking_waits() -> None:
+    with pytest.raises(ValueError, match="socket_timeout"):
+        EndpointLimiter(Redis.from_url("redis://127.0.0.1:6379/0", socket_timeout=MAX_BLOCK_S))
+    with pytest.raises(ValidationError):
+        Settings(llm_redis_timeout_s=MAX_BLOCK_S)
+
+
+async def test_a_workers_llm_call_ends_as_unavailable_when_redis_hangs(
+    stalling: Settings,
+    own_redis: OwnRedis,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    # arq's pool (queue, heartbeats) stays on the shared Redis; the limits go to own_redis.
+    # No slot kept between calls: each goes to Redis.
+    once = stalling.model_copy(update={"llm_max_retries": 0, "llm_slot_keep_s": 0.0})
+    ctx: dict[str, Any] = {"settings": once, "redis": arq_redis}
+    await connect(ctx)
+    worker: Worker = ctx[WORKER]
+    try:
+        request = chat_request(SEED, "How do tides work?")
+        await worker.llm.chat(request)  # a slot taken and given back: a connection is open
+        own_redis.stall()
+        started = time.monotonic()
+        with pytest.raises(LLMUnavailable):
+            async with asyncio.timeout(NEVER_S):
+                await worker.llm.chat(request)
+        assert time.monotonic() - started < FAILS_WITHIN_S
+    finally:
+        own_redis.resume()
+        await shutdown(ctx)
