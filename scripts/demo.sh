@@ -41,6 +41,7 @@ export AIDSAFE_LLM_MODEL=smollm2-135m-instruct
 export AIDSAFE_LLM_RESPONSE_FORMAT=json_object
 export AIDSAFE_LLM_MAX_CONCURRENCY=1
 export AIDSAFE_LLM_TIMEOUT_S=600
+export AIDSAFE_LLM_HEDGE_FACTOR=0  # a slow reply of a local CPU server is not hung: no copies
 export AIDSAFE_LLM_MAX_CONTEXT_TOKENS=$N_CTX
 export AIDSAFE_DEFAULT_MAX_TOKENS=384
 export AIDSAFE_WORKER_MAX_JOBS=2
