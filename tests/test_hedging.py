@@ -175,7 +175,7 @@ async def test_a_failed_first_copy_waits_for_the_hedge(scripted_llm: ScriptedLLM
     """The first copy fails (503) after the hedge was sent: the hedge's answer is the reply,
     with no retry."""
     policy = warmed(HedgePolicy(factor=1, min_delay_s=HEDGE_AFTER_S, budget=0.05))
-    scripted_llm.latency_s = 0.2  # the first copy runs past the hedge delay before it fails
+    scripted_llm.latency_s = 0.5  # the first copy runs past the hedge delay before it fails
     scripted_llm.script("seed_cot", http_error(503))
 
     async with hedging_client(scripted_llm, policy) as client:
@@ -206,7 +206,7 @@ async def test_a_refusal_of_the_request_wins_over_a_transient_fault(scripted_llm
     """Both copies fail, the first refused (400), the hedge with a 503: the refusal says the
     request itself is wrong, which a retry cannot fix, so it is raised and nothing is retried."""
     policy = warmed(HedgePolicy(factor=1, min_delay_s=HEDGE_AFTER_S, budget=0.05))
-    scripted_llm.latency_s = 0.2  # each copy runs past the hedge delay before it fails
+    scripted_llm.latency_s = 0.5  # each copy runs past the hedge delay before it fails
     scripted_llm.script("seed_cot", http_error(400), http_error(503))
 
     async with hedging_client(scripted_llm, policy) as client:
