@@ -16,7 +16,7 @@ from app.config import EndpointConfig
 from app.deliberation.ports import ChatRequest, LLMRequestRejected
 from app.deliberation.stages import SEED
 from app.llm.client import OpenAICompatibleClient
-from app.llm.hedging import BURST, MIN_SAMPLES, HedgePolicy
+from app.llm.hedging import BURST, MIN_SAMPLES, RECOMPUTE_EVERY, HedgePolicy
 from app.llm.limits import EndpointLimiter
 from tests.conftest import eventually
 from tests.scripted_llm import ScriptedLLM, chat_request, http_error, stall
@@ -97,6 +97,18 @@ def test_percentile_follows_the_recent_replies() -> None:
     for _ in range(300):  # the endpoint got slower: old samples age out
         policy.observe("default", role, 0.5)
     assert policy.delay_s("default", role, 10) == pytest.approx(0.5)
+
+
+def test_percentile_is_recomputed_every_few_replies_not_on_each() -> None:
+    policy = warmed(HedgePolicy(factor=1, min_delay_s=0, budget=1), seconds=0.01)
+    role = seed_request().role
+    for _ in range(RECOMPUTE_EVERY - 1):
+        policy.observe("default", role, 5.0)
+    assert policy.delay_s("default", role, 10) == pytest.approx(0.01)  # not yet: the old one
+
+    policy.observe("default", role, 5.0)
+
+    assert policy.delay_s("default", role, 10) == pytest.approx(5.0)  # 10 of 30 slow: past p95
 
 
 def test_budget_allows_a_burst_then_the_earned_share() -> None:

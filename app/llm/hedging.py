@@ -41,11 +41,10 @@ class _Latencies:
     def add(self, seconds: float) -> None:
         self.recent.append(seconds)
         self.since_recompute += 1
-        if len(self.recent) >= MIN_SAMPLES and (
-            self.quantile_s is None or self.since_recompute >= RECOMPUTE_EVERY
-        ):
+        # The first time too: MIN_SAMPLES is at least RECOMPUTE_EVERY.
+        if len(self.recent) >= MIN_SAMPLES and self.since_recompute >= RECOMPUTE_EVERY:
             ordered = sorted(self.recent)
-            self.quantile_s = ordered[min(len(ordered) - 1, math.ceil(QUANTILE * len(ordered)) - 1)]
+            self.quantile_s = ordered[math.ceil(QUANTILE * len(ordered)) - 1]
             self.since_recompute = 0
 
 
