@@ -130,7 +130,7 @@ async def connect(ctx: dict[str, Any]) -> None:
         max_retries=settings.llm_max_retries,
         backoff_base_s=settings.llm_backoff_base_s,
         backoff_max_s=settings.llm_backoff_max_s,
-        hedging=HedgePolicy(settings.llm_hedge_factor, settings.llm_hedge_min_s, settings.llm_hedge_budget),
+        hedging=_hedge_policy(settings),
     )
     sessions = make_sessions(db)
     # The first beat before the first claim: a claim without a heartbeat looks dead.
@@ -142,6 +142,14 @@ async def connect(ctx: dict[str, Any]) -> None:
         settings, redis, limits, db, sessions, llm, callbacks, worker_id, heartbeat, spending
     )
     log.info("worker %s started (%s)", worker_id, liveness.process())
+
+
+def _hedge_policy(settings: Settings) -> HedgePolicy | None:
+    """None when hedging is off, so the client awaits each attempt directly rather than in a
+    task of its own, kept for a copy it would never send."""
+    if settings.llm_hedge_factor <= 0:
+        return None
+    return HedgePolicy(settings.llm_hedge_factor, settings.llm_hedge_min_s, settings.llm_hedge_budget)
 
 
 def llm_redis(settings: Settings) -> Redis:
