@@ -361,9 +361,9 @@ class Usage(BaseModel):
     cached_prompt_tokens: int = Field(description="Of prompt_tokens, those the servers reported as cached.")
     completion_tokens: int
     cost_usd: float | None = Field(
-        description="At the prices pinned in the job when it was submitted; null when an endpoint "
-        "the job uses has no price (unknown, not free), or, for an item, when one of its own calls "
-        "went to such an endpoint."
+        description="At the prices pinned in the job when it was submitted. A job's is null when "
+        "an endpoint the job uses has no price (unknown, not free); an item's only when one of "
+        "its own calls went to such an endpoint."
     )
 
 
