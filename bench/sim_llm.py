@@ -85,6 +85,8 @@ class SimConfig:
 class SimStats:
     requests: int = 0  # every POST /v1/chat/completions, faults and cap refusals included
     answered: int = 0  # 200s (truncated answers included)
+    # the same per user query (`user_query`): per item, as each item has its own prompt
+    answered_by_query: Counter[str] = field(default_factory=Counter)
     by_schema: Counter[str] = field(default_factory=Counter)
     in_flight: int = 0
     max_in_flight: int = 0
@@ -178,7 +180,8 @@ def _block(text: str, label: str) -> str | None:
     return found.group(1).strip() if found else None
 
 
-def _topic(user_text: str) -> str:
+def user_query(user_text: str) -> str:
+    """The user query a request is about; for a prompt on its own, the prompt's."""
     query = _block(user_text, "User query") or user_text
     return " ".join(query.split())[:160] or "the question"
 
@@ -194,7 +197,7 @@ def _response_text(topic: str) -> str:
 
 
 def intents_answer(user_text: str) -> dict[str, Any]:
-    topic = _topic(user_text)
+    topic = user_query(user_text)
     return {
         "explicit_intents": [
             f"Get an answer to: {topic[:120]}",
@@ -208,7 +211,7 @@ def intents_answer(user_text: str) -> dict[str, Any]:
 
 
 def seed_answer(user_text: str) -> dict[str, Any]:
-    topic = _topic(user_text)
+    topic = user_query(user_text)
     return {
         "thoughts": [
             f"The user asks about {topic[:80]}; the explicit intent is practical help with it.",
@@ -233,8 +236,8 @@ def deliberation_answer(
     turn = _TURN_LINE.search(user_text)
     agent, agents, round_no = (int(g) for g in turn.groups()) if turn else (1, 1, 1)
     turn_no = (round_no - 1) * agents + agent
-    response = _block(user_text, "Current response") or _response_text(_topic(user_text))
-    if turn_no >= agree_after or _draw(seed, _topic(user_text), turn_no) < agree_prob:
+    response = _block(user_text, "Current response") or _response_text(user_query(user_text))
+    if turn_no >= agree_after or _draw(seed, user_query(user_text), turn_no) < agree_prob:
         return {
             "agree": True,
             "critique": "The thoughts cover every intent, apply the policies without needless refusal, "
@@ -265,7 +268,7 @@ def refined_answer(user_text: str) -> dict[str, Any]:
         group = ids[start : start + per_thought]
         text = " ".join(marked.get(i) or f"Thought {i} holds." for i in group)
         thoughts.append({"text": text[:400], "sources": group})
-    response = _block(user_text, "Last response") or _response_text(_topic(user_text))
+    response = _block(user_text, "Last response") or _response_text(user_query(user_text))
     return {"thoughts": thoughts, "dropped": [], "response": response}
 
 
@@ -351,6 +354,7 @@ class SimLLM:
                 Route("/v1/models", self._models, methods=["GET"]),
                 Route("/stats", self._stats, methods=["GET"]),
                 Route("/stats/reset", self._reset, methods=["POST"]),
+                Route("/stats/answers", self._answers, methods=["GET"]),
             ]
         )
 
@@ -361,6 +365,10 @@ class SimLLM:
 
     async def _stats(self, request: Request) -> Response:
         return JSONResponse({"config": asdict(self.config), **self.stats.snapshot()})
+
+    async def _answers(self, request: Request) -> Response:
+        """Answers sent per user query: kept out of /stats, which runs poll (one per item)."""
+        return JSONResponse(dict(self.stats.answered_by_query))
 
     async def _reset(self, request: Request) -> Response:
         in_flight = self.stats.in_flight
@@ -457,6 +465,7 @@ class SimLLM:
         if fault == "truncated":
             stats.faults[fault] += 1
         stats.answered += 1
+        stats.answered_by_query[user_query(_last_user_text(body))] += 1
         stats.prompt_tokens += prompt_tokens
         stats.completion_tokens += completion_tokens
         self._ids += 1
