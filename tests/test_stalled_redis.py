@@ -1,5 +1,5 @@
-"""A Redis that stops answering (hung, not restarted) fails the workers' LLM limiter and rate
-budget calls after `llm_redis_timeout_s`, so an item's LLM call ends as a transient fault
+"""A Redis that stops answering (hung, not restarted) fails the workers' LLM limiter, rate
+budget and spending calls after `llm_redis_timeout_s`, so an item's LLM call ends as a transient fault
 instead of holding its worker forever; the limiter's blocking waits stay shorter than that
 timeout. Each test stops (SIGSTOP) a redis-server of its own, never the shared one."""
 
@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +24,12 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from app.config import Settings
+from app.costs import Budget
 from app.deliberation.ports import LLMUnavailable
 from app.deliberation.stages import SEED
 from app.llm.limits import MAX_BLOCK_S, EndpointLimiter
 from app.llm.rates import EndpointRates
+from app.store.budgets import Meter
 from app.store.db import Sessions
 from tests.scripted_llm import ScriptedLLM, chat_request
 from workers.main import WORKER, Worker, connect, llm_limiter, llm_redis, shutdown
@@ -200,6 +203,36 @@ async def test_a_workers_llm_call_ends_as_unavailable_when_redis_hangs(
             async with asyncio.timeout(NEVER_S):
                 await worker.llm.chat(request)
         assert time.monotonic() - started < FAILS_WITHIN_S
+    finally:
+        own_redis.resume()
+        await shutdown(ctx)
+
+
+async def test_a_budgeted_jobs_spending_on_a_hung_redis_delays_its_item_and_never_hangs(
+    stalling: Settings, own_redis: OwnRedis, arq_redis: ArqRedis, scripted_llm: ScriptedLLM
+) -> None:
+    # The spending a worker reads before each call of a job with a budget, and adds to after
+    # each turn, is on the limits' client: a hung Redis is an outage there too, not a hang.
+    ctx: dict[str, Any] = {"settings": stalling, "redis": arq_redis}
+    await connect(ctx)
+    worker: Worker = ctx[WORKER]
+    budget = Budget(max_tokens=1_000_000)
+    meter = Meter(worker.llm, worker.spending, uuid.uuid4(), budget)
+    try:
+        await meter.recorded(budget, 10, None)  # a connection is open
+        own_redis.stall()
+        assert await fails_fast(lambda: worker.spending.spent(uuid.uuid4())) < FAILS_WITHIN_S
+        started = time.monotonic()
+        with pytest.raises(LLMUnavailable):  # the worker hands the item back without a failure
+            async with asyncio.timeout(NEVER_S):
+                await meter.chat(chat_request(SEED, "How do tides work?"))
+        assert time.monotonic() - started < FAILS_WITHIN_S
+
+        started = time.monotonic()
+        async with asyncio.timeout(NEVER_S):
+            await meter.recorded(budget, 10, None)  # the turn is stored: counted or not, on we go
+        assert time.monotonic() - started < 2 * FAILS_WITHIN_S
+        assert scripted_llm.requests == []  # no call started on an unread budget
     finally:
         own_redis.resume()
         await shutdown(ctx)

@@ -71,7 +71,7 @@ class Worker:
 
     settings: Settings
     redis: ArqRedis
-    llm_redis: Redis  # the LLM limiter's and rate budgets' (llm_redis)
+    llm_redis: Redis  # the LLM limiter's, rate budgets' and spending's (llm_redis)
     db: AsyncEngine
     sessions: Sessions
     llm: OpenAICompatibleClient
@@ -136,7 +136,7 @@ async def connect(ctx: dict[str, Any]) -> None:
     # The first beat before the first claim: a claim without a heartbeat looks dead.
     await liveness.beat(redis, settings, worker_id)
     heartbeat = asyncio.create_task(liveness.beat_forever(redis, settings, worker_id))
-    spending = budgets.Spending(redis, sessions, settings.redis_key_prefix)
+    spending = budgets.Spending(limits, sessions, settings.redis_key_prefix)  # on every LLM call too
     callbacks = Sender(settings, sessions)
     ctx[WORKER] = Worker(
         settings, redis, limits, db, sessions, llm, callbacks, worker_id, heartbeat, spending
@@ -153,10 +153,12 @@ def _hedge_policy(settings: Settings) -> HedgePolicy | None:
 
 
 def llm_redis(settings: Settings) -> Redis:
-    """The Redis client of the LLM limiter and rate budgets: a pool of its own, with a socket
-    timeout (arq's has none), so that a Redis that stops answering (hung, not restarted) fails
-    an item's LLM call with a RedisError, which the client retries as a transient fault,
-    instead of holding it forever. A connection error (a pooled connection that a restarted
+    """The Redis client of what each LLM call waits on (the limiter, rate budgets, and the
+    spending of jobs with a budget): a pool of its own, with a socket timeout (arq's has
+    none), so that a Redis that stops answering (hung, not restarted) fails an item's LLM
+    call with a RedisError, which the client retries as a transient fault (the spending read
+    before the call: the item waits as in an outage, `budgets.Meter`), instead of holding it
+    forever. A connection error (a pooled connection that a restarted
     Redis dropped) is tried again once, at once; a timeout is not: the client backs off."""
     return Redis.from_url(
         settings.redis_url,

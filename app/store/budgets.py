@@ -20,16 +20,18 @@ the queue; they resume from their turns.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from uuid import UUID
 
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.costs import Budget, BudgetExhausted
-from app.deliberation.ports import ChatReply, ChatRequest, LLMClient
+from app.deliberation.ports import ChatReply, ChatRequest, LLMClient, LLMUnavailable
 from app.queue import enqueue_items
 from app.store import callbacks, items
 from app.store.db import Sessions
@@ -132,15 +134,33 @@ class Meter:
         self._llm, self._spending, self._job_id, self._budget = llm, spending, job_id, budget
 
     async def chat(self, request: ChatRequest) -> ChatReply:
-        if self._budget is not None and self._budget.reached(*await self._spending.spent(self._job_id)):
+        if self._budget is not None and self._budget.reached(*await self._spent()):
             raise BudgetExhausted(f"job {self._job_id}: budget spent")
         return await self._llm.chat(request)
 
+    async def _spent(self) -> tuple[int, float]:
+        try:
+            return await self._spending.spent(self._job_id)
+        except RedisError as exc:  # as an LLM outage: the item waits, its tries are not used up
+            raise LLMUnavailable(
+                f"budget counters unreadable: {exc!r}", "the job's spending could not be read"
+            ) from exc
+
     async def recorded(self, budget: Budget | None, tokens: int, usd: float | None) -> None:
-        """A turn was stored; `budget`: the job's as its insert read it."""
+        """A turn was stored; `budget`: the job's as its insert read it. If its counters
+        cannot be added to, they are dropped, to be rebuilt from the turns at the next read;
+        if Redis cannot even drop them they miss this turn until they expire, which lets the
+        job overrun its budget by this turn. Failing the item would not count it either: its
+        turn is stored, and a resumed item adds only new turns."""
         self._budget = budget
-        if budget is not None:
+        if budget is None:
+            return
+        try:
             await self._spending.add(self._job_id, tokens, usd)
+        except RedisError:
+            log.warning("could not count a turn of job %s against its budget", self._job_id, exc_info=True)
+            with contextlib.suppress(RedisError):
+                await self._spending.forget(self._job_id)
 
 
 async def park(
