@@ -69,10 +69,10 @@ class Settings(BaseSettings):
 
     database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/aidsafe"
     redis_url: str = "redis://127.0.0.1:6379/0"
-    # The workers' LLM limiter and rate budgets give up on a Redis call after this long (a
-    # RedisError, which the LLM client retries as a transient fault) rather than wait forever
-    # on a Redis that stopped answering. Above the limiter's longest BLPOP (1 s), with room for
-    # the round trip.
+    # The workers' LLM limiter, rate budgets and budgeted jobs' spending give up on a Redis
+    # call after this long (a RedisError, which the LLM client retries as a transient fault)
+    # rather than wait forever on a Redis that stopped answering. Above the limiter's longest
+    # BLPOP (1 s), with room for the round trip.
     llm_redis_timeout_s: float = Field(default=5.0, ge=2.0)
     log_level: str = "INFO"
     log_json: bool = True  # structured logs (one JSON object per line) with job and item ids
