@@ -162,8 +162,10 @@ class Settings(BaseSettings):
     # Each worker sets a key in Redis this often, which lives this long: the sweeper takes
     # back the items of a worker whose key is gone (workers/liveness.py). A worker whose
     # event loop is blocked for longer than the TTL loses its items (safely: fenced).
-    heartbeat_interval_s: float = Field(default=2.0, gt=0)
-    heartbeat_ttl_s: float = Field(default=10.0, gt=0)
+    # 1 s and 5 s: a killed worker's items resume about 7 s later (10 s cost 12 s, a third of
+    # the time lost to a kill: bench/RESULTS.md); a loop blocked 5 s is already a broken worker.
+    heartbeat_interval_s: float = Field(default=1.0, gt=0)
+    heartbeat_ttl_s: float = Field(default=5.0, gt=0)
     item_max_attempts: int = 100  # claims of one item, LLM outages included, before it fails
     item_max_failures: int = 5  # claims lost to a dead worker or an unexpected error
     item_retry_base_s: float = 5.0  # first back-off after the LLM stayed unavailable; doubles
