@@ -554,7 +554,9 @@ def worker_settings(settings: Settings, *, sweeper: bool = True) -> dict[str, An
         # Items end by themselves; the lease, not arq's timeout, detects dead workers.
         "job_timeout": _JOB_TIMEOUT_S,
         "max_tries": 1_000_000,  # retries are bounded per item in Postgres
-        "keep_result": 60,
+        # Nothing reads a job's result (the item's row is its outcome): writing one cost a
+        # pickle and a SET per item, and 60 s of a key per item in Redis.
+        "keep_result": 0,
         "job_completion_wait": 5,  # on SIGTERM, then running items are released
     }
 
