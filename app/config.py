@@ -170,7 +170,9 @@ class Settings(BaseSettings):
     item_max_failures: int = 5  # claims lost to a dead worker or an unexpected error
     item_retry_base_s: float = 5.0  # first back-off after the LLM stayed unavailable; doubles
     sweep_interval_s: int = Field(default=3, ge=1)  # one sweep per interval, across all workers
-    enqueue_grace_s: int = 30  # a queued item unclaimed this long is enqueued again
+    # A queued item unclaimed this long, whose arq job no worker took, is enqueued again: it
+    # was lost between a commit and its enqueue (the API's or the sweeper's process died).
+    enqueue_grace_s: int = 10
     # Workers blank the hazardous text (whispered beliefs, rejected CoTs, guard texts) of
     # finished jobs submitted more than this many days ago and keep the rest; unset: never.
     purge_hazardous_after_days: float | None = Field(default=None, gt=0)

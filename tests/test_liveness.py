@@ -114,13 +114,14 @@ async def test_a_killed_workers_taken_but_unclaimed_items_resume_with_its_heartb
     """A worker takes arq jobs faster than it claims their items (here it cannot reach the
     database at all; under load its claims wait for a connection). arq marks each job in
     progress, of no worker, for its job timeout (24 h); killed before its claims, the worker
-    must give them back with its heartbeat, not after the grace for lost arq jobs (30 s)."""
+    must give them back with its heartbeat, not after the grace for lost arq jobs (made
+    long here, so that only the heartbeat can resume them in time)."""
     production = long_lease(
         settings,
         heartbeat_interval_s=DEFAULTS["heartbeat_interval_s"].default,
         heartbeat_ttl_s=DEFAULTS["heartbeat_ttl_s"].default,
         sweep_interval_s=DEFAULTS["sweep_interval_s"].default,
-        enqueue_grace_s=DEFAULTS["enqueue_grace_s"].default,
+        enqueue_grace_s=60,
     )
     await _known_redis(redis, production)
     async with _unanswering_port() as port:
@@ -168,7 +169,8 @@ async def test_a_live_worker_keeps_the_jobs_it_took_before_claiming(
     arq_redis: ArqRedis,
 ) -> None:
     """Two workers each took an arq job and wait to claim its item: the sweeper gives back
-    the dead one's at once, ahead of the backlog, and leaves the live one's alone."""
+    the dead one's at once, ahead of the backlog, and leaves the live one's alone, however
+    long its claim takes."""
     job_id = await submit(api, auth, ["What makes bread rise?", "Why is ice slippery?", "What is rust?"])
     dead_item, live_item, backlog = await _job_items(sessions, job_id)
     dead_job, live_job = arq_job_id(dead_item.id, 1), arq_job_id(live_item.id, 1)
@@ -180,6 +182,9 @@ async def test_a_live_worker_keeps_the_jobs_it_took_before_claiming(
     async with AsyncExitStack() as claiming:
         await claiming.enter_async_context(liveness.taking(redis, settings, dead, dead_job))
         await claiming.enter_async_context(liveness.taking(redis, settings, live, live_job))
+        # The live worker's claim waits longer than the grace for lost arq jobs: still its.
+        await asyncio.sleep(settings.enqueue_grace_s + 0.2)
+        await liveness.beat(redis, settings, live)
 
         assert await sweep(settings, sessions, arq_redis) == {"expired": 0, "lost": 1}
 

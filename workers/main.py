@@ -392,7 +392,13 @@ async def sweep(settings: Settings, sessions: Sessions, redis: ArqRedis) -> dict
     untaken = await items.take_back_unclaimed(
         sessions, [item_of_job(job_id) for job_id in [*abandoned, *unrecorded]]
     )
-    waiting = await items.queued_unclaimed(sessions, settings.enqueue_grace_s)
+    # Not lost: those whose arq job a live worker took and is claiming (its claim may wait
+    # for a database connection longer than the grace).
+    waiting = [
+        (item_id, enqueues)
+        for item_id, enqueues in await items.queued_unclaimed(sessions, settings.enqueue_grace_s)
+        if arq_job_id(item_id, enqueues) not in taken
+    ]
     pending = await _arq_jobs_pending(redis, settings.queue_name, [arq_job_id(i, n) for i, n in waiting])
     lost = [item_id for (item_id, _), is_pending in zip(waiting, pending, strict=True) if not is_pending]
     present = [item_id for (item_id, _), is_pending in zip(waiting, pending, strict=True) if is_pending]
