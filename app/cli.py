@@ -365,9 +365,6 @@ def submit(
             print_cots(client, job.id)
 
 
-REPORT_TITLE = "AIDSAFE vs zero-shot"
-
-
 def _role_of(endpoint: str | None, model: str | None) -> dict[str, str]:
     """A role of the options given (the rest: the job's or the server's defaults)."""
     return {name: value for name, value in (("endpoint", endpoint), ("model", model)) if value}
