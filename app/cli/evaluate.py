@@ -14,8 +14,8 @@ import aidsafe
 from aidsafe.models import ModelEvaluation, Rate, SampleEvaluation
 from app.cli.connection import ApiKeyOpt, ApiUrl, api_client
 from app.cli.follow import follow_job
+from app.cli.job_options import PromptSetOpt
 from app.cli.output import console, interval
-from app.cli.submit import PromptSetOpt
 
 evaluate_cli = typer.Typer(help="Evaluate data and models.", no_args_is_help=True)
 

@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from app.cli.connection import ApiKeyOpt, ApiUrl, api_client
+from app.cli.job_options import requested_budget
 from app.cli.output import budget_text, console, usd
-from app.cli.submit import requested_budget
 
 jobs_cli = typer.Typer(help="Your jobs (over the HTTP API).", no_args_is_help=True)
 
