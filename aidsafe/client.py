@@ -73,7 +73,7 @@ Id = str | UUID
 Params = tuple[tuple[str, str | int | float | bool], ...]
 Timeout = float | None | httpx.Timeout
 
-# What the CLI has always read (app/cli.py passes its --api-url and --key through).
+# What the CLI has always read (app/cli/connection.py passes its --api-url and --key through).
 URL_ENV, KEY_ENV = "AIDSAFE_API_URL", "AIDSAFE_API_KEY"
 DEFAULT_URL = "http://127.0.0.1:8000"
 RETRIED_STATUSES = (429, 503)  # rate-limited; the database unavailable: both say "try again"

@@ -851,6 +851,18 @@ async def test_registering_identical_content_again_returns_the_same_version(
     assert (again.json()["id"], again.json()["version"]) == (first["id"], first["version"])
 
 
+async def test_another_key_registering_the_same_content_gets_its_own_new_row(
+    api: httpx.AsyncClient, auth: Headers, other: Headers
+) -> None:
+    first = (await register(api, auth, KITCHEN_POLICIES)).json()
+
+    theirs = await register(api, other, KITCHEN_POLICIES)
+
+    assert theirs.status_code == 201, theirs.text
+    assert theirs.json()["version"] == first["version"]
+    assert theirs.json()["id"] != first["id"]
+
+
 async def test_changed_content_is_a_new_version_and_the_old_one_stays(
     api: httpx.AsyncClient, auth: Headers
 ) -> None:

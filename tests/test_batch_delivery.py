@@ -23,7 +23,7 @@ from arq.connections import ArqRedis
 from sqlalchemy import func, select, update
 
 from aidsafe.models import BatchProgress
-from app.cli import wave_text
+from app.cli.follow import wave_text
 from app.config import BatchConfig, Prices, Settings
 from app.llm.batch_api import BatchAPI
 from app.store import deletions

@@ -18,7 +18,10 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from aidsafe import Client
-from app.cli import cli, follow_job, job_config, judge_role
+from app.cli import cli
+from app.cli.compare import judge_role
+from app.cli.follow import follow_job
+from app.cli.job_options import job_config
 from app.config import Settings
 from app.deliberation.prompt_sets import builtin
 from app.store.db import Sessions

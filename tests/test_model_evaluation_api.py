@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import func, select
 
 import aidsafe
-from app.cli import parse_target
+from app.cli.evaluate import parse_target
 from app.config import Settings
 from app.stats import proportion
 from app.store import keys

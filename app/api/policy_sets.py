@@ -45,10 +45,9 @@ async def register_policy_set(
     """Register a version. Versions never change: new content under a name is a new version,
     and jobs keep the exact version they were submitted with."""
     policies = [p.model_dump() for p in body.policies]
-    before = {row.id for row in await policy_sets.list_visible(session, key.id)}
-    row = await policy_sets.register(session, key.id, body.name, body.description, policies)
+    row, created = await policy_sets.register(session, key.id, body.name, body.description, policies)
     await session.commit()
-    if row.id in before:
+    if not created:
         response.status_code = status.HTTP_200_OK
     return views.policy_set_detail(row)
 

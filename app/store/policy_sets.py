@@ -29,19 +29,20 @@ async def register(
     name: str,
     description: str,
     policies: list[dict[str, Any]],
-) -> PolicySetRow:
-    """Store a version of `name` (a no-op returning the existing row for known content)."""
+) -> tuple[PolicySetRow, bool]:
+    """Store a version of `name`, or find the owner's row of that content: the row, and
+    whether it is new."""
     version = content_version(policies)
     content = {"policies": policies}
-    row, _ = await registered_sets.register(
+    return await registered_sets.register(
         session, PolicySetRow, owner_key_id, name, version, description, content
     )
-    return row
 
 
 async def ensure_default(session: AsyncSession) -> PolicySetRow:
     data = load_file(DEFAULT_FILE)
-    return await register(session, None, data["name"], data.get("description", ""), data["policies"])
+    row, _ = await register(session, None, data["name"], data.get("description", ""), data["policies"])
+    return row
 
 
 async def list_visible(session: AsyncSession, owner_key_id: UUID) -> list[PolicySetRow]:

@@ -1,0 +1,83 @@
+"""`aidsafe keys`: API keys, written straight to the database (no API key is needed to make
+the first one)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+import typer
+from sqlalchemy import func, select, update
+
+from app.cli.output import console
+from app.config import get_settings
+from app.store import keys
+from app.store.db import make_engine, make_sessions
+from app.store.models import ApiKey
+
+keys_cli = typer.Typer(help="API keys (written straight to the database).", no_args_is_help=True)
+
+
+async def _with_session(work: Any) -> Any:
+    engine = make_engine(get_settings().database_url, pool_size=1)
+    try:
+        async with make_sessions(engine).begin() as session:
+            return await work(session)
+    finally:
+        await engine.dispose()
+
+
+@keys_cli.command("create")
+def create_key(
+    name: str,
+    scope: Annotated[
+        list[str] | None,
+        typer.Option(
+            help=f"Grant a scope (repeatable). Known: {', '.join(sorted(keys.SCOPES))}. "
+            f"{keys.HAZARDOUS_READ} reads whispered beliefs, rejected CoTs and guard rationales."
+        ),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the secret.")] = False,
+) -> None:
+    """Create a key; its secret is shown once and stored only as a hash."""
+    try:
+        key, secret = asyncio.run(_with_session(lambda s: keys.create_key(s, name, scope or [])))
+    except keys.UnknownScope as exc:
+        raise typer.BadParameter(str(exc), param_hint="--scope") from exc
+    if quiet:
+        print(secret)
+    else:
+        scopes = f", scopes {', '.join(key.scopes)}" if key.scopes else ""
+        console.print(f"Created key [bold]{key.name}[/] ({key.prefix}…, id {key.id}{scopes}).")
+        console.print("Secret, shown once:")
+        print(secret)
+
+
+@keys_cli.command("list")
+def list_keys() -> None:
+    """Every key: id, name, prefix, created, revoked, scopes."""
+
+    async def rows(session: Any) -> list[ApiKey]:
+        return list(await session.scalars(select(ApiKey).order_by(ApiKey.created_at)))
+
+    for key in asyncio.run(_with_session(rows)):
+        revoked = f"revoked {key.revoked_at:%Y-%m-%d}" if key.revoked_at else "active"
+        scopes = ",".join(key.scopes) or "-"
+        console.print(f"{key.id}  {key.prefix}…  {key.name}  {key.created_at:%Y-%m-%d}  {revoked}  {scopes}")
+
+
+@keys_cli.command("revoke")
+def revoke_key(key_id: str) -> None:
+    """Revoke a key by id; its jobs and data stay."""
+
+    async def revoke(session: Any) -> int:
+        result = await session.execute(
+            update(ApiKey)
+            .where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
+            .values(revoked_at=func.now())
+        )
+        return result.rowcount
+
+    if not asyncio.run(_with_session(revoke)):
+        raise typer.BadParameter(f"no active key with id {key_id}")
+    console.print(f"Revoked {key_id}")

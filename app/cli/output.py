@@ -1,0 +1,38 @@
+"""How the CLI prints: the one console, and money, budgets and intervals as every command
+shows them."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from aidsafe.models import Budget, Interval
+
+console = Console()
+
+
+def usd(cost: float | None) -> str:
+    """A cost as the CLI shows it: None is an unpriced endpoint, not free."""
+    return "unknown" if cost is None else f"${cost:,.4f}"
+
+
+def budget_text(budget: Budget) -> str:
+    limits = [usd(budget.max_cost_usd)] if budget.max_cost_usd is not None else []
+    limits += [f"{budget.max_tokens:,} tokens"] if budget.max_tokens is not None else []
+    return " / ".join(limits) + (" (spent)" if budget.exhausted else "")
+
+
+def interval(estimate: Interval, digits: int = 2, percent: bool = False) -> str:
+    """`value [low, high] (n)`; a share as a percentage."""
+    if estimate.value is None:
+        return "n/a"
+    scale, unit = (100, "%") if percent else (1, "")
+
+    def shown(value: float) -> str:
+        return f"{value * scale:.{digits}f}{unit}"
+
+    bounds = (
+        ""
+        if estimate.low is None or estimate.high is None
+        else f" [{shown(estimate.low)}, {shown(estimate.high)}]"
+    )
+    return f"{shown(estimate.value)}{bounds} (n={estimate.n})"

@@ -1,0 +1,55 @@
+"""The file of prompts `submit` and `reproduce` read: JSONL or CSV."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+
+class PromptFileError(ValueError):
+    pass
+
+
+def read_prompt_file(path: Path) -> list[dict[str, Any]]:
+    """Items from a JSONL ({"prompt", "metadata"?} per line) or CSV (a `prompt` column,
+    other columns become metadata). Any bad line fails the whole file, naming the line."""
+    try:
+        return _read_prompt_file(path)
+    except UnicodeDecodeError as exc:
+        raise PromptFileError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except csv.Error as exc:
+        raise PromptFileError(f"{path}: not a readable CSV ({exc})") from exc
+
+
+def _read_prompt_file(path: Path) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            if "prompt" not in (reader.fieldnames or []):
+                raise PromptFileError(f"{path}: the CSV needs a 'prompt' column")
+            for line, row in enumerate(reader, start=2):
+                prompt = (row.pop("prompt") or "").strip()
+                if not prompt:
+                    raise PromptFileError(f"{path}:{line}: empty prompt")
+                items.append({"prompt": prompt, "metadata": {k: v for k, v in row.items() if k}})
+    else:
+        for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise PromptFileError(f"{path}:{line}: not JSON ({exc.msg})") from exc
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise PromptFileError(f"{path}:{line}: expected an object with a string 'prompt'")
+            if not record["prompt"].strip():
+                raise PromptFileError(f"{path}:{line}: empty prompt")
+            if not isinstance(record.get("metadata") or {}, dict):
+                raise PromptFileError(f"{path}:{line}: 'metadata' must be an object")
+            items.append({"prompt": record["prompt"], "metadata": record.get("metadata") or {}})
+    if not items:
+        raise PromptFileError(f"{path}: no prompts")
+    return items

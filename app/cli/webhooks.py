@@ -1,0 +1,63 @@
+"""`aidsafe webhooks`: the webhooks labeling tools deliver reviews to."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from app.cli.connection import ApiKeyOpt, ApiUrl, api_client
+from app.cli.output import console
+
+webhooks_cli = typer.Typer(help="Webhooks labeling tools deliver reviews to (over the HTTP API).")
+
+
+@webhooks_cli.command("create")
+def create_webhook(
+    name: Annotated[str, typer.Argument(help="Which tool instance or project it is for.")],
+    api_url: ApiUrl = "http://127.0.0.1:8000",
+    key: ApiKeyOpt = "",
+) -> None:
+    """A Label Studio webhook of your key's: its URL, and its secret (shown once)."""
+    with api_client(api_url, key) as client:
+        row = client.create_webhook(name)
+    console.print(f"Created webhook [bold]{row.name}[/] (id {row.id}). In Label Studio set:")
+    console.print(f"  URL:    {row.url}", highlight=False)
+    console.print(f"  header: {row.secret_header}: <the secret below, shown once>", highlight=False)
+    print(row.secret)
+
+
+@webhooks_cli.command("list")
+def list_webhooks(api_url: ApiUrl = "http://127.0.0.1:8000", key: ApiKeyOpt = "") -> None:
+    """Your webhooks: id, name, URL, created, revoked."""
+    with api_client(api_url, key) as client:
+        for row in client.list_webhooks():
+            revoked = f"  revoked {row.revoked_at:%Y-%m-%dT%H:%M:%S}" if row.revoked_at else ""
+            console.print(
+                f"{row.id}  {row.name}  {row.url}  {row.created_at:%Y-%m-%d}{revoked}", highlight=False
+            )
+
+
+@webhooks_cli.command("revoke")
+def revoke_webhook(webhook_id: str, api_url: ApiUrl = "http://127.0.0.1:8000", key: ApiKeyOpt = "") -> None:
+    """Refuse the webhook's deliveries from now on."""
+    with api_client(api_url, key) as client:
+        row = client.revoke_webhook(webhook_id)
+    console.print(f"Revoked webhook {row.name} ({row.id}).")
+
+
+@webhooks_cli.command("rejections")
+def webhook_rejections(
+    webhook_id: str,
+    limit: Annotated[int, typer.Option(help="How many, newest first.")] = 20,
+    api_url: ApiUrl = "http://127.0.0.1:8000",
+    key: ApiKeyOpt = "",
+) -> None:
+    """Deliveries the webhook refused, newest first, with why."""
+    with api_client(api_url, key) as client:
+        rows = client.webhook_rejections(webhook_id, limit=limit)
+    for row in rows:
+        kept = "body kept" if row.body is not None else "no body (not authenticated)"
+        console.print(
+            f"{row.received_at:%Y-%m-%dT%H:%M:%S}  {row.code}  {row.message}  ({kept})", highlight=False
+        )
