@@ -76,7 +76,7 @@ def revoke_key(key_id: str) -> None:
             .where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
             .values(revoked_at=func.now())
         )
-        return result.rowcount
+        return int(result.rowcount)
 
     if not asyncio.run(_with_session(revoke)):
         raise typer.BadParameter(f"no active key with id {key_id}")
