@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import signal
 import subprocess
 import time
@@ -294,6 +295,7 @@ async def test_missing_heartbeats_count_only_after_redis_kept_them_for_a_ttl(
     sessions: Sessions,
     redis: Redis,
     arq_redis: ArqRedis,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Redis restarted: every heartbeat is gone at once, live workers' too (emptied: without
     persistence, or flushed; reloaded: from a snapshot older than the TTL, with the sweeper's
@@ -311,7 +313,12 @@ async def test_missing_heartbeats_count_only_after_redis_kept_them_for_a_ttl(
         await redis.set(f"{brief.redis_key_prefix}:liveness:redis-run-id", "the server before the restart")
 
     await liveness.beat(redis, brief, live)  # the live worker beats again at once
-    assert await sweep(brief, sessions, arq_redis) == {"expired": 0, "lost": 0}
+    with caplog.at_level(logging.INFO, logger="aidsafe.worker"):
+        assert await sweep(brief, sessions, arq_redis) == {"expired": 0, "lost": 0}
+        assert await sweep(brief, sessions, arq_redis) == {"expired": 0, "lost": 0}  # still settling
+    assert [r.message for r in caplog.records if "Redis is new" in r.message] == [
+        f"Redis is new to the sweeper: missing heartbeats count after {brief.heartbeat_ttl_s} s"
+    ], "said once per server, not at every sweep"
     await asyncio.sleep(brief.heartbeat_ttl_s + 0.1)
     await liveness.beat(redis, brief, live)  # ... and on
     assert await sweep(brief, sessions, arq_redis) == {"expired": 1, "lost": 0}

@@ -110,11 +110,13 @@ async def forget_taken(redis: Redis, settings: Settings, job_ids: Sequence[str])
 
 
 # KEYS: the Redis server's run id as last seen, the settling marker, then the heartbeats.
-# ARGV: the server's run id now, the TTL in ms. Nil while settling, else 0/1 per heartbeat.
+# ARGV: the server's run id now, the TTL in ms. 'new' when the run id changed (settling
+# starts), nil while settling, else 0/1 per heartbeat.
 _ALIVE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[1])
   redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
+  return 'new'
 end
 if redis.call('EXISTS', KEYS[2]) == 1 then
   return false
@@ -142,7 +144,8 @@ async def dead_holders(redis: Redis, settings: Settings, holders: Sequence[UUID]
     keys += [heartbeat_key(settings, holder) for holder in holders]
     ttl_ms = int(settings.heartbeat_ttl_s * 1000)
     alive = await redis.register_script(_ALIVE)(keys=keys, args=[run_id, ttl_ms])
-    if alive is None:
+    if alive == b"new":  # once per Redis server, not at every sweep while its keys settle
         log.info("Redis is new to the sweeper: missing heartbeats count after %s s", settings.heartbeat_ttl_s)
+    if not isinstance(alive, list):
         return []
     return [holder for holder, is_alive in zip(holders, alive, strict=True) if not is_alive]
