@@ -6,11 +6,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-import yaml
 
 from app.cli.connection import ApiKeyOpt, ApiUrl, api_client
 from app.cli.output import console
-from app.cli.registered_sets import SetFileError, print_registered, read_set_file
+from app.cli.registered_sets import SetFileError, print_as_yaml, print_registered, read_set_file
 
 policy_sets_cli = typer.Typer(help="Policy sets (over the HTTP API).", no_args_is_help=True)
 
@@ -29,9 +28,7 @@ def show_policy_set(
     """One version with its policies, as YAML (the format `create` reads)."""
     with api_client(api_url, key) as client:
         row = client.get_policy_set(policy_set_id)
-    document = {"name": row.name, "description": row.description, "policies": row.policies}
-    console.print(f"# {row.name}@{row.version} ({row.id})", highlight=False)
-    print(yaml.safe_dump(document, sort_keys=False, allow_unicode=True), end="")
+    print_as_yaml(row, "policies", row.policies)
 
 
 @policy_sets_cli.command("create")

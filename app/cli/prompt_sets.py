@@ -7,11 +7,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 
 from app.cli.connection import ApiKeyOpt, ApiUrl, api_client
 from app.cli.output import console
-from app.cli.registered_sets import SetFileError, print_registered, read_set_file
+from app.cli.registered_sets import SetFileError, print_as_yaml, print_registered, read_set_file
 
 prompt_sets_cli = typer.Typer(help="Prompt sets: the templates that word requests.", no_args_is_help=True)
 
@@ -37,9 +36,7 @@ def show_prompt_set(
     with api_client(api_url, key) as client:
         row = client.get_prompt_set(prompt_set_id)
     if to_folder is None:
-        document = {"name": row.name, "description": row.description, "templates": row.templates}
-        console.print(f"# {row.name}@{row.version} ({row.id})", highlight=False)
-        print(yaml.safe_dump(document, sort_keys=False, allow_unicode=True), end="")
+        print_as_yaml(row, "templates", row.templates)
         return
     to_folder.mkdir(parents=True, exist_ok=True)
     for name, text in row.templates.items():

@@ -1,5 +1,5 @@
 """What policy sets and prompt sets share on the command line: the YAML file a set is
-registered from, and the listing of registered versions."""
+registered from and shown as, and the listing of registered versions."""
 
 from __future__ import annotations
 
@@ -10,6 +10,14 @@ import yaml
 
 from aidsafe.models import PolicySet, PromptSet
 from app.cli.output import console
+
+
+def print_as_yaml(row: PolicySet | PromptSet, contents: str, values: Any) -> None:
+    """One version as the YAML file `create` reads (its `contents`: policies or templates),
+    under a comment naming it."""
+    document = {"name": row.name, "description": row.description, contents: values}
+    console.print(f"# {row.name}@{row.version} ({row.id})", highlight=False)
+    print(yaml.safe_dump(document, sort_keys=False, allow_unicode=True), end="")
 
 
 def print_registered(rows: list[PolicySet] | list[PromptSet]) -> None:
