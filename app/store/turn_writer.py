@@ -90,10 +90,18 @@ class TurnWriter:
                     await self._write(batch)
         finally:
             self._writing = None
+            for _, written in self._waiting:  # left by a writer cancelled (the loop closing)
+                written.cancel()
+            self._waiting.clear()
 
     async def _write(self, batch: list[_Waiting]) -> None:
+        """Write `batch` and tell each caller its outcome; never raises but CancelledError
+        (then every caller of the batch is cancelled)."""
         try:
             records = await self._statement([row for row, _ in batch])
+            outcomes = [Written(*record[1:]) for record in records]
+            if len(outcomes) != len(batch):
+                raise RuntimeError(f"{len(batch)} turns written, {len(outcomes)} outcomes")
         except _ONE_ROWS_FAULT as error:
             # The statement failed and wrote nothing: one row's fault must not be every row's.
             if len(batch) == 1:
@@ -109,9 +117,9 @@ class TurnWriter:
         except Exception as error:  # handed to every caller of the batch, who raises it
             _fail(batch, error)
             return
-        for (_, written), record in zip(batch, records, strict=True):
+        for (_, written), outcome in zip(batch, outcomes, strict=True):
             if not written.done():
-                written.set_result(Written(*record[1:]))
+                written.set_result(outcome)
 
     async def _statement(self, rows: list[dict[str, Any]]) -> list[asyncpg.Record]:
         self.statements += 1
