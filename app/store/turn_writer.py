@@ -20,15 +20,16 @@ lone write would have. Nothing is ever dropped in silence.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-from sqlalchemy import Integer, and_, bindparam, column, func, select, update
+from sqlalchemy import Integer, and_, bindparam, column, exists, func, select, update
 from sqlalchemy.dialects.postgresql import JSONB, distinct_on, insert
 
 from app.store.db import Sessions, driver_connection
-from app.store.driver_statements import DriverStatement, filled_by_database
+from app.store.driver_statements import DriverStatement, filled_by_database, insert_from, row_parameter
 from app.store.items import claim_holds
 from app.store.models import Item, Job, TurnRow
 
@@ -121,12 +122,19 @@ class TurnWriter:
             if not written.done():
                 written.set_result(outcome)
 
-    async def _statement(self, rows: list[dict[str, Any]]) -> list[asyncpg.Record]:
+    async def _statement(self, rows: list[dict[str, Any]]) -> list[Sequence[Any]]:
         self.statements += 1
         self.rows += len(rows)
-        for n, row in enumerate(rows):
-            row["n"] = n  # its caller's row in the answer
         async with driver_connection(self.sessions) as connection:
+            if len(rows) == 1:  # a lone turn: a statement that costs Postgres less for one row
+                (row,) = rows
+                record = await _WRITE_ONE.fetchrow(
+                    connection, item_id=row["item_id"], attempt=row["claim_attempt"], turns=row
+                )
+                assert record is not None  # a SELECT without FROM: one row
+                return [(0, *record)]
+            for n, row in enumerate(rows):
+                row["n"] = n  # its caller's row in the answer
             records = await _WRITE.fetch(connection, turns=rows)
         records.sort(key=lambda record: record[0])
         return records
@@ -144,6 +152,48 @@ _COLUMNS = [
     c for c in TurnRow.__table__.columns if c.name == "cached_prompt_tokens" or not filled_by_database(c)
 ]
 ROW_FIELDS = frozenset(c.name for c in _COLUMNS) | {"claim_attempt"}
+
+
+def _write_one_statement() -> DriverStatement:
+    """The statement of a lone turn: (held, inserted, its job's budget columns), as
+    `_write_statement` answers for a batch of one, at two thirds of its CPU in Postgres.
+    FOR UPDATE locks the item row while the claim is checked (a takeover claim waits, or this
+    sees its new attempt and writes nothing); ON CONFLICT keeps the first turn stored under a
+    key; the item's stage moves only when a turn really was added."""
+    held = (
+        select(Item.id, Item.job_id)
+        .where(claim_holds(bindparam("item_id"), bindparam("attempt")))
+        .with_for_update(of=Item)
+        .cte("held")
+    )
+    turns = TurnRow.__table__
+    inserted = (
+        # cached_prompt_tokens has a server default (for rows older than it): supplied here.
+        insert_from(
+            turns, held, item_id=held.c.id, cached_prompt_tokens=row_parameter(turns.c.cached_prompt_tokens)
+        )
+        .on_conflict_do_nothing()
+        .returning(TurnRow.item_id)
+        .cte("inserted")
+    )
+    stage = row_parameter(turns.c.stage)
+    staged = (
+        update(Item)
+        .where(Item.id == inserted.c.item_id, Item.stage != stage)
+        .values(stage=stage)
+        .cte("staged")
+    )
+    budget = (
+        select(Job.budget_max_cost_usd, Job.budget_max_tokens).where(Job.id == held.c.job_id).cte("budget")
+    )
+    return DriverStatement(
+        select(
+            exists().select_from(held).label("held"),
+            exists().select_from(inserted).label("inserted"),
+            select(budget.c.budget_max_cost_usd).scalar_subquery().label("max_cost_usd"),
+            select(budget.c.budget_max_tokens).scalar_subquery().label("max_tokens"),
+        ).add_cte(staged)
+    )
 
 
 def _write_statement() -> DriverStatement:
@@ -223,4 +273,5 @@ def _write_statement() -> DriverStatement:
     )
 
 
+_WRITE_ONE = _write_one_statement()
 _WRITE = _write_statement()
