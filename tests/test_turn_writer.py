@@ -6,18 +6,19 @@ from __future__ import annotations
 import asyncio
 import random
 from dataclasses import replace
+from typing import Any
 from uuid import UUID
 
 import asyncpg
 import httpx
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select, text, update
 
 from app.deliberation.ports import Stage, Turn, TurnKey
 from app.store import items
 from app.store.db import Sessions
-from app.store.models import Item, TurnRow
+from app.store.models import Item, Job, TurnRow
 from app.store.turn_log import PostgresTurnLog
-from app.store.turn_writer import TurnWriter
+from app.store.turn_writer import ROW_FIELDS, TurnWriter, Written
 from tests.test_turn_log import LIMITS, a_turn
 
 
@@ -70,6 +71,51 @@ async def test_turns_several_items_record_together_are_written_in_one_statement(
     assert [r.raw_output for r in results] == [f"raw {n}" for n in range(5)]
     for n, claim in enumerate(claims):
         assert await stored(sessions, claim.item_id) == [f"raw {n}"]
+
+
+def turn_row(claim: items.Claim) -> dict[str, Any]:
+    """A turns row as the turn log hands it to the writer."""
+    row = {
+        "claim_attempt": claim.attempt,
+        "item_id": claim.item_id,
+        "job_id": claim.job_id,
+        "stage": "intent",
+        "round": 0,
+        "agent": 0,
+        "attempt": 0,
+        "role": "intent",
+        "endpoint": "default",
+        "model": "m",
+        "request_hash": "h",
+        "raw_output": "raw",
+        "parsed": None,
+        "outcome": "ok",
+        "error": None,
+        "agreed": None,
+        "prompt_tokens": 3,
+        "completion_tokens": 4,
+        "cached_prompt_tokens": 0,
+        "cost_usd": None,
+        "latency_ms": 5.0,
+    }
+    assert row.keys() == ROW_FIELDS
+    return row
+
+
+async def test_each_turn_of_a_batch_hears_its_own_jobs_budget(
+    api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions
+) -> None:
+    (budgeted,) = await claimed_items(api, auth, sessions, 1)
+    (free,) = await claimed_items(api, auth, sessions, 1)
+    async with sessions.begin() as session:
+        budget = {"budget_max_cost_usd": 2.5, "budget_max_tokens": 1000}
+        await session.execute(update(Job).where(Job.id == budgeted.job_id).values(budget))
+    writer = TurnWriter(sessions)
+
+    outcomes = await asyncio.gather(writer.write(turn_row(budgeted)), writer.write(turn_row(free)))
+
+    assert writer.statements == 1
+    assert outcomes == [Written(True, True, 2.5, 1000), Written(True, True, None, None)]
 
 
 async def test_a_lone_turn_is_written_at_once_and_those_recorded_meanwhile_go_together_next(
