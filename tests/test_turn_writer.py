@@ -134,6 +134,29 @@ async def test_a_lone_turn_is_written_at_once_and_those_recorded_meanwhile_go_to
     assert (writer.statements, writer.rows) == (2, 4)
 
 
+async def test_a_turn_whose_caller_is_cancelled_while_it_waits_is_not_written(
+    api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions
+) -> None:
+    first, gone, kept = await claimed_items(api, auth, sessions, 3)
+    writer = TurnWriter(sessions)
+    lone = asyncio.create_task(PostgresTurnLog(writer, first).record(a_turn(first.item_id, "lone")))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    waiting = [
+        asyncio.create_task(PostgresTurnLog(writer, c).record(a_turn(c.item_id, "later")))
+        for c in (gone, kept)
+    ]
+    await asyncio.sleep(0)  # both wait behind the write in flight
+
+    waiting[0].cancel()
+    results = await asyncio.gather(lone, *waiting, return_exceptions=True)
+
+    assert isinstance(results[1], asyncio.CancelledError)
+    assert (writer.statements, writer.rows) == (2, 2)
+    assert await stored(sessions, gone.item_id) == []
+    assert await stored(sessions, kept.item_id) == ["later"]
+
+
 async def test_a_lost_claim_in_a_batch_is_its_callers_alone(
     api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions
 ) -> None:
