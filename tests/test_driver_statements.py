@@ -17,6 +17,7 @@ from app.store.driver_statements import DriverStatement, insert_from
 from app.store.endings import COMPLETED, ending_values
 from app.store.models import Cot, Item, PreferencePair, TurnRow
 from app.store.turn_log import PostgresTurnLog
+from app.store.turn_writer import TurnWriter
 from tests.test_turn_log import a_turn, claimed_item
 
 
@@ -63,7 +64,9 @@ async def test_absent_json_is_stored_as_it_always_was(
     api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions
 ) -> None:
     claim = await claimed_item(api, auth, sessions)
-    await PostgresTurnLog(sessions, claim).record(replace(a_turn(claim.item_id, "raw"), parsed=None))
+    await PostgresTurnLog(TurnWriter(sessions), claim).record(
+        replace(a_turn(claim.item_id, "raw"), parsed=None)
+    )
     no_one_agreed = Completed(
         intents={"explicit_intents": ["x"], "implicit_intents": []},
         thoughts=[Thought(1, "t", "seed", 0, 0)],

@@ -36,6 +36,7 @@ from app.store.db import Sessions
 from app.store.endings import failed
 from app.store.models import ApiKey, Cot, Judgement, PairCandidate, PreferencePair
 from app.store.turn_log import PostgresTurnLog
+from app.store.turn_writer import TurnWriter
 from tests.conftest import ROOT, new_key, run_worker_burst, worker_env
 from tests.scripted_llm import ScriptedLLM, guard_verdict, malformed, reply, scores
 from tests.test_api import KITCHEN_POLICIES, all_pages, error_of, items_of, register, row_counts, submit
@@ -176,7 +177,7 @@ async def job_with_hazardous_turns(api: httpx.AsyncClient, auth: Headers, sessio
     item_id = UUID((await items_of(api, auth, job["id"]))[0]["id"])
     claim = await items.claim(sessions, item_id, LIMITS)
     assert claim is not None
-    log = PostgresTurnLog(sessions, claim)
+    log = PostgresTurnLog(TurnWriter(sessions), claim)
     await log.record(a_turn(item_id, TurnKey(Stage.GRADE, 0), "chosen grade"))
     for stage in (Stage.WHISPER, Stage.REJECTED, Stage.GUARD, Stage.GRADE):
         await log.record(a_turn(item_id, TurnKey(stage, 2), f"{HAZARD} {stage.value}"))

@@ -25,6 +25,7 @@ from app.store.endings import handed_back
 from app.store.models import ImportedSample, Item, Job, SampleEvaluation, TurnRow
 from app.store.policy_sets import for_engine
 from app.store.turn_log import PostgresTurnLog
+from app.store.turn_writer import TurnWriter
 from tests.conftest import client_for, new_key, run_worker_burst
 from tests.scripted_llm import ScriptedLLM, guard_verdict, http_error, reply, scores
 from tests.test_api import error_of
@@ -240,7 +241,7 @@ async def test_a_resumed_item_does_not_ask_again_what_its_turns_hold(
                 for_engine(claim.policy_set),
                 prompt_sets.for_engine(claim.prompt_set),
                 llm,
-                PostgresTurnLog(sessions, claim),
+                PostgresTurnLog(TurnWriter(sessions), claim),
             )
     await items.end(sessions, claim, handed_back("worker lost", counts_as_failure=True))
 

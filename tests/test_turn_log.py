@@ -15,6 +15,7 @@ from app.store import items
 from app.store.db import Sessions
 from app.store.models import Item
 from app.store.turn_log import PostgresTurnLog
+from app.store.turn_writer import TurnWriter
 
 LIMITS = items.Limits(lease_s=60, max_claims=10, max_failures=5)
 
@@ -49,7 +50,7 @@ async def test_recording_a_stored_key_again_returns_the_stored_turn(
     api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions
 ) -> None:
     claim = await claimed_item(api, auth, sessions)
-    log = PostgresTurnLog(sessions, claim)
+    log = PostgresTurnLog(TurnWriter(sessions), claim)
 
     first = await log.record(a_turn(claim.item_id, "first"))
     second = await log.record(a_turn(claim.item_id, "second"))
@@ -70,15 +71,15 @@ async def test_a_worker_that_lost_its_claim_cannot_record(
     assert fresh is not None and fresh.attempt == stale.attempt + 1
 
     with pytest.raises(items.ClaimLost):
-        await PostgresTurnLog(sessions, stale).record(a_turn(stale.item_id, "late"))
-    assert await PostgresTurnLog(sessions, fresh).done(stale.item_id) == []
+        await PostgresTurnLog(TurnWriter(sessions), stale).record(a_turn(stale.item_id, "late"))
+    assert await PostgresTurnLog(TurnWriter(sessions), fresh).done(stale.item_id) == []
 
 
 async def test_text_postgres_cannot_hold_is_stored_with_a_replacement_character(
     api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions
 ) -> None:
     claim = await claimed_item(api, auth, sessions)
-    log = PostgresTurnLog(sessions, claim)
+    log = PostgresTurnLog(TurnWriter(sessions), claim)
 
     turn = a_turn(
         claim.item_id, "nul\x00 and \ud800", {"explicit_intents": ["a\x00b"], "implicit_intents": []}
@@ -96,7 +97,7 @@ async def test_concurrent_records_of_one_key_store_it_once(
     api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions
 ) -> None:
     claim = await claimed_item(api, auth, sessions)
-    log = PostgresTurnLog(sessions, claim)
+    log = PostgresTurnLog(TurnWriter(sessions), claim)
 
     results = await asyncio.gather(*(log.record(a_turn(claim.item_id, f"r{n}")) for n in range(5)))
 

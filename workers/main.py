@@ -58,6 +58,7 @@ from app.store.batches import AwaitingBatch, BatchedLLM
 from app.store.db import Sessions, make_engine, make_sessions
 from app.store.endings import CANCELLED, Ending, failed, handed_back
 from app.store.turn_log import PostgresTurnLog
+from app.store.turn_writer import TurnWriter
 from workers import liveness, waves
 
 log = logging.getLogger("aidsafe.worker")
@@ -79,6 +80,7 @@ class Worker:
     worker_id: UUID  # this process's claims carry it
     heartbeat: asyncio.Task[None]  # keeps them alive (workers/liveness.py)
     spending: budgets.Spending  # what jobs with a budget have spent
+    turns: TurnWriter  # every item's turns, those recorded together in one statement
     sweeper: asyncio.Task[None] | None = None  # this process's sweeper loop, if it runs one
     purger: asyncio.Task[None] | None = None  # its hazardous-text purge loop, if it runs one
     expirer: asyncio.Task[None] | None = None  # its loop deleting rows kept only for a while
@@ -139,7 +141,17 @@ async def connect(ctx: dict[str, Any]) -> None:
     spending = budgets.Spending(limits, sessions, settings.redis_key_prefix)  # on every LLM call too
     callbacks = Sender(settings, sessions)
     ctx[WORKER] = Worker(
-        settings, redis, limits, db, sessions, llm, callbacks, worker_id, heartbeat, spending
+        settings,
+        redis,
+        limits,
+        db,
+        sessions,
+        llm,
+        callbacks,
+        worker_id,
+        heartbeat,
+        spending,
+        TurnWriter(sessions),
     )
     log.info("worker %s started (%s)", worker_id, liveness.process())
 
@@ -238,7 +250,7 @@ async def _run_engine(worker: Worker, claim: items.Claim) -> Result:
     llm = budgets.Meter(client, worker.spending, claim.job_id, claim.budget)
     policies, prompts = policy_sets.for_engine(claim.policy_set), prompt_sets.for_engine(claim.prompt_set)
     sent_online = client.sent_online if isinstance(client, BatchedLLM) else frozenset()
-    turn_log = PostgresTurnLog(sessions, claim, llm, sent_online)
+    turn_log = PostgresTurnLog(worker.turns, claim, llm, sent_online)
     match claim.plan:
         case ComparisonPlan() as plan:
             baseline, candidate = await items.compared_samples(sessions, claim)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from typing import Any
+from uuid import UUID
 
 import asyncpg
 import orjson
@@ -68,6 +69,10 @@ class DriverStatement:
     async def fetchrow(self, connection: asyncpg.Connection, **params: Any) -> asyncpg.Record | None:
         return await connection.fetchrow(self.sql, *self.args(params))
 
+    async def fetch(self, connection: asyncpg.Connection, **params: Any) -> list[asyncpg.Record]:
+        records: list[asyncpg.Record] = await connection.fetch(self.sql, *self.args(params))
+        return records
+
     async def fetchval(self, connection: asyncpg.Connection, **params: Any) -> Any:
         return await connection.fetchval(self.sql, *self.args(params))
 
@@ -96,11 +101,18 @@ def _encoder(type_: TypeEngine[Any]) -> Encode | None:
 
 
 def _json(value: Any) -> str:
-    return orjson.dumps(value).decode()
+    return orjson.dumps(value, default=_uuid_text).decode()
 
 
 def _json_or_sql_null(value: Any) -> str | None:
-    return None if value is None else orjson.dumps(value).decode()
+    return None if value is None else orjson.dumps(value, default=_uuid_text).decode()
+
+
+def _uuid_text(value: Any) -> str:
+    # orjson writes uuid.UUID itself, but not asyncpg's subclass (the ids read from a row).
+    if isinstance(value, UUID):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def filled_by_database(column: Column[Any]) -> bool:

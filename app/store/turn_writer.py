@@ -1,0 +1,278 @@
+"""Group commit of turns: the turns a worker process's items record together go to Postgres
+in one statement.
+
+At hundreds of LLM calls a second, a statement and a transaction per turn were two thirds of
+Postgres's transactions and a tenth of a worker's CPU (bench/RESULTS.md, issue 12 target 4).
+One `TurnWriter` per worker process takes every item's turns: one arriving while no write is
+in flight is written at once (no timer, no added latency when idle); those arriving while a
+write is in flight wait for it and go together in the next one (natural batching), up to
+`max_rows` a statement. Each row keeps the single turn's contract: it is written only while
+its item's claim holds, once per turn key (a key already stored wins), in the statement's own
+transaction, committed before its caller hears back; the rows whose claim is gone write
+nothing and do not stop the others.
+
+A statement that fails writes nothing. When a row may be the cause (a value Postgres refuses,
+a deadlock with a statement locking items in another order), its rows are then written one per
+statement, so that a row's own error reaches its caller alone; any other error (the
+connection lost, Postgres shutting down) reaches every caller of the batch, who fails as a
+lone write would have. Nothing is ever dropped in silence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from sqlalchemy import Integer, and_, bindparam, column, exists, func, select, update
+from sqlalchemy.dialects.postgresql import JSONB, distinct_on, insert
+
+from app.store.db import Sessions, driver_connection
+from app.store.driver_statements import DriverStatement, filled_by_database, insert_from, row_parameter
+from app.store.items import claim_holds
+from app.store.models import Item, Job, TurnRow
+
+# Errors of a statement that one of its rows (or the batch's size, or its locks' order) may
+# have caused, written nothing, and left the connection sound: its rows are tried one by one.
+_ONE_ROWS_FAULT = (
+    asyncpg.DataError,  # a value out of range, text Postgres cannot hold
+    asyncpg.IntegrityConstraintViolationError,
+    asyncpg.TransactionRollbackError,  # a deadlock with a statement locking items in another order
+    asyncpg.ProgramLimitExceededError,
+)
+
+
+@dataclass(frozen=True)
+class Written:
+    """What became of one turn's row: whether its claim held, whether it was added (False:
+    its key was stored before, or its claim was lost), and its job's budget columns."""
+
+    held: bool
+    inserted: bool
+    max_cost_usd: float | None
+    max_tokens: int | None
+
+
+_Waiting = tuple[dict[str, Any], "asyncio.Future[Written]"]
+
+
+class TurnWriter:
+    """Writes the turns of one worker process's items, those recorded together in one
+    statement. `write(row)` takes a turns row plus `claim_attempt` (the claim it is written
+    under) and returns once it is committed, or raises what made the write fail."""
+
+    def __init__(self, sessions: Sessions, max_rows: int = 64) -> None:
+        self.sessions = sessions
+        self.max_rows = max_rows
+        self.statements = 0  # sent, so tests and benchmarks can see the grouping
+        self.rows = 0
+        self._waiting: list[_Waiting] = []
+        self._writing: asyncio.Task[None] | None = None
+
+    async def write(self, row: dict[str, Any]) -> Written:
+        if row.keys() != ROW_FIELDS:  # a missing field would be a silent NULL in the statement
+            raise KeyError(f"a turn row has fields {sorted(row.keys() ^ ROW_FIELDS)} wrong")
+        written: asyncio.Future[Written] = asyncio.get_running_loop().create_future()
+        self._waiting.append((row, written))
+        if self._writing is None:
+            # A task of its own, so that a caller cancelled does not cancel the others' write.
+            # It starts after the callbacks ready now: the rows they record join this one.
+            self._writing = asyncio.create_task(self._write_waiting())
+        return await written
+
+    async def _write_waiting(self) -> None:
+        try:
+            while self._waiting:
+                batch = self._waiting[: self.max_rows]
+                del self._waiting[: self.max_rows]
+                batch = [(row, written) for row, written in batch if not written.done()]
+                if batch:
+                    await self._write(batch)
+        finally:
+            self._writing = None
+            for _, written in self._waiting:  # left by a writer cancelled (the loop closing)
+                written.cancel()
+            self._waiting.clear()
+
+    async def _write(self, batch: list[_Waiting]) -> None:
+        """Write `batch` and tell each caller its outcome; never raises but CancelledError
+        (then every caller of the batch is cancelled)."""
+        try:
+            records = await self._statement([row for row, _ in batch])
+            outcomes = [Written(*record[1:]) for record in records]
+            if len(outcomes) != len(batch):
+                raise RuntimeError(f"{len(batch)} turns written, {len(outcomes)} outcomes")
+        except _ONE_ROWS_FAULT as error:
+            # The statement failed and wrote nothing: one row's fault must not be every row's.
+            if len(batch) == 1:
+                _fail(batch, error)
+            else:
+                for one in batch:
+                    await self._write([one])
+            return
+        except asyncio.CancelledError:
+            for _, written in batch:
+                written.cancel()
+            raise
+        except Exception as error:  # handed to every caller of the batch, who raises it
+            _fail(batch, error)
+            return
+        for (_, written), outcome in zip(batch, outcomes, strict=True):
+            if not written.done():
+                written.set_result(outcome)
+
+    async def _statement(self, rows: list[dict[str, Any]]) -> list[Sequence[Any]]:
+        self.statements += 1
+        self.rows += len(rows)
+        async with driver_connection(self.sessions) as connection:
+            if len(rows) == 1:  # a lone turn: a statement that costs Postgres less for one row
+                (row,) = rows
+                record = await _WRITE_ONE.fetchrow(
+                    connection, item_id=row["item_id"], attempt=row["claim_attempt"], turns=row
+                )
+                assert record is not None  # a SELECT without FROM: one row
+                return [(0, *record)]
+            for n, row in enumerate(rows):
+                row["n"] = n  # its caller's row in the answer
+            records = await _WRITE.fetch(connection, turns=rows)
+        records.sort(key=lambda record: record[0])
+        return records
+
+
+def _fail(batch: list[_Waiting], error: BaseException) -> None:
+    for _, written in batch:
+        if not written.done():
+            written.set_exception(error)
+
+
+# A turn's row: the turns table's columns the database does not fill (cached_prompt_tokens
+# has a server default for rows older than it: supplied), and the claim it is written under.
+_COLUMNS = [
+    c for c in TurnRow.__table__.columns if c.name == "cached_prompt_tokens" or not filled_by_database(c)
+]
+ROW_FIELDS = frozenset(c.name for c in _COLUMNS) | {"claim_attempt"}
+
+
+def _write_one_statement() -> DriverStatement:
+    """The statement of a lone turn: (held, inserted, its job's budget columns), as
+    `_write_statement` answers for a batch of one, for about 0.4 ms of Postgres CPU to its 0.5.
+    FOR UPDATE locks the item row while the claim is checked (a takeover claim waits, or this
+    sees its new attempt and writes nothing); ON CONFLICT keeps the first turn stored under a
+    key; the item's stage moves only when a turn really was added."""
+    held = (
+        select(Item.id, Item.job_id)
+        .where(claim_holds(bindparam("item_id"), bindparam("attempt")))
+        .with_for_update(of=Item)
+        .cte("held")
+    )
+    turns = TurnRow.__table__
+    inserted = (
+        # cached_prompt_tokens has a server default (for rows older than it): supplied here.
+        insert_from(
+            turns, held, item_id=held.c.id, cached_prompt_tokens=row_parameter(turns.c.cached_prompt_tokens)
+        )
+        .on_conflict_do_nothing()
+        .returning(TurnRow.item_id)
+        .cte("inserted")
+    )
+    stage = row_parameter(turns.c.stage)
+    staged = (
+        update(Item)
+        .where(Item.id == inserted.c.item_id, Item.stage != stage)
+        .values(stage=stage)
+        .cte("staged")
+    )
+    budget = (
+        select(Job.budget_max_cost_usd, Job.budget_max_tokens).where(Job.id == held.c.job_id).cte("budget")
+    )
+    return DriverStatement(
+        select(
+            exists().select_from(held).label("held"),
+            exists().select_from(inserted).label("inserted"),
+            select(budget.c.budget_max_cost_usd).scalar_subquery().label("max_cost_usd"),
+            select(budget.c.budget_max_tokens).scalar_subquery().label("max_tokens"),
+        ).add_cte(staged)
+    )
+
+
+def _write_statement() -> DriverStatement:
+    """One round trip for a batch of turn rows (a jsonb array of them, each numbered `n`);
+    one answer row per turn row: n, held, inserted, its job's budget columns.
+
+    The items whose claims hold are locked FOR UPDATE, in id order (two batches, or a batch
+    and a claim, cannot deadlock), so a takeover claim cannot interleave with the write: it
+    waits, or this sees its new attempt and writes nothing for that item. Of the rows of one
+    key the first is the one inserted; ON CONFLICT keeps the turn stored before; an item's
+    stage moves to that of its last row really added. The jobs' budgets are read, not locked.
+    """
+    turns = TurnRow.__table__
+    given = (
+        select(
+            func.jsonb_to_recordset(bindparam("turns", type_=JSONB))
+            .table_valued(
+                column("n", Integer),
+                column("claim_attempt", Integer),
+                *(column(c.name, c.type) for c in _COLUMNS),
+            )
+            .render_derived(name="turns_given", with_types=True)
+        )
+    ).cte("given")
+    held = (
+        select(given.c.n, Item.job_id)
+        .join_from(Item, given, claim_holds(given.c.item_id, given.c.claim_attempt))
+        .order_by(Item.id)
+        .with_for_update(of=Item)
+        .cte("held")
+    )
+    key = [given.c[name] for name in ("item_id", "stage", "round", "agent", "attempt")]
+    chosen = (
+        select(given)
+        .join(held, held.c.n == given.c.n)
+        .ext(distinct_on(*key))
+        .order_by(*key, given.c.n)
+        .cte("chosen")
+    )
+    inserted = (
+        insert(turns)
+        .from_select([c.name for c in _COLUMNS], select(*(chosen.c[c.name] for c in _COLUMNS)))
+        .on_conflict_do_nothing()
+        .returning(*(turns.c[k.name] for k in key))
+        .cte("inserted")
+    )
+    added = (
+        select(chosen.c.n, chosen.c.item_id, chosen.c.stage)
+        .join(inserted, and_(*(inserted.c[k.name] == chosen.c[k.name] for k in key)))
+        .cte("added")
+    )
+    last = (
+        select(added.c.item_id, added.c.stage)
+        .ext(distinct_on(added.c.item_id))
+        .order_by(added.c.item_id, added.c.n.desc())
+        .subquery("last_added")
+    )
+    staged = (
+        update(Item)
+        .where(Item.id == last.c.item_id, Item.stage != last.c.stage)
+        .values(stage=last.c.stage)
+        .cte("staged")
+    )
+    return DriverStatement(
+        select(
+            given.c.n,
+            held.c.n.is_not(None).label("held"),
+            added.c.n.is_not(None).label("inserted"),
+            Job.budget_max_cost_usd,
+            Job.budget_max_tokens,
+        )
+        .select_from(given)
+        .outerjoin(held, held.c.n == given.c.n)
+        .outerjoin(added, added.c.n == given.c.n)
+        .outerjoin(Job, Job.id == held.c.job_id)
+        .add_cte(staged)
+    )
+
+
+_WRITE_ONE = _write_one_statement()
+_WRITE = _write_statement()

@@ -1,0 +1,281 @@
+"""Group commit of turns: what items record together is written in one statement, and each
+caller hears its own turn's fate, as if it had been written alone."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import replace
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import httpx
+from sqlalchemy import func, select, text, update
+
+from app.deliberation.ports import Stage, Turn, TurnKey
+from app.store import items
+from app.store.db import Sessions
+from app.store.models import Item, Job, TurnRow
+from app.store.turn_log import PostgresTurnLog
+from app.store.turn_writer import ROW_FIELDS, TurnWriter, Written
+from tests.test_turn_log import LIMITS, a_turn
+
+
+async def claimed_items(
+    api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions, count: int
+) -> list[items.Claim]:
+    prompts = [f"How do bees see, part {n}?" for n in range(count)]
+    response = await api.post("/v1/jobs", json={"prompts": prompts}, headers=auth)
+    async with sessions() as session:
+        ids = (
+            await session.scalars(
+                select(Item.id).where(Item.job_id == UUID(response.json()["id"])).order_by(Item.position)
+            )
+        ).all()
+    claims = [await items.claim(sessions, item_id, LIMITS) for item_id in ids]
+    assert all(claims)
+    return [claim for claim in claims if claim is not None]
+
+
+async def lose(sessions: Sessions, claim: items.Claim) -> None:
+    """The claim's lease runs out and another worker takes the item over."""
+    async with sessions.begin() as session:
+        item = await session.get(Item, claim.item_id)
+        assert item is not None
+        item.lease_until = item.created_at
+    assert await items.claim(sessions, claim.item_id, LIMITS) is not None
+
+
+async def stored(sessions: Sessions, item_id: UUID) -> list[str]:
+    async with sessions() as session:
+        rows = await session.scalars(select(TurnRow.raw_output).where(TurnRow.item_id == item_id))
+        return sorted(rows.all())
+
+
+async def test_turns_several_items_record_together_are_written_in_one_statement(
+    api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions
+) -> None:
+    claims = await claimed_items(api, auth, sessions, 5)
+    writer = TurnWriter(sessions)
+    logs = [PostgresTurnLog(writer, claim) for claim in claims]
+
+    results = await asyncio.gather(
+        *(
+            log.record(a_turn(claim.item_id, f"raw {n}"))
+            for n, (log, claim) in enumerate(zip(logs, claims, strict=True))
+        )
+    )
+
+    assert (writer.statements, writer.rows) == (1, 5)
+    assert [r.raw_output for r in results] == [f"raw {n}" for n in range(5)]
+    for n, claim in enumerate(claims):
+        assert await stored(sessions, claim.item_id) == [f"raw {n}"]
+
+
+def turn_row(claim: items.Claim) -> dict[str, Any]:
+    """A turns row as the turn log hands it to the writer."""
+    row = {
+        "claim_attempt": claim.attempt,
+        "item_id": claim.item_id,
+        "job_id": claim.job_id,
+        "stage": "intent",
+        "round": 0,
+        "agent": 0,
+        "attempt": 0,
+        "role": "intent",
+        "endpoint": "default",
+        "model": "m",
+        "request_hash": "h",
+        "raw_output": "raw",
+        "parsed": None,
+        "outcome": "ok",
+        "error": None,
+        "agreed": None,
+        "prompt_tokens": 3,
+        "completion_tokens": 4,
+        "cached_prompt_tokens": 0,
+        "cost_usd": None,
+        "latency_ms": 5.0,
+    }
+    assert row.keys() == ROW_FIELDS
+    return row
+
+
+async def test_each_turn_of_a_batch_hears_its_own_jobs_budget(
+    api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions
+) -> None:
+    (budgeted,) = await claimed_items(api, auth, sessions, 1)
+    (free,) = await claimed_items(api, auth, sessions, 1)
+    async with sessions.begin() as session:
+        budget = {"budget_max_cost_usd": 2.5, "budget_max_tokens": 1000}
+        await session.execute(update(Job).where(Job.id == budgeted.job_id).values(budget))
+    writer = TurnWriter(sessions)
+
+    outcomes = await asyncio.gather(writer.write(turn_row(budgeted)), writer.write(turn_row(free)))
+
+    assert writer.statements == 1
+    assert outcomes == [Written(True, True, 2.5, 1000), Written(True, True, None, None)]
+
+
+async def test_a_lone_turn_is_written_at_once_and_those_recorded_meanwhile_go_together_next(
+    api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions
+) -> None:
+    first, *others = await claimed_items(api, auth, sessions, 4)
+    writer = TurnWriter(sessions)
+
+    lone = asyncio.create_task(PostgresTurnLog(writer, first).record(a_turn(first.item_id, "lone")))
+    for _ in range(3):  # its write starts without waiting for company
+        await asyncio.sleep(0)
+    assert writer.statements == 1
+    meanwhile = [PostgresTurnLog(writer, claim).record(a_turn(claim.item_id, "later")) for claim in others]
+    await asyncio.gather(lone, *meanwhile)
+
+    assert (writer.statements, writer.rows) == (2, 4)
+
+
+async def test_a_turn_whose_caller_is_cancelled_while_it_waits_is_not_written(
+    api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions
+) -> None:
+    first, gone, kept = await claimed_items(api, auth, sessions, 3)
+    writer = TurnWriter(sessions)
+    lone = asyncio.create_task(PostgresTurnLog(writer, first).record(a_turn(first.item_id, "lone")))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    waiting = [
+        asyncio.create_task(PostgresTurnLog(writer, c).record(a_turn(c.item_id, "later")))
+        for c in (gone, kept)
+    ]
+    await asyncio.sleep(0)  # both wait behind the write in flight
+
+    waiting[0].cancel()
+    results = await asyncio.gather(lone, *waiting, return_exceptions=True)
+
+    assert isinstance(results[1], asyncio.CancelledError)
+    assert (writer.statements, writer.rows) == (2, 2)
+    assert await stored(sessions, gone.item_id) == []
+    assert await stored(sessions, kept.item_id) == ["later"]
+
+
+async def test_a_lost_claim_in_a_batch_is_its_callers_alone(
+    api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions
+) -> None:
+    held, stale, other = await claimed_items(api, auth, sessions, 3)
+    await lose(sessions, stale)
+    writer = TurnWriter(sessions)
+
+    results = await asyncio.gather(
+        *(PostgresTurnLog(writer, c).record(a_turn(c.item_id, "raw")) for c in (held, stale, other)),
+        return_exceptions=True,
+    )
+
+    assert writer.statements == 1
+    assert isinstance(results[1], items.ClaimLost)
+    assert [r.raw_output for r in (results[0], results[2]) if isinstance(r, Turn)] == ["raw", "raw"]
+    assert await stored(sessions, stale.item_id) == []
+    assert await stored(sessions, held.item_id) == await stored(sessions, other.item_id) == ["raw"]
+
+
+async def test_a_key_stored_before_returns_the_stored_turn_while_the_rest_of_the_batch_is_added(
+    api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions
+) -> None:
+    again, new = await claimed_items(api, auth, sessions, 2)
+    writer = TurnWriter(sessions)
+    log = PostgresTurnLog(writer, again)
+    await log.record(a_turn(again.item_id, "first"))
+
+    repeated, added = await asyncio.gather(
+        log.record(a_turn(again.item_id, "second")),
+        PostgresTurnLog(writer, new).record(a_turn(new.item_id, "new")),
+    )
+
+    assert (writer.statements, writer.rows) == (2, 3)
+    assert (repeated.raw_output, added.raw_output) == ("first", "new")
+    assert await stored(sessions, again.item_id) == ["first"]
+
+
+async def test_an_items_stage_is_that_of_its_last_turn_in_the_batch(
+    api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions
+) -> None:
+    (claim,) = await claimed_items(api, auth, sessions, 1)
+    log = PostgresTurnLog(TurnWriter(sessions), claim)
+    seed = replace(a_turn(claim.item_id, "seed"), key=TurnKey(Stage.SEED), role="seed")
+
+    await asyncio.gather(log.record(a_turn(claim.item_id, "intent")), log.record(seed))
+
+    async with sessions() as session:
+        assert await session.scalar(select(Item.stage).where(Item.id == claim.item_id)) == Stage.SEED.value
+
+
+async def test_a_row_postgres_refuses_fails_its_caller_alone(
+    api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions
+) -> None:
+    claims = await claimed_items(api, auth, sessions, 3)
+    writer = TurnWriter(sessions)
+    turns = [a_turn(c.item_id, "raw") for c in claims]
+    turns[1] = replace(turns[1], prompt_tokens=2**31)  # beyond an integer column
+
+    results = await asyncio.gather(
+        *(PostgresTurnLog(writer, c).record(t) for c, t in zip(claims, turns, strict=True)),
+        return_exceptions=True,
+    )
+
+    # Postgres refuses the batch; written alone, the row is refused by asyncpg's own check.
+    assert isinstance(results[1], asyncpg.DataError) and "out of int32 range" in str(results[1])
+    assert all(isinstance(results[n], Turn) for n in (0, 2))
+    assert writer.statements == 1 + 3  # the batch, refused whole; then each row alone
+    assert [await stored(sessions, c.item_id) for c in claims] == [["raw"], [], ["raw"]]
+
+
+async def test_a_batch_whose_connection_dies_raises_to_every_caller_and_writes_nothing(
+    api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions
+) -> None:
+    claims = await claimed_items(api, auth, sessions, 3)
+    writer = TurnWriter(sessions)
+    async with sessions.begin() as blocker:  # the batch waits for this lock on one of its items
+        await blocker.execute(select(Item.id).where(Item.id == claims[1].item_id).with_for_update())
+        recording = asyncio.gather(
+            *(PostgresTurnLog(writer, c).record(a_turn(c.item_id, "raw")) for c in claims),
+            return_exceptions=True,
+        )
+        waiting = text("SELECT pid FROM pg_stat_activity WHERE pg_backend_pid() = ANY(pg_blocking_pids(pid))")
+        for _ in range(200):
+            await blocker.execute(text("SELECT pg_stat_clear_snapshot()"))  # read once a transaction
+            if (pid := (await blocker.execute(waiting)).scalar()) is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert pid is not None
+        await blocker.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        results = await recording
+
+    assert writer.statements == 1
+    assert all(
+        isinstance(r, (asyncpg.ConnectionDoesNotExistError, asyncpg.AdminShutdownError)) for r in results
+    ), results
+    assert [await stored(sessions, c.item_id) for c in claims] == [[], [], []]
+
+
+async def test_batches_locking_the_same_items_from_two_processes_do_not_deadlock(
+    api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions
+) -> None:
+    claims = await claimed_items(api, auth, sessions, 8)
+    writers = [TurnWriter(sessions), TurnWriter(sessions)]  # as two worker processes have
+    randomly = random.Random(12)
+
+    for rnd in range(10):
+        batches = []
+        for side, writer in enumerate(writers):
+            shuffled = randomly.sample(claims, len(claims))
+            key = TurnKey(Stage.DELIBERATION, rnd, side)
+            batches += [
+                PostgresTurnLog(writer, c).record(replace(a_turn(c.item_id, f"{rnd} {side}"), key=key))
+                for c in shuffled
+            ]
+        await asyncio.gather(*batches)
+
+    assert [w.statements for w in writers] == [10, 10]
+    async with sessions() as session:
+        count = (
+            select(func.count()).select_from(TurnRow).where(TurnRow.item_id.in_([c.item_id for c in claims]))
+        )
+        assert await session.scalar(count) == 8 * 10 * 2
