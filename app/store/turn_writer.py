@@ -134,9 +134,9 @@ class TurnWriter:
                 )
                 assert record is not None  # a SELECT without FROM: one row
                 return [(0, *record)]
-            for n, row in enumerate(rows):
-                row["n"] = n  # its caller's row in the answer
-            records = await _WRITE.fetch(connection, turns=rows)
+            # Each numbered (its caller's row in the answer) in a copy: a row tried again
+            # alone after a failed batch is its caller's as given.
+            records = await _WRITE.fetch(connection, turns=[row | {"n": n} for n, row in enumerate(rows)])
         records.sort(key=lambda record: record[0])
         return records
 
