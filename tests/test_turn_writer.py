@@ -12,11 +12,12 @@ from uuid import UUID
 import asyncpg
 import httpx
 from sqlalchemy import func, select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.deliberation.ports import Stage, Turn, TurnKey
 from app.store import items
 from app.store.db import Sessions
-from app.store.models import Item, Job, TurnRow
+from app.store.models import Item, ItemStatus, Job, TurnRow
 from app.store.turn_log import PostgresTurnLog
 from app.store.turn_writer import ROW_FIELDS, TurnWriter, Written
 from tests.test_turn_log import LIMITS, a_turn
@@ -232,8 +233,8 @@ async def test_a_batch_whose_connection_dies_raises_to_every_caller_and_writes_n
 ) -> None:
     claims = await claimed_items(api, auth, sessions, 3)
     writer = TurnWriter(sessions)
-    async with sessions.begin() as blocker:  # the batch waits for this lock on one of its items
-        await blocker.execute(select(Item.id).where(Item.id == claims[1].item_id).with_for_update())
+    async with sessions.begin() as blocker:  # the batch's inserts wait for this lock
+        await blocker.execute(text("LOCK TABLE turns IN SHARE MODE"))
         recording = asyncio.gather(
             *(PostgresTurnLog(writer, c).record(a_turn(c.item_id, "raw")) for c in claims),
             return_exceptions=True,
@@ -273,9 +274,59 @@ async def test_batches_locking_the_same_items_from_two_processes_do_not_deadlock
             ]
         await asyncio.gather(*batches)
 
-    assert [w.statements for w in writers] == [10, 10]
+    assert all(w.statements >= 10 for w in writers)  # rows skipped while the other held them: more
     async with sessions() as session:
         count = (
             select(func.count()).select_from(TurnRow).where(TurnRow.item_id.in_([c.item_id for c in claims]))
         )
         assert await session.scalar(count) == 8 * 10 * 2
+
+
+async def item_locked(blocker: AsyncSession, item_id: UUID) -> None:
+    """Another transaction holds the item's row, as a job's cancellation or deletion does."""
+    await blocker.execute(select(Item.id).where(Item.id == item_id).with_for_update())
+
+
+async def test_an_item_another_transaction_holds_holds_back_no_other_items_turn(
+    api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions
+) -> None:
+    locked, *others = await claimed_items(api, auth, sessions, 4)
+    writer = TurnWriter(sessions)
+    log = PostgresTurnLog(writer, locked)
+    async with sessions.begin() as blocker:
+        await item_locked(blocker, locked.item_id)
+        waiting = asyncio.create_task(log.record(a_turn(locked.item_id, "waited")))
+        together = [PostgresTurnLog(writer, c).record(a_turn(c.item_id, "together")) for c in others[:2]]
+        # the lone turn and then a batch of two go on while the locked item's turn waits
+        await asyncio.wait_for(asyncio.gather(*together), timeout=10)
+        lone = PostgresTurnLog(writer, others[2]).record(a_turn(others[2].item_id, "after"))
+        await asyncio.wait_for(lone, timeout=10)
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+        assert await stored(sessions, locked.item_id) == []
+    assert (await asyncio.wait_for(waiting, timeout=10)).raw_output == "waited"
+
+    assert await stored(sessions, locked.item_id) == ["waited"]
+    assert [await stored(sessions, c.item_id) for c in others] == [["together"], ["together"], ["after"]]
+
+
+async def test_a_claim_lost_while_another_transaction_held_its_item_is_its_callers_alone(
+    api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions
+) -> None:
+    cancelled, other = await claimed_items(api, auth, sessions, 2)
+    writer = TurnWriter(sessions)
+    async with sessions.begin() as blocker:  # a cancellation: it locks the item, then ends it
+        await item_locked(blocker, cancelled.item_id)
+        results = asyncio.gather(
+            *(PostgresTurnLog(writer, c).record(a_turn(c.item_id, "raw")) for c in (cancelled, other)),
+            return_exceptions=True,
+        )
+        await asyncio.sleep(0.2)
+        await blocker.execute(
+            update(Item).where(Item.id == cancelled.item_id).values(status=ItemStatus.CANCELLED)
+        )
+    lost, written = await asyncio.wait_for(results, timeout=10)
+
+    assert isinstance(lost, items.ClaimLost) and isinstance(written, Turn)
+    assert await stored(sessions, cancelled.item_id) == []
+    assert await stored(sessions, other.item_id) == ["raw"]
