@@ -5,7 +5,6 @@ Parquet file; per-sample results and a report with 95 % intervals."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from typing import Annotated, Any, Literal, get_args
 from uuid import UUID
 
@@ -30,6 +29,7 @@ from app.api.schemas import (
 )
 from app.api.submissions import Submission, SubmissionDep, submit_responses
 from app.deliberation.results import Sample as EngineSample
+from app.idempotency import RequestHash
 from app.plan import RoleIn, check_sample_evaluation_fits, resolve_sample_evaluation
 from app.sample_files import FileType, Sample, read_samples, samples_of
 from app.store import jobs, policy_sets, prompt_sets, sample_evaluations
@@ -104,7 +104,7 @@ async def upload_samples(
     chosen = _read_options(options)  # before the body: a bad query is refused unread
     raw = await read_capped(request, submission.settings.max_request_bytes)
     samples = await anyio.to_thread.run_sync(read_samples, raw, kind, chosen.format, chosen.columns)
-    request_hash = hashlib.sha256(chosen.model_dump_json().encode() + kind.encode() + raw).hexdigest()
+    request_hash = submission.request_hash(chosen, kind.encode() + raw)
     return await _submit(key.id, chosen, samples, submission, request_hash)
 
 
@@ -125,7 +125,7 @@ async def _submit(
     options: SampleEvaluationOptions,
     samples: list[Sample],
     submission: Submission,
-    request_hash: str,
+    request_hash: RequestHash,
 ) -> SubmittedSampleEvaluationOut:
     options.refuse_batch("sample evaluations")
     session, settings = submission.session, submission.settings

@@ -3,7 +3,6 @@ accepting the new job (commit, then enqueue its items; a replay answers 200)."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -17,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.api.deps import ArqDep, SessionDep, SettingsDep
 from app.api.errors import documented
 from app.config import Settings
+from app.idempotency import RequestHash
 from app.queue import enqueue_items
 from app.store.models import Job
 
@@ -43,9 +43,9 @@ class Submission:
     _response: Response
 
     @staticmethod
-    def request_hash(body: BaseModel) -> str:
+    def request_hash(body: BaseModel, upload: bytes = b"") -> RequestHash:
         """What tells a replay (the same key, the same body) from a conflict."""
-        return hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+        return RequestHash(body, upload)
 
     async def accept(self, job: Job, new_item_ids: list[UUID]) -> None:
         """Commit the job, then enqueue its new items; none new means a replay: 200, not 202."""

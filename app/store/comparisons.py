@@ -13,6 +13,7 @@ from sqlalchemy.orm import aliased
 
 from app.deliberation.results import METRICS
 from app.errors import NoCommonPrompts, NotFound
+from app.idempotency import RequestHash
 from app.plan import ComparisonPlan
 from app.store import jobs, quality
 from app.store.models import Cot, Item, Job, Judgement
@@ -27,7 +28,7 @@ async def create(
     plan: ComparisonPlan,
     labels: jobs.Labels,
     idempotency_key: str | None,
-    request_hash: str,
+    request_hash: RequestHash,
     callback: jobs.NewCallback | None,
 ) -> tuple[Job, list[UUID]]:
     """A comparison job whose items are the prompts both jobs have a CoT for (matched by

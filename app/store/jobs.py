@@ -16,6 +16,7 @@ from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
 from app.costs import Budget, priced
 from app.errors import IdempotencyConflict, InvalidCursor, NotFound
+from app.idempotency import RequestHash
 from app.plan import GenerationPlan, JobPlan
 from app.store import batches, budgets, callbacks, quality
 from app.store.db import driver_of
@@ -73,7 +74,7 @@ async def submit(
     items: Sequence[NewItem],
     labels: Labels,
     idempotency_key: str | None,
-    request_hash: str,
+    request_hash: RequestHash,
     callback: NewCallback | None,
     duplicates: dict[str, Any],
     budget: Budget | None = None,
@@ -134,7 +135,7 @@ async def create(
     labels: Labels,
     idempotency_key: str | None,
     idempotency_scope: IdempotencyScope,
-    request_hash: str,
+    request_hash: RequestHash,
     callback: NewCallback | None,
     duplicates: dict[str, Any] | None = None,
     budget: Budget | None = None,
@@ -155,7 +156,7 @@ async def create(
         plan=plan,
         idempotency_key=idempotency_key,
         idempotency_scope=idempotency_scope,
-        request_hash=request_hash,
+        request_hash=request_hash.value,
         item_count=item_count,
         callback_url=callback.url if callback else None,
         callback_secret=callback.secret if callback else None,
@@ -195,8 +196,8 @@ async def _by_idempotency_key(
     )
 
 
-def _same_request(job: Job, request_hash: str) -> Job:
-    if job.request_hash != request_hash:
+def _same_request(job: Job, request_hash: RequestHash) -> Job:
+    if not request_hash.matches(job.request_hash):
         raise IdempotencyConflict("this Idempotency-Key was already used with a different request body")
     return job
 

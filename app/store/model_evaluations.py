@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.deliberation.ports import Stage
 from app.deliberation.results import JudgedAnswer
 from app.errors import NotFound
+from app.idempotency import RequestHash
 from app.plan import ModelEvaluationPlan
 from app.store import jobs
 from app.store.db import Sessions
@@ -43,7 +44,7 @@ async def create(
     cases: Sequence[NewCase],
     labels: jobs.Labels,
     idempotency_key: str | None,
-    request_hash: str,
+    request_hash: RequestHash,
     callback: jobs.NewCallback | None,
 ) -> tuple[Job, list[UUID]]:
     """The job, an item per (case, target) and its answer row, in the caller's transaction.

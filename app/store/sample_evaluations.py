@@ -14,6 +14,7 @@ from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import InvalidConfig, NoCommonPrompts, NotFound
+from app.idempotency import RequestHash
 from app.plan import ComparisonPlan, SampleEvaluationPlan
 from app.sample_files import Sample
 from app.store import jobs, quality
@@ -31,7 +32,7 @@ async def submit(
     samples: Sequence[Sample],
     labels: jobs.Labels,
     idempotency_key: str | None,
-    request_hash: str,
+    request_hash: RequestHash,
     callback: jobs.NewCallback | None,
 ) -> tuple[Job, list[UUID]]:
     """Write the job, an item and a sample row per sample, and (with a judge) each item's

@@ -1,0 +1,285 @@
+"""Idempotency-Key replays across releases: a replay matches on what the client sent, so a
+release that changes the default of a field the body left out does not make it a conflict;
+and a job stored before that rule (its hash of the body with every default filled in) still
+replays."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import httpx
+import pytest
+from pydantic import BaseModel, Field
+from redis.asyncio import Redis
+from sqlalchemy import update
+
+from app.api.schemas import (
+    ComparisonIn,
+    JobIn,
+    ModelEvaluationIn,
+    PolicySetRef,
+    SampleEvaluationIn,
+    SampleEvaluationOptions,
+)
+from app.config import Settings
+from app.idempotency import RequestHash
+from app.plan import JobConfigIn
+from app.store.db import Sessions
+from app.store.models import Job
+from tests.test_api import error_of, row_counts
+from tests.test_model_evaluation_api import GOOD_ROW, evaluation_body
+from tests.test_quality_api import completed, finished_job
+
+Headers = dict[str, str]
+CSV = b"prompt,response\nHow do tides work?,The moon pulls the sea.\n"
+SAMPLE = {"prompt": "How do tides work?", "response": "The moon pulls the sea."}
+
+
+@dataclass(frozen=True)
+class Submit:
+    """A submit request: what is sent, and what its route parses (`parsed`, then the file
+    type and bytes of an upload)."""
+
+    path: str
+    parsed: BaseModel
+    json: dict[str, Any] | None = None
+    params: dict[str, str] | None = None
+    content: bytes | None = None
+    upload: bytes = b""
+
+    async def send(self, api: httpx.AsyncClient, headers: Headers) -> httpx.Response:
+        return await api.post(
+            self.path, json=self.json, params=self.params, content=self.content, headers=headers
+        )
+
+    def legacy_hash(self) -> str:
+        """What a job stored before replays matched on what was sent: the hash of the parsed
+        body with every default filled in (written out as that code had it)."""
+        return hashlib.sha256(self.parsed.model_dump_json().encode() + self.upload).hexdigest()
+
+    def sent_hash(self) -> str:
+        """The hash of the fields the request gave."""
+        sent = self.parsed.model_dump_json(exclude_unset=True)
+        return hashlib.sha256(sent.encode() + self.upload).hexdigest()
+
+
+def json_submit(path: str, schema: type[BaseModel], body: dict[str, Any]) -> Submit:
+    return Submit(path, schema.model_validate(body), json=body)
+
+
+def upload_submit(content: bytes, **options: Any) -> Submit:
+    params = {"file_type": "csv", "options": json.dumps(options)}
+    parsed = SampleEvaluationOptions.model_validate(options)
+    return Submit(
+        "/v1/sample-evaluations/upload", parsed, params=params, content=content, upload=b"csv" + content
+    )
+
+
+JOB_BODY = {"prompts": ["a", "b"], "config": {"agents": 2}}
+JOB = json_submit("/v1/jobs", JobIn, JOB_BODY)
+SUBMITS = {
+    "job": JOB,
+    "model evaluation": json_submit(
+        "/v1/model-evaluations",
+        ModelEvaluationIn,
+        evaluation_body([{"name": "b", "prompts": [GOOD_ROW]}], "m1"),
+    ),
+    "sample evaluation": json_submit(
+        "/v1/sample-evaluations", SampleEvaluationIn, {"guard": {}, "samples": [SAMPLE]}
+    ),
+    "sample upload": upload_submit(CSV, guard={}),
+}
+
+
+@pytest.fixture(params=[*SUBMITS, "comparison"])
+async def submitted(
+    request: pytest.FixtureRequest, api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> Submit:
+    """Each submit route's request (a comparison's needs two finished jobs first)."""
+    if request.param != "comparison":
+        return SUBMITS[request.param]
+    baseline, candidate = [
+        await finished_job(api, auth, sessions, [completed()], prompts=["a"]) for _ in range(2)
+    ]
+    return json_submit(
+        "/v1/comparisons", ComparisonIn, {"baseline_job_id": baseline, "candidate_job_id": candidate}
+    )
+
+
+async def store_hash(sessions: Sessions, job_id: str, request_hash: str) -> None:
+    """Make the job look submitted by another release: one that stored this hash."""
+    async with sessions.begin() as session:
+        await session.execute(update(Job).where(Job.id == UUID(job_id)).values(request_hash=request_hash))
+
+
+def assert_replays(first: httpx.Response, again: httpx.Response) -> None:
+    """`again` answered with what `first` made, as a replay."""
+    assert again.status_code == 200, again.text
+    assert again.json()["id"] == first.json()["id"]
+
+
+async def stored(sessions: Sessions, redis: Redis, settings: Settings) -> tuple[int, int, int]:
+    """Jobs, items and queued arq jobs."""
+    return (*await row_counts(sessions), await redis.zcard(settings.queue_name))
+
+
+# --- a release that changes a default -------------------------------------------------------
+
+
+class EarlierConfig(JobConfigIn):
+    max_rounds: int | None = 3
+
+
+class EarlierPolicySetRef(PolicySetRef):
+    name: str = "aidsafe-v0"
+
+
+class EarlierDefaultInGivenObject(JobIn):
+    """JobIn as an earlier release had it, defaulting a field of `config` (which the body
+    gives) otherwise."""
+
+    config: EarlierConfig = Field(default_factory=EarlierConfig)
+
+
+class EarlierDefaultInObjectLeftOut(JobIn):
+    """JobIn as an earlier release had it, defaulting `policy_set` (which the body leaves
+    out) otherwise."""
+
+    policy_set: EarlierPolicySetRef = Field(default_factory=EarlierPolicySetRef)
+
+
+@pytest.mark.parametrize("earlier", [EarlierDefaultInGivenObject, EarlierDefaultInObjectLeftOut])
+async def test_a_replay_spanning_a_changed_default_of_a_field_left_out_still_replays(
+    api: httpx.AsyncClient,
+    auth: Headers,
+    sessions: Sessions,
+    redis: Redis,
+    settings: Settings,
+    earlier: type[JobIn],
+) -> None:
+    headers = {**auth, "Idempotency-Key": "across-releases"}
+    first = await JOB.send(api, headers)
+    assert first.status_code == 202, first.text
+    # What the earlier release stored: this code's hash of the body as its schema parsed it.
+    await store_hash(sessions, first.json()["id"], RequestHash(earlier.model_validate(JOB_BODY)).value)
+    before = await stored(sessions, redis, settings)
+
+    again = await JOB.send(api, headers)
+
+    assert_replays(first, again)
+    assert await stored(sessions, redis, settings) == before
+
+
+# --- jobs stored with the legacy hash ---------------------------------------------------------
+
+
+async def test_a_job_stored_with_the_legacy_hash_still_replays(
+    api: httpx.AsyncClient,
+    auth: Headers,
+    sessions: Sessions,
+    redis: Redis,
+    settings: Settings,
+    submitted: Submit,
+) -> None:
+    headers = {**auth, "Idempotency-Key": "before-the-release"}
+    first = await submitted.send(api, headers)
+    assert first.status_code == 202, first.text
+    assert submitted.legacy_hash() != submitted.sent_hash()  # the body leaves defaults out
+    await store_hash(sessions, first.json()["id"], submitted.legacy_hash())
+    before = await stored(sessions, redis, settings)
+
+    again = await submitted.send(api, headers)
+
+    assert_replays(first, again)
+    assert await stored(sessions, redis, settings) == before
+
+
+ANOTHER = {
+    "job": (JOB, json_submit("/v1/jobs", JobIn, {"prompts": ["a", "c"], "config": {"agents": 2}})),
+    "sample upload": (upload_submit(CSV, guard={}), upload_submit(CSV + b"Why?,Because.\n", guard={})),
+}
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy hash", "hash of what was sent"])
+@pytest.mark.parametrize(("first", "another"), ANOTHER.values(), ids=ANOTHER.keys())
+async def test_another_request_under_the_same_key_is_a_conflict(
+    api: httpx.AsyncClient,
+    auth: Headers,
+    sessions: Sessions,
+    redis: Redis,
+    settings: Settings,
+    first: Submit,
+    another: Submit,
+    legacy: bool,
+) -> None:
+    headers = {**auth, "Idempotency-Key": "one-request"}
+    made = await first.send(api, headers)
+    assert made.status_code == 202, made.text
+    if legacy:
+        await store_hash(sessions, made.json()["id"], first.legacy_hash())
+    before = await stored(sessions, redis, settings)
+
+    error_of(await another.send(api, headers), 409, "idempotency_conflict")
+    assert await stored(sessions, redis, settings) == before
+
+
+# --- what a request is --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spelled_out",
+    [{"config": {"agents": 2, "max_rounds": None}}, {"policy_set": {"name": "aidsafe-default"}}],
+    ids=["in a given object", "an object left out"],
+)
+async def test_a_default_spelled_out_is_part_of_the_request(
+    api: httpx.AsyncClient, auth: Headers, spelled_out: dict[str, Any]
+) -> None:
+    # A later release may default the field otherwise: a stored hash cannot tell which
+    # default a body that left it out meant, so left out and spelled out must differ.
+    headers = {**auth, "Idempotency-Key": "spelled-out"}
+    assert (await JOB.send(api, headers)).status_code == 202
+
+    response = await api.post("/v1/jobs", json={**JOB_BODY, **spelled_out}, headers=headers)
+
+    error_of(response, 409, "idempotency_conflict")
+
+
+@pytest.mark.parametrize(
+    "spelled_out",
+    [
+        {"label": None},
+        {"metadata": {}},
+        {"duplicates": "keep"},
+        {"budget": None},
+        {"prompt_set": None},
+        {"preset": None, "preset_version": None},
+    ],
+    ids=lambda spelled_out: ",".join(spelled_out),
+)
+async def test_fields_whose_default_is_left_out_of_the_hash_may_be_spelled_out(
+    api: httpx.AsyncClient, auth: Headers, spelled_out: dict[str, Any]
+) -> None:
+    headers = {**auth, "Idempotency-Key": "exclude-if"}
+    first = await JOB.send(api, headers)
+    assert first.status_code == 202, first.text
+
+    again = await api.post("/v1/jobs", json={**JOB_BODY, **spelled_out}, headers=headers)
+
+    assert_replays(first, again)
+
+
+async def test_key_order_and_spacing_are_not_part_of_the_request(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    headers = {**auth, "Idempotency-Key": "as-parsed", "Content-Type": "application/json"}
+    first = await JOB.send(api, headers)
+    assert first.status_code == 202, first.text
+
+    reordered = json.dumps(dict(reversed(list(JOB_BODY.items()))), indent=2).encode()
+    again = await api.post("/v1/jobs", content=reordered, headers=headers)
+
+    assert_replays(first, again)
