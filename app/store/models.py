@@ -163,7 +163,7 @@ class Job(Base):
     prompt_set_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("prompt_sets.id"))
     plan: Mapped[JobPlan] = mapped_column(PlanJSON)  # resolved and frozen at submission
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
-    # The route whose Idempotency-Key namespace holds the key: jobs | comparisons | model_evaluation.
+    # The route whose Idempotency-Key namespace holds the key: jobs.IdempotencyScope.
     idempotency_scope: Mapped[str] = mapped_column(String(16), server_default="jobs")
     request_hash: Mapped[str] = mapped_column(String(64))
     item_count: Mapped[int] = mapped_column(Integer)
