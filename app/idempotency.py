@@ -28,9 +28,18 @@ class RequestHash:
         """What a new job stores."""
         return _sha256(self.body.model_dump_json(exclude_unset=True), self.upload)
 
+    @cached_property
+    def legacy(self) -> str:
+        return _legacy_full_dump_hash(self.body, self.upload)
+
+    def computed(self) -> RequestHash:
+        """This, with both hashes computed now (for a large upload: in a thread)."""
+        _ = self.value, self.legacy
+        return self
+
     def matches(self, stored: str) -> bool:
         """Whether a job that stored `stored` was made by this request (a replay), not another."""
-        return stored == self.value or stored == _legacy_full_dump_hash(self.body, self.upload)
+        return stored == self.value or stored == self.legacy
 
 
 def _legacy_full_dump_hash(body: BaseModel, upload: bytes) -> str:

@@ -1,5 +1,6 @@
-"""What the submit routes (jobs, comparisons, sample and model evaluations) share: the request's idempotency, and
-accepting the new job (commit, then enqueue its items; a replay answers 200)."""
+"""What the submit routes (jobs, comparisons, sample and model evaluations) share: the
+request's idempotency, and accepting the new job (commit, then enqueue its items; a replay
+answers 200)."""
 
 from __future__ import annotations
 
