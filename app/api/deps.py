@@ -7,7 +7,7 @@ from typing import Annotated
 from uuid import UUID
 
 from arq.connections import ArqRedis
-from fastapi import Depends
+from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -19,7 +19,14 @@ from app.presets import Presets
 from app.store import jobs, keys
 from app.store.models import ApiKey, Job
 
-StateDep = Annotated[ApiState, Depends(api_state)]
+
+# Dependencies are `async def` even where they await nothing: FastAPI runs a plain `def` one in
+# its thread pool, a thread hop per request (a tenth of the API's CPU per cached GET).
+async def _state(request: Request) -> ApiState:
+    return api_state(request)
+
+
+StateDep = Annotated[ApiState, Depends(_state)]
 
 
 async def _session(state: StateDep) -> AsyncIterator[AsyncSession]:
@@ -27,19 +34,19 @@ async def _session(state: StateDep) -> AsyncIterator[AsyncSession]:
         yield session
 
 
-def _settings(state: StateDep) -> Settings:
+async def _settings(state: StateDep) -> Settings:
     return state.settings
 
 
-def _arq(state: StateDep) -> ArqRedis:
+async def _arq(state: StateDep) -> ArqRedis:
     return state.arq
 
 
-def _summaries(state: StateDep) -> JobSummaries:
+async def _summaries(state: StateDep) -> JobSummaries:
     return state.summaries
 
 
-def _presets(state: StateDep) -> Presets:
+async def _presets(state: StateDep) -> Presets:
     return state.presets
 
 
@@ -64,7 +71,7 @@ async def _current_key(
 CurrentKey = Annotated[ApiKey, Depends(_current_key)]
 
 
-def _reads_hazardous(key: CurrentKey) -> bool:
+async def _reads_hazardous(key: CurrentKey) -> bool:
     return keys.reads_hazardous(key)
 
 

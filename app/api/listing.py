@@ -40,7 +40,7 @@ def _metadata(text: str | None) -> dict[str, Any] | None:
     return wanted
 
 
-def _job_filter(
+async def _job_filter(
     status: Annotated[
         list[JobStatus] | None, Query(description="Only jobs in these statuses (repeatable).")
     ] = None,

@@ -120,7 +120,7 @@ ViewerKey = Annotated[ApiKey, Depends(_viewer_key)]
 ViewedJob = Annotated[Job, Depends(job_owned_by(_viewer_key))]
 
 
-def _refuse_cross_site(request: Request) -> None:
+async def _refuse_cross_site(request: Request) -> None:
     """Login and logout take only posts from the viewer's own pages: SameSite=Strict keeps the
     cookie off cross-site posts, but a forged login would plant the attacker's session and a
     forged logout end the user's. Checked by the headers browsers set themselves (Origin on
