@@ -4,33 +4,44 @@ sent, which a new job stores and a replay is checked against."""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-from functools import cached_property
 
+import orjson
 from pydantic import BaseModel
 
 
-@dataclass(frozen=True)
 class RequestHash:
     """A submit request's hash: `body` as parsed, then `upload` (the bytes of an uploaded
-    file and its type, for a route that takes one).
+    file and its type, for a route that takes one). Each form is computed when first read.
 
     The body is hashed as the client sent it: fields it left out are left out (pydantic's
     `exclude_unset`, at every level), so a release that changes a default does not turn a
     replay spanning it into a conflict. Fields it gave are hashed as parsed, even at their
-    default, except where a field's `exclude_if` leaves its default out."""
+    default, except where a field's `exclude_if` leaves its default out. Object keys are
+    sorted at every level, so free-form objects (metadata, sample rows) match in any order."""
 
-    body: BaseModel
-    upload: bytes = b""
+    def __init__(self, body: BaseModel, upload: bytes = b"") -> None:
+        self.body = body
+        self.upload = upload
+        # Not functools.cached_property: on Python 3.11 it takes one lock for all instances,
+        # so an upload hashed in a thread would stall every other request reading its hash.
+        self._value: str | None = None
+        self._legacy: str | None = None
 
-    @cached_property
+    @property
     def value(self) -> str:
         """What a new job stores."""
-        return _sha256(self.body.model_dump_json(exclude_unset=True), self.upload)
+        if self._value is None:
+            canonical = orjson.dumps(
+                self.body.model_dump(mode="json", exclude_unset=True), option=orjson.OPT_SORT_KEYS
+            )
+            self._value = _sha256(canonical, self.upload)
+        return self._value
 
-    @cached_property
+    @property
     def legacy(self) -> str:
-        return _legacy_full_dump_hash(self.body, self.upload)
+        if self._legacy is None:
+            self._legacy = _legacy_full_dump_hash(self.body, self.upload)
+        return self._legacy
 
     def computed(self) -> RequestHash:
         """This, with both hashes computed now (for a large upload: in a thread)."""
@@ -52,10 +63,10 @@ def _legacy_full_dump_hash(body: BaseModel, upload: bytes) -> str:
     once no job with an Idempotency-Key created before this release is left (`SELECT
     count(*) FROM jobs WHERE idempotency_key IS NOT NULL AND created_at < <its deploy>`), or
     once replays of submissions that old may be refused."""
-    return _sha256(body.model_dump_json(), upload)
+    return _sha256(body.model_dump_json().encode(), upload)
 
 
-def _sha256(dumped: str, upload: bytes) -> str:
-    digest = hashlib.sha256(dumped.encode())
+def _sha256(dumped: bytes, upload: bytes) -> str:
+    digest = hashlib.sha256(dumped)
     digest.update(upload)
     return digest.hexdigest()

@@ -283,3 +283,20 @@ async def test_key_order_and_spacing_are_not_part_of_the_request(
     again = await api.post("/v1/jobs", content=reordered, headers=headers)
 
     assert_replays(first, again)
+
+
+async def test_key_order_inside_free_form_objects_is_not_part_of_the_request(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    """Metadata and sample rows are free-form objects, dumped in the order they came."""
+    headers = {**auth, "Idempotency-Key": "free-form"}
+    body = {**JOB_BODY, "metadata": {"team": "red", "run": {"seed": 1, "arm": "a"}}}
+    first = await api.post("/v1/jobs", json=body, headers=headers)
+    assert first.status_code == 202, first.text
+
+    reordered = {**JOB_BODY, "metadata": {"run": {"arm": "a", "seed": 1}, "team": "red"}}
+    again = await api.post("/v1/jobs", json=reordered, headers=headers)
+
+    assert_replays(first, again)
+    other = {**JOB_BODY, "metadata": {"run": {"arm": "b", "seed": 1}, "team": "red"}}
+    error_of(await api.post("/v1/jobs", json=other, headers=headers), 409, "idempotency_conflict")
