@@ -301,8 +301,10 @@ async def test_an_item_another_transaction_holds_holds_back_no_other_items_turn(
         await asyncio.wait_for(asyncio.gather(*together), timeout=10)
         lone = PostgresTurnLog(writer, others[2]).record(a_turn(others[2].item_id, "after"))
         await asyncio.wait_for(lone, timeout=10)
+        sent = writer.statements
         await asyncio.sleep(0.2)
         assert not waiting.done()
+        assert writer.statements == sent, "the row waits for the lock, it does not go round the lanes"
         assert await stored(sessions, locked.item_id) == []
     assert (await asyncio.wait_for(waiting, timeout=10)).raw_output == "waited"
 

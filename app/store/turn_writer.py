@@ -11,10 +11,11 @@ its item's claim holds, once per turn key (a key already stored wins), in the st
 transaction, committed before its caller hears back; the rows whose claim is gone write
 nothing and do not stop the others.
 
-Nothing another transaction does holds back the turns of other items: the item rows are
-locked `SKIP LOCKED`, and a row whose item another transaction holds (a job being cancelled or
-deleted, a takeover claim) is written again alone, in a lane of its own that waits for the lock,
-while the main lane goes on.
+A lock another transaction holds on an item row (a job being cancelled, a takeover claim, a
+lease renewal) holds back no turn of the main lane: it locks item rows `SKIP LOCKED`, and a
+row whose item was skipped is written again alone, in a second lane that waits for the lock,
+while the main lane goes on. The second lane writes one row at a time, on one connection, so
+that a cancellation of many items cannot take the whole pool; its rows wait for each other.
 
 A statement that fails writes nothing. When a row may be the cause (a value Postgres refuses,
 a deadlock with a statement locking items in another order), its rows are then written one per
@@ -108,9 +109,14 @@ class TurnWriter:
             # The statement failed and wrote nothing: one row's fault must not be every row's.
             if len(batch) == 1:
                 _fail(batch, error)
-            else:
+                return
+            try:
                 for one in batch:
                     await self._write([one], wait_for_locks)
+            except asyncio.CancelledError:  # the rows not yet tried are in no lane: cancel them
+                for _, written in batch:
+                    written.cancel()
+                raise
             return
         except asyncio.CancelledError:
             for _, written in batch:
