@@ -21,6 +21,7 @@ from app.api.listing import JobFilterDep
 from app.api.schemas import ComparisonIn, ComparisonOut, ComparisonPage, SubmittedComparisonOut
 from app.api.submissions import SubmissionDep, submit_responses
 from app.errors import ComparisonMismatch
+from app.idempotency import RequestHash
 from app.plan import check_comparison_fits, comparison_mismatches, resolve_comparison
 from app.reports import comparison_stats
 from app.store import comparisons, job_listing, jobs, policy_sets, prompt_sets
@@ -101,7 +102,7 @@ async def create_comparison(
         plan=plan,
         labels=jobs.Labels(body.label, body.metadata),
         idempotency_key=submission.idempotency_key,
-        request_hash=submission.request_hash(body),
+        request_hash=RequestHash(body),
         callback=callback,
     )
     await submission.accept(job, new_item_ids)

@@ -52,6 +52,7 @@ from app.deliberation.policies import PolicySet
 from app.deliberation.prompt_sets import BUILTIN_NAME
 from app.deliberation.prompting import PromptSet
 from app.duplicates import DuplicatesOut
+from app.idempotency import RequestHash
 from app.plan import GenerationPlan, check_job_fits, resolve
 from app.presets import Presets
 from app.queue import enqueue_items
@@ -94,7 +95,7 @@ async def submit_job(
         items=[jobs.NewItem(position, p.prompt, p.metadata) for position, p in kept],
         labels=jobs.Labels(body.label, body.metadata),
         idempotency_key=submission.idempotency_key,
-        request_hash=submission.request_hash(body),
+        request_hash=RequestHash(body),
         callback=callback,
         duplicates=found.model_dump(mode="json"),
         budget=body.budget,

@@ -22,6 +22,7 @@ from app.api.schemas import (
     SubmittedModelEvaluationOut,
 )
 from app.api.submissions import SubmissionDep, submit_responses
+from app.idempotency import RequestHash
 from app.plan import check_model_evaluation_fits, resolve_model_evaluation
 from app.reports import model_evaluation
 from app.store import jobs, model_evaluations, policy_sets, prompt_sets
@@ -96,7 +97,7 @@ async def create_model_evaluation(
         cases=cases,
         labels=jobs.Labels(body.label, body.metadata),
         idempotency_key=submission.idempotency_key,
-        request_hash=submission.request_hash(body),
+        request_hash=RequestHash(body),
         callback=callback,
     )
     await submission.accept(job, new_item_ids)

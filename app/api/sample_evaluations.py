@@ -59,7 +59,7 @@ async def evaluate_samples(
     """Evaluate the samples in the body, each read as a row of a JSONL file (see the upload
     route). Runs as a job of mode `sample_evaluation`, one item per sample."""
     samples = await anyio.to_thread.run_sync(samples_of, body.samples, body.format, body.columns)
-    return await _submit(key.id, body, samples, submission, submission.request_hash(body))
+    return await _submit(key.id, body, samples, submission, RequestHash(body))
 
 
 @router.post(
@@ -105,9 +105,7 @@ async def upload_samples(
     raw = await read_capped(request, submission.settings.max_request_bytes)
     samples = await anyio.to_thread.run_sync(read_samples, raw, kind, chosen.format, chosen.columns)
     # Up to max_request_bytes hashed twice (~30 ms each at 32 MiB): in a thread, off the loop.
-    request_hash = await anyio.to_thread.run_sync(
-        lambda: submission.request_hash(chosen, kind.encode() + raw).computed()
-    )
+    request_hash = await anyio.to_thread.run_sync(lambda: RequestHash(chosen, kind.encode() + raw).computed())
     return await _submit(key.id, chosen, samples, submission, request_hash)
 
 

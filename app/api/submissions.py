@@ -17,7 +17,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.api.deps import ArqDep, SessionDep, SettingsDep
 from app.api.errors import documented
 from app.config import Settings
-from app.idempotency import RequestHash
 from app.queue import enqueue_items
 from app.store.models import Job
 
@@ -42,11 +41,6 @@ class Submission:
     idempotency_key: str | None
     _arq: ArqRedis
     _response: Response
-
-    @staticmethod
-    def request_hash(body: BaseModel, upload: bytes = b"") -> RequestHash:
-        """What tells a replay (the same key, the same body) from a conflict."""
-        return RequestHash(body, upload)
 
     async def accept(self, job: Job, new_item_ids: list[UUID]) -> None:
         """Commit the job, then enqueue its new items; none new means a replay: 200, not 202."""
