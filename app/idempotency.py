@@ -4,8 +4,8 @@ sent, which a new job stores and a replay is checked against."""
 from __future__ import annotations
 
 import hashlib
+import json
 
-import orjson
 from pydantic import BaseModel
 
 
@@ -31,10 +31,10 @@ class RequestHash:
     def value(self) -> str:
         """What a new job stores."""
         if self._value is None:
-            canonical = orjson.dumps(
-                self.body.model_dump(mode="json", exclude_unset=True), option=orjson.OPT_SORT_KEYS
-            )
-            self._value = _sha256(canonical, self.upload)
+            # The standard library's encoder, not orjson: a body may hold integers beyond 64 bits.
+            sent = self.body.model_dump(mode="json", exclude_unset=True)
+            canonical = json.dumps(sent, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+            self._value = _sha256(canonical.encode(), self.upload)
         return self._value
 
     @property

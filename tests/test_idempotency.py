@@ -300,3 +300,15 @@ async def test_key_order_inside_free_form_objects_is_not_part_of_the_request(
     assert_replays(first, again)
     other = {**JOB_BODY, "metadata": {"run": {"arm": "b", "seed": 1}, "team": "red"}}
     error_of(await api.post("/v1/jobs", json=other, headers=headers), 409, "idempotency_conflict")
+
+
+async def test_a_body_with_an_integer_beyond_64_bits_is_accepted_and_replays(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    """Free-form metadata may hold any JSON integer; the request's hash must not refuse it."""
+    headers = {**auth, "Idempotency-Key": "big-number", "Content-Type": "application/json"}
+    body = b'{"prompts": ["a"], "metadata": {"seed": 123456789012345678901234567890}}'
+    first = await api.post("/v1/jobs", content=body, headers=headers)
+    assert first.status_code == 202, first.text
+
+    assert_replays(first, await api.post("/v1/jobs", content=body, headers=headers))
