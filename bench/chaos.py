@@ -42,7 +42,7 @@ from bench.audit import JobAudit, audit_job, finished, status_counts
 from bench.machine import describe
 from bench.prompts import make_prompts
 from bench.services import PrivatePostgres, PrivateRedis, private_services
-from bench.stack import BIN, ServiceStack, publish, run_bounded
+from bench.stack import ServiceStack, publish, run_bounded
 
 FAULT_MIX = ("--fault-5xx", "0.2", "--fault-429", "0.1", "--fault-stall", "0.05", "--fault-truncated", "0.05")
 # Faults fire when this share of the items has finished (uniformly drawn), so that all of
@@ -105,7 +105,7 @@ class WorkerKiller:
         await asyncio.to_thread(victim.wait)
         self.restarts += 1
         self.workers[slot] = f"worker{slot + 1}-restart{self.restarts}"
-        self.stack.start(self.workers[slot], [str(BIN / "arq"), "workers.main.WorkerSettings"])
+        self.stack.start(self.workers[slot], [sys.executable, "-m", "workers"])
         return name
 
 

@@ -173,10 +173,11 @@ class ServiceStack:
         return url
 
     async def start_workers(self, count: int) -> list[int]:
-        """`arq workers.main.WorkerSettings`, `count` processes; returns their pids."""
+        """`python -m workers` (`aidsafe-worker` from this checkout), `count` processes;
+        returns their pids."""
         names = [f"worker{i}" for i in range(1, count + 1)]
         for name in names:
-            self.start(name, [str(BIN / "arq"), "workers.main.WorkerSettings"])
+            self.start(name, [sys.executable, "-m", "workers"])
         for name in names:
             # logged by arq just before on_startup; the pools are made lazily after it
             await self.wait_log(name, "redis_version=")

@@ -26,7 +26,6 @@ from alembic import command
 from alembic.config import Config
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
-from arq.worker import Worker
 from redis.asyncio import Redis
 from sqlalchemy import make_url
 
@@ -36,7 +35,7 @@ from app.main import create_app
 from app.store import keys
 from app.store.db import Sessions, make_engine, make_sessions
 from tests.scripted_llm import ScriptedLLM, running_scripted_llm
-from workers.main import worker_settings
+from workers.main import QueueWorker, worker_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN_DSN = os.environ.get("AIDSAFE_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -292,14 +291,11 @@ async def run_worker_burst(settings: Settings, **overrides: Any) -> None:
         "poll_delay": 0.05,
     }
     options.update(overrides)
-    worker = Worker(**options)
+    worker = QueueWorker(**options)
     try:
         await worker.main()
     finally:
         await worker.close()
-
-
-ARQ = str(Path(sys.executable).parent / "arq")
 
 
 async def eventually(check: Callable[[], Awaitable[Any]], timeout_s: float = 30, what: str = "") -> Any:
@@ -313,9 +309,9 @@ async def eventually(check: Callable[[], Awaitable[Any]], timeout_s: float = 30,
 
 
 def start_worker(settings: Settings) -> subprocess.Popen[bytes]:
-    """A real `arq workers.main.WorkerSettings` process configured like `settings`."""
+    """A real worker process configured like `settings`: `aidsafe-worker`, from this checkout."""
     return subprocess.Popen(
-        [ARQ, "workers.main.WorkerSettings"],
+        [sys.executable, "-m", "workers"],
         cwd=ROOT,
         env=worker_env(settings),
         stdout=subprocess.DEVNULL,

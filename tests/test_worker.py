@@ -4,14 +4,16 @@ an unavailable LLM, cancellation, and a 50-prompt job with every turn retrievabl
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
-from uuid import UUID
+from importlib.metadata import entry_points
+from typing import Any
+from uuid import UUID, uuid4
 
 import httpx
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix
+from arq.utils import timestamp_ms
 from sqlalchemy import func, select
 
 from app.config import Settings
@@ -19,9 +21,9 @@ from app.queue import arq_job_id
 from app.store import items
 from app.store.db import Sessions
 from app.store.models import Item, TurnRow
-from tests.conftest import ARQ, eventually, run_worker_burst, start_worker, submit
+from tests.conftest import eventually, run_worker_burst, start_worker, submit
 from tests.scripted_llm import ScriptedLLM, agree, http_error, stall
-from workers.main import sweep
+from workers.main import START_SCRIPT, QueueWorker, sweep, worker_settings
 
 
 async def one_item(sessions: Sessions, job_id: str) -> Item:
@@ -320,10 +322,75 @@ async def test_fifty_prompts_complete_with_every_turn_retrievable_over_http(
     assert turns == len(scripted_llm.requests) == job["usage"]["llm_calls"]
 
 
-def test_worker_entry_point_runs_items_and_starts_the_sweeper() -> None:
+def test_worker_entry_point_runs_items_and_starts_the_sweeper(settings: Settings) -> None:
     from app.queue import RUN_ITEM
-    from workers.main import WorkerSettings, startup
+    from workers.main import run, startup
 
-    assert [f.__name__ for f in WorkerSettings["functions"]] == [RUN_ITEM]
-    assert WorkerSettings["on_startup"] is startup
-    assert os.path.basename(ARQ) == "arq"
+    (script,) = entry_points(group="console_scripts", name="aidsafe-worker")
+    assert script.load() is run
+    options = worker_settings(settings)
+    assert [f.__name__ for f in options["functions"]] == [RUN_ITEM]
+    assert options["on_startup"] is startup
+
+
+def _polling_worker(settings: Settings, arq_redis: ArqRedis, **overrides: Any) -> QueueWorker:
+    """A worker to call start_jobs on, as its poll loop does: no startup, so a job it starts
+    must have no arq job key (it ends at once, as expired)."""
+    options = {**worker_settings(settings, sweeper=False), "handle_signals": False, **overrides}
+    return QueueWorker(**options, redis_pool=arq_redis)
+
+
+async def _queue(arq_redis: ArqRedis, settings: Settings, jobs: dict[str, float]) -> list[bytes]:
+    await arq_redis.zadd(settings.queue_name, jobs)
+    return [job_id.encode() for job_id in jobs]
+
+
+async def test_a_poll_starts_jobs_in_one_round_trip_however_many_run(
+    settings: Settings, arq_redis: ArqRedis
+) -> None:
+    """arq checks and marks each job it reads at the queue's head in a transaction of its own
+    (WATCH, EXISTS, ZSCORE, MULTI, PSETEX, EXEC), and a running job stays there: with many
+    running, most of a worker's polls went to them. Here one script call does it all."""
+    run, now = uuid4().hex, timestamp_ms()
+    running = {f"test:{run}:running:{n}": now - 1000 for n in range(20)}
+    due, deferred = f"test:{run}:due", f"test:{run}:deferred"
+    head = await _queue(arq_redis, settings, {**running, due: now - 500, deferred: now + 60_000})
+    for job_id in running:
+        await arq_redis.psetex(in_progress_key_prefix + job_id, 60_000, b"1")
+    await arq_redis.script_load(START_SCRIPT)  # else the first call is refused, loaded, sent again
+    worker = _polling_worker(settings, arq_redis)
+    end = f"test:{run}:end"
+    async with arq_redis.monitor() as monitor:
+        await worker.start_jobs(head)
+        await arq_redis.echo(end)
+        sent = []
+        while end not in (command := await monitor.next_command())["command"]:
+            if run in command["command"] and command["client_type"] != "lua":
+                sent.append(command["command"].split()[0].upper())
+    assert sent == ["EVALSHA"]
+    assert set(worker.tasks) == {due}
+    await asyncio.gather(*worker.tasks.values())  # arq ends it, expired: there is no job to run
+    assert worker.job_counter == 0
+    assert await arq_redis.zscore(settings.queue_name, due) is None
+    assert await arq_redis.zscore(settings.queue_name, deferred) is not None
+
+
+async def test_two_workers_polling_at_once_start_a_job_once(settings: Settings, arq_redis: ArqRedis) -> None:
+    head = await _queue(arq_redis, settings, {f"test:{uuid4().hex}:due": timestamp_ms() - 500})
+    first, second = _polling_worker(settings, arq_redis), _polling_worker(settings, arq_redis)
+    await asyncio.gather(first.start_jobs(head), second.start_jobs(head))
+    assert len(first.tasks) + len(second.tasks) == 1
+    await asyncio.gather(*first.tasks.values(), *second.tasks.values())
+
+
+async def test_a_poll_starts_the_first_jobs_due_up_to_its_free_slots(
+    settings: Settings, arq_redis: ArqRedis
+) -> None:
+    run, now = uuid4().hex, timestamp_ms()
+    head = await _queue(arq_redis, settings, {f"test:{run}:{n}": now - 1000 + n for n in range(5)})
+    worker = _polling_worker(settings, arq_redis, max_jobs=2)
+    await worker.start_jobs(head)
+    assert sorted(worker.tasks) == [job_id.decode() for job_id in head[:2]]
+    assert worker.job_counter == 2
+    await asyncio.gather(*worker.tasks.values())
+    assert worker.job_counter == 0

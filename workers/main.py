@@ -1,6 +1,6 @@
 """arq worker: glue between the queue, the store and the engine. No business rules here.
 
-Run with `arq workers.main.WorkerSettings`.
+Run with `aidsafe-worker` (`run` below).
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ from uuid import UUID, uuid4
 
 import uvloop
 from arq import Retry
+from arq import Worker as ArqWorker
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
+from arq.utils import timestamp_ms
 from prometheus_client import start_http_server
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry as RedisRetry
@@ -555,7 +557,7 @@ def _queue_read_limit(settings: Settings) -> int:
 
 
 def worker_settings(settings: Settings, *, sweeper: bool = True) -> dict[str, Any]:
-    """Everything a worker runs, in one place; `arq workers.main.WorkerSettings` reads it."""
+    """Everything a worker runs, in one place: QueueWorker's arguments."""
     return {
         "functions": [run_item],  # enqueued by name: app.queue.RUN_ITEM
         "on_startup": startup if sweeper else connect,
@@ -566,8 +568,6 @@ def worker_settings(settings: Settings, *, sweeper: bool = True) -> dict[str, An
         "max_jobs": settings.worker_max_jobs,
         "queue_read_limit": _queue_read_limit(settings),
         # arq's default of 0.5 s: a new batch waited up to that long for its first worker.
-        # Not much less: a worker with a free slot re-checks every listed job at each poll,
-        # its own running ones included (three round trips each).
         "poll_delay": 0.2,
         # Items end by themselves; the lease, not arq's timeout, detects dead workers.
         "job_timeout": _JOB_TIMEOUT_S,
@@ -579,7 +579,58 @@ def worker_settings(settings: Settings, *, sweeper: bool = True) -> dict[str, An
     }
 
 
-# `arq workers.main.WorkerSettings` makes its event loop after importing this module: make
-# it uvloop's, on which the workers spend markedly less CPU per LLM call than on asyncio's.
-asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-WorkerSettings = worker_settings(get_settings())
+# KEYS: the queue. ARGV: arq's in-progress key prefix, the TTL arq gives that key in ms, now
+# in ms, how many jobs to start, then job ids from the queue's head. What arq checks before it
+# starts a job (still queued, due, not in progress) and its in-progress mark, for up to that
+# many jobs: each id marked, with its score.
+START_SCRIPT = """
+local prefix, ttl, now, wanted = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local marked = {}
+for i = 5, #ARGV do
+  if #marked >= wanted * 2 then break end
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) <= now and redis.call('SET', prefix .. ARGV[i], '1', 'PX', ttl, 'NX') then
+    marked[#marked + 1] = ARGV[i]
+    marked[#marked + 1] = score
+  end
+end
+return marked
+"""
+
+
+class QueueWorker(ArqWorker):
+    """arq's worker, starting the jobs it read at the queue's head in one round trip.
+
+    arq checks each of those jobs and marks it in progress in a transaction of its own (WATCH,
+    EXISTS, ZSCORE, then MULTI/PSETEX/EXEC), and an arq job stays at the queue's head while it
+    runs: with hundreds of items running, every poll with a free slot went through them all,
+    this worker's own included, and two workers raced for each new job. Here one script does
+    arq's check and mark for as many jobs as there are free slots, atomically, so a job another
+    worker marked first is simply not returned. The rest is arq's: the job runs in `run_job`
+    under its semaphore and counter, as `Worker.start_jobs` would run it (arq is pinned)."""
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        free = self.max_jobs - self.job_counter
+        if not job_ids or free <= 0:
+            return
+        ttl_ms = int(self.in_progress_timeout_s * 1000)
+        marked = await self.pool.register_script(START_SCRIPT)(
+            keys=[self.queue_name], args=[in_progress_key_prefix, ttl_ms, timestamp_ms(), free, *job_ids]
+        )
+        for job_id_b, score in zip(marked[::2], marked[1::2], strict=True):
+            await self.sem.acquire()  # never waits: it counts the running jobs, as job_counter does
+            self.job_counter += 1
+            job_id = job_id_b.decode()
+            task = self.loop.create_task(self.run_job(job_id, int(float(score))))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id] = task
+
+
+def run() -> None:
+    """`aidsafe-worker`: one worker process, until SIGINT or SIGTERM (then it hands back what
+    it still runs after job_completion_wait)."""
+    settings = get_settings()
+    logs.configure(settings.log_level, settings.log_json)
+    # uvloop: the workers spend markedly less CPU per LLM call on it than on asyncio's loop.
+    asyncio.set_event_loop(uvloop.new_event_loop())
+    QueueWorker(**worker_settings(settings)).run()
