@@ -31,7 +31,7 @@ from tests.conftest import delete_redis_keys, eventually, start_worker, submit
 from tests.scripted_llm import ScriptedLLM, agree, stall
 from tests.test_worker import one_item, turn_count
 from workers import liveness
-from workers.main import IN_PROGRESS_TTL_MS, llm_limiter, sweep
+from workers.main import llm_limiter, sweep
 
 DEFAULTS = Settings.model_fields
 
@@ -180,60 +180,27 @@ async def test_a_live_worker_keeps_the_jobs_it_took_before_claiming(
     await _known_redis(redis, settings)
     dead, live = uuid4(), uuid4()
     await liveness.beat(redis, settings, live)
-    async with AsyncExitStack() as claiming:
-        await claiming.enter_async_context(liveness.taking(redis, settings, dead, dead_job))
-        await claiming.enter_async_context(liveness.taking(redis, settings, live, live_job))
-        # The live worker's claim waits longer than the grace for lost arq jobs: still its.
-        await asyncio.sleep(settings.enqueue_grace_s + 0.2)
-        await liveness.beat(redis, settings, live)
-
-        assert await sweep(settings, sessions, arq_redis) == {"expired": 0, "lost": 1}
-
-        assert [(i.status, i.enqueues) for i in await _job_items(sessions, job_id)] == [
-            ("queued", 2),
-            ("queued", 1),
-            ("queued", 1),
-        ]
-        assert await arq_redis.zrange(settings.queue_name, 0, -1) == [
-            arq_job_id(dead_item.id, 2).encode(),
-            live_job.encode(),
-            arq_job_id(backlog.id, 1).encode(),
-        ]
-        assert not await arq_redis.exists(in_progress_key_prefix + dead_job)
-        assert await arq_redis.exists(in_progress_key_prefix + live_job)
-        assert list(await liveness.taken_jobs(redis, settings)) == [live_job]
-
-
-async def test_a_job_no_worker_recorded_is_given_back_a_heartbeat_ttl_after_arq_took_it(
-    api: httpx.AsyncClient,
-    auth: dict[str, str],
-    settings: Settings,
-    sessions: Sessions,
-    arq_redis: ArqRedis,
-) -> None:
-    """A worker killed between arq's mark (in progress) and its own record of the job leaves
-    a job of no one: the sweeper gives its item back once the mark is a heartbeat TTL old,
-    and leaves alone a job taken just now (its worker is about to record it)."""
-    job_id = await submit(api, auth, ["What makes bread rise?", "Why is ice slippery?"])
-    old_item, new_item = await _job_items(sessions, job_id)
-    old_job, new_job = arq_job_id(old_item.id, 1), arq_job_id(new_item.id, 1)
-    # As arq marks the jobs it takes: the first a heartbeat TTL and a second ago, the other now.
-    taken_before_ms = int((settings.heartbeat_ttl_s + 1) * 1000)
-    await arq_redis.set(in_progress_key_prefix + old_job, b"1", px=IN_PROGRESS_TTL_MS - taken_before_ms)
-    await arq_redis.set(in_progress_key_prefix + new_job, b"1", px=IN_PROGRESS_TTL_MS)
+    # As each worker's start records the job it took, until its claim.
+    await redis.hset(liveness.taken_key(settings), mapping={dead_job: str(dead), live_job: str(live)})
+    # The live worker's claim waits longer than the grace for lost arq jobs: still its.
+    await asyncio.sleep(settings.enqueue_grace_s + 0.2)
+    await liveness.beat(redis, settings, live)
 
     assert await sweep(settings, sessions, arq_redis) == {"expired": 0, "lost": 1}
 
     assert [(i.status, i.enqueues) for i in await _job_items(sessions, job_id)] == [
         ("queued", 2),
         ("queued", 1),
+        ("queued", 1),
     ]
     assert await arq_redis.zrange(settings.queue_name, 0, -1) == [
-        arq_job_id(old_item.id, 2).encode(),
-        new_job.encode(),
+        arq_job_id(dead_item.id, 2).encode(),
+        live_job.encode(),
+        arq_job_id(backlog.id, 1).encode(),
     ]
-    assert not await arq_redis.exists(in_progress_key_prefix + old_job)
-    assert await arq_redis.exists(in_progress_key_prefix + new_job)
+    assert not await arq_redis.exists(in_progress_key_prefix + dead_job)
+    assert await arq_redis.exists(in_progress_key_prefix + live_job)
+    assert list(await liveness.taken_jobs(redis, settings)) == [live_job]
 
 
 async def test_a_worker_slower_than_its_heartbeat_ttl_keeps_its_item(

@@ -23,7 +23,8 @@ from app.store.db import Sessions
 from app.store.models import Item, TurnRow
 from tests.conftest import eventually, run_worker_burst, start_worker, submit
 from tests.scripted_llm import ScriptedLLM, agree, http_error, stall
-from workers.main import START_SCRIPT, QueueWorker, sweep, worker_settings
+from workers import liveness
+from workers.main import START_SCRIPT, WORKER_ID, QueueWorker, sweep, worker_settings
 
 
 async def one_item(sessions: Sessions, job_id: str) -> Item:
@@ -369,6 +370,8 @@ async def test_a_poll_starts_jobs_in_one_round_trip_however_many_run(
                 sent.append(command["command"].split()[0].upper())
     assert sent == ["EVALSHA"]
     assert set(worker.tasks) == {due}
+    # Recorded as this worker's in the same call: no kill can fall between the mark and this.
+    assert await liveness.taken_jobs(arq_redis, settings) == {due: worker.ctx[WORKER_ID]}
     await asyncio.gather(*worker.tasks.values())  # arq ends it, expired: there is no job to run
     assert worker.job_counter == 0
     assert await arq_redis.zscore(settings.queue_name, due) is None

@@ -15,11 +15,10 @@ trusts no missing heartbeat for one TTL, while the live workers set their keys a
 
 Before its claim, an item is held only by its arq job, which arq marks in progress (of no
 worker) for its job timeout when a worker takes it; a worker may hold many such jobs while
-their claims wait for a database connection. Each is recorded under its worker until the
-claim (`taking`), so that the sweeper gives back a dead worker's unclaimed items with its
-running ones instead of after the grace for lost arq jobs, and keeps a live worker's however
-long its claims wait. A worker killed between arq's mark and its record leaves a job that no
-one recorded: the sweeper gives it back a heartbeat TTL after arq's mark (workers/main.py).
+their claims wait for a database connection. Each is recorded under its worker in the same
+script call that marks it (`workers.main.QueueWorker`), until the claim (`claimed`), so that
+the sweeper gives back a dead worker's unclaimed items with its running ones instead of after
+the grace for lost arq jobs, and keeps a live worker's however long its claims wait.
 """
 
 from __future__ import annotations
@@ -28,8 +27,7 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from uuid import UUID
 
 from redis.asyncio import Redis
@@ -48,7 +46,7 @@ def _sweeper_key(settings: Settings, name: str) -> str:
     return f"{settings.redis_key_prefix}:liveness:{name}"
 
 
-def _taken_key(settings: Settings) -> str:
+def taken_key(settings: Settings) -> str:
     """A hash: arq job id -> the worker that took it and has not yet claimed its item."""
     return _sweeper_key(settings, "taken")
 
@@ -84,29 +82,23 @@ async def stop(redis: Redis, settings: Settings, worker_id: UUID, heartbeat: asy
         log.warning("could not drop the heartbeat key", exc_info=True)
 
 
-@asynccontextmanager
-async def taking(redis: Redis, settings: Settings, worker_id: UUID, job_id: str) -> AsyncIterator[None]:
-    """While the worker claims the item of the arq job it took: the job is recorded as its."""
-    key = _taken_key(settings)
-    await redis.hset(key, job_id, str(worker_id))
+async def claimed(redis: Redis, settings: Settings, job_id: str) -> None:
+    """The worker that took the arq job has claimed its item, or found nothing to claim."""
     try:
-        yield
-    finally:
-        try:
-            await redis.hdel(key, job_id)
-        except Exception:  # harmless if left: only the worker's death makes the sweeper read it
-            log.warning("could not drop the record of a taken job", exc_info=True)
+        await redis.hdel(taken_key(settings), job_id)
+    except Exception:  # harmless if left: only the worker's death makes the sweeper read it
+        log.warning("could not drop the record of a taken job", exc_info=True)
 
 
 async def taken_jobs(redis: Redis, settings: Settings) -> dict[str, UUID]:
     """The arq jobs taken and not yet claimed, with the workers that took them."""
-    taken = await redis.hgetall(_taken_key(settings))
+    taken = await redis.hgetall(taken_key(settings))
     return {job_id.decode(): UUID(worker_id.decode()) for job_id, worker_id in taken.items()}
 
 
 async def forget_taken(redis: Redis, settings: Settings, job_ids: Sequence[str]) -> None:
     if job_ids:
-        await redis.hdel(_taken_key(settings), *job_ids)
+        await redis.hdel(taken_key(settings), *job_ids)
 
 
 # KEYS: the Redis server's run id as last seen, the settling marker, then the heartbeats.

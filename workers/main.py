@@ -69,8 +69,8 @@ log = logging.getLogger("aidsafe.worker")
 @dataclass
 class Worker:
     """What every task of a worker process shares, made once by on_startup and kept in arq's
-    ctx under WORKER (arq hands its tasks that dict, with the settings put in it and its own
-    Redis pool)."""
+    ctx under WORKER (arq hands its tasks that dict, with the settings and the worker's id put
+    in it and its own Redis pool)."""
 
     settings: Settings
     redis: ArqRedis
@@ -92,6 +92,7 @@ class Worker:
 
 
 WORKER = "worker"
+WORKER_ID = "worker_id"  # in arq's ctx from the start: the worker records the jobs it takes under it
 
 
 def _worker(ctx: dict[str, Any]) -> Worker:
@@ -124,7 +125,7 @@ async def connect(ctx: dict[str, Any]) -> None:
         start_http_server(settings.worker_metrics_port)
     pool_size = min(settings.worker_max_jobs + 2, settings.worker_db_connections)
     db = make_engine(settings.database_url, pool_size=pool_size)
-    worker_id = uuid4()
+    worker_id: UUID = ctx[WORKER_ID]
     limits = llm_redis(settings)
     llm = OpenAICompatibleClient(
         settings.endpoints(),
@@ -213,9 +214,12 @@ async def run_item(ctx: dict[str, Any], item_id: str) -> str:
 
 
 async def _run_item(worker: Worker, job_id: str, item_id: str) -> str:
-    # Until the claim, only this record tells the sweeper whose the job arq marked in progress.
-    async with liveness.taking(worker.redis, worker.settings, worker.worker_id, job_id):
+    # Until the claim, only the record QueueWorker made when it took the job tells the
+    # sweeper whose the job arq marked in progress.
+    try:
         claim = await items.claim(worker.sessions, UUID(item_id), _limits(worker.settings), worker.worker_id)
+    finally:
+        await liveness.claimed(worker.redis, worker.settings, job_id)
     if claim is None:
         return "nothing to do"
     with logs.ids(job_id=str(claim.job_id)):
@@ -382,10 +386,9 @@ def _backoff_s(settings: Settings, attempt: int) -> float:
 async def sweep(settings: Settings, sessions: Sessions, redis: ArqRedis) -> dict[str, int]:
     """Re-enqueue what would otherwise wait: items whose worker died (its heartbeat stopped,
     and then its LLM slots are freed too, or their lease expired); queued items whose arq job
-    a worker took and did not claim: recorded as a worker's now dead, or recorded by none a
-    heartbeat TTL after arq marked it in progress (a live worker records it at once); and
-    queued items whose arq job is gone (Redis restarted, enqueue lost after commit) or was
-    otherwise missed, after the grace period."""
+    a worker took and did not claim, recorded as a worker's now dead; and queued items whose
+    arq job is gone (Redis restarted, enqueue lost after commit) or was otherwise missed, or
+    marked in progress by no worker's record, after the grace period."""
     taken = await liveness.taken_jobs(redis, settings)
     holders = {*await items.running_holders(sessions), *taken.values()}
     dead = await liveness.dead_holders(redis, settings, list(holders))
@@ -396,16 +399,8 @@ async def sweep(settings: Settings, sessions: Sessions, redis: ArqRedis) -> dict
     if freed:
         log.info("sweeper freed %d LLM slots of dead workers", freed)
     abandoned = [job_id for job_id, holder in taken.items() if holder in dead]
-    # A worker killed between arq's mark and its record leaves a job recorded by none.
-    unrecorded = [
-        job_id
-        for job_id in await _taken_before(redis, settings, settings.heartbeat_ttl_s)
-        if job_id not in taken
-    ]
     # Before the grace check below: these get a new updated_at, which keeps them out of it.
-    untaken = await items.take_back_unclaimed(
-        sessions, [item_of_job(job_id) for job_id in [*abandoned, *unrecorded]]
-    )
+    untaken = await items.take_back_unclaimed(sessions, [item_of_job(job_id) for job_id in abandoned])
     # Not lost: those whose arq job a live worker took and is claiming (its claim may wait
     # for a database connection longer than the grace).
     waiting = [
@@ -431,32 +426,6 @@ async def sweep(settings: Settings, sessions: Sessions, redis: ArqRedis) -> dict
             len(requeued),
         )
     return {"expired": len(expired), "lost": len(untaken) + len(requeued)}
-
-
-# KEYS: the queue. ARGV: arq's in-progress key prefix, how many jobs from the queue's head,
-# the TTL arq gives that key, the age in ms. The jobs there marked in progress longer ago.
-_TAKEN_BEFORE = """
-local full_ttl, age = tonumber(ARGV[3]), tonumber(ARGV[4])
-local old = {}
-for _, job_id in ipairs(redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)) do
-  local ttl = redis.call('PTTL', ARGV[1] .. job_id)
-  if ttl > 0 and full_ttl - ttl > age then
-    old[#old + 1] = job_id
-  end
-end
-return old
-"""
-
-
-async def _taken_before(redis: ArqRedis, settings: Settings, age_s: float) -> list[str]:
-    """The arq jobs a worker took from the queue more than `age_s` ago (by what is left of
-    the TTL arq puts on its in-progress mark), among those at the head of the queue, where
-    workers take them from (an arq job stays in the queue until it ends)."""
-    found = await redis.register_script(_TAKEN_BEFORE)(
-        keys=[settings.queue_name],
-        args=[in_progress_key_prefix, _queue_read_limit(settings), IN_PROGRESS_TTL_MS, int(age_s * 1000)],
-    )
-    return [job_id.decode() for job_id in found]
 
 
 async def _arq_jobs_pending(redis: ArqRedis, queue_name: str, job_ids: list[str]) -> list[bool]:
@@ -549,7 +518,6 @@ async def _deliver_forever(worker: Worker) -> None:
 
 
 _JOB_TIMEOUT_S = 24 * 3600
-IN_PROGRESS_TTL_MS = (_JOB_TIMEOUT_S + 10) * 1000  # arq's in_progress_timeout_s: the job timeout + 10 s
 
 
 def _queue_read_limit(settings: Settings) -> int:
@@ -562,7 +530,7 @@ def worker_settings(settings: Settings, *, sweeper: bool = True) -> dict[str, An
         "functions": [run_item],  # enqueued by name: app.queue.RUN_ITEM
         "on_startup": startup if sweeper else connect,
         "on_shutdown": shutdown,
-        "ctx": {"settings": settings},
+        "ctx": {"settings": settings, WORKER_ID: uuid4()},
         "redis_settings": redis_settings(settings.redis_url),
         "queue_name": settings.queue_name,
         "max_jobs": settings.worker_max_jobs,
@@ -579,17 +547,19 @@ def worker_settings(settings: Settings, *, sweeper: bool = True) -> dict[str, An
     }
 
 
-# KEYS: the queue. ARGV: arq's in-progress key prefix, the TTL arq gives that key in ms, now
-# in ms, how many jobs to start, then job ids from the queue's head. What arq checks before it
-# starts a job (still queued, due, not in progress) and its in-progress mark, for up to that
-# many jobs: each id marked, with its score.
+# KEYS: the queue, the taken jobs' record (workers/liveness.py). ARGV: arq's in-progress key
+# prefix, the TTL arq gives that key in ms, now in ms, how many jobs to start, the worker's id,
+# then job ids from the queue's head. What arq checks before it starts a job (still queued,
+# due, not in progress) and its in-progress mark, with the record of the worker that took it,
+# for up to that many jobs: each id marked, with its score.
 START_SCRIPT = """
-local prefix, ttl, now, wanted = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local prefix, ttl, now, wanted, worker = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local marked = {}
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   if #marked >= wanted * 2 then break end
   local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
   if score and tonumber(score) <= now and redis.call('SET', prefix .. ARGV[i], '1', 'PX', ttl, 'NX') then
+    redis.call('HSET', KEYS[2], ARGV[i], worker)
     marked[#marked + 1] = ARGV[i]
     marked[#marked + 1] = score
   end
@@ -606,16 +576,20 @@ class QueueWorker(ArqWorker):
     runs: with hundreds of items running, every poll with a free slot went through them all,
     this worker's own included, and two workers raced for each new job. Here one script does
     arq's check and mark for as many jobs as there are free slots, atomically, so a job another
-    worker marked first is simply not returned. The rest is arq's: the job runs in `run_job`
-    under its semaphore and counter, as `Worker.start_jobs` would run it (arq is pinned)."""
+    worker marked first is simply not returned; it records each job as this worker's too (for
+    the sweeper, until the claim), so no kill can fall between the mark and the record. The
+    rest is arq's: the job runs in `run_job` under its semaphore and counter, as
+    `Worker.start_jobs` would run it (arq is pinned)."""
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         free = self.max_jobs - self.job_counter
         if not job_ids or free <= 0:
             return
         ttl_ms = int(self.in_progress_timeout_s * 1000)
+        settings: Settings = self.ctx["settings"]
         marked = await self.pool.register_script(START_SCRIPT)(
-            keys=[self.queue_name], args=[in_progress_key_prefix, ttl_ms, timestamp_ms(), free, *job_ids]
+            keys=[self.queue_name, liveness.taken_key(settings)],
+            args=[in_progress_key_prefix, ttl_ms, timestamp_ms(), free, str(self.ctx[WORKER_ID]), *job_ids],
         )
         for job_id_b, score in zip(marked[::2], marked[1::2], strict=True):
             await self.sem.acquire()  # never waits: it counts the running jobs, as job_counter does
