@@ -32,7 +32,7 @@ from app.llm.rates import EndpointRates
 from app.store.budgets import Meter
 from app.store.db import Sessions
 from tests.scripted_llm import ScriptedLLM, chat_request
-from workers.main import WORKER, Worker, connect, llm_limiter, llm_redis, shutdown
+from workers.main import WORKER, Worker, connect, llm_limiter, llm_redis, shutdown, worker_settings
 
 TIMEOUT_S = 2.0  # the least llm_redis_timeout_s allowed
 # A call on a hung Redis fails within this: its own timeout, and the release of what it may
@@ -191,7 +191,7 @@ async def test_a_workers_llm_call_ends_as_unavailable_when_redis_hangs(
     # arq's pool (queue, heartbeats) stays on the shared Redis; the limits go to own_redis.
     # No slot kept between calls: each goes to Redis.
     once = stalling.model_copy(update={"llm_max_retries": 0, "llm_slot_keep_s": 0.0})
-    ctx: dict[str, Any] = {"settings": once, "redis": arq_redis}
+    ctx: dict[str, Any] = {**worker_settings(once)["ctx"], "redis": arq_redis}
     await connect(ctx)
     worker: Worker = ctx[WORKER]
     try:
@@ -213,7 +213,7 @@ async def test_a_budgeted_jobs_spending_on_a_hung_redis_delays_its_item_and_neve
 ) -> None:
     # The spending a worker reads before each call of a job with a budget, and adds to after
     # each turn, is on the limits' client: a hung Redis is an outage there too, not a hang.
-    ctx: dict[str, Any] = {"settings": stalling, "redis": arq_redis}
+    ctx: dict[str, Any] = {**worker_settings(stalling)["ctx"], "redis": arq_redis}
     await connect(ctx)
     worker: Worker = ctx[WORKER]
     budget = Budget(max_tokens=1_000_000)
