@@ -535,8 +535,10 @@ def worker_settings(settings: Settings, *, sweeper: bool = True) -> dict[str, An
         "queue_name": settings.queue_name,
         "max_jobs": settings.worker_max_jobs,
         "queue_read_limit": _queue_read_limit(settings),
-        # arq's default of 0.5 s: a new batch waited up to that long for its first worker.
-        "poll_delay": 0.2,
+        # A slot an item frees stays empty until the next poll, and items started together end
+        # together: at 0.2 s the LLM cap went short by a tenth after each such wave. A poll
+        # with free slots costs one script call (QueueWorker), so poll often.
+        "poll_delay": 0.05,
         # Items end by themselves; the lease, not arq's timeout, detects dead workers.
         "job_timeout": _JOB_TIMEOUT_S,
         "max_tries": 1_000_000,  # retries are bounded per item in Postgres
