@@ -288,7 +288,6 @@ async def run_worker_burst(settings: Settings, **overrides: Any) -> None:
         **worker_settings(settings, sweeper=False),
         "burst": True,
         "handle_signals": False,
-        "poll_delay": 0.05,
     }
     options.update(overrides)
     worker = QueueWorker(**options)
