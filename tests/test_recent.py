@@ -28,12 +28,14 @@ async def test_a_value_is_read_again_only_after_max_age() -> None:
 
     first = [await recent.get("k", source.read) for _ in range(3)]
     await asyncio.sleep(0.25)
+    held = await recent.get("k", source.read)  # answered with what is held, read again behind it
+    await asyncio.sleep(0.01)
     later = await recent.get("k", source.read)
 
-    assert (first, later, source.reads) == ([1, 1, 1], 2, 2)
+    assert (first, held, later, source.reads) == ([1, 1, 1], 1, 2, 2)
 
 
-async def test_while_one_caller_reads_again_the_others_get_the_previous_value() -> None:
+async def test_no_caller_waits_while_a_value_is_read_again() -> None:
     recent: Recent[str, int] = Recent(max_age_s=0.05)
     source = Source(delay_s=0.2)
     await recent.get("k", source.read)
@@ -41,8 +43,38 @@ async def test_while_one_caller_reads_again_the_others_get_the_previous_value() 
 
     results = await asyncio.gather(*(recent.get("k", source.read) for _ in range(5)))
 
-    assert sorted(results) == [1, 1, 1, 1, 2]
+    assert results == [1, 1, 1, 1, 1]  # all answered before the read again (0.2 s) ended
     assert source.reads == 2
+    await asyncio.sleep(0.25)
+    assert await recent.get("k", source.read) == 2
+    assert source.reads == 2
+
+
+async def test_a_value_that_fails_when_read_again_is_dropped_and_its_next_caller_gets_the_error() -> None:
+    recent: Recent[str, int] = Recent(max_age_s=0.05)
+    await recent.get("k", Source().read)
+    await asyncio.sleep(0.1)
+
+    async def revoked() -> int:
+        raise LookupError("no such key")
+
+    assert await recent.get("k", revoked) == 1
+    await asyncio.sleep(0.01)
+    with pytest.raises(LookupError):
+        await recent.get("k", revoked)
+
+
+async def test_a_value_forgotten_while_it_is_read_again_keeps_nothing_of_that_read() -> None:
+    recent: Recent[str, int] = Recent(max_age_s=0.05)
+    source = Source(delay_s=0.1)
+    await recent.get("k", source.read)
+    await asyncio.sleep(0.1)
+    await recent.get("k", source.read)  # starts reading 2
+
+    recent.forget("k")  # e.g. the job was cancelled through this process
+    await asyncio.sleep(0.15)
+
+    assert await recent.get("k", source.read) == 3
 
 
 async def test_a_failed_read_is_not_remembered() -> None:
@@ -98,3 +130,10 @@ async def test_values_held_follow_the_keys_read_within_max_age_not_every_key_eve
         for k in range(10):
             await recent.get((tick, k), source.read)
     assert source.reads == reads  # ...and answered without reading again
+
+
+async def test_with_no_max_age_every_caller_reads() -> None:
+    recent: Recent[str, int] = Recent(max_age_s=0)
+    source = Source()
+
+    assert [await recent.get("k", source.read) for _ in range(3)] == [1, 2, 3]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
@@ -11,10 +12,16 @@ V = TypeVar("V")
 
 
 class Recent(Generic[K, V]):
-    """Each value as read at most `max_age_s` ago. While one caller reads a value again,
-    the others get the previous one: at most one read per key is in flight, and an expiry
-    never sends every waiting request to the database at once. A read that raises is not
-    remembered.
+    """Each value as read at most `max_age_s` ago, or as read before while it is read again.
+
+    Only a key's first read keeps its caller waiting. Once a value is older than `max_age_s`,
+    the next caller starts reading it again in the background, and every caller gets the value
+    held until that read ends: no request waits for a read it did not need (a job summary of
+    10,000 items takes tens of milliseconds to count, and was every poll's p99), and at most
+    one read per key is in flight. A read that raises is not remembered; a read again that
+    raises drops the value, so that the next caller reads afresh and gets the error itself (a
+    revoked key, a deleted job). A key forgotten while it is read again keeps nothing of that
+    read.
 
     Expired values are dropped whenever the values held have doubled since the last drop,
     so memory follows the keys read within about `max_age_s` (a job summary per job polled
@@ -26,7 +33,8 @@ class Recent(Generic[K, V]):
         self._max_age_s = max_age_s
         self._clock = clock
         self._values: dict[K, tuple[float, V]] = {}  # key: (when read, value)
-        self._reading: set[K] = set()
+        self._reading: dict[K, object] = {}  # key: its latest read in flight, which may keep its value
+        self._rereads: set[asyncio.Task[None]] = set()  # held until done: the loop holds tasks weakly
         self._prune_at = 1  # drop expired values once this many are held
 
     def __len__(self) -> int:
@@ -34,22 +42,46 @@ class Recent(Generic[K, V]):
 
     async def get(self, key: K, read: Callable[[], Awaitable[V]]) -> V:
         entry = self._values.get(key)
-        if entry is not None and (self._clock() - entry[0] < self._max_age_s or key in self._reading):
-            return entry[1]
-        started = self._clock()
-        self._reading.add(key)
-        try:
-            value = await read()
-        finally:
-            self._reading.discard(key)
-        if len(self._values) >= self._prune_at:
-            self._drop_expired()
-        self._values[key] = (started, value)  # kept until the next drop, even if the read was slow
-        return value
+        if entry is None or self._max_age_s <= 0:  # 0: every caller reads
+            return await self._read(key, read, self._reading_now(key))
+        if self._clock() - entry[0] >= self._max_age_s and key not in self._reading:
+            reread = asyncio.create_task(self._read_again(key, read, self._reading_now(key)))
+            self._rereads.add(reread)
+            reread.add_done_callback(self._rereads.discard)
+        return entry[1]
 
     def forget(self, key: K) -> None:
         """Read `key` afresh next time."""
         self._values.pop(key, None)
+        self._reading.pop(key, None)
+
+    def _reading_now(self, key: K) -> object:
+        """A read of `key` starts: it is the one that may keep its value (until forgotten)."""
+        self._reading[key] = this_read = object()
+        return this_read
+
+    async def _read(self, key: K, read: Callable[[], Awaitable[V]], this_read: object) -> V:
+        started = self._clock()
+        try:
+            value = await read()
+        except BaseException:
+            if self._reading.get(key) is this_read:
+                del self._reading[key]
+            raise
+        if self._reading.get(key) is this_read:  # not forgotten, nor read again since
+            del self._reading[key]
+            if len(self._values) >= self._prune_at:
+                self._drop_expired()
+            self._values[key] = (started, value)  # kept until the next drop, even if the read was slow
+        return value
+
+    async def _read_again(self, key: K, read: Callable[[], Awaitable[V]], this_read: object) -> None:
+        held = self._values.get(key)
+        try:
+            await self._read(key, read, this_read)
+        except Exception:  # its caller is the next one, who reads afresh
+            if self._values.get(key) is held:
+                self._values.pop(key, None)
 
     def _drop_expired(self) -> None:
         # A key being read again keeps its previous value: its other callers are answered with it.

@@ -1,11 +1,13 @@
 """Jobs as the API shows them (JobOut), and as GET /v1/jobs/{id} serves them: read and
-counted at most once a second per job.
+counted at most once a second per job, behind the polls.
 
 Counting a job's items and turns costs time in proportion to the job: a few milliseconds
 of Postgres for 10,000 items. Clients poll this endpoint, and at hundreds of polls a second
 counting on every one would take more CPU than the machine has. So each API process reads
 a job at most once per `max_age_s` (setting `job_summary_max_age_s`; 0 reads every time)
-and answers the polls in between from that reading, without touching the database.
+and answers the polls in between from that reading, without touching the database; a poll
+that finds the reading older starts the next one and is answered from it too (`Recent`), so
+only a job's first poll waits for a count.
 Responses to writes (submit, cancel) are always counted afresh, and a cancel drops the
 job's reading, so a caller sees its own change at once.
 """
