@@ -203,6 +203,31 @@ async def test_a_live_worker_keeps_the_jobs_it_took_before_claiming(
     assert list(await liveness.taken_jobs(redis, settings)) == [live_job]
 
 
+async def test_a_record_left_after_its_job_ended_does_not_hide_the_item_from_the_sweeper(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    redis: Redis,
+    arq_redis: ArqRedis,
+) -> None:
+    """A live worker that could not drop its record when the arq job ended (Redis away for
+    that HDEL): the record must not keep the sweeper from the item once its arq job is lost."""
+    job_id = await submit(api, auth, ["What makes bread rise?"])
+    (item,) = await _job_items(sessions, job_id)
+    job = arq_job_id(item.id, 1)
+    await arq_redis.zrem(settings.queue_name, job)  # lost, as a Redis restart loses it
+    live = uuid4()
+    await redis.hset(liveness.taken_key(settings), job, str(live))  # and not in progress
+    await asyncio.sleep(settings.enqueue_grace_s + 0.2)
+    await liveness.beat(redis, settings, live)
+
+    assert await sweep(settings, sessions, arq_redis) == {"expired": 0, "lost": 1}
+
+    assert await arq_redis.zrange(settings.queue_name, 0, -1) == [arq_job_id(item.id, 2).encode()]
+    assert job not in await liveness.taken_jobs(redis, settings)
+
+
 async def test_a_worker_slower_than_its_heartbeat_ttl_keeps_its_item(
     api: httpx.AsyncClient,
     auth: dict[str, str],

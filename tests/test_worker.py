@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib.metadata import entry_points
 from typing import Any
 from uuid import UUID, uuid4
@@ -343,13 +344,29 @@ def _polling_worker(settings: Settings, arq_redis: ArqRedis, **overrides: Any) -
     return QueueWorker(**options, redis_pool=arq_redis)
 
 
-async def _queue(arq_redis: ArqRedis, settings: Settings, jobs: dict[str, float]) -> list[bytes]:
-    await arq_redis.zadd(settings.queue_name, jobs)
-    return [job_id.encode() for job_id in jobs]
+Queue = Callable[[dict[str, float]], Awaitable[list[bytes]]]
+
+
+@pytest.fixture
+async def queued(settings: Settings, arq_redis: ArqRedis) -> AsyncIterator[Queue]:
+    """Puts arq job ids in the test queue at the given scores; afterwards drops them, their
+    in-progress marks and their taken records."""
+    added: list[str] = []
+
+    async def queue(jobs: dict[str, float]) -> list[bytes]:
+        await arq_redis.zadd(settings.queue_name, jobs)
+        added.extend(jobs)
+        return [job_id.encode() for job_id in jobs]
+
+    yield queue
+    if added:
+        await arq_redis.zrem(settings.queue_name, *added)
+        await arq_redis.delete(*(in_progress_key_prefix + job_id for job_id in added))
+        await arq_redis.hdel(liveness.taken_key(settings), *added)
 
 
 async def test_a_poll_starts_jobs_in_one_round_trip_however_many_run(
-    settings: Settings, arq_redis: ArqRedis
+    settings: Settings, arq_redis: ArqRedis, queued: Queue
 ) -> None:
     """arq checks and marks each job it reads at the queue's head in a transaction of its own
     (WATCH, EXISTS, ZSCORE, MULTI, PSETEX, EXEC), and a running job stays there: with many
@@ -357,7 +374,7 @@ async def test_a_poll_starts_jobs_in_one_round_trip_however_many_run(
     run, now = uuid4().hex, timestamp_ms()
     running = {f"test:{run}:running:{n}": now - 1000 for n in range(20)}
     due, deferred = f"test:{run}:due", f"test:{run}:deferred"
-    head = await _queue(arq_redis, settings, {**running, due: now - 500, deferred: now + 60_000})
+    head = await queued({**running, due: now - 500, deferred: now + 60_000})
     for job_id in running:
         await arq_redis.psetex(in_progress_key_prefix + job_id, 60_000, b"1")
     await arq_redis.script_load(START_SCRIPT)  # else the first call is refused, loaded, sent again
@@ -366,22 +383,29 @@ async def test_a_poll_starts_jobs_in_one_round_trip_however_many_run(
     async with arq_redis.monitor() as monitor:
         await worker.start_jobs(head)
         await arq_redis.echo(end)
-        sent = []
+        sent, in_script = [], []
         while end not in (command := await monitor.next_command())["command"]:
-            if run in command["command"] and command["client_type"] != "lua":
-                sent.append(command["command"].split()[0].upper())
-    assert sent == ["EVALSHA"]
+            if run in command["command"]:
+                by_script = command["client_type"] == "lua"
+                (in_script if by_script else sent).append(command["command"])
+    assert [command.split()[0].upper() for command in sent] == ["EVALSHA"]
     assert set(worker.tasks) == {due}
     # Recorded as this worker's in the same call: no kill can fall between the mark and this.
-    assert await liveness.taken_jobs(arq_redis, settings) == {due: worker.ctx[WORKER_ID]}
+    recorded = [command for command in in_script if command.split()[0].upper() == "HSET"]
+    assert len(recorded) == 1 and due in recorded[0] and str(worker.ctx[WORKER_ID]) in recorded[0]
     await asyncio.gather(*worker.tasks.values())  # arq ends it, expired: there is no job to run
     assert worker.job_counter == 0
     assert await arq_redis.zscore(settings.queue_name, due) is None
     assert await arq_redis.zscore(settings.queue_name, deferred) is not None
+    # Its record went with it, though arq never ran the item: left, it would hide the item
+    # from the sweeper's grace for lost jobs for as long as this worker lives.
+    assert due not in await liveness.taken_jobs(arq_redis, settings)
 
 
-async def test_two_workers_polling_at_once_start_a_job_once(settings: Settings, arq_redis: ArqRedis) -> None:
-    head = await _queue(arq_redis, settings, {f"test:{uuid4().hex}:due": timestamp_ms() - 500})
+async def test_two_workers_polling_at_once_start_a_job_once(
+    settings: Settings, arq_redis: ArqRedis, queued: Queue
+) -> None:
+    head = await queued({f"test:{uuid4().hex}:due": timestamp_ms() - 500})
     first, second = _polling_worker(settings, arq_redis), _polling_worker(settings, arq_redis)
     await asyncio.gather(first.start_jobs(head), second.start_jobs(head))
     assert len(first.tasks) + len(second.tasks) == 1
@@ -389,16 +413,36 @@ async def test_two_workers_polling_at_once_start_a_job_once(settings: Settings, 
 
 
 async def test_a_poll_starts_the_first_jobs_due_up_to_its_free_slots(
-    settings: Settings, arq_redis: ArqRedis
+    settings: Settings, arq_redis: ArqRedis, queued: Queue
 ) -> None:
     run, now = uuid4().hex, timestamp_ms()
-    head = await _queue(arq_redis, settings, {f"test:{run}:{n}": now - 1000 + n for n in range(5)})
+    head = await queued({f"test:{run}:{n}": now - 1000 + n for n in range(5)})
     worker = _polling_worker(settings, arq_redis, max_jobs=2)
     await worker.start_jobs(head)
     assert sorted(worker.tasks) == [job_id.decode() for job_id in head[:2]]
     assert worker.job_counter == 2
     await asyncio.gather(*worker.tasks.values())
     assert worker.job_counter == 0
+
+
+async def test_a_start_sent_again_answers_the_jobs_it_marked(
+    settings: Settings, arq_redis: ArqRedis, queued: Queue
+) -> None:
+    """The pool sends a command again when its connection broke, maybe after Redis ran it: the
+    jobs the first run marked would otherwise stay marked, started by no one, for a day."""
+    head = await queued({f"test:{uuid4().hex}:due": timestamp_ms() - 500})
+    start = arq_redis.register_script(START_SCRIPT)
+    keys = [
+        settings.queue_name,
+        liveness.taken_key(settings),
+        f"{settings.redis_key_prefix}:starts:{uuid4()}",
+    ]
+    args = [in_progress_key_prefix, 60_000, timestamp_ms(), 1, str(uuid4()), *head]
+
+    first, again = await start(keys=keys, args=args), await start(keys=keys, args=args)
+
+    assert first[::2] == head
+    assert again == first
 
 
 async def test_a_worker_logs_no_line_for_every_item_it_runs(

@@ -16,9 +16,11 @@ trusts no missing heartbeat for one TTL, while the live workers set their keys a
 Before its claim, an item is held only by its arq job, which arq marks in progress (of no
 worker) for its job timeout when a worker takes it; a worker may hold many such jobs while
 their claims wait for a database connection. Each is recorded under its worker in the same
-script call that marks it (`workers.main.QueueWorker`), until the claim (`claimed`), so that
-the sweeper gives back a dead worker's unclaimed items with its running ones instead of after
-the grace for lost arq jobs, and keeps a live worker's however long its claims wait.
+script call that marks it (`workers.main.QueueWorker`), until the job ends (`job_ended`), so
+that the sweeper gives back a dead worker's unclaimed items with its running ones instead of
+after the grace for lost arq jobs, and keeps a live worker's however long its claims wait. A
+record whose job is no longer in progress (its HDEL failed) is dropped by the sweeper, or it
+would hide its item from the grace for lost jobs for as long as its worker lives.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def _sweeper_key(settings: Settings, name: str) -> str:
 
 
 def taken_key(settings: Settings) -> str:
-    """A hash: arq job id -> the worker that took it and has not yet claimed its item."""
+    """A hash: arq job id -> the worker that took it, until the job ends."""
     return _sweeper_key(settings, "taken")
 
 
@@ -82,16 +84,16 @@ async def stop(redis: Redis, settings: Settings, worker_id: UUID, heartbeat: asy
         log.warning("could not drop the heartbeat key", exc_info=True)
 
 
-async def claimed(redis: Redis, settings: Settings, job_id: str) -> None:
-    """The worker that took the arq job has claimed its item, or found nothing to claim."""
+async def job_ended(redis: Redis, settings: Settings, job_id: str) -> None:
+    """The arq job the worker took has ended: its record goes."""
     try:
         await redis.hdel(taken_key(settings), job_id)
-    except Exception:  # harmless if left: only the worker's death makes the sweeper read it
+    except Exception:  # the sweeper drops a record whose job is no longer in progress
         log.warning("could not drop the record of a taken job", exc_info=True)
 
 
 async def taken_jobs(redis: Redis, settings: Settings) -> dict[str, UUID]:
-    """The arq jobs taken and not yet claimed, with the workers that took them."""
+    """The arq jobs taken and not ended, with the workers that took them."""
     taken = await redis.hgetall(taken_key(settings))
     return {job_id.decode(): UUID(worker_id.decode()) for job_id, worker_id in taken.items()}
 

@@ -217,10 +217,7 @@ async def run_item(ctx: dict[str, Any], item_id: str) -> str:
 async def _run_item(worker: Worker, job_id: str, item_id: str) -> str:
     # Until the claim, only the record QueueWorker made when it took the job tells the
     # sweeper whose the job arq marked in progress.
-    try:
-        claim = await items.claim(worker.sessions, UUID(item_id), _limits(worker.settings), worker.worker_id)
-    finally:
-        await liveness.claimed(worker.redis, worker.settings, job_id)
+    claim = await items.claim(worker.sessions, UUID(item_id), _limits(worker.settings), worker.worker_id)
     if claim is None:
         return "nothing to do"
     with logs.ids(job_id=str(claim.job_id)):
@@ -390,7 +387,7 @@ async def sweep(settings: Settings, sessions: Sessions, redis: ArqRedis) -> dict
     a worker took and did not claim, recorded as a worker's now dead; and queued items whose
     arq job is gone (Redis restarted, enqueue lost after commit) or was otherwise missed, or
     marked in progress by no worker's record, after the grace period."""
-    taken = await liveness.taken_jobs(redis, settings)
+    taken = await _taken_and_in_progress(redis, settings)
     holders = {*await items.running_holders(sessions), *taken.values()}
     dead = await liveness.dead_holders(redis, settings, list(holders))
     expired = await items.take_lost_claims(sessions, dead)
@@ -427,6 +424,20 @@ async def sweep(settings: Settings, sessions: Sessions, redis: ArqRedis) -> dict
             len(requeued),
         )
     return {"expired": len(expired), "lost": len(untaken) + len(requeued)}
+
+
+async def _taken_and_in_progress(redis: ArqRedis, settings: Settings) -> dict[str, UUID]:
+    """The arq jobs recorded as taken, with the workers that took them, dropping the records
+    of jobs no longer in progress: their worker failed to drop them when the job ended, and
+    they would hide its item from the grace for lost jobs for as long as that worker lives."""
+    taken = await liveness.taken_jobs(redis, settings)
+    async with redis.pipeline(transaction=False) as pipe:
+        for job_id in taken:
+            pipe.exists(in_progress_key_prefix + job_id)
+        running = await pipe.execute() if taken else []
+    ended = [job_id for job_id, is_running in zip(taken, running, strict=True) if not is_running]
+    await liveness.forget_taken(redis, settings, ended)
+    return {job_id: worker for job_id, worker in taken.items() if job_id not in ended}
 
 
 async def _arq_jobs_pending(redis: ArqRedis, queue_name: str, job_ids: list[str]) -> list[bool]:
@@ -550,23 +561,31 @@ def worker_settings(settings: Settings, *, sweeper: bool = True) -> dict[str, An
     }
 
 
-# KEYS: the queue, the taken jobs' record (workers/liveness.py). ARGV: arq's in-progress key
-# prefix, the TTL arq gives that key in ms, now in ms, how many jobs to start, the worker's id,
-# then job ids from the queue's head. What arq checks before it starts a job (still queued,
-# due, not in progress) and its in-progress mark, with the record of the worker that took it,
-# for up to that many jobs: each id marked, with its score.
+# KEYS: the queue, the taken jobs' record (workers/liveness.py), this call's answer. ARGV:
+# arq's in-progress key prefix, the TTL arq gives that key in ms, now in ms, how many jobs to
+# start, the worker's id, then job ids from the queue's head. What arq checks before it starts
+# a job (not in progress, still queued, due) and its in-progress mark, with the record of the
+# worker that took it, for up to that many jobs: each id marked, with its score. The answer is
+# kept for a minute under the call's own key: a call sent again (the pool retries a command
+# whose connection broke, maybe after Redis ran it) gets the same jobs, not none of them.
 START_SCRIPT = """
+local answered = redis.call('GET', KEYS[3])
+if answered then return cjson.decode(answered) end
 local prefix, ttl, now, wanted, worker = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local marked = {}
 for i = 6, #ARGV do
   if #marked >= wanted * 2 then break end
-  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
-  if score and tonumber(score) <= now and redis.call('SET', prefix .. ARGV[i], '1', 'PX', ttl, 'NX') then
-    redis.call('HSET', KEYS[2], ARGV[i], worker)
-    marked[#marked + 1] = ARGV[i]
-    marked[#marked + 1] = score
+  if redis.call('EXISTS', prefix .. ARGV[i]) == 0 then
+    local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+    if score and tonumber(score) <= now then
+      redis.call('SET', prefix .. ARGV[i], '1', 'PX', ttl)
+      redis.call('HSET', KEYS[2], ARGV[i], worker)
+      marked[#marked + 1] = ARGV[i]
+      marked[#marked + 1] = score
+    end
   end
 end
+redis.call('SET', KEYS[3], cjson.encode(marked), 'PX', 60000)
 return marked
 """
 
@@ -580,18 +599,21 @@ class QueueWorker(ArqWorker):
     this worker's own included, and two workers raced for each new job. Here one script does
     arq's check and mark for as many jobs as there are free slots, atomically, so a job another
     worker marked first is simply not returned; it records each job as this worker's too (for
-    the sweeper, until the claim), so no kill can fall between the mark and the record. The
+    the sweeper, until the job ends), so no kill can fall between the mark and the record. The
     rest is arq's: the job runs in `run_job` under its semaphore and counter, as
     `Worker.start_jobs` would run it (arq is pinned)."""
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         free = self.max_jobs - self.job_counter
+        # This worker's running jobs, still at the queue's head, need no look in Redis.
+        job_ids = [job_id for job_id in job_ids if job_id.decode() not in self.tasks]
         if not job_ids or free <= 0:
             return
         ttl_ms = int(self.in_progress_timeout_s * 1000)
         settings: Settings = self.ctx["settings"]
+        answer = f"{settings.redis_key_prefix}:starts:{uuid4()}"
         marked = await self.pool.register_script(START_SCRIPT)(
-            keys=[self.queue_name, liveness.taken_key(settings)],
+            keys=[self.queue_name, liveness.taken_key(settings), answer],
             args=[in_progress_key_prefix, ttl_ms, timestamp_ms(), free, str(self.ctx[WORKER_ID]), *job_ids],
         )
         for job_id_b, score in zip(marked[::2], marked[1::2], strict=True):
@@ -601,6 +623,13 @@ class QueueWorker(ArqWorker):
             task = self.loop.create_task(self.run_job(job_id, int(float(score))))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job_id] = task
+
+    async def run_job(self, job_id: str, score: int) -> None:
+        await super().run_job(job_id, score)
+        # However it ended: arq ends a job whose key expired without running it, and a record
+        # left under a live worker would keep the sweeper from the item for as long as it lives.
+        # (A worker stopped mid-job keeps it: the sweeper hands the item back as a dead one's.)
+        await liveness.job_ended(self.pool, self.ctx["settings"], job_id)
 
 
 # arq logs two lines at INFO for every job, so for every item: most of a worker's log and ~2 %
