@@ -70,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await summaries.aclose()  # its reads behind the polls, before their database goes
             await arq.aclose()
             await engine.dispose()
 

@@ -28,15 +28,25 @@ async def test_a_value_is_read_again_only_after_max_age() -> None:
 
     first = [await recent.get("k", source.read) for _ in range(3)]
     await asyncio.sleep(0.25)
-    held = await recent.get("k", source.read)  # answered with what is held, read again behind it
-    await asyncio.sleep(0.01)
     later = await recent.get("k", source.read)
 
-    assert (first, held, later, source.reads) == ([1, 1, 1], 1, 2, 2)
+    assert (first, later, source.reads) == ([1, 1, 1], 2, 2)
 
 
-async def test_no_caller_waits_while_a_value_is_read_again() -> None:
+async def test_while_one_caller_reads_again_the_others_get_the_previous_value() -> None:
     recent: Recent[str, int] = Recent(max_age_s=0.05)
+    source = Source(delay_s=0.2)
+    await recent.get("k", source.read)
+    await asyncio.sleep(0.1)
+
+    results = await asyncio.gather(*(recent.get("k", source.read) for _ in range(5)))
+
+    assert sorted(results) == [1, 1, 1, 1, 2]
+    assert source.reads == 2
+
+
+async def test_within_stale_s_no_caller_waits_while_a_value_is_read_again() -> None:
+    recent: Recent[str, int] = Recent(max_age_s=0.05, stale_s=1.0)
     source = Source(delay_s=0.2)
     await recent.get("k", source.read)
     await asyncio.sleep(0.1)
@@ -50,31 +60,55 @@ async def test_no_caller_waits_while_a_value_is_read_again() -> None:
     assert source.reads == 2
 
 
-async def test_a_value_that_fails_when_read_again_is_dropped_and_its_next_caller_gets_the_error() -> None:
-    recent: Recent[str, int] = Recent(max_age_s=0.05)
+async def test_a_value_older_than_max_age_and_stale_s_is_read_in_front_of_its_caller() -> None:
+    recent: Recent[str, int] = Recent(max_age_s=0.05, stale_s=0.05)
+    source = Source()
+    await recent.get("k", source.read)
+    await asyncio.sleep(0.15)
+
+    assert await recent.get("k", source.read) == 2
+
+
+async def test_a_value_that_fails_when_read_behind_is_dropped_and_its_next_caller_gets_the_error() -> None:
+    recent: Recent[str, int] = Recent(max_age_s=0.05, stale_s=1.0)
     await recent.get("k", Source().read)
     await asyncio.sleep(0.1)
 
-    async def revoked() -> int:
-        raise LookupError("no such key")
+    async def deleted() -> int:
+        raise LookupError("no such job")
 
-    assert await recent.get("k", revoked) == 1
+    assert await recent.get("k", deleted) == 1
     await asyncio.sleep(0.01)
     with pytest.raises(LookupError):
-        await recent.get("k", revoked)
+        await recent.get("k", deleted)
 
 
-async def test_a_value_forgotten_while_it_is_read_again_keeps_nothing_of_that_read() -> None:
-    recent: Recent[str, int] = Recent(max_age_s=0.05)
+async def test_a_value_forgotten_while_it_is_read_behind_keeps_nothing_of_that_read() -> None:
+    recent: Recent[str, int] = Recent(max_age_s=0.05, stale_s=1.0)
     source = Source(delay_s=0.1)
     await recent.get("k", source.read)
     await asyncio.sleep(0.1)
-    await recent.get("k", source.read)  # starts reading 2
+    await recent.get("k", source.read)  # starts reading 2 behind
 
     recent.forget("k")  # e.g. the job was cancelled through this process
     await asyncio.sleep(0.15)
 
     assert await recent.get("k", source.read) == 3
+
+
+async def test_closing_stops_the_reads_behind_callers() -> None:
+    recent: Recent[str, int] = Recent(max_age_s=0.05, stale_s=1.0)
+    source = Source(delay_s=0.2)
+    await recent.get("k", source.read)
+    await asyncio.sleep(0.1)
+    await recent.get("k", source.read)
+    await asyncio.sleep(0.05)  # reading 2, for 0.2 s
+
+    await recent.aclose()
+    await asyncio.sleep(0.25)
+
+    assert source.reads == 2
+    assert await recent.get("k", source.read) == 1  # the read behind never finished
 
 
 async def test_a_failed_read_is_not_remembered() -> None:

@@ -213,7 +213,7 @@ async def relabel_job(
     except Exception:  # committed: the sweeper enqueues queued items whose arq job is missing
         log.exception("enqueue failed for job %s; the sweeper will enqueue its resumed items", job.id)
     await session.refresh(job)
-    summaries.forget(job.id)
+    summaries.forget(job.id, job.owner_key_id)
     return await job_out(session, job)
 
 
@@ -225,7 +225,7 @@ async def cancel_job(job: OwnedJob, session: SessionDep, summaries: SummariesDep
     await jobs.cancel(session, job)
     await session.commit()
     await session.refresh(job)
-    summaries.forget(job.id)
+    summaries.forget(job.id, job.owner_key_id)
     return await job_out(session, job)
 
 
@@ -309,6 +309,6 @@ async def delete_job(
     samples (their ids in `details.comparison_ids`: delete them first). Deleting again is a 404."""
     deletion = await deletions.delete_job(session, job_id, key.id)
     await session.commit()
-    summaries.forget(job_id)
+    summaries.forget(job_id, key.id)
     await events.forget_job(state.arq, state.settings, job_id)
     return JobDeletionOut.model_validate(deletion, from_attributes=True)

@@ -2,10 +2,8 @@
 
 Every request authenticates, and looking the key up in Postgres was about a quarter of the
 CPU of a GET /v1/jobs/{id}. So each API process remembers a key it has found for
-`max_age_s` (setting `api_key_cache_s`; 0 looks every key up), and looks it up again behind
-the next request after that. The price: a revoked key keeps working for up to that long, and
-for the requests sent while its next look-up runs. Unknown and revoked keys are never
-remembered.
+`max_age_s` (setting `api_key_cache_s`; 0 looks every key up). The price: a revoked key
+keeps working for up to that long. Unknown and revoked keys are never remembered.
 """
 
 from __future__ import annotations

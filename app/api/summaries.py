@@ -5,9 +5,10 @@ Counting a job's items and turns costs time in proportion to the job: a few mill
 of Postgres for 10,000 items. Clients poll this endpoint, and at hundreds of polls a second
 counting on every one would take more CPU than the machine has. So each API process reads
 a job at most once per `max_age_s` (setting `job_summary_max_age_s`; 0 reads every time)
-and answers the polls in between from that reading, without touching the database; a poll
-that finds the reading older starts the next one and is answered from it too (`Recent`), so
-only a job's first poll waits for a count.
+and answers the polls in between from that reading, without touching the database. A poll
+that finds the reading older, by up to another `max_age_s`, is answered from it too and
+starts the next one behind it (`Recent`): a job polled often never keeps a poll waiting for
+its count, and no answer is older than twice `max_age_s` and a count.
 Responses to writes (submit, cancel) are always counted afresh, and a cancel drops the
 job's reading, so a caller sees its own change at once.
 """
@@ -47,20 +48,22 @@ async def job_out(session: AsyncSession, job: Job) -> JobOut:
 class JobSummaries:
     def __init__(self, sessions: Sessions, max_age_s: float) -> None:
         self._sessions = sessions
-        self._read: Recent[UUID, tuple[Job, JobOut]] = Recent(max_age_s)
+        # By job and key: another key's poll (a 404) never touches the owner's reading.
+        self._read: Recent[tuple[UUID, UUID], JobOut] = Recent(max_age_s, stale_s=max_age_s)
 
     async def get_owned(self, job_id: UUID, owner_key_id: UUID) -> JobOut:
-        """jobs.get_owned shown as job_out, as read at most `max_age_s` ago."""
+        """jobs.get_owned shown as job_out, as read at most `max_age_s` ago (see above)."""
 
-        async def read() -> tuple[Job, JobOut]:
+        async def read() -> JobOut:
             async with self._sessions() as session:
                 job = await jobs.get_owned(session, job_id, owner_key_id)
-                return job, await job_out(session, job)
+                return await job_out(session, job)
 
-        job, shown = await self._read.get(job_id, read)
-        jobs.owned(job, job_id, owner_key_id)  # the reading may have been another key's
-        return shown
+        return await self._read.get((job_id, owner_key_id), read)
 
-    def forget(self, job_id: UUID) -> None:
+    def forget(self, job_id: UUID, owner_key_id: UUID) -> None:
         """The job changed through this process: read it afresh next time."""
-        self._read.forget(job_id)
+        self._read.forget((job_id, owner_key_id))
+
+    async def aclose(self) -> None:
+        await self._read.aclose()
