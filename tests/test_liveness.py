@@ -180,7 +180,7 @@ async def test_a_live_worker_keeps_the_jobs_it_took_before_claiming(
     await _known_redis(redis, settings)
     dead, live = uuid4(), uuid4()
     await liveness.beat(redis, settings, live)
-    # As each worker's start records the job it took, until its claim.
+    # As each worker's start records the job it took, until the job ends.
     await redis.hset(liveness.taken_key(settings), mapping={dead_job: str(dead), live_job: str(live)})
     # The live worker's claim waits longer than the grace for lost arq jobs: still its.
     await asyncio.sleep(settings.enqueue_grace_s + 0.2)
