@@ -35,7 +35,8 @@ from app.main import create_app
 from app.store import keys
 from app.store.db import Sessions, make_engine, make_sessions
 from tests.scripted_llm import ScriptedLLM, running_scripted_llm
-from workers.main import QueueWorker, worker_settings
+from workers.main import worker_settings
+from workers.queue_worker import QueueWorker
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN_DSN = os.environ.get("AIDSAFE_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")

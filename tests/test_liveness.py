@@ -31,7 +31,8 @@ from tests.conftest import delete_redis_keys, eventually, start_worker, submit
 from tests.scripted_llm import ScriptedLLM, agree, stall
 from tests.test_worker import one_item, turn_count
 from workers import liveness
-from workers.main import llm_limiter, sweep
+from workers.llm_limits import llm_limiter
+from workers.sweeper import sweep
 
 DEFAULTS = Settings.model_fields
 

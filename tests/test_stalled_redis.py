@@ -32,7 +32,8 @@ from app.llm.rates import EndpointRates
 from app.store.budgets import Meter
 from app.store.db import Sessions
 from tests.scripted_llm import ScriptedLLM, chat_request
-from workers.main import WORKER, Worker, connect, llm_limiter, llm_redis, shutdown, worker_settings
+from workers.llm_limits import llm_limiter, llm_redis
+from workers.main import WORKER, Worker, connect, shutdown, worker_settings
 
 TIMEOUT_S = 2.0  # the least llm_redis_timeout_s allowed
 # A call on a hung Redis fails within this: its own timeout, and the release of what it may

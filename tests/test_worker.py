@@ -27,7 +27,9 @@ from app.store.models import Item, TurnRow
 from tests.conftest import eventually, run_worker_burst, start_worker, submit
 from tests.scripted_llm import ScriptedLLM, agree, http_error, stall
 from workers import liveness
-from workers.main import START_SCRIPT, WORKER_ID, QueueWorker, sweep, worker_settings
+from workers.main import worker_settings
+from workers.queue_worker import START_SCRIPT, WORKER_ID, QueueWorker
+from workers.sweeper import sweep
 
 
 async def one_item(sessions: Sessions, job_id: str) -> Item:

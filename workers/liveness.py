@@ -16,7 +16,7 @@ trusts no missing heartbeat for one TTL, while the live workers set their keys a
 Before its claim, an item is held only by its arq job, which arq marks in progress (of no
 worker) for its job timeout when a worker takes it; a worker may hold many such jobs while
 their claims wait for a database connection. Each is recorded under its worker in the same
-script call that marks it (`workers.main.QueueWorker`), until the job ends (`job_ended`), so
+script call that marks it (`workers.queue_worker.QueueWorker`), until the job ends (`job_ended`), so
 that the sweeper gives back a dead worker's unclaimed items with its running ones instead of
 after the grace for lost arq jobs, and keeps a live worker's however long its claims wait. A
 record whose job is no longer in progress (its HDEL failed) is dropped by the sweeper, or it

@@ -18,15 +18,9 @@ from uuid import UUID, uuid4
 
 import uvloop
 from arq import Retry
-from arq import Worker as ArqWorker
 from arq.connections import ArqRedis
-from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
-from arq.utils import timestamp_ms
 from prometheus_client import start_http_server
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry as RedisRetry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import events, logs
@@ -40,11 +34,10 @@ from app.deliberation.results import Completed, Evaluated, Failed, Judged, Judge
 from app.llm.batch_api import BatchAPI
 from app.llm.client import OpenAICompatibleClient
 from app.llm.hedging import HedgePolicy
-from app.llm.limits import EndpointLimiter
 from app.llm.rates import EndpointRates
 from app.metrics import ITEMS_FINISHED
 from app.plan import ComparisonPlan, GenerationPlan, ModelEvaluationPlan, SampleEvaluationPlan
-from app.queue import arq_job_id, enqueue_items, item_of_job, redis_settings
+from app.queue import redis_settings
 from app.store import (
     batches,
     budgets,
@@ -62,6 +55,9 @@ from app.store.endings import CANCELLED, Ending, failed, handed_back
 from app.store.turn_log import PostgresTurnLog
 from app.store.turn_writer import TurnWriter
 from workers import liveness, waves
+from workers.llm_limits import llm_limiter, llm_redis
+from workers.queue_worker import WORKER_ID, QueueWorker, every_job_started_and_done
+from workers.sweeper import sweep
 
 log = logging.getLogger("aidsafe.worker")
 
@@ -92,7 +88,6 @@ class Worker:
 
 
 WORKER = "worker"
-WORKER_ID = "worker_id"  # in arq's ctx from the start: the worker records the jobs it takes under it
 
 
 def _worker(ctx: dict[str, Any]) -> Worker:
@@ -121,7 +116,7 @@ async def connect(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     redis: ArqRedis = ctx["redis"]
     logs.configure(settings.log_level, settings.log_json)
-    logging.getLogger("arq.worker").addFilter(_every_job_started_and_done)  # once: the same filter
+    logging.getLogger("arq.worker").addFilter(every_job_started_and_done)  # once: the same filter
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port)
     pool_size = min(settings.worker_max_jobs + 2, settings.worker_db_connections)
@@ -166,32 +161,6 @@ def _hedge_policy(settings: Settings) -> HedgePolicy | None:
     if settings.llm_hedge_factor <= 0:
         return None
     return HedgePolicy(settings.llm_hedge_factor, settings.llm_hedge_min_s, settings.llm_hedge_budget)
-
-
-def llm_redis(settings: Settings) -> Redis:
-    """The Redis client of what each LLM call waits on (the limiter, rate budgets, and the
-    spending of jobs with a budget): a pool of its own, with a socket timeout (arq's has
-    none), so that a Redis that stops answering (hung, not restarted) fails an item's LLM
-    call with a RedisError, which the client retries as a transient fault (the spending read
-    before the call: the item waits as in an outage, `budgets.Meter`), instead of holding it
-    forever. A connection error (a pooled connection that a restarted
-    Redis dropped) is tried again once, at once; a timeout is not: the client backs off."""
-    return Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.llm_redis_timeout_s,
-        socket_connect_timeout=settings.llm_redis_timeout_s,
-        retry=RedisRetry(NoBackoff(), 1),
-        retry_on_error=[RedisConnectionError],
-    )
-
-
-def llm_limiter(
-    redis: Redis, settings: Settings, owner: UUID | None = None, keep_s: float = 0.0
-) -> EndpointLimiter:
-    """The shared LLM cap; its slots taken by `owner` (a worker) carry its id."""
-    return EndpointLimiter(
-        redis, key_prefix=f"{settings.redis_key_prefix}:limits", owner=str(owner or ""), keep_s=keep_s
-    )
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
@@ -381,92 +350,6 @@ def _backoff_s(settings: Settings, attempt: int) -> float:
     return min(300.0, settings.item_retry_base_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
 
 
-async def sweep(settings: Settings, sessions: Sessions, redis: ArqRedis) -> dict[str, int]:
-    """Re-enqueue what would otherwise wait: items whose worker died (its heartbeat stopped,
-    and then its LLM slots are freed too, or their lease expired); queued items whose arq job
-    a worker took and did not claim, recorded as a worker's now dead; and queued items whose
-    arq job is gone (Redis restarted, enqueue lost after commit) or was otherwise missed, or
-    marked in progress by no worker's record, after the grace period."""
-    taken = await _taken_and_in_progress(redis, settings)
-    holders = {*await items.running_holders(sessions), *taken.values()}
-    dead = await liveness.dead_holders(redis, settings, list(holders))
-    expired = await items.take_lost_claims(sessions, dead)
-    # Their LLM slots too: held until their leases end (the LLM timeout and a margin), a few
-    # dead workers' slots would fill the cap and stall the live ones.
-    freed = await llm_limiter(redis, settings).release_owners(settings.endpoints(), [str(d) for d in dead])
-    if freed:
-        log.info("sweeper freed %d LLM slots of dead workers", freed)
-    abandoned = [job_id for job_id, holder in taken.items() if holder in dead]
-    # Before the grace check below: these get a new updated_at, which keeps them out of it.
-    untaken = await items.take_back_unclaimed(sessions, [item_of_job(job_id) for job_id in abandoned])
-    # Not lost: those whose arq job a live worker took and is claiming (its claim may wait
-    # for a database connection longer than the grace).
-    waiting = [
-        (item_id, enqueues)
-        for item_id, enqueues in await items.queued_unclaimed(sessions, settings.enqueue_grace_s)
-        if arq_job_id(item_id, enqueues) not in taken
-    ]
-    pending = await _arq_jobs_pending(redis, settings.queue_name, [arq_job_id(i, n) for i, n in waiting])
-    lost = [item_id for (item_id, _), is_pending in zip(waiting, pending, strict=True) if not is_pending]
-    present = [item_id for (item_id, _), is_pending in zip(waiting, pending, strict=True) if is_pending]
-    await items.touch(sessions, present, bump_enqueues=False)
-    requeued = await items.touch(sessions, lost, bump_enqueues=True)
-    resumed = [*expired, *untaken, *requeued]
-    # A dead worker's arq jobs would sit in the queue, in progress, until arq's job timeout.
-    await _forget_arq_jobs(redis, settings.queue_name, resumed)
-    await enqueue_items(redis, settings.queue_name, resumed, ahead=True)
-    await liveness.forget_taken(redis, settings, abandoned)
-    if resumed:
-        log.info(
-            "sweeper re-enqueued %d expired items, %d unclaimed by dead workers and %d lost",
-            len(expired),
-            len(untaken),
-            len(requeued),
-        )
-    return {"expired": len(expired), "lost": len(untaken) + len(requeued)}
-
-
-async def _taken_and_in_progress(redis: ArqRedis, settings: Settings) -> dict[str, UUID]:
-    """The arq jobs recorded as taken, with the workers that took them, dropping the records
-    of jobs no longer in progress: their worker failed to drop them when the job ended, and
-    they would hide its item from the grace for lost jobs for as long as that worker lives."""
-    taken = await liveness.taken_jobs(redis, settings)
-    async with redis.pipeline(transaction=False) as pipe:
-        for job_id in taken:
-            pipe.exists(in_progress_key_prefix + job_id)
-        running = await pipe.execute() if taken else []
-    ended = [job_id for job_id, is_running in zip(taken, running, strict=True) if not is_running]
-    await liveness.forget_taken(redis, settings, ended)
-    return {job_id: worker for job_id, worker in taken.items() if job_id not in ended}
-
-
-async def _arq_jobs_pending(redis: ArqRedis, queue_name: str, job_ids: list[str]) -> list[bool]:
-    """Whether each arq job of a queued item still waits in the queue (or is deferred), one
-    round trip. One in progress does not count: a live worker claims the item at once, so
-    the worker that took it died before claiming, and arq keeps a job in the queue and in
-    progress until its job timeout (24 h)."""
-    async with redis.pipeline(transaction=False) as pipe:
-        for job_id in job_ids:
-            pipe.zscore(queue_name, job_id)
-            pipe.exists(in_progress_key_prefix + job_id)
-        answers = await pipe.execute()
-    return [
-        score is not None and not running for score, running in zip(answers[::2], answers[1::2], strict=True)
-    ]
-
-
-async def _forget_arq_jobs(redis: ArqRedis, queue_name: str, renumbered: list[tuple[UUID, int]]) -> None:
-    """Drop every earlier arq job of these items: their ids are 1 .. current counter - 1."""
-    old = [arq_job_id(item_id, n) for item_id, current in renumbered for n in range(1, current)]
-    if not old:
-        return
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.zrem(queue_name, *old)
-        for prefix in (job_key_prefix, in_progress_key_prefix, retry_key_prefix):
-            pipe.delete(*(prefix + job_id for job_id in old))
-        await pipe.execute()
-
-
 async def _sweep_forever(worker: Worker) -> None:
     """Every worker runs this loop; a Redis lock lets one of them sweep per interval. It runs
     beside the queue, not in it, so a long backlog cannot delay recovery."""
@@ -559,87 +442,6 @@ def worker_settings(settings: Settings, *, sweeper: bool = True) -> dict[str, An
         "keep_result": 0,
         "job_completion_wait": 5,  # on SIGTERM, then running items are released
     }
-
-
-# KEYS: the queue, the taken jobs' record (workers/liveness.py), this call's answer. ARGV:
-# arq's in-progress key prefix, the TTL arq gives that key in ms, now in ms, how many jobs to
-# start, the worker's id, then job ids from the queue's head. What arq checks before it starts
-# a job (not in progress, still queued, due) and its in-progress mark, with the record of the
-# worker that took it, for up to that many jobs: each id marked, with its score. The answer is
-# kept for a minute under the call's own key: a call sent again (the pool retries a command
-# whose connection broke, maybe after Redis ran it) gets the same jobs, not none of them.
-START_SCRIPT = """
-local answered = redis.call('GET', KEYS[3])
-if answered then return cjson.decode(answered) end
-local prefix, ttl, now, wanted, worker = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
-local marked = {}
-for i = 6, #ARGV do
-  if #marked >= wanted * 2 then break end
-  if redis.call('EXISTS', prefix .. ARGV[i]) == 0 then
-    local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
-    if score and tonumber(score) <= now then
-      redis.call('SET', prefix .. ARGV[i], '1', 'PX', ttl)
-      redis.call('HSET', KEYS[2], ARGV[i], worker)
-      marked[#marked + 1] = ARGV[i]
-      marked[#marked + 1] = score
-    end
-  end
-end
-redis.call('SET', KEYS[3], cjson.encode(marked), 'PX', 60000)
-return marked
-"""
-
-
-class QueueWorker(ArqWorker):
-    """arq's worker, starting the jobs it read at the queue's head in one round trip.
-
-    arq checks each of those jobs and marks it in progress in a transaction of its own (WATCH,
-    EXISTS, ZSCORE, then MULTI/PSETEX/EXEC), and an arq job stays at the queue's head while it
-    runs: with hundreds of items running, every poll with a free slot went through them all,
-    this worker's own included, and two workers raced for each new job. Here one script does
-    arq's check and mark for as many jobs as there are free slots, atomically, so a job another
-    worker marked first is simply not returned; it records each job as this worker's too (for
-    the sweeper, until the job ends), so no kill can fall between the mark and the record. The
-    rest is arq's: the job runs in `run_job` under its semaphore and counter, as
-    `Worker.start_jobs` would run it (arq is pinned)."""
-
-    async def start_jobs(self, job_ids: list[bytes]) -> None:
-        free = self.max_jobs - self.job_counter
-        # This worker's running jobs, still at the queue's head, need no look in Redis.
-        job_ids = [job_id for job_id in job_ids if job_id.decode() not in self.tasks]
-        if not job_ids or free <= 0:
-            return
-        ttl_ms = int(self.in_progress_timeout_s * 1000)
-        settings: Settings = self.ctx["settings"]
-        answer = f"{settings.redis_key_prefix}:starts:{uuid4()}"
-        marked = await self.pool.register_script(START_SCRIPT)(
-            keys=[self.queue_name, liveness.taken_key(settings), answer],
-            args=[in_progress_key_prefix, ttl_ms, timestamp_ms(), free, str(self.ctx[WORKER_ID]), *job_ids],
-        )
-        for job_id_b, score in zip(marked[::2], marked[1::2], strict=True):
-            await self.sem.acquire()  # never waits: it counts the running jobs, as job_counter does
-            self.job_counter += 1
-            job_id = job_id_b.decode()
-            task = self.loop.create_task(self.run_job(job_id, int(float(score))))
-            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
-            self.tasks[job_id] = task
-
-    async def run_job(self, job_id: str, score: int) -> None:
-        await super().run_job(job_id, score)
-        # However it ended: arq ends a job whose key expired without running it, and a record
-        # left under a live worker would keep the sweeper from the item for as long as it lives.
-        # (A worker stopped mid-job keeps it: the sweeper hands the item back as a dead one's.)
-        await liveness.job_ended(self.pool, self.ctx["settings"], job_id)
-
-
-# arq logs two lines at INFO for every job, so for every item: most of a worker's log and ~2 %
-# of its CPU at hundreds of items a second, saying what the items' rows and metrics say.
-# Its other lines (retries, failures, start, shutdown) stay.
-_EVERY_JOB = frozenset({"%6.2fs → %s(%s)%s", "%6.2fs ← %s ● %s"})  # arq 0.28's (pinned) formats
-
-
-def _every_job_started_and_done(record: logging.LogRecord) -> bool:
-    return record.msg not in _EVERY_JOB
 
 
 def run() -> None:

@@ -1,0 +1,97 @@
+"""arq's worker, starting the jobs it read at the queue's head in one Redis call, and the
+filter that keeps arq's two log lines per job out of the log."""
+
+from __future__ import annotations
+
+import logging
+from uuid import uuid4
+
+from arq import Worker as ArqWorker
+from arq.constants import in_progress_key_prefix
+from arq.utils import timestamp_ms
+
+from app.config import Settings
+from workers import liveness
+
+WORKER_ID = "worker_id"  # in arq's ctx from the start: the worker records the jobs it takes under it
+
+
+# KEYS: the queue, the taken jobs' record (workers/liveness.py), this call's answer. ARGV:
+# arq's in-progress key prefix, the TTL arq gives that key in ms, now in ms, how many jobs to
+# start, the worker's id, then job ids from the queue's head. What arq checks before it starts
+# a job (not in progress, still queued, due) and its in-progress mark, with the record of the
+# worker that took it, for up to that many jobs: each id marked, with its score. The answer is
+# kept for a minute under the call's own key: a call sent again (the pool retries a command
+# whose connection broke, maybe after Redis ran it) gets the same jobs, not none of them.
+START_SCRIPT = """
+local answered = redis.call('GET', KEYS[3])
+if answered then return cjson.decode(answered) end
+local prefix, ttl, now, wanted, worker = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+local marked = {}
+for i = 6, #ARGV do
+  if #marked >= wanted * 2 then break end
+  if redis.call('EXISTS', prefix .. ARGV[i]) == 0 then
+    local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+    if score and tonumber(score) <= now then
+      redis.call('SET', prefix .. ARGV[i], '1', 'PX', ttl)
+      redis.call('HSET', KEYS[2], ARGV[i], worker)
+      marked[#marked + 1] = ARGV[i]
+      marked[#marked + 1] = score
+    end
+  end
+end
+redis.call('SET', KEYS[3], cjson.encode(marked), 'PX', 60000)
+return marked
+"""
+
+
+class QueueWorker(ArqWorker):
+    """arq's worker, starting the jobs it read at the queue's head in one round trip.
+
+    arq checks each of those jobs and marks it in progress in a transaction of its own (WATCH,
+    EXISTS, ZSCORE, then MULTI/PSETEX/EXEC), and an arq job stays at the queue's head while it
+    runs: with hundreds of items running, every poll with a free slot went through them all,
+    this worker's own included, and two workers raced for each new job. Here one script does
+    arq's check and mark for as many jobs as there are free slots, atomically, so a job another
+    worker marked first is simply not returned; it records each job as this worker's too (for
+    the sweeper, until the job ends), so no kill can fall between the mark and the record. The
+    rest is arq's: the job runs in `run_job` under its semaphore and counter, as
+    `Worker.start_jobs` would run it (arq is pinned)."""
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        free = self.max_jobs - self.job_counter
+        # This worker's running jobs, still at the queue's head, need no look in Redis.
+        job_ids = [job_id for job_id in job_ids if job_id.decode() not in self.tasks]
+        if not job_ids or free <= 0:
+            return
+        ttl_ms = int(self.in_progress_timeout_s * 1000)
+        settings: Settings = self.ctx["settings"]
+        answer = f"{settings.redis_key_prefix}:starts:{uuid4()}"
+        marked = await self.pool.register_script(START_SCRIPT)(
+            keys=[self.queue_name, liveness.taken_key(settings), answer],
+            args=[in_progress_key_prefix, ttl_ms, timestamp_ms(), free, str(self.ctx[WORKER_ID]), *job_ids],
+        )
+        for job_id_b, score in zip(marked[::2], marked[1::2], strict=True):
+            await self.sem.acquire()  # never waits: it counts the running jobs, as job_counter does
+            self.job_counter += 1
+            job_id = job_id_b.decode()
+            task = self.loop.create_task(self.run_job(job_id, int(float(score))))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id] = task
+
+    async def run_job(self, job_id: str, score: int) -> None:
+        await super().run_job(job_id, score)
+        # However it ended: arq ends a job whose key expired without running it, and a record
+        # left under a live worker would keep the sweeper from the item for as long as it lives.
+        # (A worker stopped mid-job keeps it: the sweeper hands the item back as a dead one's.)
+        await liveness.job_ended(self.pool, self.ctx["settings"], job_id)
+
+
+# arq logs two lines at INFO for every job, so for every item: most of a worker's log and ~2 %
+# of its CPU at hundreds of items a second, saying what the items' rows and metrics say.
+# Its other lines (retries, failures, start, shutdown) stay.
+_EVERY_JOB = frozenset({"%6.2fs → %s(%s)%s", "%6.2fs ← %s ● %s"})  # arq 0.28's (pinned) formats
+
+
+def every_job_started_and_done(record: logging.LogRecord) -> bool:
+    return record.msg not in _EVERY_JOB
