@@ -115,7 +115,7 @@ class OpenAICompatibleClient:
         rates: EndpointRates | None = None,
         timeout_s: float = 120.0,
         max_retries: int = 4,
-        backoff_base_s: float = 1.0,
+        backoff_base_s: float = 0.5,  # as the setting llm_backoff_base_s
         backoff_max_s: float = 30.0,
         hedging: HedgePolicy | None = None,
     ) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Generic, TypeVar
 from uuid import UUID
 
@@ -72,18 +73,25 @@ async def newest_visible(
 
 
 class ById(Generic[Row]):
-    """Rows never change (new content is a new row), so a process may keep every one it read."""
+    """Rows never change (new content is a new row), so a process may keep those it read: the
+    `keep` most recently used, so that a long-lived worker serving tenants with many versions
+    (an ablation registers one per variant) does not grow with every version it ever ran."""
 
-    def __init__(self, model: type[Row], what: str) -> None:
+    def __init__(self, model: type[Row], what: str, keep: int = 256) -> None:
         self._model: type[Row] = model
         self._what = what
-        self._rows: dict[UUID, Row] = {}
+        self._keep = keep
+        self._rows: OrderedDict[UUID, Row] = OrderedDict()
 
     async def get(self, session: AsyncSession, row_id: UUID) -> Row:
-        """The row with this id, from this process's copy after the first read."""
-        if row_id not in self._rows:
-            row = await session.get(self._model, row_id)
-            if row is None:
-                raise NotFound(f"{self._what} {row_id} not found")
-            self._rows[row_id] = row
-        return self._rows[row_id]
+        """The row with this id, from this process's copy when it holds it."""
+        if (kept := self._rows.get(row_id)) is not None:
+            self._rows.move_to_end(row_id)
+            return kept
+        row = await session.get(self._model, row_id)
+        if row is None:
+            raise NotFound(f"{self._what} {row_id} not found")
+        self._rows[row_id] = row
+        if len(self._rows) > self._keep:
+            self._rows.popitem(last=False)
+        return row
