@@ -74,6 +74,12 @@ class Settings(BaseSettings):
     # rather than wait forever on a Redis that stopped answering. Above the limiter's longest
     # BLPOP (1 s), with room for the round trip.
     llm_redis_timeout_s: float = Field(default=5.0, ge=2.0)
+    # The queue's Redis client (arq's polls and job starts, enqueues, progress events; API and
+    # workers) gives up on a call that hears nothing for this long and sends it again on a new
+    # connection (app/queue.py): a connection left half-open (a failover, a dropped NAT entry)
+    # would otherwise hold a worker's polls forever (the heartbeat has a bound of its own).
+    # The API's waits for progress events (events_resync_s) are added to it.
+    redis_timeout_s: float = Field(default=3.0, ge=1.0)
     log_level: str = "INFO"
     log_json: bool = True  # structured logs (one JSON object per line) with job and item ids
     queue_name: str = "aidsafe:queue"

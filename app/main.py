@@ -38,7 +38,7 @@ from app.api.state import ApiState
 from app.api.summaries import JobSummaries
 from app.config import Settings, get_settings
 from app.presets import load as load_presets
-from app.queue import redis_settings
+from app.queue import bound_calls, redis_settings
 from app.store.budgets import Spending
 from app.store.db import make_engine, make_sessions
 from app.web import pages
@@ -54,6 +54,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = make_engine(settings.database_url)
         sessions = make_sessions(engine)
         arq = await create_pool(redis_settings(settings.redis_url))
+        # Progress streams wait on it for up to events_resync_s (XREAD BLOCK).
+        await bound_calls(arq, settings.redis_timeout_s + settings.events_resync_s)
         summaries = JobSummaries(sessions, settings.job_summary_max_age_s)
         state.install(
             app,

@@ -27,6 +27,15 @@ def redis_settings(redis_url: str) -> RedisSettings:
     return settings
 
 
+async def bound_calls(pool: ArqRedis, timeout_s: float) -> None:
+    """Give arq's pool the read timeout its settings lack: a call that hears nothing for
+    `timeout_s` raises TimeoutError, which `redis_settings`' retry answers by sending it again
+    on a new connection. What is sent again must be harmless to repeat, as it already must be
+    for a connection that broke."""
+    pool.connection_pool.connection_kwargs["socket_timeout"] = timeout_s
+    await pool.connection_pool.disconnect()  # those open now were made without it
+
+
 def arq_job_id(item_id: UUID, enqueues: int) -> str:
     # arq refuses a job id it still holds a result or in-progress key for; the enqueue
     # counter makes every re-enqueue of an item a new id.

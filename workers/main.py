@@ -37,7 +37,7 @@ from app.llm.hedging import HedgePolicy
 from app.llm.rates import EndpointRates
 from app.metrics import ITEMS_FINISHED
 from app.plan import ComparisonPlan, GenerationPlan, ModelEvaluationPlan, SampleEvaluationPlan
-from app.queue import redis_settings
+from app.queue import bound_calls, redis_settings
 from app.store import (
     batches,
     budgets,
@@ -115,6 +115,7 @@ async def startup(ctx: dict[str, Any]) -> None:
 async def connect(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     redis: ArqRedis = ctx["redis"]
+    await bound_calls(redis, settings.redis_timeout_s)
     logs.configure(settings.log_level, settings.log_json)
     logging.getLogger("arq.worker").addFilter(every_job_started_and_done)  # once: the same filter
     if settings.worker_metrics_port:
