@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 
+import pytest
 from sqlalchemy import delete
 
 from app.errors import NotFound
@@ -58,6 +59,9 @@ async def test_an_unknown_id_is_not_found_and_keeps_nothing(sessions: Sessions) 
     (known,) = await _policy_sets(sessions, 1)
     by_id = ById(PolicySetRow, "policy set", keep=1)
     assert await _kept(sessions, by_id, known)
-    assert not await _kept(sessions, by_id, uuid.uuid4())
+    unknown = uuid.uuid4()
+    with pytest.raises(NotFound, match=f"^policy set {unknown} not found$"):
+        async with sessions.begin() as session:
+            await by_id.get(session, unknown)
     await _forget_in_database(sessions, [known])
     assert await _kept(sessions, by_id, known), "a miss does not push out the row kept"
