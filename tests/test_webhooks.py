@@ -12,6 +12,7 @@ import pytest
 
 from app.config import Settings
 from app.store.db import Sessions
+from app.store.webhooks import KEPT_UNAUTHORIZED
 from tests.conftest import new_key
 from tests.test_api import error_of
 from tests.test_cli import aidsafe
@@ -220,6 +221,24 @@ async def test_an_unreadable_delivery_is_refused_and_kept_with_its_body(
         ("validation_error", '{"annotation": {"id": 1}}'),
         ("bad_request", "{not json"),
     ]
+
+
+async def test_refusals_for_the_secret_do_not_push_out_the_owners_refused_bodies(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    """Anyone who knows the URL can be refused for the secret; those refusals are kept apart,
+    the newest KEPT_UNAUTHORIZED, and never evict an authenticated refusal's body."""
+    webhook = await new_webhook(api, auth)
+    path = httpx.URL(webhook["url"]).path
+    headers = {HEADER: webhook["secret"], "Content-Type": "application/json"}
+    error_of(await api.post(path, content=b"{not json", headers=headers), 400, "bad_request")
+
+    for _ in range(KEPT_UNAUTHORIZED + 5):
+        error_of(await api.post(path, json={}, headers={HEADER: "guess"}), 401, "unauthorized")
+
+    logged = await rejections(api, auth, webhook)
+    assert [r["code"] for r in logged] == ["unauthorized"] * KEPT_UNAUTHORIZED + ["bad_request"]
+    assert logged[-1]["body"] == "{not json"
 
 
 # --- deletions --------------------------------------------------------------------------------

@@ -31,6 +31,10 @@ from app.store.models import Webhook, WebhookRejection
 SECRET_PREFIX = "aidsafe_whsec_"
 SOURCES = ("label_studio",)
 KEPT_REJECTIONS = 1000  # per webhook; older ones are dropped as new ones come
+# Of deliveries refused for their secret (anyone who knows a webhook's URL can send them), per
+# webhook, apart: they show an owner a misconfigured secret, and must not push out the
+# authenticated refusals, whose bodies are the owner's only copy of the reviews refused.
+KEPT_UNAUTHORIZED = 20
 MAX_KEPT_BODY_CHARS = 1_000_000  # of a refused delivery's body
 
 
@@ -87,7 +91,10 @@ async def record_rejection(
     session: AsyncSession, webhook_id: UUID, owner_key_id: UUID, code: str, message: str, body: str | None
 ) -> None:
     """Keep a refused delivery (its body only if it was authenticated: the owner's data),
-    and drop the webhook's rejections beyond the newest KEPT_REJECTIONS."""
+    and drop the webhook's rejections beyond the newest KEPT_REJECTIONS, or, of those refused
+    for their secret, beyond the newest KEPT_UNAUTHORIZED."""
+    unauthorized = code == Unauthorized.code
+    same_kind = (WebhookRejection.code == Unauthorized.code) == unauthorized
     session.add(
         WebhookRejection(
             webhook_id=webhook_id,
@@ -100,13 +107,13 @@ async def record_rejection(
     await session.flush()
     newest = (
         select(WebhookRejection.id)
-        .where(WebhookRejection.webhook_id == webhook_id)
+        .where(WebhookRejection.webhook_id == webhook_id, same_kind)
         .order_by(WebhookRejection.id.desc())
-        .limit(KEPT_REJECTIONS)
+        .limit(KEPT_UNAUTHORIZED if unauthorized else KEPT_REJECTIONS)
     )
     await session.execute(
         delete(WebhookRejection).where(
-            WebhookRejection.webhook_id == webhook_id, WebhookRejection.id.not_in(newest)
+            WebhookRejection.webhook_id == webhook_id, same_kind, WebhookRejection.id.not_in(newest)
         )
     )
 
