@@ -11,6 +11,7 @@ from typing import Any
 from uuid import UUID
 
 import httpx
+import pytest
 from redis.asyncio import Redis
 from sqlalchemy import Column, Table, func, or_, select, text, update
 
@@ -213,6 +214,14 @@ async def test_deletions_are_listed_newest_first_to_the_deleting_key_only(
     assert [d["job_id"] for d in older.json()] == [first]
     assert [d["job_id"] for d in (await api.get("/v1/deletions", headers=bob)).json()] == [bobs]
     error_of(await api.get("/v1/deletions"), 401, "unauthorized")
+
+
+@pytest.mark.parametrize("before_id", ["0", "9223372036854775808", "99999999999999999999"])
+async def test_a_deletion_cursor_out_of_range_is_refused(
+    api: httpx.AsyncClient, auth: Headers, before_id: str
+) -> None:
+    answer = await api.get("/v1/deletions", params={"before_id": before_id}, headers=auth)
+    error_of(answer, 422, "validation_error")
 
 
 async def test_a_compared_job_is_refused_naming_its_comparisons_until_they_are_deleted(

@@ -18,7 +18,9 @@ router = APIRouter(prefix="/v1/deletions", tags=["jobs"])
 async def list_deletions(
     session: SessionDep,
     key: CurrentKey,
-    before_id: Annotated[int | None, Query(description="Only deletions before this `id`.")] = None,
+    before_id: Annotated[
+        int | None, Query(ge=1, le=2**63 - 1, description="Only deletions before this `id`.")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=500, description="How many, newest first.")] = 100,
 ) -> list[JobDeletionOut]:
     """Jobs this key deleted, newest first: when, and how many rows of each table went."""
