@@ -14,6 +14,8 @@ import io
 import json
 from typing import Any, Literal
 
+from app.storable import storable_input
+
 Format = Literal["jsonl", "csv"]
 FIELDS = ("prompt", "expected", "category")
 
@@ -29,6 +31,11 @@ def read_rows(format: Format, text: str, max_rows: int) -> list[tuple[int, dict[
     rows = _jsonl(text, max_rows) if format == "jsonl" else _csv(text, max_rows)
     if not rows:
         raise BadRow("the file has no rows")
+    for number, fields in rows:
+        try:
+            storable_input(fields)
+        except ValueError as exc:
+            raise BadRow(f"line {number}: {exc}") from None
     return [(number, _split(fields)) for number, fields in rows]
 
 
@@ -54,6 +61,8 @@ def _jsonl(text: str, max_rows: int) -> list[tuple[int, dict[str, Any]]]:
             fields = json.loads(line)
         except json.JSONDecodeError as exc:
             raise BadRow(f"line {number} is not JSON: {exc.msg} at column {exc.colno}") from None
+        except (ValueError, RecursionError):  # a number of thousands of digits, or deep nesting
+            raise BadRow(f"line {number} holds a number too long or nesting too deep to read") from None
         if not isinstance(fields, dict):
             raise BadRow(f"line {number} is not a JSON object")
         rows.append((number, fields))

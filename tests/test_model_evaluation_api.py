@@ -268,6 +268,10 @@ async def test_a_benchmark_file_in_jsonl_or_csv_makes_the_same_items_with_other_
     assert len(prompts) == 10 and Counter(p["expected"] for p in prompts) == {"refuse": 5, "comply": 5}
 
 
+def _nested(depth: int) -> str:
+    return "[" * depth + "0" + "]" * depth
+
+
 GOOD_ROW = {"prompt": "harmful prompt 1", "expected": "refuse", "category": "weapons"}
 BAD_FILES = [
     (
@@ -284,10 +288,27 @@ BAD_FILES = [
     ("csv", "prompt,expected,category\nhello,comply,x,extra\n", "line 2 has 4 cells"),
     ("csv", "prompt,expected,category\n   ,comply,x\n", "line 2: prompt:"),
     ("csv", "", "the file is empty"),
+    # What Postgres or serialization cannot hold, anywhere in a row: the body's own checks.
+    (
+        "jsonl",
+        json.dumps(GOOD_ROW) + '\n{"prompt": "a\\u0000b", "expected": "refuse", "category": "c"}',
+        "line 2: text",
+    ),
+    ("jsonl", json.dumps({**GOOD_ROW, "note": "\ud800"}), "line 1: text must be valid Unicode"),
+    ("jsonl", json.dumps({**GOOD_ROW, "x\u0000": 1}), "line 1: text must not contain the NUL"),
+    ("jsonl", json.dumps(GOOD_ROW)[:-1] + ', "score": NaN}', "line 1: numbers must be finite"),
+    ("jsonl", json.dumps(GOOD_ROW)[:-1] + ', "score": 1e999}', "line 1: numbers must be finite"),
+    ("jsonl", json.dumps(GOOD_ROW)[:-1] + ', "deep": ' + _nested(40) + "}", "line 1: JSON must not nest"),
+    (
+        "jsonl",
+        json.dumps(GOOD_ROW)[:-1] + ', "deep": ' + _nested(2000) + "}",
+        "line 1 holds a number too long or nesting",
+    ),
+    ("jsonl", json.dumps(GOOD_ROW)[:-1] + ', "n": ' + "9" * 5000 + "}", "line 1 holds a number too long"),
 ]
 
 
-@pytest.mark.parametrize(("format", "content", "named"), BAD_FILES)
+@pytest.mark.parametrize(("format", "content", "named"), BAD_FILES, ids=[named for *_, named in BAD_FILES])
 async def test_a_bad_benchmark_file_is_refused_naming_the_line_and_field_and_nothing_is_created(
     api: httpx.AsyncClient, auth: Headers, sessions: Sessions, format: str, content: str, named: str
 ) -> None:
