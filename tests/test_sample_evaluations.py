@@ -161,6 +161,41 @@ async def test_options_are_checked_before_the_file_is_read(api: httpx.AsyncClien
     error_of(await upload(api, auth, fixture("safety.csv"), "csv"), 422, "invalid_config")
 
 
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [
+        ('{"grade": {}, "metadata": {"a": "\\u0000"}}', "NUL"),
+        ('{"grade": {"instructions": "x\\u0000"}}', "NUL"),
+        ('{"grade": {}, "metadata": {"a": "\\ud800"}}', "valid Unicode"),
+        ('{"grade": {}, "metadata": {"a": NaN}}', "finite"),
+        ('{"grade": {}, "metadata": {"a": 1e999}}', "finite"),
+        ('{"grade": {}, "metadata": ' + "[" * 40 + "]" * 40 + "}", "nest"),
+        ('{"grade": {}, "metadata": ' + "[" * 3500 + "]" * 3500 + "}", "nest"),
+        ('{"grade": {}', "not JSON"),
+    ],
+    ids=[
+        "nul-in-metadata",
+        "nul-in-instructions",
+        "surrogate",
+        "nan",
+        "infinity",
+        "nested-40",
+        "nested-3500",
+        "cut",
+    ],
+)
+async def test_options_a_body_could_not_hold_are_refused_as_in_a_body(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions, options: str, problem: str
+) -> None:
+    """The query's options are stored as a JSON body's are, so they get its checks: 422."""
+    params = {"file_type": "csv", "options": options}
+    response = await api.post(UPLOAD, params=params, content=fixture("safety.csv"), headers=auth)
+    error = error_of(response, 422, "validation_error")
+    assert error["details"][0]["field"] == "query.options", error
+    assert problem in error["message"], error["message"]
+    assert await stored(sessions) == NOTHING
+
+
 # --- running them ------------------------------------------------------------------------
 
 
