@@ -14,6 +14,7 @@ import io
 import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import date, time
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -279,7 +280,7 @@ def _sample(number: int, row: Mapping[str, Any], mapping: ColumnMap) -> Sample:
         if column is None:
             return None
         try:
-            return read(storable_input(value(name)))
+            return read(storable_input(_as_json(value(name))))
         except EmptyRow as exc:
             raise EmptyRow(
                 f"row {number}: the {name} ('{column}') is empty", row=number, column=column
@@ -346,6 +347,20 @@ def _label(text: str | None) -> str | None:
     if text is not None and len(text) > MAX_LABEL_CHARS:
         raise ValueError(f"a label of {len(text):,} characters; at most {MAX_LABEL_CHARS}")
     return text
+
+
+def _as_json(value: Any) -> Any:
+    """A Parquet value as JSON can hold it: dates and times as ISO 8601 text; a type JSON has
+    none for (a decimal, bytes, a duration) is refused, to be cast in the file."""
+    if isinstance(value, dict):
+        return {key: _as_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_as_json(item) for item in value]
+    if isinstance(value, date | time):  # datetime is a date
+        return value.isoformat()
+    if value is not None and not isinstance(value, str | int | float):  # bool is an int
+        raise ValueError(f"a {type(value).__name__} value, which JSON has no type for: cast the column")
+    return value
 
 
 def _json_value(value: Any) -> Any:

@@ -4,12 +4,17 @@ scripted LLM through arq's real worker, with a report a reader can trust."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 import httpx
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import func, select
 
@@ -17,6 +22,7 @@ import aidsafe
 from app.config import Settings
 from app.deliberation.engine import evaluate_sample
 from app.deliberation.ports import LLMRequestRejected
+from app.errors import SampleFileError
 from app.plan import SampleEvaluationPlan
 from app.sample_files import read_samples
 from app.store import items, prompt_sets
@@ -94,6 +100,40 @@ def test_a_mapping_overrides_the_shape_column_by_column() -> None:
         fixture("wrong_columns.csv"), "csv", columns={"prompt": "question", "response": "answer"}
     )
     assert (samples[0].prompt, samples[0].response) == ("What is 2+2?", "4")
+
+
+def _parquet(**columns: pa.Array) -> bytes:
+    out = io.BytesIO()
+    pq.write_table(pa.table({"prompt": ["Why?"], "response": ["Because."], **columns}), out)
+    return out.getvalue()
+
+
+def test_parquet_dates_and_times_are_read_as_iso_text() -> None:
+    raw = _parquet(
+        seen=pa.array([datetime(2026, 12, 3, 16, 30, tzinfo=UTC)], pa.timestamp("us", tz="UTC")),
+        day=pa.array([date(2026, 12, 3)], pa.date32()),
+    )
+    (sample,) = read_samples(raw, "parquet", columns={"metadata.seen": "seen", "label": "day"})
+    assert sample.metadata == {"seen": "2026-12-03T16:30:00+00:00"}
+    assert sample.label == "2026-12-03"
+
+
+@pytest.mark.parametrize(
+    ("column", "kind"),
+    [
+        (pa.array([Decimal("1.50")], pa.decimal128(5, 2)), "Decimal"),
+        (pa.array([b"\x00\x01"], pa.binary()), "bytes"),
+        (pa.array([timedelta(seconds=3)], pa.duration("s")), "timedelta"),
+        (pa.array([[Decimal("1.50")]], pa.list_(pa.decimal128(5, 2))), "Decimal"),
+    ],
+    ids=["decimal", "binary", "duration", "list-of-decimals"],
+)
+def test_a_parquet_value_json_has_no_type_for_is_refused_naming_its_row_and_column(
+    column: pa.Array, kind: str
+) -> None:
+    with pytest.raises(SampleFileError, match=f"row 1, column 'odd': a {kind} value") as refused:
+        read_samples(_parquet(odd=column), "parquet", columns={"metadata.odd": "odd"})
+    assert refused.value.details == {"row": 1, "column": "odd"}
 
 
 # --- bad files: refused whole, naming the row and the column --------------------------------
