@@ -447,6 +447,26 @@ async def test_a_start_sent_again_answers_the_jobs_it_marked(
     assert again == first
 
 
+async def test_a_retry_sent_again_defers_its_job_once(
+    settings: Settings, arq_redis: ArqRedis, queued: Queue
+) -> None:
+    """A job tried again later gets its new score set, not added: arq's ZINCRBY, sent again
+    after a reply that timed out, would push it back by the time it had waited, twice."""
+    started_at = timestamp_ms() - 3_600_000  # an hour in the backlog
+    (job,) = await queued({f"test:{uuid4().hex}:retried": started_at})
+    job_id = job.decode()
+    await arq_redis.set(in_progress_key_prefix + job_id, b"1")
+    worker = _polling_worker(settings, arq_redis)
+    worker.started_scores[job_id] = started_at
+    incr = 5_000 + (timestamp_ms() - started_at)  # as arq computes it: due 5 s from now
+
+    for _ in range(2):
+        await worker.finish_job(job_id, False, None, None, False, incr, None)
+
+    assert await arq_redis.zscore(settings.queue_name, job_id) == started_at + incr
+    assert not await arq_redis.exists(in_progress_key_prefix + job_id)
+
+
 async def test_a_worker_logs_no_line_for_every_item_it_runs(
     api: httpx.AsyncClient,
     auth: dict[str, str],

@@ -4,11 +4,12 @@ filter that keeps arq's two log lines per job out of the log."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 from uuid import uuid4
 
 from arq import Worker as ArqWorker
 from arq.constants import in_progress_key_prefix
-from arq.utils import timestamp_ms
+from arq.utils import timestamp_ms, to_ms
 
 from app.config import Settings
 from workers import liveness
@@ -20,9 +21,10 @@ WORKER_ID = "worker_id"  # in arq's ctx from the start: the worker records the j
 # arq's in-progress key prefix, the TTL arq gives that key in ms, now in ms, how many jobs to
 # start, the worker's id, then job ids from the queue's head. What arq checks before it starts
 # a job (not in progress, still queued, due) and its in-progress mark, with the record of the
-# worker that took it, for up to that many jobs: each id marked, with its score. The answer is
-# kept for a minute under the call's own key: a call sent again (the pool retries a command
-# whose connection broke, maybe after Redis ran it) gets the same jobs, not none of them.
+# worker that took it, for up to that many jobs: each id marked, with its score. An answer
+# that marked jobs is kept for ten minutes under the call's own key: a call sent again (the
+# pool retries a command whose connection broke or whose reply timed out, maybe after Redis
+# ran it; its 40 retries of one call take a few minutes at most) gets the same jobs, not none.
 START_SCRIPT = """
 local answered = redis.call('GET', KEYS[3])
 if answered then return cjson.decode(answered) end
@@ -40,7 +42,7 @@ for i = 6, #ARGV do
     end
   end
 end
-redis.call('SET', KEYS[3], cjson.encode(marked), 'PX', 60000)
+if #marked > 0 then redis.call('SET', KEYS[3], cjson.encode(marked), 'PX', 600000) end
 return marked
 """
 
@@ -57,6 +59,10 @@ class QueueWorker(ArqWorker):
     the sweeper, until the job ends), so no kill can fall between the mark and the record. The
     rest is arq's: the job runs in `run_job` under its semaphore and counter, as
     `Worker.start_jobs` would run it (arq is pinned)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.started_scores: dict[str, int] = {}  # each running job's score in the queue at its start
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         free = self.max_jobs - self.job_counter
@@ -80,11 +86,41 @@ class QueueWorker(ArqWorker):
             self.tasks[job_id] = task
 
     async def run_job(self, job_id: str, score: int) -> None:
-        await super().run_job(job_id, score)
+        self.started_scores[job_id] = score
+        try:
+            await super().run_job(job_id, score)
+        finally:
+            del self.started_scores[job_id]
         # However it ended: arq ends a job whose key expired without running it, and a record
         # left under a live worker would keep the sweeper from the item for as long as it lives.
         # (A worker stopped mid-job keeps it: the sweeper hands the item back as a dead one's.)
         await liveness.job_ended(self.pool, self.ctx["settings"], job_id)
+
+    async def finish_job(
+        self,
+        job_id: str,
+        finish: bool,
+        result_data: bytes | None,
+        result_timeout_s: float | None,
+        keep_result_forever: bool,
+        incr_score: int | None,
+        keep_in_progress: float | None,
+    ) -> None:
+        """arq's, but a job tried again later (Retry) gets its new score set, not added: arq's
+        ZINCRBY, sent again by the pool after a reply that timed out, would push the job back by
+        the whole time it had waited in the queue a second time."""
+        started_at = self.started_scores.get(job_id)
+        if finish or not incr_score or started_at is None:
+            args = (result_data, result_timeout_s, keep_result_forever, incr_score, keep_in_progress)
+            await super().finish_job(job_id, finish, *args)
+            return
+        async with self.pool.pipeline(transaction=True) as tr:
+            if keep_in_progress is None:
+                tr.delete(in_progress_key_prefix + job_id)
+            else:
+                tr.pexpire(in_progress_key_prefix + job_id, to_ms(keep_in_progress))
+            tr.zadd(self.queue_name, {job_id: started_at + incr_score}, xx=True)
+            await tr.execute()
 
 
 # arq logs two lines at INFO for every job, so for every item: most of a worker's log and ~2 %
