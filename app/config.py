@@ -78,7 +78,7 @@ class Settings(BaseSettings):
     # workers) gives up on a call that hears nothing for this long and sends it again on a new
     # connection (app/queue.py): a connection left half-open (a failover, a dropped NAT entry)
     # would otherwise hold a worker's polls forever (the heartbeat has a bound of its own).
-    # The API's waits for progress events (events_resync_s) are added to it.
+    # The API adds its progress streams' waits (events_resync_s, events_snapshot_interval_s).
     redis_timeout_s: float = Field(default=3.0, ge=1.0)
     log_level: str = "INFO"
     log_json: bool = True  # structured logs (one JSON object per line) with job and item ids

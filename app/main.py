@@ -54,8 +54,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = make_engine(settings.database_url)
         sessions = make_sessions(engine)
         arq = await create_pool(redis_settings(settings.redis_url))
-        # Progress streams wait on it for up to events_resync_s (XREAD BLOCK).
-        await bound_calls(arq, settings.redis_timeout_s + settings.events_resync_s)
+        # Progress streams wait on it (XREAD BLOCK) until their next snapshot is due.
+        longest_wait_s = max(settings.events_resync_s, settings.events_snapshot_interval_s)
+        await bound_calls(arq, settings.redis_timeout_s + longest_wait_s)
         summaries = JobSummaries(sessions, settings.job_summary_max_age_s)
         state.install(
             app,

@@ -32,8 +32,12 @@ async def bound_calls(pool: ArqRedis, timeout_s: float) -> None:
     `timeout_s` raises TimeoutError, which `redis_settings`' retry answers by sending it again
     on a new connection. What is sent again must be harmless to repeat, as it already must be
     for a connection that broke."""
-    pool.connection_pool.connection_kwargs["socket_timeout"] = timeout_s
-    await pool.connection_pool.disconnect()  # those open now were made without it
+    connections = pool.connection_pool
+    connections.connection_kwargs["socket_timeout"] = timeout_s
+    # A connection keeps the options it was made with, reconnecting too: close those made
+    # before (arq's ping and server info at start-up) and forget them, so none is used again.
+    await connections.disconnect()
+    connections.reset()
 
 
 def arq_job_id(item_id: UUID, enqueues: int) -> str:

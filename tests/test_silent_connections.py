@@ -13,8 +13,10 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from arq.connections import create_pool
 
 from app.config import Settings
+from app.queue import bound_calls, redis_settings
 from tests.conftest import eventually, start_worker, submit
 
 
@@ -73,6 +75,26 @@ async def proxy(settings: Settings) -> AsyncIterator[SilencingProxy]:
     await proxy.close()
 
 
+def _through(proxy: SilencingProxy, settings: Settings, **update: object) -> Settings:
+    redis_path = urlsplit(settings.redis_url).path
+    return settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{proxy.port}{redis_path}", **update})
+
+
+async def test_a_call_on_a_connection_gone_silent_is_answered_over_a_new_one(
+    settings: Settings, proxy: SilencingProxy
+) -> None:
+    """Every connection of the pool, those arq opened before the timeout was set included."""
+    pool = await create_pool(redis_settings(_through(proxy, settings).redis_url))
+    try:
+        await bound_calls(pool, 1.0)
+        await pool.ping()
+        proxy.silence()
+        async with asyncio.timeout(5.0):  # 1 s to give up on the silent one, then a new one
+            assert await pool.ping()
+    finally:
+        await pool.aclose()
+
+
 async def _completed(api: httpx.AsyncClient, auth: dict[str, str], job_id: str) -> bool:
     job = (await api.get(f"/v1/jobs/{job_id}", headers=auth)).json()
     return bool(job["status"] == "completed")
@@ -85,11 +107,7 @@ async def test_a_worker_whose_queue_connections_go_silent_carries_on_over_new_on
     proxy: SilencingProxy,
     workers: list[subprocess.Popen[bytes]],
 ) -> None:
-    redis_path = urlsplit(settings.redis_url).path
-    through_proxy = settings.model_copy(
-        update={"redis_url": f"redis://127.0.0.1:{proxy.port}{redis_path}", "redis_timeout_s": 1.0}
-    )
-    workers.append(start_worker(through_proxy))
+    workers.append(start_worker(_through(proxy, settings, redis_timeout_s=1.0)))
     first = await submit(api, auth, ["How do tides work?"])
     await eventually(lambda: _completed(api, auth, first), what="the first job, before the silence")
 
