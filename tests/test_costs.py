@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import httpx
 import orjson
@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from sqlalchemy import func, select, update
 
 from app.config import EndpointConfig, Prices, Settings
-from app.store import callbacks
+from app.store import budgets, callbacks
 from app.store.db import Sessions
 from app.store.models import CallbackDelivery, Item, Job, TurnRow
 from tests.conftest import api_client, run_worker_burst
@@ -242,6 +242,26 @@ async def test_counters_lost_mid_job_are_rebuilt_from_the_turns_and_the_job_stop
         assert (int(counted[0]), float(counted[1])) == (5 * CALL_TOKENS, pytest.approx(5 * CALL_USD))
     finally:
         redis.close()
+
+
+async def test_a_rebuild_finished_twice_counts_the_turns_once(
+    settings: Settings, sessions: Sessions, redis: Redis
+) -> None:
+    """The pool sends a call again when its reply timed out, maybe after Redis ran it: the
+    second finish of a rebuild must not add the turns' sums again."""
+    spending = budgets.Spending(redis, sessions, f"{settings.redis_key_prefix}:test")
+    job_id = uuid4()
+    key = spending.key(job_id)
+    finish = redis.register_script(budgets._FINISH)
+    try:
+        assert await redis.register_script(budgets._READ)(keys=[key], args=[30_000]) == b"rebuild"
+        await spending.add(job_id, 7, 0.25)  # a turn added meanwhile
+        first = await finish(keys=[key], args=[100, "1.5", 60_000])
+        again = await finish(keys=[key], args=[100, "1.5", 60_000])
+    finally:
+        await redis.delete(key)
+    assert (int(first[0]), float(first[1])) == (107, 1.75)
+    assert (int(again[0]), float(again[1])) == (107, 1.75)
 
 
 async def test_turns_of_one_job_do_not_wait_for_its_row(

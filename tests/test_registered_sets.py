@@ -65,3 +65,17 @@ async def test_an_unknown_id_is_not_found_and_keeps_nothing(sessions: Sessions) 
             await by_id.get(session, unknown)
     await _forget_in_database(sessions, [known])
     assert await _kept(sessions, by_id, known), "a miss does not push out the row kept"
+
+
+async def test_a_row_kept_stays_readable_after_the_session_that_read_it_rolled_back(
+    sessions: Sessions,
+) -> None:
+    (row_id,) = await _policy_sets(sessions, 1)
+    by_id = ById(PolicySetRow, "policy set")
+    with pytest.raises(RuntimeError):
+        async with sessions.begin() as session:
+            await by_id.get(session, row_id)
+            raise RuntimeError("the caller's transaction fails after the read")
+    async with sessions.begin() as session:
+        kept = await by_id.get(session, row_id)
+    assert kept.policies == [{"name": "p0", "text": "rule 0"}]

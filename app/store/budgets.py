@@ -69,9 +69,12 @@ redis.call('hset', KEYS[1], 'tokens', 0, 'usd', 0, 'ready', 0)
 redis.call('pexpire', KEYS[1], ARGV[1])
 return 'rebuild'
 """
-# Finish it: the turns' sums join what was added meanwhile.
+# Finish it: the turns' sums join what was added meanwhile, once (a call sent again after its
+# reply was lost finds the counters ready and returns them).
 _FINISH = """
-if redis.call('exists', KEYS[1]) == 0 then return nil end
+local ready = redis.call('hget', KEYS[1], 'ready')
+if not ready then return nil end
+if ready == '1' then return redis.call('hmget', KEYS[1], 'tokens', 'usd') end
 local tokens = redis.call('hincrby', KEYS[1], 'tokens', ARGV[1])
 local usd = redis.call('hincrbyfloat', KEYS[1], 'usd', ARGV[2])
 redis.call('hset', KEYS[1], 'ready', 1)

@@ -91,6 +91,8 @@ class ById(Generic[Row]):
         row = await session.get(self._model, row_id)
         if row is None:
             raise NotFound(f"{self._what} {row_id} not found")
+        # Out of the session: its rollback would expire the row, unreadable to later callers.
+        session.expunge(row)
         self._rows[row_id] = row
         if len(self._rows) > self._keep:
             self._rows.popitem(last=False)
