@@ -37,7 +37,7 @@ async def bound_calls(pool: ArqRedis, timeout_s: float) -> None:
     # A connection keeps the options it was made with, reconnecting too: close those made
     # before (arq's ping and server info at start-up) and forget them, so none is used again.
     await connections.disconnect()
-    connections.reset()
+    connections.reset()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
 
 
 def arq_job_id(item_id: UUID, enqueues: int) -> str:
