@@ -339,6 +339,22 @@ async def test_a_task_without_an_item_id_is_refused(
     assert await stored(sessions) == []
 
 
+@pytest.mark.parametrize("annotation_id", [10**300, 2**63, -1], ids=["300-digits", "2^63", "negative"])
+async def test_an_annotation_id_no_label_studio_makes_is_refused_not_cut(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions, annotation_id: int
+) -> None:
+    """Stored as text of at most 200 characters, a longer id would be cut, and clash with
+    another annotation's."""
+    job_id = await graded_job(api, auth, settings)
+    body = fixture("label_studio_export.json", await item_ids(api, auth, job_id))
+    body[0]["annotations"][0]["id"] = annotation_id
+
+    response = await api.post(f"/v1/jobs/{job_id}/annotations/label-studio", json=body, headers=auth)
+
+    error_of(response, 422, "validation_error")
+    assert await stored(sessions) == []
+
+
 async def test_a_body_that_is_not_an_export_is_a_validation_error(
     api: httpx.AsyncClient, auth: Headers, settings: Settings
 ) -> None:

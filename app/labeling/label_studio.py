@@ -160,24 +160,30 @@ class ResultIn(_Loose):
     value: dict[str, Any]
 
 
+# Label Studio's ids are its database's 64-bit keys; a longer number is no id of its, and as
+# text (the annotation ids stored, up to 200 characters) it would be cut and clash with another.
+ToolId = Annotated[int, Field(ge=0, lt=2**63)]
+AnnotationId = ToolId | Annotated[str, Field(max_length=200)]
+
+
 class TaskRef(_Loose):
-    id: int
+    id: ToolId
 
 
 class AnnotationIn(_Loose):
-    id: int | Annotated[str, Field(max_length=200)]
+    id: AnnotationId
     completed_by: int | str | dict[str, Any] | None = None
     result: list[ResultIn] = Field(default_factory=list)
     was_cancelled: bool = False
     created_at: ToolTime
     updated_at: ToolTime | None = None
-    task: int | TaskRef | None = Field(default=None, description="The task, or its id (webhooks).")
+    task: ToolId | TaskRef | None = Field(default=None, description="The task, or its id (webhooks).")
 
 
 class TaskIn(_Loose):
     """A task of Label Studio's JSON export, with its annotations."""
 
-    id: int | None = None
+    id: ToolId | None = None
     data: dict[str, Any]
     annotations: list[AnnotationIn] = Field(default_factory=list)
 
@@ -185,7 +191,7 @@ class TaskIn(_Loose):
 class DeletedIn(_Loose):
     """A deleted annotation: Label Studio sends only its id."""
 
-    id: int | str
+    id: AnnotationId
 
 
 class WebhookIn(_Loose):
