@@ -6,6 +6,7 @@ Which rows are a job's is read from the models' metadata (every table with a for
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 from uuid import UUID
@@ -16,8 +17,9 @@ from redis.asyncio import Redis
 from sqlalchemy import Column, Table, func, or_, select, text, update
 
 from app.config import Settings
+from app.errors import NotFound
 from app.events import stream_key
-from app.store import deletions, keys
+from app.store import deletions, jobs, keys
 from app.store.db import Sessions
 from app.store.models import Base, Item, Job, PreferencePair, SampleEvaluation, TurnRow
 from tests.conftest import eventually, new_key, run_worker_burst, start_worker
@@ -222,6 +224,26 @@ async def test_a_deletion_cursor_out_of_range_is_refused(
 ) -> None:
     answer = await api.get("/v1/deletions", params={"before_id": before_id}, headers=auth)
     error_of(answer, 422, "validation_error")
+
+
+async def test_a_deletion_waits_for_a_transaction_adding_rows_that_name_the_job(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    """Comparisons, sample evaluations, reviews and relabels hold the job's row (jobs.hold)
+    until they commit: a deletion racing one waits and then sees its rows (409), or went
+    first and the other finds no job (404), instead of a foreign key's 500 half way."""
+    job_id = await finished_job(api, auth, settings)
+    async with sessions.begin() as session:
+        await jobs.hold(session, UUID(job_id))
+        deleting = asyncio.create_task(delete(api, auth, job_id))
+        await asyncio.sleep(0.5)
+        assert not deleting.done(), "the deletion went ahead while a transaction held the job"
+    assert (await deleting).status_code == 200
+
+    for to_change in (False, True):
+        with pytest.raises(NotFound):
+            async with sessions.begin() as session:
+                await jobs.hold(session, UUID(job_id), to_change=to_change)
 
 
 async def test_a_compared_job_is_refused_naming_its_comparisons_until_they_are_deleted(

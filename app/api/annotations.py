@@ -80,6 +80,7 @@ def import_out(report: imports.ImportReport) -> ImportOut:
 
 
 async def _imported(session: SessionDep, parsed: Parsed, job: Job) -> ImportOut:
+    await jobs.hold(session, job.id)  # a deletion of the job waits for the reviews, or went first
     report = await imports.record_reviews(session, parsed, owner_key_id=job.owner_key_id, job_id=job.id)
     await session.commit()
     return import_out(report)

@@ -72,6 +72,8 @@ async def create_comparison(
     callback = callbacks.requested(body.callback_url, settings)
     baseline = await jobs.get_owned(session, body.baseline_job_id, key.id)
     candidate = await jobs.get_owned(session, body.candidate_job_id, key.id)
+    for compared in (baseline, candidate):  # a deletion now waits for the comparison, and refuses
+        await jobs.hold(session, compared.id)
     base_policies = await policy_sets.by_id(session, baseline.policy_set_id)
     cand_policies = await policy_sets.by_id(session, candidate.policy_set_id)
     differences = comparison_mismatches(

@@ -207,6 +207,17 @@ async def get_owned(session: AsyncSession, job_id: UUID, owner_key_id: UUID) -> 
     return owned(await session.get(Job, job_id), job_id, owner_key_id)
 
 
+async def hold(session: AsyncSession, job_id: UUID, *, to_change: bool = False) -> None:
+    """Lock the job's row until the caller's transaction ends; NotFound if it is gone. A
+    deletion locks it first (FOR UPDATE), so it either waits for the rows the caller adds that
+    name the job (FOR KEY SHARE; or, `to_change`, for the caller's change of the row) and
+    then sees them, or has gone: never a foreign key's error half way."""
+    held = select(Job.id).where(Job.id == job_id)
+    held = held.with_for_update() if to_change else held.with_for_update(read=True, key_share=True)
+    if await session.scalar(held) is None:
+        raise NotFound(f"job {job_id} not found")
+
+
 def owned(job: Job | None, job_id: UUID, owner_key_id: UUID) -> Job:
     """`job` (the row read for `job_id`) if this key owns it; NotFound otherwise."""
     if job is None or job.owner_key_id != owner_key_id:
@@ -465,6 +476,7 @@ async def relabel(session: AsyncSession, job: Job, changes: dict[str, Any]) -> N
     """Set the job's `label` and/or `metadata` (the keys of `changes`; others stay as they are).
     The caller commits."""
     columns = {"label": "label", "metadata": "job_metadata"}
+    await hold(session, job.id, to_change=True)
     for name, value in changes.items():
         setattr(job, columns[name], value)
     await session.flush()
