@@ -52,8 +52,10 @@ CallbackUrl = Annotated[
 
 MAX_LABEL_CHARS = 100
 MAX_JOB_METADATA_BYTES = 8_192
-# One line of text without control characters: what a listing matches and a terminal shows.
-LABEL_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+# One line of text, not blank, without control characters or Unicode's line and paragraph
+# separators: what a listing matches and a terminal shows.
+_IN_LINE = r"[^\x00-\x1f\x7f\u0085\u2028\u2029]"
+LABEL_PATTERN = rf"^{_IN_LINE}*[^\s\x00-\x1f\x7f\u0085\u2028\u2029]{_IN_LINE}*$"
 Label = Annotated[
     str,
     Field(
