@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +31,7 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from app.deliberation.config import Limits
@@ -81,7 +81,8 @@ class Reply:
 
 @dataclass(frozen=True)
 class RawBody:
-    """Any JSON body with any status, for servers that answer in the wrong shape."""
+    """Any JSON body with any status, for servers that answer in the wrong shape; bytes are
+    sent as they are."""
 
     body: Any
     status: int = 200
@@ -105,9 +106,11 @@ class EchoError:
 
 @dataclass(frozen=True)
 class Stall:
-    """Wait this long (or until the client hangs up), then answer the default."""
+    """Wait this long (or until the client hangs up), then answer the default; `mid_body`:
+    send the headers and the first half of the body first, then wait."""
 
     seconds: float
+    mid_body: bool = False
 
 
 Behaviour = Reply | RawBody | HttpError | EchoError | Stall
@@ -161,8 +164,8 @@ def echo_error(status: int) -> EchoError:
     return EchoError(status)
 
 
-def stall(seconds: float) -> Stall:
-    return Stall(seconds)
+def stall(seconds: float, mid_body: bool = False) -> Stall:
+    return Stall(seconds, mid_body)
 
 
 def raw_body(body: Any, status: int = 200) -> RawBody:
@@ -395,6 +398,8 @@ class ScriptedLLM:
             self._state.max_in_flight = max(self._state.max_in_flight, self._state.in_flight)
         try:
             await _wait(request, self.latency_s)
+            if isinstance(behaviour, Stall) and behaviour.mid_body:
+                return _cut_short(self._answer(None, body, headers, received_at), behaviour.seconds)
             if isinstance(behaviour, Stall):
                 if await _wait(request, behaviour.seconds):
                     return Response(status_code=499)  # nobody is listening any more
@@ -441,6 +446,8 @@ class ScriptedLLM:
         headers: dict[str, str],
     ) -> tuple[Response, int]:
         """The response and the tokens its `usage` reports (0 when it has none)."""
+        if isinstance(behaviour, RawBody) and isinstance(behaviour.body, bytes):
+            return Response(behaviour.body, behaviour.status, media_type="application/json"), 0
         if isinstance(behaviour, RawBody):
             return JSONResponse(behaviour.body, status_code=behaviour.status), 0
         if isinstance(behaviour, EchoError):
@@ -542,6 +549,19 @@ def _estimate_usage(answer: Reply, body: dict[str, Any]) -> tuple[int, int]:
     prompt_chars = sum(len(str(m.get("content", ""))) for m in body.get("messages") or [])
     answer_chars = len(answer.content or answer.refusal or "")
     return prompt_chars // 4 + 1, answer_chars // 4 + 1
+
+
+def _cut_short(answer: Response, seconds: float) -> StreamingResponse:
+    """`answer`, its headers and half its body at once, the rest after `seconds`."""
+    whole = bytes(answer.body)
+
+    async def halves() -> AsyncIterator[bytes]:
+        yield whole[: len(whole) // 2]
+        await asyncio.sleep(seconds)  # Starlette cancels this when the client hangs up
+        yield whole[len(whole) // 2 :]
+
+    headers = {"content-length": str(len(whole))}
+    return StreamingResponse(halves(), answer.status_code, headers, answer.media_type)
 
 
 async def _wait(request: Request, seconds: float) -> bool:

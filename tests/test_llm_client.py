@@ -131,6 +131,20 @@ async def test_request_stalled_past_timeout_is_retried(
     assert len(scripted_llm.requests) == 2
 
 
+async def test_an_answer_stalled_half_way_through_its_body_is_retried(
+    client: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    """The timeout bounds the whole attempt, the body's reading included."""
+    scripted_llm.script("seed_cot", stall(5, mid_body=True))
+
+    started = time.monotonic()
+    answer = await client.chat(seed_request())
+
+    assert '"thoughts"' in answer.content
+    assert len(scripted_llm.requests) == 2
+    assert time.monotonic() - started < TIMEOUT_S + 2
+
+
 async def test_requests_stalled_on_every_attempt_end_in_llm_unavailable(
     client: OpenAICompatibleClient, scripted_llm: ScriptedLLM
 ) -> None:
@@ -225,6 +239,24 @@ async def test_cached_prompt_tokens_are_read_from_the_usage_details_and_a_bad_co
     for bad in (None, "64", True, -3, 6.5):
         scripted_llm.script("seed_cot", raw_body(answer(bad)))
         assert (await client.chat(seed_request())).cached_prompt_tokens == 0
+
+
+async def test_a_body_with_a_lone_surrogate_or_nan_is_read_as_json_reads_it(
+    client: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    """Valid for Python's json, refused by orjson: an answer, not a fault to retry."""
+    body = (
+        b'{"choices": [{"message": {"role": "assistant", "content": "a \\ud800 b"},'
+        b' "finish_reason": "stop"}],'
+        b' "usage": {"prompt_tokens": 7, "completion_tokens": 2, "score": NaN}}'
+    )
+    scripted_llm.script("seed_cot", raw_body(body))
+
+    answer = await client.chat(seed_request())
+
+    assert answer.content == "a \ud800 b"
+    assert (answer.prompt_tokens, answer.completion_tokens) == (7, 2)
+    assert len(scripted_llm.requests) == 1
 
 
 async def test_refusal_field_is_surfaced_with_empty_content(

@@ -32,14 +32,6 @@ from typing import Any
 import aiohttp
 import orjson
 from redis.exceptions import RedisError
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    RetryError,
-    before_sleep_log,
-    retry_if_exception_type,
-    stop_after_attempt,
-)
 
 from app.config import EndpointConfig
 from app.deliberation.budget import request_tokens
@@ -180,29 +172,31 @@ class OpenAICompatibleClient:
             unknown = f"unknown LLM endpoint {request.endpoint!r}"
             raise LLMRequestRejected(unknown, unknown)
         request = fitted(request, endpoint)
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(_TransientFault),
-            stop=stop_after_attempt(self._max_retries + 1),
-            wait=self._wait_before_retry,
-            before_sleep=before_sleep_log(logger, logging.WARNING),
-        )
-        try:
-            return await retrying(self._hedged, request, endpoint)
-        except RetryError as spent:
-            last = spent.last_attempt.exception()
-            attempts = spent.last_attempt.attempt_number
-            raise LLMUnavailable(
-                f"endpoint {request.endpoint!r} ({request.role}) gave no usable answer in "
-                f"{attempts} attempts; last fault: {last}",
-                f"{last.summary} ({attempts} attempts)" if isinstance(last, _TransientFault) else None,
-            ) from last
+        # A plain loop, not tenacity: its machinery around each attempt cost a worker 5 % of
+        # its CPU at hundreds of calls a second (bench/RESULTS.md, issue 12 target 4).
+        attempt = 1
+        while True:
+            try:
+                return await self._hedged(request, endpoint)
+            except _TransientFault as fault:
+                if attempt > self._max_retries:
+                    raise LLMUnavailable(
+                        f"endpoint {request.endpoint!r} ({request.role}) gave no usable answer in "
+                        f"{attempt} attempts; last fault: {fault}",
+                        f"{fault.summary} ({attempt} attempts)",
+                    ) from fault
+                wait_s = self._wait_before_retry(attempt, fault)
+                logger.warning(
+                    "retrying %s in %.2f s: attempt %d failed: %s", request.endpoint, wait_s, attempt, fault
+                )
+            await asyncio.sleep(wait_s)
+            attempt += 1
 
-    def _wait_before_retry(self, state: RetryCallState) -> float:
+    def _wait_before_retry(self, attempt: int, fault: _TransientFault) -> float:
         # Full jitter: uniform in [0, min(max, base * 2^(n-1))].
-        ceiling = self._backoff_base_s * 2 ** (state.attempt_number - 1)
+        ceiling = self._backoff_base_s * 2 ** (attempt - 1)
         wait = random.uniform(0, min(self._backoff_max_s, ceiling))
-        fault = state.outcome.exception() if state.outcome else None
-        if isinstance(fault, _TransientFault) and fault.retry_after_s is not None:
+        if fault.retry_after_s is not None:
             wait = max(wait, fault.retry_after_s)
         return wait
 
@@ -214,31 +208,37 @@ class OpenAICompatibleClient:
         if hedging is None:
             return await self._attempt(request, endpoint)
         loop = asyncio.get_running_loop()
-        wake = asyncio.Event()
+        wake: asyncio.Future[None] = loop.create_future()  # the first copy ended, or a hedge is due
         timers: list[asyncio.TimerHandle] = []
+
+        def woken(*_: object) -> None:
+            if not wake.done():
+                wake.set_result(None)
 
         def posted() -> None:
             delay = hedging.delay_s(request.endpoint, request.role, self._timeout_s)
             if delay is not None:
-                timers.append(loop.call_later(delay, wake.set))
+                timers.append(loop.call_later(delay, woken))
 
         first = asyncio.create_task(self._attempt(request, endpoint, posted))
-        first.add_done_callback(lambda _: wake.set())
+        first.add_done_callback(woken)
         copies = [first]
         try:
-            await wake.wait()
-            if not first.done():
-                sent = hedging.spend()
-                LLM_HEDGES.labels(request.endpoint, request.role, "sent" if sent else "no_budget").inc()
-                if sent:
-                    copies.append(asyncio.create_task(self._attempt(request, endpoint)))
+            await wake
+            if first.done():  # nearly always: answered before a hedge was due
+                return first.result()
+            sent = hedging.spend()
+            LLM_HEDGES.labels(request.endpoint, request.role, "sent" if sent else "no_budget").inc()
+            if sent:
+                copies.append(asyncio.create_task(self._attempt(request, endpoint)))
             return await _first_answer(copies)
         finally:
             for timer in timers:
                 timer.cancel()
-            for copy in copies:
-                copy.cancel()  # a no-op on those done; a copy's slot is released as it ends
-            await asyncio.gather(*copies, return_exceptions=True)
+            if len(copies) > 1 or not first.done():
+                for copy in copies:
+                    copy.cancel()  # a no-op on those done; a copy's slot is released as it ends
+                await asyncio.gather(*copies, return_exceptions=True)
 
     async def _attempt(
         self, request: ChatRequest, endpoint: EndpointConfig, posted: Callable[[], None] | None = None
@@ -294,15 +294,14 @@ class OpenAICompatibleClient:
     async def _post(self, request: ChatRequest, endpoint: EndpointConfig) -> _Answer:
         """One HTTP attempt, read to the end; transport faults become _TransientFault."""
         try:
-            # Bounds the whole attempt, connecting and reading included.
-            async with asyncio.timeout(self._timeout_s):
-                async with self._http().post(
-                    f"{endpoint.base_url.rstrip('/')}/chat/completions",
-                    data=orjson.dumps(chat_payload(request, endpoint)),  # a tenth of json.dumps' CPU
-                    headers=_headers(endpoint),
-                ) as response:
-                    body = await response.read()
-                    return _Answer(response.status, response.headers, body)
+            # The session's total timeout bounds the whole attempt, connecting and reading included.
+            async with self._http().post(
+                f"{endpoint.base_url.rstrip('/')}/chat/completions",
+                data=orjson.dumps(chat_payload(request, endpoint)),  # a tenth of json.dumps' CPU
+                headers=_headers(endpoint),
+            ) as response:
+                body = await response.read()
+                return _Answer(response.status, response.headers, body)
         except aiohttp.InvalidURL as error:
             raise LLMRequestRejected(
                 f"bad base_url for {request.endpoint!r}: {error}",
@@ -481,12 +480,21 @@ class UnreadableCompletion(ValueError):
 def _parse_reply(answer: _Answer, request: ChatRequest, latency_ms: float) -> ChatReply:
     # A 200 of the wrong shape is a proxy or server hiccup, not an answer: retry it.
     try:
-        return completion_reply(json.loads(answer.body), request.model, latency_ms, request.logprobs)
+        return completion_reply(_decoded(answer.body), request.model, latency_ms, request.logprobs)
     except (ValueError, UnreadableCompletion) as error:
         raise _TransientFault(
             f"unexpected 200 body ({error}): {answer.text[:_ERROR_BODY_CHARS]}",
             f"the LLM endpoint {request.endpoint!r} answered HTTP 200 without a chat completion",
         ) from error
+
+
+def _decoded(body: bytes) -> Any:
+    """The JSON body, by orjson (a quarter of json's CPU); what orjson refuses and json reads (a
+    lone surrogate, NaN) is read as before, by json."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return json.loads(body)
 
 
 def completion_reply(body: Any, model: str, latency_ms: float, logprobs: bool = False) -> ChatReply:
