@@ -8,7 +8,7 @@ import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any
 from uuid import UUID
 
@@ -207,5 +207,26 @@ class Caller:
 
 
 def _request_hash(request: ChatRequest) -> str:
-    body = [request.model, request.messages, request.schema_name, request.temperature, request.max_tokens]
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    """The sha256 of `json.dumps([model, messages, schema_name, temperature, max_tokens],
+    sort_keys=True)`, as every stored turn has it, written out here so that long texts (the
+    system message: policies and instructions, the same for many calls) are encoded once."""
+    messages = ", ".join(
+        "{" + ", ".join(f"{json.dumps(key)}: {_text(value)}" for key, value in sorted(message.items())) + "}"
+        for message in request.messages
+    )
+    model = json.dumps(request.model)
+    rest = ", ".join(json.dumps(v) for v in (request.schema_name, request.temperature, request.max_tokens))
+    body = f"[{model}, [{messages}], {rest}]"
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+_LONG_TEXT = 1_000
+
+
+def _text(value: str) -> str:
+    return _long_text(value) if len(value) >= _LONG_TEXT else json.dumps(value)
+
+
+@lru_cache(maxsize=64)
+def _long_text(value: str) -> str:
+    return json.dumps(value)
