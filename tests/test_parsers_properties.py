@@ -363,3 +363,18 @@ async def test_whatever_a_stage_replies_the_item_completes_or_fails_naming_that_
     if not isinstance(result, Completed):
         assert result.code in ("unparseable_output", "agent_refused")
         assert result.stage == stage
+
+
+# --- fences -------------------------------------------------------------------------------------
+
+_FENCED = st.lists(
+    st.sampled_from(["```", "`", "json", "JSON", " ", "\n", "\t", "\u2003", "{", "}", '"a"', ":", "1", "x"]),
+    max_size=12,
+).map("".join)
+
+
+@settings(max_examples=500, deadline=None, derandomize=True, database=None)
+@given(_FENCED)
+def test_a_fence_is_taken_off_as_the_one_expression_for_both_ends_did(text: str) -> None:
+    both_ends = re.compile(r"^```(?:json)?\s*|\s*```$", re.IGNORECASE)  # what it replaced
+    assert parsing.unfenced(text) == both_ends.sub("", text.strip())

@@ -18,7 +18,7 @@ from app.deliberation.ports import ChatReply, TokenLogprobs, TurnOutcome
 from app.deliberation.results import METRICS
 from app.deliberation.schemas import DROP_REASONS, INTENT_LABELS
 
-_FENCE = re.compile(r"^```(?:json)?\s*|\s*```$", re.IGNORECASE)
+_OPENING_FENCE = re.compile(r"```(?:json)?\s*", re.IGNORECASE)
 _REFUSAL = re.compile(
     r"^\W*(i'?m sorry|i am sorry|sorry,|i can(?:no|')t|i cannot|i won'?t|i will not|"
     r"i am (?:not able|unable)|i'?m (?:not able|unable)|as an ai\b|i must decline|"
@@ -39,7 +39,7 @@ class MalformedOutput(ValueError):
 
 def extract_json(text: str) -> dict[str, Any]:
     """The first JSON object in `text`, tolerating fences and chatter around it."""
-    stripped = _FENCE.sub("", text.strip())
+    stripped = unfenced(text)
     start = stripped.find("{")
     if start < 0:
         raise MalformedOutput("no JSON object in the reply")
@@ -50,6 +50,17 @@ def extract_json(text: str) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise MalformedOutput(f"invalid JSON ({exc.msg} at char {exc.pos})") from exc
     return value
+
+
+def unfenced(text: str) -> str:
+    """`text` stripped, without a Markdown fence at its start or its end. (One regular
+    expression for both ends searched every position of the text for the closing fence:
+    four fifths of the time a stage took to read a reply.)"""
+    text = text.strip()
+    opening = _OPENING_FENCE.match(text)
+    if opening:
+        text = text[opening.end() :]
+    return text[:-3].rstrip() if text.endswith("```") else text
 
 
 def looks_like_refusal(text: str) -> bool:
