@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import timedelta
 from typing import Any
 from uuid import UUID, uuid4
@@ -34,7 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
 from app.costs import Budget
-from app.deliberation.results import Completed, Evaluated, Judged, PairOutcome, PairTry, Sample
+from app.deliberation.results import Completed, Evaluated, Judged, PairOutcome, PairTry, Sample, Thought
 from app.plan import JobPlan, read_plan
 from app.store import callbacks, policy_sets, prompt_sets
 from app.store.db import Sessions, driver_connection
@@ -359,6 +359,9 @@ def _new_row_of(claim: Claim) -> dict[str, Any]:
     return {"id": uuid4(), "job_id": claim.job_id, "position": claim.position}
 
 
+_THOUGHT_FIELDS = tuple(f.name for f in fields(Thought))
+
+
 def _cot_row(claim: Claim, result: Completed) -> dict[str, Any]:
     grade, gate = result.grade, result.gate
     return {
@@ -370,7 +373,8 @@ def _cot_row(claim: Claim, result: Completed) -> dict[str, Any]:
         "prompt_set_name": claim.prompt_set.name,
         "prompt_set_version": claim.prompt_set.version,
         "intents": result.intents,
-        "thoughts": [asdict(t) for t in result.thoughts],
+        # Not asdict (a deep copy, 1 % of a worker's CPU): a thought's fields are flat.
+        "thoughts": [{name: getattr(t, name) for name in _THOUGHT_FIELDS} for t in result.thoughts],
         "refined_thoughts": result.refined_thoughts,
         "dropped_thoughts": result.dropped,
         "unaccounted_thought_ids": result.unaccounted,
