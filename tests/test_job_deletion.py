@@ -20,6 +20,7 @@ from app.config import Settings
 from app.errors import NotFound
 from app.events import stream_key
 from app.store import deletions, jobs, keys
+from app.store.annotations import reviewed_cots
 from app.store.db import Sessions
 from app.store.models import Base, Item, Job, PreferencePair, SampleEvaluation, TurnRow
 from tests.conftest import eventually, new_key, run_worker_burst, start_worker
@@ -244,6 +245,27 @@ async def test_a_deletion_waits_for_a_transaction_adding_rows_that_name_the_job(
         with pytest.raises(NotFound):
             async with sessions.begin() as session:
                 await jobs.hold(session, UUID(job_id), to_change=to_change)
+
+
+async def test_a_deletion_waits_for_reviews_read_against_the_jobs_cots(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    """A webhook's delivery names items, not a job: reading their CoTs holds their jobs'
+    rows, so a deletion racing the delivery waits for its reviews, or went first."""
+    job_id = await finished_job(api, auth, settings)
+    items = set(await item_ids_of(sessions, job_id))
+    async with sessions() as session:
+        owner = await session.scalar(select(Job.owner_key_id).where(Job.id == UUID(job_id)))
+    assert owner is not None
+    async with sessions.begin() as session:
+        assert (await reviewed_cots(session, items, owner, None)).keys() == items
+        deleting = asyncio.create_task(delete(api, auth, job_id))
+        await asyncio.sleep(0.5)
+        assert not deleting.done(), "the deletion went ahead while reviews were being added"
+    assert (await deleting).status_code == 200
+
+    async with sessions.begin() as session:
+        assert await reviewed_cots(session, items, owner, None) == {}
 
 
 async def test_a_compared_job_is_refused_naming_its_comparisons_until_they_are_deleted(

@@ -247,7 +247,9 @@ class ReviewedCot(NamedTuple):
 async def reviewed_cots(
     session: AsyncSession, item_ids: set[UUID], owner_key_id: UUID, job_id: UUID | None
 ) -> dict[UUID, ReviewedCot]:
-    """The CoTs of these items that are the owner's (and of `job_id`, when given), by item."""
+    """The CoTs of these items that are the owner's (and of `job_id`, when given), by item.
+    Their jobs' rows are held until the caller's transaction ends (as `jobs.hold` holds one),
+    so a deletion of one waits for the reviews the caller adds, or went first."""
     if not item_ids:
         return {}
     ids = bindparam("item_ids", list(item_ids), type_=ARRAY(PG_UUID(as_uuid=True)))
@@ -255,6 +257,7 @@ async def reviewed_cots(
         select(Cot.item_id, Cot.job_id, func.jsonb_array_length(Cot.refined_thoughts), Cot.response)
         .join(Job, Job.id == Cot.job_id)
         .where(Cot.item_id == any_(ids), Job.owner_key_id == owner_key_id)
+        .with_for_update(of=Job, read=True, key_share=True)
     )
     if job_id is not None:
         query = query.where(Cot.job_id == job_id)
