@@ -353,6 +353,16 @@ async def test_preference_pairs_filter_by_kept_and_min_gap(
     assert [positions(page) for page in pages] == [[0], [3]]
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+async def test_a_gap_that_is_no_number_is_refused_as_such(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions, value: str
+) -> None:
+    job_id = await finished_job(api, auth, sessions, [completed(a_grade(), kept_pair())], PAIRED)
+    for path in (f"/v1/jobs/{job_id}/preference-pairs", f"/v1/jobs/{job_id}/export"):
+        answer = await api.get(path, headers=auth, params={"min_gap": value, "format": "trl_dpo"})
+        assert "finite number" in error_of(answer, 422, "validation_error")["message"], path
+
+
 async def test_a_scoped_key_reads_every_try_and_the_rejected_side(
     api: httpx.AsyncClient, scoped: Headers, sessions: Sessions
 ) -> None:

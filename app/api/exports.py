@@ -74,6 +74,7 @@ async def export_job(
         Query(
             ge=-4,
             le=4,
+            allow_inf_nan=False,  # NaN would be refused as "at most 4"
             description="Pair formats (`trl_dpo`): only pairs with at least this policy-faithfulness gap. "
             "Default: the job's `pairs.min_gap`.",
         ),

@@ -269,6 +269,7 @@ async def list_preference_pairs(
         Query(
             ge=-4,
             le=4,
+            allow_inf_nan=False,  # NaN would be refused as "at most 4"
             description="Only pairs with at least this policy-faithfulness gap, kept at it. Default: "
             "no gap filter, and pairs are kept at the job's `pairs.min_gap`.",
         ),
