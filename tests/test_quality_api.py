@@ -1180,4 +1180,4 @@ async def test_two_judges_report_each_ones_verdicts_and_how_far_they_agree(
     assert models == ["judge-one", "judge-one", "judge-two", "judge-two"] * 4
     async with sessions() as session:
         rows = await session.execute(select(Judgement.judge, func.count()).group_by(Judgement.judge))
-        assert dict(rows.tuples().all()) == {0: 4, 1: 4}
+        assert {judge: n for judge, n in rows} == {0: 4, 1: 4}

@@ -208,10 +208,10 @@ class Caller:
 
 def _request_hash(request: ChatRequest) -> str:
     """The sha256 of `json.dumps([model, messages, schema_name, temperature, max_tokens],
-    sort_keys=True)`, as every stored turn has it, written out here so that long texts (the
-    system message: policies and instructions, the same for many calls) are encoded once."""
+    sort_keys=True)`, as every stored turn has it, written out here so that the system
+    message (policies and instructions: kilobytes, the same for many calls) is encoded once."""
     messages = ", ".join(
-        "{" + ", ".join(f"{json.dumps(key)}: {_text(value)}" for key, value in sorted(message.items())) + "}"
+        "{" + ", ".join(f"{json.dumps(key)}: {_value(message, key)}" for key in sorted(message)) + "}"
         for message in request.messages
     )
     model = json.dumps(request.model)
@@ -220,13 +220,13 @@ def _request_hash(request: ChatRequest) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
-_LONG_TEXT = 1_000
-
-
-def _text(value: str) -> str:
-    return _long_text(value) if len(value) >= _LONG_TEXT else json.dumps(value)
+def _value(message: dict[str, str], key: str) -> str:
+    value = message[key]
+    if key == "content" and message.get("role") == "system" and isinstance(value, str):
+        return _system_text(value)
+    return json.dumps(value, sort_keys=True)
 
 
 @lru_cache(maxsize=64)
-def _long_text(value: str) -> str:
-    return json.dumps(value)
+def _system_text(text: str) -> str:
+    return json.dumps(text)

@@ -187,7 +187,8 @@ class OpenAICompatibleClient:
                     ) from fault
                 wait_s = self._wait_before_retry(attempt, fault)
                 logger.warning(
-                    "retrying %s in %.2f s: attempt %d failed: %s", request.endpoint, wait_s, attempt, fault
+                    "retrying %s (%s) in %.2f s: attempt %d failed (%s): %s",
+                    *(request.endpoint, request.role, wait_s, attempt, fault.kind, fault),
                 )
             await asyncio.sleep(wait_s)
             attempt += 1
@@ -239,6 +240,8 @@ class OpenAICompatibleClient:
                 for copy in copies:
                     copy.cancel()  # a no-op on those done; a copy's slot is released as it ends
                 await asyncio.gather(*copies, return_exceptions=True)
+            elif not first.cancelled():
+                first.exception()  # read, if this was cancelled before it could be raised
 
     async def _attempt(
         self, request: ChatRequest, endpoint: EndpointConfig, posted: Callable[[], None] | None = None
@@ -490,7 +493,8 @@ def _parse_reply(answer: _Answer, request: ChatRequest, latency_ms: float) -> Ch
 
 def _decoded(body: bytes) -> Any:
     """The JSON body, by orjson (a quarter of json's CPU); what orjson refuses and json reads (a
-    lone surrogate, NaN) is read as before, by json."""
+    lone surrogate, NaN) is read as before, by json. (orjson reads an integer past 64 bits as a
+    float, json as an int: no count in a reply is that large.)"""
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError:

@@ -15,8 +15,9 @@ from the turns when missing (a Redis restart, expiry, or a changed budget, which
 A rebuild creates the counters before summing the turns, so a turn is never missed: one
 recorded while the sum runs may be counted twice, which can stop a job early by at most its
 calls in flight, never late. So may a turn whose add the Redis client sent again after a
-connection dropped before the answer came (the client tries a connection error once more). Raising (or removing) the budget puts the parked items back in
-the queue; they resume from their turns.
+connection dropped before the answer came (the client tries a connection error once more).
+Raising (or removing) the budget puts the parked items back in the queue; they resume from
+their turns.
 """
 
 from __future__ import annotations
