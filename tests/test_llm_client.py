@@ -259,6 +259,21 @@ async def test_a_body_with_a_lone_surrogate_or_nan_is_read_as_json_reads_it(
     assert len(scripted_llm.requests) == 1
 
 
+async def test_a_token_count_too_large_for_an_integer_is_a_bad_body_retried(
+    client: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    body = (
+        b'{"choices": [{"message": {"role": "assistant", "content": "{}"}, "finish_reason": "stop"}],'
+        b' "usage": {"prompt_tokens": 1e400, "completion_tokens": 2}}'
+    )
+    scripted_llm.script("seed_cot", raw_body(body))
+
+    answer = await client.chat(seed_request())
+
+    assert '"thoughts"' in answer.content  # the default answer, to the retry
+    assert len(scripted_llm.requests) == 2
+
+
 async def test_refusal_field_is_surfaced_with_empty_content(
     client: OpenAICompatibleClient, scripted_llm: ScriptedLLM
 ) -> None:

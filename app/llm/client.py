@@ -515,7 +515,7 @@ def completion_reply(body: Any, model: str, latency_ms: float, logprobs: bool = 
         prompt_tokens = int(usage.get("prompt_tokens") or 0)
         completion_tokens = int(usage.get("completion_tokens") or 0)
         model = body.get("model") or model
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, OverflowError) as error:
         raise UnreadableCompletion(f"{type(error).__name__}: {error}") from error
     if not all(isinstance(v, str | None) for v in (content, refusal, finish_reason, model)):
         raise UnreadableCompletion(f"unexpected field types: {repr(body)[:_ERROR_BODY_CHARS]}")
