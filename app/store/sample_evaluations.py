@@ -67,8 +67,9 @@ async def submit(
     )
     if plan.against_job_id is not None:
         await jobs.hold(session, plan.against_job_id)  # a deletion of it waits, then refuses
-    if plan.against_job_id is not None and not await _link_other_set(session, job.id, plan.against_job_id):
-        raise NoCommonPrompts(f"job {plan.against_job_id} has a sample of none of these prompts (exact text)")
+        if not await _link_other_set(session, job.id, plan.against_job_id):
+            none = f"job {plan.against_job_id} has a sample of none of these prompts (exact text)"
+            raise NoCommonPrompts(none)
     return job, ids
 
 
