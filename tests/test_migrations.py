@@ -522,3 +522,58 @@ async def test_pairs_below_their_jobs_min_gap_become_made_pairs_and_not_kept_aga
         assert await connection.fetchval("SELECT to_regclass('pair_candidates')") is None
     finally:
         await connection.close()
+
+
+async def test_every_compressible_column_is_lz4_after_upgrade_and_the_default_again_after_downgrade(
+    old_database: tuple[Config, str],
+) -> None:
+    """A table or column added later must say `COMPRESSION lz4` too (see migration 0024)."""
+    config, dsn = old_database
+    await asyncio.to_thread(command.upgrade, config, "head")
+    connection = await asyncpg.connect(dsn)
+    columns = """
+        SELECT c.relname || '.' || a.attname AS name, a.attcompression::text AS method
+        FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_type t ON t.oid = a.atttypid
+        WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind = 'r'
+          AND c.relname <> 'alembic_version' AND a.attnum > 0 AND NOT a.attisdropped
+          AND t.typstorage IN ('x', 'm')
+        ORDER BY 1
+    """
+    try:
+        upgraded = {row["name"]: row["method"] for row in await connection.fetch(columns)}
+        assert {"turns.raw_output", "turns.parsed", "cots.response", "items.prompt"} <= upgraded.keys()
+        assert {name for name, method in upgraded.items() if method != "l"} == set()
+
+        # A value over the size Postgres compresses at is stored with lz4.
+        owner, policy_set, job, item = uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+        await connection.execute(
+            "INSERT INTO api_keys (id, name, prefix, key_hash) VALUES ($1, 'k', 'p', 'h')", owner
+        )
+        await connection.execute(
+            "INSERT INTO policy_sets (id, owner_key_id, name, version, description, policies) "
+            "VALUES ($1, $2, 'p', 'v', '', '[]')",
+            policy_set,
+            owner,
+        )
+        await connection.execute(
+            "INSERT INTO jobs (id, owner_key_id, policy_set_id, plan, request_hash, item_count) "
+            "VALUES ($1, $2, $3, '{}', 'h', 1)",
+            job,
+            owner,
+            policy_set,
+        )
+        await connection.execute(
+            "INSERT INTO items (id, job_id, position, prompt, metadata, status, stage, attempts, failures, "
+            "enqueues) VALUES ($1, $2, 0, $3, '{}', 'queued', 'intents', 0, 0, 1)",
+            item,
+            job,
+            "a prompt long enough to be compressed " * 200,
+        )
+        assert await connection.fetchval("SELECT pg_column_compression(prompt) FROM items") == "lz4"
+
+        await asyncio.to_thread(command.downgrade, config, "0023_workbench_rest")
+        downgraded = {row["name"]: row["method"] for row in await connection.fetch(columns)}
+        assert downgraded.keys() == upgraded.keys()
+        assert set(downgraded.values()) == {""}  # none set: the server's default_toast_compression
+    finally:
+        await connection.close()
