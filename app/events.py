@@ -22,7 +22,9 @@ from typing import Any
 from uuid import UUID
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
+from redis.typing import EncodableT, FieldT
 from sqlalchemy import select
 
 from app.config import Settings
@@ -45,7 +47,7 @@ class ItemFinished:
     status: str
     error_code: str | None
 
-    def fields(self) -> dict[str, str]:
+    def fields(self) -> dict[FieldT, EncodableT]:  # as XADD takes them: str keys and values
         return {k: "" if v is None else str(v) for k, v in asdict(self).items()}
 
     @classmethod
@@ -80,19 +82,13 @@ def _never_sent() -> InvalidCursor:
 # --- the worker side ----------------------------------------------------------------------
 
 
-async def announce_item_finished(redis: Redis, settings: Settings, job_id: UUID, event: ItemFinished) -> None:
-    """Append the item's end to its job's stream. Best effort: a follower that misses it
-    catches up from Postgres, so a Redis fault is logged, never raised."""
+def announce_item_finished(pipe: Pipeline, settings: Settings, job_id: UUID, event: ItemFinished) -> None:
+    """Append the item's end to its job's stream, in the transaction `pipe` that ends the item's
+    arq job (workers/queue_worker.py): one round trip for both. A follower that misses it (the
+    transaction failed, Redis lost the stream) catches up from Postgres."""
     key = stream_key(settings, job_id)
-    try:
-        async with redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(key, event.fields(), maxlen=settings.events_stream_max_len, approximate=True)
-            pipe.expire(key, settings.events_stream_ttl_s)
-            await pipe.execute()
-    except Exception:
-        log.warning(
-            "could not announce item %s; followers catch up from Postgres", event.item_id, exc_info=True
-        )
+    pipe.xadd(key, event.fields(), maxlen=settings.events_stream_max_len, approximate=True)
+    pipe.expire(key, settings.events_stream_ttl_s)
 
 
 # --- the API side -------------------------------------------------------------------------

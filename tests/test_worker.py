@@ -20,6 +20,7 @@ from arq.utils import timestamp_ms
 from sqlalchemy import func, select
 
 from app.config import Settings
+from app.events import stream_key
 from app.queue import arq_job_id
 from app.store import items
 from app.store.db import Sessions
@@ -484,3 +485,36 @@ async def test_a_worker_logs_no_line_for_every_item_it_runs(
     arq_lines = [record.getMessage() for record in caplog.records if record.name == "arq.worker"]
     assert any("Starting worker" in line for line in arq_lines)  # its other lines stay
     assert not [line for line in arq_lines if str(item.id) in line]
+
+
+async def test_an_items_progress_event_and_its_jobs_record_go_with_its_arq_jobs_end_in_one_transaction(
+    api: httpx.AsyncClient, auth: dict[str, str], settings: Settings, arq_redis: ArqRedis
+) -> None:
+    """Three round trips per item were one: followers hear of the end exactly when arq ends
+    the job, and the record that kept the job the worker's goes in the same breath."""
+    job_id = UUID(await submit(api, auth, ["a"]))
+    stream = stream_key(settings, job_id)
+    end = f"test:{uuid4().hex}:end"
+    async with arq_redis.monitor() as monitor:
+        await run_worker_burst(settings)
+        await arq_redis.echo(end)
+        sent = []
+        while end not in (command := await monitor.next_command())["command"]:
+            if command["client_type"] != "lua":
+                sent.append(command["command"].split())
+
+    lines = [" ".join(words) for words in sent]
+    names = [words[0].upper() for words in sent]
+    (xadd,) = [at for at, line in enumerate(lines) if names[at] == "XADD" and stream in line]
+    begun = max(at for at in range(xadd) if names[at] == "MULTI")
+    ended = xadd + names[xadd:].index("EXEC")
+
+    def sent_to(name: str, key: str, span: range) -> bool:
+        return any(names[at] == name and key in lines[at] for at in span)
+
+    inside, before, after = range(begun, ended), range(begun), range(ended, len(sent))
+    assert sent_to("ZREM", settings.queue_name, inside)  # arq's end of the job
+    assert sent_to("EXPIRE", stream, inside)
+    taken = liveness.taken_key(settings)
+    assert sent_to("HDEL", taken, inside)
+    assert not sent_to("HDEL", taken, before) and not sent_to("HDEL", taken, after)

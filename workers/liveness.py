@@ -16,7 +16,8 @@ trusts no missing heartbeat for one TTL, while the live workers set their keys a
 Before its claim, an item is held only by its arq job, which arq marks in progress (of no
 worker) for its job timeout when a worker takes it; a worker may hold many such jobs while
 their claims wait for a database connection. Each is recorded under its worker in the same
-script call that marks it (`workers.queue_worker.QueueWorker`), until the job ends (`job_ended`), so
+script call that marks it (`workers.queue_worker.QueueWorker`), until the job ends (its record
+goes in the transaction that ends it, `QueueWorker.finish_job`, or by `job_ended`), so
 that the sweeper gives back a dead worker's unclaimed items with its running ones instead of
 after the grace for lost arq jobs, and keeps a live worker's however long its claims wait. A
 record whose job is no longer in progress (its HDEL failed) is dropped by the sweeper, or it
@@ -85,7 +86,7 @@ async def stop(redis: Redis, settings: Settings, worker_id: UUID, heartbeat: asy
 
 
 async def job_ended(redis: Redis, settings: Settings, job_id: str) -> None:
-    """The arq job the worker took has ended: its record goes."""
+    """The arq job the worker took ended without running (arq's finish_failed_job): its record goes."""
     try:
         await redis.hdel(taken_key(settings), job_id)
     except Exception:  # the sweeper drops a record whose job is no longer in progress

@@ -56,7 +56,7 @@ from app.store.turn_log import PostgresTurnLog
 from app.store.turn_writer import TurnWriter
 from workers import liveness, waves
 from workers.llm_limits import llm_limiter, llm_redis
-from workers.queue_worker import WORKER_ID, QueueWorker, every_job_started_and_done
+from workers.queue_worker import ITEM_ENDINGS, WORKER_ID, QueueWorker, every_job_started_and_done
 from workers.sweeper import sweep
 
 log = logging.getLogger("aidsafe.worker")
@@ -178,38 +178,28 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     await worker.db.dispose()
 
 
-async def run_item(ctx: dict[str, Any], item_id: str) -> str:
-    """Claim the item, run or resume its deliberation (or judgement), and record how it ended."""
-    with logs.ids(item_id=item_id):
-        return await _run_item(_worker(ctx), ctx["job_id"], item_id)
-
-
-async def _run_item(worker: Worker, job_id: str, item_id: str) -> str:
-    # Until the claim, only the record QueueWorker made when it took the job tells the
-    # sweeper whose the job arq marked in progress.
-    claim = await items.claim(worker.sessions, UUID(item_id), _limits(worker.settings), worker.worker_id)
-    if claim is None:
-        return "nothing to do"
-    with logs.ids(job_id=str(claim.job_id)):
-        return await _run_claimed(worker, claim)
-
-
 LEASE_LOST = "lease lost"  # how a run ends that finds another worker holding its item
 
 
-async def _run_claimed(worker: Worker, claim: items.Claim) -> str:
-    ending = await _process_claimed(worker, claim)
-    outcome = LEASE_LOST if ending is None else ending.status.value
-    ITEMS_FINISHED.labels(outcome).inc()
-    if ending is not None:
-        await _announce(worker, claim, ending)
-    return outcome
-
-
-async def _announce(worker: Worker, claim: items.Claim, ending: Ending) -> None:
-    """Followers of the job's progress events hear that the item ended (best effort)."""
-    event = events.ItemFinished(str(claim.item_id), claim.position, ending.status.value, ending.error_code)
-    await events.announce_item_finished(worker.redis, worker.settings, claim.job_id, event)
+async def run_item(ctx: dict[str, Any], item_id: str) -> str:
+    """Claim the item, run or resume its deliberation (or judgement), and record how it ended.
+    Its followers hear of the end with the end of its arq job (QueueWorker.finish_job)."""
+    with logs.ids(item_id=item_id):
+        worker = _worker(ctx)
+        # Until the claim, only the record QueueWorker made when it took the job tells the
+        # sweeper whose the job arq marked in progress.
+        claim = await items.claim(worker.sessions, UUID(item_id), _limits(worker.settings), worker.worker_id)
+        if claim is None:
+            return "nothing to do"
+        with logs.ids(job_id=str(claim.job_id)):
+            ending = await _process_claimed(worker, claim)
+        outcome = LEASE_LOST if ending is None else ending.status.value
+        ITEMS_FINISHED.labels(outcome).inc()
+        if ending is not None:
+            status, code = ending.status.value, ending.error_code
+            event = events.ItemFinished(str(claim.item_id), claim.position, status, code)
+            ctx[ITEM_ENDINGS][ctx["job_id"]] = (claim.job_id, event)
+        return outcome
 
 
 Result = Completed | list[Judged] | Evaluated | JudgedAnswer | Failed

@@ -5,16 +5,26 @@ from __future__ import annotations
 
 import logging
 from typing import Any
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 from arq import Worker as ArqWorker
-from arq.constants import in_progress_key_prefix
+from arq.constants import (
+    abort_jobs_ss,
+    in_progress_key_prefix,
+    job_key_prefix,
+    result_key_prefix,
+    retry_key_prefix,
+)
 from arq.utils import timestamp_ms, to_ms
 
+from app import events
 from app.config import Settings
 from workers import liveness
 
 WORKER_ID = "worker_id"  # in arq's ctx from the start: the worker records the jobs it takes under it
+# In arq's ctx: arq job id -> (the item's job id, its progress event), put there by the job's
+# function as the item ends, sent by finish_job with the arq job's end.
+ITEM_ENDINGS = "item_endings"
 
 
 # KEYS: the queue, the taken jobs' record (workers/liveness.py), this call's answer. ARGV:
@@ -63,6 +73,8 @@ class QueueWorker(ArqWorker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.started_scores: dict[str, int] = {}  # each running job's score in the queue at its start
+        self.item_endings: dict[str, tuple[UUID, events.ItemFinished]] = {}
+        self.ctx[ITEM_ENDINGS] = self.item_endings
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         free = self.max_jobs - self.job_counter
@@ -91,10 +103,6 @@ class QueueWorker(ArqWorker):
             await super().run_job(job_id, score)
         finally:
             del self.started_scores[job_id]
-        # However it ended: arq ends a job whose key expired without running it, and a record
-        # left under a live worker would keep the sweeper from the item for as long as it lives.
-        # (A worker stopped mid-job keeps it: the sweeper hands the item back as a dead one's.)
-        await liveness.job_ended(self.pool, self.ctx["settings"], job_id)
 
     async def finish_job(
         self,
@@ -106,21 +114,42 @@ class QueueWorker(ArqWorker):
         incr_score: int | None,
         keep_in_progress: float | None,
     ) -> None:
-        """arq's, but a job tried again later (Retry) gets its new score set, not added: arq's
-        ZINCRBY, sent again by the pool after a reply that timed out, would push the job back by
-        the whole time it had waited in the queue a second time."""
-        started_at = self.started_scores.get(job_id)
-        if finish or not incr_score or started_at is None:
-            args = (result_data, result_timeout_s, keep_result_forever, incr_score, keep_in_progress)
-            await super().finish_job(job_id, finish, *args)
-            return
+        """arq's end of a job (arq is pinned), with three changes. In the same transaction, the
+        worker's record of the job goes: left under a live worker, it would keep the sweeper
+        from the item for as long as that worker lives. So does the item's progress event, if
+        the item ended: one round trip where there were three. And a job tried again later
+        (Retry) gets its new score set, not added: arq's ZINCRBY, sent again by the pool after a
+        reply that timed out, would push the job back by the whole time it had waited in the
+        queue a second time. (A worker stopped mid-job keeps its record: the sweeper hands the
+        item back as a dead one's.)"""
+        settings: Settings = self.ctx["settings"]
+        ending = self.item_endings.pop(job_id, None)
         async with self.pool.pipeline(transaction=True) as tr:
             if keep_in_progress is None:
                 tr.delete(in_progress_key_prefix + job_id)
             else:
                 tr.pexpire(in_progress_key_prefix + job_id, to_ms(keep_in_progress))
-            tr.zadd(self.queue_name, {job_id: started_at + incr_score}, xx=True)
+            if finish:
+                if result_data:
+                    expire = None if keep_result_forever else result_timeout_s
+                    tr.set(result_key_prefix + job_id, result_data, px=to_ms(expire))
+                tr.delete(retry_key_prefix + job_id, job_key_prefix + job_id)
+                tr.zrem(abort_jobs_ss, job_id)
+                tr.zrem(self.queue_name, job_id)
+            elif incr_score and (started_at := self.started_scores.get(job_id)) is not None:
+                tr.zadd(self.queue_name, {job_id: started_at + incr_score}, xx=True)
+            elif incr_score:
+                tr.zincrby(self.queue_name, incr_score, job_id)
+            tr.hdel(liveness.taken_key(settings), job_id)
+            if ending is not None:
+                events.announce_item_finished(tr, settings, *ending)
             await tr.execute()
+
+    async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
+        """arq's, for a job it could not run (its key expired, its tries ran out), then the
+        worker's record of the job goes too."""
+        await super().finish_failed_job(job_id, result_data)
+        await liveness.job_ended(self.pool, self.ctx["settings"], job_id)
 
 
 # arq logs two lines at INFO for every job, so for every item: most of a worker's log and ~2 %
