@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import lru_cache, partial
+from json.encoder import encode_basestring_ascii
 from typing import Any
 from uuid import UUID
 
@@ -208,25 +210,41 @@ class Caller:
 
 def _request_hash(request: ChatRequest) -> str:
     """The sha256 of `json.dumps([model, messages, schema_name, temperature, max_tokens],
-    sort_keys=True)`, as every stored turn has it, written out here so that the system
-    message (policies and instructions: kilobytes, the same for many calls) is encoded once."""
-    messages = ", ".join(
-        "{" + ", ".join(f"{json.dumps(key)}: {_value(message, key)}" for key in sorted(message)) + "}"
-        for message in request.messages
-    )
-    model = json.dumps(request.model)
-    rest = ", ".join(json.dumps(v) for v in (request.schema_name, request.temperature, request.max_tokens))
-    body = f"[{model}, [{messages}], {rest}]"
-    return hashlib.sha256(body.encode()).hexdigest()
-
-
-def _value(message: dict[str, str], key: str) -> str:
-    value = message[key]
-    if key == "content" and message.get("role") == "system" and isinstance(value, str):
-        return _system_text(value)
-    return json.dumps(value, sort_keys=True)
+    sort_keys=True)`, as every stored turn has it, written out here so that a leading system
+    message (policies and instructions: kilobytes, the same for many calls) is encoded and
+    hashed once: the hash of the body up to its end is kept, and copied for each call."""
+    rest = ", ".join(_scalar(v) for v in (request.schema_name, request.temperature, request.max_tokens))
+    first, *others = request.messages or [{}]
+    if (
+        first.keys() == {"content", "role"}
+        and first["role"] == "system"
+        and isinstance(first["content"], str)
+    ):
+        hashed = _hashed_up_to_system_message(request.model, first["content"]).copy()
+        hashed.update("".join(f", {_message(message)}" for message in others).encode())
+        hashed.update(f"], {rest}]".encode())
+        return hashed.hexdigest()
+    messages = ", ".join(_message(message) for message in request.messages)
+    return hashlib.sha256(f"[{_scalar(request.model)}, [{messages}], {rest}]".encode()).hexdigest()
 
 
 @lru_cache(maxsize=64)
-def _system_text(text: str) -> str:
-    return json.dumps(text)
+def _hashed_up_to_system_message(model: str, system: str) -> hashlib._Hash:
+    body = f'[{_scalar(model)}, [{{"content": {_scalar(system)}, "role": "system"}}'
+    return hashlib.sha256(body.encode())
+
+
+def _scalar(value: object) -> str:
+    """json.dumps(value), without its few microseconds of setup per call for the usual scalars."""
+    if type(value) is str:
+        return encode_basestring_ascii(value)
+    if type(value) is int:
+        return int.__repr__(value)
+    if type(value) is float and math.isfinite(value):
+        return float.__repr__(value)
+    return json.dumps(value, sort_keys=True)
+
+
+def _message(message: dict[str, str]) -> str:
+    fields = (f"{_scalar(key)}: {_scalar(message[key])}" for key in sorted(message))
+    return "{" + ", ".join(fields) + "}"
