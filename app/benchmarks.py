@@ -14,7 +14,7 @@ import io
 import json
 from typing import Any, Literal
 
-from app.storable import storable_input
+from app.storable import read_json, storable_input
 
 Format = Literal["jsonl", "csv"]
 FIELDS = ("prompt", "expected", "category")
@@ -58,11 +58,11 @@ def _jsonl(text: str, max_rows: int) -> list[tuple[int, dict[str, Any]]]:
         if len(rows) == max_rows:
             raise _too_many(max_rows)
         try:
-            fields = json.loads(line)
+            fields = read_json(line)
         except json.JSONDecodeError as exc:
             raise BadRow(f"line {number} is not JSON: {exc.msg} at column {exc.colno}") from None
-        except (ValueError, RecursionError):  # a number of thousands of digits, or deep nesting
-            raise BadRow(f"line {number} holds a number too long or nesting too deep to read") from None
+        except ValueError as exc:
+            raise BadRow(f"line {number}: {exc}") from None
         if not isinstance(fields, dict):
             raise BadRow(f"line {number} is not a JSON object")
         rows.append((number, fields))

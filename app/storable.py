@@ -3,12 +3,27 @@ tool imports), so a bad value is a 4xx naming it rather than a 500 from the data
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
 # Deeper JSON serves no caller, and pydantic refuses to serialize past ~255 levels (a 500
 # after the row was accepted); the check stays far from Python's recursion limit too.
 MAX_JSON_DEPTH = 32
+
+
+def read_json(text: str | bytes) -> Any:
+    """JSON text from outside, read. json.JSONDecodeError (a ValueError) if it is not JSON; a
+    ValueError saying why for what json cannot read though it is JSON: nesting past Python's
+    recursion limit, an integer of over 4,300 digits."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise ValueError(f"JSON must not nest arrays and objects more than {MAX_JSON_DEPTH} deep") from None
+    except ValueError:
+        raise ValueError("integers must have at most 4,300 digits") from None
 
 
 def storable_input(data: Any, depth: int = 0) -> Any:

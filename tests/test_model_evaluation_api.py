@@ -302,9 +302,13 @@ BAD_FILES = [
     (
         "jsonl",
         json.dumps(GOOD_ROW)[:-1] + ', "deep": ' + _nested(2000) + "}",
-        "line 1 holds a number too long or nesting",
+        "line 1: JSON must not nest arrays and objects more than 32 deep",
     ),
-    ("jsonl", json.dumps(GOOD_ROW)[:-1] + ', "n": ' + "9" * 5000 + "}", "line 1 holds a number too long"),
+    (
+        "jsonl",
+        json.dumps(GOOD_ROW)[:-1] + ', "n": ' + "9" * 5000 + "}",
+        "line 1: integers must have at most 4,300 digits",
+    ),
 ]
 
 

@@ -24,7 +24,7 @@ from app.api.deps import SettingsDep
 from app.api.errors import InvalidRequest
 from app.config import Settings
 from app.errors import ServiceError
-from app.storable import MAX_JSON_DEPTH, storable_input
+from app.storable import read_json, storable_input
 
 T = TypeVar("T")
 _COUNTED_SLICE = 256 * 1024
@@ -83,13 +83,11 @@ class JsonBody(Generic[T]):
         if count_values(raw, self.max_values) > self.max_values:
             raise PayloadTooLarge(f"the request body holds over {self.max_values:,} JSON values")
         try:
-            data = json.loads(raw.decode("utf-8"))
+            data = read_json(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise MalformedBody(f"the body is not UTF-8 JSON text: {exc}") from None
-        except RecursionError:
-            raise _invalid(f"JSON must not nest arrays and objects more than {MAX_JSON_DEPTH} deep") from None
-        except ValueError:  # Python reads no integer of over 4,300 digits
-            raise _invalid("integers must have at most 4,300 digits") from None
+        except ValueError as exc:
+            raise _invalid(str(exc)) from None
         try:
             return self.adapter.validate_python(storable_input(data))
         except ValueError as exc:  # storable_input, and ValidationError (a ValueError)

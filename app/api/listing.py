@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -11,7 +10,7 @@ from pydantic import AfterValidator, AwareDatetime
 
 from app.api.schemas import LABEL_PATTERN, MAX_LABEL_CHARS, JobStatus
 from app.errors import InvalidFilter
-from app.storable import storable_input
+from app.storable import read_json, storable_input
 from app.store.job_listing import JobFilter
 
 MAX_METADATA_FILTER_CHARS = 1_000
@@ -32,8 +31,8 @@ def _metadata(text: str | None) -> dict[str, Any] | None:
     if text is None:
         return None
     try:
-        wanted = storable_input(json.loads(text))
-    except (json.JSONDecodeError, RecursionError, ValueError) as exc:
+        wanted = storable_input(read_json(text))
+    except ValueError as exc:
         raise InvalidFilter(f"metadata: not a JSON object PostgreSQL can match ({exc})") from None
     if not isinstance(wanted, dict):
         raise InvalidFilter('metadata: give a JSON object, such as {"source": "wildchat"}')

@@ -33,7 +33,7 @@ from app.deliberation.results import Sample as EngineSample
 from app.idempotency import RequestHash
 from app.plan import RoleIn, check_sample_evaluation_fits, resolve_sample_evaluation
 from app.sample_files import FileType, Sample, read_samples, samples_of
-from app.storable import MAX_JSON_DEPTH, storable_input
+from app.storable import read_json, storable_input
 from app.store import jobs, policy_sets, prompt_sets, sample_evaluations
 from app.store.models import Job
 
@@ -118,13 +118,10 @@ def _media_type(request: Request) -> str:
 def _read_options(options: str) -> SampleEvaluationOptions:
     """The options, with the checks a JSON body gets (`storable_input`): they are stored."""
     try:
-        data = storable_input(json.loads(options))
+        data = storable_input(read_json(options))
     except json.JSONDecodeError as exc:
         raise _invalid_options(f"not JSON: {exc.msg} at column {exc.colno}") from None
-    except RecursionError:
-        too_deep = f"JSON must not nest arrays and objects more than {MAX_JSON_DEPTH} deep"
-        raise _invalid_options(too_deep) from None
-    except ValueError as exc:  # storable_input's
+    except ValueError as exc:  # read_json's and storable_input's
         raise _invalid_options(str(exc)) from None
     try:
         return _OPTIONS.validate_python(data)
