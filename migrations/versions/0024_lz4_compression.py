@@ -3,7 +3,7 @@
 Postgres compresses a row's long values (once the row passes about 2 KB) with pglz unless a
 column says otherwise. A turn's raw output and parsed reply, a CoT's thoughts and a pair's
 texts are kilobytes each, written once per LLM call or item. Inserting such rows cost the
-Postgres backend 42-59 % less CPU with lz4 than with pglz, which also tries (and gives up on)
+Postgres backend 42-60 % less CPU with lz4 than with pglz, which also tries (and gives up on)
 values just over the limit at a high price; lz4 stores prose of 6 KB a quarter larger, 3 KB
 about the same, 2 KB smaller (bench/toast.py, bench/RESULTS.md). Only values written from now
 on are compressed with lz4; those already stored stay as they are, readable as before.
