@@ -32,6 +32,8 @@ from tests.scripted_llm import ScriptedLLM, agree, stall
 from tests.test_worker import one_item, turn_count
 from workers import liveness
 from workers.llm_limits import llm_limiter
+from workers.main import connect, shutdown
+from workers.queue_worker import WORKER_ID
 from workers.sweeper import sweep
 
 DEFAULTS = Settings.model_fields
@@ -377,6 +379,24 @@ async def test_a_redis_that_denies_info_still_gets_expired_leases_swept(
         await denied.aclose()
         await redis.acl_deluser(user)
     assert (await item_row(sessions, item_id)).status == "queued"
+
+
+async def test_a_worker_busy_with_its_shared_redis_pool_still_beats(
+    settings: Settings, arq_redis: ArqRedis, redis: Redis
+) -> None:
+    """Items' commands queue for the worker's pool (its lock, on a saturated machine for
+    seconds); a heartbeat queued behind them looked like a dead worker's."""
+    brief = settings.model_copy(update={"heartbeat_interval_s": 0.2, "heartbeat_ttl_s": 1.0})
+    ctx = {"settings": brief, "redis": arq_redis, WORKER_ID: uuid4()}
+    await connect(ctx)
+    try:
+        key = liveness.heartbeat_key(brief, ctx[WORKER_ID])
+        async with arq_redis.connection_pool._lock:  # every command of the pool waits now
+            await asyncio.sleep(brief.heartbeat_ttl_s * 2.5)
+            assert await redis.pttl(key) > 0, "a busy worker looks dead"
+    finally:
+        await shutdown(ctx)
+    assert not await redis.exists(key), "the key outlives its stopped worker"
 
 
 async def test_a_heartbeat_stuck_on_a_silent_connection_beats_again_on_a_new_one(

@@ -2,7 +2,8 @@
 sweeper takes back the running items of workers whose key is gone.
 
 A worker's claims carry its id (`items.claimed_by`). Its heartbeat is a task of its own that
-does nothing but set the key, so a slow LLM call or a busy item never delays it; only an
+does nothing but set the key, on a Redis client of its own (`Heartbeat`), so a slow LLM call
+or a busy item, or many items' commands queued for the worker's pool, never delays it; only an
 event loop blocked for longer than the key's TTL would (a runaway computation, or a pause of
 the whole process), and then the worker loses its items as a dead one would. That is safe:
 every write under a claim is fenced by it (a worker whose item was taken over gets ClaimLost
@@ -76,13 +77,33 @@ async def beat_forever(redis: Redis, settings: Settings, worker_id: UUID) -> Non
             log.warning("heartbeat failed", exc_info=True)
 
 
-async def stop(redis: Redis, settings: Settings, worker_id: UUID, heartbeat: asyncio.Task[None]) -> None:
-    """Stop beating and drop the key: any item still held is free for the sweeper at once."""
-    heartbeat.cancel()
-    try:
-        await redis.delete(heartbeat_key(settings, worker_id))
-    except Exception:  # the key expires by itself
-        log.warning("could not drop the heartbeat key", exc_info=True)
+class Heartbeat:
+    """A worker's heartbeat, on a Redis client of its own: in the worker's shared pool it
+    queued behind the items' commands for the pool's lock, and on a saturated machine (10,000
+    items, cap 256, 2 cores) missed its TTL while the worker was busy, not dead: the sweeper
+    then gave its items to the other worker, which bought their LLM answers again."""
+
+    def __init__(self, redis: Redis, settings: Settings, worker_id: UUID) -> None:
+        self._redis, self._settings, self._worker_id = redis, settings, worker_id
+        self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def start(cls, settings: Settings, worker_id: UUID) -> Heartbeat:
+        """Beat once (a claim without a heartbeat looks dead), then every interval."""
+        heartbeat = cls(Redis.from_url(settings.redis_url), settings, worker_id)
+        await beat(heartbeat._redis, settings, worker_id)
+        heartbeat._task = asyncio.create_task(beat_forever(heartbeat._redis, settings, worker_id))
+        return heartbeat
+
+    async def stop(self) -> None:
+        """Stop beating and drop the key: any item still held is free for the sweeper at once."""
+        if self._task is not None:
+            self._task.cancel()
+        try:
+            await self._redis.delete(heartbeat_key(self._settings, self._worker_id))
+        except Exception:  # the key expires by itself
+            log.warning("could not drop the heartbeat key", exc_info=True)
+        await self._redis.aclose()
 
 
 async def job_ended(redis: Redis, settings: Settings, job_id: str) -> None:

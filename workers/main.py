@@ -76,7 +76,7 @@ class Worker:
     llm: OpenAICompatibleClient
     callbacks: Sender
     worker_id: UUID  # this process's claims carry it
-    heartbeat: asyncio.Task[None]  # keeps them alive (workers/liveness.py)
+    heartbeat: liveness.Heartbeat  # keeps them alive
     spending: budgets.Spending  # what jobs with a budget have spent
     turns: TurnWriter  # every item's turns, those recorded together in one statement
     sweeper: asyncio.Task[None] | None = None  # this process's sweeper loop, if it runs one
@@ -139,9 +139,7 @@ async def connect(ctx: dict[str, Any]) -> None:
         hedging=_hedge_policy(settings),
     )
     sessions = make_sessions(db)
-    # The first beat before the first claim: a claim without a heartbeat looks dead.
-    await liveness.beat(redis, settings, worker_id)
-    heartbeat = asyncio.create_task(liveness.beat_forever(redis, settings, worker_id))
+    heartbeat = await liveness.Heartbeat.start(settings, worker_id)
     spending = budgets.Spending(limits, sessions, settings.redis_key_prefix)  # on every LLM call too
     callbacks = Sender(settings, sessions)
     ctx[WORKER] = Worker(
@@ -175,7 +173,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
             loop.cancel()
     if worker.batch_api is not None:
         await worker.batch_api.aclose()
-    await liveness.stop(worker.redis, worker.settings, worker.worker_id, worker.heartbeat)
+    await worker.heartbeat.stop()
     await worker.llm.aclose()  # gives its kept LLM slots back through llm_redis: close that after
     await worker.llm_redis.aclose()
     await worker.callbacks.aclose()
