@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from app.errors import EmptyRow, InvalidEncoding, MissingColumn, SampleFileError, TooManySamples
-from app.storable import storable_input
+from app.storable import read_json, storable_input
 
 FileType = Literal["jsonl", "csv", "parquet"]
 FIELDS = ("prompt", "thoughts", "response", "label")
@@ -192,9 +192,11 @@ def _jsonl_rows(raw: bytes) -> Rows:
         if not line.strip():
             raise EmptyRow(f"row {number} is empty", row=number)
         try:
-            row = json.loads(line)
-        except (json.JSONDecodeError, RecursionError, ValueError) as exc:
+            row = read_json(line)
+        except json.JSONDecodeError as exc:
             raise SampleFileError(f"row {number} is not JSON: {exc}", row=number) from None
+        except ValueError as exc:
+            raise SampleFileError(f"row {number}: {exc}", row=number) from None
         if not isinstance(row, dict):
             raise SampleFileError(f"row {number} is not a JSON object", row=number)
         yield number, row

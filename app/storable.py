@@ -12,7 +12,7 @@ from typing import Any
 MAX_JSON_DEPTH = 32
 
 
-def read_json(text: str | bytes) -> Any:
+def read_json(text: str) -> Any:
     """JSON text from outside, read. json.JSONDecodeError (a ValueError) if it is not JSON; a
     ValueError saying why for what json cannot read though it is JSON: nesting past Python's
     recursion limit, an integer of over 4,300 digits."""

@@ -13,10 +13,13 @@ from app.deliberation.calls import _request_hash
 from app.deliberation.ports import ChatRequest, Stage, TurnKey
 
 _texts = st.text() | st.text(min_size=1_000, max_size=3_000)  # short ones, and long ones encoded once
-_messages = st.lists(
-    st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]), "content": _texts}),
-    max_size=4,
+_roles = st.sampled_from(["system", "user", "assistant"])
+# Also what no stage sends today: other contents, and fields beside role and content.
+_unusual = st.fixed_dictionaries(
+    {"role": _roles, "content": _texts | st.integers() | st.none() | st.lists(st.text(), max_size=3)},
+    optional={"name": st.text()},
 )
+_messages = st.lists(st.fixed_dictionaries({"role": _roles, "content": _texts}) | _unusual, max_size=4)
 
 
 def _as_stored(request: ChatRequest) -> str:
@@ -28,7 +31,7 @@ def _as_stored(request: ChatRequest) -> str:
     model=st.text(),
     messages=_messages,
     schema_name=st.text() | st.none(),
-    temperature=st.floats() | st.integers(),  # NaN and infinities as json writes them
+    temperature=st.floats() | st.integers() | st.booleans(),  # NaN and infinities as json writes them
     max_tokens=st.integers(min_value=1, max_value=2**31),
 )
 def test_the_request_hash_is_the_hash_of_the_requests_sorted_json(

@@ -189,7 +189,7 @@ async def test_a_workers_llm_call_ends_as_unavailable_when_redis_hangs(
     arq_redis: ArqRedis,
     scripted_llm: ScriptedLLM,
 ) -> None:
-    # arq's pool (queue, heartbeats) stays on the shared Redis; the limits go to own_redis.
+    # arq's pool (the queue) stays on the shared Redis; the limits and the heartbeat go to own_redis.
     # No slot kept between calls: each goes to Redis.
     once = stalling.model_copy(update={"llm_max_retries": 0, "llm_slot_keep_s": 0.0})
     ctx: dict[str, Any] = {**worker_settings(once)["ctx"], "redis": arq_redis}

@@ -90,20 +90,28 @@ class Heartbeat:
     @classmethod
     async def start(cls, settings: Settings, worker_id: UUID) -> Heartbeat:
         """Beat once (a claim without a heartbeat looks dead), then every interval."""
-        heartbeat = cls(Redis.from_url(settings.redis_url), settings, worker_id)
-        await beat(heartbeat._redis, settings, worker_id)
-        heartbeat._task = asyncio.create_task(beat_forever(heartbeat._redis, settings, worker_id))
+        timeout_s = settings.redis_timeout_s  # the queue's bound on a Redis that stops answering
+        redis = Redis.from_url(settings.redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        try:
+            await beat(redis, settings, worker_id)
+        except BaseException:
+            await redis.aclose()
+            raise
+        heartbeat = cls(redis, settings, worker_id)
+        heartbeat._task = asyncio.create_task(beat_forever(redis, settings, worker_id))
         return heartbeat
 
     async def stop(self) -> None:
         """Stop beating and drop the key: any item still held is free for the sweeper at once."""
         if self._task is not None:
             self._task.cancel()
+            await asyncio.wait([self._task])  # it has stopped; a cancellation of ours still raises
         try:
             await self._redis.delete(heartbeat_key(self._settings, self._worker_id))
         except Exception:  # the key expires by itself
             log.warning("could not drop the heartbeat key", exc_info=True)
-        await self._redis.aclose()
+        finally:
+            await self._redis.aclose()
 
 
 async def job_ended(redis: Redis, settings: Settings, job_id: str) -> None:

@@ -67,8 +67,10 @@ class QueueWorker(ArqWorker):
     arq's check and mark for as many jobs as there are free slots, atomically, so a job another
     worker marked first is simply not returned; it records each job as this worker's too (for
     the sweeper, until the job ends), so no kill can fall between the mark and the record. The
-    rest is arq's: the job runs in `run_job` under its semaphore and counter, as
-    `Worker.start_jobs` would run it (arq is pinned)."""
+    job runs in arq's `run_job` under its semaphore and counter, as `Worker.start_jobs` would
+    run it (arq is pinned), and ends in `finish_job` (arq's, with the record's drop and the
+    item's progress event in the same transaction) or arq's `finish_failed_job` (then the
+    record's drop)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -120,8 +122,10 @@ class QueueWorker(ArqWorker):
         the item ended: one round trip where there were three. And a job tried again later
         (Retry) gets its new score set, not added: arq's ZINCRBY, sent again by the pool after a
         reply that timed out, would push the job back by the whole time it had waited in the
-        queue a second time. (A worker stopped mid-job keeps its record: the sweeper hands the
-        item back as a dead one's.)"""
+        queue a second time. A Redis error here raises out of the job's run, as arq's own
+        commands' errors did; followers who miss the event catch up from Postgres. (A killed
+        worker never gets here and keeps its records: the sweeper hands its items back as a dead
+        one's. SIGTERM hands them back first, and arq ends their jobs here.)"""
         settings: Settings = self.ctx["settings"]
         ending = self.item_endings.pop(job_id, None)
         async with self.pool.pipeline(transaction=True) as tr:

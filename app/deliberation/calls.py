@@ -228,7 +228,7 @@ def _request_hash(request: ChatRequest) -> str:
     return hashlib.sha256(f"[{_scalar(request.model)}, [{messages}], {rest}]".encode()).hexdigest()
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=64, typed=True)
 def _hashed_up_to_system_message(model: str, system: str) -> hashlib._Hash:
     body = f'[{_scalar(model)}, [{{"content": {_scalar(system)}, "role": "system"}}'
     return hashlib.sha256(body.encode())

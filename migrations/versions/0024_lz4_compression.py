@@ -8,7 +8,9 @@ values just over the limit at a high price; lz4 stores prose of 6 KB a quarter l
 about the same, 2 KB smaller (bench/toast.py, bench/RESULTS.md). Only values written from now
 on are compressed with lz4; those already stored stay as they are, readable as before.
 
-A server built without lz4 keeps pglz: the change is skipped with a notice.
+A server built without lz4 keeps pglz: the change is skipped with a notice. Each table is
+locked only for a moment, but until the migration commits: it gives up after 10 s behind a
+long transaction (run it again once that has ended).
 
 Revision ID: 0024_lz4_compression
 Revises: 0023_workbench_rest
@@ -27,25 +29,33 @@ depends_on: str | Sequence[str] | None = None
 
 def _set_compression(method: str) -> None:
     # Every column of our tables whose type can be compressed (typstorage 'x' or 'm': text,
-    # varchar, jsonb, bytea, arrays...), so a type the models use later is covered by its test.
+    # varchar, jsonb, bytea, arrays, numeric), so that a column added later without it fails
+    # its test. Each ALTER only changes the catalog, but holds its table's exclusive lock until
+    # the migration commits: behind a long transaction it gives up after 10 s, rather than
+    # stall the service's writes while it waits.
+    op.execute("SET LOCAL lock_timeout = '10s'")
     op.execute(f"""
 DO $$
 DECLARE col record;
 BEGIN
+  IF NOT EXISTS (SELECT FROM pg_settings
+                 WHERE name = 'default_toast_compression' AND 'lz4' = ANY(enumvals)) THEN
+    RAISE NOTICE 'this server was built without lz4: compression stays pglz';
+    RETURN;
+  END IF;
   FOR col IN
-    SELECT c.relname AS table_name, a.attname AS column_name
+    SELECT n.nspname AS schema_name, c.relname AS table_name, a.attname AS column_name
     FROM pg_attribute a
     JOIN pg_class c ON c.oid = a.attrelid
+    JOIN pg_namespace n ON n.oid = c.relnamespace
     JOIN pg_type t ON t.oid = a.atttypid
-    WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind = 'r'
+    WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p')
       AND c.relname <> 'alembic_version' AND a.attnum > 0 AND NOT a.attisdropped
       AND t.typstorage IN ('x', 'm')
   LOOP
-    EXECUTE format('ALTER TABLE %I ALTER COLUMN %I SET COMPRESSION {method}',
-                   col.table_name, col.column_name);
+    EXECUTE format('ALTER TABLE %I.%I ALTER COLUMN %I SET COMPRESSION {method}',
+                   col.schema_name, col.table_name, col.column_name);
   END LOOP;
-EXCEPTION WHEN feature_not_supported THEN
-  RAISE NOTICE 'this server was built without lz4: compression stays pglz';
 END $$;
 """)
 
