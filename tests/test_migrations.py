@@ -545,31 +545,14 @@ async def test_every_compressible_column_is_lz4_after_upgrade_and_the_default_ag
         assert {name for name, method in upgraded.items() if method != "l"} == set()
 
         # A value over the size Postgres compresses at is stored with lz4.
-        owner, policy_set, job, item = uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
         await connection.execute(
-            "INSERT INTO api_keys (id, name, prefix, key_hash) VALUES ($1, 'k', 'p', 'h')", owner
+            "INSERT INTO policy_sets (id, name, version, description, policies) "
+            "VALUES ($1, 'p', 'v', $2, '[]')",
+            uuid.uuid4(),
+            "a description long enough to be compressed " * 200,
         )
-        await connection.execute(
-            "INSERT INTO policy_sets (id, owner_key_id, name, version, description, policies) "
-            "VALUES ($1, $2, 'p', 'v', '', '[]')",
-            policy_set,
-            owner,
-        )
-        await connection.execute(
-            "INSERT INTO jobs (id, owner_key_id, policy_set_id, plan, request_hash, item_count) "
-            "VALUES ($1, $2, $3, '{}', 'h', 1)",
-            job,
-            owner,
-            policy_set,
-        )
-        await connection.execute(
-            "INSERT INTO items (id, job_id, position, prompt, metadata, status, stage, attempts, failures, "
-            "enqueues) VALUES ($1, $2, 0, $3, '{}', 'queued', 'intents', 0, 0, 1)",
-            item,
-            job,
-            "a prompt long enough to be compressed " * 200,
-        )
-        assert await connection.fetchval("SELECT pg_column_compression(prompt) FROM items") == "lz4"
+        stored_as = await connection.fetchval("SELECT pg_column_compression(description) FROM policy_sets")
+        assert stored_as == "lz4"
 
         await asyncio.to_thread(command.downgrade, config, "0023_workbench_rest")
         downgraded = {row["name"]: row["method"] for row in await connection.fetch(columns)}
