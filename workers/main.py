@@ -79,6 +79,7 @@ class Worker:
     heartbeat: liveness.Heartbeat  # keeps them alive
     spending: budgets.Spending  # what jobs with a budget have spent
     turns: TurnWriter  # every item's turns, those recorded together in one statement
+    claims: items.Claimer  # every item's claim, those asked for together in one statement
     sweeper: asyncio.Task[None] | None = None  # this process's sweeper loop, if it runs one
     purger: asyncio.Task[None] | None = None  # its hazardous-text purge loop, if it runs one
     expirer: asyncio.Task[None] | None = None  # its loop deleting rows kept only for a while
@@ -155,6 +156,7 @@ async def connect(ctx: dict[str, Any]) -> None:
         heartbeat,
         spending,
         TurnWriter(sessions),
+        items.Claimer(sessions, _limits(settings), worker_id),
     )
     log.info("worker %s started (%s)", worker_id, liveness.process())
 
@@ -191,7 +193,7 @@ async def run_item(ctx: dict[str, Any], item_id: str) -> str:
         worker = _worker(ctx)
         # Until the claim, only the record QueueWorker made when it took the job tells the
         # sweeper whose the job arq marked in progress.
-        claim = await items.claim(worker.sessions, UUID(item_id), _limits(worker.settings), worker.worker_id)
+        claim = await worker.claims.claim(UUID(item_id))
         if claim is None:
             return "nothing to do"
         with logs.ids(job_id=str(claim.job_id)):

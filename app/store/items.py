@@ -8,6 +8,7 @@ what each ending writes, is app.store.endings.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, fields
@@ -23,13 +24,15 @@ from sqlalchemy import (
     Uuid,
     and_,
     bindparam,
+    column,
     exists,
     func,
     select,
+    true,
     tuple_,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
@@ -40,6 +43,7 @@ from app.store import callbacks, policy_sets, prompt_sets
 from app.store.db import Sessions, driver_connection
 from app.store.driver_statements import DriverStatement, insert_from, insert_rows_from
 from app.store.endings import CANCELLED, COMPLETED, WORKER_LOST, WORKER_SILENT, Ending, ending_values, failed
+from app.store.group_commit import Lane, Waiting, cancel, fail
 from app.store.models import (
     Cot,
     ImportedSample,
@@ -92,11 +96,10 @@ class Limits:
     max_failures: int  # claims lost to a dead worker or an unexpected error
 
 
-# A claim's fields, by name, as both claim statements return them (the sets are read by id).
-_CLAIMED = (
-    Item.attempts.label("attempt"),
-    Item.position,
-    Item.prompt,
+# A claim's fields, by name, as the claim statements return them (the sets are read by id):
+# the item's and its job's.
+_CLAIMED_ITEM = (Item.attempts.label("attempt"), Item.position, Item.prompt)
+_CLAIMED_JOB = (
     Job.id.label("job_id"),
     Job.plan,
     Job.policy_set_id,
@@ -109,7 +112,12 @@ _CLAIMED = (
 
 def _claim_update(*conditions: ColumnElement[bool], values: dict[str, Any]) -> Update:
     """UPDATE the item where `conditions` hold (its job joined), returning the claim's fields."""
-    return update(Item).where(*conditions, Job.id == Item.job_id).values(values).returning(*_CLAIMED)
+    return (
+        update(Item)
+        .where(*conditions, Job.id == Item.job_id)
+        .values(values)
+        .returning(*_CLAIMED_ITEM, *_CLAIMED_JOB)
+    )
 
 
 def _claiming_values(lease: Any, holder: Any) -> dict[str, Any]:
@@ -127,7 +135,7 @@ def _claiming_values(lease: Any, holder: Any) -> dict[str, Any]:
 def _claim(
     item_id: UUID, row: Mapping[Any, Any], plan: JobPlan, sets: tuple[PolicySetRow, PromptSetRow]
 ) -> Claim:
-    """The claim from a row of _CLAIMED (its plan and its job's sets read by the caller)."""
+    """The claim from a row of the claim's fields (its plan and its job's sets read by the caller)."""
     return Claim(
         item_id,
         row["job_id"],
@@ -156,11 +164,7 @@ async def claim(
             max_failures=limits.max_failures,
         )
     if row is not None:
-        # The driver returns the plan's JSON, decoded: the ORM's column type is not applied.
-        plan = read_plan(row["plan"])
-        async with sessions.begin() as session:  # a job older than prompt sets may write the built-in one
-            sets = await _sets_of(session, row["policy_set_id"], row["prompt_set_id"])
-        return _claim(item_id, row, plan, sets)
+        return await _claim_of(sessions, item_id, row)
     return await _claim_or_settle(sessions, item_id, limits, holder)
 
 
@@ -176,6 +180,99 @@ _CLAIM_QUEUED = DriverStatement(
         values=_claiming_values(bindparam("lease", type_=Interval), bindparam("holder", type_=Uuid)),
     )
 )
+
+
+class Claimer:
+    """Claims of one worker process's items: those asked for together (the jobs a worker starts
+    at once, the items that free slots take) are taken in one statement (app/store/group_commit.py).
+    It claims the queued items of live jobs with tries left, and skips an item row that another
+    transaction holds (a cancellation, the sweeper) rather than waiting with the whole batch:
+    an item it did not take is claimed alone, as `claim` does, which waits for the lock and
+    also takes over an expired lease or settles an item that may not run."""
+
+    def __init__(self, sessions: Sessions, limits: Limits, holder: UUID, max_items: int = 64) -> None:
+        self.sessions = sessions
+        self.limits = limits
+        self.holder = holder
+        self.statements = 0  # sent, so tests and benchmarks can see the grouping
+        self._lane: Lane[UUID, asyncpg.Record | None] = Lane(self._claim_queued, max_items)
+
+    async def claim(self, item_id: UUID) -> Claim | None:
+        """As `claim`: the item taken, or None if there is nothing to do."""
+        row = await self._lane.ask(item_id)
+        if row is None:
+            return await claim(self.sessions, item_id, self.limits, self.holder)
+        return await _claim_of(self.sessions, item_id, row)
+
+    async def _claim_queued(self, batch: list[Waiting[UUID, asyncpg.Record | None]]) -> None:
+        self.statements += 1
+        try:
+            async with driver_connection(self.sessions) as connection:
+                records = await _CLAIM_QUEUED_MANY.fetch(
+                    connection,
+                    item_ids=[item_id for item_id, _ in batch],
+                    lease=timedelta(seconds=self.limits.lease_s),
+                    holder=self.holder,
+                    max_claims=self.limits.max_claims,
+                    max_failures=self.limits.max_failures,
+                )
+        except asyncio.CancelledError:
+            cancel(batch)
+            raise
+        except Exception as error:  # handed to every caller, who raises it as a lone claim would
+            fail(batch, error)
+            return
+        claimed = {record["item_id"]: record for record in records}
+        for item_id, answer in batch:
+            if not answer.done():
+                answer.set_result(claimed.get(item_id))
+
+
+def _claim_queued_many() -> DriverStatement:
+    """_CLAIM_QUEUED for many items (`item_ids`): those it can lock at once, each returned with
+    its id. Each item is found by its primary key alone and locked SKIP LOCKED (a lateral
+    subquery that locks is planned apart, once per id), then updated by its primary key. A
+    join of items on the conditions let the planner, trusting the statistics of a table just
+    filled, read every queued item of the job for each batch, through another index."""
+    ids = bindparam("item_ids", type_=ARRAY(Uuid))
+    given = func.unnest(ids).table_valued(column("id", Uuid)).render_derived(name="given")
+    locked = (
+        select(Item.id, Item.job_id)
+        .where(
+            Item.id == given.c.id,
+            Item.status == ItemStatus.QUEUED,
+            Item.attempts < bindparam("max_claims"),
+            Item.failures < bindparam("max_failures"),
+        )
+        .with_for_update(skip_locked=True)
+        .lateral("locked")
+    )
+    claimable = (
+        select(locked.c.id, *_CLAIMED_JOB)
+        .select_from(given)
+        .join(locked, true())
+        .join(Job, Job.id == locked.c.job_id)
+        .where(Job.cancelled_at.is_(None))
+        .cte("claimable")
+    )
+    return DriverStatement(
+        update(Item)
+        .where(Item.id == claimable.c.id)
+        .values(_claiming_values(bindparam("lease", type_=Interval), bindparam("holder", type_=Uuid)))
+        .returning(*_CLAIMED_ITEM, *(claimable.c[c.name] for c in _CLAIMED_JOB), Item.id.label("item_id"))
+    )
+
+
+_CLAIM_QUEUED_MANY = _claim_queued_many()
+
+
+async def _claim_of(sessions: Sessions, item_id: UUID, row: Mapping[Any, Any]) -> Claim:
+    """The claim from a row of the claim's fields that a driver statement returned."""
+    # The driver returns the plan's JSON, decoded: the ORM's column type is not applied.
+    plan = read_plan(row["plan"])
+    async with sessions.begin() as session:  # a job older than prompt sets may write the built-in one
+        sets = await _sets_of(session, row["policy_set_id"], row["prompt_set_id"])
+    return _claim(item_id, row, plan, sets)
 
 
 async def _sets_of(
