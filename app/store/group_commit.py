@@ -11,6 +11,7 @@ idle); those arriving while one is in flight wait for it and go together in the 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
@@ -45,7 +46,8 @@ class Lane(Generic[Request, Answer]):
         if self._sending is None:
             # A task of its own, so that a caller cancelled does not cancel the others'
             # statement. It starts after the callbacks ready now: the requests they make join.
-            self._sending = asyncio.create_task(self._send_waiting())
+            # In a context of its own: it serves every caller, not the first one's log ids.
+            self._sending = asyncio.create_task(self._send_waiting(), context=contextvars.Context())
 
     async def _send_waiting(self) -> None:
         try:
@@ -70,5 +72,6 @@ def fail(batch: list[Waiting[Request, Answer]], error: BaseException) -> None:
 
 
 def cancel(batch: list[Waiting[Request, Answer]]) -> None:
+    """Cancel every caller of the batch (the statement was cancelled: the loop closing)."""
     for _, answer in batch:
         answer.cancel()

@@ -13,13 +13,17 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import timedelta
+from enum import Enum
 from typing import Any
 from uuid import UUID, uuid4
 
 import asyncpg
 from sqlalchemy import (
+    Column,
     ColumnElement,
+    Integer,
     Interval,
+    Label,
     Update,
     Uuid,
     and_,
@@ -27,23 +31,34 @@ from sqlalchemy import (
     column,
     exists,
     func,
+    literal_column,
     select,
     true,
     tuple_,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, insert
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
+from sqlalchemy.types import JSON
 
 from app.costs import Budget
 from app.deliberation.results import Completed, Evaluated, Judged, PairOutcome, PairTry, Sample, Thought
 from app.plan import JobPlan, read_plan
-from app.store import callbacks, policy_sets, prompt_sets
+from app.store import callbacks, group_commit, policy_sets, prompt_sets
 from app.store.db import Sessions, driver_connection
-from app.store.driver_statements import DriverStatement, insert_from, insert_rows_from
-from app.store.endings import CANCELLED, COMPLETED, WORKER_LOST, WORKER_SILENT, Ending, ending_values, failed
-from app.store.group_commit import Lane, Waiting, cancel, fail
+from app.store.driver_statements import DriverStatement, filled_by_database, insert_from, insert_rows_from
+from app.store.endings import (
+    CANCELLED,
+    COMPLETED,
+    WORKER_LOST,
+    WORKER_SILENT,
+    Ending,
+    ending_values,
+    failed,
+    handed_back,
+)
+from app.store.group_commit import Lane, Waiting
 from app.store.models import (
     Cot,
     ImportedSample,
@@ -85,6 +100,14 @@ def claim_holds(item_id: Any, attempt: Any) -> ColumnElement[bool]:
     """SQL condition: the item is still held under the claim with this attempt counter (values,
     or bindparam()s in a driver statement). Every write under a claim is conditional on it."""
     return and_(Item.id == item_id, Item.attempts == attempt, Item.status == ItemStatus.RUNNING)
+
+
+def held_elsewhere(not_locked_here: ColumnElement[bool], item_id: Any, attempt: Any) -> Label[bool]:
+    """SQL: a statement that locks items SKIP LOCKED skipped the item, locked by another
+    transaction, though its claim holds in the statement's snapshot (the claim lost, the item
+    was not skipped: it answers not held)."""
+    holds = exists().where(claim_holds(item_id, attempt))
+    return and_(not_locked_here, holds).label("skipped")
 
 
 @dataclass(frozen=True)
@@ -183,12 +206,13 @@ _CLAIM_QUEUED = DriverStatement(
 
 
 class Claimer:
-    """Claims of one worker process's items: those asked for together (the jobs a worker starts
-    at once, the items that free slots take) are taken in one statement (app/store/group_commit.py).
-    It claims the queued items of live jobs with tries left, and skips an item row that another
-    transaction holds (a cancellation, the sweeper) rather than waiting with the whole batch:
-    an item it did not take is claimed alone, as `claim` does, which waits for the lock and
-    also takes over an expired lease or settles an item that may not run."""
+    """Claims of one worker process's items: those asked for together (the arq jobs a worker
+    starts at once, the items that free slots take) are taken in one statement
+    (app/store/group_commit.py). It claims the queued items of live jobs with tries left, and
+    skips an item row that another transaction holds (a cancellation, the sweeper) rather than
+    waiting with the whole batch: an item it did not take is claimed alone, as `claim` does,
+    which waits for the lock and also takes over an expired lease or settles an item that may
+    not run. So is every item of a batch that failed, each on a connection of its own."""
 
     def __init__(self, sessions: Sessions, limits: Limits, holder: UUID, max_items: int = 64) -> None:
         self.sessions = sessions
@@ -217,21 +241,36 @@ class Claimer:
                     max_failures=self.limits.max_failures,
                 )
         except asyncio.CancelledError:
-            cancel(batch)
+            group_commit.cancel(batch)
             raise
-        except Exception as error:  # handed to every caller, who raises it as a lone claim would
-            fail(batch, error)
-            return
+        except Exception:  # nothing claimed: each alone, to its own fate
+            records = []
         claimed = {record["item_id"]: record for record in records}
         for item_id, answer in batch:
+            # pop: an item asked for twice (two arq jobs of one item) is claimed once; the
+            # other ask finds it running, as a second lone claim would.
             if not answer.done():
-                answer.set_result(claimed.get(item_id))
+                answer.set_result(claimed.pop(item_id, None))
+        if claimed:  # their callers were cancelled (the worker shutting down): give them back
+            await asyncio.shield(_give_back(self.sessions, list(claimed.values())))
+
+
+async def _give_back(sessions: Sessions, records: list[asyncpg.Record]) -> None:
+    """Hand back items claimed for callers no longer there, as a run stopped by a shutdown
+    hands its item back, instead of leaving them to their lease."""
+    given_back = ending_values(handed_back("worker shut down", counts_as_failure=False))
+    async with sessions.begin() as session:
+        for record in records:
+            await session.execute(
+                update(Item).where(claim_holds(record["item_id"], record["attempt"])).values(given_back)
+            )
 
 
 def _claim_queued_many() -> DriverStatement:
     """_CLAIM_QUEUED for many items (`item_ids`): those it can lock at once, each returned with
     its id. Each item is found by its primary key alone and locked SKIP LOCKED (a lateral
-    subquery that locks is planned apart, once per id), then updated by its primary key. A
+    subquery that locks is not merged into the join: it runs once per id), then updated by its
+    primary key. A
     join of items on the conditions let the planner, trusting the statistics of a table just
     filled, read every queued item of the job for each batch, through another index."""
     ids = bindparam("item_ids", type_=ARRAY(Uuid))
@@ -449,6 +488,121 @@ def _completion(*tables: Any, row_sets: Sequence[Any] = ()) -> DriverStatement:
 
 _COMPLETE = _completion(Cot)
 _COMPLETE_WITH_PAIR = _completion(Cot, PreferencePair, row_sets=[PairCandidate])
+
+
+class Completer:
+    """Completions of one worker process's items: those that end together are stored in one
+    statement (app/store/group_commit.py), each as `complete` would store it alone. The
+    statement locks the items SKIP LOCKED: an item another transaction holds (a cancellation,
+    a takeover) is completed alone, as is one whose job names a callback (its delivery is
+    written in the same transaction) or that made a preference pair, and every item of a
+    batch that failed (a value Postgres refused fails the statement, not only its own row)."""
+
+    def __init__(self, sessions: Sessions, max_items: int = 64) -> None:
+        self.sessions = sessions
+        self.statements = 0  # sent, so tests and benchmarks can see the grouping
+        self._lane: Lane[dict[str, Any], _Completion] = Lane(self._complete_together, max_items)
+
+    async def complete(self, claim: Claim, result: Completed) -> Ending | None:
+        """As `complete`: COMPLETED, or None if the item is not ours (nothing written)."""
+        if not claim.notifies and result.pair is None:
+            row = _cot_row(claim, result) | {"attempt": claim.attempt, "item_id": claim.item_id}
+            completion = await self._lane.ask(row)
+            if completion != _Completion.ALONE:
+                return COMPLETED if completion == _Completion.DONE else None
+        return await complete(self.sessions, claim, result)
+
+    async def _complete_together(self, batch: list[Waiting[dict[str, Any], _Completion]]) -> None:
+        self.statements += 1
+        try:
+            async with driver_connection(self.sessions) as connection:
+                records = await _COMPLETE_MANY.fetch(
+                    connection, cots=[row | {"n": n} for n, (row, _) in enumerate(batch)]
+                )
+        except asyncio.CancelledError:
+            group_commit.cancel(batch)
+            raise
+        except Exception:  # nothing written: each alone, to its own fate
+            records = [(n, False, True) for n in range(len(batch))]
+        for n, done, skipped in records:
+            answer = batch[n][1]
+            if not answer.done():
+                outcome = _Completion.DONE if done else _Completion.LOST
+                answer.set_result(_Completion.ALONE if skipped else outcome)
+        for _, answer in batch:  # none, unless Postgres answered fewer rows than it was given
+            if not answer.done():
+                answer.set_result(_Completion.ALONE)
+
+
+class _Completion(Enum):
+    DONE = "done"
+    LOST = "lost"  # the claim no longer holds: nothing written
+    ALONE = "alone"  # to be completed alone
+
+
+def _complete_many() -> DriverStatement:
+    """_COMPLETE for many items (`cots`: a jsonb array of CoT rows, each with its item's claim
+    attempt and numbered `n`); one answer row per CoT: n, done, skipped (its item was locked by
+    another transaction: nothing written). Each item is locked SKIP LOCKED by its primary key
+    in a lateral subquery (run once per row), as the claims are."""
+    cots = Cot.__table__
+    columns = [c for c in cots.columns if not filled_by_database(c)]
+    given = (
+        select(
+            func.jsonb_to_recordset(bindparam("cots", type_=JSONB))
+            .table_valued(
+                column("n", Integer), column("attempt", Integer), *(column(c.name, c.type) for c in columns)
+            )
+            .render_derived(name="cots_given", with_types=True)
+        )
+    ).cte("given")
+    locked = (
+        select(Item.id)
+        .where(claim_holds(given.c.item_id, given.c.attempt))
+        .with_for_update(skip_locked=True)
+        .lateral("locked")
+    )
+    held = select(locked.c.id).select_from(given).join(locked, true()).cte("held")
+    done = (
+        update(Item)
+        .where(Item.id == held.c.id)
+        .values(ending_values(COMPLETED))
+        .returning(Item.id)
+        .cte("done")
+    )
+    written = (
+        insert(cots)
+        .from_select(
+            [c.name for c in columns],
+            # jsonb_to_recordset reads a JSON null as SQL NULL: a JSON column that keeps None as
+            # JSON null gets it back, as `complete` stores it.
+            select(*(_json_null_kept(given.c[c.name], c) for c in columns)).join_from(
+                given, done, done.c.id == given.c.item_id
+            ),
+        )
+        .on_conflict_do_nothing(index_elements=["item_id"])
+        .cte("cots_written")
+    )
+    return DriverStatement(
+        select(
+            given.c.n,
+            done.c.id.is_not(None).label("done"),
+            held_elsewhere(done.c.id.is_(None), given.c.item_id, given.c.attempt),
+        )
+        .select_from(given)
+        .outerjoin(done, done.c.id == given.c.item_id)
+        .order_by(given.c.n)
+        .add_cte(written)
+    )
+
+
+def _json_null_kept(value: ColumnElement[Any], column_: Column[Any]) -> ColumnElement[Any]:
+    if isinstance(column_.type, JSON) and not column_.type.none_as_null:
+        return func.coalesce(value, literal_column("'null'::jsonb", JSONB))
+    return value
+
+
+_COMPLETE_MANY = _complete_many()
 
 
 def _new_row_of(claim: Claim) -> dict[str, Any]:

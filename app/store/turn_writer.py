@@ -32,9 +32,7 @@ from typing import Any
 
 import asyncpg
 from sqlalchemy import (
-    ColumnElement,
     Integer,
-    Label,
     and_,
     bindparam,
     column,
@@ -49,7 +47,7 @@ from sqlalchemy.dialects.postgresql import JSONB, distinct_on, insert
 from app.store.db import Sessions, driver_connection
 from app.store.driver_statements import DriverStatement, filled_by_database, insert_from, row_parameter
 from app.store.group_commit import Lane, Waiting, cancel, fail
-from app.store.items import claim_holds
+from app.store.items import claim_holds, held_elsewhere
 from app.store.models import Item, Job, TurnRow
 
 # Errors of a statement that one of its rows (or the batch's size, or its locks' order) may
@@ -193,7 +191,7 @@ def _write_one_statement(wait_for_locks: bool) -> DriverStatement:
             (
                 false().label("skipped")  # it waited for the lock
                 if wait_for_locks
-                else _skipped(~exists().select_from(held), bindparam("item_id"), bindparam("attempt"))
+                else held_elsewhere(~exists().select_from(held), bindparam("item_id"), bindparam("attempt"))
             ),
             exists().select_from(held).label("held"),
             exists().select_from(inserted).label("inserted"),
@@ -268,7 +266,7 @@ def _write_statement() -> DriverStatement:
     return DriverStatement(
         select(
             given.c.n,
-            _skipped(held.c.n.is_(None), given.c.item_id, given.c.claim_attempt),
+            held_elsewhere(held.c.n.is_(None), given.c.item_id, given.c.claim_attempt),
             held.c.n.is_not(None).label("held"),
             added.c.n.is_not(None).label("inserted"),
             Job.budget_max_cost_usd,
@@ -280,13 +278,6 @@ def _write_statement() -> DriverStatement:
         .outerjoin(Job, Job.id == held.c.job_id)
         .add_cte(staged)
     )
-
-
-def _skipped(not_locked_here: ColumnElement[bool], item_id: Any, attempt: Any) -> Label[bool]:
-    """SQL: the row's item was skipped, locked by another transaction, though its claim holds in
-    the statement's snapshot (the claim lost, the row was not skipped: it answers not held)."""
-    holds = exists().where(claim_holds(item_id, attempt))
-    return and_(not_locked_here, holds).label("skipped")
 
 
 _WRITE_ONE = _write_one_statement(wait_for_locks=False)
