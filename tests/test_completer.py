@@ -11,6 +11,7 @@ from uuid import UUID
 
 import httpx
 from sqlalchemy import select, text
+from sqlalchemy.types import JSON
 
 from app.deliberation.results import Completed, Gate, Grade, Thought
 from app.store import items
@@ -37,21 +38,24 @@ AGREED = Completed(
 NO_ONE_AGREED = replace(AGREED, agreed=False, agreed_by=None, grade=None, gate=None)
 
 
+JSON_COLUMNS = [c.name for c in Cot.__table__.columns if isinstance(c.type, JSON)]
+
+
 async def cot_of(sessions: Sessions, item_id: UUID) -> dict[str, Any] | None:
-    """The stored CoT as the database holds it (JSON nulls told from SQL NULLs), less what
-    is the item's own."""
+    """The stored CoT as the database holds it, less what is the item's own; under "types",
+    each JSON column's JSON type ('null' for JSON null, None for SQL NULL)."""
+    types = ", ".join(f"jsonb_typeof({name})" for name in JSON_COLUMNS)
     async with sessions() as session:
         row = (
             await session.execute(
                 text(
-                    "SELECT to_jsonb(cots) - 'id' - 'item_id' - 'position' - 'created_at' AS cot, "
-                    "jsonb_typeof(agreed_by) AS agreed_by_type, scores IS NULL AS no_scores "
-                    "FROM cots WHERE item_id = :item_id"
+                    "SELECT to_jsonb(cots) - 'id' - 'item_id' - 'position' - 'created_at', "
+                    f"ARRAY[{types}] FROM cots WHERE item_id = :item_id"
                 ),
                 {"item_id": item_id},
             )
         ).one_or_none()
-    return None if row is None else {**row.cot, "types": (row.agreed_by_type, row.no_scores)}
+    return None if row is None else {**row[0], "types": row[1]}
 
 
 async def test_cots_of_items_ending_together_are_stored_in_one_statement_as_each_alone_would_be(
@@ -80,7 +84,8 @@ async def test_cots_of_items_ending_together_are_stored_in_one_statement_as_each
         {"helpfulness": {"score": 4, "rationale": "clear"}},
         ["policy_faithfulness < 4"],
     )
-    assert (await cot_of(sessions, alone.item_id) or {})["types"] == ("null", True)
+    types = dict(zip(JSON_COLUMNS, (await cot_of(sessions, alone.item_id) or {})["types"], strict=True))
+    assert (types["agreed_by"], types["scores"], types["gate_reasons"]) == ("null", None, None)
     # Stored: completing again writes nothing and says so, as alone.
     assert await completer.complete(together[0], AGREED) is None
 
@@ -110,6 +115,7 @@ async def test_an_item_another_transaction_holds_is_completed_alone_once_free(
         # Within a few seconds: a batch that waited for the lock would wait for the blocker.
         endings = await asyncio.wait_for(asyncio.gather(*(completer.complete(c, AGREED) for c in others)), 10)
         assert endings == [COMPLETED, COMPLETED]
+        assert completer.statements == 1, "the locked item went with the others, and was skipped"
         await asyncio.sleep(0.2)
         assert not waiting.done(), "the locked item waits for the lock, alone"
     assert await waiting == COMPLETED
@@ -129,6 +135,7 @@ async def test_a_cot_postgres_refuses_fails_only_its_own_item(
         return_exceptions=True,
     )
 
+    assert completer.statements == 1
     assert isinstance(endings[0], Exception)
     assert endings[1:] == [COMPLETED, COMPLETED]
     assert await cot_of(sessions, refused.item_id) is None
@@ -136,3 +143,33 @@ async def test_a_cot_postgres_refuses_fails_only_its_own_item(
     ids = [refused.item_id, *(claim.item_id for claim in others)]
     async with sessions() as session:
         assert len((await session.scalars(select(Cot.id).where(Cot.item_id.in_(ids)))).all()) == 2
+
+
+async def test_of_a_stale_claim_and_the_current_one_of_an_item_only_the_current_cot_is_stored(
+    api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions
+) -> None:
+    [stale] = await claimed_items(api, auth, sessions, 1)
+    await lose(sessions, stale)  # taken over: attempt 2 holds it now
+    current = replace(stale, attempt=stale.attempt + 1)
+    completer = items.Completer(sessions)
+    stale_result = replace(AGREED, response="written under a lost claim")
+
+    endings = await asyncio.gather(
+        completer.complete(stale, stale_result), completer.complete(current, AGREED)
+    )
+
+    assert completer.statements == 1
+    assert endings == [None, COMPLETED]
+    assert (await cot_of(sessions, stale.item_id) or {})["response"] == AGREED.response
+
+
+async def test_a_completion_that_writes_a_delivery_goes_alone(
+    api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions
+) -> None:
+    [claim] = await claimed_items(api, auth, sessions, 1)
+    completer = items.Completer(sessions)
+
+    assert await completer.complete(replace(claim, notifies=True), AGREED) == COMPLETED
+
+    assert completer.statements == 0
+    assert await cot_of(sessions, claim.item_id) is not None

@@ -9,6 +9,7 @@ what each ending writes, is app.store.endings.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, fields
@@ -72,6 +73,8 @@ from app.store.models import (
     PromptSetRow,
     SampleEvaluation,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -243,7 +246,8 @@ class Claimer:
         except asyncio.CancelledError:
             group_commit.cancel(batch)
             raise
-        except Exception:  # nothing claimed: each alone, to its own fate
+        except Exception as error:  # each alone, to its own fate
+            log.warning("%d claims go alone, their statement failed: %r", len(batch), error)
             records = []
         claimed = {record["item_id"]: record for record in records}
         for item_id, answer in batch:
@@ -252,7 +256,10 @@ class Claimer:
             if not answer.done():
                 answer.set_result(claimed.pop(item_id, None))
         if claimed:  # their callers were cancelled (the worker shutting down): give them back
-            await asyncio.shield(_give_back(self.sessions, list(claimed.values())))
+            try:
+                await asyncio.shield(_give_back(self.sessions, list(claimed.values())))
+            except Exception as error:  # then their leases run out, and the next claim takes them
+                log.warning("%d items claimed for no one stay claimed: %r", len(claimed), error)
 
 
 async def _give_back(sessions: Sessions, records: list[asyncpg.Record]) -> None:
@@ -493,8 +500,8 @@ _COMPLETE_WITH_PAIR = _completion(Cot, PreferencePair, row_sets=[PairCandidate])
 class Completer:
     """Completions of one worker process's items: those that end together are stored in one
     statement (app/store/group_commit.py), each as `complete` would store it alone. The
-    statement locks the items SKIP LOCKED: an item another transaction holds (a cancellation,
-    a takeover) is completed alone, as is one whose job names a callback (its delivery is
+    statement locks the items SKIP LOCKED: an item another transaction holds (a takeover claim,
+    a lease renewal) is completed alone, as is one whose job names a callback (its delivery is
     written in the same transaction) or that made a preference pair, and every item of a
     batch that failed (a value Postgres refused fails the statement, not only its own row)."""
 
@@ -505,12 +512,21 @@ class Completer:
 
     async def complete(self, claim: Claim, result: Completed) -> Ending | None:
         """As `complete`: COMPLETED, or None if the item is not ours (nothing written)."""
-        if not claim.notifies and result.pair is None:
-            row = _cot_row(claim, result) | {"attempt": claim.attempt, "item_id": claim.item_id}
-            completion = await self._lane.ask(row)
-            if completion != _Completion.ALONE:
-                return COMPLETED if completion == _Completion.DONE else None
-        return await complete(self.sessions, claim, result)
+        if claim.notifies or result.pair is not None:
+            return await complete(self.sessions, claim, result)
+        row = _cot_row(claim, result) | {"attempt": claim.attempt, "item_id": claim.item_id}
+        if row.keys() != _COT_FIELDS:  # a missing field would be a silent NULL in the statement
+            raise KeyError(f"a CoT row has fields {sorted(row.keys() ^ _COT_FIELDS)} wrong")
+        completion = await self._lane.ask(row)
+        if completion == _Completion.DONE:
+            return COMPLETED
+        if completion == _Completion.LOST:
+            return None
+        ending = await complete(self.sessions, claim, result)
+        if ending is None and completion == _Completion.AFTER_FAILURE:
+            # The batch's connection may have broken after its commit: then this CoT is stored.
+            return COMPLETED if await _stored(self.sessions, row["id"]) else None
+        return ending
 
     async def _complete_together(self, batch: list[Waiting[dict[str, Any], _Completion]]) -> None:
         self.statements += 1
@@ -522,22 +538,32 @@ class Completer:
         except asyncio.CancelledError:
             group_commit.cancel(batch)
             raise
-        except Exception:  # nothing written: each alone, to its own fate
-            records = [(n, False, True) for n in range(len(batch))]
+        except Exception as error:  # each alone, to its own fate
+            log.warning("%d completions go alone, their statement failed: %r", len(batch), error)
+            records = []
         for n, done, skipped in records:
             answer = batch[n][1]
             if not answer.done():
                 outcome = _Completion.DONE if done else _Completion.LOST
                 answer.set_result(_Completion.ALONE if skipped else outcome)
-        for _, answer in batch:  # none, unless Postgres answered fewer rows than it was given
+        for _, answer in batch:  # the batch failed (or, never seen, Postgres answered too few rows)
             if not answer.done():
-                answer.set_result(_Completion.ALONE)
+                answer.set_result(_Completion.AFTER_FAILURE)
 
 
 class _Completion(Enum):
     DONE = "done"
     LOST = "lost"  # the claim no longer holds: nothing written
-    ALONE = "alone"  # to be completed alone
+    ALONE = "alone"  # its item was locked: to be completed alone
+    AFTER_FAILURE = "after_failure"  # its batch failed, maybe after its commit: alone, then checked
+
+
+async def _stored(sessions: Sessions, cot_id: UUID) -> bool:
+    async with sessions() as session:
+        return bool(await session.scalar(select(exists().where(Cot.id == cot_id))))
+
+
+_COT_FIELDS = frozenset(c.name for c in Cot.__table__.columns if not filled_by_database(c)) | {"attempt"}
 
 
 def _complete_many() -> DriverStatement:
@@ -562,12 +588,14 @@ def _complete_many() -> DriverStatement:
         .with_for_update(skip_locked=True)
         .lateral("locked")
     )
-    held = select(locked.c.id).select_from(given).join(locked, true()).cte("held")
+    held = select(given.c.n, locked.c.id).select_from(given).join(locked, true()).cte("held")
+    # By row, not by item: of two rows of one item (one claim sent twice, say) one is done,
+    # and the other answers as a lone completion after it would (skipped: alone, then lost).
     done = (
         update(Item)
         .where(Item.id == held.c.id)
         .values(ending_values(COMPLETED))
-        .returning(Item.id)
+        .returning(held.c.n)
         .cte("done")
     )
     written = (
@@ -577,7 +605,7 @@ def _complete_many() -> DriverStatement:
             # jsonb_to_recordset reads a JSON null as SQL NULL: a JSON column that keeps None as
             # JSON null gets it back, as `complete` stores it.
             select(*(_json_null_kept(given.c[c.name], c) for c in columns)).join_from(
-                given, done, done.c.id == given.c.item_id
+                given, done, done.c.n == given.c.n
             ),
         )
         .on_conflict_do_nothing(index_elements=["item_id"])
@@ -586,18 +614,18 @@ def _complete_many() -> DriverStatement:
     return DriverStatement(
         select(
             given.c.n,
-            done.c.id.is_not(None).label("done"),
-            held_elsewhere(done.c.id.is_(None), given.c.item_id, given.c.attempt),
+            done.c.n.is_not(None).label("done"),
+            held_elsewhere(done.c.n.is_(None), given.c.item_id, given.c.attempt),
         )
         .select_from(given)
-        .outerjoin(done, done.c.id == given.c.item_id)
+        .outerjoin(done, done.c.n == given.c.n)
         .order_by(given.c.n)
         .add_cte(written)
     )
 
 
-def _json_null_kept(value: ColumnElement[Any], column_: Column[Any]) -> ColumnElement[Any]:
-    if isinstance(column_.type, JSON) and not column_.type.none_as_null:
+def _json_null_kept(value: ColumnElement[Any], stored_in: Column[Any]) -> ColumnElement[Any]:
+    if isinstance(stored_in.type, JSON) and not stored_in.type.none_as_null:
         return func.coalesce(value, literal_column("'null'::jsonb", JSONB))
     return value
 
