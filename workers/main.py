@@ -79,8 +79,6 @@ class Worker:
     heartbeat: liveness.Heartbeat  # keeps them alive
     spending: budgets.Spending  # what jobs with a budget have spent
     turns: TurnWriter  # every item's turns, those recorded together in one statement
-    claims: items.Claimer  # every item's claim, those asked for together in one statement
-    completions: items.Completer  # every item's CoT, those ending together stored in one statement
     sweeper: asyncio.Task[None] | None = None  # this process's sweeper loop, if it runs one
     purger: asyncio.Task[None] | None = None  # its hazardous-text purge loop, if it runs one
     expirer: asyncio.Task[None] | None = None  # its loop deleting rows kept only for a while
@@ -157,8 +155,6 @@ async def connect(ctx: dict[str, Any]) -> None:
         heartbeat,
         spending,
         TurnWriter(sessions),
-        items.Claimer(sessions, _limits(settings), worker_id),
-        items.Completer(sessions),
     )
     log.info("worker %s started (%s)", worker_id, liveness.process())
 
@@ -195,7 +191,7 @@ async def run_item(ctx: dict[str, Any], item_id: str) -> str:
         worker = _worker(ctx)
         # Until the claim, only the record QueueWorker made when it took the job tells the
         # sweeper whose the job arq marked in progress.
-        claim = await worker.claims.claim(UUID(item_id))
+        claim = await items.claim(worker.sessions, UUID(item_id), _limits(worker.settings), worker.worker_id)
         if claim is None:
             return "nothing to do"
         with logs.ids(job_id=str(claim.job_id)):
@@ -262,9 +258,8 @@ async def _run_engine(worker: Worker, claim: items.Claim) -> Result:
             )
 
 
-async def _record(worker: Worker, claim: items.Claim, result: Result) -> Ending | None:
+async def _record(sessions: Sessions, claim: items.Claim, result: Result) -> Ending | None:
     """How the item ended, as stored; None if another worker holds it now."""
-    sessions = worker.sessions
     if isinstance(result, Failed):
         return await items.end(sessions, claim, failed(result.code, result.message))
     if isinstance(result, list):
@@ -273,7 +268,7 @@ async def _record(worker: Worker, claim: items.Claim, result: Result) -> Ending 
         return await items.complete_evaluated(sessions, claim, result)
     if isinstance(result, JudgedAnswer):
         return await model_evaluations.complete(sessions, claim, result)
-    return await worker.completions.complete(claim, result)
+    return await items.complete(sessions, claim, result)
 
 
 async def _process_claimed(worker: Worker, claim: items.Claim) -> Ending | None:
@@ -318,7 +313,7 @@ async def _process_claimed(worker: Worker, claim: items.Claim) -> Ending | None:
         raise Retry(defer=_backoff_s(settings, claim.attempt)) from exc
     finally:
         watch.cancel()
-    return await _record(worker, claim, result)
+    return await _record(sessions, claim, result)
 
 
 def _limits(settings: Settings) -> items.Limits:

@@ -8,58 +8,38 @@ what each ending writes, is app.store.endings.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import timedelta
-from enum import Enum
 from typing import Any
 from uuid import UUID, uuid4
 
 import asyncpg
 from sqlalchemy import (
-    Column,
     ColumnElement,
-    Integer,
     Interval,
-    Label,
     Update,
     Uuid,
     and_,
     bindparam,
-    column,
     exists,
     func,
-    literal_column,
     select,
-    true,
     tuple_,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB, insert
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
-from sqlalchemy.types import JSON
 
 from app.costs import Budget
 from app.deliberation.results import Completed, Evaluated, Judged, PairOutcome, PairTry, Sample, Thought
 from app.plan import JobPlan, read_plan
-from app.store import callbacks, group_commit, policy_sets, prompt_sets
+from app.store import callbacks, policy_sets, prompt_sets
 from app.store.db import Sessions, driver_connection
-from app.store.driver_statements import DriverStatement, filled_by_database, insert_from, insert_rows_from
-from app.store.endings import (
-    CANCELLED,
-    COMPLETED,
-    WORKER_LOST,
-    WORKER_SILENT,
-    Ending,
-    ending_values,
-    failed,
-    handed_back,
-)
-from app.store.group_commit import Lane, Waiting
+from app.store.driver_statements import DriverStatement, insert_from, insert_rows_from
+from app.store.endings import CANCELLED, COMPLETED, WORKER_LOST, WORKER_SILENT, Ending, ending_values, failed
 from app.store.models import (
     Cot,
     ImportedSample,
@@ -73,8 +53,6 @@ from app.store.models import (
     PromptSetRow,
     SampleEvaluation,
 )
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -105,14 +83,6 @@ def claim_holds(item_id: Any, attempt: Any) -> ColumnElement[bool]:
     return and_(Item.id == item_id, Item.attempts == attempt, Item.status == ItemStatus.RUNNING)
 
 
-def held_elsewhere(not_locked_here: ColumnElement[bool], item_id: Any, attempt: Any) -> Label[bool]:
-    """SQL: a statement that locks items SKIP LOCKED skipped the item, locked by another
-    transaction, though its claim holds in the statement's snapshot (the claim lost, the item
-    was not skipped: it answers not held)."""
-    holds = exists().where(claim_holds(item_id, attempt))
-    return and_(not_locked_here, holds).label("skipped")
-
-
 @dataclass(frozen=True)
 class Limits:
     """When an item stops being retried."""
@@ -122,10 +92,11 @@ class Limits:
     max_failures: int  # claims lost to a dead worker or an unexpected error
 
 
-# A claim's fields, by name, as the claim statements return them (the sets are read by id):
-# the item's and its job's.
-_CLAIMED_ITEM = (Item.attempts.label("attempt"), Item.position, Item.prompt)
-_CLAIMED_JOB = (
+# A claim's fields, by name, as both claim statements return them (the sets are read by id).
+_CLAIMED = (
+    Item.attempts.label("attempt"),
+    Item.position,
+    Item.prompt,
     Job.id.label("job_id"),
     Job.plan,
     Job.policy_set_id,
@@ -138,12 +109,7 @@ _CLAIMED_JOB = (
 
 def _claim_update(*conditions: ColumnElement[bool], values: dict[str, Any]) -> Update:
     """UPDATE the item where `conditions` hold (its job joined), returning the claim's fields."""
-    return (
-        update(Item)
-        .where(*conditions, Job.id == Item.job_id)
-        .values(values)
-        .returning(*_CLAIMED_ITEM, *_CLAIMED_JOB)
-    )
+    return update(Item).where(*conditions, Job.id == Item.job_id).values(values).returning(*_CLAIMED)
 
 
 def _claiming_values(lease: Any, holder: Any) -> dict[str, Any]:
@@ -161,7 +127,7 @@ def _claiming_values(lease: Any, holder: Any) -> dict[str, Any]:
 def _claim(
     item_id: UUID, row: Mapping[Any, Any], plan: JobPlan, sets: tuple[PolicySetRow, PromptSetRow]
 ) -> Claim:
-    """The claim from a row of the claim's fields (its plan and its job's sets read by the caller)."""
+    """The claim from a row of _CLAIMED (its plan and its job's sets read by the caller)."""
     return Claim(
         item_id,
         row["job_id"],
@@ -190,7 +156,11 @@ async def claim(
             max_failures=limits.max_failures,
         )
     if row is not None:
-        return await _claim_of(sessions, item_id, row)
+        # The driver returns the plan's JSON, decoded: the ORM's column type is not applied.
+        plan = read_plan(row["plan"])
+        async with sessions.begin() as session:  # a job older than prompt sets may write the built-in one
+            sets = await _sets_of(session, row["policy_set_id"], row["prompt_set_id"])
+        return _claim(item_id, row, plan, sets)
     return await _claim_or_settle(sessions, item_id, limits, holder)
 
 
@@ -206,119 +176,6 @@ _CLAIM_QUEUED = DriverStatement(
         values=_claiming_values(bindparam("lease", type_=Interval), bindparam("holder", type_=Uuid)),
     )
 )
-
-
-class Claimer:
-    """Claims of one worker process's items: those asked for together (the arq jobs a worker
-    starts at once, the items that free slots take) are taken in one statement
-    (app/store/group_commit.py). It claims the queued items of live jobs with tries left, and
-    skips an item row that another transaction holds (a cancellation, the sweeper) rather than
-    waiting with the whole batch: an item it did not take is claimed alone, as `claim` does,
-    which waits for the lock and also takes over an expired lease or settles an item that may
-    not run. So is every item of a batch that failed, each on a connection of its own."""
-
-    def __init__(self, sessions: Sessions, limits: Limits, holder: UUID, max_items: int = 64) -> None:
-        self.sessions = sessions
-        self.limits = limits
-        self.holder = holder
-        self.statements = 0  # sent, so tests and benchmarks can see the grouping
-        self._lane: Lane[UUID, asyncpg.Record | None] = Lane(self._claim_queued, max_items)
-
-    async def claim(self, item_id: UUID) -> Claim | None:
-        """As `claim`: the item taken, or None if there is nothing to do."""
-        row = await self._lane.ask(item_id)
-        if row is None:
-            return await claim(self.sessions, item_id, self.limits, self.holder)
-        return await _claim_of(self.sessions, item_id, row)
-
-    async def _claim_queued(self, batch: list[Waiting[UUID, asyncpg.Record | None]]) -> None:
-        self.statements += 1
-        try:
-            async with driver_connection(self.sessions) as connection:
-                records = await _CLAIM_QUEUED_MANY.fetch(
-                    connection,
-                    item_ids=[item_id for item_id, _ in batch],
-                    lease=timedelta(seconds=self.limits.lease_s),
-                    holder=self.holder,
-                    max_claims=self.limits.max_claims,
-                    max_failures=self.limits.max_failures,
-                )
-        except asyncio.CancelledError:
-            group_commit.cancel(batch)
-            raise
-        except Exception as error:  # each alone, to its own fate
-            log.warning("%d claims go alone, their statement failed: %r", len(batch), error)
-            records = []
-        claimed = {record["item_id"]: record for record in records}
-        for item_id, answer in batch:
-            # pop: an item asked for twice (two arq jobs of one item) is claimed once; the
-            # other ask finds it running, as a second lone claim would.
-            if not answer.done():
-                answer.set_result(claimed.pop(item_id, None))
-        if claimed:  # their callers were cancelled (the worker shutting down): give them back
-            try:
-                await asyncio.shield(_give_back(self.sessions, list(claimed.values())))
-            except Exception as error:  # then their leases run out, and the next claim takes them
-                log.warning("%d items claimed for no one stay claimed: %r", len(claimed), error)
-
-
-async def _give_back(sessions: Sessions, records: list[asyncpg.Record]) -> None:
-    """Hand back items claimed for callers no longer there, as a run stopped by a shutdown
-    hands its item back, instead of leaving them to their lease."""
-    given_back = ending_values(handed_back("worker shut down", counts_as_failure=False))
-    async with sessions.begin() as session:
-        for record in records:
-            await session.execute(
-                update(Item).where(claim_holds(record["item_id"], record["attempt"])).values(given_back)
-            )
-
-
-def _claim_queued_many() -> DriverStatement:
-    """_CLAIM_QUEUED for many items (`item_ids`): those it can lock at once, each returned with
-    its id. Each item is found by its primary key alone and locked SKIP LOCKED (a lateral
-    subquery that locks is not merged into the join: it runs once per id), then updated by its
-    primary key. A
-    join of items on the conditions let the planner, trusting the statistics of a table just
-    filled, read every queued item of the job for each batch, through another index."""
-    ids = bindparam("item_ids", type_=ARRAY(Uuid))
-    given = func.unnest(ids).table_valued(column("id", Uuid)).render_derived(name="given")
-    locked = (
-        select(Item.id, Item.job_id)
-        .where(
-            Item.id == given.c.id,
-            Item.status == ItemStatus.QUEUED,
-            Item.attempts < bindparam("max_claims"),
-            Item.failures < bindparam("max_failures"),
-        )
-        .with_for_update(skip_locked=True)
-        .lateral("locked")
-    )
-    claimable = (
-        select(locked.c.id, *_CLAIMED_JOB)
-        .select_from(given)
-        .join(locked, true())
-        .join(Job, Job.id == locked.c.job_id)
-        .where(Job.cancelled_at.is_(None))
-        .cte("claimable")
-    )
-    return DriverStatement(
-        update(Item)
-        .where(Item.id == claimable.c.id)
-        .values(_claiming_values(bindparam("lease", type_=Interval), bindparam("holder", type_=Uuid)))
-        .returning(*_CLAIMED_ITEM, *(claimable.c[c.name] for c in _CLAIMED_JOB), Item.id.label("item_id"))
-    )
-
-
-_CLAIM_QUEUED_MANY = _claim_queued_many()
-
-
-async def _claim_of(sessions: Sessions, item_id: UUID, row: Mapping[Any, Any]) -> Claim:
-    """The claim from a row of the claim's fields that a driver statement returned."""
-    # The driver returns the plan's JSON, decoded: the ORM's column type is not applied.
-    plan = read_plan(row["plan"])
-    async with sessions.begin() as session:  # a job older than prompt sets may write the built-in one
-        sets = await _sets_of(session, row["policy_set_id"], row["prompt_set_id"])
-    return _claim(item_id, row, plan, sets)
 
 
 async def _sets_of(
@@ -495,142 +352,6 @@ def _completion(*tables: Any, row_sets: Sequence[Any] = ()) -> DriverStatement:
 
 _COMPLETE = _completion(Cot)
 _COMPLETE_WITH_PAIR = _completion(Cot, PreferencePair, row_sets=[PairCandidate])
-
-
-class Completer:
-    """Completions of one worker process's items: those that end together are stored in one
-    statement (app/store/group_commit.py), each as `complete` would store it alone. The
-    statement locks the items SKIP LOCKED: an item another transaction holds (a takeover claim,
-    a lease renewal) is completed alone, as is one whose job names a callback (its delivery is
-    written in the same transaction) or that made a preference pair, and every item of a
-    batch that failed (a value Postgres refused fails the statement, not only its own row)."""
-
-    def __init__(self, sessions: Sessions, max_items: int = 64) -> None:
-        self.sessions = sessions
-        self.statements = 0  # sent, so tests and benchmarks can see the grouping
-        self._lane: Lane[dict[str, Any], _Completion] = Lane(self._complete_together, max_items)
-
-    async def complete(self, claim: Claim, result: Completed) -> Ending | None:
-        """As `complete`: COMPLETED, or None if the item is not ours (nothing written)."""
-        if claim.notifies or result.pair is not None:
-            return await complete(self.sessions, claim, result)
-        row = _cot_row(claim, result) | {"attempt": claim.attempt, "item_id": claim.item_id}
-        if row.keys() != _COT_FIELDS:  # a missing field would be a silent NULL in the statement
-            raise KeyError(f"a CoT row has fields {sorted(row.keys() ^ _COT_FIELDS)} wrong")
-        completion = await self._lane.ask(row)
-        if completion == _Completion.DONE:
-            return COMPLETED
-        if completion == _Completion.LOST:
-            return None
-        ending = await complete(self.sessions, claim, result)
-        if ending is None and completion == _Completion.AFTER_FAILURE:
-            # The batch's connection may have broken after its commit: then this CoT is stored.
-            return COMPLETED if await _stored(self.sessions, row["id"]) else None
-        return ending
-
-    async def _complete_together(self, batch: list[Waiting[dict[str, Any], _Completion]]) -> None:
-        self.statements += 1
-        try:
-            async with driver_connection(self.sessions) as connection:
-                records = await _COMPLETE_MANY.fetch(
-                    connection, cots=[row | {"n": n} for n, (row, _) in enumerate(batch)]
-                )
-        except asyncio.CancelledError:
-            group_commit.cancel(batch)
-            raise
-        except Exception as error:  # each alone, to its own fate
-            log.warning("%d completions go alone, their statement failed: %r", len(batch), error)
-            records = []
-        for n, done, skipped in records:
-            answer = batch[n][1]
-            if not answer.done():
-                outcome = _Completion.DONE if done else _Completion.LOST
-                answer.set_result(_Completion.ALONE if skipped else outcome)
-        for _, answer in batch:  # the batch failed (or, never seen, Postgres answered too few rows)
-            if not answer.done():
-                answer.set_result(_Completion.AFTER_FAILURE)
-
-
-class _Completion(Enum):
-    DONE = "done"
-    LOST = "lost"  # the claim no longer holds: nothing written
-    ALONE = "alone"  # its item was locked: to be completed alone
-    AFTER_FAILURE = "after_failure"  # its batch failed, maybe after its commit: alone, then checked
-
-
-async def _stored(sessions: Sessions, cot_id: UUID) -> bool:
-    async with sessions() as session:
-        return bool(await session.scalar(select(exists().where(Cot.id == cot_id))))
-
-
-_COT_FIELDS = frozenset(c.name for c in Cot.__table__.columns if not filled_by_database(c)) | {"attempt"}
-
-
-def _complete_many() -> DriverStatement:
-    """_COMPLETE for many items (`cots`: a jsonb array of CoT rows, each with its item's claim
-    attempt and numbered `n`); one answer row per CoT: n, done, skipped (its item was locked by
-    another transaction: nothing written). Each item is locked SKIP LOCKED by its primary key
-    in a lateral subquery (run once per row), as the claims are."""
-    cots = Cot.__table__
-    columns = [c for c in cots.columns if not filled_by_database(c)]
-    given = (
-        select(
-            func.jsonb_to_recordset(bindparam("cots", type_=JSONB))
-            .table_valued(
-                column("n", Integer), column("attempt", Integer), *(column(c.name, c.type) for c in columns)
-            )
-            .render_derived(name="cots_given", with_types=True)
-        )
-    ).cte("given")
-    locked = (
-        select(Item.id)
-        .where(claim_holds(given.c.item_id, given.c.attempt))
-        .with_for_update(skip_locked=True)
-        .lateral("locked")
-    )
-    held = select(given.c.n, locked.c.id).select_from(given).join(locked, true()).cte("held")
-    # By row, not by item: of two rows of one item (one claim sent twice, say) one is done,
-    # and the other answers as a lone completion after it would (skipped: alone, then lost).
-    done = (
-        update(Item)
-        .where(Item.id == held.c.id)
-        .values(ending_values(COMPLETED))
-        .returning(held.c.n)
-        .cte("done")
-    )
-    written = (
-        insert(cots)
-        .from_select(
-            [c.name for c in columns],
-            # jsonb_to_recordset reads a JSON null as SQL NULL: a JSON column that keeps None as
-            # JSON null gets it back, as `complete` stores it.
-            select(*(_json_null_kept(given.c[c.name], c) for c in columns)).join_from(
-                given, done, done.c.n == given.c.n
-            ),
-        )
-        .on_conflict_do_nothing(index_elements=["item_id"])
-        .cte("cots_written")
-    )
-    return DriverStatement(
-        select(
-            given.c.n,
-            done.c.n.is_not(None).label("done"),
-            held_elsewhere(done.c.n.is_(None), given.c.item_id, given.c.attempt),
-        )
-        .select_from(given)
-        .outerjoin(done, done.c.n == given.c.n)
-        .order_by(given.c.n)
-        .add_cte(written)
-    )
-
-
-def _json_null_kept(value: ColumnElement[Any], stored_in: Column[Any]) -> ColumnElement[Any]:
-    if isinstance(stored_in.type, JSON) and not stored_in.type.none_as_null:
-        return func.coalesce(value, literal_column("'null'::jsonb", JSONB))
-    return value
-
-
-_COMPLETE_MANY = _complete_many()
 
 
 def _new_row_of(claim: Claim) -> dict[str, Any]:

@@ -1,10 +1,12 @@
-"""Group commit of turns (app/store/group_commit.py): the turns a worker process's items
-record together go to Postgres in one statement.
+"""Group commit of turns: the turns a worker process's items record together go to Postgres
+in one statement.
 
 At hundreds of LLM calls a second, a statement and a transaction per turn were two thirds of
 Postgres's transactions and a tenth of a worker's CPU (bench/RESULTS.md, issue 12 target 4).
-One `TurnWriter` per worker process takes every item's turns, up to `max_rows` a statement.
-Each row keeps the single turn's contract: it is written only while
+One `TurnWriter` per worker process takes every item's turns: one arriving while no write is
+in flight is written at once (no timer, no added latency when idle); those arriving while a
+write is in flight wait for it and go together in the next one (natural batching), up to
+`max_rows` a statement. Each row keeps the single turn's contract: it is written only while
 its item's claim holds, once per turn key (a key already stored wins), in the statement's own
 transaction, committed before its caller hears back; the rows whose claim is gone write
 nothing and do not stop the others.
@@ -25,14 +27,16 @@ lone write would have. Nothing is ever dropped in silence.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import asyncpg
 from sqlalchemy import (
+    ColumnElement,
     Integer,
+    Label,
     and_,
     bindparam,
     column,
@@ -46,8 +50,7 @@ from sqlalchemy.dialects.postgresql import JSONB, distinct_on, insert
 
 from app.store.db import Sessions, driver_connection
 from app.store.driver_statements import DriverStatement, filled_by_database, insert_from, row_parameter
-from app.store.group_commit import Lane, Waiting, cancel, fail
-from app.store.items import claim_holds, held_elsewhere
+from app.store.items import claim_holds
 from app.store.models import Item, Job, TurnRow
 
 # Errors of a statement that one of its rows (or the batch's size, or its locks' order) may
@@ -71,7 +74,7 @@ class Written:
     max_tokens: int | None
 
 
-_Waiting = Waiting[dict[str, Any], Written]
+_Waiting = tuple[dict[str, Any], "asyncio.Future[Written]"]
 
 
 class TurnWriter:
@@ -83,14 +86,16 @@ class TurnWriter:
         self.sessions = sessions
         self.statements = 0  # sent, so tests and benchmarks can see the grouping
         self.rows = 0
-        self._lane: Lane[dict[str, Any], Written] = Lane(partial(self._write, wait_for_locks=False), max_rows)
+        self._lane = _Lane(partial(self._write, wait_for_locks=False), max_rows)
         # Rows whose item another transaction held when the main lane came to them.
-        self._behind_locks: Lane[dict[str, Any], Written] = Lane(partial(self._write, wait_for_locks=True), 1)
+        self._behind_locks = _Lane(partial(self._write, wait_for_locks=True), 1)
 
     async def write(self, row: dict[str, Any]) -> Written:
         if row.keys() != ROW_FIELDS:  # a missing field would be a silent NULL in the statement
             raise KeyError(f"a turn row has fields {sorted(row.keys() ^ ROW_FIELDS)} wrong")
-        return await self._lane.ask(row)
+        written: asyncio.Future[Written] = asyncio.get_running_loop().create_future()
+        self._lane.add((row, written))
+        return await written
 
     async def _write(self, batch: list[_Waiting], wait_for_locks: bool) -> None:
         """Write `batch` and tell each caller its outcome, or hand a row whose item was locked
@@ -103,20 +108,22 @@ class TurnWriter:
         except _ONE_ROWS_FAULT as error:
             # The statement failed and wrote nothing: one row's fault must not be every row's.
             if len(batch) == 1:
-                fail(batch, error)
+                _fail(batch, error)
                 return
             try:
                 for one in batch:
                     await self._write([one], wait_for_locks)
             except asyncio.CancelledError:  # the rows not yet tried are in no lane: cancel them
-                cancel(batch)
+                for _, written in batch:
+                    written.cancel()
                 raise
             return
         except asyncio.CancelledError:
-            cancel(batch)
+            for _, written in batch:
+                written.cancel()
             raise
         except Exception as error:  # handed to every caller of the batch, who raises it
-            fail(batch, error)
+            _fail(batch, error)
             return
         for waiting, (_, skipped, *outcome) in zip(batch, records, strict=True):
             if skipped:
@@ -143,6 +150,44 @@ class TurnWriter:
             records = await _WRITE.fetch(connection, turns=[row | {"n": n} for n, row in enumerate(rows)])
         records.sort(key=lambda record: record[0])
         return records
+
+
+class _Lane:
+    """Turns waiting to be written, and the task writing them: one statement in flight at a
+    time, with up to `max_rows` of the rows waiting when it starts."""
+
+    def __init__(self, write: Callable[[list[_Waiting]], Awaitable[None]], max_rows: int) -> None:
+        self._write = write
+        self._max_rows = max_rows
+        self._waiting: list[_Waiting] = []
+        self._writing: asyncio.Task[None] | None = None
+
+    def add(self, waiting: _Waiting) -> None:
+        self._waiting.append(waiting)
+        if self._writing is None:
+            # A task of its own, so that a caller cancelled does not cancel the others' write.
+            # It starts after the callbacks ready now: the rows they record join this one.
+            self._writing = asyncio.create_task(self._write_waiting())
+
+    async def _write_waiting(self) -> None:
+        try:
+            while self._waiting:
+                batch = self._waiting[: self._max_rows]
+                del self._waiting[: self._max_rows]
+                batch = [(row, written) for row, written in batch if not written.done()]
+                if batch:
+                    await self._write(batch)
+        finally:
+            self._writing = None
+            for _, written in self._waiting:  # left by a writer cancelled (the loop closing)
+                written.cancel()
+            self._waiting.clear()
+
+
+def _fail(batch: list[_Waiting], error: BaseException) -> None:
+    for _, written in batch:
+        if not written.done():
+            written.set_exception(error)
 
 
 # A turn's row: the turns table's columns the database does not fill (cached_prompt_tokens
@@ -191,7 +236,7 @@ def _write_one_statement(wait_for_locks: bool) -> DriverStatement:
             (
                 false().label("skipped")  # it waited for the lock
                 if wait_for_locks
-                else held_elsewhere(~exists().select_from(held), bindparam("item_id"), bindparam("attempt"))
+                else _skipped(~exists().select_from(held), bindparam("item_id"), bindparam("attempt"))
             ),
             exists().select_from(held).label("held"),
             exists().select_from(inserted).label("inserted"),
@@ -266,7 +311,7 @@ def _write_statement() -> DriverStatement:
     return DriverStatement(
         select(
             given.c.n,
-            held_elsewhere(held.c.n.is_(None), given.c.item_id, given.c.claim_attempt),
+            _skipped(held.c.n.is_(None), given.c.item_id, given.c.claim_attempt),
             held.c.n.is_not(None).label("held"),
             added.c.n.is_not(None).label("inserted"),
             Job.budget_max_cost_usd,
@@ -278,6 +323,13 @@ def _write_statement() -> DriverStatement:
         .outerjoin(Job, Job.id == held.c.job_id)
         .add_cte(staged)
     )
+
+
+def _skipped(not_locked_here: ColumnElement[bool], item_id: Any, attempt: Any) -> Label[bool]:
+    """SQL: the row's item was skipped, locked by another transaction, though its claim holds in
+    the statement's snapshot (the claim lost, the row was not skipped: it answers not held)."""
+    holds = exists().where(claim_holds(item_id, attempt))
+    return and_(not_locked_here, holds).label("skipped")
 
 
 _WRITE_ONE = _write_one_statement(wait_for_locks=False)
