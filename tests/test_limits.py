@@ -613,8 +613,9 @@ async def test_headers_that_cannot_be_read_are_ignored(
 
     waited = await pause_seen_by_the_other_client(scripted_llm, key_prefix, first)
 
-    # Misread, each would pause 3 s or more (5x3s, 1 hour capped, 1m); under a loaded suite
-    # the half second was seen to arrive 0.6 s late.
+    # Read wrongly, these headers would pause 3 s or more (-5s, 5x3s, 1m, 1 hour or the year
+    # 2999 capped at 120 s), or not at all (under 0.45 s); under a loaded suite the half
+    # second was seen to arrive 0.6 s late.
     assert 0.45 <= waited < 2.5, "the readable headers alone decide the pause"
 
 
