@@ -51,7 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logs.configure(settings.log_level, settings.log_json)
         shipped = load_presets(settings.presets_dir, settings)  # an invalid preset stops the start
-        engine = make_engine(settings.database_url)
+        engine = make_engine(settings.database_url, settings.database_timeout_s)
         sessions = make_sessions(engine)
         arq = await create_pool(redis_settings(settings.redis_url))
         # Progress streams wait on it (XREAD BLOCK) until their next snapshot is due.

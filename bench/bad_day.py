@@ -44,7 +44,7 @@ from uuid import UUID
 import httpx
 from redis.asyncio import Redis
 
-from app.store.db import Sessions, make_engine, make_sessions
+from app.store.db import Sessions, make_sessions
 from bench.audit import FINISHED, JobAudit, audit_job
 from bench.chaos import WorkerKiller, wait_for_job
 from bench.machine import describe, machine_cpu_jiffies
@@ -217,7 +217,7 @@ async def run_job(
         await stack.start_workers(args.workers)
         key = await stack.create_key()
         prompts = make_prompts(args.prompts)
-        engine = make_engine(stack.database_url)
+        engine = stack.engine()
         try:
             async with httpx.AsyncClient(timeout=120) as http:
                 sim_root = sim_url.removesuffix("/v1")

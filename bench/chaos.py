@@ -37,7 +37,7 @@ from uuid import UUID
 
 import httpx
 
-from app.store.db import Sessions, make_engine, make_sessions
+from app.store.db import Sessions, make_sessions
 from bench.audit import JobAudit, audit_job, finished, status_counts
 from bench.machine import describe
 from bench.prompts import make_prompts
@@ -163,7 +163,7 @@ async def _run(
     api_url = await stack.start_api()
     await stack.start_workers(args.workers)
     key = await stack.create_key()
-    engine = make_engine(stack.database_url)
+    engine = stack.engine()
     sessions = make_sessions(engine)
     chaos = Chaos(stack, postgres, redis, args.workers, args.seed)
     faults = schedule(random.Random(args.seed), args.kills)

@@ -41,7 +41,7 @@ from app.deliberation.results import METRICS
 from app.exports.formats import FORMATS
 from app.plan import JobConfigIn, resolve
 from app.store import exports
-from app.store.db import make_engine, make_sessions
+from app.store.db import make_sessions
 from app.store.export_rows import ExportFilter
 from app.store.models import ApiKey, Cot, Item, Job, PolicySetRow
 from bench.machine import describe, machine_cpu_jiffies
@@ -194,7 +194,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     formats = args.formats.split(",")
     async with ServiceStack("export") as stack:
         url, secret = await stack.api_alone()
-        engine = make_engine(stack.database_url)
+        engine = stack.engine()
         try:
             async with make_sessions(engine).begin() as session:
                 owner = await session.scalar(select(ApiKey.id).where(ApiKey.name == "bench"))

@@ -43,7 +43,7 @@ import httpx
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from app.store.db import make_engine, make_sessions
+from app.store.db import make_sessions
 from bench.audit import FINISHED, JobAudit, audit_job
 from bench.bad_day import EVERYDAY, add_service_args, fault_args
 from bench.chaos import WorkerKiller
@@ -363,7 +363,7 @@ async def _soak(run: Soak) -> dict[str, Any]:
     busy_after = machine_cpu_jiffies()
     shapes = await run.key_shapes()
     sim = (await run.http.get(f"{run.sim_root}/stats")).json()
-    engine = make_engine(stack.database_url)
+    engine = stack.engine()
     try:
         sessions = make_sessions(engine)
         audits = [await audit_job(sessions, job) for job in run.jobs]

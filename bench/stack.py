@@ -29,7 +29,10 @@ import asyncpg
 import httpx
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.config import get_settings
+from app.store.db import make_engine
 from bench.machine import ROOT
 
 PG_ADMIN_DSN = os.environ.get("AIDSAFE_BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -81,6 +84,10 @@ class ServiceStack:
         migrate = await asyncio.to_thread(self._run, [str(BIN / "alembic"), "upgrade", "head"])
         if migrate.returncode != 0:
             raise StackError(f"alembic upgrade head failed:\n{migrate.stderr[-3000:]}")
+
+    def engine(self) -> AsyncEngine:
+        """A SQLAlchemy engine on the run's database, as the services make theirs."""
+        return make_engine(self.database_url, get_settings().database_timeout_s)
 
     async def sql(self, query: str, *args: Any) -> list[asyncpg.Record]:
         """A query on the run's database (for timestamps the API does not expose)."""

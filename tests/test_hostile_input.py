@@ -413,8 +413,10 @@ async def test_an_unexpected_error_is_a_json_500_that_shows_nothing_of_the_reque
     assert "SECRET" not in response.text
 
 
-async def test_a_failed_statement_does_not_carry_the_values_it_was_sent(migrated: str) -> None:
-    engine = make_engine(migrated)
+async def test_a_failed_statement_does_not_carry_the_values_it_was_sent(
+    migrated: str, settings: Settings
+) -> None:
+    engine = make_engine(migrated, settings.database_timeout_s)
     try:
         async with engine.connect() as connection:
             with pytest.raises(DBAPIError) as failed:

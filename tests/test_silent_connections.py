@@ -1,23 +1,30 @@
-"""A connection to Redis can go silent without closing: after a failover, or when a NAT or
-load balancer drops its entry, the client's requests go nowhere and no reset comes back. The
-queue's calls then give up after `redis_timeout_s` and are sent again on a new connection
-(app/queue.py), so a worker's polls carry on instead of waiting for ever."""
+"""A connection to Redis or Postgres can go silent without closing: after a failover, or when
+a NAT or load balancer drops its entry, the client's requests go nowhere and no reset comes
+back. The queue's calls then give up after `redis_timeout_s` and are sent again on a new
+connection (app/queue.py), so a worker's polls carry on instead of waiting for ever; a
+Postgres statement gives up after `database_timeout_s`, its connection is discarded, and the
+next statement goes over a new one (app/store/db.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import subprocess
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
 from arq.connections import create_pool
+from sqlalchemy import literal, select
 
 from app.config import Settings
 from app.queue import bound_calls, redis_settings
-from tests.conftest import eventually, start_worker, submit
+from app.store.db import Sessions, driver_connection, make_engine, make_sessions
+from tests.conftest import api_client, eventually, start_worker, submit
+from tests.test_api import error_of
 
 
 class SilencingProxy:
@@ -66,11 +73,23 @@ class SilencingProxy:
                 await sink.drain()
 
 
+async def _proxy_to(url: str, default_port: int) -> SilencingProxy:
+    server = urlsplit(url)
+    proxy = SilencingProxy(server.hostname or "127.0.0.1", server.port or default_port)
+    await proxy.start()
+    return proxy
+
+
 @pytest.fixture
 async def proxy(settings: Settings) -> AsyncIterator[SilencingProxy]:
-    redis = urlsplit(settings.redis_url)
-    proxy = SilencingProxy(redis.hostname or "127.0.0.1", redis.port or 6379)
-    await proxy.start()
+    proxy = await _proxy_to(settings.redis_url, 6379)
+    yield proxy
+    await proxy.close()
+
+
+@pytest.fixture
+async def pg_proxy(settings: Settings) -> AsyncIterator[SilencingProxy]:
+    proxy = await _proxy_to(settings.database_url, 5432)
     yield proxy
     await proxy.close()
 
@@ -78,6 +97,12 @@ async def proxy(settings: Settings) -> AsyncIterator[SilencingProxy]:
 def _through(proxy: SilencingProxy, settings: Settings, **update: object) -> Settings:
     redis_path = urlsplit(settings.redis_url).path
     return settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{proxy.port}{redis_path}", **update})
+
+
+def _database_through(proxy: SilencingProxy, settings: Settings, **update: object) -> Settings:
+    database = urlsplit(settings.database_url)
+    via_proxy = database._replace(netloc=f"{database.username}@127.0.0.1:{proxy.port}").geturl()
+    return settings.model_copy(update={"database_url": via_proxy, **update})
 
 
 async def test_a_call_on_a_connection_gone_silent_is_answered_over_a_new_one(
@@ -115,3 +140,77 @@ async def test_a_worker_whose_queue_connections_go_silent_carries_on_over_new_on
     second = await submit(api, auth, ["Why is the sky blue?"])
     await eventually(lambda: _completed(api, auth, second), what="the second job, over new connections")
     assert workers[0].poll() is None, "the worker carried on; it did not exit and restart"
+
+
+async def _driver_select(sessions: Sessions, value: int) -> Any:
+    async with driver_connection(sessions) as connection:
+        return await connection.fetchval(f"SELECT {value}")
+
+
+async def _orm_select(sessions: Sessions, value: int) -> Any:
+    async with sessions() as session:
+        return await session.scalar(select(literal(value)))
+
+
+async def _gives_up(statement: Coroutine[Any, Any, Any]) -> None:
+    """The statement raises TimeoutError within 5 s (left waiting, it would fail the test)."""
+    waiting = asyncio.create_task(statement)
+    done, _ = await asyncio.wait({waiting}, timeout=5.0)
+    if not done:
+        waiting.cancel()  # not awaited: its cleanup would wait on the silent connection too
+        pytest.fail("the statement still waits on the silent connection after 5 s")
+    with pytest.raises(TimeoutError):
+        waiting.result()
+
+
+@pytest.mark.parametrize("select_", [_driver_select, _orm_select], ids=["driver", "orm"])
+async def test_a_statement_on_a_postgres_connection_gone_silent_gives_up_and_the_next_goes_over_a_new_one(
+    settings: Settings, pg_proxy: SilencingProxy, migrated: str, select_: Callable[[Sessions, int], Any]
+) -> None:
+    """Both kinds of statement we send: the driver fast path's and the ORM's."""
+    engine = make_engine(_database_through(pg_proxy, settings).database_url, timeout_s=1.0, pool_size=1)
+    sessions = make_sessions(engine)
+    try:
+        assert await select_(sessions, 1) == 1
+        pg_proxy.silence()  # the pool's one connection
+        await _gives_up(select_(sessions, 2))
+        async with asyncio.timeout(5.0):  # over a new connection: the silent one was discarded
+            assert await select_(sessions, 3) == 3
+    finally:
+        await engine.dispose()
+
+
+async def test_an_api_whose_postgres_connections_go_silent_answers_503_then_carries_on(
+    settings: Settings, pg_proxy: SilencingProxy, auth: dict[str, str]
+) -> None:
+    async with api_client(_database_through(pg_proxy, settings, database_timeout_s=1.0)) as api:
+        assert (await api.get("/v1/jobs", headers=auth)).status_code == 200
+        pg_proxy.silence()
+
+        started = time.monotonic()
+        async with asyncio.timeout(10.0):
+            response = await api.get("/v1/jobs", headers=auth)
+        error_of(response, 503, "unavailable")
+        assert time.monotonic() - started < 5.0
+
+        async with asyncio.timeout(5.0):
+            assert (await api.get("/v1/jobs", headers=auth)).status_code == 200
+
+
+async def test_a_worker_whose_postgres_connections_go_silent_carries_on_over_new_ones(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    pg_proxy: SilencingProxy,
+    workers: list[subprocess.Popen[bytes]],
+) -> None:
+    workers.append(start_worker(_database_through(pg_proxy, settings, database_timeout_s=1.0)))
+    first = await submit(api, auth, ["How do tides work?"])
+    await eventually(lambda: _completed(api, auth, first), what="the first job, before the silence")
+
+    pg_proxy.silence()  # every connection the worker holds now: its pool's, idle between items
+    second = await submit(api, auth, ["Why is the sky blue?"])
+    await eventually(lambda: _completed(api, auth, second), what="the second job, over new connections")
+    assert workers[0].poll() is None, "the worker carried on; it did not exit and restart"
+    job = (await api.get(f"/v1/jobs/{second}", headers=auth)).json()
+    assert job["counts"]["by_status"] == {"completed": 1}, "put back and done, not failed"

@@ -126,7 +126,7 @@ async def connect(ctx: dict[str, Any]) -> None:
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port)
     pool_size = min(settings.worker_max_jobs + 2, settings.worker_db_connections)
-    db = make_engine(settings.database_url, pool_size=pool_size)
+    db = make_engine(settings.database_url, settings.database_timeout_s, pool_size=pool_size)
     worker_id: UUID = ctx[WORKER_ID]
     limits = llm_redis(settings)
     llm = OpenAICompatibleClient(

@@ -19,7 +19,8 @@ keys_cli = typer.Typer(help="API keys (written straight to the database).", no_a
 
 
 async def _with_session(work: Any) -> Any:
-    engine = make_engine(get_settings().database_url, pool_size=1)
+    settings = get_settings()
+    engine = make_engine(settings.database_url, settings.database_timeout_s, pool_size=1)
     try:
         async with make_sessions(engine).begin() as session:
             return await work(session)

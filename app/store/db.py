@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import (
 Sessions = async_sessionmaker[AsyncSession]
 
 
-def make_engine(database_url: str, pool_size: int = 10) -> AsyncEngine:
+def make_engine(database_url: str, timeout_s: float, pool_size: int = 10) -> AsyncEngine:
     # Not pool_pre_ping: with asyncpg that is three round trips (BEGIN, ping, ROLLBACK) on
     # every checkout, more than most of our statements cost. The local check below catches
     # connections a Postgres restart closed while they sat in the pool; one that breaks
@@ -28,7 +28,15 @@ def make_engine(database_url: str, pool_size: int = 10) -> AsyncEngine:
     # (the worker's item retry, the client's retry after a 503) gets a fresh connection.
     # hide_parameters: a failed statement's message (logged, maybe shown) never carries the
     # values it was sent, which are user data: prompts, reviews, raw tool payloads.
-    engine = create_async_engine(database_url, pool_size=pool_size, hide_parameters=True)
+    # timeout_s bounds each statement (Settings.database_timeout_s says why). A session's
+    # connection gone silent times out its ROLLBACK too when it is given back, and the pool
+    # discards it; driver_connection discards the driver path's, which has none to send.
+    engine = create_async_engine(
+        database_url,
+        pool_size=pool_size,
+        hide_parameters=True,
+        connect_args={"command_timeout": timeout_s},
+    )
     event.listen(engine.sync_engine, "checkout", _replace_if_closed)
     return engine
 
@@ -61,7 +69,9 @@ async def driver_connection(sessions: Sessions) -> AsyncIterator[asyncpg.Connect
         driver = await driver_of(connection)
         try:
             yield driver
-        except BaseException:
-            if driver.is_closed():  # never hand it out again
+        except BaseException as error:
+            # Never hand it out again if it is closed, or if a statement on it timed out: the
+            # server may never answer on it again, and the pool's reset sends nothing to learn so.
+            if driver.is_closed() or isinstance(error, TimeoutError):
                 await connection.invalidate()
             raise
