@@ -18,13 +18,16 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from arq.connections import create_pool
-from sqlalchemy import literal, select
+from sqlalchemy import func, literal, select
 
 from app.config import Settings
 from app.queue import bound_calls, redis_settings
+from app.store import items
 from app.store.db import Sessions, driver_connection, make_engine, make_sessions
 from tests.conftest import api_client, eventually, start_worker, submit
 from tests.test_api import error_of
+from tests.test_endings import claimed_item, stored
+from workers.main import _keep_lease
 
 
 class SilencingProxy:
@@ -180,6 +183,27 @@ async def test_a_statement_on_a_postgres_connection_gone_silent_gives_up_and_the
         await engine.dispose()
 
 
+@pytest.mark.parametrize("select_", [_driver_select, _orm_select], ids=["driver", "orm"])
+async def test_once_a_statement_timed_out_the_pools_other_connections_are_replaced_not_waited_on(
+    settings: Settings, pg_proxy: SilencingProxy, migrated: str, select_: Callable[[Sessions, int], Any]
+) -> None:
+    """A failover silences every connection of the pool at once: after the first statement
+    gives up, the others are not each waited on for the timeout in turn."""
+    engine = make_engine(_database_through(pg_proxy, settings).database_url, timeout_s=3.0, pool_size=4)
+    sessions = make_sessions(engine)
+    try:
+        assert await asyncio.gather(*(select_(sessions, n) for n in range(4))) == [0, 1, 2, 3]  # 4 made
+        pg_proxy.silence()
+        await _gives_up(select_(sessions, 4))
+
+        started = time.monotonic()
+        async with asyncio.timeout(10.0):
+            assert await asyncio.gather(*(select_(sessions, n) for n in range(4))) == [0, 1, 2, 3]
+        assert time.monotonic() - started < 2.5, "a silent connection was used after the timeout"
+    finally:
+        await engine.dispose()
+
+
 async def test_an_api_whose_postgres_connections_go_silent_answers_503_then_carries_on(
     settings: Settings, pg_proxy: SilencingProxy, auth: dict[str, str]
 ) -> None:
@@ -214,3 +238,37 @@ async def test_a_worker_whose_postgres_connections_go_silent_carries_on_over_new
     assert workers[0].poll() is None, "the worker carried on; it did not exit and restart"
     job = (await api.get(f"/v1/jobs/{second}", headers=auth)).json()
     assert job["counts"]["by_status"] == {"completed": 1}, "put back and done, not failed"
+
+
+async def test_a_lease_renewal_on_a_silent_connection_gives_up_in_time_to_renew_over_a_new_one(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    sessions: Sessions,
+    settings: Settings,
+    pg_proxy: SilencingProxy,
+) -> None:
+    """A renewal left to wait out the database timeout (30 s here) would let the 3 s lease lapse
+    and the sweeper take the item from its live worker."""
+    _, claim = await claimed_item(api, auth, sessions)
+    engine = make_engine(_database_through(pg_proxy, settings).database_url, timeout_s=30.0, pool_size=1)
+    lease_s = 3
+    work = asyncio.create_task(asyncio.sleep(3600))  # the item's work, running meanwhile
+    watch: asyncio.Task[None] | None = None
+    try:
+        await items.renew(make_sessions(engine), claim, lease_s)  # the pool's one connection
+        renewed_at = time.monotonic()
+        pg_proxy.silence()
+        watch = asyncio.create_task(_keep_lease(make_sessions(engine), claim, lease_s, work))
+
+        await asyncio.sleep(2 * lease_s - (time.monotonic() - renewed_at))  # a lease past the first
+        item = await stored(sessions, claim.item_id)
+        async with sessions() as session:
+            now = await session.scalar(select(func.now()))
+        assert item.lease_until is not None and item.lease_until > now, "the lease lapsed"
+        assert not work.done(), "the work goes on"
+    finally:
+        for task in (watch, work):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in (watch, work) if t is not None), return_exceptions=True)
+        await engine.dispose()

@@ -321,16 +321,23 @@ def _limits(settings: Settings) -> items.Limits:
 
 
 async def _keep_lease(sessions: Sessions, claim: items.Claim, lease_s: int, work: asyncio.Task[Any]) -> None:
-    """Renew the lease while the item runs; stop the work if the claim is lost."""
+    """Renew the lease while the item runs; stop the work if the claim is lost. A renewal
+    gives up after a quarter of the lease and is tried again soon after: one left to wait out
+    the database timeout on a silent connection would let the lease lapse, and the sweeper
+    take a live worker's item."""
+    pause = lease_s / 3
     while True:
-        await asyncio.sleep(lease_s / 3)
+        await asyncio.sleep(pause)
         try:
-            await items.renew(sessions, claim, lease_s)
+            async with asyncio.timeout(lease_s / 4):
+                await items.renew(sessions, claim, lease_s)
+            pause = lease_s / 3
         except items.ClaimLost:
             work.cancel()
             raise
-        except Exception:  # a database blip: the next renewal may succeed before expiry
+        except Exception:  # a database blip: a renewal over another connection may succeed
             log.warning("lease renewal failed for item %s", claim.item_id, exc_info=True)
+            pause = lease_s / 12
 
 
 async def _on_claim_lost(sessions: Sessions, claim: items.Claim, watch: asyncio.Task[None]) -> Ending | None:

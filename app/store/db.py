@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
-from sqlalchemy import event
+from sqlalchemy import ExceptionContext, event
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -28,23 +30,60 @@ def make_engine(database_url: str, timeout_s: float, pool_size: int = 10) -> Asy
     # (the worker's item retry, the client's retry after a 503) gets a fresh connection.
     # hide_parameters: a failed statement's message (logged, maybe shown) never carries the
     # values it was sent, which are user data: prompts, reviews, raw tool payloads.
-    # timeout_s bounds each statement (Settings.database_timeout_s says why). A session's
-    # connection gone silent times out its ROLLBACK too when it is given back, and the pool
-    # discards it; driver_connection discards the driver path's, which has none to send.
+    # timeout_s bounds each statement (Settings.database_timeout_s says why).
     engine = create_async_engine(
         database_url,
         pool_size=pool_size,
         hide_parameters=True,
         connect_args={"command_timeout": timeout_s},
     )
-    event.listen(engine.sync_engine, "checkout", _replace_if_closed)
+    watch = _SilenceWatch()
+    event.listen(engine.sync_engine, "connect", watch.connected)
+    event.listen(engine.sync_engine, "checkout", watch.checked_out)
+    event.listen(engine.sync_engine, "handle_error", watch.failed)
     return engine
 
 
-def _replace_if_closed(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
-    # asyncpg marks a connection closed as soon as the server hangs up: no round trip.
-    if dbapi_connection.driver_connection.is_closed():
-        raise DisconnectionError("the server closed this pooled connection")
+class _SilenceWatch:
+    """Replaces the pooled connections that cannot be trusted, at their next checkout: those
+    the server closed, and those made before a statement timed out. A failover leaves every
+    connection of the pool half-open at once; without this, each would make its next user
+    wait out the timeout in turn. The connection whose statement timed out is discarded at
+    once (SQLAlchemy does so for a session's; driver_connection for its own)."""
+
+    def __init__(self) -> None:
+        self.timed_out_at = float("-inf")
+
+    def connected(self, _dbapi_connection: Any, record: Any) -> None:
+        record.info[_CONNECTED_AT] = time.monotonic()
+        record.info[_WATCH] = self
+
+    def checked_out(self, dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        # asyncpg marks a connection closed as soon as the server hangs up: no round trip.
+        if dbapi_connection.driver_connection.is_closed():
+            raise DisconnectionError("the server closed this pooled connection")
+        if record.info[_CONNECTED_AT] < self.timed_out_at:
+            dbapi_connection.driver_connection.terminate()  # see failed()
+            raise DisconnectionError("a statement timed out since this connection was made")
+
+    def failed(self, context: ExceptionContext) -> None:
+        error = context.original_exception
+        if isinstance(error, TimeoutError):
+            self.timed_out()
+        if isinstance(error, TimeoutError | asyncio.CancelledError):
+            # SQLAlchemy discards the connection, closing it politely first: on a silent one,
+            # 2 s more for the caller. Closed here at once, that close has nothing to wait for.
+            connection = context.connection
+            if connection is None or connection.invalidated:  # .connection would reconnect it
+                return
+            if driver := connection.connection.driver_connection:
+                driver.terminate()
+
+    def timed_out(self) -> None:
+        self.timed_out_at = time.monotonic()
+
+
+_CONNECTED_AT, _WATCH = "aidsafe_connected_at", "aidsafe_silence_watch"
 
 
 def make_sessions(engine: AsyncEngine) -> Sessions:
@@ -70,8 +109,13 @@ async def driver_connection(sessions: Sessions) -> AsyncIterator[asyncpg.Connect
         try:
             yield driver
         except BaseException as error:
-            # Never hand it out again if it is closed, or if a statement on it timed out: the
-            # server may never answer on it again, and the pool's reset sends nothing to learn so.
-            if driver.is_closed() or isinstance(error, TimeoutError):
+            # Never hand it out again if it is closed, or if a statement on it timed out or was
+            # cancelled: the server may never answer on it again (its next user would wait for
+            # that), and the pool's reset sends nothing to learn so.
+            if isinstance(error, TimeoutError):
+                connection.info[_WATCH].timed_out()
+            if isinstance(error, TimeoutError | asyncio.CancelledError):
+                driver.terminate()  # at once: a polite close would wait on a silent one
+            if driver.is_closed():
                 await connection.invalidate()
             raise

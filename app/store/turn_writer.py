@@ -18,10 +18,10 @@ while the main lane goes on. The second lane writes one row at a time, on one co
 that a cancellation of many items cannot take the whole pool; its rows wait for each other.
 
 A statement that fails writes nothing. When a row may be the cause (a value Postgres refuses,
-a deadlock with a statement locking items in another order), its rows are then written one per
-statement, so that a row's own error reaches its caller alone; any other error (the
-connection lost, Postgres shutting down) reaches every caller of the batch, who fails as a
-lone write would have. Nothing is ever dropped in silence.
+a deadlock), its rows are then written one per statement, so that a row's own error reaches
+its caller alone; any other error (the connection lost, Postgres shutting down, a statement
+timed out) reaches every caller of the batch, who fails as a lone write would have. Nothing
+is ever dropped in silence.
 """
 
 from __future__ import annotations
@@ -54,12 +54,12 @@ from app.store.driver_statements import DriverStatement, filled_by_database, ins
 from app.store.items import claim_holds
 from app.store.models import Item, Job, TurnRow
 
-# Errors of a statement that one of its rows (or the batch's size, or its locks' order) may
-# have caused, written nothing, and left the connection sound: its rows are tried one by one.
+# Errors of a statement that one of its rows (or the batch's size, or its locks) may have
+# caused, written nothing, and left the connection sound: its rows are tried one by one.
 _ONE_ROWS_FAULT = (
     asyncpg.DataError,  # a value out of range, text Postgres cannot hold
     asyncpg.IntegrityConstraintViolationError,
-    asyncpg.TransactionRollbackError,  # a deadlock with a statement locking items in another order
+    asyncpg.TransactionRollbackError,  # a deadlock: the lane that waits for item locks, the jobs' key locks
     asyncpg.ProgramLimitExceededError,
 )
 
