@@ -80,12 +80,12 @@ class Settings(BaseSettings):
     # would otherwise hold a worker's polls forever (the heartbeat has a bound of its own).
     # The API adds its progress streams' waits (events_resync_s, events_snapshot_interval_s).
     redis_timeout_s: float = Field(default=3.0, ge=1.0)
-    # Every Postgres statement of the API and the workers gives up after this long (asyncpg's
-    # command_timeout), and its connection and the pool's older ones are replaced
-    # (app/store/db.py): a connection left half-open by a failover would otherwise hold a
-    # request, or an item's turn write, forever while its lease renewals go on over other
-    # connections. Well above the longest statement we send (an export's batch, a large job's
-    # submission, cancellation or deletion).
+    # Postgres ends every statement of the API and the workers that runs longer than this, and
+    # the client gives up on one whose connection stays silent; that connection and the pool's
+    # older ones are replaced (app/store/db.py): a connection left half-open by a failover
+    # would otherwise hold a request, or an item's turn write, forever while its lease
+    # renewals go on over other connections. Well above the longest statement we send (an
+    # export's batch, a large job's submission, cancellation or deletion).
     database_timeout_s: float = Field(default=60.0, ge=1.0)
     log_level: str = "INFO"
     log_json: bool = True  # structured logs (one JSON object per line) with job and item ids

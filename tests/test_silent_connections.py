@@ -15,18 +15,21 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 from urllib.parse import urlsplit
 
+import asyncpg
 import httpx
 import pytest
 from arq.connections import create_pool
-from sqlalchemy import func, literal, select
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import DBAPIError
 
 from app.config import Settings
 from app.queue import bound_calls, redis_settings
 from app.store import items
-from app.store.db import Sessions, driver_connection, make_engine, make_sessions
+from app.store.db import Sessions, driver_connection, driver_of, make_engine, make_sessions
+from app.store.models import Item
 from tests.conftest import api_client, eventually, start_worker, submit
 from tests.test_api import error_of
-from tests.test_endings import claimed_item, stored
+from tests.test_endings import claimed_item
 from workers.main import _keep_lease
 
 
@@ -74,6 +77,7 @@ class SilencingProxy:
                     await asyncio.Event().wait()
                 sink.write(data)
                 await sink.drain()
+        sink.close()  # one side hung up: so does the other, as over a direct connection
 
 
 async def _proxy_to(url: str, default_port: int) -> SilencingProxy:
@@ -145,14 +149,26 @@ async def test_a_worker_whose_queue_connections_go_silent_carries_on_over_new_on
     assert workers[0].poll() is None, "the worker carried on; it did not exit and restart"
 
 
-async def _driver_select(sessions: Sessions, value: int) -> Any:
+async def _driver_query(sessions: Sessions, sql: str) -> Any:
     async with driver_connection(sessions) as connection:
-        return await connection.fetchval(f"SELECT {value}")
+        return await connection.fetchval(sql)
 
 
-async def _orm_select(sessions: Sessions, value: int) -> Any:
+async def _orm_query(sessions: Sessions, sql: str) -> Any:
     async with sessions() as session:
-        return await session.scalar(select(literal(value)))
+        return await session.scalar(text(sql))
+
+
+async def _driver_in_orm_query(sessions: Sessions, sql: str) -> Any:
+    """As a COPY in a session's transaction does."""
+    async with sessions.begin() as session, driver_of(await session.connection()) as connection:
+        return await connection.fetchval(sql)
+
+
+QUERIES = pytest.mark.parametrize(
+    "query", [_driver_query, _orm_query, _driver_in_orm_query], ids=["driver", "orm", "driver_in_orm"]
+)
+Query = Callable[[Sessions, str], Coroutine[Any, Any, Any]]
 
 
 async def _gives_up(statement: Coroutine[Any, Any, Any]) -> None:
@@ -166,42 +182,86 @@ async def _gives_up(statement: Coroutine[Any, Any, Any]) -> None:
         waiting.result()
 
 
-@pytest.mark.parametrize("select_", [_driver_select, _orm_select], ids=["driver", "orm"])
+@QUERIES
 async def test_a_statement_on_a_postgres_connection_gone_silent_gives_up_and_the_next_goes_over_a_new_one(
-    settings: Settings, pg_proxy: SilencingProxy, migrated: str, select_: Callable[[Sessions, int], Any]
+    settings: Settings, pg_proxy: SilencingProxy, migrated: str, query: Query
 ) -> None:
     """Both kinds of statement we send: the driver fast path's and the ORM's."""
     engine = make_engine(_database_through(pg_proxy, settings).database_url, timeout_s=1.0, pool_size=1)
     sessions = make_sessions(engine)
     try:
-        assert await select_(sessions, 1) == 1
+        assert await query(sessions, "SELECT 1") == 1
         pg_proxy.silence()  # the pool's one connection
-        await _gives_up(select_(sessions, 2))
+        await _gives_up(query(sessions, "SELECT 2"))
         async with asyncio.timeout(5.0):  # over a new connection: the silent one was discarded
-            assert await select_(sessions, 3) == 3
+            assert await query(sessions, "SELECT 3") == 3
     finally:
         await engine.dispose()
 
 
-@pytest.mark.parametrize("select_", [_driver_select, _orm_select], ids=["driver", "orm"])
+def _selects(sessions: Sessions, query: Query) -> Coroutine[Any, Any, list[Any]]:
+    """Four statements at once: each holds a connection of its own."""
+    return asyncio.gather(*(query(sessions, f"SELECT {n}") for n in range(4)))
+
+
+@QUERIES
 async def test_once_a_statement_timed_out_the_pools_other_connections_are_replaced_not_waited_on(
-    settings: Settings, pg_proxy: SilencingProxy, migrated: str, select_: Callable[[Sessions, int], Any]
+    settings: Settings, pg_proxy: SilencingProxy, migrated: str, query: Query
 ) -> None:
     """A failover silences every connection of the pool at once: after the first statement
     gives up, the others are not each waited on for the timeout in turn."""
     engine = make_engine(_database_through(pg_proxy, settings).database_url, timeout_s=3.0, pool_size=4)
     sessions = make_sessions(engine)
     try:
-        assert await asyncio.gather(*(select_(sessions, n) for n in range(4))) == [0, 1, 2, 3]  # 4 made
+        assert await _selects(sessions, query) == [0, 1, 2, 3]  # four connections made
         pg_proxy.silence()
-        await _gives_up(select_(sessions, 4))
+        await _gives_up(query(sessions, "SELECT 4"))
 
         started = time.monotonic()
         async with asyncio.timeout(10.0):
-            assert await asyncio.gather(*(select_(sessions, n) for n in range(4))) == [0, 1, 2, 3]
-        assert time.monotonic() - started < 2.5, "a silent connection was used after the timeout"
+            assert await _selects(sessions, query) == [0, 1, 2, 3]
+        assert time.monotonic() - started < 1.5, "a silent connection was used after the timeout"
     finally:
         await engine.dispose()
+
+
+@QUERIES
+async def test_a_statement_that_outruns_the_timeout_on_a_live_server_is_ended_by_postgres(
+    settings: Settings, sessions: Sessions, migrated: str, query: Query
+) -> None:
+    """Not only abandoned by the client: left running, it would hold its locks to the end. Its
+    connection answered, so it is kept."""
+    engine = make_engine(migrated, timeout_s=1.0, pool_size=1)
+    slow_sessions = make_sessions(engine)
+    try:
+        backend = await query(slow_sessions, "SELECT pg_backend_pid()")
+        started = time.monotonic()
+        with pytest.raises((asyncpg.QueryCanceledError, DBAPIError), match="statement timeout"):
+            await query(slow_sessions, "SELECT pg_sleep(30)")
+        assert time.monotonic() - started < 2.0, "Postgres ended it, before the client gave up"
+
+        async with sessions() as session:
+            running = await session.scalar(
+                text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid AND state = 'active'"),
+                {"pid": backend},
+            )
+        assert running == 0
+        assert await query(slow_sessions, "SELECT pg_backend_pid()") == backend
+    finally:
+        await engine.dispose()
+
+
+async def test_an_api_request_held_past_the_timeout_by_a_lock_answers_503_and_the_next_carries_on(
+    settings: Settings, sessions: Sessions, auth: dict[str, str]
+) -> None:
+    async with api_client(settings.model_copy(update={"database_timeout_s": 1.0})) as api:
+        assert (await api.get("/v1/jobs", headers=auth)).status_code == 200
+        async with sessions.begin() as session:
+            await session.execute(text("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE"))
+            started = time.monotonic()
+            error_of(await api.get("/v1/jobs", headers=auth), 503, "unavailable")
+            assert time.monotonic() - started < 3.0
+        assert (await api.get("/v1/jobs", headers=auth)).status_code == 200
 
 
 async def test_an_api_whose_postgres_connections_go_silent_answers_503_then_carries_on(
@@ -248,23 +308,26 @@ async def test_a_lease_renewal_on_a_silent_connection_gives_up_in_time_to_renew_
     pg_proxy: SilencingProxy,
 ) -> None:
     """A renewal left to wait out the database timeout (30 s here) would let the 3 s lease lapse
-    and the sweeper take the item from its live worker."""
+    and the sweeper take the item from its live worker. Every connection of the pool is silent:
+    a retry must not draw the next one."""
     _, claim = await claimed_item(api, auth, sessions)
-    engine = make_engine(_database_through(pg_proxy, settings).database_url, timeout_s=30.0, pool_size=1)
+    engine = make_engine(_database_through(pg_proxy, settings).database_url, timeout_s=30.0, pool_size=3)
+    renewing = make_sessions(engine)
     lease_s = 3
     work = asyncio.create_task(asyncio.sleep(3600))  # the item's work, running meanwhile
     watch: asyncio.Task[None] | None = None
     try:
-        await items.renew(make_sessions(engine), claim, lease_s)  # the pool's one connection
-        renewed_at = time.monotonic()
+        await asyncio.gather(*(items.renew(renewing, claim, lease_s) for _ in range(3)))  # 3 connections
         pg_proxy.silence()
-        watch = asyncio.create_task(_keep_lease(make_sessions(engine), claim, lease_s, work))
+        watch = asyncio.create_task(_keep_lease(renewing, claim, lease_s, work))
 
-        await asyncio.sleep(2 * lease_s - (time.monotonic() - renewed_at))  # a lease past the first
-        item = await stored(sessions, claim.item_id)
-        async with sessions() as session:
-            now = await session.scalar(select(func.now()))
-        assert item.lease_until is not None and item.lease_until > now, "the lease lapsed"
+        until = time.monotonic() + 2 * lease_s + 1  # past the lease the silence began in, and one more
+        while time.monotonic() < until:
+            async with sessions() as session:
+                lease = select(Item.lease_until > func.now()).where(Item.id == claim.item_id)
+                held = await session.scalar(lease)
+            assert held, "the lease lapsed"
+            await asyncio.sleep(0.2)
         assert not work.done(), "the work goes on"
     finally:
         for task in (watch, work):

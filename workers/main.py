@@ -50,7 +50,7 @@ from app.store import (
     webhooks,
 )
 from app.store.batches import AwaitingBatch, BatchedLLM
-from app.store.db import Sessions, make_engine, make_sessions
+from app.store.db import Sessions, deadline, make_engine, make_sessions
 from app.store.endings import CANCELLED, Ending, failed, handed_back
 from app.store.turn_log import PostgresTurnLog
 from app.store.turn_writer import TurnWriter
@@ -329,7 +329,7 @@ async def _keep_lease(sessions: Sessions, claim: items.Claim, lease_s: int, work
     while True:
         await asyncio.sleep(pause)
         try:
-            async with asyncio.timeout(lease_s / 4):
+            async with deadline(sessions, lease_s / 4):
                 await items.renew(sessions, claim, lease_s)
             pause = lease_s / 3
         except items.ClaimLost:

@@ -10,7 +10,7 @@ import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.schemas import ErrorOut
@@ -88,6 +88,9 @@ class InvalidRequest(ServiceError):
         return cls(message, problems[:MAX_LISTED_PROBLEMS])
 
 
+_QUERY_CANCELED = "57014"  # Postgres's SQLSTATE for a statement it cancelled
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
@@ -105,13 +108,22 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
     # Statements sent on the asyncpg connection itself (app/store/db.py driver_connection):
-    # connection lost, or Postgres shutting down or starting up.
+    # connection lost, Postgres shutting down or starting up, or a statement it ended at the
+    # database timeout (QueryCanceledError).
     @app.exception_handler(asyncpg.PostgresConnectionError)
     @app.exception_handler(asyncpg.OperatorInterventionError)
     @app.exception_handler(asyncpg.InterfaceError)
     async def _database_unavailable(_: Request, exc: Exception) -> JSONResponse:
         log.warning("database unavailable: %s", exc)
         return error_response(503, "unavailable", "the database is unavailable; retry shortly")
+
+    # SQLAlchemy wraps a statement Postgres ended at the database timeout in a bare DBAPIError;
+    # any other is a bug, answered 500 as before.
+    @app.exception_handler(DBAPIError)
+    async def _statement_ended(request: Request, exc: DBAPIError) -> JSONResponse:
+        if getattr(exc.orig, "sqlstate", None) != _QUERY_CANCELED:
+            raise exc
+        return await _database_unavailable(request, exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

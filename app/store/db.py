@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
-from sqlalchemy import ExceptionContext, event
+from sqlalchemy import Engine, ExceptionContext, event
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -30,14 +31,20 @@ def make_engine(database_url: str, timeout_s: float, pool_size: int = 10) -> Asy
     # (the worker's item retry, the client's retry after a 503) gets a fresh connection.
     # hide_parameters: a failed statement's message (logged, maybe shown) never carries the
     # values it was sent, which are user data: prompts, reviews, raw tool payloads.
-    # timeout_s bounds each statement (Settings.database_timeout_s says why).
+    # timeout_s bounds each statement (Settings.database_timeout_s says why) twice: Postgres
+    # ends one that runs longer (statement_timeout), so it holds no locks past it, and the
+    # client gives up on a connection that has not answered a moment after (command_timeout):
+    # a silent one, whose statement the server may never have seen.
     engine = create_async_engine(
         database_url,
         pool_size=pool_size,
         hide_parameters=True,
-        connect_args={"command_timeout": timeout_s},
+        connect_args={
+            "command_timeout": timeout_s + _ANSWER_MARGIN_S,
+            "server_settings": {"statement_timeout": str(round(timeout_s * 1000))},
+        },
     )
-    watch = _SilenceWatch()
+    watch = _watches[engine.sync_engine] = _SilenceWatch()
     event.listen(engine.sync_engine, "connect", watch.connected)
     event.listen(engine.sync_engine, "checkout", watch.checked_out)
     event.listen(engine.sync_engine, "handle_error", watch.failed)
@@ -56,7 +63,6 @@ class _SilenceWatch:
 
     def connected(self, _dbapi_connection: Any, record: Any) -> None:
         record.info[_CONNECTED_AT] = time.monotonic()
-        record.info[_WATCH] = self
 
     def checked_out(self, dbapi_connection: Any, record: Any, _proxy: Any) -> None:
         # asyncpg marks a connection closed as soon as the server hangs up: no round trip.
@@ -83,18 +89,53 @@ class _SilenceWatch:
         self.timed_out_at = time.monotonic()
 
 
-_CONNECTED_AT, _WATCH = "aidsafe_connected_at", "aidsafe_silence_watch"
+_ANSWER_MARGIN_S = 1.0  # for Postgres's own timeout to reach a live client first
+_CONNECTED_AT = "aidsafe_connected_at"
+_watches: weakref.WeakKeyDictionary[Engine, _SilenceWatch] = weakref.WeakKeyDictionary()
+
+
+def _engine_of(sessions: Sessions) -> AsyncEngine:
+    engine: AsyncEngine = sessions.kw["bind"]
+    return engine
+
+
+@asynccontextmanager
+async def deadline(sessions: Sessions, seconds: float) -> AsyncIterator[None]:
+    """Give up on the statements inside after `seconds`, sooner than the engine's timeout.
+    Giving up counts as a statement timing out: the pool's connections made before it are
+    replaced too, or the next try might draw another silent one."""
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except TimeoutError:
+        _watches[_engine_of(sessions).sync_engine].timed_out()
+        raise
 
 
 def make_sessions(engine: AsyncEngine) -> Sessions:
     return async_sessionmaker(engine, expire_on_commit=False)
 
 
-async def driver_of(connection: AsyncConnection) -> asyncpg.Connection:
-    """The asyncpg connection under a SQLAlchemy one (a checked-out connection has one)."""
+@asynccontextmanager
+async def driver_of(connection: AsyncConnection) -> AsyncIterator[asyncpg.Connection]:
+    """The asyncpg connection under a checked-out SQLAlchemy one, in its transaction if it
+    has begun one: for what the ORM makes slow (COPY, the hot single statements). Statements
+    sent on it bypass SQLAlchemy's error handling, so this does its part: never hand the
+    connection out again if it is closed, or if a statement on it timed out or was cancelled;
+    the server may never answer on it again (its next user would wait for that), and the
+    pool's reset sends nothing to learn so."""
     driver = (await connection.get_raw_connection()).driver_connection
     assert driver is not None
-    return driver
+    try:
+        yield driver
+    except BaseException as error:
+        if isinstance(error, TimeoutError):
+            _watches[connection.engine.sync_engine].timed_out()
+        if isinstance(error, TimeoutError | asyncio.CancelledError):
+            driver.terminate()  # at once: a polite close would wait on a silent one
+        if driver.is_closed():
+            await connection.invalidate()
+        raise
 
 
 @asynccontextmanager
@@ -103,19 +144,5 @@ async def driver_connection(sessions: Sessions) -> AsyncIterator[asyncpg.Connect
     statements (claim an item, record a turn): one round trip each, and none of the ORM's
     per-statement CPU. Parameters and results use SQLAlchemy's codecs: jsonb goes in as
     JSON text and comes back decoded."""
-    engine: AsyncEngine = sessions.kw["bind"]
-    async with engine.connect() as connection:
-        driver = await driver_of(connection)
-        try:
-            yield driver
-        except BaseException as error:
-            # Never hand it out again if it is closed, or if a statement on it timed out or was
-            # cancelled: the server may never answer on it again (its next user would wait for
-            # that), and the pool's reset sends nothing to learn so.
-            if isinstance(error, TimeoutError):
-                connection.info[_WATCH].timed_out()
-            if isinstance(error, TimeoutError | asyncio.CancelledError):
-                driver.terminate()  # at once: a polite close would wait on a silent one
-            if driver.is_closed():
-                await connection.invalidate()
-            raise
+    async with _engine_of(sessions).connect() as connection, driver_of(connection) as driver:
+        yield driver

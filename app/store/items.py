@@ -37,7 +37,7 @@ from app.costs import Budget
 from app.deliberation.results import Completed, Evaluated, Judged, PairOutcome, PairTry, Sample, Thought
 from app.plan import JobPlan, read_plan
 from app.store import callbacks, policy_sets, prompt_sets
-from app.store.db import Sessions, driver_connection
+from app.store.db import Sessions, driver_connection, driver_of
 from app.store.driver_statements import DriverStatement, insert_from, insert_rows_from
 from app.store.endings import CANCELLED, COMPLETED, WORKER_LOST, WORKER_SILENT, Ending, ending_values, failed
 from app.store.models import (
@@ -318,7 +318,8 @@ async def _completing(sessions: Sessions, claim: Claim) -> AsyncIterator[asyncpg
         # SQLAlchemy begins its transaction at its first statement: a statement sent on the
         # driver's connection before that would run outside it.
         await connection.exec_driver_sql("SELECT 1")
-        yield (await connection.get_raw_connection()).driver_connection
+        async with driver_of(connection) as driver:
+            yield driver
         await callbacks.record_if_finished(session, claim.job_id)
 
 

@@ -112,15 +112,15 @@ async def copy_items(
     defaults = _ITEM_DEFAULTS | ({"stage": stage} if stage else {})
     # COPY, in the session's transaction: for 10,000 items the ORM's multi-row INSERTs
     # spent most of the POST's database time building parameters.
-    driver = await driver_of(await session.connection())
-    await driver.copy_records_to_table(
-        Item.__tablename__,
-        columns=["id", "job_id", "position", "prompt", "metadata", *defaults],
-        records=[
-            (ids[i], job_id, it.position, it.prompt, json.dumps(it.metadata), *defaults.values())
-            for i, it in enumerate(items)
-        ],
-    )
+    async with driver_of(await session.connection()) as driver:
+        await driver.copy_records_to_table(
+            Item.__tablename__,
+            columns=["id", "job_id", "position", "prompt", "metadata", *defaults],
+            records=[
+                (ids[i], job_id, it.position, it.prompt, json.dumps(it.metadata), *defaults.values())
+                for i, it in enumerate(items)
+            ],
+        )
     return ids
 
 
