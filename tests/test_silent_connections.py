@@ -132,23 +132,6 @@ async def _completed(api: httpx.AsyncClient, auth: dict[str, str], job_id: str) 
     return bool(job["status"] == "completed")
 
 
-async def test_a_worker_whose_queue_connections_go_silent_carries_on_over_new_ones(
-    api: httpx.AsyncClient,
-    auth: dict[str, str],
-    settings: Settings,
-    proxy: SilencingProxy,
-    workers: list[subprocess.Popen[bytes]],
-) -> None:
-    workers.append(start_worker(_through(proxy, settings, redis_timeout_s=1.0)))
-    first = await submit(api, auth, ["How do tides work?"])
-    await eventually(lambda: _completed(api, auth, first), what="the first job, before the silence")
-
-    proxy.silence()  # every connection the worker holds now, its polls' among them
-    second = await submit(api, auth, ["Why is the sky blue?"])
-    await eventually(lambda: _completed(api, auth, second), what="the second job, over new connections")
-    assert workers[0].poll() is None, "the worker carried on; it did not exit and restart"
-
-
 async def _driver_query(sessions: Sessions, sql: str) -> Any:
     async with driver_connection(sessions) as connection:
         return await connection.fetchval(sql)
@@ -281,18 +264,25 @@ async def test_an_api_whose_postgres_connections_go_silent_answers_503_then_carr
             assert (await api.get("/v1/jobs", headers=auth)).status_code == 200
 
 
-async def test_a_worker_whose_postgres_connections_go_silent_carries_on_over_new_ones(
+@pytest.mark.parametrize("service", ["redis", "postgres"])
+async def test_a_worker_whose_connections_go_silent_carries_on_over_new_ones(
     api: httpx.AsyncClient,
     auth: dict[str, str],
     settings: Settings,
+    service: str,
+    proxy: SilencingProxy,
     pg_proxy: SilencingProxy,
     workers: list[subprocess.Popen[bytes]],
 ) -> None:
-    workers.append(start_worker(_database_through(pg_proxy, settings, database_timeout_s=1.0)))
+    if service == "redis":  # the queue's connections, its polls' among them
+        silenced = _through(proxy, settings, redis_timeout_s=1.0)
+    else:  # the pool's, idle between items
+        proxy, silenced = pg_proxy, _database_through(pg_proxy, settings, database_timeout_s=1.0)
+    workers.append(start_worker(silenced))
     first = await submit(api, auth, ["How do tides work?"])
     await eventually(lambda: _completed(api, auth, first), what="the first job, before the silence")
 
-    pg_proxy.silence()  # every connection the worker holds now: its pool's, idle between items
+    proxy.silence()  # every connection the worker holds now
     second = await submit(api, auth, ["Why is the sky blue?"])
     await eventually(lambda: _completed(api, auth, second), what="the second job, over new connections")
     assert workers[0].poll() is None, "the worker carried on; it did not exit and restart"
