@@ -234,6 +234,33 @@ async def test_a_statement_that_outruns_the_timeout_on_a_live_server_is_ended_by
         await engine.dispose()
 
 
+async def test_every_connection_a_driver_statement_takes_goes_back_to_the_pool(migrated: str) -> None:
+    """Finished, failed or cancelled midway: a connection kept out would run the pool dry; a
+    cancelled one is closed, not handed out again."""
+    engine = make_engine(migrated, timeout_s=60.0, pool_size=2)
+    sessions = make_sessions(engine)
+    try:
+        statements = (_driver_query(sessions, f"SELECT {n}") for n in range(5))
+        assert await asyncio.gather(*statements) == [0, 1, 2, 3, 4]  # 3 more than the pool holds
+        with pytest.raises(asyncpg.DivisionByZeroError):
+            await _driver_query(sessions, "SELECT 1 / 0")
+        reused = [await _driver_query(sessions, "SELECT pg_backend_pid()") for _ in range(3)]
+        assert len(set(reused)) <= 2, "each went back to the pool and was used again, not dropped"
+        cancelled = asyncio.create_task(_driver_query(sessions, "SELECT pg_sleep(30)"))
+        await asyncio.sleep(0.3)
+        in_this_database = "datname = current_database() AND query = 'SELECT pg_sleep(30)'"
+        sleeping = await _driver_query(sessions, f"SELECT pid FROM pg_stat_activity WHERE {in_this_database}")
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+
+        assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        pids = await asyncio.gather(*(_driver_query(sessions, "SELECT pg_backend_pid()") for _ in range(2)))
+        assert sleeping is not None and sleeping not in pids, "the cancelled one's connection was closed"
+    finally:
+        await engine.dispose()
+
+
 async def test_an_api_request_held_past_the_timeout_by_a_lock_answers_503_and_the_next_carries_on(
     settings: Settings, sessions: Sessions, auth: dict[str, str]
 ) -> None:

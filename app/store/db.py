@@ -119,21 +119,13 @@ def make_sessions(engine: AsyncEngine) -> Sessions:
 @asynccontextmanager
 async def driver_of(connection: AsyncConnection) -> AsyncIterator[asyncpg.Connection]:
     """The asyncpg connection under a checked-out SQLAlchemy one, in its transaction if it
-    has begun one: for what the ORM makes slow (COPY, the hot single statements). Statements
-    sent on it bypass SQLAlchemy's error handling, so this does its part: never hand the
-    connection out again if it is closed, or if a statement on it timed out or was cancelled;
-    the server may never answer on it again (its next user would wait for that), and the
-    pool's reset sends nothing to learn so."""
+    has begun one: for what the ORM makes slow (COPY, a completion that notifies)."""
     driver = (await connection.get_raw_connection()).driver_connection
     assert driver is not None
     try:
         yield driver
     except BaseException as error:
-        if isinstance(error, TimeoutError):
-            _watches[connection.engine.sync_engine].timed_out()
-        if isinstance(error, TimeoutError | asyncio.CancelledError):
-            driver.terminate()  # at once: a polite close would wait on a silent one
-        if driver.is_closed():
+        if _distrusted(connection.engine, driver, error):
             await connection.invalidate()
         raise
 
@@ -143,6 +135,35 @@ async def driver_connection(sessions: Sessions) -> AsyncIterator[asyncpg.Connect
     """A pooled connection's own asyncpg connection, in autocommit, for the hot single
     statements (claim an item, record a turn): one round trip each, and none of the ORM's
     per-statement CPU. Parameters and results use SQLAlchemy's codecs: jsonb goes in as
-    JSON text and comes back decoded."""
-    async with _engine_of(sessions).connect() as connection, driver_of(connection) as driver:
-        yield driver
+    JSON text and comes back decoded.
+
+    Taken from the pool as it is, not wrapped in an AsyncConnection, whose checkout and return
+    cost a hot statement as much CPU as its round trip (three greenlet hops and a task each
+    time). Statements in autocommit leave the return's reset nothing to send, so the
+    connection goes back in place, with nothing awaited that a cancellation could cut short."""
+    engine = _engine_of(sessions)
+    pooled = await engine.raw_connection()
+    try:
+        driver = pooled.driver_connection
+        assert driver is not None
+        try:
+            yield driver
+        except BaseException as error:
+            if _distrusted(engine, driver, error):
+                pooled.invalidate()
+            raise
+    finally:
+        pooled.close()
+
+
+def _distrusted(engine: AsyncEngine, driver: asyncpg.Connection, error: BaseException) -> bool:
+    """Whether a connection whose statement sent straight to the driver raised `error` must
+    not be handed out again: it is closed, or the statement timed out or was cancelled, and
+    the server may never answer on it again (its next user would wait for that), while the
+    pool's reset sends nothing to learn so. Such a statement bypasses SQLAlchemy's error
+    handling, so this does _SilenceWatch.failed's part."""
+    if isinstance(error, TimeoutError):
+        _watches[engine.sync_engine].timed_out()
+    if isinstance(error, TimeoutError | asyncio.CancelledError):
+        driver.terminate()  # at once: a polite close would wait on a silent one
+    return bool(driver.is_closed())
