@@ -60,6 +60,7 @@ class _SilenceWatch:
 
     def __init__(self) -> None:
         self.timed_out_at = float("-inf")
+        self.cut_short_at = float("-inf")  # when a statement in flight was last cancelled
 
     def connected(self, _dbapi_connection: Any, record: Any) -> None:
         record.info[_CONNECTED_AT] = time.monotonic()
@@ -76,6 +77,8 @@ class _SilenceWatch:
         error = context.original_exception
         if isinstance(error, TimeoutError):
             self.timed_out()
+        if isinstance(error, asyncio.CancelledError):
+            self.cut_short()
         if isinstance(error, TimeoutError | asyncio.CancelledError):
             # SQLAlchemy discards the connection, closing it politely first: on a silent one,
             # 2 s more for the caller. Closed here at once, that close has nothing to wait for.
@@ -87,6 +90,9 @@ class _SilenceWatch:
 
     def timed_out(self) -> None:
         self.timed_out_at = time.monotonic()
+
+    def cut_short(self) -> None:
+        self.cut_short_at = time.monotonic()
 
 
 _ANSWER_MARGIN_S = 1.0  # for Postgres's own timeout to reach a live client first
@@ -102,13 +108,17 @@ def _engine_of(sessions: Sessions) -> AsyncEngine:
 @asynccontextmanager
 async def deadline(sessions: Sessions, seconds: float) -> AsyncIterator[None]:
     """Give up on the statements inside after `seconds`, sooner than the engine's timeout.
-    Giving up counts as a statement timing out: the pool's connections made before it are
-    replaced too, or the next try might draw another silent one."""
+    Giving up on a statement in flight counts as a statement timing out: the pool's
+    connections made before it are replaced too, or the next try might draw another silent
+    one. Giving up on a wait for the pool does not: its connections are busy, not silent."""
+    watch = _watches[_engine_of(sessions).sync_engine]
+    began = time.monotonic()
     try:
         async with asyncio.timeout(seconds):
             yield
     except TimeoutError:
-        _watches[_engine_of(sessions).sync_engine].timed_out()
+        if watch.cut_short_at >= began:  # another task's cancellation may count too: harmless
+            watch.timed_out()
         raise
 
 
@@ -162,8 +172,11 @@ def _distrusted(engine: AsyncEngine, driver: asyncpg.Connection, error: BaseExce
     the server may never answer on it again (its next user would wait for that), while the
     pool's reset sends nothing to learn so. Such a statement bypasses SQLAlchemy's error
     handling, so this does _SilenceWatch.failed's part."""
+    watch = _watches[engine.sync_engine]
     if isinstance(error, TimeoutError):
-        _watches[engine.sync_engine].timed_out()
+        watch.timed_out()
+    if isinstance(error, asyncio.CancelledError):
+        watch.cut_short()
     if isinstance(error, TimeoutError | asyncio.CancelledError):
         driver.terminate()  # at once: a polite close would wait on a silent one
     return bool(driver.is_closed())
