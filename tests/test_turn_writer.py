@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from dataclasses import replace
 from typing import Any
 from uuid import UUID
@@ -72,6 +73,35 @@ async def test_turns_several_items_record_together_are_written_in_one_statement(
     assert [r.raw_output for r in results] == [f"raw {n}" for n in range(5)]
     for n, claim in enumerate(claims):
         assert await stored(sessions, claim.item_id) == [f"raw {n}"]
+
+
+async def test_an_idle_writer_writes_at_once_and_a_busy_one_lets_turns_gather_for_its_next_statement(
+    api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions
+) -> None:
+    idle, first, second, third = await claimed_items(api, auth, sessions, 4)
+    writer = TurnWriter(sessions, gather_s=0.5)
+
+    def record(claim: items.Claim) -> asyncio.Task[Turn]:
+        return asyncio.create_task(PostgresTurnLog(writer, claim).record(a_turn(claim.item_id, "raw")))
+
+    started = time.monotonic()
+    await record(idle)
+    assert time.monotonic() - started < 0.4, "no gathering when nothing was being written"
+    await asyncio.sleep(5 * 0.5)  # idle again
+
+    async with sessions.begin() as holder:  # first's statement waits on its job row's lock
+        await holder.execute(select(Job.id).where(Job.id == first.job_id).with_for_update())
+        writing_first = record(first)
+        await asyncio.sleep(0.2)
+        assert writer.statements == 2, "first's statement is in flight, sent at once"
+        writing_second = record(second)  # waits for it
+    await writing_first
+    await asyncio.sleep(0.1)  # the writer is busy: gathering for the next statement
+    await asyncio.gather(writing_second, record(third))
+
+    assert (writer.statements, writer.rows) == (3, 4), "second and third went together"
+    for claim in (idle, first, second, third):
+        assert await stored(sessions, claim.item_id) == ["raw"]
 
 
 def turn_row(claim: items.Claim) -> dict[str, Any]:

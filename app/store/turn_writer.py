@@ -6,10 +6,15 @@ Postgres's transactions and a tenth of a worker's CPU (bench/RESULTS.md, issue 1
 One `TurnWriter` per worker process takes every item's turns: one arriving while no write is
 in flight is written at once (no timer, no added latency when idle); those arriving while a
 write is in flight wait for it and go together in the next one (natural batching), up to
-`max_rows` a statement. Each row keeps the single turn's contract: it is written only while
-its item's claim holds, once per turn key (a key already stored wins), in the statement's own
-transaction, committed before its caller hears back; the rows whose claim is gone write
-nothing and do not stop the others.
+`max_rows` a statement. When the writer is busy (its last statement ended less than five
+`gather_s` ago), a statement first lets more turns join it for `gather_s` (2 ms, against a
+turn's LLM call of hundreds), as Postgres's commit_delay does: each statement is a commit,
+and at cap 256 this cut Postgres's transactions per call by a fifth (bench/RESULTS.md).
+
+Each row keeps the single turn's contract: it is written only while its item's claim holds,
+once per turn key (a key already stored wins), in the statement's own transaction, committed
+before its caller hears back; the rows whose claim is gone write nothing and do not stop the
+others.
 
 A lock another transaction holds on an item row (a job being cancelled, a takeover claim, a
 lease renewal) holds back no turn of the main lane: it locks item rows `SKIP LOCKED`, and a
@@ -27,6 +32,7 @@ is ever dropped in silence.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -83,13 +89,13 @@ class TurnWriter:
     statement. `write(row)` takes a turns row plus `claim_attempt` (the claim it is written
     under) and returns once it is committed, or raises what made the write fail."""
 
-    def __init__(self, sessions: Sessions, max_rows: int = 64) -> None:
+    def __init__(self, sessions: Sessions, max_rows: int = 64, gather_s: float = 0.002) -> None:
         self.sessions = sessions
         self.statements = 0  # sent, so tests and benchmarks can see the grouping
         self.rows = 0
-        self._lane = _Lane(partial(self._write, wait_for_locks=False), max_rows)
+        self._lane = _Lane(partial(self._write, wait_for_locks=False), max_rows, gather_s)
         # Rows whose item another transaction held when the main lane came to them.
-        self._behind_locks = _Lane(partial(self._write, wait_for_locks=True), 1)
+        self._behind_locks = _Lane(partial(self._write, wait_for_locks=True), 1, gather_s=0.0)
 
     async def write(self, row: dict[str, Any]) -> Written:
         if row.keys() != ROW_FIELDS:  # a missing field would be a silent NULL in the statement
@@ -155,11 +161,16 @@ class TurnWriter:
 
 class _Lane:
     """Turns waiting to be written, and the task writing them: one statement in flight at a
-    time, with up to `max_rows` of the rows waiting when it starts."""
+    time, with up to `max_rows` of the rows waiting when it starts, `gather_s` after it was
+    due if the last one ended less than five `gather_s` ago."""
 
-    def __init__(self, write: Callable[[list[_Waiting]], Awaitable[None]], max_rows: int) -> None:
+    def __init__(
+        self, write: Callable[[list[_Waiting]], Awaitable[None]], max_rows: int, gather_s: float
+    ) -> None:
         self._write = write
         self._max_rows = max_rows
+        self._gather_s = gather_s
+        self._last_ended = float("-inf")
         self._waiting: list[_Waiting] = []
         self._writing: asyncio.Task[None] | None = None
 
@@ -173,11 +184,14 @@ class _Lane:
     async def _write_waiting(self) -> None:
         try:
             while self._waiting:
+                if self._gather_s and time.monotonic() - self._last_ended < 5 * self._gather_s:
+                    await asyncio.sleep(self._gather_s)
                 batch = self._waiting[: self._max_rows]
                 del self._waiting[: self._max_rows]
                 batch = [(row, written) for row, written in batch if not written.done()]
                 if batch:
                     await self._write(batch)
+                    self._last_ended = time.monotonic()
         finally:
             self._writing = None
             for _, written in self._waiting:  # left by a writer cancelled (the loop closing)
