@@ -88,9 +88,6 @@ class InvalidRequest(ServiceError):
         return cls(message, problems[:MAX_LISTED_PROBLEMS])
 
 
-_QUERY_CANCELED = "57014"  # Postgres's SQLSTATE for a statement it cancelled
-
-
 def install(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
@@ -121,7 +118,7 @@ def install(app: FastAPI) -> None:
     # any other is a bug, answered 500 as before.
     @app.exception_handler(DBAPIError)
     async def _statement_ended(request: Request, exc: DBAPIError) -> JSONResponse:
-        if getattr(exc.orig, "sqlstate", None) != _QUERY_CANCELED:
+        if getattr(exc.orig, "sqlstate", None) != asyncpg.QueryCanceledError.sqlstate:
             raise exc
         return await _database_unavailable(request, exc)
 

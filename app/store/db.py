@@ -70,29 +70,31 @@ class _SilenceWatch:
         if dbapi_connection.driver_connection.is_closed():
             raise DisconnectionError("the server closed this pooled connection")
         if record.info[_CONNECTED_AT] < self.timed_out_at:
-            dbapi_connection.driver_connection.terminate()  # see failed()
+            dbapi_connection.driver_connection.terminate()  # see interrupted()
             raise DisconnectionError("a statement timed out since this connection was made")
 
     def failed(self, context: ExceptionContext) -> None:
-        error = context.original_exception
+        connection = context.connection
+        if connection is None or connection.invalidated:  # .connection would reconnect it
+            self.interrupted(context.original_exception, None)
+        else:
+            self.interrupted(context.original_exception, connection.connection.driver_connection)
+
+    def interrupted(self, error: BaseException, driver: asyncpg.Connection | None) -> None:
+        """Note a statement that timed out (the pool's older connections are then replaced) or
+        was cut short (see deadline), and close its connection at once: SQLAlchemy would close
+        it politely first, on a silent one 2 s more for the caller."""
         if isinstance(error, TimeoutError):
             self.timed_out()
-        if isinstance(error, asyncio.CancelledError):
-            self.cut_short()
-        if isinstance(error, TimeoutError | asyncio.CancelledError):
-            # SQLAlchemy discards the connection, closing it politely first: on a silent one,
-            # 2 s more for the caller. Closed here at once, that close has nothing to wait for.
-            connection = context.connection
-            if connection is None or connection.invalidated:  # .connection would reconnect it
-                return
-            if driver := connection.connection.driver_connection:
-                driver.terminate()
+        elif isinstance(error, asyncio.CancelledError):
+            self.cut_short_at = time.monotonic()
+        else:
+            return
+        if driver is not None:
+            driver.terminate()
 
     def timed_out(self) -> None:
         self.timed_out_at = time.monotonic()
-
-    def cut_short(self) -> None:
-        self.cut_short_at = time.monotonic()
 
 
 _ANSWER_MARGIN_S = 1.0  # for Postgres's own timeout to reach a live client first
@@ -172,11 +174,5 @@ def _distrusted(engine: AsyncEngine, driver: asyncpg.Connection, error: BaseExce
     the server may never answer on it again (its next user would wait for that), while the
     pool's reset sends nothing to learn so. Such a statement bypasses SQLAlchemy's error
     handling, so this does _SilenceWatch.failed's part."""
-    watch = _watches[engine.sync_engine]
-    if isinstance(error, TimeoutError):
-        watch.timed_out()
-    if isinstance(error, asyncio.CancelledError):
-        watch.cut_short()
-    if isinstance(error, TimeoutError | asyncio.CancelledError):
-        driver.terminate()  # at once: a polite close would wait on a silent one
+    _watches[engine.sync_engine].interrupted(error, driver)
     return bool(driver.is_closed())
