@@ -4,6 +4,7 @@ staying within the shared cap and the hedge budget."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -63,9 +64,11 @@ def test_no_delay_until_enough_replies_are_timed() -> None:
     for _ in range(MIN_SAMPLES - 1):
         policy.observe("default", "seed", 0.2)
     assert policy.delay_s("default", "seed", 10) is None
+    assert not policy.knows("default", "seed")
 
     policy.observe("default", "seed", 0.2)
 
+    assert policy.knows("default", "seed")
     assert policy.delay_s("default", "seed", 10) == pytest.approx(0.6)
     assert policy.delay_s("default", "other_role", 10) is None
     assert policy.delay_s("other_endpoint", "seed", 10) is None
@@ -117,9 +120,9 @@ def test_budget_allows_a_burst_then_the_earned_share() -> None:
     assert not policy.spend()
 
     for _ in range(9):
-        policy.delay_s("default", "seed", 10)  # each request sent earns a tenth of a hedge
+        policy.sent()  # each request sent earns a tenth of a hedge
     assert not policy.spend()
-    policy.delay_s("default", "seed", 10)
+    policy.sent()
     assert policy.spend()
     assert not policy.spend()
 
@@ -143,6 +146,47 @@ async def test_hung_request_is_hedged_and_the_copy_answers(scripted_llm: Scripte
     assert hedges("sent") == sent_before + 1
     # The hung copy was cancelled: its connection closed, the server stopped waiting on it.
     await eventually(nothing_in_flight(scripted_llm), timeout_s=5, what="the losing copy to end")
+
+
+async def test_a_request_sent_before_any_delay_is_hedged_once_its_role_gives_one(
+    scripted_llm: ScriptedLLM,
+) -> None:
+    """A job's first items all send their first call before any reply is back, so no delay is
+    known when it is sent: one that hangs is hedged once the other replies give a delay,
+    not left to its timeout."""
+    policy = HedgePolicy(factor=1, min_delay_s=HEDGE_AFTER_S, budget=0.05)
+    scripted_llm.script("seed_cot", stall(60))
+    sent_before = hedges("sent")
+
+    async with hedging_client(scripted_llm, policy) as client:
+        started = time.monotonic()
+        call = asyncio.create_task(client.chat(seed_request()))
+        await eventually(lambda: _sent(scripted_llm, 1), timeout_s=5, what="the first copy to be sent")
+        await asyncio.sleep(3 * HEDGE_AFTER_S)  # it runs on with no delay known: not hedged yet
+        assert len(scripted_llm.requests_for("seed_cot")) == 1
+        warmed(policy)  # the rest of the first wave answers
+        answer = await call
+        elapsed = time.monotonic() - started
+
+    assert '"thoughts"' in answer.content
+    assert elapsed < TIMEOUT_S / 2
+    assert len(scripted_llm.requests_for("seed_cot")) == 2
+    assert hedges("sent") == sent_before + 1
+    await eventually(nothing_in_flight(scripted_llm), timeout_s=5, what="the losing copy to end")
+
+
+async def test_no_hedge_while_no_reply_was_timed(scripted_llm: ScriptedLLM) -> None:
+    policy = HedgePolicy(factor=1, min_delay_s=HEDGE_AFTER_S, budget=1)
+    scripted_llm.script("seed_cot", stall(0.5))
+
+    async with hedging_client(scripted_llm, policy) as client:
+        await client.chat(seed_request())
+
+    assert len(scripted_llm.requests_for("seed_cot")) == 1
+
+
+async def _sent(scripted_llm: ScriptedLLM, count: int) -> bool:
+    return len(scripted_llm.requests_for("seed_cot")) >= count
 
 
 async def test_first_copy_wins_when_it_answers_before_the_hedge(scripted_llm: ScriptedLLM) -> None:

@@ -210,16 +210,26 @@ class OpenAICompatibleClient:
             return await self._attempt(request, endpoint)
         loop = asyncio.get_running_loop()
         wake: asyncio.Future[None] = loop.create_future()  # the first copy ended, or a hedge is due
-        timers: list[asyncio.TimerHandle] = []
+        timer: asyncio.TimerHandle | None = None  # the next look, or the hedge's
 
         def woken(*_: object) -> None:
             if not wake.done():
                 wake.set_result(None)
 
         def posted() -> None:
+            hedging.sent()
+            look(loop.time())
+
+        def look(posted_at: float) -> None:
+            nonlocal timer
+            elapsed = loop.time() - posted_at
+            if not hedging.knows(request.endpoint, request.role):  # no delay yet: look again
+                if elapsed + hedging.look_again_s < self._timeout_s:
+                    timer = loop.call_later(hedging.look_again_s, look, posted_at)
+                return
             delay = hedging.delay_s(request.endpoint, request.role, self._timeout_s)
             if delay is not None:
-                timers.append(loop.call_later(delay, woken))
+                timer = loop.call_later(max(0.0, delay - elapsed), woken)
 
         first = asyncio.create_task(self._attempt(request, endpoint, posted))
         first.add_done_callback(woken)
@@ -234,7 +244,7 @@ class OpenAICompatibleClient:
                 copies.append(asyncio.create_task(self._attempt(request, endpoint)))
             return await _first_answer(copies)
         finally:
-            for timer in timers:
+            if timer is not None:
                 timer.cancel()
             if len(copies) > 1 or not first.done():
                 for copy in copies:
