@@ -175,14 +175,37 @@ async def test_a_request_sent_before_any_delay_is_hedged_once_its_role_gives_one
     await eventually(nothing_in_flight(scripted_llm), timeout_s=5, what="the losing copy to end")
 
 
+async def test_a_delay_learnt_while_the_request_runs_is_waited_for_in_full(scripted_llm: ScriptedLLM) -> None:
+    """The replies that give a delay say 1 s: a request sent before them is hedged once it
+    has run 1 s, not at the look that learns the delay."""
+    policy = HedgePolicy(factor=1, min_delay_s=HEDGE_AFTER_S, budget=0.05)
+    scripted_llm.script("seed_cot", stall(60))
+
+    async with hedging_client(scripted_llm, policy) as client:
+        started = time.monotonic()
+        call = asyncio.create_task(client.chat(seed_request()))
+        await eventually(lambda: _sent(scripted_llm, 1), timeout_s=5, what="the first copy to be sent")
+        warmed(policy, seconds=1.0)
+        await asyncio.sleep(0.5)
+        assert len(scripted_llm.requests_for("seed_cot")) == 1
+        await call
+        elapsed = time.monotonic() - started
+
+    first, hedge = scripted_llm.requests_for("seed_cot")
+    assert hedge.received_at - first.received_at >= 0.9
+    assert elapsed < TIMEOUT_S / 2
+
+
 async def test_no_hedge_while_no_reply_was_timed(scripted_llm: ScriptedLLM) -> None:
     policy = HedgePolicy(factor=1, min_delay_s=HEDGE_AFTER_S, budget=1)
     scripted_llm.script("seed_cot", stall(0.5))
+    sent_before, skipped_before = hedges("sent"), hedges("no_budget")
 
     async with hedging_client(scripted_llm, policy) as client:
         await client.chat(seed_request())
 
     assert len(scripted_llm.requests_for("seed_cot")) == 1
+    assert (hedges("sent"), hedges("no_budget")) == (sent_before, skipped_before)  # never came due
 
 
 async def _sent(scripted_llm: ScriptedLLM, count: int) -> bool:

@@ -210,7 +210,7 @@ class OpenAICompatibleClient:
             return await self._attempt(request, endpoint)
         loop = asyncio.get_running_loop()
         wake: asyncio.Future[None] = loop.create_future()  # the first copy ended, or a hedge is due
-        timer: asyncio.TimerHandle | None = None  # the next look, or the hedge's
+        timer: asyncio.TimerHandle | None = None  # the next look at the first copy
 
         def woken(*_: object) -> None:
             if not wake.done():
@@ -221,15 +221,25 @@ class OpenAICompatibleClient:
             look(loop.time())
 
         def look(posted_at: float) -> None:
+            """Hedge now if the request has run past the delay known now, else look again
+            when it would (by the delay known then), or later while none is known yet."""
             nonlocal timer
-            elapsed = loop.time() - posted_at
-            if not hedging.knows(request.endpoint, request.role):  # no delay yet: look again
-                if elapsed + hedging.look_again_s < self._timeout_s:
-                    timer = loop.call_later(hedging.look_again_s, look, posted_at)
+            if wake.done():  # the first copy ended, a hedge came due, or the caller gave up
                 return
-            delay = hedging.delay_s(request.endpoint, request.role, self._timeout_s)
-            if delay is not None:
-                timer = loop.call_later(max(0.0, delay - elapsed), woken)
+            elapsed = loop.time() - posted_at
+            if hedging.knows(request.endpoint, request.role):
+                delay = hedging.delay_s(request.endpoint, request.role, self._timeout_s)
+                if delay is None:
+                    return
+                if elapsed >= delay:
+                    woken()
+                    return
+                wait = delay - elapsed
+            elif elapsed + hedging.look_again_s < self._timeout_s:
+                wait = hedging.look_again_s
+            else:
+                return
+            timer = loop.call_later(wait, look, posted_at)
 
         first = asyncio.create_task(self._attempt(request, endpoint, posted))
         first.add_done_callback(woken)

@@ -12,12 +12,13 @@ A hedge is a second call the provider may bill, so hedges are budgeted: each req
 earns `budget` of a hedge (at most BURST kept), and a hedge spends one; with a budget of
 0.05, at most about one request in twenty is hedged, however slow the endpoint gets. No
 hedge is sent before MIN_SAMPLES replies of that endpoint and role were timed, nor when the
-delay would reach the timeout. A request sent before then is not given up on: the client
-looks again every `min_delay_s` while it runs, so the first wave of a role's requests (a
-job's first items all send it before any reply is back; a third of the stalls of the
-bench's 500-item everyday run hit one) is hedged as soon as the wave's other replies give a
-delay. The state is per process:
-each worker learns its latencies.
+delay would reach the timeout. A request sent before then is not given up on: while it
+runs, the client looks again every `min_delay_s` (at least LOOK_AGAIN_MIN_S), so the first
+wave of a role's requests (a job's first items all send it before any reply is back; a third
+of the stalls of the bench's 500-item everyday run hit one) is hedged at the first look after
+the wave's other replies give a delay and it has run past it. The delay is read again when a
+hedge comes due, so one learnt from a wave's fastest replies does not stand. The state is per
+process: each worker learns its latencies.
 """
 
 from __future__ import annotations
