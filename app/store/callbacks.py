@@ -18,7 +18,15 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.store.db import Sessions
-from app.store.models import FINISHED, CallbackAttempt, CallbackDelivery, CallbackStatus, Item, Job
+from app.store.models import (
+    FINISHED,
+    CallbackAttempt,
+    CallbackDelivery,
+    CallbackStatus,
+    Item,
+    Job,
+    sql_constant,
+)
 
 EVENT = "job.finished"
 
@@ -91,7 +99,7 @@ async def claim_due(sessions: Sessions, limit: int, lease_s: float) -> list[Due]
         due = (
             select(CallbackDelivery.id)
             .where(
-                CallbackDelivery.status == CallbackStatus.PENDING,
+                CallbackDelivery.status == sql_constant(CallbackStatus.PENDING),
                 CallbackDelivery.next_attempt_at <= func.now(),
             )
             .order_by(CallbackDelivery.next_attempt_at)

@@ -52,6 +52,7 @@ from app.store.models import (
     PreferencePair,
     PromptSetRow,
     SampleEvaluation,
+    sql_constant,
 )
 
 
@@ -546,7 +547,7 @@ async def running_holders(sessions: Sessions) -> list[UUID]:
     heartbeats."""
     async with sessions() as session:
         rows = await session.scalars(
-            select(Item.claimed_by).where(Item.status == ItemStatus.RUNNING).distinct()
+            select(Item.claimed_by).where(Item.status == sql_constant(ItemStatus.RUNNING)).distinct()
         )
         return [holder for holder in rows if holder is not None]  # None: a claim without one
 
@@ -570,7 +571,7 @@ async def _take_running(
 ) -> list[tuple[UUID, int]]:
     stale = (
         select(Item.id)
-        .where(Item.status == ItemStatus.RUNNING, condition)
+        .where(Item.status == sql_constant(ItemStatus.RUNNING), condition)
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
@@ -590,7 +591,8 @@ async def queued_unclaimed(sessions: Sessions, grace_s: int, limit: int = 2000) 
             # Items of cancelled jobs too: a claim is what ends them as cancelled.
             select(Item.id, Item.enqueues)
             .where(
-                Item.status == ItemStatus.QUEUED, Item.updated_at < func.now() - timedelta(seconds=grace_s)
+                Item.status == sql_constant(ItemStatus.QUEUED),
+                Item.updated_at < func.now() - timedelta(seconds=grace_s),
             )
             .order_by(Item.updated_at)
             .limit(limit)

@@ -22,11 +22,13 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    literal,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.elements import BindParameter
 from sqlalchemy.types import TypeDecorator
 
 from app.plan import JobPlan, read_plan
@@ -73,6 +75,16 @@ WAITING = (ItemStatus.BUDGET_EXHAUSTED, ItemStatus.AWAITING_BATCH)
 # For nullable JSON columns: Python None is SQL NULL, not the JSON value null, so that
 # COUNT(column) and IS NULL mean "absent".
 NULLABLE_JSONB = JSONB(none_as_null=True)
+
+
+def sql_constant(value: str) -> BindParameter[str]:
+    """`value` written into the statement's SQL instead of sent as a parameter. A query that
+    needs one of the partial indexes below (`WHERE status = 'running'`) compares with this:
+    Postgres can use a partial index only for a predicate it proves from the query, and after
+    five runs of a prepared statement (asyncpg prepares every one) it may switch to a generic
+    plan, made for any value of the parameters. The summary's refusal count, on a job of
+    10,000 items, went from the partial index to reading every turn of the job: 14 ms a read."""
+    return literal(value, String, literal_execute=True)
 
 
 class PlanJSON(TypeDecorator[JobPlan]):

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.deliberation.ports import TurnOutcome
 from app.deliberation.results import GAP_SCALE
 from app.stats import mean, proportion
-from app.store.models import Cot, PairCandidate, PreferencePair, SampleEvaluation, TurnRow
+from app.store.models import Cot, PairCandidate, PreferencePair, SampleEvaluation, TurnRow, sql_constant
 
 SCORES = range(1, 6)
 Graded = type[Cot] | type[SampleEvaluation]  # the tables with the grader's scores
@@ -237,7 +237,7 @@ async def refusals_by_stage(session: AsyncSession, job_id: UUID) -> dict[str, di
     index-only scan of the partial index of refusals (a job's summary reads them)."""
     rows = await session.execute(
         select(TurnRow.stage, TurnRow.model, func.count())
-        .where(TurnRow.job_id == job_id, TurnRow.outcome == TurnOutcome.REFUSED.value)
+        .where(TurnRow.job_id == job_id, TurnRow.outcome == sql_constant(TurnOutcome.REFUSED))
         .group_by(TurnRow.stage, TurnRow.model)
         .order_by(TurnRow.stage, TurnRow.model)
     )
