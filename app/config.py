@@ -134,6 +134,8 @@ class Settings(BaseSettings):
     max_import_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     # GET /v1/jobs/{id} counts a job's items at most this often (app/api/summaries.py).
     job_summary_max_age_s: float = Field(default=1.0, ge=0)
+    # ... or, for a job whose count takes long, for its count's duration divided by this share.
+    job_summary_read_share: float = Field(default=0.02, gt=0, le=1)
     # An API process answers for a key it found for this long: revocation takes as long.
     api_key_cache_s: float = Field(default=5.0, ge=0)
 

@@ -57,7 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Progress streams wait on it (XREAD BLOCK) until their next snapshot is due.
         longest_wait_s = max(settings.events_resync_s, settings.events_snapshot_interval_s)
         await bound_calls(arq, settings.redis_timeout_s + longest_wait_s)
-        summaries = JobSummaries(sessions, settings.job_summary_max_age_s)
+        summaries = JobSummaries(sessions, settings.job_summary_max_age_s, settings.job_summary_read_share)
         state.install(
             app,
             ApiState(

@@ -171,3 +171,54 @@ async def test_with_no_max_age_every_caller_reads() -> None:
     source = Source()
 
     assert [await recent.get("k", source.read) for _ in range(3)] == [1, 2, 3]
+
+
+class SlowSource(Source):
+    """Each read moves `clock` on by `takes_s`, as a read that long would."""
+
+    def __init__(self, clock: Clock, takes_s: float) -> None:
+        super().__init__()
+        self.clock = clock
+        self.takes_s = takes_s
+
+    async def read(self) -> int:
+        self.clock.now += self.takes_s
+        return await super().read()
+
+
+@pytest.mark.parametrize(
+    ("takes_s", "fresh_for_s"),
+    [
+        (0.01, 1.0),  # 0.01 / 0.02 = 0.5 s: max_age_s stands
+        (0.1, 5.0),  # 0.1 / 0.02: five times max_age_s
+        (0.5, 25.0),
+    ],
+)
+async def test_a_value_whose_read_took_long_is_kept_in_proportion_to_it(
+    takes_s: float, fresh_for_s: float
+) -> None:
+    clock = Clock()
+    recent: Recent[str, int] = Recent(max_age_s=1.0, clock=clock, read_share=0.02)
+    source = SlowSource(clock, takes_s)
+    await recent.get("k", source.read)  # read at 0, kept from then
+
+    clock.now = fresh_for_s - 0.01
+    assert (await recent.get("k", source.read), source.reads) == (1, 1)
+    clock.now = fresh_for_s + 0.01
+    assert (await recent.get("k", source.read), source.reads) == (2, 2)
+
+
+async def test_the_stale_period_of_a_slow_read_grows_alike_and_its_value_outlives_drops() -> None:
+    clock = Clock()
+    recent: Recent[str, int] = Recent(max_age_s=1.0, stale_s=1.0, clock=clock, read_share=0.02)
+    slow = SlowSource(clock, 0.1)  # kept fresh 5 s, then stale 5 s more
+    await recent.get("slow", slow.read)
+    quick = Source()
+    for n in range(8):  # other keys, read quickly, prune the expired ones as they double
+        clock.now = 1 + n
+        await recent.get(f"quick{n}", quick.read)
+
+    clock.now = 9.9
+    assert await recent.get("slow", slow.read) == 1  # stale: answered, and read again behind
+    await asyncio.sleep(0)
+    assert slow.reads == 2

@@ -7,12 +7,20 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 log = logging.getLogger("aidsafe.api")
+
+
+@dataclass(frozen=True, slots=True)
+class _Held(Generic[V]):
+    read_at: float  # when its read started
+    value: V
+    stretch: float  # the periods' factor (read_share)
 
 
 class Recent(Generic[K, V]):
@@ -28,6 +36,12 @@ class Recent(Generic[K, V]):
     the value, so the next caller reads afresh and gets the error itself (a deleted job). A key
     forgotten while it is read keeps nothing of that read.
 
+    With `read_share`, a value whose read took long is kept for longer, in proportion: a read
+    of d seconds keeps it fresh (and stale) for `d / read_share` if that is longer than
+    `max_age_s` (and `stale_s` grows by the same factor), so one key's reads take at most
+    about that share of the time, however large what they count grows and however busy the
+    database they read is.
+
     Expired values are dropped whenever the values held have doubled since the last drop,
     so memory follows the keys read within about `max_age_s` (a job summary per job polled
     lately, not per job ever read), and each drop's cost is paid for by the reads that
@@ -35,12 +49,17 @@ class Recent(Generic[K, V]):
     arrive together for it all read."""
 
     def __init__(
-        self, max_age_s: float, stale_s: float = 0.0, clock: Callable[[], float] = time.monotonic
+        self,
+        max_age_s: float,
+        stale_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+        read_share: float | None = None,
     ) -> None:
         self._max_age_s = max_age_s
         self._stale_s = stale_s
         self._clock = clock
-        self._values: dict[K, tuple[float, V]] = {}  # key: (when read, value)
+        self._read_share = read_share
+        self._values: dict[K, _Held[V]] = {}
         self._reading: dict[K, object] = {}  # key: its latest read in flight, which may keep its value
         self._behind: set[asyncio.Task[None]] = set()  # reads behind callers: the loop holds tasks weakly
         self._prune_at = 1  # drop expired values once this many are held
@@ -49,16 +68,16 @@ class Recent(Generic[K, V]):
         return len(self._values)
 
     async def get(self, key: K, read: Callable[[], Awaitable[V]]) -> V:
-        entry = self._values.get(key)
-        if entry is not None:
-            age = self._clock() - entry[0]
-            if age < self._max_age_s or key in self._reading:
-                return entry[1]
-            if age < self._max_age_s + self._stale_s:
+        held = self._values.get(key)
+        if held is not None:
+            age = self._clock() - held.read_at
+            if age < self._max_age_s * held.stretch or key in self._reading:
+                return held.value
+            if age < (self._max_age_s + self._stale_s) * held.stretch:
                 behind = asyncio.create_task(self._read_behind(key, read, self._reading_now(key)))
                 self._behind.add(behind)
                 behind.add_done_callback(self._behind.discard)
-                return entry[1]
+                return held.value
         return await self._read(key, read, self._reading_now(key))
 
     def forget(self, key: K) -> None:
@@ -91,8 +110,15 @@ class Recent(Generic[K, V]):
             del self._reading[key]
             if len(self._values) >= self._prune_at:
                 self._drop_expired()
-            self._values[key] = (started, value)  # kept until the next drop, even if the read was slow
+            # Kept until the next drop, even if the read was slow.
+            self._values[key] = _Held(started, value, self._stretch(self._clock() - started))
         return value
+
+    def _stretch(self, read_s: float) -> float:
+        """How many times longer than the periods a value read in `read_s` is kept."""
+        if not self._read_share or self._max_age_s <= 0:
+            return 1.0
+        return max(1.0, read_s / self._read_share / self._max_age_s)
 
     async def _read_behind(self, key: K, read: Callable[[], Awaitable[V]], this_read: object) -> None:
         held = self._values.get(key)
@@ -105,6 +131,10 @@ class Recent(Generic[K, V]):
 
     def _drop_expired(self) -> None:
         # A key being read again keeps its previous value: its other callers are answered with it.
-        oldest = self._clock() - self._max_age_s - self._stale_s
-        self._values = {k: e for k, e in self._values.items() if e[0] >= oldest or k in self._reading}
+        now, period = self._clock(), self._max_age_s + self._stale_s
+        self._values = {
+            k: held
+            for k, held in self._values.items()
+            if now - held.read_at < period * held.stretch or k in self._reading
+        }
         self._prune_at = 2 * max(len(self._values), 1)

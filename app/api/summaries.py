@@ -1,14 +1,19 @@
 """Jobs as the API shows them (JobOut), and as GET /v1/jobs/{id} serves them: read and
-counted at most once a second per job, behind the polls.
+counted at most once a second per job (less often for a job whose count takes long), behind
+the polls.
 
 Counting a job's items and turns costs time in proportion to the job: a few milliseconds
 of Postgres for 10,000 items. Clients poll this endpoint, and at hundreds of polls a second
 counting on every one would take more CPU than the machine has. So each API process reads
 a job at most once per `max_age_s` (setting `job_summary_max_age_s`; 0 reads every time)
-and answers the polls in between from that reading, without touching the database. A poll
-that finds the reading older, by up to another `max_age_s`, is answered from it too and
+and answers the polls in between from that reading, without touching the database. A job
+whose count took d seconds is read at most once per d / `read_share` (setting
+`job_summary_read_share`, 2 %) if that is longer, and its bound below grows alike: counting
+a job grows with it (48 ms for 10,000 items in bench/RESULTS.md, more while Postgres is busy),
+and a dashboard polling twenty such jobs must not keep a Postgres core busy. A poll
+that finds the reading older, by up to another such period, is answered from it too and
 starts the next one behind it (`Recent`): a job polled often never keeps a poll waiting for
-its count, and no answer is older than twice `max_age_s` and a count.
+its count, and no answer is older than twice that period and a count.
 Responses to writes (submit, cancel) are always counted afresh, and a cancel drops the
 job's reading, so a caller sees its own change at once.
 """
@@ -46,10 +51,12 @@ async def job_out(session: AsyncSession, job: Job) -> JobOut:
 
 
 class JobSummaries:
-    def __init__(self, sessions: Sessions, max_age_s: float) -> None:
+    def __init__(self, sessions: Sessions, max_age_s: float, read_share: float) -> None:
         self._sessions = sessions
         # By job and key: another key's poll (a 404) never touches the owner's reading.
-        self._read: Recent[tuple[UUID, UUID], JobOut] = Recent(max_age_s, stale_s=max_age_s)
+        self._read: Recent[tuple[UUID, UUID], JobOut] = Recent(
+            max_age_s, stale_s=max_age_s, read_share=read_share
+        )
 
     async def get_owned(self, job_id: UUID, owner_key_id: UUID) -> JobOut:
         """jobs.get_owned shown as job_out, as read at most `max_age_s` ago (see above)."""
