@@ -263,6 +263,28 @@ async def test_every_connection_a_driver_statement_takes_goes_back_to_the_pool(m
         await engine.dispose()
 
 
+async def test_more_driver_statements_at_once_than_the_pool_holds_open_no_connection_beyond_it(
+    migrated: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A connection taken as it is goes back outside SQLAlchemy's greenlet, where the pool
+    cannot close one: a surplus connection it tried to close stayed open (until the garbage
+    collector found it), one Postgres backend more each time, and an error in the log."""
+    engine = make_engine(migrated, timeout_s=60.0, pool_size=2)
+    sessions = make_sessions(engine)
+    backends = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+    outside = await asyncpg.connect(migrated.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        before = await outside.fetchval(backends)
+        statements = (_driver_query(sessions, f"SELECT {n} FROM pg_sleep(0.2)") for n in range(6))
+        assert await asyncio.gather(*statements) == list(range(6))
+
+        assert await outside.fetchval(backends) - before <= 2
+        assert not [r for r in caplog.records if r.name.startswith("sqlalchemy.pool")]
+    finally:
+        await outside.close()
+        await engine.dispose()
+
+
 async def test_an_api_request_held_past_the_timeout_by_a_lock_answers_503_and_the_next_carries_on(
     settings: Settings, sessions: Sessions, auth: dict[str, str]
 ) -> None:

@@ -152,7 +152,8 @@ async def driver_connection(sessions: Sessions) -> AsyncIterator[asyncpg.Connect
     Taken from the pool as it is, not wrapped in an AsyncConnection, whose checkout and return
     cost a hot statement as much CPU as its round trip (three greenlet hops and a task each
     time). Statements in autocommit leave the return's reset nothing to send, so the
-    connection goes back in place, with nothing awaited that a cancellation could cut short."""
+    connection goes back in place, with nothing awaited that a cancellation could cut short;
+    one the pool has no room for is ended (below)."""
     engine = _engine_of(sessions)
     pooled = await engine.raw_connection()
     try:
@@ -165,6 +166,12 @@ async def driver_connection(sessions: Sessions) -> AsyncIterator[asyncpg.Connect
                 pooled.invalidate()
             raise
     finally:
+        if pooled.is_valid and engine.pool.checkedin() >= engine.pool.size():  # type: ignore[attr-defined]
+            # The pool would close this surplus connection (its overflow) as it comes back,
+            # politely, which is IO that needs SQLAlchemy's greenlet: without one, it logged
+            # an error and left the connection open, and its server process, until the
+            # garbage collector found it. Invalidated here, it is ended at once, with no IO.
+            pooled.invalidate()
         pooled.close()
 
 
