@@ -34,7 +34,7 @@ from workers import liveness
 from workers.llm_limits import llm_limiter
 from workers.main import connect, shutdown
 from workers.queue_worker import WORKER_ID
-from workers.sweeper import sweep
+from workers.sweeper import _arq_jobs_alive, sweep
 
 DEFAULTS = Settings.model_fields
 
@@ -204,6 +204,24 @@ async def test_a_live_worker_keeps_the_jobs_it_took_before_claiming(
     assert not await arq_redis.exists(in_progress_key_prefix + dead_job)
     assert await arq_redis.exists(in_progress_key_prefix + live_job)
     assert list(await liveness.taken_jobs(redis, settings)) == [live_job]
+
+
+async def test_an_arq_job_started_while_the_sweeper_runs_is_not_taken_for_lost(
+    settings: Settings, redis: Redis, arq_redis: ArqRedis
+) -> None:
+    """The sweeper reads the workers' records of taken jobs before it looks for lost ones. A
+    job a worker started in between (its mark and record written together) is in progress
+    and recorded now: alive. In progress with no record, its worker died before claiming."""
+    started, orphaned, waiting, gone = (arq_job_id(uuid4(), 1) for _ in range(4))
+    await arq_redis.zadd(settings.queue_name, {job: 1 for job in (started, orphaned, waiting)})
+    for job in (started, orphaned):
+        await arq_redis.set(in_progress_key_prefix + job, b"1", ex=60)
+    # As the start script records what it marks; `gone` left its record when its job ended.
+    await redis.hset(liveness.taken_key(settings), mapping={started: str(uuid4()), gone: str(uuid4())})
+
+    alive = await _arq_jobs_alive(arq_redis, settings, [started, orphaned, waiting, gone])
+
+    assert alive == [True, False, True, False]
 
 
 async def test_a_record_left_after_its_job_ended_does_not_hide_the_item_from_the_sweeper(

@@ -45,9 +45,9 @@ async def sweep(settings: Settings, sessions: Sessions, redis: ArqRedis) -> dict
         for item_id, enqueues in await items.queued_unclaimed(sessions, settings.enqueue_grace_s)
         if arq_job_id(item_id, enqueues) not in taken
     ]
-    pending = await _arq_jobs_pending(redis, settings.queue_name, [arq_job_id(i, n) for i, n in waiting])
-    lost = [item_id for (item_id, _), is_pending in zip(waiting, pending, strict=True) if not is_pending]
-    present = [item_id for (item_id, _), is_pending in zip(waiting, pending, strict=True) if is_pending]
+    alive = await _arq_jobs_alive(redis, settings, [arq_job_id(i, n) for i, n in waiting])
+    lost = [item_id for (item_id, _), is_alive in zip(waiting, alive, strict=True) if not is_alive]
+    present = [item_id for (item_id, _), is_alive in zip(waiting, alive, strict=True) if is_alive]
     await items.touch(sessions, present, bump_enqueues=False)
     requeued = await items.touch(sessions, lost, bump_enqueues=True)
     resumed = [*expired, *untaken, *requeued]
@@ -79,18 +79,25 @@ async def _taken_and_in_progress(redis: ArqRedis, settings: Settings) -> dict[st
     return {job_id: worker for job_id, worker in taken.items() if job_id not in ended}
 
 
-async def _arq_jobs_pending(redis: ArqRedis, queue_name: str, job_ids: list[str]) -> list[bool]:
-    """Whether each arq job of a queued item still waits in the queue (or is deferred), one
-    round trip. One in progress does not count: a live worker claims the item at once, so
-    the worker that took it died before claiming, and arq keeps a job in the queue and in
-    progress until its job timeout (24 h)."""
-    async with redis.pipeline(transaction=False) as pipe:
+async def _arq_jobs_alive(redis: ArqRedis, settings: Settings, job_ids: list[str]) -> list[bool]:
+    """Whether each arq job of a queued item is still on its way, one round trip: waiting in
+    the queue (or deferred), or in progress and recorded as a worker's, which claims its
+    item at once (if that worker died, the sweep that learns so gives the item back). Read in
+    one transaction, as the start script marks a job and records it in one: a job started
+    while this sweep ran is seen as one or the other, never as neither. It was (the sweep
+    read the records first), and on a busy machine every sweep took tens of items just
+    started for lost: a new arq job each, and the one running failed as expired. In progress
+    with no record, the worker that took it died before claiming, and arq keeps a job in the
+    queue and in progress until its job timeout (24 h)."""
+    async with redis.pipeline(transaction=True) as tr:
         for job_id in job_ids:
-            pipe.zscore(queue_name, job_id)
-            pipe.exists(in_progress_key_prefix + job_id)
-        answers = await pipe.execute()
+            tr.zscore(settings.queue_name, job_id)
+            tr.exists(in_progress_key_prefix + job_id)
+            tr.hexists(liveness.taken_key(settings), job_id)
+        answers = await tr.execute() if job_ids else []
     return [
-        score is not None and not running for score, running in zip(answers[::2], answers[1::2], strict=True)
+        (score is not None and not running) or bool(running and taken)
+        for score, running, taken in zip(answers[::3], answers[1::3], answers[2::3], strict=True)
     ]
 
 
