@@ -222,3 +222,33 @@ async def test_the_stale_period_of_a_slow_read_grows_alike_and_its_value_outlive
     assert await recent.get("slow", slow.read) == 1  # stale: answered, and read again behind
     await asyncio.sleep(0)
     assert slow.reads == 2
+
+
+async def test_callers_that_come_while_a_key_with_no_value_is_read_wait_for_that_read() -> None:
+    """Polls of a new job every 20 ms, each count taking 50 ms: one read for them all. (Each
+    caller read its own, and only the latest was kept: none ever was, while callers came.)"""
+    recent: Recent[str, int] = Recent(max_age_s=1.0, stale_s=1.0)
+    source = Source(delay_s=0.05)
+
+    async def poll_after(delay_s: float) -> int:
+        await asyncio.sleep(delay_s)
+        return await recent.get("k", source.read)
+
+    answers = await asyncio.gather(*(poll_after(n * 0.02) for n in range(25)))
+
+    assert source.reads == 1
+    assert set(answers) == {1}
+
+
+async def test_a_caller_that_goes_away_leaves_the_read_to_the_others() -> None:
+    recent: Recent[str, int] = Recent(max_age_s=1.0)
+    source = Source(delay_s=0.1)
+    first = asyncio.create_task(recent.get("k", source.read))
+    await asyncio.sleep(0.02)
+    second = asyncio.create_task(recent.get("k", source.read))
+    await asyncio.sleep(0.02)
+
+    first.cancel()
+
+    assert await second == 1
+    assert (await recent.get("k", source.read), source.reads) == (1, 1)

@@ -32,9 +32,9 @@ class Recent(Generic[K, V]):
     than `max_age_s + stale_s` old is read again behind its caller instead, who gets the value
     held too: no caller waits for a read (a job summary of 10,000 items takes tens of
     milliseconds to count, and that poll was every poller's p99), and no answer is older than
-    that bound. A read that raises is not remembered; a read behind a caller that raises drops
-    the value, so the next caller reads afresh and gets the error itself (a deleted job). A key
-    forgotten while it is read keeps nothing of that read.
+    that bound. A read that raises is not remembered, and drops the value held, so the next
+    caller reads afresh and gets the error itself (a deleted job). A key forgotten while it is
+    read keeps nothing of that read.
 
     With `read_share`, a value whose read took long is kept for longer, in proportion: a read
     of d seconds keeps it fresh (and stale) for `d / read_share` if that is longer than
@@ -45,8 +45,13 @@ class Recent(Generic[K, V]):
     Expired values are dropped whenever the values held have doubled since the last drop,
     so memory follows the keys read within about `max_age_s` (a job summary per job polled
     lately, not per job ever read), and each drop's cost is paid for by the reads that
-    doubled the count. A key whose value was dropped is read as a new one: callers that
-    arrive together for it all read."""
+    doubled the count.
+
+    A key with no value held (new, dropped, or older than both periods) is read once for all
+    the callers that come while that read is in flight: each of them waits for it. (Each
+    read its own, and only the latest kept its value: with callers coming faster than a read
+    took, no read was ever kept, and every poll of a large job counted it, each count slower
+    for the others beside it.)"""
 
     def __init__(
         self,
@@ -60,8 +65,8 @@ class Recent(Generic[K, V]):
         self._clock = clock
         self._read_share = read_share
         self._values: dict[K, _Held[V]] = {}
-        self._reading: dict[K, object] = {}  # key: its latest read in flight, which may keep its value
-        self._behind: set[asyncio.Task[None]] = set()  # reads behind callers: the loop holds tasks weakly
+        self._reading: dict[K, asyncio.Task[V]] = {}  # key: its read in flight
+        self._reads: set[asyncio.Task[V]] = set()  # every read in flight: the loop holds tasks weakly
         self._prune_at = 1  # drop expired values once this many are held
 
     def __len__(self) -> int:
@@ -74,11 +79,11 @@ class Recent(Generic[K, V]):
             if age < self._max_age_s * held.stretch or key in self._reading:
                 return held.value
             if age < (self._max_age_s + self._stale_s) * held.stretch:
-                behind = asyncio.create_task(self._read_behind(key, read, self._reading_now(key)))
-                self._behind.add(behind)
-                behind.add_done_callback(self._behind.discard)
+                self._start_reading(key, read)  # behind this caller
                 return held.value
-        return await self._read(key, read, self._reading_now(key))
+        reading = self._reading.get(key) or self._start_reading(key, read)
+        # Shielded: a caller that goes away leaves the read to the others waiting on it.
+        return await asyncio.shield(reading)
 
     def forget(self, key: K) -> None:
         """Read `key` afresh next time."""
@@ -86,27 +91,36 @@ class Recent(Generic[K, V]):
         self._reading.pop(key, None)
 
     async def aclose(self) -> None:
-        """Stop the reads behind callers (before the database they read goes)."""
-        for behind in list(self._behind):
-            behind.cancel()
-        for behind in list(self._behind):
+        """Stop the reads in flight (before the database they read goes)."""
+        for reading in list(self._reads):
+            reading.cancel()
+        for reading in list(self._reads):
             with contextlib.suppress(asyncio.CancelledError):
-                await behind
+                await reading
 
-    def _reading_now(self, key: K) -> object:
-        """A read of `key` starts: it is the one that may keep its value (until forgotten)."""
-        self._reading[key] = this_read = object()
-        return this_read
+    def _start_reading(self, key: K, read: Callable[[], Awaitable[V]]) -> asyncio.Task[V]:
+        """The one read of `key` in flight, which keeps its value unless forgotten meanwhile."""
+        reading = asyncio.create_task(self._read(key, read))
+        self._reading[key] = reading
+        self._reads.add(reading)
+        reading.add_done_callback(self._read_done)
+        return reading
 
-    async def _read(self, key: K, read: Callable[[], Awaitable[V]], this_read: object) -> V:
-        started = self._clock()
+    async def _read(self, key: K, read: Callable[[], Awaitable[V]]) -> V:
+        started, held = self._clock(), self._values.get(key)
+        this_read = asyncio.current_task()
         try:
             value = await read()
-        except BaseException:
+        except BaseException as error:
             if self._reading.get(key) is this_read:
                 del self._reading[key]
+                # Its callers get the error; the next caller reads afresh and gets it too (a
+                # deleted job), instead of the value held before.
+                if isinstance(error, Exception) and held is not None and self._values.get(key) is held:
+                    del self._values[key]
+                    log.info("reading %r again failed, its value dropped: %r", key, error)
             raise
-        if self._reading.get(key) is this_read:  # not forgotten, nor read again since
+        if self._reading.get(key) is this_read:  # not forgotten since
             del self._reading[key]
             if len(self._values) >= self._prune_at:
                 self._drop_expired()
@@ -114,20 +128,16 @@ class Recent(Generic[K, V]):
             self._values[key] = _Held(started, value, self._stretch(self._clock() - started))
         return value
 
+    def _read_done(self, reading: asyncio.Task[V]) -> None:
+        self._reads.discard(reading)
+        if not reading.cancelled():
+            reading.exception()  # retrieved: a read behind its caller has no one else to raise to
+
     def _stretch(self, read_s: float) -> float:
         """How many times longer than the periods a value read in `read_s` is kept."""
         if not self._read_share or self._max_age_s <= 0:
             return 1.0
         return max(1.0, read_s / self._read_share / self._max_age_s)
-
-    async def _read_behind(self, key: K, read: Callable[[], Awaitable[V]], this_read: object) -> None:
-        held = self._values.get(key)
-        try:
-            await self._read(key, read, this_read)
-        except Exception as error:  # its caller is the next one, who reads afresh
-            log.info("reading %r again failed, dropped: %r", key, error)
-            if self._values.get(key) is held:
-                self._values.pop(key, None)
 
     def _drop_expired(self) -> None:
         # A key being read again keeps its previous value: its other callers are answered with it.
