@@ -243,6 +243,9 @@ async def _measure(
         "worker_cpu_system_share": round(worker_system_s / cpu["workers"], 3) if cpu["workers"] else None,
         # Postgres: transactions of our database; Redis: every client's commands (others' too)
         "pg_transactions_per_call": round(counters["pg_transactions"] / calls, 2) if calls else None,
+        # Connections the services opened to our database during the run: each is a new Postgres
+        # process that prepares its statements again, and a pool should open few.
+        "pg_connections_opened": counters["pg_connections"],
         "redis_commands_per_call_all_clients": round(counters["redis_commands"] / calls, 2)
         if calls
         else None,
@@ -326,7 +329,8 @@ async def _storage(stack: ServiceStack, turns: int, db_bytes_before: int) -> dic
 async def _service_counters(stack: ServiceStack) -> dict[str, int]:
     row = (
         await stack.sql(
-            "SELECT xact_commit + xact_rollback AS n FROM pg_stat_database WHERE datname = current_database()"
+            "SELECT xact_commit + xact_rollback AS n, sessions FROM pg_stat_database"
+            " WHERE datname = current_database()"
         )
     )[0]
     redis = Redis.from_url(stack.redis_url)
@@ -335,7 +339,11 @@ async def _service_counters(stack: ServiceStack) -> dict[str, int]:
         by_command = await redis.info("commandstats")
     finally:
         await redis.aclose()
-    counters = {"pg_transactions": int(row["n"]), "redis_commands": int(info["total_commands_processed"])}
+    counters = {
+        "pg_transactions": int(row["n"]),
+        "pg_connections": int(row["sessions"]),
+        "redis_commands": int(info["total_commands_processed"]),
+    }
     # Lua scripts' own commands are counted under their names as well as under evalsha.
     return counters | {
         f"redis:{name.removeprefix('cmdstat_')}": int(stat["calls"]) for name, stat in by_command.items()
