@@ -58,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         longest_wait_s = max(settings.events_resync_s, settings.events_snapshot_interval_s)
         await bound_calls(arq, settings.redis_timeout_s + longest_wait_s)
         summaries = JobSummaries(sessions, settings.job_summary_max_age_s, settings.job_summary_read_share)
+        known_keys = KnownKeys(sessions, settings.api_key_cache_s)
         state.install(
             app,
             ApiState(
@@ -65,7 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 sessions,
                 arq,
                 summaries,
-                KnownKeys(sessions, settings.api_key_cache_s),
+                known_keys,
                 shipped,
                 Spending(arq, sessions, settings.redis_key_prefix),
             ),
@@ -73,7 +74,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            await summaries.aclose()  # its reads behind the polls, before their database goes
+            # Their reads in flight, before their database goes.
+            await summaries.aclose()
+            await known_keys.aclose()
             await arq.aclose()
             await engine.dispose()
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from app.api.recent import Recent
+from app.api.recent import MAX_STRETCH, Recent
 
 
 class Source:
@@ -33,7 +33,7 @@ async def test_a_value_is_read_again_only_after_max_age() -> None:
     assert (first, later, source.reads) == ([1, 1, 1], 2, 2)
 
 
-async def test_while_one_caller_reads_again_the_others_get_the_previous_value() -> None:
+async def test_past_max_age_the_callers_wait_for_one_read_again() -> None:
     recent: Recent[str, int] = Recent(max_age_s=0.05)
     source = Source(delay_s=0.2)
     await recent.get("k", source.read)
@@ -41,7 +41,7 @@ async def test_while_one_caller_reads_again_the_others_get_the_previous_value() 
 
     results = await asyncio.gather(*(recent.get("k", source.read) for _ in range(5)))
 
-    assert sorted(results) == [1, 1, 1, 1, 2]
+    assert results == [2, 2, 2, 2, 2]
     assert source.reads == 2
 
 
@@ -191,7 +191,7 @@ class SlowSource(Source):
     [
         (0.01, 1.0),  # 0.01 / 0.02 = 0.5 s: max_age_s stands
         (0.1, 5.0),  # 0.1 / 0.02: five times max_age_s
-        (0.5, 25.0),
+        (0.5, 10.0),  # 25 s, but at most MAX_STRETCH times max_age_s
     ],
 )
 async def test_a_value_whose_read_took_long_is_kept_in_proportion_to_it(
@@ -251,4 +251,58 @@ async def test_a_caller_that_goes_away_leaves_the_read_to_the_others() -> None:
     first.cancel()
 
     assert await second == 1
+    assert (await recent.get("k", source.read), source.reads) == (1, 1)
+
+
+async def test_a_slow_read_keeps_its_value_at_most_max_stretch_times_longer() -> None:
+    clock = Clock()
+    recent: Recent[str, int] = Recent(max_age_s=1.0, clock=clock, read_share=0.02)
+    source = SlowSource(clock, 3.0)  # 3 / 0.02 = 150 s, but a read's time counts its waits too
+    await recent.get("k", source.read)
+
+    clock.now = MAX_STRETCH + 0.01
+
+    assert (await recent.get("k", source.read), source.reads) == (2, 2)
+
+
+async def test_a_value_older_than_both_periods_is_not_answered_while_it_is_read_again() -> None:
+    """As a key revoked long ago: the callers that come while it is read again wait for it."""
+    clock = Clock()
+    recent: Recent[str, int] = Recent(max_age_s=1.0, stale_s=1.0, clock=clock)
+    source = Source(delay_s=0.05)
+    await recent.get("k", source.read)
+    clock.now = 3600.0
+
+    answers = await asyncio.gather(*(recent.get("k", source.read) for _ in range(3)))
+
+    assert (answers, source.reads) == ([2, 2, 2], 2)
+
+
+async def test_closing_just_after_a_read_failed_does_not_raise() -> None:
+    """aclose runs in the API's shutdown, before its Redis and database pools close."""
+    recent: Recent[str, int] = Recent(max_age_s=1.0)
+
+    async def fail() -> int:
+        raise LookupError("job deleted")
+
+    failed = asyncio.ensure_future(recent.get("gone", fail))
+    await asyncio.sleep(0)  # the get starts its read
+    await asyncio.sleep(0)  # the read fails; its done callbacks have not run yet
+
+    await recent.aclose()
+
+    with pytest.raises(LookupError):
+        await failed
+
+
+async def test_a_read_cancelled_before_it_ran_is_not_waited_on_later() -> None:
+    recent: Recent[str, int] = Recent(max_age_s=1.0)
+    source = Source()
+    first = asyncio.ensure_future(recent.get("k", source.read))
+    await asyncio.sleep(0)  # the get starts its read, which has not run yet
+
+    await recent.aclose()
+
+    with pytest.raises(asyncio.CancelledError):
+        await first
     assert (await recent.get("k", source.read), source.reads) == (1, 1)

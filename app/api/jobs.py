@@ -181,9 +181,9 @@ async def list_jobs(
 
 @router.get("/{job_id}", responses=ERRORS)
 async def get_job(job_id: UUID, key: CurrentKey, summaries: SummariesDep) -> JobOut:
-    """Status, counts per stage and status, and token totals, as read at most a second ago
-    (the server's `job_summary_max_age_s`), or for a job whose count takes long, at most 50
-    times that count's duration ago (`job_summary_read_share`)."""
+    """Status, counts per stage and status, and token totals, as counted at most about two
+    seconds ago (twice the server's `job_summary_max_age_s`), or for a job whose count takes
+    long, up to ten times that (`job_summary_read_share`; app/api/summaries.py)."""
     return await summaries.get_owned(job_id, key.id)
 
 

@@ -22,3 +22,7 @@ class KnownKeys:
     async def authenticate(self, secret: str) -> ApiKey:
         """keys.authenticate (raises Unauthorized), answered from memory for `max_age_s`."""
         return await self._found.get(keys.hash_key(secret), lambda: keys.authenticate(self._sessions, secret))
+
+    async def aclose(self) -> None:
+        """Stop the lookups in flight (before the database they read goes)."""
+        await self._found.aclose()

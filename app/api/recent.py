@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Hashable
@@ -14,6 +14,10 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 log = logging.getLogger("aidsafe.api")
+
+# A read's time counts its waits too (for a pooled connection, for the loop): one unlucky
+# read must not keep a job's status for minutes.
+MAX_STRETCH = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,9 +30,9 @@ class _Held(Generic[V]):
 class Recent(Generic[K, V]):
     """Each value as read at most `max_age_s` ago, give or take one read in flight.
 
-    Past `max_age_s`, a value is read again by the next caller, and while that read is in
-    flight the others get the value held: at most one read per key is in flight, and an expiry
-    never sends every waiting request to the database at once. With `stale_s`, a value less
+    Past `max_age_s`, a value is read again by the next caller, and the others that come while
+    that read is in flight wait for it too: at most one read per key is in flight, and an
+    expiry never sends every waiting request to the database at once. With `stale_s`, a value less
     than `max_age_s + stale_s` old is read again behind its caller instead, who gets the value
     held too: no caller waits for a read (a job summary of 10,000 items takes tens of
     milliseconds to count, and that poll was every poller's p99), and no answer is older than
@@ -37,10 +41,10 @@ class Recent(Generic[K, V]):
     read keeps nothing of that read.
 
     With `read_share`, a value whose read took long is kept for longer, in proportion: a read
-    of d seconds keeps it fresh (and stale) for `d / read_share` if that is longer than
-    `max_age_s` (and `stale_s` grows by the same factor), so one key's reads take at most
-    about that share of the time, however large what they count grows and however busy the
-    database they read is.
+    of d seconds keeps it fresh for `d / read_share` if that is longer than `max_age_s`, up to
+    MAX_STRETCH times it (and `stale_s` grows by the same factor), so one key's reads take
+    about that share of the time at most, however large what they count grows and however
+    busy the database they read is, up to that bound.
 
     Expired values are dropped whenever the values held have doubled since the last drop,
     so memory follows the keys read within about `max_age_s` (a job summary per job polled
@@ -48,7 +52,8 @@ class Recent(Generic[K, V]):
     doubled the count.
 
     A key with no value held (new, dropped, or older than both periods) is read once for all
-    the callers that come while that read is in flight: each of them waits for it. (Each
+    the callers that come while that read is in flight: each of them waits for it, and none
+    is answered with a value older than both periods. (Each
     read its own, and only the latest kept its value: with callers coming faster than a read
     took, no read was ever kept, and every poll of a large job counted it, each count slower
     for the others beside it.)"""
@@ -76,11 +81,13 @@ class Recent(Generic[K, V]):
         held = self._values.get(key)
         if held is not None:
             age = self._clock() - held.read_at
-            if age < self._max_age_s * held.stretch or key in self._reading:
+            if age < self._max_age_s * held.stretch:
                 return held.value
             if age < (self._max_age_s + self._stale_s) * held.stretch:
-                self._start_reading(key, read)  # behind this caller
+                if key not in self._reading:
+                    self._start_reading(key, read)  # behind this caller
                 return held.value
+        # Too old to answer with, even while it is read again (a key revoked an hour ago).
         reading = self._reading.get(key) or self._start_reading(key, read)
         # Shielded: a caller that goes away leaves the read to the others waiting on it.
         return await asyncio.shield(reading)
@@ -92,18 +99,17 @@ class Recent(Generic[K, V]):
 
     async def aclose(self) -> None:
         """Stop the reads in flight (before the database they read goes)."""
-        for reading in list(self._reads):
+        reads = list(self._reads)
+        for reading in reads:
             reading.cancel()
-        for reading in list(self._reads):
-            with contextlib.suppress(asyncio.CancelledError):
-                await reading
+        await asyncio.gather(*reads, return_exceptions=True)  # a read that ended in an error too
 
     def _start_reading(self, key: K, read: Callable[[], Awaitable[V]]) -> asyncio.Task[V]:
         """The one read of `key` in flight, which keeps its value unless forgotten meanwhile."""
         reading = asyncio.create_task(self._read(key, read))
         self._reading[key] = reading
         self._reads.add(reading)
-        reading.add_done_callback(self._read_done)
+        reading.add_done_callback(functools.partial(self._read_done, key))
         return reading
 
     async def _read(self, key: K, read: Callable[[], Awaitable[V]]) -> V:
@@ -128,8 +134,10 @@ class Recent(Generic[K, V]):
             self._values[key] = _Held(started, value, self._stretch(self._clock() - started))
         return value
 
-    def _read_done(self, reading: asyncio.Task[V]) -> None:
+    def _read_done(self, key: K, reading: asyncio.Task[V]) -> None:
         self._reads.discard(reading)
+        if self._reading.get(key) is reading:  # cancelled before it started: _read never ran
+            del self._reading[key]
         if not reading.cancelled():
             reading.exception()  # retrieved: a read behind its caller has no one else to raise to
 
@@ -137,7 +145,7 @@ class Recent(Generic[K, V]):
         """How many times longer than the periods a value read in `read_s` is kept."""
         if not self._read_share or self._max_age_s <= 0:
             return 1.0
-        return max(1.0, read_s / self._read_share / self._max_age_s)
+        return min(MAX_STRETCH, max(1.0, read_s / self._read_share / self._max_age_s))
 
     def _drop_expired(self) -> None:
         # A key being read again keeps its previous value: its other callers are answered with it.

@@ -8,7 +8,8 @@ counting on every one would take more CPU than the machine has. So each API proc
 a job at most once per `max_age_s` (setting `job_summary_max_age_s`; 0 reads every time)
 and answers the polls in between from that reading, without touching the database. A job
 whose count took d seconds is read at most once per d / `read_share` (setting
-`job_summary_read_share`, 2 %) if that is longer, and its bound below grows alike: counting
+`job_summary_read_share`, 2 %) if that is longer, up to ten times `max_age_s` (a count's
+time includes its waits), and its bound below grows alike: counting
 a job grows with it (48 ms for 10,000 items in bench/RESULTS.md, more while Postgres is busy),
 and a dashboard polling twenty such jobs must not keep a Postgres core busy. A poll
 that finds the reading older, by up to another such period, is answered from it too and
