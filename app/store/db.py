@@ -166,7 +166,8 @@ async def driver_connection(sessions: Sessions) -> AsyncIterator[asyncpg.Connect
                 pooled.invalidate()
             raise
     finally:
-        if pooled.is_valid and engine.pool.checkedin() >= engine.pool.size():  # type: ignore[attr-defined]
+        room = engine.pool.size()  # type: ignore[attr-defined]  # QueuePool's; 0: no limit
+        if pooled.is_valid and room and engine.pool.checkedin() >= room:  # type: ignore[attr-defined]
             # The pool would close this surplus connection (its overflow) as it comes back,
             # politely, which is IO that needs SQLAlchemy's greenlet: without one, it logged
             # an error and left the connection open, and its server process, until the
