@@ -189,22 +189,25 @@ class SlowSource(Source):
 @pytest.mark.parametrize(
     ("takes_s", "fresh_for_s"),
     [
-        (0.01, 1.0),  # 0.01 / 0.02 = 0.5 s: max_age_s stands
-        (0.1, 5.0),  # 0.1 / 0.02: five times max_age_s
-        (0.5, 10.0),  # 25 s, but at most MAX_STRETCH times max_age_s
+        (0.005, 0.5),  # 0.005 / 0.02 = 0.25 s: max_age_s stands
+        (0.05, 2.5),  # 0.05 / 0.02: five times max_age_s
+        (0.5, 5.0),  # 25 s, but at most MAX_STRETCH times max_age_s
     ],
 )
 async def test_a_value_whose_read_took_long_is_kept_in_proportion_to_it(
     takes_s: float, fresh_for_s: float
 ) -> None:
     clock = Clock()
-    recent: Recent[str, int] = Recent(max_age_s=1.0, clock=clock, read_share=0.02)
+    clock.now = 100.0
+    recent: Recent[str, int] = Recent(max_age_s=0.5, clock=clock, read_share=0.02)
     source = SlowSource(clock, takes_s)
-    await recent.get("k", source.read)  # read at 0, kept from then
+    await recent.get("k", source.read)  # read at 100, kept from then
 
-    clock.now = fresh_for_s - 0.01
-    assert (await recent.get("k", source.read), source.reads) == (1, 1)
-    clock.now = fresh_for_s + 0.01
+    clock.now = 100 + fresh_for_s - 0.001
+    assert await recent.get("k", source.read) == 1
+    await asyncio.sleep(0)  # a read started behind the caller would have run
+    assert source.reads == 1
+    clock.now = 100 + fresh_for_s + 0.001
     assert (await recent.get("k", source.read), source.reads) == (2, 2)
 
 
