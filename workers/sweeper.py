@@ -82,19 +82,20 @@ async def _taken_and_in_progress(redis: ArqRedis, settings: Settings) -> dict[st
 async def _arq_jobs_alive(redis: ArqRedis, settings: Settings, job_ids: list[str]) -> list[bool]:
     """Whether each arq job of a queued item is still on its way, one round trip: waiting in
     the queue (or deferred), or in progress and recorded as a worker's, which claims its
-    item at once (if that worker died, the sweep that learns so gives the item back). Read in
-    one transaction, as the start script marks a job and records it in one: a job started
-    while this sweep ran is seen as one or the other, never as neither. It was (the sweep
-    read the records first), and on a busy machine every sweep took tens of items just
-    started for lost: a new arq job each, and the one running failed as expired. In progress
-    with no record, the worker that took it died before claiming, and arq keeps a job in the
-    queue and in progress until its job timeout (24 h)."""
-    async with redis.pipeline(transaction=True) as tr:
+    item at once (if that worker died, the sweep that learns so gives the item back). Each
+    job's progress mark is read before its record, and the start script writes both in one:
+    a job started while this sweep runs is seen as waiting or as recorded, never as neither.
+    It was (the sweep read the records first), and on a busy machine every sweep took tens
+    of items just started for lost: a new arq job each, and the one running failed as
+    expired. (No MULTI: at thousands of waiting items it would hold Redis for its length.)
+    In progress with no record, the worker that took it died before claiming, and arq keeps
+    a job in the queue and in progress until its job timeout (24 h)."""
+    async with redis.pipeline(transaction=False) as pipe:
         for job_id in job_ids:
-            tr.zscore(settings.queue_name, job_id)
-            tr.exists(in_progress_key_prefix + job_id)
-            tr.hexists(liveness.taken_key(settings), job_id)
-        answers = await tr.execute() if job_ids else []
+            pipe.zscore(settings.queue_name, job_id)
+            pipe.exists(in_progress_key_prefix + job_id)
+            pipe.hexists(liveness.taken_key(settings), job_id)
+        answers = await pipe.execute()
     return [
         (score is not None and not running) or bool(running and taken)
         for score, running, taken in zip(answers[::3], answers[1::3], answers[2::3], strict=True)
