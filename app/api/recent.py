@@ -53,10 +53,9 @@ class Recent(Generic[K, V]):
 
     A key with no value held (new, dropped, or older than both periods) is read once for all
     the callers that come while that read is in flight: each of them waits for it, and none
-    is answered with a value older than both periods. (Each
-    read its own, and only the latest kept its value: with callers coming faster than a read
-    took, no read was ever kept, and every poll of a large job counted it, each count slower
-    for the others beside it.)"""
+    is answered with a value older than both periods. (Each read its own, and only the
+    latest kept its value: with callers coming faster than a read took, no read was ever
+    kept, and every poll of a large job counted it, each count slower for the others.)"""
 
     def __init__(
         self,
