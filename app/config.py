@@ -167,9 +167,9 @@ class Settings(BaseSettings):
 
     # Workers.
     worker_max_jobs: int = 8
-    # Pooled Postgres connections per worker: an item holds one only for a statement, so a
+    # Most Postgres connections of one worker: an item holds one only for a statement, so a
     # few serve many items (and 2 x 128 items must not open 260 connections).
-    worker_db_connections: int = 20
+    worker_db_connections: int = Field(default=30, ge=1)
     worker_metrics_port: int = 0  # >0: each worker serves Prometheus metrics on this port
     # An item's lease in Postgres, renewed every third of it: the backstop should heartbeats
     # be lost. A dead worker is found by its heartbeat, well before its leases expire.

@@ -125,8 +125,10 @@ async def connect(ctx: dict[str, Any]) -> None:
     logging.getLogger("arq.worker").addFilter(every_job_started_and_done)  # once: the same filter
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port)
-    pool_size = min(settings.worker_max_jobs + 2, settings.worker_db_connections)
-    db = make_engine(settings.database_url, settings.database_timeout_s, pool_size=pool_size)
+    # An item holds a connection only for a statement; the worker's own tasks (leases, sweeps,
+    # the turn writer) and bursts get the rest.
+    connections = min(settings.worker_max_jobs + 12, settings.worker_db_connections)
+    db = make_engine(settings.database_url, settings.database_timeout_s, connections)
     worker_id: UUID = ctx[WORKER_ID]
     limits = llm_redis(settings)
     llm = OpenAICompatibleClient(

@@ -20,7 +20,7 @@ keys_cli = typer.Typer(help="API keys (written straight to the database).", no_a
 
 async def _with_session(work: Any) -> Any:
     settings = get_settings()
-    engine = make_engine(settings.database_url, settings.database_timeout_s, pool_size=1)
+    engine = make_engine(settings.database_url, settings.database_timeout_s, connections=1)
     try:
         async with make_sessions(engine).begin() as session:
             return await work(session)

@@ -23,7 +23,10 @@ from sqlalchemy.ext.asyncio import (
 Sessions = async_sessionmaker[AsyncSession]
 
 
-def make_engine(database_url: str, timeout_s: float, pool_size: int = 10) -> AsyncEngine:
+def make_engine(database_url: str, timeout_s: float, connections: int = 20) -> AsyncEngine:
+    """An engine of at most `connections` Postgres connections, each kept once made."""
+    if connections < 1:
+        raise ValueError(f"an engine needs at least one connection, not {connections}")
     # Not pool_pre_ping: with asyncpg that is three round trips (BEGIN, ping, ROLLBACK) on
     # every checkout, more than most of our statements cost. The local check below catches
     # connections a Postgres restart closed while they sat in the pool; one that breaks
@@ -31,13 +34,17 @@ def make_engine(database_url: str, timeout_s: float, pool_size: int = 10) -> Asy
     # (the worker's item retry, the client's retry after a 503) gets a fresh connection.
     # hide_parameters: a failed statement's message (logged, maybe shown) never carries the
     # values it was sent, which are user data: prompts, reviews, raw tool payloads.
+    # A fixed pool, no overflow: SQLAlchemy ends an overflow connection as soon as it comes
+    # back to a full pool, so bursts opened and closed 50-260 Postgres backends per benchmark
+    # run, each preparing its statements again. The same cap, each connection opened once.
     # timeout_s bounds each statement (Settings.database_timeout_s says why) twice: Postgres
     # ends one that runs longer (statement_timeout), so it holds no locks past it, and the
     # client gives up on a connection that has not answered a moment after (command_timeout):
     # a silent one, whose statement the server may never have seen.
     engine = create_async_engine(
         database_url,
-        pool_size=pool_size,
+        pool_size=connections,
+        max_overflow=0,
         hide_parameters=True,
         connect_args={
             "command_timeout": timeout_s + _ANSWER_MARGIN_S,
@@ -152,8 +159,9 @@ async def driver_connection(sessions: Sessions) -> AsyncIterator[asyncpg.Connect
     Taken from the pool as it is, not wrapped in an AsyncConnection, whose checkout and return
     cost a hot statement as much CPU as its round trip (three greenlet hops and a task each
     time). Statements in autocommit leave the return's reset nothing to send, so the
-    connection goes back in place, with nothing awaited that a cancellation could cut short;
-    one the pool has no room for is ended (below)."""
+    connection goes back in place, with nothing awaited that a cancellation could cut short.
+    The pool always has room for it (no overflow): closing a surplus one would be IO that
+    needs SQLAlchemy's greenlet."""
     engine = _engine_of(sessions)
     pooled = await engine.raw_connection()
     try:
@@ -166,13 +174,6 @@ async def driver_connection(sessions: Sessions) -> AsyncIterator[asyncpg.Connect
                 pooled.invalidate()
             raise
     finally:
-        room = engine.pool.size()  # type: ignore[attr-defined]  # QueuePool's; 0: no limit
-        if pooled.is_valid and room and engine.pool.checkedin() >= room:  # type: ignore[attr-defined]
-            # The pool would close this surplus connection (its overflow) as it comes back,
-            # politely, which is IO that needs SQLAlchemy's greenlet: without one, it logged
-            # an error and left the connection open, and its server process, until the
-            # garbage collector found it. Invalidated here, it is ended at once, with no IO.
-            pooled.invalidate()
         pooled.close()
 
 
