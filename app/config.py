@@ -78,7 +78,8 @@ class Settings(BaseSettings):
     # workers) gives up on a call that hears nothing for this long and sends it again on a new
     # connection (app/queue.py): a connection left half-open (a failover, a dropped NAT entry)
     # would otherwise hold a worker's polls forever (the heartbeat has a bound of its own).
-    # The API adds its progress streams' waits (events_resync_s, events_snapshot_interval_s).
+    # The API's progress streams have a Redis pool of their own, which adds their waits
+    # (events_resync_s, events_snapshot_interval_s).
     redis_timeout_s: float = Field(default=3.0, ge=1.0)
     # Postgres ends every statement of the API and the workers that runs longer than this, and
     # the client gives up on one whose connection stays silent; that connection and the pool's

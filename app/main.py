@@ -54,9 +54,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = make_engine(settings.database_url, settings.database_timeout_s)
         sessions = make_sessions(engine)
         arq = await create_pool(redis_settings(settings.redis_url))
-        # Progress streams wait on it (XREAD BLOCK) until their next snapshot is due.
+        await bound_calls(arq, settings.redis_timeout_s)
+        # Progress streams wait on Redis (XREAD BLOCK) until their next snapshot is due: a pool
+        # of their own, so that a silent Redis holds a submission or a cancel seconds, not those waits.
+        streams = await create_pool(redis_settings(settings.redis_url))
         longest_wait_s = max(settings.events_resync_s, settings.events_snapshot_interval_s)
-        await bound_calls(arq, settings.redis_timeout_s + longest_wait_s)
+        await bound_calls(streams, settings.redis_timeout_s + longest_wait_s)
         summaries = JobSummaries(sessions, settings.job_summary_max_age_s, settings.job_summary_read_share)
         known_keys = KnownKeys(sessions, settings.api_key_cache_s)
         state.install(
@@ -65,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 settings,
                 sessions,
                 arq,
+                streams,
                 summaries,
                 known_keys,
                 shipped,
@@ -77,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # Their reads in flight, before their database goes.
             await summaries.aclose()
             await known_keys.aclose()
+            await streams.aclose()
             await arq.aclose()
             await engine.dispose()
 

@@ -320,6 +320,22 @@ async def test_an_api_whose_postgres_connections_go_silent_answers_503_then_carr
             assert (await api.get("/v1/jobs", headers=auth)).status_code == 200
 
 
+async def test_a_submission_over_a_silent_redis_waits_the_redis_timeout_not_the_progress_streams(
+    settings: Settings, proxy: SilencingProxy, auth: dict[str, str]
+) -> None:
+    """The progress streams' pool waits as long as their XREAD BLOCK (10 s here); the
+    submission's enqueue waited that long too when the API had one pool for both."""
+    silenced = _through(proxy, settings, redis_timeout_s=1.0, events_resync_s=10.0)
+    async with api_client(silenced) as api:
+        await submit(api, auth, ["How do tides work?"])
+        proxy.silence()
+
+        started = time.monotonic()
+        async with asyncio.timeout(15.0):
+            await submit(api, auth, ["Why is the sky blue?"])
+        assert time.monotonic() - started < 5.0, "1 s on the silent connection, then a new one"
+
+
 @pytest.mark.parametrize("service", ["redis", "postgres"])
 async def test_a_worker_whose_connections_go_silent_carries_on_over_new_ones(
     api: httpx.AsyncClient,

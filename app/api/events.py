@@ -44,7 +44,7 @@ def job_event_source(request: Request, job_id: UUID) -> JobEventSource:
             assert job is not None
             return await jobs.summary(session, job)
 
-    return JobEventSource(state.arq, state.sessions, state.settings, job_id, snapshot)
+    return JobEventSource(state.streams, state.sessions, state.settings, job_id, snapshot)
 
 
 async def resumed(

@@ -20,6 +20,7 @@ class ApiState:
     settings: Settings
     sessions: Sessions
     arq: ArqRedis
+    streams: ArqRedis  # for progress streams only: its calls may wait on XREAD BLOCK
     summaries: JobSummaries
     known_keys: KnownKeys
     presets: Presets
