@@ -19,7 +19,7 @@ from sqlalchemy import func, select, update
 
 from app.config import EndpointConfig, Prices, Settings
 from app.store import budgets, callbacks
-from app.store.db import Sessions
+from app.store.db import Sessions, make_engine, make_sessions
 from app.store.models import CallbackDelivery, Item, Job, TurnRow
 from tests.conftest import api_client, run_worker_burst
 from tests.scripted_llm import ScriptedLLM
@@ -469,3 +469,24 @@ async def test_an_items_cost_is_known_when_its_own_calls_were_priced_in_the_api_
         export = await priced_api.get(f"/v1/jobs/{job_id}/export?format=jsonl", headers=auth)
         [record] = [orjson.loads(line) for line in export.text.splitlines()]
         assert item["usage"]["cost_usd"] == record["usage"]["cost_usd"] == cost
+
+
+async def test_settling_a_jobs_waiting_items_needs_no_second_connection(
+    priced_api: httpx.AsyncClient, auth: dict[str, str], settings: Settings, migrated: str, redis: Redis
+) -> None:
+    """settle_waiting (a budget's PATCH, an item parked) holds the job's row on its session
+    while it reads the job's spending. Read on a second connection, it waited for the pool's
+    timeout whenever each connection was held so (as many PATCHes of one job at once)."""
+    submitted = await post_job(
+        priced_api, auth, {"prompts": prompts(1), "config": QUICK, "budget": {"max_tokens": 100_000}}
+    )
+    job_id = UUID(submitted.json()["id"])
+    engine = make_engine(migrated, settings.database_timeout_s, connections=1)
+    spending = budgets.Spending(redis, make_sessions(engine), f"{settings.redis_key_prefix}:test")
+    try:
+        async with asyncio.timeout(10.0), make_sessions(engine).begin() as session:
+            # No counters in Redis yet: the spending is read from the job's turns.
+            assert await budgets.settle_waiting(session, spending, job_id) == []
+    finally:
+        await redis.delete(spending.key(job_id))
+        await engine.dispose()

@@ -100,13 +100,19 @@ class Spending:
     async def add(self, job_id: UUID, tokens: int, usd: float | None) -> None:
         await self._add(keys=[self.key(job_id)], args=[tokens, repr(usd or 0.0), _TTL_MS])
 
-    async def spent(self, job_id: UUID) -> tuple[int, float]:
-        """(tokens, USD) the job's recorded turns used; unpriced turns add no USD."""
+    async def spent(self, job_id: UUID, session: AsyncSession | None = None) -> tuple[int, float]:
+        """(tokens, USD) the job's recorded turns used; unpriced turns add no USD. A caller
+        in a session passes it: the turns are then read on its connection, not on a second
+        one, which a pool whose connections are all so held would never hand out."""
         key = self.key(job_id)
         counters = await self._read(keys=[key], args=[_REBUILD_TTL_MS])
         if isinstance(counters, list):
             return int(counters[0]), float(counters[1])
-        recorded = await self._recorded(job_id)
+        if session is None:
+            async with self._sessions() as own:
+                recorded = await _recorded(own, job_id)
+        else:
+            recorded = await _recorded(session, job_id)
         if counters != b"rebuild":  # another caller rebuilds: the turns answer meanwhile
             return recorded
         finished = await self._finish(keys=[key], args=[recorded[0], repr(recorded[1]), _TTL_MS])
@@ -116,17 +122,17 @@ class Spending:
         """Drop the job's counters: the next read rebuilds them from the turns."""
         await self._redis.delete(self.key(job_id))
 
-    async def _recorded(self, job_id: UUID) -> tuple[int, float]:
-        async with self._sessions() as session:
-            row = (
-                await session.execute(
-                    select(
-                        func.coalesce(func.sum(TurnRow.prompt_tokens + TurnRow.completion_tokens), 0),
-                        func.coalesce(func.sum(TurnRow.cost_usd), 0.0),
-                    ).where(TurnRow.job_id == job_id)
-                )
-            ).one()
-        return int(row[0]), float(row[1] or 0.0)
+
+async def _recorded(session: AsyncSession, job_id: UUID) -> tuple[int, float]:
+    row = (
+        await session.execute(
+            select(
+                func.coalesce(func.sum(TurnRow.prompt_tokens + TurnRow.completion_tokens), 0),
+                func.coalesce(func.sum(TurnRow.cost_usd), 0.0),
+            ).where(TurnRow.job_id == job_id)
+        )
+    ).one()
+    return int(row[0]), float(row[1] or 0.0)
 
 
 class Meter:
@@ -203,7 +209,7 @@ async def settle_waiting(session: AsyncSession, spending: Spending, job_id: UUID
             await callbacks.record_if_finished(session, job_id)
         return []
     budget = Budget.of(job.budget_max_cost_usd, job.budget_max_tokens)
-    if budget is not None and budget.reached(*await spending.spent(job_id)):
+    if budget is not None and budget.reached(*await spending.spent(job_id, session)):
         return []
     requeued = await session.execute(
         update(Item)
