@@ -169,7 +169,7 @@ class Settings(BaseSettings):
     # Workers.
     worker_max_jobs: int = 8
     # Most Postgres connections of one worker: an item holds one only for a statement, so a
-    # few serve many items (and 2 x 128 items must not open 260 connections).
+    # few serve many items (and 2 x 128 items must not open 280 connections).
     worker_db_connections: int = Field(default=30, ge=1)
     worker_metrics_port: int = 0  # >0: each worker serves Prometheus metrics on this port
     # An item's lease in Postgres, renewed every third of it: the backstop should heartbeats

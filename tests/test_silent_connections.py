@@ -267,9 +267,9 @@ async def test_bursts_beyond_the_pool_open_its_connections_once_and_none_beyond_
     migrated: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """SQLAlchemy's overflow opened a connection for each burst and ended it after, a new
-    Postgres backend that prepared its statements again; one taken as it is went back outside
-    SQLAlchemy's greenlet, where the pool could not close it: it stayed open until the garbage
-    collector found it, with an error in the log."""
+    Postgres backend that prepared its statements again. And a surplus connection that a
+    driver statement handed back outside SQLAlchemy's greenlet could not be closed: it stayed
+    open until the garbage collector found it, with an error in the pool's log."""
     engine = make_engine(migrated, timeout_s=60.0, connections=2)
     sessions = make_sessions(engine)
     burst = "SELECT pg_backend_pid() FROM pg_sleep(0.2)"

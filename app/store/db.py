@@ -24,7 +24,8 @@ Sessions = async_sessionmaker[AsyncSession]
 
 
 def make_engine(database_url: str, timeout_s: float, connections: int = 20) -> AsyncEngine:
-    """An engine of at most `connections` Postgres connections, each kept once made."""
+    """An engine of at most `connections` Postgres connections, each opened when first needed
+    and kept (one that timed out or that the server closed is replaced)."""
     if connections < 1:
         raise ValueError(f"an engine needs at least one connection, not {connections}")
     # Not pool_pre_ping: with asyncpg that is three round trips (BEGIN, ping, ROLLBACK) on
@@ -160,8 +161,8 @@ async def driver_connection(sessions: Sessions) -> AsyncIterator[asyncpg.Connect
     cost a hot statement as much CPU as its round trip (three greenlet hops and a task each
     time). Statements in autocommit leave the return's reset nothing to send, so the
     connection goes back in place, with nothing awaited that a cancellation could cut short.
-    The pool always has room for it (no overflow): closing a surplus one would be IO that
-    needs SQLAlchemy's greenlet."""
+    make_engine's pool always has room for it (no overflow): closing a surplus one would be
+    IO that needs SQLAlchemy's greenlet."""
     engine = _engine_of(sessions)
     pooled = await engine.raw_connection()
     try:
