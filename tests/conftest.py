@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -334,6 +334,13 @@ async def workers() -> AsyncIterator[list[subprocess.Popen[bytes]]]:
 def live_api(settings: Settings, sessions: Sessions) -> Iterator[str]:
     """The real app over real HTTP on a free loopback port (uvicorn in a thread), for clients
     that need it: streamed Server-Sent Events, the CLI, a browser. Yields the base URL."""
+    with served(settings) as base_url:
+        yield base_url
+
+
+@contextmanager
+def served(settings: Settings) -> Iterator[str]:
+    """live_api's server, for an app of other settings than the session's."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))

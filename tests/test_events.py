@@ -19,7 +19,7 @@ from app.events import ItemFinished, JobEventSource, follow, stream_key
 from app.store import jobs
 from app.store.db import Sessions
 from app.store.models import Job
-from tests.conftest import new_key, run_worker_burst
+from tests.conftest import new_key, run_worker_burst, served
 from tests.scripted_llm import ScriptedLLM, refusal
 from tests.test_api import error_of, submit
 
@@ -194,6 +194,28 @@ async def test_while_redis_is_unreachable_the_follower_goes_on_from_postgres(
 
     assert received[0] == ("snapshot", "queued")
     assert received[-2:] == [("snapshot", "completed"), ("done", "completed")]
+
+
+async def test_a_follower_waits_on_redis_for_as_long_as_its_stream_needs(
+    settings: Settings, sessions: Sessions, auth: Headers, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stream waits on Redis (XREAD BLOCK) until its next snapshot is due, longer than the
+    API's other Redis calls may take: on their pool, each of its waits timed out and was sent
+    again, over and over, and no snapshot came."""
+    patient = settings.model_copy(update={"redis_timeout_s": 1.0, "events_resync_s": 2.5})
+    with served(patient) as base_url:
+        async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+            job = await submit(client, auth, ["a"])  # no worker runs: nothing happens to it
+            async with aconnect_sse(client, "GET", f"/v1/jobs/{job['id']}/events", headers=auth) as source:
+                started, snapshots = time.monotonic(), 0
+                async with asyncio.timeout(10.0):
+                    async for sse in source.aiter_sse():
+                        snapshots += sse.event == "snapshot"
+                        if snapshots == 2:
+                            break
+
+    assert time.monotonic() - started < 6.0, "the resync's 2.5 s wait, then the snapshot"
+    assert not [r for r in caplog.records if "Redis unavailable" in r.getMessage()]
 
 
 def _summary_of(sessions: Sessions, job_id: str) -> Any:

@@ -103,7 +103,9 @@ class Spending:
     async def spent(self, job_id: UUID, session: AsyncSession | None = None) -> tuple[int, float]:
         """(tokens, USD) the job's recorded turns used; unpriced turns add no USD. A caller
         in a session passes it: the turns are then read on its connection, not on a second
-        one, which a pool whose connections are all so held would never hand out."""
+        one, which a pool whose connections are all so held would never hand out. (Under
+        READ COMMITTED, Postgres's default, that read still sees every turn committed before
+        it, so no turn is missed between the counters' rebuild mark and the sum.)"""
         key = self.key(job_id)
         counters = await self._read(keys=[key], args=[_REBUILD_TTL_MS])
         if isinstance(counters, list):
