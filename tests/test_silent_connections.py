@@ -14,16 +14,17 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 from urllib.parse import urlsplit
+from uuid import UUID
 
 import asyncpg
 import httpx
 import pytest
-from arq.connections import create_pool
+from arq.connections import ArqRedis, create_pool
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import DBAPIError
 
 from app.config import Settings
-from app.queue import bound_calls, redis_settings
+from app.queue import arq_job_id, bound_calls, redis_settings
 from app.store import items
 from app.store.db import Sessions, deadline, driver_connection, driver_of, make_engine, make_sessions
 from app.store.models import Item
@@ -31,15 +32,18 @@ from tests.conftest import api_client, eventually, start_worker, submit
 from tests.test_api import error_of
 from tests.test_endings import claimed_item
 from workers.main import _keep_lease
+from workers.sweeper import sweep
 
 
 class SilencingProxy:
     """A TCP proxy to a Redis server. `silence()` stops the connections open now from
-    forwarding anything, and leaves them open; connections made after it forward as before."""
+    forwarding anything, and leaves them open; connections made after it forward as before.
+    `hang()` silences those too: a server that takes connections and never answers."""
 
     def __init__(self, upstream_host: str, upstream_port: int) -> None:
         self._upstream = (upstream_host, upstream_port)
         self._era = 0  # connections of an earlier era are silent
+        self._hung = False
         self._pumps: set[asyncio.Task[None]] = set()
         self._writers: list[asyncio.StreamWriter] = []
         self._server: asyncio.Server | None = None
@@ -51,6 +55,9 @@ class SilencingProxy:
 
     def silence(self) -> None:
         self._era += 1
+
+    def hang(self) -> None:
+        self._hung = True
 
     async def close(self) -> None:
         assert self._server is not None
@@ -73,7 +80,7 @@ class SilencingProxy:
     async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, era: int) -> None:
         with contextlib.suppress(ConnectionError):
             while data := await source.read(65536):
-                if era != self._era:  # silenced: what was sent is never delivered, nothing closes
+                if era != self._era or self._hung:  # what was sent is never delivered, nothing closes
                     await asyncio.Event().wait()
                 sink.write(data)
                 await sink.drain()
@@ -334,6 +341,27 @@ async def test_a_submission_over_a_silent_redis_waits_the_redis_timeout_not_the_
         async with asyncio.timeout(15.0):
             await submit(api, auth, ["Why is the sky blue?"])
         assert time.monotonic() - started < 5.0, "1 s on the silent connection, then a new one"
+
+
+async def test_a_submission_while_redis_hangs_is_accepted_at_once_and_the_sweeper_enqueues_it(
+    settings: Settings, proxy: SilencingProxy, auth: dict[str, str], sessions: Sessions, arq_redis: ArqRedis
+) -> None:
+    """The job is committed before its enqueue, which the sweeper redoes if it failed: the
+    request waits for Redis no longer than a call's timeout and the connection's retry."""
+    async with api_client(_through(proxy, settings, redis_timeout_s=1.0)) as api:
+        proxy.hang()
+        started = time.monotonic()
+        async with asyncio.timeout(30.0):
+            job_id = await submit(api, auth, ["How do tides work?"])
+        assert time.monotonic() - started < 5.0, "not the client's 40 retries of a restart"
+
+    async with sessions() as session:
+        (item,) = (await session.scalars(select(Item).where(Item.job_id == UUID(job_id)))).all()
+    assert item.status == "queued"
+    assert await arq_redis.zscore(settings.queue_name, arq_job_id(item.id, 1)) is None, "never enqueued"
+    await asyncio.sleep(settings.enqueue_grace_s + 0.2)
+    assert await sweep(settings, sessions, arq_redis) == {"expired": 0, "lost": 1}
+    assert await arq_redis.zscore(settings.queue_name, arq_job_id(item.id, 2)) is not None
 
 
 @pytest.mark.parametrize("service", ["redis", "postgres"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from dataclasses import asdict, dataclass, replace
 from typing import Annotated
 from uuid import UUID
@@ -44,7 +43,7 @@ from app.api.schemas import (
     ReportOut,
     SubmittedJobOut,
 )
-from app.api.submissions import SubmissionDep, submit_responses
+from app.api.submissions import SubmissionDep, enqueue_committed, submit_responses
 from app.api.summaries import job_out
 from app.config import Settings
 from app.costs import check_budget, estimate
@@ -55,12 +54,10 @@ from app.duplicates import DuplicatesOut
 from app.idempotency import RequestHash
 from app.plan import GenerationPlan, check_job_fits, resolve
 from app.presets import Presets
-from app.queue import enqueue_items
 from app.store import deletions, job_listing, jobs, policy_sets, prompt_sets
 from app.store.models import PolicySetRow, PromptSetRow
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-log = logging.getLogger("aidsafe.api")
 Limit = Annotated[int, Query(ge=1, le=500, description="Page size.")]
 Cursor = Annotated[str | None, Query(description="`next_cursor` of the previous page.")]
 ERRORS = documented(401, 404, 422, 503)  # routes with an id in the path
@@ -209,10 +206,7 @@ async def relabel_job(
         check_budget(body.budget, job.plan, policies, wording, [shortest])
         resumed = await jobs.set_budget(session, state.spending, job, body.budget)
     await session.commit()
-    try:
-        await enqueue_items(state.arq, state.settings.queue_name, resumed)
-    except Exception:  # committed: the sweeper enqueues queued items whose arq job is missing
-        log.exception("enqueue failed for job %s; the sweeper will enqueue its resumed items", job.id)
+    await enqueue_committed(state.arq, state.settings, job.id, resumed)
     await session.refresh(job)
     summaries.forget(job.id, job.owner_key_id)
     return await job_out(session, job)

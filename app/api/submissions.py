@@ -47,7 +47,7 @@ class Submission:
         await self.session.commit()
         if not new_item_ids:
             self._response.status_code = status.HTTP_200_OK
-        await enqueue_committed(self._arq, self.settings, job.id, new_item_ids)
+        await enqueue_committed(self._arq, self.settings, job.id, [(item_id, 1) for item_id in new_item_ids])
 
 
 async def _submission(
@@ -63,10 +63,12 @@ async def _submission(
 SubmissionDep = Annotated[Submission, Depends(_submission)]
 
 
-async def enqueue_committed(arq: ArqRedis, settings: Settings, job_id: UUID, item_ids: list[UUID]) -> None:
-    """Enqueue a committed job's new items. A failure is logged, not raised: the job exists
-    now, and the sweeper enqueues queued items whose arq job is missing."""
+async def enqueue_committed(
+    arq: ArqRedis, settings: Settings, job_id: UUID, items: list[tuple[UUID, int]]
+) -> None:
+    """Enqueue a committed job's (item id, enqueue counter) pairs. A failure is logged, not
+    raised: the job exists now, and the sweeper enqueues queued items whose arq job is missing."""
     try:
-        await enqueue_items(arq, settings.queue_name, [(item_id, 1) for item_id in item_ids])
+        await enqueue_items(arq, settings.queue_name, items)
     except Exception:
         log.exception("enqueue failed for job %s; the sweeper will enqueue its items", job_id)
