@@ -56,7 +56,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         arq = await create_pool(redis_settings(settings.redis_url))
         await bound_calls(arq, settings.redis_timeout_s)
         # Progress streams wait on Redis (XREAD BLOCK) until their next snapshot is due: a pool
-        # of their own, so that a silent Redis holds a submission or a cancel seconds, not those waits.
+        # of their own, so that a silent Redis holds the API's other calls (enqueues, budget
+        # counters) seconds, not those waits.
         streams = await create_pool(redis_settings(settings.redis_url))
         longest_wait_s = max(settings.events_resync_s, settings.events_snapshot_interval_s)
         await bound_calls(streams, settings.redis_timeout_s + longest_wait_s)
