@@ -15,14 +15,16 @@ from prometheus_client import REGISTRY
 from pydantic import ValidationError
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 
 from app.config import EndpointConfig, Prices, Settings
 from app.store import budgets, callbacks
 from app.store.db import Sessions, make_engine, make_sessions
-from app.store.models import CallbackDelivery, Item, Job, TurnRow
-from tests.conftest import api_client, run_worker_burst
+from app.store.models import CallbackDelivery, Item, ItemStatus, Job, TurnRow
+from app.store.turn_writer import TurnWriter, Written
+from tests.conftest import api_client, eventually, run_worker_burst
 from tests.scripted_llm import ScriptedLLM
+from tests.test_turn_writer import claimed_items, turn_row
 from tests.test_viewer import logged_in
 
 PRICES = {"input": 1.0, "cached_input": 0.5, "output": 2.0}  # USD per million tokens
@@ -490,3 +492,38 @@ async def test_settling_a_jobs_waiting_items_needs_no_second_connection(
     finally:
         await redis.delete(spending.key(job_id))
         await engine.dispose()
+
+
+async def test_a_turn_written_while_a_patch_gives_its_job_a_first_budget_is_counted(
+    api: httpx.AsyncClient, auth: dict[str, str], settings: Settings, sessions: Sessions, redis: Redis
+) -> None:
+    """Until the PATCH commits, the inserts of the job's turns read its old budget (none) and
+    so are not added to its counters; the PATCH has rebuilt them from the turns before then.
+    A turn committed in between must be counted all the same, and must not wait for the PATCH."""
+    running, waiting = await claimed_items(api, auth, sessions, 2)
+    async with sessions.begin() as session:
+        parked = update(Item).where(Item.id == waiting.item_id).values(status=ItemStatus.BUDGET_EXHAUSTED)
+        await session.execute(parked)
+    async with sessions.begin() as holder:
+        # The PATCH sums the job's turns, then waits here to queue the parked item again.
+        await holder.execute(select(Item.id).where(Item.id == waiting.item_id).with_for_update())
+        patch = asyncio.create_task(
+            api.patch(f"/v1/jobs/{running.job_id}", json={"budget": {"max_tokens": 10**6}}, headers=auth)
+        )
+        await eventually(lambda: waits_for_a_lock(sessions), 10, "the PATCH to wait for the item's row")
+        written = await asyncio.wait_for(TurnWriter(sessions).write(turn_row(running)), 10)
+        assert written == Written(True, True, None, None)  # no budget read: the worker adds nothing
+    assert (await patch).status_code == 200
+    spending = budgets.Spending(redis, sessions, settings.redis_key_prefix)  # the workers' counters
+    assert await spending.spent(running.job_id) == (3 + 4, 0.0)
+
+
+async def waits_for_a_lock(sessions: Sessions) -> bool:
+    async with sessions() as session:
+        waiting = await session.scalar(
+            text(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+        )
+    return bool(waiting)

@@ -210,10 +210,10 @@ async def get_owned(session: AsyncSession, job_id: UUID, owner_key_id: UUID) -> 
 async def hold(session: AsyncSession, job_id: UUID, *, to_change: bool = False) -> None:
     """Lock the job's row until the caller's transaction ends; NotFound if it is gone. A
     deletion locks it first (FOR UPDATE), so it either waits for the rows the caller adds that
-    name the job (FOR KEY SHARE; or, `to_change`, for the caller's change of the row) and
-    then sees them, or has gone: never a foreign key's error half way."""
-    held = select(Job.id).where(Job.id == job_id)
-    held = held.with_for_update() if to_change else held.with_for_update(read=True, key_share=True)
+    name the job (FOR KEY SHARE; or, `to_change`, for the caller's change of the row: FOR NO
+    KEY UPDATE, which the inserts of the job's turns do not wait for) and then sees them, or
+    has gone: never a foreign key's error half way."""
+    held = select(Job.id).where(Job.id == job_id).with_for_update(read=not to_change, key_share=True)
     if await session.scalar(held) is None:
         raise NotFound(f"job {job_id} not found")
 
@@ -497,7 +497,9 @@ async def set_budget(
     the queue if it is no longer spent: the (item id, enqueue counter) pairs to enqueue after
     the caller commits. The job's row stays locked until then (app/store/budgets.py). Its
     spending counters are dropped, to be rebuilt from its turns: turns recorded while it had
-    no budget were not counted."""
+    no budget were not counted. Given a budget, the caller drops them again once committed
+    (`Spending.forget`): until then the inserts of its turns read the old budget, so those
+    committed after this sum, when the job had none, would go uncounted."""
     job.budget_max_cost_usd = budget.max_cost_usd if budget else None
     job.budget_max_tokens = budget.max_tokens if budget else None
     await session.flush()
