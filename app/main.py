@@ -38,7 +38,7 @@ from app.api.state import ApiState
 from app.api.summaries import JobSummaries
 from app.config import Settings, get_settings
 from app.presets import load as load_presets
-from app.queue import bound_calls, redis_settings
+from app.queue import REQUEST_RETRIES, bound_calls, redis_settings
 from app.store.budgets import Spending
 from app.store.db import make_engine, make_sessions
 from app.web import pages
@@ -53,12 +53,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         shipped = load_presets(settings.presets_dir, settings)  # an invalid preset stops the start
         engine = make_engine(settings.database_url, settings.database_timeout_s)
         sessions = make_sessions(engine)
-        arq = await create_pool(redis_settings(settings.redis_url))
+        arq = await create_pool(redis_settings(settings.redis_url, REQUEST_RETRIES))
         await bound_calls(arq, settings.redis_timeout_s)
         # Progress streams wait on Redis (XREAD BLOCK) until their next snapshot is due: a pool
         # of their own, so that a silent Redis holds the API's other calls (enqueues, budget
         # counters) seconds, not those waits.
-        streams = await create_pool(redis_settings(settings.redis_url))
+        streams = await create_pool(redis_settings(settings.redis_url, REQUEST_RETRIES))
         longest_wait_s = max(settings.events_resync_s, settings.events_snapshot_interval_s)
         await bound_calls(streams, settings.redis_timeout_s + longest_wait_s)
         summaries = JobSummaries(sessions, settings.job_summary_max_age_s, settings.job_summary_read_share)

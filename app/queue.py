@@ -17,11 +17,19 @@ RUN_ITEM = "run_item"
 _BATCH = 1000  # jobs per Redis call: bounded requests, and Redis is not blocked for long
 
 
-def redis_settings(redis_url: str) -> RedisSettings:
-    """arq's connection, retrying each command through a Redis restart (about a minute)
-    instead of letting the first ConnectionError end the worker's poll loop."""
+# A worker's commands are tried again through a Redis restart (about a minute) instead of
+# letting the first ConnectionError end its poll loop. An API request's are tried again once,
+# on a new connection: a Redis that is away or hung costs the client seconds (a 503), not a
+# minute per command.
+WORKER_RETRIES = 40
+REQUEST_RETRIES = 1
+
+
+def redis_settings(redis_url: str, retries: int) -> RedisSettings:
+    """arq's connection, each command tried again up to `retries` times after a connection
+    error or (once `bound_calls` set one) a timeout."""
     settings = RedisSettings.from_dsn(redis_url)
-    settings.retry = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=40)
+    settings.retry = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=retries)
     settings.retry_on_error = [ConnectionError, TimeoutError]
     settings.conn_retries = 30
     return settings

@@ -24,10 +24,10 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import DBAPIError
 
 from app.config import Settings
-from app.queue import arq_job_id, bound_calls, redis_settings
+from app.queue import WORKER_RETRIES, arq_job_id, bound_calls, redis_settings
 from app.store import items
 from app.store.db import Sessions, deadline, driver_connection, driver_of, make_engine, make_sessions
-from app.store.models import Item
+from app.store.models import Item, Job
 from tests.conftest import api_client, eventually, start_worker, submit
 from tests.test_api import error_of
 from tests.test_endings import claimed_item
@@ -123,7 +123,7 @@ async def test_a_call_on_a_connection_gone_silent_is_answered_over_a_new_one(
     settings: Settings, proxy: SilencingProxy
 ) -> None:
     """Every connection of the pool, those arq opened before the timeout was set included."""
-    pool = await create_pool(redis_settings(_through(proxy, settings).redis_url))
+    pool = await create_pool(redis_settings(_through(proxy, settings).redis_url, WORKER_RETRIES))
     try:
         await bound_calls(pool, 1.0)
         await pool.ping()
@@ -362,6 +362,28 @@ async def test_a_submission_while_redis_hangs_is_accepted_at_once_and_the_sweepe
     await asyncio.sleep(settings.enqueue_grace_s + 0.2)
     assert await sweep(settings, sessions, arq_redis) == {"expired": 0, "lost": 1}
     assert await arq_redis.zscore(settings.queue_name, arq_job_id(item.id, 2)) is not None
+
+
+async def test_a_budget_patch_while_redis_hangs_answers_503_in_time_and_changes_nothing(
+    settings: Settings, proxy: SilencingProxy, auth: dict[str, str], sessions: Sessions
+) -> None:
+    """A budget's PATCH drops the job's spending counters in Redis before it commits: on a
+    Redis that never answers it gives up after the timeout, asking for a retry, and the job
+    keeps the budget it had (none) until that retry goes through."""
+    budget = {"budget": {"max_tokens": 10**6}}
+    async with api_client(_through(proxy, settings, redis_timeout_s=1.0)) as api:
+        job_id = await submit(api, auth, ["How do tides work?"])
+        proxy.hang()
+        started = time.monotonic()
+        async with asyncio.timeout(30.0):
+            refused = await api.patch(f"/v1/jobs/{job_id}", json=budget, headers=auth)
+        assert time.monotonic() - started < 5.0
+    assert (refused.status_code, refused.json()["error"]["code"]) == (503, "unavailable")
+    async with sessions() as session:
+        assert await session.scalar(select(Job.budget_max_tokens).where(Job.id == UUID(job_id))) is None
+    async with api_client(settings) as api:
+        retried = await api.patch(f"/v1/jobs/{job_id}", json=budget, headers=auth)
+    assert (retried.status_code, retried.json()["budget"]["max_tokens"]) == (200, 10**6)
 
 
 @pytest.mark.parametrize("service", ["redis", "postgres"])

@@ -37,7 +37,7 @@ from app.llm.hedging import HedgePolicy
 from app.llm.rates import EndpointRates
 from app.metrics import ITEMS_FINISHED
 from app.plan import ComparisonPlan, GenerationPlan, ModelEvaluationPlan, SampleEvaluationPlan
-from app.queue import bound_calls, redis_settings
+from app.queue import WORKER_RETRIES, bound_calls, redis_settings
 from app.store import (
     batches,
     budgets,
@@ -429,7 +429,7 @@ def worker_settings(settings: Settings, *, sweeper: bool = True) -> dict[str, An
         "on_startup": startup if sweeper else connect,
         "on_shutdown": shutdown,
         "ctx": {"settings": settings, WORKER_ID: uuid4()},
-        "redis_settings": redis_settings(settings.redis_url),
+        "redis_settings": redis_settings(settings.redis_url, WORKER_RETRIES),
         "queue_name": settings.queue_name,
         "max_jobs": settings.worker_max_jobs,
         "queue_read_limit": _queue_read_limit(settings),

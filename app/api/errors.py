@@ -10,6 +10,7 @@ import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -113,6 +114,13 @@ def install(app: FastAPI) -> None:
     async def _database_unavailable(_: Request, exc: Exception) -> JSONResponse:
         log.warning("database unavailable: %s", exc)
         return error_response(503, "unavailable", "the database is unavailable; retry shortly")
+
+    # Redis refused, reset or timed out (`redis_timeout_s`): a retry can go through. Requests
+    # that must not fail on it catch it themselves (a submission's enqueue: the sweeper redoes it).
+    @app.exception_handler(RedisError)
+    async def _redis_unavailable(_: Request, exc: RedisError) -> JSONResponse:
+        log.warning("redis unavailable: %s", exc)
+        return error_response(503, "unavailable", "the queue is unavailable; retry shortly")
 
     # SQLAlchemy wraps a statement Postgres ended at the database timeout in a bare DBAPIError;
     # any other is a bug, answered 500 as before.

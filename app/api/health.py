@@ -32,7 +32,7 @@ async def readyz(request: Request) -> JSONResponse:
     except Exception as exc:
         problems.append(f"postgres: {type(exc).__name__}")
     try:
-        # The Redis client retries through restarts for a minute; a probe must not wait that long.
+        # A hung Redis holds a call its timeout, twice (app/queue.py); a probe answers sooner.
         async with asyncio.timeout(_CHECK_TIMEOUT_S):
             await api_state(request).arq.ping()
     except Exception as exc:
