@@ -519,11 +519,12 @@ async def test_a_turn_written_while_a_patch_gives_its_job_a_first_budget_is_coun
 
 
 async def waits_for_a_lock(sessions: Sessions) -> bool:
+    """Whether the PATCH's update of the job's waiting items waits for a lock."""
     async with sessions() as session:
         waiting = await session.scalar(
             text(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock' AND query LIKE 'UPDATE items %'"
             )
         )
     return bool(waiting)

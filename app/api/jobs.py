@@ -206,10 +206,6 @@ async def relabel_job(
         check_budget(body.budget, job.plan, policies, wording, [shortest])
         resumed = await jobs.set_budget(session, state.spending, job, body.budget)
     await session.commit()
-    if "budget" in changed and body.budget is not None:
-        # To count the turns written meanwhile (jobs.set_budget). If Redis fails here, the 503
-        # asks for a retry, which sets the same budget and drops them again.
-        await state.spending.forget(job.id)
     await enqueue_committed(state.arq, state.settings, job.id, resumed)
     await session.refresh(job)
     summaries.forget(job.id, job.owner_key_id)

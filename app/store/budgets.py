@@ -191,12 +191,19 @@ async def park(
     return ending
 
 
-async def settle_waiting(session: AsyncSession, spending: Spending, job_id: UUID) -> list[tuple[UUID, int]]:
+async def settle_waiting(
+    session: AsyncSession, spending: Spending, job_id: UUID, *, budget_changed: bool = False
+) -> list[tuple[UUID, int]]:
     """In the caller's transaction, with the job's row locked (a concurrent PATCH, cancel or
     park waits for it, inserts of its turns do not): the job's waiting items are cancelled if
     the job was, and queued again if its budget is no longer spent (by the counters the
     workers read, so an item is not resumed only to park again). The (item id, enqueue
-    counter) pairs to enqueue once the caller has committed."""
+    counter) pairs to enqueue once the caller has committed.
+
+    `budget_changed`: the caller changed the budget and dropped the counters. The spending is
+    then summed from the turns and the counters are left missing, to be rebuilt by the first
+    read after the commit: until then the inserts of the job's turns read the budget it had,
+    none perhaps, and are not added to any counters, so counters rebuilt now would miss them."""
     job = (
         await session.execute(
             select(Job.cancelled_at, Job.callback_url, Job.budget_max_cost_usd, Job.budget_max_tokens)
@@ -211,8 +218,10 @@ async def settle_waiting(session: AsyncSession, spending: Spending, job_id: UUID
             await callbacks.record_if_finished(session, job_id)
         return []
     budget = Budget.of(job.budget_max_cost_usd, job.budget_max_tokens)
-    if budget is not None and budget.reached(*await spending.spent(job_id, session)):
-        return []
+    if budget is not None:
+        spent = await (_recorded(session, job_id) if budget_changed else spending.spent(job_id, session))
+        if budget.reached(*spent):
+            return []
     requeued = await session.execute(
         update(Item)
         .where(waiting)

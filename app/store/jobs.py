@@ -212,7 +212,8 @@ async def hold(session: AsyncSession, job_id: UUID, *, to_change: bool = False) 
     deletion locks it first (FOR UPDATE), so it either waits for the rows the caller adds that
     name the job (FOR KEY SHARE; or, `to_change`, for the caller's change of the row: FOR NO
     KEY UPDATE, which the inserts of the job's turns do not wait for) and then sees them, or
-    has gone: never a foreign key's error half way."""
+    has gone: never a foreign key's error half way. (Changing a column that a unique index
+    covers would take FOR UPDATE after all, and wait for those inserts: no caller does.)"""
     held = select(Job.id).where(Job.id == job_id).with_for_update(read=not to_change, key_share=True)
     if await session.scalar(held) is None:
         raise NotFound(f"job {job_id} not found")
@@ -496,12 +497,10 @@ async def set_budget(
     """Replace the job's budget (None: no limit) and put the items that waited for it back in
     the queue if it is no longer spent: the (item id, enqueue counter) pairs to enqueue after
     the caller commits. The job's row stays locked until then (app/store/budgets.py). Its
-    spending counters are dropped, to be rebuilt from its turns: turns recorded while it had
-    no budget were not counted. Given a budget, the caller drops them again once committed
-    (`Spending.forget`): until then the inserts of its turns read the old budget, so those
-    committed after this sum, when the job had none, would go uncounted."""
+    spending counters are dropped, to be rebuilt from its turns after the commit: turns
+    recorded while it had no budget were not counted, nor are those recorded until then."""
     job.budget_max_cost_usd = budget.max_cost_usd if budget else None
     job.budget_max_tokens = budget.max_tokens if budget else None
     await session.flush()
     await spending.forget(job.id)
-    return await budgets.settle_waiting(session, spending, job.id)
+    return await budgets.settle_waiting(session, spending, job.id, budget_changed=True)
