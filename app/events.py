@@ -160,6 +160,11 @@ class JobEventSource:
         newest = await self.redis.xrevrange(self.key, count=1)
         return newest[0][0].decode() if newest else "0-0"
 
+    async def now_id(self) -> str:
+        """An id of this moment on the stream's clock (Redis's): entries added later are newer."""
+        seconds, microseconds = await self.redis.time()
+        return f"{seconds * 1000 + microseconds // 1000}-0"
+
     async def can_replay_after(self, event_id: str) -> bool:
         """Whether every entry after `event_id` is still in the stream. Trimming removes the
         oldest entries, so it is when the oldest one left is not newer than the client's."""
@@ -215,6 +220,10 @@ async def _follow_stream(
     """One connection's worth of `follow`; `cursor[0]` tracks the last id sent, to resume from."""
     settings = source.settings
     position = await source.tail_id()  # read before the snapshot: nothing between is lost
+    if position == "0-0" and resume_from is None:
+        # No entry to resume after should Redis fail: resume after this moment instead (from
+        # the tail then, the entries added while Redis was away would be skipped).
+        cursor[0] = await source.now_id()
     if resume_from is not None:
         if await source.can_replay_after(resume_from):
             position = resume_from

@@ -162,7 +162,7 @@ async def test_a_cancel_no_worker_announces_still_ends_the_stream(
 ) -> None:
     job = await submit(api, auth, ["a", "b"])
     quick = settings.model_copy(update={"events_resync_s": 0.2})
-    source = JobEventSource(redis, sessions, quick, UUID(job["id"]), _summary_of(sessions, job["id"]))
+    source = JobEventSource(redis, sessions, quick, UUID(job["id"]), summary_of(sessions, job["id"]))
     received: list[str] = []
     async for event in follow(source, None):
         received.append(event.kind)
@@ -181,7 +181,7 @@ async def test_while_redis_is_unreachable_the_follower_goes_on_from_postgres(
     job = await submit(api, auth, ["a", "b"])
     quick = settings.model_copy(update={"events_resync_s": 0.2})
     unreachable = Redis.from_url("redis://127.0.0.1:9/0", socket_connect_timeout=0.5)
-    source = JobEventSource(unreachable, sessions, quick, UUID(job["id"]), _summary_of(sessions, job["id"]))
+    source = JobEventSource(unreachable, sessions, quick, UUID(job["id"]), summary_of(sessions, job["id"]))
     received: list[tuple[str, str]] = []
     try:
         async for event in follow(source, "1-0"):
@@ -218,7 +218,7 @@ async def test_a_follower_waits_on_redis_for_as_long_as_its_stream_needs(
     assert not [r for r in caplog.records if "Redis unavailable" in r.getMessage()]
 
 
-def _summary_of(sessions: Sessions, job_id: str) -> Any:
+def summary_of(sessions: Sessions, job_id: str) -> Any:
     async def snapshot() -> dict[str, Any]:
         async with sessions() as session:
             row = await session.get(Job, UUID(job_id))

@@ -24,13 +24,15 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import DBAPIError
 
 from app.config import Settings
-from app.queue import WORKER_RETRIES, arq_job_id, bound_calls, redis_settings
+from app.events import JobEventSource, follow
+from app.queue import REQUEST_RETRIES, WORKER_RETRIES, arq_job_id, bound_calls, redis_settings
 from app.store import items
 from app.store.db import Sessions, deadline, driver_connection, driver_of, make_engine, make_sessions
 from app.store.models import Item, Job
-from tests.conftest import api_client, eventually, start_worker, submit
+from tests.conftest import api_client, eventually, run_worker_burst, start_worker, submit
 from tests.test_api import error_of
 from tests.test_endings import claimed_item
+from tests.test_events import summary_of
 from workers.main import _keep_lease
 from workers.sweeper import sweep
 
@@ -58,6 +60,11 @@ class SilencingProxy:
 
     def hang(self) -> None:
         self._hung = True
+
+    def recover(self) -> None:
+        """Connections made from now on forward again; those made before stay silent."""
+        self._hung = False
+        self._era += 1
 
     async def close(self) -> None:
         assert self._server is not None
@@ -384,6 +391,40 @@ async def test_a_budget_patch_while_redis_hangs_answers_503_in_time_and_changes_
     async with api_client(settings) as api:
         retried = await api.patch(f"/v1/jobs/{job_id}", json=budget, headers=auth)
     assert (retried.status_code, retried.json()["budget"]["max_tokens"]) == (200, 10**6)
+
+
+async def test_a_follower_of_an_empty_stream_hears_the_items_that_ended_while_redis_hung(
+    settings: Settings,
+    proxy: SilencingProxy,
+    auth: dict[str, str],
+    sessions: Sessions,
+    api: httpx.AsyncClient,
+) -> None:
+    """A follower with no entry to resume after resumed from the stream's tail once Redis was
+    back: past the entries of the items that ended meanwhile, which it never heard of."""
+    job_id = await submit(api, auth, ["How do tides work?", "Why is the sky blue?"])
+    quick = settings.model_copy(update={"events_resync_s": 1.0})
+    streams = await create_pool(redis_settings(_through(proxy, settings).redis_url, REQUEST_RETRIES))
+    await bound_calls(streams, 1.5)  # as the API's streams pool: the resync's wait, and more
+    source = JobEventSource(streams, sessions, quick, UUID(job_id), summary_of(sessions, job_id))
+    events: list[tuple[str, str]] = []
+    try:
+        async with asyncio.timeout(30.0):
+            async for event in follow(source, None):
+                events.append((event.kind, event.data["item_id" if event.kind == "item" else "status"]))
+                if len(events) == 1:
+                    proxy.hang()
+                elif len(events) == 2:  # from Postgres, Redis being away
+                    await run_worker_burst(settings)  # over Redis itself: its entries are stored
+                    proxy.recover()
+    finally:
+        await streams.aclose()
+
+    async with sessions() as session:
+        ended = set((await session.scalars(select(Item.id).where(Item.job_id == UUID(job_id)))).all())
+    assert events[:2] == [("snapshot", "queued"), ("snapshot", "queued")]
+    assert {UUID(ref) for kind, ref in events if kind == "item"} == ended
+    assert events[-1] == ("done", "completed")
 
 
 @pytest.mark.parametrize("service", ["redis", "postgres"])
