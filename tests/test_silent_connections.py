@@ -393,6 +393,22 @@ async def test_a_budget_patch_while_redis_hangs_answers_503_in_time_and_changes_
     assert (retried.status_code, retried.json()["budget"]["max_tokens"]) == (200, 10**6)
 
 
+async def test_metrics_while_redis_hangs_still_count_the_items_and_leave_the_queue_depth_unknown(
+    settings: Settings, proxy: SilencingProxy, auth: dict[str, str]
+) -> None:
+    async with api_client(_through(proxy, settings, redis_timeout_s=1.0)) as api:
+        await submit(api, auth, ["How do tides work?", "Why is the sky blue?"])
+        proxy.hang()
+        started = time.monotonic()
+        async with asyncio.timeout(30.0):
+            scraped = await api.get("/metrics")
+        assert time.monotonic() - started < 5.0
+
+    assert scraped.status_code == 200
+    assert 'aidsafe_items{status="queued"} 2.0' in scraped.text
+    assert "aidsafe_queue_depth NaN" in scraped.text
+
+
 async def test_a_follower_of_an_empty_stream_hears_the_items_that_ended_while_redis_hung(
     settings: Settings,
     proxy: SilencingProxy,

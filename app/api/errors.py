@@ -10,7 +10,8 @@ import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -116,9 +117,11 @@ def install(app: FastAPI) -> None:
         return error_response(503, "unavailable", "the database is unavailable; retry shortly")
 
     # Redis refused, reset or timed out (`redis_timeout_s`): a retry can go through. Requests
-    # that must not fail on it catch it themselves (a submission's enqueue: the sweeper redoes it).
-    @app.exception_handler(RedisError)
-    async def _redis_unavailable(_: Request, exc: RedisError) -> JSONResponse:
+    # that must not fail on it catch it themselves (a submission's enqueue: the sweeper redoes
+    # it). Its other errors (a script's) are bugs, answered 500.
+    @app.exception_handler(RedisConnectionError)
+    @app.exception_handler(RedisTimeoutError)
+    async def _redis_unavailable(_: Request, exc: Exception) -> JSONResponse:
         log.warning("redis unavailable: %s", exc)
         return error_response(503, "unavailable", "the queue is unavailable; retry shortly")
 
