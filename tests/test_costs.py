@@ -256,14 +256,56 @@ async def test_a_rebuild_finished_twice_counts_the_turns_once(
     key = spending.key(job_id)
     finish = redis.register_script(budgets._FINISH)
     try:
-        assert await redis.register_script(budgets._READ)(keys=[key], args=[30_000]) == b"rebuild"
+        assert await redis.register_script(budgets._READ)(keys=[key], args=[30_000, "r"]) == b"rebuild"
         await spending.add(job_id, 7, 0.25)  # a turn added meanwhile
-        first = await finish(keys=[key], args=[100, "1.5", 60_000])
-        again = await finish(keys=[key], args=[100, "1.5", 60_000])
+        first = await finish(keys=[key], args=[100, "1.5", 60_000, "r"])
+        again = await finish(keys=[key], args=[100, "1.5", 60_000, "r"])
     finally:
         await redis.delete(key)
     assert (int(first[0]), float(first[1])) == (107, 1.75)
     assert (int(again[0]), float(again[1])) == (107, 1.75)
+
+
+async def test_a_rebuild_finishes_only_the_counters_it_started(
+    settings: Settings, sessions: Sessions, redis: Redis
+) -> None:
+    """Counters dropped while a rebuild sums the turns (a budget's PATCH, a failed add) are
+    started again by the next reader: the first rebuild's sum, older, must not finish them."""
+    spending = budgets.Spending(redis, sessions, f"{settings.redis_key_prefix}:test")
+    job_id = uuid4()
+    key = spending.key(job_id)
+    read, finish = redis.register_script(budgets._READ), redis.register_script(budgets._FINISH)
+    try:
+        assert await read(keys=[key], args=[30_000, "first"]) == b"rebuild"  # it sums: 100
+        await spending.forget(job_id)
+        assert await read(keys=[key], args=[30_000, "second"]) == b"rebuild"  # it sums: 107
+        assert await read(keys=[key], args=[30_000, "second"]) == b"rebuild", "its call sent again"
+        assert await read(keys=[key], args=[30_000, "third"]) == b"wait"
+        assert await finish(keys=[key], args=[100, "1.5", 60_000, "first"]) is None
+        second = await finish(keys=[key], args=[107, "1.75", 60_000, "second"])
+    finally:
+        await redis.delete(key)
+    assert (int(second[0]), float(second[1])) == (107, 1.75)
+
+
+async def test_settling_waiting_items_with_redis_away_reads_the_turns(
+    api: httpx.AsyncClient, auth: dict[str, str], settings: Settings, sessions: Sessions
+) -> None:
+    """A park settles the job's waiting items after ending its own: raising there would leave
+    the item waiting for a budget a PATCH (which did not see it parked yet) already raised."""
+    running, waiting = await claimed_items(api, auth, sessions, 2)
+    async with sessions.begin() as session:
+        await session.execute(update(Job).where(Job.id == running.job_id).values(budget_max_tokens=10**6))
+        parked = update(Item).where(Item.id == waiting.item_id).values(status=ItemStatus.BUDGET_EXHAUSTED)
+        await session.execute(parked)
+    unreachable = Redis.from_url("redis://127.0.0.1:9/0", socket_connect_timeout=0.5)
+    try:
+        async with sessions.begin() as session:
+            spending = budgets.Spending(unreachable, sessions, settings.redis_key_prefix)
+            resumed = await budgets.settle_waiting(session, spending, running.job_id)
+    finally:
+        await unreachable.aclose()
+    assert resumed == [(waiting.item_id, 2)]
 
 
 async def test_turns_of_one_job_do_not_wait_for_its_row(

@@ -12,7 +12,9 @@ has a budget, from the job's row, without locking it).
 
 The turns stay the record (the API's totals are sums over them); the counters are rebuilt
 from the turns when missing (a Redis restart, expiry, or a changed budget, which drops them).
-A rebuild creates the counters before summing the turns, so a turn is never missed: one
+A rebuild creates the counters before summing the turns, and finishes only the counters it
+created (not those another caller created after they were dropped again), so a turn is never
+missed: one
 recorded while the sum runs may be counted twice, which can stop a job early by at most its
 calls in flight, never late. So may a turn whose add the Redis client sent again after a
 connection dropped before the answer came (the client tries a connection error once more).
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from uuid import UUID
+from uuid import UUID, uuid4
 
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
@@ -61,21 +63,25 @@ redis.call('hincrbyfloat', KEYS[1], 'usd', ARGV[2])
 if redis.call('hget', KEYS[1], 'ready') == '1' then redis.call('pexpire', KEYS[1], ARGV[3]) end
 return 1
 """
-# The counters if ready; else 'rebuild' if this caller starts their rebuild (they were
-# missing), or 'wait' if another caller's rebuild runs.
+# The counters if ready; else 'rebuild' if this caller (ARGV[2], its rebuild's token) starts
+# their rebuild (they were missing) or started it (its call sent again), or 'wait' if another
+# caller's rebuild runs.
 _READ = """
-local tokens, usd, ready = unpack(redis.call('hmget', KEYS[1], 'tokens', 'usd', 'ready'))
+local tokens, usd, ready, rebuilder = unpack(
+  redis.call('hmget', KEYS[1], 'tokens', 'usd', 'ready', 'rebuilder'))
 if ready == '1' then return {tokens, usd} end
-if ready then return 'wait' end
-redis.call('hset', KEYS[1], 'tokens', 0, 'usd', 0, 'ready', 0)
+if ready then return rebuilder == ARGV[2] and 'rebuild' or 'wait' end
+redis.call('hset', KEYS[1], 'tokens', 0, 'usd', 0, 'ready', 0, 'rebuilder', ARGV[2])
 redis.call('pexpire', KEYS[1], ARGV[1])
 return 'rebuild'
 """
 # Finish it: the turns' sums join what was added meanwhile, once (a call sent again after its
-# reply was lost finds the counters ready and returns them).
+# reply was lost finds the counters ready and returns them). Only the rebuild its token
+# started: dropped and started again by another caller meanwhile, the counters are that
+# caller's to finish, from a sum that holds the turns this caller's may lack.
 _FINISH = """
-local ready = redis.call('hget', KEYS[1], 'ready')
-if not ready then return nil end
+local ready, rebuilder = unpack(redis.call('hmget', KEYS[1], 'ready', 'rebuilder'))
+if not ready or rebuilder ~= ARGV[4] then return nil end
 if ready == '1' then return redis.call('hmget', KEYS[1], 'tokens', 'usd') end
 local tokens = redis.call('hincrby', KEYS[1], 'tokens', ARGV[1])
 local usd = redis.call('hincrbyfloat', KEYS[1], 'usd', ARGV[2])
@@ -106,8 +112,8 @@ class Spending:
         one, which a pool whose connections are all so held would never hand out. (Under
         READ COMMITTED, Postgres's default, that read still sees every turn committed before
         it, so no turn is missed between the counters' rebuild mark and the sum.)"""
-        key = self.key(job_id)
-        counters = await self._read(keys=[key], args=[_REBUILD_TTL_MS])
+        key, token = self.key(job_id), uuid4().hex
+        counters = await self._read(keys=[key], args=[_REBUILD_TTL_MS, token])
         if isinstance(counters, list):
             return int(counters[0]), float(counters[1])
         if session is None:
@@ -117,12 +123,26 @@ class Spending:
             recorded = await _recorded(session, job_id)
         if counters != b"rebuild":  # another caller rebuilds: the turns answer meanwhile
             return recorded
-        finished = await self._finish(keys=[key], args=[recorded[0], repr(recorded[1]), _TTL_MS])
+        finished = await self._finish(keys=[key], args=[recorded[0], repr(recorded[1]), _TTL_MS, token])
         return recorded if finished is None else (int(finished[0]), float(finished[1]))
 
     async def forget(self, job_id: UUID) -> None:
         """Drop the job's counters: the next read rebuilds them from the turns."""
         await self._redis.delete(self.key(job_id))
+
+
+async def _spent(
+    session: AsyncSession, spending: Spending, job_id: UUID, budget_changed: bool
+) -> tuple[int, float]:
+    """For settle_waiting. The turns answer when the counters cannot: a park that raised here
+    would leave its item waiting for a PATCH that came, and will not come again."""
+    if budget_changed:
+        return await _recorded(session, job_id)
+    try:
+        return await spending.spent(job_id, session)
+    except RedisError:
+        log.warning("budget counters of job %s unreadable; summing its turns", job_id, exc_info=True)
+        return await _recorded(session, job_id)
 
 
 async def _recorded(session: AsyncSession, job_id: UUID) -> tuple[int, float]:
@@ -218,10 +238,8 @@ async def settle_waiting(
             await callbacks.record_if_finished(session, job_id)
         return []
     budget = Budget.of(job.budget_max_cost_usd, job.budget_max_tokens)
-    if budget is not None:
-        spent = await (_recorded(session, job_id) if budget_changed else spending.spent(job_id, session))
-        if budget.reached(*spent):
-            return []
+    if budget is not None and budget.reached(*await _spent(session, spending, job_id, budget_changed)):
+        return []
     requeued = await session.execute(
         update(Item)
         .where(waiting)
