@@ -155,15 +155,18 @@ class JobEventSource:
         elif sent[0] > time.time() * 1000 + CLOCK_MARGIN_MS:
             raise _never_sent()
 
-    async def tail_id(self) -> str:
-        """The newest entry's id, or 0-0 when the stream is empty or gone."""
-        newest = await self.redis.xrevrange(self.key, count=1)
-        return newest[0][0].decode() if newest else "0-0"
-
-    async def now_id(self) -> str:
-        """An id of this moment on the stream's clock (Redis's): entries added later are newer."""
-        seconds, microseconds = await self.redis.time()
-        return f"{seconds * 1000 + microseconds // 1000}-0"
+    async def tail(self) -> tuple[str, str]:
+        """The newest entry's id (0-0 when the stream is empty or gone), and the id to resume
+        after should Redis fail before an entry comes: that entry's, or with none, an id just
+        before this moment on the stream's clock (Redis's), which every entry added later
+        follows. Read in one transaction, so that no entry comes between the two."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xrevrange(self.key, count=1)
+            pipe.time()
+            newest, (seconds, microseconds) = await pipe.execute()
+        if newest:
+            return newest[0][0].decode(), newest[0][0].decode()
+        return "0-0", f"{seconds * 1000 + microseconds // 1000 - 1}-0"
 
     async def can_replay_after(self, event_id: str) -> bool:
         """Whether every entry after `event_id` is still in the stream. Trimming removes the
@@ -205,6 +208,9 @@ async def follow(source: JobEventSource, last_event_id: str | None) -> AsyncIter
                     return
         except RedisError:
             log.warning("events of job %s: Redis unavailable, polling Postgres", source.job_id, exc_info=True)
+            if cursor[0] is None:  # it never reached the stream: resume after now (less the
+                # clocks' margin: an item may be heard twice, none is missed)
+                cursor[0] = f"{int(time.time() * 1000) - CLOCK_MARGIN_MS}-0"
             summary = await source.snapshot()
             yield ProgressEvent("snapshot", summary)
             if summary["status"] in ENDED:
@@ -219,11 +225,9 @@ async def _follow_stream(
 ) -> AsyncIterator[ProgressEvent]:
     """One connection's worth of `follow`; `cursor[0]` tracks the last id sent, to resume from."""
     settings = source.settings
-    position = await source.tail_id()  # read before the snapshot: nothing between is lost
-    if position == "0-0" and resume_from is None:
-        # No entry to resume after should Redis fail: resume after this moment instead (from
-        # the tail then, the entries added while Redis was away would be skipped).
-        cursor[0] = await source.now_id()
+    position, resume_after = await source.tail()  # before the snapshot: nothing between is lost
+    if resume_from is None:
+        cursor[0] = resume_after  # from the tail, a resume would skip what Redis's absence hid
     if resume_from is not None:
         if await source.can_replay_after(resume_from):
             position = resume_from
