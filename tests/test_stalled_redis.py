@@ -1,7 +1,8 @@
 """A Redis that stops answering (hung, not restarted) fails the workers' LLM limiter, rate
 budget and spending calls after `llm_redis_timeout_s`, so an item's LLM call ends as a transient fault
 instead of holding its worker forever; the limiter's blocking waits stay shorter than that
-timeout. Each test stops (SIGSTOP) a redis-server of its own, never the shared one."""
+timeout; and one that turned replica (a failover) is unavailable to the API, not a bug. Each
+test stops (SIGSTOP) or demotes a redis-server of its own, never the shared one."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from arq.connections import ArqRedis
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from sqlalchemy import select
 
 from app.config import Settings
 from app.costs import Budget
@@ -31,6 +33,8 @@ from app.llm.limits import MAX_BLOCK_S, EndpointLimiter
 from app.llm.rates import EndpointRates
 from app.store.budgets import Meter
 from app.store.db import Sessions
+from app.store.models import Job
+from tests.conftest import api_client, submit
 from tests.scripted_llm import ScriptedLLM, chat_request
 from workers.llm_limits import llm_limiter, llm_redis
 from workers.main import WORKER, Worker, connect, shutdown, worker_settings
@@ -237,3 +241,22 @@ async def test_a_budgeted_jobs_spending_on_a_hung_redis_delays_its_item_and_neve
     finally:
         own_redis.resume()
         await shutdown(ctx)
+
+
+async def test_a_budget_patch_on_a_redis_that_turned_replica_answers_503_and_changes_nothing(
+    settings: Settings, own_redis: OwnRedis, auth: dict[str, str], sessions: Sessions
+) -> None:
+    """A failover leaves clients on a replica for a moment: its READONLY answers mean Redis is
+    unavailable for now (a retry can go through), not a bug (500)."""
+    async with api_client(settings.model_copy(update={"redis_url": own_redis.url})) as api:
+        job_id = await submit(api, auth, ["How do tides work?"])
+        admin = Redis.from_url(own_redis.url)
+        try:
+            await admin.replicaof("127.0.0.1", "9")  # a master it cannot reach: it refuses writes
+        finally:
+            await admin.aclose()
+        refused = await api.patch(f"/v1/jobs/{job_id}", json={"budget": {"max_tokens": 10**6}}, headers=auth)
+
+    assert (refused.status_code, refused.json()["error"]["code"]) == (503, "unavailable")
+    async with sessions() as session:
+        assert await session.scalar(select(Job.budget_max_tokens).where(Job.id == uuid.UUID(job_id))) is None

@@ -10,6 +10,7 @@ import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import ClusterDownError, OutOfMemoryError, ReadOnlyError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -116,11 +117,15 @@ def install(app: FastAPI) -> None:
         log.warning("database unavailable: %s", exc)
         return error_response(503, "unavailable", "the database is unavailable; retry shortly")
 
-    # Redis refused, reset or timed out (`redis_timeout_s`): a retry can go through. Requests
-    # that must not fail on it catch it themselves (a submission's enqueue: the sweeper redoes
-    # it). Its other errors (a script's) are bugs, answered 500.
+    # Redis refused, reset, timed out (`redis_timeout_s`), failing over (a replica's READONLY)
+    # or full: a retry can go through. Requests that must not fail on it catch it themselves (a
+    # submission's enqueue: the sweeper redoes it). Its other errors (a script's) are bugs, 500.
     @app.exception_handler(RedisConnectionError)
     @app.exception_handler(RedisTimeoutError)
+    @app.exception_handler(ReadOnlyError)
+    @app.exception_handler(OutOfMemoryError)
+    @app.exception_handler(TryAgainError)
+    @app.exception_handler(ClusterDownError)
     async def _redis_unavailable(_: Request, exc: Exception) -> JSONResponse:
         log.warning("redis unavailable: %s", exc)
         return error_response(503, "unavailable", "the queue is unavailable; retry shortly")
