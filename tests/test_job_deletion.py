@@ -209,14 +209,29 @@ async def test_deletions_are_listed_newest_first_to_the_deleting_key_only(
 
     listed = (await api.get("/v1/deletions", headers=auth)).json()
 
-    assert [d["job_id"] for d in listed] == [second, first]
+    assert [(d["id"], d["job_id"]) for d in listed] == [(2, second), (1, first)]  # bob's are not counted
     alice_id = listed[0]["deleted_by_key_id"]
     assert {d["deleted_by_key_id"] for d in listed} == {alice_id}
     assert listed[0]["row_counts"] | {"jobs": 1, "items": len(PROMPTS)} == listed[0]["row_counts"]
     older = await api.get("/v1/deletions", params={"before_id": listed[0]["id"]}, headers=auth)
     assert [d["job_id"] for d in older.json()] == [first]
-    assert [d["job_id"] for d in (await api.get("/v1/deletions", headers=bob)).json()] == [bobs]
+    assert [(d["id"], d["job_id"]) for d in (await api.get("/v1/deletions", headers=bob)).json()] == [
+        (1, bobs)
+    ]
     error_of(await api.get("/v1/deletions"), 401, "unauthorized")
+
+
+async def test_a_keys_deletions_at_the_same_time_take_one_number_each(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings
+) -> None:
+    jobs = [await submit(api, auth, [f"How do bees see, part {n}?"]) for n in range(4)]
+    for job in jobs:
+        assert (await api.post(f"/v1/jobs/{job['id']}/cancel", headers=auth)).status_code == 200
+
+    answers = await asyncio.gather(*(delete(api, auth, job["id"]) for job in jobs))
+
+    assert [answer.status_code for answer in answers] == [200] * 4
+    assert sorted(answer.json()["id"] for answer in answers) == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("before_id", ["0", "9223372036854775808", "99999999999999999999"])

@@ -560,3 +560,40 @@ async def test_every_compressible_column_is_lz4_after_upgrade_and_the_default_ag
         assert set(downgraded.values()) == {""}  # none set: the server's default_toast_compression
     finally:
         await connection.close()
+
+
+async def test_existing_deletions_are_numbered_per_key_in_the_order_they_were_made(
+    old_database: tuple[Config, str],
+) -> None:
+    config, dsn = old_database
+    await asyncio.to_thread(command.upgrade, config, "0024_lz4_compression")
+    alice, bob = uuid.uuid4(), uuid.uuid4()
+    connection = await asyncpg.connect(dsn)
+    try:
+        for key in (alice, bob):
+            await connection.execute(
+                "INSERT INTO api_keys (id, name, prefix, key_hash) VALUES ($1, 'k', 'p', $2)", key, key.hex
+            )
+        for key in (alice, bob, bob, alice, alice):  # one sequence of ids for both keys
+            await connection.execute(
+                "INSERT INTO job_deletions (job_id, mode, deleted_by_key_id, row_counts)"
+                " VALUES ($1, 'generate', $2, '{}')",
+                uuid.uuid4(),
+                key,
+            )
+
+        await asyncio.to_thread(command.upgrade, config, "head")
+        numbered = await connection.fetch(
+            "SELECT deleted_by_key_id AS key, number FROM job_deletions ORDER BY id"
+        )
+        assert [(row["key"], row["number"]) for row in numbered] == [
+            (alice, 1),
+            (bob, 1),
+            (bob, 2),
+            (alice, 2),
+            (alice, 3),
+        ]
+        await asyncio.to_thread(command.downgrade, config, "0024_lz4_compression")
+        assert await connection.fetchval("SELECT count(*) FROM job_deletions") == 5
+    finally:
+        await connection.close()

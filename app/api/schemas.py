@@ -1096,7 +1096,10 @@ class ComparisonOut(BaseModel):
 class JobDeletionOut(BaseModel):
     """The trace of a deleted job: who deleted it, when, and the rows deleted per table."""
 
-    id: int = Field(description="Pass as `before_id` to read older deletions.")
+    id: int = Field(
+        validation_alias="number",
+        description="This key's deletions are numbered 1, 2, 3, …; pass as `before_id` to read older ones.",
+    )
     job_id: UUID
     mode: str = Field(description="The job's mode (`comparison` for a comparison).")
     deleted_by_key_id: UUID

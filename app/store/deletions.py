@@ -24,6 +24,7 @@ from app.store import jobs, policy_sets
 from app.store.db import Sessions
 from app.store.models import (
     WAITING,
+    ApiKey,
     Base,
     BatchRequest,
     Item,
@@ -80,10 +81,27 @@ async def delete_job(session: AsyncSession, job_id: UUID, key_id: UUID) -> JobDe
             row_counts[table.name] = cast(CursorResult[Any], deleted).rowcount  # a DELETE's result
     await session.execute(delete(Job).where(Job.id == job_id))
     row_counts[Job.__tablename__] = 1
-    deletion = JobDeletion(job_id=job_id, mode=job.plan.mode, deleted_by_key_id=key_id, row_counts=row_counts)
+    deletion = JobDeletion(
+        job_id=job_id,
+        number=await _next_number(session, key_id),
+        mode=job.plan.mode,
+        deleted_by_key_id=key_id,
+        row_counts=row_counts,
+    )
     session.add(deletion)
     await session.flush()
     return deletion
+
+
+async def _next_number(session: AsyncSession, key_id: UUID) -> int:
+    """The key's next deletion number. The key's row stays locked until the caller commits, so
+    that the key's deletions at the same time take one number each, in turn (a job's insert
+    names the key too, but only locks it FOR KEY SHARE: it does not wait)."""
+    await session.execute(select(ApiKey.id).where(ApiKey.id == key_id).with_for_update(key_share=True))
+    latest = await session.scalar(
+        select(func.max(JobDeletion.number)).where(JobDeletion.deleted_by_key_id == key_id)
+    )
+    return (latest or 0) + 1
 
 
 async def comparisons_using(session: AsyncSession, job_id: UUID) -> list[UUID]:
@@ -107,8 +125,8 @@ async def list_deletions(
     """The key's deletions, newest first; `before_id` continues after the previous page."""
     query = select(JobDeletion).where(JobDeletion.deleted_by_key_id == key_id)
     if before_id is not None:
-        query = query.where(JobDeletion.id < before_id)
-    return (await session.scalars(query.order_by(JobDeletion.id.desc()).limit(limit))).all()
+        query = query.where(JobDeletion.number < before_id)
+    return (await session.scalars(query.order_by(JobDeletion.number.desc()).limit(limit))).all()
 
 
 # --- the hazardous-text purge (the worker runs it when purge_hazardous_after_days is set) ----

@@ -649,12 +649,14 @@ class WebhookRejection(Base):
 
 class JobDeletion(Base):
     """The trace a deleted job leaves (DELETE /v1/jobs/{id}): which key deleted it, when, and
-    how many rows of each table went with it. That key reads it (GET /v1/deletions)."""
+    how many rows of each table went with it. That key reads it (GET /v1/deletions), numbered
+    among its own deletions: the row ids, one sequence for all keys, would count the others'."""
 
     __tablename__ = "job_deletions"
-    __table_args__ = (Index("ix_job_deletions_key_newest", "deleted_by_key_id", "id"),)
+    __table_args__ = (Index("ix_job_deletions_key_number", "deleted_by_key_id", "number", unique=True),)
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    number: Mapped[int] = mapped_column(BigInteger)  # 1, 2, 3, ... per deleting key
     job_id: Mapped[uuid.UUID]  # no foreign key: the job is gone
     mode: Mapped[str] = mapped_column(String(32))  # the job's plan mode
     deleted_by_key_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.id"))  # the job's owner
