@@ -165,7 +165,8 @@ class JobEventSource:
             pipe.time()
             newest, (seconds, microseconds) = await pipe.execute()
         if newest:
-            return newest[0][0].decode(), newest[0][0].decode()
+            tail = newest[0][0].decode()
+            return tail, tail
         return "0-0", f"{seconds * 1000 + microseconds // 1000 - 1}-0"
 
     async def can_replay_after(self, event_id: str) -> bool:
@@ -228,15 +229,14 @@ async def _follow_stream(
     position, resume_after = await source.tail()  # before the snapshot: nothing between is lost
     if resume_from is None:
         cursor[0] = resume_after  # from the tail, a resume would skip what Redis's absence hid
-    if resume_from is not None:
-        if await source.can_replay_after(resume_from):
-            position = resume_from
-            for position, item in await source.missed_after(resume_from):
-                cursor[0] = position
-                yield ProgressEvent("item", asdict(item), position)
-        else:
-            for item in await finished_since(source.sessions, source.job_id, parse_event_id(resume_from)[0]):
-                yield ProgressEvent("item", asdict(item))
+    elif await source.can_replay_after(resume_from):
+        position = resume_from
+        for position, item in await source.missed_after(resume_from):
+            cursor[0] = position
+            yield ProgressEvent("item", asdict(item), position)
+    else:
+        for item in await finished_since(source.sessions, source.job_id, parse_event_id(resume_from)[0]):
+            yield ProgressEvent("item", asdict(item))
     while True:  # one snapshot per pass; then items until the next one is due
         summary = await source.snapshot()
         event_id = None if position == "0-0" else position

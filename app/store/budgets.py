@@ -14,9 +14,8 @@ The turns stay the record (the API's totals are sums over them); the counters ar
 from the turns when missing (a Redis restart, expiry, or a changed budget, which drops them).
 A rebuild creates the counters before summing the turns, and finishes only the counters it
 created (not those another caller created after they were dropped again), so a turn is never
-missed: one
-recorded while the sum runs may be counted twice, which can stop a job early by at most its
-calls in flight, never late. So may a turn whose add the Redis client sent again after a
+missed: one recorded while the sum runs may be counted twice, which can stop a job early by at
+most its calls in flight, never late. So may a turn whose add the Redis client sent again after a
 connection dropped before the answer came (the client tries a connection error once more).
 Raising (or removing) the budget puts the parked items back in the queue; they resume from
 their turns.
