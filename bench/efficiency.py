@@ -131,8 +131,8 @@ async def _measure(
         await api.post(f"{sim_root}/stats/reset")
         pg_started = await stack.postgres_started_at()
         db_bytes_before = (await stack.sql("SELECT pg_database_size(current_database()) AS n"))[0]["n"]
-        cpu_before = _cpu_snapshot(pids, servers)
-        counters_before = await _service_counters(stack)
+        cpu_before = cpu_snapshot(pids, servers)
+        counters_before = await service_counters(stack)
         own_before = time.process_time()
         started_wall, started = time.time(), time.monotonic()
         answer = await api.post("/v1/jobs", json={"prompts": prompts, "config": {"agents": args.agents}})
@@ -159,8 +159,8 @@ async def _measure(
         polled_wall_s = time.monotonic() - started
         probe_done.set()
         probed = await probe if probe else None
-        cpu_after = _cpu_snapshot(pids, servers)
-        counters_after = await _service_counters(stack)
+        cpu_after = cpu_snapshot(pids, servers)
+        counters_after = await service_counters(stack)
         own_cpu_s = time.process_time() - own_before
         if profiler:
             profiler.stop()
@@ -326,7 +326,7 @@ async def _storage(stack: ServiceStack, turns: int, db_bytes_before: int) -> dic
     }
 
 
-async def _service_counters(stack: ServiceStack) -> dict[str, int]:
+async def service_counters(stack: ServiceStack) -> dict[str, int]:
     row = (
         await stack.sql(
             "SELECT xact_commit + xact_rollback AS n, sessions FROM pg_stat_database"
@@ -350,7 +350,7 @@ async def _service_counters(stack: ServiceStack) -> dict[str, int]:
     }
 
 
-def _cpu_snapshot(pids: dict[str, list[int]], servers: Servers | None) -> dict[str, Any]:
+def cpu_snapshot(pids: dict[str, list[int]], servers: Servers | None) -> dict[str, Any]:
     snapshot: dict[str, Any] = {name: cpu_seconds_of(p) for name, p in pids.items()}
     snapshot["workers_system"] = sum(cpu_user_system(pid)[1] for pid in pids["workers"])
     if servers:
