@@ -205,6 +205,9 @@ class Settings(BaseSettings):
     events_stream_ttl_s: int = Field(default=24 * 3600, ge=60)  # renewed by every event
     events_snapshot_interval_s: float = Field(default=1.0, gt=0)  # at most one snapshot this often
     events_resync_s: float = Field(default=10.0, gt=0)  # a snapshot at least this often, events or not
+    # Streams one API key may have open at once in each API process: every open stream holds a
+    # Redis connection (XREAD BLOCK) and a task for as long as it lasts.
+    events_max_streams_per_key: int = Field(default=32, ge=1)
 
     # Web viewer (/view): the session cookie is signed with this secret. Unset, each API process
     # makes its own at start, so viewer logins end on restart and do not carry across processes.

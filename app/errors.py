@@ -33,6 +33,13 @@ class NotFound(ServiceError):
     code = "not_found"
 
 
+class TooManyStreams(ServiceError):
+    """An API key already has as many progress streams open as it may."""
+
+    status = 429
+    code = "too_many_streams"
+
+
 class IdempotencyConflict(ServiceError):
     status = 409
     code = "idempotency_conflict"

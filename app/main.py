@@ -34,6 +34,7 @@ from app.api import (
 )
 from app.api.known_keys import KnownKeys
 from app.api.limits import BodySizeLimit
+from app.api.open_streams import OpenStreams
 from app.api.state import ApiState
 from app.api.summaries import JobSummaries
 from app.config import Settings, get_settings
@@ -74,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 known_keys,
                 shipped,
                 Spending(arq, sessions, settings.redis_key_prefix),
+                OpenStreams(settings.events_max_streams_per_key),
             ),
         )
         try:

@@ -278,3 +278,35 @@ async def test_a_well_formed_last_event_id_this_api_never_sent_is_refused(
     await redis.delete(key)  # Redis lost the stream: ids from the future are still refused
     assert await resume_status(live_api, auth, job["id"], after_the_newest) == (400, "invalid_cursor")
     assert await resume_status(live_api, auth, job["id"], f"{now_ms}-0") == (200, None)
+
+
+async def test_a_key_may_hold_only_so_many_streams_open_at_once(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    job = await submit(api, auth, ["a"])  # no worker runs: its streams stay open
+    other = await new_key(sessions, "bob")
+    others_job = await submit(api, other, ["b"])
+    capped = settings.model_copy(update={"events_max_streams_per_key": 2})
+
+    with served(capped) as base_url:
+        async with httpx.AsyncClient(base_url=base_url, timeout=10) as client:
+
+            async def opened(headers: Headers, job_id: str) -> httpx.Response:
+                async with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as response:
+                    await response.aread() if response.status_code != 200 else None
+                    return response
+
+            async with (
+                aconnect_sse(client, "GET", f"/v1/jobs/{job['id']}/events", headers=auth) as first,
+                aconnect_sse(client, "GET", f"/v1/jobs/{job['id']}/events", headers=auth) as second,
+            ):
+                assert (first.response.status_code, second.response.status_code) == (200, 200)
+                refused = await opened(auth, job["id"])
+                error_of(refused, 429, "too_many_streams")
+                assert (await opened(other, others_job["id"])).status_code == 200  # a seat per key
+
+            # The seats come back once the streams end (when the server sees them closed).
+            deadline = time.monotonic() + 10
+            while (status := (await opened(auth, job["id"])).status_code) != 200:
+                assert status == 429 and time.monotonic() < deadline, status
+                await asyncio.sleep(0.1)

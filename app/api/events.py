@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 from uuid import UUID
@@ -47,17 +48,21 @@ def job_event_source(request: Request, job_id: UUID) -> JobEventSource:
     return JobEventSource(state.streams, state.sessions, state.settings, job_id, snapshot)
 
 
+@asynccontextmanager
 async def resumed(
     request: Request, session: AsyncSession, job: Job, last_event_id: str | None
-) -> ResumedEvents:
-    """The job's events from `last_event_id`. For a route's dependency: a Last-Event-ID this
-    API never sent is refused before the stream starts, so it gets a 400, not a broken stream."""
-    # The stream may last hours: give the connection back now, each snapshot takes its own.
-    await session.close()
-    source = job_event_source(request, job.id)
-    if last_event_id:
-        await source.check_sent(last_event_id, job.created_at)
-    return ResumedEvents(source, last_event_id or None)
+) -> AsyncIterator[ResumedEvents]:
+    """The job's events from `last_event_id`, for a route's dependency with yield: the seat of
+    the job's key among its open streams is held until the response ends. A key at its cap and
+    a Last-Event-ID this API never sent are refused before the stream starts, so they get a 429
+    or a 400, not a broken stream."""
+    with api_state(request).open_streams.seat(job.owner_key_id):
+        # The stream may last hours: give the connection back now, each snapshot takes its own.
+        await session.close()
+        source = job_event_source(request, job.id)
+        if last_event_id:
+            await source.check_sent(last_event_id, job.created_at)
+        yield ResumedEvents(source, last_event_id or None)
 
 
 async def server_sent(events: ResumedEvents) -> AsyncIterator[ServerSentEvent]:
@@ -68,8 +73,9 @@ async def server_sent(events: ResumedEvents) -> AsyncIterator[ServerSentEvent]:
 
 async def _followed(
     request: Request, job: OwnedJob, session: SessionDep, last_event_id: LastEventIdHeader = None
-) -> ResumedEvents:
-    return await resumed(request, session, job, last_event_id)
+) -> AsyncIterator[ResumedEvents]:
+    async with resumed(request, session, job, last_event_id) as events:
+        yield events
 
 
 def _event(kind: str, data: type[BaseModel], when: str) -> dict[str, Any]:
@@ -110,7 +116,7 @@ EVENTS = {
 @router.get(
     "/{job_id}/events",
     response_class=EventSourceResponse,
-    responses={200: EVENTS, **documented_beside_a_stream(400, 401, 404, 422, 503)},
+    responses={200: EVENTS, **documented_beside_a_stream(400, 401, 404, 422, 429, 503)},
 )
 async def job_events(
     events: Annotated[ResumedEvents, Depends(_followed)],

@@ -8,6 +8,7 @@ from arq.connections import ArqRedis
 from fastapi import FastAPI, Request
 
 from app.api.known_keys import KnownKeys
+from app.api.open_streams import OpenStreams
 from app.api.summaries import JobSummaries
 from app.config import Settings
 from app.presets import Presets
@@ -25,6 +26,7 @@ class ApiState:
     known_keys: KnownKeys
     presets: Presets
     spending: Spending  # what jobs with a budget have spent (read and reset by PATCH)
+    open_streams: OpenStreams  # progress streams open now, per API key
 
 
 def install(app: FastAPI, state: ApiState) -> None:

@@ -287,8 +287,9 @@ async def _gate_decisions(session: AsyncSession, item_ids: list[UUID]) -> dict[U
 
 async def _viewed(
     request: Request, job: ViewedJob, session: SessionDep, last_event_id: LastEventIdHeader = None
-) -> ResumedEvents:
-    return await resumed(request, session, job, last_event_id)
+) -> AsyncIterator[ResumedEvents]:
+    async with resumed(request, session, job, last_event_id) as events:
+        yield events
 
 
 @router.get("/jobs/{job_id}/events", response_class=EventSourceResponse)
