@@ -25,17 +25,18 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sqlalchemy import select
 
-from app.config import Settings
+from app.config import EndpointConfig, Settings
 from app.costs import Budget
 from app.deliberation.ports import LLMUnavailable
 from app.deliberation.stages import SEED
+from app.llm.client import OpenAICompatibleClient
 from app.llm.limits import MAX_BLOCK_S, EndpointLimiter
 from app.llm.rates import EndpointRates
 from app.store.budgets import Meter
 from app.store.db import Sessions
 from app.store.models import Job
-from tests.conftest import api_client, submit
-from tests.scripted_llm import ScriptedLLM, chat_request
+from tests.conftest import api_client, eventually, submit
+from tests.scripted_llm import ScriptedLLM, chat_request, stall
 from workers.llm_limits import llm_limiter, llm_redis
 from workers.main import WORKER, Worker, connect, shutdown, worker_settings
 
@@ -260,3 +261,37 @@ async def test_a_budget_patch_on_a_redis_that_turned_replica_answers_503_and_cha
     assert (refused.status_code, refused.json()["error"]["code"]) == (503, "unavailable")
     async with sessions() as session:
         assert await session.scalar(select(Job.budget_max_tokens).where(Job.id == uuid.UUID(job_id))) is None
+
+
+async def test_an_answer_received_while_redis_hangs_is_kept_not_bought_again(
+    settings: Settings, own_redis: OwnRedis, scripted_llm: ScriptedLLM
+) -> None:
+    """Its tokens-per-minute reservation cannot be settled (Redis hung after the POST), but the
+    answer is paid for: the call returns it instead of sending the request again."""
+    stalling = settings.model_copy(update={"redis_url": own_redis.url, "llm_redis_timeout_s": TIMEOUT_S})
+    limits = llm_redis(stalling)
+    await limits.ping()
+    endpoints = {"default": EndpointConfig(base_url=scripted_llm.base_url, tokens_per_minute=1_000_000)}
+    rates = EndpointRates(limits, f"{stalling.redis_key_prefix}:rates")
+    client = OpenAICompatibleClient(
+        endpoints, rates=rates, timeout_s=10, max_retries=5, backoff_base_s=0.5, backoff_max_s=1.0
+    )
+    scripted_llm.script("seed_cot", stall(1.0))  # the answer comes a second after its POST
+    try:
+        call = asyncio.create_task(client.chat(chat_request(SEED, "hi", max_tokens=16)))
+
+        async def posted() -> bool:  # reserved in Redis, then posted
+            return scripted_llm.in_flight > 0
+
+        await eventually(posted, NEVER_S, "the request posted")
+        own_redis.stall()
+        await asyncio.sleep(1.0 + TIMEOUT_S + 0.3)  # the answer came; its settle timed out
+        own_redis.resume()
+        reply = await asyncio.wait_for(call, NEVER_S)
+    finally:
+        own_redis.resume()
+        await client.aclose()
+        await limits.aclose()
+
+    assert reply.content
+    assert (len(scripted_llm.requests_for("seed_cot")), scripted_llm.ok_answers) == (1, 1)

@@ -311,7 +311,12 @@ class OpenAICompatibleClient:
         if self._hedging is not None:
             self._hedging.observe(request.endpoint, request.role, latency_s)
         if reservation is not None and self._rates is not None:
-            await self._rates.settle(reservation, reply.prompt_tokens + reply.completion_tokens)
+            try:
+                await self._rates.settle(reservation, reply.prompt_tokens + reply.completion_tokens)
+            except RedisError:
+                # The answer is paid for: keep it rather than buy it again. Its estimate stays
+                # in the tokens window, in place of what it used, until the window passes it.
+                logger.warning("could not settle a rate reservation on %r", request.endpoint, exc_info=True)
         return reply
 
     async def _post(self, request: ChatRequest, endpoint: EndpointConfig) -> _Answer:
