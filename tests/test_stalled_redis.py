@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from tests.conftest import api_client, eventually, submit
 from tests.scripted_llm import ScriptedLLM, chat_request, stall
 from workers.llm_limits import llm_limiter, llm_redis
 from workers.main import WORKER, Worker, connect, shutdown, worker_settings
+from workers.queue_worker import QueueWorker
 
 TIMEOUT_S = 2.0  # the least llm_redis_timeout_s allowed
 # A call on a hung Redis fails within this: its own timeout, and the release of what it may
@@ -295,3 +297,45 @@ async def test_an_answer_received_while_redis_hangs_is_kept_not_bought_again(
 
     assert reply.content
     assert (len(scripted_llm.requests_for("seed_cot")), scripted_llm.ok_answers) == (1, 1)
+
+
+async def test_a_worker_rides_out_a_redis_that_turned_replica_for_a_while(
+    settings: Settings, own_redis: OwnRedis, auth: dict[str, str], scripted_llm: ScriptedLLM
+) -> None:
+    """A failover leaves the workers on a replica for a moment: its READONLY answers, which the
+    pool does not retry, fail polls, job starts and job ends. The worker waits them out and goes
+    on: it neither stops polling nor leaves an item's job marked as running."""
+    on_own = settings.model_copy(update={"redis_url": own_redis.url, "llm_redis_timeout_s": TIMEOUT_S})
+    worker = QueueWorker(**worker_settings(on_own, sweeper=False), handle_signals=False)
+    polling = asyncio.create_task(worker.main())
+    admin = Redis.from_url(own_redis.url)
+    try:
+        async with api_client(on_own) as api:
+            scripted_llm.script("intent_decomposition", stall(1.0))
+            first = await submit(api, auth, ["How do tides work?"])
+
+            async def posted() -> bool:
+                return scripted_llm.in_flight > 0
+
+            await eventually(posted, NEVER_S, "the item's first call")
+            await admin.replicaof("127.0.0.1", "9")  # a master it cannot reach: it refuses writes
+            await asyncio.sleep(3.0)
+            await admin.replicaof("no", "one")
+            second = await submit(api, auth, ["How do clouds form?"])
+
+            async def completed(job_id: str) -> bool:
+                return (await api.get(f"/v1/jobs/{job_id}", headers=auth)).json()["status"] == "completed"
+
+            for job_id in (first, second):
+                await eventually(partial(completed, job_id), 60, f"job {job_id} completed")
+            assert not polling.done()
+
+            async def ended() -> bool:  # an arq job of a retried item may still be ending
+                return all(task.done() for task in worker.tasks.values())
+
+            await eventually(ended, 60, "the worker's arq jobs ended")
+    finally:
+        await admin.aclose()
+        polling.cancel()
+        await asyncio.gather(polling, return_exceptions=True)
+        await worker.close()

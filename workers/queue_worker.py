@@ -3,7 +3,11 @@ filter that keeps arq's two log lines per job out of the log."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -16,6 +20,7 @@ from arq.constants import (
     retry_key_prefix,
 )
 from arq.utils import timestamp_ms, to_ms
+from redis.exceptions import RedisError
 
 from app import events
 from app.config import Settings
@@ -25,6 +30,10 @@ WORKER_ID = "worker_id"  # in arq's ctx from the start: the worker records the j
 # In arq's ctx: arq job id -> (the item's job id, its progress event), put there by the job's
 # function as the item ends, sent by finish_job with the arq job's end.
 ITEM_ENDINGS = "item_endings"
+_FINISH_RETRY_MAX_S = 30.0  # the longest wait between two tries of a job's bookkeeping in Redis
+_POLL_RETRY_S = 1.0  # the wait after a poll Redis refused
+
+log = logging.getLogger("aidsafe.worker")
 
 
 # KEYS: the queue, the taken jobs' record (workers/liveness.py), this call's answer. ARGV:
@@ -78,6 +87,16 @@ class QueueWorker(ArqWorker):
         self.item_endings: dict[str, tuple[UUID, events.ItemFinished]] = {}
         self.ctx[ITEM_ENDINGS] = self.item_endings
 
+    async def _poll_iteration(self) -> None:
+        """arq's poll (arq is pinned), which a Redis error no longer ends: arq lets it end the
+        worker's main loop, so a failover's READONLY or an OOM, which the pool does not retry,
+        stopped the worker for good. The next poll tries again, a moment later."""
+        try:
+            await super()._poll_iteration()
+        except RedisError:
+            log.warning("could not poll the queue; trying again in %.1f s", _POLL_RETRY_S, exc_info=True)
+            await asyncio.sleep(_POLL_RETRY_S)
+
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         free = self.max_jobs - self.job_counter
         # This worker's running jobs, still at the queue's head, need no look in Redis.
@@ -103,8 +122,34 @@ class QueueWorker(ArqWorker):
         self.started_scores[job_id] = score
         try:
             await super().run_job(job_id, score)
+        except RedisError:
+            # arq could not read the job, count its try or end it as failed (its normal end
+            # retries on its own): the item did not run here. Raised, the error would end the
+            # worker's poll loop (arq re-raises a job's error there); left, the job's mark and
+            # record would keep it from everyone for as long as this worker lives. Handed
+            # back, the next poll starts it again.
+            log.warning("arq job %s could not start; handing it back", job_id, exc_info=True)
+            await self._until_redis_answers(partial(self._hand_back, job_id))
         finally:
             del self.started_scores[job_id]
+
+    async def _hand_back(self, job_id: str) -> None:
+        async with self.pool.pipeline(transaction=True) as tr:
+            tr.delete(in_progress_key_prefix + job_id)
+            tr.hdel(liveness.taken_key(self.ctx["settings"]), job_id)
+            await tr.execute()
+
+    async def _until_redis_answers(self, step: Callable[[], Awaitable[None]]) -> None:
+        """Run `step` until Redis takes it (a failover's READONLY, an OOM, an outage longer
+        than the pool's retries), waiting longer between tries; every step given is safe to
+        send again."""
+        for attempt in itertools.count():
+            try:
+                return await step()
+            except RedisError:
+                delay_s = min(_FINISH_RETRY_MAX_S, 0.5 * 2**attempt)
+                log.warning("Redis refused a job's bookkeeping; again in %.1f s", delay_s, exc_info=True)
+                await asyncio.sleep(delay_s)
 
     async def finish_job(
         self,
@@ -122,32 +167,37 @@ class QueueWorker(ArqWorker):
         the item ended: one round trip where there were three. And a job tried again later
         (Retry) gets its new score set, not added: arq's ZINCRBY, sent again by the pool after a
         reply that timed out, would push the job back by the whole time it had waited in the
-        queue a second time. A Redis error here raises out of the job's run, as arq's own
-        commands' errors did; followers who miss the event catch up from Postgres. (A killed
+        queue a second time. A transaction Redis refuses is sent again until it goes through
+        (all of it is safe to repeat; the event may then be heard twice): raised, the error
+        would end the worker's poll loop, and the job would stay marked as running. (A killed
         worker never gets here and keeps its records: the sweeper hands its items back as a dead
         one's. SIGTERM hands them back first, and arq ends their jobs here.)"""
         settings: Settings = self.ctx["settings"]
         ending = self.item_endings.pop(job_id, None)
-        async with self.pool.pipeline(transaction=True) as tr:
-            if keep_in_progress is None:
-                tr.delete(in_progress_key_prefix + job_id)
-            else:
-                tr.pexpire(in_progress_key_prefix + job_id, to_ms(keep_in_progress))
-            if finish:
-                if result_data:
-                    expire = None if keep_result_forever else result_timeout_s
-                    tr.set(result_key_prefix + job_id, result_data, px=to_ms(expire))
-                tr.delete(retry_key_prefix + job_id, job_key_prefix + job_id)
-                tr.zrem(abort_jobs_ss, job_id)
-                tr.zrem(self.queue_name, job_id)
-            elif incr_score and (started_at := self.started_scores.get(job_id)) is not None:
-                tr.zadd(self.queue_name, {job_id: started_at + incr_score}, xx=True)
-            elif incr_score:
-                tr.zincrby(self.queue_name, incr_score, job_id)
-            tr.hdel(liveness.taken_key(settings), job_id)
-            if ending is not None:
-                events.announce_item_finished(tr, settings, *ending)
-            await tr.execute()
+
+        async def transaction() -> None:
+            async with self.pool.pipeline(transaction=True) as tr:
+                if keep_in_progress is None:
+                    tr.delete(in_progress_key_prefix + job_id)
+                else:
+                    tr.pexpire(in_progress_key_prefix + job_id, to_ms(keep_in_progress))
+                if finish:
+                    if result_data:
+                        expire = None if keep_result_forever else result_timeout_s
+                        tr.set(result_key_prefix + job_id, result_data, px=to_ms(expire))
+                    tr.delete(retry_key_prefix + job_id, job_key_prefix + job_id)
+                    tr.zrem(abort_jobs_ss, job_id)
+                    tr.zrem(self.queue_name, job_id)
+                elif incr_score and (started_at := self.started_scores.get(job_id)) is not None:
+                    tr.zadd(self.queue_name, {job_id: started_at + incr_score}, xx=True)
+                elif incr_score:
+                    tr.zincrby(self.queue_name, incr_score, job_id)
+                tr.hdel(liveness.taken_key(settings), job_id)
+                if ending is not None:
+                    events.announce_item_finished(tr, settings, *ending)
+                await tr.execute()
+
+        await self._until_redis_answers(transaction)
 
     async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
         """arq's, for a job it could not run (its key expired, its tries ran out), then the
