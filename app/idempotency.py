@@ -3,6 +3,7 @@ sent, which a new job stores and a replay is checked against."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 
@@ -11,7 +12,8 @@ from pydantic import BaseModel
 
 class RequestHash:
     """A submit request's hash: `body` as parsed, then `upload` (the bytes of an uploaded
-    file and its type, for a route that takes one). Each form is computed when first read.
+    file and its type, for a route that takes one). Make it with `RequestHash.of`, which
+    computes it in a worker thread: a body of tens of MiB takes a tenth of a second or more.
 
     The body is hashed as the client sent it: fields it left out are left out (pydantic's
     `exclude_unset`, at every level), so a release that changes a default does not turn a
@@ -22,35 +24,30 @@ class RequestHash:
     def __init__(self, body: BaseModel, upload: bytes = b"") -> None:
         self.body = body
         self.upload = upload
-        # Not functools.cached_property: on Python 3.11 it takes one lock for all instances,
-        # so an upload hashed in a thread would stall every other request reading its hash.
-        self._value: str | None = None
-        self._legacy: str | None = None
+        self.value = _sha256(_canonical_json(body).encode(), upload)  # what a new job stores
 
-    @property
-    def value(self) -> str:
-        """What a new job stores."""
-        if self._value is None:
-            # The standard library's encoder, not orjson: a body may hold integers beyond 64 bits.
-            sent = self.body.model_dump(mode="json", exclude_unset=True)
-            canonical = json.dumps(sent, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-            self._value = _sha256(canonical.encode(), self.upload)
-        return self._value
+    @classmethod
+    async def of(cls, body: BaseModel, upload: bytes = b"") -> RequestHash:
+        return await asyncio.to_thread(cls, body, upload)
 
-    @property
-    def legacy(self) -> str:
-        if self._legacy is None:
-            self._legacy = _legacy_full_dump_hash(self.body, self.upload)
-        return self._legacy
+    async def matches(self, stored: str) -> bool:
+        """Whether a job that stored `stored` was made by this request (a replay), not another.
+        The legacy hash, a second full dump, is computed (in a thread) only when it may decide."""
+        if stored == self.value:
+            return True
+        return stored == await asyncio.to_thread(_legacy_full_dump_hash, self.body, self.upload)
 
-    def computed(self) -> RequestHash:
-        """This, with both hashes computed now (for a large upload: in a thread)."""
-        _ = self.value, self.legacy
-        return self
 
-    def matches(self, stored: str) -> bool:
-        """Whether a job that stored `stored` was made by this request (a replay), not another."""
-        return stored == self.value or stored == self.legacy
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _canonical_json(body: BaseModel) -> str:
+    """The fields the client sent, as sorted compact JSON. The standard library's encoder, not
+    orjson: a body may hold integers beyond 64 bits. Its pure-Python `iterencode`, not one
+    `json.dumps` call: the C encoder holds the GIL for a whole body, which stalls the event
+    loop as long from a worker thread; `iterencode` writes the same text a value at a time."""
+    sent = body.model_dump(mode="json", exclude_unset=True)
+    return "".join(_CANONICAL.iterencode(sent))
 
 
 def _legacy_full_dump_hash(body: BaseModel, upload: bytes) -> str:

@@ -312,3 +312,20 @@ async def test_a_body_with_an_integer_beyond_64_bits_is_accepted_and_replays(
     assert first.status_code == 202, first.text
 
     assert_replays(first, await api.post("/v1/jobs", content=body, headers=headers))
+
+
+async def test_a_job_hashed_by_the_one_shot_json_encoder_still_replays(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    """Earlier releases wrote the hashed text with one `json.dumps` call; it is now written a
+    value at a time (off the event loop), and must be the same text."""
+    headers = {**auth, "Idempotency-Key": "one-shot"}
+    metadata = {"é": [1.5e300, -0.0, 2**70, None, True, '\u2028"\\\U0001f600'], "a": {"z": {}, "b": []}}
+    body = {**JOB_BODY, "metadata": metadata}
+    first = await api.post("/v1/jobs", json=body, headers=headers)
+    assert first.status_code == 202, first.text
+    sent = JobIn.model_validate(body).model_dump(mode="json", exclude_unset=True)
+    one_shot = json.dumps(sent, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    await store_hash(sessions, first.json()["id"], hashlib.sha256(one_shot.encode()).hexdigest())
+
+    assert_replays(first, await api.post("/v1/jobs", json=body, headers=headers))

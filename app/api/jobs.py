@@ -92,7 +92,7 @@ async def submit_job(
         items=[jobs.NewItem(position, p.prompt, p.metadata) for position, p in kept],
         labels=jobs.Labels(body.label, body.metadata),
         idempotency_key=submission.idempotency_key,
-        request_hash=RequestHash(body),
+        request_hash=await RequestHash.of(body),
         callback=callback,
         duplicates=found.model_dump(mode="json"),
         budget=body.budget,

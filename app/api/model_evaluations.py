@@ -97,7 +97,7 @@ async def create_model_evaluation(
         cases=cases,
         labels=jobs.Labels(body.label, body.metadata),
         idempotency_key=submission.idempotency_key,
-        request_hash=RequestHash(body),
+        request_hash=await RequestHash.of(body),
         callback=callback,
     )
     await submission.accept(job, new_item_ids)

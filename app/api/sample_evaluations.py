@@ -61,7 +61,7 @@ async def evaluate_samples(
     """Evaluate the samples in the body, each read as a row of a JSONL file (see the upload
     route). Runs as a job of mode `sample_evaluation`, one item per sample."""
     samples = await anyio.to_thread.run_sync(samples_of, body.samples, body.format, body.columns)
-    return await _submit(key.id, body, samples, submission, RequestHash(body))
+    return await _submit(key.id, body, samples, submission, await RequestHash.of(body))
 
 
 @router.post(
@@ -106,8 +106,7 @@ async def upload_samples(
     chosen = _read_options(options)  # before the body: a bad query is refused unread
     raw = await read_capped(request, submission.settings.max_request_bytes)
     samples = await anyio.to_thread.run_sync(read_samples, raw, kind, chosen.format, chosen.columns)
-    # Up to max_request_bytes hashed twice (~30 ms each at 32 MiB): in a thread, off the loop.
-    request_hash = await anyio.to_thread.run_sync(lambda: RequestHash(chosen, kind.encode() + raw).computed())
+    request_hash = await RequestHash.of(chosen, kind.encode() + raw)
     return await _submit(key.id, chosen, samples, submission, request_hash)
 
 

@@ -148,7 +148,7 @@ async def create(
     if idempotency_key:
         existing = await _by_idempotency_key(session, owner_key_id, idempotency_scope, idempotency_key)
         if existing:
-            return _same_request(existing, request_hash), False
+            return await _same_request(existing, request_hash), False
     job = Job(
         owner_key_id=owner_key_id,
         policy_set_id=policy_set_id,
@@ -174,7 +174,7 @@ async def create(
         existing = await _by_idempotency_key(session, owner_key_id, idempotency_scope, idempotency_key or "")
         if existing is None:
             raise
-        return _same_request(existing, request_hash), False
+        return await _same_request(existing, request_hash), False
     return job, True
 
 
@@ -196,8 +196,8 @@ async def _by_idempotency_key(
     )
 
 
-def _same_request(job: Job, request_hash: RequestHash) -> Job:
-    if not request_hash.matches(job.request_hash):
+async def _same_request(job: Job, request_hash: RequestHash) -> Job:
+    if not await request_hash.matches(job.request_hash):
         raise IdempotencyConflict("this Idempotency-Key was already used with a different request body")
     return job
 
