@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
@@ -69,10 +70,11 @@ def stream_key(settings: Settings, job_id: UUID) -> str:
 
 def parse_event_id(text: str) -> tuple[int, int]:
     """A stream entry id `<ms>-<seq>` as a comparable pair; InvalidCursor if it is not one."""
-    ms, dash, seq = text.strip().partition("-")
-    if not (dash and ms.isdigit() and seq.isdigit() and len(ms) <= 15 and len(seq) <= 15):
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+    parts = re.fullmatch(r"([0-9]{1,15})-([0-9]{1,15})", text.strip())
+    if parts is None:
         raise _never_sent()
-    return int(ms), int(seq)
+    return int(parts[1]), int(parts[2])
 
 
 def _never_sent() -> InvalidCursor:

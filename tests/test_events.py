@@ -22,6 +22,7 @@ from app.store.models import Job
 from tests.conftest import new_key, run_worker_burst, served
 from tests.scripted_llm import ScriptedLLM, refusal
 from tests.test_api import error_of, submit
+from tests.test_viewer import logged_in
 
 Headers = dict[str, str]
 Event = dict[str, Any]
@@ -244,6 +245,21 @@ async def test_a_last_event_id_this_api_never_sent_is_refused(api: httpx.AsyncCl
     response = await api.get(f"/v1/jobs/{job['id']}/events", headers={**auth, "Last-Event-ID": "yesterday"})
 
     error_of(response, 400, "invalid_cursor")
+
+
+@pytest.mark.parametrize("last_event_id", [b"\xb2-0", b"1-\xb3"], ids=["superscript-ms", "superscript-seq"])
+async def test_a_last_event_id_with_digits_other_than_ascii_is_refused(
+    api: httpx.AsyncClient, auth: Headers, last_event_id: bytes
+) -> None:
+    """Header bytes are read as Latin-1: byte 0xb2 is "²", a digit to str.isdigit but not to int."""
+    job = await submit(api, auth, ["a"])
+    headers = {**auth, "Last-Event-ID": last_event_id}
+
+    error_of(await api.get(f"/v1/jobs/{job['id']}/events", headers=headers), 400, "invalid_cursor")
+    viewer = await logged_in(api, auth)
+    viewed = await viewer.get(f"/view/jobs/{job['id']}/events", headers={"Last-Event-ID": last_event_id})
+    assert viewed.status_code == 400, viewed.text
+    assert "not an event id this API sent" in viewed.text  # on the viewer's error page
 
 
 async def resume_status(base_url: str, auth: Headers, job_id: str, last_event_id: str) -> tuple[int, Any]:
