@@ -1,5 +1,6 @@
 """What PostgreSQL can store: checked where outside data comes in (HTTP bodies, labeling
-tool imports), so a bad value is a 4xx naming it rather than a 500 from the database."""
+tool imports), so a bad value is a 4xx naming it rather than a 500 from the database; and
+replaced in what is kept as it came (an LLM's reply, a refused delivery's body)."""
 
 from __future__ import annotations
 
@@ -54,3 +55,16 @@ def storable_input(data: Any, depth: int = 0) -> Any:
 def _nest(depth: int) -> None:
     if depth >= MAX_JSON_DEPTH:
         raise ValueError(f"JSON must not nest arrays and objects more than {MAX_JSON_DEPTH} deep")
+
+
+def replace_unstorable(value: Any) -> Any:
+    """`value` with what PostgreSQL text and jsonb cannot hold replaced, at every level: NUL
+    by U+FFFD, lone surrogates by "?". For text that is kept, not refused, with them: an LLM
+    may send both, and a refused delivery is kept to show its owner what came."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, dict):
+        return {replace_unstorable(k): replace_unstorable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [replace_unstorable(v) for v in value]
+    return value

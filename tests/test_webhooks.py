@@ -223,6 +223,26 @@ async def test_an_unreadable_delivery_is_refused_and_kept_with_its_body(
     ]
 
 
+async def test_a_delivery_holding_a_nul_byte_is_refused_and_kept_with_its_body(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    """PostgreSQL text cannot hold U+0000: the kept body shows it as U+FFFD, as it shows
+    bytes that are not UTF-8."""
+    webhook = await new_webhook(api, auth)
+    path = httpx.URL(webhook["url"]).path
+    headers = {HEADER: webhook["secret"], "Content-Type": "application/json"}
+
+    response = await api.post(
+        path, content=b'{"action": "ANNOTATION_CREATED", "x": "\x00\xff"}', headers=headers
+    )
+
+    error_of(response, 400, "bad_request")
+    logged = await rejections(api, auth, webhook)
+    assert [(r["code"], r["body"]) for r in logged] == [
+        ("bad_request", '{"action": "ANNOTATION_CREATED", "x": "\ufffd\ufffd"}')
+    ]
+
+
 async def test_refusals_for_the_secret_do_not_push_out_the_owners_refused_bodies(
     api: httpx.AsyncClient, auth: Headers
 ) -> None:

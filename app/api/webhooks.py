@@ -69,8 +69,8 @@ class RejectionOut(BaseModel):
     code: str = Field(description="The error code the tool was answered with.")
     message: str
     body: str | None = Field(
-        description="The delivery as received (first 1,000,000 characters); null when it did not "
-        "carry the webhook's secret."
+        description="The delivery as received (first 1,000,000 characters; bytes that are not "
+        "UTF-8, and NUL, as U+FFFD); null when it did not carry the webhook's secret."
     )
 
 

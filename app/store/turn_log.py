@@ -13,6 +13,7 @@ from app.costs import Budget, call_cost
 from app.deliberation.ports import Stage, Turn, TurnKey, TurnOutcome
 from app.metrics import LLM_COST_USD
 from app.plan import GenerationPlan
+from app.storable import replace_unstorable
 from app.store.budgets import Meter
 from app.store.items import Claim, ClaimLost
 from app.store.models import TurnRow
@@ -54,9 +55,9 @@ class PostgresTurnLog:
     async def record(self, turn: Turn) -> Turn:
         turn = replace(
             turn,
-            raw_output=storable(turn.raw_output),
-            parsed=storable(turn.parsed),
-            error=storable(turn.error),
+            raw_output=replace_unstorable(turn.raw_output),
+            parsed=replace_unstorable(turn.parsed),
+            error=replace_unstorable(turn.error),
         )
         key = turn.key
         row = self._row(turn)
@@ -118,17 +119,6 @@ class PostgresTurnLog:
             ),
             "latency_ms": turn.latency_ms,
         }
-
-
-def storable(value: Any) -> Any:
-    """PostgreSQL text and jsonb hold neither NUL nor lone surrogates; an LLM may send both."""
-    if isinstance(value, str):
-        return value.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
-    if isinstance(value, dict):
-        return {storable(k): storable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [storable(v) for v in value]
-    return value
 
 
 def to_turn(row: TurnRow) -> Turn:

@@ -25,6 +25,7 @@ from sqlalchemy import CursorResult, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import NotFound, Unauthorized
+from app.storable import replace_unstorable
 from app.store.keys import hash_key
 from app.store.models import Webhook, WebhookRejection
 
@@ -90,9 +91,10 @@ def check_secret(webhook: Webhook, secret: str | None, header: str) -> None:
 async def record_rejection(
     session: AsyncSession, webhook_id: UUID, owner_key_id: UUID, code: str, message: str, body: str | None
 ) -> None:
-    """Keep a refused delivery (its body only if it was authenticated: the owner's data),
-    and drop the webhook's rejections beyond the newest KEPT_REJECTIONS, or, of those refused
-    for their secret, beyond the newest KEPT_UNAUTHORIZED."""
+    """Keep a refused delivery (its body only if it was authenticated: the owner's data; a
+    NUL in it as U+FFFD, which PostgreSQL text can hold), and drop the webhook's rejections
+    beyond the newest KEPT_REJECTIONS, or, of those refused for their secret, beyond the
+    newest KEPT_UNAUTHORIZED."""
     unauthorized = code == Unauthorized.code
     same_kind = (WebhookRejection.code == Unauthorized.code) == unauthorized
     session.add(
@@ -101,7 +103,7 @@ async def record_rejection(
             owner_key_id=owner_key_id,
             code=code,
             message=message,
-            body=None if body is None else body[:MAX_KEPT_BODY_CHARS],
+            body=None if body is None else replace_unstorable(body[:MAX_KEPT_BODY_CHARS]),
         )
     )
     await session.flush()
