@@ -9,9 +9,11 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import func, update
 
 from app.config import Settings
 from app.store.db import Sessions
+from app.store.models import ApiKey
 from app.store.webhooks import KEPT_UNAUTHORIZED
 from tests.conftest import new_key
 from tests.test_api import error_of
@@ -187,6 +189,21 @@ async def test_a_revoked_webhook_refuses_deliveries(
 
     assert revoked.status_code == 200 and revoked.json()["revoked_at"] is not None
     assert "revoked" in error_of(response, 401, "unauthorized")["message"]
+    assert await stored(sessions) == []
+
+
+async def test_a_webhook_of_a_revoked_key_refuses_deliveries(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    webhook = await new_webhook(api, auth)
+    job_id = await graded_job(api, auth, settings, PROMPTS[:1])
+    event = fixture("label_studio_webhook.json", await item_ids(api, auth, job_id))
+    async with sessions.begin() as session:
+        await session.execute(update(ApiKey).values(revoked_at=func.now()))  # the only key: the owner
+
+    response = await deliver(api, webhook, event)
+
+    assert "API key this webhook belongs to was revoked" in error_of(response, 401, "unauthorized")["message"]
     assert await stored(sessions) == []
 
 

@@ -36,7 +36,8 @@ DELIVERY_ERRORS = {
     **IMPORT_ERRORS,
     401: {
         "model": ErrorOut,
-        "description": f"No {SECRET_HEADER} header, a wrong secret, or a revoked webhook.",
+        "description": f"No {SECRET_HEADER} header, a wrong secret, a revoked webhook, or one whose "
+        "API key was revoked.",
     },
     404: {"model": ErrorOut, "description": "No such webhook."},
 }
@@ -155,14 +156,14 @@ async def label_studio_delivery(
     reviews; ANNOTATIONS_DELETED withdraws them; other events are acknowledged and skipped.
     A refused delivery is kept: GET /v1/webhooks/{id}/rejections."""
     try:
-        webhook = await store.find(session, webhook_id, "label_studio")
+        webhook, owner_revoked = await store.find(session, webhook_id, "label_studio")
     except NotFound:
         log.warning("a delivery to unknown webhook %s was refused", webhook_id)
         raise
     owner_key_id = webhook.owner_key_id
     body: str | None = None
     try:
-        store.check_secret(webhook, secret, SECRET_HEADER)
+        store.check_secret(webhook, owner_revoked, secret, SECRET_HEADER)
         raw = await LABEL_STUDIO_EVENT.read(request, settings)
         body = raw.decode("utf-8", errors="replace")
         parsed = await asyncio.to_thread(_read_delivery, raw)

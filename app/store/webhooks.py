@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.errors import NotFound, Unauthorized
 from app.storable import replace_unstorable
 from app.store.keys import hash_key
-from app.store.models import Webhook, WebhookRejection
+from app.store.models import ApiKey, Webhook, WebhookRejection
 
 SECRET_PREFIX = "aidsafe_whsec_"
 SOURCES = ("label_studio",)
@@ -71,19 +71,30 @@ async def revoke(session: AsyncSession, webhook: Webhook) -> None:
     await session.refresh(webhook)
 
 
-async def find(session: AsyncSession, webhook_id: UUID, source: str) -> Webhook:
-    """The webhook a delivery is addressed to; NotFound for an unknown one (which tells a
-    caller without its secret nothing about anyone's data)."""
-    webhook = await session.get(Webhook, webhook_id)
-    if webhook is None or webhook.source != source:
+async def find(session: AsyncSession, webhook_id: UUID, source: str) -> tuple[Webhook, bool]:
+    """The webhook a delivery is addressed to, and whether its owner key was revoked;
+    NotFound for an unknown one (which tells a caller without its secret nothing about
+    anyone's data)."""
+    found = (
+        await session.execute(
+            select(Webhook, ApiKey.revoked_at.is_not(None))
+            .join(ApiKey, ApiKey.id == Webhook.owner_key_id)
+            .where(Webhook.id == webhook_id, Webhook.source == source)
+        )
+    ).one_or_none()
+    if found is None:
         raise NotFound("no such webhook")
-    return webhook
+    webhook, owner_revoked = found
+    return webhook, owner_revoked
 
 
-def check_secret(webhook: Webhook, secret: str | None, header: str) -> None:
-    """Unauthorized unless `secret` is the webhook's and it is not revoked."""
+def check_secret(webhook: Webhook, owner_revoked: bool, secret: str | None, header: str) -> None:
+    """Unauthorized unless `secret` is the webhook's, and neither it nor its owner key is
+    revoked: a delivery imports reviews as the owner, which a revoked key may no longer do."""
     if webhook.revoked_at is not None:
         raise Unauthorized("this webhook was revoked")
+    if owner_revoked:
+        raise Unauthorized("the API key this webhook belongs to was revoked")
     if secret is None or not hmac.compare_digest(hash_key(secret), webhook.secret_hash):
         raise Unauthorized(f"send the webhook's secret in the {header} header")
 
