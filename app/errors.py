@@ -23,6 +23,13 @@ class BadRequest(ServiceError):
     code = "bad_request"
 
 
+class PayloadTooLarge(ServiceError):
+    """Over a size cap: a body's bytes or JSON values, or what a file decodes to."""
+
+    status = 413
+    code = "payload_too_large"
+
+
 class Unauthorized(ServiceError):
     status = 401
     code = "unauthorized"

@@ -22,7 +22,6 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from app.api.annotations import MAX_IMPORT_VALUES
-from app.api.bodies import count_values
 from app.api.jobs import JOB_BODY
 from app.api.schemas import MAX_PROMPTS_PER_JOB
 from app.config import Settings
@@ -30,7 +29,7 @@ from app.deliberation.config import LIMIT_CAPS
 from app.errors import MAX_LISTED_PROBLEMS
 from app.labeling.reviews import Answers
 from app.main import create_app
-from app.storable import MAX_JSON_DEPTH
+from app.storable import MAX_JSON_DEPTH, count_values
 from app.store.db import Sessions, make_engine
 from bench.stack import free_port
 from tests.conftest import ROOT, WebhookTarget, worker_env

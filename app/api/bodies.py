@@ -23,16 +23,10 @@ from pydantic import TypeAdapter, ValidationError
 from app.api.deps import SettingsDep
 from app.api.errors import InvalidRequest
 from app.config import Settings
-from app.errors import ServiceError
-from app.storable import read_json, storable_input
+from app.errors import PayloadTooLarge, ServiceError
+from app.storable import count_values, read_json, storable_input
 
 T = TypeVar("T")
-_COUNTED_SLICE = 256 * 1024
-
-
-class PayloadTooLarge(ServiceError):
-    status = 413
-    code = "payload_too_large"
 
 
 class MalformedBody(ServiceError):
@@ -113,27 +107,6 @@ async def read_capped(request: Request, max_bytes: int) -> bytes:
             raise PayloadTooLarge(f"the request body is over the limit of {max_bytes} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def count_values(raw: bytes, limit: int) -> int:
-    """An upper bound on the number of values in JSON text `raw` (objects, arrays, strings,
-    numbers, literals), counted at C speed without parsing it: `limit + 1` once over `limit`.
-
-    Every value but the first of each array or object follows a comma, and the first follows
-    the bracket. Commas and brackets inside strings do not count: with escaped backslashes
-    and quotes dropped, every other quote-delimited piece is string content. Each string has
-    two quotes and a value has at most one key, so more than 4 x limit quotes is over the
-    limit. The text is split a slice at a time, so that no one call holds the GIL for long."""
-    unescaped = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
-    if unescaped.count(b'"') > 4 * limit:
-        return limit + 1
-    count, in_string = 1, False
-    for start in range(0, len(unescaped), _COUNTED_SLICE):
-        pieces = unescaped[start : start + _COUNTED_SLICE].split(b'"')
-        outside = b"".join(pieces[int(in_string) :: 2])
-        count += outside.count(b",") + outside.count(b"[") + outside.count(b"{")
-        in_string ^= len(pieces) % 2 == 0  # an odd number of quotes in the slice
-    return count
 
 
 def inlined(schema: dict[str, Any]) -> Any:
