@@ -14,7 +14,7 @@ import io
 import json
 from typing import Any, Literal
 
-from app.storable import read_json, storable_input
+from app.storable import count_values, read_json, storable_input
 
 Format = Literal["jsonl", "csv"]
 FIELDS = ("prompt", "expected", "category")
@@ -24,11 +24,11 @@ class BadRow(ValueError):
     """The file cannot be read at this row; the message names the row (and the field)."""
 
 
-def read_rows(format: Format, text: str, max_rows: int) -> list[tuple[int, dict[str, Any]]]:
+def read_rows(format: Format, text: str, max_rows: int, max_values: int) -> list[tuple[int, dict[str, Any]]]:
     """(row number, {"prompt", "expected", "category", "metadata"}) for each row, in order.
     Trailing blank lines are no rows; an empty row elsewhere is a BadRow, as is a file of
-    more than `max_rows` rows or none."""
-    rows = _jsonl(text, max_rows) if format == "jsonl" else _csv(text, max_rows)
+    more than `max_rows` rows or none, or JSONL of more than `max_values` JSON values."""
+    rows = _jsonl(text, max_rows, max_values) if format == "jsonl" else _csv(text, max_rows)
     if not rows:
         raise BadRow("the file has no rows")
     for number, fields in rows:
@@ -49,7 +49,10 @@ def _too_many(max_rows: int) -> BadRow:
     return BadRow(f"the file has over {max_rows:,} rows")
 
 
-def _jsonl(text: str, max_rows: int) -> list[tuple[int, dict[str, Any]]]:
+def _jsonl(text: str, max_rows: int, max_values: int) -> list[tuple[int, dict[str, Any]]]:
+    # Counted before any line is decoded: the decoder holds the GIL for as long as a line takes.
+    if count_values(text.encode(), max_values) > max_values:
+        raise BadRow(f"the file holds over {max_values:,} JSON values")
     rows = []
     lines = text.rstrip().splitlines()
     for number, line in enumerate(lines, start=1):

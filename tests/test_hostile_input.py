@@ -13,7 +13,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -138,6 +138,32 @@ def _answers(url: str) -> bool:
         return False
 
 
+async def healthz_latencies(
+    url: str, warm_up: httpx.Request, request: httpx.Request
+) -> tuple[httpx.Response, list[float]]:
+    """The API's answer to `request`, and how long each /healthz asked meanwhile took. It is
+    sent after `warm_up`, so that the API is warm as in production: its first request pays for
+    connecting to Postgres and compiling its statements."""
+    latencies = []
+    gc.disable()  # this process's own collections would count as the API's latency
+    try:
+        async with (
+            httpx.AsyncClient(timeout=60) as sender,
+            httpx.AsyncClient(base_url=url, timeout=60) as prober,
+        ):
+            warmed = await sender.send(warm_up)
+            assert warmed.status_code < 500, warmed.text
+            sending = asyncio.create_task(sender.send(request))
+            while not sending.done():
+                started = time.perf_counter()
+                assert (await prober.get("/healthz")).status_code == 200
+                latencies.append(time.perf_counter() - started)
+                await asyncio.sleep(0.005)
+            return await sending, latencies
+    finally:
+        gc.enable()
+
+
 # Alone: it times the API, which must not share the machine's cores with other tests' workers.
 @pytest.mark.serial
 async def test_a_hostile_import_of_the_largest_accepted_size_leaves_healthz_answering_within_100ms(
@@ -146,15 +172,13 @@ async def test_a_hostile_import_of_the_largest_accepted_size_leaves_healthz_answ
     job_id = await graded_job(api, auth, settings, PROMPTS[:1])
     [item_id] = await item_ids(api, auth, job_id)
     body = hostile_export(item_id, settings.max_import_bytes)
+    url = f"{api_process}{LS_IMPORT.format(job_id)}"
 
-    async with httpx.AsyncClient(base_url=api_process, timeout=60) as importer:
-        # A warm API, as in production: its first import pays for connecting to
-        # Postgres and compiling its statements.
-        warm_up = await importer.post(LS_IMPORT.format(job_id), content=b"[]", headers={**auth, **JSON})
-        assert warm_up.status_code == 200, warm_up.text
-        response, latencies = await healthz_latencies_while(
-            api_process, importer.post(LS_IMPORT.format(job_id), content=body, headers={**auth, **JSON})
-        )
+    response, latencies = await healthz_latencies(
+        api_process,
+        httpx.Request("POST", url, content=b"[]", headers={**auth, **JSON}),
+        httpx.Request("POST", url, content=body, headers={**auth, **JSON}),
+    )
 
     assert "is not a thought number" in error_of(response, 422, "invalid_annotation")["message"]
     assert len(latencies) >= 5, latencies  # /healthz was asked all along the import
@@ -173,35 +197,48 @@ async def test_a_replay_of_a_job_of_the_largest_accepted_size_leaves_healthz_ans
     body = json.dumps({"prompts": prompts}).encode()
     headers = {**auth, **JSON, "Idempotency-Key": "largest"}
 
-    async with httpx.AsyncClient(base_url=api_process, timeout=60) as submitter:
-        first = await submitter.post("/v1/jobs", content=body, headers=headers)
-        assert first.status_code == 202, first.text
-        again, latencies = await healthz_latencies_while(
-            api_process, submitter.post("/v1/jobs", content=body, headers=headers)
-        )
+    def submission() -> httpx.Request:
+        return httpx.Request("POST", f"{api_process}/v1/jobs", content=body, headers=headers)
 
-    assert again.status_code == 200 and again.json()["id"] == first.json()["id"], again.text
+    # The first makes the job (and warms the API); the second is its replay.
+    again, latencies = await healthz_latencies(api_process, submission(), submission())
+
+    assert again.status_code == 200, again.text  # the job the first made, not a new one (202)
     assert len(latencies) >= 5, latencies  # /healthz was asked all along the replay
     assert max(latencies) < 0.1, sorted(latencies)[-5:]
 
 
-async def healthz_latencies_while(
-    base_url: str, request: Coroutine[Any, Any, httpx.Response]
-) -> tuple[httpx.Response, list[float]]:
-    """`request`'s response, and how long each /healthz asked of the API meanwhile took."""
-    latencies = []
-    gc.disable()  # this process's own collections would count as the API's latency
-    try:
-        async with httpx.AsyncClient(base_url=base_url, timeout=60) as prober:
-            sending = asyncio.create_task(request)
-            while not sending.done():
-                started = time.perf_counter()
-                assert (await prober.get("/healthz")).status_code == 200
-                latencies.append(time.perf_counter() - started)
-                await asyncio.sleep(0.005)
-            return await sending, latencies
-    finally:
-        gc.enable()
+def json_in_a_string(url: str, auth: Headers, route: str, text: str) -> httpx.Request:
+    """A request to the API at `url` with `text` where `route` reads a string as JSON: a
+    benchmark file's JSONL."""
+    match route:
+        case "benchmark file":
+            benchmark = {"name": "b", "file": {"format": "jsonl", "content": text}}
+            body = {"benchmarks": [benchmark], "targets": [{"model": "m1"}]}
+            return httpx.Request("POST", f"{url}/v1/model-evaluations", json=body, headers=auth)
+    raise AssertionError(route)
+
+
+# 30 MiB at 3 bytes a value: seconds of decoding, all of it holding the GIL.
+HOSTILE_JSON = "[" + "[]," * (10 * 1024 * 1024) + "[]]"
+
+
+@pytest.mark.serial
+@pytest.mark.parametrize(
+    ("route", "status", "code"),
+    [("benchmark file", 422, "validation_error")],
+)
+async def test_json_in_a_string_is_counted_before_it_is_read_so_healthz_answers_within_100ms(
+    auth: Headers, api_process: str, route: str, status: int, code: str
+) -> None:
+    response, latencies = await healthz_latencies(
+        api_process,
+        json_in_a_string(api_process, auth, route, "[[]]"),
+        json_in_a_string(api_process, auth, route, HOSTILE_JSON),
+    )
+
+    assert "JSON values" in error_of(response, status, code)["message"]
+    assert len(latencies) >= 1 and max(latencies) < 0.1, sorted(latencies)[-5:]
 
 
 def test_a_flagged_thought_is_read_in_linear_time_whatever_its_length() -> None:

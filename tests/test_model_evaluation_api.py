@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import func, select
 
 import aidsafe
+from app.api.schemas import MAX_JOB_VALUES
 from app.cli.evaluate import parse_target
 from app.config import Settings
 from app.stats import proportion
@@ -308,6 +309,12 @@ BAD_FILES = [
         "jsonl",
         json.dumps(GOOD_ROW)[:-1] + ', "n": ' + "9" * 5000 + "}",
         "line 1: integers must have at most 4,300 digits",
+    ),
+    # Counted before a line is decoded, as a body's values are.
+    (
+        "jsonl",
+        json.dumps(GOOD_ROW)[:-1] + ', "n": [' + "0," * MAX_JOB_VALUES + "0]}",
+        f"the file holds over {MAX_JOB_VALUES:,} JSON values",
     ),
 ]
 

@@ -26,7 +26,7 @@ from app.api.deps import (
 from app.api.errors import documented
 from app.api.listing import JobFilterDep
 from app.api.schemas import (
-    MAX_PROMPTS_PER_JOB,
+    MAX_JOB_VALUES,
     CotPage,
     EstimateOut,
     ItemPage,
@@ -62,8 +62,7 @@ Limit = Annotated[int, Query(ge=1, le=500, description="Page size.")]
 Cursor = Annotated[str | None, Query(description="`next_cursor` of the previous page.")]
 ERRORS = documented(401, 404, 422, 503)  # routes with an id in the path
 PAGE_ERRORS = documented(400, 401, 404, 422, 503)
-# Room for the largest job: each prompt with a dozen or so metadata values.
-JOB_BODY = JsonBody[JobIn](JobIn, max_values=20 * MAX_PROMPTS_PER_JOB)
+JOB_BODY = JsonBody[JobIn](JobIn, max_values=MAX_JOB_VALUES)
 LABELS_BODY = JsonBody[JobLabelsIn](JobLabelsIn, max_values=5_000)  # a label and 8 KiB of metadata
 
 

@@ -16,7 +16,7 @@ from app.api.bodies import JsonBody
 from app.api.deps import CurrentKey, SessionDep
 from app.api.jobs import ERRORS, resolve_prompt_set
 from app.api.schemas import (
-    MAX_PROMPTS_PER_JOB,
+    MAX_JOB_VALUES,
     ModelEvaluationIn,
     ModelEvaluationOut,
     SubmittedModelEvaluationOut,
@@ -29,9 +29,9 @@ from app.store import jobs, model_evaluations, policy_sets, prompt_sets
 from app.store.models import Job
 
 router = APIRouter(prefix="/v1/model-evaluations", tags=["model evaluations"])
-# Room for the largest: each prompt inline with a dozen or so metadata values (a file's
-# text is one value, capped by the request's bytes).
-MODEL_EVALUATION_BODY = JsonBody[ModelEvaluationIn](ModelEvaluationIn, max_values=20 * MAX_PROMPTS_PER_JOB)
+# A benchmark file's text is one value here; its JSONL is counted against the same cap as
+# it is read.
+MODEL_EVALUATION_BODY = JsonBody[ModelEvaluationIn](ModelEvaluationIn, max_values=MAX_JOB_VALUES)
 
 
 async def evaluation_out(session: AsyncSession, job: Job) -> ModelEvaluationOut:

@@ -33,6 +33,9 @@ from app.stats import Estimate
 from app.store import models
 
 MAX_PROMPTS_PER_JOB = 10_000
+# The JSON values of the largest job: each prompt with a dozen or so metadata values, inline
+# or in a benchmark file's JSONL.
+MAX_JOB_VALUES = 20 * MAX_PROMPTS_PER_JOB
 MAX_TEMPLATES = 50  # the stages use 23
 TemplateName = Annotated[str, Field(min_length=1, max_length=64)]
 TemplateText = Annotated[str, Field(max_length=20_000)]
@@ -918,7 +921,7 @@ class BenchmarkIn(BaseModel):
 def _file_rows(file: BenchmarkFileIn | None) -> list[BenchmarkPromptIn]:
     assert file is not None
     try:
-        rows = read_rows(file.format, file.content, MAX_PROMPTS_PER_JOB)
+        rows = read_rows(file.format, file.content, MAX_PROMPTS_PER_JOB, MAX_JOB_VALUES)
     except BadRow as exc:
         raise ValueError(f"file: {exc}") from None
     read = []
