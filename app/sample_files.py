@@ -20,13 +20,23 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from app.errors import EmptyRow, InvalidEncoding, MissingColumn, SampleFileError, TooManySamples
-from app.storable import read_json, storable_input
+from app.errors import (
+    EmptyRow,
+    InvalidEncoding,
+    MissingColumn,
+    PayloadTooLarge,
+    SampleFileError,
+    TooManySamples,
+)
+from app.storable import count_values, read_json, storable_input
 
 FileType = Literal["jsonl", "csv", "parquet"]
 FIELDS = ("prompt", "thoughts", "response", "label")
 METADATA = "metadata."  # a mapping key `metadata.<name>` copies a column into the metadata
 MAX_SAMPLES = 10_000
+# The JSON values of the largest set: each sample with a dozen or so (thoughts, metadata), in
+# a body or in a JSONL file.
+MAX_JSON_VALUES = 20 * MAX_SAMPLES
 MAX_PROMPT_CHARS = 20_000
 MAX_RESPONSE_CHARS = 50_000
 MAX_THOUGHTS = 100
@@ -184,6 +194,9 @@ def _decoded(raw: bytes, row_of: Callable[[str], int | None]) -> str:
 
 
 def _jsonl_rows(raw: bytes) -> Rows:
+    # Counted before any line is decoded: the decoder holds the GIL for as long as a line takes.
+    if count_values(raw, MAX_JSON_VALUES) > MAX_JSON_VALUES:
+        raise PayloadTooLarge(f"the file holds over {MAX_JSON_VALUES:,} JSON values")
     text = _decoded(raw, lambda before: before.count("\n") + 1)
     lines = text.split("\n")
     if lines and not lines[-1].strip():

@@ -210,12 +210,17 @@ async def test_a_replay_of_a_job_of_the_largest_accepted_size_leaves_healthz_ans
 
 def json_in_a_string(url: str, auth: Headers, route: str, text: str) -> httpx.Request:
     """A request to the API at `url` with `text` where `route` reads a string as JSON: a
-    benchmark file's JSONL."""
+    benchmark file's JSONL, an uploaded JSONL file of samples."""
     match route:
         case "benchmark file":
             benchmark = {"name": "b", "file": {"format": "jsonl", "content": text}}
             body = {"benchmarks": [benchmark], "targets": [{"model": "m1"}]}
             return httpx.Request("POST", f"{url}/v1/model-evaluations", json=body, headers=auth)
+        case "sample upload":
+            options = {"file_type": "jsonl", "options": '{"grade": {}}'}
+            return httpx.Request(
+                "POST", f"{url}/v1/sample-evaluations/upload", params=options, content=text, headers=auth
+            )
     raise AssertionError(route)
 
 
@@ -226,7 +231,7 @@ HOSTILE_JSON = "[" + "[]," * (10 * 1024 * 1024) + "[]]"
 @pytest.mark.serial
 @pytest.mark.parametrize(
     ("route", "status", "code"),
-    [("benchmark file", 422, "validation_error")],
+    [("benchmark file", 422, "validation_error"), ("sample upload", 413, "payload_too_large")],
 )
 async def test_json_in_a_string_is_counted_before_it_is_read_so_healthz_answers_within_100ms(
     auth: Headers, api_process: str, route: str, status: int, code: str

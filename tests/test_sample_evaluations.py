@@ -24,7 +24,7 @@ from app.deliberation.engine import evaluate_sample
 from app.deliberation.ports import LLMRequestRejected
 from app.errors import SampleFileError
 from app.plan import SampleEvaluationPlan
-from app.sample_files import read_samples
+from app.sample_files import MAX_JSON_VALUES, read_samples
 from app.store import items, prompt_sets
 from app.store.db import Sessions
 from app.store.endings import handed_back
@@ -191,6 +191,15 @@ async def test_a_1_gb_upload_is_refused_413_without_being_read(
     response = await upload(api, auth, gigabyte(), "csv", grade={})
     error_of(response, 413, "payload_too_large")
     assert sum(sent) <= settings.max_request_bytes + 2 * len(chunk)  # stopped at the cap
+    assert await stored(sessions) == NOTHING
+
+
+async def test_a_jsonl_file_of_more_json_values_than_a_body_may_hold_is_refused_413(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    row = b'{"prompt": "p", "response": "r", "extra": [' + b"0," * MAX_JSON_VALUES + b"0]}\n"
+    response = await upload(api, auth, row, "jsonl", grade={})
+    assert f"over {MAX_JSON_VALUES:,} JSON values" in error_of(response, 413, "payload_too_large")["message"]
     assert await stored(sessions) == NOTHING
 
 

@@ -32,14 +32,13 @@ from app.api.submissions import Submission, SubmissionDep, submit_responses
 from app.deliberation.results import Sample as EngineSample
 from app.idempotency import RequestHash
 from app.plan import RoleIn, check_sample_evaluation_fits, resolve_sample_evaluation
-from app.sample_files import FileType, Sample, read_samples, samples_of
+from app.sample_files import MAX_JSON_VALUES, FileType, Sample, read_samples, samples_of
 from app.storable import read_json, storable_input
 from app.store import jobs, policy_sets, prompt_sets, sample_evaluations
 from app.store.models import Job
 
 router = APIRouter(prefix="/v1/sample-evaluations", tags=["sample evaluations"])
-# Room for the largest set: each sample with a dozen or so values (thoughts, metadata).
-SAMPLES_BODY = JsonBody[SampleEvaluationIn](SampleEvaluationIn, max_values=20 * 10_000)
+SAMPLES_BODY = JsonBody[SampleEvaluationIn](SampleEvaluationIn, max_values=MAX_JSON_VALUES)
 _OPTIONS: TypeAdapter[SampleEvaluationOptions] = TypeAdapter(SampleEvaluationOptions)
 # What an upload's Content-Type says its file type is, when `file_type` does not.
 _MEDIA_TYPES: dict[str, FileType] = {
@@ -94,7 +93,8 @@ async def upload_samples(
 ) -> SubmittedSampleEvaluationOut:
     """Evaluate the samples of the file in the body (UTF-8 JSONL or CSV with a header, or
     Parquet) with the column mapping of `options`. Over the server's request cap: 413
-    `payload_too_large`, read no further. Each refusal names the row (1-based, the header not
+    `payload_too_large`, read no further; so too JSONL of more JSON values than a body may
+    hold, refused before any line is decoded. Each refusal names the row (1-based, the header not
     counted) and the column in `details`: 422 `missing_column`, `invalid_encoding`,
     `empty_row`, `too_many_samples`, `invalid_sample_file`. Nothing is stored unless every
     row is good."""
