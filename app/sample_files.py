@@ -41,6 +41,10 @@ MAX_PROMPT_CHARS = 20_000
 MAX_RESPONSE_CHARS = 50_000
 MAX_THOUGHTS = 100
 MAX_THOUGHT_CHARS = 10_000
+# Thoughts as text that opens with "[" are read as a JSON list, of at most this many values:
+# few enough to decode in milliseconds, far more than MAX_THOUGHTS (and blank ones), so that
+# text one thought a line that merely opens with "[" is not refused for its commas.
+MAX_THOUGHT_LIST_VALUES = 100 * MAX_THOUGHTS
 MAX_LABEL_CHARS = 200
 # A Parquet file's columns decompressed: a small file may hold far more (a compression bomb).
 MAX_PARQUET_DATA_BYTES = 512 * 1024 * 1024
@@ -351,6 +355,12 @@ def _thoughts(value: Any) -> list[str]:
 def _thought_list(text: str) -> Any:
     """Thoughts given as text: a JSON array (as a CSV cell holds a list), else one a line."""
     if text.lstrip().startswith("["):
+        # Counted before it is decoded: the decoder holds the GIL for as long as it takes.
+        if count_values(text.encode(), MAX_THOUGHT_LIST_VALUES) > MAX_THOUGHT_LIST_VALUES:
+            raise ValueError(
+                f"over {MAX_THOUGHT_LIST_VALUES:,} JSON values, "
+                f"more than a list of {MAX_THOUGHTS} thoughts needs"
+            )
         try:
             return storable_input(json.loads(text))
         except (json.JSONDecodeError, RecursionError):

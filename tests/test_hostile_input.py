@@ -210,7 +210,7 @@ async def test_a_replay_of_a_job_of_the_largest_accepted_size_leaves_healthz_ans
 
 def json_in_a_string(url: str, auth: Headers, route: str, text: str) -> httpx.Request:
     """A request to the API at `url` with `text` where `route` reads a string as JSON: a
-    benchmark file's JSONL, an uploaded JSONL file of samples."""
+    benchmark file's JSONL, an uploaded JSONL file of samples, a sample's thoughts."""
     match route:
         case "benchmark file":
             benchmark = {"name": "b", "file": {"format": "jsonl", "content": text}}
@@ -221,6 +221,9 @@ def json_in_a_string(url: str, auth: Headers, route: str, text: str) -> httpx.Re
             return httpx.Request(
                 "POST", f"{url}/v1/sample-evaluations/upload", params=options, content=text, headers=auth
             )
+        case "thoughts":
+            body = {"samples": [{"prompt": "p", "response": "r", "thoughts": text}], "grade": {}}
+            return httpx.Request("POST", f"{url}/v1/sample-evaluations", json=body, headers=auth)
     raise AssertionError(route)
 
 
@@ -231,7 +234,11 @@ HOSTILE_JSON = "[" + "[]," * (10 * 1024 * 1024) + "[]]"
 @pytest.mark.serial
 @pytest.mark.parametrize(
     ("route", "status", "code"),
-    [("benchmark file", 422, "validation_error"), ("sample upload", 413, "payload_too_large")],
+    [
+        ("benchmark file", 422, "validation_error"),
+        ("sample upload", 413, "payload_too_large"),
+        ("thoughts", 422, "invalid_sample_file"),
+    ],
 )
 async def test_json_in_a_string_is_counted_before_it_is_read_so_healthz_answers_within_100ms(
     auth: Headers, api_process: str, route: str, status: int, code: str

@@ -5,6 +5,7 @@ scripted LLM through arq's real worker, with a report a reader can trust."""
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -24,7 +25,7 @@ from app.deliberation.engine import evaluate_sample
 from app.deliberation.ports import LLMRequestRejected
 from app.errors import SampleFileError
 from app.plan import SampleEvaluationPlan
-from app.sample_files import MAX_JSON_VALUES, read_samples
+from app.sample_files import MAX_JSON_VALUES, MAX_THOUGHT_LIST_VALUES, read_samples, samples_of
 from app.store import items, prompt_sets
 from app.store.db import Sessions
 from app.store.endings import handed_back
@@ -100,6 +101,14 @@ def test_a_mapping_overrides_the_shape_column_by_column() -> None:
         fixture("wrong_columns.csv"), "csv", columns={"prompt": "question", "response": "answer"}
     )
     assert (samples[0].prompt, samples[0].response) == ("What is 2+2?", "4")
+
+
+def test_a_thoughts_text_of_more_json_values_than_a_list_of_thoughts_needs_is_refused_unread() -> None:
+    blanks = json.dumps([""] * MAX_THOUGHT_LIST_VALUES)  # read, it would pass: blank thoughts are dropped
+    refusal = f"column 'thoughts': over {MAX_THOUGHT_LIST_VALUES:,} JSON values"
+    with pytest.raises(SampleFileError, match=refusal) as refused:
+        samples_of([{"prompt": "Why?", "response": "Because.", "thoughts": blanks}], "cot", {})
+    assert refused.value.details == {"row": 1, "column": "thoughts"}
 
 
 def _parquet(**columns: pa.Array) -> bytes:
