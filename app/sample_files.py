@@ -225,9 +225,21 @@ def _csv_records(text: str) -> Iterator[list[str]]:
 
 
 def _csv_row_of(before: str) -> int | None:
-    """The data row holding the character after `before` (None: the header)."""
-    record = sum(1 for _ in _csv_records(before + "x"))
-    return record - 1 or None
+    """The data row holding the character after `before` (None: the header); SampleFileError
+    if `before` is not CSV, the file's first problem then."""
+    records = 0
+    try:
+        for _ in _csv_records(before + "x"):
+            records += 1
+    except csv.Error as exc:
+        raise _not_csv(max(records - 1, 0), exc) from None  # the header is no data row
+    return records - 1 or None
+
+
+def _not_csv(rows_read: int, problem: csv.Error) -> SampleFileError:
+    """The refusal of a file whose data rows read as CSV up to `rows_read`, and the next not."""
+    row = rows_read + 1
+    return SampleFileError(f"row {row} is not CSV: {problem}", row=row)
 
 
 def _csv_rows(raw: bytes, mapping: ColumnMap) -> Rows:
@@ -243,7 +255,7 @@ def _csv_rows(raw: bytes, mapping: ColumnMap) -> Rows:
                 )
             yield number, dict(zip(header, record, strict=False))
     except csv.Error as exc:
-        raise SampleFileError(f"row {number + 1} is not CSV: {exc}", row=number + 1) from None
+        raise _not_csv(number, exc) from None
 
 
 def _parquet_rows(raw: bytes, mapping: ColumnMap) -> Rows:

@@ -177,6 +177,16 @@ async def test_a_bad_file_is_refused_naming_its_row_and_column_and_nothing_is_st
     assert await stored(sessions) == NOTHING
 
 
+async def test_csv_broken_before_a_byte_that_is_not_utf8_is_refused_at_the_first_problem(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    response = await upload(api, auth, b'prompt,response\n"a"b,c\nd,\xff\n', "csv", grade={})
+    error = error_of(response, 422, "invalid_sample_file")
+    assert error["message"].startswith("row 1 is not CSV")
+    assert error["details"] == {"row": 1, "column": None}
+    assert await stored(sessions) == NOTHING
+
+
 async def test_a_row_missing_from_its_prompt_deep_in_a_file_stores_none_of_the_rows_before_it(
     api: httpx.AsyncClient, auth: Headers, sessions: Sessions
 ) -> None:
