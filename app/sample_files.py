@@ -277,19 +277,31 @@ def _parquet_rows(raw: bytes, mapping: ColumnMap) -> Rows:
 
 
 def _parquet_column(table: pa.Table, column: str) -> list[Any]:
+    """The column's values in Python; SampleFileError naming the row of one Python cannot hold."""
     chunks = table.column(column)
     try:
         values: list[Any] = chunks.to_pylist()
         return values
-    except UnicodeDecodeError:  # a string column holding bytes that are not UTF-8
-        for index, value in enumerate(chunks.cast(pa.binary()).to_pylist()):
-            try:
-                (value or b"").decode("utf-8")
-            except UnicodeDecodeError:
-                raise InvalidEncoding(
-                    f"row {index + 1}, column '{column}' is not UTF-8 text", row=index + 1, column=column
-                ) from None
+    except (UnicodeDecodeError, OverflowError, pa.ArrowException):
+        for index in range(len(chunks)):
+            _check_readable(chunks[index], index + 1, column)
         raise
+
+
+def _check_readable(value: pa.Scalar, row: int, column: str) -> None:
+    """SampleFileError, naming the row and column, if `value` has no Python equivalent."""
+    try:
+        value.as_py()
+    except UnicodeDecodeError:  # a string column holding bytes that are not UTF-8
+        raise InvalidEncoding(
+            f"row {row}, column '{column}' is not UTF-8 text", row=row, column=column
+        ) from None
+    except (OverflowError, pa.ArrowException) as exc:  # a date past year 9999, an unknown time zone
+        raise SampleFileError(
+            f"row {row}, column '{column}': a {value.type} value Python cannot read ({exc})",
+            row=row,
+            column=column,
+        ) from None
 
 
 def _sample(number: int, row: Mapping[str, Any], mapping: ColumnMap) -> Sample:

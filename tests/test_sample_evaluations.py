@@ -145,6 +145,25 @@ def test_a_parquet_value_json_has_no_type_for_is_refused_naming_its_row_and_colu
     assert refused.value.details == {"row": 1, "column": "odd"}
 
 
+@pytest.mark.parametrize(
+    ("column", "row"),
+    [
+        (pa.array([0, 2**40], pa.timestamp("s")), 2),
+        (pa.array([0, 2**30], pa.date32()), 2),
+        (pa.array([[0], [0, 2**40]], pa.list_(pa.timestamp("s"))), 2),
+        (pa.array([0, 0], pa.timestamp("s", tz="Mars/Olympus_Mons")), 1),
+    ],
+    ids=["timestamp-past-9999", "date-past-9999", "list-of-timestamps", "unknown-time-zone"],
+)
+def test_a_parquet_date_python_cannot_read_is_refused_naming_its_row_and_column(
+    column: pa.Array, row: int
+) -> None:
+    out = io.BytesIO()
+    pq.write_table(pa.table({"prompt": ["Why?"] * 2, "response": ["Because."] * 2, "label": column}), out)
+    with pytest.raises(SampleFileError, match=f"row {row}, column 'label': a .* value Python cannot read"):
+        read_samples(out.getvalue(), "parquet")
+
+
 # --- bad files: refused whole, naming the row and the column --------------------------------
 
 BAD_FILES = [
