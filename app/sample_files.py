@@ -18,6 +18,7 @@ from datetime import date, time
 from typing import Any, Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from app.errors import (
@@ -46,8 +47,11 @@ MAX_THOUGHT_CHARS = 10_000
 # text one thought a line that merely opens with "[" is not refused for its commas.
 MAX_THOUGHT_LIST_VALUES = 100 * MAX_THOUGHTS
 MAX_LABEL_CHARS = 200
-# A Parquet file's columns decompressed: a small file may hold far more (a compression bomb).
-MAX_PARQUET_DATA_BYTES = 512 * 1024 * 1024
+# A Parquet file's mapped columns decoded: as much as a JSONL file under the default request
+# cap. A file of a few hundred bytes may decode to gigabytes (repeated dictionary entries).
+MAX_PARQUET_DATA_BYTES = 32 * 1024 * 1024
+# Rows decoded and turned into Python objects at a time, a batch's size checked in between.
+_PARQUET_BATCH_ROWS = 1_000
 # CSV's default cap on a cell is 128 KiB; a response may be longer, no cell need be this long.
 _CSV_CELL_CHARS = 4 * MAX_RESPONSE_CHARS
 
@@ -260,31 +264,88 @@ def _csv_rows(raw: bytes, mapping: ColumnMap) -> Rows:
 
 def _parquet_rows(raw: bytes, mapping: ColumnMap) -> Rows:
     try:
-        metadata = pq.ParquetFile(io.BytesIO(raw)).metadata
-        if metadata.num_rows > MAX_SAMPLES:
-            raise TooManySamples(f"the file holds {metadata.num_rows:,} samples; at most {MAX_SAMPLES:,}")
-        data_bytes = sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
-        if data_bytes > MAX_PARQUET_DATA_BYTES:
-            raise SampleFileError(f"the file's columns hold {data_bytes:,} bytes uncompressed; too many")
-        table = pq.read_table(io.BytesIO(raw))
+        yield from _parquet_batch_rows(raw, mapping)
     except (pa.ArrowException, OSError) as exc:
         raise SampleFileError(f"the file is not Parquet: {exc}") from None
-    mapping.check_header(table.column_names)
-    wanted = [c for c in dict.fromkeys(mapping.columns.values()) if c in table.column_names]
-    values = {column: _parquet_column(table, column) for column in wanted}
-    for index in range(table.num_rows):
-        yield index + 1, {column: values[column][index] for column in wanted}
 
 
-def _parquet_column(table: pa.Table, column: str) -> list[Any]:
+def _parquet_batch_rows(raw: bytes, mapping: ColumnMap) -> Rows:
+    """The mapped columns' rows, read a batch at a time: PayloadTooLarge as soon as they are
+    known to hold more than a JSONL file may, before a batch is turned into Python objects."""
+    metadata = pq.ParquetFile(io.BytesIO(raw)).metadata
+    columns = metadata.schema.to_arrow_schema().names
+    if metadata.num_rows > MAX_SAMPLES:
+        raise TooManySamples(f"the file holds {metadata.num_rows:,} samples; at most {MAX_SAMPLES:,}")
+    mapping.check_header(columns)
+    wanted = [c for c in dict.fromkeys(mapping.columns.values()) if c in columns]
+    leaves = [metadata.schema.column(i) for i in range(len(metadata.schema))]
+    wanted_leaves = [leaf for leaf in leaves if any(_in_column(leaf.path, c) for c in wanted)]
+    _check_stored_size(metadata, {leaf.path for leaf in wanted_leaves})
+    # Read dictionary-encoded until counted, so that a value repeated is decoded once.
+    encoded = [leaf.path for leaf in wanted_leaves if _is_byte_array(leaf)]
+    file = pq.ParquetFile(io.BytesIO(raw), metadata=metadata, read_dictionary=encoded)
+    decoded_bytes, rows_before = 0, 0
+    for batch in file.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=wanted):
+        decoded_bytes += sum(_decoded_bytes(column) for column in batch.columns)
+        if decoded_bytes > MAX_PARQUET_DATA_BYTES:
+            raise PayloadTooLarge(
+                f"the file's mapped columns decode to over {MAX_PARQUET_DATA_BYTES:,} bytes"
+            )
+        values = {column: _parquet_column(batch.column(column), column, rows_before) for column in wanted}
+        for index in range(batch.num_rows):
+            yield rows_before + index + 1, {column: values[column][index] for column in wanted}
+        rows_before += batch.num_rows
+
+
+def _in_column(leaf_path: str, column: str) -> bool:
+    return leaf_path == column or leaf_path.startswith(f"{column}.")  # a list's or struct's leaf
+
+
+def _is_byte_array(leaf: pq.ColumnSchema) -> bool:
+    """Text or bytes, which may be read dictionary-encoded (a decimal so stored may not)."""
+    return bool(leaf.physical_type == "BYTE_ARRAY" and leaf.logical_type.type != "DECIMAL")
+
+
+def _check_stored_size(metadata: pq.FileMetaData, leaves: set[str]) -> None:
+    """PayloadTooLarge if the file says these leaf columns hold more values than a JSONL file
+    may, or more bytes uncompressed than they may decode to: a page is decompressed whole."""
+    chunks = [
+        metadata.row_group(group).column(index)
+        for group in range(metadata.num_row_groups)
+        for index in range(metadata.num_columns)
+        if metadata.row_group(group).column(index).path_in_schema in leaves
+    ]
+    values = sum(chunk.num_values for chunk in chunks)
+    if values > MAX_JSON_VALUES:
+        raise PayloadTooLarge(
+            f"the file's mapped columns hold {values:,} values; at most {MAX_JSON_VALUES:,}"
+        )
+    stored = sum(chunk.total_uncompressed_size for chunk in chunks)
+    if stored > MAX_PARQUET_DATA_BYTES:
+        limit = f"at most {MAX_PARQUET_DATA_BYTES:,}"
+        raise PayloadTooLarge(f"the file's mapped columns hold {stored:,} bytes uncompressed; {limit}")
+
+
+def _decoded_bytes(array: pa.Array) -> int:
+    """The bytes `array` holds decoded, a dictionary's value counted each time it is used."""
+    if isinstance(array, pa.DictionaryArray):
+        used = pc.sum(pc.binary_length(array.dictionary).take(array.indices)).as_py()
+        return int(array.indices.nbytes) + (used or 0)
+    if isinstance(array, pa.ListArray | pa.LargeListArray | pa.FixedSizeListArray):  # a MapArray too
+        return _decoded_bytes(array.flatten())
+    if isinstance(array, pa.StructArray):
+        return sum(_decoded_bytes(field) for field in array.flatten())
+    return int(array.nbytes)
+
+
+def _parquet_column(array: pa.Array, column: str, rows_before: int) -> list[Any]:
     """The column's values in Python; SampleFileError naming the row of one Python cannot hold."""
-    chunks = table.column(column)
     try:
-        values: list[Any] = chunks.to_pylist()
+        values: list[Any] = array.to_pylist()
         return values
     except (UnicodeDecodeError, OverflowError, pa.ArrowException):
-        for index in range(len(chunks)):
-            _check_readable(chunks[index], index + 1, column)
+        for index in range(len(array)):
+            _check_readable(array[index], rows_before + index + 1, column)
         raise
 
 

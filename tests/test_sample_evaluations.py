@@ -25,7 +25,16 @@ from app.deliberation.engine import evaluate_sample
 from app.deliberation.ports import LLMRequestRejected
 from app.errors import SampleFileError
 from app.plan import SampleEvaluationPlan
-from app.sample_files import MAX_JSON_VALUES, MAX_THOUGHT_LIST_VALUES, read_samples, samples_of
+from app.sample_files import (
+    MAX_JSON_VALUES,
+    MAX_PARQUET_DATA_BYTES,
+    MAX_PROMPT_CHARS,
+    MAX_THOUGHT_CHARS,
+    MAX_THOUGHT_LIST_VALUES,
+    MAX_THOUGHTS,
+    read_samples,
+    samples_of,
+)
 from app.store import items, prompt_sets
 from app.store.db import Sessions
 from app.store.endings import handed_back
@@ -204,6 +213,60 @@ async def test_csv_broken_before_a_byte_that_is_not_utf8_is_refused_at_the_first
     assert error["message"].startswith("row 1 is not CSV")
     assert error["details"] == {"row": 1, "column": None}
     assert await stored(sessions) == NOTHING
+
+
+def repeated(**columns: tuple[Any, int]) -> bytes:
+    """A Parquet file of a few hundred bytes whatever it decodes to: each column one value
+    repeated, stored once in a dictionary and referred to by a run of indices."""
+    out = io.BytesIO()
+    table = pa.table({name: [value] * rows for name, (value, rows) in columns.items()})
+    pq.write_table(table, out, compression="zstd", use_dictionary=True, dictionary_pagesize_limit=1 << 30)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("columns", "problem"),
+    [
+        (
+            {"prompt": ("p" * 5_000, 10_000), "c1": ("p" * 5_000, 10_000), "response": ("r", 10_000)},
+            f"decode to over {MAX_PARQUET_DATA_BYTES:,} bytes",
+        ),
+        (
+            {"prompt": ("p", 10_000), "response": ("r", 10_000), "thoughts": (["t"] * 1_000, 10_000)},
+            f"hold 10,020,000 values; at most {MAX_JSON_VALUES:,}",
+        ),
+        (
+            {
+                "prompt": ("p", 100),
+                "response": ("r", 100),
+                "thoughts": (["t" * MAX_THOUGHT_CHARS] * MAX_THOUGHTS, 100),
+            },
+            f"decode to over {MAX_PARQUET_DATA_BYTES:,} bytes",
+        ),
+    ],
+    ids=["long-prompts", "long-lists", "thoughts-each-within-their-caps"],
+)
+async def test_a_parquet_file_that_decodes_to_more_than_a_jsonl_file_may_hold_is_refused_413(
+    api: httpx.AsyncClient,
+    auth: Headers,
+    sessions: Sessions,
+    columns: dict[str, tuple[Any, int]],
+    problem: str,
+) -> None:
+    raw = repeated(**columns)
+    assert len(raw) < 2_000
+    response = await upload(api, auth, raw, "parquet", grade={})
+    assert problem in error_of(response, 413, "payload_too_large")["message"]
+    assert await stored(sessions) == NOTHING
+
+
+def test_a_parquet_value_over_its_cap_is_refused_naming_its_row_past_the_first_batch() -> None:
+    prompts = ["Why?"] * 1_499 + ["p" * (MAX_PROMPT_CHARS + 1)]
+    out = io.BytesIO()
+    pq.write_table(pa.table({"prompt": prompts, "response": ["Because."] * 1_500}), out)
+    with pytest.raises(SampleFileError, match="row 1500, column 'prompt': 20,001 characters") as refused:
+        read_samples(out.getvalue(), "parquet")
+    assert refused.value.details == {"row": 1500, "column": "prompt"}
 
 
 async def test_a_row_missing_from_its_prompt_deep_in_a_file_stores_none_of_the_rows_before_it(
