@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import date, time
@@ -52,6 +54,8 @@ MAX_LABEL_CHARS = 200
 MAX_PARQUET_DATA_BYTES = 32 * 1024 * 1024
 # Rows decoded and turned into Python objects at a time, a batch's size checked in between.
 _PARQUET_BATCH_ROWS = 1_000
+# Text between the line boundaries of str.splitlines: a line, blank ones left out.
+_LINE = re.compile(r"[^\n\r\v\f\x1c-\x1e\x85\u2028\u2029]+")
 # CSV's default cap on a cell is 128 KiB; a response may be longer, no cell need be this long.
 _CSV_CELL_CHARS = 4 * MAX_RESPONSE_CHARS
 
@@ -206,6 +210,9 @@ def _jsonl_rows(raw: bytes) -> Rows:
     if count_values(raw, MAX_JSON_VALUES) > MAX_JSON_VALUES:
         raise PayloadTooLarge(f"the file holds over {MAX_JSON_VALUES:,} JSON values")
     text = _decoded(raw, lambda before: before.count("\n") + 1)
+    # Split only once known to make few lines: one split of millions would hold the GIL.
+    if text.count("\n") > MAX_SAMPLES:
+        raise TooManySamples(f"the file holds over {MAX_SAMPLES:,} samples", row=MAX_SAMPLES + 1)
     lines = text.split("\n")
     if lines and not lines[-1].strip():
         lines.pop()  # the newline that ends the last line
@@ -431,7 +438,7 @@ def _thoughts(value: Any) -> list[str]:
         raise ValueError("expected a list of strings, or text with one thought a line")
     thoughts = [t for t in value if t.strip()]
     if len(thoughts) > MAX_THOUGHTS:
-        raise ValueError(f"{len(thoughts)} thoughts; at most {MAX_THOUGHTS}")
+        raise ValueError(f"over {MAX_THOUGHTS} thoughts")
     if any(len(t) > MAX_THOUGHT_CHARS for t in thoughts):
         raise ValueError(f"a thought is over {MAX_THOUGHT_CHARS:,} characters")
     return thoughts
@@ -450,7 +457,10 @@ def _thought_list(text: str) -> Any:
             return storable_input(json.loads(text))
         except (json.JSONDecodeError, RecursionError):
             pass
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    # Up to the first thought past the cap: text of millions of lines split at once would hold
+    # the GIL.
+    thoughts = filter(None, (line.group().strip() for line in _LINE.finditer(text)))
+    return list(itertools.islice(thoughts, MAX_THOUGHTS + 1))
 
 
 def _label(text: str | None) -> str | None:
