@@ -37,8 +37,8 @@ FileType = Literal["jsonl", "csv", "parquet"]
 FIELDS = ("prompt", "thoughts", "response", "label")
 METADATA = "metadata."  # a mapping key `metadata.<name>` copies a column into the metadata
 MAX_SAMPLES = 10_000
-# The JSON values of the largest set: each sample with a dozen or so (thoughts, metadata), in
-# a body or in a JSONL file.
+# The values of the largest set: each sample with a dozen or so (thoughts, metadata), in a
+# body, a JSONL file or a Parquet file's mapped columns.
 MAX_JSON_VALUES = 20 * MAX_SAMPLES
 MAX_PROMPT_CHARS = 20_000
 MAX_RESPONSE_CHARS = 50_000

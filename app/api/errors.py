@@ -34,7 +34,10 @@ _WHY = {
         "The Idempotency-Key was already used with a different request body (idempotency_conflict), "
         "or the job to delete is still running (job_running) or compared (job_in_comparison)."
     ),
-    413: "The request body is over the size limit.",
+    413: (
+        "The request body is over a size limit: its bytes, its JSON values, or what an uploaded "
+        "file decodes to."
+    ),
     422: (
         "The request is invalid (validation_error, invalid_config, unknown_policy_set, unknown_preset, "
         "preset_version_mismatch, no_common_prompts, comparison_mismatch, invalid_filter, request_too_large, "

@@ -92,12 +92,12 @@ async def upload_samples(
     ] = None,
 ) -> SubmittedSampleEvaluationOut:
     """Evaluate the samples of the file in the body (UTF-8 JSONL or CSV with a header, or
-    Parquet) with the column mapping of `options`. Over the server's request cap: 413
-    `payload_too_large`, read no further; so too JSONL of more JSON values than a body may
-    hold, refused before any line is decoded. Each refusal names the row (1-based, the header not
-    counted) and the column in `details`: 422 `missing_column`, `invalid_encoding`,
-    `empty_row`, `too_many_samples`, `invalid_sample_file`. Nothing is stored unless every
-    row is good."""
+    Parquet) with the column mapping of `options`. 413 `payload_too_large` over the server's
+    request cap (read no further), for JSONL of more JSON values than a body may hold, and for
+    Parquet whose mapped columns hold more values than that or decode to over 32 MiB. Each other
+    refusal names the row (1-based, the header not counted) and the column in `details`: 422
+    `missing_column`, `invalid_encoding`, `empty_row`, `too_many_samples`,
+    `invalid_sample_file`. Nothing is stored unless every row is good."""
     kind = file_type or _MEDIA_TYPES.get(_media_type(request))
     if kind is None:
         raise InvalidRequest.of(
