@@ -200,11 +200,13 @@ class Settings(BaseSettings):
     webhook_rejections_kept_days: float = Field(default=7.0, gt=0)
 
     # Progress events (GET /v1/jobs/{id}/events): one Redis stream per job, trimmed and expiring;
-    # Postgres stays the truth, so a follower resyncs from it whenever the stream falls short.
+    # Postgres stays the truth: a follower checks the items' ends against it (events_resync_s).
     events_stream_max_len: int = Field(default=20_000, ge=100)  # approximate trimming (XADD MAXLEN ~)
     events_stream_ttl_s: int = Field(default=24 * 3600, ge=60)  # renewed by every event
     events_snapshot_interval_s: float = Field(default=1.0, gt=0)  # at most one snapshot this often
-    events_resync_s: float = Field(default=10.0, gt=0)  # a snapshot at least this often, events or not
+    # A snapshot, and the items that ended checked against those the follower was sent, at
+    # least this often, events or not.
+    events_resync_s: float = Field(default=10.0, gt=0)
     # Streams one API key may have open at once in each API process: every open stream holds a
     # Redis connection (XREAD BLOCK) and a task for as long as it lasts.
     events_max_streams_per_key: int = Field(default=32, ge=1)

@@ -1,9 +1,12 @@
 """Progress events of a job: what `GET /v1/jobs/{id}/events` streams.
 
 Workers append one entry per finished item to a Redis stream per job (trimmed, expiring).
-Redis is not a store of record: a follower starts from a snapshot computed from Postgres, and
-whenever the stream cannot serve what a reconnecting client missed (trimmed, expired, Redis
-restarted) the missed items are read back from Postgres, so a client never ends up wrong.
+Redis is not a store of record: an entry may never be written (the worker died after the
+item's commit, its transaction failed) or be lost later (trimmed, expired, Redis restarted,
+with or without an error a follower would see). So the stream only makes followers quick;
+Postgres makes them complete: a follower starts from a snapshot computed from Postgres, and on
+every (re)connect and every `events_resync_s` it checks the items ended since its last check
+against those it sent, and sends the missing ones. Every item's end is heard at least once.
 
 Event kinds: `item` (an item finished: id, position, status, error code; its SSE id is the
 stream entry id), `snapshot` (the job summary: status, counts per status and stage, usage,
@@ -16,7 +19,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -86,8 +89,9 @@ def _never_sent() -> InvalidCursor:
 
 def announce_item_finished(pipe: Pipeline, settings: Settings, job_id: UUID, event: ItemFinished) -> None:
     """Append the item's end to its job's stream, in the transaction `pipe` that ends the item's
-    arq job (workers/queue_worker.py): one round trip for both. A follower that misses it (the
-    transaction failed, Redis lost the stream) catches up from Postgres."""
+    arq job (workers/queue_worker.py): one round trip for both. Should it never arrive (the
+    transaction failed, the worker died first) or be lost, followers hear of the item from
+    Postgres at their next check (`follow`)."""
     key = stream_key(settings, job_id)
     pipe.xadd(key, event.fields(), maxlen=settings.events_stream_max_len, approximate=True)
     pipe.expire(key, settings.events_stream_ttl_s)
@@ -114,6 +118,45 @@ async def finished_since(sessions: Sessions, job_id: UUID, since_ms: int) -> lis
             .order_by(Item.finished_at, Item.position)
         )
         return [ItemFinished(str(r.id), r.position, r.status, r.error_code) for r in rows]
+
+
+class EndsSent:
+    """The items whose end a follower was sent, as far as its next check against Postgres
+    needs them: that check reads the items that ended since `checked_ms` (less the clocks'
+    margin), and only those can come again."""
+
+    def __init__(self, checked_ms: int) -> None:
+        self.checked_ms = checked_ms
+        self.item_ids: set[str] = set()
+
+    def note(self, item: ItemFinished) -> None:
+        if item.status in FINISHED:
+            self.item_ids.add(item.item_id)
+
+    def is_news(self, item: ItemFinished) -> bool:
+        """Whether to send a stream entry's event, noting an end as sent: not once the item's
+        end was sent (a check may find it in Postgres before its entry comes)."""
+        news = item.item_id not in self.item_ids
+        self.note(item)
+        return news
+
+    async def missed(self, sessions: Sessions, job_id: UUID) -> list[ItemFinished]:
+        """The items Postgres has ended since the last check whose end was not sent, now noted
+        as sent; the next check reads from this one."""
+        checked_ms = int(time.time() * 1000)
+        ended = await finished_since(sessions, job_id, self.checked_ms)
+        missed = [item for item in ended if item.item_id not in self.item_ids]
+        self.checked_ms, self.item_ids = checked_ms, {item.item_id for item in ended}
+        return missed
+
+
+@dataclass(frozen=True)
+class StreamTail:
+    """A job's stream as a follower (re)connects: see JobEventSource.tail."""
+
+    newest: str
+    resume_after: str
+    recent: list[tuple[str, ItemFinished]]
 
 
 class JobEventSource:
@@ -157,30 +200,22 @@ class JobEventSource:
         elif sent[0] > time.time() * 1000 + CLOCK_MARGIN_MS:
             raise _never_sent()
 
-    async def tail(self) -> tuple[str, str]:
-        """The newest entry's id (0-0 when the stream is empty or gone), and the id to resume
-        after should Redis fail before an entry comes: that entry's, or with none, an id just
-        before this moment on the stream's clock (Redis's), which every entry added later
-        follows. Read in one transaction, so that no entry comes between the two."""
+    async def tail(self, since_ms: int) -> StreamTail:
+        """The newest entry's id (0-0 when the stream is empty or gone); the id to resume after
+        should Redis fail before an entry comes: that entry's, or with none, an id just before
+        this moment on the stream's clock (Redis's), which every entry added later follows;
+        and the entries from `since_ms` on. Read in one transaction, so that no entry comes
+        between them."""
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xrevrange(self.key, count=1)
             pipe.time()
-            newest, (seconds, microseconds) = await pipe.execute()
+            pipe.xrange(self.key, min=f"{max(0, since_ms)}-0")
+            newest, (seconds, microseconds), recent = await pipe.execute()
+        entries = [(entry_id.decode(), ItemFinished.from_fields(f)) for entry_id, f in recent]
         if newest:
             tail = newest[0][0].decode()
-            return tail, tail
-        return "0-0", f"{seconds * 1000 + microseconds // 1000 - 1}-0"
-
-    async def can_replay_after(self, event_id: str) -> bool:
-        """Whether every entry after `event_id` is still in the stream. Trimming removes the
-        oldest entries, so it is when the oldest one left is not newer than the client's."""
-        oldest = await self.redis.xrange(self.key, count=1)
-        return bool(oldest) and parse_event_id(oldest[0][0].decode()) <= parse_event_id(event_id)
-
-    async def missed_after(self, event_id: str) -> list[tuple[str, ItemFinished]]:
-        """Every entry after `event_id` stored now."""
-        entries = await self.redis.xrange(self.key, min=f"({event_id}")
-        return [(entry_id.decode(), ItemFinished.from_fields(fields)) for entry_id, fields in entries]
+            return StreamTail(tail, tail, entries)
+        return StreamTail("0-0", f"{seconds * 1000 + microseconds // 1000 - 1}-0", entries)
 
     async def read_after(self, event_id: str, block_s: float) -> list[tuple[str, ItemFinished]]:
         """New entries after `event_id`, waiting up to `block_s` for one (without blocking the loop)."""
@@ -192,15 +227,20 @@ class JobEventSource:
         ]
 
 
-async def follow(source: JobEventSource, last_event_id: str | None) -> AsyncIterator[ProgressEvent]:
+async def follow(source: JobEventSource, last_event_id: str | None) -> AsyncGenerator[ProgressEvent, None]:
     """The job's events from `last_event_id` (or from now) until it ends.
 
-    On (re)connect: the items missed (from the stream, or from Postgres if the stream lost
-    them), then a snapshot. Then each finished item as it comes, a snapshot at most every
+    On resuming: the items Postgres has ended since shortly before `last_event_id` that the
+    stream holds no entry of (without ids), then the entries after it (with theirs). Then, as on
+    connecting, a snapshot; each finished item as it comes; a snapshot at most every
     `events_snapshot_interval_s` after new items and at least every `events_resync_s` (which
-    also catches changes no worker announces: a cancel, an item failed by the sweeper), and
-    `done` with the final snapshot. While Redis is away it keeps sending snapshots from
-    Postgres and resumes, replaying what it missed, when Redis is back."""
+    also catches changes no worker announces: a cancel, an item failed by the sweeper); and
+    `done` with the final snapshot. Every `events_resync_s`, and before `done`, the items
+    Postgres has ended since the last such check whose end was not sent are sent (without
+    ids): an entry never written, or lost with Redis, delays an item's event, never loses it.
+    An item may be heard twice (an end sent from Postgres comes again after a resume), none is
+    missed. While Redis is away it keeps sending snapshots from Postgres and resumes, catching
+    up, when Redis is back."""
     resume_from = last_event_id
     while True:
         cursor: list[str | None] = [resume_from]
@@ -228,32 +268,63 @@ async def _follow_stream(
 ) -> AsyncIterator[ProgressEvent]:
     """One connection's worth of `follow`; `cursor[0]` tracks the last id sent, to resume from."""
     settings = source.settings
-    position, resume_after = await source.tail()  # before the snapshot: nothing between is lost
+    resync_s = settings.events_resync_s
     if resume_from is None:
-        cursor[0] = resume_after  # from the tail, a resume would skip what Redis's absence hid
-    elif await source.can_replay_after(resume_from):
-        position = resume_from
-        for position, item in await source.missed_after(resume_from):
-            cursor[0] = position
-            yield ProgressEvent("item", asdict(item), position)
+        sent = EndsSent(int(time.time() * 1000))
+    else:  # reading stops at each check (below): every end before the id, less this, was sent
+        sent = EndsSent(parse_event_id(resume_from)[0] - int(resync_s * 1000))
+    # Before the snapshot: nothing between is lost.
+    tail = await source.tail(sent.checked_ms - CLOCK_MARGIN_MS)
+    if resume_from is None:
+        cursor[0] = tail.resume_after  # from the tail, a resume would skip what Redis's absence hid
+        position = tail.newest
     else:
-        for item in await finished_since(source.sessions, source.job_id, parse_event_id(resume_from)[0]):
+        position = resume_from
+    # The entries up to `position` were sent (or, from now, are counted by the first snapshot).
+    replay = [(entry_id, item) for entry_id, item in tail.recent if _after(entry_id, position)]
+    for _, item in tail.recent:
+        sent.note(item)
+    checked = time.monotonic()
+    if resume_from is not None:
+        # Postgres's first: a client dropping during the replay resumes from the replay's ids,
+        # which may be far past the ends it missed.
+        missed = await sent.missed(source.sessions, source.job_id)
+        for item in missed:
             yield ProgressEvent("item", asdict(item))
+        ended = {item.item_id for item in missed}
+        for position, item in replay:
+            cursor[0] = position
+            if item.item_id not in ended:  # a status before the end just sent: stale now
+                yield ProgressEvent("item", asdict(item), position)
     while True:  # one snapshot per pass; then items until the next one is due
         summary = await source.snapshot()
+        job_ended = summary["status"] in ENDED
+        # Once a snapshot says the job ended, every item's end is in Postgres: check before done.
+        if job_ended or time.monotonic() - checked >= resync_s:
+            checked = time.monotonic()
+            for item in await sent.missed(source.sessions, source.job_id):
+                yield ProgressEvent("item", asdict(item))
         event_id = None if position == "0-0" else position
         cursor[0] = event_id or cursor[0]
         yield ProgressEvent("snapshot", summary, event_id)
-        if summary["status"] in ENDED:
+        if job_ended:
             yield ProgressEvent("done", summary, event_id)
             return
         last_snapshot, dirty = time.monotonic(), False
         while True:
-            since = time.monotonic() - last_snapshot
-            due_in = (settings.events_snapshot_interval_s if dirty else settings.events_resync_s) - since
+            # Reading stops at the next check: no id sent is more than events_resync_s past one.
+            due = checked + resync_s
+            if dirty:
+                due = min(due, last_snapshot + settings.events_snapshot_interval_s)
+            due_in = due - time.monotonic()
             if due_in <= 0:
                 break
             for entry_id, item in await source.read_after(position, due_in):
                 position = cursor[0] = entry_id
-                dirty = True
-                yield ProgressEvent("item", asdict(item), entry_id)
+                if sent.is_news(item):
+                    dirty = True
+                    yield ProgressEvent("item", asdict(item), entry_id)
+
+
+def _after(entry_id: str, position: str) -> bool:
+    return parse_event_id(entry_id) > parse_event_id(position)

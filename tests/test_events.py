@@ -5,24 +5,36 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import subprocess
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 import httpx
 import pytest
+from arq.connections import create_pool
 from httpx_sse import aconnect_sse
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from sqlalchemy import func, update
 
 from app.config import Settings
-from app.events import ItemFinished, JobEventSource, follow, stream_key
+from app.events import ItemFinished, JobEventSource, announce_item_finished, follow, stream_key
+from app.queue import REQUEST_RETRIES, bound_calls, redis_settings
 from app.store import jobs
 from app.store.db import Sessions
-from app.store.models import Job
+from app.store.models import Item, ItemStatus, Job
 from tests.conftest import new_key, run_worker_burst, served
 from tests.scripted_llm import ScriptedLLM, refusal
 from tests.test_api import error_of, submit
 from tests.test_viewer import logged_in
+from workers.main import worker_settings
+from workers.queue_worker import QueueWorker
 
 Headers = dict[str, str]
 Event = dict[str, Any]
@@ -217,6 +229,185 @@ async def test_a_follower_waits_on_redis_for_as_long_as_its_stream_needs(
 
     assert time.monotonic() - started < 6.0, "the resync's 2.5 s wait, then the snapshot"
     assert not [r for r in caplog.records if "Redis unavailable" in r.getMessage()]
+
+
+class FinishFails(QueueWorker):
+    """A worker whose item ends are committed but never announced: finish_job's transaction
+    does not go through (Redis away longer than the pool's retries; as if SIGKILLed there)."""
+
+    async def finish_job(self, job_id: str, *args: Any, **kwargs: Any) -> None:
+        self.item_endings.pop(job_id, None)  # as the real one takes it before its execute()
+        raise RedisConnectionError("Redis went away during finish_job")
+
+
+async def test_an_item_whose_event_never_reached_the_stream_is_replayed_on_resume(
+    live_api: str, api: httpx.AsyncClient, auth: Headers, settings: Settings, redis: Redis, sessions: Sessions
+) -> None:
+    job = await submit(api, auth, ["a", "b", "c"])
+    one = {"max_jobs": 1, "max_burst_jobs": 1}
+    await asyncio.wait_for(run_worker_burst(settings, **one), 60)  # item a: its event is stored
+    (first,) = await stream_ids(redis, settings, job["id"])
+    worker = FinishFails(
+        **{**worker_settings(settings, sweeper=False), "burst": True, "handle_signals": False, **one}
+    )
+    with pytest.raises(RedisConnectionError):
+        try:
+            await worker.main()  # item b: ended in Postgres, never announced
+        finally:
+            await worker.close()
+    # b's arq job stays in the queue, in progress, ahead of c: out of the way, then c.
+    (stale,) = await redis.zrange(settings.queue_name, 0, 0)
+    await redis.zrem(settings.queue_name, stale)
+    await asyncio.wait_for(run_worker_burst(settings), 60)
+
+    events = await events_of(live_api, auth, job["id"], last_event_id=first)
+
+    assert events[-1]["data"]["counts"]["by_status"] == {"completed": 3}
+    assert sorted(e["data"]["position"] for e in events if e["event"] == "item") == [1, 2]
+
+
+async def end_item(
+    sessions: Sessions,
+    job_id: str,
+    position: int,
+    announce_on: Redis | None,
+    settings: Settings,
+    ago_s: float = 0,
+) -> None:
+    """What a worker does as an item ends (`ago_s` seconds ago): its row, then (unless
+    `announce_on` is None, as when the worker dies in between) its entry in the job's stream."""
+    async with sessions.begin() as session:
+        item = (
+            await session.execute(
+                update(Item)
+                .where(Item.job_id == UUID(job_id), Item.position == position)
+                .values(status=ItemStatus.COMPLETED, finished_at=func.now() - timedelta(seconds=ago_s))
+                .returning(Item.id)
+            )
+        ).scalar_one()
+    if announce_on is not None:
+        async with announce_on.pipeline(transaction=True) as pipe:
+            finished = ItemFinished(str(item), position, "completed", None)
+            announce_item_finished(pipe, settings, UUID(job_id), finished)
+            await pipe.execute()
+
+
+async def test_a_connected_follower_hears_an_item_whose_event_never_reached_the_stream(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions, redis: Redis
+) -> None:
+    job = await submit(api, auth, ["a", "b"])
+    quick = settings.model_copy(update={"events_resync_s": 0.3})
+    source = JobEventSource(redis, sessions, quick, UUID(job["id"]), summary_of(sessions, job["id"]))
+    stream = follow(source, None)
+    try:
+        async with asyncio.timeout(10):
+            assert (await anext(stream)).kind == "snapshot"
+            await end_item(sessions, job["id"], 0, None, settings)  # the worker died before announcing it
+            event = await anext(stream)
+            while event.kind == "snapshot":
+                event = await anext(stream)
+    finally:
+        await stream.aclose()
+
+    assert (event.kind, event.data["position"]) == ("item", 0), "heard while the job still runs"
+
+
+async def test_a_resume_hears_an_unannounced_item_that_ended_before_the_last_event_heard(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions, redis: Redis
+) -> None:
+    """Its client may have heard a later item and dropped before the check that would have
+    sent the earlier one: a resume reads Postgres from up to events_resync_s before its id."""
+    job = await submit(api, auth, ["a", "b"])
+    await end_item(sessions, job["id"], 0, None, settings, ago_s=8)  # its worker died before announcing it
+    await end_item(sessions, job["id"], 1, redis, settings)
+    (last_heard,) = await stream_ids(redis, settings, job["id"])
+    resyncing = settings.model_copy(update={"events_resync_s": 10.0})
+    source = JobEventSource(redis, sessions, resyncing, UUID(job["id"]), summary_of(sessions, job["id"]))
+
+    events = [event async for event in follow(source, last_heard)]
+
+    assert [(e.kind, e.data.get("position")) for e in events[:-2]] == [("item", 0)]
+    assert [e.kind for e in events[-2:]] == ["snapshot", "done"]
+
+
+@contextmanager
+def restartable_redis(tmp_path: Path) -> Iterator[tuple[str, Callable[[], None]]]:
+    """A redis-server of this test's own, as compose runs it (no persistence): its URL, and a
+    function that restarts it empty."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    command += ["--dir", str(tmp_path)]
+
+    def start() -> subprocess.Popen[bytes]:
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return server
+            except OSError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.02)
+
+    running = [start()]
+
+    def restart() -> None:
+        running[0].kill()
+        running[0].wait()
+        running[0] = start()
+
+    try:
+        yield f"redis://127.0.0.1:{port}/0", restart
+    finally:
+        running[0].kill()
+        running[0].wait()
+
+
+async def test_a_redis_restart_under_a_connected_follower_loses_no_item(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions, tmp_path: Path
+) -> None:
+    """The restart takes the stream's entries with it, and the API's pool reconnects without
+    an error: only Postgres can tell the follower what it missed."""
+    job = await submit(api, auth, ["a", "b", "c", "d"])
+    heard: list[int] = []
+    with restartable_redis(tmp_path) as (url, restart):
+        own = settings.model_copy(update={"redis_url": url, "events_resync_s": 1.0})
+        streams = await create_pool(redis_settings(url, REQUEST_RETRIES))  # as the API's (app/main.py)
+        await bound_calls(streams, own.redis_timeout_s + own.events_resync_s)
+        writer = Redis.from_url(url)
+        stream = follow(
+            JobEventSource(streams, sessions, own, UUID(job["id"]), summary_of(sessions, job["id"])), None
+        )
+        try:
+            async with asyncio.timeout(30):
+                assert (await anext(stream)).kind == "snapshot"
+                reading = asyncio.ensure_future(anext(stream))
+                await asyncio.sleep(0.2)  # in its XREAD
+                await end_item(sessions, job["id"], 0, writer, own)
+                event = await reading
+                assert event.kind == "item"
+                heard.append(event.data["position"])
+                # While the follower's client is slow to take the next event, b and c end,
+                # then Redis restarts, empty, and d ends.
+                await end_item(sessions, job["id"], 1, writer, own)
+                await end_item(sessions, job["id"], 2, writer, own)
+                restart()
+                await writer.aclose()
+                writer = Redis.from_url(url)
+                await end_item(sessions, job["id"], 3, writer, own)
+                async for event in stream:
+                    if event.kind == "item":
+                        heard.append(event.data["position"])
+                    if event.kind == "done":
+                        assert event.data["counts"]["by_status"] == {"completed": 4}
+        finally:
+            await stream.aclose()
+            await streams.aclose()
+            await writer.aclose()
+
+    assert sorted(heard) == [0, 1, 2, 3]
 
 
 def summary_of(sessions: Sessions, job_id: str) -> Any:
