@@ -269,12 +269,12 @@ async def end(sessions: Sessions, claim: Claim, ending: Ending) -> Ending | None
     ending, or None if the item is no longer held under this claim (another worker has it
     now) and nothing was written."""
     async with sessions.begin() as session:
-        return ending if await _write_ending(session, claim, ending) else None
+        return ending if await write_ending(session, claim, ending) else None
 
 
-async def _write_ending(session: AsyncSession, claim: Claim, ending: Ending) -> bool:
-    """Write the ending on the item if the claim holds (and the job's delivery, if that
-    finished a job that names a callback); whether it did."""
+async def write_ending(session: AsyncSession, claim: Claim, ending: Ending) -> bool:
+    """In the caller's transaction: write the ending on the item if the claim holds (and the
+    job's delivery, if that finished a job that names a callback); whether it did."""
     ended = await session.execute(
         update(Item)
         .where(claim_holds(claim.item_id, claim.attempt))
@@ -430,7 +430,7 @@ async def complete_judged(sessions: Sessions, claim: Claim, judgements: list[Jud
     """Store a comparison item's judgements, one per judge in the plan's order, and mark it
     completed in one transaction. COMPLETED, or None if the item is not ours (nothing written)."""
     async with sessions.begin() as session:
-        if not await _write_ending(session, claim, COMPLETED):
+        if not await write_ending(session, claim, COMPLETED):
             return None
         a_item_id, b_item_id = _linked(Item.baseline_item_id, claim), _linked(Item.candidate_item_id, claim)
         await session.execute(
@@ -462,7 +462,7 @@ async def complete_with(
     unique item_id, written with the item), in one transaction. COMPLETED, or None if the
     item is not ours (nothing written)."""
     async with sessions.begin() as session:
-        if not await _write_ending(session, claim, COMPLETED):
+        if not await write_ending(session, claim, COMPLETED):
             return None
         await session.execute(update(table).where(table.item_id == claim.item_id).values(values))
         return COMPLETED
@@ -523,7 +523,7 @@ async def complete_evaluated(sessions: Sessions, claim: Claim, evaluated: Evalua
     COMPLETED, or None if the item is not ours (nothing written)."""
     grade, verdict, judged = evaluated.grade, evaluated.guard, evaluated.judged
     async with sessions.begin() as session:
-        if not await _write_ending(session, claim, COMPLETED):
+        if not await write_ending(session, claim, COMPLETED):
             return None
         await session.execute(
             insert(SampleEvaluation)
