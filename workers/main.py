@@ -308,14 +308,20 @@ async def _process_claimed(worker: Worker, claim: items.Claim) -> Ending | None:
         log.warning("item %s failed, the LLM endpoint rejected the request: %s", claim.item_id, exc)
         return await items.end(sessions, claim, failed(exc.code, exc.summary, str(exc)))
     except Exception as exc:  # Postgres or Redis blip, or a bug: retry a bounded number of times
-        log.exception("item %s attempt %d hit an unexpected error", claim.item_id, claim.attempt)
-        reason, detail = f"unexpected {type(exc).__name__} in the worker", f"{type(exc).__name__}: {exc}"
-        with contextlib.suppress(Exception):  # if this fails too, the lease expiry recovers it
-            await items.end(sessions, claim, handed_back(reason, counts_as_failure=True, detail=detail))
-        raise Retry(defer=_backoff_s(settings, claim.attempt)) from exc
+        raise await _hand_back(settings, sessions, claim, exc) from exc
     finally:
         watch.cancel()
     return await _record(sessions, claim, result)
+
+
+async def _hand_back(settings: Settings, sessions: Sessions, claim: items.Claim, exc: Exception) -> Retry:
+    """After an unexpected error: the item back in the queue, the try counted as a failure;
+    the Retry to raise. If the hand-back fails too, the lease's expiry recovers the item."""
+    log.error("item %s attempt %d hit an unexpected error", claim.item_id, claim.attempt, exc_info=exc)
+    reason, detail = f"unexpected {type(exc).__name__} in the worker", f"{type(exc).__name__}: {exc}"
+    with contextlib.suppress(Exception):
+        await items.end(sessions, claim, handed_back(reason, counts_as_failure=True, detail=detail))
+    return Retry(defer=_backoff_s(settings, claim.attempt))
 
 
 def _limits(settings: Settings) -> items.Limits:
