@@ -11,6 +11,7 @@ from uuid import UUID, uuid4
 import httpx
 import orjson
 import pytest
+from arq.connections import ArqRedis
 from prometheus_client import REGISTRY
 from pydantic import ValidationError
 from redis import Redis as SyncRedis
@@ -26,6 +27,7 @@ from tests.conftest import api_client, eventually, run_worker_burst
 from tests.scripted_llm import ScriptedLLM
 from tests.test_turn_writer import claimed_items, turn_row
 from tests.test_viewer import logged_in
+from workers.sweeper import sweep
 
 PRICES = {"input": 1.0, "cached_input": 0.5, "output": 2.0}  # USD per million tokens
 # Every answer reports 1,000 prompt tokens (400 of them cached) and 200 completion tokens.
@@ -291,8 +293,8 @@ async def test_a_rebuild_finishes_only_the_counters_it_started(
 async def test_settling_waiting_items_with_redis_away_reads_the_turns(
     api: httpx.AsyncClient, auth: dict[str, str], settings: Settings, sessions: Sessions
 ) -> None:
-    """A park settles the job's waiting items after ending its own: raising there would leave
-    the item waiting for a budget a PATCH (which did not see it parked yet) already raised."""
+    """A park settles the job's waiting items as it ends its own: raising there would undo
+    the park and hand the item back, a counted try spent for want of Redis alone."""
     running, waiting = await claimed_items(api, auth, sessions, 2)
     async with sessions.begin() as session:
         await session.execute(update(Job).where(Job.id == running.job_id).values(budget_max_tokens=10**6))
@@ -560,6 +562,49 @@ async def test_a_turn_written_while_a_patch_gives_its_job_a_first_budget_is_coun
     assert await spending.spent(running.job_id) == (3 + 4, 0.0)
 
 
+async def test_a_park_cut_off_by_a_postgres_fault_still_resumes_an_item_whose_budget_was_raised(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    """A budget's PATCH that commits after a worker found the budget spent, and before the
+    worker parked its item, does not see the item waiting: the park's settle is what resumes
+    it. A Postgres fault at that settle (its connection killed, as by a failover) must delay
+    the item, never leave it waiting for a PATCH that has come and gone."""
+    scripted_llm.usage = USAGE
+    body = {"prompts": prompts(2), "config": QUICK, "budget": {"max_tokens": 3600}}
+    job_id = UUID((await post_job(api, auth, body)).json()["id"])
+    async with sessions.begin() as session:  # one item already waits for budget
+        waiting = await session.scalar(select(Item.id).where(Item.job_id == job_id, Item.position == 0))
+        await session.execute(
+            update(Item).where(Item.id == waiting).values(status=ItemStatus.BUDGET_EXHAUSTED)
+        )
+    async with sessions.begin() as holder:
+        # The PATCH raises the budget, then waits here to queue that item again, the job's row
+        # locked: the other item's worker spends the old budget and comes to park it.
+        await holder.execute(select(Item.id).where(Item.id == waiting).with_for_update())
+        raised = {"budget": {"max_tokens": 100_000}}
+        patch = asyncio.create_task(api.patch(f"/v1/jobs/{job_id}", json=raised, headers=auth))
+        await eventually(lambda: waits_for_a_lock(sessions), 10, "the PATCH to wait for the item's row")
+        burst = asyncio.create_task(asyncio.wait_for(run_worker_burst(settings), 60))
+        parking = await eventually(lambda: settle_waiting_for_the_job(sessions), 30, "the park's settle")
+        await holder.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": parking})
+    assert (await patch).status_code == 200
+    await burst
+    for _ in range(3):  # past a lease and the grace: what the sweeper would recover, it has
+        await asyncio.sleep(settings.enqueue_grace_s + 0.2)
+        await sweep(settings, sessions, arq_redis)
+    await asyncio.wait_for(run_worker_burst(settings), 60)
+
+    job = (await api.get(f"/v1/jobs/{job_id}", headers=auth)).json()
+    assert job["counts"]["by_status"] == {"completed": 2}
+    assert job["budget"]["exhausted"] is False
+    assert len(scripted_llm.requests) == 8 == len(await turns_of(sessions, str(job_id)))  # none twice
+
+
 async def waits_for_a_lock(sessions: Sessions) -> bool:
     """Whether the PATCH's update of the job's waiting items waits for a lock."""
     async with sessions() as session:
@@ -570,3 +615,15 @@ async def waits_for_a_lock(sessions: Sessions) -> bool:
             )
         )
     return bool(waiting)
+
+
+async def settle_waiting_for_the_job(sessions: Sessions) -> int | None:
+    """The backend of a worker's settle_waiting while it waits for its job's row (a PATCH holds
+    it), if one does."""
+    async with sessions() as session:
+        return await session.scalar(
+            text(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock' AND query LIKE 'SELECT jobs.cancelled_at%FOR NO KEY UPDATE'"
+            )
+        )

@@ -293,7 +293,7 @@ async def _process_claimed(worker: Worker, claim: items.Claim) -> Ending | None:
     except items.ClaimLost:  # another worker holds the item now; it carries on from the log
         return None
     except BudgetExhausted:  # no new call starts: the item waits for a raised budget
-        return await budgets.park(sessions, worker.spending, worker.redis, settings.queue_name, claim)
+        return await _park(worker, claim)
     except AwaitingBatch:  # its next call is filed for a wave: workers/waves.py queues it again
         return await items.end(sessions, claim, batches.AWAITING)
     # Tenants read only our classification of a failure; its detail (an upstream's answer,
@@ -312,6 +312,17 @@ async def _process_claimed(worker: Worker, claim: items.Claim) -> Ending | None:
     finally:
         watch.cancel()
     return await _record(sessions, claim, result)
+
+
+async def _park(worker: Worker, claim: items.Claim) -> Ending | None:
+    """Park the item until its job's budget is raised. A park that fails (a Postgres blip)
+    wrote nothing: the item is handed back and runs again, as after any unexpected error,
+    rather than wait for a raise that may already have come."""
+    settings, sessions = worker.settings, worker.sessions
+    try:
+        return await budgets.park(sessions, worker.spending, worker.redis, settings.queue_name, claim)
+    except Exception as exc:
+        raise await _hand_back(settings, sessions, claim, exc) from exc
 
 
 async def _hand_back(settings: Settings, sessions: Sessions, claim: items.Claim, exc: Exception) -> Retry:

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from datetime import datetime
 from uuid import UUID, uuid4
 
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from sqlalchemy import func, select, update
+from sqlalchemy import Row, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.costs import Budget, BudgetExhausted
@@ -48,6 +49,9 @@ WAITING = Ending(
     "budget_exhausted",
     "the job's budget is spent; raising it (PATCH /v1/jobs/{id}) resumes the item",
 )
+
+# What settling a job's waiting items reads of the job's row (_lock).
+_JobRow = Row[datetime | None, str | None, float | None, int | None]
 
 # Counters of a job nobody reads or adds to for a day go (and are rebuilt if it resumes).
 _TTL_MS = 24 * 3600 * 1000
@@ -134,7 +138,7 @@ async def _spent(
     session: AsyncSession, spending: Spending, job_id: UUID, budget_changed: bool
 ) -> tuple[int, float]:
     """For settle_waiting. The turns answer when the counters cannot: a park that raised here
-    would leave its item waiting for a PATCH that came, and will not come again."""
+    would be undone and its item handed back, a counted try spent for want of Redis alone."""
     if budget_changed:
         return await _recorded(session, job_id)
     try:
@@ -198,11 +202,16 @@ class Meter:
 async def park(
     sessions: Sessions, spending: Spending, redis: ArqRedis, queue_name: str, claim: items.Claim
 ) -> Ending | None:
-    """End the claim as waiting for budget, then settle it at once if the budget was raised or
-    the job cancelled meanwhile (the check before the call may have read the old budget)."""
-    ending = await items.end(sessions, claim, WAITING)
+    """End the claim as waiting for budget and settle the job's waiting items, in one
+    transaction that locks the job's row first: a budget's PATCH (or a cancel) committed before
+    it is seen by the settle, and one after it finds the item waiting, so none is missed (the
+    check before the call may have read the old budget). If this raises, nothing was written
+    and the claim still holds: the caller hands the item back (if it cannot either, the lease's
+    expiry does), rather than leave it waiting for a PATCH that has come and gone."""
     async with sessions.begin() as session:
-        resumed = await settle_waiting(session, spending, claim.job_id)
+        job = await _lock(session, claim.job_id)  # first, as a PATCH or a cancel takes it
+        ending = WAITING if await items.write_ending(session, claim, WAITING) else None
+        resumed = await _settle(session, spending, claim.job_id, job)
     try:
         await enqueue_items(redis, queue_name, resumed)
     except Exception:  # committed: the sweeper enqueues queued items whose arq job is missing
@@ -223,13 +232,24 @@ async def settle_waiting(
     then summed from the turns and the counters are left missing, to be rebuilt by the first
     read after the commit: until then the inserts of the job's turns read the budget it had,
     none perhaps, and are not added to any counters, so counters rebuilt now would miss them."""
-    job = (
+    return await _settle(session, spending, job_id, await _lock(session, job_id), budget_changed)
+
+
+async def _lock(session: AsyncSession, job_id: UUID) -> _JobRow:
+    """Lock the job's row and read what settling its waiting items needs of it."""
+    return (
         await session.execute(
             select(Job.cancelled_at, Job.callback_url, Job.budget_max_cost_usd, Job.budget_max_tokens)
             .where(Job.id == job_id)
             .with_for_update(key_share=True)  # NO KEY UPDATE: turn inserts (key share) go on
         )
     ).one()
+
+
+async def _settle(
+    session: AsyncSession, spending: Spending, job_id: UUID, job: _JobRow, budget_changed: bool = False
+) -> list[tuple[UUID, int]]:
+    """settle_waiting, the job's row locked and read (`_lock`)."""
     waiting = (Item.job_id == job_id) & (Item.status == ItemStatus.BUDGET_EXHAUSTED)
     if job.cancelled_at is not None:
         await session.execute(update(Item).where(waiting).values(ending_values(CANCELLED)))
