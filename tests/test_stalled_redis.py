@@ -310,7 +310,7 @@ async def test_a_worker_rides_out_a_redis_that_turned_replica_for_a_while(
     polling = asyncio.create_task(worker.main())
     admin = Redis.from_url(own_redis.url)
     try:
-        async with api_client(on_own) as api:
+        async with asyncio.timeout(NEVER_S * 5), api_client(on_own) as api:
             scripted_llm.script("intent_decomposition", stall(1.0))
             first = await submit(api, auth, ["How do tides work?"])
 
@@ -338,4 +338,4 @@ async def test_a_worker_rides_out_a_redis_that_turned_replica_for_a_while(
         await admin.aclose()
         polling.cancel()
         await asyncio.gather(polling, return_exceptions=True)
-        await worker.close()
+        await asyncio.wait_for(worker.close(), NEVER_S)

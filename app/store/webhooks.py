@@ -90,13 +90,14 @@ async def find(session: AsyncSession, webhook_id: UUID, source: str) -> tuple[We
 
 def check_secret(webhook: Webhook, owner_revoked: bool, secret: str | None, header: str) -> None:
     """Unauthorized unless `secret` is the webhook's, and neither it nor its owner key is
-    revoked: a delivery imports reviews as the owner, which a revoked key may no longer do."""
+    revoked: a delivery imports reviews as the owner, which a revoked key may no longer do.
+    The secret is checked first, so that only its holder learns of a revocation."""
+    if secret is None or not hmac.compare_digest(hash_key(secret), webhook.secret_hash):
+        raise Unauthorized(f"send the webhook's secret in the {header} header")
     if webhook.revoked_at is not None:
         raise Unauthorized("this webhook was revoked")
     if owner_revoked:
         raise Unauthorized("the API key this webhook belongs to was revoked")
-    if secret is None or not hmac.compare_digest(hash_key(secret), webhook.secret_hash):
-        raise Unauthorized(f"send the webhook's secret in the {header} header")
 
 
 async def record_rejection(
