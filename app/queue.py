@@ -11,7 +11,7 @@ from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError, TimeoutError
+from redis.exceptions import ConnectionError, ReadOnlyError, TimeoutError
 
 RUN_ITEM = "run_item"
 _BATCH = 1000  # jobs per Redis call: bounded requests, and Redis is not blocked for long
@@ -26,11 +26,12 @@ REQUEST_RETRIES = 1
 
 
 def redis_settings(redis_url: str, retries: int) -> RedisSettings:
-    """arq's connection, each command tried again up to `retries` times after a connection
-    error or (once `bound_calls` set one) a timeout."""
+    """arq's connection, each command tried again up to `retries` times, on a new connection,
+    after a connection error, (once `bound_calls` set one) a timeout, or a READONLY: a
+    failover can leave a connection on the old primary, now a replica, for good."""
     settings = RedisSettings.from_dsn(redis_url)
     settings.retry = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=retries)
-    settings.retry_on_error = [ConnectionError, TimeoutError]
+    settings.retry_on_error = [ConnectionError, TimeoutError, ReadOnlyError]
     settings.conn_retries = 30
     return settings
 

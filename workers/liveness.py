@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from uuid import UUID
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import ReadOnlyError, ResponseError
 
 from app.config import Settings
 
@@ -91,7 +91,12 @@ class Heartbeat:
     async def start(cls, settings: Settings, worker_id: UUID) -> Heartbeat:
         """Beat once (a claim without a heartbeat looks dead), then every interval."""
         timeout_s = settings.redis_timeout_s  # the queue's bound on a Redis that stops answering
-        redis = Redis.from_url(settings.redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        redis = Redis.from_url(
+            settings.redis_url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry_on_error=[ReadOnlyError],  # a failover's old primary: beat on a new connection
+        )
         try:
             await beat(redis, settings, worker_id)
         except BaseException:

@@ -9,6 +9,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError
 
 from app.config import Settings
 from app.llm.limits import EndpointLimiter
@@ -20,14 +21,15 @@ def llm_redis(settings: Settings) -> Redis:
     none), so that a Redis that stops answering (hung, not restarted) fails an item's LLM
     call with a RedisError, which the client retries as a transient fault (the spending read
     before the call: the item waits as in an outage, `budgets.Meter`), instead of holding it
-    forever. A connection error (a pooled connection that a restarted
-    Redis dropped) is tried again once, at once; a timeout is not: the client backs off."""
+    forever. A connection error (a pooled connection that a restarted Redis dropped) or a
+    READONLY (one a failover left on the old primary, now a replica) is tried again once, at
+    once, on a new connection; a timeout is not: the client backs off."""
     return Redis.from_url(
         settings.redis_url,
         socket_timeout=settings.llm_redis_timeout_s,
         socket_connect_timeout=settings.llm_redis_timeout_s,
         retry=RedisRetry(NoBackoff(), 1),
-        retry_on_error=[RedisConnectionError],
+        retry_on_error=[RedisConnectionError, ReadOnlyError],
     )
 
 

@@ -4,11 +4,11 @@ filter that keeps arq's two log lines per job out of the log."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any
+from signal import Signals
+from typing import Any, TypeVar
 from uuid import UUID, uuid4
 
 from arq import Worker as ArqWorker
@@ -34,6 +34,7 @@ _FINISH_RETRY_MAX_S = 30.0  # the longest wait between two tries of a job's book
 _POLL_RETRY_S = 1.0  # the wait after a poll Redis refused
 
 log = logging.getLogger("aidsafe.worker")
+T = TypeVar("T")
 
 
 # KEYS: the queue, the taken jobs' record (workers/liveness.py), this call's answer. ARGV:
@@ -41,9 +42,10 @@ log = logging.getLogger("aidsafe.worker")
 # start, the worker's id, then job ids from the queue's head. What arq checks before it starts
 # a job (not in progress, still queued, due) and its in-progress mark, with the record of the
 # worker that took it, for up to that many jobs: each id marked, with its score. An answer
-# that marked jobs is kept for ten minutes under the call's own key: a call sent again (the
-# pool retries a command whose connection broke or whose reply timed out, maybe after Redis
-# ran it; its 40 retries of one call take a few minutes at most) gets the same jobs, not none.
+# that marked jobs is kept under the call's own key as long as its marks: a call sent again
+# (the pool retries a command whose connection broke or whose reply timed out, maybe after
+# Redis ran it, and QueueWorker after that) gets the same jobs, not none, which no one else
+# could start until their marks ran out, a day later.
 START_SCRIPT = """
 local answered = redis.call('GET', KEYS[3])
 if answered then return cjson.decode(answered) end
@@ -61,7 +63,7 @@ for i = 6, #ARGV do
     end
   end
 end
-if #marked > 0 then redis.call('SET', KEYS[3], cjson.encode(marked), 'PX', 600000) end
+if #marked > 0 then redis.call('SET', KEYS[3], cjson.encode(marked), 'PX', ttl) end
 return marked
 """
 
@@ -85,6 +87,7 @@ class QueueWorker(ArqWorker):
         super().__init__(*args, **kwargs)
         self.started_scores: dict[str, int] = {}  # each running job's score in the queue at its start
         self.item_endings: dict[str, tuple[UUID, events.ItemFinished]] = {}
+        self.stopping = False  # a signal came: Redis's refusals are no longer waited out
         self.ctx[ITEM_ENDINGS] = self.item_endings
 
     async def _poll_iteration(self) -> None:
@@ -106,10 +109,12 @@ class QueueWorker(ArqWorker):
         ttl_ms = int(self.in_progress_timeout_s * 1000)
         settings: Settings = self.ctx["settings"]
         answer = f"{settings.redis_key_prefix}:starts:{uuid4()}"
-        marked = await self.pool.register_script(START_SCRIPT)(
+        start = partial(
+            self.pool.register_script(START_SCRIPT),
             keys=[self.queue_name, liveness.taken_key(settings), answer],
             args=[in_progress_key_prefix, ttl_ms, timestamp_ms(), free, str(self.ctx[WORKER_ID]), *job_ids],
         )
+        marked = await self._until_redis_answers(start) or []
         for job_id_b, score in zip(marked[::2], marked[1::2], strict=True):
             await self.sem.acquire()  # never waits: it counts the running jobs, as job_counter does
             self.job_counter += 1
@@ -139,17 +144,31 @@ class QueueWorker(ArqWorker):
             tr.hdel(liveness.taken_key(self.ctx["settings"]), job_id)
             await tr.execute()
 
-    async def _until_redis_answers(self, step: Callable[[], Awaitable[None]]) -> None:
-        """Run `step` until Redis takes it (a failover's READONLY, an OOM, an outage longer
-        than the pool's retries), waiting longer between tries; every step given is safe to
-        send again."""
-        for attempt in itertools.count():
+    async def _until_redis_answers(self, step: Callable[[], Awaitable[T]]) -> T | None:
+        """Run `step` until Redis takes it (an OOM, an outage longer than the pool's retries),
+        waiting longer between tries; every step given is safe to send again. None: the
+        worker began to stop first. Its records then stay until the sweeper finds it gone
+        and hands its items back: trying on would hold its shutdown for as long as Redis is
+        away, and a SIGKILL after it."""
+        delay_s = 0.5
+        while True:
             try:
                 return await step()
             except RedisError:
-                delay_s = min(_FINISH_RETRY_MAX_S, 0.5 * 2**attempt)
+                if self.stopping:
+                    log.warning("Redis refused a job's bookkeeping; stopping, the sweeper takes over")
+                    return None
                 log.warning("Redis refused a job's bookkeeping; again in %.1f s", delay_s, exc_info=True)
                 await asyncio.sleep(delay_s)
+                delay_s = min(_FINISH_RETRY_MAX_S, 2 * delay_s)
+
+    def handle_sig(self, signum: Signals) -> None:
+        self.stopping = True
+        super().handle_sig(signum)
+
+    def handle_sig_wait_for_completion(self, signum: Signals) -> None:
+        self.stopping = True
+        super().handle_sig_wait_for_completion(signum)
 
     async def finish_job(
         self,

@@ -34,6 +34,3 @@ class OpenStreams:
             self._open[key_id] -= 1
             if not self._open[key_id]:
                 del self._open[key_id]
-
-    def open_for(self, key_id: UUID) -> int:
-        return self._open[key_id]
