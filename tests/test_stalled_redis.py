@@ -33,6 +33,7 @@ from app.deliberation.stages import SEED
 from app.llm.client import OpenAICompatibleClient
 from app.llm.limits import MAX_BLOCK_S, EndpointLimiter
 from app.llm.rates import EndpointRates
+from app.queue import redis_settings
 from app.store.budgets import Meter
 from app.store.db import Sessions
 from app.store.models import Job
@@ -335,6 +336,44 @@ async def test_a_worker_rides_out_a_redis_that_turned_replica_for_a_while(
 
             await eventually(ended, 60, "the worker's arq jobs ended")
     finally:
+        await admin.aclose()
+        polling.cancel()
+        await asyncio.gather(polling, return_exceptions=True)
+        await asyncio.wait_for(worker.close(), NEVER_S)
+
+
+async def test_a_worker_told_to_stop_while_redis_refuses_it_does_not_wait_redis_out(
+    settings: Settings, own_redis: OwnRedis, auth: dict[str, str], scripted_llm: ScriptedLLM
+) -> None:
+    """Its jobs' ends, which Redis refuses, are given up at once: waiting them out would hold
+    its shutdown for as long as Redis is away (and a SIGKILL would end it). The sweeper hands
+    its items back once it is gone."""
+    on_own = settings.model_copy(update={"redis_url": own_redis.url, "llm_redis_timeout_s": TIMEOUT_S})
+    # Its pool tries a refused call again once, not for a minute as a worker's does.
+    impatient = {"redis_settings": redis_settings(own_redis.url, 1), "handle_signals": False}
+    worker = QueueWorker(**{**worker_settings(on_own, sweeper=False), **impatient})
+    polling = asyncio.create_task(worker.main())
+    admin = Redis.from_url(own_redis.url)
+    try:
+        async with asyncio.timeout(NEVER_S * 3), api_client(on_own) as api:
+            scripted_llm.script("intent_decomposition", stall(5.0))
+            await submit(api, auth, ["How do tides work?"])
+
+            async def posted() -> bool:
+                return scripted_llm.in_flight > 0
+
+            await eventually(posted, NEVER_S, "the item's first call")
+            await admin.replicaof("127.0.0.1", "9")  # a master it cannot reach: it refuses writes
+            running = list(worker.tasks.values())
+            assert running
+            worker.handle_sig(signal.SIGTERM)  # the item is cancelled and handed back; its arq job ends
+
+            async def ended() -> bool:
+                return all(task.done() for task in running)
+
+            await eventually(ended, 15, "the worker's arq jobs ended")
+    finally:
+        await admin.replicaof("no", "one")
         await admin.aclose()
         polling.cancel()
         await asyncio.gather(polling, return_exceptions=True)
