@@ -239,13 +239,21 @@ async def follow(source: JobEventSource, last_event_id: str | None) -> AsyncGene
     Postgres has ended since the last such check whose end was not sent are sent (without
     ids): an entry never written, or lost with Redis, delays an item's event, never loses it.
     An item may be heard twice (an end sent from Postgres comes again after a resume), none is
-    missed. While Redis is away it keeps sending snapshots from Postgres and resumes, catching
-    up, when Redis is back."""
+    missed. While Redis is away it keeps sending snapshots from Postgres, each after the check
+    (so the items' ends come from Postgres alone, before `done` too), and resumes, catching up,
+    when Redis is back."""
+    resync_ms = int(source.settings.events_resync_s * 1000)
+    # One tracker for the whole follow, across Redis's absences: each check (on the stream or
+    # off it) reads Postgres from the last one.
+    if last_event_id is None:
+        sent = EndsSent(int(time.time() * 1000))
+    else:  # reading stops at each check (below): every end before the id, less this, was sent
+        sent = EndsSent(parse_event_id(last_event_id)[0] - resync_ms)
     resume_from = last_event_id
     while True:
         cursor: list[str | None] = [resume_from]
         try:
-            async for event in _follow_stream(source, resume_from, cursor):
+            async for event in _follow_stream(source, resume_from, cursor, sent):
                 yield event
                 if event.kind == "done":
                     return
@@ -255,6 +263,10 @@ async def follow(source: JobEventSource, last_event_id: str | None) -> AsyncGene
                 # clocks' margin: an item may be heard twice, none is missed)
                 cursor[0] = f"{int(time.time() * 1000) - CLOCK_MARGIN_MS}-0"
             summary = await source.snapshot()
+            # Postgres alone tells of the items' ends now: checked after the snapshot was read
+            # (once it says the job ended, every end is in Postgres) and before it is sent.
+            for item in await sent.missed(source.sessions, source.job_id):
+                yield ProgressEvent("item", asdict(item))
             yield ProgressEvent("snapshot", summary)
             if summary["status"] in ENDED:
                 yield ProgressEvent("done", summary)
@@ -264,15 +276,12 @@ async def follow(source: JobEventSource, last_event_id: str | None) -> AsyncGene
 
 
 async def _follow_stream(
-    source: JobEventSource, resume_from: str | None, cursor: list[str | None]
+    source: JobEventSource, resume_from: str | None, cursor: list[str | None], sent: EndsSent
 ) -> AsyncIterator[ProgressEvent]:
-    """One connection's worth of `follow`; `cursor[0]` tracks the last id sent, to resume from."""
+    """One connection's worth of `follow`; `cursor[0]` tracks the last id sent, to resume from;
+    `sent` is the follow's record of the ends it sent and of its last check against Postgres."""
     settings = source.settings
     resync_s = settings.events_resync_s
-    if resume_from is None:
-        sent = EndsSent(int(time.time() * 1000))
-    else:  # reading stops at each check (below): every end before the id, less this, was sent
-        sent = EndsSent(parse_event_id(resume_from)[0] - int(resync_s * 1000))
     # Before the snapshot: nothing between is lost.
     tail = await source.tail(sent.checked_ms - CLOCK_MARGIN_MS)
     if resume_from is None:

@@ -208,6 +208,32 @@ async def test_while_redis_is_unreachable_the_follower_goes_on_from_postgres(
     assert received[-2:] == [("snapshot", "completed"), ("done", "completed")]
 
 
+async def test_while_redis_is_unreachable_the_follower_hears_each_item_end_before_done(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    """With Redis away, no entry tells of an item's end: Postgres must, before each snapshot
+    and before `done` (once heard only as snapshot then done, the items' ends lost)."""
+    job = await submit(api, auth, ["a", "b"])
+    quick = settings.model_copy(update={"events_resync_s": 0.2})
+    unreachable = Redis.from_url("redis://127.0.0.1:9/0", socket_connect_timeout=0.5)
+    source = JobEventSource(unreachable, sessions, quick, UUID(job["id"]), summary_of(sessions, job["id"]))
+    received: list[tuple[str, Any]] = []
+    try:
+        async with asyncio.timeout(20):
+            async for event in follow(source, None):
+                received.append((event.kind, event.data.get("position", event.data.get("status"))))
+                if len(received) == 1:  # its workers end both items; neither is announced
+                    await end_item(sessions, job["id"], 0, None, settings)
+                    await end_item(sessions, job["id"], 1, None, settings)
+                assert len(received) < 20, received
+    finally:
+        await unreachable.aclose()
+
+    assert received[0] == ("snapshot", "queued")
+    assert sorted(position for kind, position in received if kind == "item") == [0, 1], received
+    assert received[-2:] == [("snapshot", "completed"), ("done", "completed")]
+
+
 async def test_a_follower_waits_on_redis_for_as_long_as_its_stream_needs(
     settings: Settings, sessions: Sessions, auth: Headers, caplog: pytest.LogCaptureFixture
 ) -> None:
