@@ -103,6 +103,7 @@ class Call(Generic[T]):
     content: bytes | None = None  # a raw body (an uploaded file), instead of `json`
     # None: as the method is (GET, DELETE... are). A POST is retried only when it says so.
     idempotent: bool | None = None
+    retried: tuple[int, ...] = RETRIED_STATUSES  # the answers sent again (when retryable)
 
     @property
     def retryable(self) -> bool:
@@ -330,6 +331,15 @@ def _event_stream_refusal(response: httpx.Response) -> EventStreamUnavailable | 
     return None
 
 
+def _stream_refused(response: httpx.Response) -> AidsafeError:
+    """The error a refused event stream's answer (read) carries: EventStreamUnavailable when
+    the key has too many streams open (429 too_many_streams), so that the job is polled."""
+    error = AidsafeError.of(response)
+    if error.code == "too_many_streams":
+        return EventStreamUnavailable(f"HTTP {error.status}: {error.message}", error.status)
+    return error
+
+
 EVENT_HEADERS = {"Accept": "text/event-stream", "Cache-Control": "no-store"}
 
 
@@ -401,7 +411,7 @@ class _Routes:
 
     def _retries(self, call: Call[Any], response: httpx.Response, attempt: int) -> bool:
         """Whether to send the call again after this answer."""
-        return response.status_code in RETRIED_STATUSES and call.retryable and attempt < self.max_retries
+        return response.status_code in call.retried and call.retryable and attempt < self.max_retries
 
     # --- jobs -----------------------------------------------------------------------------
 
@@ -912,7 +922,9 @@ class _Routes:
     @staticmethod
     def _events_call(job_id: Id, last_event_id: str | None) -> Call[None]:
         headers = {**EVENT_HEADERS, **({"Last-Event-ID": last_event_id} if last_event_id else {})}
-        return Call("GET", _path("jobs", job_id, "events"), lambda _: None, headers=headers)
+        # A 429 here is too_many_streams: a seat frees only as one of the key's streams ends,
+        # so it is not waited for; the caller polls instead (see _stream_refused).
+        return Call("GET", _path("jobs", job_id, "events"), lambda _: None, headers=headers, retried=(503,))
 
 
 def _http_options(
@@ -1046,7 +1058,8 @@ class Client(_Routes):
     def events(self, job_id: Id, *, last_event_id: str | None = None) -> Iterator[Event]:
         """The job's events until `done` (GET /v1/jobs/{id}/events), from `last_event_id` on
         (None: from now, starting with a snapshot). A dropped connection is resumed with the
-        last event's id. EventStreamUnavailable when the stream cannot be read here."""
+        last event's id. EventStreamUnavailable when the stream cannot be read here (also when
+        the API key has too many streams open: 429 too_many_streams, not retried)."""
         drops = 0
         while drops < MAX_EVENT_RECONNECTS:
             try:
@@ -1056,7 +1069,7 @@ class Client(_Routes):
                         raise refusal
                     if response.status_code != 200:
                         response.read()
-                        raise AidsafeError.of(response)
+                        raise _stream_refused(response)
                     for sse in EventSource(response).iter_sse():
                         if event := _event(sse):
                             drops, last_event_id = 0, event.id or last_event_id
@@ -1219,7 +1232,7 @@ class AsyncClient(_Routes):
                         raise refusal
                     if response.status_code != 200:
                         await response.aread()
-                        raise AidsafeError.of(response)
+                        raise _stream_refused(response)
                     async for sse in EventSource(response).aiter_sse():
                         if event := _event(sse):
                             drops, last_event_id = 0, event.id or last_event_id

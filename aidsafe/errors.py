@@ -31,7 +31,8 @@ class AidsafeError(Exception):
 
 class EventStreamUnavailable(AidsafeError):
     """The job's event stream cannot be read here (a 5xx, a proxy that does not stream, a
-    connection that keeps dropping): poll the job instead, as `Client.wait` does."""
+    connection that keeps dropping, the API key's streams at their cap: 429 too_many_streams):
+    poll the job instead, as `Client.wait` does."""
 
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__("event_stream_unavailable", message, status)

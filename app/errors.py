@@ -11,6 +11,7 @@ MAX_LISTED_PROBLEMS = 100  # a refusal's details name the first problems; its me
 class ServiceError(Exception):
     status = 400
     code = "bad_request"
+    retry_after_s: int | None = None  # sent as the answer's Retry-After header
 
     def __init__(self, message: str, details: Any = None) -> None:
         super().__init__(message)
@@ -45,6 +46,7 @@ class TooManyStreams(ServiceError):
 
     status = 429
     code = "too_many_streams"
+    retry_after_s = 5  # a seat frees only as one of the key's streams ends; polling meanwhile is fine
 
 
 class IdempotencyConflict(ServiceError):

@@ -26,7 +26,7 @@ from app.api import annotations, schemas, webhooks
 from app.config import Settings
 from app.events import stream_key
 from app.store.db import Sessions
-from tests.conftest import eventually, run_worker_burst
+from tests.conftest import eventually, run_worker_burst, served
 from tests.test_api import row_counts
 from tests.test_cli import KITCHEN
 
@@ -375,6 +375,42 @@ async def test_a_dropped_event_stream_resumes_from_the_last_event_id(
     assert [e.kind for e in events] == ["item", "item", "snapshot", "done"]
     assert [e.id for e in events[:2]] == missed
     assert cutter.last_event_ids == [first, missed[0]]  # resumed after the last event it got
+
+
+async def test_with_the_keys_streams_at_their_cap_wait_polls_the_job(
+    auth: Headers, settings: Settings
+) -> None:
+    """A 429 too_many_streams means this job's stream cannot be had now, not that waiting
+    failed: both clients' wait() poll the job instead (a notebook waiting on many jobs)."""
+    capped = settings.model_copy(update={"events_max_streams_per_key": 1})
+    refusals: list[aidsafe.EventStreamUnavailable] = []
+
+    async def polling() -> bool:
+        return len(refusals) == 2 or waiter.done() or async_waiter.done()
+
+    with served(capped) as base_url:
+        with aidsafe.Client(base_url, secret(auth)) as client:
+            held, job = client.submit(["a"]), client.submit(["b"])
+        async with (
+            httpx.AsyncClient(base_url=base_url, timeout=30) as http,
+            http.stream("GET", f"/v1/jobs/{held.id}/events", headers=auth) as stream,
+            aidsafe.AsyncClient(base_url, secret(auth)) as async_client,
+        ):
+            assert stream.status_code == 200  # the key's one seat, held
+            with aidsafe.Client(base_url, secret(auth)) as client:
+                waiter = asyncio.create_task(
+                    asyncio.to_thread(client.wait, job.id, poll_s=0.1, on_polling=refusals.append)
+                )
+                async_waiter = asyncio.create_task(
+                    async_client.wait(job.id, poll_s=0.1, on_polling=refusals.append)
+                )
+                await eventually(polling, what="both waits polling")
+                await run_worker_burst(settings)
+                finals = await asyncio.wait_for(asyncio.gather(waiter, async_waiter), 30)
+
+    assert [(r.status, r.code) for r in refusals] == [(429, "event_stream_unavailable")] * 2
+    assert all("progress streams open" in r.message for r in refusals)  # the API's own words
+    assert [(f.status, f.counts.by_status) for f in finals] == [("completed", {"completed": 1})] * 2
 
 
 class RateLimited(httpx.HTTPTransport):

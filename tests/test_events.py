@@ -531,6 +531,7 @@ async def test_a_key_may_hold_only_so_many_streams_open_at_once(
                 assert (first.response.status_code, second.response.status_code) == (200, 200)
                 refused = await opened(auth, job["id"])
                 error_of(refused, 429, "too_many_streams")
+                assert refused.headers["Retry-After"] == "5"
                 assert (await opened(other, others_job["id"])).status_code == 200  # a seat per key
 
             # The seats come back once the streams end (when the server sees them closed).
