@@ -24,11 +24,18 @@ class BadRow(ValueError):
     """The file cannot be read at this row; the message names the row (and the field)."""
 
 
-def read_rows(format: Format, text: str, max_rows: int, max_values: int) -> list[tuple[int, dict[str, Any]]]:
+class TooManyValues(BadRow):
+    """A JSONL line holds more JSON values than a row may, counted before it is decoded."""
+
+
+def read_rows(
+    format: Format, text: str, max_rows: int, max_line_values: int
+) -> list[tuple[int, dict[str, Any]]]:
     """(row number, {"prompt", "expected", "category", "metadata"}) for each row, in order.
     Trailing blank lines are no rows; an empty row elsewhere is a BadRow, as is a file of
-    more than `max_rows` rows or none, or JSONL of more than `max_values` JSON values."""
-    rows = _jsonl(text, max_rows, max_values) if format == "jsonl" else _csv(text, max_rows)
+    more than `max_rows` rows or none; a JSONL line of more than `max_line_values` JSON values
+    is TooManyValues."""
+    rows = _jsonl(text, max_rows, max_line_values) if format == "jsonl" else _csv(text, max_rows)
     if not rows:
         raise BadRow("the file has no rows")
     for number, fields in rows:
@@ -49,10 +56,7 @@ def _too_many(max_rows: int) -> BadRow:
     return BadRow(f"the file has over {max_rows:,} rows")
 
 
-def _jsonl(text: str, max_rows: int, max_values: int) -> list[tuple[int, dict[str, Any]]]:
-    # Counted before any line is decoded: the decoder holds the GIL for as long as a line takes.
-    if count_values(text.encode(), max_values) > max_values:
-        raise BadRow(f"the file holds over {max_values:,} JSON values")
+def _jsonl(text: str, max_rows: int, max_line_values: int) -> list[tuple[int, dict[str, Any]]]:
     rows = []
     # Split no further than the line past the cap: millions of lines split at once would hold
     # the GIL. JSON's own whitespace takes the \r of a \r\n.
@@ -62,6 +66,9 @@ def _jsonl(text: str, max_rows: int, max_values: int) -> list[tuple[int, dict[st
             raise BadRow(f"line {number} is empty")
         if len(rows) == max_rows:
             raise _too_many(max_rows)
+        # Counted before it is decoded: the decoder holds the GIL for as long as a line takes.
+        if count_values(line.encode(), max_line_values) > max_line_values:
+            raise TooManyValues(f"line {number} holds over {max_line_values:,} JSON values")
         try:
             fields = read_json(line)
         except json.JSONDecodeError as exc:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import itertools
 import json
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -37,8 +36,7 @@ FileType = Literal["jsonl", "csv", "parquet"]
 FIELDS = ("prompt", "thoughts", "response", "label")
 METADATA = "metadata."  # a mapping key `metadata.<name>` copies a column into the metadata
 MAX_SAMPLES = 10_000
-# The values of the largest set: each sample with a dozen or so (thoughts, metadata), in a
-# body, a JSONL file or a Parquet file's mapped columns.
+# The values of the largest inline set (a JSON body): each sample with a dozen or so.
 MAX_JSON_VALUES = 20 * MAX_SAMPLES
 MAX_PROMPT_CHARS = 20_000
 MAX_RESPONSE_CHARS = 50_000
@@ -49,13 +47,28 @@ MAX_THOUGHT_CHARS = 10_000
 # text one thought a line that merely opens with "[" is not refused for its commas.
 MAX_THOUGHT_LIST_VALUES = 100 * MAX_THOUGHTS
 MAX_LABEL_CHARS = 200
-# A Parquet file's mapped columns decoded: as much as a JSONL file under the default request
-# cap. A file of a few hundred bytes may decode to gigabytes (repeated dictionary entries).
-MAX_PARQUET_DATA_BYTES = 32 * 1024 * 1024
-# Rows decoded and turned into Python objects at a time, a batch's size checked in between.
-_PARQUET_BATCH_ROWS = 1_000
-# Text between the line boundaries of str.splitlines: a line, blank ones left out.
-_LINE = re.compile(r"[^\n\r\v\f\x1c-\x1e\x85\u2028\u2029]+")
+# The JSON values of one line of a JSONL file, counted before it is decoded (each line is
+# decoded alone, holding the GIL as long as it takes): far more than a sample holds (its
+# MAX_THOUGHTS thoughts, its fields and room for metadata), few enough to decode in
+# milliseconds. A file may hold MAX_SAMPLES such lines, each decoded in its turn.
+MAX_LINE_VALUES = 5_000
+# A Parquet file's mapped columns: at most the values MAX_SAMPLES samples of MAX_THOUGHTS
+# thoughts hold (with their other fields), and at most this many bytes decoded. A file of a
+# few hundred bytes may decode to gigabytes (repeated dictionary entries): counted a batch at
+# a time before any of it becomes Python objects.
+MAX_PARQUET_VALUES = MAX_SAMPLES * (MAX_THOUGHTS + 20)
+MAX_PARQUET_DATA_BYTES = 512 * 1024 * 1024
+# Rows decoded and turned into Python objects at a time, and the most they may decode to: more
+# than a row within the per-sample caps needs, few enough to be turned into Python objects in
+# milliseconds (one call, holding the GIL).
+_PARQUET_BATCH_ROWS = 32
+_PARQUET_BATCH_BYTES = 64 * 1024 * 1024
+# A line of thoughts text is read in pieces of at most this many characters (a line of
+# megabytes matched in one call would hold the GIL); a longer line is no thought.
+_LINE_CHARS = 2 * MAX_THOUGHT_CHARS
+# Text between the line boundaries of str.splitlines: a line (or its first _LINE_CHARS + 1
+# characters), blank ones left out.
+_LINE = re.compile(rf"[^\n\r\v\f\x1c-\x1e\x85\u2028\u2029]{{1,{_LINE_CHARS + 1}}}")
 # CSV's default cap on a cell is 128 KiB; a response may be longer, no cell need be this long.
 _CSV_CELL_CHARS = 4 * MAX_RESPONSE_CHARS
 
@@ -206,12 +219,10 @@ def _decoded(raw: bytes, row_of: Callable[[str], int | None]) -> str:
 
 
 def _jsonl_rows(raw: bytes) -> Rows:
-    # Counted before any line is decoded: the decoder holds the GIL for as long as a line takes.
-    if count_values(raw, MAX_JSON_VALUES) > MAX_JSON_VALUES:
-        raise PayloadTooLarge(f"the file holds over {MAX_JSON_VALUES:,} JSON values")
     text = _decoded(raw, lambda before: before.count("\n") + 1)
-    # Split only once known to make few lines: one split of millions would hold the GIL.
-    if text.count("\n") > MAX_SAMPLES:
+    # Split only once known to make few lines: one split of millions would hold the GIL. The
+    # last line's newline and one blank line after it (an empty row, as ever) are let through.
+    if text.count("\n") > MAX_SAMPLES + 1:
         raise TooManySamples(f"the file holds over {MAX_SAMPLES:,} samples", row=MAX_SAMPLES + 1)
     lines = text.split("\n")
     if lines and not lines[-1].strip():
@@ -219,6 +230,12 @@ def _jsonl_rows(raw: bytes) -> Rows:
     for number, line in enumerate(lines, 1):
         if not line.strip():
             raise EmptyRow(f"row {number} is empty", row=number)
+        # Counted before it is decoded: the decoder holds the GIL for as long as a line takes.
+        if count_values(line.encode(), MAX_LINE_VALUES) > MAX_LINE_VALUES:
+            raise PayloadTooLarge(
+                f"row {number} holds over {MAX_LINE_VALUES:,} JSON values, more than a sample needs",
+                details={"row": number, "column": None},
+            )
         try:
             row = read_json(line)
         except json.JSONDecodeError as exc:
@@ -278,7 +295,9 @@ def _parquet_rows(raw: bytes, mapping: ColumnMap) -> Rows:
 
 def _parquet_batch_rows(raw: bytes, mapping: ColumnMap) -> Rows:
     """The mapped columns' rows, read a batch at a time: PayloadTooLarge as soon as they are
-    known to hold more than a JSONL file may, before a batch is turned into Python objects."""
+    known to hold more than MAX_SAMPLES samples may: the values the file says they hold, and
+    the bytes they decode to, counted a batch at a time before any of it is turned into
+    Python objects (a first pass, each batch read dictionary-encoded and let go)."""
     metadata = pq.ParquetFile(io.BytesIO(raw)).metadata
     columns = metadata.schema.to_arrow_schema().names
     if metadata.num_rows > MAX_SAMPLES:
@@ -290,14 +309,28 @@ def _parquet_batch_rows(raw: bytes, mapping: ColumnMap) -> Rows:
     _check_stored_size(metadata, {leaf.path for leaf in wanted_leaves})
     # Read dictionary-encoded until counted, so that a value repeated is decoded once.
     encoded = [leaf.path for leaf in wanted_leaves if _is_byte_array(leaf)]
-    file = pq.ParquetFile(io.BytesIO(raw), metadata=metadata, read_dictionary=encoded)
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        file = pq.ParquetFile(io.BytesIO(raw), metadata=metadata, read_dictionary=encoded)
+        batches: Iterator[pa.RecordBatch] = file.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=wanted)
+        return batches
+
     decoded_bytes, rows_before = 0, 0
-    for batch in file.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=wanted):
-        decoded_bytes += sum(_decoded_bytes(column) for column in batch.columns)
+    for batch in batches():
+        batch_bytes = sum(_decoded_bytes(column) for column in batch.columns)
+        if batch_bytes > _PARQUET_BATCH_BYTES:
+            raise PayloadTooLarge(
+                f"rows {rows_before + 1:,} to {rows_before + batch.num_rows:,}: the file's mapped "
+                f"columns decode to over {_PARQUET_BATCH_BYTES:,} bytes in {batch.num_rows} rows"
+            )
+        decoded_bytes += batch_bytes
         if decoded_bytes > MAX_PARQUET_DATA_BYTES:
             raise PayloadTooLarge(
                 f"the file's mapped columns decode to over {MAX_PARQUET_DATA_BYTES:,} bytes"
             )
+        rows_before += batch.num_rows
+    rows_before = 0
+    for batch in batches():
         values = {column: _parquet_column(batch.column(column), column, rows_before) for column in wanted}
         for index in range(batch.num_rows):
             yield rows_before + index + 1, {column: values[column][index] for column in wanted}
@@ -314,8 +347,9 @@ def _is_byte_array(leaf: pq.ColumnSchema) -> bool:
 
 
 def _check_stored_size(metadata: pq.FileMetaData, leaves: set[str]) -> None:
-    """PayloadTooLarge if the file says these leaf columns hold more values than a JSONL file
-    may, or more bytes uncompressed than they may decode to: a page is decompressed whole."""
+    """PayloadTooLarge if the file says these leaf columns hold more values than MAX_SAMPLES
+    samples may, or more bytes uncompressed than they may decode to: a page is decompressed
+    whole."""
     chunks = [
         metadata.row_group(group).column(index)
         for group in range(metadata.num_row_groups)
@@ -323,9 +357,9 @@ def _check_stored_size(metadata: pq.FileMetaData, leaves: set[str]) -> None:
         if metadata.row_group(group).column(index).path_in_schema in leaves
     ]
     values = sum(chunk.num_values for chunk in chunks)
-    if values > MAX_JSON_VALUES:
+    if values > MAX_PARQUET_VALUES:
         raise PayloadTooLarge(
-            f"the file's mapped columns hold {values:,} values; at most {MAX_JSON_VALUES:,}"
+            f"the file's mapped columns hold {values:,} values; at most {MAX_PARQUET_VALUES:,}"
         )
     stored = sum(chunk.total_uncompressed_size for chunk in chunks)
     if stored > MAX_PARQUET_DATA_BYTES:
@@ -432,8 +466,28 @@ def _thoughts(value: Any) -> list[str]:
     """A list of thoughts; text is a JSON array of strings, or one thought a non-blank line."""
     if value is None or value == "":
         return []
-    if isinstance(value, str):
-        value = _thought_list(value)
+    if not isinstance(value, str):
+        return _checked_thoughts(value)
+    if not value.lstrip().startswith("["):
+        return _checked_thoughts(_thought_lines(value))
+    # Counted before it is decoded: the decoder holds the GIL for as long as it takes. Text of
+    # more values than a list of thoughts needs is read one thought a line, never decoded.
+    if count_values(value.encode(), MAX_THOUGHT_LIST_VALUES) > MAX_THOUGHT_LIST_VALUES:
+        try:
+            return _checked_thoughts(_thought_lines(value))
+        except ValueError as exc:
+            raise ValueError(
+                f"over {MAX_THOUGHT_LIST_VALUES:,} JSON values, more than a list of {MAX_THOUGHTS} "
+                f"thoughts needs, and read one thought a line: {exc}"
+            ) from None
+    try:
+        decoded = storable_input(json.loads(value))
+    except (json.JSONDecodeError, RecursionError):
+        decoded = _thought_lines(value)
+    return _checked_thoughts(decoded)
+
+
+def _checked_thoughts(value: Any) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
         raise ValueError("expected a list of strings, or text with one thought a line")
     thoughts = [t for t in value if t.strip()]
@@ -444,23 +498,19 @@ def _thoughts(value: Any) -> list[str]:
     return thoughts
 
 
-def _thought_list(text: str) -> Any:
-    """Thoughts given as text: a JSON array (as a CSV cell holds a list), else one a line."""
-    if text.lstrip().startswith("["):
-        # Counted before it is decoded: the decoder holds the GIL for as long as it takes.
-        if count_values(text.encode(), MAX_THOUGHT_LIST_VALUES) > MAX_THOUGHT_LIST_VALUES:
-            raise ValueError(
-                f"over {MAX_THOUGHT_LIST_VALUES:,} JSON values, "
-                f"more than a list of {MAX_THOUGHTS} thoughts needs"
-            )
-        try:
-            return storable_input(json.loads(text))
-        except (json.JSONDecodeError, RecursionError):
-            pass
-    # Up to the first thought past the cap: text of millions of lines split at once would hold
-    # the GIL.
-    thoughts = filter(None, (line.group().strip() for line in _LINE.finditer(text)))
-    return list(itertools.islice(thoughts, MAX_THOUGHTS + 1))
+def _thought_lines(text: str) -> list[str]:
+    """One thought a non-blank line, up to the first past the cap: text of millions of lines
+    split at once would hold the GIL, as would a line of megabytes matched in one call."""
+    thoughts: list[str] = []
+    for line in _LINE.finditer(text):
+        if line.end() - line.start() > _LINE_CHARS:
+            raise ValueError(f"a thought is over {MAX_THOUGHT_CHARS:,} characters")
+        thought = line.group().strip()
+        if thought:
+            thoughts.append(thought)
+            if len(thoughts) > MAX_THOUGHTS:
+                break
+    return thoughts
 
 
 def _label(text: str | None) -> str | None:

@@ -236,7 +236,7 @@ HOSTILE_JSON = "[" + "[]," * (10 * 1024 * 1024) + "[]]"
 @pytest.mark.parametrize(
     ("route", "status", "code"),
     [
-        ("benchmark file", 422, "validation_error"),
+        ("benchmark file", 413, "payload_too_large"),
         ("sample upload", 413, "payload_too_large"),
         ("thoughts", 422, "invalid_sample_file"),
     ],

@@ -17,9 +17,9 @@ import pytest
 from sqlalchemy import func, select
 
 import aidsafe
-from app.api.schemas import MAX_JOB_VALUES
 from app.cli.evaluate import parse_target
 from app.config import Settings
+from app.sample_files import MAX_LINE_VALUES
 from app.stats import proportion
 from app.store import keys
 from app.store.db import Sessions
@@ -310,12 +310,6 @@ BAD_FILES = [
         json.dumps(GOOD_ROW)[:-1] + ', "n": ' + "9" * 5000 + "}",
         "line 1: integers must have at most 4,300 digits",
     ),
-    # Counted before a line is decoded, as a body's values are.
-    (
-        "jsonl",
-        json.dumps(GOOD_ROW)[:-1] + ', "n": [' + "0," * MAX_JOB_VALUES + "0]}",
-        f"the file holds over {MAX_JOB_VALUES:,} JSON values",
-    ),
 ]
 
 
@@ -332,6 +326,34 @@ async def test_a_bad_benchmark_file_is_refused_naming_the_line_and_field_and_not
     assert named in error["message"], error["message"]
     assert error["details"][0]["field"].startswith("benchmarks.0"), error["details"]
     assert await row_counts(sessions) == (0, 0)
+
+
+async def test_a_benchmark_file_line_of_more_json_values_than_a_row_needs_is_refused_413_unread(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    many = json.dumps(GOOD_ROW)[:-1] + ', "n": [' + "0," * MAX_LINE_VALUES + "0]}"
+    content = json.dumps(GOOD_ROW) + "\n" + many
+    body = evaluation_body([{"name": "big", "file": {"format": "jsonl", "content": content}}], "m1")
+
+    error = error_of(
+        await api.post("/v1/model-evaluations", json=body, headers=auth), 413, "payload_too_large"
+    )
+
+    assert f"line 2 holds over {MAX_LINE_VALUES:,} JSON values" in error["message"], error["message"]
+    assert await row_counts(sessions) == (0, 0)
+
+
+async def test_a_benchmark_file_of_10000_rows_of_25_values_each_is_accepted(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    # 250,000 values in all: past a job body's 200,000, each line far within its own cap.
+    metadata = {f"m{n}": n for n in range(22)}
+    content = "\n".join(json.dumps({**GOOD_ROW, "prompt": f"p{n}", **metadata}) for n in range(10_000))
+    body = evaluation_body([{"name": "wide", "file": {"format": "jsonl", "content": content}}], "m1")
+
+    response = await api.post("/v1/model-evaluations", json=body, headers=auth)
+
+    assert response.status_code == 202, response.text
 
 
 @pytest.mark.parametrize(

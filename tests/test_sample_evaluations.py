@@ -23,11 +23,12 @@ import aidsafe
 from app.config import Settings
 from app.deliberation.engine import evaluate_sample
 from app.deliberation.ports import LLMRequestRejected
-from app.errors import SampleFileError
+from app.errors import PayloadTooLarge, SampleFileError
 from app.plan import SampleEvaluationPlan
 from app.sample_files import (
-    MAX_JSON_VALUES,
+    MAX_LINE_VALUES,
     MAX_PARQUET_DATA_BYTES,
+    MAX_PARQUET_VALUES,
     MAX_PROMPT_CHARS,
     MAX_THOUGHT_CHARS,
     MAX_THOUGHT_LIST_VALUES,
@@ -118,6 +119,88 @@ def test_a_thoughts_text_of_more_json_values_than_a_list_of_thoughts_needs_is_re
     with pytest.raises(SampleFileError, match=refusal) as refused:
         samples_of([{"prompt": "Why?", "response": "Because.", "thoughts": blanks}], "cot", {})
     assert refused.value.details == {"row": 1, "column": "thoughts"}
+
+
+def test_thoughts_text_of_prose_that_opens_with_a_bracket_and_holds_many_commas_is_read_a_line_each() -> None:
+    lines = [f"[step {n}] " + "a, " * 120 + "so on." for n in range(90)]  # 10,800 commas, not JSON
+    [sample] = samples_of(
+        [{"prompt": "Why?", "response": "Because.", "thoughts": "\n".join(lines)}], "cot", {}
+    )
+    assert sample.thoughts == lines
+
+
+def _thoughtful(rows: int, thoughts: int, **extra: Any) -> list[dict[str, Any]]:
+    return [
+        {
+            "prompt": f"Why {n}?",
+            "response": "Because.",
+            "thoughts": [f"thought {t}" for t in range(thoughts)],
+            **extra,
+        }
+        for n in range(rows)
+    ]
+
+
+def _jsonl(rows: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+def _parquet_of(rows: list[dict[str, Any]]) -> bytes:
+    out = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), out, compression="zstd")
+    return out.getvalue()
+
+
+# Files within every per-sample cap that were refused as a whole for their values or size.
+@pytest.mark.parametrize(
+    ("raw", "file_type", "count"),
+    [
+        pytest.param(_jsonl(_thoughtful(5_000, 40)), "jsonl", 5_000, id="jsonl-5000x40-thoughts"),
+        pytest.param(_jsonl(_thoughtful(10_000, 17)), "jsonl", 10_000, id="jsonl-10000x17-thoughts"),
+        pytest.param(
+            _jsonl(_thoughtful(10_000, 4, **{f"extra{n}": n for n in range(14)})),
+            "jsonl",
+            10_000,
+            id="jsonl-10000x4-thoughts-14-unmapped",
+        ),
+        pytest.param(_parquet_of(_thoughtful(5_000, 40)), "parquet", 5_000, id="parquet-5000x40-thoughts"),
+        pytest.param(
+            _parquet_of(
+                [{"prompt": f"Why {n}?", "response": "Because. " * 444 + "Yes."} for n in range(10_000)]
+            ),
+            "parquet",
+            10_000,
+            id="parquet-10000x4000-char-responses",
+        ),
+    ],
+)
+def test_a_file_of_many_samples_each_within_its_caps_is_read_whole(
+    raw: bytes, file_type: str, count: int
+) -> None:
+    samples = read_samples(raw, file_type)  # type: ignore[arg-type]
+    assert len(samples) == count
+    assert samples[-1].prompt == f"Why {count - 1}?"
+
+
+async def test_a_jsonl_file_of_5000_samples_of_40_thoughts_is_accepted(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    response = await upload(api, auth, _jsonl(_thoughtful(5_000, 40)), "jsonl", grade={})
+    assert response.status_code == 202, response.text
+
+
+def test_a_jsonl_file_of_10000_rows_and_a_blank_line_after_them_is_an_empty_row_as_ever() -> None:
+    raw = _jsonl(_thoughtful(10_000, 1)) + b"\n"
+    with pytest.raises(SampleFileError, match="row 10001 is empty"):
+        read_samples(raw, "jsonl")
+    assert len(read_samples(_jsonl(_thoughtful(10_000, 1)), "jsonl")) == 10_000
+
+
+def test_a_jsonl_line_of_more_json_values_than_a_sample_needs_is_refused_naming_its_row() -> None:
+    line = b'{"prompt": "p", "response": "r", "extra": [' + b"0," * MAX_LINE_VALUES + b"0]}\n"
+    with pytest.raises(PayloadTooLarge, match=f"row 2 holds over {MAX_LINE_VALUES:,} JSON values") as refused:
+        read_samples(_jsonl(_thoughtful(1, 1)) + line, "jsonl")
+    assert refused.value.details == {"row": 2, "column": None}
 
 
 def _parquet(**columns: pa.Array) -> bytes:
@@ -228,23 +311,27 @@ def repeated(**columns: tuple[Any, int]) -> bytes:
     ("columns", "problem"),
     [
         (
-            {"prompt": ("p" * 5_000, 10_000), "c1": ("p" * 5_000, 10_000), "response": ("r", 10_000)},
+            {"prompt": ("p" * 20_000, 10_000), "response": ("r" * 50_000, 10_000)},
             f"decode to over {MAX_PARQUET_DATA_BYTES:,} bytes",
         ),
         (
             {"prompt": ("p", 10_000), "response": ("r", 10_000), "thoughts": (["t"] * 1_000, 10_000)},
-            f"hold 10,020,000 values; at most {MAX_JSON_VALUES:,}",
+            f"hold 10,020,000 values; at most {MAX_PARQUET_VALUES:,}",
         ),
         (
             {
-                "prompt": ("p", 100),
-                "response": ("r", 100),
-                "thoughts": (["t" * MAX_THOUGHT_CHARS] * MAX_THOUGHTS, 100),
+                "prompt": ("p", 600),
+                "response": ("r", 600),
+                "thoughts": (["t" * MAX_THOUGHT_CHARS] * MAX_THOUGHTS, 600),
             },
             f"decode to over {MAX_PARQUET_DATA_BYTES:,} bytes",
         ),
+        (
+            {"prompt": ("p" * 3_000_000, 32), "response": ("r", 32)},
+            "decode to over 67,108,864 bytes in 32 rows",
+        ),
     ],
-    ids=["long-prompts", "long-lists", "thoughts-each-within-their-caps"],
+    ids=["long-prompts", "long-lists", "thoughts-each-within-their-caps", "one-batch-too-long"],
 )
 async def test_a_parquet_file_that_decodes_to_more_than_a_jsonl_file_may_hold_is_refused_413(
     api: httpx.AsyncClient,
@@ -295,12 +382,13 @@ async def test_a_1_gb_upload_is_refused_413_without_being_read(
     assert await stored(sessions) == NOTHING
 
 
-async def test_a_jsonl_file_of_more_json_values_than_a_body_may_hold_is_refused_413(
+async def test_a_jsonl_line_of_more_json_values_than_a_sample_needs_is_refused_413(
     api: httpx.AsyncClient, auth: Headers, sessions: Sessions
 ) -> None:
-    row = b'{"prompt": "p", "response": "r", "extra": [' + b"0," * MAX_JSON_VALUES + b"0]}\n"
+    row = b'{"prompt": "p", "response": "r", "extra": [' + b"0," * MAX_LINE_VALUES + b"0]}\n"
     response = await upload(api, auth, row, "jsonl", grade={})
-    assert f"over {MAX_JSON_VALUES:,} JSON values" in error_of(response, 413, "payload_too_large")["message"]
+    message = error_of(response, 413, "payload_too_large")["message"]
+    assert f"row 1 holds over {MAX_LINE_VALUES:,} JSON values" in message
     assert await stored(sessions) == NOTHING
 
 

@@ -18,7 +18,7 @@ from pydantic import (
     model_validator,
 )
 
-from app.benchmarks import BadRow, read_rows
+from app.benchmarks import BadRow, TooManyValues, read_rows
 from app.benchmarks import Format as BenchmarkFormat
 from app.config import Prices
 from app.costs import Budget
@@ -26,15 +26,15 @@ from app.deliberation.config import Mode
 from app.deliberation.policies import MAX_POLICY_TEXT_CHARS, render_policies
 from app.deliberation.prompt_sets import BUILTIN_NAME
 from app.duplicates import DuplicatesOut, Handling
-from app.errors import BatchUnsupported
+from app.errors import BatchUnsupported, PayloadTooLarge
 from app.plan import Delivery, GuardIn, JobConfigIn, RoleIn, TargetIn
-from app.sample_files import FIELDS, MAX_SAMPLES, SHAPES, Format, is_mapping_field
+from app.sample_files import FIELDS, MAX_LINE_VALUES, MAX_SAMPLES, SHAPES, Format, is_mapping_field
 from app.stats import Estimate
 from app.store import models
 
 MAX_PROMPTS_PER_JOB = 10_000
-# The JSON values of the largest job: each prompt with a dozen or so metadata values, inline
-# or in a benchmark file's JSONL.
+# The JSON values of the largest job body: each prompt with a dozen or so metadata values. A
+# benchmark file's JSONL is counted a line at a time (MAX_LINE_VALUES), as a sample file's.
 MAX_JOB_VALUES = 20 * MAX_PROMPTS_PER_JOB
 MAX_TEMPLATES = 50  # the stages use 23
 TemplateName = Annotated[str, Field(min_length=1, max_length=64)]
@@ -921,7 +921,9 @@ class BenchmarkIn(BaseModel):
 def _file_rows(file: BenchmarkFileIn | None) -> list[BenchmarkPromptIn]:
     assert file is not None
     try:
-        rows = read_rows(file.format, file.content, MAX_PROMPTS_PER_JOB, MAX_JOB_VALUES)
+        rows = read_rows(file.format, file.content, MAX_PROMPTS_PER_JOB, MAX_LINE_VALUES)
+    except TooManyValues as exc:  # a size cap, as an uploaded file's (not a ValueError: 413)
+        raise PayloadTooLarge(f"file: {exc}") from None
     except BadRow as exc:
         raise ValueError(f"file: {exc}") from None
     read = []
