@@ -173,8 +173,7 @@ async def test_a_cancel_no_worker_announces_still_ends_the_stream(
     api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions, redis: Redis
 ) -> None:
     job = await submit(api, auth, ["a", "b"])
-    quick = settings.model_copy(update={"events_resync_s": 0.2})
-    source = JobEventSource(redis, sessions, quick, UUID(job["id"]), summary_of(sessions, job["id"]))
+    source = resyncing_events(redis, settings, sessions, job["id"], 0.2)
     received: list[str] = []
     async for event in follow(source, None):
         received.append(event.kind)
@@ -187,13 +186,25 @@ async def test_a_cancel_no_worker_announces_still_ends_the_stream(
     assert received[0] == "snapshot" and received[-2:] == ["snapshot", "done"]
 
 
+def resyncing_events(
+    redis: Redis, settings: Settings, sessions: Sessions, job_id: str, every_s: float
+) -> JobEventSource:
+    """A job's events on `redis`, resyncing from Postgres every `every_s`."""
+    quick = settings.model_copy(update={"events_resync_s": every_s})
+    return JobEventSource(redis, sessions, quick, UUID(job_id), summary_of(sessions, job_id))
+
+
+def unreachable_source(settings: Settings, sessions: Sessions, job_id: str) -> tuple[Redis, JobEventSource]:
+    """A job's events on a Redis that never answers (close it), resyncing every 0.2 s."""
+    unreachable = Redis.from_url("redis://127.0.0.1:9/0", socket_connect_timeout=0.5)
+    return unreachable, resyncing_events(unreachable, settings, sessions, job_id, 0.2)
+
+
 async def test_while_redis_is_unreachable_the_follower_goes_on_from_postgres(
     api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
 ) -> None:
     job = await submit(api, auth, ["a", "b"])
-    quick = settings.model_copy(update={"events_resync_s": 0.2})
-    unreachable = Redis.from_url("redis://127.0.0.1:9/0", socket_connect_timeout=0.5)
-    source = JobEventSource(unreachable, sessions, quick, UUID(job["id"]), summary_of(sessions, job["id"]))
+    unreachable, source = unreachable_source(settings, sessions, job["id"])
     received: list[tuple[str, str]] = []
     try:
         async for event in follow(source, "1-0"):
@@ -214,9 +225,7 @@ async def test_while_redis_is_unreachable_the_follower_hears_each_item_end_befor
     """With Redis away, no entry tells of an item's end: Postgres must, before each snapshot
     and before `done` (once heard only as snapshot then done, the items' ends lost)."""
     job = await submit(api, auth, ["a", "b"])
-    quick = settings.model_copy(update={"events_resync_s": 0.2})
-    unreachable = Redis.from_url("redis://127.0.0.1:9/0", socket_connect_timeout=0.5)
-    source = JobEventSource(unreachable, sessions, quick, UUID(job["id"]), summary_of(sessions, job["id"]))
+    unreachable, source = unreachable_source(settings, sessions, job["id"])
     received: list[tuple[str, Any]] = []
     try:
         async with asyncio.timeout(20):
@@ -317,8 +326,7 @@ async def test_a_connected_follower_hears_an_item_whose_event_never_reached_the_
     api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions, redis: Redis
 ) -> None:
     job = await submit(api, auth, ["a", "b"])
-    quick = settings.model_copy(update={"events_resync_s": 0.3})
-    source = JobEventSource(redis, sessions, quick, UUID(job["id"]), summary_of(sessions, job["id"]))
+    source = resyncing_events(redis, settings, sessions, job["id"], 0.3)
     stream = follow(source, None)
     try:
         async with asyncio.timeout(10):
@@ -342,8 +350,7 @@ async def test_a_resume_hears_an_unannounced_item_that_ended_before_the_last_eve
     await end_item(sessions, job["id"], 0, None, settings, ago_s=8)  # its worker died before announcing it
     await end_item(sessions, job["id"], 1, redis, settings)
     (last_heard,) = await stream_ids(redis, settings, job["id"])
-    resyncing = settings.model_copy(update={"events_resync_s": 10.0})
-    source = JobEventSource(redis, sessions, resyncing, UUID(job["id"]), summary_of(sessions, job["id"]))
+    source = resyncing_events(redis, settings, sessions, job["id"], 10.0)
 
     events = [event async for event in follow(source, last_heard)]
 

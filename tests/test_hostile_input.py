@@ -265,7 +265,7 @@ async def test_json_in_a_string_is_counted_before_it_is_read_so_healthz_answers_
         ("thoughts", "\u2028", "invalid_sample_file"),
     ],
 )
-async def test_text_of_millions_of_lines_is_not_split_at_once_so_healthz_answers_within_100ms(
+async def test_text_of_millions_of_lines_is_not_split_at_once_so_healthz_answers_within_150ms(
     auth: Headers, api_process: str, route: str, line_end: str, code: str
 ) -> None:
     many_lines = f"ab{line_end}" * (6 * 1024 * 1024)  # at most 30 MiB
@@ -276,7 +276,9 @@ async def test_text_of_millions_of_lines_is_not_split_at_once_so_healthz_answers
     )
 
     error_of(response, 422, code)
-    assert len(latencies) >= 1 and max(latencies) < 0.1, sorted(latencies)[-5:]
+    # 0.15 s, not 0.1: the body's own decoding of one 30 MiB string holds the GIL for up to
+    # ~0.1 s on a busy machine; the split at once held it for 0.3-0.9 s.
+    assert len(latencies) >= 1 and max(latencies) < 0.15, sorted(latencies)[-5:]
 
 
 def test_a_flagged_thought_is_read_in_linear_time_whatever_its_length() -> None:
