@@ -134,11 +134,13 @@ class QueueWorker(ArqWorker):
             # record would keep it from everyone for as long as this worker lives. Handed
             # back, the next poll starts it again.
             log.warning("arq job %s could not start; handing it back", job_id, exc_info=True)
-            await self._until_redis_answers(partial(self._hand_back, job_id))
+            await self._until_redis_answers(partial(self._unmark, job_id))
         finally:
             del self.started_scores[job_id]
 
-    async def _hand_back(self, job_id: str) -> None:
+    async def _unmark(self, job_id: str) -> None:
+        """Drop arq's in-progress mark of the job and this worker's record of it: the job is
+        anyone's to start again (its item was not claimed here)."""
         async with self.pool.pipeline(transaction=True) as tr:
             tr.delete(in_progress_key_prefix + job_id)
             tr.hdel(liveness.taken_key(self.ctx["settings"]), job_id)
