@@ -50,6 +50,7 @@ class Receiver:
 
     port: int = 0
     failures: int = 0
+    answer: str = "ok"
     received: list[Received] = field(default_factory=list)
 
     @property
@@ -61,7 +62,7 @@ class Receiver:
         if self.failures > 0:
             self.failures -= 1
             return Response("receiver down " + "x" * 1000, status_code=500)
-        return Response("ok", status_code=200)
+        return Response(self.answer, status_code=200)
 
 
 @pytest.fixture(scope="session")
@@ -97,6 +98,7 @@ def running_receiver() -> Iterator[Receiver]:
 @pytest.fixture
 def receiver(running_receiver: Receiver) -> Receiver:
     running_receiver.failures = 0
+    running_receiver.answer = "ok"
     running_receiver.received.clear()
     return running_receiver
 
@@ -223,6 +225,29 @@ async def test_a_failing_receiver_is_retried_with_back_off_until_it_answers(
         (3, 200, None),
     ]
     assert len(delivery["log"][0]["response_snippet"]) == 200, "only the start of an answer is kept"
+
+
+async def test_an_answer_postgres_cannot_store_is_logged_replaced_and_the_delivery_ends(
+    api: httpx.AsyncClient, auth: dict[str, str], notifying: Settings, sessions: Sessions, receiver: Receiver
+) -> None:
+    # A NUL byte in the answer failed the attempt's insert: the delivery stayed claimed and
+    # was sent again at every lease, for ever.
+    receiver.answer = "ok\x00thanks"
+    job_id, _ = await submit_notifying(api, auth, receiver.url)
+    await run_worker_burst(notifying)
+    sender = Sender(notifying, sessions)
+    try:
+        await send_until(sender, lambda: receiver.received, "the callback")
+        for _ in range(3):  # nothing more is due
+            await sender.send_due()
+    finally:
+        await sender.aclose()
+
+    assert len(receiver.received) == 1
+    (delivery,) = (await api.get(f"/v1/jobs/{job_id}/callbacks", headers=auth)).json()["deliveries"]
+    assert delivery["status"] == "delivered"
+    assert [(a["number"], a["status_code"], a["error"]) for a in delivery["log"]] == [(1, 200, None)]
+    assert delivery["log"][0]["response_snippet"] == "ok\ufffdthanks"
 
 
 async def test_a_delivery_gives_up_when_the_retry_period_runs_out(

@@ -17,6 +17,7 @@ from sqlalchemy import exists, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.storable import replace_unstorable
 from app.store.db import Sessions
 from app.store.models import (
     FINISHED,
@@ -171,8 +172,10 @@ async def record_attempt(
                 attempted_at=outcome.attempted_at,
                 duration_ms=outcome.duration_ms,
                 status_code=outcome.status_code,
-                error=outcome.error,
-                response_snippet=outcome.response_snippet,
+                # Kept as the receiver sent them: a NUL would fail the insert, and the
+                # delivery would be sent again at every lease.
+                error=replace_unstorable(outcome.error),
+                response_snippet=replace_unstorable(outcome.response_snippet),
             )
         )
         return True
