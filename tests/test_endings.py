@@ -3,13 +3,15 @@ same columns wherever it is written: by the worker, by the next claim, by a canc
 
 from __future__ import annotations
 
+from datetime import timedelta
 from uuid import UUID
 
 import httpx
+from sqlalchemy import func, select
 
 from app.store import items
 from app.store.db import Sessions
-from app.store.endings import handed_back
+from app.store.endings import failed, handed_back
 from app.store.models import Item
 from tests.test_api import Headers, items_of, submit
 
@@ -101,3 +103,19 @@ async def test_a_worker_lost_on_the_last_try_fails_the_item_with_that_loss_as_th
         None,
     )
     assert (item.failures, item.lease_until) == (1, None) and item.finished_at is not None
+
+
+async def test_an_end_is_stamped_when_it_is_written_not_when_its_transaction_began(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    # A progress stream reads the ends since its last check, less a margin (app/events.py): an
+    # end stamped with the start of a transaction that waited for a lock longer than that would
+    # commit behind the window, and the stream would never tell of it.
+    _, claim = await claimed_item(api, auth, sessions)
+    async with sessions.begin() as session:
+        began = await session.scalar(select(func.now()))
+        await session.execute(select(func.pg_sleep(0.3)))  # as a wait for the job's row
+        assert await items.write_ending(session, claim, failed("refused", "the model refused"))
+
+    finished_at = (await stored(sessions, claim.item_id)).finished_at
+    assert finished_at is not None and finished_at - began >= timedelta(seconds=0.3)

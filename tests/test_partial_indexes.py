@@ -21,6 +21,7 @@ import pytest
 from sqlalchemy import event
 
 from app.config import Settings
+from app.events import finished_since
 from app.store import callbacks, items, quality
 from app.store.db import Sessions
 
@@ -71,6 +72,7 @@ def the_one(statements: list[str], table: str) -> str:
         ("expired_leases", "items", "ix_items_running_lease"),
         ("queued_unclaimed", "items", "ix_items_queued_since"),
         ("due_callbacks", "callback_deliveries", "ix_callback_deliveries_due"),
+        ("finished_since", "items", "ix_items_job_finished"),
     ],
 )
 async def test_a_query_that_needs_a_partial_index_uses_it_under_a_generic_plan(
@@ -86,6 +88,7 @@ async def test_a_query_that_needs_a_partial_index_uses_it_under_a_generic_plan(
         "expired_leases": lambda: items.take_lost_claims(sessions),
         "queued_unclaimed": lambda: items.queued_unclaimed(sessions, grace_s=60),
         "due_callbacks": lambda: callbacks.claim_due(sessions, limit=10, lease_s=30),
+        "finished_since": lambda: finished_since(sessions, uuid4(), since_ms=0),
     }
     sql = the_one(await sent_statements(sessions, calls[query]), table)
 

@@ -66,7 +66,10 @@ def ending_values(ending: Ending) -> dict[str, Any]:
     if ending.counts_as_failure:
         values["failures"] = Item.failures + 1
     if ending.finished:
-        values["finished_at"] = func.now()
+        # The clock, not the transaction's start (now()): a progress stream reads the ends
+        # since its last check less a margin (app/events.py), and a transaction that waited
+        # for a lock longer than that would commit ends already behind the window.
+        values["finished_at"] = func.clock_timestamp()
     if ending.status == ItemStatus.COMPLETED:
         values["stage"] = "done"
     return values

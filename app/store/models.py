@@ -210,6 +210,10 @@ class Item(Base):
     __table_args__ = (
         UniqueConstraint("job_id", "position"),
         Index("ix_items_job_status", "job_id", "status"),
+        # A progress stream's check for the items that ended since its last one (app/events.py).
+        Index(
+            "ix_items_job_finished", "job_id", "finished_at", postgresql_where=text("finished_at IS NOT NULL")
+        ),
         Index(
             "ix_items_running_lease", "lease_until", postgresql_where=text(f"status = '{ItemStatus.RUNNING}'")
         ),
