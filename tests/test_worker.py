@@ -4,6 +4,7 @@ an unavailable LLM, cancellation, and a 50-prompt job with every turn retrievabl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from app.config import Settings
 from app.events import stream_key
@@ -252,6 +253,71 @@ async def test_an_unavailable_llm_delays_the_item_and_loses_nothing(
     detail = (await api.get(f"/v1/items/{item.id}", headers=auth)).json()
     intent_turns = [t for t in detail["turns"] if t["stage"] == "intent"]
     assert len(intent_turns) == 1, "the stored intent turn was asked again after the outage"
+    assert len(scripted_llm.requests_for("intent_decomposition")) == 1
+
+
+@contextlib.asynccontextmanager
+async def failing_once(sessions: Sessions, table: str, when: str) -> AsyncIterator[None]:
+    """The first write to `table` of a row for which `when` holds (SQL on NEW) fails in
+    Postgres, as a write cut off by a fault would; later ones go through. A sequence counts
+    the firings: unlike a row, it is not rolled back with the failed write."""
+    name = f"fails_once_{uuid4().hex[:12]}"
+    async with sessions.begin() as session:
+        await session.execute(text(f"CREATE SEQUENCE {name}"))
+        await session.execute(
+            text(
+                f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+                f" IF nextval('{name}') = 1 THEN RAISE EXCEPTION 'a fault injected by the test'; END IF;"
+                " RETURN NEW; END $$"
+            )
+        )
+        await session.execute(
+            text(
+                f"CREATE TRIGGER {name} BEFORE INSERT OR UPDATE ON {table} FOR EACH ROW"
+                f" WHEN ({when}) EXECUTE FUNCTION {name}()"
+            )
+        )
+    try:
+        yield
+    finally:
+        async with sessions.begin() as session:
+            await session.execute(text(f"DROP TRIGGER {name} ON {table}"))
+            await session.execute(text(f"DROP FUNCTION {name}"))
+            await session.execute(text(f"DROP SEQUENCE {name}"))
+
+
+async def test_a_completion_cut_off_by_a_postgres_fault_is_handed_back_and_buys_nothing_twice(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    # It was left running under its live worker, until its lease ran out and a sweep took it.
+    job_id = await submit(api, auth, ["How do I make my home office quieter?"])
+    async with failing_once(sessions, "cots", f"NEW.job_id = '{job_id}'"):
+        await run_worker_burst(settings)
+
+    item = await one_item(sessions, job_id)
+    assert (item.status, item.attempts, item.failures) == ("completed", 2, 1)
+    assert len(scripted_llm.requests) == await turn_count(sessions, item.id), "an answer was bought twice"
+    assert (await api.get(f"/v1/items/{item.id}", headers=auth)).json()["cot"]["response"]
+
+
+async def test_an_outages_hand_back_cut_off_by_a_postgres_fault_still_hands_the_item_back(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    scripted_llm.script("seed_cot", *[http_error(503)] * (settings.llm_max_retries + 1))
+    job_id = await submit(api, auth, ["How do I make my home office quieter?"])
+    async with failing_once(sessions, "items", "NEW.error_message LIKE 'llm_unavailable%'"):
+        await run_worker_burst(settings)
+
+    item = await one_item(sessions, job_id)
+    assert (item.status, item.attempts, item.failures) == ("completed", 2, 1)
     assert len(scripted_llm.requests_for("intent_decomposition")) == 1
 
 

@@ -295,23 +295,35 @@ async def _process_claimed(worker: Worker, claim: items.Claim) -> Ending | None:
     except BudgetExhausted:  # no new call starts: the item waits for a raised budget
         return await _park(worker, claim)
     except AwaitingBatch:  # its next call is filed for a wave: workers/waves.py queues it again
-        return await items.end(sessions, claim, batches.AWAITING)
+        return await _end(settings, sessions, claim, batches.AWAITING)
     # Tenants read only our classification of a failure; its detail (an upstream's answer,
     # which may echo hazardous text or the server's LLM key, or an exception) goes to the
     # log and to the item's operator-only column.
     except LLMUnavailable as exc:  # an outage delays the item; it does not use up its tries
         log.warning("item %s put back, the LLM stayed unavailable: %s", claim.item_id, exc)
         outage = handed_back(f"llm_unavailable: {exc.summary}", counts_as_failure=False, detail=str(exc))
-        await items.end(sessions, claim, outage)
+        await _end(settings, sessions, claim, outage)
         raise Retry(defer=_backoff_s(settings, claim.attempt)) from exc
     except LLMRequestRejected as exc:
         log.warning("item %s failed, the LLM endpoint rejected the request: %s", claim.item_id, exc)
-        return await items.end(sessions, claim, failed(exc.code, exc.summary, str(exc)))
+        return await _end(settings, sessions, claim, failed(exc.code, exc.summary, str(exc)))
     except Exception as exc:  # Postgres or Redis blip, or a bug: retry a bounded number of times
         raise await _hand_back(settings, sessions, claim, exc) from exc
     finally:
         watch.cancel()
-    return await _record(sessions, claim, result)
+    try:
+        return await _record(sessions, claim, result)
+    except Exception as exc:  # the result runs again from the turn log: no call is bought twice
+        raise await _hand_back(settings, sessions, claim, exc) from exc
+
+
+async def _end(settings: Settings, sessions: Sessions, claim: items.Claim, ending: Ending) -> Ending | None:
+    """items.end; should that fail (a Postgres blip), the item is handed back now, as after
+    any unexpected error, rather than left running under a live worker until its lease ends."""
+    try:
+        return await items.end(sessions, claim, ending)
+    except Exception as exc:
+        raise await _hand_back(settings, sessions, claim, exc) from exc
 
 
 async def _park(worker: Worker, claim: items.Claim) -> Ending | None:
