@@ -210,6 +210,8 @@ class Settings(BaseSettings):
     # Streams one API key may have open at once in each API process: every open stream holds a
     # Redis connection (XREAD BLOCK) and a task for as long as it lasts.
     events_max_streams_per_key: int = Field(default=32, ge=1)
+    # And all keys' together: Redis's connections are shared with the workers (maxclients).
+    events_max_streams: int = Field(default=1024, ge=1)
 
     # Web viewer (/view): the session cookie is signed with this secret. Unset, each API process
     # makes its own at start, so viewer logins end on restart and do not carry across processes.

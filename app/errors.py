@@ -42,7 +42,7 @@ class NotFound(ServiceError):
 
 
 class TooManyStreams(ServiceError):
-    """An API key already has as many progress streams open as it may."""
+    """An API key, or the API process, already has as many progress streams open as it may."""
 
     status = 429
     code = "too_many_streams"

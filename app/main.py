@@ -75,7 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 known_keys,
                 shipped,
                 Spending(arq, sessions, settings.redis_key_prefix),
-                OpenStreams(settings.events_max_streams_per_key),
+                OpenStreams(settings.events_max_streams_per_key, settings.events_max_streams),
             ),
         )
         try:

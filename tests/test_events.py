@@ -546,3 +546,23 @@ async def test_a_key_may_hold_only_so_many_streams_open_at_once(
             while (status := (await opened(auth, job["id"])).status_code) != 200:
                 assert status == 429 and time.monotonic() < deadline, status
                 await asyncio.sleep(0.1)
+
+
+async def test_the_process_holds_only_so_many_streams_open_whoever_opens_them(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    keys = [auth, await new_key(sessions, "bob"), await new_key(sessions, "carol")]
+    jobs = [await submit(api, key, ["a"]) for key in keys]  # no worker runs: their streams stay open
+    capped = settings.model_copy(update={"events_max_streams": 2})
+
+    with served(capped) as base_url:
+        async with (
+            httpx.AsyncClient(base_url=base_url, timeout=10) as client,
+            aconnect_sse(client, "GET", f"/v1/jobs/{jobs[0]['id']}/events", headers=keys[0]) as first,
+            aconnect_sse(client, "GET", f"/v1/jobs/{jobs[1]['id']}/events", headers=keys[1]) as second,
+        ):
+            assert (first.response.status_code, second.response.status_code) == (200, 200)
+            async with client.stream("GET", f"/v1/jobs/{jobs[2]['id']}/events", headers=keys[2]) as third:
+                await third.aread()
+            assert "server" in error_of(third, 429, "too_many_streams")["message"]
+            assert third.headers["Retry-After"] == "5"

@@ -43,7 +43,7 @@ _WHY = {
         "preset_version_mismatch, no_common_prompts, comparison_mismatch, invalid_filter, request_too_large, "
         "callbacks_disabled, callback_host_not_allowed, invalid_callback_url)."
     ),
-    429: "The API key already has as many progress streams open as it may (too_many_streams).",
+    429: "The API key, or the server, has as many progress streams open as it may (too_many_streams).",
     503: "The database is unavailable; retry shortly.",
 }
 
