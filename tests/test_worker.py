@@ -454,7 +454,7 @@ async def test_a_poll_starts_jobs_in_one_round_trip_however_many_run(
         await arq_redis.echo(end)
         sent, in_script = [], []
         while end not in (command := await monitor.next_command())["command"]:
-            if run in command["command"]:
+            if run in command["command"] or settings.queue_name in command["command"]:
                 by_script = command["client_type"] == "lua"
                 (in_script if by_script else sent).append(command["command"])
     assert [command.split()[0].upper() for command in sent] == ["EVALSHA"]
@@ -494,6 +494,25 @@ async def test_a_poll_starts_the_first_jobs_due_up_to_its_free_slots(
     assert worker.job_counter == 0
 
 
+async def test_a_poll_looks_past_the_running_jobs_at_the_queues_head_as_far_as_its_scan_limit(
+    settings: Settings, arq_redis: ArqRedis, queued: Queue
+) -> None:
+    run, now = uuid4().hex, timestamp_ms()
+    running = {f"test:{run}:running:{n}": now - 2000 for n in range(600)}  # over two chunks read
+    head = await queued({**running, f"test:{run}:due": now - 1000, f"test:{run}:later": now - 500})
+    for job_id in running:
+        await arq_redis.psetex(in_progress_key_prefix + job_id, 60_000, b"1")
+
+    first = _polling_worker(settings, arq_redis, max_jobs=1, queue_scan_limit=len(running) + 1)
+    await first.start_jobs(head[:1])
+    assert set(first.tasks) == {f"test:{run}:due"}, "the script read past the head's running jobs"
+    await asyncio.gather(*first.tasks.values())  # ended by arq, as expired: out of the queue
+
+    short = _polling_worker(settings, arq_redis, queue_scan_limit=len(running))
+    await short.start_jobs(head[:1])
+    assert not short.tasks, "the next due job lies past the scan limit"
+
+
 async def test_a_start_sent_again_answers_the_jobs_it_marked(
     settings: Settings, arq_redis: ArqRedis, queued: Queue
 ) -> None:
@@ -506,7 +525,7 @@ async def test_a_start_sent_again_answers_the_jobs_it_marked(
         liveness.taken_key(settings),
         f"{settings.redis_key_prefix}:starts:{uuid4()}",
     ]
-    args = [in_progress_key_prefix, 60_000, timestamp_ms(), 1, str(uuid4()), *head]
+    args = [in_progress_key_prefix, 60_000, timestamp_ms(), 1, str(uuid4()), 1000]
 
     first, again = await start(keys=keys, args=args), await start(keys=keys, args=args)
 

@@ -447,7 +447,7 @@ async def _deliver_forever(worker: Worker) -> None:
 _JOB_TIMEOUT_S = 24 * 3600
 
 
-def _queue_read_limit(settings: Settings) -> int:
+def _queue_scan_limit(settings: Settings) -> int:
     return max(1000, settings.worker_max_jobs * 10)
 
 
@@ -461,7 +461,9 @@ def worker_settings(settings: Settings, *, sweeper: bool = True) -> dict[str, An
         "redis_settings": redis_settings(settings.redis_url, WORKER_RETRIES),
         "queue_name": settings.queue_name,
         "max_jobs": settings.worker_max_jobs,
-        "queue_read_limit": _queue_read_limit(settings),
+        # arq's poll only asks whether a job is due; QueueWorker's start script reads the queue.
+        "queue_read_limit": 1,
+        "queue_scan_limit": _queue_scan_limit(settings),
         # A slot an item frees stays empty until the next poll, and items started together end
         # together: at 0.2 s the LLM cap went short by a tenth after each such wave. A poll
         # with free slots costs one script call (QueueWorker), so poll often.
