@@ -162,18 +162,24 @@ async def send_until(sender: Sender, check: Any, what: str) -> None:
     await eventually(sent, timeout_s=20, what=what)
 
 
+async def deliver_once(notifying: Settings, sessions: Sessions, receiver: Receiver) -> None:
+    """Send what is due until the receiver has a callback, then a few times more (nothing
+    more should be due)."""
+    sender = Sender(notifying, sessions)
+    try:
+        await send_until(sender, lambda: receiver.received, "the callback")
+        for _ in range(3):
+            await sender.send_due()
+    finally:
+        await sender.aclose()
+
+
 async def test_a_callback_arrives_once_with_a_valid_signature(
     api: httpx.AsyncClient, auth: dict[str, str], notifying: Settings, sessions: Sessions, receiver: Receiver
 ) -> None:
     job_id, secret = await submit_notifying(api, auth, receiver.url, n=3)
     await run_worker_burst(notifying)
-    sender = Sender(notifying, sessions)
-    try:
-        await send_until(sender, lambda: receiver.received, "the callback")
-        for _ in range(3):  # nothing more is due
-            await sender.send_due()
-    finally:
-        await sender.aclose()
+    await deliver_once(notifying, sessions, receiver)
 
     assert len(receiver.received) == 1
     (request,) = receiver.received
@@ -235,13 +241,7 @@ async def test_an_answer_postgres_cannot_store_is_logged_replaced_and_the_delive
     receiver.answer = "ok\x00thanks"
     job_id, _ = await submit_notifying(api, auth, receiver.url)
     await run_worker_burst(notifying)
-    sender = Sender(notifying, sessions)
-    try:
-        await send_until(sender, lambda: receiver.received, "the callback")
-        for _ in range(3):  # nothing more is due
-            await sender.send_due()
-    finally:
-        await sender.aclose()
+    await deliver_once(notifying, sessions, receiver)
 
     assert len(receiver.received) == 1
     (delivery,) = (await api.get(f"/v1/jobs/{job_id}/callbacks", headers=auth)).json()["deliveries"]
