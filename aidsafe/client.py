@@ -1,10 +1,11 @@
 """`aidsafe.Client` and `aidsafe.AsyncClient`: the AIDSAFE HTTP API from Python, on httpx.
 
-Each API route is written once, in `_Routes`, as a function that builds a `Call` (the
+Each API route is written once, in `_BaseClient`, as a function that builds a `Call` (the
 request, whether it may be retried, how its answer is read). The `endpoint` descriptor
 turns it into a method that sends the call: a plain one on `Client`, a coroutine on
-`AsyncClient`. Only what differs between the two (sending, paging, streaming) is written
-twice, each in its own idiom.
+`AsyncClient`. What an answer means (a refusal, a retry and its pause, a download's file,
+an event) is decided once too; the two clients only do the I/O (send, sleep, read, page,
+stream), each in its own idiom.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import count
 from pathlib import Path
-from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
+from typing import Any, BinaryIO, Concatenate, Generic, ParamSpec, TypeVar, overload
 from urllib.parse import quote
 from uuid import UUID
 
@@ -71,7 +72,7 @@ T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 Id = str | UUID
 Params = tuple[tuple[str, str | int | float | bool], ...]
-Timeout = float | None | httpx.Timeout
+TransportT = TypeVar("TransportT", httpx.BaseTransport, httpx.AsyncBaseTransport)
 
 # What the CLI has always read (app/cli/connection.py passes its --api-url and --key through).
 URL_ENV, KEY_ENV = "AIDSAFE_API_URL", "AIDSAFE_API_KEY"
@@ -104,10 +105,29 @@ class Call(Generic[T]):
     # None: as the method is (GET, DELETE... are). A POST is retried only when it says so.
     idempotent: bool | None = None
     retried: tuple[int, ...] = RETRIED_STATUSES  # the answers sent again (when retryable)
+    into: Path | None = None  # a download: the answer's body goes to this file, not to memory
 
     @property
     def retryable(self) -> bool:
         return self.method in IDEMPOTENT_METHODS if self.idempotent is None else self.idempotent
+
+    def request(self) -> dict[str, Any]:
+        """httpx's arguments for sending it."""
+        return {
+            "method": self.method,
+            "url": self.path,
+            "params": self.params,
+            "json": self.json,
+            "content": self.content,
+            "headers": self.headers,
+            # a download (an export) may take long: no timeout for it
+            "timeout": None if self.into is not None else httpx.USE_CLIENT_DEFAULT,
+        }
+
+    def accepts(self, response: httpx.Response) -> bool:
+        """Whether the answer is the call's result, not a refusal (AidsafeError)."""
+        # a download's file is a 200's body only: no other answer is written as one
+        return response.status_code == 200 if self.into is not None else response.status_code < 400
 
 
 PageCall = Callable[[str | None], Call[Page[T]]]  # a listing's page after a cursor
@@ -296,6 +316,27 @@ def _job_filters(
     }
 
 
+def _answer(call: Call[T], response: httpx.Response) -> T:
+    """The call's result from its answer (read, unless downloaded); AidsafeError if refused."""
+    if not call.accepts(response):
+        raise AidsafeError.of(response)
+    return call.read(response)
+
+
+@contextmanager
+def _downloading(target: Path) -> Iterator[BinaryIO]:
+    """The file a download is written to: `target.part`, renamed to `target` when complete,
+    so a broken download leaves no file that looks whole."""
+    partial = target.with_name(target.name + ".part")
+    try:
+        with partial.open("wb") as handle:
+            yield handle
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    partial.replace(target)
+
+
 def _retry_after(response: httpx.Response, attempt: int) -> float:
     """Seconds to wait before retrying: the answer's Retry-After (seconds or an HTTP date),
     or else a doubling back-off."""
@@ -341,11 +382,6 @@ def _stream_refused(response: httpx.Response) -> AidsafeError:
 
 
 EVENT_HEADERS = {"Accept": "text/event-stream", "Cache-Control": "no-store"}
-
-
-def _partial(path: Path) -> Path:
-    """Where a download goes until it is complete."""
-    return path.with_name(path.name + ".part")
 
 
 class endpoint(Generic[P, T]):  # noqa: N801 (used as a decorator)
@@ -404,14 +440,44 @@ class paged(Generic[P, T]):  # noqa: N801
         return rows
 
 
-class _Routes:
-    """Every route of the API, once. Ids may be given as str or UUID."""
+class _BaseClient(Generic[TransportT]):
+    """What `Client` and `AsyncClient` share: every route of the API, once, and the decisions
+    around sending (retries, what an answer means). Ids may be given as str or UUID."""
 
-    max_retries: int
+    _http: httpx.Client | httpx.AsyncClient
 
-    def _retries(self, call: Call[Any], response: httpx.Response, attempt: int) -> bool:
-        """Whether to send the call again after this answer."""
-        return response.status_code in call.retried and call.retryable and attempt < self.max_retries
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 60.0,
+        max_retries: int = 3,
+        max_retry_wait_s: float = 60.0,
+        transport: TransportT | None = None,
+    ) -> None:
+        key = api_key if api_key is not None else os.environ.get(KEY_ENV)
+        self._http = self._connect(
+            base_url=base_url or os.environ.get(URL_ENV) or DEFAULT_URL,
+            # No key: no header, and the API's 401 `unauthorized` says so.
+            headers={"Authorization": f"Bearer {key}"} if key else {},
+            timeout=timeout,
+            transport=transport,
+        )
+        self.max_retries, self.max_retry_wait_s = max_retries, max_retry_wait_s
+
+    def _connect(self, **options: Any) -> httpx.Client | httpx.AsyncClient:
+        raise NotImplementedError  # each client opens its own kind of httpx client
+
+    @property
+    def base_url(self) -> str:
+        return str(self._http.base_url)
+
+    def _retry_pause(self, call: Call[Any], response: httpx.Response, attempt: int) -> float | None:
+        """Seconds to wait before sending the call again after this answer; None: keep it."""
+        if response.status_code in call.retried and call.retryable and attempt < self.max_retries:
+            return min(_retry_after(response, attempt), self.max_retry_wait_s)
+        return None
 
     # --- jobs -----------------------------------------------------------------------------
 
@@ -890,123 +956,9 @@ class _Routes:
         """Counts and agreement of the job's reviews (GET /v1/jobs/{id}/reviews/summary)."""
         return Call("GET", _path("jobs", job_id, "reviews", "summary"), _as(ReviewSummary))
 
-    # --- what Client and AsyncClient send it with ---------------------------------------------
+    # --- exports --------------------------------------------------------------------------
 
-    @staticmethod
-    def _export_call(
-        job_id: Id,
-        format: str,
-        cot: str | None,
-        system: str | None,
-        accepted_only: bool,
-        min_score: Mapping[str, float] | Sequence[str] | None,
-        human_approved: bool,
-        exclude_human_rejected: bool,
-        human_edits: bool,
-        min_gap: float | None,
-    ) -> Call[None]:
-        scores = [f"{m}:{s}" for m, s in min_score.items()] if isinstance(min_score, Mapping) else min_score
-        params = _params(
-            format=format,
-            cot=cot,
-            system=system,
-            accepted_only=accepted_only or None,  # filters left off are not sent
-            min_score=list(scores or []),
-            human_approved=human_approved or None,
-            exclude_human_rejected=exclude_human_rejected or None,
-            human_edits=human_edits or None,
-            min_gap=min_gap,
-        )
-        return Call("GET", _path("jobs", job_id, "export"), lambda _: None, params)
-
-    @staticmethod
-    def _events_call(job_id: Id, last_event_id: str | None) -> Call[None]:
-        headers = {**EVENT_HEADERS, **({"Last-Event-ID": last_event_id} if last_event_id else {})}
-        # A 429 here is too_many_streams: a seat frees only as one of the key's streams ends,
-        # so it is not waited for; the caller polls instead (see _stream_refused).
-        return Call("GET", _path("jobs", job_id, "events"), lambda _: None, headers=headers, retried=(503,))
-
-
-def _http_options(
-    base_url: str | None, api_key: str | None, timeout: float, transport: Any
-) -> dict[str, Any]:
-    key = api_key if api_key is not None else os.environ.get(KEY_ENV)
-    return {
-        "base_url": base_url or os.environ.get(URL_ENV) or DEFAULT_URL,
-        # No key: no header, and the API's 401 `unauthorized` says so.
-        "headers": {"Authorization": f"Bearer {key}"} if key else {},
-        "timeout": timeout,
-        "transport": transport,
-    }
-
-
-class Client(_Routes):
-    """The AIDSAFE API over HTTP. `base_url` and `api_key` default to the environment's
-    AIDSAFE_API_URL (else http://127.0.0.1:8000) and AIDSAFE_API_KEY. Refusals raise
-    AidsafeError with the API's code; a 429 or 503 is retried (after its Retry-After) up to
-    `max_retries` times, for calls that are safe to repeat only. Use it as a context manager,
-    or `close()` it."""
-
-    def __init__(
-        self,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        *,
-        timeout: float = 60.0,
-        max_retries: int = 3,
-        max_retry_wait_s: float = 60.0,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
-        self._http = httpx.Client(**_http_options(base_url, api_key, timeout, transport))
-        self.max_retries, self.max_retry_wait_s = max_retries, max_retry_wait_s
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._http.close()
-
-    @property
-    def base_url(self) -> str:
-        return str(self._http.base_url)
-
-    @contextmanager
-    def _opened(self, call: Call[Any], read_timeout: Timeout) -> Iterator[httpx.Response]:
-        """The call's answer, streamed, after the retries it may have; raises what the
-        transport raises (httpx errors)."""
-        for attempt in count():
-            with self._http.stream(
-                call.method,
-                call.path,
-                params=call.params,
-                json=call.json,
-                content=call.content,
-                headers=call.headers,
-                timeout=read_timeout,
-            ) as response:
-                if not self._retries(call, response, attempt):
-                    yield response
-                    return
-                wait = min(_retry_after(response, attempt), self.max_retry_wait_s)
-            time.sleep(wait)
-
-    def _send(self, call: Call[T]) -> T:
-        with _reached(), self._opened(call, self._http.timeout) as response:
-            response.read()
-        if response.status_code >= 400:
-            raise AidsafeError.of(response)
-        return call.read(response)
-
-    def _rows(self, page: PageCall[T], cursor: str | None) -> Iterator[T]:
-        while True:
-            got = self._send(page(cursor))
-            yield from got.data
-            if not (cursor := got.next_cursor):
-                return
-
+    @endpoint
     def export(
         self,
         job_id: Id,
@@ -1021,39 +973,86 @@ class Client(_Routes):
         exclude_human_rejected: bool = False,
         human_edits: bool = False,
         min_gap: float | None = None,
-    ) -> Path:
+    ) -> Call[Path]:
         """Stream the job's export (GET /v1/jobs/{id}/export) to `path`, chunk by chunk: it is
         written as `path.part` and renamed when complete, so a broken download leaves no
         file that looks whole. `format`: trl_sft, trl_dpo, aidsafe_csv, jsonl, parquet,
         label_studio or argilla; `min_score` as {"relevance": 4}; `human_edits`: reviewers'
         latest edited responses in place of the model's; `min_gap` keeps trl_dpo's pairs at that
         policy-faithfulness gap (default: the job's `pairs.min_gap`). Returns the path."""
-        call = self._export_call(
-            job_id,
-            format,
-            cot,
-            system,
-            accepted_only,
-            min_score,
-            human_approved,
-            exclude_human_rejected,
-            human_edits,
-            min_gap,
+        scores = [f"{m}:{s}" for m, s in min_score.items()] if isinstance(min_score, Mapping) else min_score
+        params = _params(
+            format=format,
+            cot=cot,
+            system=system,
+            accepted_only=accepted_only or None,  # filters left off are not sent
+            min_score=list(scores or []),
+            human_approved=human_approved or None,
+            exclude_human_rejected=exclude_human_rejected or None,
+            human_edits=human_edits or None,
+            min_gap=min_gap,
         )
-        target, partial = Path(path), _partial(Path(path))
-        with _reached(), self._opened(call, None) as response:  # an export may take long
-            if response.status_code != 200:
-                response.read()
-                raise AidsafeError.of(response)
-            try:
-                with partial.open("wb") as handle:
+        target = Path(path)
+        return Call("GET", _path("jobs", job_id, "export"), lambda _: target, params, into=target)
+
+    # --- what Client and AsyncClient follow events with ---------------------------------------
+
+    @staticmethod
+    def _events_call(job_id: Id, last_event_id: str | None) -> Call[None]:
+        headers = {**EVENT_HEADERS, **({"Last-Event-ID": last_event_id} if last_event_id else {})}
+        # A 429 here is too_many_streams: a seat frees only as one of the key's streams ends,
+        # so it is not waited for; the caller polls instead (see _stream_refused).
+        return Call("GET", _path("jobs", job_id, "events"), lambda _: None, headers=headers, retried=(503,))
+
+
+class Client(_BaseClient[httpx.BaseTransport]):
+    """The AIDSAFE API over HTTP. `base_url` and `api_key` default to the environment's
+    AIDSAFE_API_URL (else http://127.0.0.1:8000) and AIDSAFE_API_KEY. Refusals raise
+    AidsafeError with the API's code; a 429 or 503 is retried (after its Retry-After) up to
+    `max_retries` times, for calls that are safe to repeat only. Use it as a context manager,
+    or `close()` it."""
+
+    _http: httpx.Client
+
+    def _connect(self, **options: Any) -> httpx.Client:
+        return httpx.Client(**options)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    @contextmanager
+    def _opened(self, call: Call[Any]) -> Iterator[httpx.Response]:
+        """The call's answer, streamed, after the retries it may have; raises what the
+        transport raises (httpx errors)."""
+        for attempt in count():
+            with self._http.stream(**call.request()) as response:
+                if (pause := self._retry_pause(call, response, attempt)) is None:
+                    yield response
+                    return
+            time.sleep(pause)
+
+    def _send(self, call: Call[T]) -> T:
+        with _reached(), self._opened(call) as response:
+            if call.into is not None and call.accepts(response):
+                with _downloading(call.into) as file:
                     for chunk in response.iter_bytes():
-                        handle.write(chunk)
-            except BaseException:
-                partial.unlink(missing_ok=True)
-                raise
-        partial.replace(target)
-        return target
+                        file.write(chunk)
+            else:
+                response.read()
+        return _answer(call, response)
+
+    def _rows(self, page: PageCall[T], cursor: str | None) -> Iterator[T]:
+        while True:
+            got = self._send(page(cursor))
+            yield from got.data
+            if not (cursor := got.next_cursor):
+                return
 
     def events(self, job_id: Id, *, last_event_id: str | None = None) -> Iterator[Event]:
         """The job's events until `done` (GET /v1/jobs/{id}/events), from `last_event_id` on
@@ -1064,7 +1063,7 @@ class Client(_Routes):
         while drops < MAX_EVENT_RECONNECTS:
             try:
                 call = self._events_call(job_id, last_event_id)
-                with self._opened(call, self._http.timeout) as response:
+                with self._opened(call) as response:
                     if refusal := _event_stream_refusal(response):
                         raise refusal
                     if response.status_code != 200:
@@ -1113,22 +1112,14 @@ class Client(_Routes):
             time.sleep(poll_s)
 
 
-class AsyncClient(_Routes):
+class AsyncClient(_BaseClient[httpx.AsyncBaseTransport]):
     """`Client`'s async twin: the same methods, awaited (`iter_*` and `events` are async
     iterators). Use it as an async context manager, or `await aclose()`."""
 
-    def __init__(
-        self,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        *,
-        timeout: float = 60.0,
-        max_retries: int = 3,
-        max_retry_wait_s: float = 60.0,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
-        self._http = httpx.AsyncClient(**_http_options(base_url, api_key, timeout, transport))
-        self.max_retries, self.max_retry_wait_s = max_retries, max_retry_wait_s
+    _http: httpx.AsyncClient
+
+    def _connect(self, **options: Any) -> httpx.AsyncClient:
+        return httpx.AsyncClient(**options)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -1139,35 +1130,25 @@ class AsyncClient(_Routes):
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    @property
-    def base_url(self) -> str:
-        return str(self._http.base_url)
-
     @asynccontextmanager
-    async def _opened(self, call: Call[Any], read_timeout: Timeout) -> AsyncIterator[httpx.Response]:
+    async def _opened(self, call: Call[Any]) -> AsyncIterator[httpx.Response]:
         for attempt in count():
-            async with self._http.stream(
-                call.method,
-                call.path,
-                params=call.params,
-                json=call.json,
-                content=call.content,
-                headers=call.headers,
-                timeout=read_timeout,
-            ) as response:
-                if not self._retries(call, response, attempt):
+            async with self._http.stream(**call.request()) as response:
+                if (pause := self._retry_pause(call, response, attempt)) is None:
                     yield response
                     return
-                wait = min(_retry_after(response, attempt), self.max_retry_wait_s)
-            await asyncio.sleep(wait)
+            await asyncio.sleep(pause)
 
     async def _send(self, call: Call[T]) -> T:
         with _reached():
-            async with self._opened(call, self._http.timeout) as response:
-                await response.aread()
-        if response.status_code >= 400:
-            raise AidsafeError.of(response)
-        return call.read(response)
+            async with self._opened(call) as response:
+                if call.into is not None and call.accepts(response):
+                    with _downloading(call.into) as file:
+                        async for chunk in response.aiter_bytes():
+                            file.write(chunk)
+                else:
+                    await response.aread()
+        return _answer(call, response)
 
     async def _rows(self, page: PageCall[T], cursor: str | None) -> AsyncIterator[T]:
         while True:
@@ -1177,57 +1158,13 @@ class AsyncClient(_Routes):
             if not (cursor := got.next_cursor):
                 return
 
-    async def export(
-        self,
-        job_id: Id,
-        path: str | os.PathLike[str],
-        *,
-        format: str,
-        cot: str | None = None,
-        system: str | None = None,
-        accepted_only: bool = False,
-        min_score: Mapping[str, float] | Sequence[str] | None = None,
-        human_approved: bool = False,
-        exclude_human_rejected: bool = False,
-        human_edits: bool = False,
-        min_gap: float | None = None,
-    ) -> Path:
-        """See Client.export."""
-        call = self._export_call(
-            job_id,
-            format,
-            cot,
-            system,
-            accepted_only,
-            min_score,
-            human_approved,
-            exclude_human_rejected,
-            human_edits,
-            min_gap,
-        )
-        target, partial = Path(path), _partial(Path(path))
-        with _reached():
-            async with self._opened(call, None) as response:
-                if response.status_code != 200:
-                    await response.aread()
-                    raise AidsafeError.of(response)
-                try:
-                    with partial.open("wb") as handle:
-                        async for chunk in response.aiter_bytes():
-                            handle.write(chunk)
-                except BaseException:
-                    partial.unlink(missing_ok=True)
-                    raise
-        partial.replace(target)
-        return target
-
     async def events(self, job_id: Id, *, last_event_id: str | None = None) -> AsyncIterator[Event]:
         """See Client.events."""
         drops = 0
         while drops < MAX_EVENT_RECONNECTS:
             try:
                 call = self._events_call(job_id, last_event_id)
-                async with self._opened(call, self._http.timeout) as response:
+                async with self._opened(call) as response:
                     if refusal := _event_stream_refusal(response):
                         raise refusal
                     if response.status_code != 200:
