@@ -17,7 +17,7 @@ import json
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import count
@@ -382,6 +382,79 @@ def _stream_refused(response: httpx.Response) -> AidsafeError:
 
 
 EVENT_HEADERS = {"Accept": "text/event-stream", "Cache-Control": "no-store"}
+
+
+class _Following:
+    """What following a job's events decides, for either client: each connection's call
+    (resuming after the last event seen), whether its answer is a stream, the events it
+    carries, and the pause before connecting again after a drop."""
+
+    def __init__(self, job_id: Id, last_event_id: str | None) -> None:
+        self.job_id, self.last_event_id = job_id, last_event_id
+        self.drops = 0  # in a row, without an event in between
+        self.done = False
+
+    @contextmanager
+    def connection(self) -> Iterator[Call[None]]:
+        """The next connection's call, within which a transport error is a drop (the stream
+        is resumed), not a failure; EventStreamUnavailable once the stream kept dropping."""
+        if self.drops >= MAX_EVENT_RECONNECTS:
+            raise EventStreamUnavailable("the event stream kept dropping")
+        resume = {"Last-Event-ID": self.last_event_id} if self.last_event_id else {}
+        # A 429 here is too_many_streams: a seat frees only as one of the key's streams ends,
+        # so it is not waited for; the caller polls instead (see _stream_refused).
+        path = _path("jobs", self.job_id, "events")
+        with suppress(httpx.TransportError):
+            yield Call("GET", path, lambda _: None, headers={**EVENT_HEADERS, **resume}, retried=(503,))
+
+    def streams(self, response: httpx.Response) -> bool:
+        """Whether the answer is the event stream; False: the API refused it (read it, and
+        raise `_stream_refused`). EventStreamUnavailable when the way there failed."""
+        if refusal := _event_stream_refusal(response):
+            raise refusal
+        return response.status_code == 200
+
+    def event(self, sse: ServerSentEvent) -> Event | None:
+        if event := _event(sse):
+            self.drops, self.last_event_id = 0, event.id or self.last_event_id
+            self.done = event.kind == "done"
+        return event
+
+    def dropped(self) -> float:
+        """Seconds to wait before connecting again."""
+        self.drops += 1
+        return RECONNECT_PAUSE_S * (self.drops - 1)
+
+
+class _Waiting:
+    """When `wait` returns, for either client: at an event, or a polled reading of the job,
+    that says the job ended or waits for budget. Each is told to `on_event` first."""
+
+    def __init__(
+        self,
+        on_event: Callable[[Event], None] | None,
+        on_polling: Callable[[EventStreamUnavailable], None] | None,
+    ) -> None:
+        self.on_event, self.on_polling = on_event, on_polling
+
+    def seen(self, event: Event) -> JobProgress | None:
+        """The job's progress when waiting ends at this event."""
+        if self.on_event:
+            self.on_event(event)
+        if _stops(event):
+            assert isinstance(event.data, JobProgress)
+            return event.data
+        return None
+
+    def polling(self, why: EventStreamUnavailable) -> None:
+        if self.on_polling:
+            self.on_polling(why)
+
+    def polled(self, job: Job) -> Job | None:
+        """The job, when waiting ends at this reading of it."""
+        if self.on_event:
+            self.on_event(Event("snapshot", None, job))
+        return job if job.finished or job.waiting_for_budget else None
 
 
 class endpoint(Generic[P, T]):  # noqa: N801 (used as a decorator)
@@ -995,15 +1068,6 @@ class _BaseClient(Generic[TransportT]):
         target = Path(path)
         return Call("GET", _path("jobs", job_id, "export"), lambda _: target, params, into=target)
 
-    # --- what Client and AsyncClient follow events with ---------------------------------------
-
-    @staticmethod
-    def _events_call(job_id: Id, last_event_id: str | None) -> Call[None]:
-        headers = {**EVENT_HEADERS, **({"Last-Event-ID": last_event_id} if last_event_id else {})}
-        # A 429 here is too_many_streams: a seat frees only as one of the key's streams ends,
-        # so it is not waited for; the caller polls instead (see _stream_refused).
-        return Call("GET", _path("jobs", job_id, "events"), lambda _: None, headers=headers, retried=(503,))
-
 
 class Client(_BaseClient[httpx.BaseTransport]):
     """The AIDSAFE API over HTTP. `base_url` and `api_key` default to the environment's
@@ -1059,27 +1123,18 @@ class Client(_BaseClient[httpx.BaseTransport]):
         (None: from now, starting with a snapshot). A dropped connection is resumed with the
         last event's id. EventStreamUnavailable when the stream cannot be read here (also when
         the API key has too many streams open: 429 too_many_streams, not retried)."""
-        drops = 0
-        while drops < MAX_EVENT_RECONNECTS:
-            try:
-                call = self._events_call(job_id, last_event_id)
-                with self._opened(call) as response:
-                    if refusal := _event_stream_refusal(response):
-                        raise refusal
-                    if response.status_code != 200:
-                        response.read()
-                        raise _stream_refused(response)
-                    for sse in EventSource(response).iter_sse():
-                        if event := _event(sse):
-                            drops, last_event_id = 0, event.id or last_event_id
-                            yield event
-                            if event.kind == "done":
-                                return
-            except httpx.TransportError:
-                pass
-            drops += 1
-            time.sleep(RECONNECT_PAUSE_S * (drops - 1))
-        raise EventStreamUnavailable("the event stream kept dropping")
+        following = _Following(job_id, last_event_id)
+        while True:
+            with following.connection() as call, self._opened(call) as response:
+                if not following.streams(response):
+                    response.read()
+                    raise _stream_refused(response)
+                for sse in EventSource(response).iter_sse():
+                    if event := following.event(sse):
+                        yield event
+                    if following.done:
+                        return
+            time.sleep(following.dropped())
 
     def wait(
         self,
@@ -1093,21 +1148,15 @@ class Client(_BaseClient[httpx.BaseTransport]):
         (`waiting_for_budget`); its progress then. Follows the events (each goes to
         `on_event`), or, when the stream is unavailable (told to `on_polling`), polls the
         job every `poll_s` seconds (each reading goes to `on_event` as a snapshot)."""
+        waiting = _Waiting(on_event, on_polling)
         try:
             for event in self.events(job_id):
-                if on_event:
-                    on_event(event)
-                if _stops(event):
-                    assert isinstance(event.data, JobProgress)
-                    return event.data
+                if (progress := waiting.seen(event)) is not None:
+                    return progress
         except EventStreamUnavailable as exc:
-            if on_polling:
-                on_polling(exc)
+            waiting.polling(exc)
         while True:
-            job = self.get_job(job_id)
-            if on_event:
-                on_event(Event("snapshot", None, job))
-            if job.finished or job.waiting_for_budget:
+            if (job := waiting.polled(self.get_job(job_id))) is not None:
                 return job
             time.sleep(poll_s)
 
@@ -1160,27 +1209,19 @@ class AsyncClient(_BaseClient[httpx.AsyncBaseTransport]):
 
     async def events(self, job_id: Id, *, last_event_id: str | None = None) -> AsyncIterator[Event]:
         """See Client.events."""
-        drops = 0
-        while drops < MAX_EVENT_RECONNECTS:
-            try:
-                call = self._events_call(job_id, last_event_id)
+        following = _Following(job_id, last_event_id)
+        while True:
+            with following.connection() as call:
                 async with self._opened(call) as response:
-                    if refusal := _event_stream_refusal(response):
-                        raise refusal
-                    if response.status_code != 200:
+                    if not following.streams(response):
                         await response.aread()
                         raise _stream_refused(response)
                     async for sse in EventSource(response).aiter_sse():
-                        if event := _event(sse):
-                            drops, last_event_id = 0, event.id or last_event_id
+                        if event := following.event(sse):
                             yield event
-                            if event.kind == "done":
-                                return
-            except httpx.TransportError:
-                pass
-            drops += 1
-            await asyncio.sleep(RECONNECT_PAUSE_S * (drops - 1))
-        raise EventStreamUnavailable("the event stream kept dropping")
+                        if following.done:
+                            return
+            await asyncio.sleep(following.dropped())
 
     async def wait(
         self,
@@ -1191,21 +1232,15 @@ class AsyncClient(_BaseClient[httpx.AsyncBaseTransport]):
         on_polling: Callable[[EventStreamUnavailable], None] | None = None,
     ) -> JobProgress:
         """See Client.wait."""
+        waiting = _Waiting(on_event, on_polling)
         try:
             async for event in self.events(job_id):
-                if on_event:
-                    on_event(event)
-                if _stops(event):
-                    assert isinstance(event.data, JobProgress)
-                    return event.data
+                if (progress := waiting.seen(event)) is not None:
+                    return progress
         except EventStreamUnavailable as exc:
-            if on_polling:
-                on_polling(exc)
+            waiting.polling(exc)
         while True:
-            job = await self.get_job(job_id)
-            if on_event:
-                on_event(Event("snapshot", None, job))
-            if job.finished or job.waiting_for_budget:
+            if (job := waiting.polled(await self.get_job(job_id))) is not None:
                 return job
             await asyncio.sleep(poll_s)
 
