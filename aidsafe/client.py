@@ -281,22 +281,29 @@ def _evaluation_options(
     return options
 
 
-def _evaluation_call(
-    path: str, options: Mapping[str, Any], **request: Any
-) -> Call[SubmittedSampleEvaluation]:
-    key = options.get("idempotency_key")
+def _submission(path: str, model: type[M], idempotency_key: str | None, **request: Any) -> Call[M]:
+    """A POST that creates a job: sent again (on 429/503) only with an Idempotency-Key, which
+    makes a repeat answer the first job (`replayed`) rather than create a second."""
     return Call(
         "POST",
         path,
-        _submitted(SubmittedSampleEvaluation),
-        headers=_idempotency(key),
-        idempotent=key is not None,
+        _submitted(model),
+        headers={"Idempotency-Key": idempotency_key} if idempotency_key is not None else {},
+        idempotent=idempotency_key is not None,
         **request,
     )
 
 
-def _idempotency(key: str | None) -> dict[str, str]:
-    return {"Idempotency-Key": key} if key is not None else {}
+def _registration(path: str, model: type[M], document: Mapping[str, Any]) -> Call[M]:
+    """A POST that registers a version by its content: sending it twice registers it once (so
+    it is retried); a 200 (not 201) answers the version registered before, `created` False."""
+    return Call(
+        "POST",
+        path,
+        lambda r: model.model_validate({**r.json(), "created": r.status_code == 201}),
+        json=dict(document),
+        idempotent=True,
+    )
 
 
 def _job_filters(
@@ -594,13 +601,8 @@ class _BaseClient(Generic[TransportT]):
             prompt_set,
             prompt_set_version,
         )
-        return Call(
-            "POST",
-            _path("jobs"),
-            _submitted(SubmittedJob),
-            json={**body, **_labels(label, metadata)},
-            headers=_idempotency(idempotency_key),
-            idempotent=idempotency_key is not None,
+        return _submission(
+            _path("jobs"), SubmittedJob, idempotency_key, json={**body, **_labels(label, metadata)}
         )
 
     @endpoint
@@ -775,13 +777,11 @@ class _BaseClient(Generic[TransportT]):
             body["allow_mismatch"] = True
         if callback_url is not None:
             body["callback_url"] = callback_url
-        return Call(
-            "POST",
+        return _submission(
             _path("comparisons"),
-            _submitted(SubmittedComparison),
+            SubmittedComparison,
+            idempotency_key,
             json={**body, **_labels(label, metadata)},
-            headers=_idempotency(idempotency_key),
-            idempotent=idempotency_key is not None,
         )
 
     @endpoint
@@ -833,7 +833,8 @@ class _BaseClient(Generic[TransportT]):
         """Grade, guard and/or judge samples written elsewhere (POST /v1/sample-evaluations);
         each sample an object read as a JSONL row. `options` as `upload_samples`'."""
         body = {"samples": [dict(s) for s in samples], **_evaluation_options(**options)}
-        return _evaluation_call(_path("sample-evaluations"), options, json=body)
+        key = options.get("idempotency_key")
+        return _submission(_path("sample-evaluations"), SubmittedSampleEvaluation, key, json=body)
 
     @endpoint
     def upload_samples(
@@ -854,9 +855,9 @@ class _BaseClient(Generic[TransportT]):
         path = Path(file)
         kind = file_type or path.suffix.lstrip(".").lower()
         params = _params(file_type=kind, options=json.dumps(_evaluation_options(**options)))
-        return _evaluation_call(
-            _path("sample-evaluations", "upload"), options, params=params, content=path.read_bytes()
-        )
+        key, content = options.get("idempotency_key"), path.read_bytes()
+        upload = _path("sample-evaluations", "upload")
+        return _submission(upload, SubmittedSampleEvaluation, key, params=params, content=content)
 
     @endpoint
     def get_sample_evaluation(self, job_id: Id) -> Call[SampleEvaluation]:
@@ -916,13 +917,11 @@ class _BaseClient(Generic[TransportT]):
             "callback_url": callback_url,
         }
         body.update({name: value for name, value in optional.items() if value is not None})
-        return Call(
-            "POST",
+        return _submission(
             _path("model-evaluations"),
-            _submitted(SubmittedModelEvaluation),
+            SubmittedModelEvaluation,
+            idempotency_key,
             json={**body, **_labels(label, metadata)},
-            headers=_idempotency(idempotency_key),
-            idempotent=idempotency_key is not None,
         )
 
     @endpoint
@@ -948,13 +947,7 @@ class _BaseClient(Generic[TransportT]):
         """Register a version from `{"name", "description", "policies"}` (the layout of
         policies/default.yaml). The same content again is the same version, with `created`
         False (POST /v1/policy-sets)."""
-        return Call(
-            "POST",
-            _path("policy-sets"),
-            lambda r: RegisteredPolicySet.model_validate({**r.json(), "created": r.status_code == 201}),
-            json=dict(document),
-            idempotent=True,  # content-addressed: sending it twice registers it once
-        )
+        return _registration(_path("policy-sets"), RegisteredPolicySet, document)
 
     # --- prompt sets -------------------------------------------------------------------------
 
@@ -974,13 +967,7 @@ class _BaseClient(Generic[TransportT]):
         stages use, by name (the built-in set's, from `get_prompt_set`, are a start), or with
         `"base": {"name", "version"}` only those that differ from that set. The same templates
         again are the same version, with `created` False (POST /v1/prompt-sets)."""
-        return Call(
-            "POST",
-            _path("prompt-sets"),
-            lambda r: RegisteredPromptSet.model_validate({**r.json(), "created": r.status_code == 201}),
-            json=dict(document),
-            idempotent=True,  # content-addressed: sending it twice registers it once
-        )
+        return _registration(_path("prompt-sets"), RegisteredPromptSet, document)
 
     # --- presets ----------------------------------------------------------------------------
 
