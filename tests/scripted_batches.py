@@ -19,6 +19,7 @@ keeps none). The test drives the rest:
     batches.max_file_bytes = 2000 # larger uploads are refused with 400 file_too_large
     batches.max_file_lines = 2    # uploads of more lines are refused with 400 file_too_large
     batches.create_delay_s = 30   # a create answers that late (the batch exists at once)
+    batches.forget(batch_id)      # the provider lost the batch: asked of it, it answers 404
 """
 
 from __future__ import annotations
@@ -162,6 +163,10 @@ class ScriptedBatches:
             batch = self.batches[batch_id]
             batch.status = "failed"
             batch.errors = [{"code": "invalid_request", "message": message, "line": 1, "param": None}]
+
+    def forget(self, batch_id: str) -> None:
+        with self._lock:
+            del self.batches[batch_id]
 
     # --- the routes ---------------------------------------------------------------------
 

@@ -312,6 +312,25 @@ async def test_cancelling_a_batch_job_cancels_its_provider_batch(
     assert [b["status"] for b in job["batch"]["batches"]] == ["cancelled"]
 
 
+async def test_a_batch_the_provider_no_longer_knows_holds_up_no_other_job(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    scripted_llm: ScriptedLLM,
+    workers: list[subprocess.Popen[bytes]],
+) -> None:
+    scripted_llm.batches.hold = True
+    await submit(batch_api, auth, PROMPTS[:2], delivery="batch")
+    workers.append(start_worker(batch_settings))
+    [lost] = await eventually(lambda: _in_progress(scripted_llm, 1), what="a batch in progress")
+    scripted_llm.batches.forget(lost)  # each poll of it is now a 404: a refusal, not a fault
+    scripted_llm.batches.hold = False
+
+    other = await submit(batch_api, auth, PROMPTS[2:4], delivery="batch")
+
+    await eventually(lambda: _job_completed(batch_api, auth, other), timeout_s=60, what="the other job")
+
+
 # --- done means: 200 prompts, a worker killed, a batch expired, exports as online's --------------
 
 EXPORTS = ("jsonl", "trl_sft", "aidsafe_csv")

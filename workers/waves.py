@@ -46,8 +46,11 @@ async def run_round(settings: Settings, sessions: Sessions, redis: ArqRedis, api
     for held in await batches.take_due(sessions, settings.batch_lease_s):
         try:
             await _lead(settings, sessions, api, held)
-        except BatchUnavailable as fault:  # the provider is away: the next poll tries again
-            log.warning("batch %s: %s", held.id, fault)
+        except Exception as fault:
+            # The provider away, or a fault of this batch alone (a poll refused, say): the next
+            # poll tries again. Raised on, it ended every round, the batch first in line for
+            # never being advanced: no other batch moved and no answered item was queued again.
+            log.warning("batch %s: %s", held.id, fault, exc_info=not isinstance(fault, BatchUnavailable))
             await batches.advance(sessions, held, settings.batch_poll_interval_s)
         finally:
             await batches.release(sessions, held.id)
