@@ -30,7 +30,7 @@ from app.store import deletions
 from app.store.db import Sessions
 from app.store.models import Batch, BatchRequest, Cot, Item, Job, TurnRow
 from tests.conftest import api_client, eventually, run_worker_burst, start_worker, submit
-from tests.scripted_llm import ScriptedLLM, agree, default_answer, malformed
+from tests.scripted_llm import Reply, ScriptedLLM, agree, default_answer, malformed
 from workers.waves import run_round
 
 PROMPTS = [f"Question {n}: how do tides and currents shape a coastline?" for n in range(20)]
@@ -131,12 +131,16 @@ async def _drive(settings: Settings, sessions: Sessions, redis: ArqRedis, job_id
 
 
 async def _drive_until(
-    settings: Settings, sessions: Sessions, redis: ArqRedis, done: Callable[[], Awaitable[bool]]
+    settings: Settings,
+    sessions: Sessions,
+    redis: ArqRedis,
+    done: Callable[[], Awaitable[bool]],
+    rounds: int = 400,
 ) -> None:
-    """Run the worker (burst) and a batch round in turn until `done`."""
+    """Run the worker (burst) and a batch round in turn until `done`, at most `rounds` times."""
     api = BatchAPI(settings.endpoints())
     try:
-        for _ in range(400):
+        for _ in range(rounds):
             await run_worker_burst(settings)
             await run_round(settings, sessions, redis, api)
             if await done():
@@ -329,6 +333,27 @@ async def test_a_batch_the_provider_no_longer_knows_holds_up_no_other_job(
     other = await submit(batch_api, auth, PROMPTS[2:4], delivery="batch")
 
     await eventually(lambda: _job_completed(batch_api, auth, other), timeout_s=60, what="the other job")
+
+
+async def test_a_batch_answer_postgres_cannot_store_is_stored_with_it_replaced(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    intents = default_answer("intent_decomposition", {"messages": [{"role": "user", "content": PROMPTS[0]}]})
+    assert isinstance(intents, Reply) and intents.content is not None
+    scripted_llm.script("intent_decomposition", Reply(intents.content + "\x00"))
+
+    job_id = await submit(batch_api, auth, PROMPTS[:1], delivery="batch")
+    await _drive_until(
+        batch_settings, sessions, arq_redis, lambda: _all_finished(sessions, job_id), rounds=30
+    )
+
+    job = (await batch_api.get(f"/v1/jobs/{job_id}", headers=auth)).json()
+    assert job["counts"]["by_status"] == {"completed": 1}
 
 
 # --- done means: 200 prompts, a worker killed, a batch expired, exports as online's --------------

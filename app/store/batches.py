@@ -39,6 +39,7 @@ from app.deliberation.ports import ChatReply, ChatRequest, LLMClient, LLMRequest
 from app.llm.batch_api import input_line
 from app.llm.client import UnreadableCompletion, chat_payload, completion_reply, fitted
 from app.plan import GenerationPlan, JobPlan, Unanswered
+from app.storable import replace_unstorable
 from app.store import quality
 from app.store.db import Sessions
 from app.store.endings import Ending
@@ -370,13 +371,24 @@ async def collect(
             await session.execute(
                 update(BatchRequest)
                 .where(mine, BatchRequest.id == request_id)
-                .values(status=BatchRequestStatus.ANSWERED, answer=answer, body={}, answered_at=func.now())
+                # As an online reply's turn is: a NUL (or a lone surrogate) would fail the
+                # update, and the batch's every poll after it, for ever.
+                .values(
+                    status=BatchRequestStatus.ANSWERED,
+                    answer=replace_unstorable(answer),
+                    body={},
+                    answered_at=func.now(),
+                )
             )
         for request_id, error in outcome.rejected.items():
             await session.execute(
                 update(BatchRequest)
                 .where(mine, BatchRequest.id == request_id)
-                .values(status=BatchRequestStatus.REJECTED, error=error, answered_at=func.now())
+                .values(
+                    status=BatchRequestStatus.REJECTED,
+                    error=replace_unstorable(error),
+                    answered_at=func.now(),
+                )
             )
         if held.unanswered == "online":
             await session.execute(
