@@ -356,6 +356,31 @@ async def test_a_batch_answer_postgres_cannot_store_is_stored_with_it_replaced(
     assert job["counts"]["by_status"] == {"completed": 1}
 
 
+async def test_a_cancelled_batch_job_is_deleted_only_once_its_provider_batch_is_cancelled(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    scripted_llm.batches.hold = True
+    job_id = await submit(batch_api, auth, PROMPTS[:3], delivery="batch")
+    await _drive_until(
+        batch_settings, sessions, arq_redis, lambda: _provider_status(scripted_llm, "in_progress")
+    )
+    await batch_api.post(f"/v1/jobs/{job_id}/cancel", headers=auth)
+
+    early = await batch_api.delete(f"/v1/jobs/{job_id}", headers=auth)
+    await _drive_until(
+        batch_settings, sessions, arq_redis, lambda: _provider_status(scripted_llm, "cancelled"), rounds=20
+    )
+    deleted = await batch_api.delete(f"/v1/jobs/{job_id}", headers=auth)
+
+    assert (early.status_code, early.json()["error"]["code"]) == (409, "job_running")
+    assert deleted.status_code == 200, deleted.text
+
+
 # --- done means: 200 prompts, a worker killed, a batch expired, exports as online's --------------
 
 EXPORTS = ("jsonl", "trl_sft", "aidsafe_csv")

@@ -300,7 +300,8 @@ async def delete_job(
     turns, CoTs, preference pairs, judgements, annotations, its progress events and its
     Idempotency-Key (which is free again), in one transaction. Answers the deletion's
     trace, which GET /v1/deletions keeps listing. 409 `job_running` while items are queued
-    or running (cancel the job first); 409 `job_in_comparison` while comparisons judge its
+    or running (cancel the job first), or a cancelled batch job's provider batches are not yet
+    cancelled; 409 `job_in_comparison` while comparisons judge its
     samples (their ids in `details.comparison_ids`: delete them first). Deleting again is a 404."""
     deletion = await deletions.delete_job(session, job_id, key.id)
     await session.commit()

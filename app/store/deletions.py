@@ -26,6 +26,7 @@ from app.store.models import (
     WAITING,
     ApiKey,
     Base,
+    Batch,
     BatchRequest,
     Item,
     ItemStatus,
@@ -59,15 +60,19 @@ DERIVED = [t for t in reversed(Base.metadata.sorted_tables) if t is not Job.__ta
 async def delete_job(session: AsyncSession, job_id: UUID, key_id: UUID) -> JobDeletion:
     """Delete this key's finished job and its rows in the caller's transaction, and record
     the deletion. NotFound for another key's job or none (so also when deleted already),
-    JobRunning while items are queued or running, JobInComparison while comparisons use it."""
+    JobRunning while items are queued, running or waiting or its provider batches are open
+    (a cancelled job's, until the workers cancel them), JobInComparison while comparisons use it."""
     job = jobs.owned(
         await session.scalar(select(Job).where(Job.id == job_id).with_for_update()), job_id, key_id
     )
     unfinished = select(Item.id).where(Item.job_id == job_id, Item.status.in_(UNFINISHED)).exists()
-    if await session.scalar(select(unfinished)):
+    # A cancelled batch job's items end at once, its provider batches when the workers cancel
+    # them: deleted before, their rows would be gone, and the batches run on, paid for.
+    open_batches = select(Batch.id).where(Batch.job_id == job_id, Batch.finished_at.is_(None)).exists()
+    if await session.scalar(select(unfinished | open_batches)):
         raise JobRunning(
-            f"job {job_id} has queued, running or waiting items: cancel it (POST /v1/jobs/{job_id}/cancel) "
-            "and delete it once it has ended"
+            f"job {job_id} has queued, running or waiting items, or provider batches not yet ended: "
+            f"cancel it (POST /v1/jobs/{job_id}/cancel) and delete it once it has ended"
         )
     if users := await comparisons_using(session, job_id):
         raise JobInComparison(
