@@ -381,6 +381,31 @@ async def test_a_cancelled_batch_job_is_deleted_only_once_its_provider_batch_is_
     assert deleted.status_code == 200, deleted.text
 
 
+async def test_a_batch_whose_cancel_the_provider_refuses_ends_so_its_job_can_be_deleted(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    scripted_llm.batches.hold = True
+    job_id = await submit(batch_api, auth, PROMPTS[:3], delivery="batch")
+    await _drive_until(
+        batch_settings, sessions, arq_redis, lambda: _provider_status(scripted_llm, "in_progress")
+    )
+    [lost] = scripted_llm.batches.created()
+    scripted_llm.batches.forget(lost["id"])  # its cancel is a 404
+    await batch_api.post(f"/v1/jobs/{job_id}/cancel", headers=auth)
+
+    async def deleted() -> bool:
+        return (await batch_api.delete(f"/v1/jobs/{job_id}", headers=auth)).status_code == 200
+
+    await _drive_until(batch_settings, sessions, arq_redis, deleted, rounds=20)
+
+    assert scripted_llm.batches.cancel_requests == [lost["id"]]
+
+
 # --- done means: 200 prompts, a worker killed, a batch expired, exports as online's --------------
 
 EXPORTS = ("jsonl", "trl_sft", "aidsafe_csv")

@@ -166,7 +166,12 @@ async def _cancel(settings: Settings, sessions: Sessions, api: BatchAPI, held: H
     """The job was cancelled: so is its provider batch."""
     seen = None
     if held.provider_batch_id is not None:
-        seen = await api.cancel(held.endpoint, held.provider_batch_id)
+        try:
+            seen = await api.cancel(held.endpoint, held.provider_batch_id)
+        except BatchRefused as refused:
+            # It ended already, or the provider has none: nothing runs to cancel. Left open,
+            # the batch was asked again every poll for ever, and kept its job from deletion.
+            log.warning("batch %s: the provider refused its cancel: %s", held.id, refused)
     await batches.collect(
         sessions,
         held,
