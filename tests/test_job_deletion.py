@@ -440,6 +440,24 @@ async def test_a_worker_purges_old_hazardous_text_when_the_setting_is_on(
     assert await stored_markers(sessions) == set()
 
 
+async def test_a_worker_purges_every_old_job_at_its_interval_not_only_the_first_twenty(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions, workers: list[Any]
+) -> None:
+    old = [(await submit(api, auth, ["Why is the sky blue?"]))["id"] for _ in range(25)]
+    for job_id in old:
+        assert (await api.post(f"/v1/jobs/{job_id}/cancel", headers=auth)).status_code == 200
+    await make_old(sessions, old, days=3)
+    hourly = {"purge_hazardous_after_days": 2, "purge_interval_s": 3600}
+    workers.append(start_worker(settings.model_copy(update=hourly)))
+
+    async def all_purged() -> bool:
+        async with sessions() as session:
+            left = select(Job.id).where(Job.hazardous_purged_at.is_(None))
+            return not await session.scalar(select(left.exists()))
+
+    await eventually(all_purged, what="every old job purged at the worker's first purge")
+
+
 async def test_the_purge_keeps_a_guards_flags_on_an_imported_sample_and_drops_its_words(
     api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions, scripted_llm: ScriptedLLM
 ) -> None:

@@ -395,7 +395,9 @@ async def _purge_forever(worker: Worker, older_than: timedelta) -> None:
     """Blank old hazardous text (setting purge_hazardous_after_days), in one worker per interval."""
 
     async def purge() -> None:
-        if purged := await deletions.purge_hazardous(worker.sessions, older_than):
+        # Until none is left: a purge of 20 jobs an interval (an hour) fell behind for ever
+        # once more than 480 jobs a day came of age, keeping their hazardous text past N days.
+        while purged := await deletions.purge_hazardous(worker.sessions, older_than):
             log.info("purged the hazardous text of %d jobs", purged)
 
     await _one_per_interval(worker, "purger", worker.settings.purge_interval_s, purge)
