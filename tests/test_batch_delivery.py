@@ -24,7 +24,7 @@ from sqlalchemy import func, select, update
 
 from aidsafe.models import BatchProgress
 from app.cli.follow import wave_text
-from app.config import BatchConfig, Prices, Settings
+from app.config import BatchConfig, EndpointConfig, Prices, Settings
 from app.llm.batch_api import BatchAPI
 from app.store import deletions
 from app.store.db import Sessions
@@ -404,6 +404,31 @@ async def test_a_batch_whose_cancel_the_provider_refuses_ends_so_its_job_can_be_
     await _drive_until(batch_settings, sessions, arq_redis, deleted, rounds=20)
 
     assert scripted_llm.batches.cancel_requests == [lost["id"]]
+
+
+async def test_requests_for_an_endpoint_taken_out_of_the_configuration_fail_and_hold_up_no_other_job(
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    second_llm: ScriptedLLM,
+) -> None:
+    second = EndpointConfig(base_url=second_llm.base_url, default_model="second-model", batch=BatchConfig())
+    before = batch_settings.model_copy(update={"llm_endpoints": {"second": second}})
+    async with api_client(before) as api:
+        gone = await submit(api, auth, PROMPTS[:2], delivery="batch", defaults={"endpoint": "second"})
+    await run_worker_burst(before)  # its first requests are filed for "second"
+    after = batch_settings.model_copy(update={"llm_endpoints": {}})  # the operator took it out
+    async with api_client(after) as api:
+        other = await submit(api, auth, PROMPTS[2:4], delivery="batch")
+
+        await _drive_until(after, sessions, arq_redis, lambda: _all_finished(sessions, other), rounds=40)
+        await _drive_until(after, sessions, arq_redis, lambda: _all_finished(sessions, gone), rounds=5)
+
+        job = (await api.get(f"/v1/jobs/{gone}", headers=auth)).json()
+        assert job["counts"]["by_status"] == {"failed": 2}
+        items = (await api.get(f"/v1/jobs/{gone}/items", headers=auth)).json()["data"]
+        assert {i["error_code"] for i in items} == {"llm_request_rejected"}
 
 
 # --- done means: 200 prompts, a worker killed, a batch expired, exports as online's --------------

@@ -193,6 +193,20 @@ async def _form_wave(sessions: Sessions, job_id: UUID, endpoints: dict[str, Endp
             by_endpoint.setdefault(row.endpoint, []).append(request)
         made = 0
         for endpoint, requests in sorted(by_endpoint.items()):
+            if endpoint not in endpoints:
+                # Taken out of the configuration since they were filed: they fail their items,
+                # as a new call to it does (BatchedLLM.chat). A KeyError here failed every
+                # round, and with it every batch job's waves, for ever.
+                await session.execute(
+                    update(BatchRequest)
+                    .where(BatchRequest.id.in_([request_id for request_id, _ in requests]))
+                    .values(
+                        status=BatchRequestStatus.REJECTED,
+                        error=f"unknown LLM endpoint {endpoint!r}",
+                        answered_at=func.now(),
+                    )
+                )
+                continue
             limits = endpoints[endpoint].batch or BatchConfig()
             for part in split(requests, limits.max_requests, limits.max_file_bytes):
                 batch_id = await _open_batch(session, job_id, job.owner_key_id, wave, endpoint, part)
