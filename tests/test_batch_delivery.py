@@ -648,6 +648,28 @@ async def test_an_input_file_the_provider_refuses_is_split_until_the_provider_ta
     assert all("file_too_large" in error for error in refused)
 
 
+async def test_a_batch_that_fails_validation_is_split_until_the_provider_takes_it(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    prompts = PROMPTS[:6]
+    online = await _online_run(batch_api, auth, batch_settings, scripted_llm, prompts)
+    # Taken at upload, a batch of more lines fails in validation (as over an enqueued-token limit).
+    scripted_llm.batches.max_requests = 2
+
+    job_id = await submit(batch_api, auth, prompts, delivery="batch")
+    await _drive(batch_settings, sessions, arq_redis, job_id)
+
+    await _same_as_online(sessions, scripted_llm, online, job_id)
+    assert {b["status"] for b in scripted_llm.batches.created() if b["request_counts"]["total"] > 2} == {
+        "failed"
+    }
+
+
 async def test_a_request_whose_file_the_provider_refuses_alone_fails_its_item_with_the_reason(
     batch_api: httpx.AsyncClient,
     auth: dict[str, str],

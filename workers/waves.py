@@ -114,6 +114,12 @@ async def _poll(settings: Settings, sessions: Sessions, api: BatchAPI, held: Hel
             sessions, held, settings.batch_poll_interval_s, provider_status=status, request_counts=counts
         )
         return
+    if status == "failed" and not seen.get("output_file_id"):
+        # Failed in validation, nothing run: split as a file refused at upload is (a line the
+        # provider will not take, more tokens than its queue holds). Sent again whole, every
+        # request in it failed its item after batch_max_submissions waves.
+        await _refuse(sessions, held, f"failed validation: {str(seen.get('errors'))[:500]}")
+        return
     outcome = Outcome({}, {})
     for file_id in (seen.get("output_file_id"), seen.get("error_file_id")):
         if file_id:

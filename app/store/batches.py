@@ -16,7 +16,7 @@ Every id a provider gives (input file, batch) is stored before it is used, and a
 holds a batch by a lease, so any worker resumes a batch whose worker died. An answer is
 stored once (only a request still `submitted` in that batch takes it) and becomes a turn
 once (the turn log's unique key). A request its batch did not answer (expired, cancelled,
-failed, a server error) is pending again and goes in the next wave, up to
+a server error) is pending again and goes in the next wave, up to
 `batch_max_submissions` times; then, or when the provider refuses it, its item fails.
 """
 
@@ -427,10 +427,11 @@ async def collect(
 
 
 async def split_refused(sessions: Sessions, held: Held, detail: str) -> int:
-    """The provider refused the batch's file whole (too large, invalid): end the batch as
-    refused and, if it has several requests, split them into two new batches of the same
-    wave (so a file over a limit we did not know gets under it, and a bad line ends up
-    alone); a lone request is refused. The number of batches made (0, 1 or 2)."""
+    """The provider refused the batch's file whole (too large, invalid; at upload or in the
+    batch's validation): end the batch as refused and, if it has several requests, split
+    them into two new batches of the same wave (so a file over a limit we did not know gets
+    under it, and a bad line ends up alone); a lone request is refused. The number of
+    batches made (0, 1 or 2)."""
     async with sessions.begin() as session:
         ended = await session.execute(
             update(Batch)
