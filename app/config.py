@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Jobs name endpoints in their config: a name is capped, so an unknown one quoted back in a
+# 422 is a line, not as much of the body as its sender chose.
+MAX_ENDPOINT_NAME_CHARS = 100
+EndpointName = Annotated[str, Field(min_length=1, max_length=MAX_ENDPOINT_NAME_CHARS)]
 
 
 class Prices(BaseModel):
@@ -107,7 +112,7 @@ class Settings(BaseSettings):
         None  # the default endpoint's batch API, as JSON; see EndpointConfig.batch
     )
     # More endpoints by name, as JSON: {"vllm": {"base_url": "http://gpu:8000/v1"}}
-    llm_endpoints: dict[str, EndpointConfig] = Field(default_factory=dict)
+    llm_endpoints: dict[EndpointName, EndpointConfig] = Field(default_factory=dict)
     # Prices by endpoint name, "default" included, as JSON: {"default": {"input": 0.15,
     # "cached_input": 0.075, "output": 0.6}}. An endpoint may carry its own `prices` instead.
     llm_prices: dict[str, Prices] = Field(default_factory=dict)
@@ -150,7 +155,7 @@ class Settings(BaseSettings):
     max_reasks: int = Field(default=2, ge=0, le=50)
     # The fallback every job gets unless it names its own (or `"fallback": false`): when an
     # agent refuses a stage, the same request goes to this endpoint and model. Unset: none.
-    fallback_endpoint: str | None = None
+    fallback_endpoint: EndpointName | None = None
     fallback_model: str | None = None  # unset: the fallback endpoint's default model
     fallback_temperature: float | None = Field(default=None, ge=0, le=2)  # unset: the job's default
     # Named job configs a job may start from, one YAML file each (see the README's "Presets");

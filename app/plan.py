@@ -12,7 +12,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
-from app.config import EndpointConfig, Prices, Settings
+from app.config import EndpointConfig, EndpointName, Prices, Settings
 from app.deliberation.budget import (
     RequestBudget,
     estimate_tokens,
@@ -59,7 +59,7 @@ class RoleIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    endpoint: str | None = Field(default=None, description="Name of a configured endpoint.")
+    endpoint: EndpointName | None = Field(default=None, description="Name of a configured endpoint.")
     model: str | None = Field(default=None, max_length=200)
     temperature: float | None = Field(default=None, ge=0, le=2)
     instructions: str | None = Field(
@@ -144,7 +144,7 @@ class FallbackIn(BaseModel):
     """Fields left out fall back to the server's fallback settings, then the endpoint's."""
 
     model_config = ConfigDict(extra="forbid")
-    endpoint: str | None = Field(default=None, description="Name of a configured endpoint.")
+    endpoint: EndpointName | None = Field(default=None, description="Name of a configured endpoint.")
     model: str | None = Field(default=None, max_length=200)
     temperature: float | None = Field(default=None, ge=0, le=2)
 
@@ -410,7 +410,7 @@ class TargetIn(BaseModel):
         pattern=r"^[^\x00-\x1f\x7f]+$",
         description="Its column in the report. Default: `endpoint:model`. Names must differ.",
     )
-    endpoint: str | None = Field(default=None, description="Name of a configured endpoint.")
+    endpoint: EndpointName | None = Field(default=None, description="Name of a configured endpoint.")
     model: str | None = Field(default=None, max_length=200)
     temperature: float | None = Field(
         default=None, ge=0, le=2, description="Default 0: a rerun asks what the first run asked."

@@ -502,6 +502,26 @@ async def test_a_refusal_lists_the_first_problems_and_counts_them_all(
     assert len(error["details"]) == MAX_LISTED_PROBLEMS
 
 
+async def test_a_name_the_server_does_not_know_is_capped_before_it_is_quoted_back(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    """An unknown endpoint or policy-set version is quoted in its 422: a name of megabytes was
+    quoted whole, a refusal as large as the body."""
+    long = "x" * 1_000_000
+    benchmark = {"name": "b", "prompts": [{"prompt": "p", "expected": "refuse", "category": "c"}]}
+    refused = [
+        ("/v1/jobs", {"prompts": ["hi"], "config": {"defaults": {"endpoint": long}}}),
+        ("/v1/jobs", {"prompts": ["hi"], "config": {"fallback": {"endpoint": long}}}),
+        ("/v1/jobs", {"prompts": ["hi"], "policy_set": {"name": "aidsafe-default", "version": long}}),
+        ("/v1/model-evaluations", {"benchmarks": [benchmark], "targets": [{"endpoint": long}]}),
+    ]
+    for path, body in refused:
+        response = await api.post(path, json=body, headers=auth)
+
+        error_of(response, 422, "validation_error")
+        assert len(response.content) < 10_000, (path, len(response.content))
+
+
 async def test_an_unexpected_error_is_a_json_500_that_shows_nothing_of_the_request(
     settings: Settings,
 ) -> None:

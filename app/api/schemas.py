@@ -109,7 +109,7 @@ class PromptIn(BaseModel):
 class PolicySetRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(default="aidsafe-default", max_length=100)
-    version: str | None = Field(default=None, description="Content hash; newest if omitted.")
+    version: str | None = Field(default=None, max_length=32, description="Content hash; newest if omitted.")
 
 
 class PromptSetRef(BaseModel):
