@@ -288,6 +288,15 @@ async def test_a_bad_file_is_refused_naming_its_row_and_column_and_nothing_is_st
     assert await stored(sessions) == NOTHING
 
 
+def test_a_missing_column_lists_the_files_columns_cut_to_a_readable_length() -> None:
+    """Fifty CSV fields of 199,000 characters each, listed whole, made a 422 of 10 MB."""
+    header = ",".join(f"c{n}" + "a" * 199_000 for n in range(50))
+    with pytest.raises(SampleFileError, match="has no column 'prompt'") as refused:
+        read_samples(f"{header}\n{','.join('1' * 50)}\n".encode(), "csv")
+    assert len(refused.value.message) < 10_000
+    assert "c49aaa" in refused.value.message
+
+
 async def test_csv_broken_before_a_byte_that_is_not_utf8_is_refused_at_the_first_problem(
     api: httpx.AsyncClient, auth: Headers, sessions: Sessions
 ) -> None:
