@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import ServiceError
 from app.labeling.reviews import Parsed, Review, Skipped
-from app.store.annotations import ReviewedCot, add_versions, retract, reviewed_cots
+from app.store.annotations import Deletion, ReviewedCot, add_versions, retract, reviewed_cots
 
 INSERT_BATCH = 200
 
@@ -70,20 +70,19 @@ async def record_reviews(
         inserted += await add_versions(session, rows[start : start + INSERT_BATCH])
         await asyncio.sleep(0)
     skipped = list(parsed.skipped)
-    retracted = 0
+    deletions: dict[tuple[str, str], Deletion] = {}
+    for r in parsed.retractions:  # the first mention of each annotation withdraws it
+        deletions.setdefault((r.source, r.external_id), Deletion(r.source, r.external_id, r.raw))
+    withdrawn = await retract(
+        session, owner_key_id=owner_key_id, deletions=list(deletions.values()), webhook_id=webhook_id
+    )
+    found, mentioned = set(withdrawn), set[tuple[str, str]]()
     for retraction in parsed.retractions:
-        withdrawn = await retract(
-            session,
-            owner_key_id=owner_key_id,
-            source=retraction.source,
-            external_id=retraction.external_id,
-            raw=retraction.raw,
-            webhook_id=webhook_id,
-        )
-        if withdrawn == 0:
+        named = (retraction.source, retraction.external_id)
+        if named not in found or named in mentioned:
             skipped.append(Skipped(retraction.external_id, "deleted, but no current review has this id"))
-        retracted += withdrawn
-    return ImportReport(inserted, len(rows) - inserted, retracted, skipped)
+        mentioned.add(named)
+    return ImportReport(inserted, len(rows) - inserted, len(withdrawn), skipped)
 
 
 def _row(review: Review, cot: ReviewedCot, owner_key_id: UUID, webhook_id: UUID | None) -> dict[str, Any]:

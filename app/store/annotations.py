@@ -3,15 +3,18 @@ retractions, and what they mean for exports (app.labeling.imports checks them fi
 
 from __future__ import annotations
 
+import json
 from typing import Any, NamedTuple
 from uuid import UUID
 
 from sqlalchemy import (
     ARRAY,
     ColumnElement,
+    Text,
     and_,
     any_,
     bindparam,
+    cast,
     exists,
     false,
     func,
@@ -163,23 +166,38 @@ async def add_versions(session: AsyncSession, rows: list[dict[str, Any]]) -> int
     return len((await session.execute(_ADD_VERSIONS, rows)).all())
 
 
-async def retract(
-    session: AsyncSession,
-    *,
-    owner_key_id: UUID,
-    source: str,
-    external_id: str,
-    raw: dict[str, Any],
-    webhook_id: UUID | None,
-) -> int:
-    """Append a retraction to each current annotation of the owner's with this tool id;
-    returns how many were withdrawn.
+class Deletion(NamedTuple):
+    """An annotation deleted in the tool: the tool, its id of the annotation, what it sent."""
 
-    The deletion event names only the tool's id, not the item, so it reaches every item of
+    source: str
+    external_id: str
+    raw: dict[str, Any]
+
+
+async def retract(
+    session: AsyncSession, *, owner_key_id: UUID, deletions: list[Deletion], webhook_id: UUID | None
+) -> list[tuple[str, str]]:
+    """Append a retraction to each current annotation of the owner's that a deletion names
+    (name each annotation once); the source and tool id of each annotation withdrawn, one
+    per retraction appended.
+
+    A deletion event names only the tool's id, not the item, so it reaches every item of
     the owner's where that id is current, except annotations another webhook delivered: a
     second tool instance, which numbers its annotations from 1 too, cannot withdraw them.
     The retraction is the annotation's newest version (at least a microsecond after the
-    version it withdraws, whatever the tool's clock said)."""
+    version it withdraws, whatever the tool's clock said). One statement for them all: a
+    statement per deletion made an event of 16,000 of them 45 s of Postgres."""
+    if not deletions:
+        return []
+    deleted = (
+        func.unnest(
+            bindparam("sources", [d.source for d in deletions], type_=ARRAY(Text)),
+            bindparam("external_ids", [d.external_id for d in deletions], type_=ARRAY(Text)),
+            bindparam("raws", [json.dumps(d.raw) for d in deletions], type_=ARRAY(Text)),
+        )
+        .table_valued("source", "external_id", "raw")
+        .render_derived(name="deleted")
+    )
     versions = aliased(Annotation)
     identity = (
         versions.owner_key_id,
@@ -202,38 +220,42 @@ async def retract(
             func.greatest(func.now(), func.max(versions.annotated_at) + text("interval '1 microsecond'")),
             true(),
             literal([], JSONB),
-            literal(raw, JSONB),
+            cast(deleted.c.raw, JSONB),
         )
-        .where(
-            versions.owner_key_id == owner_key_id,
-            versions.source == source,
-            versions.external_id == external_id,
+        .join_from(
+            versions,
+            deleted,
+            and_(versions.source == deleted.c.source, versions.external_id == deleted.c.external_id),
         )
-        .group_by(*identity)
+        .where(versions.owner_key_id == owner_key_id)
+        .group_by(*identity, deleted.c.raw)
         .having(
             ~func.array_agg(newest_first)[1],  # not withdrawn already
             or_(delivered_here, ~delivered_elsewhere),
         )
     )
-    statement = insert(Annotation).from_select(
-        [
-            "id",
-            "owner_key_id",
-            "item_id",
-            "job_id",
-            "source",
-            "external_id",
-            "webhook_id",
-            "annotator",
-            "annotated_at",
-            "retracted",
-            "flagged_thoughts",
-            "raw",
-        ],
-        withdrawn,
+    statement = (
+        insert(Annotation)
+        .from_select(
+            [
+                "id",
+                "owner_key_id",
+                "item_id",
+                "job_id",
+                "source",
+                "external_id",
+                "webhook_id",
+                "annotator",
+                "annotated_at",
+                "retracted",
+                "flagged_thoughts",
+                "raw",
+            ],
+            withdrawn,
+        )
+        .returning(Annotation.source, Annotation.external_id)
     )
-    result = await session.execute(statement)
-    return int(result.rowcount)  # type: ignore[attr-defined]
+    return [(source, external_id) for source, external_id in await session.execute(statement)]
 
 
 class ReviewedCot(NamedTuple):
