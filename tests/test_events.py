@@ -27,7 +27,7 @@ from app.events import ItemFinished, JobEventSource, announce_item_finished, fol
 from app.queue import REQUEST_RETRIES, bound_calls, redis_settings
 from app.store import jobs
 from app.store.db import Sessions
-from app.store.models import Item, ItemStatus, Job
+from app.store.models import ApiKey, Item, ItemStatus, Job
 from tests.conftest import new_key, run_worker_burst, served
 from tests.scripted_llm import ScriptedLLM, refusal
 from tests.test_api import error_of, submit
@@ -566,3 +566,58 @@ async def test_the_process_holds_only_so_many_streams_open_whoever_opens_them(
                 await third.aread()
             assert "server" in error_of(third, 429, "too_many_streams")["message"]
             assert third.headers["Retry-After"] == "5"
+
+
+async def kinds_until_closed(stream: Any, after_first: Callable[[], Any]) -> list[str]:
+    """The events of an open stream until the server closes it; `after_first` is awaited once
+    the first event (the opening snapshot) has come."""
+    received: list[str] = []
+    async for sse in stream.aiter_sse():
+        if sse.event == "message" and not sse.data:  # the opening comment with `retry`
+            continue
+        received.append(sse.event)
+        if len(received) == 1:
+            await after_first()
+    return received
+
+
+async def test_a_stream_ends_once_its_key_is_revoked_and_the_reconnection_is_refused(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    """A stream of a job that runs for days outlived its key's revocation by as long."""
+    job = await submit(api, auth, ["a"])  # no worker runs: the job never ends
+    quick = settings.model_copy(update={"events_resync_s": 0.3, "api_key_cache_s": 0})
+
+    async def revoke() -> None:
+        async with sessions.begin() as session:
+            await session.execute(update(ApiKey).values(revoked_at=func.now()))  # the only key
+
+    with served(quick) as base_url:
+        async with (
+            httpx.AsyncClient(base_url=base_url, timeout=10) as client,
+            aconnect_sse(client, "GET", f"/v1/jobs/{job['id']}/events", headers=auth) as stream,
+        ):
+            received = await asyncio.wait_for(kinds_until_closed(stream, revoke), 10)
+            again = await client.get(f"/v1/jobs/{job['id']}/events", headers=auth)
+
+    assert received == ["snapshot"]
+    error_of(again, 401, "unauthorized")
+
+
+async def test_a_viewer_stream_ends_once_its_session_is_logged_out(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings
+) -> None:
+    job = await submit(api, auth, ["a"])  # no worker runs: the job never ends
+    quick = settings.model_copy(update={"events_resync_s": 0.3})
+
+    with served(quick) as base_url:
+        async with httpx.AsyncClient(base_url=base_url, timeout=10) as viewer:
+            await logged_in(viewer, auth)
+
+            async def log_out() -> None:
+                assert (await viewer.post("/view/logout")).status_code == 303
+
+            async with aconnect_sse(viewer, "GET", f"/view/jobs/{job['id']}/events") as stream:
+                received = await asyncio.wait_for(kinds_until_closed(stream, log_out), 10)
+
+    assert received == ["snapshot"]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 from uuid import UUID
@@ -14,12 +14,12 @@ from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.api.bodies import inlined
-from app.api.deps import OwnedJob, SessionDep
+from app.api.deps import CurrentKey, OwnedJob, SessionDep
 from app.api.errors import documented_beside_a_stream
 from app.api.schemas import ItemFinishedOut, JobProgressOut
 from app.api.state import api_state
 from app.events import JobEventSource, follow
-from app.store import jobs
+from app.store import jobs, keys
 from app.store.models import Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -27,12 +27,19 @@ RETRY_MS = 2_000  # how long an EventSource waits before it reconnects
 LastEventIdHeader = Annotated[str | None, Header()]
 
 
+# Whether the caller may still read the job (its key not revoked, its viewer session live),
+# asked in a session of its own.
+StillAllowed = Callable[[AsyncSession], Awaitable[bool]]
+
+
 @dataclass(frozen=True)
 class ResumedEvents:
-    """A job's events, and the id of the last one the client has (None: from now)."""
+    """A job's events, the id of the last one the client has (None: from now), and whether
+    its caller may still read them."""
 
     source: JobEventSource
     last_event_id: str | None
+    allowed: Callable[[], Awaitable[bool]]
 
 
 def job_event_source(request: Request, job_id: UUID) -> JobEventSource:
@@ -50,7 +57,7 @@ def job_event_source(request: Request, job_id: UUID) -> JobEventSource:
 
 @asynccontextmanager
 async def resumed(
-    request: Request, session: AsyncSession, job: Job, last_event_id: str | None
+    request: Request, session: AsyncSession, job: Job, last_event_id: str | None, still_allowed: StillAllowed
 ) -> AsyncIterator[ResumedEvents]:
     """The job's events from `last_event_id`, for a route's dependency with yield: the seat of
     the job's key among its open streams is held until the response ends. A key at its cap and
@@ -59,22 +66,40 @@ async def resumed(
     with api_state(request).open_streams.seat(job.owner_key_id):
         # The stream may last hours: give the connection back now, each snapshot takes its own.
         await session.close()
+        sessions = api_state(request).sessions
         source = job_event_source(request, job.id)
         if last_event_id:
             await source.check_sent(last_event_id, job.created_at)
-        yield ResumedEvents(source, last_event_id or None)
+
+        async def allowed() -> bool:
+            async with sessions() as own:
+                return await still_allowed(own)
+
+        yield ResumedEvents(source, last_event_id or None, allowed)
 
 
 async def server_sent(events: ResumedEvents) -> AsyncIterator[ServerSentEvent]:
     yield ServerSentEvent(comment="connected", retry=RETRY_MS)
-    async for event in follow(events.source, events.last_event_id):
-        yield ServerSentEvent(event=event.kind, data=event.data, id=event.id)
+    async with aclosing(follow(events.source, events.last_event_id)) as followed:
+        async for event in followed:
+            # A stream may outlive its key's revocation by hours: it ends at the next snapshot
+            # (every events_resync_s at most), and the client's reconnection is refused.
+            if event.kind == "snapshot" and not await events.allowed():
+                return
+            yield ServerSentEvent(event=event.kind, data=event.data, id=event.id)
 
 
 async def _followed(
-    request: Request, job: OwnedJob, session: SessionDep, last_event_id: LastEventIdHeader = None
+    request: Request,
+    job: OwnedJob,
+    key: CurrentKey,
+    session: SessionDep,
+    last_event_id: LastEventIdHeader = None,
 ) -> AsyncIterator[ResumedEvents]:
-    async with resumed(request, session, job, last_event_id) as events:
+    async def key_live(own: AsyncSession) -> bool:
+        return await keys.is_live(own, key.id)
+
+    async with resumed(request, session, job, last_event_id, key_live) as events:
         yield events
 
 

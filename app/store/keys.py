@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Iterable
+from uuid import UUID
 
 from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -51,6 +52,12 @@ async def authenticate(sessions: Sessions, secret: str) -> ApiKey:
     if row is None or row["revoked_at"] is not None:
         raise Unauthorized("unknown or revoked API key")
     return ApiKey(**row)
+
+
+async def is_live(session: AsyncSession, key_id: UUID) -> bool:
+    """Whether the key is still there and not revoked: what a long-lived stream checks as it goes."""
+    live = select(ApiKey.id).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
+    return await session.scalar(live) is not None
 
 
 def reads_hazardous(key: ApiKey) -> bool:

@@ -286,9 +286,18 @@ async def _gate_decisions(session: AsyncSession, item_ids: list[UUID]) -> dict[U
 
 
 async def _viewed(
-    request: Request, job: ViewedJob, session: SessionDep, last_event_id: LastEventIdHeader = None
+    request: Request,
+    job: ViewedJob,
+    session: SessionDep,
+    settings: SettingsDep,
+    last_event_id: LastEventIdHeader = None,
 ) -> AsyncIterator[ResumedEvents]:
-    async with resumed(request, session, job, last_event_id) as events:
+    session_id = _session_id(request, settings)
+
+    async def session_live(own: AsyncSession) -> bool:  # not logged out, expired, or of a revoked key
+        return session_id is not None and await web_sessions.live_key(own, session_id) is not None
+
+    async with resumed(request, session, job, last_event_id, session_live) as events:
         yield events
 
 
