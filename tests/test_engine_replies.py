@@ -94,6 +94,23 @@ async def test_a_reply_without_what_the_stage_needs_is_malformed_and_says_what_i
     assert problem in failed(result).message
 
 
+@pytest.mark.parametrize(
+    ("thoughts", "problem"),
+    [("[" * 100_000 + "]" * 100_000, "nested too deeply"), ("1" * 5_000, "over 4,300 digits")],
+)
+async def test_json_python_will_not_decode_is_a_malformed_reply_not_an_unexpected_error(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM, thoughts: str, problem: str
+) -> None:
+    """A prompt can ask the model for thousands of nested brackets or digits: Python's decoder
+    gave up with a RecursionError or a ValueError, which failed the item as a crash, and each
+    of its five tries asked the endpoint again, instead of the re-ask a malformed reply gets."""
+    result, turn = await seed_reply(llm, scripted_llm, f'{{"thoughts": {thoughts}, "response": "r"}}')
+
+    assert (failed(result).code, failed(result).stage) == ("unparseable_output", "seed")
+    assert turn.outcome is TurnOutcome.MALFORMED
+    assert turn.error is not None and problem in turn.error
+
+
 async def test_a_malformed_reply_cut_off_by_the_server_is_truncated_and_a_complete_one_is_not(
     llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM
 ) -> None:

@@ -49,6 +49,11 @@ def extract_json(text: str) -> dict[str, Any]:
         value: dict[str, Any] = json.JSONDecoder(strict=False).raw_decode(stripped[start:])[0]
     except json.JSONDecodeError as exc:
         raise MalformedOutput(f"invalid JSON ({exc.msg} at char {exc.pos})") from exc
+    # JSON Python will not read (a prompt can ask for it) is malformed, not a crash of the item.
+    except RecursionError:
+        raise MalformedOutput("invalid JSON (nested too deeply to read)") from None
+    except ValueError:
+        raise MalformedOutput("invalid JSON (an integer of over 4,300 digits)") from None
     return value
 
 
