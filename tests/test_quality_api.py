@@ -34,7 +34,7 @@ from app.deliberation.results import (
 from app.store import items, keys
 from app.store.db import Sessions
 from app.store.endings import failed
-from app.store.models import ApiKey, Cot, Judgement, PairCandidate, PreferencePair
+from app.store.models import ApiKey, Cot, Item, ItemStatus, Judgement, PairCandidate, PreferencePair
 from app.store.turn_log import PostgresTurnLog
 from app.store.turn_writer import TurnWriter
 from tests.conftest import ROOT, new_key, run_worker_burst, worker_env
@@ -981,6 +981,28 @@ async def test_cli_refuses_an_unknown_scope_and_creates_nothing(
     assert "unknown scope everything" in created.stderr
     async with sessions() as session:
         assert await session.scalar(select(func.count()).select_from(ApiKey)) == 0
+
+
+async def test_cli_revoking_a_key_with_cancel_jobs_stops_its_unfinished_jobs_and_no_others(
+    api: httpx.AsyncClient, settings: Settings, sessions: Sessions
+) -> None:
+    """A revoked key's queued jobs ran on, on the shared endpoints, with results no key could
+    read any more, and nothing but SQL could stop them."""
+    stolen, other = await new_key(sessions, "stolen"), await new_key(sessions, "other")
+    flood = (await submit(api, stolen, ["a", "b"]))["id"]  # no worker runs: they stay queued
+    others = (await submit(api, other, ["c"]))["id"]
+    async with sessions() as session:
+        stolen_id = await session.scalar(select(ApiKey.id).where(ApiKey.name == "stolen"))
+
+    revoked = _cli(settings, "keys", "revoke", str(stolen_id), "--cancel-jobs")
+
+    assert revoked.returncode == 0, revoked.stderr
+    assert "cancelled 1 unfinished job(s)" in revoked.stdout
+    shown = (await api.get(f"/v1/jobs/{others}", headers=other)).json()
+    assert shown["status"] == "queued"
+    async with sessions() as session:
+        statuses = await session.scalars(select(Item.status).where(Item.job_id == UUID(flood)))
+        assert set(statuses) == {ItemStatus.CANCELLED}
 
 
 # --- through the worker and the scripted LLM -----------------------------------------------

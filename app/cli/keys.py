@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 from typing import Annotated, Any
+from uuid import UUID
 
 import typer
 from sqlalchemy import func, select, update
 
 from app.cli.output import console
 from app.config import get_settings
-from app.store import keys
+from app.store import jobs, keys
 from app.store.db import make_engine, make_sessions
 from app.store.models import ApiKey
 
@@ -68,17 +69,29 @@ def list_keys() -> None:
 
 
 @keys_cli.command("revoke")
-def revoke_key(key_id: str) -> None:
-    """Revoke a key by id; its jobs and data stay."""
+def revoke_key(
+    key_id: str,
+    cancel_jobs: Annotated[
+        bool,
+        typer.Option(
+            help="Also cancel the key's unfinished jobs: once it is revoked no key can read their "
+            "results, so they would only go on spending the shared LLM endpoints."
+        ),
+    ] = False,
+) -> None:
+    """Revoke a key by id; its jobs and data stay (its unfinished jobs run on unless --cancel-jobs)."""
 
-    async def revoke(session: Any) -> int:
+    async def revoke(session: Any) -> tuple[int, int]:
         result = await session.execute(
             update(ApiKey)
             .where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
             .values(revoked_at=func.now())
         )
-        return int(result.rowcount)
+        revoked = int(result.rowcount)
+        cancelled = await jobs.cancel_unfinished(session, UUID(key_id)) if revoked and cancel_jobs else 0
+        return revoked, cancelled
 
-    if not asyncio.run(_with_session(revoke)):
+    revoked, cancelled = asyncio.run(_with_session(revoke))
+    if not revoked:
         raise typer.BadParameter(f"no active key with id {key_id}")
-    console.print(f"Revoked {key_id}")
+    console.print(f"Revoked {key_id}" + (f"; cancelled {cancelled} unfinished job(s)" if cancel_jobs else ""))

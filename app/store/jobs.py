@@ -338,6 +338,20 @@ async def cancel(session: AsyncSession, job: Job) -> None:
         await callbacks.record_if_finished(session, job.id)
 
 
+async def cancel_unfinished(session: AsyncSession, owner_key_id: UUID) -> int:
+    """Cancel (as `cancel`) every job of the key with queued, running or waiting items; how
+    many. The caller commits."""
+    unfinished = (
+        select(Item.id)
+        .where(Item.job_id == Job.id, Item.status.in_((ItemStatus.QUEUED, ItemStatus.RUNNING, *WAITING)))
+        .exists()
+    )
+    owned = list(await session.scalars(select(Job).where(Job.owner_key_id == owner_key_id, unfinished)))
+    for job in owned:
+        await cancel(session, job)
+    return len(owned)
+
+
 def encode_cursor(row_id: UUID) -> str:
     return base64.urlsafe_b64encode(row_id.bytes).decode().rstrip("=")
 
