@@ -366,7 +366,10 @@ async def test_chunked_body_over_the_size_limit_is_refused_with_413(
             yield b"x" * 1_000_000
         yield b'"]}'
 
-    error_of(await api.post("/v1/jobs", content=chunks(), headers=auth), 413, "payload_too_large")
+    response = await api.post(
+        "/v1/jobs", content=chunks(), headers={**auth, "Content-Type": "application/json"}
+    )
+    error_of(response, 413, "payload_too_large")
 
 
 async def test_chunked_body_under_the_limit_is_accepted(api: httpx.AsyncClient, auth: Headers) -> None:

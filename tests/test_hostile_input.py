@@ -319,6 +319,25 @@ async def test_an_import_over_the_import_size_limit_is_refused_with_413(
     assert await stored(sessions) == []
 
 
+async def test_a_chunked_body_without_a_key_is_refused_before_the_rest_of_it_comes(live_api: str) -> None:
+    """A body sent without a length was read whole (up to the 32 MiB cap) before the route
+    looked at the key: any client could make the API hold 32 MiB per connection. Here the
+    body's first chunk comes and the rest never does: the 401 must not wait for it."""
+    host, port = live_api.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /v1/jobs HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%s\r\n" % (14, b'{"prompts": ["')
+    )
+    await writer.drain()
+    try:
+        status_line = await asyncio.wait_for(reader.readline(), 5)
+    finally:
+        writer.close()
+
+    assert status_line.startswith(b"HTTP/1.1 401"), status_line
+
+
 async def test_a_login_form_larger_than_a_key_is_refused_unread(api: httpx.AsyncClient) -> None:
     response = await api.post("/view/login", data={"api_key": "k" * 10_000})
 

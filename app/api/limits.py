@@ -5,11 +5,12 @@ from __future__ import annotations
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import error_response
+from app.errors import PayloadTooLarge
 
 
 class BodySizeLimit:
     """Pure ASGI middleware. Trusts Content-Length when present; otherwise counts the
-    streamed bytes and stops reading at the cap."""
+    streamed bytes as the app reads them, and refuses (413) past the cap."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -23,43 +24,24 @@ class BodySizeLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._refuse(scope, receive, send)
             return
+        if declared is not None:  # the server reads no more than the declared length
+            await self.app(scope, receive, send)
+            return
+        # Chunked: capped as the app reads it, so that a request refused before its body is read
+        # (no key, a wrong webhook secret, not JSON) is refused unread. Buffering it here first
+        # held up to the cap in memory for any client, with a key or without.
         seen = 0
-        too_large = False
 
-        async def counting_receive() -> Message:
-            nonlocal seen, too_large
+        async def capped_receive() -> Message:
+            nonlocal seen
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    too_large = True
-                    return {"type": "http.disconnect"}
+                    raise PayloadTooLarge(f"the request body is over the limit of {self.max_bytes} bytes")
             return message
 
-        if declared is None:
-            # Chunked: read it all here (up to the cap) so the refusal can still be a 413.
-            chunks: list[bytes] = []
-            while True:
-                message = await counting_receive()
-                if too_large:
-                    await self._refuse(scope, receive, send)
-                    return
-                chunks.append(message.get("body", b""))
-                if message["type"] != "http.request" or not message.get("more_body"):
-                    break
-            body = b"".join(chunks)
-            replayed = False
-
-            async def replay() -> Message:
-                nonlocal replayed
-                if replayed:
-                    return await receive()
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-
-            await self.app(scope, replay, send)
-            return
-        await self.app(scope, receive, send)
+        await self.app(scope, capped_receive, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = error_response(
