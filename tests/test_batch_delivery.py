@@ -283,6 +283,23 @@ async def test_batch_delivery_on_an_endpoint_without_a_batch_api_is_refused(
     assert json.loads(response.text)["error"]["message"].startswith("delivery 'batch' needs a batch API")
 
 
+async def _three_prompts_held_in_progress(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+) -> str:
+    """A batch job of three prompts whose provider batch is in progress, and held there."""
+    scripted_llm.batches.hold = True
+    job_id = await submit(batch_api, auth, PROMPTS[:3], delivery="batch")
+    await _drive_until(
+        batch_settings, sessions, arq_redis, lambda: _provider_status(scripted_llm, "in_progress")
+    )
+    return job_id
+
+
 async def test_cancelling_a_batch_job_cancels_its_provider_batch(
     batch_api: httpx.AsyncClient,
     auth: dict[str, str],
@@ -291,10 +308,8 @@ async def test_cancelling_a_batch_job_cancels_its_provider_batch(
     arq_redis: ArqRedis,
     scripted_llm: ScriptedLLM,
 ) -> None:
-    scripted_llm.batches.hold = True
-    job_id = await submit(batch_api, auth, PROMPTS[:3], delivery="batch")
-    await _drive_until(
-        batch_settings, sessions, arq_redis, lambda: _provider_status(scripted_llm, "in_progress")
+    job_id = await _three_prompts_held_in_progress(
+        batch_api, auth, batch_settings, sessions, arq_redis, scripted_llm
     )
 
     waiting = (await batch_api.get(f"/v1/jobs/{job_id}", headers=auth)).json()
@@ -364,10 +379,8 @@ async def test_a_cancelled_batch_job_is_deleted_only_once_its_provider_batch_is_
     arq_redis: ArqRedis,
     scripted_llm: ScriptedLLM,
 ) -> None:
-    scripted_llm.batches.hold = True
-    job_id = await submit(batch_api, auth, PROMPTS[:3], delivery="batch")
-    await _drive_until(
-        batch_settings, sessions, arq_redis, lambda: _provider_status(scripted_llm, "in_progress")
+    job_id = await _three_prompts_held_in_progress(
+        batch_api, auth, batch_settings, sessions, arq_redis, scripted_llm
     )
     await batch_api.post(f"/v1/jobs/{job_id}/cancel", headers=auth)
 
@@ -389,10 +402,8 @@ async def test_a_batch_whose_cancel_the_provider_refuses_ends_so_its_job_can_be_
     arq_redis: ArqRedis,
     scripted_llm: ScriptedLLM,
 ) -> None:
-    scripted_llm.batches.hold = True
-    job_id = await submit(batch_api, auth, PROMPTS[:3], delivery="batch")
-    await _drive_until(
-        batch_settings, sessions, arq_redis, lambda: _provider_status(scripted_llm, "in_progress")
+    job_id = await _three_prompts_held_in_progress(
+        batch_api, auth, batch_settings, sessions, arq_redis, scripted_llm
     )
     [lost] = scripted_llm.batches.created()
     scripted_llm.batches.forget(lost["id"])  # its cancel is a 404
