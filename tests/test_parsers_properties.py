@@ -378,3 +378,27 @@ _FENCED = st.lists(
 def test_a_fence_is_taken_off_as_the_one_expression_for_both_ends_did(text: str) -> None:
     both_ends = re.compile(r"^```(?:json)?\s*|\s*```$", re.IGNORECASE)  # what it replaced
     assert parsing.unfenced(text) == both_ends.sub("", text.strip())
+
+
+@pytest.mark.parametrize(
+    ("data", "read"),
+    [
+        (
+            {"refused": True, "reason": " asks for a weapon "},
+            {"refused": True, "reason": "asks for a weapon"},
+        ),
+        ({"refused": " True "}, {"refused": True, "reason": ""}),
+        ({"refused": "FALSE", "reason": None}, {"refused": False, "reason": ""}),
+    ],
+)
+def test_a_refusal_verdict_reads_a_boolean_or_its_word_in_any_case(
+    data: dict[str, Any], read: dict[str, Any]
+) -> None:
+    assert parsing.normalize_refusal(data) == read
+
+
+@pytest.mark.parametrize("refused", ["yes", None, 1])
+def test_a_refusal_verdict_without_a_boolean_is_malformed_and_says_so(refused: Any) -> None:
+    with pytest.raises(parsing.MalformedOutput) as raised:
+        parsing.normalize_refusal({"refused": refused})
+    assert str(raised.value) == "'refused' is not a boolean"
