@@ -23,22 +23,18 @@ from app.errors import MAX_LISTED_PROBLEMS, JobInComparison, JobRunning
 from app.store import jobs, policy_sets
 from app.store.db import Sessions
 from app.store.models import (
-    WAITING,
+    UNFINISHED,
     ApiKey,
     Base,
     Batch,
     BatchRequest,
     Item,
-    ItemStatus,
     Job,
     JobDeletion,
     PreferencePair,
     SampleEvaluation,
     TurnRow,
 )
-
-# A job whose items wait for budget or a batch has not ended either.
-UNFINISHED = (ItemStatus.QUEUED, ItemStatus.RUNNING, *WAITING)
 
 
 def _of_job(table: Table, job_id: UUID) -> ColumnElement[bool] | None:

@@ -23,6 +23,7 @@ from app.store.db import driver_of
 from app.store.endings import CANCELLED, ending_values
 from app.store.models import (
     FINISHED,
+    UNFINISHED,
     WAITING,
     Cot,
     ImportedSample,
@@ -318,11 +319,7 @@ async def cancel(session: AsyncSession, job: Job) -> None:
     stop at their worker's next check (a worker cancels the job's provider batches).
     A job with no queued or running item has finished: it is left as it is, not cancelled.
     The caller refreshes `job` after committing."""
-    unfinished = (
-        select(Item.id)
-        .where(Item.job_id == job.id, Item.status.in_((ItemStatus.QUEUED, ItemStatus.RUNNING, *WAITING)))
-        .exists()
-    )
+    unfinished = select(Item.id).where(Item.job_id == job.id, Item.status.in_(UNFINISHED)).exists()
     # `cancelled_at IS NULL`: of two concurrent cancels, the first time stays
     await session.execute(
         update(Job)
@@ -341,11 +338,7 @@ async def cancel(session: AsyncSession, job: Job) -> None:
 async def cancel_unfinished(session: AsyncSession, owner_key_id: UUID) -> int:
     """Cancel (as `cancel`) every job of the key with queued, running or waiting items; how
     many. The caller commits."""
-    unfinished = (
-        select(Item.id)
-        .where(Item.job_id == Job.id, Item.status.in_((ItemStatus.QUEUED, ItemStatus.RUNNING, *WAITING)))
-        .exists()
-    )
+    unfinished = select(Item.id).where(Item.job_id == Job.id, Item.status.in_(UNFINISHED)).exists()
     owned = list(await session.scalars(select(Job).where(Job.owner_key_id == owner_key_id, unfinished)))
     for job in owned:
         await cancel(session, job)

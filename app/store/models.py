@@ -70,6 +70,8 @@ class ItemStatus(StrEnum):
 FINISHED = (ItemStatus.COMPLETED, ItemStatus.FAILED, ItemStatus.CANCELLED)  # nothing changes after these
 # Neither finished nor in the queue: they wait, and resume by themselves or with the budget.
 WAITING = (ItemStatus.BUDGET_EXHAUSTED, ItemStatus.AWAITING_BATCH)
+# A job with items in these has not ended (waiting ones too).
+UNFINISHED = (ItemStatus.QUEUED, ItemStatus.RUNNING, *WAITING)
 
 
 # For nullable JSON columns: Python None is SQL NULL, not the JSON value null, so that
