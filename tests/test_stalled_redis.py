@@ -338,7 +338,8 @@ async def test_a_worker_rides_out_a_redis_that_turned_replica_for_a_while(
     finally:
         await admin.aclose()
         polling.cancel()
-        await asyncio.gather(polling, return_exceptions=True)
+        # Bounded: a poll loop that will not stop must fail the test, not hold the run.
+        await asyncio.wait_for(asyncio.gather(polling, return_exceptions=True), NEVER_S)
         await asyncio.wait_for(worker.close(), NEVER_S)
 
 
@@ -376,5 +377,6 @@ async def test_a_worker_told_to_stop_while_redis_refuses_it_does_not_wait_redis_
         await admin.replicaof("no", "one")
         await admin.aclose()
         polling.cancel()
-        await asyncio.gather(polling, return_exceptions=True)
+        # Bounded: a poll loop that will not stop must fail the test, not hold the run.
+        await asyncio.wait_for(asyncio.gather(polling, return_exceptions=True), NEVER_S)
         await asyncio.wait_for(worker.close(), NEVER_S)
