@@ -1,5 +1,5 @@
 # One image for the API, the workers and (optionally) the embedded LLM server.
-FROM python:3.11-slim-bookworm
+FROM python:3.12-slim-bookworm
 
 RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential cmake \

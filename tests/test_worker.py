@@ -15,14 +15,14 @@ from uuid import UUID, uuid4
 
 import httpx
 import pytest
-from arq.connections import ArqRedis
+from arq.connections import ArqRedis, create_pool
 from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
 from sqlalchemy import func, select, text
 
 from app.config import Settings
 from app.events import stream_key
-from app.queue import arq_job_id
+from app.queue import WORKER_RETRIES, arq_job_id, bound_calls, redis_settings
 from app.store import items
 from app.store.db import Sessions
 from app.store.models import Item, TurnRow
@@ -603,3 +603,33 @@ async def test_an_items_progress_event_and_its_jobs_record_go_with_its_arq_jobs_
     taken = liveness.taken_key(settings)
     assert sent_to("HDEL", taken, inside)
     assert not sent_to("HDEL", taken, before) and not sent_to("HDEL", taken, after)
+
+
+async def test_a_task_cancelled_mid_redis_call_on_the_workers_pool_always_stops(settings: Settings) -> None:
+    """How a worker stops: arq cancels its poll loop and its jobs' tasks. The worker's pool
+    bounds each call (a socket timeout), and redis-py bounds a write with asyncio.wait_for,
+    which on Python 3.11 swallowed a cancellation that came as the write ended (two cancels
+    in five here): the task went on, and a worker told to stop polled on for good. Python
+    3.12's wait_for does not (the project requires it)."""
+    pool = await create_pool(redis_settings(settings.redis_url, WORKER_RETRIES))
+    await bound_calls(pool, settings.redis_timeout_s)
+
+    async def poll_forever() -> None:  # arq's poll
+        while True:
+            await pool.zrangebyscore(settings.queue_name, "-inf", timestamp_ms(), start=0, num=1)
+
+    try:
+        went_on = 0
+        for attempt in range(300):
+            polling = asyncio.create_task(poll_forever())
+            await asyncio.sleep(attempt % 30 / 10_000)  # cancels land all through a call
+            polling.cancel()
+            done, _ = await asyncio.wait([polling], timeout=2.0)
+            if not done:
+                went_on += 1
+                while not polling.done():
+                    polling.cancel()
+                    await asyncio.wait([polling], timeout=0.1)
+        assert went_on == 0
+    finally:
+        await pool.aclose()
