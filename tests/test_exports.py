@@ -34,6 +34,7 @@ from app.exports.records import FULL_COT_SCHEMA
 from app.exports.streaming import encoded
 from app.store.db import Sessions
 from app.store.export_rows import ExportFilter
+from app.store.exports import BATCH_ROWS
 from app.store.keys import create_key
 from app.store.models import Annotation, Cot, Item, Job, TurnRow
 from bench.export import insert_finished_job
@@ -718,7 +719,10 @@ async def export_peak_bytes(sessions: Sessions, job_id: UUID, format: str) -> tu
 
 @pytest.mark.parametrize("format", ["jsonl", "parquet"])
 async def test_export_memory_does_not_grow_with_the_job(sessions: Sessions, format: str) -> None:
-    small, large = await bulk_job(sessions, 1_500), await bulk_job(sessions, 6_000)
+    # Three batches of rows and twelve (BATCH_ROWS 1,000): at three, a full batch is already
+    # fetched while the one before is encoded, as it is at twelve. (At 1,500 rows the batch
+    # fetched meanwhile was half one: the larger job's peak was 1.3x, under load 1.55x.)
+    small, large = await bulk_job(sessions, 3 * BATCH_ROWS), await bulk_job(sessions, 12 * BATCH_ROWS)
 
     small_size, small_peak = await export_peak_bytes(sessions, small, format)
     large_size, large_peak = await export_peak_bytes(sessions, large, format)
