@@ -533,6 +533,47 @@ async def test_a_start_sent_again_answers_the_jobs_it_marked(
     assert again == first
 
 
+async def test_a_running_job_is_not_due_so_a_poll_sees_the_jobs_behind_it(
+    settings: Settings, arq_redis: ArqRedis, queued: Queue
+) -> None:
+    """arq leaves a running job at the queue's head: every poll read past all running jobs (many
+    workers' thousands, past the scan limit: the jobs due behind went unseen). Marked, a job is
+    scored for when its mark runs out, out of the due range."""
+    head = await queued({f"test:{uuid4().hex}:{n}": timestamp_ms() - 1000 + n for n in range(2)})
+    start = arq_redis.register_script(START_SCRIPT)
+    ttl_ms = 60_000
+
+    async def poll(scan_limit: int) -> list[bytes]:
+        answer = f"{settings.redis_key_prefix}:starts:{uuid4()}"
+        keys = [settings.queue_name, liveness.taken_key(settings), answer]
+        args = [in_progress_key_prefix, ttl_ms, timestamp_ms(), 1, str(uuid4()), scan_limit]
+        marked: list[bytes] = (await start(keys=keys, args=args))[::2]
+        return marked
+
+    before = timestamp_ms()
+    assert await poll(scan_limit=1) == head[:1]
+    assert await arq_redis.zscore(settings.queue_name, head[0]) >= before + ttl_ms
+    assert await poll(scan_limit=1) == head[1:], "the first, running, is not in the way"
+
+
+async def test_a_job_cancelled_mid_run_is_due_again_as_it_was(
+    settings: Settings, arq_redis: ArqRedis, queued: Queue
+) -> None:
+    """Its start moved it past its mark's end; arq runs a cancelled job again (a worker's
+    SIGTERM): it must be due at once, not when its mark would have run out, a day later."""
+    started_at = timestamp_ms() - 60_000
+    (job,) = await queued({f"test:{uuid4().hex}:cancelled": timestamp_ms() + 86_400_000})
+    job_id = job.decode()
+    await arq_redis.set(in_progress_key_prefix + job_id, b"1")
+    worker = _polling_worker(settings, arq_redis)
+    worker.started_scores[job_id] = started_at
+
+    await worker.finish_job(job_id, False, None, None, False, None, None)
+
+    assert await arq_redis.zscore(settings.queue_name, job_id) == started_at
+    assert not await arq_redis.exists(in_progress_key_prefix + job_id)
+
+
 async def test_a_retry_sent_again_defers_its_job_once(
     settings: Settings, arq_redis: ArqRedis, queued: Queue
 ) -> None:

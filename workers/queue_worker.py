@@ -44,11 +44,14 @@ T = TypeVar("T")
 # wire twice (arq's read, then the call's arguments), which cost a worker 1.6 ms of CPU a
 # poll at 2,500 ids, a fifth of its CPU at cap 256 (bench/RESULTS.md). What arq checks before
 # it starts a job (not in progress, due) and its in-progress mark, with the record of the
-# worker that took it, for up to that many jobs: each id marked, with its score. An answer
-# that marked jobs is kept under the call's own key as long as its marks: a call sent again
-# (the pool retries a command whose connection broke or whose reply timed out, maybe after
-# Redis ran it, and QueueWorker after that) gets the same jobs, not none, which no one else
-# could start until their marks ran out, a day later.
+# worker that took it, for up to that many jobs: each id marked, with its score. A job marked
+# is scored for when its mark runs out, out of the due range (arq left it at the head while
+# it ran: every poll read past all running jobs, and past `scan_limit` of them, those of many
+# workers, the jobs due behind went unseen); its end puts its score back (`finish_job`). An
+# answer that marked jobs is kept under the call's own key as long as its marks: a call sent
+# again (the pool retries a command whose connection broke or whose reply timed out, maybe
+# after Redis ran it, and QueueWorker after that) gets the same jobs, not none, which no one
+# else could start until their marks ran out, a day later.
 START_SCRIPT = """
 local answered = redis.call('GET', KEYS[3])
 if answered then return cjson.decode(answered) end
@@ -64,6 +67,7 @@ while #marked < wanted * 2 and offset < scan_limit do
     if redis.call('EXISTS', prefix .. due[i]) == 0 then
       redis.call('SET', prefix .. due[i], '1', 'PX', ttl)
       redis.call('HSET', KEYS[2], due[i], worker)
+      redis.call('ZADD', KEYS[1], 'XX', tonumber(now) + tonumber(ttl), due[i])
       marked[#marked + 1] = due[i]
       marked[#marked + 1] = due[i + 1]
     end
@@ -84,7 +88,8 @@ class QueueWorker(ArqWorker):
     runs: with hundreds of items running, every poll with a free slot went through them all,
     this worker's own included, and two workers raced for each new job. Here one script does
     arq's check and mark for as many jobs as there are free slots, atomically, so a job another
-    worker marked first is simply not returned; it records each job as this worker's too (for
+    worker marked first is simply not returned, and scores each for when its mark runs out, so
+    a running job is no longer due; it records each job as this worker's too (for
     the sweeper, until the job ends), so no kill can fall between the mark and the record. The
     job runs in arq's `run_job` under its semaphore and counter, as `Worker.start_jobs` would
     run it (arq is pinned), and ends in `finish_job` (arq's, with the record's drop and the
@@ -162,6 +167,7 @@ class QueueWorker(ArqWorker):
         async with self.pool.pipeline(transaction=True) as tr:
             tr.delete(in_progress_key_prefix + job_id)
             tr.hdel(liveness.taken_key(self.ctx["settings"]), job_id)
+            tr.zadd(self.queue_name, {job_id: self.started_scores[job_id]}, xx=True)  # due again
             await tr.execute()
 
     async def _until_redis_answers(self, step: Callable[[], Awaitable[T]]) -> T | None:
@@ -203,14 +209,15 @@ class QueueWorker(ArqWorker):
         """arq's end of a job (arq is pinned), with three changes. In the same transaction, the
         worker's record of the job goes: left under a live worker, it would keep the sweeper
         from the item for as long as that worker lives. So does the item's progress event, if
-        the item ended: one round trip where there were three. And a job tried again later
-        (Retry) gets its new score set, not added: arq's ZINCRBY, sent again by the pool after a
-        reply that timed out, would push the job back by the whole time it had waited in the
-        queue a second time. A transaction Redis refuses is sent again until it goes through
-        (all of it is safe to repeat; the event may then be heard twice): raised, the error
-        would end the worker's poll loop, and the job would stay marked as running. (A killed
-        worker never gets here and keeps its records: the sweeper hands its items back as a dead
-        one's. SIGTERM hands them back first, and arq ends their jobs here.)"""
+        the item ended: one round trip where there were three. And a job to run again (a Retry,
+        a cancel) gets its score set, not added to: its start moved it past its mark's end, and
+        arq's ZINCRBY, sent again by the pool after a reply that timed out, would push the job
+        back by the whole time it had waited in the queue a second time. A transaction Redis
+        refuses is sent again until it goes through (all of it is safe to repeat; the event may
+        then be heard twice): raised, the error would end the worker's poll loop, and the job
+        would stay marked as running. (A killed worker never gets here and keeps its records:
+        the sweeper hands its items back as a dead one's. SIGTERM hands them back first, and arq
+        ends their jobs here.)"""
         settings: Settings = self.ctx["settings"]
         ending = self.item_endings.pop(job_id, None)
 
@@ -227,10 +234,9 @@ class QueueWorker(ArqWorker):
                     tr.delete(retry_key_prefix + job_id, job_key_prefix + job_id)
                     tr.zrem(abort_jobs_ss, job_id)
                     tr.zrem(self.queue_name, job_id)
-                elif incr_score and (started_at := self.started_scores.get(job_id)) is not None:
-                    tr.zadd(self.queue_name, {job_id: started_at + incr_score}, xx=True)
-                elif incr_score:
-                    tr.zincrby(self.queue_name, incr_score, job_id)
+                else:  # due again: when it was (its start moved it past its mark), or as a Retry says
+                    started_at = self.started_scores[job_id]
+                    tr.zadd(self.queue_name, {job_id: started_at + (incr_score or 0)}, xx=True)
                 tr.hdel(liveness.taken_key(settings), job_id)
                 if ending is not None:
                     events.announce_item_finished(tr, settings, *ending)
