@@ -7,6 +7,7 @@ Which rows are a job's is read from the models' metadata (every table with a for
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import timedelta
 from typing import Any
 from uuid import UUID
@@ -29,6 +30,7 @@ from tests.test_api import error_of, items_of, submit
 from tests.test_cli import aidsafe
 from tests.test_hazard_scan import SCENARIOS, marker, run_scenario, stored_markers
 from tests.test_labeling import GRADED, PROMPTS, fixture, import_file
+from tests.test_worker import failing_once
 
 Headers = dict[str, str]
 KEPT_PAIR, GRADER_REFUSES, GUARD_REFUSES, WHISPERER_REFUSES, GUARD_ENDPOINT_REJECTS = SCENARIOS[:5]
@@ -440,12 +442,24 @@ async def test_a_worker_purges_old_hazardous_text_when_the_setting_is_on(
     assert await stored_markers(sessions) == set()
 
 
+async def cancelled_jobs(api: httpx.AsyncClient, auth: Headers, count: int) -> list[str]:
+    """`count` one-item jobs cancelled before they ran: finished, with nothing to blank."""
+    job_ids = [(await submit(api, auth, ["Why is the sky blue?"]))["id"] for _ in range(count)]
+    for job_id in job_ids:
+        assert (await api.post(f"/v1/jobs/{job_id}/cancel", headers=auth)).status_code == 200
+    return job_ids
+
+
+async def purged_jobs(sessions: Sessions) -> set[str]:
+    async with sessions() as session:
+        purged = await session.scalars(select(Job.id).where(Job.hazardous_purged_at.is_not(None)))
+        return {str(job_id) for job_id in purged}
+
+
 async def test_a_worker_purges_every_old_job_at_its_interval_not_only_the_first_twenty(
     api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions, workers: list[Any]
 ) -> None:
-    old = [(await submit(api, auth, ["Why is the sky blue?"]))["id"] for _ in range(25)]
-    for job_id in old:
-        assert (await api.post(f"/v1/jobs/{job_id}/cancel", headers=auth)).status_code == 200
+    old = await cancelled_jobs(api, auth, 25)
     await make_old(sessions, old, days=3)
     hourly = {"purge_hazardous_after_days": 2, "purge_interval_s": 3600}
     workers.append(start_worker(settings.model_copy(update=hourly)))
@@ -456,6 +470,38 @@ async def test_a_worker_purges_every_old_job_at_its_interval_not_only_the_first_
             return not await session.scalar(select(left.exists()))
 
     await eventually(all_purged, what="every old job purged at the worker's first purge")
+
+
+async def test_a_job_whose_purge_fails_is_put_off_and_the_jobs_after_it_are_purged(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The oldest unpurged job was taken first at every purge: one whose purge kept failing
+    # was taken first again each time, and no job after it was ever purged.
+    failing, other = await cancelled_jobs(api, auth, 2)
+    await make_old(sessions, [failing], days=9)
+    await make_old(sessions, [other], days=8)
+    marking_purged = f"NEW.id = '{failing}' AND NEW.hazardous_purged_at IS NOT NULL"
+    async with failing_once(sessions, "jobs", marking_purged):
+        assert await deletions.purge_hazardous(sessions, timedelta(days=7)) == 1
+
+    assert await purged_jobs(sessions) == {other}
+    assert any(failing in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    async with sessions() as session:
+        failures, put_off_by = (
+            await session.execute(
+                select(Job.hazardous_purge_failures, Job.hazardous_purge_retry_at - func.now()).where(
+                    Job.id == UUID(failing)
+                )
+            )
+        ).one()
+    assert failures == 1 and timedelta(minutes=59) < put_off_by <= deletions.PURGE_RETRY_FIRST
+    assert await deletions.purge_hazardous(sessions, timedelta(days=7)) == 0, "not tried again at once"
+
+    async with sessions.begin() as session:  # its time comes
+        retry_now = update(Job).where(Job.id == UUID(failing)).values(hazardous_purge_retry_at=func.now())
+        await session.execute(retry_now)
+    assert await deletions.purge_hazardous(sessions, timedelta(days=7)) == 1
+    assert await purged_jobs(sessions) == {failing, other}
 
 
 async def test_the_purge_keeps_a_guards_flags_on_an_imported_sample_and_drops_its_words(

@@ -10,6 +10,7 @@ refused until the comparison is deleted, rather than the comparison losing its s
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any, cast
@@ -35,6 +36,8 @@ from app.store.models import (
     SampleEvaluation,
     TurnRow,
 )
+
+log = logging.getLogger("aidsafe.deletions")
 
 
 def _of_job(table: Table, job_id: UUID) -> ColumnElement[bool] | None:
@@ -133,18 +136,36 @@ async def list_deletions(
 # --- the hazardous-text purge (the worker runs it when purge_hazardous_after_days is set) ----
 
 
+# A job whose purge failed is put off this long, twice as long after each further failure.
+PURGE_RETRY_FIRST = timedelta(hours=1)
+PURGE_RETRY_LONGEST = timedelta(days=1)
+
+
 async def purge_hazardous(
     sessions: Sessions, older_than: timedelta, *, max_jobs: int = 20, batch_items: int = 200
 ) -> int:
     """Blank the hazardous text of up to `max_jobs` finished jobs submitted longer than
     `older_than` ago; the number purged. Each job goes `batch_items` items per transaction
     and is marked purged in its last one, so an interrupted purge starts that job again
-    (blanking blank text changes nothing) and a purged job is not visited again."""
+    (blanking blank text changes nothing) and a purged job is not visited again. A job whose
+    purge fails is logged and put off (PURGE_RETRY_FIRST, doubling), and the others go on."""
     purged = 0
     while purged < max_jobs and (job := await _next_to_purge(sessions, older_than)):
-        await _purge_job(sessions, job, batch_items)
-        purged += 1
+        try:
+            await _purge_job(sessions, job, batch_items)
+        except Exception:
+            retry_in = _purge_retry_in(job.hazardous_purge_failures)
+            log.warning("purging job %s failed; it is tried again in %s", job.id, retry_in, exc_info=True)
+            await _put_off(sessions, job.id, retry_in)
+        else:
+            purged += 1
     return purged
+
+
+def _purge_retry_in(failures_before: int) -> timedelta:
+    # Doublings bounded past the longest: a job failing for months overflows no timedelta.
+    factor: int = 2 ** min(failures_before, 16)
+    return min(PURGE_RETRY_LONGEST, PURGE_RETRY_FIRST * factor)
 
 
 async def _next_to_purge(sessions: Sessions, older_than: timedelta) -> Job | None:
@@ -156,9 +177,22 @@ async def _next_to_purge(sessions: Sessions, older_than: timedelta) -> Job | Non
                 Job.hazardous_purged_at.is_(None),
                 Job.created_at < func.now() - older_than,
                 ~unfinished,
+                or_(Job.hazardous_purge_retry_at.is_(None), Job.hazardous_purge_retry_at <= func.now()),
             )
             .order_by(Job.created_at)
             .limit(1)
+        )
+
+
+async def _put_off(sessions: Sessions, job_id: UUID, retry_in: timedelta) -> None:
+    async with sessions.begin() as session:
+        await session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(
+                hazardous_purge_failures=Job.hazardous_purge_failures + 1,
+                hazardous_purge_retry_at=func.now() + retry_in,
+            )
         )
 
 

@@ -185,6 +185,10 @@ class Job(Base):
     created_at: Mapped[datetime] = _now()
     # When its hazardous text was purged (app/store/deletions.py purge_hazardous); None: not yet.
     hazardous_purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Purges of it that failed, and when the purge may try it again: one job that cannot be
+    # purged is put off, not tried first at every purge ahead of the others.
+    hazardous_purge_failures: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    hazardous_purge_retry_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Where the job's end is announced (app/callbacks.py), and the secret that signs it: kept
     # as given, since signing needs it, until its delivery is over (delivered, given up or
     # refused: app/store/callbacks.py erases it then). None: no callback, or that.
