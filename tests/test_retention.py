@@ -7,11 +7,13 @@ from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
+import pytest
 from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
 from app.store import keys, web_sessions, webhooks
-from app.store.db import Sessions
+from app.store.db import Sessions, in_batches
 from app.store.models import ApiKey, WebhookRejection, WebSession
 from tests.conftest import eventually, start_worker
 
@@ -46,13 +48,38 @@ async def dead_and_live_sessions(sessions: Sessions) -> tuple[set[UUID], set[UUI
     return {ended, expired, *revoked}, {live}
 
 
-async def test_dead_viewer_sessions_are_deleted_and_live_ones_kept(sessions: Sessions) -> None:
+async def test_dead_viewer_sessions_are_deleted_up_to_the_limit_and_live_ones_kept(
+    sessions: Sessions,
+) -> None:
     dead, live = await dead_and_live_sessions(sessions)
 
     async with sessions.begin() as session:
-        deleted = await web_sessions.purge_dead(session)
+        first = await web_sessions.purge_dead(session, limit=2)
+    assert first == 2 and len(await stored_sessions(sessions) - live) == 1
+    async with sessions.begin() as session:
+        rest = await web_sessions.purge_dead(session, limit=2)
 
-    assert deleted == len(dead)
+    assert rest == len(dead) - 2
+    assert await stored_sessions(sessions) == live
+
+
+async def test_deleting_in_batches_commits_each_batch_and_goes_on_until_none_is_left(
+    sessions: Sessions,
+) -> None:
+    dead, live = await dead_and_live_sessions(sessions)
+    batches = 0
+
+    async def fails_at_the_second_batch(session: AsyncSession, limit: int) -> int:
+        nonlocal batches
+        if (batches := batches + 1) == 2:
+            raise RuntimeError("a fault in the second batch")
+        return await web_sessions.purge_dead(session, limit)
+
+    with pytest.raises(RuntimeError):
+        await in_batches(sessions, fails_at_the_second_batch, size=1)
+    assert len(await stored_sessions(sessions) - live) == len(dead) - 1, "the first batch stays deleted"
+
+    assert await in_batches(sessions, web_sessions.purge_dead, size=1) == len(dead) - 1
     assert await stored_sessions(sessions) == live
 
 
@@ -81,13 +108,18 @@ async def stored_rejections(sessions: Sessions) -> list[int]:
         return list(await session.scalars(select(WebhookRejection.id).order_by(WebhookRejection.id)))
 
 
-async def test_webhook_rejections_older_than_the_retention_are_deleted(sessions: Sessions) -> None:
-    old, recent = await rejections(sessions, [8, 6])
+async def test_webhook_rejections_older_than_the_retention_are_deleted_up_to_the_limit(
+    sessions: Sessions,
+) -> None:
+    *old, recent = await rejections(sessions, [8, 9, 6])
 
     async with sessions.begin() as session:
-        deleted = await webhooks.purge_old_rejections(session, timedelta(days=7))
+        first = await webhooks.purge_old_rejections(session, timedelta(days=7), limit=1)
+    assert first == 1 and len(await stored_rejections(sessions)) == 2
+    async with sessions.begin() as session:
+        rest = await webhooks.purge_old_rejections(session, timedelta(days=7), limit=1)
 
-    assert deleted == 1
+    assert rest == 1
     assert await stored_rejections(sessions) == [recent]
 
 
@@ -105,3 +137,26 @@ async def test_a_worker_deletes_dead_viewer_sessions_and_old_webhook_rejections(
         return await stored_sessions(sessions) == live and await stored_rejections(sessions) == [recent]
 
     await eventually(deleted, what="the worker's deletion of dead sessions and old rejections")
+
+
+async def test_a_worker_deletes_the_expired_rows_around_one_another_transaction_holds(
+    settings: Settings, sessions: Sessions, workers: list[Any]
+) -> None:
+    # One DELETE of every expired row waited for the held one, holding the others' locks the
+    # while, until the statement timed out: nothing was deleted while the row stayed held.
+    dead, live = await dead_and_live_sessions(sessions)
+    held, *others = dead
+    workers.append(start_worker(settings.model_copy(update={"purge_interval_s": 1})))
+
+    async with sessions.begin() as holder:
+        await holder.execute(select(WebSession.id).where(WebSession.id == held).with_for_update())
+
+        async def others_deleted() -> bool:
+            return await stored_sessions(sessions) == live | {held}
+
+        await eventually(others_deleted, what="the expired rows that are not held deleted")
+
+    async def held_deleted_once_free() -> bool:
+        return await stored_sessions(sessions) == live
+
+    await eventually(held_deleted_once_free, what="the held row deleted once released")

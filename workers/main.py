@@ -50,7 +50,7 @@ from app.store import (
     webhooks,
 )
 from app.store.batches import AwaitingBatch, BatchedLLM
-from app.store.db import Sessions, deadline, make_engine, make_sessions
+from app.store.db import Sessions, deadline, in_batches, make_engine, make_sessions
 from app.store.endings import CANCELLED, Ending, failed, handed_back
 from app.store.turn_log import PostgresTurnLog
 from app.store.turn_writer import TurnWriter
@@ -403,15 +403,22 @@ async def _purge_forever(worker: Worker, older_than: timedelta) -> None:
     await _one_per_interval(worker, "purger", worker.settings.purge_interval_s, purge)
 
 
+EXPIRED_PER_TRANSACTION = 1000  # rows: a backlog of them goes in short transactions, not one
+
+
 async def _expire_forever(worker: Worker) -> None:
     """Delete the rows kept only for a while (dead viewer sessions, webhook rejections older
     than webhook_rejections_kept_days), in one worker per purge interval."""
     kept = timedelta(days=worker.settings.webhook_rejections_kept_days)
 
     async def expire() -> None:
-        async with worker.sessions.begin() as session:
-            dead = await web_sessions.purge_dead(session)
-            old = await webhooks.purge_old_rejections(session, kept)
+        sessions = worker.sessions
+        dead = await in_batches(sessions, web_sessions.purge_dead, EXPIRED_PER_TRANSACTION)
+        old = await in_batches(
+            sessions,
+            lambda session, limit: webhooks.purge_old_rejections(session, kept, limit),
+            EXPIRED_PER_TRANSACTION,
+        )
         if dead or old:
             log.info("deleted %d dead viewer sessions and %d old webhook rejections", dead, old)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -134,6 +134,22 @@ async def deadline(sessions: Sessions, seconds: float) -> AsyncIterator[None]:
 
 def make_sessions(engine: AsyncEngine) -> Sessions:
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+async def in_batches(
+    sessions: Sessions, batch: Callable[[AsyncSession, int], Awaitable[int]], size: int
+) -> int:
+    """Call `batch(session, size)`, which handles at most `size` rows in the session's
+    transaction and says how many, each time in a transaction of its own, until it handles
+    fewer than `size`; how many in all. However large the backlog, no transaction holds the
+    locks of more than one batch."""
+    total = 0
+    while True:
+        async with sessions.begin() as session:
+            handled = await batch(session, size)
+        total += handled
+        if handled < size:
+            return total
 
 
 @asynccontextmanager

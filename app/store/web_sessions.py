@@ -44,17 +44,22 @@ async def end(session: AsyncSession, session_id: UUID) -> None:
     )
 
 
-async def purge_dead(session: AsyncSession) -> int:
-    """Delete, in the caller's transaction, the sessions that can never be live again: ended,
-    expired, or of a revoked key (a key is never unrevoked); how many."""
+async def purge_dead(session: AsyncSession, limit: int) -> int:
+    """Delete, in the caller's transaction, up to `limit` sessions that can never be live
+    again: ended, expired, or of a revoked key (a key is never unrevoked); how many. Rows
+    another transaction holds are left for a later call."""
     revoked = select(ApiKey.id).where(ApiKey.revoked_at.is_not(None))
-    deleted = await session.execute(
-        delete(WebSession).where(
+    dead = (
+        select(WebSession.id)
+        .where(
             or_(
                 WebSession.ended_at.is_not(None),
                 WebSession.expires_at <= func.now(),
                 WebSession.key_id.in_(revoked),
             )
         )
+        .limit(limit)
+        .with_for_update(skip_locked=True)
     )
+    deleted = await session.execute(delete(WebSession).where(WebSession.id.in_(dead)))
     return cast(CursorResult[Any], deleted).rowcount  # a DELETE's result

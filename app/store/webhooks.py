@@ -144,10 +144,15 @@ async def recent_rejections(session: AsyncSession, webhook: Webhook, limit: int)
     return list(await session.scalars(query))
 
 
-async def purge_old_rejections(session: AsyncSession, older_than: timedelta) -> int:
-    """Delete, in the caller's transaction, every webhook's rejections received longer than
-    `older_than` ago; how many."""
-    deleted = await session.execute(
-        delete(WebhookRejection).where(WebhookRejection.received_at < func.now() - older_than)
+async def purge_old_rejections(session: AsyncSession, older_than: timedelta, limit: int) -> int:
+    """Delete, in the caller's transaction, up to `limit` of every webhook's rejections
+    received longer than `older_than` ago; how many. Rows another transaction holds are left
+    for a later call."""
+    old = (
+        select(WebhookRejection.id)
+        .where(WebhookRejection.received_at < func.now() - older_than)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
     )
+    deleted = await session.execute(delete(WebhookRejection).where(WebhookRejection.id.in_(old)))
     return cast(CursorResult[Any], deleted).rowcount  # a DELETE's result
