@@ -138,18 +138,17 @@ class Sender:
         await store.record_attempt(self._sessions, due, outcome, status, retry_in)
 
     async def _post(self, due: store.Due, attempted_at: datetime, started: float) -> store.Outcome:
-        body = orjson.dumps(due.payload)
-        headers = {
-            "Content-Type": "application/json",
-            "User-Agent": "aidsafe-callbacks/1",
-            DELIVERY_HEADER: str(due.id),
-            SIGNATURE_HEADER: sign(due.secret, body, int(time.time())),
-        }
-
         def took() -> float:
             return (time.monotonic() - started) * 1000
 
         try:
+            body = orjson.dumps(due.payload)
+            headers = {
+                "Content-Type": "application/json",
+                "User-Agent": "aidsafe-callbacks/1",
+                DELIVERY_HEADER: str(due.id),
+                SIGNATURE_HEADER: sign(due.secret, body, int(time.time())),
+            }
             async with self._client().post(
                 due.url, data=body, headers=headers, allow_redirects=False
             ) as answer:
@@ -162,6 +161,12 @@ class Sender:
             )
         except aiohttp.ClientError as exc:  # refused, reset, DNS, bad framing
             return store.Outcome(attempted_at, took(), error=f"{type(exc).__name__}: {exc}"[:500])
+        # Not sendable at all (a host label too long for IDNA, a payload orjson refuses): a
+        # failed attempt, retried and given up on like any other, not claimed again for ever.
+        except Exception as exc:
+            log.warning("callback delivery %s could not be sent", due.id, exc_info=True)
+            error = f"could not send: {type(exc).__name__}: {exc}"[:500]
+            return store.Outcome(attempted_at, took(), error=error)
 
     def _backoff_s(self, attempt: int) -> float:
         settings = self._settings

@@ -275,6 +275,37 @@ async def test_a_delivery_gives_up_when_the_retry_period_runs_out(
     assert 2 <= len(delivery["log"]) == len(receiver.received) < 10
 
 
+async def test_a_delivery_the_client_cannot_send_fails_its_attempts_and_gives_up(
+    api: httpx.AsyncClient, auth: dict[str, str], notifying: Settings, sessions: Sessions
+) -> None:
+    # A host label longer than IDNA's 63 characters passes the allow-list, but aiohttp raises
+    # UnicodeError (no ClientError) as it sends: the delivery was claimed again at every
+    # lease, no attempt logged, and it never gave up.
+    host = "a" * 64 + ".example"
+    allowing = notifying.model_copy(update={"callback_hosts": f"{notifying.callback_hosts}, {host}"})
+    async with api_client(allowing) as client:
+        job_id, _ = await submit_notifying(client, auth, f"http://{host}/hook")
+    await run_worker_burst(notifying)
+    sender = Sender(allowing.model_copy(update={"callback_retry_for_s": 1.0}), sessions)
+
+    async def gave_up() -> bool:
+        await sender.send_due()
+        return (await deliveries(sessions, job_id))[0].status == "gave_up"
+
+    try:
+        await sender.send_due()
+        (delivery,) = (await api.get(f"/v1/jobs/{job_id}/callbacks", headers=auth)).json()["deliveries"]
+        assert delivery["status"] == "pending", "one failed attempt is retried"
+        await eventually(gave_up, timeout_s=20, what="the delivery to give up")
+    finally:
+        await sender.aclose()
+
+    (delivery,) = (await api.get(f"/v1/jobs/{job_id}/callbacks", headers=auth)).json()["deliveries"]
+    assert delivery["next_attempt_at"] is None
+    assert 2 <= len(delivery["log"]) == delivery["attempts"] < 10
+    assert all(a["status_code"] is None and "UnicodeError" in a["error"] for a in delivery["log"])
+
+
 @pytest.mark.parametrize(
     ("hosts", "url", "code"),
     [
