@@ -2,8 +2,10 @@
 
 `POST /v1/files` (multipart: `file`, `purpose=batch`), `GET /v1/files/{id}`,
 `GET /v1/files/{id}/content`, `POST /v1/batches` (`input_file_id`, `endpoint`
-`/v1/chat/completions`, `completion_window` `24h`), `GET /v1/batches` (newest first),
-`GET /v1/batches/{id}`, `POST /v1/batches/{id}/cancel`.
+`/v1/chat/completions`, `completion_window` `24h`, optional `metadata`: at most 16 string
+pairs, keys up to 64 characters, values up to 512), `GET /v1/batches` (newest first, pages of
+`limit` (1 to 100, default 20) after the batch id `after`, with `has_more`, `first_id` and
+`last_id`), `GET /v1/batches/{id}`, `POST /v1/batches/{id}/cancel`.
 
 A batch moves one step each time it is retrieved: validating -> in_progress -> finalizing ->
 completed, so a poller sees every status without the test sleeping. Each line is answered,
@@ -19,6 +21,7 @@ keeps none). The test drives the rest:
     batches.max_file_bytes = 2000 # larger uploads are refused with 400 file_too_large
     batches.max_file_lines = 2    # uploads of more lines are refused with 400 file_too_large
     batches.create_delay_s = 30   # a create answers that late (the batch exists at once)
+    batches.list_delays = [3.0]   # the next list answers that late, with the batches of when it was asked
     batches.forget(batch_id)      # the provider lost the batch: asked of it, it answers 404
 """
 
@@ -123,6 +126,7 @@ class ScriptedBatches:
             self.max_file_lines = 50_000
             self.refused_uploads = 0
             self.create_delay_s = 0.0
+            self.list_delays: list[float] = []
             self.cancel_requests: list[str] = []
 
     def routes(self) -> list[Route]:
@@ -203,6 +207,10 @@ class ScriptedBatches:
             return _error(400, "input_file_id names no batch file", "invalid_request")
         if body.get("endpoint") != CHAT_COMPLETIONS or body.get("completion_window") != "24h":
             return _error(400, "endpoint must be /v1/chat/completions and the window 24h", "invalid_request")
+        if not _valid_metadata(body.get("metadata")):
+            return _error(
+                400, "metadata: at most 16 pairs of strings (keys 64, values 512)", "invalid_request"
+            )
         lines = [json.loads(line) for line in file.content.splitlines() if line.strip()]
         with self._lock:
             batch = _Batch(
@@ -219,9 +227,31 @@ class ScriptedBatches:
         return JSONResponse(batch.out())
 
     async def _list(self, request: Request) -> Response:
+        try:
+            limit = int(request.query_params.get("limit", "20"))
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= 100:
+            return _error(400, "limit must be from 1 to 100", "invalid_request")
+        after = request.query_params.get("after")
         with self._lock:
-            data = [batch.out() for batch in reversed(self.batches.values())]
-        return JSONResponse({"object": "list", "data": data, "has_more": False})
+            newest_first = list(reversed(self.batches.values()))
+            ids = [batch.id for batch in newest_first]
+            # After a batch it no longer knows: nothing (a cursor, not a restart from the top).
+            start = (ids.index(after) + 1 if after in ids else len(ids)) if after else 0
+            data = [batch.out() for batch in newest_first[start : start + limit]]
+            delay = self.list_delays.pop(0) if self.list_delays else 0.0
+        if delay:  # what was there when asked, answered late (as over a slow network)
+            await asyncio.sleep(delay)
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": data,
+                "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None,
+                "has_more": start + limit < len(newest_first),
+            }
+        )
 
     async def _retrieve(self, request: Request) -> Response:
         batch_id = request.path_params["batch_id"]
@@ -308,6 +338,19 @@ class ScriptedBatches:
                 )
                 self.files[file.id] = file
                 setattr(batch, f"{kind}_file_id", file.id)
+
+
+def _valid_metadata(metadata: Any) -> bool:
+    if metadata is None:
+        return True
+    return (
+        isinstance(metadata, dict)
+        and len(metadata) <= 16
+        and all(
+            isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 512
+            for k, v in metadata.items()
+        )
+    )
 
 
 def _form(content_type: str, body: bytes) -> dict[str, tuple[bytes, str]]:

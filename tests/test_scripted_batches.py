@@ -30,20 +30,20 @@ def http(scripted_llm: ScriptedLLM) -> httpx.Client:
     return httpx.Client(base_url=scripted_llm.base_url)
 
 
-def _submit(http: httpx.Client, lines: list[dict[str, Any]]) -> dict[str, Any]:
+def _submit(
+    http: httpx.Client, lines: list[dict[str, Any]], metadata: dict[str, Any] | None = None
+) -> dict[str, Any]:
     uploaded = http.post("/files", files={"file": ("in.jsonl", _jsonl(lines))}, data={"purpose": "batch"})
     assert uploaded.status_code == 200, uploaded.text
-    created = http.post(
-        "/batches",
-        json={
-            "input_file_id": uploaded.json()["id"],
-            "endpoint": "/v1/chat/completions",
-            "completion_window": "24h",
-        },
-    )
+    created = _create(http, uploaded.json()["id"], metadata)
     assert created.status_code == 200, created.text
     batch: dict[str, Any] = created.json()
     return batch
+
+
+def _create(http: httpx.Client, input_file_id: str, metadata: dict[str, Any] | None) -> httpx.Response:
+    body = {"input_file_id": input_file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+    return http.post("/batches", json=body | ({"metadata": metadata} if metadata is not None else {}))
 
 
 def _lines(http: httpx.Client, file_id: str | None) -> list[dict[str, Any]]:
@@ -139,3 +139,37 @@ def test_a_batch_with_duplicate_custom_ids_fails_validation(http: httpx.Client) 
     assert failed["status"] == "failed"
     assert failed["errors"]["data"][0]["code"] == "invalid_file"
     assert failed["output_file_id"] is None
+
+
+def test_batches_are_listed_newest_first_in_pages_with_their_metadata(http: httpx.Client) -> None:
+    made = [_submit(http, [_line(n)], metadata={"tag": str(n)}) for n in range(25)]
+
+    first = http.get("/batches").json()
+    rest = http.get("/batches", params={"limit": 100, "after": first["last_id"]}).json()
+
+    newest_first = [b["id"] for b in reversed(made)]
+    assert [b["id"] for b in first["data"]] == newest_first[:20], "the default page is 20"
+    assert (first["has_more"], first["first_id"], first["last_id"]) == (
+        True,
+        newest_first[0],
+        newest_first[19],
+    )
+    assert [b["id"] for b in rest["data"]] == newest_first[20:]
+    assert rest["has_more"] is False
+    assert [b["metadata"] for b in rest["data"]] == [{"tag": str(n)} for n in (4, 3, 2, 1, 0)]
+    assert http.get("/batches", params={"limit": 101}).status_code == 400
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [{f"k{n}": "v" for n in range(17)}, {"k" * 65: "v"}, {"k": "v" * 513}, {"k": 1}, ["k", "v"]],
+)
+def test_metadata_beyond_the_providers_limits_is_refused(http: httpx.Client, metadata: Any) -> None:
+    uploaded = http.post(
+        "/files", files={"file": ("in.jsonl", _jsonl([_line(0)]))}, data={"purpose": "batch"}
+    )
+
+    refused = _create(http, uploaded.json()["id"], metadata)
+
+    assert refused.status_code == 400
+    assert refused.json()["error"]["code"] == "invalid_request"
