@@ -152,7 +152,7 @@ class Batch(Model):
     """One provider batch of a batch job's wave."""
 
     endpoint: str
-    status: str  # ours: preparing, uploaded, submitted, collected, refused, cancelled
+    status: str  # ours: preparing, uploaded, submitted, collected, refused, cancelled, lost
     provider_status: str | None
     requests: int
     request_counts: dict[str, int] | None

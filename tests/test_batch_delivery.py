@@ -342,12 +342,55 @@ async def test_a_batch_the_provider_no_longer_knows_holds_up_no_other_job(
     await submit(batch_api, auth, PROMPTS[:2], delivery="batch")
     workers.append(start_worker(batch_settings))
     [lost] = await eventually(lambda: _in_progress(scripted_llm, 1), what="a batch in progress")
-    scripted_llm.batches.forget(lost)  # each poll of it is now a 404: a refusal, not a fault
+    scripted_llm.batches.forget(lost)  # each poll of it is now a 404
     scripted_llm.batches.hold = False
 
     other = await submit(batch_api, auth, PROMPTS[2:4], delivery="batch")
 
     await eventually(lambda: _job_completed(batch_api, auth, other), timeout_s=60, what="the other job")
+
+
+@pytest.mark.parametrize("unanswered", ["next_wave", "online"])
+async def test_a_batch_the_provider_no_longer_knows_ends_lost_and_its_requests_are_sent_once_more(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+    unanswered: str,
+) -> None:
+    online = await _online_run(batch_api, auth, batch_settings, scripted_llm, PROMPTS[:3])
+    scripted_llm.batches.hold = True
+    job_id = await submit(batch_api, auth, PROMPTS[:3], delivery="batch", batch={"unanswered": unanswered})
+    await _drive_until(
+        batch_settings, sessions, arq_redis, lambda: _provider_status(scripted_llm, "in_progress")
+    )
+    [lost] = scripted_llm.batches.created()
+    lost_lines = [line["custom_id"] for line in scripted_llm.batches.input_lines(lost["id"])]
+    scripted_llm.batches.forget(lost["id"])  # each poll of it is now a 404
+    scripted_llm.batches.hold = False
+
+    await _drive(batch_settings, sessions, arq_redis, job_id)
+
+    await _same_as_online(sessions, scripted_llm, online, job_id)  # nothing lost, nothing paid twice
+    async with sessions() as session:
+        [(status, error)] = (
+            await session.execute(
+                select(Batch.status, Batch.error).where(Batch.provider_batch_id == lost["id"])
+            )
+        ).all()
+    assert status == "lost" and "HTTP 404" in error
+    resent = [  # the forgotten batch is not among them
+        line["custom_id"]
+        for b in scripted_llm.batches.created()
+        for line in scripted_llm.batches.input_lines(b["id"])
+    ]
+    if unanswered == "online":
+        assert not set(lost_lines) & set(resent)
+        assert {custom_id for custom_id, _ in await _requests(sessions, job_id, "online")} == set(lost_lines)
+    else:
+        assert [resent.count(custom_id) for custom_id in lost_lines] == [1, 1, 1]
 
 
 async def test_a_batch_answer_postgres_cannot_store_is_stored_with_it_replaced(

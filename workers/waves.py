@@ -21,6 +21,7 @@ from app.config import Settings
 from app.llm.batch_api import (
     TERMINAL,
     BatchAPI,
+    BatchNotFound,
     BatchRefused,
     BatchUnavailable,
     OutputLine,
@@ -107,7 +108,11 @@ async def _lead(settings: Settings, sessions: Sessions, api: BatchAPI, held: Hel
 
 async def _poll(settings: Settings, sessions: Sessions, api: BatchAPI, held: Held) -> None:
     assert held.provider_batch_id is not None
-    seen = await api.retrieve(held.endpoint, held.provider_batch_id)
+    try:
+        seen = await api.retrieve(held.endpoint, held.provider_batch_id)
+    except BatchNotFound as gone:
+        await _lost(settings, sessions, held, str(gone))
+        return
     status, counts = seen.get("status"), seen.get("request_counts")
     if status not in TERMINAL:
         await batches.advance(
@@ -144,6 +149,16 @@ async def _poll(settings: Settings, sessions: Sessions, api: BatchAPI, held: Hel
             len(outcome.answers),
             len(outcome.rejected),
         )
+
+
+async def _lost(settings: Settings, sessions: Sessions, held: Held, detail: str) -> None:
+    """The provider no longer knows the batch (deleted, or kept no longer): it ends as lost
+    and its requests go back as an expired batch's unanswered ones do. Polled on, it was
+    asked about for ever, and its items waited as long."""
+    await batches.collect(
+        sessions, held, BatchStatus.LOST, Outcome({}, {}), settings.batch_max_submissions, error=detail
+    )
+    log.warning("batch %s lost, its requests sent again: %s", held.id, detail)
 
 
 def _read(lines: list[OutputLine], outcome: Outcome) -> None:

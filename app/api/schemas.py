@@ -452,9 +452,12 @@ class BatchOut(BaseModel):
     """One provider batch of a wave."""
 
     endpoint: str
-    status: Literal["preparing", "uploaded", "submitted", "collected", "refused", "cancelled"] = Field(
-        description="Ours: its requests chosen, its input file uploaded, the batch created (and polled), "
-        "its answers collected; or refused by the provider, or cancelled with the job."
+    status: Literal["preparing", "uploaded", "submitted", "collected", "refused", "cancelled", "lost"] = (
+        Field(
+            description="Ours: its requests chosen, its input file uploaded, the batch created (and polled), "
+            "its answers collected; or refused by the provider, cancelled with the job, or lost (the "
+            "provider no longer knew it: its requests went back as an expired batch's unanswered ones do)."
+        )
     )
     provider_status: str | None = Field(
         description="The provider's: validating, in_progress, finalizing, completed, failed, expired, "

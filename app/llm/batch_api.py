@@ -3,8 +3,9 @@ create a batch of chat completions on it (`/batches`), find, retrieve and cancel
 and download their output and error files. Plus the wire format of those files.
 
 Faults come in two kinds: BatchRefused (a 4xx other than 408/409/425/429: the provider will
-not take this file or batch; asking again will not help) and BatchUnavailable (anything
-else: try again later). Their messages may quote the provider: for operators only.
+not take this file or batch; asking again will not help), of which BatchNotFound (a 404: the
+provider knows no such batch or file), and BatchUnavailable (anything else: try again later).
+Their messages may quote the provider: for operators only.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ class BatchFault(Exception):
 
 class BatchRefused(BatchFault):
     """The provider refused the call itself (a 4xx): e.g. a file over its size limit."""
+
+
+class BatchNotFound(BatchRefused):
+    """The provider knows no such batch or file (a 404): deleted, or kept no longer."""
 
 
 class BatchUnavailable(BatchFault):
@@ -164,4 +169,4 @@ def _raise_for(status: int, body: bytes, endpoint: str) -> None:
     detail = f"{endpoint}: HTTP {status}: {body[:_ERROR_BODY_CHARS].decode('utf-8', 'replace')}"
     if status in _TRANSIENT or status >= 500:
         raise BatchUnavailable(detail)
-    raise BatchRefused(detail)
+    raise BatchNotFound(detail) if status == 404 else BatchRefused(detail)

@@ -317,8 +317,9 @@ class TurnRow(Base):
 class BatchStatus(StrEnum):
     """Our side of a provider batch (workers/waves.py): preparing (its requests chosen) ->
     uploaded (input file id stored) -> submitted (batch id stored, polled) -> collected
-    (answers stored). Or refused (the provider would not take the file or the batch) or
-    cancelled (its job was)."""
+    (answers stored). Or refused (the provider would not take the file or the batch),
+    cancelled (its job was) or lost (the provider no longer knew it: its requests went back
+    as a batch's unanswered ones do)."""
 
     PREPARING = "preparing"
     UPLOADED = "uploaded"
@@ -326,6 +327,7 @@ class BatchStatus(StrEnum):
     COLLECTED = "collected"
     REFUSED = "refused"
     CANCELLED = "cancelled"
+    LOST = "lost"
 
 
 class Batch(Base):
