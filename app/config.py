@@ -164,11 +164,12 @@ class Settings(BaseSettings):
 
     # Batch delivery (workers/waves.py): how often each worker forms waves and takes due
     # batches, how often it asks a provider about a running
-    # batch, how long a worker holds a batch it works on (another takes it over after that),
+    # batch, how long a worker holds a batch it works on (another takes it over after that;
+    # a call to the batch API is given up after half of it, see batch_call_timeout_s),
     # and how many times a request is submitted before its item fails.
     batch_interval_s: float = Field(default=2.0, gt=0)
     batch_poll_interval_s: float = Field(default=30.0, ge=0)
-    batch_lease_s: float = Field(default=120.0, gt=0)
+    batch_lease_s: float = Field(default=600.0, gt=0)
     batch_max_submissions: int = Field(default=3, ge=1)
 
     # Workers.
@@ -259,6 +260,15 @@ class Settings(BaseSettings):
                     {"name": name},
                 )
         return self
+
+    @property
+    def batch_call_timeout_s(self) -> float:
+        """How long a call to a batch API may take: half a batch's lease. Its holder renews
+        the lease before each call, so the call is over before another worker may take the
+        batch over and make it again (a second create: the same requests billed twice); the
+        other half covers the renewal's own statement. The default lease gives a call 300 s:
+        a 200 MB input file uploads in that at 0.7 MB/s."""
+        return self.batch_lease_s / 2
 
     def endpoints(self) -> dict[str, EndpointConfig]:
         default = EndpointConfig(

@@ -5,6 +5,8 @@ repeating an answer."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import csv
 import io
 import json
@@ -26,9 +28,10 @@ from aidsafe.models import BatchProgress
 from app.cli.follow import wave_text
 from app.config import BatchConfig, EndpointConfig, Prices, Settings
 from app.llm.batch_api import BatchAPI
-from app.store import deletions
+from app.store import batches, deletions
+from app.store.batches import LeaseLost, Outcome
 from app.store.db import Sessions
-from app.store.models import Batch, BatchRequest, Cot, Item, Job, TurnRow
+from app.store.models import Batch, BatchRequest, BatchStatus, Cot, Item, Job, TurnRow
 from tests.conftest import api_client, eventually, run_worker_burst, start_worker, submit
 from tests.scripted_llm import Reply, ScriptedLLM, agree, default_answer, malformed
 from workers.waves import run_round
@@ -138,7 +141,7 @@ async def _drive_until(
     rounds: int = 400,
 ) -> None:
     """Run the worker (burst) and a batch round in turn until `done`, at most `rounds` times."""
-    api = BatchAPI(settings.endpoints())
+    api = BatchAPI(settings.endpoints(), settings.batch_call_timeout_s)
     try:
         for _ in range(rounds):
             await run_worker_burst(settings)
@@ -672,6 +675,143 @@ async def test_a_worker_killed_between_creating_a_batch_and_storing_its_id_leave
     turns, cots = await _record(sessions, job_id)
     assert len(cots) == 3
     assert len(scripted_llm.requests) == len(turns), "an answer was lost or paid for twice"
+
+
+# --- leases: one holder at a time, one provider batch per batch ---------------------------------
+
+
+async def _one_batch_formed(
+    api: httpx.AsyncClient, auth: dict[str, str], settings: Settings, sessions: Sessions
+) -> UUID:
+    """A batch job of one prompt whose first batch is formed (preparing, held by none): its id."""
+    job_id = await submit(api, auth, PROMPTS[:1], delivery="batch")
+    await run_worker_burst(settings)
+    assert await batches.form_waves(sessions, settings.endpoints()) == 1
+    async with sessions() as session:
+        return (await session.scalars(select(Batch.id).where(Batch.job_id == UUID(job_id)))).one()
+
+
+async def _batch_row(sessions: Sessions, batch_id: UUID) -> Batch:
+    async with sessions() as session:
+        return (await session.scalars(select(Batch).where(Batch.id == batch_id))).one()
+
+
+def _tagged(scripted_llm: ScriptedLLM, batch_id: UUID) -> list[dict[str, Any]]:
+    """The provider batches created for our batch (tagged with its id)."""
+    return [
+        b
+        for b in scripted_llm.batches.created()
+        if (b["metadata"] or {}).get("aidsafe_batch") == str(batch_id)
+    ]
+
+
+async def test_a_holder_whose_lease_was_taken_over_writes_nothing_and_leaves_the_new_holders_lease(
+    batch_api: httpx.AsyncClient, auth: dict[str, str], batch_settings: Settings, sessions: Sessions
+) -> None:
+    batch_id = await _one_batch_formed(batch_api, auth, batch_settings, sessions)
+    [old] = await batches.take_due(sessions, lease_s=0.01)
+    await asyncio.sleep(0.1)  # its lease runs out mid-call
+    [new] = await batches.take_due(sessions, lease_s=60)
+
+    with pytest.raises(LeaseLost):
+        await batches.renew(sessions, old)
+    with pytest.raises(LeaseLost):
+        await batches.advance(sessions, old, 0, status=BatchStatus.UPLOADED, input_file_id="file-old")
+    with pytest.raises(LeaseLost):
+        await batches.collect(sessions, old, BatchStatus.LOST, Outcome({}, {}), 3, error="old")
+    with pytest.raises(LeaseLost):
+        await batches.split_refused(sessions, old, "old")
+    await batches.release(sessions, old)
+
+    row = await _batch_row(sessions, batch_id)
+    assert (row.status, row.input_file_id, row.error, row.finished_at) == ("preparing", None, None, None)
+    assert row.lease_id == new.lease_id != old.lease_id
+    assert await batches.take_due(sessions, lease_s=60) == [], "the old holder's release freed the batch"
+    async with sessions() as session:
+        statuses = (
+            await session.scalars(select(BatchRequest.status).where(BatchRequest.batch_id == batch_id))
+        ).all()
+    assert statuses == ["submitted"], "the old holder's collect or split handed the request back"
+    moved = await batches.advance(sessions, new, 0, status=BatchStatus.UPLOADED, input_file_id="file-new")
+    assert (moved.status, moved.input_file_id) == (BatchStatus.UPLOADED, "file-new")
+
+
+async def test_two_holders_racing_on_one_batch_create_one_provider_batch(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    batch_id = await _one_batch_formed(batch_api, auth, batch_settings, sessions)
+    # The first holder's look for an existing batch answers after its lease (2 s) ran out: it
+    # finds none, as none was there when it asked.
+    scripted_llm.batches.list_delays = [3.0]
+
+    async def first_holder() -> None:
+        api = BatchAPI(batch_settings.endpoints(), batch_settings.batch_call_timeout_s)
+        try:
+            await run_round(batch_settings, sessions, arq_redis, api)
+        finally:
+            await api.aclose()
+
+    async def second_holder() -> None:
+        await asyncio.sleep(batch_settings.batch_lease_s + 0.2)  # the first one's lease ran out
+        await _drive_until(
+            batch_settings, sessions, arq_redis, lambda: _batch_status(sessions, batch_id, "submitted"), 50
+        )
+
+    await asyncio.gather(first_holder(), second_holder())
+
+    [created] = _tagged(scripted_llm, batch_id)
+    assert len(scripted_llm.batches.created()) == 1, "both holders created a provider batch"
+    assert (await _batch_row(sessions, batch_id)).provider_batch_id == created["id"]
+
+
+async def _batch_status(sessions: Sessions, batch_id: UUID, status: str) -> bool:
+    return (await _batch_row(sessions, batch_id)).status == status
+
+
+async def test_a_batch_created_but_never_recorded_is_found_by_its_tag_behind_a_hundred_newer_batches(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    batch_id = await _one_batch_formed(batch_api, auth, batch_settings, sessions)
+    scripted_llm.batches.create_delay_s = 30  # the batch exists; its creator waits for the answer
+    api = BatchAPI(batch_settings.endpoints(), batch_settings.batch_call_timeout_s)
+    holder = asyncio.create_task(run_round(batch_settings, sessions, arq_redis, api))
+    await eventually(lambda: _provider_status(scripted_llm, "validating"), what="a batch created")
+    holder.cancel()  # it dies before storing the batch's id
+    with contextlib.suppress(asyncio.CancelledError):
+        await holder
+    await api.aclose()
+    assert (await _batch_row(sessions, batch_id)).provider_batch_id is None
+    scripted_llm.batches.create_delay_s = 0
+    async with httpx.AsyncClient(base_url=scripted_llm.base_url) as provider:  # another tenant's batches
+        line = {"custom_id": "x", "method": "POST", "url": "/v1/chat/completions", "body": {}}
+        other = await provider.post(
+            "/files", files={"file": ("o.jsonl", json.dumps(line).encode())}, data={"purpose": "batch"}
+        )
+        for _ in range(120):
+            body = {
+                "input_file_id": other.json()["id"],
+                "endpoint": "/v1/chat/completions",
+                "completion_window": "24h",
+            }
+            assert (await provider.post("/batches", json=body)).status_code == 200
+
+    await _drive_until(
+        batch_settings, sessions, arq_redis, lambda: _batch_status(sessions, batch_id, "submitted"), 20
+    )
+
+    [ours] = _tagged(scripted_llm, batch_id)
+    assert len(scripted_llm.batches.created()) == 121, "a second provider batch was created"
+    assert (await _batch_row(sessions, batch_id)).provider_batch_id == ours["id"]
 
 
 async def test_an_input_file_the_provider_refuses_is_split_until_the_provider_takes_it(

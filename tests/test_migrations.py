@@ -597,3 +597,50 @@ async def test_existing_deletions_are_numbered_per_key_in_the_order_they_were_ma
         assert await connection.fetchval("SELECT count(*) FROM job_deletions") == 5
     finally:
         await connection.close()
+
+
+async def test_lost_batches_are_collected_ones_again_on_the_way_down(
+    old_database: tuple[Config, str],
+) -> None:
+    config, dsn = old_database
+    await asyncio.to_thread(command.upgrade, config, "head")
+    key, policy_set, job = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    connection = await asyncpg.connect(dsn)
+    try:
+        await connection.execute(
+            "INSERT INTO api_keys (id, name, prefix, key_hash) VALUES ($1, 'k', 'p', $2)", key, key.hex
+        )
+        await connection.execute(
+            "INSERT INTO policy_sets (id, name, version, description, policies)"
+            " VALUES ($1, 'p', 'v', '', '[]')",
+            policy_set,
+        )
+        await connection.execute(
+            "INSERT INTO jobs (id, owner_key_id, policy_set_id, plan, request_hash, item_count) "
+            "VALUES ($1, $2, $3, '{}', 'h', 1)",
+            job,
+            key,
+            policy_set,
+        )
+        for status in ("lost", "submitted"):
+            await connection.execute(
+                "INSERT INTO batches"
+                " (id, job_id, owner_key_id, wave, endpoint, status, requests, bytes, lease_id)"
+                " VALUES ($1, $2, $3, 1, 'default', $4, 1, 10, $5)",
+                uuid.uuid4(),
+                job,
+                key,
+                status,
+                uuid.uuid4(),
+            )
+
+        await asyncio.to_thread(command.downgrade, config, "0027_purge_retries")
+
+        statuses = await connection.fetch("SELECT status FROM batches ORDER BY status")
+        assert [row["status"] for row in statuses] == ["collected", "submitted"]
+        assert not await connection.fetchval(
+            "SELECT count(*) FROM information_schema.columns"
+            " WHERE table_name = 'batches' AND column_name = 'lease_id'"
+        )
+    finally:
+        await connection.close()

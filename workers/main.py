@@ -111,7 +111,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         worker.purger = asyncio.create_task(_purge_forever(worker, timedelta(days=days)))
     worker.expirer = asyncio.create_task(_expire_forever(worker))
     worker.deliverer = asyncio.create_task(_deliver_forever(worker))
-    worker.batch_api = BatchAPI(worker.settings.endpoints())
+    worker.batch_api = BatchAPI(worker.settings.endpoints(), worker.settings.batch_call_timeout_s)
     worker.waves = asyncio.create_task(
         waves.waves_forever(worker.settings, worker.sessions, worker.redis, worker.batch_api)
     )

@@ -8,6 +8,16 @@ take the batches that are due, each under a lease, and move each as far as it ca
 (preparing -> upload -> uploaded -> create -> submitted -> poll ... -> collected); then
 queue the items whose requests were answered. The rows are shared by leases and SKIP LOCKED,
 so every worker can run it at once and none does a batch's step twice while its lease holds.
+
+A lease outlasts every call made under it: the holder renews it just before each call to the
+provider, and a call is given up after half a lease (Settings.batch_call_timeout_s). So no
+worker takes a batch over while its holder's call may still be on its way; were it taken
+over while the holder's create was in flight, both could create a provider batch of the
+same requests, and the provider would run and bill them twice. A holder that finds its
+lease taken over anyway (it stalled between calls) stops: LeaseLost, nothing written. And a
+provider batch is created tagged with our batch's id, looked for before any create, so one
+created by a worker that died (or lost its lease) before storing its id is taken, not made
+again.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ from app.llm.batch_api import (
 )
 from app.queue import enqueue_items
 from app.store import batches
-from app.store.batches import Held, Outcome
+from app.store.batches import Held, LeaseLost, Outcome
 from app.store.db import Sessions
 from app.store.models import BatchStatus
 
@@ -45,16 +55,19 @@ async def run_round(settings: Settings, sessions: Sessions, redis: ArqRedis, api
     if made := await batches.form_waves(sessions, settings.endpoints()):
         log.info("formed %d batches", made)
     for held in await batches.take_due(sessions, settings.batch_lease_s):
+        retry_in_s = None
         try:
             await _lead(settings, sessions, api, held)
+        except LeaseLost:
+            log.info("batch %s: taken over by another worker", held.id)
         except Exception as fault:
             # The provider away, or a fault of this batch alone (a poll refused, say): the next
             # poll tries again. Raised on, it ended every round, the batch first in line for
             # never being advanced: no other batch moved and no answered item was queued again.
             log.warning("batch %s: %s", held.id, fault, exc_info=not isinstance(fault, BatchUnavailable))
-            await batches.advance(sessions, held, settings.batch_poll_interval_s)
+            retry_in_s = settings.batch_poll_interval_s
         finally:
-            await batches.release(sessions, held.id)
+            await batches.release(sessions, held, retry_in_s)
     requeued = await batches.requeue_answered(sessions)
     await enqueue_items(redis, settings.queue_name, requeued)
 
@@ -68,46 +81,56 @@ async def waves_forever(settings: Settings, sessions: Sessions, redis: ArqRedis,
         await asyncio.sleep(settings.batch_interval_s)
 
 
-async def _lead(settings: Settings, sessions: Sessions, api: BatchAPI, held: Held | None) -> None:
-    """Move the batch as far as it goes now; None once another worker moved it on."""
-    poll_s = settings.batch_poll_interval_s
-    if held is not None and held.job_cancelled:
+async def _lead(settings: Settings, sessions: Sessions, api: BatchAPI, held: Held) -> None:
+    """Move the batch as far as it goes now; LeaseLost once another worker took it over."""
+    if held.job_cancelled:
         await _cancel(settings, sessions, api, held)
         return
-    if held is not None and held.status is BatchStatus.PREPARING:
+    if held.status is BatchStatus.PREPARING:
         requests = await batches.input_requests(sessions, held.id)
         content = await asyncio.to_thread(input_file, requests)
+        await batches.renew(sessions, held)
         try:
             file_id = await api.upload(held.endpoint, content, f"aidsafe-{held.id}.jsonl")
         except BatchRefused as refused:
             await _refuse(sessions, held, str(refused))
             return
         held = await batches.advance(sessions, held, 0, status=BatchStatus.UPLOADED, input_file_id=file_id)
-    if held is not None and held.status is BatchStatus.UPLOADED:
-        assert held.input_file_id is not None
-        # A worker that died between creating the batch and storing its id made it already.
-        try:
-            created = await api.find(held.endpoint, held.input_file_id) or await api.create(
-                held.endpoint, held.input_file_id, {"aidsafe_batch": str(held.id)}
-            )
-        except BatchRefused as refused:
-            await _refuse(sessions, held, str(refused))
-            return
-        held = await batches.advance(
-            sessions,
-            held,
-            poll_s,
-            status=BatchStatus.SUBMITTED,
-            provider_batch_id=str(created["id"]),
-            provider_status=created.get("status"),
-        )
-        return  # polled when due
-    if held is not None and held.status is BatchStatus.SUBMITTED:
+    if held.status is BatchStatus.UPLOADED:
+        await _submit(settings, sessions, api, held)
+    elif held.status is BatchStatus.SUBMITTED:
         await _poll(settings, sessions, api, held)
+
+
+async def _submit(settings: Settings, sessions: Sessions, api: BatchAPI, held: Held) -> None:
+    """Create the provider batch of the uploaded input file, once: one tagged with our batch
+    (its creator died, or lost its lease, before storing its id) is taken instead."""
+    assert held.input_file_id is not None
+    # Our batch row is older than any provider batch of it; the hour is for the provider's
+    # clock and Postgres's to differ by.
+    since = held.created_at.timestamp() - 3600
+    try:
+        await batches.renew(sessions, held)
+        created = await api.find(held.endpoint, str(held.id), held.input_file_id, since)
+        if created is None:
+            await batches.renew(sessions, held)  # the search may have taken most of the lease
+            created = await api.create(held.endpoint, held.input_file_id, str(held.id))
+    except BatchRefused as refused:
+        await _refuse(sessions, held, str(refused))
+        return
+    await batches.advance(
+        sessions,
+        held,
+        settings.batch_poll_interval_s,  # polled when due
+        status=BatchStatus.SUBMITTED,
+        provider_batch_id=str(created["id"]),
+        provider_status=created.get("status"),
+    )
 
 
 async def _poll(settings: Settings, sessions: Sessions, api: BatchAPI, held: Held) -> None:
     assert held.provider_batch_id is not None
+    await batches.renew(sessions, held)
     try:
         seen = await api.retrieve(held.endpoint, held.provider_batch_id)
     except BatchNotFound as gone:
@@ -128,9 +151,10 @@ async def _poll(settings: Settings, sessions: Sessions, api: BatchAPI, held: Hel
     outcome = Outcome({}, {})
     for file_id in (seen.get("output_file_id"), seen.get("error_file_id")):
         if file_id:
+            await batches.renew(sessions, held)
             content = await api.content(held.endpoint, file_id)
             _read(await asyncio.to_thread(output_lines, content), outcome)
-    collected = await batches.collect(
+    await batches.collect(
         sessions,
         held,
         BatchStatus.COLLECTED,
@@ -141,14 +165,9 @@ async def _poll(settings: Settings, sessions: Sessions, api: BatchAPI, held: Hel
         output_file_id=seen.get("output_file_id"),
         error_file_id=seen.get("error_file_id"),
     )
-    if collected:
-        log.info(
-            "batch %s %s: %d answers, %d refused",
-            held.id,
-            status,
-            len(outcome.answers),
-            len(outcome.rejected),
-        )
+    log.info(
+        "batch %s %s: %d answers, %d refused", held.id, status, len(outcome.answers), len(outcome.rejected)
+    )
 
 
 async def _lost(settings: Settings, sessions: Sessions, held: Held, detail: str) -> None:
@@ -187,6 +206,7 @@ async def _cancel(settings: Settings, sessions: Sessions, api: BatchAPI, held: H
     """The job was cancelled: so is its provider batch."""
     seen = None
     if held.provider_batch_id is not None:
+        await batches.renew(sessions, held)
         try:
             seen = await api.cancel(held.endpoint, held.provider_batch_id)
         except BatchRefused as refused:

@@ -22,6 +22,8 @@ from app.config import EndpointConfig
 
 CHAT_COMPLETIONS = "/v1/chat/completions"
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+# The metadata key a batch is created with, naming our batch (app/store/models.py's Batch).
+TAG = "aidsafe_batch"
 _ERROR_BODY_CHARS = 500
 _TRANSIENT = {408, 409, 425, 429}
 
@@ -87,9 +89,10 @@ def output_lines(content: bytes) -> list[OutputLine]:
 class BatchAPI:
     """The batch APIs of the configured endpoints, over one aiohttp session; aclose() it."""
 
-    def __init__(self, endpoints: dict[str, EndpointConfig], timeout_s: float = 300.0) -> None:
+    def __init__(self, endpoints: dict[str, EndpointConfig], timeout_s: float) -> None:
         self._endpoints = endpoints
-        self._timeout_s = timeout_s  # per call: uploads and downloads may be large
+        # Per call (uploads and downloads may be large): Settings.batch_call_timeout_s.
+        self._timeout_s = timeout_s
         self._session: aiohttp.ClientSession | None = None
 
     async def aclose(self) -> None:
@@ -104,22 +107,39 @@ class BatchAPI:
         uploaded = await self._call(endpoint, "POST", "/files", data=form)
         return str(uploaded["id"])
 
-    async def create(self, endpoint: str, input_file_id: str, metadata: dict[str, str]) -> dict[str, Any]:
+    async def create(self, endpoint: str, input_file_id: str, tag: str) -> dict[str, Any]:
+        """The batch of the uploaded input file's requests, tagged with `tag` (see find)."""
         config = self._config(endpoint)
         assert config.batch is not None
         body = {
             "input_file_id": input_file_id,
             "endpoint": CHAT_COMPLETIONS,
             "completion_window": config.batch.completion_window,
-            "metadata": metadata,
+            "metadata": {TAG: tag},
         }
         return await self._call(endpoint, "POST", "/batches", json=body)
 
-    async def find(self, endpoint: str, input_file_id: str) -> dict[str, Any] | None:
-        """The newest batch made of this input file, among the provider's latest 100: one a
-        worker created before it could store its id."""
-        listed = await self._call(endpoint, "GET", "/batches?limit=100")
-        return next((b for b in listed.get("data", []) if b.get("input_file_id") == input_file_id), None)
+    async def find(self, endpoint: str, tag: str, input_file_id: str, since: float) -> dict[str, Any] | None:
+        """The batch created with this tag, or of this input file (for proxies that drop
+        metadata): one whose creator died, or lost its lease, before it stored its id. The
+        provider lists batches newest first, 100 a page at most: this pages back to `since`
+        (a Unix time, on the provider's clock, before which no such batch can exist)."""
+        after: str | None = None
+        while True:
+            query = {"limit": "100"} | ({"after": after} if after else {})
+            listed = await self._call(endpoint, "GET", "/batches", params=query)
+            page = [batch for batch in listed.get("data") or [] if isinstance(batch, dict)]
+            mine = (
+                b
+                for b in page
+                if (b.get("metadata") or {}).get(TAG) == tag or b.get("input_file_id") == input_file_id
+            )
+            if (found := next(mine, None)) is not None:
+                return found
+            oldest = page[-1] if page else {}
+            if not (listed.get("has_more") and oldest.get("id") and (oldest.get("created_at") or 0) >= since):
+                return None
+            after = str(oldest["id"])
 
     async def retrieve(self, endpoint: str, batch_id: str) -> dict[str, Any]:
         return await self._call(endpoint, "GET", f"/batches/{batch_id}")

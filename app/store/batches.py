@@ -13,7 +13,9 @@ Collected answers are stored on their requests, and the parked items are queued 
 replay their stored turns, read their answer, and go on to their next call.
 
 Every id a provider gives (input file, batch) is stored before it is used, and a worker
-holds a batch by a lease, so any worker resumes a batch whose worker died. An answer is
+holds a batch by a lease, so any worker resumes a batch whose worker died. The lease is a
+token (`lease_id`) every write of its holder names: once another worker took the batch over,
+the old holder's writes change nothing and raise LeaseLost. An answer is
 stored once (only a request still `submitted` in that batch takes it) and becomes a turn
 once (the turn log's unique key). A request its batch did not answer (expired, cancelled,
 a server error) is pending again and goes in the next wave, up to
@@ -25,11 +27,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import and_, case, exists, func, or_, select, update
+from sqlalchemy import ColumnElement, Row, and_, case, exists, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -268,6 +270,11 @@ def split(requests: list[tuple[int, int]], max_requests: int, max_bytes: int) ->
 # --- a batch's life, as a worker leads it ---------------------------------------------------
 
 
+class LeaseLost(Exception):
+    """Another worker took the batch over (its holder's lease had run out): the holder stops
+    and writes nothing more on it."""
+
+
 @dataclass(frozen=True)
 class Held:
     """A batch a worker holds by its lease."""
@@ -280,10 +287,14 @@ class Held:
     provider_batch_id: str | None
     job_cancelled: bool
     unanswered: Unanswered  # the job's choice for the requests the batch leaves unanswered
+    created_at: datetime
+    lease_id: UUID  # the lease's token (see the module's docstring)
+    lease_s: float  # how long the lease lasts from its last renewal
 
 
 async def take_due(sessions: Sessions, lease_s: float, limit: int = 20) -> list[Held]:
-    """Lease the open batches due for work (new, or due a poll) that no live lease holds."""
+    """Lease the open batches due for work (new, or due a poll) that no live lease holds,
+    each under a new token."""
     due = (
         select(Batch.id)
         .where(
@@ -301,7 +312,7 @@ async def take_due(sessions: Sessions, lease_s: float, limit: int = 20) -> list[
             await session.execute(
                 update(Batch)
                 .where(Batch.id.in_(due), Batch.job_id == Job.id)
-                .values(lease_until=func.now() + timedelta(seconds=lease_s))
+                .values(lease_until=func.now() + timedelta(seconds=lease_s), lease_id=func.gen_random_uuid())
                 .returning(
                     Batch.id,
                     Batch.job_id,
@@ -311,10 +322,15 @@ async def take_due(sessions: Sessions, lease_s: float, limit: int = 20) -> list[
                     Batch.provider_batch_id,
                     Job.cancelled_at.is_not(None),
                     Job.plan,
+                    Batch.created_at,
+                    Batch.lease_id,
                 )
             )
         ).all()
-    return [Held(r[0], r[1], r[2], BatchStatus(r[3]), r[4], r[5], r[6], _unanswered(r[7])) for r in rows]
+    return [
+        Held(r[0], r[1], r[2], BatchStatus(r[3]), r[4], r[5], r[6], _unanswered(r[7]), r[8], r[9], lease_s)
+        for r in rows
+    ]
 
 
 def _unanswered(plan: JobPlan) -> Unanswered:
@@ -332,27 +348,60 @@ async def input_requests(sessions: Sessions, batch_id: UUID) -> list[tuple[str, 
         return [(str(r.id), r.body) for r in rows]
 
 
-async def advance(sessions: Sessions, held: Held, poll_in_s: float, **values: Any) -> Held | None:
+async def renew(sessions: Sessions, held: Held) -> None:
+    """Hold the batch for the lease's length from now, before a call to its provider (see
+    workers/waves.py); LeaseLost if another worker took it over."""
+    async with sessions.begin() as session:
+        await _write_held(session, held)
+
+
+async def advance(sessions: Sessions, held: Held, poll_in_s: float, **values: Any) -> Held:
     """Write what the worker learnt (`values`: ids, the provider's status and counts, a new
-    status) on the batch, still in the status it was taken in, and when to look at it next:
-    the batch as it is now, or None if another worker moved it on meanwhile."""
+    status) on the batch, and when to look at it next: the batch as it is now. LeaseLost if
+    another worker took it over (nothing is written)."""
     async with sessions.begin() as session:
-        moved = await session.execute(
-            update(Batch)
-            .where(Batch.id == held.id, Batch.status == held.status)
-            .values(**values, next_poll_at=func.now() + timedelta(seconds=poll_in_s))
-            .returning(Batch.status, Batch.input_file_id, Batch.provider_batch_id)
+        row = await _write_held(
+            session, held, **values, next_poll_at=func.now() + timedelta(seconds=poll_in_s)
         )
-        row = moved.first()
-    if row is None:
-        return None
-    return replace(held, status=BatchStatus(row[0]), input_file_id=row[1], provider_batch_id=row[2])
+    return replace(
+        held,
+        status=BatchStatus(row.status),
+        input_file_id=row.input_file_id,
+        provider_batch_id=row.provider_batch_id,
+    )
 
 
-async def release(sessions: Sessions, batch_id: UUID) -> None:
-    """Let go of the batch's lease: any worker may take it when it is next due."""
+async def release(sessions: Sessions, held: Held, poll_in_s: float | None = None) -> None:
+    """Let go of the batch's lease (and, given `poll_in_s`, look at it again no sooner): any
+    worker may take it when it is next due. Nothing, if another worker took it over."""
+    later = {} if poll_in_s is None else {"next_poll_at": func.now() + timedelta(seconds=poll_in_s)}
     async with sessions.begin() as session:
-        await session.execute(update(Batch).where(Batch.id == batch_id).values(lease_until=None))
+        await session.execute(
+            update(Batch).where(_mine(held)).values(lease_until=None, lease_id=None, **later)
+        )
+
+
+_HeldRow = Row[str, str | None, str | None, UUID, int]  # status, the ids, owner_key_id, wave
+
+
+def _mine(held: Held) -> ColumnElement[bool]:
+    """The batch, while the lease its holder took is still the batch's lease."""
+    return and_(Batch.id == held.id, Batch.lease_id == held.lease_id)
+
+
+async def _write_held(session: AsyncSession, held: Held, **values: Any) -> _HeldRow:
+    """Write `values` on the held batch and renew its lease; LeaseLost if another worker
+    took it over. Every write of a holder goes through here."""
+    written = await session.execute(
+        update(Batch)
+        .where(_mine(held))
+        .values(**values, lease_until=func.now() + timedelta(seconds=held.lease_s))
+        .returning(Batch.status, Batch.input_file_id, Batch.provider_batch_id, Batch.owner_key_id, Batch.wave)
+    )
+    row = written.first()
+    if row is None:
+        raise LeaseLost(f"batch {held.id}: another worker took it over")
+    return row
 
 
 @dataclass(frozen=True)
@@ -365,21 +414,14 @@ class Outcome:
 
 async def collect(
     sessions: Sessions, held: Held, final: BatchStatus, outcome: Outcome, max_submissions: int, **values: Any
-) -> bool:
+) -> None:
     """End the batch as `final` and store its outcome in one transaction: each answer on its
     request if still submitted in this batch (so stored once; the request's body, never sent
     again, blanked), refusals likewise; its other requests online if the job sends those
-    online, else pending again, or failed after `max_submissions`. False if another worker
-    ended it first."""
+    online, else pending again, or failed after `max_submissions`. LeaseLost if another
+    worker took the batch over (nothing is written)."""
     async with sessions.begin() as session:
-        ended = await session.execute(
-            update(Batch)
-            .where(Batch.id == held.id, Batch.status == held.status)
-            .values(**values, status=final, finished_at=func.now())
-            .returning(Batch.id)
-        )
-        if ended.first() is None:
-            return False
+        await _write_held(session, held, **values, status=final, finished_at=func.now())
         mine = and_(BatchRequest.batch_id == held.id, BatchRequest.status == BatchRequestStatus.SUBMITTED)
         for request_id, answer in outcome.answers.items():
             await session.execute(
@@ -410,7 +452,7 @@ async def collect(
                 .where(mine)
                 .values(status=BatchRequestStatus.ONLINE, error=f"unanswered by its batch ({final.value})")
             )
-            return True
+            return
         unanswered = f"unanswered in {max_submissions} batches; last: {final.value}"
         await session.execute(
             update(BatchRequest)
@@ -423,7 +465,6 @@ async def collect(
                 error=case((BatchRequest.submissions >= max_submissions, unanswered), else_=None),
             )
         )
-        return True
 
 
 async def split_refused(sessions: Sessions, held: Held, detail: str) -> int:
@@ -431,17 +472,12 @@ async def split_refused(sessions: Sessions, held: Held, detail: str) -> int:
     batch's validation): end the batch as refused and, if it has several requests, split
     them into two new batches of the same wave (so a file over a limit we did not know gets
     under it, and a bad line ends up alone); a lone request is refused. The number of
-    batches made (0, 1 or 2)."""
+    batches made (0 or 2). LeaseLost if another worker took the batch over (nothing is
+    written)."""
     async with sessions.begin() as session:
-        ended = await session.execute(
-            update(Batch)
-            .where(Batch.id == held.id, Batch.status == held.status)
-            .values(status=BatchStatus.REFUSED, error=detail, finished_at=func.now())
-            .returning(Batch.owner_key_id, Batch.wave)
+        batch = await _write_held(
+            session, held, status=BatchStatus.REFUSED, error=detail, finished_at=func.now()
         )
-        batch = ended.first()
-        if batch is None:
-            return 0
         requests = (
             await session.execute(
                 select(BatchRequest.id, BatchRequest.body)

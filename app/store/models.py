@@ -357,6 +357,9 @@ class Batch(Base):
     error: Mapped[str | None] = mapped_column(Text)  # why refused: for operators (may quote the provider)
     # A worker working on it holds it until then; another takes it over after.
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The lease's token: its holder's every write names it, so a holder whose lease another
+    # worker took over writes nothing more.
+    lease_id: Mapped[uuid.UUID | None] = mapped_column()
     next_poll_at: Mapped[datetime] = _now()
     created_at: Mapped[datetime] = _now()
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
