@@ -773,6 +773,24 @@ async def _batch_status(sessions: Sessions, batch_id: UUID, status: str) -> bool
     return (await _batch_row(sessions, batch_id)).status == status
 
 
+async def _created_but_never_recorded(
+    settings: Settings, sessions: Sessions, redis: ArqRedis, scripted_llm: ScriptedLLM, batch_id: UUID
+) -> None:
+    """Lead the formed batch until its provider batch exists, and die before storing its id."""
+    scripted_llm.batches.create_delay_s = 30  # the batch exists; its creator waits for the answer
+    api = BatchAPI(settings.endpoints(), settings.batch_call_timeout_s)
+    holder = asyncio.create_task(run_round(settings, sessions, redis, api))
+    try:
+        await eventually(lambda: _provider_status(scripted_llm, "validating"), what="a batch created")
+        holder.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await holder
+    finally:
+        await api.aclose()
+    assert (await _batch_row(sessions, batch_id)).provider_batch_id is None
+    scripted_llm.batches.create_delay_s = 0
+
+
 async def test_a_batch_created_but_never_recorded_is_found_by_its_tag_behind_a_hundred_newer_batches(
     batch_api: httpx.AsyncClient,
     auth: dict[str, str],
@@ -782,16 +800,7 @@ async def test_a_batch_created_but_never_recorded_is_found_by_its_tag_behind_a_h
     scripted_llm: ScriptedLLM,
 ) -> None:
     batch_id = await _one_batch_formed(batch_api, auth, batch_settings, sessions)
-    scripted_llm.batches.create_delay_s = 30  # the batch exists; its creator waits for the answer
-    api = BatchAPI(batch_settings.endpoints(), batch_settings.batch_call_timeout_s)
-    holder = asyncio.create_task(run_round(batch_settings, sessions, arq_redis, api))
-    await eventually(lambda: _provider_status(scripted_llm, "validating"), what="a batch created")
-    holder.cancel()  # it dies before storing the batch's id
-    with contextlib.suppress(asyncio.CancelledError):
-        await holder
-    await api.aclose()
-    assert (await _batch_row(sessions, batch_id)).provider_batch_id is None
-    scripted_llm.batches.create_delay_s = 0
+    await _created_but_never_recorded(batch_settings, sessions, arq_redis, scripted_llm, batch_id)
     async with httpx.AsyncClient(base_url=scripted_llm.base_url) as provider:  # another tenant's batches
         line = {"custom_id": "x", "method": "POST", "url": "/v1/chat/completions", "body": {}}
         other = await provider.post(
@@ -811,6 +820,29 @@ async def test_a_batch_created_but_never_recorded_is_found_by_its_tag_behind_a_h
 
     [ours] = _tagged(scripted_llm, batch_id)
     assert len(scripted_llm.batches.created()) == 121, "a second provider batch was created"
+    assert (await _batch_row(sessions, batch_id)).provider_batch_id == ours["id"]
+
+
+async def test_cancelling_a_job_cancels_the_provider_batch_whose_id_was_never_stored(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    batch_id = await _one_batch_formed(batch_api, auth, batch_settings, sessions)
+    await _created_but_never_recorded(batch_settings, sessions, arq_redis, scripted_llm, batch_id)
+    job_id = (await _batch_row(sessions, batch_id)).job_id
+
+    await batch_api.post(f"/v1/jobs/{job_id}/cancel", headers=auth)
+    await _drive_until(
+        batch_settings, sessions, arq_redis, lambda: _batch_status(sessions, batch_id, "cancelled"), 20
+    )
+
+    [ours] = _tagged(scripted_llm, batch_id)
+    assert scripted_llm.batches.cancel_requests == [ours["id"]], "it runs on, billed, for a cancelled job"
+    assert ours["status"] == "cancelled"
     assert (await _batch_row(sessions, batch_id)).provider_batch_id == ours["id"]
 
 

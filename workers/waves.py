@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from arq.connections import ArqRedis
 
@@ -106,12 +107,9 @@ async def _submit(settings: Settings, sessions: Sessions, api: BatchAPI, held: H
     """Create the provider batch of the uploaded input file, once: one tagged with our batch
     (its creator died, or lost its lease, before storing its id) is taken instead."""
     assert held.input_file_id is not None
-    # Our batch row is older than any provider batch of it; the hour is for the provider's
-    # clock and Postgres's to differ by.
-    since = held.created_at.timestamp() - 3600
     try:
         await batches.renew(sessions, held)
-        created = await api.find(held.endpoint, str(held.id), held.input_file_id, since)
+        created = await _find(api, held)
         if created is None:
             await batches.renew(sessions, held)  # the search may have taken most of the lease
             created = await api.create(held.endpoint, held.input_file_id, str(held.id))
@@ -126,6 +124,14 @@ async def _submit(settings: Settings, sessions: Sessions, api: BatchAPI, held: H
         provider_batch_id=str(created["id"]),
         provider_status=created.get("status"),
     )
+
+
+async def _find(api: BatchAPI, held: Held) -> dict[str, Any] | None:
+    """The provider batch created for the uploaded batch, if any (see BatchAPI.find)."""
+    assert held.input_file_id is not None
+    # Our batch row is older than any provider batch of it; the hour is for the provider's
+    # clock and Postgres's to differ by.
+    return await api.find(held.endpoint, str(held.id), held.input_file_id, held.created_at.timestamp() - 3600)
 
 
 async def _poll(settings: Settings, sessions: Sessions, api: BatchAPI, held: Held) -> None:
@@ -203,12 +209,22 @@ async def _refuse(sessions: Sessions, held: Held, detail: str) -> None:
 
 
 async def _cancel(settings: Settings, sessions: Sessions, api: BatchAPI, held: Held) -> None:
-    """The job was cancelled: so is its provider batch."""
-    seen = None
-    if held.provider_batch_id is not None:
+    """The job was cancelled: so is its provider batch, even one whose id was never stored."""
+    provider_batch_id, seen = held.provider_batch_id, None
+    if provider_batch_id is None and held.input_file_id is not None:
+        # A worker may have created it and died before storing its id: uncancelled, it would
+        # run, billed, for a job that wants none of it.
         await batches.renew(sessions, held)
         try:
-            seen = await api.cancel(held.endpoint, held.provider_batch_id)
+            found = await _find(api, held)
+        except BatchRefused as refused:  # a provider that lists no batches: none can be found
+            log.warning("batch %s: the provider refused its batch list: %s", held.id, refused)
+            found = None
+        provider_batch_id = None if found is None else str(found["id"])
+    if provider_batch_id is not None:
+        await batches.renew(sessions, held)
+        try:
+            seen = await api.cancel(held.endpoint, provider_batch_id)
         except BatchRefused as refused:
             # It ended already, or the provider has none: nothing runs to cancel. Left open,
             # the batch was asked again every poll for ever, and kept its job from deletion.
@@ -219,5 +235,6 @@ async def _cancel(settings: Settings, sessions: Sessions, api: BatchAPI, held: H
         BatchStatus.CANCELLED,
         Outcome({}, {}),
         settings.batch_max_submissions,
+        provider_batch_id=provider_batch_id,
         provider_status=None if seen is None else seen.get("status"),
     )
