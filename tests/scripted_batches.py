@@ -23,6 +23,7 @@ keeps none). The test drives the rest:
     batches.create_delay_s = 30   # a create answers that late (the batch exists at once)
     batches.list_delays = [3.0]   # the next list answers that late, with the batches of when it was asked
     batches.forget(batch_id)      # the provider lost the batch: asked of it, it answers 404
+    batches.delete_file(file_id)  # the provider deleted the file (or kept it no longer): 404
 """
 
 from __future__ import annotations
@@ -107,6 +108,14 @@ def _error(status: int, message: str, code: str) -> JSONResponse:
     )
 
 
+def _no_such_file(file_id: str) -> JSONResponse:
+    """OpenAI's answer for a file it does not have (never had, deleted, or kept no longer)."""
+    message = f"No such File object: {file_id}"
+    return JSONResponse(
+        {"error": {"message": message, "type": "invalid_request_error", "param": "id", "code": None}}, 404
+    )
+
+
 class ScriptedBatches:
     """The batch API's state and the test's controls; thread-safe like ScriptedLLM."""
 
@@ -172,6 +181,12 @@ class ScriptedBatches:
         with self._lock:
             del self.batches[batch_id]
 
+    def delete_file(self, file_id: str) -> None:
+        """The file is gone (deleted, or kept no longer): asked for, it answers 404; a batch
+        whose output or error file it was still names it, as OpenAI's do."""
+        with self._lock:
+            del self.files[file_id]
+
     # --- the routes ---------------------------------------------------------------------
 
     async def _upload(self, request: Request) -> Response:
@@ -191,13 +206,15 @@ class ScriptedBatches:
         return JSONResponse(file.out())
 
     async def _file(self, request: Request) -> Response:
-        file = self.files.get(request.path_params["file_id"])
-        return JSONResponse(file.out()) if file else _error(404, "no such file", "not_found")
+        file_id = request.path_params["file_id"]
+        file = self.files.get(file_id)
+        return JSONResponse(file.out()) if file else _no_such_file(file_id)
 
     async def _content(self, request: Request) -> Response:
-        file = self.files.get(request.path_params["file_id"])
+        file_id = request.path_params["file_id"]
+        file = self.files.get(file_id)
         if file is None:
-            return _error(404, "no such file", "not_found")
+            return _no_such_file(file_id)
         return Response(file.content, media_type="application/jsonl")
 
     async def _create(self, request: Request) -> Response:

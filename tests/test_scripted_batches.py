@@ -107,6 +107,29 @@ def test_an_expired_batch_keeps_what_was_answered_and_reports_the_rest(
     ]
 
 
+def test_a_deleted_file_answers_404_as_openai_does_and_its_batch_still_names_it(
+    http: httpx.Client, scripted_llm: ScriptedLLM
+) -> None:
+    batch = _submit(http, [_line(0)])
+    while (done := http.get(f"/batches/{batch['id']}").json())["status"] != "completed":
+        pass
+
+    scripted_llm.batches.delete_file(done["output_file_id"])
+
+    for path in (f"/files/{done['output_file_id']}/content", f"/files/{done['output_file_id']}"):
+        gone = http.get(path)
+        assert gone.status_code == 404
+        assert gone.json() == {
+            "error": {
+                "message": f"No such File object: {done['output_file_id']}",
+                "type": "invalid_request_error",
+                "param": "id",
+                "code": None,
+            }
+        }
+    assert http.get(f"/batches/{batch['id']}").json()["output_file_id"] == done["output_file_id"]
+
+
 def test_cancelling_a_batch_cuts_off_its_unanswered_lines(
     http: httpx.Client, scripted_llm: ScriptedLLM
 ) -> None:
