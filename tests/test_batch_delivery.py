@@ -396,6 +396,59 @@ async def test_a_batch_the_provider_no_longer_knows_ends_lost_and_its_requests_a
         assert [resent.count(custom_id) for custom_id in lost_lines] == [1, 1, 1]
 
 
+@pytest.mark.parametrize("unanswered", ["next_wave", "online"])
+@pytest.mark.parametrize("gone", ["output", "error"])
+async def test_a_batch_file_the_provider_no_longer_has_sends_its_requests_once_more_and_keeps_the_other(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+    gone: str,
+    unanswered: str,
+) -> None:
+    online = await _online_run(batch_api, auth, batch_settings, scripted_llm, PROMPTS[:6])
+    scripted_llm.batches.hold = True
+    job_id = await submit(batch_api, auth, PROMPTS[:6], delivery="batch", batch={"unanswered": unanswered})
+    await _drive_until(
+        batch_settings, sessions, arq_redis, lambda: _provider_status(scripted_llm, "in_progress")
+    )
+    [first] = scripted_llm.batches.created()
+    first_lines = [line["custom_id"] for line in scripted_llm.batches.input_lines(first["id"])]
+    scripted_llm.batches.expire(first["id"], answered=2)  # 2 answers in its output file, 4 errors
+    deleted = scripted_llm.batches.created()[0][f"{gone}_file_id"]
+    scripted_llm.batches.delete_file(deleted)  # each download of it is now a 404
+    scripted_llm.batches.hold = False
+
+    await _drive(batch_settings, sessions, arq_redis, job_id)
+
+    batched = await _record(sessions, job_id)
+    assert batched == await _record(sessions, online.job_id), "an answer was lost"
+    unread = first_lines if gone == "output" else first_lines[2:]
+    paid_twice = 2 if gone == "output" else 0  # the gone output file's answers: paid, never read
+    assert len(scripted_llm.requests) - online.requests == len(batched[0]) + paid_twice
+    async with sessions() as session:
+        [(status, error)] = (
+            await session.execute(
+                select(Batch.status, Batch.error).where(Batch.provider_batch_id == first["id"])
+            )
+        ).all()
+    assert status == "collected" and deleted in error and "HTTP 404" in error
+    resent = [
+        line["custom_id"]
+        for b in scripted_llm.batches.created()[1:]
+        for line in scripted_llm.batches.input_lines(b["id"])
+    ]
+    if unanswered == "online":
+        assert not set(first_lines) & set(resent)
+        assert {custom_id for custom_id, _ in await _requests(sessions, job_id, "online")} == set(unread)
+    else:
+        assert [resent.count(custom_id) for custom_id in first_lines] == [
+            int(custom_id in unread) for custom_id in first_lines
+        ]
+
+
 async def test_a_batch_answer_postgres_cannot_store_is_stored_with_it_replaced(
     batch_api: httpx.AsyncClient,
     auth: dict[str, str],

@@ -155,11 +155,7 @@ async def _poll(settings: Settings, sessions: Sessions, api: BatchAPI, held: Hel
         await _refuse(sessions, held, f"failed validation: {str(seen.get('errors'))[:500]}")
         return
     outcome = Outcome({}, {})
-    for file_id in (seen.get("output_file_id"), seen.get("error_file_id")):
-        if file_id:
-            await batches.renew(sessions, held)
-            content = await api.content(held.endpoint, file_id)
-            _read(await asyncio.to_thread(output_lines, content), outcome)
+    gone = await _read_files(sessions, api, held, seen, outcome)
     await batches.collect(
         sessions,
         held,
@@ -170,10 +166,34 @@ async def _poll(settings: Settings, sessions: Sessions, api: BatchAPI, held: Hel
         request_counts=counts,
         output_file_id=seen.get("output_file_id"),
         error_file_id=seen.get("error_file_id"),
+        error=gone,
     )
     log.info(
         "batch %s %s: %d answers, %d refused", held.id, status, len(outcome.answers), len(outcome.rejected)
     )
+    if gone:
+        log.warning("batch %s: %s", held.id, gone)
+
+
+async def _read_files(
+    sessions: Sessions, api: BatchAPI, held: Held, seen: dict[str, Any], outcome: Outcome
+) -> str | None:
+    """Read the ended batch's output and error files into `outcome`. A file the provider no
+    longer has (a 404: deleted, or kept no longer) is skipped: its lines' requests, left
+    unanswered, go back as an expired batch's do, and the other file's lines count. Asked for
+    again, it answered 404 for ever, and the batch's items waited as long. What was skipped
+    and why, or None."""
+    gone = []
+    for file_id in (seen.get("output_file_id"), seen.get("error_file_id")):
+        if file_id:
+            await batches.renew(sessions, held)
+            try:
+                content = await api.content(held.endpoint, file_id)
+            except BatchNotFound as missing:
+                gone.append(f"file {file_id} gone, its requests sent again: {missing}")
+                continue
+            _read(await asyncio.to_thread(output_lines, content), outcome)
+    return "; ".join(gone) or None
 
 
 async def _lost(settings: Settings, sessions: Sessions, held: Held, detail: str) -> None:

@@ -354,7 +354,9 @@ class Batch(Base):
     request_counts: Mapped[dict[str, Any] | None] = mapped_column(NULLABLE_JSONB)  # the provider's
     output_file_id: Mapped[str | None] = mapped_column(String(200))
     error_file_id: Mapped[str | None] = mapped_column(String(200))
-    error: Mapped[str | None] = mapped_column(Text)  # why refused: for operators (may quote the provider)
+    # Why refused or lost, or which of its files could not be read: for operators (may quote
+    # the provider).
+    error: Mapped[str | None] = mapped_column(Text)
     # A worker working on it holds it until then; another takes it over after.
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # The lease's token: its holder's every write names it, so a holder whose lease another
