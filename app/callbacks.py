@@ -115,18 +115,35 @@ class Sender:
         return len(claimed)
 
     async def _send(self, due: store.Due, allowed: AllowedHosts) -> None:
+        """Attempt the delivery and record how it went. A failure to record (Postgres away)
+        stays this delivery's: logged, and the delivery is due again once its claim's lease
+        runs out (at least once: receivers dedupe by its id). Raised, it escaped the batch's
+        gather while the other sends ran on, unawaited, into the next round."""
+        outcome, status, retry_in_s = await self._attempt(due, allowed)
+        try:
+            await store.record_attempt(self._sessions, due, outcome, status, retry_in_s)
+        except Exception:
+            log.warning(
+                "callback delivery %s attempt %d not recorded: sent again after its lease",
+                due.id,
+                due.attempt,
+                exc_info=True,
+            )
+
+    async def _attempt(
+        self, due: store.Due, allowed: AllowedHosts
+    ) -> tuple[store.Outcome, CallbackStatus, float | None]:
+        """Send the delivery, unless its host left the allow-list: the attempt's outcome, the
+        delivery's status after it and, if it stays pending, when to try again."""
         started, attempted_at = time.monotonic(), datetime.now(UTC)
         try:
             allowed.check(due.url)
         except CallbackRefused as exc:
             log.warning("callback delivery %s refused: %s", due.id, exc)
-            outcome = store.Outcome(attempted_at, 0.0, error=f"refused: {exc}")
-            await store.record_attempt(self._sessions, due, outcome, CallbackStatus.REFUSED, None)
-            return
+            return store.Outcome(attempted_at, 0.0, error=f"refused: {exc}"), CallbackStatus.REFUSED, None
         outcome = await self._post(due, attempted_at, started)
         if outcome.error is None:
-            await store.record_attempt(self._sessions, due, outcome, CallbackStatus.DELIVERED, None)
-            return
+            return outcome, CallbackStatus.DELIVERED, None
         retry_in = self._backoff_s(due.attempt)
         elapsed = (due.claimed_at - due.created_at).total_seconds() + retry_in
         status = (
@@ -135,7 +152,7 @@ class Sender:
             else CallbackStatus.PENDING
         )
         log.info("callback delivery %s attempt %d failed: %s", due.id, due.attempt, outcome.error)
-        await store.record_attempt(self._sessions, due, outcome, status, retry_in)
+        return outcome, status, retry_in
 
     async def _post(self, due: store.Due, attempted_at: datetime, started: float) -> store.Outcome:
         def took() -> float:

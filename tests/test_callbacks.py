@@ -33,8 +33,9 @@ from app.config import Settings
 from app.store import callbacks
 from app.store.db import Sessions
 from app.store.endings import COMPLETED, ending_values
-from app.store.models import CallbackDelivery, Item, Job
+from app.store.models import CallbackAttempt, CallbackDelivery, Item, Job
 from tests.conftest import api_client, eventually, new_key, run_worker_burst, start_worker
+from tests.test_worker import failing_once
 
 
 @dataclass(frozen=True)
@@ -248,6 +249,67 @@ async def test_an_answer_postgres_cannot_store_is_logged_replaced_and_the_delive
     assert delivery["status"] == "delivered"
     assert [(a["number"], a["status_code"], a["error"]) for a in delivery["log"]] == [(1, 200, None)]
     assert delivery["log"][0]["response_snippet"] == "ok\ufffdthanks"
+
+
+async def test_an_attempt_postgres_fails_to_record_is_sent_again_after_its_lease_and_the_others_are_recorded(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    notifying: Settings,
+    sessions: Sessions,
+    receiver: Receiver,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # It escaped the batch's gather: send_due raised while the other sends ran on unawaited.
+    job_ids = [(await submit_notifying(api, auth, receiver.url))[0] for _ in range(3)]
+    await run_worker_burst(notifying)
+    [failing] = await deliveries(sessions, job_ids[0])
+    sender = Sender(notifying, sessions)
+    try:
+        async with failing_once(sessions, "callback_attempts", f"NEW.delivery_id = '{failing.id}'"):
+            assert await sender.send_due() == 3
+
+        assert len(receiver.received) == 3
+        for job_id in job_ids[1:]:
+            [delivered] = await deliveries(sessions, job_id)
+            assert (delivered.status, await _attempt_log(sessions, delivered.id)) == ("delivered", [(1, 200)])
+        [unrecorded] = await deliveries(sessions, job_ids[0])
+        assert (unrecorded.status, await _attempt_log(sessions, failing.id)) == ("pending", [])
+        assert f"callback delivery {failing.id} attempt 1 not recorded" in caplog.text
+        assert await sender.send_due() == 0, "due again before its claim's lease ran out"
+
+        await _lease_runs_out(sessions, failing.id)
+        assert await sender.send_due() == 1
+    finally:
+        await sender.aclose()
+
+    assert [r.headers[DELIVERY_HEADER.lower()] for r in receiver.received].count(str(failing.id)) == 2
+    [redelivered] = await deliveries(sessions, job_ids[0])
+    assert (redelivered.status, await _attempt_log(sessions, failing.id)) == ("delivered", [(2, 200)])
+
+
+async def _attempt_log(sessions: Sessions, delivery_id: UUID) -> list[tuple[int, int | None]]:
+    async with sessions() as session:
+        rows = await session.execute(
+            select(CallbackAttempt.number, CallbackAttempt.status_code)
+            .where(CallbackAttempt.delivery_id == delivery_id)
+            .order_by(CallbackAttempt.number)
+        )
+        return [(number, status_code) for number, status_code in rows]
+
+
+async def _lease_runs_out(sessions: Sessions, delivery_id: UUID) -> None:
+    """Move the delivery's claim back to now, as if its lease had run out."""
+    async with sessions.begin() as session:
+        lease = await session.scalar(
+            select(CallbackDelivery.next_attempt_at - func.now()).where(CallbackDelivery.id == delivery_id)
+        )
+        # The claim's lease: callback_timeout_s + 30 s from when it was claimed.
+        assert lease is not None and lease.total_seconds() > 20, "due again before its lease ran out"
+        await session.execute(
+            update(CallbackDelivery)
+            .where(CallbackDelivery.id == delivery_id)
+            .values(next_attempt_at=func.now())
+        )
 
 
 async def test_a_delivery_gives_up_when_the_retry_period_runs_out(
