@@ -22,6 +22,8 @@ keeps none). The test drives the rest:
     batches.max_file_lines = 2    # uploads of more lines are refused with 400 file_too_large
     batches.create_delay_s = 30   # a create answers that late (the batch exists at once)
     batches.list_delays = [3.0]   # the next list answers that late, with the batches of when it was asked
+    batches.list_ignores_after = True  # every list answers the first page (a proxy that drops `after`)
+    batches.list_refused = True   # a list answers 404 (a proxy without it)
     batches.forget(batch_id)      # the provider lost the batch: asked of it, it answers 404
     batches.delete_file(file_id)  # the provider deleted the file (or kept it no longer): 404
 """
@@ -136,6 +138,8 @@ class ScriptedBatches:
             self.refused_uploads = 0
             self.create_delay_s = 0.0
             self.list_delays: list[float] = []
+            self.list_ignores_after = False
+            self.list_refused = False
             self.cancel_requests: list[str] = []
 
     def routes(self) -> list[Route]:
@@ -250,7 +254,9 @@ class ScriptedBatches:
             limit = 0
         if not 1 <= limit <= 100:
             return _error(400, "limit must be from 1 to 100", "invalid_request")
-        after = request.query_params.get("after")
+        after = None if self.list_ignores_after else request.query_params.get("after")
+        if self.list_refused:
+            return _error(404, "Invalid URL (GET /v1/batches)", "not_found")
         with self._lock:
             newest_first = list(reversed(self.batches.values()))
             ids = [batch.id for batch in newest_first]

@@ -854,18 +854,7 @@ async def test_a_batch_created_but_never_recorded_is_found_by_its_tag_behind_a_h
 ) -> None:
     batch_id = await _one_batch_formed(batch_api, auth, batch_settings, sessions)
     await _created_but_never_recorded(batch_settings, sessions, arq_redis, scripted_llm, batch_id)
-    async with httpx.AsyncClient(base_url=scripted_llm.base_url) as provider:  # another tenant's batches
-        line = {"custom_id": "x", "method": "POST", "url": "/v1/chat/completions", "body": {}}
-        other = await provider.post(
-            "/files", files={"file": ("o.jsonl", json.dumps(line).encode())}, data={"purpose": "batch"}
-        )
-        for _ in range(120):
-            body = {
-                "input_file_id": other.json()["id"],
-                "endpoint": "/v1/chat/completions",
-                "completion_window": "24h",
-            }
-            assert (await provider.post("/batches", json=body)).status_code == 200
+    await _other_tenants_batches(scripted_llm, 120)
 
     await _drive_until(
         batch_settings, sessions, arq_redis, lambda: _batch_status(sessions, batch_id, "submitted"), 20
@@ -874,6 +863,89 @@ async def test_a_batch_created_but_never_recorded_is_found_by_its_tag_behind_a_h
     [ours] = _tagged(scripted_llm, batch_id)
     assert len(scripted_llm.batches.created()) == 121, "a second provider batch was created"
     assert (await _batch_row(sessions, batch_id)).provider_batch_id == ours["id"]
+
+
+async def test_a_provider_list_that_ignores_its_cursor_ends_the_search_and_the_batch_is_created_once(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    """A proxy that answers the first page to every list, `has_more` always: the search for
+    an earlier create asked for the same page for ever, and batch delivery stopped."""
+    await _other_tenants_batches(scripted_llm, 120)
+    scripted_llm.batches.list_ignores_after = True
+    batch_id = await _one_batch_formed(batch_api, auth, batch_settings, sessions)
+
+    async with asyncio.timeout(60):  # the search asked for the same page for ever
+        await _drive_until(
+            batch_settings, sessions, arq_redis, lambda: _batch_status(sessions, batch_id, "submitted"), 20
+        )
+
+    assert len(_tagged(scripted_llm, batch_id)) == 1
+
+
+async def test_a_provider_that_refuses_to_list_batches_still_gets_the_batch_created(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    """The search before a create is refused: there is nothing to find, not a refused batch
+    (which was split until every request failed)."""
+    scripted_llm.batches.list_refused = True
+    batch_id = await _one_batch_formed(batch_api, auth, batch_settings, sessions)
+
+    await _drive_until(
+        batch_settings, sessions, arq_redis, lambda: _batch_status(sessions, batch_id, "submitted"), 20
+    )
+
+    assert len(_tagged(scripted_llm, batch_id)) == 1
+
+
+async def test_a_create_given_up_on_is_not_tried_again_before_it_could_have_landed(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    """A create given up on (its call timed out) may still be carried out: due again at once,
+    the batch's next holder could search before it landed and create a second, billed twice."""
+    batch_id = await _one_batch_formed(batch_api, auth, batch_settings, sessions)
+    scripted_llm.batches.create_delay_s = 5 * batch_settings.batch_call_timeout_s
+    api = BatchAPI(batch_settings.endpoints(), batch_settings.batch_call_timeout_s)
+    try:
+        await run_round(batch_settings, sessions, arq_redis, api)  # uploads, then the create times out
+    finally:
+        await api.aclose()
+        scripted_llm.batches.create_delay_s = 0
+
+    async with sessions() as session:
+        now = await session.scalar(select(func.now()))
+    row = await _batch_row(sessions, batch_id)
+    assert (row.status, row.provider_batch_id, row.lease_until) == ("uploaded", None, None)
+    assert row.next_poll_at - now > timedelta(seconds=batch_settings.batch_call_timeout_s / 2)
+
+
+async def _other_tenants_batches(scripted_llm: ScriptedLLM, count: int) -> None:
+    async with httpx.AsyncClient(base_url=scripted_llm.base_url) as provider:
+        line = {"custom_id": "x", "method": "POST", "url": "/v1/chat/completions", "body": {}}
+        other = await provider.post(
+            "/files", files={"file": ("o.jsonl", json.dumps(line).encode())}, data={"purpose": "batch"}
+        )
+        body = {
+            "input_file_id": other.json()["id"],
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+        }
+        for _ in range(count):
+            assert (await provider.post("/batches", json=body)).status_code == 200
 
 
 async def test_cancelling_a_job_cancels_the_provider_batch_whose_id_was_never_stored(

@@ -66,7 +66,9 @@ async def run_round(settings: Settings, sessions: Sessions, redis: ArqRedis, api
             # poll tries again. Raised on, it ended every round, the batch first in line for
             # never being advanced: no other batch moved and no answered item was queued again.
             log.warning("batch %s: %s", held.id, fault, exc_info=not isinstance(fault, BatchUnavailable))
-            retry_in_s = settings.batch_poll_interval_s
+            # Not before a call given up on could have landed (a create the provider was still
+            # carrying out): the next holder's search must find it, not create a second.
+            retry_in_s = max(settings.batch_poll_interval_s, settings.batch_call_timeout_s)
         finally:
             await batches.release(sessions, held, retry_in_s)
     requeued = await batches.requeue_answered(sessions)
@@ -107,9 +109,9 @@ async def _submit(settings: Settings, sessions: Sessions, api: BatchAPI, held: H
     """Create the provider batch of the uploaded input file, once: one tagged with our batch
     (its creator died, or lost its lease, before storing its id) is taken instead."""
     assert held.input_file_id is not None
+    await batches.renew(sessions, held)
+    created = await _find(api, held)
     try:
-        await batches.renew(sessions, held)
-        created = await _find(api, held)
         if created is None:
             await batches.renew(sessions, held)  # the search may have taken most of the lease
             created = await api.create(held.endpoint, held.input_file_id, str(held.id))
@@ -127,11 +129,18 @@ async def _submit(settings: Settings, sessions: Sessions, api: BatchAPI, held: H
 
 
 async def _find(api: BatchAPI, held: Held) -> dict[str, Any] | None:
-    """The provider batch created for the uploaded batch, if any (see BatchAPI.find)."""
+    """The provider batch created for the uploaded batch, if any (see BatchAPI.find). A
+    provider that refuses to list batches has none to find: refused, the search made the
+    batch look refused, and it was split until every request failed."""
     assert held.input_file_id is not None
     # Our batch row is older than any provider batch of it; the hour is for the provider's
     # clock and Postgres's to differ by.
-    return await api.find(held.endpoint, str(held.id), held.input_file_id, held.created_at.timestamp() - 3600)
+    since = held.created_at.timestamp() - 3600
+    try:
+        return await api.find(held.endpoint, str(held.id), held.input_file_id, since)
+    except BatchRefused as refused:
+        log.warning("batch %s: the provider refused its batch list: %s", held.id, refused)
+        return None
 
 
 async def _poll(settings: Settings, sessions: Sessions, api: BatchAPI, held: Held) -> None:
@@ -235,11 +244,7 @@ async def _cancel(settings: Settings, sessions: Sessions, api: BatchAPI, held: H
         # A worker may have created it and died before storing its id: uncancelled, it would
         # run, billed, for a job that wants none of it.
         await batches.renew(sessions, held)
-        try:
-            found = await _find(api, held)
-        except BatchRefused as refused:  # a provider that lists no batches: none can be found
-            log.warning("batch %s: the provider refused its batch list: %s", held.id, refused)
-            found = None
+        found = await _find(api, held)
         provider_batch_id = None if found is None else str(found["id"])
     if provider_batch_id is not None:
         await batches.renew(sessions, held)

@@ -123,8 +123,19 @@ class BatchAPI:
         """The batch created with this tag, or of this input file (for proxies that drop
         metadata): one whose creator died, or lost its lease, before it stored its id. The
         provider lists batches newest first, 100 a page at most: this pages back to `since`
-        (a Unix time, on the provider's clock, before which no such batch can exist)."""
+        (a Unix time, on the provider's clock, before which no such batch can exist). The whole
+        search is one call's time at most, and stops where the pages stop moving back: a
+        proxy that ignores `after`, or always has more, would have held it for ever."""
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                return await self._find(endpoint, tag, input_file_id, since)
+        except TimeoutError as error:
+            detail = f"{endpoint}: listing batches took over {self._timeout_s:.0f} s"
+            raise BatchUnavailable(detail) from error
+
+    async def _find(self, endpoint: str, tag: str, input_file_id: str, since: float) -> dict[str, Any] | None:
         after: str | None = None
+        seen: set[str] = set()
         while True:
             query = {"limit": "100"} | ({"after": after} if after else {})
             listed = await self._call(endpoint, "GET", "/batches", params=query)
@@ -137,8 +148,10 @@ class BatchAPI:
             if (found := next(mine, None)) is not None:
                 return found
             oldest = page[-1] if page else {}
-            if not (listed.get("has_more") and oldest.get("id") and (oldest.get("created_at") or 0) >= since):
+            further = listed.get("has_more") and oldest.get("id") and str(oldest["id"]) not in seen
+            if not (further and (oldest.get("created_at") or 0) >= since):
                 return None
+            seen.update(str(b.get("id")) for b in page)
             after = str(oldest["id"])
 
     async def retrieve(self, endpoint: str, batch_id: str) -> dict[str, Any]:
