@@ -30,7 +30,7 @@ from tests.conftest import eventually, run_worker_burst, start_worker, submit
 from tests.scripted_llm import ScriptedLLM, agree, http_error, stall
 from workers import liveness
 from workers.main import worker_settings
-from workers.queue_worker import START_SCRIPT, WORKER_ID, QueueWorker
+from workers.queue_worker import START_SCRIPT, WORKER_ID, JobStart, QueueWorker
 from workers.sweeper import sweep
 
 
@@ -566,12 +566,30 @@ async def test_a_job_cancelled_mid_run_is_due_again_as_it_was(
     job_id = job.decode()
     await arq_redis.set(in_progress_key_prefix + job_id, b"1")
     worker = _polling_worker(settings, arq_redis)
-    worker.started_scores[job_id] = started_at
+    worker.starts[job_id] = JobStart(started_at)
 
     await worker.finish_job(job_id, False, None, None, False, None, None)
 
     assert await arq_redis.zscore(settings.queue_name, job_id) == started_at
     assert not await arq_redis.exists(in_progress_key_prefix + job_id)
+
+
+async def test_a_runs_end_leaves_the_start_of_the_same_job_run_again_meanwhile(
+    settings: Settings, arq_redis: ArqRedis, queued: Queue
+) -> None:
+    """A job due again at once (a Retry without delay) can start anew here before its last run
+    has ended (arq awaits that run's end shielded): the old run's end dropped the new run's
+    start, whose own end then failed (KeyError) and took the worker's poll loop with it."""
+    (job,) = await queued({f"test:{uuid4().hex}:again": timestamp_ms() - 500})
+    job_id = job.decode()
+    worker = _polling_worker(settings, arq_redis)
+    old_run = asyncio.create_task(worker.run_job(job_id, timestamp_ms() - 500))
+    await asyncio.sleep(0)  # started: reading its job from Redis
+    worker.starts[job_id] = new_start = JobStart(timestamp_ms())
+
+    await old_run  # ends as expired (no job key)
+
+    assert worker.starts.get(job_id) is new_start
 
 
 async def test_a_retry_sent_again_defers_its_job_once(
@@ -584,7 +602,7 @@ async def test_a_retry_sent_again_defers_its_job_once(
     job_id = job.decode()
     await arq_redis.set(in_progress_key_prefix + job_id, b"1")
     worker = _polling_worker(settings, arq_redis)
-    worker.started_scores[job_id] = started_at
+    worker.starts[job_id] = JobStart(started_at)
     incr = 5_000 + (timestamp_ms() - started_at)  # as arq computes it: due 5 s from now
 
     for _ in range(2):

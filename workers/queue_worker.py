@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
 from signal import Signals
 from typing import Any, TypeVar
@@ -80,6 +81,13 @@ return marked
 """
 
 
+@dataclass(frozen=True, eq=False)
+class JobStart:
+    """A run of an arq job on this worker: its score in the queue when it started."""
+
+    score: int
+
+
 class QueueWorker(ArqWorker):
     """arq's worker, starting the jobs it read at the queue's head in one round trip.
 
@@ -100,7 +108,7 @@ class QueueWorker(ArqWorker):
         super().__init__(*args, **kwargs)
         # Jobs running stay at the queue's head: the start script looks this far past it.
         self.scan_limit = queue_scan_limit
-        self.started_scores: dict[str, int] = {}  # each running job's score in the queue at its start
+        self.starts: dict[str, JobStart] = {}  # each running job's start
         self.item_endings: dict[str, tuple[UUID, events.ItemFinished]] = {}
         self.stopping = False  # a signal came: Redis's refusals are no longer waited out
         self.ctx[ITEM_ENDINGS] = self.item_endings
@@ -147,7 +155,7 @@ class QueueWorker(ArqWorker):
             self.tasks[job_id] = task
 
     async def run_job(self, job_id: str, score: int) -> None:
-        self.started_scores[job_id] = score
+        start = self.starts[job_id] = JobStart(score)
         try:
             await super().run_job(job_id, score)
         except RedisError:
@@ -159,7 +167,10 @@ class QueueWorker(ArqWorker):
             log.warning("arq job %s could not start; handing it back", job_id, exc_info=True)
             await self._until_redis_answers(partial(self._unmark, job_id))
         finally:
-            del self.started_scores[job_id]
+            # A job due again at once (a Retry without delay) may have started anew meanwhile:
+            # that start is not this run's to drop.
+            if self.starts.get(job_id) is start:
+                del self.starts[job_id]
 
     async def _unmark(self, job_id: str) -> None:
         """Drop arq's in-progress mark of the job and this worker's record of it: the job is
@@ -167,7 +178,7 @@ class QueueWorker(ArqWorker):
         async with self.pool.pipeline(transaction=True) as tr:
             tr.delete(in_progress_key_prefix + job_id)
             tr.hdel(liveness.taken_key(self.ctx["settings"]), job_id)
-            tr.zadd(self.queue_name, {job_id: self.started_scores[job_id]}, xx=True)  # due again
+            tr.zadd(self.queue_name, {job_id: self.starts[job_id].score}, xx=True)  # due again
             await tr.execute()
 
     async def _until_redis_answers(self, step: Callable[[], Awaitable[T]]) -> T | None:
@@ -235,7 +246,7 @@ class QueueWorker(ArqWorker):
                     tr.zrem(abort_jobs_ss, job_id)
                     tr.zrem(self.queue_name, job_id)
                 else:  # due again: when it was (its start moved it past its mark), or as a Retry says
-                    started_at = self.started_scores[job_id]
+                    started_at = self.starts[job_id].score
                     tr.zadd(self.queue_name, {job_id: started_at + (incr_score or 0)}, xx=True)
                 tr.hdel(liveness.taken_key(settings), job_id)
                 if ending is not None:
