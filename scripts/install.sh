@@ -6,14 +6,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Python 3.12 or later: 3.11's asyncio.wait_for can swallow a task's cancellation, which
-# redis-py's writes go through, so a worker told to stop could go on for good.
-# Without PYTHON set: python3.12 if it runs, else pyenv's newest 3.12, else python3.
-too_old() { ! "$1" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; }
+# Python 3.12 (pyproject.toml: >=3.12,<3.13): 3.11's asyncio.wait_for can swallow a task's
+# cancellation, which redis-py's writes go through, so a worker told to stop could go on for
+# good. Without PYTHON set: python3.12 if it runs, else pyenv's newest 3.12, else python3.
+not_312() { ! "$1" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; }
 if [ -z "${PYTHON:-}" ]; then
   PYTHON=python3
   for candidate in python3.12 $(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12 2>/dev/null | sort -V -r); do
-    if ! too_old "$candidate"; then PYTHON=$candidate; break; fi
+    if ! not_312 "$candidate"; then PYTHON=$candidate; break; fi
   done
 fi
 WHEELS=${AIDSAFE_WHEEL_CACHE:-$HOME/.cache/aidsafe/wheels}
@@ -23,12 +23,12 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # about each one on every call. Keep every other message.
 pip() { .venv/bin/pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 
-if too_old "$PYTHON"; then
+if not_312 "$PYTHON"; then
   echo "AIDSAFE needs Python 3.12; $PYTHON is $("$PYTHON" --version 2>&1). Set PYTHON=/path/to/python3.12." >&2
   exit 1
 fi
-# A .venv made by an older Python (before 3.12 was required) is made again.
-if [ -x .venv/bin/python ] && too_old .venv/bin/python; then rm -rf .venv; fi
+# A .venv made by another Python (3.11, before 3.12 was required) is made again.
+if [ -x .venv/bin/python ] && not_312 .venv/bin/python; then rm -rf .venv; fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip install -q -e ".[dev]"
 
