@@ -118,10 +118,9 @@ async def _first_batch_expires(
 ) -> str:
     """Run a batch job of PROMPTS[:6] whose first batch expires with 2 of its lines answered,
     to its end: its id."""
-    scripted_llm.batches.hold = True
-    job_id = await submit(api, auth, PROMPTS[:6], delivery="batch", **config)
-    await _drive_until(settings, sessions, redis, lambda: _provider_status(scripted_llm, "in_progress"))
-    [first] = scripted_llm.batches.created()
+    job_id, first, _ = await _held_in_progress(
+        api, auth, settings, sessions, redis, scripted_llm, 6, **config
+    )
     scripted_llm.batches.expire(first["id"], answered=2)
     scripted_llm.batches.hold = False
     await _drive(settings, sessions, redis, job_id)
@@ -295,12 +294,30 @@ async def _three_prompts_held_in_progress(
     scripted_llm: ScriptedLLM,
 ) -> str:
     """A batch job of three prompts whose provider batch is in progress, and held there."""
-    scripted_llm.batches.hold = True
-    job_id = await submit(batch_api, auth, PROMPTS[:3], delivery="batch")
-    await _drive_until(
-        batch_settings, sessions, arq_redis, lambda: _provider_status(scripted_llm, "in_progress")
+    job_id, _, _ = await _held_in_progress(
+        batch_api, auth, batch_settings, sessions, arq_redis, scripted_llm, 3
     )
     return job_id
+
+
+async def _held_in_progress(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+    prompts: int,
+    **config: Any,
+) -> tuple[str, dict[str, Any], list[str]]:
+    """A batch job of the first `prompts` PROMPTS whose first provider batch is in progress,
+    and held there: the job's id, that batch, and its lines' custom ids."""
+    scripted_llm.batches.hold = True
+    job_id = await submit(api, auth, PROMPTS[:prompts], delivery="batch", **config)
+    await _drive_until(settings, sessions, redis, lambda: _provider_status(scripted_llm, "in_progress"))
+    [first] = scripted_llm.batches.created()
+    lines = [line["custom_id"] for line in scripted_llm.batches.input_lines(first["id"])]
+    return job_id, first, lines
 
 
 async def test_cancelling_a_batch_job_cancels_its_provider_batch(
@@ -364,13 +381,16 @@ async def test_a_batch_the_provider_no_longer_knows_ends_lost_and_its_requests_a
     unanswered: str,
 ) -> None:
     online = await _online_run(batch_api, auth, batch_settings, scripted_llm, PROMPTS[:3])
-    scripted_llm.batches.hold = True
-    job_id = await submit(batch_api, auth, PROMPTS[:3], delivery="batch", batch={"unanswered": unanswered})
-    await _drive_until(
-        batch_settings, sessions, arq_redis, lambda: _provider_status(scripted_llm, "in_progress")
+    job_id, lost, lost_lines = await _held_in_progress(
+        batch_api,
+        auth,
+        batch_settings,
+        sessions,
+        arq_redis,
+        scripted_llm,
+        3,
+        batch={"unanswered": unanswered},
     )
-    [lost] = scripted_llm.batches.created()
-    lost_lines = [line["custom_id"] for line in scripted_llm.batches.input_lines(lost["id"])]
     scripted_llm.batches.forget(lost["id"])  # each poll of it is now a 404
     scripted_llm.batches.hold = False
 
@@ -409,13 +429,16 @@ async def test_a_batch_file_the_provider_no_longer_has_sends_its_requests_once_m
     unanswered: str,
 ) -> None:
     online = await _online_run(batch_api, auth, batch_settings, scripted_llm, PROMPTS[:6])
-    scripted_llm.batches.hold = True
-    job_id = await submit(batch_api, auth, PROMPTS[:6], delivery="batch", batch={"unanswered": unanswered})
-    await _drive_until(
-        batch_settings, sessions, arq_redis, lambda: _provider_status(scripted_llm, "in_progress")
+    job_id, first, first_lines = await _held_in_progress(
+        batch_api,
+        auth,
+        batch_settings,
+        sessions,
+        arq_redis,
+        scripted_llm,
+        6,
+        batch={"unanswered": unanswered},
     )
-    [first] = scripted_llm.batches.created()
-    first_lines = [line["custom_id"] for line in scripted_llm.batches.input_lines(first["id"])]
     scripted_llm.batches.expire(first["id"], answered=2)  # 2 answers in its output file, 4 errors
     deleted = scripted_llm.batches.created()[0][f"{gone}_file_id"]
     scripted_llm.batches.delete_file(deleted)  # each download of it is now a 404
