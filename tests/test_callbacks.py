@@ -312,6 +312,14 @@ async def _lease_runs_out(sessions: Sessions, delivery_id: UUID) -> None:
         )
 
 
+async def send_until_given_up(sender: Sender, sessions: Sessions, job_id: str) -> None:
+    async def gave_up() -> bool:
+        await sender.send_due()
+        return (await deliveries(sessions, job_id))[0].status == "gave_up"
+
+    await eventually(gave_up, timeout_s=20, what="the delivery to give up")
+
+
 async def test_a_delivery_gives_up_when_the_retry_period_runs_out(
     api: httpx.AsyncClient, auth: dict[str, str], notifying: Settings, sessions: Sessions, receiver: Receiver
 ) -> None:
@@ -320,12 +328,8 @@ async def test_a_delivery_gives_up_when_the_retry_period_runs_out(
     await run_worker_burst(notifying)
     sender = Sender(notifying.model_copy(update={"callback_retry_for_s": 1.0}), sessions)
 
-    async def gave_up() -> bool:
-        await sender.send_due()
-        return (await deliveries(sessions, job_id))[0].status == "gave_up"
-
     try:
-        await eventually(gave_up, timeout_s=20, what="the delivery to give up")
+        await send_until_given_up(sender, sessions, job_id)
         await asyncio.sleep(1.5)  # past any back-off
         await sender.send_due()
     finally:
@@ -350,15 +354,11 @@ async def test_a_delivery_the_client_cannot_send_fails_its_attempts_and_gives_up
     await run_worker_burst(notifying)
     sender = Sender(allowing.model_copy(update={"callback_retry_for_s": 1.0}), sessions)
 
-    async def gave_up() -> bool:
-        await sender.send_due()
-        return (await deliveries(sessions, job_id))[0].status == "gave_up"
-
     try:
         await sender.send_due()
         (delivery,) = (await api.get(f"/v1/jobs/{job_id}/callbacks", headers=auth)).json()["deliveries"]
         assert delivery["status"] == "pending", "one failed attempt is retried"
-        await eventually(gave_up, timeout_s=20, what="the delivery to give up")
+        await send_until_given_up(sender, sessions, job_id)
     finally:
         await sender.aclose()
 
