@@ -308,6 +308,55 @@ async def eventually(check: Callable[[], Awaitable[Any]], timeout_s: float = 30,
     raise AssertionError(f"timed out waiting for {what or check}")
 
 
+@contextmanager
+def restartable_redis(tmp_path: Path) -> Iterator[tuple[str, Callable[[], None]]]:
+    """A redis-server of this test's own, as compose runs it (no persistence): its URL, and a
+    function that restarts it empty."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    command += ["--dir", str(tmp_path)]
+
+    def start() -> subprocess.Popen[bytes]:
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return server
+            except OSError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.02)
+
+    running = [start()]
+
+    def restart() -> None:
+        running[0].kill()
+        running[0].wait()
+        running[0] = start()
+
+    try:
+        yield f"redis://127.0.0.1:{port}/0", restart
+    finally:
+        running[0].kill()
+        running[0].wait()
+
+
+@pytest.fixture
+async def old_database(run_id: str) -> AsyncIterator[tuple[Config, str]]:
+    """An empty database of its own and an Alembic config pointed at it."""
+    name = f"aidsafe_test_{run_id}_migrations"
+    await _admin(f'CREATE DATABASE "{name}"')
+    dsn = PG_ADMIN_DSN.rsplit("/", 1)[0] + "/" + name
+    config = Config(str(ROOT / "alembic.ini"))
+    config.attributes["database_url"] = dsn.replace("postgresql://", "postgresql+asyncpg://")
+    try:
+        yield config, dsn
+    finally:
+        await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 def start_worker(settings: Settings) -> subprocess.Popen[bytes]:
     """A real worker process configured like `settings`: `aidsafe-worker`, from this checkout."""
     return subprocess.Popen(

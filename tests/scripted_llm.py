@@ -318,6 +318,9 @@ class ScriptedLLM:
         # Whether requests that ask for logprobs get them (llama.cpp's server, vLLM, OpenAI
         # do; some servers ignore the ask).
         self.sends_logprobs = True
+        # GET /v1/models: the ids it lists, or the status it answers instead (401: a refused key).
+        self.listed_models = ["scripted"]
+        self.models_status = 200
         self.base_url = ""  # set once listening; ends in /v1
         # The batch API (files, batches), answering each line as `_chat` would.
         self.batches = ScriptedBatches(self.answer_now)
@@ -347,6 +350,8 @@ class ScriptedLLM:
         self.unscripted = lambda: None
         self.models = {}
         self.sends_logprobs = True
+        self.listed_models = ["scripted"]
+        self.models_status = 200
         self.batches.reset()
 
     @property
@@ -387,7 +392,10 @@ class ScriptedLLM:
             return len(self._state.scripts.get(schema_name, ()))
 
     async def _models(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [{"id": "scripted", "object": "model"}]})
+        if self.models_status != 200:
+            return JSONResponse({"error": {"message": "scripted refusal"}}, status_code=self.models_status)
+        listed = [{"id": model, "object": "model"} for model in self.listed_models]
+        return JSONResponse({"object": "list", "data": listed})
 
     async def _chat(self, request: Request) -> Response:
         body = await request.json()

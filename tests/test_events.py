@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import subprocess
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -28,7 +25,7 @@ from app.queue import REQUEST_RETRIES, bound_calls, redis_settings
 from app.store import jobs
 from app.store.db import Sessions
 from app.store.models import ApiKey, Item, ItemStatus, Job
-from tests.conftest import new_key, run_worker_burst, served
+from tests.conftest import new_key, restartable_redis, run_worker_burst, served
 from tests.scripted_llm import ScriptedLLM, refusal
 from tests.test_api import error_of, submit
 from tests.test_viewer import logged_in
@@ -356,41 +353,6 @@ async def test_a_resume_hears_an_unannounced_item_that_ended_before_the_last_eve
 
     assert [(e.kind, e.data.get("position")) for e in events[:-2]] == [("item", 0)]
     assert [e.kind for e in events[-2:]] == ["snapshot", "done"]
-
-
-@contextmanager
-def restartable_redis(tmp_path: Path) -> Iterator[tuple[str, Callable[[], None]]]:
-    """A redis-server of this test's own, as compose runs it (no persistence): its URL, and a
-    function that restarts it empty."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    command += ["--dir", str(tmp_path)]
-
-    def start() -> subprocess.Popen[bytes]:
-        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return server
-            except OSError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.02)
-
-    running = [start()]
-
-    def restart() -> None:
-        running[0].kill()
-        running[0].wait()
-        running[0] = start()
-
-    try:
-        yield f"redis://127.0.0.1:{port}/0", restart
-    finally:
-        running[0].kill()
-        running[0].wait()
 
 
 async def test_a_redis_restart_under_a_connected_follower_loses_no_item(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -15,21 +14,6 @@ from alembic.config import Config
 
 from app.deliberation.config import Mode
 from app.plan import ComparisonPlan, GenerationPlan, read_plan
-from tests.conftest import PG_ADMIN_DSN, ROOT, _admin
-
-
-@pytest.fixture
-async def old_database(run_id: str) -> AsyncIterator[tuple[Config, str]]:
-    """An empty database of its own and an Alembic config pointed at it."""
-    name = f"aidsafe_test_{run_id}_migrations"
-    await _admin(f'CREATE DATABASE "{name}"')
-    dsn = PG_ADMIN_DSN.rsplit("/", 1)[0] + "/" + name
-    config = Config(str(ROOT / "alembic.ini"))
-    config.attributes["database_url"] = dsn.replace("postgresql://", "postgresql+asyncpg://")
-    try:
-        yield config, dsn
-    finally:
-        await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 async def test_annotations_get_their_jobs_owner_and_a_per_item_identity(

@@ -5,12 +5,14 @@ Run with `aidsafe-worker` (`run` below).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import gc
 import logging
 import random
-from collections.abc import Awaitable, Callable
+import sys
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -23,7 +25,7 @@ from prometheus_client import start_http_server
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app import events, logs
+from app import events, logs, preflight
 from app.callbacks import BATCH as CALLBACK_BATCH
 from app.callbacks import Sender
 from app.config import Settings, get_settings
@@ -37,6 +39,7 @@ from app.llm.hedging import HedgePolicy
 from app.llm.rates import EndpointRates
 from app.metrics import ITEMS_FINISHED
 from app.plan import ComparisonPlan, GenerationPlan, ModelEvaluationPlan, SampleEvaluationPlan
+from app.preflight import Verdict
 from app.queue import WORKER_RETRIES, bound_calls, redis_settings
 from app.store import (
     batches,
@@ -487,11 +490,30 @@ def worker_settings(settings: Settings, *, sweeper: bool = True) -> dict[str, An
     }
 
 
-def run() -> None:
+def run(argv: Sequence[str] | None = None) -> None:
     """`aidsafe-worker`: one worker process, until SIGINT or SIGTERM (then it hands back what
-    it still runs after job_completion_wait)."""
+    it still runs after job_completion_wait). `--check`: check the deployment and exit."""
+    parser = argparse.ArgumentParser(prog="aidsafe-worker", description=run.__doc__)
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="check Postgres (reachable, schema current), Redis (reachable, never evicting) and "
+        "each LLM endpoint (answering, listing its model), print what was found, exit 1 on a failure",
+    )
+    check = parser.parse_args(argv).check
     settings = get_settings()
     logs.configure(settings.log_level, settings.log_json)
     # uvloop: the workers spend markedly less CPU per LLM call on it than on asyncio's loop.
-    asyncio.set_event_loop(uvloop.new_event_loop())
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    if check:
+        found = loop.run_until_complete(preflight.deployment(settings))
+        for finding in found:
+            print(f"{finding.verdict:<8} {finding.check:<16} {finding.detail}")
+        sys.exit(1 if any(finding.verdict is Verdict.FAILED for finding in found) else 0)
+    # Not a refusal to start: a rolling upgrade runs the old release against the new schema
+    # for a while. But an item's failure should not be the first sign of a wrong deployment.
+    for finding in loop.run_until_complete(preflight.dependencies(settings)):
+        if finding.verdict is not Verdict.OK:
+            log.error("deployment check, %s: %s", finding.check, finding.detail)
     QueueWorker(**worker_settings(settings)).run()

@@ -43,6 +43,10 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
+# The Alembic revision these models are (migrations/versions): a worker checks the database
+# against it before taking items (app/preflight.py). A test keeps it at Alembic's head.
+SCHEMA_REVISION = "0028_batch_lease_ids"
+
 
 class Base(DeclarativeBase):
     __table__: ClassVar[Table]  # every model here is one table (SQLAlchemy types it as any FROM)

@@ -1,0 +1,140 @@
+"""Is this deployment fit to run items? `aidsafe-worker --check` asks before anything starts;
+a worker starting asks the part that its own items depend on (schema, Redis) and logs it.
+
+Each check names one thing and what to do about it. A failure means items would fail or be
+put at risk (no such database, a schema this code does not match, a Redis that may evict
+leases and queue marks, an endpoint that does not answer or refuses the key); a warning,
+that it could not be told (an endpoint without a model list, or one not listing the model)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from enum import StrEnum
+
+import aiohttp
+import orjson
+from redis.asyncio import Redis
+from sqlalchemy import text
+from sqlalchemy.exc import ProgrammingError
+
+from app.config import EndpointConfig, Settings
+from app.store.db import make_engine
+from app.store.models import SCHEMA_REVISION
+
+CHECK_TIMEOUT_S = 5.0
+
+
+class Verdict(StrEnum):
+    OK = "ok"
+    WARNING = "warning"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Finding:
+    check: str  # "postgres", "redis", "llm:<endpoint>"
+    verdict: Verdict
+    detail: str
+
+
+async def deployment(settings: Settings) -> list[Finding]:
+    """Every check, the LLM endpoints included."""
+    found = await dependencies(settings)
+    endpoints = settings.endpoints()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CHECK_TIMEOUT_S)) as http:
+        found += await asyncio.gather(*(_endpoint(http, name, endpoints[name]) for name in sorted(endpoints)))
+    return found
+
+
+async def dependencies(settings: Settings) -> list[Finding]:
+    """What every item depends on: the database's schema and Redis."""
+    return list(await asyncio.gather(_schema(settings), _redis(settings)))
+
+
+async def _schema(settings: Settings) -> Finding:
+    engine = make_engine(settings.database_url, CHECK_TIMEOUT_S, connections=1)
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT_S), engine.connect() as connection:
+            revision = (await connection.execute(text("SELECT version_num FROM alembic_version"))).scalar()
+    except ProgrammingError:  # no alembic_version: never migrated
+        revision = None
+    except Exception as error:
+        return Finding("postgres", Verdict.FAILED, f"unreachable: {_reason(error)}")
+    finally:
+        await engine.dispose()
+    if revision == SCHEMA_REVISION:
+        return Finding("postgres", Verdict.OK, f"schema at {revision}")
+    now = "has no schema" if revision is None else f"schema is at {revision}"
+    return Finding(
+        "postgres",
+        Verdict.FAILED,
+        f"the database {now}; this code needs {SCHEMA_REVISION}: run `alembic upgrade head` "
+        "with this release (or run the release that matches the database)",
+    )
+
+
+async def _redis(settings: Settings) -> Finding:
+    client = Redis.from_url(
+        settings.redis_url, socket_timeout=CHECK_TIMEOUT_S, socket_connect_timeout=CHECK_TIMEOUT_S
+    )
+    try:
+        memory = await client.info("memory")
+    except Exception as error:
+        return Finding("redis", Verdict.FAILED, f"unreachable: {_reason(error)}")
+    finally:
+        await client.aclose()
+    policy, limit = memory.get("maxmemory_policy", "noeviction"), int(memory.get("maxmemory", 0))
+    if policy == "noeviction" or limit == 0:
+        return Finding("redis", Verdict.OK, f"maxmemory-policy {policy}, maxmemory {limit or 'unset'}")
+    # Managed Redis (ElastiCache, Memorystore) defaults to volatile-lru, which evicts first
+    # exactly the keys with a lifetime: running jobs' marks, LLM slots, budget counters.
+    return Finding(
+        "redis",
+        Verdict.FAILED,
+        f"maxmemory-policy is {policy} with maxmemory {limit}: under memory pressure Redis would "
+        "drop queue entries, running jobs' marks and LLM slots (items started twice, the LLM cap "
+        "exceeded); set maxmemory-policy noeviction",
+    )
+
+
+async def _endpoint(http: aiohttp.ClientSession, name: str, endpoint: EndpointConfig) -> Finding:
+    check = f"llm:{name}"
+    headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
+    url = f"{endpoint.base_url.rstrip('/')}/models"
+    try:
+        async with http.get(url, headers=headers) as answer:
+            status, body = answer.status, await answer.read()
+    except Exception as error:
+        return Finding(check, Verdict.FAILED, f"{url} unreachable: {_reason(error)}")
+    if status in (401, 403):
+        return Finding(check, Verdict.FAILED, f"{url} refused the API key (HTTP {status})")
+    served = _model_ids(body) if status < 300 else None
+    if served is None:
+        return Finding(check, Verdict.WARNING, f"{url} answered HTTP {status} but no model list")
+    listed = ", ".join(sorted(served)) or "none"
+    model = endpoint.default_model
+    if model is None or model in served:
+        return Finding(check, Verdict.OK, f"{url} answers; it lists {listed}")
+    # Proxies may serve names they do not list (aliases, deployments): worth a look, not a stop.
+    return Finding(check, Verdict.WARNING, f"{url} does not list the model {model!r} (it lists {listed})")
+
+
+def _model_ids(body: bytes) -> set[str] | None:
+    """The ids of an OpenAI-style model list, or None if the body is not one."""
+    try:
+        listed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    models = listed.get("data") if isinstance(listed, dict) else None
+    if not isinstance(models, list):
+        return None
+    return {str(model["id"]) for model in models if isinstance(model, dict) and "id" in model}
+
+
+def _reason(error: BaseException) -> str:
+    """The error in a line: the driver's own for a database error (SQLAlchemy wraps it twice,
+    adding lines of its own)."""
+    cause = getattr(error, "orig", None) or error
+    cause = cause.__cause__ or cause
+    return f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"

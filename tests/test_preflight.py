@@ -1,0 +1,211 @@
+"""`aidsafe-worker --check` and the checks a worker makes as it starts, against real services:
+the session's migrated database and others at older revisions, the shared Redis and one of the
+test's own set to evict, and the scripted LLM servers' model lists."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from redis.asyncio import Redis
+
+from app import preflight
+from app.config import Settings
+from app.preflight import Finding, Verdict
+from app.store.models import SCHEMA_REVISION
+from tests.conftest import ROOT, restartable_redis, worker_env
+from tests.scripted_llm import ScriptedLLM
+
+
+def _verdicts(found: list[Finding]) -> dict[str, Verdict]:
+    return {finding.check: finding.verdict for finding in found}
+
+
+def _detail(found: list[Finding], check: str) -> str:
+    return next(finding.detail for finding in found if finding.check == check)
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_the_models_schema_revision_is_alembics_head() -> None:
+    """Else a worker would take a current database for an old one, or the reverse."""
+    head = ScriptDirectory.from_config(Config(str(ROOT / "alembic.ini"))).get_current_head()
+    assert head == SCHEMA_REVISION
+
+
+async def test_a_deployment_as_the_tests_run_it_checks_out(
+    settings: Settings, migrated: str, scripted_llm: ScriptedLLM, second_llm: ScriptedLLM
+) -> None:
+    scripted_llm.listed_models = ["other-model", "scripted-model"]
+    second_llm.listed_models = ["second-model"]
+
+    found = await preflight.deployment(settings)
+
+    assert _verdicts(found) == {
+        "postgres": Verdict.OK,
+        "redis": Verdict.OK,
+        "llm:default": Verdict.OK,
+        "llm:second": Verdict.OK,
+    }
+    assert SCHEMA_REVISION in _detail(found, "postgres")
+    assert "other-model, scripted-model" in _detail(found, "llm:default")
+
+
+async def test_a_database_behind_the_code_or_never_migrated_fails_naming_both_revisions(
+    settings: Settings, old_database: tuple[Config, str]
+) -> None:
+    config, _ = old_database
+    old = settings.model_copy(update={"database_url": config.attributes["database_url"]})
+
+    never_migrated = await preflight.dependencies(old)
+    await asyncio.to_thread(command.upgrade, config, "0027_purge_retries")
+    behind = await preflight.dependencies(old)
+    await asyncio.to_thread(command.upgrade, config, "head")
+    current = await preflight.dependencies(old)
+
+    assert _verdicts(never_migrated)["postgres"] is Verdict.FAILED
+    assert "has no schema" in _detail(never_migrated, "postgres")
+    assert _verdicts(behind)["postgres"] is Verdict.FAILED
+    assert "0027_purge_retries" in _detail(behind, "postgres")
+    assert SCHEMA_REVISION in _detail(behind, "postgres")
+    assert "alembic upgrade head" in _detail(behind, "postgres")
+    assert _verdicts(current)["postgres"] is Verdict.OK
+
+
+async def test_unreachable_postgres_and_redis_fail_each_on_its_own(settings: Settings) -> None:
+    nowhere = settings.model_copy(
+        update={
+            "database_url": f"postgresql+asyncpg://postgres@127.0.0.1:{_closed_port()}/aidsafe",
+            "redis_url": f"redis://127.0.0.1:{_closed_port()}/0",
+        }
+    )
+
+    found = await preflight.dependencies(nowhere)
+
+    assert _verdicts(found) == {"postgres": Verdict.FAILED, "redis": Verdict.FAILED}
+    assert all(_detail(found, check).startswith("unreachable: ") for check in ("postgres", "redis"))
+
+
+async def test_a_redis_that_may_evict_keys_fails_and_one_that_never_does_passes(
+    settings: Settings, migrated: str, tmp_path: Path
+) -> None:
+    with restartable_redis(tmp_path) as (url, _):
+        own = settings.model_copy(update={"redis_url": url})
+        client = Redis.from_url(url)
+        try:
+            unbounded = await preflight.dependencies(own)  # no maxmemory: nothing is ever evicted
+            await client.config_set("maxmemory", "100mb")
+            await client.config_set("maxmemory-policy", "volatile-lru")  # managed Redis's default
+            evicting = await preflight.dependencies(own)
+            await client.config_set("maxmemory-policy", "noeviction")
+            refusing = await preflight.dependencies(own)
+        finally:
+            await client.aclose()
+
+    assert _verdicts(unbounded)["redis"] is Verdict.OK
+    assert _verdicts(evicting)["redis"] is Verdict.FAILED
+    assert "volatile-lru" in _detail(evicting, "redis")
+    assert "noeviction" in _detail(evicting, "redis")
+    assert _verdicts(refusing)["redis"] is Verdict.OK
+
+
+async def test_an_endpoint_refusing_the_key_or_unreachable_fails_and_one_unlisting_warns(
+    settings: Settings, migrated: str, scripted_llm: ScriptedLLM, second_llm: ScriptedLLM
+) -> None:
+    scripted_llm.models_status = 401
+    second_llm.listed_models = ["someone-else"]
+    refused = await preflight.deployment(settings)
+    scripted_llm.models_status = 404  # a server without a model list
+    unlisted = await preflight.deployment(settings)
+    gone = await preflight.deployment(
+        settings.model_copy(update={"llm_base_url": f"http://127.0.0.1:{_closed_port()}/v1"})
+    )
+
+    assert _verdicts(refused)["llm:default"] is Verdict.FAILED
+    assert "refused the API key" in _detail(refused, "llm:default")
+    assert _verdicts(refused)["llm:second"] is Verdict.WARNING
+    assert "'second-model'" in _detail(refused, "llm:second")
+    assert "someone-else" in _detail(refused, "llm:second")
+    assert _verdicts(unlisted)["llm:default"] is Verdict.WARNING
+    assert "HTTP 404" in _detail(unlisted, "llm:default")
+    assert _verdicts(gone)["llm:default"] is Verdict.FAILED
+    assert "unreachable" in _detail(gone, "llm:default")
+
+
+def _check(settings: Settings) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "workers", "--check"],
+        cwd=ROOT,
+        env=worker_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_aidsafe_worker_check_prints_each_finding_and_exits_1_only_on_a_failure(
+    settings: Settings,
+    migrated: str,
+    old_database: tuple[Config, str],
+    scripted_llm: ScriptedLLM,
+    second_llm: ScriptedLLM,
+) -> None:
+    scripted_llm.listed_models = ["scripted-model"]
+    config, _ = old_database
+    await asyncio.to_thread(command.upgrade, config, "0027_purge_retries")
+
+    warned = await asyncio.to_thread(_check, settings)  # second-model is not listed: a warning
+    behind = await asyncio.to_thread(
+        _check, settings.model_copy(update={"database_url": config.attributes["database_url"]})
+    )
+
+    assert warned.returncode == 0, warned.stderr
+    assert [line.split()[:2] for line in warned.stdout.splitlines()] == [
+        ["ok", "postgres"],
+        ["ok", "redis"],
+        ["ok", "llm:default"],
+        ["warning", "llm:second"],
+    ]
+    assert behind.returncode == 1, behind.stderr
+    assert behind.stdout.splitlines()[0].split()[:2] == ["failed", "postgres"]
+
+
+async def test_a_worker_starting_on_a_database_behind_its_code_says_so_and_runs_on(
+    settings: Settings, migrated: str, old_database: tuple[Config, str]
+) -> None:
+    """It logs the finding rather than refusing: a rolling upgrade runs the old release against
+    the new schema for a while."""
+    config, _ = old_database
+    await asyncio.to_thread(command.upgrade, config, "0027_purge_retries")
+    behind = settings.model_copy(update={"database_url": config.attributes["database_url"]})
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "workers",
+        cwd=ROOT,
+        env=worker_env(behind),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert worker.stderr is not None
+        first = (await asyncio.wait_for(worker.stderr.readline(), timeout=60)).decode()
+        await asyncio.sleep(1)
+        running = worker.returncode is None
+    finally:
+        worker.kill()
+        await worker.wait()
+
+    assert "deployment check, postgres" in first
+    assert "0027_purge_retries" in first
+    assert running
