@@ -15,6 +15,7 @@ from enum import StrEnum
 import aiohttp
 import orjson
 from redis.asyncio import Redis
+from redis.exceptions import NoPermissionError
 from sqlalchemy import text
 from sqlalchemy.exc import ProgrammingError
 
@@ -23,6 +24,7 @@ from app.store.db import make_engine
 from app.store.models import SCHEMA_REVISION
 
 CHECK_TIMEOUT_S = 5.0
+_UNDEFINED_TABLE = "42P01"
 
 
 class Verdict(StrEnum):
@@ -57,8 +59,10 @@ async def _schema(settings: Settings) -> Finding:
     try:
         async with asyncio.timeout(CHECK_TIMEOUT_S), engine.connect() as connection:
             revision = (await connection.execute(text("SELECT version_num FROM alembic_version"))).scalar()
-    except ProgrammingError:  # no alembic_version: never migrated
-        revision = None
+    except ProgrammingError as error:
+        if getattr(error.orig, "sqlstate", None) != _UNDEFINED_TABLE:  # a permission denied, say
+            return Finding("postgres", Verdict.FAILED, f"cannot read the schema's revision: {_reason(error)}")
+        revision = None  # no alembic_version: never migrated
     except Exception as error:
         return Finding("postgres", Verdict.FAILED, f"unreachable: {_reason(error)}")
     finally:
@@ -80,6 +84,8 @@ async def _redis(settings: Settings) -> Finding:
     )
     try:
         memory = await client.info("memory")
+    except NoPermissionError:  # an ACL, as managed Redis services set: it answered, but not this
+        return Finding("redis", Verdict.WARNING, "INFO is denied: cannot tell whether Redis may evict keys")
     except Exception as error:
         return Finding("redis", Verdict.FAILED, f"unreachable: {_reason(error)}")
     finally:

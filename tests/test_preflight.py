@@ -10,10 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import asyncpg
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from redis.asyncio import Redis
+from sqlalchemy import make_url
 
 from app import preflight
 from app.config import Settings
@@ -209,3 +211,38 @@ async def test_a_worker_starting_on_a_database_behind_its_code_says_so_and_runs_
     assert "deployment check, postgres" in first
     assert "0027_purge_retries" in first
     assert running
+
+
+async def test_a_redis_denying_info_or_a_database_denying_its_revision_is_not_called_unmigrated(
+    settings: Settings, migrated: str, old_database: tuple[Config, str], tmp_path: Path
+) -> None:
+    """Managed Redis services deny INFO by ACL (workers/liveness.py copes): reachable, the
+    policy unknown. A role that may not read alembic_version has a schema all the same."""
+    config, dsn = old_database
+    await asyncio.to_thread(command.upgrade, config, "head")
+    connection = await asyncpg.connect(dsn)
+    try:
+        await connection.execute("CREATE ROLE aidsafe_preflight_reader LOGIN")
+    except asyncpg.DuplicateObjectError:
+        pass
+    finally:
+        await connection.close()
+    url = make_url(config.attributes["database_url"]).set(username="aidsafe_preflight_reader")
+    with restartable_redis(tmp_path) as (redis_url, _):
+        admin = Redis.from_url(redis_url)
+        try:
+            await admin.execute_command("ACL", "SETUSER", "app", "on", ">pw", "~*", "&*", "+@all", "-info")
+        finally:
+            await admin.aclose()
+        denied = settings.model_copy(
+            update={
+                "redis_url": redis_url.replace("redis://", "redis://app:pw@"),
+                "database_url": url.render_as_string(hide_password=False),
+            }
+        )
+        found = await preflight.dependencies(denied)
+
+    assert _verdicts(found) == {"postgres": Verdict.FAILED, "redis": Verdict.WARNING}
+    assert "cannot read the schema's revision" in _detail(found, "postgres")
+    assert "permission denied" in _detail(found, "postgres")
+    assert "INFO is denied" in _detail(found, "redis")
