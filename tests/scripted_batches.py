@@ -26,6 +26,7 @@ keeps none). The test drives the rest:
     batches.list_refused = True   # a list answers 404 (a proxy without it)
     batches.forget(batch_id)      # the provider lost the batch: asked of it, it answers 404
     batches.delete_file(file_id)  # the provider deleted the file (or kept it no longer): 404
+    batches.refuse(batch_or_file_id, 404, times=2)  # its next 2 asks answer 404 (None: every ask)
 """
 
 from __future__ import annotations
@@ -141,6 +142,7 @@ class ScriptedBatches:
             self.list_ignores_after = False
             self.list_refused = False
             self.cancel_requests: list[str] = []
+            self.refusals: dict[str, tuple[int, int | None]] = {}  # id: (status, asks left)
 
     def routes(self) -> list[Route]:
         return [
@@ -185,6 +187,12 @@ class ScriptedBatches:
         with self._lock:
             del self.batches[batch_id]
 
+    def refuse(self, object_id: str, status: int = 404, times: int | None = None) -> None:
+        """The next `times` asks of the batch (its retrieve) or file (its content) answer
+        `status`, as a proxy may before it is there (None: every ask from now on)."""
+        with self._lock:
+            self.refusals[object_id] = (status, times)
+
     def delete_file(self, file_id: str) -> None:
         """The file is gone (deleted, or kept no longer): asked for, it answers 404; a batch
         whose output or error file it was still names it, as OpenAI's do."""
@@ -216,6 +224,8 @@ class ScriptedBatches:
 
     async def _content(self, request: Request) -> Response:
         file_id = request.path_params["file_id"]
+        if refusal := self._refusal(file_id):
+            return refusal
         file = self.files.get(file_id)
         if file is None:
             return _no_such_file(file_id)
@@ -278,6 +288,8 @@ class ScriptedBatches:
 
     async def _retrieve(self, request: Request) -> Response:
         batch_id = request.path_params["batch_id"]
+        if refusal := self._refusal(batch_id):
+            return refusal
         with self._lock:
             batch = self.batches.get(batch_id)
             if batch is None:
@@ -292,6 +304,15 @@ class ScriptedBatches:
             self._end(batch_id, "finalizing", len(batch.lines), "", "")
         with self._lock:
             return JSONResponse(batch.out())
+
+    def _refusal(self, object_id: str) -> Response | None:
+        """The answer `refuse` asked for this ask of the batch or file, if any."""
+        with self._lock:
+            status, left = self.refusals.get(object_id, (0, 0))
+            if left == 0:
+                return None
+            self.refusals[object_id] = (status, None if left is None else left - 1)
+        return _error(status, f"{object_id} is not available", "not_found" if status == 404 else "forbidden")
 
     def _validate(self, batch: _Batch) -> None:
         custom_ids = [line.get("custom_id") for line in batch.lines]

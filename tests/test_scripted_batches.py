@@ -1,5 +1,6 @@
 """The scripted batch API behaves as the providers' do: files, a batch's lifecycle, output
-in any order, per-line errors, refused large files, expiry and cancellation."""
+in any order, per-line errors, refused large files, expiry and cancellation, and a proxy's
+404 or 403 for a while."""
 
 from __future__ import annotations
 
@@ -128,6 +129,20 @@ def test_a_deleted_file_answers_404_as_openai_does_and_its_batch_still_names_it(
             }
         }
     assert http.get(f"/batches/{batch['id']}").json()["output_file_id"] == done["output_file_id"]
+
+
+def test_a_refused_batch_or_file_answers_the_status_asked_for_as_often_as_asked(
+    http: httpx.Client, scripted_llm: ScriptedLLM
+) -> None:
+    batch = _submit(http, [_line(0)])
+    scripted_llm.batches.refuse(batch["id"], 404, times=2)
+    statuses = [http.get(f"/batches/{batch['id']}").status_code for _ in range(3)]
+    while (done := http.get(f"/batches/{batch['id']}").json())["status"] != "completed":
+        pass
+    scripted_llm.batches.refuse(done["output_file_id"], 403)
+
+    assert statuses == [404, 404, 200]
+    assert {http.get(f"/files/{done['output_file_id']}/content").status_code for _ in range(5)} == {403}
 
 
 def test_cancelling_a_batch_cuts_off_its_unanswered_lines(
