@@ -797,10 +797,13 @@ async def test_a_holder_whose_lease_was_taken_over_writes_nothing_and_leaves_the
         await batches.collect(sessions, old, BatchStatus.LOST, Outcome({}, {}), 3, error="old")
     with pytest.raises(LeaseLost):
         await batches.split_refused(sessions, old, "old")
+    with pytest.raises(LeaseLost):
+        await batches.refused(sessions, old, 0, 0)
     await batches.release(sessions, old)
 
     row = await _batch_row(sessions, batch_id)
     assert (row.status, row.input_file_id, row.error, row.finished_at) == ("preparing", None, None, None)
+    assert (row.refusals, row.refused_since) == (0, None), "the old holder counted a refusal"
     assert row.lease_id == new.lease_id != old.lease_id
     assert await batches.take_due(sessions, lease_s=60) == [], "the old holder's release freed the batch"
     async with sessions() as session:

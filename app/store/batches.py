@@ -355,13 +355,20 @@ async def renew(sessions: Sessions, held: Held) -> None:
         await _write_held(session, held)
 
 
+# The provider answered: the refusals counted before (see `refused`) are over.
+ANSWERED: dict[str, Any] = {"refusals": 0, "refused_since": None}
+# Besides the period: a batch looked at again only after a long pause (every worker down)
+# is not taken for gone on one or two answers.
+GONE_AFTER_REFUSALS = 3
+
+
 async def advance(sessions: Sessions, held: Held, poll_in_s: float, **values: Any) -> Held:
-    """Write what the worker learnt (`values`: ids, the provider's status and counts, a new
-    status) on the batch, and when to look at it next: the batch as it is now. LeaseLost if
-    another worker took it over (nothing is written)."""
+    """Write what the worker learnt from the provider's answer (`values`: ids, the provider's
+    status and counts, a new status) on the batch, and when to look at it next: the batch as
+    it is now. LeaseLost if another worker took it over (nothing is written)."""
     async with sessions.begin() as session:
         row = await _write_held(
-            session, held, **values, next_poll_at=func.now() + timedelta(seconds=poll_in_s)
+            session, held, **values, **ANSWERED, next_poll_at=func.now() + timedelta(seconds=poll_in_s)
         )
     return replace(
         held,
@@ -369,6 +376,28 @@ async def advance(sessions: Sessions, held: Held, poll_in_s: float, **values: An
         input_file_id=row.input_file_id,
         provider_batch_id=row.provider_batch_id,
     )
+
+
+async def refused(sessions: Sessions, held: Held, poll_in_s: float, gone_after_s: float) -> bool:
+    """Count a poll at which the provider refused the batch, or one of its files (a 404; a
+    download's other 4xx): whether it has now refused it long enough to be taken for gone, at
+    GONE_AFTER_REFUSALS polls in a row or more, over `gone_after_s` or more since the first.
+    Until then it is looked at again in `poll_in_s`: some proxies answer 404 (or 403) for a
+    while before a batch or file is there, and taken for gone at the first, the batch's
+    requests were bought again. LeaseLost if another worker took it over (nothing is written)."""
+    async with sessions.begin() as session:
+        await _write_held(
+            session,
+            held,
+            refusals=Batch.refusals + 1,
+            refused_since=func.coalesce(Batch.refused_since, func.now()),
+            next_poll_at=func.now() + timedelta(seconds=poll_in_s),
+        )
+        settled = and_(
+            Batch.refusals >= GONE_AFTER_REFUSALS,
+            Batch.refused_since <= func.now() - timedelta(seconds=gone_after_s),
+        )
+        return bool(await session.scalar(select(settled).where(Batch.id == held.id)))
 
 
 async def release(sessions: Sessions, held: Held, poll_in_s: float | None = None) -> None:

@@ -361,6 +361,11 @@ class Batch(Base):
     # Why refused or lost, or which of its files could not be read: for operators (may quote
     # the provider).
     error: Mapped[str | None] = mapped_column(Text)
+    # The polls in a row at which the provider refused the batch or one of its files (a 404,
+    # a file's 4xx), and when the first was: it is taken for gone only once they are settled
+    # (see batches.refused). Cleared when the provider answers again.
+    refusals: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    refused_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # A worker working on it holds it until then; another takes it over after.
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # The lease's token: its holder's every write names it, so a holder whose lease another
