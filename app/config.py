@@ -166,11 +166,14 @@ class Settings(BaseSettings):
     # batches, how often it asks a provider about a running
     # batch, how long a worker holds a batch it works on (another takes it over after that;
     # a call to the batch API is given up after half of it, see batch_call_timeout_s),
-    # and how many times a request is submitted before its item fails.
+    # how many times a request is submitted before its item fails, and how long the provider
+    # must keep refusing a batch or one of its files (a 404, a file's 4xx) before it is taken
+    # for gone and its requests bought again (see README's Batch delivery).
     batch_interval_s: float = Field(default=2.0, gt=0)
     batch_poll_interval_s: float = Field(default=30.0, ge=0)
     batch_lease_s: float = Field(default=600.0, gt=0)
     batch_max_submissions: int = Field(default=3, ge=1)
+    batch_gone_after_s: float = Field(default=900.0, ge=0)
 
     # Workers.
     worker_max_jobs: int = 8

@@ -49,6 +49,8 @@ def batch_settings(settings: Settings) -> Settings:
             "batch_interval_s": 0.1,
             "batch_poll_interval_s": 0.0,
             "batch_lease_s": 2.0,
+            # A refused batch or file is taken for gone at its third refusal in a row.
+            "batch_gone_after_s": 0.0,
         }
     )
 
@@ -397,18 +399,9 @@ async def test_a_batch_the_provider_no_longer_knows_ends_lost_and_its_requests_a
     await _drive(batch_settings, sessions, arq_redis, job_id)
 
     await _same_as_online(sessions, scripted_llm, online, job_id)  # nothing lost, nothing paid twice
-    async with sessions() as session:
-        [(status, error)] = (
-            await session.execute(
-                select(Batch.status, Batch.error).where(Batch.provider_batch_id == lost["id"])
-            )
-        ).all()
-    assert status == "lost" and "HTTP 404" in error
-    resent = [  # the forgotten batch is not among them
-        line["custom_id"]
-        for b in scripted_llm.batches.created()
-        for line in scripted_llm.batches.input_lines(b["id"])
-    ]
+    row = await _provider_batch_row(sessions, lost["id"])
+    assert row.status == "lost" and "HTTP 404" in str(row.error)
+    resent = _sent_lines(scripted_llm)  # the forgotten batch is not among them
     if unanswered == "online":
         assert not set(lost_lines) & set(resent)
         assert {custom_id for custom_id, _ in await _requests(sessions, job_id, "online")} == set(lost_lines)
@@ -451,18 +444,9 @@ async def test_a_batch_file_the_provider_no_longer_has_sends_its_requests_once_m
     unread = first_lines if gone == "output" else first_lines[2:]
     paid_twice = 2 if gone == "output" else 0  # the gone output file's answers: paid, never read
     assert len(scripted_llm.requests) - online.requests == len(batched[0]) + paid_twice
-    async with sessions() as session:
-        [(status, error)] = (
-            await session.execute(
-                select(Batch.status, Batch.error).where(Batch.provider_batch_id == first["id"])
-            )
-        ).all()
-    assert status == "collected" and deleted in error and "HTTP 404" in error
-    resent = [
-        line["custom_id"]
-        for b in scripted_llm.batches.created()[1:]
-        for line in scripted_llm.batches.input_lines(b["id"])
-    ]
+    row = await _provider_batch_row(sessions, first["id"])
+    assert row.status == "collected" and deleted in str(row.error) and "HTTP 404" in str(row.error)
+    resent = _sent_lines(scripted_llm)[len(first_lines) :]
     if unanswered == "online":
         assert not set(first_lines) & set(resent)
         assert {custom_id for custom_id, _ in await _requests(sessions, job_id, "online")} == set(unread)
@@ -470,6 +454,149 @@ async def test_a_batch_file_the_provider_no_longer_has_sends_its_requests_once_m
         assert [resent.count(custom_id) for custom_id in first_lines] == [
             int(custom_id in unread) for custom_id in first_lines
         ]
+
+
+# --- a provider that refuses a batch or file for a while -----------------------------------------
+
+
+async def _provider_batch_row(sessions: Sessions, provider_batch_id: str) -> Batch:
+    async with sessions() as session:
+        return (
+            await session.scalars(select(Batch).where(Batch.provider_batch_id == provider_batch_id))
+        ).one()
+
+
+def _sent_lines(scripted_llm: ScriptedLLM) -> list[str]:
+    """The custom ids of every batch's lines, the batches oldest first."""
+    return [
+        line["custom_id"]
+        for b in scripted_llm.batches.created()
+        for line in scripted_llm.batches.input_lines(b["id"])
+    ]
+
+
+async def _answered_normally(scripted_llm: ScriptedLLM, sessions: Sessions, first: dict[str, Any]) -> None:
+    """The provider batch ended collected, its refusals forgotten, and none of its lines was
+    sent again."""
+    row = await _provider_batch_row(sessions, first["id"])
+    assert (row.status, row.error, row.refusals, row.refused_since) == ("collected", None, 0, None)
+    lines = [line["custom_id"] for line in scripted_llm.batches.input_lines(first["id"])]
+    assert [_sent_lines(scripted_llm).count(custom_id) for custom_id in lines] == [1] * len(lines)
+
+
+async def test_a_batch_the_provider_refuses_twice_then_finds_completes_as_if_never_refused(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    online = await _online_run(batch_api, auth, batch_settings, scripted_llm, PROMPTS[:3])
+    job_id, first, _ = await _held_in_progress(
+        batch_api, auth, batch_settings, sessions, arq_redis, scripted_llm, 3
+    )
+    scripted_llm.batches.refuse(first["id"], 404, times=2)  # as a proxy might, for a while
+    scripted_llm.batches.hold = False
+
+    await _drive(batch_settings, sessions, arq_redis, job_id)
+
+    await _same_as_online(sessions, scripted_llm, online, job_id)  # nothing lost, nothing paid twice
+    await _answered_normally(scripted_llm, sessions, first)
+
+
+async def test_a_batch_file_the_provider_refuses_twice_then_serves_is_read_and_nothing_is_bought_again(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    online = await _online_run(batch_api, auth, batch_settings, scripted_llm, PROMPTS[:3])
+    job_id, first, _ = await _held_in_progress(
+        batch_api, auth, batch_settings, sessions, arq_redis, scripted_llm, 3
+    )
+    scripted_llm.batches.finish(first["id"])
+    output_file = scripted_llm.batches.created()[0]["output_file_id"]
+    scripted_llm.batches.refuse(output_file, 404, times=2)
+    scripted_llm.batches.hold = False
+
+    await _drive(batch_settings, sessions, arq_redis, job_id)
+
+    await _same_as_online(sessions, scripted_llm, online, job_id)  # its answers read, none bought twice
+    await _answered_normally(scripted_llm, sessions, first)
+
+
+async def _first_batch_finished_with_its_output_file_refused(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+    status: int,
+) -> tuple[str, Batch, list[str]]:
+    """A batch job of three prompts whose first batch completed and whose output file the
+    provider refuses with `status` for ever, led until that batch ended or was refused
+    GONE_AFTER_REFUSALS times: the job's id, the batch's row then, and its lines."""
+    job_id, first, first_lines = await _held_in_progress(
+        api, auth, settings, sessions, redis, scripted_llm, 3
+    )
+    scripted_llm.batches.finish(first["id"])
+    scripted_llm.batches.refuse(scripted_llm.batches.created()[0]["output_file_id"], status)
+    scripted_llm.batches.hold = False
+
+    async def refused_enough_or_ended() -> Batch | None:
+        row = await _provider_batch_row(sessions, first["id"])
+        return row if row.finished_at or row.refusals >= batches.GONE_AFTER_REFUSALS else None
+
+    await _drive_until(settings, sessions, redis, refused_enough_or_ended, rounds=20)
+    return job_id, await _provider_batch_row(sessions, first["id"]), first_lines
+
+
+async def test_a_batch_file_refused_for_ever_is_taken_for_gone_only_after_the_period_and_sent_once_more(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    settings = batch_settings.model_copy(update={"batch_gone_after_s": 3.0})
+    job_id, refused, first_lines = await _first_batch_finished_with_its_output_file_refused(
+        batch_api, auth, settings, sessions, arq_redis, scripted_llm, 404
+    )
+    assert refused.finished_at is None and refused.refused_since is not None, "taken for gone at once"
+
+    await _drive(settings, sessions, arq_redis, job_id)
+
+    row = await _batch_row(sessions, refused.id)
+    assert row.status == "collected" and row.output_file_id in str(row.error) and "HTTP 404" in str(row.error)
+    assert row.refused_since == refused.refused_since and row.refusals > refused.refusals
+    assert row.finished_at is not None and row.refused_since is not None
+    assert row.finished_at - row.refused_since >= timedelta(seconds=3)
+    assert [_sent_lines(scripted_llm).count(custom_id) for custom_id in first_lines] == [2, 2, 2]
+
+
+async def test_a_batch_output_file_refused_with_403_for_ever_ends_with_the_error_recorded(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    job_id, ended, first_lines = await _first_batch_finished_with_its_output_file_refused(
+        batch_api, auth, batch_settings, sessions, arq_redis, scripted_llm, 403
+    )
+    assert ended.status == "collected", "asked for its output file for ever"
+    assert ended.output_file_id in str(ended.error) and "HTTP 403" in str(ended.error)
+
+    await _drive(batch_settings, sessions, arq_redis, job_id)
+
+    assert (await batch_api.get(f"/v1/jobs/{job_id}", headers=auth)).json()["status"] == "completed"
+    assert [_sent_lines(scripted_llm).count(custom_id) for custom_id in first_lines] == [2, 2, 2]
 
 
 async def test_a_batch_answer_postgres_cannot_store_is_stored_with_it_replaced(

@@ -148,8 +148,9 @@ async def _poll(settings: Settings, sessions: Sessions, api: BatchAPI, held: Hel
     await batches.renew(sessions, held)
     try:
         seen = await api.retrieve(held.endpoint, held.provider_batch_id)
-    except BatchNotFound as gone:
-        await _lost(settings, sessions, held, str(gone))
+    except BatchNotFound as missing:
+        if await _gone(settings, sessions, held, str(missing)):
+            await _lost(settings, sessions, held, str(missing))
         return
     status, counts = seen.get("status"), seen.get("request_counts")
     if status not in TERMINAL:
@@ -164,7 +165,10 @@ async def _poll(settings: Settings, sessions: Sessions, api: BatchAPI, held: Hel
         await _refuse(sessions, held, f"failed validation: {str(seen.get('errors'))[:500]}")
         return
     outcome = Outcome({}, {})
-    gone = await _read_files(sessions, api, held, seen, outcome)
+    refused = await _read_files(sessions, api, held, seen, outcome)
+    if refused and not await _gone(settings, sessions, held, refused):
+        return  # what was read is read again at the next poll
+    gone = refused and f"gone, their requests sent again: {refused}"
     await batches.collect(
         sessions,
         held,
@@ -175,7 +179,7 @@ async def _poll(settings: Settings, sessions: Sessions, api: BatchAPI, held: Hel
         request_counts=counts,
         output_file_id=seen.get("output_file_id"),
         error_file_id=seen.get("error_file_id"),
-        error=gone,
+        **({"error": gone} if gone else batches.ANSWERED),
     )
     log.info(
         "batch %s %s: %d answers, %d refused", held.id, status, len(outcome.answers), len(outcome.rejected)
@@ -187,28 +191,39 @@ async def _poll(settings: Settings, sessions: Sessions, api: BatchAPI, held: Hel
 async def _read_files(
     sessions: Sessions, api: BatchAPI, held: Held, seen: dict[str, Any], outcome: Outcome
 ) -> str | None:
-    """Read the ended batch's output and error files into `outcome`. A file the provider no
-    longer has (a 404: deleted, or kept no longer) is skipped: its lines' requests, left
-    unanswered, go back as an expired batch's do, and the other file's lines count. Asked for
-    again, it answered 404 for ever, and the batch's items waited as long. What was skipped
+    """Read the ended batch's output and error files into `outcome`. A file the provider
+    refuses (a 404: deleted, or kept no longer; or another 4xx) is skipped: once it is taken
+    for gone (see _gone), its lines' requests, left unanswered, go back as an expired batch's
+    do, and the other file's lines count. Asked for again after every refusal, a file that
+    answered 404 or 403 for ever held the batch's items as long. Which files were refused
     and why, or None."""
-    gone = []
+    refused = []
     for file_id in (seen.get("output_file_id"), seen.get("error_file_id")):
         if file_id:
             await batches.renew(sessions, held)
             try:
                 content = await api.content(held.endpoint, file_id)
-            except BatchNotFound as missing:
-                gone.append(f"file {file_id} gone, its requests sent again: {missing}")
+            except BatchRefused as refusal:
+                refused.append(f"file {file_id}: {refusal}")
                 continue
             _read(await asyncio.to_thread(output_lines, content), outcome)
-    return "; ".join(gone) or None
+    return "; ".join(refused) or None
+
+
+async def _gone(settings: Settings, sessions: Sessions, held: Held, detail: str) -> bool:
+    """Whether the batch, or a file of it, that the provider refused again (`detail`) is to be
+    taken for gone: refused at enough polls over long enough (batches.refused). If not yet,
+    it is asked about again at its next poll."""
+    if await batches.refused(sessions, held, settings.batch_poll_interval_s, settings.batch_gone_after_s):
+        return True
+    log.warning("batch %s: refused by the provider, asked again at its next poll: %s", held.id, detail)
+    return False
 
 
 async def _lost(settings: Settings, sessions: Sessions, held: Held, detail: str) -> None:
-    """The provider no longer knows the batch (deleted, or kept no longer): it ends as lost
-    and its requests go back as an expired batch's unanswered ones do. Polled on, it was
-    asked about for ever, and its items waited as long."""
+    """The provider no longer knows the batch (deleted, or kept no longer; see _gone): it
+    ends as lost and its requests go back as an expired batch's unanswered ones do. Polled
+    on, it was asked about for ever, and its items waited as long."""
     await batches.collect(
         sessions, held, BatchStatus.LOST, Outcome({}, {}), settings.batch_max_submissions, error=detail
     )

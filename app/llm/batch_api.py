@@ -5,6 +5,8 @@ and download their output and error files. Plus the wire format of those files.
 Faults come in two kinds: BatchRefused (a 4xx other than 408/409/425/429: the provider will
 not take this file or batch; asking again will not help), of which BatchNotFound (a 404: the
 provider knows no such batch or file), and BatchUnavailable (anything else: try again later).
+Some proxies answer 404 or 403 for a while before a batch or file is there: workers/waves.py
+believes a retrieve's 404, or a download's refusal, only once it has lasted.
 Their messages may quote the provider: for operators only.
 """
 
