@@ -1060,6 +1060,7 @@ async def test_a_provider_that_refuses_to_list_batches_still_gets_the_batch_crea
     assert len(_tagged(scripted_llm, batch_id)) == 1
 
 
+@pytest.mark.parametrize("given_up_by", ["its timeout", "the worker stopping"])
 async def test_a_create_given_up_on_is_not_tried_again_before_it_could_have_landed(
     batch_api: httpx.AsyncClient,
     auth: dict[str, str],
@@ -1067,14 +1068,21 @@ async def test_a_create_given_up_on_is_not_tried_again_before_it_could_have_land
     sessions: Sessions,
     arq_redis: ArqRedis,
     scripted_llm: ScriptedLLM,
+    given_up_by: str,
 ) -> None:
-    """A create given up on (its call timed out) may still be carried out: due again at once,
-    the batch's next holder could search before it landed and create a second, billed twice."""
+    """A create given up on (its call timed out, or the worker stopping cancelled it) may still
+    be carried out: due again at once, the batch's next holder could search before it landed
+    and create a second, billed twice."""
     batch_id = await _one_batch_formed(batch_api, auth, batch_settings, sessions)
     scripted_llm.batches.create_delay_s = 5 * batch_settings.batch_call_timeout_s
     api = BatchAPI(batch_settings.endpoints(), batch_settings.batch_call_timeout_s)
     try:
-        await run_round(batch_settings, sessions, arq_redis, api)  # uploads, then the create times out
+        holder = asyncio.create_task(run_round(batch_settings, sessions, arq_redis, api))  # uploads, creates
+        if given_up_by == "the worker stopping":
+            await eventually(lambda: _provider_status(scripted_llm, "validating"), what="a create in flight")
+            holder.cancel()  # as the worker's shutdown cancels its batch loop
+        with contextlib.suppress(asyncio.CancelledError):
+            await holder
     finally:
         await api.aclose()
         scripted_llm.batches.create_delay_s = 0

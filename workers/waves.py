@@ -55,20 +55,24 @@ async def run_round(settings: Settings, sessions: Sessions, redis: ArqRedis, api
     """One round of the loop (see the module's docstring)."""
     if made := await batches.form_waves(sessions, settings.endpoints()):
         log.info("formed %d batches", made)
+    # Not before a call given up on could have landed (a create the provider was still
+    # carrying out): the next holder's search must find it, not create a second.
+    after_a_call_s = max(settings.batch_poll_interval_s, settings.batch_call_timeout_s)
     for held in await batches.take_due(sessions, settings.batch_lease_s):
         retry_in_s = None
         try:
             await _lead(settings, sessions, api, held)
         except LeaseLost:
             log.info("batch %s: taken over by another worker", held.id)
+        except asyncio.CancelledError:  # the worker stops, maybe mid-call: as a call given up on
+            retry_in_s = after_a_call_s
+            raise
         except Exception as fault:
             # The provider away, or a fault of this batch alone (a poll refused, say): the next
             # poll tries again. Raised on, it ended every round, the batch first in line for
             # never being advanced: no other batch moved and no answered item was queued again.
             log.warning("batch %s: %s", held.id, fault, exc_info=not isinstance(fault, BatchUnavailable))
-            # Not before a call given up on could have landed (a create the provider was still
-            # carrying out): the next holder's search must find it, not create a second.
-            retry_in_s = max(settings.batch_poll_interval_s, settings.batch_call_timeout_s)
+            retry_in_s = after_a_call_s
         finally:
             await batches.release(sessions, held, retry_in_s)
     requeued = await batches.requeue_answered(sessions)
