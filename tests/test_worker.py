@@ -513,6 +513,15 @@ async def test_a_poll_looks_past_the_running_jobs_at_the_queues_head_as_far_as_i
     assert not short.tasks, "the next due job lies past the scan limit"
 
 
+def _start_call(
+    settings: Settings, *, wanted: int = 1, scan_limit: int = 1000, ttl_ms: int = 60_000
+) -> tuple[list[str], list[Any]]:
+    """The start script's keys and arguments for one poll of a new worker, as QueueWorker sends them."""
+    answer = f"{settings.redis_key_prefix}:starts:{uuid4()}"
+    keys = [settings.queue_name, liveness.taken_key(settings), answer]
+    return keys, [in_progress_key_prefix, ttl_ms, timestamp_ms(), wanted, str(uuid4()), scan_limit]
+
+
 async def test_a_start_sent_again_answers_the_jobs_it_marked(
     settings: Settings, arq_redis: ArqRedis, queued: Queue
 ) -> None:
@@ -520,12 +529,7 @@ async def test_a_start_sent_again_answers_the_jobs_it_marked(
     jobs the first run marked would otherwise stay marked, started by no one, for a day."""
     head = await queued({f"test:{uuid4().hex}:due": timestamp_ms() - 500})
     start = arq_redis.register_script(START_SCRIPT)
-    keys = [
-        settings.queue_name,
-        liveness.taken_key(settings),
-        f"{settings.redis_key_prefix}:starts:{uuid4()}",
-    ]
-    args = [in_progress_key_prefix, 60_000, timestamp_ms(), 1, str(uuid4()), 1000]
+    keys, args = _start_call(settings)
 
     first, again = await start(keys=keys, args=args), await start(keys=keys, args=args)
 
@@ -544,9 +548,7 @@ async def test_a_running_job_is_not_due_so_a_poll_sees_the_jobs_behind_it(
     ttl_ms = 60_000
 
     async def poll(scan_limit: int) -> list[bytes]:
-        answer = f"{settings.redis_key_prefix}:starts:{uuid4()}"
-        keys = [settings.queue_name, liveness.taken_key(settings), answer]
-        args = [in_progress_key_prefix, ttl_ms, timestamp_ms(), 1, str(uuid4()), scan_limit]
+        keys, args = _start_call(settings, scan_limit=scan_limit, ttl_ms=ttl_ms)
         marked: list[bytes] = (await start(keys=keys, args=args))[::2]
         return marked
 
@@ -554,6 +556,25 @@ async def test_a_running_job_is_not_due_so_a_poll_sees_the_jobs_behind_it(
     assert await poll(scan_limit=1) == head[:1]
     assert await arq_redis.zscore(settings.queue_name, head[0]) >= before + ttl_ms
     assert await poll(scan_limit=1) == head[1:], "the first, running, is not in the way"
+
+
+async def test_a_poll_reading_past_its_first_chunk_skips_no_due_job(
+    settings: Settings, arq_redis: ArqRedis, queued: Queue
+) -> None:
+    """The jobs a chunk marks leave the due range, so the next chunk starts that much nearer
+    the head: read at the old offset, as many due jobs were skipped. Running jobs still due
+    (an older release's, during an upgrade) fill the rest of the first chunk."""
+    run, now = uuid4().hex, timestamp_ms()
+    running = {f"test:{run}:running:{n:03}": now - 2000 for n in range(255)}
+    due = {f"test:{run}:due:0": now - 3000, f"test:{run}:due:1": now - 1000, f"test:{run}:due:2": now - 999}
+    await queued({**running, **due})
+    for job_id in running:
+        await arq_redis.psetex(in_progress_key_prefix + job_id, 60_000, b"1")
+    keys, args = _start_call(settings, wanted=3)
+
+    marked = await arq_redis.register_script(START_SCRIPT)(keys=keys, args=args)
+
+    assert [job_id.decode() for job_id in marked[::2]] == list(due)
 
 
 async def test_a_job_cancelled_mid_run_is_due_again_as_it_was(

@@ -63,6 +63,7 @@ local offset = 0
 while #marked < wanted * 2 and offset < scan_limit do
   local chunk = math.min(256, scan_limit - offset)
   local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', offset, chunk)
+  local moved = 0
   for i = 1, #due, 2 do
     if #marked >= wanted * 2 then break end
     if redis.call('EXISTS', prefix .. due[i]) == 0 then
@@ -71,10 +72,11 @@ while #marked < wanted * 2 and offset < scan_limit do
       redis.call('ZADD', KEYS[1], 'XX', tonumber(now) + tonumber(ttl), due[i])
       marked[#marked + 1] = due[i]
       marked[#marked + 1] = due[i + 1]
+      moved = moved + 1
     end
   end
   if #due < chunk * 2 then break end
-  offset = offset + chunk
+  offset = offset + chunk - moved  -- those marked left the due range: the rest moved up
 end
 if #marked > 0 then redis.call('SET', KEYS[3], cjson.encode(marked), 'PX', ttl) end
 return marked
