@@ -942,7 +942,7 @@ async def test_a_holder_whose_lease_was_taken_over_writes_nothing_and_leaves_the
     assert (moved.status, moved.input_file_id) == (BatchStatus.UPLOADED, "file-new")
 
 
-async def test_two_holders_racing_on_one_batch_create_one_provider_batch(
+async def test_a_holder_that_lost_its_lease_mid_search_creates_no_second_provider_batch(
     batch_api: httpx.AsyncClient,
     auth: dict[str, str],
     batch_settings: Settings,
@@ -950,10 +950,12 @@ async def test_two_holders_racing_on_one_batch_create_one_provider_batch(
     arq_redis: ArqRedis,
     scripted_llm: ScriptedLLM,
 ) -> None:
+    """The first holder searches for an earlier provider batch (none) and, meanwhile, stalls
+    past its lease (ended here by hand: a pause longer than the lease); a second takes the
+    batch over and creates. The first, back, must not create one too: its renew before the
+    create finds the lease another's."""
     batch_id = await _one_batch_formed(batch_api, auth, batch_settings, sessions)
-    # The first holder's look for an existing batch answers after its lease (2 s) ran out: it
-    # finds none, as none was there when it asked.
-    scripted_llm.batches.list_delays = [3.0]
+    scripted_llm.batches.list_delays = [0.8 * batch_settings.batch_call_timeout_s]  # answered in time
 
     async def first_holder() -> None:
         api = BatchAPI(batch_settings.endpoints(), batch_settings.batch_call_timeout_s)
@@ -962,17 +964,23 @@ async def test_two_holders_racing_on_one_batch_create_one_provider_batch(
         finally:
             await api.aclose()
 
-    async def second_holder() -> None:
-        await asyncio.sleep(batch_settings.batch_lease_s + 0.2)  # the first one's lease ran out
-        await _drive_until(
-            batch_settings, sessions, arq_redis, lambda: _batch_status(sessions, batch_id, "submitted"), 50
-        )
-
-    await asyncio.gather(first_holder(), second_holder())
+    first = asyncio.create_task(first_holder())
+    await eventually(lambda: _searched(scripted_llm), what="the first holder's search")
+    async with sessions.begin() as session:
+        await session.execute(update(Batch).where(Batch.id == batch_id).values(lease_until=func.now()))
+    await _drive_until(
+        batch_settings, sessions, arq_redis, lambda: _batch_status(sessions, batch_id, "submitted"), 50
+    )
+    await first
 
     [created] = _tagged(scripted_llm, batch_id)
     assert len(scripted_llm.batches.created()) == 1, "both holders created a provider batch"
     assert (await _batch_row(sessions, batch_id)).provider_batch_id == created["id"]
+
+
+async def _searched(scripted_llm: ScriptedLLM) -> bool:
+    """Whether every scripted list delay was taken: the slow search is under way."""
+    return not scripted_llm.batches.list_delays
 
 
 async def _batch_status(sessions: Sessions, batch_id: UUID, status: str) -> bool:
