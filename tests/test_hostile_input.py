@@ -48,7 +48,13 @@ Headers = dict[str, str]
 JSON = {"Content-Type": "application/json"}
 LS_IMPORT = "/v1/jobs/{}/annotations/label-studio"
 ARGILLA_IMPORT = "/v1/jobs/{}/annotations/argilla"
-OUTSIDE_UTC_CALENDAR = ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00"]
+# Outside the calendar in UTC, or its end moments, which asyncpg stores as -infinity and infinity.
+OUTSIDE_UTC_CALENDAR = [
+    "0001-01-01T00:00:00+14:00",
+    "9999-12-31T23:59:59-14:00",
+    "0001-01-01T00:00:00Z",
+    "9999-12-31T23:59:59.999999Z",
+]
 
 
 def nested(depth: int) -> Any:
@@ -469,23 +475,32 @@ async def test_an_argilla_answer_of_the_wrong_kind_refuses_the_import(
 
 @pytest.mark.parametrize("moment", OUTSIDE_UTC_CALENDAR)
 async def test_a_time_outside_the_calendar_in_utc_is_a_validation_error(
-    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions, moment: str
+    api: httpx.AsyncClient,
+    auth: Headers,
+    ls_webhook: WebhookTarget,
+    settings: Settings,
+    sessions: Sessions,
+    moment: str,
 ) -> None:
     job_id, export_file = await ls_job(api, auth, settings)
     created, updated = copy.deepcopy(export_file), copy.deepcopy(export_file)
     created[0]["annotations"][0]["created_at"] = moment
     updated[0]["annotations"][0]["updated_at"] = moment
-    page = fixture("argilla_records.json", await item_ids(api, auth, job_id))
+    ids = await item_ids(api, auth, job_id)
+    page = fixture("argilla_records.json", ids)
     page["items"][0]["responses"][0]["updated_at"] = moment
+    event = fixture("label_studio_webhook.json", ids)
+    event["annotation"]["created_at"] = moment
 
-    for url, body in (
-        (LS_IMPORT.format(job_id), created),
-        (LS_IMPORT.format(job_id), updated),
-        (ARGILLA_IMPORT.format(job_id), page),
+    for url, body, headers in (
+        (LS_IMPORT.format(job_id), created, auth),
+        (LS_IMPORT.format(job_id), updated, auth),
+        (ARGILLA_IMPORT.format(job_id), page, auth),
+        (ls_webhook.path, event, ls_webhook.headers),
     ):
-        response = await api.post(url, json=body, headers=auth)
+        response = await api.post(url, json=body, headers=headers)
 
-        assert "outside years 1 to 9999 in UTC" in error_of(response, 422, "validation_error")["message"]
+        assert "within years 1 to 9999 in UTC" in error_of(response, 422, "validation_error")["message"]
     assert await stored(sessions) == []
 
 

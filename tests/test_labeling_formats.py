@@ -915,7 +915,7 @@ def test_a_tools_time_is_read_in_utc(sent: str, read: datetime) -> None:
 
 
 def test_a_time_outside_the_calendar_in_utc_is_a_validation_error() -> None:
-    with pytest.raises(ValidationError, match=re.escape("outside years 1 to 9999 in UTC")):
+    with pytest.raises(ValidationError, match=re.escape("within years 1 to 9999 in UTC")):
         read_export(annotation(VERDICT, created_at="0001-01-01T00:00:00+14:00"))
 
 

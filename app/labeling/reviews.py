@@ -167,14 +167,20 @@ def _thought_number(choice: Any) -> int | None:
     return int(match.group(1)) if match and int(match.group(1)) >= 1 else None
 
 
+_STORABLE = "the time must lie within years 1 to 9999 in UTC, their first and last microsecond excluded"
+
+
 def _utc(moment: datetime) -> datetime:
-    """A tool's time in UTC; one without a zone (Argilla's server sends them so) is UTC."""
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
+    """A tool's time in UTC; one without a zone (Argilla's server sends them so) is UTC.
+    The calendar's two end moments are refused: asyncpg stores them as -infinity and
+    infinity, and no later version (an edit, a withdrawal) could follow an infinite one."""
     try:
-        return moment.astimezone(UTC)
+        utc = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
     except OverflowError:  # 0001-01-01T00:00:00+14:00 is a time of year 0 in UTC
-        raise ValueError("the time is outside years 1 to 9999 in UTC") from None
+        raise ValueError(_STORABLE) from None
+    if utc in (datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC)):
+        raise ValueError(_STORABLE)
+    return utc
 
 
 ToolTime = Annotated[datetime, AfterValidator(_utc)]
