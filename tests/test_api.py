@@ -404,6 +404,19 @@ async def test_wrong_method_answer_names_the_allowed_methods(api: httpx.AsyncCli
     assert response.headers["allow"] == "POST"
 
 
+async def test_wrong_method_answer_names_the_methods_of_every_route_on_the_path(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    """Starlette named those of the first route matching the path only."""
+    job = await api.put(f"/v1/jobs/{uuid.uuid4()}", headers=auth)
+    jobs = await api.options("/v1/jobs", headers=auth)
+
+    error_of(job, 405, "method_not_allowed")
+    assert job.headers["allow"] == "DELETE, GET, PATCH"
+    error_of(jobs, 405, "method_not_allowed")
+    assert jobs.headers["allow"] == "GET, POST"
+
+
 # --- submitting ---------------------------------------------------------------------------
 
 

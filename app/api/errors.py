@@ -15,6 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from app.api.schemas import ErrorOut
 from app.errors import MAX_LISTED_PROBLEMS, ServiceError
@@ -22,6 +23,7 @@ from app.errors import MAX_LISTED_PROBLEMS, ServiceError
 log = logging.getLogger("aidsafe.api")
 
 _HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")  # those a route may serve
 _WHY = {
     400: (
         "Malformed request: a body that is not UTF-8 JSON text sent as application/json, or a "
@@ -144,13 +146,29 @@ def install(app: FastAPI) -> None:
         return await _database_unavailable(request, exc)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         # Starlette's own headers, such as a 405's `Allow`, are part of the answer.
-        return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
+        headers = exc.headers
+        if exc.status_code == 405:
+            # Starlette's names the methods of the first route on the path only: GET /v1/jobs
+            # and POST /v1/jobs are two routes.
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
+        return error_response(exc.status_code, code, str(exc.detail), headers=headers)
 
     # Last resort, for a bug: still the one shape, and nothing of the request or the failed
     # statement in the answer. Starlette re-raises afterwards, so the server logs the traceback.
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         return error_response(500, "internal_error", "an unexpected error occurred; it was logged")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves on the request's path, asked of the routes themselves
+    (included routers nest them)."""
+    routes = request.app.router.routes
+    return [
+        method
+        for method in _METHODS
+        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)
+    ]
