@@ -136,6 +136,14 @@ class Settings(BaseSettings):
 
     # The API refuses larger request bodies with 413 (10,000 prompts of ~3,000 characters fit).
     max_request_bytes: int = 32 * 1024 * 1024
+    # A request's head, checked as it is read (app/api/head_limits.py): a longer URL is refused
+    # with 414, more header bytes (names and values) or fields with 431. nginx's defaults: a
+    # request line in an 8 KiB buffer, 32 KiB of buffers for the head; Apache's: 100 header
+    # fields. Our clients send a few short headers; browsers' cookies and proxies' forwarded
+    # headers fit with room to spare.
+    max_url_bytes: int = Field(default=8 * 1024, ge=1024)
+    max_header_bytes: int = Field(default=32 * 1024, ge=1024)
+    max_header_fields: int = Field(default=100, ge=10)
     # Annotation imports and the Label Studio webhook: a smaller cap, their parsing goes deeper.
     max_import_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     # GET /v1/jobs/{id} counts a job's items at most this often (app/api/summaries.py).

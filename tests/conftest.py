@@ -32,6 +32,7 @@ from sqlalchemy import make_url
 from app.config import EndpointConfig, Settings
 from app.llm.client import OpenAICompatibleClient
 from app.main import create_app
+from app.server import uvicorn_options
 from app.store import keys
 from app.store.db import Sessions, make_engine, make_sessions
 from tests.scripted_llm import ScriptedLLM, running_scripted_llm
@@ -381,8 +382,9 @@ async def workers() -> AsyncIterator[list[subprocess.Popen[bytes]]]:
 
 @pytest.fixture
 def live_api(settings: Settings, sessions: Sessions) -> Iterator[str]:
-    """The real app over real HTTP on a free loopback port (uvicorn in a thread), for clients
-    that need it: streamed Server-Sent Events, the CLI, a browser. Yields the base URL."""
+    """The real app over real HTTP on a free loopback port (uvicorn in a thread, with the
+    options `aidsafe-api` serves it with), for clients that need it: streamed Server-Sent
+    Events, the CLI, a browser. Yields the base URL."""
     with served(settings) as base_url:
         yield base_url
 
@@ -393,7 +395,9 @@ def served(settings: Settings) -> Iterator[str]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(create_app(settings), log_level="warning", timeout_graceful_shutdown=2)
+    config = uvicorn.Config(
+        create_app(settings), log_level="warning", timeout_graceful_shutdown=2, **uvicorn_options(settings)
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="live-api", daemon=True)
     thread.start()

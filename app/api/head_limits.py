@@ -1,0 +1,147 @@
+"""Caps on a request's head (its URL and headers), in the HTTP protocol itself: uvicorn's
+httptools protocol gathers both without limit, so one client could grow the API's memory, and
+hold its event loop copying what it gathered, for as long as it kept sending. Past a cap the
+API answers 414 or 431 in the one JSON error shape and closes the connection, unread."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, NamedTuple, NoReturn
+
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from app.api.errors import error_response
+
+
+@dataclass(frozen=True)
+class HeadLimits:
+    url_bytes: int
+    header_bytes: int  # header names and values, all together
+    header_fields: int
+
+
+class Refusal(NamedTuple):
+    status: int
+    code: str
+    message: str
+
+
+NOT_HTTP = Refusal(400, "bad_request", "the request is not valid HTTP")
+
+
+@dataclass
+class _Head:
+    """What has been read of the head of the request being parsed, and of its trailers:
+    headers sent after a chunked body, capped with the head's."""
+
+    header_bytes: int = 0  # of the headers httptools handed over
+    header_fields: int = 0
+    complete: bool = False  # the head is; its body (and any trailers) follows
+    # httptools holds a header until it ends: it holds at least the reads that came since it
+    # last handed over a header or a piece of the URL, if the head spanned them whole.
+    unfinished_bytes: int = 0
+    handed_over: bool = False  # in the read being parsed
+
+
+class _Stopped(Exception):
+    """Raised in a parser callback to stop the parser; send_400_response answers instead."""
+
+
+class HeadLimitedProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, with a request's head capped and its refusals (and
+    uvicorn's own 400 for what is not HTTP) in the one JSON error shape."""
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        limits: HeadLimits,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.limits = limits
+        self._head: _Head | None = None  # None until a request begins
+        self._refusal: Refusal | None = None
+
+    def data_received(self, data: bytes) -> None:
+        before = self._head
+        super().data_received(data)
+        head = self._head
+        if head is None or self.transport.is_closing():
+            return
+        handed_over, head.handed_over = head.handed_over, False
+        if head is not before or handed_over or head.complete:
+            return  # not all unfinished header: a head began in it, parts were handed over, or body
+        head.unfinished_bytes += len(data)
+        if head.header_bytes + head.unfinished_bytes > self.limits.header_bytes:
+            self._answer(self._too_many_header_bytes())
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head = _Head()
+
+    def on_url(self, url: bytes) -> None:
+        if len(self.url) + len(url) > self.limits.url_bytes:
+            self._stop(
+                Refusal(414, "url_too_long", f"the URL is over the limit of {self.limits.url_bytes} bytes")
+            )
+        super().on_url(url)
+        self._handed_over()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        head = self._handed_over()
+        head.header_bytes += len(name) + len(value)
+        head.header_fields += 1
+        if head.header_bytes > self.limits.header_bytes:
+            self._stop(self._too_many_header_bytes())
+        if head.header_fields > self.limits.header_fields:
+            self._stop(
+                Refusal(
+                    431, "headers_too_large", f"the request has more than {self.limits.header_fields} headers"
+                )
+            )
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        assert self._head is not None
+        self._head.complete = True
+        super().on_headers_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer when the parser stops: on what is not HTTP, or on a refusal above."""
+        self._answer(self._refusal or NOT_HTTP)
+
+    def _handed_over(self) -> _Head:
+        head = self._head
+        assert head is not None, "httptools hands over a URL or header only within a request"
+        head.unfinished_bytes = 0
+        head.handed_over = True
+        return head
+
+    def _too_many_header_bytes(self) -> Refusal:
+        return Refusal(
+            431, "headers_too_large", f"the headers are over the limit of {self.limits.header_bytes} bytes"
+        )
+
+    def _stop(self, refusal: Refusal) -> NoReturn:
+        self._refusal = refusal
+        raise _Stopped(refusal.message)
+
+    def _answer(self, refusal: Refusal) -> None:
+        """Answers the request with the refusal and closes the connection, unread."""
+        if refusal is not NOT_HTTP:  # uvicorn logged that one
+            self.logger.warning("Refused a request: %s.", refusal.message)
+        response = error_response(refusal.status, refusal.code, refusal.message)
+        lines = [*self.server_state.default_headers, *response.raw_headers, (b"connection", b"close")]
+        head = [
+            STATUS_LINE[refusal.status],
+            *(name + b": " + value + b"\r\n" for name, value in lines),
+            b"\r\n",
+        ]
+        self.transport.write(b"".join(head) + response.body)
+        self.transport.close()

@@ -1,0 +1,40 @@
+"""`aidsafe-api`: the API under uvicorn, with a request's head capped (app/api/head_limits.py).
+The tests serve the app with the same options (`uvicorn_options`)."""
+
+from __future__ import annotations
+
+import argparse
+from functools import partial
+from typing import Any
+
+import uvicorn
+
+from app.api.head_limits import HeadLimitedProtocol, HeadLimits
+from app.config import Settings, get_settings
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's options for the API, beside where it listens and how it logs."""
+    limits = HeadLimits(settings.max_url_bytes, settings.max_header_bytes, settings.max_header_fields)
+    return {"http": partial(HeadLimitedProtocol, limits=limits)}
+
+
+def run() -> None:
+    parser = argparse.ArgumentParser(prog="aidsafe-api", description="Serve the AIDSAFE HTTP API.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=1, help="API processes (default: %(default)s)")
+    args = parser.parse_args()
+    # An import string, as --workers needs: each process imports the app (and app.main's
+    # tuning of the garbage collector) for itself.
+    uvicorn.run(
+        "app.main:app",
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        **uvicorn_options(get_settings()),
+    )
+
+
+if __name__ == "__main__":
+    run()
