@@ -23,4 +23,4 @@ RUN pip install --no-cache-dir ".[llm]" \
 RUN useradd --system --home /srv/aidsafe aidsafe
 USER aidsafe
 EXPOSE 8000
-CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["aidsafe-api", "--host", "0.0.0.0", "--port", "8000"]

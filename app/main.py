@@ -1,4 +1,4 @@
-"""The FastAPI application (`uvicorn app.main:app`). It never calls an LLM."""
+"""The FastAPI application (`app.main:app`; `aidsafe-api` serves it). It never calls an LLM."""
 
 from __future__ import annotations
 

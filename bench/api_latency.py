@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.api_latency --prompts 10000 --posts 3 --rate 500 --duration 10
 
-Stands up a fresh database and the API alone (`uvicorn app.main:app`, one process, as the
+Stands up a fresh database and the API alone (`aidsafe-api`, one process, as the
 README runs it; no worker, so the enqueued arq jobs just wait and are deleted at the end).
 
 1. POST /v1/jobs with --prompts prompts of about --prompt-chars characters, --posts times
@@ -91,7 +91,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             "machine": describe(),
             "command": " ".join([Path(sys.executable).name, "-m", "bench.api_latency", *sys.argv[1:]]),
             "settings": {
-                "api": "uvicorn app.main:app, 1 process (default options: uvloop, httptools, access log)",
+                "api": "aidsafe-api, 1 process (default options: uvloop, httptools, access log)",
                 "client": f"{args.client} (bench/loadgen.py) on uvloop, same machine, "
                 f"{args.connections} keep-alive connections; httpx for the POSTs",
                 "prompts_per_post": args.prompts,

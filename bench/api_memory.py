@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.api_memory --jobs 3000 --prompts-per-job 10
 
-Stands up a fresh database and the API alone (`uvicorn app.main:app`, one process; no
+Stands up a fresh database and the API alone (`aidsafe-api`, one process; no
 worker, so the jobs stay queued and their arq jobs are deleted at the end). POSTs --jobs
 jobs one after another, GETs each --gets times right after its POST (GET /v1/jobs/{id}
 answers from the job summaries the process remembers), and reads the API's RSS every
@@ -66,7 +66,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             "machine": describe(),
             "command": " ".join([Path(sys.executable).name, "-m", "bench.api_memory", *sys.argv[1:]]),
             "settings": {
-                "api": "uvicorn app.main:app, 1 process",
+                "api": "aidsafe-api, 1 process",
                 "jobs": args.jobs,
                 "prompts_per_job": args.prompts_per_job,
                 "gets_per_job": args.gets,

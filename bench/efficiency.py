@@ -206,7 +206,7 @@ async def _measure(
             "concurrency": args.concurrency,
             "workers": args.workers,
             "max_jobs_per_worker": args.max_jobs,
-            "api": "uvicorn app.main:app, 1 process",
+            "api": "aidsafe-api, 1 process",
             "profiled": bool(args.profile),
             "postgres_and_redis": "private to this run" if servers else "the machine's, shared",
         },

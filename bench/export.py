@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.export --rows 100000 --small 25000 --formats jsonl,parquet,trl_sft
 
-Stands up a fresh database and the API alone (`uvicorn app.main:app`, one process), makes a
+Stands up a fresh database and the API alone (`aidsafe-api`, one process), makes a
 key with the CLI, and inserts two finished jobs directly (bulk INSERTs, not the LLM
 pipeline): --small and --rows completed items with CoTs of realistic size (--thoughts refined
 thoughts of about 160 characters, a 600-character response, graded). Then, per format, it

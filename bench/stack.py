@@ -171,9 +171,9 @@ class ServiceStack:
         return f"http://127.0.0.1:{port}/v1"
 
     async def start_api(self) -> str:
-        """`uvicorn app.main:app`, one process, as the README runs it; returns its URL."""
+        """`aidsafe-api`, one process, as the README runs it; returns its URL."""
         port = free_port()
-        argv = [str(BIN / "uvicorn"), "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
+        argv = [str(BIN / "aidsafe-api"), "--host", "127.0.0.1", "--port", str(port)]
         self.start("api", argv)
         url = f"http://127.0.0.1:{port}"
         await self.wait_http("api", f"{url}/readyz")

@@ -74,7 +74,7 @@ GGUF=$(.venv/bin/python -c "import importlib.metadata as m; print(next(f.locate(
 echo "== Starting the embedded LLM on :$LLM_PORT, the API on :$API_PORT and a worker"
 start llm .venv/bin/python -m llama_cpp.server --model "$GGUF" --model_alias smollm2-135m-instruct \
   --host 127.0.0.1 --port "$LLM_PORT" --n_ctx "$N_CTX" --n_threads "$(nproc)"
-start api .venv/bin/uvicorn app.main:app --host 127.0.0.1 --port "$API_PORT"
+start api .venv/bin/aidsafe-api --host 127.0.0.1 --port "$API_PORT"
 start worker .venv/bin/aidsafe-worker
 wait_for "http://127.0.0.1:$LLM_PORT/v1/models" llm
 wait_for "http://127.0.0.1:$API_PORT/readyz" api

@@ -119,11 +119,11 @@ def hostile_export(item_id: str, size: int) -> bytes:
 
 @pytest.fixture
 def api_process(settings: Settings, sessions: Sessions) -> Iterator[str]:
-    """The API as deployed, `uvicorn app.main:app` in a process of its own, so that a timing
+    """The API as deployed, `aidsafe-api` in a process of its own, so that a timing
     measures it alone: a server thread in this process would stall with this process's own
     garbage collections (~300 ms over the ~240,000 objects of the test session)."""
     port = free_port()
-    argv = [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port), "--log-level", "warning"]
+    argv = [sys.executable, "-m", "app.server", "--port", str(port)]
     process = subprocess.Popen(argv, cwd=ROOT, env=worker_env(settings))
     url = f"http://127.0.0.1:{port}"
     try:
