@@ -226,9 +226,11 @@ class QueueWorker(ArqWorker):
         a cancel) gets its score set, not added to: its start moved it past its mark's end, and
         arq's ZINCRBY, sent again by the pool after a reply that timed out, would push the job
         back by the whole time it had waited in the queue a second time. A transaction Redis
-        refuses is sent again until it goes through (all of it is safe to repeat; the event may
-        then be heard twice): raised, the error would end the worker's poll loop, and the job
-        would stay marked as running. (A killed worker never gets here and keeps its records:
+        refuses is sent again until it goes through (the event may then be heard twice; one
+        that Redis ran but whose reply was lost can, sent again, drop the mark of a worker that
+        started the job meanwhile: a third start, which the item's claim in Postgres makes
+        harmless): raised, the error would end the worker's poll loop, and the job would stay
+        marked as running. (A killed worker never gets here and keeps its records:
         the sweeper hands its items back as a dead one's. SIGTERM hands them back first, and arq
         ends their jobs here.)"""
         settings: Settings = self.ctx["settings"]
