@@ -144,6 +144,11 @@ class Settings(BaseSettings):
     max_url_bytes: int = Field(default=8 * 1024, ge=1024)
     max_header_bytes: int = Field(default=32 * 1024, ge=1024)
     max_header_fields: int = Field(default=100, ge=10)
+    # ... and must be complete this long after the connection opened, or after the response
+    # before it on a kept-alive connection, or it is a 408 (slow-loris). nginx and Node wait
+    # 60 s; our clients send their few headers in one write, so half that still leaves a slow
+    # link ample time while a trickling client holds a connection half as long.
+    head_timeout_s: float = Field(default=30.0, gt=0)
     # Annotation imports and the Label Studio webhook: a smaller cap, their parsing goes deeper.
     max_import_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     # GET /v1/jobs/{id} counts a job's items at most this often (app/api/summaries.py).

@@ -15,7 +15,9 @@ from app.config import Settings, get_settings
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
     """uvicorn's options for the API, beside where it listens and how it logs."""
-    limits = HeadLimits(settings.max_url_bytes, settings.max_header_bytes, settings.max_header_fields)
+    limits = HeadLimits(
+        settings.max_url_bytes, settings.max_header_bytes, settings.max_header_fields, settings.head_timeout_s
+    )
     return {"http": partial(HeadLimitedProtocol, limits=limits)}
 
 

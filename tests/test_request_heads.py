@@ -1,36 +1,69 @@
 """A request's head (URL and headers) is capped as it is read: uvicorn's httptools protocol
-gathered any length of either in memory, so one client could grow the API without bound.
-Requests go over a raw socket to the real app served as `aidsafe-api` serves it (live_api)."""
+gathered any length of either in memory, so one client could grow the API without bound; and
+it waited for a head for ever, so a client sending nothing, or a byte now and then, held its
+connection. Requests go over a raw socket to the real app served as `aidsafe-api` serves it
+(live_api, or impatient_api with a short head timeout)."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 
 import httpx
+import pytest
 
 from app.config import Settings
+from app.store.db import Sessions
+from tests.conftest import served
 from tests.test_api import error_of
 
 CLOSE = b"connection: close\r\n"
+HEAD_TIMEOUT_S = 1.0
+TIMED_OUT = f"the request's head did not arrive within {HEAD_TIMEOUT_S:g} s"
 
 
-async def exchange(base_url: str, *parts: bytes, pause_s: float = 0) -> httpx.Response:
-    """Sends the parts (`pause_s` apart) on a new connection and reads the answer until the
-    server closes the connection."""
+@pytest.fixture
+def impatient_api(settings: Settings, sessions: Sessions) -> Iterator[str]:
+    """live_api, with a head timeout short enough to wait for."""
+    with served(settings.model_copy(update={"head_timeout_s": HEAD_TIMEOUT_S})) as base_url:
+        yield base_url
+
+
+async def conversation(base_url: str, *parts: bytes, pause_s: float = 0) -> list[httpx.Response]:
+    """Sends the parts (`pause_s` apart) on a new connection until the server closes it (a
+    client sends no more once answered), and returns the responses it read until then."""
     host, port = base_url.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
-    try:
+
+    async def send() -> None:
         for part in parts:
             writer.write(part)
             await writer.drain()
             await asyncio.sleep(pause_s)
+
+    sending = asyncio.create_task(send())
+    try:
         answer = await asyncio.wait_for(reader.read(), 10)
     finally:
+        sending.cancel()
         writer.close()
-    head, _, body = answer.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode().split("\r\n")
-    headers = [tuple(line.split(": ", 1)) for line in lines]
-    return httpx.Response(int(status_line.split()[1]), headers=headers, content=body)
+    responses = []
+    while answer:  # each response has a content-length
+        head, _, answer = answer.partition(b"\r\n\r\n")
+        status_line, *lines = head.decode().split("\r\n")
+        headers = [tuple(line.split(": ", 1)) for line in lines]
+        length = int(dict(headers)["content-length"])
+        responses.append(
+            httpx.Response(int(status_line.split()[1]), headers=headers, content=answer[:length])
+        )
+        answer = answer[length:]
+    return responses
+
+
+async def exchange(base_url: str, *parts: bytes, pause_s: float = 0) -> httpx.Response:
+    """conversation's one response."""
+    [response] = await conversation(base_url, *parts, pause_s=pause_s)
+    return response
 
 
 def get(url: bytes, headers: bytes = b"host: api\r\n" + CLOSE) -> bytes:
@@ -118,3 +151,52 @@ async def test_a_request_that_is_not_http_is_a_json_400(live_api: str) -> None:
     message = await refused(live_api, 400, "bad_request", b"HELLO THERE\r\n\r\n")
 
     assert message == "the request is not valid HTTP"
+
+
+async def test_a_connection_that_sends_nothing_is_a_408_after_the_head_timeout(impatient_api: str) -> None:
+    message = await refused(impatient_api, 408, "request_timeout")
+
+    assert message == TIMED_OUT
+
+
+async def test_a_head_trickled_in_slower_than_the_timeout_is_a_408(impatient_api: str) -> None:
+    """Each byte comes well within the timeout: the head as a whole does not."""
+    head = get(b"/healthz")  # some 5 s at a byte every 0.1 s
+
+    message = await refused(
+        impatient_api, 408, "request_timeout", *(bytes([byte]) for byte in head), pause_s=0.1
+    )
+
+    assert message == TIMED_OUT
+
+
+async def test_a_body_slower_than_the_head_timeout_is_read(impatient_api: str, auth: dict[str, str]) -> None:
+    """The timer stops once the head is complete (bodies have their own limits), and starts
+    again once the response is sent: this client then sends nothing more."""
+    body = b'{"prompts": ["a slow one"]}'  # some 3 s at a byte every 0.1 s
+    key = "".join(f"{name}: {value}\r\n" for name, value in auth.items()).encode()
+    head = b"POST /v1/jobs HTTP/1.1\r\nhost: api\r\ncontent-type: application/json\r\n" + key
+    head += b"content-length: %d\r\n\r\n" % len(body)
+
+    submitted, timed_out = await conversation(
+        impatient_api, head, *(bytes([byte]) for byte in body), pause_s=0.1
+    )
+
+    assert submitted.status_code == 202, submitted.text
+    assert error_of(timed_out, 408, "request_timeout")["message"] == TIMED_OUT
+
+
+async def test_a_kept_alive_connection_has_the_timeout_for_each_head(impatient_api: str) -> None:
+    """The timer runs from the connection's start, and again from the end of each response:
+    uvicorn's keep-alive timer ends with a request's first byte, and the last head here
+    never ends."""
+    kept_alive = get(b"/healthz", b"host: api\r\n")
+    pause_s = HEAD_TIMEOUT_S * 0.6  # each within the timeout; all, well over it
+
+    *served_, timed_out = await conversation(
+        impatient_api, b"", kept_alive, kept_alive, b"GET /healthz HTTP/1.1\r\n", pause_s=pause_s
+    )
+
+    assert [response.status_code for response in served_] == [200, 200]
+    assert error_of(timed_out, 408, "request_timeout")["message"] == TIMED_OUT
+    assert timed_out.headers["connection"] == "close"

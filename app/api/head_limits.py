@@ -1,7 +1,11 @@
 """Caps on a request's head (its URL and headers), in the HTTP protocol itself: uvicorn's
 httptools protocol gathers both without limit, so one client could grow the API's memory, and
 hold its event loop copying what it gathered, for as long as it kept sending. Past a cap the
-API answers 414 or 431 in the one JSON error shape and closes the connection, unread."""
+API answers 414 or 431 in the one JSON error shape and closes the connection, unread.
+
+uvicorn also waits for a head without end (its keep-alive timer only covers a connection idle
+between requests, until its first byte), so a client could hold a connection, with its socket
+and protocol, by sending nothing or a byte now and then: a head not complete in time is a 408."""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ class HeadLimits:
     url_bytes: int
     header_bytes: int  # header names and values, all together
     header_fields: int
+    timeout_s: float  # from the connection's start, or the end of its previous response
 
 
 class Refusal(NamedTuple):
@@ -67,6 +72,15 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         self.limits = limits
         self._head: _Head | None = None  # None until a request begins
         self._refusal: Refusal | None = None
+        self._head_timer: asyncio.TimerHandle | None = None  # runs while a head is awaited
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._await_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         before = self._head
@@ -110,11 +124,38 @@ class HeadLimitedProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         assert self._head is not None
         self._head.complete = True
+        self._stop_head_timer()  # a slow body is the body limits' business
         super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # uvicorn armed its keep-alive timer: the connection awaits its next request. That timer
+        # ends with the request's first byte; this one bounds the whole head.
+        if self.timeout_keep_alive_task is not None:
+            self._await_head()
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer when the parser stops: on what is not HTTP, or on a refusal above."""
         self._answer(self._refusal or NOT_HTTP)
+
+    def _await_head(self) -> None:
+        self._head_timer = self.loop.call_later(self.limits.timeout_s, self._head_timed_out)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():  # not refused already, nor shut down
+            self._answer(
+                Refusal(
+                    408,
+                    "request_timeout",
+                    f"the request's head did not arrive within {self.limits.timeout_s:g} s",
+                )
+            )
 
     def _handed_over(self) -> _Head:
         head = self._head
