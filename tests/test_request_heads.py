@@ -141,10 +141,38 @@ async def test_a_header_that_never_ends_is_a_431_once_it_is_over_the_limit(
     as long as the client kept sending. Here it comes in pieces and never ends; the client
     stops sending once it is past the limit (more would meet a closed connection)."""
     start = b"GET /healthz HTTP/1.1\r\nhost: api\r\nx-endless: "
-    over_the_limit = settings.max_header_bytes + 1
-    pieces = [b"e" * 4096] * (over_the_limit // 4096) + [b"e" * (over_the_limit % 4096)]
 
-    await refused(live_api, 431, "headers_too_large", start, *pieces, pause_s=0.2)
+    await refused(live_api, 431, "headers_too_large", start, *_past_the_limit(settings), pause_s=0.2)
+
+
+async def test_a_trailer_that_never_ends_is_a_431_once_it_is_over_the_limit(
+    live_api: str, settings: Settings, auth: dict[str, str]
+) -> None:
+    """The same after a chunked body: httptools holds a trailer as it holds a header."""
+    key = "".join(f"{name}: {value}\r\n" for name, value in auth.items()).encode()
+    head = b"host: api\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n" + key
+    start = b"POST /v1/jobs HTTP/1.1\r\n" + head + b"\r\n2\r\n{}\r\n0\r\nx-endless: "
+
+    await refused(live_api, 431, "headers_too_large", start, *_past_the_limit(settings), pause_s=0.2)
+
+
+async def test_a_trailer_refused_after_its_answer_only_closes_the_connection(
+    live_api: str, settings: Settings
+) -> None:
+    """/healthz answers without reading its body: a refusal written after that answer would
+    read as the answer to a request the client never sent."""
+    head = b"GET /healthz HTTP/1.1\r\nhost: api\r\ntransfer-encoding: chunked\r\n\r\n"
+    start = head + b"2\r\n{}\r\n0\r\nx-endless: "
+
+    responses = await conversation(live_api, start, *_past_the_limit(settings), pause_s=0.2)
+
+    assert [response.status_code for response in responses] == [200]
+
+
+def _past_the_limit(settings: Settings) -> list[bytes]:
+    """A header's value one byte past the header limit, in reads of 4 KiB."""
+    over_the_limit = settings.max_header_bytes + 1
+    return [b"e" * 4096] * (over_the_limit // 4096) + [b"e" * (over_the_limit % 4096)]
 
 
 async def test_a_request_that_is_not_http_is_a_json_400(live_api: str) -> None:

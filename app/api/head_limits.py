@@ -44,9 +44,11 @@ class _Head:
 
     header_bytes: int = 0  # of the headers httptools handed over
     header_fields: int = 0
-    complete: bool = False  # the head is; its body (and any trailers) follows
-    # httptools holds a header until it ends: it holds at least the reads that came since it
-    # last handed over a header or a piece of the URL, if the head spanned them whole.
+    complete: bool = False  # the head is: an answer to this request may be under way
+    ended: bool = False  # the request is, trailers and all
+    # httptools holds a header (or trailer) until it ends: it holds at least the reads that
+    # came since it last handed anything over (a piece of the URL or body, a header, the
+    # message's end), if the request spanned them whole.
     unfinished_bytes: int = 0
     handed_over: bool = False  # in the read being parsed
 
@@ -89,8 +91,8 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         if head is None or self.transport.is_closing():
             return
         handed_over, head.handed_over = head.handed_over, False
-        if head is not before or handed_over or head.complete:
-            return  # not all unfinished header: a head began in it, parts were handed over, or body
+        if head is not before or handed_over:
+            return  # not all unfinished header: a request began in it, or parts were handed over
         head.unfinished_bytes += len(data)
         if head.header_bytes + head.unfinished_bytes > self.limits.header_bytes:
             self._answer(self._too_many_header_bytes())
@@ -126,6 +128,14 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         self._head.complete = True
         self._stop_head_timer()  # a slow body is the body limits' business
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        super().on_body(body)
+        self._handed_over()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._handed_over().ended = True
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -174,9 +184,17 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         raise _Stopped(refusal.message)
 
     def _answer(self, refusal: Refusal) -> None:
-        """Answers the request with the refusal and closes the connection, unread."""
+        """Answers the request with the refusal and closes the connection, unread. Where an
+        answer is under way (to this request, refused in its trailers; or to the one before
+        it on the connection), the connection is only closed: the client would take the
+        refusal for part of that answer, or for that answer."""
         if refusal is not NOT_HTTP:  # uvicorn logged that one
             self.logger.warning("Refused a request: %s.", refusal.message)
+        cycle, head = self.cycle, self._head
+        in_trailers = head is not None and head.complete and not head.ended
+        if cycle is not None and (cycle.response_started if in_trailers else not cycle.response_complete):
+            self.transport.close()
+            return
         response = error_response(refusal.status, refusal.code, refusal.message)
         lines = [*self.server_state.default_headers, *response.raw_headers, (b"connection", b"close")]
         head = [
