@@ -32,6 +32,7 @@ from app.config import Settings
 from app.llm.batch_api import (
     TERMINAL,
     BatchAPI,
+    BatchForbidden,
     BatchNotFound,
     BatchRefused,
     BatchUnavailable,
@@ -199,14 +200,17 @@ async def _read_files(
     refuses (a 404: deleted, or kept no longer; or another 4xx) is skipped: once it is taken
     for gone (see _gone), its lines' requests, left unanswered, go back as an expired batch's
     do, and the other file's lines count. Asked for again after every refusal, a file that
-    answered 404 or 403 for ever held the batch's items as long. Which files were refused
-    and why, or None."""
+    answered 404 for ever held the batch's items as long. A 401 or 403 says the key may not
+    have it, not that it is gone: bought again, the next batch's file would be refused too.
+    Which files were refused and why, or None."""
     refused = []
     for file_id in (seen.get("output_file_id"), seen.get("error_file_id")):
         if file_id:
             await batches.renew(sessions, held)
             try:
                 content = await api.content(held.endpoint, file_id)
+            except BatchForbidden:
+                raise  # not gone: the batch is asked again, as after any fault, until access is mended
             except BatchRefused as refusal:
                 refused.append(f"file {file_id}: {refusal}")
                 continue

@@ -38,6 +38,11 @@ class BatchRefused(BatchFault):
     """The provider refused the call itself (a 4xx): e.g. a file over its size limit."""
 
 
+class BatchForbidden(BatchRefused):
+    """The provider will not let this key have it (a 401 or 403): access, which the operator
+    can mend; asking again then succeeds, where buying the requests again would not."""
+
+
 class BatchNotFound(BatchRefused):
     """The provider knows no such batch or file (a 404): deleted, or kept no longer."""
 
@@ -204,4 +209,6 @@ def _raise_for(status: int, body: bytes, endpoint: str) -> None:
     detail = f"{endpoint}: HTTP {status}: {body[:_ERROR_BODY_CHARS].decode('utf-8', 'replace')}"
     if status in _TRANSIENT or status >= 500:
         raise BatchUnavailable(detail)
-    raise BatchNotFound(detail) if status == 404 else BatchRefused(detail)
+    if status == 404:
+        raise BatchNotFound(detail)
+    raise BatchForbidden(detail) if status in (401, 403) else BatchRefused(detail)
