@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from uuid import uuid4
 
 import asyncpg
 from alembic import command
@@ -21,7 +22,7 @@ from app import preflight
 from app.config import Settings
 from app.preflight import Finding, Verdict
 from app.store.models import SCHEMA_REVISION
-from tests.conftest import ROOT, restartable_redis, worker_env
+from tests.conftest import ROOT, _admin, restartable_redis, worker_env
 from tests.scripted_llm import ScriptedLLM
 
 
@@ -129,6 +130,8 @@ async def test_an_endpoint_refusing_the_key_or_unreachable_fails_and_one_unlisti
     refused = await preflight.deployment(settings)
     scripted_llm.models_status = 404  # a server without a model list
     unlisted = await preflight.deployment(settings)
+    scripted_llm.models_status = 502  # a gateway whose model server is down
+    failing = await preflight.deployment(settings)
     gone = await preflight.deployment(
         settings.model_copy(update={"llm_base_url": f"http://127.0.0.1:{_closed_port()}/v1"})
     )
@@ -140,6 +143,8 @@ async def test_an_endpoint_refusing_the_key_or_unreachable_fails_and_one_unlisti
     assert "someone-else" in _detail(refused, "llm:second")
     assert _verdicts(unlisted)["llm:default"] is Verdict.WARNING
     assert "HTTP 404" in _detail(unlisted, "llm:default")
+    assert _verdicts(failing)["llm:default"] is Verdict.FAILED
+    assert "HTTP 502" in _detail(failing, "llm:default")
     assert _verdicts(gone)["llm:default"] is Verdict.FAILED
     assert "unreachable" in _detail(gone, "llm:default")
 
@@ -220,14 +225,13 @@ async def test_a_redis_denying_info_or_a_database_denying_its_revision_is_not_ca
     policy unknown. A role that may not read alembic_version has a schema all the same."""
     config, dsn = old_database
     await asyncio.to_thread(command.upgrade, config, "head")
+    role = f"aidsafe_test_reader_{uuid4().hex[:8]}"  # roles are the server's: dropped below
     connection = await asyncpg.connect(dsn)
     try:
-        await connection.execute("CREATE ROLE aidsafe_preflight_reader LOGIN")
-    except asyncpg.DuplicateObjectError:
-        pass
+        await connection.execute(f"CREATE ROLE {role} LOGIN")
     finally:
         await connection.close()
-    url = make_url(config.attributes["database_url"]).set(username="aidsafe_preflight_reader")
+    url = make_url(config.attributes["database_url"]).set(username=role)
     with restartable_redis(tmp_path) as (redis_url, _):
         admin = Redis.from_url(redis_url)
         try:
@@ -240,7 +244,10 @@ async def test_a_redis_denying_info_or_a_database_denying_its_revision_is_not_ca
                 "database_url": url.render_as_string(hide_password=False),
             }
         )
-        found = await preflight.dependencies(denied)
+        try:
+            found = await preflight.dependencies(denied)
+        finally:
+            await _admin(f"DROP ROLE {role}")  # its connections are closed: no database holds it
 
     assert _verdicts(found) == {"postgres": Verdict.FAILED, "redis": Verdict.WARNING}
     assert "cannot read the schema's revision" in _detail(found, "postgres")
