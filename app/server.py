@@ -26,6 +26,13 @@ def run() -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=1, help="API processes (default: %(default)s)")
+    # uvicorn's own, for running behind a reverse proxy.
+    parser.add_argument("--root-path", default="", help="the path prefix a proxy serves the API under")
+    parser.add_argument(
+        "--forwarded-allow-ips",
+        default=None,
+        help="proxies trusted for X-Forwarded-For/-Proto (default: $FORWARDED_ALLOW_IPS, else 127.0.0.1)",
+    )
     args = parser.parse_args()
     # An import string, as --workers needs: each process imports the app (and app.main's
     # tuning of the garbage collector) for itself.
@@ -34,6 +41,8 @@ def run() -> None:
         host=args.host,
         port=args.port,
         workers=args.workers,
+        root_path=args.root_path,
+        forwarded_allow_ips=args.forwarded_allow_ips,
         **uvicorn_options(get_settings()),
     )
 
