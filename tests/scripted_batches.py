@@ -141,6 +141,7 @@ class ScriptedBatches:
             self.list_delays: list[float] = []
             self.list_ignores_after = False
             self.list_refused = False
+            self.lists = 0  # batch list requests answered or refused
             self.cancel_requests: list[str] = []
             self.refusals: dict[str, tuple[int, int | None]] = {}  # id: (status, asks left)
 
@@ -265,6 +266,8 @@ class ScriptedBatches:
         if not 1 <= limit <= 100:
             return _error(400, "limit must be from 1 to 100", "invalid_request")
         after = None if self.list_ignores_after else request.query_params.get("after")
+        with self._lock:
+            self.lists += 1
         if self.list_refused:
             return _error(404, "Invalid URL (GET /v1/batches)", "not_found")
         with self._lock:

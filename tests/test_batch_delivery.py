@@ -994,6 +994,7 @@ async def test_a_holder_that_lost_its_lease_mid_search_creates_no_second_provide
     batch over and creates. The first, back, must not create one too: its renew before the
     create finds the lease another's."""
     batch_id = await _one_batch_formed(batch_api, auth, batch_settings, sessions)
+    await _create_sent_before(sessions, batch_id)
     scripted_llm.batches.list_delays = [0.8 * batch_settings.batch_call_timeout_s]  # answered in time
 
     async def first_holder() -> None:
@@ -1015,6 +1016,13 @@ async def test_a_holder_that_lost_its_lease_mid_search_creates_no_second_provide
     [created] = _tagged(scripted_llm, batch_id)
     assert len(scripted_llm.batches.created()) == 1, "both holders created a provider batch"
     assert (await _batch_row(sessions, batch_id)).provider_batch_id == created["id"]
+
+
+async def _create_sent_before(sessions: Sessions, batch_id: UUID) -> None:
+    """As if a holder had sent the batch's create, which never landed, and died: the next
+    holder looks for a provider batch of it before it creates one."""
+    async with sessions.begin() as session:
+        await session.execute(update(Batch).where(Batch.id == batch_id).values(create_sent_at=func.now()))
 
 
 async def _searched(scripted_llm: ScriptedLLM) -> bool:
@@ -1067,6 +1075,28 @@ async def test_a_batch_created_but_never_recorded_is_found_by_its_tag_behind_a_h
     assert (await _batch_row(sessions, batch_id)).provider_batch_id == ours["id"]
 
 
+async def test_a_batch_whose_create_was_never_sent_is_created_without_a_search(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    """No earlier create, no provider batch to find: a search before every create cost a list
+    call per batch, and a provider whose list kept failing held every batch's creation."""
+    scripted_llm.batches.list_refused = True  # were it asked, it would answer 404
+    batch_id = await _one_batch_formed(batch_api, auth, batch_settings, sessions)
+
+    await _drive_until(
+        batch_settings, sessions, arq_redis, lambda: _batch_status(sessions, batch_id, "submitted"), 20
+    )
+
+    assert scripted_llm.batches.lists == 0
+    assert len(_tagged(scripted_llm, batch_id)) == 1
+    assert (await _batch_row(sessions, batch_id)).create_sent_at is not None
+
+
 async def test_a_provider_list_that_ignores_its_cursor_ends_the_search_and_the_batch_is_created_once(
     batch_api: httpx.AsyncClient,
     auth: dict[str, str],
@@ -1080,6 +1110,7 @@ async def test_a_provider_list_that_ignores_its_cursor_ends_the_search_and_the_b
     await _other_tenants_batches(scripted_llm, 120)
     scripted_llm.batches.list_ignores_after = True
     batch_id = await _one_batch_formed(batch_api, auth, batch_settings, sessions)
+    await _create_sent_before(sessions, batch_id)
 
     async with asyncio.timeout(60):  # the search asked for the same page for ever
         await _drive_until(
@@ -1101,6 +1132,7 @@ async def test_a_provider_that_refuses_to_list_batches_still_gets_the_batch_crea
     (which was split until every request failed)."""
     scripted_llm.batches.list_refused = True
     batch_id = await _one_batch_formed(batch_api, auth, batch_settings, sessions)
+    await _create_sent_before(sessions, batch_id)
 
     await _drive_until(
         batch_settings, sessions, arq_redis, lambda: _batch_status(sessions, batch_id, "submitted"), 20

@@ -583,40 +583,44 @@ async def test_existing_deletions_are_numbered_per_key_in_the_order_they_were_ma
         await connection.close()
 
 
+async def _batches(connection: asyncpg.Connection, *statuses: tuple[str, str | None]) -> None:
+    """A job of a key's, and a batch of it in each (status, provider batch id)."""
+    key, policy_set, job = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    await connection.execute(
+        "INSERT INTO api_keys (id, name, prefix, key_hash) VALUES ($1, 'k', 'p', $2)", key, key.hex
+    )
+    await connection.execute(
+        "INSERT INTO policy_sets (id, name, version, description, policies) VALUES ($1, 'p', 'v', '', '[]')",
+        policy_set,
+    )
+    await connection.execute(
+        "INSERT INTO jobs (id, owner_key_id, policy_set_id, plan, request_hash, item_count) "
+        "VALUES ($1, $2, $3, '{}', 'h', 1)",
+        job,
+        key,
+        policy_set,
+    )
+    for status, provider_batch_id in statuses:
+        await connection.execute(
+            "INSERT INTO batches (id, job_id, owner_key_id, wave, endpoint, status, requests, bytes,"
+            " lease_id, provider_batch_id) VALUES ($1, $2, $3, 1, 'default', $4, 1, 10, $5, $6)",
+            uuid.uuid4(),
+            job,
+            key,
+            status,
+            uuid.uuid4(),
+            provider_batch_id,
+        )
+
+
 async def test_lost_batches_are_collected_ones_again_on_the_way_down(
     old_database: tuple[Config, str],
 ) -> None:
     config, dsn = old_database
     await asyncio.to_thread(command.upgrade, config, "head")
-    key, policy_set, job = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     connection = await asyncpg.connect(dsn)
     try:
-        await connection.execute(
-            "INSERT INTO api_keys (id, name, prefix, key_hash) VALUES ($1, 'k', 'p', $2)", key, key.hex
-        )
-        await connection.execute(
-            "INSERT INTO policy_sets (id, name, version, description, policies)"
-            " VALUES ($1, 'p', 'v', '', '[]')",
-            policy_set,
-        )
-        await connection.execute(
-            "INSERT INTO jobs (id, owner_key_id, policy_set_id, plan, request_hash, item_count) "
-            "VALUES ($1, $2, $3, '{}', 'h', 1)",
-            job,
-            key,
-            policy_set,
-        )
-        for status in ("lost", "submitted"):
-            await connection.execute(
-                "INSERT INTO batches"
-                " (id, job_id, owner_key_id, wave, endpoint, status, requests, bytes, lease_id)"
-                " VALUES ($1, $2, $3, 1, 'default', $4, 1, 10, $5)",
-                uuid.uuid4(),
-                job,
-                key,
-                status,
-                uuid.uuid4(),
-            )
+        await _batches(connection, ("lost", None), ("submitted", "batch_1"))
 
         await asyncio.to_thread(command.downgrade, config, "0027_purge_retries")
 
@@ -626,5 +630,29 @@ async def test_lost_batches_are_collected_ones_again_on_the_way_down(
             "SELECT count(*) FROM information_schema.columns"
             " WHERE table_name = 'batches' AND column_name = 'lease_id'"
         )
+    finally:
+        await connection.close()
+
+
+async def test_batches_uploaded_before_the_upgrade_count_as_sent_to_be_created(
+    old_database: tuple[Config, str],
+) -> None:
+    """An older worker searched before every create and may have sent one: those batches are
+    still searched for; the others, which can have no provider batch, are not."""
+    config, dsn = old_database
+    await asyncio.to_thread(command.upgrade, config, "0029_batch_refusals")
+    connection = await asyncpg.connect(dsn)
+    try:
+        await _batches(connection, ("preparing", None), ("uploaded", None), ("submitted", "batch_1"))
+
+        await asyncio.to_thread(command.upgrade, config, "0030_batch_create_sent")
+
+        rows = await connection.fetch("SELECT status, create_sent_at IS NOT NULL AS sent FROM batches")
+        assert {row["status"]: row["sent"] for row in rows} == {
+            "preparing": False,
+            "uploaded": True,
+            "submitted": False,
+        }
+        await asyncio.to_thread(command.downgrade, config, "0029_batch_refusals")
     finally:
         await connection.close()

@@ -112,13 +112,17 @@ async def _lead(settings: Settings, sessions: Sessions, api: BatchAPI, held: Hel
 
 async def _submit(settings: Settings, sessions: Sessions, api: BatchAPI, held: Held) -> None:
     """Create the provider batch of the uploaded input file, once: one tagged with our batch
-    (its creator died, or lost its lease, before storing its id) is taken instead."""
+    (its creator died, or lost its lease, before storing its id) is taken instead. Only a
+    batch whose create was sent before is looked for: searched for before every create, a
+    provider whose batch list kept failing held every batch's creation."""
     assert held.input_file_id is not None
-    await batches.renew(sessions, held)
-    created = await _find(api, held)
+    created = None
+    if held.create_sent:
+        await batches.renew(sessions, held)
+        created = await _find(api, held)
     try:
         if created is None:
-            await batches.renew(sessions, held)  # the search may have taken most of the lease
+            await batches.creating(sessions, held)  # renews: the search may have taken most of the lease
             created = await api.create(held.endpoint, held.input_file_id, str(held.id))
     except BatchRefused as refused:
         await _refuse(sessions, held, str(refused))
@@ -263,7 +267,7 @@ async def _refuse(sessions: Sessions, held: Held, detail: str) -> None:
 async def _cancel(settings: Settings, sessions: Sessions, api: BatchAPI, held: Held) -> None:
     """The job was cancelled: so is its provider batch, even one whose id was never stored."""
     provider_batch_id, seen = held.provider_batch_id, None
-    if provider_batch_id is None and held.input_file_id is not None:
+    if provider_batch_id is None and held.create_sent:
         # A worker may have created it and died before storing its id: uncancelled, it would
         # run, billed, for a job that wants none of it.
         await batches.renew(sessions, held)

@@ -285,6 +285,7 @@ class Held:
     status: BatchStatus
     input_file_id: str | None
     provider_batch_id: str | None
+    create_sent: bool  # a holder sent the provider's create (it may have landed unrecorded)
     job_cancelled: bool
     unanswered: Unanswered  # the job's choice for the requests the batch leaves unanswered
     created_at: datetime
@@ -320,6 +321,7 @@ async def take_due(sessions: Sessions, lease_s: float, limit: int = 20) -> list[
                     Batch.status,
                     Batch.input_file_id,
                     Batch.provider_batch_id,
+                    Batch.create_sent_at.is_not(None),
                     Job.cancelled_at.is_not(None),
                     Job.plan,
                     Batch.created_at,
@@ -328,7 +330,7 @@ async def take_due(sessions: Sessions, lease_s: float, limit: int = 20) -> list[
             )
         ).all()
     return [
-        Held(r[0], r[1], r[2], BatchStatus(r[3]), r[4], r[5], r[6], _unanswered(r[7]), r[8], r[9], lease_s)
+        Held(*r[:3], BatchStatus(r[3]), r[4], r[5], r[6], r[7], _unanswered(r[8]), r[9], r[10], lease_s)
         for r in rows
     ]
 
@@ -353,6 +355,13 @@ async def renew(sessions: Sessions, held: Held) -> None:
     workers/waves.py); LeaseLost if another worker took it over."""
     async with sessions.begin() as session:
         await _write_held(session, held)
+
+
+async def creating(sessions: Sessions, held: Held) -> None:
+    """Renew, and record that a create is being sent (if none was before): from now a holder
+    looks for the provider batch before it creates one."""
+    async with sessions.begin() as session:
+        await _write_held(session, held, create_sent_at=func.coalesce(Batch.create_sent_at, func.now()))
 
 
 # The provider answered: the refusals counted before (see `refused`) are over.
