@@ -484,6 +484,7 @@ async def _answered_normally(scripted_llm: ScriptedLLM, sessions: Sessions, firs
     assert [_sent_lines(scripted_llm).count(custom_id) for custom_id in lines] == [1] * len(lines)
 
 
+@pytest.mark.parametrize("answered_between", [False, True])
 async def test_a_batch_the_provider_refuses_twice_then_finds_completes_as_if_never_refused(
     batch_api: httpx.AsyncClient,
     auth: dict[str, str],
@@ -491,43 +492,24 @@ async def test_a_batch_the_provider_refuses_twice_then_finds_completes_as_if_nev
     sessions: Sessions,
     arq_redis: ArqRedis,
     scripted_llm: ScriptedLLM,
+    answered_between: bool,
 ) -> None:
+    """Refusals count in a row: refused twice, answered (still in progress), then refused
+    once more is three in all, never three in a row, so not lost (the period is 0 here)."""
     online = await _online_run(batch_api, auth, batch_settings, scripted_llm, PROMPTS[:3])
     job_id, first, _ = await _held_in_progress(
         batch_api, auth, batch_settings, sessions, arq_redis, scripted_llm, 3
     )
     scripted_llm.batches.refuse(first["id"], 404, times=2)  # as a proxy might, for a while
-    scripted_llm.batches.hold = False
-
-    await _drive(batch_settings, sessions, arq_redis, job_id)
-
-    await _same_as_online(sessions, scripted_llm, online, job_id)  # nothing lost, nothing paid twice
-    await _answered_normally(scripted_llm, sessions, first)
-
-
-async def test_refusals_count_in_a_row_so_a_poll_answered_between_starts_them_again(
-    batch_api: httpx.AsyncClient,
-    auth: dict[str, str],
-    batch_settings: Settings,
-    sessions: Sessions,
-    arq_redis: ArqRedis,
-    scripted_llm: ScriptedLLM,
-) -> None:
-    """Refused twice, then answered (still in progress), then refused once more: three
-    refusals in all but never three in a row, so not lost (the period is 0 here)."""
-    online = await _online_run(batch_api, auth, batch_settings, scripted_llm, PROMPTS[:3])
-    job_id, first, _ = await _held_in_progress(
-        batch_api, auth, batch_settings, sessions, arq_redis, scripted_llm, 3
-    )
-    scripted_llm.batches.refuse(first["id"], 404, times=2)
-    api = BatchAPI(batch_settings.endpoints(), batch_settings.batch_call_timeout_s)
-    try:
-        for _ in range(3):  # refused, refused, answered
-            await run_round(batch_settings, sessions, arq_redis, api)
-    finally:
-        await api.aclose()
-    assert (await _provider_batch_row(sessions, first["id"])).refusals == 0
-    scripted_llm.batches.refuse(first["id"], 404, times=1)
+    if answered_between:
+        api = BatchAPI(batch_settings.endpoints(), batch_settings.batch_call_timeout_s)
+        try:
+            for _ in range(3):  # refused, refused, answered
+                await run_round(batch_settings, sessions, arq_redis, api)
+        finally:
+            await api.aclose()
+        assert (await _provider_batch_row(sessions, first["id"])).refusals == 0
+        scripted_llm.batches.refuse(first["id"], 404, times=1)
     scripted_llm.batches.hold = False
 
     await _drive(batch_settings, sessions, arq_redis, job_id)
