@@ -115,7 +115,7 @@ async def _endpoint(http: aiohttp.ClientSession, name: str, endpoint: EndpointCo
         return Finding(check, Verdict.FAILED, f"{url} unreachable: {_reason(error)}")
     if status in (401, 403):
         return Finding(check, Verdict.FAILED, f"{url} refused the API key (HTTP {status})")
-    if status >= 500:  # a gateway whose model server is down says so
+    if status >= 500 and status != 501:  # a gateway whose model server is down (501: no such route)
         return Finding(check, Verdict.FAILED, f"{url} answered HTTP {status}: the server is failing")
     served = _model_ids(body) if status < 300 else None
     if served is None:

@@ -23,7 +23,8 @@ keeps none). The test drives the rest:
     batches.create_delay_s = 30   # a create answers that late (the batch exists at once)
     batches.list_delays = [3.0]   # the next list answers that late, with the batches of when it was asked
     batches.list_ignores_after = True  # every list answers the first page (a proxy that drops `after`)
-    batches.list_refused = True   # a list answers 404 (a proxy without it)
+    batches.list_refused = True   # a list answers 404 (a proxy without it), or list_refusal_status
+    batches.create_failures = 1   # the next create answers 503 and makes nothing
     batches.forget(batch_id)      # the provider lost the batch: asked of it, it answers 404
     batches.delete_file(file_id)  # the provider deleted the file (or kept it no longer): 404
     batches.refuse(batch_or_file_id, 404, times=2)  # its next 2 asks answer 404 (None: every ask)
@@ -141,6 +142,8 @@ class ScriptedBatches:
             self.list_delays: list[float] = []
             self.list_ignores_after = False
             self.list_refused = False
+            self.list_refusal_status = 404
+            self.create_failures = 0  # the next creates answer 503, making nothing
             self.lists = 0  # batch list requests answered or refused
             self.cancel_requests: list[str] = []
             self.refusals: dict[str, tuple[int, int | None]] = {}  # id: (status, asks left)
@@ -245,6 +248,9 @@ class ScriptedBatches:
             )
         lines = [json.loads(line) for line in file.content.splitlines() if line.strip()]
         with self._lock:
+            if self.create_failures:
+                self.create_failures -= 1
+                return _error(503, "the batch service is overloaded", "server_error")
             batch = _Batch(
                 f"batch_{next(self._ids)}",
                 file.id,
@@ -269,7 +275,7 @@ class ScriptedBatches:
         with self._lock:
             self.lists += 1
         if self.list_refused:
-            return _error(404, "Invalid URL (GET /v1/batches)", "not_found")
+            return _error(self.list_refusal_status, "Invalid URL (GET /v1/batches)", "not_found")
         with self._lock:
             newest_first = list(reversed(self.batches.values()))
             ids = [batch.id for batch in newest_first]

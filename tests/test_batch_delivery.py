@@ -976,7 +976,7 @@ async def test_a_holder_that_lost_its_lease_mid_search_creates_no_second_provide
     batch over and creates. The first, back, must not create one too: its renew before the
     create finds the lease another's."""
     batch_id = await _one_batch_formed(batch_api, auth, batch_settings, sessions)
-    await _create_sent_before(sessions, batch_id)
+    await _create_sent_before(batch_settings, sessions, arq_redis, scripted_llm, batch_id)
     scripted_llm.batches.list_delays = [0.8 * batch_settings.batch_call_timeout_s]  # answered in time
 
     async def first_holder() -> None:
@@ -1000,11 +1000,21 @@ async def test_a_holder_that_lost_its_lease_mid_search_creates_no_second_provide
     assert (await _batch_row(sessions, batch_id)).provider_batch_id == created["id"]
 
 
-async def _create_sent_before(sessions: Sessions, batch_id: UUID) -> None:
-    """As if a holder had sent the batch's create, which never landed, and died: the next
-    holder looks for a provider batch of it before it creates one."""
-    async with sessions.begin() as session:
-        await session.execute(update(Batch).where(Batch.id == batch_id).values(create_sent_at=func.now()))
+async def _create_sent_before(
+    settings: Settings, sessions: Sessions, redis: ArqRedis, scripted_llm: ScriptedLLM, batch_id: UUID
+) -> None:
+    """Lead the formed batch through its upload to a create the provider failed (a 503,
+    nothing made), and wait until it is due again: its next holder looks for a provider batch
+    before it creates one."""
+    scripted_llm.batches.create_failures = 1
+    api = BatchAPI(settings.endpoints(), settings.batch_call_timeout_s)
+    try:
+        await run_round(settings, sessions, redis, api)
+    finally:
+        await api.aclose()
+    row = await _batch_row(sessions, batch_id)
+    assert (row.status, row.create_unsent, _tagged(scripted_llm, batch_id)) == ("uploaded", False, [])
+    await asyncio.sleep(settings.batch_call_timeout_s)  # a failed step's wait
 
 
 async def _searched(scripted_llm: ScriptedLLM) -> bool:
@@ -1076,7 +1086,41 @@ async def test_a_batch_whose_create_was_never_sent_is_created_without_a_search(
 
     assert scripted_llm.batches.lists == 0
     assert len(_tagged(scripted_llm, batch_id)) == 1
-    assert (await _batch_row(sessions, batch_id)).create_sent_at is not None
+    assert not (await _batch_row(sessions, batch_id)).create_unsent
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_a_batch_list_the_key_may_not_read_holds_the_create_rather_than_make_a_second(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+    status: int,
+) -> None:
+    """After a create that landed unrecorded, the search is refused for access (a proxy's
+    passing 403, a key without the list's scope): taken for none found, a second provider
+    batch was created. The batch waits, as after any fault, until the list answers."""
+    batch_id = await _one_batch_formed(batch_api, auth, batch_settings, sessions)
+    await _created_but_never_recorded(batch_settings, sessions, arq_redis, scripted_llm, batch_id)
+    scripted_llm.batches.list_refused, scripted_llm.batches.list_refusal_status = True, status
+    api = BatchAPI(batch_settings.endpoints(), batch_settings.batch_call_timeout_s)
+    try:
+        await run_round(batch_settings, sessions, arq_redis, api)
+    finally:
+        await api.aclose()
+    assert scripted_llm.batches.lists > 0 and len(_tagged(scripted_llm, batch_id)) == 1
+    assert (await _batch_row(sessions, batch_id)).status == "uploaded"
+
+    scripted_llm.batches.list_refused = False
+    await asyncio.sleep(batch_settings.batch_call_timeout_s)  # a failed step's wait
+    await _drive_until(
+        batch_settings, sessions, arq_redis, lambda: _batch_status(sessions, batch_id, "submitted"), 20
+    )
+
+    [ours] = _tagged(scripted_llm, batch_id)
+    assert (await _batch_row(sessions, batch_id)).provider_batch_id == ours["id"]
 
 
 async def test_a_provider_list_that_ignores_its_cursor_ends_the_search_and_the_batch_is_created_once(
@@ -1092,7 +1136,7 @@ async def test_a_provider_list_that_ignores_its_cursor_ends_the_search_and_the_b
     await _other_tenants_batches(scripted_llm, 120)
     scripted_llm.batches.list_ignores_after = True
     batch_id = await _one_batch_formed(batch_api, auth, batch_settings, sessions)
-    await _create_sent_before(sessions, batch_id)
+    await _create_sent_before(batch_settings, sessions, arq_redis, scripted_llm, batch_id)
 
     async with asyncio.timeout(60):  # the search asked for the same page for ever
         await _drive_until(
@@ -1114,7 +1158,7 @@ async def test_a_provider_that_refuses_to_list_batches_still_gets_the_batch_crea
     (which was split until every request failed)."""
     scripted_llm.batches.list_refused = True
     batch_id = await _one_batch_formed(batch_api, auth, batch_settings, sessions)
-    await _create_sent_before(sessions, batch_id)
+    await _create_sent_before(batch_settings, sessions, arq_redis, scripted_llm, batch_id)
 
     await _drive_until(
         batch_settings, sessions, arq_redis, lambda: _batch_status(sessions, batch_id, "submitted"), 20

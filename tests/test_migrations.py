@@ -590,8 +590,9 @@ async def _batches(connection: asyncpg.Connection, *statuses: tuple[str, str | N
         "INSERT INTO api_keys (id, name, prefix, key_hash) VALUES ($1, 'k', 'p', $2)", key, key.hex
     )
     await connection.execute(
-        "INSERT INTO policy_sets (id, name, version, description, policies) VALUES ($1, 'p', 'v', '', '[]')",
+        "INSERT INTO policy_sets (id, name, version, description, policies) VALUES ($1, $2, 'v', '', '[]')",
         policy_set,
+        policy_set.hex,
     )
     await connection.execute(
         "INSERT INTO jobs (id, owner_key_id, policy_set_id, plan, request_hash, item_count) "
@@ -634,25 +635,21 @@ async def test_lost_batches_are_collected_ones_again_on_the_way_down(
         await connection.close()
 
 
-async def test_batches_uploaded_before_the_upgrade_count_as_sent_to_be_created(
+async def test_batches_of_older_releases_are_looked_for_before_their_create(
     old_database: tuple[Config, str],
 ) -> None:
-    """An older worker searched before every create and may have sent one: those batches are
-    still searched for; the others, which can have no provider batch, are not."""
+    """An older release searched before every create and may have sent one; its workers go on
+    writing batches during a rolling upgrade, without the new column: all of those are
+    searched for. Only a batch this release uploaded is known to have no create sent."""
     config, dsn = old_database
     await asyncio.to_thread(command.upgrade, config, "0029_batch_refusals")
     connection = await asyncpg.connect(dsn)
     try:
-        await _batches(connection, ("preparing", None), ("uploaded", None), ("submitted", "batch_1"))
+        await _batches(connection, ("uploaded", None))
+        await asyncio.to_thread(command.upgrade, config, "head")
+        await _batches(connection, ("uploaded", None))  # as an older worker writes it
 
-        await asyncio.to_thread(command.upgrade, config, "0030_batch_create_sent")
-
-        rows = await connection.fetch("SELECT status, create_sent_at IS NOT NULL AS sent FROM batches")
-        assert {row["status"]: row["sent"] for row in rows} == {
-            "preparing": False,
-            "uploaded": True,
-            "submitted": False,
-        }
+        assert await connection.fetchval("SELECT bool_or(create_unsent) FROM batches") is False
         await asyncio.to_thread(command.downgrade, config, "0029_batch_refusals")
     finally:
         await connection.close()

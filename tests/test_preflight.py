@@ -130,6 +130,8 @@ async def test_an_endpoint_refusing_the_key_or_unreachable_fails_and_one_unlisti
     refused = await preflight.deployment(settings)
     scripted_llm.models_status = 404  # a server without a model list
     unlisted = await preflight.deployment(settings)
+    scripted_llm.models_status = 501  # a gateway without the route
+    unimplemented = await preflight.deployment(settings)
     scripted_llm.models_status = 502  # a gateway whose model server is down
     failing = await preflight.deployment(settings)
     gone = await preflight.deployment(
@@ -143,6 +145,7 @@ async def test_an_endpoint_refusing_the_key_or_unreachable_fails_and_one_unlisti
     assert "someone-else" in _detail(refused, "llm:second")
     assert _verdicts(unlisted)["llm:default"] is Verdict.WARNING
     assert "HTTP 404" in _detail(unlisted, "llm:default")
+    assert _verdicts(unimplemented)["llm:default"] is Verdict.WARNING
     assert _verdicts(failing)["llm:default"] is Verdict.FAILED
     assert "HTTP 502" in _detail(failing, "llm:default")
     assert _verdicts(gone)["llm:default"] is Verdict.FAILED

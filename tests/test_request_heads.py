@@ -169,6 +169,20 @@ async def test_a_trailer_refused_after_its_answer_only_closes_the_connection(
     assert [response.status_code for response in responses] == [200]
 
 
+async def test_a_pipelined_requests_refusal_is_not_taken_for_the_answer_before_it(
+    live_api: str, settings: Settings
+) -> None:
+    """A request and the next, whose trailers are refused, in one read: the first one's answer
+    is not out yet, and a refusal written then is the first answer the client reads."""
+    first = b"GET /healthz HTTP/1.1\r\nhost: api\r\n\r\n"
+    trailers = b"".join(b"x-%d: v\r\n" % n for n in range(settings.max_header_fields + 1))
+    second = b"POST /healthz HTTP/1.1\r\nhost: api\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n"
+
+    responses = await conversation(live_api, first + second + trailers + b"\r\n")
+
+    assert [response.status_code for response in responses] in ([], [200])
+
+
 def _past_the_limit(settings: Settings) -> list[bytes]:
     """A header's value one byte past the header limit, in reads of 4 KiB."""
     over_the_limit = settings.max_header_bytes + 1

@@ -32,7 +32,6 @@ from app.config import Settings
 from app.llm.batch_api import (
     TERMINAL,
     BatchAPI,
-    BatchForbidden,
     BatchNotFound,
     BatchRefused,
     BatchUnavailable,
@@ -103,7 +102,7 @@ async def _lead(settings: Settings, sessions: Sessions, api: BatchAPI, held: Hel
         except BatchRefused as refused:
             await _refuse(sessions, held, str(refused))
             return
-        held = await batches.advance(sessions, held, 0, status=BatchStatus.UPLOADED, input_file_id=file_id)
+        held = await batches.uploaded(sessions, held, file_id)
     if held.status is BatchStatus.UPLOADED:
         await _submit(settings, sessions, api, held)
     elif held.status is BatchStatus.SUBMITTED:
@@ -113,11 +112,11 @@ async def _lead(settings: Settings, sessions: Sessions, api: BatchAPI, held: Hel
 async def _submit(settings: Settings, sessions: Sessions, api: BatchAPI, held: Held) -> None:
     """Create the provider batch of the uploaded input file, once: one tagged with our batch
     (its creator died, or lost its lease, before storing its id) is taken instead. Only a
-    batch whose create was sent before is looked for: searched for before every create, a
-    provider whose batch list kept failing held every batch's creation."""
+    batch whose create may have been sent before is looked for: searched for before every
+    create, a provider whose batch list kept failing held every batch's creation."""
     assert held.input_file_id is not None
     created = None
-    if held.create_sent:
+    if not held.create_unsent:
         await batches.renew(sessions, held)
         created = await _find(api, held)
     try:
@@ -213,8 +212,6 @@ async def _read_files(
             await batches.renew(sessions, held)
             try:
                 content = await api.content(held.endpoint, file_id)
-            except BatchForbidden:
-                raise  # not gone: the batch is asked again, as after any fault, until access is mended
             except BatchRefused as refusal:
                 refused.append(f"file {file_id}: {refusal}")
                 continue
@@ -267,7 +264,7 @@ async def _refuse(sessions: Sessions, held: Held, detail: str) -> None:
 async def _cancel(settings: Settings, sessions: Sessions, api: BatchAPI, held: Held) -> None:
     """The job was cancelled: so is its provider batch, even one whose id was never stored."""
     provider_batch_id, seen = held.provider_batch_id, None
-    if provider_batch_id is None and held.create_sent:
+    if provider_batch_id is None and held.input_file_id is not None and not held.create_unsent:
         # A worker may have created it and died before storing its id: uncancelled, it would
         # run, billed, for a job that wants none of it.
         await batches.renew(sessions, held)

@@ -191,8 +191,12 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         if refusal is not NOT_HTTP:  # uvicorn logged that one
             self.logger.warning("Refused a request: %s.", refusal.message)
         cycle, head = self.cycle, self._head
-        in_trailers = head is not None and head.complete and not head.ended
-        if cycle is not None and (cycle.response_started if in_trailers else not cycle.response_complete):
+        if head is not None and head.complete and not head.ended:  # refused in its trailers
+            under_way = cycle.response_started
+        else:
+            under_way = cycle is not None and not cycle.response_complete
+        # A pipelined request's cycle waits behind the answer under way to the one before.
+        if under_way or self.pipeline:
             self.transport.close()
             return
         response = error_response(refusal.status, refusal.code, refusal.message)

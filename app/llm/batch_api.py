@@ -38,9 +38,10 @@ class BatchRefused(BatchFault):
     """The provider refused the call itself (a 4xx): e.g. a file over its size limit."""
 
 
-class BatchForbidden(BatchRefused):
-    """The provider will not let this key have it (a 401 or 403): access, which the operator
-    can mend; asking again then succeeds, where buying the requests again would not."""
+class BatchForbidden(BatchFault):
+    """The provider will not let this key do it (a 401 or 403): access, which the operator
+    can mend. Not a refusal of the batch or file: split, bought again or taken for none
+    found, the batch would meet the same (or be created twice); asked again, it goes on."""
 
 
 class BatchNotFound(BatchRefused):

@@ -285,7 +285,7 @@ class Held:
     status: BatchStatus
     input_file_id: str | None
     provider_batch_id: str | None
-    create_sent: bool  # a holder sent the provider's create (it may have landed unrecorded)
+    create_unsent: bool  # its create was certainly not sent yet: no provider batch to look for
     job_cancelled: bool
     unanswered: Unanswered  # the job's choice for the requests the batch leaves unanswered
     created_at: datetime
@@ -321,7 +321,7 @@ async def take_due(sessions: Sessions, lease_s: float, limit: int = 20) -> list[
                     Batch.status,
                     Batch.input_file_id,
                     Batch.provider_batch_id,
-                    Batch.create_sent_at.is_not(None),
+                    Batch.create_unsent,
                     Job.cancelled_at.is_not(None),
                     Job.plan,
                     Batch.created_at,
@@ -357,11 +357,20 @@ async def renew(sessions: Sessions, held: Held) -> None:
         await _write_held(session, held)
 
 
+async def uploaded(sessions: Sessions, held: Held, input_file_id: str) -> Held:
+    """Store the uploaded input file's id: the batch is to be created, and its create was
+    certainly not sent yet."""
+    held = await advance(
+        sessions, held, 0, status=BatchStatus.UPLOADED, input_file_id=input_file_id, create_unsent=True
+    )
+    return replace(held, create_unsent=True)
+
+
 async def creating(sessions: Sessions, held: Held) -> None:
-    """Renew, and record that a create is being sent (if none was before): from now a holder
-    looks for the provider batch before it creates one."""
+    """Renew, and record that the create is being sent: from now a holder looks for the
+    provider batch before it creates one."""
     async with sessions.begin() as session:
-        await _write_held(session, held, create_sent_at=func.coalesce(Batch.create_sent_at, func.now()))
+        await _write_held(session, held, create_unsent=False)
 
 
 # The provider answered: the refusals counted before (see `refused`) are over.

@@ -45,7 +45,7 @@ NAMING_CONVENTION = {
 
 # The Alembic revision these models are (migrations/versions): a worker checks the database
 # against it before taking items (app/preflight.py). A test keeps it at Alembic's head.
-SCHEMA_REVISION = "0030_batch_create_sent"
+SCHEMA_REVISION = "0030_batch_create_unsent"
 
 
 class Base(DeclarativeBase):
@@ -366,10 +366,10 @@ class Batch(Base):
     # (see batches.refused). Cleared when the provider answers again.
     refusals: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     refused_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    # When a holder first sent the provider's create, just before: from then on a holder
-    # looks for a provider batch of it before creating one (its sender may have died before
-    # storing the id); before, there is none to find.
-    create_sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Uploaded by this release and its create not sent yet: no provider batch of it can
+    # exist. False otherwise (and by default, as an older release leaves it): a holder looks
+    # for one before it creates (its sender may have died before storing the id).
+    create_unsent: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     # A worker working on it holds it until then; another takes it over after.
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # The lease's token: its holder's every write names it, so a holder whose lease another
