@@ -15,9 +15,9 @@ worker takes a batch over while its holder's call may still be on its way; were 
 over while the holder's create was in flight, both could create a provider batch of the
 same requests, and the provider would run and bill them twice. A holder that finds its
 lease taken over anyway (it stalled between calls) stops: LeaseLost, nothing written. And a
-provider batch is created tagged with our batch's id, looked for before any create, so one
-created by a worker that died (or lost its lease) before storing its id is taken, not made
-again.
+provider batch is created tagged with our batch's id, looked for before a create whenever
+one may have been sent before, so one created by a worker that died (or lost its lease)
+before storing its id is taken, not made again.
 """
 
 from __future__ import annotations
@@ -203,9 +203,9 @@ async def _read_files(
     refuses (a 404: deleted, or kept no longer; or another 4xx) is skipped: once it is taken
     for gone (see _gone), its lines' requests, left unanswered, go back as an expired batch's
     do, and the other file's lines count. Asked for again after every refusal, a file that
-    answered 404 for ever held the batch's items as long. A 401 or 403 says the key may not
-    have it, not that it is gone: bought again, the next batch's file would be refused too.
-    Which files were refused and why, or None."""
+    answered 404 for ever held the batch's items as long. A 401 or 403 (BatchForbidden) is
+    no refusal but a fault, raised: the key may not have the file, and bought again, the next
+    batch's would be refused too. Which files were refused and why, or None."""
     refused = []
     for file_id in (seen.get("output_file_id"), seen.get("error_file_id")):
         if file_id:
