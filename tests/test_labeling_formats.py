@@ -914,9 +914,15 @@ def test_a_tools_time_is_read_in_utc(sent: str, read: datetime) -> None:
     assert review.annotated_at.tzinfo == UTC
 
 
-def test_a_time_outside_the_calendar_in_utc_is_a_validation_error() -> None:
+@pytest.mark.parametrize(
+    "moment",
+    # outside the calendar in UTC; its first and last microsecond (asyncpg stores them as
+    # -infinity and infinity, after which no edit or withdrawal could come)
+    ["0001-01-01T00:00:00+14:00", "0001-01-01T00:00:00Z", "9999-12-31T23:59:59.999999Z"],
+)
+def test_a_time_outside_the_calendar_in_utc_is_a_validation_error(moment: str) -> None:
     with pytest.raises(ValidationError, match=re.escape("within years 1 to 9999 in UTC")):
-        read_export(annotation(VERDICT, created_at="0001-01-01T00:00:00+14:00"))
+        read_export(annotation(VERDICT, created_at=moment))
 
 
 @pytest.mark.parametrize(
