@@ -27,7 +27,7 @@ from alembic.config import Config
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
 from redis.asyncio import Redis
-from sqlalchemy import make_url
+from sqlalchemy import make_url, text
 
 from app.config import EndpointConfig, Settings
 from app.llm.client import OpenAICompatibleClient
@@ -356,6 +356,36 @@ async def old_database(run_id: str) -> AsyncIterator[tuple[Config, str]]:
         yield config, dsn
     finally:
         await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@asynccontextmanager
+async def failing_once(sessions: Sessions, table: str, when: str) -> AsyncIterator[None]:
+    """The first write to `table` of a row for which `when` holds (SQL on NEW) fails in
+    Postgres, as a write cut off by a fault would; later ones go through. A sequence counts
+    the firings: unlike a row, it is not rolled back with the failed write."""
+    name = f"fails_once_{uuid.uuid4().hex[:12]}"
+    async with sessions.begin() as session:
+        await session.execute(text(f"CREATE SEQUENCE {name}"))
+        await session.execute(
+            text(
+                f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+                f" IF nextval('{name}') = 1 THEN RAISE EXCEPTION 'a fault injected by the test'; END IF;"
+                " RETURN NEW; END $$"
+            )
+        )
+        await session.execute(
+            text(
+                f"CREATE TRIGGER {name} BEFORE INSERT OR UPDATE ON {table} FOR EACH ROW"
+                f" WHEN ({when}) EXECUTE FUNCTION {name}()"
+            )
+        )
+    try:
+        yield
+    finally:
+        async with sessions.begin() as session:
+            await session.execute(text(f"DROP TRIGGER {name} ON {table}"))
+            await session.execute(text(f"DROP FUNCTION {name}"))
+            await session.execute(text(f"DROP SEQUENCE {name}"))
 
 
 def start_worker(settings: Settings) -> subprocess.Popen[bytes]:

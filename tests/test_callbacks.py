@@ -34,8 +34,7 @@ from app.store import callbacks
 from app.store.db import Sessions
 from app.store.endings import COMPLETED, ending_values
 from app.store.models import CallbackAttempt, CallbackDelivery, Item, Job
-from tests.conftest import api_client, eventually, new_key, run_worker_burst, start_worker
-from tests.test_worker import failing_once
+from tests.conftest import api_client, eventually, failing_once, new_key, run_worker_burst, start_worker
 
 
 @dataclass(frozen=True)

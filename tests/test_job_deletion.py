@@ -24,13 +24,12 @@ from app.store import deletions, jobs, keys
 from app.store.annotations import reviewed_cots
 from app.store.db import Sessions
 from app.store.models import Base, Item, Job, PreferencePair, SampleEvaluation, TurnRow
-from tests.conftest import eventually, new_key, run_worker_burst, start_worker
+from tests.conftest import eventually, failing_once, new_key, run_worker_burst, start_worker
 from tests.scripted_llm import ScriptedLLM, reply
 from tests.test_api import error_of, items_of, submit
 from tests.test_cli import aidsafe
 from tests.test_hazard_scan import SCENARIOS, marker, run_scenario, stored_markers
 from tests.test_labeling import GRADED, PROMPTS, fixture, import_file
-from tests.test_worker import failing_once
 
 Headers = dict[str, str]
 KEPT_PAIR, GRADER_REFUSES, GUARD_REFUSES, WHISPERER_REFUSES, GUARD_ENDPOINT_REJECTS = SCENARIOS[:5]

@@ -4,7 +4,6 @@ an unavailable LLM, cancellation, and a 50-prompt job with every turn retrievabl
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import subprocess
@@ -18,7 +17,7 @@ import pytest
 from arq.connections import ArqRedis, create_pool
 from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 
 from app.config import Settings
 from app.events import stream_key
@@ -26,7 +25,7 @@ from app.queue import WORKER_RETRIES, arq_job_id, bound_calls, redis_settings
 from app.store import items
 from app.store.db import Sessions
 from app.store.models import Item, TurnRow
-from tests.conftest import eventually, run_worker_burst, start_worker, submit
+from tests.conftest import eventually, failing_once, run_worker_burst, start_worker, submit
 from tests.scripted_llm import ScriptedLLM, agree, http_error, stall
 from workers import liveness
 from workers.main import worker_settings
@@ -254,36 +253,6 @@ async def test_an_unavailable_llm_delays_the_item_and_loses_nothing(
     intent_turns = [t for t in detail["turns"] if t["stage"] == "intent"]
     assert len(intent_turns) == 1, "the stored intent turn was asked again after the outage"
     assert len(scripted_llm.requests_for("intent_decomposition")) == 1
-
-
-@contextlib.asynccontextmanager
-async def failing_once(sessions: Sessions, table: str, when: str) -> AsyncIterator[None]:
-    """The first write to `table` of a row for which `when` holds (SQL on NEW) fails in
-    Postgres, as a write cut off by a fault would; later ones go through. A sequence counts
-    the firings: unlike a row, it is not rolled back with the failed write."""
-    name = f"fails_once_{uuid4().hex[:12]}"
-    async with sessions.begin() as session:
-        await session.execute(text(f"CREATE SEQUENCE {name}"))
-        await session.execute(
-            text(
-                f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
-                f" IF nextval('{name}') = 1 THEN RAISE EXCEPTION 'a fault injected by the test'; END IF;"
-                " RETURN NEW; END $$"
-            )
-        )
-        await session.execute(
-            text(
-                f"CREATE TRIGGER {name} BEFORE INSERT OR UPDATE ON {table} FOR EACH ROW"
-                f" WHEN ({when}) EXECUTE FUNCTION {name}()"
-            )
-        )
-    try:
-        yield
-    finally:
-        async with sessions.begin() as session:
-            await session.execute(text(f"DROP TRIGGER {name} ON {table}"))
-            await session.execute(text(f"DROP FUNCTION {name}"))
-            await session.execute(text(f"DROP SEQUENCE {name}"))
 
 
 async def test_a_completion_cut_off_by_a_postgres_fault_is_handed_back_and_buys_nothing_twice(
