@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from sqlalchemy import func, select
 
 from app.config import Settings
+from app.errors import ServiceError
 from app.main import create_app
 from app.queue import arq_job_id
 from app.store.db import Sessions
@@ -969,6 +970,22 @@ def test_readme_lists_every_route_of_the_app(settings: Settings) -> None:
     listed = set(re.findall(r"^\| `([A-Z]+)` \| `([^`]+)` \|", readme, re.MULTILINE))
 
     assert listed == served
+
+
+def test_readme_lists_every_error_code_of_the_service() -> None:
+    """README's list of error codes names the code of every domain error."""
+
+    def subclasses(cls: type[ServiceError]) -> list[type[ServiceError]]:
+        return [cls, *(sub for direct in cls.__subclasses__() for sub in subclasses(direct))]
+
+    # CallbackRefused is only ever raised as one of its subclasses, each with its own code;
+    # the web viewer answers CrossSiteRequest with an HTML page, not this JSON shape.
+    not_in_json = {"callback_not_allowed", "cross_site_request"}
+    codes = {error.code for error in subclasses(ServiceError)} - not_in_json
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    paragraph = readme[readme.index("\nCodes: ") : readme.index("\nItem failure codes")]
+
+    assert codes - set(re.findall(r"`([a-z_]+)`", paragraph)) == set()
 
 
 async def test_openapi_document_declares_bearer_auth_on_every_v1_operation(api: httpx.AsyncClient) -> None:
