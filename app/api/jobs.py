@@ -163,7 +163,7 @@ async def list_jobs(
     key: CurrentKey,
     session: SessionDep,
     keep: JobFilterDep,
-    kind: Annotated[list[JobKind] | None, Query(description="Only jobs of these modes (repeatable).")] = None,
+    kind: Annotated[list[JobKind] | None, Query(description="Only jobs of these kinds (repeatable).")] = None,
     cursor: Cursor = None,
     limit: Limit = 100,
 ) -> JobPage:

@@ -36,7 +36,7 @@ MAX_PROMPTS_PER_JOB = 10_000
 # The JSON values of the largest job body: each prompt with a dozen or so metadata values. A
 # benchmark file's JSONL is counted a line at a time (MAX_LINE_VALUES), as a sample file's.
 MAX_JOB_VALUES = 20 * MAX_PROMPTS_PER_JOB
-MAX_TEMPLATES = 50  # the stages use 23
+MAX_TEMPLATES = 50  # the stages use 26
 TemplateName = Annotated[str, Field(min_length=1, max_length=64)]
 TemplateText = Annotated[str, Field(max_length=20_000)]
 MAX_PROMPT_CHARS = 20_000
@@ -799,7 +799,8 @@ class JobListed(BaseModel):
 
     id: UUID
     kind: JobKind = Field(  # type: ignore[valid-type]
-        description="The job's mode: `aidsafe`, `zero_shot` or `comparison`."
+        description="The job's kind: `aidsafe`, `zero_shot`, `comparison`, `sample_evaluation` or "
+        "`model_evaluation`."
     )
     status: JobStatus
     created_at: datetime
