@@ -999,9 +999,13 @@ class _BaseClient(Generic[TransportT]):
         return Call("POST", _path("webhooks", webhook_id, "revoke"), _as(Webhook), idempotent=True)
 
     @endpoint
-    def webhook_rejections(self, webhook_id: Id, *, limit: int = 100) -> Call[list[Rejection]]:
-        """Deliveries the webhook refused, newest first (GET /v1/webhooks/{id}/rejections)."""
-        params = _params(limit=limit)
+    def webhook_rejections(
+        self, webhook_id: Id, *, limit: int = 100, before_id: int | None = None
+    ) -> Call[list[Rejection]]:
+        """Deliveries the webhook refused, newest first (GET /v1/webhooks/{id}/rejections); a
+        page may stop short of `limit` for the size of the bodies: the next one starts
+        `before_id` its last `id`."""
+        params = _params(limit=limit, before_id=before_id)
         return Call("GET", _path("webhooks", webhook_id, "rejections"), _list_of(Rejection), params)
 
     # --- reviews ----------------------------------------------------------------------------

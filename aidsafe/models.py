@@ -603,6 +603,7 @@ class WebhookCreated(Webhook):
 
 
 class Rejection(Model):
+    id: int
     received_at: datetime
     code: str
     message: str

@@ -15,7 +15,7 @@ from sqlalchemy import func, update
 from app.config import Settings
 from app.store.db import Sessions
 from app.store.models import ApiKey
-from app.store.webhooks import KEPT_UNAUTHORIZED
+from app.store.webhooks import KEPT_UNAUTHORIZED, PAGE_BODY_BYTES
 from tests.conftest import new_key
 from tests.test_api import error_of
 from tests.test_cli import aidsafe
@@ -277,6 +277,31 @@ async def test_refusals_for_the_secret_do_not_push_out_the_owners_refused_bodies
     logged = await rejections(api, auth, webhook)
     assert [r["code"] for r in logged] == ["unauthorized"] * KEPT_UNAUTHORIZED + ["bad_request"]
     assert logged[-1]["body"] == "{not json"
+
+
+async def test_a_listing_of_rejections_pages_by_the_size_of_their_bodies(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    """A thousand kept bodies of a million characters each would be gigabytes in one answer
+    (six bytes of JSON per control character), read and encoded on the event loop."""
+    webhook = await new_webhook(api, auth)
+    path = httpx.URL(webhook["url"]).path
+    headers = {HEADER: webhook["secret"], "Content-Type": "application/json"}
+    bodies = [f"{n}".encode() + b"\x01" * 900_000 for n in range(4)]
+    bodies.append("€".encode() * (PAGE_BODY_BYTES // 3 + 1))  # a body over a page comes alone
+    for body in bodies:
+        error_of(await api.post(path, content=body, headers=headers), 400, "bad_request")
+
+    pages: list[list[dict[str, Any]]] = []
+    before: dict[str, int] = {}
+    while page := (
+        await api.get(f"/v1/webhooks/{webhook['id']}/rejections", params=before, headers=auth)
+    ).json():
+        pages.append(page)
+        before = {"before_id": page[-1]["id"]}
+
+    assert [len(page) for page in pages] == [1, 2, 2]
+    assert [r["body"].encode() for page in pages for r in page] == bodies[::-1]
 
 
 # --- deletions --------------------------------------------------------------------------------

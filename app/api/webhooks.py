@@ -66,6 +66,7 @@ class WebhookCreatedOut(WebhookOut):
 
 
 class RejectionOut(BaseModel):
+    id: int = Field(description="Send the last one of a page as `before_id` for the next.")
     received_at: datetime
     code: str = Field(description="The error code the tool was answered with.")
     message: str
@@ -129,15 +130,23 @@ async def list_rejections(
     session: SessionDep,
     key: CurrentKey,
     limit: Annotated[int, Query(ge=1, le=store.KEPT_REJECTIONS, description="How many, newest first.")] = 100,
+    before_id: Annotated[
+        int | None, Query(ge=1, le=2**63 - 1, description="Only rejections before this `id`.")
+    ] = None,
 ) -> list[RejectionOut]:
     """Deliveries this webhook refused, newest first: the newest 1,000 received in the last
-    `AIDSAFE_WEBHOOK_REJECTIONS_KEPT_DAYS` days (7 unless the server says otherwise)."""
+    `AIDSAFE_WEBHOOK_REJECTIONS_KEPT_DAYS` days (7 unless the server says otherwise). A page
+    holds at most `limit` and bodies of 2,000,000 bytes in all (or one larger body): pass
+    the last one's `id` as `before_id` for the next page, until a page comes back empty."""
     webhook = await store.get_owned(session, webhook_id, key.id)
-    return [_rejection_out(row) for row in await store.recent_rejections(session, webhook, limit)]
+    rows = await store.recent_rejections(session, webhook, limit, before_id)
+    return [_rejection_out(row) for row in rows]
 
 
 def _rejection_out(row: WebhookRejection) -> RejectionOut:
-    return RejectionOut(received_at=row.received_at, code=row.code, message=row.message, body=row.body)
+    return RejectionOut(
+        id=row.id, received_at=row.received_at, code=row.code, message=row.message, body=row.body
+    )
 
 
 @router.post(

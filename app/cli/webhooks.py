@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from aidsafe.models import Rejection
 from app.cli.connection import ApiKeyOpt, ApiUrl, api_client
 from app.cli.output import console
 
@@ -55,7 +56,13 @@ def webhook_rejections(
 ) -> None:
     """Deliveries the webhook refused, newest first, with why."""
     with api_client(api_url, key) as client:
-        rows = client.webhook_rejections(webhook_id, limit=limit)
+        rows: list[Rejection] = []
+        while len(rows) < limit:  # a page stops short where its bodies are large
+            before_id = rows[-1].id if rows else None
+            page = client.webhook_rejections(webhook_id, limit=limit - len(rows), before_id=before_id)
+            if not page:
+                break
+            rows += page
     for row in rows:
         kept = "body kept" if row.body is not None else "no body (not authenticated)"
         console.print(
