@@ -214,6 +214,34 @@ async def test_a_replay_of_a_job_of_the_largest_accepted_size_leaves_healthz_ans
     assert max(latencies) < 0.1, sorted(latencies)[-5:]
 
 
+# Alone, as the tests above.
+@pytest.mark.serial
+async def test_listing_prompt_sets_leaves_their_templates_unread_so_healthz_answers_within_100ms(
+    auth: Headers, sessions: Sessions, api_process: str
+) -> None:
+    """A key may register versions without end, each up to 26 templates of 20,000 characters:
+    the listing, which shows none of them, read and decoded every one on the event loop."""
+    async with sessions.begin() as session:  # 400 versions of 26 templates of 20,000 lines
+        await session.execute(
+            text(
+                "INSERT INTO prompt_sets (id, owner_key_id, name, version, description, templates)"
+                " SELECT gen_random_uuid(), (SELECT id FROM api_keys), 'big', n::text, '',"
+                " (SELECT jsonb_object_agg(t, repeat(E'\\n', 20000) || n) FROM generate_series(1, 26) AS t)"
+                " FROM generate_series(1, 400) AS n"
+            )
+        )
+    warm_up = httpx.Request("GET", f"{api_process}/v1/webhooks", headers=auth)
+    listing = httpx.Request("GET", f"{api_process}/v1/prompt-sets", headers=auth)
+
+    started = time.perf_counter()
+    response, latencies = await healthz_latencies(api_process, warm_up, listing)
+    took = time.perf_counter() - started
+
+    assert response.status_code == 200 and len(response.json()) == 401, response.text[:200]
+    # Read, they took the listing 2 s, every /healthz meanwhile slowed (some past 100 ms).
+    assert took < 1 and max(latencies) < 0.1, (took, sorted(latencies)[-5:])
+
+
 def text_to_read(url: str, auth: Headers, route: str, text: str) -> httpx.Request:
     """A request to the API at `url` with `text` where `route` reads a string itself: a
     benchmark file's JSONL, an uploaded JSONL file of samples, a sample's thoughts (a JSON

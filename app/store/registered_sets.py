@@ -10,6 +10,7 @@ from uuid import UUID
 from sqlalchemy import ColumnElement, or_, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import load_only
 
 from app.errors import NotFound
 from app.store.models import PolicySetRow, PromptSetRow
@@ -45,9 +46,15 @@ def _visible_to(model: type[Row], owner_key_id: UUID) -> ColumnElement[bool]:
 
 
 async def list_visible(session: AsyncSession, model: type[Row], owner_key_id: UUID) -> list[Row]:
-    """Built-in sets and the key's own, every version, by name then age."""
+    """Built-in sets and the key's own, every version, by name then age: without their content
+    (policies, templates), which a key's versions would bring by the hundred megabytes, decoded
+    on the event loop, for a listing that shows none of it (reading it raises)."""
+    listed = (model.id, model.owner_key_id, model.name, model.version, model.description, model.created_at)
     rows = await session.scalars(
-        select(model).where(_visible_to(model, owner_key_id)).order_by(model.name, model.created_at)
+        select(model)
+        .options(load_only(*listed, raiseload=True))
+        .where(_visible_to(model, owner_key_id))
+        .order_by(model.name, model.created_at)
     )
     return list(rows)
 
