@@ -3,15 +3,22 @@ how far raters agree beyond chance."""
 
 from __future__ import annotations
 
+import importlib
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from math import sqrt
 from statistics import fmean, stdev
-
-from scipy import stats
+from types import ModuleType
 
 CONFIDENCE = 0.95
+
+
+def _scipy_stats() -> ModuleType:
+    """scipy.stats, imported at first use: importing it takes 0.7 s, and every worker, API
+    and CLI process imports this module, most never to report on anything. A worker restarted
+    after a crash spent a third of its start here, with its items waiting for it."""
+    return importlib.import_module("scipy.stats")
 
 
 @dataclass(frozen=True)
@@ -34,7 +41,7 @@ def proportion(successes: int, n: int, confidence: float = CONFIDENCE) -> Estima
         raise ValueError(f"{successes} successes out of {n}")
     if n == 0:
         return NOTHING_MEASURED
-    interval = stats.binomtest(successes, n).proportion_ci(confidence, method="wilson")
+    interval = _scipy_stats().binomtest(successes, n).proportion_ci(confidence, method="wilson")
     return Estimate(successes / n, float(interval.low), float(interval.high), n)
 
 
@@ -52,7 +59,7 @@ def mean(
     error = stdev(values) / sqrt(n)
     if error == 0:
         return Estimate(centre, centre, centre, n)
-    low, high = stats.t.interval(confidence, n - 1, loc=centre, scale=error)
+    low, high = _scipy_stats().t.interval(confidence, n - 1, loc=centre, scale=error)
     if within is not None:
         low, high = max(low, within[0]), min(high, within[1])
     return Estimate(centre, float(low), float(high), n)
