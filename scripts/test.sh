@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 bash scripts/install-browser.sh
 bash scripts/services.sh
-.venv/bin/ruff check app workers tests migrations bench
+.venv/bin/ruff check app workers tests migrations bench aidsafe
+.venv/bin/ruff format --check app workers tests migrations bench aidsafe
 .venv/bin/mypy  # the files pyproject.toml's [tool.mypy] names, strictly
 .venv/bin/pytest -q -n auto "$@"
 # Exit status 5: no serial test among those selected.
