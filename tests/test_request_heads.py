@@ -183,6 +183,19 @@ async def test_a_pipelined_requests_refusal_is_not_taken_for_the_answer_before_i
     assert [response.status_code for response in responses] in ([], [200])
 
 
+async def test_a_pipelined_requests_refused_head_is_not_taken_for_the_answer_before_it(
+    live_api: str, settings: Settings
+) -> None:
+    """As above, the second request refused in its head: more header fields than the limit."""
+    first = b"GET /healthz HTTP/1.1\r\nhost: api\r\n\r\n"
+    fields = b"".join(b"x-%d: v\r\n" % n for n in range(settings.max_header_fields + 1))
+    second = b"GET /healthz HTTP/1.1\r\nhost: api\r\n" + fields + b"\r\n"
+
+    responses = await conversation(live_api, first + second)
+
+    assert [response.status_code for response in responses] in ([], [200])
+
+
 def _past_the_limit(settings: Settings) -> list[bytes]:
     """A header's value one byte past the header limit, in reads of 4 KiB."""
     over_the_limit = settings.max_header_bytes + 1
