@@ -228,7 +228,8 @@ class JobEventSource:
         start = f"{max(0, since_ms)}-0"
         while page := await self.redis.xrange(self.key, min=start, max=tail, count=STREAM_PAGE):
             entries += _decoded(page)
-            start = f"({entries[-1][0]}"  # exclusive: after the last one read
+            last_ms, last_seq = parse_event_id(entries[-1][0])
+            start = f"{last_ms}-{last_seq + 1}"  # the next possible id (an exclusive "(id" needs Redis 6.2)
         return StreamTail(tail, tail, entries)
 
     async def read_after(self, event_id: str, block_s: float) -> list[tuple[str, ItemFinished]]:

@@ -287,7 +287,7 @@ async def ended_job_of_the_largest_size(
 
 # Alone, as the tests above.
 @pytest.mark.serial
-async def test_a_resume_replaying_a_large_jobs_events_leaves_healthz_answering_within_50ms(
+async def test_a_resume_replaying_a_large_jobs_events_leaves_healthz_answering_within_100ms(
     api: httpx.AsyncClient,
     auth: Headers,
     sessions: Sessions,
@@ -307,11 +307,12 @@ async def test_a_resume_replaying_a_large_jobs_events_leaves_healthz_answering_w
     sent_ids = [line.removeprefix("id: ") for line in lines if line.startswith("id: ")]
     # Every entry after the first, in order, none from Postgres (each end is in the stream),
     # then the snapshot and done at the last one. Read whole and decoded at once, the stream
-    # and the items held the event loop for up to 0.14 s.
+    # and the items held the event loop for 0.12-0.14 s; now 14-27 ms (0.1 s, as the tests
+    # above: other work on a 2-core machine can hold a /healthz that long).
     assert sent_ids == stream[1:] + stream[-1:] * 2
     assert sum(line.startswith("event: ") for line in lines) == len(sent_ids)
     assert len(latencies) >= 5, latencies  # /healthz was asked all along the replay
-    assert max(latencies) < 0.05, sorted(latencies)[-5:]
+    assert max(latencies) < 0.1, sorted(latencies)[-5:]
 
 
 def text_to_read(url: str, auth: Headers, route: str, text: str) -> httpx.Request:
