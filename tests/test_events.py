@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from sqlalchemy import func, update
 
 from app.config import Settings
-from app.events import ItemFinished, JobEventSource, announce_item_finished, follow, stream_key
+from app.events import STREAM_PAGE, ItemFinished, JobEventSource, announce_item_finished, follow, stream_key
 from app.queue import REQUEST_RETRIES, bound_calls, redis_settings
 from app.store import jobs
 from app.store.db import Sessions
@@ -143,6 +143,29 @@ async def test_reconnecting_with_last_event_id_gets_only_what_was_missed(
     assert kinds(events) == ["item", "item", "snapshot", "done"]
     assert [e["id"] for e in events[:2]] == missed
     assert events[2]["id"] == missed[-1]
+
+
+async def test_a_replay_longer_than_a_page_of_the_stream_is_whole_and_in_order(
+    live_api: str, api: httpx.AsyncClient, auth: Headers, settings: Settings, redis: Redis
+) -> None:
+    """The stream is read STREAM_PAGE entries at a time: a page may end within one
+    millisecond's entries, and the next must start at the entry after it, not skip or repeat."""
+    job = await submit(api, auth, ["a", "b", "c"])
+    await run_worker_burst(settings)
+    key = stream_key(settings, UUID(job["id"]))
+    first, *announced = await stream_ids(redis, settings, job["id"])
+    items = [e["data"] for e in await events_of(live_api, auth, job["id"], last_event_id=first)][:2]
+    newest_ms = int(announced[-1].split("-")[0])
+    added = [f"{newest_ms + 1 + n // 7}-{n % 7}" for n in range(2 * STREAM_PAGE + 100)]  # 7 a millisecond
+    for n, entry_id in enumerate(added):
+        item = items[n % 2]
+        finished = ItemFinished(item["item_id"], item["position"], item["status"], item["error_code"])
+        await redis.xadd(key, finished.fields(), id=entry_id)
+
+    events = await events_of(live_api, auth, job["id"], last_event_id=first)
+
+    assert [e["id"] for e in events if e["event"] == "item"] == announced + added
+    assert kinds(events)[-2:] == ["snapshot", "done"]
 
 
 @pytest.mark.parametrize("loss", ["redis lost the stream", "trimmed past the client's id"])
