@@ -263,11 +263,14 @@ async def follow(source: JobEventSource, last_event_id: str | None) -> AsyncGene
     resync_ms = int(source.settings.events_resync_s * 1000)
     # One tracker for the whole follow, across Redis's absences: each check (on the stream or
     # off it) reads Postgres from the last one.
+    resume_from: str | None = None
     if last_event_id is None:
         sent = EndsSent(int(time.time() * 1000))
     else:  # reading stops at each check (below): every end before the id, less this, was sent
-        sent = EndsSent(parse_event_id(last_event_id)[0] - resync_ms)
-    resume_from = last_event_id
+        ms, seq = parse_event_id(last_event_id)
+        sent = EndsSent(ms - resync_ms)
+        # As Redis writes it: XREAD refuses the spaces parse_event_id strips (a no-break space).
+        resume_from = f"{ms}-{seq}"
     while True:
         cursor: list[str | None] = [resume_from]
         try:

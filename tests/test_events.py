@@ -466,6 +466,39 @@ async def test_a_last_event_id_with_digits_other_than_ascii_is_refused(
     assert "not an event id this API sent" in viewed.text  # on the viewer's error page
 
 
+async def test_a_resume_from_an_id_padded_with_a_no_break_space_goes_on_reading_the_stream(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions, redis: Redis
+) -> None:
+    """Byte 0xa0 (Latin-1) is a no-break space, which the id's check strips: XREAD was then
+    asked from the id as sent, which Redis refuses, and the follower fell back to Postgres for
+    good (items without ids, events_resync_s late), logging Redis as unavailable each time."""
+    job = await submit(api, auth, ["a", "b"])
+    await end_item(sessions, job["id"], 0, redis, settings)
+    (heard,) = await stream_ids(redis, settings, job["id"])
+    quick = settings.model_copy(update={"events_resync_s": 1.0})
+    headers = {**auth, "Last-Event-ID": heard.encode() + b"\xa0"}
+
+    async def end_the_last_item() -> None:
+        await end_item(sessions, job["id"], 1, redis, settings)
+
+    with served(quick) as base_url:
+        async with (
+            httpx.AsyncClient(base_url=base_url, timeout=10) as client,
+            aconnect_sse(client, "GET", f"/v1/jobs/{job['id']}/events", headers=headers) as stream,
+        ):
+            received: list[tuple[str, str]] = []
+            async for sse in stream.aiter_sse():
+                if sse.event == "message" and not sse.data:  # the opening comment with `retry`
+                    continue
+                received.append((sse.event, sse.id))
+                if len(received) == 1:
+                    await end_the_last_item()
+
+    ended = (await stream_ids(redis, settings, job["id"]))[-1]
+    assert [(kind, id) for kind, id in received if kind == "item"] == [("item", ended)], received
+    assert received[0] == ("snapshot", heard) and received[-1] == ("done", ended), received
+
+
 async def resume_status(base_url: str, auth: Headers, job_id: str, last_event_id: str) -> tuple[int, Any]:
     """The status of a follow resuming from `last_event_id`, and its error code if refused
     (a stream that starts is left at once: the job never ends)."""
