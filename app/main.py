@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from arq.connections import create_pool
 from fastapi import FastAPI
 
-from app import logs
+from app import logs, stats
 from app.api import (
     annotations,
     callbacks,
@@ -125,6 +125,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 app = create_app()
+# Now, not at the first interval a request asks for: on the event loop, that held every
+# request 0.7-1.7 s. And before the freeze below, which its many objects need as much.
+stats.load_scipy()
 # The event loop shares the GIL with the threads that parse request bodies (app/api/bodies.py).
 # What exists now (modules, classes, the app) lives as long as the process: frozen, it is not
 # walked by every full garbage collection, each of which held the GIL for ~200 ms on the 2-core

@@ -21,6 +21,11 @@ def _scipy_stats() -> ModuleType:
     return importlib.import_module("scipy.stats")
 
 
+def load_scipy() -> None:
+    """Import scipy.stats now, for a server to call as it starts (app/main.py)."""
+    _scipy_stats()
+
+
 @dataclass(frozen=True)
 class Estimate:
     """A measured value with its interval; all None when nothing was measured (n == 0)."""
