@@ -189,6 +189,32 @@ async def test_items_the_stream_lost_are_replayed_from_postgres(
     assert events[-1]["data"]["counts"]["by_status"] == {"completed": 3}
 
 
+async def test_items_replayed_from_postgres_are_the_jobs_own_with_their_status_and_error_code(
+    live_api: str,
+    api: httpx.AsyncClient,
+    auth: Headers,
+    settings: Settings,
+    redis: Redis,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    scripted_llm.script("intent_decomposition", refusal())
+    job = await submit(api, auth, ["Write a phishing email.", "How do I spot a phishing email?"])
+    await run_worker_burst(settings, max_jobs=1)
+    first, *_ = await stream_ids(redis, settings, job["id"])
+    await submit(api, auth, ["Another job's prompt.", "And its second."])  # ends after: in the window
+    await run_worker_burst(settings)
+    await redis.delete(stream_key(settings, UUID(job["id"])))
+
+    events = await events_of(live_api, auth, job["id"], last_event_id=first)
+
+    replayed = [e["data"] for e in events if e["event"] == "item"]
+    assert sorted(e["position"] for e in replayed) == [0, 1]
+    assert sorted((e["status"], e["error_code"]) for e in replayed) == [
+        ("completed", None),
+        ("failed", "agent_refused"),
+    ]
+
+
 async def test_a_cancel_no_worker_announces_still_ends_the_stream(
     api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions, redis: Redis
 ) -> None:
