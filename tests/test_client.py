@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import stat
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -143,6 +146,25 @@ async def test_the_async_client_does_the_same(
     assert (refused.value.status, refused.value.code) == (422, "validation_error")
     assert not (tmp_path / "no.docx").exists() and not (tmp_path / "no.docx.part").exists()
     assert deletion.row_counts["jobs"] == 1 and await row_counts(sessions) == (0, 0)
+
+
+async def test_an_export_into_a_named_pipe_streams_into_it_and_leaves_it_a_pipe(
+    client: aidsafe.Client, settings: Settings, tmp_path: Path
+) -> None:
+    # What `-o /dev/null` is too: renaming the finished download over it would replace the device.
+    job = client.submit(["a", "b"])
+    await run_worker_burst(settings)
+    pipe = tmp_path / "rows.jsonl"
+    os.mkfifo(pipe)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(pipe.read_bytes()), daemon=True)
+    reader.start()
+
+    client.export(job.id, pipe, format="jsonl")
+    reader.join(10)
+
+    assert stat.S_ISFIFO(pipe.stat().st_mode) and not (tmp_path / "rows.jsonl.part").exists()
+    assert [json.loads(line)["prompt"] for line in received[0].splitlines()] == ["a", "b"]
 
 
 async def test_errors_carry_the_api_code_message_and_status(
