@@ -241,6 +241,40 @@ async def test_cli_export_refused_by_the_api_says_why_and_writes_no_file(
     assert not output.exists() and not output.with_name("out.csv.part").exists()
 
 
+async def test_a_file_or_folder_the_cli_cannot_write_is_a_bad_option_not_a_traceback(
+    live_api: str, api: httpx.AsyncClient, auth: Headers, settings: Settings, tmp_path: Path
+) -> None:
+    job = await submit(api, auth, ["a"])
+    await run_worker_burst(settings)
+    prompt_set_id = (await api.get("/v1/prompt-sets", headers=auth)).json()[0]["id"]
+    nowhere = tmp_path / "no such folder"
+
+    export_code, export_out = await aidsafe(
+        live_api, auth, "export", job["id"], "-f", "jsonl", "-o", str(nowhere / "out.jsonl")
+    )
+    folder_code, folder_out = await aidsafe(
+        live_api, auth, "prompt-sets", "show", prompt_set_id, "--to-folder", "/proc/templates"
+    )
+
+    assert export_code == 2 and "Invalid value for --output: cannot write" in export_out, export_out
+    assert folder_code == 2 and "Invalid value for --to-folder: cannot write" in folder_out, folder_out
+    assert "Traceback" not in export_out + folder_out
+
+
+async def test_reproduce_refuses_an_out_folder_it_cannot_make_before_submitting_anything(
+    sessions: Sessions, tmp_path: Path
+) -> None:
+    prompts = write(tmp_path, "p.jsonl", '{"prompt": "fine"}')
+    taken = write(tmp_path, "report", "a file, not a folder")
+
+    result = CliRunner().invoke(
+        cli, ["reproduce", str(prompts), "--out", str(taken), "--api-url", "http://127.0.0.1:9", "--key", "k"]
+    )
+
+    assert result.exit_code == 2 and "cannot write" in " ".join(result.output.split()), result.output
+    assert await row_counts(sessions) == (0, 0)
+
+
 async def test_cli_registers_lists_and_shows_policy_sets(
     live_api: str, auth: Headers, tmp_path: Path
 ) -> None:

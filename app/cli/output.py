@@ -1,13 +1,28 @@
-"""How the CLI prints: the one console, and money, budgets and intervals as every command
-shows them."""
+"""How the CLI prints: the one console, files it cannot write, and money, budgets and
+intervals as every command shows them."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
 from rich.console import Console
 
 from aidsafe.models import Budget, Interval
 
 console = Console()
+
+
+@contextmanager
+def writing(path: Path, option: str) -> Iterator[None]:
+    """A file or folder the command cannot write (no such folder, no permission) is a bad
+    `option` (exit code 2), not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot write {path}: {exc.strerror or exc}", param_hint=option) from exc
 
 
 def usd(cost: float | None) -> str:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from app.cli.connection import ApiKeyOpt, ApiUrl, api_client
-from app.cli.output import console
+from app.cli.output import console, writing
 from app.cli.registered_sets import SetFileError, print_as_yaml, print_registered, read_set_file
 
 prompt_sets_cli = typer.Typer(help="Prompt sets: the templates that word requests.", no_args_is_help=True)
@@ -38,9 +38,10 @@ def show_prompt_set(
     if to_folder is None:
         print_as_yaml(row, "templates", row.templates)
         return
-    to_folder.mkdir(parents=True, exist_ok=True)
-    for name, text in row.templates.items():
-        (to_folder / f"{name}.txt").write_text(text, encoding="utf-8")
+    with writing(to_folder, "--to-folder"):
+        to_folder.mkdir(parents=True, exist_ok=True)
+        for name, text in row.templates.items():
+            (to_folder / f"{name}.txt").write_text(text, encoding="utf-8")
     console.print(f"{len(row.templates)} templates of {row.name}@{row.version} in {to_folder}")
 
 

@@ -10,7 +10,7 @@ import typer
 
 from app.cli.connection import ApiKeyOpt, ApiUrl, api_client
 from app.cli.follow import follow_job
-from app.cli.output import console
+from app.cli.output import console, writing
 from app.cli.prompt_files import PromptFileError, read_prompt_file
 
 
@@ -45,6 +45,8 @@ def reproduce(
     except PromptFileError as exc:
         console.print(f"[red]{exc}[/] (nothing was submitted)")
         raise typer.Exit(2) from exc
+    with writing(out, "--out"):  # before the jobs, which cost what a report lost at the end would
+        out.mkdir(parents=True, exist_ok=True)
     writers, judge = _role_of(endpoint, model), _role_of(judge_endpoint, judge_model)
     config: dict[str, Any] = {"defaults": writers, "grading": {"grader": judge}}
     config.update({k: v for k, v in {"agents": agents, "max_rounds": max_rounds}.items() if v is not None})
@@ -59,7 +61,6 @@ def reproduce(
         comparison = client.create_comparison(baseline.id, candidate.id, judges=judges, label=label)
         console.print(f"Comparison [bold]{comparison.id}[/]")
         follow_job(client, comparison.id)
-        out.mkdir(parents=True, exist_ok=True)
         report = client.get_comparison_report(comparison.id)
         (out / "report.md").write_text(report, encoding="utf-8")
         (out / "report.csv").write_text(client.get_comparison_report(comparison.id, format="csv"), "utf-8")

@@ -12,7 +12,7 @@ from rich.panel import Panel
 import aidsafe
 from aidsafe.models import Cot, Item
 from app.cli.connection import ApiKeyOpt, ApiUrl, api_client
-from app.cli.output import console
+from app.cli.output import console, writing
 from app.deliberation.parsing import labelled_intents
 
 
@@ -89,7 +89,7 @@ def export(
     key: ApiKeyOpt = "",
 ) -> None:
     """Download an export of the job, streamed to disk. The file appears only when complete."""
-    with api_client(api_url, key) as client:
+    with api_client(api_url, key) as client, writing(output, "--output"):
         client.export(
             job_id,
             output,
