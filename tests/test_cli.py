@@ -22,6 +22,7 @@ from app.cli import cli
 from app.cli.compare import judge_role
 from app.cli.follow import follow_job
 from app.cli.job_options import job_config
+from app.cli.prompt_files import read_prompt_file
 from app.config import Settings
 from app.deliberation.prompt_sets import builtin
 from app.store.db import Sessions
@@ -174,6 +175,10 @@ async def test_cli_follow_counts_the_refusals_and_names_them_by_stage_and_model_
         ("bad.jsonl", ['{"prompt": "fine"}', '{"prompt": "x", "metadata": "m"}'], ":2: 'metadata' must be"),
         ("bad.csv", ["text", "no prompt column"], "needs a 'prompt' column"),
         ("bad.csv", ["prompt,source", "fine,a", ",b"], ":3: empty prompt"),
+        # Unquoted, a prompt's comma made two fields: "How do I cut" and a "source" of the rest.
+        ("bad.csv", ["prompt,source", "How do I cut, then sharpen a knife?,web"], ":2: not the header's 2"),
+        ("bad.csv", ["prompt,source", "fine,a", "no source"], ":3: not the header's 2 fields"),
+        ("bad.csv", ["prompt", '"a quote never closed', "swallows this line"], "not a readable CSV"),
     ],
 )
 async def test_a_bad_prompt_file_is_reported_by_line_and_nothing_is_submitted(
@@ -198,6 +203,20 @@ async def test_a_file_that_is_not_utf8_is_refused(sessions: Sessions, tmp_path: 
 
     assert result.exit_code == 2 and "not UTF-8" in " ".join(result.output.split())
     assert await row_counts(sessions) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("excel.csv", "prompt,source\r\nhi,a\r\n"),
+        ("p.jsonl", '{"prompt": "hi", "metadata": {"source": "a"}}\n'),
+    ],
+)
+def test_a_prompt_file_may_start_with_a_utf8_byte_order_mark(name: str, text: str, tmp_path: Path) -> None:
+    path = tmp_path / name
+    path.write_bytes(text.encode("utf-8-sig"))  # as Excel saves "CSV UTF-8"
+
+    assert read_prompt_file(path) == [{"prompt": "hi", "metadata": {"source": "a"}}]
 
 
 async def test_a_job_option_the_api_refuses_is_reported_and_creates_nothing(

@@ -26,17 +26,25 @@ def read_prompt_file(path: Path) -> list[dict[str, Any]]:
 def _read_prompt_file(path: Path) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = []
     if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
+        # utf-8-sig: Excel's "CSV UTF-8" starts with a byte order mark, which would otherwise
+        # be part of the first column's name. strict: a quote left open is an error, not a
+        # prompt that runs on to the end of the file.
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle, strict=True)
             if "prompt" not in (reader.fieldnames or []):
                 raise PromptFileError(f"{path}: the CSV needs a 'prompt' column")
             for line, row in enumerate(reader, start=2):
+                if None in row or None in row.values():  # more fields than the header, or fewer
+                    raise PromptFileError(
+                        f"{path}:{line}: not the header's {len(reader.fieldnames or [])} fields "
+                        "(a comma or line break in a prompt that is not quoted?)"
+                    )
                 prompt = (row.pop("prompt") or "").strip()
                 if not prompt:
                     raise PromptFileError(f"{path}:{line}: empty prompt")
                 items.append({"prompt": prompt, "metadata": {k: v for k, v in row.items() if k}})
     else:
-        for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for line, text in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
             if not text.strip():
                 continue
             try:
