@@ -447,9 +447,11 @@ def test_job_options_become_the_job_config() -> None:
         pair_min_gap=1.5,
     )
     given_only = options_config(max_rounds=1)
+    no_deliberation = options_config(max_rounds=0)
     batched = options_config(delivery="batch", batch_unanswered="online")
 
     assert given_only == {"max_rounds": 1}  # no mode unless asked: a preset's stays
+    assert no_deliberation == {"max_rounds": 0}  # not the default's 4
     assert batched == {"delivery": "batch", "batch": {"unanswered": "online"}}
     assert baseline == {"mode": "zero_shot", "grading": {}}
     assert gated == {

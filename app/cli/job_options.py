@@ -43,9 +43,8 @@ def job_config(
     """The `config` of a job request from the command line's options (the API validates it).
     Only the options given: the rest are a preset's, or the server's defaults."""
     config: dict[str, Any] = {"mode": mode} if mode else {}
-    config.update(
-        {k: v for k, v in {"agents": agents, "max_rounds": max_rounds, "max_tokens": max_tokens}.items() if v}
-    )
+    counts = {"agents": agents, "max_rounds": max_rounds, "max_tokens": max_tokens}
+    config.update({k: v for k, v in counts.items() if v is not None})  # 0 rounds is a choice
     if grading or thresholds:
         config["grading"] = {"thresholds": _thresholds(thresholds)} if thresholds else {}
     if pairs:
