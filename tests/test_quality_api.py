@@ -983,6 +983,13 @@ async def test_cli_refuses_an_unknown_scope_and_creates_nothing(
         assert await session.scalar(select(func.count()).select_from(ApiKey)) == 0
 
 
+async def test_cli_refuses_to_revoke_a_key_id_that_is_no_uuid(settings: Settings, sessions: Sessions) -> None:
+    revoked = _cli(settings, "keys", "revoke", "aidsafe_exmOvS")  # a key's prefix, not its id
+
+    assert revoked.returncode == 2 and "Traceback" not in revoked.stderr, revoked.stderr
+    assert "valid UUID" in revoked.stderr
+
+
 async def test_cli_revoking_a_key_with_cancel_jobs_stops_its_unfinished_jobs_and_no_others(
     api: httpx.AsyncClient, settings: Settings, sessions: Sessions
 ) -> None:

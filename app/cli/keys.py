@@ -70,7 +70,7 @@ def list_keys() -> None:
 
 @keys_cli.command("revoke")
 def revoke_key(
-    key_id: str,
+    key_id: UUID,  # checked here: SQL would answer a malformed id with a traceback
     cancel_jobs: Annotated[
         bool,
         typer.Option(
@@ -88,7 +88,7 @@ def revoke_key(
             .values(revoked_at=func.now())
         )
         revoked = int(result.rowcount)
-        cancelled = await jobs.cancel_unfinished(session, UUID(key_id)) if revoked and cancel_jobs else 0
+        cancelled = await jobs.cancel_unfinished(session, key_id) if revoked and cancel_jobs else 0
         return revoked, cancelled
 
     revoked, cancelled = asyncio.run(_with_session(revoke))
