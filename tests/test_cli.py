@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,28 @@ async def test_cli_follows_a_job_to_the_end(
     assert await process.wait() == 0
     assert first.decode().startswith("0/3 items | queued")
     assert "3/3 items | completed" in rest.decode()
+
+
+async def test_ctrl_c_stops_following_says_the_job_goes_on_and_the_cli_cancels_it(
+    live_api: str, api: httpx.AsyncClient, auth: Headers
+) -> None:
+    job = await submit(api, auth, ["a", "b"])  # no worker runs: it stays queued
+    process = await asyncio.create_subprocess_exec(
+        AIDSAFE, "follow", job["id"], env=cli_env(live_api, auth), stdout=asyncio.subprocess.PIPE
+    )
+    assert process.stdout is not None
+    await asyncio.wait_for(process.stdout.readline(), 30)  # following
+
+    process.send_signal(signal.SIGINT)
+    said = (await asyncio.wait_for(process.stdout.read(), 30)).decode()
+    code = await process.wait()
+    status = (await api.get(f"/v1/jobs/{job['id']}", headers=auth)).json()["status"]
+    cancel_code, cancelled = await aidsafe(live_api, auth, "jobs", "cancel", job["id"])
+
+    assert code == 130 and "Stopped following" in said and "goes on" in " ".join(said.split()), said
+    assert status == "queued"
+    assert cancel_code == 0 and f"Job {job['id']}: cancelled, 2/2 items finished." in cancelled, cancelled
+    assert (await api.get(f"/v1/jobs/{job['id']}", headers=auth)).json()["status"] == "cancelled"
 
 
 async def test_cli_follow_counts_the_refusals_and_names_them_by_stage_and_model_at_the_end(

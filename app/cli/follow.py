@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import typer
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -40,22 +41,32 @@ def follow_job(client: aidsafe.Client, job_id: Any, poll_s: float = 2.0) -> JobP
         TimeRemainingColumn(),
         TextColumn("{task.fields[detail]}"),
     )
-    with Progress(*columns, console=console) as progress:
-        view = ProgressView(progress, progress.add_task("items", total=None, detail=""))
-        final = client.wait(
-            job_id,
-            poll_s=poll_s,
-            on_event=view.event,
-            on_polling=lambda exc: console.print(
-                f"[dim]Progress events unavailable ({exc}); polling instead.[/]"
-            ),
+    try:
+        with Progress(*columns, console=console) as progress:
+            view = ProgressView(progress, progress.add_task("items", total=None, detail=""))
+            final = client.wait(
+                job_id,
+                poll_s=poll_s,
+                on_event=view.event,
+                on_polling=lambda exc: console.print(
+                    f"[dim]Progress events unavailable ({exc}); polling instead.[/]"
+                ),
+            )
+    except KeyboardInterrupt:
+        # Ctrl-C stops the following, not the job: say so, and how to go on or to stop it.
+        console.print(
+            f"[yellow]Stopped following; job {job_id} goes on. `aidsafe follow {job_id}` follows it "
+            f"again, `aidsafe jobs cancel {job_id}` stops it.[/]",
+            highlight=False,
         )
+        raise typer.Exit(130) from None
     if final.refusals:
         console.print(f"Refusals by stage and model: {_refusals_text(final)}", highlight=False)
     if final.waiting_for_budget:
         console.print(
             f"[yellow]The job's budget is spent: its items wait. Raise it to resume, e.g. "
-            f"`aidsafe jobs budget {job_id} --usd <more>` (or --tokens), or cancel the job.[/]",
+            f"`aidsafe jobs budget {job_id} --usd <more>` (or --tokens), or stop it: "
+            f"`aidsafe jobs cancel {job_id}`.[/]",
             highlight=False,
         )
     return final

@@ -1,4 +1,4 @@
-"""`aidsafe jobs`: list your jobs, change a job's budget, delete a job."""
+"""`aidsafe jobs`: list your jobs, change a job's budget, cancel or delete a job."""
 
 from __future__ import annotations
 
@@ -77,6 +77,18 @@ def set_budget(
     console.print(
         f"Job {job.id}: {job.status}, cost {usd(job.usage.cost_usd)}, "
         + (f"budget {budget_text(job.budget)}" if job.budget else "no budget"),
+        highlight=False,
+    )
+
+
+@jobs_cli.command("cancel")
+def cancel_job(job_id: str, api_url: ApiUrl = "http://127.0.0.1:8000", key: ApiKeyOpt = "") -> None:
+    """Cancel a job (or comparison): its queued items at once, its running ones within a lease;
+    what is done stays. Cancelling twice is harmless."""
+    with api_client(api_url, key) as client:
+        job = client.cancel_job(job_id)
+    console.print(
+        f"Job {job.id}: {job.status}, {job.counts.finished}/{job.counts.total} items finished.",
         highlight=False,
     )
 
