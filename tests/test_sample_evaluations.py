@@ -20,6 +20,8 @@ import pytest
 from sqlalchemy import func, select
 
 import aidsafe
+from app.cli.evaluate import print_sample_report
+from app.cli.output import console
 from app.config import Settings
 from app.deliberation.engine import evaluate_sample
 from app.deliberation.ports import LLMRequestRejected
@@ -44,7 +46,7 @@ from app.store.policy_sets import for_engine
 from app.store.turn_log import PostgresTurnLog
 from app.store.turn_writer import TurnWriter
 from tests.conftest import client_for, new_key, run_worker_burst
-from tests.scripted_llm import ScriptedLLM, guard_verdict, http_error, reply, scores
+from tests.scripted_llm import ScriptedLLM, guard_verdict, http_error, malformed, reply, scores
 from tests.test_api import error_of
 from tests.test_cli import aidsafe as aidsafe_cli
 from tests.test_prompt_sets import register_on_builtin
@@ -661,6 +663,23 @@ async def test_the_cli_evaluates_a_file_with_a_column_mapping(
     with aidsafe.Client(live_api, auth["Authorization"].removeprefix("Bearer ")) as client:
         report = client.get_sample_evaluation(job_id)
     assert report.status == "completed" and report.grades is not None and report.grades.graded == 1
+
+
+async def test_the_cli_report_says_how_many_samples_could_not_be_graded(
+    live_api: str, api: httpx.AsyncClient, auth: Headers, settings: Settings, scripted_llm: ScriptedLLM
+) -> None:
+    response = await upload(api, auth, fixture("safety.csv"), "csv", format="safety", grade={})
+    job_id = response.json()["id"]
+    scripted_llm.script("quality_scores", *[malformed()] * 12)  # every try of all 3 samples
+    await run_worker_burst(settings, max_jobs=1)
+
+    with aidsafe.Client(live_api, auth["Authorization"].removeprefix("Bearer ")) as client:
+        report = client.get_sample_evaluation(job_id)
+    with console.capture() as printed:
+        print_sample_report(report)
+
+    assert report.grades is not None and report.grades.grade_failed == 3
+    assert "Graded 0 of 3 samples; 3 could not be graded." in printed.get()
 
 
 async def test_an_evaluation_words_its_requests_with_the_prompt_set_it_pins(

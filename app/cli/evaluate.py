@@ -73,11 +73,14 @@ def evaluate_samples(
 
 def print_sample_report(report: SampleEvaluation) -> None:
     """Means and rates with their 95 % intervals, and the score counts."""
-    if report.grades is not None:
+    if (grades := report.grades) is not None:
         table = Table("metric", "mean [95 % CI]", *(str(score) for score in range(1, 6)))
-        for metric, figures in report.grades.metrics.items():
+        for metric, figures in grades.metrics.items():
             table.add_row(metric, interval(figures.mean), *(str(n) for n in figures.distribution.values()))
         console.print(table)
+        # the table counts graded samples only: with none graded it is empty, and says nothing why
+        failed = f"; {grades.grade_failed} could not be graded" if grades.grade_failed else ""
+        console.print(f"Graded {grades.graded} of {report.samples} samples{failed}.", highlight=False)
     if report.guard is not None:
         console.print(f"Guard unsafe rate: {interval(report.guard.unsafe_rate, 1, percent=True)}")
         for name, rate in report.guard.by_label.items():
