@@ -486,6 +486,20 @@ def test_job_options_become_the_job_config() -> None:
     }
 
 
+@pytest.mark.parametrize("metadata", ["[1]", '[["source", "web"]]', '"web"'])
+def test_metadata_that_is_no_json_object_is_refused_before_anything_is_sent(
+    metadata: str, tmp_path: Path
+) -> None:
+    path = write(tmp_path, "p.jsonl", '{"prompt": "fine"}')
+
+    result = CliRunner().invoke(
+        cli, ["submit", str(path), "--metadata", metadata, "--api-url", "http://127.0.0.1:9", "--key", "k"]
+    )
+
+    # [1] was a TypeError traceback, and [["source", "web"]] became {"source": "web"}
+    assert result.exit_code == 2 and "not a JSON object" in " ".join(result.output.split()), result.output
+
+
 def test_a_threshold_without_a_score_is_refused(tmp_path: Path) -> None:
     path = write(tmp_path, "p.jsonl", '{"prompt": "fine"}')
 

@@ -151,9 +151,12 @@ def print_estimate(estimate: Estimate) -> None:
     console.print("[dim]High estimates (prompts at three bytes a token, every reply at max_tokens).[/]")
 
 
-def _metadata(metadata: str | None) -> Any:
-    """The --metadata option's JSON (the API says whether it is an object it takes)."""
+def _metadata(metadata: str | None) -> dict[str, Any] | None:
+    """The --metadata option's JSON object (the API says whether it takes its values)."""
     try:
-        return None if metadata is None else json.loads(metadata)
+        value = None if metadata is None else json.loads(metadata)
     except json.JSONDecodeError as exc:
         raise typer.BadParameter(f"not JSON ({exc.msg})", param_hint="--metadata") from None
+    if value is not None and not isinstance(value, dict):  # the client reads it as a mapping
+        raise typer.BadParameter(f"{metadata}: not a JSON object", param_hint="--metadata")
+    return value
