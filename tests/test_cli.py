@@ -50,22 +50,23 @@ KITCHEN = {
 }
 
 
-def cli_env(live_api: str, auth: Headers) -> dict[str, str]:
+def cli_env(live_api: str, auth: Headers, columns: int = 200) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIDSAFE_")}
     env.update(
         AIDSAFE_API_URL=live_api,
         AIDSAFE_API_KEY=auth["Authorization"].removeprefix("Bearer "),
-        COLUMNS="200",
+        COLUMNS=str(columns),
     )
     return env
 
 
-async def aidsafe(live_api: str, auth: Headers, *args: str) -> tuple[int, str]:
-    """Run the installed `aidsafe` command against the live API; (exit code, its output)."""
+async def aidsafe(live_api: str, auth: Headers, *args: str, columns: int = 200) -> tuple[int, str]:
+    """Run the installed `aidsafe` command against the live API, its output `columns` wide;
+    (exit code, its output)."""
     process = await asyncio.create_subprocess_exec(
         AIDSAFE,
         *args,
-        env=cli_env(live_api, auth),
+        env=cli_env(live_api, auth, columns),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
@@ -336,6 +337,24 @@ async def test_cli_registers_lists_and_shows_policy_sets(
     code, shown = await aidsafe(live_api, auth, "policy-sets", "show", own.split()[0])
     assert code == 0, shown
     assert yaml.safe_load(shown) == KITCHEN
+
+
+async def test_on_80_columns_a_shown_set_reads_back_as_yaml_and_listings_keep_a_row_a_line(
+    live_api: str, api: httpx.AsyncClient, auth: Headers
+) -> None:
+    # What `policy-sets show ID > my-lab.yaml` writes: its first line, a comment naming the set,
+    # was folded at 80 columns, and the file no longer read as YAML.
+    long_named = {**KITCHEN, "name": "house-rules-for-the-whole-kitchen"}
+    registered = (await api.post("/v1/policy-sets", json=long_named, headers=auth)).json()
+    job = await submit(api, auth, ["a"])
+
+    show_code, shown = await aidsafe(live_api, auth, "policy-sets", "show", registered["id"], columns=80)
+    _, sets = await aidsafe(live_api, auth, "policy-sets", "list", columns=80)
+    _, jobs = await aidsafe(live_api, auth, "jobs", "list", columns=80)
+
+    assert show_code == 0 and yaml.safe_load(shown)["name"] == long_named["name"], shown
+    assert f"{registered['id']}  house-rules-for-the-whole-kitchen@" in sets, sets
+    assert any(line.startswith(job["id"]) and line.endswith("0/1  unknown  -") for line in jobs.splitlines())
 
 
 async def test_cli_refuses_a_policy_file_that_is_not_yaml(

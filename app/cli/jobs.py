@@ -56,6 +56,7 @@ def list_jobs(
                 f"{job.id}  {job.created_at:%Y-%m-%dT%H:%M:%S}  {job.kind}  {job.status}  "
                 f"{job.counts.finished}/{job.counts.total}  {usd(job.cost_usd)}  {job.label or '-'}",
                 highlight=False,
+                soft_wrap=True,  # a job a line, however narrow the terminal: for grep and cut
             )
 
 

@@ -65,7 +65,10 @@ def list_keys() -> None:
     for key in asyncio.run(_with_session(rows)):
         revoked = f"revoked {key.revoked_at:%Y-%m-%d}" if key.revoked_at else "active"
         scopes = ",".join(key.scopes) or "-"
-        console.print(f"{key.id}  {key.prefix}…  {key.name}  {key.created_at:%Y-%m-%d}  {revoked}  {scopes}")
+        console.print(
+            f"{key.id}  {key.prefix}…  {key.name}  {key.created_at:%Y-%m-%d}  {revoked}  {scopes}",
+            soft_wrap=True,
+        )
 
 
 @keys_cli.command("revoke")

@@ -16,7 +16,8 @@ def print_as_yaml(row: PolicySet | PromptSet, contents: str, values: Any) -> Non
     """One version as the YAML file `create` reads (its `contents`: policies or templates),
     under a comment naming it."""
     document = {"name": row.name, "description": row.description, contents: values}
-    console.print(f"# {row.name}@{row.version} ({row.id})", highlight=False)
+    # soft_wrap: a long name folded onto a second line would leave it outside the comment
+    console.print(f"# {row.name}@{row.version} ({row.id})", highlight=False, soft_wrap=True)
     print(yaml.safe_dump(document, sort_keys=False, allow_unicode=True), end="")
 
 
@@ -24,7 +25,9 @@ def print_registered(rows: list[PolicySet] | list[PromptSet]) -> None:
     """Registered sets, one a line: id, name@version, built-in or own, created."""
     for row in rows:
         origin = "built-in" if row.builtin else "own"
-        console.print(f"{row.id}  {row.name}@{row.version}  {origin}  {row.created_at:%Y-%m-%d}")
+        console.print(
+            f"{row.id}  {row.name}@{row.version}  {origin}  {row.created_at:%Y-%m-%d}", soft_wrap=True
+        )
 
 
 class SetFileError(ValueError):

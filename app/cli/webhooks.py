@@ -23,7 +23,7 @@ def create_webhook(
     with api_client(api_url, key) as client:
         row = client.create_webhook(name)
     console.print(f"Created webhook [bold]{row.name}[/] (id {row.id}). In Label Studio set:")
-    console.print(f"  URL:    {row.url}", highlight=False)
+    console.print(f"  URL:    {row.url}", highlight=False, soft_wrap=True)  # to be copied whole
     console.print(f"  header: {row.secret_header}: <the secret below, shown once>", highlight=False)
     print(row.secret)
 
@@ -35,7 +35,9 @@ def list_webhooks(api_url: ApiUrl = "http://127.0.0.1:8000", key: ApiKeyOpt = ""
         for row in client.list_webhooks():
             revoked = f"  revoked {row.revoked_at:%Y-%m-%dT%H:%M:%S}" if row.revoked_at else ""
             console.print(
-                f"{row.id}  {row.name}  {row.url}  {row.created_at:%Y-%m-%d}{revoked}", highlight=False
+                f"{row.id}  {row.name}  {row.url}  {row.created_at:%Y-%m-%d}{revoked}",
+                highlight=False,
+                soft_wrap=True,
             )
 
 
