@@ -8,8 +8,9 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import httpx
 import pytest
@@ -19,6 +20,7 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from aidsafe import Client
+from app.api.schemas import JobKind
 from app.cli import cli
 from app.cli.compare import judge_role
 from app.cli.follow import follow_job
@@ -26,6 +28,7 @@ from app.cli.job_options import job_config
 from app.cli.prompt_files import read_prompt_file
 from app.config import Settings
 from app.deliberation.prompt_sets import builtin
+from app.exports.options import CotStyle
 from app.store.db import Sessions
 from app.store.models import Job
 from tests.conftest import eventually, run_worker_burst
@@ -517,6 +520,21 @@ def test_metadata_that_is_no_json_object_is_refused_before_anything_is_sent(
 
     # [1] was a TypeError traceback, and [["source", "web"]] became {"source": "web"}
     assert result.exit_code == 2 and "not a JSON object" in " ".join(result.output.split()), result.output
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "values"),
+    [
+        (["jobs", "list"], "--kind", get_args(JobKind)),
+        (["export"], "--cot", [style.value for style in CotStyle]),
+    ],
+)
+def test_an_options_help_names_every_value_the_api_takes(
+    command: list[str], option: str, values: Sequence[str]
+) -> None:
+    shown = " ".join(CliRunner().invoke(cli, [*command, "--help"], env={"COLUMNS": "200"}).output.split())
+
+    assert all(value in shown.split(option, 1)[1] for value in values), shown
 
 
 def test_a_threshold_without_a_score_is_refused(tmp_path: Path) -> None:

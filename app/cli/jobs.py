@@ -24,7 +24,11 @@ def list_jobs(
         ),
     ] = None,
     kind: Annotated[
-        list[str] | None, typer.Option(help="aidsafe, zero_shot or comparison (repeatable: any of them).")
+        list[str] | None,
+        typer.Option(
+            help="aidsafe, zero_shot, comparison, sample_evaluation or model_evaluation "
+            "(repeatable: any of them)."
+        ),
     ] = None,
     created_after: Annotated[
         str | None, typer.Option(help="ISO 8601 with a UTC offset: 2026-01-01T00:00:00Z.")
@@ -39,8 +43,8 @@ def list_jobs(
     api_url: ApiUrl = "http://127.0.0.1:8000",
     key: ApiKeyOpt = "",
 ) -> None:
-    """Your jobs, comparisons included, newest first: id, created, kind, status, items
-    finished of total, label."""
+    """Your jobs, comparisons and evaluations included, newest first: id, created, kind,
+    status, items finished of total, cost, label."""
     with api_client(api_url, key) as client:
         listed = client.iter_jobs(
             status=status,

@@ -68,7 +68,9 @@ def export(
         ),
     ],
     output: Annotated[Path, typer.Option("--output", "-o", dir_okay=False, help="File to write.")],
-    cot: Annotated[str | None, typer.Option(help="How chat formats carry the CoT.")] = None,
+    cot: Annotated[
+        str | None, typer.Option(help="How chat formats carry the CoT: think, none or reasoning_content.")
+    ] = None,
     system: Annotated[str | None, typer.Option(help="A system message to put first in chat formats.")] = None,
     accepted_only: Annotated[bool, typer.Option(help="Only CoTs the quality gate accepted.")] = False,
     min_score: Annotated[
