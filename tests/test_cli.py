@@ -152,6 +152,7 @@ async def test_cli_follows_a_job_to_the_end(
     assert await process.wait() == 0
     assert first.decode().startswith("0/3 items | queued")
     assert "3/3 items | completed" in rest.decode()
+    assert rest.decode().splitlines()[-1].startswith("3/3 items | completed")  # no bar's frame after it
 
 
 async def test_ctrl_c_stops_following_says_the_job_goes_on_and_the_cli_cancels_it(

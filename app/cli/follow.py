@@ -42,7 +42,8 @@ def follow_job(client: aidsafe.Client, job_id: Any, poll_s: float = 2.0) -> JobP
         TextColumn("{task.fields[detail]}"),
     )
     try:
-        with Progress(*columns, console=console) as progress:
+        # Without a terminal the view prints lines; the bar would add its last frame, cut to width.
+        with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
             view = ProgressView(progress, progress.add_task("items", total=None, detail=""))
             final = client.wait(
                 job_id,
