@@ -682,6 +682,19 @@ async def test_the_cli_report_says_how_many_samples_could_not_be_graded(
     assert "Graded 0 of 3 samples; 3 could not be graded." in printed.get()
 
 
+async def test_the_cli_shows_no_cots_of_an_evaluation_but_says_it_makes_none(
+    live_api: str, api: httpx.AsyncClient, auth: Headers, settings: Settings
+) -> None:
+    response = await upload(api, auth, fixture("safety.csv"), "csv", format="safety", grade={})
+    job_id = response.json()["id"]
+    await run_worker_burst(settings)
+
+    code, out = await aidsafe_cli(live_api, auth, "show", job_id)
+
+    assert code == 1 and f"Job {job_id} is a sample_evaluation: it makes no CoTs to show." in out, out
+    assert "No CoT" not in out
+
+
 async def test_an_evaluation_words_its_requests_with_the_prompt_set_it_pins(
     api: httpx.AsyncClient, auth: Headers, settings: Settings, scripted_llm: ScriptedLLM
 ) -> None:

@@ -13,6 +13,7 @@ import aidsafe
 from aidsafe.models import Cot, Item
 from app.cli.connection import ApiKeyOpt, ApiUrl, api_client
 from app.cli.output import console, writing
+from app.deliberation.config import Mode
 from app.deliberation.parsing import labelled_intents
 
 
@@ -56,6 +57,11 @@ def _print_item(item: Item, cot: Cot | None) -> None:
 def show(job_id: str, api_url: ApiUrl = "http://127.0.0.1:8000", key: ApiKeyOpt = "") -> None:
     """Print a job's items with their refined CoTs."""
     with api_client(api_url, key) as client:
+        # An evaluation or a comparison makes no CoTs: each item would print "No CoT: completed".
+        if (mode := client.get_job(job_id).config.get("mode")) not in set(Mode):
+            elsewhere = " (its report: `aidsafe evaluate show`)" if mode == "model_evaluation" else ""
+            console.print(f"[red]Job {job_id} is a {mode}: it makes no CoTs to show{elsewhere}.[/]")
+            raise typer.Exit(1)
         print_cots(client, job_id)
 
 
