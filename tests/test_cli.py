@@ -247,6 +247,15 @@ def test_a_prompt_file_may_start_with_a_utf8_byte_order_mark(name: str, text: st
     assert read_prompt_file(path) == [{"prompt": "hi", "metadata": {"source": "a"}}]
 
 
+def test_without_a_key_the_cli_says_how_to_give_one(live_api: str) -> None:
+    result = CliRunner().invoke(
+        cli, ["jobs", "list", "--api-url", live_api], env={"AIDSAFE_API_KEY": None, "COLUMNS": "200"}
+    )
+
+    assert result.exit_code == 1 and "401: unauthorized" in result.output, result.output
+    assert "give --key or set AIDSAFE_API_KEY" in result.output
+
+
 async def test_a_job_option_the_api_refuses_is_reported_and_creates_nothing(
     live_api: str, auth: Headers, sessions: Sessions, tmp_path: Path
 ) -> None:

@@ -28,5 +28,11 @@ def api_client(api_url: str, key: str) -> Iterator[aidsafe.Client]:
             yield client
     except aidsafe.AidsafeError as exc:
         said = "The API answered " + str(exc.status) if exc.status else "No answer from the API"
-        console.print(f"[red]{said}: {exc.code}: {escape(exc.message)}[/]")
+        # the API's words name the HTTP header, which a CLI user never writes
+        hint = (
+            f" (give --key or set {KEY_ENV}; `aidsafe keys create NAME` makes one)"
+            if exc.status == 401 and not key
+            else ""
+        )
+        console.print(f"[red]{said}: {exc.code}: {escape(exc.message)}{hint}[/]")
         raise typer.Exit(1) from exc
