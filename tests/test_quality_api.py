@@ -990,6 +990,18 @@ async def test_cli_refuses_to_revoke_a_key_id_that_is_no_uuid(settings: Settings
     assert "valid UUID" in revoked.stderr
 
 
+def test_cli_keys_name_a_database_they_cannot_use_without_a_traceback(settings: Settings) -> None:
+    missing = settings.database_url.rsplit("/", 1)[0] + "/aidsafe_no_such_database"
+    env = {**worker_env(settings), "AIDSAFE_DATABASE_URL": missing}
+    listed = subprocess.run(
+        [AIDSAFE, "keys", "list"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+    said = " ".join(listed.stdout.split())
+    assert listed.returncode == 1 and "Traceback" not in listed.stdout + listed.stderr, listed.stderr
+    assert "Cannot use the database" in said and '"aidsafe_no_such_database" does not exist' in said, said
+
+
 async def test_cli_revoking_a_key_with_cancel_jobs_stops_its_unfinished_jobs_and_no_others(
     api: httpx.AsyncClient, settings: Settings, sessions: Sessions
 ) -> None:

@@ -8,7 +8,8 @@ from typing import Annotated, Any
 from uuid import UUID
 
 import typer
-from sqlalchemy import func, select, update
+from sqlalchemy import func, make_url, select, update
+from sqlalchemy.exc import DBAPIError
 
 from app.cli.output import console
 from app.config import get_settings
@@ -29,6 +30,18 @@ async def _with_session(work: Any) -> Any:
         await engine.dispose()
 
 
+def _in_database(work: Any) -> Any:
+    """`work(session)` in one transaction; a database it cannot use (down, not there, wrong
+    credentials) ends the command saying which and why, not with a traceback."""
+    try:
+        return asyncio.run(_with_session(work))
+    except (OSError, DBAPIError) as exc:  # OSError: refused, unreachable, timed out
+        where = make_url(get_settings().database_url).render_as_string(hide_password=True)
+        reason = exc.orig if isinstance(exc, DBAPIError) else exc
+        console.print(f"[red]Cannot use the database {where}: {reason}[/] (see AIDSAFE_DATABASE_URL)")
+        raise typer.Exit(1) from exc
+
+
 @keys_cli.command("create")
 def create_key(
     name: str,
@@ -43,7 +56,7 @@ def create_key(
 ) -> None:
     """Create a key; its secret is shown once and stored only as a hash."""
     try:
-        key, secret = asyncio.run(_with_session(lambda s: keys.create_key(s, name, scope or [])))
+        key, secret = _in_database(lambda s: keys.create_key(s, name, scope or []))
     except keys.UnknownScope as exc:
         raise typer.BadParameter(str(exc), param_hint="--scope") from exc
     if quiet:
@@ -62,7 +75,7 @@ def list_keys() -> None:
     async def rows(session: Any) -> list[ApiKey]:
         return list(await session.scalars(select(ApiKey).order_by(ApiKey.created_at)))
 
-    for key in asyncio.run(_with_session(rows)):
+    for key in _in_database(rows):
         revoked = f"revoked {key.revoked_at:%Y-%m-%d}" if key.revoked_at else "active"
         scopes = ",".join(key.scopes) or "-"
         console.print(
@@ -94,7 +107,7 @@ def revoke_key(
         cancelled = await jobs.cancel_unfinished(session, key_id) if revoked and cancel_jobs else 0
         return revoked, cancelled
 
-    revoked, cancelled = asyncio.run(_with_session(revoke))
+    revoked, cancelled = _in_database(revoke)
     if not revoked:
         raise typer.BadParameter(f"no active key with id {key_id}")
     console.print(f"Revoked {key_id}" + (f"; cancelled {cancelled} unfinished job(s)" if cancel_jobs else ""))
