@@ -177,6 +177,29 @@ async def test_ctrl_c_stops_following_says_the_job_goes_on_and_the_cli_cancels_i
     assert (await api.get(f"/v1/jobs/{job['id']}", headers=auth)).json()["status"] == "cancelled"
 
 
+async def test_reproduce_names_both_jobs_before_following_the_first(
+    live_api: str, auth: Headers, sessions: Sessions, tmp_path: Path
+) -> None:
+    prompts = write(tmp_path, "p.jsonl", '{"prompt": "fine"}')
+    process = await asyncio.create_subprocess_exec(
+        AIDSAFE,
+        "reproduce",
+        str(prompts),
+        "--out",
+        str(tmp_path / "report"),
+        env=cli_env(live_api, auth),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    # No worker runs: the first job never ends, and a Ctrl-C now leaves both jobs running.
+    named = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
+    process.send_signal(signal.SIGINT)
+    await process.communicate()
+
+    submitted = await job_ids(sessions)
+    assert len(submitted) == 2 and set(submitted) <= set(named.replace(",", " ").split()), named
+
+
 async def test_cli_follow_counts_the_refusals_and_names_them_by_stage_and_model_at_the_end(
     live_api: str, api: httpx.AsyncClient, auth: Headers, settings: Settings, scripted_llm: ScriptedLLM
 ) -> None:

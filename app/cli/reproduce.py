@@ -53,8 +53,8 @@ def reproduce(
     with api_client(api_url, key) as client:
         candidate = client.submit(items, config={**config, **({"pairs": {}} if pairs else {})}, label=label)
         baseline = client.submit(items, config={**config, "mode": "zero_shot"}, label=label)
-        for name, job in (("AIDSAFE", candidate), ("zero-shot", baseline)):
-            console.print(f"{name} job [bold]{job.id}[/]")
+        console.print(f"AIDSAFE job [bold]{candidate.id}[/], zero-shot job [bold]{baseline.id}[/]")
+        for job in (candidate, baseline):  # both named first: a Ctrl-C in the first leaves both running
             if not follow_job(client, job.id).finished:
                 raise typer.Exit(1)  # waiting for a budget: the message says how to go on
         judges = [judge] if judge else None
