@@ -334,8 +334,9 @@ def _answer(call: Call[T], response: httpx.Response) -> T:
 def _downloading(target: Path) -> Iterator[BinaryIO]:
     """The file a download is written to: `target.part`, renamed to `target` when complete,
     so a broken download leaves no file that looks whole. A target that exists but is no
-    regular file (/dev/null, a named pipe) is written into as it is: a rename would replace it."""
-    if target.exists() and not target.is_file():
+    regular file (/dev/null, a named pipe) or is a symlink (/dev/stdout) is written into as it
+    is: a rename would replace it."""
+    if target.is_symlink() or (target.exists() and not target.is_file()):
         with target.open("wb") as handle:
             yield handle
         return
@@ -1045,8 +1046,8 @@ class _BaseClient(Generic[TransportT]):
     ) -> Call[Path]:
         """Stream the job's export (GET /v1/jobs/{id}/export) to `path`, chunk by chunk: it is
         written as `path.part` and renamed when complete, so a broken download leaves no
-        file that looks whole (a `path` that is no regular file, /dev/null or a named pipe, is
-        written into as it is). `format`: trl_sft, trl_dpo, aidsafe_csv, jsonl, parquet,
+        file that looks whole (a `path` that is no regular file, /dev/null or a named pipe, or a
+        symlink, is written into as it is). `format`: trl_sft, trl_dpo, aidsafe_csv, jsonl, parquet,
         label_studio or argilla; `min_score` as {"relevance": 4}; `human_edits`: reviewers'
         latest edited responses in place of the model's; `min_gap` keeps trl_dpo's pairs at that
         policy-faithfulness gap (default: the job's `pairs.min_gap`). Returns the path."""

@@ -148,7 +148,7 @@ async def test_the_async_client_does_the_same(
     assert deletion.row_counts["jobs"] == 1 and await row_counts(sessions) == (0, 0)
 
 
-async def test_an_export_into_a_named_pipe_streams_into_it_and_leaves_it_a_pipe(
+async def test_an_export_into_a_named_pipe_or_a_symlink_writes_into_it_and_leaves_it_as_it_was(
     client: aidsafe.Client, settings: Settings, tmp_path: Path
 ) -> None:
     # What `-o /dev/null` is too: renaming the finished download over it would replace the device.
@@ -165,6 +165,15 @@ async def test_an_export_into_a_named_pipe_streams_into_it_and_leaves_it_a_pipe(
 
     assert stat.S_ISFIFO(pipe.stat().st_mode) and not (tmp_path / "rows.jsonl.part").exists()
     assert [json.loads(line)["prompt"] for line in received[0].splitlines()] == ["a", "b"]
+
+    # /dev/stdout with the output redirected to a file: a link to a regular file, kept a link
+    kept = tmp_path / "kept.jsonl"
+    kept.write_text("old rows\n")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(kept)
+    client.export(job.id, link, format="jsonl")
+    assert link.is_symlink()
+    assert [json.loads(line)["prompt"] for line in kept.read_text().splitlines()] == ["a", "b"]
 
 
 async def test_errors_carry_the_api_code_message_and_status(
