@@ -308,6 +308,27 @@ async def test_cli_downloads_an_export_to_a_file(
     assert not output.with_name("out.jsonl.part").exists()
 
 
+async def test_cli_exports_to_stdout_with_nothing_but_the_rows_on_it(
+    live_api: str, api: httpx.AsyncClient, auth: Headers, settings: Settings, tmp_path: Path
+) -> None:
+    job = await submit(api, auth, ["a", "b"])
+    await run_worker_burst(settings)
+    redirected = tmp_path / "rows.jsonl"
+
+    with redirected.open("wb") as stdout:  # aidsafe export ... -o /dev/stdout > rows.jsonl
+        process = await asyncio.create_subprocess_exec(
+            AIDSAFE,
+            *("export", job["id"], "-f", "jsonl", "-o", "/dev/stdout"),
+            env=cli_env(live_api, auth),
+            stdout=stdout,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, said = await process.communicate()
+
+    assert process.returncode == 0 and b"Wrote /dev/stdout" in said, said
+    assert [json.loads(line)["prompt"] for line in redirected.read_text().splitlines()] == ["a", "b"]
+
+
 async def test_cli_export_refused_by_the_api_says_why_and_writes_no_file(
     live_api: str, api: httpx.AsyncClient, auth: Headers, tmp_path: Path
 ) -> None:

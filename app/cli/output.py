@@ -13,6 +13,7 @@ from rich.console import Console
 from aidsafe.models import Budget, Interval
 
 console = Console()
+status = Console(stderr=True)  # what a command says beside data it writes to stdout
 
 
 @contextmanager

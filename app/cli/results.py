@@ -12,7 +12,7 @@ from rich.panel import Panel
 import aidsafe
 from aidsafe.models import Cot, Item
 from app.cli.connection import ApiKeyOpt, ApiUrl, api_client
-from app.cli.output import console, writing
+from app.cli.output import console, status, writing
 from app.deliberation.config import Mode
 from app.deliberation.parsing import labelled_intents
 
@@ -111,4 +111,5 @@ def export(
             human_edits=human_edits,
             min_gap=min_gap,
         )
-    console.print(f"Wrote {output} ({output.stat().st_size:,} bytes, {format}).")
+    size = f"{output.stat().st_size:,} bytes, " if output.is_file() else ""  # /dev/null, a pipe: none
+    status.print(f"Wrote {output} ({size}{format}).")  # -o /dev/stdout: not into the export
