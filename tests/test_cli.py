@@ -31,7 +31,7 @@ from app.deliberation.prompt_sets import builtin
 from app.exports.options import CotStyle
 from app.store.db import Sessions
 from app.store.models import Job
-from tests.conftest import eventually, run_worker_burst
+from tests.conftest import eventually, run_worker_burst, served
 from tests.scripted_llm import ScriptedLLM, refusal
 from tests.test_api import row_counts, submit
 
@@ -175,6 +175,24 @@ async def test_ctrl_c_stops_following_says_the_job_goes_on_and_the_cli_cancels_i
     assert status == "queued"
     assert cancel_code == 0 and f"Job {job['id']}: cancelled, 2/2 items finished." in cancelled, cancelled
     assert (await api.get(f"/v1/jobs/{job['id']}", headers=auth)).json()["status"] == "cancelled"
+
+
+async def test_an_api_gone_while_following_says_the_job_goes_on(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings
+) -> None:
+    job = await submit(api, auth, ["a"])  # no worker runs: it stays queued
+    with served(settings) as doomed_api:
+        process = await asyncio.create_subprocess_exec(
+            AIDSAFE, "follow", job["id"], env=cli_env(doomed_api, auth), stdout=asyncio.subprocess.PIPE
+        )
+        assert process.stdout is not None
+        await asyncio.wait_for(process.stdout.readline(), 30)  # following
+
+    # the stream is resumed a few times, then the job polled: the API is gone for good
+    said = " ".join((await asyncio.wait_for(process.stdout.read(), 60)).decode().split())
+
+    assert await process.wait() == 1
+    assert "No answer from the API" in said and f"job {job['id']} goes on" in said, said
 
 
 async def test_reproduce_names_both_jobs_before_following_the_first(

@@ -53,14 +53,15 @@ def follow_job(client: aidsafe.Client, job_id: Any, poll_s: float = 2.0) -> JobP
                     f"[dim]Progress events unavailable ({exc}); polling instead.[/]"
                 ),
             )
+    # Neither Ctrl-C nor losing the API stops the job: say so, and how to go on or to stop it.
     except KeyboardInterrupt:
-        # Ctrl-C stops the following, not the job: say so, and how to go on or to stop it.
-        console.print(
-            f"[yellow]Stopped following; job {job_id} goes on. `aidsafe follow {job_id}` follows it "
-            f"again, `aidsafe jobs cancel {job_id}` stops it.[/]",
-            highlight=False,
-        )
+        console.print(f"[yellow]Stopped following; {_goes_on(job_id)}[/]", highlight=False)
         raise typer.Exit(130) from None
+    except aidsafe.AidsafeError as exc:
+        if exc.status is not None:  # the API's refusal: the caller says it
+            raise
+        console.print(f"[red]No answer from the API ({exc.message}); {_goes_on(job_id)}[/]", highlight=False)
+        raise typer.Exit(1) from exc
     if final.refusals:
         console.print(f"Refusals by stage and model: {_refusals_text(final)}", highlight=False)
     if final.waiting_for_budget:
@@ -71,6 +72,13 @@ def follow_job(client: aidsafe.Client, job_id: Any, poll_s: float = 2.0) -> JobP
             highlight=False,
         )
     return final
+
+
+def _goes_on(job_id: Any) -> str:
+    return (
+        f"job {job_id} goes on. `aidsafe follow {job_id}` follows it again, "
+        f"`aidsafe jobs cancel {job_id}` stops it."
+    )
 
 
 def _refusals_text(progress: JobProgress) -> str:
