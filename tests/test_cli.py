@@ -77,6 +77,20 @@ async def aidsafe(live_api: str, auth: Headers, *args: str, columns: int = 200) 
     return process.returncode or 0, out.decode()
 
 
+async def interruptible(live_api: str, auth: Headers, *args: str) -> asyncio.subprocess.Process:
+    """`aidsafe` started as from a terminal, where Ctrl-C (SIGINT) interrupts it; its output
+    piped. A shell starts a command run in the background (`cmd &`, as a CI runner may) with
+    SIGINT ignored, which every process it starts inherits, and a Python that starts with
+    SIGINT ignored never raises KeyboardInterrupt: the test hung on it."""
+    return await asyncio.create_subprocess_exec(
+        AIDSAFE,
+        *args,
+        env=cli_env(live_api, auth),
+        stdout=asyncio.subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
 async def job_ids(sessions: Sessions) -> list[str]:
     async with sessions() as session:
         return [str(i) for i in await session.scalars(select(Job.id).order_by(Job.created_at))]
@@ -159,9 +173,7 @@ async def test_ctrl_c_stops_following_says_the_job_goes_on_and_the_cli_cancels_i
     live_api: str, api: httpx.AsyncClient, auth: Headers
 ) -> None:
     job = await submit(api, auth, ["a", "b"])  # no worker runs: it stays queued
-    process = await asyncio.create_subprocess_exec(
-        AIDSAFE, "follow", job["id"], env=cli_env(live_api, auth), stdout=asyncio.subprocess.PIPE
-    )
+    process = await interruptible(live_api, auth, "follow", job["id"])
     assert process.stdout is not None
     await asyncio.wait_for(process.stdout.readline(), 30)  # following
 
@@ -203,20 +215,13 @@ async def test_reproduce_names_both_jobs_before_following_the_first(
     live_api: str, auth: Headers, sessions: Sessions, tmp_path: Path
 ) -> None:
     prompts = write(tmp_path, "p.jsonl", '{"prompt": "fine"}')
-    process = await asyncio.create_subprocess_exec(
-        AIDSAFE,
-        "reproduce",
-        str(prompts),
-        "--out",
-        str(tmp_path / "report"),
-        env=cli_env(live_api, auth),
-        stdout=asyncio.subprocess.PIPE,
-    )
+    report = str(tmp_path / "report")
+    process = await interruptible(live_api, auth, "reproduce", str(prompts), "--out", report)
     assert process.stdout is not None
     # No worker runs: the first job never ends, and a Ctrl-C now leaves both jobs running.
     named = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
     process.send_signal(signal.SIGINT)
-    await process.communicate()
+    await asyncio.wait_for(process.communicate(), 30)
 
     submitted = await job_ids(sessions)
     assert len(submitted) == 2 and set(submitted) <= set(named.replace(",", " ").split()), named
