@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import sys
 from collections.abc import AsyncIterator
@@ -51,6 +52,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logs.configure(settings.log_level, settings.log_json)
+        # In a thread as the API starts, not at the first interval a request asks for: on the
+        # event loop, that held every request 0.7-1.7 s. (Imported as the module loaded, before
+        # the freeze below, a replay of the largest job held /healthz 108-112 ms against the
+        # 100 ms of tests/test_hostile_input.py, in two runs of three; why was not found.)
+        await asyncio.to_thread(stats.load_scipy)
         shipped = load_presets(settings.presets_dir, settings)  # an invalid preset stops the start
         engine = make_engine(settings.database_url, settings.database_timeout_s)
         sessions = make_sessions(engine)
@@ -125,9 +131,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 app = create_app()
-# Now, not at the first interval a request asks for: on the event loop, that held every
-# request 0.7-1.7 s. And before the freeze below, which its many objects need as much.
-stats.load_scipy()
 # The event loop shares the GIL with the threads that parse request bodies (app/api/bodies.py).
 # What exists now (modules, classes, the app) lives as long as the process: frozen, it is not
 # walked by every full garbage collection, each of which held the GIL for ~200 ms on the 2-core
