@@ -53,10 +53,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logs.configure(settings.log_level, settings.log_json)
         # In a thread as the API starts, not at the first interval a request asks for: on the
-        # event loop, that held every request 0.7-1.7 s. (Imported as the module loaded, before
-        # the freeze below, a replay of the largest job held /healthz 108-112 ms against the
-        # 100 ms of tests/test_hostile_input.py, in two runs of three; why was not found.)
+        # event loop, that held every request 0.7-1.7 s.
+        first_load = "scipy.stats" not in sys.modules
         await asyncio.to_thread(stats.load_scipy)
+        if first_load:
+            # Its ~38,000 objects live as long as the process: frozen as the rest of start-up
+            # (below), so that no full collection walks them, each 17-28 ms longer otherwise.
+            # Once a process: each later freeze would keep what is garbage then for good.
+            gc.freeze()
         shipped = load_presets(settings.presets_dir, settings)  # an invalid preset stops the start
         engine = make_engine(settings.database_url, settings.database_timeout_s)
         sessions = make_sessions(engine)
