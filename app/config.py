@@ -149,6 +149,10 @@ class Settings(BaseSettings):
     # 60 s; our clients send their few headers in one write, so half that still leaves a slow
     # link ample time while a trickling client holds a connection half as long.
     head_timeout_s: float = Field(default=30.0, gt=0)
+    # A stopping API ends its event streams at once (their clients resume elsewhere) and gives
+    # other responses under way this long (an export to a slow reader); then it cuts them.
+    # Below the 30 s an orchestrator waits before it kills (Kubernetes; compose is told).
+    shutdown_grace_s: float = Field(default=20.0, gt=0)
     # Annotation imports and the Label Studio webhook: a smaller cap, their parsing goes deeper.
     max_import_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     # GET /v1/jobs/{id} counts a job's items at most this often (app/api/summaries.py).

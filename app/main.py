@@ -7,6 +7,7 @@ import gc
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from arq.connections import create_pool
 from fastapi import FastAPI
@@ -33,6 +34,7 @@ from app.api import (
     state,
     webhooks,
 )
+from app.api.draining import DRAINING
 from app.api.known_keys import KnownKeys
 from app.api.limits import BodySizeLimit
 from app.api.open_streams import OpenStreams
@@ -50,7 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         logs.configure(settings.log_level, settings.log_json)
         # In a thread as the API starts, not at the first interval a request asks for: on the
         # event loop, that held every request 0.7-1.7 s.
@@ -89,7 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ),
         )
         try:
-            yield
+            yield {DRAINING: asyncio.Event()}  # the server's protocol sets it as it stops
         finally:
             # Their reads in flight, before their database goes.
             await summaries.aclose()

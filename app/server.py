@@ -1,5 +1,6 @@
-"""`aidsafe-api`: the API under uvicorn, with a request's head capped (app/api/head_limits.py).
-The tests serve the app with the same options (`uvicorn_options`)."""
+"""`aidsafe-api`: the API under uvicorn, with a request's head capped (app/api/head_limits.py)
+and its event streams ended as it stops (app/api/draining.py). The tests serve the app with
+the same options (`uvicorn_options`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typing import Any
 
 import uvicorn
 
-from app.api.head_limits import HeadLimitedProtocol, HeadLimits
+from app.api.draining import DrainingProtocol
+from app.api.head_limits import HeadLimits
 from app.config import Settings, get_settings
 
 
@@ -18,7 +20,11 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     limits = HeadLimits(
         settings.max_url_bytes, settings.max_header_bytes, settings.max_header_fields, settings.head_timeout_s
     )
-    return {"http": partial(HeadLimitedProtocol, limits=limits)}
+    return {
+        "http": partial(DrainingProtocol, limits=limits),
+        # Then what is still under way is cancelled: uvicorn would wait for it without end.
+        "timeout_graceful_shutdown": settings.shutdown_grace_s,
+    }
 
 
 def run() -> None:

@@ -422,13 +422,26 @@ def live_api(settings: Settings, sessions: Sessions) -> Iterator[str]:
 @contextmanager
 def served(settings: Settings) -> Iterator[str]:
     """live_api's server, for an app of other settings than the session's."""
+    with serving(settings) as server:
+        yield server.url
+
+
+@dataclass(frozen=True)
+class Serving:
+    """An API served in a thread: where, and its uvicorn server (`should_exit` stops it)."""
+
+    url: str
+    server: uvicorn.Server
+    thread: threading.Thread
+
+
+@contextmanager
+def serving(settings: Settings) -> Iterator[Serving]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(
-        create_app(settings), log_level="warning", timeout_graceful_shutdown=2, **uvicorn_options(settings)
-    )
-    server = uvicorn.Server(config)
+    options = {**uvicorn_options(settings), "timeout_graceful_shutdown": 2}
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", **options))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="live-api", daemon=True)
     thread.start()
     try:
@@ -437,7 +450,7 @@ def served(settings: Settings) -> Iterator[str]:
             if not thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("the API did not start")
             time.sleep(0.01)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        yield Serving(f"http://127.0.0.1:{sock.getsockname()[1]}", server, thread)
     finally:
         server.should_exit = True
         thread.join(timeout=10)

@@ -25,7 +25,7 @@ from app.queue import REQUEST_RETRIES, bound_calls, redis_settings
 from app.store import jobs
 from app.store.db import Sessions
 from app.store.models import ApiKey, Item, ItemStatus, Job
-from tests.conftest import new_key, restartable_redis, run_worker_burst, served
+from tests.conftest import new_key, restartable_redis, run_worker_burst, served, serving
 from tests.scripted_llm import ScriptedLLM, refusal
 from tests.test_api import error_of, submit
 from tests.test_viewer import logged_in
@@ -646,6 +646,32 @@ async def test_a_stream_ends_once_its_key_is_revoked_and_the_reconnection_is_ref
 
     assert received == ["snapshot"]
     error_of(again, 401, "unauthorized")
+
+
+async def test_a_stopping_api_ends_its_streams_at_once_so_that_it_can_stop(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings
+) -> None:
+    """An API told to stop waited for every open stream to end: for a job that runs for days,
+    until it was killed. Its clients resume elsewhere with Last-Event-ID."""
+    job = await submit(api, auth, ["a"])  # no worker runs: the job never ends
+    with serving(settings) as api_served:
+        async with (
+            httpx.AsyncClient(base_url=api_served.url, timeout=10) as client,
+            aconnect_sse(client, "GET", f"/v1/jobs/{job['id']}/events", headers=auth) as stream,
+        ):
+
+            async def stop() -> None:
+                api_served.server.should_exit = True  # as on SIGTERM
+
+            started = time.monotonic()
+            # A clean end (a cut one raises), before the 2 s the server gives what is under way.
+            received = await asyncio.wait_for(kinds_until_closed(stream, stop), 10)
+            ended_s = time.monotonic() - started
+        await asyncio.to_thread(api_served.thread.join, 10)
+
+    assert received == ["snapshot"]
+    assert ended_s < 1.5, ended_s
+    assert not api_served.thread.is_alive()
 
 
 async def test_a_viewer_stream_ends_once_its_session_is_logged_out(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.api.bodies import inlined
 from app.api.deps import CurrentKey, OwnedJob, SessionDep
+from app.api.draining import draining, until_set
 from app.api.errors import documented_beside_a_stream
 from app.api.schemas import ItemFinishedOut, JobProgressOut
 from app.api.state import api_state
@@ -34,12 +36,13 @@ StillAllowed = Callable[[AsyncSession], Awaitable[bool]]
 
 @dataclass(frozen=True)
 class ResumedEvents:
-    """A job's events, the id of the last one the client has (None: from now), and whether
-    its caller may still read them."""
+    """A job's events, the id of the last one the client has (None: from now), whether
+    its caller may still read them, and the server's shutdown (app/api/draining.py)."""
 
     source: JobEventSource
     last_event_id: str | None
     allowed: Callable[[], Awaitable[bool]]
+    draining: asyncio.Event
 
 
 def job_event_source(request: Request, job_id: UUID) -> JobEventSource:
@@ -75,13 +78,13 @@ async def resumed(
             async with sessions() as own:
                 return await still_allowed(own)
 
-        yield ResumedEvents(source, last_event_id or None, allowed)
+        yield ResumedEvents(source, last_event_id or None, allowed, draining(request))
 
 
 async def server_sent(events: ResumedEvents) -> AsyncIterator[ServerSentEvent]:
     yield ServerSentEvent(comment="connected", retry=RETRY_MS)
     async with aclosing(follow(events.source, events.last_event_id)) as followed:
-        async for event in followed:
+        async for event in until_set(followed, events.draining):
             # A stream may outlive its key's revocation by hours: it ends at the next snapshot
             # (every events_resync_s at most), and the client's reconnection is refused.
             if event.kind == "snapshot" and not await events.allowed():
