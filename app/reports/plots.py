@@ -6,12 +6,15 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping, Sequence
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 import anyio
-from matplotlib.figure import Figure
 
 from app.deliberation.results import GAP_SCALE
 from app.reports.figures import SCORES, ComparisonFigures, Side, graded_metrics
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 GAP_EDGES = [edge / 2 for edge in range(2 * GAP_SCALE[0], 2 * GAP_SCALE[1] + 1)]  # 0.5 wide
 # Drawing takes a core for a few hundred ms: off the event loop, two at a time per process,
@@ -45,6 +48,14 @@ async def gaps_png(title: str, gaps: Mapping[str, Sequence[float]]) -> bytes:
     return await anyio.to_thread.run_sync(gap_distributions, title, gaps, limiter=_DRAWING)
 
 
+def _figure(width: float, height: float) -> Figure:
+    """A new figure. matplotlib is imported here, in the drawing thread at the first plot: as the
+    API's module loaded, it took 0.4 s of every API process's start, most never to draw."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
 def _png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
@@ -56,7 +67,7 @@ def score_distributions(title: str, sides: Sequence[Side]) -> bytes:
     metrics = graded_metrics(sides)
     columns = 3
     rows = max(1, -(-len(metrics) // columns))
-    figure = Figure(figsize=(4 * columns, 3 * rows), layout="constrained")
+    figure = _figure(4 * columns, 3 * rows)
     axes = figure.subplots(rows, columns, squeeze=False).flatten()
     width = 0.8 / max(1, len(sides))
     for ax, metric in zip(axes, metrics, strict=False):
@@ -78,7 +89,7 @@ def score_distributions(title: str, sides: Sequence[Side]) -> bytes:
 
 def gap_distributions(title: str, gaps: Mapping[str, Sequence[float]]) -> bytes:
     """The chosen-minus-rejected gap per sampling method (the paper's Figure 4)."""
-    figure = Figure(figsize=(6, 3.5), layout="constrained")
+    figure = _figure(6, 3.5)
     ax = figure.subplots()
     for method, method_gaps in sorted(gaps.items()):
         ax.hist(list(method_gaps), bins=GAP_EDGES, alpha=0.6, label=f"{method} (n={len(method_gaps)})")
