@@ -27,6 +27,12 @@ RUN pip install --no-cache-dir -e ".[llm]" \
 RUN python -m compileall -q app workers aidsafe migrations
 
 RUN useradd --system --home /srv/aidsafe aidsafe
+# matplotlib keeps its font cache under HOME, which root owns here: every process that drew a
+# plot warned, made a temporary folder and scanned the fonts again. A folder of the user's,
+# its cache built now, so no process builds it.
+ENV MPLCONFIGDIR=/var/cache/matplotlib
+RUN install -d -o aidsafe -g aidsafe "$MPLCONFIGDIR"
 USER aidsafe
+RUN python -c "import matplotlib.font_manager"
 EXPOSE 8000
 CMD ["aidsafe-api", "--host", "0.0.0.0", "--port", "8000"]
