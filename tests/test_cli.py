@@ -726,6 +726,36 @@ async def test_cli_compares_two_jobs_with_two_judges_and_prints_each_ones_shares
     assert models == {"judge-a", "judge-b"}
 
 
+async def test_refusals_worded_for_http_callers_name_the_clis_flag_or_command_too(
+    live_api: str, api: httpx.AsyncClient, auth: Headers, settings: Settings
+) -> None:
+    prompts = ["How do I sharpen a knife?"]
+    ungraded = await submit(api, auth, prompts, config={"mode": "zero_shot"})
+    graded = await submit(api, auth, prompts, config={"grading": {}})
+
+    wide = 1000  # a refusal on a line of its own
+    code, running = await aidsafe(live_api, auth, "jobs", "delete", ungraded["id"], columns=wide)
+    await run_worker_burst(settings)
+    mismatch_code, mismatch = await aidsafe(
+        live_api, auth, "compare", ungraded["id"], graded["id"], columns=wide
+    )
+    _, allowed = await aidsafe(
+        live_api, auth, "compare", ungraded["id"], graded["id"], "--allow-mismatch", "--no-follow"
+    )
+    comparison_id = allowed.split()[1].removesuffix(":")  # "Comparison ID: 1 prompts in common"
+    compared_code, compared = await aidsafe(live_api, auth, "jobs", "delete", ungraded["id"], columns=wide)
+
+    # The API's words stay as HTTP callers need them; the CLI's way follows.
+    assert code == 1 and "409: job_running" in running and f"POST /v1/jobs/{ungraded['id']}/cancel" in running
+    assert f"(with the CLI: `aidsafe jobs cancel {ungraded['id']}`)" in running, running
+    assert (
+        mismatch_code == 1 and "422: comparison_mismatch" in mismatch and "allow_mismatch: true" in mismatch
+    )
+    assert "(with the CLI: --allow-mismatch)" in mismatch, mismatch
+    assert compared_code == 1 and "409: job_in_comparison" in compared
+    assert f"(with the CLI: `aidsafe jobs delete ID` for each of {comparison_id})" in compared, compared
+
+
 @pytest.mark.parametrize(
     ("spec", "role"),
     [

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import typer
 
 from aidsafe.models import Comparison
-from app.cli.connection import ApiKeyOpt, ApiUrl, api_client
+from app.cli.connection import Advice, ApiKeyOpt, ApiUrl, api_client
 from app.cli.follow import follow_job
 from app.cli.output import console, interval
 
@@ -45,7 +45,8 @@ def compare(
     """Judge two finished jobs' samples of the prompts both completed (e.g. the zero-shot
     baseline against AIDSAFE) and print each judge's results and the metric means."""
     judges = [judge_role(spec) for spec in judge] if judge else None
-    with api_client(api_url, key) as client:
+    advice: Advice = {"comparison_mismatch": lambda _: "--allow-mismatch"}
+    with api_client(api_url, key, advice) as client:
         comparison = client.create_comparison(
             baseline_job_id, candidate_job_id, judges=judges, allow_mismatch=allow_mismatch, label=label
         )

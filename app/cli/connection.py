@@ -3,7 +3,7 @@ refusals end the command."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Annotated
 
@@ -19,20 +19,25 @@ ApiUrl = Annotated[str, typer.Option(envvar=URL_ENV, help="Base URL of the API."
 
 ApiKeyOpt = Annotated[str, typer.Option("--key", envvar=KEY_ENV, help="API key.")]
 
+# A command's own way out of a refusal, by the refusal's code. The API's words name its fields,
+# headers and routes (`allow_mismatch`, POST /v1/jobs/{id}/cancel), which a CLI user never writes.
+Advice = Mapping[str, Callable[[aidsafe.AidsafeError], str]]
+
 
 @contextmanager
-def api_client(api_url: str, key: str) -> Iterator[aidsafe.Client]:
-    """The API's client; what it refuses ends the command (exit code 1), saying why."""
+def api_client(api_url: str, key: str, advice: Advice | None = None) -> Iterator[aidsafe.Client]:
+    """The API's client; what it refuses ends the command (exit code 1), saying why, and how
+    to go on with this command when `advice` knows."""
     try:
         with aidsafe.Client(api_url, key) as client:
             yield client
     except aidsafe.AidsafeError as exc:
         said = "The API answered " + str(exc.status) if exc.status else "No answer from the API"
-        # the API's words name the HTTP header, which a CLI user never writes
-        hint = (
-            f" (give --key or set {KEY_ENV}; `aidsafe keys create NAME` makes one)"
-            if exc.status == 401 and not key
-            else ""
-        )
+        hint = ""
+        if exc.status == 401 and not key:  # the API's words name the HTTP header
+            hint = f"give --key or set {KEY_ENV}; `aidsafe keys create NAME` makes one"
+        elif advice and exc.code in advice:
+            hint = "with the CLI: " + advice[exc.code](exc)
+        hint = f" ({escape(hint)})" if hint else ""
         console.print(f"[red]{said}: {exc.code}: {escape(exc.message)}{hint}[/]")
         raise typer.Exit(1) from exc

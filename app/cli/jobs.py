@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli.connection import ApiKeyOpt, ApiUrl, api_client
+from app.cli.connection import Advice, ApiKeyOpt, ApiUrl, api_client
 from app.cli.job_options import requested_budget
 from app.cli.output import budget_text, console, usd
 
@@ -101,7 +101,13 @@ def cancel_job(job_id: str, api_url: ApiUrl = "http://127.0.0.1:8000", key: ApiK
 @jobs_cli.command("delete")
 def delete_job(job_id: str, api_url: ApiUrl = "http://127.0.0.1:8000", key: ApiKeyOpt = "") -> None:
     """Delete a finished job (or comparison) and everything derived from it."""
-    with api_client(api_url, key) as client:
+    advice: Advice = {
+        "job_running": lambda _: f"`aidsafe jobs cancel {job_id}`",
+        "job_in_comparison": lambda refusal: (
+            "`aidsafe jobs delete ID` for each of " + ", ".join(refusal.details["comparison_ids"])
+        ),
+    }
+    with api_client(api_url, key, advice) as client:
         deletion = client.delete_job(job_id)
     rows = ", ".join(f"{table} {count}" for table, count in deletion.row_counts.items() if count)
     console.print(f"Deleted job {deletion.job_id}: {rows}.", highlight=False)
