@@ -321,7 +321,8 @@ class ScriptedBatches:
             if left == 0:
                 return None
             self.refusals[object_id] = (status, None if left is None else left - 1)
-        return _error(status, f"{object_id} is not available", "not_found" if status == 404 else "forbidden")
+        code = {404: "not_found", 401: "unauthorized", 403: "forbidden"}.get(status, "invalid_request")
+        return _error(status, f"{object_id} is not available", code)
 
     def _validate(self, batch: _Batch) -> None:
         custom_ids = [line.get("custom_id") for line in batch.lines]

@@ -409,6 +409,39 @@ async def test_a_batch_the_provider_no_longer_knows_ends_lost_and_its_requests_a
         assert [resent.count(custom_id) for custom_id in lost_lines] == [1, 1, 1]
 
 
+@pytest.mark.parametrize("status", [400, 422])
+async def test_a_batch_whose_poll_the_provider_keeps_refusing_ends_lost_once_the_refusal_has_lasted(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+    status: int,
+) -> None:
+    """A 4xx but 404 (and 401/403) on a retrieve: a refusal, as a 404 is. It was a fault,
+    the batch asked about again at every poll for ever and its items waiting as long."""
+    online = await _online_run(batch_api, auth, batch_settings, scripted_llm, PROMPTS[:3])
+    job_id, refused, refused_lines = await _held_in_progress(
+        batch_api, auth, batch_settings, sessions, arq_redis, scripted_llm, 3
+    )
+    scripted_llm.batches.refuse(refused["id"], status)  # every poll of it, from now on
+    scripted_llm.batches.hold = False
+
+    async def ended() -> bool:
+        return (await _provider_batch_row(sessions, refused["id"])).finished_at is not None
+
+    await _drive_until(batch_settings, sessions, arq_redis, ended, rounds=20)
+    row = await _provider_batch_row(sessions, refused["id"])
+    assert row.status == "lost" and f"HTTP {status}" in str(row.error)
+    assert row.refusals >= batches.GONE_AFTER_REFUSALS, "taken for lost at its first refusal"
+
+    await _drive(batch_settings, sessions, arq_redis, job_id)
+
+    await _same_as_online(sessions, scripted_llm, online, job_id)  # nothing lost, nothing paid twice
+    assert [_sent_lines(scripted_llm).count(custom_id) for custom_id in refused_lines] == [2, 2, 2]
+
+
 @pytest.mark.parametrize("unanswered", ["next_wave", "online"])
 @pytest.mark.parametrize("gone", ["output", "error"])
 async def test_a_batch_file_the_provider_no_longer_has_sends_its_requests_once_more_and_keeps_the_other(

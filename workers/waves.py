@@ -32,7 +32,6 @@ from app.config import Settings
 from app.llm.batch_api import (
     TERMINAL,
     BatchAPI,
-    BatchNotFound,
     BatchRefused,
     BatchUnavailable,
     OutputLine,
@@ -156,9 +155,11 @@ async def _poll(settings: Settings, sessions: Sessions, api: BatchAPI, held: Hel
     await batches.renew(sessions, held)
     try:
         seen = await api.retrieve(held.endpoint, held.provider_batch_id)
-    except BatchNotFound as missing:
-        if await _gone(settings, sessions, held, str(missing)):
-            await _lost(settings, sessions, held, str(missing))
+    except BatchRefused as refused:
+        # A 404, or another 4xx (a 400 or 422 for an id the provider will not take): as
+        # anything but a 404 it was a fault, asked about again at every poll for ever.
+        if await _gone(settings, sessions, held, str(refused)):
+            await _lost(settings, sessions, held, str(refused))
         return
     status, counts = seen.get("status"), seen.get("request_counts")
     if status not in TERMINAL:

@@ -2,11 +2,12 @@
 create a batch of chat completions on it (`/batches`), find, retrieve and cancel batches,
 and download their output and error files. Plus the wire format of those files.
 
-Faults come in two kinds: BatchRefused (a 4xx other than 408/409/425/429: the provider will
-not take this file or batch; asking again will not help), of which BatchNotFound (a 404: the
-provider knows no such batch or file), and BatchUnavailable (anything else: try again later).
-Some proxies answer 404 or 403 for a while before a batch or file is there: workers/waves.py
-believes a retrieve's 404, or a download's refusal, only once it has lasted.
+Faults come in three kinds: BatchRefused (a 4xx other than 401/403 and 408/409/425/429:
+the provider will not take, or show, this file or batch, e.g. a 404 for one it does not
+know; asking again will not help), BatchForbidden (a 401 or 403: the key may not do it) and
+BatchUnavailable (anything else: try again later). Some proxies answer 404 (or another
+4xx) for a while before a batch or file is there: workers/waves.py believes a retrieve's or
+a download's refusal only once it has lasted.
 Their messages may quote the provider: for operators only.
 """
 
@@ -35,17 +36,14 @@ class BatchFault(Exception):
 
 
 class BatchRefused(BatchFault):
-    """The provider refused the call itself (a 4xx): e.g. a file over its size limit."""
+    """The provider refused the call itself (a 4xx): e.g. a file over its size limit, or a
+    batch or file it does not know (a 404)."""
 
 
 class BatchForbidden(BatchFault):
     """The provider will not let this key do it (a 401 or 403): access, which the operator
     can mend. Not a refusal of the batch or file: split, bought again or taken for none
     found, the batch would meet the same (or be created twice); asked again, it goes on."""
-
-
-class BatchNotFound(BatchRefused):
-    """The provider knows no such batch or file (a 404): deleted, or kept no longer."""
 
 
 class BatchUnavailable(BatchFault):
@@ -210,6 +208,4 @@ def _raise_for(status: int, body: bytes, endpoint: str) -> None:
     detail = f"{endpoint}: HTTP {status}: {body[:_ERROR_BODY_CHARS].decode('utf-8', 'replace')}"
     if status in _TRANSIENT or status >= 500:
         raise BatchUnavailable(detail)
-    if status == 404:
-        raise BatchNotFound(detail)
     raise BatchForbidden(detail) if status in (401, 403) else BatchRefused(detail)

@@ -397,12 +397,13 @@ async def advance(sessions: Sessions, held: Held, poll_in_s: float, **values: An
 
 
 async def refused(sessions: Sessions, held: Held, poll_in_s: float, gone_after_s: float) -> bool:
-    """Count a poll at which the provider refused the batch, or one of its files (a 404; a
-    download's other 4xx): whether it has now refused it long enough to be taken for gone, at
-    GONE_AFTER_REFUSALS polls in a row or more, over `gone_after_s` or more since the first.
-    Until then it is looked at again in `poll_in_s`: some proxies answer 404 (or 403) for a
-    while before a batch or file is there, and taken for gone at the first, the batch's
-    requests were bought again. LeaseLost if another worker took it over (nothing is written)."""
+    """Count a poll at which the provider refused the batch, or one of its files (a 4xx but a
+    401 or 403, at its retrieve or download): whether it has now refused it long enough to be
+    taken for gone, at GONE_AFTER_REFUSALS polls in a row or more, over `gone_after_s` or more
+    since the first. Until then it is looked at again in `poll_in_s`: some proxies answer 404
+    (or another 4xx) for a while before a batch or file is there, and taken for gone at the
+    first, the batch's requests were bought again. LeaseLost if another worker took it over
+    (nothing is written)."""
     async with sessions.begin() as session:
         await _write_held(
             session,

@@ -362,8 +362,8 @@ class Batch(Base):
     # the provider).
     error: Mapped[str | None] = mapped_column(Text)
     # The polls in a row at which the provider refused the batch or one of its files (a 404,
-    # a file's 4xx), and when the first was: it is taken for gone only once they are settled
-    # (see batches.refused). Cleared when the provider answers again.
+    # or another 4xx but 401 and 403), and when the first was: it is taken for gone only once
+    # they are settled (see batches.refused). Cleared when the provider answers again.
     refusals: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     refused_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Uploaded by this release and its create not sent yet: no provider batch of it can
