@@ -28,6 +28,7 @@ keeps none). The test drives the rest:
     batches.forget(batch_id)      # the provider lost the batch: asked of it, it answers 404
     batches.delete_file(file_id)  # the provider deleted the file (or kept it no longer): 404
     batches.refuse(batch_or_file_id, 404, times=2)  # its next 2 asks answer 404 (None: every ask)
+    batches.downloads[file_id]    # how often the file's content was asked for
 """
 
 from __future__ import annotations
@@ -146,6 +147,7 @@ class ScriptedBatches:
             self.create_failures = 0  # the next creates answer 503, making nothing
             self.lists = 0  # batch list requests answered or refused
             self.cancel_requests: list[str] = []
+            self.downloads: dict[str, int] = {}  # file id: content asks, answered or refused
             self.refusals: dict[str, tuple[int, int | None]] = {}  # id: (status, asks left)
 
     def routes(self) -> list[Route]:
@@ -228,6 +230,8 @@ class ScriptedBatches:
 
     async def _content(self, request: Request) -> Response:
         file_id = request.path_params["file_id"]
+        with self._lock:
+            self.downloads[file_id] = self.downloads.get(file_id, 0) + 1
         if refusal := self._refusal(file_id):
             return refusal
         file = self.files.get(file_id)

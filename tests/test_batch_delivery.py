@@ -466,12 +466,14 @@ async def test_a_batch_file_the_provider_no_longer_has_sends_its_requests_once_m
         batch={"unanswered": unanswered},
     )
     scripted_llm.batches.expire(first["id"], answered=2)  # 2 answers in its output file, 4 errors
-    deleted = scripted_llm.batches.created()[0][f"{gone}_file_id"]
+    ended = scripted_llm.batches.created()[0]
+    deleted, kept = ended[f"{gone}_file_id"], ended["error_file_id" if gone == "output" else "output_file_id"]
     scripted_llm.batches.delete_file(deleted)  # each download of it is now a 404
     scripted_llm.batches.hold = False
 
     await _drive(batch_settings, sessions, arq_redis, job_id)
 
+    assert scripted_llm.batches.downloads[kept] == 1, "the file read was downloaded again at each poll"
     batched = await _record(sessions, job_id)
     assert batched == await _record(sessions, online.job_id), "an answer was lost"
     unread = first_lines if gone == "output" else first_lines[2:]
@@ -572,6 +574,71 @@ async def test_a_batch_file_the_provider_refuses_twice_then_serves_is_read_and_n
 
     await _same_as_online(sessions, scripted_llm, online, job_id)  # its answers read, none bought twice
     await _answered_normally(scripted_llm, sessions, first)
+
+
+@pytest.mark.parametrize("refused", ["output", "error"])
+async def test_a_batch_file_read_while_the_other_is_refused_is_downloaded_once_and_its_answers_kept(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+    refused: str,
+) -> None:
+    """One file refused for a while, then served: the other, read at the first poll, was
+    downloaded again at every poll until then. Now its lines are stored at once (its answered
+    items go on meanwhile) and it is not asked for again; nothing is lost or bought twice."""
+    online = await _online_run(batch_api, auth, batch_settings, scripted_llm, PROMPTS[:6])
+    job_id, first, _ = await _held_in_progress(
+        batch_api, auth, batch_settings, sessions, arq_redis, scripted_llm, 6
+    )
+    scripted_llm.batches.expire(first["id"], answered=2)  # 2 answers in its output file, 4 errors
+    ended = scripted_llm.batches.created()[0]
+    other = ended["error_file_id" if refused == "output" else "output_file_id"]
+    # Refused at fewer polls than take a file for gone.
+    scripted_llm.batches.refuse(ended[f"{refused}_file_id"], 404, times=batches.GONE_AFTER_REFUSALS - 1)
+    scripted_llm.batches.hold = False
+
+    await _drive(batch_settings, sessions, arq_redis, job_id)
+
+    assert scripted_llm.batches.downloads[other] == 1, "the file read was downloaded again at each poll"
+    await _same_as_online(sessions, scripted_llm, online, job_id)
+    row = await _provider_batch_row(sessions, first["id"])
+    assert (row.status, row.error, row.refusals, row.refused_since) == ("collected", None, 0, None)
+    assert (row.output_file_id, row.error_file_id) == (ended["output_file_id"], ended["error_file_id"])
+
+
+async def test_a_batch_file_refused_beside_one_read_later_is_taken_for_gone_at_its_own_third_refusal(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    """Both files refused at the first poll, the output file served at the second: it is read
+    once, and the error file, refused at every poll, is taken for gone at its third refusal,
+    the count going on across the poll that read the other."""
+    job_id, first, first_lines = await _held_in_progress(
+        batch_api, auth, batch_settings, sessions, arq_redis, scripted_llm, 6
+    )
+    scripted_llm.batches.expire(first["id"], answered=2)  # 2 answers in its output file, 4 errors
+    ended = scripted_llm.batches.created()[0]
+    scripted_llm.batches.refuse(ended["output_file_id"], 404, times=1)
+    scripted_llm.batches.refuse(ended["error_file_id"], 404)  # every ask, from now on
+    scripted_llm.batches.hold = False
+
+    await _drive(batch_settings, sessions, arq_redis, job_id)
+
+    downloads = scripted_llm.batches.downloads
+    assert (downloads[ended["output_file_id"]], downloads[ended["error_file_id"]]) == (
+        2,
+        batches.GONE_AFTER_REFUSALS,
+    )
+    row = await _provider_batch_row(sessions, first["id"])
+    assert row.status == "collected" and ended["error_file_id"] in str(row.error)
+    assert [_sent_lines(scripted_llm).count(custom_id) for custom_id in first_lines] == [1, 1, 2, 2, 2, 2]
 
 
 async def _first_batch_finished_with_its_output_file_refused(
@@ -980,10 +1047,13 @@ async def test_a_holder_whose_lease_was_taken_over_writes_nothing_and_leaves_the
         await batches.split_refused(sessions, old, "old")
     with pytest.raises(LeaseLost):
         await batches.refused(sessions, old, 0, 0)
+    with pytest.raises(LeaseLost):
+        await batches.keep_read(sessions, old, Outcome({}, {}), {"output_file_id": "file-old"})
     await batches.release(sessions, old)
 
     row = await _batch_row(sessions, batch_id)
     assert (row.status, row.input_file_id, row.error, row.finished_at) == ("preparing", None, None, None)
+    assert row.output_file_id is None, "the old holder named a file read"
     assert (row.refusals, row.refused_since) == (0, None), "the old holder counted a refusal"
     assert row.lease_id == new.lease_id != old.lease_id
     assert await batches.take_due(sessions, lease_s=60) == [], "the old holder's release freed the batch"

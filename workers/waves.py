@@ -155,11 +155,11 @@ async def _poll(settings: Settings, sessions: Sessions, api: BatchAPI, held: Hel
     await batches.renew(sessions, held)
     try:
         seen = await api.retrieve(held.endpoint, held.provider_batch_id)
-    except BatchRefused as refused:
+    except BatchRefused as refusal:
         # A 404, or another 4xx (a 400 or 422 for an id the provider will not take): as
         # anything but a 404 it was a fault, asked about again at every poll for ever.
-        if await _gone(settings, sessions, held, str(refused)):
-            await _lost(settings, sessions, held, str(refused))
+        if await _gone(settings, sessions, held, str(refusal)):
+            await _lost(settings, sessions, held, str(refusal))
         return
     status, counts = seen.get("status"), seen.get("request_counts")
     if status not in TERMINAL:
@@ -174,9 +174,12 @@ async def _poll(settings: Settings, sessions: Sessions, api: BatchAPI, held: Hel
         await _refuse(sessions, held, f"failed validation: {str(seen.get('errors'))[:500]}")
         return
     outcome = Outcome({}, {})
-    refused = await _read_files(sessions, api, held, seen, outcome)
-    if refused and not await _gone(settings, sessions, held, refused):
-        return  # what was read is read again at the next poll
+    read, refused = await _read_files(sessions, api, held, seen, outcome)
+    if refused:
+        if read:
+            await batches.keep_read(sessions, held, outcome, read)
+        if not await _gone(settings, sessions, held, refused):
+            return
     gone = refused and f"gone, their requests sent again: {refused}"
     await batches.collect(
         sessions,
@@ -199,25 +202,30 @@ async def _poll(settings: Settings, sessions: Sessions, api: BatchAPI, held: Hel
 
 async def _read_files(
     sessions: Sessions, api: BatchAPI, held: Held, seen: dict[str, Any], outcome: Outcome
-) -> str | None:
-    """Read the ended batch's output and error files into `outcome`. A file the provider
-    refuses (a 404: deleted, or kept no longer; or another 4xx) is skipped: once it is taken
-    for gone (see _gone), its lines' requests, left unanswered, go back as an expired batch's
-    do, and the other file's lines count. Asked for again after every refusal, a file that
-    answered 404 for ever held the batch's items as long. A 401 or 403 (BatchForbidden) is
-    no refusal but a fault, raised: the key may not have the file, and bought again, the next
-    batch's would be refused too. Which files were refused and why, or None."""
-    refused = []
-    for file_id in (seen.get("output_file_id"), seen.get("error_file_id")):
-        if file_id:
-            await batches.renew(sessions, held)
-            try:
-                content = await api.content(held.endpoint, file_id)
-            except BatchRefused as refusal:
-                refused.append(f"file {file_id}: {refusal}")
-                continue
-            _read(await asyncio.to_thread(output_lines, content), outcome)
-    return "; ".join(refused) or None
+) -> tuple[dict[str, str], str | None]:
+    """Read the ended batch's output and error files into `outcome`, but those read at an
+    earlier poll (their lines are stored: batches.keep_read). A file the provider refuses (a
+    404: deleted, or kept no longer; or another 4xx) is skipped: once it is taken for gone
+    (see _gone), its lines' requests, left unanswered, go back as an expired batch's do, and
+    the other file's lines count. Asked for again after every refusal, a file that answered
+    404 for ever held the batch's items as long. A 401 or 403 (BatchForbidden) is no refusal
+    but a fault, raised: the key may not have the file, and bought again, the next batch's
+    would be refused too. The files read now (column: id), and which were refused and why,
+    or None."""
+    read, refused = {}, []
+    for column in ("output_file_id", "error_file_id"):
+        file_id = seen.get(column)
+        if not file_id or file_id in held.read_file_ids:
+            continue
+        await batches.renew(sessions, held)
+        try:
+            content = await api.content(held.endpoint, file_id)
+        except BatchRefused as refusal:
+            refused.append(f"file {file_id}: {refusal}")
+            continue
+        _read(await asyncio.to_thread(output_lines, content), outcome)
+        read[column] = str(file_id)
+    return read, "; ".join(refused) or None
 
 
 async def _gone(settings: Settings, sessions: Sessions, held: Held, detail: str) -> bool:

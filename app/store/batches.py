@@ -291,6 +291,7 @@ class Held:
     created_at: datetime
     lease_id: UUID  # the lease's token (see the module's docstring)
     lease_s: float  # how long the lease lasts from its last renewal
+    read_file_ids: frozenset[str]  # its files whose lines are stored (see keep_read)
 
 
 async def take_due(sessions: Sessions, lease_s: float, limit: int = 20) -> list[Held]:
@@ -326,11 +327,25 @@ async def take_due(sessions: Sessions, lease_s: float, limit: int = 20) -> list[
                     Job.plan,
                     Batch.created_at,
                     Batch.lease_id,
+                    Batch.output_file_id,  # named on an open batch once read (see keep_read)
+                    Batch.error_file_id,
                 )
             )
         ).all()
     return [
-        Held(*r[:3], BatchStatus(r[3]), r[4], r[5], r[6], r[7], _unanswered(r[8]), r[9], r[10], lease_s)
+        Held(
+            *r[:3],
+            BatchStatus(r[3]),
+            r[4],
+            r[5],
+            r[6],
+            r[7],
+            _unanswered(r[8]),
+            r[9],
+            r[10],
+            lease_s,
+            frozenset(str(file_id) for file_id in (r.output_file_id, r.error_file_id) if file_id),
+        )
         for r in rows
     ]
 
@@ -470,30 +485,7 @@ async def collect(
     worker took the batch over (nothing is written)."""
     async with sessions.begin() as session:
         await _write_held(session, held, **values, status=final, finished_at=func.now())
-        mine = and_(BatchRequest.batch_id == held.id, BatchRequest.status == BatchRequestStatus.SUBMITTED)
-        for request_id, answer in outcome.answers.items():
-            await session.execute(
-                update(BatchRequest)
-                .where(mine, BatchRequest.id == request_id)
-                # As an online reply's turn is: a NUL (or a lone surrogate) would fail the
-                # update, and the batch's every poll after it, for ever.
-                .values(
-                    status=BatchRequestStatus.ANSWERED,
-                    answer=replace_unstorable(answer),
-                    body={},
-                    answered_at=func.now(),
-                )
-            )
-        for request_id, error in outcome.rejected.items():
-            await session.execute(
-                update(BatchRequest)
-                .where(mine, BatchRequest.id == request_id)
-                .values(
-                    status=BatchRequestStatus.REJECTED,
-                    error=replace_unstorable(error),
-                    answered_at=func.now(),
-                )
-            )
+        mine = await _store(session, held, outcome)
         if held.unanswered == "online":
             await session.execute(
                 update(BatchRequest)
@@ -513,6 +505,49 @@ async def collect(
                 error=case((BatchRequest.submissions >= max_submissions, unanswered), else_=None),
             )
         )
+
+
+async def keep_read(sessions: Sessions, held: Held, outcome: Outcome, file_ids: dict[str, str]) -> None:
+    """Store the outcome of the ended batch's files read while its other file is refused, and
+    name them on the batch (`file_ids`: output_file_id, error_file_id): its next polls ask
+    only for the refused file, and the items answered go on meanwhile. Downloaded again at
+    every poll instead, a large output file was fetched for as long as the other was
+    refused. The refusals count on: every poll asks for each file not read yet, so the one
+    refused now was refused at each poll they count. LeaseLost if another worker took the
+    batch over (nothing is written)."""
+    async with sessions.begin() as session:
+        await _write_held(session, held, **file_ids)
+        await _store(session, held, outcome)
+
+
+async def _store(session: AsyncSession, held: Held, outcome: Outcome) -> ColumnElement[bool]:
+    """Store the outcome on the batch's requests still submitted in it (so each once: the
+    request's body, never sent again, blanked); which requests are still submitted in it."""
+    mine = and_(BatchRequest.batch_id == held.id, BatchRequest.status == BatchRequestStatus.SUBMITTED)
+    for request_id, answer in outcome.answers.items():
+        await session.execute(
+            update(BatchRequest)
+            .where(mine, BatchRequest.id == request_id)
+            # As an online reply's turn is: a NUL (or a lone surrogate) would fail the
+            # update, and the batch's every poll after it, for ever.
+            .values(
+                status=BatchRequestStatus.ANSWERED,
+                answer=replace_unstorable(answer),
+                body={},
+                answered_at=func.now(),
+            )
+        )
+    for request_id, error in outcome.rejected.items():
+        await session.execute(
+            update(BatchRequest)
+            .where(mine, BatchRequest.id == request_id)
+            .values(
+                status=BatchRequestStatus.REJECTED,
+                error=replace_unstorable(error),
+                answered_at=func.now(),
+            )
+        )
+    return mine
 
 
 async def split_refused(sessions: Sessions, held: Held, detail: str) -> int:

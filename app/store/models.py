@@ -356,6 +356,8 @@ class Batch(Base):
     provider_batch_id: Mapped[str | None] = mapped_column(String(200))
     provider_status: Mapped[str | None] = mapped_column(String(32))  # validating, in_progress, ...
     request_counts: Mapped[dict[str, Any] | None] = mapped_column(NULLABLE_JSONB)  # the provider's
+    # Named once the batch ended, or, while it is open, once read (its lines stored) while
+    # the other file is refused: not downloaded again (see batches.keep_read).
     output_file_id: Mapped[str | None] = mapped_column(String(200))
     error_file_id: Mapped[str | None] = mapped_column(String(200))
     # Why refused or lost, or which of its files could not be read: for operators (may quote
