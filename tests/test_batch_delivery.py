@@ -1192,8 +1192,8 @@ async def test_a_batch_whose_create_was_never_sent_is_created_without_a_search(
     assert not (await _batch_row(sessions, batch_id)).create_unsent
 
 
-@pytest.mark.parametrize("status", [401, 403])
-async def test_a_batch_list_the_key_may_not_read_holds_the_create_rather_than_make_a_second(
+@pytest.mark.parametrize("status", [401, 403, 500, 503])
+async def test_a_batch_list_that_fails_or_the_key_may_not_read_holds_the_create_rather_than_make_a_second(
     batch_api: httpx.AsyncClient,
     auth: dict[str, str],
     batch_settings: Settings,
@@ -1203,17 +1203,21 @@ async def test_a_batch_list_the_key_may_not_read_holds_the_create_rather_than_ma
     status: int,
 ) -> None:
     """After a create that landed unrecorded, the search is refused for access (a proxy's
-    passing 403, a key without the list's scope): taken for none found, a second provider
-    batch was created. The batch waits, as after any fault, until the list answers."""
+    passing 403, a key without the list's scope) or fails (5xx) at every look: taken for
+    none found, a second provider batch was created. The batch waits, as after any fault,
+    until the list answers, and then takes the batch it finds."""
     batch_id = await _one_batch_formed(batch_api, auth, batch_settings, sessions)
     await _created_but_never_recorded(batch_settings, sessions, arq_redis, scripted_llm, batch_id)
     scripted_llm.batches.list_refused, scripted_llm.batches.list_refusal_status = True, status
     api = BatchAPI(batch_settings.endpoints(), batch_settings.batch_call_timeout_s)
     try:
-        await run_round(batch_settings, sessions, arq_redis, api)
+        for look in range(2):
+            if look:
+                await asyncio.sleep(batch_settings.batch_call_timeout_s)  # a failed step's wait
+            await run_round(batch_settings, sessions, arq_redis, api)
     finally:
         await api.aclose()
-    assert scripted_llm.batches.lists > 0 and len(_tagged(scripted_llm, batch_id)) == 1
+    assert scripted_llm.batches.lists == 2 and len(_tagged(scripted_llm, batch_id)) == 1
     assert (await _batch_row(sessions, batch_id)).status == "uploaded"
 
     scripted_llm.batches.list_refused = False
