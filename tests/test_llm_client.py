@@ -15,7 +15,7 @@ from app.config import EndpointConfig
 from app.deliberation.config import Limits
 from app.deliberation.ports import ChatRequest, LLMRequestRejected, LLMUnavailable
 from app.deliberation.stages import LLAMA_GUARD, SEED
-from app.llm.client import LOGPROB_TOKENS_KEPT, TOP_LOGPROBS, OpenAICompatibleClient
+from app.llm.client import LOGPROB_TOKENS_KEPT, TOP_LOGPROBS, OpenAICompatibleClient, backoff_ceiling_s
 from tests.scripted_llm import (
     ScriptedLLM,
     chat_request,
@@ -107,6 +107,46 @@ async def test_honours_retry_after_given_as_http_date(
 
     first, second = scripted_llm.requests
     assert second.received_at - first.received_at >= 0.9
+
+
+@pytest.mark.parametrize("usegmt", [True, False])
+async def test_a_retry_after_date_gone_by_waits_no_longer_than_backoff(
+    client: OpenAICompatibleClient, scripted_llm: ScriptedLLM, usegmt: bool
+) -> None:
+    # usegmt=False: "-0000", RFC 5322's unknown zone, which Python reads as a naive time (GMT).
+    scripted_llm.script("seed_cot", http_error(503, retry_after=formatdate(time.time() - 60, usegmt=usegmt)))
+
+    await client.chat(seed_request())
+
+    first, second = scripted_llm.requests
+    assert second.received_at - first.received_at < 0.5  # backoff alone: at most 0.02 s
+
+
+@pytest.mark.parametrize("usegmt", [True, False])
+async def test_a_retry_after_date_ahead_is_waited_for_in_either_zone_form(
+    client: OpenAICompatibleClient, scripted_llm: ScriptedLLM, usegmt: bool
+) -> None:
+    scripted_llm.script("seed_cot", http_error(429, retry_after=formatdate(time.time() + 2, usegmt=usegmt)))
+
+    await client.chat(seed_request())
+
+    first, second = scripted_llm.requests
+    assert second.received_at - first.received_at >= 0.9  # whole seconds: "2 s from now" is over 1
+
+
+async def test_a_retry_after_of_zero_seconds_retries_at_once(
+    client: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script("seed_cot", http_error(429, retry_after=0))
+
+    await client.chat(seed_request())
+
+    first, second = scripted_llm.requests
+    assert second.received_at - first.received_at < 0.5
+
+
+def test_backoff_starts_at_its_base_and_doubles_up_to_its_max() -> None:
+    assert [backoff_ceiling_s(0.5, 30.0, attempt) for attempt in range(1, 9)] == [0.5, 1, 2, 4, 8, 16, 30, 30]
 
 
 async def test_gives_up_with_llm_unavailable_after_max_retries(

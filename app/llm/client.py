@@ -194,9 +194,8 @@ class OpenAICompatibleClient:
             attempt += 1
 
     def _wait_before_retry(self, attempt: int, fault: _TransientFault) -> float:
-        # Full jitter: uniform in [0, min(max, base * 2^(n-1))].
-        ceiling = self._backoff_base_s * 2 ** (attempt - 1)
-        wait = random.uniform(0, min(self._backoff_max_s, ceiling))
+        # Full jitter: uniform in [0, the ceiling].
+        wait = random.uniform(0, backoff_ceiling_s(self._backoff_base_s, self._backoff_max_s, attempt))
         if fault.retry_after_s is not None:
             wait = max(wait, fault.retry_after_s)
         return wait
@@ -449,6 +448,12 @@ def _raise_for_status(answer: _Answer, endpoint_name: str, retry_after_s: float 
     raise LLMRequestRejected(
         detail, f"the LLM endpoint {endpoint_name!r} rejected the request (HTTP {status})"
     )
+
+
+def backoff_ceiling_s(base_s: float, max_s: float, attempt: int) -> float:
+    """The longest wait before retrying after failed attempt number `attempt` (1: the first):
+    `base_s`, doubling with each attempt, at most `max_s`."""
+    return min(max_s, base_s * 2.0 ** (attempt - 1))
 
 
 def _retry_after_s(value: str | None, max_s: float) -> float | None:
