@@ -24,7 +24,7 @@ from app.store import deletions, jobs, keys
 from app.store.annotations import reviewed_cots
 from app.store.db import Sessions
 from app.store.models import Base, Item, Job, PreferencePair, SampleEvaluation, TurnRow
-from tests.conftest import eventually, failing_once, new_key, run_worker_burst, start_worker
+from tests.conftest import api_client, eventually, failing_once, new_key, run_worker_burst, start_worker
 from tests.scripted_llm import ScriptedLLM, reply
 from tests.test_api import error_of, items_of, submit
 from tests.test_cli import aidsafe
@@ -261,6 +261,27 @@ async def test_a_deletion_waits_for_a_transaction_adding_rows_that_name_the_job(
         with pytest.raises(NotFound):
             async with sessions.begin() as session:
                 await jobs.hold(session, UUID(job_id), to_change=to_change)
+
+
+async def test_a_cancel_racing_a_deletion_waits_for_it_and_finds_no_job(
+    auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    """A cancel of a finished job that names a callback writes its delivery again (a no-op
+    while the delivery is there): racing a deletion, it waited for the deleted delivery and
+    then wrote one naming the deleted job, a foreign key's 500. It holds the job first."""
+    notifying = settings.model_copy(update={"callback_hosts": "127.0.0.1:9"})
+    async with api_client(notifying) as api:
+        job = await submit(api, auth, PROMPTS, callback_url="http://127.0.0.1:9/hook")
+        await run_worker_burst(notifying)
+        async with sessions.begin() as session:
+            owner = await session.scalar(select(Job.owner_key_id).where(Job.id == UUID(job["id"])))
+            assert owner is not None
+            await deletions.delete_job(session, UUID(job["id"]), owner)
+            cancelling = asyncio.create_task(api.post(f"/v1/jobs/{job['id']}/cancel", headers=auth))
+            await asyncio.sleep(0.5)
+            assert not cancelling.done(), "the cancel went ahead while a deletion held the job"
+
+        error_of(await cancelling, 404, "not_found")
 
 
 async def test_a_deletion_waits_for_reviews_read_against_the_jobs_cots(

@@ -318,7 +318,10 @@ async def cancel(session: AsyncSession, job: Job) -> None:
     """Queued items, and those waiting for budget or a batch, end as cancelled now; running ones
     stop at their worker's next check (a worker cancels the job's provider batches).
     A job with no queued or running item has finished: it is left as it is, not cancelled.
-    The caller refreshes `job` after committing."""
+    NotFound if the job was deleted meanwhile. The caller refreshes `job` after committing."""
+    # Held first: a deletion that committed after the caller read the job made this cancel's
+    # callback delivery (of a finished job) violate its foreign key, and the refresh fail: 500s.
+    await hold(session, job.id, to_change=True)
     unfinished = select(Item.id).where(Item.job_id == job.id, Item.status.in_(UNFINISHED)).exists()
     # `cancelled_at IS NULL`: of two concurrent cancels, the first time stays
     await session.execute(
@@ -339,7 +342,12 @@ async def cancel_unfinished(session: AsyncSession, owner_key_id: UUID) -> int:
     """Cancel (as `cancel`) every job of the key with queued, running or waiting items; how
     many. The caller commits."""
     unfinished = select(Item.id).where(Item.job_id == Job.id, Item.status.in_(UNFINISHED)).exists()
-    owned = list(await session.scalars(select(Job).where(Job.owner_key_id == owner_key_id, unfinished)))
+    # Locked as they are read: a job deleted since is left out, not a NotFound from `cancel`.
+    owned = list(
+        await session.scalars(
+            select(Job).where(Job.owner_key_id == owner_key_id, unfinished).with_for_update(key_share=True)
+        )
+    )
     for job in owned:
         await cancel(session, job)
     return len(owned)
