@@ -4,6 +4,7 @@ server, the API in-process, and arq's real worker in burst mode."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import socket
@@ -16,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import httpx
@@ -40,6 +41,7 @@ from workers.main import worker_settings
 from workers.queue_worker import QueueWorker
 
 ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 PG_ADMIN_DSN = os.environ.get("AIDSAFE_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("AIDSAFE_TEST_REDIS", "redis://127.0.0.1:6379/0")
 ARQ_JOB_KEY_PREFIXES = (job_key_prefix, retry_key_prefix, in_progress_key_prefix, result_key_prefix)
@@ -307,6 +309,23 @@ async def eventually(check: Callable[[], Awaitable[Any]], timeout_s: float = 30,
             return value
         await asyncio.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what or check}")
+
+
+async def longest_loop_pause(work: Awaitable[T]) -> tuple[T, float]:
+    """`work`'s result, and the longest the event loop went without running another task
+    meanwhile: how long a route running in-process held up every other request. This
+    process's garbage collections are off, so that they do not count as the route's."""
+    task = asyncio.ensure_future(work)
+    longest = 0.0
+    gc.disable()
+    try:
+        while not task.done():
+            started = time.perf_counter()
+            await asyncio.sleep(0.001)
+            longest = max(longest, time.perf_counter() - started)
+    finally:
+        gc.enable()
+    return await task, longest
 
 
 @contextmanager

@@ -189,7 +189,10 @@ async def evaluation_out(session: AsyncSession, job: Job) -> SampleEvaluationOut
         report["guard"] = await sample_evaluations.guard_counts(session, job.id)
     if plan.judge is not None:
         report["pairwise"] = await sample_evaluations.pairwise_counts(session, job.id)
-    return views.sample_evaluation_out(
+    # A Wilson interval per sample label, some 250 µs each: the labels are the client's, and
+    # thousands of them held the event loop for seconds.
+    return await asyncio.to_thread(
+        views.sample_evaluation_out,
         job,
         plan,
         await policy_sets.by_id(session, job.policy_set_id),
