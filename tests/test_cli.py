@@ -441,6 +441,19 @@ async def test_on_80_columns_a_shown_set_reads_back_as_yaml_and_listings_keep_a_
     assert any(line.startswith(job["id"]) and line.endswith("0/1  unknown  -") for line in jobs.splitlines())
 
 
+async def test_cli_lists_a_job_whose_label_holds_brackets_as_given(
+    live_api: str, api: httpx.AsyncClient, auth: Headers
+) -> None:
+    """A label is the client's text, not console markup: one of "[/x]" made every listing of
+    the key's jobs raise."""
+    job = await submit(api, auth, ["a"], label="[/x] draft")
+
+    code, jobs = await aidsafe(live_api, auth, "jobs", "list")
+
+    assert code == 0, jobs
+    assert jobs.splitlines()[0].startswith(job["id"]) and jobs.splitlines()[0].endswith("[/x] draft"), jobs
+
+
 async def test_cli_refuses_a_policy_file_that_is_not_yaml(
     live_api: str, auth: Headers, tmp_path: Path
 ) -> None:

@@ -552,3 +552,18 @@ async def test_a_report_of_thousands_of_categories_is_computed_off_the_event_loo
     assert len(response.json()["table"]) == 2 * 2001  # two metrics of refusals, each category and all
     assert paused < 0.3, f"the event loop was held {paused:.2f} s"
 
+
+async def test_cli_shows_names_and_categories_holding_brackets_as_given(
+    live_api: str, api: httpx.AsyncClient, auth: Headers
+) -> None:
+    """Target names and categories are the client's text, not console markup: "[/x]" made
+    every report of the evaluation raise."""
+    prompts = [{"prompt": "Say hi.", "expected": "comply", "category": "[/x] greetings"}]
+    body = evaluation_body([{"name": "[b]ench", "prompts": prompts}], "m1")
+    body["targets"][0]["name"] = "[/y] base"
+    evaluation = await submit_evaluation(api, auth, body)
+
+    code, out = await cli_command(live_api, auth, "evaluate", "show", evaluation["id"])
+
+    assert code == 0, out
+    assert "[/x] greetings" in out and "[b]ench" in out and "[/y] base" in out, out

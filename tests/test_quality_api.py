@@ -972,6 +972,22 @@ async def test_cli_creates_a_key_with_the_hazardous_scope_and_lists_it(
     assert "hazardous:read" in listed.stdout
 
 
+async def test_cli_prints_a_key_name_of_brackets_as_given_and_its_secret(
+    settings: Settings, sessions: Sessions
+) -> None:
+    """A name is text, not console markup: "[/x]" raised after the key was made and before
+    its secret, shown once, was printed, and every `keys list` after."""
+    created = _cli(settings, "keys", "create", "[/x] ops")
+    listed = _cli(settings, "keys", "list")
+
+    assert created.returncode == 0, created.stderr
+    assert "Created key [/x] ops (" in created.stdout, created.stdout
+    async with sessions() as session:
+        key = (await session.scalars(select(ApiKey))).one()
+    assert key.key_hash == keys.hash_key(created.stdout.strip().splitlines()[-1])
+    assert listed.returncode == 0 and "[/x] ops" in listed.stdout, listed.stderr
+
+
 async def test_cli_refuses_an_unknown_scope_and_creates_nothing(
     settings: Settings, sessions: Sessions
 ) -> None:

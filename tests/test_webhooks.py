@@ -416,3 +416,21 @@ async def test_the_cli_makes_lists_and_revokes_webhooks_and_shows_refusals(
     assert code == 0 and "Revoked" in revoked
     _, listing = await aidsafe(live_api, auth, "webhooks", "list")
     assert "revoked" in listing
+
+
+async def test_the_cli_prints_a_webhook_name_of_brackets_as_given_and_its_secret(
+    live_api: str, auth: Headers
+) -> None:
+    """A name is the client's text, not console markup: "[/x]" made `create` raise after the
+    webhook was made and before its secret, shown once, was printed, and every `list` after."""
+    name = "[/x] ops [bold]"
+    code, made = await aidsafe(live_api, auth, "webhooks", "create", name)
+    assert code == 0, made
+    secret = made.strip().splitlines()[-1]
+    assert f"Created webhook {name} (id" in made and secret.startswith("aidsafe_whsec_"), made
+
+    code, listing = await aidsafe(live_api, auth, "webhooks", "list")
+    assert code == 0 and name in listing, listing
+    webhook_id = listing.split()[0]
+    code, revoked = await aidsafe(live_api, auth, "webhooks", "revoke", webhook_id)
+    assert code == 0 and f"Revoked webhook {name} (" in revoked, revoked

@@ -200,17 +200,25 @@ def _rate(rate: Rate) -> str:
 def print_model_report(evaluation: ModelEvaluation) -> None:
     """The table: a row per benchmark, category and metric; a column per target."""
     names = list(evaluation.by_target)
+    # Names and categories are the client's text, not markup (a cell's string is read as markup).
     table = Table(
-        "benchmark", "category", "metric", *names, title=f"{evaluation.status}: rates with 95 % intervals"
+        "benchmark",
+        "category",
+        "metric",
+        *map(escape, names),
+        title=f"{evaluation.status}: rates with 95 % intervals",
     )
     for row in evaluation.table:
         table.add_row(
-            row.benchmark, row.category or "(all)", row.metric, *(_rate(row.models[name]) for name in names)
+            escape(row.benchmark),
+            escape(row.category or "(all)"),
+            row.metric,
+            *(_rate(row.models[name]) for name in names),
         )
     console.print(table)
     for name, counts in evaluation.by_target.items():
         console.print(
-            f"{name}: {counts.completed}/{counts.items} answered, {counts.failed} failed, "
+            f"{escape(name)}: {counts.completed}/{counts.items} answered, {counts.failed} failed, "
             f"unreadable verdicts: safety {counts.safety_unreadable}, refusal {counts.refusal_unreadable}, "
             f"truncated answers {counts.truncated}",
             highlight=False,

@@ -6,6 +6,7 @@ from itertools import islice
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from app.cli.connection import Advice, ApiKeyOpt, ApiUrl, api_client
 from app.cli.job_options import requested_budget
@@ -58,7 +59,7 @@ def list_jobs(
         for job in islice(listed, limit or None):
             console.print(
                 f"{job.id}  {job.created_at:%Y-%m-%dT%H:%M:%S}  {job.kind}  {job.status}  "
-                f"{job.counts.finished}/{job.counts.total}  {usd(job.cost_usd)}  {job.label or '-'}",
+                f"{job.counts.finished}/{job.counts.total}  {usd(job.cost_usd)}  {escape(job.label or '-')}",
                 highlight=False,
                 soft_wrap=True,  # a job a line, however narrow the terminal: for grep and cut
             )

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from uuid import UUID
 
 import typer
+from rich.markup import escape
 from sqlalchemy import func, make_url, select, update
 from sqlalchemy.exc import DBAPIError
 
@@ -63,7 +64,7 @@ def create_key(
         print(secret)
     else:
         scopes = f", scopes {', '.join(key.scopes)}" if key.scopes else ""
-        console.print(f"Created key [bold]{key.name}[/] ({key.prefix}…, id {key.id}{scopes}).")
+        console.print(f"Created key [bold]{escape(key.name)}[/] ({key.prefix}…, id {key.id}{scopes}).")
         console.print("Secret, shown once:")
         print(secret)
 
@@ -79,7 +80,7 @@ def list_keys() -> None:
         revoked = f"revoked {key.revoked_at:%Y-%m-%d}" if key.revoked_at else "active"
         scopes = ",".join(key.scopes) or "-"
         console.print(
-            f"{key.id}  {key.prefix}…  {key.name}  {key.created_at:%Y-%m-%d}  {revoked}  {scopes}",
+            f"{key.id}  {key.prefix}…  {escape(key.name)}  {key.created_at:%Y-%m-%d}  {revoked}  {scopes}",
             soft_wrap=True,
         )
 

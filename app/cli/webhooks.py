@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from aidsafe.models import Rejection
 from app.cli.connection import ApiKeyOpt, ApiUrl, api_client
@@ -22,7 +23,8 @@ def create_webhook(
     """A Label Studio webhook of your key's: its URL, and its secret (shown once)."""
     with api_client(api_url, key) as client:
         row = client.create_webhook(name)
-    console.print(f"Created webhook [bold]{row.name}[/] (id {row.id}). In Label Studio set:")
+    # The name is the client's text, not markup: "[/x]" raised before the secret was printed.
+    console.print(f"Created webhook [bold]{escape(row.name)}[/] (id {row.id}). In Label Studio set:")
     console.print(f"  URL:    {row.url}", highlight=False, soft_wrap=True)  # to be copied whole
     console.print(f"  header: {row.secret_header}: <the secret below, shown once>", highlight=False)
     print(row.secret)
@@ -35,7 +37,7 @@ def list_webhooks(api_url: ApiUrl = "http://127.0.0.1:8000", key: ApiKeyOpt = ""
         for row in client.list_webhooks():
             revoked = f"  revoked {row.revoked_at:%Y-%m-%dT%H:%M:%S}" if row.revoked_at else ""
             console.print(
-                f"{row.id}  {row.name}  {row.url}  {row.created_at:%Y-%m-%d}{revoked}",
+                f"{row.id}  {escape(row.name)}  {row.url}  {row.created_at:%Y-%m-%d}{revoked}",
                 highlight=False,
                 soft_wrap=True,
             )
@@ -46,7 +48,7 @@ def revoke_webhook(webhook_id: str, api_url: ApiUrl = "http://127.0.0.1:8000", k
     """Refuse the webhook's deliveries from now on."""
     with api_client(api_url, key) as client:
         row = client.revoke_webhook(webhook_id)
-    console.print(f"Revoked webhook {row.name} ({row.id}).")
+    console.print(f"Revoked webhook {escape(row.name)} ({row.id}).")
 
 
 @webhooks_cli.command("rejections")
