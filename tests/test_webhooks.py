@@ -71,6 +71,15 @@ async def test_a_webhook_is_made_per_key_with_a_secret_shown_once(
     assert [w["id"] for w in listed] == [made["id"]] and "secret" not in listed[0]
 
 
+@pytest.mark.parametrize("name", ["   ", "ls\nprod", "ls\x1b[31mprod", "ls\u2028prod"])
+async def test_a_webhook_name_that_is_not_one_line_of_text_is_refused(
+    api: httpx.AsyncClient, auth: Headers, name: str
+) -> None:
+    error_of(await api.post("/v1/webhooks", json={"name": name}, headers=auth), 422, "validation_error")
+
+    assert (await api.get("/v1/webhooks", headers=auth)).json() == []
+
+
 async def test_a_delivery_to_an_unknown_webhook_is_not_found(api: httpx.AsyncClient) -> None:
     response = await api.post(
         "/v1/webhooks/label-studio/00000000-0000-4000-8000-000000000009",

@@ -22,7 +22,7 @@ from app.api.annotations import IMPORT_ERRORS, LABEL_STUDIO_EVENT, ImportOut, im
 from app.api.bodies import JsonBody
 from app.api.deps import CurrentKey, SessionDep, SettingsDep
 from app.api.errors import documented
-from app.api.schemas import ErrorOut
+from app.api.schemas import LABEL_PATTERN, ErrorOut
 from app.errors import NotFound, ServiceError
 from app.labeling import imports, label_studio
 from app.labeling.reviews import Parsed
@@ -45,7 +45,13 @@ DELIVERY_ERRORS = {
 
 class NewWebhookIn(BaseModel):
     source: Literal["label_studio"] = Field(default="label_studio", description="The tool that delivers.")
-    name: str = Field(min_length=1, max_length=200, description="Which tool instance or project, for you.")
+    # One line, as a label: listings show a webhook a line.
+    name: str = Field(
+        min_length=1,
+        max_length=200,
+        pattern=LABEL_PATTERN,
+        description="Which tool instance or project, for you: one line, not blank.",
+    )
 
 
 NEW_WEBHOOK = JsonBody[NewWebhookIn](NewWebhookIn, max_values=10)
