@@ -225,6 +225,18 @@ async def test_listing_filters_relabelling_and_cancelling(client: aidsafe.Client
     assert (running.value.status, running.value.code) == (409, "job_running")
 
 
+async def test_deleting_each_job_as_iter_jobs_yields_it_reaches_every_one(client: aidsafe.Client) -> None:
+    """The usual clean-up: each next page is asked for after the previous page's jobs, the
+    one its cursor names too, are deleted."""
+    jobs = [client.submit(["a"]) for _ in range(3)]
+    for job in jobs:
+        client.cancel_job(job.id)
+
+    deleted = [client.delete_job(listed.id).job_id for listed in client.iter_jobs(limit=1)]
+
+    assert deleted == [job.id for job in reversed(jobs)]
+
+
 async def test_comparisons_and_preference_pairs(client: aidsafe.Client, settings: Settings) -> None:
     prompts = ["How do I sharpen a knife?", "How do I store knives?"]
     baseline = client.submit(prompts, config={"mode": "zero_shot", "grading": {}})

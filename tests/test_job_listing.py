@@ -6,6 +6,8 @@ submits would be most of the test's time), some are submitted and run through th
 from __future__ import annotations
 
 import json
+import struct
+from base64 import urlsafe_b64encode
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
@@ -17,14 +19,16 @@ import pytest
 
 from app.config import Settings
 from app.plan import JobConfigIn, resolve, resolve_comparison
-from app.store import keys, policy_sets
+from app.store import job_listing, keys, policy_sets
 from app.store.db import Sessions
+from app.store.jobs import encode_cursor
 from app.store.models import Item, Job
 from tests.conftest import run_worker_burst
 from tests.test_api import error_of
 
 Headers = dict[str, str]
 BASE = datetime(2026, 1, 1, tzinfo=UTC)
+MICROSECOND = timedelta(microseconds=1)
 # Item statuses, and whether the job was cancelled, that give each job status.
 MADE_AS = {
     "queued": (("queued", "queued"), False),
@@ -101,9 +105,10 @@ def newest_first(made: Sequence[Made]) -> list[str]:
 async def every_page(
     api: httpx.AsyncClient, owner: Owner, path: str = "/v1/jobs", **params: Any
 ) -> list[dict[str, Any]]:
-    """Every row of the listing, following next_cursor; each page at most `limit` rows."""
+    """Every row of the listing (after `cursor`, if given), following next_cursor; each page
+    at most `limit` rows."""
     rows: list[dict[str, Any]] = []
-    cursor = None
+    cursor = params.pop("cursor", None)
     while True:
         response = await api.get(path, params={**params, "cursor": cursor}, headers=owner.headers)
         assert response.status_code == 200, response.text
@@ -328,6 +333,36 @@ async def test_comparisons_listing_holds_comparisons_only(
 # --- ownership and cursors ----------------------------------------------------------------
 
 
+@pytest.mark.parametrize(("path", "kind"), [("/v1/jobs", "aidsafe"), ("/v1/comparisons", "comparison")])
+async def test_deleting_each_job_as_it_is_listed_pages_through_every_one(
+    api: httpx.AsyncClient, sessions: Sessions, settings: Settings, alice: Owner, path: str, kind: str
+) -> None:
+    """The common cleanup: list a page, delete what it holds, follow next_cursor. The cursor
+    names the page's last job, deleted by then. Jobs a microsecond apart, and two in one
+    instant, would be skipped or repeated by a resume position rounded or ordered otherwise."""
+    times = [
+        BASE,
+        BASE + MICROSECOND,
+        BASE + MICROSECOND,
+        BASE + 2 * MICROSECOND,
+        BASE + timedelta(seconds=0.123457),
+    ]
+    made = [Made(kind, "cancelled", at) for at in times]
+    await store_jobs(sessions, settings, alice, made)
+
+    deleted, cursor = [], None
+    while True:
+        response = await api.get(path, params={"limit": 1, "cursor": cursor}, headers=alice.headers)
+        assert response.status_code == 200, response.text
+        for row in response.json()["data"]:
+            assert (await api.delete(f"/v1/jobs/{row['id']}", headers=alice.headers)).status_code == 200
+            deleted.append(row["id"])
+        if not (cursor := response.json()["next_cursor"]):
+            break
+
+    assert deleted == newest_first(made)
+
+
 async def test_another_keys_jobs_are_never_listed(
     api: httpx.AsyncClient, alice: Owner, bob: Owner, many: list[Made]
 ) -> None:
@@ -341,24 +376,76 @@ async def test_another_keys_jobs_are_never_listed(
     assert {row["id"] for row in await every_page(api, alice, limit=500)} == alices
 
 
-async def test_another_keys_cursor_is_not_one_this_api_returned(
+async def test_another_listings_cursor_only_moves_within_your_own_listing(
     api: httpx.AsyncClient, alice: Owner, bob: Owner, many: list[Made]
 ) -> None:
+    """A cursor holds a position, not checked against the listing: another key's, or the job
+    listing's given to the comparison listing, resumes the caller's own listing there."""
+    bobs_newest = BASE + timedelta(minutes=29, seconds=30)
     bobs_cursor = (await api.get("/v1/jobs", params={"limit": 1}, headers=bob.headers)).json()["next_cursor"]
+    alices_page = (
+        await api.get("/v1/jobs", params={"limit": 1, "kind": "aidsafe"}, headers=alice.headers)
+    ).json()
+    alices_newest = datetime.fromisoformat(alices_page["data"][0]["created_at"])
 
-    response = await api.get("/v1/jobs", params={"cursor": bobs_cursor}, headers=alice.headers)
+    from_bobs = await every_page(api, alice, cursor=bobs_cursor, limit=500)
+    comparisons = await every_page(api, alice, "/v1/comparisons", cursor=alices_page["next_cursor"])
 
-    error_of(response, 400, "invalid_cursor")
+    assert [row["id"] for row in from_bobs] == newest_first([j for j in many if j.created_at < bobs_newest])
+    assert [row["id"] for row in comparisons] == newest_first(
+        [j for j in many if j.kind == "comparison" and j.created_at < alices_newest]
+    )
 
 
-async def test_a_job_listings_cursor_naming_no_comparison_is_refused_by_the_comparison_listing(
+async def test_an_old_form_cursor_resumes_where_the_new_one_does(
     api: httpx.AsyncClient, alice: Owner, many: list[Made]
 ) -> None:
-    page = (await api.get("/v1/jobs", params={"limit": 1, "kind": "aidsafe"}, headers=alice.headers)).json()
+    """A cursor issued before cursors held positions (the job's id alone) still pages on, so
+    a client paging across the upgrade is not broken."""
+    for path in ("/v1/jobs", "/v1/comparisons"):
+        first = (await api.get(path, params={"limit": 3}, headers=alice.headers)).json()
+        old_form = encode_cursor(UUID(first["data"][-1]["id"]))
 
-    response = await api.get("/v1/comparisons", params={"cursor": page["next_cursor"]}, headers=alice.headers)
+        by_old = await api.get(path, params={"limit": 3, "cursor": old_form}, headers=alice.headers)
+        by_new = await api.get(
+            path, params={"limit": 3, "cursor": first["next_cursor"]}, headers=alice.headers
+        )
 
-    error_of(response, 400, "invalid_cursor")
+        assert by_old.status_code == 200 and by_old.json() == by_new.json()
+
+
+async def test_an_old_form_cursor_naming_no_job_of_the_listing_is_refused(
+    api: httpx.AsyncClient, alice: Owner, bob: Owner, many: list[Made]
+) -> None:
+    bobs_job = (await api.get("/v1/jobs", params={"limit": 1}, headers=bob.headers)).json()["data"][0]["id"]
+    alices_aidsafe_job = next(job.id for job in many if job.kind == "aidsafe")
+
+    for path, job_id in [
+        ("/v1/jobs", UUID(bobs_job)),
+        ("/v1/comparisons", alices_aidsafe_job),
+        ("/v1/jobs", uuid4()),
+    ]:
+        response = await api.get(path, params={"cursor": encode_cursor(job_id)}, headers=alice.headers)
+        error_of(response, 400, "invalid_cursor")
+
+
+@pytest.mark.parametrize(
+    "created_at",
+    [
+        BASE,
+        datetime(2026, 3, 29, 1, 59, 59, 999_999, tzinfo=timezone(timedelta(hours=-7, minutes=-30))),
+        datetime(1, 1, 1, tzinfo=UTC),
+        datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+        datetime(1969, 12, 31, 23, 59, 59, 1, tzinfo=UTC),  # before the epoch
+    ],
+)
+def test_a_position_round_trips_to_the_microsecond(created_at: datetime) -> None:
+    job_id = uuid4()
+
+    assert job_listing.decode_position(job_listing.encode_position(created_at, job_id)) == (
+        created_at,
+        job_id,
+    )
 
 
 @pytest.mark.parametrize(
@@ -383,7 +470,18 @@ async def test_a_job_listings_cursor_naming_no_comparison_is_refused_by_the_comp
         ({"limit": 0}, 422, "validation_error"),
         ({"limit": 501}, 422, "validation_error"),
         ({"cursor": "not a cursor!"}, 400, "invalid_cursor"),
-        ({"cursor": "AAAAAAAAAAAAAAAAAAAAAA"}, 400, "invalid_cursor"),  # no such job
+        ({"cursor": "AAAAAAAAAAAAAAAAAAAAAA"}, 400, "invalid_cursor"),  # old form: no such job
+        ({"cursor": urlsafe_b64encode(bytes(20)).decode()}, 400, "invalid_cursor"),  # neither form's length
+        (
+            {"cursor": urlsafe_b64encode(struct.pack(">q16s", 2**63 - 1, bytes(16))).decode()},
+            400,
+            "invalid_cursor",
+        ),
+        (
+            {"cursor": urlsafe_b64encode(struct.pack(">q16s", -(2**63), bytes(16))).decode()},
+            400,
+            "invalid_cursor",
+        ),
     ],
 )
 async def test_bad_filter_values_are_refused_with_stable_codes(

@@ -117,7 +117,8 @@ async def list_comparisons(
     key: CurrentKey, session: SessionDep, keep: JobFilterDep, cursor: Cursor = None, limit: Limit = 100
 ) -> ComparisonPage:
     """This key's comparisons, newest first, with their items counted per status. Filters
-    combine (all must hold); a cursor is good for this listing of this key."""
+    combine (all must hold). A cursor resumes where its page ended, also once the comparisons
+    listed are deleted."""
     rows, next_cursor = await job_listing.page(session, key.id, ("comparison",), keep, cursor, limit)
     return ComparisonPage(
         data=[views.comparison_listed(row, comparisons.plan_of(row.job)) for row in rows],

@@ -168,7 +168,8 @@ async def list_jobs(
     limit: Limit = 100,
 ) -> JobPage:
     """This key's jobs, comparisons included, newest first, with their items counted per
-    status. Filters combine (all must hold); a cursor is good for this listing of this key."""
+    status. Filters combine (all must hold). A cursor resumes where its page ended, also once
+    the jobs listed are deleted."""
     rows, next_cursor = await job_listing.page(
         session, key.id, (), replace(keep, kinds=kind or ()), cursor, limit
     )

@@ -4,9 +4,10 @@ and one summing the page's jobs' turn costs."""
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -16,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import InvalidCursor
 from app.store import quality
-from app.store.jobs import decode_cursor, encode_cursor
+from app.store.jobs import decode_cursor, decode_cursor_bytes, encode_cursor_bytes
 from app.store.models import FINISHED, Item, ItemStatus, Job
 
 
@@ -83,8 +84,7 @@ async def page(
     limit: int,
 ) -> tuple[list[ListedJob], str | None]:
     """The key's jobs of `only_kinds` (the listing's; empty: every kind) that `keep` keeps,
-    newest first, after the job `cursor` names. A cursor naming no job of this listing
-    (another key's, another kind's) is not one the API returned: InvalidCursor."""
+    newest first, after the position `cursor` holds (see `decode_position`)."""
     status = _status().label("status")
     query = (
         select(Job, status, *(_COUNTS.c[s] for s in ItemStatus))
@@ -92,9 +92,9 @@ async def page(
         .where(Job.owner_key_id == owner_key_id, *_conditions(only_kinds, keep, status.element))
     )
     if cursor:
-        query = query.where(
-            tuple_(Job.created_at, Job.id) < await _resume_at(session, owner_key_id, only_kinds, cursor)
-        )
+        resume_after = await _resume_after(session, owner_key_id, only_kinds, cursor)
+        # The same order as ORDER BY below; an aware datetime is bound as a timestamptz.
+        query = query.where(tuple_(Job.created_at, Job.id) < tuple_(*resume_after))
     query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
     rows = list(await session.execute(query))
     costs = await quality.spent_usd(session, [row[0].id for row in rows[:limit]])
@@ -102,7 +102,9 @@ async def page(
         ListedJob(job, status, {s: n for s, n in zip(ItemStatus, counts, strict=True) if n}, costs[job.id])
         for job, status, *counts in rows[:limit]
     ]
-    return listed, encode_cursor(listed[-1].job.id) if len(rows) > limit else None
+    if len(rows) <= limit:
+        return listed, None
+    return listed, encode_position(listed[-1].job.created_at, listed[-1].job.id)
 
 
 def _conditions(
@@ -126,19 +128,51 @@ def _conditions(
     return conditions
 
 
-async def _resume_at(
+# A cursor is the position of the previous page's last job in the listing's order: its
+# created_at in microseconds since the epoch (as Postgres keeps it: the round trip is exact)
+# and its id, 24 bytes. Resuming needs no lookup of the job, so it resumes right after a job
+# deleted since (the usual clean-up deletes each page before asking for the next).
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_POSITION = struct.Struct(">q16s")
+
+
+def encode_position(created_at: datetime, job_id: UUID) -> str:
+    return encode_cursor_bytes(_POSITION.pack((created_at - _EPOCH) // _MICROSECOND, job_id.bytes))
+
+
+def decode_position(cursor: str) -> tuple[datetime, UUID] | UUID:
+    """The (created_at, id) a cursor holds, or the job id alone of an old-form cursor (16
+    bytes: one issued before cursors held positions); InvalidCursor if it is neither."""
+    data = decode_cursor_bytes(cursor)
+    if len(data) != _POSITION.size:
+        return decode_cursor(cursor)
+    microseconds, job_id = _POSITION.unpack(data)
+    try:
+        return _EPOCH + microseconds * _MICROSECOND, UUID(bytes=job_id)
+    except OverflowError as exc:  # before year 1 or after 9999: not an instant a job was made
+        raise InvalidCursor("the cursor is not one this API returned") from exc
+
+
+async def _resume_after(
     session: AsyncSession, owner_key_id: UUID, only_kinds: Sequence[str], cursor: str
-) -> Any:
-    """(created_at, id) of the job the cursor names, if it is one of this listing's."""
-    job_id = decode_cursor(cursor)
+) -> tuple[datetime, UUID]:
+    """The position a page resumes after. A position is not checked against the listing: the
+    query keeps the caller's own jobs of the listing, so a made-up one, or another listing's,
+    only moves within them (as `created_before` does) and shows nothing more. An old-form
+    cursor's job is looked up, and must be one of this listing's: InvalidCursor if not (so
+    also once it is deleted)."""
+    position = decode_position(cursor)
+    if not isinstance(position, UUID):
+        return position
     row = (
         await session.execute(
             select(Job.created_at, Job.id).where(
-                and_(Job.id == job_id, Job.owner_key_id == owner_key_id),
+                and_(Job.id == position, Job.owner_key_id == owner_key_id),
                 *([_mode().in_(only_kinds)] if only_kinds else []),
             )
         )
     ).one_or_none()
     if row is None:
         raise InvalidCursor("the cursor is not one this API returned for this listing")
-    return tuple_(row.created_at, row.id)
+    return row.created_at, row.id

@@ -354,15 +354,27 @@ async def cancel_unfinished(session: AsyncSession, owner_key_id: UUID) -> int:
 
 
 def encode_cursor(row_id: UUID) -> str:
-    return base64.urlsafe_b64encode(row_id.bytes).decode().rstrip("=")
+    return encode_cursor_bytes(row_id.bytes)
 
 
 def decode_cursor(cursor: str) -> UUID:
     """The row id a cursor names; InvalidCursor if it cannot be one (the caller checks the
     row is in its listing)."""
     try:
-        return UUID(bytes=base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True))
-    except ValueError as exc:  # not base64, or not 16 bytes
+        return UUID(bytes=decode_cursor_bytes(cursor))
+    except ValueError as exc:  # not 16 bytes
+        raise InvalidCursor("the cursor is not one this API returned") from exc
+
+
+def encode_cursor_bytes(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def decode_cursor_bytes(cursor: str) -> bytes:
+    """What `encode_cursor_bytes` encoded; InvalidCursor if the cursor is not its form."""
+    try:
+        return base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True)
+    except ValueError as exc:  # not base64
         raise InvalidCursor("the cursor is not one this API returned") from exc
 
 
