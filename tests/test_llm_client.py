@@ -281,6 +281,21 @@ async def test_cached_prompt_tokens_are_read_from_the_usage_details_and_a_bad_co
         assert (await client.chat(seed_request())).cached_prompt_tokens == 0
 
 
+async def test_the_reply_names_the_model_the_server_says_answered_else_the_one_asked_for(
+    client: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    """A provider resolves an alias to a dated model: the turn records the one that answered."""
+
+    def answer(**model: str) -> dict[str, object]:
+        choice = {"message": {"role": "assistant", "content": "{}"}, "finish_reason": "stop"}
+        return {"choices": [choice], "usage": {"prompt_tokens": 7, "completion_tokens": 2}, **model}
+
+    scripted_llm.script("seed_cot", raw_body(answer(model="scripted-model-2026-12-01")), raw_body(answer()))
+
+    assert (await client.chat(seed_request())).model == "scripted-model-2026-12-01"
+    assert (await client.chat(seed_request())).model == "scripted-model"
+
+
 async def test_a_body_with_a_lone_surrogate_or_nan_is_read_as_json_reads_it(
     client: OpenAICompatibleClient, scripted_llm: ScriptedLLM
 ) -> None:
