@@ -154,9 +154,10 @@ async def test_cli_show_prints_square_brackets_in_the_data_as_they_are(
 async def test_cli_follows_a_job_to_the_end(
     live_api: str, api: httpx.AsyncClient, auth: Headers, settings: Settings
 ) -> None:
-    job = await submit(api, auth, ["a", "b", "c"])
+    # A budget makes each line longer than 80 columns (rich assumes 80 without a terminal).
+    job = await submit(api, auth, ["a", "b", "c"], budget={"max_tokens": 1_000_000})
     process = await asyncio.create_subprocess_exec(
-        AIDSAFE, "follow", job["id"], env=cli_env(live_api, auth), stdout=asyncio.subprocess.PIPE
+        AIDSAFE, "follow", job["id"], env=cli_env(live_api, auth, columns=80), stdout=asyncio.subprocess.PIPE
     )
     assert process.stdout is not None
     first = await asyncio.wait_for(process.stdout.readline(), 30)
@@ -167,6 +168,8 @@ async def test_cli_follows_a_job_to_the_end(
     assert first.decode().startswith("0/3 items | queued")
     assert "3/3 items | completed" in rest.decode()
     assert rest.decode().splitlines()[-1].startswith("3/3 items | completed")  # no bar's frame after it
+    progress = [line for line in (first + rest).decode().splitlines() if "tokens" in line]
+    assert all(line.startswith(("0/3", "1/3", "2/3", "3/3")) for line in progress), progress  # one a line
 
 
 async def test_ctrl_c_stops_following_says_the_job_goes_on_and_the_cli_cancels_it(

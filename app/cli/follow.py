@@ -127,7 +127,7 @@ class ProgressView:
         self.progress.update(self.task, total=counts.total, completed=self.done_in_snapshot, detail=detail)
         line = f"{self.done_in_snapshot}/{counts.total} items | {detail}"
         if not console.is_terminal and line != self.last_line:  # a log gets lines, not a bar
-            console.print(line)
+            console.print(line, soft_wrap=True)  # one a line, not folded at 80 columns
             self.last_line = line
 
 
