@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -672,6 +673,32 @@ async def test_a_stopping_api_ends_its_streams_at_once_so_that_it_can_stop(
     assert received == ["snapshot"]
     assert ended_s < 1.5, ended_s
     assert not api_served.thread.is_alive()
+
+
+async def test_a_client_that_leaves_mid_stream_ends_it_without_an_error(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The stream's next event is awaited in a task of its own (to stop at a shutdown): left
+    running when the client went, closing the stream raised 'asynchronous generator is
+    already running', logged as an exception of the app, and its read of Redis went on."""
+    job = await submit(api, auth, ["a"])  # no worker runs: the job never ends
+    with serving(settings) as api_served:
+        uvicorn_logs = logging.getLogger("uvicorn")  # its own handlers: it does not propagate
+        uvicorn_logs.addHandler(caplog.handler)
+        try:
+            async with (
+                httpx.AsyncClient(base_url=api_served.url, timeout=10) as client,
+                aconnect_sse(client, "GET", f"/v1/jobs/{job['id']}/events", headers=auth) as stream,
+            ):
+                async for sse in stream.aiter_sse():
+                    if sse.event == "snapshot":
+                        break  # and the client goes, while the stream waits for the job's next event
+            await asyncio.sleep(0.5)  # the server sees it gone and ends the stream
+        finally:
+            uvicorn_logs.removeHandler(caplog.handler)
+
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert errors == []
 
 
 async def test_a_viewer_stream_ends_once_its_session_is_logged_out(

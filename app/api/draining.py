@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import suppress
 from typing import TypeVar
 
 from fastapi import Request
@@ -41,17 +40,17 @@ def draining(request: Request) -> asyncio.Event:
 
 async def until_set(events: AsyncIterator[T], stop: asyncio.Event) -> AsyncIterator[T]:
     """`events` until `stop` is set, also while the next one is awaited (a stream waits for
-    its job's next event for seconds)."""
+    its job's next event for seconds). Each step of `events` runs in a task of its own: ended
+    here (stopped, or this generator cancelled by a client gone), that task is cancelled and
+    waited for, so that `events` is no longer running when its owner closes it."""
     stopping = asyncio.ensure_future(stop.wait())
+    next_event: asyncio.Future[T] | None = None
     try:
         while True:
             next_event = asyncio.ensure_future(anext(events))
             await asyncio.wait((next_event, stopping), return_when=asyncio.FIRST_COMPLETED)
             if stopping.done():
-                next_event.cancel()
-                with suppress(asyncio.CancelledError, StopAsyncIteration):
-                    await next_event
-                return
+                return  # an event that came at the same moment is sent again on the resume
             try:
                 event = next_event.result()
             except StopAsyncIteration:
@@ -59,3 +58,8 @@ async def until_set(events: AsyncIterator[T], stop: asyncio.Event) -> AsyncItera
             yield event
     finally:
         stopping.cancel()
+        if next_event is not None:
+            next_event.cancel()
+            await asyncio.wait((next_event,))
+            if not next_event.cancelled():
+                next_event.exception()  # read: a step's fault no one awaits is not logged as lost
