@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import socket
 import time
@@ -69,6 +70,18 @@ async def test_sends_schema_as_strict_response_format_with_bearer_key(
         "type": "json_schema",
         "json_schema": {"name": "seed_cot", "schema": SEED.schema(Limits()), "strict": True},
     }
+
+
+async def test_the_client_itself_caps_no_requests_the_limiter_is_the_cap(scripted_llm: ScriptedLLM) -> None:
+    """aiohttp's connector holds requests past 100 connections by default: at an endpoint cap
+    of 256 (issue 12's benchmark), the rest would have queued inside the client, unseen."""
+    scripted_llm.latency_s = 1.0
+    endpoints = {"default": EndpointConfig(base_url=scripted_llm.base_url, api_key="sk-test")}
+
+    async with OpenAICompatibleClient(endpoints, timeout_s=30, max_retries=0) as client:
+        await asyncio.gather(*(client.chat(seed_request()) for _ in range(150)))
+
+    assert scripted_llm.max_in_flight == 150
 
 
 async def test_retries_server_error_then_succeeds(
