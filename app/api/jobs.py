@@ -59,6 +59,15 @@ from app.store.models import PolicySetRow, PromptSetRow
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 Limit = Annotated[int, Query(ge=1, le=500, description="Page size.")]
+RowLimit = Annotated[
+    int,
+    Query(
+        ge=1,
+        le=500,
+        description=f"Page size; a page stops short of it where its rows come to {jobs.PAGE_ROW_BYTES:,} "
+        "bytes of JSON (a larger row comes alone). Follow `next_cursor` until it is null.",
+    ),
+]
 Cursor = Annotated[str | None, Query(description="`next_cursor` of the previous page.")]
 ERRORS = documented(401, 404, 422, 503)  # routes with an id in the path
 PAGE_ERRORS = documented(400, 401, 404, 422, 503)
@@ -230,7 +239,7 @@ async def list_items(
     session: SessionDep,
     status: ItemStatus | None = None,
     cursor: Cursor = None,
-    limit: Limit = 100,
+    limit: RowLimit = 100,
 ) -> ItemPage:
     rows, next_cursor = await jobs.page_items(session, job.id, status, cursor, limit)
     return ItemPage(data=[views.item_out(item) for item in rows], next_cursor=next_cursor)
@@ -244,7 +253,7 @@ async def list_cots(
         bool | None, Query(description="Only CoTs the quality gate accepted (true) or rejected (false).")
     ] = None,
     cursor: Cursor = None,
-    limit: Limit = 100,
+    limit: RowLimit = 100,
 ) -> CotPage:
     """Refined CoTs of completed items, in prompt order, with their scores and gate decision."""
     rows, next_cursor = await jobs.page_cots(session, job.id, accepted, cursor, limit)
@@ -270,7 +279,7 @@ async def list_preference_pairs(
         ),
     ] = None,
     cursor: Cursor = None,
-    limit: Limit = 100,
+    limit: RowLimit = 100,
 ) -> PreferencePairPage:
     """Ear-whisperer pair attempts in prompt order, with every try (standard sampling's too,
     when the job asked for the baseline). Beliefs, rejected CoTs and

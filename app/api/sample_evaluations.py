@@ -19,7 +19,7 @@ from app.api import views
 from app.api.bodies import JsonBody, read_capped
 from app.api.deps import CurrentKey, OwnedJob, ReadsHazardous, SessionDep
 from app.api.errors import InvalidRequest
-from app.api.jobs import ERRORS, PAGE_ERRORS, Cursor, Limit, resolve_prompt_set
+from app.api.jobs import ERRORS, PAGE_ERRORS, Cursor, RowLimit, resolve_prompt_set
 from app.api.schemas import (
     SampleEvaluationIn,
     SampleEvaluationOptions,
@@ -216,7 +216,7 @@ async def list_sample_results(
     session: SessionDep,
     reads_hazardous: ReadsHazardous,
     cursor: Cursor = None,
-    limit: Limit = 100,
+    limit: RowLimit = 100,
 ) -> SampleResultPage:
     """The samples in order, each with its scores, guard verdict and judgement so far. The
     guard's rationale is withheld from keys without `hazardous:read`, as for every guard."""
