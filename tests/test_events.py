@@ -7,12 +7,14 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import anyio
 import httpx
 import pytest
 from arq.connections import create_pool
@@ -20,6 +22,7 @@ from httpx_sse import aconnect_sse
 from redis.asyncio import Redis
 from sqlalchemy import func, update
 
+from app.api.draining import until_set
 from app.config import Settings
 from app.events import STREAM_PAGE, ItemFinished, JobEventSource, announce_item_finished, follow, stream_key
 from app.queue import REQUEST_RETRIES, bound_calls, redis_settings
@@ -699,6 +702,34 @@ async def test_a_client_that_leaves_mid_stream_ends_it_without_an_error(
 
     errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
     assert errors == []
+
+
+async def test_a_stream_whose_client_leaves_closes_its_job_events_at_once() -> None:
+    """A client that leaves cancels its stream (FastAPI's producer, in an anyio task group)
+    while the stream waits for the job's next event. That wait ran in a task of its own, left
+    running: closing the job's events then raised RuntimeError (the generator was running),
+    logged as an ASGI error at every client that left, and its Redis read went on."""
+    closed = asyncio.Event()
+
+    async def job_events() -> AsyncGenerator[int, None]:
+        try:
+            while True:
+                await asyncio.sleep(60)  # as XREAD BLOCK waits for the next entry
+                yield 1
+        finally:
+            closed.set()
+
+    async def stream() -> None:
+        async with aclosing(job_events()) as followed:
+            async for _ in until_set(followed, asyncio.Event()):
+                pass
+
+    async with anyio.create_task_group() as streams:
+        streams.start_soon(stream)
+        await asyncio.sleep(0.1)
+        streams.cancel_scope.cancel()  # the client left
+
+    assert closed.is_set()
 
 
 async def test_a_viewer_stream_ends_once_its_session_is_logged_out(

@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
+import anyio
 from fastapi import Request
 
 from app.api.head_limits import HeadLimitedProtocol
@@ -40,9 +41,8 @@ def draining(request: Request) -> asyncio.Event:
 
 async def until_set(events: AsyncIterator[T], stop: asyncio.Event) -> AsyncIterator[T]:
     """`events` until `stop` is set, also while the next one is awaited (a stream waits for
-    its job's next event for seconds). Each step of `events` runs in a task of its own: ended
-    here (stopped, or this generator cancelled by a client gone), that task is cancelled and
-    waited for, so that `events` is no longer running when its owner closes it."""
+    its job's next event for seconds). Each step of `events` runs in a task of its own, ended
+    before this generator ends (see _ended), so that its owner can close `events`."""
     stopping = asyncio.ensure_future(stop.wait())
     next_event: asyncio.Future[T] | None = None
     try:
@@ -59,7 +59,16 @@ async def until_set(events: AsyncIterator[T], stop: asyncio.Event) -> AsyncItera
     finally:
         stopping.cancel()
         if next_event is not None:
-            next_event.cancel()
-            await asyncio.wait((next_event,))
-            if not next_event.cancelled():
-                next_event.exception()  # read: a step's fault no one awaits is not logged as lost
+            await _ended(next_event)
+
+
+async def _ended(next_event: asyncio.Future[T]) -> None:
+    """Cancel the wait for the next event, if under way, and let it end, shielded from this
+    task's own cancellation (its client left: anyio cancels it again at every await). Left
+    running, it held `events`, which its owner then could not close: RuntimeError, and a
+    Redis read that went on."""
+    next_event.cancel()
+    with anyio.CancelScope(shield=True):
+        await asyncio.wait((next_event,))  # raises nothing the step raised
+    if not next_event.cancelled():
+        next_event.exception()  # read: a step's fault no one awaits is not logged as lost
