@@ -17,7 +17,7 @@ import json
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager, suppress
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import count
@@ -81,6 +81,12 @@ RETRIED_STATUSES = (429, 503)  # rate-limited; the database unavailable: both sa
 IDEMPOTENT_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")
 MAX_EVENT_RECONNECTS = 5  # in a row, without an event in between
 RECONNECT_PAUSE_S = 0.5  # times the reconnects so far
+# An API that streamed to a follower and now refuses its connections is restarting (a deploy:
+# it ends its streams at once, takes up to AIDSAFE_SHUTDOWN_GRACE_S, 20 s, to stop when other
+# responses are under way, and seconds to start). Reconnected to this long, every second,
+# before that counts as the stream dropping: polling would ask the same API.
+RESTART_WAIT_S = 30.0
+RESTART_PAUSE_S = 1.0
 
 
 class _Unset:
@@ -406,23 +412,33 @@ class _Following:
         self.job_id, self.last_event_id = job_id, last_event_id
         self.drops = 0  # in a row, without an event in between
         self.done = False
+        self.answered = False  # the API answered a connection of this follower
+        self.refused_since: float | None = None  # since when the API that answered refuses them
 
     @contextmanager
     def connection(self) -> Iterator[Call[None]]:
         """The next connection's call, within which a transport error is a drop (the stream
-        is resumed), not a failure; EventStreamUnavailable once the stream kept dropping."""
+        is resumed), not a failure, and a connection refused by the API that answered before
+        is its restart, waited for (see RESTART_WAIT_S); EventStreamUnavailable once the
+        stream kept dropping."""
         if self.drops >= MAX_EVENT_RECONNECTS:
             raise EventStreamUnavailable("the event stream kept dropping")
         resume = {"Last-Event-ID": self.last_event_id} if self.last_event_id else {}
         # A 429 here is too_many_streams: a seat frees only as one of the key's streams ends,
         # so it is not waited for; the caller polls instead (see _stream_refused).
         path = _path("jobs", self.job_id, "events")
-        with suppress(httpx.TransportError):
+        try:
             yield Call("GET", path, lambda _: None, headers={**EVENT_HEADERS, **resume}, retried=(503,))
+        except httpx.ConnectError:
+            if self.answered and self.refused_since is None:
+                self.refused_since = time.monotonic()
+        except httpx.TransportError:
+            pass
 
     def streams(self, response: httpx.Response) -> bool:
         """Whether the answer is the event stream; False: the API refused it (read it, and
         raise `_stream_refused`). EventStreamUnavailable when the way there failed."""
+        self.answered, self.refused_since = True, None
         if refusal := _event_stream_refusal(response):
             raise refusal
         return response.status_code == 200
@@ -435,6 +451,8 @@ class _Following:
 
     def dropped(self) -> float:
         """Seconds to wait before connecting again."""
+        if self.refused_since is not None and time.monotonic() - self.refused_since < RESTART_WAIT_S:
+            return RESTART_PAUSE_S  # restarting, not dropping the stream
         self.drops += 1
         return RECONNECT_PAUSE_S * (self.drops - 1)
 

@@ -455,10 +455,11 @@ class Serving:
 
 
 @contextmanager
-def serving(settings: Settings) -> Iterator[Serving]:
+def serving(settings: Settings, port: int = 0) -> Iterator[Serving]:
+    """An API on `port` (0: a free one), so that one stopped can be started again where it was."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     options = {**uvicorn_options(settings), "timeout_graceful_shutdown": 2}
     server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", **options))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="live-api", daemon=True)

@@ -207,8 +207,9 @@ async def test_an_api_gone_while_following_says_the_job_goes_on(
         assert process.stdout is not None
         await asyncio.wait_for(process.stdout.readline(), 30)  # following
 
-    # the stream is resumed a few times, then the job polled: the API is gone for good
-    said = " ".join((await asyncio.wait_for(process.stdout.read(), 60)).decode().split())
+    # connections refused for 30 s (a restarting API would be back), the stream resumed a few
+    # times more, then the job polled: the API is gone for good
+    said = " ".join((await asyncio.wait_for(process.stdout.read(), 90)).decode().split())
 
     assert await process.wait() == 1
     assert "No answer from the API" in said and f"job {job['id']} goes on" in said, said

@@ -29,7 +29,7 @@ from app.api import annotations, schemas, webhooks
 from app.config import Settings
 from app.events import stream_key
 from app.store.db import Sessions
-from tests.conftest import eventually, run_worker_burst, served
+from tests.conftest import eventually, run_worker_burst, served, serving
 from tests.test_api import row_counts
 from tests.test_cli import KITCHEN
 
@@ -454,6 +454,44 @@ async def test_with_the_keys_streams_at_their_cap_wait_polls_the_job(
     assert [(r.status, r.code) for r in refusals] == [(429, "event_stream_unavailable")] * 2
     assert all("progress streams open" in r.message for r in refusals)  # the API's own words
     assert [(f.status, f.counts.by_status) for f in finals] == [("completed", {"completed": 1})] * 2
+
+
+async def test_wait_carries_on_while_the_api_restarts(auth: Headers, settings: Settings) -> None:
+    """An API told to stop (a deploy) ends its event streams, then refuses connections until
+    it runs again, seconds later. Both clients' wait() reconnected for some 3 s only, then
+    polled, and the poll's refused connection ended it: `aidsafe follow` said "No answer from
+    the API" at every restart of the API taking longer."""
+    seen: list[aidsafe.Event] = []
+    seen_async: list[aidsafe.Event] = []
+    refusals: list[aidsafe.EventStreamUnavailable] = []
+    with serving(settings) as first:
+        port = httpx.URL(first.url).port
+        with aidsafe.Client(first.url, secret(auth)) as client:
+            job = client.submit(["a"])
+        async with aidsafe.AsyncClient(first.url, secret(auth)) as async_client:
+            with aidsafe.Client(first.url, secret(auth)) as client:
+                waiter = asyncio.create_task(
+                    asyncio.to_thread(client.wait, job.id, on_event=seen.append, on_polling=refusals.append)
+                )
+                async_waiter = asyncio.create_task(
+                    async_client.wait(job.id, on_event=seen_async.append, on_polling=refusals.append)
+                )
+
+                async def following() -> bool:
+                    return bool(seen and seen_async) or waiter.done() or async_waiter.done()
+
+                await eventually(following, what="both streams' snapshot")
+                first.server.should_exit = True  # as on SIGTERM: the streams end without `done`
+                await asyncio.to_thread(first.thread.join, 10)
+                await asyncio.sleep(5)  # nothing listens: connections refused
+                with serving(settings, port) as second:
+                    assert second.url == first.url
+                    await run_worker_burst(settings)
+                    finals = await asyncio.wait_for(asyncio.gather(waiter, async_waiter), 30)
+
+    assert refusals == []  # followed, never polled
+    assert [f.status for f in finals] == ["completed"] * 2
+    assert [e.kind for e in seen][-1] == [e.kind for e in seen_async][-1] == "done"
 
 
 class RateLimited(httpx.HTTPTransport):
