@@ -87,6 +87,7 @@ RECONNECT_PAUSE_S = 0.5  # times the reconnects so far
 # before that counts as the stream dropping: polling would ask the same API.
 RESTART_WAIT_S = 30.0
 RESTART_PAUSE_S = 1.0
+GATEWAY_FAULTS = (502, 504)  # a reverse proxy's answer while the API behind it does not answer
 
 
 class _Unset:
@@ -403,6 +404,10 @@ def _stream_refused(response: httpx.Response) -> AidsafeError:
 EVENT_HEADERS = {"Accept": "text/event-stream", "Cache-Control": "no-store"}
 
 
+class _Unreachable(Exception):
+    """A proxy says the API behind it does not answer (GATEWAY_FAULTS): as a refused connection."""
+
+
 class _Following:
     """What following a job's events decides, for either client: each connection's call
     (resuming after the last event seen), whether its answer is a stream, the events it
@@ -419,8 +424,8 @@ class _Following:
     def connection(self) -> Iterator[Call[None]]:
         """The next connection's call, within which a transport error is a drop (the stream
         is resumed), not a failure, and a connection refused by the API that answered before
-        is its restart, waited for (see RESTART_WAIT_S); EventStreamUnavailable once the
-        stream kept dropping."""
+        (or its proxy's 502 or 504) is its restart, waited for (see RESTART_WAIT_S);
+        EventStreamUnavailable once the stream kept dropping."""
         if self.drops >= MAX_EVENT_RECONNECTS:
             raise EventStreamUnavailable("the event stream kept dropping")
         resume = {"Last-Event-ID": self.last_event_id} if self.last_event_id else {}
@@ -429,7 +434,7 @@ class _Following:
         path = _path("jobs", self.job_id, "events")
         try:
             yield Call("GET", path, lambda _: None, headers={**EVENT_HEADERS, **resume}, retried=(503,))
-        except httpx.ConnectError:
+        except (httpx.ConnectError, _Unreachable):
             if self.answered and self.refused_since is None:
                 self.refused_since = time.monotonic()
         except httpx.TransportError:
@@ -438,6 +443,8 @@ class _Following:
     def streams(self, response: httpx.Response) -> bool:
         """Whether the answer is the event stream; False: the API refused it (read it, and
         raise `_stream_refused`). EventStreamUnavailable when the way there failed."""
+        if self.answered and response.status_code in GATEWAY_FAULTS:
+            raise _Unreachable
         self.answered, self.refused_since = True, None
         if refusal := _event_stream_refusal(response):
             raise refusal

@@ -456,42 +456,58 @@ async def test_with_the_keys_streams_at_their_cap_wait_polls_the_job(
     assert [(f.status, f.counts.by_status) for f in finals] == [("completed", {"completed": 1})] * 2
 
 
+class Gateway(httpx.HTTPTransport):
+    """A reverse proxy in front of the API: a 502 page while nothing listens behind it."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return super().handle_request(request)
+        except httpx.ConnectError:
+            return httpx.Response(502, text="<h1>502 Bad Gateway</h1>", headers={"Content-Type": "text/html"})
+
+
 async def test_wait_carries_on_while_the_api_restarts(auth: Headers, settings: Settings) -> None:
-    """An API told to stop (a deploy) ends its event streams, then refuses connections until
-    it runs again, seconds later. Both clients' wait() reconnected for some 3 s only, then
-    polled, and the poll's refused connection ended it: `aidsafe follow` said "No answer from
-    the API" at every restart of the API taking longer."""
-    seen: list[aidsafe.Event] = []
-    seen_async: list[aidsafe.Event] = []
+    """An API told to stop (a deploy) ends its event streams, then refuses connections (or
+    its proxy answers 502) until it runs again, seconds later. wait() reconnected for some
+    3 s only (at a 502: not at all), then polled, and the poll's refused connection (or 502)
+    ended it: `aidsafe follow` said "No answer from the API" at every such restart."""
+    seen: dict[str, list[aidsafe.Event]] = {"sync": [], "async": [], "proxied": []}
     refusals: list[aidsafe.EventStreamUnavailable] = []
     with serving(settings) as first:
         port = httpx.URL(first.url).port
         with aidsafe.Client(first.url, secret(auth)) as client:
             job = client.submit(["a"])
         async with aidsafe.AsyncClient(first.url, secret(auth)) as async_client:
-            with aidsafe.Client(first.url, secret(auth)) as client:
-                waiter = asyncio.create_task(
-                    asyncio.to_thread(client.wait, job.id, on_event=seen.append, on_polling=refusals.append)
-                )
-                async_waiter = asyncio.create_task(
-                    async_client.wait(job.id, on_event=seen_async.append, on_polling=refusals.append)
-                )
+            with (
+                aidsafe.Client(first.url, secret(auth)) as client,
+                aidsafe.Client(first.url, secret(auth), transport=Gateway()) as proxied,
+            ):
+                waiters = [
+                    asyncio.to_thread(
+                        client.wait, job.id, on_event=seen["sync"].append, on_polling=refusals.append
+                    ),
+                    async_client.wait(job.id, on_event=seen["async"].append, on_polling=refusals.append),
+                    asyncio.to_thread(
+                        proxied.wait, job.id, on_event=seen["proxied"].append, on_polling=refusals.append
+                    ),
+                ]
+                waiting = asyncio.gather(*waiters)
 
                 async def following() -> bool:
-                    return bool(seen and seen_async) or waiter.done() or async_waiter.done()
+                    return all(seen.values()) or waiting.done()
 
-                await eventually(following, what="both streams' snapshot")
+                await eventually(following, what="the streams' snapshots")
                 first.server.should_exit = True  # as on SIGTERM: the streams end without `done`
                 await asyncio.to_thread(first.thread.join, 10)
                 await asyncio.sleep(5)  # nothing listens: connections refused
                 with serving(settings, port) as second:
                     assert second.url == first.url
                     await run_worker_burst(settings)
-                    finals = await asyncio.wait_for(asyncio.gather(waiter, async_waiter), 30)
+                    finals = await asyncio.wait_for(waiting, 30)
 
     assert refusals == []  # followed, never polled
-    assert [f.status for f in finals] == ["completed"] * 2
-    assert [e.kind for e in seen][-1] == [e.kind for e in seen_async][-1] == "done"
+    assert [f.status for f in finals] == ["completed"] * 3
+    assert [events[-1].kind for events in seen.values()] == ["done"] * 3
 
 
 class RateLimited(httpx.HTTPTransport):
