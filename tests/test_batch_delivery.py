@@ -435,6 +435,8 @@ async def test_a_batch_whose_poll_the_provider_keeps_refusing_ends_lost_once_the
     row = await _provider_batch_row(sessions, refused["id"])
     assert row.status == "lost" and f"HTTP {status}" in str(row.error)
     assert row.refusals >= batches.GONE_AFTER_REFUSALS, "taken for lost at its first refusal"
+    # Hidden from each retrieve, it may still run: cancelled, so as not to be paid for twice.
+    assert scripted_llm.batches.cancel_requests == [refused["id"]]
 
     await _drive(batch_settings, sessions, arq_redis, job_id)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import suppress
 from typing import Any
 
 from arq.connections import ArqRedis
@@ -32,6 +33,7 @@ from app.config import Settings
 from app.llm.batch_api import (
     TERMINAL,
     BatchAPI,
+    BatchFault,
     BatchRefused,
     BatchUnavailable,
     OutputLine,
@@ -159,7 +161,7 @@ async def _poll(settings: Settings, sessions: Sessions, api: BatchAPI, held: Hel
         # A 404, or another 4xx (a 400 or 422 for an id the provider will not take): as
         # anything but a 404 it was a fault, asked about again at every poll for ever.
         if await _gone(settings, sessions, held, str(refusal)):
-            await _lost(settings, sessions, held, str(refusal))
+            await _lost(settings, sessions, api, held, str(refusal))
         return
     status, counts = seen.get("status"), seen.get("request_counts")
     if status not in TERMINAL:
@@ -238,10 +240,17 @@ async def _gone(settings: Settings, sessions: Sessions, held: Held, detail: str)
     return False
 
 
-async def _lost(settings: Settings, sessions: Sessions, held: Held, detail: str) -> None:
+async def _lost(settings: Settings, sessions: Sessions, api: BatchAPI, held: Held, detail: str) -> None:
     """The provider no longer knows the batch (deleted, or kept no longer; see _gone): it
     ends as lost and its requests go back as an expired batch's unanswered ones do. Polled
     on, it was asked about for ever, and its items waited as long."""
+    assert held.provider_batch_id is not None
+    # First cancelled, as far as the provider lets: one a proxy hides (a 400 or 422 on each
+    # retrieve) may still run, and be paid for beside its requests sent again. A batch that is
+    # gone refuses the cancel, which changes nothing.
+    await batches.renew(sessions, held)
+    with suppress(BatchFault):
+        await api.cancel(held.endpoint, held.provider_batch_id)
     await batches.collect(
         sessions, held, BatchStatus.LOST, Outcome({}, {}), settings.batch_max_submissions, error=detail
     )
