@@ -4,14 +4,18 @@ JSON-encoded on the event loop in one answer, holding every other request meanwh
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from typing import Any
 from uuid import UUID
 
+import asyncpg
 import httpx
 import pytest
-from sqlalchemy import ColumnElement, Text, cast, func, insert, literal, select, true, update
+from sqlalchemy import ColumnElement, Text, cast, event, func, insert, literal, make_url, select, true, update
 from sqlalchemy.dialects.postgresql import JSONB
 
+from app.store import jobs
 from app.store.db import Sessions
 from app.store.jobs import PAGE_ROW_BYTES
 from app.store.models import Cot, ImportedSample, Item, Job, PreferencePair
@@ -168,3 +172,66 @@ async def test_a_filtered_listing_pages_by_size_over_the_rows_it_keeps(
 
     assert [row["position"] for page in pages for row in page] == list(range(0, ROWS, 3))
     assert len(pages) > 1
+
+
+async def test_a_row_leaving_the_filter_while_its_page_is_read_leaves_no_empty_page(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions, migrated: str
+) -> None:
+    """A page is read in one snapshot: the row a page of one holds, made to stop matching the
+    filter (by another connection, committed) just after the page's first statement, is on
+    it, as it matched. Read in three statements, the last dropped it: an empty page with a
+    next_cursor."""
+    job_id = UUID(await submit(api, auth, ["first", "second"]))
+    statements = 0
+
+    def commit_elsewhere(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        nonlocal statements
+        statements += 1
+        if statements == 2:  # after the page's first statement, before any other
+            thread = threading.Thread(target=asyncio.run, args=(start_running(migrated, job_id),))
+            thread.start()
+            thread.join()
+
+    async with sessions() as session:
+        connection = await session.connection()
+        event.listen(connection.sync_connection, "before_cursor_execute", commit_elsewhere)
+        rows, next_cursor = await jobs.page_items(session, job_id, "queued", None, 1)
+
+    assert [item.position for item in rows] == [0]
+    assert next_cursor is not None
+
+
+async def start_running(database_url: str, job_id: UUID) -> None:
+    dsn = make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    connection = await asyncpg.connect(dsn)
+    try:
+        await connection.execute("UPDATE items SET status = 'running' WHERE job_id = $1", job_id)
+    finally:
+        await connection.close()
+
+
+@pytest.mark.parametrize(("over_by", "pages"), [(0, [[0, 1], [2]]), (1, [[0], [1], [2]])])
+async def test_a_page_of_exactly_its_size_holds_its_last_row(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions, over_by: int, pages: list[list[int]]
+) -> None:
+    job_id = UUID(await submit(api, auth, ["first", "second", "third"]))
+    as_json = func.octet_length(cast(func.row_to_json(Item.__table__.table_valued()), Text))
+    async with sessions.begin() as session:
+        first, second = await session.scalars(
+            select(as_json).where(Item.job_id == job_id, Item.position < 2).order_by(Item.position)
+        )
+        # {"notes": ""} is in the second row's size already (its metadata was {}, two bytes)
+        notes = func.repeat("n", PAGE_ROW_BYTES - first - second + over_by - len('{"notes": ""}') + 2)
+        await session.execute(
+            update(Item)
+            .where(Item.job_id == job_id, Item.position == 1)
+            .values(item_metadata=func.jsonb_build_object("notes", notes))
+        )
+        sizes = list(
+            await session.scalars(select(as_json).where(Item.job_id == job_id).order_by(Item.position))
+        )
+    assert sizes[0] + sizes[1] == PAGE_ROW_BYTES + over_by
+
+    listed = await every_page(api, auth, f"/v1/jobs/{job_id}/items")
+
+    assert [[row["position"] for row in page] for page in listed] == pages

@@ -12,10 +12,10 @@ from typing import Any, Literal
 from uuid import UUID, uuid4
 
 from sqlalchemy import BigInteger, ColumnElement, Select, Text, Uuid, cast, func, literal, or_, select, update
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql import ARRAY, aggregate_order_by
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.sql.expression import Grouping
+from sqlalchemy.sql.expression import ScalarSelect
 from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
 from app.costs import Budget, priced
@@ -470,34 +470,41 @@ async def _page(
     after: int,
     limit: int,
 ) -> tuple[list[tuple[Any, ...]], str | None]:
-    """The page of the rows `read` (of `listed`, joined to what they show) that `filters`
-    keep, after position `after`, in position order: at most `limit` rows, and no more than
-    PAGE_ROW_BYTES of them (a first row larger than that comes alone); with the cursor of the
-    next page, None when no row is left out."""
-    following = read.with_only_columns(listed.id, listed.position).where(*filters, listed.position > after)
-    candidates = list(await session.execute(following.order_by(listed.position).limit(limit + 1)))
-    if not candidates:
-        return [], None
-    ids = [row.id for row in candidates[:limit]]
-    on_page = candidates[: await _rows_within_size(session, read, listed, ids)]
-    # The rows sized, by id; the span of their positions keeps any plan to the rows walked over.
-    last = on_page[-1]
-    query = read.where(
-        *filters,
-        listed.id.in_([row.id for row in on_page]),
-        listed.position > after,
-        listed.position <= last.position,
+    """The page of the rows `read` (of `listed`, its first entity, joined to what they show)
+    that `filters` keep, after position `after`, in position order: at most `limit` rows, and
+    no more than PAGE_ROW_BYTES of them (a first row larger than that comes alone); with the
+    cursor of the next page, None when no row is left out. One statement, so one snapshot:
+    read in three, a row that stopped matching the filters between them was sized but left
+    out, and a page could come back empty with a next_cursor."""
+    candidates = (
+        read.with_only_columns(listed.id, listed.position)
+        .where(*filters, listed.position > after)
+        .order_by(listed.position)
+        .limit(limit + 1)
+        .cte("candidates")
     )
-    page = [tuple(row) for row in await session.execute(query.order_by(listed.position))]
-    return page, encode_cursor(last.id) if len(candidates) > len(on_page) else None
+    # Subscripted by the walk, which sizes the candidates one by one by primary key.
+    ids_in_order = select(
+        func.array_agg(aggregate_order_by(candidates.c.id, candidates.c.position), type_=ARRAY(Uuid))
+    ).scalar_subquery()
+    fitting = _rows_within_size(read, listed, ids_in_order, limit)
+    on_page = select(candidates.c.id).order_by(candidates.c.position).limit(fitting)
+    left_out = select(func.count()).select_from(candidates).scalar_subquery() > fitting
+    query = read.add_columns(left_out).where(listed.id.in_(on_page)).order_by(listed.position)
+    rows = [tuple(row) for row in await session.execute(query)]
+    if not rows:
+        return [], None
+    page = [row[:-1] for row in rows]
+    return page, encode_cursor(page[-1][0].id) if rows[-1][-1] else None
 
 
-async def _rows_within_size(session: AsyncSession, read: Read, listed: Listed, ids: list[UUID]) -> int:
-    """How many of the rows `ids` of `read`, in that order, make a page of PAGE_ROW_BYTES (1 if
-    the first is larger). Each is sized in SQL by its id, before any is read, until the page is
-    full: sizing every row of a page of 500 large ones would render gigabytes of JSON to page
-    through them all."""
-    ids_in_order = Grouping(literal(ids, ARRAY(Uuid)))  # subscripted as ($1::UUID[])[n]
+def _rows_within_size(
+    read: Read, listed: Listed, ids_in_order: ColumnElement[list[UUID]], limit: int
+) -> ScalarSelect[int]:
+    """SQL: how many of the first `limit` rows `ids_in_order` of `read` make a page of
+    PAGE_ROW_BYTES (1 if the first is larger). Each is sized by its id, in order, until the
+    page is full: sizing every row of a page of 500 large ones would render gigabytes of JSON
+    to page through them all."""
     start = select(literal(0).label("sized"), cast(literal(0), BigInteger).label("page_bytes")).cte(
         "walk", recursive=True
     )
@@ -508,11 +515,13 @@ async def _rows_within_size(session: AsyncSession, read: Read, listed: Listed, i
     )
     walk = start.union_all(
         select(start.c.sized + 1, start.c.page_bytes + next_size).where(
-            start.c.sized < len(ids), start.c.page_bytes <= PAGE_ROW_BYTES
+            start.c.sized < limit,
+            func.cardinality(ids_in_order) > start.c.sized,
+            start.c.page_bytes <= PAGE_ROW_BYTES,
         )
     )
     fit = or_(walk.c.page_bytes <= PAGE_ROW_BYTES, walk.c.sized == 1)
-    return await session.scalar(select(func.max(walk.c.sized)).where(fit)) or 0
+    return select(func.max(walk.c.sized)).where(fit).scalar_subquery()
 
 
 def _json_bytes(read: Read) -> ColumnElement[int]:
