@@ -13,6 +13,7 @@ import json
 import re
 import signal
 import subprocess
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -139,12 +140,18 @@ async def _drive_until(
     sessions: Sessions,
     redis: ArqRedis,
     done: Callable[[], Awaitable[bool]],
-    rounds: int = 400,
+    rounds: int | None = None,
+    within_s: float = 60.0,
 ) -> None:
-    """Run the worker (burst) and a batch round in turn until `done`, at most `rounds` times."""
+    """Run the worker (burst) and a batch round in turn until `done`: at most `rounds` times,
+    or, without `rounds`, for up to `within_s`. A batch whose round failed is looked at again
+    only after a call's timeout (a second here): a count of rounds ran out on a fast machine
+    before a fault's retries did."""
     api = BatchAPI(settings.endpoints(), settings.batch_call_timeout_s)
+    deadline, done_rounds = time.monotonic() + within_s, 0
     try:
-        for _ in range(rounds):
+        while (done_rounds < rounds) if rounds is not None else (time.monotonic() < deadline):
+            done_rounds += 1
             await run_worker_burst(settings)
             await run_round(settings, sessions, redis, api)
             if await done():
