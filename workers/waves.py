@@ -177,11 +177,10 @@ async def _poll(settings: Settings, sessions: Sessions, api: BatchAPI, held: Hel
         return
     outcome = Outcome({}, {})
     read, refused = await _read_files(sessions, api, held, seen, outcome)
-    if refused:
-        if read:
+    if refused and not await _gone(settings, sessions, held, refused):
+        if read:  # kept, so that the next polls ask for the refused file alone
             await batches.keep_read(sessions, held, outcome, read)
-        if not await _gone(settings, sessions, held, refused):
-            return
+        return
     gone = refused and f"gone, their requests sent again: {refused}"
     await batches.collect(
         sessions,
