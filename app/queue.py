@@ -61,41 +61,94 @@ def item_of_job(job_id: str) -> tuple[UUID, int]:
     return UUID(item_id), int(enqueues)
 
 
+# Jobs wait in line by place, not by time. A score in the queue below LINE_END is a place in
+# line; from LINE_END on it is a time in ms, as arq scores jobs: a running job's (when its mark
+# runs out), a deferred one's (a Retry's backoff), or one queued by an older release. Places
+# are all in arq's past, so always due. 10^12 ms is 2001-09-09: the line would need 10^12
+# items to reach it.
+LINE_END = 10**12
+
+
+def line_key(queue_name: str) -> str:
+    """The line's record: the furthest place given (under ''), and each share's last place."""
+    return f"{queue_name}:line"
+
+
+# For the scripts that read the line: LINE_END, and the front of the line: the place of the
+# first job waiting, else (none waits) the place after the furthest given.
+FRONT_OF_LINE = f"""
+local LINE_END = '{LINE_END}'
+local function front_of_line(queue, line)
+  local head = redis.call('ZRANGEBYSCORE', queue, '-inf', '(' .. LINE_END, 'WITHSCORES', 'LIMIT', 0, 1)
+  if head[2] then return tonumber(head[2]) end
+  return tonumber(redis.call('HGET', line, '') or '0') + 1
+end
+"""
+
 # What ArqRedis.enqueue_job writes for each job (the pickled job under arq:job:<id> with
 # arq's expiry, and the id in the queue's sorted set), for many jobs in one call, with NX
-# in place of its WATCH/EXISTS check: a job that is already there stays as it is. ARGV[4]
-# "ahead": the jobs go before every job now in the queue.
-_ENQUEUE = """
-local job_key_prefix, expiry_ms, score = ARGV[1], ARGV[2], tonumber(ARGV[3])
-if ARGV[4] == '1' then
-  local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  if head[2] then score = math.min(score, tonumber(head[2]) - 1) end
+# in place of its WATCH/EXISTS check: a job that is already there stays as it is.
+# KEYS: the queue, its line's record. ARGV: arq's job key prefix, its expiry in ms, the share
+# ('' for none), how many jobs to make room for ahead of every job waiting (0: not ahead), the
+# last place an earlier batch of the same call took ('' for none), then (job id, pickled job)
+# pairs. Returns the last place given. A share's jobs take the places after its last one, or
+# from the front of the line on if that is further (start-time fair queueing): one tenant's
+# new job interleaves with the backlog of another who queued 100,000 prompts, one for one,
+# instead of waiting behind it all. Jobs at the same place go in the order of their ids.
+_ENQUEUE = (
+    FRONT_OF_LINE
+    + """
+local job_key_prefix, expiry_ms, share, room, after = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
+local count = (#ARGV - 5) / 2
+local first  -- the places given are first + 1 .. first + count
+if after ~= '' then
+  first = tonumber(after)
+elseif room > 0 then
+  first = front_of_line(KEYS[1], KEYS[2]) - room - 1
+else
+  first = front_of_line(KEYS[1], KEYS[2]) - 1  -- a share new to the line starts level with its front
 end
-for i = 5, #ARGV, 2 do
+if share ~= '' then
+  first = math.max(first, tonumber(redis.call('HGET', KEYS[2], share) or '0'))
+  redis.call('HSET', KEYS[2], share, first + count)
+end
+if first + count > tonumber(redis.call('HGET', KEYS[2], '') or '0') then
+  redis.call('HSET', KEYS[2], '', first + count)
+end
+for k = 1, count do
+  local i = 4 + 2 * k
   redis.call('SET', job_key_prefix .. ARGV[i], ARGV[i + 1], 'PX', expiry_ms, 'NX')
-  -- scores rise with the item's place (all in the past): workers take prompts in order
-  redis.call('ZADD', KEYS[1], 'NX', tonumber(score) - (#ARGV - i) / 2, ARGV[i])
+  redis.call('ZADD', KEYS[1], 'NX', first + k, ARGV[i])  -- in the order given: prompts run in order
 end
-return 0
+return first + count
 """
+)
 
 
 async def enqueue_items(
-    redis: ArqRedis, queue_name: str, items: Iterable[tuple[UUID, int]], *, ahead: bool = False
+    redis: ArqRedis,
+    queue_name: str,
+    items: Iterable[tuple[UUID, int]],
+    *,
+    share: UUID | None = None,
+    ahead: bool = False,
 ) -> None:
     """Enqueue (item id, enqueue counter) pairs as arq jobs of RUN_ITEM: one Redis call
     per 1,000 rather than arq's four round trips per job. Duplicates are harmless: a worker
     claims an item in Postgres before running it, and a second arq job finds nothing.
-    `ahead`: before the jobs already waiting (items taken back from a dead worker resume
-    first, not behind the backlog)."""
+    `share`: whose turn the items take in line (the API key of the job), fairly against other
+    shares' items waiting; None: right after the front of the line. `ahead`: before the jobs
+    already waiting (items taken back from a dead worker resume first, not behind the
+    backlog)."""
     enqueue = redis.register_script(_ENQUEUE)
     pending = list(items)
+    share_id, room, after = str(share or ""), len(pending) if ahead else 0, ""
     for start in range(0, len(pending), _BATCH):
         enqueued_ms = timestamp_ms()
-        args: list[str | bytes | int] = [job_key_prefix, redis.expires_extra_ms, enqueued_ms, int(ahead)]
+        args: list[str | bytes | int] = [job_key_prefix, redis.expires_extra_ms, share_id, room, after]
         for item_id, enqueues in pending[start : start + _BATCH]:
             job = serialize_job(
                 RUN_ITEM, (str(item_id),), {}, None, enqueued_ms, serializer=redis.job_serializer
             )
             args += [arq_job_id(item_id, enqueues), job]
-        await enqueue(keys=[queue_name], args=args)
+        after = str(await enqueue(keys=[queue_name, line_key(queue_name)], args=args))

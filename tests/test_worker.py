@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 
 from app.config import Settings
 from app.events import stream_key
-from app.queue import WORKER_RETRIES, arq_job_id, bound_calls, redis_settings
+from app.queue import WORKER_RETRIES, arq_job_id, bound_calls, line_key, redis_settings
 from app.store import items
 from app.store.db import Sessions
 from app.store.models import Item, TurnRow
@@ -487,7 +487,7 @@ def _start_call(
 ) -> tuple[list[str], list[Any]]:
     """The start script's keys and arguments for one poll of a new worker, as QueueWorker sends them."""
     answer = f"{settings.redis_key_prefix}:starts:{uuid4()}"
-    keys = [settings.queue_name, liveness.taken_key(settings), answer]
+    keys = [settings.queue_name, liveness.taken_key(settings), answer, line_key(settings.queue_name)]
     return keys, [in_progress_key_prefix, ttl_ms, timestamp_ms(), wanted, str(uuid4()), scan_limit]
 
 

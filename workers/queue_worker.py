@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 
 from app import events
 from app.config import Settings
+from app.queue import FRONT_OF_LINE, line_key
 from workers import liveness
 
 WORKER_ID = "worker_id"  # in arq's ctx from the start: the worker records the jobs it takes under it
@@ -53,11 +54,22 @@ T = TypeVar("T")
 # again (the pool retries a command whose connection broke or whose reply timed out, maybe
 # after Redis ran it, and QueueWorker after that) gets the same jobs, not none, which no one
 # else could start until their marks ran out, a day later.
-START_SCRIPT = """
+#
+# KEYS[4] is the line's record (app/queue.py): jobs due by their time (a Retry's backoff over, a
+# dead worker's mark run out, queued by an older release) first go to the front of the line, up
+# to 256 a call. At their time they would wait behind every place in line, given since too.
+START_SCRIPT = (
+    FRONT_OF_LINE
+    + """
 local answered = redis.call('GET', KEYS[3])
 if answered then return cjson.decode(answered) end
 local prefix, ttl, now, wanted, worker = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local scan_limit = tonumber(ARGV[6])
+local woke = redis.call('ZRANGEBYSCORE', KEYS[1], LINE_END, now, 'LIMIT', 0, 256)
+if #woke > 0 then
+  local first = front_of_line(KEYS[1], KEYS[4]) - #woke - 1
+  for i = 1, #woke do redis.call('ZADD', KEYS[1], 'XX', first + i, woke[i]) end
+end
 local marked = {}
 local offset = 0
 while #marked < wanted * 2 and offset < scan_limit do
@@ -81,6 +93,7 @@ end
 if #marked > 0 then redis.call('SET', KEYS[3], cjson.encode(marked), 'PX', ttl) end
 return marked
 """
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -137,7 +150,7 @@ class QueueWorker(ArqWorker):
         answer = f"{settings.redis_key_prefix}:starts:{uuid4()}"
         start = partial(
             self.pool.register_script(START_SCRIPT),
-            keys=[self.queue_name, liveness.taken_key(settings), answer],
+            keys=[self.queue_name, liveness.taken_key(settings), answer, line_key(self.queue_name)],
             args=[
                 in_progress_key_prefix,
                 ttl_ms,

@@ -215,7 +215,7 @@ async def relabel_job(
         check_budget(body.budget, job.plan, policies, wording, [shortest])
         resumed = await jobs.set_budget(session, state.spending, job, body.budget)
     await session.commit()
-    await enqueue_committed(state.arq, state.settings, job.id, resumed)
+    await enqueue_committed(state.arq, state.settings, job, resumed)
     await session.refresh(job)
     summaries.forget(job.id, job.owner_key_id)
     return await job_out(session, job)

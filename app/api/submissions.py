@@ -47,7 +47,7 @@ class Submission:
         await self.session.commit()
         if not new_item_ids:
             self._response.status_code = status.HTTP_200_OK
-        await enqueue_committed(self._arq, self.settings, job.id, [(item_id, 1) for item_id in new_item_ids])
+        await enqueue_committed(self._arq, self.settings, job, [(item_id, 1) for item_id in new_item_ids])
 
 
 async def _submission(
@@ -64,11 +64,12 @@ SubmissionDep = Annotated[Submission, Depends(_submission)]
 
 
 async def enqueue_committed(
-    arq: ArqRedis, settings: Settings, job_id: UUID, items: list[tuple[UUID, int]]
+    arq: ArqRedis, settings: Settings, job: Job, items: list[tuple[UUID, int]]
 ) -> None:
-    """Enqueue a committed job's (item id, enqueue counter) pairs. A failure is logged, not
-    raised: the job exists now, and the sweeper enqueues queued items whose arq job is missing."""
+    """Enqueue a committed job's (item id, enqueue counter) pairs, in line as its key's share.
+    A failure is logged, not raised: the job exists now, and the sweeper enqueues queued items
+    whose arq job is missing."""
     try:
-        await enqueue_items(arq, settings.queue_name, items)
+        await enqueue_items(arq, settings.queue_name, items, share=job.owner_key_id)
     except Exception:
-        log.exception("enqueue failed for job %s; the sweeper will enqueue its items", job_id)
+        log.exception("enqueue failed for job %s; the sweeper will enqueue its items", job.id)

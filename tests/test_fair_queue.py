@@ -1,0 +1,172 @@
+"""The queue's line is shared fairly between API keys: a key's new job interleaves with the
+backlog of another key's, one item for one, instead of waiting behind it all."""
+
+from __future__ import annotations
+
+import asyncio
+from uuid import UUID, uuid4
+
+import httpx
+import pytest
+from arq.connections import ArqRedis
+from arq.constants import in_progress_key_prefix
+from arq.utils import timestamp_ms
+
+from app.config import Settings
+from app.queue import LINE_END, arq_job_id, enqueue_items, line_key
+from app.store.db import Sessions
+from tests.conftest import delete_redis_keys, new_key, run_worker_burst, submit
+from tests.scripted_llm import ScriptedLLM
+from workers import liveness
+from workers.queue_worker import START_SCRIPT
+
+
+@pytest.fixture(autouse=True)
+async def empty_line(settings: Settings) -> None:
+    await delete_redis_keys(settings)  # the queue, its line's record and arq's keys of its jobs
+
+
+def _jobs(count: int) -> list[tuple[UUID, int]]:
+    return [(uuid4(), 1) for _ in range(count)]
+
+
+def _ids(jobs: list[tuple[UUID, int]]) -> list[str]:
+    return [arq_job_id(item_id, enqueues) for item_id, enqueues in jobs]
+
+
+async def _line(arq_redis: ArqRedis, settings: Settings) -> list[str]:
+    return [job_id.decode() for job_id in await arq_redis.zrange(settings.queue_name, 0, -1)]
+
+
+async def test_a_keys_new_job_interleaves_with_another_keys_backlog(
+    settings: Settings, arq_redis: ArqRedis
+) -> None:
+    backlog, newcomer = _jobs(100), _jobs(10)
+    await enqueue_items(arq_redis, settings.queue_name, backlog, share=uuid4())
+    await enqueue_items(arq_redis, settings.queue_name, newcomer, share=uuid4())
+
+    line = await _line(arq_redis, settings)
+
+    assert set(line[:20]) == set(_ids(backlog[:10]) + _ids(newcomer)), "one of each, from the front"
+    assert [job for job in line if job in _ids(newcomer)] == _ids(newcomer), "each share in its order"
+    assert [job for job in line if job in _ids(backlog)] == _ids(backlog)
+
+
+async def test_a_keys_second_job_waits_behind_its_first_and_the_line_moves_on(
+    settings: Settings, arq_redis: ArqRedis
+) -> None:
+    heavy, light = uuid4(), uuid4()
+    first, second = _jobs(30), _jobs(5)
+    await enqueue_items(arq_redis, settings.queue_name, first, share=heavy)
+    await enqueue_items(arq_redis, settings.queue_name, second, share=heavy)
+    assert await _line(arq_redis, settings) == _ids(first + second)
+
+    # Twenty of the first job ran: a key that comes now starts at the front, not where the
+    # line began, and not behind the heavy key's last place either.
+    await arq_redis.zrem(settings.queue_name, *_ids(first[:20]))
+    late = _jobs(3)
+    await enqueue_items(arq_redis, settings.queue_name, late, share=light)
+    assert set((await _line(arq_redis, settings))[:6]) == set(_ids(first[20:23] + late))
+
+
+async def test_a_key_back_after_an_empty_line_is_not_held_back_by_what_it_ran_before(
+    settings: Settings, arq_redis: ArqRedis
+) -> None:
+    old, other = uuid4(), uuid4()
+    ran = _jobs(50)
+    await enqueue_items(arq_redis, settings.queue_name, ran, share=old)
+    await arq_redis.zrem(settings.queue_name, *_ids(ran))  # all ran: the line is empty
+
+    again, newcomer = _jobs(4), _jobs(4)
+    await enqueue_items(arq_redis, settings.queue_name, again, share=old)
+    await enqueue_items(arq_redis, settings.queue_name, newcomer, share=other)
+
+    line = await _line(arq_redis, settings)
+    assert set(line[:2]) == {_ids(again)[0], _ids(newcomer)[0]}
+
+
+async def test_calls_of_more_than_one_batch_keep_their_order(settings: Settings, arq_redis: ArqRedis) -> None:
+    """enqueue_items sends 1,000 jobs a call: each later call goes on where the one before ended."""
+    shared, neutral, ahead = _jobs(2_500), _jobs(1_500), _jobs(1_200)
+    await enqueue_items(arq_redis, settings.queue_name, shared, share=uuid4())
+    assert await _line(arq_redis, settings) == _ids(shared)
+    await arq_redis.zrem(settings.queue_name, *_ids(shared)[:100])
+
+    await enqueue_items(arq_redis, settings.queue_name, neutral)
+    line = await _line(arq_redis, settings)
+    assert [job for job in line if job in set(_ids(neutral))] == _ids(neutral)
+
+    await enqueue_items(arq_redis, settings.queue_name, ahead, ahead=True)
+    assert (await _line(arq_redis, settings))[: len(ahead)] == _ids(ahead)
+
+
+async def test_places_are_due_and_below_the_times_arq_scores_with(
+    settings: Settings, arq_redis: ArqRedis
+) -> None:
+    jobs = _jobs(3)
+    await enqueue_items(arq_redis, settings.queue_name, jobs, share=uuid4())
+    scores = [score for _, score in await arq_redis.zrange(settings.queue_name, 0, -1, withscores=True)]
+    assert all(score < LINE_END < timestamp_ms() for score in scores)
+    # The line's record keeps one place per share and the furthest, not one per job.
+    assert await arq_redis.hlen(line_key(settings.queue_name)) == 2
+
+
+async def _start(settings: Settings, arq_redis: ArqRedis, wanted: int) -> list[str]:
+    """One poll of the start script, as QueueWorker sends it; the jobs it marked."""
+    keys = [
+        settings.queue_name,
+        liveness.taken_key(settings),
+        f"{settings.redis_key_prefix}:starts:{uuid4()}",
+        line_key(settings.queue_name),
+    ]
+    args = [in_progress_key_prefix, 60_000, timestamp_ms(), wanted, str(uuid4()), 1000]
+    marked = await arq_redis.register_script(START_SCRIPT)(keys=keys, args=args)
+    return [job_id.decode() for job_id in marked[::2]]
+
+
+async def test_a_job_due_by_its_time_goes_to_the_front_of_the_line(
+    settings: Settings, arq_redis: ArqRedis
+) -> None:
+    """A Retry's backoff is a time (arq scores it so): once over, the item would otherwise wait
+    behind every place in line, those given after its backoff ended too, and with a line that
+    keeps growing it would never run. One queued by an older release, with a time, likewise."""
+    await enqueue_items(arq_redis, settings.queue_name, _jobs(20), share=uuid4())
+    retried, deferred = f"test:{uuid4().hex}:retried", f"test:{uuid4().hex}:deferred"
+    await arq_redis.zadd(
+        settings.queue_name, {retried: timestamp_ms() - 1, deferred: timestamp_ms() + 60_000}
+    )
+    await enqueue_items(arq_redis, settings.queue_name, _jobs(20), share=uuid4())  # came after it
+
+    try:
+        assert await _start(settings, arq_redis, wanted=1) == [retried]
+        assert await arq_redis.zscore(settings.queue_name, deferred) > timestamp_ms(), "not due: left"
+    finally:
+        await arq_redis.delete(in_progress_key_prefix + retried)
+
+
+async def test_a_worker_runs_a_second_keys_job_between_the_first_keys_prompts(
+    api: httpx.AsyncClient, sessions: Sessions, settings: Settings, scripted_llm: ScriptedLLM
+) -> None:
+    """Through the API: each job is queued as its key's share. One slot, so items run one by one."""
+    heavy, light = await new_key(sessions, "heavy"), await new_key(sessions, "light")
+    await submit(api, heavy, [f"heavy prompt {n}" for n in range(6)], max_rounds=1)
+    await submit(api, light, [f"light prompt {n}" for n in range(2)], max_rounds=1)
+
+    await asyncio.wait_for(run_worker_burst(settings, max_jobs=1), timeout=120)
+
+    started: list[str] = []  # each prompt, at its first request
+    for request in scripted_llm.requests:
+        text = str(request.body["messages"])
+        prompt = next(
+            (
+                f"{who} prompt {n}"
+                for who in ("heavy", "light")
+                for n in range(6)
+                if f"{who} prompt {n}" in text
+            ),
+            None,
+        )
+        if prompt and prompt not in started:
+            started.append(prompt)
+    assert len(started) == 8
+    assert started.index("light prompt 1") < started.index("heavy prompt 3"), started
