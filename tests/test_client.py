@@ -5,6 +5,7 @@ delete; the API's error codes; retries; and the client's models against the Open
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import re
@@ -657,3 +658,16 @@ def readme_example() -> str:
     section = readme[readme.index("## Python client") :]
     start = section.index("```python\n") + len("```python\n")
     return section[start : section.index("```\n", start)]
+
+
+@pytest.mark.parametrize("client_class", [aidsafe.Client, aidsafe.AsyncClient])
+def test_readme_names_every_method_of_the_client(client_class: type) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Python client") : readme.index("\n## CLI")]
+    methods = {
+        name
+        for name, member in inspect.getmembers(client_class)
+        if not name.startswith("_") and not isinstance(member, property)
+    }
+
+    assert methods - set(re.findall(r"`([a-z_]+)", section)) == set()
