@@ -41,12 +41,12 @@ _WHY = {
         "file decodes to."
     ),
     422: (
-        "The request is invalid (validation_error, invalid_config, unknown_policy_set, unknown_preset, "
-        "preset_version_mismatch, no_common_prompts, comparison_mismatch, invalid_filter, request_too_large, "
-        "callbacks_disabled, callback_host_not_allowed, invalid_callback_url)."
+        "The request is invalid: validation_error (details name each field and its problem), or a "
+        "code naming what the service will not take, such as invalid_config, unknown_policy_set, "
+        "request_too_large or invalid_sample_file (the README's HTTP API section lists every code)."
     ),
     429: "The API key, or the server, has as many progress streams open as it may (too_many_streams).",
-    503: "The database is unavailable; retry shortly.",
+    503: "The database or the queue (Redis) is unavailable (unavailable); retry shortly.",
 }
 
 
