@@ -12,6 +12,7 @@ from fastapi import APIRouter, Query, Response
 from app.api.deps import CurrentKey, SessionDep
 from app.api.errors import documented_beside_a_stream
 from app.reports import comparisons, plots, render
+from app.reports.figures import ComparisonFigures
 from app.reports.plots import Plot
 from app.store import jobs
 
@@ -45,13 +46,17 @@ async def comparison_report(
     """The grader's means of both sides with 95 % intervals, the judge's win/tie/loss shares
     with Wilson intervals and the candidate's pair gaps. The Markdown links the plots by the
     file names `aidsafe reproduce` saves them under."""
-    figures = await comparisons.figures(session, await jobs.get_owned(session, comparison_id, key.id))
-    if format is ReportFormat.CSV:
-        return Response(render.table(figures), media_type=_MEDIA[format])
+    lay_out = render.table if format is ReportFormat.CSV else _markdown
+    comparison = await jobs.get_owned(session, comparison_id, key.id)
+    return Response(await comparisons.report(session, comparison, lay_out), media_type=_MEDIA[format])
+
+
+def _markdown(figures: ComparisonFigures) -> str:
+    """The report linking its plots (the gaps' only when there are pairs)."""
     shown = {"Grader score distributions": Plot.SCORES.file_name}
     if figures.gaps:
         shown["Preference-pair gaps"] = Plot.GAPS.file_name
-    return Response(render.markdown(figures, shown), media_type=_MEDIA[format])
+    return render.markdown(figures, shown)
 
 
 @router.get(

@@ -21,7 +21,11 @@ Verdicts = Mapping[UUID, str | None]
 def judge_results(verdicts: Verdicts) -> dict[str, Any]:
     """One judge's verdicts from the candidate's side: counts, and the shares of the readable
     ones (wins + ties + losses) with their intervals."""
-    counts = Counter(verdicts.values())
+    return counted_results(Counter(verdicts.values()))
+
+
+def counted_results(counts: Counter[str | None]) -> dict[str, Any]:
+    """judge_results of one judge's verdicts counted by what they are."""
     wins, ties, losses = counts["b"], counts["tie"], counts["a"]
     readable = wins + ties + losses
     return {

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 from uuid import UUID
 
@@ -131,4 +132,21 @@ async def verdicts(session: AsyncSession, comparison_id: UUID, judges: int) -> l
     by_judge: list[dict[UUID, str | None]] = [{} for _ in range(judges)]
     for judge, item_id, winner in rows:
         by_judge[judge][item_id] = winner
+    return by_judge
+
+
+async def verdict_counts(
+    session: AsyncSession, comparison_id: UUID, judges: int
+) -> list[Counter[str | None]]:
+    """Each judge's verdicts (in the plan's order) counted by what they are (as `verdicts`
+    gives them), in SQL: all a report needs, without reading a row per prompt and judge
+    (50,000 at 10,000 prompts and 5 judges) on the event loop."""
+    rows = await session.execute(
+        select(Judgement.judge, Judgement.winner, func.count())
+        .where(Judgement.job_id == comparison_id)
+        .group_by(Judgement.judge, Judgement.winner)
+    )
+    by_judge: list[Counter[str | None]] = [Counter() for _ in range(judges)]
+    for judge, winner, count in rows:
+        by_judge[judge][winner] = count
     return by_judge
