@@ -17,8 +17,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from app.store import jobs
 from app.store.db import Sessions
-from app.store.jobs import PAGE_ROW_BYTES
 from app.store.models import Cot, ImportedSample, Item, Job, PreferencePair
+from app.store.page_sizes import PAGE_ROW_BYTES
 from tests.conftest import longest_loop_pause, submit
 
 Headers = dict[str, str]

@@ -15,7 +15,8 @@ from sqlalchemy import func, update
 from app.config import Settings
 from app.store.db import Sessions
 from app.store.models import ApiKey
-from app.store.webhooks import KEPT_UNAUTHORIZED, PAGE_BODY_BYTES
+from app.store.page_sizes import PAGE_ROW_BYTES
+from app.store.webhooks import KEPT_UNAUTHORIZED
 from tests.conftest import new_key
 from tests.test_api import error_of
 from tests.test_cli import aidsafe
@@ -288,28 +289,31 @@ async def test_refusals_for_the_secret_do_not_push_out_the_owners_refused_bodies
     assert logged[-1]["body"] == "{not json"
 
 
-async def test_a_listing_of_rejections_pages_by_the_size_of_their_bodies(
+async def test_a_listing_of_rejections_pages_by_their_size_as_json(
     api: httpx.AsyncClient, auth: Headers
 ) -> None:
-    """A thousand kept bodies of a million characters each would be gigabytes in one answer
-    (six bytes of JSON per control character), read and encoded on the event loop."""
+    """A thousand kept bodies of a million characters each would be gigabytes in one answer,
+    read and encoded on the event loop. Sized as stored, bodies of control characters (six
+    bytes each in JSON) made pages of 12 MB."""
     webhook = await new_webhook(api, auth)
     path = httpx.URL(webhook["url"]).path
     headers = {HEADER: webhook["secret"], "Content-Type": "application/json"}
-    bodies = [f"{n}".encode() + b"\x01" * 900_000 for n in range(4)]
-    bodies.append("€".encode() * (PAGE_BODY_BYTES // 3 + 1))  # a body over a page comes alone
+    bodies = ["€".encode() * (PAGE_ROW_BYTES // 3 + 1)]  # a body over a page comes alone
+    bodies += [f"{n}".encode() + b"x" * 600_000 for n in range(3)]  # three to a page
+    bodies += [f"{n}".encode() + b"\x01" * 300_000 for n in range(4)]  # 1.8 MB of JSON: one to a page
     for body in bodies:
         error_of(await api.post(path, content=body, headers=headers), 400, "bad_request")
 
     pages: list[list[dict[str, Any]]] = []
     before: dict[str, int] = {}
-    while page := (
-        await api.get(f"/v1/webhooks/{webhook['id']}/rejections", params=before, headers=auth)
+    while (
+        response := await api.get(f"/v1/webhooks/{webhook['id']}/rejections", params=before, headers=auth)
     ).json():
-        pages.append(page)
-        before = {"before_id": page[-1]["id"]}
+        pages.append(response.json())
+        assert len(response.content) <= PAGE_ROW_BYTES or len(pages[-1]) == 1
+        before = {"before_id": pages[-1][-1]["id"]}
 
-    assert [len(page) for page in pages] == [1, 2, 2]
+    assert [len(page) for page in pages] == [1, 1, 1, 1, 3, 1]
     assert [r["body"].encode() for page in pages for r in page] == bodies[::-1]
 
 

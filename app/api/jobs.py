@@ -54,7 +54,7 @@ from app.duplicates import DuplicatesOut
 from app.idempotency import RequestHash
 from app.plan import GenerationPlan, check_job_fits, resolve
 from app.presets import Presets
-from app.store import deletions, job_listing, jobs, policy_sets, prompt_sets
+from app.store import deletions, job_listing, jobs, page_sizes, policy_sets, prompt_sets
 from app.store.models import PolicySetRow, PromptSetRow
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -64,8 +64,9 @@ RowLimit = Annotated[
     Query(
         ge=1,
         le=500,
-        description=f"Page size; a page stops short of it where its rows come to {jobs.PAGE_ROW_BYTES:,} "
-        "bytes of JSON (a larger row comes alone). Follow `next_cursor` until it is null.",
+        description="Page size; a page stops short of it where its rows come to "
+        f"{page_sizes.PAGE_ROW_BYTES:,} bytes of JSON (a larger row comes alone). Follow "
+        "`next_cursor` until it is null.",
     ),
 ]
 Cursor = Annotated[str | None, Query(description="`next_cursor` of the previous page.")]

@@ -142,8 +142,8 @@ async def list_rejections(
 ) -> list[RejectionOut]:
     """Deliveries this webhook refused, newest first: the newest 1,000 received in the last
     `AIDSAFE_WEBHOOK_REJECTIONS_KEPT_DAYS` days (7 unless the server says otherwise). A page
-    holds at most `limit` and bodies of 2,000,000 bytes in all (or one larger body): pass
-    the last one's `id` as `before_id` for the next page, until a page comes back empty."""
+    holds at most `limit` and 2,000,000 bytes of JSON (or one larger rejection): pass the
+    last one's `id` as `before_id` for the next page, until a page comes back empty."""
     webhook = await store.get_owned(session, webhook_id, key.id)
     rows = await store.recent_rejections(session, webhook, limit, before_id)
     return [_rejection_out(row) for row in rows]

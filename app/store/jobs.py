@@ -4,25 +4,21 @@ from __future__ import annotations
 
 import base64
 import json
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import reduce
 from typing import Any, Literal
 from uuid import UUID, uuid4
 
-from sqlalchemy import BigInteger, ColumnElement, Select, Text, Uuid, cast, func, literal, or_, select, update
-from sqlalchemy.dialects.postgresql import ARRAY, aggregate_order_by
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.sql.expression import ScalarSelect
 from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
 from app.costs import Budget, priced
 from app.errors import IdempotencyConflict, InvalidCursor, NotFound
 from app.idempotency import RequestHash
 from app.plan import GenerationPlan, JobPlan
-from app.store import batches, budgets, callbacks, quality
+from app.store import batches, budgets, callbacks, page_sizes, quality
 from app.store.db import driver_of
 from app.store.endings import CANCELLED, ending_values
 from app.store.models import (
@@ -44,13 +40,6 @@ from app.store.models import (
 IdempotencyScope = Literal["jobs", "comparisons", "samples", "model_evaluation"]
 # What a listing pages through: rows with an id, their job, and their item's position.
 Listed = type[Item] | type[Cot] | type[PreferencePair]
-# Of the rows one page of items, CoTs, preference pairs or samples reads, as JSON: 500 rows of
-# prompts of 20,000 characters (or of CoTs, pairs, samples as long) were read and encoded in one
-# answer on the event loop, 30-60 MB that held every other request for 0.14-0.2 s. A page stops
-# short of its `limit` at this size; clients follow `next_cursor` as they did.
-PAGE_ROW_BYTES = 2_000_000
-# What a listing reads: its rows, joined to what they show.
-Read = Select[*tuple[Any, ...]]
 
 
 @dataclass(frozen=True)
@@ -464,7 +453,7 @@ def pairs_min_gap(plan: JobPlan) -> float | None:
 
 async def _page(
     session: AsyncSession,
-    read: Read,
+    read: page_sizes.Read,
     filters: list[ColumnElement[bool]],
     listed: Listed,
     after: int,
@@ -472,10 +461,10 @@ async def _page(
 ) -> tuple[list[tuple[Any, ...]], str | None]:
     """The page of the rows `read` (of `listed`, its first entity, joined to what they show)
     that `filters` keep, after position `after`, in position order: at most `limit` rows, and
-    no more than PAGE_ROW_BYTES of them (a first row larger than that comes alone); with the
-    cursor of the next page, None when no row is left out. One statement, so one snapshot:
-    read in three, a row that stopped matching the filters between them was sized but left
-    out, and a page could come back empty with a next_cursor."""
+    no more than PAGE_ROW_BYTES of them (app/store/page_sizes.py; a first row larger than that
+    comes alone); with the cursor of the next page, None when no row is left out. One
+    statement, so one snapshot: read in three, a row that stopped matching the filters between
+    them was sized but left out, and a page could come back empty with a next_cursor."""
     candidates = (
         read.with_only_columns(listed.id, listed.position)
         .where(*filters, listed.position > after)
@@ -483,55 +472,14 @@ async def _page(
         .limit(limit + 1)
         .cte("candidates")
     )
-    # Subscripted by the walk, which sizes the candidates one by one by primary key.
-    ids_in_order = select(
-        func.array_agg(aggregate_order_by(candidates.c.id, candidates.c.position), type_=ARRAY(Uuid))
-    ).scalar_subquery()
-    fitting = _rows_within_size(read, listed, ids_in_order, limit)
-    on_page = select(candidates.c.id).order_by(candidates.c.position).limit(fitting)
+    ids, fitting = page_sizes.on_page(read, listed.id, candidates, [candidates.c.position], limit)
     left_out = select(func.count()).select_from(candidates).scalar_subquery() > fitting
-    query = read.add_columns(left_out).where(listed.id.in_(on_page)).order_by(listed.position)
+    query = read.add_columns(left_out).where(listed.id.in_(ids)).order_by(listed.position)
     rows = [tuple(row) for row in await session.execute(query)]
     if not rows:
         return [], None
     page = [row[:-1] for row in rows]
     return page, encode_cursor(page[-1][0].id) if rows[-1][-1] else None
-
-
-def _rows_within_size(
-    read: Read, listed: Listed, ids_in_order: ColumnElement[list[UUID]], limit: int
-) -> ScalarSelect[int]:
-    """SQL: how many of the first `limit` rows `ids_in_order` of `read` make a page of
-    PAGE_ROW_BYTES (1 if the first is larger). Each is sized by its id, in order, until the
-    page is full: sizing every row of a page of 500 large ones would render gigabytes of JSON
-    to page through them all."""
-    start = select(literal(0).label("sized"), cast(literal(0), BigInteger).label("page_bytes")).cte(
-        "walk", recursive=True
-    )
-    next_size = (
-        read.with_only_columns(_json_bytes(read))
-        .where(listed.id == ids_in_order[start.c.sized + 1])
-        .scalar_subquery()
-    )
-    walk = start.union_all(
-        select(start.c.sized + 1, start.c.page_bytes + next_size).where(
-            start.c.sized < limit,
-            func.cardinality(ids_in_order) > start.c.sized,
-            start.c.page_bytes <= PAGE_ROW_BYTES,
-        )
-    )
-    fit = or_(walk.c.page_bytes <= PAGE_ROW_BYTES, walk.c.sized == 1)
-    return select(func.max(walk.c.sized)).where(fit).scalar_subquery()
-
-
-def _json_bytes(read: Read) -> ColumnElement[int]:
-    """SQL: the bytes, as JSON, of the whole rows `read` reads (each entity's table row; none
-    for an outer join's missing row), what the API decodes and encodes again."""
-    tables = [d["entity"].__table__ for d in read.column_descriptions if d["expr"] is d["entity"]]
-    return reduce(
-        operator.add,
-        (func.coalesce(func.octet_length(cast(func.row_to_json(t.table_valued()), Text)), 0) for t in tables),
-    )
 
 
 async def page_samples(

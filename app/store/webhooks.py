@@ -21,11 +21,12 @@ from datetime import timedelta
 from typing import Any, cast
 from uuid import UUID
 
-from sqlalchemy import CursorResult, delete, func, or_, select, update
+from sqlalchemy import CursorResult, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import NotFound, Unauthorized
 from app.storable import replace_unstorable
+from app.store import page_sizes
 from app.store.keys import hash_key
 from app.store.models import ApiKey, Webhook, WebhookRejection
 
@@ -37,10 +38,6 @@ KEPT_REJECTIONS = 1000  # per webhook; older ones are dropped as new ones come
 # authenticated refusals, whose bodies are the owner's only copy of the reviews refused.
 KEPT_UNAUTHORIZED = 20
 MAX_KEPT_BODY_CHARS = 1_000_000  # of a refused delivery's body
-# Of the bodies one listing of rejections returns: up to 1,000 full bodies, each JSON-escaped up
-# to six times its size (a control character is six bytes in JSON), would be gigabytes, read and
-# encoded on the event loop. A client pages on with `before_id`.
-PAGE_BODY_BYTES = 2 * MAX_KEPT_BODY_CHARS
 
 
 async def create(session: AsyncSession, owner_key_id: UUID, source: str, name: str) -> tuple[Webhook, str]:
@@ -140,31 +137,18 @@ async def recent_rejections(
     session: AsyncSession, webhook: Webhook, limit: int, before_id: int | None = None
 ) -> list[WebhookRejection]:
     """The webhook's rejections newest first (older than `before_id`, if given): at most `limit`,
-    and no more than their bodies' PAGE_BODY_BYTES in all (a first rejection whose body alone is
-    more comes alone). Bodies are sized from their stored length, before any is read."""
-    body_bytes = func.coalesce(func.octet_length(WebhookRejection.body), 0)
+    and no more than PAGE_ROW_BYTES of them as JSON (a first rejection larger than that comes
+    alone): a body is sized as JSON escapes it, up to six bytes a character."""
     owned = [WebhookRejection.webhook_id == webhook.id, WebhookRejection.owner_key_id == webhook.owner_key_id]
     if before_id is not None:
         owned.append(WebhookRejection.id < before_id)
     newest_first = WebhookRejection.id.desc()
-    newest = (
-        select(
-            WebhookRejection.id,
-            func.row_number().over(order_by=newest_first).label("rank"),
-            func.sum(body_bytes).over(order_by=newest_first).label("page_bytes"),
-        )
-        .where(*owned)
-        .order_by(newest_first)
-        .limit(limit)
-        .subquery()
+    candidates = (
+        select(WebhookRejection.id).where(*owned).order_by(newest_first).limit(limit).cte("candidates")
     )
-    query = (
-        select(WebhookRejection)
-        .join(newest, newest.c.id == WebhookRejection.id)
-        .where(or_(newest.c.page_bytes <= PAGE_BODY_BYTES, newest.c.rank == 1))
-        .order_by(newest_first)
-    )
-    return list(await session.scalars(query))
+    read = select(WebhookRejection)
+    ids, _ = page_sizes.on_page(read, WebhookRejection.id, candidates, [candidates.c.id.desc()], limit)
+    return list(await session.scalars(read.where(WebhookRejection.id.in_(ids)).order_by(newest_first)))
 
 
 async def purge_old_rejections(session: AsyncSession, older_than: timedelta, limit: int) -> int:
