@@ -14,6 +14,7 @@ from uuid import UUID
 from sqlalchemy import ColumnElement, and_, case, func, literal, select, true, tuple_, type_coerce
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import defer
 
 from app.errors import InvalidCursor
 from app.store import quality
@@ -90,6 +91,9 @@ async def page(
         select(Job, status, *(_COUNTS.c[s] for s in ItemStatus))
         .join(_COUNTS, true())
         .where(Job.owner_key_id == owner_key_id, *_conditions(only_kinds, keep, status.element))
+        # Not shown in a listing, and about 150 KB of JSON a job of 10,000 repeated prompts
+        # (its duplicates report): a page of 500 read 73 MB, decoded on the event loop.
+        .options(defer(Job.duplicates, raiseload=True))
     )
     if cursor:
         resume_after = await _resume_after(session, owner_key_id, only_kinds, cursor)
