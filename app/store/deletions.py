@@ -21,11 +21,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.deliberation.ports import guard_flags, is_hazardous
 from app.errors import MAX_LISTED_PROBLEMS, JobInComparison, JobRunning
-from app.store import jobs, policy_sets
+from app.store import jobs, keys, policy_sets
 from app.store.db import Sessions
 from app.store.models import (
     UNFINISHED,
-    ApiKey,
     Base,
     Batch,
     BatchRequest,
@@ -99,9 +98,8 @@ async def delete_job(session: AsyncSession, job_id: UUID, key_id: UUID) -> JobDe
 
 async def _next_number(session: AsyncSession, key_id: UUID) -> int:
     """The key's next deletion number. The key's row stays locked until the caller commits, so
-    that the key's deletions at the same time take one number each, in turn (a job's insert
-    names the key too, but only locks it FOR KEY SHARE: it does not wait)."""
-    await session.execute(select(ApiKey.id).where(ApiKey.id == key_id).with_for_update(key_share=True))
+    that the key's deletions at the same time take one number each, in turn."""
+    await keys.hold(session, key_id)
     latest = await session.scalar(
         select(func.max(JobDeletion.number)).where(JobDeletion.deleted_by_key_id == key_id)
     )

@@ -60,6 +60,13 @@ async def is_live(session: AsyncSession, key_id: UUID) -> bool:
     return await session.scalar(live) is not None
 
 
+async def hold(session: AsyncSession, key_id: UUID) -> None:
+    """Lock the key's row until the caller's transaction ends (FOR NO KEY UPDATE), so that the
+    key's requests that count or number its rows take turns. The inserts of rows naming the
+    key lock it FOR KEY SHARE only: they do not wait."""
+    await session.execute(select(ApiKey.id).where(ApiKey.id == key_id).with_for_update(key_share=True))
+
+
 def reads_hazardous(key: ApiKey) -> bool:
     return HAZARDOUS_READ in key.scopes
 
