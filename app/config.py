@@ -162,6 +162,17 @@ class Settings(BaseSettings):
     # An API process answers for a key it found for this long: revocation takes as long.
     api_key_cache_s: float = Field(default=5.0, ge=0)
 
+    # What one API key may pile up (app/store/key_limits.py); a POST that would pass a cap is
+    # refused with 409 limit_reached. Open jobs: jobs of any mode (comparisons and evaluations
+    # too) with queued, running or waiting items, each up to 10,000 prompts' worth of LLM
+    # calls. Webhooks: those not revoked. Set versions: a key's policy set versions, and apart
+    # its prompt set versions, all names together. Far above what a lab's work uses (a
+    # few open jobs, a webhook per labeling tool, a version per ablation variant); a runaway
+    # script stops at them.
+    max_open_jobs_per_key: int = Field(default=100, ge=1)
+    max_webhooks_per_key: int = Field(default=100, ge=1)
+    max_set_versions_per_key: int = Field(default=1000, ge=1)
+
     # Job defaults, each overridable per job.
     default_agents: int = 2
     default_max_rounds: int = 4

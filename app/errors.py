@@ -49,6 +49,15 @@ class TooManyStreams(ServiceError):
     retry_after_s = 5  # a seat frees only as one of the key's streams ends; polling meanwhile is fine
 
 
+class LimitReached(ServiceError):
+    """The API key already has as many of something as the server allows one key (details:
+    `limit`, `setting`, `max`). Not worth retrying as it is: room frees only as the key's
+    jobs end, or as it revokes or deletes what it has."""
+
+    status = 409
+    code = "limit_reached"
+
+
 class IdempotencyConflict(ServiceError):
     status = 409
     code = "idempotency_conflict"

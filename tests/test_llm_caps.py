@@ -149,7 +149,8 @@ async def test_a_stored_policy_set_over_the_text_cap_cannot_be_used_by_a_job(
     # the hard cap on policy text still keeps it away from the LLM.
     async with sessions.begin() as session:
         key, secret = await keys.create_key(session, "legacy", ())
-        await policy_sets.register(session, key.id, "huge", "", [{**POLICY, "allowed": ["z" * 200_000]}])
+        huge = [{**POLICY, "allowed": ["z" * 200_000]}]
+        await policy_sets.register(session, key.id, "huge", "", huge, None)
 
     response = await api.post(
         "/v1/jobs",

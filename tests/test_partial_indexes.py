@@ -22,7 +22,7 @@ from sqlalchemy import event
 
 from app.config import Settings
 from app.events import finished_since
-from app.store import callbacks, items, quality
+from app.store import callbacks, items, key_limits, quality
 from app.store.db import Sessions
 
 
@@ -73,6 +73,7 @@ def the_one(statements: list[str], table: str) -> str:
         ("queued_unclaimed", "items", "ix_items_queued_since"),
         ("due_callbacks", "callback_deliveries", "ix_callback_deliveries_due"),
         ("finished_since", "items", "ix_items_job_finished"),
+        ("open_jobs", "items", "ix_items_unfinished_job"),
     ],
 )
 async def test_a_query_that_needs_a_partial_index_uses_it_under_a_generic_plan(
@@ -82,6 +83,11 @@ async def test_a_query_that_needs_a_partial_index_uses_it_under_a_generic_plan(
         async with sessions() as session:
             await quality.refusals_by_stage(session, uuid4())
 
+    async def open_jobs() -> None:
+        async with sessions() as session:
+            rows = key_limits.open_jobs(uuid4())
+            await key_limits.refuse_at_cap(session, key_limits.OPEN_JOBS, 100, rows)
+
     calls: dict[str, Callable[[], Awaitable[Any]]] = {
         "refusals": refusals,
         "running_holders": lambda: items.running_holders(sessions),
@@ -89,6 +95,7 @@ async def test_a_query_that_needs_a_partial_index_uses_it_under_a_generic_plan(
         "queued_unclaimed": lambda: items.queued_unclaimed(sessions, grace_s=60),
         "due_callbacks": lambda: callbacks.claim_due(sessions, limit=10, lease_s=30),
         "finished_since": lambda: finished_since(sessions, uuid4(), since_ms=0),
+        "open_jobs": open_jobs,
     }
     sql = the_one(await sent_statements(sessions, calls[query]), table)
 

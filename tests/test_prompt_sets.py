@@ -317,7 +317,7 @@ async def test_a_set_the_stages_have_outgrown_is_refused_at_submission(
     del outgrown["judge.user"]
     async with sessions.begin() as session:
         key, secret = await keys.create_key(session, "legacy")
-        await prompt_sets.register(session, key.id, "old", "", outgrown)
+        await prompt_sets.register(session, key.id, "old", "", outgrown, None)
 
     response = await api.post(
         "/v1/jobs",

@@ -87,7 +87,8 @@ async def submit_job(
 ) -> SubmittedJobOut:
     """Accept a batch of 1 to 10,000 prompts; one arq job per item is enqueued after commit.
     Duplicate prompts are reported in `duplicates`, and with `"duplicates": "skip"` get no item.
-    422 `request_too_large` if a role's requests may not fit its endpoint's context."""
+    422 `request_too_large` if a role's requests may not fit its endpoint's context; 409
+    `limit_reached` if the key has `AIDSAFE_MAX_OPEN_JOBS_PER_KEY` open jobs (of any kind)."""
     session, settings = submission.session, submission.settings
     callback = callbacks.requested(body.callback_url, settings)
     planned = await _planned(key.id, body, session, settings, presets)
@@ -103,6 +104,7 @@ async def submit_job(
         idempotency_key=submission.idempotency_key,
         request_hash=await RequestHash.of(body),
         callback=callback,
+        max_open_jobs=settings.max_open_jobs_per_key,
         duplicates=found.model_dump(mode="json"),
         budget=body.budget,
     )

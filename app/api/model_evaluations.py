@@ -103,6 +103,7 @@ async def create_model_evaluation(
         idempotency_key=submission.idempotency_key,
         request_hash=await RequestHash.of(body),
         callback=callback,
+        max_open_jobs=settings.max_open_jobs_per_key,
     )
     await submission.accept(job, new_item_ids)
     shown = await evaluation_out(session, job)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Response, status
 
 from app.api import views
 from app.api.bodies import JsonBody
-from app.api.deps import CurrentKey, SessionDep
+from app.api.deps import CurrentKey, SessionDep, SettingsDep
 from app.api.errors import documented
 from app.api.jobs import ERRORS
 from app.api.schemas import PolicySetDetailOut, PolicySetIn, PolicySetOut
@@ -32,7 +32,7 @@ async def list_policy_sets(session: SessionDep, key: CurrentKey) -> list[PolicyS
     status_code=status.HTTP_201_CREATED,
     responses={
         200: {"model": PolicySetDetailOut, "description": "This exact content is already registered."},
-        **documented(400, 401, 413, 422, 503),
+        **documented(400, 401, 409, 413, 422, 503),
     },
     openapi_extra=POLICY_SET_BODY.openapi,
 )
@@ -41,11 +41,15 @@ async def register_policy_set(
     body: Annotated[PolicySetIn, Depends(POLICY_SET_BODY)],
     response: Response,
     session: SessionDep,
+    settings: SettingsDep,
 ) -> PolicySetDetailOut:
     """Register a version. Versions never change: new content under a name is a new version,
-    and jobs keep the exact version they were submitted with."""
+    and jobs keep the exact version they were submitted with. 409 `limit_reached` for a new
+    version when the key has `AIDSAFE_MAX_SET_VERSIONS_PER_KEY` policy set versions."""
     policies = [p.model_dump() for p in body.policies]
-    row, created = await policy_sets.register(session, key.id, body.name, body.description, policies)
+    row, created = await policy_sets.register(
+        session, key.id, body.name, body.description, policies, settings.max_set_versions_per_key
+    )
     await session.commit()
     if not created:
         response.status_code = status.HTTP_200_OK

@@ -49,7 +49,7 @@ async def list_prompt_sets(session: SessionDep, key: CurrentKey) -> list[PromptS
     status_code=status.HTTP_201_CREATED,
     responses={
         200: {"model": RegisteredPromptSetOut, "description": "This exact content is already registered."},
-        **documented(400, 401, 413, 422, 503),
+        **documented(400, 401, 409, 413, 422, 503),
     },
     openapi_extra=PROMPT_SET_BODY.openapi,
 )
@@ -64,13 +64,17 @@ async def register_prompt_set(
     templates that differ from a visible set. Either way the whole set is stored, so versions
     never change: new templates under a name are a new version, and jobs keep the version
     they pinned. 422 `unknown_prompt_set` for a base this key cannot see;
-    `invalid_prompt_set` names the template, its stage and the placeholder at fault."""
+    `invalid_prompt_set` names the template, its stage and the placeholder at fault; 409
+    `limit_reached` for a new version when the key has `AIDSAFE_MAX_SET_VERSIONS_PER_KEY`
+    prompt set versions."""
     templates, base = body.templates, None
     if body.base is not None:
         base = await prompt_sets.find_visible(session, key.id, body.base.name, body.base.version)
         templates = {**base.templates, **body.templates}
     await asyncio.to_thread(_check, body.name, templates, settings)
-    row, created = await prompt_sets.register(session, key.id, body.name, body.description, templates)
+    row, created = await prompt_sets.register(
+        session, key.id, body.name, body.description, templates, settings.max_set_versions_per_key
+    )
     await session.commit()
     if not created:
         response.status_code = status.HTTP_200_OK

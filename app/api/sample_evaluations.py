@@ -172,6 +172,7 @@ async def _submit(
         idempotency_key=submission.idempotency_key,
         request_hash=request_hash,
         callback=callback,
+        max_open_jobs=settings.max_open_jobs_per_key,
     )
     await submission.accept(job, new_item_ids)
     shown = await evaluation_out(session, job)

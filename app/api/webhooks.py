@@ -97,18 +97,22 @@ def _webhook_out(request: Request, webhook: Webhook) -> WebhookOut:
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
-    responses=documented(400, 401, 413, 422, 503),
+    responses=documented(400, 401, 409, 413, 422, 503),
     openapi_extra=NEW_WEBHOOK.openapi,
 )
 async def create_webhook(
     request: Request,
     session: SessionDep,
+    settings: SettingsDep,
     key: CurrentKey,
     body: Annotated[NewWebhookIn, Depends(NEW_WEBHOOK)],
 ) -> WebhookCreatedOut:
     """A webhook for one tool instance (make one per Label Studio instance). Its deliveries
-    may carry reviews of this key's items only."""
-    webhook, secret = await store.create(session, key.id, body.source, body.name)
+    may carry reviews of this key's items only. 409 `limit_reached` if the key has
+    `AIDSAFE_MAX_WEBHOOKS_PER_KEY` webhooks not revoked (100 unless the server says otherwise)."""
+    webhook, secret = await store.create(
+        session, key.id, body.source, body.name, settings.max_webhooks_per_key
+    )
     await session.commit()
     return WebhookCreatedOut(**_webhook_out(request, webhook).model_dump(), secret=secret)
 

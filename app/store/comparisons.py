@@ -31,6 +31,7 @@ async def create(
     idempotency_key: str | None,
     request_hash: RequestHash,
     callback: jobs.NewCallback | None,
+    max_open_jobs: int,
 ) -> tuple[Job, list[UUID]]:
     """A comparison job whose items are the prompts both jobs have a CoT for (matched by
     exact text; the first by position among duplicates), in the baseline's order, written in
@@ -49,6 +50,7 @@ async def create(
         idempotency_scope="comparisons",
         request_hash=request_hash,
         callback=callback,
+        max_open_jobs=max_open_jobs,
     )
     if not created:
         return job, []

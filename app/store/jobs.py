@@ -18,7 +18,7 @@ from app.costs import Budget, priced
 from app.errors import IdempotencyConflict, InvalidCursor, NotFound
 from app.idempotency import RequestHash
 from app.plan import GenerationPlan, JobPlan
-from app.store import batches, budgets, callbacks, page_sizes, quality
+from app.store import batches, budgets, callbacks, key_limits, keys, page_sizes, quality
 from app.store.db import driver_of
 from app.store.endings import CANCELLED, ending_values
 from app.store.models import (
@@ -78,6 +78,7 @@ async def submit(
     request_hash: RequestHash,
     callback: NewCallback | None,
     duplicates: dict[str, Any],
+    max_open_jobs: int,
     budget: Budget | None = None,
 ) -> tuple[Job, list[UUID]]:
     """Write the job and all its items in the caller's transaction.
@@ -96,6 +97,7 @@ async def submit(
         idempotency_scope="jobs",
         request_hash=request_hash,
         callback=callback,
+        max_open_jobs=max_open_jobs,
         duplicates=duplicates,
         budget=budget,
     )
@@ -138,6 +140,7 @@ async def create(
     idempotency_scope: IdempotencyScope,
     request_hash: RequestHash,
     callback: NewCallback | None,
+    max_open_jobs: int,
     duplicates: dict[str, Any] | None = None,
     budget: Budget | None = None,
 ) -> tuple[Job, bool]:
@@ -145,11 +148,18 @@ async def create(
 
     A repeated Idempotency-Key (in the same scope) with the same request returns the first
     job and False; with a different request it is a conflict, never a silent second job.
+    A new job when the key has `max_open_jobs` open already is LimitReached (a replay is not).
     """
+    # Held first: a replay sent while its first request is under way waits for that request's
+    # commit, and finds its job, rather than being counted against the cap.
+    await keys.hold(session, owner_key_id)
     if idempotency_key:
         existing = await _by_idempotency_key(session, owner_key_id, idempotency_scope, idempotency_key)
         if existing:
             return await _same_request(existing, request_hash), False
+    await key_limits.refuse_at_cap(
+        session, key_limits.OPEN_JOBS, max_open_jobs, key_limits.open_jobs(owner_key_id)
+    )
     job = Job(
         owner_key_id=owner_key_id,
         policy_set_id=policy_set_id,

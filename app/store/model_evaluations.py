@@ -46,6 +46,7 @@ async def create(
     idempotency_key: str | None,
     request_hash: RequestHash,
     callback: jobs.NewCallback | None,
+    max_open_jobs: int,
 ) -> tuple[Job, list[UUID]]:
     """The job, an item per (case, target) and its answer row, in the caller's transaction.
     Returns (job, new item ids: empty for a replay).
@@ -68,6 +69,7 @@ async def create(
         idempotency_scope="model_evaluation",
         request_hash=request_hash,
         callback=callback,
+        max_open_jobs=max_open_jobs,
     )
     if not created:
         return job, []

@@ -45,7 +45,7 @@ NAMING_CONVENTION = {
 
 # The Alembic revision these models are (migrations/versions): a worker checks the database
 # against it before taking items (app/preflight.py). A test keeps it at Alembic's head.
-SCHEMA_REVISION = "0030_batch_create_unsent"
+SCHEMA_REVISION = "0031_items_unfinished_index"
 
 
 class Base(DeclarativeBase):
@@ -76,6 +76,7 @@ FINISHED = (ItemStatus.COMPLETED, ItemStatus.FAILED, ItemStatus.CANCELLED)  # no
 WAITING = (ItemStatus.BUDGET_EXHAUSTED, ItemStatus.AWAITING_BATCH)
 # A job with items in these has not ended (waiting ones too).
 UNFINISHED = (ItemStatus.QUEUED, ItemStatus.RUNNING, *WAITING)
+UNFINISHED_SQL = "status IN ({})".format(", ".join(f"'{status}'" for status in UNFINISHED))
 
 
 # For nullable JSON columns: Python None is SQL NULL, not the JSON value null, so that
@@ -227,6 +228,9 @@ class Item(Base):
         Index(
             "ix_items_running_lease", "lease_until", postgresql_where=text(f"status = '{ItemStatus.RUNNING}'")
         ),
+        # Whether a job is open (its key's open jobs are counted at each submission: key_limits),
+        # without reading the finished items of the key's ended jobs.
+        Index("ix_items_unfinished_job", "job_id", postgresql_where=text(UNFINISHED_SQL)),
         Index(
             "ix_items_queued_since", "updated_at", postgresql_where=text(f"status = '{ItemStatus.QUEUED}'")
         ),

@@ -29,19 +29,20 @@ async def register(
     name: str,
     description: str,
     policies: list[dict[str, Any]],
+    max_versions: int | None,
 ) -> tuple[PolicySetRow, bool]:
     """Store a version of `name`, or find the owner's row of that content: the row, and
-    whether it is new."""
+    whether it is new. LimitReached past `max_versions` (None: no cap, for built-in sets)."""
     version = content_version(policies)
     content = {"policies": policies}
     return await registered_sets.register(
-        session, PolicySetRow, owner_key_id, name, version, description, content
+        session, PolicySetRow, owner_key_id, name, version, description, content, max_versions
     )
 
 
 async def ensure_default(session: AsyncSession) -> PolicySetRow:
     data = load_file(DEFAULT_FILE)
-    row, _ = await register(session, None, data["name"], data.get("description", ""), data["policies"])
+    row, _ = await register(session, None, data["name"], data.get("description", ""), data["policies"], None)
     return row
 
 

@@ -22,20 +22,26 @@ BUILTIN_DESCRIPTION = (
 
 
 async def register(
-    session: AsyncSession, owner_key_id: UUID | None, name: str, description: str, templates: dict[str, str]
+    session: AsyncSession,
+    owner_key_id: UUID | None,
+    name: str,
+    description: str,
+    templates: dict[str, str],
+    max_versions: int | None,
 ) -> tuple[PromptSetRow, bool]:
     """Store a version of `name`, or find the owner's row of that content: the row, and
-    whether it is new. The templates are checked by the caller (app.api.prompt_sets)."""
+    whether it is new; LimitReached past `max_versions` (None: no cap, for the built-in set).
+    The templates are checked by the caller (app.api.prompt_sets)."""
     version = content_version(templates)
     content = {"templates": templates}
     return await registered_sets.register(
-        session, PromptSetRow, owner_key_id, name, version, description, content
+        session, PromptSetRow, owner_key_id, name, version, description, content, max_versions
     )
 
 
 async def ensure_default(session: AsyncSession) -> PromptSetRow:
     """The row of the built-in set this process ships (its version changes with the files)."""
-    row, _ = await register(session, None, BUILTIN_NAME, BUILTIN_DESCRIPTION, dict(builtin().templates))
+    row, _ = await register(session, None, BUILTIN_NAME, BUILTIN_DESCRIPTION, dict(builtin().templates), None)
     return row
 
 

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import load_only
 
 from app.errors import NotFound
+from app.store import key_limits, keys
 from app.store.models import PolicySetRow, PromptSetRow
 
 Row = TypeVar("Row", PolicySetRow, PromptSetRow)
@@ -26,17 +27,29 @@ async def register(
     version: str,
     description: str,
     content: dict[str, Any],
+    max_versions: int | None,
 ) -> tuple[Row, bool]:
     """Store a version of `name`, or find the owner's row of that version (known content);
-    `content`: the model's own columns. The row, and whether it is new."""
+    `content`: the model's own columns. The row, and whether it is new. A new version when
+    the owner has `max_versions` of this model's already is LimitReached (None: no cap, for
+    built-in sets)."""
+    owner = model.owner_key_id.is_(None) if owner_key_id is None else model.owner_key_id == owner_key_id
+    known = select(model).where(owner, model.name == name, model.version == version)
+    if owner_key_id is not None and max_versions is not None:
+        await keys.hold(session, owner_key_id)
+        if (row := await session.scalar(known)) is not None:
+            return row, False
+        cap = key_limits.SET_VERSIONS[model]
+        await key_limits.refuse_at_cap(
+            session, cap, max_versions, key_limits.set_versions(model, owner_key_id)
+        )
     inserted = await session.scalar(
         insert(model)
         .values(owner_key_id=owner_key_id, name=name, version=version, description=description, **content)
         .on_conflict_do_nothing()
         .returning(model.id)
     )
-    owner = model.owner_key_id.is_(None) if owner_key_id is None else model.owner_key_id == owner_key_id
-    row = await session.scalar(select(model).where(owner, model.name == name, model.version == version))
+    row = await session.scalar(known)
     assert row is not None
     return row, inserted is not None
 

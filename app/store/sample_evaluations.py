@@ -34,6 +34,7 @@ async def submit(
     idempotency_key: str | None,
     request_hash: RequestHash,
     callback: jobs.NewCallback | None,
+    max_open_jobs: int,
 ) -> tuple[Job, list[UUID]]:
     """Write the job, an item and a sample row per sample, and (with a judge) each item's
     link to the other set's sample of its prompt, all in the caller's transaction: nothing
@@ -51,6 +52,7 @@ async def submit(
         idempotency_scope="samples",
         request_hash=request_hash,
         callback=callback,
+        max_open_jobs=max_open_jobs,
     )
     if not created:
         return job, []

@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import NotFound, Unauthorized
 from app.storable import replace_unstorable
-from app.store import page_sizes
+from app.store import key_limits, keys, page_sizes
 from app.store.keys import hash_key
 from app.store.models import ApiKey, Webhook, WebhookRejection
 
@@ -40,8 +40,15 @@ KEPT_UNAUTHORIZED = 20
 MAX_KEPT_BODY_CHARS = 1_000_000  # of a refused delivery's body
 
 
-async def create(session: AsyncSession, owner_key_id: UUID, source: str, name: str) -> tuple[Webhook, str]:
-    """A new webhook and its secret; the secret is stored only as a hash."""
+async def create(
+    session: AsyncSession, owner_key_id: UUID, source: str, name: str, max_live: int
+) -> tuple[Webhook, str]:
+    """A new webhook and its secret; the secret is stored only as a hash. LimitReached if the
+    key has `max_live` webhooks not revoked already."""
+    await keys.hold(session, owner_key_id)
+    await key_limits.refuse_at_cap(
+        session, key_limits.WEBHOOKS, max_live, key_limits.live_webhooks(owner_key_id)
+    )
     secret = SECRET_PREFIX + secrets.token_urlsafe(32)
     webhook = Webhook(owner_key_id=owner_key_id, source=source, name=name, secret_hash=hash_key(secret))
     session.add(webhook)
