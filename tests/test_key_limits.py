@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,8 +17,9 @@ from sqlalchemy import func, select, text
 
 from app.config import Settings
 from app.store.db import Sessions
-from tests.conftest import api_client, eventually, new_key
+from tests.conftest import api_client, eventually, new_key, served
 from tests.test_api import KITCHEN_POLICIES, error_of
+from tests.test_cli import aidsafe
 from tests.test_idempotency import Submit, stored, submitted  # noqa: F401 (a fixture)
 from tests.test_prompt_sets import CUSTOM_SEED_USER, templates
 
@@ -166,3 +168,24 @@ async def test_set_versions_are_refused_at_the_cap_and_known_content_is_still_an
 
     other = await new_key(sessions, "bob")
     assert (await capped.post(path, json=version(CAP), headers=other)).status_code == 201
+
+
+async def test_the_cli_names_its_own_way_to_free_room(
+    settings: Settings, sessions: Sessions, auth: Headers, tmp_path: Path
+) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "How do I sharpen a knife?"}\n', encoding="utf-8")
+    caps = {"max_open_jobs_per_key": 1, "max_webhooks_per_key": 1}
+    wide = 1000  # a refusal on a line of its own
+    with served(settings.model_copy(update=caps)) as url:
+        for command in (["submit", str(prompts), "--no-follow", "--no-show"], ["webhooks", "create", "ls"]):
+            assert (await aidsafe(url, auth, *command, columns=wide))[0] == 0
+        job_code, job = await aidsafe(
+            url, auth, "submit", str(prompts), "--no-follow", "--no-show", columns=wide
+        )
+        webhook_code, webhook = await aidsafe(url, auth, "webhooks", "create", "ls", columns=wide)
+
+    assert job_code == 1 and "409: limit_reached" in job and "AIDSAFE_MAX_OPEN_JOBS_PER_KEY" in job, job
+    assert "(with the CLI: `aidsafe jobs list --status queued" in job and "`aidsafe jobs cancel ID`" in job
+    assert webhook_code == 1 and "409: limit_reached" in webhook, webhook
+    assert "(with the CLI: `aidsafe webhooks list` shows them; `aidsafe webhooks revoke ID`" in webhook

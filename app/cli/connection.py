@@ -22,6 +22,13 @@ ApiKeyOpt = Annotated[str, typer.Option("--key", envvar=KEY_ENV, help="API key."
 # A command's own way out of a refusal, by the refusal's code. The API's words name its fields,
 # headers and routes (`allow_mismatch`, POST /v1/jobs/{id}/cancel), which a CLI user never writes.
 Advice = Mapping[str, Callable[[aidsafe.AidsafeError], str]]
+# What frees room under a per-key limit (409 limit_reached, by its `limit`), for any command
+# that creates: the CLI's words for the API's routes.
+_LIMIT_ADVICE = {
+    "open_jobs": "`aidsafe jobs list --status queued --status running --status budget_exhausted` shows "
+    "the open ones; `aidsafe jobs cancel ID` ends one you no longer want",
+    "webhooks": "`aidsafe webhooks list` shows them; `aidsafe webhooks revoke ID` frees a place",
+}
 
 
 @contextmanager
@@ -38,6 +45,13 @@ def api_client(api_url: str, key: str, advice: Advice | None = None) -> Iterator
             hint = f"give --key or set {KEY_ENV}; `aidsafe keys create NAME` makes one"
         elif advice and exc.code in advice:
             hint = "with the CLI: " + advice[exc.code](exc)
+        elif exc.code == "limit_reached" and (freeing := _freeing(exc.details)):
+            hint = "with the CLI: " + freeing
         hint = f" ({escape(hint)})" if hint else ""
         console.print(f"[red]{said}: {exc.code}: {escape(exc.message)}{hint}[/]")
         raise typer.Exit(1) from exc
+
+
+def _freeing(details: object) -> str | None:
+    """The CLI's way to free room under the limit a limit_reached names, if it has one."""
+    return _LIMIT_ADVICE.get(str(details.get("limit"))) if isinstance(details, dict) else None
