@@ -81,13 +81,15 @@ RETRIED_STATUSES = (429, 503)  # rate-limited; the database unavailable: both sa
 IDEMPOTENT_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")
 MAX_EVENT_RECONNECTS = 5  # in a row, without an event in between
 RECONNECT_PAUSE_S = 0.5  # times the reconnects so far
-# An API that streamed to a follower and now refuses its connections is restarting (a deploy:
+# An API that answered a follower and now refuses its connections is restarting (a deploy:
 # it ends its streams at once, takes up to AIDSAFE_SHUTDOWN_GRACE_S, 20 s, to stop when other
-# responses are under way, and seconds to start). Reconnected to this long, every second,
-# before that counts as the stream dropping: polling would ask the same API.
+# responses are under way, and seconds to start). Tried again this long, every second (or
+# after the Retry-After said), before the follower gives up: polling would ask the same API.
 RESTART_WAIT_S = 30.0
 RESTART_PAUSE_S = 1.0
-GATEWAY_FAULTS = (502, 504)  # a reverse proxy's answer while the API behind it does not answer
+# Answers while the API cannot answer: a reverse proxy's 502, 503 (no healthy backend) or 504
+# for the API behind it, and the API's own 503 (`unavailable`: its database or queue is away).
+UNAVAILABLE_STATUSES = (502, 503, 504)
 
 
 class _Unset:
@@ -358,15 +360,20 @@ def _downloading(target: Path) -> Iterator[BinaryIO]:
 
 
 def _retry_after(response: httpx.Response, attempt: int) -> float:
-    """Seconds to wait before retrying: the answer's Retry-After (seconds or an HTTP date),
-    or else a doubling back-off."""
+    """Seconds to wait before retrying: the answer's Retry-After, or else a doubling back-off."""
+    asked = _asked_pause(response)
+    return 0.5 * 2.0**attempt if asked is None else asked
+
+
+def _asked_pause(response: httpx.Response) -> float | None:
+    """The seconds the answer's Retry-After (seconds or an HTTP date) asks for; None without one."""
     value = response.headers.get("Retry-After", "").strip()
     if value.isdigit():
         return float(value)
     try:
         when: datetime = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
-        return 0.5 * 2.0**attempt
+        return None
     return max(0.0, (when.replace(tzinfo=when.tzinfo or UTC) - datetime.now(UTC)).total_seconds())
 
 
@@ -382,19 +389,12 @@ def _event(sse: ServerSentEvent) -> Event | None:
     return None
 
 
-def _event_stream_refusal(response: httpx.Response) -> EventStreamUnavailable | None:
-    """Why this answer is no event stream to read, when that is a fault of the way there (a
-    5xx, a proxy that answers with a page) rather than the API's refusal (401, 404)."""
-    status = response.status_code
-    is_stream = response.headers.get("content-type", "").startswith("text/event-stream")
-    if status >= 500 or status == 200 and not is_stream:
-        return EventStreamUnavailable(f"HTTP {status}", status)
-    return None
-
-
-def _stream_refused(response: httpx.Response) -> AidsafeError:
-    """The error a refused event stream's answer (read) carries: EventStreamUnavailable when
-    the key has too many streams open (429 too_many_streams), so that the job is polled."""
+def _stream_refusal(response: httpx.Response) -> AidsafeError:
+    """The error a read answer that is no event stream carries: EventStreamUnavailable when
+    that is a fault of the way there (a 5xx) or the key has too many streams open (429
+    too_many_streams), so that the job is polled; else the API's refusal (401, 404)."""
+    if response.status_code >= 500:
+        return EventStreamUnavailable(f"HTTP {response.status_code}", response.status_code)
     error = AidsafeError.of(response)
     if error.code == "too_many_streams":
         return EventStreamUnavailable(f"HTTP {error.status}: {error.message}", error.status)
@@ -404,51 +404,133 @@ def _stream_refused(response: httpx.Response) -> AidsafeError:
 EVENT_HEADERS = {"Accept": "text/event-stream", "Cache-Control": "no-store"}
 
 
-class _Unreachable(Exception):
-    """A proxy says the API behind it does not answer (GATEWAY_FAULTS): as a refused connection."""
+class _Unanswered(Exception):
+    """A request the API did not answer (its connection refused, or UNAVAILABLE_STATUSES
+    answered): what it got, and the pause the answer's Retry-After asked for."""
+
+    def __init__(self, request: httpx.Request, fault: str, asked_pause_s: float | None = None) -> None:
+        super().__init__(fault)
+        self.request, self.fault, self.asked_pause_s = request, fault, asked_pause_s
+
+
+@dataclass
+class _Outage:
+    """A followed API that stopped answering, from its first try unanswered on."""
+
+    since: float = field(default_factory=time.monotonic)
+    tries: int = 0
+    last_try: str = ""  # the request, and what it got
+    asked_pause_s: float | None = None  # the last answer's Retry-After
+
+    def pause(self) -> float:
+        """Seconds before trying again: RESTART_PAUSE_S, or longer if Retry-After asked, within
+        RESTART_WAIT_S of the first try; then connection_failed, saying what was tried."""
+        left = self.since + RESTART_WAIT_S - time.monotonic()
+        if left <= 0:
+            raise AidsafeError(
+                "connection_failed",
+                f"the API did not come back in {RESTART_WAIT_S:.0f} s: tried {self.tries} times, "
+                f"a second apart or as its Retry-After asked; the last, {self.last_try}",
+            )
+        return min(max(self.asked_pause_s or 0.0, RESTART_PAUSE_S), left)
 
 
 class _Following:
-    """What following a job's events decides, for either client: each connection's call
-    (resuming after the last event seen), whether its answer is a stream, the events it
-    carries, and the pause before connecting again after a drop."""
+    """What following a job decides, for either client, by events or by polls: each
+    connection's call (resuming after the last event seen), whether its answer is a stream,
+    the events it carries, a poll's call and answer, and the pause before trying again.
+
+    One rule for both: a request the API does not answer (a connection refused, or a 502, 503
+    or 504 answered for it, once it answered this follower; its own 503 and a poll's 502, 503
+    or 504 at any time) is its restart, waited out (see RESTART_WAIT_S and `_Outage`)."""
 
     def __init__(self, job_id: Id, last_event_id: str | None) -> None:
         self.job_id, self.last_event_id = job_id, last_event_id
         self.drops = 0  # in a row, without an event in between
         self.done = False
-        self.answered = False  # the API answered a connection of this follower
-        self.refused_since: float | None = None  # since when the API that answered refuses them
+        self.answered = False  # the API answered a request of this follower
+        self.outage: _Outage | None = None  # since the API that answered stopped answering
 
     @contextmanager
     def connection(self) -> Iterator[Call[None]]:
         """The next connection's call, within which a transport error is a drop (the stream
-        is resumed), not a failure, and a connection refused by the API that answered before
-        (or its proxy's 502 or 504) is its restart, waited for (see RESTART_WAIT_S);
-        EventStreamUnavailable once the stream kept dropping."""
+        is resumed), not a failure, and the API's restart is waited out; EventStreamUnavailable
+        once the stream kept dropping."""
         if self.drops >= MAX_EVENT_RECONNECTS:
             raise EventStreamUnavailable("the event stream kept dropping")
         resume = {"Last-Event-ID": self.last_event_id} if self.last_event_id else {}
         # A 429 here is too_many_streams: a seat frees only as one of the key's streams ends,
-        # so it is not waited for; the caller polls instead (see _stream_refused).
+        # so it is not waited for; the caller polls instead (see _stream_refusal).
         path = _path("jobs", self.job_id, "events")
         try:
-            yield Call("GET", path, lambda _: None, headers={**EVENT_HEADERS, **resume}, retried=(503,))
-        except (httpx.ConnectError, _Unreachable):
-            if self.answered and self.refused_since is None:
-                self.refused_since = time.monotonic()
+            with self._restarting():
+                yield Call("GET", path, lambda _: None, headers={**EVENT_HEADERS, **resume}, retried=())
         except httpx.TransportError:
             pass
 
+    @contextmanager
+    def poll(self) -> Iterator[Call[Job]]:
+        """A poll's call, within which the API's restart is waited out; `polled` reads its
+        answer. AidsafeError as any call's (no answer at all: connection_failed)."""
+        # a 503 is the restart's to wait out, within its bound; a 429 is rate limiting
+        call = Call("GET", _path("jobs", self.job_id), _as(Job), retried=(429,))
+        with _reached(), self._restarting():
+            yield call
+
+    @contextmanager
+    def _restarting(self) -> Iterator[None]:
+        try:
+            yield
+        except httpx.ConnectError as exc:
+            if not self.answered:  # the API never answered here: no restart of it to wait for
+                raise
+            self._unanswered(_Unanswered(exc.request, f"no connection: {exc}"))
+        except _Unanswered as exc:
+            self._unanswered(exc)
+
+    def _unanswered(self, why: _Unanswered) -> None:
+        self.outage = self.outage or _Outage()
+        self.outage.tries += 1
+        self.outage.last_try = f"{why.request.method} {why.request.url}, got {why.fault}"
+        self.outage.asked_pause_s = why.asked_pause_s
+
+    def _heard(self, response: httpx.Response, *, streaming: bool) -> None:
+        """Note an answer read: _Unanswered if it says the API cannot answer now, told by the
+        API's error code and message when it is its own 503, by the reason phrase when a proxy's
+        (no error body of ours). A proxy's answer to a stream before the API answered may be its
+        way of not streaming at all: it is left to `_stream_refusal` (the job is polled)."""
+        status = response.status_code
+        if status in UNAVAILABLE_STATUSES:
+            error = AidsafeError.of(response)
+            own = error.code != "http_error"
+            if own or self.answered or not streaming:
+                self.answered |= own
+                said = f"{error.code}: {error.message}" if own else response.reason_phrase
+                raise _Unanswered(response.request, f"HTTP {status} {said}", _asked_pause(response))
+            return
+        self.answered, self.outage = True, None
+
     def streams(self, response: httpx.Response) -> bool:
-        """Whether the answer is the event stream; False: the API refused it (read it, and
-        raise `_stream_refused`). EventStreamUnavailable when the way there failed."""
-        if self.answered and response.status_code in GATEWAY_FAULTS:
-            raise _Unreachable
-        self.answered, self.refused_since = True, None
-        if refusal := _event_stream_refusal(response):
-            raise refusal
-        return response.status_code == 200
+        """Whether the answer is the event stream; False: read it and raise `refusal`.
+        EventStreamUnavailable for a 200 that is no stream (a proxy's page: not read, as a
+        proxy that buffers the stream would never end it)."""
+        if response.status_code != 200:
+            return False
+        self.answered, self.outage = True, None
+        if not response.headers.get("content-type", "").startswith("text/event-stream"):
+            raise EventStreamUnavailable("HTTP 200", 200)
+        return True
+
+    def refusal(self, response: httpx.Response) -> AidsafeError:
+        """Why the read answer is no stream (see _stream_refusal); _Unanswered if the API
+        cannot answer now."""
+        self._heard(response, streaming=True)
+        return _stream_refusal(response)
+
+    def polled(self, response: httpx.Response, call: Call[Job]) -> Job:
+        """The job a poll's read answer carries; _Unanswered if the API cannot answer now."""
+        self._heard(response, streaming=False)
+        return _answer(call, response)
 
     def event(self, sse: ServerSentEvent) -> Event | None:
         if event := _event(sse):
@@ -458,10 +540,14 @@ class _Following:
 
     def dropped(self) -> float:
         """Seconds to wait before connecting again."""
-        if self.refused_since is not None and time.monotonic() - self.refused_since < RESTART_WAIT_S:
-            return RESTART_PAUSE_S  # restarting, not dropping the stream
+        if self.outage is not None:
+            return self.outage.pause()  # restarting, not dropping the stream
         self.drops += 1
         return RECONNECT_PAUSE_S * (self.drops - 1)
+
+    def polling_pause(self, poll_s: float) -> float:
+        """Seconds to wait before the next poll."""
+        return poll_s if self.outage is None else self.outage.pause()
 
 
 class _Waiting:
@@ -1145,13 +1231,17 @@ class Client(_BaseClient[httpx.BaseTransport]):
         """The job's events until `done` (GET /v1/jobs/{id}/events), from `last_event_id` on
         (None: from now, starting with a snapshot). A dropped connection is resumed with the
         last event's id. EventStreamUnavailable when the stream cannot be read here (also when
-        the API key has too many streams open: 429 too_many_streams, not retried)."""
-        following = _Following(job_id, last_event_id)
+        the API key has too many streams open: 429 too_many_streams, not retried). An API
+        that stops answering (it restarts) is tried again for up to 30 s, then given up:
+        AidsafeError `connection_failed`, saying what was tried."""
+        return self._events(_Following(job_id, last_event_id))
+
+    def _events(self, following: _Following) -> Iterator[Event]:
         while True:
             with following.connection() as call, self._opened(call) as response:
                 if not following.streams(response):
                     response.read()
-                    raise _stream_refused(response)
+                    raise following.refusal(response)
                 for sse in EventSource(response).iter_sse():
                     if event := following.event(sse):
                         yield event
@@ -1170,18 +1260,21 @@ class Client(_BaseClient[httpx.BaseTransport]):
         """Block until the job ends, or waits for a spent budget to be raised
         (`waiting_for_budget`); its progress then. Follows the events (each goes to
         `on_event`), or, when the stream is unavailable (told to `on_polling`), polls the
-        job every `poll_s` seconds (each reading goes to `on_event` as a snapshot)."""
-        waiting = _Waiting(on_event, on_polling)
+        job every `poll_s` seconds (each reading goes to `on_event` as a snapshot). Either way
+        an API that stops answering (it restarts) is waited for up to 30 s (see `events`)."""
+        waiting, following = _Waiting(on_event, on_polling), _Following(job_id, None)
         try:
-            for event in self.events(job_id):
+            for event in self._events(following):
                 if (progress := waiting.seen(event)) is not None:
                     return progress
         except EventStreamUnavailable as exc:
             waiting.polling(exc)
         while True:
-            if (job := waiting.polled(self.get_job(job_id))) is not None:
-                return job
-            time.sleep(poll_s)
+            with following.poll() as call, self._opened(call) as response:
+                response.read()
+                if (job := waiting.polled(following.polled(response, call))) is not None:
+                    return job
+            time.sleep(following.polling_pause(poll_s))
 
 
 class AsyncClient(_BaseClient[httpx.AsyncBaseTransport]):
@@ -1232,13 +1325,16 @@ class AsyncClient(_BaseClient[httpx.AsyncBaseTransport]):
 
     async def events(self, job_id: Id, *, last_event_id: str | None = None) -> AsyncIterator[Event]:
         """See Client.events."""
-        following = _Following(job_id, last_event_id)
+        async for event in self._events(_Following(job_id, last_event_id)):
+            yield event
+
+    async def _events(self, following: _Following) -> AsyncIterator[Event]:
         while True:
             with following.connection() as call:
                 async with self._opened(call) as response:
                     if not following.streams(response):
                         await response.aread()
-                        raise _stream_refused(response)
+                        raise following.refusal(response)
                     async for sse in EventSource(response).aiter_sse():
                         if event := following.event(sse):
                             yield event
@@ -1255,17 +1351,20 @@ class AsyncClient(_BaseClient[httpx.AsyncBaseTransport]):
         on_polling: Callable[[EventStreamUnavailable], None] | None = None,
     ) -> JobProgress:
         """See Client.wait."""
-        waiting = _Waiting(on_event, on_polling)
+        waiting, following = _Waiting(on_event, on_polling), _Following(job_id, None)
         try:
-            async for event in self.events(job_id):
+            async for event in self._events(following):
                 if (progress := waiting.seen(event)) is not None:
                     return progress
         except EventStreamUnavailable as exc:
             waiting.polling(exc)
         while True:
-            if (job := waiting.polled(await self.get_job(job_id))) is not None:
-                return job
-            await asyncio.sleep(poll_s)
+            with following.poll() as call:
+                async with self._opened(call) as response:
+                    await response.aread()
+                    if (job := waiting.polled(following.polled(response, call))) is not None:
+                        return job
+            await asyncio.sleep(following.polling_pause(poll_s))
 
 
 @contextmanager

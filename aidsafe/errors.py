@@ -12,8 +12,9 @@ class AidsafeError(Exception):
 
     `code` is the API's stable error code (`not_found`, `validation_error`, ...; see the
     README's "HTTP API"), `status` its HTTP status. An answer that is not the API's error
-    shape (a proxy's page) has code `http_error`; a request that got no answer at all has
-    code `connection_failed` and status None."""
+    shape (a proxy's page) has code `http_error`; a request that got no answer at all, or a
+    follower (`events`, `wait`) the API did not answer for as long as it waits for a restart,
+    has code `connection_failed` and status None."""
 
     def __init__(self, code: str, message: str, status: int | None = None, details: Any = None) -> None:
         super().__init__(f"{status or 'no answer'}: {code}: {message}")

@@ -13,8 +13,10 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -509,6 +511,236 @@ async def test_wait_carries_on_while_the_api_restarts(auth: Headers, settings: S
     assert refusals == []  # followed, never polled
     assert [f.status for f in finals] == ["completed"] * 3
     assert [events[-1].kind for events in seen.values()] == ["done"] * 3
+
+
+class Proxy:
+    """A reverse proxy on loopback with one backend, as nginx, envoy or a Kubernetes service in
+    front of the API's one pod: each connection's bytes go both ways; one the backend refuses
+    (it restarts) is answered 503 without the API's error shape, with `retry_after` if given."""
+
+    def __init__(self, backend_port: int, retry_after: str | None = None) -> None:
+        self.backend_port, self.retry_after = backend_port, retry_after
+        self.unavailable = 0  # 503s answered
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[str]:
+        """Its base URL while it runs."""
+        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        async with server:
+            yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
+        try:
+            head = await client.readuntil(b"\r\n\r\n")
+            try:
+                backend, to_backend = await asyncio.open_connection("127.0.0.1", self.backend_port)
+            except OSError:
+                self.unavailable += 1
+                asked = f"Retry-After: {self.retry_after}\r\n" if self.retry_after else ""
+                to_client.write(
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+                    b"Content-Length: 19\r\nConnection: close\r\n"
+                    + asked.encode()
+                    + b"\r\nno healthy upstream"
+                )
+                await to_client.drain()
+                return
+            to_backend.write(head)
+            piping = [
+                asyncio.ensure_future(self._pipe(*ends))
+                for ends in ((client, to_backend), (backend, to_client))
+            ]
+            await asyncio.wait(piping, return_when=asyncio.FIRST_COMPLETED)  # either side closed
+            for pipe in piping:
+                pipe.cancel()
+            to_backend.close()
+        except (OSError, asyncio.IncompleteReadError):
+            pass  # the client went away
+        finally:
+            to_client.close()
+
+    @staticmethod
+    async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        while chunk := await source.read(65536):
+            sink.write(chunk)
+            await sink.drain()
+
+
+async def test_wait_carries_on_through_a_proxys_503_while_the_api_restarts(
+    auth: Headers, settings: Settings
+) -> None:
+    """Behind a proxy with no healthy backend while the API's one pod restarts, the stream's
+    503 was retried three times (some 3 s, or its Retry-After each), then wait() polled and
+    the poll's 503 ended it: the restart is waited out, as a 502's, honouring Retry-After."""
+    seen: dict[str, list[aidsafe.Event]] = {"sync": [], "async": []}
+    refusals: list[aidsafe.EventStreamUnavailable] = []
+    with serving(settings) as first:
+        port = httpx.URL(first.url).port or 0
+        with aidsafe.Client(first.url, secret(auth)) as client:
+            job = client.submit(["a"])
+        bare, asking = Proxy(port), Proxy(port, retry_after="2")
+        async with (
+            bare.running() as bare_url,
+            asking.running() as asking_url,
+            aidsafe.AsyncClient(asking_url, secret(auth)) as async_client,
+        ):
+            with aidsafe.Client(bare_url, secret(auth)) as client:
+                waiting = asyncio.gather(
+                    asyncio.to_thread(
+                        client.wait, job.id, on_event=seen["sync"].append, on_polling=refusals.append
+                    ),
+                    async_client.wait(job.id, on_event=seen["async"].append, on_polling=refusals.append),
+                )
+
+                async def following() -> bool:
+                    return all(seen.values()) or waiting.done()
+
+                await eventually(following, what="the streams' snapshots")
+                first.server.should_exit = True  # as on SIGTERM: the streams end without `done`
+                await asyncio.to_thread(first.thread.join, 10)
+                await asyncio.sleep(8)  # nothing behind the proxies: 503s
+                with serving(settings, port):
+                    await run_worker_burst(settings)
+                    finals = await asyncio.wait_for(waiting, 30)
+
+    assert refusals == []  # followed, never polled
+    assert [f.status for f in finals] == ["completed"] * 2
+    assert [events[-1].kind for events in seen.values()] == ["done"] * 2
+    assert bare.unavailable >= 6 and 2 <= asking.unavailable <= 5  # a second apart, or 2 s as asked
+
+
+async def test_wait_carries_on_while_the_apis_database_is_away(
+    live_api: str, auth: Headers, settings: Settings
+) -> None:
+    """The API's own 503 `unavailable` (its database away) was retried three times, some 3 s,
+    on the stream, then on the poll, which it ended: it is waited out too, even at the first
+    request. Here the proxy's backend is an API whose database refuses connections, until
+    the proxy is switched to one whose database answers."""
+    away = settings.model_copy(update={"database_url": "postgresql+asyncpg://postgres@127.0.0.1:1/aidsafe"})
+    seen: dict[str, list[aidsafe.Event]] = {"sync": [], "async": []}
+    refusals: list[aidsafe.EventStreamUnavailable] = []
+    with aidsafe.Client(live_api, secret(auth)) as client:
+        job = client.submit(["a"])
+    with serving(away) as database_away:
+        proxy = Proxy(httpx.URL(database_away.url).port or 0)
+        async with proxy.running() as proxy_url, aidsafe.AsyncClient(proxy_url, secret(auth)) as async_client:
+            with aidsafe.Client(proxy_url, secret(auth)) as client:
+                waiting = asyncio.gather(
+                    asyncio.to_thread(
+                        client.wait, job.id, on_event=seen["sync"].append, on_polling=refusals.append
+                    ),
+                    async_client.wait(job.id, on_event=seen["async"].append, on_polling=refusals.append),
+                )
+                await asyncio.sleep(8)
+                assert not any(seen.values()) and not waiting.done()
+                # the database is back: new connections go to the other API, and this one
+                # stops, so that the proxy's connections to it close
+                proxy.backend_port = httpx.URL(live_api).port or 0
+                database_away.server.should_exit = True
+
+                async def following() -> bool:
+                    return all(seen.values()) or waiting.done()
+
+                await eventually(following, what="the streams' snapshots")
+                await run_worker_burst(settings)
+                finals = await asyncio.wait_for(waiting, 30)
+
+    assert refusals == []  # followed, never polled
+    assert [f.status for f in finals] == ["completed"] * 2
+    assert [events[-1].kind for events in seen.values()] == ["done"] * 2
+
+
+async def test_a_polling_wait_carries_on_while_the_api_restarts(auth: Headers, settings: Settings) -> None:
+    """wait() polls while the key's streams are at their cap; a poll's refused connection (or
+    a proxy's 503) ended it, where the stream's would have been waited out: one rule for both."""
+    capped = settings.model_copy(update={"events_max_streams_per_key": 1})
+    refusals: list[aidsafe.EventStreamUnavailable] = []
+    with serving(capped) as first:
+        port = httpx.URL(first.url).port or 0
+        with aidsafe.Client(first.url, secret(auth)) as client:
+            held, job = client.submit(["a"]), client.submit(["b"])
+        proxy = Proxy(port)
+        async with (
+            proxy.running() as proxy_url,
+            httpx.AsyncClient(base_url=first.url, timeout=30) as http,
+            aidsafe.AsyncClient(first.url, secret(auth)) as async_client,
+            aidsafe.AsyncClient(proxy_url, secret(auth)) as async_proxied,
+            http.stream("GET", f"/v1/jobs/{held.id}/events", headers=auth) as stream,
+        ):
+            assert stream.status_code == 200  # the key's one seat, held
+            with (
+                aidsafe.Client(first.url, secret(auth)) as client,
+                aidsafe.Client(proxy_url, secret(auth)) as proxied,
+            ):
+                waiting = asyncio.gather(
+                    asyncio.to_thread(client.wait, job.id, poll_s=0.2, on_polling=refusals.append),
+                    async_client.wait(job.id, poll_s=0.2, on_polling=refusals.append),
+                    asyncio.to_thread(proxied.wait, job.id, poll_s=0.2, on_polling=refusals.append),
+                    async_proxied.wait(job.id, poll_s=0.2, on_polling=refusals.append),
+                )
+
+                async def polling() -> bool:
+                    return len(refusals) == 4 or waiting.done()
+
+                await eventually(polling, what="the waits polling")
+                first.server.should_exit = True
+                await asyncio.to_thread(first.thread.join, 10)
+                await asyncio.sleep(5)  # connections refused, or 503s behind the proxy
+                with serving(capped, port):
+                    await run_worker_burst(settings)
+                    finals = await asyncio.wait_for(waiting, 30)
+
+    assert [r.status for r in refusals] == [429] * 4
+    assert [(f.status, f.counts.by_status) for f in finals] == [("completed", {"completed": 1})] * 4
+    assert proxy.unavailable >= 5
+
+
+async def test_an_api_gone_for_good_ends_a_wait_after_30_s_saying_what_was_tried(
+    auth: Headers, settings: Settings
+) -> None:
+    """Gone for good, the API was reported some 35 s on, as the poll's refused connection
+    ("[Errno 111] Connection refused"); behind a proxy whose 503 asks for an hour, after three
+    retries of a minute each. Either way: 30 s, and what was tried."""
+    gone: list[tuple[aidsafe.AidsafeError, float]] = []  # and when, since the API stopped
+    stopped = float("inf")
+
+    async def gives_up(wait: Awaitable[object]) -> None:
+        with pytest.raises(aidsafe.AidsafeError) as given_up:
+            await wait
+        gone.append((given_up.value, time.monotonic() - stopped))
+
+    with serving(settings) as doomed:
+        with aidsafe.Client(doomed.url, secret(auth)) as client:
+            job = client.submit(["a"])  # no worker runs: it stays queued
+        proxy = Proxy(httpx.URL(doomed.url).port or 0, retry_after="3600")
+        async with (
+            proxy.running() as proxy_url,
+            aidsafe.AsyncClient(doomed.url, secret(auth)) as async_client,
+        ):
+            with aidsafe.Client(proxy_url, secret(auth)) as proxied:
+                seen: list[aidsafe.Event] = []
+                waiting = asyncio.gather(
+                    gives_up(asyncio.to_thread(proxied.wait, job.id, on_event=seen.append)),
+                    gives_up(async_client.wait(job.id, on_event=seen.append)),
+                )
+
+                async def following() -> bool:
+                    return len(seen) == 2 or waiting.done()
+
+                await eventually(following, what="the streams' snapshots")
+                doomed.server.should_exit, stopped = True, time.monotonic()
+                await asyncio.to_thread(doomed.thread.join, 10)
+                await asyncio.wait_for(waiting, 45)
+
+    said = {error.message.split("; the last, ")[1].split(",")[0]: (error, took) for error, took in gone}
+    proxied_error, proxied_took = said[f"GET {proxy_url}/v1/jobs/{job.id}/events"]
+    direct_error, direct_took = said[f"GET {doomed.url}/v1/jobs/{job.id}/events"]
+    for error, took in (proxied_error, proxied_took), (direct_error, direct_took):
+        assert (error.code, error.status) == ("connection_failed", None)
+        assert error.message.startswith("the API did not come back in 30 s: tried "), error.message
+        assert 30 <= took < 34
+    assert proxied_error.message.endswith("got HTTP 503 Service Unavailable")
+    assert ", got no connection: " in direct_error.message  # refused, as the transport words it
 
 
 class RateLimited(httpx.HTTPTransport):
