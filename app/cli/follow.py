@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -60,7 +61,8 @@ def follow_job(client: aidsafe.Client, job_id: Any, poll_s: float = 2.0) -> JobP
     except aidsafe.AidsafeError as exc:
         if exc.status is not None:  # the API's refusal: the caller says it
             raise
-        console.print(f"[red]No answer from the API ({exc.message}); {_goes_on(job_id)}[/]", highlight=False)
+        said = escape(exc.message)  # a proxy's or the API's words: no markup of ours
+        console.print(f"[red]No answer from the API ({said}); {_goes_on(job_id)}[/]", highlight=False)
         raise typer.Exit(1) from exc
     if final.refusals:
         console.print(f"Refusals by stage and model: {_refusals_text(final)}", highlight=False)
