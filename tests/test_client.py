@@ -606,7 +606,8 @@ async def test_wait_carries_on_through_a_proxys_503_while_the_api_restarts(
     assert refusals == []  # followed, never polled
     assert [f.status for f in finals] == ["completed"] * 2
     assert [events[-1].kind for events in seen.values()] == ["done"] * 2
-    assert bare.unavailable >= 6 and 2 <= asking.unavailable <= 5  # a second apart, or 2 s as asked
+    # tried a second apart, or 2 s apart as the Retry-After asked: half as often
+    assert bare.unavailable >= 6 and 2 <= asking.unavailable <= (bare.unavailable + 1) // 2 + 1
 
 
 async def test_wait_carries_on_while_the_apis_database_is_away(
