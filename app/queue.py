@@ -74,14 +74,26 @@ def line_key(queue_name: str) -> str:
     return f"{queue_name}:line"
 
 
-# For the scripts that read the line: LINE_END, and the front of the line: the place of the
-# first job waiting, else (none waits) the place after the furthest given.
+# For the scripts that give places: LINE_END; the front of the line: the place of the first
+# job waiting, else (none waits) the place after the furthest given; and `take_places`: a
+# share's `count` places after `first` ('' for none), or after its last one if that is
+# further (start-time fair queueing), kept in the line's record; returns the new `first`.
 FRONT_OF_LINE = f"""
 local LINE_END = '{LINE_END}'
 local function front_of_line(queue, line)
   local head = redis.call('ZRANGEBYSCORE', queue, '-inf', '(' .. LINE_END, 'WITHSCORES', 'LIMIT', 0, 1)
   if head[2] then return tonumber(head[2]) end
   return tonumber(redis.call('HGET', line, '') or '0') + 1
+end
+local function take_places(line, share, first, count)
+  if share ~= '' then
+    first = math.max(first, tonumber(redis.call('HGET', line, share) or '0'))
+    redis.call('HSET', line, share, first + count)
+  end
+  if first + count > tonumber(redis.call('HGET', line, '') or '0') then
+    redis.call('HSET', line, '', first + count)
+  end
+  return first
 end
 """
 
@@ -108,13 +120,7 @@ elseif room > 0 then
 else
   first = front_of_line(KEYS[1], KEYS[2]) - 1  -- a share new to the line starts level with its front
 end
-if share ~= '' then
-  first = math.max(first, tonumber(redis.call('HGET', KEYS[2], share) or '0'))
-  redis.call('HSET', KEYS[2], share, first + count)
-end
-if first + count > tonumber(redis.call('HGET', KEYS[2], '') or '0') then
-  redis.call('HSET', KEYS[2], '', first + count)
-end
+first = take_places(KEYS[2], share, first, count)
 for k = 1, count do
   local i = 4 + 2 * k
   redis.call('SET', job_key_prefix .. ARGV[i], ARGV[i + 1], 'PX', expiry_ms, 'NX')

@@ -56,8 +56,11 @@ T = TypeVar("T")
 # else could start until their marks ran out, a day later.
 #
 # KEYS[4] is the line's record (app/queue.py): jobs due by their time (a Retry's backoff over, a
-# dead worker's mark run out, queued by an older release) first go to the front of the line, up
-# to 256 a call. At their time they would wait behind every place in line, given since too.
+# dead worker's mark run out, queued by an older release) first take places in line, up to 256
+# a call, as one share of their own, from the front of the line on. At their time they would
+# wait behind every place in line, given since too; ahead of every place, a key's items on an
+# endpoint that is down, due again after each backoff, would take every free slot for as long
+# as the outage lasts, and no other key's item would start.
 START_SCRIPT = (
     FRONT_OF_LINE
     + """
@@ -67,7 +70,7 @@ local prefix, ttl, now, wanted, worker = ARGV[1], ARGV[2], ARGV[3], tonumber(ARG
 local scan_limit = tonumber(ARGV[6])
 local woke = redis.call('ZRANGEBYSCORE', KEYS[1], LINE_END, now, 'LIMIT', 0, 256)
 if #woke > 0 then
-  local first = front_of_line(KEYS[1], KEYS[4]) - #woke - 1
+  local first = take_places(KEYS[4], 'due by time', front_of_line(KEYS[1], KEYS[4]) - 1, #woke)
   for i = 1, #woke do redis.call('ZADD', KEYS[1], 'XX', first + i, woke[i]) end
 end
 local marked = {}
