@@ -11,14 +11,18 @@ import pytest
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
+from sqlalchemy import select, update
 
 from app.config import Settings
-from app.queue import LINE_END, arq_job_id, enqueue_items, line_key
+from app.llm.batch_api import BatchAPI
+from app.queue import LINE_END, arq_job_id, enqueue_items, item_of_job, line_key
 from app.store.db import Sessions
+from app.store.models import Item, ItemStatus
 from tests.conftest import delete_redis_keys, new_key, run_worker_burst, submit
 from tests.scripted_llm import ScriptedLLM
 from workers import liveness
 from workers.queue_worker import START_SCRIPT
+from workers.waves import run_round
 
 
 @pytest.fixture(autouse=True)
@@ -192,3 +196,32 @@ async def test_jobs_due_again_and_again_do_not_take_every_turn(
         assert _ids(waiting)[0] in started
     finally:
         await arq_redis.delete(*(in_progress_key_prefix + job_id for job_id in started))
+
+
+async def test_items_queued_again_after_a_batch_wave_take_their_keys_turns(
+    api: httpx.AsyncClient, sessions: Sessions, settings: Settings, arq_redis: ArqRedis
+) -> None:
+    """A batch job's items are queued again after each wave (workers/waves.py), every key's in
+    one call: in the order Postgres gave them, a key's 3 waited behind another key's 30."""
+    heavy_job = await submit(api, await new_key(sessions, "heavy"), [f"heavy {n}" for n in range(30)])
+    light_job = await submit(api, await new_key(sessions, "light"), [f"light {n}" for n in range(3)])
+    jobs = [UUID(heavy_job), UUID(light_job)]
+    async with sessions.begin() as session:  # as a wave's answers leave them, the queue emptied
+        await session.execute(
+            update(Item).where(Item.job_id.in_(jobs)).values(status=ItemStatus.AWAITING_BATCH)
+        )
+        job_of = dict(
+            (await session.execute(select(Item.id, Item.job_id).where(Item.job_id.in_(jobs)))).all()
+        )
+    await delete_redis_keys(settings)
+
+    batch_api = BatchAPI(settings.endpoints(), settings.batch_call_timeout_s)
+    try:
+        await run_round(settings, sessions, arq_redis, batch_api)
+    finally:
+        await batch_api.aclose()
+
+    line = [job_of.get(item_of_job(job_id)[0]) for job_id in await _line(arq_redis, settings)]
+    ours = [job for job in line if job is not None]
+    assert len(ours) == 33
+    assert ours[:6].count(jobs[1]) == 3, "one of each key's, from the front"

@@ -76,8 +76,8 @@ async def run_round(settings: Settings, sessions: Sessions, redis: ArqRedis, api
             retry_in_s = after_a_call_s
         finally:
             await batches.release(sessions, held, retry_in_s)
-    requeued = await batches.requeue_answered(sessions)
-    await enqueue_items(redis, settings.queue_name, requeued)
+    for owner_key_id, requeued in (await batches.requeue_answered(sessions)).items():
+        await enqueue_items(redis, settings.queue_name, requeued, share=owner_key_id)
 
 
 async def waves_forever(settings: Settings, sessions: Sessions, redis: ArqRedis, api: BatchAPI) -> None:

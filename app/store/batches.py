@@ -589,26 +589,29 @@ async def split_refused(sessions: Sessions, held: Held, detail: str) -> int:
         return len(halves)
 
 
-async def requeue_answered(sessions: Sessions) -> list[tuple[UUID, int]]:
+async def requeue_answered(sessions: Sessions) -> dict[UUID | None, list[tuple[UUID, int]]]:
     """Queue again the parked items of every batch job that wait for no request any more
     (answered, refused, failed), or whose job was cancelled: the (item id, enqueue counter)
-    pairs to enqueue after commit."""
+    pairs to enqueue after commit, by their job's owner key (each key's share in line)."""
     waiting = select(BatchRequest.id).where(
         BatchRequest.item_id == Item.id, BatchRequest.status.in_(_UNANSWERED)
     )
     async with sessions.begin() as session:
         rows = await session.execute(
             update(Item)
-            .where(Item.status == ItemStatus.AWAITING_BATCH, ~exists(waiting))
+            .where(Item.job_id == Job.id, Item.status == ItemStatus.AWAITING_BATCH, ~exists(waiting))
             .values(
                 status=ItemStatus.QUEUED,
                 error_message=None,
                 updated_at=func.now(),
                 enqueues=Item.enqueues + 1,  # a fresh arq job id
             )
-            .returning(Item.id, Item.enqueues)
+            .returning(Item.id, Item.enqueues, Job.owner_key_id)
         )
-        return [(row.id, row.enqueues) for row in rows]
+        by_key: dict[UUID | None, list[tuple[UUID, int]]] = {}
+        for row in rows:
+            by_key.setdefault(row.owner_key_id, []).append((row.id, row.enqueues))
+        return by_key
 
 
 def readable(answer: Any) -> bool:
