@@ -16,8 +16,9 @@ from sqlalchemy import select, update
 from app.config import Settings
 from app.llm.batch_api import BatchAPI
 from app.queue import LINE_END, arq_job_id, enqueue_items, item_of_job, line_key
+from app.store import budgets, items
 from app.store.db import Sessions
-from app.store.models import Item, ItemStatus
+from app.store.models import Item, ItemStatus, Job
 from tests.conftest import delete_redis_keys, new_key, run_worker_burst, submit
 from tests.scripted_llm import ScriptedLLM
 from workers import liveness
@@ -225,3 +226,29 @@ async def test_items_queued_again_after_a_batch_wave_take_their_keys_turns(
     ours = [job for job in line if job is not None]
     assert len(ours) == 33
     assert ours[:6].count(jobs[1]) == 3, "one of each key's, from the front"
+
+
+async def test_items_a_park_resumes_take_their_keys_turn(
+    api: httpx.AsyncClient, sessions: Sessions, settings: Settings, arq_redis: ArqRedis
+) -> None:
+    """A worker parking its item for budget queues again the job's items waiting for budget
+    if the budget was raised meanwhile: as the job's key's share, not at the front of the line."""
+    auth = await new_key(sessions, "budgeted")
+    job_id = UUID(await submit(api, auth, ["first prompt", "second prompt"]))
+    async with sessions.begin() as session:
+        owner = await session.scalar(select(Job.owner_key_id).where(Job.id == job_id))
+        by_position = select(Item.id).where(Item.job_id == job_id).order_by(Item.position)
+        waiting, running = (await session.scalars(by_position)).all()
+        await session.execute(
+            update(Item).where(Item.id == waiting).values(status=ItemStatus.BUDGET_EXHAUSTED)
+        )
+    await delete_redis_keys(settings)  # the line as the workers would find it: empty
+    claim = await items.claim(sessions, running, items.Limits(lease_s=60, max_claims=10, max_failures=5))
+    assert claim is not None
+
+    spending = budgets.Spending(arq_redis, sessions, settings.redis_key_prefix)
+    await budgets.park(sessions, spending, arq_redis, settings.queue_name, claim)
+
+    # The budget is not spent (the job has none): the parked item goes back too.
+    assert {item_of_job(job)[0] for job in await _line(arq_redis, settings)} == {waiting, running}
+    assert await arq_redis.hget(line_key(settings.queue_name), str(owner)) is not None

@@ -51,7 +51,7 @@ WAITING = Ending(
 )
 
 # What settling a job's waiting items reads of the job's row (_lock).
-_JobRow = Row[datetime | None, str | None, float | None, int | None]
+_JobRow = Row[datetime | None, str | None, float | None, int | None, UUID]
 
 # Counters of a job nobody reads or adds to for a day go (and are rebuilt if it resumes).
 _TTL_MS = 24 * 3600 * 1000
@@ -213,7 +213,7 @@ async def park(
         ending = WAITING if await items.write_ending(session, claim, WAITING) else None
         resumed = await _settle(session, spending, claim.job_id, job)
     try:
-        await enqueue_items(redis, queue_name, resumed)
+        await enqueue_items(redis, queue_name, resumed, share=job.owner_key_id)
     except Exception:  # committed: the sweeper enqueues queued items whose arq job is missing
         log.exception("enqueue failed for job %s; the sweeper will enqueue its resumed items", claim.job_id)
     return ending
@@ -239,7 +239,13 @@ async def _lock(session: AsyncSession, job_id: UUID) -> _JobRow:
     """Lock the job's row and read what settling its waiting items needs of it."""
     return (
         await session.execute(
-            select(Job.cancelled_at, Job.callback_url, Job.budget_max_cost_usd, Job.budget_max_tokens)
+            select(
+                Job.cancelled_at,
+                Job.callback_url,
+                Job.budget_max_cost_usd,
+                Job.budget_max_tokens,
+                Job.owner_key_id,
+            )
             .where(Job.id == job_id)
             .with_for_update(key_share=True)  # NO KEY UPDATE: turn inserts (key share) go on
         )
