@@ -58,6 +58,13 @@ MAX_LINE_VALUES = 5_000
 # a time before any of it becomes Python objects.
 MAX_PARQUET_VALUES = MAX_SAMPLES * (MAX_THOUGHTS + 20)
 MAX_PARQUET_DATA_BYTES = 512 * 1024 * 1024
+# The longest list a Parquet file's metadata may hold: its row groups, its columns (each row
+# group's, and the schema's nodes). Each is parsed, then read and walked one at a time however
+# little it holds: 32 MiB of empty row groups, or of columns, took seconds of CPU and held the
+# event loop for up to 0.36 s, for a file of one sample. No file of samples needs more (a row
+# group holds a sample at least), and the metadata is read with this limit, so such a file is
+# refused as soon as its metadata is read.
+MAX_PARQUET_METADATA_LIST = MAX_SAMPLES
 # Rows decoded and turned into Python objects at a time, and the most they may decode to: more
 # than a row within the per-sample caps needs, few enough to be turned into Python objects in
 # milliseconds (one call, holding the GIL).
@@ -307,17 +314,17 @@ def _parquet_batch_rows(raw: bytes, mapping: ColumnMap) -> Rows:
     known to hold more than MAX_SAMPLES samples may: the values the file says they hold, and
     the bytes they decode to, counted a batch at a time before any of it is turned into
     Python objects (a first pass, each batch read dictionary-encoded and let go)."""
-    metadata = pq.ParquetFile(io.BytesIO(raw)).metadata
+    metadata = _metadata(raw)
     columns = metadata.schema.to_arrow_schema().names
     if metadata.num_rows > MAX_SAMPLES:
         raise TooManySamples(f"the file holds {metadata.num_rows:,} samples; at most {MAX_SAMPLES:,}")
     mapping.check_header(columns)
     wanted = [c for c in dict.fromkeys(mapping.columns.values()) if c in columns]
     leaves = [metadata.schema.column(i) for i in range(len(metadata.schema))]
-    wanted_leaves = [leaf for leaf in leaves if any(_in_column(leaf.path, c) for c in wanted)]
-    _check_stored_size(metadata, {leaf.path for leaf in wanted_leaves})
+    wanted_leaves = [i for i, leaf in enumerate(leaves) if any(_in_column(leaf.path, c) for c in wanted)]
+    _check_stored_size(metadata, wanted_leaves)
     # Read dictionary-encoded until counted, so that a value repeated is decoded once.
-    encoded = [leaf.path for leaf in wanted_leaves if _is_byte_array(leaf)]
+    encoded = [leaves[i].path for i in wanted_leaves if _is_byte_array(leaves[i])]
 
     def batches() -> Iterator[pa.RecordBatch]:
         file = pq.ParquetFile(io.BytesIO(raw), metadata=metadata, read_dictionary=encoded)
@@ -355,22 +362,34 @@ def _is_byte_array(leaf: pq.ColumnSchema) -> bool:
     return bool(leaf.physical_type == "BYTE_ARRAY" and leaf.logical_type.type != "DECIMAL")
 
 
-def _check_stored_size(metadata: pq.FileMetaData, leaves: set[str]) -> None:
-    """PayloadTooLarge if the file says these leaf columns hold more values than MAX_SAMPLES
-    samples may, or more bytes uncompressed than they may decode to: a page is decompressed
-    whole."""
-    chunks = [
-        metadata.row_group(group).column(index)
-        for group in range(metadata.num_row_groups)
-        for index in range(metadata.num_columns)
-        if metadata.row_group(group).column(index).path_in_schema in leaves
-    ]
-    values = sum(chunk.num_values for chunk in chunks)
+def _metadata(raw: bytes) -> pq.FileMetaData:
+    """The file's metadata; PayloadTooLarge if a list in it is over MAX_PARQUET_METADATA_LIST."""
+    try:
+        file = pq.ParquetFile(io.BytesIO(raw), thrift_container_size_limit=MAX_PARQUET_METADATA_LIST)
+    except OSError as exc:
+        if "Exceeded size limit" not in str(exc):  # Thrift's words for a list over the limit
+            raise
+        raise PayloadTooLarge(
+            f"the file's metadata lists over {MAX_PARQUET_METADATA_LIST:,} row groups or columns"
+        ) from None
+    return file.metadata
+
+
+def _check_stored_size(metadata: pq.FileMetaData, leaves: list[int]) -> None:
+    """PayloadTooLarge if the file says these leaf columns (by index) hold more values than
+    MAX_SAMPLES samples may, or more bytes uncompressed than they may decode to: a page is
+    decompressed whole."""
+    values, stored = 0, 0
+    for group in range(metadata.num_row_groups):
+        row_group = metadata.row_group(group)
+        for index in leaves:
+            chunk = row_group.column(index)
+            values += chunk.num_values
+            stored += chunk.total_uncompressed_size
     if values > MAX_PARQUET_VALUES:
         raise PayloadTooLarge(
             f"the file's mapped columns hold {values:,} values; at most {MAX_PARQUET_VALUES:,}"
         )
-    stored = sum(chunk.total_uncompressed_size for chunk in chunks)
     if stored > MAX_PARQUET_DATA_BYTES:
         limit = f"at most {MAX_PARQUET_DATA_BYTES:,}"
         raise PayloadTooLarge(f"the file's mapped columns hold {stored:,} bytes uncompressed; {limit}")

@@ -30,6 +30,7 @@ from app.plan import SampleEvaluationPlan
 from app.sample_files import (
     MAX_LINE_VALUES,
     MAX_PARQUET_DATA_BYTES,
+    MAX_PARQUET_METADATA_LIST,
     MAX_PARQUET_VALUES,
     MAX_PROMPT_CHARS,
     MAX_THOUGHT_CHARS,
@@ -355,6 +356,40 @@ async def test_a_parquet_file_that_decodes_to_more_than_a_jsonl_file_may_hold_is
     assert len(raw) < 2_000
     response = await upload(api, auth, raw, "parquet", grade={})
     assert problem in error_of(response, 413, "payload_too_large")["message"]
+    assert await stored(sessions) == NOTHING
+
+
+def one_sample_in(row_groups: int = 1, extra_columns: int = 0) -> bytes:
+    """A Parquet file of one sample, in the first of `row_groups` (the rest empty), beside
+    `extra_columns` columns of nulls."""
+    columns = {"prompt": ["Why?"], "response": ["Because."]}
+    columns |= {f"extra{n}": [None] for n in range(extra_columns)}
+    table = pa.table(columns)
+    out = io.BytesIO()
+    with pq.ParquetWriter(out, table.schema, write_statistics=False) as writer:
+        writer.write_table(table)
+        for _ in range(row_groups - 1):
+            writer.write_table(table.slice(0, 0))  # an empty row group
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("row_groups", "extra_columns"),
+    [(MAX_PARQUET_METADATA_LIST + 1, 0), (1, MAX_PARQUET_METADATA_LIST)],
+    ids=["row-groups", "columns"],
+)
+async def test_a_parquet_file_of_more_row_groups_or_columns_than_samples_need_is_refused_413(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions, row_groups: int, extra_columns: int
+) -> None:
+    """Each row group and column is read and walked however little it holds: a file of 32 MiB
+    of them took seconds of CPU and held the event loop for a third of a second."""
+    assert len(read_samples(one_sample_in(MAX_PARQUET_METADATA_LIST, 10), "parquet")) == 1  # within both
+
+    raw = one_sample_in(row_groups, extra_columns)
+    response = await upload(api, auth, raw, "parquet", grade={})
+
+    message = error_of(response, 413, "payload_too_large")["message"]
+    assert message == f"the file's metadata lists over {MAX_PARQUET_METADATA_LIST:,} row groups or columns"
     assert await stored(sessions) == NOTHING
 
 

@@ -94,10 +94,11 @@ async def upload_samples(
     """Evaluate the samples of the file in the body (UTF-8 JSONL or CSV with a header, or
     Parquet) with the column mapping of `options`. 413 `payload_too_large` over the server's
     request cap (read no further), for a JSONL line of over 5,000 JSON values, and for Parquet
-    whose mapped columns hold over 1,200,000 values or decode to over 512 MiB (64 MiB in a
-    batch of 32 rows). Each other refusal names the row (1-based, the header not counted) and
-    the column in `details`: 422 `missing_column`, `invalid_encoding`, `empty_row`,
-    `too_many_samples`, `invalid_sample_file`. Nothing is stored unless every row is good."""
+    whose metadata lists over 10,000 row groups or columns, or whose mapped columns hold over
+    1,200,000 values or decode to over 512 MiB (64 MiB in a batch of 32 rows). Each other
+    refusal names the row (1-based, the header not counted) and the column in `details`: 422
+    `missing_column`, `invalid_encoding`, `empty_row`, `too_many_samples`, `invalid_sample_file`.
+    Nothing is stored unless every row is good."""
     kind = file_type or _MEDIA_TYPES.get(_media_type(request))
     if kind is None:
         raise InvalidRequest.of(
