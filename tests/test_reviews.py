@@ -23,6 +23,7 @@ from app.stats import proportion
 from app.store import keys
 from app.store.db import Sessions
 from app.store.models import Annotation, Cot, Job
+from tests.conftest import longest_loop_pause
 from tests.test_api import error_of
 from tests.test_cli import aidsafe as run_cli
 from tests.test_labeling import fixture, graded_job, import_file, item_ids
@@ -166,6 +167,28 @@ async def test_reviews_are_read_by_their_owner_only(
     error_of(await api.get(f"/v1/items/{item}/reviews", headers=other), 404, "not_found")
     error_of(await api.get(f"/v1/jobs/{job_id}/reviews/summary", headers=other), 404, "not_found")
     error_of(await api.get(f"/v1/items/{item}/reviews"), 401, "unauthorized")
+
+
+async def test_an_item_of_tens_of_thousands_of_reviews_is_read_back_off_the_event_loop(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    """Every annotation id a tool sends is a review of its own, so a key's imports may leave
+    an item any number of them: 73,500 held every other request for 6 s, read and encoded on
+    the event loop."""
+    job_id = await finished_job(api, auth, sessions, [completed()])
+    (item,) = (await job_cots(sessions, job_id))[1]
+    await store_reviews(
+        sessions,
+        job_id,
+        [Stored(0, f"r{n}", "accept", annotation=str(n), comment="c" * 500) for n in range(10_000)],
+    )
+
+    response, paused = await longest_loop_pause(api.get(f"/v1/items/{item}/reviews", headers=auth))
+
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert len(body["reviews"]) == 10_000 and body["decision"] == "approved"
+    assert paused < 0.3, f"the event loop was held {paused:.2f} s"
 
 
 # --- a job's summary ------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ retractions, and what they mean for exports (app.labeling.imports checks them fi
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any, NamedTuple
 from uuid import UUID
 
@@ -100,11 +101,34 @@ def latest_edit() -> LateralFromClause:
     )
 
 
-async def item_reviews(session: AsyncSession, item_id: UUID, owner_key_id: UUID) -> list[Annotation]:
+REVIEWS_READ_AT_A_TIME = 1_000
+
+
+class ItemReview(NamedTuple):
+    """A review of an item as it is read back: the columns shown, not what the tool sent."""
+
+    id: UUID
+    source: str
+    external_id: str
+    annotator: str
+    verdict: str | None
+    edited_response: str | None
+    policy_faithfulness: int | None
+    flagged_thoughts: list[int]
+    comment: str | None
+    annotated_at: datetime
+    created_at: datetime
+    webhook_id: UUID | None
+
+
+async def item_reviews(session: AsyncSession, item_id: UUID, owner_key_id: UUID) -> list[ItemReview]:
     """The owner's reviews of the item that count now (the latest version of each
-    annotation, unless withdrawn), oldest first."""
-    rows = await session.scalars(
-        select(Annotation)
+    annotation, unless withdrawn), oldest first. An item may have tens of thousands (each
+    annotation id a tool sends is a review): they are read as columns, not entities with what
+    the tool sent, and a batch at a time, so that other requests run between the batches
+    (73,500 read at once held the event loop for seconds)."""
+    result = await session.stream(
+        select(*(getattr(Annotation, name) for name in ItemReview._fields))
         .where(
             Annotation.item_id == item_id,
             Annotation.owner_key_id == owner_key_id,
@@ -112,8 +136,12 @@ async def item_reviews(session: AsyncSession, item_id: UUID, owner_key_id: UUID)
             _current(),
         )
         .order_by(Annotation.annotated_at, Annotation.id)
+        .execution_options(yield_per=REVIEWS_READ_AT_A_TIME)
     )
-    return list(rows)
+    reviews: list[ItemReview] = []
+    async for rows in result.partitions():
+        reviews.extend(ItemReview(*row) for row in rows)
+    return reviews
 
 
 class CountedReview(NamedTuple):
