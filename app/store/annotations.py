@@ -4,8 +4,9 @@ retractions, and what they mean for exports (app.labeling.imports checks them fi
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 from uuid import UUID
 
 from sqlalchemy import (
@@ -31,6 +32,7 @@ from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
+from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.selectable import LateralFromClause
 
 from app.store.models import Annotation, Cot, Job
@@ -101,7 +103,20 @@ def latest_edit() -> LateralFromClause:
     )
 
 
+# Reviews are read a batch at a time, so that other requests run between batches: an item
+# may have tens of thousands (each annotation id a tool sends is a review of its own), and a
+# job as many times more; 73,500 read at once held the event loop for seconds.
 REVIEWS_READ_AT_A_TIME = 1_000
+Read = TypeVar("Read", bound=tuple[Any, ...])
+
+
+async def _in_batches(session: AsyncSession, query: Executable, row: Callable[..., Read]) -> list[Read]:
+    """The rows of `query`, each made into `row`, read REVIEWS_READ_AT_A_TIME at a time."""
+    result = await session.stream(query.execution_options(yield_per=REVIEWS_READ_AT_A_TIME))
+    rows: list[Read] = []
+    async for batch in result.partitions():
+        rows.extend(row(*values) for values in batch)
+    return rows
 
 
 class ItemReview(NamedTuple):
@@ -123,11 +138,8 @@ class ItemReview(NamedTuple):
 
 async def item_reviews(session: AsyncSession, item_id: UUID, owner_key_id: UUID) -> list[ItemReview]:
     """The owner's reviews of the item that count now (the latest version of each
-    annotation, unless withdrawn), oldest first. An item may have tens of thousands (each
-    annotation id a tool sends is a review): they are read as columns, not entities with what
-    the tool sent, and a batch at a time, so that other requests run between the batches
-    (73,500 read at once held the event loop for seconds)."""
-    result = await session.stream(
+    annotation, unless withdrawn), oldest first: the columns shown, a batch at a time."""
+    query = (
         select(*(getattr(Annotation, name) for name in ItemReview._fields))
         .where(
             Annotation.item_id == item_id,
@@ -136,12 +148,8 @@ async def item_reviews(session: AsyncSession, item_id: UUID, owner_key_id: UUID)
             _current(),
         )
         .order_by(Annotation.annotated_at, Annotation.id)
-        .execution_options(yield_per=REVIEWS_READ_AT_A_TIME)
     )
-    reviews: list[ItemReview] = []
-    async for rows in result.partitions():
-        reviews.extend(ItemReview(*row) for row in rows)
-    return reviews
+    return await _in_batches(session, query, ItemReview)
 
 
 class CountedReview(NamedTuple):
@@ -155,8 +163,8 @@ class CountedReview(NamedTuple):
 
 
 async def job_reviews(session: AsyncSession, job_id: UUID, owner_key_id: UUID) -> list[CountedReview]:
-    """The owner's reviews of the job's CoTs that count now, by item."""
-    rows = await session.execute(
+    """The owner's reviews of the job's CoTs that count now, by item, a batch at a time."""
+    query = (
         select(
             Annotation.item_id,
             Cot.accepted,
@@ -174,7 +182,7 @@ async def job_reviews(session: AsyncSession, job_id: UUID, owner_key_id: UUID) -
         )
         .order_by(Annotation.item_id, Annotation.annotated_at)
     )
-    return [CountedReview(*row) for row in rows]
+    return await _in_batches(session, query, CountedReview)
 
 
 async def count_cots(session: AsyncSession, job_id: UUID) -> int:
