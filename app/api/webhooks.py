@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Literal
 from uuid import UUID
@@ -82,12 +83,26 @@ class RejectionOut(BaseModel):
     )
 
 
+def _delivery_urls(request: Request) -> Callable[[UUID], str]:
+    """Where a webhook delivers, by its id, as the request's host names it. url_for walks the
+    app's routes (some 100 µs): asked for each of a key's 20,000 webhooks, it held the event
+    loop for seconds. So it is asked once, for a placeholder id, and each id takes its place."""
+    placeholder = UUID(int=0)
+    url = str(request.url_for("label_studio_delivery", webhook_id=placeholder))
+    base = url.removesuffix(str(placeholder))
+    return lambda webhook_id: f"{base}{webhook_id}"
+
+
 def _webhook_out(request: Request, webhook: Webhook) -> WebhookOut:
+    return _listed(webhook, _delivery_urls(request))
+
+
+def _listed(webhook: Webhook, delivery_url: Callable[[UUID], str]) -> WebhookOut:
     return WebhookOut(
         id=webhook.id,
         source=webhook.source,
         name=webhook.name,
-        url=str(request.url_for("label_studio_delivery", webhook_id=webhook.id)),
+        url=delivery_url(webhook.id),
         secret_header=SECRET_HEADER,
         created_at=webhook.created_at,
         revoked_at=webhook.revoked_at,
@@ -120,7 +135,8 @@ async def create_webhook(
 @router.get("", responses=documented(401, 503))
 async def list_webhooks(request: Request, session: SessionDep, key: CurrentKey) -> list[WebhookOut]:
     """This key's webhooks, revoked ones included, oldest first."""
-    return [_webhook_out(request, webhook) for webhook in await store.list_owned(session, key.id)]
+    delivery_url = _delivery_urls(request)
+    return [_listed(webhook, delivery_url) for webhook in await store.list_owned(session, key.id)]
 
 
 @router.post("/{webhook_id}/revoke", responses=documented(401, 404, 422, 503))
