@@ -204,8 +204,9 @@ def _item_reviews_json(item: Item, gate_accepted: bool | None, rows: list[stored
         gate_accepted=gate_accepted,
         reviews=[],
     )
-    head = shown.model_dump_json().encode().removesuffix(b"[]}")  # `reviews` comes last
-    return head + b"[" + b",".join(_REVIEW.dump_json(_review_out(row)) for row in rows) + b"]}"
+    others = shown.model_dump_json(exclude={"reviews"}).encode().removesuffix(b"}")
+    reviews = b",".join(_REVIEW.dump_json(_review_out(row)) for row in rows)
+    return others + b',"reviews":[' + reviews + b"]}"
 
 
 @router.get("/v1/items/{item_id}/reviews", response_model=ItemReviewsOut, responses=READ_ERRORS)
