@@ -162,12 +162,13 @@ class ServiceStack:
                 raise StackError(f"{name} did not log {marker!r} in {timeout_s} s:\n{self.log_tail(name)}")
             await asyncio.sleep(0.1)
 
-    async def start_sim_llm(self, *args: str) -> str:
-        """The simulated LLM on a free port; returns its base URL (ending in /v1)."""
+    async def start_sim_llm(self, *args: str, name: str = "sim_llm") -> str:
+        """The simulated LLM on a free port, as process `name` (one per endpoint); returns its
+        base URL (ending in /v1)."""
         port = free_port()
         argv = [sys.executable, "-m", "bench.sim_llm", "--port", str(port), *args]
-        self.start("sim_llm", argv, env={k: v for k, v in os.environ.items() if not k.startswith("AIDSAFE_")})
-        await self.wait_http("sim_llm", f"http://127.0.0.1:{port}/v1/models")
+        self.start(name, argv, env={k: v for k, v in os.environ.items() if not k.startswith("AIDSAFE_")})
+        await self.wait_http(name, f"http://127.0.0.1:{port}/v1/models")
         return f"http://127.0.0.1:{port}/v1"
 
     async def start_api(self) -> str:
