@@ -21,6 +21,7 @@ from sqlalchemy import func, select
 
 from app.config import Settings
 from app.events import stream_key
+from app.llm.breaker import FAILURES_TO_OPEN
 from app.queue import WORKER_RETRIES, arq_job_id, bound_calls, line_key, redis_settings
 from app.store import items
 from app.store.db import Sessions
@@ -253,6 +254,50 @@ async def test_an_unavailable_llm_delays_the_item_and_loses_nothing(
     intent_turns = [t for t in detail["turns"] if t["stage"] == "intent"]
     assert len(intent_turns) == 1, "the stored intent turn was asked again after the outage"
     assert len(scripted_llm.requests_for("intent_decomposition")) == 1
+
+
+async def test_an_item_whose_endpoint_is_taken_for_down_waits_in_the_queue_not_in_a_slot(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    scripted_llm: ScriptedLLM,
+    arq_redis: ArqRedis,
+) -> None:
+    # One claim's ten failures in a row open the endpoint's breaker: the next claim sends
+    # nothing and is deferred until the endpoint is tried again (the breaker's pause, the
+    # longest back-off), instead of spending its retries in a worker slot.
+    open_s = 30.0
+    down = settings.model_copy(
+        update={
+            "llm_max_retries": FAILURES_TO_OPEN - 1,
+            "llm_backoff_base_s": 0.001,
+            "llm_backoff_max_s": open_s,
+        }
+    )
+    scripted_llm.script("intent_decomposition", *[http_error(503)] * FAILURES_TO_OPEN)
+    job_id = await submit(api, auth, ["How do I make my home office quieter?"])
+    item_id = (await one_item(sessions, job_id)).id
+
+    worker = asyncio.create_task(run_worker_burst(down))
+    try:
+        item = await eventually(lambda: _ended_claims(sessions, item_id, 2), what="two claims ended")
+        queued = await arq_redis.zrange(settings.queue_name, 0, -1, withscores=True)
+    finally:
+        worker.cancel()
+        await asyncio.gather(worker, return_exceptions=True)
+
+    assert (item.status, item.failures) == ("queued", 0)
+    assert "is down" in (item.error_message or "")
+    assert len(scripted_llm.requests) == FAILURES_TO_OPEN, "the second claim sent nothing"
+    [(_, due_ms)] = queued
+    assert due_ms > timestamp_ms() + (open_s - 10) * 1000
+
+
+async def _ended_claims(sessions: Sessions, item_id: UUID, claims: int) -> Item | None:
+    async with sessions() as session:
+        item = await session.get(Item, item_id)
+        return item if item is not None and item.attempts >= claims and item.status != "running" else None
 
 
 async def test_a_completion_cut_off_by_a_postgres_fault_is_handed_back_and_buys_nothing_twice(

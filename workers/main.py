@@ -34,6 +34,7 @@ from app.deliberation.engine import deliberate, evaluate_answer, evaluate_sample
 from app.deliberation.ports import LLMRequestRejected, LLMUnavailable
 from app.deliberation.results import Completed, Evaluated, Failed, Judged, JudgedAnswer
 from app.llm.batch_api import BatchAPI
+from app.llm.breaker import EndpointBreaker
 from app.llm.client import OpenAICompatibleClient
 from app.llm.hedging import HedgePolicy
 from app.llm.rates import EndpointRates
@@ -143,6 +144,7 @@ async def connect(ctx: dict[str, Any]) -> None:
         backoff_base_s=settings.llm_backoff_base_s,
         backoff_max_s=settings.llm_backoff_max_s,
         hedging=_hedge_policy(settings),
+        breaker=EndpointBreaker(open_s=settings.llm_backoff_max_s),
     )
     sessions = make_sessions(db)
     heartbeat = await liveness.Heartbeat.start(settings, worker_id)
@@ -306,7 +308,7 @@ async def _process_claimed(worker: Worker, claim: items.Claim) -> Ending | None:
         log.warning("item %s put back, the LLM stayed unavailable: %s", claim.item_id, exc)
         outage = handed_back(f"llm_unavailable: {exc.summary}", counts_as_failure=False, detail=str(exc))
         await _end(settings, sessions, claim, outage)
-        raise Retry(defer=_backoff_s(settings, claim.attempt)) from exc
+        raise Retry(defer=max(_backoff_s(settings, claim.attempt), exc.retry_in_s)) from exc
     except LLMRequestRejected as exc:
         log.warning("item %s failed, the LLM endpoint rejected the request: %s", claim.item_id, exc)
         return await _end(settings, sessions, claim, failed(exc.code, exc.summary, str(exc)))

@@ -82,6 +82,12 @@ class LLMUnavailable(LLMFault):
 
     default_summary = "the LLM endpoint gave no usable answer"
 
+    def __init__(self, detail: str, summary: str | None = None, retry_in_s: float = 0.0) -> None:
+        super().__init__(detail, summary)
+        # The endpoint is not expected back sooner (its circuit breaker is open): no use
+        # running the item again before.
+        self.retry_in_s = retry_in_s
+
 
 class LLMRequestRejected(LLMFault):
     """The endpoint refused the request itself (4xx other than 429): retrying will not help.

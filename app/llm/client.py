@@ -9,7 +9,8 @@ endpoint for every worker (app/llm/limits.py). A refusal of the request itself (
 4xx) is permanent and raises LLMRequestRejected at once. Both carry the upstream's answer
 for operators and a summary in our own words for tenants (see LLMFault). An attempt that
 runs far past the endpoint's recent latency is hedged: a second copy is sent and the first
-answer wins (app/llm/hedging.py).
+answer wins (app/llm/hedging.py). An endpoint whose attempts keep failing as a down one's do
+is not tried again for a while: the caller gets LLMUnavailable at once (app/llm/breaker.py).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from app.deliberation.ports import (
     LLMUnavailable,
     TokenLogprobs,
 )
+from app.llm.breaker import EndpointBreaker
 from app.llm.hedging import HedgePolicy
 from app.llm.limits import EndpointLimiter, Slot
 from app.llm.rates import EndpointRates, Reservation
@@ -66,6 +68,14 @@ LOGPROB_TOKENS_KEPT = 8
 
 def _outcome_of(fault: Exception) -> str:
     return fault.kind if isinstance(fault, _TransientFault) else "rejected"
+
+
+class _EndpointDown(Exception):
+    """An attempt refused, unsent, by the open circuit breaker of its endpoint."""
+
+    def __init__(self, refused_for_s: float) -> None:
+        super().__init__(f"circuit breaker open for {refused_for_s:.1f} s more")
+        self.refused_for_s = refused_for_s
 
 
 class _TransientFault(Exception):
@@ -110,6 +120,7 @@ class OpenAICompatibleClient:
         backoff_base_s: float = 0.5,  # as the setting llm_backoff_base_s
         backoff_max_s: float = 30.0,
         hedging: HedgePolicy | None = None,
+        breaker: EndpointBreaker | None = None,
     ) -> None:
         """
         endpoints: OpenAI-compatible servers by name; requests name one of them.
@@ -121,6 +132,8 @@ class OpenAICompatibleClient:
         max_retries: attempts after the first before giving up with LLMUnavailable.
         backoff_base_s, backoff_max_s: full-jitter exponential backoff between attempts.
         hedging: when to send a second copy of an attempt that runs long; None: never.
+        breaker: refuses attempts at an endpoint that keeps failing as a down one does
+            (chat raises LLMUnavailable at once); None: every attempt is sent.
         """
         self._endpoints = endpoints
         self._limiter = limiter
@@ -130,6 +143,7 @@ class OpenAICompatibleClient:
         self._backoff_base_s = backoff_base_s
         self._backoff_max_s = backoff_max_s
         self._hedging = hedging
+        self._breaker = breaker
         self._session: aiohttp.ClientSession | None = None  # made on first use, in the event loop
 
     def _http(self) -> aiohttp.ClientSession:
@@ -165,7 +179,8 @@ class OpenAICompatibleClient:
         Raises LLMRequestRejected for an unknown endpoint or a 4xx other than 429,
         LLMRequestTooLarge (unsent) for a request whose prompt leaves the reply too little of
         the endpoint's max_context_tokens (a max_tokens over what it leaves is lowered to it),
-        and LLMUnavailable once max_retries retries of transient faults are spent.
+        and LLMUnavailable once max_retries retries of transient faults are spent, or at once
+        when the endpoint's breaker is open (its retry_in_s: until it is tried again).
         """
         endpoint = self._endpoints.get(request.endpoint)
         if endpoint is None:
@@ -178,6 +193,13 @@ class OpenAICompatibleClient:
         while True:
             try:
                 return await self._hedged(request, endpoint)
+            except _EndpointDown as down:
+                raise LLMUnavailable(
+                    f"endpoint {request.endpoint!r} ({request.role}) is taken for down after "
+                    f"attempt {attempt}: {down}",
+                    f"the LLM endpoint {request.endpoint!r} is down",
+                    retry_in_s=down.refused_for_s,
+                ) from None
             except _TransientFault as fault:
                 if attempt > self._max_retries:
                     raise LLMUnavailable(
@@ -265,6 +287,8 @@ class OpenAICompatibleClient:
     async def _attempt(
         self, request: ChatRequest, endpoint: EndpointConfig, posted: Callable[[], None] | None = None
     ) -> ChatReply:
+        if self._breaker is not None and (refused_for_s := self._breaker.refused_for_s(request.endpoint)):
+            raise _EndpointDown(refused_for_s)
         labels = (request.endpoint, request.role)
         started, outcome = time.monotonic(), "ok"
         try:
@@ -284,6 +308,8 @@ class OpenAICompatibleClient:
             raise
         finally:
             LLM_REQUEST_SECONDS.labels(*labels, outcome).observe(time.monotonic() - started)
+            if self._breaker is not None:
+                self._breaker.ended(request.endpoint, outcome)
         LLM_TOKENS.labels(*labels, "prompt").inc(reply.prompt_tokens)
         LLM_TOKENS.labels(*labels, "completion").inc(reply.completion_tokens)
         return reply

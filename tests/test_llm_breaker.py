@@ -1,0 +1,138 @@
+"""The endpoint circuit breaker: an endpoint that keeps failing as a down one does is not
+tried again for a while, its callers told at once; other endpoints go on; a probe closes it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from app.config import EndpointConfig
+from app.deliberation.ports import ChatRequest, LLMUnavailable
+from app.deliberation.stages import SEED
+from app.llm.breaker import FAILURES_TO_OPEN, EndpointBreaker
+from app.llm.client import OpenAICompatibleClient
+from tests.scripted_llm import ScriptedLLM, chat_request, http_error
+
+ATTEMPTS_PER_CALL = FAILURES_TO_OPEN // 2
+OPEN_S = 0.5
+
+
+@pytest.fixture
+async def client(scripted_llm: ScriptedLLM, second_llm: ScriptedLLM) -> AsyncIterator[OpenAICompatibleClient]:
+    endpoints = {
+        "down": EndpointConfig(base_url=scripted_llm.base_url),
+        "healthy": EndpointConfig(base_url=second_llm.base_url),
+    }
+    async with OpenAICompatibleClient(
+        endpoints,
+        timeout_s=2.0,
+        max_retries=ATTEMPTS_PER_CALL - 1,
+        backoff_base_s=0.001,
+        backoff_max_s=0.002,
+        breaker=EndpointBreaker(open_s=OPEN_S),
+    ) as client:
+        yield client
+
+
+def seed(endpoint: str) -> ChatRequest:
+    return chat_request(SEED, "How do I store bleach safely?", endpoint)
+
+
+async def fail_until_open(client: OpenAICompatibleClient, scripted_llm: ScriptedLLM) -> None:
+    scripted_llm.script("seed_cot", *[http_error(503)] * FAILURES_TO_OPEN)
+    for _ in range(FAILURES_TO_OPEN // ATTEMPTS_PER_CALL):
+        with pytest.raises(LLMUnavailable):
+            await client.chat(seed("down"))
+
+
+async def test_an_endpoint_down_is_not_tried_again_and_its_caller_is_told_when_it_will_be(
+    client: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    await fail_until_open(client, scripted_llm)
+
+    started = time.monotonic()
+    with pytest.raises(LLMUnavailable) as refused:
+        await client.chat(seed("down"))
+
+    assert time.monotonic() - started < 0.1, "a refused call waits for nothing"
+    assert len(scripted_llm.requests) == FAILURES_TO_OPEN, "nothing was sent once it opened"
+    assert 0 < refused.value.retry_in_s <= OPEN_S
+    assert refused.value.summary == "the LLM endpoint 'down' is down"
+
+
+async def test_another_endpoint_is_served_while_one_is_down(
+    client: OpenAICompatibleClient, scripted_llm: ScriptedLLM, second_llm: ScriptedLLM
+) -> None:
+    await fail_until_open(client, scripted_llm)
+
+    await client.chat(seed("healthy"))
+
+    assert len(second_llm.requests) == 1
+
+
+async def test_one_probe_goes_when_the_pause_is_over_and_its_answer_closes_the_breaker(
+    client: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    await fail_until_open(client, scripted_llm)
+    await asyncio.sleep(OPEN_S)
+    scripted_llm.latency_s = 0.3
+
+    probe = asyncio.create_task(client.chat(seed("down")))
+    await asyncio.sleep(0.1)
+    with pytest.raises(LLMUnavailable):  # the probe is out: the others still wait
+        await client.chat(seed("down"))
+    await probe
+    await client.chat(seed("down"))
+
+    assert len(scripted_llm.requests) == FAILURES_TO_OPEN + 2
+
+
+async def test_a_failed_probe_opens_it_again(
+    client: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    await fail_until_open(client, scripted_llm)
+    await asyncio.sleep(OPEN_S)
+    scripted_llm.script("seed_cot", http_error(503))
+
+    with pytest.raises(LLMUnavailable) as refused:
+        await client.chat(seed("down"))
+
+    assert len(scripted_llm.requests) == FAILURES_TO_OPEN + 1, "after the probe failed, none went"
+    assert refused.value.retry_in_s > OPEN_S / 2
+
+
+def test_failures_between_answers_never_open_it() -> None:
+    breaker = EndpointBreaker(open_s=60)
+    for _ in range(100):
+        for _ in range(FAILURES_TO_OPEN - 1):
+            breaker.ended("e", "server_error")
+        breaker.ended("e", "ok")
+
+    assert breaker.refused_for_s("e") == 0
+
+
+@pytest.mark.parametrize("answered", ["rate_limited", "bad_body", "rejected"])
+def test_an_answer_of_any_kind_shows_the_endpoint_up(answered: str) -> None:
+    breaker = EndpointBreaker(open_s=60)
+    for _ in range(FAILURES_TO_OPEN - 1):
+        breaker.ended("e", "timeout")
+    breaker.ended("e", answered)
+    breaker.ended("e", "connection")
+
+    assert breaker.refused_for_s("e") == 0
+
+
+def test_attempts_without_a_verdict_count_for_nothing_but_let_the_next_probe() -> None:
+    breaker = EndpointBreaker(open_s=0.01)
+    for _ in range(FAILURES_TO_OPEN):
+        breaker.ended("e", "timeout")
+    time.sleep(0.01)
+    assert breaker.refused_for_s("e") == 0  # the probe
+    assert breaker.refused_for_s("e") > 0  # the probe is out
+
+    breaker.ended("e", "cancelled")
+
+    assert breaker.refused_for_s("e") == 0  # another probe
