@@ -206,13 +206,12 @@ async def run_job(
             "--agree-after", str(args.agents * args.max_rounds + 1), "--agree-prob", str(args.agree_prob),
             "--seed", str(args.seed), *sim_args,
         )  # fmt: skip
-        stack.service_overrides = {
-            "AIDSAFE_LLM_BASE_URL": sim_url,
-            "AIDSAFE_LLM_MODEL": "sim-llm",
-            "AIDSAFE_LLM_MAX_CONCURRENCY": str(args.concurrency),
-            "AIDSAFE_WORKER_MAX_JOBS": str(args.max_jobs),
+        stack.serve_simulator(
+            sim_url,
+            args.concurrency,
+            args.max_jobs,
             **_service_env(args),
-        }
+        )
         api_url = await stack.start_api()
         await stack.start_workers(args.workers)
         key = await stack.create_key()

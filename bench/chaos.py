@@ -147,19 +147,18 @@ async def _run(
         "--latency-ms", str(args.latency_ms), "--jitter-ms", str(args.jitter_ms), *FAULT_MIX,
         "--seed", str(args.seed),
     )  # fmt: skip
-    stack.service_overrides = {
-        "AIDSAFE_LLM_BASE_URL": sim_url,
-        "AIDSAFE_LLM_MODEL": "sim-llm",
-        "AIDSAFE_LLM_MAX_CONCURRENCY": str(args.concurrency),
-        "AIDSAFE_WORKER_MAX_JOBS": str(args.max_jobs),
-        "AIDSAFE_LLM_TIMEOUT_S": str(args.llm_timeout_s),
-        "AIDSAFE_LEASE_SECONDS": str(args.lease_s),
+    stack.serve_simulator(
+        sim_url,
+        args.concurrency,
+        args.max_jobs,
+        AIDSAFE_LLM_TIMEOUT_S=str(args.llm_timeout_s),
+        AIDSAFE_LEASE_SECONDS=str(args.lease_s),
         # Recovery timers shortened, so the run measures the faults rather than the waits.
-        "AIDSAFE_SWEEP_INTERVAL_S": "2",
-        "AIDSAFE_ENQUEUE_GRACE_S": "5",
-        "AIDSAFE_ITEM_RETRY_BASE_S": "1",
-        "AIDSAFE_LOG_JSON": "false",
-    }
+        AIDSAFE_SWEEP_INTERVAL_S="2",
+        AIDSAFE_ENQUEUE_GRACE_S="5",
+        AIDSAFE_ITEM_RETRY_BASE_S="1",
+        AIDSAFE_LOG_JSON="false",
+    )
     api_url = await stack.start_api()
     await stack.start_workers(args.workers)
     key = await stack.create_key()

@@ -101,12 +101,7 @@ async def _measure(
         "--latency-ms", str(args.latency_ms), "--jitter-ms", str(args.jitter_ms),
         "--max-concurrency", str(args.concurrency), "--agree-after", str(args.agree_after), "--seed", "1",
     )  # fmt: skip
-    stack.service_overrides = {
-        "AIDSAFE_LLM_BASE_URL": sim_url,
-        "AIDSAFE_LLM_MODEL": "sim-llm",
-        "AIDSAFE_LLM_MAX_CONCURRENCY": str(args.concurrency),
-        "AIDSAFE_WORKER_MAX_JOBS": str(args.max_jobs),
-    }
+    stack.serve_simulator(sim_url, args.concurrency, args.max_jobs)
     api_url = await stack.start_api()
     worker_pids = await stack.start_workers(args.workers)
     key = await stack.create_key()

@@ -60,12 +60,7 @@ async def _measure(args: argparse.Namespace) -> dict[str, Any]:
         sim_url = await stack.start_sim_llm(
             "--latency-ms", str(args.latency_ms), "--max-concurrency", str(args.concurrency), "--seed", "1"
         )
-        stack.service_overrides = {
-            "AIDSAFE_LLM_BASE_URL": sim_url,
-            "AIDSAFE_LLM_MODEL": "sim-llm",
-            "AIDSAFE_LLM_MAX_CONCURRENCY": str(args.concurrency),
-            "AIDSAFE_WORKER_MAX_JOBS": str(args.max_jobs),
-        }
+        stack.serve_simulator(sim_url, args.concurrency, args.max_jobs)
         api_url = await stack.start_api()
         await stack.start_workers(args.workers)
         heavy, light = await stack.create_key(), await stack.create_key()

@@ -73,14 +73,13 @@ async def _measure(args: argparse.Namespace) -> dict[str, Any]:
         healthy_url = await stack.start_sim_llm(*common, name="sim_default")
         down_url = await stack.start_sim_llm(*common, *_FAULTS[args.down], name="sim_down")
         down = {"base_url": down_url, "default_model": "sim-llm", "max_concurrency": args.concurrency}
-        stack.service_overrides = {
-            "AIDSAFE_LLM_BASE_URL": healthy_url,
-            "AIDSAFE_LLM_MODEL": "sim-llm",
-            "AIDSAFE_LLM_MAX_CONCURRENCY": str(args.concurrency),
-            "AIDSAFE_LLM_ENDPOINTS": json.dumps({"down": down}),
-            "AIDSAFE_LLM_TIMEOUT_S": str(args.llm_timeout_s),
-            "AIDSAFE_WORKER_MAX_JOBS": str(args.max_jobs),
-        }
+        stack.serve_simulator(
+            healthy_url,
+            args.concurrency,
+            args.max_jobs,
+            AIDSAFE_LLM_ENDPOINTS=json.dumps({"down": down}),
+            AIDSAFE_LLM_TIMEOUT_S=str(args.llm_timeout_s),
+        )
         api_url = await stack.start_api()
         await stack.start_workers(args.workers)
         key_a, key_b = await stack.create_key(), await stack.create_key()

@@ -316,14 +316,13 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             "--agree-after", str(args.agents * args.max_rounds + 1), "--agree-prob", str(args.agree_prob),
             "--seed", str(args.seed), *fault_args(EVERYDAY),
         )  # fmt: skip
-        stack.service_overrides = {
-            "AIDSAFE_LLM_BASE_URL": sim_url,
-            "AIDSAFE_LLM_MODEL": "sim-llm",
-            "AIDSAFE_LLM_MAX_CONCURRENCY": str(args.concurrency),
-            "AIDSAFE_WORKER_MAX_JOBS": str(args.max_jobs),
-            "AIDSAFE_LLM_TIMEOUT_S": str(args.llm_timeout_s),
-            "AIDSAFE_LOG_JSON": "false",
-        }
+        stack.serve_simulator(
+            sim_url,
+            args.concurrency,
+            args.max_jobs,
+            AIDSAFE_LLM_TIMEOUT_S=str(args.llm_timeout_s),
+            AIDSAFE_LOG_JSON="false",
+        )
         api_url = await stack.start_api()
         await stack.start_workers(args.workers)
         key = await stack.create_key()

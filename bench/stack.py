@@ -71,6 +71,18 @@ class ServiceStack:
     async def __aenter__(self) -> ServiceStack:
         return self
 
+    def serve_simulator(self, sim_url: str, concurrency: int, max_jobs: int, **more: str) -> None:
+        """Point the API and workers started after this at the simulated LLM (its model,
+        `concurrency` as the endpoint's cap), with `max_jobs` items per worker and `more`
+        AIDSAFE_* settings."""
+        self.service_overrides = {
+            "AIDSAFE_LLM_BASE_URL": sim_url,
+            "AIDSAFE_LLM_MODEL": "sim-llm",
+            "AIDSAFE_LLM_MAX_CONCURRENCY": str(concurrency),
+            "AIDSAFE_WORKER_MAX_JOBS": str(max_jobs),
+            **more,
+        }
+
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
