@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from uuid import UUID
 
 from arq.connections import ArqRedis, RedisSettings
@@ -158,3 +158,11 @@ async def enqueue_items(
             )
             args += [arq_job_id(item_id, enqueues), job]
         after = str(await enqueue(keys=[queue_name, line_key(queue_name)], args=args))
+
+
+async def enqueue_shares(
+    redis: ArqRedis, queue_name: str, by_owner: Mapping[UUID | None, list[tuple[UUID, int]]]
+) -> None:
+    """Enqueue items grouped by their job's owner key, each group as its key's share."""
+    for owner_key_id, items in by_owner.items():
+        await enqueue_items(redis, queue_name, items, share=owner_key_id)

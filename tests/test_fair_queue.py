@@ -23,6 +23,7 @@ from tests.conftest import delete_redis_keys, new_key, run_worker_burst, submit
 from tests.scripted_llm import ScriptedLLM
 from workers import liveness
 from workers.queue_worker import START_SCRIPT
+from workers.sweeper import sweep
 from workers.waves import run_round
 
 
@@ -252,3 +253,23 @@ async def test_items_a_park_resumes_take_their_keys_turn(
     # The budget is not spent (the job has none): the parked item goes back too.
     assert {item_of_job(job)[0] for job in await _line(arq_redis, settings)} == {waiting, running}
     assert await arq_redis.hget(line_key(settings.queue_name), str(owner)) is not None
+
+
+async def test_items_whose_arq_jobs_were_lost_are_queued_again_as_their_keys_shares(
+    api: httpx.AsyncClient, sessions: Sessions, settings: Settings, arq_redis: ArqRedis
+) -> None:
+    """A Redis restarted without its data loses every queued item's arq job: the sweeper
+    queues them again as their keys' shares, not all of them first come, first served."""
+    heavy, light = await new_key(sessions, "heavy"), await new_key(sessions, "light")
+    await submit(api, heavy, [f"heavy prompt {n}" for n in range(30)])
+    light_job = UUID(await submit(api, light, ["light prompt 0", "light prompt 1"]))
+    await delete_redis_keys(settings)  # the queue and the line's record, as after such a restart
+    await asyncio.sleep(settings.enqueue_grace_s + 0.2)
+
+    await sweep(settings, sessions, arq_redis)
+
+    async with sessions() as session:
+        light_items = set((await session.scalars(select(Item.id).where(Item.job_id == light_job))).all())
+    line = [item_of_job(job)[0] for job in await _line(arq_redis, settings)]
+    assert len(line) == 32
+    assert light_items <= set(line[:4]), "each key's items from the front"

@@ -11,7 +11,7 @@ from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 
 from app.config import Settings
-from app.queue import arq_job_id, enqueue_items, item_of_job
+from app.queue import arq_job_id, enqueue_items, enqueue_shares, item_of_job
 from app.store import items
 from app.store.db import Sessions
 from workers import liveness
@@ -48,21 +48,26 @@ async def sweep(settings: Settings, sessions: Sessions, redis: ArqRedis) -> dict
     alive = await _arq_jobs_alive(redis, settings, [arq_job_id(i, n) for i, n in waiting])
     lost = [item_id for (item_id, _), is_alive in zip(waiting, alive, strict=True) if not is_alive]
     present = [item_id for (item_id, _), is_alive in zip(waiting, alive, strict=True) if is_alive]
-    await items.touch(sessions, present, bump_enqueues=False)
-    requeued = await items.touch(sessions, lost, bump_enqueues=True)
-    resumed = [*expired, *untaken, *requeued]
+    await items.touch(sessions, present)
+    requeued = await items.renumber(sessions, lost)
+    requeued_items = [item for share in requeued.values() for item in share]
+    renumbered = [*expired, *untaken, *requeued_items]
     # A dead worker's arq jobs would sit in the queue, in progress, until arq's job timeout.
-    await _forget_arq_jobs(redis, settings.queue_name, resumed)
-    await enqueue_items(redis, settings.queue_name, resumed, ahead=True)
+    await _forget_arq_jobs(redis, settings.queue_name, renumbered)
+    # Those a dead worker had begun or taken had reached the front: they resume first. Those
+    # whose arq job was lost otherwise (a Redis restart, say) take their keys' turns, as when
+    # they were first queued.
+    await enqueue_items(redis, settings.queue_name, [*expired, *untaken], ahead=True)
+    await enqueue_shares(redis, settings.queue_name, requeued)
     await liveness.forget_taken(redis, settings, abandoned)
-    if resumed:
+    if renumbered:
         log.info(
             "sweeper re-enqueued %d expired items, %d unclaimed by dead workers and %d lost",
             len(expired),
             len(untaken),
-            len(requeued),
+            len(requeued_items),
         )
-    return {"expired": len(expired), "lost": len(untaken) + len(requeued)}
+    return {"expired": len(expired), "lost": len(untaken) + len(requeued_items)}
 
 
 async def _taken_and_in_progress(redis: ArqRedis, settings: Settings) -> dict[str, UUID]:

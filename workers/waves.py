@@ -40,7 +40,7 @@ from app.llm.batch_api import (
     input_file,
     output_lines,
 )
-from app.queue import enqueue_items
+from app.queue import enqueue_shares
 from app.store import batches
 from app.store.batches import Held, LeaseLost, Outcome
 from app.store.db import Sessions
@@ -76,8 +76,7 @@ async def run_round(settings: Settings, sessions: Sessions, redis: ArqRedis, api
             retry_in_s = after_a_call_s
         finally:
             await batches.release(sessions, held, retry_in_s)
-    for owner_key_id, requeued in (await batches.requeue_answered(sessions)).items():
-        await enqueue_items(redis, settings.queue_name, requeued, share=owner_key_id)
+    await enqueue_shares(redis, settings.queue_name, await batches.requeue_answered(sessions))
 
 
 async def waves_forever(settings: Settings, sessions: Sessions, redis: ArqRedis, api: BatchAPI) -> None:

@@ -42,7 +42,7 @@ from app.llm.batch_api import input_line
 from app.llm.client import UnreadableCompletion, chat_payload, completion_reply, fitted
 from app.plan import GenerationPlan, JobPlan, Unanswered
 from app.storable import replace_unstorable
-from app.store import quality
+from app.store import items, quality
 from app.store.db import Sessions
 from app.store.endings import Ending
 from app.store.items import Claim
@@ -589,7 +589,7 @@ async def split_refused(sessions: Sessions, held: Held, detail: str) -> int:
         return len(halves)
 
 
-async def requeue_answered(sessions: Sessions) -> dict[UUID | None, list[tuple[UUID, int]]]:
+async def requeue_answered(sessions: Sessions) -> items.ByOwner:
     """Queue again the parked items of every batch job that wait for no request any more
     (answered, refused, failed), or whose job was cancelled: the (item id, enqueue counter)
     pairs to enqueue after commit, by their job's owner key (each key's share in line)."""
@@ -608,10 +608,7 @@ async def requeue_answered(sessions: Sessions) -> dict[UUID | None, list[tuple[U
             )
             .returning(Item.id, Item.enqueues, Job.owner_key_id)
         )
-        by_key: dict[UUID | None, list[tuple[UUID, int]]] = {}
-        for row in rows:
-            by_key.setdefault(row.owner_key_id, []).append((row.id, row.enqueues))
-        return by_key
+        return items.by_owner(rows)
 
 
 def readable(answer: Any) -> bool:

@@ -19,6 +19,7 @@ import asyncpg
 from sqlalchemy import (
     ColumnElement,
     Interval,
+    Result,
     Update,
     Uuid,
     and_,
@@ -616,18 +617,39 @@ async def take_back_unclaimed(sessions: Sessions, jobs: Sequence[tuple[UUID, int
         return [(row.id, row.enqueues) for row in rows]
 
 
-async def touch(sessions: Sessions, item_ids: list[UUID], *, bump_enqueues: bool) -> list[tuple[UUID, int]]:
-    """Mark queued items as checked now (and optionally give them a new arq id)."""
+# Items to enqueue by their job's owner key (each key's share in line: app/queue.py).
+ByOwner = dict[UUID | None, list[tuple[UUID, int]]]
+
+
+def by_owner(rows: Result[UUID, int, UUID]) -> ByOwner:
+    """(item id, enqueue counter) pairs grouped by owner key, from rows of (id, enqueues,
+    owner_key_id)."""
+    grouped: ByOwner = {}
+    for row in rows:
+        grouped.setdefault(row.owner_key_id, []).append((row.id, row.enqueues))
+    return grouped
+
+
+async def touch(sessions: Sessions, item_ids: list[UUID]) -> None:
+    """Mark queued items as checked now."""
+    if item_ids:
+        async with sessions.begin() as session:
+            await session.execute(
+                update(Item)
+                .where(Item.id.in_(item_ids), Item.status == ItemStatus.QUEUED)
+                .values(updated_at=func.now())
+            )
+
+
+async def renumber(sessions: Sessions, item_ids: list[UUID]) -> ByOwner:
+    """Give queued items a new arq job id (their old one is lost) and mark them checked now."""
     if not item_ids:
-        return []
-    values: dict[str, Any] = {"updated_at": func.now()}
-    if bump_enqueues:
-        values["enqueues"] = Item.enqueues + 1
+        return {}
     async with sessions.begin() as session:
         rows = await session.execute(
             update(Item)
-            .where(Item.id.in_(item_ids), Item.status == ItemStatus.QUEUED)
-            .values(**values)
-            .returning(Item.id, Item.enqueues)
+            .where(Item.job_id == Job.id, Item.id.in_(item_ids), Item.status == ItemStatus.QUEUED)
+            .values(updated_at=func.now(), enqueues=Item.enqueues + 1)
+            .returning(Item.id, Item.enqueues, Job.owner_key_id)
         )
-        return [(row.id, row.enqueues) for row in rows]
+        return by_owner(rows)
