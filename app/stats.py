@@ -7,7 +7,7 @@ import importlib
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from math import sqrt
+from math import isqrt, sqrt
 from statistics import fmean, stdev
 from types import ModuleType
 
@@ -58,10 +58,45 @@ def mean(
     n = len(values)
     if n == 0:
         return NOTHING_MEASURED
-    centre = fmean(values)
     if n == 1:
-        return Estimate(centre, None, None, 1)  # one value says nothing about the spread
-    error = stdev(values) / sqrt(n)
+        return Estimate(fmean(values), None, None, 1)  # one value says nothing about the spread
+    return _t_interval(fmean(values), stdev(values), n, confidence, within)
+
+
+def counted_mean(
+    counts: Mapping[int, int], confidence: float = CONFIDENCE, within: tuple[float, float] | None = None
+) -> Estimate:
+    """`mean` of integers given as {value: how many}, equal to it to the last bit, from the
+    sums of the values and of their squares: microseconds where expanding 10,000 scores for
+    `statistics` took milliseconds."""
+    n = sum(counts.values())
+    if n == 0:
+        return NOTHING_MEASURED
+    total = sum(value * count for value, count in counts.items())
+    if n == 1:
+        return Estimate(total / n, None, None, 1)
+    squares = sum(value * value * count for value, count in counts.items())
+    # The sample variance, exactly: (n * squares - total**2) / (n * (n - 1)).
+    spread = _sqrt_of_ratio(n * squares - total * total, n * (n - 1))
+    return _t_interval(total / n, spread, n, confidence, within)
+
+
+def _sqrt_of_ratio(numerator: int, denominator: int) -> float:
+    """sqrt(numerator / denominator) correctly rounded, as `statistics.stdev` rounds it (the
+    float sqrt of the rounded ratio is a bit off for one score count in eight): an integer
+    root of 55 bits or more, its last bit set if inexact (round to odd), rounds once,
+    correctly, to a float's 53."""
+    shift = max(0, 112 - numerator.bit_length() + denominator.bit_length()) // 2
+    scaled = numerator << 2 * shift
+    root = isqrt(scaled // denominator)
+    return (root | (root * root * denominator != scaled)) / (1 << shift)
+
+
+def _t_interval(
+    centre: float, spread: float, n: int, confidence: float, within: tuple[float, float] | None
+) -> Estimate:
+    """The Student t interval of a mean of n >= 2 values with sample standard deviation `spread`."""
+    error = spread / sqrt(n)
     if error == 0:
         return Estimate(centre, centre, centre, n)
     low, high = _scipy_stats().t.interval(confidence, n - 1, loc=centre, scale=error)

@@ -4,10 +4,21 @@ import subprocess
 import sys
 from collections import Counter
 
+import hypothesis
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from app.config import Settings
-from app.stats import NOTHING_MEASURED, Estimate, cohen_kappa, fleiss_kappa, mean, proportion
+from app.stats import (
+    NOTHING_MEASURED,
+    Estimate,
+    cohen_kappa,
+    counted_mean,
+    fleiss_kappa,
+    mean,
+    proportion,
+)
 from tests.conftest import worker_env
 
 
@@ -61,6 +72,26 @@ def test_a_mean_interval_is_cut_to_the_scale() -> None:
     assert free.high is not None and free.high > 5
     assert (cut.value, cut.low, cut.high) == (free.value, free.low, 5)
     assert mean([1, 1, 2], within=(1, 5)).low == 1
+
+
+# How many times each score 1-5 was given: up to 15,000 scores, often few, often one kind.
+SCORE_COUNTS = st.lists(st.one_of(st.integers(0, 3), st.integers(0, 3_000)), min_size=5, max_size=5)
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@given(SCORE_COUNTS, st.sampled_from([None, (1, 5)]))
+@example([0, 0, 0, 0, 0], None)
+@example([0, 0, 1, 0, 0], (1, 5))
+@example([0, 0, 0, 7, 0], (1, 5))
+@example([0, 0, 0, 0, 10_000], (1, 5))
+@example([1, 0, 0, 0, 9_999], (1, 5))
+def test_a_mean_from_score_counts_is_the_mean_of_the_scores_to_the_last_bit(
+    counts: list[int], within: tuple[float, float] | None
+) -> None:
+    scores = [score for score, count in enumerate(counts, start=1) for _ in range(count)]
+    by_score = dict(enumerate(counts, start=1))
+
+    assert counted_mean(by_score, within=within) == mean(scores, within=within)
 
 
 def test_cohen_kappa_matches_the_textbook_figure() -> None:

@@ -47,7 +47,7 @@ from app.costs import job_cost
 from app.deliberation.ports import guard_flags, is_hazardous
 from app.deliberation.results import SCORE_SCALE
 from app.plan import ComparisonPlan, ModelEvaluationPlan, SampleEvaluationPlan
-from app.stats import mean, proportion
+from app.stats import counted_mean, proportion
 from app.store import quality
 from app.store.job_listing import ListedJob
 from app.store.models import (
@@ -366,18 +366,13 @@ def comparison_listed(listed: ListedJob, plan: ComparisonPlan) -> ComparisonList
     )
 
 
-def _scores(distribution: dict[str, int]) -> list[int]:
-    return [int(score) for score, count in distribution.items() for _ in range(count)]
-
-
 def grade_report(grades: dict[str, Any]) -> GradeReport:
     """The grader's figures, each metric's mean with its interval (from its score counts)."""
     metrics = {
         metric: MetricReport(
             mean=IntervalOut.of(
-                mean(
-                    [int(score) for score, n in stats["distribution"].items() for _ in range(n)],
-                    within=SCORE_SCALE,
+                counted_mean(
+                    {int(score): n for score, n in stats["distribution"].items()}, within=SCORE_SCALE
                 )
             ),
             distribution=stats["distribution"],

@@ -32,12 +32,8 @@ class Side:
             },
         )
 
-    def scores(self, metric: str) -> list[int]:
-        counts = self.distributions.get(metric, {})
-        return [score for score in SCORES for _ in range(counts.get(score, 0))]
-
     def mean(self, metric: str) -> stats.Estimate:
-        return stats.mean(self.scores(metric), within=SCORE_SCALE)
+        return stats.counted_mean(self.distributions.get(metric, {}), within=SCORE_SCALE)
 
 
 @dataclass(frozen=True)
