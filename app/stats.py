@@ -7,7 +7,7 @@ import importlib
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from math import isqrt, sqrt
+from math import fsum, isqrt, sqrt
 from statistics import fmean, stdev
 from types import ModuleType
 
@@ -127,13 +127,14 @@ def fleiss_kappa(items: Sequence[Mapping[Hashable, int]]) -> float | None:
     rated = [counts for counts in items if sum(counts.values()) >= 2]
     if not rated:
         return None
-    agreement = 0.0
+    agreements = []
     totals: Counter[Hashable] = Counter()
     for counts in rated:
         n = sum(counts.values())
-        agreement += (sum(c * c for c in counts.values()) - n) / (n * (n - 1))
+        agreements.append((sum(c * c for c in counts.values()) - n) / (n * (n - 1)))
         totals.update(counts)
-    observed = agreement / len(rated)
+    # Summed exactly: the same items in any order (a query's rows come in none) give one kappa.
+    observed = fsum(agreements) / len(rated)
     ratings = sum(totals.values())
     chance = sum((count / ratings) ** 2 for count in totals.values())
     return None if chance == 1 else (observed - chance) / (1 - chance)
