@@ -6,17 +6,22 @@ from __future__ import annotations
 import csv
 import io
 import time
+from collections import Counter
+from dataclasses import asdict
 from functools import reduce
+from typing import Any
 from uuid import UUID
 
 import httpx
 import pytest
 from PIL import Image
-from sqlalchemy import func, insert, literal, literal_column, select, update
+from sqlalchemy import delete, func, insert, literal, literal_column, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
 from app.deliberation.results import METRICS
+from app.reports.comparison_stats import counted_results
+from app.stats import cohen_kappa, fleiss_kappa, proportion
 from app.store.db import Sessions
 from app.store.models import Cot, Item, Judgement, PairCandidate
 from tests.conftest import longest_loop_pause, new_key, run_worker_burst
@@ -134,16 +139,17 @@ async def copies_of_the_first_cot(session: AsyncSession, job_id: str) -> None:
     await session.execute(update(Cot).where(Cot.job_id == UUID(job_id)).values(scores=scores))
 
 
-@pytest.mark.parametrize("format", ["markdown", "csv"])
-async def test_a_report_of_10000_prompts_and_5_judges_is_computed_off_the_event_loop(
-    api: httpx.AsyncClient, auth: Headers, sessions: Sessions, format: str
-) -> None:
-    """The verdict counts, means and intervals of a comparison this large (with 20,000 pair
-    candidates) took a core for a tenth of a second, and held every other request meanwhile."""
-    prompts = [f"prompt {n}" for n in range(10_000)]
+async def judged_comparison(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions, prompts: int, judges: int, winner: str
+) -> UUID:
+    """A comparison of `prompts` prompts, each side's CoTs scored 1 to 5 by position, the
+    candidate with a pair candidate of each method per prompt, and every prompt judged by each
+    of `judges` judges as the workers would leave them: `winner`, SQL over items.position and
+    judges.judge, gives the verdict."""
+    texts = [f"prompt {n}" for n in range(prompts)]
     weaker = [completed(a_grade(cot_policy_faithfulness=3))]
-    baseline = await finished_job(api, auth, sessions, weaker, {**GRADED, "mode": "zero_shot"}, prompts)
-    candidate = await finished_job(api, auth, sessions, [completed(a_grade())], GRADED, prompts)
+    baseline = await finished_job(api, auth, sessions, weaker, {**GRADED, "mode": "zero_shot"}, texts)
+    candidate = await finished_job(api, auth, sessions, [completed(a_grade())], GRADED, texts)
     async with sessions.begin() as session:
         for job in (baseline, candidate):
             await copies_of_the_first_cot(session, job)
@@ -154,13 +160,13 @@ async def test_a_report_of_10000_prompts_and_5_judges_is_computed_off_the_event_
             )
             columns = ["item_id", "method", "number", "job_id", "gap"]
             await session.execute(insert(PairCandidate).from_select(columns, made))
-    judges = [{"model": f"judge-{n}"} for n in range(5)]
-    submitted = await compare(api, auth, baseline, candidate, judges=judges)
+    submitted = await compare(
+        api, auth, baseline, candidate, judges=[{"model": f"judge-{n}"} for n in range(judges)]
+    )
     assert submitted.status_code == 202, submitted.text
     comparison = UUID(submitted.json()["id"])
-    async with sessions.begin() as session:  # every prompt judged by each, as the workers would leave them
-        judge = func.generate_series(0, len(judges) - 1).table_valued("judge").render_derived("judges")
-        winner = literal_column("(ARRAY['a', 'b', 'tie', NULL])[1 + (items.position + judges.judge) % 4]")
+    async with sessions.begin() as session:
+        judge = func.generate_series(0, judges - 1).table_valued("judge").render_derived("judges")
         verdicts = (
             select(
                 func.gen_random_uuid(),
@@ -170,7 +176,7 @@ async def test_a_report_of_10000_prompts_and_5_judges_is_computed_off_the_event_
                 Item.position,
                 Item.baseline_item_id,
                 Item.candidate_item_id,
-                winner,
+                literal_column(winner),
                 literal([], Judgement.votes.type),
             )
             .select_from(Item)
@@ -179,6 +185,20 @@ async def test_a_report_of_10000_prompts_and_5_judges_is_computed_off_the_event_
         )
         columns = ["id", "item_id", "judge", "job_id", "position", "a_item_id", "b_item_id", "winner"]
         await session.execute(insert(Judgement).from_select([*columns, "votes"], verdicts))
+    return comparison
+
+
+# Each of the four verdicts in turn, by prompt and judge.
+IN_TURN = "(ARRAY['a', 'b', 'tie', NULL])[1 + (items.position + judges.judge) % 4]"
+
+
+@pytest.mark.parametrize("format", ["markdown", "csv"])
+async def test_a_report_of_10000_prompts_and_5_judges_is_computed_off_the_event_loop(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions, format: str
+) -> None:
+    """The verdict counts, means and intervals of a comparison this large (with 20,000 pair
+    candidates) took a core for a tenth of a second, and held every other request meanwhile."""
+    comparison = await judged_comparison(api, auth, sessions, 10_000, 5, IN_TURN)
 
     # The loop thread's own CPU: on a machine as loaded as the route is long, wall-clock
     # pauses vary by more than the route's hold.
@@ -190,3 +210,72 @@ async def test_a_report_of_10000_prompts_and_5_judges_is_computed_off_the_event_
     assert response.status_code == 200, response.text
     assert "judge-4" in response.text and "whisper" in response.text
     assert held < 0.04, f"the event loop was held for {held:.3f} s of CPU"
+
+
+async def test_a_comparison_of_10000_prompts_and_5_judges_is_shown_without_reading_every_verdict(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    """Its 50,000 verdicts, read row by row on the event loop to count them and measure the
+    judges' agreement, held every other request for 60 ms of CPU at a stretch; counted in
+    SQL, 14 ms."""
+    comparison = await judged_comparison(api, auth, sessions, 10_000, 5, IN_TURN)
+
+    response, held = await longest_loop_pause(
+        api.get(f"/v1/comparisons/{comparison}", headers=auth), clock=time.thread_time
+    )
+
+    assert response.status_code == 200, response.text
+    shown = response.json()
+    assert [judge["wins"] for judge in shown["judges"]] == [2_500] * 5
+    assert shown["agreement"]["items"] == 0  # every prompt has one judge's unreadable verdict
+    assert held < 0.03, f"the event loop was held for {held:.3f} s of CPU"
+
+
+async def every_verdict(session: AsyncSession, comparison: UUID, judges: int) -> list[dict[UUID, str | None]]:
+    """Each judge's verdicts by item, read row by row (as GET /v1/comparisons/{id} read them)."""
+    by_judge: list[dict[UUID, str | None]] = [{} for _ in range(judges)]
+    rows = await session.execute(
+        select(Judgement.judge, Judgement.item_id, Judgement.winner).where(Judgement.job_id == comparison)
+    )
+    for judge, item_id, winner in rows:
+        by_judge[judge][item_id] = winner
+    return by_judge
+
+
+def agreement_of(by_judge: list[dict[UUID, str | None]]) -> dict[str, Any]:
+    """The judges' agreement as GET /v1/comparisons/{id} measured it from every verdict."""
+    first, *others = by_judge
+    ratings = [
+        (verdict, *(other.get(item) for other in others))
+        for item, verdict in first.items()
+        if verdict is not None and all(other.get(item) is not None for other in others)
+    ]
+    two = len(by_judge) == 2
+    return {
+        "judges": len(by_judge),
+        "items": len(ratings),
+        "unanimous": asdict(proportion(sum(len(set(r)) == 1 for r in ratings), len(ratings))),
+        "kappa": cohen_kappa([(a, b) for a, b in ratings])
+        if two
+        else fleiss_kappa([Counter(r) for r in ratings]),
+        "kappa_kind": "cohen" if two else "fleiss",
+    }
+
+
+@pytest.mark.parametrize("judges", [2, 3, 5])
+async def test_verdicts_counted_in_sql_give_what_every_verdict_read_one_by_one_gave(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions, judges: int
+) -> None:
+    random_verdict = "(ARRAY['a', 'a', 'b', 'b', 'b', 'tie', NULL])[1 + floor(random() * 7)::int]"
+    comparison = await judged_comparison(api, auth, sessions, 400, judges, random_verdict)
+    async with sessions.begin() as session:  # a judge that has not got to some prompts yet
+        await session.execute(delete(Judgement).where(Judgement.job_id == comparison, func.random() < 0.05))
+        by_judge = await every_verdict(session, comparison, judges)
+
+    shown = (await api.get(f"/v1/comparisons/{comparison}", headers=auth)).json()
+
+    expected = agreement_of(by_judge)
+    assert expected["items"] > 100
+    assert shown["agreement"] == expected
+    for judge, verdicts in zip(shown["judges"], by_judge, strict=True):
+        assert judge == {"judge": judge["judge"], **counted_results(Counter(verdicts.values()))}

@@ -5,6 +5,7 @@ by side."""
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -35,19 +36,23 @@ async def _comparison_out(session: AsyncSession, job: Job) -> ComparisonOut:
     """The job as a comparison; NotFound if it is not one."""
     plan = comparisons.plan_of(job)
     summary = await jobs.summary(session, job)
-    verdicts = await comparisons.verdicts(session, job.id, len(plan.judges))
+    judges = len(plan.judges)
+    counts = await comparisons.verdict_counts(session, job.id, judges)
+    patterns = await comparisons.verdict_patterns(session, job.id, judges)
     scores = await comparisons.paired_scores(session, job.id)
-    # Intervals over thousands of prompts: a few hundred milliseconds of CPU off the event loop.
-    report = await asyncio.to_thread(_report, verdicts, scores)
+    # Intervals and kappas over thousands of prompts: CPU off the event loop.
+    report = await asyncio.to_thread(_report, counts, patterns, scores)
     return views.comparison_out(job, plan, summary, report)
 
 
 def _report(
-    verdicts: list[dict[UUID, str | None]], scores: dict[str, list[tuple[Any, Any]]]
+    counts: list[Counter[str | None]],
+    patterns: Counter[tuple[str, ...]],
+    scores: dict[str, list[tuple[Any, Any]]],
 ) -> dict[str, Any]:
     return {
-        "judges": [comparison_stats.judge_results(by_item) for by_item in verdicts],
-        "agreement": comparison_stats.agreement(verdicts),
+        "judges": [comparison_stats.counted_results(counted) for counted in counts],
+        "agreement": comparison_stats.agreement(len(counts), patterns),
         "metrics": comparison_stats.metrics(scores),
     }
 

@@ -8,24 +8,15 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
-from uuid import UUID
 
 from app.deliberation.results import SCORE_SCALE
 from app.stats import cohen_kappa, fleiss_kappa, mean, proportion
 
-# One judge's verdicts by item: "a" (the baseline), "b" (the candidate), "tie", or None
-# (no readable verdict in both orders).
-Verdicts = Mapping[UUID, str | None]
-
-
-def judge_results(verdicts: Verdicts) -> dict[str, Any]:
-    """One judge's verdicts from the candidate's side: counts, and the shares of the readable
-    ones (wins + ties + losses) with their intervals."""
-    return counted_results(Counter(verdicts.values()))
-
 
 def counted_results(counts: Counter[str | None]) -> dict[str, Any]:
-    """judge_results of one judge's verdicts counted by what they are."""
+    """One judge's verdicts from the candidate's side, from their count by what they are ("a"
+    the baseline, "b" the candidate, "tie", None unreadable): counts, and the shares of the
+    readable ones (wins + ties + losses) with their intervals."""
     wins, ties, losses = counts["b"], counts["tie"], counts["a"]
     readable = wins + ties + losses
     return {
@@ -39,27 +30,23 @@ def counted_results(counts: Counter[str | None]) -> dict[str, Any]:
     }
 
 
-def agreement(by_judge: Sequence[Verdicts]) -> dict[str, Any] | None:
+def agreement(judges: int, patterns: Mapping[tuple[str, ...], int]) -> dict[str, Any] | None:
     """How far two or more judges agree, over the items every one of them gave a readable
-    verdict: the share they all gave the same one, and Cohen's kappa (two judges) or Fleiss'
-    kappa (more). None for a single judge."""
-    if len(by_judge) < 2:
+    verdict, from how many of those items got each pattern of verdicts (the judges' in a
+    fixed order): the share they all gave the same one, and Cohen's kappa (two judges) or
+    Fleiss' kappa (more). None for a single judge."""
+    if judges < 2:
         return None
-    first, *others = by_judge
-    ratings = [
-        (verdict, *(other.get(item) for other in others))
-        for item, verdict in first.items()
-        if verdict is not None and all(other.get(item) is not None for other in others)
-    ]
-    unanimous = sum(len(set(rating)) == 1 for rating in ratings)
-    two = len(by_judge) == 2
+    ratings = [pattern for pattern, count in patterns.items() for _ in range(count)]
+    unanimous = sum(count for pattern, count in patterns.items() if len(set(pattern)) == 1)
+    two = judges == 2
     return {
-        "judges": len(by_judge),
+        "judges": judges,
         "items": len(ratings),
         "unanimous": asdict(proportion(unanimous, len(ratings))),
         "kappa": cohen_kappa([(a, b) for a, b in ratings])
         if two
-        else fleiss_kappa([Counter(r) for r in ratings]),
+        else fleiss_kappa([Counter(rating) for rating in ratings]),
         "kappa_kind": "cohen" if two else "fleiss",
     }
 

@@ -8,7 +8,7 @@ from typing import Any
 from uuid import UUID
 
 from sqlalchemy import Integer, Uuid, cast, func, insert, literal, select
-from sqlalchemy.dialects.postgresql import distinct_on
+from sqlalchemy.dialects.postgresql import aggregate_order_by, distinct_on
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
@@ -125,24 +125,30 @@ async def paired_scores(session: AsyncSession, comparison_id: UUID) -> dict[str,
     return {metric: [(row[2 * n], row[2 * n + 1]) for row in by_item] for n, metric in enumerate(METRICS)}
 
 
-async def verdicts(session: AsyncSession, comparison_id: UUID, judges: int) -> list[dict[UUID, str | None]]:
-    """Each judge's verdicts (in the plan's order) by item: "a" (the baseline), "b" (the
-    candidate), "tie", or None (no readable verdict in both orders)."""
-    rows = await session.execute(
-        select(Judgement.judge, Judgement.item_id, Judgement.winner).where(Judgement.job_id == comparison_id)
+async def verdict_patterns(
+    session: AsyncSession, comparison_id: UUID, judges: int
+) -> Counter[tuple[str, ...]]:
+    """Over the items every judge gave a readable verdict: how many items got each pattern of
+    verdicts (the judges' in the plan's order, as `verdict_counts` names them), counted in SQL.
+    All the judges' agreement needs, in at most 3**judges rows where reading a row per prompt
+    and judge (50,000 at 10,000 prompts and 5 judges) held the event loop."""
+    by_item = (
+        select(func.array_agg(aggregate_order_by(Judgement.winner, Judgement.judge)).label("verdicts"))
+        .where(Judgement.job_id == comparison_id)
+        .group_by(Judgement.item_id)
+        .having(func.count(Judgement.winner) == judges)  # a row per judge (unique), none unreadable
+        .subquery()
     )
-    by_judge: list[dict[UUID, str | None]] = [{} for _ in range(judges)]
-    for judge, item_id, winner in rows:
-        by_judge[judge][item_id] = winner
-    return by_judge
+    rows = await session.execute(select(by_item.c.verdicts, func.count()).group_by(by_item.c.verdicts))
+    return Counter({tuple(verdicts): count for verdicts, count in rows})
 
 
 async def verdict_counts(
     session: AsyncSession, comparison_id: UUID, judges: int
 ) -> list[Counter[str | None]]:
-    """Each judge's verdicts (in the plan's order) counted by what they are (as `verdicts`
-    gives them), in SQL: all a report needs, without reading a row per prompt and judge
-    (50,000 at 10,000 prompts and 5 judges) on the event loop."""
+    """Each judge's verdicts (in the plan's order) counted by what they are: "a" (the
+    baseline), "b" (the candidate), "tie", or None (no readable verdict in both orders), in
+    SQL: all a report needs, without reading a row per prompt and judge on the event loop."""
     rows = await session.execute(
         select(Judgement.judge, Judgement.winner, func.count())
         .where(Judgement.job_id == comparison_id)
