@@ -45,7 +45,12 @@ def test_one_judge_has_no_agreement() -> None:
 
 
 def test_metrics_pair_each_prompts_scores_and_leave_out_metrics_nobody_was_graded_on() -> None:
-    found = metrics({"relevance": [(3, 4), (None, 5), (4, None), (2, 5)], "coherence": [(None, None)]})
+    found = metrics(
+        {
+            "relevance": Counter({(3, 4): 1, (None, 5): 1, (4, None): 1, (2, 5): 1}),
+            "coherence": Counter({(None, None): 1}),
+        }
+    )
 
     assert list(found) == ["relevance"]
     relevance = found["relevance"]

@@ -39,7 +39,7 @@ async def _comparison_out(session: AsyncSession, job: Job) -> ComparisonOut:
     judges = len(plan.judges)
     counts = await comparisons.verdict_counts(session, job.id, judges)
     patterns = await comparisons.verdict_patterns(session, job.id, judges)
-    scores = await comparisons.paired_scores(session, job.id)
+    scores = await comparisons.paired_score_counts(session, job.id)
     # Intervals and kappas over thousands of prompts: CPU off the event loop.
     report = await asyncio.to_thread(_report, counts, patterns, scores)
     return views.comparison_out(job, plan, summary, report)
@@ -48,7 +48,7 @@ async def _comparison_out(session: AsyncSession, job: Job) -> ComparisonOut:
 def _report(
     counts: list[Counter[str | None]],
     patterns: Counter[tuple[str, ...]],
-    scores: dict[str, list[tuple[Any, Any]]],
+    scores: dict[str, Counter[tuple[int | None, int | None]]],
 ) -> dict[str, Any]:
     return {
         "judges": [comparison_stats.counted_results(counted) for counted in counts],

@@ -5,12 +5,12 @@ beyond chance; per metric each side's mean and the paired difference with t inte
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
 from app.deliberation.results import SCORE_SCALE
-from app.stats import cohen_kappa, fleiss_kappa, mean, proportion
+from app.stats import cohen_kappa, counted_mean, fleiss_kappa, proportion
 
 
 def counted_results(counts: Counter[str | None]) -> dict[str, Any]:
@@ -51,7 +51,7 @@ def agreement(judges: int, patterns: Mapping[tuple[str, ...], int]) -> dict[str,
     }
 
 
-def metrics(paired: Mapping[str, Sequence[tuple[float | None, float | None]]]) -> dict[str, Any]:
+def metrics(paired: Mapping[str, Mapping[tuple[int | None, int | None], int]]) -> dict[str, Any]:
     """metric_comparison of each metric some sample was graded on."""
     return {
         metric: metric_comparison(pairs)
@@ -60,16 +60,23 @@ def metrics(paired: Mapping[str, Sequence[tuple[float | None, float | None]]]) -
     }
 
 
-def metric_comparison(pairs: Sequence[tuple[float | None, float | None]]) -> dict[str, Any]:
-    """One metric over the compared prompts, from each prompt's (baseline, candidate) scores
-    (None: that side was not graded): each side's mean, and the mean of the candidate's lead
-    over the prompts both sides have a score for, with t intervals."""
-    baseline = [b for b, _ in pairs if b is not None]
-    candidate = [c for _, c in pairs if c is not None]
-    leads = [c - b for b, c in pairs if b is not None and c is not None]
+def metric_comparison(pairs: Mapping[tuple[int | None, int | None], int]) -> dict[str, Any]:
+    """One metric over the compared prompts, from how many prompts got each pair of scores
+    (baseline, candidate; None: that side was not graded): each side's mean, and the mean of
+    the candidate's lead over the prompts both sides have a score for, with t intervals."""
+    baseline: Counter[int] = Counter()
+    candidate: Counter[int] = Counter()
+    leads: Counter[int] = Counter()
+    for (b, c), count in pairs.items():
+        if b is not None:
+            baseline[b] += count
+        if c is not None:
+            candidate[c] += count
+        if b is not None and c is not None:
+            leads[c - b] += count
     lowest, highest = SCORE_SCALE
     return {
-        "baseline": asdict(mean(baseline, within=SCORE_SCALE)),
-        "candidate": asdict(mean(candidate, within=SCORE_SCALE)),
-        "delta": asdict(mean(leads, within=(lowest - highest, highest - lowest))),
+        "baseline": asdict(counted_mean(baseline, within=SCORE_SCALE)),
+        "candidate": asdict(counted_mean(candidate, within=SCORE_SCALE)),
+        "delta": asdict(counted_mean(leads, within=(lowest - highest, highest - lowest))),
     }

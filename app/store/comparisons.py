@@ -8,7 +8,7 @@ from typing import Any
 from uuid import UUID
 
 from sqlalchemy import Integer, Uuid, cast, func, insert, literal, select
-from sqlalchemy.dialects.postgresql import aggregate_order_by, distinct_on
+from sqlalchemy.dialects.postgresql import aggregate_order_by, array, distinct_on
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
@@ -109,20 +109,29 @@ async def side_stats(session: AsyncSession, comparison: Job) -> dict[str, dict[s
     return sides
 
 
-async def paired_scores(session: AsyncSession, comparison_id: UUID) -> dict[str, list[tuple[Any, Any]]]:
-    """Per metric, each compared prompt's grader scores (baseline, candidate); None for a side
-    whose CoT is ungraded (its job ran without grading, or the grader failed)."""
+async def paired_score_counts(
+    session: AsyncSession, comparison_id: UUID
+) -> dict[str, Counter[tuple[int | None, int | None]]]:
+    """Per metric, how many compared prompts got each pair of grader scores (baseline,
+    candidate), counted in SQL: at most 36 rows a metric where reading a row per prompt held
+    the event loop for 40 ms at 10,000 prompts. None for a side whose CoT is ungraded (its job
+    ran without grading, or the grader failed)."""
     sides = aliased(Cot), aliased(Cot)
-    columns = [cast(cot.scores[metric]["score"].astext, Integer) for metric in METRICS for cot in sides]
+    metric = func.unnest(array(METRICS)).table_valued("metric").render_derived("metrics")
+    baseline, candidate = (cast(cot.scores[metric.c.metric]["score"].astext, Integer) for cot in sides)
     rows = await session.execute(
-        select(*columns)
+        select(metric.c.metric, baseline, candidate, func.count())
         .select_from(Item)
         .join(sides[0], sides[0].item_id == Item.baseline_item_id)
         .join(sides[1], sides[1].item_id == Item.candidate_item_id)
+        .join(metric, literal(True))
         .where(Item.job_id == comparison_id)
+        .group_by(metric.c.metric, baseline, candidate)
     )
-    by_item = [tuple(row) for row in rows]
-    return {metric: [(row[2 * n], row[2 * n + 1]) for row in by_item] for n, metric in enumerate(METRICS)}
+    counts: dict[str, Counter[tuple[int | None, int | None]]] = {name: Counter() for name in METRICS}
+    for name, baseline_score, candidate_score, count in rows:
+        counts[name][baseline_score, candidate_score] = count
+    return counts
 
 
 async def verdict_patterns(
