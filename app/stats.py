@@ -7,6 +7,7 @@ import importlib
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from math import fsum, isqrt, sqrt
 from statistics import fmean, stdev
 from types import ModuleType
@@ -64,21 +65,23 @@ def mean(
 
 
 def counted_mean(
-    counts: Mapping[int, int], confidence: float = CONFIDENCE, within: tuple[float, float] | None = None
+    counts: Mapping[float, int], confidence: float = CONFIDENCE, within: tuple[float, float] | None = None
 ) -> Estimate:
-    """`mean` of integers given as {value: how many}, equal to it to the last bit, from the
-    sums of the values and of their squares: microseconds where expanding 10,000 scores for
-    `statistics` took milliseconds."""
+    """`mean` of the values given as {value: how many}, from the exact sums of the values and
+    of their squares: microseconds where expanding 10,000 scores for `statistics` took
+    milliseconds. Equal to `mean` to the last bit when the values' sum is a float exactly, as
+    it is for scores, their differences and pair gaps (halves)."""
     n = sum(counts.values())
     if n == 0:
         return NOTHING_MEASURED
-    total = sum(value * count for value, count in counts.items())
+    total = sum((Fraction(value) * count for value, count in counts.items()), Fraction())
+    centre = float(total / n)
     if n == 1:
-        return Estimate(total / n, None, None, 1)
-    squares = sum(value * value * count for value, count in counts.items())
-    # The sample variance, exactly: (n * squares - total**2) / (n * (n - 1)).
-    spread = _sqrt_of_ratio(n * squares - total * total, n * (n - 1))
-    return _t_interval(total / n, spread, n, confidence, within)
+        return Estimate(centre, None, None, 1)
+    squares = sum((Fraction(value) ** 2 * count for value, count in counts.items()), Fraction())
+    variance = (n * squares - total * total) / (n * (n - 1))
+    spread = _sqrt_of_ratio(variance.numerator, variance.denominator)
+    return _t_interval(centre, spread, n, confidence, within)
 
 
 def _sqrt_of_ratio(numerator: int, denominator: int) -> float:

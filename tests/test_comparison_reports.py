@@ -198,7 +198,9 @@ async def test_a_report_of_10000_prompts_and_5_judges_is_computed_off_the_event_
     api: httpx.AsyncClient, auth: Headers, sessions: Sessions, format: str
 ) -> None:
     """The verdict counts, means and intervals of a comparison this large (with 20,000 pair
-    candidates) took a core for a tenth of a second, and held every other request meanwhile."""
+    candidates) took a core for a tenth of a second, and held every other request meanwhile;
+    computed in a thread, the loop still read the 20,000 gaps: 14-17 ms at a stretch; counted
+    in SQL, 7 ms."""
     comparison = await judged_comparison(api, auth, sessions, 10_000, 5, IN_TURN)
 
     # The loop thread's own CPU: on a machine as loaded as the route is long, wall-clock
@@ -210,7 +212,7 @@ async def test_a_report_of_10000_prompts_and_5_judges_is_computed_off_the_event_
 
     assert response.status_code == 200, response.text
     assert "judge-4" in response.text and "whisper" in response.text
-    assert held < 0.04, f"the event loop was held for {held:.3f} s of CPU"
+    assert held < 0.011, f"the event loop was held for {held:.3f} s of CPU"
 
 
 async def test_a_comparison_of_10000_prompts_and_5_judges_is_shown_without_reading_every_verdict(

@@ -24,7 +24,7 @@ def figures(**changes: object) -> ComparisonFigures:
         "baseline": BASELINE,
         "candidate": CANDIDATE,
         "verdicts": [Verdicts("judge-a", wins=3, ties=1, losses=0)],
-        "gaps": {"whisper": [2.0, 1.5, 3.0], "standard": [0.5, -0.5]},
+        "gaps": {"whisper": {2.0: 1, 1.5: 1, 3.0: 1}, "standard": {0.5: 1, -0.5: 1}},
     }
     values.update(changes)
     return ComparisonFigures(**values)  # type: ignore[arg-type]
@@ -109,7 +109,7 @@ def test_processes_start_without_matplotlib_which_loads_in_the_thread_of_the_fir
         "        if name == 'matplotlib':\n"
         "            importers.append(threading.current_thread() is threading.main_thread())\n"
         "sys.meta_path.insert(0, Watch())\n"
-        "asyncio.run(plots.gaps_png('demo', {'whisper': [1.0]}))\n"
+        "asyncio.run(plots.gaps_png('demo', {'whisper': {1.0: 1}}))\n"
         "print(before, importers)\n"
     )
     shown = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)

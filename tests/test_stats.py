@@ -74,24 +74,28 @@ def test_a_mean_interval_is_cut_to_the_scale() -> None:
     assert mean([1, 1, 2], within=(1, 5)).low == 1
 
 
-# How many times each score 1-5 was given: up to 15,000 scores, often few, often one kind.
-SCORE_COUNTS = st.lists(st.one_of(st.integers(0, 3), st.integers(0, 3_000)), min_size=5, max_size=5)
+# How many times each of five values was given: up to 15,000, often few, often one kind.
+COUNTS = st.lists(st.one_of(st.integers(0, 3), st.integers(0, 3_000)), min_size=5, max_size=5)
+SCORES = (1, 2, 3, 4, 5)
+GAPS = (-4.0, -1.5, 0.0, 0.5, 4.0)  # pair gaps come in halves
 
 
 @hypothesis.settings(max_examples=300, deadline=None)
-@given(SCORE_COUNTS, st.sampled_from([None, (1, 5)]))
-@example([0, 0, 0, 0, 0], None)
-@example([0, 0, 1, 0, 0], (1, 5))
-@example([0, 0, 0, 7, 0], (1, 5))
-@example([0, 0, 0, 0, 10_000], (1, 5))
-@example([1, 0, 0, 0, 9_999], (1, 5))
-def test_a_mean_from_score_counts_is_the_mean_of_the_scores_to_the_last_bit(
-    counts: list[int], within: tuple[float, float] | None
+@given(st.sampled_from([SCORES, GAPS]), COUNTS, st.sampled_from([None, (1, 5), (-4, 4)]))
+@example(SCORES, [0, 0, 0, 0, 0], None)
+@example(SCORES, [0, 0, 1, 0, 0], (1, 5))
+@example(SCORES, [0, 0, 0, 7, 0], (1, 5))
+@example(SCORES, [0, 0, 0, 0, 10_000], (1, 5))
+@example(SCORES, [1, 0, 0, 0, 9_999], (1, 5))
+@example(GAPS, [0, 1, 0, 0, 0], (-4, 4))
+def test_a_mean_from_counts_is_the_mean_of_the_values_to_the_last_bit(
+    values: tuple[float, ...], counts: list[int], within: tuple[float, float] | None
 ) -> None:
-    scores = [score for score, count in enumerate(counts, start=1) for _ in range(count)]
-    by_score = dict(enumerate(counts, start=1))
+    expanded = [value for value, count in zip(values, counts, strict=True) for _ in range(count)]
 
-    assert counted_mean(by_score, within=within) == mean(scores, within=within)
+    assert counted_mean(dict(zip(values, counts, strict=True)), within=within) == mean(
+        expanded, within=within
+    )
 
 
 def test_cohen_kappa_matches_the_textbook_figure() -> None:

@@ -31,14 +31,14 @@ class _Stored:
     baseline: Job | None
     candidate: Job | None
     by_judge: list[Counter[str | None]]
-    gaps: dict[str, list[float]]
+    gaps: dict[str, Counter[float]]
 
 
 async def report[T](session: AsyncSession, comparison: Job, lay_out: Callable[[ComparisonFigures], T]) -> T:
     """The report of a comparison job laid out by `lay_out` (a renderer; NotFound if the job
-    is not a comparison). The queries run on the event loop; the figures and their layout in a
-    worker thread: the means and intervals of 10,000 prompts and as many pair gaps take a core
-    for about a tenth of a second."""
+    is not a comparison). The queries run on the event loop, and count in SQL rather than read a
+    row per prompt or pair candidate; the figures and their layout in a worker thread: some
+    milliseconds of intervals, and a page's or a plot's layout."""
     stored = await _read(session, comparison)
     return await asyncio.to_thread(lambda: lay_out(_figures(stored)))
 
@@ -59,7 +59,7 @@ async def _read(session: AsyncSession, comparison: Job) -> _Stored:
         baseline=await session.get(Job, plan.baseline_job_id),
         candidate=await session.get(Job, plan.candidate_job_id),
         by_judge=await comparisons.verdict_counts(session, comparison.id, len(plan.judges)),
-        gaps=await quality.pair_gaps(session, plan.candidate_job_id),
+        gaps=await quality.pair_gap_counts(session, plan.candidate_job_id),
     )
 
 

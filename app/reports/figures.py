@@ -60,13 +60,14 @@ class ComparisonFigures:
     baseline: Side
     candidate: Side
     verdicts: Sequence[Verdicts]
-    # Preference-pair gaps (chosen minus rejected policy faithfulness) by how the rejected
-    # side was made, e.g. {"whisper": [...], "standard": [...]}; empty without pairs.
-    gaps: Mapping[str, Sequence[float]] = field(default_factory=dict)
+    # Preference-pair gaps (chosen minus rejected policy faithfulness) counted by how the
+    # rejected side was made, e.g. {"whisper": {gap: candidates}, "standard": {...}}; empty
+    # without pairs.
+    gaps: Mapping[str, Mapping[float, int]] = field(default_factory=dict)
     notes: Sequence[str] = ()
 
     def gap_mean(self, method: str) -> stats.Estimate:
-        return stats.mean(self.gaps[method], within=GAP_SCALE)
+        return stats.counted_mean(self.gaps[method], within=GAP_SCALE)
 
     def metrics(self) -> list[str]:
         return graded_metrics((self.baseline, self.candidate))

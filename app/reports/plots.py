@@ -43,7 +43,7 @@ async def scores_png(title: str, sides: Sequence[Side]) -> bytes:
     return await anyio.to_thread.run_sync(score_distributions, title, sides, limiter=_DRAWING)
 
 
-async def gaps_png(title: str, gaps: Mapping[str, Sequence[float]]) -> bytes:
+async def gaps_png(title: str, gaps: Mapping[str, Mapping[float, int]]) -> bytes:
     """gap_distributions drawn in a worker thread."""
     return await anyio.to_thread.run_sync(gap_distributions, title, gaps, limiter=_DRAWING)
 
@@ -87,12 +87,14 @@ def score_distributions(title: str, sides: Sequence[Side]) -> bytes:
     return _png(figure)
 
 
-def gap_distributions(title: str, gaps: Mapping[str, Sequence[float]]) -> bytes:
-    """The chosen-minus-rejected gap per sampling method (the paper's Figure 4)."""
+def gap_distributions(title: str, gaps: Mapping[str, Mapping[float, int]]) -> bytes:
+    """The chosen-minus-rejected gap per sampling method (the paper's Figure 4), from how many
+    candidates had each gap."""
     figure = _figure(6, 3.5)
     ax = figure.subplots()
-    for method, method_gaps in sorted(gaps.items()):
-        ax.hist(list(method_gaps), bins=GAP_EDGES, alpha=0.6, label=f"{method} (n={len(method_gaps)})")
+    for method, counts in sorted(gaps.items()):
+        label = f"{method} (n={sum(counts.values())})"
+        ax.hist(list(counts), weights=list(counts.values()), bins=GAP_EDGES, alpha=0.6, label=label)
     ax.set_xlabel("policy-faithfulness gap (chosen minus rejected)")
     ax.set_ylabel("candidates")
     if gaps:

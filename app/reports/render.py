@@ -78,7 +78,7 @@ def markdown(figures: ComparisonFigures, plots: dict[str, str] | None = None) ->
         ]
         lines.append("|---|---|---|")
         for method, gaps in sorted(figures.gaps.items()):
-            lines.append(f"| {method} | {len(gaps)} | {interval(figures.gap_mean(method))} |")
+            lines.append(f"| {method} | {sum(gaps.values())} | {interval(figures.gap_mean(method))} |")
     for title, file_name in (plots or {}).items():
         lines += ["", f"![{title}]({file_name})"]
     lines += [f"\n> {note}" for note in figures.notes]

@@ -171,18 +171,20 @@ def _gaps(counted: list[tuple[float | None, int]]) -> dict[str, Any]:
     }
 
 
-async def pair_gaps(session: AsyncSession, job_id: UUID) -> dict[str, list[float]]:
-    """Every graded candidate's gap (chosen minus rejected policy faithfulness), by sampling
-    method (whisper, standard): the paper's Figure 4."""
+async def pair_gap_counts(session: AsyncSession, job_id: UUID) -> dict[str, Counter[float]]:
+    """How many graded candidates had each gap (chosen minus rejected policy faithfulness), by
+    sampling method (whisper, standard): the paper's Figure 4. Counted in SQL: at most 17 gaps
+    a method (GAP_BINS) where reading a row per candidate held the event loop for 20 ms at
+    20,000 candidates."""
     rows = await session.execute(
-        select(PairCandidate.method, PairCandidate.gap).where(
-            PairCandidate.job_id == job_id, PairCandidate.gap.is_not(None)
-        )
+        select(PairCandidate.method, PairCandidate.gap, func.count())
+        .where(PairCandidate.job_id == job_id, PairCandidate.gap.is_not(None))
+        .group_by(PairCandidate.method, PairCandidate.gap)
     )
-    gaps: dict[str, list[float]] = {}
-    for method, gap in rows:
+    gaps: dict[str, Counter[float]] = {}
+    for method, gap, count in rows:
         if gap is not None:  # the query's filter; said again for the type
-            gaps.setdefault(method, []).append(gap)
+            gaps.setdefault(method, Counter())[gap] = count
     return gaps
 
 

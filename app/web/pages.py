@@ -274,7 +274,7 @@ async def job_plot(job: ViewedJob, session: SessionDep, plot: plots.Plot) -> Res
         grades = await sample_evaluations.grades(session, job.id)
         image = await plots.scores_png(title, [Side.of("samples", grades["metrics"])])
     elif plot is plots.Plot.GAPS and isinstance(plan, GenerationPlan) and plan.pairs is not None:
-        image = await plots.gaps_png(title, await quality.pair_gaps(session, job.id))
+        image = await plots.gaps_png(title, await quality.pair_gap_counts(session, job.id))
     else:
         raise NotFound(f"job {job.id} has no {plot.value} plot")
     return Response(image, media_type="image/png")
