@@ -19,7 +19,7 @@ async def _policy_sets(sessions: Sessions, count: int) -> list[uuid.UUID]:
     name = f"kept-{uuid.uuid4().hex[:8]}"
     async with sessions.begin() as session:
         rows = [
-            (await register(session, None, name, "", [{"name": f"p{n}", "text": f"rule {n}"}]))[0]
+            (await register(session, None, name, "", [{"name": f"p{n}", "text": f"rule {n}"}], None))[0]
             for n in range(count)
         ]
     return [row.id for row in rows]
