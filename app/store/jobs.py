@@ -19,7 +19,7 @@ from app.errors import IdempotencyConflict, InvalidCursor, NotFound
 from app.idempotency import RequestHash
 from app.plan import GenerationPlan, JobPlan
 from app.store import batches, budgets, callbacks, key_limits, keys, page_sizes, quality
-from app.store.db import driver_of
+from app.store.db import copy_rows
 from app.store.endings import CANCELLED, ending_values
 from app.store.models import (
     FINISHED,
@@ -113,17 +113,15 @@ async def copy_items(
     first stage they show (default: the column's, the intent stage)."""
     ids = [uuid4() for _ in items]
     defaults = _ITEM_DEFAULTS | ({"stage": stage} if stage else {})
-    # COPY, in the session's transaction: for 10,000 items the ORM's multi-row INSERTs
-    # spent most of the POST's database time building parameters.
-    async with driver_of(await session.connection()) as driver:
-        await driver.copy_records_to_table(
-            Item.__tablename__,
-            columns=["id", "job_id", "position", "prompt", "metadata", *defaults],
-            records=[
-                (ids[i], job_id, it.position, it.prompt, json.dumps(it.metadata), *defaults.values())
-                for i, it in enumerate(items)
-            ],
-        )
+    await copy_rows(
+        session,
+        Item.__tablename__,
+        ["id", "job_id", "position", "prompt", "metadata", *defaults],
+        [
+            (ids[i], job_id, it.position, it.prompt, json.dumps(it.metadata), *defaults.values())
+            for i, it in enumerate(items)
+        ],
+    )
     return ids
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.deliberation.ports import Stage
@@ -17,7 +17,7 @@ from app.errors import NotFound
 from app.idempotency import RequestHash
 from app.plan import ModelEvaluationPlan
 from app.store import jobs
-from app.store.db import Sessions
+from app.store.db import Sessions, copy_rows
 from app.store.endings import Ending
 from app.store.items import Claim, complete_with
 from app.store.models import Item, ItemStatus, Job, ModelAnswer
@@ -76,18 +76,12 @@ async def create(
     asked = [(case, target) for case in cases for target in range(targets)]
     new_items = [jobs.NewItem(n, case.prompt, case.metadata) for n, (case, _) in enumerate(asked)]
     ids = await jobs.copy_items(session, job.id, new_items, stage=Stage.RESPOND.value)
-    await session.execute(
-        insert(ModelAnswer),
+    await copy_rows(
+        session,
+        ModelAnswer.__tablename__,
+        ["id", "item_id", "job_id", "owner_key_id", "target", "benchmark", "category", "expected"],
         [
-            {
-                "item_id": item_id,
-                "job_id": job.id,
-                "owner_key_id": owner_key_id,
-                "target": target,
-                "benchmark": case.benchmark,
-                "category": case.category,
-                "expected": case.expected,
-            }
+            (uuid4(), item_id, job.id, owner_key_id, target, case.benchmark, case.category, case.expected)
             for item_id, (case, target) in zip(ids, asked, strict=True)
         ],
     )

@@ -18,7 +18,7 @@ from app.idempotency import RequestHash
 from app.plan import ComparisonPlan, SampleEvaluationPlan
 from app.sample_files import Sample
 from app.store import jobs, quality
-from app.store.db import driver_of
+from app.store.db import copy_rows
 from app.store.models import Cot, ImportedSample, Item, Job, SampleEvaluation
 
 
@@ -58,15 +58,15 @@ async def submit(
         return job, []
     new_items = [jobs.NewItem(position, s.prompt, s.metadata) for position, s in enumerate(samples)]
     ids = await jobs.copy_items(session, job.id, new_items)
-    async with driver_of(await session.connection()) as driver:
-        await driver.copy_records_to_table(
-            ImportedSample.__tablename__,
-            columns=["id", "item_id", "job_id", "position", "thoughts", "response", "label"],
-            records=[
-                (uuid4(), item_id, job.id, position, json.dumps(s.thoughts), s.response, s.label)
-                for position, (item_id, s) in enumerate(zip(ids, samples, strict=True))
-            ],
-        )
+    await copy_rows(
+        session,
+        ImportedSample.__tablename__,
+        ["id", "item_id", "job_id", "position", "thoughts", "response", "label"],
+        [
+            (uuid4(), item_id, job.id, position, json.dumps(s.thoughts), s.response, s.label)
+            for position, (item_id, s) in enumerate(zip(ids, samples, strict=True))
+        ],
+    )
     if plan.against_job_id is not None:
         await jobs.hold(session, plan.against_job_id)  # a deletion of it waits, then refuses
         if not await _link_other_set(session, job.id, plan.against_job_id):
