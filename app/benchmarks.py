@@ -24,6 +24,14 @@ class BadRow(ValueError):
     """The file cannot be read at this row; the message names the row (and the field)."""
 
 
+class TooManyRows(BadRow):
+    """The file has a row past the most it may have; `line` is that row's."""
+
+    def __init__(self, line: int, max_rows: int) -> None:
+        super().__init__(f"line {line}: the file has over {max_rows:,} rows")
+        self.line = line
+
+
 class TooManyValues(BadRow):
     """A JSONL line holds more JSON values than a row may, counted before it is decoded."""
 
@@ -32,9 +40,9 @@ def read_rows(
     format: Format, text: str, max_rows: int, max_line_values: int
 ) -> list[tuple[int, dict[str, Any]]]:
     """(row number, {"prompt", "expected", "category", "metadata"}) for each row, in order.
-    Trailing blank lines are no rows; an empty row elsewhere is a BadRow, as is a file of
-    more than `max_rows` rows or none; a JSONL line of more than `max_line_values` JSON values
-    is TooManyValues."""
+    Trailing blank lines are no rows; an empty row elsewhere is a BadRow, as is a file of no
+    rows; the first row past `max_rows` is TooManyRows, read no further; a JSONL line of more
+    than `max_line_values` JSON values is TooManyValues."""
     rows = _jsonl(text, max_rows, max_line_values) if format == "jsonl" else _csv(text, max_rows)
     if not rows:
         raise BadRow("the file has no rows")
@@ -52,10 +60,6 @@ def _split(fields: dict[str, Any]) -> dict[str, Any]:
     return {**own, "metadata": {name: value for name, value in fields.items() if name not in FIELDS}}
 
 
-def _too_many(max_rows: int) -> BadRow:
-    return BadRow(f"the file has over {max_rows:,} rows")
-
-
 def _jsonl(text: str, max_rows: int, max_line_values: int) -> list[tuple[int, dict[str, Any]]]:
     rows = []
     # Split no further than the line past the cap: millions of lines split at once would hold
@@ -65,7 +69,7 @@ def _jsonl(text: str, max_rows: int, max_line_values: int) -> list[tuple[int, di
         if not line.strip():
             raise BadRow(f"line {number} is empty")
         if len(rows) == max_rows:
-            raise _too_many(max_rows)
+            raise TooManyRows(number, max_rows)
         # Counted before it is decoded: the decoder holds the GIL for as long as a line takes.
         if count_values(line.encode(), max_line_values) > max_line_values:
             raise TooManyValues(f"line {number} holds over {max_line_values:,} JSON values")
@@ -100,7 +104,7 @@ def _csv(text: str, max_rows: int) -> list[tuple[int, dict[str, Any]]]:
             if len(cells) != len(header):
                 raise BadRow(f"line {number} has {len(cells)} cells; the header names {len(header)} columns")
             if len(rows) == max_rows:
-                raise _too_many(max_rows)
+                raise TooManyRows(number, max_rows)
             rows.append((number, dict(zip(header, cells, strict=True))))
     except csv.Error as exc:
         raise BadRow(f"line {reader.line_num}: {exc}") from None

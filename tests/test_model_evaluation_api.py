@@ -360,6 +360,28 @@ async def test_a_benchmark_file_of_10000_rows_of_25_values_each_is_accepted(
     assert response.status_code == 202, response.text
 
 
+async def test_benchmark_files_past_a_jobs_items_are_refused_at_the_first_row_past_it_unread_beyond(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    """Every file was read in full before their total was refused, the 422 naming the last
+    file's bad last line: here 1.1 s of CPU (holding the GIL) where 0.2 s now do."""
+    rows = [json.dumps({**GOOD_ROW, "prompt": f"p{n}"}) for n in range(5000)]
+    content = "\n".join(rows)
+    benchmarks = [{"name": f"b{n}", "file": {"format": "jsonl", "content": content}} for n in range(19)]
+    benchmarks.append({"name": "last", "file": {"format": "jsonl", "content": content + "\n{"}})
+    body = evaluation_body(benchmarks, "m1", "m2")  # room for 5,000 prompts
+
+    started = time.process_time()
+    error = error_of(
+        await api.post("/v1/model-evaluations", json=body, headers=auth), 422, "validation_error"
+    )
+    print(f"cpu {time.process_time() - started:.3f}")
+
+    assert error["details"][0]["field"] == "benchmarks.1", error
+    assert "file: line 1: prompts times targets passes 10,000 items" in error["message"], error["message"]
+    assert await row_counts(sessions) == (0, 0)
+
+
 @pytest.mark.parametrize(
     ("change", "named"),
     [
@@ -367,7 +389,10 @@ async def test_a_benchmark_file_of_10000_rows_of_25_values_each_is_accepted(
         ({"targets": [{"model": "m1"}, {"model": "m1"}]}, "two targets are named 'default:m1'"),
         ({"targets": [{"endpoint": "nowhere"}]}, "unknown endpoint 'nowhere'"),
         ({"benchmarks": [{"name": "a", "prompts": [GOOD_ROW]}] * 2}, "benchmark 'a' is given twice"),
-        ({"benchmarks": [{"name": "a", "prompts": [GOOD_ROW] * 5001}]}, "makes 10,002 items"),
+        (
+            {"benchmarks": [{"name": "a", "prompts": [GOOD_ROW] * 5001}]},
+            "makes 10,002 items up to benchmark 'a'",
+        ),
         (
             {"benchmarks": [{"name": "a", "prompts": [GOOD_ROW], "file": {"format": "csv", "content": ""}}]},
             "exactly one",

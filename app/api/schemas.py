@@ -17,8 +17,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails
 
-from app.benchmarks import BadRow, TooManyValues, read_rows
+from app.benchmarks import BadRow, TooManyRows, TooManyValues, read_rows
 from app.benchmarks import Format as BenchmarkFormat
 from app.config import Prices
 from app.costs import Budget
@@ -914,20 +915,29 @@ class BenchmarkIn(BaseModel):
     def _one_source_of_prompts(self) -> BenchmarkIn:
         if (self.prompts is None) == (self.file is None):
             raise ValueError("give exactly one of 'prompts' or 'file'")
-        self._rows = self.prompts or _file_rows(self.file)
+        self._rows = self.prompts or []
         return self
 
+    def read_file(self, max_rows: int) -> None:
+        """Read the benchmark's file, if it has one, refusing its first row past `max_rows`:
+        ValueError naming the line (and field) of a row that cannot be one."""
+        if self.file is not None:
+            self._rows = _file_rows(self.file, max_rows)
+
     def rows(self) -> list[BenchmarkPromptIn]:
-        """The benchmark's prompts, as given or as read from its file."""
+        """The benchmark's prompts, as given or as read from its file (by the evaluation)."""
         return self._rows
 
 
-def _file_rows(file: BenchmarkFileIn | None) -> list[BenchmarkPromptIn]:
-    assert file is not None
+def _file_rows(file: BenchmarkFileIn, max_rows: int) -> list[BenchmarkPromptIn]:
     try:
-        rows = read_rows(file.format, file.content, MAX_PROMPTS_PER_JOB, MAX_LINE_VALUES)
+        rows = read_rows(file.format, file.content, max_rows, MAX_LINE_VALUES)
     except TooManyValues as exc:  # a size cap, as an uploaded file's (not a ValueError: 413)
         raise PayloadTooLarge(f"file: {exc}") from None
+    except TooManyRows as exc:
+        raise ValueError(
+            f"file: line {exc.line}: prompts times targets passes {MAX_PROMPTS_PER_JOB:,} items, a job's most"
+        ) from None
     except BadRow as exc:
         raise ValueError(f"file: {exc}") from None
     read = []
@@ -974,12 +984,31 @@ class ModelEvaluationIn(Labelled, OnlineOnly):
         names = [benchmark.name for benchmark in self.benchmarks]
         if len(set(names)) < len(names):
             raise ValueError(f"benchmark '{max(names, key=names.count)}' is given twice")
-        items = sum(len(benchmark.rows()) for benchmark in self.benchmarks) * len(self.targets)
-        if items > MAX_PROMPTS_PER_JOB:
-            raise ValueError(
-                f"prompts times targets makes {items:,} items; a job has at most {MAX_PROMPTS_PER_JOB:,}"
-            )
+        # Files are read here, in order, each no further than the job has room for: read as
+        # each benchmark was validated, twenty files of 10,000 rows were all read (over a
+        # second of CPU, holding the GIL) before their total was refused.
+        targets = len(self.targets)
+        room = MAX_PROMPTS_PER_JOB // targets  # prompts times targets is at most the cap
+        prompts = 0
+        for number, benchmark in enumerate(self.benchmarks):
+            try:
+                benchmark.read_file(room - prompts)
+            except ValueError as exc:
+                raise _at(("benchmarks", number), benchmark, exc) from None
+            prompts += len(benchmark.rows())
+            if prompts > room:
+                raise ValueError(
+                    f"prompts times targets makes {prompts * targets:,} items up to benchmark "
+                    f"'{benchmark.name}'; a job has at most {MAX_PROMPTS_PER_JOB:,}"
+                )
         return self
+
+
+def _at(loc: tuple[str | int, ...], input: Any, problem: ValueError) -> ValidationError:
+    """`problem` as pydantic reports it at `loc` (a model validator's own errors have none):
+    raised in a validator, it is placed under the model's location."""
+    details = InitErrorDetails(type="value_error", loc=loc, input=input, ctx={"error": problem})
+    return ValidationError.from_exception_data(ModelEvaluationIn.__name__, [details])
 
 
 class RateOut(BaseModel):
