@@ -4,6 +4,7 @@ scripted LLM through arq's real worker, with a report a reader can trust."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from collections.abc import AsyncIterator
@@ -443,6 +444,31 @@ async def test_options_are_checked_before_the_file_is_read(api: httpx.AsyncClien
     error = error_of(response, 422, "validation_error")
     assert "answer" in error["message"]
     error_of(await upload(api, auth, fixture("safety.csv"), "csv"), 422, "invalid_config")
+
+
+@pytest.mark.parametrize(
+    ("options", "code"),
+    [
+        ({}, "invalid_config"),
+        ({"grade": {"endpoint": "nowhere"}}, "invalid_config"),
+        ({"grade": {}, "delivery": "batch"}, "batch_unsupported"),
+        ({"grade": {}, "callback_url": "https://elsewhere.example/hook"}, "callbacks_disabled"),
+    ],
+    ids=["no-role", "unknown-endpoint", "batch", "callback"],
+)
+async def test_options_no_file_could_make_an_evaluation_of_are_refused_before_the_body_comes(
+    api: httpx.AsyncClient, auth: Headers, options: dict[str, Any], code: str
+) -> None:
+    """These were refused only once the whole file was read and parsed (about 1 s for
+    30 MB). Here the file's first line comes and the rest never does."""
+
+    async def first_line_only() -> AsyncIterator[bytes]:
+        yield b'{"prompt": "p", "response": "r"}\n'
+        await asyncio.Event().wait()
+
+    response = await asyncio.wait_for(upload(api, auth, first_line_only(), "jsonl", **options), 5)
+
+    error_of(response, 422, code)
 
 
 @pytest.mark.parametrize(

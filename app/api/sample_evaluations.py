@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, get_args
 from uuid import UUID
 
@@ -29,9 +30,10 @@ from app.api.schemas import (
     SubmittedSampleEvaluationOut,
 )
 from app.api.submissions import Submission, SubmissionDep, submit_responses
+from app.config import Settings
 from app.deliberation.results import Sample as EngineSample
 from app.idempotency import RequestHash
-from app.plan import RoleIn, check_sample_evaluation_fits, resolve_sample_evaluation
+from app.plan import RoleIn, SampleEvaluationPlan, check_sample_evaluation_fits, resolve_sample_evaluation
 from app.sample_files import MAX_JSON_VALUES, FileType, Sample, read_samples, samples_of
 from app.storable import read_json, storable_input
 from app.store import jobs, policy_sets, prompt_sets, sample_evaluations
@@ -59,8 +61,9 @@ async def evaluate_samples(
 ) -> SubmittedSampleEvaluationOut:
     """Evaluate the samples in the body, each read as a row of a JSONL file (see the upload
     route). Runs as a job of mode `sample_evaluation`, one item per sample."""
+    asked = _asked(body, submission.settings)
     samples = await anyio.to_thread.run_sync(samples_of, body.samples, body.format, body.columns)
-    return await _submit(key.id, body, samples, submission, await RequestHash.of(body))
+    return await _submit(key.id, body, asked, samples, submission, await RequestHash.of(body))
 
 
 @router.post(
@@ -104,11 +107,13 @@ async def upload_samples(
         raise InvalidRequest.of(
             [{"loc": ("query", "file_type"), "msg": f"give one of {', '.join(get_args(FileType))}"}]
         )
-    chosen = _read_options(options)  # before the body: a bad query is refused unread
+    # Before the body: options that cannot make an evaluation are refused unread.
+    chosen = _read_options(options)
+    asked = _asked(chosen, submission.settings)
     raw = await read_capped(request, submission.settings.max_request_bytes)
     samples = await anyio.to_thread.run_sync(read_samples, raw, kind, chosen.format, chosen.columns)
     request_hash = await RequestHash.of(chosen, kind.encode() + raw)
-    return await _submit(key.id, chosen, samples, submission, request_hash)
+    return await _submit(key.id, chosen, asked, samples, submission, request_hash)
 
 
 def _media_type(request: Request) -> str:
@@ -134,21 +139,37 @@ def _invalid_options(problem: str) -> InvalidRequest:
     return InvalidRequest.of([{"loc": ("query", "options"), "msg": problem}])
 
 
+@dataclass(frozen=True)
+class _Asked:
+    """What the options ask for, as far as it is checked without the samples or the database."""
+
+    plan: SampleEvaluationPlan
+    callback: callbacks.NewCallback | None
+
+
+def _asked(options: SampleEvaluationOptions, settings: Settings) -> _Asked:
+    """The options' plan and callback: BatchUnsupported, CallbackRefused or InvalidConfig (no
+    role asked for, an unknown endpoint) for options no samples could make an evaluation of."""
+    options.refuse_batch("sample evaluations")
+    callback = callbacks.requested(options.callback_url, settings)
+    judge, against = None, None
+    if options.judge is not None:
+        judge, against = options.judge.judge or RoleIn(), options.judge.job_id
+    return _Asked(resolve_sample_evaluation(options.grade, options.guard, judge, against, settings), callback)
+
+
 async def _submit(
     key_id: UUID,
     options: SampleEvaluationOptions,
+    asked: _Asked,
     samples: list[Sample],
     submission: Submission,
     request_hash: RequestHash,
 ) -> SubmittedSampleEvaluationOut:
-    options.refuse_batch("sample evaluations")
     session, settings = submission.session, submission.settings
-    callback = callbacks.requested(options.callback_url, settings)
-    judge, against = None, None
-    if options.judge is not None:
-        judge = options.judge.judge or RoleIn()
-        against = (await sample_evaluations.other_set(session, options.judge.job_id, key_id)).id
-    plan = resolve_sample_evaluation(options.grade, options.guard, judge, against, settings)
+    plan, callback = asked.plan, asked.callback
+    if plan.against_job_id is not None:  # this key's, and not a comparison
+        await sample_evaluations.other_set(session, plan.against_job_id, key_id)
     policy_set = await policy_sets.resolve_for_job(
         session, key_id, options.policy_set.name, options.policy_set.version
     )
