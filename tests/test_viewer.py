@@ -20,6 +20,7 @@ from app.config import Settings
 from app.store import keys
 from app.store.db import Sessions
 from app.store.models import ApiKey, WebSession
+from app.web import pages as web_pages
 from app.web import session as web_session
 from app.web.timeline import DiffPart, response_diff
 from tests.conftest import new_key, run_worker_burst
@@ -289,6 +290,23 @@ async def test_the_job_page_filters_items_by_status_and_gate(
     assert await rows(accepted="true") + await rows(accepted="false") == (await rows(status="completed"))
     assert await rows(status="failed") == 3 - await rows(status="completed")
     assert (await api.get(url, params={"status": "lost"})).status_code == 400
+
+
+@pytest.mark.parametrize("range_", ["bytes=abc", "bytes=5-2", "items=0-1", "bytes=999999-", "bytes=0-9"])
+async def test_the_viewers_static_files_are_served_whole_with_its_headers_whatever_range_is_asked(
+    api: httpx.AsyncClient, range_: str
+) -> None:
+    """A malformed or unsatisfiable Range had FileResponse's own bare 400 or empty 416, without
+    the viewer's headers (and HTTP says a Range of an unknown unit is ignored, not refused)."""
+    whole = (Path(web_pages.__file__).parent / "static" / "viewer.css").read_bytes()
+
+    response = await api.get("/view/static/viewer.css", headers={"Range": range_})
+
+    assert (response.status_code, response.content) == (200, whole), response.text[:100]
+    assert response.headers["content-type"].startswith("text/css")
+    assert {
+        name: response.headers.get(name) for name in web_pages.SECURITY_HEADERS
+    } == web_pages.SECURITY_HEADERS
 
 
 def test_a_response_diff_marks_words_added_and_removed() -> None:

@@ -14,7 +14,7 @@ from uuid import UUID
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
+from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.routing import APIRoute
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from fastapi.templating import Jinja2Templates
@@ -58,7 +58,13 @@ templates.env.filters["percent"] = render.percent
 templates.env.globals["scores"] = SCORES
 # GET /v1/jobs/{id}/report's `pairs.candidates`, typed as the API shows it.
 _CANDIDATES: TypeAdapter[dict[str, CandidateStats]] = TypeAdapter(dict[str, CandidateStats])
-STATIC = {"viewer.css": "text/css", "viewer.js": "text/javascript"}
+# The viewer's stylesheet and script, a few KB each, read once and served whole whatever
+# Range a request names (HTTP lets a server ignore it): FileResponse answered a malformed one
+# with a bare 400 or 416 of its own, without the viewer's headers.
+STATIC = {
+    name: ((HERE / "static" / name).read_bytes(), media_type)
+    for name, media_type in (("viewer.css", "text/css"), ("viewer.js", "text/javascript"))
+}
 PAGE_SIZE = 100
 LOGIN_FORM_BYTES = 4096  # an API key and some; parsing more would only stall the event loop
 SECURITY_HEADERS = {
@@ -146,10 +152,11 @@ async def home() -> RedirectResponse:
 
 
 @router.get("/static/{name}")
-async def static(name: str) -> FileResponse:
+async def static(name: str) -> Response:
     if name not in STATIC:
         raise NotFound(f"no file {name}")
-    return FileResponse(HERE / "static" / name, media_type=STATIC[name])
+    content, media_type = STATIC[name]
+    return Response(content, media_type=media_type)
 
 
 @router.get("/login", response_class=HTMLResponse)
