@@ -87,7 +87,7 @@ async def rejections(sessions: Sessions, ages_days: list[float]) -> list[int]:
     """Refused deliveries (with bodies) to a new webhook, received that many days ago; their ids."""
     key_id = await new_key_id(sessions, "reviewer")
     async with sessions.begin() as session:
-        webhook, _ = await webhooks.create(session, key_id, "label_studio", "ls")
+        webhook, _ = await webhooks.create(session, key_id, "label_studio", "ls", max_live=1)
         for _ in ages_days:
             await webhooks.record_rejection(
                 session, webhook.id, key_id, "unknown_items", "no such item", '{"task": "a prompt"}'
