@@ -14,6 +14,7 @@ from app.deliberation.ports import ChatRequest, LLMUnavailable
 from app.deliberation.stages import SEED
 from app.llm.breaker import FAILURES_TO_OPEN, EndpointBreaker
 from app.llm.client import OpenAICompatibleClient
+from app.llm.hedging import MIN_SAMPLES, HedgePolicy
 from tests.scripted_llm import ScriptedLLM, chat_request, http_error
 
 ATTEMPTS_PER_CALL = FAILURES_TO_OPEN // 2
@@ -26,15 +27,23 @@ async def client(scripted_llm: ScriptedLLM, second_llm: ScriptedLLM) -> AsyncIte
         "down": EndpointConfig(base_url=scripted_llm.base_url),
         "healthy": EndpointConfig(base_url=second_llm.base_url),
     }
-    async with OpenAICompatibleClient(
+    async with breaking_client(endpoints, EndpointBreaker(open_s=OPEN_S)) as client:
+        yield client
+
+
+def breaking_client(
+    endpoints: dict[str, EndpointConfig], breaker: EndpointBreaker, hedging: HedgePolicy | None = None
+) -> OpenAICompatibleClient:
+    """A client whose calls each make ATTEMPTS_PER_CALL attempts, quickly."""
+    return OpenAICompatibleClient(
         endpoints,
         timeout_s=2.0,
         max_retries=ATTEMPTS_PER_CALL - 1,
         backoff_base_s=0.001,
         backoff_max_s=0.002,
-        breaker=EndpointBreaker(open_s=OPEN_S),
-    ) as client:
-        yield client
+        hedging=hedging,
+        breaker=breaker,
+    )
 
 
 def seed(endpoint: str) -> ChatRequest:
@@ -102,6 +111,29 @@ async def test_a_failed_probe_opens_it_again(
 
     assert len(scripted_llm.requests) == FAILURES_TO_OPEN + 1, "after the probe failed, none went"
     assert refused.value.retry_in_s > OPEN_S / 2
+
+
+async def test_a_probe_that_runs_past_the_hedging_delay_is_waited_for_and_closes_the_breaker(
+    scripted_llm: ScriptedLLM,
+) -> None:
+    """The probe's hedge is refused, unsent: the probe is out. That refusal ended the attempt
+    and cancelled the probe, which closed nothing, so against an endpoint back but slower
+    than the hedging delay every probe was cut short and the breaker never closed."""
+    hedging = HedgePolicy(factor=1, min_delay_s=0.2, budget=1)
+    for _ in range(MIN_SAMPLES):  # quick replies before the outage: hedged after 0.2 s
+        hedging.observe("down", seed("down").role, 0.01)
+    breaker = EndpointBreaker(open_s=OPEN_S)
+    endpoints = {"down": EndpointConfig(base_url=scripted_llm.base_url)}
+    async with breaking_client(endpoints, breaker, hedging) as client:
+        await fail_until_open(client, scripted_llm)
+        await asyncio.sleep(OPEN_S)
+        scripted_llm.latency_s = 0.6  # back, slower than the hedging delay
+
+        answer = await client.chat(seed("down"))
+
+    assert '"thoughts"' in answer.content
+    assert len(scripted_llm.requests) == FAILURES_TO_OPEN + 1, "the probe alone was sent"
+    assert breaker.refused_for_s("down") == 0, "its answer closed the breaker"
 
 
 def test_failures_between_answers_never_open_it() -> None:

@@ -391,9 +391,10 @@ async def _first_answer(copies: list[asyncio.Task[ChatReply]]) -> ChatReply:
     """The first reply of these copies of one attempt: the first sent, then its hedge if it
     ran long. A fault of the first copy waits for the hedge; a fault of the hedge ends the
     attempt, for the first copy has already run past the hedging delay and is probably hung:
-    the retry, after its backoff, comes sooner than that copy's timeout. The fault raised is
-    a refusal of the request if one was refused (another attempt cannot fix that), else the
-    last one."""
+    the retry, after its backoff, comes sooner than that copy's timeout. A hedge the breaker
+    refused was never sent and ends nothing: the first copy may be the breaker's probe, which
+    only its own end can close the breaker with. The fault raised is a refusal of the request
+    if one was refused (another attempt cannot fix that), else the last one."""
     faults: list[BaseException] = []
     pending = set(copies)
     while pending:
@@ -402,8 +403,9 @@ async def _first_answer(copies: list[asyncio.Task[ChatReply]]) -> ChatReply:
             fault = copy.exception()
             if fault is None:
                 return copy.result()
-            faults.append(fault)
-        if copies[-1] in done:
+            if not isinstance(fault, _EndpointDown):
+                faults.append(fault)
+        if copies[-1] in done and not isinstance(copies[-1].exception(), _EndpointDown):
             break
     raise next((f for f in faults if not isinstance(f, _TransientFault)), faults[-1])
 
