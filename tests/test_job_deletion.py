@@ -16,6 +16,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 from sqlalchemy import Column, Table, func, or_, select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
 from app.errors import NotFound
@@ -282,6 +283,40 @@ async def test_a_cancel_racing_a_deletion_waits_for_it_and_finds_no_job(
             assert not cancelling.done(), "the cancel went ahead while a deletion held the job"
 
         error_of(await cancelling, 404, "not_found")
+
+
+async def test_a_sample_evaluation_judged_against_a_job_racing_its_deletion_finds_no_job(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    """A deletion holds the job, then the key (numbering the deletion); the evaluation held
+    the key (counting its open jobs), then the job it is judged against: each waited for the
+    other, and Postgres ended one with a deadlock's 500. It holds the job first, as a
+    comparison does, so it waits for the deletion and finds no job."""
+    samples = [{"prompt": "How do I store rice?", "response": "Cool and dry."}]
+    other = await api.post("/v1/sample-evaluations", json={"samples": samples, "guard": {}}, headers=auth)
+    assert other.status_code == 202, other.text
+    job_id = other.json()["id"]
+    assert (await api.post(f"/v1/jobs/{job_id}/cancel", headers=auth)).status_code == 200
+    async with sessions() as session:
+        owner = await session.scalar(select(Job.owner_key_id).where(Job.id == UUID(job_id)))
+    assert owner is not None
+
+    async with sessions.begin() as session:
+        await session.execute(select(Job.id).where(Job.id == UUID(job_id)).with_for_update())
+        body = {"samples": samples, "judge": {"job_id": job_id}}
+        evaluating = asyncio.create_task(api.post("/v1/sample-evaluations", json=body, headers=auth))
+        await eventually(lambda: _waiting_for_a_lock(session), timeout_s=10, what="the evaluation to wait")
+        await deletions.delete_job(session, UUID(job_id), owner)
+
+    error_of(await evaluating, 404, "not_found")
+
+
+async def _waiting_for_a_lock(session: AsyncSession) -> bool:
+    waiting = text(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    return bool(await session.scalar(waiting))
 
 
 async def test_a_deletion_waits_for_reviews_read_against_the_jobs_cots(

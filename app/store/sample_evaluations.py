@@ -40,6 +40,10 @@ async def submit(
     link to the other set's sample of its prompt, all in the caller's transaction: nothing
     is stored unless everything is. Returns (job, new item ids: empty for a replay); raises
     NoCommonPrompts if the judge's other set has none of the prompts."""
+    if plan.against_job_id is not None:
+        # A deletion of it waits, then refuses. Held before the key (jobs.create), as a
+        # deletion holds them: the other way round, each waited for the other.
+        await jobs.hold(session, plan.against_job_id)
     job, created = await jobs.create(
         session,
         owner_key_id=owner_key_id,
@@ -67,11 +71,9 @@ async def submit(
             for position, (item_id, s) in enumerate(zip(ids, samples, strict=True))
         ],
     )
-    if plan.against_job_id is not None:
-        await jobs.hold(session, plan.against_job_id)  # a deletion of it waits, then refuses
-        if not await _link_other_set(session, job.id, plan.against_job_id):
-            none = f"job {plan.against_job_id} has a sample of none of these prompts (exact text)"
-            raise NoCommonPrompts(none)
+    if plan.against_job_id is not None and not await _link_other_set(session, job.id, plan.against_job_id):
+        none = f"job {plan.against_job_id} has a sample of none of these prompts (exact text)"
+        raise NoCommonPrompts(none)
     return job, ids
 
 
