@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 
 from bench.machine import describe
 from bench.prompts import make_prompts
-from bench.stack import ServiceStack, publish, run_bounded
+from bench.stack import ServiceStack, add_small_run_options, post_job, publish, run_bounded, wait_job
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,27 +30,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backlog", type=int, default=2000, help="key A's prompts (default 2000)")
     p.add_argument("--small", type=int, default=20, help="key B's prompts, each time (default 20)")
     p.add_argument("--after-s", type=float, default=2.0, help="B posts this long after A (default 2)")
-    p.add_argument("--latency-ms", type=float, default=200.0, help="simulated LLM latency (default 200)")
-    p.add_argument("--concurrency", type=int, default=32, help="the endpoint's cap (default 32)")
-    p.add_argument("--workers", type=int, default=1, help="arq worker processes (default 1)")
-    p.add_argument("--max-jobs", type=int, default=32, help="items per worker at once (default 32)")
-    p.add_argument("--time-limit", type=float, default=600.0, help="stop after this many s (default 600)")
-    p.add_argument("--json", type=Path, help="also write the summary here")
+    add_small_run_options(p, time_limit_s=600.0)
     return p
 
 
-async def _job_time(api: httpx.AsyncClient, key: str, prompts: list[str]) -> tuple[str, float]:
-    """POST the prompts as `key`'s job and poll it to its end: (its id, seconds from the POST)."""
-    headers = {"Authorization": f"Bearer {key}"}
+async def _job_time(api: httpx.AsyncClient, key: str, prompts: list[str]) -> float:
+    """POST the prompts as `key`'s job and poll it to its end: seconds from the POST."""
     started = time.monotonic()
-    answer = await api.post("/v1/jobs", json={"prompts": prompts}, headers=headers)
-    if answer.status_code != 202:
-        raise RuntimeError(f"POST /v1/jobs: {answer.status_code} {answer.text[:500]}")
-    job = answer.json()
-    while job["status"] not in ("completed", "cancelled", "failed"):
-        await asyncio.sleep(0.1)
-        job = (await api.get(f"/v1/jobs/{job['id']}", headers=headers)).json()
-    return job["id"], time.monotonic() - started
+    await wait_job(api, key, await post_job(api, key, {"prompts": prompts}))
+    return time.monotonic() - started
 
 
 async def _measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -65,15 +52,12 @@ async def _measure(args: argparse.Namespace) -> dict[str, Any]:
         await stack.start_workers(args.workers)
         heavy, light = await stack.create_key(), await stack.create_key()
         async with httpx.AsyncClient(base_url=api_url, timeout=120) as api:
-            _, alone_s = await _job_time(api, light, make_prompts(args.small, seed=1))
-            backlog = asyncio.create_task(_job_time(api, heavy, make_prompts(args.backlog)))
+            alone_s = await _job_time(api, light, make_prompts(args.small, seed=1))
+            backlog = await post_job(api, heavy, {"prompts": make_prompts(args.backlog)})
             await asyncio.sleep(args.after_s)
-            _, behind_s = await _job_time(api, light, make_prompts(args.small, seed=2))
-            heavy_done = await stack.sql("SELECT count(*) AS n FROM items WHERE status = 'completed'")
-            jobs = await stack.sql("SELECT id FROM jobs ORDER BY created_at")
-            heavy_job = str(jobs[1]["id"])
-            await api.post(f"/v1/jobs/{heavy_job}/cancel", headers={"Authorization": f"Bearer {heavy}"})
-            await backlog
+            behind_s = await _job_time(api, light, make_prompts(args.small, seed=2))
+            completed = await stack.sql("SELECT count(*) AS n FROM items WHERE status = 'completed'")
+            await api.post(f"/v1/jobs/{backlog}/cancel", headers={"Authorization": f"Bearer {heavy}"})
     return {
         "benchmark": "fair_share",
         "machine": describe(),
@@ -83,7 +67,7 @@ async def _measure(args: argparse.Namespace) -> dict[str, Any]:
         "behind_s": round(behind_s, 2),
         "slowdown": round(behind_s / alone_s, 2),
         # completed items of all three jobs when B's second job ended, its own included
-        "completed_items_when_b_ended": heavy_done[0]["n"],
+        "completed_items_when_b_ended": completed[0]["n"],
     }
 
 

@@ -18,17 +18,15 @@ import argparse
 import asyncio
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 
 from bench.machine import describe
 from bench.prompts import make_prompts
-from bench.stack import ServiceStack, publish, run_bounded
+from bench.stack import ENDED, ServiceStack, add_small_run_options, post_job, publish, run_bounded, wait_job
 
 _FAULTS = {"no": [], "503": ["--fault-5xx", "1"], "hang": ["--fault-stall", "1"]}
-_ENDED = ("completed", "cancelled", "failed")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,33 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--x", type=int, default=500, help="key A's prompts, on `down` (default 500)")
     p.add_argument("--y", type=int, default=100, help="key B's prompts, on `default` (default 100)")
     p.add_argument("--after-s", type=float, default=1.0, help="B posts this long after A (default 1)")
-    p.add_argument("--latency-ms", type=float, default=200.0, help="simulated LLM latency (default 200)")
-    p.add_argument("--concurrency", type=int, default=32, help="each endpoint's cap (default 32)")
-    p.add_argument("--workers", type=int, default=1, help="arq worker processes (default 1)")
-    p.add_argument("--max-jobs", type=int, default=32, help="items per worker at once (default 32)")
     p.add_argument("--llm-timeout-s", type=float, default=10.0, help="AIDSAFE_LLM_TIMEOUT_S (default 10)")
     p.add_argument("--y-deadline-s", type=float, default=80.0, help="give up on B's job (default 80)")
-    p.add_argument("--time-limit", type=float, default=150.0, help="stop after this many s (default 150)")
-    p.add_argument("--json", type=Path, help="also write the summary here")
+    add_small_run_options(p, time_limit_s=150.0)
     return p
-
-
-async def _post(api: httpx.AsyncClient, key: str, body: dict[str, Any]) -> str:
-    answer = await api.post("/v1/jobs", json=body, headers={"Authorization": f"Bearer {key}"})
-    if answer.status_code != 202:
-        raise RuntimeError(f"POST /v1/jobs: {answer.status_code} {answer.text[:500]}")
-    return str(answer.json()["id"])
-
-
-async def _wait(api: httpx.AsyncClient, key: str, job_id: str, deadline_s: float) -> dict[str, Any]:
-    """Poll the job until it ends or deadline_s pass; its last summary."""
-    headers = {"Authorization": f"Bearer {key}"}
-    until = time.monotonic() + deadline_s
-    while True:
-        job: dict[str, Any] = (await api.get(f"/v1/jobs/{job_id}", headers=headers)).json()
-        if job["status"] in _ENDED or time.monotonic() > until:
-            return job
-        await asyncio.sleep(0.1)
 
 
 async def _measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -85,13 +60,13 @@ async def _measure(args: argparse.Namespace) -> dict[str, Any]:
         key_a, key_b = await stack.create_key(), await stack.create_key()
         async with httpx.AsyncClient(base_url=api_url, timeout=120) as api:
             x_prompts = make_prompts(args.x, seed=1)
-            x_job = await _post(
+            x_job = await post_job(
                 api, key_a, {"prompts": x_prompts, "config": {"defaults": {"endpoint": "down"}}}
             )
             await asyncio.sleep(args.after_s)
             started = time.monotonic()
-            y_job = await _post(api, key_b, {"prompts": make_prompts(args.y, seed=2)})
-            y = await _wait(api, key_b, y_job, args.y_deadline_s)
+            y_job = await post_job(api, key_b, {"prompts": make_prompts(args.y, seed=2)})
+            y = await wait_job(api, key_b, y_job, args.y_deadline_s)
             y_s = time.monotonic() - started
             handed_back = await stack.sql(
                 "SELECT count(*) AS n FROM items WHERE job_id = $1::uuid AND attempts > 1", x_job
@@ -107,7 +82,7 @@ async def _measure(args: argparse.Namespace) -> dict[str, Any]:
         "max_jobs": args.max_jobs,
         "llm_timeout_s": args.llm_timeout_s,
         "y_s": round(y_s, 2),
-        "y_finished": y["status"] in _ENDED,
+        "y_finished": y["status"] in ENDED,
         "y_counts": y.get("counts"),
         # A's items claimed more than once (handed back after LLMUnavailable) when B's job ended
         "x_items_tried_again": handed_back[0]["n"],

@@ -9,9 +9,11 @@ Logs of the subprocesses go to a temporary directory that is kept for inspection
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import signal
 import socket
@@ -297,6 +299,46 @@ async def _admin(dsn: str, sql: str) -> None:
         await conn.execute(sql)
     finally:
         await conn.close()
+
+
+ENDED = ("completed", "cancelled", "failed")
+
+
+def add_small_run_options(p: argparse.ArgumentParser, *, time_limit_s: float) -> None:
+    """The options of a small run of the simulator and the service: one worker of 32 items
+    against an endpoint cap of 32 unless told otherwise."""
+    p.add_argument("--latency-ms", type=float, default=200.0, help="simulated LLM latency (default 200)")
+    p.add_argument("--concurrency", type=int, default=32, help="each endpoint's cap (default 32)")
+    p.add_argument("--workers", type=int, default=1, help="arq worker processes (default 1)")
+    p.add_argument("--max-jobs", type=int, default=32, help="items per worker at once (default 32)")
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=time_limit_s,
+        help=f"stop after this many s (default {time_limit_s:g})",
+    )
+    p.add_argument("--json", type=Path, help="also write the summary here")
+
+
+async def post_job(api: httpx.AsyncClient, key: str, body: dict[str, Any]) -> str:
+    """POST /v1/jobs as `key`; the job's id."""
+    answer = await api.post("/v1/jobs", json=body, headers={"Authorization": f"Bearer {key}"})
+    if answer.status_code != 202:
+        raise RuntimeError(f"POST /v1/jobs: {answer.status_code} {answer.text[:500]}")
+    return str(answer.json()["id"])
+
+
+async def wait_job(
+    api: httpx.AsyncClient, key: str, job_id: str, deadline_s: float = math.inf
+) -> dict[str, Any]:
+    """Poll the job until it ends or deadline_s pass; its last summary."""
+    headers = {"Authorization": f"Bearer {key}"}
+    until = time.monotonic() + deadline_s
+    while True:
+        job: dict[str, Any] = (await api.get(f"/v1/jobs/{job_id}", headers=headers)).json()
+        if job["status"] in ENDED or time.monotonic() > until:
+            return job
+        await asyncio.sleep(0.1)
 
 
 def publish(summary: dict[str, Any], json_path: Path | None) -> None:
