@@ -212,7 +212,9 @@ async def test_a_report_of_10000_prompts_and_5_judges_is_computed_off_the_event_
 
     assert response.status_code == 200, response.text
     assert "judge-4" in response.text and "whisper" in response.text
-    assert held < 0.011, f"the event loop was held for {held:.3f} s of CPU"
+    # Under CI's load the 7 ms reached 11.3: the bound keeps the tenth of a second out, not
+    # the last milliseconds.
+    assert held < 0.04, f"the event loop was held for {held:.3f} s of CPU"
 
 
 async def test_a_comparison_of_10000_prompts_and_5_judges_is_shown_without_reading_every_verdict(
