@@ -371,11 +371,9 @@ async def test_benchmark_files_past_a_jobs_items_are_refused_at_the_first_row_pa
     benchmarks.append({"name": "last", "file": {"format": "jsonl", "content": content + "\n{"}})
     body = evaluation_body(benchmarks, "m1", "m2")  # room for 5,000 prompts
 
-    started = time.process_time()
     error = error_of(
         await api.post("/v1/model-evaluations", json=body, headers=auth), 422, "validation_error"
     )
-    print(f"cpu {time.process_time() - started:.3f}")
 
     assert error["details"][0]["field"] == "benchmarks.1", error
     assert "file: line 1: prompts times targets passes 10,000 items" in error["message"], error["message"]
@@ -605,12 +603,15 @@ async def test_an_evaluation_writes_its_answer_rows_costing_the_event_loop_littl
     await submit_evaluation(api, auth, evaluation_body([{"name": "small", "prompts": [GOOD_ROW]}], "m1"))
     assert (await api.post("/v1/jobs", json={"prompts": ["hi"]}, headers=auth)).status_code == 202
 
-    submitted_job, job_cpu = await loop_cpu(api.post("/v1/jobs", json=job, headers=auth))
-    submitted, evaluation_cpu = await loop_cpu(
-        api.post("/v1/model-evaluations", json=evaluation, headers=auth)
-    )
+    # Each the least of three, taken in turn: under CI's load one pair measured 1.53 times.
+    job_cpu = evaluation_cpu = float("inf")
+    for _ in range(3):
+        submitted_job, cpu = await loop_cpu(api.post("/v1/jobs", json=job, headers=auth))
+        job_cpu = min(job_cpu, cpu)
+        submitted, cpu = await loop_cpu(api.post("/v1/model-evaluations", json=evaluation, headers=auth))
+        evaluation_cpu = min(evaluation_cpu, cpu)
+        assert (submitted_job.status_code, submitted.status_code) == (202, 202), submitted.text
 
-    assert (submitted_job.status_code, submitted.status_code) == (202, 202), submitted.text
     async with sessions() as session:
         answers = select(func.count()).where(ModelAnswer.job_id == UUID(submitted.json()["id"]))
         assert await session.scalar(answers) == 10_000
