@@ -1058,6 +1058,7 @@ async def test_a_database_that_refuses_connections_is_a_503(settings: Settings) 
         response = await client.get(f"/v1/jobs/{uuid.uuid4()}", headers={"Authorization": "Bearer aidsafe_x"})
 
     error_of(response, 503, "unavailable")
+    assert response.headers["Retry-After"] == "2"
 
 
 async def test_a_job_runs_the_ablations_and_limits_it_asked_for_and_shows_them(

@@ -262,6 +262,7 @@ async def test_a_budget_patch_on_a_redis_that_turned_replica_answers_503_and_cha
         refused = await api.patch(f"/v1/jobs/{job_id}", json={"budget": {"max_tokens": 10**6}}, headers=auth)
 
     assert (refused.status_code, refused.json()["error"]["code"]) == (503, "unavailable")
+    assert refused.headers["Retry-After"] == "2"
     async with sessions() as session:
         assert await session.scalar(select(Job.budget_max_tokens).where(Job.id == uuid.UUID(job_id))) is None
 

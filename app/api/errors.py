@@ -66,6 +66,11 @@ def documented_beside_a_stream(*statuses: int) -> dict[int | str, dict[str, Any]
     }
 
 
+# Our own 503s say when to come back, as proxies' do: a restarting Postgres or Redis is back in
+# seconds, and clients (our SDK among them) wait a Retry-After out rather than guess.
+RETRY_SHORTLY = {"Retry-After": "2"}
+
+
 def error_response(
     status: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
@@ -122,7 +127,9 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(asyncpg.InterfaceError)
     async def _database_unavailable(_: Request, exc: Exception) -> JSONResponse:
         log.warning("database unavailable: %s", exc)
-        return error_response(503, "unavailable", "the database is unavailable; retry shortly")
+        return error_response(
+            503, "unavailable", "the database is unavailable; retry shortly", headers=RETRY_SHORTLY
+        )
 
     # Redis refused, reset, timed out (`redis_timeout_s`), failing over (a replica's READONLY)
     # or full: a retry can go through. Requests that must not fail on it catch it themselves (a
@@ -135,7 +142,9 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(ClusterDownError)
     async def _redis_unavailable(_: Request, exc: Exception) -> JSONResponse:
         log.warning("redis unavailable: %s", exc)
-        return error_response(503, "unavailable", "the queue is unavailable; retry shortly")
+        return error_response(
+            503, "unavailable", "the queue is unavailable; retry shortly", headers=RETRY_SHORTLY
+        )
 
     # SQLAlchemy wraps a statement Postgres ended at the database timeout in a bare DBAPIError;
     # any other is a bug, answered 500 as before.
