@@ -209,6 +209,8 @@ class Settings(BaseSettings):
     # few serve many items (and 2 x 128 items must not open 280 connections).
     worker_db_connections: int = Field(default=30, ge=1)
     worker_metrics_port: int = 0  # >0: each worker serves Prometheus metrics on this port
+    # Set: the API's /metrics asks for `Authorization: Bearer <token>` (Prometheus's `authorization`).
+    metrics_token: str | None = None
     # An item's lease in Postgres, renewed every third of it: the backstop should heartbeats
     # be lost. A dead worker is found by its heartbeat, well before its leases expire.
     lease_seconds: int = 60

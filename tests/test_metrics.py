@@ -6,8 +6,9 @@ import httpx
 from prometheus_client import REGISTRY
 
 from app.config import Settings
-from tests.conftest import run_worker_burst
+from tests.conftest import api_client, run_worker_burst
 from tests.scripted_llm import ScriptedLLM, http_error
+from tests.test_api import error_of
 
 
 def sample(name: str, **labels: str) -> float:
@@ -25,6 +26,18 @@ async def test_api_metrics_show_queued_items_and_queue_depth(
     assert response.headers["content-type"].startswith("text/plain")
     assert 'aidsafe_items{status="queued"} 3.0' in response.text
     assert "aidsafe_queue_depth 3.0" in response.text
+
+
+async def test_a_metrics_token_set_on_the_server_is_asked_of_every_scrape(settings: Settings) -> None:
+    async with api_client(settings.model_copy(update={"metrics_token": "s3cret-token"})) as api:
+        unasked = await api.get("/metrics")
+        wrong = await api.get("/metrics", headers={"Authorization": "Bearer s3cret-toke"})
+        api_key_scheme = await api.get("/metrics", headers={"Authorization": "Basic s3cret-token"})
+        scraped = await api.get("/metrics", headers={"Authorization": "Bearer s3cret-token"})
+
+    for refused in (unasked, wrong, api_key_scheme):
+        error_of(refused, 401, "unauthorized")
+    assert scraped.status_code == 200 and "aidsafe_queue_depth" in scraped.text
 
 
 async def test_worker_counts_llm_calls_tokens_errors_and_finished_items(
