@@ -221,8 +221,12 @@ class Settings(BaseSettings):
     # the time lost to a kill: bench/RESULTS.md); a loop blocked 5 s is already a broken worker.
     heartbeat_interval_s: float = Field(default=1.0, gt=0)
     heartbeat_ttl_s: float = Field(default=5.0, gt=0)
-    item_max_attempts: int = 100  # claims of one item, LLM outages included, before it fails
+    item_max_attempts: int = 100  # claims of one item, LLM outages not included, before it fails
     item_max_failures: int = 5  # claims lost to a dead worker or an unexpected error
+    # How long the LLM may stay unavailable to an item (its claims in a row handed back for an
+    # outage, no answer in between) before the item fails `llm_unavailable`: an outage delays
+    # work, but an endpoint that will never answer (a wrong URL) must not hold items for ever.
+    item_max_outage_s: float = Field(default=24 * 3600.0, gt=0)
     item_retry_base_s: float = 5.0  # first back-off after the LLM stayed unavailable; doubles
     sweep_interval_s: int = Field(default=3, ge=1)  # one sweep per interval, across all workers
     # A queued item unclaimed this long, whose arq job no worker took, is enqueued again: it

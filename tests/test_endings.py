@@ -7,13 +7,17 @@ from datetime import timedelta
 from uuid import UUID
 
 import httpx
-from sqlalchemy import func, select
+import pytest
+from sqlalchemy import func, select, update
 
 from app.store import items
 from app.store.db import Sessions
-from app.store.endings import failed, handed_back
+from app.store.endings import Ending, failed, handed_back
 from app.store.models import Item
+from app.store.turn_log import PostgresTurnLog
+from app.store.turn_writer import TurnWriter
 from tests.test_api import Headers, items_of, submit
+from tests.test_turn_log import a_turn
 
 LIMITS = items.Limits(lease_s=60, max_claims=10, max_failures=5)
 OUTAGE = handed_back("llm_unavailable: the endpoint is down", counts_as_failure=False, detail="upstream: 503")
@@ -119,3 +123,65 @@ async def test_an_end_is_stamped_when_it_is_written_not_when_its_transaction_beg
 
     finished_at = (await stored(sessions, claim.item_id)).finished_at
     assert finished_at is not None and finished_at - began >= timedelta(seconds=0.3)
+
+
+MAX_OUTAGE = timedelta(hours=1)
+
+
+async def end_in_outage(sessions: Sessions, claim: items.Claim) -> Ending | None:
+    return await items.end_in_outage(sessions, claim, "the endpoint is down", "upstream: 503", MAX_OUTAGE)
+
+
+async def outage_began(sessions: Sessions, item_id: UUID, ago: timedelta) -> None:
+    """The LLM became unavailable to the item `ago`."""
+    async with sessions.begin() as session:
+        await session.execute(
+            update(Item).where(Item.id == item_id).values(llm_unavailable_since=func.now() - ago)
+        )
+
+
+async def claimed_again(sessions: Sessions, item_id: UUID) -> items.Claim:
+    claim = await items.claim(sessions, item_id, LIMITS)
+    assert claim is not None
+    return claim
+
+
+@pytest.mark.parametrize(
+    ("answered", "ended"), [(False, ("failed", "llm_unavailable")), (True, ("queued", None))]
+)
+async def test_an_outage_fails_the_item_past_the_max_unless_it_got_an_answer_since_the_outage_began(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions, answered: bool, ended: tuple[str, str | None]
+) -> None:
+    _, claim = await claimed_item(api, auth, sessions)
+    assert await end_in_outage(sessions, claim)
+    await outage_began(sessions, claim.item_id, 2 * MAX_OUTAGE)
+    claim = await claimed_again(sessions, claim.item_id)
+    if answered:  # its intent, then the endpoint went down again
+        await PostgresTurnLog(TurnWriter(sessions), claim).record(a_turn(claim.item_id, "intents"))
+
+    ending = await end_in_outage(sessions, claim)
+
+    assert ending is not None and (ending.status, ending.error_code) == ended
+    item = await stored(sessions, claim.item_id)
+    assert (item.status, item.error_code, item.operator_error) == (*ended, "upstream: 503")
+    assert item.llm_unavailable_since is not None
+    started_again = item.updated_at - item.llm_unavailable_since < MAX_OUTAGE
+    assert started_again == answered
+
+
+async def test_an_item_put_back_another_way_between_outages_starts_their_clock_again(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    # Parked for its budget, say, for longer than the max: the LLM was not what held it.
+    _, claim = await claimed_item(api, auth, sessions)
+    assert await end_in_outage(sessions, claim)
+    await outage_began(sessions, claim.item_id, 2 * MAX_OUTAGE)
+    claim = await claimed_again(sessions, claim.item_id)
+    assert await items.end(sessions, claim, handed_back("worker shut down", counts_as_failure=False))
+    assert (await stored(sessions, claim.item_id)).llm_unavailable_since is None
+
+    ending = await end_in_outage(sessions, await claimed_again(sessions, claim.item_id))
+
+    assert ending is not None and ending.status == "queued"
+    item = await stored(sessions, claim.item_id)
+    assert (item.attempts, item.outage_claims, item.failures) == (3, 2, 0)

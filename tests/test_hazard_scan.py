@@ -101,6 +101,9 @@ class Scenario:
     upstream_said: tuple[str, ...] = ()  # what the upstream's error answer quoted (for operators)
 
 
+# An item fails at its second claim that finds the LLM unavailable.
+BRIEF_OUTAGE = {"item_max_outage_s": 0.001}
+
 SCENARIOS = [
     Scenario(
         "kept pair after a refusal and a pass",
@@ -169,12 +172,14 @@ SCENARIOS = [
         pairs_config(1),
         {
             "whisper_belief": [reply({"belief": marker("outage-belief")})],
-            "rejected_cot": [echo_error(500)] * 3,  # the test settings' llm_max_retries + 1
+            # Two claims (the test settings' llm_max_retries + 1 attempts each): the first
+            # outage starts the item's clock, the second is past its max.
+            "rejected_cot": [echo_error(500)] * 6,
         },
-        settings={"item_max_attempts": 1},
+        settings=BRIEF_OUTAGE,
         item_status="failed",
         error_message=(
-            "gave up after 1 attempts; last: llm_unavailable: "
+            "the LLM was unavailable for more than 0:00:00.001000; last: "
             "the LLM endpoint 'default' answered HTTP 500 (3 attempts)"
         ),
         upstream_said=(LLM_KEY, marker("outage-belief")),
@@ -186,12 +191,12 @@ SCENARIOS = [
             "whisper_belief": [
                 raw_body({"choices": [{"message": {"content": [marker("shapeless-belief")]}}]})
             ]
-            * 3
+            * 6
         },
-        settings={"item_max_attempts": 1},
+        settings=BRIEF_OUTAGE,
         item_status="failed",
         error_message=(
-            "gave up after 1 attempts; last: llm_unavailable: "
+            "the LLM was unavailable for more than 0:00:00.001000; last: "
             "the LLM endpoint 'default' answered HTTP 200 without a chat completion (3 attempts)"
         ),
         upstream_said=(marker("shapeless-belief"),),

@@ -335,25 +335,52 @@ async def test_an_outages_hand_back_cut_off_by_a_postgres_fault_still_hands_the_
     assert len(scripted_llm.requests_for("intent_decomposition")) == 1
 
 
-async def test_an_item_that_keeps_failing_ends_failed_with_its_reason(
+async def test_an_llm_outage_does_not_use_up_the_items_attempts(
     api: httpx.AsyncClient,
     auth: dict[str, str],
     settings: Settings,
     sessions: Sessions,
     scripted_llm: ScriptedLLM,
 ) -> None:
-    max_attempts = 2
+    # Refused by an open breaker, an outage's claims are instant: counted, an outage of a few
+    # hours failed every item it touched.
+    max_attempts, outage_claims = 2, 3
     scripted_llm.script(
-        "intent_decomposition", *[http_error(500)] * (settings.llm_max_retries + 1) * max_attempts
+        "intent_decomposition", *[http_error(503)] * (settings.llm_max_retries + 1) * outage_claims
     )
     job_id = await submit(api, auth, ["What is the capital of Peru?"])
 
     await run_worker_burst(settings.model_copy(update={"item_max_attempts": max_attempts}))
 
     item = await one_item(sessions, job_id)
-    assert item.status == "failed"
-    assert item.error_code == "too_many_attempts"
-    assert "llm_unavailable" in (item.error_message or "")
+    assert (item.status, item.attempts, item.failures) == ("completed", outage_claims + 1, 0)
+    assert item.outage_claims == outage_claims
+
+
+async def test_an_item_fails_llm_unavailable_once_the_llm_was_unavailable_to_it_too_long(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    max_outage_s = 0.5
+    scripted_llm.script("intent_decomposition", *[http_error(503)] * 100)  # down for the test
+    job_id = await submit(api, auth, ["What is the capital of Peru?"])
+
+    # The attempts' bound, well above the claims the outage takes, only stops a run that
+    # would otherwise wait for the outage's end.
+    bounded = {"item_max_outage_s": max_outage_s, "item_max_attempts": 6}
+    await run_worker_burst(settings.model_copy(update=bounded))
+
+    item = await one_item(sessions, job_id)
+    assert (item.status, item.error_code, item.failures) == ("failed", "llm_unavailable", 0)
+    assert (item.error_message or "").startswith(
+        "the LLM was unavailable for more than 0:00:00.500000; last: the LLM endpoint 'default'"
+    )
+    assert item.finished_at and item.llm_unavailable_since
+    assert (item.finished_at - item.llm_unavailable_since).total_seconds() > max_outage_s
+    assert item.outage_claims == item.attempts - 1, "every claim but the last was put back"
 
 
 async def test_cancelling_a_job_stops_its_running_item(

@@ -304,10 +304,10 @@ async def _process_claimed(worker: Worker, claim: items.Claim) -> Ending | None:
     # Tenants read only our classification of a failure; its detail (an upstream's answer,
     # which may echo hazardous text or the server's LLM key, or an exception) goes to the
     # log and to the item's operator-only column.
-    except LLMUnavailable as exc:  # an outage delays the item; it does not use up its tries
-        log.warning("item %s put back, the LLM stayed unavailable: %s", claim.item_id, exc)
-        outage = handed_back(f"llm_unavailable: {exc.summary}", counts_as_failure=False, detail=str(exc))
-        await _end(settings, sessions, claim, outage)
+    except LLMUnavailable as exc:  # an outage delays the item, up to item_max_outage_s
+        ending = await _end_in_outage(settings, sessions, claim, exc)
+        if ending is not None and ending.finished:
+            return ending
         raise Retry(defer=max(_backoff_s(settings, claim.attempt), exc.retry_in_s)) from exc
     except LLMRequestRejected as exc:
         log.warning("item %s failed, the LLM endpoint rejected the request: %s", claim.item_id, exc)
@@ -329,6 +329,23 @@ async def _end(settings: Settings, sessions: Sessions, claim: items.Claim, endin
         return await items.end(sessions, claim, ending)
     except Exception as exc:
         raise await _hand_back(settings, sessions, claim, exc) from exc
+
+
+async def _end_in_outage(
+    settings: Settings, sessions: Sessions, claim: items.Claim, exc: LLMUnavailable
+) -> Ending | None:
+    """items.end_in_outage: the item back in the queue, or failed if the LLM has been
+    unavailable to it too long. Should that fail, handed back as after any unexpected error."""
+    max_outage = timedelta(seconds=settings.item_max_outage_s)
+    try:
+        ending = await items.end_in_outage(sessions, claim, exc.summary, str(exc), max_outage)
+    except Exception as error:
+        raise await _hand_back(settings, sessions, claim, error) from error
+    if ending is not None and ending.finished:
+        log.warning("item %s failed, the LLM stayed unavailable too long: %s", claim.item_id, exc)
+    else:
+        log.warning("item %s put back, the LLM stayed unavailable: %s", claim.item_id, exc)
+    return ending
 
 
 async def _park(worker: Worker, claim: items.Claim) -> Ending | None:

@@ -24,10 +24,13 @@ from sqlalchemy import (
     Uuid,
     and_,
     bindparam,
+    case,
     exists,
     func,
+    or_,
     select,
     tuple_,
+    type_coerce,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert
@@ -40,7 +43,16 @@ from app.plan import JobPlan, read_plan
 from app.store import callbacks, policy_sets, prompt_sets
 from app.store.db import Sessions, driver_connection, driver_of
 from app.store.driver_statements import DriverStatement, insert_from, insert_rows_from
-from app.store.endings import CANCELLED, COMPLETED, WORKER_LOST, WORKER_SILENT, Ending, ending_values, failed
+from app.store.endings import (
+    CANCELLED,
+    COMPLETED,
+    WORKER_LOST,
+    WORKER_SILENT,
+    Ending,
+    after_outage,
+    ending_values,
+    failed,
+)
 from app.store.models import (
     Cot,
     ImportedSample,
@@ -53,6 +65,7 @@ from app.store.models import (
     PreferencePair,
     PromptSetRow,
     SampleEvaluation,
+    TurnRow,
     sql_constant,
 )
 
@@ -90,7 +103,7 @@ class Limits:
     """When an item stops being retried."""
 
     lease_s: int
-    max_claims: int  # all claims, including those handed back while the LLM was down
+    max_claims: int  # claims, less those handed back while the LLM was down (bounded by time)
     max_failures: int  # claims lost to a dead worker or an unexpected error
 
 
@@ -172,7 +185,7 @@ _CLAIM_QUEUED = DriverStatement(
     _claim_update(
         Item.id == bindparam("item_id"),
         Item.status == ItemStatus.QUEUED,
-        Item.attempts < bindparam("max_claims"),
+        Item.attempts - Item.outage_claims < bindparam("max_claims"),
         Item.failures < bindparam("max_failures"),
         Job.cancelled_at.is_(None),
         values=_claiming_values(bindparam("lease", type_=Interval), bindparam("holder", type_=Uuid)),
@@ -244,8 +257,8 @@ def _no_claim_left(job: Job, item: Item, lease_expired: bool, limits: Limits) ->
         failures, last, detail = item.failures, item.error_message or "unknown", item.operator_error
     if failures >= limits.max_failures:
         return failed("too_many_failures", f"{failures} failed attempts; last: {last}", detail)
-    if item.attempts >= limits.max_claims:
-        return failed("too_many_attempts", f"gave up after {item.attempts} attempts; last: {last}", detail)
+    if (claims := item.attempts - item.outage_claims) >= limits.max_claims:
+        return failed("too_many_attempts", f"gave up after {claims} attempts; last: {last}", detail)
     return None
 
 
@@ -270,6 +283,40 @@ async def end(sessions: Sessions, claim: Claim, ending: Ending) -> Ending | None
     ending, or None if the item is no longer held under this claim (another worker has it
     now) and nothing was written."""
     async with sessions.begin() as session:
+        return ending if await write_ending(session, claim, ending) else None
+
+
+# When the LLM became unavailable to the item, as an outage's hand-back writes it: now, if it
+# starts a run of outages or the item got an answer since the run began; else unchanged.
+_OUTAGE_START = case(
+    (
+        or_(
+            Item.llm_unavailable_since.is_(None),
+            exists().where(TurnRow.item_id == Item.id, TurnRow.created_at > Item.llm_unavailable_since),
+        ),
+        func.now(),
+    ),
+    else_=Item.llm_unavailable_since,
+)
+
+
+async def end_in_outage(
+    sessions: Sessions, claim: Claim, summary: str, detail: str, max_outage: timedelta
+) -> Ending | None:
+    """End the claim after the LLM stayed unavailable to it (`summary`, `detail`: the fault's):
+    back to the queue, or failed once the LLM has been unavailable to the item for longer than
+    `max_outage` (endings.after_outage). The ending, or None if the item is no longer held
+    under this claim and nothing was written."""
+    async with sessions.begin() as session:
+        unavailable_for = await session.scalar(
+            update(Item)
+            .where(claim_holds(claim.item_id, claim.attempt))
+            .values(llm_unavailable_since=_OUTAGE_START)
+            .returning(type_coerce(func.now() - Item.llm_unavailable_since, Interval))
+        )
+        if unavailable_for is None:
+            return None
+        ending = after_outage(summary, detail, unavailable_for, max_outage)
         return ending if await write_ending(session, claim, ending) else None
 
 

@@ -259,6 +259,13 @@ class Item(Base):
     stage: Mapped[str] = mapped_column(String(16), default="intent")  # last stage with a turn
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # claims so far; the claim token
     failures: Mapped[int] = mapped_column(Integer, default=0)  # claims lost to crashes and errors
+    # Claims handed back because the LLM stayed unavailable: not counted against the item's
+    # max claims, for an outage delays work but must not lose it.
+    outage_claims: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    # When the LLM became unavailable to the item: the first of its claims in a row handed
+    # back for an outage, with no answer recorded since (items.end_in_outage). None: no
+    # outage now. An item fails once it is older than item_max_outage_s.
+    llm_unavailable_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     enqueues: Mapped[int] = mapped_column(Integer, default=1)  # part of the arq job id
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # The worker process running the item (None once the claim ended): the sweeper takes the
