@@ -121,6 +121,8 @@ class Settings(BaseSettings):
     # Full-jitter backoff between attempts, from base doubling up to max. The base is the
     # OpenAI and Anthropic SDKs' (0.5 s): faults that come one at a time (a 5xx, a cut-off
     # body) are retried soon, and a longer outage still backs off within a few attempts.
+    # The max is also how long an endpoint's circuit breaker, once open, refuses attempts
+    # (app/llm/breaker.py): 0 retries at once and turns the breaker off.
     llm_backoff_base_s: float = Field(default=0.5, ge=0)
     llm_backoff_max_s: float = Field(default=30.0, ge=0)
     # Hedging (app/llm/hedging.py): an attempt still unanswered after llm_hedge_factor times

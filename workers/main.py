@@ -144,7 +144,7 @@ async def connect(ctx: dict[str, Any]) -> None:
         backoff_base_s=settings.llm_backoff_base_s,
         backoff_max_s=settings.llm_backoff_max_s,
         hedging=_hedge_policy(settings),
-        breaker=EndpointBreaker(open_s=settings.llm_backoff_max_s),
+        breaker=_breaker(settings),
     )
     sessions = make_sessions(db)
     heartbeat = await liveness.Heartbeat.start(settings, worker_id)
@@ -164,6 +164,11 @@ async def connect(ctx: dict[str, Any]) -> None:
         TurnWriter(sessions),
     )
     log.info("worker %s started (%s)", worker_id, liveness.process())
+
+
+def _breaker(settings: Settings) -> EndpointBreaker | None:
+    """An open breaker refuses attempts for the longest back-off: with none, it is off."""
+    return EndpointBreaker(open_s=settings.llm_backoff_max_s) if settings.llm_backoff_max_s > 0 else None
 
 
 def _hedge_policy(settings: Settings) -> HedgePolicy | None:
