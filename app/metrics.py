@@ -18,6 +18,11 @@ LLM_HEDGES = Counter(
     "or skipped because the hedge budget was spent.",
     ["endpoint", "role", "outcome"],
 )
+LLM_BREAKER_REFUSALS = Counter(
+    "aidsafe_llm_breaker_refusals_total",
+    "Attempts refused, unsent, because their endpoint's circuit breaker was open (app/llm/breaker.py).",
+    ["endpoint", "role"],
+)
 LLM_TOKENS = Counter(
     "aidsafe_llm_tokens_total", "Tokens used, by kind (prompt, completion).", ["endpoint", "role", "kind"]
 )

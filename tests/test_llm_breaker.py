@@ -16,6 +16,7 @@ from app.llm.breaker import FAILURES_TO_OPEN, EndpointBreaker
 from app.llm.client import OpenAICompatibleClient
 from app.llm.hedging import MIN_SAMPLES, HedgePolicy
 from tests.scripted_llm import ScriptedLLM, chat_request, http_error
+from tests.test_metrics import sample
 
 ATTEMPTS_PER_CALL = FAILURES_TO_OPEN // 2
 OPEN_S = 0.5
@@ -70,6 +71,20 @@ async def test_an_endpoint_down_is_not_tried_again_and_its_caller_is_told_when_i
     assert len(scripted_llm.requests) == FAILURES_TO_OPEN, "nothing was sent once it opened"
     assert 0 < refused.value.retry_in_s <= OPEN_S
     assert refused.value.summary == "the LLM endpoint 'down' is down"
+
+
+async def test_each_refused_attempt_is_counted_for_the_operator(
+    client: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    labels = {"endpoint": "down", "role": seed("down").role}
+    refused_before = sample("aidsafe_llm_breaker_refusals_total", **labels)
+    await fail_until_open(client, scripted_llm)
+
+    for _ in range(3):
+        with pytest.raises(LLMUnavailable):
+            await client.chat(seed("down"))
+
+    assert sample("aidsafe_llm_breaker_refusals_total", **labels) - refused_before == 3
 
 
 async def test_another_endpoint_is_served_while_one_is_down(

@@ -48,7 +48,7 @@ from app.llm.breaker import EndpointBreaker
 from app.llm.hedging import HedgePolicy
 from app.llm.limits import EndpointLimiter, Slot
 from app.llm.rates import EndpointRates, Reservation
-from app.metrics import LLM_HEDGES, LLM_REQUEST_SECONDS, LLM_TOKENS
+from app.metrics import LLM_BREAKER_REFUSALS, LLM_HEDGES, LLM_REQUEST_SECONDS, LLM_TOKENS
 
 # The least max_tokens worth sending (a job's smallest): a request the context leaves less room
 # for is refused rather than sent to be cut off.
@@ -288,6 +288,7 @@ class OpenAICompatibleClient:
         self, request: ChatRequest, endpoint: EndpointConfig, posted: Callable[[], None] | None = None
     ) -> ChatReply:
         if self._breaker is not None and (refused_for_s := self._breaker.refused_for_s(request.endpoint)):
+            LLM_BREAKER_REFUSALS.labels(request.endpoint, request.role).inc()
             raise _EndpointDown(refused_for_s)
         labels = (request.endpoint, request.role)
         started, outcome = time.monotonic(), "ok"
