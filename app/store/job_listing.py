@@ -4,10 +4,9 @@ and one summing the page's jobs' turn costs."""
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -18,8 +17,9 @@ from sqlalchemy.orm import defer
 
 from app.errors import InvalidCursor
 from app.store import quality
-from app.store.jobs import decode_cursor, decode_cursor_bytes, encode_cursor_bytes
+from app.store.jobs import decode_cursor, decode_cursor_bytes
 from app.store.models import FINISHED, Item, ItemStatus, Job
+from app.store.positions import POSITION_BYTES, encode_position, position_of
 
 
 @dataclass(frozen=True)
@@ -132,30 +132,14 @@ def _conditions(
     return conditions
 
 
-# A cursor is the position of the previous page's last job in the listing's order: its
-# created_at in microseconds since the epoch (as Postgres keeps it: the round trip is exact)
-# and its id, 24 bytes. Resuming needs no lookup of the job, so it resumes right after a job
-# deleted since (the usual clean-up deletes each page before asking for the next).
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
-_POSITION = struct.Struct(">q16s")
-
-
-def encode_position(created_at: datetime, job_id: UUID) -> str:
-    return encode_cursor_bytes(_POSITION.pack((created_at - _EPOCH) // _MICROSECOND, job_id.bytes))
-
-
 def decode_position(cursor: str) -> tuple[datetime, UUID] | UUID:
-    """The (created_at, id) a cursor holds, or the job id alone of an old-form cursor (16
-    bytes: one issued before cursors held positions); InvalidCursor if it is neither."""
+    """The (created_at, id) a cursor holds (app/store/positions.py), or the job id alone of an
+    old-form cursor (16 bytes: one issued before cursors held positions); InvalidCursor if it
+    is neither."""
     data = decode_cursor_bytes(cursor)
-    if len(data) != _POSITION.size:
+    if len(data) != POSITION_BYTES:
         return decode_cursor(cursor)
-    microseconds, job_id = _POSITION.unpack(data)
-    try:
-        return _EPOCH + microseconds * _MICROSECOND, UUID(bytes=job_id)
-    except OverflowError as exc:  # before year 1 or after 9999: not an instant a job was made
-        raise InvalidCursor("the cursor is not one this API returned") from exc
+    return position_of(data)
 
 
 async def _resume_after(
