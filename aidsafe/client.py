@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import count
 from pathlib import Path
-from typing import Any, BinaryIO, Concatenate, Generic, ParamSpec, TypeVar, overload
+from typing import Any, BinaryIO, Concatenate, Generic, ParamSpec, Protocol, TypeVar, overload
 from urllib.parse import quote
 from uuid import UUID
 
@@ -69,6 +69,7 @@ from aidsafe.models import (
 
 P = ParamSpec("P")
 T = TypeVar("T")
+L = TypeVar("L", bound="_Paging")  # a page of a listing
 M = TypeVar("M", bound=BaseModel)
 Id = str | UUID
 Params = tuple[tuple[str, str | int | float | bool], ...]
@@ -139,7 +140,14 @@ class Call(Generic[T]):
         return response.status_code == 200 if self.into is not None else response.status_code < 400
 
 
-PageCall = Callable[[str | None], Call[Page[T]]]  # a listing's page after a cursor
+class _Paging(Protocol):
+    """A page of a listing, which says where the next one starts (None: it is the last)."""
+
+    @property
+    def next_cursor(self) -> str | None: ...
+
+
+PageCall = Callable[[str | None], Call[L]]  # a listing's page after a cursor
 
 
 @dataclass(frozen=True)
@@ -608,16 +616,25 @@ class endpoint(Generic[P, T]):  # noqa: N801 (used as a decorator)
         return send
 
 
-class paged(Generic[P, T]):  # noqa: N801
-    """Every row of a paged listing, fetched a page at a time as the iteration goes; the
-    listing's `limit` is the page size, its `cursor` where to start."""
+def _page_rows(page: Page[T]) -> Sequence[T]:
+    return page.data
 
-    def __init__(self, listing: endpoint[P, Page[T]]) -> None:
-        self.listing = listing
+
+class paged(Generic[P, L, T]):  # noqa: N801
+    """Every row of a paged listing, fetched a page at a time as the iteration goes; the
+    listing's `limit` is the page size, its `cursor` where to start. `rows` reads a page's
+    rows: a Page's `data` unless given (an item's reviews come with the item's decision)."""
+
+    @overload
+    def __init__(self: paged[P, Page[T], T], listing: endpoint[P, Page[T]]) -> None: ...
+    @overload
+    def __init__(self, listing: endpoint[P, L], rows: Callable[[L], Sequence[T]]) -> None: ...
+    def __init__(self, listing: endpoint[P, Any], rows: Callable[[Any], Sequence[Any]] = _page_rows) -> None:
+        self.listing, self.page_rows = listing, rows
         self.__doc__ = f"Every row of `{listing.__name__}`, following its cursors.\n\n{listing.__doc__}"
 
     @overload
-    def __get__(self, client: None, owner: type) -> paged[P, T]: ...
+    def __get__(self, client: None, owner: type) -> paged[P, L, T]: ...
     @overload
     def __get__(self, client: Client, owner: type) -> Callable[P, Iterator[T]]: ...
     @overload
@@ -625,13 +642,13 @@ class paged(Generic[P, T]):  # noqa: N801
     def __get__(self, client: Any, owner: type | None = None) -> Any:
         if client is None:
             return self
-        build = self.listing.build
+        build, page_rows = self.listing.build, self.page_rows
 
         def rows(*args: Any, **kwargs: Any) -> Any:
-            def page(cursor: str | None) -> Call[Page[T]]:
+            def page(cursor: str | None) -> Call[L]:
                 return build(client, *args, **{**kwargs, "cursor": cursor})
 
-            return client._rows(page, kwargs.get("cursor"))
+            return client._rows(page, page_rows, kwargs.get("cursor"))
 
         rows.__doc__ = self.__doc__
         return rows
@@ -1128,9 +1145,15 @@ class _BaseClient(Generic[TransportT]):
     # --- reviews ----------------------------------------------------------------------------
 
     @endpoint
-    def get_item_reviews(self, item_id: Id) -> Call[ItemReviews]:
-        """The item's reviews as they count now, and its decision (GET /v1/items/{id}/reviews)."""
-        return Call("GET", _path("items", item_id, "reviews"), _as(ItemReviews))
+    def get_item_reviews(
+        self, item_id: Id, *, cursor: str | None = None, limit: int = 100
+    ) -> Call[ItemReviews]:
+        """One page of the item's reviews as they count now, oldest first, and its decision
+        (GET /v1/items/{id}/reviews)."""
+        params = _params(cursor=cursor, limit=limit)
+        return Call("GET", _path("items", item_id, "reviews"), _as(ItemReviews), params)
+
+    iter_item_reviews = paged(get_item_reviews, lambda page: page.reviews)
 
     @endpoint
     def get_review_summary(self, job_id: Id) -> Call[ReviewSummary]:
@@ -1220,10 +1243,10 @@ class Client(_BaseClient[httpx.BaseTransport]):
                 response.read()
         return _answer(call, response)
 
-    def _rows(self, page: PageCall[T], cursor: str | None) -> Iterator[T]:
+    def _rows(self, page: PageCall[L], rows: Callable[[L], Sequence[T]], cursor: str | None) -> Iterator[T]:
         while True:
             got = self._send(page(cursor))
-            yield from got.data
+            yield from rows(got)
             if not (cursor := got.next_cursor):
                 return
 
@@ -1315,10 +1338,12 @@ class AsyncClient(_BaseClient[httpx.AsyncBaseTransport]):
                     await response.aread()
         return _answer(call, response)
 
-    async def _rows(self, page: PageCall[T], cursor: str | None) -> AsyncIterator[T]:
+    async def _rows(
+        self, page: PageCall[L], rows: Callable[[L], Sequence[T]], cursor: str | None
+    ) -> AsyncIterator[T]:
         while True:
             got = await self._send(page(cursor))
-            for row in got.data:
+            for row in rows(got):
                 yield row
             if not (cursor := got.next_cursor):
                 return

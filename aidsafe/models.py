@@ -723,13 +723,15 @@ class Review(Model):
 
 
 class ItemReviews(Model):
-    """An item's reviews; `decision` is approved, rejected or None (no verdict yet)."""
+    """A page of an item's reviews; `decision` (of all of them) is approved, rejected or None
+    (no verdict yet). Pass `next_cursor` back as `cursor` for the next page (None: the last)."""
 
     item_id: UUID
     job_id: UUID
     decision: str | None
     gate_accepted: bool | None
     reviews: list[Review]
+    next_cursor: str | None
 
 
 class ReviewCounts(Model):

@@ -8,9 +8,11 @@ hand-built results (tests/test_quality_api.py) and reviews, so every figure is k
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlencode
 from uuid import UUID
 
 import httpx
@@ -23,6 +25,7 @@ from app.stats import proportion
 from app.store import keys
 from app.store.db import Sessions
 from app.store.models import Annotation, Cot, Job
+from app.store.page_sizes import PAGE_ROW_BYTES
 from tests.conftest import longest_loop_pause
 from tests.test_api import error_of
 from tests.test_cli import aidsafe as run_cli
@@ -186,21 +189,91 @@ async def store_many_reviews(sessions: Sessions, job_id: str, count: int, commen
     return item
 
 
-async def test_an_item_of_tens_of_thousands_of_reviews_is_read_back_off_the_event_loop(
+async def test_an_item_of_tens_of_thousands_of_reviews_is_read_a_page_at_a_time_with_the_event_loop_free(
     api: httpx.AsyncClient, auth: Headers, sessions: Sessions
 ) -> None:
     """Every annotation id a tool sends is a review of its own, so a key's imports may leave
     an item any number of them: 73,500 held every other request for 6 s, read and encoded on
-    the event loop."""
+    the event loop at once. A page holds 500 at most, and its decision is of them all."""
     job_id = await finished_job(api, auth, sessions, [completed()])
     item = await store_many_reviews(sessions, job_id, 10_000, comment="c" * 500)
 
-    response, paused = await longest_loop_pause(api.get(f"/v1/items/{item}/reviews", headers=auth))
+    pages = []
+    while not pages or pages[-1]["next_cursor"]:
+        cursor = {"cursor": pages[-1]["next_cursor"]} if pages else {}
+        response, paused = await longest_loop_pause(
+            api.get(f"/v1/items/{item}/reviews", params={"limit": 500, **cursor}, headers=auth),
+            clock=time.thread_time,  # the loop thread's own CPU: other processes load the machine
+        )
+        assert response.status_code == 200, response.text
+        assert paused < 0.1, f"the event loop was held {paused:.2f} s"
+        pages.append(response.json())
+        assert len(pages) <= 20, "next_cursor never ends"
 
-    assert response.status_code == 200, response.text
-    body = response.json()
-    assert len(body["reviews"]) == 10_000 and body["decision"] == "approved"
-    assert paused < 0.15, f"the event loop was held {paused:.2f} s"
+    assert [len(page["reviews"]) for page in pages] == [500] * 20
+    assert len({review["id"] for page in pages for review in page["reviews"]}) == 10_000
+    assert {page["decision"] for page in pages} == {"approved"}
+
+
+async def test_an_items_reviews_come_a_page_at_a_time_oldest_first_with_the_decision_of_them_all(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    job_id = await finished_job(api, auth, sessions, [completed()])
+    reviewers = ["ana", "ben", "cy", "dee", "eve"]
+    await store_reviews(
+        sessions,
+        job_id,
+        [
+            Stored(0, name, "reject" if name == "eve" else "accept", minutes=n)
+            for n, name in enumerate(reviewers)
+        ],
+    )
+    (item,) = (await job_cots(sessions, job_id))[1]
+
+    pages = []
+    while not pages or pages[-1]["next_cursor"]:
+        cursor = {"cursor": pages[-1]["next_cursor"]} if pages else {}
+        pages.append(await get_json(api, auth, f"/v1/items/{item}/reviews?limit=2&{urlencode(cursor)}"))
+    default = await get_json(api, auth, f"/v1/items/{item}/reviews")
+
+    assert [[r["reviewer"] for r in page["reviews"]] for page in pages] == [
+        ["ana", "ben"],
+        ["cy", "dee"],
+        ["eve"],
+    ]
+    assert {page["decision"] for page in pages} == {"rejected"}  # eve's reject is on the last page
+    assert [r["reviewer"] for r in default["reviews"]] == reviewers and default["next_cursor"] is None
+
+
+async def test_a_page_of_reviews_stops_at_its_size_as_json(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    """A reviewer's edited response may be as long as the response: 500 of them made one answer."""
+    job_id = await finished_job(api, auth, sessions, [completed()])
+    long = "x" * (PAGE_ROW_BYTES // 3)
+    await store_reviews(
+        sessions, job_id, [Stored(0, f"r{n}", "accept", minutes=n, edited_response=long) for n in range(5)]
+    )
+    (item,) = (await job_cots(sessions, job_id))[1]
+
+    first = await get_json(api, auth, f"/v1/items/{item}/reviews?limit=500")
+    rest = await get_json(api, auth, f"/v1/items/{item}/reviews?limit=500&cursor={first['next_cursor']}")
+
+    assert [[r["reviewer"] for r in page["reviews"]] for page in (first, rest)] == [
+        ["r0", "r1"],
+        ["r2", "r3"],
+    ]
+    assert rest["next_cursor"] is not None
+
+
+async def test_an_items_reviews_refuse_a_limit_over_500_and_a_cursor_the_api_never_gave(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    job_id = await finished_job(api, auth, sessions, [completed()])
+    (item,) = (await job_cots(sessions, job_id))[1]
+
+    error_of(await api.get(f"/v1/items/{item}/reviews?limit=501", headers=auth), 422, "validation_error")
+    error_of(await api.get(f"/v1/items/{item}/reviews?cursor=nonsense", headers=auth), 400, "invalid_cursor")
 
 
 async def test_a_job_of_a_hundred_thousand_reviews_is_summarised_with_the_event_loop_free(
@@ -330,12 +403,30 @@ async def test_the_client_reads_an_items_reviews_and_the_summary_and_exports_edi
     assert len(kept.read_text().splitlines()) == 1  # item 1 is rejected by ana
 
 
+async def test_both_clients_read_an_items_reviews_a_page_at_a_time_and_walk_them_all(
+    live_api: str, api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    _, items = await two_reviewed_items(api, auth, sessions)
+    key = auth["Authorization"].removeprefix("Bearer ")
+
+    with aidsafe.Client(live_api, key) as client:
+        first = client.get_item_reviews(items[0], limit=1)
+        walked = [r.reviewer for r in client.iter_item_reviews(items[0], limit=1)]
+    async with aidsafe.AsyncClient(live_api, key) as async_client:
+        walked_async = [r.reviewer async for r in async_client.iter_item_reviews(items[0], limit=1)]
+
+    assert [r.reviewer for r in first.reviews] == ["ana"] and first.next_cursor is not None
+    assert first.decision == "approved"
+    assert walked == walked_async == ["ana", "ben"]
+
+
 async def test_the_cli_prints_the_summary_and_an_items_reviews(
     live_api: str, api: httpx.AsyncClient, auth: Headers, sessions: Sessions
 ) -> None:
     job_id, items = await two_reviewed_items(api, auth, sessions)
 
     code, summary = await run_cli(live_api, auth, "reviews", "summary", job_id)
+    await store_many_reviews(sessions, job_id, 600)  # more than a page of the CLI's
     item_code, item = await run_cli(live_api, auth, "reviews", "item", str(items[0]))
 
     assert code == 0, summary
@@ -347,3 +438,4 @@ async def test_the_cli_prints_the_summary_and_an_items_reviews(
     assert f"Item {items[0]}: approved." in item
     assert "label_studio:ana  accept" in item and "edited response: Ana's answer" in item
     assert "comment: Clearer now." in item and "label_studio:ben  accept" in item
+    assert sum(" label_studio:r" in line for line in item.splitlines()) == 600

@@ -14,11 +14,12 @@ from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, Response
-from pydantic import BaseModel, Field, TypeAdapter
+from pydantic import BaseModel, Field
 
 from app.api.bodies import JsonBody
 from app.api.deps import CurrentKey, OwnedJob, SessionDep
 from app.api.errors import documented
+from app.api.jobs import PAGE_ERRORS, Cursor, RowLimit
 from app.api.schemas import ErrorOut, IntervalOut
 from app.config import Settings
 from app.labeling import argilla, imports, label_studio
@@ -26,7 +27,7 @@ from app.labeling.review_summary import Decision, KappaMethod, decision, summari
 from app.labeling.reviews import Parsed
 from app.store import annotations as stored
 from app.store import jobs
-from app.store.models import Item, Job
+from app.store.models import Job
 
 router = APIRouter(tags=["labeling"])
 _NOT_IMPORTED = {
@@ -166,11 +167,13 @@ class ItemReviewsOut(BaseModel):
     item_id: UUID
     job_id: UUID
     decision: Decision | None = Field(
-        description="approved: some reviewer accepts and none rejects (what `human_approved` exports keep); "
-        "rejected: some reviewer rejects; null: no verdict yet."
+        description="Of all the item's reviews, not this page's alone. approved: some reviewer "
+        "accepts and none rejects (what `human_approved` exports keep); rejected: some reviewer "
+        "rejects; null: no verdict yet."
     )
     gate_accepted: bool | None = Field(description="The grader's quality gate; null when not graded.")
-    reviews: list[ReviewOut] = Field(description="Oldest first.")
+    reviews: list[ReviewOut] = Field(description="A page of them, oldest first.")
+    next_cursor: str | None = Field(description="Pass it as `cursor` for the next page; null: the last.")
 
 
 def _review_out(row: stored.ItemReview) -> ReviewOut:
@@ -191,35 +194,25 @@ def _review_out(row: stored.ItemReview) -> ReviewOut:
     )
 
 
-_REVIEW: TypeAdapter[ReviewOut] = TypeAdapter(ReviewOut)
-
-
-def _item_reviews_json(item: Item, gate_accepted: bool | None, rows: list[stored.ItemReview]) -> bytes:
-    """The answer as ItemReviewsOut's JSON, encoded a review at a time: one call encoding
-    them all holds the GIL, and so the event loop, for as long as it takes."""
-    shown = ItemReviewsOut(
-        item_id=item.id,
-        job_id=item.job_id,
-        decision=decision(row.verdict for row in rows),
-        gate_accepted=gate_accepted,
-        reviews=[],
-    )
-    others = shown.model_dump_json(exclude={"reviews"}).encode().removesuffix(b"}")
-    reviews = b",".join(_REVIEW.dump_json(_review_out(row)) for row in rows)
-    return others + b',"reviews":[' + reviews + b"]}"
-
-
-@router.get("/v1/items/{item_id}/reviews", response_model=ItemReviewsOut, responses=READ_ERRORS)
-async def item_reviews(item_id: UUID, session: SessionDep, key: CurrentKey) -> Response:
-    """Every review of the item that counts now, one per reviewer's annotation (its latest
-    version; withdrawn ones left out), with the item's decision and the grader's gate."""
+@router.get("/v1/items/{item_id}/reviews", responses=PAGE_ERRORS)
+async def item_reviews(
+    item_id: UUID, session: SessionDep, key: CurrentKey, cursor: Cursor = None, limit: RowLimit = 100
+) -> ItemReviewsOut:
+    """The item's reviews that count now, one per reviewer's annotation (its latest version;
+    withdrawn ones left out), a page at a time, with the item's decision and the grader's
+    gate. A cursor resumes where its page ended."""
     item, _ = await jobs.get_item_owned(session, item_id, key.id)
     cot = await jobs.item_cot(session, item_id)
-    rows = await stored.item_reviews(session, item_id, key.id)
-    # Built and encoded off the event loop: an item's reviews are as many as its annotation
-    # ids, and 73,500 of them held every other request for seconds.
-    body = await asyncio.to_thread(_item_reviews_json, item, cot.accepted if cot else None, rows)
-    return Response(body, media_type="application/json")
+    verdicts = await stored.item_verdicts(session, item_id, key.id)
+    rows, next_cursor = await stored.page_item_reviews(session, item_id, key.id, cursor, limit)
+    return ItemReviewsOut(
+        item_id=item.id,
+        job_id=item.job_id,
+        decision=decision(verdicts),
+        gate_accepted=cot.accepted if cot else None,
+        reviews=[_review_out(row) for row in rows],
+        next_cursor=next_cursor,
+    )
 
 
 class ReviewCountsOut(BaseModel):

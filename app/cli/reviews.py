@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 from rich.markup import escape
 
+from aidsafe.models import Review
 from app.cli.connection import ApiKeyOpt, ApiUrl, api_client
 from app.cli.output import console, interval
 
@@ -57,17 +58,24 @@ def review_summary(job_id: str, api_url: ApiUrl = "http://127.0.0.1:8000", key: 
 def item_reviews(item_id: str, api_url: ApiUrl = "http://127.0.0.1:8000", key: ApiKeyOpt = "") -> None:
     """An item's reviews as they count now, oldest first, and its decision."""
     with api_client(api_url, key) as client:
-        reviewed = client.get_item_reviews(item_id)
-    console.print(f"Item {reviewed.item_id}: {reviewed.decision or 'no verdict yet'}.", highlight=False)
-    for review in reviewed.reviews:
-        rating = f", rated {review.policy_faithfulness}" if review.policy_faithfulness else ""
-        flagged = f", flags thoughts {review.flagged_thoughts}" if review.flagged_thoughts else ""
-        console.print(
-            f"{review.reviewed_at:%Y-%m-%dT%H:%M:%S}  {review.source}:{review.reviewer}  "
-            f"{review.verdict or 'no verdict'}{rating}{flagged}",
-            highlight=False,
-        )
-        if review.edited_response is not None:
-            console.print(f"  edited response: {escape(review.edited_response)}", highlight=False)
-        if review.comment:
-            console.print(f"  comment: {escape(review.comment)}", highlight=False)
+        first = client.get_item_reviews(item_id, limit=500)
+        console.print(f"Item {first.item_id}: {first.decision or 'no verdict yet'}.", highlight=False)
+        for review in first.reviews:
+            _print_review(review)
+        if first.next_cursor:
+            for review in client.iter_item_reviews(item_id, cursor=first.next_cursor, limit=500):
+                _print_review(review)
+
+
+def _print_review(review: Review) -> None:
+    rating = f", rated {review.policy_faithfulness}" if review.policy_faithfulness else ""
+    flagged = f", flags thoughts {review.flagged_thoughts}" if review.flagged_thoughts else ""
+    console.print(
+        f"{review.reviewed_at:%Y-%m-%dT%H:%M:%S}  {review.source}:{review.reviewer}  "
+        f"{review.verdict or 'no verdict'}{rating}{flagged}",
+        highlight=False,
+    )
+    if review.edited_response is not None:
+        console.print(f"  edited response: {escape(review.edited_response)}", highlight=False)
+    if review.comment:
+        console.print(f"  comment: {escape(review.comment)}", highlight=False)

@@ -26,6 +26,7 @@ from sqlalchemy import (
     select,
     text,
     true,
+    tuple_,
 )
 from sqlalchemy.dialects.postgresql import JSONB, aggregate_order_by
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
@@ -35,6 +36,7 @@ from sqlalchemy.orm import aliased
 from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.selectable import LateralFromClause
 
+from app.store import page_sizes, positions
 from app.store.models import Annotation, Cot, Job
 
 # The annotator of a retraction: tools do not say who deleted an annotation.
@@ -136,20 +138,50 @@ class ItemReview(NamedTuple):
     webhook_id: UUID | None
 
 
-async def item_reviews(session: AsyncSession, item_id: UUID, owner_key_id: UUID) -> list[ItemReview]:
-    """The owner's reviews of the item that count now (the latest version of each
-    annotation, unless withdrawn), oldest first: the columns shown, a batch at a time."""
-    query = (
-        select(*(getattr(Annotation, name) for name in ItemReview._fields))
-        .where(
-            Annotation.item_id == item_id,
-            Annotation.owner_key_id == owner_key_id,
-            Annotation.retracted.is_(False),
-            _current(),
-        )
-        .order_by(Annotation.annotated_at, Annotation.id)
+def _item_reviews_now(item_id: UUID, owner_key_id: UUID) -> list[ColumnElement[bool]]:
+    """The owner's reviews of the item that count now: the latest version of each
+    annotation, unless withdrawn."""
+    return [
+        Annotation.item_id == item_id,
+        Annotation.owner_key_id == owner_key_id,
+        Annotation.retracted.is_(False),
+        _current(),
+    ]
+
+
+async def item_verdicts(session: AsyncSession, item_id: UUID, owner_key_id: UUID) -> set[str | None]:
+    """The verdicts, each once, of the owner's reviews of the item that count now, all of
+    them (an item's decision is theirs, whichever page of its reviews is read)."""
+    verdicts = select(Annotation.verdict).where(*_item_reviews_now(item_id, owner_key_id)).distinct()
+    return set(await session.scalars(verdicts))
+
+
+async def page_item_reviews(
+    session: AsyncSession, item_id: UUID, owner_key_id: UUID, cursor: str | None, limit: int
+) -> tuple[list[ItemReview], str | None]:
+    """A page of the owner's reviews of the item that count now, oldest first, after the
+    place `cursor` holds (app/store/positions.py): at most `limit`, and no more than
+    PAGE_ROW_BYTES of their columns shown as JSON (a first review larger than that comes
+    alone); with the cursor of the next page, None when no review is left out. One
+    statement, so one snapshot."""
+    shown = [getattr(Annotation, name) for name in ItemReview._fields]
+    read = select(*shown)
+    oldest_first = (Annotation.annotated_at, Annotation.id)
+    kept = _item_reviews_now(item_id, owner_key_id)
+    if cursor:
+        kept.append(tuple_(*oldest_first) > tuple_(*positions.decode_position(cursor)))
+    candidates = select(*oldest_first).where(*kept).order_by(*oldest_first).limit(limit + 1).cte("candidates")
+    row_bytes = func.octet_length(cast(func.json_build_array(*shown), Text))
+    ids, fitting = page_sizes.on_page(
+        read, Annotation.id, candidates, [candidates.c.annotated_at, candidates.c.id], limit, row_bytes
     )
-    return await _in_batches(session, query, ItemReview)
+    left_out = select(func.count()).select_from(candidates).scalar_subquery() > fitting
+    query = read.add_columns(left_out).where(Annotation.id.in_(ids)).order_by(*oldest_first)
+    rows = list(await session.execute(query))
+    page = [ItemReview(*row[:-1]) for row in rows]
+    if not rows or not rows[-1][-1]:
+        return page, None
+    return page, positions.encode_position(page[-1].annotated_at, page[-1].id)
 
 
 class CountedReview(NamedTuple):

@@ -23,21 +23,30 @@ Read = Select[*tuple[Any, ...]]
 
 
 def on_page(
-    read: Read, row_id: Any, candidates: CTE, order: Sequence[ColumnElement[Any]], limit: int
+    read: Read,
+    row_id: Any,
+    candidates: CTE,
+    order: Sequence[ColumnElement[Any]],
+    limit: int,
+    row_bytes: ColumnElement[int] | None = None,
 ) -> tuple[Select[tuple[Any]], ScalarSelect[int]]:
     """SQL: the ids of `candidates` (a CTE of the ids, as `id`, of the rows `read` reads, and
     what `order` orders them by) on the page, and how many that is: the first of at most
-    `limit` that come to PAGE_ROW_BYTES (1 if the first is larger)."""
+    `limit` that come to PAGE_ROW_BYTES (1 if the first is larger). A row's size is
+    `row_bytes` (SQL over what `read` reads), by default the JSON of the whole rows of the
+    entities `read` reads."""
     # Subscripted by the walk, which sizes the candidates one by one by `row_id`.
     ids_in_order = select(
         func.array_agg(aggregate_order_by(candidates.c.id, *order), type_=ARRAY(row_id.type))
     ).scalar_subquery()
-    fitting = _rows_within_size(read, row_id, ids_in_order, limit)
+    fitting = _rows_within_size(
+        read, row_id, ids_in_order, limit, _json_bytes(read) if row_bytes is None else row_bytes
+    )
     return select(candidates.c.id).order_by(*order).limit(fitting), fitting
 
 
 def _rows_within_size(
-    read: Read, row_id: Any, ids_in_order: ColumnElement[list[Any]], limit: int
+    read: Read, row_id: Any, ids_in_order: ColumnElement[list[Any]], limit: int, row_bytes: ColumnElement[int]
 ) -> ScalarSelect[int]:
     """SQL: how many of the first `limit` rows `ids_in_order` of `read` make a page of
     PAGE_ROW_BYTES (1 if the first is larger). Each is sized by its id, in order, until the
@@ -47,9 +56,7 @@ def _rows_within_size(
         "walk", recursive=True
     )
     next_size = (
-        read.with_only_columns(_json_bytes(read))
-        .where(row_id == ids_in_order[start.c.sized + 1])
-        .scalar_subquery()
+        read.with_only_columns(row_bytes).where(row_id == ids_in_order[start.c.sized + 1]).scalar_subquery()
     )
     walk = start.union_all(
         select(start.c.sized + 1, start.c.page_bytes + next_size).where(
