@@ -1123,14 +1123,23 @@ class _BaseClient(Generic[TransportT]):
         return Call("POST", _path("webhooks"), _as(WebhookCreated), json={"name": name})
 
     @endpoint
-    def list_webhooks(self) -> Call[list[Webhook]]:
-        """Your webhooks, revoked ones included, oldest first (GET /v1/webhooks)."""
-        return Call("GET", _path("webhooks"), _list_of(Webhook))
+    def list_webhooks(self, *, cursor: str | None = None, limit: int = 100) -> Call[Page[Webhook]]:
+        """One page of your webhooks, revoked ones included, oldest first (GET /v1/webhooks)."""
+        params = _params(cursor=cursor, limit=limit)
+        return Call("GET", _path("webhooks"), _as(Page[Webhook]), params)
+
+    iter_webhooks = paged(list_webhooks)
 
     @endpoint
     def revoke_webhook(self, webhook_id: Id) -> Call[Webhook]:
         """Refuse its deliveries from now on (POST /v1/webhooks/{id}/revoke)."""
         return Call("POST", _path("webhooks", webhook_id, "revoke"), _as(Webhook), idempotent=True)
+
+    @endpoint
+    def delete_webhook(self, webhook_id: Id) -> Call[None]:
+        """Delete a revoked webhook and the deliveries it refused (DELETE /v1/webhooks/{id});
+        409 `webhook_not_revoked` unless it was revoked."""
+        return Call("DELETE", _path("webhooks", webhook_id), lambda _: None)
 
     @endpoint
     def webhook_rejections(

@@ -147,6 +147,13 @@ class JobRunning(ServiceError):
     code = "job_running"
 
 
+class WebhookNotRevoked(ServiceError):
+    """Only a revoked webhook may be deleted: revoke it first."""
+
+    status = 409
+    code = "webhook_not_revoked"
+
+
 class JobInComparison(ServiceError):
     """Comparisons judge this job's samples: delete them first (details name them)."""
 

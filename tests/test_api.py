@@ -75,6 +75,7 @@ V1_PATHS = {
     "/v1/jobs/{job_id}/reviews/summary": {"get"},
     "/v1/items/{item_id}/reviews": {"get"},
     "/v1/webhooks": {"get", "post"},
+    "/v1/webhooks/{webhook_id}": {"delete"},
     "/v1/webhooks/{webhook_id}/revoke": {"post"},
     "/v1/webhooks/{webhook_id}/rejections": {"get"},
     "/v1/webhooks/label-studio/{webhook_id}": {"post"},

@@ -322,9 +322,28 @@ async def test_policy_sets_and_webhooks(client: aidsafe.Client) -> None:
 
     webhook = client.create_webhook("ls-prod")
     assert webhook.secret and webhook.url.endswith(f"/v1/webhooks/label-studio/{webhook.id}")
-    assert [w.id for w in client.list_webhooks()] == [webhook.id]
+    assert [w.id for w in client.list_webhooks().data] == [webhook.id]
     assert client.revoke_webhook(webhook.id).revoked_at is not None
     assert client.webhook_rejections(webhook.id) == []
+
+
+async def test_both_clients_page_through_webhooks_and_delete_a_revoked_one(
+    client: aidsafe.Client, live_api: str, auth: Headers
+) -> None:
+    made = [client.create_webhook(f"ls-{n}").id for n in range(3)]
+    with pytest.raises(aidsafe.AidsafeError) as live:
+        client.delete_webhook(made[0])
+    client.revoke_webhook(made[0])
+
+    first = client.list_webhooks(limit=2)
+    async with aidsafe.AsyncClient(live_api, secret(auth)) as async_client:
+        every = [w.id async for w in async_client.iter_webhooks(limit=1)]  # three pages of one
+        assert await async_client.delete_webhook(made[0]) is None
+
+    assert live.value.code == "webhook_not_revoked" and live.value.status == 409
+    assert ([w.id for w in first.data], first.next_cursor is not None) == (made[:2], True)
+    assert every == made
+    assert [w.id for w in client.iter_webhooks(limit=1)] == made[1:]
 
 
 async def test_prompt_sets_registered_listed_and_pinned_by_both_clients(

@@ -128,7 +128,7 @@ async def test_webhooks_are_refused_at_the_cap_until_one_is_revoked(
 
     over = await capped.post("/v1/webhooks", json={"name": "over"}, headers=auth)
     refused_at_cap(over, "webhooks", "AIDSAFE_MAX_WEBHOOKS_PER_KEY")
-    assert len((await capped.get("/v1/webhooks", headers=auth)).json()) == CAP
+    assert len((await capped.get("/v1/webhooks", headers=auth)).json()["data"]) == CAP
 
     other = await new_key(sessions, "bob")
     assert (await capped.post("/v1/webhooks", json={"name": "bob's"}, headers=other)).status_code == 201

@@ -653,3 +653,76 @@ async def test_batches_of_older_releases_are_looked_for_before_their_create(
         await asyncio.to_thread(command.downgrade, config, "0029_batch_refusals")
     finally:
         await connection.close()
+
+
+async def test_reviews_keep_a_deleted_webhooks_id_and_lose_it_on_the_way_down(
+    old_database: tuple[Config, str],
+) -> None:
+    """A revoked webhook may be deleted while the reviews it delivered stay naming it; the
+    older release's foreign key needs them to name none."""
+    config, dsn = old_database
+    await asyncio.to_thread(command.upgrade, config, "0031_items_unfinished_index")
+    connection = await asyncpg.connect(dsn)
+    try:
+        key, policy_set, job, item = uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+        await connection.execute(
+            "INSERT INTO api_keys (id, name, prefix, key_hash) VALUES ($1, 'k', 'p', $2)", key, key.hex
+        )
+        await connection.execute(
+            "INSERT INTO policy_sets (id, name, version, description, policies)"
+            " VALUES ($1, 'p', 'v', '', '[]')",
+            policy_set,
+        )
+        await connection.execute(
+            "INSERT INTO jobs (id, owner_key_id, policy_set_id, plan, request_hash, item_count) "
+            "VALUES ($1, $2, $3, '{}', 'h', 1)",
+            job,
+            key,
+            policy_set,
+        )
+        await connection.execute(
+            "INSERT INTO items (id, job_id, position, prompt, metadata, status, stage, attempts, "
+            "failures, enqueues) VALUES ($1, $2, 0, 'p', '{}', 'completed', 'done', 1, 0, 1)",
+            item,
+            job,
+        )
+        webhooks = {}
+        for name in ("deleted", "kept"):
+            webhooks[name] = uuid.uuid4()
+            await connection.execute(
+                "INSERT INTO webhooks (id, owner_key_id, source, name, secret_hash, revoked_at)"
+                " VALUES ($1, $2, 'label_studio', $3, 'h', now())",
+                webhooks[name],
+                key,
+                name,
+            )
+            await connection.execute(
+                "INSERT INTO annotations (id, owner_key_id, item_id, job_id, source, external_id, "
+                "webhook_id, annotator, annotated_at, verdict, flagged_thoughts, raw) "
+                "VALUES ($1, $2, $3, $4, 'label_studio', $5, $6, 'a', now(), 'accept', '[]', '{}')",
+                uuid.uuid4(),
+                key,
+                item,
+                job,
+                name,
+                webhooks[name],
+            )
+
+        await asyncio.to_thread(command.upgrade, config, "head")
+        await connection.execute("DELETE FROM webhooks WHERE id = $1", webhooks["deleted"])
+        named = "SELECT external_id, webhook_id FROM annotations ORDER BY external_id"
+        assert [tuple(row) for row in await connection.fetch(named)] == [
+            ("deleted", webhooks["deleted"]),
+            ("kept", webhooks["kept"]),
+        ]
+
+        await asyncio.to_thread(command.downgrade, config, "0031_items_unfinished_index")
+
+        assert [tuple(row) for row in await connection.fetch(named)] == [
+            ("deleted", None),
+            ("kept", webhooks["kept"]),
+        ]
+        with pytest.raises(asyncpg.ForeignKeyViolationError):
+            await connection.execute("DELETE FROM webhooks WHERE id = $1", webhooks["kept"])
+    finally:
+        await connection.close()

@@ -160,7 +160,9 @@ class ReviewOut(BaseModel):
     comment: str | None
     reviewed_at: datetime = Field(description="The tool's time of this version.")
     received_at: datetime = Field(description="When the service stored it.")
-    webhook_id: UUID | None = Field(description="The webhook that delivered it; null: a file import.")
+    webhook_id: UUID | None = Field(
+        description="The webhook that delivered it (perhaps deleted since); null: a file import."
+    )
 
 
 class ItemReviewsOut(BaseModel):

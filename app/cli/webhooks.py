@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 
 from aidsafe.models import Rejection
-from app.cli.connection import ApiKeyOpt, ApiUrl, api_client
+from app.cli.connection import Advice, ApiKeyOpt, ApiUrl, api_client
 from app.cli.output import console
 
 webhooks_cli = typer.Typer(help="Webhooks labeling tools deliver reviews to (over the HTTP API).")
@@ -32,9 +32,9 @@ def create_webhook(
 
 @webhooks_cli.command("list")
 def list_webhooks(api_url: ApiUrl = "http://127.0.0.1:8000", key: ApiKeyOpt = "") -> None:
-    """Your webhooks: id, name, URL, created, revoked."""
+    """Your webhooks, oldest first: id, name, URL, created, revoked."""
     with api_client(api_url, key) as client:
-        for row in client.list_webhooks():
+        for row in client.iter_webhooks(limit=500):
             revoked = f"  revoked {row.revoked_at:%Y-%m-%dT%H:%M:%S}" if row.revoked_at else ""
             console.print(
                 f"{row.id}  {escape(row.name)}  {row.url}  {row.created_at:%Y-%m-%d}{revoked}",
@@ -49,6 +49,15 @@ def revoke_webhook(webhook_id: str, api_url: ApiUrl = "http://127.0.0.1:8000", k
     with api_client(api_url, key) as client:
         row = client.revoke_webhook(webhook_id)
     console.print(f"Revoked webhook {escape(row.name)} ({row.id}).")
+
+
+@webhooks_cli.command("delete")
+def delete_webhook(webhook_id: str, api_url: ApiUrl = "http://127.0.0.1:8000", key: ApiKeyOpt = "") -> None:
+    """Delete a revoked webhook and the deliveries it refused (revoke it first)."""
+    advice: Advice = {"webhook_not_revoked": lambda _: f"`aidsafe webhooks revoke {webhook_id}` first"}
+    with api_client(api_url, key, advice) as client:
+        client.delete_webhook(webhook_id)
+    console.print(f"Deleted webhook {escape(webhook_id)}.", highlight=False)
 
 
 @webhooks_cli.command("rejections")

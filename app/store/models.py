@@ -45,7 +45,7 @@ NAMING_CONVENTION = {
 
 # The Alembic revision these models are (migrations/versions): a worker checks the database
 # against it before taking items (app/preflight.py). A test keeps it at Alembic's head.
-SCHEMA_REVISION = "0031_items_unfinished_index"
+SCHEMA_REVISION = "0033_webhook_deletion"
 
 
 class Base(DeclarativeBase):
@@ -640,8 +640,10 @@ class Annotation(Base):
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id"))
     source: Mapped[str] = mapped_column(String(16))  # label_studio | argilla
     external_id: Mapped[str] = mapped_column(String(200))  # the tool's id for this annotation
-    # The webhook that delivered it; None: imported from a file.
-    webhook_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("webhooks.id"))
+    # The webhook that delivered it; None: imported from a file. No foreign key: a revoked
+    # webhook may be deleted, and its reviews still name it (another webhook's deletions
+    # must leave them alone).
+    webhook_id: Mapped[uuid.UUID | None]
     annotator: Mapped[str] = mapped_column(String(200))
     annotated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     # True: the annotation was deleted in the tool; this version withdraws it.
@@ -663,9 +665,11 @@ class Webhook(Base):
     The secret is stored as SHA-256 (it is random and long, like an API key)."""
 
     __tablename__ = "webhooks"
+    # A key's webhooks, oldest first, as GET /v1/webhooks pages them.
+    __table_args__ = (Index("ix_webhooks_owner_created", "owner_key_id", "created_at", "id"),)
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
-    owner_key_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    owner_key_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.id"))
     source: Mapped[str] = mapped_column(String(16))  # label_studio
     name: Mapped[str] = mapped_column(String(200))
     secret_hash: Mapped[str] = mapped_column(String(64))

@@ -11,7 +11,10 @@ reliably: a body is kept exactly when it could not be read as reviews of the own
 delivery about a deleted job's task arrives, and is refused as `unknown_items`, after the
 deletion, which no deletion-time search could find. A short retention bounds them all.
 The hazardous-text purge has nothing to blank in them: a task carries only the chosen CoT
-(app/labeling/label_studio.py), which the purge keeps."""
+(app/labeling/label_studio.py), which the purge keeps.
+
+A revoked webhook may be deleted, its rejections with it (`delete_revoked`); the reviews it
+delivered keep its id, which no longer references a row."""
 
 from __future__ import annotations
 
@@ -21,12 +24,12 @@ from datetime import timedelta
 from typing import Any, cast
 from uuid import UUID
 
-from sqlalchemy import CursorResult, delete, func, select, update
+from sqlalchemy import CursorResult, delete, func, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.errors import NotFound, Unauthorized
+from app.errors import NotFound, Unauthorized, WebhookNotRevoked
 from app.storable import replace_unstorable
-from app.store import key_limits, keys, page_sizes
+from app.store import key_limits, keys, page_sizes, positions
 from app.store.keys import hash_key
 from app.store.models import ApiKey, Webhook, WebhookRejection
 
@@ -57,9 +60,21 @@ async def create(
     return webhook, secret
 
 
-async def list_owned(session: AsyncSession, owner_key_id: UUID) -> list[Webhook]:
-    query = select(Webhook).where(Webhook.owner_key_id == owner_key_id).order_by(Webhook.created_at)
-    return list(await session.scalars(query))
+async def page_owned(
+    session: AsyncSession, owner_key_id: UUID, cursor: str | None, limit: int
+) -> tuple[list[Webhook], str | None]:
+    """A page of the key's webhooks, revoked ones included, oldest first, after the place
+    `cursor` holds (app/store/positions.py): at most `limit`; with the cursor of the next
+    page, None when none is left out."""
+    oldest_first = (Webhook.created_at, Webhook.id)
+    query = select(Webhook).where(Webhook.owner_key_id == owner_key_id)
+    if cursor:
+        query = query.where(tuple_(*oldest_first) > tuple_(*positions.decode_position(cursor)))
+    rows = list(await session.scalars(query.order_by(*oldest_first).limit(limit + 1)))
+    if len(rows) <= limit:
+        return rows, None
+    last = rows[limit - 1]
+    return rows[:limit], positions.encode_position(last.created_at, last.id)
 
 
 async def get_owned(session: AsyncSession, webhook_id: UUID, owner_key_id: UUID) -> Webhook:
@@ -79,15 +94,38 @@ async def revoke(session: AsyncSession, webhook: Webhook) -> None:
     await session.refresh(webhook)
 
 
+async def delete_revoked(session: AsyncSession, webhook_id: UUID, owner_key_id: UUID) -> None:
+    """Delete the owner's webhook and its rejections, in the caller's transaction; NotFound
+    for another key's or an unknown one, WebhookNotRevoked unless it was revoked (a live
+    one's deliveries would turn into 404s the tool never reports). The row is held first, so
+    a delivery under way (`find` holds it too) ends before, and one that comes after finds
+    no webhook."""
+    revoked_at = (
+        await session.execute(
+            select(Webhook.revoked_at)
+            .where(Webhook.id == webhook_id, Webhook.owner_key_id == owner_key_id)
+            .with_for_update()
+        )
+    ).one_or_none()
+    if revoked_at is None:
+        raise NotFound("no such webhook")
+    if revoked_at[0] is None:
+        raise WebhookNotRevoked("revoke the webhook first (POST /v1/webhooks/{id}/revoke)")
+    await session.execute(delete(WebhookRejection).where(WebhookRejection.webhook_id == webhook_id))
+    await session.execute(delete(Webhook).where(Webhook.id == webhook_id))
+
+
 async def find(session: AsyncSession, webhook_id: UUID, source: str) -> tuple[Webhook, bool]:
     """The webhook a delivery is addressed to, and whether its owner key was revoked;
     NotFound for an unknown one (which tells a caller without its secret nothing about
-    anyone's data)."""
+    anyone's data). The webhook is held (FOR KEY SHARE: a revocation still goes ahead) until
+    the caller's transaction ends, so that a deletion waits for the delivery."""
     found = (
         await session.execute(
             select(Webhook, ApiKey.revoked_at.is_not(None))
             .join(ApiKey, ApiKey.id == Webhook.owner_key_id)
             .where(Webhook.id == webhook_id, Webhook.source == source)
+            .with_for_update(read=True, key_share=True, of=Webhook)
         )
     ).one_or_none()
     if found is None:
@@ -114,7 +152,11 @@ async def record_rejection(
     """Keep a refused delivery (its body only if it was authenticated: the owner's data; a
     NUL in it as U+FFFD, which PostgreSQL text can hold), and drop the webhook's rejections
     beyond the newest KEPT_REJECTIONS, or, of those refused for their secret, beyond the
-    newest KEPT_UNAUTHORIZED."""
+    newest KEPT_UNAUTHORIZED. NotFound if the webhook was deleted since the delivery found it
+    (its refusal rolled back, and with it the hold `find` took): nothing is kept of it."""
+    held = select(Webhook.id).where(Webhook.id == webhook_id).with_for_update(read=True, key_share=True)
+    if await session.scalar(held) is None:
+        raise NotFound("no such webhook")
     unauthorized = code == Unauthorized.code
     same_kind = (WebhookRejection.code == Unauthorized.code) == unauthorized
     session.add(
