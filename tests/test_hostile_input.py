@@ -417,12 +417,15 @@ async def test_text_of_millions_of_lines_is_not_split_at_once_so_healthz_answers
 
 
 def test_a_flagged_thought_is_read_in_linear_time_whatever_its_length() -> None:
+    """Searched for its trailing number by a regular expression, this thought took 105 s of
+    CPU; read in linear time, well under a millisecond. This thread's CPU, not wall-clock time:
+    on a loaded machine a preemption alone can outlast the bound."""
     problems: list[str] = []
-    started = time.perf_counter()
+    started = time.thread_time()
 
     fields = Answers(flagged_thoughts=["1" * 40_000 + "x", "Thought 3", "2 "]).read("annotation 1", problems)
 
-    assert time.perf_counter() - started < 0.05
+    assert time.thread_time() - started < 0.05
     assert fields["flagged_thoughts"] == [2, 3]
     assert problems == [f"annotation 1: flagged thought '{'1' * 56}... is not a thought number"]
 
