@@ -312,13 +312,14 @@ async def eventually(check: Callable[[], Awaitable[Any]], timeout_s: float = 30,
 
 
 async def longest_loop_pause(
-    work: Awaitable[T], clock: Callable[[], float] = time.perf_counter
+    work: Awaitable[T], clock: Callable[[], float] = time.thread_time
 ) -> tuple[T, float]:
     """`work`'s result, and the longest the event loop went without running another task
     meanwhile: how long a route running in-process held up every other request. This
-    process's garbage collections are off, so that they do not count as the route's. With
-    `clock=time.thread_time`, the loop thread's CPU in that time: what the route held the loop
-    for, without the time other processes took the core meanwhile."""
+    process's garbage collections are off, so that they do not count as the route's. Measured
+    by default as the loop thread's CPU in that time: what the route held the loop for,
+    without the time other processes took the core meanwhile (with 10 runnable processes on 2
+    cores, a route that held the loop for 0.06 s of CPU paused it for 0.24 s of wall clock)."""
     task = asyncio.ensure_future(work)
     longest = 0.0
     gc.disable()

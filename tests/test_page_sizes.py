@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from typing import Any
 from uuid import UUID
 
@@ -27,8 +26,9 @@ ROWS = 500  # the largest `limit`
 LONGEST_PROMPT_CHARS = 20_000
 EURO = "€"  # three bytes of UTF-8: a text of the longest prompt's length is 60,000 bytes
 # A page of 500 such rows (30-60 MB) held the loop 0.18-0.2 s; a page of 2 MB holds it some
-# 0.01-0.025 s, with room here for a machine busy with other work.
-HELD_AT_MOST_S = 0.1
+# 0.01-0.025 s of CPU (0.008-0.011 s with 10 processes sharing 2 cores, whose wall-clock
+# pauses reached 0.04 s). Near the two's geometric mean.
+HELD_AT_MOST_S = 0.06
 
 
 def long_text(position: ColumnElement[int]) -> ColumnElement[str]:
@@ -45,7 +45,7 @@ async def first_page_within_bounds(api: httpx.AsyncClient, auth: Headers, path: 
     response, paused = await longest_loop_pause(api.get(path, params={"limit": ROWS}, headers=auth))
     assert response.status_code == 200, response.text
     assert len(response.content) <= PAGE_ROW_BYTES
-    assert paused < HELD_AT_MOST_S, f"the event loop was held {paused:.3f} s"
+    assert paused < HELD_AT_MOST_S, f"the event loop was held for {paused:.3f} s of CPU"
 
 
 async def every_page(
@@ -257,9 +257,7 @@ async def test_a_page_of_500_jobs_reads_none_of_their_duplicates_reports(
             insert(table).from_select(["id", "created_at", *(c.name for c in copied)], like_it)
         )
 
-    response, held = await longest_loop_pause(
-        api.get("/v1/jobs", params={"limit": 500}, headers=auth), clock=time.thread_time
-    )
+    response, held = await longest_loop_pause(api.get("/v1/jobs", params={"limit": 500}, headers=auth))
 
     assert response.status_code == 200, response.text
     assert len(response.json()["data"]) == 500

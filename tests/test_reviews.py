@@ -34,6 +34,9 @@ from tests.test_quality_api import a_grade, completed, finished_job
 
 Headers = dict[str, str]
 T0 = datetime(2026, 5, 1, 9, 0, tzinfo=UTC)
+# Of the loop's CPU, reading the reviews below: 0.12-0.18 s all at once; a batch at a time,
+# 0.02 s with 10 processes on 2 cores (whose wall-clock pauses reached 0.1 s).
+HELD_AT_MOST_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -287,7 +290,7 @@ async def test_a_job_of_a_hundred_thousand_reviews_is_summarised_with_the_event_
 
     assert response.status_code == 200, response.text
     assert response.json()["reviews"]["accepted"] == 100_000
-    assert paused < 0.15, f"the event loop was held {paused:.2f} s"
+    assert paused < HELD_AT_MOST_S, f"the event loop was held for {paused:.3f} s of CPU"
 
 
 # --- a job's summary ------------------------------------------------------------------------------
