@@ -102,13 +102,14 @@ async def test_dead_holders_slot_frees_itself_after_its_lease(redis: Redis, key_
         textwrap.dedent(
             f"""
             import asyncio
+            import time
             from redis.asyncio import Redis
             from app.llm.limits import CUT_SHARE, WINDOW, EndpointLimiter
 
             async def hold_forever():
                 limiter = EndpointLimiter(Redis.from_url({REDIS_URL!r}), {key_prefix!r})
                 async with limiter.slot("default", 1, {lease_s}):
-                    print("acquired", flush=True)
+                    print(time.monotonic(), flush=True)
                     await asyncio.sleep(3600)
 
             asyncio.run(hold_forever())
@@ -119,8 +120,9 @@ async def test_dead_holders_slot_frees_itself_after_its_lease(redis: Redis, key_
     )
     assert holder.stdout is not None
     try:
-        assert await asyncio.wait_for(holder.stdout.readline(), timeout=10) == b"acquired\n"
-        acquired_at = time.monotonic()
+        # Stamped by the holder (CLOCK_MONOTONIC is the machine's): this process, on a loaded
+        # machine, may read the line a tenth of a second late.
+        acquired_at = float(await asyncio.wait_for(holder.stdout.readline(), timeout=10))
     finally:
         holder.send_signal(signal.SIGKILL)  # no finally blocks, no release: a crash
         await holder.wait()
@@ -129,7 +131,9 @@ async def test_dead_holders_slot_frees_itself_after_its_lease(redis: Redis, key_
     async with asyncio.timeout(lease_s + 2), limiter.slot("default", 1, lease_s):
         freed_after = time.monotonic() - acquired_at
 
-    assert lease_s - 0.1 <= freed_after <= lease_s + 0.3
+    # Not freed when its holder died (0 s), nor a lease late (2 s); up to 0.13 s late was seen
+    # with 14 processes on 2 cores.
+    assert lease_s - 0.1 <= freed_after <= lease_s + 0.5
 
 
 async def test_slot_is_released_on_normal_exit(redis: Redis, key_prefix: str) -> None:
