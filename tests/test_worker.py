@@ -17,7 +17,7 @@ import pytest
 from arq.connections import ArqRedis, create_pool
 from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from app.config import Settings
 from app.events import stream_key
@@ -381,6 +381,38 @@ async def test_an_item_fails_llm_unavailable_once_the_llm_was_unavailable_to_it_
     assert item.finished_at and item.llm_unavailable_since
     assert (item.finished_at - item.llm_unavailable_since).total_seconds() > max_outage_s
     assert item.outage_claims == item.attempts - 1, "every claim but the last was put back"
+
+
+async def test_an_item_past_a_thousand_outage_claims_is_still_deferred_by_its_back_off(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    scripted_llm: ScriptedLLM,
+    arq_redis: ArqRedis,
+) -> None:
+    # Outage claims are bounded by time alone: an item can pass a thousand of them (days at
+    # the longest back-off), where the back-off's 2 ** attempt is too large for a float.
+    # That claim's arq job failed with an OverflowError instead of being deferred.
+    scripted_llm.script("intent_decomposition", *[http_error(503)] * (settings.llm_max_retries + 1))
+    job_id = await submit(api, auth, ["What is the capital of Peru?"])
+    item_id = (await one_item(sessions, job_id)).id
+    async with sessions.begin() as session:
+        long_outage = update(Item).where(Item.id == item_id).values(attempts=1100, outage_claims=1100)
+        await session.execute(long_outage)
+
+    worker = asyncio.create_task(run_worker_burst(settings))
+    try:
+        item = await eventually(lambda: _ended_claims(sessions, item_id, 1101), what="the claim ended")
+        retry = await eventually(
+            lambda: arq_redis.zrange(settings.queue_name, 0, -1), timeout_s=5, what="its deferred run"
+        )
+    finally:
+        worker.cancel()
+        await asyncio.gather(worker, return_exceptions=True)
+
+    assert (item.status, item.outage_claims, item.failures) == ("queued", 1101, 0)
+    assert len(retry) == 1
 
 
 async def test_cancelling_a_job_stops_its_running_item(

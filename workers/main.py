@@ -406,7 +406,10 @@ async def _on_claim_lost(sessions: Sessions, claim: items.Claim, watch: asyncio.
 
 
 def _backoff_s(settings: Settings, attempt: int) -> float:
-    return min(300.0, settings.item_retry_base_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+    # The doubling stops long after any base reaches the cap: an item an outage puts back for
+    # days passes a thousand claims, and 2 ** 1024 is too large for a float.
+    doublings = min(attempt - 1, 64)
+    return min(300.0, settings.item_retry_base_s * 2**doublings) * random.uniform(0.5, 1.0)
 
 
 async def _sweep_forever(worker: Worker) -> None:
