@@ -240,24 +240,32 @@ def comparison_out(
     """The comparison with its report (app.reports.comparison_stats' figures: per judge, in the
     plan's order; their agreement; per metric)."""
     return ComparisonOut(
-        id=job.id,
-        status=summary["status"],
-        created_at=job.created_at,
-        label=job.label,
-        metadata=job.job_metadata,
+        **_job_fields(job, summary),
         baseline_job_id=plan.baseline_job_id,
         candidate_job_id=plan.candidate_job_id,
         mismatches=list(plan.mismatches),
         prompts=job.item_count,
-        counts=summary["counts"],
         metrics=report["metrics"],
         judges=[
             {"judge": asdict(judge), **results}
             for judge, results in zip(plan.judges, report["judges"], strict=True)
         ],
         agreement=report["agreement"],
-        usage=summary["usage"],
     )
+
+
+def _job_fields(job: Job, summary: dict[str, Any]) -> dict[str, Any]:
+    """The fields a comparison and an evaluation show alike: the job's, and its summary's
+    status, counts and usage (jobs.summary)."""
+    return {
+        "id": job.id,
+        "status": summary["status"],
+        "created_at": job.created_at,
+        "label": job.label,
+        "metadata": job.job_metadata,
+        "counts": summary["counts"],
+        "usage": summary["usage"],
+    }
 
 
 def _registered(row: PolicySetRow | PromptSetRow) -> dict[str, Any]:
@@ -302,20 +310,14 @@ def model_evaluation_out(
     table: list[dict[str, Any]],
 ) -> ModelEvaluationOut:
     return ModelEvaluationOut(
-        id=job.id,
-        status=summary["status"],
-        created_at=job.created_at,
-        label=job.label,
-        metadata=job.job_metadata,
+        **_job_fields(job, summary),
         targets=[target.model_dump() for target in plan.targets],
         safety_judge=plan.safety_judge.model_dump(mode="json"),
         refusal_judge=asdict(plan.refusal_judge),
         policy_set=policy_set_brief(policy_set),
         prompt_set=prompt_set and prompt_set_brief(prompt_set),
-        counts=summary["counts"],
         by_target=by_target,
         table=table,
-        usage=summary["usage"],
     )
 
 
@@ -421,17 +423,11 @@ def sample_evaluation_out(
 ) -> SampleEvaluationOut:
     """`report`: the figures of the roles the plan asks for (grades, guard, pairwise)."""
     return SampleEvaluationOut(
-        id=job.id,
-        status=summary["status"],
-        created_at=job.created_at,
-        label=job.label,
-        metadata=job.job_metadata,
+        **_job_fields(job, summary),
         policy_set=policy_set_brief(policy_set),
         prompt_set=prompt_set and prompt_set_brief(prompt_set),
         config=plan.model_dump(mode="json"),
         samples=job.item_count,
-        counts=summary["counts"],
-        usage=summary["usage"],
         grades=grade_report(report["grades"]) if "grades" in report else None,
         guard=guard_report(report["guard"]) if "guard" in report else None,
         pairwise=pairwise_report(plan.against_job_id, report["pairwise"]) if "pairwise" in report else None,
