@@ -103,15 +103,12 @@ async def create_comparison(
     )
     job, new_item_ids = await comparisons.create(
         session,
-        owner_key_id=key.id,
+        submission.job_request(
+            key.id, jobs.Labels(body.label, body.metadata), await RequestHash.of(body), callback
+        ),
         baseline=baseline,
         candidate=candidate,
         plan=plan,
-        labels=jobs.Labels(body.label, body.metadata),
-        idempotency_key=submission.idempotency_key,
-        request_hash=await RequestHash.of(body),
-        callback=callback,
-        max_open_jobs=settings.max_open_jobs_per_key,
     )
     await submission.accept(job, new_item_ids)
     shown = await _comparison_out(session, job)

@@ -95,16 +95,13 @@ async def submit_job(
     plan, found, kept = planned.plan, planned.found, planned.kept
     job, new_item_ids = await jobs.submit(
         session,
-        owner_key_id=key.id,
+        submission.job_request(
+            key.id, jobs.Labels(body.label, body.metadata), await RequestHash.of(body), callback
+        ),
         policy_set_id=planned.policy_set.id,
         prompt_set_id=planned.prompt_set.id,
         plan=plan,
         items=[jobs.NewItem(position, p.prompt, p.metadata) for position, p in kept],
-        labels=jobs.Labels(body.label, body.metadata),
-        idempotency_key=submission.idempotency_key,
-        request_hash=await RequestHash.of(body),
-        callback=callback,
-        max_open_jobs=settings.max_open_jobs_per_key,
         duplicates=found.model_dump(mode="json"),
         budget=body.budget,
     )

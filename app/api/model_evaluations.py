@@ -94,16 +94,13 @@ async def create_model_evaluation(
     )
     job, new_item_ids = await model_evaluations.create(
         session,
-        owner_key_id=key.id,
+        submission.job_request(
+            key.id, jobs.Labels(body.label, body.metadata), await RequestHash.of(body), callback
+        ),
         policy_set_id=policy_set.id,
         prompt_set_id=prompt_set.id,
         plan=plan,
         cases=cases,
-        labels=jobs.Labels(body.label, body.metadata),
-        idempotency_key=submission.idempotency_key,
-        request_hash=await RequestHash.of(body),
-        callback=callback,
-        max_open_jobs=settings.max_open_jobs_per_key,
     )
     await submission.accept(job, new_item_ids)
     shown = await evaluation_out(session, job)

@@ -185,16 +185,11 @@ async def _submit(
     )
     job, new_item_ids = await sample_evaluations.submit(
         session,
-        owner_key_id=key_id,
+        submission.job_request(key_id, jobs.Labels(options.label, options.metadata), request_hash, callback),
         policy_set_id=policy_set.id,
         prompt_set_id=prompt_set.id,
         plan=plan,
         samples=samples,
-        labels=jobs.Labels(options.label, options.metadata),
-        idempotency_key=submission.idempotency_key,
-        request_hash=request_hash,
-        callback=callback,
-        max_open_jobs=settings.max_open_jobs_per_key,
     )
     await submission.accept(job, new_item_ids)
     shown = await evaluation_out(session, job)

@@ -17,7 +17,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.api.deps import ArqDep, SessionDep, SettingsDep
 from app.api.errors import documented
 from app.config import Settings
+from app.idempotency import RequestHash
 from app.queue import enqueue_items
+from app.store import jobs
 from app.store.models import Job
 
 log = logging.getLogger("aidsafe.api")
@@ -48,6 +50,23 @@ class Submission:
         if not new_item_ids:
             self._response.status_code = status.HTTP_200_OK
         await enqueue_committed(self._arq, self.settings, job, [(item_id, 1) for item_id in new_item_ids])
+
+    def job_request(
+        self,
+        owner_key_id: UUID,
+        labels: jobs.Labels,
+        request_hash: RequestHash,
+        callback: jobs.NewCallback | None,
+    ) -> jobs.JobRequest:
+        """This request's terms for the job it makes, under the server's cap on open jobs."""
+        return jobs.JobRequest(
+            owner_key_id,
+            labels,
+            self.idempotency_key,
+            request_hash,
+            callback,
+            self.settings.max_open_jobs_per_key,
+        )
 
 
 async def _submission(

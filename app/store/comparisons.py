@@ -14,7 +14,6 @@ from sqlalchemy.orm import aliased
 
 from app.deliberation.results import METRICS
 from app.errors import NoCommonPrompts, NotFound
-from app.idempotency import RequestHash
 from app.plan import ComparisonPlan
 from app.store import jobs, quality
 from app.store.models import Cot, Item, Job, Judgement
@@ -22,16 +21,11 @@ from app.store.models import Cot, Item, Job, Judgement
 
 async def create(
     session: AsyncSession,
+    request: jobs.JobRequest,
     *,
-    owner_key_id: UUID,
     baseline: Job,
     candidate: Job,
     plan: ComparisonPlan,
-    labels: jobs.Labels,
-    idempotency_key: str | None,
-    request_hash: RequestHash,
-    callback: jobs.NewCallback | None,
-    max_open_jobs: int,
 ) -> tuple[Job, list[UUID]]:
     """A comparison job whose items are the prompts both jobs have a CoT for (matched by
     exact text; the first by position among duplicates), in the baseline's order, written in
@@ -40,17 +34,12 @@ async def create(
     words of its prompt set."""
     job, created = await jobs.create(
         session,
-        owner_key_id=owner_key_id,
+        request,
         policy_set_id=candidate.policy_set_id,
         prompt_set_id=candidate.prompt_set_id,
         plan=plan,
         item_count=0,  # known once the matching rows are in
-        labels=labels,
-        idempotency_key=idempotency_key,
         idempotency_scope="comparisons",
-        request_hash=request_hash,
-        callback=callback,
-        max_open_jobs=max_open_jobs,
     )
     if not created:
         return job, []

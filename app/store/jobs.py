@@ -65,20 +65,29 @@ class Labels:
     metadata: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class JobRequest:
+    """What a submit request gives the job it makes, whatever the job's kind: its owner and
+    labels, the request's Idempotency-Key and hash, the callback, and the owner's cap on open
+    jobs."""
+
+    owner_key_id: UUID
+    labels: Labels
+    idempotency_key: str | None
+    request_hash: RequestHash
+    callback: NewCallback | None
+    max_open_jobs: int
+
+
 async def submit(
     session: AsyncSession,
+    request: JobRequest,
     *,
-    owner_key_id: UUID,
     policy_set_id: UUID,
     prompt_set_id: UUID,
     plan: GenerationPlan,
     items: Sequence[NewItem],
-    labels: Labels,
-    idempotency_key: str | None,
-    request_hash: RequestHash,
-    callback: NewCallback | None,
     duplicates: dict[str, Any],
-    max_open_jobs: int,
     budget: Budget | None = None,
 ) -> tuple[Job, list[UUID]]:
     """Write the job and all its items in the caller's transaction.
@@ -87,17 +96,12 @@ async def submit(
     """
     job, created = await create(
         session,
-        owner_key_id=owner_key_id,
+        request,
         policy_set_id=policy_set_id,
         prompt_set_id=prompt_set_id,
         plan=plan,
         item_count=len(items),
-        labels=labels,
-        idempotency_key=idempotency_key,
         idempotency_scope="jobs",
-        request_hash=request_hash,
-        callback=callback,
-        max_open_jobs=max_open_jobs,
         duplicates=duplicates,
         budget=budget,
     )
@@ -127,18 +131,13 @@ async def copy_items(
 
 async def create(
     session: AsyncSession,
+    request: JobRequest,
     *,
-    owner_key_id: UUID,
     policy_set_id: UUID,
     prompt_set_id: UUID | None,
     plan: JobPlan,
     item_count: int,
-    labels: Labels,
-    idempotency_key: str | None,
     idempotency_scope: IdempotencyScope,
-    request_hash: RequestHash,
-    callback: NewCallback | None,
-    max_open_jobs: int,
     duplicates: dict[str, Any] | None = None,
     budget: Budget | None = None,
 ) -> tuple[Job, bool]:
@@ -146,31 +145,34 @@ async def create(
 
     A repeated Idempotency-Key (in the same scope) with the same request returns the first
     job and False; with a different request it is a conflict, never a silent second job.
-    A new job when the key has `max_open_jobs` open already is LimitReached (a replay is not).
+    A new job when the key has `request.max_open_jobs` open already is LimitReached (a replay
+    is not).
     """
     # Held first: a replay sent while its first request is under way waits for that request's
     # commit, and finds its job, rather than being counted against the cap.
-    await keys.hold(session, owner_key_id)
-    if idempotency_key:
-        existing = await _by_idempotency_key(session, owner_key_id, idempotency_scope, idempotency_key)
+    await keys.hold(session, request.owner_key_id)
+    if request.idempotency_key:
+        existing = await _by_idempotency_key(
+            session, request.owner_key_id, idempotency_scope, request.idempotency_key
+        )
         if existing:
-            return await _same_request(existing, request_hash), False
+            return await _same_request(existing, request.request_hash), False
     await key_limits.refuse_at_cap(
-        session, key_limits.OPEN_JOBS, max_open_jobs, key_limits.open_jobs(owner_key_id)
+        session, key_limits.OPEN_JOBS, request.max_open_jobs, key_limits.open_jobs(request.owner_key_id)
     )
     job = Job(
-        owner_key_id=owner_key_id,
+        owner_key_id=request.owner_key_id,
         policy_set_id=policy_set_id,
         prompt_set_id=prompt_set_id,
         plan=plan,
-        idempotency_key=idempotency_key,
+        idempotency_key=request.idempotency_key,
         idempotency_scope=idempotency_scope,
-        request_hash=request_hash.value,
+        request_hash=request.request_hash.value,
         item_count=item_count,
-        callback_url=callback.url if callback else None,
-        callback_secret=callback.secret if callback else None,
-        label=labels.label,
-        job_metadata=labels.metadata,
+        callback_url=request.callback.url if request.callback else None,
+        callback_secret=request.callback.secret if request.callback else None,
+        label=request.labels.label,
+        job_metadata=request.labels.metadata,
         duplicates=duplicates,
         budget_max_cost_usd=budget.max_cost_usd if budget else None,
         budget_max_tokens=budget.max_tokens if budget else None,
@@ -180,10 +182,12 @@ async def create(
             session.add(job)
             await session.flush()
     except IntegrityError:  # a concurrent POST with the same key won the race
-        existing = await _by_idempotency_key(session, owner_key_id, idempotency_scope, idempotency_key or "")
+        existing = await _by_idempotency_key(
+            session, request.owner_key_id, idempotency_scope, request.idempotency_key or ""
+        )
         if existing is None:
             raise
-        return await _same_request(existing, request_hash), False
+        return await _same_request(existing, request.request_hash), False
     return job, True
 
 

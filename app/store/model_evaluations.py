@@ -14,7 +14,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.deliberation.ports import Stage
 from app.deliberation.results import JudgedAnswer
 from app.errors import NotFound
-from app.idempotency import RequestHash
 from app.plan import ModelEvaluationPlan
 from app.store import jobs
 from app.store.db import Sessions, copy_rows
@@ -36,17 +35,12 @@ class NewCase:
 
 async def create(
     session: AsyncSession,
+    request: jobs.JobRequest,
     *,
-    owner_key_id: UUID,
     policy_set_id: UUID,
     prompt_set_id: UUID,
     plan: ModelEvaluationPlan,
     cases: Sequence[NewCase],
-    labels: jobs.Labels,
-    idempotency_key: str | None,
-    request_hash: RequestHash,
-    callback: jobs.NewCallback | None,
-    max_open_jobs: int,
 ) -> tuple[Job, list[UUID]]:
     """The job, an item per (case, target) and its answer row, in the caller's transaction.
     Returns (job, new item ids: empty for a replay).
@@ -59,17 +53,12 @@ async def create(
     targets = len(plan.targets)
     job, created = await jobs.create(
         session,
-        owner_key_id=owner_key_id,
+        request,
         policy_set_id=policy_set_id,
         prompt_set_id=prompt_set_id,
         plan=plan,
         item_count=len(cases) * targets,
-        labels=labels,
-        idempotency_key=idempotency_key,
         idempotency_scope="model_evaluation",
-        request_hash=request_hash,
-        callback=callback,
-        max_open_jobs=max_open_jobs,
     )
     if not created:
         return job, []
@@ -81,7 +70,16 @@ async def create(
         ModelAnswer.__tablename__,
         ["id", "item_id", "job_id", "owner_key_id", "target", "benchmark", "category", "expected"],
         [
-            (uuid4(), item_id, job.id, owner_key_id, target, case.benchmark, case.category, case.expected)
+            (
+                uuid4(),
+                item_id,
+                job.id,
+                request.owner_key_id,
+                target,
+                case.benchmark,
+                case.category,
+                case.expected,
+            )
             for item_id, (case, target) in zip(ids, asked, strict=True)
         ],
     )

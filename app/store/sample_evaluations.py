@@ -14,7 +14,6 @@ from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import InvalidConfig, NoCommonPrompts, NotFound
-from app.idempotency import RequestHash
 from app.plan import ComparisonPlan, SampleEvaluationPlan
 from app.sample_files import Sample
 from app.store import jobs, quality
@@ -24,17 +23,12 @@ from app.store.models import Cot, ImportedSample, Item, Job, SampleEvaluation
 
 async def submit(
     session: AsyncSession,
+    request: jobs.JobRequest,
     *,
-    owner_key_id: UUID,
     policy_set_id: UUID,
     prompt_set_id: UUID,
     plan: SampleEvaluationPlan,
     samples: Sequence[Sample],
-    labels: jobs.Labels,
-    idempotency_key: str | None,
-    request_hash: RequestHash,
-    callback: jobs.NewCallback | None,
-    max_open_jobs: int,
 ) -> tuple[Job, list[UUID]]:
     """Write the job, an item and a sample row per sample, and (with a judge) each item's
     link to the other set's sample of its prompt, all in the caller's transaction: nothing
@@ -46,17 +40,12 @@ async def submit(
         await jobs.hold(session, plan.against_job_id)
     job, created = await jobs.create(
         session,
-        owner_key_id=owner_key_id,
+        request,
         policy_set_id=policy_set_id,
         prompt_set_id=prompt_set_id,
         plan=plan,
         item_count=len(samples),
-        labels=labels,
-        idempotency_key=idempotency_key,
         idempotency_scope="samples",
-        request_hash=request_hash,
-        callback=callback,
-        max_open_jobs=max_open_jobs,
     )
     if not created:
         return job, []
