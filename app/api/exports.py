@@ -10,6 +10,7 @@ from fastapi.responses import StreamingResponse
 
 from app.api.deps import OwnedJob, ReadsHazardous, SessionDep
 from app.api.errors import InvalidRequest, documented
+from app.api.jobs import min_gap_query
 from app.errors import InvalidFilter, MissingScope
 from app.exports.formats import FORMATS, JSON
 from app.exports.options import CotStyle, ExportOptions, parse_min_scores
@@ -71,12 +72,9 @@ async def export_job(
     ] = False,
     min_gap: Annotated[
         float | None,
-        Query(
-            ge=-4,
-            le=4,
-            allow_inf_nan=False,  # NaN would be refused as "at most 4"
-            description="Pair formats (`trl_dpo`): only pairs with at least this policy-faithfulness gap. "
-            "Default: the job's `pairs.min_gap`.",
+        min_gap_query(
+            "Pair formats (`trl_dpo`): only pairs with at least this policy-faithfulness gap. "
+            "Default: the job's `pairs.min_gap`."
         ),
     ] = None,
 ) -> StreamingResponse:

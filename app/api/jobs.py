@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import asdict, dataclass, replace
-from typing import Annotated
+from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, Query, status
@@ -50,6 +50,7 @@ from app.costs import check_budget, estimate
 from app.deliberation.policies import PolicySet
 from app.deliberation.prompt_sets import BUILTIN_NAME
 from app.deliberation.prompting import PromptSet
+from app.deliberation.results import GAP_SCALE
 from app.duplicates import DuplicatesOut
 from app.idempotency import RequestHash
 from app.plan import GenerationPlan, check_job_fits, resolve
@@ -74,6 +75,13 @@ ERRORS = documented(401, 404, 422, 503)  # routes with an id in the path
 PAGE_ERRORS = documented(400, 401, 404, 422, 503)
 JOB_BODY = JsonBody[JobIn](JobIn, max_values=MAX_JOB_VALUES)
 LABELS_BODY = JsonBody[JobLabelsIn](JobLabelsIn, max_values=5_000)  # a label and 8 KiB of metadata
+
+
+def min_gap_query(description: str) -> Any:
+    """A `min_gap` query parameter: a policy-faithfulness gap, within the scale gaps have."""
+    low, high = GAP_SCALE
+    # Without allow_inf_nan, NaN would be refused as "at most 4".
+    return Query(ge=low, le=high, allow_inf_nan=False, description=description)
 
 
 @router.post(
@@ -270,12 +278,9 @@ async def list_preference_pairs(
     ] = None,
     min_gap: Annotated[
         float | None,
-        Query(
-            ge=-4,
-            le=4,
-            allow_inf_nan=False,  # NaN would be refused as "at most 4"
-            description="Only pairs with at least this policy-faithfulness gap, kept at it. Default: "
-            "no gap filter, and pairs are kept at the job's `pairs.min_gap`.",
+        min_gap_query(
+            "Only pairs with at least this policy-faithfulness gap, kept at it. Default: "
+            "no gap filter, and pairs are kept at the job's `pairs.min_gap`."
         ),
     ] = None,
     cursor: Cursor = None,
