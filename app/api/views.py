@@ -338,34 +338,30 @@ def prompt_set_detail(row: PromptSetRow) -> PromptSetDetailOut:
 
 
 def job_listed(listed: ListedJob) -> JobListed:
-    job = listed.job
-    return JobListed(
-        id=job.id,
-        kind=job.plan.mode,
-        status=listed.status,
-        created_at=job.created_at,
-        cancelled_at=job.cancelled_at,
-        label=job.label,
-        metadata=job.job_metadata,
-        counts=StatusCounts(total=job.item_count, by_status=listed.by_status),
-        cost_usd=job_cost(job.plan, listed.spent_usd),
-    )
+    return JobListed(**_listed_fields(listed), kind=listed.job.plan.mode)
 
 
 def comparison_listed(listed: ListedJob, plan: ComparisonPlan) -> ComparisonListed:
-    job = listed.job
     return ComparisonListed(
-        id=job.id,
-        status=listed.status,
-        created_at=job.created_at,
-        cancelled_at=job.cancelled_at,
-        label=job.label,
-        metadata=job.job_metadata,
+        **_listed_fields(listed),
         baseline_job_id=plan.baseline_job_id,
         candidate_job_id=plan.candidate_job_id,
-        counts=StatusCounts(total=job.item_count, by_status=listed.by_status),
-        cost_usd=job_cost(job.plan, listed.spent_usd),
     )
+
+
+def _listed_fields(listed: ListedJob) -> dict[str, Any]:
+    """The fields a listed job and a listed comparison show alike."""
+    job = listed.job
+    return {
+        "id": job.id,
+        "status": listed.status,
+        "created_at": job.created_at,
+        "cancelled_at": job.cancelled_at,
+        "label": job.label,
+        "metadata": job.job_metadata,
+        "counts": StatusCounts(total=job.item_count, by_status=listed.by_status),
+        "cost_usd": job_cost(job.plan, listed.spent_usd),
+    }
 
 
 def grade_report(grades: dict[str, Any]) -> GradeReport:
