@@ -35,6 +35,7 @@ from app.api import (
     webhooks,
 )
 from app.api.draining import DRAINING
+from app.api.key_turns import KeyTurns
 from app.api.known_keys import KnownKeys
 from app.api.limits import BodySizeLimit
 from app.api.open_streams import OpenStreams
@@ -88,6 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 shipped,
                 Spending(arq, sessions, settings.redis_key_prefix),
                 OpenStreams(settings.events_max_streams_per_key, settings.events_max_streams),
+                KeyTurns(),
             ),
         )
         try:

@@ -27,11 +27,21 @@ Headers = dict[str, str]
 CAP = 2
 
 
+CAPS = {"max_open_jobs_per_key": CAP, "max_webhooks_per_key": CAP, "max_set_versions_per_key": CAP}
+
+
 @pytest.fixture
 async def capped(settings: Settings, sessions: Sessions) -> AsyncIterator[httpx.AsyncClient]:
     """The API with every per-key cap at CAP."""
-    caps = {"max_open_jobs_per_key": CAP, "max_webhooks_per_key": CAP, "max_set_versions_per_key": CAP}
-    async with api_client(settings.model_copy(update=caps)) as client:
+    async with api_client(settings.model_copy(update=CAPS)) as client:
+        yield client
+
+
+@pytest.fixture
+async def capped_elsewhere(settings: Settings, sessions: Sessions) -> AsyncIterator[httpx.AsyncClient]:
+    """A second API process with the same caps: a process's requests of one key take turns
+    before they reach Postgres (app/api/key_turns.py), two processes' meet only there."""
+    async with api_client(settings.model_copy(update=CAPS)) as client:
         yield client
 
 
@@ -78,32 +88,37 @@ async def test_jobs_of_every_mode_count_together(capped: httpx.AsyncClient, auth
 
 
 async def test_concurrent_submissions_of_one_key_take_the_last_place_once(
-    capped: httpx.AsyncClient, auth: Headers, sessions: Sessions
+    capped: httpx.AsyncClient, capped_elsewhere: httpx.AsyncClient, auth: Headers, sessions: Sessions
 ) -> None:
     assert (await capped.post("/v1/jobs", json={"prompts": ["a"]}, headers=auth)).status_code == 202
-    answers = await at_once(capped, sessions, [({"prompts": [f"p{n}"]}, auth) for n in range(2)])
+    requests = [({"prompts": [f"p{n}"]}, auth) for n in range(2)]
+    answers = await at_once([capped, capped_elsewhere], sessions, requests)
     assert sorted(r.status_code for r in answers) == [202, 409], [r.text for r in answers]
     assert len((await capped.get("/v1/jobs", headers=auth)).json()["data"]) == CAP
 
 
 async def test_a_replay_sent_while_its_request_is_under_way_is_answered_at_the_last_place(
-    capped: httpx.AsyncClient, auth: Headers, sessions: Sessions
+    capped: httpx.AsyncClient, capped_elsewhere: httpx.AsyncClient, auth: Headers, sessions: Sessions
 ) -> None:
     assert (await capped.post("/v1/jobs", json={"prompts": ["a"]}, headers=auth)).status_code == 202
     retried = ({"prompts": ["b"]}, {**auth, "Idempotency-Key": "retried"})
-    answers = await at_once(capped, sessions, [retried, retried])
+    answers = await at_once([capped, capped_elsewhere], sessions, [retried, retried])
     assert sorted(r.status_code for r in answers) == [200, 202], [r.text for r in answers]
     assert answers[0].json()["id"] == answers[1].json()["id"]
 
 
 async def at_once(
-    api: httpx.AsyncClient, sessions: Sessions, requests: list[tuple[dict[str, Any], Headers]]
+    apis: list[httpx.AsyncClient], sessions: Sessions, requests: list[tuple[dict[str, Any], Headers]]
 ) -> list[httpx.Response]:
-    """POST the jobs together, each held at its items' COPY (after its count and its job row)
-    until all wait in Postgres: none has committed when another counts, unless they take turns."""
+    """POST the jobs together, each to its own API process and held at its items' COPY (after
+    its count and its job row) until all wait in Postgres: none has committed when another
+    counts, unless they take turns on the key's row."""
     async with sessions() as blocker:
         await blocker.execute(text("LOCK TABLE items IN SHARE MODE"))
-        posts = [asyncio.create_task(api.post("/v1/jobs", json=b, headers=h)) for b, h in requests]
+        posts = [
+            asyncio.create_task(api.post("/v1/jobs", json=b, headers=h))
+            for api, (b, h) in zip(apis, requests, strict=True)
+        ]
         await eventually(lambda: waiting_for_locks(sessions, len(requests)), what="the submissions waiting")
         await blocker.rollback()
     return list(await asyncio.gather(*posts))
@@ -111,13 +126,18 @@ async def at_once(
 
 async def waiting_for_locks(sessions: Sessions, count: int) -> bool:
     """Whether `count` statements of this test's database wait for a lock."""
+    return await lock_waiters(sessions) == count
+
+
+async def lock_waiters(sessions: Sessions) -> int:
+    """How many statements of this test's database wait for a lock."""
     waiting = (
         select(func.count())
         .where(text("datname = current_database() AND wait_event_type = 'Lock'"))
         .select_from(text("pg_stat_activity"))
     )
     async with sessions() as session:
-        return await session.scalar(waiting) == count
+        return await session.scalar(waiting) or 0
 
 
 async def test_webhooks_are_refused_at_the_cap_until_one_is_revoked(

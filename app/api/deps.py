@@ -71,6 +71,17 @@ async def _current_key(
 CurrentKey = Annotated[ApiKey, Depends(_current_key)]
 
 
+async def _key_write_session(state: StateDep, key: CurrentKey) -> AsyncIterator[AsyncSession]:
+    async with state.key_turns.turn(key.id), state.sessions() as session:
+        yield session
+
+
+# The session of a request that locks its key's row (keys.hold), opened in the key's turn in
+# this process (app/api/key_turns.py): the key's other such requests wait without a connection.
+# Declare it after the body, which is then read before the turn, not while the key waits.
+KeyWriteSession = Annotated[AsyncSession, Depends(_key_write_session)]
+
+
 async def _reads_hazardous(key: CurrentKey) -> bool:
     return keys.reads_hazardous(key)
 

@@ -15,6 +15,7 @@ from app.api import views
 from app.api.bodies import JsonBody
 from app.api.deps import (
     CurrentKey,
+    KeyWriteSession,
     OwnedJob,
     PresetsDep,
     ReadsHazardous,
@@ -309,7 +310,7 @@ async def get_report(job: OwnedJob, session: SessionDep) -> ReportOut:
 
 @router.delete("/{job_id}", responses=documented(401, 404, 409, 422, 503))
 async def delete_job(
-    job_id: UUID, key: CurrentKey, session: SessionDep, summaries: SummariesDep, state: StateDep
+    job_id: UUID, key: CurrentKey, session: KeyWriteSession, summaries: SummariesDep, state: StateDep
 ) -> JobDeletionOut:
     """Delete a finished job (a comparison too) and everything derived from it: items,
     turns, CoTs, preference pairs, judgements, annotations, its progress events and its

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Response, status
 
 from app.api import views
 from app.api.bodies import JsonBody
-from app.api.deps import CurrentKey, SessionDep, SettingsDep
+from app.api.deps import CurrentKey, KeyWriteSession, SessionDep, SettingsDep
 from app.api.errors import documented
 from app.api.jobs import ERRORS
 from app.api.schemas import PolicySetDetailOut, PolicySetIn, PolicySetOut
@@ -40,7 +40,7 @@ async def register_policy_set(
     key: CurrentKey,
     body: Annotated[PolicySetIn, Depends(POLICY_SET_BODY)],
     response: Response,
-    session: SessionDep,
+    session: KeyWriteSession,
     settings: SettingsDep,
 ) -> PolicySetDetailOut:
     """Register a version. Versions never change: new content under a name is a new version,

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Response, status
 
 from app.api import views
 from app.api.bodies import JsonBody
-from app.api.deps import CurrentKey, SessionDep, SettingsDep
+from app.api.deps import CurrentKey, KeyWriteSession, SessionDep, SettingsDep
 from app.api.errors import documented
 from app.api.jobs import ERRORS
 from app.api.schemas import (
@@ -57,7 +57,7 @@ async def register_prompt_set(
     key: CurrentKey,
     body: Annotated[PromptSetIn, Depends(PROMPT_SET_BODY)],
     response: Response,
-    session: SessionDep,
+    session: KeyWriteSession,
     settings: SettingsDep,
 ) -> RegisteredPromptSetOut:
     """Register a version: every template the stages use (a full set), or with `base` the

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from arq.connections import ArqRedis
 from fastapi import FastAPI, Request
 
+from app.api.key_turns import KeyTurns
 from app.api.known_keys import KnownKeys
 from app.api.open_streams import OpenStreams
 from app.api.summaries import JobSummaries
@@ -27,6 +28,7 @@ class ApiState:
     presets: Presets
     spending: Spending  # what jobs with a budget have spent (read and reset by PATCH)
     open_streams: OpenStreams  # progress streams open now, per API key
+    key_turns: KeyTurns  # whose turn it is to lock each key's row (KeyWriteSession)
 
 
 def install(app: FastAPI, state: ApiState) -> None:

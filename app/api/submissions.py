@@ -14,7 +14,7 @@ from fastapi import Depends, Header, Response, status
 from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.api.deps import ArqDep, SessionDep, SettingsDep
+from app.api.deps import ArqDep, KeyWriteSession, SettingsDep
 from app.api.errors import documented
 from app.config import Settings
 from app.idempotency import RequestHash
@@ -36,7 +36,8 @@ def submit_responses(submitted: type[BaseModel], *errors: int) -> dict[int | str
 
 @dataclass(frozen=True)
 class Submission:
-    """A submit request's session and idempotency key, and how to accept what it made."""
+    """A submit request's session (opened in its key's turn: KeyWriteSession) and idempotency
+    key, and how to accept what it made."""
 
     session: AsyncSession
     settings: Settings
@@ -70,7 +71,7 @@ class Submission:
 
 
 async def _submission(
-    session: SessionDep,
+    session: KeyWriteSession,
     settings: SettingsDep,
     arq: ArqDep,
     response: Response,

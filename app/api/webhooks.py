@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 
 from app.api.annotations import IMPORT_ERRORS, LABEL_STUDIO_EVENT, ImportOut, import_out
 from app.api.bodies import JsonBody
-from app.api.deps import CurrentKey, SessionDep, SettingsDep
+from app.api.deps import CurrentKey, KeyWriteSession, SessionDep, SettingsDep
 from app.api.errors import documented
 from app.api.jobs import Cursor, Limit
 from app.api.schemas import LABEL_PATTERN, ErrorOut
@@ -123,10 +123,10 @@ def _listed(webhook: Webhook, delivery_url: Callable[[UUID], str]) -> WebhookOut
 )
 async def create_webhook(
     request: Request,
-    session: SessionDep,
     settings: SettingsDep,
     key: CurrentKey,
     body: Annotated[NewWebhookIn, Depends(NEW_WEBHOOK)],
+    session: KeyWriteSession,
 ) -> WebhookCreatedOut:
     """A webhook for one tool instance (make one per Label Studio instance). Its deliveries
     may carry reviews of this key's items only. 409 `limit_reached` if the key has

@@ -3,7 +3,8 @@ calls), live webhooks, and policy and prompt set versions, each up to a setting.
 
 The caller holds the key's row (keys.hold) from the count until its transaction commits the
 row it adds: two requests of one key at the same time take turns, and cannot both take the
-last place; other keys' requests never wait."""
+last place; other keys' requests never wait. (In one API process they take turns before
+they take a connection: app/api/key_turns.py.)"""
 
 from __future__ import annotations
 

@@ -63,7 +63,8 @@ async def is_live(session: AsyncSession, key_id: UUID) -> bool:
 async def hold(session: AsyncSession, key_id: UUID) -> None:
     """Lock the key's row until the caller's transaction ends (FOR NO KEY UPDATE), so that the
     key's requests that count or number its rows take turns. The inserts of rows naming the
-    key lock it FOR KEY SHARE only: they do not wait."""
+    key lock it FOR KEY SHARE only: they do not wait. API routes open the session in the key's
+    turn (KeyWriteSession), so the key's requests do not wait here, each on a connection."""
     await session.execute(select(ApiKey.id).where(ApiKey.id == key_id).with_for_update(key_share=True))
 
 

@@ -1,0 +1,87 @@
+"""One API key's requests that lock its row (submissions, webhooks, set versions, deletions)
+wait for their turn in the API process before they take a database connection
+(app/api/key_turns.py): a key's burst cannot hold the pool while it waits on its own row, and
+other keys' requests are answered meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from uuid import uuid4
+
+from sqlalchemy import select
+
+from app.api.key_turns import KeyTurns
+from app.config import Settings
+from app.store import keys
+from app.store.db import Sessions
+from app.store.models import ApiKey
+from tests.conftest import api_client, eventually, new_key, submit
+from tests.test_api import error_of
+from tests.test_key_limits import lock_waiters
+
+POOL = 20  # the API's Postgres connections (make_engine's default)
+BURST = POOL + 5
+CAP = 10  # the noisy key's open jobs: the burst past it is refused, not lost
+# How long the other key's requests may take. They take tens of ms, some 100s on a busy
+# machine; before the turns they waited as long as the noisy key's row was held (for good here).
+PROMPT_S = 5.0
+
+
+async def test_a_keys_burst_waiting_on_its_row_leaves_connections_to_other_keys(
+    settings: Settings, sessions: Sessions
+) -> None:
+    noisy, other = await new_key(sessions, "noisy"), await new_key(sessions, "other")
+    async with api_client(settings.model_copy(update={"max_open_jobs_per_key": CAP})) as api:
+        job_id = await submit(api, other, ["hello"])
+        async with row_held(sessions, noisy):
+            burst = [
+                asyncio.create_task(api.post("/v1/jobs", json={"prompts": [f"p{n}"]}, headers=noisy))
+                for n in range(BURST)
+            ]
+            await eventually(lambda: lock_waiters(sessions), what="the burst waiting on its key's row")
+            await asyncio.sleep(1)  # for the rest of the burst to reach its wait, wherever that is
+            read = await asyncio.wait_for(api.get(f"/v1/jobs/{job_id}", headers=other), PROMPT_S)
+            posted = await asyncio.wait_for(
+                api.post("/v1/jobs", json={"prompts": ["hi"]}, headers=other), PROMPT_S
+            )
+            assert await lock_waiters(sessions) == 1  # one connection of the noisy key's waits
+        answers = await asyncio.gather(*burst)
+    assert read.status_code == 200, read.text
+    assert posted.status_code == 202, posted.text
+    refused = [answer for answer in answers if answer.status_code != 202]
+    assert len(answers) - len(refused) == CAP, [answer.text for answer in answers]
+    for answer in refused:
+        error_of(answer, 409, "limit_reached")
+
+
+@asynccontextmanager
+async def row_held(sessions: Sessions, headers: dict[str, str]) -> AsyncIterator[None]:
+    """The key's row locked, as a write of the key's under way in another API process holds
+    it (a submission of 10,000 prompts: a second or more)."""
+    key_hash = keys.hash_key(headers["Authorization"].removeprefix("Bearer "))
+    async with sessions.begin() as session:
+        await session.execute(
+            select(ApiKey.id).where(ApiKey.key_hash == key_hash).with_for_update(key_share=True)
+        )
+        yield
+
+
+async def test_a_keys_turn_is_forgotten_with_its_last_request_even_one_given_up() -> None:
+    turns, key_id, order = KeyTurns(), uuid4(), []
+    released = asyncio.Event()
+
+    async def request(name: str) -> None:
+        async with turns.turn(key_id):
+            order.append(name)
+            await released.wait()
+
+    first, given_up, last = (asyncio.create_task(request(name)) for name in ("first", "given up", "last"))
+    await asyncio.sleep(0)  # each runs to its wait: the first holds the turn, the others queue
+    assert order == ["first"] and len(turns) == 1
+    given_up.cancel()  # its client went away while it waited
+    released.set()
+    await asyncio.gather(first, last, given_up, return_exceptions=True)
+    assert order == ["first", "last"]
+    assert len(turns) == 0  # as many locks as keys with requests under way: none now
