@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from uuid import uuid4
 
+import httpx
 from sqlalchemy import select
 
 from app.api.key_turns import KeyTurns
@@ -20,6 +21,7 @@ from app.store.models import ApiKey
 from tests.conftest import api_client, eventually, new_key, submit
 from tests.test_api import error_of
 from tests.test_key_limits import lock_waiters
+from tests.test_sample_evaluations import upload
 
 POOL = 20  # the API's Postgres connections (make_engine's default)
 BURST = POOL + 5
@@ -54,6 +56,26 @@ async def test_a_keys_burst_waiting_on_its_row_leaves_connections_to_other_keys(
     assert len(answers) - len(refused) == CAP, [answer.text for answer in answers]
     for answer in refused:
         error_of(answer, 409, "limit_reached")
+
+
+async def test_a_keys_slow_upload_holds_up_none_of_its_other_writes(
+    api: httpx.AsyncClient, auth: dict[str, str]
+) -> None:
+    reading, rest_sent = asyncio.Event(), asyncio.Event()
+
+    async def slow_file() -> AsyncIterator[bytes]:
+        yield b'{"prompt": "Hi", "response": "Hello."}\n'
+        reading.set()  # asked for more: the upload is being read
+        await rest_sent.wait()
+        yield b'{"prompt": "Bye", "response": "Goodbye."}\n'
+
+    uploading = asyncio.create_task(upload(api, auth, slow_file(), "jsonl", grade={}))
+    await reading.wait()
+    made = await asyncio.wait_for(api.post("/v1/webhooks", json={"name": "ls"}, headers=auth), PROMPT_S)
+    rest_sent.set()
+    assert made.status_code == 201, made.text
+    uploaded = await uploading
+    assert uploaded.status_code == 202, uploaded.text
 
 
 @asynccontextmanager

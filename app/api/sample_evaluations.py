@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app import callbacks
 from app.api import views
 from app.api.bodies import JsonBody, read_capped
-from app.api.deps import CurrentKey, OwnedJob, ReadsHazardous, SessionDep
+from app.api.deps import CurrentKey, OwnedJob, ReadsHazardous, SessionDep, SettingsDep
 from app.api.errors import InvalidRequest
 from app.api.jobs import ERRORS, PAGE_ERRORS, Cursor, RowLimit, resolve_prompt_set
 from app.api.schemas import (
@@ -66,21 +66,20 @@ async def evaluate_samples(
     return await _submit(key.id, body, asked, samples, submission, await RequestHash.of(body))
 
 
-@router.post(
-    "/upload",
-    status_code=status.HTTP_202_ACCEPTED,
-    responses=SUBMIT_ERRORS,
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {t: {"schema": {"type": "string", "format": "binary"}} for t in _MEDIA_TYPES},
-        }
-    },
-)
-async def upload_samples(
-    key: CurrentKey,
+@dataclass(frozen=True)
+class _Upload:
+    """An upload read and checked, before the submission takes its key's turn (KeyWriteSession):
+    a slow upload holds up none of the key's other requests."""
+
+    options: SampleEvaluationOptions
+    asked: _Asked
+    samples: list[Sample]
+    request_hash: RequestHash
+
+
+async def _uploaded(
     request: Request,
-    submission: SubmissionDep,
+    settings: SettingsDep,
     options: Annotated[
         str,
         Query(
@@ -93,6 +92,33 @@ async def upload_samples(
         Literal["jsonl", "csv", "parquet"] | None,
         Query(description="The file's type; by default its Content-Type's."),
     ] = None,
+) -> _Upload:
+    kind = file_type or _MEDIA_TYPES.get(_media_type(request))
+    if kind is None:
+        raise InvalidRequest.of(
+            [{"loc": ("query", "file_type"), "msg": f"give one of {', '.join(get_args(FileType))}"}]
+        )
+    # Before the body: options that cannot make an evaluation are refused unread.
+    chosen = _read_options(options)
+    asked = _asked(chosen, settings)
+    raw = await read_capped(request, settings.max_request_bytes)
+    samples = await anyio.to_thread.run_sync(read_samples, raw, kind, chosen.format, chosen.columns)
+    return _Upload(chosen, asked, samples, await RequestHash.of(chosen, kind.encode() + raw))
+
+
+@router.post(
+    "/upload",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses=SUBMIT_ERRORS,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {t: {"schema": {"type": "string", "format": "binary"}} for t in _MEDIA_TYPES},
+        }
+    },
+)
+async def upload_samples(
+    key: CurrentKey, upload: Annotated[_Upload, Depends(_uploaded)], submission: SubmissionDep
 ) -> SubmittedSampleEvaluationOut:
     """Evaluate the samples of the file in the body (UTF-8 JSONL or CSV with a header, or
     Parquet) with the column mapping of `options`. 413 `payload_too_large` over the server's
@@ -102,18 +128,9 @@ async def upload_samples(
     refusal names the row (1-based, the header not counted) and the column in `details`: 422
     `missing_column`, `invalid_encoding`, `empty_row`, `too_many_samples`, `invalid_sample_file`.
     Nothing is stored unless every row is good."""
-    kind = file_type or _MEDIA_TYPES.get(_media_type(request))
-    if kind is None:
-        raise InvalidRequest.of(
-            [{"loc": ("query", "file_type"), "msg": f"give one of {', '.join(get_args(FileType))}"}]
-        )
-    # Before the body: options that cannot make an evaluation are refused unread.
-    chosen = _read_options(options)
-    asked = _asked(chosen, submission.settings)
-    raw = await read_capped(request, submission.settings.max_request_bytes)
-    samples = await anyio.to_thread.run_sync(read_samples, raw, kind, chosen.format, chosen.columns)
-    request_hash = await RequestHash.of(chosen, kind.encode() + raw)
-    return await _submit(key.id, chosen, asked, samples, submission, request_hash)
+    return await _submit(
+        key.id, upload.options, upload.asked, upload.samples, submission, upload.request_hash
+    )
 
 
 def _media_type(request: Request) -> str:
