@@ -147,10 +147,25 @@ async def claimed_again(sessions: Sessions, item_id: UUID) -> items.Claim:
 
 
 @pytest.mark.parametrize(
-    ("answered", "ended"), [(False, ("failed", "llm_unavailable")), (True, ("queued", None))]
+    ("answered", "ended"),
+    [
+        (
+            False,
+            (
+                "failed",
+                "llm_unavailable",
+                "the LLM was unavailable for more than 3600 s; last: the endpoint is down",
+            ),
+        ),
+        (True, ("queued", None, "llm_unavailable: the endpoint is down")),
+    ],
 )
 async def test_an_outage_fails_the_item_past_the_max_unless_it_got_an_answer_since_the_outage_began(
-    api: httpx.AsyncClient, auth: Headers, sessions: Sessions, answered: bool, ended: tuple[str, str | None]
+    api: httpx.AsyncClient,
+    auth: Headers,
+    sessions: Sessions,
+    answered: bool,
+    ended: tuple[str, str | None, str],
 ) -> None:
     _, claim = await claimed_item(api, auth, sessions)
     assert await end_in_outage(sessions, claim)
@@ -161,9 +176,12 @@ async def test_an_outage_fails_the_item_past_the_max_unless_it_got_an_answer_sin
 
     ending = await end_in_outage(sessions, claim)
 
-    assert ending is not None and (ending.status, ending.error_code) == ended
+    assert ending is not None and (ending.status, ending.error_code, ending.message) == ended
     item = await stored(sessions, claim.item_id)
-    assert (item.status, item.error_code, item.operator_error) == (*ended, "upstream: 503")
+    assert (item.status, item.error_code, item.error_message, item.operator_error) == (
+        *ended,
+        "upstream: 503",
+    )
     assert item.llm_unavailable_since is not None
     started_again = item.updated_at - item.llm_unavailable_since < MAX_OUTAGE
     assert started_again == answered
@@ -178,7 +196,8 @@ async def test_an_item_put_back_another_way_between_outages_starts_their_clock_a
     await outage_began(sessions, claim.item_id, 2 * MAX_OUTAGE)
     claim = await claimed_again(sessions, claim.item_id)
     assert await items.end(sessions, claim, handed_back("worker shut down", counts_as_failure=False))
-    assert (await stored(sessions, claim.item_id)).llm_unavailable_since is None
+    item = await stored(sessions, claim.item_id)
+    assert (item.llm_unavailable_since, item.error_message, item.failures) == (None, "worker shut down", 0)
 
     ending = await end_in_outage(sessions, await claimed_again(sessions, claim.item_id))
 

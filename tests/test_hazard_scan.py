@@ -179,7 +179,7 @@ SCENARIOS = [
         settings=BRIEF_OUTAGE,
         item_status="failed",
         error_message=(
-            "the LLM was unavailable for more than 0:00:00.001000; last: "
+            "the LLM was unavailable for more than 0.001 s; last: "
             "the LLM endpoint 'default' answered HTTP 500 (3 attempts)"
         ),
         upstream_said=(LLM_KEY, marker("outage-belief")),
@@ -196,7 +196,7 @@ SCENARIOS = [
         settings=BRIEF_OUTAGE,
         item_status="failed",
         error_message=(
-            "the LLM was unavailable for more than 0:00:00.001000; last: "
+            "the LLM was unavailable for more than 0.001 s; last: "
             "the LLM endpoint 'default' answered HTTP 200 without a chat completion (3 attempts)"
         ),
         upstream_said=(marker("shapeless-belief"),),

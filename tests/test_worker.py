@@ -376,7 +376,7 @@ async def test_an_item_fails_llm_unavailable_once_the_llm_was_unavailable_to_it_
     item = await one_item(sessions, job_id)
     assert (item.status, item.error_code, item.failures) == ("failed", "llm_unavailable", 0)
     assert (item.error_message or "").startswith(
-        "the LLM was unavailable for more than 0:00:00.500000; last: the LLM endpoint 'default'"
+        "the LLM was unavailable for more than 0.5 s; last: the LLM endpoint 'default'"
     )
     assert item.finished_at and item.llm_unavailable_since
     assert (item.finished_at - item.llm_unavailable_since).total_seconds() > max_outage_s

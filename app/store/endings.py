@@ -55,7 +55,7 @@ def after_outage(summary: str, detail: str, unavailable_for: timedelta, max_outa
     `max_outage`, so that an endpoint that will never answer (a wrong URL) does not keep the
     item for ever."""
     if unavailable_for > max_outage:
-        message = f"the LLM was unavailable for more than {max_outage}; last: {summary}"
+        message = f"the LLM was unavailable for more than {max_outage.total_seconds():g} s; last: {summary}"
         return failed("llm_unavailable", message, detail)
     return Ending(ItemStatus.QUEUED, None, f"llm_unavailable: {summary}", detail, llm_outage=True)
 
