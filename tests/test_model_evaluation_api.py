@@ -579,6 +579,30 @@ async def test_a_report_of_thousands_of_categories_is_computed_off_the_event_loo
     assert paused < 0.3, f"the event loop was held for {paused:.2f} s of CPU"
 
 
+async def test_benchmark_rows_of_thousands_of_values_asked_of_eight_targets_are_written_off_the_event_loop(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    """Each row's metadata is stored with each target's item: items' metadata was encoded as
+    JSON on the event loop, and a 12 MB file of rows within their cap (1,250 of them, 5,000
+    values each, asked of 8 targets) held every other request for 12 s."""
+    values = [0] * (MAX_LINE_VALUES - 10)
+    rows = [json.dumps({**GOOD_ROW, "prompt": f"p{n}", "values": values}) for n in range(250)]
+    body = evaluation_body(
+        [{"name": "wide", "file": {"format": "jsonl", "content": "\n".join(rows)}}],
+        *[f"m{n}" for n in range(8)],
+    )
+    encoded = json.dumps(body).encode()  # here, not on the loop measured
+    headers = {**auth, "Content-Type": "application/json"}
+
+    response, held = await longest_loop_pause(
+        api.post("/v1/model-evaluations", content=encoded, headers=headers), clock=time.thread_time
+    )
+
+    assert response.status_code == 202, response.text
+    assert await row_counts(sessions) == (1, 2000)
+    assert held < 0.2, f"the event loop was held {held:.2f} s"
+
+
 async def loop_cpu(request: Awaitable[httpx.Response]) -> tuple[httpx.Response, float]:
     """The response, and the CPU the event loop's thread spent while it ran (this process's
     garbage collections off): steadier than wall-clock time on a loaded machine."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import Sequence
@@ -117,14 +118,16 @@ async def copy_items(
     first stage they show (default: the column's, the intent stage)."""
     ids = [uuid4() for _ in items]
     defaults = _ITEM_DEFAULTS | ({"stage": stage} if stage else {})
-    await copy_rows(
-        session,
-        Item.__tablename__,
-        ["id", "job_id", "position", "prompt", "metadata", *defaults],
-        [
+    # Encoded in a worker thread: a benchmark file's rows may hold thousands of metadata values
+    # each, asked of up to eight targets, and encoding them here held the event loop for seconds.
+    records = await asyncio.to_thread(
+        lambda: [
             (ids[i], job_id, it.position, it.prompt, json.dumps(it.metadata), *defaults.values())
             for i, it in enumerate(items)
-        ],
+        ]
+    )
+    await copy_rows(
+        session, Item.__tablename__, ["id", "job_id", "position", "prompt", "metadata", *defaults], records
     )
     return ids
 
