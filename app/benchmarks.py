@@ -12,12 +12,17 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
 from app.storable import count_values, read_json, storable_input
 
 Format = Literal["jsonl", "csv"]
 FIELDS = ("prompt", "expected", "category")
+
+
+# Commas a CSV line may hold per column a row may have: room for quoted text full of commas.
+_COMMAS_PER_COLUMN = 4
 
 
 class BadRow(ValueError):
@@ -42,8 +47,13 @@ def read_rows(
     """(row number, {"prompt", "expected", "category", "metadata"}) for each row, in order.
     Trailing blank lines are no rows; an empty row elsewhere is a BadRow, as is a file of no
     rows; the first row past `max_rows` is TooManyRows, read no further; a JSONL line of more
-    than `max_line_values` JSON values is TooManyValues."""
-    rows = _jsonl(text, max_rows, max_line_values) if format == "jsonl" else _csv(text, max_rows)
+    than `max_line_values` JSON values, a CSV header of more columns, or a CSV line of over
+    four commas per column it may have, is TooManyValues."""
+    rows = (
+        _jsonl(text, max_rows, max_line_values)
+        if format == "jsonl"
+        else _csv(text, max_rows, max_line_values)
+    )
     if not rows:
         raise BadRow("the file has no rows")
     for number, fields in rows:
@@ -85,12 +95,15 @@ def _jsonl(text: str, max_rows: int, max_line_values: int) -> list[tuple[int, di
     return rows
 
 
-def _csv(text: str, max_rows: int) -> list[tuple[int, dict[str, Any]]]:
-    reader = csv.reader(io.StringIO(text.rstrip("\r\n"), newline=""), strict=True)
+def _csv(text: str, max_rows: int, max_columns: int) -> list[tuple[int, dict[str, Any]]]:
+    lines = _lines_of_few_commas(io.StringIO(text.rstrip("\r\n"), newline=""), max_columns)
+    reader = csv.reader(lines, strict=True)
     try:
         header = next(reader, None)
         if header is None:
             raise BadRow("the file is empty: it needs a header line naming prompt, expected and category")
+        if len(header) > max_columns:
+            raise TooManyValues(f"line 1: the header names over {max_columns:,} columns")
         missing = [name for name in FIELDS if name not in header]
         if missing:
             raise BadRow(f"line 1: the header names no column {', '.join(repr(m) for m in missing)}")
@@ -109,3 +122,16 @@ def _csv(text: str, max_rows: int) -> list[tuple[int, dict[str, Any]]]:
     except csv.Error as exc:
         raise BadRow(f"line {reader.line_num}: {exc}") from None
     return rows
+
+
+def _lines_of_few_commas(lines: Iterable[str], max_columns: int) -> Iterator[str]:
+    """The file's lines, TooManyValues at one of far more commas than a row of `max_columns`
+    cells has (quoted commas counted too), before the parser reads it: it makes a row's cells
+    in one call, holding the GIL, and a line of millions of empty cells held it for seconds."""
+    most = _COMMAS_PER_COLUMN * max_columns
+    for number, line in enumerate(lines, start=1):
+        if line.count(",") > most:
+            raise TooManyValues(
+                f"line {number} holds over {most:,} commas; a row has at most {max_columns:,} cells"
+            )
+        yield line

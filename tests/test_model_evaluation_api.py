@@ -347,6 +347,36 @@ async def test_a_benchmark_file_line_of_more_json_values_than_a_row_needs_is_ref
     assert await row_counts(sessions) == (0, 0)
 
 
+CSV_HEADER = "prompt,expected,category"
+WIDE_CSV_FILES = [
+    (  # every row's cells kept as its metadata: 8 rows of a million took 25 s of CPU
+        CSV_HEADER
+        + "".join(f",c{n}" for n in range(MAX_LINE_VALUES))
+        + "\nhello,comply,x"
+        + "," * MAX_LINE_VALUES,
+        "line 1: the header names over 5,000 columns",
+    ),
+    (  # parsed in one call, holding the GIL: 1.8 s for 16 million empty cells
+        CSV_HEADER + "\nhello,comply,x\nbye,comply,x" + "," * 4_000_000,
+        "line 3 holds over 20,000 commas; a row has at most 5,000 cells",
+    ),
+]
+
+
+@pytest.mark.parametrize(("content", "named"), WIDE_CSV_FILES, ids=["header", "row"])
+async def test_a_benchmark_csv_file_of_more_cells_than_a_row_needs_is_refused_413_unparsed(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions, content: str, named: str
+) -> None:
+    body = evaluation_body([{"name": "wide", "file": {"format": "csv", "content": content}}], "m1")
+
+    error = error_of(
+        await api.post("/v1/model-evaluations", json=body, headers=auth), 413, "payload_too_large"
+    )
+
+    assert named in error["message"], error["message"]
+    assert await row_counts(sessions) == (0, 0)
+
+
 async def test_a_benchmark_file_of_10000_rows_of_25_values_each_is_accepted(
     api: httpx.AsyncClient, auth: Headers
 ) -> None:
