@@ -110,6 +110,22 @@ async def test_plots_are_pngs_served_to_the_api_and_shown_in_the_viewer(
         assert shown.status_code == 200 and Image.open(io.BytesIO(shown.content)).format == "PNG"
 
 
+@pytest.mark.parametrize("plot", ["scores", "gaps"])
+async def test_a_label_matplotlib_would_read_as_math_titles_the_plots_as_written(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions, plot: str
+) -> None:
+    """The label is the plots' title, the client's text: matplotlib read `$...$` in it as
+    math, and one it could not parse (an unknown command) made the plot a 500."""
+    baseline = await finished_job(api, auth, sessions, [completed()], prompts=["x"])
+    candidate = await finished_job(api, auth, sessions, [completed()], prompts=["x"])
+    comparison = (await compare(api, auth, baseline, candidate, label="costs $\\undefined$")).json()["id"]
+
+    response = await api.get(f"/v1/comparisons/{comparison}/plots/{plot}.png", headers=auth)
+
+    assert response.status_code == 200, response.text
+    assert Image.open(io.BytesIO(response.content)).format == "PNG"
+
+
 async def test_another_keys_comparison_and_a_plain_job_have_no_report(
     api: httpx.AsyncClient, auth: Headers, sessions: Sessions
 ) -> None:

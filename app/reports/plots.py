@@ -56,6 +56,12 @@ def _figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), layout="constrained")
 
 
+def _title(figure: Figure, text: str) -> None:
+    """The figure's title, as written: it holds the client's label, whose `$...$` matplotlib
+    would otherwise parse as math (an unknown command in it raised ValueError)."""
+    figure.suptitle(text, parse_math=False)
+
+
 def _png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
@@ -83,7 +89,7 @@ def score_distributions(title: str, sides: Sequence[Side]) -> bytes:
         ax.set_visible(False)
     if metrics:
         axes[0].legend(fontsize=8)
-    figure.suptitle(f"{title}: grader score distributions")
+    _title(figure, f"{title}: grader score distributions")
     return _png(figure)
 
 
@@ -99,5 +105,5 @@ def gap_distributions(title: str, gaps: Mapping[str, Mapping[float, int]]) -> by
     ax.set_ylabel("candidates")
     if gaps:
         ax.legend(fontsize=8)
-    figure.suptitle(f"{title}: preference-pair gaps")
+    _title(figure, f"{title}: preference-pair gaps")
     return _png(figure)
