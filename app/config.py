@@ -257,6 +257,12 @@ class Settings(BaseSettings):
     events_max_streams_per_key: int = Field(default=32, ge=1)
     # And all keys' together: Redis's connections are shared with the workers (maxclients).
     events_max_streams: int = Field(default=1024, ge=1)
+    # Exports one API key may have under way at once in each API process, and all keys'
+    # together: each holds one of the API process's 20 Postgres connections until its client
+    # has read it all, so clients that read slowly (or not at all) held them all, and every
+    # other request waited 30 s for one and failed.
+    max_exports_per_key: int = Field(default=4, ge=1)
+    max_exports: int = Field(default=10, ge=1)
 
     # Web viewer (/view): the session cookie is signed with this secret. Unset, each API process
     # makes its own at start, so viewer logins end on restart and do not carry across processes.

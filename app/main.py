@@ -88,8 +88,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 known_keys,
                 shipped,
                 Spending(arq, sessions, settings.redis_key_prefix),
-                OpenStreams(settings.events_max_streams_per_key, settings.events_max_streams),
+                OpenStreams(
+                    settings.events_max_streams_per_key,
+                    settings.events_max_streams,
+                    "progress streams",
+                    "poll GET /v1/jobs/{id} instead",
+                ),
                 KeyTurns(),
+                OpenStreams(
+                    settings.max_exports_per_key,
+                    settings.max_exports,
+                    "exports",
+                    "wait for one to end",
+                ),
             ),
         )
         try:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import socket
 import tracemalloc
+from collections.abc import Awaitable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,7 +40,7 @@ from app.store.exports import BATCH_ROWS
 from app.store.keys import create_key
 from app.store.models import Annotation, Cot, Item, Job, TurnRow
 from bench.export import insert_finished_job
-from tests.conftest import new_key, run_worker_burst
+from tests.conftest import eventually, new_key, run_worker_burst, served
 from tests.scripted_llm import ScriptedLLM, guard_verdict, reply, scores
 from tests.test_api import error_of, submit
 from tests.test_quality_api import (
@@ -732,3 +734,57 @@ async def test_export_memory_does_not_grow_with_the_job(sessions: Sessions, form
     assert large_size > 3 * small_size
     # Four times the rows: one batch of rows in memory either way (a job in memory would be 4x).
     assert large_peak < 1.5 * small_peak, (small_peak, large_peak)
+
+
+# --- clients that read slowly --------------------------------------------------------------------
+
+
+def stalled_export(url: str, headers: Headers, job_id: UUID) -> socket.socket:
+    """An export asked for and never read: the API waits to send it, as for a slow client."""
+    host, port = url.removeprefix("http://").split(":")
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+    client.connect((host, int(port)))
+    asked = f"GET /v1/jobs/{job_id}/export?format=jsonl HTTP/1.1\r\nHost: api\r\n"
+    client.sendall((asked + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode())
+    return client
+
+
+async def export_status(client: httpx.AsyncClient, headers: Headers, job_id: UUID) -> int:
+    """The status an export is answered with, its body left unread."""
+    async with client.stream("GET", f"/v1/jobs/{job_id}/export?format=jsonl", headers=headers) as response:
+        return response.status_code
+
+
+async def test_exports_a_key_leaves_unread_hold_none_of_the_connections_other_requests_need(
+    settings: Settings, sessions: Sessions
+) -> None:
+    """Each export holds a Postgres connection of the API's 20 until its client has read it:
+    20 left unread held them all, and every other tenant's request waited 30 s and failed."""
+    async with sessions.begin() as session:
+        key, secret = await create_key(session, "slow-reader")
+        job_id = await insert_finished_job(session, key.id, 5000)
+    reader, other = {"Authorization": f"Bearer {secret}"}, await new_key(sessions, "other")
+    caps = {"max_exports_per_key": 2, "max_exports": 3}
+    with served(settings.model_copy(update=caps)) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            stalled = [stalled_export(url, reader, job_id) for _ in range(2)]
+            try:
+                await eventually(
+                    lambda: _is(429, export_status(client, reader, job_id)),
+                    timeout_s=10,
+                    what="the key's third export refused",
+                )
+                assert (await client.get("/v1/jobs", headers=other)).status_code == 200
+                assert await export_status(client, other, job_id) == 404  # another key's seat, and job
+            finally:
+                for stalled_client in stalled:
+                    stalled_client.close()
+            await eventually(
+                lambda: _is(200, export_status(client, reader, job_id)),
+                what="the seats given back when the stalled clients went",
+            )
+
+
+async def _is(expected: int, status: Awaitable[int]) -> bool:
+    return await status == expected

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from enum import StrEnum
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
 from app.api.deps import OwnedJob, ReadsHazardous, SessionDep
 from app.api.errors import InvalidRequest, documented
 from app.api.jobs import min_gap_query
+from app.api.state import api_state
 from app.errors import InvalidFilter, MissingScope
 from app.exports.formats import FORMATS, JSON
 from app.exports.options import CotStyle, ExportOptions, parse_min_scores
@@ -26,6 +28,13 @@ FormatName = StrEnum("FormatName", {name: name for name in FORMATS})  # type: ig
 _BINARY = {"type": "string", "format": "binary"}
 
 
+async def _seat(request: Request, job: OwnedJob) -> AsyncIterator[None]:
+    """One of the job's key's export seats, held until the response has been sent (FastAPI
+    closes dependencies with yield after the response), as the export's session is."""
+    with api_state(request).open_exports.seat(job.owner_key_id):
+        yield
+
+
 @router.get(
     "/{job_id}/export",
     response_class=StreamingResponse,
@@ -38,8 +47,9 @@ _BINARY = {"type": "string", "format": "binary"}
                 for fmt in FORMATS.values()
             },
         },
-        **documented(401, 403, 404, 422, 503),
+        **documented(401, 403, 404, 422, 429, 503),
     },
+    dependencies=[Depends(_seat)],
 )
 async def export_job(
     job: OwnedJob,
@@ -79,7 +89,9 @@ async def export_job(
     ] = None,
 ) -> StreamingResponse:
     """Completed items' results in prompt order, streamed with flat memory whatever the job's
-    size. `trl_dpo` holds rejected (hazardous) text: it needs a key with `hazardous:read`."""
+    size. `trl_dpo` holds rejected (hazardous) text: it needs a key with `hazardous:read`.
+    429 `too_many_streams` if the key has `AIDSAFE_MAX_EXPORTS_PER_KEY` exports under way (4
+    unless the server says otherwise), or the server `AIDSAFE_MAX_EXPORTS` (10)."""
     fmt = FORMATS[format.value]
     if human_edits and not fmt.takes_human_edits:
         raise InvalidRequest(

@@ -1,4 +1,5 @@
-"""How many progress streams are open in this process, in all and per API key, and the caps on them."""
+"""How many streams of a kind (progress streams, exports) are open in this process, in all and
+per API key, and the caps on them."""
 
 from __future__ import annotations
 
@@ -11,14 +12,18 @@ from app.errors import TooManyStreams
 
 
 class OpenStreams:
-    """Every open stream holds a Redis connection (XREAD BLOCK) and a task until it ends, so a
-    key that opened them without bound could use up Redis's connections for every tenant and
-    the workers. A key past its cap is refused (429) before its stream starts; and so is any
-    key once the process has its most open, which many keys' caps together would pass."""
+    """Every open stream holds something all tenants share until it ends (a progress stream a
+    Redis connection, an export a Postgres connection of the API's pool), for as long as its
+    client takes to read it, so a key that opened them without bound could use it up for every
+    tenant. A key past its cap is refused (429) before its stream starts; and so is any key
+    once the process has its most open, which many keys' caps together would pass. `what`
+    names the streams, and `instead` what a refused client may do, in the refusals."""
 
-    def __init__(self, per_key: int, in_all: int) -> None:
+    def __init__(self, per_key: int, in_all: int, what: str, instead: str) -> None:
         self.per_key = per_key
         self.in_all = in_all
+        self.what = what
+        self.instead = instead
         self._open: Counter[UUID] = Counter()
 
     @contextmanager
@@ -26,13 +31,13 @@ class OpenStreams:
         """Hold one of the key's seats while the stream is open."""
         if self._open[key_id] >= self.per_key:
             raise TooManyStreams(
-                f"this API key already has {self.per_key} progress streams open (the most it may); "
-                "close one, or poll GET /v1/jobs/{id} instead"
+                f"this API key already has {self.per_key} {self.what} open (the most it may); "
+                f"close one, or {self.instead}"
             )
         if self._open.total() >= self.in_all:
             raise TooManyStreams(
-                "this API server has as many progress streams open as it may; "
-                "poll GET /v1/jobs/{id} instead, or try again shortly"
+                f"this API server has as many {self.what} open as it may; "
+                f"{self.instead}, or try again shortly"
             )
         self._open[key_id] += 1
         try:

@@ -29,6 +29,7 @@ class ApiState:
     spending: Spending  # what jobs with a budget have spent (read and reset by PATCH)
     open_streams: OpenStreams  # progress streams open now, per API key
     key_turns: KeyTurns  # whose turn it is to lock each key's row (KeyWriteSession)
+    open_exports: OpenStreams  # exports being sent now, per API key
 
 
 def install(app: FastAPI, state: ApiState) -> None:
