@@ -788,3 +788,26 @@ async def test_exports_a_key_leaves_unread_hold_none_of_the_connections_other_re
 
 async def _is(expected: int, status: Awaitable[int]) -> bool:
     return await status == expected
+
+
+@pytest.mark.slow
+async def test_a_request_that_finds_every_database_connection_in_use_is_a_503(
+    settings: Settings, sessions: Sessions
+) -> None:
+    """With the export caps raised past the API's 20 connections, exports left unread hold
+    them all: another request waits 30 s for one, then is a 503 to retry, not a 500."""
+    async with sessions.begin() as session:
+        key, secret = await create_key(session, "slow-reader")
+        job_id = await insert_finished_job(session, key.id, 5000)
+    reader, other = {"Authorization": f"Bearer {secret}"}, await new_key(sessions, "other")
+    caps = {"max_exports_per_key": 20, "max_exports": 20}
+    with served(settings.model_copy(update=caps)) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            stalled = [stalled_export(url, reader, job_id) for _ in range(20)]
+            try:
+                response = await client.get(f"/v1/jobs/{job_id}", headers=other)
+            finally:
+                for stalled_client in stalled:
+                    stalled_client.close()
+
+    error_of(response, 503, "unavailable")

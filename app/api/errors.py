@@ -14,6 +14,7 @@ from redis.exceptions import ClusterDownError, OutOfMemoryError, ReadOnlyError, 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -126,6 +127,8 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(asyncpg.PostgresConnectionError)
     @app.exception_handler(asyncpg.OperatorInterventionError)
     @app.exception_handler(asyncpg.InterfaceError)
+    # No connection of the API's pool came free in time: they are all in use.
+    @app.exception_handler(PoolTimeoutError)
     async def _database_unavailable(_: Request, exc: Exception) -> JSONResponse:
         log.warning("database unavailable: %s", exc)
         return error_response(
