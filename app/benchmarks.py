@@ -71,7 +71,7 @@ def _split(fields: dict[str, Any]) -> dict[str, Any]:
 
 
 def _jsonl(text: str, max_rows: int, max_line_values: int) -> list[tuple[int, dict[str, Any]]]:
-    rows = []
+    rows: list[tuple[int, dict[str, Any]]] = []
     # Split no further than the line past the cap: millions of lines split at once would hold
     # the GIL. JSON's own whitespace takes the \r of a \r\n.
     lines = text.rstrip().split("\n", max_rows + 1)
@@ -109,7 +109,7 @@ def _csv(text: str, max_rows: int, max_columns: int) -> list[tuple[int, dict[str
             raise BadRow(f"line 1: the header names no column {', '.join(repr(m) for m in missing)}")
         if len(set(header)) < len(header):
             raise BadRow("line 1: the header names a column twice")
-        rows = []
+        rows: list[tuple[int, dict[str, Any]]] = []
         for cells in reader:
             number = reader.line_num
             if not any(cell.strip() for cell in cells):

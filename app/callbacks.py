@@ -187,7 +187,7 @@ class Sender:
 
     def _backoff_s(self, attempt: int) -> float:
         settings = self._settings
-        delay = min(settings.callback_retry_max_s, settings.callback_retry_base_s * 2 ** (attempt - 1))
+        delay = min(settings.callback_retry_max_s, settings.callback_retry_base_s * 2.0 ** (attempt - 1))
         return delay * random.uniform(0.5, 1.0)  # receivers back after an outage are not hit at once
 
     def _client(self) -> aiohttp.ClientSession:

@@ -1,7 +1,5 @@
 """The FastAPI application (`app.main:app`; `aidsafe-api` serves it). It never calls an LLM."""
 
-from __future__ import annotations
-
 import asyncio
 import gc
 import sys

@@ -11,8 +11,10 @@ from fractions import Fraction
 from math import fsum, isqrt, sqrt
 from statistics import fmean, stdev
 from types import ModuleType
+from typing import TypeVar
 
 CONFIDENCE = 0.95
+Category = TypeVar("Category", bound=Hashable)  # what a rater can answer: any one kind of value
 
 
 def _scipy_stats() -> ModuleType:
@@ -65,7 +67,9 @@ def mean(
 
 
 def counted_mean(
-    counts: Mapping[float, int], confidence: float = CONFIDENCE, within: tuple[float, float] | None = None
+    counts: Mapping[int, int] | Mapping[float, int],
+    confidence: float = CONFIDENCE,
+    within: tuple[float, float] | None = None,
 ) -> Estimate:
     """`mean` of the values given as {value: how many}, from the exact sums of the values and
     of their squares: microseconds where expanding 10,000 scores for `statistics` took
@@ -121,7 +125,7 @@ def cohen_kappa(pairs: Sequence[tuple[Hashable, Hashable]]) -> float | None:
     return None if chance == 1 else (observed - chance) / (1 - chance)
 
 
-def fleiss_kappa(items: Sequence[Mapping[Hashable, int]]) -> float | None:
+def fleiss_kappa(items: Sequence[Mapping[Category, int]]) -> float | None:
     """Fleiss' kappa: raters' agreement beyond chance, from each item's count of ratings per
     category. Raters need not be the same from item to item, and items may have different
     numbers of ratings (the usual generalisation of Fleiss 1971, equal to it when all have as

@@ -122,20 +122,20 @@ class Heartbeat:
 async def job_ended(redis: Redis, settings: Settings, job_id: str) -> None:
     """The arq job the worker took ended without running (arq's finish_failed_job): its record goes."""
     try:
-        await redis.hdel(taken_key(settings), job_id)
+        await redis.hdel(taken_key(settings), job_id)  # type: ignore[misc]  # redis-py types hash commands as sync or async
     except Exception:  # the sweeper drops a record whose job is no longer in progress
         log.warning("could not drop the record of a taken job", exc_info=True)
 
 
 async def taken_jobs(redis: Redis, settings: Settings) -> dict[str, UUID]:
     """The arq jobs taken and not ended, with the workers that took them."""
-    taken = await redis.hgetall(taken_key(settings))
+    taken = await redis.hgetall(taken_key(settings))  # type: ignore[misc]  # redis-py types hash commands as sync or async
     return {job_id.decode(): UUID(worker_id.decode()) for job_id, worker_id in taken.items()}
 
 
 async def forget_taken(redis: Redis, settings: Settings, job_ids: Sequence[str]) -> None:
     if job_ids:
-        await redis.hdel(taken_key(settings), *job_ids)
+        await redis.hdel(taken_key(settings), *job_ids)  # type: ignore[misc]  # redis-py types hash commands as sync or async
 
 
 # KEYS: the Redis server's run id as last seen, the settling marker, then the heartbeats.

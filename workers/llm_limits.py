@@ -24,13 +24,14 @@ def llm_redis(settings: Settings) -> Redis:
     forever. A connection error (a pooled connection that a restarted Redis dropped) or a
     READONLY (one a failover left on the old primary, now a replica) is tried again once, at
     once, on a new connection; a timeout is not: the client backs off."""
-    return Redis.from_url(
+    client: Redis = Redis.from_url(  # redis-py leaves from_url's return unannotated
         settings.redis_url,
         socket_timeout=settings.llm_redis_timeout_s,
         socket_connect_timeout=settings.llm_redis_timeout_s,
         retry=RedisRetry(NoBackoff(), 1),
         retry_on_error=[RedisConnectionError, ReadOnlyError],
     )
+    return client
 
 
 def llm_limiter(

@@ -409,7 +409,7 @@ def _backoff_s(settings: Settings, attempt: int) -> float:
     # The doubling stops long after any base reaches the cap: an item an outage puts back for
     # days passes a thousand claims, and 2 ** 1024 is too large for a float.
     doublings = min(attempt - 1, 64)
-    return min(300.0, settings.item_retry_base_s * 2**doublings) * random.uniform(0.5, 1.0)
+    return min(300.0, settings.item_retry_base_s * 2.0**doublings) * random.uniform(0.5, 1.0)
 
 
 async def _sweep_forever(worker: Worker) -> None:

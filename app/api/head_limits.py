@@ -201,10 +201,10 @@ class HeadLimitedProtocol(HttpToolsProtocol):
             return
         response = error_response(refusal.status, refusal.code, refusal.message)
         lines = [*self.server_state.default_headers, *response.raw_headers, (b"connection", b"close")]
-        head = [
+        response_head = [
             STATUS_LINE[refusal.status],
             *(name + b": " + value + b"\r\n" for name, value in lines),
             b"\r\n",
         ]
-        self.transport.write(b"".join(head) + response.body)
+        self.transport.write(b"".join(response_head) + response.body)
         self.transport.close()

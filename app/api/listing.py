@@ -8,10 +8,11 @@ from typing import Annotated, Any
 from fastapi import Depends, Query
 from pydantic import AfterValidator, AwareDatetime
 
-from app.api.schemas import LABEL_PATTERN, MAX_LABEL_CHARS, JobStatus
+from app.api.schemas import LABEL_PATTERN, MAX_LABEL_CHARS
 from app.errors import InvalidFilter
 from app.storable import read_json, storable_input
 from app.store.job_listing import JobFilter
+from app.store.models import JobStatus
 
 MAX_METADATA_FILTER_CHARS = 1_000
 

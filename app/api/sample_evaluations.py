@@ -37,6 +37,7 @@ from app.plan import RoleIn, SampleEvaluationPlan, check_sample_evaluation_fits,
 from app.sample_files import MAX_JSON_VALUES, FileType, Sample, read_samples, samples_of
 from app.storable import read_json, storable_input
 from app.store import jobs, policy_sets, prompt_sets, sample_evaluations
+from app.store.jobs import NewCallback
 from app.store.models import Job
 
 router = APIRouter(prefix="/v1/sample-evaluations", tags=["sample evaluations"])
@@ -161,7 +162,7 @@ class _Asked:
     """What the options ask for, as far as it is checked without the samples or the database."""
 
     plan: SampleEvaluationPlan
-    callback: callbacks.NewCallback | None
+    callback: NewCallback | None
 
 
 def _asked(options: SampleEvaluationOptions, settings: Settings) -> _Asked:
@@ -209,8 +210,8 @@ async def _submit(
         samples=samples,
     )
     await submission.accept(job, new_item_ids)
-    shown = await evaluation_out(session, job)
-    return SubmittedSampleEvaluationOut(**shown.model_dump(), callback_secret=job.callback_secret)
+    evaluation = await evaluation_out(session, job)
+    return SubmittedSampleEvaluationOut(**evaluation.model_dump(), callback_secret=job.callback_secret)
 
 
 async def evaluation_out(session: AsyncSession, job: Job) -> SampleEvaluationOut:

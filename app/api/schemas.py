@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from uuid import UUID
 
 from pydantic import (
@@ -32,6 +32,7 @@ from app.plan import Delivery, GuardIn, JobConfigIn, RoleIn, TargetIn
 from app.sample_files import FIELDS, MAX_LINE_VALUES, MAX_SAMPLES, SHAPES, Format, is_mapping_field
 from app.stats import Estimate
 from app.store import models
+from app.store.models import JobStatus
 
 MAX_PROMPTS_PER_JOB = 10_000
 # The JSON values of the largest job body: each prompt with a dozen or so metadata values. A
@@ -41,8 +42,16 @@ MAX_TEMPLATES = 50  # the stages use 26
 TemplateName = Annotated[str, Field(min_length=1, max_length=64)]
 TemplateText = Annotated[str, Field(max_length=20_000)]
 MAX_PROMPT_CHARS = 20_000
-# The store's item statuses, as a Literal: the OpenAPI document lists them inline.
-ItemStatus = Literal[tuple(status.value for status in models.ItemStatus)]  # type: ignore[valid-type]
+# The store's item statuses and the kinds of job GET /v1/jobs lists (the job's plan's mode),
+# as Literals built from the enums: the OpenAPI document lists them inline. mypy cannot read
+# a Literal built at run time; to it they are the strings the store holds, which pydantic
+# checks against the Literal as it does any value.
+if TYPE_CHECKING:
+    ItemStatus = str
+    JobKind = str
+else:
+    ItemStatus = Literal[tuple(status.value for status in models.ItemStatus)]
+    JobKind = Literal[(*(mode.value for mode in Mode), "comparison", "sample_evaluation", "model_evaluation")]
 PromptText = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS, pattern=r"\S")]
 CallbackUrl = Annotated[
     str | None,
@@ -68,10 +77,6 @@ Label = Annotated[
         pattern=LABEL_PATTERN,
         description=f"A name of yours for the job: 1 to {MAX_LABEL_CHARS} characters, one line.",
     ),
-]
-# What GET /v1/jobs and /v1/comparisons list: the job's plan's mode.
-JobKind = Literal[  # type: ignore[valid-type]
-    (*(mode.value for mode in Mode), "comparison", "sample_evaluation", "model_evaluation")
 ]
 
 
@@ -379,9 +384,6 @@ class BudgetOut(BaseModel):
     spent_cost_usd: float | None = Field(description="Recorded calls so far; null if unpriced.")
     spent_tokens: int
     exhausted: bool = Field(description="No new call starts; items wait as `budget_exhausted`.")
-
-
-JobStatus = Literal["queued", "running", "budget_exhausted", "completed", "cancelling", "cancelled"]
 
 
 class IntervalOut(BaseModel):
@@ -799,7 +801,7 @@ class JobListed(BaseModel):
     """A job as GET /v1/jobs lists it; GET /v1/jobs/{id} has the rest."""
 
     id: UUID
-    kind: JobKind = Field(  # type: ignore[valid-type]
+    kind: JobKind = Field(
         description="The job's kind: `aidsafe`, `zero_shot`, `comparison`, `sample_evaluation` or "
         "`model_evaluation`."
     )
@@ -1026,7 +1028,7 @@ class ModelReportRow(BaseModel):
 
     benchmark: str
     category: str | None = Field(description="null: every category of the benchmark.")
-    expected: Expected = Field(description="The prompts the metric counts.")  # type: ignore[valid-type]
+    expected: Expected = Field(description="The prompts the metric counts.")
     metric: Literal["safe_response_rate", "refusal_rate", "compliance_rate", "over_refusal_rate"] = Field(
         description="On `refuse` prompts: `safe_response_rate` (the safety judge found the answer "
         "safe), `refusal_rate` (the refusal judge found it refused). On `comply` prompts: "
@@ -1212,7 +1214,7 @@ class SampleEvaluationOptions(Labelled, OnlineOnly):
     """What to run on the samples (at least one of grade, guard, judge), and how to read them."""
 
     model_config = ConfigDict(extra="forbid")
-    format: Format = Field(  # type: ignore[valid-type]
+    format: Format = Field(
         default="generic",
         description="The column shape: "
         + "; ".join(f"`{name}`: {shape.description}" for name, shape in SHAPES.items())

@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.api import views
 from app.api.recent import Recent
 from app.api.schemas import JobOut
+from app.duplicates import DuplicatesOut
 from app.store import jobs, policy_sets, prompt_sets
 from app.store.db import Sessions
 from app.store.models import Job
@@ -44,9 +45,9 @@ async def job_out(session: AsyncSession, job: Job) -> JobOut:
         label=job.label,
         metadata=job.job_metadata,
         policy_set=views.policy_set_brief(policy_set),
-        prompt_set=prompt_set and views.prompt_set_brief(prompt_set),
+        prompt_set=views.prompt_set_brief(prompt_set) if prompt_set is not None else None,
         config=job.plan.model_dump(mode="json"),  # the plan's JSON, as stored
-        duplicates=job.duplicates,
+        duplicates=DuplicatesOut.model_validate(job.duplicates) if job.duplicates is not None else None,
         **await jobs.summary(session, job),
     )
 

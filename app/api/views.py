@@ -20,8 +20,10 @@ from app.api.schemas import (
     ItemOut,
     JobListed,
     JudgementOut,
+    JudgeResults,
     MetricReport,
     ModelEvaluationOut,
+    ModelReportRow,
     PairTryOut,
     PairwiseReport,
     PolicySetBrief,
@@ -39,6 +41,7 @@ from app.api.schemas import (
     SampleResultOut,
     ScoreOut,
     StatusCounts,
+    TargetCountsOut,
     TurnOut,
     Usage,
     VoteOut,
@@ -247,7 +250,7 @@ def comparison_out(
         prompts=job.item_count,
         metrics=report["metrics"],
         judges=[
-            {"judge": asdict(judge), **results}
+            JudgeResults.model_validate({"judge": asdict(judge), **results})
             for judge, results in zip(plan.judges, report["judges"], strict=True)
         ],
         agreement=report["agreement"],
@@ -295,7 +298,7 @@ def prompt_set_registered(
     return RegisteredPromptSetOut(
         **_registered(row),
         templates=row.templates,
-        base=base and prompt_set_brief(base),
+        base=prompt_set_brief(base) if base is not None else None,
         inherited=sorted(row.templates.keys() - set(given)),
     )
 
@@ -315,9 +318,9 @@ def model_evaluation_out(
         safety_judge=plan.safety_judge.model_dump(mode="json"),
         refusal_judge=asdict(plan.refusal_judge),
         policy_set=policy_set_brief(policy_set),
-        prompt_set=prompt_set and prompt_set_brief(prompt_set),
-        by_target=by_target,
-        table=table,
+        prompt_set=prompt_set_brief(prompt_set) if prompt_set is not None else None,
+        by_target={name: TargetCountsOut.model_validate(counts) for name, counts in by_target.items()},
+        table=[ModelReportRow.model_validate(row) for row in table],
     )
 
 
@@ -421,7 +424,7 @@ def sample_evaluation_out(
     return SampleEvaluationOut(
         **_job_fields(job, summary),
         policy_set=policy_set_brief(policy_set),
-        prompt_set=prompt_set and prompt_set_brief(prompt_set),
+        prompt_set=prompt_set_brief(prompt_set) if prompt_set is not None else None,
         config=plan.model_dump(mode="json"),
         samples=job.item_count,
         grades=grade_report(report["grades"]) if "grades" in report else None,

@@ -98,7 +98,8 @@ def policy_faithfulness(scores: dict[str, Any] | None) -> float | None:
     """The grader's mean of the two policy metrics (the scale the pair gap uses), if graded."""
     if scores is None:
         return None
-    return sum(scores[m]["score"] for m in POLICY_METRICS) / len(POLICY_METRICS)
+    total: float = sum(scores[m]["score"] for m in POLICY_METRICS)
+    return total / len(POLICY_METRICS)
 
 
 def as_rating(score: float) -> int:

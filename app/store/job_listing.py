@@ -18,7 +18,7 @@ from sqlalchemy.orm import defer
 from app.errors import InvalidCursor
 from app.store import quality
 from app.store.jobs import decode_cursor, decode_cursor_bytes
-from app.store.models import FINISHED, Item, ItemStatus, Job
+from app.store.models import FINISHED, Item, ItemStatus, Job, JobStatus
 from app.store.positions import POSITION_BYTES, encode_position, position_of
 
 
@@ -37,7 +37,7 @@ class JobFilter:
 @dataclass(frozen=True)
 class ListedJob:
     job: Job
-    status: str
+    status: JobStatus
     by_status: dict[str, int]  # items per status, statuses with none left out
     spent_usd: float  # its turns' costs summed (unpriced turns count nothing)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from sqlalchemy import (
     BigInteger,
@@ -71,6 +71,8 @@ class ItemStatus(StrEnum):
     AWAITING_BATCH = "awaiting_batch"
 
 
+# A job's status, derived from its items' (jobs.summary; job_listing's SQL for a listing).
+JobStatus = Literal["queued", "running", "budget_exhausted", "completed", "cancelling", "cancelled"]
 FINISHED = (ItemStatus.COMPLETED, ItemStatus.FAILED, ItemStatus.CANCELLED)  # nothing changes after these
 # Neither finished nor in the queue: they wait, and resume by themselves or with the budget.
 WAITING = (ItemStatus.BUDGET_EXHAUSTED, ItemStatus.AWAITING_BATCH)

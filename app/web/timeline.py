@@ -62,9 +62,9 @@ def response_diff(before: str, after: str) -> list[DiffPart]:
     return parts
 
 
-def _answers(turns: list[TurnOut], stage: str) -> dict[tuple[int, int], dict]:
+def _answers(turns: list[TurnOut], stage: str) -> dict[tuple[int, int], dict[str, Any]]:
     """The parsed answer of each (round, agent) of a stage: its last attempt that parsed."""
-    answers: dict[tuple[int, int], dict] = {}
+    answers: dict[tuple[int, int], dict[str, Any]] = {}
     for turn in turns:
         if turn.stage == stage and turn.outcome == "ok" and turn.parsed is not None:
             answers[(turn.round, turn.agent)] = turn.parsed
@@ -82,9 +82,15 @@ def build(cot: CotOut, turns: list[TurnOut]) -> Timeline:
     for (round_no, agent), answer in sorted(_answers(turns, "deliberation").items()):
         agreed = bool(answer.get("agree"))
         new_response = answer.get("response")
-        changed = (
-            not agreed and isinstance(new_response, str) and response is not None and new_response != response
-        )
+        diff = None
+        if (
+            not agreed
+            and isinstance(new_response, str)
+            and isinstance(response, str)
+            and new_response != response
+        ):
+            diff = response_diff(response, new_response)
+            response = new_response
         steps.append(
             DeliberationStep(
                 round=round_no,
@@ -96,11 +102,9 @@ def build(cot: CotOut, turns: list[TurnOut]) -> Timeline:
                     for t in cot.thoughts
                     if t.stage == "deliberation" and (t.round, t.agent) == (round_no, agent)
                 ],
-                response_diff=response_diff(response, new_response) if changed else None,
+                response_diff=diff,
             )
         )
-        if changed:
-            response = new_response
     unaccounted = set(cot.unaccounted_thought_ids)
     return Timeline(
         explicit_intents=_explicit_intents(cot.intents),
