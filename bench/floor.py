@@ -238,7 +238,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 )
             )[0]
             stored = (await stack.sql("SELECT count(*) AS n FROM floor_turns"))[0]["n"]
-    calls = sim["answered"]
+    calls: int = sim["answered"]
     actual_s = row["last_finished"] - started_wall
     ideal_s = calls * sim["simulated_latency_ms_mean"] / 1000 / args.concurrency
     cpu = {name: cpu_after[name] - cpu_before[name] for name in ("workers", "postgres", "redis", "sim_llm")}

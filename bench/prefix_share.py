@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from app.config import EndpointConfig, Settings
-from app.deliberation.engine import Completed, deliberate
+from app.deliberation.engine import deliberate
 from app.deliberation.policies import policy_set
 from app.deliberation.ports import ChatReply, ChatRequest, Turn, TurnKey
 from app.deliberation.prompt_sets import builtin
+from app.deliberation.results import Completed
 from app.deliberation.stages import DECLARED
 from app.llm.client import OpenAICompatibleClient
 from app.plan import JobConfigIn, resolve
@@ -87,15 +88,20 @@ class Tokenizer:
         eos = self._llama.detokenize([self._llama.token_eos()], special=True).decode()
         self._format = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos, add_generation_prompt=True)
 
+    def _prompt(self, messages: list[dict[str, str]]) -> str:
+        # llama_cpp types the messages as its own TypedDicts: these are the same role/content dicts.
+        prompt: str = self._format(messages=messages).prompt  # type: ignore[arg-type]
+        return prompt
+
     def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
-        prompt = self._format(messages=messages).prompt
+        prompt = self._prompt(messages)
         return list(self._llama.tokenize(prompt.encode(), add_bos=False, special=True))
 
     def system_tokens(self, messages: list[dict[str, str]]) -> int:
         """Tokens of the rendered system turn alone."""
         system = [m for m in messages if m["role"] == "system"]
-        prompt = self._format(messages=system).prompt
-        generation = self._format(messages=[]).prompt  # the trailing assistant header
+        prompt = self._prompt(system)
+        generation = self._prompt([])  # the trailing assistant header
         return len(
             self._llama.tokenize(prompt.removesuffix(generation).encode(), add_bos=False, special=True)
         )
@@ -140,7 +146,7 @@ def shares(requests: list[ChatRequest], tokenizer: Tokenizer) -> dict[str, Any]:
     by_stage: dict[str, list[list[int]]] = defaultdict(list)
     system_by_stage: dict[str, list[int]] = defaultdict(list)
     for request in requests:
-        stage = STAGE_OF_SCHEMA.get(request.schema_name, request.schema_name)
+        stage = STAGE_OF_SCHEMA.get(request.schema_name) or request.schema_name or "plain_text"
         by_stage[stage].append(tokenizer.chat_tokens(request.messages))
         system_by_stage[stage].append(tokenizer.system_tokens(request.messages))
     stages: dict[str, Any] = {}
