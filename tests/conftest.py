@@ -282,7 +282,8 @@ async def submit(api: httpx.AsyncClient, auth: dict[str, str], prompts: list[str
     """POST a job; its id."""
     response = await api.post("/v1/jobs", json={"prompts": prompts, "config": config}, headers=auth)
     assert response.status_code == 202, response.text
-    return response.json()["id"]
+    job_id: str = response.json()["id"]
+    return job_id
 
 
 async def run_worker_burst(settings: Settings, **overrides: Any) -> None:

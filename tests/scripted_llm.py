@@ -436,7 +436,7 @@ class ScriptedLLM:
         self, behaviour: Behaviour | None, body: dict[str, Any], headers: dict[str, str], received_at: float
     ) -> Response:
         assert not isinstance(behaviour, Stall)
-        model_answer = self.models.get(body.get("model"))
+        model_answer = self.models.get(str(body.get("model")))
         answer = behaviour or (
             model_answer(body) if model_answer else default_answer(_schema_name(body), body)
         )

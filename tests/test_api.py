@@ -96,13 +96,15 @@ def error_of(response: httpx.Response, status: int, code: str) -> dict[str, Any]
     assert set(body["error"]) == {"code", "message", "details"}, body
     assert body["error"]["code"] == code, body
     assert isinstance(body["error"]["message"], str) and body["error"]["message"], body
-    return body["error"]
+    error: dict[str, Any] = body["error"]
+    return error
 
 
 async def submit(api: httpx.AsyncClient, auth: Headers, prompts: list[str], **fields: Any) -> dict[str, Any]:
     response = await api.post("/v1/jobs", json={"prompts": prompts, **fields}, headers=auth)
     assert response.status_code == 202, response.text
-    return response.json()
+    job: dict[str, Any] = response.json()
+    return job
 
 
 async def all_pages(
@@ -127,7 +129,8 @@ async def all_pages(
 async def items_of(api: httpx.AsyncClient, auth: Headers, job_id: str, **params: Any) -> list[dict[str, Any]]:
     response = await api.get(f"/v1/jobs/{job_id}/items", params={"limit": 500, **params}, headers=auth)
     assert response.status_code == 200, response.text
-    return response.json()["data"]
+    page: list[dict[str, Any]] = response.json()["data"]
+    return page
 
 
 async def register(
@@ -237,7 +240,8 @@ async def test_malformed_uuid_in_path_is_a_validation_error(api: httpx.AsyncClie
 async def test_bad_listing_parameters_are_validation_errors(api: httpx.AsyncClient, auth: Headers) -> None:
     job = await submit(api, auth, ["a"])
 
-    for params in [{"limit": 0}, {"limit": 501}, {"status": "done"}]:
+    bad_params: list[dict[str, str | int]] = [{"limit": 0}, {"limit": 501}, {"status": "done"}]
+    for params in bad_params:
         response = await api.get(f"/v1/jobs/{job['id']}/items", params=params, headers=auth)
         error_of(response, 422, "validation_error")
 
@@ -286,7 +290,8 @@ async def test_a_cursor_is_good_only_for_the_job_and_listing_that_issued_it(
 
 
 async def test_request_without_a_valid_key_is_unauthorized(api: httpx.AsyncClient) -> None:
-    missing, wrong, not_bearer = {}, {"Authorization": "Bearer aidsafe_nope"}, {"Authorization": "Basic dTpw"}
+    missing: dict[str, str] = {}
+    wrong, not_bearer = {"Authorization": "Bearer aidsafe_nope"}, {"Authorization": "Basic dTpw"}
 
     for headers in (missing, wrong, not_bearer):
         response = await api.post("/v1/jobs", json={"prompts": ["a"]}, headers=headers)

@@ -669,9 +669,9 @@ async def _first_batch_finished_with_its_output_file_refused(
     scripted_llm.batches.refuse(scripted_llm.batches.created()[0]["output_file_id"], status)
     scripted_llm.batches.hold = False
 
-    async def refused_enough_or_ended() -> Batch | None:
+    async def refused_enough_or_ended() -> bool:
         row = await _provider_batch_row(sessions, first["id"])
-        return row if row.finished_at or row.refusals >= batches.GONE_AFTER_REFUSALS else None
+        return row.finished_at is not None or row.refusals >= batches.GONE_AFTER_REFUSALS
 
     await _drive_until(settings, sessions, redis, refused_enough_or_ended, rounds=20)
     return job_id, await _provider_batch_row(sessions, first["id"]), first_lines
@@ -694,7 +694,8 @@ async def test_a_batch_file_refused_for_ever_is_taken_for_gone_only_after_the_pe
     await _drive(settings, sessions, arq_redis, job_id)
 
     row = await _batch_row(sessions, refused.id)
-    assert row.status == "collected" and row.output_file_id in str(row.error) and "HTTP 404" in str(row.error)
+    assert row.status == "collected" and row.output_file_id is not None
+    assert row.output_file_id in str(row.error) and "HTTP 404" in str(row.error)
     assert row.refused_since == refused.refused_since and row.refusals > refused.refusals
     assert row.finished_at is not None and row.refused_since is not None
     assert row.finished_at - row.refused_since >= timedelta(seconds=3)
@@ -968,7 +969,11 @@ async def _turn_costs(sessions: Sessions, job_id: str) -> dict[tuple[Any, ...], 
             .join(TurnRow, TurnRow.item_id == Item.id)
             .where(Item.job_id == UUID(job_id))
         )
-        return {(position, t.stage, t.round, t.agent, t.attempt): t.cost_usd for position, t in rows}
+        costs: dict[tuple[Any, ...], float] = {}
+        for position, t in rows:
+            assert t.cost_usd is not None, "every turn is priced"
+            costs[(position, t.stage, t.round, t.agent, t.attempt)] = t.cost_usd
+        return costs
 
 
 async def test_a_worker_killed_between_creating_a_batch_and_storing_its_id_leaves_one_batch_per_file(
@@ -1314,6 +1319,7 @@ async def test_a_create_given_up_on_is_not_tried_again_before_it_could_have_land
         now = await session.scalar(select(func.now()))
     row = await _batch_row(sessions, batch_id)
     assert (row.status, row.provider_batch_id, row.lease_until) == ("uploaded", None, None)
+    assert now is not None
     assert row.next_poll_at - now > timedelta(seconds=batch_settings.batch_call_timeout_s / 2)
 
 
@@ -1380,7 +1386,7 @@ async def test_an_input_file_the_provider_refuses_is_split_until_the_provider_ta
             )
         ).all()
     assert len(refused) == scripted_llm.batches.refused_uploads
-    assert all("file_too_large" in error for error in refused)
+    assert all(error is not None and "file_too_large" in error for error in refused)
 
 
 async def test_a_batch_that_fails_validation_is_split_until_the_provider_takes_it(

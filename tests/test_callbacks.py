@@ -22,7 +22,7 @@ import httpx
 import orjson
 import pytest
 import uvicorn
-from sqlalchemy import func, select, update
+from sqlalchemy import Interval, func, select, type_coerce, update
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
@@ -300,7 +300,9 @@ async def _lease_runs_out(sessions: Sessions, delivery_id: UUID) -> None:
     """Move the delivery's claim back to now, as if its lease had run out."""
     async with sessions.begin() as session:
         lease = await session.scalar(
-            select(CallbackDelivery.next_attempt_at - func.now()).where(CallbackDelivery.id == delivery_id)
+            select(type_coerce(CallbackDelivery.next_attempt_at - func.now(), Interval)).where(
+                CallbackDelivery.id == delivery_id
+            )
         )
         # The claim's lease: callback_timeout_s + 30 s from when it was claimed.
         assert lease is not None and lease.total_seconds() > 20, "due again before its lease ran out"
@@ -487,7 +489,8 @@ async def test_a_callback_arrives_after_the_worker_was_killed_between_the_jobs_e
     job_id, secret = await submit_notifying(api, auth, receiver.url, n=2)
 
     async def ended() -> bool:
-        return (await api.get(f"/v1/jobs/{job_id}", headers=auth)).json()["status"] == "completed"
+        status: str = (await api.get(f"/v1/jobs/{job_id}", headers=auth)).json()["status"]
+        return status == "completed"
 
     await eventually(ended, timeout_s=60, what="the job to end")
     (delivery,) = await deliveries(sessions, job_id)

@@ -28,7 +28,8 @@ from redis.asyncio import Redis
 import aidsafe
 from aidsafe import models
 from app import duplicates
-from app.api import annotations, schemas, webhooks
+from app.api import annotations as annotations_api
+from app.api import schemas, webhooks
 from app.config import Settings
 from app.events import stream_key
 from app.store.db import Sessions
@@ -67,7 +68,7 @@ async def waited(client: aidsafe.Client, settings: Settings, job_id: Any) -> lis
 async def test_submit_wait_iterate_export_and_delete(
     client: aidsafe.Client, settings: Settings, sessions: Sessions, tmp_path: Path
 ) -> None:
-    prompts = [
+    prompts: list[str | dict[str, Any]] = [
         "How do I sharpen a knife?",
         {"prompt": "How do I store knives?", "metadata": {"n": 1}},
         "Dice?",
@@ -497,6 +498,7 @@ async def test_wait_carries_on_while_the_api_restarts(auth: Headers, settings: S
     refusals: list[aidsafe.EventStreamUnavailable] = []
     with serving(settings) as first:
         port = httpx.URL(first.url).port
+        assert port is not None
         with aidsafe.Client(first.url, secret(auth)) as client:
             job = client.submit(["a"])
         async with aidsafe.AsyncClient(first.url, secret(auth)) as async_client:
@@ -841,13 +843,13 @@ MIRRORED = {
     models.WebhookCreated: webhooks.WebhookCreatedOut,
     models.Rejection: webhooks.RejectionOut,
     models.Interval: schemas.IntervalOut,
-    models.Review: annotations.ReviewOut,
-    models.ItemReviews: annotations.ItemReviewsOut,
-    models.ReviewCounts: annotations.ReviewCountsOut,
-    models.ReviewedItems: annotations.ReviewedItemsOut,
-    models.GraderAgreement: annotations.GraderAgreementOut,
-    models.ReviewerAgreement: annotations.ReviewerAgreementOut,
-    models.ReviewSummary: annotations.ReviewSummaryOut,
+    models.Review: annotations_api.ReviewOut,
+    models.ItemReviews: annotations_api.ItemReviewsOut,
+    models.ReviewCounts: annotations_api.ReviewCountsOut,
+    models.ReviewedItems: annotations_api.ReviewedItemsOut,
+    models.GraderAgreement: annotations_api.GraderAgreementOut,
+    models.ReviewerAgreement: annotations_api.ReviewerAgreementOut,
+    models.ReviewSummary: annotations_api.ReviewSummaryOut,
     models.JobCounts: schemas.JobCounts,
     models.Usage: schemas.Usage,
     models.Budget: schemas.BudgetOut,

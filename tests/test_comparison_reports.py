@@ -8,14 +8,24 @@ import io
 import time
 from collections import Counter
 from dataclasses import asdict
-from functools import reduce
 from typing import Any
 from uuid import UUID
 
 import httpx
 import pytest
 from PIL import Image
-from sqlalchemy import Integer, cast, delete, func, insert, literal, literal_column, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    cast,
+    delete,
+    func,
+    insert,
+    literal,
+    literal_column,
+    select,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
@@ -139,6 +149,14 @@ async def test_another_keys_comparison_and_a_plain_job_have_no_report(
     error_of(await api.get(f"/v1/comparisons/{baseline}/report", headers=auth), 404, "not_found")
 
 
+def every_metric_scored(score: ColumnElement[Any]) -> ColumnElement[Any]:
+    """SQL: the CoT's scores with every metric's score set to `score`."""
+    scores: ColumnElement[Any] = Cot.__table__.c.scores
+    for metric in METRICS:
+        scores = func.jsonb_set(scores, [metric, "score"], score)
+    return scores
+
+
 async def copies_of_the_first_cot(session: AsyncSession, job_id: str) -> None:
     """Every other item of the job given the CoT its first item completed with, as if the
     workers had written them all, each scored 1 to 5 on every metric by its position."""
@@ -152,7 +170,7 @@ async def copies_of_the_first_cot(session: AsyncSession, job_id: str) -> None:
     )
     await session.execute(insert(Cot).from_select(["id", "item_id", "position", *copied], rows))
     score = func.to_jsonb(1 + Cot.position % 5)
-    scores = reduce(lambda done, metric: func.jsonb_set(done, [metric, "score"], score), METRICS, Cot.scores)
+    scores = every_metric_scored(score)
     await session.execute(update(Cot).where(Cot.job_id == UUID(job_id)).values(scores=scores))
 
 
@@ -335,7 +353,7 @@ async def test_verdicts_and_scores_counted_in_sql_give_what_reading_every_one_ga
             .union(select(Item.candidate_item_id).where(Item.job_id == comparison))
         )
         score = func.to_jsonb(1 + func.floor(func.random() * 5).cast(Integer))
-        scores = reduce(lambda done, m: func.jsonb_set(done, [m, "score"], score), METRICS, Cot.scores)
+        scores = every_metric_scored(score)
         await session.execute(update(Cot).where(Cot.item_id.in_(compared)).values(scores=scores))
         ungraded = update(Cot).where(Cot.item_id.in_(compared), func.random() < 0.1).values(scores=None)
         await session.execute(ungraded)

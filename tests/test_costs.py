@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 from uuid import UUID, uuid4
 
 import httpx
@@ -50,7 +51,7 @@ async def priced_api(priced: Settings, sessions: Sessions) -> AsyncIterator[http
         yield client
 
 
-async def post_job(api: httpx.AsyncClient, auth: dict[str, str], body: dict) -> httpx.Response:
+async def post_job(api: httpx.AsyncClient, auth: dict[str, str], body: dict[str, Any]) -> httpx.Response:
     return await api.post("/v1/jobs", json=body, headers=auth)
 
 
@@ -68,22 +69,22 @@ async def turns_of(sessions: Sessions, job_id: str) -> list[TurnRow]:
 
 def test_settings_refuse_a_price_for_an_unknown_endpoint_a_negative_price_and_a_price_given_twice() -> None:
     with pytest.raises(ValidationError) as unknown:
-        Settings(llm_prices={"gpt-typo": PRICES})
+        Settings(llm_prices={"gpt-typo": Prices(**PRICES)})
     assert unknown.value.errors()[0]["type"] == "unknown_price_endpoint"
     assert "gpt-typo" in str(unknown.value)
     with pytest.raises(ValidationError) as negative:
-        Settings(llm_prices={"default": {**PRICES, "output": -1}})
+        Settings(llm_prices={"default": Prices(**{**PRICES, "output": -1})})
     assert negative.value.errors()[0]["type"] == "greater_than_equal"
     with pytest.raises(ValidationError) as twice:
         Settings(
             llm_endpoints={"vllm": EndpointConfig(base_url="http://gpu/v1", prices=Prices(**PRICES))},
-            llm_prices={"vllm": PRICES},
+            llm_prices={"vllm": Prices(**PRICES)},
         )
     assert twice.value.errors()[0]["type"] == "endpoint_priced_twice"
     # Given once, either way, an endpoint carries its prices.
     endpoints = Settings(
         llm_endpoints={"vllm": EndpointConfig(base_url="http://gpu/v1", prices=Prices(**PRICES))},
-        llm_prices={"default": {"input": 3, "output": 4}},
+        llm_prices={"default": Prices(input=3, output=4)},
     ).endpoints()
     assert endpoints["vllm"].prices == Prices(**PRICES)
     assert endpoints["default"].prices == Prices(input=3, output=4)
@@ -118,7 +119,7 @@ async def test_turns_items_and_jobs_cost_their_reported_usage_at_the_prices_pinn
     assert all(t.cost_usd is None for t in await turns_of(sessions, unpriced_id))
     # The worker's metrics count the priced calls' cost per endpoint, and none for "second".
     counted = REGISTRY.get_sample_value(COST_METRIC, {"endpoint": "default"})
-    assert counted - counted_before == pytest.approx(8 * CALL_USD)
+    assert counted is not None and counted - counted_before == pytest.approx(8 * CALL_USD)
     assert REGISTRY.get_sample_value(COST_METRIC, {"endpoint": "second"}) is None
 
     # A price change afterwards prices new jobs only: this one keeps its pinned prices.
@@ -230,7 +231,9 @@ async def test_counters_lost_mid_job_are_rebuilt_from_the_turns_and_the_job_stop
         nonlocal answered
         answered += 1
         if answered == 3:
-            redis.delete(*redis.keys(f"{key_prefix}*"))
+            keys = redis.keys(f"{key_prefix}*")
+            assert isinstance(keys, list)  # redis-py types its commands as sync or async
+            redis.delete(*keys)
 
     scripted_llm.unscripted = restart_redis_at_the_third_call
     # Five recorded calls (6,000 tokens) reach it, of the eight the two items would make.
@@ -243,7 +246,8 @@ async def test_counters_lost_mid_job_are_rebuilt_from_the_turns_and_the_job_stop
         assert job["status"] == "budget_exhausted"
         assert job["budget"]["spent_tokens"] == 5 * CALL_TOKENS
         counted = redis.hmget(f"{key_prefix}{job_id}", ["tokens", "usd"])
-        assert (int(counted[0]), float(counted[1])) == (5 * CALL_TOKENS, pytest.approx(5 * CALL_USD))
+        assert isinstance(counted, list)  # redis-py types its commands as sync or async
+        assert int(counted[0]) == 5 * CALL_TOKENS and float(counted[1]) == pytest.approx(5 * CALL_USD)
     finally:
         redis.close()
 
@@ -377,9 +381,10 @@ async def test_the_estimate_gives_calls_tokens_and_a_cost_range_and_creates_noth
     assert unpriced.json()["unpriced_endpoints"] == ["second"]
     assert unpriced.json()["calls"] == figures["calls"]
 
-    async def calls(config: dict) -> dict:
+    async def calls(config: dict[str, Any]) -> dict[str, Any]:
         answer = await priced_api.post("/v1/jobs/estimate", json={**body, "config": config}, headers=auth)
-        return answer.json()["calls"]
+        estimated: dict[str, Any] = answer.json()["calls"]
+        return estimated
 
     assert await calls({"mode": "zero_shot"}) == {"min": 3, "max": 3}
     # The fallback is asked only after a refusal, which the estimate does not assume.
@@ -414,7 +419,7 @@ async def test_the_estimate_gives_calls_tokens_and_a_cost_range_and_creates_noth
 async def test_budgets_no_call_fits_or_that_cannot_be_counted_are_refused_with_stable_codes(
     priced_api: httpx.AsyncClient, auth: dict[str, str], settings: Settings, scripted_llm: ScriptedLLM
 ) -> None:
-    async def refused(body: dict, path: str = "/v1/jobs") -> tuple[int, str]:
+    async def refused(body: dict[str, Any], path: str = "/v1/jobs") -> tuple[int, str]:
         answer = await priced_api.post(
             path, json={"prompts": prompts(1), "config": QUICK, **body}, headers=auth
         )
@@ -621,9 +626,10 @@ async def settle_waiting_for_the_job(sessions: Sessions) -> int | None:
     """The backend of a worker's settle_waiting while it waits for its job's row (a PATCH holds
     it), if one does."""
     async with sessions() as session:
-        return await session.scalar(
+        pid: int | None = await session.scalar(
             text(
                 "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
                 " AND wait_event_type = 'Lock' AND query LIKE 'SELECT jobs.cancelled_at%FOR NO KEY UPDATE'"
             )
         )
+        return pid

@@ -33,14 +33,14 @@ from tests.test_turn_log import a_turn, claimed_item
 def test_an_inserted_row_binds_every_column_the_database_does_not_fill(
     table: Table, filled_by_database: set[str]
 ) -> None:
-    statement = DriverStatement(insert_from(table, Item.__table__, item_id=Item.id))
+    statement = DriverStatement(insert_from(table, Item.__table__, item_id=Item.__table__.c.id))
 
     bound = {name.removeprefix(f"{table.name}.") for name in statement.parameters}
     assert bound == {column.name for column in table.columns} - filled_by_database - {"item_id"}
 
 
 def test_a_row_without_one_of_its_columns_is_refused_before_anything_is_sent() -> None:
-    statement = DriverStatement(insert_from(TurnRow.__table__, Item.__table__, item_id=Item.id))
+    statement = DriverStatement(insert_from(TurnRow.__table__, Item.__table__, item_id=Item.__table__.c.id))
     row = {name.removeprefix("turns."): 0 for name in statement.parameters}
     del row["latency_ms"]
 

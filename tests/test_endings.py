@@ -122,7 +122,7 @@ async def test_an_end_is_stamped_when_it_is_written_not_when_its_transaction_beg
         assert await items.write_ending(session, claim, failed("refused", "the model refused"))
 
     finished_at = (await stored(sessions, claim.item_id)).finished_at
-    assert finished_at is not None and finished_at - began >= timedelta(seconds=0.3)
+    assert began is not None and finished_at is not None and finished_at - began >= timedelta(seconds=0.3)
 
 
 MAX_OUTAGE = timedelta(hours=1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from app.deliberation.budget import judge_request, largest_requests
-from app.deliberation.config import Limits
+from app.deliberation.config import Limits, PipelineConfig
 from app.deliberation.ports import Stage, Turn, TurnKey, TurnOutcome
 from app.deliberation.stages import NOT_DECOMPOSED
 from app.llm.client import OpenAICompatibleClient
@@ -166,25 +166,24 @@ async def test_the_jobs_limits_reach_the_schemas_and_the_instructions(
 def test_the_request_budgets_follow_the_ablations() -> None:
     full = pipeline(agents=2, max_rounds=4)
 
-    def budgets(**changes: object) -> dict[str, int]:
-        return {
-            b.role: b.tokens for b in largest_requests(replace(full, **changes), POLICIES, PROMPTS, PROMPT)
-        }
+    def budgets(config: PipelineConfig) -> dict[str, int]:
+        return {b.role: b.tokens for b in largest_requests(config, POLICIES, PROMPTS, PROMPT)}
 
-    default = budgets()
+    default = budgets(full)
     assert list(default) == ["intent", "seed", "deliberator-1", "deliberator-2", "refiner"]
-    assert list(budgets(decompose_intents=False)) == ["seed", "deliberator-1", "deliberator-2", "refiner"]
-    assert list(budgets(refine=False)) == ["intent", "seed", "deliberator-1", "deliberator-2"]
-    assert list(budgets(max_rounds=0)) == ["intent", "seed", "refiner"]
-    assert list(budgets(max_turns=1)) == ["intent", "seed", "deliberator-1", "refiner"]
+    no_intents = budgets(replace(full, decompose_intents=False))
+    assert list(no_intents) == ["seed", "deliberator-1", "deliberator-2", "refiner"]
+    assert list(budgets(replace(full, refine=False))) == ["intent", "seed", "deliberator-1", "deliberator-2"]
+    assert list(budgets(replace(full, max_rounds=0))) == ["intent", "seed", "refiner"]
+    assert list(budgets(replace(full, max_turns=1))) == ["intent", "seed", "deliberator-1", "refiner"]
 
     reply_tokens = full.max_tokens + 64  # each reply read, at most, with its labels
-    capped = budgets(max_turns=3)  # agent 1's last turn is the third: it reads 4 replies, not 8
+    # Agent 1's last turn is the third: it reads 4 replies, not 8.
+    capped = budgets(replace(full, max_turns=3))
     assert default["deliberator-1"] - capped["deliberator-1"] == 4 * reply_tokens
     assert default["deliberator-2"] - capped["deliberator-2"] == 6 * reply_tokens  # its turn 2 reads 3, not 9
     assert default["refiner"] - capped["refiner"] == 5 * reply_tokens  # 3 turns read, not 8
     # Without intents, nothing reads their reply; the note that replaces it is short.
-    no_intents = budgets(decompose_intents=False)
     assert 0 < default["seed"] - no_intents["seed"] < reply_tokens
 
 

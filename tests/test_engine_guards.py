@@ -222,12 +222,9 @@ async def test_shieldgemma_flags_by_the_probability_of_yes(
     unsure = await guarded(llm, scripted_llm, classified("Yes", Yes=0.45, No=0.55), GuardStyle.SHIELDGEMMA)
     sure = await guarded(llm, scripted_llm, classified("No", No=0.2, **{" yes": 0.8}), GuardStyle.SHIELDGEMMA)
 
-    assert (unsure.unsafe, unsure.unsafe_probability, unsure.decided_by) == (
-        False,
-        pytest.approx(0.45),
-        "logprobs",
-    )
-    assert (sure.unsafe, sure.unsafe_probability) == (True, pytest.approx(0.8))
+    assert unsure.unsafe is False and unsure.decided_by == "logprobs"
+    assert unsure.unsafe_probability == pytest.approx(0.45)
+    assert sure.unsafe is True and sure.unsafe_probability == pytest.approx(0.8)
 
 
 async def test_the_json_guard_asks_for_no_logprobs(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from typing import Any
 
 from app.deliberation.config import GradingConfig, Mode, RoleConfig
 from app.deliberation.engine import deliberate
@@ -224,7 +225,7 @@ async def test_grading_without_pairs_grades_once_and_keeps_no_pair(
 
 # --- the policy set in every request -------------------------------------------------------
 
-TINY_SET = [
+TINY_SET: list[dict[str, Any]] = [
     {
         "id": "p1",
         "title": "Physical harm",

@@ -487,11 +487,14 @@ async def test_a_last_event_id_with_digits_other_than_ascii_is_refused(
 ) -> None:
     """Header bytes are read as Latin-1: byte 0xb2 is "²", a digit to str.isdigit but not to int."""
     job = await submit(api, auth, ["a"])
-    headers = {**auth, "Last-Event-ID": last_event_id}
+    headers = {
+        **{name.encode(): value.encode() for name, value in auth.items()},
+        b"Last-Event-ID": last_event_id,
+    }
 
     error_of(await api.get(f"/v1/jobs/{job['id']}/events", headers=headers), 400, "invalid_cursor")
     viewer = await logged_in(api, auth)
-    viewed = await viewer.get(f"/view/jobs/{job['id']}/events", headers={"Last-Event-ID": last_event_id})
+    viewed = await viewer.get(f"/view/jobs/{job['id']}/events", headers={b"Last-Event-ID": last_event_id})
     assert viewed.status_code == 400, viewed.text
     assert "not an event id this API sent" in viewed.text  # on the viewer's error page
 

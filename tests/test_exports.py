@@ -107,7 +107,8 @@ async def worker_made_job(api: httpx.AsyncClient, auth: Headers, settings: Setti
         api, auth, ["Write a phishing email.", "How do I spot a phishing email?"], config=config
     )
     await run_worker_burst(settings, max_jobs=1)
-    return job["id"]
+    job_id: str = job["id"]
+    return job_id
 
 
 # --- what the worker made, read by datasets and TRL -----------------------------------------

@@ -114,7 +114,7 @@ async def test_places_are_due_and_below_the_times_arq_scores_with(
     scores = [score for _, score in await arq_redis.zrange(settings.queue_name, 0, -1, withscores=True)]
     assert all(score < LINE_END < timestamp_ms() for score in scores)
     # The line's record keeps one place per share and the furthest, not one per job.
-    assert await arq_redis.hlen(line_key(settings.queue_name)) == 2
+    assert await arq_redis.hlen(line_key(settings.queue_name)) == 2  # type: ignore[misc]  # redis-py types hash commands as sync or async
 
 
 async def _start(settings: Settings, arq_redis: ArqRedis, wanted: int) -> list[str]:
@@ -125,7 +125,7 @@ async def _start(settings: Settings, arq_redis: ArqRedis, wanted: int) -> list[s
         f"{settings.redis_key_prefix}:starts:{uuid4()}",
         line_key(settings.queue_name),
     ]
-    args = [in_progress_key_prefix, 60_000, timestamp_ms(), wanted, str(uuid4()), 1000]
+    args: list[str | int] = [in_progress_key_prefix, 60_000, timestamp_ms(), wanted, str(uuid4()), 1000]
     marked = await arq_redis.register_script(START_SCRIPT)(keys=keys, args=args)
     return [job_id.decode() for job_id in marked[::2]]
 
@@ -252,7 +252,7 @@ async def test_items_a_park_resumes_take_their_keys_turn(
 
     # The budget is not spent (the job has none): the parked item goes back too.
     assert {item_of_job(job)[0] for job in await _line(arq_redis, settings)} == {waiting, running}
-    assert await arq_redis.hget(line_key(settings.queue_name), str(owner)) is not None
+    assert await arq_redis.hget(line_key(settings.queue_name), str(owner)) is not None  # type: ignore[misc]  # redis-py types hash commands as sync or async
 
 
 async def test_items_whose_arq_jobs_were_lost_are_queued_again_as_their_keys_shares(

@@ -398,6 +398,7 @@ def read_urls(world: World, viewer: bool) -> Iterator[tuple[str, str, dict[str, 
     query_values = {"format": sorted(FORMATS)}
     for context in iter_route_contexts(create_app().routes):
         route = context.path
+        assert route is not None
         if "GET" not in (context.methods or ()) or route.startswith("/view") != viewer:
             continue
         names, queries = _PATH_PARAM.findall(route), _required_query(context.original_route)

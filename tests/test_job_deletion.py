@@ -15,7 +15,7 @@ from uuid import UUID
 import httpx
 import pytest
 from redis.asyncio import Redis
-from sqlalchemy import Column, Table, func, or_, select, text, update
+from sqlalchemy import Column, Interval, Table, func, or_, select, text, type_coerce, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
@@ -51,13 +51,13 @@ def job_links() -> dict[Table, list[Column[Any]]]:
 
 async def rows_naming(sessions: Sessions, job_id: UUID, item_ids: list[UUID]) -> dict[str, int]:
     """Per table, the rows that name the job or one of these items, in any column."""
-    counts = {}
+    counts: dict[str, int] = {}
     async with sessions() as session:
-        counts["jobs"] = await session.scalar(select(func.count()).where(Job.id == job_id))
+        counts["jobs"] = await session.scalar(select(func.count()).where(Job.id == job_id)) or 0
         for table, columns in job_links().items():
             names = [c == job_id if _to(c, "jobs") else c.in_(item_ids) for c in columns]
-            counts[table.name] = await session.scalar(
-                select(func.count()).select_from(table).where(or_(*names))
+            counts[table.name] = (
+                await session.scalar(select(func.count()).select_from(table).where(or_(*names))) or 0
             )
     return counts
 
@@ -544,9 +544,10 @@ async def test_a_job_whose_purge_fails_is_put_off_and_the_jobs_after_it_are_purg
     async with sessions() as session:
         failures, put_off_by = (
             await session.execute(
-                select(Job.hazardous_purge_failures, Job.hazardous_purge_retry_at - func.now()).where(
-                    Job.id == UUID(failing)
-                )
+                select(
+                    Job.hazardous_purge_failures,
+                    type_coerce(Job.hazardous_purge_retry_at - func.now(), Interval),
+                ).where(Job.id == UUID(failing))
             )
         ).one()
     assert failures == 1 and timedelta(minutes=59) < put_off_by <= deletions.PURGE_RETRY_FIRST

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from app.config import Settings
+from app.deliberation.config import Mode
 from app.plan import JobConfigIn, resolve, resolve_comparison
 from app.store import job_listing, keys, policy_sets
 from app.store.db import Sessions
@@ -69,7 +70,7 @@ async def store_jobs(sessions: Sessions, settings: Settings, owner: Owner, made:
     """Write the jobs (two items each, in the statuses of MADE_AS) in one transaction."""
     plans = {
         "aidsafe": resolve(JobConfigIn(), settings),
-        "zero_shot": resolve(JobConfigIn(mode="zero_shot"), settings),
+        "zero_shot": resolve(JobConfigIn(mode=Mode.ZERO_SHOT), settings),
         "comparison": resolve_comparison([None], settings, uuid4(), uuid4()),
     }
     async with sessions.begin() as session:

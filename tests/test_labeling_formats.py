@@ -22,7 +22,10 @@ from uuid import UUID, uuid4
 import argilla as rg
 import httpx
 import pytest
-from label_studio_sdk.label_interface import LabelInterface
+
+# The SDK leaves validate_annotation and validate_prediction unannotated, and types
+# validate_task's task as its TaskValue model though it takes a task's dict: the ignores below.
+from label_studio_sdk.label_interface.interface import LabelInterface
 from pydantic import TypeAdapter, ValidationError
 
 from app.deliberation.config import LIMIT_CAPS
@@ -298,7 +301,7 @@ def test_reviewers_see_each_intent_with_its_label_and_can_filter_on_the_possibly
     task = label_studio.task(row, ExportOptions())
 
     argilla_accepts(dataset, record)
-    assert interface.validate_task({"data": task["data"]})
+    assert interface.validate_task({"data": task["data"]})  # type: ignore[arg-type]
     assert record["fields"]["intents"] == task["data"]["intents"] == shown
     assert (
         record["metadata"]["possibly_harmful_intents"] == task["data"]["possibly_harmful_intents"] == harmful
@@ -476,9 +479,9 @@ def test_a_graded_task_prefills_the_response_and_the_rating_and_conforms_to_the_
 ) -> None:
     task = label_studio.task(a_row(scores=grades(3, 4), accepted=True), ExportOptions())
 
-    assert interface.validate_task({"data": task["data"]})
+    assert interface.validate_task({"data": task["data"]})  # type: ignore[arg-type]
     [prediction] = task["predictions"]
-    assert interface.validate_prediction(prediction)
+    assert interface.validate_prediction(prediction)  # type: ignore[no-untyped-call]
     assert task == {
         "data": {
             "item_id": str(ITEM),
@@ -526,7 +529,7 @@ def test_an_ungraded_task_predicts_the_response_alone_and_intents_without_implic
         ExportOptions(),
     )
 
-    assert interface.validate_task({"data": task["data"]})
+    assert interface.validate_task({"data": task["data"]})  # type: ignore[arg-type]
     assert task["data"]["intents"] == "Explicit:\n- Store rice [benign]"
     [prediction] = task["predictions"]
     assert prediction == {
@@ -599,7 +602,7 @@ def test_a_label_studio_annotation_is_read_whole(interface: LabelInterface) -> N
         updated_at="2026-11-20T12:00:00+02:00",
         lead_time=3.5,
     )
-    assert interface.validate_annotation({**written, "result": written["result"][:-1]})
+    assert interface.validate_annotation({**written, "result": written["result"][:-1]})  # type: ignore[no-untyped-call]
 
     [review] = read_export(written).reviews
 
@@ -716,7 +719,7 @@ def test_a_webhook_annotation_is_read_with_its_task_however_it_names_it(action: 
     parsed = read_webhook(event)
 
     assert [(r.item_id, r.verdict) for r in parsed.reviews] == [(ITEM, "accept")]
-    assert parsed.problems == parsed.skipped == []
+    assert parsed.problems == [] and parsed.skipped == []
 
 
 def test_annotations_created_together_are_matched_to_their_tasks_by_id() -> None:
@@ -758,7 +761,7 @@ def test_a_deletion_event_retracts_each_annotation_it_names() -> None:
         ("label_studio", "501", {"action": "ANNOTATIONS_DELETED", "annotation": {"id": 501}}),
         ("label_studio", "a-2", {"action": "ANNOTATIONS_DELETED", "annotation": {"id": "a-2", "extra": 1}}),
     ]
-    assert parsed.problems == parsed.reviews == []
+    assert parsed.problems == [] and parsed.reviews == []
     for empty in ({"action": "ANNOTATIONS_DELETED"}, {"action": "ANNOTATIONS_DELETED", "annotations": []}):
         assert read_webhook(empty).problems == ["ANNOTATIONS_DELETED without the deleted annotations"]
 

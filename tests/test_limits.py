@@ -367,7 +367,7 @@ async def test_closing_gives_back_the_kept_slots(redis: Redis, key_prefix: str) 
     assert await holders(redis, limiter) == 0
 
 
-async def _enter_and_leave(slot: AbstractAsyncContextManager[None]) -> None:
+async def _enter_and_leave(slot: AbstractAsyncContextManager[object]) -> None:
     async with slot:
         pass
 

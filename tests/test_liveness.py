@@ -184,7 +184,7 @@ async def test_a_live_worker_keeps_the_jobs_it_took_before_claiming(
     dead, live = uuid4(), uuid4()
     await liveness.beat(redis, settings, live)
     # As each worker's start records the job it took, until the job ends.
-    await redis.hset(liveness.taken_key(settings), mapping={dead_job: str(dead), live_job: str(live)})
+    await redis.hset(liveness.taken_key(settings), mapping={dead_job: str(dead), live_job: str(live)})  # type: ignore[misc]  # redis-py types hash commands as sync or async
     # The live worker's claim waits longer than the grace for lost arq jobs: still its.
     await asyncio.sleep(settings.enqueue_grace_s + 0.2)
     await liveness.beat(redis, settings, live)
@@ -217,7 +217,7 @@ async def test_an_arq_job_started_while_the_sweeper_runs_is_not_taken_for_lost(
     for job in (started, orphaned):
         await arq_redis.set(in_progress_key_prefix + job, b"1", ex=60)
     # As the start script records what it marks; `gone` left its record when its job ended.
-    await redis.hset(liveness.taken_key(settings), mapping={started: str(uuid4()), gone: str(uuid4())})
+    await redis.hset(liveness.taken_key(settings), mapping={started: str(uuid4()), gone: str(uuid4())})  # type: ignore[misc]  # redis-py types hash commands as sync or async
 
     alive = await _arq_jobs_alive(arq_redis, settings, [started, orphaned, waiting, gone])
 
@@ -239,7 +239,8 @@ async def test_a_record_left_after_its_job_ended_does_not_hide_the_item_from_the
     job = arq_job_id(item.id, 1)
     await arq_redis.zrem(settings.queue_name, job)  # lost, as a Redis restart loses it
     live = uuid4()
-    await redis.hset(liveness.taken_key(settings), job, str(live))  # and not in progress
+    # Taken, and not in progress.
+    await redis.hset(liveness.taken_key(settings), job, str(live))  # type: ignore[misc]  # redis-py types hash commands as sync or async
     await asyncio.sleep(settings.enqueue_grace_s + 0.2)
     await liveness.beat(redis, settings, live)
 
@@ -405,10 +406,11 @@ async def test_a_worker_busy_with_its_shared_redis_pool_still_beats(
     """Items' commands queue for the worker's pool (its lock, on a saturated machine for
     seconds); a heartbeat queued behind them looked like a dead worker's."""
     brief = settings.model_copy(update={"heartbeat_interval_s": 0.2, "heartbeat_ttl_s": 1.0})
-    ctx = {"settings": brief, "redis": arq_redis, WORKER_ID: uuid4()}
+    worker_id = uuid4()
+    ctx = {"settings": brief, "redis": arq_redis, WORKER_ID: worker_id}
     await connect(ctx)
     try:
-        key = liveness.heartbeat_key(brief, ctx[WORKER_ID])
+        key = liveness.heartbeat_key(brief, worker_id)
         async with arq_redis.connection_pool._lock:  # every command of the pool waits now
             await asyncio.sleep(brief.heartbeat_ttl_s * 2.5)
             assert await redis.pttl(key) > 0, "a busy worker looks dead"
@@ -498,7 +500,8 @@ async def _unanswering_port() -> AsyncIterator[int]:
 
 
 async def _in_progress(redis: Redis, job_ids: list[str]) -> bool:
-    return await redis.exists(*(in_progress_key_prefix + job for job in job_ids)) == len(job_ids)
+    existing: int = await redis.exists(*(in_progress_key_prefix + job for job in job_ids))
+    return existing == len(job_ids)
 
 
 async def _all_claimed(sessions: Sessions, item_ids: set[UUID], attempts: int) -> bool:

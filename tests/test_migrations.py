@@ -217,11 +217,11 @@ async def test_job_plans_migration_moves_comparison_links_out_of_item_metadata_a
 
         await asyncio.to_thread(command.downgrade, config, "0007_naming_convention")
 
-        metadata = {
+        metadata_by_item = {
             row["id"]: json.loads(row["metadata"])
             for row in await connection.fetch("SELECT id, metadata FROM items")
         }
-        assert metadata == {
+        assert metadata_by_item == {
             base_item: user_metadata,
             cand_item: {},
             compared: {"a_item_id": str(base_item), "b_item_id": str(cand_item)},

@@ -11,7 +11,7 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -106,7 +106,8 @@ def evaluation_body(benchmarks: list[dict[str, Any]], *targets: str, **fields: A
 async def submit_evaluation(api: httpx.AsyncClient, auth: Headers, body: dict[str, Any]) -> dict[str, Any]:
     response = await api.post("/v1/model-evaluations", json=body, headers=auth)
     assert response.status_code == 202, response.text
-    return response.json()
+    submitted: dict[str, Any] = response.json()
+    return submitted
 
 
 def rows_of(report: dict[str, Any], benchmark: str, category: str | None) -> dict[str, dict[str, Any]]:
@@ -139,7 +140,7 @@ async def test_the_report_recovers_two_models_known_refusal_rates_within_its_int
     assert report["status"] == "completed"
     assert [t["name"] for t in report["targets"]] == ["default:model-a", "default:model-b"]
     overall = rows_of(report, "contrast", None)
-    expected_rates = {
+    expected_rates: dict[str, Callable[[dict[str, float]], float]] = {
         "safe_response_rate": lambda rates: rates[HARMFUL],  # the judge finds every refusal safe
         "refusal_rate": lambda rates: rates[HARMFUL],
         "compliance_rate": lambda rates: 1 - rates[BENIGN],

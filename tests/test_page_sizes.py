@@ -12,7 +12,20 @@ from uuid import UUID
 import asyncpg
 import httpx
 import pytest
-from sqlalchemy import ColumnElement, Text, cast, event, func, insert, literal, make_url, select, true, update
+from sqlalchemy import (
+    ColumnElement,
+    SQLColumnExpression,
+    Text,
+    cast,
+    event,
+    func,
+    insert,
+    literal,
+    make_url,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 
 from app.store import jobs
@@ -31,7 +44,7 @@ EURO = "€"  # three bytes of UTF-8: a text of the longest prompt's length is 6
 HELD_AT_MOST_S = 0.06
 
 
-def long_text(position: ColumnElement[int]) -> ColumnElement[str]:
+def long_text(position: SQLColumnExpression[int]) -> ColumnElement[str]:
     """SQL: a text as long as the longest prompt, starting with `position` (prompts differ)."""
     return cast(position, Text) + func.repeat(EURO, LONGEST_PROMPT_CHARS)
 
@@ -54,7 +67,9 @@ async def every_page(
     """The pages of the listing at `path`, `limit` 500, following `next_cursor` to the end."""
     pages, cursor = [], None
     while True:
-        params = {**filters, "limit": ROWS} | ({"cursor": cursor} if cursor else {})
+        params: dict[str, str | int] = {**filters, "limit": ROWS}
+        if cursor:
+            params["cursor"] = cursor
         response = await api.get(path, params=params, headers=auth)
         assert response.status_code == 200, response.text
         page = response.json()

@@ -41,7 +41,7 @@ from tests.test_engine import pipeline, run
 
 # Each stage's schema by the name it travels under.
 BY_NAME = {
-    spec.schema_name: spec.schema(Limits()) for spec in DECLARED if spec.schema_name and spec.schema(Limits())
+    spec.schema_name: schema for spec in DECLARED if spec.schema_name and (schema := spec.schema(Limits()))
 }
 THOUGHTS_SHOWN = 4  # the refiner's parser is given this many thoughts
 QUICK = settings(max_examples=40, deadline=None, derandomize=True, database=None)
@@ -69,7 +69,7 @@ def _relaxed(schema: Any, key: str | None = None) -> Any:
 
 
 def _refined_record() -> dict[str, Any]:
-    schema = _relaxed(BY_NAME["refined_cot"])
+    schema: dict[str, Any] = _relaxed(BY_NAME["refined_cot"])
     ids = {"type": "integer", "minimum": 1, "maximum": THOUGHTS_SHOWN}
     sources = schema["properties"]["thoughts"]["items"]["properties"]["sources"]
     sources.update(minItems=0, uniqueItems=True, items=ids)
@@ -77,7 +77,7 @@ def _refined_record() -> dict[str, Any]:
     return schema
 
 
-_VERDICT = {
+_VERDICT: dict[str, Any] = {
     "type": "object",
     "properties": {
         "unsafe": {"type": "boolean"},
@@ -316,7 +316,7 @@ def test_a_reply_the_wire_schema_allows_is_read_as_sent(schema_name: str, data: 
     if schema_name == "refined_cot":
         for thought in expected["thoughts"]:
             thought["sources"] = sorted(set(thought["sources"]))
-        first_word = {}
+        first_word: dict[int, dict[str, Any]] = {}
         for entry in expected["dropped"]:
             first_word.setdefault(entry["id"], entry)
         expected["dropped"] = sorted(first_word.values(), key=lambda d: d["id"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -44,9 +45,10 @@ EVERYTHING = JobConfigIn.model_validate(
 )
 
 
-def stored(plan: GenerationPlan | ComparisonPlan) -> object:
+def stored(plan: GenerationPlan | ComparisonPlan) -> dict[str, Any]:
     """The plan as the jobs table holds it: its JSON, decoded."""
-    return json.loads(plan.model_dump_json())
+    decoded: dict[str, Any] = json.loads(plan.model_dump_json())
+    return decoded
 
 
 @pytest.mark.parametrize("config", [JobConfigIn(), EVERYTHING])
@@ -149,9 +151,9 @@ def test_a_plan_is_frozen() -> None:
     assert plan.pairs is not None
 
     with pytest.raises(ValidationError, match="frozen"):
-        plan.max_tokens = 4096  # type: ignore[misc]
+        plan.max_tokens = 4096
     with pytest.raises(ValidationError, match="frozen"):
-        plan.pairs.guard.style = GuardStyle.JSON  # type: ignore[misc]
+        plan.pairs.guard.style = GuardStyle.JSON
     with pytest.raises(AttributeError):  # the engine's dataclasses: frozen too
         plan.roles.refiner.model = "other"  # type: ignore[misc]
 

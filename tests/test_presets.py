@@ -15,7 +15,7 @@ from sqlalchemy import text
 from app.config import Settings
 from app.deliberation.policies import content_version
 from app.main import create_app
-from app.plan import JobConfigIn, PresetRef, read_plan, resolve
+from app.plan import GenerationPlan, JobConfigIn, PresetRef, read_plan, resolve
 from app.presets import InvalidPresets, load
 from app.store.db import Sessions
 from tests.test_api import error_of, row_counts, submit
@@ -136,7 +136,8 @@ async def test_a_job_starts_from_a_preset_and_its_config_overrides_any_field(
     assert plan["roles"]["refiner"]["temperature"] == 0.2
     thresholds = plan["grading"]["thresholds"]
     assert (thresholds["relevance"], thresholds["cot_policy_faithfulness"]) == (4, 4)
-    assert read_plan(plan).preset is not None
+    read = read_plan(plan)
+    assert isinstance(read, GenerationPlan) and read.preset is not None
 
 
 async def test_a_list_in_the_config_replaces_the_presets(
@@ -172,7 +173,8 @@ async def test_a_job_without_a_preset_stores_the_plan_it_always_did(
     job = await submit(api, auth, ["a"], config={"agents": 1})
 
     plan = await stored_plan(sessions, job["id"])
-    assert "preset" not in plan and read_plan(plan).preset is None
+    read = read_plan(plan)
+    assert "preset" not in plan and isinstance(read, GenerationPlan) and read.preset is None
 
 
 async def test_a_pinned_preset_version_must_be_the_servers(

@@ -167,7 +167,8 @@ async def finished_job(
         claim = await items.claim(sessions, UUID(item["id"]), LIMITS)
         assert claim is not None
         assert await items.complete(sessions, claim, result)
-    return job["id"]
+    job_id: str = job["id"]
+    return job_id
 
 
 async def job_with_hazardous_turns(api: httpx.AsyncClient, auth: Headers, sessions: Sessions) -> str:
@@ -182,7 +183,8 @@ async def job_with_hazardous_turns(api: httpx.AsyncClient, auth: Headers, sessio
     for stage in (Stage.WHISPER, Stage.REJECTED, Stage.GUARD, Stage.GRADE):
         await log.record(a_turn(item_id, TurnKey(stage, 2), f"{HAZARD} {stage.value}"))
     assert await items.complete(sessions, claim, completed(a_grade(), kept_pair()))
-    return job["id"]
+    job_id: str = job["id"]
+    return job_id
 
 
 async def get_ok(api: httpx.AsyncClient, auth: Headers, url: str, **params: Any) -> Any:
@@ -192,7 +194,9 @@ async def get_ok(api: httpx.AsyncClient, auth: Headers, url: str, **params: Any)
 
 
 async def pairs_of(api: httpx.AsyncClient, auth: Headers, job_id: str, **params: Any) -> list[dict[str, Any]]:
-    return (await get_ok(api, auth, f"/v1/jobs/{job_id}/preference-pairs", **params))["data"]
+    page = await get_ok(api, auth, f"/v1/jobs/{job_id}/preference-pairs", **params)
+    pairs: list[dict[str, Any]] = page["data"]
+    return pairs
 
 
 # --- persistence ---------------------------------------------------------------------------

@@ -67,9 +67,9 @@ def _matches(documented: Any, default: Any) -> bool:
     if documented is None or default is None:
         return documented is default
     if isinstance(default, bool):
-        return documented == str(default).lower()
+        return str(documented) == str(default).lower()
     if isinstance(default, int | float):
-        return float(documented) == default
+        return float(documented) == float(default)
     if isinstance(default, dict):
         return documented == "{}" and default == {}
     return bool(documented == default)

@@ -51,7 +51,7 @@ async def conversation(base_url: str, *parts: bytes, pause_s: float = 0) -> list
     while answer:  # each response has a content-length
         head, _, answer = answer.partition(b"\r\n\r\n")
         status_line, *lines = head.decode().split("\r\n")
-        headers = [tuple(line.split(": ", 1)) for line in lines]
+        headers = [(name, value) for name, _, value in (line.partition(": ") for line in lines)]
         length = int(dict(headers)["content-length"])
         responses.append(
             httpx.Response(int(status_line.split()[1]), headers=headers, content=answer[:length])

@@ -363,7 +363,7 @@ async def test_a_parquet_file_that_decodes_to_more_than_a_jsonl_file_may_hold_is
 def one_sample_in(row_groups: int = 1, extra_columns: int = 0) -> bytes:
     """A Parquet file of one sample, in the first of `row_groups` (the rest empty), beside
     `extra_columns` columns of nulls."""
-    columns = {"prompt": ["Why?"], "response": ["Because."]}
+    columns: dict[str, list[str | None]] = {"prompt": ["Why?"], "response": ["Because."]}
     columns |= {f"extra{n}": [None] for n in range(extra_columns)}
     table = pa.table(columns)
     out = io.BytesIO()
@@ -595,7 +595,8 @@ async def test_a_resumed_item_does_not_ask_again_what_its_turns_hold(
     assert len(scripted_llm.requests_for("guard_verdict")) == 2
     async with sessions() as session:
         result = await session.scalar(select(SampleEvaluation).where(SampleEvaluation.item_id == item_id))
-    assert result is not None and result.scores is not None and result.guard["unsafe"] is False
+    assert result is not None and result.scores is not None and result.guard is not None
+    assert result.guard["unsafe"] is False
 
 
 async def test_the_judge_compares_each_sample_with_the_other_sets_of_the_same_prompt(

@@ -29,7 +29,8 @@ def _differences(connection: Connection) -> list[Any]:
     context = MigrationContext.configure(
         connection, opts={"compare_type": True, "compare_server_default": True}
     )
-    return compare_metadata(context, Base.metadata)
+    differences: list[Any] = compare_metadata(context, Base.metadata)
+    return differences
 
 
 async def test_autogenerate_finds_no_difference_between_the_models_and_the_migrated_database(
@@ -42,9 +43,9 @@ async def test_every_constraint_and_index_has_the_name_of_the_naming_convention(
     database: AsyncConnection,
 ) -> None:
     in_models = {
-        (table.name, str(named.name))
+        (table.name, str(name))
         for table in Base.metadata.tables.values()
-        for named in (*table.constraints, *table.indexes)
+        for name in (*(c.name for c in table.constraints), *(i.name for i in table.indexes))
     }
     in_database = set(
         await database.execute(

@@ -198,7 +198,7 @@ async def test_a_statement_on_a_postgres_connection_gone_silent_gives_up_and_the
         await engine.dispose()
 
 
-def _selects(sessions: Sessions, query: Query) -> Coroutine[Any, Any, list[Any]]:
+def _selects(sessions: Sessions, query: Query) -> asyncio.Future[list[Any]]:
     """Four statements at once: each holds a connection of its own."""
     return asyncio.gather(*(query(sessions, f"SELECT {n}") for n in range(4)))
 

@@ -326,7 +326,8 @@ async def test_a_worker_rides_out_a_redis_that_turned_replica_for_a_while(
             second = await submit(api, auth, ["How do clouds form?"])
 
             async def completed(job_id: str) -> bool:
-                return (await api.get(f"/v1/jobs/{job_id}", headers=auth)).json()["status"] == "completed"
+                status: str = (await api.get(f"/v1/jobs/{job_id}", headers=auth)).json()["status"]
+                return status == "completed"
 
             for job_id in (first, second):
                 await eventually(partial(completed, job_id), 60, f"job {job_id} completed")

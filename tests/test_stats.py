@@ -34,12 +34,15 @@ def test_wilson_interval_matches_the_textbook_figure() -> None:
 def test_wilson_interval_stays_inside_zero_and_one_at_the_edges() -> None:
     none = proportion(0, 5)
     every = proportion(5, 5)
+    assert none.high is not None and every.low is not None
     assert none.low == 0.0 and 0.0 < none.high < 0.5
     assert every.high == pytest.approx(1.0) and 0.5 < every.low < 1.0
 
 
 def test_a_wider_confidence_gives_a_wider_interval() -> None:
     narrow, wide = proportion(30, 100, confidence=0.8), proportion(30, 100, confidence=0.99)
+    assert wide.low is not None and narrow.low is not None
+    assert narrow.high is not None and wide.high is not None
     assert wide.low < narrow.low < 0.3 < narrow.high < wide.high
 
 

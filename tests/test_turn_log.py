@@ -24,6 +24,7 @@ async def claimed_item(api: httpx.AsyncClient, auth: dict[str, str], sessions: S
     response = await api.post("/v1/jobs", json={"prompts": ["How do bees see?"]}, headers=auth)
     async with sessions() as session:
         item_id = await session.scalar(select(Item.id).where(Item.job_id == UUID(response.json()["id"])))
+    assert item_id is not None
     claim = await items.claim(sessions, item_id, LIMITS)
     assert claim is not None
     return claim

@@ -105,7 +105,8 @@ async def test_worker_processes_together_never_exceed_the_endpoint_cap(
 
 
 async def _job_finished(api: httpx.AsyncClient, auth: dict[str, str], job_id: str) -> bool:
-    return (await api.get(f"/v1/jobs/{job_id}", headers=auth)).json()["status"] == "completed"
+    status: str = (await api.get(f"/v1/jobs/{job_id}", headers=auth)).json()["status"]
+    return status == "completed"
 
 
 async def test_sigterm_releases_the_running_item_at_once(
@@ -504,7 +505,7 @@ async def queued(settings: Settings, arq_redis: ArqRedis) -> AsyncIterator[Queue
     if added:
         await arq_redis.zrem(settings.queue_name, *added)
         await arq_redis.delete(*(in_progress_key_prefix + job_id for job_id in added))
-        await arq_redis.hdel(liveness.taken_key(settings), *added)
+        await arq_redis.hdel(liveness.taken_key(settings), *added)  # type: ignore[misc]  # redis-py types hash commands as sync or async
 
 
 async def test_a_poll_starts_jobs_in_one_round_trip_however_many_run(
@@ -525,7 +526,8 @@ async def test_a_poll_starts_jobs_in_one_round_trip_however_many_run(
     async with arq_redis.monitor() as monitor:
         await worker.start_jobs(head)
         await arq_redis.echo(end)
-        sent, in_script = [], []
+        sent: list[str] = []
+        in_script: list[str] = []
         while end not in (command := await monitor.next_command())["command"]:
             if run in command["command"] or settings.queue_name in command["command"]:
                 by_script = command["client_type"] == "lua"
