@@ -20,7 +20,7 @@ import pytest
 from app.config import Settings
 from app.deliberation.config import Mode
 from app.plan import JobConfigIn, resolve, resolve_comparison
-from app.store import job_listing, keys, policy_sets
+from app.store import job_listing, keys, policy_sets, positions
 from app.store.db import Sessions
 from app.store.jobs import encode_cursor
 from app.store.models import Item, Job
@@ -443,7 +443,7 @@ async def test_an_old_form_cursor_naming_no_job_of_the_listing_is_refused(
 def test_a_position_round_trips_to_the_microsecond(created_at: datetime) -> None:
     job_id = uuid4()
 
-    assert job_listing.decode_position(job_listing.encode_position(created_at, job_id)) == (
+    assert job_listing.decode_position(positions.encode_position(created_at, job_id)) == (
         created_at,
         job_id,
     )

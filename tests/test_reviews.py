@@ -201,7 +201,7 @@ async def test_an_item_of_tens_of_thousands_of_reviews_is_read_a_page_at_a_time_
     job_id = await finished_job(api, auth, sessions, [completed()])
     item = await store_many_reviews(sessions, job_id, 10_000, comment="c" * 500)
 
-    pages = []
+    pages: list[dict[str, Any]] = []
     while not pages or pages[-1]["next_cursor"]:
         cursor = {"cursor": pages[-1]["next_cursor"]} if pages else {}
         response, paused = await longest_loop_pause(
@@ -233,7 +233,7 @@ async def test_an_items_reviews_come_a_page_at_a_time_oldest_first_with_the_deci
     )
     (item,) = (await job_cots(sessions, job_id))[1]
 
-    pages = []
+    pages: list[dict[str, Any]] = []
     while not pages or pages[-1]["next_cursor"]:
         cursor = {"cursor": pages[-1]["next_cursor"]} if pages else {}
         pages.append(await get_json(api, auth, f"/v1/items/{item}/reviews?limit=2&{urlencode(cursor)}"))

@@ -98,7 +98,7 @@ async def test_a_keys_thousands_of_webhooks_are_listed_with_the_event_loop_free(
     made = await new_webhook(api, auth)
     await add_webhooks(sessions, made, 5000)
 
-    pages = []
+    pages: list[dict[str, Any]] = []
     for _ in range(11):  # 5,001 webhooks: ten pages of 500 and one of 1
         cursor = {"cursor": pages[-1]["next_cursor"]} if pages else {}
         response, paused = await longest_loop_pause(
