@@ -751,6 +751,12 @@ def stalled_export(url: str, headers: Headers, job_id: UUID) -> socket.socket:
     return client
 
 
+def read_a_little(client: socket.socket) -> bytes:
+    """What a slow client reads before it stalls: the head and the file's first bytes."""
+    client.settimeout(10)
+    return client.recv(4096)
+
+
 async def export_status(client: httpx.AsyncClient, headers: Headers, job_id: UUID) -> int:
     """The status an export is answered with, its body left unread."""
     async with client.stream("GET", f"/v1/jobs/{job_id}/export?format=jsonl", headers=headers) as response:
@@ -771,6 +777,9 @@ async def test_exports_a_key_leaves_unread_hold_none_of_the_connections_other_re
         async with httpx.AsyncClient(base_url=url, timeout=10) as client:
             stalled = [stalled_export(url, reader, job_id) for _ in range(2)]
             try:
+                # Each has its seat once answered: a third asked for sooner might take one first.
+                for stalled_client in stalled:
+                    assert read_a_little(stalled_client).startswith(b"HTTP/1.1 200")
                 await eventually(
                     lambda: _is(429, export_status(client, reader, job_id)),
                     timeout_s=10,
