@@ -41,6 +41,11 @@ class NotFound(ServiceError):
     code = "not_found"
 
 
+class JobDeleted(NotFound):
+    """The job was deleted while an export was reading it a batch at a time: what was sent of
+    it is incomplete, and the export ends with an error rather than looking complete."""
+
+
 class TooManyStreams(ServiceError):
     """An API key, or the API process, already has as many progress streams open as it may."""
 

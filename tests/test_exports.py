@@ -24,7 +24,7 @@ import datasets
 import httpx
 import pyarrow.parquet as pq
 import pytest
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, select, text, update
 from trl.data_utils import is_conversational, maybe_extract_prompt, unpair_preference_dataset
 
 from app.config import Settings
@@ -711,12 +711,11 @@ async def bulk_job(sessions: Sessions, count: int) -> UUID:
 async def export_peak_bytes(sessions: Sessions, job_id: UUID, format: str) -> tuple[int, int]:
     """(bytes exported, peak bytes Python allocated while exporting them)."""
     fmt, size = FORMATS[format], 0
-    async with sessions() as session:
-        tracemalloc.start()
-        async for chunk in encoded(session, job_id, fmt, ExportOptions(), ExportFilter()):
-            size += len(chunk)
-        _, peak = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
+    tracemalloc.start()
+    async for chunk in encoded(sessions, job_id, fmt, ExportOptions(), ExportFilter()):
+        size += len(chunk)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
     return size, peak
 
 
@@ -800,24 +799,115 @@ async def _is(expected: int, status: Awaitable[int]) -> bool:
     return await status == expected
 
 
+async def connections_of_others(sessions: Sessions, in_state: str) -> int:
+    """Client connections to this test run's database in `in_state` ('active', 'idle in
+    transaction', ...), other than the one asking: the served API's (this test's own pool's
+    sit idle)."""
+    async with sessions() as session:
+        counted = await session.scalar(
+            text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND backend_type = 'client backend' AND pid <> pg_backend_pid() AND state = :state"
+            ),
+            {"state": in_state},
+        )
+    return int(counted or 0)
+
+
+async def holds_no_connection(sessions: Sessions) -> bool:
+    busy = [await connections_of_others(sessions, state) for state in ("active", "idle in transaction")]
+    return busy == [0, 0]
+
+
+async def test_an_export_whose_client_stalls_holds_no_database_connection_while_it_waits(
+    settings: Settings, sessions: Sessions
+) -> None:
+    """An export held its Postgres connection, in an open transaction, until its client had
+    read it all: AIDSAFE_MAX_EXPORTS (10) stalled clients held 10 of the API's 20. It holds
+    one only while it reads a batch of rows."""
+    async with sessions.begin() as session:
+        key, secret = await create_key(session, "stalled-reader")
+        job_id = await insert_finished_job(session, key.id, 5000)
+    reader = {"Authorization": f"Bearer {secret}"}
+    with served(settings.model_copy(update={"max_exports_per_key": 1})) as url:
+        stalled = stalled_export(url, reader, job_id)
+        try:
+            assert read_a_little(stalled).startswith(b"HTTP/1.1 200")
+            async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+                # The key's one seat is held until the response has been sent: still under way.
+                assert await export_status(client, reader, job_id) == 429
+                await eventually(
+                    lambda: holds_no_connection(sessions),
+                    timeout_s=20,
+                    what="the stalled export's connection given back",
+                )
+                assert await export_status(client, reader, job_id) == 429
+        finally:
+            stalled.close()
+
+
+def rest_of(client: socket.socket) -> bytes:
+    """The rest of a response: until the server closes the connection, or sends nothing for
+    10 s (a response sent whole leaves the connection open for the next request)."""
+    received = []
+    try:
+        while chunk := client.recv(1 << 16):
+            received.append(chunk)
+    except TimeoutError:
+        pass
+    return b"".join(received)
+
+
+async def test_an_export_of_a_job_deleted_while_it_is_read_ends_broken_not_short(
+    settings: Settings, sessions: Sessions
+) -> None:
+    """Each batch is read in a transaction of its own: once the job is deleted, the next one
+    finds no rows. The response is cut off without its last chunk (clients report an
+    incomplete body), so the file never looks complete with rows missing."""
+    async with sessions.begin() as session:
+        key, secret = await create_key(session, "deleting-reader")
+        job_id = await insert_finished_job(session, key.id, 5000)
+    reader = {"Authorization": f"Bearer {secret}"}
+    with served(settings) as url:
+        stalled = stalled_export(url, reader, job_id)
+        try:
+            received = read_a_little(stalled)
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                deleted = await client.delete(f"/v1/jobs/{job_id}", headers=reader)
+                assert deleted.status_code == 200, deleted.text
+            received += rest_of(stalled)
+        finally:
+            stalled.close()
+
+    assert received.startswith(b"HTTP/1.1 200")
+    assert not received.endswith(b"\r\n0\r\n\r\n")  # chunked encoding's last chunk
+    assert 0 < received.count(b'"item_id"') < 5000
+
+
 @pytest.mark.slow
 async def test_a_request_that_finds_every_database_connection_in_use_is_a_503(
     settings: Settings, sessions: Sessions
 ) -> None:
-    """With the export caps raised past the API's 20 connections, exports left unread hold
-    them all: another request waits 30 s for one, then is a 503 to retry, not a 500."""
+    """With the export caps raised past the API's 20 connections, exports that each wait for
+    a lock while they read a batch hold them all: another request waits 30 s for one, then
+    is a 503 to retry, not a 500."""
     async with sessions.begin() as session:
-        key, secret = await create_key(session, "slow-reader")
-        job_id = await insert_finished_job(session, key.id, 5000)
+        key, secret = await create_key(session, "locked-out-reader")
+        job_id = await insert_finished_job(session, key.id, 10)
     reader, other = {"Authorization": f"Bearer {secret}"}, await new_key(sessions, "other")
     caps = {"max_exports_per_key": 20, "max_exports": 20}
     with served(settings.model_copy(update=caps)) as url:
-        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-            stalled = [stalled_export(url, reader, job_id) for _ in range(20)]
+        async with sessions.begin() as locking, httpx.AsyncClient(base_url=url, timeout=60) as client:
+            await locking.execute(text("LOCK TABLE cots IN ACCESS EXCLUSIVE MODE"))
+            waiting = [stalled_export(url, reader, job_id) for _ in range(20)]
             try:
+                await eventually(
+                    lambda: _is(20, connections_of_others(sessions, "active")),
+                    what="20 exports waiting for the lock, each with a connection",
+                )
                 response = await client.get(f"/v1/jobs/{job_id}", headers=other)
             finally:
-                for stalled_client in stalled:
-                    stalled_client.close()
+                for waiting_client in waiting:
+                    waiting_client.close()
 
     error_of(response, 503, "unavailable")

@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
-from app.api.deps import OwnedJob, ReadsHazardous, SessionDep
+from app.api.deps import OwnedJob, ReadsHazardous, SessionDep, StateDep
 from app.api.errors import InvalidRequest, documented
 from app.api.jobs import min_gap_query
 from app.api.state import api_state
@@ -30,7 +30,7 @@ _BINARY = {"type": "string", "format": "binary"}
 
 async def _seat(request: Request, job: OwnedJob) -> AsyncIterator[None]:
     """One of the job's key's export seats, held until the response has been sent (FastAPI
-    closes dependencies with yield after the response), as the export's session is."""
+    closes dependencies with yield after the response)."""
     with api_state(request).open_exports.seat(job.owner_key_id):
         yield
 
@@ -54,6 +54,7 @@ async def _seat(request: Request, job: OwnedJob) -> AsyncIterator[None]:
 async def export_job(
     job: OwnedJob,
     session: SessionDep,
+    state: StateDep,
     reads_hazardous: ReadsHazardous,
     format: Annotated[FormatName, Query(description="The file format; see the README's Exports section.")],
     cot: Annotated[
@@ -114,10 +115,12 @@ async def export_job(
             f"it needs a key with the {keys.HAZARDOUS_READ} scope"
         )
     filename = f"aidsafe-{job.id}-{format.value}.{fmt.extension}"
-    # The request's session stays open until the response has been sent (FastAPI closes
-    # dependencies with yield after the response), so the stream reads through it.
+    # The request's session would stay open until the response has been sent (FastAPI closes
+    # dependencies with yield after the response): give its connection back now; the stream
+    # reads each batch in a session of its own.
+    await session.close()
     return StreamingResponse(
-        encoded(session, job.id, fmt, ExportOptions(cot, system, human_edits), filters),
+        encoded(state.sessions, job.id, fmt, ExportOptions(cot, system, human_edits), filters),
         media_type=fmt.media_type,
         headers={"Content-Disposition": f'attachment; filename="{filename}"'},
     )

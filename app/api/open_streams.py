@@ -13,11 +13,12 @@ from app.errors import TooManyStreams
 
 class OpenStreams:
     """Every open stream holds something all tenants share until it ends (a progress stream a
-    Redis connection, an export a Postgres connection of the API's pool), for as long as its
-    client takes to read it, so a key that opened them without bound could use it up for every
-    tenant. A key past its cap is refused (429) before its stream starts; and so is any key
-    once the process has its most open, which many keys' caps together would pass. `what`
-    names the streams, and `instead` what a refused client may do, in the refusals."""
+    Redis connection, an export the memory of two batches of rows and, as it reads each, a
+    Postgres connection of the API's pool), for as long as its client takes to read it, so a
+    key that opened them without bound could use it up for every tenant. A key past its cap is
+    refused (429) before its stream starts; and so is any key once the process has its most
+    open, which many keys' caps together would pass. `what` names the streams, and `instead`
+    what a refused client may do, in the refusals."""
 
     def __init__(self, per_key: int, in_all: int, what: str, instead: str) -> None:
         self.per_key = per_key

@@ -1,5 +1,6 @@
 """An export as a byte stream: the store's rows, a batch at a time, through the format's
-record function and encoder, with Postgres and the API working at the same time."""
+record function and encoder, with Postgres and the API working at the same time, and no
+database connection held while the client takes the bytes."""
 
 from __future__ import annotations
 
@@ -9,11 +10,10 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from uuid import UUID
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from app.exports.formats import ExportFormat
 from app.exports.options import ExportOptions
 from app.store import exports
+from app.store.db import Sessions
 from app.store.export_rows import ExportFilter
 
 
@@ -33,24 +33,26 @@ def _collector_paused() -> Iterator[None]:
 
 
 async def encoded(
-    session: AsyncSession, job_id: UUID, fmt: ExportFormat, options: ExportOptions, filters: ExportFilter
+    sessions: Sessions, job_id: UUID, fmt: ExportFormat, options: ExportOptions, filters: ExportFilter
 ) -> AsyncIterator[bytes]:
-    """The job's export file, a chunk per batch of rows. The next batch is fetched while
-    this one is encoded, so Postgres and the API work at the same time."""
+    """The job's export file, a chunk per batch of rows (see exports.read_batches: each read
+    in a session of its own). The next batch is fetched while this one is encoded, so
+    Postgres and the API work at the same time; once fetched, its connection is given back,
+    so a chunk the client is slow to take holds none."""
     encoder = fmt.encoder(options)
     yield encoder.start()
-    batches = exports.stream_rows(session, job_id, fmt.source, filters, options.human_edits)
+    batches = exports.read_batches(sessions, job_id, fmt.source, filters, options.human_edits)
     following = asyncio.ensure_future(anext(batches, None))
     try:
         while (rows := await following) is not None:
             following = asyncio.ensure_future(anext(batches, None))
-            await asyncio.sleep(0)  # send the next FETCH before encoding (the CPU-bound part)
+            await asyncio.sleep(0)  # send the next batch's query before encoding (the CPU-bound part)
             if fmt.to_record is None:
                 # The rows are the records, as JSON text. Encoding them is mostly C++ that
                 # releases the GIL (Arrow's JSON reader and Parquet writer), so it runs in a
                 # thread and the event loop keeps reading the next batch meanwhile (Parquet:
                 # 19,000 -> 24,000-27,000 rows/s measured in-process).
-                chunk = await asyncio.to_thread(encoder.encode, [record for (record,) in rows])
+                chunk = await asyncio.to_thread(encoder.encode, [record for record, _position in rows])
             else:
                 with _collector_paused():
                     typed = exports.typed_rows(fmt.source, rows, options.human_edits)

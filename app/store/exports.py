@@ -1,11 +1,11 @@
-"""An export's rows, streamed from a server-side cursor a batch at a time. What becomes of
+"""An export's rows, read a batch at a time, each in a transaction of its own. What becomes of
 them (records, bytes) is app.exports' business."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import fields
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
 from uuid import UUID
 
 import orjson
@@ -27,14 +27,15 @@ from sqlalchemy import (
     type_coerce,
 )
 from sqlalchemy.dialects.postgresql import JSONB, aggregate_order_by, array
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.deliberation.parsing import UNLABELLED
 from app.deliberation.ports import Stage
 from app.deliberation.results import METRICS
+from app.errors import JobDeleted
 from app.store.annotations import human_approved, human_rejected, latest_edit
+from app.store.db import Sessions
 from app.store.export_rows import DATASET_FIELDS, CotRow, ExportFilter, PairRow, SampleRow, Source
-from app.store.models import Cot, Item, PreferencePair, TurnRow
+from app.store.models import Cot, Item, Job, PreferencePair, TurnRow
 from app.store.quality import kept_at
 
 BATCH_ROWS = 1000
@@ -217,20 +218,21 @@ _FULL_COT_STORED = [
 ]
 
 
-def _full_cot_query(job_id: UUID, filters: ExportFilter, human_edits: bool) -> Select[Any]:
-    """The job's full records as JSON text, one a row, in prompt order. Postgres writes each
-    straight from the stored JSON (the API neither parses nor re-encodes it), in the outer
-    query: above the subquery's sort, so it writes them as they are fetched. Inside, the
-    sort's input would be the records, all written before the first one is sent, with
-    Postgres and the API taking turns instead of working at the same time."""
+def _full_cot_query(job_id: UUID, filters: ExportFilter, human_edits: bool, batch: _Batch) -> Select[Any]:
+    """The job's full records as JSON text, one a row with its position, in prompt order.
+    Postgres writes each straight from the stored JSON (the API neither parses nor re-encodes
+    it), in the outer query: above the subquery's sort and limit, so it writes only the
+    batch's records, as they are fetched. Inside, the sort's input would be the records, all
+    written before the first one is sent, with Postgres and the API taking turns instead of
+    working at the same time."""
     query = select(*_FULL_COT_STORED).join(Item, Item.id == Cot.item_id)
     if human_edits:
         edit = latest_edit()
         query = query.add_columns(*edit.c).outerjoin(edit, true())
-    stored = (
-        query.where(Cot.job_id == job_id, *_conditions(filters)).order_by(Cot.position).subquery("stored")
-    )
-    return select(cast(_json_object(_full_cot(stored.c, human_edits)), Text)).order_by(stored.c.position)
+    query = query.where(Cot.job_id == job_id, *_conditions(filters))
+    stored = batch.of(query.order_by(Cot.position)).subquery("stored")
+    record = cast(_json_object(_full_cot(stored.c, human_edits)), Text)
+    return select(record, stored.c.position).order_by(stored.c.position)
 
 
 _JSON_FIELDS = frozenset(
@@ -309,13 +311,40 @@ def _selected(source: Source, human_edits: bool) -> list[str]:
     return [n for n in names if n != "human_edit" or human_edits]
 
 
-def rows_query(job_id: UUID, source: Source, filters: ExportFilter, human_edits: bool = False) -> Select[Any]:
-    """The columns of the source's row type, in its field order, for the job's CoTs; JSON
-    columns as text. For Source.FULL_COT_JSON, one column: the record as JSON text. With
-    `human_edits`, the response is the latest reviewer's edit where there is one, and the
-    row says whose (not for Source.COTS, the labeling tools' rows: what reviewers review)."""
+_Query = TypeVar("_Query", bound="Select[*tuple[Any, ...]]")
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """Which of the query's rows, in prompt order: those after position `after` (None: from
+    the first), at most `rows` of them (None: all)."""
+
+    after: int | None = None
+    rows: int | None = None
+
+    def of(self, query: _Query) -> _Query:
+        if self.after is not None:
+            query = query.where(Cot.position > self.after)
+        return query.limit(self.rows)
+
+
+def rows_query(
+    job_id: UUID,
+    source: Source,
+    filters: ExportFilter,
+    human_edits: bool = False,
+    after: int | None = None,
+    rows: int | None = None,
+) -> Select[Any]:
+    """The columns of the source's row type, in its field order, for the job's CoTs in prompt
+    order; JSON columns as text. For Source.FULL_COT_JSON, two columns: the record as JSON
+    text, and its position. With `human_edits`, the response is the latest reviewer's edit
+    where there is one, and the row says whose (not for Source.COTS, the labeling tools' rows:
+    what reviewers review). Only the CoTs after position `after` (None: from the first), at
+    most `rows` of them (None: all)."""
+    batch = _Batch(after, rows)
     if source is Source.FULL_COT_JSON:
-        return _full_cot_query(job_id, filters, human_edits)
+        return _full_cot_query(job_id, filters, human_edits, batch)
     assert not (human_edits and source is Source.COTS), "labeling tasks carry the model's output"
     columns = dict(_COLUMNS)
     query = select().select_from(Cot).join(Item, Item.id == Cot.item_id)
@@ -330,23 +359,42 @@ def rows_query(job_id: UUID, source: Source, filters: ExportFilter, human_edits:
         query = query.join(PreferencePair, PreferencePair.item_id == Cot.item_id)
         # A purged pair (app/store/deletions.py purge_hazardous) has no rejected side left.
         query = query.where(kept_at(filters.min_gap), PreferencePair.rejected_response.is_not(None))
-    return query.where(*_conditions(filters)).order_by(Cot.position)
+    return batch.of(query.where(*_conditions(filters)).order_by(Cot.position))
 
 
-async def stream_rows(
-    session: AsyncSession,
+async def read_batches(
+    sessions: Sessions,
     job_id: UUID,
     source: Source,
     filters: ExportFilter,
     human_edits: bool = False,
     batch_rows: int = BATCH_ROWS,
 ) -> AsyncGenerator[Sequence[Row[Any]], None]:
-    """The job's rows of `rows_query` in prompt order, `batch_rows` at a time, from one
-    server-side cursor: memory holds one batch whatever the job's size."""
-    query = rows_query(job_id, source, filters, human_edits)
-    result = await session.stream(query.execution_options(yield_per=batch_rows))
-    async for batch in result.partitions():
-        yield batch
+    """The job's rows of `rows_query` in prompt order, `batch_rows` at a time: memory holds
+    one batch whatever the job's size. Each batch is read in a session of its own, whose
+    connection is back in the pool before the batch is yielded, so an export whose client
+    reads slowly (or not at all) holds none of the pool's connections while it waits.
+
+    Each batch is the next `batch_rows` after the last one's position (unique in a job), read
+    when it is due: no row is sent twice, and none that existed when the export began is
+    left out. A job still running may gain CoTs meanwhile: a reader gets those completed
+    after its export began if their position is past the batch it had reached then, and
+    each row as it was when its batch was read (reviews and grades included). JobDeleted if
+    the job is deleted meanwhile: ending early, the file would look complete."""
+    after: int | None = None
+    while True:
+        async with sessions() as session:
+            batch = (
+                await session.execute(rows_query(job_id, source, filters, human_edits, after, batch_rows))
+            ).all()
+            # Asked after the rows: a job that is still there now had all its rows then.
+            if not await session.scalar(select(select(Job.id).where(Job.id == job_id).exists())):
+                raise JobDeleted(f"job {job_id} was deleted during its export")
+        if batch:
+            yield batch
+        if len(batch) < batch_rows:
+            return
+        after = batch[-1].position
 
 
 def typed_rows(source: Source, batch: Sequence[Row[Any]], human_edits: bool = False) -> list[Any]:
