@@ -387,12 +387,16 @@ async def read_batches(
             batch = (
                 await session.execute(rows_query(job_id, source, filters, human_edits, after, batch_rows))
             ).all()
-            # Asked after the rows: a job that is still there now had all its rows then.
-            if not await session.scalar(select(select(Job.id).where(Job.id == job_id).exists())):
+            # A batch short of full ends the file: asked after its rows whether the job is still
+            # there (a deletion takes the job and its rows in one transaction, so then it had
+            # them all), lest a deletion end the file early and it look complete. Full batches
+            # need not ask: the one after them ends the file and asks.
+            ends = len(batch) < batch_rows
+            if ends and not await session.scalar(select(select(Job.id).where(Job.id == job_id).exists())):
                 raise JobDeleted(f"job {job_id} was deleted during its export")
         if batch:
             yield batch
-        if len(batch) < batch_rows:
+        if ends:
             return
         after = batch[-1].position
 
