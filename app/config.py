@@ -205,6 +205,12 @@ class Settings(BaseSettings):
     batch_max_submissions: int = Field(default=3, ge=1)
     batch_gone_after_s: float = Field(default=900.0, ge=0)
 
+    # Postgres connections of one API process, kept open once made: every request that reads
+    # or writes holds one while it does (exports, one a batch; a key's row-locking writes, one
+    # per key at a time: app/api/key_turns.py). Together with the workers', under Postgres's
+    # max_connections.
+    api_db_connections: int = Field(default=20, ge=1)
+
     # Workers.
     worker_max_jobs: int = 8
     # Most Postgres connections of one worker: an item holds one only for a statement, so a

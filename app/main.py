@@ -63,7 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # Once a process: each later freeze would keep what is garbage then for good.
             gc.freeze()
         shipped = load_presets(settings.presets_dir, settings)  # an invalid preset stops the start
-        engine = make_engine(settings.database_url, settings.database_timeout_s)
+        engine = make_engine(settings.database_url, settings.database_timeout_s, settings.api_db_connections)
         sessions = make_sessions(engine)
         arq = await create_pool(redis_settings(settings.redis_url, REQUEST_RETRIES))
         await bound_calls(arq, settings.redis_timeout_s)

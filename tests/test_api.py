@@ -17,6 +17,7 @@ from fastapi.routing import iter_route_contexts
 from redis.asyncio import Redis
 from sqlalchemy import func, select
 
+from app.api.state import ApiState
 from app.config import Settings
 from app.errors import ServiceError
 from app.main import create_app
@@ -1112,3 +1113,12 @@ async def test_limits_over_the_servers_caps_are_refused_and_nothing_is_created(
     assert response.status_code == 422
     assert "thoughts_per_turn" in response.text
     assert (await api.get("/v1/jobs", headers=auth)).json()["data"] == before
+
+
+async def test_the_api_keeps_as_many_database_connections_as_its_setting_says(settings: Settings) -> None:
+    app = create_app(settings.model_copy(update={"api_db_connections": 3}))
+    async with app.router.lifespan_context(app):
+        state: ApiState = app.state.api
+        engine = state.sessions.kw["bind"]
+
+        assert engine.sync_engine.pool.size() == 3
