@@ -5,6 +5,7 @@ test's own set to evict, and the scripted LLM servers' model lists."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import subprocess
 import sys
@@ -214,7 +215,10 @@ async def test_a_worker_starting_on_a_database_behind_its_code_says_so_and_runs_
         running = worker.returncode is None
     finally:
         worker.kill()
-        await worker.wait()
+        # Bounded: once in CI the event loop never heard of the killed worker's exit (gone, no
+        # zombie left) and the test waited for good. Its exit status is not what it checks.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(worker.wait(), timeout=30)
 
     assert "deployment check, postgres" in first
     assert "0027_purge_retries" in first
