@@ -164,7 +164,7 @@ async def test_cli_follows_a_job_to_the_end(
     await run_worker_burst(settings)
     rest = await asyncio.wait_for(process.stdout.read(), 30)
 
-    assert await process.wait() == 0
+    assert await asyncio.wait_for(process.wait(), 30) == 0
     assert first.decode().startswith("0/3 items | queued")
     assert "3/3 items | completed" in rest.decode()
     assert rest.decode().splitlines()[-1].startswith("3/3 items | completed")  # no bar's frame after it
@@ -182,7 +182,7 @@ async def test_ctrl_c_stops_following_says_the_job_goes_on_and_the_cli_cancels_i
 
     process.send_signal(signal.SIGINT)
     said = (await asyncio.wait_for(process.stdout.read(), 30)).decode()
-    code = await process.wait()
+    code = await asyncio.wait_for(process.wait(), 30)
     status = (await api.get(f"/v1/jobs/{job['id']}", headers=auth)).json()["status"]
     cancel_code, cancelled = await aidsafe(live_api, auth, "jobs", "cancel", job["id"])
 
@@ -210,7 +210,7 @@ async def test_an_api_gone_while_following_says_the_job_goes_on(
     # connections refused for 30 s (a restarting API would be back): the API is gone for good
     said = " ".join((await asyncio.wait_for(process.stdout.read(), 90)).decode().split())
 
-    assert await process.wait() == 1
+    assert await asyncio.wait_for(process.wait(), 30) == 1
     assert "No answer from the API" in said and f"job {job['id']} goes on" in said, said
     # what was tried, for how long: not the last poll's "[Errno 111] Connection refused" alone
     assert "the API did not come back in 30 s: tried " in said and "Connection refused" in said, said
@@ -732,7 +732,7 @@ async def test_cli_compares_two_jobs_with_two_judges_and_prints_each_ones_shares
     await run_worker_burst(settings)
     rest = (await asyncio.wait_for(process.stdout.read(), 30)).decode()
 
-    assert await process.wait() == 0
+    assert await asyncio.wait_for(process.wait(), 30) == 0
     assert first.startswith("Comparison ") and "2 prompts in common" in first
     # The scripted judge calls every pair a tie: 2 of 2, Wilson 95 % [34.2 %, 100.0 %].
     assert (

@@ -125,7 +125,7 @@ async def test_dead_holders_slot_frees_itself_after_its_lease(redis: Redis, key_
         acquired_at = float(await asyncio.wait_for(holder.stdout.readline(), timeout=10))
     finally:
         holder.send_signal(signal.SIGKILL)  # no finally blocks, no release: a crash
-        await holder.wait()
+        await asyncio.wait_for(holder.wait(), 30)
     limiter = EndpointLimiter(redis, key_prefix)
 
     async with asyncio.timeout(lease_s + 2), limiter.slot("default", 1, lease_s):
