@@ -101,7 +101,8 @@ class ServiceStack:
 
     def engine(self) -> AsyncEngine:
         """A SQLAlchemy engine on the run's database, as the services make theirs."""
-        return make_engine(self.database_url, get_settings().database_timeout_s)
+        settings = get_settings()
+        return make_engine(self.database_url, settings.database_timeout_s, settings.api_db_connections)
 
     async def sql(self, query: str, *args: Any) -> list[asyncpg.Record]:
         """A query on the run's database (for timestamps the API does not expose)."""

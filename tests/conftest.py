@@ -196,7 +196,7 @@ async def migrated(settings: Settings) -> AsyncIterator[str]:
 
 @pytest.fixture(scope="session")
 async def sessions(migrated: str, settings: Settings) -> AsyncIterator[Sessions]:
-    engine = make_engine(migrated, settings.database_timeout_s)
+    engine = make_engine(migrated, settings.database_timeout_s, settings.api_db_connections)
     yield make_sessions(engine)
     await engine.dispose()
 
@@ -220,7 +220,7 @@ async def arq_redis(settings: Settings) -> AsyncIterator[ArqRedis]:
 async def clean_state(request: pytest.FixtureRequest, settings: Settings) -> AsyncIterator[None]:
     """Each test starts with empty tables, an empty test queue and a reset LLM script."""
     if "sessions" in request.fixturenames or "api" in request.fixturenames:
-        engine = make_engine(settings.database_url, settings.database_timeout_s)
+        engine = make_engine(settings.database_url, settings.database_timeout_s, settings.api_db_connections)
         async with engine.begin() as conn:
             await conn.exec_driver_sql(f"TRUNCATE {TABLES} CASCADE")
         await engine.dispose()

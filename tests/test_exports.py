@@ -765,8 +765,9 @@ async def export_status(client: httpx.AsyncClient, headers: Headers, job_id: UUI
 async def test_exports_a_key_leaves_unread_hold_none_of_the_connections_other_requests_need(
     settings: Settings, sessions: Sessions
 ) -> None:
-    """Each export holds a Postgres connection of the API's 20 until its client has read it:
-    20 left unread held them all, and every other tenant's request waited 30 s and failed."""
+    """Each export held one of the API's Postgres connections (20 by default) until its client
+    had read it: 20 left unread held them all, and every other tenant's request waited 30 s
+    and failed."""
     async with sessions.begin() as session:
         key, secret = await create_key(session, "slow-reader")
         job_id = await insert_finished_job(session, key.id, 5000)
@@ -823,7 +824,7 @@ async def test_an_export_whose_client_stalls_holds_no_database_connection_while_
     settings: Settings, sessions: Sessions
 ) -> None:
     """An export held its Postgres connection, in an open transaction, until its client had
-    read it all: AIDSAFE_MAX_EXPORTS (10) stalled clients held 10 of the API's 20. It holds
+    read it all: AIDSAFE_MAX_EXPORTS (10) stalled clients held 10 of the API's 20 (the default). It holds
     one only while it reads a batch of rows."""
     async with sessions.begin() as session:
         key, secret = await create_key(session, "stalled-reader")
@@ -888,7 +889,7 @@ async def test_an_export_of_a_job_deleted_while_it_is_read_ends_broken_not_short
 async def test_a_request_that_finds_every_database_connection_in_use_is_a_503(
     settings: Settings, sessions: Sessions
 ) -> None:
-    """With the export caps raised past the API's 20 connections, exports that each wait for
+    """With the export caps raised past the API's connections (20 by default), exports that each wait for
     a lock while they read a batch hold them all: another request waits 30 s for one, then
     is a 503 to retry, not a 500."""
     async with sessions.begin() as session:

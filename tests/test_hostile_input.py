@@ -708,7 +708,7 @@ async def test_an_unexpected_error_is_a_json_500_that_shows_nothing_of_the_reque
 async def test_a_failed_statement_does_not_carry_the_values_it_was_sent(
     migrated: str, settings: Settings
 ) -> None:
-    engine = make_engine(migrated, settings.database_timeout_s)
+    engine = make_engine(migrated, settings.database_timeout_s, settings.api_db_connections)
     try:
         async with engine.connect() as connection:
             with pytest.raises(DBAPIError) as failed:

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import (
 Sessions = async_sessionmaker[AsyncSession]
 
 
-def make_engine(database_url: str, timeout_s: float, connections: int = 20) -> AsyncEngine:
+def make_engine(database_url: str, timeout_s: float, connections: int) -> AsyncEngine:
     """An engine of at most `connections` Postgres connections, each opened when first needed
     and kept (one that timed out or that the server closed is replaced)."""
     if connections < 1:
