@@ -762,16 +762,23 @@ async def export_status(client: httpx.AsyncClient, headers: Headers, job_id: UUI
         return response.status_code
 
 
+async def finished_job_and_another_key(
+    sessions: Sessions, reader_name: str, rows: int
+) -> tuple[UUID, Headers, Headers]:
+    """A finished job of `rows` CoTs, its key's headers, and another key's."""
+    async with sessions.begin() as session:
+        key, secret = await create_key(session, reader_name)
+        job_id = await insert_finished_job(session, key.id, rows)
+    return job_id, {"Authorization": f"Bearer {secret}"}, await new_key(sessions, "other")
+
+
 async def test_exports_a_key_leaves_unread_hold_none_of_the_connections_other_requests_need(
     settings: Settings, sessions: Sessions
 ) -> None:
     """Each export held one of the API's Postgres connections (20 by default) until its client
     had read it: 20 left unread held them all, and every other tenant's request waited 30 s
     and failed."""
-    async with sessions.begin() as session:
-        key, secret = await create_key(session, "slow-reader")
-        job_id = await insert_finished_job(session, key.id, 5000)
-    reader, other = {"Authorization": f"Bearer {secret}"}, await new_key(sessions, "other")
+    job_id, reader, other = await finished_job_and_another_key(sessions, "slow-reader", 5000)
     caps = {"max_exports_per_key": 2, "max_exports": 3}
     with served(settings.model_copy(update=caps)) as url:
         async with httpx.AsyncClient(base_url=url, timeout=10) as client:
@@ -889,13 +896,10 @@ async def test_an_export_of_a_job_deleted_while_it_is_read_ends_broken_not_short
 async def test_a_request_that_finds_every_database_connection_in_use_is_a_503(
     settings: Settings, sessions: Sessions
 ) -> None:
-    """With the export caps raised past the API's connections (20 by default), exports that each wait for
-    a lock while they read a batch hold them all: another request waits 30 s for one, then
-    is a 503 to retry, not a 500."""
-    async with sessions.begin() as session:
-        key, secret = await create_key(session, "locked-out-reader")
-        job_id = await insert_finished_job(session, key.id, 10)
-    reader, other = {"Authorization": f"Bearer {secret}"}, await new_key(sessions, "other")
+    """With the export caps raised past the API's connections (20 by default), exports that
+    each wait for a lock while they read a batch hold them all: another request waits 30 s
+    for one, then is a 503 to retry, not a 500."""
+    job_id, reader, other = await finished_job_and_another_key(sessions, "locked-out-reader", 10)
     caps = {"max_exports_per_key": 20, "max_exports": 20}
     with served(settings.model_copy(update=caps)) as url:
         async with sessions.begin() as locking, httpx.AsyncClient(base_url=url, timeout=60) as client:

@@ -389,13 +389,22 @@ async def test_a_delivery_to_a_deleted_webhook_is_answered_as_one_to_an_unknown_
     assert await webhook_rows(sessions, webhook) == (0, 0)
 
 
-async def test_the_reviews_a_deleted_webhook_delivered_stay_and_another_ones_deletions_leave_them(
-    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
-) -> None:
+async def approved_through_one_of_two(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings
+) -> tuple[dict[str, Any], dict[str, Any], str, str]:
+    """Two webhooks (two Label Studio instances) and a graded one-item job whose item the
+    first one's delivery approved: (first, second, job id, item id)."""
     first, second = await new_webhook(api, auth, "instance A"), await new_webhook(api, auth, "instance B")
     job_id = await graded_job(api, auth, settings, PROMPTS[:1])
     [item_id] = await item_ids(api, auth, job_id)
     await deliver(api, first, fixture("label_studio_webhook.json", [item_id]))
+    return first, second, job_id, item_id
+
+
+async def test_the_reviews_a_deleted_webhook_delivered_stay_and_another_ones_deletions_leave_them(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    first, second, job_id, item_id = await approved_through_one_of_two(api, auth, settings)
     await api.post(f"/v1/webhooks/{first['id']}/revoke", headers=auth)
     assert (await api.delete(f"/v1/webhooks/{first['id']}", headers=auth)).status_code == 204
 
@@ -616,10 +625,7 @@ async def test_a_deleted_annotation_reimported_from_an_old_file_stays_retracted(
 async def test_a_deletion_from_another_instance_does_not_retract_this_ones_annotation(
     api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
 ) -> None:
-    first, second = await new_webhook(api, auth, "instance A"), await new_webhook(api, auth, "instance B")
-    job_id = await graded_job(api, auth, settings, PROMPTS[:1])
-    [item_id] = await item_ids(api, auth, job_id)
-    await deliver(api, first, fixture("label_studio_webhook.json", [item_id]))
+    first, second, job_id, item_id = await approved_through_one_of_two(api, auth, settings)
 
     report = (await deliver(api, second, deletion(601))).json()
 
