@@ -265,8 +265,9 @@ class Settings(BaseSettings):
     events_max_streams: int = Field(default=1024, ge=1)
     # Exports one API key may have under way at once in each API process, and all keys'
     # together: each holds two batches of rows in memory until its client has read it all,
-    # however slowly, and one of the API process's 20 Postgres connections while it reads a
-    # batch, so one key's many exports would take a share of them from every other request.
+    # however slowly, and one of the API process's Postgres connections (api_db_connections)
+    # while it reads a batch, so one key's many exports would take a share of them from every
+    # other request.
     max_exports_per_key: int = Field(default=4, ge=1)
     max_exports: int = Field(default=10, ge=1)
 

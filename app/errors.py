@@ -47,7 +47,7 @@ class JobDeleted(NotFound):
 
 
 class TooManyStreams(ServiceError):
-    """An API key, or the API process, already has as many progress streams open as it may."""
+    """An API key, or the API process, already has as many progress streams, or exports, open as it may."""
 
     status = 429
     code = "too_many_streams"
