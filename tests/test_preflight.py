@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 import subprocess
 import sys
@@ -261,3 +262,11 @@ async def test_a_redis_denying_info_or_a_database_denying_its_revision_is_not_ca
     assert "cannot read the schema's revision" in _detail(found, "postgres")
     assert "permission denied" in _detail(found, "postgres")
     assert "INFO is denied" in _detail(found, "redis")
+
+
+def test_the_readmes_sample_check_shows_the_schema_this_release_needs() -> None:
+    """The README shows `aidsafe-worker --check`'s answer; a migration added since would make
+    its schema line one the check now fails on."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    shown = re.findall(r"^ok\s+postgres\s+schema at (\S+)$", readme, re.MULTILINE)
+    assert shown == [SCHEMA_REVISION]
