@@ -3,6 +3,7 @@ same columns wherever it is written: by the worker, by the next claim, by a canc
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from uuid import UUID
 
@@ -12,7 +13,7 @@ from sqlalchemy import func, select, update
 
 from app.store import items
 from app.store.db import Sessions
-from app.store.endings import Ending, failed, handed_back
+from app.store.endings import CANCELLED, Ending, failed, handed_back
 from app.store.models import Item
 from app.store.turn_log import PostgresTurnLog
 from app.store.turn_writer import TurnWriter
@@ -57,7 +58,7 @@ async def test_an_item_handed_back_after_its_job_was_cancelled_ends_cancelled_wi
     assert (await api.post(f"/v1/jobs/{job_id}/cancel", headers=auth)).status_code == 200
     assert await items.end(sessions, claim, OUTAGE)  # the running item stopped after the cancel
 
-    assert await items.claim(sessions, claim.item_id, LIMITS) is None  # the claim ends it instead
+    assert await items.claim(sessions, claim.item_id, LIMITS) is None  # nothing left to run
 
     item = await stored(sessions, claim.item_id)
     assert (item.status, item.error_code, item.error_message, item.operator_error) == (
@@ -204,3 +205,40 @@ async def test_an_item_put_back_another_way_between_outages_starts_their_clock_a
     assert ending is not None and ending.status == "queued"
     item = await stored(sessions, claim.item_id)
     assert (item.attempts, item.outage_claims, item.failures) == (3, 2, 0)
+
+
+REJECTED = failed("llm_request_rejected", "the LLM endpoint rejected the request", "upstream: 400")
+
+
+@pytest.mark.parametrize(
+    "end_claim",
+    [
+        end_in_outage,  # one past the max: it would fail llm_unavailable
+        lambda sessions, claim: items.end(sessions, claim, REJECTED),
+        lambda sessions, claim: items.end(sessions, claim, OUTAGE),
+    ],
+    ids=["outage_past_the_max", "request_rejected", "handed_back"],
+)
+async def test_a_claim_that_outlived_its_jobs_cancel_ends_the_item_cancelled_whatever_its_fault(
+    api: httpx.AsyncClient,
+    auth: Headers,
+    sessions: Sessions,
+    end_claim: Callable[[Sessions, items.Claim], Awaitable[Ending | None]],
+) -> None:
+    # A cancel ends queued items, and a running one at its worker's next check; but a claim
+    # that ended first with a fault failed the item of a cancelled job.
+    job_id, claim = await claimed_item(api, auth, sessions)
+    await outage_began(sessions, claim.item_id, 2 * MAX_OUTAGE)
+    assert (await api.post(f"/v1/jobs/{job_id}/cancel", headers=auth)).status_code == 200
+
+    assert await end_claim(sessions, claim) == CANCELLED
+
+    item = await stored(sessions, claim.item_id)
+    assert (item.status, item.error_code, item.error_message, item.operator_error) == (
+        "cancelled",
+        None,
+        None,
+        None,
+    )
+    assert item.finished_at is not None
+    assert (await api.get(f"/v1/jobs/{job_id}", headers=auth)).json()["status"] == "cancelled"

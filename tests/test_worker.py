@@ -440,6 +440,38 @@ async def test_cancelling_a_job_stops_its_running_item(
     assert job["status"] == "cancelled"
 
 
+async def test_a_job_cancelled_while_its_items_request_is_out_ends_it_cancelled_though_the_llm_rejected_it(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    # The rejection ends the claim before the lease's next renewal sees the cancel: the item
+    # of a cancelled job failed llm_request_rejected.
+    scripted_llm.latency_s = 1.0
+    scripted_llm.script("intent_decomposition", http_error(400))
+    job_id = await submit(api, auth, ["Explain inflation."])
+    renewed_late = settings.model_copy(update={"lease_seconds": 60})
+
+    worker = asyncio.create_task(run_worker_burst(renewed_late))
+    try:
+        await eventually(lambda: _asked(scripted_llm), what="the request to be out")
+        assert (await api.post(f"/v1/jobs/{job_id}/cancel", headers=auth)).status_code == 200
+        await asyncio.wait_for(worker, timeout=30)
+    finally:
+        worker.cancel()
+        await asyncio.gather(worker, return_exceptions=True)
+
+    item = await one_item(sessions, job_id)
+    assert (item.status, item.error_code, item.attempts) == ("cancelled", None, 1)
+    assert len(scripted_llm.requests) == 1
+
+
+async def _asked(scripted_llm: ScriptedLLM) -> bool:
+    return scripted_llm.in_flight > 0
+
+
 async def test_fifty_prompts_complete_with_every_turn_retrievable_over_http(
     api: httpx.AsyncClient, auth: dict[str, str], settings: Settings, scripted_llm: ScriptedLLM
 ) -> None:

@@ -315,7 +315,7 @@ async def _process_claimed(worker: Worker, claim: items.Claim) -> Ending | None:
             return ending
         raise Retry(defer=max(_backoff_s(settings, claim.attempt), exc.retry_in_s)) from exc
     except LLMRequestRejected as exc:
-        log.warning("item %s failed, the LLM endpoint rejected the request: %s", claim.item_id, exc)
+        log.warning("the LLM endpoint rejected a request of item %s: %s", claim.item_id, exc)
         return await _end(settings, sessions, claim, failed(exc.code, exc.summary, str(exc)))
     except Exception as exc:  # Postgres or Redis blip, or a bug: retry a bounded number of times
         raise await _hand_back(settings, sessions, claim, exc) from exc
@@ -346,8 +346,10 @@ async def _end_in_outage(
         ending = await items.end_in_outage(sessions, claim, exc.summary, str(exc), max_outage)
     except Exception as error:
         raise await _hand_back(settings, sessions, claim, error) from error
-    if ending is not None and ending.finished:
+    if ending is not None and ending.error_code == "llm_unavailable":
         log.warning("item %s failed, the LLM stayed unavailable too long: %s", claim.item_id, exc)
+    elif ending is not None and ending.finished:  # its job was cancelled meanwhile
+        log.warning("item %s cancelled with its job, the LLM stayed unavailable: %s", claim.item_id, exc)
     else:
         log.warning("item %s put back, the LLM stayed unavailable: %s", claim.item_id, exc)
     return ending

@@ -210,7 +210,7 @@ async def park(
     expiry does), rather than leave it waiting for a PATCH that has come and gone."""
     async with sessions.begin() as session:
         job = await _lock(session, claim.job_id)  # first, as a PATCH or a cancel takes it
-        ending = WAITING if await items.write_ending(session, claim, WAITING) else None
+        ending = await items.write_ending(session, claim, WAITING)
         resumed = await _settle(session, spending, claim.job_id, job)
     try:
         await enqueue_items(redis, queue_name, resumed, share=job.owner_key_id)

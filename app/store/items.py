@@ -280,10 +280,10 @@ async def renew(sessions: Sessions, claim: Claim, lease_s: int) -> None:
 
 async def end(sessions: Sessions, claim: Claim, ending: Ending) -> Ending | None:
     """End the claim without a result: failed, cancelled, or handed back to the queue. The
-    ending, or None if the item is no longer held under this claim (another worker has it
-    now) and nothing was written."""
+    ending written (CANCELLED if the job was: write_ending), or None if the item is no longer
+    held under this claim (another worker has it now) and nothing was written."""
     async with sessions.begin() as session:
-        return ending if await write_ending(session, claim, ending) else None
+        return await write_ending(session, claim, ending)
 
 
 # When the LLM became unavailable to the item, as an outage's hand-back writes it: now, if it
@@ -305,8 +305,8 @@ async def end_in_outage(
 ) -> Ending | None:
     """End the claim after the LLM stayed unavailable to it (`summary`, `detail`: the fault's):
     back to the queue, or failed once the LLM has been unavailable to the item for longer than
-    `max_outage` (endings.after_outage). The ending, or None if the item is no longer held
-    under this claim and nothing was written."""
+    `max_outage` (endings.after_outage); cancelled if its job was (write_ending). The ending
+    written, or None if the item is no longer held under this claim and nothing was."""
     async with sessions.begin() as session:
         unavailable_for = await session.scalar(
             update(Item)
@@ -316,24 +316,39 @@ async def end_in_outage(
         )
         if unavailable_for is None:
             return None
-        ending = after_outage(summary, detail, unavailable_for, max_outage)
-        return ending if await write_ending(session, claim, ending) else None
+        return await write_ending(session, claim, after_outage(summary, detail, unavailable_for, max_outage))
 
 
-async def write_ending(session: AsyncSession, claim: Claim, ending: Ending) -> bool:
+async def write_ending(session: AsyncSession, claim: Claim, ending: Ending) -> Ending | None:
     """In the caller's transaction: write the ending on the item if the claim holds (and the
-    job's delivery, if that finished a job that names a callback); whether it did."""
+    job's delivery, if that finished a job that names a callback); the ending written, or None
+    if the claim no longer holds and nothing was.
+
+    A cancelled job's item ends cancelled, whatever fault ended its claim: as its next claim
+    would end it had the claim been handed back (_no_claim_left puts the cancel before spent
+    tries). Only a completion stands, its results kept."""
+    if ending.status == ItemStatus.COMPLETED:
+        written = await _written(session, claim, ending)
+    else:
+        written = await _written(session, claim, ending, Job.id == Item.job_id, Job.cancelled_at.is_(None))
+        if written is None:  # its job was cancelled, or the claim no longer holds
+            written = await _written(session, claim, CANCELLED)
+    if written is not None and written.finished and claim.notifies:
+        await callbacks.record_if_finished(session, claim.job_id)
+    return written
+
+
+async def _written(
+    session: AsyncSession, claim: Claim, ending: Ending, *conditions: ColumnElement[bool]
+) -> Ending | None:
+    """`ending`, if it was written on the item: the claim holds, and `conditions` too."""
     ended = await session.execute(
         update(Item)
-        .where(claim_holds(claim.item_id, claim.attempt))
+        .where(claim_holds(claim.item_id, claim.attempt), *conditions)
         .values(ending_values(ending))
         .returning(Item.id)
     )
-    if ended.first() is None:
-        return False
-    if ending.finished and claim.notifies:
-        await callbacks.record_if_finished(session, claim.job_id)
-    return True
+    return ending if ended.first() is not None else None
 
 
 async def complete(sessions: Sessions, claim: Claim, result: Completed) -> Ending | None:
