@@ -15,12 +15,14 @@ LLM_REQUEST_SECONDS = Histogram(
 LLM_HEDGES = Counter(
     "aidsafe_llm_hedges_total",
     "Requests that ran long enough to be hedged (app/llm/hedging.py), by what happened: sent, "
-    "or skipped because the hedge budget was spent.",
+    "skipped because the hedge budget was spent (no_budget), or refused, unsent, because the "
+    "endpoint's circuit breaker was open (breaker_open).",
     ["endpoint", "role", "outcome"],
 )
 LLM_BREAKER_REFUSALS = Counter(
     "aidsafe_llm_breaker_refusals_total",
-    "Attempts refused, unsent, because their endpoint's circuit breaker was open (app/llm/breaker.py).",
+    "Attempts refused, unsent, because their endpoint's circuit breaker was open (app/llm/breaker.py); "
+    "a refused hedge is not one (aidsafe_llm_hedges_total, breaker_open).",
     ["endpoint", "role"],
 )
 LLM_TOKENS = Counter(

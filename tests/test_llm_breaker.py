@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from app.config import EndpointConfig
-from app.deliberation.ports import ChatRequest, LLMUnavailable
+from app.deliberation.ports import ChatReply, ChatRequest, LLMUnavailable
 from app.deliberation.stages import SEED
 from app.llm.breaker import FAILURES_TO_OPEN, EndpointBreaker
 from app.llm.client import OpenAICompatibleClient
@@ -128,12 +128,11 @@ async def test_a_failed_probe_opens_it_again(
     assert refused.value.retry_in_s > OPEN_S / 2
 
 
-async def test_a_probe_that_runs_past_the_hedging_delay_is_waited_for_and_closes_the_breaker(
+async def answered_probe_past_the_hedging_delay(
     scripted_llm: ScriptedLLM,
-) -> None:
-    """The probe's hedge is refused, unsent: the probe is out. That refusal ended the attempt
-    and cancelled the probe, which closed nothing, so against an endpoint back but slower
-    than the hedging delay every probe was cut short and the breaker never closed."""
+) -> tuple[ChatReply, EndpointBreaker]:
+    """The breaker opened, then the probe's answer, slower than the hedging delay: when the
+    probe's hedge comes due, the breaker refuses it (the probe is out)."""
     hedging = HedgePolicy(factor=1, min_delay_s=0.2, budget=1)
     for _ in range(MIN_SAMPLES):  # quick replies before the outage: hedged after 0.2 s
         hedging.observe("down", seed("down").role, 0.01)
@@ -144,11 +143,40 @@ async def test_a_probe_that_runs_past_the_hedging_delay_is_waited_for_and_closes
         await asyncio.sleep(OPEN_S)
         scripted_llm.latency_s = 0.6  # back, slower than the hedging delay
 
-        answer = await client.chat(seed("down"))
+        return await client.chat(seed("down")), breaker
+
+
+async def test_a_probe_that_runs_past_the_hedging_delay_is_waited_for_and_closes_the_breaker(
+    scripted_llm: ScriptedLLM,
+) -> None:
+    """The probe's hedge is refused, unsent: the probe is out. That refusal ended the attempt
+    and cancelled the probe, which closed nothing, so against an endpoint back but slower
+    than the hedging delay every probe was cut short and the breaker never closed."""
+    answer, breaker = await answered_probe_past_the_hedging_delay(scripted_llm)
 
     assert '"thoughts"' in answer.content
     assert len(scripted_llm.requests) == FAILURES_TO_OPEN + 1, "the probe alone was sent"
     assert breaker.refused_for_s("down") == 0, "its answer closed the breaker"
+
+
+async def test_a_hedge_the_breaker_refuses_is_counted_as_such_not_as_a_refused_attempt_nor_a_sent_hedge(
+    scripted_llm: ScriptedLLM,
+) -> None:
+    # The refusals counted the probe's refused hedge: an attempt refused, though its attempt
+    # was out (and answered), and a hedge sent, though none was.
+    labels = {"endpoint": "down", "role": seed("down").role}
+
+    def counts() -> tuple[float, ...]:
+        return (
+            sample("aidsafe_llm_breaker_refusals_total", **labels),
+            *(sample("aidsafe_llm_hedges_total", **labels, outcome=o) for o in ("sent", "breaker_open")),
+        )
+
+    before = counts()
+    await answered_probe_past_the_hedging_delay(scripted_llm)
+
+    refused, sent, breaker_open = (after - then for after, then in zip(counts(), before, strict=True))
+    assert (refused, sent, breaker_open) == (0, 0, 1)
 
 
 def test_failures_between_answers_never_open_it() -> None:

@@ -226,6 +226,9 @@ class OpenAICompatibleClient:
         """One attempt, and a second copy of it if the first runs past the hedging policy's
         delay (timed from its POST, not its wait for a slot): the first answer wins and the
         other copy is cancelled. Fails only when every copy sent has failed."""
+        if (refused_for_s := self._refused_for_s(request.endpoint)) > 0:
+            LLM_BREAKER_REFUSALS.labels(request.endpoint, request.role).inc()
+            raise _EndpointDown(refused_for_s)
         hedging = self._hedging
         if hedging is None:
             return await self._attempt(request, endpoint)
@@ -269,10 +272,17 @@ class OpenAICompatibleClient:
             await wake
             if first.done():  # nearly always: answered before a hedge was due
                 return first.result()
-            sent = hedging.spend()
-            LLM_HEDGES.labels(request.endpoint, request.role, "sent" if sent else "no_budget").inc()
-            if sent:
+            # Budget first: the breaker may take the hedge for its probe, which must then go.
+            if not hedging.spend():
+                outcome = "no_budget"
+            elif self._refused_for_s(request.endpoint) > 0:
+                # The first copy may be the probe, which only its own end can close the
+                # breaker with: it is waited for alone.
+                outcome = "breaker_open"
+            else:
+                outcome = "sent"
                 copies.append(asyncio.create_task(self._attempt(request, endpoint)))
+            LLM_HEDGES.labels(request.endpoint, request.role, outcome).inc()
             return await _first_answer(copies)
         finally:
             if timer is not None:
@@ -284,12 +294,15 @@ class OpenAICompatibleClient:
             elif not first.cancelled():
                 first.exception()  # read, if this was cancelled before it could be raised
 
+    def _refused_for_s(self, endpoint: str) -> float:
+        """The breaker's word on sending a copy to `endpoint` now (EndpointBreaker.refused_for_s):
+        asked once per copy, just before it is sent, as a 0 may make it the probe."""
+        return 0.0 if self._breaker is None else self._breaker.refused_for_s(endpoint)
+
     async def _attempt(
         self, request: ChatRequest, endpoint: EndpointConfig, posted: Callable[[], None] | None = None
     ) -> ChatReply:
-        if self._breaker is not None and (refused_for_s := self._breaker.refused_for_s(request.endpoint)):
-            LLM_BREAKER_REFUSALS.labels(request.endpoint, request.role).inc()
-            raise _EndpointDown(refused_for_s)
+        """One copy of an attempt, the breaker having let it go."""
         labels = (request.endpoint, request.role)
         started, outcome = time.monotonic(), "ok"
         try:
@@ -392,10 +405,9 @@ async def _first_answer(copies: list[asyncio.Task[ChatReply]]) -> ChatReply:
     """The first reply of these copies of one attempt: the first sent, then its hedge if it
     ran long. A fault of the first copy waits for the hedge; a fault of the hedge ends the
     attempt, for the first copy has already run past the hedging delay and is probably hung:
-    the retry, after its backoff, comes sooner than that copy's timeout. A hedge the breaker
-    refused was never sent and ends nothing: the first copy may be the breaker's probe, which
-    only its own end can close the breaker with. The fault raised is a refusal of the request
-    if one was refused (another attempt cannot fix that), else the last one."""
+    the retry, after its backoff, comes sooner than that copy's timeout. The fault raised is
+    a refusal of the request if one was refused (another attempt cannot fix that), else the
+    last one."""
     faults: list[BaseException] = []
     pending = set(copies)
     while pending:
@@ -404,9 +416,8 @@ async def _first_answer(copies: list[asyncio.Task[ChatReply]]) -> ChatReply:
             fault = copy.exception()
             if fault is None:
                 return copy.result()
-            if not isinstance(fault, _EndpointDown):
-                faults.append(fault)
-        if copies[-1] in done and not isinstance(copies[-1].exception(), _EndpointDown):
+            faults.append(fault)
+        if copies[-1] in done:
             break
     raise next((f for f in faults if not isinstance(f, _TransientFault)), faults[-1])
 
