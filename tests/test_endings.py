@@ -127,17 +127,24 @@ async def test_an_end_is_stamped_when_it_is_written_not_when_its_transaction_beg
 
 
 MAX_OUTAGE = timedelta(hours=1)
+MAX_COUNTED_WAIT = timedelta(minutes=10)
 
 
 async def end_in_outage(sessions: Sessions, claim: items.Claim) -> Ending | None:
-    return await items.end_in_outage(sessions, claim, "the endpoint is down", "upstream: 503", MAX_OUTAGE)
+    return await items.end_in_outage(
+        sessions, claim, "the endpoint is down", "upstream: 503", MAX_OUTAGE, MAX_COUNTED_WAIT
+    )
 
 
-async def outage_began(sessions: Sessions, item_id: UUID, ago: timedelta) -> None:
-    """The LLM became unavailable to the item `ago`."""
+async def outage_began(
+    sessions: Sessions, item_id: UUID, ago: timedelta, last_seen: timedelta = timedelta(0)
+) -> None:
+    """The LLM became unavailable to the item `ago`, and was last seen so `last_seen` ago."""
     async with sessions.begin() as session:
         await session.execute(
-            update(Item).where(Item.id == item_id).values(llm_unavailable_since=func.now() - ago)
+            update(Item)
+            .where(Item.id == item_id)
+            .values(llm_unavailable_since=func.now() - ago, llm_unavailable_seen_at=func.now() - last_seen)
         )
 
 
@@ -242,3 +249,36 @@ async def test_a_claim_that_outlived_its_jobs_cancel_ends_the_item_cancelled_wha
     )
     assert item.finished_at is not None
     assert (await api.get(f"/v1/jobs/{job_id}", headers=auth)).json()["status"] == "cancelled"
+
+
+@pytest.mark.parametrize(
+    ("seen", "waited", "status"),
+    [
+        (timedelta(minutes=20), timedelta(minutes=5), "queued"),
+        (timedelta(minutes=20), timedelta(hours=3), "queued"),
+        (timedelta(minutes=58), timedelta(minutes=5), "failed"),
+    ],
+    ids=["a_back_off", "a_backlog", "a_back_off_past_the_max"],
+)
+async def test_an_outages_clock_counts_a_wait_in_the_queue_only_as_long_as_a_back_off_explains(
+    api: httpx.AsyncClient,
+    auth: Headers,
+    sessions: Sessions,
+    seen: timedelta,
+    waited: timedelta,
+    status: str,
+) -> None:
+    # The clock ran in the queue: an item held up by a backlog longer than the max since its
+    # last outage failed llm_unavailable at one blip on its next claim.
+    _, claim = await claimed_item(api, auth, sessions)
+    assert await end_in_outage(sessions, claim)
+    # Seen unavailable for `seen` up to its last outage's hand-back, then it `waited`.
+    await outage_began(sessions, claim.item_id, seen + waited, last_seen=waited)
+
+    ending = await end_in_outage(sessions, await claimed_again(sessions, claim.item_id))
+
+    assert ending is not None and ending.status == status
+    item = await stored(sessions, claim.item_id)
+    assert item.llm_unavailable_since is not None and item.llm_unavailable_seen_at == item.updated_at
+    counted = item.updated_at - item.llm_unavailable_since
+    assert abs(counted - (seen + min(waited, MAX_COUNTED_WAIT))) < timedelta(seconds=5)

@@ -585,6 +585,22 @@ async def test_existing_deletions_are_numbered_per_key_in_the_order_they_were_ma
 
 async def _batches(connection: asyncpg.Connection, *statuses: tuple[str, str | None]) -> None:
     """A job of a key's, and a batch of it in each (status, provider batch id)."""
+    key, job = await _job(connection)
+    for status, provider_batch_id in statuses:
+        await connection.execute(
+            "INSERT INTO batches (id, job_id, owner_key_id, wave, endpoint, status, requests, bytes,"
+            " lease_id, provider_batch_id) VALUES ($1, $2, $3, 1, 'default', $4, 1, 10, $5, $6)",
+            uuid.uuid4(),
+            job,
+            key,
+            status,
+            uuid.uuid4(),
+            provider_batch_id,
+        )
+
+
+async def _job(connection: asyncpg.Connection) -> tuple[uuid.UUID, uuid.UUID]:
+    """A key, and a job of its: their ids."""
     key, policy_set, job = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     await connection.execute(
         "INSERT INTO api_keys (id, name, prefix, key_hash) VALUES ($1, 'k', 'p', $2)", key, key.hex
@@ -601,17 +617,7 @@ async def _batches(connection: asyncpg.Connection, *statuses: tuple[str, str | N
         key,
         policy_set,
     )
-    for status, provider_batch_id in statuses:
-        await connection.execute(
-            "INSERT INTO batches (id, job_id, owner_key_id, wave, endpoint, status, requests, bytes,"
-            " lease_id, provider_batch_id) VALUES ($1, $2, $3, 1, 'default', $4, 1, 10, $5, $6)",
-            uuid.uuid4(),
-            job,
-            key,
-            status,
-            uuid.uuid4(),
-            provider_batch_id,
-        )
+    return key, job
 
 
 async def test_lost_batches_are_collected_ones_again_on_the_way_down(
@@ -724,5 +730,35 @@ async def test_reviews_keep_a_deleted_webhooks_id_and_lose_it_on_the_way_down(
         ]
         with pytest.raises(asyncpg.ForeignKeyViolationError):
             await connection.execute("DELETE FROM webhooks WHERE id = $1", webhooks["kept"])
+    finally:
+        await connection.close()
+
+
+async def test_the_outage_waits_migration_leaves_an_items_outage_clock_as_it_was_both_ways(
+    old_database: tuple[Config, str],
+) -> None:
+    """Its wait since is then measured from its run's start (items.end_in_outage); on the way
+    down the older release counts from the mark as it is."""
+    config, dsn = old_database
+    await asyncio.to_thread(command.upgrade, config, "0033_webhook_deletion")
+    connection = await asyncpg.connect(dsn)
+    try:
+        _, job = await _job(connection)
+        since = await connection.fetchval(
+            "INSERT INTO items (id, job_id, position, prompt, metadata, status, stage, attempts, failures,"
+            " enqueues, outage_claims, llm_unavailable_since) VALUES ($1, $2, 0, 'p', '{}', 'queued',"
+            " 'intent', 1, 0, 1, 1, now() - interval '2 hours') RETURNING llm_unavailable_since",
+            uuid.uuid4(),
+            job,
+        )
+        outage = "SELECT llm_unavailable_since, llm_unavailable_seen_at FROM items"
+
+        await asyncio.to_thread(command.upgrade, config, "head")
+        assert tuple(await connection.fetchrow(outage)) == (since, None)
+
+        await asyncio.to_thread(command.downgrade, config, "0033_webhook_deletion")
+        with pytest.raises(asyncpg.UndefinedColumnError):
+            await connection.fetchrow(outage)
+        assert await connection.fetchval("SELECT llm_unavailable_since FROM items") == since
     finally:
         await connection.close()

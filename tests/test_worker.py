@@ -8,6 +8,7 @@ import logging
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 from importlib.metadata import entry_points
 from typing import Any
 from uuid import UUID, uuid4
@@ -382,6 +383,29 @@ async def test_an_item_fails_llm_unavailable_once_the_llm_was_unavailable_to_it_
     assert item.finished_at and item.llm_unavailable_since
     assert (item.finished_at - item.llm_unavailable_since).total_seconds() > max_outage_s
     assert item.outage_claims == item.attempts - 1, "every claim but the last was put back"
+
+
+async def test_an_item_that_waited_out_a_backlog_longer_than_the_max_outage_survives_one_blip(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    # The outage clock ran while the item waited in the queue: after a backlog longer than
+    # item_max_outage_s, one blip on its next claim failed it llm_unavailable at once.
+    scripted_llm.script("intent_decomposition", *[http_error(503)] * (settings.llm_max_retries + 1))
+    job_id = await submit(api, auth, ["What is the capital of Peru?"])
+    item_id = (await one_item(sessions, job_id)).id
+    async with sessions.begin() as session:  # put back by an outage 2 h ago, queued since
+        put_back = update(Item).where(Item.id == item_id)
+        since = func.now() - timedelta(hours=2)
+        await session.execute(put_back.values(llm_unavailable_since=since, attempts=1, outage_claims=1))
+
+    await run_worker_burst(settings.model_copy(update={"item_max_outage_s": 3600}))
+
+    item = await one_item(sessions, job_id)
+    assert (item.status, item.attempts, item.outage_claims, item.failures) == ("completed", 3, 2, 0)
 
 
 async def test_an_item_past_a_thousand_outage_claims_is_still_deferred_by_its_back_off(

@@ -64,6 +64,8 @@ from workers.queue_worker import ITEM_ENDINGS, WORKER_ID, QueueWorker, every_job
 from workers.sweeper import sweep
 
 log = logging.getLogger("aidsafe.worker")
+# The longest back-off of an item the LLM stayed unavailable to (AIDSAFE_ITEM_RETRY_BASE_S doubles up to it).
+MAX_BACKOFF_S = 300.0
 
 
 @dataclass
@@ -343,7 +345,9 @@ async def _end_in_outage(
     unavailable to it too long. Should that fail, handed back as after any unexpected error."""
     max_outage = timedelta(seconds=settings.item_max_outage_s)
     try:
-        ending = await items.end_in_outage(sessions, claim, exc.summary, str(exc), max_outage)
+        ending = await items.end_in_outage(
+            sessions, claim, exc.summary, str(exc), max_outage, _max_counted_wait(settings)
+        )
     except Exception as error:
         raise await _hand_back(settings, sessions, claim, error) from error
     if ending is not None and ending.error_code == "llm_unavailable":
@@ -411,7 +415,15 @@ def _backoff_s(settings: Settings, attempt: int) -> float:
     # The doubling stops long after any base reaches the cap: an item an outage puts back for
     # days passes a thousand claims, and 2 ** 1024 is too large for a float.
     doublings = min(attempt - 1, 64)
-    return min(300.0, settings.item_retry_base_s * 2.0**doublings) * random.uniform(0.5, 1.0)
+    return min(MAX_BACKOFF_S, settings.item_retry_base_s * 2.0**doublings) * random.uniform(0.5, 1.0)
+
+
+def _max_counted_wait(settings: Settings) -> timedelta:
+    """The longest wait in the queue between two claims of an outage that counts toward
+    item_max_outage_s: twice the longest an outage defers an item (its back-off's cap, or the
+    breaker's pause if longer), which leaves a due item room to find a worker. An item that
+    waited longer waited out a backlog, not the LLM."""
+    return timedelta(seconds=2 * max(MAX_BACKOFF_S, settings.llm_backoff_max_s))
 
 
 async def _sweep_forever(worker: Worker) -> None:

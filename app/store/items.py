@@ -18,6 +18,7 @@ from uuid import UUID, uuid4
 import asyncpg
 from sqlalchemy import (
     ColumnElement,
+    DateTime,
     Interval,
     Result,
     Update,
@@ -286,32 +287,51 @@ async def end(sessions: Sessions, claim: Claim, ending: Ending) -> Ending | None
         return await write_ending(session, claim, ending)
 
 
-# When the LLM became unavailable to the item, as an outage's hand-back writes it: now, if it
-# starts a run of outages or the item got an answer since the run began; else unchanged.
-_OUTAGE_START = case(
-    (
-        or_(
-            Item.llm_unavailable_since.is_(None),
-            exists().where(TurnRow.item_id == Item.id, TurnRow.created_at > Item.llm_unavailable_since),
+def _outage_start(max_counted_wait: timedelta) -> ColumnElement[Any]:
+    """When the LLM became unavailable to the item, as an outage's hand-back writes it, for
+    now() less it to be how long the LLM was seen unavailable to it: now, if this starts a
+    run of outages or the item got an answer since the run began. Else the run's start, moved
+    later by any wait in the queue since the last outage beyond `max_counted_wait`: an item
+    held up by a backlog waited for a worker, not for the LLM, and one blip on its next claim
+    must not fail it. The claim's own time counts: it was trying the LLM."""
+    last_seen = type_coerce(
+        # The later of the two: an item an older release put back has no last_seen (GREATEST
+        # skips a NULL), and one left from an earlier run of outages precedes this run.
+        func.greatest(Item.llm_unavailable_seen_at, Item.llm_unavailable_since),
+        DateTime(timezone=True),
+    )
+    # updated_at: this claim's start (a claim writes it, and nothing else while it holds).
+    waited_too_long = func.greatest(Item.updated_at - last_seen - max_counted_wait, timedelta(0))
+    return case(
+        (
+            or_(
+                Item.llm_unavailable_since.is_(None),
+                exists().where(TurnRow.item_id == Item.id, TurnRow.created_at > Item.llm_unavailable_since),
+            ),
+            func.now(),
         ),
-        func.now(),
-    ),
-    else_=Item.llm_unavailable_since,
-)
+        else_=Item.llm_unavailable_since + waited_too_long,
+    )
 
 
 async def end_in_outage(
-    sessions: Sessions, claim: Claim, summary: str, detail: str, max_outage: timedelta
+    sessions: Sessions,
+    claim: Claim,
+    summary: str,
+    detail: str,
+    max_outage: timedelta,
+    max_counted_wait: timedelta,
 ) -> Ending | None:
     """End the claim after the LLM stayed unavailable to it (`summary`, `detail`: the fault's):
-    back to the queue, or failed once the LLM has been unavailable to the item for longer than
-    `max_outage` (endings.after_outage); cancelled if its job was (write_ending). The ending
-    written, or None if the item is no longer held under this claim and nothing was."""
+    back to the queue, or failed once the LLM has been seen unavailable to the item for longer
+    than `max_outage` (endings.after_outage; `max_counted_wait`: see _outage_start); cancelled
+    if its job was (write_ending). The ending written, or None if the item is no longer held
+    under this claim and nothing was."""
     async with sessions.begin() as session:
         unavailable_for = await session.scalar(
             update(Item)
             .where(claim_holds(claim.item_id, claim.attempt))
-            .values(llm_unavailable_since=_OUTAGE_START)
+            .values(llm_unavailable_since=_outage_start(max_counted_wait), llm_unavailable_seen_at=func.now())
             .returning(type_coerce(func.now() - Item.llm_unavailable_since, Interval))
         )
         if unavailable_for is None:

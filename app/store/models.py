@@ -45,7 +45,7 @@ NAMING_CONVENTION = {
 
 # The Alembic revision these models are (migrations/versions): a worker checks the database
 # against it before taking items (app/preflight.py). A test keeps it at Alembic's head.
-SCHEMA_REVISION = "0033_webhook_deletion"
+SCHEMA_REVISION = "0034_outage_waits"
 
 
 class Base(DeclarativeBase):
@@ -265,9 +265,13 @@ class Item(Base):
     # max claims, for an outage delays work but must not lose it.
     outage_claims: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     # When the LLM became unavailable to the item: the first of its claims in a row handed
-    # back for an outage, with no answer recorded since (items.end_in_outage). None: no
-    # outage now. An item fails once it is older than item_max_outage_s.
+    # back for an outage, with no answer recorded since, moved later by the item's waits in
+    # the queue too long to be a back-off (items.end_in_outage): now less it is how long the
+    # LLM was seen unavailable to the item. None: no outage now. An item fails once that is
+    # longer than item_max_outage_s.
     llm_unavailable_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The last of those outage hand-backs: the next one measures the item's wait from it.
+    llm_unavailable_seen_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     enqueues: Mapped[int] = mapped_column(Integer, default=1)  # part of the arq job id
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # The worker process running the item (None once the claim ended): the sweeper takes the
