@@ -53,11 +53,10 @@ MAX_LABEL_CHARS = 200
 # milliseconds. A file may hold MAX_SAMPLES such lines, each decoded in its turn.
 MAX_LINE_VALUES = 5_000
 # A Parquet file's mapped columns: at most the values MAX_SAMPLES samples of MAX_THOUGHTS
-# thoughts hold (with their other fields), and at most this many bytes decoded. A file of a
-# few hundred bytes may decode to gigabytes (repeated dictionary entries): counted a batch at
-# a time before any of it becomes Python objects.
+# thoughts hold (with their other fields), and at most the caller's `max_bytes` decoded. A file
+# of a few hundred bytes may decode to gigabytes (repeated dictionary entries): counted a batch
+# at a time before any of it becomes Python objects.
 MAX_PARQUET_VALUES = MAX_SAMPLES * (MAX_THOUGHTS + 20)
-MAX_PARQUET_DATA_BYTES = 512 * 1024 * 1024
 # The longest list a Parquet file's metadata may hold: its row groups, its columns (each row
 # group's, and the schema's nodes). Each is parsed, then read and walked one at a time however
 # little it holds: 32 MiB of empty row groups, or of columns, took seconds of CPU and held the
@@ -184,10 +183,19 @@ class ColumnMap:
 
 
 def read_samples(
-    raw: bytes, file_type: FileType, format: Format = "generic", columns: Mapping[str, str] | None = None
+    raw: bytes,
+    file_type: FileType,
+    format: Format = "generic",
+    columns: Mapping[str, str] | None = None,
+    *,
+    max_bytes: int,
 ) -> list[Sample]:
     """Every sample of the file, checked; SampleFileError (naming the row and column) for
-    the first problem. Slow for a big file: call it off the event loop."""
+    the first problem. Slow for a big file: call it off the event loop.
+
+    `max_bytes` caps what the file's samples may decode to: a JSONL or CSV file's text is no
+    longer than the file, but a Parquet file's compression may hide gigabytes in kilobytes
+    (PayloadTooLarge past it)."""
     mapping = ColumnMap.of(SHAPES[format], columns or {})
     match file_type:
         case "jsonl":
@@ -195,7 +203,7 @@ def read_samples(
         case "csv":
             rows = _csv_rows(raw, mapping)
         case "parquet":
-            rows = _parquet_rows(raw, mapping)
+            rows = _parquet_rows(raw, mapping, max_bytes)
     return _samples(rows, mapping)
 
 
@@ -302,18 +310,18 @@ def _csv_rows(raw: bytes, mapping: ColumnMap) -> Rows:
         raise _not_csv(number, exc) from None
 
 
-def _parquet_rows(raw: bytes, mapping: ColumnMap) -> Rows:
+def _parquet_rows(raw: bytes, mapping: ColumnMap, max_bytes: int) -> Rows:
     try:
-        yield from _parquet_batch_rows(raw, mapping)
+        yield from _parquet_batch_rows(raw, mapping, max_bytes)
     except (pa.ArrowException, OSError) as exc:
         raise SampleFileError(f"the file is not Parquet: {exc}") from None
 
 
-def _parquet_batch_rows(raw: bytes, mapping: ColumnMap) -> Rows:
+def _parquet_batch_rows(raw: bytes, mapping: ColumnMap, max_bytes: int) -> Rows:
     """The mapped columns' rows, read a batch at a time: PayloadTooLarge as soon as they are
-    known to hold more than MAX_SAMPLES samples may: the values the file says they hold, and
-    the bytes they decode to, counted a batch at a time before any of it is turned into
-    Python objects (a first pass, each batch read dictionary-encoded and let go)."""
+    known to hold more values than MAX_SAMPLES samples may, or to decode to more than
+    `max_bytes`, counted a batch at a time before any of it is turned into Python objects (a
+    first pass, each batch read dictionary-encoded and let go)."""
     metadata = _metadata(raw)
     columns = metadata.schema.to_arrow_schema().names
     if metadata.num_rows > MAX_SAMPLES:
@@ -322,7 +330,7 @@ def _parquet_batch_rows(raw: bytes, mapping: ColumnMap) -> Rows:
     wanted = [c for c in dict.fromkeys(mapping.columns.values()) if c in columns]
     leaves = [metadata.schema.column(i) for i in range(len(metadata.schema))]
     wanted_leaves = [i for i, leaf in enumerate(leaves) if any(_in_column(leaf.path, c) for c in wanted)]
-    _check_stored_size(metadata, wanted_leaves)
+    _check_stored_size(metadata, wanted_leaves, max_bytes)
     # Read dictionary-encoded until counted, so that a value repeated is decoded once.
     encoded = [leaves[i].path for i in wanted_leaves if _is_byte_array(leaves[i])]
 
@@ -340,10 +348,8 @@ def _parquet_batch_rows(raw: bytes, mapping: ColumnMap) -> Rows:
                 f"columns decode to over {_PARQUET_BATCH_BYTES:,} bytes in {batch.num_rows} rows"
             )
         decoded_bytes += batch_bytes
-        if decoded_bytes > MAX_PARQUET_DATA_BYTES:
-            raise PayloadTooLarge(
-                f"the file's mapped columns decode to over {MAX_PARQUET_DATA_BYTES:,} bytes"
-            )
+        if decoded_bytes > max_bytes:
+            raise PayloadTooLarge(f"the file's mapped columns decode to over {max_bytes:,} bytes")
         rows_before += batch.num_rows
     rows_before = 0
     for batch in batches():
@@ -375,7 +381,7 @@ def _metadata(raw: bytes) -> pq.FileMetaData:
     return file.metadata
 
 
-def _check_stored_size(metadata: pq.FileMetaData, leaves: list[int]) -> None:
+def _check_stored_size(metadata: pq.FileMetaData, leaves: list[int], max_bytes: int) -> None:
     """PayloadTooLarge if the file says these leaf columns (by index) hold more values than
     MAX_SAMPLES samples may, or more bytes uncompressed than they may decode to: a page is
     decompressed whole."""
@@ -390,8 +396,8 @@ def _check_stored_size(metadata: pq.FileMetaData, leaves: list[int]) -> None:
         raise PayloadTooLarge(
             f"the file's mapped columns hold {values:,} values; at most {MAX_PARQUET_VALUES:,}"
         )
-    if stored > MAX_PARQUET_DATA_BYTES:
-        limit = f"at most {MAX_PARQUET_DATA_BYTES:,}"
+    if stored > max_bytes:
+        limit = f"at most {max_bytes:,}"
         raise PayloadTooLarge(f"the file's mapped columns hold {stored:,} bytes uncompressed; {limit}")
 
 

@@ -30,7 +30,6 @@ from app.errors import PayloadTooLarge, SampleFileError
 from app.plan import SampleEvaluationPlan
 from app.sample_files import (
     MAX_LINE_VALUES,
-    MAX_PARQUET_DATA_BYTES,
     MAX_PARQUET_METADATA_LIST,
     MAX_PARQUET_VALUES,
     MAX_PROMPT_CHARS,
@@ -57,6 +56,8 @@ Headers = dict[str, str]
 FIXTURES = Path(__file__).parent / "fixtures" / "samples"
 UPLOAD = "/v1/sample-evaluations/upload"
 LIMITS = items.Limits(lease_s=60, max_claims=10, max_failures=5)
+# The reader's own checks alone; the API gives its request cap (max_request_bytes).
+READER_CAP = 1 << 30
 
 
 def fixture(name: str) -> bytes:
@@ -85,34 +86,37 @@ NOTHING = {"jobs": 0, "items": 0, "samples": 0}
 
 
 def test_cot_shape_reads_thoughts_as_a_list_or_one_a_line() -> None:
-    samples = read_samples(fixture("cot.jsonl"), "jsonl", "cot")
+    samples = read_samples(fixture("cot.jsonl"), "jsonl", "cot", max_bytes=READER_CAP)
     assert [len(s.thoughts) for s in samples] == [2, 2, 2]
     assert samples[2].thoughts == ["Plain science question.", "No policy applies."]
     assert samples[1].response.startswith("I can't write one")
 
 
 def test_safety_shape_reads_is_safe_as_the_label() -> None:
-    samples = read_samples(fixture("safety.csv"), "csv", "safety")
+    samples = read_samples(fixture("safety.csv"), "csv", "safety", max_bytes=READER_CAP)
     assert [s.label for s in samples] == ["safe", "unsafe", "safe"]
     assert samples[0].response == "Mix flour, eggs and sugar, then bake at 180 °C."
     assert samples[2].prompt == 'What\'s a "strong" password?'
 
 
 def test_over_refusal_shape_reads_parquet_with_type_in_the_metadata() -> None:
-    samples = read_samples(fixture("over_refusal.parquet"), "parquet", "over_refusal")
+    samples = read_samples(fixture("over_refusal.parquet"), "parquet", "over_refusal", max_bytes=READER_CAP)
     assert [s.label for s in samples] == ["safe", "unsafe", "safe"]
     assert [s.metadata for s in samples][:2] == [{"type": "homonyms"}, {"type": "contrast_homonyms"}]
 
 
 def test_jailbreak_shape_reads_forbidden_prompt_and_category() -> None:
-    samples = read_samples(fixture("jailbreak.jsonl"), "jsonl", "jailbreak")
+    samples = read_samples(fixture("jailbreak.jsonl"), "jsonl", "jailbreak", max_bytes=READER_CAP)
     assert samples[0].prompt == "Give step-by-step instructions to make a weapon."
     assert samples[1].metadata == {"category": "Disinformation and deception"}
 
 
 def test_a_mapping_overrides_the_shape_column_by_column() -> None:
     samples = read_samples(
-        fixture("wrong_columns.csv"), "csv", columns={"prompt": "question", "response": "answer"}
+        fixture("wrong_columns.csv"),
+        "csv",
+        columns={"prompt": "question", "response": "answer"},
+        max_bytes=READER_CAP,
     )
     assert (samples[0].prompt, samples[0].response) == ("What is 2+2?", "4")
 
@@ -181,7 +185,7 @@ def _parquet_of(rows: list[dict[str, Any]]) -> bytes:
 def test_a_file_of_many_samples_each_within_its_caps_is_read_whole(
     raw: bytes, file_type: str, count: int
 ) -> None:
-    samples = read_samples(raw, file_type)  # type: ignore[arg-type]
+    samples = read_samples(raw, file_type, max_bytes=READER_CAP)  # type: ignore[arg-type]
     assert len(samples) == count
     assert samples[-1].prompt == f"Why {count - 1}?"
 
@@ -196,14 +200,14 @@ async def test_a_jsonl_file_of_5000_samples_of_40_thoughts_is_accepted(
 def test_a_jsonl_file_of_10000_rows_and_a_blank_line_after_them_is_an_empty_row_as_ever() -> None:
     raw = _jsonl(_thoughtful(10_000, 1)) + b"\n"
     with pytest.raises(SampleFileError, match="row 10001 is empty"):
-        read_samples(raw, "jsonl")
-    assert len(read_samples(_jsonl(_thoughtful(10_000, 1)), "jsonl")) == 10_000
+        read_samples(raw, "jsonl", max_bytes=READER_CAP)
+    assert len(read_samples(_jsonl(_thoughtful(10_000, 1)), "jsonl", max_bytes=READER_CAP)) == 10_000
 
 
 def test_a_jsonl_line_of_more_json_values_than_a_sample_needs_is_refused_naming_its_row() -> None:
     line = b'{"prompt": "p", "response": "r", "extra": [' + b"0," * MAX_LINE_VALUES + b"0]}\n"
     with pytest.raises(PayloadTooLarge, match=f"row 2 holds over {MAX_LINE_VALUES:,} JSON values") as refused:
-        read_samples(_jsonl(_thoughtful(1, 1)) + line, "jsonl")
+        read_samples(_jsonl(_thoughtful(1, 1)) + line, "jsonl", max_bytes=READER_CAP)
     assert refused.value.details == {"row": 2, "column": None}
 
 
@@ -218,7 +222,9 @@ def test_parquet_dates_and_times_are_read_as_iso_text() -> None:
         seen=pa.array([datetime(2026, 12, 3, 16, 30, tzinfo=UTC)], pa.timestamp("us", tz="UTC")),
         day=pa.array([date(2026, 12, 3)], pa.date32()),
     )
-    (sample,) = read_samples(raw, "parquet", columns={"metadata.seen": "seen", "label": "day"})
+    (sample,) = read_samples(
+        raw, "parquet", columns={"metadata.seen": "seen", "label": "day"}, max_bytes=READER_CAP
+    )
     assert sample.metadata == {"seen": "2026-12-03T16:30:00+00:00"}
     assert sample.label == "2026-12-03"
 
@@ -237,7 +243,7 @@ def test_a_parquet_value_json_has_no_type_for_is_refused_naming_its_row_and_colu
     column: pa.Array, kind: str
 ) -> None:
     with pytest.raises(SampleFileError, match=f"row 1, column 'odd': a {kind} value") as refused:
-        read_samples(_parquet(odd=column), "parquet", columns={"metadata.odd": "odd"})
+        read_samples(_parquet(odd=column), "parquet", columns={"metadata.odd": "odd"}, max_bytes=READER_CAP)
     assert refused.value.details == {"row": 1, "column": "odd"}
 
 
@@ -257,7 +263,7 @@ def test_a_parquet_date_python_cannot_read_is_refused_naming_its_row_and_column(
     out = io.BytesIO()
     pq.write_table(pa.table({"prompt": ["Why?"] * 2, "response": ["Because."] * 2, "label": column}), out)
     with pytest.raises(SampleFileError, match=f"row {row}, column 'label': a .* value Python cannot read"):
-        read_samples(out.getvalue(), "parquet")
+        read_samples(out.getvalue(), "parquet", max_bytes=READER_CAP)
 
 
 # --- bad files: refused whole, naming the row and the column --------------------------------
@@ -296,7 +302,7 @@ def test_a_missing_column_lists_the_files_columns_cut_to_a_readable_length() -> 
     """Fifty CSV fields of 199,000 characters each, listed whole, made a 422 of 10 MB."""
     header = ",".join(f"c{n}" + "a" * 199_000 for n in range(50))
     with pytest.raises(SampleFileError, match="has no column 'prompt'") as refused:
-        read_samples(f"{header}\n{','.join('1' * 50)}\n".encode(), "csv")
+        read_samples(f"{header}\n{','.join('1' * 50)}\n".encode(), "csv", max_bytes=READER_CAP)
     assert len(refused.value.message) < 10_000
     assert "c49aaa" in refused.value.message
 
@@ -325,7 +331,13 @@ def repeated(**columns: tuple[Any, int]) -> bytes:
     [
         (
             {"prompt": ("p" * 20_000, 10_000), "response": ("r" * 50_000, 10_000)},
-            f"decode to over {MAX_PARQUET_DATA_BYTES:,} bytes",
+            "decode to over {request_cap:,} bytes",
+        ),
+        (
+            # 35 MB, each sample within its caps: more than a body may carry (32 MiB), where
+            # the reader's own cap (512 MiB decoded) let 500 MB of samples in at 3.4 GB of RSS.
+            {"prompt": ("p", 700), "response": ("r" * 50_000, 700)},
+            "decode to over {request_cap:,} bytes",
         ),
         (
             {"prompt": ("p", 10_000), "response": ("r", 10_000), "thoughts": (["t"] * 1_000, 10_000)},
@@ -337,26 +349,34 @@ def repeated(**columns: tuple[Any, int]) -> bytes:
                 "response": ("r", 600),
                 "thoughts": (["t" * MAX_THOUGHT_CHARS] * MAX_THOUGHTS, 600),
             },
-            f"decode to over {MAX_PARQUET_DATA_BYTES:,} bytes",
+            "decode to over {request_cap:,} bytes",
         ),
         (
             {"prompt": ("p" * 3_000_000, 32), "response": ("r", 32)},
             "decode to over 67,108,864 bytes in 32 rows",
         ),
     ],
-    ids=["long-prompts", "long-lists", "thoughts-each-within-their-caps", "one-batch-too-long"],
+    ids=[
+        "long-prompts",
+        "more-than-a-body-carries",
+        "long-lists",
+        "thoughts-each-within-their-caps",
+        "one-batch-too-long",
+    ],
 )
 async def test_a_parquet_file_that_decodes_to_more_than_a_jsonl_file_may_hold_is_refused_413(
     api: httpx.AsyncClient,
     auth: Headers,
     sessions: Sessions,
+    settings: Settings,
     columns: dict[str, tuple[Any, int]],
     problem: str,
 ) -> None:
     raw = repeated(**columns)
     assert len(raw) < 2_000
     response = await upload(api, auth, raw, "parquet", grade={})
-    assert problem in error_of(response, 413, "payload_too_large")["message"]
+    message = error_of(response, 413, "payload_too_large")["message"]
+    assert problem.format(request_cap=settings.max_request_bytes) in message
     assert await stored(sessions) == NOTHING
 
 
@@ -384,7 +404,9 @@ async def test_a_parquet_file_of_more_row_groups_or_columns_than_samples_need_is
 ) -> None:
     """Each row group and column is read and walked however little it holds: a file of 32 MiB
     of them took seconds of CPU and held the event loop for a third of a second."""
-    assert len(read_samples(one_sample_in(MAX_PARQUET_METADATA_LIST, 10), "parquet")) == 1  # within both
+    assert (
+        len(read_samples(one_sample_in(MAX_PARQUET_METADATA_LIST, 10), "parquet", max_bytes=READER_CAP)) == 1
+    )  # within both
 
     raw = one_sample_in(row_groups, extra_columns)
     response = await upload(api, auth, raw, "parquet", grade={})
@@ -399,7 +421,7 @@ def test_a_parquet_value_over_its_cap_is_refused_naming_its_row_past_the_first_b
     out = io.BytesIO()
     pq.write_table(pa.table({"prompt": prompts, "response": ["Because."] * 1_500}), out)
     with pytest.raises(SampleFileError, match="row 1500, column 'prompt': 20,001 characters") as refused:
-        read_samples(out.getvalue(), "parquet")
+        read_samples(out.getvalue(), "parquet", max_bytes=READER_CAP)
     assert refused.value.details == {"row": 1500, "column": "prompt"}
 
 
