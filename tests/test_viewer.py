@@ -14,10 +14,10 @@ from uuid import uuid4
 import httpx
 import pytest
 from PIL import Image
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 
 from app.config import Settings
-from app.store import keys
+from app.store import keys, web_sessions
 from app.store.db import Sessions
 from app.store.models import ApiKey, WebSession
 from app.web import pages as web_pages
@@ -193,6 +193,31 @@ async def test_a_logged_out_session_cookie_no_longer_opens_the_viewer(
 
     response = await api.get("/view/jobs", headers={"Cookie": f"{web_session.COOKIE}={kept}"})
     assert (response.status_code, response.headers["location"]) == (303, "/view/login")
+
+
+async def test_a_key_holds_its_newest_sessions_only_and_another_keys_stay_live(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    """Each login makes a row that lives for hours: a key logging in in a loop made 150 a
+    second, live and so never purged, without bound."""
+    other = await new_key(sessions, "other")
+    other_cookie = (await logged_in(api, other)).cookies[web_session.COOKIE]
+    cookies = []
+    for _ in range(web_sessions.MAX_SESSIONS_PER_KEY + 5):
+        cookies.append((await logged_in(api, auth)).cookies[web_session.COOKIE])
+
+    async with sessions() as session:
+        per_key = dict(
+            (await session.execute(select(WebSession.key_id, func.count()).group_by(WebSession.key_id)))
+            .tuples()
+            .all()
+        )
+    assert sorted(per_key.values()) == [1, web_sessions.MAX_SESSIONS_PER_KEY]
+    opened = [
+        (await api.get("/view/jobs", headers={"Cookie": f"{web_session.COOKIE}={cookie}"})).status_code
+        for cookie in (cookies[0], cookies[5], cookies[-1], other_cookie)
+    ]
+    assert opened == [303, 200, 200, 200]  # the five oldest of the key's were ended
 
 
 CROSS_SITE = {

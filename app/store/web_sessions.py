@@ -12,12 +12,24 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.store.models import ApiKey, WebSession
 
+# Browsers one key may be logged in from. Each login makes a row that lives for hours, and a
+# live one is never purged: a key logging in in a loop (150 a second) grew the table without bound.
+MAX_SESSIONS_PER_KEY = 100
+
 
 async def start(session: AsyncSession, key_id: UUID, lifetime_s: float) -> UUID:
-    """A new session for this key, in the caller's transaction; its id."""
+    """A new session for this key, in the caller's transaction; its id. The key's sessions
+    beyond its newest MAX_SESSIONS_PER_KEY are deleted (logged out)."""
     row = WebSession(key_id=key_id, expires_at=func.now() + timedelta(seconds=lifetime_s))
     session.add(row)
     await session.flush()
+    newest = (
+        select(WebSession.id)
+        .where(WebSession.key_id == key_id)
+        .order_by(WebSession.created_at.desc(), WebSession.id.desc())
+        .limit(MAX_SESSIONS_PER_KEY)
+    )
+    await session.execute(delete(WebSession).where(WebSession.key_id == key_id, WebSession.id.not_in(newest)))
     return row.id
 
 
