@@ -270,6 +270,9 @@ class Settings(BaseSettings):
     # other request.
     max_exports_per_key: int = Field(default=4, ge=1)
     max_exports: int = Field(default=10, ge=1)
+    # An export whose client takes none of its bytes for this long is ended: its seat would
+    # otherwise be held for as long as the client keeps the connection open.
+    export_stall_s: float = Field(default=60.0, gt=0)
 
     # Web viewer (/view): the session cookie is signed with this secret. Unset, each API process
     # makes its own at start, so viewer logins end on restart and do not carry across processes.

@@ -854,6 +854,34 @@ async def test_an_export_whose_client_stalls_holds_no_database_connection_while_
             stalled.close()
 
 
+async def test_an_export_whose_client_takes_nothing_for_a_while_is_ended_and_its_seat_given_back(
+    settings: Settings, sessions: Sessions
+) -> None:
+    """A client that stopped reading held its seat for as long as it kept the connection open:
+    three keys' stalled exports held every seat of the process (4 + 4 + 2 of 10), and no
+    tenant could export at all."""
+    async with sessions.begin() as session:
+        key, secret = await create_key(session, "gone-quiet")
+        job_id = await insert_finished_job(session, key.id, 5000)
+    reader = {"Authorization": f"Bearer {secret}"}
+    caps = {"max_exports_per_key": 1, "export_stall_s": 1.0}
+    with served(settings.model_copy(update=caps)) as url:
+        stalled = stalled_export(url, reader, job_id)
+        try:
+            assert read_a_little(stalled).startswith(b"HTTP/1.1 200")
+            async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+                assert await export_status(client, reader, job_id) == 429
+                await eventually(
+                    lambda: _is(200, export_status(client, reader, job_id)),
+                    timeout_s=10,
+                    what="the stalled export ended and its seat given back",
+                )
+            rest = rest_of(stalled)
+        finally:
+            stalled.close()
+    assert not rest.endswith(b"\r\n0\r\n\r\n")  # cut off, never taken for the whole file
+
+
 def rest_of(client: socket.socket) -> bytes:
     """The rest of a response: until the server closes the connection, or sends nothing for
     10 s (a response sent whole leaves the connection open for the next request)."""

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
+from starlette.types import Message, Receive, Scope, Send
 
 from app.api.deps import OwnedJob, ReadsHazardous, SessionDep, StateDep
 from app.api.errors import InvalidRequest, documented
@@ -22,6 +25,7 @@ from app.store.export_rows import ExportFilter, Source
 from app.store.jobs import pairs_min_gap
 
 router = APIRouter(prefix="/v1/jobs", tags=["exports"])
+log = logging.getLogger("aidsafe.api")
 
 # Built from the registry, so a format added there is accepted and documented here.
 FormatName = StrEnum("FormatName", {name: name for name in FORMATS})  # type: ignore[misc]
@@ -119,8 +123,30 @@ async def export_job(
     # dependencies with yield after the response): give its connection back now; the stream
     # reads each batch in a session of its own.
     await session.close()
-    return StreamingResponse(
+    return _StallingEnds(
         encoded(state.sessions, job.id, fmt, ExportOptions(cot, system, human_edits), filters),
+        stall_s=state.settings.export_stall_s,
         media_type=fmt.media_type,
         headers={"Content-Disposition": f'attachment; filename="{filename}"'},
     )
+
+
+class _StallingEnds(StreamingResponse):
+    """A stream ended once its client has taken none of it for `stall_s`: a client that stopped
+    reading but kept its connection open held the key's seat (and one of the process's) for
+    good, and a few keys' stalled exports every seat there is. Ended so, the response is cut
+    off without its last chunk, which clients report as an incomplete body."""
+
+    def __init__(self, content: AsyncIterator[bytes], *, stall_s: float, **options: Any) -> None:
+        super().__init__(content, **options)
+        self.stall_s = stall_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_or_give_up(message: Message) -> None:
+            with anyio.fail_after(self.stall_s):  # the server's send waits while the client's window is full
+                await send(message)
+
+        try:
+            await super().__call__(scope, receive, send_or_give_up)
+        except TimeoutError:
+            log.info("an export's client took nothing for %.0f s: the export was ended", self.stall_s)
