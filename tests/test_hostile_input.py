@@ -26,6 +26,7 @@ from sqlalchemy.exc import DBAPIError
 from app.api.annotations import MAX_IMPORT_VALUES
 from app.api.jobs import JOB_BODY
 from app.api.schemas import MAX_PROMPTS_PER_JOB
+from app.api.webhooks import SECRET_HEADER
 from app.config import Settings
 from app.deliberation.config import LIMIT_CAPS
 from app.errors import MAX_LISTED_PROBLEMS
@@ -33,11 +34,14 @@ from app.events import ItemFinished, announce_item_finished, stream_key
 from app.labeling.reviews import Answers
 from app.main import create_app
 from app.storable import MAX_JSON_DEPTH, count_values
+from app.store import keys
 from app.store.db import Sessions, make_engine
+from bench.export import insert_finished_job
 from bench.stack import free_port
 from tests.conftest import ROOT, WebhookTarget, run_worker_burst, worker_env
 from tests.scripted_llm import ScriptedLLM, guard_verdict
 from tests.test_api import error_of, submit
+from tests.test_exports import connections_of_others
 from tests.test_labeling import (
     PROMPTS,
     export,
@@ -474,6 +478,59 @@ async def test_a_chunked_body_without_a_key_is_refused_before_the_rest_of_it_com
         writer.close()
 
     assert status_line.startswith(b"HTTP/1.1 401"), status_line
+
+
+# Every route that reads a body, with a job and a webhook of the key's in place of {job} and
+# {webhook}: (method, path, whether the key's Authorization goes along).
+BODY_ROUTES = [
+    ("PATCH", "/v1/jobs/{job}", True),
+    ("POST", LS_IMPORT.format("{job}"), True),
+    ("POST", ARGILLA_IMPORT.format("{job}"), True),
+    ("POST", "/v1/webhooks/label-studio/{webhook}", False),
+    ("POST", "/v1/jobs", True),
+    ("POST", "/v1/jobs/estimate", True),
+    ("POST", "/v1/comparisons", True),
+    ("POST", "/v1/sample-evaluations", True),
+    ("POST", "/v1/sample-evaluations/upload?file_type=jsonl", True),
+    ("POST", "/v1/model-evaluations", True),
+    ("POST", "/v1/policy-sets", True),
+    ("POST", "/v1/prompt-sets", True),
+    ("POST", "/v1/webhooks", True),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "with_key"), BODY_ROUTES, ids=[f"{m} {p}" for m, p, _ in BODY_ROUTES]
+)
+async def test_a_body_that_comes_slowly_holds_no_database_connection_while_it_comes(
+    live_api: str, sessions: Sessions, method: str, path: str, with_key: bool
+) -> None:
+    """A body is not timed. Routes that looked their job or webhook up before reading it held
+    a Postgres connection, in an open transaction, until the body had come: one key's 21
+    imports sending a byte of their body held the API's 20, and every tenant's requests waited
+    30 s and failed with 503."""
+    async with sessions.begin() as session:
+        key, secret = await keys.create_key(session, "slow-sender")
+        job_id = await insert_finished_job(session, key.id, 1)
+    auth = {"Authorization": f"Bearer {secret}"}
+    async with httpx.AsyncClient(base_url=live_api) as client:
+        webhook = (await client.post("/v1/webhooks", json={"name": "slow"}, headers=auth)).json()
+    headers = {**(auth if with_key else {}), SECRET_HEADER: webhook["secret"]}
+    host, port = live_api.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = f"{method} {path.format(job=job_id, webhook=webhook['id'])} HTTP/1.1\r\nHost: api\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    writer.write(f"{head}Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n[".encode())
+    await writer.drain()
+    held = []
+    try:
+        for _ in range(15):  # the head is read in milliseconds: a lookup would be under way by now
+            await asyncio.sleep(0.1)
+            for state in ("active", "idle in transaction"):
+                held.append(await connections_of_others(sessions, state))
+    finally:
+        writer.close()
+    assert not any(held)
 
 
 async def test_a_login_form_larger_than_a_key_is_refused_unread(api: httpx.AsyncClient) -> None:

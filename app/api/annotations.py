@@ -110,8 +110,9 @@ async def label_studio_config(job: OwnedJob) -> Response:
     openapi_extra=LABEL_STUDIO_EXPORT.openapi,
 )
 async def import_label_studio(
-    job: OwnedJob,
+    key: CurrentKey,  # then the body, then the job: see OwnedJob
     tasks: Annotated[list[label_studio.TaskIn], Depends(LABEL_STUDIO_EXPORT)],
+    job: OwnedJob,
     session: SessionDep,
 ) -> ImportOut:
     """Import the annotations of a Label Studio JSON export (the file as the body). All or
@@ -130,8 +131,9 @@ async def argilla_settings(job: OwnedJob) -> dict[str, Any]:
     "/v1/jobs/{job_id}/annotations/argilla", responses=IMPORT_ERRORS, openapi_extra=ARGILLA_RECORDS.openapi
 )
 async def import_argilla(
-    job: OwnedJob,
+    key: CurrentKey,  # then the body, then the job: see OwnedJob
     records: Annotated[list[argilla.RecordIn] | argilla.RecordPageIn, Depends(ARGILLA_RECORDS)],
+    job: OwnedJob,
     session: SessionDep,
 ) -> ImportOut:
     """Import reviewers' responses from Argilla records with their responses (a list, or a

@@ -206,8 +206,9 @@ async def get_job(job_id: UUID, key: CurrentKey, summaries: SummariesDep) -> Job
     "/{job_id}", responses=documented(400, 401, 404, 413, 422, 503), openapi_extra=LABELS_BODY.openapi
 )
 async def relabel_job(
-    job: OwnedJob,
+    key: CurrentKey,  # then the body, then the job: see OwnedJob
     body: Annotated[JobLabelsIn, Depends(LABELS_BODY)],
+    job: OwnedJob,
     session: SessionDep,
     summaries: SummariesDep,
     state: StateDep,

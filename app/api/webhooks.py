@@ -221,8 +221,12 @@ async def label_studio_delivery(
     body: str | None = None
     try:
         store.check_secret(webhook, owner_revoked, secret, SECRET_HEADER)
+        # The body is not timed: read with no connection held (a key's slow deliveries held the
+        # whole pool), then the webhook is found and held again, as it may have gone meanwhile.
+        await session.rollback()
         raw = await LABEL_STUDIO_EVENT.read(request, settings)
         body = raw.decode("utf-8", errors="replace")
+        store.check_secret(*await store.find(session, webhook_id, "label_studio"), secret, SECRET_HEADER)
         parsed = await asyncio.to_thread(_read_delivery, raw)
         report = await imports.record_reviews(
             session, parsed, owner_key_id=owner_key_id, webhook_id=webhook_id
