@@ -138,6 +138,9 @@ class Settings(BaseSettings):
 
     # The API refuses larger request bodies with 413 (10,000 prompts of ~3,000 characters fit).
     max_request_bytes: int = 32 * 1024 * 1024
+    # Request bodies one API key may have read and decoded at once in each API process (each is
+    # held whole, some 100 MB at the peak for one of max_request_bytes); its others wait unread.
+    max_bodies_per_key: int = Field(default=4, ge=1)
     # A request's head, checked as it is read (app/api/head_limits.py): a longer URL is refused
     # with 414, more header bytes (names and values) or fields with 431. nginx's defaults: a
     # request line in an 8 KiB buffer, 32 KiB of buffers for the head; Apache's: 100 header

@@ -99,6 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     "exports",
                     "wait for one to end",
                 ),
+                KeyTurns(settings.max_bodies_per_key),
             ),
         )
         try:

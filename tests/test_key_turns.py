@@ -78,6 +78,42 @@ async def test_a_keys_slow_upload_holds_up_none_of_its_other_writes(
     assert uploaded.status_code == 202, uploaded.text
 
 
+async def test_a_keys_bodies_are_read_a_few_at_a_time_and_another_keys_meanwhile(
+    api: httpx.AsyncClient, auth: dict[str, str], settings: Settings, sessions: Sessions
+) -> None:
+    """A body is held whole, and decoded, before its route runs: some 100 MB at the peak for one
+    of 32 MiB. One key's 24 sent at once took the API from 0.9 to 2.2 GB, and nothing bounded
+    how many it could send. Past its slots, a key's bodies wait unread."""
+    other = await new_key(sessions, "other")
+    reading = [asyncio.Event() for _ in range(settings.max_bodies_per_key)]
+    rest_sent = asyncio.Event()
+
+    async def slow_body(read: asyncio.Event) -> AsyncIterator[bytes]:
+        yield b'{"name": '
+        read.set()  # asked for more: the body is being read
+        await rest_sent.wait()
+        yield b'"ls"}'
+
+    json_auth = {**auth, "Content-Type": "application/json"}
+    slow = [
+        asyncio.create_task(api.post("/v1/webhooks", content=slow_body(r), headers=json_auth))
+        for r in reading
+    ]
+    for read in reading:
+        await asyncio.wait_for(read.wait(), PROMPT_S)
+    waiting = asyncio.create_task(api.post("/v1/webhooks", json={"name": "next"}, headers=auth))
+    theirs = await asyncio.wait_for(
+        api.post("/v1/webhooks", json={"name": "theirs"}, headers=other), PROMPT_S
+    )
+    await asyncio.sleep(0.5)
+    waited = not waiting.done()
+    rest_sent.set()
+    assert theirs.status_code == 201, theirs.text
+    assert waited  # its body unread while the key's slots were taken
+    assert (await asyncio.wait_for(waiting, PROMPT_S)).status_code == 201
+    assert [made.status_code for made in await asyncio.gather(*slow)] == [201] * len(reading)
+
+
 @asynccontextmanager
 async def row_held(sessions: Sessions, headers: dict[str, str]) -> AsyncIterator[None]:
     """The key's row locked, as a write of the key's under way in another API process holds

@@ -20,8 +20,9 @@ from typing import Any, Generic, TypeVar
 from fastapi import Request
 from pydantic import TypeAdapter, ValidationError
 
-from app.api.deps import SettingsDep
+from app.api.deps import CurrentKey, SettingsDep
 from app.api.errors import InvalidRequest
+from app.api.state import api_state
 from app.config import Settings
 from app.errors import PayloadTooLarge, ServiceError
 from app.storable import count_values, read_json, storable_input
@@ -39,7 +40,8 @@ def _request_cap(settings: Settings) -> int:
 
 class JsonBody(Generic[T]):
     """A route's JSON body as a dependency: `body: Annotated[JobIn, Depends(JOB_BODY)]`.
-    Declare it after the key, so an unauthenticated request is refused unread."""
+    Declare it after the key, so an unauthenticated request is refused unread. It is read in
+    one of the key's body turns (ApiState.body_turns)."""
 
     def __init__(
         self, type_: Any, max_values: int, max_bytes: Callable[[Settings], int] = _request_cap
@@ -56,8 +58,9 @@ class JsonBody(Generic[T]):
         schema = inlined(schema)
         return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
-    async def __call__(self, request: Request, settings: SettingsDep) -> T:
-        return await asyncio.to_thread(self.decode, await self.read(request, settings))
+    async def __call__(self, request: Request, settings: SettingsDep, key: CurrentKey) -> T:
+        async with api_state(request).body_turns.turn(key.id):
+            return await asyncio.to_thread(self.decode, await self.read(request, settings))
 
     async def read(self, request: Request, settings: Settings) -> bytes:
         """The body's bytes, undecoded: MalformedBody unless it is declared JSON, and

@@ -30,6 +30,7 @@ from app.api.schemas import (
     SampleResultPage,
     SubmittedSampleEvaluationOut,
 )
+from app.api.state import api_state
 from app.api.submissions import Submission, SubmissionDep, submit_responses
 from app.config import Settings
 from app.deliberation.results import Sample as EngineSample
@@ -82,6 +83,7 @@ class _Upload:
 async def _uploaded(
     request: Request,
     settings: SettingsDep,
+    key: CurrentKey,
     options: Annotated[
         str,
         Query(
@@ -103,11 +105,12 @@ async def _uploaded(
     # Before the body: options that cannot make an evaluation are refused unread.
     chosen = _read_options(options)
     asked = _asked(chosen, settings)
-    raw = await read_capped(request, settings.max_request_bytes)
-    # Decoded, a file holds no more than a body may carry: a Parquet file of 91 KB decoding to
-    # 500 MB took 70 s of the API's CPU and 3.4 GB of its memory, for one request.
-    read = partial(read_samples, max_bytes=settings.max_request_bytes)
-    samples = await anyio.to_thread.run_sync(read, raw, kind, chosen.format, chosen.columns)
+    async with api_state(request).body_turns.turn(key.id):
+        raw = await read_capped(request, settings.max_request_bytes)
+        # Decoded, a file holds no more than a body may carry: a Parquet file of 91 KB decoding
+        # to 500 MB took 70 s of the API's CPU and 3.4 GB of its memory, for one request.
+        read = partial(read_samples, max_bytes=settings.max_request_bytes)
+        samples = await anyio.to_thread.run_sync(read, raw, kind, chosen.format, chosen.columns)
     return _Upload(chosen, asked, samples, await RequestHash.of(chosen, kind.encode() + raw))
 
 

@@ -25,6 +25,7 @@ from app.api.deps import CurrentKey, KeyWriteSession, SessionDep, SettingsDep
 from app.api.errors import documented
 from app.api.jobs import Cursor, Limit
 from app.api.schemas import LABEL_PATTERN, ErrorOut
+from app.api.state import api_state
 from app.errors import NotFound, ServiceError
 from app.labeling import imports, label_studio
 from app.labeling.reviews import Parsed
@@ -224,10 +225,11 @@ async def label_studio_delivery(
         # The body is not timed: read with no connection held (a key's slow deliveries held the
         # whole pool), then the webhook is found and held again, as it may have gone meanwhile.
         await session.rollback()
-        raw = await LABEL_STUDIO_EVENT.read(request, settings)
-        body = raw.decode("utf-8", errors="replace")
-        store.check_secret(*await store.find(session, webhook_id, "label_studio"), secret, SECRET_HEADER)
-        parsed = await asyncio.to_thread(_read_delivery, raw)
+        async with api_state(request).body_turns.turn(owner_key_id):
+            raw = await LABEL_STUDIO_EVENT.read(request, settings)
+            body = raw.decode("utf-8", errors="replace")
+            store.check_secret(*await store.find(session, webhook_id, "label_studio"), secret, SECRET_HEADER)
+            parsed = await asyncio.to_thread(_read_delivery, raw)
         report = await imports.record_reviews(
             session, parsed, owner_key_id=owner_key_id, webhook_id=webhook_id
         )
