@@ -22,6 +22,7 @@ import pytest
 from redis.asyncio import Redis
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
+from starlette.types import Message
 
 from app.api.annotations import MAX_IMPORT_VALUES
 from app.api.jobs import JOB_BODY
@@ -760,6 +761,43 @@ async def test_an_unexpected_error_is_a_json_500_that_shows_nothing_of_the_reque
 
     error_of(response, 500, "internal_error")
     assert "SECRET" not in response.text
+
+
+async def test_a_client_gone_before_its_body_came_is_a_bad_request_not_a_500(
+    settings: Settings, auth: Headers
+) -> None:
+    """A client that closed its connection mid-body was answered as a bug: a 500, and an ERROR
+    with a traceback in the log, which any key could have written as often as it liked."""
+    app = create_app(settings)
+    incoming = [{"type": "http.request", "body": b'{"prompts": [', "more_body": True}]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    headers = {**auth, **JSON, "Host": "api"}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/jobs",
+        "raw_path": b"/v1/jobs",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(name.lower().encode(), value.encode()) for name, value in headers.items()],
+        "client": ("127.0.0.1", 40000),
+        "server": ("api", 80),
+    }
+    async with app.router.lifespan_context(app):
+        await app(scope, receive, send)
+
+    assert sent[0]["status"] == 400
+    assert json.loads(sent[1]["body"])["error"]["code"] == "bad_request"
 
 
 async def test_a_failed_statement_does_not_carry_the_values_it_was_sent(

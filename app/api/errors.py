@@ -16,6 +16,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from app.api.schemas import ErrorOut
@@ -109,6 +110,12 @@ def install(app: FastAPI) -> None:
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
         headers = None if exc.retry_after_s is None else {"Retry-After": str(exc.retry_after_s)}
         return error_response(exc.status, exc.code, exc.message, exc.details, headers)
+
+    # The client closed its connection before its body had come: no bug of ours to log as one
+    # (a 500 and a traceback, as often as a client liked), and nobody reads the answer.
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(_: Request, exc: ClientDisconnect) -> JSONResponse:
+        return error_response(400, "bad_request", "the connection closed before the request's body had come")
 
     @app.exception_handler(RequestValidationError)  # path, query and header parameters
     async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
