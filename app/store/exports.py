@@ -9,14 +9,17 @@ from typing import Any, TypeVar
 from uuid import UUID
 
 import orjson
+from asyncpg import Record
 from sqlalchemy import (
     JSON,
+    BigInteger,
     ColumnElement,
     Float,
     Integer,
-    Row,
     Select,
     Text,
+    Uuid,
+    bindparam,
     case,
     cast,
     func,
@@ -27,13 +30,15 @@ from sqlalchemy import (
     type_coerce,
 )
 from sqlalchemy.dialects.postgresql import JSONB, aggregate_order_by, array
+from sqlalchemy.sql.elements import BindParameter
 
 from app.deliberation.parsing import UNLABELLED
 from app.deliberation.ports import Stage
 from app.deliberation.results import METRICS
 from app.errors import JobDeleted
 from app.store.annotations import human_approved, human_rejected, latest_edit
-from app.store.db import Sessions
+from app.store.db import Sessions, driver_connection
+from app.store.driver_statements import DriverStatement
 from app.store.export_rows import DATASET_FIELDS, CotRow, ExportFilter, PairRow, SampleRow, Source
 from app.store.models import Cot, Item, Job, PreferencePair, TurnRow
 from app.store.quality import kept_at
@@ -319,7 +324,7 @@ class _Batch:
     """Which of the query's rows, in prompt order: those after position `after` (None: from
     the first), at most `rows` of them (None: all)."""
 
-    after: int | None = None
+    after: int | BindParameter[int] | None = None
     rows: int | None = None
 
     def of(self, query: _Query) -> _Query:
@@ -333,15 +338,15 @@ def rows_query(
     source: Source,
     filters: ExportFilter,
     human_edits: bool = False,
-    after: int | None = None,
+    after: int | BindParameter[int] | None = None,
     rows: int | None = None,
 ) -> Select[Any]:
     """The columns of the source's row type, in its field order, for the job's CoTs in prompt
     order; JSON columns as text. For Source.FULL_COT_JSON, two columns: the record as JSON
     text, and its position. With `human_edits`, the response is the latest reviewer's edit
     where there is one, and the row says whose (not for Source.COTS, the labeling tools' rows:
-    what reviewers review). Only the CoTs after position `after` (None: from the first), at
-    most `rows` of them (None: all)."""
+    what reviewers review). Only the CoTs after position `after` (a value, or a parameter to
+    bind; None: from the first), at most `rows` of them (None: all)."""
     batch = _Batch(after, rows)
     if source is Source.FULL_COT_JSON:
         return _full_cot_query(job_id, filters, human_edits, batch)
@@ -362,6 +367,13 @@ def rows_query(
     return batch.of(query.where(*_conditions(filters)).order_by(Cot.position))
 
 
+# Every position (an int4) is after this one, so the first batch's query is the others'.
+_BEFORE_ALL_POSITIONS = -(2**31) - 1
+_JOB_EXISTS = DriverStatement(
+    select(select(Job.id).where(Job.id == bindparam("job_id", type_=Uuid)).exists())
+)
+
+
 async def read_batches(
     sessions: Sessions,
     job_id: UUID,
@@ -369,11 +381,17 @@ async def read_batches(
     filters: ExportFilter,
     human_edits: bool = False,
     batch_rows: int = BATCH_ROWS,
-) -> AsyncGenerator[Sequence[Row[Any]], None]:
+) -> AsyncGenerator[Sequence[Record], None]:
     """The job's rows of `rows_query` in prompt order, `batch_rows` at a time: memory holds
-    one batch whatever the job's size. Each batch is read in a session of its own, whose
-    connection is back in the pool before the batch is yielded, so an export whose client
-    reads slowly (or not at all) holds none of the pool's connections while it waits.
+    one batch whatever the job's size. Each batch is read by one statement on a pooled
+    connection of its own, which is back in the pool before the batch is yielded, so an
+    export whose client reads slowly (or not at all) holds none of the pool's connections
+    while it waits.
+
+    The query is compiled once, for asyncpg (app/store/driver_statements.py), with the last
+    batch's position its one parameter, and each batch is a single statement in autocommit: a
+    transaction and an ORM session a batch (checkout, BEGIN, the query built and compiled
+    again, ROLLBACK) cost large exports 7-32 % of their speed (bench/RESULTS.md).
 
     Each batch is the next `batch_rows` after the last one's position (unique in a job), read
     when it is due: no row is sent twice, and none that existed when the export began is
@@ -381,27 +399,27 @@ async def read_batches(
     after its export began if their position is past the batch it had reached then, and
     each row as it was when its batch was read (reviews and grades included). JobDeleted if
     the job is deleted meanwhile: ending early, the file would look complete."""
-    after: int | None = None
+    after = bindparam("after", type_=BigInteger)  # int8: _BEFORE_ALL_POSITIONS is below int4's range
+    query = DriverStatement(rows_query(job_id, source, filters, human_edits, after, batch_rows))
+    last = _BEFORE_ALL_POSITIONS
     while True:
-        async with sessions() as session:
-            batch = (
-                await session.execute(rows_query(job_id, source, filters, human_edits, after, batch_rows))
-            ).all()
+        async with driver_connection(sessions) as connection:
+            batch = await query.fetch(connection, after=last)
             # A batch short of full ends the file: asked after its rows whether the job is still
             # there (a deletion takes the job and its rows in one transaction, so then it had
             # them all), lest a deletion end the file early and it look complete. Full batches
             # need not ask: the one after them ends the file and asks.
             ends = len(batch) < batch_rows
-            if ends and not await session.scalar(select(select(Job.id).where(Job.id == job_id).exists())):
+            if ends and not await _JOB_EXISTS.fetchval(connection, job_id=job_id):
                 raise JobDeleted(f"job {job_id} was deleted during its export")
         if batch:
             yield batch
         if ends:
             return
-        after = batch[-1].position
+        last = batch[-1]["position"]
 
 
-def typed_rows(source: Source, batch: Sequence[Row[Any]], human_edits: bool = False) -> list[Any]:
+def typed_rows(source: Source, batch: Sequence[Record], human_edits: bool = False) -> list[Any]:
     """Rows of `rows_query` as the source's row type, their JSON text parsed."""
     row_type = _ROW_TYPES[source]
     names = _selected(source, human_edits)
