@@ -882,6 +882,27 @@ async def test_an_export_whose_client_takes_nothing_for_a_while_is_ended_and_its
     assert not rest.endswith(b"\r\n0\r\n\r\n")  # cut off, never taken for the whole file
 
 
+async def test_a_client_gone_while_the_next_batch_is_read_ends_the_export_and_gives_its_connection_back(
+    sessions: Sessions,
+) -> None:
+    """The next batch is read while this one is sent. A client that went meanwhile closed the
+    stream with that read under way, and closing it failed ("aclose(): asynchronous generator
+    is already running", which the event loop logged for such a dropped export) instead of
+    ending the read."""
+    job_id = await bulk_job(sessions, 3 * BATCH_ROWS)
+    chunks = encoded(sessions, job_id, FORMATS["trl_sft"], ExportOptions(), ExportFilter())
+    await anext(chunks)  # the file's start
+    await anext(chunks)  # the first batch's records: the second batch is being read
+    await chunks.aclose()  # what the client's going does
+
+    pool = sessions.kw["bind"].pool
+
+    async def none_in_use() -> bool:
+        return bool(pool.checkedout() == 0)
+
+    await eventually(none_in_use, timeout_s=10, what="the cancelled read's connection given back")
+
+
 def rest_of(client: socket.socket) -> bytes:
     """The rest of a response: until the server closes the connection, or sends nothing for
     10 s (a response sent whole leaves the connection open for the next request)."""

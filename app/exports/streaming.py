@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import AsyncIterator, Iterator
+import inspect
+from collections.abc import AsyncGenerator, Iterator
 from contextlib import contextmanager
 from uuid import UUID
 
@@ -34,7 +35,7 @@ def _collector_paused() -> Iterator[None]:
 
 async def encoded(
     sessions: Sessions, job_id: UUID, fmt: ExportFormat, options: ExportOptions, filters: ExportFilter
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """The job's export file, a chunk per batch of rows (see exports.read_batches: each read
     in a session of its own). The next batch is fetched while this one is encoded, so
     Postgres and the API work at the same time; once fetched, its connection is given back,
@@ -61,6 +62,10 @@ async def encoded(
                     chunk = encoder.encode([fmt.to_record(row, options) for row in typed])
             yield chunk
     finally:
+        # A client gone mid-export: a batch still being read is cancelled, and the cancellation
+        # ends `batches` inside that read (giving its connection back). Closed from here then,
+        # it would be "already running" (a RuntimeError in place of the client's going).
         following.cancel()
-        await batches.aclose()
+        if inspect.getasyncgenstate(batches) != inspect.AGEN_RUNNING:
+            await batches.aclose()
     yield encoder.finish()
