@@ -736,6 +736,27 @@ async def test_export_memory_does_not_grow_with_the_job(sessions: Sessions, form
     assert large_peak < 1.5 * small_peak, (small_peak, large_peak)
 
 
+async def test_the_next_batch_is_read_while_this_one_is_made_into_records(sessions: Sessions) -> None:
+    """Postgres and the API work at the same time: each batch's records are made while the
+    next batch's query is under way, on a connection of its own (the last one's, finding
+    nothing, ends the file)."""
+    job_id = await bulk_job(sessions, 3 * BATCH_ROWS)
+    pool, trl_sft = sessions.kw["bind"].pool, FORMATS["trl_sft"]
+    assert trl_sft.to_record is not None
+    to_record = trl_sft.to_record
+    connections_reading: list[int] = []
+
+    def noting_the_reads(row: Any, options: ExportOptions) -> Any:
+        connections_reading.append(pool.checkedout())
+        return to_record(row, options)
+
+    fmt = replace(trl_sft, to_record=noting_the_reads)
+    async for _ in encoded(sessions, job_id, fmt, ExportOptions(), ExportFilter()):
+        pass
+
+    assert connections_reading == [1] * (3 * BATCH_ROWS)
+
+
 # --- clients that read slowly --------------------------------------------------------------------
 
 
