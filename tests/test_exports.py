@@ -939,7 +939,7 @@ def rest_of(client: socket.socket) -> bytes:
 async def test_an_export_of_a_job_deleted_while_it_is_read_ends_broken_not_short(
     settings: Settings, sessions: Sessions
 ) -> None:
-    """Each batch is read in a transaction of its own: once the job is deleted, the next one
+    """Each batch is read by a statement of its own: once the job is deleted, the next one
     finds no rows. The response is cut off without its last chunk (clients report an
     incomplete body), so the file never looks complete with rows missing."""
     async with sessions.begin() as session:

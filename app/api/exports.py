@@ -121,7 +121,7 @@ async def export_job(
     filename = f"aidsafe-{job.id}-{format.value}.{fmt.extension}"
     # The request's session would stay open until the response has been sent (FastAPI closes
     # dependencies with yield after the response): give its connection back now; the stream
-    # reads each batch in a session of its own.
+    # reads each batch by a statement of its own, on a connection it gives back at once.
     await session.close()
     return _StallingEnds(
         encoded(state.sessions, job.id, fmt, ExportOptions(cot, system, human_edits), filters),

@@ -37,7 +37,7 @@ async def encoded(
     sessions: Sessions, job_id: UUID, fmt: ExportFormat, options: ExportOptions, filters: ExportFilter
 ) -> AsyncGenerator[bytes, None]:
     """The job's export file, a chunk per batch of rows (see exports.read_batches: each read
-    in a session of its own). The next batch is fetched while this one is encoded, so
+    by a statement of its own). The next batch is fetched while this one is encoded, so
     Postgres and the API work at the same time; once fetched, its connection is given back,
     so a chunk the client is slow to take holds none."""
     encoder = fmt.encoder(options)

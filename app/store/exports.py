@@ -1,4 +1,4 @@
-"""An export's rows, read a batch at a time, each in a transaction of its own. What becomes of
+"""An export's rows, read a batch at a time, each by a statement of its own. What becomes of
 them (records, bytes) is app.exports' business."""
 
 from __future__ import annotations
@@ -321,10 +321,10 @@ _Query = TypeVar("_Query", bound="Select[*tuple[Any, ...]]")
 
 @dataclass(frozen=True)
 class _Batch:
-    """Which of the query's rows, in prompt order: those after position `after` (None: from
-    the first), at most `rows` of them (None: all)."""
+    """Which of the query's rows, in prompt order: those after the position bound to
+    parameter `after` (None: from the first), at most `rows` of them (None: all)."""
 
-    after: int | BindParameter[int] | None = None
+    after: BindParameter[int] | None = None
     rows: int | None = None
 
     def of(self, query: _Query) -> _Query:
@@ -338,15 +338,15 @@ def rows_query(
     source: Source,
     filters: ExportFilter,
     human_edits: bool = False,
-    after: int | BindParameter[int] | None = None,
+    after: BindParameter[int] | None = None,
     rows: int | None = None,
 ) -> Select[Any]:
     """The columns of the source's row type, in its field order, for the job's CoTs in prompt
     order; JSON columns as text. For Source.FULL_COT_JSON, two columns: the record as JSON
     text, and its position. With `human_edits`, the response is the latest reviewer's edit
     where there is one, and the row says whose (not for Source.COTS, the labeling tools' rows:
-    what reviewers review). Only the CoTs after position `after` (a value, or a parameter to
-    bind; None: from the first), at most `rows` of them (None: all)."""
+    what reviewers review). Only the CoTs after the position bound to parameter `after` (None:
+    from the first), at most `rows` of them (None: all)."""
     batch = _Batch(after, rows)
     if source is Source.FULL_COT_JSON:
         return _full_cot_query(job_id, filters, human_edits, batch)
