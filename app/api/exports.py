@@ -108,7 +108,7 @@ async def export_job(
         raise InvalidFilter(f"min_gap filters preference pairs: the {format.value} export has none")
     filters = ExportFilter(
         accepted_only,
-        parse_min_scores(min_score),
+        tuple(sorted(parse_min_scores(min_score).items())),
         human_approved,
         exclude_human_rejected,
         min_gap=pairs_min_gap(job.plan) if min_gap is None else min_gap,

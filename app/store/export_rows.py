@@ -3,7 +3,7 @@ choose the samples. Field order is the store's column order."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -96,7 +96,9 @@ class ExportFilter:
     """Which samples go out. For pairs they apply to the chosen side, the item's own CoT."""
 
     accepted_only: bool = False  # the quality gate accepted the CoT
-    min_scores: dict[str, float] = field(default_factory=dict)  # metric -> lowest grader score kept
+    # (metric, lowest grader score kept) pairs, by metric: a tuple, so that a filter is hashable
+    # (the statement an export of it compiles is kept: exports.batches_statement).
+    min_scores: tuple[tuple[str, float], ...] = ()
     human_approved: bool = False  # a reviewer accepted it and none currently rejects it
     exclude_human_rejected: bool = False  # no reviewer currently rejects it
     min_gap: float | None = None  # pairs: the gap a pair is kept at (None: every pair made)

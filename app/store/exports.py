@@ -3,6 +3,7 @@ them (records, bytes) is app.exports' business."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
@@ -223,7 +224,9 @@ _FULL_COT_STORED = [
 ]
 
 
-def _full_cot_query(job_id: UUID, filters: ExportFilter, human_edits: bool, batch: _Batch) -> Select[Any]:
+def _full_cot_query(
+    job_id: UUID | BindParameter[UUID], filters: ExportFilter, human_edits: bool, batch: _Batch
+) -> Select[Any]:
     """The job's full records as JSON text, one a row with its position, in prompt order.
     Postgres writes each straight from the stored JSON (the API neither parses nor re-encodes
     it), in the outer query: above the subquery's sort and limit, so it writes only the
@@ -299,7 +302,7 @@ def _conditions(filters: ExportFilter) -> list[ColumnElement[bool]]:
     conditions: list[ColumnElement[bool]] = []
     if filters.accepted_only:
         conditions.append(Cot.accepted.is_(True))
-    for metric, lowest in filters.min_scores.items():
+    for metric, lowest in filters.min_scores:
         conditions.append(cast(Cot.scores[metric]["score"].astext, Float) >= lowest)
     if filters.human_approved:
         conditions.append(human_approved())
@@ -334,7 +337,7 @@ class _Batch:
 
 
 def rows_query(
-    job_id: UUID,
+    job_id: UUID | BindParameter[UUID],
     source: Source,
     filters: ExportFilter,
     human_edits: bool = False,
@@ -369,9 +372,20 @@ def rows_query(
 
 # Every position (an int4) is after this one, so the first batch's query is the others'.
 _BEFORE_ALL_POSITIONS = -(2**31) - 1
-_JOB_EXISTS = DriverStatement(
-    select(select(Job.id).where(Job.id == bindparam("job_id", type_=Uuid)).exists())
-)
+_JOB_ID = bindparam("job_id", type_=Uuid)
+_AFTER = bindparam("after", type_=BigInteger)  # int8: _BEFORE_ALL_POSITIONS is below int4's range
+_JOB_EXISTS = DriverStatement(select(select(Job.id).where(Job.id == _JOB_ID).exists()))
+
+
+@functools.lru_cache(maxsize=256)
+def batches_statement(
+    source: Source, filters: ExportFilter, human_edits: bool, batch_rows: int
+) -> DriverStatement:
+    """rows_query compiled for asyncpg, its parameters the job and the last batch's position:
+    built and compiled once per kind of export, not once per export, for that is CPU on the
+    event loop (about 19 ms for the full record's statement) which any key could ask for again
+    and again."""
+    return DriverStatement(rows_query(_JOB_ID, source, filters, human_edits, _AFTER, batch_rows))
 
 
 async def read_batches(
@@ -388,10 +402,11 @@ async def read_batches(
     export whose client reads slowly (or not at all) holds none of the pool's connections
     while it waits.
 
-    The query is compiled once, for asyncpg (app/store/driver_statements.py), with the last
-    batch's position its one parameter, and each batch is a single statement in autocommit: a
-    transaction and an ORM session a batch (checkout, BEGIN, the query built and compiled
-    again, ROLLBACK) cost large exports 7-32 % of their speed (bench/RESULTS.md).
+    The query is compiled for asyncpg (app/store/driver_statements.py) once per kind of
+    export (batches_statement), its parameters the job and the last batch's position, and
+    each batch is a single statement in autocommit: a transaction and an ORM session a batch
+    (checkout, BEGIN, the query built and compiled again, ROLLBACK) cost large exports 7-32 %
+    of their speed (bench/RESULTS.md).
 
     Each batch is the next `batch_rows` after the last one's position (unique in a job), read
     when it is due: no row is sent twice, and none that existed when the export began is
@@ -399,12 +414,11 @@ async def read_batches(
     after its export began if their position is past the batch it had reached then, and
     each row as it was when its batch was read (reviews and grades included). JobDeleted if
     the job is deleted meanwhile: ending early, the file would look complete."""
-    after = bindparam("after", type_=BigInteger)  # int8: _BEFORE_ALL_POSITIONS is below int4's range
-    query = DriverStatement(rows_query(job_id, source, filters, human_edits, after, batch_rows))
+    query = batches_statement(source, filters, human_edits, batch_rows)
     last = _BEFORE_ALL_POSITIONS
     while True:
         async with driver_connection(sessions) as connection:
-            batch = await query.fetch(connection, after=last)
+            batch = await query.fetch(connection, job_id=job_id, after=last)
             # A batch short of full ends the file: asked after its rows whether the job is still
             # there (a deletion takes the job and its rows in one transaction, so then it had
             # them all), lest a deletion end the file early and it look complete. Full batches
