@@ -207,11 +207,8 @@ async def test_a_key_holds_its_newest_sessions_only_and_another_keys_stay_live(
         cookies.append((await logged_in(api, auth)).cookies[web_session.COOKIE])
 
     async with sessions() as session:
-        per_key = dict(
-            (await session.execute(select(WebSession.key_id, func.count()).group_by(WebSession.key_id)))
-            .tuples()
-            .all()
-        )
+        counted = await session.execute(select(WebSession.key_id, func.count()).group_by(WebSession.key_id))
+        per_key = {key_id: count for key_id, count in counted}
     assert sorted(per_key.values()) == [1, web_sessions.MAX_SESSIONS_PER_KEY]
     opened = [
         (await api.get("/view/jobs", headers={"Cookie": f"{web_session.COOKIE}={cookie}"})).status_code
