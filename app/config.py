@@ -141,6 +141,10 @@ class Settings(BaseSettings):
     # Request bodies one API key may have read and decoded at once in each API process (each is
     # held whole, some 100 MB at the peak for one of max_request_bytes); its others wait unread.
     max_bodies_per_key: int = Field(default=4, ge=1)
+    # A request body of which no byte came for this long is refused with 408: its client went
+    # quiet, and would hold one of its key's body turns (above) for as long as its connection
+    # stayed open. Per chunk, not for the whole body: a large upload on a slow link goes on.
+    body_stall_s: float = Field(default=30.0, gt=0)
     # A request's head, checked as it is read (app/api/head_limits.py): a longer URL is refused
     # with 414, more header bytes (names and values) or fields with 431. nginx's defaults: a
     # request line in an 8 KiB buffer, 32 KiB of buffers for the head; Apache's: 100 header

@@ -31,6 +31,13 @@ class PayloadTooLarge(ServiceError):
     code = "payload_too_large"
 
 
+class BodyStalled(ServiceError):
+    """A request body of which nothing came for a while (Settings.body_stall_s)."""
+
+    status = 408
+    code = "request_timeout"
+
+
 class Unauthorized(ServiceError):
     status = 401
     code = "unauthorized"

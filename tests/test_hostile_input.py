@@ -39,7 +39,7 @@ from app.store import keys
 from app.store.db import Sessions, make_engine
 from bench.export import insert_finished_job
 from bench.stack import free_port
-from tests.conftest import ROOT, WebhookTarget, run_worker_burst, worker_env
+from tests.conftest import ROOT, WebhookTarget, run_worker_burst, served, worker_env
 from tests.scripted_llm import ScriptedLLM, guard_verdict
 from tests.test_api import error_of, submit
 from tests.test_exports import connections_of_others
@@ -532,6 +532,43 @@ async def test_a_body_that_comes_slowly_holds_no_database_connection_while_it_co
     finally:
         writer.close()
     assert not any(held)
+
+
+async def test_a_body_of_which_nothing_comes_for_a_while_is_a_408_on_every_route_that_reads_one(
+    settings: Settings, sessions: Sessions
+) -> None:
+    """A body was not timed: a client gone quiet mid-body held its request, and one of its
+    key's AIDSAFE_MAX_BODIES_PER_KEY body turns, for as long as its connection stayed open
+    (four such held all of a key's, and its other requests waited with them)."""
+    async with sessions.begin() as session:
+        key, secret = await keys.create_key(session, "quiet-sender")
+        job_id = await insert_finished_job(session, key.id, 1)
+    auth = {"Authorization": f"Bearer {secret}"}
+    # The upload's options are checked before its body is read: it asks for a grade here.
+    asked = "file_type=jsonl&options=%7B%22grade%22%3A%7B%7D%7D"
+    routes = [(method, path.replace("file_type=jsonl", asked), key) for method, path, key in BODY_ROUTES]
+    routes.append(("POST", "/view/login", False))  # its cap is 4 KiB: the length below fits all
+    answers = {}
+    with served(settings.model_copy(update={"body_stall_s": 0.5})) as url:
+        async with httpx.AsyncClient(base_url=url) as client:
+            webhook = (await client.post("/v1/webhooks", json={"name": "quiet"}, headers=auth)).json()
+        host, port = url.removeprefix("http://").split(":")
+        for method, path, with_key in routes:
+            headers = {**(auth if with_key else {}), SECRET_HEADER: webhook["secret"]}
+            reader, writer = await asyncio.open_connection(host, int(port))
+            head = f"{method} {path.format(job=job_id, webhook=webhook['id'])} HTTP/1.1\r\nHost: api\r\n"
+            head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+            writer.write(f"{head}Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n[".encode())
+            await writer.drain()
+            try:
+                answers[path] = await asyncio.wait_for(reader.read(4096), 10)  # the head, and the body
+            finally:
+                writer.close()
+
+    for path, answer in answers.items():
+        assert answer.startswith(b"HTTP/1.1 408"), (path, answer)
+        # The viewer answers people, in a page of its own.
+        assert path.startswith("/view") or b'"request_timeout"' in answer, (path, answer)
 
 
 async def test_a_login_form_larger_than_a_key_is_refused_unread(api: httpx.AsyncClient) -> None:

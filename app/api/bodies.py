@@ -24,7 +24,7 @@ from app.api.deps import CurrentKey, SettingsDep
 from app.api.errors import InvalidRequest
 from app.api.state import api_state
 from app.config import Settings
-from app.errors import PayloadTooLarge, ServiceError
+from app.errors import BodyStalled, PayloadTooLarge, ServiceError
 from app.storable import count_values, read_json, storable_input
 
 T = TypeVar("T")
@@ -72,7 +72,7 @@ class JsonBody(Generic[T]):
             media_type.startswith("application/") and media_type.endswith("+json")
         ):
             raise MalformedBody("send the body as JSON, with the header Content-Type: application/json")
-        return await read_capped(request, self.max_bytes(settings))
+        return await read_capped(request, self.max_bytes(settings), settings.body_stall_s)
 
     def decode(self, raw: bytes) -> T:
         """The body as `type_`: MalformedBody (400), InvalidRequest (422) or PayloadTooLarge
@@ -97,14 +97,23 @@ def _invalid(problem: str) -> InvalidRequest:
     return InvalidRequest.of([{"loc": (), "msg": problem}])
 
 
-async def read_capped(request: Request, max_bytes: int) -> bytes:
-    """The request body; PayloadTooLarge as soon as it is known to exceed `max_bytes`."""
+async def read_capped(request: Request, max_bytes: int, stall_s: float) -> bytes:
+    """The request body; PayloadTooLarge as soon as it is known to exceed `max_bytes`, and
+    BodyStalled once none of it has come for `stall_s` (the server has no body timeout)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise PayloadTooLarge(f"the request body is over the limit of {max_bytes} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    stream = aiter(request.stream())
+    while True:
+        try:
+            async with asyncio.timeout(stall_s):
+                chunk = await anext(stream, None)
+        except TimeoutError:
+            raise BodyStalled(f"no byte of the request's body came for {stall_s:g} s") from None
+        if chunk is None:
+            break
         size += len(chunk)
         if size > max_bytes:
             raise PayloadTooLarge(f"the request body is over the limit of {max_bytes} bytes")

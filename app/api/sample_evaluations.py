@@ -106,7 +106,7 @@ async def _uploaded(
     chosen = _read_options(options)
     asked = _asked(chosen, settings)
     async with api_state(request).body_turns.turn(key.id):
-        raw = await read_capped(request, settings.max_request_bytes)
+        raw = await read_capped(request, settings.max_request_bytes, settings.body_stall_s)
         # Decoded, a file holds no more than a body may carry: a Parquet file of 91 KB decoding
         # to 500 MB took 70 s of the API's CPU and 3.4 GB of its memory, for one request.
         read = partial(read_samples, max_bytes=settings.max_request_bytes)

@@ -222,8 +222,9 @@ async def label_studio_delivery(
     body: str | None = None
     try:
         store.check_secret(webhook, owner_revoked, secret, SECRET_HEADER)
-        # The body is not timed: read with no connection held (a key's slow deliveries held the
-        # whole pool), then the webhook is found and held again, as it may have gone meanwhile.
+        # A body may come slowly (timed only between bytes): read with no connection held (a
+        # key's slow deliveries held the whole pool), then the webhook is found and held again,
+        # as it may have gone meanwhile.
         await session.rollback()
         async with api_state(request).body_turns.turn(owner_key_id):
             raw = await LABEL_STUDIO_EVENT.read(request, settings)

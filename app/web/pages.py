@@ -167,7 +167,8 @@ async def login_form(request: Request) -> Response:
 @router.post("/login", response_class=HTMLResponse, dependencies=[SameOriginPost])
 async def login(request: Request, session: SessionDep, settings: SettingsDep) -> Response:
     """Check the key like the API does; on success set the session cookie and go to the jobs."""
-    form = parse_qs((await read_capped(request, LOGIN_FORM_BYTES)).decode("utf-8", errors="replace"))
+    body = await read_capped(request, LOGIN_FORM_BYTES, settings.body_stall_s)
+    form = parse_qs(body.decode("utf-8", errors="replace"))
     secret = (form.get("api_key") or [""])[0].strip()
     try:
         key = await keys.authenticate(api_state(request).sessions, secret)
