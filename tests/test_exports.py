@@ -783,14 +783,12 @@ async def export_status(client: httpx.AsyncClient, headers: Headers, job_id: UUI
         return response.status_code
 
 
-async def finished_job_and_another_key(
-    sessions: Sessions, reader_name: str, rows: int
-) -> tuple[UUID, Headers, Headers]:
-    """A finished job of `rows` CoTs, its key's headers, and another key's."""
+async def finished_job_of_a_new_key(sessions: Sessions, key_name: str, rows: int) -> tuple[UUID, Headers]:
+    """A finished job of `rows` CoTs, and its new key's headers."""
     async with sessions.begin() as session:
-        key, secret = await create_key(session, reader_name)
+        key, secret = await create_key(session, key_name)
         job_id = await insert_finished_job(session, key.id, rows)
-    return job_id, {"Authorization": f"Bearer {secret}"}, await new_key(sessions, "other")
+    return job_id, {"Authorization": f"Bearer {secret}"}
 
 
 async def test_exports_a_key_leaves_unread_hold_none_of_the_connections_other_requests_need(
@@ -799,7 +797,8 @@ async def test_exports_a_key_leaves_unread_hold_none_of_the_connections_other_re
     """Each export held one of the API's Postgres connections (20 by default) until its client
     had read it: 20 left unread held them all, and every other tenant's request waited 30 s
     and failed."""
-    job_id, reader, other = await finished_job_and_another_key(sessions, "slow-reader", 5000)
+    job_id, reader = await finished_job_of_a_new_key(sessions, "slow-reader", 5000)
+    other = await new_key(sessions, "other")
     caps = {"max_exports_per_key": 2, "max_exports": 3}
     with served(settings.model_copy(update=caps)) as url:
         async with httpx.AsyncClient(base_url=url, timeout=10) as client:
@@ -854,10 +853,7 @@ async def test_an_export_whose_client_stalls_holds_no_database_connection_while_
     """An export held its Postgres connection, in an open transaction, until its client had
     read it all: AIDSAFE_MAX_EXPORTS (10) stalled clients held 10 of the API's 20 (the default). It holds
     one only while it reads a batch of rows."""
-    async with sessions.begin() as session:
-        key, secret = await create_key(session, "stalled-reader")
-        job_id = await insert_finished_job(session, key.id, 5000)
-    reader = {"Authorization": f"Bearer {secret}"}
+    job_id, reader = await finished_job_of_a_new_key(sessions, "stalled-reader", 5000)
     with served(settings.model_copy(update={"max_exports_per_key": 1})) as url:
         stalled = stalled_export(url, reader, job_id)
         try:
@@ -881,10 +877,7 @@ async def test_an_export_whose_client_takes_nothing_for_a_while_is_ended_and_its
     """A client that stopped reading held its seat for as long as it kept the connection open:
     three keys' stalled exports held every seat of the process (4 + 4 + 2 of 10), and no
     tenant could export at all."""
-    async with sessions.begin() as session:
-        key, secret = await create_key(session, "gone-quiet")
-        job_id = await insert_finished_job(session, key.id, 5000)
-    reader = {"Authorization": f"Bearer {secret}"}
+    job_id, reader = await finished_job_of_a_new_key(sessions, "gone-quiet", 5000)
     caps = {"max_exports_per_key": 1, "export_stall_s": 1.0}
     with served(settings.model_copy(update=caps)) as url:
         stalled = stalled_export(url, reader, job_id)
@@ -942,10 +935,7 @@ async def test_an_export_of_a_job_deleted_while_it_is_read_ends_broken_not_short
     """Each batch is read by a statement of its own: once the job is deleted, the next one
     finds no rows. The response is cut off without its last chunk (clients report an
     incomplete body), so the file never looks complete with rows missing."""
-    async with sessions.begin() as session:
-        key, secret = await create_key(session, "deleting-reader")
-        job_id = await insert_finished_job(session, key.id, 5000)
-    reader = {"Authorization": f"Bearer {secret}"}
+    job_id, reader = await finished_job_of_a_new_key(sessions, "deleting-reader", 5000)
     with served(settings) as url:
         stalled = stalled_export(url, reader, job_id)
         try:
@@ -969,7 +959,8 @@ async def test_a_request_that_finds_every_database_connection_in_use_is_a_503(
     """With the export caps raised past the API's connections (20 by default), exports that
     each wait for a lock while they read a batch hold them all: another request waits 30 s
     for one, then is a 503 to retry, not a 500."""
-    job_id, reader, other = await finished_job_and_another_key(sessions, "locked-out-reader", 10)
+    job_id, reader = await finished_job_of_a_new_key(sessions, "locked-out-reader", 10)
+    other = await new_key(sessions, "other")
     caps = {"max_exports_per_key": 20, "max_exports": 20}
     with served(settings.model_copy(update=caps)) as url:
         async with sessions.begin() as locking, httpx.AsyncClient(base_url=url, timeout=60) as client:
