@@ -851,8 +851,8 @@ async def test_an_export_whose_client_stalls_holds_no_database_connection_while_
     settings: Settings, sessions: Sessions
 ) -> None:
     """An export held its Postgres connection, in an open transaction, until its client had
-    read it all: AIDSAFE_MAX_EXPORTS (10) stalled clients held 10 of the API's 20 (the default). It holds
-    one only while it reads a batch of rows."""
+    read it all: AIDSAFE_MAX_EXPORTS (10) stalled clients held 10 of the API's 20 (the
+    default). It holds one only while it reads a batch of rows."""
     job_id, reader = await finished_job_of_a_new_key(sessions, "stalled-reader", 5000)
     with served(settings.model_copy(update={"max_exports_per_key": 1})) as url:
         stalled = stalled_export(url, reader, job_id)
