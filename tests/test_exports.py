@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import socket
+import time
 import tracemalloc
 from collections.abc import Awaitable
 from dataclasses import replace
@@ -894,6 +895,39 @@ async def test_an_export_whose_client_takes_nothing_for_a_while_is_ended_and_its
         finally:
             stalled.close()
     assert not rest.endswith(b"\r\n0\r\n\r\n")  # cut off, never taken for the whole file
+
+
+async def test_an_export_whose_client_reads_slowly_but_steadily_is_sent_whole(
+    settings: Settings, sessions: Sessions
+) -> None:
+    """The stall was timed per chunk, a batch's records (megabytes): the server's send of the
+    next one waits until the client has taken nearly all of it, so a client that kept reading,
+    but took a chunk in longer than AIDSAFE_EXPORT_STALL_S, was cut off as if it had stopped."""
+    async with sessions.begin() as session:
+        key, secret = await create_key(session, "slow-but-steady")
+        job_id = await insert_finished_job(session, key.id, BATCH_ROWS, thoughts=60)  # ~20 MB
+    reader = {"Authorization": f"Bearer {secret}"}
+    with served(settings.model_copy(update={"export_stall_s": 1.0})) as url:
+        client = stalled_export(url, reader, job_id)
+        try:
+            received = read_steadily(client, bytes_per_s=4 * 1024 * 1024)
+        finally:
+            client.close()
+    assert received.startswith(b"HTTP/1.1 200")
+    assert len(received) > 8 * 1024 * 1024  # several seconds of reading, each well within the stall
+    assert received.endswith(b"\r\n0\r\n\r\n")  # the whole file, its last chunk too
+
+
+def read_steadily(client: socket.socket, bytes_per_s: float) -> bytes:
+    """A response read at about `bytes_per_s`, as over a slow link: until its last chunk, or
+    until the server closes the connection."""
+    client.settimeout(10)
+    received = bytearray()
+    started = time.monotonic()
+    while not received.endswith(b"\r\n0\r\n\r\n") and (chunk := client.recv(1 << 16)):
+        received += chunk
+        time.sleep(max(0.0, len(received) / bytes_per_s - (time.monotonic() - started)))
+    return bytes(received)
 
 
 async def test_a_client_gone_while_the_next_batch_is_read_ends_the_export_and_gives_its_connection_back(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -131,11 +131,18 @@ async def export_job(
     )
 
 
+# The most of a body sent at once. The server's send waits until the client has taken
+# (nearly) all that was sent before it: a batch's chunk of megabytes sent whole would have to
+# be taken within stall_s, and a client reading steadily but slowly was cut off.
+_PIECE_BYTES = 256 * 1024
+
+
 class _StallingEnds(StreamingResponse):
-    """A stream ended once its client has taken none of it for `stall_s`: a client that stopped
-    reading but kept its connection open held the key's seat (and one of the process's) for
-    good, and a few keys' stalled exports every seat there is. Ended so, the response is cut
-    off without its last chunk, which clients report as an incomplete body."""
+    """A stream ended once its client has taken none of it for `stall_s` (less than a piece of
+    _PIECE_BYTES): a client that stopped reading but kept its connection open held the key's
+    seat (and one of the process's) for good, and a few keys' stalled exports every seat there
+    is. Ended so, the response is cut off without its last chunk, which clients report as an
+    incomplete body."""
 
     def __init__(self, content: AsyncIterator[bytes], *, stall_s: float, **options: Any) -> None:
         super().__init__(content, **options)
@@ -143,10 +150,25 @@ class _StallingEnds(StreamingResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_or_give_up(message: Message) -> None:
-            with anyio.fail_after(self.stall_s):  # the server's send waits while the client's window is full
-                await send(message)
+            for piece in _pieces(message):
+                # The server's send waits while the client's window is full.
+                with anyio.fail_after(self.stall_s):
+                    await send(piece)
 
         try:
             await super().__call__(scope, receive, send_or_give_up)
         except TimeoutError:
             log.info("an export's client took nothing for %.0f s: the export was ended", self.stall_s)
+
+
+def _pieces(message: Message) -> Iterator[Message]:
+    """The message, its body cut into pieces of at most _PIECE_BYTES."""
+    body = message.get("body", b"")
+    if message["type"] != "http.response.body" or len(body) <= _PIECE_BYTES:
+        yield message
+        return
+    more_body = message.get("more_body", False)
+    for start in range(0, len(body), _PIECE_BYTES):
+        end = start + _PIECE_BYTES
+        more = more_body or end < len(body)
+        yield {"type": "http.response.body", "body": body[start:end], "more_body": more}
