@@ -217,6 +217,20 @@ async def test_a_key_holds_its_newest_sessions_only_and_another_keys_stay_live(
     assert opened == [303, 200, 200, 200]  # the five oldest of the key's were ended
 
 
+async def test_logged_out_sessions_take_none_of_a_keys_places_among_its_newest(sessions: Sessions) -> None:
+    """The newest sessions a key keeps counted those it had logged out of: a script logging in
+    and out with the key ended, after MAX_SESSIONS_PER_KEY rounds, the login of every browser
+    still using it."""
+    async with sessions.begin() as session:
+        key, _ = await keys.create_key(session, "in-and-out")
+        browser = await web_sessions.start(session, key.id, 3600)
+    for _ in range(web_sessions.MAX_SESSIONS_PER_KEY):
+        async with sessions.begin() as session:
+            await web_sessions.end(session, await web_sessions.start(session, key.id, 3600))
+    async with sessions() as session:
+        assert await web_sessions.live_key(session, browser) is not None
+
+
 CROSS_SITE = {
     "another origin": {"Origin": "https://evil.example"},
     "an opaque origin": {"Origin": "null"},

@@ -19,13 +19,14 @@ MAX_SESSIONS_PER_KEY = 100
 
 async def start(session: AsyncSession, key_id: UUID, lifetime_s: float) -> UUID:
     """A new session for this key, in the caller's transaction; its id. The key's sessions
-    beyond its newest MAX_SESSIONS_PER_KEY are deleted (logged out)."""
+    other than its newest MAX_SESSIONS_PER_KEY live ones are deleted (logged out, or dead)."""
     row = WebSession(key_id=key_id, expires_at=func.now() + timedelta(seconds=lifetime_s))
     session.add(row)
     await session.flush()
+    # Live ones only: those logged out of must not take the places of browsers still in.
     newest = (
         select(WebSession.id)
-        .where(WebSession.key_id == key_id)
+        .where(WebSession.key_id == key_id, WebSession.ended_at.is_(None), WebSession.expires_at > func.now())
         .order_by(WebSession.created_at.desc(), WebSession.id.desc())
         .limit(MAX_SESSIONS_PER_KEY)
     )
