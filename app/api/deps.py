@@ -106,5 +106,5 @@ def job_owned_by(key: Callable[..., Awaitable[ApiKey]]) -> Callable[..., Awaitab
 # The caller's job named by the path's `job_id`, or 404. Its lookup opens the request's session,
 # whose connection is then held, in a transaction, until the request ends: a route that also
 # reads a body declares the key, then the body, then the job, so that no connection waits on a
-# body (which is not timed: one key's slow bodies held the whole pool).
+# body (which may come slowly, timed only between bytes: one key's slow bodies held the pool).
 OwnedJob = Annotated[Job, Depends(job_owned_by(_current_key))]
