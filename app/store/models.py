@@ -45,7 +45,7 @@ NAMING_CONVENTION = {
 
 # The Alembic revision these models are (migrations/versions): a worker checks the database
 # against it before taking items (app/preflight.py). A test keeps it at Alembic's head.
-SCHEMA_REVISION = "0034_outage_waits"
+SCHEMA_REVISION = "0035_web_sessions_key"
 
 
 class Base(DeclarativeBase):
@@ -133,7 +133,8 @@ class WebSession(Base):
     __tablename__ = "web_sessions"
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
-    key_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.id"))
+    # Indexed: each login trims its key's sessions (app/store/web_sessions.py).
+    key_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.id"), index=True)
     created_at: Mapped[datetime] = _now()
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
