@@ -77,6 +77,13 @@ def parser(description: str = __doc__.split("\n\n")[0]) -> argparse.ArgumentPars
         "--private-services", action="store_true", help="a PostgreSQL and a Redis of the run's own"
     )
     p.add_argument("--profile", type=Path, default=None, help="py-spy the workers; raw files to this dir")
+    p.add_argument(
+        "--statements",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --private-services: the N statements Postgres spent most time on (pg_stat_statements)",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the summary here")
     return p
 
@@ -86,9 +93,12 @@ Servers = tuple[PrivatePostgres, PrivateRedis]
 
 async def measure(args: argparse.Namespace, kind: str = "efficiency") -> dict[str, Any]:
     if not args.private_services:
+        if args.statements:
+            raise SystemExit("--statements needs --private-services (a Postgres with pg_stat_statements)")
         async with ServiceStack(kind) as stack:
             return await _measure(stack, args, kind, None)
-    with private_services(Path(tempfile.mkdtemp(prefix=f"aidsafe-bench-{kind}-services-"))) as servers:
+    log_dir = Path(tempfile.mkdtemp(prefix=f"aidsafe-bench-{kind}-services-"))
+    with private_services(log_dir, statement_stats=bool(args.statements)) as servers:
         async with ServiceStack(kind, servers[0].dsn, servers[1].url) as stack:
             return await _measure(stack, args, kind, servers)
 
@@ -124,6 +134,9 @@ async def _measure(
             profiler.start({f"worker{i}": pid for i, pid in enumerate(worker_pids, 1)})
             await asyncio.sleep(1.0)  # py-spy attaches
         await api.post(f"{sim_root}/stats/reset")
+        if servers and servers[0].statement_stats:
+            await stack.sql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            await stack.sql("SELECT pg_stat_statements_reset()")
         pg_started = await stack.postgres_started_at()
         db_bytes_before = (await stack.sql("SELECT pg_database_size(current_database()) AS n"))[0]["n"]
         cpu_before = cpu_snapshot(pids, servers)
@@ -160,6 +173,8 @@ async def _measure(
         if profiler:
             profiler.stop()
         sim = (await api.get(f"{sim_root}/stats")).json()
+        counting = servers is not None and servers[0].statement_stats
+        statements = await _statements(stack, args.statements) if counting else None
 
     pg_restarted = await stack.postgres_started_at() != pg_started
     row = (
@@ -270,6 +285,11 @@ async def _measure(
         "storage": storage,
         "logs": str(stack.log_dir),
     }
+    if statements is not None:
+        summary["postgres_statements"] = [
+            {**each, "us_per_llm_call": round(each["total_ms"] * 1000 / calls, 1) if calls else None}
+            for each in statements
+        ]
     if profiler:
         summary["profile"] = summarize(profiler.files)
         summary["profile"]["dir"] = str(args.profile)
@@ -295,6 +315,29 @@ def _probe(
         }
 
     return asyncio.create_task(run())
+
+
+async def _statements(stack: ServiceStack, top: int) -> list[dict[str, Any]]:
+    """The `top` statements by Postgres's time in them since the job's POST (the foreign keys'
+    checks included): where the database's share of a call goes."""
+    rows = await stack.sql(
+        "SELECT calls, total_exec_time AS total_ms, rows,"
+        " left(regexp_replace(query, '\\s+', ' ', 'g'), 300) AS query"
+        " FROM pg_stat_statements"
+        " WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        " ORDER BY total_exec_time DESC LIMIT $1",
+        top,
+    )
+    return [
+        {
+            "calls": row["calls"],
+            "total_ms": round(row["total_ms"], 1),
+            "us_per_statement": round(row["total_ms"] * 1000 / row["calls"], 1) if row["calls"] else None,
+            "rows": row["rows"],
+            "query": row["query"],
+        }
+        for row in rows
+    ]
 
 
 async def _storage(stack: ServiceStack, turns: int, db_bytes_before: int) -> dict[str, Any]:

@@ -28,10 +28,13 @@ def _postgres_bin() -> Path:
 
 
 class PrivatePostgres:
-    """A PostgreSQL cluster of our own (trust auth, user postgres, fsync off)."""
+    """A PostgreSQL cluster of our own (trust auth, user postgres, fsync off).
+    `statement_stats`: pg_stat_statements loaded, tracking nested statements too (the
+    foreign keys' checks), for `statement_stats()` after a database's `CREATE EXTENSION`."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, statement_stats: bool = False) -> None:
         self.port = free_port()
+        self.statement_stats = statement_stats
         self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
         self._bin = _postgres_bin()
         # The server refuses to run as root: as root, the cluster belongs to `postgres`.
@@ -63,6 +66,8 @@ class PrivatePostgres:
             f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self._dir} -c fsync=off"
             " -c synchronous_commit=off -c full_page_writes=off -c max_connections=300"
         )
+        if self.statement_stats:
+            options += " -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track=all"
         self._pg_ctl("start", "-w", "-l", str(self._log), "-o", options)
 
     def postmaster_pid(self) -> int:
@@ -131,9 +136,11 @@ class PrivateRedis:
 
 
 @contextlib.contextmanager
-def private_services(log_dir: Path) -> Iterator[tuple[PrivatePostgres, PrivateRedis]]:
+def private_services(
+    log_dir: Path, statement_stats: bool = False
+) -> Iterator[tuple[PrivatePostgres, PrivateRedis]]:
     """Start both servers; stop them and delete the cluster on the way out."""
-    postgres, redis = PrivatePostgres(log_dir), PrivateRedis(log_dir)
+    postgres, redis = PrivatePostgres(log_dir, statement_stats), PrivateRedis(log_dir)
     try:
         postgres.start()
         redis.start()
