@@ -8,6 +8,7 @@ tests/test_quality_api.py) so every score is known."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -26,8 +27,10 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import insert, select, text, update
+from starlette.types import Message, Scope, Send
 from trl.data_utils import is_conversational, maybe_extract_prompt, unpair_preference_dataset
 
+from app.api.exports import _StallingEnds
 from app.config import Settings
 from app.deliberation.prompt_sets import builtin
 from app.deliberation.results import METRICS
@@ -35,7 +38,7 @@ from app.exports.formats import FORMATS
 from app.exports.options import ExportOptions
 from app.exports.records import FULL_COT_SCHEMA
 from app.exports.streaming import encoded
-from app.store.db import Sessions
+from app.store.db import Sessions, make_engine, make_sessions
 from app.store.export_rows import ExportFilter
 from app.store.exports import BATCH_ROWS, batches_statement
 from app.store.keys import create_key
@@ -44,6 +47,7 @@ from bench.export import insert_finished_job
 from tests.conftest import eventually, new_key, run_worker_burst, served
 from tests.scripted_llm import ScriptedLLM, guard_verdict, reply, scores
 from tests.test_api import error_of, submit
+from tests.test_key_limits import waiting_for_locks
 from tests.test_quality_api import (
     HAZARD,
     PAIRED,
@@ -949,6 +953,68 @@ async def test_a_client_gone_while_the_next_batch_is_read_ends_the_export_and_gi
         return bool(pool.checkedout() == 0)
 
     await eventually(none_in_use, timeout_s=10, what="the cancelled read's connection given back")
+
+
+async def test_an_export_ended_for_its_stalled_client_gives_back_the_connection_of_a_read_under_way(
+    settings: Settings, sessions: Sessions
+) -> None:
+    """An export ended because its client took nothing for AIDSAFE_EXPORT_STALL_S was left to be
+    closed whenever its response was freed: until then, the next batch's read under way (here
+    waiting for a lock) kept its Postgres connection."""
+    job_id = await bulk_job(sessions, 3 * BATCH_ROWS)
+    engine = make_engine(settings.database_url, settings.database_timeout_s, 2)  # the export's alone
+    chunks = encoded(make_sessions(engine), job_id, FORMATS["trl_sft"], ExportOptions(), ExportFilter())
+    response = _StallingEnds(chunks, stall_s=0.5)
+    released = asyncio.Event()
+    queued: asyncio.Task[None] | None = None
+    try:
+        async with sessions.begin() as first_lock:
+            await first_lock.execute(text(LOCK_COTS))
+            sending = asyncio.create_task(response(UVICORN_SCOPE, never_disconnects, stops_after(2)))
+            await eventually(lambda: waiting_for_locks(sessions, 1), what="the first batch's read waiting")
+            queued = asyncio.create_task(cots_locked_until(sessions, released))
+            await eventually(lambda: waiting_for_locks(sessions, 2), what="a lock queued behind it")
+        # The first batch is read; the queued lock is taken before the second batch's read, which
+        # waits for it while the client takes nothing of the first batch's records.
+        await asyncio.wait_for(sending, 20)
+
+        async def none_in_use() -> bool:
+            return bool(engine.pool.checkedout() == 0)  # type: ignore[attr-defined]
+
+        await eventually(none_in_use, timeout_s=5, what="the read under way given up, its connection back")
+    finally:
+        released.set()
+        if queued is not None:
+            await queued
+        await engine.dispose()
+
+
+LOCK_COTS = "LOCK TABLE cots IN ACCESS EXCLUSIVE MODE"
+UVICORN_SCOPE: Scope = {"type": "http", "asgi": {"spec_version": "2.3"}}  # as uvicorn calls the app
+
+
+async def cots_locked_until(sessions: Sessions, released: asyncio.Event) -> None:
+    async with sessions.begin() as session:
+        await session.execute(text(LOCK_COTS))
+        await released.wait()
+
+
+async def never_disconnects() -> Message:
+    await asyncio.Event().wait()
+    raise AssertionError("unreachable")
+
+
+def stops_after(messages: int) -> Send:
+    """A client that takes `messages` of the response, then nothing (its window stays full)."""
+    taken = 0
+
+    async def send(message: Message) -> None:
+        nonlocal taken
+        taken += 1
+        if taken > messages:
+            await asyncio.Event().wait()
+
+    return send
 
 
 def rest_of(client: socket.socket) -> bytes:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -144,8 +144,9 @@ class _StallingEnds(StreamingResponse):
     is. Ended so, the response is cut off without its last chunk, which clients report as an
     incomplete body."""
 
-    def __init__(self, content: AsyncIterator[bytes], *, stall_s: float, **options: Any) -> None:
+    def __init__(self, content: AsyncGenerator[bytes, None], *, stall_s: float, **options: Any) -> None:
         super().__init__(content, **options)
+        self.content = content
         self.stall_s = stall_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -159,6 +160,10 @@ class _StallingEnds(StreamingResponse):
             await super().__call__(scope, receive, send_or_give_up)
         except TimeoutError:
             log.info("an export's client took nothing for %.0f s: the export was ended", self.stall_s)
+            # Closed now, not whenever the response is freed: a batch read under way is
+            # cancelled and gives its Postgres connection back (encoded's finally). The content
+            # is not running: it waits for the send that gave up.
+            await self.content.aclose()
 
 
 def _pieces(message: Message) -> Iterator[Message]:
