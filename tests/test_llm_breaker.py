@@ -14,7 +14,7 @@ from app.deliberation.ports import ChatReply, ChatRequest, LLMUnavailable
 from app.deliberation.stages import SEED
 from app.llm.breaker import FAILURES_TO_OPEN, EndpointBreaker
 from app.llm.client import OpenAICompatibleClient
-from app.llm.hedging import MIN_SAMPLES, HedgePolicy
+from app.llm.hedging import BURST, MIN_SAMPLES, HedgePolicy
 from tests.scripted_llm import ScriptedLLM, chat_request, http_error
 from tests.test_metrics import sample
 
@@ -128,22 +128,32 @@ async def test_a_failed_probe_opens_it_again(
     assert refused.value.retry_in_s > OPEN_S / 2
 
 
+def hedged_after_quick_replies(budget: float) -> HedgePolicy:
+    """Quick replies before the outage: a request is hedged after 0.2 s."""
+    hedging = HedgePolicy(factor=1, min_delay_s=0.2, budget=budget)
+    for _ in range(MIN_SAMPLES):
+        hedging.observe("down", seed("down").role, 0.01)
+    return hedging
+
+
+async def probe_answered_past_the_hedging_delay(
+    client: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> ChatReply:
+    """The breaker opened, then the probe's answer, slower than the hedging delay: when the
+    probe's hedge comes due, the breaker refuses it (the probe is out)."""
+    await fail_until_open(client, scripted_llm)
+    await asyncio.sleep(OPEN_S)
+    scripted_llm.latency_s = 0.6  # back, slower than the hedging delay
+    return await client.chat(seed("down"))
+
+
 async def answered_probe_past_the_hedging_delay(
     scripted_llm: ScriptedLLM,
 ) -> tuple[ChatReply, EndpointBreaker]:
-    """The breaker opened, then the probe's answer, slower than the hedging delay: when the
-    probe's hedge comes due, the breaker refuses it (the probe is out)."""
-    hedging = HedgePolicy(factor=1, min_delay_s=0.2, budget=1)
-    for _ in range(MIN_SAMPLES):  # quick replies before the outage: hedged after 0.2 s
-        hedging.observe("down", seed("down").role, 0.01)
     breaker = EndpointBreaker(open_s=OPEN_S)
     endpoints = {"down": EndpointConfig(base_url=scripted_llm.base_url)}
-    async with breaking_client(endpoints, breaker, hedging) as client:
-        await fail_until_open(client, scripted_llm)
-        await asyncio.sleep(OPEN_S)
-        scripted_llm.latency_s = 0.6  # back, slower than the hedging delay
-
-        return await client.chat(seed("down")), breaker
+    async with breaking_client(endpoints, breaker, hedged_after_quick_replies(budget=1)) as client:
+        return await probe_answered_past_the_hedging_delay(client, scripted_llm), breaker
 
 
 async def test_a_probe_that_runs_past_the_hedging_delay_is_waited_for_and_closes_the_breaker(
@@ -177,6 +187,23 @@ async def test_a_hedge_the_breaker_refuses_is_counted_as_such_not_as_a_refused_a
 
     refused, sent, breaker_open = (after - then for after, then in zip(counts(), before, strict=True))
     assert (refused, sent, breaker_open) == (0, 0, 1)
+
+
+async def test_a_hedge_the_breaker_refuses_leaves_its_budget_to_the_next_request_that_runs_long(
+    scripted_llm: ScriptedLLM,
+) -> None:
+    """The refused hedge, never sent, spent a hedge of the budget all the same: the next
+    request past the hedging delay went unhedged, though none had been sent."""
+    hedging = hedged_after_quick_replies(budget=0)  # none earned: the burst's alone
+    for _ in range(int(BURST) - 1):
+        assert hedging.spend()  # one hedge left
+    endpoints = {"down": EndpointConfig(base_url=scripted_llm.base_url)}
+    async with breaking_client(endpoints, EndpointBreaker(open_s=OPEN_S), hedging) as client:
+        await probe_answered_past_the_hedging_delay(client, scripted_llm)  # its hedge refused
+        sent = len(scripted_llm.requests)
+        await client.chat(seed("down"))  # past the hedging delay too, the breaker closed
+
+    assert len(scripted_llm.requests) == sent + 2, "the request and its hedge"
 
 
 def test_failures_between_answers_never_open_it() -> None:

@@ -277,7 +277,8 @@ class OpenAICompatibleClient:
                 outcome = "no_budget"
             elif self._refused_for_s(request.endpoint) > 0:
                 # The first copy may be the probe, which only its own end can close the
-                # breaker with: it is waited for alone.
+                # breaker with: it is waited for alone, and the hedge, never sent, costs nothing.
+                hedging.refund()
                 outcome = "breaker_open"
             else:
                 outcome = "sent"

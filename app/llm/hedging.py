@@ -98,3 +98,7 @@ class HedgePolicy:
             return False
         self._tokens -= 1
         return True
+
+    def refund(self) -> None:
+        """Give back a hedge spent but never sent."""
+        self._tokens = min(BURST, self._tokens + 1)
