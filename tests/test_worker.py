@@ -21,6 +21,7 @@ from arq.utils import timestamp_ms
 from sqlalchemy import func, select, update
 
 from app.config import Settings
+from app.deliberation.ports import LLMUnavailable
 from app.events import stream_key
 from app.llm.breaker import FAILURES_TO_OPEN
 from app.queue import WORKER_RETRIES, arq_job_id, bound_calls, line_key, redis_settings
@@ -29,8 +30,9 @@ from app.store.db import Sessions
 from app.store.models import Item, TurnRow
 from tests.conftest import eventually, failing_once, run_worker_burst, start_worker, submit
 from tests.scripted_llm import ScriptedLLM, agree, http_error, stall
+from tests.test_endings import LIMITS, claimed_item, expire_lease
 from workers import liveness
-from workers.main import worker_settings
+from workers.main import _end_in_outage, worker_settings
 from workers.queue_worker import START_SCRIPT, WORKER_ID, JobStart, QueueWorker
 from workers.sweeper import sweep
 
@@ -335,6 +337,28 @@ async def test_an_outages_hand_back_cut_off_by_a_postgres_fault_still_hands_the_
     item = await one_item(sessions, job_id)
     assert (item.status, item.attempts, item.failures) == ("completed", 2, 1)
     assert len(scripted_llm.requests_for("intent_decomposition")) == 1
+
+
+async def test_an_outage_that_ends_a_claim_already_lost_is_not_logged_as_putting_the_item_back(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Nothing is written for a lost claim (another worker holds the item): the log said the
+    item was put back all the same."""
+    _, lost = await claimed_item(api, auth, sessions)
+    await expire_lease(sessions, lost.item_id)
+    assert await items.claim(sessions, lost.item_id, LIMITS) is not None  # another worker's now
+
+    with caplog.at_level(logging.WARNING, logger="aidsafe.worker"):
+        ending = await _end_in_outage(settings, sessions, lost, LLMUnavailable("HTTP 503"))
+
+    assert ending is None
+    assert [r.getMessage() for r in caplog.records if r.name == "aidsafe.worker"] == [
+        f"item {lost.item_id} not put back, its claim was lost; the LLM was unavailable: HTTP 503"
+    ]
 
 
 async def test_an_llm_outage_does_not_use_up_the_items_attempts(

@@ -350,9 +350,13 @@ async def _end_in_outage(
         )
     except Exception as error:
         raise await _hand_back(settings, sessions, claim, error) from error
-    if ending is not None and ending.error_code == "llm_unavailable":
+    if ending is None:  # nothing written: the item is another claim's now
+        log.warning(
+            "item %s not put back, its claim was lost; the LLM was unavailable: %s", claim.item_id, exc
+        )
+    elif ending.error_code == "llm_unavailable":
         log.warning("item %s failed, the LLM stayed unavailable too long: %s", claim.item_id, exc)
-    elif ending is not None and ending.finished:  # its job was cancelled meanwhile
+    elif ending.finished:  # its job was cancelled meanwhile
         log.warning("item %s cancelled with its job, the LLM stayed unavailable: %s", claim.item_id, exc)
     else:
         log.warning("item %s put back, the LLM stayed unavailable: %s", claim.item_id, exc)
