@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import httpx
 from sqlalchemy import select
@@ -17,10 +17,10 @@ from app.api.key_turns import KeyTurns
 from app.config import Settings
 from app.store import keys
 from app.store.db import Sessions
-from app.store.models import ApiKey
-from tests.conftest import api_client, eventually, new_key, submit
+from app.store.models import ApiKey, Webhook
+from tests.conftest import WebhookTarget, api_client, eventually, new_key, submit
 from tests.test_api import error_of
-from tests.test_key_limits import lock_waiters
+from tests.test_key_limits import lock_waiters, waiting_for_locks
 from tests.test_sample_evaluations import upload
 
 POOL = 20  # the API's Postgres connections (make_engine's default)
@@ -112,6 +112,43 @@ async def test_a_keys_bodies_are_read_a_few_at_a_time_and_another_keys_meanwhile
     assert waited  # its body unread while the key's slots were taken
     assert (await asyncio.wait_for(waiting, PROMPT_S)).status_code == 201
     assert [made.status_code for made in await asyncio.gather(*slow)] == [201] * len(reading)
+
+
+async def test_a_delivery_waiting_on_the_database_for_its_webhook_holds_up_none_of_its_keys_bodies(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    ls_webhook: WebhookTarget,
+) -> None:
+    """A delivery looked its webhook up again inside its body turn: with the pool in use that
+    waits for a connection (up to the database timeout, 30 s), and the key's other bodies
+    waited, unread, as long. Here the lookups wait for the webhook's row instead."""
+    reading = [asyncio.Event() for _ in range(settings.max_bodies_per_key)]
+    rest_sent = asyncio.Event()
+
+    async def slow_body(read: asyncio.Event) -> AsyncIterator[bytes]:
+        yield b'{"action": '
+        read.set()  # asked for more: the delivery holds a body turn
+        await rest_sent.wait()
+        yield b'"TASKS_CREATED"}'
+
+    deliveries = [
+        asyncio.create_task(api.post(ls_webhook.path, content=slow_body(r), headers=ls_webhook.headers))
+        for r in reading
+    ]
+    for read in reading:
+        await asyncio.wait_for(read.wait(), PROMPT_S)
+    async with sessions.begin() as session:
+        webhook_id = UUID(ls_webhook.path.rsplit("/", 1)[1])
+        await session.execute(select(Webhook.id).where(Webhook.id == webhook_id).with_for_update())
+        rest_sent.set()
+        await eventually(
+            lambda: waiting_for_locks(sessions, len(reading)), what="each delivery's lookup waiting"
+        )
+        made = await asyncio.wait_for(api.post("/v1/webhooks", json={"name": "next"}, headers=auth), PROMPT_S)
+    assert made.status_code == 201, made.text
+    assert [delivered.status_code for delivered in await asyncio.gather(*deliveries)] == [200] * len(reading)
 
 
 @asynccontextmanager

@@ -229,8 +229,10 @@ async def label_studio_delivery(
         async with api_state(request).body_turns.turn(owner_key_id):
             raw = await LABEL_STUDIO_EVENT.read(request, settings)
             body = raw.decode("utf-8", errors="replace")
-            store.check_secret(*await store.find(session, webhook_id, "label_studio"), secret, SECRET_HEADER)
             parsed = await asyncio.to_thread(_read_delivery, raw)
+        # Out of the body turn: the lookup may wait for a connection (up to the database
+        # timeout), and the key's other bodies would wait, unread, with it.
+        store.check_secret(*await store.find(session, webhook_id, "label_studio"), secret, SECRET_HEADER)
         report = await imports.record_reviews(
             session, parsed, owner_key_id=owner_key_id, webhook_id=webhook_id
         )
