@@ -17,6 +17,7 @@ keeps none). The test drives the rest:
 
     batches.hold = True           # batches stay in_progress until the test ends them
     batches.expire(batch_id, answered=3)   # the first 3 lines answered, the rest batch_expired
+    batches.progress(batch_id, answered=2) # the first 2 lines answered, the batch runs on (held)
     batches.fail(batch_id)        # failed in validation, no files
     batches.max_file_bytes = 2000 # larger uploads are refused with 400 file_too_large
     batches.max_file_lines = 2    # uploads of more lines are refused with 400 file_too_large
@@ -24,6 +25,7 @@ keeps none). The test drives the rest:
     batches.list_delays = [3.0]   # the next list answers that late, with the batches of when it was asked
     batches.list_ignores_after = True  # every list answers the first page (a proxy that drops `after`)
     batches.list_refused = True   # a list answers 404 (a proxy without it), or list_refusal_status
+    batches.list_cursor_refused = True  # a list given `after` (a later page) answers list_refusal_status
     batches.create_failures = 1   # the next create answers 503 and makes nothing
     batches.forget(batch_id)      # the provider lost the batch: asked of it, it answers 404
     batches.delete_file(file_id)  # the provider deleted the file (or kept it no longer): 404
@@ -86,6 +88,9 @@ class _Batch:
     error_file_id: str | None = None
     errors: list[dict[str, Any]] = field(default_factory=list)
     answered: int = 0  # lines answered so far (the rest are cut off if it expires or is cancelled)
+    # The output and error file lines of the lines answered so far (written out when it ends).
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+    line_errors: list[dict[str, Any]] = field(default_factory=list)
     completed: int = 0  # request_counts
     failed: int = 0
     retrievals: int = 0
@@ -143,6 +148,7 @@ class ScriptedBatches:
             self.list_delays: list[float] = []
             self.list_ignores_after = False
             self.list_refused = False
+            self.list_cursor_refused = False
             self.list_refusal_status = 404
             self.create_failures = 0  # the next creates answer 503, making nothing
             self.lists = 0  # batch list requests answered or refused
@@ -176,6 +182,11 @@ class ScriptedBatches:
         """The completion window ran out: the first `answered` lines were answered, the
         others get `batch_expired` in the error file."""
         self._end(batch_id, "expired", answered, "batch_expired", "not executed before the window expired")
+
+    def progress(self, batch_id: str, answered: int) -> None:
+        """The first `answered` lines are answered; the batch runs on (its files are written
+        when it ends: expired, cancelled or completed)."""
+        self._answer_lines(batch_id, answered)
 
     def finish(self, batch_id: str) -> None:
         """Answer every line now (for a held batch)."""
@@ -278,7 +289,7 @@ class ScriptedBatches:
         after = None if self.list_ignores_after else request.query_params.get("after")
         with self._lock:
             self.lists += 1
-        if self.list_refused:
+        if self.list_refused or (self.list_cursor_refused and request.query_params.get("after")):
             return _error(self.list_refusal_status, "Invalid URL (GET /v1/batches)", "not_found")
         with self._lock:
             newest_first = list(reversed(self.batches.values()))
@@ -355,8 +366,35 @@ class ScriptedBatches:
             return JSONResponse(batch.out())
 
     def _end(self, batch_id: str, status: str, answered: int, code: str, message: str) -> None:
-        """Answer lines up to `answered` and write the output and error files; the lines
-        after it get the error `code`."""
+        """Answer lines up to `answered` and write the output and error files of every line
+        answered; the lines after it get the error `code`."""
+        self._answer_lines(batch_id, answered)
+        with self._lock:
+            batch = self.batches[batch_id]
+            cut_off = [
+                {
+                    "id": f"batch_req_{next(self._ids)}",
+                    "custom_id": line["custom_id"],
+                    "response": None,
+                    "error": {"code": code, "message": message},
+                }
+                for line in batch.lines[answered:]
+            ]
+            batch.failed += len(cut_off)
+            batch.status = status
+            # A provider keeps no order.
+            for kind, entries in (("output", batch.outputs[::-1]), ("error", [*batch.line_errors, *cut_off])):
+                if not entries:
+                    continue
+                content = b"".join(json.dumps(entry).encode() + b"\n" for entry in entries)
+                file = _File(
+                    f"file-{next(self._ids)}", f"batch_{kind}", f"{batch.id}_{kind}.jsonl", content, 0
+                )
+                self.files[file.id] = file
+                setattr(batch, f"{kind}_file_id", file.id)
+
+    def _answer_lines(self, batch_id: str, answered: int) -> None:
+        """Answer the lines not answered yet up to `answered`, keeping their file lines."""
         with self._lock:
             batch = self.batches[batch_id]
             todo = batch.lines[batch.answered : answered]
@@ -372,30 +410,12 @@ class ScriptedBatches:
                 "error": None,
             }
             (outputs if response.status_code < 300 else errors).append(entry)
-        cut_off = [
-            {
-                "id": f"batch_req_{next(self._ids)}",
-                "custom_id": line["custom_id"],
-                "response": None,
-                "error": {"code": code, "message": message},
-            }
-            for line in batch.lines[answered:]
-        ]
         with self._lock:
             batch.answered = max(batch.answered, answered)
             batch.completed += len(outputs)
-            batch.failed += len(errors) + len(cut_off)
-            batch.status = status
-            outputs.reverse()  # a provider keeps no order
-            for kind, entries in (("output", outputs), ("error", [*errors, *cut_off])):
-                if not entries:
-                    continue
-                content = b"".join(json.dumps(entry).encode() + b"\n" for entry in entries)
-                file = _File(
-                    f"file-{next(self._ids)}", f"batch_{kind}", f"{batch.id}_{kind}.jsonl", content, 0
-                )
-                self.files[file.id] = file
-                setattr(batch, f"{kind}_file_id", file.id)
+            batch.failed += len(errors)
+            batch.outputs += outputs
+            batch.line_errors += errors
 
 
 def _valid_metadata(metadata: Any) -> bool:

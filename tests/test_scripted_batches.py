@@ -158,6 +158,21 @@ def test_cancelling_a_batch_cuts_off_its_unanswered_lines(
     assert scripted_llm.batches.cancel_requests == [batch["id"]]
 
 
+def test_a_batch_cancelled_midway_gives_the_answers_it_had_in_its_output_file(
+    http: httpx.Client, scripted_llm: ScriptedLLM
+) -> None:
+    scripted_llm.batches.hold = True
+    batch = _submit(http, [_line(n) for n in range(3)])
+    scripted_llm.batches.progress(batch["id"], answered=2)
+
+    cancelled = http.post(f"/batches/{batch['id']}/cancel").json()
+
+    assert cancelled["status"] == "cancelled"
+    assert cancelled["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
+    assert sorted(o["custom_id"] for o in _lines(http, cancelled["output_file_id"])) == ["req-0", "req-1"]
+    assert [e["custom_id"] for e in _lines(http, cancelled["error_file_id"])] == ["req-2"]
+
+
 def test_files_over_the_size_limit_are_refused(http: httpx.Client, scripted_llm: ScriptedLLM) -> None:
     scripted_llm.batches.max_file_bytes = 300
 
@@ -196,6 +211,20 @@ def test_batches_are_listed_newest_first_in_pages_with_their_metadata(http: http
     assert rest["has_more"] is False
     assert [b["metadata"] for b in rest["data"]] == [{"tag": str(n)} for n in (4, 3, 2, 1, 0)]
     assert http.get("/batches", params={"limit": 101}).status_code == 400
+
+
+def test_a_list_refusing_its_cursor_answers_the_first_page_and_refuses_the_next(
+    http: httpx.Client, scripted_llm: ScriptedLLM
+) -> None:
+    for n in range(3):
+        _submit(http, [_line(n)])
+    scripted_llm.batches.list_cursor_refused, scripted_llm.batches.list_refusal_status = True, 400
+
+    first = http.get("/batches", params={"limit": 2}).json()
+    rest = http.get("/batches", params={"limit": 2, "after": first["last_id"]})
+
+    assert (len(first["data"]), first["has_more"]) == (2, True)
+    assert rest.status_code == 400
 
 
 @pytest.mark.parametrize(
