@@ -205,7 +205,8 @@ class Settings(BaseSettings):
     # a call to the batch API is given up after half of it, see batch_call_timeout_s),
     # how many times a request is submitted before its item fails, and how long the provider
     # must keep refusing a batch or one of its files (a 404, a file's 4xx) before it is taken
-    # for gone and its requests bought again (see README's Batch delivery).
+    # for gone and its requests bought again, or a later page of the search for it before
+    # its requests fail (see README's Batch delivery).
     batch_interval_s: float = Field(default=2.0, gt=0)
     batch_poll_interval_s: float = Field(default=30.0, ge=0)
     batch_lease_s: float = Field(default=600.0, gt=0)

@@ -1060,6 +1060,8 @@ async def test_a_holder_whose_lease_was_taken_over_writes_nothing_and_leaves_the
     with pytest.raises(LeaseLost):
         await batches.split_refused(sessions, old, "old")
     with pytest.raises(LeaseLost):
+        await batches.abandon(sessions, old, "old")
+    with pytest.raises(LeaseLost):
         await batches.refused(sessions, old, 0, 0)
     with pytest.raises(LeaseLost):
         await batches.keep_read(sessions, old, Outcome({}, {}), {"output_file_id": "file-old"})
@@ -1242,6 +1244,51 @@ async def test_a_batch_list_that_fails_or_the_key_may_not_read_holds_the_create_
 
     [ours] = _tagged(scripted_llm, batch_id)
     assert (await _batch_row(sessions, batch_id)).provider_batch_id == ours["id"]
+
+
+@pytest.mark.parametrize("refusal", ["passing", "lasting"])
+async def test_a_batch_list_refused_at_a_later_page_never_makes_a_second_batch(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+    refusal: str,
+) -> None:
+    """After a create that landed unrecorded, the search's first page (newer batches, more to
+    come) answers and the next is refused with a 400: taken for none found, a second provider
+    batch was created and bought. The batch is looked at again; one the list then shows is
+    taken, and a refusal that lasts (3 looks over AIDSAFE_BATCH_GONE_AFTER_S) ends it lost,
+    its requests failed rather than bought twice."""
+    batch_id = await _one_batch_formed(batch_api, auth, batch_settings, sessions)
+    await _created_but_never_recorded(batch_settings, sessions, arq_redis, scripted_llm, batch_id)
+    await _other_tenants_batches(scripted_llm, 120)  # ours is on the second page
+    scripted_llm.batches.list_cursor_refused, scripted_llm.batches.list_refusal_status = True, 400
+    job_id = (await _batch_row(sessions, batch_id)).job_id
+    api = BatchAPI(batch_settings.endpoints(), batch_settings.batch_call_timeout_s)
+    try:
+        await run_round(batch_settings, sessions, arq_redis, api)
+    finally:
+        await api.aclose()
+    assert scripted_llm.batches.lists == 2 and len(scripted_llm.batches.created()) == 121
+    assert (await _batch_row(sessions, batch_id)).status == "uploaded"
+
+    if refusal == "passing":
+        scripted_llm.batches.list_cursor_refused = False
+        await _drive_until(
+            batch_settings, sessions, arq_redis, lambda: _batch_status(sessions, batch_id, "submitted"), 20
+        )
+        [ours] = _tagged(scripted_llm, batch_id)
+        assert (await _batch_row(sessions, batch_id)).provider_batch_id == ours["id"]
+    else:
+        await _drive(batch_settings, sessions, arq_redis, str(job_id))
+        row = await _batch_row(sessions, batch_id)
+        assert row.status == "lost" and "HTTP 400" in str(row.error)
+        assert row.refusals >= batches.GONE_AFTER_REFUSALS, "taken for lost at its first refusal"
+        job = (await batch_api.get(f"/v1/jobs/{job_id}", headers=auth)).json()
+        assert job["counts"]["by_status"] == {"failed": 1}
+    assert len(scripted_llm.batches.created()) == 121, "a second provider batch was created"
 
 
 async def test_a_provider_list_that_ignores_its_cursor_ends_the_search_and_the_batch_is_created_once(

@@ -34,6 +34,7 @@ from app.llm.batch_api import (
     TERMINAL,
     BatchAPI,
     BatchFault,
+    BatchListIncomplete,
     BatchRefused,
     BatchUnavailable,
     OutputLine,
@@ -118,7 +119,13 @@ async def _submit(settings: Settings, sessions: Sessions, api: BatchAPI, held: H
     created = None
     if not held.create_unsent:
         await batches.renew(sessions, held)
-        created = await _find(api, held)
+        try:
+            created = await _find(settings, sessions, api, held)
+        except _Unseen as unseen:
+            if unseen.lasted:
+                await batches.abandon(sessions, held, str(unseen))
+                log.warning("batch %s lost, its requests failed, not bought twice: %s", held.id, unseen)
+            return
     try:
         if created is None:
             await batches.creating(sessions, held)  # renews: the search may have taken most of the lease
@@ -136,10 +143,21 @@ async def _submit(settings: Settings, sessions: Sessions, api: BatchAPI, held: H
     )
 
 
-async def _find(api: BatchAPI, held: Held) -> dict[str, Any] | None:
+class _Unseen(Exception):
+    """The search for the provider batch was refused partway (BatchListIncomplete): one may
+    exist on the pages not seen. `lasted`: refused long enough to be believed (see _gone)."""
+
+    def __init__(self, detail: str, lasted: bool) -> None:
+        super().__init__(detail)
+        self.lasted = lasted
+
+
+async def _find(settings: Settings, sessions: Sessions, api: BatchAPI, held: Held) -> dict[str, Any] | None:
     """The provider batch created for the uploaded batch, if any (see BatchAPI.find). A
     provider that refuses to list batches has none to find: refused, the search made the
-    batch look refused, and it was split until every request failed."""
+    batch look refused, and it was split until every request failed. But one that lists
+    them and refuses a later page may have it there: taken for none found, a second was
+    created and bought. That refusal is counted as a poll's is, and raised as _Unseen."""
     assert held.input_file_id is not None
     # Our batch row is older than any provider batch of it; the hour is for the provider's
     # clock and Postgres's to differ by.
@@ -149,6 +167,9 @@ async def _find(api: BatchAPI, held: Held) -> dict[str, Any] | None:
     except BatchRefused as refused:
         log.warning("batch %s: the provider refused its batch list: %s", held.id, refused)
         return None
+    except BatchListIncomplete as incomplete:
+        detail = f"a provider batch of it may exist unseen: {incomplete}"
+        raise _Unseen(detail, await _gone(settings, sessions, held, detail)) from incomplete
 
 
 async def _poll(settings: Settings, sessions: Sessions, api: BatchAPI, held: Held) -> None:
@@ -279,12 +300,17 @@ async def _refuse(sessions: Sessions, held: Held, detail: str) -> None:
 
 async def _cancel(settings: Settings, sessions: Sessions, api: BatchAPI, held: Held) -> None:
     """The job was cancelled: so is its provider batch, even one whose id was never stored."""
-    provider_batch_id, seen = held.provider_batch_id, None
+    provider_batch_id, seen, unseen_error = held.provider_batch_id, None, None
     if provider_batch_id is None and held.input_file_id is not None and not held.create_unsent:
         # A worker may have created it and died before storing its id: uncancelled, it would
         # run, billed, for a job that wants none of it.
         await batches.renew(sessions, held)
-        found = await _find(api, held)
+        try:
+            found = await _find(settings, sessions, api, held)
+        except _Unseen as unseen:
+            if not unseen.lasted:
+                return
+            found, unseen_error = None, str(unseen)  # nothing more can be done: it may run on
         provider_batch_id = None if found is None else str(found["id"])
     if provider_batch_id is not None:
         await batches.renew(sessions, held)
@@ -302,4 +328,5 @@ async def _cancel(settings: Settings, sessions: Sessions, api: BatchAPI, held: H
         settings.batch_max_submissions,
         provider_batch_id=provider_batch_id,
         provider_status=None if seen is None else seen.get("status"),
+        error=unseen_error,
     )

@@ -5,7 +5,8 @@ and download their output and error files. Plus the wire format of those files.
 Faults come in three kinds: BatchRefused (a 4xx other than 401/403 and 408/409/425/429:
 the provider will not take, or show, this file or batch, e.g. a 404 for one it does not
 know; asking again will not help), BatchForbidden (a 401 or 403: the key may not do it) and
-BatchUnavailable (anything else: try again later). Some proxies answer 404 (or another
+BatchUnavailable (anything else: try again later). A search of the batch list refused at a
+later page is BatchListIncomplete (see BatchAPI.find). Some proxies answer 404 (or another
 4xx) for a while before a batch or file is there: workers/waves.py believes a retrieve's or
 a download's refusal only once it has lasted.
 Their messages may quote the provider: for operators only.
@@ -48,6 +49,11 @@ class BatchForbidden(BatchFault):
 
 class BatchUnavailable(BatchFault):
     """No usable answer (5xx, 429, a connection fault, a timeout): try again later."""
+
+
+class BatchListIncomplete(BatchFault):
+    """A search of the batch list (find) whose later page the provider refused: the batch
+    looked for may be on that page, so none was found, but it is not known that none exists."""
 
 
 @dataclass(frozen=True)
@@ -131,7 +137,9 @@ class BatchAPI:
         provider lists batches newest first, 100 a page at most: this pages back to `since`
         (a Unix time, on the provider's clock, before which no such batch can exist). The whole
         search is one call's time at most, and stops where the pages stop moving back: a
-        proxy that ignores `after`, or always has more, would have held it for ever."""
+        proxy that ignores `after`, or always has more, would have held it for ever.
+        BatchRefused if the first page is refused (a provider without a batch list);
+        BatchListIncomplete if a later one is."""
         try:
             async with asyncio.timeout(self._timeout_s):
                 return await self._find(endpoint, tag, input_file_id, since)
@@ -144,7 +152,12 @@ class BatchAPI:
         seen: set[str] = set()
         while True:
             query = {"limit": "100"} | ({"after": after} if after else {})
-            listed = await self._call(endpoint, "GET", "/batches", params=query)
+            try:
+                listed = await self._call(endpoint, "GET", "/batches", params=query)
+            except BatchRefused as refused:
+                if after is None:
+                    raise
+                raise BatchListIncomplete(f"its batch list refused after {after}: {refused}") from refused
             page = [batch for batch in listed.get("data") or [] if isinstance(batch, dict)]
             mine = (
                 b

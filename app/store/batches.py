@@ -383,9 +383,10 @@ async def uploaded(sessions: Sessions, held: Held, input_file_id: str) -> Held:
 
 async def creating(sessions: Sessions, held: Held) -> None:
     """Renew, and record that the create is being sent: from now a holder looks for the
-    provider batch before it creates one."""
+    provider batch before it creates one. The search before it, if any, answered: the
+    refusals counted before (see `refused`) are over."""
     async with sessions.begin() as session:
-        await _write_held(session, held, create_unsent=False)
+        await _write_held(session, held, create_unsent=False, **ANSWERED)
 
 
 # The provider answered: the refusals counted before (see `refused`) are over.
@@ -569,11 +570,7 @@ async def split_refused(sessions: Sessions, held: Held, detail: str) -> int:
             )
         ).all()
         if len(requests) <= 1:
-            await session.execute(
-                update(BatchRequest)
-                .where(BatchRequest.batch_id == held.id, BatchRequest.status == BatchRequestStatus.SUBMITTED)
-                .values(status=BatchRequestStatus.REJECTED, error=detail, answered_at=func.now())
-            )
+            await _reject_waiting(session, held, detail)
             return 0
         sized = await _sized(requests)
         halves = (sized[: len(sized) // 2], sized[len(sized) // 2 :])
@@ -587,6 +584,24 @@ async def split_refused(sessions: Sessions, held: Held, detail: str) -> int:
                 .values(batch_id=batch_id)
             )
         return len(halves)
+
+
+async def abandon(sessions: Sessions, held: Held, detail: str) -> None:
+    """End the batch as lost without sending its requests again: its provider batch may
+    exist, unseen (the provider refused the search for it), and sent again they would be
+    bought twice. Its requests still waiting are rejected with `detail`, failing their items.
+    LeaseLost if another worker took the batch over (nothing is written)."""
+    async with sessions.begin() as session:
+        await _write_held(session, held, status=BatchStatus.LOST, error=detail, finished_at=func.now())
+        await _reject_waiting(session, held, detail)
+
+
+async def _reject_waiting(session: AsyncSession, held: Held, detail: str) -> None:
+    await session.execute(
+        update(BatchRequest)
+        .where(BatchRequest.batch_id == held.id, BatchRequest.status == BatchRequestStatus.SUBMITTED)
+        .values(status=BatchRequestStatus.REJECTED, error=detail, answered_at=func.now())
+    )
 
 
 async def requeue_answered(sessions: Sessions) -> items.ByOwner:

@@ -341,7 +341,8 @@ class BatchStatus(StrEnum):
     uploaded (input file id stored) -> submitted (batch id stored, polled) -> collected
     (answers stored). Or refused (the provider would not take the file or the batch),
     cancelled (its job was) or lost (the provider no longer knew it: its requests went back
-    as a batch's unanswered ones do)."""
+    as a batch's unanswered ones do; or its batch list kept refusing the search for it
+    partway: its requests were rejected, not bought twice)."""
 
     PREPARING = "preparing"
     UPLOADED = "uploaded"
@@ -382,8 +383,9 @@ class Batch(Base):
     # the provider).
     error: Mapped[str | None] = mapped_column(Text)
     # The polls in a row at which the provider refused the batch or one of its files (a 404,
-    # or another 4xx but 401 and 403), and when the first was: it is taken for gone only once
-    # they are settled (see batches.refused). Cleared when the provider answers again.
+    # or another 4xx but 401 and 403), or a later page of the search for it, and when the
+    # first was: it is taken for gone only once they are settled (see batches.refused).
+    # Cleared when the provider answers again.
     refusals: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     refused_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Uploaded by this release and its create not sent yet: no provider batch of it can
