@@ -452,6 +452,49 @@ async def test_a_batch_whose_poll_the_provider_keeps_refusing_ends_lost_once_the
 
 
 @pytest.mark.parametrize("unanswered", ["next_wave", "online"])
+async def test_a_lost_batch_whose_cancel_shows_answers_keeps_them_and_sends_only_the_rest_again(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+    unanswered: str,
+) -> None:
+    """A batch hidden from every retrieve is taken for lost and cancelled; the cancel shows it
+    was there, cancelled with 2 of its 3 lines answered in its output file. Thrown away, those
+    2 were bought again."""
+    online = await _online_run(batch_api, auth, batch_settings, scripted_llm, PROMPTS[:3])
+    job_id, hidden, hidden_lines = await _held_in_progress(
+        batch_api,
+        auth,
+        batch_settings,
+        sessions,
+        arq_redis,
+        scripted_llm,
+        3,
+        batch={"unanswered": unanswered},
+    )
+    scripted_llm.batches.progress(hidden["id"], answered=2)
+    scripted_llm.batches.refuse(hidden["id"], 400)  # every retrieve of it, from now on
+    scripted_llm.batches.hold = False
+
+    await _drive(batch_settings, sessions, arq_redis, job_id)
+
+    await _same_as_online(sessions, scripted_llm, online, job_id)  # nothing lost, nothing paid twice
+    row = await _provider_batch_row(sessions, hidden["id"])
+    assert (row.status, row.provider_status) == ("lost", "cancelled") and "HTTP 400" in str(row.error)
+    assert scripted_llm.batches.cancel_requests == [hidden["id"]]
+    answered, cut_off = hidden_lines[:2], hidden_lines[2]
+    resent = _sent_lines(scripted_llm)
+    assert [resent.count(custom_id) for custom_id in answered] == [1, 1], "an answer was bought twice"
+    if unanswered == "online":
+        assert [custom_id for custom_id, _ in await _requests(sessions, job_id, "online")] == [cut_off]
+    else:
+        assert resent.count(cut_off) == 2
+
+
+@pytest.mark.parametrize("unanswered", ["next_wave", "online"])
 @pytest.mark.parametrize("gone", ["output", "error"])
 async def test_a_batch_file_the_provider_no_longer_has_sends_its_requests_once_more_and_keeps_the_other(
     batch_api: httpx.AsyncClient,

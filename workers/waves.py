@@ -268,12 +268,30 @@ async def _lost(settings: Settings, sessions: Sessions, api: BatchAPI, held: Hel
     # retrieve) may still run, and be paid for beside its requests sent again. A batch that is
     # gone refuses the cancel, which changes nothing.
     await batches.renew(sessions, held)
+    seen: dict[str, Any] = {}
     with suppress(BatchFault):
-        await api.cancel(held.endpoint, held.provider_batch_id)
+        seen = await api.cancel(held.endpoint, held.provider_batch_id)
+    # One that answers the cancel was there after all: the answers its files hold (a batch
+    # cancelled midway, or ended already) are read as a completed batch's, not bought again.
+    outcome = Outcome({}, {})
+    read, refused = await _read_files(sessions, api, held, seen, outcome)
+    error = f"{detail}; {refused}" if refused else detail
     await batches.collect(
-        sessions, held, BatchStatus.LOST, Outcome({}, {}), settings.batch_max_submissions, error=detail
+        sessions,
+        held,
+        BatchStatus.LOST,
+        outcome,
+        settings.batch_max_submissions,
+        error=error,
+        **({"provider_status": seen["status"]} if seen.get("status") else {}),
+        **read,
     )
-    log.warning("batch %s lost, its requests sent again: %s", held.id, detail)
+    log.warning(
+        "batch %s lost, %d answers kept, its other requests sent again: %s",
+        held.id,
+        len(outcome.answers),
+        error,
+    )
 
 
 def _read(lines: list[OutputLine], outcome: Outcome) -> None:
