@@ -15,7 +15,7 @@ import httpx
 import pytest
 from fastapi.routing import iter_route_contexts
 from redis.asyncio import Redis
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from app.api.state import ApiState
 from app.config import Settings
@@ -24,7 +24,7 @@ from app.main import create_app
 from app.queue import arq_job_id
 from app.store.db import Sessions
 from app.store.models import Item, Job
-from tests.conftest import ROOT, api_client, new_key, run_worker_burst
+from tests.conftest import ROOT, api_client, eventually, new_key, run_worker_burst
 from tests.scripted_llm import ScriptedLLM
 
 Headers = dict[str, str]
@@ -1066,6 +1066,36 @@ async def test_a_database_that_refuses_connections_is_a_503(settings: Settings) 
 
     error_of(response, 503, "unavailable")
     assert response.headers["Retry-After"] == "2"
+
+
+async def test_a_statement_whose_connection_the_database_ends_is_a_503_to_retry(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    """A Postgres restart or failover ends the API's connections mid-statement (as
+    pg_terminate_backend does one): the answer says to retry, as the SDK then does, not 500."""
+    job = await submit(api, auth, ["a"])
+    async with sessions.begin() as holder:
+        await holder.execute(select(Job.id).where(Job.id == job["id"]).with_for_update())
+        patch = asyncio.create_task(api.patch(f"/v1/jobs/{job['id']}", json={"label": "x"}, headers=auth))
+        waiting = await eventually(lambda: backend_waiting_for_a_lock(sessions), 10, "the PATCH to wait")
+        await holder.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": waiting})
+
+    response = await patch
+    error_of(response, 503, "unavailable")
+    assert response.headers["Retry-After"] == "2"
+    assert (await api.patch(f"/v1/jobs/{job['id']}", json={"label": "x"}, headers=auth)).status_code == 200
+
+
+async def backend_waiting_for_a_lock(sessions: Sessions) -> int | None:
+    """The process id of a backend of this test's database that waits for a lock, if one does."""
+    async with sessions() as session:
+        pid: int | None = await session.scalar(
+            text(
+                "SELECT pid FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock' LIMIT 1"
+            )
+        )
+    return pid
 
 
 async def test_a_job_runs_the_ablations_and_limits_it_asked_for_and_shows_them(

@@ -157,11 +157,14 @@ def install(app: FastAPI) -> None:
             503, "unavailable", "the queue is unavailable; retry shortly", headers=RETRY_SHORTLY
         )
 
-    # SQLAlchemy wraps a statement Postgres ended at the database timeout in a bare DBAPIError;
-    # any other is a bug, answered 500 as before.
+    # SQLAlchemy wraps most of what asyncpg raises in a bare DBAPIError (or InternalError), the
+    # faults above included: a connection the server closed mid-statement (a restart, a
+    # failover), Postgres shutting down or starting up, a statement it ended at the database
+    # timeout. Answered 500, a client gives up where a retry would go through. Any other is a
+    # bug, answered 500 as before.
     @app.exception_handler(DBAPIError)
-    async def _statement_ended(request: Request, exc: DBAPIError) -> JSONResponse:
-        if getattr(exc.orig, "sqlstate", None) != asyncpg.QueryCanceledError.sqlstate:
+    async def _statement_failed(request: Request, exc: DBAPIError) -> JSONResponse:
+        if not _database_away(exc):
             raise exc
         return await _database_unavailable(request, exc)
 
@@ -181,6 +184,19 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         return error_response(500, "internal_error", "an unexpected error occurred; it was logged")
+
+
+# SQLSTATE classes of a database that is away, not of a statement that is wrong: 08
+# connection exception, 57 operator intervention (query_canceled at the timeout,
+# admin_shutdown, crash_shutdown, cannot_connect_now, ...).
+_AWAY_SQLSTATE_CLASSES = ("08", "57")
+
+
+def _database_away(exc: DBAPIError) -> bool:
+    """Whether the statement failed because Postgres or the connection to it went away: the
+    connection is closed (SQLAlchemy then invalidates it), or the server said so."""
+    sqlstate = getattr(exc.orig, "sqlstate", None) or ""
+    return exc.connection_invalidated or sqlstate[:2] in _AWAY_SQLSTATE_CLASSES
 
 
 def _allowed_methods(request: Request) -> list[str]:
