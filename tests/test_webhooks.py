@@ -18,7 +18,7 @@ from app.config import Settings
 from app.errors import NotFound
 from app.store import webhooks as store
 from app.store.db import Sessions
-from app.store.models import ApiKey, Webhook, WebhookRejection
+from app.store.models import ApiKey, Item, Webhook, WebhookRejection
 from app.store.page_sizes import PAGE_ROW_BYTES
 from app.store.webhooks import KEPT_UNAUTHORIZED
 from tests.conftest import eventually, longest_loop_pause, new_key
@@ -583,6 +583,40 @@ async def test_deleting_an_annotation_retracts_it_and_the_cot_is_no_longer_appro
         f"/v1/jobs/{job_id}/export", params={"format": "label_studio", "human_approved": "true"}, headers=auth
     )
     assert export.json() == []
+
+
+async def test_a_deletion_resent_while_the_first_is_under_way_is_stored_once(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    """Label Studio sends a delivery again when the first times out, which may still be under
+    way (here: waiting for the item's row): the annotation is withdrawn once, not twice."""
+    webhook = await new_webhook(api, auth)
+    job_id = await graded_job(api, auth, settings, PROMPTS[:1])
+    [item_id] = await item_ids(api, auth, job_id)
+    await deliver(api, webhook, fixture("label_studio_webhook.json", [item_id]))
+
+    async with sessions.begin() as holder:
+        await holder.execute(select(Item.id).where(Item.id == UUID(item_id)).with_for_update())
+        first = asyncio.ensure_future(deliver(api, webhook, deletion(601)))
+        await eventually(lambda: waiting_on_locks(sessions, 1), what="the first delivery to wait")
+        again = asyncio.ensure_future(deliver(api, webhook, deletion(601)))
+        await eventually(lambda: waiting_on_locks(sessions, 2), what="the second delivery to wait")
+
+    reports = [(await first).json(), (await again).json()]
+    assert sorted(r["retracted"] for r in reports) == [0, 1]
+    assert [(v.verdict, v.retracted) for v in await stored(sessions)] == [("accept", False), (None, True)]
+
+
+async def waiting_on_locks(sessions: Sessions, count: int) -> bool:
+    """At least `count` sessions of this test's database wait for a lock another holds."""
+    async with sessions() as session:
+        waiting = await session.scalar(
+            text(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+        )
+    return bool(waiting >= count)
 
 
 async def test_a_deletion_of_thousands_of_annotations_is_one_statement_not_one_per_annotation(

@@ -257,6 +257,11 @@ async def retract(
     statement per deletion made an event of 16,000 of them 45 s of Postgres."""
     if not deletions:
         return []
+    # One owner's retractions take turns: Label Studio sends a delivery again when the first
+    # timed out, maybe still under way, and both would find the annotation not withdrawn yet.
+    # The second reads after the first's commit (READ COMMITTED), and finds it withdrawn.
+    turn = f"retractions of {owner_key_id}"
+    await session.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(turn, 0))))
     deleted = (
         func.unnest(
             bindparam("sources", [d.source for d in deletions], type_=ARRAY(Text)),
