@@ -31,10 +31,11 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 
 from app.config import Settings
 from app.errors import InvalidCursor
-from app.store.db import Sessions
+from app.store.db import Sessions, database_away
 from app.store.models import FINISHED, Item
 
 log = logging.getLogger("aidsafe.events")
@@ -46,6 +47,9 @@ CLOCK_MARGIN_MS = 5_000
 # Entries read from a stream at a time: reading and decoding 20,000 at once (a stream at its
 # cap) held the event loop for ~0.1 s; 500 take ~3 ms.
 STREAM_PAGE = 500
+# How long a follower waits for Postgres to come back (a restart takes seconds) before it ends
+# the stream: as long as the Python client waits for an API that restarts.
+POSTGRES_AWAY_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -259,7 +263,8 @@ async def follow(source: JobEventSource, last_event_id: str | None) -> AsyncGene
     An item may be heard twice (an end sent from Postgres comes again after a resume), none is
     missed. While Redis is away it keeps sending snapshots from Postgres, each after the check
     (so the items' ends come from Postgres alone, before `done` too), and resumes, catching up,
-    when Redis is back."""
+    when Redis is back. While Postgres is away (a restart) it sends nothing, and goes on from
+    where it was once Postgres answers, checking first; away over POSTGRES_AWAY_S, it raises."""
     resync_ms = int(source.settings.events_resync_s * 1000)
     # One tracker for the whole follow, across Redis's absences: each check (on the stream or
     # off it) reads Postgres from the last one.
@@ -271,10 +276,12 @@ async def follow(source: JobEventSource, last_event_id: str | None) -> AsyncGene
         sent = EndsSent(ms - resync_ms)
         # As Redis writes it: XREAD refuses the spaces parse_event_id strips (a no-break space).
         resume_from = f"{ms}-{seq}"
+    away_since: float | None = None  # when Postgres failed the follow, since its last event
     while True:
         cursor: list[str | None] = [resume_from]
         try:
             async for event in _follow_stream(source, resume_from, cursor, sent):
+                away_since = None
                 yield event
                 if event.kind == "done":
                     return
@@ -292,6 +299,18 @@ async def follow(source: JobEventSource, last_event_id: str | None) -> AsyncGene
             if summary["status"] in ENDED:
                 yield ProgressEvent("done", summary)
                 return
+            await asyncio.sleep(source.settings.events_resync_s)
+        except (DBAPIError, ConnectionError) as error:
+            if isinstance(error, DBAPIError) and not database_away(error):
+                raise
+            away_since = away_since or time.monotonic()
+            if time.monotonic() - away_since > POSTGRES_AWAY_S:
+                raise
+            # A restart or failover: go on from where it was once Postgres answers again; the
+            # check against Postgres then sends what ended meanwhile.
+            log.warning("events of job %s: Postgres unavailable, trying again", source.job_id, exc_info=True)
+            if cursor[0] is None:  # as without Redis: resume after now, less the clocks' margin
+                cursor[0] = f"{int(time.time() * 1000) - CLOCK_MARGIN_MS}-0"
             await asyncio.sleep(source.settings.events_resync_s)
         resume_from = cursor[0]
 

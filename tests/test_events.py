@@ -20,7 +20,7 @@ import pytest
 from arq.connections import create_pool
 from httpx_sse import aconnect_sse
 from redis.asyncio import Redis
-from sqlalchemy import func, update
+from sqlalchemy import func, text, update
 
 from app.api.draining import until_set
 from app.config import Settings
@@ -451,6 +451,40 @@ async def test_a_redis_restart_under_a_connected_follower_loses_no_item(
             await writer.aclose()
 
     assert sorted(heard) == [0, 1, 2, 3]
+
+
+async def test_a_postgres_fault_under_a_connected_follower_delays_its_events_and_loses_none(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions, redis: Redis
+) -> None:
+    """A snapshot whose connection Postgres ends (as a restart ends them all) does not end the
+    stream: it goes on at the next check, from where it was, as it does without Redis."""
+    job = await submit(api, auth, ["a", "b"])
+    own = settings.model_copy(update={"events_resync_s": 0.2})
+    snapshots = 0
+
+    async def snapshot_cut_once() -> dict[str, Any]:
+        nonlocal snapshots
+        snapshots += 1
+        if snapshots == 2:
+            async with sessions() as session:
+                await session.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+        summary: dict[str, Any] = await summary_of(sessions, job["id"])()
+        return summary
+
+    stream = follow(JobEventSource(redis, sessions, own, UUID(job["id"]), snapshot_cut_once), None)
+    heard: list[int] = []
+    async with asyncio.timeout(30), aclosing(stream):
+        assert (await anext(stream)).kind == "snapshot"
+        await end_item(sessions, job["id"], 0, redis, own)
+        await end_item(sessions, job["id"], 1, None, own)  # its worker died before announcing it
+        async for event in stream:
+            if event.kind == "item":
+                heard.append(event.data["position"])
+            if event.kind == "done":
+                assert event.data["counts"]["by_status"] == {"completed": 2}
+
+    assert snapshots > 2
+    assert sorted(set(heard)) == [0, 1]
 
 
 def summary_of(sessions: Sessions, job_id: str) -> Any:

@@ -21,6 +21,7 @@ from starlette.routing import Match
 
 from app.api.schemas import ErrorOut
 from app.errors import MAX_LISTED_PROBLEMS, ServiceError
+from app.store.db import database_away
 
 log = logging.getLogger("aidsafe.api")
 
@@ -164,7 +165,7 @@ def install(app: FastAPI) -> None:
     # bug, answered 500 as before.
     @app.exception_handler(DBAPIError)
     async def _statement_failed(request: Request, exc: DBAPIError) -> JSONResponse:
-        if not _database_away(exc):
+        if not database_away(exc):
             raise exc
         return await _database_unavailable(request, exc)
 
@@ -184,19 +185,6 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         return error_response(500, "internal_error", "an unexpected error occurred; it was logged")
-
-
-# SQLSTATE classes of a database that is away, not of a statement that is wrong: 08
-# connection exception, 57 operator intervention (query_canceled at the timeout,
-# admin_shutdown, crash_shutdown, cannot_connect_now, ...).
-_AWAY_SQLSTATE_CLASSES = ("08", "57")
-
-
-def _database_away(exc: DBAPIError) -> bool:
-    """Whether the statement failed because Postgres or the connection to it went away: the
-    connection is closed (SQLAlchemy then invalidates it), or the server said so."""
-    sqlstate = getattr(exc.orig, "sqlstate", None) or ""
-    return exc.connection_invalidated or sqlstate[:2] in _AWAY_SQLSTATE_CLASSES
 
 
 def _allowed_methods(request: Request) -> list[str]:

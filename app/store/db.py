@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 from sqlalchemy import Engine, ExceptionContext, event
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -130,6 +130,20 @@ async def deadline(sessions: Sessions, seconds: float) -> AsyncIterator[None]:
         if watch.cut_short_at >= began:  # another task's cancellation may count too: harmless
             watch.timed_out()
         raise
+
+
+# SQLSTATE classes of a database that is away, not of a statement that is wrong: 08
+# connection exception, 57 operator intervention (query_canceled at the timeout,
+# admin_shutdown, crash_shutdown, cannot_connect_now, ...).
+_AWAY_SQLSTATE_CLASSES = ("08", "57")
+
+
+def database_away(error: DBAPIError) -> bool:
+    """Whether a statement failed because Postgres or the connection to it went away (a
+    restart, a failover, the database timeout), not because it was wrong: its connection is
+    closed (SQLAlchemy then invalidates it), or the server said so."""
+    sqlstate = getattr(error.orig, "sqlstate", None) or ""
+    return error.connection_invalidated or sqlstate[:2] in _AWAY_SQLSTATE_CLASSES
 
 
 def make_sessions(engine: AsyncEngine) -> Sessions:
