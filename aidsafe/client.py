@@ -24,7 +24,7 @@ from itertools import count
 from pathlib import Path
 from typing import Any, BinaryIO, Concatenate, Generic, ParamSpec, Protocol, TypeVar, overload
 from urllib.parse import quote
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import httpx
 from httpx_sse import EventSource, ServerSentEvent
@@ -181,9 +181,12 @@ def _list_of(model: type[M]) -> Callable[[httpx.Response], list[M]]:
     return lambda response: adapter.validate_json(response.content)
 
 
-def _submitted(model: type[M]) -> Callable[[httpx.Response], M]:
-    """A submission's answer: 200 (not 202) is a replay of the same Idempotency-Key."""
-    return lambda response: model.model_validate({**response.json(), "replayed": response.status_code == 200})
+def _submitted(model: type[M], keyed_by_caller: bool) -> Callable[[httpx.Response], M]:
+    """A submission's answer: 200 (not 202) is a replay of the same Idempotency-Key. Under a
+    key of the client's own, a replay answers a retry of this call: the job is still new."""
+    return lambda response: model.model_validate(
+        {**response.json(), "replayed": keyed_by_caller and response.status_code == 200}
+    )
 
 
 def _params(**values: Any) -> Params:
@@ -299,14 +302,16 @@ def _evaluation_options(
 
 
 def _submission(path: str, model: type[M], idempotency_key: str | None, **request: Any) -> Call[M]:
-    """A POST that creates a job: sent again (on 429/503) only with an Idempotency-Key, which
-    makes a repeat answer the first job (`replayed`) rather than create a second."""
+    """A POST that creates a job, always under an Idempotency-Key: the caller's (a repeat of
+    an earlier call answers its job, `replayed`), or one of this call's own. Either way it is
+    sent again on a 429 or 503, which the API may answer after the job was stored (Postgres
+    gone before the answer): without a key, a retry by hand made a second job."""
     return Call(
         "POST",
         path,
-        _submitted(model),
-        headers={"Idempotency-Key": idempotency_key} if idempotency_key is not None else {},
-        idempotent=idempotency_key is not None,
+        _submitted(model, keyed_by_caller=idempotency_key is not None),
+        headers={"Idempotency-Key": idempotency_key or f"aidsafe-client-{uuid4()}"},
+        idempotent=True,
         **request,
     )
 
@@ -721,8 +726,10 @@ class _BaseClient(Generic[TransportT]):
         `{"max_cost_usd": ..., "max_tokens": ...}` (either or both), after which no new LLM
         call starts (see `update_job`). `prompt_set` names the templates that word the
         requests (see `list_prompt_sets`; default: the built-in set), `prompt_set_version`
-        pins one version. With an `idempotency_key` the submission is safe to retry (and is
-        retried on 429/503): the same key and body answer the first job, with `replayed` True."""
+        pins one version. The submission is retried on 429/503 under an Idempotency-Key
+        (`idempotency_key`, or one of the call's own), so it makes one job at most; with
+        `idempotency_key` a later call with the same key and body answers the first job, with
+        `replayed` True."""
         body = _job_body(
             prompts,
             config,

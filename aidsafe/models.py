@@ -218,7 +218,7 @@ class SubmittedJob(Job):
     callback_secret: str | None = Field(description="Shown only in the answer to the submission.")
     replayed: bool = Field(
         default=False,
-        description="Client-side: the Idempotency-Key named an earlier job (HTTP 200, not 202).",
+        description="Client-side: your Idempotency-Key named a job of an earlier call (HTTP 200, not 202).",
     )
 
 

@@ -789,23 +789,55 @@ async def test_a_429_is_retried_for_calls_safe_to_repeat_only(
 
     with aidsafe.Client(live_api, secret(auth), transport=RateLimited(1)) as client:
         with pytest.raises(aidsafe.AidsafeError) as limited:
-            client.submit(["a"])  # no Idempotency-Key: a retry might make a second job
+            client.create_webhook("label_studio")  # not safe to repeat: a second webhook
         assert (limited.value.status, limited.value.code, limited.value.message) == (
             429,
             "rate_limited",
             "slow down",
         )
-        assert await row_counts(sessions) == (0, 0)
         assert client.submit(["a"], idempotency_key="once").counts.total == 1
 
     with aidsafe.Client(live_api, secret(auth), transport=RateLimited(1)) as client:
         assert client.submit(["b"], idempotency_key="twice").replayed is False
-    assert await row_counts(sessions) == (2, 2)
+        assert client.submit(["c"]).replayed is False  # under a key of the call's own
+    assert await row_counts(sessions) == (3, 3)
 
     gives_up = aidsafe.Client(live_api, secret(auth), transport=RateLimited(9), max_retries=2)
     with gives_up, pytest.raises(aidsafe.AidsafeError) as gave_up:
         gives_up.list_jobs()
     assert gave_up.value.status == 429
+
+
+class AnswerLost(httpx.HTTPTransport):
+    """Between the client and the API: the first POST reaches the API, which stores the job,
+    and its answer is replaced by the 503 an API answers when Postgres goes before it can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keys: list[str | None] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        answer = super().handle_request(request)
+        if request.method != "POST":
+            return answer
+        self.keys.append(request.headers.get("Idempotency-Key"))
+        if len(self.keys) > 1:
+            return answer
+        answer.read()
+        body = {"error": {"code": "unavailable", "message": "the database is unavailable", "details": None}}
+        return httpx.Response(503, json=body, headers={"Retry-After": "0"})
+
+
+async def test_a_submission_whose_answer_was_lost_is_retried_into_the_same_job(
+    live_api: str, auth: Headers, sessions: Sessions
+) -> None:
+    transport = AnswerLost()
+    with aidsafe.Client(live_api, secret(auth), transport=transport) as client:
+        submitted = client.submit(["a", "b"])  # no idempotency_key given
+    assert submitted.replayed is False  # the caller's first and only submission
+    assert await row_counts(sessions) == (1, 2)
+    first, again = transport.keys
+    assert first is not None and first == again
 
 
 # The client's models beside the API's response schemas.
