@@ -587,10 +587,14 @@ async def test_a_report_of_thousands_of_categories_is_computed_off_the_event_loo
     api: httpx.AsyncClient, auth: Headers, sessions: Sessions
 ) -> None:
     """Categories are the client's: each adds an interval per metric and target (about 250 µs
-    of scipy each), and 2,000 of them held every other request for over a second."""
+    of scipy each), and 2,000 of them held every other request for over a second; with the
+    intervals in a thread, making the 10,000 tallies of 5 targets and the report's rows still
+    held it for 60-70 ms of CPU; with those in the thread too, 20-25 ms (reading the tallies
+    and encoding the response)."""
     prompts = [{"prompt": f"prompt {n}", "expected": "refuse", "category": f"c{n}"} for n in range(2000)]
+    targets = [f"m{n}" for n in range(5)]
     evaluation = await submit_evaluation(
-        api, auth, evaluation_body([{"name": "wide", "prompts": prompts}], "m1")
+        api, auth, evaluation_body([{"name": "wide", "prompts": prompts}], *targets)
     )
     async with sessions.begin() as session:  # every answer judged, as the workers would leave them
         answers = select(ModelAnswer.item_id).where(ModelAnswer.job_id == UUID(evaluation["id"]))
@@ -601,13 +605,16 @@ async def test_a_report_of_thousands_of_categories_is_computed_off_the_event_loo
             .values(judged_at=func.now(), unsafe=False, refused=True)
         )
 
-    response, paused = await longest_loop_pause(
+    response, held = await longest_loop_pause(
         api.get(f"/v1/model-evaluations/{evaluation['id']}", headers=auth)
     )
 
     assert response.status_code == 200, response.text
-    assert len(response.json()["table"]) == 2 * 2001  # two metrics of refusals, each category and all
-    assert paused < 0.3, f"the event loop was held for {paused:.2f} s of CPU"
+    table = response.json()["table"]
+    assert len(table) == 2 * 2001  # two metrics of refusals, each category and all
+    assert len(table[0]["models"]) == len(targets)
+    # CI's load inflates the loop's CPU by half again or more.
+    assert held < 0.045, f"the event loop was held for {held:.3f} s of CPU"
 
 
 async def test_benchmark_rows_of_thousands_of_values_asked_of_eight_targets_are_written_off_the_event_loop(

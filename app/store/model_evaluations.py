@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID, uuid4
 
-from sqlalchemy import func, select
+from sqlalchemy import Row, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.deliberation.ports import Stage
@@ -131,9 +131,11 @@ class Tally:
     truncated: int  # answers the server cut at max_tokens
 
 
-async def tallies(session: AsyncSession, job: Job) -> list[Tally]:
-    """The job's answers counted per (target, benchmark, category, expected), in that order.
-    Reads the owner's rows only (the job is the owner's: `job` was read for its key)."""
+async def tally_rows(session: AsyncSession, job: Job) -> Sequence[Row[*tuple[Any, ...]]]:
+    """The job's answers counted per (target, benchmark, category, expected), in that order,
+    as rows for tallies_of (a row per category and target: thousands, made into tallies off
+    the event loop). Reads the owner's rows only (the job is the owner's: `job` was read for
+    its key)."""
     completed = Item.status == ItemStatus.COMPLETED
     done = ModelAnswer.judged_at.is_not(None) & completed
     count = func.count()
@@ -155,4 +157,9 @@ async def tallies(session: AsyncSession, job: Job) -> list[Tally]:
         .group_by(*cell)
         .order_by(*cell)
     )
+    return rows.all()
+
+
+def tallies_of(rows: Sequence[Row[*tuple[Any, ...]]]) -> list[Tally]:
+    """tally_rows' rows as tallies."""
     return [Tally(**row._mapping) for row in rows]
