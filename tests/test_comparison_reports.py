@@ -376,7 +376,7 @@ async def test_the_viewers_page_of_a_comparison_of_10000_prompts_and_5_judges_ho
 ) -> None:
     """job.html computed the means and 15 Wilson intervals as it rendered, on the event loop:
     with the means from counts and the gaps counted in SQL, still 11-12 ms at a stretch (41
-    ms before); rendered in the report's worker thread, 3-4 ms."""
+    ms before); rendered with the whole page in a worker thread, 3-4 ms."""
     comparison = await judged_comparison(api, auth, sessions, 10_000, 5, IN_TURN)
     await logged_in(api, auth)
     await api.get(f"/view/jobs/{comparison}")  # its templates compiled, once for every job
