@@ -132,7 +132,8 @@ async def estimate_job(
     nothing: no job, no items, no Idempotency-Key."""
     planned = await _planned(key.id, body, session, settings, presets)
     plan, texts = planned.plan, [p.prompt for _, p in planned.kept]
-    figures = estimate(plan, *planned.for_engine(), texts)
+    # A cost per prompt: 10,000 held the event loop for 10 ms.
+    figures = await asyncio.to_thread(estimate, plan, *planned.for_engine(), texts)
     return EstimateOut.model_validate({**asdict(figures), "prices": plan.prices})
 
 
@@ -165,8 +166,8 @@ async def _planned(
         session, key_id, body.policy_set.name, body.policy_set.version
     )
     prompt_set = await resolve_prompt_set(session, key_id, body.prompt_set)
-    prompts = body.prompt_items()
-    found = await asyncio.to_thread(duplicates.find, [p.prompt for p in prompts], body.duplicates)
+    # Off the event loop: 10,000 prompts' models and their duplicates take 20-30 ms.
+    prompts, found = await asyncio.to_thread(_prompts_and_duplicates, body)
     skipped = set(found.skipped)
     kept = [(position, p) for position, p in enumerate(prompts) if position not in skipped]
     planned = _Planned(plan, policy_set, prompt_set, found, kept)
@@ -174,6 +175,11 @@ async def _planned(
     check_job_fits(plan, policies, wording, texts, settings)
     check_budget(body.budget, plan, policies, wording, texts)
     return planned
+
+
+def _prompts_and_duplicates(body: JobIn) -> tuple[list[PromptIn], DuplicatesOut]:
+    prompts = body.prompt_items()
+    return prompts, duplicates.find([p.prompt for p in prompts], body.duplicates)
 
 
 @router.get("", responses=documented(400, 401, 422, 503))
