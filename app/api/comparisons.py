@@ -112,7 +112,7 @@ async def create_comparison(
     )
     await submission.accept(job, new_item_ids)
     shown = await _comparison_out(session, job)
-    return SubmittedComparisonOut(**shown.model_dump(), callback_secret=job.callback_secret)
+    return SubmittedComparisonOut(**dict(shown), callback_secret=job.callback_secret)
 
 
 @router.get("", responses=documented(400, 401, 422, 503))

@@ -116,7 +116,7 @@ async def submit_job(
     )
     await submission.accept(job, new_item_ids)
     shown = await job_out(session, job)
-    return SubmittedJobOut(**shown.model_dump(), callback_secret=job.callback_secret)
+    return SubmittedJobOut(**dict(shown), callback_secret=job.callback_secret)
 
 
 @router.post("/estimate", responses=documented(400, 401, 413, 422, 503), openapi_extra=JOB_BODY.openapi)

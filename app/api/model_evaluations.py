@@ -112,7 +112,7 @@ async def create_model_evaluation(
     )
     await submission.accept(job, new_item_ids)
     shown = await evaluation_out(session, job)
-    return SubmittedModelEvaluationOut(**shown.model_dump(), callback_secret=job.callback_secret)
+    return SubmittedModelEvaluationOut(**dict(shown), callback_secret=job.callback_secret)
 
 
 @router.get("/{evaluation_id}", responses=ERRORS)

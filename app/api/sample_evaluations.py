@@ -218,7 +218,7 @@ async def _submit(
     )
     await submission.accept(job, new_item_ids)
     evaluation = await evaluation_out(session, job)
-    return SubmittedSampleEvaluationOut(**evaluation.model_dump(), callback_secret=job.callback_secret)
+    return SubmittedSampleEvaluationOut(**dict(evaluation), callback_secret=job.callback_secret)
 
 
 async def evaluation_out(session: AsyncSession, job: Job) -> SampleEvaluationOut:

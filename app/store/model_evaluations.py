@@ -3,6 +3,7 @@ judged for safety and for refusal; and the counts a report is made of, in SQL.""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -65,11 +66,9 @@ async def create(
     asked = [(case, target) for case in cases for target in range(targets)]
     new_items = [jobs.NewItem(n, case.prompt, case.metadata) for n, (case, _) in enumerate(asked)]
     ids = await jobs.copy_items(session, job.id, new_items, stage=Stage.RESPOND.value)
-    await copy_rows(
-        session,
-        ModelAnswer.__tablename__,
-        ["id", "item_id", "job_id", "owner_key_id", "target", "benchmark", "category", "expected"],
-        [
+    # In a worker thread: 10,000 rows' ids held the event loop for 20 ms.
+    answers = await asyncio.to_thread(
+        lambda: [
             (
                 uuid4(),
                 item_id,
@@ -81,8 +80,10 @@ async def create(
                 case.expected,
             )
             for item_id, (case, target) in zip(ids, asked, strict=True)
-        ],
+        ]
     )
+    columns = ["id", "item_id", "job_id", "owner_key_id", "target", "benchmark", "category", "expected"]
+    await copy_rows(session, ModelAnswer.__tablename__, columns, answers)
     return job, ids
 
 

@@ -4,6 +4,7 @@ other set's sample of each prompt. The report's figures are counted in SQL."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -51,15 +52,15 @@ async def submit(
         return job, []
     new_items = [jobs.NewItem(position, s.prompt, s.metadata) for position, s in enumerate(samples)]
     ids = await jobs.copy_items(session, job.id, new_items)
-    await copy_rows(
-        session,
-        ImportedSample.__tablename__,
-        ["id", "item_id", "job_id", "position", "thoughts", "response", "label"],
-        [
+    # In a worker thread: 10,000 rows' ids and thoughts held the event loop for 25 ms.
+    rows = await asyncio.to_thread(
+        lambda: [
             (uuid4(), item_id, job.id, position, json.dumps(s.thoughts), s.response, s.label)
             for position, (item_id, s) in enumerate(zip(ids, samples, strict=True))
-        ],
+        ]
     )
+    columns = ["id", "item_id", "job_id", "position", "thoughts", "response", "label"]
+    await copy_rows(session, ImportedSample.__tablename__, columns, rows)
     if plan.against_job_id is not None and not await _link_other_set(session, job.id, plan.against_job_id):
         none = f"job {plan.against_job_id} has a sample of none of these prompts (exact text)"
         raise NoCommonPrompts(none)
