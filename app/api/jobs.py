@@ -273,7 +273,9 @@ async def list_cots(
 ) -> CotPage:
     """Refined CoTs of completed items, in prompt order, with their scores and gate decision."""
     rows, next_cursor = await jobs.page_cots(session, job.id, accepted, cursor, limit)
-    return CotPage(data=[views.cot_out(cot, item) for cot, item in rows], next_cursor=next_cursor)
+    # Shaped in a worker thread: a page of 500 CoTs held the event loop for 44 ms.
+    data = await asyncio.to_thread(lambda: [views.cot_out(cot, item) for cot, item in rows])
+    return CotPage(data=data, next_cursor=next_cursor)
 
 
 @router.get("/{job_id}/preference-pairs", responses=PAGE_ERRORS)
