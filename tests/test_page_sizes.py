@@ -298,5 +298,5 @@ async def test_a_page_of_500_graded_cots_is_shaped_off_the_event_loop(
 
     assert response.status_code == 200, response.text
     assert len(response.json()["data"]) == ROWS
-    # Near the geometric mean of the two.
-    assert held < 0.025, f"the event loop was held for {held:.3f} s of CPU"
+    # Between the two, with room for a slower machine than the 17 ms seen at worst.
+    assert held < 0.032, f"the event loop was held for {held:.3f} s of CPU"
