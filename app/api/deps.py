@@ -17,6 +17,7 @@ from app.config import Settings
 from app.errors import Unauthorized
 from app.presets import Presets
 from app.store import jobs, keys
+from app.store.db import closed_quietly
 from app.store.models import ApiKey, Job
 
 
@@ -29,8 +30,11 @@ async def _state(request: Request) -> ApiState:
 StateDep = Annotated[ApiState, Depends(_state)]
 
 
+# FastAPI closes a dependency with yield once the response has been sent: a session that then
+# failed to close (its connection ended by a Postgres restart) raised out of the app, a
+# traceback and a dropped keep-alive connection for an answer already given.
 async def _session(state: StateDep) -> AsyncIterator[AsyncSession]:
-    async with state.sessions() as session:
+    async with closed_quietly(state.sessions) as session:
         yield session
 
 
@@ -72,7 +76,7 @@ CurrentKey = Annotated[ApiKey, Depends(_current_key)]
 
 
 async def _key_write_session(state: StateDep, key: CurrentKey) -> AsyncIterator[AsyncSession]:
-    async with state.key_turns.turn(key.id), state.sessions() as session:
+    async with state.key_turns.turn(key.id), closed_quietly(state.sessions) as session:
         yield session
 
 

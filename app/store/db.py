@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -21,6 +22,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 Sessions = async_sessionmaker[AsyncSession]
+log = logging.getLogger(__name__)
 
 
 def make_engine(database_url: str, timeout_s: float, connections: int) -> AsyncEngine:
@@ -144,6 +146,25 @@ def database_away(error: DBAPIError) -> bool:
     closed (SQLAlchemy then invalidates it), or the server said so."""
     sqlstate = getattr(error.orig, "sqlstate", None) or ""
     return error.connection_invalidated or sqlstate[:2] in _AWAY_SQLSTATE_CLASSES
+
+
+@asynccontextmanager
+async def closed_quietly(sessions: Sessions) -> AsyncIterator[AsyncSession]:
+    """A session, closed at the end as `async with sessions()` does (to the end, even if the
+    caller is cancelled meanwhile). Closing rolls back the transaction still open: if Postgres
+    has ended the connection (a restart), there is nothing left to roll back and SQLAlchemy
+    discards it, so that failure is a warning line, not an error of the caller's, whose work
+    is done (or failed with an error of its own, which passes through as it is)."""
+    session = sessions()
+    try:
+        yield session
+    finally:
+        try:
+            await session.__aexit__(None, None, None)
+        except DBAPIError as error:
+            if not database_away(error):
+                raise
+            log.warning("a session closed on a connection the database had ended: %s", error.orig)
 
 
 def make_sessions(engine: AsyncEngine) -> Sessions:
