@@ -12,15 +12,16 @@ import asyncio
 import csv
 import io
 import json
+import logging
 import socket
 import time
 import tracemalloc
-from collections.abc import Awaitable
+from collections.abc import AsyncGenerator, Awaitable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import datasets
 import httpx
@@ -46,7 +47,7 @@ from app.store.models import Annotation, Cot, Item, Job, TurnRow
 from bench.export import insert_finished_job
 from tests.conftest import eventually, new_key, run_worker_burst, served
 from tests.scripted_llm import ScriptedLLM, guard_verdict, reply, scores
-from tests.test_api import error_of, submit
+from tests.test_api import error_of, other_backend, submit
 from tests.test_key_limits import waiting_for_locks
 from tests.test_quality_api import (
     HAZARD,
@@ -964,7 +965,7 @@ async def test_an_export_ended_for_its_stalled_client_gives_back_the_connection_
     job_id = await bulk_job(sessions, 3 * BATCH_ROWS)
     engine = make_engine(settings.database_url, settings.database_timeout_s, 2)  # the export's alone
     chunks = encoded(make_sessions(engine), job_id, FORMATS["trl_sft"], ExportOptions(), ExportFilter())
-    response = _StallingEnds(chunks, stall_s=0.5)
+    response = _StallingEnds(chunks, job_id=job_id, stall_s=0.5)
     released = asyncio.Event()
     queued: asyncio.Task[None] | None = None
     try:
@@ -987,6 +988,52 @@ async def test_an_export_ended_for_its_stalled_client_gives_back_the_connection_
         if queued is not None:
             await queued
         await engine.dispose()
+
+
+async def test_an_export_the_database_cuts_off_is_a_warning_not_a_traceback(
+    sessions: Sessions, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Postgres restart ended the reads of the exports under way: each raised out of the app,
+    logged with a traceback ("Exception in ASGI application") as if it were a bug. It is one
+    warning naming the job and the fault; the response is still cut off without its last chunk."""
+    job_id = await bulk_job(sessions, 3 * BATCH_ROWS)
+    chunks = encoded(sessions, job_id, FORMATS["trl_sft"], ExportOptions(), ExportFilter())
+    sent: list[Message] = []
+
+    async def taken(message: Message) -> None:
+        sent.append(message)
+
+    async with sessions.begin() as locking:
+        await locking.execute(text(LOCK_COTS))
+        sending = asyncio.create_task(
+            _StallingEnds(chunks, job_id=job_id, stall_s=30)(UVICORN_SCOPE, never_disconnects, taken)
+        )
+        reading = await eventually(
+            lambda: other_backend(sessions, "wait_event_type = 'Lock'"), what="the first batch's read waiting"
+        )
+        await locking.execute(text("SELECT pg_terminate_backend(:pid, 5000)"), {"pid": reading})
+    await asyncio.wait_for(sending, 20)
+
+    assert sent[0]["type"] == "http.response.start" and sent[-1]["more_body"]  # never the last chunk
+    logged = [record for record in caplog.records if record.levelno >= logging.WARNING]
+    assert [(record.levelname, record.exc_info) for record in logged] == [("WARNING", None)]
+    assert (
+        logged[0].getMessage().startswith(f"the export of job {job_id} was cut off: the database went away (")
+    )
+
+
+async def test_an_export_that_fails_for_a_bug_still_raises_for_its_traceback() -> None:
+    """Only the database's going away is quieted: any other failure of an export is a bug,
+    which the server must log with its traceback."""
+
+    async def failing() -> AsyncGenerator[bytes, None]:
+        yield b"["
+        raise ValueError("a bug")
+
+    with pytest.raises(ValueError, match="a bug"):
+        await _StallingEnds(failing(), job_id=uuid4(), stall_s=30)(
+            UVICORN_SCOPE, never_disconnects, stops_after(9)
+        )
 
 
 LOCK_COTS = "LOCK TABLE cots IN ACCESS EXCLUSIVE MODE"

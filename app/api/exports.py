@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from enum import StrEnum
 from typing import Annotated, Any
+from uuid import UUID
 
 import anyio
 from fastapi import APIRouter, Depends, Query, Request
@@ -21,6 +22,7 @@ from app.exports.formats import FORMATS, JSON
 from app.exports.options import CotStyle, ExportOptions, parse_min_scores
 from app.exports.streaming import encoded
 from app.store import keys
+from app.store.db import database_away
 from app.store.export_rows import ExportFilter, Source
 from app.store.jobs import pairs_min_gap
 
@@ -125,6 +127,7 @@ async def export_job(
     await session.close()
     return _StallingEnds(
         encoded(state.sessions, job.id, fmt, ExportOptions(cot, system, human_edits), filters),
+        job_id=job.id,
         stall_s=state.settings.export_stall_s,
         media_type=fmt.media_type,
         headers={"Content-Disposition": f'attachment; filename="{filename}"'},
@@ -142,11 +145,14 @@ class _StallingEnds(StreamingResponse):
     _PIECE_BYTES): a client that stopped reading but kept its connection open held the key's
     seat (and one of the process's) for good, and a few keys' stalled exports every seat there
     is. Ended so, the response is cut off without its last chunk, which clients report as an
-    incomplete body."""
+    incomplete body; so is one whose rows the database could not send (a restart)."""
 
-    def __init__(self, content: AsyncGenerator[bytes, None], *, stall_s: float, **options: Any) -> None:
+    def __init__(
+        self, content: AsyncGenerator[bytes, None], *, job_id: UUID, stall_s: float, **options: Any
+    ) -> None:
         super().__init__(content, **options)
         self.content = content
+        self.job_id = job_id
         self.stall_s = stall_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -164,6 +170,13 @@ class _StallingEnds(StreamingResponse):
             # cancelled and gives its Postgres connection back (encoded's finally). The content
             # is not running: it waits for the send that gave up.
             await self.content.aclose()
+        except Exception as error:
+            if not database_away(error):
+                raise
+            # Not a bug: a traceback ("Exception in ASGI application") for every export under
+            # way at a Postgres restart. Returning cuts the response off as raising did (uvicorn
+            # closes the connection, with a line that the response was not completed).
+            log.warning("the export of job %s was cut off: the database went away (%r)", self.job_id, error)
 
 
 def _pieces(message: Message) -> Iterator[Message]:

@@ -140,12 +140,19 @@ async def deadline(sessions: Sessions, seconds: float) -> AsyncIterator[None]:
 _AWAY_SQLSTATE_CLASSES = ("08", "57")
 
 
-def database_away(error: DBAPIError) -> bool:
+def database_away(error: BaseException) -> bool:
     """Whether a statement failed because Postgres or the connection to it went away (a
     restart, a failover, the database timeout), not because it was wrong: its connection is
-    closed (SQLAlchemy then invalidates it), or the server said so."""
-    sqlstate = getattr(error.orig, "sqlstate", None) or ""
-    return error.connection_invalidated or sqlstate[:2] in _AWAY_SQLSTATE_CLASSES
+    closed (SQLAlchemy then invalidates it), was refused or reset, or the server said so (to
+    SQLAlchemy, or to asyncpg itself for the statements sent to the driver: driver_connection)."""
+    if isinstance(error, DBAPIError):
+        return error.connection_invalidated or _says_away(error.orig)
+    return isinstance(error, ConnectionError) or _says_away(error)
+
+
+def _says_away(error: BaseException | None) -> bool:
+    sqlstate = getattr(error, "sqlstate", None) or ""
+    return sqlstate[:2] in _AWAY_SQLSTATE_CLASSES
 
 
 @asynccontextmanager
