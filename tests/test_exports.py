@@ -68,6 +68,14 @@ USAGE = ["llm_calls", "prompt_tokens", "cached_prompt_tokens", "completion_token
 COLUMNS = [*PUBLISHED, "explicit_intents", "explicit_labels", "fallbacks", *USAGE]
 
 
+@pytest.fixture(autouse=True)
+def statements_built_afresh() -> None:
+    """Each test's exports build their statements from the code as it is: one kept from an
+    earlier test (or inherited from mutmut's clean run by every mutant's forked process) would
+    hide a change to how rows_query builds them."""
+    batches_statement.cache_clear()
+
+
 @pytest.fixture
 async def scoped(sessions: Sessions) -> Headers:
     return await new_key(sessions, "red-team", ("hazardous:read",))
