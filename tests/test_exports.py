@@ -398,6 +398,35 @@ async def test_every_dataset_row_carries_its_intent_labels_fallbacks_and_usage_a
     assert all(list(record) == ["messages"] for record in sft)  # training records stay clean
 
 
+async def test_an_items_cost_is_unknown_when_any_of_its_turns_is_unpriced(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    """Not the sum of the priced turns: that would pass off a partial cost as the whole."""
+    job_id = await finished_job(api, auth, sessions, [completed()])
+    async with sessions.begin() as session:
+        item = await session.scalar(select(Item).where(Item.job_id == UUID(job_id)))
+        assert item is not None
+        session.add_all([a_turn_row(item, 0, 0.25), a_turn_row(item, 1, None)])
+
+    (record,) = json_lines(await exported(api, auth, job_id, "jsonl"))
+    (row,) = csv_rows(await exported(api, auth, job_id, "aidsafe_csv"))
+
+    assert (record["usage"]["llm_calls"], record["usage"]["cost_usd"]) == (2, None)
+    assert (row["llm_calls"], row["cost_usd"]) == ("2", "")
+
+
+async def test_intents_stored_without_explicit_ones_export_no_explicit_intents_and_no_labels(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    results = [replace(completed(), intents={"implicit_intents": ["Stay safe."]})]
+    job_id = await finished_job(api, auth, sessions, results)
+
+    (record,) = json_lines(await exported(api, auth, job_id, "jsonl"))
+
+    assert (record["explicit_intents"], record["explicit_labels"]) == ([], [])
+    assert record["implicit_intents"] == ["Stay safe."]
+
+
 def a_turn_row(item: Item, n: int, cost: float | None) -> TurnRow:
     return TurnRow(
         item_id=item.id,
