@@ -13,7 +13,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 from uuid import UUID
 
@@ -460,6 +460,26 @@ async def test_an_import_over_the_import_size_limit_is_refused_with_413(
 
     error_of(response, 413, "payload_too_large")
     assert await stored(sessions) == []
+
+
+async def test_an_import_of_exactly_the_import_size_limit_is_read_with_its_length_declared_or_not(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    """The limit is the largest size read, as the serial test of that size sends: both the
+    declared length and the bytes counted as they come may equal it."""
+    job_id, body = await ls_job(api, auth, settings)
+    text_ = json.dumps(body).encode()
+    padded = text_[:-1] + b" " * (settings.max_import_bytes - len(text_)) + b"]"
+    assert len(padded) == settings.max_import_bytes
+
+    async def undeclared() -> AsyncIterator[bytes]:  # sent chunked, without a Content-Length
+        yield padded
+
+    for content in (padded, undeclared()):
+        response = await api.post(LS_IMPORT.format(job_id), content=content, headers={**auth, **JSON})
+
+        assert response.status_code == 200, response.text
+    assert await stored(sessions)  # imported, not only let through
 
 
 async def test_a_chunked_body_without_a_key_is_refused_before_the_rest_of_it_comes(live_api: str) -> None:
