@@ -655,6 +655,23 @@ async def test_a_body_that_is_not_json_is_a_bad_request_on_every_route_that_take
     )
 
 
+async def test_a_body_is_read_only_when_its_media_type_is_json(api: httpx.AsyncClient, auth: Headers) -> None:
+    """As FastAPI's own bodies: no browser form (text/plain needs no CORS preflight) passes for
+    JSON. Parameters and case do not matter, and a structured +json type is JSON."""
+    body = json.dumps({"prompts": ["a"]}).encode()
+
+    async def posted(media_type: str | None) -> httpx.Response:
+        headers = {**auth, **({"Content-Type": media_type} if media_type else {})}
+        return await api.post("/v1/jobs", content=body, headers=headers)
+
+    for json_type in ("application/json; charset=utf-8", "Application/JSON", "application/vnd.x+json"):
+        assert (await posted(json_type)).status_code == 202, json_type
+    for other in (None, "text/plain", "application/x-www-form-urlencoded", "text/x+json"):
+        assert (
+            "Content-Type: application/json" in error_of(await posted(other), 400, "bad_request")["message"]
+        )
+
+
 @pytest.mark.parametrize(
     ("result", "problem"),
     [
