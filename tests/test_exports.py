@@ -415,16 +415,19 @@ async def test_an_items_cost_is_unknown_when_any_of_its_turns_is_unpriced(
     assert (row["llm_calls"], row["cost_usd"]) == ("2", "")
 
 
-async def test_intents_stored_without_explicit_ones_export_no_explicit_intents_and_no_labels(
+async def test_intents_stored_without_some_of_their_lists_export_those_lists_empty(
     api: httpx.AsyncClient, auth: Headers, sessions: Sessions
 ) -> None:
-    results = [replace(completed(), intents={"implicit_intents": ["Stay safe."]})]
+    intents = [{"implicit_intents": ["Stay safe."]}, {"explicit_intents": ["Store bleach."]}]
+    results = [replace(completed(), intents=stored) for stored in intents]
     job_id = await finished_job(api, auth, sessions, results)
 
-    (record,) = json_lines(await exported(api, auth, job_id, "jsonl"))
+    records = json_lines(await exported(api, auth, job_id, "jsonl"))
 
-    assert (record["explicit_intents"], record["explicit_labels"]) == ([], [])
-    assert record["implicit_intents"] == ["Stay safe."]
+    assert [(r["explicit_intents"], r["explicit_labels"], r["implicit_intents"]) for r in records] == [
+        ([], [], ["Stay safe."]),
+        (["Store bleach."], ["unlabelled"], []),
+    ]
 
 
 def a_turn_row(item: Item, n: int, cost: float | None) -> TurnRow:
