@@ -430,6 +430,20 @@ async def test_intents_stored_without_some_of_their_lists_export_those_lists_emp
     ]
 
 
+async def test_gate_reasons_stored_as_json_null_export_as_no_reasons(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    """As SQL NULL (not graded) does: the record's gate_reasons is always a list."""
+    job_id = await finished_job(api, auth, sessions, [completed(), completed()])
+    async with sessions.begin() as session:
+        first = (Cot.job_id == UUID(job_id)) & (Cot.position == 0)
+        await session.execute(update(Cot).where(first).values(gate_reasons=text("'null'::jsonb")))
+
+    records = json_lines(await exported(api, auth, job_id, "jsonl"))
+
+    assert [r["gate_reasons"] for r in records] == [[], []]
+
+
 def a_turn_row(item: Item, n: int, cost: float | None) -> TurnRow:
     return TurnRow(
         item_id=item.id,
