@@ -40,8 +40,8 @@ from app.exports.options import ExportOptions
 from app.exports.records import FULL_COT_SCHEMA
 from app.exports.streaming import encoded
 from app.store.db import Sessions, make_engine, make_sessions
-from app.store.export_rows import ExportFilter
-from app.store.exports import BATCH_ROWS, batches_statement
+from app.store.export_rows import ExportFilter, Source
+from app.store.exports import BATCH_ROWS, batches_statement, read_batches
 from app.store.keys import create_key
 from app.store.models import Annotation, Cot, Item, Job, TurnRow
 from bench.export import insert_finished_job
@@ -766,6 +766,19 @@ async def bulk_job(sessions: Sessions, count: int) -> UUID:
     async with sessions.begin() as session:
         key, _ = await create_key(session, f"bulk-{count}")
         return await insert_finished_job(session, key.id, count)
+
+
+async def test_full_records_read_in_batches_are_each_sent_once_in_prompt_order(sessions: Sessions) -> None:
+    """Each batch is the next positions after the last batch's: the full record's statement
+    gives each record's position beside it for that."""
+    job_id = await bulk_job(sessions, 7)
+
+    batches = [
+        b async for b in read_batches(sessions, job_id, Source.FULL_COT_JSON, ExportFilter(), batch_rows=2)
+    ]
+
+    assert [[row["position"] for row in batch] for batch in batches] == [[0, 1], [2, 3], [4, 5], [6]]
+    assert [json.loads(batch[0][0])["position"] for batch in batches] == [0, 2, 4, 6]
 
 
 async def export_peak_bytes(sessions: Sessions, job_id: UUID, format: str) -> tuple[int, int]:
