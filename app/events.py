@@ -301,7 +301,7 @@ async def follow(source: JobEventSource, last_event_id: str | None) -> AsyncGene
                 return
             await asyncio.sleep(source.settings.events_resync_s)
         except (DBAPIError, ConnectionError) as error:
-            if isinstance(error, DBAPIError) and not database_away(error):
+            if not database_away(error):  # every ConnectionError is; a DBAPIError may not be
                 raise
             away_since = away_since or time.monotonic()
             if time.monotonic() - away_since > POSTGRES_AWAY_S:
