@@ -571,25 +571,32 @@ Queue = Callable[[dict[str, float]], Awaitable[list[bytes]]]
 
 
 @pytest.fixture
-async def queued(settings: Settings, arq_redis: ArqRedis) -> AsyncIterator[Queue]:
+def poll_settings(settings: Settings) -> Settings:
+    """The session's settings with a queue of this test's own: a worker's start script reads
+    the queue itself, and would start a job another test of the session left in its queue."""
+    return settings.model_copy(update={"queue_name": f"{settings.queue_name}:poll:{uuid4().hex}"})
+
+
+@pytest.fixture
+async def queued(poll_settings: Settings, arq_redis: ArqRedis) -> AsyncIterator[Queue]:
     """Puts arq job ids in the test queue at the given scores; afterwards drops them, their
     in-progress marks and their taken records."""
     added: list[str] = []
 
     async def queue(jobs: dict[str, float]) -> list[bytes]:
-        await arq_redis.zadd(settings.queue_name, jobs)
+        await arq_redis.zadd(poll_settings.queue_name, jobs)
         added.extend(jobs)
         return [job_id.encode() for job_id in jobs]
 
     yield queue
     if added:
-        await arq_redis.zrem(settings.queue_name, *added)
+        await arq_redis.zrem(poll_settings.queue_name, *added)
         await arq_redis.delete(*(in_progress_key_prefix + job_id for job_id in added))
-        await arq_redis.hdel(liveness.taken_key(settings), *added)  # type: ignore[misc]  # redis-py types hash commands as sync or async
+        await arq_redis.hdel(liveness.taken_key(poll_settings), *added)  # type: ignore[misc]  # redis-py types hash commands as sync or async
 
 
 async def test_a_poll_starts_jobs_in_one_round_trip_however_many_run(
-    settings: Settings, arq_redis: ArqRedis, queued: Queue
+    poll_settings: Settings, arq_redis: ArqRedis, queued: Queue
 ) -> None:
     """arq checks and marks each job it reads at the queue's head in a transaction of its own
     (WATCH, EXISTS, ZSCORE, MULTI, PSETEX, EXEC), and a running job stays there: with many
@@ -601,7 +608,7 @@ async def test_a_poll_starts_jobs_in_one_round_trip_however_many_run(
     for job_id in running:
         await arq_redis.psetex(in_progress_key_prefix + job_id, 60_000, b"1")
     await arq_redis.script_load(START_SCRIPT)  # else the first call is refused, loaded, sent again
-    worker = _polling_worker(settings, arq_redis)
+    worker = _polling_worker(poll_settings, arq_redis)
     end = f"test:{run}:end"
     async with arq_redis.monitor() as monitor:
         await worker.start_jobs(head)
@@ -609,40 +616,40 @@ async def test_a_poll_starts_jobs_in_one_round_trip_however_many_run(
         sent: list[str] = []
         in_script: list[str] = []
         while end not in (command := await monitor.next_command())["command"]:
-            if run in command["command"] or settings.queue_name in command["command"]:
+            if run in command["command"] or poll_settings.queue_name in command["command"]:
                 by_script = command["client_type"] == "lua"
                 (in_script if by_script else sent).append(command["command"])
     assert [command.split()[0].upper() for command in sent] == ["EVALSHA"]
     assert set(worker.tasks) == {due}
     # Recorded as this worker's in the same call: no kill can fall between the mark and this.
-    record = f"HSET {liveness.taken_key(settings)} "  # not the line's record's (app/queue.py)
+    record = f"HSET {liveness.taken_key(poll_settings)} "  # not the line's record's (app/queue.py)
     recorded = [command for command in in_script if command.startswith(record)]
     assert len(recorded) == 1 and due in recorded[0] and str(worker.ctx[WORKER_ID]) in recorded[0]
     await asyncio.gather(*worker.tasks.values())  # arq ends it, expired: there is no job to run
     assert worker.job_counter == 0
-    assert await arq_redis.zscore(settings.queue_name, due) is None
-    assert await arq_redis.zscore(settings.queue_name, deferred) is not None
+    assert await arq_redis.zscore(poll_settings.queue_name, due) is None
+    assert await arq_redis.zscore(poll_settings.queue_name, deferred) is not None
     # Its record went with it, though arq never ran the item: left, it would hide the item
     # from the sweeper's grace for lost jobs for as long as this worker lives.
-    assert due not in await liveness.taken_jobs(arq_redis, settings)
+    assert due not in await liveness.taken_jobs(arq_redis, poll_settings)
 
 
 async def test_two_workers_polling_at_once_start_a_job_once(
-    settings: Settings, arq_redis: ArqRedis, queued: Queue
+    poll_settings: Settings, arq_redis: ArqRedis, queued: Queue
 ) -> None:
     head = await queued({f"test:{uuid4().hex}:due": timestamp_ms() - 500})
-    first, second = _polling_worker(settings, arq_redis), _polling_worker(settings, arq_redis)
+    first, second = _polling_worker(poll_settings, arq_redis), _polling_worker(poll_settings, arq_redis)
     await asyncio.gather(first.start_jobs(head), second.start_jobs(head))
     assert len(first.tasks) + len(second.tasks) == 1
     await asyncio.gather(*first.tasks.values(), *second.tasks.values())
 
 
 async def test_a_poll_starts_the_first_jobs_due_up_to_its_free_slots(
-    settings: Settings, arq_redis: ArqRedis, queued: Queue
+    poll_settings: Settings, arq_redis: ArqRedis, queued: Queue
 ) -> None:
     run, now = uuid4().hex, timestamp_ms()
     head = await queued({f"test:{run}:{n}": now - 1000 + n for n in range(5)})
-    worker = _polling_worker(settings, arq_redis, max_jobs=2)
+    worker = _polling_worker(poll_settings, arq_redis, max_jobs=2)
     await worker.start_jobs(head)
     assert sorted(worker.tasks) == [job_id.decode() for job_id in head[:2]]
     assert worker.job_counter == 2
@@ -651,7 +658,7 @@ async def test_a_poll_starts_the_first_jobs_due_up_to_its_free_slots(
 
 
 async def test_a_poll_looks_past_the_running_jobs_at_the_queues_head_as_far_as_its_scan_limit(
-    settings: Settings, arq_redis: ArqRedis, queued: Queue
+    poll_settings: Settings, arq_redis: ArqRedis, queued: Queue
 ) -> None:
     run, now = uuid4().hex, timestamp_ms()
     running = {f"test:{run}:running:{n}": now - 2000 for n in range(600)}  # over two chunks read
@@ -659,12 +666,12 @@ async def test_a_poll_looks_past_the_running_jobs_at_the_queues_head_as_far_as_i
     for job_id in running:
         await arq_redis.psetex(in_progress_key_prefix + job_id, 60_000, b"1")
 
-    first = _polling_worker(settings, arq_redis, max_jobs=1, queue_scan_limit=len(running) + 1)
+    first = _polling_worker(poll_settings, arq_redis, max_jobs=1, queue_scan_limit=len(running) + 1)
     await first.start_jobs(head[:1])
     assert set(first.tasks) == {f"test:{run}:due"}, "the script read past the head's running jobs"
     await asyncio.gather(*first.tasks.values())  # ended by arq, as expired: out of the queue
 
-    short = _polling_worker(settings, arq_redis, queue_scan_limit=len(running))
+    short = _polling_worker(poll_settings, arq_redis, queue_scan_limit=len(running))
     await short.start_jobs(head[:1])
     assert not short.tasks, "the next due job lies past the scan limit"
 
@@ -679,13 +686,13 @@ def _start_call(
 
 
 async def test_a_start_sent_again_answers_the_jobs_it_marked(
-    settings: Settings, arq_redis: ArqRedis, queued: Queue
+    poll_settings: Settings, arq_redis: ArqRedis, queued: Queue
 ) -> None:
     """The pool sends a command again when its connection broke, maybe after Redis ran it: the
     jobs the first run marked would otherwise stay marked, started by no one, for a day."""
     head = await queued({f"test:{uuid4().hex}:due": timestamp_ms() - 500})
     start = arq_redis.register_script(START_SCRIPT)
-    keys, args = _start_call(settings)
+    keys, args = _start_call(poll_settings)
 
     first, again = await start(keys=keys, args=args), await start(keys=keys, args=args)
 
@@ -694,7 +701,7 @@ async def test_a_start_sent_again_answers_the_jobs_it_marked(
 
 
 async def test_a_running_job_is_not_due_so_a_poll_sees_the_jobs_behind_it(
-    settings: Settings, arq_redis: ArqRedis, queued: Queue
+    poll_settings: Settings, arq_redis: ArqRedis, queued: Queue
 ) -> None:
     """arq leaves a running job at the queue's head: every poll read past all running jobs (many
     workers' thousands, past the scan limit: the jobs due behind went unseen). Marked, a job is
@@ -704,18 +711,18 @@ async def test_a_running_job_is_not_due_so_a_poll_sees_the_jobs_behind_it(
     ttl_ms = 60_000
 
     async def poll(scan_limit: int) -> list[bytes]:
-        keys, args = _start_call(settings, scan_limit=scan_limit, ttl_ms=ttl_ms)
+        keys, args = _start_call(poll_settings, scan_limit=scan_limit, ttl_ms=ttl_ms)
         marked: list[bytes] = (await start(keys=keys, args=args))[::2]
         return marked
 
     before = timestamp_ms()
     assert await poll(scan_limit=1) == head[:1]
-    assert await arq_redis.zscore(settings.queue_name, head[0]) >= before + ttl_ms
+    assert await arq_redis.zscore(poll_settings.queue_name, head[0]) >= before + ttl_ms
     assert await poll(scan_limit=1) == head[1:], "the first, running, is not in the way"
 
 
 async def test_a_poll_reading_past_its_first_chunk_skips_no_due_job(
-    settings: Settings, arq_redis: ArqRedis, queued: Queue
+    poll_settings: Settings, arq_redis: ArqRedis, queued: Queue
 ) -> None:
     """The jobs a chunk marks leave the due range, so the next chunk starts that much nearer
     the head: read at the old offset, as many due jobs were skipped. Running jobs still due
@@ -726,7 +733,7 @@ async def test_a_poll_reading_past_its_first_chunk_skips_no_due_job(
     await queued({**running, **due})
     for job_id in running:
         await arq_redis.psetex(in_progress_key_prefix + job_id, 60_000, b"1")
-    keys, args = _start_call(settings, wanted=3)
+    keys, args = _start_call(poll_settings, wanted=3)
 
     marked = await arq_redis.register_script(START_SCRIPT)(keys=keys, args=args)
 
@@ -734,7 +741,7 @@ async def test_a_poll_reading_past_its_first_chunk_skips_no_due_job(
 
 
 async def test_a_job_cancelled_mid_run_is_due_again_as_it_was(
-    settings: Settings, arq_redis: ArqRedis, queued: Queue
+    poll_settings: Settings, arq_redis: ArqRedis, queued: Queue
 ) -> None:
     """Its start moved it past its mark's end; arq runs a cancelled job again (a worker's
     SIGTERM): it must be due at once, not when its mark would have run out, a day later."""
@@ -742,24 +749,24 @@ async def test_a_job_cancelled_mid_run_is_due_again_as_it_was(
     (job,) = await queued({f"test:{uuid4().hex}:cancelled": timestamp_ms() + 86_400_000})
     job_id = job.decode()
     await arq_redis.set(in_progress_key_prefix + job_id, b"1")
-    worker = _polling_worker(settings, arq_redis)
+    worker = _polling_worker(poll_settings, arq_redis)
     worker.starts[job_id] = JobStart(started_at)
 
     await worker.finish_job(job_id, False, None, None, False, None, None)
 
-    assert await arq_redis.zscore(settings.queue_name, job_id) == started_at
+    assert await arq_redis.zscore(poll_settings.queue_name, job_id) == started_at
     assert not await arq_redis.exists(in_progress_key_prefix + job_id)
 
 
 async def test_a_runs_end_leaves_the_start_of_the_same_job_run_again_meanwhile(
-    settings: Settings, arq_redis: ArqRedis, queued: Queue
+    poll_settings: Settings, arq_redis: ArqRedis, queued: Queue
 ) -> None:
     """A job due again at once (a Retry without delay) can start anew here before its last run
     has ended (arq awaits that run's end shielded): the old run's end dropped the new run's
     start, whose own end then failed (KeyError) and took the worker's poll loop with it."""
     (job,) = await queued({f"test:{uuid4().hex}:again": timestamp_ms() - 500})
     job_id = job.decode()
-    worker = _polling_worker(settings, arq_redis)
+    worker = _polling_worker(poll_settings, arq_redis)
     old_run = asyncio.create_task(worker.run_job(job_id, timestamp_ms() - 500))
     await asyncio.sleep(0)  # started: reading its job from Redis
     worker.starts[job_id] = new_start = JobStart(timestamp_ms())
@@ -770,7 +777,7 @@ async def test_a_runs_end_leaves_the_start_of_the_same_job_run_again_meanwhile(
 
 
 async def test_a_retry_sent_again_defers_its_job_once(
-    settings: Settings, arq_redis: ArqRedis, queued: Queue
+    poll_settings: Settings, arq_redis: ArqRedis, queued: Queue
 ) -> None:
     """A job tried again later gets its new score set, not added: arq's ZINCRBY, sent again
     after a reply that timed out, would push it back by the time it had waited, twice."""
@@ -778,14 +785,14 @@ async def test_a_retry_sent_again_defers_its_job_once(
     (job,) = await queued({f"test:{uuid4().hex}:retried": started_at})
     job_id = job.decode()
     await arq_redis.set(in_progress_key_prefix + job_id, b"1")
-    worker = _polling_worker(settings, arq_redis)
+    worker = _polling_worker(poll_settings, arq_redis)
     worker.starts[job_id] = JobStart(started_at)
     incr = 5_000 + (timestamp_ms() - started_at)  # as arq computes it: due 5 s from now
 
     for _ in range(2):
         await worker.finish_job(job_id, False, None, None, False, incr, None)
 
-    assert await arq_redis.zscore(settings.queue_name, job_id) == started_at + incr
+    assert await arq_redis.zscore(poll_settings.queue_name, job_id) == started_at + incr
     assert not await arq_redis.exists(in_progress_key_prefix + job_id)
 
 
