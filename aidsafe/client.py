@@ -182,8 +182,9 @@ def _list_of(model: type[M]) -> Callable[[httpx.Response], list[M]]:
 
 
 def _submitted(model: type[M], keyed_by_caller: bool) -> Callable[[httpx.Response], M]:
-    """A submission's answer: 200 (not 202) is a replay of the same Idempotency-Key. Under a
-    key of the client's own, a replay answers a retry of this call: the job is still new."""
+    """A submission's answer: 200 (not 202 or 201) is a replay of the same Idempotency-Key.
+    Under a key of the client's own, a replay answers a retry of this call: what it made is
+    still new."""
     return lambda response: model.model_validate(
         {**response.json(), "replayed": keyed_by_caller and response.status_code == 200}
     )
@@ -302,10 +303,10 @@ def _evaluation_options(
 
 
 def _submission(path: str, model: type[M], idempotency_key: str | None, **request: Any) -> Call[M]:
-    """A POST that creates a job, always under an Idempotency-Key: the caller's (a repeat of
-    an earlier call answers its job, `replayed`), or one of this call's own. Either way it is
-    sent again on a 429 or 503, which the API may answer after the job was stored (Postgres
-    gone before the answer): without a key, a retry by hand made a second job."""
+    """A POST that creates a job or a webhook, always under an Idempotency-Key: the caller's
+    (a repeat of an earlier call answers what it made, `replayed`), or one of this call's own.
+    Either way it is sent again on a 429 or 503, which the API may answer after the row was
+    stored (Postgres gone before the answer): without a key, a retry by hand made a second."""
     return Call(
         "POST",
         path,
@@ -1125,9 +1126,14 @@ class _BaseClient(Generic[TransportT]):
     # --- webhooks ---------------------------------------------------------------------------
 
     @endpoint
-    def create_webhook(self, name: str) -> Call[WebhookCreated]:
-        """A Label Studio webhook of yours; its `secret` is shown only here (POST /v1/webhooks)."""
-        return Call("POST", _path("webhooks"), _as(WebhookCreated), json={"name": name})
+    def create_webhook(self, name: str, *, idempotency_key: str | None = None) -> Call[WebhookCreated]:
+        """A Label Studio webhook of yours; its `secret` is shown only here (POST /v1/webhooks).
+        Retried on 429/503 under an Idempotency-Key (`idempotency_key`, or one of the call's
+        own), so it makes one webhook at most. The API shows a secret once: `secret` is None
+        when the answer that showed it was lost (a retry answered the webhook made) or
+        `replayed` (your `idempotency_key` named a webhook of an earlier call); revoke that
+        webhook and create another if you do not have its secret."""
+        return _submission(_path("webhooks"), WebhookCreated, idempotency_key, json={"name": name})
 
     @endpoint
     def list_webhooks(self, *, cursor: str | None = None, limit: int = 100) -> Call[Page[Webhook]]:

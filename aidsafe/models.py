@@ -599,7 +599,13 @@ class Webhook(Model):
 
 
 class WebhookCreated(Webhook):
-    secret: str
+    secret: str | None = Field(
+        description="Shown once: None when the answer that showed it was lost, or on a replay."
+    )
+    replayed: bool = Field(
+        default=False,
+        description="Client-side: your Idempotency-Key named an earlier call's webhook (HTTP 200, not 201).",
+    )
 
 
 class Rejection(Model):

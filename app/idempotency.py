@@ -9,6 +9,8 @@ import json
 
 from pydantic import BaseModel
 
+from app.errors import IdempotencyConflict
+
 
 class RequestHash:
     """A submit request's hash: `body` as parsed, then `upload` (the bytes of an uploaded
@@ -36,6 +38,11 @@ class RequestHash:
         if stored == self.value:
             return True
         return stored == await asyncio.to_thread(_legacy_full_dump_hash, self.body, self.upload)
+
+    async def check_replay(self, stored: str) -> None:
+        """IdempotencyConflict unless what stored `stored` was made by this request."""
+        if not await self.matches(stored):
+            raise IdempotencyConflict("this Idempotency-Key was already used with a different request body")
 
 
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)

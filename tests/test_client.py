@@ -27,6 +27,7 @@ from redis.asyncio import Redis
 
 import aidsafe
 from aidsafe import models
+from aidsafe.client import Call
 from app import duplicates
 from app.api import annotations as annotations_api
 from app.api import schemas, webhooks
@@ -788,8 +789,9 @@ async def test_a_429_is_retried_for_calls_safe_to_repeat_only(
         assert client._http._transport.sent == 3  # type: ignore[attr-defined]
 
     with aidsafe.Client(live_api, secret(auth), transport=RateLimited(1)) as client:
+        unsafe = Call("POST", "/v1/webhooks", lambda r: r.json(), json={"name": "ls"})  # no Idempotency-Key
         with pytest.raises(aidsafe.AidsafeError) as limited:
-            client.create_webhook("label_studio")  # not safe to repeat: a second webhook
+            client._send(unsafe)
         assert (limited.value.status, limited.value.code, limited.value.message) == (
             429,
             "rate_limited",
@@ -838,6 +840,31 @@ async def test_a_submission_whose_answer_was_lost_is_retried_into_the_same_job(
     assert await row_counts(sessions) == (1, 2)
     first, again = transport.keys
     assert first is not None and first == again
+
+
+async def test_a_webhook_whose_answer_was_lost_is_retried_into_the_same_webhook(
+    live_api: str, auth: Headers
+) -> None:
+    """Its secret went with the lost answer: the retry says so (None) rather than make a second
+    webhook, which would count toward the key's cap."""
+    transport = AnswerLost()
+    with aidsafe.Client(live_api, secret(auth), transport=transport) as client:
+        made = client.create_webhook("ls-prod")  # no idempotency_key given
+        listed = client.list_webhooks().data
+    assert (made.secret, made.replayed) == (None, False)
+    assert [w.id for w in listed] == [made.id]
+    first, again = transport.keys
+    assert first is not None and first == again
+
+
+async def test_a_webhook_made_again_under_the_callers_idempotency_key_is_replayed(
+    client: aidsafe.Client,
+) -> None:
+    made = client.create_webhook("ls-prod", idempotency_key="ls-1")
+    again = client.create_webhook("ls-prod", idempotency_key="ls-1")
+
+    assert made.secret and not made.replayed
+    assert (again.id, again.secret, again.replayed) == (made.id, None, True)
 
 
 # The client's models beside the API's response schemas.

@@ -11,7 +11,9 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.api.webhooks import NewWebhookIn
 from app.config import Settings
+from app.idempotency import RequestHash
 from app.store import keys, web_sessions, webhooks
 from app.store.db import Sessions, in_batches
 from app.store.models import ApiKey, WebhookRejection, WebSession
@@ -87,7 +89,8 @@ async def rejections(sessions: Sessions, ages_days: list[float]) -> list[int]:
     """Refused deliveries (with bodies) to a new webhook, received that many days ago; their ids."""
     key_id = await new_key_id(sessions, "reviewer")
     async with sessions.begin() as session:
-        webhook, _ = await webhooks.create(session, key_id, "label_studio", "ls", max_live=1)
+        new = webhooks.NewWebhook(key_id, "label_studio", "ls", None, RequestHash(NewWebhookIn(name="ls")))
+        webhook, _ = await webhooks.create(session, new, max_live=1)
         for _ in ages_days:
             await webhooks.record_rejection(
                 session, webhook.id, key_id, "unknown_items", "no such item", '{"task": "a prompt"}'

@@ -76,6 +76,75 @@ async def test_a_webhook_is_made_per_key_with_a_secret_shown_once(
     assert [w["id"] for w in listed] == [made["id"]] and "secret" not in listed[0]
 
 
+async def posted(api: httpx.AsyncClient, auth: Headers, key: str, name: str = "ls-prod") -> httpx.Response:
+    return await api.post("/v1/webhooks", json={"name": name}, headers={**auth, "Idempotency-Key": key})
+
+
+async def test_a_webhook_posted_again_under_its_idempotency_key_is_answered_without_its_secret(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    """A retry after a lost answer gets the webhook made, 200 not 201; the secret, kept only as
+    a hash, is shown by the first answer alone."""
+    first = await posted(api, auth, "ls-1")
+    again = await posted(api, auth, "ls-1")
+
+    assert (first.status_code, again.status_code) == (201, 200), again.text
+    made, replayed = first.json(), again.json()
+    assert made["secret"].startswith("aidsafe_whsec_") and replayed["secret"] is None
+    assert {k: v for k, v in replayed.items() if k != "secret"} == {
+        k: v for k, v in made.items() if k != "secret"
+    }
+    listed = (await api.get("/v1/webhooks", headers=auth)).json()["data"]
+    assert [w["id"] for w in listed] == [made["id"]]
+
+
+async def test_an_idempotency_key_sent_with_another_name_is_a_conflict_and_makes_nothing(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    made = (await posted(api, auth, "ls-1", "ls-prod")).json()
+
+    error_of(await posted(api, auth, "ls-1", "ls-staging"), 409, "idempotency_conflict")
+
+    listed = (await api.get("/v1/webhooks", headers=auth)).json()["data"]
+    assert [w["id"] for w in listed] == [made["id"]]
+
+
+async def test_an_idempotency_key_of_another_api_key_makes_a_webhook_of_its_own(
+    api: httpx.AsyncClient, auth: Headers, other: Headers
+) -> None:
+    mine = await posted(api, auth, "ls-1")
+    theirs = await posted(api, other, "ls-1")
+
+    assert (mine.status_code, theirs.status_code) == (201, 201), theirs.text
+    assert mine.json()["id"] != theirs.json()["id"] and theirs.json()["secret"]
+
+
+async def test_a_replay_is_answered_at_the_cap_on_webhooks(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions, settings: Settings
+) -> None:
+    made = (await posted(api, auth, "ls-1")).json()
+    await add_webhooks(sessions, made, settings.max_webhooks_per_key - 1)
+
+    again = await posted(api, auth, "ls-1")
+
+    assert again.status_code == 200 and again.json()["id"] == made["id"], again.text
+    error_of(await posted(api, auth, "ls-2"), 409, "limit_reached")
+
+
+async def test_posts_sent_at_once_under_one_idempotency_key_make_one_webhook(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    answers = await asyncio.gather(*(posted(api, auth, "ls-1") for _ in range(5)))
+
+    assert sorted(a.status_code for a in answers) == [200] * 4 + [201]
+    assert len({a.json()["id"] for a in answers}) == 1
+    assert [a.json()["secret"] is not None for a in answers].count(True) == 1
+
+
+async def test_an_empty_idempotency_key_is_refused(api: httpx.AsyncClient, auth: Headers) -> None:
+    error_of(await posted(api, auth, ""), 422, "validation_error")
+
+
 async def add_webhooks(sessions: Sessions, owner_of: dict[str, Any], count: int) -> None:
     """`count` more webhooks of the owner of `owner_of`, made after it, as fast as SQL can."""
     async with sessions.begin() as session:

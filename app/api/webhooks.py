@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Annotated, Literal
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, Header, Query, Request, status
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from pydantic import BaseModel, Field
 
 from app.api.annotations import IMPORT_ERRORS, LABEL_STUDIO_EVENT, ImportOut, import_out
@@ -26,7 +26,9 @@ from app.api.errors import documented
 from app.api.jobs import Cursor, Limit
 from app.api.schemas import LABEL_PATTERN, ErrorOut
 from app.api.state import api_state
+from app.api.submissions import IdempotencyKey, submit_responses
 from app.errors import NotFound, ServiceError
+from app.idempotency import RequestHash
 from app.labeling import imports, label_studio
 from app.labeling.reviews import Parsed
 from app.store import webhooks as store
@@ -76,7 +78,11 @@ class WebhookPage(BaseModel):
 
 
 class WebhookCreatedOut(WebhookOut):
-    secret: str = Field(description="Shown once: set it as the value of `secret_header` in the tool.")
+    secret: str | None = Field(
+        description="Shown once: set it as the value of `secret_header` in the tool. Null in the "
+        "answer to a replay of the same Idempotency-Key: if the first answer was lost, revoke this "
+        "webhook and make another."
+    )
 
 
 class RejectionOut(BaseModel):
@@ -119,23 +125,28 @@ def _listed(webhook: Webhook, delivery_url: Callable[[UUID], str]) -> WebhookOut
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
-    responses=documented(400, 401, 409, 413, 422, 503),
+    responses=submit_responses(WebhookCreatedOut, 400, 401, 409, 413, 422, 503),
     openapi_extra=NEW_WEBHOOK.openapi,
 )
 async def create_webhook(
     request: Request,
+    response: Response,
     settings: SettingsDep,
     key: CurrentKey,
     body: Annotated[NewWebhookIn, Depends(NEW_WEBHOOK)],
     session: KeyWriteSession,
+    idempotency_key: IdempotencyKey = None,
 ) -> WebhookCreatedOut:
     """A webhook for one tool instance (make one per Label Studio instance). Its deliveries
     may carry reviews of this key's items only. 409 `limit_reached` if the key has
-    `AIDSAFE_MAX_WEBHOOKS_PER_KEY` webhooks not revoked (100 unless the server says otherwise)."""
-    webhook, secret = await store.create(
-        session, key.id, body.source, body.name, settings.max_webhooks_per_key
-    )
+    `AIDSAFE_MAX_WEBHOOKS_PER_KEY` webhooks not revoked (100 unless the server says otherwise).
+    The same Idempotency-Key with the same body answers the webhook it made with 200, its
+    `secret` null (only the first answer shows it); with another body, 409 `idempotency_conflict`."""
+    new = store.NewWebhook(key.id, body.source, body.name, idempotency_key, await RequestHash.of(body))
+    webhook, secret = await store.create(session, new, settings.max_webhooks_per_key)
     await session.commit()
+    if secret is None:
+        response.status_code = status.HTTP_200_OK
     return WebhookCreatedOut(**_webhook_out(request, webhook).model_dump(), secret=secret)
 
 

@@ -26,6 +26,9 @@ def create_webhook(
     # The name is the client's text, not markup: "[/x]" raised before the secret was printed.
     console.print(f"Created webhook [bold]{escape(row.name)}[/] (id {row.id}). In Label Studio set:")
     console.print(f"  URL:    {row.url}", highlight=False, soft_wrap=True)  # to be copied whole
+    if row.secret is None:  # the answer that showed it was lost; a retry answered the webhook
+        console.print(f"  header: {row.secret_header}: <its secret was lost: revoke it and create another>")
+        raise typer.Exit(1)
     console.print(f"  header: {row.secret_header}: <the secret below, shown once>", highlight=False)
     print(row.secret)
 

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
 from app.costs import Budget, priced
-from app.errors import IdempotencyConflict, InvalidCursor, NotFound
+from app.errors import InvalidCursor, NotFound
 from app.idempotency import RequestHash
 from app.plan import GenerationPlan, JobPlan
 from app.store import batches, budgets, callbacks, key_limits, keys, page_sizes, quality
@@ -220,8 +220,7 @@ async def _by_idempotency_key(
 
 
 async def _same_request(job: Job, request_hash: RequestHash) -> Job:
-    if not await request_hash.matches(job.request_hash):
-        raise IdempotencyConflict("this Idempotency-Key was already used with a different request body")
+    await request_hash.check_replay(job.request_hash)
     return job
 
 

@@ -45,7 +45,7 @@ NAMING_CONVENTION = {
 
 # The Alembic revision these models are (migrations/versions): a worker checks the database
 # against it before taking items (app/preflight.py). A test keeps it at Alembic's head.
-SCHEMA_REVISION = "0035_web_sessions_key"
+SCHEMA_REVISION = "0036_webhook_idempotency"
 
 
 class Base(DeclarativeBase):
@@ -674,8 +674,11 @@ class Webhook(Base):
     The secret is stored as SHA-256 (it is random and long, like an API key)."""
 
     __tablename__ = "webhooks"
-    # A key's webhooks, oldest first, as GET /v1/webhooks pages them.
-    __table_args__ = (Index("ix_webhooks_owner_created", "owner_key_id", "created_at", "id"),)
+    __table_args__ = (
+        # A key's webhooks, oldest first, as GET /v1/webhooks pages them.
+        Index("ix_webhooks_owner_created", "owner_key_id", "created_at", "id"),
+        UniqueConstraint("owner_key_id", "idempotency_key"),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     owner_key_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.id"))
@@ -684,6 +687,9 @@ class Webhook(Base):
     secret_hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = _now()
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The POST that made it: its Idempotency-Key (None: it sent none) and RequestHash.value.
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
 
 
 class WebhookRejection(Base):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
 from uuid import UUID
@@ -28,6 +29,7 @@ from sqlalchemy import CursorResult, delete, func, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import NotFound, Unauthorized, WebhookNotRevoked
+from app.idempotency import RequestHash
 from app.storable import replace_unstorable
 from app.store import key_limits, keys, page_sizes, positions
 from app.store.keys import hash_key
@@ -43,17 +45,50 @@ KEPT_UNAUTHORIZED = 20
 MAX_KEPT_BODY_CHARS = 1_000_000  # of a refused delivery's body
 
 
-async def create(
-    session: AsyncSession, owner_key_id: UUID, source: str, name: str, max_live: int
-) -> tuple[Webhook, str]:
+@dataclass(frozen=True)
+class NewWebhook:
+    """What a POST /v1/webhooks asks for: the webhook's owner, source and name, and the
+    request's Idempotency-Key (None: it sent none) and hash."""
+
+    owner_key_id: UUID
+    source: str
+    name: str
+    idempotency_key: str | None
+    request_hash: RequestHash
+
+
+async def create(session: AsyncSession, request: NewWebhook, max_live: int) -> tuple[Webhook, str | None]:
     """A new webhook and its secret; the secret is stored only as a hash. LimitReached if the
-    key has `max_live` webhooks not revoked already."""
-    await keys.hold(session, owner_key_id)
+    key has `max_live` webhooks not revoked already.
+
+    A repeated Idempotency-Key with the same request returns the webhook it made and no
+    secret (only its hash is kept, and the first answer alone shows it); with a different
+    request it is IdempotencyConflict. A replay is answered at the cap too."""
+    # Held first: a replay sent while its first request is under way waits for that request's
+    # commit, and finds its webhook, rather than being counted against the cap.
+    await keys.hold(session, request.owner_key_id)
+    if request.idempotency_key is not None:
+        made = await session.scalar(
+            select(Webhook).where(
+                Webhook.owner_key_id == request.owner_key_id,
+                Webhook.idempotency_key == request.idempotency_key,
+            )
+        )
+        if made is not None:
+            await request.request_hash.check_replay(made.request_hash or "")
+            return made, None
     await key_limits.refuse_at_cap(
-        session, key_limits.WEBHOOKS, max_live, key_limits.live_webhooks(owner_key_id)
+        session, key_limits.WEBHOOKS, max_live, key_limits.live_webhooks(request.owner_key_id)
     )
     secret = SECRET_PREFIX + secrets.token_urlsafe(32)
-    webhook = Webhook(owner_key_id=owner_key_id, source=source, name=name, secret_hash=hash_key(secret))
+    webhook = Webhook(
+        owner_key_id=request.owner_key_id,
+        source=request.source,
+        name=request.name,
+        secret_hash=hash_key(secret),
+        idempotency_key=request.idempotency_key,
+        request_hash=request.request_hash.value,
+    )
     session.add(webhook)
     await session.flush()
     await session.refresh(webhook)
