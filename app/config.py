@@ -257,6 +257,10 @@ class Settings(BaseSettings):
     # Refused webhook deliveries are deleted this long after they arrived: their bodies may
     # quote a job's CoTs after the job was deleted (app/store/webhooks.py says why not with it).
     webhook_rejections_kept_days: float = Field(default=7.0, gt=0)
+    # A client address that sends a webhook this many wrong secrets within the window (from the
+    # first) is refused every delivery to it until the window ends (app/api/wrong_secrets.py).
+    webhook_wrong_secrets_per_address: int = Field(default=30, ge=1)
+    webhook_wrong_secrets_window_s: int = Field(default=60, ge=1)
 
     # Progress events (GET /v1/jobs/{id}/events): one Redis stream per job, trimmed and expiring;
     # Postgres stays the truth: a follower checks the items' ends against it (events_resync_s).

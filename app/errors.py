@@ -43,6 +43,22 @@ class Unauthorized(ServiceError):
     code = "unauthorized"
 
 
+class WrongSecret(Unauthorized):
+    """A webhook delivery without the webhook's secret (answered as any other 401)."""
+
+
+class TooManyWrongSecrets(ServiceError):
+    """A client address sent a webhook too many wrong secrets lately: each of its deliveries
+    to it is refused, whatever secret it carries, until its window ends (Retry-After)."""
+
+    status = 429
+    code = "too_many_wrong_secrets"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class NotFound(ServiceError):
     status = 404
     code = "not_found"

@@ -39,6 +39,7 @@ from app.api.limits import BodySizeLimit
 from app.api.open_streams import OpenStreams
 from app.api.state import ApiState
 from app.api.summaries import JobSummaries
+from app.api.wrong_secrets import WrongSecrets
 from app.config import Settings, get_settings
 from app.presets import load as load_presets
 from app.queue import REQUEST_RETRIES, bound_calls, redis_settings
@@ -100,6 +101,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     "wait for one to end",
                 ),
                 KeyTurns(settings.max_bodies_per_key),
+                WrongSecrets(
+                    arq,
+                    settings.redis_key_prefix,
+                    settings.webhook_wrong_secrets_per_address,
+                    settings.webhook_wrong_secrets_window_s,
+                ),
             ),
         )
         try:

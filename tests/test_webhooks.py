@@ -6,16 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
+import socket
 import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 from sqlalchemy import func, select, text, update
 
+from app.api.wrong_secrets import WrongSecrets
 from app.config import Settings
 from app.errors import NotFound
+from app.main import create_app
 from app.store import webhooks as store
 from app.store.db import Sessions
 from app.store.models import ApiKey, Item, Webhook, WebhookRejection
@@ -598,6 +605,99 @@ async def test_refusals_for_the_secret_do_not_push_out_the_owners_refused_bodies
     logged = await rejections(api, auth, webhook)
     assert [r["code"] for r in logged] == ["unauthorized"] * KEPT_UNAUTHORIZED + ["bad_request"]
     assert logged[-1]["body"] == "{not json"
+
+
+SKIPPED_EVENT = {"action": "TASKS_CREATED", "tasks": [], "project": {"id": 3}}
+
+
+@asynccontextmanager
+async def from_addresses(
+    settings: Settings, *addresses: str, **overrides: Any
+) -> AsyncIterator[list[httpx.AsyncClient]]:
+    """One API (its settings with `overrides`), and a client of it from each address."""
+    app = create_app(settings.model_copy(update=overrides))
+    async with app.router.lifespan_context(app), AsyncExitStack() as clients:
+        yield [
+            await clients.enter_async_context(
+                httpx.AsyncClient(
+                    transport=httpx.ASGITransport(app, client=(address, 4321)), base_url="http://api"
+                )
+            )
+            for address in addresses
+        ]
+
+
+async def test_an_address_that_sent_too_many_wrong_secrets_is_refused_even_the_right_one(
+    settings: Settings, auth: Headers
+) -> None:
+    """Else it could try secrets as fast as the API answers; refusing its wrong ones alone
+    would still tell it when one was right. The refusals past the limit cost no rejection row."""
+    async with from_addresses(settings, "203.0.113.9", webhook_wrong_secrets_per_address=3) as (guesser,):
+        webhook = await new_webhook(guesser, auth)
+        for _ in range(3):
+            error_of(await deliver(guesser, webhook, SKIPPED_EVENT, "guess"), 401, "unauthorized")
+
+        wrong = await deliver(guesser, webhook, SKIPPED_EVENT, "guess")
+        right = await deliver(guesser, webhook, SKIPPED_EVENT)
+
+        for refused in wrong, right:
+            error_of(refused, 429, "too_many_wrong_secrets")
+            assert 1 <= int(refused.headers["Retry-After"]) <= settings.webhook_wrong_secrets_window_s
+        assert [r["code"] for r in await rejections(guesser, auth, webhook)] == ["unauthorized"] * 3
+
+
+async def test_another_addresss_wrong_secrets_leave_the_tools_deliveries_alone(
+    settings: Settings, auth: Headers
+) -> None:
+    async with from_addresses(
+        settings, "203.0.113.9", "198.51.100.7", webhook_wrong_secrets_per_address=3
+    ) as (guesser, tool):
+        webhook = await new_webhook(tool, auth)
+        for _ in range(4):
+            await deliver(guesser, webhook, SKIPPED_EVENT, "guess")
+        error_of(await deliver(guesser, webhook, SKIPPED_EVENT), 429, "too_many_wrong_secrets")
+
+        delivered = await deliver(tool, webhook, SKIPPED_EVENT)
+        error_of(await deliver(tool, webhook, SKIPPED_EVENT, "typo"), 401, "unauthorized")
+
+    assert delivered.status_code == 200, delivered.text
+
+
+async def test_an_address_refused_for_wrong_secrets_is_admitted_once_its_window_ends(
+    settings: Settings, auth: Headers
+) -> None:
+    overrides = {"webhook_wrong_secrets_per_address": 1, "webhook_wrong_secrets_window_s": 1}
+    async with from_addresses(settings, "203.0.113.9", **overrides) as (tool,):
+        webhook = await new_webhook(tool, auth)
+        error_of(await deliver(tool, webhook, SKIPPED_EVENT, "old secret"), 401, "unauthorized")
+        error_of(await deliver(tool, webhook, SKIPPED_EVENT), 429, "too_many_wrong_secrets")
+
+        await asyncio.sleep(1.1)
+        delivered = await deliver(tool, webhook, SKIPPED_EVENT)
+
+    assert delivered.status_code == 200, delivered.text
+
+
+async def test_wrong_secrets_are_not_counted_while_redis_is_away_and_nothing_is_refused(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis holds no record: Label Studio sends a refused delivery never again."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    unreachable = Redis(host="127.0.0.1", port=closed_port, socket_connect_timeout=1)
+    wrong_secrets = WrongSecrets(unreachable, "aidsafe:test", limit=1, window_s=60)
+    webhook_id = uuid4()
+
+    with caplog.at_level(logging.WARNING, logger="aidsafe.api"):
+        await wrong_secrets.count(webhook_id, "203.0.113.9")
+        await wrong_secrets.refuse_if_over(webhook_id, "203.0.113.9")  # no TooManyWrongSecrets
+    await unreachable.aclose()
+
+    assert [r.getMessage() for r in caplog.records] == [
+        f"could not count a wrong secret sent to webhook {webhook_id}",
+        f"could not read the wrong secrets sent to webhook {webhook_id}",
+    ]
 
 
 async def test_a_listing_of_rejections_pages_by_their_size_as_json(

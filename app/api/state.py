@@ -11,6 +11,7 @@ from app.api.key_turns import KeyTurns
 from app.api.known_keys import KnownKeys
 from app.api.open_streams import OpenStreams
 from app.api.summaries import JobSummaries
+from app.api.wrong_secrets import WrongSecrets
 from app.config import Settings
 from app.presets import Presets
 from app.store.budgets import Spending
@@ -31,6 +32,7 @@ class ApiState:
     key_turns: KeyTurns  # whose turn it is to lock each key's row (KeyWriteSession)
     open_exports: OpenStreams  # exports being sent now, per API key
     body_turns: KeyTurns  # each key's request bodies being read and decoded, a few at a time
+    wrong_secrets: WrongSecrets  # sent to each webhook lately, per client address
 
 
 def install(app: FastAPI, state: ApiState) -> None:

@@ -27,7 +27,7 @@ from app.api.jobs import Cursor, Limit
 from app.api.schemas import LABEL_PATTERN, ErrorOut
 from app.api.state import api_state
 from app.api.submissions import IdempotencyKey, submit_responses
-from app.errors import NotFound, ServiceError
+from app.errors import NotFound, ServiceError, WrongSecret
 from app.idempotency import RequestHash
 from app.labeling import imports, label_studio
 from app.labeling.reviews import Parsed
@@ -45,6 +45,11 @@ DELIVERY_ERRORS = {
         "API key was revoked.",
     },
     404: {"model": ErrorOut, "description": "No such webhook (or it was deleted)."},
+    429: {
+        "model": ErrorOut,
+        "description": "This client address sent the webhook too many wrong secrets lately "
+        "(too_many_wrong_secrets): every delivery from it is refused until Retry-After.",
+    },
 }
 
 
@@ -223,7 +228,12 @@ async def label_studio_delivery(
 ) -> ImportOut:
     """Label Studio's webhook: ANNOTATION_CREATED, ANNOTATION_UPDATED, ANNOTATIONS_CREATED store
     reviews; ANNOTATIONS_DELETED withdraws them; other events are acknowledged and skipped.
-    A refused delivery is kept: GET /v1/webhooks/{id}/rejections."""
+    A refused delivery is kept: GET /v1/webhooks/{id}/rejections. A client address that sent
+    the webhook too many wrong secrets lately is refused (429 `too_many_wrong_secrets`) until
+    Retry-After, whatever secret it sends; those refusals are not kept."""
+    wrong_secrets, address = api_state(request).wrong_secrets, _address(request)
+    # Before the database: a refused guess costs one Redis call.
+    await wrong_secrets.refuse_if_over(webhook_id, address)
     try:
         webhook, owner_revoked = await store.find(session, webhook_id, "label_studio")
     except NotFound:
@@ -252,10 +262,17 @@ async def label_studio_delivery(
         await session.rollback()
         log.warning("webhook %s refused a delivery: %s %s", webhook_id, exc.code, exc.message)
         # NotFound instead if the webhook was deleted meanwhile: answered as an unknown one.
+        if isinstance(exc, WrongSecret):
+            await wrong_secrets.count(webhook_id, address)
         await store.record_rejection(session, webhook_id, owner_key_id, exc.code, exc.message, body)
         await session.commit()
         raise
     return import_out(report)
+
+
+def _address(request: Request) -> str:
+    """The client's address (behind a proxy named in --forwarded-allow-ips, the one it forwards)."""
+    return request.client.host if request.client else "unknown"
 
 
 def _read_delivery(raw: bytes) -> Parsed:

@@ -28,7 +28,7 @@ from uuid import UUID
 from sqlalchemy import CursorResult, delete, func, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.errors import NotFound, Unauthorized, WebhookNotRevoked
+from app.errors import NotFound, Unauthorized, WebhookNotRevoked, WrongSecret
 from app.idempotency import RequestHash
 from app.storable import replace_unstorable
 from app.store import key_limits, keys, page_sizes, positions
@@ -174,7 +174,7 @@ def check_secret(webhook: Webhook, owner_revoked: bool, secret: str | None, head
     revoked: a delivery imports reviews as the owner, which a revoked key may no longer do.
     The secret is checked first, so that only its holder learns of a revocation."""
     if secret is None or not hmac.compare_digest(hash_key(secret), webhook.secret_hash):
-        raise Unauthorized(f"send the webhook's secret in the {header} header")
+        raise WrongSecret(f"send the webhook's secret in the {header} header")
     if webhook.revoked_at is not None:
         raise Unauthorized("this webhook was revoked")
     if owner_revoked:
