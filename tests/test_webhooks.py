@@ -148,6 +148,18 @@ async def test_posts_sent_at_once_under_one_idempotency_key_make_one_webhook(
     assert [a.json()["secret"] is not None for a in answers].count(True) == 1
 
 
+async def test_a_deleted_webhooks_idempotency_key_makes_a_new_webhook(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    made = (await posted(api, auth, "ls-1")).json()
+    assert (await api.post(f"/v1/webhooks/{made['id']}/revoke", headers=auth)).status_code == 200
+    assert (await api.delete(f"/v1/webhooks/{made['id']}", headers=auth)).status_code == 204
+
+    again = await posted(api, auth, "ls-1")
+
+    assert again.status_code == 201 and again.json()["id"] != made["id"] and again.json()["secret"]
+
+
 async def test_an_empty_idempotency_key_is_refused(api: httpx.AsyncClient, auth: Headers) -> None:
     error_of(await posted(api, auth, ""), 422, "validation_error")
 
