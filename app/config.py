@@ -258,7 +258,8 @@ class Settings(BaseSettings):
     # quote a job's CoTs after the job was deleted (app/store/webhooks.py says why not with it).
     webhook_rejections_kept_days: float = Field(default=7.0, gt=0)
     # A client address that sends a webhook this many wrong secrets within the window (from the
-    # first) is refused every delivery to it until the window ends (app/api/wrong_secrets.py).
+    # first) has its further wrong ones refused until the window ends; never the right one
+    # (app/api/wrong_secrets.py).
     webhook_wrong_secrets_per_address: int = Field(default=30, ge=1)
     webhook_wrong_secrets_window_s: int = Field(default=60, ge=1)
 

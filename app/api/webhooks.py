@@ -48,7 +48,7 @@ DELIVERY_ERRORS = {
     429: {
         "model": ErrorOut,
         "description": "This client address sent the webhook too many wrong secrets lately "
-        "(too_many_wrong_secrets): every delivery from it is refused until Retry-After.",
+        "(too_many_wrong_secrets): its wrong ones are refused, unstored, until Retry-After.",
     },
 }
 
@@ -229,11 +229,10 @@ async def label_studio_delivery(
     """Label Studio's webhook: ANNOTATION_CREATED, ANNOTATION_UPDATED, ANNOTATIONS_CREATED store
     reviews; ANNOTATIONS_DELETED withdraws them; other events are acknowledged and skipped.
     A refused delivery is kept: GET /v1/webhooks/{id}/rejections. A client address that sent
-    the webhook too many wrong secrets lately is refused (429 `too_many_wrong_secrets`) until
-    Retry-After, whatever secret it sends; those refusals are not kept."""
+    the webhook too many wrong secrets lately has its wrong ones refused with 429
+    `too_many_wrong_secrets` until Retry-After, and not kept; the right secret is never
+    refused (Label Studio does not send a refused delivery again)."""
     wrong_secrets, address = api_state(request).wrong_secrets, _address(request)
-    # Before the database: a refused guess costs one Redis call.
-    await wrong_secrets.refuse_if_over(webhook_id, address)
     try:
         webhook, owner_revoked = await store.find(session, webhook_id, "label_studio")
     except NotFound:
@@ -263,6 +262,9 @@ async def label_studio_delivery(
         log.warning("webhook %s refused a delivery: %s %s", webhook_id, exc.code, exc.message)
         # NotFound instead if the webhook was deleted meanwhile: answered as an unknown one.
         if isinstance(exc, WrongSecret):
+            # Past the limit a guess costs a Redis call, no rejection row. Refusing the right
+            # secret too would hand a guesser behind the tool's proxy its deliveries.
+            await wrong_secrets.refuse_if_over(webhook_id, address)
             await wrong_secrets.count(webhook_id, address)
         await store.record_rejection(session, webhook_id, owner_key_id, exc.code, exc.message, body)
         await session.commit()

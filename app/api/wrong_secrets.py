@@ -2,11 +2,12 @@
 that every API process sees them, and the refusal of an address that sent too many.
 
 A webhook's URL is all a caller needs to try secrets, and each wrong one was answered as fast
-as the API could (and stored as a rejection). An address past the limit is refused every
-delivery to that webhook, whatever secret it carries, until its window ends: refusing only
-its wrong ones would still tell it which secret is right. Other addresses, the tool's among
-them, are counted apart and go on as before. The count is a fixed window from the address's
-first wrong secret: one Redis call to check a delivery, one more for a wrong secret.
+as the API could and stored as a rejection. An address past the limit has its wrong secrets
+refused with 429, unstored, until its window ends. The right secret is never refused: a secret
+of 256 bits is not found by guessing, and a guesser behind the same proxy as the tool would
+otherwise cost the tool its deliveries, which Label Studio does not send again. Other addresses
+are counted apart. The count is a fixed window from the address's first wrong secret: two
+Redis calls for a wrong secret, none for a right one.
 
 Redis is not a store of record (the design): while it does not answer, deliveries are checked
 against nothing rather than refused, since Label Studio does not send a refused one again."""
