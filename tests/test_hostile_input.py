@@ -26,7 +26,7 @@ from starlette.types import Message
 
 from app.api.annotations import MAX_IMPORT_VALUES
 from app.api.jobs import JOB_BODY
-from app.api.schemas import MAX_PROMPTS_PER_JOB
+from app.api.schemas import MAX_JOB_VALUES, MAX_PROMPTS_PER_JOB
 from app.api.webhooks import SECRET_HEADER
 from app.config import Settings
 from app.deliberation.config import LIMIT_CAPS
@@ -34,12 +34,12 @@ from app.errors import MAX_LISTED_PROBLEMS
 from app.events import ItemFinished, announce_item_finished, stream_key
 from app.labeling.reviews import Answers
 from app.main import create_app
-from app.storable import MAX_JSON_DEPTH, count_values
+from app.storable import MAX_JSON_DEPTH, MAX_NUMBER_CHARS, count_values, read_json
 from app.store import keys
 from app.store.db import Sessions, make_engine
 from bench.export import insert_finished_job
 from bench.stack import free_port
-from tests.conftest import ROOT, WebhookTarget, run_worker_burst, served, worker_env
+from tests.conftest import ROOT, WebhookTarget, longest_loop_pause, run_worker_burst, served, worker_env
 from tests.scripted_llm import ScriptedLLM, guard_verdict
 from tests.test_api import error_of, submit
 from tests.test_exports import connections_of_others
@@ -635,7 +635,39 @@ async def test_an_integer_too_long_to_read_is_a_validation_error(
     for url, body in ((LS_IMPORT.format(job_id), export_file), ("/v1/jobs", metadata)):
         response = await api.post(url, content=with_raw(body, "$", "9" * 5_000), headers={**auth, **JSON})
 
-        assert "4,300 digits" in error_of(response, 422, "validation_error")["message"]
+        message = error_of(response, 422, "validation_error")["message"]
+        assert f"numbers must have at most {MAX_NUMBER_CHARS} characters" in message
+
+
+# In-process, timed by the wall clock: the decoder converted numbers in a worker thread, holding
+# the GIL, which the event loop's thread then waited for (its own CPU time stayed low).
+async def test_a_body_of_the_longest_integers_python_reads_is_refused_holding_the_event_loop_briefly(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings
+) -> None:
+    integer = "9" * 4_300  # the most digits Python converts: each took ~0.25 ms, the GIL held
+    count = settings.max_request_bytes // (len(integer) + 1) - 1
+    many = "[" + ",".join([integer] * count) + "]"
+    body = with_raw({"items": [{"prompt": "a", "metadata": {"n": "$"}}]}, "$", many)
+    assert len(body) <= settings.max_request_bytes and count_values(body, MAX_JOB_VALUES) <= MAX_JOB_VALUES
+
+    response, held = await longest_loop_pause(
+        api.post("/v1/jobs", content=body, headers={**auth, **JSON}), clock=time.perf_counter
+    )
+
+    message = error_of(response, 422, "validation_error")["message"]
+    assert f"numbers must have at most {MAX_NUMBER_CHARS} characters" in message
+    assert held < 0.3, held  # the decoder held it for 1-2 s
+
+
+@pytest.mark.parametrize("number", ["9" * 101, "1." + "9" * 99, "1e" + "9" * 99, "-" + "9" * 100])
+def test_a_number_of_over_100_characters_is_refused_unconverted(number: str) -> None:
+    with pytest.raises(ValueError, match=f"numbers must have at most {MAX_NUMBER_CHARS} characters"):
+        read_json(f'{{"n": [1, {number}]}}')
+
+
+def test_numbers_of_up_to_100_characters_are_read_as_json_reads_them() -> None:
+    numbers = ["9" * 100, "-" + "9" * 99, "0." + "1" * 98, "-1.5e-300", "1E+308", "0"]
+    assert read_json(f"[{','.join(numbers)}]") == json.loads(f"[{','.join(numbers)}]")
 
 
 async def test_a_body_that_is_not_json_is_a_bad_request_on_every_route_that_takes_one(
