@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from app.store.models import ApiKey, WebSession
 from app.web import pages as web_pages
 from app.web import session as web_session
 from app.web.timeline import DiffPart, response_diff
-from tests.conftest import new_key, run_worker_burst
+from tests.conftest import longest_loop_pause, new_key, run_worker_burst
 from tests.scripted_llm import ScriptedLLM, agree, guard_verdict, reply, scores
 from tests.test_api import items_of, submit
 
@@ -355,6 +356,35 @@ def test_a_response_diff_marks_words_added_and_removed() -> None:
     parts = response_diff("Mix them carefully.", "Never mix them, ever.")
     assert "".join(p.text for p in parts if p.kind != "added") == "Mix them carefully."
     assert "".join(p.text for p in parts if p.kind != "removed") == "Never mix them, ever."
+
+
+def test_a_long_response_repeating_its_words_is_diffed_in_well_under_a_second() -> None:
+    before, after = "a " * 2_000, "a " * 1_000 + "b " + "a " * 1_000
+
+    started = time.perf_counter()
+    parts = response_diff(before, after)
+
+    assert time.perf_counter() - started < 0.5  # 3-4 s matching every "a" against every other
+    assert "".join(p.text for p in parts if p.kind != "added") == before
+    assert "".join(p.text for p in parts if p.kind != "removed") == after
+
+
+async def test_an_items_page_diffs_its_revised_responses_off_the_event_loop(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, scripted_llm: ScriptedLLM
+) -> None:
+    # Under 200 words, where every word is matched however common: some 10 ms of Python each.
+    revisions = [("a " * 95 + "b ") * 2, ("b " + "a " * 95) * 2]
+    scripted_llm.script("deliberation_turn", *(agree(False, response=revisions[n % 2]) for n in range(80)))
+    job = await submit(api, auth, ["How do I store rice?"], config={"agents": 4, "max_rounds": 20})
+    await run_worker_burst(settings)
+    [item] = await items_of(api, auth, job["id"])
+    await logged_in(api, auth)
+
+    response, held = await longest_loop_pause(api.get(f"/view/items/{item['id']}"))
+
+    assert response.status_code == 200, response.text
+    assert response.text.count("<ins>") >= 80  # every revision diffed against the one before
+    assert held < 0.1, held  # 0.5 s and more on the event loop
 
 
 # --- in real headless Chromium ------------------------------------------------------------
