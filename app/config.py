@@ -138,9 +138,14 @@ class Settings(BaseSettings):
 
     # The API refuses larger request bodies with 413 (10,000 prompts of ~3,000 characters fit).
     max_request_bytes: int = 32 * 1024 * 1024
-    # Request bodies one API key may have read and decoded at once in each API process (each is
-    # held whole, some 100 MB at the peak for one of max_request_bytes); its others wait unread.
+    # Request bodies one API key may have in memory at once in each API process, from their
+    # reading to their answer (each is held whole, some 100 MB at the peak for one of
+    # max_request_bytes); its others wait unread.
     max_bodies_per_key: int = Field(default=4, ge=1)
+    # Requests one API key may have waiting for a turn (above, or to lock its row) in each API
+    # process; past them, 429: each holds a connection and a task, and a key's burst would
+    # otherwise take every connection the process may open.
+    max_waiting_per_key: int = Field(default=64, ge=1)
     # A request body of which no byte came for this long is refused with 408: its client went
     # quiet, and would hold one of its key's body turns (above) for as long as its connection
     # stayed open. Per chunk, not for the whole body: a large upload on a slow link goes on.

@@ -77,6 +77,14 @@ class TooManyStreams(ServiceError):
     retry_after_s = 5  # a seat frees only as one of the key's streams ends; polling meanwhile is fine
 
 
+class TooManyWaiting(ServiceError):
+    """An API key has as many requests waiting for their turn in this API process as it may."""
+
+    status = 429
+    code = "too_many_waiting"
+    retry_after_s = 1  # a turn frees as soon as one of the key's requests is done
+
+
 class LimitReached(ServiceError):
     """The API key already has as many of something as the server allows one key (details:
     `limit`, `setting`, `max`). Not worth retrying as it is: room frees only as the key's

@@ -93,14 +93,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     "progress streams",
                     "poll GET /v1/jobs/{id} instead",
                 ),
-                KeyTurns(),
+                KeyTurns(max_waiting=settings.max_waiting_per_key),
                 OpenStreams(
                     settings.max_exports_per_key,
                     settings.max_exports,
                     "exports",
                     "wait for one to end",
                 ),
-                KeyTurns(settings.max_bodies_per_key),
+                KeyTurns(settings.max_bodies_per_key, settings.max_waiting_per_key),
                 WrongSecrets(
                     arq,
                     settings.redis_key_prefix,

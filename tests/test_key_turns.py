@@ -11,10 +11,12 @@ from contextlib import asynccontextmanager
 from uuid import UUID, uuid4
 
 import httpx
+import pytest
 from sqlalchemy import select
 
 from app.api.key_turns import KeyTurns
 from app.config import Settings
+from app.errors import TooManyWaiting
 from app.store import keys
 from app.store.db import Sessions
 from app.store.models import ApiKey, Webhook
@@ -180,3 +182,67 @@ async def test_a_keys_turn_is_forgotten_with_its_last_request_even_one_given_up(
     await asyncio.gather(first, last, given_up, return_exceptions=True)
     assert order == ["first", "last"]
     assert len(turns) == 0  # as many locks as keys with requests under way: none now
+
+
+async def test_a_keys_decoded_body_keeps_its_turn_while_it_waits_for_the_keys_row(
+    settings: Settings, sessions: Sessions, auth: dict[str, str]
+) -> None:
+    """A body's turn ended once it was decoded, and the body waited in memory for the key's
+    row: a key's bodies sent at once were all read, some 100 MB each at the largest, however
+    few turns it had. Now its next body is read only once the one before is answered."""
+    body_read = asyncio.Event()
+
+    async def watched_body() -> AsyncIterator[bytes]:
+        body_read.set()
+        yield b'{"name": "second"}'
+
+    json_auth = {**auth, "Content-Type": "application/json"}
+    async with api_client(settings.model_copy(update={"max_bodies_per_key": 1})) as api:
+        async with row_held(sessions, auth):
+            first = asyncio.create_task(api.post("/v1/webhooks", json={"name": "first"}, headers=auth))
+            await eventually(lambda: lock_waiters(sessions), what="the first waiting on its key's row")
+            second = asyncio.create_task(api.post("/v1/webhooks", content=watched_body(), headers=json_auth))
+            await asyncio.sleep(0.5)
+            read_while_first_waited = body_read.is_set()
+        answers = await asyncio.wait_for(asyncio.gather(first, second), PROMPT_S)
+    assert not read_while_first_waited
+    assert [answer.status_code for answer in answers] == [201, 201], [a.text for a in answers]
+
+
+async def test_a_key_past_its_waiting_requests_is_refused_at_once_and_the_waiting_go_on(
+    settings: Settings, sessions: Sessions, auth: dict[str, str]
+) -> None:
+    """Each waiting request holds a connection and a task: a key's burst would take every
+    connection the API process may open."""
+    bounded = settings.model_copy(update={"max_bodies_per_key": 1, "max_waiting_per_key": 1})
+    async with api_client(bounded) as api:
+        async with row_held(sessions, auth):
+            first = asyncio.create_task(api.post("/v1/webhooks", json={"name": "first"}, headers=auth))
+            await eventually(lambda: lock_waiters(sessions), what="the first waiting on its key's row")
+            second = asyncio.create_task(api.post("/v1/webhooks", json={"name": "second"}, headers=auth))
+            await asyncio.sleep(0.3)  # the second waits for the first's body turn
+            refused = await asyncio.wait_for(
+                api.post("/v1/webhooks", json={"name": "third"}, headers=auth), PROMPT_S
+            )
+        answers = await asyncio.wait_for(asyncio.gather(first, second), PROMPT_S)
+    error_of(refused, 429, "too_many_waiting")
+    assert refused.headers["Retry-After"] == "1"
+    assert [answer.status_code for answer in answers] == [201, 201], [a.text for a in answers]
+
+
+async def test_turns_past_the_most_waiting_are_refused_unless_the_caller_never_sends_again() -> None:
+    turns, key_id, released = KeyTurns(at_once=1, max_waiting=1), uuid4(), asyncio.Event()
+
+    async def request(**options: bool) -> None:
+        async with turns.turn(key_id, **options):
+            await released.wait()
+
+    holding, waiting = asyncio.create_task(request()), asyncio.create_task(request())
+    await asyncio.sleep(0)
+    with pytest.raises(TooManyWaiting):
+        await request()
+    delivery = asyncio.create_task(request(refuse_past_max=False))  # a webhook delivery
+    await asyncio.sleep(0)
+    released.set()
+    await asyncio.gather(holding, waiting, delivery)
+    assert len(turns) == 0

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Generic, TypeVar
 
 from fastapi import Request
@@ -41,7 +41,7 @@ def _request_cap(settings: Settings) -> int:
 class JsonBody(Generic[T]):
     """A route's JSON body as a dependency: `body: Annotated[JobIn, Depends(JOB_BODY)]`.
     Declare it after the key, so an unauthenticated request is refused unread. It is read in
-    one of the key's body turns (ApiState.body_turns)."""
+    one of the key's body turns (ApiState.body_turns), held until the request is answered."""
 
     def __init__(
         self, type_: Any, max_values: int, max_bytes: Callable[[Settings], int] = _request_cap
@@ -58,9 +58,10 @@ class JsonBody(Generic[T]):
         schema = inlined(schema)
         return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
-    async def __call__(self, request: Request, settings: SettingsDep, key: CurrentKey) -> T:
+    async def __call__(self, request: Request, settings: SettingsDep, key: CurrentKey) -> AsyncIterator[T]:
+        # The turn is held until the answer: decoded, the body waits for the key's row still.
         async with api_state(request).body_turns.turn(key.id):
-            return await asyncio.to_thread(self.decode, await self.read(request, settings))
+            yield await asyncio.to_thread(self.decode, await self.read(request, settings))
 
     async def read(self, request: Request, settings: Settings) -> bytes:
         """The body's bytes, undecoded: MalformedBody unless it is declared JSON, and

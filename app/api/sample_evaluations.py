@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, Any, Literal, get_args
@@ -72,7 +73,8 @@ async def evaluate_samples(
 @dataclass(frozen=True)
 class _Upload:
     """An upload read and checked, before the submission takes its key's turn (KeyWriteSession):
-    a slow upload holds up none of the key's other requests."""
+    a slow upload holds up none of the key's other requests, only one of its body turns (held
+    until the answer: the samples wait in memory for the key's row)."""
 
     options: SampleEvaluationOptions
     asked: _Asked
@@ -96,7 +98,7 @@ async def _uploaded(
         Literal["jsonl", "csv", "parquet"] | None,
         Query(description="The file's type; by default its Content-Type's."),
     ] = None,
-) -> _Upload:
+) -> AsyncIterator[_Upload]:
     kind = file_type or _MEDIA_TYPES.get(_media_type(request))
     if kind is None:
         raise InvalidRequest.of(
@@ -111,7 +113,7 @@ async def _uploaded(
         # to 500 MB took 70 s of the API's CPU and 3.4 GB of its memory, for one request.
         read = partial(read_samples, max_bytes=settings.max_request_bytes)
         samples = await anyio.to_thread.run_sync(read, raw, kind, chosen.format, chosen.columns)
-    return _Upload(chosen, asked, samples, await RequestHash.of(chosen, kind.encode() + raw))
+        yield _Upload(chosen, asked, samples, await RequestHash.of(chosen, kind.encode() + raw))
 
 
 @router.post(

@@ -31,7 +31,7 @@ class ApiState:
     open_streams: OpenStreams  # progress streams open now, per API key
     key_turns: KeyTurns  # whose turn it is to lock each key's row (KeyWriteSession)
     open_exports: OpenStreams  # exports being sent now, per API key
-    body_turns: KeyTurns  # each key's request bodies being read and decoded, a few at a time
+    body_turns: KeyTurns  # each key's request bodies in memory, from reading to answer, a few at a time
     wrong_secrets: WrongSecrets  # sent to each webhook lately, per client address
 
 

@@ -246,7 +246,8 @@ async def label_studio_delivery(
         # key's slow deliveries held the whole pool), then the webhook is found and held again,
         # as it may have gone meanwhile.
         await session.rollback()
-        async with api_state(request).body_turns.turn(owner_key_id):
+        # Never refused for the key's other requests: Label Studio does not send it again.
+        async with api_state(request).body_turns.turn(owner_key_id, refuse_past_max=False):
             raw = await LABEL_STUDIO_EVENT.read(request, settings)
             body = raw.decode("utf-8", errors="replace")
             parsed = await asyncio.to_thread(_read_delivery, raw)
