@@ -311,7 +311,10 @@ def _submission(path: str, model: type[M], idempotency_key: str | None, **reques
         "POST",
         path,
         _submitted(model, keyed_by_caller=idempotency_key is not None),
-        headers={"Idempotency-Key": idempotency_key or f"aidsafe-client-{uuid4()}"},
+        # An empty key is sent as it is: the API refuses it (likely an unset variable).
+        headers={
+            "Idempotency-Key": f"aidsafe-client-{uuid4()}" if idempotency_key is None else idempotency_key
+        },
         idempotent=True,
         **request,
     )

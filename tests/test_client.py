@@ -867,6 +867,19 @@ async def test_a_webhook_made_again_under_the_callers_idempotency_key_is_replaye
     assert (again.id, again.secret, again.replayed) == (made.id, None, True)
 
 
+async def test_an_empty_idempotency_key_is_sent_to_be_refused_not_replaced_by_the_clients_own(
+    client: aidsafe.Client, sessions: Sessions
+) -> None:
+    """An empty key is likely the caller's unset variable, which the API refuses (422) so that
+    the caller learns its submissions are not idempotent: taken for no key, it made a job under
+    a key of the call's own, and every run of the caller's another."""
+    with pytest.raises(aidsafe.AidsafeError) as refused:
+        client.submit(["a"], idempotency_key="")
+    assert (refused.value.status, refused.value.code) == (422, "validation_error")
+    assert "idempotency-key" in refused.value.message.lower()
+    assert await row_counts(sessions) == (0, 0)
+
+
 # The client's models beside the API's response schemas.
 MIRRORED = {
     models.Job: schemas.JobOut,
