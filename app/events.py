@@ -263,8 +263,9 @@ async def follow(source: JobEventSource, last_event_id: str | None) -> AsyncGene
     An item may be heard twice (an end sent from Postgres comes again after a resume), none is
     missed. While Redis is away it keeps sending snapshots from Postgres, each after the check
     (so the items' ends come from Postgres alone, before `done` too), and resumes, catching up,
-    when Redis is back. While Postgres is away (a restart) it sends nothing, and goes on from
-    where it was once Postgres answers, checking first; away over POSTGRES_AWAY_S, it raises."""
+    when Redis is back. While Postgres is away (a restart, a failover) it sends nothing, and
+    goes on from where it was once Postgres answers, checking first; away over
+    POSTGRES_AWAY_S, it raises."""
     resync_ms = int(source.settings.events_resync_s * 1000)
     # One tracker for the whole follow, across Redis's absences: each check (on the stream or
     # off it) reads Postgres from the last one.
@@ -300,8 +301,8 @@ async def follow(source: JobEventSource, last_event_id: str | None) -> AsyncGene
                 yield ProgressEvent("done", summary)
                 return
             await asyncio.sleep(source.settings.events_resync_s)
-        except (DBAPIError, ConnectionError) as error:
-            if not database_away(error):  # every ConnectionError is; a DBAPIError may not be
+        except (DBAPIError, ConnectionError, TimeoutError) as error:
+            if not database_away(error):  # a DBAPIError may not be; the others always are
                 raise
             away_since = away_since or time.monotonic()
             if time.monotonic() - away_since > POSTGRES_AWAY_S:

@@ -27,7 +27,7 @@ from app.config import Settings
 from app.events import STREAM_PAGE, ItemFinished, JobEventSource, announce_item_finished, follow, stream_key
 from app.queue import REQUEST_RETRIES, bound_calls, redis_settings
 from app.store import jobs
-from app.store.db import Sessions
+from app.store.db import Sessions, make_engine, make_sessions
 from app.store.models import ApiKey, Item, ItemStatus, Job
 from tests.conftest import new_key, restartable_redis, run_worker_burst, served, serving
 from tests.scripted_llm import ScriptedLLM, refusal
@@ -482,6 +482,46 @@ async def test_a_postgres_fault_under_a_connected_follower_delays_its_events_and
                 heard.append(event.data["position"])
             if event.kind == "done":
                 assert event.data["counts"]["by_status"] == {"completed": 2}
+
+    assert snapshots > 2
+    assert sorted(set(heard)) == [0, 1]
+
+
+async def test_a_postgres_that_stops_answering_under_a_connected_follower_delays_its_events_and_loses_none(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions, redis: Redis
+) -> None:
+    """A failover leaves connections half-open: a snapshot's statement is given up on after
+    the engine's command timeout (a TimeoutError, not a DBAPIError). The stream goes on at the
+    next check, as it does when Postgres ends the connection."""
+    job = await submit(api, auth, ["a", "b"])
+    own = settings.model_copy(update={"events_resync_s": 0.2})
+    silent = make_engine(settings.database_url, 0.2, 1)  # given up on 1.2 s into a statement
+    snapshots = 0
+
+    async def snapshot_unanswered_once() -> dict[str, Any]:
+        nonlocal snapshots
+        snapshots += 1
+        if snapshots == 2:
+            async with make_sessions(silent)() as session:
+                await session.execute(text("SET LOCAL statement_timeout = 0"))  # Postgres stays silent
+                await session.execute(text("SELECT pg_sleep(5)"))
+        summary: dict[str, Any] = await summary_of(sessions, job["id"])()
+        return summary
+
+    stream = follow(JobEventSource(redis, sessions, own, UUID(job["id"]), snapshot_unanswered_once), None)
+    heard: list[int] = []
+    try:
+        async with asyncio.timeout(30), aclosing(stream):
+            assert (await anext(stream)).kind == "snapshot"
+            await end_item(sessions, job["id"], 0, redis, own)
+            await end_item(sessions, job["id"], 1, None, own)  # its worker died before announcing it
+            async for event in stream:
+                if event.kind == "item":
+                    heard.append(event.data["position"])
+                if event.kind == "done":
+                    assert event.data["counts"]["by_status"] == {"completed": 2}
+    finally:
+        await silent.dispose()
 
     assert snapshots > 2
     assert sorted(set(heard)) == [0, 1]

@@ -144,10 +144,12 @@ def database_away(error: BaseException) -> bool:
     """Whether a statement failed because Postgres or the connection to it went away (a
     restart, a failover, the database timeout), not because it was wrong: its connection is
     closed (SQLAlchemy then invalidates it), was refused or reset, or the server said so (to
-    SQLAlchemy, or to asyncpg itself for the statements sent to the driver: driver_connection)."""
+    SQLAlchemy, or to asyncpg itself for the statements sent to the driver: driver_connection).
+    A TimeoutError is a statement given up on at the engine's command timeout (SQLAlchemy
+    passes it on unwrapped): a server that went silent, as a failover leaves connections."""
     if isinstance(error, DBAPIError):
         return error.connection_invalidated or _says_away(error.orig)
-    return isinstance(error, ConnectionError) or _says_away(error)
+    return isinstance(error, (ConnectionError, TimeoutError)) or _says_away(error)
 
 
 def _says_away(error: BaseException | None) -> bool:
