@@ -278,29 +278,31 @@ async def follow(source: JobEventSource, last_event_id: str | None) -> AsyncGene
         # As Redis writes it: XREAD refuses the spaces parse_event_id strips (a no-break space).
         resume_from = f"{ms}-{seq}"
     away_since: float | None = None  # when Postgres failed the follow, since its last event
+    redis_away = False
     while True:
         cursor: list[str | None] = [resume_from]
         try:
-            async for event in _follow_stream(source, resume_from, cursor, sent):
+            # A pass without Redis runs in the try too: a Postgres fault in it is waited out
+            # as on the stream (run in the RedisError clause, it ended the stream).
+            events = (
+                _without_redis(source, sent)
+                if redis_away
+                else _follow_stream(source, resume_from, cursor, sent)
+            )
+            async for event in events:
                 away_since = None
                 yield event
                 if event.kind == "done":
                     return
+            # Only a pass without Redis ends before done: Redis is tried again after a pause.
+            redis_away = False
+            await asyncio.sleep(source.settings.events_resync_s)
         except RedisError:
             log.warning("events of job %s: Redis unavailable, polling Postgres", source.job_id, exc_info=True)
             if cursor[0] is None:  # it never reached the stream: resume after now (less the
                 # clocks' margin: an item may be heard twice, none is missed)
                 cursor[0] = f"{int(time.time() * 1000) - CLOCK_MARGIN_MS}-0"
-            summary = await source.snapshot()
-            # Postgres alone tells of the items' ends now: checked after the snapshot was read
-            # (once it says the job ended, every end is in Postgres) and before it is sent.
-            for item in await sent.missed(source.sessions, source.job_id):
-                yield ProgressEvent("item", asdict(item))
-            yield ProgressEvent("snapshot", summary)
-            if summary["status"] in ENDED:
-                yield ProgressEvent("done", summary)
-                return
-            await asyncio.sleep(source.settings.events_resync_s)
+            redis_away = True
         except (DBAPIError, ConnectionError, TimeoutError) as error:
             if not database_away(error):  # a DBAPIError may not be; the others always are
                 raise
@@ -314,6 +316,18 @@ async def follow(source: JobEventSource, last_event_id: str | None) -> AsyncGene
                 cursor[0] = f"{int(time.time() * 1000) - CLOCK_MARGIN_MS}-0"
             await asyncio.sleep(source.settings.events_resync_s)
         resume_from = cursor[0]
+
+
+async def _without_redis(source: JobEventSource, sent: EndsSent) -> AsyncIterator[ProgressEvent]:
+    """One pass of `follow` while Redis is away: a snapshot from Postgres, and `done` if the
+    job ended. Postgres alone tells of the items' ends now: checked after the snapshot was read
+    (once it says the job ended, every end is in Postgres) and before it is sent."""
+    summary = await source.snapshot()
+    for item in await sent.missed(source.sessions, source.job_id):
+        yield ProgressEvent("item", asdict(item))
+    yield ProgressEvent("snapshot", summary)
+    if summary["status"] in ENDED:
+        yield ProgressEvent("done", summary)
 
 
 async def _follow_stream(

@@ -293,6 +293,43 @@ async def test_while_redis_is_unreachable_the_follower_hears_each_item_end_befor
     assert received[-2:] == [("snapshot", "completed"), ("done", "completed")]
 
 
+async def test_while_redis_is_unreachable_a_postgres_fault_delays_the_followers_events_and_loses_none(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    """Without Redis the follower sends snapshots from Postgres: one whose connection Postgres
+    ends (a restart) ended the stream there, where with Redis up the follower waits for it."""
+    job = await submit(api, auth, ["a", "b"])
+    unreachable = Redis.from_url("redis://127.0.0.1:9/0", socket_connect_timeout=0.5)
+    quick = settings.model_copy(update={"events_resync_s": 0.2})
+    snapshots = 0
+
+    async def snapshot_cut_once() -> dict[str, Any]:
+        nonlocal snapshots
+        snapshots += 1
+        if snapshots == 2:
+            async with sessions() as session:
+                await session.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+        summary: dict[str, Any] = await summary_of(sessions, job["id"])()
+        return summary
+
+    stream = follow(JobEventSource(unreachable, sessions, quick, UUID(job["id"]), snapshot_cut_once), None)
+    received: list[tuple[str, Any]] = []
+    try:
+        async with asyncio.timeout(20), aclosing(stream):
+            async for event in stream:
+                received.append((event.kind, event.data.get("position", event.data.get("status"))))
+                if len(received) == 1:
+                    await end_item(sessions, job["id"], 0, None, settings)
+                    await end_item(sessions, job["id"], 1, None, settings)
+                assert len(received) < 20, received
+    finally:
+        await unreachable.aclose()
+
+    assert snapshots > 2
+    assert sorted(position for kind, position in received if kind == "item") == [0, 1], received
+    assert received[-2:] == [("snapshot", "completed"), ("done", "completed")]
+
+
 async def test_a_follower_waits_on_redis_for_as_long_as_its_stream_needs(
     settings: Settings, sessions: Sessions, auth: Headers, caplog: pytest.LogCaptureFixture
 ) -> None:
