@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -22,9 +23,11 @@ import pytest
 from arq.connections import ArqRedis, create_pool
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import DBAPIError
+from starlette.types import Message, Receive, Scope, Send
 
 from app.config import Settings
 from app.events import JobEventSource, follow
+from app.main import create_app
 from app.queue import REQUEST_RETRIES, WORKER_RETRIES, arq_job_id, bound_calls, redis_settings
 from app.store import items
 from app.store.db import Sessions, deadline, driver_connection, driver_of, make_engine, make_sessions
@@ -332,6 +335,36 @@ async def test_an_api_whose_postgres_connections_go_silent_answers_503_then_carr
 
         async with asyncio.timeout(5.0):
             assert (await api.get("/v1/jobs", headers=auth)).status_code == 200
+
+
+async def test_a_session_whose_connection_goes_silent_once_answered_closes_quietly(
+    settings: Settings, pg_proxy: SilencingProxy, auth: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failover just after a response was sent: closing the request's session rolls back
+    over a connection gone silent, given up on at the command timeout (a bare TimeoutError),
+    which raised out of the app, a traceback for an answer already given. As for a connection
+    Postgres ended, the close that failed is a warning."""
+    app = create_app(_database_through(pg_proxy, settings, database_timeout_s=0.5))
+
+    async def silenced_once_answered(scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_then_silence(message: Message) -> None:
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                pg_proxy.silence()  # the job list's transaction is still open
+
+        await app(scope, receive, send_then_silence)
+
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=silenced_once_answered)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            async with asyncio.timeout(10.0):
+                response = await client.get("/v1/jobs", headers=auth)
+
+    assert response.status_code == 200, response.text
+    assert [
+        record.levelname for record in caplog.records if record.exc_info or record.levelno >= logging.ERROR
+    ] == []
+    assert "a session closed on a connection the database had ended" in caplog.text
 
 
 async def test_a_submission_over_a_silent_redis_waits_the_redis_timeout_not_the_progress_streams(

@@ -161,8 +161,9 @@ def _says_away(error: BaseException | None) -> bool:
 async def closed_quietly(sessions: Sessions) -> AsyncIterator[AsyncSession]:
     """A session, closed at the end as `async with sessions()` does (to the end, even if the
     caller is cancelled meanwhile). Closing rolls back the transaction still open: if Postgres
-    has ended the connection (a restart), there is nothing left to roll back and SQLAlchemy
-    discards it, so that failure is a warning line, not an error of the caller's, whose work
+    has ended the connection (a restart), or it has gone silent (a failover: the rollback is
+    given up on at the command timeout), there is nothing left to roll back and the connection
+    is discarded, so that failure is a warning line, not an error of the caller's, whose work
     is done (or failed with an error of its own, which passes through as it is)."""
     session = sessions()
     try:
@@ -170,10 +171,11 @@ async def closed_quietly(sessions: Sessions) -> AsyncIterator[AsyncSession]:
     finally:
         try:
             await session.__aexit__(None, None, None)
-        except DBAPIError as error:
+        except (DBAPIError, TimeoutError) as error:  # a silent one's rollback: a bare TimeoutError
             if not database_away(error):
                 raise
-            log.warning("a session closed on a connection the database had ended: %s", error.orig)
+            detail = error.orig if isinstance(error, DBAPIError) else repr(error)
+            log.warning("a session closed on a connection the database had ended: %s", detail)
 
 
 def make_sessions(engine: AsyncEngine) -> Sessions:
