@@ -25,17 +25,24 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import DBAPIError
 from starlette.types import Message, Receive, Scope, Send
 
+from app.api.exports import _StallingEnds
 from app.config import Settings
 from app.events import JobEventSource, follow
+from app.exports.formats import FORMATS
+from app.exports.options import ExportOptions
+from app.exports.streaming import encoded
 from app.main import create_app
 from app.queue import REQUEST_RETRIES, WORKER_RETRIES, arq_job_id, bound_calls, redis_settings
 from app.store import items
 from app.store.db import Sessions, deadline, driver_connection, driver_of, make_engine, make_sessions
+from app.store.export_rows import ExportFilter
+from app.store.exports import BATCH_ROWS
 from app.store.models import Item, Job
 from tests.conftest import api_client, eventually, run_worker_burst, start_worker, submit
 from tests.test_api import error_of
 from tests.test_endings import claimed_item
 from tests.test_events import summary_of
+from tests.test_exports import UVICORN_SCOPE, bulk_job, never_disconnects
 from workers.main import _keep_lease
 from workers.sweeper import sweep
 
@@ -365,6 +372,36 @@ async def test_a_session_whose_connection_goes_silent_once_answered_closes_quiet
         record.levelname for record in caplog.records if record.exc_info or record.levelno >= logging.ERROR
     ] == []
     assert "a session closed on a connection the database had ended" in caplog.text
+
+
+async def test_an_export_whose_connection_goes_silent_is_one_warning_naming_the_job(
+    settings: Settings, sessions: Sessions, pg_proxy: SilencingProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failover mid-export: a batch read on a connection gone silent is given up on at the
+    command timeout (a bare TimeoutError), which was taken for the client's stall ("took
+    nothing", at INFO, no job named), where the README promises a warning naming the job."""
+    job_id = await bulk_job(sessions, 3 * BATCH_ROWS)
+    engine = make_engine(_database_through(pg_proxy, settings).database_url, 0.5, 2)
+    chunks = encoded(make_sessions(engine), job_id, FORMATS["trl_sft"], ExportOptions(), ExportFilter())
+    sent: list[Message] = []
+
+    async def taken(message: Message) -> None:
+        sent.append(message)
+        if len(sent) == 3:  # the first batch's records: the export's connection is open by now
+            pg_proxy.silence()
+
+    try:
+        async with asyncio.timeout(20):
+            await _StallingEnds(chunks, job_id=job_id, stall_s=30)(UVICORN_SCOPE, never_disconnects, taken)
+    finally:
+        await engine.dispose()
+
+    assert sent[-1].get("more_body"), "the response looks complete"
+    warned = [
+        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "aidsafe.api"
+    ]
+    assert any(f"the export of job {job_id} was cut off" in message for message in warned), warned
+    assert "took nothing" not in caplog.text
 
 
 async def test_a_submission_over_a_silent_redis_waits_the_redis_timeout_not_the_progress_streams(

@@ -156,21 +156,29 @@ class _StallingEnds(StreamingResponse):
         self.stall_s = stall_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        stalled = False  # a send gave up: a TimeoutError may be a batch read's too (a failover)
+
         async def send_or_give_up(message: Message) -> None:
+            nonlocal stalled
             for piece in _pieces(message):
                 # The server's send waits while the client's window is full.
-                with anyio.fail_after(self.stall_s):
-                    await send(piece)
+                try:
+                    with anyio.fail_after(self.stall_s):
+                        await send(piece)
+                except TimeoutError:
+                    stalled = True
+                    raise
 
         try:
             await super().__call__(scope, receive, send_or_give_up)
-        except TimeoutError:
-            log.info("an export's client took nothing for %.0f s: the export was ended", self.stall_s)
-            # Closed now, not whenever the response is freed: a batch read under way is
-            # cancelled and gives its Postgres connection back (encoded's finally). The content
-            # is not running: it waits for the send that gave up.
-            await self.content.aclose()
         except Exception as error:
+            if stalled and isinstance(error, TimeoutError):
+                log.info("an export's client took nothing for %.0f s: the export was ended", self.stall_s)
+                # Closed now, not whenever the response is freed: a batch read under way is
+                # cancelled and gives its Postgres connection back (encoded's finally). The
+                # content is not running: it waits for the send that gave up.
+                await self.content.aclose()
+                return
             if not database_away(error):
                 raise
             # Not a bug: a traceback ("Exception in ASGI application") for every export under
