@@ -1334,6 +1334,78 @@ async def test_a_batch_list_refused_at_a_later_page_never_makes_a_second_batch(
     assert len(scripted_llm.batches.created()) == 121, "a second provider batch was created"
 
 
+async def test_a_batch_list_that_keeps_failing_ends_the_batch_lost_rather_than_hold_it_or_make_a_second(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    """After a create that landed unrecorded, every search answers 500: the batch's creation
+    was held for ever. It is looked at again as a refused later page is, and once the fault
+    has lasted the batch ends lost, its requests failed rather than bought twice."""
+    batch_id = await _one_batch_formed(batch_api, auth, batch_settings, sessions)
+    await _created_but_never_recorded(batch_settings, sessions, arq_redis, scripted_llm, batch_id)
+    scripted_llm.batches.list_refused, scripted_llm.batches.list_refusal_status = True, 500
+    job_id = (await _batch_row(sessions, batch_id)).job_id
+
+    await _drive(batch_settings, sessions, arq_redis, str(job_id))
+
+    row = await _batch_row(sessions, batch_id)
+    assert row.status == "lost" and "HTTP 500" in str(row.error)
+    assert row.refusals >= batches.GONE_AFTER_REFUSALS, "taken for lost at its first failure"
+    assert len(scripted_llm.batches.created()) == 1, "a second provider batch was created"
+    job = (await batch_api.get(f"/v1/jobs/{job_id}", headers=auth)).json()
+    assert job["counts"]["by_status"] == {"failed": 1}
+    async with sessions() as session:
+        [error] = (
+            await session.scalars(select(BatchRequest.error).where(BatchRequest.batch_id == batch_id))
+        ).all()
+    assert "batch list failed" in str(error) and "HTTP 500" in str(error)
+
+
+@pytest.mark.parametrize("refusal", ["passing", "lasting"])
+async def test_a_batch_list_refused_at_its_first_page_is_taken_for_none_only_once_the_refusal_has_lasted(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+    refusal: str,
+) -> None:
+    """After a create that landed unrecorded, the search's first page is refused (a 404).
+    Taken at once for a provider without a list, a proxy's passing refusal made a second
+    provider batch, bought twice. The batch is looked at again; one the list then shows is
+    taken; a refusal that lasts (3 looks over AIDSAFE_BATCH_GONE_AFTER_S) is a provider
+    without a list, which cannot show it: the batch is created."""
+    batch_id = await _one_batch_formed(batch_api, auth, batch_settings, sessions)
+    await _created_but_never_recorded(batch_settings, sessions, arq_redis, scripted_llm, batch_id)
+    scripted_llm.batches.list_refused = True
+    api = BatchAPI(batch_settings.endpoints(), batch_settings.batch_call_timeout_s)
+    try:
+        await run_round(batch_settings, sessions, arq_redis, api)
+    finally:
+        await api.aclose()
+    assert scripted_llm.batches.lists == 1 and len(scripted_llm.batches.created()) == 1
+    assert (await _batch_row(sessions, batch_id)).status == "uploaded"
+
+    if refusal == "passing":
+        scripted_llm.batches.list_refused = False
+    await _drive_until(
+        batch_settings, sessions, arq_redis, lambda: _batch_status(sessions, batch_id, "submitted"), 20
+    )
+
+    tagged = _tagged(scripted_llm, batch_id)
+    if refusal == "passing":
+        assert len(tagged) == 1, "a second provider batch was created"
+        assert (await _batch_row(sessions, batch_id)).provider_batch_id == tagged[0]["id"]
+    else:
+        assert scripted_llm.batches.lists == batches.GONE_AFTER_REFUSALS
+        assert len(tagged) == 2
+
+
 async def test_a_provider_list_that_ignores_its_cursor_ends_the_search_and_the_batch_is_created_once(
     batch_api: httpx.AsyncClient,
     auth: dict[str, str],

@@ -154,10 +154,13 @@ class _Unseen(Exception):
 
 async def _find(settings: Settings, sessions: Sessions, api: BatchAPI, held: Held) -> dict[str, Any] | None:
     """The provider batch created for the uploaded batch, if any (see BatchAPI.find). A
-    provider that refuses to list batches has none to find: refused, the search made the
-    batch look refused, and it was split until every request failed. But one that lists
-    them and refuses a later page may have it there: taken for none found, a second was
-    created and bought. That refusal is counted as a poll's is, and raised as _Unseen."""
+    list that answers its first page and refuses a later one, or fails (a 5xx), may have
+    the batch unseen: taken for none found, a second was created and bought. That is
+    counted as a refused poll is, and raised as _Unseen (lasted: the caller gives up on
+    the batch). A list refused at its first page is counted alike, as a proxy's passing
+    refusal would have made a second batch too; once the refusal has lasted it is taken
+    for a provider without a batch list, which has none to find (taken for a refused
+    batch instead, the batch was split until every request failed)."""
     assert held.input_file_id is not None
     # Our batch row is older than any provider batch of it; the hour is for the provider's
     # clock and Postgres's to differ by.
@@ -165,7 +168,10 @@ async def _find(settings: Settings, sessions: Sessions, api: BatchAPI, held: Hel
     try:
         return await api.find(held.endpoint, str(held.id), held.input_file_id, since)
     except BatchRefused as refused:
-        log.warning("batch %s: the provider refused its batch list: %s", held.id, refused)
+        detail = f"the provider refused its batch list: {refused}"
+        if not await _gone(settings, sessions, held, detail):
+            raise _Unseen(detail, lasted=False) from refused
+        log.warning("batch %s: taken for a provider without a batch list: %s", held.id, refused)
         return None
     except BatchListIncomplete as incomplete:
         detail = f"a provider batch of it may exist unseen: {incomplete}"

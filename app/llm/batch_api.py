@@ -6,9 +6,9 @@ Faults come in three kinds: BatchRefused (a 4xx other than 401/403 and 408/409/4
 the provider will not take, or show, this file or batch, e.g. a 404 for one it does not
 know; asking again will not help), BatchForbidden (a 401 or 403: the key may not do it) and
 BatchUnavailable (anything else: try again later). A search of the batch list refused at a
-later page is BatchListIncomplete (see BatchAPI.find). Some proxies answer 404 (or another
-4xx) for a while before a batch or file is there: workers/waves.py believes a retrieve's or
-a download's refusal only once it has lasted.
+later page, or failed (a 5xx) at any, is BatchListIncomplete (see BatchAPI.find). Some
+proxies answer 404 (or another 4xx) for a while before a batch or file is there:
+workers/waves.py believes a retrieve's or a download's refusal only once it has lasted.
 Their messages may quote the provider: for operators only.
 """
 
@@ -48,12 +48,18 @@ class BatchForbidden(BatchFault):
 
 
 class BatchUnavailable(BatchFault):
-    """No usable answer (5xx, 429, a connection fault, a timeout): try again later."""
+    """No usable answer (5xx, 429, a connection fault, a timeout): try again later.
+    `status`: the provider's HTTP status, if it answered one."""
+
+    def __init__(self, detail: str, status: int | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
 
 
 class BatchListIncomplete(BatchFault):
-    """A search of the batch list (find) whose later page the provider refused: the batch
-    looked for may be on that page, so none was found, but it is not known that none exists."""
+    """A search of the batch list (find) whose later page the provider refused, or any of
+    whose pages failed (a 5xx): the batch looked for may be on a page not seen, so none was
+    found, but it is not known that none exists."""
 
 
 @dataclass(frozen=True)
@@ -138,8 +144,10 @@ class BatchAPI:
         (a Unix time, on the provider's clock, before which no such batch can exist). The whole
         search is one call's time at most, and stops where the pages stop moving back: a
         proxy that ignores `after`, or always has more, would have held it for ever.
-        BatchRefused if the first page is refused (a provider without a batch list);
-        BatchListIncomplete if a later one is."""
+        BatchRefused if the first page is refused (a provider without a batch list, or one
+        refusing it for a while); BatchListIncomplete if a later one is, or a page fails (a
+        5xx: the provider's list is broken, not away; left to the caller's retries, such a
+        list held the batch's creation for ever)."""
         try:
             async with asyncio.timeout(self._timeout_s):
                 return await self._find(endpoint, tag, input_file_id, since)
@@ -158,6 +166,11 @@ class BatchAPI:
                 if after is None:
                     raise
                 raise BatchListIncomplete(f"its batch list refused after {after}: {refused}") from refused
+            except BatchUnavailable as failed:
+                if failed.status is None or failed.status < 500:
+                    raise
+                where = f"after {after}" if after else "at its first page"
+                raise BatchListIncomplete(f"its batch list failed {where}: {failed}") from failed
             page = [batch for batch in listed.get("data") or [] if isinstance(batch, dict)]
             mine = (
                 b
@@ -220,5 +233,5 @@ def _raise_for(status: int, body: bytes, endpoint: str) -> None:
         return
     detail = f"{endpoint}: HTTP {status}: {body[:_ERROR_BODY_CHARS].decode('utf-8', 'replace')}"
     if status in _TRANSIENT or status >= 500:
-        raise BatchUnavailable(detail)
+        raise BatchUnavailable(detail, status)
     raise BatchForbidden(detail) if status in (401, 403) else BatchRefused(detail)
