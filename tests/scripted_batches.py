@@ -27,6 +27,9 @@ keeps none). The test drives the rest:
     batches.list_refused = True   # a list answers 404 (a proxy without it), or list_refusal_status
     batches.list_cursor_refused = True  # a list given `after` (a later page) answers list_refusal_status
     batches.create_failures = 1   # the next create answers 503 and makes nothing
+    batches.content_failures = 1  # the next download of a file answers 503
+    batches.cancelling_s = 1.0    # a cancel answers `cancelling`, no files yet (OpenAI's answer);
+                                  # asked of after 1 s (retrieve or cancel), it is `cancelled`
     batches.forget(batch_id)      # the provider lost the batch: asked of it, it answers 404
     batches.delete_file(file_id)  # the provider deleted the file (or kept it no longer): 404
     batches.refuse(batch_or_file_id, 404, times=2)  # its next 2 asks answer 404 (None: every ask)
@@ -94,6 +97,7 @@ class _Batch:
     completed: int = 0  # request_counts
     failed: int = 0
     retrievals: int = 0
+    cancelled_after: float = 0.0  # while cancelling: when (time.monotonic()) it is cancelled
 
     def out(self) -> dict[str, Any]:
         return {
@@ -151,6 +155,8 @@ class ScriptedBatches:
             self.list_cursor_refused = False
             self.list_refusal_status = 404
             self.create_failures = 0  # the next creates answer 503, making nothing
+            self.content_failures = 0  # the next downloads answer 503
+            self.cancelling_s = 0.0  # how long a cancelled batch is `cancelling` (0: not at all)
             self.lists = 0  # batch list requests answered or refused
             self.cancel_requests: list[str] = []
             self.downloads: dict[str, int] = {}  # file id: content asks, answered or refused
@@ -243,6 +249,9 @@ class ScriptedBatches:
         file_id = request.path_params["file_id"]
         with self._lock:
             self.downloads[file_id] = self.downloads.get(file_id, 0) + 1
+            if self.content_failures:
+                self.content_failures -= 1
+                return _error(503, "the file service is overloaded", "server_error")
         if refusal := self._refusal(file_id):
             return refusal
         file = self.files.get(file_id)
@@ -314,6 +323,7 @@ class ScriptedBatches:
         batch_id = request.path_params["batch_id"]
         if refusal := self._refusal(batch_id):
             return refusal
+        self._settle(batch_id)
         with self._lock:
             batch = self.batches.get(batch_id)
             if batch is None:
@@ -360,10 +370,28 @@ class ScriptedBatches:
             self.cancel_requests.append(batch_id)
         if batch is None:
             return _error(404, "no such batch", "not_found")
-        if batch.status not in TERMINAL:
-            self._end(batch_id, "cancelled", batch.answered, "batch_cancelled", "the batch was cancelled")
+        self._settle(batch_id)
+        if batch.status not in (*TERMINAL, "cancelling"):
+            if self.cancelling_s:
+                with self._lock:
+                    batch.status = "cancelling"
+                    batch.cancelled_after = time.monotonic() + self.cancelling_s
+            else:
+                self._end(batch_id, "cancelled", batch.answered, "batch_cancelled", "the batch was cancelled")
         with self._lock:
             return JSONResponse(batch.out())
+
+    def _settle(self, batch_id: str) -> None:
+        """A batch cancelling long enough is cancelled: its files are written."""
+        with self._lock:
+            batch = self.batches.get(batch_id)
+            due = (
+                batch is not None
+                and batch.status == "cancelling"
+                and time.monotonic() >= batch.cancelled_after
+            )
+        if due and batch is not None:
+            self._end(batch_id, "cancelled", batch.answered, "batch_cancelled", "the batch was cancelled")
 
     def _end(self, batch_id: str, status: str, answered: int, code: str, message: str) -> None:
         """Answer lines up to `answered` and write the output and error files of every line

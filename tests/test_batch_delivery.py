@@ -494,6 +494,77 @@ async def test_a_lost_batch_whose_cancel_shows_answers_keeps_them_and_sends_only
         assert resent.count(cut_off) == 2
 
 
+@pytest.mark.parametrize("cancelling_s", [0.5, 600.0])
+async def test_a_lost_batch_answering_its_cancel_cancelling_is_waited_for_and_its_answers_kept(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+    cancelling_s: float,
+) -> None:
+    """OpenAI answers a cancel `cancelling`, with no files: the output file of the answers
+    made before the cancel is named once the batch is `cancelled`. Read at once, there was no
+    file, and those answers were bought again. A batch that stays cancelling is waited for
+    AIDSAFE_BATCH_GONE_AFTER_S at most: then its requests are sent again."""
+    settings = batch_settings.model_copy(update={"batch_gone_after_s": 2.0})
+    online = await _online_run(batch_api, auth, settings, scripted_llm, PROMPTS[:3])
+    job_id, hidden, hidden_lines = await _held_in_progress(
+        batch_api, auth, settings, sessions, arq_redis, scripted_llm, 3
+    )
+    scripted_llm.batches.progress(hidden["id"], answered=2)
+    scripted_llm.batches.refuse(hidden["id"], 400)  # every retrieve of it, from now on
+    scripted_llm.batches.cancelling_s = cancelling_s
+    scripted_llm.batches.hold = False
+
+    await _drive(settings, sessions, arq_redis, job_id)
+
+    row = await _provider_batch_row(sessions, hidden["id"])
+    resent = _sent_lines(scripted_llm)
+    if cancelling_s < settings.batch_gone_after_s:
+        await _same_as_online(sessions, scripted_llm, online, job_id)  # nothing lost, nothing paid twice
+        assert (row.status, row.provider_status) == ("lost", "cancelled")
+        assert [resent.count(custom_id) for custom_id in hidden_lines] == [1, 1, 2], "answers bought twice"
+    else:
+        assert (row.status, row.provider_status) == ("lost", "cancelling")
+        assert "still cancelling after its cancel" in str(row.error)
+        assert [resent.count(custom_id) for custom_id in hidden_lines] == [2, 2, 2]
+    assert row.cancel_sent_at is not None and row.finished_at is not None
+    assert row.finished_at - row.cancel_sent_at < timedelta(seconds=settings.batch_gone_after_s + 10)
+
+
+async def test_a_lost_batchs_file_whose_download_fails_is_downloaded_again_without_a_second_cancel(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    """The cancel of a batch taken for lost names its output file, whose download fails (a
+    503): the next look cancelled again, and a provider that refuses to cancel an ended batch
+    showed no files then, so its answers were bought again."""
+    online = await _online_run(batch_api, auth, batch_settings, scripted_llm, PROMPTS[:3])
+    job_id, hidden, hidden_lines = await _held_in_progress(
+        batch_api, auth, batch_settings, sessions, arq_redis, scripted_llm, 3
+    )
+    scripted_llm.batches.progress(hidden["id"], answered=2)
+    scripted_llm.batches.refuse(hidden["id"], 400)  # every retrieve of it, from now on
+    scripted_llm.batches.content_failures = 1  # the first download after the cancel
+    scripted_llm.batches.hold = False
+
+    await _drive(batch_settings, sessions, arq_redis, job_id)
+
+    await _same_as_online(sessions, scripted_llm, online, job_id)  # nothing lost, nothing paid twice
+    assert scripted_llm.batches.cancel_requests == [hidden["id"]], "cancelled again"
+    row = await _provider_batch_row(sessions, hidden["id"])
+    assert (row.status, row.provider_status) == ("lost", "cancelled")
+    assert scripted_llm.batches.downloads[str(row.output_file_id)] == 2
+    resent = _sent_lines(scripted_llm)
+    assert [resent.count(custom_id) for custom_id in hidden_lines] == [1, 1, 2], "answers bought twice"
+
+
 @pytest.mark.parametrize("unanswered", ["next_wave", "online"])
 @pytest.mark.parametrize("gone", ["output", "error"])
 async def test_a_batch_file_the_provider_no_longer_has_sends_its_requests_once_more_and_keeps_the_other(

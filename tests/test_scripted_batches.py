@@ -5,6 +5,7 @@ in any order, per-line errors, refused large files, expiry and cancellation, and
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import httpx
@@ -171,6 +172,37 @@ def test_a_batch_cancelled_midway_gives_the_answers_it_had_in_its_output_file(
     assert cancelled["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
     assert sorted(o["custom_id"] for o in _lines(http, cancelled["output_file_id"])) == ["req-0", "req-1"]
     assert [e["custom_id"] for e in _lines(http, cancelled["error_file_id"])] == ["req-2"]
+
+
+def test_a_batch_cancelled_where_cancelling_takes_time_names_its_files_only_once_cancelled(
+    http: httpx.Client, scripted_llm: ScriptedLLM
+) -> None:
+    scripted_llm.batches.hold = True
+    scripted_llm.batches.cancelling_s = 0.3
+    batch = _submit(http, [_line(n) for n in range(3)])
+    scripted_llm.batches.progress(batch["id"], answered=2)
+
+    cancelling = http.post(f"/batches/{batch['id']}/cancel").json()
+    still = http.get(f"/batches/{batch['id']}").json()
+    time.sleep(0.3)
+    again = http.post(f"/batches/{batch['id']}/cancel").json()
+
+    assert [(b["status"], b["output_file_id"]) for b in (cancelling, still)] == [("cancelling", None)] * 2
+    assert again["status"] == "cancelled"
+    assert sorted(o["custom_id"] for o in _lines(http, again["output_file_id"])) == ["req-0", "req-1"]
+    assert [e["custom_id"] for e in _lines(http, again["error_file_id"])] == ["req-2"]
+
+
+def test_a_file_download_told_to_fail_answers_503_once(http: httpx.Client, scripted_llm: ScriptedLLM) -> None:
+    batch = _submit(http, [_line(0)])
+    while (done := http.get(f"/batches/{batch['id']}").json())["status"] != "completed":
+        pass
+    scripted_llm.batches.content_failures = 1
+
+    statuses = [http.get(f"/files/{done['output_file_id']}/content").status_code for _ in range(2)]
+
+    assert statuses == [503, 200]
+    assert scripted_llm.batches.downloads[done["output_file_id"]] == 2
 
 
 def test_files_over_the_size_limit_are_refused(http: httpx.Client, scripted_llm: ScriptedLLM) -> None:

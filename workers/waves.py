@@ -270,18 +270,32 @@ async def _lost(settings: Settings, sessions: Sessions, api: BatchAPI, held: Hel
     ends as lost and its requests go back as an expired batch's unanswered ones do. Polled
     on, it was asked about for ever, and its items waited as long."""
     assert held.provider_batch_id is not None
-    # First cancelled, as far as the provider lets: one a proxy hides (a 400 or 422 on each
-    # retrieve) may still run, and be paid for beside its requests sent again. A batch that is
-    # gone refuses the cancel, which changes nothing.
-    await batches.renew(sessions, held)
-    seen: dict[str, Any] = {}
-    with suppress(BatchFault):
-        seen = await api.cancel(held.endpoint, held.provider_batch_id)
-    # One that answers the cancel was there after all: the answers its files hold (a batch
+    seen = held.cancel_seen
+    if seen is None or (seen and seen.get("status") not in TERMINAL):
+        # First cancelled, as far as the provider lets: one a proxy hides (a 400 or 422 on each
+        # retrieve) may still run, and be paid for beside its requests sent again. A batch that
+        # is gone refuses the cancel, which changes nothing. One that answers it `cancelling`
+        # (OpenAI's answer) names its files only once cancelled: looked at again by its cancel
+        # (its retrieve is what the provider refuses) until it has ended, for up to
+        # batch_gone_after_s, else the answers made before the cancel were bought again.
+        await batches.renew(sessions, held)
+        with suppress(BatchFault):
+            seen = _shown(await api.cancel(held.endpoint, held.provider_batch_id))
+        seen = seen or {}
+        waited = await batches.cancel_sent(
+            sessions, held, seen, settings.batch_poll_interval_s, settings.batch_gone_after_s
+        )
+        if seen and seen.get("status") not in TERMINAL and not waited:
+            log.info("batch %s: %s after its cancel, looked at again", held.id, seen.get("status"))
+            return
+    # One that answered the cancel was there after all: the answers its files hold (a batch
     # cancelled midway, or ended already) are read as a completed batch's, not bought again.
+    # A download that fails is tried again at the next look, from the stored answer.
     outcome = Outcome({}, {})
     read, refused = await _read_files(sessions, api, held, seen, outcome)
-    error = f"{detail}; {refused}" if refused else detail
+    status = seen.get("status")
+    unended = f"still {status} after its cancel" if status and status not in TERMINAL else None
+    error = "; ".join(part for part in (detail, unended, refused) if part)
     await batches.collect(
         sessions,
         held,
@@ -289,7 +303,7 @@ async def _lost(settings: Settings, sessions: Sessions, api: BatchAPI, held: Hel
         outcome,
         settings.batch_max_submissions,
         error=error,
-        **({"provider_status": seen["status"]} if seen.get("status") else {}),
+        **({"provider_status": status} if status else {}),
         **read,
     )
     log.warning(
@@ -298,6 +312,11 @@ async def _lost(settings: Settings, sessions: Sessions, api: BatchAPI, held: Hel
         len(outcome.answers),
         error,
     )
+
+
+def _shown(batch: dict[str, Any]) -> dict[str, Any]:
+    """What a lost batch's look shows: its status and files."""
+    return {key: batch.get(key) for key in ("status", "output_file_id", "error_file_id")}
 
 
 def _read(lines: list[OutputLine], outcome: Outcome) -> None:

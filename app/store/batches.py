@@ -292,6 +292,9 @@ class Held:
     lease_id: UUID  # the lease's token (see the module's docstring)
     lease_s: float  # how long the lease lasts from its last renewal
     read_file_ids: frozenset[str]  # its files whose lines are stored (see keep_read)
+    # Taken for lost and cancelled: the batch as the provider showed it since (its status and
+    # files; see cancel_sent). None: not cancelled as lost.
+    cancel_seen: dict[str, Any] | None
 
 
 async def take_due(sessions: Sessions, lease_s: float, limit: int = 20) -> list[Held]:
@@ -329,6 +332,8 @@ async def take_due(sessions: Sessions, lease_s: float, limit: int = 20) -> list[
                     Batch.lease_id,
                     Batch.output_file_id,  # named on an open batch once read (see keep_read)
                     Batch.error_file_id,
+                    Batch.cancel_sent_at.is_not(None),
+                    Batch.cancel_seen,
                 )
             )
         ).all()
@@ -345,6 +350,7 @@ async def take_due(sessions: Sessions, lease_s: float, limit: int = 20) -> list[
             r[10],
             lease_s,
             frozenset(str(file_id) for file_id in (r.output_file_id, r.error_file_id) if file_id),
+            (r.cancel_seen or {}) if r[13] else None,
         )
         for r in rows
     ]
@@ -433,6 +439,27 @@ async def refused(sessions: Sessions, held: Held, poll_in_s: float, gone_after_s
             Batch.refused_since <= func.now() - timedelta(seconds=gone_after_s),
         )
         return bool(await session.scalar(select(settled).where(Batch.id == held.id)))
+
+
+async def cancel_sent(
+    sessions: Sessions, held: Held, seen: dict[str, Any], poll_in_s: float, wait_s: float
+) -> bool:
+    """Record that the batch, taken for lost, was cancelled (when, the first time) and what
+    the provider has shown of it since (`seen`: its status and files; {}: nothing), to be
+    looked at again in `poll_in_s`: whether `wait_s` or more have passed since the cancel
+    was sent. OpenAI's cancel answers `cancelling`, its files named only once it has ended;
+    and a download of those files that failed was followed by a second cancel. LeaseLost
+    if another worker took it over (nothing is written)."""
+    async with sessions.begin() as session:
+        await _write_held(
+            session,
+            held,
+            cancel_sent_at=func.coalesce(Batch.cancel_sent_at, func.now()),
+            cancel_seen=seen,
+            next_poll_at=func.now() + timedelta(seconds=poll_in_s),
+        )
+        waited = Batch.cancel_sent_at <= func.now() - timedelta(seconds=wait_s)
+        return bool(await session.scalar(select(waited).where(Batch.id == held.id)))
 
 
 async def release(sessions: Sessions, held: Held, poll_in_s: float | None = None) -> None:

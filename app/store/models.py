@@ -392,6 +392,10 @@ class Batch(Base):
     # exist. False otherwise (and by default, as an older release leaves it): a holder looks
     # for one before it creates (its sender may have died before storing the id).
     create_unsent: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    # Taken for lost, it was cancelled then, and the provider showed it so since (its status
+    # and files): waited for until it has ended, its files read from it, never cancelled again.
+    cancel_sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancel_seen: Mapped[dict[str, Any] | None] = mapped_column(NULLABLE_JSONB)
     # A worker working on it holds it until then; another takes it over after.
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # The lease's token: its holder's every write names it, so a holder whose lease another
