@@ -55,3 +55,21 @@ LIMIT_PAUSED_UNTIL = Gauge(
 ITEMS_FINISHED = Counter("aidsafe_items_finished_total", "Items ended by this worker, by status.", ["status"])
 ITEMS = Gauge("aidsafe_items", "Items waiting or running, over all jobs.", ["status"])
 QUEUE_DEPTH = Gauge("aidsafe_queue_depth", "arq jobs in the queue (waiting, deferred or running).")
+BATCHES_CREATED = Counter(
+    "aidsafe_batches_created_total",
+    "Provider batches this worker created for batch delivery (one found, made by a worker that "
+    "died before storing its id, is not counted again).",
+    ["endpoint"],
+)
+BATCHES_ENDED = Counter(
+    "aidsafe_batches_ended_total",
+    "Batches this worker ended, by status: collected, refused (split, or its lone request "
+    "rejected), cancelled (their job was) or lost.",
+    ["endpoint", "status"],
+)
+BATCH_REQUESTS_RESENT = Counter(
+    "aidsafe_batch_requests_resent_total",
+    "Requests a batch this worker ended left unanswered and sent again, by how: in the job's "
+    "next wave (next_wave) or online (online).",
+    ["endpoint", "via"],
+)

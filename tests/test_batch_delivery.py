@@ -23,6 +23,7 @@ from uuid import UUID, uuid4
 import httpx
 import pytest
 from arq.connections import ArqRedis
+from prometheus_client import REGISTRY
 from sqlalchemy import func, select, update
 
 from aidsafe.models import BatchProgress
@@ -239,6 +240,38 @@ async def test_an_expired_batch_resubmits_only_its_unanswered_requests(
     assert len(resent) == 6
     assert set(first_lines[2:]) <= resent
     assert not set(first_lines[:2]) & resent
+
+
+async def test_batch_metrics_count_the_batches_created_and_ended_and_the_requests_sent_again(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    before = {name: _sample(name, **labels) for name, labels in _BATCH_METRICS}
+
+    await _first_batch_expires(batch_api, auth, batch_settings, sessions, arq_redis, scripted_llm)
+
+    made = len(scripted_llm.batches.created())
+    counted = {name: _sample(name, **labels) - before[name] for name, labels in _BATCH_METRICS}
+    assert counted == {
+        "aidsafe_batches_created_total": made,
+        "aidsafe_batches_ended_total": made,  # all collected
+        "aidsafe_batch_requests_resent_total": 4,  # the expired batch's unanswered 4
+    }
+
+
+_BATCH_METRICS = [
+    ("aidsafe_batches_created_total", {"endpoint": "default"}),
+    ("aidsafe_batches_ended_total", {"endpoint": "default", "status": "collected"}),
+    ("aidsafe_batch_requests_resent_total", {"endpoint": "default", "via": "next_wave"}),
+]
+
+
+def _sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 async def test_a_worker_killed_mid_wave_is_resumed_by_another_without_loss_or_duplicates(

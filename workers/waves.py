@@ -41,6 +41,7 @@ from app.llm.batch_api import (
     input_file,
     output_lines,
 )
+from app.metrics import BATCH_REQUESTS_RESENT, BATCHES_CREATED, BATCHES_ENDED
 from app.queue import enqueue_shares
 from app.store import batches
 from app.store.batches import Held, LeaseLost, Outcome
@@ -124,12 +125,14 @@ async def _submit(settings: Settings, sessions: Sessions, api: BatchAPI, held: H
         except _Unseen as unseen:
             if unseen.lasted:
                 await batches.abandon(sessions, held, str(unseen))
+                _ended(held, BatchStatus.LOST)
                 log.warning("batch %s lost, its requests failed, not bought twice: %s", held.id, unseen)
             return
     try:
         if created is None:
             await batches.creating(sessions, held)  # renews: the search may have taken most of the lease
             created = await api.create(held.endpoint, held.input_file_id, str(held.id))
+            BATCHES_CREATED.labels(held.endpoint).inc()
     except BatchRefused as refused:
         await _refuse(sessions, held, str(refused))
         return
@@ -208,12 +211,12 @@ async def _poll(settings: Settings, sessions: Sessions, api: BatchAPI, held: Hel
             await batches.keep_read(sessions, held, outcome, read)
         return
     gone = refused and f"gone, their requests sent again: {refused}"
-    await batches.collect(
+    await _collect(
+        settings,
         sessions,
         held,
         BatchStatus.COLLECTED,
         outcome,
-        settings.batch_max_submissions,
         provider_status=status,
         request_counts=counts,
         output_file_id=seen.get("output_file_id"),
@@ -296,12 +299,12 @@ async def _lost(settings: Settings, sessions: Sessions, api: BatchAPI, held: Hel
     status = seen.get("status")
     unended = f"still {status} after its cancel" if status and status not in TERMINAL else None
     error = "; ".join(part for part in (detail, unended, refused) if part)
-    await batches.collect(
+    await _collect(
+        settings,
         sessions,
         held,
         BatchStatus.LOST,
         outcome,
-        settings.batch_max_submissions,
         error=error,
         **({"provider_status": status} if status else {}),
         **read,
@@ -317,6 +320,20 @@ async def _lost(settings: Settings, sessions: Sessions, api: BatchAPI, held: Hel
 def _shown(batch: dict[str, Any]) -> dict[str, Any]:
     """What a lost batch's look shows: its status and files."""
     return {key: batch.get(key) for key in ("status", "output_file_id", "error_file_id")}
+
+
+async def _collect(
+    settings: Settings, sessions: Sessions, held: Held, final: BatchStatus, outcome: Outcome, **values: Any
+) -> None:
+    """End the batch (batches.collect), counted in the metrics."""
+    resent = await batches.collect(sessions, held, final, outcome, settings.batch_max_submissions, **values)
+    _ended(held, final)
+    via = "online" if held.unanswered == "online" else "next_wave"
+    BATCH_REQUESTS_RESENT.labels(held.endpoint, via).inc(resent)
+
+
+def _ended(held: Held, status: BatchStatus) -> None:
+    BATCHES_ENDED.labels(held.endpoint, status.value).inc()
 
 
 def _read(lines: list[OutputLine], outcome: Outcome) -> None:
@@ -336,6 +353,7 @@ async def _refuse(sessions: Sessions, held: Held, detail: str) -> None:
     """The provider will not take the batch (its file too large or invalid): its requests go
     in two smaller batches, until a lone request it refuses fails its item."""
     made = await batches.split_refused(sessions, held, detail)
+    _ended(held, BatchStatus.REFUSED)
     log.warning(
         "batch %s refused (%s): %s", held.id, f"split in {made}" if made else "its request fails", detail
     )
@@ -363,12 +381,12 @@ async def _cancel(settings: Settings, sessions: Sessions, api: BatchAPI, held: H
             # It ended already, or the provider has none: nothing runs to cancel. Left open,
             # the batch was asked again every poll for ever, and kept its job from deletion.
             log.warning("batch %s: the provider refused its cancel: %s", held.id, refused)
-    await batches.collect(
+    await _collect(
+        settings,
         sessions,
         held,
         BatchStatus.CANCELLED,
         Outcome({}, {}),
-        settings.batch_max_submissions,
         provider_batch_id=provider_batch_id,
         provider_status=None if seen is None else seen.get("status"),
         error=unseen_error,

@@ -505,24 +505,26 @@ class Outcome:
 
 async def collect(
     sessions: Sessions, held: Held, final: BatchStatus, outcome: Outcome, max_submissions: int, **values: Any
-) -> None:
+) -> int:
     """End the batch as `final` and store its outcome in one transaction: each answer on its
     request if still submitted in this batch (so stored once; the request's body, never sent
     again, blanked), refusals likewise; its other requests online if the job sends those
-    online, else pending again, or failed after `max_submissions`. LeaseLost if another
-    worker took the batch over (nothing is written)."""
+    online, else pending again, or failed after `max_submissions`. The number of requests
+    sent again (online or in the next wave). LeaseLost if another worker took the batch over
+    (nothing is written)."""
     async with sessions.begin() as session:
         await _write_held(session, held, **values, status=final, finished_at=func.now())
         mine = await _store(session, held, outcome)
         if held.unanswered == "online":
-            await session.execute(
+            online = await session.execute(
                 update(BatchRequest)
                 .where(mine)
                 .values(status=BatchRequestStatus.ONLINE, error=f"unanswered by its batch ({final.value})")
+                .returning(BatchRequest.id)
             )
-            return
+            return len(online.all())
         unanswered = f"unanswered in {max_submissions} batches; last: {final.value}"
-        await session.execute(
+        statuses = await session.scalars(
             update(BatchRequest)
             .where(mine)
             .values(
@@ -532,7 +534,9 @@ async def collect(
                 ),
                 error=case((BatchRequest.submissions >= max_submissions, unanswered), else_=None),
             )
+            .returning(BatchRequest.status)
         )
+        return sum(status == BatchRequestStatus.PENDING for status in statuses)
 
 
 async def keep_read(sessions: Sessions, held: Held, outcome: Outcome, file_ids: dict[str, str]) -> None:
