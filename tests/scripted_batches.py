@@ -29,7 +29,8 @@ keeps none). The test drives the rest:
     batches.create_failures = 1   # the next create answers 503 and makes nothing
     batches.content_failures = 1  # the next download of a file answers 503
     batches.cancelling_s = 1.0    # a cancel answers `cancelling`, no files yet (OpenAI's answer);
-                                  # asked of after 1 s (retrieve or cancel), it is `cancelled`
+                                  # asked of after 1 s (retrieve, cancel, list), it is `cancelled`
+    batches.recancel_refused = True  # a cancel of a batch cancelling or ended answers 400
     batches.forget(batch_id)      # the provider lost the batch: asked of it, it answers 404
     batches.delete_file(file_id)  # the provider deleted the file (or kept it no longer): 404
     batches.refuse(batch_or_file_id, 404, times=2)  # its next 2 asks answer 404 (None: every ask)
@@ -157,6 +158,7 @@ class ScriptedBatches:
             self.create_failures = 0  # the next creates answer 503, making nothing
             self.content_failures = 0  # the next downloads answer 503
             self.cancelling_s = 0.0  # how long a cancelled batch is `cancelling` (0: not at all)
+            self.recancel_refused = False  # a cancel of a batch cancelling or ended answers 400
             self.lists = 0  # batch list requests answered or refused
             self.cancel_requests: list[str] = []
             self.downloads: dict[str, int] = {}  # file id: content asks, answered or refused
@@ -301,6 +303,10 @@ class ScriptedBatches:
         if self.list_refused or (self.list_cursor_refused and request.query_params.get("after")):
             return _error(self.list_refusal_status, "Invalid URL (GET /v1/batches)", "not_found")
         with self._lock:
+            cancelling = [batch.id for batch in self.batches.values() if batch.status == "cancelling"]
+        for batch_id in cancelling:
+            self._settle(batch_id)
+        with self._lock:
             newest_first = list(reversed(self.batches.values()))
             ids = [batch.id for batch in newest_first]
             # After a batch it no longer knows: nothing (a cursor, not a restart from the top).
@@ -371,6 +377,8 @@ class ScriptedBatches:
         if batch is None:
             return _error(404, "no such batch", "not_found")
         self._settle(batch_id)
+        if self.recancel_refused and batch.status in (*TERMINAL, "cancelling"):
+            return _error(400, f"Cannot cancel a batch with status '{batch.status}'", "invalid_request")
         if batch.status not in (*TERMINAL, "cancelling"):
             if self.cancelling_s:
                 with self._lock:

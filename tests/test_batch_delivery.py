@@ -527,7 +527,7 @@ async def test_a_lost_batch_whose_cancel_shows_answers_keeps_them_and_sends_only
         assert resent.count(cut_off) == 2
 
 
-@pytest.mark.parametrize("cancelling_s", [0.5, 600.0])
+@pytest.mark.parametrize(("cancelling_s", "recancel_refused"), [(0.5, False), (0.5, True), (600.0, False)])
 async def test_a_lost_batch_answering_its_cancel_cancelling_is_waited_for_and_its_answers_kept(
     batch_api: httpx.AsyncClient,
     auth: dict[str, str],
@@ -536,11 +536,13 @@ async def test_a_lost_batch_answering_its_cancel_cancelling_is_waited_for_and_it
     arq_redis: ArqRedis,
     scripted_llm: ScriptedLLM,
     cancelling_s: float,
+    recancel_refused: bool,
 ) -> None:
     """OpenAI answers a cancel `cancelling`, with no files: the output file of the answers
     made before the cancel is named once the batch is `cancelled`. Read at once, there was no
-    file, and those answers were bought again. A batch that stays cancelling is waited for
-    AIDSAFE_BATCH_GONE_AFTER_S at most: then its requests are sent again."""
+    file, and those answers were bought again. It is looked at again by its cancel, or, where
+    the provider refuses to cancel it again, in its batch list. A batch that stays cancelling
+    is waited for AIDSAFE_BATCH_GONE_AFTER_S at most: then its requests are sent again."""
     settings = batch_settings.model_copy(update={"batch_gone_after_s": 2.0})
     online = await _online_run(batch_api, auth, settings, scripted_llm, PROMPTS[:3])
     job_id, hidden, hidden_lines = await _held_in_progress(
@@ -549,6 +551,7 @@ async def test_a_lost_batch_answering_its_cancel_cancelling_is_waited_for_and_it
     scripted_llm.batches.progress(hidden["id"], answered=2)
     scripted_llm.batches.refuse(hidden["id"], 400)  # every retrieve of it, from now on
     scripted_llm.batches.cancelling_s = cancelling_s
+    scripted_llm.batches.recancel_refused = recancel_refused
     scripted_llm.batches.hold = False
 
     await _drive(settings, sessions, arq_redis, job_id)

@@ -189,6 +189,10 @@ def test_a_batch_cancelled_where_cancelling_takes_time_names_its_files_only_once
 
     assert [(b["status"], b["output_file_id"]) for b in (cancelling, still)] == [("cancelling", None)] * 2
     assert again["status"] == "cancelled"
+    scripted_llm.batches.recancel_refused = True
+    assert http.post(f"/batches/{batch['id']}/cancel").status_code == 400
+    [listed] = http.get("/batches").json()["data"]
+    assert (listed["status"], listed["output_file_id"]) == ("cancelled", again["output_file_id"])
     assert sorted(o["custom_id"] for o in _lines(http, again["output_file_id"])) == ["req-0", "req-1"]
     assert [e["custom_id"] for e in _lines(http, again["error_file_id"])] == ["req-2"]
 

@@ -165,11 +165,8 @@ async def _find(settings: Settings, sessions: Sessions, api: BatchAPI, held: Hel
     for a provider without a batch list, which has none to find (taken for a refused
     batch instead, the batch was split until every request failed)."""
     assert held.input_file_id is not None
-    # Our batch row is older than any provider batch of it; the hour is for the provider's
-    # clock and Postgres's to differ by.
-    since = held.created_at.timestamp() - 3600
     try:
-        return await api.find(held.endpoint, str(held.id), held.input_file_id, since)
+        return await api.find(held.endpoint, str(held.id), held.input_file_id, _since(held))
     except BatchRefused as refused:
         detail = f"the provider refused its batch list: {refused}"
         if not await _gone(settings, sessions, held, detail):
@@ -179,6 +176,13 @@ async def _find(settings: Settings, sessions: Sessions, api: BatchAPI, held: Hel
     except BatchListIncomplete as incomplete:
         detail = f"a provider batch of it may exist unseen: {incomplete}"
         raise _Unseen(detail, await _gone(settings, sessions, held, detail)) from incomplete
+
+
+def _since(held: Held) -> float:
+    """When, on the provider's clock, a provider batch of ours was created at the earliest:
+    our batch row is older than any; the hour is for the provider's clock and Postgres's to
+    differ by."""
+    return held.created_at.timestamp() - 3600
 
 
 async def _poll(settings: Settings, sessions: Sessions, api: BatchAPI, held: Held) -> None:
@@ -278,13 +282,11 @@ async def _lost(settings: Settings, sessions: Sessions, api: BatchAPI, held: Hel
         # First cancelled, as far as the provider lets: one a proxy hides (a 400 or 422 on each
         # retrieve) may still run, and be paid for beside its requests sent again. A batch that
         # is gone refuses the cancel, which changes nothing. One that answers it `cancelling`
-        # (OpenAI's answer) names its files only once cancelled: looked at again by its cancel
-        # (its retrieve is what the provider refuses) until it has ended, for up to
-        # batch_gone_after_s, else the answers made before the cancel were bought again.
+        # (OpenAI's answer) names its files only once cancelled: looked at again (_looked) until
+        # it has ended, for up to batch_gone_after_s, else the answers made before the cancel
+        # were bought again.
         await batches.renew(sessions, held)
-        with suppress(BatchFault):
-            seen = _shown(await api.cancel(held.endpoint, held.provider_batch_id))
-        seen = seen or {}
+        seen = await _looked(api, held) or seen or {}
         waited = await batches.cancel_sent(
             sessions, held, seen, settings.batch_poll_interval_s, settings.batch_gone_after_s
         )
@@ -317,8 +319,24 @@ async def _lost(settings: Settings, sessions: Sessions, api: BatchAPI, held: Hel
     )
 
 
+async def _looked(api: BatchAPI, held: Held) -> dict[str, Any] | None:
+    """The lost batch's status and files, as its cancel answers them (its retrieve is what
+    the provider refuses); if a cancel sent before is refused now (some gateways refuse to
+    cancel a batch cancelling or ended), as the batch list shows it; None if neither does."""
+    assert held.provider_batch_id is not None and held.input_file_id is not None
+    with suppress(BatchFault):
+        return _shown(await api.cancel(held.endpoint, held.provider_batch_id))
+    if held.cancel_seen is None:  # its first cancel refused: gone, nothing to look for
+        return None
+    with suppress(BatchFault):
+        found = await api.find(held.endpoint, str(held.id), held.input_file_id, _since(held))
+        if found is not None and found.get("id") == held.provider_batch_id:
+            return _shown(found)
+    return None
+
+
 def _shown(batch: dict[str, Any]) -> dict[str, Any]:
-    """What a lost batch's look shows: its status and files."""
+    """What a look at a lost batch shows: its status and files."""
     return {key: batch.get(key) for key in ("status", "output_file_id", "error_file_id")}
 
 
