@@ -45,7 +45,7 @@ NAMING_CONVENTION = {
 
 # The Alembic revision these models are (migrations/versions): a worker checks the database
 # against it before taking items (app/preflight.py). A test keeps it at Alembic's head.
-SCHEMA_REVISION = "0036_webhook_idempotency"
+SCHEMA_REVISION = "0037_batch_lost_cancel"
 
 
 class Base(DeclarativeBase):

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from migrations.lz4 import compress_with_lz4
+
 revision: str = "0036_webhook_idempotency"
 down_revision: str | None = "0035_web_sessions_key"
 branch_labels: str | Sequence[str] | None = None
@@ -26,6 +28,7 @@ def upgrade() -> None:
     op.create_unique_constraint(
         "uq_webhooks_owner_key_id_idempotency_key", "webhooks", ["owner_key_id", "idempotency_key"]
     )
+    compress_with_lz4("webhooks", "idempotency_key", "request_hash")
 
 
 def downgrade() -> None:

@@ -7,8 +7,8 @@ bought again. And a download of the cancel's files that failed sent the cancel a
 next look. The batch now keeps when its cancel was sent and the provider's answer (status
 and files): it is waited for until it has ended, and its files are read from that answer.
 
-Revision ID: 0036_batch_lost_cancel
-Revises: 0035_web_sessions_key
+Revision ID: 0037_batch_lost_cancel
+Revises: 0036_webhook_idempotency
 Create Date: 2026-12-06 04:30:00.000000
 """
 
@@ -18,8 +18,10 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision: str = "0036_batch_lost_cancel"
-down_revision: str | None = "0035_web_sessions_key"
+from migrations.lz4 import compress_with_lz4
+
+revision: str = "0037_batch_lost_cancel"
+down_revision: str | None = "0036_webhook_idempotency"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -27,6 +29,8 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     op.add_column("batches", sa.Column("cancel_sent_at", sa.DateTime(timezone=True), nullable=True))
     op.add_column("batches", sa.Column("cancel_seen", postgresql.JSONB(), nullable=True))
+
+    compress_with_lz4("batches", "cancel_seen")
 
 
 def downgrade() -> None:

@@ -1,0 +1,1 @@
+"""Alembic migrations; lz4.py is a helper the versions share."""
