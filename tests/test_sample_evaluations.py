@@ -885,8 +885,9 @@ async def test_the_viewers_page_of_10000_labels_is_rendered_off_the_event_loop(
     api: httpx.AsyncClient, auth: Headers, sessions: Sessions
 ) -> None:
     """job.html's table of the guard's rate per label, rendered on the event loop, held every
-    other request for 51-54 ms of CPU; rendered in a worker thread, 19-36 ms (the page's
-    reads, and what else the loop does for it: not yet found)."""
+    other request for 51-54 ms of CPU; rendered in a worker thread, 13-36 ms: the guard's
+    10,000 counts per label, read as rows and made into dicts on the loop. Read as one JSON
+    text and parsed in a thread, 3-7 ms."""
     job_id = await guarded_evaluation(api, auth, sessions, 10_000)
     await logged_in(api, auth)
     await api.get(f"/view/jobs/{job_id}")  # its templates compiled, once for every job
@@ -895,8 +896,9 @@ async def test_the_viewers_page_of_10000_labels_is_rendered_off_the_event_loop(
 
     assert response.status_code == 200, response.text
     assert response.text.count("<tr><td>l") == 10_000  # a row per label
-    # Between the two: the parallel suite's load took it to 36 ms.
-    assert held < 0.045, f"the event loop was held for {held:.3f} s of CPU"
+    # 3-7 ms measured, the loop's share of reading a page of items; 12-18 before (on a loaded
+    # machine), so a bound between the two keeps the labels' rows off the loop.
+    assert held < 0.012, f"the event loop was held for {held:.3f} s of CPU"
 
 
 async def test_10000_samples_are_submitted_holding_the_event_loop_briefly(

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from typing import Any
 from uuid import UUID, uuid4
 
-from sqlalchemy import exists, func, or_, select, update
+import orjson
+from sqlalchemy import Text, cast, exists, func, or_, select, update
 from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -139,7 +140,7 @@ async def grades(session: AsyncSession, job_id: UUID) -> dict[str, Any]:
 async def guard_counts(session: AsyncSession, job_id: UUID) -> dict[str | None, dict[str, int]]:
     """Per sample label (None: unlabelled), the guard's verdicts: unsafe, safe, unreadable."""
     unsafe = SampleEvaluation.guard["unsafe"].as_boolean()
-    rows = await session.execute(
+    per_label = (
         select(
             ImportedSample.label,
             func.count().filter(unsafe.is_(True)),
@@ -149,8 +150,18 @@ async def guard_counts(session: AsyncSession, job_id: UUID) -> dict[str | None, 
         .join(ImportedSample, ImportedSample.item_id == SampleEvaluation.item_id)
         .where(SampleEvaluation.job_id == job_id, SampleEvaluation.guard.is_not(None))
         .group_by(ImportedSample.label)
+        .subquery()
     )
-    return {label: {"unsafe": u, "safe": s, "unreadable": n} for label, u, s, n in rows}
+    # One JSON text, parsed in a worker thread: the labels are the client's, and 10,000 rows
+    # of them, read and made into dicts on the event loop, held it for 15-30 ms of CPU.
+    listed = await session.scalar(
+        select(cast(func.json_agg(func.json_build_array(*per_label.c)), Text)).select_from(per_label)
+    )
+    return await asyncio.to_thread(_guard_counts_of, listed or "[]")
+
+
+def _guard_counts_of(listed: str) -> dict[str | None, dict[str, int]]:
+    return {label: {"unsafe": u, "safe": s, "unreadable": n} for label, u, s, n in orjson.loads(listed)}
 
 
 async def pairwise_counts(session: AsyncSession, job_id: UUID) -> dict[str, int]:
