@@ -304,10 +304,9 @@ async def list_preference_pairs(
     rows, next_cursor = await jobs.page_pairs(
         session, job, kept=kept, min_gap=min_gap, cursor=cursor, limit=limit
     )
-    return PreferencePairPage(
-        data=[views.pair_out(*row, reads_hazardous, known) for row in rows],
-        next_cursor=next_cursor,
-    )
+    # Shaped in a worker thread: a page of 500 pairs held the event loop for 56-66 ms.
+    data = await asyncio.to_thread(lambda: [views.pair_out(*row, reads_hazardous, known) for row in rows])
+    return PreferencePairPage(data=data, next_cursor=next_cursor)
 
 
 @router.get("/{job_id}/report", responses=ERRORS)

@@ -268,9 +268,11 @@ async def list_sample_results(
     sample_evaluations.plan_of(job)
     known = views.policy_ids(await policy_sets.by_id(session, job.policy_set_id))
     rows, next_cursor = await jobs.page_samples(session, job.id, cursor, limit)
-    return SampleResultPage(
-        data=[views.sample_result_out(*row, reads_hazardous, known) for row in rows], next_cursor=next_cursor
+    # Shaped in a worker thread: a page of 500 samples held the event loop for 40-66 ms.
+    data = await asyncio.to_thread(
+        lambda: [views.sample_result_out(*row, reads_hazardous, known) for row in rows]
     )
+    return SampleResultPage(data=data, next_cursor=next_cursor)
 
 
 @router.get("/{job_id}/samples/{item_id}", responses=ERRORS)
