@@ -589,8 +589,9 @@ async def test_a_report_of_thousands_of_categories_is_computed_off_the_event_loo
     """Categories are the client's: each adds an interval per metric and target (about 250 µs
     of scipy each), and 2,000 of them held every other request for over a second; with the
     intervals in a thread, making the 10,000 tallies of 5 targets and the report's rows still
-    held it for 60-70 ms of CPU; with those in the thread too, 20-25 ms (reading the tallies
-    and encoding the response)."""
+    held it for 60-70 ms of CPU; with those in the thread too, 20-43 ms: reading the 10,000
+    tallies as rows, and encoding the 2 MB answer. The tallies read as one JSON text and the
+    answer encoded in a thread too, 4-12 ms."""
     prompts = [{"prompt": f"prompt {n}", "expected": "refuse", "category": f"c{n}"} for n in range(2000)]
     targets = [f"m{n}" for n in range(5)]
     evaluation = await submit_evaluation(
@@ -613,8 +614,9 @@ async def test_a_report_of_thousands_of_categories_is_computed_off_the_event_loo
     table = response.json()["table"]
     assert len(table) == 2 * 2001  # two metrics of refusals, each category and all
     assert len(table[0]["models"]) == len(targets)
-    # CI's load inflates the loop's CPU by half again or more.
-    assert held < 0.045, f"the event loop was held for {held:.3f} s of CPU"
+    # CI's load inflates the loop's CPU by half again or more; 13-19 ms with the answer
+    # encoded in a thread but the tallies read as rows.
+    assert held < 0.02, f"the event loop was held for {held:.3f} s of CPU"
 
 
 async def test_benchmark_rows_of_thousands_of_values_asked_of_eight_targets_are_written_off_the_event_loop(

@@ -8,13 +8,14 @@ import asyncio
 from typing import Annotated
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, status
+from fastapi import APIRouter, Depends, Response, status
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import callbacks
 from app.api import views
 from app.api.bodies import JsonBody
 from app.api.deps import CurrentKey, SessionDep
+from app.api.encoded import encoded
 from app.api.jobs import ERRORS, resolve_prompt_set
 from app.api.schemas import (
     MAX_JOB_VALUES,
@@ -115,12 +116,10 @@ async def create_model_evaluation(
     return SubmittedModelEvaluationOut(**dict(shown), callback_secret=job.callback_secret)
 
 
-@router.get("/{evaluation_id}", responses=ERRORS)
-async def get_model_evaluation(
-    evaluation_id: UUID, session: SessionDep, key: CurrentKey
-) -> ModelEvaluationOut:
+@router.get("/{evaluation_id}", response_model=ModelEvaluationOut, responses=ERRORS)
+async def get_model_evaluation(evaluation_id: UUID, session: SessionDep, key: CurrentKey) -> Response:
     """Progress, and the report over the answers judged so far: per benchmark, category and
     metric, each target's rate with its Wilson 95 % interval. The answers themselves are the
     items' `respond` turns (GET /v1/items/{id}; hazardous text: keys without
     `hazardous:read` see them redacted)."""
-    return await evaluation_out(session, await jobs.get_owned(session, evaluation_id, key.id))
+    return await encoded(await evaluation_out(session, await jobs.get_owned(session, evaluation_id, key.id)))

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID, uuid4
 
-from sqlalchemy import Row, func, select
+import orjson
+from sqlalchemy import Text, cast, func, select
+from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.deliberation.ports import Stage
@@ -132,16 +134,17 @@ class Tally:
     truncated: int  # answers the server cut at max_tokens
 
 
-async def tally_rows(session: AsyncSession, job: Job) -> Sequence[Row[*tuple[Any, ...]]]:
+async def tally_rows(session: AsyncSession, job: Job) -> str:
     """The job's answers counted per (target, benchmark, category, expected), in that order,
-    as rows for tallies_of (a row per category and target: thousands, made into tallies off
-    the event loop). Reads the owner's rows only (the job is the owner's: `job` was read for
-    its key)."""
+    as the JSON text of a list of rows for tallies_of (a row per category and target:
+    thousands, made into tallies off the event loop; read as rows on it, 10,000 of them held
+    it for 10-20 ms of CPU). Reads the owner's rows only (the job is the owner's: `job` was
+    read for its key)."""
     completed = Item.status == ItemStatus.COMPLETED
     done = ModelAnswer.judged_at.is_not(None) & completed
     count = func.count()
     cell = (ModelAnswer.target, ModelAnswer.benchmark, ModelAnswer.category, ModelAnswer.expected)
-    rows = await session.execute(
+    counted = (
         select(
             *cell,
             count.label("items"),
@@ -156,11 +159,13 @@ async def tally_rows(session: AsyncSession, job: Job) -> Sequence[Row[*tuple[Any
         .join(Item, Item.id == ModelAnswer.item_id)
         .where(ModelAnswer.job_id == job.id, ModelAnswer.owner_key_id == job.owner_key_id)
         .group_by(*cell)
-        .order_by(*cell)
+        .subquery()
     )
-    return rows.all()
+    in_order = aggregate_order_by(func.row_to_json(counted.table_valued()), *(counted.c[c.key] for c in cell))
+    listed = await session.scalar(select(cast(func.json_agg(in_order), Text)).select_from(counted))
+    return listed or "[]"
 
 
-def tallies_of(rows: Sequence[Row[*tuple[Any, ...]]]) -> list[Tally]:
+def tallies_of(rows: str) -> list[Tally]:
     """tally_rows' rows as tallies."""
-    return [Tally(**row._mapping) for row in rows]
+    return [Tally(**row) for row in orjson.loads(rows)]
