@@ -65,8 +65,9 @@ class NotFound(ServiceError):
 
 
 class JobDeleted(NotFound):
-    """The job was deleted while an export was reading it a batch at a time: what was sent of
-    it is incomplete, and the export ends with an error rather than looking complete."""
+    """The job was deleted while an export was reading it a batch at a time (what was sent of
+    it is incomplete, and the export ends with an error rather than looking complete), or while
+    its progress was followed (the stream ends)."""
 
 
 class TooManyStreams(ServiceError):

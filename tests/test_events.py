@@ -766,6 +766,30 @@ async def test_a_stream_ends_once_its_key_is_revoked_and_the_reconnection_is_ref
     error_of(again, 401, "unauthorized")
 
 
+async def test_a_stream_of_a_job_deleted_meanwhile_ends_cleanly_and_the_reconnection_is_not_found(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    """Its next snapshot found no job: an AssertionError cut the stream with a traceback."""
+    job = await submit(api, auth, ["a"])  # no worker runs: the job never ends
+    quick = settings.model_copy(update={"events_resync_s": 0.3})
+
+    async def delete() -> None:  # as a purge would, between two snapshots
+        async with sessions.begin() as session:
+            await session.execute(text("DELETE FROM items WHERE job_id = :id"), {"id": job["id"]})
+            await session.execute(text("DELETE FROM jobs WHERE id = :id"), {"id": job["id"]})
+
+    with served(quick) as base_url:
+        async with (
+            httpx.AsyncClient(base_url=base_url, timeout=10) as client,
+            aconnect_sse(client, "GET", f"/v1/jobs/{job['id']}/events", headers=auth) as stream,
+        ):
+            received = await asyncio.wait_for(kinds_until_closed(stream, delete), 10)
+            again = await client.get(f"/v1/jobs/{job['id']}/events", headers=auth)
+
+    assert received == ["snapshot"]
+    error_of(again, 404, "not_found")
+
+
 async def test_a_stopping_api_ends_its_streams_at_once_so_that_it_can_stop(
     api: httpx.AsyncClient, auth: Headers, settings: Settings
 ) -> None:

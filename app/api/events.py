@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
@@ -20,9 +21,12 @@ from app.api.draining import draining, until_set
 from app.api.errors import documented_beside_a_stream
 from app.api.schemas import ItemFinishedOut, JobProgressOut
 from app.api.state import api_state
+from app.errors import JobDeleted
 from app.events import JobEventSource, follow
 from app.store import jobs, keys
 from app.store.models import Job
+
+log = logging.getLogger("aidsafe.api")
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 RETRY_MS = 2_000  # how long an EventSource waits before it reconnects
@@ -52,7 +56,8 @@ def job_event_source(request: Request, job_id: UUID) -> JobEventSource:
     async def snapshot() -> dict[str, Any]:
         async with state.sessions() as session:
             job = await session.get(Job, job_id)
-            assert job is not None
+            if job is None:  # deleted since the stream began (a purge between two snapshots)
+                raise JobDeleted(f"job {job_id} was deleted")
             return await jobs.summary(session, job)
 
     return JobEventSource(state.streams, state.sessions, state.settings, job_id, snapshot)
@@ -84,12 +89,15 @@ async def resumed(
 async def server_sent(events: ResumedEvents) -> AsyncIterator[ServerSentEvent]:
     yield ServerSentEvent(comment="connected", retry=RETRY_MS)
     async with aclosing(follow(events.source, events.last_event_id)) as followed:
-        async for event in until_set(followed, events.draining):
-            # A stream may outlive its key's revocation by hours: it ends at the next snapshot
-            # (every events_resync_s at most), and the client's reconnection is refused.
-            if event.kind == "snapshot" and not await events.allowed():
-                return
-            yield ServerSentEvent(event=event.kind, data=event.data, id=event.id)
+        try:
+            async for event in until_set(followed, events.draining):
+                # A stream may outlive its key's revocation by hours: it ends at the next
+                # snapshot (every events_resync_s at most), and the reconnection is refused.
+                if event.kind == "snapshot" and not await events.allowed():
+                    return
+                yield ServerSentEvent(event=event.kind, data=event.data, id=event.id)
+        except JobDeleted:  # as a revoked key's stream: ended, and the reconnection gets 404
+            log.info("events of job %s: the job was deleted; the stream ends", events.source.job_id)
 
 
 async def _followed(
