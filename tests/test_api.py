@@ -25,8 +25,16 @@ from app.errors import ServiceError
 from app.main import create_app
 from app.queue import arq_job_id
 from app.store.db import Sessions
-from app.store.models import Item, Job
-from tests.conftest import ROOT, api_client, eventually, longest_loop_pause, new_key, run_worker_burst
+from app.store.models import Item, Job, TurnRow
+from tests.conftest import (
+    ROOT,
+    api_client,
+    eventually,
+    least_loop_pause,
+    longest_loop_pause,
+    new_key,
+    run_worker_burst,
+)
 from tests.scripted_llm import ScriptedLLM
 
 Headers = dict[str, str]
@@ -785,6 +793,50 @@ async def test_item_detail_has_its_turns_and_cot(
         } <= set(turn)
     assert {t["stage"] for t in detail["turns"]} >= {"intent", "seed", "deliberation", "refine"}
     assert all(t["outcome"] == "ok" and t["raw_output"] for t in detail["turns"])
+
+
+def a_turn_row(item: Item, n: int, cost: float | None) -> TurnRow:
+    return TurnRow(
+        item_id=item.id,
+        job_id=item.job_id,
+        stage="seed",
+        round=0,
+        agent=0,
+        attempt=n,
+        role="seed",
+        endpoint="default",
+        model="m",
+        request_hash="h",
+        raw_output="{}",
+        outcome="ok",
+        prompt_tokens=100,
+        cached_prompt_tokens=10,
+        completion_tokens=15,
+        cost_usd=cost,
+        latency_ms=1.0,
+    )
+
+
+async def test_an_items_detail_of_many_long_turns_is_shaped_and_encoded_off_the_event_loop(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    """An item's detail carries every turn: 300 turns of 64 KB are a 20 MB answer, which
+    FastAPI made into models and encoded on the event loop."""
+    job = await submit(api, auth, ["a"])
+    item_id = uuid.UUID((await items_of(api, auth, job["id"]))[0]["id"])
+    async with sessions.begin() as session:
+        item = await session.get_one(Item, item_id)
+        for n in range(300):
+            turn = a_turn_row(item, n, cost=None)
+            turn.raw_output = f"{n} " + "word " * 13_000
+            session.add(turn)
+
+    response, held = await least_loop_pause(lambda: api.get(f"/v1/items/{item_id}", headers=auth))
+
+    assert response.status_code == 200, response.text
+    turns = response.json()["turns"]
+    assert [t["raw_output"].split(" ", 1)[0] for t in turns] == [str(n) for n in range(300)]
+    assert held < 0.03, f"the event loop was held for {held:.3f} s of CPU"
 
 
 async def test_item_detail_before_the_worker_runs_has_no_turns_or_cot(

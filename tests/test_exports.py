@@ -43,11 +43,11 @@ from app.store.db import Sessions, make_engine, make_sessions
 from app.store.export_rows import ExportFilter, Source
 from app.store.exports import BATCH_ROWS, batches_statement, read_batches
 from app.store.keys import create_key
-from app.store.models import Annotation, Cot, Item, Job, TurnRow
+from app.store.models import Annotation, Cot, Item, Job
 from bench.export import insert_finished_job
 from tests.conftest import eventually, new_key, run_worker_burst, served
 from tests.scripted_llm import ScriptedLLM, guard_verdict, reply, scores
-from tests.test_api import error_of, other_backend, submit
+from tests.test_api import a_turn_row, error_of, other_backend, submit
 from tests.test_key_limits import waiting_for_locks
 from tests.test_quality_api import (
     HAZARD,
@@ -442,28 +442,6 @@ async def test_gate_reasons_stored_as_json_null_export_as_no_reasons(
     records = json_lines(await exported(api, auth, job_id, "jsonl"))
 
     assert [r["gate_reasons"] for r in records] == [[], []]
-
-
-def a_turn_row(item: Item, n: int, cost: float | None) -> TurnRow:
-    return TurnRow(
-        item_id=item.id,
-        job_id=item.job_id,
-        stage="seed",
-        round=0,
-        agent=0,
-        attempt=n,
-        role="seed",
-        endpoint="default",
-        model="m",
-        request_hash="h",
-        raw_output="{}",
-        outcome="ok",
-        prompt_tokens=100,
-        cached_prompt_tokens=10,
-        completion_tokens=15,
-        cost_usd=cost,
-        latency_ms=1.0,
-    )
 
 
 # --- filters -------------------------------------------------------------------------------
