@@ -34,7 +34,15 @@ from app.exports.streaming import encoded
 from app.main import create_app
 from app.queue import REQUEST_RETRIES, WORKER_RETRIES, arq_job_id, bound_calls, redis_settings
 from app.store import items
-from app.store.db import Sessions, deadline, driver_connection, driver_of, make_engine, make_sessions
+from app.store.db import (
+    Sessions,
+    database_away,
+    deadline,
+    driver_connection,
+    driver_of,
+    make_engine,
+    make_sessions,
+)
 from app.store.export_rows import ExportFilter
 from app.store.exports import BATCH_ROWS
 from app.store.models import Item, Job
@@ -595,3 +603,20 @@ async def test_a_lease_renewal_on_a_silent_connection_gives_up_in_time_to_renew_
                 task.cancel()
         await asyncio.gather(*(t for t in (watch, work) if t is not None), return_exceptions=True)
         await engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("error", "away"),
+    [
+        (asyncpg.exceptions.ConnectionFailureError("gone"), True),  # 08006
+        (asyncpg.exceptions.AdminShutdownError("restart"), True),  # 57P01
+        (asyncpg.exceptions.QueryCanceledError("timeout"), True),  # 57014, the database timeout
+        (asyncpg.exceptions.ProtocolViolationError("bad message"), False),  # 08P01: a bug
+        (asyncpg.exceptions.UniqueViolationError("dup"), False),
+    ],
+)
+def test_a_protocol_violation_is_no_database_away_though_its_class_is_the_connections(
+    error: Exception, away: bool
+) -> None:
+    """Answered 503, a bug in what was sent was retried by every client as an outage."""
+    assert database_away(error) is away

@@ -136,8 +136,10 @@ async def deadline(sessions: Sessions, seconds: float) -> AsyncIterator[None]:
 
 # SQLSTATE classes of a database that is away, not of a statement that is wrong: 08
 # connection exception, 57 operator intervention (query_canceled at the timeout,
-# admin_shutdown, crash_shutdown, cannot_connect_now, ...).
+# admin_shutdown, crash_shutdown, cannot_connect_now, ...); but not 08P01, a protocol
+# violation: a bug in what was sent, which a retry sends again.
 _AWAY_SQLSTATE_CLASSES = ("08", "57")
+_PROTOCOL_VIOLATION = "08P01"
 
 
 def database_away(error: BaseException) -> bool:
@@ -154,7 +156,7 @@ def database_away(error: BaseException) -> bool:
 
 def _says_away(error: BaseException | None) -> bool:
     sqlstate = getattr(error, "sqlstate", None) or ""
-    return sqlstate[:2] in _AWAY_SQLSTATE_CLASSES
+    return sqlstate[:2] in _AWAY_SQLSTATE_CLASSES and sqlstate != _PROTOCOL_VIOLATION
 
 
 @asynccontextmanager
