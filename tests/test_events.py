@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 from sqlalchemy import func, text, update
 
 from app.api.draining import until_set
+from app.api.events import ResumedEvents, server_sent
 from app.config import Settings
 from app.events import STREAM_PAGE, ItemFinished, JobEventSource, announce_item_finished, follow, stream_key
 from app.queue import REQUEST_RETRIES, bound_calls, redis_settings
@@ -887,3 +888,33 @@ async def test_a_viewer_stream_ends_once_its_session_is_logged_out(
                 received = await asyncio.wait_for(kinds_until_closed(stream, log_out), 10)
 
     assert received == ["snapshot"]
+
+
+async def test_a_postgres_fault_while_a_stream_checks_its_caller_still_may_read_it_does_not_end_it(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions, redis: Redis
+) -> None:
+    """The check after each snapshot ran unguarded: a restart then ended the stream with a
+    traceback, though the snapshot before it had been waited out."""
+    job = await submit(api, auth, ["a", "b"])
+    checks = 0
+
+    async def allowed_cut_once() -> bool:
+        nonlocal checks
+        checks += 1
+        async with sessions() as session:
+            if checks == 2:
+                await session.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+            return True
+
+    source = resyncing_events(redis, settings, sessions, job["id"], 0.2)
+    events = ResumedEvents(source, None, allowed_cut_once, asyncio.Event())
+    kinds: list[str | None] = []
+    async with asyncio.timeout(30):
+        async for event in server_sent(events):
+            kinds.append(event.event)
+            if kinds.count("snapshot") == 2:
+                await end_item(sessions, job["id"], 0, redis, settings)
+                await end_item(sessions, job["id"], 1, redis, settings)
+
+    assert checks > 2
+    assert kinds[-1] == "done" and kinds.count("item") == 2
