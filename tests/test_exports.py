@@ -40,6 +40,7 @@ from app.exports.options import ExportOptions
 from app.exports.records import FULL_COT_SCHEMA
 from app.exports.streaming import encoded
 from app.store.db import Sessions, make_engine, make_sessions
+from app.store.deletions import delete_job
 from app.store.export_rows import ExportFilter, Source
 from app.store.exports import BATCH_ROWS, batches_statement, read_batches
 from app.store.keys import create_key
@@ -1067,6 +1068,37 @@ async def test_an_export_the_database_cuts_off_is_a_warning_not_a_traceback(
     )
 
 
+async def test_an_export_of_a_job_deleted_while_it_is_sent_is_a_warning_not_a_traceback(
+    sessions: Sessions, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A job deleted during its export raised JobDeleted out of the app, logged with a traceback
+    ("Exception in ASGI application") as if it were a bug. It is one warning naming the job; the
+    response is cut off without its last chunk, as when the database goes away."""
+    async with sessions.begin() as session:
+        key, _ = await create_key(session, "deleting")
+        job_id = await insert_finished_job(session, key.id, 3 * BATCH_ROWS)
+    chunks = encoded(sessions, job_id, FORMATS["trl_sft"], ExportOptions(), ExportFilter())
+    sent: list[Message] = []
+
+    async def deleting_once_the_file_has_begun(message: Message) -> None:
+        sent.append(message)
+        if len(sent) == 2:  # the head, then the file's start
+            async with sessions.begin() as session:
+                await delete_job(session, job_id, key.id)
+
+    await asyncio.wait_for(
+        _StallingEnds(chunks, job_id=job_id, stall_s=30)(
+            UVICORN_SCOPE, never_disconnects, deleting_once_the_file_has_begun
+        ),
+        20,
+    )
+
+    assert sent[0]["type"] == "http.response.start" and sent[-1]["more_body"]  # never the last chunk
+    logged = [record for record in caplog.records if record.levelno >= logging.WARNING]
+    assert [(record.levelname, record.exc_info) for record in logged] == [("WARNING", None)]
+    assert logged[0].getMessage() == f"the export of job {job_id} was cut off: the job was deleted meanwhile"
+
+
 async def test_an_export_that_fails_for_a_bug_still_raises_for_its_traceback() -> None:
     """Only the database's going away is quieted: any other failure of an export is a bug,
     which the server must log with its traceback."""
@@ -1122,11 +1154,12 @@ def rest_of(client: socket.socket) -> bytes:
 
 
 async def test_an_export_of_a_job_deleted_while_it_is_read_ends_broken_not_short(
-    settings: Settings, sessions: Sessions
+    settings: Settings, sessions: Sessions, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Each batch is read by a statement of its own: once the job is deleted, the next one
     finds no rows. The response is cut off without its last chunk (clients report an
-    incomplete body), so the file never looks complete with rows missing."""
+    incomplete body), so the file never looks complete with rows missing; the server logs
+    no traceback for it."""
     job_id, reader = await finished_job_of_a_new_key(sessions, "deleting-reader", 5000)
     with served(settings) as url:
         stalled = stalled_export(url, reader, job_id)
@@ -1142,6 +1175,7 @@ async def test_an_export_of_a_job_deleted_while_it_is_read_ends_broken_not_short
     assert received.startswith(b"HTTP/1.1 200")
     assert not received.endswith(b"\r\n0\r\n\r\n")  # chunked encoding's last chunk
     assert 0 < received.count(b'"item_id"') < 5000
+    assert [record.getMessage() for record in caplog.records if record.exc_info] == []
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from app.api.deps import OwnedJob, ReadsHazardous, SessionDep, StateDep
 from app.api.errors import InvalidRequest, documented
 from app.api.jobs import min_gap_query
 from app.api.state import api_state
-from app.errors import InvalidFilter, MissingScope
+from app.errors import InvalidFilter, JobDeleted, MissingScope
 from app.exports.formats import FORMATS, JSON
 from app.exports.options import CotStyle, ExportOptions, parse_min_scores
 from app.exports.streaming import encoded
@@ -171,6 +171,10 @@ class _StallingEnds(StreamingResponse):
 
         try:
             await super().__call__(scope, receive, send_or_give_up)
+        except JobDeleted:
+            # Its owner's doing, not a bug: no traceback. Returning cuts the response off (see
+            # below), so the file never looks complete with rows missing.
+            log.warning("the export of job %s was cut off: the job was deleted meanwhile", self.job_id)
         except Exception as error:
             if stalled and isinstance(error, TimeoutError):
                 log.info("an export's client took nothing for %.0f s: the export was ended", self.stall_s)
