@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import inspect
 import io
 import json
 import logging
 import socket
 import time
 import tracemalloc
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Coroutine
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +30,7 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import insert, select, text, update
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import Message, Scope, Send
 from trl.data_utils import is_conversational, maybe_extract_prompt, unpair_preference_dataset
 
@@ -1002,38 +1005,93 @@ async def test_a_client_gone_while_the_next_batch_is_read_ends_the_export_and_gi
     await eventually(none_in_use, timeout_s=10, what="the cancelled read's connection given back")
 
 
-async def test_an_export_ended_for_its_stalled_client_gives_back_the_connection_of_a_read_under_way(
-    settings: Settings, sessions: Sessions
-) -> None:
-    """An export ended because its client took nothing for AIDSAFE_EXPORT_STALL_S was left to be
-    closed whenever its response was freed: until then, the next batch's read under way (here
-    waiting for a lock) kept its Postgres connection."""
-    job_id = await bulk_job(sessions, 3 * BATCH_ROWS)
-    engine = make_engine(settings.database_url, settings.database_timeout_s, 2)  # the export's alone
-    chunks = encoded(make_sessions(engine), job_id, FORMATS["trl_sft"], ExportOptions(), ExportFilter())
-    response = _StallingEnds(chunks, job_id=job_id, stall_s=0.5)
+@pytest.fixture
+async def export_engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    """An engine for an export's reads alone, so its pool shows the connections the export holds."""
+    engine = make_engine(settings.database_url, settings.database_timeout_s, 2)
+    yield engine
+    await engine.dispose()
+
+
+@asynccontextmanager
+async def second_read_waiting_for_a_lock(
+    sessions: Sessions, export: Coroutine[Any, Any, None]
+) -> AsyncIterator[asyncio.Task[None]]:
+    """`export` (of a job of three batches of rows) under way in a task: its first batch is
+    read, then its second batch's read waits for a lock on cots held until the block ends."""
     released = asyncio.Event()
     queued: asyncio.Task[None] | None = None
     try:
         async with sessions.begin() as first_lock:
             await first_lock.execute(text(LOCK_COTS))
-            sending = asyncio.create_task(response(UVICORN_SCOPE, never_disconnects, stops_after(2)))
+            sending = asyncio.create_task(export)
             await eventually(lambda: waiting_for_locks(sessions, 1), what="the first batch's read waiting")
             queued = asyncio.create_task(cots_locked_until(sessions, released))
             await eventually(lambda: waiting_for_locks(sessions, 2), what="a lock queued behind it")
-        # The first batch is read; the queued lock is taken before the second batch's read, which
-        # waits for it while the client takes nothing of the first batch's records.
-        await asyncio.wait_for(sending, 20)
-
-        async def none_in_use() -> bool:
-            return bool(engine.pool.checkedout() == 0)  # type: ignore[attr-defined]
-
-        await eventually(none_in_use, timeout_s=5, what="the read under way given up, its connection back")
+        # The first batch is read; the queued lock is taken before the second batch's read.
+        yield sending
     finally:
         released.set()
         if queued is not None:
             await queued
-        await engine.dispose()
+
+
+async def none_checked_out(engine: AsyncEngine) -> bool:
+    return bool(engine.pool.checkedout() == 0)  # type: ignore[attr-defined]
+
+
+async def test_an_export_ended_for_its_stalled_client_gives_back_the_connection_of_a_read_under_way(
+    sessions: Sessions, export_engine: AsyncEngine
+) -> None:
+    """An export ended because its client took nothing for AIDSAFE_EXPORT_STALL_S was left to be
+    closed whenever its response was freed: until then, the next batch's read under way (here
+    waiting for a lock) kept its Postgres connection."""
+    job_id = await bulk_job(sessions, 3 * BATCH_ROWS)
+    chunks = encoded(
+        make_sessions(export_engine), job_id, FORMATS["trl_sft"], ExportOptions(), ExportFilter()
+    )
+    response = _StallingEnds(chunks, job_id=job_id, stall_s=0.5)
+    export = response(UVICORN_SCOPE, never_disconnects, stops_after(2))
+    async with second_read_waiting_for_a_lock(sessions, export) as sending:
+        # The client takes nothing of the first batch's records while the second batch's read waits.
+        await asyncio.wait_for(sending, 20)
+        await eventually(
+            lambda: none_checked_out(export_engine),
+            timeout_s=5,
+            what="the read under way given up, its connection back",
+        )
+
+
+async def test_an_export_whose_client_goes_is_closed_at_once_and_gives_back_its_reads_connection(
+    sessions: Sessions, export_engine: AsyncEngine
+) -> None:
+    """A client gone mid-export: Starlette cancels the send it was waiting in, which left the
+    export at its yield, to be closed whenever the garbage collector freed the response; until
+    then the next batch's read under way (here waiting for a lock) kept its Postgres connection.
+    (The test holds the export, so nothing but closing it at once can pass.)"""
+    job_id = await bulk_job(sessions, 3 * BATCH_ROWS)
+    chunks = encoded(
+        make_sessions(export_engine), job_id, FORMATS["trl_sft"], ExportOptions(), ExportFilter()
+    )
+    stopped = asyncio.Event()
+
+    async def gone_once_the_second_read_waits() -> Message:
+        await stopped.wait()
+        second_read = "wait_event_type = 'Lock' AND query NOT LIKE 'LOCK%'"
+        await eventually(lambda: other_backend(sessions, second_read), what="the second batch's read waiting")
+        return {"type": "http.disconnect"}
+
+    response = _StallingEnds(chunks, job_id=job_id, stall_s=30)
+    export = response(UVICORN_SCOPE, gone_once_the_second_read_waits, stops_after(2, stopped))
+    async with second_read_waiting_for_a_lock(sessions, export) as sending:
+        await asyncio.wait_for(sending, 20)
+
+        assert inspect.getasyncgenstate(chunks) == inspect.AGEN_CLOSED
+        await eventually(
+            lambda: none_checked_out(export_engine),
+            timeout_s=5,
+            what="the read under way given up, its connection back",
+        )
 
 
 async def test_an_export_the_database_cuts_off_is_a_warning_not_a_traceback(
@@ -1128,14 +1186,17 @@ async def never_disconnects() -> Message:
     raise AssertionError("unreachable")
 
 
-def stops_after(messages: int) -> Send:
-    """A client that takes `messages` of the response, then nothing (its window stays full)."""
+def stops_after(messages: int, stopped: asyncio.Event | None = None) -> Send:
+    """A client that takes `messages` of the response, then nothing (its window stays full);
+    `stopped` is set once it does."""
     taken = 0
 
     async def send(message: Message) -> None:
         nonlocal taken
         taken += 1
         if taken > messages:
+            if stopped is not None:
+                stopped.set()
             await asyncio.Event().wait()
 
     return send

@@ -178,10 +178,6 @@ class _StallingEnds(StreamingResponse):
         except Exception as error:
             if stalled and isinstance(error, TimeoutError):
                 log.info("an export's client took nothing for %.0f s: the export was ended", self.stall_s)
-                # Closed now, not whenever the response is freed: a batch read under way is
-                # cancelled and gives its Postgres connection back (encoded's finally). The
-                # content is not running: it waits for the send that gave up.
-                await self.content.aclose()
                 return
             if not database_away(error):
                 raise
@@ -189,6 +185,12 @@ class _StallingEnds(StreamingResponse):
             # way at a Postgres restart. Returning cuts the response off as raising did (uvicorn
             # closes the connection, with a line that the response was not completed).
             log.warning("the export of job %s was cut off: the database went away (%r)", self.job_id, error)
+        finally:
+            # Closed now, not whenever the response is freed: a client gone or stalled leaves
+            # the content waiting at a yield for the send given up, and a batch read under way
+            # holding its Postgres connection until then; closed, the read is cancelled and
+            # gives it back (encoded's finally). Ended by an error of its own, it is closed already.
+            await self.content.aclose()
 
 
 def _pieces(message: Message) -> Iterator[Message]:
