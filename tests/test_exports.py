@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import gc
 import inspect
 import io
 import json
@@ -38,7 +39,7 @@ from app.api.exports import _StallingEnds
 from app.config import Settings
 from app.deliberation.prompt_sets import builtin
 from app.deliberation.results import METRICS
-from app.exports.formats import FORMATS
+from app.exports.formats import FORMATS, ExportFormat
 from app.exports.options import ExportOptions
 from app.exports.records import FULL_COT_SCHEMA
 from app.exports.streaming import encoded
@@ -810,6 +811,46 @@ async def test_the_next_batch_is_read_while_this_one_is_made_into_records(sessio
         pass
 
     assert connections_reading == [1] * (3 * BATCH_ROWS)
+
+
+def noting_the_collector(collecting: list[bool]) -> ExportFormat:
+    """trl_sft, noting for each record it makes whether the cyclic garbage collector is on."""
+    trl_sft = FORMATS["trl_sft"]
+    assert trl_sft.to_record is not None
+    to_record = trl_sft.to_record
+
+    def noting(row: Any, options: ExportOptions) -> Any:
+        collecting.append(gc.isenabled())
+        return to_record(row, options)
+
+    return replace(trl_sft, to_record=noting)
+
+
+async def test_records_are_made_with_the_cyclic_collector_paused_and_only_then(sessions: Sessions) -> None:
+    """A batch's thousands of young objects set the collector off over and over (up to a third
+    of an export's CPU): it is paused while they are made, and on again for whatever else the
+    API does between batches and after the export."""
+    job_id, collecting = await bulk_job(sessions, 3), list[bool]()
+    fmt = noting_the_collector(collecting)
+    async for _ in encoded(sessions, job_id, fmt, ExportOptions(), ExportFilter()):
+        assert gc.isenabled()
+
+    assert collecting == [False, False, False] and gc.isenabled()
+
+
+async def test_an_export_leaves_a_collector_paused_before_it_paused(sessions: Sessions) -> None:
+    """Whoever paused the collector (a test timing the event loop) decides when it is on again."""
+    job_id, collecting = await bulk_job(sessions, 3), list[bool]()
+    fmt = noting_the_collector(collecting)
+    gc.disable()
+    try:
+        async for _ in encoded(sessions, job_id, fmt, ExportOptions(), ExportFilter()):
+            pass
+        still_paused = not gc.isenabled()
+    finally:
+        gc.enable()
+
+    assert still_paused and collecting == [False, False, False]
 
 
 # --- clients that read slowly --------------------------------------------------------------------
