@@ -894,7 +894,7 @@ async def test_exports_a_key_leaves_unread_hold_none_of_the_connections_other_re
     had read it: 20 left unread held them all, and every other tenant's request waited 30 s
     and failed."""
     job_id, reader = await finished_job_of_a_new_key(sessions, "slow-reader", 5000)
-    other = await new_key(sessions, "other")
+    others_job, other = await finished_job_of_a_new_key(sessions, "other", 1)
     caps = {"max_exports_per_key": 2, "max_exports": 3}
     with served(settings.model_copy(update=caps)) as url:
         async with httpx.AsyncClient(base_url=url, timeout=10) as client:
@@ -909,7 +909,8 @@ async def test_exports_a_key_leaves_unread_hold_none_of_the_connections_other_re
                     what="the key's third export refused",
                 )
                 assert (await client.get("/v1/jobs", headers=other)).status_code == 200
-                assert await export_status(client, other, job_id) == 404  # another key's seat, and job
+                assert await export_status(client, other, job_id) == 404  # another key's job
+                assert await export_status(client, other, others_job) == 200  # a seat of its own
             finally:
                 for stalled_client in stalled:
                     stalled_client.close()
@@ -1082,7 +1083,7 @@ async def none_checked_out(engine: AsyncEngine) -> bool:
 
 
 async def test_an_export_ended_for_its_stalled_client_gives_back_the_connection_of_a_read_under_way(
-    sessions: Sessions, export_engine: AsyncEngine
+    sessions: Sessions, export_engine: AsyncEngine, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An export ended because its client took nothing for AIDSAFE_EXPORT_STALL_S was left to be
     closed whenever its response was freed: until then, the next batch's read under way (here
@@ -1091,7 +1092,8 @@ async def test_an_export_ended_for_its_stalled_client_gives_back_the_connection_
     chunks = encoded(
         make_sessions(export_engine), job_id, FORMATS["trl_sft"], ExportOptions(), ExportFilter()
     )
-    response = _StallingEnds(chunks, job_id=job_id, stall_s=0.5)
+    caplog.set_level(logging.INFO, logger="aidsafe.api")
+    response = _StallingEnds(chunks, job_id=job_id, stall_s=1.0)
     export = response(UVICORN_SCOPE, never_disconnects, stops_after(2))
     async with second_read_waiting_for_a_lock(sessions, export) as sending:
         # The client takes nothing of the first batch's records while the second batch's read waits.
@@ -1101,6 +1103,9 @@ async def test_an_export_ended_for_its_stalled_client_gives_back_the_connection_
             timeout_s=5,
             what="the read under way given up, its connection back",
         )
+
+    ended = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "aidsafe.api"]
+    assert ended == [("INFO", "an export's client took nothing for 1 s: the export was ended")]
 
 
 async def test_an_export_whose_client_goes_is_closed_at_once_and_gives_back_its_reads_connection(
@@ -1162,9 +1167,9 @@ async def test_an_export_the_database_cuts_off_is_a_warning_not_a_traceback(
     assert sent[0]["type"] == "http.response.start" and sent[-1]["more_body"]  # never the last chunk
     logged = [record for record in caplog.records if record.levelno >= logging.WARNING]
     assert [(record.levelname, record.exc_info) for record in logged] == [("WARNING", None)]
-    assert (
-        logged[0].getMessage().startswith(f"the export of job {job_id} was cut off: the database went away (")
-    )
+    warning = logged[0].getMessage()
+    assert warning.startswith(f"the export of job {job_id} was cut off: the database went away (")
+    assert "terminating connection due to administrator command" in warning  # the fault, named
 
 
 async def test_an_export_of_a_job_deleted_while_it_is_sent_is_a_warning_not_a_traceback(
@@ -1210,6 +1215,32 @@ async def test_an_export_that_fails_for_a_bug_still_raises_for_its_traceback() -
         await _StallingEnds(failing(), job_id=uuid4(), stall_s=30)(
             UVICORN_SCOPE, never_disconnects, stops_after(9)
         )
+
+
+async def test_a_large_chunk_is_sent_in_pieces_that_add_up_to_it() -> None:
+    """The server's send of a chunk waits until the client has taken nearly all of it, so a
+    chunk is sent 256 KiB at a time (see the slow-but-steady client above): the pieces are the
+    chunk, in order, each saying more of the body follows; only the last message ends it."""
+    chunk = bytes(range(256)) * 2500  # 640,000 bytes: two whole pieces and part of a third
+
+    async def one_chunk() -> AsyncGenerator[bytes, None]:
+        yield chunk
+
+    sent: list[Message] = []
+
+    async def taken(message: Message) -> None:
+        sent.append(message)
+
+    await _StallingEnds(one_chunk(), job_id=uuid4(), stall_s=30)(UVICORN_SCOPE, never_disconnects, taken)
+
+    body = sent[1:]
+    assert [(len(m["body"]), m["more_body"]) for m in body] == [
+        (262_144, True),
+        (262_144, True),
+        (115_712, True),
+        (0, False),
+    ]
+    assert b"".join(m["body"] for m in body) == chunk
 
 
 LOCK_COTS = "LOCK TABLE cots IN ACCESS EXCLUSIVE MODE"
