@@ -162,6 +162,16 @@ async def _drive_until(
     raise AssertionError(f"never happened: {done}")
 
 
+async def _rounds(settings: Settings, sessions: Sessions, redis: ArqRedis, times: int = 1) -> None:
+    """`times` batch rounds, the worker not run between them."""
+    api = BatchAPI(settings.endpoints(), settings.batch_call_timeout_s)
+    try:
+        for _ in range(times):
+            await run_round(settings, sessions, redis, api)
+    finally:
+        await api.aclose()
+
+
 async def _all_finished(sessions: Sessions, job_id: str) -> bool:
     async with sessions() as session:
         statuses = (await session.scalars(select(Item.status).where(Item.job_id == UUID(job_id)))).all()
@@ -696,12 +706,7 @@ async def test_a_batch_the_provider_refuses_twice_then_finds_completes_as_if_nev
     )
     scripted_llm.batches.refuse(first["id"], 404, times=2)  # as a proxy might, for a while
     if answered_between:
-        api = BatchAPI(batch_settings.endpoints(), batch_settings.batch_call_timeout_s)
-        try:
-            for _ in range(3):  # refused, refused, answered
-                await run_round(batch_settings, sessions, arq_redis, api)
-        finally:
-            await api.aclose()
+        await _rounds(batch_settings, sessions, arq_redis, times=3)  # refused, refused, answered
         assert (await _provider_batch_row(sessions, first["id"])).refusals == 0
         scripted_llm.batches.refuse(first["id"], 404, times=1)
     scripted_llm.batches.hold = False
@@ -1249,11 +1254,7 @@ async def test_a_holder_that_lost_its_lease_mid_search_creates_no_second_provide
     scripted_llm.batches.list_delays = [0.8 * batch_settings.batch_call_timeout_s]  # answered in time
 
     async def first_holder() -> None:
-        api = BatchAPI(batch_settings.endpoints(), batch_settings.batch_call_timeout_s)
-        try:
-            await run_round(batch_settings, sessions, arq_redis, api)
-        finally:
-            await api.aclose()
+        await _rounds(batch_settings, sessions, arq_redis)
 
     first = asyncio.create_task(first_holder())
     await eventually(lambda: _searched(scripted_llm), what="the first holder's search")
@@ -1416,11 +1417,7 @@ async def test_a_batch_list_refused_at_a_later_page_never_makes_a_second_batch(
     await _other_tenants_batches(scripted_llm, 120)  # ours is on the second page
     scripted_llm.batches.list_cursor_refused, scripted_llm.batches.list_refusal_status = True, 400
     job_id = (await _batch_row(sessions, batch_id)).job_id
-    api = BatchAPI(batch_settings.endpoints(), batch_settings.batch_call_timeout_s)
-    try:
-        await run_round(batch_settings, sessions, arq_redis, api)
-    finally:
-        await api.aclose()
+    await _rounds(batch_settings, sessions, arq_redis)
     assert scripted_llm.batches.lists == 2 and len(scripted_llm.batches.created()) == 121
     assert (await _batch_row(sessions, batch_id)).status == "uploaded"
 
@@ -1490,11 +1487,7 @@ async def test_a_batch_list_refused_at_its_first_page_is_taken_for_none_only_onc
     batch_id = await _one_batch_formed(batch_api, auth, batch_settings, sessions)
     await _created_but_never_recorded(batch_settings, sessions, arq_redis, scripted_llm, batch_id)
     scripted_llm.batches.list_refused = True
-    api = BatchAPI(batch_settings.endpoints(), batch_settings.batch_call_timeout_s)
-    try:
-        await run_round(batch_settings, sessions, arq_redis, api)
-    finally:
-        await api.aclose()
+    await _rounds(batch_settings, sessions, arq_redis)
     assert scripted_llm.batches.lists == 1 and len(scripted_llm.batches.created()) == 1
     assert (await _batch_row(sessions, batch_id)).status == "uploaded"
 

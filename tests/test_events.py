@@ -294,6 +294,24 @@ async def test_while_redis_is_unreachable_the_follower_hears_each_item_end_befor
     assert received[-2:] == [("snapshot", "completed"), ("done", "completed")]
 
 
+class SnapshotCutOnce:
+    """A job's snapshots, the second of which Postgres ends the connection of (as a restart
+    ends them all); `taken`: how many were asked for."""
+
+    def __init__(self, sessions: Sessions, job_id: str) -> None:
+        self.summary = summary_of(sessions, job_id)
+        self.sessions = sessions
+        self.taken = 0
+
+    async def __call__(self) -> dict[str, Any]:
+        self.taken += 1
+        if self.taken == 2:
+            async with self.sessions() as session:
+                await session.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+        summary: dict[str, Any] = await self.summary()
+        return summary
+
+
 async def test_while_redis_is_unreachable_a_postgres_fault_delays_the_followers_events_and_loses_none(
     api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
 ) -> None:
@@ -302,16 +320,7 @@ async def test_while_redis_is_unreachable_a_postgres_fault_delays_the_followers_
     job = await submit(api, auth, ["a", "b"])
     unreachable = Redis.from_url("redis://127.0.0.1:9/0", socket_connect_timeout=0.5)
     quick = settings.model_copy(update={"events_resync_s": 0.2})
-    snapshots = 0
-
-    async def snapshot_cut_once() -> dict[str, Any]:
-        nonlocal snapshots
-        snapshots += 1
-        if snapshots == 2:
-            async with sessions() as session:
-                await session.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
-        summary: dict[str, Any] = await summary_of(sessions, job["id"])()
-        return summary
+    snapshot_cut_once = SnapshotCutOnce(sessions, job["id"])
 
     stream = follow(JobEventSource(unreachable, sessions, quick, UUID(job["id"]), snapshot_cut_once), None)
     received: list[tuple[str, Any]] = []
@@ -326,7 +335,7 @@ async def test_while_redis_is_unreachable_a_postgres_fault_delays_the_followers_
     finally:
         await unreachable.aclose()
 
-    assert snapshots > 2
+    assert snapshot_cut_once.taken > 2
     assert sorted(position for kind, position in received if kind == "item") == [0, 1], received
     assert received[-2:] == [("snapshot", "completed"), ("done", "completed")]
 
@@ -498,16 +507,7 @@ async def test_a_postgres_fault_under_a_connected_follower_delays_its_events_and
     stream: it goes on at the next check, from where it was, as it does without Redis."""
     job = await submit(api, auth, ["a", "b"])
     own = settings.model_copy(update={"events_resync_s": 0.2})
-    snapshots = 0
-
-    async def snapshot_cut_once() -> dict[str, Any]:
-        nonlocal snapshots
-        snapshots += 1
-        if snapshots == 2:
-            async with sessions() as session:
-                await session.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
-        summary: dict[str, Any] = await summary_of(sessions, job["id"])()
-        return summary
+    snapshot_cut_once = SnapshotCutOnce(sessions, job["id"])
 
     stream = follow(JobEventSource(redis, sessions, own, UUID(job["id"]), snapshot_cut_once), None)
     heard: list[int] = []
@@ -521,7 +521,7 @@ async def test_a_postgres_fault_under_a_connected_follower_delays_its_events_and
             if event.kind == "done":
                 assert event.data["counts"]["by_status"] == {"completed": 2}
 
-    assert snapshots > 2
+    assert snapshot_cut_once.taken > 2
     assert sorted(set(heard)) == [0, 1]
 
 
