@@ -8,15 +8,22 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 from uuid import UUID, uuid4
 
 import httpx
 import pytest
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute, iter_route_contexts
 from sqlalchemy import select
 
+from app.api.bodies import JsonBody
+from app.api.deps import _key_write_session
 from app.api.key_turns import KeyTurns
+from app.api.sample_evaluations import _uploaded
 from app.config import Settings
 from app.errors import TooManyWaiting
+from app.main import create_app
 from app.store import keys
 from app.store.db import Sessions
 from app.store.models import ApiKey, Webhook
@@ -246,3 +253,31 @@ async def test_turns_past_the_most_waiting_are_refused_unless_the_caller_never_s
     released.set()
     await asyncio.gather(holding, waiting, delivery)
     assert len(turns) == 0
+
+
+def _in_resolution_order(dependant: Dependant) -> list[Any]:
+    """The calls of a route's dependencies in the order FastAPI runs them."""
+    calls = []
+    for sub in dependant.dependencies:
+        calls += [*_in_resolution_order(sub), sub.call]
+    return calls
+
+
+def test_every_route_reads_its_body_before_it_takes_its_keys_turn(settings: Settings) -> None:
+    """A body holds its turn until the answer: a route taking the key's turn first, then
+    waiting for a body turn, would deadlock with the key's requests holding every body turn
+    while they wait for the key's."""
+    both = {}
+    for route in iter_route_contexts(create_app(settings).routes):
+        if not isinstance(route.route, APIRoute):
+            continue
+        calls = _in_resolution_order(route.route.dependant)
+        turns = [
+            "body" if isinstance(call, JsonBody) or call is _uploaded else "key"
+            for call in calls
+            if isinstance(call, JsonBody) or call in (_uploaded, _key_write_session)
+        ]
+        if "key" in turns and len(turns) > 1:
+            both[route.path] = turns
+    assert len(both) >= 8, both  # submissions, comparisons, evaluations, uploads, sets, webhooks
+    assert all(turns == ["body", "key"] for turns in both.values()), both

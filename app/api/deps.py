@@ -82,7 +82,9 @@ async def _key_write_session(state: StateDep, key: CurrentKey) -> AsyncIterator[
 
 # The session of a request that locks its key's row (keys.hold), opened in the key's turn in
 # this process (app/api/key_turns.py): the key's other such requests wait without a connection.
-# Declare it after the body, which is then read before the turn, not while the key waits.
+# Declare it after the body, which is then read before the turn, not while the key waits. The
+# order matters: a body holds its turn until the answer, and a route taking the key's turn
+# before a body turn could deadlock with the key's requests holding every body turn (tested).
 KeyWriteSession = Annotated[AsyncSession, Depends(_key_write_session)]
 
 
