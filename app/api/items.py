@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 from uuid import UUID
 
 from fastapi import APIRouter, Response
 
 from app.api import views
 from app.api.deps import CurrentKey, ReadsHazardous, SessionDep
-from app.api.encoded import encoded
 from app.api.jobs import ERRORS
+from app.api.json_answers import json_answer
 from app.api.schemas import ItemDetailOut
 from app.store import jobs
 
@@ -37,4 +36,4 @@ async def get_item(
 
     # Every turn, each up to a reply's length: tens of MB for a long item, shaped and encoded
     # on the event loop, held it for 58 ms at 300 turns of 64 KB.
-    return await encoded(await asyncio.to_thread(detail))
+    return await json_answer(detail)

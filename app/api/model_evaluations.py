@@ -15,8 +15,8 @@ from app import callbacks
 from app.api import views
 from app.api.bodies import JsonBody
 from app.api.deps import CurrentKey, SessionDep
-from app.api.encoded import encoded
 from app.api.jobs import ERRORS, resolve_prompt_set
+from app.api.json_answers import json_answer
 from app.api.schemas import (
     MAX_JOB_VALUES,
     ModelEvaluationIn,
@@ -122,4 +122,5 @@ async def get_model_evaluation(evaluation_id: UUID, session: SessionDep, key: Cu
     metric, each target's rate with its Wilson 95 % interval. The answers themselves are the
     items' `respond` turns (GET /v1/items/{id}; hazardous text: keys without
     `hazardous:read` see them redacted)."""
-    return await encoded(await evaluation_out(session, await jobs.get_owned(session, evaluation_id, key.id)))
+    shown = await evaluation_out(session, await jobs.get_owned(session, evaluation_id, key.id))
+    return await json_answer(lambda: shown)
