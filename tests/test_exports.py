@@ -1105,7 +1105,7 @@ async def test_an_export_ended_for_its_stalled_client_gives_back_the_connection_
         )
 
     ended = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "aidsafe.api"]
-    assert ended == [("INFO", "an export's client took nothing for 1 s: the export was ended")]
+    assert ended == [("INFO", f"the export of job {job_id} was ended: its client took nothing for 1 s")]
 
 
 async def test_an_export_whose_client_goes_is_closed_at_once_and_gives_back_its_reads_connection(

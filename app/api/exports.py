@@ -177,7 +177,11 @@ class _StallingEnds(StreamingResponse):
             log.warning("the export of job %s was cut off: the job was deleted meanwhile", self.job_id)
         except Exception as error:
             if stalled and isinstance(error, TimeoutError):
-                log.info("an export's client took nothing for %.0f s: the export was ended", self.stall_s)
+                log.info(
+                    "the export of job %s was ended: its client took nothing for %.0f s",
+                    self.job_id,
+                    self.stall_s,
+                )
                 return
             if not database_away(error):
                 raise
