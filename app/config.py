@@ -264,7 +264,7 @@ class Settings(BaseSettings):
     webhook_rejections_kept_days: float = Field(default=7.0, gt=0)
     # A client address that sends a webhook this many wrong secrets within the window (from the
     # first) has its further wrong ones refused until the window ends; never the right one
-    # (app/api/wrong_secrets.py).
+    # (app/api/failures.py).
     webhook_wrong_secrets_per_address: int = Field(default=30, ge=1)
     webhook_wrong_secrets_window_s: int = Field(default=60, ge=1)
 

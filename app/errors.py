@@ -47,16 +47,22 @@ class WrongSecret(Unauthorized):
     """A webhook delivery without the webhook's secret (answered as any other 401)."""
 
 
-class TooManyWrongSecrets(ServiceError):
-    """A client address sent a webhook too many wrong secrets lately: each of its deliveries
-    to it is refused, whatever secret it carries, until its window ends (Retry-After)."""
+class TooManyFailures(ServiceError):
+    """A client address had too many failures of a kind lately (app/api/failures.py): its
+    further ones are refused until its window ends (Retry-After)."""
 
     status = 429
-    code = "too_many_wrong_secrets"
 
     def __init__(self, message: str, retry_after_s: int) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class TooManyWrongSecrets(TooManyFailures):
+    """A client address sent a webhook too many wrong secrets lately: its deliveries to it
+    with a wrong one are refused, unstored (never one with the right secret)."""
+
+    code = "too_many_wrong_secrets"
 
 
 class NotFound(ServiceError):

@@ -33,13 +33,13 @@ from app.api import (
     webhooks,
 )
 from app.api.draining import DRAINING
+from app.api.failures import Failures
 from app.api.key_turns import KeyTurns
 from app.api.known_keys import KnownKeys
 from app.api.limits import BodySizeLimit
 from app.api.open_streams import OpenStreams
 from app.api.state import ApiState
 from app.api.summaries import JobSummaries
-from app.api.wrong_secrets import WrongSecrets
 from app.config import Settings, get_settings
 from app.presets import load as load_presets
 from app.queue import REQUEST_RETRIES, bound_calls, redis_settings
@@ -101,9 +101,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     "wait for one to end",
                 ),
                 KeyTurns(settings.max_bodies_per_key, settings.max_waiting_per_key),
-                WrongSecrets(
+                Failures(
                     arq,
                     settings.redis_key_prefix,
+                    "wrong secrets",
                     settings.webhook_wrong_secrets_per_address,
                     settings.webhook_wrong_secrets_window_s,
                 ),

@@ -19,7 +19,7 @@ import pytest
 from redis.asyncio import Redis
 from sqlalchemy import func, select, text, update
 
-from app.api.wrong_secrets import WrongSecrets
+from app.api.failures import Failures
 from app.config import Settings
 from app.errors import NotFound
 from app.main import create_app
@@ -693,18 +693,17 @@ async def test_wrong_secrets_are_not_counted_while_redis_is_away_and_nothing_is_
         probe.bind(("127.0.0.1", 0))
         closed_port = probe.getsockname()[1]
     unreachable = Redis(host="127.0.0.1", port=closed_port, socket_connect_timeout=1)
-    wrong_secrets = WrongSecrets(unreachable, "aidsafe:test", limit=1, window_s=60)
-    webhook_id = uuid4()
+    wrong_secrets = Failures(unreachable, "aidsafe:test", "wrong secrets", limit=1, window_s=60)
+    scope = f"webhook {uuid4()}"
 
     with caplog.at_level(logging.WARNING, logger="aidsafe.api"):
-        await wrong_secrets.count(webhook_id, "203.0.113.9")
-        await wrong_secrets.refuse_if_over(webhook_id, "203.0.113.9")  # no TooManyWrongSecrets
+        counted = [await wrong_secrets.count("203.0.113.9", scope) for _ in range(2)]
     await unreachable.aclose()
 
+    assert counted == [None, None]  # the second is not refused
     assert [r.getMessage() for r in caplog.records] == [
-        f"could not count a wrong secret sent to webhook {webhook_id}",
-        f"could not read the wrong secrets sent to webhook {webhook_id}",
-    ]
+        f"could not count the wrong secrets sent by 203.0.113.9 to {scope}"
+    ] * 2
 
 
 async def test_a_listing_of_rejections_pages_by_their_size_as_json(

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from arq.connections import ArqRedis
 from fastapi import FastAPI, Request
 
+from app.api.failures import Failures
 from app.api.key_turns import KeyTurns
 from app.api.known_keys import KnownKeys
 from app.api.open_streams import OpenStreams
 from app.api.summaries import JobSummaries
-from app.api.wrong_secrets import WrongSecrets
 from app.config import Settings
 from app.presets import Presets
 from app.store.budgets import Spending
@@ -32,7 +32,7 @@ class ApiState:
     key_turns: KeyTurns  # whose turn it is to lock each key's row (KeyWriteSession)
     open_exports: OpenStreams  # exports being sent now, per API key
     body_turns: KeyTurns  # each key's request bodies in memory, from reading to answer, a few at a time
-    wrong_secrets: WrongSecrets  # sent to each webhook lately, per client address
+    wrong_secrets: Failures  # sent to each webhook lately, per client address
 
 
 def install(app: FastAPI, state: ApiState) -> None:

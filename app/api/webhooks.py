@@ -27,7 +27,7 @@ from app.api.jobs import Cursor, Limit
 from app.api.schemas import LABEL_PATTERN, ErrorOut
 from app.api.state import api_state
 from app.api.submissions import IdempotencyKey, submit_responses
-from app.errors import NotFound, ServiceError, WrongSecret
+from app.errors import NotFound, ServiceError, TooManyWrongSecrets, WrongSecret
 from app.idempotency import RequestHash
 from app.labeling import imports, label_studio
 from app.labeling.reviews import Parsed
@@ -232,7 +232,7 @@ async def label_studio_delivery(
     the webhook too many wrong secrets lately has its wrong ones refused with 429
     `too_many_wrong_secrets` until Retry-After, and not kept; the right secret is never
     refused (Label Studio does not send a refused delivery again)."""
-    wrong_secrets, address = api_state(request).wrong_secrets, _address(request)
+    state, address = api_state(request), _address(request)
     try:
         webhook, owner_revoked = await store.find(session, webhook_id, "label_studio")
     except NotFound:
@@ -247,7 +247,7 @@ async def label_studio_delivery(
         # as it may have gone meanwhile.
         await session.rollback()
         # Never refused for the key's other requests: Label Studio does not send it again.
-        async with api_state(request).body_turns.turn(owner_key_id, refuse_past_max=False):
+        async with state.body_turns.turn(owner_key_id, refuse_past_max=False):
             raw = await LABEL_STUDIO_EVENT.read(request, settings)
             body = raw.decode("utf-8", errors="replace")
             parsed = await asyncio.to_thread(_read_delivery, raw)
@@ -262,11 +262,19 @@ async def label_studio_delivery(
         await session.rollback()
         log.warning("webhook %s refused a delivery: %s %s", webhook_id, exc.code, exc.message)
         # NotFound instead if the webhook was deleted meanwhile: answered as an unknown one.
-        if isinstance(exc, WrongSecret):
-            # Past the limit a guess costs a Redis call, no rejection row. Refusing the right
-            # secret too would hand a guesser behind the tool's proxy its deliveries.
-            await wrong_secrets.refuse_if_over(webhook_id, address)
-            await wrong_secrets.count(webhook_id, address)
+        # Past the limit a guess costs a Redis call, no rejection row. Refusing the right
+        # secret too would hand a guesser behind the tool's proxy its deliveries.
+        if (
+            isinstance(exc, WrongSecret)
+            and (refused_for_s := await state.wrong_secrets.count(address, f"webhook {webhook_id}"))
+            is not None
+        ):
+            limit, window_s = state.wrong_secrets.limit, state.wrong_secrets.window_s
+            raise TooManyWrongSecrets(
+                f"this address sent this webhook {limit} wrong secrets in {window_s} s, the most "
+                "it may: check the secret the tool sends, and try again after Retry-After",
+                retry_after_s=refused_for_s,
+            ) from None
         await store.record_rejection(session, webhook_id, owner_key_id, exc.code, exc.message, body)
         await session.commit()
         raise
