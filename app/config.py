@@ -267,6 +267,11 @@ class Settings(BaseSettings):
     # (app/api/failures.py).
     webhook_wrong_secrets_per_address: int = Field(default=30, ge=1)
     webhook_wrong_secrets_window_s: int = Field(default=60, ge=1)
+    # The same for unknown or revoked API keys and deliveries to unknown webhooks, counted
+    # together: past them, such requests are refused without a lookup; never a known key
+    # (app/api/known_keys.py).
+    wrong_keys_per_address: int = Field(default=30, ge=1)
+    wrong_keys_window_s: int = Field(default=60, ge=1)
 
     # Progress events (GET /v1/jobs/{id}/events): one Redis stream per job, trimmed and expiring;
     # Postgres stays the truth: a follower checks the items' ends against it (events_resync_s).

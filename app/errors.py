@@ -65,6 +65,14 @@ class TooManyWrongSecrets(TooManyFailures):
     code = "too_many_wrong_secrets"
 
 
+class TooManyWrongKeys(TooManyFailures):
+    """A client address sent too many unknown or revoked API keys, or deliveries to unknown
+    webhooks, lately: its further ones are refused without a lookup (never a known key, nor a
+    delivery to a webhook that exists)."""
+
+    code = "too_many_wrong_keys"
+
+
 class NotFound(ServiceError):
     status = 404
     code = "not_found"

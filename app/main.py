@@ -9,6 +9,7 @@ from typing import Any
 
 from arq.connections import create_pool
 from fastapi import FastAPI
+from sqlalchemy import select
 
 from app import logs, stats
 from app.api import (
@@ -36,6 +37,7 @@ from app.api.draining import DRAINING
 from app.api.failures import Failures
 from app.api.key_turns import KeyTurns
 from app.api.known_keys import KnownKeys
+from app.api.known_values import KnownValues
 from app.api.limits import BodySizeLimit
 from app.api.open_streams import OpenStreams
 from app.api.state import ApiState
@@ -45,6 +47,7 @@ from app.presets import load as load_presets
 from app.queue import REQUEST_RETRIES, bound_calls, redis_settings
 from app.store.budgets import Spending
 from app.store.db import make_engine, make_sessions
+from app.store.models import Webhook
 from app.web import pages
 
 
@@ -75,7 +78,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         longest_wait_s = max(settings.events_resync_s, settings.events_snapshot_interval_s)
         await bound_calls(streams, settings.redis_timeout_s + longest_wait_s)
         summaries = JobSummaries(sessions, settings.job_summary_max_age_s, settings.job_summary_read_share)
-        known_keys = KnownKeys(sessions, settings.api_key_cache_s)
+        # One count for unknown API keys and deliveries to unknown webhooks: both are a lookup
+        # anyone may send, and an id guessed is a key guessed.
+        wrong_keys = Failures(
+            arq,
+            settings.redis_key_prefix,
+            "unknown keys and webhooks",
+            settings.wrong_keys_per_address,
+            settings.wrong_keys_window_s,
+        )
+        known_keys = KnownKeys(sessions, settings.api_key_cache_s, wrong_keys)
+        known_webhooks = KnownValues(sessions, select(Webhook.id).where(Webhook.source == "label_studio"))
         state.install(
             app,
             ApiState(
@@ -108,6 +121,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     settings.webhook_wrong_secrets_per_address,
                     settings.webhook_wrong_secrets_window_s,
                 ),
+                wrong_keys,
+                known_webhooks,
             ),
         )
         try:
@@ -116,6 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # Their reads in flight, before their database goes.
             await summaries.aclose()
             await known_keys.aclose()
+            await known_webhooks.aclose()
             await streams.aclose()
             await arq.aclose()
             await engine.dispose()

@@ -701,6 +701,7 @@ async def test_wrong_secrets_are_not_counted_while_redis_is_away_and_nothing_is_
     await unreachable.aclose()
 
     assert counted == [None, None]  # the second is not refused
+    assert wrong_secrets.refused_for_s("203.0.113.9", scope) is None
     assert [r.getMessage() for r in caplog.records] == [
         f"could not count the wrong secrets sent by 203.0.113.9 to {scope}"
     ] * 2

@@ -63,13 +63,19 @@ PresetsDep = Annotated[Presets, Depends(_presets)]
 _bearer = HTTPBearer(auto_error=False, description="An API key made by `aidsafe keys create`.")
 
 
+def client_address(request: Request) -> str:
+    """The client's address (behind a proxy named in --forwarded-allow-ips, the one it forwards)."""
+    return request.client.host if request.client else "unknown"
+
+
 async def _current_key(
+    request: Request,
     state: StateDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> ApiKey:
     if credentials is None:
         raise Unauthorized("send an API key as 'Authorization: Bearer <key>'")
-    return await state.known_keys.authenticate(credentials.credentials)
+    return await state.known_keys.authenticate(credentials.credentials, client_address(request))
 
 
 CurrentKey = Annotated[ApiKey, Depends(_current_key)]

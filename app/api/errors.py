@@ -32,7 +32,10 @@ _WHY = {
         "Malformed request: a body that is not UTF-8 JSON text sent as application/json, or a "
         "cursor this API did not return."
     ),
-    401: "No API key, or an unknown or revoked one.",
+    401: (
+        "No API key, or an unknown or revoked one (a 429 too_many_wrong_keys instead, until "
+        "Retry-After, from a client address that sent too many lately)."
+    ),
     403: "The API key lacks the scope this request needs (missing_scope).",
     404: "No such resource visible to this API key.",
     409: (

@@ -1,14 +1,20 @@
-"""How many failures of one kind (wrong webhook secrets) each client address had lately,
-counted in Redis so that every API process sees them, and the refusal of an address that had
-too many.
+"""How many failures of one kind (wrong webhook secrets, unknown API keys) each client address
+had lately, counted in Redis so that every API process sees them, and the refusal of an
+address that had too many.
 
-Anyone who knows a webhook's URL can send it secrets, and each wrong one was answered as fast
-as the API could and stored as a rejection. An address past the limit has its further
-failures refused with 429 until its window ends. What is right (the webhook's secret) is never
-refused: it is not found by guessing, and a guesser behind the same proxy as the tool would
-otherwise cost it its deliveries, which Label Studio does not send again. Other addresses are
-counted apart. The count is a fixed window from the address's first failure: one Redis call
-per failure, none for a success.
+Anyone can send an API key, or a delivery with a secret to a webhook's URL, and each wrong
+one was answered as fast as the API could: a lookup in Postgres each (of the key, of the
+webhook), and a stored rejection for a wrong secret. An address past the limit has its further
+failures refused with 429 until its window ends. What is right (a known key, a webhook's
+secret) is never refused: it is not found by guessing, and a guesser behind the same proxy as
+a tenant or its tool would otherwise cost them their requests, and Label Studio does not send
+a refused delivery again. Other addresses are counted apart. The count is a fixed window from
+the address's first failure: one Redis call per failure, none for a success.
+
+Each process also remembers, till its window ends, an address it saw past its limit: the
+callers that can refuse before their lookup check that memory (refused_for_s), not Redis, so
+that a request of a known key costs no Redis call. Another process learns of it at its own
+next failure there. (A wrong secret is known wrong only once its webhook is looked up.)
 
 Redis is not a store of record (the design): while it does not answer, failures are counted
 nowhere and nothing is refused for them, since Label Studio does not send a refused delivery
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -46,14 +53,15 @@ class Failures:
         self.limit = limit
         self.window_s = window_s
         self._count = redis.register_script(_COUNT)
+        self._refused_till: dict[str, float] = {}  # address (and scope): when its window ends
+        self._prune_at = 1  # drop ended windows once this many are held
 
     async def count(self, address: str, scope: str = "") -> int | None:
         """Count a failure of `address`: the seconds left of its window if it is now past
         its limit (the caller refuses), else None (also while Redis does not answer)."""
+        key = f"{scope}:{address}"
         try:
-            counted = await self._count(
-                keys=[f"{self._key_prefix}:{scope}:{address}"], args=[self.window_s * 1000]
-            )
+            counted = await self._count(keys=[f"{self._key_prefix}:{key}"], args=[self.window_s * 1000])
         except (RedisError, OSError):
             log.warning("could not count the %s sent by %s%s", self._what, address, _to(scope), exc_info=True)
             return None
@@ -69,7 +77,19 @@ class Failures:
             )
         if count <= self.limit or left_ms <= 0:
             return None
+        if len(self._refused_till) >= self._prune_at:
+            now = time.monotonic()
+            self._refused_till = {k: till for k, till in self._refused_till.items() if till > now}
+            self._prune_at = 2 * max(len(self._refused_till), 1)
+        self._refused_till[key] = time.monotonic() + left_ms / 1000
         return math.ceil(left_ms / 1000)
+
+    def refused_for_s(self, address: str, scope: str = "") -> int | None:
+        """The seconds left of the window in which this process saw `address` past its limit,
+        or None: no Redis call."""
+        till = self._refused_till.get(f"{scope}:{address}")
+        left_s = None if till is None else till - time.monotonic()
+        return math.ceil(left_s) if left_s is not None and left_s > 0 else None
 
 
 def _to(scope: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from uuid import UUID
 
 from arq.connections import ArqRedis
 from fastapi import FastAPI, Request
@@ -10,6 +11,7 @@ from fastapi import FastAPI, Request
 from app.api.failures import Failures
 from app.api.key_turns import KeyTurns
 from app.api.known_keys import KnownKeys
+from app.api.known_values import KnownValues
 from app.api.open_streams import OpenStreams
 from app.api.summaries import JobSummaries
 from app.config import Settings
@@ -33,6 +35,8 @@ class ApiState:
     open_exports: OpenStreams  # exports being sent now, per API key
     body_turns: KeyTurns  # each key's request bodies in memory, from reading to answer, a few at a time
     wrong_secrets: Failures  # sent to each webhook lately, per client address
+    wrong_keys: Failures  # unknown API keys and webhooks sent lately, per client address
+    known_webhooks: KnownValues[UUID]  # the webhooks' ids, read while an address is past wrong_keys
 
 
 def install(app: FastAPI, state: ApiState) -> None:

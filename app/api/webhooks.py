@@ -21,9 +21,10 @@ from pydantic import BaseModel, Field
 
 from app.api.annotations import IMPORT_ERRORS, LABEL_STUDIO_EVENT, ImportOut, import_out
 from app.api.bodies import JsonBody
-from app.api.deps import CurrentKey, KeyWriteSession, SessionDep, SettingsDep
+from app.api.deps import CurrentKey, KeyWriteSession, SessionDep, SettingsDep, client_address
 from app.api.errors import documented
 from app.api.jobs import Cursor, Limit
+from app.api.known_keys import too_many_wrong_keys
 from app.api.schemas import LABEL_PATTERN, ErrorOut
 from app.api.state import api_state
 from app.api.submissions import IdempotencyKey, submit_responses
@@ -48,7 +49,9 @@ DELIVERY_ERRORS = {
     429: {
         "model": ErrorOut,
         "description": "This client address sent the webhook too many wrong secrets lately "
-        "(too_many_wrong_secrets): its wrong ones are refused, unstored, until Retry-After.",
+        "(too_many_wrong_secrets): its wrong ones are refused, unstored, until Retry-After; or "
+        "too many deliveries to unknown webhooks or unknown API keys (too_many_wrong_keys): "
+        "its deliveries to unknown webhooks are refused until Retry-After.",
     },
 }
 
@@ -231,12 +234,20 @@ async def label_studio_delivery(
     A refused delivery is kept: GET /v1/webhooks/{id}/rejections. A client address that sent
     the webhook too many wrong secrets lately has its wrong ones refused with 429
     `too_many_wrong_secrets` until Retry-After, and not kept; the right secret is never
-    refused (Label Studio does not send a refused delivery again)."""
-    state, address = api_state(request), _address(request)
+    refused (Label Studio does not send a refused delivery again). Deliveries to unknown
+    webhooks count with unknown API keys: past their limit, an address's deliveries to an
+    unknown webhook are refused with 429 `too_many_wrong_keys`, never one to a webhook that is."""
+    state, address = api_state(request), client_address(request)
+    # Past the limit a guessed id costs no lookup (nor a connection): the ids are in memory.
+    refused_for_s = state.wrong_keys.refused_for_s(address)
+    if refused_for_s is not None and not await state.known_webhooks.holds(webhook_id):
+        raise too_many_wrong_keys(state.wrong_keys, refused_for_s)
     try:
         webhook, owner_revoked = await store.find(session, webhook_id, "label_studio")
     except NotFound:
         log.warning("a delivery to unknown webhook %s was refused", webhook_id)
+        if (refused_for_s := await state.wrong_keys.count(address)) is not None:
+            raise too_many_wrong_keys(state.wrong_keys, refused_for_s) from None
         raise
     owner_key_id = webhook.owner_key_id
     body: str | None = None
@@ -279,11 +290,6 @@ async def label_studio_delivery(
         await session.commit()
         raise
     return import_out(report)
-
-
-def _address(request: Request) -> str:
-    """The client's address (behind a proxy named in --forwarded-allow-ips, the one it forwards)."""
-    return request.client.host if request.client else "unknown"
 
 
 def _read_delivery(raw: bytes) -> Parsed:
