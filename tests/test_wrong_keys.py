@@ -25,6 +25,7 @@ from app.config import Settings
 from app.errors import Unauthorized
 from app.store.db import Sessions
 from tests.test_api import error_of
+from tests.test_viewer import secret_of
 from tests.test_webhooks import SKIPPED_EVENT, deliver, from_addresses, new_webhook
 
 Headers = dict[str, str]
@@ -164,3 +165,22 @@ async def test_unknown_keys_are_not_counted_while_redis_is_away_and_none_is_refu
     assert failures.refused_for_s("203.0.113.9") is None
     logged = [r.getMessage() for r in caplog.records]
     assert logged == ["could not count the unknown keys sent by 203.0.113.9"] * 3
+
+
+async def test_the_viewers_login_counts_unknown_keys_with_the_apis_and_never_refuses_a_known_one(
+    settings: Settings, auth: Headers
+) -> None:
+    """The login form looked every key it was sent up, unlimited: a way round the API's limit."""
+    overrides = {"wrong_keys_per_address": 3, "api_key_cache_s": 0}
+    async with from_addresses(settings, "203.0.113.14", **overrides) as (browser,):
+        error_of(await browser.get("/v1/webhooks", headers=unknown_key()), 401, "unauthorized")
+        for _ in range(2):
+            wrong = await browser.post("/view/login", data={"api_key": f"aidsafe_{uuid4().hex}"})
+            assert wrong.status_code == 401 and "Unknown or revoked API key." in wrong.text
+        refused_login = await browser.post("/view/login", data={"api_key": f"aidsafe_{uuid4().hex}"})
+        known = await browser.post("/view/login", data={"api_key": secret_of(auth)})
+
+    assert refused_login.status_code == 429, refused_login.text
+    assert 1 <= int(refused_login.headers["Retry-After"]) <= 60
+    assert "unknown or revoked API keys" in refused_login.text
+    assert (known.status_code, known.headers["location"]) == (303, "/view/jobs")

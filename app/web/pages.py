@@ -27,14 +27,14 @@ from app.api import model_evaluations as model_evaluation_api
 from app.api import sample_evaluations as sample_evaluation_api
 from app.api import views
 from app.api.bodies import read_capped
-from app.api.deps import SessionDep, SettingsDep, job_owned_by
+from app.api.deps import SessionDep, SettingsDep, client_address, job_owned_by
 from app.api.events import LastEventIdHeader, ResumedEvents, resumed, server_sent
 from app.api.schemas import CandidateStats, ItemStatus
 from app.api.state import api_state
 from app.api.summaries import job_out
 from app.config import Settings
 from app.costs import job_cost
-from app.errors import CrossSiteRequest, NotFound, ServiceError, Unauthorized
+from app.errors import CrossSiteRequest, NotFound, ServiceError, TooManyWrongKeys, Unauthorized
 from app.plan import ComparisonPlan, GenerationPlan, ModelEvaluationPlan, SampleEvaluationPlan
 from app.reports import comparisons, plots, render
 from app.reports.figures import SCORES, Side
@@ -171,10 +171,16 @@ async def login(request: Request, session: SessionDep, settings: SettingsDep) ->
     form = parse_qs(body.decode("utf-8", errors="replace"))
     secret = (form.get("api_key") or [""])[0].strip()
     try:
-        key = await keys.authenticate(api_state(request).sessions, secret)
+        # As the API checks a Bearer key: an address that sent too many unknown keys is
+        # refused more without a lookup each, and a known key is never refused.
+        key = await api_state(request).known_keys.authenticate(secret, client_address(request))
     except Unauthorized:
         context = {"error": "Unknown or revoked API key."}
         return templates.TemplateResponse(request, "login.html", context, status_code=401)
+    except TooManyWrongKeys as refused:
+        headers = {"Retry-After": str(refused.retry_after_s)}
+        context = {"error": refused.message}
+        return templates.TemplateResponse(request, "login.html", context, status_code=429, headers=headers)
     lifetime_s = settings.web_session_hours * 3600
     session_id = await web_sessions.start(session, key.id, lifetime_s)
     await session.commit()
