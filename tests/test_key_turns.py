@@ -6,6 +6,7 @@ other keys' requests are answered meanwhile."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -31,6 +32,7 @@ from tests.conftest import WebhookTarget, api_client, eventually, new_key, submi
 from tests.test_api import error_of
 from tests.test_key_limits import lock_waiters, waiting_for_locks
 from tests.test_sample_evaluations import upload
+from tests.test_webhooks import SKIPPED_EVENT
 
 POOL = 20  # the API's Postgres connections (make_engine's default)
 BURST = POOL + 5
@@ -158,6 +160,31 @@ async def test_a_delivery_waiting_on_the_database_for_its_webhook_holds_up_none_
         made = await asyncio.wait_for(api.post("/v1/webhooks", json={"name": "next"}, headers=auth), PROMPT_S)
     assert made.status_code == 201, made.text
     assert [delivered.status_code for delivered in await asyncio.gather(*deliveries)] == [200] * len(reading)
+
+
+async def test_a_delivery_is_read_at_once_while_its_keys_bodies_take_every_turn(
+    settings: Settings, sessions: Sessions, auth: dict[str, str], ls_webhook: WebhookTarget
+) -> None:
+    """A delivery waited, unread, for one of its key's body turns, which the key's requests
+    hold to their answers (a second or more for a large submission): Label Studio gives up
+    after 1 s and never sends it again, and a body unread then is lost."""
+    delivery_read = asyncio.Event()
+
+    async def watched_delivery() -> AsyncIterator[bytes]:
+        delivery_read.set()
+        yield json.dumps(SKIPPED_EVENT).encode()
+
+    async with api_client(settings.model_copy(update={"max_bodies_per_key": 1})) as api:
+        async with row_held(sessions, auth):
+            first = asyncio.create_task(api.post("/v1/webhooks", json={"name": "first"}, headers=auth))
+            await eventually(lambda: lock_waiters(sessions), what="the first waiting on its key's row")
+            delivery = asyncio.create_task(
+                api.post(ls_webhook.path, content=watched_delivery(), headers=ls_webhook.headers)
+            )
+            await asyncio.wait_for(delivery_read.wait(), 1.0)
+            delivered = await asyncio.wait_for(delivery, PROMPT_S)
+        assert (await asyncio.wait_for(first, PROMPT_S)).status_code == 201
+    assert delivered.status_code == 200, delivered.text
 
 
 @asynccontextmanager

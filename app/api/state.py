@@ -34,6 +34,9 @@ class ApiState:
     key_turns: KeyTurns  # whose turn it is to lock each key's row (KeyWriteSession)
     open_exports: OpenStreams  # exports being sent now, per API key
     body_turns: KeyTurns  # each key's request bodies in memory, from reading to answer, a few at a time
+    # Each key's Label Studio deliveries being read, apart from its requests' bodies: waiting
+    # behind those (held to their answers) past Label Studio's 1 s timeout lost the delivery.
+    delivery_turns: KeyTurns
     wrong_secrets: Failures  # sent to each webhook lately, per client address
     wrong_keys: Failures  # unknown API keys and webhooks sent lately, per client address
     known_webhooks: KnownValues[UUID]  # the webhooks' ids, read while an address is past wrong_keys

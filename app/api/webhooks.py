@@ -257,8 +257,10 @@ async def label_studio_delivery(
         # key's slow deliveries held the whole pool), then the webhook is found and held again,
         # as it may have gone meanwhile.
         await session.rollback()
-        # Never refused for the key's other requests: Label Studio does not send it again.
-        async with state.body_turns.turn(owner_key_id, refuse_past_max=False):
+        # Never refused: Label Studio does not send it again. Nor behind the key's requests'
+        # bodies, which hold their turns to their answers: Label Studio gives up after 1 s
+        # (its WEBHOOK_TIMEOUT), and a body not read by then is gone.
+        async with state.delivery_turns.turn(owner_key_id, refuse_past_max=False):
             raw = await LABEL_STUDIO_EVENT.read(request, settings)
             body = raw.decode("utf-8", errors="replace")
             parsed = await asyncio.to_thread(_read_delivery, raw)
