@@ -114,7 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     "wait for one to end",
                 ),
                 KeyTurns(settings.max_bodies_per_key, settings.max_waiting_per_key),
-                KeyTurns(settings.max_bodies_per_key),
+                KeyTurns(settings.max_bodies_per_key, settings.max_waiting_per_key),  # deliveries
                 Failures(
                     arq,
                     settings.redis_key_prefix,
