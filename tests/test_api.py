@@ -31,7 +31,6 @@ from tests.conftest import (
     api_client,
     eventually,
     least_loop_pause,
-    longest_loop_pause,
     new_key,
     run_worker_burst,
 )
@@ -474,11 +473,11 @@ async def test_listing_policy_sets_holds_the_event_loop_briefly(
     which held every other request for 11 ms of CPU; parsed once a process, 3 ms."""
     assert (await api.get("/v1/policy-sets", headers=auth)).status_code == 200
 
-    response, held = await longest_loop_pause(api.get("/v1/policy-sets", headers=auth))
+    response, held = await least_loop_pause(lambda: api.get("/v1/policy-sets", headers=auth))
 
     assert response.status_code == 200, response.text
     assert [p["name"] for p in response.json()] == ["aidsafe-default"]
-    # CI's load inflates the loop's CPU by half again or more.
+    # The least of three requests: CI's load inflates one's loop CPU by half again or more.
     assert held < 0.008, f"the event loop was held for {held:.3f} s of CPU"
 
 

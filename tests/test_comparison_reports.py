@@ -35,7 +35,7 @@ from app.reports.comparison_stats import counted_results
 from app.stats import cohen_kappa, fleiss_kappa, mean, proportion
 from app.store.db import Sessions
 from app.store.models import Cot, Item, Judgement, PairCandidate
-from tests.conftest import longest_loop_pause, new_key, run_worker_burst
+from tests.conftest import least_loop_pause, longest_loop_pause, new_key, run_worker_burst
 from tests.scripted_llm import ScriptedLLM
 from tests.test_api import error_of
 from tests.test_quality_api import (
@@ -381,10 +381,11 @@ async def test_the_viewers_page_of_a_comparison_of_10000_prompts_and_5_judges_ho
     await logged_in(api, auth)
     await api.get(f"/view/jobs/{comparison}")  # its templates compiled, once for every job
 
-    response, held = await longest_loop_pause(api.get(f"/view/jobs/{comparison}"), clock=time.thread_time)
+    response, held = await least_loop_pause(lambda: api.get(f"/view/jobs/{comparison}"))
 
     assert response.status_code == 200, response.text
     page = " ".join(response.text.split())
     assert 'id="comparison-means"' in page and "Judge judge-4, 7500 judged: wins 33%" in page
-    # 3-4 ms when quiet; CI's load inflates the loop's CPU by half again or more.
+    # 3-4 ms when quiet; the least of three requests: CI's load inflates one's loop CPU by half
+    # again or more.
     assert held < 0.02, f"the event loop was held for {held:.3f} s of CPU"
