@@ -9,7 +9,7 @@ from collections import Counter
 from typing import Annotated, Any
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, status
+from fastapi import APIRouter, Depends, Response, status
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import callbacks
@@ -18,6 +18,7 @@ from app.api.bodies import JsonBody
 from app.api.deps import CurrentKey, SessionDep
 from app.api.errors import documented
 from app.api.jobs import ERRORS, Cursor, Limit
+from app.api.json_answers import json_answer
 from app.api.listing import JobFilterDep
 from app.api.schemas import ComparisonIn, ComparisonOut, ComparisonPage, SubmittedComparisonOut
 from app.api.submissions import SubmissionDep, submit_responses
@@ -115,17 +116,20 @@ async def create_comparison(
     return SubmittedComparisonOut(**dict(shown), callback_secret=job.callback_secret)
 
 
-@router.get("", responses=documented(400, 401, 422, 503))
+@router.get("", responses=documented(400, 401, 422, 503), response_model=ComparisonPage)
 async def list_comparisons(
     key: CurrentKey, session: SessionDep, keep: JobFilterDep, cursor: Cursor = None, limit: Limit = 100
-) -> ComparisonPage:
+) -> Response:
     """This key's comparisons, newest first, with their items counted per status. Filters
     combine (all must hold). A cursor resumes where its page ended, also once the comparisons
     listed are deleted."""
     rows, next_cursor = await job_listing.page(session, key.id, ("comparison",), keep, cursor, limit)
-    return ComparisonPage(
-        data=[views.comparison_listed(row, comparisons.plan_of(row.job)) for row in rows],
-        next_cursor=next_cursor,
+    # A page of 500 with 8 KiB of metadata each: encoded on the event loop as GET /v1/jobs's was.
+    return await json_answer(
+        lambda: ComparisonPage(
+            data=[views.comparison_listed(row, comparisons.plan_of(row.job)) for row in rows],
+            next_cursor=next_cursor,
+        )
     )
 
 
