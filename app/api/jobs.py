@@ -254,16 +254,20 @@ async def cancel_job(job: OwnedJob, session: SessionDep, summaries: SummariesDep
     return await job_out(session, job)
 
 
-@router.get("/{job_id}/items", responses=PAGE_ERRORS)
+@router.get("/{job_id}/items", responses=PAGE_ERRORS, response_model=ItemPage)
 async def list_items(
     job: OwnedJob,
     session: SessionDep,
     status: ItemStatus | None = None,
     cursor: Cursor = None,
     limit: RowLimit = 100,
-) -> ItemPage:
+) -> Response:
     rows, next_cursor = await jobs.page_items(session, job.id, status, cursor, limit)
-    return ItemPage(data=[views.item_out(item) for item in rows], next_cursor=next_cursor)
+    # Shaped and encoded in a worker thread: on the event loop, a page of 500 items of 300
+    # metadata values each held it for 19-32 ms of CPU, reading the rows 5-9 of them.
+    return await json_answer(
+        lambda: ItemPage(data=[views.item_out(item) for item in rows], next_cursor=next_cursor)
+    )
 
 
 @router.get("/{job_id}/cots", responses=PAGE_ERRORS)
