@@ -8,8 +8,9 @@ from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import cache
 from math import fsum, isqrt, sqrt
-from statistics import fmean, stdev
+from statistics import NormalDist, fmean, stdev
 from types import ModuleType
 from typing import TypeVar
 
@@ -49,8 +50,23 @@ def proportion(successes: int, n: int, confidence: float = CONFIDENCE) -> Estima
         raise ValueError(f"{successes} successes out of {n}")
     if n == 0:
         return NOTHING_MEASURED
-    interval = _scipy_stats().binomtest(successes, n).proportion_ci(confidence, method="wilson")
-    return Estimate(successes / n, float(interval.low), float(interval.high), n)
+    # Newcombe's (1998) formulas, as scipy's binomtest(...).proportion_ci(method="wilson")
+    # computes them: that call took some 250 µs, and a report makes one per category and
+    # label (10,000 labels were 2.5 s of a worker thread's CPU, contending with the event loop).
+    z = _two_sided_z(confidence)
+    p = successes / n
+    denominator = 2 * (n + z**2)
+    centre = (2 * n * p + z**2) / denominator
+    spread = z / denominator * sqrt(4 * n * p * (1 - p) + z**2)
+    low = 0.0 if successes == 0 else centre - spread
+    high = 1.0 if successes == n else centre + spread
+    return Estimate(p, low, high, n)
+
+
+@cache
+def _two_sided_z(confidence: float) -> float:
+    """The standard normal's quantile leaving (1 - confidence) / 2 above it: 1.96 for 0.95."""
+    return NormalDist().inv_cdf(0.5 + 0.5 * confidence)
 
 
 def mean(

@@ -57,9 +57,9 @@ async def evaluation_out(session: AsyncSession, job: Job) -> ModelEvaluationOut:
             model_evaluation.table(plan, tallies),
         )
 
-    # A Wilson interval per benchmark, category, metric and target, some 250 µs each: the
-    # categories are the client's, and thousands of them held the event loop for seconds;
-    # with the intervals in a thread, their tallies and rows still held it for 60 ms.
+    # A Wilson interval per benchmark, category, metric and target: the categories are the
+    # client's, and thousands of them held the event loop for seconds (an interval was 250 µs
+    # of scipy's then; some 2 µs now); in a thread, their tallies and rows still held it 60 ms.
     return await asyncio.to_thread(shown)
 
 

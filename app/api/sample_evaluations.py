@@ -234,8 +234,8 @@ async def evaluation_out(session: AsyncSession, job: Job) -> SampleEvaluationOut
         report["guard"] = await sample_evaluations.guard_counts(session, job.id)
     if plan.judge is not None:
         report["pairwise"] = await sample_evaluations.pairwise_counts(session, job.id)
-    # A Wilson interval per sample label, some 250 µs each: the labels are the client's, and
-    # thousands of them held the event loop for seconds.
+    # A Wilson interval per sample label: the labels are the client's, and thousands of them
+    # held the event loop for seconds (when an interval was 250 µs of scipy's; some 2 µs now).
     return await asyncio.to_thread(
         views.sample_evaluation_out,
         job,
