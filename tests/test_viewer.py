@@ -18,13 +18,15 @@ import pytest
 from PIL import Image
 from sqlalchemy import func, select, update
 
+from app.api.schemas import CotOut, TurnOut
 from app.config import Settings
 from app.store import keys, web_sessions
 from app.store.db import Sessions
 from app.store.models import ApiKey, WebSession
 from app.web import pages as web_pages
 from app.web import session as web_session
-from app.web.timeline import DiffPart, response_diff
+from app.web import timeline
+from app.web.timeline import MAX_PAGE_WORD_PAIRS, DiffPart, response_diff
 from tests.conftest import longest_loop_pause, new_key, run_worker_burst
 from tests.scripted_llm import ScriptedLLM, agree, guard_verdict, reply, scores
 from tests.test_api import items_of, submit
@@ -391,6 +393,31 @@ def test_a_long_response_of_words_drawn_from_a_few_score_is_diffed_in_well_under
         DiffPart("added", "changed "),
         DiffPart("same", "".join(words[5_001:])),
     ]
+
+
+def test_an_items_page_matches_a_bounded_number_of_word_pairs_in_all() -> None:
+    """Each diff is bounded, but a page may show 160 revisions: of the worst words, 1.6 s of one
+    of the API's few worker threads, which every request shares. Past the page's budget a
+    revision is shown replaced whole."""
+    draw, vocabulary = random.Random(2), [f"w{n} " for n in range(120)]
+    responses = ["".join(draw.choice(vocabulary) for _ in range(480)) for _ in range(41)]
+
+    def turn(stage: str, round_no: int, **answer: Any) -> TurnOut:
+        return TurnOut.model_construct(stage=stage, round=round_no, agent=0, outcome="ok", parsed=answer)
+
+    turns = [turn("seed", 0, response=responses[0])] + [
+        turn("deliberation", n, agree=False, response=response)
+        for n, response in enumerate(responses[1:], start=1)
+    ]
+
+    cot = CotOut.model_construct(thoughts=[], intents={}, unaccounted_thought_ids=[])
+    shown = timeline.build(cot, turns)
+
+    diffs = [step.response_diff for step in shown.steps]
+    assert len(diffs) == 40 and all(diff is not None for diff in diffs)
+    matched = [diff for diff in diffs if diff is not None and len(diff) > 2]
+    assert len(matched) == MAX_PAGE_WORD_PAIRS // 480**2 == 10
+    assert diffs[-1] == [DiffPart("removed", responses[-2]), DiffPart("added", responses[-1])]
 
 
 async def test_an_items_page_diffs_its_revised_responses_off_the_event_loop(

@@ -53,10 +53,28 @@ class Timeline:
 # autojunk) took 0.6-2 s a diff, of up to 160 on an item's page. Past this product the changed
 # middle is shown replaced whole (some 10 ms at the most below it).
 MAX_DIFFED_WORD_PAIRS = 250_000
+# And an item's page matches at most this many in all (some 100 ms): else 160 revisions of the
+# worst words took 1.6 s of one of the API's few worker threads, which every request shares.
+MAX_PAGE_WORD_PAIRS = 10 * MAX_DIFFED_WORD_PAIRS
 
 
-def response_diff(before: str, after: str) -> list[DiffPart]:
-    """Word-level changes from `before` to `after`, whitespace kept."""
+class MatchBudget:
+    """The word pairs the diffs of one page may still match, together."""
+
+    def __init__(self, pairs: int = MAX_PAGE_WORD_PAIRS) -> None:
+        self.pairs = pairs
+
+    def spend(self, pairs: int) -> bool:
+        """Whether a diff of `pairs` word pairs is matched (and counted) or shown replaced whole."""
+        if pairs > min(self.pairs, MAX_DIFFED_WORD_PAIRS):
+            return False
+        self.pairs -= pairs
+        return True
+
+
+def response_diff(before: str, after: str, budget: MatchBudget | None = None) -> list[DiffPart]:
+    """Word-level changes from `before` to `after`, whitespace kept; the changed middle replaced
+    whole past the diff's own bound, or past the page's `budget`."""
     old, new = _WORDS.findall(before), _WORDS.findall(after)
     # The unchanged ends are cut off first (a revision mostly keeps them): only the middle,
     # often short, is matched.
@@ -67,7 +85,7 @@ def response_diff(before: str, after: str) -> list[DiffPart]:
     # With autojunk (on responses of 200 words or more, a word in over 1 % of them is matched
     # only beside others): without it, a response repeating its words (the model's, so the
     # tenant's to steer) took seconds to diff at 2,000 words, and minutes at 10,000.
-    if len(old_middle) * len(new_middle) > MAX_DIFFED_WORD_PAIRS:
+    if not (budget or MatchBudget()).spend(len(old_middle) * len(new_middle)):
         opcodes: Sequence[tuple[str, int, int, int, int]] = [
             ("replace", 0, len(old_middle), 0, len(new_middle))
         ]
@@ -112,7 +130,7 @@ def build(cot: CotOut, turns: list[TurnOut]) -> Timeline:
         iter(_answers(turns, "zero_shot").values()), None
     )
     response = seed.get("response") if seed else None
-    steps = []
+    steps, budget = [], MatchBudget()
     for (round_no, agent), answer in sorted(_answers(turns, "deliberation").items()):
         agreed = bool(answer.get("agree"))
         new_response = answer.get("response")
@@ -123,7 +141,7 @@ def build(cot: CotOut, turns: list[TurnOut]) -> Timeline:
             and isinstance(response, str)
             and new_response != response
         ):
-            diff = response_diff(response, new_response)
+            diff = response_diff(response, new_response, budget)
             response = new_response
         steps.append(
             DeliberationStep(
