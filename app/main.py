@@ -40,6 +40,7 @@ from app.api.known_keys import KnownKeys
 from app.api.known_values import KnownValues
 from app.api.limits import BodySizeLimit
 from app.api.open_streams import OpenStreams
+from app.api.recent import Recent
 from app.api.state import ApiState
 from app.api.summaries import JobSummaries
 from app.config import Settings, get_settings
@@ -88,6 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.wrong_keys_window_s,
         )
         known_keys = KnownKeys(sessions, settings.api_key_cache_s, wrong_keys)
+        readiness: Recent[None, list[str]] = Recent(health.READINESS_MAX_AGE_S)
         known_webhooks = KnownValues(sessions, select(Webhook.id).where(Webhook.source == "label_studio"))
         state.install(
             app,
@@ -115,6 +117,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 ),
                 KeyTurns(settings.max_bodies_per_key, settings.max_waiting_per_key),
                 KeyTurns(settings.max_bodies_per_key, settings.max_waiting_per_key),  # deliveries
+                readiness,
                 Failures(
                     arq,
                     settings.redis_key_prefix,
@@ -133,6 +136,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await summaries.aclose()
             await known_keys.aclose()
             await known_webhooks.aclose()
+            await readiness.aclose()
             await streams.aclose()
             await arq.aclose()
             await engine.dispose()

@@ -28,7 +28,8 @@ from alembic.config import Config
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
 from redis.asyncio import Redis
-from sqlalchemy import make_url, text
+from sqlalchemy import event, make_url, text
+from sqlalchemy.pool import Pool
 
 from app.config import EndpointConfig, Settings
 from app.llm.client import OpenAICompatibleClient
@@ -494,3 +495,18 @@ def serving(settings: Settings, port: int = 0) -> Iterator[Serving]:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+@contextmanager
+def checkouts() -> Iterator[list[object]]:
+    """The database connections taken, by any engine, while inside: one per lookup."""
+    taken: list[object] = []
+
+    def checkout(*args: object) -> None:
+        taken.append(args)
+
+    event.listen(Pool, "checkout", checkout)
+    try:
+        yield taken
+    finally:
+        event.remove(Pool, "checkout", checkout)

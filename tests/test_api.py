@@ -29,6 +29,7 @@ from app.store.models import Item, Job, TurnRow
 from tests.conftest import (
     ROOT,
     api_client,
+    checkouts,
     eventually,
     least_loop_pause,
     new_key,
@@ -1024,6 +1025,24 @@ async def test_readyz_answers_ready_with_postgres_and_redis_up(api: httpx.AsyncC
     response = await api.get("/readyz")
 
     assert (response.status_code, response.json()) == (200, {"status": "ready"})
+
+
+async def test_readyz_of_a_flood_takes_one_connection_and_names_what_does_not_answer(
+    settings: Settings,
+) -> None:
+    """Anyone may ask, with no key, and each asked Postgres on a connection of the pool: a
+    flood of them held the pool from the tenants. One check serves them all."""
+    async with api_client(settings) as api:
+        with checkouts() as taken:
+            answers = await asyncio.gather(*(api.get("/readyz") for _ in range(50)))
+        assert [answer.status_code for answer in answers] == [200] * 50
+        assert len(taken) == 1
+
+    # The API starts without Postgres (it connects at its first request).
+    gone = settings.model_copy(update={"database_url": f"{settings.database_url}_no_such_database"})
+    async with api_client(gone) as api:
+        refused = error_of(await api.get("/readyz"), 503, "not_ready")
+    assert refused["message"].startswith("postgres: "), refused
 
 
 async def test_openapi_document_lists_every_v1_path(api: httpx.AsyncClient) -> None:

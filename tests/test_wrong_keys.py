@@ -7,16 +7,12 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 from uuid import uuid4
 
 import httpx
 import pytest
 from redis.asyncio import Redis
-from sqlalchemy import event
-from sqlalchemy.pool import Pool
 
 from app.api.failures import Failures
 from app.api.known_keys import KnownKeys
@@ -24,6 +20,7 @@ from app.api.known_values import MAX_AGE_S
 from app.config import Settings
 from app.errors import Unauthorized
 from app.store.db import Sessions
+from tests.conftest import checkouts
 from tests.test_api import error_of
 from tests.test_viewer import secret_of
 from tests.test_webhooks import SKIPPED_EVENT, deliver, from_addresses, new_webhook
@@ -31,21 +28,6 @@ from tests.test_webhooks import SKIPPED_EVENT, deliver, from_addresses, new_webh
 Headers = dict[str, str]
 GUESSES = 20
 # The counts live in the session's Redis for their window: each test has addresses of its own.
-
-
-@contextmanager
-def checkouts() -> Iterator[list[object]]:
-    """The database connections taken, by any engine, while inside: one per lookup."""
-    taken: list[object] = []
-
-    def checkout(*args: object) -> None:
-        taken.append(args)
-
-    event.listen(Pool, "checkout", checkout)
-    try:
-        yield taken
-    finally:
-        event.remove(Pool, "checkout", checkout)
 
 
 def unknown_key() -> Headers:

@@ -10,10 +10,14 @@ from sqlalchemy import text
 
 from app.api.errors import error_response
 from app.api.schemas import ErrorOut
-from app.api.state import api_state
+from app.api.state import ApiState, api_state
 
 router = APIRouter(tags=["health"])
 _CHECK_TIMEOUT_S = 3
+# Anyone may ask, with no key: one check's answer serves every request for this long, and the
+# requests that come while it runs wait for it, so a flood of them takes one connection of
+# the pool, not all of it from the tenants.
+READINESS_MAX_AGE_S = 1.0
 
 
 @router.get("/healthz")
@@ -24,19 +28,27 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", responses={503: {"model": ErrorOut}})
 async def readyz(request: Request) -> JSONResponse:
-    """Postgres and Redis both answer within a few seconds."""
+    """Postgres and Redis both answer within a few seconds (as checked at most
+    READINESS_MAX_AGE_S ago)."""
+    state = api_state(request)
+    problems = await state.readiness.get(None, lambda: _problems(state))
+    if problems:
+        return error_response(503, "not_ready", "; ".join(problems))
+    return JSONResponse({"status": "ready"})
+
+
+async def _problems(state: ApiState) -> list[str]:
+    """What does not answer, of Postgres and Redis."""
     problems = []
     try:
-        async with asyncio.timeout(_CHECK_TIMEOUT_S), api_state(request).sessions() as session:
+        async with asyncio.timeout(_CHECK_TIMEOUT_S), state.sessions() as session:
             await session.execute(text("select 1"))
     except Exception as exc:
         problems.append(f"postgres: {type(exc).__name__}")
     try:
         # A hung Redis holds a call its timeout, twice (app/queue.py); a probe answers sooner.
         async with asyncio.timeout(_CHECK_TIMEOUT_S):
-            await api_state(request).arq.ping()
+            await state.arq.ping()
     except Exception as exc:
         problems.append(f"redis: {type(exc).__name__}")
-    if problems:
-        return error_response(503, "not_ready", "; ".join(problems))
-    return JSONResponse({"status": "ready"})
+    return problems

@@ -13,6 +13,7 @@ from app.api.key_turns import KeyTurns
 from app.api.known_keys import KnownKeys
 from app.api.known_values import KnownValues
 from app.api.open_streams import OpenStreams
+from app.api.recent import Recent
 from app.api.summaries import JobSummaries
 from app.config import Settings
 from app.presets import Presets
@@ -37,6 +38,7 @@ class ApiState:
     # Each key's Label Studio deliveries being read, apart from its requests' bodies: waiting
     # behind those (held to their answers) past Label Studio's 1 s timeout lost the delivery.
     delivery_turns: KeyTurns
+    readiness: Recent[None, list[str]]  # what /readyz found not answering, checked lately
     wrong_secrets: Failures  # sent to each webhook lately, per client address
     wrong_keys: Failures  # unknown API keys and webhooks sent lately, per client address
     known_webhooks: KnownValues[UUID]  # the webhooks' ids, read while an address is past wrong_keys
