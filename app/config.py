@@ -262,6 +262,9 @@ class Settings(BaseSettings):
     # Refused webhook deliveries are deleted this long after they arrived: their bodies may
     # quote a job's CoTs after the job was deleted (app/store/webhooks.py says why not with it).
     webhook_rejections_kept_days: float = Field(default=7.0, gt=0)
+    # Label Studio deliveries that carried their secret while Postgres was away are spooled to
+    # Redis (and recorded by a worker once it is back): at most this many at once, past it 503.
+    delivery_spool_max: int = Field(default=10_000, ge=0)
     # A client address that sends a webhook this many wrong secrets within the window (from the
     # first) has its further wrong ones refused until the window ends; never the right one
     # (app/api/failures.py).

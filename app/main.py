@@ -43,6 +43,7 @@ from app.api.open_streams import OpenStreams
 from app.api.recent import Recent
 from app.api.state import ApiState
 from app.api.summaries import JobSummaries
+from app.api.verified_webhooks import VerifiedWebhooks
 from app.config import Settings, get_settings
 from app.presets import load as load_presets
 from app.queue import REQUEST_RETRIES, bound_calls, redis_settings
@@ -127,6 +128,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 ),
                 wrong_keys,
                 known_webhooks,
+                VerifiedWebhooks(),
             ),
         )
         try:

@@ -73,3 +73,18 @@ BATCH_REQUESTS_RESENT = Counter(
     "next wave (next_wave) or online (online).",
     ["endpoint", "via"],
 )
+DELIVERIES_SPOOLED = Counter(
+    "aidsafe_webhook_deliveries_spooled_total",
+    "Label Studio deliveries this API process spooled to Redis because Postgres was away "
+    "(answered 202; a worker records them once it is back).",
+)
+DELIVERIES_WAITING = Gauge(
+    "aidsafe_webhook_deliveries_waiting",
+    "Spooled Label Studio deliveries not yet recorded (being replayed included), over all API processes.",
+)
+DELIVERIES_REPLAYED = Counter(
+    "aidsafe_webhook_deliveries_replayed_total",
+    "Spooled Label Studio deliveries this worker recorded, by outcome: recorded (reviews "
+    "stored) or refused (kept as a rejection, as a live delivery's would be).",
+    ["outcome"],
+)

@@ -25,9 +25,9 @@ from sqlalchemy.exc import DBAPIError
 from starlette.types import Message
 
 from app.api.annotations import MAX_IMPORT_VALUES
+from app.api.deliveries import SECRET_HEADER
 from app.api.jobs import JOB_BODY
 from app.api.schemas import MAX_JOB_VALUES, MAX_PROMPTS_PER_JOB
-from app.api.webhooks import SECRET_HEADER
 from app.config import Settings
 from app.deliberation.config import LIMIT_CAPS
 from app.errors import MAX_LISTED_PROBLEMS

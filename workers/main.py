@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import events, logs, preflight
+from app.api import deliveries
 from app.callbacks import BATCH as CALLBACK_BATCH
 from app.callbacks import Sender
 from app.config import Settings, get_settings
@@ -89,6 +90,7 @@ class Worker:
     purger: asyncio.Task[None] | None = None  # its hazardous-text purge loop, if it runs one
     expirer: asyncio.Task[None] | None = None  # its loop deleting rows kept only for a while
     deliverer: asyncio.Task[None] | None = None  # its callback sender loop, beside the sweeper
+    replayer: asyncio.Task[None] | None = None  # its loop recording spooled webhook deliveries
     batch_api: BatchAPI | None = None  # the providers' batch APIs, for batch jobs' waves
     waves: asyncio.Task[None] | None = None  # its batch loop (workers/waves.py)
 
@@ -117,6 +119,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         worker.purger = asyncio.create_task(_purge_forever(worker, timedelta(days=days)))
     worker.expirer = asyncio.create_task(_expire_forever(worker))
     worker.deliverer = asyncio.create_task(_deliver_forever(worker))
+    worker.replayer = asyncio.create_task(_replay_forever(worker))
     worker.batch_api = BatchAPI(worker.settings.endpoints(), worker.settings.batch_call_timeout_s)
     worker.waves = asyncio.create_task(
         waves.waves_forever(worker.settings, worker.sessions, worker.redis, worker.batch_api)
@@ -183,7 +186,14 @@ def _hedge_policy(settings: Settings) -> HedgePolicy | None:
 
 async def shutdown(ctx: dict[str, Any]) -> None:
     worker = _worker(ctx)
-    for loop in (worker.sweeper, worker.purger, worker.expirer, worker.deliverer, worker.waves):
+    for loop in (
+        worker.sweeper,
+        worker.purger,
+        worker.expirer,
+        worker.deliverer,
+        worker.replayer,
+        worker.waves,
+    ):
         if loop:
             loop.cancel()
     if worker.batch_api is not None:
@@ -499,6 +509,18 @@ async def _deliver_forever(worker: Worker) -> None:
             claimed = 0
         if claimed < CALLBACK_BATCH:
             await asyncio.sleep(worker.settings.callback_poll_interval_s)
+
+
+async def _replay_forever(worker: Worker) -> None:
+    """Record the Label Studio deliveries the API spooled while Postgres was away, each sweep
+    interval, in one worker at a time (app/api/deliveries.py: a lease, not the interval's
+    lock, which a pass may outlast)."""
+    while True:
+        try:
+            await deliveries.replay_spooled(worker.sessions, worker.redis, worker.settings.redis_key_prefix)
+        except Exception:  # Redis away, or a bug (its entry waits at the back): next interval
+            log.warning("replaying spooled webhook deliveries failed", exc_info=True)
+        await asyncio.sleep(worker.settings.sweep_interval_s)
 
 
 _JOB_TIMEOUT_S = 24 * 3600

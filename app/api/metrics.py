@@ -1,4 +1,5 @@
-"""/metrics for Prometheus: queue depth and items waiting or running, read at scrape time.
+"""/metrics for Prometheus: queue depth, spooled webhook deliveries and items waiting or
+running, read at scrape time.
 LLM and per-item metrics live in the workers (AIDSAFE_WORKER_METRICS_PORT)."""
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 from sqlalchemy import func, select
 
+from app.api import deliveries
 from app.api.deps import ArqDep, SessionDep, SettingsDep
 from app.api.errors import documented
 from app.errors import Unauthorized
-from app.metrics import ITEMS, QUEUE_DEPTH
+from app.metrics import DELIVERIES_WAITING, ITEMS, QUEUE_DEPTH
 from app.store.models import Item, ItemStatus
 
 log = logging.getLogger("aidsafe.api")
@@ -39,9 +41,11 @@ async def metrics(request: Request, session: SessionDep, arq: ArqDep, settings: 
         ITEMS.labels(status.value).set(count or 0)
     try:
         QUEUE_DEPTH.set(await arq.zcard(settings.queue_name))
-    except RedisError:  # the counts from Postgres are worth a scrape: the depth is unknown (NaN)
+        DELIVERIES_WAITING.set(await deliveries.spooled_count(arq, settings.redis_key_prefix))
+    except RedisError:  # the counts from Postgres are worth a scrape: the depths are unknown (NaN)
         log.warning("queue depth unreadable: Redis unavailable", exc_info=True)
         QUEUE_DEPTH.set(math.nan)
+        DELIVERIES_WAITING.set(math.nan)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -15,6 +15,7 @@ from app.api.known_values import KnownValues
 from app.api.open_streams import OpenStreams
 from app.api.recent import Recent
 from app.api.summaries import JobSummaries
+from app.api.verified_webhooks import VerifiedWebhooks
 from app.config import Settings
 from app.presets import Presets
 from app.store.budgets import Spending
@@ -42,6 +43,8 @@ class ApiState:
     wrong_secrets: Failures  # sent to each webhook lately, per client address
     wrong_keys: Failures  # unknown API keys and webhooks sent lately, per client address
     known_webhooks: KnownValues[UUID]  # the webhooks' ids, read while an address is past wrong_keys
+    # Webhooks this process verified a delivery of lately: checked against while Postgres is away.
+    verified_webhooks: VerifiedWebhooks
 
 
 def install(app: FastAPI, state: ApiState) -> None:

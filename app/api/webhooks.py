@@ -10,36 +10,54 @@ delete it after `webhook_rejections_kept_days` (app/store/webhooks.py says why).
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Literal
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from app.api import deliveries
 from app.api.annotations import IMPORT_ERRORS, LABEL_STUDIO_EVENT, ImportOut, import_out
 from app.api.bodies import JsonBody
+from app.api.deliveries import SECRET_HEADER, Delivery
 from app.api.deps import CurrentKey, KeyWriteSession, SessionDep, SettingsDep, client_address
 from app.api.errors import documented
 from app.api.jobs import Cursor, Limit
 from app.api.known_keys import too_many_wrong_keys
 from app.api.schemas import LABEL_PATTERN, ErrorOut
-from app.api.state import api_state
+from app.api.state import ApiState, api_state
 from app.api.submissions import IdempotencyKey, submit_responses
 from app.errors import NotFound, ServiceError, TooManyWrongSecrets, WrongSecret
 from app.idempotency import RequestHash
-from app.labeling import imports, label_studio
-from app.labeling.reviews import Parsed
+from app.metrics import DELIVERIES_SPOOLED
 from app.store import webhooks as store
+from app.store.db import database_away
+from app.store.keys import hash_key
 from app.store.models import Webhook, WebhookRejection
 
 router = APIRouter(prefix="/v1/webhooks", tags=["labeling"])
 log = logging.getLogger("aidsafe.api")
-SECRET_HEADER = "X-Aidsafe-Webhook-Secret"
+
+
+class SpooledOut(BaseModel):
+    status: Literal["spooled"] = "spooled"
+
+
 DELIVERY_ERRORS = {
     **IMPORT_ERRORS,
+    202: {
+        "model": SpooledOut,
+        "description": "Postgres was away: the delivery, which carried the secret of a webhook this "
+        "API process verified within the hour, was spooled to Redis, and a worker records it (or "
+        "keeps its refusal) once Postgres is back. 503 as for any request instead if the spool "
+        "holds AIDSAFE_DELIVERY_SPOOL_MAX deliveries already, or Redis is away too.",
+    },
     401: {
         "model": ErrorOut,
         "description": f"No {SECRET_HEADER} header, a wrong secret, a revoked webhook, or one whose "
@@ -219,6 +237,7 @@ def _rejection_out(row: WebhookRejection) -> RejectionOut:
 
 @router.post(
     "/label-studio/{webhook_id}",
+    response_model=ImportOut,
     responses=DELIVERY_ERRORS,
     openapi_extra=LABEL_STUDIO_EVENT.openapi,
 )
@@ -228,7 +247,7 @@ async def label_studio_delivery(
     session: SessionDep,
     settings: SettingsDep,
     secret: Annotated[str | None, Header(alias=SECRET_HEADER, description="The webhook's secret.")] = None,
-) -> ImportOut:
+) -> ImportOut | JSONResponse:
     """Label Studio's webhook: ANNOTATION_CREATED, ANNOTATION_UPDATED, ANNOTATIONS_CREATED store
     reviews; ANNOTATIONS_DELETED withdraws them; other events are acknowledged and skipped.
     A refused delivery is kept: GET /v1/webhooks/{id}/rejections. A client address that sent
@@ -236,12 +255,15 @@ async def label_studio_delivery(
     `too_many_wrong_secrets` until Retry-After, and not kept; the right secret is never
     refused (Label Studio does not send a refused delivery again). Deliveries to unknown
     webhooks count with unknown API keys: past their limit, an address's deliveries to an
-    unknown webhook are refused with 429 `too_many_wrong_keys`, never one to a webhook that is."""
+    unknown webhook are refused with 429 `too_many_wrong_keys`, never one to a webhook that is.
+    While the database is away, a delivery with the secret of a webhook this process verified
+    lately is spooled, answered 202, and recorded (or its refusal kept) once it is back."""
     state, address = api_state(request), client_address(request)
     # Past the limit a guessed id costs no lookup (nor a connection): the ids are in memory.
     refused_for_s = state.wrong_keys.refused_for_s(address)
     if refused_for_s is not None and not await state.known_webhooks.holds(webhook_id):
         raise too_many_wrong_keys(state.wrong_keys, refused_for_s)
+    received_at, sent_hash = time.time(), None if secret is None else hash_key(secret)
     try:
         webhook, owner_revoked = await store.find(session, webhook_id, "label_studio")
     except NotFound:
@@ -249,10 +271,28 @@ async def label_studio_delivery(
         if (refused_for_s := await state.wrong_keys.count(address)) is not None:
             raise too_many_wrong_keys(state.wrong_keys, refused_for_s) from None
         raise
+    except Exception as error:
+        # The database is away: a webhook verified lately is still checked, and its delivery
+        # spooled. An unknown one, or a wrong secret, is answered 503 as before, unstored.
+        verified = state.verified_webhooks.get(webhook_id)
+        if (
+            not database_away(error)
+            or verified is None
+            or sent_hash is None
+            or not hmac.compare_digest(sent_hash, verified.secret_hash)
+        ):
+            raise
+        async with state.delivery_turns.turn(verified.owner_key_id, refuse_past_max=False):
+            unread = await LABEL_STUDIO_EVENT.read(request, settings)
+        return await _spooled(
+            state, Delivery(webhook_id, verified.owner_key_id, sent_hash, unread, received_at), error
+        )
     owner_key_id = webhook.owner_key_id
+    raw: bytes | None = None
     body: str | None = None
     try:
-        store.check_secret(webhook, owner_revoked, secret, SECRET_HEADER)
+        store.check_secret(webhook, owner_revoked, sent_hash, SECRET_HEADER)
+        state.verified_webhooks.remember(webhook)
         # A body may come slowly (timed only between bytes): read with no connection held (a
         # key's slow deliveries held the whole pool), then the webhook is found and held again,
         # as it may have gone meanwhile.
@@ -263,17 +303,11 @@ async def label_studio_delivery(
         async with state.delivery_turns.turn(owner_key_id, refuse_past_max=False):
             raw = await LABEL_STUDIO_EVENT.read(request, settings)
             body = raw.decode("utf-8", errors="replace")
-            parsed = await asyncio.to_thread(_read_delivery, raw)
+            parsed = await asyncio.to_thread(deliveries.read_delivery, raw)
         # Out of the body turn: the lookup may wait for a connection (up to the database
         # timeout), and the key's other bodies would wait, unread, with it.
-        store.check_secret(*await store.find(session, webhook_id, "label_studio"), secret, SECRET_HEADER)
-        report = await imports.record_reviews(
-            session, parsed, owner_key_id=owner_key_id, webhook_id=webhook_id
-        )
-        await session.commit()
+        report = await deliveries.record(session, webhook_id, sent_hash, parsed)
     except ServiceError as exc:
-        await session.rollback()
-        log.warning("webhook %s refused a delivery: %s %s", webhook_id, exc.code, exc.message)
         # NotFound instead if the webhook was deleted meanwhile: answered as an unknown one.
         # Past the limit a guess costs a Redis call, no rejection row. Refusing the right
         # secret too would hand a guesser behind the tool's proxy its deliveries.
@@ -282,18 +316,37 @@ async def label_studio_delivery(
             and (refused_for_s := await state.wrong_secrets.count(address, f"webhook {webhook_id}"))
             is not None
         ):
+            await session.rollback()
             limit, window_s = state.wrong_secrets.limit, state.wrong_secrets.window_s
             raise TooManyWrongSecrets(
                 f"this address sent this webhook {limit} wrong secrets in {window_s} s, the most "
                 "it may: check the secret the tool sends, and try again after Retry-After",
                 retry_after_s=refused_for_s,
             ) from None
-        await store.record_rejection(session, webhook_id, owner_key_id, exc.code, exc.message, body)
-        await session.commit()
+        try:
+            await deliveries.keep_refusal(session, webhook_id, owner_key_id, exc, body)
+        except Exception as error:  # the database went away: the replay keeps the refusal
+            if raw is None or not database_away(error):
+                raise
+            return await _spooled(
+                state, Delivery(webhook_id, owner_key_id, sent_hash, raw, received_at), error
+            )
         raise
+    except Exception as error:
+        if raw is None or not database_away(error):
+            raise
+        # Read, with the right secret, when the database went away: recorded once it is back.
+        return await _spooled(state, Delivery(webhook_id, owner_key_id, sent_hash, raw, received_at), error)
     return import_out(report)
 
 
-def _read_delivery(raw: bytes) -> Parsed:
-    """The delivery's reviews and retractions (CPU for a big one: call it off the loop)."""
-    return label_studio.read_webhook(LABEL_STUDIO_EVENT.decode(raw))
+async def _spooled(state: ApiState, delivery: Delivery, away: Exception) -> JSONResponse:
+    """A delivery spooled for a worker to record once the database is back: 202. If the spool
+    is full, the database's error (503) as without one."""
+    prefix, most = state.settings.redis_key_prefix, state.settings.delivery_spool_max
+    if not await deliveries.spool(state.arq, prefix, most, delivery):
+        log.error("webhook %s: a delivery was refused, the spool holds %d already", delivery.webhook_id, most)
+        raise away
+    DELIVERIES_SPOOLED.inc()
+    log.warning("webhook %s: the database is away, a delivery was spooled: %r", delivery.webhook_id, away)
+    return JSONResponse(SpooledOut().model_dump(), status_code=status.HTTP_202_ACCEPTED)

@@ -169,11 +169,12 @@ async def find(session: AsyncSession, webhook_id: UUID, source: str) -> tuple[We
     return webhook, owner_revoked
 
 
-def check_secret(webhook: Webhook, owner_revoked: bool, secret: str | None, header: str) -> None:
-    """Unauthorized unless `secret` is the webhook's, and neither it nor its owner key is
-    revoked: a delivery imports reviews as the owner, which a revoked key may no longer do.
-    The secret is checked first, so that only its holder learns of a revocation."""
-    if secret is None or not hmac.compare_digest(hash_key(secret), webhook.secret_hash):
+def check_secret(webhook: Webhook, owner_revoked: bool, sent_hash: str | None, header: str) -> None:
+    """Unauthorized unless `sent_hash` (hash_key of the secret sent, None if none was) is the
+    webhook's secret's, and neither it nor its owner key is revoked: a delivery imports reviews
+    as the owner, which a revoked key may no longer do. The secret is checked first, so that
+    only its holder learns of a revocation. By hash: a spooled delivery keeps no secret."""
+    if sent_hash is None or not hmac.compare_digest(sent_hash, webhook.secret_hash):
         raise WrongSecret(f"send the webhook's secret in the {header} header")
     if webhook.revoked_at is not None:
         raise Unauthorized("this webhook was revoked")

@@ -1,0 +1,191 @@
+"""Label Studio sends each delivery once: one that carried its webhook's secret while Postgres
+was away is spooled to Redis (202) and recorded by a worker once Postgres is back, exactly as a
+live delivery would be (app/api/deliveries.py). The API's Postgres goes away through a proxy
+that is closed; the shared Postgres itself stays up, and the replays go to it directly."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from prometheus_client import REGISTRY
+from redis.asyncio import Redis
+
+from app.api import deliveries
+from app.config import Settings
+from app.store.db import Sessions, make_engine, make_sessions
+from tests.conftest import api_client, eventually, start_worker
+from tests.test_labeling import PROMPTS, fixture, graded_job, item_ids, stored
+from tests.test_silent_connections import SilencingProxy, _database_through, _proxy_to
+from tests.test_webhooks import Headers, deliver, new_webhook, rejections
+
+OTHER_EVENT = {"action": "TASKS_CREATED", "tasks": [{"id": 1, "data": {}}], "project": {"id": 3}}
+
+
+@asynccontextmanager
+async def api_whose_postgres_goes(
+    settings: Settings,
+) -> AsyncIterator[tuple[httpx.AsyncClient, SilencingProxy]]:
+    """An API whose Postgres connections go through a proxy: closing it takes the database away
+    from this API alone (its connections are cut, new ones refused)."""
+    proxy = await _proxy_to(settings.database_url, 5432)
+    try:
+        async with api_client(_database_through(proxy, settings, database_timeout_s=2.0)) as api:
+            yield api, proxy
+    finally:
+        await proxy.close()
+
+
+async def verified_webhook(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A webhook this API verified a delivery of, and a Label Studio event reviewing an item."""
+    webhook = await new_webhook(api, auth)
+    job_id = await graded_job(api, auth, settings, PROMPTS[:1])
+    event = fixture("label_studio_webhook.json", await item_ids(api, auth, job_id))
+    assert (await deliver(api, webhook, OTHER_EVENT)).status_code == 200
+    return webhook, event
+
+
+def counted(what: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(f"aidsafe_webhook_deliveries_{what}_total", labels) or 0.0
+
+
+async def spool_of(redis: Redis, settings: Settings) -> list[bytes]:
+    return list(await redis.lrange(f"{settings.redis_key_prefix}:deliveries:spooled", 0, -1))  # type: ignore[misc]
+
+
+async def test_a_delivery_while_postgres_is_away_is_spooled_and_recorded_once_when_it_is_back(
+    settings: Settings, sessions: Sessions, auth: Headers, redis: Redis
+) -> None:
+    spooled_before, recorded_before = counted("spooled"), counted("replayed", outcome="recorded")
+    async with api_whose_postgres_goes(settings) as (api, proxy):
+        webhook, event = await verified_webhook(api, auth, settings)
+        await proxy.close()
+
+        response = await deliver(api, webhook, event)
+
+        assert response.status_code == 202, response.text
+        assert counted("spooled") == spooled_before + 1
+        assert response.json() == {"status": "spooled"}
+        [entry] = await spool_of(redis, settings)
+        assert webhook["secret"].encode() not in entry  # its hash only
+        assert await stored(sessions) == []
+
+    assert await deliveries.replay_spooled(sessions, redis, settings.redis_key_prefix) == 1
+    [row] = await stored(sessions)
+    assert (row.external_id, row.verdict, str(row.webhook_id)) == ("601", "accept", webhook["id"])
+    assert await deliveries.spooled_count(redis, settings.redis_key_prefix) == 0
+    assert counted("replayed", outcome="recorded") == recorded_before + 1
+
+    # A worker killed after recording it, before removing it: the next pass replays it again.
+    await redis.rpush(f"{settings.redis_key_prefix}:deliveries:processing", entry)  # type: ignore[misc]
+    assert await deliveries.replay_spooled(sessions, redis, settings.redis_key_prefix) == 1
+    assert [r.id for r in await stored(sessions)] == [row.id]
+    assert await deliveries.spooled_count(redis, settings.redis_key_prefix) == 0
+
+
+async def test_a_replay_while_postgres_is_still_away_leaves_the_delivery_for_later(
+    settings: Settings, sessions: Sessions, auth: Headers, redis: Redis
+) -> None:
+    async with api_whose_postgres_goes(settings) as (api, proxy):
+        webhook, event = await verified_webhook(api, auth, settings)
+        await proxy.close()
+        assert (await deliver(api, webhook, event)).status_code == 202
+        [entry] = await spool_of(redis, settings)
+
+        engine = make_engine(_database_through(proxy, settings).database_url, 2.0, 2)
+        try:
+            replayed = await deliveries.replay_spooled(
+                make_sessions(engine), redis, settings.redis_key_prefix
+            )
+        finally:
+            await engine.dispose()
+
+    assert replayed == 0
+    assert await spool_of(redis, settings) == [entry]
+    assert await stored(sessions) == []
+
+
+async def test_a_wrong_secret_or_a_webhook_not_verified_lately_is_503_while_postgres_is_away_unspooled(
+    settings: Settings, sessions: Sessions, auth: Headers, redis: Redis
+) -> None:
+    async with api_whose_postgres_goes(settings) as (api, proxy):
+        webhook, event = await verified_webhook(api, auth, settings)
+        unverified = await new_webhook(api, auth, "ls-other")  # never delivered to here
+        await proxy.close()
+        event["annotation"]["id"] = 999  # told apart from the right one's
+
+        wrong = await deliver(api, webhook, event, secret="aidsafe_whsec_wrong")
+        missing = await api.post(httpx.URL(webhook["url"]).path, json=event)
+        not_verified = await deliver(api, unverified, event)
+        event["annotation"]["id"] = 601
+        right = await deliver(api, webhook, event)
+
+    assert [r.status_code for r in (wrong, missing, not_verified, right)] == [503, 503, 503, 202]
+    [entry] = await spool_of(redis, settings)
+    assert b'"id": 601' in entry or b'"id":601' in entry
+    assert await deliveries.replay_spooled(sessions, redis, settings.redis_key_prefix) == 1
+    assert [r.external_id for r in await stored(sessions)] == ["601"]
+
+
+async def test_a_webhook_revoked_before_the_replay_gets_the_refusal_kept_with_its_body(
+    settings: Settings, sessions: Sessions, auth: Headers, redis: Redis
+) -> None:
+    async with api_whose_postgres_goes(settings) as (api, proxy):
+        webhook, event = await verified_webhook(api, auth, settings)
+        await proxy.close()
+        assert (await deliver(api, webhook, event)).status_code == 202
+    async with api_client(settings) as api:
+        assert (await api.post(f"/v1/webhooks/{webhook['id']}/revoke", headers=auth)).status_code == 200
+
+        assert await deliveries.replay_spooled(sessions, redis, settings.redis_key_prefix) == 1
+
+        [refusal] = await rejections(api, auth, webhook)
+    assert (refusal["code"], refusal["message"]) == ("unauthorized", "this webhook was revoked")
+    assert refusal["body"] is not None and '"ANNOTATION_CREATED"' in refusal["body"]
+    assert await stored(sessions) == []
+    assert await deliveries.spooled_count(redis, settings.redis_key_prefix) == 0
+
+
+async def test_a_full_spool_answers_503(
+    settings: Settings, sessions: Sessions, auth: Headers, redis: Redis
+) -> None:
+    async with api_whose_postgres_goes(settings.model_copy(update={"delivery_spool_max": 2})) as (api, proxy):
+        webhook, event = await verified_webhook(api, auth, settings)
+        await proxy.close()
+
+        answers = [(await deliver(api, webhook, event)).status_code for _ in range(3)]
+
+    assert answers == [202, 202, 503]
+    assert len(await spool_of(redis, settings)) == 2
+
+
+async def test_a_worker_process_records_a_spooled_delivery_once_postgres_is_back(
+    settings: Settings,
+    sessions: Sessions,
+    auth: Headers,
+    redis: Redis,
+    workers: list[subprocess.Popen[bytes]],
+) -> None:
+    async with api_whose_postgres_goes(settings) as (api, proxy):
+        webhook, event = await verified_webhook(api, auth, settings)
+        await proxy.close()
+        assert (await deliver(api, webhook, event)).status_code == 202
+
+    workers.append(start_worker(settings))  # its replay loop, every sweep interval
+
+    async def recorded() -> bool:
+        return [r.external_id for r in await stored(sessions)] == ["601"]
+
+    await eventually(recorded, what="the spooled delivery recorded")
+    await eventually(
+        lambda: _none_left(redis, settings), what="the spool emptied after the review was recorded"
+    )
+
+
+async def _none_left(redis: Redis, settings: Settings) -> bool:
+    return await deliveries.spooled_count(redis, settings.redis_key_prefix) == 0
