@@ -3,6 +3,7 @@ one JSON error shape in a single handler; business code never raises HTTPExcepti
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 MAX_LISTED_PROBLEMS = 100  # a refusal's details name the first problems; its message counts them all
@@ -17,6 +18,10 @@ class ServiceError(Exception):
         super().__init__(message)
         self.message = message
         self.details = details
+
+
+class MalformedBody(ServiceError):
+    """Not UTF-8 JSON text (the status and code of ServiceError: 400 bad_request)."""
 
 
 class BadRequest(ServiceError):
@@ -283,3 +288,24 @@ class EmptyRow(SampleFileError):
 
 class TooManySamples(SampleFileError):
     code = "too_many_samples"
+
+
+def _where(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc if part != "body") or "body"
+
+
+class InvalidRequest(ServiceError):
+    """A request that does not validate, as pydantic reports it: details list each field
+    and its problem (the first MAX_LISTED_PROBLEMS of them)."""
+
+    status = 422
+    code = "validation_error"
+
+    @classmethod
+    def of(cls, errors: Sequence[Any]) -> InvalidRequest:
+        problems = [{"field": _where(tuple(e.get("loc", ()))), "problem": e.get("msg", "")} for e in errors]
+        first = problems[0] if problems else {"field": "body", "problem": "invalid"}
+        message = f"{first['field']}: {first['problem']}"
+        if len(problems) > 1:
+            message += f" (and {len(problems) - 1} more)"
+        return cls(message, problems[:MAX_LISTED_PROBLEMS])

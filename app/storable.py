@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import TypeAdapter, ValidationError
+
+from app.errors import InvalidRequest, MalformedBody, PayloadTooLarge
+
+T = TypeVar("T")
 
 # Deeper JSON serves no caller, and pydantic refuses to serialize past ~255 levels (a 500
 # after the row was accepted); the check stays far from Python's recursion limit too.
@@ -106,3 +112,27 @@ def replace_unstorable(value: Any) -> Any:
     if isinstance(value, list):
         return [replace_unstorable(v) for v in value]
     return value
+
+
+def decoded(raw: bytes, adapter: TypeAdapter[T], max_values: int) -> T:
+    """JSON text as `adapter`'s type: MalformedBody (400), InvalidRequest (422) or
+    PayloadTooLarge (413, over `max_values` values). Slow for a big text: call it off the
+    event loop."""
+    if count_values(raw, max_values) > max_values:
+        raise PayloadTooLarge(f"the request body holds over {max_values:,} JSON values")
+    try:
+        data = read_json(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MalformedBody(f"the body is not UTF-8 JSON text: {exc}") from None
+    except ValueError as exc:
+        raise _invalid(str(exc)) from None
+    try:
+        return adapter.validate_python(storable_input(data))
+    except ValueError as exc:  # storable_input, and ValidationError (a ValueError)
+        if isinstance(exc, ValidationError):
+            raise InvalidRequest.of(exc.errors(include_url=False)) from None
+        raise _invalid(str(exc)) from None
+
+
+def _invalid(problem: str) -> InvalidRequest:
+    return InvalidRequest.of([{"loc": (), "msg": problem}])

@@ -1,6 +1,6 @@
 """Label Studio sends each delivery once: one that carried its webhook's secret while Postgres
 was away is spooled to Redis (202) and recorded by a worker once Postgres is back, exactly as a
-live delivery would be (app/api/deliveries.py). The API's Postgres goes away through a proxy
+live delivery would be (app/labeling/deliveries.py). The API's Postgres goes away through a proxy
 that is closed; the shared Postgres itself stays up, and the replays go to it directly."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import httpx
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
-from app.api import deliveries
 from app.config import Settings
+from app.labeling import deliveries
 from app.store.db import Sessions, make_engine, make_sessions
 from tests.conftest import api_client, eventually, start_worker
 from tests.test_labeling import PROMPTS, fixture, graded_job, item_ids, stored

@@ -25,13 +25,13 @@ from sqlalchemy.exc import DBAPIError
 from starlette.types import Message
 
 from app.api.annotations import MAX_IMPORT_VALUES
-from app.api.deliveries import SECRET_HEADER
 from app.api.jobs import JOB_BODY
 from app.api.schemas import MAX_JOB_VALUES, MAX_PROMPTS_PER_JOB
 from app.config import Settings
 from app.deliberation.config import LIMIT_CAPS
 from app.errors import MAX_LISTED_PROBLEMS
 from app.events import ItemFinished, announce_item_finished, stream_key
+from app.labeling.deliveries import SECRET_HEADER
 from app.labeling.reviews import Answers
 from app.main import create_app
 from app.storable import MAX_JSON_DEPTH, MAX_NUMBER_CHARS, count_values, read_json

@@ -26,7 +26,6 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import events, logs, preflight
-from app.api import deliveries
 from app.callbacks import BATCH as CALLBACK_BATCH
 from app.callbacks import Sender
 from app.config import Settings, get_settings
@@ -34,6 +33,7 @@ from app.costs import BudgetExhausted
 from app.deliberation.engine import deliberate, evaluate_answer, evaluate_sample, judge_pair
 from app.deliberation.ports import LLMRequestRejected, LLMUnavailable
 from app.deliberation.results import Completed, Evaluated, Failed, Judged, JudgedAnswer
+from app.labeling import deliveries
 from app.llm.batch_api import BatchAPI
 from app.llm.breaker import EndpointBreaker
 from app.llm.client import OpenAICompatibleClient
@@ -513,7 +513,7 @@ async def _deliver_forever(worker: Worker) -> None:
 
 async def _replay_forever(worker: Worker) -> None:
     """Record the Label Studio deliveries the API spooled while Postgres was away, each sweep
-    interval, in one worker at a time (app/api/deliveries.py: a lease, not the interval's
+    interval, in one worker at a time (app/labeling/deliveries.py: a lease, not the interval's
     lock, which a pass may outlast)."""
     while True:
         try:

@@ -46,10 +46,7 @@ def _import_cap(settings: Settings) -> int:
     return settings.max_import_bytes
 
 
-# Reading an import walks every annotation and keeps a copy of each, so its bodies are capped
-# lower than others (a Label Studio export of some 300 tasks fits): each object it makes may be
-# walked by a garbage collection that holds the GIL, and so the event loop.
-MAX_IMPORT_VALUES = 50_000
+MAX_IMPORT_VALUES = imports.MAX_IMPORT_VALUES
 LABEL_STUDIO_EXPORT = JsonBody[list[label_studio.TaskIn]](
     list[label_studio.TaskIn], MAX_IMPORT_VALUES, _import_cap
 )

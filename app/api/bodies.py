@@ -13,25 +13,19 @@ that grows with the number of values (each a Python object), not with the bytes.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Generic, TypeVar
 
 from fastapi import Request
-from pydantic import TypeAdapter, ValidationError
+from pydantic import TypeAdapter
 
 from app.api.deps import CurrentKey, SettingsDep
-from app.api.errors import InvalidRequest
 from app.api.state import api_state
 from app.config import Settings
-from app.errors import BodyStalled, PayloadTooLarge, ServiceError
-from app.storable import count_values, read_json, storable_input
+from app.errors import BodyStalled, MalformedBody, PayloadTooLarge
+from app.storable import decoded
 
 T = TypeVar("T")
-
-
-class MalformedBody(ServiceError):
-    """Not UTF-8 JSON text (the status and code of ServiceError: 400 bad_request)."""
 
 
 def _request_cap(settings: Settings) -> int:
@@ -76,26 +70,9 @@ class JsonBody(Generic[T]):
         return await read_capped(request, self.max_bytes(settings), settings.body_stall_s)
 
     def decode(self, raw: bytes) -> T:
-        """The body as `type_`: MalformedBody (400), InvalidRequest (422) or PayloadTooLarge
-        (413, too many values). Slow for a big body: call it off the event loop."""
-        if count_values(raw, self.max_values) > self.max_values:
-            raise PayloadTooLarge(f"the request body holds over {self.max_values:,} JSON values")
-        try:
-            data = read_json(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise MalformedBody(f"the body is not UTF-8 JSON text: {exc}") from None
-        except ValueError as exc:
-            raise _invalid(str(exc)) from None
-        try:
-            return self.adapter.validate_python(storable_input(data))
-        except ValueError as exc:  # storable_input, and ValidationError (a ValueError)
-            if isinstance(exc, ValidationError):
-                raise InvalidRequest.of(exc.errors(include_url=False)) from None
-            raise _invalid(str(exc)) from None
-
-
-def _invalid(problem: str) -> InvalidRequest:
-    return InvalidRequest.of([{"loc": (), "msg": problem}])
+        """The body as `type_` (app.storable.decoded). Slow for a big body: call it off the
+        event loop."""
+        return decoded(raw, self.adapter, self.max_values)
 
 
 async def read_capped(request: Request, max_bytes: int, stall_s: float) -> bytes:

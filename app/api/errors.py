@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import asyncpg
@@ -20,7 +20,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from app.api.schemas import ErrorOut
-from app.errors import MAX_LISTED_PROBLEMS, ServiceError
+from app.errors import InvalidRequest, ServiceError
 from app.store.db import database_away
 
 log = logging.getLogger("aidsafe.api")
@@ -86,27 +86,6 @@ def error_response(
         content={"error": {"code": code, "message": message, "details": details}},
         headers=headers,
     )
-
-
-def _where(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(part) for part in loc if part != "body") or "body"
-
-
-class InvalidRequest(ServiceError):
-    """A request that does not validate, as pydantic reports it: details list each field
-    and its problem (the first MAX_LISTED_PROBLEMS of them)."""
-
-    status = 422
-    code = "validation_error"
-
-    @classmethod
-    def of(cls, errors: Sequence[Any]) -> InvalidRequest:
-        problems = [{"field": _where(tuple(e.get("loc", ()))), "problem": e.get("msg", "")} for e in errors]
-        first = problems[0] if problems else {"field": "body", "problem": "invalid"}
-        message = f"{first['field']}: {first['problem']}"
-        if len(problems) > 1:
-            message += f" (and {len(problems) - 1} more)"
-        return cls(message, problems[:MAX_LISTED_PROBLEMS])
 
 
 def install(app: FastAPI) -> None:

@@ -14,10 +14,10 @@ from fastapi.responses import StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
 from app.api.deps import OwnedJob, ReadsHazardous, SessionDep, StateDep
-from app.api.errors import InvalidRequest, documented
+from app.api.errors import documented
 from app.api.jobs import min_gap_query
 from app.api.state import api_state
-from app.errors import InvalidFilter, JobDeleted, MissingScope
+from app.errors import InvalidFilter, InvalidRequest, JobDeleted, MissingScope
 from app.exports.formats import FORMATS, JSON
 from app.exports.options import CotStyle, ExportOptions, parse_min_scores
 from app.exports.streaming import encoded

@@ -13,10 +13,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 from sqlalchemy import func, select
 
-from app.api import deliveries
 from app.api.deps import ArqDep, SessionDep, SettingsDep
 from app.api.errors import documented
 from app.errors import Unauthorized
+from app.labeling import deliveries
 from app.metrics import DELIVERIES_WAITING, ITEMS, QUEUE_DEPTH
 from app.store.models import Item, ItemStatus
 

@@ -21,7 +21,6 @@ from app import callbacks
 from app.api import views
 from app.api.bodies import JsonBody, read_capped
 from app.api.deps import CurrentKey, OwnedJob, ReadsHazardous, SessionDep, SettingsDep
-from app.api.errors import InvalidRequest
 from app.api.jobs import ERRORS, PAGE_ERRORS, Cursor, RowLimit, resolve_prompt_set
 from app.api.schemas import (
     SampleEvaluationIn,
@@ -35,6 +34,7 @@ from app.api.state import api_state
 from app.api.submissions import Submission, SubmissionDep, submit_responses
 from app.config import Settings
 from app.deliberation.results import Sample as EngineSample
+from app.errors import InvalidRequest
 from app.idempotency import RequestHash
 from app.plan import RoleIn, SampleEvaluationPlan, check_sample_evaluation_fits, resolve_sample_evaluation
 from app.sample_files import MAX_JSON_VALUES, FileType, Sample, read_samples, samples_of

@@ -1,5 +1,5 @@
 """The webhooks an API process verified a delivery of lately, to check a delivery's secret
-with while Postgres is away (app/api/deliveries.py spools it then)."""
+with while Postgres is away (app/labeling/deliveries.py spools it then)."""
 
 from __future__ import annotations
 

@@ -22,10 +22,8 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from app.api import deliveries
 from app.api.annotations import IMPORT_ERRORS, LABEL_STUDIO_EVENT, ImportOut, import_out
 from app.api.bodies import JsonBody
-from app.api.deliveries import SECRET_HEADER, Delivery
 from app.api.deps import CurrentKey, KeyWriteSession, SessionDep, SettingsDep, client_address
 from app.api.errors import documented
 from app.api.jobs import Cursor, Limit
@@ -35,6 +33,8 @@ from app.api.state import ApiState, api_state
 from app.api.submissions import IdempotencyKey, submit_responses
 from app.errors import NotFound, ServiceError, TooManyWrongSecrets, WrongSecret
 from app.idempotency import RequestHash
+from app.labeling import deliveries
+from app.labeling.deliveries import SECRET_HEADER, Delivery
 from app.metrics import DELIVERIES_SPOOLED
 from app.store import webhooks as store
 from app.store.db import database_away

@@ -15,6 +15,10 @@ from app.labeling.reviews import Parsed, Review, Skipped
 from app.store.annotations import Deletion, ReviewedCot, add_versions, retract, reviewed_cots
 
 INSERT_BATCH = 200
+# Reading an import walks every annotation and keeps a copy of each, so its bodies are capped
+# lower than others (a Label Studio export of some 300 tasks fits): each object it makes may be
+# walked by a garbage collection that holds the GIL, and so the event loop.
+MAX_IMPORT_VALUES = 50_000
 
 
 class UnknownItems(ServiceError):

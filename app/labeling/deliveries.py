@@ -18,15 +18,16 @@ import time
 from dataclasses import dataclass
 from uuid import UUID, uuid4
 
+from pydantic import TypeAdapter
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.api.annotations import LABEL_STUDIO_EVENT
 from app.errors import NotFound, ServiceError
 from app.labeling import imports, label_studio
 from app.labeling.imports import ImportReport
 from app.labeling.reviews import Parsed
 from app.metrics import DELIVERIES_REPLAYED
+from app.storable import decoded
 from app.store import webhooks as store
 from app.store.db import Sessions, closed_quietly, database_away
 
@@ -89,9 +90,12 @@ class Delivery:
         return self.raw.decode("utf-8", errors="replace")
 
 
+_EVENT = TypeAdapter(label_studio.WebhookIn)
+
+
 def read_delivery(raw: bytes) -> Parsed:
     """The delivery's reviews and retractions (CPU for a big one: call it off the loop)."""
-    return label_studio.read_webhook(LABEL_STUDIO_EVENT.decode(raw))
+    return label_studio.read_webhook(decoded(raw, _EVENT, imports.MAX_IMPORT_VALUES))
 
 
 async def record(
