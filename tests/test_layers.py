@@ -74,3 +74,10 @@ def test_labeling_does_not_import_the_exports_that_list_its_formats() -> None:
     # app.exports.formats imports app.labeling: an arrow back would close a cycle.
     assert _imports_into("app.exports", ("app.labeling",)) != []
     assert _imports_into("app.labeling", ("app.exports",)) == []
+
+
+def test_the_workers_and_the_flows_do_not_import_the_http_layer() -> None:
+    # HTTP and workers are shells around the same flows: a worker that needs what a route does
+    # (the replay of a spooled webhook delivery) finds it in the flows, not in app.api.
+    for package in ("workers", "app.labeling", "app.exports", "app.reports"):
+        assert _imports_into(package, ("app.api", "app.web")) == [], package
