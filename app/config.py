@@ -265,6 +265,7 @@ class Settings(BaseSettings):
     # Label Studio deliveries that carried their secret while Postgres was away are spooled to
     # Redis (and recorded by a worker once it is back): at most this many at once, past it 503.
     delivery_spool_max: int = Field(default=10_000, ge=0)
+    delivery_spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=0)  # and their bytes
     # A client address that sends a webhook this many wrong secrets within the window (from the
     # first) has its further wrong ones refused until the window ends; never the right one
     # (app/api/failures.py).

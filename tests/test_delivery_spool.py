@@ -164,6 +164,28 @@ async def test_a_full_spool_answers_503(
     assert len(await spool_of(redis, settings)) == 2
 
 
+async def test_a_spool_of_its_most_bytes_answers_503_and_counts_them_anew_once_recorded(
+    settings: Settings, sessions: Sessions, auth: Headers, redis: Redis
+) -> None:
+    """Bounded by count alone, 10,000 deliveries of up to 4 MiB each could fill Redis."""
+    async with api_whose_postgres_goes(settings) as (api, proxy):
+        webhook, event = await verified_webhook(api, auth, settings)
+        await proxy.close()
+        assert (await deliver(api, webhook, event)).status_code == 202
+        [entry] = await spool_of(redis, settings)
+    room = settings.model_copy(update={"delivery_spool_max_bytes": 2 * len(entry)})
+    await deliveries.replay_spooled(sessions, redis, settings.redis_key_prefix)
+
+    async with api_whose_postgres_goes(room) as (api, proxy):
+        assert (await deliver(api, webhook, OTHER_EVENT)).status_code == 200  # verified here too
+        await proxy.close()
+        answers = [(await deliver(api, webhook, event)).status_code for _ in range(3)]
+        assert answers == [202, 202, 503]
+
+        assert await deliveries.replay_spooled(sessions, redis, settings.redis_key_prefix) == 2
+        assert (await deliver(api, webhook, event)).status_code == 202  # room again
+
+
 async def test_a_worker_process_records_a_spooled_delivery_once_postgres_is_back(
     settings: Settings,
     sessions: Sessions,

@@ -56,7 +56,8 @@ DELIVERY_ERRORS = {
         "description": "Postgres was away: the delivery, which carried the secret of a webhook this "
         "API process verified within the hour, was spooled to Redis, and a worker records it (or "
         "keeps its refusal) once Postgres is back. 503 as for any request instead if the spool "
-        "holds AIDSAFE_DELIVERY_SPOOL_MAX deliveries already, or Redis is away too.",
+        "holds AIDSAFE_DELIVERY_SPOOL_MAX deliveries or AIDSAFE_DELIVERY_SPOOL_MAX_BYTES already, "
+        "or Redis is away too.",
     },
     401: {
         "model": ErrorOut,
@@ -343,9 +344,15 @@ async def label_studio_delivery(
 async def _spooled(state: ApiState, delivery: Delivery, away: Exception) -> JSONResponse:
     """A delivery spooled for a worker to record once the database is back: 202. If the spool
     is full, the database's error (503) as without one."""
-    prefix, most = state.settings.redis_key_prefix, state.settings.delivery_spool_max
-    if not await deliveries.spool(state.arq, prefix, most, delivery):
-        log.error("webhook %s: a delivery was refused, the spool holds %d already", delivery.webhook_id, most)
+    settings = state.settings
+    most, most_bytes = settings.delivery_spool_max, settings.delivery_spool_max_bytes
+    if not await deliveries.spool(state.arq, settings.redis_key_prefix, most, most_bytes, delivery):
+        log.error(
+            "webhook %s: a delivery was refused, the spool is full (%d deliveries or %d bytes at most)",
+            delivery.webhook_id,
+            most,
+            most_bytes,
+        )
         raise away
     DELIVERIES_SPOOLED.inc()
     log.warning("webhook %s: the database is away, a delivery was spooled: %r", delivery.webhook_id, away)

@@ -38,13 +38,22 @@ SECRET_HEADER = "X-Aidsafe-Webhook-Secret"
 REPLAY_LEASE_S = 120.0
 REPLAY_PASS_S = 30.0  # a pass takes no new entry after this long, well within its lease
 
-# Adds an entry unless the spool (waiting and being replayed) holds `max` already.
+# Adds an entry unless the spool (waiting and being replayed) holds `max` entries or `max`
+# bytes already. The bytes are counted in KEYS[3], less each entry recorded.
 _SPOOL = """
-if redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[2]) >= tonumber(ARGV[2]) then
+local size = string.len(ARGV[1])
+if redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[2]) >= tonumber(ARGV[2])
+    or tonumber(redis.call('GET', KEYS[3]) or '0') + size > tonumber(ARGV[3]) then
     return 0
 end
 redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('INCRBY', KEYS[3], size)
 return 1
+"""
+# The byte count starts over once the spool is empty: nothing may drift it for good.
+_EMPTIED = """
+if redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[2]) == 0 then redis.call('DEL', KEYS[3]) end
+return 0
 """
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
@@ -123,23 +132,25 @@ async def keep_refusal(
     await session.commit()
 
 
-def _keys(prefix: str) -> tuple[str, str, str]:
-    """The spool (waiting), the entries being replayed, and the replay lease."""
-    return f"{prefix}:deliveries:spooled", f"{prefix}:deliveries:processing", f"{prefix}:deliveries:replaying"
+def _keys(prefix: str) -> tuple[str, str, str, str]:
+    """The spool (waiting), the entries being replayed, their bytes, and the replay lease."""
+    keys = ("spooled", "processing", "bytes", "replaying")
+    spooled, processing, size, lease = (f"{prefix}:deliveries:{key}" for key in keys)
+    return spooled, processing, size, lease
 
 
-async def spool(redis: Redis, prefix: str, max_entries: int, delivery: Delivery) -> bool:
-    """Add a delivery to the spool; False if it holds `max_entries` already (being replayed
-    included), so that an outage cannot fill Redis."""
-    spooled, processing, _ = _keys(prefix)
-    entry, most = delivery.encoded(), str(max_entries)
-    added = await redis.eval(_SPOOL, 2, spooled, processing, entry, most)  # type: ignore[arg-type, misc]
+async def spool(redis: Redis, prefix: str, max_entries: int, max_bytes: int, delivery: Delivery) -> bool:
+    """Add a delivery to the spool; False if it holds `max_entries` or `max_bytes` already
+    (being replayed included), so that an outage cannot fill Redis."""
+    spooled, processing, size, _ = _keys(prefix)
+    entry, most = delivery.encoded(), (str(max_entries), str(max_bytes))
+    added = await redis.eval(_SPOOL, 3, spooled, processing, size, entry, *most)  # type: ignore[arg-type, misc]
     return bool(added)
 
 
 async def spooled_count(redis: Redis, prefix: str) -> int:
     """Deliveries spooled and not yet recorded, being replayed included."""
-    spooled, processing, _ = _keys(prefix)
+    spooled, processing, _, _ = _keys(prefix)
     async with redis.pipeline(transaction=False) as pipe:
         pipe.llen(spooled)
         pipe.llen(processing)
@@ -154,7 +165,7 @@ async def replay_spooled(sessions: Sessions, redis: Redis, prefix: str) -> int:
     is replayed and removed once its outcome is committed: one a killed worker left there is
     replayed again by the next pass, which records nothing twice (a version stored is a
     duplicate). Run by one worker at a time (a lease); another finds it held and returns 0."""
-    spooled, processing, lease = _keys(prefix)
+    spooled, processing, size, lease = _keys(prefix)
     token = uuid4().hex
     if not await redis.set(lease, token, nx=True, px=int(REPLAY_LEASE_S * 1000)):
         return 0
@@ -177,9 +188,13 @@ async def replay_spooled(sessions: Sessions, redis: Redis, prefix: str) -> int:
                     log.warning("a spooled delivery waits for the database: %r", error)
                     break
                 raise
-            await redis.lrem(processing, 1, entry)  # type: ignore[misc]
+            async with redis.pipeline(transaction=True) as pipe:
+                pipe.lrem(processing, 1, entry)
+                pipe.decrby(size, len(entry))
+                await pipe.execute()
             DELIVERIES_REPLAYED.labels(outcome).inc()
             replayed += 1
+        await redis.eval(_EMPTIED, 3, spooled, processing, size)  # type: ignore[misc]
     finally:
         await redis.eval(_RELEASE, 1, lease, token)  # type: ignore[misc]
     return replayed
