@@ -705,6 +705,39 @@ async def test_wrong_secrets_are_not_counted_while_redis_is_away_and_nothing_is_
     assert [r.getMessage() for r in caplog.records] == [
         f"could not count the wrong secrets sent by 203.0.113.9 to {scope}"
     ] * 2
+    assert all(record.exc_info for record in caplog.records)  # what Redis answered, for the operator
+
+
+async def test_a_refusal_gives_the_whole_seconds_left_of_its_window_counted_under_the_prefix(
+    redis: Redis, settings: Settings
+) -> None:
+    """Retry-After is the window's milliseconds left, rounded up: a tool that waits as long is
+    counted anew. The count is under the deployment's prefix, as all its Redis keys are."""
+    prefix, scope, hour = f"{settings.redis_key_prefix}:{uuid4()}", f"webhook {uuid4()}", 3600
+    # An hour: a second's error in the window (ms from s) or in Retry-After (s from ms) shows.
+    wrong_secrets = Failures(redis, prefix, "wrong secrets", limit=1, window_s=hour)
+
+    assert await wrong_secrets.count("203.0.113.9", scope) is None
+    assert await wrong_secrets.count("203.0.113.9", scope) == hour
+    assert wrong_secrets.refused_for_s("203.0.113.9", scope) == hour
+    assert len([key async for key in redis.scan_iter(f"{prefix}:*")]) == 1
+
+
+async def test_an_address_reaching_its_most_wrong_secrets_is_logged_once_a_window(
+    redis: Redis, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Wrong secrets sent at once are all counted before any is refused: counted past the
+    limit, the address is still logged once, as the operator's one sign of it."""
+    prefix, scope = f"{settings.redis_key_prefix}:{uuid4()}", f"webhook {uuid4()}"
+    wrong_secrets = Failures(redis, prefix, "wrong secrets", limit=2, window_s=60)
+
+    with caplog.at_level(logging.WARNING, logger="aidsafe.api"):
+        for _ in range(4):
+            await wrong_secrets.count("203.0.113.9", scope)
+
+    assert [r.getMessage() for r in caplog.records] == [
+        f"203.0.113.9 sent 2 wrong secrets to {scope} in 60 s; refusing more till the window ends"
+    ]
 
 
 async def test_a_listing_of_rejections_pages_by_their_size_as_json(
