@@ -116,8 +116,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     "exports",
                     "wait for one to end",
                 ),
-                KeyTurns(settings.max_bodies_per_key, settings.max_waiting_per_key),
-                KeyTurns(settings.max_bodies_per_key, settings.max_waiting_per_key),  # deliveries
+                KeyTurns(settings.max_bodies_per_key, max_waiting=settings.max_waiting_per_key),
+                KeyTurns(settings.max_bodies_per_key, max_waiting=settings.max_waiting_per_key),  # deliveries
                 readiness,
                 Failures(
                     arq,

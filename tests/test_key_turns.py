@@ -200,7 +200,7 @@ async def row_held(sessions: Sessions, headers: dict[str, str]) -> AsyncIterator
 
 
 async def test_a_keys_turn_is_forgotten_with_its_last_request_even_one_given_up() -> None:
-    turns, key_id, order = KeyTurns(), uuid4(), []
+    turns, key_id, order = KeyTurns(max_waiting=2), uuid4(), []
     released = asyncio.Event()
 
     async def request(name: str) -> None:

@@ -36,7 +36,7 @@ class KeyTurns:
     them: as many as the keys busy now, however many keys there are. At most `max_waiting` of
     a key's requests wait for a slot."""
 
-    def __init__(self, at_once: int = 1, max_waiting: int = 64) -> None:
+    def __init__(self, at_once: int = 1, *, max_waiting: int) -> None:
         self.at_once = at_once
         self.max_waiting = max_waiting
         self._by_key: dict[UUID, _Turns] = {}
