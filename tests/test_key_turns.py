@@ -274,7 +274,7 @@ async def test_turns_past_the_most_waiting_are_refused_unless_the_caller_never_s
     holding, waiting = asyncio.create_task(request()), asyncio.create_task(request())
     await asyncio.sleep(0)
     with pytest.raises(TooManyWaiting):
-        await request()
+        await asyncio.wait_for(request(), PROMPT_S)  # refused at once, else it would wait forever
     delivery = asyncio.create_task(request(refuse_past_max=False))  # a webhook delivery
     await asyncio.sleep(0)
     released.set()
