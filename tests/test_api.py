@@ -17,6 +17,7 @@ import pytest
 from fastapi.routing import iter_route_contexts
 from redis.asyncio import Redis
 from sqlalchemy import func, select, text
+from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
 
 from app.api.state import ApiState
@@ -399,6 +400,77 @@ async def test_chunked_body_under_the_limit_is_accepted(api: httpx.AsyncClient, 
         "/v1/jobs", content=chunks(), headers={**auth, "Content-Type": "application/json"}
     )
     assert response.status_code == 202, response.text
+
+
+async def test_a_body_of_exactly_the_size_limit_is_read_with_its_length_declared_or_not(
+    settings: Settings, auth: Headers
+) -> None:
+    """The limit is the largest size read: a body of that many bytes goes through whether its
+    length is declared or counted as it comes, and one byte more is refused either way."""
+    cap = 1_000
+    json_auth = {**auth, "Content-Type": "application/json"}
+    async with api_client(settings.model_copy(update={"max_request_bytes": cap})) as api:
+        for size, status in ((cap, 201), (cap + 1, 413)):
+            body = b'{"name": "ls"' + b" " * (size - len(b'{"name": "ls"}')) + b"}"
+
+            async def undeclared(body: bytes = body) -> AsyncIterator[bytes]:  # sent chunked
+                yield body
+
+            for content in (body, undeclared()):
+                response = await api.post("/v1/webhooks", content=content, headers=json_auth)
+
+                assert response.status_code == status, (size, response.text)
+
+
+async def test_a_chunked_body_is_capped_for_a_route_that_reads_it_without_a_cap_of_its_own(
+    settings: Settings,
+) -> None:
+    """Each of the service's routes reads its body capped (bodies.read_capped), so only this
+    test shows the middleware's count: the cap for any route that reads the body whole, as
+    FastAPI's own body parameters do."""
+    cap = 1_000
+    app = create_app(settings.model_copy(update={"max_request_bytes": cap}))
+
+    async def body_size(request: Request) -> dict[str, int]:
+        return {"size": len(await request.body())}
+
+    app.add_api_route("/body-size", body_size, methods=["POST"])
+
+    async def chunks(size: int) -> AsyncIterator[bytes]:  # two: the cap is on their sum
+        yield b"x" * (size // 2)
+        yield b"x" * (size - size // 2)
+
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://api") as api,
+    ):
+        read = await api.post("/body-size", content=chunks(cap))
+        refused = await api.post("/body-size", content=chunks(cap + 1))
+
+    assert read.json() == {"size": cap}
+    error_of(refused, 413, "payload_too_large")
+
+
+async def test_the_lifespan_messages_pass_through_every_middleware(settings: Settings) -> None:
+    """The tests' clients enter the lifespan directly, and uvicorn's default takes a lifespan
+    whose messages fail for an app without one and serves anyway: a middleware that broke them
+    would go unseen."""
+    incoming: list[Message] = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return incoming.pop(0)
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await create_app(settings)({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)
+
+    assert [message["type"] for message in sent] == [
+        "lifespan.startup.complete",
+        "lifespan.shutdown.complete",
+    ]
 
 
 async def test_unknown_config_field_is_a_validation_error(api: httpx.AsyncClient, auth: Headers) -> None:
