@@ -9,6 +9,8 @@
 # by side; each run starts afresh. To look at a survivor afterwards:
 #   cd .mutation/app.exports && ../../.venv/bin/mutmut show <mutant name>
 # VENV names another virtualenv than .venv.
+# mutmut makes no mutants of decorated functions (but @staticmethod, @classmethod): route
+# handlers, @property, @asynccontextmanager are left as they are.
 # The tests make their own database and Redis keys per pytest session, so each mutant's run
 # (a process forked from mutmut's) has its own.
 set -euo pipefail
