@@ -315,11 +315,12 @@ async def test_a_page_of_500_jobs_of_8_kib_of_metadata_is_encoded_off_the_event_
 async def test_a_page_of_500_items_of_many_metadata_values_is_shaped_and_encoded_off_the_event_loop(
     api: httpx.AsyncClient, auth: Headers, sessions: Sessions
 ) -> None:
-    """An item's metadata is the client's: with 300 values each, a page of 500 items was
-    shaped and encoded on the event loop, holding it for 19-32 ms of CPU; in a worker thread,
-    5-9 ms (reading the rows)."""
+    """An item's metadata is the client's: with 900 values each, a page of items (some 480 fit
+    its 2 MB) was shaped and encoded on the event loop, holding it for 40 ms of CPU on a quiet
+    machine; in a worker thread, 7 ms (reading the rows). With 300 values the two were 19-32
+    and 5-9 ms, too close for a bound that CI's load (17 ms once) leaves alone."""
     job_id = UUID(await submit(api, auth, [f"prompt {n}" for n in range(ROWS)]))
-    metadata: dict[str, Any] = {"v": [{}] * 300}
+    metadata: dict[str, Any] = {"v": [{}] * 900}
     async with sessions.begin() as session:
         await session.execute(update(Item).where(Item.job_id == job_id).values(item_metadata=metadata))
 
@@ -329,9 +330,8 @@ async def test_a_page_of_500_items_of_many_metadata_values_is_shaped_and_encoded
 
     assert response.status_code == 200, response.text
     rows = response.json()["data"]
-    assert len(rows) == ROWS and all(row["metadata"] == metadata for row in rows)
-    # Near the geometric mean of the two.
-    assert held < 0.014, f"the event loop was held for {held:.3f} s of CPU"
+    assert len(rows) >= 400 and all(row["metadata"] == metadata for row in rows)
+    assert held < 0.03, f"the event loop was held for {held:.3f} s of CPU"
 
 
 async def test_a_page_of_500_graded_cots_is_shaped_off_the_event_loop(
