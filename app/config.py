@@ -266,6 +266,9 @@ class Settings(BaseSettings):
     # Redis (and recorded by a worker once it is back): at most this many at once, past it 503.
     delivery_spool_max: int = Field(default=10_000, ge=0)
     delivery_spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=0)  # and their bytes
+    # One API key's deliveries may take this share of either: during an outage one key's tool
+    # cannot take the others' room.
+    delivery_spool_key_share: float = Field(default=0.25, gt=0, le=1)
     # A client address that sends a webhook this many wrong secrets within the window (from the
     # first) has its further wrong ones refused until the window ends; never the right one
     # (app/api/failures.py).

@@ -128,7 +128,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 ),
                 wrong_keys,
                 known_webhooks,
-                VerifiedWebhooks(),
+                VerifiedWebhooks(arq, settings.redis_key_prefix),
             ),
         )
         try:

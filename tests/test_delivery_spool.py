@@ -5,22 +5,28 @@ that is closed; the shared Postgres itself stays up, and the replays go to it di
 
 from __future__ import annotations
 
+import asyncio
+import json
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
+from uuid import UUID
 
 import httpx
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
+from sqlalchemy import select
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from app.config import Settings
 from app.labeling import deliveries
 from app.store.db import Sessions, make_engine, make_sessions
-from tests.conftest import api_client, eventually, start_worker
+from app.store.models import Webhook
+from tests.conftest import WebhookTarget, api_client, eventually, new_key, start_worker
 from tests.test_labeling import PROMPTS, fixture, graded_job, item_ids, stored
 from tests.test_silent_connections import SilencingProxy, _database_through, _proxy_to
-from tests.test_webhooks import Headers, deliver, new_webhook, rejections
+from tests.test_webhooks import SKIPPED_EVENT, Headers, deliver, new_webhook, rejections
 
 OTHER_EVENT = {"action": "TASKS_CREATED", "tasks": [{"id": 1, "data": {}}], "project": {"id": 3}}
 
@@ -154,7 +160,8 @@ async def test_a_webhook_revoked_before_the_replay_gets_the_refusal_kept_with_it
 async def test_a_full_spool_answers_503(
     settings: Settings, sessions: Sessions, auth: Headers, redis: Redis
 ) -> None:
-    async with api_whose_postgres_goes(settings.model_copy(update={"delivery_spool_max": 2})) as (api, proxy):
+    one_key = settings.model_copy(update={"delivery_spool_max": 2, "delivery_spool_key_share": 1.0})
+    async with api_whose_postgres_goes(one_key) as (api, proxy):
         webhook, event = await verified_webhook(api, auth, settings)
         await proxy.close()
 
@@ -174,7 +181,9 @@ async def test_a_spool_of_its_most_bytes_answers_503_and_counts_them_anew_once_r
         assert (await deliver(api, webhook, event)).status_code == 202
         [entry] = await spool_of(redis, settings)
     # Room for two, give or take their times' digits, not three.
-    room = settings.model_copy(update={"delivery_spool_max_bytes": 2 * len(entry) + len(entry) // 2})
+    room = settings.model_copy(
+        update={"delivery_spool_max_bytes": 2 * len(entry) + len(entry) // 2, "delivery_spool_key_share": 1.0}
+    )
     await deliveries.replay_spooled(sessions, redis, settings.redis_key_prefix)
 
     async with api_whose_postgres_goes(room) as (api, proxy):
@@ -185,6 +194,79 @@ async def test_a_spool_of_its_most_bytes_answers_503_and_counts_them_anew_once_r
 
         assert await deliveries.replay_spooled(sessions, redis, settings.redis_key_prefix) == 2
         assert (await deliver(api, webhook, event)).status_code == 202  # room again
+
+
+async def test_one_keys_deliveries_take_only_their_share_of_the_spool(
+    settings: Settings, sessions: Sessions, auth: Headers, redis: Redis
+) -> None:
+    """Bounded for the deployment alone, one key's Label Studio could take the whole spool in an
+    outage, and every other key's deliveries were lost (503, never sent again)."""
+    other = await new_key(sessions, "other")
+    halves = settings.model_copy(update={"delivery_spool_max": 4, "delivery_spool_key_share": 0.5})
+    async with api_whose_postgres_goes(halves) as (api, proxy):
+        noisy, noisy_event = await verified_webhook(api, auth, settings)
+        theirs, their_event = await verified_webhook(api, other, settings)
+        await proxy.close()
+
+        noisy_answers = [(await deliver(api, noisy, noisy_event)).status_code for _ in range(3)]
+        their_answers = [(await deliver(api, theirs, their_event)).status_code for _ in range(3)]
+
+    assert (noisy_answers, their_answers) == ([202, 202, 503], [202, 202, 503])
+    assert await deliveries.replay_spooled(sessions, redis, settings.redis_key_prefix) == 4
+    async with api_whose_postgres_goes(halves) as (api, proxy):
+        assert (await deliver(api, noisy, OTHER_EVENT)).status_code == 200
+        await proxy.close()
+        # Its share counted anew once its spooled deliveries were recorded.
+        assert [(await deliver(api, noisy, noisy_event)).status_code for _ in range(2)] == [202, 202]
+
+
+async def test_an_api_process_started_in_the_outage_spools_a_webhook_another_verified(
+    settings: Settings, sessions: Sessions, auth: Headers, redis: Redis
+) -> None:
+    """Each process knew only the webhooks it had verified: one restarted during the outage, or
+    one a load balancer sent the tool to, answered its deliveries 503, and they were lost."""
+    async with api_whose_postgres_goes(settings) as (api, _):
+        webhook, event = await verified_webhook(api, auth, settings)
+    async with api_whose_postgres_goes(settings) as (restarted, proxy):
+        await proxy.close()
+
+        spooled = await deliver(restarted, webhook, event)
+        wrong = await deliver(restarted, webhook, event, secret="aidsafe_whsec_wrong")
+
+    assert (spooled.status_code, wrong.status_code) == (202, 503), spooled.text
+    assert await deliveries.replay_spooled(sessions, redis, settings.redis_key_prefix) == 1
+    assert [row.external_id for row in await stored(sessions)] == ["601"]
+
+
+async def test_a_delivery_of_a_webhook_verified_lately_is_read_before_it_waits_for_the_database(
+    api: httpx.AsyncClient, sessions: Sessions, ls_webhook: WebhookTarget
+) -> None:
+    """A delivery looked its webhook up before reading its body: with the pool in use, or the
+    row held, it waited unread past Label Studio's 1 s timeout, and Label Studio never sends a
+    delivery again. Here the webhook's row is held."""
+    assert (
+        await api.post(ls_webhook.path, json=SKIPPED_EVENT, headers=ls_webhook.headers)
+    ).status_code == 200
+    delivery_read = asyncio.Event()
+
+    async def watched_delivery() -> AsyncIterator[bytes]:
+        delivery_read.set()
+        yield json.dumps(SKIPPED_EVENT).encode()
+
+    async with sessions.begin() as session:
+        webhook_id = UUID(ls_webhook.path.rsplit("/", 1)[1])
+        await session.execute(select(Webhook.id).where(Webhook.id == webhook_id).with_for_update())
+        delivery = asyncio.create_task(
+            api.post(ls_webhook.path, content=watched_delivery(), headers=ls_webhook.headers)
+        )
+        await asyncio.wait_for(delivery_read.wait(), 1.0)
+    assert (await delivery).status_code == 200
+
+
+def test_a_pool_with_no_connection_free_spools_a_delivery_as_postgres_away_does() -> None:
+    assert deliveries.unrecordable_now(PoolTimeoutError("QueuePool limit of size 20 reached"))
+    assert deliveries.unrecordable_now(ConnectionRefusedError())
+    assert not deliveries.unrecordable_now(ValueError("a bug"))
 
 
 async def test_a_worker_process_records_a_spooled_delivery_once_postgres_is_back(

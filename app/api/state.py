@@ -43,7 +43,7 @@ class ApiState:
     wrong_secrets: Failures  # sent to each webhook lately, per client address
     wrong_keys: Failures  # unknown API keys and webhooks sent lately, per client address
     known_webhooks: KnownValues[UUID]  # the webhooks' ids, read while an address is past wrong_keys
-    # Webhooks this process verified a delivery of lately: checked against while Postgres is away.
+    # Webhooks whose deliveries were verified lately: read at once, spooled while Postgres is away.
     verified_webhooks: VerifiedWebhooks
 
 

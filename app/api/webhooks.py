@@ -10,7 +10,6 @@ delete it after `webhook_rejections_kept_days` (app/store/webhooks.py says why).
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from collections.abc import Callable
@@ -34,10 +33,9 @@ from app.api.submissions import IdempotencyKey, submit_responses
 from app.errors import NotFound, ServiceError, TooManyWrongSecrets, WrongSecret
 from app.idempotency import RequestHash
 from app.labeling import deliveries
-from app.labeling.deliveries import SECRET_HEADER, Delivery
+from app.labeling.deliveries import SECRET_HEADER, Delivery, SpoolLimits
 from app.metrics import DELIVERIES_SPOOLED
 from app.store import webhooks as store
-from app.store.db import database_away
 from app.store.keys import hash_key
 from app.store.models import Webhook, WebhookRejection
 
@@ -53,11 +51,12 @@ DELIVERY_ERRORS = {
     **IMPORT_ERRORS,
     202: {
         "model": SpooledOut,
-        "description": "Postgres was away: the delivery, which carried the secret of a webhook this "
-        "API process verified within the hour, was spooled to Redis, and a worker records it (or "
-        "keeps its refusal) once Postgres is back. 503 as for any request instead if the spool "
-        "holds AIDSAFE_DELIVERY_SPOOL_MAX deliveries or AIDSAFE_DELIVERY_SPOOL_MAX_BYTES already, "
-        "or Redis is away too.",
+        "description": "Postgres was away (or no connection came free): the delivery, which "
+        "carried the secret of a webhook verified within the hour, was spooled to Redis, and a "
+        "worker records it (or keeps its refusal) once Postgres is back. 503 as for any request "
+        "instead if the spool holds AIDSAFE_DELIVERY_SPOOL_MAX deliveries or "
+        "AIDSAFE_DELIVERY_SPOOL_MAX_BYTES already, or the webhook's API key its share of either "
+        "(AIDSAFE_DELIVERY_SPOOL_KEY_SHARE), or Redis is away too.",
     },
     401: {
         "model": ErrorOut,
@@ -246,7 +245,6 @@ async def label_studio_delivery(
     webhook_id: UUID,
     request: Request,
     session: SessionDep,
-    settings: SettingsDep,
     secret: Annotated[str | None, Header(alias=SECRET_HEADER, description="The webhook's secret.")] = None,
 ) -> ImportOut | JSONResponse:
     """Label Studio's webhook: ANNOTATION_CREATED, ANNOTATION_UPDATED, ANNOTATIONS_CREATED store
@@ -257,14 +255,19 @@ async def label_studio_delivery(
     refused (Label Studio does not send a refused delivery again). Deliveries to unknown
     webhooks count with unknown API keys: past their limit, an address's deliveries to an
     unknown webhook are refused with 429 `too_many_wrong_keys`, never one to a webhook that is.
-    While the database is away, a delivery with the secret of a webhook this process verified
-    lately is spooled, answered 202, and recorded (or its refusal kept) once it is back."""
+    A delivery with the secret of a webhook verified lately is read at once, and while the
+    database is away (or no connection comes free) it is spooled, answered 202, and recorded
+    (or its refusal kept) once it is back."""
     state, address = api_state(request), client_address(request)
     # Past the limit a guessed id costs no lookup (nor a connection): the ids are in memory.
     refused_for_s = state.wrong_keys.refused_for_s(address)
     if refused_for_s is not None and not await state.known_webhooks.holds(webhook_id):
         raise too_many_wrong_keys(state.wrong_keys, refused_for_s)
     received_at, sent_hash = time.time(), None if secret is None else hash_key(secret)
+    # Label Studio gives up after 1 s and never sends it again: a delivery whose secret this
+    # process knows is read before it waits for a connection.
+    known = state.verified_webhooks.held(webhook_id, sent_hash)
+    raw = None if known is None else await _read_delivery(state, known.owner_key_id, request)
     try:
         webhook, owner_revoked = await store.find(session, webhook_id, "label_studio")
     except NotFound:
@@ -273,40 +276,32 @@ async def label_studio_delivery(
             raise too_many_wrong_keys(state.wrong_keys, refused_for_s) from None
         raise
     except Exception as error:
-        # The database is away: a webhook verified lately is still checked, and its delivery
-        # spooled. An unknown one, or a wrong secret, is answered 503 as before, unstored.
-        verified = state.verified_webhooks.get(webhook_id)
-        if (
-            not database_away(error)
-            or verified is None
-            or sent_hash is None
-            or not hmac.compare_digest(sent_hash, verified.secret_hash)
-        ):
+        # The database is away: a webhook verified lately (by any API process) is still
+        # checked, and its delivery spooled. An unknown one, or a wrong secret, is answered
+        # 503 as before, unstored.
+        if not deliveries.unrecordable_now(error):
             raise
-        async with state.delivery_turns.turn(verified.owner_key_id, refuse_past_max=False):
-            unread = await LABEL_STUDIO_EVENT.read(request, settings)
+        if (known := known or await state.verified_webhooks.get(webhook_id, sent_hash)) is None:
+            raise
+        if raw is None:
+            raw = await _read_delivery(state, known.owner_key_id, request)
         return await _spooled(
-            state, Delivery(webhook_id, verified.owner_key_id, sent_hash, unread, received_at), error
+            state, Delivery(webhook_id, known.owner_key_id, sent_hash, raw, received_at), error
         )
     owner_key_id = webhook.owner_key_id
-    raw: bytes | None = None
-    body: str | None = None
+    body: str | None = None  # once the secret is checked: a refusal keeps it then
     try:
         store.check_secret(webhook, owner_revoked, sent_hash, SECRET_HEADER)
-        state.verified_webhooks.remember(webhook)
-        # A body may come slowly (timed only between bytes): read with no connection held (a
-        # key's slow deliveries held the whole pool), then the webhook is found and held again,
-        # as it may have gone meanwhile.
+        secret_hash = webhook.secret_hash  # as the rollback expires the row
+        # A body may come slowly (timed only between bytes): read and parsed with no
+        # connection held (a key's slow deliveries held the whole pool); `record` finds the
+        # webhook again, as it may have gone meanwhile.
         await session.rollback()
-        # Never refused: Label Studio does not send it again. Nor behind the key's requests'
-        # bodies, which hold their turns to their answers: Label Studio gives up after 1 s
-        # (its WEBHOOK_TIMEOUT), and a body not read by then is gone.
-        async with state.delivery_turns.turn(owner_key_id, refuse_past_max=False):
-            raw = await LABEL_STUDIO_EVENT.read(request, settings)
-            body = raw.decode("utf-8", errors="replace")
-            parsed = await asyncio.to_thread(deliveries.read_delivery, raw)
-        # Out of the body turn: the lookup may wait for a connection (up to the database
-        # timeout), and the key's other bodies would wait, unread, with it.
+        if raw is None:
+            raw = await _read_delivery(state, owner_key_id, request)
+        body = raw.decode("utf-8", errors="replace")
+        parsed = await asyncio.to_thread(deliveries.read_delivery, raw)
+        await state.verified_webhooks.remember(webhook_id, secret_hash, owner_key_id)
         report = await deliveries.record(session, webhook_id, sent_hash, parsed)
     except ServiceError as exc:
         # NotFound instead if the webhook was deleted meanwhile: answered as an unknown one.
@@ -327,31 +322,37 @@ async def label_studio_delivery(
         try:
             await deliveries.keep_refusal(session, webhook_id, owner_key_id, exc, body)
         except Exception as error:  # the database went away: the replay keeps the refusal
-            if raw is None or not database_away(error):
+            if raw is None or body is None or not deliveries.unrecordable_now(error):
                 raise
             return await _spooled(
                 state, Delivery(webhook_id, owner_key_id, sent_hash, raw, received_at), error
             )
         raise
     except Exception as error:
-        if raw is None or not database_away(error):
+        if raw is None or body is None or not deliveries.unrecordable_now(error):
             raise
         # Read, with the right secret, when the database went away: recorded once it is back.
         return await _spooled(state, Delivery(webhook_id, owner_key_id, sent_hash, raw, received_at), error)
     return import_out(report)
 
 
+async def _read_delivery(state: ApiState, owner_key_id: UUID, request: Request) -> bytes:
+    """Never refused, nor behind the key's requests' bodies, which hold their turns to their
+    answers: Label Studio gives up after 1 s (its WEBHOOK_TIMEOUT), and a body not read by
+    then is gone."""
+    async with state.delivery_turns.turn(owner_key_id, refuse_past_max=False):
+        return await LABEL_STUDIO_EVENT.read(request, state.settings)
+
+
 async def _spooled(state: ApiState, delivery: Delivery, away: Exception) -> JSONResponse:
     """A delivery spooled for a worker to record once the database is back: 202. If the spool
     is full, the database's error (503) as without one."""
-    settings = state.settings
-    most, most_bytes = settings.delivery_spool_max, settings.delivery_spool_max_bytes
-    if not await deliveries.spool(state.arq, settings.redis_key_prefix, most, most_bytes, delivery):
+    limits = SpoolLimits.of(state.settings)
+    if not await deliveries.spool(state.arq, state.settings.redis_key_prefix, limits, delivery):
         log.error(
-            "webhook %s: a delivery was refused, the spool is full (%d deliveries or %d bytes at most)",
+            "webhook %s: a delivery was refused, the spool is full (%s), or holds its API key's share",
             delivery.webhook_id,
-            most,
-            most_bytes,
+            limits,
         )
         raise away
     DELIVERIES_SPOOLED.inc()

@@ -3,25 +3,28 @@ and keeps no failure log: one that carried its webhook's secret while Postgres w
 spooled to Redis by the API and recorded by a worker once Postgres is back
 (`replay_spooled`), through the same steps as a live delivery (`record`, `keep_refusal`).
 
-While Postgres is away the webhook cannot be looked up: each API process remembers the
-webhooks whose deliveries it verified lately (app/api/verified_webhooks.py), and checks a delivery's
-secret against those; a replay checks it again against Postgres (the webhook may have been
-revoked or deleted meanwhile). A spooled delivery keeps the hash of the secret sent, never
-the secret."""
+While Postgres is away the webhook cannot be looked up: the API remembers the webhooks whose
+deliveries it verified lately (app/api/verified_webhooks.py, in each process and in Redis),
+and checks a delivery's secret against those; a replay checks it again against Postgres (the
+webhook may have been revoked or deleted meanwhile). A spooled delivery keeps the hash of
+the secret sent, never the secret."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from uuid import UUID, uuid4
 
 from pydantic import TypeAdapter
 from redis.asyncio import Redis
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.config import Settings
 from app.errors import NotFound, ServiceError
 from app.labeling import imports, label_studio
 from app.labeling.imports import ImportReport
@@ -39,20 +42,25 @@ REPLAY_LEASE_S = 120.0
 REPLAY_PASS_S = 30.0  # a pass takes no new entry after this long, well within its lease
 
 # Adds an entry unless the spool (waiting and being replayed) holds `max` entries or `max`
-# bytes already. The bytes are counted in KEYS[3], less each entry recorded.
+# bytes already, or the delivery's API key holds its share of either. The bytes are counted in
+# KEYS[3], each key's entries and bytes in the hash KEYS[4]; each entry recorded is taken off.
 _SPOOL = """
-local size = string.len(ARGV[1])
+local size, key, key_bytes = string.len(ARGV[1]), ARGV[4], ARGV[4] .. ':bytes'
 if redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[2]) >= tonumber(ARGV[2])
-    or tonumber(redis.call('GET', KEYS[3]) or '0') + size > tonumber(ARGV[3]) then
+    or tonumber(redis.call('GET', KEYS[3]) or '0') + size > tonumber(ARGV[3])
+    or tonumber(redis.call('HGET', KEYS[4], key) or '0') >= tonumber(ARGV[5])
+    or tonumber(redis.call('HGET', KEYS[4], key_bytes) or '0') + size > tonumber(ARGV[6]) then
     return 0
 end
 redis.call('RPUSH', KEYS[1], ARGV[1])
 redis.call('INCRBY', KEYS[3], size)
+redis.call('HINCRBY', KEYS[4], key, 1)
+redis.call('HINCRBY', KEYS[4], key_bytes, size)
 return 1
 """
-# The byte count starts over once the spool is empty: nothing may drift it for good.
+# The counts start over once the spool is empty: nothing may drift them for good.
 _EMPTIED = """
-if redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[2]) == 0 then redis.call('DEL', KEYS[3]) end
+if redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[2]) == 0 then redis.call('DEL', KEYS[3], KEYS[4]) end
 return 0
 """
 _RELEASE = """
@@ -107,6 +115,12 @@ def read_delivery(raw: bytes) -> Parsed:
     return label_studio.read_webhook(decoded(raw, _EVENT, imports.MAX_IMPORT_VALUES))
 
 
+def unrecordable_now(error: BaseException) -> bool:
+    """Whether a delivery whose secret was verified is spooled for this error: Postgres is
+    away, or no connection of the pool came free in time (Label Studio would not wait)."""
+    return database_away(error) or isinstance(error, PoolTimeoutError)
+
+
 async def record(
     session: AsyncSession, webhook_id: UUID, sent_hash: str | None, parsed: Parsed
 ) -> ImportReport:
@@ -132,28 +146,62 @@ async def keep_refusal(
     await session.commit()
 
 
-def _keys(prefix: str) -> tuple[str, str, str, str]:
-    """The spool (waiting), the entries being replayed, their bytes, and the replay lease."""
-    keys = ("spooled", "processing", "bytes", "replaying")
-    spooled, processing, size, lease = (f"{prefix}:deliveries:{key}" for key in keys)
-    return spooled, processing, size, lease
+@dataclass(frozen=True, slots=True)
+class _Spool:
+    """The spool's Redis keys: deliveries waiting, being replayed, their bytes, each API key's
+    entries and bytes, and the replay lease."""
+
+    waiting: str
+    processing: str
+    size: str
+    per_key: str
+    lease: str
+
+    @classmethod
+    def of(cls, prefix: str) -> _Spool:
+        names = ("spooled", "processing", "bytes", "keys", "replaying")
+        return cls(*(f"{prefix}:deliveries:{name}" for name in names))
+
+    @property
+    def counted(self) -> tuple[str, str, str, str]:
+        return self.waiting, self.processing, self.size, self.per_key
 
 
-async def spool(redis: Redis, prefix: str, max_entries: int, max_bytes: int, delivery: Delivery) -> bool:
-    """Add a delivery to the spool; False if it holds `max_entries` or `max_bytes` already
-    (being replayed included), so that an outage cannot fill Redis."""
-    spooled, processing, size, _ = _keys(prefix)
-    entry, most = delivery.encoded(), (str(max_entries), str(max_bytes))
-    added = await redis.eval(_SPOOL, 3, spooled, processing, size, entry, *most)  # type: ignore[arg-type, misc]
+@dataclass(frozen=True, slots=True)
+class SpoolLimits:
+    """What the spool holds at most; one API key's deliveries, `key_share` of it."""
+
+    entries: int
+    bytes: int
+    key_share: float
+
+    @classmethod
+    def of(cls, settings: Settings) -> SpoolLimits:
+        return cls(
+            settings.delivery_spool_max, settings.delivery_spool_max_bytes, settings.delivery_spool_key_share
+        )
+
+    @property
+    def per_key(self) -> tuple[int, int]:
+        return math.ceil(self.entries * self.key_share), math.ceil(self.bytes * self.key_share)
+
+
+async def spool(redis: Redis, prefix: str, limits: SpoolLimits, delivery: Delivery) -> bool:
+    """Add a delivery to the spool; False if it holds its most entries or bytes already (being
+    replayed included), or the delivery's API key its share of them: an outage can neither fill
+    Redis nor let one key's tool take the others' room."""
+    keys, entry = _Spool.of(prefix), delivery.encoded()
+    most = (limits.entries, limits.bytes, delivery.owner_key_id, *limits.per_key)
+    added = await redis.eval(_SPOOL, 4, *keys.counted, entry, *map(str, most))  # type: ignore[arg-type, misc]
     return bool(added)
 
 
 async def spooled_count(redis: Redis, prefix: str) -> int:
     """Deliveries spooled and not yet recorded, being replayed included."""
-    spooled, processing, _, _ = _keys(prefix)
+    keys = _Spool.of(prefix)
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.llen(spooled)
-        pipe.llen(processing)
+        pipe.llen(keys.waiting)
+        pipe.llen(keys.processing)
         waiting, replaying = await pipe.execute()
     return int(waiting) + int(replaying)
 
@@ -165,7 +213,8 @@ async def replay_spooled(sessions: Sessions, redis: Redis, prefix: str) -> int:
     is replayed and removed once its outcome is committed: one a killed worker left there is
     replayed again by the next pass, which records nothing twice (a version stored is a
     duplicate). Run by one worker at a time (a lease); another finds it held and returns 0."""
-    spooled, processing, size, lease = _keys(prefix)
+    keys = _Spool.of(prefix)
+    spooled, processing, lease = keys.waiting, keys.processing, keys.lease
     token = uuid4().hex
     if not await redis.set(lease, token, nx=True, px=int(REPLAY_LEASE_S * 1000)):
         return 0
@@ -176,8 +225,9 @@ async def replay_spooled(sessions: Sessions, redis: Redis, prefix: str) -> int:
         while time.monotonic() < ends_at and (
             entry := await redis.lmove(spooled, processing, "LEFT", "RIGHT")
         ):
+            delivery = Delivery.decoded(entry)
             try:
-                outcome = await _replay(sessions, Delivery.decoded(entry))
+                outcome = await _replay(sessions, delivery)
             except Exception as error:
                 # Postgres away: first again next pass. A bug: last, not to hold up the others.
                 async with redis.pipeline(transaction=True) as pipe:
@@ -190,11 +240,13 @@ async def replay_spooled(sessions: Sessions, redis: Redis, prefix: str) -> int:
                 raise
             async with redis.pipeline(transaction=True) as pipe:
                 pipe.lrem(processing, 1, entry)
-                pipe.decrby(size, len(entry))
+                pipe.decrby(keys.size, len(entry))
+                pipe.hincrby(keys.per_key, str(delivery.owner_key_id), -1)
+                pipe.hincrby(keys.per_key, f"{delivery.owner_key_id}:bytes", -len(entry))
                 await pipe.execute()
             DELIVERIES_REPLAYED.labels(outcome).inc()
             replayed += 1
-        await redis.eval(_EMPTIED, 3, spooled, processing, size)  # type: ignore[misc]
+        await redis.eval(_EMPTIED, 4, *keys.counted)  # type: ignore[misc]
     finally:
         await redis.eval(_RELEASE, 1, lease, token)  # type: ignore[misc]
     return replayed
