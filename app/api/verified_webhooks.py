@@ -7,6 +7,7 @@ secret's hash, never the secret."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -22,6 +23,7 @@ MAX_VERIFIED = 10_000  # webhooks held per API process
 # A webhook delivered to often is stored in Redis again at most this often per process; its
 # entry there lives VERIFIED_FOR_S from then.
 STORED_AGAIN_AFTER_S = 60.0
+ASKED_FOR_AT_MOST_S = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +85,10 @@ class VerifiedWebhooks:
         if (held := self.held(webhook_id, sent_hash)) is not None or sent_hash is None:
             return held
         try:
-            stored = await self._redis.get(self._key(webhook_id))
-        except RedisError as error:
+            # Asked before the body is read: a hung Redis must not hold it past Label Studio's 1 s.
+            async with asyncio.timeout(ASKED_FOR_AT_MOST_S):
+                stored = await self._redis.get(self._key(webhook_id))
+        except (RedisError, TimeoutError) as error:
             log.warning("webhook %s: Redis could not tell whether it was verified: %r", webhook_id, error)
             return None
         if stored is None:

@@ -264,10 +264,17 @@ async def label_studio_delivery(
     if refused_for_s is not None and not await state.known_webhooks.holds(webhook_id):
         raise too_many_wrong_keys(state.wrong_keys, refused_for_s)
     received_at, sent_hash = time.time(), None if secret is None else hash_key(secret)
-    # Label Studio gives up after 1 s and never sends it again: a delivery whose secret this
-    # process knows is read before it waits for a connection.
-    known = state.verified_webhooks.held(webhook_id, sent_hash)
-    raw = None if known is None else await _read_delivery(state, known.owner_key_id, request)
+    # Label Studio gives up after 1 s and never sends it again: a delivery whose secret an API
+    # process verified lately is read before it waits for a connection. A body refused then is
+    # refused once its webhook is found, so that its refusal is kept as any other.
+    known = await state.verified_webhooks.get(webhook_id, sent_hash)
+    raw: bytes | None = None
+    unread: ServiceError | None = None
+    if known is not None:
+        try:
+            raw = await _read_delivery(state, known.owner_key_id, request)
+        except ServiceError as exc:
+            unread = exc
     try:
         webhook, owner_revoked = await store.find(session, webhook_id, "label_studio")
     except NotFound:
@@ -281,7 +288,9 @@ async def label_studio_delivery(
         # 503 as before, unstored.
         if not deliveries.unrecordable_now(error):
             raise
-        if (known := known or await state.verified_webhooks.get(webhook_id, sent_hash)) is None:
+        if unread is not None:
+            raise unread from None
+        if known is None:
             raise
         if raw is None:
             raw = await _read_delivery(state, known.owner_key_id, request)
@@ -297,6 +306,8 @@ async def label_studio_delivery(
         # connection held (a key's slow deliveries held the whole pool); `record` finds the
         # webhook again, as it may have gone meanwhile.
         await session.rollback()
+        if unread is not None:
+            raise unread
         if raw is None:
             raw = await _read_delivery(state, owner_key_id, request)
         body = raw.decode("utf-8", errors="replace")

@@ -63,6 +63,17 @@ _EMPTIED = """
 if redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[2]) == 0 then redis.call('DEL', KEYS[3], KEYS[4]) end
 return 0
 """
+# An entry recorded leaves the counts only if it was still in processing: a pass whose lease
+# expired mid-entry and the next pass, which took that entry back, both record it.
+_RECORDED = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
+    local size = string.len(ARGV[1])
+    redis.call('DECRBY', KEYS[2], size)
+    redis.call('HINCRBY', KEYS[3], ARGV[2], -1)
+    redis.call('HINCRBY', KEYS[3], ARGV[2] .. ':bytes', -size)
+end
+return 0
+"""
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 0
@@ -225,8 +236,8 @@ async def replay_spooled(sessions: Sessions, redis: Redis, prefix: str) -> int:
         while time.monotonic() < ends_at and (
             entry := await redis.lmove(spooled, processing, "LEFT", "RIGHT")
         ):
-            delivery = Delivery.decoded(entry)
             try:
+                delivery = Delivery.decoded(entry)
                 outcome = await _replay(sessions, delivery)
             except Exception as error:
                 # Postgres away: first again next pass. A bug: last, not to hold up the others.
@@ -238,12 +249,9 @@ async def replay_spooled(sessions: Sessions, redis: Redis, prefix: str) -> int:
                     log.warning("a spooled delivery waits for the database: %r", error)
                     break
                 raise
-            async with redis.pipeline(transaction=True) as pipe:
-                pipe.lrem(processing, 1, entry)
-                pipe.decrby(keys.size, len(entry))
-                pipe.hincrby(keys.per_key, str(delivery.owner_key_id), -1)
-                pipe.hincrby(keys.per_key, f"{delivery.owner_key_id}:bytes", -len(entry))
-                await pipe.execute()
+            await redis.eval(
+                _RECORDED, 3, processing, keys.size, keys.per_key, entry, str(delivery.owner_key_id)
+            )  # type: ignore[misc]
             DELIVERIES_REPLAYED.labels(outcome).inc()
             replayed += 1
         await redis.eval(_EMPTIED, 4, *keys.counted)  # type: ignore[misc]
