@@ -23,7 +23,8 @@ MAX_VERIFIED = 10_000  # webhooks held per API process
 # A webhook delivered to often is stored in Redis again at most this often per process; its
 # entry there lives VERIFIED_FOR_S from then.
 STORED_AGAIN_AFTER_S = 60.0
-ASKED_FOR_AT_MOST_S = 0.2
+# Redis's answers about a webhook hold up its delivery's body: Label Studio gives up after 1 s.
+REDIS_AT_MOST_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,17 +61,21 @@ class VerifiedWebhooks:
         held = self._held.pop(webhook_id, None)  # to the end: the latest verified
         same_secret = held is not None and held.secret_hash == secret_hash
         stored_at = held.stored_at if held is not None and same_secret else float("-inf")
-        self._held[webhook_id] = Verified(secret_hash, owner_key_id, now, stored_at)
+        due = now - stored_at >= STORED_AGAIN_AFTER_S
+        # Marked stored before it is: if Redis fails, the next try is a while away, not on
+        # every delivery (each would wait for it).
+        self._held[webhook_id] = Verified(secret_hash, owner_key_id, now, now if due else stored_at)
         if len(self._held) > self._max_held:
             del self._held[next(iter(self._held))]
-        if now - stored_at < STORED_AGAIN_AFTER_S:
+        if not due:
             return
         try:
-            await self._redis.set(self._key(webhook_id), f"{secret_hash} {owner_key_id}", ex=self._max_age_s)
-        except RedisError as error:
+            async with asyncio.timeout(REDIS_AT_MOST_S):
+                await self._redis.set(
+                    self._key(webhook_id), f"{secret_hash} {owner_key_id}", ex=self._max_age_s
+                )
+        except (RedisError, TimeoutError) as error:
             log.warning("webhook %s: its verification was not stored in Redis: %r", webhook_id, error)
-            return
-        self._held[webhook_id] = Verified(secret_hash, owner_key_id, now, now)
 
     def held(self, webhook_id: UUID, sent_hash: str | None) -> Verified | None:
         """The webhook, if this process verified it lately and the delivery carries its secret."""
@@ -79,14 +84,15 @@ class VerifiedWebhooks:
             return None
         return held
 
-    async def get(self, webhook_id: UUID, sent_hash: str | None) -> Verified | None:
+    async def get(
+        self, webhook_id: UUID, sent_hash: str | None, at_most_s: float | None = REDIS_AT_MOST_S
+    ) -> Verified | None:
         """The webhook, if any API process verified it lately and the delivery carries its
-        secret; None too if Redis cannot tell."""
+        secret; None too if Redis cannot tell (within `at_most_s`, or its own timeout)."""
         if (held := self.held(webhook_id, sent_hash)) is not None or sent_hash is None:
             return held
         try:
-            # Asked before the body is read: a hung Redis must not hold it past Label Studio's 1 s.
-            async with asyncio.timeout(ASKED_FOR_AT_MOST_S):
+            async with asyncio.timeout(at_most_s):
                 stored = await self._redis.get(self._key(webhook_id))
         except (RedisError, TimeoutError) as error:
             log.warning("webhook %s: Redis could not tell whether it was verified: %r", webhook_id, error)

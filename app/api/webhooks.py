@@ -290,7 +290,8 @@ async def label_studio_delivery(
             raise
         if unread is not None:
             raise unread from None
-        if known is None:
+        # Asked again if Redis was slow to answer before: there is no hurry now.
+        if (known := known or await state.verified_webhooks.get(webhook_id, sent_hash, None)) is None:
             raise
         if raw is None:
             raw = await _read_delivery(state, known.owner_key_id, request)

@@ -74,6 +74,12 @@ if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
 end
 return 0
 """
+# An entry that failed goes back to the front (LPUSH) or the end (RPUSH) of the waiting list,
+# only if it was still in processing (see _RECORDED).
+_PUT_BACK = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then redis.call(ARGV[2], KEYS[2], ARGV[1]) end
+return 0
+"""
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 0
@@ -241,11 +247,9 @@ async def replay_spooled(sessions: Sessions, redis: Redis, prefix: str) -> int:
                 outcome = await _replay(sessions, delivery)
             except Exception as error:
                 # Postgres away: first again next pass. A bug: last, not to hold up the others.
-                async with redis.pipeline(transaction=True) as pipe:
-                    pipe.lrem(processing, 1, entry)
-                    (pipe.lpush if database_away(error) else pipe.rpush)(spooled, entry)
-                    await pipe.execute()
-                if database_away(error):
+                waits = unrecordable_now(error)
+                await redis.eval(_PUT_BACK, 2, processing, spooled, entry, "LPUSH" if waits else "RPUSH")  # type: ignore[misc]
+                if waits:
                     log.warning("a spooled delivery waits for the database: %r", error)
                     break
                 raise
