@@ -82,6 +82,29 @@ async def test_another_addresss_unknown_keys_leave_its_neighbours_alone(settings
         error_of(await neighbour.get("/v1/webhooks", headers=unknown_key()), 401, "unauthorized")
 
 
+async def test_ipv6_addresses_are_counted_by_their_64_network(settings: Settings) -> None:
+    """A host is usually given a whole /64: counted per address, it sent each guess from a
+    fresh one. The next /64 is another's."""
+    guessers = [f"2001:db8:0:10::{host:x}" for host in range(1, 5)]
+    async with from_addresses(settings, *guessers, "2001:db8:0:11::1", wrong_keys_per_address=3) as clients:
+        for guesser in clients[:3]:
+            error_of(await guesser.get("/v1/webhooks", headers=unknown_key()), 401, "unauthorized")
+        refused(await clients[3].get("/v1/webhooks", headers=unknown_key()), 60)
+
+        error_of(await clients[4].get("/v1/webhooks", headers=unknown_key()), 401, "unauthorized")
+
+
+async def test_an_ipv4_mapped_ipv6_address_is_counted_as_its_ipv4_address(settings: Settings) -> None:
+    """A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d: the same client either way."""
+    async with from_addresses(settings, "203.0.113.15", "::ffff:203.0.113.15", wrong_keys_per_address=3) as (
+        ipv4,
+        mapped,
+    ):
+        for _ in range(3):
+            error_of(await ipv4.get("/v1/webhooks", headers=unknown_key()), 401, "unauthorized")
+        refused(await mapped.get("/v1/webhooks", headers=unknown_key()), 60)
+
+
 async def test_an_address_refused_for_unknown_keys_is_counted_anew_once_its_window_ends(
     settings: Settings,
 ) -> None:

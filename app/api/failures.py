@@ -11,6 +11,9 @@ a tenant or its tool would otherwise cost them their requests, and Label Studio 
 a refused delivery again. Other addresses are counted apart. The count is a fixed window from
 the address's first failure: one Redis call per failure, none for a success.
 
+An IPv6 address counts as its /64 network (`counting_unit`): a host is usually given a whole
+/64, so counted per address it could send each guess from a fresh one.
+
 Each process also remembers, till its window ends, an address it saw past its limit: the
 callers that can refuse before their lookup check that memory (refused_for_s), not Redis, so
 that a request of a known key costs no Redis call. Another process learns of it at its own
@@ -22,6 +25,7 @@ again."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import time
@@ -59,6 +63,7 @@ class Failures:
     async def count(self, address: str, scope: str = "") -> int | None:
         """Count a failure of `address`: the seconds left of its window if it is now past
         its limit (the caller refuses), else None (also while Redis does not answer)."""
+        address = counting_unit(address)
         key = f"{scope}:{address}"
         try:
             counted = await self._count(keys=[f"{self._key_prefix}:{key}"], args=[self.window_s * 1000])
@@ -87,9 +92,23 @@ class Failures:
     def refused_for_s(self, address: str, scope: str = "") -> int | None:
         """The seconds left of the window in which this process saw `address` past its limit,
         or None: no Redis call."""
-        till = self._refused_till.get(f"{scope}:{address}")
+        till = self._refused_till.get(f"{scope}:{counting_unit(address)}")
         left_s = None if till is None else till - time.monotonic()
         return math.ceil(left_s) if left_s is not None and left_s > 0 else None
+
+
+def counting_unit(address: str) -> str:
+    """What `address`'s failures are counted with: an IPv6 address's /64 network, the IPv4
+    address an IPv4-mapped IPv6 one stands for, any other as given ("unknown" included)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv4Address):
+        return str(ip)
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
 
 
 def _to(scope: str) -> str:
