@@ -35,6 +35,11 @@ class PayloadTooLarge(ServiceError):
     status = 413
     code = "payload_too_large"
 
+    @classmethod
+    def body_over(cls, max_bytes: int) -> PayloadTooLarge:
+        """A request body over the `max_bytes` it may have."""
+        return cls(f"the request body is over the limit of {max_bytes} bytes")
+
 
 class BodyStalled(ServiceError):
     """A request body of which nothing came for a while (Settings.body_stall_s)."""

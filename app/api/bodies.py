@@ -80,7 +80,7 @@ async def read_capped(request: Request, max_bytes: int, stall_s: float) -> bytes
     BodyStalled once none of it has come for `stall_s` (the server has no body timeout)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
-        raise PayloadTooLarge(f"the request body is over the limit of {max_bytes} bytes")
+        raise PayloadTooLarge.body_over(max_bytes)
     chunks: list[bytes] = []
     size = 0
     stream = aiter(request.stream())
@@ -94,7 +94,7 @@ async def read_capped(request: Request, max_bytes: int, stall_s: float) -> bytes
             break
         size += len(chunk)
         if size > max_bytes:
-            raise PayloadTooLarge(f"the request body is over the limit of {max_bytes} bytes")
+            raise PayloadTooLarge.body_over(max_bytes)
         chunks.append(chunk)
     return b"".join(chunks)
 

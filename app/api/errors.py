@@ -88,11 +88,16 @@ def error_response(
     )
 
 
+def service_error_response(exc: ServiceError) -> JSONResponse:
+    """`exc` in the one error shape, with its Retry-After if it has one."""
+    headers = None if exc.retry_after_s is None else {"Retry-After": str(exc.retry_after_s)}
+    return error_response(exc.status, exc.code, exc.message, exc.details, headers)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        headers = None if exc.retry_after_s is None else {"Retry-After": str(exc.retry_after_s)}
-        return error_response(exc.status, exc.code, exc.message, exc.details, headers)
+        return service_error_response(exc)
 
     # The client closed its connection before its body had come: no bug of ours to log as one
     # (a 500 and a traceback, as often as a client liked), and nobody reads the answer.

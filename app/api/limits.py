@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.errors import error_response
+from app.api.errors import service_error_response
 from app.errors import PayloadTooLarge
 
 
@@ -38,13 +38,10 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise PayloadTooLarge(f"the request body is over the limit of {self.max_bytes} bytes")
+                    raise PayloadTooLarge.body_over(self.max_bytes)
             return message
 
         await self.app(scope, capped_receive, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(
-            413, "payload_too_large", f"the request body is over the limit of {self.max_bytes} bytes"
-        )
-        await response(scope, receive, send)
+        await service_error_response(PayloadTooLarge.body_over(self.max_bytes))(scope, receive, send)
