@@ -24,6 +24,10 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "http": partial(DrainingProtocol, limits=limits),
         # Then what is still under way is cancelled: uvicorn would wait for it without end.
         "timeout_graceful_shutdown": settings.shutdown_grace_s,
+        # The API cannot serve without what its lifespan sets up. uvicorn's default ("auto")
+        # takes a lifespan that raised before the app could report its failure (building the
+        # middleware, say) for an app without one, and serves every request an error.
+        "lifespan": "on",
     }
 
 

@@ -14,17 +14,20 @@ from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 from fastapi.routing import iter_route_contexts
 from redis.asyncio import Redis
 from sqlalchemy import func, select, text
 from starlette.requests import Request
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.config import STARTUP_FAILURE
 
 from app.api.state import ApiState
 from app.config import Settings
 from app.errors import ServiceError
 from app.main import create_app
 from app.queue import arq_job_id
+from app.server import uvicorn_options
 from app.store.db import Sessions
 from app.store.models import Item, Job, TurnRow
 from tests.conftest import (
@@ -471,6 +474,30 @@ async def test_the_lifespan_messages_pass_through_every_middleware(settings: Set
         "lifespan.startup.complete",
         "lifespan.shutdown.complete",
     ]
+
+
+def refuses_its_setting(app: ASGIApp) -> ASGIApp:
+    """A middleware given a bad setting: Starlette builds the middleware at the app's first
+    call, the lifespan's, before the app's router could report the failure."""
+    raise ValueError("not a setting this middleware takes")
+
+
+async def test_the_api_exits_rather_than_serve_when_its_start_fails_outside_its_lifespan(
+    settings: Settings,
+) -> None:
+    """uvicorn's default took such a failure for an app without a lifespan and served every
+    request a 500; with the API's options (those of `aidsafe-api`) it exits, as on any other
+    failed start."""
+    app = create_app(settings)
+    app.add_middleware(refuses_its_setting)
+    server = uvicorn.Server(uvicorn.Config(app, port=0, log_level="critical", **uvicorn_options(settings)))
+
+    with pytest.raises(SystemExit) as exited:
+        async with asyncio.timeout(10):
+            await server.serve()
+
+    assert exited.value.code == STARTUP_FAILURE
+    assert not server.started
 
 
 async def test_unknown_config_field_is_a_validation_error(api: httpx.AsyncClient, auth: Headers) -> None:
