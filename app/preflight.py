@@ -2,13 +2,15 @@
 a worker starting asks the part that its own items depend on (schema, Redis) and logs it.
 
 Each check names one thing and what to do about it. A failure means items would fail or be
-put at risk (no such database, a schema this code does not match, a Redis that may evict
-leases and queue marks, an endpoint that does not answer or refuses the key); a warning,
-that it could not be told (an endpoint without a model list, or one not listing the model)."""
+put at risk (no such database, a schema this code does not match, a Redis older than 6.2 or
+one that may evict leases and queue marks, an endpoint that does not answer or refuses the
+key); a warning, that it could not be told (an endpoint without a model list, or one not
+listing the model)."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -25,6 +27,9 @@ from app.store.models import SCHEMA_REVISION
 
 CHECK_TIMEOUT_S = 5.0
 _UNDEFINED_TABLE = "42P01"
+# LMOVE, with which workers replay the delivery spool, came in Redis 6.2; every other command
+# the service sends (arq's included) is older.
+MIN_REDIS_VERSION = (6, 2)
 
 
 class Verdict(StrEnum):
@@ -83,16 +88,28 @@ async def _redis(settings: Settings) -> Finding:
         settings.redis_url, socket_timeout=CHECK_TIMEOUT_S, socket_connect_timeout=CHECK_TIMEOUT_S
     )
     try:
-        memory = await client.info("memory")
+        info = await client.info()  # its default sections hold the version and the memory's
     except NoPermissionError:  # an ACL, as managed Redis services set: it answered, but not this
-        return Finding("redis", Verdict.WARNING, "INFO is denied: cannot tell whether Redis may evict keys")
+        denied = "INFO is denied: cannot tell Redis's version nor whether it may evict keys"
+        return Finding("redis", Verdict.WARNING, denied)
     except Exception as error:
         return Finding("redis", Verdict.FAILED, f"unreachable: {_reason(error)}")
     finally:
         await client.aclose()
-    policy, limit = memory.get("maxmemory_policy", "noeviction"), int(memory.get("maxmemory", 0))
+    version = str(info.get("redis_version", "unknown"))
+    if redis_too_old(version):
+        wanted = ".".join(map(str, MIN_REDIS_VERSION))
+        return Finding(
+            "redis",
+            Verdict.FAILED,
+            f"Redis {version} is older than {wanted}, which the service needs (LMOVE, for the "
+            f"delivery spool): upgrade it to {wanted} or later",
+        )
+    policy, limit = info.get("maxmemory_policy", "noeviction"), int(info.get("maxmemory", 0))
     if policy == "noeviction" or limit == 0:
-        return Finding("redis", Verdict.OK, f"maxmemory-policy {policy}, maxmemory {limit or 'unset'}")
+        return Finding(
+            "redis", Verdict.OK, f"Redis {version}, maxmemory-policy {policy}, maxmemory {limit or 'unset'}"
+        )
     # Managed Redis (ElastiCache, Memorystore) defaults to volatile-lru, which evicts first
     # exactly the keys with a lifetime: running jobs' marks, LLM slots, budget counters.
     return Finding(
@@ -102,6 +119,13 @@ async def _redis(settings: Settings) -> Finding:
         "drop queue entries, running jobs' marks and LLM slots (items started twice, the LLM cap "
         "exceeded); set maxmemory-policy noeviction",
     )
+
+
+def redis_too_old(version: str) -> bool:
+    """Whether INFO's `redis_version` is older than MIN_REDIS_VERSION (False if it is not
+    major.minor...: a Redis-compatible server may say anything)."""
+    numbers = re.match(r"(\d+)\.(\d+)", version)
+    return numbers is not None and (int(numbers[1]), int(numbers[2])) < MIN_REDIS_VERSION
 
 
 async def _endpoint(http: aiohttp.ClientSession, name: str, endpoint: EndpointConfig) -> Finding:

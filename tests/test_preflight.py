@@ -101,6 +101,28 @@ async def test_unreachable_postgres_and_redis_fail_each_on_its_own(settings: Set
     assert all(_detail(found, check).startswith("unreachable: ") for check in ("postgres", "redis"))
 
 
+async def test_the_redis_check_names_the_version_it_found(settings: Settings) -> None:
+    client = Redis.from_url(settings.redis_url)
+    try:
+        version = (await client.info("server"))["redis_version"]
+    finally:
+        await client.aclose()
+
+    found = await preflight.dependencies(settings)
+
+    assert _verdicts(found)["redis"] is Verdict.OK
+    assert _detail(found, "redis").startswith(f"Redis {version}, ")
+
+
+def test_a_redis_older_than_6_2_is_too_old() -> None:
+    """LMOVE, which replays the delivery spool, came in 6.2. The version is compared as numbers
+    (10.0 is newer than 6.2); a server that names no major.minor is let through."""
+    too_old = {version: preflight.redis_too_old(version) for version in ("5.0.14", "6.0.16", "6.2.0")}
+    recent = {version: preflight.redis_too_old(version) for version in ("7.0.15", "10.0.0", "unknown")}
+    assert too_old == {"5.0.14": True, "6.0.16": True, "6.2.0": False}
+    assert recent == {"7.0.15": False, "10.0.0": False, "unknown": False}
+
+
 async def test_a_redis_that_may_evict_keys_fails_and_one_that_never_does_passes(
     settings: Settings, migrated: str, tmp_path: Path
 ) -> None:
