@@ -22,8 +22,9 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from app.config import Settings
 from app.labeling import deliveries
+from app.labeling.deliveries import Delivery
 from app.store.db import Sessions, make_engine, make_sessions
-from app.store.models import Webhook
+from app.store.models import Webhook, WebhookRejection
 from tests.conftest import WebhookTarget, api_client, eventually, new_key, start_worker
 from tests.test_api import error_of
 from tests.test_labeling import PROMPTS, fixture, graded_job, item_ids, stored
@@ -157,6 +158,33 @@ async def test_a_webhook_revoked_before_the_replay_gets_the_refusal_kept_with_it
     assert refusal["body"] is not None and '"ANNOTATION_CREATED"' in refusal["body"]
     assert await stored(sessions) == []
     assert await deliveries.spooled_count(redis, settings.redis_key_prefix) == 0
+
+
+async def test_a_refusal_at_replay_is_kept_for_the_webhooks_owner_whatever_the_entry_says(
+    settings: Settings, sessions: Sessions, auth: Headers, redis: Redis
+) -> None:
+    """The spool's entries are only as trustworthy as Redis: the owner a refusal is kept for
+    comes from the webhook's row, never from the entry."""
+    other = await new_key(sessions, "other")
+    async with api_client(settings) as api:
+        webhook, theirs = await new_webhook(api, auth), await new_webhook(api, other, "theirs")
+        assert (await api.post(f"/v1/webhooks/{webhook['id']}/revoke", headers=auth)).status_code == 200
+    async with sessions() as session:
+        owner, other_owner = [
+            await session.scalar(select(Webhook.owner_key_id).where(Webhook.id == UUID(made["id"])))
+            for made in (webhook, theirs)
+        ]
+    assert owner is not None and other_owner is not None and owner != other_owner
+    forged = Delivery(UUID(webhook["id"]), other_owner, None, json.dumps(SKIPPED_EVENT).encode(), 0.0)
+    limits = deliveries.SpoolLimits.of(settings)
+    assert await deliveries.spool(redis, settings.redis_key_prefix, limits, forged)
+
+    assert await deliveries.replay_spooled(sessions, redis, settings.redis_key_prefix) == 1
+
+    async with sessions() as session:
+        kept = select(WebhookRejection.owner_key_id).where(WebhookRejection.webhook_id == UUID(webhook["id"]))
+        kept_for = list(await session.scalars(kept))
+    assert kept_for == [owner]
 
 
 async def test_a_full_spool_answers_503(

@@ -93,7 +93,7 @@ async def rejections(sessions: Sessions, ages_days: list[float]) -> list[int]:
         webhook, _ = await webhooks.create(session, new, max_live=1)
         for _ in ages_days:
             await webhooks.record_rejection(
-                session, webhook.id, key_id, "unknown_items", "no such item", '{"task": "a prompt"}'
+                session, webhook.id, "unknown_items", "no such item", '{"task": "a prompt"}'
             )
         ids = list(await session.scalars(select(WebhookRejection.id).order_by(WebhookRejection.id)))
         for rejection_id, age in zip(ids, ages_days, strict=True):

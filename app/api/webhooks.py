@@ -332,7 +332,7 @@ async def label_studio_delivery(
                 retry_after_s=refused_for_s,
             ) from None
         try:
-            await deliveries.keep_refusal(session, webhook_id, owner_key_id, exc, body)
+            await deliveries.keep_refusal(session, webhook_id, exc, body)
         except Exception as error:  # the database went away: the replay keeps the refusal
             if raw is None or body is None or not deliveries.unrecordable_now(error):
                 raise

@@ -154,12 +154,12 @@ async def record(
 
 
 async def keep_refusal(
-    session: AsyncSession, webhook_id: UUID, owner_key_id: UUID, refusal: ServiceError, body: str | None
+    session: AsyncSession, webhook_id: UUID, refusal: ServiceError, body: str | None
 ) -> None:
-    """Keep a refused delivery for its owner (its body only if it carried the secret)."""
+    """Keep a refused delivery for the webhook's owner (its body only if it carried the secret)."""
     await session.rollback()
     log.warning("webhook %s refused a delivery: %s %s", webhook_id, refusal.code, refusal.message)
-    await store.record_rejection(session, webhook_id, owner_key_id, refusal.code, refusal.message, body)
+    await store.record_rejection(session, webhook_id, refusal.code, refusal.message, body)
     await session.commit()
 
 
@@ -273,9 +273,7 @@ async def _replay(sessions: Sessions, delivery: Delivery) -> str:
             report = await record(session, delivery.webhook_id, delivery.sent_hash, parsed)
         except ServiceError as refusal:
             try:
-                await keep_refusal(
-                    session, delivery.webhook_id, delivery.owner_key_id, refusal, delivery.body
-                )
+                await keep_refusal(session, delivery.webhook_id, refusal, delivery.body)
             except NotFound:
                 log.warning("a spooled delivery's webhook %s was deleted: dropped", delivery.webhook_id)
             return "refused"
