@@ -91,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         known_keys = KnownKeys(sessions, settings.api_key_cache_s, wrong_keys)
         readiness: Recent[None, list[str]] = Recent(health.READINESS_MAX_AGE_S)
+        scrapes: Recent[None, bytes] = Recent(metrics.SCRAPE_MAX_AGE_S)
         known_webhooks = KnownValues(sessions, select(Webhook.id).where(Webhook.source == "label_studio"))
         state.install(
             app,
@@ -119,6 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 KeyTurns(settings.max_bodies_per_key, max_waiting=settings.max_waiting_per_key),
                 KeyTurns(settings.max_bodies_per_key, max_waiting=settings.max_waiting_per_key),  # deliveries
                 readiness,
+                scrapes,
                 Failures(
                     arq,
                     settings.redis_key_prefix,
@@ -139,6 +141,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await known_keys.aclose()
             await known_webhooks.aclose()
             await readiness.aclose()
+            await scrapes.aclose()
             await streams.aclose()
             await arq.aclose()
             await engine.dispose()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 from prometheus_client import REGISTRY
 
 from app.config import Settings
-from tests.conftest import api_client, run_worker_burst
+from tests.conftest import api_client, checkouts, run_worker_burst
 from tests.scripted_llm import ScriptedLLM, http_error
 from tests.test_api import error_of
 
@@ -26,6 +28,18 @@ async def test_api_metrics_show_queued_items_and_queue_depth(
     assert response.headers["content-type"].startswith("text/plain")
     assert 'aidsafe_items{status="queued"} 3.0' in response.text
     assert "aidsafe_queue_depth 3.0" in response.text
+
+
+async def test_a_flood_of_scrapes_takes_one_connection(settings: Settings) -> None:
+    """Without a metrics token anyone may scrape, and each scrape counted items on a connection
+    of the pool: a flood of them held the pool from the tenants. One page serves them all."""
+    async with api_client(settings) as api:
+        with checkouts() as taken:
+            answers = await asyncio.gather(*(api.get("/metrics") for _ in range(50)))
+
+    assert [answer.status_code for answer in answers] == [200] * 50
+    assert all("aidsafe_queue_depth" in answer.text for answer in answers)
+    assert len(taken) == 1
 
 
 async def test_a_metrics_token_set_on_the_server_is_asked_of_every_scrape(settings: Settings) -> None:

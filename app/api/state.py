@@ -40,6 +40,7 @@ class ApiState:
     # behind those (held to their answers) past Label Studio's 1 s timeout lost the delivery.
     delivery_turns: KeyTurns
     readiness: Recent[None, list[str]]  # what /readyz found not answering, checked lately
+    scrapes: Recent[None, bytes]  # the /metrics page, made lately
     wrong_secrets: Failures  # sent to each webhook lately, per client address
     wrong_keys: Failures  # unknown API keys and webhooks sent lately, per client address
     known_webhooks: KnownValues[UUID]  # the webhooks' ids, read while an address is past wrong_keys
