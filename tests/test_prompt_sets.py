@@ -131,6 +131,14 @@ async def test_another_key_can_neither_see_nor_use_a_keys_set(
         ),
         ({"judge__system": "Pick one: costs $5"}, "judge", "judge.system", None, "Invalid placeholder"),
         (
+            # Each use of $policies is up to 50,000 characters in every request.
+            {"preamble": "$policies ${policies}\n" * 2},
+            "every stage (preamble)",
+            "preamble",
+            "policies",
+            "placeholder $policies is used 4 times, at most 3",
+        ),
+        (
             {"grade__system": "Grade $prompt"},
             "grade",
             "grade.system",
@@ -161,6 +169,14 @@ async def test_an_unusable_template_is_a_422_naming_stage_template_and_placehold
         }
     ]
     assert await stored_prompt_sets(sessions) == 0
+
+
+async def test_a_placeholder_may_be_used_three_times_in_a_template(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    response = await register(api, auth, seed__user="$prompt, $intents; once more: $prompt, ${prompt}")
+
+    assert response.status_code == 201, response.text
 
 
 async def test_a_stage_without_its_template_or_an_unknown_template_is_a_422(
@@ -344,6 +360,28 @@ async def test_a_set_the_stages_have_outgrown_is_refused_at_submission(
     )
     assert resubmitted.status_code == 202, resubmitted.text
     assert resubmitted.json()["prompt_set"]["version"] == again.json()["version"]
+
+
+async def test_a_set_stored_before_placeholder_uses_were_capped_is_refused_at_submission(
+    api: httpx.AsyncClient, sessions: Sessions
+) -> None:
+    """Its requests were each the policies some 2,000 times over, and rendering them to check
+    them at submission held the event loop for a second."""
+    async with sessions.begin() as session:
+        key, secret = await keys.create_key(session, "legacy")
+        await prompt_sets.register(
+            session, key.id, "echo", "", templates(preamble="$policies\n" * 1999), None
+        )
+
+    response = await api.post(
+        "/v1/jobs",
+        json={"prompts": ["Hi"], "prompt_set": {"name": "echo"}},
+        headers={"Authorization": f"Bearer {secret}"},
+    )
+
+    error = error_of(response, 422, "invalid_prompt_set")
+    assert "placeholder $policies is used 1,999 times, at most 3" in error["message"]
+    assert await job_count(sessions) == 0
 
 
 async def test_a_set_registered_on_a_base_stores_every_template_and_names_what_it_took(

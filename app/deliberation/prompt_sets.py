@@ -9,6 +9,7 @@ wording always has the same version. The built-in set is the files in prompts/.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from functools import cache
@@ -23,6 +24,11 @@ from app.deliberation.stages import DECLARED
 
 BUILTIN_NAME = "aidsafe-default"
 TEMPLATE_DIR = Path(__file__).parent / "prompts"
+# A placeholder's value may be 50,000 characters (the policies) or a whole reply: repeated
+# without bound, a preamble of 20,000 characters made every request of a job some 100 MB, sent
+# to the shared LLM, and rendering its requests to check them held the API's event loop for a
+# second at submission. The built-in templates use each once.
+MAX_PLACEHOLDER_USES = 3
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,21 @@ def _template_problems(name: str, slots: Slots, template: Template) -> list[Prob
                 Problem(name, slots.used_by, None, f"{where}: {invalid}; write $$ for a literal $")
             )
     used = set(template.get_identifiers())
+    uses = Counter(
+        found["named"] or found["braced"]
+        for found in template.pattern.finditer(template.template)
+        if found["named"] or found["braced"]
+    )
+    problems += [
+        Problem(
+            name,
+            slots.used_by,
+            p,
+            f"{where}: placeholder ${p} is used {count:,} times, at most {MAX_PLACEHOLDER_USES}",
+        )
+        for p, count in sorted(uses.items())
+        if count > MAX_PLACEHOLDER_USES
+    ]
     allowed = ", ".join(f"${p}" for p in sorted(slots.allowed)) or "none"
     problems += [
         Problem(name, slots.used_by, p, f"{where}: unknown placeholder ${p}; it may use {allowed}")
