@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from typing import Any
+from uuid import UUID
 
 import httpx
 import pytest
@@ -16,7 +17,7 @@ from app.deliberation.prompt_sets import builtin
 from app.store import keys, prompt_sets
 from app.store.db import Sessions
 from app.store.models import Job, PromptSetRow
-from tests.conftest import api_client, new_key, run_worker_burst
+from tests.conftest import api_client, new_key, run_worker_burst, submit
 from tests.scripted_llm import ScriptedLLM
 
 Headers = dict[str, str]
@@ -382,6 +383,36 @@ async def test_a_set_stored_before_placeholder_uses_were_capped_is_refused_at_su
     error = error_of(response, 422, "invalid_prompt_set")
     assert "placeholder $policies is used 1,999 times, at most 3" in error["message"]
     assert await job_count(sessions) == 0
+
+
+async def test_a_comparison_is_refused_when_its_candidates_set_lacks_a_template_the_judge_uses(
+    api: httpx.AsyncClient, sessions: Sessions, settings: Settings
+) -> None:
+    """The judge is worded by the candidate job's set, which was not checked again: a set
+    pinned before judge.user existed was a KeyError, a 500."""
+    outgrown = templates()
+    del outgrown["judge.user"]
+    async with sessions.begin() as session:
+        key, secret = await keys.create_key(session, "legacy")
+        old, _ = await prompt_sets.register(session, key.id, "old", "", outgrown, None)
+    auth = {"Authorization": f"Bearer {secret}"}
+    baseline, candidate = [await submit(api, auth, ["Hi"], **ONE_AGENT) for _ in "ab"]
+    async with sessions.begin() as session:  # as if submitted while the set still fitted
+        await session.execute(update(Job).where(Job.id == UUID(candidate)).values(prompt_set_id=old.id))
+    await run_worker_burst(settings)
+
+    response = await api.post(
+        "/v1/comparisons",
+        json={"baseline_job_id": baseline, "candidate_job_id": candidate},
+        headers=auth,
+    )
+
+    error = error_of(response, 422, "invalid_prompt_set")
+    assert error["message"].startswith(
+        f"the candidate job's prompt set 'old' version {old.version} no longer fits the stages: "
+        "stage judge has no template 'judge.user'"
+    ), error
+    assert await job_count(sessions) == 2
 
 
 async def test_a_set_registered_on_a_base_stores_every_template_and_names_what_it_took(

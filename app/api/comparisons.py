@@ -72,7 +72,8 @@ async def create_comparison(
     sample wins only if preferred both times. Runs as a job of mode `comparison`. 422
     `comparison_mismatch` if the jobs differ in their policy set or grader (details name
     what differs) unless `allow_mismatch`; 422 `request_too_large` if a judge's requests may
-    not fit its endpoint's context."""
+    not fit its endpoint's context; 422 `invalid_prompt_set` if the candidate job's prompt set,
+    which words the judge's requests, no longer passes registration's checks."""
     body.refuse_batch("comparisons")
     session, settings = submission.session, submission.settings
     callback = callbacks.requested(body.callback_url, settings)
@@ -94,10 +95,15 @@ async def create_comparison(
             details={"mismatches": differences},
         )
     plan = resolve_comparison(body.judge_roles(), settings, baseline.id, candidate.id, list(differences))
+    # The judge is worded by the candidate's set, pinned before the stages or the checks of
+    # today may have been: a template missing from it was a KeyError (500) here.
+    wording = prompt_sets.usable(
+        await prompt_sets.of_job(session, candidate.prompt_set_id), "the candidate job's "
+    )
     check_comparison_fits(
         plan,
         policy_sets.for_engine(cand_policies),
-        prompt_sets.for_engine(await prompt_sets.of_job(session, candidate.prompt_set_id)),
+        prompt_sets.for_engine(wording),
         await comparisons.longest_prompt(session, candidate.id),
         (baseline.plan.max_tokens, candidate.plan.max_tokens),
         settings,

@@ -59,7 +59,13 @@ async def resolve_for_job(
     """The version a job will use: the given one, or the newest of that name (own first;
     for the built-in name, the set this process ships). Raises UnknownPromptSet, or
     InvalidPromptSet for a set the stages have outgrown since it was registered."""
-    row = await find_visible(session, owner_key_id, name, version)
+    return usable(await find_visible(session, owner_key_id, name, version))
+
+
+def usable(row: PromptSetRow, whose: str = "") -> PromptSetRow:
+    """The set, if it passes registration's checks as they are now; InvalidPromptSet for one
+    the stages have outgrown since it was registered (a template added since, a check made
+    since). `whose` names the set in the message ("the candidate job's ")."""
     if problems := validate(row.templates):
         missing = [name for name in template_slots() if name not in row.templates]
         hint = (
@@ -68,7 +74,7 @@ async def resolve_for_job(
             if missing
             else ""
         )
-        what = f"prompt set '{row.name}' version {row.version} no longer fits the stages"
+        what = f"{whose}prompt set '{row.name}' version {row.version} no longer fits the stages"
         raise refused(what, problems, hint)
     return row
 
