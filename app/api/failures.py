@@ -91,7 +91,9 @@ class Failures:
 
     def refused_for_s(self, address: str, scope: str = "") -> int | None:
         """The seconds left of the window in which this process saw `address` past its limit,
-        or None: no Redis call."""
+        or None: no Redis call (nor, while no address is refused, a parse of `address`)."""
+        if not self._refused_till:
+            return None
         till = self._refused_till.get(f"{scope}:{counting_unit(address)}")
         left_s = None if till is None else till - time.monotonic()
         return math.ceil(left_s) if left_s is not None and left_s > 0 else None

@@ -188,8 +188,9 @@ async def record_rejection(
     """Keep a refused delivery for the webhook's owner, as its row says (its body only if it
     was authenticated: the owner's data; a NUL in it as U+FFFD, which PostgreSQL text can
     hold), and drop the webhook's rejections beyond the newest KEPT_REJECTIONS, or, of those
-    refused for their secret, beyond the newest KEPT_UNAUTHORIZED. NotFound if the webhook was deleted since the delivery found it
-    (its refusal rolled back, and with it the hold `find` took): nothing is kept of it."""
+    refused for their secret, beyond the newest KEPT_UNAUTHORIZED. NotFound if the webhook was
+    deleted since the delivery found it (its refusal rolled back, and with it the hold `find`
+    took): nothing is kept of it."""
     owner = select(Webhook.owner_key_id).where(Webhook.id == webhook_id)
     held = owner.with_for_update(read=True, key_share=True)
     if (owner_key_id := await session.scalar(held)) is None:
