@@ -296,7 +296,8 @@ class _State:
     requests: list[RecordedRequest] = field(default_factory=list)
     in_flight: int = 0
     max_in_flight: int = 0
-    ok_answers: int = 0  # 200 responses sent (a client may still have hung up before reading)
+    # The requests of the 200 responses sent (a client may still have hung up before reading).
+    answered: list[RecordedRequest] = field(default_factory=list)
     answered_tokens: list[tuple[float, int]] = field(default_factory=list)  # (received_at, usage) of 200s
 
 
@@ -343,7 +344,7 @@ class ScriptedLLM:
             self._state.scripts.clear()
             self._state.requests.clear()
             self._state.max_in_flight = self._state.in_flight
-            self._state.ok_answers = 0
+            self._state.answered.clear()
             self._state.answered_tokens.clear()
         self.latency_s = 0.0
         self.usage = None
@@ -375,7 +376,13 @@ class ScriptedLLM:
     @property
     def ok_answers(self) -> int:
         with self._state.lock:
-            return self._state.ok_answers
+            return len(self._state.answered)
+
+    @property
+    def answered(self) -> list[RecordedRequest]:
+        """The requests answered 200, in order: the calls a provider bills."""
+        with self._state.lock:
+            return list(self._state.answered)
 
     def busiest_window(self, window_s: float) -> tuple[int, int]:
         """The most requests received within any `window_s` seconds, and the most tokens
@@ -443,7 +450,7 @@ class ScriptedLLM:
         response, tokens = self._respond(answer, body, headers)
         if response.status_code == 200:
             with self._state.lock:
-                self._state.ok_answers += 1
+                self._state.answered.append(RecordedRequest(_schema_name(body), body, headers, received_at))
                 self._state.answered_tokens.append((received_at, tokens))
         return response
 
