@@ -10,6 +10,7 @@ import json
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -445,3 +446,26 @@ async def test_an_entry_two_passes_replayed_after_a_lease_expired_is_taken_off_t
 
 async def _at_least(count: Callable[[], Awaitable[int]], least: int) -> bool:
     return await count() >= least
+
+
+async def test_a_refusal_replayed_again_after_a_killed_pass_is_kept_once(
+    settings: Settings, sessions: Sessions, auth: Headers, redis: Redis
+) -> None:
+    async with api_whose_postgres_goes(settings) as (api, proxy):
+        webhook, event = await verified_webhook(api, auth, settings)
+        await proxy.close()
+        assert (await deliver(api, webhook, event)).status_code == 202
+        [entry] = await spool_of(redis, settings)
+        came_by = datetime.now(UTC)
+    async with api_client(settings) as api:
+        assert (await api.post(f"/v1/webhooks/{webhook['id']}/revoke", headers=auth)).status_code == 200
+        assert await deliveries.replay_spooled(sessions, redis, settings.redis_key_prefix) == 1
+
+        # A worker killed after keeping the refusal, before removing the entry: replayed again.
+        await redis.rpush(f"{settings.redis_key_prefix}:deliveries:processing", entry)  # type: ignore[misc]
+        assert await deliveries.replay_spooled(sessions, redis, settings.redis_key_prefix) == 1
+
+        [refusal] = await rejections(api, auth, webhook)
+    assert refusal["code"] == "unauthorized"
+    assert datetime.fromisoformat(refusal["received_at"]) < came_by  # when it came, not its replay
+    assert await deliveries.spooled_count(redis, settings.redis_key_prefix) == 0

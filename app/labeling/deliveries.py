@@ -17,6 +17,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from uuid import UUID, uuid4
 
 from pydantic import TypeAdapter
@@ -154,12 +155,18 @@ async def record(
 
 
 async def keep_refusal(
-    session: AsyncSession, webhook_id: UUID, refusal: ServiceError, body: str | None
+    session: AsyncSession,
+    webhook_id: UUID,
+    refusal: ServiceError,
+    body: str | None,
+    received_at: datetime | None = None,
 ) -> None:
-    """Keep a refused delivery for the webhook's owner (its body only if it carried the secret)."""
+    """Keep a refused delivery for the webhook's owner (its body only if it carried the
+    secret); one received earlier (`received_at`: a spooled one) is kept once however often it
+    is replayed."""
     await session.rollback()
     log.warning("webhook %s refused a delivery: %s %s", webhook_id, refusal.code, refusal.message)
-    await store.record_rejection(session, webhook_id, refusal.code, refusal.message, body)
+    await store.record_rejection(session, webhook_id, refusal.code, refusal.message, body, received_at)
     await session.commit()
 
 
@@ -273,7 +280,8 @@ async def _replay(sessions: Sessions, delivery: Delivery) -> str:
             report = await record(session, delivery.webhook_id, delivery.sent_hash, parsed)
         except ServiceError as refusal:
             try:
-                await keep_refusal(session, delivery.webhook_id, refusal, delivery.body)
+                received_at = datetime.fromtimestamp(delivery.received_at, UTC)
+                await keep_refusal(session, delivery.webhook_id, refusal, delivery.body, received_at)
             except NotFound:
                 log.warning("a spooled delivery's webhook %s was deleted: dropped", delivery.webhook_id)
             return "refused"

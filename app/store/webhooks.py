@@ -21,7 +21,7 @@ from __future__ import annotations
 import hmac
 import secrets
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, cast
 from uuid import UUID
 
@@ -183,18 +183,33 @@ def check_secret(webhook: Webhook, owner_revoked: bool, sent_hash: str | None, h
 
 
 async def record_rejection(
-    session: AsyncSession, webhook_id: UUID, code: str, message: str, body: str | None
+    session: AsyncSession,
+    webhook_id: UUID,
+    code: str,
+    message: str,
+    body: str | None,
+    received_at: datetime | None = None,
 ) -> None:
     """Keep a refused delivery for the webhook's owner, as its row says (its body only if it
     was authenticated: the owner's data; a NUL in it as U+FFFD, which PostgreSQL text can
     hold), and drop the webhook's rejections beyond the newest KEPT_REJECTIONS, or, of those
     refused for their secret, beyond the newest KEPT_UNAUTHORIZED. NotFound if the webhook was
     deleted since the delivery found it (its refusal rolled back, and with it the hold `find`
-    took): nothing is kept of it."""
+    took): nothing is kept of it.
+
+    `received_at`: when a delivery received earlier (a spooled one) arrived, which tells it
+    apart: its refusal is kept once, however often it is replayed (a worker killed after
+    keeping it, before taking it off the spool, leaves it to be replayed again). None: now."""
     owner = select(Webhook.owner_key_id).where(Webhook.id == webhook_id)
     held = owner.with_for_update(read=True, key_share=True)
     if (owner_key_id := await session.scalar(held)) is None:
         raise NotFound("no such webhook")
+    if received_at is not None:
+        kept = select(WebhookRejection.id).where(
+            WebhookRejection.webhook_id == webhook_id, WebhookRejection.received_at == received_at
+        )
+        if await session.scalar(kept) is not None:
+            return
     unauthorized = code == Unauthorized.code
     same_kind = (WebhookRejection.code == Unauthorized.code) == unauthorized
     session.add(
@@ -204,6 +219,7 @@ async def record_rejection(
             code=code,
             message=message,
             body=None if body is None else replace_unstorable(body[:MAX_KEPT_BODY_CHARS]),
+            **({} if received_at is None else {"received_at": received_at}),
         )
     )
     await session.flush()
