@@ -314,7 +314,7 @@ async def test_comparisons_survive_killed_workers_and_a_failing_llm(
     scripted_llm: ScriptedLLM,
     workers: list[subprocess.Popen[bytes]],
 ) -> None:
-    prompts = [f"Compared prompt {n}: how do tides work?" for n in range(20)]
+    prompts = [f"Compared prompt {n}: how do tides work?" for n in range(16)]
     baseline = await submit(api, auth, prompts, mode="zero_shot")
     candidate = await submit(api, auth, prompts, mode="zero_shot", max_tokens=300)
     await run_worker_burst(settings, max_jobs=8)
