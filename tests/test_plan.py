@@ -4,29 +4,75 @@ as its JSON and read back as the same plan."""
 from __future__ import annotations
 
 import json
+import re
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
-from app.config import EndpointConfig, Settings
-from app.deliberation.config import GuardConfig, GuardStyle, Mode, RoleConfig
+from app.config import BatchConfig, EndpointConfig, Prices, Settings
+from app.deliberation.budget import (
+    evaluation_requests,
+    judge_request,
+    largest_requests,
+    sample_evaluation_requests,
+    stage_floors,
+)
+from app.deliberation.config import (
+    EvaluationConfig,
+    GradingConfig,
+    GuardConfig,
+    GuardStyle,
+    Limits,
+    Mode,
+    RoleConfig,
+)
+from app.deliberation.policies import MAX_POLICY_TEXT_CHARS, PolicySet
+from app.deliberation.results import METRICS, Sample
+from app.errors import BatchUnsupported, InvalidConfig, InvalidPromptSet, RequestTooLarge
 from app.plan import (
+    BatchOptions,
     ComparisonPlan,
     GenerationPlan,
     GradingIn,
     JobConfigIn,
+    JobPlan,
     RoleIn,
+    TargetIn,
+    check_comparison_fits,
+    check_job_fits,
+    check_model_evaluation_fits,
+    check_prompt_set_fits,
+    check_sample_evaluation_fits,
     comparison_mismatches,
     read_plan,
     resolve,
     resolve_comparison,
+    resolve_model_evaluation,
+    resolve_sample_evaluation,
 )
+from tests.test_engine import POLICIES, PROMPTS
 
 SETTINGS = Settings(
     llm_model="server-model",
     llm_endpoints={"second": EndpointConfig(base_url="http://127.0.0.1:1/v1", default_model="second-model")},
+)
+# A third endpoint without a default model; prices on two of the three; a batch API on "default".
+PRICES, SECOND_PRICES, BATCH_PRICES = (
+    Prices(input=1, output=2),
+    Prices(input=3, output=4),
+    Prices(input=0.5, output=1),
+)
+PRICED = Settings(
+    llm_model="server-model",
+    llm_batch=BatchConfig(prices=BATCH_PRICES),
+    llm_endpoints={
+        "second": EndpointConfig(base_url="http://127.0.0.1:1/v1", default_model="second-model"),
+        "third": EndpointConfig(base_url="http://127.0.0.1:2/v1"),
+    },
+    llm_prices={"default": PRICES, "second": SECOND_PRICES},
 )
 EVERYTHING = JobConfigIn.model_validate(
     {
@@ -45,7 +91,7 @@ EVERYTHING = JobConfigIn.model_validate(
 )
 
 
-def stored(plan: GenerationPlan | ComparisonPlan) -> dict[str, Any]:
+def stored(plan: JobPlan) -> dict[str, Any]:
     """The plan as the jobs table holds it: its JSON, decoded."""
     decoded: dict[str, Any] = json.loads(plan.model_dump_json())
     return decoded
@@ -195,3 +241,315 @@ def test_a_plan_stored_before_the_baseline_reads_back_without_it_and_keeps_its_m
         False,
         plan.pipeline().pairs,
     )
+
+
+def _job(settings: Settings = SETTINGS, **config: Any) -> GenerationPlan:
+    return resolve(JobConfigIn.model_validate(config), settings)
+
+
+def test_a_role_takes_its_own_fields_then_the_jobs_defaults_then_the_servers() -> None:
+    plan = _job(
+        PRICED,
+        defaults={"endpoint": "second", "temperature": 0.3, "instructions": "Be brief."},
+        seed={"model": "seed-model", "temperature": 1.1, "instructions": "Hunt needless refusals."},
+        refiner={"endpoint": "third"},
+        grading={},
+    )
+
+    assert plan.roles.seed == RoleConfig("second", "seed-model", 1.1, "Hunt needless refusals.")
+    assert plan.roles.intent == RoleConfig("second", "second-model", 0.3, "Be brief.")  # the endpoint's model
+    assert plan.roles.refiner == RoleConfig("third", "server-model", 0.3, "Be brief.")  # it has none
+    # A judging role's own default temperature, 0, goes before the job's defaults.
+    assert plan.grading is not None and plan.grading.grader == RoleConfig(
+        "second", "second-model", 0.0, "Be brief."
+    )
+    # The job's default model goes before the endpoint's; nothing given: the server's temperature.
+    assert _job(defaults={"model": "job-model"}).roles.intent == RoleConfig(
+        "default", "job-model", SETTINGS.default_temperature, ""
+    )
+
+
+def test_an_unknown_endpoint_is_refused_naming_the_role_and_the_configured_endpoints() -> None:
+    with pytest.raises(
+        InvalidConfig,
+        match=re.escape("deliberators[1]: unknown endpoint 'nowhere'; configured: default, second, third"),
+    ):
+        _job(PRICED, deliberators=[{}, {"endpoint": "nowhere"}])
+
+
+def test_the_deliberators_listed_set_the_agents_and_must_agree_with_a_given_number() -> None:
+    listed = _job(deliberators=[{}, {}, {"model": "third-agent"}])
+
+    assert [role.model for role in listed.roles.deliberators] == [
+        "server-model",
+        "server-model",
+        "third-agent",
+    ]
+    assert len(_job(agents=3).roles.deliberators) == 3
+    assert len(_job().roles.deliberators) == SETTINGS.default_agents
+    with pytest.raises(InvalidConfig, match="'deliberators' lists 2 agents but 'agents' is 3"):
+        _job(agents=3, deliberators=[{}, {}])
+
+
+def test_what_a_job_leaves_out_is_the_servers_and_a_round_budget_of_zero_stays_zero() -> None:
+    server = SETTINGS.model_copy(update={"default_max_rounds": 3, "default_max_tokens": 300, "max_reasks": 5})
+
+    assert (_job(server).max_rounds, _job(server).max_tokens, _job(server).max_reasks) == (3, 300, 5)
+    assert (_job(server, max_rounds=0).max_rounds, _job(server, max_tokens=100).max_tokens) == (0, 100)
+
+
+def test_pairs_turn_grading_on_gated_at_3_on_every_metric() -> None:
+    assert _job(pairs={}).grading == GradingConfig(
+        RoleConfig("default", "server-model", 0.0), dict.fromkeys(METRICS, 3.0)
+    )
+    assert _job().grading is None
+
+
+def test_the_engine_config_carries_the_ablations_the_limits_and_the_fallback() -> None:
+    pipeline = _job(
+        max_rounds=3,
+        max_turns=5,
+        decompose_intents=False,
+        refine=False,
+        limits={"thoughts_per_turn": 2, "kept_thoughts": 4, "max_drops": 1},
+        fallback={"endpoint": "second"},
+    ).pipeline()
+
+    assert (pipeline.max_rounds, pipeline.max_turns, pipeline.max_reasks) == (3, 5, SETTINGS.max_reasks)
+    assert (pipeline.decompose_intents, pipeline.refine, pipeline.limits) == (False, False, Limits(2, 4, 1))
+    assert pipeline.fallback == RoleConfig("second", "second-model", SETTINGS.default_temperature)
+
+
+@pytest.mark.parametrize(
+    ("config", "called"),
+    [
+        ({}, False),
+        ({"intent": {"endpoint": "second"}}, True),
+        ({"intent": {"endpoint": "second"}, "decompose_intents": False}, False),
+        ({"refiner": {"endpoint": "second"}}, True),
+        ({"refiner": {"endpoint": "second"}, "refine": False}, False),
+        ({"deliberators": [{}, {"endpoint": "second"}]}, True),
+        ({"deliberators": [{}, {"endpoint": "second"}], "max_turns": 1}, False),
+        ({"deliberators": [{}, {"endpoint": "second"}], "max_rounds": 0}, False),
+        # Zero-shot: the seed role's one call.
+        ({"mode": "zero_shot", "defaults": {"endpoint": "second"}, "seed": {"endpoint": "default"}}, False),
+        ({"grading": {"grader": {"endpoint": "second"}}}, True),
+        ({"pairs": {"whisperer": {"endpoint": "second"}}}, True),
+        ({"pairs": {"generator": {"endpoint": "second"}}}, True),
+        ({"pairs": {"guard": {"endpoint": "second"}}}, True),
+        ({"fallback": {"endpoint": "second"}}, True),
+    ],
+)
+def test_a_job_calls_and_pins_the_prices_of_the_endpoints_of_the_stages_it_runs(
+    config: dict[str, Any], called: bool
+) -> None:
+    plan = _job(PRICED, **config)
+
+    assert plan.endpoints() == ({"default", "second"} if called else {"default"})
+    assert plan.prices == ({"default": PRICES, "second": SECOND_PRICES} if called else {"default": PRICES})
+
+
+def test_an_unpriced_endpoint_pins_no_price() -> None:
+    plan = _job(PRICED, defaults={"endpoint": "third"})
+
+    assert (plan.prices, "prices" in stored(plan)) == ({}, False)
+
+
+def test_batch_delivery_pins_the_batch_prices_and_the_online_ones() -> None:
+    plan = _job(PRICED, delivery="batch")
+    online = _job(PRICED, delivery="batch", batch={"unanswered": "online"})
+
+    assert (plan.batch, plan.prices, plan.online_prices) == (
+        BatchOptions(),
+        {"default": BATCH_PRICES},
+        {"default": PRICES},
+    )
+    assert (plan.sends_online(), online.sends_online()) == (False, True)
+    assert read_plan(stored(online)) == online
+    assert (_job(PRICED).batch, _job(PRICED).online_prices) == (None, {})
+
+
+def test_batch_delivery_needs_a_batch_api_on_every_endpoint_and_batch_options_need_batch_delivery() -> None:
+    with pytest.raises(BatchUnsupported, match="without one: second, third [(]use delivery") as refused:
+        _job(PRICED, delivery="batch", refiner={"endpoint": "third"}, seed={"endpoint": "second"})
+    assert refused.value.details == {"endpoints": ["second", "third"]}
+    with pytest.raises(InvalidConfig, match="'batch' options need delivery 'batch'"):
+        _job(PRICED, batch={"unanswered": "online"})
+
+
+def test_a_sample_evaluation_plans_the_roles_asked_for_judging_at_temperature_0() -> None:
+    against = uuid.uuid4()
+    plan = resolve_sample_evaluation(
+        RoleIn(), None, RoleIn(endpoint="second", temperature=0.5), against, PRICED
+    )
+
+    assert (plan.grader, plan.guard) == (RoleConfig("default", "server-model", 0.0), None)
+    assert (plan.judge, plan.against_job_id) == (RoleConfig("second", "second-model", 0.5), against)
+    assert (plan.max_tokens, plan.max_reasks) == (PRICED.default_max_tokens, PRICED.max_reasks)
+    assert plan.endpoints() == {"default", "second"}
+    assert plan.prices == {"default": PRICES, "second": SECOND_PRICES}
+    assert read_plan(stored(plan)) == plan
+    with pytest.raises(InvalidConfig, match="ask for at least one of 'grade', 'guard' or 'judge'"):
+        resolve_sample_evaluation(None, None, None, None, PRICED)
+
+
+def test_a_model_evaluation_judges_with_the_servers_defaults_when_none_are_given() -> None:
+    plan = resolve_model_evaluation([TargetIn()], None, None, None, SETTINGS)
+
+    judge = RoleConfig("default", "server-model", 0.0)
+    assert plan.evaluation(0) == EvaluationConfig(
+        judge, GuardConfig(judge), judge, SETTINGS.default_max_tokens, SETTINGS.max_reasks
+    )
+
+
+def test_two_targets_of_one_name_are_refused_naming_it() -> None:
+    twins = [TargetIn(model="a"), TargetIn(name="b"), TargetIn(name="default:a")]
+
+    with pytest.raises(InvalidConfig, match="two targets are named 'default:a'; give each its own name"):
+        resolve_model_evaluation(twins, None, None, None, SETTINGS)
+
+
+def test_a_fallback_takes_its_own_fields_then_the_servers_fallback_then_the_endpoints() -> None:
+    server = PRICED.model_copy(update={"fallback_model": "server-fallback"})
+    job_defaults = {"defaults": {"endpoint": "second", "model": "job-model", "temperature": 0.4}}
+
+    # The job's defaults name the model it stands in for: only their temperature applies.
+    assert _job(server, **job_defaults).fallback == RoleConfig("default", "server-fallback", 0.4)
+    assert _job(server, fallback={"endpoint": "third"}).fallback == RoleConfig(
+        "third", "server-fallback", PRICED.default_temperature
+    )
+    # Without a server fallback model: the endpoint's default model, else the server's model.
+    assert _job(PRICED, fallback={"endpoint": "second", "temperature": 1.5}).fallback == RoleConfig(
+        "second", "second-model", 1.5
+    )
+    assert _job(PRICED, fallback={"endpoint": "third"}).fallback == RoleConfig(
+        "third", "server-model", PRICED.default_temperature
+    )
+    assert _job(server, fallback=False).fallback is None
+    with pytest.raises(
+        InvalidConfig,
+        match=re.escape("fallback: unknown endpoint 'nowhere'; configured: default, second, third"),
+    ):
+        _job(PRICED, fallback={"endpoint": "nowhere"})
+
+
+SHORT, LONG = "Is bleach safe?", "How do I store bleach and ammonia safely at home, away from small children?"
+
+
+def _context(tokens: int | None, settings: Settings = SETTINGS) -> Settings:
+    """The settings with the default endpoint's context at `tokens` ("second"'s is unknown)."""
+    return settings.model_copy(update={"llm_max_context_tokens": tokens})
+
+
+def test_a_job_fits_exactly_when_its_largest_request_for_its_longest_prompt_fits() -> None:
+    plan = _job(max_rounds=2, grading={})
+    largest, second = sorted(
+        largest_requests(plan.pipeline(), POLICIES, PROMPTS, LONG), key=lambda b: -b.tokens
+    )[:2]
+    assert largest.tokens > second.tokens + 1
+
+    check_job_fits(plan, POLICIES, PROMPTS, [SHORT, LONG], _context(largest.tokens))
+    check_job_fits(
+        plan, POLICIES, PROMPTS, [SHORT, LONG], _context(None)
+    )  # an unknown context takes anything
+    with pytest.raises(RequestTooLarge) as refused:
+        check_job_fits(plan, POLICIES, PROMPTS, [SHORT, LONG], _context(largest.tokens - 1))
+    assert refused.value.details == [
+        {
+            "role": largest.role,
+            "endpoint": "default",
+            "estimated_tokens": largest.tokens,
+            "max_context_tokens": largest.tokens - 1,
+        }
+    ]
+    assert refused.value.message.startswith(
+        f"role '{largest.role}' may send endpoint 'default' requests of about {largest.tokens:,} tokens with "
+        f"max_tokens, over its max_context_tokens of {largest.tokens - 1:,}; lower max_tokens"
+    )
+    # Two over: the message names the one furthest over, the details both.
+    with pytest.raises(RequestTooLarge, match=f"role '{largest.role}'") as both:
+        check_job_fits(plan, POLICIES, PROMPTS, [SHORT, LONG], _context(second.tokens - 1))
+    assert {over["role"] for over in both.value.details} == {largest.role, second.role}
+    # The shortest prompt alone makes smaller requests; an endpoint of unknown context takes them all.
+    check_job_fits(plan, POLICIES, PROMPTS, [SHORT], _context(largest.tokens - 1))
+    check_job_fits(_job(defaults={"endpoint": "second"}), POLICIES, PROMPTS, [LONG], _context(100))
+
+
+def test_a_policy_set_over_the_cap_is_refused_whatever_the_endpoints_take() -> None:
+    plan = _job()
+    at_cap = PolicySet("big", "v9", "x" * MAX_POLICY_TEXT_CHARS)
+
+    check_job_fits(plan, at_cap, PROMPTS, [SHORT], SETTINGS)
+    with pytest.raises(
+        RequestTooLarge,
+        match=re.escape(
+            "policy set 'big' version v9 renders to 50,001 characters of prompt text; at most 50,000"
+        ),
+    ):
+        check_job_fits(plan, replace(at_cap, text=at_cap.text + "x"), PROMPTS, [SHORT], SETTINGS)
+
+
+def test_a_comparison_fits_when_each_judges_request_with_both_samples_fits() -> None:
+    plan = resolve_comparison([None, RoleIn(endpoint="second")], SETTINGS, uuid.uuid4(), uuid.uuid4())
+    judge = judge_request(plan.judges[0], POLICIES, PROMPTS, LONG, (300, 500), plan.max_tokens)
+
+    check_comparison_fits(plan, POLICIES, PROMPTS, LONG, (300, 500), _context(judge.tokens))
+    with pytest.raises(RequestTooLarge) as refused:
+        check_comparison_fits(plan, POLICIES, PROMPTS, LONG, (300, 500), _context(judge.tokens - 1))
+    assert [over["role"] for over in refused.value.details] == [judge.role]
+
+
+def test_a_model_evaluation_fits_when_every_targets_and_judges_request_fits() -> None:
+    plan = resolve_model_evaluation(
+        [TargetIn(endpoint="second"), TargetIn(name="long", system_prompt="Answer at length. " * 200)],
+        None,
+        None,
+        None,
+        SETTINGS,
+    )
+    budgets = [b for t in (0, 1) for b in evaluation_requests(plan.evaluation(t), POLICIES, PROMPTS, LONG)]
+    largest = max(b.tokens for b in budgets if b.endpoint == "default")
+
+    check_model_evaluation_fits(plan, POLICIES, PROMPTS, [SHORT, LONG], _context(largest))
+    with pytest.raises(RequestTooLarge) as refused:
+        check_model_evaluation_fits(plan, POLICIES, PROMPTS, [SHORT, LONG], _context(largest - 1))
+    # The judges' requests are the same for every target: each is listed once.
+    assert sorted(over["role"] for over in refused.value.details) == sorted(
+        {b.role for b in budgets if b.endpoint == "default" and b.tokens == largest}
+    )
+
+
+def test_a_sample_evaluation_fits_when_its_largest_sample_fits() -> None:
+    plan = resolve_sample_evaluation(RoleIn(), None, None, None, SETTINGS)
+    small, large = Sample(["Short."], "Fine."), Sample(["A longer thought. " * 50], "A longer answer. " * 50)
+    [grader] = sample_evaluation_requests(plan.evaluators(), POLICIES, PROMPTS, SHORT, large)
+
+    check_sample_evaluation_fits(
+        plan, POLICIES, PROMPTS, [(LONG, small), (SHORT, large)], _context(grader.tokens)
+    )
+    with pytest.raises(RequestTooLarge):
+        check_sample_evaluation_fits(
+            plan, POLICIES, PROMPTS, [(LONG, small), (SHORT, large)], _context(grader.tokens - 1)
+        )
+
+
+def test_a_prompt_set_must_fit_the_largest_endpoint_context_with_the_default_max_tokens() -> None:
+    floors = stage_floors(PROMPTS, SETTINGS.default_max_tokens)
+    stage = max(floors, key=lambda s: floors[s])
+    largest = floors[stage]
+    second = EndpointConfig(base_url="http://127.0.0.1:1/v1", max_context_tokens=largest)
+    only_default = SETTINGS.model_copy(update={"llm_endpoints": {}})
+
+    # Every stage fits "second", though none fits the default endpoint.
+    check_prompt_set_fits(
+        PROMPTS, _context(10, SETTINGS.model_copy(update={"llm_endpoints": {"second": second}}))
+    )
+    check_prompt_set_fits(PROMPTS, _context(10))  # "second"'s context is unknown: it may take anything
+    with pytest.raises(
+        InvalidPromptSet, match=f"stage {stage}: templates .* about {largest:,} tokens"
+    ) as refused:
+        check_prompt_set_fits(PROMPTS, _context(largest - 1, only_default))
+    assert [
+        (over["stage"], over["estimated_tokens"], over["max_context_tokens"])
+        for over in refused.value.details
+    ] == [(s, tokens, largest - 1) for s, tokens in floors.items() if tokens == largest]
