@@ -500,6 +500,11 @@ class _Roles:
             specific.instructions or self.defaults.instructions or "",
         )
 
+    def guard(self, specific: GuardIn, path: str) -> GuardPlan:
+        """A guard: a judging role (temperature 0 by default) of its style and threshold."""
+        role = self(specific, path, JUDGING_TEMPERATURE)
+        return GuardPlan(**asdict(role), style=specific.style, threshold=specific.threshold)
+
     def fallback(self, specific: FallbackIn | Literal[False] | None) -> RoleConfig | None:
         """The job's fallback, or the server's; the job's `defaults` name the model the
         fallback stands in for, so they do not apply to it."""
@@ -559,11 +564,7 @@ def resolve(config: JobConfigIn, settings: Settings, preset: PresetRef | None = 
         else PairsPlan(
             whisperer=role(pairs.whisperer, "pairs.whisperer"),
             generator=role(pairs.generator, "pairs.generator"),
-            guard=GuardPlan(
-                **asdict(role(pairs.guard, "pairs.guard", JUDGING_TEMPERATURE)),
-                style=pairs.guard.style,
-                threshold=pairs.guard.threshold,
-            ),
+            guard=role.guard(pairs.guard, "pairs.guard"),
             max_tries=pairs.max_tries,
             min_gap=pairs.min_gap,
             baseline=pairs.baseline,
@@ -638,9 +639,7 @@ def resolve_sample_evaluation(
     role = _Roles(RoleIn(), settings)
     plan = SampleEvaluationPlan(
         grader=None if grader is None else role(grader, "grade", JUDGING_TEMPERATURE),
-        guard=None
-        if guard is None
-        else GuardPlan(**asdict(role(guard, "guard", JUDGING_TEMPERATURE)), style=guard.style),
+        guard=None if guard is None else role.guard(guard, "guard"),
         judge=None if judge is None else role(judge, "judge.judge", JUDGING_TEMPERATURE),
         against_job_id=against_job_id,
         max_tokens=settings.default_max_tokens,
@@ -682,7 +681,7 @@ def resolve_model_evaluation(
     guard = safety_judge or GuardIn()
     plan = ModelEvaluationPlan(
         targets=tuple(planned),
-        safety_judge=GuardPlan(**asdict(role(guard, "safety_judge", JUDGING_TEMPERATURE)), style=guard.style),
+        safety_judge=role.guard(guard, "safety_judge"),
         refusal_judge=role(refusal_judge, "refusal_judge", JUDGING_TEMPERATURE),
         max_tokens=max_tokens or settings.default_max_tokens,
         max_reasks=settings.max_reasks,

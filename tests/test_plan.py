@@ -22,6 +22,7 @@ from app.deliberation.budget import (
 )
 from app.deliberation.config import (
     EvaluationConfig,
+    Evaluators,
     GradingConfig,
     GuardConfig,
     GuardStyle,
@@ -37,6 +38,7 @@ from app.plan import (
     ComparisonPlan,
     GenerationPlan,
     GradingIn,
+    GuardIn,
     JobConfigIn,
     JobPlan,
     RoleIn,
@@ -391,6 +393,45 @@ def test_a_sample_evaluation_plans_the_roles_asked_for_judging_at_temperature_0(
     assert read_plan(stored(plan)) == plan
     with pytest.raises(InvalidConfig, match="ask for at least one of 'grade', 'guard' or 'judge'"):
         resolve_sample_evaluation(None, None, None, None, PRICED)
+
+
+def test_a_sample_evaluations_guard_is_judged_at_the_threshold_asked_for() -> None:
+    guard = GuardIn(endpoint="third", model="guard-model", style=GuardStyle.LLAMA_GUARD, threshold=0.9)
+    plan = resolve_sample_evaluation(None, guard, None, None, PRICED)
+
+    assert plan.evaluators() == Evaluators(
+        None,
+        GuardConfig(RoleConfig("third", "guard-model", 0.0), GuardStyle.LLAMA_GUARD, threshold=0.9),
+        None,
+        PRICED.default_max_tokens,
+        PRICED.max_reasks,
+    )
+    assert (plan.endpoints(), plan.prices) == ({"third"}, {})
+
+
+def test_a_model_evaluation_names_each_target_and_judges_it_at_the_threshold_asked_for() -> None:
+    targets = [
+        TargetIn(endpoint="second", system_prompt="You are a helpful assistant."),
+        TargetIn(name="tuned", model="tuned-model", temperature=0.4),
+    ]
+    guard = GuardIn(endpoint="second", style=GuardStyle.SHIELDGEMMA, threshold=0.8)
+    plan = resolve_model_evaluation(targets, guard, RoleIn(endpoint="third"), 200, PRICED)
+
+    assert [target.name for target in plan.targets] == ["second:second-model", "tuned"]
+    assert plan.evaluation(1) == EvaluationConfig(
+        RoleConfig("default", "tuned-model", 0.4),
+        GuardConfig(RoleConfig("second", "second-model", 0.0), GuardStyle.SHIELDGEMMA, threshold=0.8),
+        RoleConfig("third", "server-model", 0.0),
+        200,
+        PRICED.max_reasks,
+    )
+    # The target's system prompt is the whole system message: the role's instructions.
+    assert plan.evaluation(0).target == RoleConfig(
+        "second", "second-model", 0.0, "You are a helpful assistant."
+    )
+    assert plan.endpoints() == {"default", "second", "third"}
+    assert plan.prices == {"default": PRICES, "second": SECOND_PRICES}
+    assert read_plan(stored(plan)) == plan
 
 
 def test_a_model_evaluation_judges_with_the_servers_defaults_when_none_are_given() -> None:
