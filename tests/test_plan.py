@@ -32,6 +32,7 @@ from app.deliberation.config import (
 )
 from app.deliberation.policies import MAX_POLICY_TEXT_CHARS, PolicySet
 from app.deliberation.results import METRICS, Sample
+from app.deliberation.stages import DECLARED
 from app.errors import BatchUnsupported, InvalidConfig, InvalidPromptSet, RequestTooLarge
 from app.plan import (
     BatchOptions,
@@ -85,7 +86,12 @@ EVERYTHING = JobConfigIn.model_validate(
         "refiner": {"endpoint": "second"},
         "grading": {"thresholds": {"relevance": 4}},
         "pairs": {
-            "guard": {"style": "llama_guard", "model": "guard-model", "threshold": 0.3},
+            "guard": {
+                "style": "llama_guard",
+                "model": "guard-model",
+                "threshold": 0.3,
+                "instructions": "S1 only.",
+            },
             "max_tries": 2,
             "baseline": True,
         },
@@ -118,6 +124,8 @@ def test_a_comparison_plan_reads_back_from_its_json_as_the_same_plan() -> None:
         RoleConfig("default", "server-model", 0.0),
     )
     assert plan.endpoints() == {"second", "default"}
+    priced = resolve_comparison([RoleIn(endpoint="second"), None], PRICED, uuid.uuid4(), uuid.uuid4())
+    assert priced.prices == {"default": PRICES, "second": SECOND_PRICES}
 
 
 def test_a_comparison_plan_stored_with_one_judge_reads_as_a_list_of_one() -> None:
@@ -175,6 +183,9 @@ def test_jobs_differ_in_their_grader_not_in_their_gate() -> None:
     assert comparison_mismatches(_generation(None), graded, same) == {
         "grader": {"baseline": None, "candidate": grader}
     }
+    assert comparison_mismatches(graded, _generation(None), same) == {
+        "grader": {"baseline": grader, "candidate": None}
+    }
 
 
 def test_the_mode_tells_the_plans_apart() -> None:
@@ -213,8 +224,11 @@ def test_the_engine_config_carries_every_choice_of_the_plan() -> None:
     assert pipeline.refiner == RoleConfig("second", "second-model", 0.3)
     assert pipeline.grading is not None and dict(pipeline.grading.thresholds) == {"relevance": 4}
     assert pipeline.pairs is not None and (pipeline.pairs.max_tries, pipeline.pairs.baseline) == (2, True)
+    assert (pipeline.pairs.whisperer, pipeline.pairs.generator) == (
+        RoleConfig("default", "server-model", 0.3),
+    ) * 2
     assert pipeline.pairs.guard == GuardConfig(
-        RoleConfig("default", "guard-model", 0.0), GuardStyle.LLAMA_GUARD, threshold=0.3
+        RoleConfig("default", "guard-model", 0.0, "S1 only."), GuardStyle.LLAMA_GUARD, threshold=0.3
     )
 
 
@@ -390,8 +404,11 @@ def test_a_sample_evaluation_plans_the_roles_asked_for_judging_at_temperature_0(
     assert (plan.max_tokens, plan.max_reasks) == (PRICED.default_max_tokens, PRICED.max_reasks)
     assert plan.endpoints() == {"default", "second"}
     assert plan.prices == {"default": PRICES, "second": SECOND_PRICES}
+    assert plan.evaluators() == Evaluators(
+        plan.grader, None, plan.judge, PRICED.default_max_tokens, PRICED.max_reasks
+    )
     assert read_plan(stored(plan)) == plan
-    with pytest.raises(InvalidConfig, match="ask for at least one of 'grade', 'guard' or 'judge'"):
+    with pytest.raises(InvalidConfig, match="^ask for at least one of 'grade', 'guard' or 'judge'$"):
         resolve_sample_evaluation(None, None, None, None, PRICED)
 
 
@@ -444,7 +461,7 @@ def test_a_model_evaluation_judges_with_the_servers_defaults_when_none_are_given
 
 
 def test_two_targets_of_one_name_are_refused_naming_it() -> None:
-    twins = [TargetIn(model="a"), TargetIn(name="b"), TargetIn(name="default:a")]
+    twins = [TargetIn(model="a"), TargetIn(name="zeta"), TargetIn(name="default:a")]
 
     with pytest.raises(InvalidConfig, match="two targets are named 'default:a'; give each its own name"):
         resolve_model_evaluation(twins, None, None, None, SETTINGS)
@@ -563,15 +580,12 @@ def test_a_model_evaluation_fits_when_every_targets_and_judges_request_fits() ->
 def test_a_sample_evaluation_fits_when_its_largest_sample_fits() -> None:
     plan = resolve_sample_evaluation(RoleIn(), None, None, None, SETTINGS)
     small, large = Sample(["Short."], "Fine."), Sample(["A longer thought. " * 50], "A longer answer. " * 50)
-    [grader] = sample_evaluation_requests(plan.evaluators(), POLICIES, PROMPTS, SHORT, large)
+    samples = [(SHORT, small), (LONG, large)]  # the prompt and the sample together decide
+    [grader] = sample_evaluation_requests(plan.evaluators(), POLICIES, PROMPTS, LONG, large)
 
-    check_sample_evaluation_fits(
-        plan, POLICIES, PROMPTS, [(LONG, small), (SHORT, large)], _context(grader.tokens)
-    )
+    check_sample_evaluation_fits(plan, POLICIES, PROMPTS, samples, _context(grader.tokens))
     with pytest.raises(RequestTooLarge):
-        check_sample_evaluation_fits(
-            plan, POLICIES, PROMPTS, [(LONG, small), (SHORT, large)], _context(grader.tokens - 1)
-        )
+        check_sample_evaluation_fits(plan, POLICIES, PROMPTS, samples, _context(grader.tokens - 1))
 
 
 def test_a_prompt_set_must_fit_the_largest_endpoint_context_with_the_default_max_tokens() -> None:
@@ -590,7 +604,65 @@ def test_a_prompt_set_must_fit_the_largest_endpoint_context_with_the_default_max
         InvalidPromptSet, match=f"stage {stage}: templates .* about {largest:,} tokens"
     ) as refused:
         check_prompt_set_fits(PROMPTS, _context(largest - 1, only_default))
-    assert [
-        (over["stage"], over["estimated_tokens"], over["max_context_tokens"])
-        for over in refused.value.details
-    ] == [(s, tokens, largest - 1) for s, tokens in floors.items() if tokens == largest]
+    templates = {spec.stage.value: list(spec.templates or ()) for spec in DECLARED}
+    assert refused.value.details == [
+        {"stage": s, "templates": templates[s], "estimated_tokens": tokens, "max_context_tokens": largest - 1}
+        for s, tokens in floors.items()
+        if tokens == largest
+    ]
+    assert f"templates {', '.join(templates[stage])} make requests" in refused.value.message
+
+
+NOWHERE = RoleIn(endpoint="nowhere")
+
+
+@pytest.mark.parametrize(
+    ("plan_of", "path"),
+    [
+        (lambda: _job(intent=NOWHERE), "intent"),
+        (lambda: _job(seed=NOWHERE), "seed"),
+        (lambda: _job(refiner=NOWHERE), "refiner"),
+        (lambda: _job(grading={"grader": NOWHERE}), "grading.grader"),
+        (lambda: _job(pairs={"whisperer": NOWHERE}), "pairs.whisperer"),
+        (lambda: _job(pairs={"generator": NOWHERE}), "pairs.generator"),
+        (lambda: _job(pairs={"guard": {"endpoint": "nowhere"}}), "pairs.guard"),
+        (lambda: resolve_comparison([None, NOWHERE], SETTINGS, uuid.uuid4(), uuid.uuid4()), "judges[1]"),
+        (lambda: resolve_sample_evaluation(NOWHERE, None, None, None, SETTINGS), "grade"),
+        (lambda: resolve_sample_evaluation(None, GuardIn(endpoint="nowhere"), None, None, SETTINGS), "guard"),
+        (lambda: resolve_sample_evaluation(None, None, NOWHERE, None, SETTINGS), "judge.judge"),
+        (
+            lambda: resolve_model_evaluation(
+                [TargetIn(), TargetIn(endpoint="nowhere")], None, None, None, SETTINGS
+            ),
+            "targets[1]",
+        ),
+        (
+            lambda: resolve_model_evaluation([TargetIn()], GuardIn(endpoint="nowhere"), None, None, SETTINGS),
+            "safety_judge",
+        ),
+        (lambda: resolve_model_evaluation([TargetIn()], None, NOWHERE, None, SETTINGS), "refusal_judge"),
+    ],
+)
+def test_an_unknown_endpoint_is_refused_naming_the_field_it_was_given_in(plan_of: Any, path: str) -> None:
+    with pytest.raises(
+        InvalidConfig, match=re.escape(f"{path}: unknown endpoint 'nowhere'; configured: default, second")
+    ):
+        plan_of()
+
+
+def test_a_refusal_names_the_role_furthest_over_its_endpoints_context() -> None:
+    # The zero-shot call on the default endpoint; a grader of long instructions on "second".
+    plan = _job(
+        mode="zero_shot",
+        grading={"grader": {"endpoint": "second", "instructions": "Weigh every word. " * 100}},
+    )
+    writer, grader = largest_requests(plan.pipeline(), POLICIES, PROMPTS, SHORT)
+    assert grader.tokens > writer.tokens
+    second = EndpointConfig(base_url="http://127.0.0.1:1/v1", max_context_tokens=grader.tokens - 1)
+    settings = _context(writer.tokens - 10, SETTINGS.model_copy(update={"llm_endpoints": {"second": second}}))
+
+    with pytest.raises(
+        RequestTooLarge, match=f"^role '{writer.role}' may send endpoint 'default'"
+    ) as refused:
+        check_job_fits(plan, POLICIES, PROMPTS, [SHORT], settings)
+    assert [over["role"] for over in refused.value.details] == [writer.role, grader.role]
