@@ -42,6 +42,7 @@ from app.plan import (
     GuardIn,
     JobConfigIn,
     JobPlan,
+    PresetRef,
     RoleIn,
     TargetIn,
     check_comparison_fits,
@@ -336,6 +337,9 @@ def test_the_engine_config_carries_the_ablations_the_limits_and_the_fallback() -
     assert pipeline.fallback == RoleConfig("second", "second-model", SETTINGS.default_temperature)
 
 
+_DEFAULT = {"endpoint": "default"}
+
+
 @pytest.mark.parametrize(
     ("config", "called"),
     [
@@ -353,6 +357,14 @@ def test_the_engine_config_carries_the_ablations_the_limits_and_the_fallback() -
         ({"pairs": {"whisperer": {"endpoint": "second"}}}, True),
         ({"pairs": {"generator": {"endpoint": "second"}}}, True),
         ({"pairs": {"guard": {"endpoint": "second"}}}, True),
+        # Pairs add their roles' endpoints to the stages'.
+        (
+            {
+                "defaults": {"endpoint": "second"},
+                "pairs": {"whisperer": _DEFAULT, "generator": _DEFAULT, "guard": _DEFAULT},
+            },
+            True,
+        ),
         ({"fallback": {"endpoint": "second"}}, True),
     ],
 )
@@ -375,6 +387,11 @@ def test_batch_delivery_pins_the_batch_prices_and_the_online_ones() -> None:
     plan = _job(PRICED, delivery="batch")
     online = _job(PRICED, delivery="batch", batch={"unanswered": "online"})
 
+    assert (plan.delivery, stored(plan)["delivery"], stored(_job(PRICED)).get("delivery")) == (
+        "batch",
+        "batch",
+        None,
+    )
     assert (plan.batch, plan.prices, plan.online_prices) == (
         BatchOptions(),
         {"default": BATCH_PRICES},
@@ -389,7 +406,7 @@ def test_batch_delivery_needs_a_batch_api_on_every_endpoint_and_batch_options_ne
     with pytest.raises(BatchUnsupported, match="without one: second, third [(]use delivery") as refused:
         _job(PRICED, delivery="batch", refiner={"endpoint": "third"}, seed={"endpoint": "second"})
     assert refused.value.details == {"endpoints": ["second", "third"]}
-    with pytest.raises(InvalidConfig, match="'batch' options need delivery 'batch'"):
+    with pytest.raises(InvalidConfig, match="^'batch' options need delivery 'batch'$"):
         _job(PRICED, batch={"unanswered": "online"})
 
 
@@ -398,8 +415,10 @@ def test_a_sample_evaluation_plans_the_roles_asked_for_judging_at_temperature_0(
     plan = resolve_sample_evaluation(
         RoleIn(), None, RoleIn(endpoint="second", temperature=0.5), against, PRICED
     )
+    judge_only = resolve_sample_evaluation(None, None, RoleIn(), None, PRICED)
 
     assert (plan.grader, plan.guard) == (RoleConfig("default", "server-model", 0.0), None)
+    assert (judge_only.grader, judge_only.judge) == (None, RoleConfig("default", "server-model", 0.0))
     assert (plan.judge, plan.against_job_id) == (RoleConfig("second", "second-model", 0.5), against)
     assert (plan.max_tokens, plan.max_reasks) == (PRICED.default_max_tokens, PRICED.max_reasks)
     assert plan.endpoints() == {"default", "second"}
@@ -520,9 +539,11 @@ def test_a_job_fits_exactly_when_its_largest_request_for_its_longest_prompt_fits
             "max_context_tokens": largest.tokens - 1,
         }
     ]
-    assert refused.value.message.startswith(
+    assert refused.value.message == (
         f"role '{largest.role}' may send endpoint 'default' requests of about {largest.tokens:,} tokens with "
-        f"max_tokens, over its max_context_tokens of {largest.tokens - 1:,}; lower max_tokens"
+        f"max_tokens, over its max_context_tokens of {largest.tokens - 1:,}; lower max_tokens, max_rounds "
+        "or agents, shorten the prompts, the policies or the prompt set's templates, or use an endpoint "
+        "with a larger context"
     )
     # Two over: the message names the one furthest over, the details both.
     with pytest.raises(RequestTooLarge, match=f"role '{largest.role}'") as both:
@@ -666,3 +687,12 @@ def test_a_refusal_names_the_role_furthest_over_its_endpoints_context() -> None:
     ) as refused:
         check_job_fits(plan, POLICIES, PROMPTS, [SHORT], settings)
     assert [over["role"] for over in refused.value.details] == [writer.role, grader.role]
+
+
+def test_a_job_started_from_a_preset_records_it_and_one_without_shows_none() -> None:
+    preset = PresetRef(name="careful", version="v3")
+    plan = resolve(JobConfigIn(), SETTINGS, preset)
+
+    assert (plan.preset, stored(plan)["preset"]) == (preset, {"name": "careful", "version": "v3"})
+    assert read_plan(stored(plan)) == plan
+    assert "preset" not in stored(resolve(JobConfigIn(), SETTINGS))
