@@ -4,6 +4,7 @@ check at submission (tests/test_costs.py runs them through the API and the worke
 
 from __future__ import annotations
 
+import re
 import uuid
 
 import pytest
@@ -22,7 +23,8 @@ SETTINGS = Settings(
     llm_model="server-model",
     llm_batch=BatchConfig(prices=BATCH_PRICES),
     llm_endpoints={
-        "second": EndpointConfig(base_url="http://127.0.0.1:1/v1", batch=BatchConfig(prices=BATCH_PRICES))
+        "second": EndpointConfig(base_url="http://127.0.0.1:1/v1", batch=BatchConfig(prices=BATCH_PRICES)),
+        "third": EndpointConfig(base_url="http://127.0.0.1:2/v1"),
     },
     llm_prices={"default": PRICES},
 )
@@ -35,6 +37,7 @@ def plan(**config: object) -> GenerationPlan:
 
 def test_a_call_costs_its_uncached_cached_and_completion_tokens_at_their_prices() -> None:
     assert call_cost(PRICES, 1000, 400, 200) == pytest.approx((600 * 1.0 + 400 * 0.5 + 200 * 2.0) / 1e6)
+    assert call_cost(Prices(input=3.0, output=0.5), 1000, 0, 200) == pytest.approx((3000 + 100) / 1e6)
     # Without a cached price, cached tokens cost the input price.
     assert call_cost(Prices(input=1.0, output=2.0), 1000, 400, 200) == pytest.approx(1400 / 1e6)
     # A server reporting more cached tokens than prompt tokens is not paid to cache them.
@@ -119,6 +122,48 @@ def test_an_items_calls_range_from_agreement_at_once_to_every_turn_and_try(
     assert (figures.calls.min, figures.calls.max) == (2 * fewest, 2 * most)
 
 
+def test_the_fewest_calls_deliberate_one_turn_the_first_whatever_the_turn_budget() -> None:
+    seed_and_turns = {"decompose_intents": False, "refine": False}  # no stage sized by the turn budget
+    fewest = [
+        estimate(plan(max_rounds=rounds, **seed_and_turns), POLICIES, PROMPTS, [SHORT]).prompt_tokens.min
+        for rounds in (1, 2, 4)
+    ]
+
+    assert fewest[0] == fewest[1] == fewest[2]
+
+
+def test_each_deliberation_turn_is_the_request_of_the_agent_speaking_it() -> None:
+    instructions = "Hunt for needless refusals. " * 20
+    three = {"agents": 3, "max_rounds": 1}
+    plain = estimate(plan(**three), POLICIES, PROMPTS, [SHORT]).prompt_tokens
+    third_instructed = estimate(
+        plan(**three, deliberators=[{}, {}, {"instructions": instructions}]), POLICIES, PROMPTS, [SHORT]
+    ).prompt_tokens
+
+    # The third agent does not speak in the fewest calls, and speaks once in the most.
+    assert third_instructed.min == plain.min
+    extra = third_instructed.max - plain.max
+    assert (
+        estimate_tokens(instructions) <= extra <= estimate_tokens(instructions) + 16
+    )  # and a message's frame
+
+
+def test_cost_figures_are_rounded_to_the_nano_dollar() -> None:
+    odd = Prices(input=0.123457, output=0.654321)
+    job = resolve(
+        JobConfigIn.model_validate(QUICK), SETTINGS.model_copy(update={"llm_prices": {"default": odd}})
+    )
+    figures = estimate(job, POLICIES, PROMPTS, [SHORT, LONG])
+
+    assert figures.cost_usd is not None
+    for cost, prompt, completion in (
+        (figures.cost_usd.min, figures.prompt_tokens.min, figures.completion_tokens.min),
+        (figures.cost_usd.max, figures.prompt_tokens.max, figures.completion_tokens.max),
+    ):
+        exact = (prompt * odd.input + completion * odd.output) / 1e6
+        assert cost == round(exact, 9) and cost != round(exact, 10)
+
+
 def test_an_estimate_with_an_unpriced_endpoint_names_it_and_gives_no_cost() -> None:
     figures = estimate(plan(seed={"endpoint": "second"}), POLICIES, PROMPTS, [SHORT])
 
@@ -162,10 +207,22 @@ def test_a_money_budget_needs_every_endpoint_priced_and_a_token_budget_does_not(
     with pytest.raises(UnpricedEndpoint) as refused:
         check_budget(Budget(max_cost_usd=5), job, POLICIES, PROMPTS, [SHORT])
     assert refused.value.details == {"unpriced_endpoints": ["second"]}
+    two = plan(refiner={"endpoint": "second"}, seed={"endpoint": "third"})
+    with pytest.raises(UnpricedEndpoint) as both:
+        check_budget(Budget(max_cost_usd=5), two, POLICIES, PROMPTS, [SHORT])
+    assert both.value.message == (
+        "a max_cost_usd budget needs prices for every endpoint the job uses; unpriced: second, third "
+        "(give max_tokens instead, or ask the operator to price them)"
+    )
     check_budget(Budget(max_tokens=10**6), job, POLICIES, PROMPTS, [SHORT])
     with pytest.raises(BudgetTooSmall) as small:
         check_budget(Budget(max_tokens=10), job, POLICIES, PROMPTS, [SHORT])
     assert small.value.details["one_call"]["cost_usd"] is not None  # the first call is priced
+    # A first call of unknown cost: the refusal gives its tokens only.
+    with pytest.raises(BudgetTooSmall) as unknown:
+        check_budget(Budget(max_tokens=10), plan(intent={"endpoint": "second"}), POLICIES, PROMPTS, [SHORT])
+    assert unknown.value.details["one_call"]["cost_usd"] is None
+    assert re.search(r"\(about [\d,]+ tokens, its estimated prompt", unknown.value.message)
 
 
 def test_a_comparisons_budget_is_checked_for_prices_only() -> None:
