@@ -8,7 +8,9 @@
 # (its state is in mutants/ there), so the checkout stays clean and packages can run side
 # by side; each run starts afresh. To look at a survivor afterwards:
 #   cd .mutation/app.exports && ../../.venv/bin/mutmut show <mutant name>
-# VENV names another virtualenv than .venv.
+# VENV names another virtualenv than .venv. MUTANTS runs only the mutants it names (mutmut's
+# names, `*` for any part: MUTANTS='app.labeling.deliveries.x_spool__*'), for a module whose
+# whole run takes hours; the others count as not checked.
 # mutmut makes no mutants of decorated functions (but @staticmethod, @classmethod): route
 # handlers, @property, @asynccontextmanager are left as they are.
 # The tests make their own database and Redis keys per pytest session, so each mutant's run
@@ -49,7 +51,8 @@ others=$(cd "$scratch" && ls -A | grep -vx "$top")
 
 cd "$scratch"
 unset PYTHONPATH  # mutmut puts mutants/ first on the path; the original code must not be importable
-"$venv/bin/mutmut" run --max-children "${MUTATION_CHILDREN:-1}" >mutmut-run.log 2>&1 || {
+read -ra only <<<"${MUTANTS:-}"
+"$venv/bin/mutmut" run --max-children "${MUTATION_CHILDREN:-1}" ${only[@]+"${only[@]}"} >mutmut-run.log 2>&1 || {
   tail -40 mutmut-run.log >&2
   exit 1
 }

@@ -7,25 +7,29 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import httpx
 import pytest
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.sql.dml import Update
 
 from app.config import Settings
 from app.labeling import deliveries
-from app.labeling.deliveries import Delivery
+from app.labeling.deliveries import Delivery, SpoolLimits
 from app.store.db import Sessions, make_engine, make_sessions
-from app.store.models import Webhook, WebhookRejection
+from app.store.keys import hash_key
+from app.store.models import ApiKey, Webhook, WebhookRejection
 from tests.conftest import WebhookTarget, api_client, eventually, new_key, start_worker
 from tests.test_api import error_of
 from tests.test_labeling import PROMPTS, fixture, graded_job, item_ids, stored
@@ -69,7 +73,7 @@ async def spool_of(redis: Redis, settings: Settings) -> list[bytes]:
 
 
 async def test_a_delivery_while_postgres_is_away_is_spooled_and_recorded_once_when_it_is_back(
-    settings: Settings, sessions: Sessions, auth: Headers, redis: Redis
+    settings: Settings, sessions: Sessions, auth: Headers, redis: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     spooled_before, recorded_before = counted("spooled"), counted("replayed", outcome="recorded")
     async with api_whose_postgres_goes(settings) as (api, proxy):
@@ -85,7 +89,12 @@ async def test_a_delivery_while_postgres_is_away_is_spooled_and_recorded_once_wh
         assert webhook["secret"].encode() not in entry  # its hash only
         assert await stored(sessions) == []
 
-    assert await deliveries.replay_spooled(sessions, redis, settings.redis_key_prefix) == 1
+    with caplog.at_level(logging.INFO, logger="aidsafe.deliveries"):
+        assert await deliveries.replay_spooled(sessions, redis, settings.redis_key_prefix) == 1
+    [recorded] = [m for m in caplog.messages if m.startswith(f"a delivery to webhook {webhook['id']}")]
+    assert re.fullmatch(
+        r"a delivery to webhook \S+ spooled [0-5] s ago was recorded: 1 imported, 0 duplicates", recorded
+    )
     [row] = await stored(sessions)
     assert (row.external_id, row.verdict, str(row.webhook_id)) == ("601", "accept", webhook["id"])
     assert await deliveries.spooled_count(redis, settings.redis_key_prefix) == 0
@@ -93,30 +102,39 @@ async def test_a_delivery_while_postgres_is_away_is_spooled_and_recorded_once_wh
 
     # A worker killed after recording it, before removing it: the next pass replays it again.
     await redis.rpush(f"{settings.redis_key_prefix}:deliveries:processing", entry)  # type: ignore[misc]
-    assert await deliveries.replay_spooled(sessions, redis, settings.redis_key_prefix) == 1
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="aidsafe.deliveries"):
+        assert await deliveries.replay_spooled(sessions, redis, settings.redis_key_prefix) == 1
+    assert any(m.endswith("was recorded: 0 imported, 1 duplicates") for m in caplog.messages)
     assert [r.id for r in await stored(sessions)] == [row.id]
     assert await deliveries.spooled_count(redis, settings.redis_key_prefix) == 0
 
 
 async def test_a_replay_while_postgres_is_still_away_leaves_the_delivery_for_later(
-    settings: Settings, sessions: Sessions, auth: Headers, redis: Redis
+    settings: Settings, sessions: Sessions, auth: Headers, redis: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with api_whose_postgres_goes(settings) as (api, proxy):
         webhook, event = await verified_webhook(api, auth, settings)
         await proxy.close()
         assert (await deliver(api, webhook, event)).status_code == 202
-        [entry] = await spool_of(redis, settings)
+        assert (await deliver(api, webhook, OTHER_EVENT)).status_code == 202
+        entries = await spool_of(redis, settings)
 
         engine = make_engine(_database_through(proxy, settings).database_url, 2.0, 2)
         try:
-            replayed = await deliveries.replay_spooled(
-                make_sessions(engine), redis, settings.redis_key_prefix
-            )
+            with caplog.at_level(logging.WARNING, logger="aidsafe.deliveries"):
+                replayed = await deliveries.replay_spooled(
+                    make_sessions(engine), redis, settings.redis_key_prefix
+                )
         finally:
             await engine.dispose()
 
     assert replayed == 0
-    assert await spool_of(redis, settings) == [entry]
+    [waits] = [m for m in caplog.messages if m.startswith("a spooled delivery waits for the database: ")]
+    assert "Error" in waits  # the database's error, named
+    assert (
+        await spool_of(redis, settings) == entries
+    )  # the first still first: replayed in the order they came
     assert await stored(sessions) == []
 
 
@@ -143,7 +161,7 @@ async def test_a_wrong_secret_or_a_webhook_not_verified_lately_is_503_while_post
 
 
 async def test_a_webhook_revoked_before_the_replay_gets_the_refusal_kept_with_its_body(
-    settings: Settings, sessions: Sessions, auth: Headers, redis: Redis
+    settings: Settings, sessions: Sessions, auth: Headers, redis: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with api_whose_postgres_goes(settings) as (api, proxy):
         webhook, event = await verified_webhook(api, auth, settings)
@@ -152,9 +170,15 @@ async def test_a_webhook_revoked_before_the_replay_gets_the_refusal_kept_with_it
     async with api_client(settings) as api:
         assert (await api.post(f"/v1/webhooks/{webhook['id']}/revoke", headers=auth)).status_code == 200
 
-        assert await deliveries.replay_spooled(sessions, redis, settings.redis_key_prefix) == 1
+        with caplog.at_level(logging.WARNING, logger="aidsafe.deliveries"):
+            assert await deliveries.replay_spooled(sessions, redis, settings.redis_key_prefix) == 1
 
         [refusal] = await rejections(api, auth, webhook)
+    # The worker's log says which webhook refused it and why.
+    assert (
+        f"webhook {webhook['id']} refused a delivery: unauthorized this webhook was revoked"
+        in caplog.messages
+    )
     assert (refusal["code"], refusal["message"]) == ("unauthorized", "this webhook was revoked")
     assert refusal["body"] is not None and '"ANNOTATION_CREATED"' in refusal["body"]
     assert await stored(sessions) == []
@@ -186,6 +210,35 @@ async def test_a_refusal_at_replay_is_kept_for_the_webhooks_owner_whatever_the_e
         kept = select(WebhookRejection.owner_key_id).where(WebhookRejection.webhook_id == UUID(webhook["id"]))
         kept_for = list(await session.scalars(kept))
     assert kept_for == [owner]
+
+
+@pytest.mark.parametrize(
+    ("meanwhile", "refusal"),
+    [
+        (update(ApiKey).values(revoked_at=func.now()), "the API key this webhook belongs to was revoked"),
+        (
+            update(Webhook).values(secret_hash=hash_key("aidsafe_whsec_new")),
+            f"send the webhook's secret in the {deliveries.SECRET_HEADER} header",
+        ),
+    ],
+    ids=["its key revoked", "its secret changed"],
+)
+async def test_a_delivery_whose_key_or_secret_changed_before_the_replay_is_refused_and_kept(
+    meanwhile: Update, refusal: str, settings: Settings, sessions: Sessions, auth: Headers, redis: Redis
+) -> None:
+    async with api_whose_postgres_goes(settings) as (api, proxy):
+        webhook, event = await verified_webhook(api, auth, settings)
+        await proxy.close()
+        assert (await deliver(api, webhook, event)).status_code == 202
+    async with sessions.begin() as session:
+        await session.execute(meanwhile)
+
+    assert await deliveries.replay_spooled(sessions, redis, settings.redis_key_prefix) == 1
+
+    async with sessions() as session:
+        kept = (await session.scalars(select(WebhookRejection))).all()
+    assert [(str(r.webhook_id), r.message) for r in kept] == [(webhook["id"], refusal)]
+    assert await stored(sessions) == []
 
 
 async def test_a_full_spool_answers_503(
@@ -374,26 +427,6 @@ async def test_a_webhook_another_process_verified_is_read_before_the_lookup_too(
     assert answer.status_code == 200
 
 
-async def test_an_undecodable_spool_entry_does_not_hold_up_the_others(
-    settings: Settings, sessions: Sessions, auth: dict[str, str], redis: Redis
-) -> None:
-    """An entry that cannot be read (a bug) goes last: at the front each pass, every delivery
-    behind it would wait for good."""
-    async with api_whose_postgres_goes(settings) as (api, proxy):
-        webhook, event = await verified_webhook(api, auth, settings)
-        await proxy.close()
-        assert (await deliver(api, webhook, event)).status_code == 202
-    spooled = f"{settings.redis_key_prefix}:deliveries:spooled"
-    await redis.lpush(spooled, b"not a spooled delivery")  # type: ignore[misc]
-
-    for _ in range(2):
-        with pytest.raises(ValueError):
-            await deliveries.replay_spooled(sessions, redis, settings.redis_key_prefix)
-
-    assert [r.external_id for r in await stored(sessions)] == ["601"]
-    assert await spool_of(redis, settings) == [b"not a spooled delivery"]
-
-
 async def test_an_entry_two_passes_replayed_after_a_lease_expired_is_taken_off_the_counts_once(
     settings: Settings, sessions: Sessions, auth: dict[str, str], redis: Redis
 ) -> None:
@@ -469,3 +502,178 @@ async def test_a_refusal_replayed_again_after_a_killed_pass_is_kept_once(
     assert refusal["code"] == "unauthorized"
     assert datetime.fromisoformat(refusal["received_at"]) < came_by  # when it came, not its replay
     assert await deliveries.spooled_count(redis, settings.redis_key_prefix) == 0
+
+
+def to_no_webhook(owner_key_id: UUID) -> Delivery:
+    """A delivery spooled for a webhook the database does not hold: its replay drops it, as one
+    deleted meanwhile (counted "refused", nothing kept). Its time fixed: all are the same size."""
+    return Delivery(
+        uuid4(), owner_key_id, hash_key("aidsafe_whsec_x"), json.dumps(OTHER_EVENT).encode(), 1_765_000_000.5
+    )
+
+
+def spool_prefix(settings: Settings) -> str:
+    """A spool of the test's own, under the session's prefix (deleted with it)."""
+    return f"{settings.redis_key_prefix}:{uuid4().hex}"
+
+
+def test_a_spooled_delivery_comes_back_whole_its_body_byte_for_byte() -> None:
+    raw = b'{"action": "ANNOTATION_CREATED",\n "text": "\xff\x00"}\n'  # not UTF-8, lines of its own
+    delivery = Delivery(uuid4(), uuid4(), hash_key("aidsafe_whsec_x"), raw, 1_765_000_000.25)
+
+    assert Delivery.decoded(delivery.encoded()) == delivery
+    assert delivery.body == '{"action": "ANNOTATION_CREATED",\n "text": "\ufffd\x00"}\n'
+
+
+def test_the_spool_limits_are_the_settings(settings: Settings) -> None:
+    mine = settings.model_copy(
+        update={"delivery_spool_max": 7, "delivery_spool_max_bytes": 9000, "delivery_spool_key_share": 0.3}
+    )
+    assert SpoolLimits.of(mine) == SpoolLimits(entries=7, bytes=9000, key_share=0.3)
+    assert SpoolLimits.of(mine).per_key == (3, 2700)  # 2.1 entries: a key may spool 3
+
+
+async def test_a_keys_share_of_the_spool_is_rounded_up_and_bounds_its_bytes_too(
+    settings: Settings, redis: Redis
+) -> None:
+    """A share of 1.5 deliveries is 2: rounded down, a small spool would take none of a key's."""
+    one, other = uuid4(), uuid4()
+    by_count, prefix = SpoolLimits(entries=3, bytes=1 << 20, key_share=0.5), spool_prefix(settings)
+    assert [await deliveries.spool(redis, prefix, by_count, to_no_webhook(one)) for _ in range(3)] == [
+        True,
+        True,
+        False,
+    ]
+    assert await deliveries.spool(redis, prefix, by_count, to_no_webhook(other))
+    assert not await deliveries.spool(redis, prefix, by_count, to_no_webhook(other))  # the spool is full
+
+    ones, others = (to_no_webhook(one), to_no_webhook(one)), to_no_webhook(other)
+    by_bytes, prefix = (
+        SpoolLimits(entries=100, bytes=3 * len(others.encoded()), key_share=0.5),
+        spool_prefix(settings),
+    )
+    assert [await deliveries.spool(redis, prefix, by_bytes, delivery) for delivery in ones] == [True, False]
+    assert await deliveries.spool(redis, prefix, by_bytes, others)
+    assert await spool_of(redis, settings.model_copy(update={"redis_key_prefix": prefix})) == [
+        ones[0].encoded(),
+        others.encoded(),
+    ]
+
+
+async def test_the_spooled_count_includes_the_deliveries_being_replayed(
+    settings: Settings, redis: Redis
+) -> None:
+    prefix, limits = spool_prefix(settings), SpoolLimits(entries=10, bytes=1 << 20, key_share=1.0)
+    for _ in range(3):
+        assert await deliveries.spool(redis, prefix, limits, to_no_webhook(uuid4()))
+    await redis.lmove(f"{prefix}:deliveries:spooled", f"{prefix}:deliveries:processing", "LEFT", "RIGHT")
+
+    assert await deliveries.spooled_count(redis, prefix) == 3
+
+
+async def test_a_replay_takes_a_killed_passs_deliveries_first_then_the_others_oldest_first(
+    settings: Settings, sessions: Sessions, redis: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    prefix, limits = spool_prefix(settings), SpoolLimits(entries=10, bytes=1 << 20, key_share=1.0)
+    spooled = [to_no_webhook(uuid4()) for _ in range(4)]
+    for delivery in spooled:
+        assert await deliveries.spool(redis, prefix, limits, delivery)
+    for _ in range(2):  # a pass killed after taking the first two
+        await redis.lmove(f"{prefix}:deliveries:spooled", f"{prefix}:deliveries:processing", "LEFT", "RIGHT")
+    refused_before = counted("replayed", outcome="refused")
+
+    with caplog.at_level(logging.WARNING, logger="aidsafe.deliveries"):
+        assert await deliveries.replay_spooled(sessions, redis, prefix) == 4
+
+    dropped = [r.getMessage() for r in caplog.records if r.getMessage().endswith("was deleted: dropped")]
+    assert dropped == [f"a spooled delivery's webhook {d.webhook_id} was deleted: dropped" for d in spooled]
+    assert counted("replayed", outcome="refused") == refused_before + 4
+    assert await deliveries.spooled_count(redis, prefix) == 0
+
+
+async def test_a_replay_while_another_worker_holds_the_lease_leaves_the_spool_to_it(
+    settings: Settings, sessions: Sessions, redis: Redis
+) -> None:
+    prefix, limits = spool_prefix(settings), SpoolLimits(entries=10, bytes=1 << 20, key_share=1.0)
+    assert await deliveries.spool(redis, prefix, limits, to_no_webhook(uuid4()))
+    await redis.set(f"{prefix}:deliveries:replaying", "another worker's pass", px=5000)
+
+    assert await deliveries.replay_spooled(sessions, redis, prefix) == 0
+    assert await deliveries.spooled_count(redis, prefix) == 1
+
+    await redis.delete(f"{prefix}:deliveries:replaying")  # its pass ended
+    assert await deliveries.replay_spooled(sessions, redis, prefix) == 1
+    assert await deliveries.spool(redis, prefix, limits, to_no_webhook(uuid4()))
+    assert await deliveries.replay_spooled(sessions, redis, prefix) == 1  # each pass gives the lease back
+
+
+async def test_a_spooled_entry_that_cannot_be_read_waits_at_the_back_and_holds_up_none_of_the_others(
+    settings: Settings, sessions: Sessions, redis: Redis
+) -> None:
+    """It held the spool's front for good: each pass put it back first and failed on it, and
+    every delivery behind it waited forever."""
+    prefix, limits = spool_prefix(settings), SpoolLimits(entries=10, bytes=1 << 20, key_share=1.0)
+    unreadable = b"not a spooled delivery"
+    await redis.rpush(f"{prefix}:deliveries:spooled", unreadable)  # type: ignore[misc]
+    assert await deliveries.spool(redis, prefix, limits, to_no_webhook(uuid4()))
+
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            await deliveries.replay_spooled(sessions, redis, prefix)
+
+    assert await spool_of(redis, settings.model_copy(update={"redis_key_prefix": prefix})) == [unreadable]
+    assert await deliveries.spooled_count(redis, prefix) == 1
+
+
+async def test_a_replay_gives_a_keys_share_back_while_other_deliveries_still_wait(
+    settings: Settings, sessions: Sessions, redis: Redis
+) -> None:
+    """The counts start over when the spool empties; before that, each delivery recorded gives
+    back its entry and its bytes, of its key's share and of the spool's."""
+    owner, prefix = uuid4(), spool_prefix(settings)
+    size = len(to_no_webhook(owner).encoded())
+    # At most three entries, two entries' bytes (the unreadable one is not counted in them).
+    limits = SpoolLimits(entries=3, bytes=2 * size + 20, key_share=1.0)
+    assert [await deliveries.spool(redis, prefix, limits, to_no_webhook(owner)) for _ in range(3)] == [
+        True,
+        True,
+        False,
+    ]
+    await redis.rpush(f"{prefix}:deliveries:spooled", b"not a spooled delivery")  # type: ignore[misc]
+    with pytest.raises(ValueError):  # the two recorded, the unreadable one waits
+        await deliveries.replay_spooled(sessions, redis, prefix)
+
+    assert [await deliveries.spool(redis, prefix, limits, to_no_webhook(owner)) for _ in range(3)] == [
+        True,
+        True,
+        False,  # three entries
+    ]
+    a_third_of_a_hundred = SpoolLimits(entries=100, bytes=1 << 20, key_share=0.03)
+    assert [
+        await deliveries.spool(redis, prefix, a_third_of_a_hundred, to_no_webhook(owner)) for _ in range(2)
+    ] == [
+        True,
+        False,
+    ]
+
+
+async def test_a_pass_holds_its_lease_two_minutes_at_most_so_a_killed_workers_lapses(
+    settings: Settings, migrated: str, redis: Redis
+) -> None:
+    """A lease without an end, left by a worker killed mid-pass, would stop every replay for good."""
+    prefix, limits = spool_prefix(settings), SpoolLimits(entries=10, bytes=1 << 20, key_share=1.0)
+    assert await deliveries.spool(redis, prefix, limits, to_no_webhook(uuid4()))
+    engine = make_engine(migrated, 10.0, 1)
+    try:
+        async with engine.connect():  # the pool's one connection: the pass waits for it, its lease held
+            replay = asyncio.create_task(deliveries.replay_spooled(make_sessions(engine), redis, prefix))
+
+            async def lease_left_ms() -> int | None:
+                left_ms = int(await redis.pttl(f"{prefix}:deliveries:replaying"))
+                return None if left_ms == -2 else left_ms  # -2: not taken yet; -1: no end
+
+            left_ms = await eventually(lease_left_ms, what="the pass's lease")
+        assert await replay == 1
+    finally:
+        await engine.dispose()
+    assert 110_000 < left_ms <= deliveries.REPLAY_LEASE_S * 1000 == 120_000

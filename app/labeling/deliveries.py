@@ -250,7 +250,7 @@ async def replay_spooled(sessions: Sessions, redis: Redis, prefix: str) -> int:
             entry := await redis.lmove(spooled, processing, "LEFT", "RIGHT")
         ):
             try:
-                delivery = Delivery.decoded(entry)
+                delivery = Delivery.decoded(entry)  # in the try: an entry unread waits at the back too
                 outcome = await _replay(sessions, delivery)
             except Exception as error:
                 # Postgres away: first again next pass. A bug: last, not to hold up the others.
