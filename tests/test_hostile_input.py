@@ -554,6 +554,17 @@ async def test_a_body_that_comes_slowly_holds_no_database_connection_while_it_co
     assert not any(held)
 
 
+async def whole_answer(reader: asyncio.StreamReader) -> bytes:
+    """An answer's head and its body of Content-Length bytes, which may come in separate reads."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    return head + await reader.readexactly(length)
+
+
 async def test_a_body_of_which_nothing_comes_for_a_while_is_a_408_on_every_route_that_reads_one(
     settings: Settings, sessions: Sessions
 ) -> None:
@@ -581,7 +592,7 @@ async def test_a_body_of_which_nothing_comes_for_a_while_is_a_408_on_every_route
             writer.write(f"{head}Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n[".encode())
             await writer.drain()
             try:
-                answers[path] = await asyncio.wait_for(reader.read(4096), 10)  # the head, and the body
+                answers[path] = await asyncio.wait_for(whole_answer(reader), 10)
             finally:
                 writer.close()
 
