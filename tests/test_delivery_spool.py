@@ -657,6 +657,57 @@ async def test_a_replay_gives_a_keys_share_back_while_other_deliveries_still_wai
     ]
 
 
+@asynccontextmanager
+async def a_pass_held_on_one_more(
+    settings: Settings, sessions: Sessions, auth: Headers, redis: Redis, prefix: str
+) -> AsyncIterator[asyncio.Task[int]]:
+    """A pass over the spool at `prefix` that has replayed what it held, and waits on one more
+    entry, spooled now, whose webhook's row is held until the block ends: the counts as a pass
+    leaves them while deliveries still wait (once the spool is empty, they start over)."""
+    async with api_client(settings) as api:
+        webhook = await new_webhook(api, auth, "ls-held")
+    last = Delivery(UUID(webhook["id"]), uuid4(), None, json.dumps(SKIPPED_EVENT).encode(), 0.0)
+    assert await deliveries.spool(redis, prefix, SpoolLimits(entries=100, bytes=1 << 20, key_share=1.0), last)
+
+    async def waiting_on_last() -> bool:
+        in_processing = await redis.lrange(f"{prefix}:deliveries:processing", 0, -1)  # type: ignore[misc]
+        return bool(in_processing == [last.encoded()])
+
+    async with sessions() as holder:
+        await holder.execute(select(Webhook.id).where(Webhook.id == UUID(webhook["id"])).with_for_update())
+        replay = asyncio.create_task(deliveries.replay_spooled(sessions, redis, prefix))
+        try:
+            await eventually(waiting_on_last, timeout_s=10, what="the pass waiting on the last entry")
+            yield replay
+        finally:
+            await holder.rollback()
+            await asyncio.wait([replay])
+
+
+async def counts_of(redis: Redis, prefix: str) -> tuple[dict[bytes, bytes], int]:
+    """Each key's spooled entries and bytes, and the spool's bytes."""
+    per_key = await redis.hgetall(f"{prefix}:deliveries:keys")  # type: ignore[misc]
+    return per_key, int(await redis.get(f"{prefix}:deliveries:bytes") or 0)
+
+
+async def test_an_entry_spooled_before_the_per_key_counts_takes_no_keys_count_below_zero(
+    settings: Settings, sessions: Sessions, auth: Headers, redis: Redis
+) -> None:
+    """A release without the per-key counts spooled it uncounted: replayed, it took its key's
+    count below zero, and the key could spool that many more than its share."""
+    owner, prefix = uuid4(), spool_prefix(settings)
+    one_a_key = SpoolLimits(entries=100, bytes=1 << 20, key_share=0.01)
+    await redis.rpush(f"{prefix}:deliveries:spooled", to_no_webhook(owner).encoded())  # type: ignore[misc]
+
+    async with a_pass_held_on_one_more(settings, sessions, auth, redis, prefix) as replay:
+        per_key, size = await counts_of(redis, prefix)
+        admitted = [await deliveries.spool(redis, prefix, one_a_key, to_no_webhook(owner)) for _ in range(2)]
+
+    assert [count for count in (*map(int, per_key.values()), size) if count < 0] == []
+    assert admitted == [True, False]
+    assert replay.result() == 3
+
+
 async def test_a_pass_holds_its_lease_two_minutes_at_most_so_a_killed_workers_lapses(
     settings: Settings, migrated: str, redis: Redis
 ) -> None:

@@ -64,17 +64,30 @@ _EMPTIED = """
 if redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[2]) == 0 then redis.call('DEL', KEYS[3], KEYS[4]) end
 return 0
 """
+# Takes an entry that left processing off the counts: the spool's bytes, its API key's entries
+# and bytes. A count that would reach zero or less is deleted: entries spooled before the
+# per-key counts existed were never counted in them, and took them below zero, which let their
+# key take more than its share.
+_GIVE_BACK = """
+local function lessen(hash, field, by)
+    if redis.call('HINCRBY', hash, field, -by) <= 0 then redis.call('HDEL', hash, field) end
+end
+local function give_back(size_key, per_key, entry, key)
+    local size = string.len(entry)
+    if redis.call('DECRBY', size_key, size) <= 0 then redis.call('DEL', size_key) end
+    lessen(per_key, key, 1)
+    lessen(per_key, key .. ':bytes', size)
+end
+"""
 # An entry recorded leaves the counts only if it was still in processing: a pass whose lease
 # expired mid-entry and the next pass, which took that entry back, both record it.
-_RECORDED = """
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
-    local size = string.len(ARGV[1])
-    redis.call('DECRBY', KEYS[2], size)
-    redis.call('HINCRBY', KEYS[3], ARGV[2], -1)
-    redis.call('HINCRBY', KEYS[3], ARGV[2] .. ':bytes', -size)
-end
+_RECORDED = (
+    _GIVE_BACK
+    + """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then give_back(KEYS[2], KEYS[3], ARGV[1], ARGV[2]) end
 return 0
 """
+)
 # An entry that failed goes back to the front (LPUSH) or the end (RPUSH) of the waiting list,
 # only if it was still in processing (see _RECORDED).
 _PUT_BACK = """
