@@ -82,6 +82,11 @@ DELIVERIES_WAITING = Gauge(
     "aidsafe_webhook_deliveries_waiting",
     "Spooled Label Studio deliveries not yet recorded (being replayed included), over all API processes.",
 )
+DELIVERIES_DEAD = Gauge(
+    "aidsafe_webhook_deliveries_dead",
+    "Spooled Label Studio deliveries a worker could not read, moved to the dead list "
+    "(`aidsafe deliveries dead` shows them).",
+)
 DELIVERIES_REPLAYED = Counter(
     "aidsafe_webhook_deliveries_replayed_total",
     "Spooled Label Studio deliveries this worker recorded, by outcome: recorded (reviews "

@@ -26,12 +26,13 @@ from sqlalchemy.sql.dml import Update
 
 from app.config import Settings
 from app.labeling import deliveries
-from app.labeling.deliveries import Delivery, SpoolLimits
+from app.labeling.deliveries import DeadDelivery, Delivery, SpoolLimits
 from app.store.db import Sessions, make_engine, make_sessions
 from app.store.keys import hash_key
 from app.store.models import ApiKey, Webhook, WebhookRejection
-from tests.conftest import WebhookTarget, api_client, eventually, new_key, start_worker
+from tests.conftest import WebhookTarget, api_client, eventually, new_key, start_worker, worker_env
 from tests.test_api import error_of
+from tests.test_cli import AIDSAFE
 from tests.test_labeling import PROMPTS, fixture, graded_job, item_ids, stored
 from tests.test_silent_connections import SilencingProxy, _database_through, _proxy_to
 from tests.test_webhooks import HEADER, SKIPPED_EVENT, Headers, deliver, new_webhook, rejections
@@ -607,54 +608,69 @@ async def test_a_replay_while_another_worker_holds_the_lease_leaves_the_spool_to
     assert await deliveries.replay_spooled(sessions, redis, prefix) == 1  # each pass gives the lease back
 
 
-async def test_a_spooled_entry_that_cannot_be_read_waits_at_the_back_and_holds_up_none_of_the_others(
-    settings: Settings, sessions: Sessions, redis: Redis
+def edited(delivery: Delivery, drop: str | None = None, **changes: Any) -> bytes:
+    """`delivery` spooled, its head's fields changed or one dropped: an entry of another release."""
+    head, _, raw = delivery.encoded().partition(b"\n")
+    fields = json.loads(head) | changes
+    fields.pop(drop or "", None)
+    return json.dumps(fields).encode() + b"\n" + raw
+
+
+@pytest.mark.parametrize(
+    ("unreadable", "reason"),
+    [
+        (b"not a spooled delivery", "head: Invalid JSON"),
+        (edited(to_no_webhook(uuid4()), drop="sent_hash"), "sent_hash: Field required"),
+        (edited(to_no_webhook(uuid4()), received_at="now"), "received_at: Input should be a valid number"),
+        (edited(to_no_webhook(uuid4()), webhook_id=7), "webhook_id: UUID input should be a string"),
+    ],
+    ids=["not JSON", "a field missing", "a time of the wrong type", "an id of the wrong type"],
+)
+async def test_a_spooled_entry_that_cannot_be_read_goes_to_the_dead_list_once_with_why(
+    unreadable: bytes,
+    reason: str,
+    settings: Settings,
+    sessions: Sessions,
+    redis: Redis,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """It held the spool's front for good: each pass put it back first and failed on it, and
-    every delivery behind it waited forever."""
+    """It waited at the back of the spool for good: every pass failed on it (and said so), and
+    it held its share of the spool's bounds."""
     prefix, limits = spool_prefix(settings), SpoolLimits(entries=10, bytes=1 << 20, key_share=1.0)
-    unreadable = b"not a spooled delivery"
     await redis.rpush(f"{prefix}:deliveries:spooled", unreadable)  # type: ignore[misc]
     assert await deliveries.spool(redis, prefix, limits, to_no_webhook(uuid4()))
 
-    for _ in range(2):
-        with pytest.raises(ValueError):
-            await deliveries.replay_spooled(sessions, redis, prefix)
+    with caplog.at_level(logging.WARNING, logger="aidsafe.deliveries"):
+        assert await deliveries.replay_spooled(sessions, redis, prefix) == 1  # the readable one
+        assert await deliveries.replay_spooled(sessions, redis, prefix) == 0
 
-    assert await spool_of(redis, settings.model_copy(update={"redis_key_prefix": prefix})) == [unreadable]
-    assert await deliveries.spooled_count(redis, prefix) == 1
+    [said] = [r for r in caplog.records if "could not be read" in r.getMessage()]
+    assert said.levelno == logging.ERROR
+    moved = f"a spooled delivery could not be read, moved to {prefix}:deliveries:dead: "
+    assert said.getMessage().startswith(moved + reason)
+    assert await deliveries.spooled_count(redis, prefix) == 0
+    [dead] = await deliveries.dead_deliveries(redis, prefix, 10)
+    assert (dead.entry, dead.reason.startswith(reason)) == (unreadable, True)
+    assert await deliveries.dead_count(redis, prefix) == 1
 
 
-async def test_a_replay_gives_a_keys_share_back_while_other_deliveries_still_wait(
-    settings: Settings, sessions: Sessions, redis: Redis
+async def test_the_dead_list_keeps_the_newest_and_says_when_it_drops_the_oldest(
+    settings: Settings, sessions: Sessions, redis: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The counts start over when the spool empties; before that, each delivery recorded gives
-    back its entry and its bytes, of its key's share and of the spool's."""
-    owner, prefix = uuid4(), spool_prefix(settings)
-    size = len(to_no_webhook(owner).encoded())
-    # At most three entries, two entries' bytes (the unreadable one is not counted in them).
-    limits = SpoolLimits(entries=3, bytes=2 * size + 20, key_share=1.0)
-    assert [await deliveries.spool(redis, prefix, limits, to_no_webhook(owner)) for _ in range(3)] == [
-        True,
-        True,
-        False,
-    ]
+    prefix = spool_prefix(settings)
+    older = [DeadDelivery("older", 0.0, b"%d" % n).encoded() for n in range(deliveries.DEAD_KEPT)]
+    await redis.rpush(f"{prefix}:deliveries:dead", *older)  # type: ignore[misc]
     await redis.rpush(f"{prefix}:deliveries:spooled", b"not a spooled delivery")  # type: ignore[misc]
-    with pytest.raises(ValueError):  # the two recorded, the unreadable one waits
+
+    with caplog.at_level(logging.WARNING, logger="aidsafe.deliveries"):
         await deliveries.replay_spooled(sessions, redis, prefix)
 
-    assert [await deliveries.spool(redis, prefix, limits, to_no_webhook(owner)) for _ in range(3)] == [
-        True,
-        True,
-        False,  # three entries
-    ]
-    a_third_of_a_hundred = SpoolLimits(entries=100, bytes=1 << 20, key_share=0.03)
-    assert [
-        await deliveries.spool(redis, prefix, a_third_of_a_hundred, to_no_webhook(owner)) for _ in range(2)
-    ] == [
-        True,
-        False,
-    ]
+    assert await deliveries.dead_count(redis, prefix) == deliveries.DEAD_KEPT
+    newest, *kept = await redis.lrange(f"{prefix}:deliveries:dead", 0, -1)  # type: ignore[misc]
+    assert DeadDelivery.decoded(newest).entry == b"not a spooled delivery"
+    assert kept == older[:-1]
+    said = f"the dead list keeps the newest {deliveries.DEAD_KEPT}: its 1 oldest were dropped"
+    assert said in caplog.messages
 
 
 @asynccontextmanager
@@ -688,6 +704,53 @@ async def counts_of(redis: Redis, prefix: str) -> tuple[dict[bytes, bytes], int]
     """Each key's spooled entries and bytes, and the spool's bytes."""
     per_key = await redis.hgetall(f"{prefix}:deliveries:keys")  # type: ignore[misc]
     return per_key, int(await redis.get(f"{prefix}:deliveries:bytes") or 0)
+
+
+async def test_a_replay_gives_a_keys_share_back_while_other_deliveries_still_wait(
+    settings: Settings, sessions: Sessions, auth: Headers, redis: Redis
+) -> None:
+    """The counts start over when the spool empties; before that, each delivery recorded gives
+    back its entry and its bytes, of its key's share and of the spool's."""
+    owner, prefix = uuid4(), spool_prefix(settings)
+    two_a_key = SpoolLimits(entries=100, bytes=1 << 20, key_share=0.02)
+    assert [await deliveries.spool(redis, prefix, two_a_key, to_no_webhook(owner)) for _ in range(3)] == [
+        True,
+        True,
+        False,
+    ]
+
+    async with a_pass_held_on_one_more(settings, sessions, auth, redis, prefix) as replay:
+        per_key, size = await counts_of(redis, prefix)
+        [waiting] = await redis.lrange(f"{prefix}:deliveries:processing", 0, -1)  # type: ignore[misc]
+        admitted = [await deliveries.spool(redis, prefix, two_a_key, to_no_webhook(owner)) for _ in range(3)]
+
+    assert (str(owner).encode() in per_key, size) == (False, len(waiting))
+    assert admitted == [True, True, False]
+    assert replay.result() == 5
+
+
+async def test_an_entry_that_cannot_be_read_gives_back_its_keys_share_and_its_bytes(
+    settings: Settings, sessions: Sessions, auth: Headers, redis: Redis
+) -> None:
+    """One spooled by this release, of a key at its share, then unread (another release read
+    it the same): its key's deliveries were refused for good."""
+    owner, prefix = uuid4(), spool_prefix(settings)
+    one_a_key = SpoolLimits(entries=100, bytes=1 << 20, key_share=0.01)
+    assert await deliveries.spool(redis, prefix, one_a_key, to_no_webhook(owner))
+    [entry] = await spool_of(redis, settings.model_copy(update={"redis_key_prefix": prefix}))
+    unreadable = entry.replace(b'"sent_hash"', b'"sent_hasx"')  # as long: the bytes counted
+    await redis.lset(f"{prefix}:deliveries:spooled", 0, unreadable)  # type: ignore[arg-type, misc]
+    assert not await deliveries.spool(redis, prefix, one_a_key, to_no_webhook(owner))
+
+    async with a_pass_held_on_one_more(settings, sessions, auth, redis, prefix) as replay:
+        per_key, size = await counts_of(redis, prefix)
+        [waiting] = await redis.lrange(f"{prefix}:deliveries:processing", 0, -1)  # type: ignore[misc]
+        admitted = [await deliveries.spool(redis, prefix, one_a_key, to_no_webhook(owner)) for _ in range(2)]
+
+    assert (str(owner).encode() in per_key, size) == (False, len(waiting))
+    assert admitted == [True, False]
+    assert [dead.entry for dead in await deliveries.dead_deliveries(redis, prefix, 10)] == [unreadable]
+    assert replay.result() == 2  # the held one, and the one admitted
 
 
 async def test_an_entry_spooled_before_the_per_key_counts_takes_no_keys_count_below_zero(
@@ -728,3 +791,52 @@ async def test_a_pass_holds_its_lease_two_minutes_at_most_so_a_killed_workers_la
     finally:
         await engine.dispose()
     assert 110_000 < left_ms <= deliveries.REPLAY_LEASE_S * 1000 == 120_000
+
+
+async def test_the_apis_metrics_show_how_many_deliveries_are_dead(
+    settings: Settings, sessions: Sessions, redis: Redis
+) -> None:
+    await redis.rpush(f"{settings.redis_key_prefix}:deliveries:spooled", b"not a spooled delivery")  # type: ignore[misc]
+    assert await deliveries.replay_spooled(sessions, redis, settings.redis_key_prefix) == 0
+    try:
+        async with api_client(settings) as api:
+            scraped = await api.get("/metrics")
+    finally:
+        assert await deliveries.drop_dead(redis, settings.redis_key_prefix) == 1
+
+    assert "aidsafe_webhook_deliveries_dead 1.0" in scraped.text
+
+
+def aidsafe_deliveries(settings: Settings, prefix: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`aidsafe deliveries ...` run as an operator would, on the spool at `prefix`."""
+    env = worker_env(settings.model_copy(update={"redis_key_prefix": prefix})) | {"COLUMNS": "200"}
+    return subprocess.run(
+        [AIDSAFE, "deliveries", *args], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+async def test_an_operator_sees_the_dead_deliveries_newest_first_cut_short_and_drops_them(
+    settings: Settings, sessions: Sessions, redis: Redis
+) -> None:
+    prefix = spool_prefix(settings)
+    long_one = edited(to_no_webhook(uuid4()), drop="owner_key_id") + b"x" * 1000
+    unread = (b"the oldest", b"[red]not JSON", long_one)
+    await redis.rpush(f"{prefix}:deliveries:spooled", *unread)  # type: ignore[misc]
+    await deliveries.replay_spooled(sessions, redis, prefix)
+
+    listed = aidsafe_deliveries(settings, prefix, "dead", "--limit", "2")
+    dropped = aidsafe_deliveries(settings, prefix, "drop-dead")
+    after = aidsafe_deliveries(settings, prefix, "dead")
+
+    assert listed.returncode == 0, listed.stderr
+    head, reason, shown, markup_reason, markup = listed.stdout.splitlines()
+    assert head == "3 dead deliveries; the newest 2:"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d  owner_key_id: Field required", reason)
+    assert shown.startswith("""  '{"webhook_id": """)
+    assert shown.endswith(f"xxx' ... ({len(long_one)} bytes in all)")
+    assert len(shown) < 400
+    assert markup_reason.endswith("  head: Invalid JSON: expected value at line 1 column 2")
+    assert markup == "  '[red]not JSON'"  # the entry's text, not markup
+    assert (dropped.returncode, dropped.stdout) == (0, "Dropped 3 dead deliveries.\n")
+    assert after.stdout == "0 dead deliveries.\n"
+    assert await deliveries.dead_count(redis, prefix) == 0

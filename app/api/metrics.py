@@ -1,5 +1,5 @@
-"""/metrics for Prometheus: queue depth, spooled webhook deliveries and items waiting or
-running, read at scrape time.
+"""/metrics for Prometheus: queue depth, spooled webhook deliveries (and those that could not
+be read), and items waiting or running, read at scrape time.
 LLM and per-item metrics live in the workers (AIDSAFE_WORKER_METRICS_PORT)."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from app.api.errors import documented
 from app.api.state import ApiState, api_state
 from app.errors import Unauthorized
 from app.labeling import deliveries
-from app.metrics import DELIVERIES_WAITING, ITEMS, QUEUE_DEPTH
+from app.metrics import DELIVERIES_DEAD, DELIVERIES_WAITING, ITEMS, QUEUE_DEPTH
 from app.store.db import closed_quietly
 from app.store.models import Item, ItemStatus
 
@@ -57,10 +57,11 @@ async def _page(state: ApiState) -> bytes:
     try:
         QUEUE_DEPTH.set(await arq.zcard(settings.queue_name))
         DELIVERIES_WAITING.set(await deliveries.spooled_count(arq, settings.redis_key_prefix))
+        DELIVERIES_DEAD.set(await deliveries.dead_count(arq, settings.redis_key_prefix))
     except RedisError:  # the counts from Postgres are worth a scrape: the depths are unknown (NaN)
         log.warning("queue depth unreadable: Redis unavailable", exc_info=True)
-        QUEUE_DEPTH.set(math.nan)
-        DELIVERIES_WAITING.set(math.nan)
+        for depth in (QUEUE_DEPTH, DELIVERIES_WAITING, DELIVERIES_DEAD):
+            depth.set(math.nan)
     return generate_latest()
 
 

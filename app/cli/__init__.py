@@ -1,5 +1,6 @@
-"""`aidsafe`: manage API keys (straight in Postgres) and submit/follow/read jobs (over HTTP,
-through the Python client `aidsafe.Client`: the one HTTP layer).
+"""`aidsafe`: manage API keys (straight in Postgres) and the delivery spool's dead list
+(straight in Redis), and submit/follow/read jobs (over HTTP, through the Python client
+`aidsafe.Client`: the one HTTP layer).
 
 The root command and its tree, in the order `aidsafe --help` lists them; each command lives
 in the module of its name or group."""
@@ -10,6 +11,7 @@ import typer
 
 from app.cli import (
     compare,
+    deliveries,
     evaluate,
     follow,
     jobs,
@@ -39,6 +41,7 @@ cli.add_typer(presets.presets_cli, name="presets")
 cli.add_typer(webhooks.webhooks_cli, name="webhooks", no_args_is_help=True)
 cli.add_typer(evaluate.evaluate_cli, name="evaluate")
 cli.add_typer(reviews.reviews_cli, name="reviews", no_args_is_help=True)
+cli.add_typer(deliveries.deliveries_cli, name="deliveries")
 
 
 def main() -> None:

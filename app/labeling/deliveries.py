@@ -7,7 +7,12 @@ While Postgres is away the webhook cannot be looked up: the API remembers the we
 deliveries it verified lately (app/api/verified_webhooks.py, in each process and in Redis),
 and checks a delivery's secret against those; a replay checks it again against Postgres (the
 webhook may have been revoked or deleted meanwhile). A spooled delivery keeps the hash of
-the secret sent, never the secret."""
+the secret sent, never the secret.
+
+An entry the replay cannot read (not JSON, a field missing or of the wrong type: written by
+another release, or not by this code) goes to a bounded dead list, with why, for an operator
+to look at (`aidsafe deliveries dead`): kept in the spool, it failed on every pass and held
+its share of the spool's bounds for good."""
 
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from uuid import UUID, uuid4
 
-from pydantic import TypeAdapter
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 from redis.asyncio import Redis
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -41,6 +46,9 @@ SECRET_HEADER = "X-Aidsafe-Webhook-Secret"
 # in the processing list: once the lease lapses, the next pass replays it again.
 REPLAY_LEASE_S = 120.0
 REPLAY_PASS_S = 30.0  # a pass takes no new entry after this long, well within its lease
+# The dead list keeps the newest this many; an older one is dropped (and the drop logged): a
+# release writing entries no other can read must not fill Redis.
+DEAD_KEPT = 2000
 
 # Adds an entry unless the spool (waiting and being replayed) holds `max` entries or `max`
 # bytes already, or the delivery's API key holds its share of either. The bytes are counted in
@@ -64,10 +72,10 @@ _EMPTIED = """
 if redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[2]) == 0 then redis.call('DEL', KEYS[3], KEYS[4]) end
 return 0
 """
-# Takes an entry that left processing off the counts: the spool's bytes, its API key's entries
-# and bytes. A count that would reach zero or less is deleted: entries spooled before the
-# per-key counts existed were never counted in them, and took them below zero, which let their
-# key take more than its share.
+# Takes an entry that left processing off the counts: the spool's bytes, and its API key's
+# entries and bytes if it names one. A count that would reach zero or less is deleted: entries
+# spooled before the per-key counts existed were never counted in them, and took them below
+# zero, which let their key take more than its share.
 _GIVE_BACK = """
 local function lessen(hash, field, by)
     if redis.call('HINCRBY', hash, field, -by) <= 0 then redis.call('HDEL', hash, field) end
@@ -75,8 +83,10 @@ end
 local function give_back(size_key, per_key, entry, key)
     local size = string.len(entry)
     if redis.call('DECRBY', size_key, size) <= 0 then redis.call('DEL', size_key) end
-    lessen(per_key, key, 1)
-    lessen(per_key, key .. ':bytes', size)
+    if key ~= '' then
+        lessen(per_key, key, 1)
+        lessen(per_key, key .. ':bytes', size)
+    end
 end
 """
 # An entry recorded leaves the counts only if it was still in processing: a pass whose lease
@@ -86,6 +96,20 @@ _RECORDED = (
     + """
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then give_back(KEYS[2], KEYS[3], ARGV[1], ARGV[2]) end
 return 0
+"""
+)
+# An entry unread goes to the front of the dead list, as ARGV[3] (its reason, then the entry),
+# once (see _RECORDED: -1 if it was not in processing); the list keeps the newest DEAD_KEPT
+# (ARGV[4]): how many older ones were dropped.
+_DEAD_LETTERED = (
+    _GIVE_BACK
+    + """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return -1 end
+give_back(KEYS[2], KEYS[3], ARGV[1], ARGV[2])
+local over = redis.call('LPUSH', KEYS[4], ARGV[3]) - tonumber(ARGV[4])
+if over <= 0 then return 0 end
+redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[4]) - 1)
+return over
 """
 )
 # An entry that failed goes back to the front (LPUSH) or the end (RPUSH) of the waiting list,
@@ -98,6 +122,21 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+class UnreadableEntry(ValueError):
+    """A spooled entry that is no delivery this release can read; the message says why."""
+
+
+class _Head(BaseModel):
+    """A spooled entry's first line. Strict: a field of the wrong type is unread, not guessed."""
+
+    model_config = ConfigDict(strict=True)
+
+    webhook_id: UUID
+    owner_key_id: UUID
+    sent_hash: str | None
+    received_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,20 +161,54 @@ class Delivery:
 
     @classmethod
     def decoded(cls, entry: bytes) -> Delivery:
+        """The delivery `encoded` made; UnreadableEntry if its head is not JSON, or lacks a
+        field, or holds one of the wrong type."""
         head, _, raw = entry.partition(b"\n")
-        fields = json.loads(head)
-        return cls(
-            UUID(fields["webhook_id"]),
-            UUID(fields["owner_key_id"]),
-            fields["sent_hash"],
-            raw,
-            fields["received_at"],
-        )
+        try:
+            fields = _Head.model_validate_json(head)
+        except ValidationError as error:
+            raise UnreadableEntry(_why(error)) from None
+        return cls(fields.webhook_id, fields.owner_key_id, fields.sent_hash, raw, fields.received_at)
 
     @property
     def body(self) -> str:
         """As a refusal keeps it."""
         return self.raw.decode("utf-8", errors="replace")
+
+
+def _why(error: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(map(str, problem['loc'])) or 'head'}: {problem['msg']}" for problem in error.errors()
+    )
+
+
+def _named_owner(entry: bytes) -> str:
+    """The API key an unread entry's head names, as the spool counted it under ("" if none):
+    an entry of an older release may still name it."""
+    try:
+        owner = json.loads(entry.partition(b"\n")[0]).get("owner_key_id")
+    except (ValueError, AttributeError):  # not JSON, or no object
+        return ""
+    return owner if isinstance(owner, str) else ""
+
+
+@dataclass(frozen=True, slots=True)
+class DeadDelivery:
+    """A spooled entry the replay could not read, as the dead list keeps it: why, when it was
+    moved there (Unix time), and the entry byte for byte."""
+
+    reason: str
+    dead_at: float
+    entry: bytes
+
+    def encoded(self) -> bytes:
+        return json.dumps({"reason": self.reason, "dead_at": self.dead_at}).encode() + b"\n" + self.entry
+
+    @classmethod
+    def decoded(cls, kept: bytes) -> DeadDelivery:
+        head, _, entry = kept.partition(b"\n")
+        fields = json.loads(head)
+        return cls(fields["reason"], fields["dead_at"], entry)
 
 
 _EVENT = TypeAdapter(label_studio.WebhookIn)
@@ -186,17 +259,18 @@ async def keep_refusal(
 @dataclass(frozen=True, slots=True)
 class _Spool:
     """The spool's Redis keys: deliveries waiting, being replayed, their bytes, each API key's
-    entries and bytes, and the replay lease."""
+    entries and bytes, the replay lease, and the entries that could not be read."""
 
     waiting: str
     processing: str
     size: str
     per_key: str
     lease: str
+    dead: str
 
     @classmethod
     def of(cls, prefix: str) -> _Spool:
-        names = ("spooled", "processing", "bytes", "keys", "replaying")
+        names = ("spooled", "processing", "bytes", "keys", "replaying", "dead")
         return cls(*(f"{prefix}:deliveries:{name}" for name in names))
 
     @property
@@ -249,7 +323,8 @@ async def replay_spooled(sessions: Sessions, redis: Redis, prefix: str) -> int:
     many were recorded or refused. Each entry is moved to the processing list (LMOVE) while it
     is replayed and removed once its outcome is committed: one a killed worker left there is
     replayed again by the next pass, which records nothing twice (a version stored is a
-    duplicate). Run by one worker at a time (a lease); another finds it held and returns 0."""
+    duplicate). An entry that cannot be read is moved to the dead list (not counted). Run by
+    one worker at a time (a lease); another finds it held and returns 0."""
     keys = _Spool.of(prefix)
     spooled, processing, lease = keys.waiting, keys.processing, keys.lease
     token = uuid4().hex
@@ -263,7 +338,11 @@ async def replay_spooled(sessions: Sessions, redis: Redis, prefix: str) -> int:
             entry := await redis.lmove(spooled, processing, "LEFT", "RIGHT")
         ):
             try:
-                delivery = Delivery.decoded(entry)  # in the try: an entry unread waits at the back too
+                delivery = Delivery.decoded(entry)
+            except UnreadableEntry as unread:
+                await _dead_letter(redis, keys, entry, str(unread))
+                continue
+            try:
                 outcome = await _replay(sessions, delivery)
             except Exception as error:
                 # Postgres away: first again next pass. A bug: last, not to hold up the others.
@@ -282,6 +361,39 @@ async def replay_spooled(sessions: Sessions, redis: Redis, prefix: str) -> int:
     finally:
         await redis.eval(_RELEASE, 1, lease, token)  # type: ignore[misc]
     return replayed
+
+
+async def _dead_letter(redis: Redis, keys: _Spool, entry: bytes, reason: str) -> None:
+    """Move an entry unread from processing to the dead list, giving its counts back; said once."""
+    kept = DeadDelivery(reason, time.time(), entry).encoded()
+    dead_keys = (keys.processing, keys.size, keys.per_key, keys.dead)
+    dead_args = (entry, _named_owner(entry), kept, str(DEAD_KEPT))
+    dropped = await redis.eval(_DEAD_LETTERED, 4, *dead_keys, *dead_args)  # type: ignore[arg-type, misc]
+    if dropped < 0:  # another pass, whose lease had lapsed, moved it
+        return
+    log.error("a spooled delivery could not be read, moved to %s: %s", keys.dead, reason)
+    if dropped:
+        log.warning("the dead list keeps the newest %d: its %d oldest were dropped", DEAD_KEPT, dropped)
+
+
+async def dead_count(redis: Redis, prefix: str) -> int:
+    """Spooled entries the replay could not read, in the dead list."""
+    return int(await redis.llen(_Spool.of(prefix).dead))  # type: ignore[misc]
+
+
+async def dead_deliveries(redis: Redis, prefix: str, limit: int) -> list[DeadDelivery]:
+    """The newest `limit` entries of the dead list (0: all), newest first."""
+    kept = await redis.lrange(_Spool.of(prefix).dead, 0, limit - 1)  # type: ignore[misc]
+    return [DeadDelivery.decoded(entry) for entry in kept]
+
+
+async def drop_dead(redis: Redis, prefix: str) -> int:
+    """Empty the dead list; how many it held."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.llen(_Spool.of(prefix).dead)
+        pipe.delete(_Spool.of(prefix).dead)
+        held, _ = await pipe.execute()
+    return int(held)
 
 
 async def _replay(sessions: Sessions, delivery: Delivery) -> str:

@@ -1,0 +1,75 @@
+"""`aidsafe deliveries`: the Label Studio deliveries spooled while Postgres was away that a
+worker could not read (the dead list), straight in Redis (app/labeling/deliveries.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Annotated, TypeVar
+
+import typer
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from rich.markup import escape
+
+from app.cli.output import console
+from app.config import get_settings
+from app.labeling import deliveries
+
+deliveries_cli = typer.Typer(
+    help="Spooled Label Studio deliveries a worker could not read (straight in Redis).", no_args_is_help=True
+)
+T = TypeVar("T")
+SHOWN_BYTES = 300  # of each entry: its head and the start of its body
+
+
+def _in_redis(work: Callable[[Redis, str], Awaitable[T]]) -> T:
+    """`work(redis, key_prefix)`; a Redis it cannot use ends the command saying which and why,
+    not with a traceback."""
+    settings = get_settings()
+
+    async def run() -> T:
+        timeout_s = settings.redis_timeout_s
+        redis = Redis.from_url(settings.redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        try:
+            return await work(redis, settings.redis_key_prefix)
+        finally:
+            await redis.aclose()
+
+    try:
+        return asyncio.run(run())
+    except RedisError as exc:
+        console.print(f"[red]Cannot use Redis: {escape(str(exc))}[/] (see AIDSAFE_REDIS_URL)")
+        raise typer.Exit(1) from exc
+
+
+@deliveries_cli.command("dead")
+def list_dead(
+    limit: Annotated[int, typer.Option(min=0, help="How many, newest first (0: all).")] = 10,
+) -> None:
+    """How many spooled deliveries could not be read, and the newest: when, why, and the start
+    of each entry as spooled."""
+
+    async def read(redis: Redis, prefix: str) -> tuple[int, list[deliveries.DeadDelivery]]:
+        count = await deliveries.dead_count(redis, prefix)
+        return count, await deliveries.dead_deliveries(redis, prefix, limit)
+
+    count, newest = _in_redis(read)
+    console.print(f"{count} dead deliveries" + (f"; the newest {len(newest)}:" if newest else "."))
+    for dead in newest:
+        shown = repr(dead.entry[:SHOWN_BYTES].decode("utf-8", errors="replace"))  # one line
+        cut = f" ... ({len(dead.entry)} bytes in all)" if len(dead.entry) > SHOWN_BYTES else ""
+        console.print(
+            f"{datetime.fromtimestamp(dead.dead_at, UTC):%Y-%m-%dT%H:%M:%S}  {escape(dead.reason)}\n"
+            f"  {escape(shown)}{cut}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+@deliveries_cli.command("drop-dead")
+def drop_dead() -> None:
+    """Delete every dead delivery, for good (`aidsafe deliveries dead` shows them first)."""
+    dropped = _in_redis(deliveries.drop_dead)
+    console.print(f"Dropped {dropped} dead deliveries.")
