@@ -840,3 +840,13 @@ async def test_an_operator_sees_the_dead_deliveries_newest_first_cut_short_and_d
     assert (dropped.returncode, dropped.stdout) == (0, "Dropped 3 dead deliveries.\n")
     assert after.stdout == "0 dead deliveries.\n"
     assert await deliveries.dead_count(redis, prefix) == 0
+
+
+def test_an_operator_is_told_which_redis_the_cli_cannot_use_not_shown_a_traceback(settings: Settings) -> None:
+    unreachable = settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+
+    listed = aidsafe_deliveries(unreachable, spool_prefix(settings), "dead")
+
+    assert listed.returncode == 1
+    assert listed.stdout.startswith("Cannot use Redis: ") and "(see AIDSAFE_REDIS_URL)" in listed.stdout
+    assert "Traceback" not in listed.stderr

@@ -48,8 +48,7 @@ def _in_redis(work: Callable[[Redis, str], Awaitable[T]]) -> T:
 def list_dead(
     limit: Annotated[int, typer.Option(min=0, help="How many, newest first (0: all).")] = 10,
 ) -> None:
-    """How many spooled deliveries could not be read, and the newest: when, why, and the start
-    of each entry as spooled."""
+    """How many spooled deliveries could not be read; the newest, with when, why and their start."""
 
     async def read(redis: Redis, prefix: str) -> tuple[int, list[deliveries.DeadDelivery]]:
         count = await deliveries.dead_count(redis, prefix)
