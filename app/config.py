@@ -14,6 +14,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # 422 is a line, not as much of the body as its sender chose.
 MAX_ENDPOINT_NAME_CHARS = 100
 EndpointName = Annotated[str, Field(min_length=1, max_length=MAX_ENDPOINT_NAME_CHARS)]
+# The most tokens any one request to any endpoint may take (Settings.llm_max_request_tokens):
+# the context of today's long-context models (GPT-4o, Llama 3.1, Mistral Large: 128k). The
+# estimate counts high (English by about a third), so what it lets through fits such a context.
+DEFAULT_MAX_REQUEST_TOKENS = 128_000
 
 
 class Prices(BaseModel):
@@ -107,6 +111,10 @@ class Settings(BaseSettings):
     llm_tokens_per_minute: int | None = Field(default=None, ge=1)
     llm_response_format: Literal["json_schema", "json_object"] = "json_schema"
     llm_max_context_tokens: int | None = Field(default=None, ge=1)
+    # Every endpoint's ceiling, prompt and max_tokens together, its max_context_tokens known or
+    # not: without it, a runaway prompt (a prompt set that echoes its placeholders, a reply
+    # written far past max_tokens) sent megabytes to the shared LLM.
+    llm_max_request_tokens: int = Field(default=DEFAULT_MAX_REQUEST_TOKENS, ge=1)
     llm_retry_after_max_s: float = Field(default=120.0, ge=0)  # see EndpointConfig.retry_after_max_s
     llm_batch: BatchConfig | None = (
         None  # the default endpoint's batch API, as JSON; see EndpointConfig.batch

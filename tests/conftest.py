@@ -111,6 +111,7 @@ def client_for(settings: Settings, timeout_s: float | None = None) -> OpenAIComp
         max_retries=settings.llm_max_retries,
         backoff_base_s=settings.llm_backoff_base_s,
         backoff_max_s=settings.llm_backoff_max_s,
+        max_request_tokens=settings.llm_max_request_tokens,
     )
 
 

@@ -1698,6 +1698,38 @@ async def test_a_request_whose_file_the_provider_refuses_alone_fails_its_item_wi
     assert scripted_llm.batches.refused_uploads == 5
 
 
+async def test_a_request_over_the_servers_cap_fails_its_item_unfiled_and_the_job_goes_on(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    # The short prompt's requests (the policies and replies of a few hundred tokens) fit;
+    # the long prompt's first one (some 6,500 tokens) is over.
+    capped = batch_settings.model_copy(update={"llm_max_request_tokens": 6_000})
+    long_prompt = "How do tides and currents shape a coastline? " * 420  # 18,900 characters
+
+    job_id = await submit(batch_api, auth, [PROMPTS[0], long_prompt], delivery="batch")
+    await _drive(capped, sessions, arq_redis, job_id)
+
+    items = (await batch_api.get(f"/v1/jobs/{job_id}/items", headers=auth)).json()["data"]
+    assert [(i["status"], i["error_code"]) for i in items] == [
+        ("completed", None),
+        ("failed", "request_too_large"),
+    ]
+    refusal = items[1]["error_message"]
+    assert refusal.startswith("role 'intent' would send endpoint 'default' a request")
+    assert refusal.endswith("over the server's AIDSAFE_LLM_MAX_REQUEST_TOKENS of 6,000; not sent")
+    async with sessions() as session:
+        filed = (await session.scalars(select(BatchRequest.item_id).distinct())).all()
+    assert filed == [UUID(items[0]["id"])]
+    provider = scripted_llm.batches
+    sent = [line for batch in provider.created() for line in provider.input_lines(batch["id"])]
+    assert sent and not any(long_prompt in json.dumps(line) for line in sent)
+
+
 @pytest.mark.parametrize(
     ("config", "code"),
     [

@@ -6,21 +6,24 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from typing import Any
+from uuid import UUID
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+from pydantic import ValidationError
+from sqlalchemy import func, select, update
 
 from app.config import EndpointConfig, Settings
 from app.deliberation.budget import request_tokens
 from app.deliberation.config import Limits
 from app.deliberation.policies import MAX_POLICY_TEXT_CHARS
 from app.deliberation.ports import ChatRequest, LLMRequestTooLarge
+from app.deliberation.prompt_sets import builtin
 from app.deliberation.stages import SEED
-from app.store import keys, policy_sets
+from app.store import keys, policy_sets, prompt_sets
 from app.store.db import Sessions
 from app.store.models import Job, PolicySetRow
-from tests.conftest import api_client, client_for, new_key, run_worker_burst
+from tests.conftest import api_client, client_for, new_key, run_worker_burst, submit
 from tests.scripted_llm import RecordedRequest, ScriptedLLM, reply
 
 Headers = dict[str, str]
@@ -282,6 +285,107 @@ async def test_a_max_tokens_over_what_the_context_leaves_is_lowered_to_it(
 
     sent = [request.body["max_tokens"] for request in scripted_llm.requests]
     assert sent == [SMALL_CONTEXT - prompt, SMALL_CONTEXT - prompt, SMALL_CONTEXT - prompt - 1]
+
+
+# --- the server's cap on every request --------------------------------------------------------
+
+
+async def test_a_request_over_the_servers_cap_is_not_sent_and_one_under_it_is(
+    settings: Settings, scripted_llm: ScriptedLLM
+) -> None:
+    # `default` has no max_context_tokens: the server's cap alone bounds what it is sent.
+    capped = settings.model_copy(update={"llm_max_request_tokens": 2_000})
+    schema = SEED.schema(Limits())
+    under = [{"role": "user", "content": "x" * 3_000}]  # about 1,000 tokens
+    over = [{"role": "user", "content": "x" * 6_000}]  # about 2,000
+
+    async with client_for(capped) as client:
+        await client.chat(ChatRequest("seed", "default", "m", under, "seed_cot", schema, 0.0, 256))
+        with pytest.raises(LLMRequestTooLarge) as refused:
+            await client.chat(ChatRequest("seed", "default", "m", over, "seed_cot", schema, 0.0, 256))
+
+    assert [request.body["messages"] for request in scripted_llm.requests] == [under]
+    assert refused.value.summary == str(refused.value)
+    assert str(refused.value).startswith("role 'seed' would send endpoint 'default' a request of about ")
+    assert str(refused.value).endswith(
+        " tokens with max_tokens, over the server's AIDSAFE_LLM_MAX_REQUEST_TOKENS of 2,000; not sent"
+    )
+
+
+async def test_the_servers_cap_lowers_a_max_tokens_over_what_it_leaves_as_a_context_does(
+    settings: Settings, scripted_llm: ScriptedLLM
+) -> None:
+    capped = settings.model_copy(update={"llm_max_request_tokens": 2_000})
+    messages, schema = [{"role": "user", "content": "x" * 3_000}], SEED.schema(Limits())
+    prompt = request_tokens(messages, schema, 0)
+
+    async with client_for(capped) as client:
+        await client.chat(ChatRequest("seed", "default", "m", messages, "seed_cot", schema, 0.0, 4_096))
+
+    assert [request.body["max_tokens"] for request in scripted_llm.requests] == [2_000 - prompt]
+
+
+async def test_the_lesser_of_the_servers_cap_and_an_endpoints_context_bounds_its_requests(
+    capped_settings: Settings, scripted_llm: ScriptedLLM
+) -> None:
+    messages = [{"role": "user", "content": "x" * 9_000}]  # about 3,000 tokens: over both limits
+    request = ChatRequest("seed", "tiny", "m", messages, "seed_cot", SEED.schema(Limits()), 0.0, 256)
+    refusals = []
+    for cap in (TINY_CONTEXT - 1, TINY_CONTEXT, TINY_CONTEXT + 1):
+        async with client_for(capped_settings.model_copy(update={"llm_max_request_tokens": cap})) as client:
+            with pytest.raises(LLMRequestTooLarge) as refused:
+                await client.chat(request)
+        refusals.append(str(refused.value).split(", over ")[1])
+
+    assert refusals == [
+        f"the server's AIDSAFE_LLM_MAX_REQUEST_TOKENS of {TINY_CONTEXT - 1:,}; not sent",
+        f"its max_context_tokens of {TINY_CONTEXT:,}; not sent",
+        f"its max_context_tokens of {TINY_CONTEXT:,}; not sent",
+    ]
+    assert scripted_llm.requests == []
+
+
+async def test_a_prompt_set_echoing_a_long_prompt_fails_its_item_unsent_and_the_job_goes_on(
+    api: httpx.AsyncClient, settings: Settings, sessions: Sessions, scripted_llm: ScriptedLLM
+) -> None:
+    # A set stored before placeholder uses were capped, pinned by a job queued before then:
+    # each request is its prompt 1,000 times over. No endpoint's context is known here, so
+    # the server's default cap alone keeps the long prompt's request (some 20 MB) unsent.
+    async with sessions.begin() as session:
+        key, secret = await keys.create_key(session, "legacy", ())
+        echoing = {**builtin().templates, "zero_shot.user": "$prompt\n" * 1_000}
+        echo, _ = await prompt_sets.register(session, key.id, "echo", "", echoing, None)
+    auth = {"Authorization": f"Bearer {secret}"}
+    long_prompt = "How do I store soup safely? " * 700  # 19,600 characters
+    job_id = await submit(api, auth, ["Hi", long_prompt], mode="zero_shot")
+    async with sessions.begin() as session:
+        await session.execute(update(Job).where(Job.id == UUID(job_id)).values(prompt_set_id=echo.id))
+
+    await run_worker_burst(settings)
+
+    job = (await api.get(f"/v1/jobs/{job_id}", headers=auth)).json()
+    items = (await api.get(f"/v1/jobs/{job_id}/items", headers=auth)).json()["data"]
+    assert job["status"] == "completed"
+    assert [(item["status"], item["error_code"]) for item in items] == [
+        ("completed", None),
+        ("failed", "request_too_large"),
+    ]
+    assert items[1]["error_message"].startswith("role 'zero-shot' would send endpoint 'default' a request")
+    assert items[1]["error_message"].endswith(
+        "over the server's AIDSAFE_LLM_MAX_REQUEST_TOKENS of 128,000; not sent"
+    )
+    echoes = [request.body["messages"][1]["content"].count("Hi") for request in scripted_llm.requests]
+    assert echoes == [1_000]  # the short prompt's request alone
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "lots", ""])
+def test_a_cap_on_requests_that_is_not_a_positive_count_stops_the_server_at_start(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("AIDSAFE_LLM_MAX_REQUEST_TOKENS", value)
+
+    with pytest.raises(ValidationError, match="llm_max_request_tokens"):
+        Settings()
 
 
 async def test_a_comparison_whose_judge_cannot_fit_is_refused(

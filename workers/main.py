@@ -150,6 +150,7 @@ async def connect(ctx: dict[str, Any]) -> None:
         backoff_max_s=settings.llm_backoff_max_s,
         hedging=_hedge_policy(settings),
         breaker=_breaker(settings),
+        max_request_tokens=settings.llm_max_request_tokens,
     )
     sessions = make_sessions(db)
     heartbeat = await liveness.Heartbeat.start(settings, worker_id)
@@ -237,7 +238,12 @@ async def _run_engine(worker: Worker, claim: items.Claim) -> Result:
     imported one, have a model under test answer and judge the answer, or write a CoT."""
     sessions = worker.sessions
     batched = isinstance(claim.plan, GenerationPlan) and claim.plan.delivery == "batch"
-    client = BatchedLLM(sessions, claim, worker.settings.endpoints(), worker.llm) if batched else worker.llm
+    settings = worker.settings
+    client = (
+        BatchedLLM(sessions, claim, settings.endpoints(), worker.llm, settings.llm_max_request_tokens)
+        if batched
+        else worker.llm
+    )
     llm = budgets.Meter(client, worker.spending, claim.job_id, claim.budget)
     policies, prompts = policy_sets.for_engine(claim.policy_set), prompt_sets.for_engine(claim.prompt_set)
     sent_online = client.sent_online if isinstance(client, BatchedLLM) else frozenset()

@@ -34,8 +34,8 @@ import aiohttp
 import orjson
 from redis.exceptions import RedisError
 
-from app.config import EndpointConfig
-from app.deliberation.budget import request_tokens
+from app.config import DEFAULT_MAX_REQUEST_TOKENS, EndpointConfig
+from app.deliberation.budget import BYTES_PER_TOKEN, request_tokens
 from app.deliberation.ports import (
     ChatReply,
     ChatRequest,
@@ -121,6 +121,7 @@ class OpenAICompatibleClient:
         backoff_max_s: float = 30.0,
         hedging: HedgePolicy | None = None,
         breaker: EndpointBreaker | None = None,
+        max_request_tokens: int = DEFAULT_MAX_REQUEST_TOKENS,
     ) -> None:
         """
         endpoints: OpenAI-compatible servers by name; requests name one of them.
@@ -134,6 +135,7 @@ class OpenAICompatibleClient:
         hedging: when to send a second copy of an attempt that runs long; None: never.
         breaker: refuses attempts at an endpoint that keeps failing as a down one does
             (chat raises LLMUnavailable at once); None: every attempt is sent.
+        max_request_tokens: the setting llm_max_request_tokens, every endpoint's ceiling.
         """
         self._endpoints = endpoints
         self._limiter = limiter
@@ -144,6 +146,7 @@ class OpenAICompatibleClient:
         self._backoff_max_s = backoff_max_s
         self._hedging = hedging
         self._breaker = breaker
+        self._max_request_tokens = max_request_tokens
         self._session: aiohttp.ClientSession | None = None  # made on first use, in the event loop
 
     def _http(self) -> aiohttp.ClientSession:
@@ -178,7 +181,8 @@ class OpenAICompatibleClient:
 
         Raises LLMRequestRejected for an unknown endpoint or a 4xx other than 429,
         LLMRequestTooLarge (unsent) for a request whose prompt leaves the reply too little of
-        the endpoint's max_context_tokens (a max_tokens over what it leaves is lowered to it),
+        the endpoint's max_context_tokens or max_request_tokens, whichever is less (a
+        max_tokens over what it leaves is lowered to it),
         and LLMUnavailable once max_retries retries of transient faults are spent, or at once
         when the endpoint's breaker is open (its retry_in_s: until it is tried again).
         """
@@ -186,7 +190,7 @@ class OpenAICompatibleClient:
         if endpoint is None:
             unknown = f"unknown LLM endpoint {request.endpoint!r}"
             raise LLMRequestRejected(unknown, unknown)
-        request = fitted(request, endpoint)
+        request = fitted(request, endpoint, self._max_request_tokens)
         # A plain loop, not tenacity: its machinery around each attempt cost a worker 5 % of
         # its CPU at hundreds of calls a second (bench/RESULTS.md, issue 12 target 4).
         attempt = 1
@@ -423,21 +427,27 @@ async def _first_answer(copies: list[asyncio.Task[ChatReply]]) -> ChatReply:
     raise next((f for f in faults if not isinstance(f, _TransientFault)), faults[-1])
 
 
-def fitted(request: ChatRequest, endpoint: EndpointConfig) -> ChatRequest:
-    """The request, with max_tokens lowered to what the endpoint's context leaves if it asks
-    for more (a re-ask after truncation doubles it); refused, unsent, when the prompt leaves
-    less than MIN_REPLY_TOKENS."""
-    limit = endpoint.max_context_tokens
-    if limit is None:
-        return request
-    room = limit - request_tokens(request.messages, request.schema, 0)
+def fitted(request: ChatRequest, endpoint: EndpointConfig, max_request_tokens: int) -> ChatRequest:
+    """The request, with max_tokens lowered to what the endpoint's max_context_tokens, or the
+    server's max_request_tokens if less, leaves if it asks for more (a re-ask after truncation
+    doubles it); refused, unsent, when the prompt leaves less than MIN_REPLY_TOKENS."""
+    context = endpoint.max_context_tokens
+    if context is not None and context <= max_request_tokens:
+        limit, limit_named = context, f"its max_context_tokens of {context:,}"
+    else:
+        limit = max_request_tokens
+        limit_named = f"the server's AIDSAFE_LLM_MAX_REQUEST_TOKENS of {limit:,}"
+    # Each character is a byte at least: a prompt with this many is over the limit before its
+    # bytes are counted, which would encode all of it (megabytes, on the event loop).
+    least_prompt = sum(len(m["content"]) for m in request.messages) // BYTES_PER_TOKEN
+    prompt = least_prompt if least_prompt > limit else request_tokens(request.messages, request.schema, 0)
+    room = limit - prompt
     if room >= request.max_tokens:
         return request
     if room < min(request.max_tokens, MIN_REPLY_TOKENS):
         too_large = (
             f"role '{request.role}' would send endpoint '{request.endpoint}' a request of about "
-            f"{limit - room + request.max_tokens:,} tokens with max_tokens, over its "
-            f"max_context_tokens of {limit:,}; not sent"
+            f"{prompt + request.max_tokens:,} tokens with max_tokens, over {limit_named}; not sent"
         )
         raise LLMRequestTooLarge(too_large, too_large)
     return dataclasses.replace(request, max_tokens=room)

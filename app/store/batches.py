@@ -69,9 +69,16 @@ class BatchedLLM:
     """The LLMClient of one claimed item of a batch job (see the module's docstring)."""
 
     def __init__(
-        self, sessions: Sessions, claim: Claim, endpoints: dict[str, EndpointConfig], online: LLMClient
+        self,
+        sessions: Sessions,
+        claim: Claim,
+        endpoints: dict[str, EndpointConfig],
+        online: LLMClient,
+        max_request_tokens: int,
     ) -> None:
+        """max_request_tokens: the setting llm_max_request_tokens, as the online client's."""
         self._sessions, self._claim, self._endpoints, self._online = sessions, claim, endpoints, online
+        self._max_request_tokens = max_request_tokens
         # The turns this item's run asked online (their cost is at the online price).
         self.sent_online: set[TurnKey] = set()
 
@@ -87,7 +94,8 @@ class BatchedLLM:
             if endpoint is None:
                 unknown = f"unknown LLM endpoint {request.endpoint!r}"
                 raise LLMRequestRejected(unknown, unknown)
-            await self._file(request.key, request.endpoint, chat_payload(fitted(request, endpoint), endpoint))
+            fitting = fitted(request, endpoint, self._max_request_tokens)
+            await self._file(request.key, request.endpoint, chat_payload(fitting, endpoint))
             raise AwaitingBatch(f"item {self._claim.item_id}: {request.key} filed")
         status, answer, error = filed
         if status == BatchRequestStatus.ANSWERED:
