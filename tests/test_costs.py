@@ -24,7 +24,7 @@ from app.store import budgets, callbacks
 from app.store.db import Sessions, make_engine, make_sessions
 from app.store.models import CallbackDelivery, Item, ItemStatus, Job, TurnRow
 from app.store.turn_writer import TurnWriter, Written
-from tests.conftest import api_client, eventually, least_loop_pause, run_worker_burst
+from tests.conftest import api_client, eventually, least_loop_pause, longest_loop_pause, run_worker_burst
 from tests.scripted_llm import ScriptedLLM
 from tests.test_turn_writer import claimed_items, turn_row
 from tests.test_viewer import logged_in
@@ -434,6 +434,24 @@ async def test_an_estimate_of_10000_prompts_holds_the_event_loop_briefly(
     assert response.json()["items"] == 10_000 and response.json()["cost_usd"]["min"] > 0
     # CI's load inflates the loop's CPU by half again or more.
     assert held < 0.013, f"the event loop was held for {held:.3f} s of CPU"
+
+
+async def test_a_budget_patched_onto_a_long_job_holds_the_event_loop_briefly(
+    priced_api: httpx.AsyncClient, auth: dict[str, str]
+) -> None:
+    """Checking a budget renders the largest request of every deliberation turn: for 8 agents
+    and 20 rounds some 13,000 requests, which held the event loop for 40 ms of CPU; in a
+    worker thread, 2 ms."""
+    config = {"agents": 8, "max_rounds": 20}
+    job_id = (await post_job(priced_api, auth, {"prompts": prompts(1), "config": config})).json()["id"]
+
+    response, held = await least_loop_pause(
+        lambda: priced_api.patch(f"/v1/jobs/{job_id}", json={"budget": {"max_tokens": 10**9}}, headers=auth)
+    )
+
+    assert response.status_code == 200, response.text
+    assert response.json()["budget"]["max_tokens"] == 10**9
+    assert held < 0.010, f"the event loop was held for {held:.3f} s of CPU"
 
 
 async def test_budgets_no_call_fits_or_that_cannot_be_counted_are_refused_with_stable_codes(
