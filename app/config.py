@@ -60,7 +60,7 @@ class EndpointConfig(BaseModel):
     response_format: Literal["json_schema", "json_object"] = "json_schema"
     # The model's context in tokens (vLLM's --max-model-len, llama.cpp's n_ctx): jobs whose
     # requests may not fit are refused, and no request estimated over it is sent. None:
-    # unknown, only the caps on prompts, policies and max_tokens apply.
+    # unknown, only the caps on prompts, policies and max_tokens and llm_max_request_tokens apply.
     max_context_tokens: int | None = Field(default=None, ge=1)
     # The longest wait honoured when the endpoint asks for one (Retry-After; x-ratelimit-reset-*
     # once x-ratelimit-remaining-* is 0): before a request's retry, or by every worker's

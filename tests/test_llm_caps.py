@@ -1,6 +1,7 @@
 """Size caps on what a tenant sends to a shared LLM: policy fields and text are capped when a
 set is registered, a job whose requests cannot fit an endpoint's context is refused at
-submission, and the client never sends a request estimated over the endpoint's limit."""
+submission, and the client never sends a request estimated over the endpoint's limit or the
+server's cap on every request."""
 
 from __future__ import annotations
 

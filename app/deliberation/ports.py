@@ -101,8 +101,8 @@ class LLMRequestRejected(LLMFault):
 
 
 class LLMRequestTooLarge(LLMRequestRejected):
-    """The request was not sent: it may not fit the endpoint's context. Its message is ours
-    (role, endpoint, sizes), so it is its own summary."""
+    """The request was not sent: it may not fit the endpoint's context, or is over the server's
+    cap on any request. Its message is ours (role, endpoint, sizes), so it is its own summary."""
 
     code = "request_too_large"
 
