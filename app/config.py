@@ -15,9 +15,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 MAX_ENDPOINT_NAME_CHARS = 100
 EndpointName = Annotated[str, Field(min_length=1, max_length=MAX_ENDPOINT_NAME_CHARS)]
 # The most tokens any one request to any endpoint may take (Settings.llm_max_request_tokens):
-# the context of today's long-context models (GPT-4o, Llama 3.1, Mistral Large: 128k). The
-# estimate counts high (English by about a third), so what it lets through fits such a context.
-DEFAULT_MAX_REQUEST_TOKENS = 128_000
+# a backstop against runaway prompts, not a model's context (max_context_tokens is that), so
+# the longest context offered today (Gemini's and GPT-4.1's: 1M), about 3 MB a request.
+DEFAULT_MAX_REQUEST_TOKENS = 1_000_000
 
 
 class Prices(BaseModel):

@@ -24,7 +24,7 @@ from app.store import budgets, callbacks
 from app.store.db import Sessions, make_engine, make_sessions
 from app.store.models import CallbackDelivery, Item, ItemStatus, Job, TurnRow
 from app.store.turn_writer import TurnWriter, Written
-from tests.conftest import api_client, eventually, least_loop_pause, longest_loop_pause, run_worker_burst
+from tests.conftest import api_client, eventually, least_loop_pause, run_worker_burst
 from tests.scripted_llm import ScriptedLLM
 from tests.test_turn_writer import claimed_items, turn_row
 from tests.test_viewer import logged_in

@@ -373,7 +373,7 @@ async def test_a_prompt_set_echoing_a_long_prompt_fails_its_item_unsent_and_the_
     ]
     assert items[1]["error_message"].startswith("role 'zero-shot' would send endpoint 'default' a request")
     assert items[1]["error_message"].endswith(
-        "over the server's AIDSAFE_LLM_MAX_REQUEST_TOKENS of 128,000; not sent"
+        "over the server's AIDSAFE_LLM_MAX_REQUEST_TOKENS of 1,000,000; not sent"
     )
     echoes = [request.body["messages"][1]["content"].count("Hi") for request in scripted_llm.requests]
     assert echoes == [1_000]  # the short prompt's request alone

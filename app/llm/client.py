@@ -437,9 +437,15 @@ def fitted(request: ChatRequest, endpoint: EndpointConfig, max_request_tokens: i
     else:
         limit = max_request_tokens
         limit_named = f"the server's AIDSAFE_LLM_MAX_REQUEST_TOKENS of {limit:,}"
+    characters = sum(len(m["content"]) for m in request.messages)
+    # Under half the server's ceiling at 4 bytes a character, a request fits whatever its
+    # schema (this code's, a few kB): not counted, as every call's encode and schema dump
+    # cost 12 µs, 1 % of the machine's CPU per call at cap 256 (bench/RESULTS.md, target 4).
+    if context is None and 4 * characters // BYTES_PER_TOKEN + request.max_tokens <= limit // 2:
+        return request
     # Each character is a byte at least: a prompt with this many is over the limit before its
     # bytes are counted, which would encode all of it (megabytes, on the event loop).
-    least_prompt = sum(len(m["content"]) for m in request.messages) // BYTES_PER_TOKEN
+    least_prompt = characters // BYTES_PER_TOKEN
     prompt = least_prompt if least_prompt > limit else request_tokens(request.messages, request.schema, 0)
     room = limit - prompt
     if room >= request.max_tokens:
