@@ -182,14 +182,21 @@ def _why(error: ValidationError) -> str:
     )
 
 
+class _NamedOwner(BaseModel):
+    """The one field of an unread entry's head the spool counted it under."""
+
+    model_config = ConfigDict(strict=True)
+
+    owner_key_id: str
+
+
 def _named_owner(entry: bytes) -> str:
     """The API key an unread entry's head names, as the spool counted it under ("" if none):
     an entry of an older release may still name it."""
-    try:
-        owner = json.loads(entry.partition(b"\n")[0]).get("owner_key_id")
-    except (ValueError, AttributeError):  # not JSON, or no object
+    try:  # pydantic, as the head was read: json.loads raises RecursionError on deep nesting
+        return _NamedOwner.model_validate_json(entry.partition(b"\n")[0]).owner_key_id
+    except ValidationError:  # not JSON, no object, or no key named
         return ""
-    return owner if isinstance(owner, str) else ""
 
 
 @dataclass(frozen=True, slots=True)
