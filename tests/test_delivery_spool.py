@@ -671,8 +671,29 @@ async def test_the_dead_list_keeps_the_newest_and_says_when_it_drops_the_oldest(
     newest, *kept = await redis.lrange(f"{prefix}:deliveries:dead", 0, -1)  # type: ignore[misc]
     assert DeadDelivery.decoded(newest).entry == b"not a spooled delivery"
     assert kept == older[:-1]
-    said = f"the dead list keeps the newest {deliveries.DEAD_KEPT}: its 1 oldest were dropped"
-    assert said in caplog.messages
+    kept_most = f"{deliveries.DEAD_KEPT}, {deliveries.DEAD_KEPT_BYTES} bytes at most"
+    assert f"the dead list keeps the newest {kept_most}: its 1 oldest were dropped" in caplog.messages
+
+
+async def test_the_dead_list_keeps_no_more_bytes_than_its_most(
+    settings: Settings, sessions: Sessions, redis: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its entries leave the spool's bounds: 2,000 deliveries of the most a body may be (4 MiB)
+    would take 8 GiB of Redis."""
+    prefix, most = spool_prefix(settings), settings.max_import_bytes
+    unread = [b"unread %d\n" % n + b"x" * most for n in range(deliveries.DEAD_KEPT_BYTES // most + 2)]
+    await redis.rpush(f"{prefix}:deliveries:spooled", *unread)  # type: ignore[misc]
+    try:
+        with caplog.at_level(logging.WARNING, logger="aidsafe.deliveries"):
+            await deliveries.replay_spooled(sessions, redis, prefix)
+        kept = await deliveries.dead_deliveries(redis, prefix, 0)
+    finally:
+        await deliveries.drop_dead(redis, prefix)
+
+    fits = deliveries.DEAD_KEPT_BYTES // len(kept[0].encoded())
+    assert [dead.entry for dead in kept] == unread[::-1][:fits]
+    assert sum(len(dead.encoded()) for dead in kept) <= deliveries.DEAD_KEPT_BYTES
+    assert any(message.endswith("its 1 oldest were dropped") for message in caplog.messages)
 
 
 @asynccontextmanager

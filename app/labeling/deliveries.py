@@ -46,9 +46,11 @@ SECRET_HEADER = "X-Aidsafe-Webhook-Secret"
 # in the processing list: once the lease lapses, the next pass replays it again.
 REPLAY_LEASE_S = 120.0
 REPLAY_PASS_S = 30.0  # a pass takes no new entry after this long, well within its lease
-# The dead list keeps the newest this many; an older one is dropped (and the drop logged): a
-# release writing entries no other can read must not fill Redis.
+# The dead list keeps the newest this many, and this many bytes at most (2,000 deliveries of
+# up to 4 MiB would be 8 GiB); an older one is dropped (and the drop logged): a release writing
+# entries no other can read must not fill Redis.
 DEAD_KEPT = 2000
+DEAD_KEPT_BYTES = 64 * 1024 * 1024
 
 # Adds an entry unless the spool (waiting and being replayed) holds `max` entries or `max`
 # bytes already, or the delivery's API key holds its share of either. The bytes are counted in
@@ -99,17 +101,23 @@ return 0
 """
 )
 # An entry unread goes to the front of the dead list, as ARGV[3] (its reason, then the entry),
-# once (see _RECORDED: -1 if it was not in processing); the list keeps the newest DEAD_KEPT
-# (ARGV[4]): how many older ones were dropped.
+# once (see _RECORDED: -1 if it was not in processing); the list, whose bytes KEYS[5] counts
+# (anew when it was empty), keeps the newest DEAD_KEPT (ARGV[4]) and DEAD_KEPT_BYTES (ARGV[5]),
+# the newest always: how many older ones were dropped.
 _DEAD_LETTERED = (
     _GIVE_BACK
     + """
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return -1 end
 give_back(KEYS[2], KEYS[3], ARGV[1], ARGV[2])
-local over = redis.call('LPUSH', KEYS[4], ARGV[3]) - tonumber(ARGV[4])
-if over <= 0 then return 0 end
-redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[4]) - 1)
-return over
+local kept = redis.call('LPUSH', KEYS[4], ARGV[3])
+if kept == 1 then redis.call('SET', KEYS[5], 0) end
+local kept_bytes = redis.call('INCRBY', KEYS[5], string.len(ARGV[3]))
+local dropped = 0
+while kept > 1 and (kept > tonumber(ARGV[4]) or kept_bytes > tonumber(ARGV[5])) do
+    kept_bytes = redis.call('DECRBY', KEYS[5], string.len(redis.call('RPOP', KEYS[4])))
+    kept, dropped = kept - 1, dropped + 1
+end
+return dropped
 """
 )
 # An entry that failed goes back to the front (LPUSH) or the end (RPUSH) of the waiting list,
@@ -266,7 +274,7 @@ async def keep_refusal(
 @dataclass(frozen=True, slots=True)
 class _Spool:
     """The spool's Redis keys: deliveries waiting, being replayed, their bytes, each API key's
-    entries and bytes, the replay lease, and the entries that could not be read."""
+    entries and bytes, the replay lease, and the entries that could not be read and their bytes."""
 
     waiting: str
     processing: str
@@ -274,10 +282,11 @@ class _Spool:
     per_key: str
     lease: str
     dead: str
+    dead_bytes: str
 
     @classmethod
     def of(cls, prefix: str) -> _Spool:
-        names = ("spooled", "processing", "bytes", "keys", "replaying", "dead")
+        names = ("spooled", "processing", "bytes", "keys", "replaying", "dead", "dead_bytes")
         return cls(*(f"{prefix}:deliveries:{name}" for name in names))
 
     @property
@@ -373,14 +382,19 @@ async def replay_spooled(sessions: Sessions, redis: Redis, prefix: str) -> int:
 async def _dead_letter(redis: Redis, keys: _Spool, entry: bytes, reason: str) -> None:
     """Move an entry unread from processing to the dead list, giving its counts back; said once."""
     kept = DeadDelivery(reason, time.time(), entry).encoded()
-    dead_keys = (keys.processing, keys.size, keys.per_key, keys.dead)
-    dead_args = (entry, _named_owner(entry), kept, str(DEAD_KEPT))
-    dropped = await redis.eval(_DEAD_LETTERED, 4, *dead_keys, *dead_args)  # type: ignore[arg-type, misc]
+    dead_keys = (keys.processing, keys.size, keys.per_key, keys.dead, keys.dead_bytes)
+    dead_args = (entry, _named_owner(entry), kept, str(DEAD_KEPT), str(DEAD_KEPT_BYTES))
+    dropped = await redis.eval(_DEAD_LETTERED, 5, *dead_keys, *dead_args)  # type: ignore[arg-type, misc]
     if dropped < 0:  # another pass, whose lease had lapsed, moved it
         return
     log.error("a spooled delivery could not be read, moved to %s: %s", keys.dead, reason)
     if dropped:
-        log.warning("the dead list keeps the newest %d: its %d oldest were dropped", DEAD_KEPT, dropped)
+        log.warning(
+            "the dead list keeps the newest %d, %d bytes at most: its %d oldest were dropped",
+            DEAD_KEPT,
+            DEAD_KEPT_BYTES,
+            dropped,
+        )
 
 
 async def dead_count(redis: Redis, prefix: str) -> int:
@@ -396,9 +410,10 @@ async def dead_deliveries(redis: Redis, prefix: str, limit: int) -> list[DeadDel
 
 async def drop_dead(redis: Redis, prefix: str) -> int:
     """Empty the dead list; how many it held."""
+    keys = _Spool.of(prefix)
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.llen(_Spool.of(prefix).dead)
-        pipe.delete(_Spool.of(prefix).dead)
+        pipe.llen(keys.dead)
+        pipe.delete(keys.dead, keys.dead_bytes)
         held, _ = await pipe.execute()
     return int(held)
 
