@@ -623,10 +623,19 @@ def edited(delivery: Delivery, drop: str | None = None, **changes: Any) -> bytes
         (edited(to_no_webhook(uuid4()), drop="sent_hash"), "sent_hash: Field required"),
         (edited(to_no_webhook(uuid4()), received_at="now"), "received_at: Input should be a valid number"),
         (edited(to_no_webhook(uuid4()), webhook_id=7), "webhook_id: UUID input should be a string"),
+        # Read, its refusal failed every replay: no datetime holds it.
+        (edited(to_no_webhook(uuid4()), received_at=1e300), "received_at: Input should be less than"),
         # Deeper than json.loads can follow: RecursionError, which left it first in the spool.
         (b"[" * 100_000, "head: Invalid JSON: recursion limit exceeded"),
     ],
-    ids=["not JSON", "a field missing", "a time of the wrong type", "an id of the wrong type", "nested"],
+    ids=[
+        "not JSON",
+        "a field missing",
+        "a time of the wrong type",
+        "an id of the wrong type",
+        "no datetime",
+        "nested",
+    ],
 )
 async def test_a_spooled_entry_that_cannot_be_read_goes_to_the_dead_list_once_with_why(
     unreadable: bytes,

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from uuid import UUID, uuid4
 
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from redis.asyncio import Redis
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -136,6 +136,12 @@ class UnreadableEntry(ValueError):
     """A spooled entry that is no delivery this release can read; the message says why."""
 
 
+# The times a datetime holds, a day inside them: a refusal is kept at its delivery's time, and
+# a time out of them (NaN, 1e300) failed every replay of an entry refused.
+_FIRST_TIME = datetime(1, 1, 2, tzinfo=UTC).timestamp()
+_LAST_TIME = datetime(9999, 12, 31, tzinfo=UTC).timestamp()
+
+
 class _Head(BaseModel):
     """A spooled entry's first line. Strict: a field of the wrong type is unread, not guessed."""
 
@@ -144,7 +150,7 @@ class _Head(BaseModel):
     webhook_id: UUID
     owner_key_id: UUID
     sent_hash: str | None
-    received_at: float
+    received_at: float = Field(allow_inf_nan=False, ge=_FIRST_TIME, le=_LAST_TIME)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +176,7 @@ class Delivery:
     @classmethod
     def decoded(cls, entry: bytes) -> Delivery:
         """The delivery `encoded` made; UnreadableEntry if its head is not JSON, or lacks a
-        field, or holds one of the wrong type."""
+        field, or holds one of the wrong type or a time no datetime holds."""
         head, _, raw = entry.partition(b"\n")
         try:
             fields = _Head.model_validate_json(head)
