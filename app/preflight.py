@@ -1,11 +1,12 @@
 """Is this deployment fit to run items? `aidsafe-worker --check` asks before anything starts;
-a worker starting asks the part that its own items depend on (schema, Redis) and logs it.
+a worker starting asks the part that its own items depend on (PostgreSQL's version and
+schema, Redis) and logs it.
 
 Each check names one thing and what to do about it. A failure means items would fail or be
-put at risk (no such database, a schema this code does not match, a Redis older than 6.2 or
-one that may evict leases and queue marks, an endpoint that does not answer or refuses the
-key); a warning, that it could not be told (an endpoint without a model list, or one not
-listing the model)."""
+put at risk (no such database, a PostgreSQL older than 15, a schema this code does not match,
+a Redis older than 6.2 or one that may evict leases and queue marks, an endpoint that does not
+answer or refuses the key); a warning, that it could not be told (an endpoint without a model
+list, or one not listing the model)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ _UNDEFINED_TABLE = "42P01"
 # LMOVE, with which workers replay the delivery spool, came in Redis 6.2; every other command
 # the service sends (arq's included) is older.
 MIN_REDIS_VERSION = (6, 2)
+# The schema's unique keys use NULLS NOT DISTINCT, which came in PostgreSQL 15.
+MIN_POSTGRES_VERSION = 15
 
 
 class Verdict(StrEnum):
@@ -55,7 +58,7 @@ async def deployment(settings: Settings) -> list[Finding]:
 
 
 async def dependencies(settings: Settings) -> list[Finding]:
-    """What every item depends on: the database's schema and Redis."""
+    """What every item depends on: the database (its version and schema) and Redis."""
     return list(await asyncio.gather(_schema(settings), _redis(settings)))
 
 
@@ -63,6 +66,9 @@ async def _schema(settings: Settings) -> Finding:
     engine = make_engine(settings.database_url, CHECK_TIMEOUT_S, connections=1)
     try:
         async with asyncio.timeout(CHECK_TIMEOUT_S), engine.connect() as connection:
+            version_num = int((await connection.execute(text("SHOW server_version_num"))).scalar_one())
+            if (too_old := postgres_too_old(version_num)) is not None:
+                return Finding("postgres", Verdict.FAILED, too_old)
             revision = (await connection.execute(text("SELECT version_num FROM alembic_version"))).scalar()
     except ProgrammingError as error:
         if getattr(error.orig, "sqlstate", None) != _UNDEFINED_TABLE:  # a permission denied, say
@@ -73,7 +79,9 @@ async def _schema(settings: Settings) -> Finding:
     finally:
         await engine.dispose()
     if revision == SCHEMA_REVISION:
-        return Finding("postgres", Verdict.OK, f"schema at {revision}")
+        return Finding(
+            "postgres", Verdict.OK, f"PostgreSQL {_postgres_release(version_num)}, schema at {revision}"
+        )
     now = "has no schema" if revision is None else f"schema is at {revision}"
     return Finding(
         "postgres",
@@ -81,6 +89,24 @@ async def _schema(settings: Settings) -> Finding:
         f"the database {now}; this code needs {SCHEMA_REVISION}: run `alembic upgrade head` "
         "with this release (or run the release that matches the database)",
     )
+
+
+def postgres_too_old(version_num: int) -> str | None:
+    """Why a server whose `server_version_num` this is cannot hold the schema, or None if it
+    is MIN_POSTGRES_VERSION or later."""
+    if version_num >= MIN_POSTGRES_VERSION * 10000:
+        return None
+    return (
+        f"PostgreSQL {_postgres_release(version_num)} is older than {MIN_POSTGRES_VERSION}, which the "
+        "service needs (the schema's unique keys use NULLS NOT DISTINCT): upgrade it to "
+        f"{MIN_POSTGRES_VERSION} or later"
+    )
+
+
+def _postgres_release(version_num: int) -> str:
+    """`server_version_num` as people write it: 150004 is 15.4, 90624 is 9.6.24."""
+    major, rest = divmod(version_num, 10000)
+    return f"{major}.{rest}" if major >= 10 else f"{major}.{rest // 100}.{rest % 100}"
 
 
 async def _redis(settings: Settings) -> Finding:

@@ -24,7 +24,7 @@ from app import preflight
 from app.config import Settings
 from app.preflight import Finding, Verdict
 from app.store.models import SCHEMA_REVISION
-from tests.conftest import ROOT, _admin, restartable_redis, worker_env
+from tests.conftest import PG_ADMIN_DSN, ROOT, _admin, restartable_redis, worker_env
 from tests.scripted_llm import ScriptedLLM
 
 
@@ -112,6 +112,31 @@ async def test_the_redis_check_names_the_version_it_found(settings: Settings) ->
 
     assert _verdicts(found)["redis"] is Verdict.OK
     assert _detail(found, "redis").startswith(f"Redis {version}, ")
+
+
+async def test_the_postgres_check_names_the_version_it_found(settings: Settings, migrated: str) -> None:
+    connection = await asyncpg.connect(PG_ADMIN_DSN)  # the same server
+    try:
+        version = await connection.fetchval("SHOW server_version")  # "15.4 (Debian 15.4-1)"
+    finally:
+        await connection.close()
+
+    found = await preflight.dependencies(settings)
+
+    assert _verdicts(found)["postgres"] is Verdict.OK
+    assert _detail(found, "postgres").startswith(f"PostgreSQL {version.split()[0]}, schema at ")
+
+
+def test_a_postgresql_older_than_15_is_too_old_and_the_refusal_names_both_versions() -> None:
+    """The schema's unique keys use NULLS NOT DISTINCT, which came in 15. Versions before 10
+    had three parts (90624 is 9.6.24)."""
+    assert preflight.postgres_too_old(150000) is None
+    assert preflight.postgres_too_old(170002) is None
+    assert preflight.postgres_too_old(140011) == (
+        "PostgreSQL 14.11 is older than 15, which the service needs (the schema's unique keys use "
+        "NULLS NOT DISTINCT): upgrade it to 15 or later"
+    )
+    assert str(preflight.postgres_too_old(90624)).startswith("PostgreSQL 9.6.24 is older than 15")
 
 
 def test_a_redis_older_than_6_2_is_too_old() -> None:
@@ -290,5 +315,5 @@ def test_the_readmes_sample_check_shows_the_schema_this_release_needs() -> None:
     """The README shows `aidsafe-worker --check`'s answer; a migration added since would make
     its schema line one the check now fails on."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    shown = re.findall(r"^ok\s+postgres\s+schema at (\S+)$", readme, re.MULTILINE)
+    shown = re.findall(r"^ok\s+postgres\s+PostgreSQL \S+, schema at (\S+)$", readme, re.MULTILINE)
     assert shown == [SCHEMA_REVISION]

@@ -570,9 +570,9 @@ def run(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--check",
         action="store_true",
-        help="check Postgres (reachable, schema current), Redis (reachable, 6.2 or later, never "
-        "evicting) and each LLM endpoint (answering, listing its model), print what was found, exit 1 "
-        "on a failure",
+        help="check Postgres (reachable, 15 or later, schema current), Redis (reachable, 6.2 or "
+        "later, never evicting) and each LLM endpoint (answering, listing its model), print what was "
+        "found, exit 1 on a failure",
     )
     check = parser.parse_args(argv).check
     settings = get_settings()
