@@ -37,6 +37,7 @@ from app.config import Settings
 from app.errors import InvalidCursor
 from app.store.db import Sessions, database_away
 from app.store.models import FINISHED, Item
+from app.threads import in_thread
 
 log = logging.getLogger("aidsafe.events")
 
@@ -127,7 +128,7 @@ async def finished_since(sessions: Sessions, job_id: UUID, since_ms: int) -> lis
         )
         # Off the event loop: a job's 10,000 rows take 30-50 ms to turn into items. The rows
         # were all fetched: reading them needs no I/O, and nothing else uses the session.
-        return await asyncio.to_thread(
+        return await in_thread(
             lambda: [ItemFinished(str(r.id), r.position, r.status, r.error_code) for r in rows]
         )
 

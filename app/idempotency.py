@@ -3,13 +3,13 @@ sent, which a new job stores and a replay is checked against."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 
 from pydantic import BaseModel
 
 from app.errors import IdempotencyConflict
+from app.threads import in_thread
 
 
 class RequestHash:
@@ -30,14 +30,14 @@ class RequestHash:
 
     @classmethod
     async def of(cls, body: BaseModel, upload: bytes = b"") -> RequestHash:
-        return await asyncio.to_thread(cls, body, upload)
+        return await in_thread(cls, body, upload)
 
     async def matches(self, stored: str) -> bool:
         """Whether a job that stored `stored` was made by this request (a replay), not another.
         The legacy hash, a second full dump, is computed (in a thread) only when it may decide."""
         if stored == self.value:
             return True
-        return stored == await asyncio.to_thread(_legacy_full_dump_hash, self.body, self.upload)
+        return stored == await in_thread(_legacy_full_dump_hash, self.body, self.upload)
 
     async def check_replay(self, stored: str) -> None:
         """IdempotencyConflict unless what stored `stored` was made by this request."""

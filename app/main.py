@@ -50,6 +50,7 @@ from app.queue import REQUEST_RETRIES, bound_calls, redis_settings
 from app.store.budgets import Spending
 from app.store.db import make_engine, make_sessions
 from app.store.models import Webhook
+from app.threads import in_thread
 from app.web import pages
 
 
@@ -62,7 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # In a thread as the API starts, not at the first interval a request asks for: on the
         # event loop, that held every request 0.7-1.7 s.
         first_load = "scipy.stats" not in sys.modules
-        await asyncio.to_thread(stats.load_scipy)
+        await in_thread(stats.load_scipy)
         if first_load:
             # Its ~38,000 objects live as long as the process: frozen as the rest of start-up
             # (below), so that no full collection walks them, each 17-28 ms longer otherwise.

@@ -47,6 +47,7 @@ from app.store import batches
 from app.store.batches import Held, LeaseLost, Outcome
 from app.store.db import Sessions
 from app.store.models import BatchStatus
+from app.threads import in_thread
 
 log = logging.getLogger("aidsafe.waves")
 
@@ -97,7 +98,7 @@ async def _lead(settings: Settings, sessions: Sessions, api: BatchAPI, held: Hel
         return
     if held.status is BatchStatus.PREPARING:
         requests = await batches.input_requests(sessions, held.id)
-        content = await asyncio.to_thread(input_file, requests)
+        content = await in_thread(input_file, requests)
         await batches.renew(sessions, held)
         try:
             file_id = await api.upload(held.endpoint, content, f"aidsafe-{held.id}.jsonl")
@@ -257,7 +258,7 @@ async def _read_files(
         except BatchRefused as refusal:
             refused.append(f"file {file_id}: {refusal}")
             continue
-        _read(await asyncio.to_thread(output_lines, content), outcome)
+        _read(await in_thread(output_lines, content), outcome)
         read[column] = str(file_id)
     return read, "; ".join(refused) or None
 

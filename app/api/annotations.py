@@ -8,7 +8,6 @@ Tasks and records go out through GET /v1/jobs/{id}/export (formats `label_studio
 
 from __future__ import annotations
 
-import asyncio
 from datetime import datetime
 from typing import Annotated, Any
 from uuid import UUID
@@ -28,6 +27,7 @@ from app.labeling.reviews import Parsed
 from app.store import annotations as stored
 from app.store import jobs
 from app.store.models import Job
+from app.threads import in_thread
 
 router = APIRouter(tags=["labeling"])
 _NOT_IMPORTED = {
@@ -114,7 +114,7 @@ async def import_label_studio(
 ) -> ImportOut:
     """Import the annotations of a Label Studio JSON export (the file as the body). All or
     nothing; importing the same file again adds nothing; an edited annotation adds a row."""
-    return await _imported(session, await asyncio.to_thread(label_studio.read_export, tasks), job)
+    return await _imported(session, await in_thread(label_studio.read_export, tasks), job)
 
 
 @router.get("/v1/jobs/{job_id}/argilla/settings", responses=READ_ERRORS)
@@ -136,7 +136,7 @@ async def import_argilla(
     """Import reviewers' responses from Argilla records with their responses (a list, or a
     page `{"items": [...]}` as Argilla's API returns). Only submitted responses count."""
     listed = records if isinstance(records, list) else records.items
-    return await _imported(session, await asyncio.to_thread(argilla.read_records, listed), job)
+    return await _imported(session, await in_thread(argilla.read_records, listed), job)
 
 
 # --- reviews read back ----------------------------------------------------------------------
@@ -274,7 +274,7 @@ async def review_summary(job: OwnedJob, session: SessionDep) -> ReviewSummaryOut
     with its Wilson 95 % interval."""
     rows = await stored.job_reviews(session, job.id, job.owner_key_id)
     completed = await stored.count_cots(session, job.id)
-    summary = await asyncio.to_thread(summarise, rows, completed)  # a large job's reviews: off the loop
+    summary = await in_thread(summarise, rows, completed)  # a large job's reviews: off the loop
     grader, between = summary.grader, summary.between_reviewers
     return ReviewSummaryOut(
         job_id=job.id,

@@ -24,6 +24,7 @@ from app.api.state import api_state
 from app.config import Settings
 from app.errors import BodyStalled, MalformedBody, PayloadTooLarge
 from app.storable import decoded
+from app.threads import in_thread
 
 T = TypeVar("T")
 
@@ -55,7 +56,7 @@ class JsonBody(Generic[T]):
     async def __call__(self, request: Request, settings: SettingsDep, key: CurrentKey) -> AsyncIterator[T]:
         # The turn is held until the answer: decoded, the body waits for the key's row still.
         async with api_state(request).body_turns.turn(key.id):
-            yield await asyncio.to_thread(self.decode, await self.read(request, settings))
+            yield await in_thread(self.decode, await self.read(request, settings))
 
     async def read(self, request: Request, settings: Settings) -> bytes:
         """The body's bytes, undecoded: MalformedBody unless it is declared JSON, and

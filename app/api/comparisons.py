@@ -4,7 +4,6 @@ by side."""
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from typing import Annotated, Any
 from uuid import UUID
@@ -28,6 +27,7 @@ from app.plan import check_comparison_fits, comparison_mismatches, resolve_compa
 from app.reports import comparison_stats
 from app.store import comparisons, job_listing, jobs, policy_sets, prompt_sets
 from app.store.models import Job
+from app.threads import in_thread
 
 router = APIRouter(prefix="/v1/comparisons", tags=["comparisons"])
 COMPARISON_BODY = JsonBody[ComparisonIn](ComparisonIn, max_values=1_000)  # two ids and a judge
@@ -42,7 +42,7 @@ async def _comparison_out(session: AsyncSession, job: Job) -> ComparisonOut:
     patterns = await comparisons.verdict_patterns(session, job.id, judges)
     scores = await comparisons.paired_score_counts(session, job.id)
     # Intervals and kappas over thousands of prompts: CPU off the event loop.
-    report = await asyncio.to_thread(_report, counts, patterns, scores)
+    report = await in_thread(_report, counts, patterns, scores)
     return views.comparison_out(job, plan, summary, report)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import asdict, dataclass, replace
 from typing import Annotated, Any
 from uuid import UUID
@@ -59,6 +58,7 @@ from app.plan import GenerationPlan, check_job_fits, resolve
 from app.presets import Presets
 from app.store import deletions, job_listing, jobs, page_sizes, policy_sets, prompt_sets
 from app.store.models import PolicySetRow, PromptSetRow
+from app.threads import in_thread
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 Limit = Annotated[int, Query(ge=1, le=500, description="Page size.")]
@@ -134,7 +134,7 @@ async def estimate_job(
     planned = await _planned(key.id, body, session, settings, presets)
     plan, texts = planned.plan, [p.prompt for _, p in planned.kept]
     # A cost per prompt: 10,000 held the event loop for 10 ms.
-    figures = await asyncio.to_thread(estimate, plan, *planned.for_engine(), texts)
+    figures = await in_thread(estimate, plan, *planned.for_engine(), texts)
     return EstimateOut.model_validate({**asdict(figures), "prices": plan.prices})
 
 
@@ -168,7 +168,7 @@ async def _planned(
     )
     prompt_set = await resolve_prompt_set(session, key_id, body.prompt_set)
     # Off the event loop: 10,000 prompts' models and their duplicates take 20-30 ms.
-    prompts, found = await asyncio.to_thread(_prompts_and_duplicates, body)
+    prompts, found = await in_thread(_prompts_and_duplicates, body)
     skipped = set(found.skipped)
     kept = [(position, p) for position, p in enumerate(prompts) if position not in skipped]
     planned = _Planned(plan, policy_set, prompt_set, found, kept)
@@ -286,7 +286,7 @@ async def list_cots(
     """Refined CoTs of completed items, in prompt order, with their scores and gate decision."""
     rows, next_cursor = await jobs.page_cots(session, job.id, accepted, cursor, limit)
     # Shaped in a worker thread: a page of 500 CoTs held the event loop for 44 ms.
-    data = await asyncio.to_thread(lambda: [views.cot_out(cot, item) for cot, item in rows])
+    data = await in_thread(lambda: [views.cot_out(cot, item) for cot, item in rows])
     return CotPage(data=data, next_cursor=next_cursor)
 
 
@@ -317,7 +317,7 @@ async def list_preference_pairs(
         session, job, kept=kept, min_gap=min_gap, cursor=cursor, limit=limit
     )
     # Shaped in a worker thread: a page of 500 pairs held the event loop for 56-66 ms.
-    data = await asyncio.to_thread(lambda: [views.pair_out(*row, reads_hazardous, known) for row in rows])
+    data = await in_thread(lambda: [views.pair_out(*row, reads_hazardous, known) for row in rows])
     return PreferencePairPage(data=data, next_cursor=next_cursor)
 
 

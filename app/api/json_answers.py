@@ -4,16 +4,17 @@ on the event loop, and a model evaluation's report of 4,000 rows (2 MB of JSON) 
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
 from fastapi import Response
 from pydantic import BaseModel
+
+from app.threads import in_thread
 
 
 async def json_answer(build: Callable[[], BaseModel]) -> Response:
     """The model `build` makes, as FastAPI would answer with it (by alias), made and encoded in
     one worker thread. FastAPI passes a Response on as it is, so the route declares the model
     as its `response_model` for the OpenAPI document."""
-    body = await asyncio.to_thread(lambda: build().model_dump_json(by_alias=True).encode())
+    body = await in_thread(lambda: build().model_dump_json(by_alias=True).encode())
     return Response(body, media_type="application/json")

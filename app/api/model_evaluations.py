@@ -4,7 +4,6 @@ the models side by side with Wilson 95 % intervals."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated
 from uuid import UUID
 
@@ -29,6 +28,7 @@ from app.plan import check_model_evaluation_fits, resolve_model_evaluation
 from app.reports import model_evaluation
 from app.store import jobs, model_evaluations, policy_sets, prompt_sets
 from app.store.models import Job
+from app.threads import in_thread
 
 router = APIRouter(prefix="/v1/model-evaluations", tags=["model evaluations"])
 # A benchmark file's text is one value here; its JSONL is counted against the same cap as
@@ -60,7 +60,7 @@ async def evaluation_out(session: AsyncSession, job: Job) -> ModelEvaluationOut:
     # A Wilson interval per benchmark, category, metric and target: the categories are the
     # client's, and thousands of them held the event loop for seconds (an interval was 250 µs
     # of scipy's then; some 2 µs now); in a thread, their tallies and rows still held it 60 ms.
-    return await asyncio.to_thread(shown)
+    return await in_thread(shown)
 
 
 @router.post(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated
 from uuid import UUID
 
@@ -24,6 +23,7 @@ from app.config import Settings
 from app.deliberation.prompt_sets import prompt_set, validate
 from app.plan import check_prompt_set_fits
 from app.store import prompt_sets
+from app.threads import in_thread
 
 router = APIRouter(prefix="/v1/prompt-sets", tags=["prompt sets"])
 PROMPT_SET_BODY = JsonBody[PromptSetIn](PromptSetIn, max_values=2 * MAX_TEMPLATES + 10)
@@ -71,7 +71,7 @@ async def register_prompt_set(
     if body.base is not None:
         base = await prompt_sets.find_visible(session, key.id, body.base.name, body.base.version)
         templates = {**base.templates, **body.templates}
-    await asyncio.to_thread(_check, body.name, templates, settings)
+    await in_thread(_check, body.name, templates, settings)
     row, created = await prompt_sets.register(
         session, key.id, body.name, body.description, templates, settings.max_set_versions_per_key
     )

@@ -4,7 +4,6 @@ Parquet file; per-sample results and a report with 95 % intervals."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from app.storable import read_json, storable_input
 from app.store import jobs, policy_sets, prompt_sets, sample_evaluations
 from app.store.jobs import NewCallback
 from app.store.models import Job
+from app.threads import in_thread
 
 router = APIRouter(prefix="/v1/sample-evaluations", tags=["sample evaluations"])
 SAMPLES_BODY = JsonBody[SampleEvaluationIn](SampleEvaluationIn, max_values=MAX_JSON_VALUES)
@@ -202,7 +202,7 @@ async def _submit(
     )
     prompt_set = await resolve_prompt_set(session, key_id, options.prompt_set)
     shown = [(s.prompt, EngineSample(s.thoughts, s.response)) for s in samples]
-    await asyncio.to_thread(
+    await in_thread(
         check_sample_evaluation_fits,
         plan,
         policy_sets.for_engine(policy_set),
@@ -236,7 +236,7 @@ async def evaluation_out(session: AsyncSession, job: Job) -> SampleEvaluationOut
         report["pairwise"] = await sample_evaluations.pairwise_counts(session, job.id)
     # A Wilson interval per sample label: the labels are the client's, and thousands of them
     # held the event loop for seconds (when an interval was 250 µs of scipy's; some 2 µs now).
-    return await asyncio.to_thread(
+    return await in_thread(
         views.sample_evaluation_out,
         job,
         plan,
@@ -269,9 +269,7 @@ async def list_sample_results(
     known = views.policy_ids(await policy_sets.by_id(session, job.policy_set_id))
     rows, next_cursor = await jobs.page_samples(session, job.id, cursor, limit)
     # Shaped in a worker thread: a page of 500 samples held the event loop for 40-66 ms.
-    data = await asyncio.to_thread(
-        lambda: [views.sample_result_out(*row, reads_hazardous, known) for row in rows]
-    )
+    data = await in_thread(lambda: [views.sample_result_out(*row, reads_hazardous, known) for row in rows])
     return SampleResultPage(data=data, next_cursor=next_cursor)
 
 

@@ -9,7 +9,6 @@ delete it after `webhook_rejections_kept_days` (app/store/webhooks.py says why).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from app.metrics import DELIVERIES_SPOOLED
 from app.store import webhooks as store
 from app.store.keys import hash_key
 from app.store.models import Webhook, WebhookRejection
+from app.threads import in_thread
 
 router = APIRouter(prefix="/v1/webhooks", tags=["labeling"])
 log = logging.getLogger("aidsafe.api")
@@ -312,7 +312,7 @@ async def label_studio_delivery(
         if raw is None:
             raw = await _read_delivery(state, owner_key_id, request)
         body = raw.decode("utf-8", errors="replace")
-        parsed = await asyncio.to_thread(deliveries.read_delivery, raw)
+        parsed = await in_thread(deliveries.read_delivery, raw)
         await state.verified_webhooks.remember(webhook_id, secret_hash, owner_key_id)
         report = await deliveries.record(session, webhook_id, sent_hash, parsed)
     except ServiceError as exc:

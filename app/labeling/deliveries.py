@@ -16,7 +16,6 @@ its share of the spool's bounds for good."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
@@ -39,6 +38,7 @@ from app.metrics import DELIVERIES_REPLAYED
 from app.storable import decoded
 from app.store import webhooks as store
 from app.store.db import Sessions, closed_quietly, database_away
+from app.threads import in_thread
 
 log = logging.getLogger("aidsafe.deliveries")
 SECRET_HEADER = "X-Aidsafe-Webhook-Secret"
@@ -429,7 +429,7 @@ async def _replay(sessions: Sessions, delivery: Delivery) -> str:
     refusal kept, unless the webhook was deleted meanwhile: nothing is kept of it then)."""
     async with closed_quietly(sessions) as session:
         try:
-            parsed = await asyncio.to_thread(read_delivery, delivery.raw)
+            parsed = await in_thread(read_delivery, delivery.raw)
             report = await record(session, delivery.webhook_id, delivery.sent_hash, parsed)
         except ServiceError as refusal:
             try:

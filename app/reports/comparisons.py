@@ -3,7 +3,6 @@ compared prompts, the judge's verdicts and the candidate's preference-pair gaps.
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from app.reports import comparison_stats
 from app.reports.figures import ComparisonFigures, Side, Verdicts
 from app.store import comparisons, quality
 from app.store.models import Job
+from app.threads import in_thread
 
 MODE_NAMES = {Mode.AIDSAFE: "AIDSAFE", Mode.ZERO_SHOT: "zero-shot"}
 
@@ -40,7 +40,7 @@ async def report[T](session: AsyncSession, comparison: Job, lay_out: Callable[[C
     row per prompt or pair candidate; the figures and their layout in a worker thread: some
     milliseconds of intervals, and a page's or a plot's layout."""
     stored = await _read(session, comparison)
-    return await asyncio.to_thread(lambda: lay_out(_figures(stored)))
+    return await in_thread(lambda: lay_out(_figures(stored)))
 
 
 async def figures(session: AsyncSession, comparison: Job) -> ComparisonFigures:

@@ -24,7 +24,6 @@ a server error) is pending again and goes in the next wave, up to
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -56,6 +55,7 @@ from app.store.models import (
     Job,
     TurnRow,
 )
+from app.threads import in_thread
 
 AWAITING = Ending(ItemStatus.AWAITING_BATCH, None, "waiting for its batch's answer")
 _UNANSWERED = (BatchRequestStatus.PENDING, BatchRequestStatus.SUBMITTED)
@@ -258,7 +258,7 @@ async def _open_batch(
 
 async def _sized(rows: Sequence[Any]) -> list[tuple[int, int]]:
     """(request id, its input line's bytes) of rows with an id and a body, sized off the loop."""
-    return await asyncio.to_thread(lambda: [(r.id, len(input_line(str(r.id), r.body))) for r in rows])
+    return await in_thread(lambda: [(r.id, len(input_line(str(r.id), r.body))) for r in rows])
 
 
 def split(requests: list[tuple[int, int]], max_requests: int, max_bytes: int) -> list[list[tuple[int, int]]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 from collections.abc import Sequence
@@ -35,6 +34,7 @@ from app.store.models import (
     SampleEvaluation,
     TurnRow,
 )
+from app.threads import in_thread
 
 # Each submitting route keeps its own Idempotency-Key namespace (per API key): a key used for
 # a job is still free for a comparison.
@@ -120,7 +120,7 @@ async def copy_items(
     # Made in a worker thread: a benchmark file's rows may hold thousands of metadata values
     # each, asked of up to eight targets, and encoding them here held the event loop for
     # seconds; 10,000 new ids alone held it for 20 ms.
-    ids, records = await asyncio.to_thread(_item_records, job_id, items, defaults)
+    ids, records = await in_thread(_item_records, job_id, items, defaults)
     await copy_rows(
         session, Item.__tablename__, ["id", "job_id", "position", "prompt", "metadata", *defaults], records
     )

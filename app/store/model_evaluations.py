@@ -3,7 +3,6 @@ judged for safety and for refusal; and the counts a report is made of, in SQL.""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +22,7 @@ from app.store.db import Sessions, copy_rows
 from app.store.endings import Ending
 from app.store.items import Claim, complete_with
 from app.store.models import Item, ItemStatus, Job, ModelAnswer
+from app.threads import in_thread
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ async def create(
     new_items = [jobs.NewItem(n, case.prompt, case.metadata) for n, (case, _) in enumerate(asked)]
     ids = await jobs.copy_items(session, job.id, new_items, stage=Stage.RESPOND.value)
     # In a worker thread: 10,000 rows' ids held the event loop for 20 ms.
-    answers = await asyncio.to_thread(
+    answers = await in_thread(
         lambda: [
             (
                 uuid4(),

@@ -4,7 +4,6 @@ Python (the gaps come counted per value)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -19,6 +18,7 @@ from app.deliberation.ports import TurnOutcome
 from app.deliberation.results import GAP_SCALE
 from app.stats import mean, proportion
 from app.store.models import Cot, PairCandidate, PreferencePair, SampleEvaluation, TurnRow, sql_constant
+from app.threads import in_thread
 
 SCORES = range(1, 6)
 Graded = type[Cot] | type[SampleEvaluation]  # the tables with the grader's scores
@@ -143,7 +143,7 @@ async def candidates(session: AsyncSession, job_id: UUID, methods: Sequence[str]
         )
     ).all()
     # A mean's interval reads every value: off the event loop for a large job.
-    return await asyncio.to_thread(_candidate_stats, [tuple(row) for row in rows], methods)
+    return await in_thread(_candidate_stats, [tuple(row) for row in rows], methods)
 
 
 def _candidate_stats(rows: list[tuple[Any, ...]], methods: Sequence[str]) -> dict[str, Any]:

@@ -4,7 +4,6 @@ other set's sample of each prompt. The report's figures are counted in SQL."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -21,6 +20,7 @@ from app.sample_files import Sample
 from app.store import jobs, quality
 from app.store.db import copy_rows
 from app.store.models import Cot, ImportedSample, Item, Job, SampleEvaluation
+from app.threads import in_thread
 
 
 async def submit(
@@ -54,7 +54,7 @@ async def submit(
     new_items = [jobs.NewItem(position, s.prompt, s.metadata) for position, s in enumerate(samples)]
     ids = await jobs.copy_items(session, job.id, new_items)
     # In a worker thread: 10,000 rows' ids and thoughts held the event loop for 25 ms.
-    rows = await asyncio.to_thread(
+    rows = await in_thread(
         lambda: [
             (uuid4(), item_id, job.id, position, json.dumps(s.thoughts), s.response, s.label)
             for position, (item_id, s) in enumerate(zip(ids, samples, strict=True))
@@ -157,7 +157,7 @@ async def guard_counts(session: AsyncSession, job_id: UUID) -> dict[str | None, 
     listed = await session.scalar(
         select(cast(func.json_agg(func.json_build_array(*per_label.c)), Text)).select_from(per_label)
     )
-    return await asyncio.to_thread(_guard_counts_of, listed or "[]")
+    return await in_thread(_guard_counts_of, listed or "[]")
 
 
 def _guard_counts_of(listed: str) -> dict[str | None, dict[str, int]]:

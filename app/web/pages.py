@@ -6,7 +6,6 @@ untrusted, and the Content-Security-Policy allows no inline script besides."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, get_args
@@ -40,6 +39,7 @@ from app.reports import comparisons, plots, render
 from app.reports.figures import SCORES, Side
 from app.store import jobs, keys, policy_sets, quality, sample_evaluations, web_sessions
 from app.store.models import ApiKey, Cot, Job, PreferencePair
+from app.threads import in_thread
 from app.web import session as session_token
 from app.web import timeline
 
@@ -263,7 +263,7 @@ async def job_page(
     # Rendered in a worker thread: an evaluation's table of thousands of categories or labels
     # held every other request for 50-60 ms on the event loop, a comparison's means and
     # Wilson intervals (computed as the page shows them) 10 ms.
-    return await asyncio.to_thread(templates.TemplateResponse, request, "job.html", context)
+    return await in_thread(templates.TemplateResponse, request, "job.html", context)
 
 
 async def _report(session: AsyncSession, job: Job) -> dict[str, Any]:
@@ -357,7 +357,7 @@ async def item_page(request: Request, item_id: UUID, session: SessionDep, key: V
     # In a worker thread: the timeline diffs each revised response against the one before it,
     # in Python, up to some 10 ms each for up to 160 revisions (0.5 s on the event loop for 80
     # revisions of 190 repeated words), and the page holds every turn the item took.
-    return await asyncio.to_thread(_rendered_item_page, request, context)
+    return await in_thread(_rendered_item_page, request, context)
 
 
 def _rendered_item_page(request: Request, context: dict[str, Any]) -> Response:
