@@ -669,6 +669,22 @@ async def test_another_addresss_wrong_secrets_leave_the_tools_alone(
         error_of(await deliver(tool, webhook, SKIPPED_EVENT, "typo"), 401, "unauthorized")
 
 
+async def test_an_ipv6_guessers_refusal_for_wrong_secrets_names_the_64_network_counted(
+    settings: Settings, auth: Headers
+) -> None:
+    """Its neighbours' guesses counted towards it: "this address" would be untrue."""
+    guessers = [f"2001:db8:0:20::{host:x}" for host in range(1, 5)]
+    async with from_addresses(settings, *guessers, webhook_wrong_secrets_per_address=3) as clients:
+        webhook = await new_webhook(clients[0], auth)
+        for guesser in clients[:3]:
+            error_of(await deliver(guesser, webhook, SKIPPED_EVENT, "guess"), 401, "unauthorized")
+        refused = await deliver(clients[3], webhook, SKIPPED_EVENT, "guess")
+
+    assert error_of(refused, 429, "too_many_wrong_secrets")["message"].startswith(
+        "this address's /64 network (2001:db8:0:20::/64) sent this webhook 3 wrong secrets"
+    )
+
+
 async def test_an_address_refused_for_wrong_secrets_is_counted_anew_once_its_window_ends(
     settings: Settings, auth: Headers
 ) -> None:

@@ -77,9 +77,13 @@ async def test_another_addresss_unknown_keys_leave_its_neighbours_alone(settings
     ):
         for _ in range(3):
             await guesser.get("/v1/webhooks", headers=unknown_key())
-        refused(await guesser.get("/v1/webhooks", headers=unknown_key()), 60)
+        refusal = await guesser.get("/v1/webhooks", headers=unknown_key())
 
         error_of(await neighbour.get("/v1/webhooks", headers=unknown_key()), 401, "unauthorized")
+
+    refused(refusal, 60)
+    message = error_of(refusal, 429, "too_many_wrong_keys")["message"]
+    assert message.startswith("this address sent 3 unknown or revoked API keys")
 
 
 async def test_ipv6_addresses_are_counted_by_their_64_network(settings: Settings) -> None:
@@ -89,9 +93,15 @@ async def test_ipv6_addresses_are_counted_by_their_64_network(settings: Settings
     async with from_addresses(settings, *guessers, "2001:db8:0:11::1", wrong_keys_per_address=3) as clients:
         for guesser in clients[:3]:
             error_of(await guesser.get("/v1/webhooks", headers=unknown_key()), 401, "unauthorized")
-        refused(await clients[3].get("/v1/webhooks", headers=unknown_key()), 60)
+        refusal = await clients[3].get("/v1/webhooks", headers=unknown_key())
 
         error_of(await clients[4].get("/v1/webhooks", headers=unknown_key()), 401, "unauthorized")
+
+    refused(refusal, 60)
+    # Not "this address": this one had sent a single key.
+    assert error_of(refusal, 429, "too_many_wrong_keys")["message"].startswith(
+        "this address's /64 network (2001:db8:0:10::/64) sent 3 unknown or revoked API keys"
+    )
 
 
 async def test_an_ipv4_mapped_ipv6_address_is_counted_as_its_ipv4_address(settings: Settings) -> None:

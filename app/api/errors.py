@@ -34,7 +34,8 @@ _WHY = {
     ),
     401: (
         "No API key, or an unknown or revoked one (a 429 too_many_wrong_keys instead, until "
-        "Retry-After, from a client address that sent too many lately)."
+        "Retry-After, from a client address, or an IPv6 one's /64 network, that sent too many "
+        "lately)."
     ),
     403: "The API key lacks the scope this request needs (missing_scope).",
     404: "No such resource visible to this API key.",

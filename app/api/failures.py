@@ -113,5 +113,12 @@ def counting_unit(address: str) -> str:
     return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
 
 
+def counted_as(address: str) -> str:
+    """What a refusal tells the client was counted (`counting_unit`): this address, or the /64
+    network of an IPv6 one, which a neighbour's failures count towards too."""
+    unit = counting_unit(address)
+    return f"this address's /64 network ({unit})" if unit.endswith("/64") else "this address"
+
+
 def _to(scope: str) -> str:
     return f" to {scope}" if scope else ""

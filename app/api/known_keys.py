@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
-from app.api.failures import Failures
+from app.api.failures import Failures, counted_as
 from app.api.known_values import KnownValues
 from app.api.recent import Recent
 from app.errors import TooManyWrongKeys, Unauthorized
@@ -38,12 +38,12 @@ class KnownKeys:
         key_hash = keys.hash_key(secret)
         refused_for_s = self._failures.refused_for_s(address)
         if refused_for_s is not None and not await self._live.holds(key_hash):
-            raise too_many_wrong_keys(self._failures, refused_for_s)
+            raise too_many_wrong_keys(self._failures, address, refused_for_s)
         try:
             return await self._found.get(key_hash, lambda: keys.authenticate(self._sessions, secret))
         except Unauthorized:
             if (refused_for_s := await self._failures.count(address)) is not None:
-                raise too_many_wrong_keys(self._failures, refused_for_s) from None
+                raise too_many_wrong_keys(self._failures, address, refused_for_s) from None
             raise
 
     async def aclose(self) -> None:
@@ -52,9 +52,9 @@ class KnownKeys:
         await self._live.aclose()
 
 
-def too_many_wrong_keys(failures: Failures, retry_after_s: int) -> TooManyWrongKeys:
+def too_many_wrong_keys(failures: Failures, address: str, retry_after_s: int) -> TooManyWrongKeys:
     return TooManyWrongKeys(
-        f"this address sent {failures.limit} unknown or revoked API keys (or deliveries to unknown "
+        f"{counted_as(address)} sent {failures.limit} unknown or revoked API keys (or deliveries to unknown "
         f"webhooks) in {failures.window_s} s, the most it may: check the key or URL you send, and "
         "try again after Retry-After",
         retry_after_s=retry_after_s,

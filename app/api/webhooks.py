@@ -24,6 +24,7 @@ from app.api.annotations import IMPORT_ERRORS, LABEL_STUDIO_EVENT, ImportOut, im
 from app.api.bodies import JsonBody
 from app.api.deps import CurrentKey, KeyWriteSession, SessionDep, SettingsDep, client_address
 from app.api.errors import documented
+from app.api.failures import counted_as
 from app.api.jobs import Cursor, Limit
 from app.api.known_keys import too_many_wrong_keys
 from app.api.schemas import LABEL_PATTERN, ErrorOut
@@ -66,8 +67,9 @@ DELIVERY_ERRORS = {
     404: {"model": ErrorOut, "description": "No such webhook (or it was deleted)."},
     429: {
         "model": ErrorOut,
-        "description": "This client address sent the webhook too many wrong secrets lately "
-        "(too_many_wrong_secrets): its wrong ones are refused, unstored, until Retry-After; or "
+        "description": "This client address (an IPv6 one: its /64 network) sent the webhook too "
+        "many wrong secrets lately (too_many_wrong_secrets): its wrong ones are refused, unstored, "
+        "until Retry-After; or "
         "too many deliveries to unknown webhooks or unknown API keys (too_many_wrong_keys): "
         "its deliveries to unknown webhooks are refused until Retry-After.",
     },
@@ -262,7 +264,7 @@ async def label_studio_delivery(
     # Past the limit a guessed id costs no lookup (nor a connection): the ids are in memory.
     refused_for_s = state.wrong_keys.refused_for_s(address)
     if refused_for_s is not None and not await state.known_webhooks.holds(webhook_id):
-        raise too_many_wrong_keys(state.wrong_keys, refused_for_s)
+        raise too_many_wrong_keys(state.wrong_keys, address, refused_for_s)
     received_at, sent_hash = time.time(), None if secret is None else hash_key(secret)
     # Label Studio gives up after 1 s and never sends it again: a delivery whose secret an API
     # process verified lately is read before it waits for a connection. A body refused then is
@@ -280,7 +282,7 @@ async def label_studio_delivery(
     except NotFound:
         log.warning("a delivery to unknown webhook %s was refused", webhook_id)
         if (refused_for_s := await state.wrong_keys.count(address)) is not None:
-            raise too_many_wrong_keys(state.wrong_keys, refused_for_s) from None
+            raise too_many_wrong_keys(state.wrong_keys, address, refused_for_s) from None
         raise
     except Exception as error:
         # The database is away: a webhook verified lately (by any API process) is still
@@ -327,7 +329,7 @@ async def label_studio_delivery(
             await session.rollback()
             limit, window_s = state.wrong_secrets.limit, state.wrong_secrets.window_s
             raise TooManyWrongSecrets(
-                f"this address sent this webhook {limit} wrong secrets in {window_s} s, the most "
+                f"{counted_as(address)} sent this webhook {limit} wrong secrets in {window_s} s, the most "
                 "it may: check the secret the tool sends, and try again after Retry-After",
                 retry_after_s=refused_for_s,
             ) from None
