@@ -175,7 +175,7 @@ async def _planned(
     texts, (policies, wording) = [p.prompt for _, p in kept], planned.for_engine()
     check_job_fits(plan, policies, wording, texts, settings)
     # Off the event loop, as in relabel_job: it held it for 40 ms for 8 agents and 20 rounds.
-    await asyncio.to_thread(check_budget, body.budget, plan, policies, wording, texts)
+    await in_thread(check_budget, body.budget, plan, policies, wording, texts)
     return planned
 
 
@@ -236,7 +236,7 @@ async def relabel_job(
         shortest = await jobs.shortest_prompt(session, job.id)
         # Off the event loop: it renders the largest request of every deliberation turn, some
         # 13,000 for 8 agents and 20 rounds, which held it for 40 ms.
-        await asyncio.to_thread(check_budget, body.budget, job.plan, policies, wording, [shortest])
+        await in_thread(check_budget, body.budget, job.plan, policies, wording, [shortest])
         resumed = await jobs.set_budget(session, state.spending, job, body.budget)
     await session.commit()
     await enqueue_committed(state.arq, state.settings, job, resumed)
