@@ -19,8 +19,9 @@ import aiohttp
 import orjson
 from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError
-from sqlalchemy import text
+from sqlalchemy import Connection, text
 from sqlalchemy.exc import ProgrammingError
+from sqlalchemy.orm import Session
 
 from app.config import EndpointConfig, Settings
 from app.store.db import make_engine
@@ -66,7 +67,7 @@ async def _schema(settings: Settings) -> Finding:
     engine = make_engine(settings.database_url, CHECK_TIMEOUT_S, connections=1)
     try:
         async with asyncio.timeout(CHECK_TIMEOUT_S), engine.connect() as connection:
-            version_num = int((await connection.execute(text("SHOW server_version_num"))).scalar_one())
+            version_num = await connection.run_sync(server_version_num)
             if (too_old := postgres_too_old(version_num)) is not None:
                 return Finding("postgres", Verdict.FAILED, too_old)
             revision = (await connection.execute(text("SELECT version_num FROM alembic_version"))).scalar()
@@ -89,6 +90,11 @@ async def _schema(settings: Settings) -> Finding:
         f"the database {now}; this code needs {SCHEMA_REVISION}: run `alembic upgrade head` "
         "with this release (or run the release that matches the database)",
     )
+
+
+def server_version_num(connection: Connection | Session) -> int:
+    """The server's `server_version_num` (150004 for 15.4): what postgres_too_old judges."""
+    return int(connection.execute(text("SHOW server_version_num")).scalar_one())
 
 
 def postgres_too_old(version_num: int) -> str | None:

@@ -7,6 +7,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from app.config import get_settings
+from app.preflight import postgres_too_old, server_version_num
 from app.store.models import Base
 
 target_metadata = Base.metadata
@@ -32,6 +33,13 @@ async def _run() -> None:
     url = context.config.attributes.get("database_url") or get_settings().database_url
     engine = create_async_engine(url)
     async with engine.connect() as connection:
+        # Before any DDL: an older server stops at the first NULLS NOT DISTINCT, with a bare
+        # syntax error that does not say what to do.
+        if (too_old := postgres_too_old(await connection.run_sync(server_version_num))) is not None:
+            raise SystemExit(too_old)
+        # End SHOW's transaction: alembic must begin its own, which 0026's and 0031's
+        # autocommit blocks commit (in one it did not begin, they fail).
+        await connection.rollback()
         await connection.run_sync(_migrate)
         await connection.commit()
     await engine.dispose()

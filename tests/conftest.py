@@ -28,7 +28,7 @@ from alembic.config import Config
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
 from redis.asyncio import Redis
-from sqlalchemy import event, make_url, text
+from sqlalchemy import Engine, event, make_url, text
 from sqlalchemy.pool import Pool
 
 from app.config import EndpointConfig, Settings
@@ -511,3 +511,18 @@ def checkouts() -> Iterator[list[object]]:
         yield taken
     finally:
         event.remove(Pool, "checkout", checkout)
+
+
+@contextmanager
+def statements_sent() -> Iterator[list[str]]:
+    """The SQL of every statement sent, by any engine (the driver's own included), while inside."""
+    sent: list[str] = []
+
+    def capture(*args: Any) -> None:
+        sent.append(args[2])  # (connection, cursor, statement, parameters, context, executemany)
+
+    event.listen(Engine, "before_cursor_execute", capture)
+    try:
+        yield sent
+    finally:
+        event.remove(Engine, "before_cursor_execute", capture)

@@ -1,5 +1,6 @@
 """Migrations carry existing rows forward: each test builds its own database at an older
-revision, writes rows as that revision's code did, and upgrades to head."""
+revision, writes rows as that revision's code did, and upgrades to head. Before any of them,
+the environment (migrations/env.py) asks the server's version."""
 
 from __future__ import annotations
 
@@ -14,6 +15,24 @@ from alembic.config import Config
 
 from app.deliberation.config import Mode
 from app.plan import ComparisonPlan, GenerationPlan, read_plan
+from tests.conftest import statements_sent
+
+
+async def test_the_migrations_ask_the_servers_version_before_any_ddl(
+    old_database: tuple[Config, str],
+) -> None:
+    """A server older than 15 stops with preflight.postgres_too_old's message (which
+    test_preflight checks on such versions, which this server cannot report), not at the first
+    NULLS NOT DISTINCT with a bare syntax error. The migrations' own transaction stays theirs:
+    the autocommit blocks of 0026 and 0031 commit it."""
+    config, _ = old_database
+
+    with statements_sent() as sent:
+        await asyncio.to_thread(command.upgrade, config, "head")
+
+    asked = sent.index("SHOW server_version_num")
+    first_ddl = next(n for n, sql in enumerate(sent) if sql.lstrip().upper().startswith("CREATE"))
+    assert asked < first_ddl
 
 
 async def test_annotations_get_their_jobs_owner_and_a_per_item_identity(
