@@ -38,6 +38,7 @@ from tests.conftest import (
     least_loop_pause,
     new_key,
     run_worker_burst,
+    statements_sent,
 )
 from tests.scripted_llm import ScriptedLLM
 
@@ -1124,6 +1125,18 @@ async def test_readyz_answers_ready_with_postgres_and_redis_up(api: httpx.AsyncC
     response = await api.get("/readyz")
 
     assert (response.status_code, response.json()) == (200, {"status": "ready"})
+
+
+async def test_readyz_asks_postgres_its_version(api: httpx.AsyncClient) -> None:
+    """The API starts without Postgres (to spool webhook deliveries while it is away), so
+    readiness is where a server older than 15 shows: 503 not_ready with
+    preflight.postgres_too_old's message (which test_preflight checks on such versions, which
+    this server cannot report)."""
+    with statements_sent() as sent:
+        response = await api.get("/readyz")
+
+    assert response.status_code == 200
+    assert "SHOW server_version_num" in sent
 
 
 async def test_readyz_of_a_flood_takes_one_connection_and_names_what_does_not_answer(

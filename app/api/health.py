@@ -6,11 +6,11 @@ import asyncio
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
 
 from app.api.errors import error_response
 from app.api.schemas import ErrorOut
 from app.api.state import ApiState, api_state
+from app.preflight import postgres_too_old, server_version_num
 
 router = APIRouter(tags=["health"])
 _CHECK_TIMEOUT_S = 3
@@ -28,8 +28,8 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", responses={503: {"model": ErrorOut}})
 async def readyz(request: Request) -> JSONResponse:
-    """Postgres and Redis both answer within a few seconds (as checked at most
-    READINESS_MAX_AGE_S ago)."""
+    """Postgres and Redis both answer within a few seconds, and Postgres is recent enough for
+    the schema (as checked at most READINESS_MAX_AGE_S ago)."""
     state = api_state(request)
     problems = await state.readiness.get(None, lambda: _problems(state))
     if problems:
@@ -38,13 +38,17 @@ async def readyz(request: Request) -> JSONResponse:
 
 
 async def _problems(state: ApiState) -> list[str]:
-    """What does not answer, of Postgres and Redis."""
+    """What does not answer, of Postgres and Redis, or a Postgres too old."""
     problems = []
     try:
+        # Here, not as the API starts: it starts without Postgres, to spool webhook deliveries.
         async with asyncio.timeout(_CHECK_TIMEOUT_S), state.sessions() as session:
-            await session.execute(text("select 1"))
+            version_num = await session.run_sync(server_version_num)
     except Exception as exc:
         problems.append(f"postgres: {type(exc).__name__}")
+    else:
+        if (too_old := postgres_too_old(version_num)) is not None:
+            problems.append(f"postgres: {too_old}")
     try:
         # A hung Redis holds a call its timeout, twice (app/queue.py); a probe answers sooner.
         async with asyncio.timeout(_CHECK_TIMEOUT_S):
