@@ -6,6 +6,7 @@ server's cap on every request."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from itertools import product
 from typing import Any
 from uuid import UUID
 
@@ -20,7 +21,8 @@ from app.deliberation.config import Limits
 from app.deliberation.policies import MAX_POLICY_TEXT_CHARS
 from app.deliberation.ports import ChatRequest, LLMRequestTooLarge
 from app.deliberation.prompt_sets import builtin
-from app.deliberation.stages import SEED
+from app.deliberation.stages import DECLARED, GRADE, SEED
+from app.llm.client import fitted
 from app.store import keys, policy_sets, prompt_sets
 from app.store.db import Sessions
 from app.store.models import Job, PolicySetRow
@@ -324,6 +326,42 @@ async def test_the_servers_cap_lowers_a_max_tokens_over_what_it_leaves_as_a_cont
         await client.chat(ChatRequest("seed", "default", "m", messages, "seed_cot", schema, 0.0, 4_096))
 
     assert [request.body["max_tokens"] for request in scripted_llm.requests] == [2_000 - prompt]
+
+
+async def test_the_servers_cap_lowers_a_max_tokens_a_short_prompts_large_schema_leaves_too_little(
+    settings: Settings, scripted_llm: ScriptedLLM
+) -> None:
+    # The grader's schema alone is some 530 tokens: with a prompt of two characters and a
+    # max_tokens of half the cap, the request is over it.
+    capped = settings.model_copy(update={"llm_max_request_tokens": 1_000})
+    messages, schema = [{"role": "user", "content": "Hi"}], GRADE.schema(Limits())
+    prompt = request_tokens(messages, schema, 0)
+
+    async with client_for(capped) as client:
+        await client.chat(ChatRequest("grader", "default", "m", messages, "quality_scores", schema, 0.0, 498))
+
+    assert [request.body["max_tokens"] for request in scripted_llm.requests] == [1_000 - prompt]
+
+
+@pytest.mark.parametrize("cap", [300, 1_000, 2_000, 8_192, 1_000_000])
+@pytest.mark.parametrize("context", [None, 900, 4_096])
+def test_no_request_fitted_to_the_servers_cap_or_a_context_is_estimated_over_it(
+    cap: int, context: int | None
+) -> None:
+    """Whatever the characters (1 to 4 bytes), the messages and the schema, a request that
+    fitted() lets through is within the lesser limit by the full estimate."""
+    endpoint = EndpointConfig(base_url="http://127.0.0.1:9/v1", max_context_tokens=context)
+    limit = min(cap, context or cap)
+    texts = ["", "Hi", "x" * 700, "é" * 300, "中" * 250, "😀" * 200]
+    schemas = [spec.schema(Limits()) for spec in DECLARED]
+    for text, count, schema, max_tokens in product(texts, (1, 3, 40), schemas, (64, 256, cap // 2, 4_000)):
+        messages = [{"role": "user", "content": text}] * count
+        request = ChatRequest("grader", "default", "m", messages, "s", schema, 0.0, max_tokens)
+        try:
+            sent = fitted(request, endpoint, cap)
+        except LLMRequestTooLarge:
+            continue
+        assert request_tokens(sent.messages, sent.schema, sent.max_tokens) <= limit, (text[:3], count)
 
 
 async def test_the_lesser_of_the_servers_cap_and_an_endpoints_context_bounds_its_requests(
