@@ -339,12 +339,14 @@ async def longest_loop_pause(
     return await task, longest
 
 
-async def least_loop_pause(work: Callable[[], Awaitable[T]], times: int = 3) -> tuple[T, float]:
+async def least_loop_pause(
+    work: Callable[[], Awaitable[T]], times: int = 3, clock: Callable[[], float] = time.thread_time
+) -> tuple[T, float]:
     """The last of `times` runs of `work` and the least of their longest_loop_pause: a route's
     own hold, without what the parallel suite's load adds to one run now and then."""
     least = float("inf")
     for _ in range(times):
-        result, held = await longest_loop_pause(work())
+        result, held = await longest_loop_pause(work(), clock)
         least = min(least, held)
     return result, least
 

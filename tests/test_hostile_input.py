@@ -13,7 +13,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import Any
 from uuid import UUID
 
@@ -39,7 +39,15 @@ from app.store import keys
 from app.store.db import Sessions, make_engine
 from bench.export import insert_finished_job
 from bench.stack import free_port
-from tests.conftest import ROOT, WebhookTarget, longest_loop_pause, run_worker_burst, served, worker_env
+from tests.conftest import (
+    ROOT,
+    WebhookTarget,
+    least_loop_pause,
+    longest_loop_pause,
+    run_worker_burst,
+    served,
+    worker_env,
+)
 from tests.scripted_llm import ScriptedLLM, guard_verdict
 from tests.test_api import error_of, submit
 from tests.test_exports import connections_of_others
@@ -668,6 +676,24 @@ async def test_a_body_of_the_longest_integers_python_reads_is_refused_holding_th
     message = error_of(response, 422, "validation_error")["message"]
     assert f"numbers must have at most {MAX_NUMBER_CHARS} characters" in message
     assert held < 0.3, held  # the decoder held it for 1-2 s
+
+
+# As above, for JSON in a string: a sample's thoughts given as the text of a JSON list. The
+# least of three runs: timed by the wall clock, one run may be slowed by the machine's load.
+async def test_thoughts_text_of_the_longest_integers_is_refused_holding_the_event_loop_briefly(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    thoughts = "[" + ",".join(["9" * 4_300] * 5_000) + "]"  # 21 MB, fewer values than the cap
+    body = json.dumps({"samples": [{"prompt": "p", "response": "r", "thoughts": thoughts}], "grade": {}})
+
+    def evaluation() -> Awaitable[httpx.Response]:
+        return api.post("/v1/sample-evaluations", content=body, headers={**auth, **JSON})
+
+    response, held = await least_loop_pause(evaluation, clock=time.perf_counter)
+
+    message = error_of(response, 422, "invalid_sample_file")["message"]
+    assert f"column 'thoughts': numbers must have at most {MAX_NUMBER_CHARS} characters" in message
+    assert held < 0.2, held  # the decoder held it for 0.4 s
 
 
 @pytest.mark.parametrize("number", ["9" * 101, "1." + "9" * 99, "1e" + "9" * 99, "-" + "9" * 100])
