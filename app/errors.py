@@ -7,6 +7,14 @@ from collections.abc import Sequence
 from typing import Any
 
 MAX_LISTED_PROBLEMS = 100  # a refusal's details name the first problems; its message counts them all
+MAX_SHOWN_NAME_CHARS = 100  # of a name from the request (a field, a key, a column) a refusal quotes
+
+
+def shown_name(name: str) -> str:
+    """A name from the request as a refusal quotes it, cut short: a body may hold a key of
+    megabytes, and quoted whole, in the message and the details, it made a refusal twice the
+    body's size."""
+    return name if len(name) <= MAX_SHOWN_NAME_CHARS else name[:MAX_SHOWN_NAME_CHARS] + "…"
 
 
 class ServiceError(Exception):
@@ -296,7 +304,7 @@ class TooManySamples(SampleFileError):
 
 
 def _where(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(part) for part in loc if part != "body") or "body"
+    return ".".join(shown_name(str(part)) for part in loc if part != "body") or "body"
 
 
 class InvalidRequest(ServiceError):

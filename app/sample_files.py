@@ -29,6 +29,7 @@ from app.errors import (
     PayloadTooLarge,
     SampleFileError,
     TooManySamples,
+    shown_name,
 )
 from app.storable import count_values, read_json, storable_input
 
@@ -147,15 +148,6 @@ def is_mapping_field(name: str) -> bool:
     return name in FIELDS or (name.startswith(METADATA) and len(name) > len(METADATA))
 
 
-# A file's column names as a refusal lists them: a CSV field may hold 200,000 characters, and
-# fifty such names made a refusal of 10 MB.
-SHOWN_COLUMN_CHARS = 100
-
-
-def _shown(column: str) -> str:
-    return column if len(column) <= SHOWN_COLUMN_CHARS else column[:SHOWN_COLUMN_CHARS] + "…"
-
-
 @dataclass(frozen=True)
 class ColumnMap:
     """The columns to read: the shape's, with the caller's overrides; a column the caller
@@ -177,7 +169,7 @@ class ColumnMap:
             if name in self.required and column not in present:
                 raise MissingColumn(
                     f"the file has no column '{column}' (the {name}); its columns: "
-                    f"{', '.join(map(_shown, header[:50])) or '(none)'}; map another with columns",
+                    f"{', '.join(map(shown_name, header[:50])) or '(none)'}; map another with columns",
                     column=column,
                 )
 

@@ -889,6 +889,29 @@ async def test_a_name_the_server_does_not_know_is_capped_before_it_is_quoted_bac
         assert len(response.content) < 10_000, (path, len(response.content))
 
 
+async def test_a_key_the_server_does_not_know_is_capped_before_it_is_quoted_back(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    """A field no route takes, or a key a map does not, is named in its 422: a key of
+    megabytes was quoted whole, in the message and in the details, a refusal twice the body."""
+    long = "x" * 1_000_000
+    sample = {"prompt": "p", "response": "r"}
+    refused = [
+        ("POST", "/v1/jobs", {"prompts": ["hi"], long: 1}),
+        ("POST", "/v1/jobs", {"items": [{"prompt": "hi", long: 1}]}),
+        ("POST", "/v1/jobs", {"prompts": ["hi"], "config": {"grading": {"thresholds": {long: 3}}}}),
+        ("POST", "/v1/sample-evaluations", {"samples": [sample], "grade": {}, "columns": {long: "a"}}),
+        ("POST", "/v1/prompt-sets", {"name": "n", "templates": {long: "t"}}),
+        ("PATCH", f"/v1/jobs/{UUID(int=1)}", {long: 1}),
+    ]
+    for method, path, body in refused:
+        response = await api.request(method, path, json=body, headers=auth)
+
+        error = error_of(response, 422, "validation_error")
+        assert "x" * 100 + "…" in error["message"], (path, error["message"][:300])
+        assert len(response.content) < 10_000, (path, len(response.content))
+
+
 async def test_an_unexpected_error_is_a_json_500_that_shows_nothing_of_the_request(
     settings: Settings,
 ) -> None:

@@ -27,7 +27,7 @@ from app.deliberation.config import Mode
 from app.deliberation.policies import MAX_POLICY_TEXT_CHARS, render_policies
 from app.deliberation.prompt_sets import BUILTIN_NAME
 from app.duplicates import DuplicatesOut, Handling
-from app.errors import BatchUnsupported, PayloadTooLarge
+from app.errors import BatchUnsupported, PayloadTooLarge, shown_name
 from app.plan import Delivery, GuardIn, JobConfigIn, RoleIn, TargetIn
 from app.sample_files import FIELDS, MAX_LINE_VALUES, MAX_SAMPLES, SHAPES, Format, is_mapping_field
 from app.stats import Estimate
@@ -1202,7 +1202,8 @@ class AgainstIn(BaseModel):
 def _mapping(columns: dict[str, str]) -> dict[str, str]:
     if unknown := [name for name in columns if not is_mapping_field(name)]:
         raise ValueError(
-            f"unknown field {', '.join(map(repr, unknown))}: map {', '.join(FIELDS)} or metadata.<name>"
+            f"unknown field {', '.join(repr(shown_name(name)) for name in unknown)}: "
+            f"map {', '.join(FIELDS)} or metadata.<name>"
         )
     return columns
 
