@@ -29,6 +29,7 @@ from app.api.jobs import JOB_BODY
 from app.api.schemas import MAX_JOB_VALUES, MAX_PROMPTS_PER_JOB
 from app.config import Settings
 from app.deliberation.config import LIMIT_CAPS
+from app.deliberation.prompt_sets import template_slots
 from app.errors import MAX_LISTED_PROBLEMS
 from app.events import ItemFinished, announce_item_finished, stream_key
 from app.labeling.deliveries import SECRET_HEADER
@@ -910,6 +911,24 @@ async def test_a_key_the_server_does_not_know_is_capped_before_it_is_quoted_back
         error = error_of(response, 422, "validation_error")
         assert "x" * 100 + "…" in error["message"], (path, error["message"][:300])
         assert len(response.content) < 10_000, (path, len(response.content))
+
+
+async def test_a_placeholder_the_stage_does_not_know_is_capped_before_it_is_quoted_back(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    """An unknown placeholder is quoted in its template's problem: one of 20,000 characters in
+    every template was quoted whole, twice a problem, a refusal twice the body."""
+    placeholder = "p" * 19_990
+    templates = dict.fromkeys(template_slots(), "$" + placeholder)
+    body = {"name": "n", "base": {"name": "aidsafe-default"}, "templates": templates}
+
+    response = await api.post("/v1/prompt-sets", json=body, headers=auth)
+
+    error = error_of(response, 422, "invalid_prompt_set")
+    assert f"unknown placeholder ${'p' * 100}…;" in error["message"]
+    placeholders = {problem["placeholder"] for problem in error["details"]}
+    assert "p" * 100 + "…" in placeholders and placeholder not in placeholders
+    assert len(response.content) < 100_000, len(response.content)
 
 
 async def test_an_unexpected_error_is_a_json_500_that_shows_nothing_of_the_request(

@@ -21,6 +21,7 @@ from app.deliberation.config import Limits
 from app.deliberation.policies import content_version
 from app.deliberation.prompting import PromptSet
 from app.deliberation.stages import DECLARED
+from app.errors import shown_name
 
 BUILTIN_NAME = "aidsafe-default"
 TEMPLATE_DIR = Path(__file__).parent / "prompts"
@@ -130,19 +131,25 @@ def _template_problems(name: str, slots: Slots, template: Template) -> list[Prob
         for found in template.pattern.finditer(template.template)
         if found["named"] or found["braced"]
     )
+    # A template may name a placeholder of 20,000 characters: each problem quotes it cut short.
     problems += [
         Problem(
             name,
             slots.used_by,
-            p,
-            f"{where}: placeholder ${p} is used {count:,} times, at most {MAX_PLACEHOLDER_USES}",
+            shown_name(p),
+            f"{where}: placeholder ${shown_name(p)} is used {count:,} times, at most {MAX_PLACEHOLDER_USES}",
         )
         for p, count in sorted(uses.items())
         if count > MAX_PLACEHOLDER_USES
     ]
     allowed = ", ".join(f"${p}" for p in sorted(slots.allowed)) or "none"
     problems += [
-        Problem(name, slots.used_by, p, f"{where}: unknown placeholder ${p}; it may use {allowed}")
+        Problem(
+            name,
+            slots.used_by,
+            shown_name(p),
+            f"{where}: unknown placeholder ${shown_name(p)}; it may use {allowed}",
+        )
         for p in sorted(used - slots.allowed)
     ]
     problems += [
