@@ -671,6 +671,24 @@ async def test_a_judge_against_a_generation_jobs_cots(
     assert report["pairwise"]["losses"] == 0 and report["pairwise"]["ties"] == 1  # A then A: a split
 
 
+@pytest.mark.parametrize(("name_chars", "status"), [(200, 202), (201, 422)])
+async def test_a_metadata_name_is_held_to_a_column_names_length(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions, name_chars: int, status: int
+) -> None:
+    """`metadata.<name>` names a key of every sample's metadata: a name of megabytes was
+    copied into each of up to 10,000 items, a body of 30 MB made hundreds of GB of rows."""
+    name = "n" * name_chars
+    samples = [{"prompt": f"p{n}", "response": "r", "c": n} for n in range(3)]
+    body = {"samples": samples, "grade": {}, "columns": {f"metadata.{name}": "c"}}
+
+    response = await api.post("/v1/sample-evaluations", json=body, headers=auth)
+
+    assert response.status_code == status, response.text
+    if status == 422:
+        assert "at most 200 characters" in error_of(response, 422, "validation_error")["message"]
+        assert await stored(sessions) == NOTHING
+
+
 async def test_another_keys_evaluation_and_sets_do_not_exist(
     api: httpx.AsyncClient, auth: Headers, sessions: Sessions
 ) -> None:

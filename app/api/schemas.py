@@ -29,7 +29,15 @@ from app.deliberation.prompt_sets import BUILTIN_NAME
 from app.duplicates import DuplicatesOut, Handling
 from app.errors import BatchUnsupported, PayloadTooLarge, shown_name
 from app.plan import Delivery, GuardIn, JobConfigIn, RoleIn, TargetIn
-from app.sample_files import FIELDS, MAX_LINE_VALUES, MAX_SAMPLES, SHAPES, Format, is_mapping_field
+from app.sample_files import (
+    FIELDS,
+    MAX_LINE_VALUES,
+    MAX_SAMPLES,
+    METADATA,
+    SHAPES,
+    Format,
+    is_mapping_field,
+)
 from app.stats import Estimate
 from app.store import models
 from app.store.models import JobStatus
@@ -1199,16 +1207,25 @@ class AgainstIn(BaseModel):
     judge: RoleIn | None = Field(default=None, description="Temperature defaults to 0.")
 
 
+MAX_COLUMN_NAME_CHARS = 200
+
+
 def _mapping(columns: dict[str, str]) -> dict[str, str]:
     if unknown := [name for name in columns if not is_mapping_field(name)]:
         raise ValueError(
             f"unknown field {', '.join(repr(shown_name(name)) for name in unknown)}: "
             f"map {', '.join(FIELDS)} or metadata.<name>"
         )
+    # A metadata name is a key of every sample's metadata: one of megabytes was copied into
+    # each of 10,000 items, hundreds of GB of rows from one body.
+    if long := [name for name in columns if len(name) > len(METADATA) + MAX_COLUMN_NAME_CHARS]:
+        raise ValueError(
+            f"{shown_name(long[0])!r}: a metadata name has at most {MAX_COLUMN_NAME_CHARS} characters"
+        )
     return columns
 
 
-ColumnName = Annotated[str, Field(min_length=1, max_length=200)]
+ColumnName = Annotated[str, Field(min_length=1, max_length=MAX_COLUMN_NAME_CHARS)]
 
 
 class SampleEvaluationOptions(Labelled, OnlineOnly):
