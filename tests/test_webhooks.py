@@ -160,6 +160,16 @@ async def test_a_deleted_webhooks_idempotency_key_makes_a_new_webhook(
     assert again.status_code == 201 and again.json()["id"] != made["id"] and again.json()["secret"]
 
 
+async def test_a_field_the_route_does_not_take_is_refused_and_makes_nothing(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    """As every other body: a misspelt field was ignored, and the webhook made without it."""
+    response = await api.post("/v1/webhooks", json={"name": "ls-prod", "sorce": "label_studio"}, headers=auth)
+
+    assert "sorce: Extra inputs are not permitted" in error_of(response, 422, "validation_error")["message"]
+    assert (await api.get("/v1/webhooks", headers=auth)).json()["data"] == []
+
+
 async def test_an_empty_idempotency_key_is_refused(api: httpx.AsyncClient, auth: Headers) -> None:
     error_of(await posted(api, auth, ""), 422, "validation_error")
 

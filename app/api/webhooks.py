@@ -18,7 +18,7 @@ from uuid import UUID
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.annotations import IMPORT_ERRORS, LABEL_STUDIO_EVENT, ImportOut, import_out
 from app.api.bodies import JsonBody
@@ -77,6 +77,7 @@ DELIVERY_ERRORS = {
 
 
 class NewWebhookIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     source: Literal["label_studio"] = Field(default="label_studio", description="The tool that delivers.")
     # One line, as a label: listings show a webhook a line.
     name: str = Field(
