@@ -127,6 +127,19 @@ def test_budget_allows_a_burst_then_the_earned_share() -> None:
     assert not policy.spend()
 
 
+def test_a_refund_gives_back_the_one_hedge_spent_and_never_more_than_the_burst() -> None:
+    policy = HedgePolicy(factor=3, min_delay_s=0, budget=0)
+    assert all(policy.spend() for _ in range(int(BURST)))
+
+    policy.refund()  # a hedge spent, then not sent (the breaker had it)
+
+    assert policy.spend()
+    assert not policy.spend()
+    full = HedgePolicy(factor=3, min_delay_s=0, budget=0)
+    full.refund()
+    assert sum(full.spend() for _ in range(int(BURST) + 1)) == BURST
+
+
 # The client
 
 
