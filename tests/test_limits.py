@@ -37,6 +37,7 @@ from app.store.db import Sessions
 from bench.audit import status_counts
 from tests.conftest import eventually, start_worker, submit
 from tests.scripted_llm import Behaviour, ScriptedLLM, agree, chat_request, http_error, with_headers
+from tests.test_metrics import sample
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -390,6 +391,73 @@ async def test_requests_per_minute_budget_is_shared_across_clients(
     times = sorted(r.received_at for r in scripted_llm.requests)
     assert elapsed >= 2.0, "7 requests at 3 per 1 s window need at least 2 s"
     assert all(later - earlier >= 0.95 for earlier, later in zip(times, times[3:], strict=False))
+
+
+async def reserved_after_s(rates: EndpointRates, rpm: int | None, tpm: int | None, tokens: int) -> float:
+    """How long a reservation waited for its place in the budgets."""
+    started = time.monotonic()
+    await rates.reserve("default", rpm, tpm, tokens)
+    return time.monotonic() - started
+
+
+async def test_a_reservation_waits_for_the_oldest_to_leave_the_window_and_no_more_than_a_fifth_longer(
+    redis: Redis, key_prefix: str
+) -> None:
+    rates = EndpointRates(redis, key_prefix, window_s=0.5)
+    assert await reserved_after_s(rates, rpm=2, tpm=None, tokens=10) < 0.1
+    assert await reserved_after_s(rates, rpm=2, tpm=None, tokens=10) < 0.1, "no token budget: tokens are free"
+    waited_before = sample("aidsafe_llm_limit_wait_seconds_total", endpoint="default")
+
+    waited = await reserved_after_s(rates, rpm=2, tpm=None, tokens=10)
+
+    assert 0.45 <= waited <= 0.5 * 1.2 + 0.1, "the window's end, with at most a fifth more of jitter"
+    counted = sample("aidsafe_llm_limit_wait_seconds_total", endpoint="default") - waited_before
+    assert counted == pytest.approx(waited, abs=0.02), "the wait is counted for the operator"
+
+
+async def test_tokens_per_minute_count_a_requests_estimate_until_it_is_settled_to_its_real_usage(
+    redis: Redis, key_prefix: str
+) -> None:
+    rates = EndpointRates(redis, key_prefix, window_s=0.5)
+    await rates.reserve("default", rpm=None, tpm=1000, tokens=600)
+    started = time.monotonic()
+    reservation = await rates.reserve("default", rpm=None, tpm=1000, tokens=600)
+    assert time.monotonic() - started >= 0.45, "1200 estimated > 1000: it waits for the first to leave"
+
+    await rates.settle(reservation, actual_tokens=100)
+
+    assert await reserved_after_s(rates, rpm=None, tpm=1000, tokens=600) < 0.1, "100 used + 600 fit in 1000"
+    assert await reserved_after_s(rates, rpm=None, tpm=1000, tokens=400) >= 0.45, "700 + 400 do not"
+
+
+async def test_a_request_estimated_at_no_tokens_counts_none(redis: Redis, key_prefix: str) -> None:
+    rates = EndpointRates(redis, key_prefix, window_s=0.5)
+    await rates.reserve("default", rpm=None, tpm=10, tokens=-5)
+
+    assert await reserved_after_s(rates, rpm=None, tpm=10, tokens=10) < 0.1
+
+
+async def test_budgets_are_per_minute_and_kept_under_the_key_prefix_given(
+    redis: Redis, key_prefix: str
+) -> None:
+    rates = EndpointRates(redis, key_prefix)
+    await rates.reserve("default", rpm=10, tpm=100, tokens=7)
+
+    requests, tokens = f"{key_prefix}:default:requests", f"{key_prefix}:default:tokens"
+    assert await redis.zcard(requests) == 1
+    assert [member.decode().split(":")[1] for member in await redis.zrange(tokens, 0, -1)] == ["7"]
+    for key in (requests, tokens):
+        assert 60_000 < await redis.pttl(key) <= 61_000, "a 60 s window, kept a second longer"
+
+
+async def test_endpoints_have_budgets_of_their_own(redis: Redis, key_prefix: str) -> None:
+    rates = EndpointRates(redis, key_prefix, window_s=0.5)
+    await rates.reserve("default", rpm=1, tpm=100, tokens=100)
+
+    started = time.monotonic()
+    await rates.reserve("other", rpm=1, tpm=100, tokens=100)
+
+    assert time.monotonic() - started < 0.1
 
 
 async def held_at_once(limiter: EndpointLimiter, limit: int) -> int:
