@@ -71,7 +71,6 @@ class EndpointRates:
     """Sliding-window RPM/TPM budgets; `window_s` is 60 in production, shorter in tests."""
 
     def __init__(self, redis: Redis, key_prefix: str = "aidsafe:rates", window_s: float = 60.0) -> None:
-        self._redis = redis
         self._key_prefix = key_prefix
         self._window_ms = round(window_s * 1000)
         self._reserve = redis.register_script(_RESERVE)
