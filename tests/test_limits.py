@@ -393,10 +393,12 @@ async def test_requests_per_minute_budget_is_shared_across_clients(
     assert all(later - earlier >= 0.95 for earlier, later in zip(times, times[3:], strict=False))
 
 
-async def reserved_after_s(rates: EndpointRates, rpm: int | None, tpm: int | None, tokens: int) -> float:
+async def reserved_after_s(
+    rates: EndpointRates, rpm: int | None, tpm: int | None, tokens: int, endpoint: str = "default"
+) -> float:
     """How long a reservation waited for its place in the budgets."""
     started = time.monotonic()
-    await rates.reserve("default", rpm, tpm, tokens)
+    await rates.reserve(endpoint, rpm, tpm, tokens)
     return time.monotonic() - started
 
 
@@ -404,15 +406,25 @@ async def test_a_reservation_waits_for_the_oldest_to_leave_the_window_and_no_mor
     redis: Redis, key_prefix: str
 ) -> None:
     rates = EndpointRates(redis, key_prefix, window_s=0.5)
-    assert await reserved_after_s(rates, rpm=2, tpm=None, tokens=10) < 0.1
-    assert await reserved_after_s(rates, rpm=2, tpm=None, tokens=10) < 0.1, "no token budget: tokens are free"
-    waited_before = sample("aidsafe_llm_limit_wait_seconds_total", endpoint="default")
+    endpoints = [f"endpoint-{n}" for n in range(8)]  # 8 waits: the jitter is random
+    first_reserved = {}
+    for endpoint in endpoints:
+        first_reserved[endpoint] = time.monotonic()
+        assert await reserved_after_s(rates, 2, None, 10, endpoint) < 0.1
+        assert await reserved_after_s(rates, 2, None, 10, endpoint) < 0.1, "no token budget: tokens are free"
+    waited_before = sample("aidsafe_llm_limit_wait_seconds_total", endpoint=endpoints[0])
 
-    waited = await reserved_after_s(rates, rpm=2, tpm=None, tokens=10)
+    async def reserved_at(endpoint: str) -> float:
+        await rates.reserve(endpoint, rpm=2, tpm=None, tokens=10)
+        return time.monotonic()
 
-    assert 0.45 <= waited <= 0.5 * 1.2 + 0.1, "the window's end, with at most a fifth more of jitter"
-    counted = sample("aidsafe_llm_limit_wait_seconds_total", endpoint="default") - waited_before
-    assert counted == pytest.approx(waited, abs=0.02), "the wait is counted for the operator"
+    waiting_from = time.monotonic()
+    reserved = dict(zip(endpoints, await asyncio.gather(*map(reserved_at, endpoints)), strict=True))
+
+    after = [reserved[endpoint] - first_reserved[endpoint] for endpoint in endpoints]
+    assert all(0.45 <= at <= 0.5 * 1.2 + 0.1 for at in after), "the window's end, at most a fifth later"
+    counted = sample("aidsafe_llm_limit_wait_seconds_total", endpoint=endpoints[0]) - waited_before
+    assert counted == pytest.approx(reserved[endpoints[0]] - waiting_from, abs=0.02), "counted"
 
 
 async def test_tokens_per_minute_count_a_requests_estimate_until_it_is_settled_to_its_real_usage(
