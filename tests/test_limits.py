@@ -291,6 +291,21 @@ async def test_a_kept_slot_carries_the_next_request_of_its_process_then_goes_bac
     assert await use(redis, limiter) != first
 
 
+async def test_a_kept_slot_used_again_is_kept_for_keep_s_from_its_last_use(
+    redis: Redis, key_prefix: str
+) -> None:
+    limiter = EndpointLimiter(redis, key_prefix, keep_s=0.4)
+    first = await use(redis, limiter)
+    await asyncio.sleep(0.25)
+    assert await use(redis, limiter) == first
+
+    await asyncio.sleep(0.3)  # the first look of its returner, 0.4 s after the first use
+    assert await holders(redis, limiter) == 1, "used 0.3 s ago: still kept"
+    await asyncio.sleep(0.5)
+
+    assert await holders(redis, limiter) == 0, "unused for keep_s: gone back"
+
+
 async def test_a_slot_kept_by_one_process_is_no_other_process_s_until_it_goes_back(
     redis: Redis, key_prefix: str
 ) -> None:
@@ -366,6 +381,21 @@ async def test_closing_gives_back_the_kept_slots(redis: Redis, key_prefix: str) 
     await limiter.aclose()
 
     assert await holders(redis, limiter) == 0
+
+
+async def test_release_owners_frees_the_dead_owners_slots_on_every_endpoint_and_counts_them(
+    redis: Redis, key_prefix: str
+) -> None:
+    async with AsyncExitStack() as held:
+        for owner, endpoint in [("dead", "a"), ("dead", "a"), ("dead", "b"), ("gone", "b"), ("live", "b")]:
+            limiter = EndpointLimiter(redis, key_prefix, owner=owner)
+            await held.enter_async_context(limiter.slot(endpoint, 5, 30))
+        sweeper = EndpointLimiter(redis, key_prefix)
+
+        assert await sweeper.release_owners(["a", "b"], []) == 0
+        assert await sweeper.release_owners(["a", "b"], ["dead", "gone"]) == 4
+        assert await holders(redis, sweeper, "a") == 0
+        assert [holder.split(b"/")[0] for holder in await redis.zrange(sweeper.key("b"), 0, -1)] == [b"live"]
 
 
 async def _enter_and_leave(slot: AbstractAsyncContextManager[object]) -> None:
