@@ -306,6 +306,19 @@ async def test_a_kept_slot_used_again_is_kept_for_keep_s_from_its_last_use(
     assert await holders(redis, limiter) == 0, "unused for keep_s: gone back"
 
 
+async def test_a_pause_stops_the_reuse_of_the_slots_kept_before_it(redis: Redis, key_prefix: str) -> None:
+    limiter = EndpointLimiter(redis, key_prefix, keep_s=30)
+    await asyncio.gather(use(redis, limiter, limit=3), use(redis, limiter, limit=3))  # both kept
+    async with limiter.slot("default", 3, 30) as slot:
+        slot.pause_s = 0.5  # the endpoint's budget is spent
+    paused = time.monotonic()
+
+    await use(redis, limiter, limit=3)
+
+    assert time.monotonic() - paused >= 0.45, "the kept slot waited for the pause too"
+    await limiter.aclose()
+
+
 async def test_a_slot_kept_by_one_process_is_no_other_process_s_until_it_goes_back(
     redis: Redis, key_prefix: str
 ) -> None:
