@@ -390,10 +390,12 @@ async def test_closing_gives_back_the_kept_slots(redis: Redis, key_prefix: str) 
     limiter = EndpointLimiter(redis, key_prefix, keep_s=30)
     await asyncio.gather(use(redis, limiter, limit=3), use(redis, limiter, limit=3))
     assert await holders(redis, limiter) >= 1
+    paused_before = pause_seconds()
 
     await limiter.aclose()
 
     assert await holders(redis, limiter) == 0
+    assert pause_seconds() == paused_before, "giving back unused slots pauses nothing"
 
 
 async def test_release_owners_frees_the_dead_owners_slots_on_every_endpoint_and_counts_them(
