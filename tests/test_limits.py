@@ -316,6 +316,8 @@ async def test_a_pause_stops_the_reuse_of_the_slots_kept_before_it(redis: Redis,
     await use(redis, limiter, limit=3)
 
     assert time.monotonic() - paused >= 0.45, "the kept slot waited for the pause too"
+    kept = await use(redis, limiter, limit=3)
+    assert await use(redis, limiter, limit=3) == kept, "kept slots carry requests again after it"
     await limiter.aclose()
 
 
