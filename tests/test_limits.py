@@ -294,14 +294,15 @@ async def test_a_kept_slot_carries_the_next_request_of_its_process_then_goes_bac
 async def test_a_kept_slot_used_again_is_kept_for_keep_s_from_its_last_use(
     redis: Redis, key_prefix: str
 ) -> None:
-    limiter = EndpointLimiter(redis, key_prefix, keep_s=0.4)
+    # Margins of 0.4 s each way: a loaded machine's sleeps run long.
+    limiter = EndpointLimiter(redis, key_prefix, keep_s=1.0)
     first = await use(redis, limiter)
-    await asyncio.sleep(0.25)
+    await asyncio.sleep(0.6)
     assert await use(redis, limiter) == first
 
-    await asyncio.sleep(0.3)  # the first look of its returner, 0.4 s after the first use
-    assert await holders(redis, limiter) == 1, "used 0.3 s ago: still kept"
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.6)  # past the first look of its returner, 1 s after the first use
+    assert await holders(redis, limiter) == 1, "used 0.6 s ago: still kept"
+    await asyncio.sleep(1.6)
 
     assert await holders(redis, limiter) == 0, "unused for keep_s: gone back"
 
@@ -453,12 +454,13 @@ async def test_a_reservation_waits_for_the_oldest_to_leave_the_window_and_no_mor
     redis: Redis, key_prefix: str
 ) -> None:
     rates = EndpointRates(redis, key_prefix, window_s=0.5)
-    endpoints = [f"endpoint-{n}" for n in range(8)]  # 8 waits: the jitter is random
+    # 16 waits: the jitter is random (a wider range passes all 16 by chance 1 time in 1,000)
+    endpoints = [f"endpoint-{n}" for n in range(16)]
     first_reserved = {}
     for endpoint in endpoints:
         first_reserved[endpoint] = time.monotonic()
-        assert await reserved_after_s(rates, 2, None, 10, endpoint) < 0.1
-        assert await reserved_after_s(rates, 2, None, 10, endpoint) < 0.1, "no token budget: tokens are free"
+        assert await reserved_after_s(rates, 2, None, 10, endpoint) < 0.3
+        assert await reserved_after_s(rates, 2, None, 10, endpoint) < 0.3, "no token budget: tokens are free"
     waited_before = sample("aidsafe_llm_limit_wait_seconds_total", endpoint=endpoints[0])
 
     async def reserved_at(endpoint: str) -> float:
@@ -469,9 +471,10 @@ async def test_a_reservation_waits_for_the_oldest_to_leave_the_window_and_no_mor
     reserved = dict(zip(endpoints, await asyncio.gather(*map(reserved_at, endpoints)), strict=True))
 
     after = [reserved[endpoint] - first_reserved[endpoint] for endpoint in endpoints]
-    assert all(0.45 <= at <= 0.5 * 1.2 + 0.1 for at in after), "the window's end, at most a fifth later"
+    # A quarter second for the loop to resume 16 waiters on a loaded machine.
+    assert all(0.45 <= at <= 0.5 * 1.2 + 0.25 for at in after), "the window's end, at most a fifth later"
     counted = sample("aidsafe_llm_limit_wait_seconds_total", endpoint=endpoints[0]) - waited_before
-    assert counted == pytest.approx(reserved[endpoints[0]] - waiting_from, abs=0.02), "counted"
+    assert counted == pytest.approx(reserved[endpoints[0]] - waiting_from, abs=0.05), "counted"
 
 
 async def test_tokens_per_minute_count_a_requests_estimate_until_it_is_settled_to_its_real_usage(
@@ -485,7 +488,7 @@ async def test_tokens_per_minute_count_a_requests_estimate_until_it_is_settled_t
 
     await rates.settle(reservation, actual_tokens=100)
 
-    assert await reserved_after_s(rates, rpm=None, tpm=1000, tokens=600) < 0.1, "100 used + 600 fit in 1000"
+    assert await reserved_after_s(rates, rpm=None, tpm=1000, tokens=600) < 0.3, "100 used + 600 fit in 1000"
     assert await reserved_after_s(rates, rpm=None, tpm=1000, tokens=400) >= 0.45, "700 + 400 do not"
 
 
@@ -493,7 +496,7 @@ async def test_a_request_estimated_at_no_tokens_counts_none(redis: Redis, key_pr
     rates = EndpointRates(redis, key_prefix, window_s=0.5)
     await rates.reserve("default", rpm=None, tpm=10, tokens=-5)
 
-    assert await reserved_after_s(rates, rpm=None, tpm=10, tokens=10) < 0.1
+    assert await reserved_after_s(rates, rpm=None, tpm=10, tokens=10) < 0.3
 
 
 async def test_budgets_are_per_minute_and_kept_under_the_key_prefix_given(
@@ -516,7 +519,7 @@ async def test_endpoints_have_budgets_of_their_own(redis: Redis, key_prefix: str
     started = time.monotonic()
     await rates.reserve("other", rpm=1, tpm=100, tokens=100)
 
-    assert time.monotonic() - started < 0.1
+    assert time.monotonic() - started < 0.3
 
 
 async def held_at_once(limiter: EndpointLimiter, limit: int) -> int:
