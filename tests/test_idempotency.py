@@ -25,11 +25,13 @@ from app.api.schemas import (
     SampleEvaluationIn,
     SampleEvaluationOptions,
 )
-from app.config import Settings
+from app.config import EndpointConfig, Settings
 from app.idempotency import RequestHash
 from app.plan import JobConfigIn
 from app.store.db import Sessions
 from app.store.models import Job
+from tests.conftest import api_client
+from tests.scripted_llm import ScriptedLLM
 from tests.test_api import error_of, row_counts
 from tests.test_model_evaluation_api import GOOD_ROW, evaluation_body
 from tests.test_quality_api import completed, finished_job
@@ -329,3 +331,63 @@ async def test_a_job_hashed_by_the_one_shot_json_encoder_still_replays(
     await store_hash(sessions, first.json()["id"], hashlib.sha256(one_shot.encode()).hexdigest())
 
     assert_replays(first, await api.post("/v1/jobs", json=body, headers=headers))
+
+
+# --- a replay after the server's settings changed ----------------------------------------------
+
+
+async def test_a_replay_finds_its_job_though_the_server_would_now_refuse_the_request_as_new(
+    api: httpx.AsyncClient,
+    auth: Headers,
+    sessions: Sessions,
+    redis: Redis,
+    settings: Settings,
+    submitted: Submit,
+) -> None:
+    headers = {**auth, "Idempotency-Key": "before-the-change"}
+    first = await submitted.send(api, headers)
+    assert first.status_code == 202, first.text
+    before = await stored(sessions, redis, settings)
+
+    # A context no request fits: the request, sent as new, is refused.
+    async with api_client(settings.model_copy(update={"llm_max_context_tokens": 1})) as changed:
+        error_of(await submitted.send(changed, auth), 422, "request_too_large")
+        again = await submitted.send(changed, headers)
+
+    assert_replays(first, again)
+    assert await stored(sessions, redis, settings) == before
+
+
+async def test_another_request_under_a_used_key_is_a_conflict_though_the_server_would_refuse_it(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions, redis: Redis, settings: Settings
+) -> None:
+    headers = {**auth, "Idempotency-Key": "before-the-change"}
+    assert (await JOB.send(api, headers)).status_code == 202
+    before = await stored(sessions, redis, settings)
+
+    async with api_client(settings.model_copy(update={"llm_max_context_tokens": 1})) as changed:
+        other = await changed.post("/v1/jobs", json={**JOB_BODY, "prompts": ["c"]}, headers=headers)
+
+    error_of(other, 409, "idempotency_conflict")
+    assert await stored(sessions, redis, settings) == before
+
+
+async def test_an_upload_replay_is_read_though_its_endpoint_is_gone(
+    auth: Headers, sessions: Sessions, redis: Redis, settings: Settings, scripted_llm: ScriptedLLM
+) -> None:
+    """An upload's options are checked before its file is read, but a replay's only after: its
+    job is answered though the endpoint its options name is no longer configured."""
+    elsewhere = {"elsewhere": EndpointConfig(base_url=scripted_llm.base_url)}
+    upload = upload_submit(CSV, guard={"endpoint": "elsewhere"})
+    headers = {**auth, "Idempotency-Key": "before-the-change"}
+    async with api_client(settings.model_copy(update={"llm_endpoints": elsewhere})) as api:
+        first = await upload.send(api, headers)
+    assert first.status_code == 202, first.text
+    before = await stored(sessions, redis, settings)
+
+    async with api_client(settings) as changed:
+        error_of(await upload.send(changed, auth), 422, "invalid_config")
+        again = await upload.send(changed, headers)
+
+    assert_replays(first, again)
+    assert await stored(sessions, redis, settings) == before

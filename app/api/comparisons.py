@@ -20,7 +20,7 @@ from app.api.jobs import ERRORS, Cursor, Limit
 from app.api.json_answers import json_answer
 from app.api.listing import JobFilterDep
 from app.api.schemas import ComparisonIn, ComparisonOut, ComparisonPage, SubmittedComparisonOut
-from app.api.submissions import SubmissionDep, submit_responses
+from app.api.submissions import Submission, SubmissionDep, submit_responses
 from app.errors import ComparisonMismatch
 from app.idempotency import RequestHash
 from app.plan import check_comparison_fits, comparison_mismatches, resolve_comparison
@@ -75,10 +75,21 @@ async def create_comparison(
     not fit its endpoint's context; 422 `invalid_prompt_set` if the candidate job's prompt set,
     which words the judge's requests, no longer passes registration's checks."""
     body.refuse_batch("comparisons")
+    request_hash = await RequestHash.of(body)
+    job = await submission.replayed(key.id, "comparisons", request_hash)
+    if job is None:
+        job = await _new_comparison(key.id, body, submission, request_hash)
+    shown = await _comparison_out(submission.session, job)
+    return SubmittedComparisonOut(**dict(shown), callback_secret=job.callback_secret)
+
+
+async def _new_comparison(
+    key_id: UUID, body: ComparisonIn, submission: Submission, request_hash: RequestHash
+) -> Job:
     session, settings = submission.session, submission.settings
     callback = callbacks.requested(body.callback_url, settings)
-    baseline = await jobs.get_owned(session, body.baseline_job_id, key.id)
-    candidate = await jobs.get_owned(session, body.candidate_job_id, key.id)
+    baseline = await jobs.get_owned(session, body.baseline_job_id, key_id)
+    candidate = await jobs.get_owned(session, body.candidate_job_id, key_id)
     for compared in (baseline, candidate):  # a deletion now waits for the comparison, and refuses
         await jobs.hold(session, compared.id)
     base_policies = await policy_sets.by_id(session, baseline.policy_set_id)
@@ -110,16 +121,13 @@ async def create_comparison(
     )
     job, new_item_ids = await comparisons.create(
         session,
-        submission.job_request(
-            key.id, jobs.Labels(body.label, body.metadata), await RequestHash.of(body), callback
-        ),
+        submission.job_request(key_id, jobs.Labels(body.label, body.metadata), request_hash, callback),
         baseline=baseline,
         candidate=candidate,
         plan=plan,
     )
     await submission.accept(job, new_item_ids)
-    shown = await _comparison_out(session, job)
-    return SubmittedComparisonOut(**dict(shown), callback_secret=job.callback_secret)
+    return job
 
 
 @router.get("", responses=documented(400, 401, 422, 503), response_model=ComparisonPage)

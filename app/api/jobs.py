@@ -44,7 +44,7 @@ from app.api.schemas import (
     ReportOut,
     SubmittedJobOut,
 )
-from app.api.submissions import SubmissionDep, enqueue_committed, submit_responses
+from app.api.submissions import Submission, SubmissionDep, enqueue_committed, submit_responses
 from app.api.summaries import job_out
 from app.config import Settings
 from app.costs import check_budget, estimate
@@ -57,7 +57,7 @@ from app.idempotency import RequestHash
 from app.plan import GenerationPlan, check_job_fits, resolve
 from app.presets import Presets
 from app.store import deletions, job_listing, jobs, page_sizes, policy_sets, prompt_sets
-from app.store.models import PolicySetRow, PromptSetRow
+from app.store.models import Job, PolicySetRow, PromptSetRow
 from app.threads import in_thread
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -99,15 +99,24 @@ async def submit_job(
     Duplicate prompts are reported in `duplicates`, and with `"duplicates": "skip"` get no item.
     422 `request_too_large` if a role's requests may not fit its endpoint's context; 409
     `limit_reached` if the key has `AIDSAFE_MAX_OPEN_JOBS_PER_KEY` open jobs (of any kind)."""
+    request_hash = await RequestHash.of(body)
+    job = await submission.replayed(key.id, "jobs", request_hash)
+    if job is None:
+        job = await _new_job(key.id, body, submission, presets, request_hash)
+    shown = await job_out(submission.session, job)
+    return SubmittedJobOut(**dict(shown), callback_secret=job.callback_secret)
+
+
+async def _new_job(
+    key_id: UUID, body: JobIn, submission: Submission, presets: Presets, request_hash: RequestHash
+) -> Job:
     session, settings = submission.session, submission.settings
     callback = callbacks.requested(body.callback_url, settings)
-    planned = await _planned(key.id, body, session, settings, presets)
+    planned = await _planned(key_id, body, session, settings, presets)
     plan, found, kept = planned.plan, planned.found, planned.kept
     job, new_item_ids = await jobs.submit(
         session,
-        submission.job_request(
-            key.id, jobs.Labels(body.label, body.metadata), await RequestHash.of(body), callback
-        ),
+        submission.job_request(key_id, jobs.Labels(body.label, body.metadata), request_hash, callback),
         policy_set_id=planned.policy_set.id,
         prompt_set_id=planned.prompt_set.id,
         plan=plan,
@@ -116,8 +125,7 @@ async def submit_job(
         budget=body.budget,
     )
     await submission.accept(job, new_item_ids)
-    shown = await job_out(session, job)
-    return SubmittedJobOut(**dict(shown), callback_secret=job.callback_secret)
+    return job
 
 
 @router.post("/estimate", responses=documented(400, 401, 413, 422, 503), openapi_extra=JOB_BODY.openapi)

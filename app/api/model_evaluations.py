@@ -22,7 +22,7 @@ from app.api.schemas import (
     ModelEvaluationOut,
     SubmittedModelEvaluationOut,
 )
-from app.api.submissions import SubmissionDep, submit_responses
+from app.api.submissions import Submission, SubmissionDep, submit_responses
 from app.idempotency import RequestHash
 from app.plan import check_model_evaluation_fits, resolve_model_evaluation
 from app.reports import model_evaluation
@@ -80,15 +80,26 @@ async def create_model_evaluation(
     created. 422 `request_too_large` if a target's or judge's requests may not fit its
     endpoint's context."""
     body.refuse_batch("model evaluations")
+    request_hash = await RequestHash.of(body)
+    job = await submission.replayed(key.id, "model_evaluation", request_hash)
+    if job is None:
+        job = await _new_model_evaluation(key.id, body, submission, request_hash)
+    shown = await evaluation_out(submission.session, job)
+    return SubmittedModelEvaluationOut(**dict(shown), callback_secret=job.callback_secret)
+
+
+async def _new_model_evaluation(
+    key_id: UUID, body: ModelEvaluationIn, submission: Submission, request_hash: RequestHash
+) -> Job:
     session, settings = submission.session, submission.settings
     callback = callbacks.requested(body.callback_url, settings)
     plan = resolve_model_evaluation(
         body.targets, body.safety_judge, body.refusal_judge, body.max_tokens, settings
     )
     policy_set = await policy_sets.resolve_for_job(
-        session, key.id, body.policy_set.name, body.policy_set.version
+        session, key_id, body.policy_set.name, body.policy_set.version
     )
-    prompt_set = await resolve_prompt_set(session, key.id, body.prompt_set)
+    prompt_set = await resolve_prompt_set(session, key_id, body.prompt_set)
     cases = [
         model_evaluations.NewCase(benchmark.name, row.category, row.expected, row.prompt, row.metadata)
         for benchmark in body.benchmarks
@@ -103,17 +114,14 @@ async def create_model_evaluation(
     )
     job, new_item_ids = await model_evaluations.create(
         session,
-        submission.job_request(
-            key.id, jobs.Labels(body.label, body.metadata), await RequestHash.of(body), callback
-        ),
+        submission.job_request(key_id, jobs.Labels(body.label, body.metadata), request_hash, callback),
         policy_set_id=policy_set.id,
         prompt_set_id=prompt_set.id,
         plan=plan,
         cases=cases,
     )
     await submission.accept(job, new_item_ids)
-    shown = await evaluation_out(session, job)
-    return SubmittedModelEvaluationOut(**dict(shown), callback_secret=job.callback_secret)
+    return job
 
 
 @router.get("/{evaluation_id}", response_model=ModelEvaluationOut, responses=ERRORS)

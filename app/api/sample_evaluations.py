@@ -30,7 +30,7 @@ from app.api.schemas import (
     SubmittedSampleEvaluationOut,
 )
 from app.api.state import api_state
-from app.api.submissions import Submission, SubmissionDep, submit_responses
+from app.api.submissions import IdempotencyKey, Submission, SubmissionDep, submit_responses
 from app.config import Settings
 from app.deliberation.results import Sample as EngineSample
 from app.errors import InvalidRequest
@@ -65,9 +65,13 @@ async def evaluate_samples(
 ) -> SubmittedSampleEvaluationOut:
     """Evaluate the samples in the body, each read as a row of a JSONL file (see the upload
     route). Runs as a job of mode `sample_evaluation`, one item per sample."""
-    asked = _asked(body, submission.settings)
-    samples = await anyio.to_thread.run_sync(samples_of, body.samples, body.format, body.columns)
-    return await _submit(key.id, body, asked, samples, submission, await RequestHash.of(body))
+    request_hash = await RequestHash.of(body)
+    job = await submission.replayed(key.id, "samples", request_hash)
+    if job is None:
+        asked = _asked(body, submission.settings)
+        samples = await anyio.to_thread.run_sync(samples_of, body.samples, body.format, body.columns)
+        job = await _new_evaluation(key.id, body, asked, samples, submission, request_hash)
+    return await _submitted(submission.session, job)
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,6 @@ class _Upload:
     until the answer: the samples wait in memory for the key's row)."""
 
     options: SampleEvaluationOptions
-    asked: _Asked
     samples: list[Sample]
     request_hash: RequestHash
 
@@ -98,22 +101,25 @@ async def _uploaded(
         Literal["jsonl", "csv", "parquet"] | None,
         Query(description="The file's type; by default its Content-Type's."),
     ] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> AsyncIterator[_Upload]:
     kind = file_type or _MEDIA_TYPES.get(_media_type(request))
     if kind is None:
         raise InvalidRequest.of(
             [{"loc": ("query", "file_type"), "msg": f"give one of {', '.join(get_args(FileType))}"}]
         )
-    # Before the body: options that cannot make an evaluation are refused unread.
+    # Before the body: options that cannot make an evaluation are refused unread, unless the
+    # upload may be a replay, whose job is answered whatever the server's settings are now.
     chosen = _read_options(options)
-    asked = _asked(chosen, settings)
+    if idempotency_key is None:
+        _asked(chosen, settings)
     async with api_state(request).body_turns.turn(key.id):
         raw = await read_capped(request, settings.max_request_bytes, settings.body_stall_s)
         # Decoded, a file holds no more than a body may carry: a Parquet file of 91 KB decoding
         # to 500 MB took 70 s of the API's CPU and 3.4 GB of its memory, for one request.
         read = partial(read_samples, max_bytes=settings.max_request_bytes)
         samples = await anyio.to_thread.run_sync(read, raw, kind, chosen.format, chosen.columns)
-        yield _Upload(chosen, asked, samples, await RequestHash.of(chosen, kind.encode() + raw))
+        yield _Upload(chosen, samples, await RequestHash.of(chosen, kind.encode() + raw))
 
 
 @router.post(
@@ -138,9 +144,13 @@ async def upload_samples(
     refusal names the row (1-based, the header not counted) and the column in `details`: 422
     `missing_column`, `invalid_encoding`, `empty_row`, `too_many_samples`, `invalid_sample_file`.
     Nothing is stored unless every row is good."""
-    return await _submit(
-        key.id, upload.options, upload.asked, upload.samples, submission, upload.request_hash
-    )
+    job = await submission.replayed(key.id, "samples", upload.request_hash)
+    if job is None:
+        asked = _asked(upload.options, submission.settings)
+        job = await _new_evaluation(
+            key.id, upload.options, asked, upload.samples, submission, upload.request_hash
+        )
+    return await _submitted(submission.session, job)
 
 
 def _media_type(request: Request) -> str:
@@ -185,14 +195,14 @@ def _asked(options: SampleEvaluationOptions, settings: Settings) -> _Asked:
     return _Asked(resolve_sample_evaluation(options.grade, options.guard, judge, against, settings), callback)
 
 
-async def _submit(
+async def _new_evaluation(
     key_id: UUID,
     options: SampleEvaluationOptions,
     asked: _Asked,
     samples: list[Sample],
     submission: Submission,
     request_hash: RequestHash,
-) -> SubmittedSampleEvaluationOut:
+) -> Job:
     session, settings = submission.session, submission.settings
     plan, callback = asked.plan, asked.callback
     if plan.against_job_id is not None:  # this key's, and not a comparison
@@ -219,6 +229,10 @@ async def _submit(
         samples=samples,
     )
     await submission.accept(job, new_item_ids)
+    return job
+
+
+async def _submitted(session: AsyncSession, job: Job) -> SubmittedSampleEvaluationOut:
     evaluation = await evaluation_out(session, job)
     return SubmittedSampleEvaluationOut(**dict(evaluation), callback_secret=job.callback_secret)
 

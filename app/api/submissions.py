@@ -45,6 +45,20 @@ class Submission:
     _arq: ArqRedis
     _response: Response
 
+    async def replayed(
+        self, owner_key_id: UUID, scope: jobs.IdempotencyScope, request_hash: RequestHash
+    ) -> Job | None:
+        """The job this request's Idempotency-Key made in `scope`, answered 200 as it is;
+        IdempotencyConflict if another request made it. Looked up before the route checks the
+        request: a replay finds its job even if the server's settings (endpoints, contexts,
+        callback hosts) or the key's sets have changed since, which would refuse it as new."""
+        if self.idempotency_key is None:
+            return None
+        job = await jobs.replayed(self.session, owner_key_id, scope, self.idempotency_key, request_hash)
+        if job is not None:
+            self._response.status_code = status.HTTP_200_OK
+        return job
+
     async def accept(self, job: Job, new_item_ids: list[UUID]) -> None:
         """Commit the job, then enqueue its new items; none new means a replay: 200, not 202."""
         await self.session.commit()

@@ -209,6 +209,19 @@ _ITEM_DEFAULTS = {
 }
 
 
+async def replayed(
+    session: AsyncSession,
+    owner_key_id: UUID,
+    scope: IdempotencyScope,
+    idempotency_key: str,
+    request_hash: RequestHash,
+) -> Job | None:
+    """The job an earlier request with this Idempotency-Key made in `scope`, if any;
+    IdempotencyConflict if that request was another."""
+    existing = await _by_idempotency_key(session, owner_key_id, scope, idempotency_key)
+    return None if existing is None else await _same_request(existing, request_hash)
+
+
 async def _by_idempotency_key(
     session: AsyncSession, owner_key_id: UUID, scope: IdempotencyScope, key: str
 ) -> Job | None:
