@@ -6,7 +6,7 @@ turns it into the engine's config."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
@@ -19,6 +19,7 @@ from app.deliberation.budget import (
     evaluation_requests,
     judge_request,
     largest_requests,
+    least_reply_tokens,
     sample_evaluation_requests,
     stage_floors,
 )
@@ -797,20 +798,63 @@ def _check_fits(budgets: list[RequestBudget], policies: PolicySet, settings: Set
             f"policy set '{policies.name}' version {policies.version} renders to "
             f"{len(policies.text):,} characters of prompt text; at most {MAX_POLICY_TEXT_CHARS:,} are allowed"
         )
-    endpoints = settings.endpoints()
-    over: list[dict[str, Any]] = [
-        {"role": b.role, "endpoint": b.endpoint, "estimated_tokens": b.tokens, "max_context_tokens": limit}
-        for b in budgets
-        if (limit := endpoints[b.endpoint].max_context_tokens) is not None and b.tokens > limit
-    ]
-    if over:
-        worst = max(over, key=lambda o: o["estimated_tokens"] - o["max_context_tokens"])
-        raise RequestTooLarge(
-            f"role '{worst['role']}' may send endpoint '{worst['endpoint']}' requests of about "
-            f"{worst['estimated_tokens']:,} tokens with max_tokens, over its max_context_tokens of "
-            f"{worst['max_context_tokens']:,}; lower max_tokens, max_rounds or agents, shorten the "
-            "prompts, the policies or the prompt set's templates, or use an endpoint with a larger context",
-            details=over,
+    endpoints, ceiling = settings.endpoints(), settings.llm_max_request_tokens
+    found = (_Overrun.of(b, endpoints[b.endpoint].max_context_tokens, ceiling) for b in budgets)
+    overruns = [overrun for overrun in found if overrun is not None]
+    if overruns:
+        worst = max(overruns, key=lambda o: o.budget.tokens - o.limit)
+        raise RequestTooLarge(worst.message(), details=[overrun.detail() for overrun in overruns])
+
+
+_SHRINK = (
+    "lower max_tokens, max_rounds or agents, shorten the prompts, the policies or the prompt set's templates"
+)
+
+
+@dataclass(frozen=True)
+class _Overrun:
+    """A role's largest request over a limit the client would hold it to (fitted): its
+    endpoint's context, or the server's AIDSAFE_LLM_MAX_REQUEST_TOKENS."""
+
+    budget: RequestBudget
+    limit: int
+    of_context: bool  # else of the server's ceiling
+
+    @classmethod
+    def of(cls, budget: RequestBudget, context: int | None, ceiling: int) -> _Overrun | None:
+        """The ceiling, where it is the lesser limit, refuses the request only if its prompt
+        leaves less than the least reply, as the client does: it lowers a max_tokens over the
+        rest. A context must take the max_tokens whole, which servers keep room for."""
+        if (context is None or context > ceiling) and budget.least_tokens > ceiling:
+            return cls(budget, ceiling, of_context=False)
+        if context is not None and budget.tokens > context:
+            return cls(budget, context, of_context=True)
+        return None
+
+    def detail(self) -> dict[str, Any]:
+        limit = "max_context_tokens" if self.of_context else "max_request_tokens"
+        return {
+            "role": self.budget.role,
+            "endpoint": self.budget.endpoint,
+            "estimated_tokens": self.budget.tokens,
+            limit: self.limit,
+        }
+
+    def message(self) -> str:
+        budget = self.budget
+        sends = (
+            f"role '{budget.role}' may send endpoint '{budget.endpoint}' requests of about "
+            f"{budget.tokens:,} tokens with max_tokens"
+        )
+        if self.of_context:
+            return (
+                f"{sends}, over its max_context_tokens of {self.limit:,}; {_SHRINK}, "
+                "or use an endpoint with a larger context"
+            )
+        return (
+            f"{sends}, over the server's AIDSAFE_LLM_MAX_REQUEST_TOKENS of {self.limit:,}: their prompt, "
+            f"of about {budget.prompt_tokens:,} tokens, leaves less than "
+            f"{least_reply_tokens(budget.max_tokens):,} for a reply; {_SHRINK}"
         )
 
 

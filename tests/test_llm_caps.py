@@ -1,7 +1,7 @@
 """Size caps on what a tenant sends to a shared LLM: policy fields and text are capped when a
-set is registered, a job whose requests cannot fit an endpoint's context is refused at
-submission, and the client never sends a request estimated over the endpoint's limit or the
-server's cap on every request."""
+set is registered, a job whose requests cannot fit an endpoint's context or the server's cap
+is refused at submission, and the client never sends a request estimated over the endpoint's
+limit or the server's cap on every request."""
 
 from __future__ import annotations
 
@@ -415,6 +415,44 @@ async def test_a_prompt_set_echoing_a_long_prompt_fails_its_item_unsent_and_the_
     )
     echoes = [request.body["messages"][1]["content"].count("Hi") for request in scripted_llm.requests]
     assert echoes == [1_000]  # the short prompt's request alone
+
+
+async def test_a_job_is_refused_at_submission_where_the_servers_cap_would_leave_its_prompt_no_reply(
+    settings: Settings, sessions: Sessions, scripted_llm: ScriptedLLM
+) -> None:
+    # `default` has no max_context_tokens. The zero-shot request, the default policies and all,
+    # is some 3,000 tokens without its max_tokens of 4,096: under a cap of 2,000 its item could
+    # only fail; under one of 4,000 it is sent, its max_tokens lowered to what the cap leaves.
+    auth = await new_key(sessions)
+    body = {"prompts": ["How do I store soup safely?"], "config": {"mode": "zero_shot", "max_tokens": 4_096}}
+    too_low, lowering = (
+        settings.model_copy(update={"llm_max_request_tokens": cap}) for cap in (2_000, 4_000)
+    )
+
+    async with api_client(too_low) as api:
+        refused = await api.post("/v1/jobs", json=body, headers=auth)
+    error = error_of(refused, 422, "request_too_large")
+    [detail] = error["details"]
+    assert (detail["role"], detail["endpoint"], detail["max_request_tokens"]) == (
+        "zero-shot",
+        "default",
+        2_000,
+    )
+    assert error["message"].startswith(
+        f"role 'zero-shot' may send endpoint 'default' requests of about {detail['estimated_tokens']:,} "
+        "tokens with max_tokens, over the server's AIDSAFE_LLM_MAX_REQUEST_TOKENS of 2,000: their prompt, "
+        f"of about {detail['estimated_tokens'] - 4_096:,} tokens, leaves less than 64 for a reply;"
+    )
+    assert await job_count(sessions) == 0
+
+    async with api_client(lowering) as api:
+        accepted = await api.post("/v1/jobs", json=body, headers=auth)
+        assert accepted.status_code == 202, accepted.text
+        await run_worker_burst(lowering)
+        items = (await api.get(f"/v1/jobs/{accepted.json()['id']}/items", headers=auth)).json()["data"]
+    assert [item["status"] for item in items] == ["completed"]
+    [sent] = scripted_llm.requests
+    assert sent.body["max_tokens"] < 4_096 and sent_tokens(sent) <= 4_000
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "lots", ""])

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from app.config import BatchConfig, EndpointConfig, Prices, Settings
 from app.deliberation.budget import (
+    MIN_REPLY_TOKENS,
     evaluation_requests,
     judge_request,
     largest_requests,
@@ -552,6 +553,72 @@ def test_a_job_fits_exactly_when_its_largest_request_for_its_longest_prompt_fits
     # The shortest prompt alone makes smaller requests; an endpoint of unknown context takes them all.
     check_job_fits(plan, POLICIES, PROMPTS, [SHORT], _context(largest.tokens - 1))
     check_job_fits(_job(defaults={"endpoint": "second"}), POLICIES, PROMPTS, [LONG], _context(100))
+
+
+def _ceiling(tokens: int, settings: Settings = SETTINGS) -> Settings:
+    """The settings with the server's AIDSAFE_LLM_MAX_REQUEST_TOKENS at `tokens`."""
+    return settings.model_copy(update={"llm_max_request_tokens": tokens})
+
+
+def test_a_job_fits_the_servers_ceiling_while_its_largest_prompt_leaves_the_least_reply_under_it() -> None:
+    # The client lowers a max_tokens over what the ceiling leaves, down to MIN_REPLY_TOKENS: a
+    # request over the ceiling with its max_tokens is sent, one whose prompt leaves less is not.
+    plan = _job(max_rounds=2, grading={}, max_tokens=2_048)
+    budgets = largest_requests(plan.pipeline(), POLICIES, PROMPTS, LONG)
+    largest = max(budgets, key=lambda b: b.prompt_tokens)
+    least = largest.prompt_tokens + MIN_REPLY_TOKENS
+    assert least < largest.tokens
+
+    check_job_fits(plan, POLICIES, PROMPTS, [SHORT, LONG], _ceiling(least))
+    with pytest.raises(RequestTooLarge) as refused:
+        check_job_fits(plan, POLICIES, PROMPTS, [SHORT, LONG], _ceiling(least - 1))
+    assert refused.value.details == [
+        {
+            "role": largest.role,
+            "endpoint": "default",
+            "estimated_tokens": largest.tokens,
+            "max_request_tokens": least - 1,
+        }
+    ]
+    assert refused.value.message == (
+        f"role '{largest.role}' may send endpoint 'default' requests of about {largest.tokens:,} tokens with "
+        f"max_tokens, over the server's AIDSAFE_LLM_MAX_REQUEST_TOKENS of {least - 1:,}: their prompt, "
+        f"of about {largest.prompt_tokens:,} tokens, leaves less than 64 for a reply; lower max_tokens, "
+        "max_rounds or agents, shorten the prompts, the policies or the prompt set's templates"
+    )
+    # An endpoint of unknown context is held to it too.
+    second = _job(defaults={"endpoint": "second"}, max_rounds=2, grading={}, max_tokens=2_048)
+    with pytest.raises(RequestTooLarge, match="endpoint 'second'"):
+        check_job_fits(second, POLICIES, PROMPTS, [LONG], _ceiling(least - 1))
+
+
+def test_a_max_tokens_under_the_least_reply_must_fit_the_servers_ceiling_whole() -> None:
+    plan = resolve_comparison([None], SETTINGS, uuid.uuid4(), uuid.uuid4())
+    judge = judge_request(plan.judges[0], POLICIES, PROMPTS, LONG, (300, 500), 40)
+    plan = plan.model_copy(update={"max_tokens": 40})
+
+    check_comparison_fits(plan, POLICIES, PROMPTS, LONG, (300, 500), _ceiling(judge.tokens))
+    with pytest.raises(RequestTooLarge, match="leaves less than 40 for a reply") as refused:
+        check_comparison_fits(plan, POLICIES, PROMPTS, LONG, (300, 500), _ceiling(judge.tokens - 1))
+    assert [over["role"] for over in refused.value.details] == [judge.role]
+
+
+def test_the_lesser_of_an_endpoints_context_and_the_servers_ceiling_names_a_refusal() -> None:
+    plan = _job(mode="zero_shot", max_tokens=2_048)
+    [writer] = largest_requests(plan.pipeline(), POLICIES, PROMPTS, SHORT)
+    over_both = writer.least_tokens - 1
+
+    for context, ceiling, named in [
+        (over_both, over_both, "its max_context_tokens"),
+        (over_both + 1, over_both, "the server's AIDSAFE_LLM_MAX_REQUEST_TOKENS"),
+    ]:
+        with pytest.raises(RequestTooLarge, match=f"over {named} of {over_both:,}"):
+            check_job_fits(plan, POLICIES, PROMPTS, [SHORT], _context(context, _ceiling(ceiling)))
+    # Over a context its max_tokens and all, the job is refused, though under the ceiling.
+    with pytest.raises(RequestTooLarge, match="over its max_context_tokens"):
+        check_job_fits(
+            plan, POLICIES, PROMPTS, [SHORT], _context(writer.tokens - 1, _ceiling(writer.least_tokens))
+        )
 
 
 def test_a_policy_set_over_the_cap_is_refused_whatever_the_endpoints_take() -> None:

@@ -47,6 +47,9 @@ MESSAGE_OVERHEAD_TOKENS = 8  # role markers and separators of a chat template, p
 # The labels the engine puts around a reply it shows another agent ("[T12] (round 3,
 # agent 2) ", numbered steps, "Try 2. Belief: ..."), per reply.
 REPLY_LABEL_TOKENS = 64
+# The least max_tokens worth sending (a job's smallest): a request the limit leaves less room
+# for is refused rather than sent to be cut off.
+MIN_REPLY_TOKENS = 64
 
 
 def estimate_tokens(text: str) -> int:
@@ -61,14 +64,30 @@ def request_tokens(
     return prompt + (estimate_tokens(json.dumps(schema)) if schema else 0) + max_tokens
 
 
+def least_reply_tokens(max_tokens: int) -> int:
+    """The least room for its reply a request asking for `max_tokens` is sent with: the client
+    lowers a max_tokens over what the limit leaves (fitted), down to this, and refuses below."""
+    return min(max_tokens, MIN_REPLY_TOKENS)
+
+
 @dataclass(frozen=True)
 class RequestBudget:
     """The largest request one role can send, and where it goes."""
 
     role: str  # as in the turns: "intent", "deliberator-2", "grader", "judge"
     endpoint: str
-    tokens: int
+    tokens: int  # its prompt and its max_tokens together
+    max_tokens: int
     falls_back: bool = False  # refused, it is sent again to the job's fallback (StageSpec.falls_back)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.tokens - self.max_tokens
+
+    @property
+    def least_tokens(self) -> int:
+        """Its prompt and the least room for the reply it can be sent with."""
+        return self.prompt_tokens + least_reply_tokens(self.max_tokens)
 
 
 @dataclass(frozen=True)
@@ -97,7 +116,7 @@ class _Job:
         )
         replies = replies_read * (self.max_tokens + REPLY_LABEL_TOKENS)
         tokens = request_tokens(messages, spec.schema(self.limits), self.max_tokens) + replies
-        return RequestBudget(spec.role_of(agent), config.endpoint, tokens, spec.falls_back)
+        return RequestBudget(spec.role_of(agent), config.endpoint, tokens, self.max_tokens, spec.falls_back)
 
 
 def largest_requests(
@@ -176,7 +195,7 @@ def judge_request(
     )
     samples = sum(tokens + REPLY_LABEL_TOKENS for tokens in sample_max_tokens)
     tokens = request_tokens(messages, JUDGE.schema(limits), max_tokens) + samples
-    return RequestBudget(JUDGE.role, judge.endpoint, tokens)
+    return RequestBudget(JUDGE.role, judge.endpoint, tokens, max_tokens)
 
 
 def stage_floors(wording: PromptSet, max_tokens: int) -> dict[str, int]:

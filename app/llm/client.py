@@ -35,7 +35,12 @@ import orjson
 from redis.exceptions import RedisError
 
 from app.config import DEFAULT_MAX_REQUEST_TOKENS, EndpointConfig
-from app.deliberation.budget import BYTES_PER_TOKEN, MESSAGE_OVERHEAD_TOKENS, request_tokens
+from app.deliberation.budget import (
+    BYTES_PER_TOKEN,
+    MESSAGE_OVERHEAD_TOKENS,
+    least_reply_tokens,
+    request_tokens,
+)
 from app.deliberation.ports import (
     ChatReply,
     ChatRequest,
@@ -49,10 +54,6 @@ from app.llm.hedging import HedgePolicy
 from app.llm.limits import EndpointLimiter, Slot
 from app.llm.rates import EndpointRates, Reservation
 from app.metrics import LLM_BREAKER_REFUSALS, LLM_HEDGES, LLM_REQUEST_SECONDS, LLM_TOKENS
-
-# The least max_tokens worth sending (a job's smallest): a request the context leaves less room
-# for is refused rather than sent to be cut off.
-MIN_REPLY_TOKENS = 64
 
 logger = logging.getLogger(__name__)
 
@@ -430,7 +431,7 @@ async def _first_answer(copies: list[asyncio.Task[ChatReply]]) -> ChatReply:
 def fitted(request: ChatRequest, endpoint: EndpointConfig, max_request_tokens: int) -> ChatRequest:
     """The request, with max_tokens lowered to what the endpoint's max_context_tokens, or the
     server's max_request_tokens if less, leaves if it asks for more (a re-ask after truncation
-    doubles it); refused, unsent, when the prompt leaves less than MIN_REPLY_TOKENS."""
+    doubles it); refused, unsent, when the prompt leaves less than least_reply_tokens."""
     context = endpoint.max_context_tokens
     if context is not None and context <= max_request_tokens:
         limit, limit_named = context, f"its max_context_tokens of {context:,}"
@@ -449,7 +450,7 @@ def fitted(request: ChatRequest, endpoint: EndpointConfig, max_request_tokens: i
     room = limit - prompt
     if room >= request.max_tokens:
         return request
-    if room < min(request.max_tokens, MIN_REPLY_TOKENS):
+    if room < least_reply_tokens(request.max_tokens):
         too_large = (
             f"role '{request.role}' would send endpoint '{request.endpoint}' a request of about "
             f"{prompt + request.max_tokens:,} tokens with max_tokens, over {limit_named}; not sent"
