@@ -29,6 +29,10 @@ from app.store.models import SCHEMA_REVISION
 
 CHECK_TIMEOUT_S = 5.0
 _UNDEFINED_TABLE = "42P01"
+# What a failure of the database check is reported as, by the step it failed in.
+_CONNECTING = "unreachable"
+_READING_VERSION = "cannot read the server's version (SHOW server_version_num)"
+_READING_REVISION = "cannot read the schema's revision"
 # LMOVE, with which workers replay the delivery spool, came in Redis 6.2; every other command
 # the service sends (arq's included) is older.
 MIN_REDIS_VERSION = (6, 2)
@@ -65,18 +69,22 @@ async def dependencies(settings: Settings) -> list[Finding]:
 
 async def _schema(settings: Settings) -> Finding:
     engine = make_engine(settings.database_url, CHECK_TIMEOUT_S, connections=1)
+    failing = _CONNECTING  # the step under way: what a failure is reported as
     try:
         async with asyncio.timeout(CHECK_TIMEOUT_S), engine.connect() as connection:
+            failing = _READING_VERSION
             version_num = await connection.run_sync(server_version_num)
             if (too_old := postgres_too_old(version_num)) is not None:
                 return Finding("postgres", Verdict.FAILED, too_old)
+            failing = _READING_REVISION
             revision = (await connection.execute(text("SELECT version_num FROM alembic_version"))).scalar()
     except ProgrammingError as error:
-        if getattr(error.orig, "sqlstate", None) != _UNDEFINED_TABLE:  # a permission denied, say
-            return Finding("postgres", Verdict.FAILED, f"cannot read the schema's revision: {_reason(error)}")
+        undefined_table = getattr(error.orig, "sqlstate", None) == _UNDEFINED_TABLE
+        if failing != _READING_REVISION or not undefined_table:  # a permission denied, say
+            return Finding("postgres", Verdict.FAILED, f"{failing}: {_reason(error)}")
         revision = None  # no alembic_version: never migrated
     except Exception as error:
-        return Finding("postgres", Verdict.FAILED, f"unreachable: {_reason(error)}")
+        return Finding("postgres", Verdict.FAILED, f"{failing}: {_reason(error)}")
     finally:
         await engine.dispose()
     if revision == SCHEMA_REVISION:

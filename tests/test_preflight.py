@@ -10,6 +10,7 @@ import re
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from uuid import uuid4
 
@@ -125,6 +126,54 @@ async def test_the_postgres_check_names_the_version_it_found(settings: Settings,
 
     assert _verdicts(found)["postgres"] is Verdict.OK
     assert _detail(found, "postgres").startswith(f"PostgreSQL {version.split()[0]}, schema at ")
+
+
+@contextlib.asynccontextmanager
+async def _relay_misspelling(host: str, port: int, word: bytes, misspelt: bytes) -> AsyncIterator[int]:
+    """The port of a relay to the PostgreSQL at host:port that misspells `word` in what it is
+    sent (plain TCP, no TLS): a PostgreSQL-like server that does not know that word."""
+
+    async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter, client: bool) -> None:
+        try:
+            while data := await source.read(65536):
+                sink.write(data.replace(word, misspelt) if client else data)
+                await sink.drain()
+        finally:
+            sink.close()
+
+    async def relay(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        server_reader, server_writer = await asyncio.open_connection(host, port)
+        await asyncio.gather(
+            pipe(client_reader, server_writer, client=True),
+            pipe(server_reader, client_writer, client=False),
+            return_exceptions=True,
+        )
+
+    server = await asyncio.start_server(relay, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+async def test_a_server_that_cannot_tell_its_version_fails_saying_so(
+    settings: Settings, migrated: str
+) -> None:
+    """Not PostgreSQL, or a pooler's console: `SHOW server_version_num` is refused. The check
+    reached the server, and the schema's revision is not what it could not read."""
+    url = make_url(settings.database_url)
+    assert url.host is not None and url.port is not None
+    async with _relay_misspelling(url.host, url.port, b"server_version_num", b"server_version_nux") as port:
+        relayed = url.set(host="127.0.0.1", port=port).update_query_dict({"ssl": "disable"})
+        found = await preflight.dependencies(
+            settings.model_copy(update={"database_url": relayed.render_as_string(hide_password=False)})
+        )
+
+    assert _verdicts(found)["postgres"] is Verdict.FAILED
+    assert _detail(found, "postgres").startswith(
+        "cannot read the server's version (SHOW server_version_num): "
+    ), _detail(found, "postgres")
+    assert "server_version_nux" in _detail(found, "postgres")
 
 
 def test_a_postgresql_older_than_15_is_too_old_and_the_refusal_names_both_versions() -> None:
