@@ -111,7 +111,8 @@ async def _new_comparison(
     wording = prompt_sets.usable(
         await prompt_sets.of_job(session, candidate.prompt_set_id), "the candidate job's "
     )
-    check_comparison_fits(
+    await in_thread(
+        check_comparison_fits,
         plan,
         policy_sets.for_engine(cand_policies),
         prompt_sets.for_engine(wording),

@@ -105,7 +105,8 @@ async def _new_model_evaluation(
         for benchmark in body.benchmarks
         for row in benchmark.rows()
     ]
-    check_model_evaluation_fits(
+    await in_thread(
+        check_model_evaluation_fits,
         plan,
         policy_sets.for_engine(policy_set),
         prompt_sets.for_engine(prompt_set),
