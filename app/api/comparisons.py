@@ -72,8 +72,9 @@ async def create_comparison(
     sample wins only if preferred both times. Runs as a job of mode `comparison`. 422
     `comparison_mismatch` if the jobs differ in their policy set or grader (details name
     what differs) unless `allow_mismatch`; 422 `request_too_large` if a judge's requests may
-    not fit its endpoint's context; 422 `invalid_prompt_set` if the candidate job's prompt set,
-    which words the judge's requests, no longer passes registration's checks."""
+    not fit its endpoint's context or the server's `AIDSAFE_LLM_MAX_REQUEST_TOKENS`; 422
+    `invalid_prompt_set` if the candidate job's prompt set, which words the judge's requests, no
+    longer passes registration's checks."""
     body.refuse_batch("comparisons")
     request_hash = await RequestHash.of(body)
     job = await submission.replayed(key.id, "comparisons", request_hash)

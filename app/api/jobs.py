@@ -97,7 +97,8 @@ async def submit_job(
 ) -> SubmittedJobOut:
     """Accept a batch of 1 to 10,000 prompts; one arq job per item is enqueued after commit.
     Duplicate prompts are reported in `duplicates`, and with `"duplicates": "skip"` get no item.
-    422 `request_too_large` if a role's requests may not fit its endpoint's context; 409
+    422 `request_too_large` if a role's requests may not fit its endpoint's context or the
+    server's `AIDSAFE_LLM_MAX_REQUEST_TOKENS`; 409
     `limit_reached` if the key has `AIDSAFE_MAX_OPEN_JOBS_PER_KEY` open jobs (of any kind)."""
     request_hash = await RequestHash.of(body)
     job = await submission.replayed(key.id, "jobs", request_hash)

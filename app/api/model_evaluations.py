@@ -78,7 +78,7 @@ async def create_model_evaluation(
     safety judge and the refusal judge classify each answer. A benchmark comes inline or as a
     JSONL or CSV file's text; a bad row is a 422 naming its line and field, and nothing is
     created. 422 `request_too_large` if a target's or judge's requests may not fit its
-    endpoint's context."""
+    endpoint's context or the server's `AIDSAFE_LLM_MAX_REQUEST_TOKENS`."""
     body.refuse_batch("model evaluations")
     request_hash = await RequestHash.of(body)
     job = await submission.replayed(key.id, "model_evaluation", request_hash)
