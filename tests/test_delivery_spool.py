@@ -874,6 +874,18 @@ async def test_an_operator_sees_the_dead_deliveries_newest_first_cut_short_and_d
     assert await deliveries.dead_count(redis, prefix) == 0
 
 
+def test_an_operator_is_told_the_redis_url_is_of_no_scheme_redis_knows_not_shown_a_traceback(
+    settings: Settings,
+) -> None:
+    http = settings.model_copy(update={"redis_url": "http://x"})
+
+    listed = aidsafe_deliveries(http, spool_prefix(settings), "dead")
+
+    assert listed.returncode == 1 and "Traceback" not in listed.stderr, listed.stderr
+    [said] = listed.stdout.splitlines()
+    assert said.startswith("Cannot use Redis: ") and said.endswith("(see AIDSAFE_REDIS_URL)"), said
+
+
 def test_an_operator_is_told_which_redis_the_cli_cannot_use_not_shown_a_traceback(settings: Settings) -> None:
     unreachable = settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
 

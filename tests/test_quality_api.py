@@ -1022,6 +1022,20 @@ def test_cli_keys_name_a_database_they_cannot_use_without_a_traceback(settings: 
     assert "Cannot use the database" in said and '"aidsafe_no_such_database" does not exist' in said, said
 
 
+@pytest.mark.parametrize("url", ["http://x", "postgresql://127.0.0.1/aidsafe", "no URL at all"])
+def test_cli_keys_name_a_database_url_of_no_scheme_they_know_without_a_traceback(
+    url: str, settings: Settings
+) -> None:
+    env = {**worker_env(settings), "AIDSAFE_DATABASE_URL": url}
+    listed = subprocess.run(
+        [AIDSAFE, "keys", "list"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+    assert listed.returncode == 1 and "Traceback" not in listed.stdout + listed.stderr, listed.stderr
+    [said] = listed.stdout.splitlines()
+    assert said.startswith("Cannot use the database: ") and said.endswith("(see AIDSAFE_DATABASE_URL)"), said
+
+
 async def test_cli_revoking_a_key_with_cancel_jobs_stops_its_unfinished_jobs_and_no_others(
     api: httpx.AsyncClient, settings: Settings, sessions: Sessions
 ) -> None:

@@ -1,5 +1,6 @@
-"""How a command reaches the API: the --api-url and --key options, and the client whose
-refusals end the command."""
+"""How a command reaches the API (the --api-url and --key options, and the client whose
+refusals end the command), and how one that reaches Redis or the database straight ends when
+it cannot use them."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.markup import escape
+from sqlalchemy.exc import SQLAlchemyError
 
 import aidsafe
 from aidsafe.client import KEY_ENV, URL_ENV
@@ -55,3 +57,23 @@ def api_client(api_url: str, key: str, advice: Advice | None = None) -> Iterator
 def _freeing(details: object) -> str | None:
     """The CLI's way to free room under the limit a limit_reached names, if it has one."""
     return _LIMIT_ADVICE.get(str(details.get("limit"))) if isinstance(details, dict) else None
+
+
+def unusable(what: str, reason: object, setting: str) -> typer.Exit:
+    """The end (exit code 1) of a command that cannot use what it reaches straight (Redis, the
+    database): which, why, and the setting that names it, on one line; raise it."""
+    console.print(f"[red]Cannot use {escape(what)}: {escape(str(reason))}[/] (see {setting})", soft_wrap=True)
+    return typer.Exit(1)
+
+
+@contextmanager
+def url_of(setting: str, what: str) -> Iterator[None]:
+    """Around making a client from the URL `setting` holds (no connection yet): one it refuses
+    (another scheme, no URL at all) ends the command through `unusable`, not with a traceback."""
+    try:
+        yield
+    # redis-py: ValueError. SQLAlchemy: ArgumentError (no URL, a scheme it does not know),
+    # ImportError (a driver not installed: postgresql:// is psycopg), TypeError (sqlite://, whose
+    # pool takes none of make_engine's arguments), InvalidRequestError (a driver not async).
+    except (ValueError, ImportError, TypeError, SQLAlchemyError) as exc:
+        raise unusable(what, exc, setting) from exc

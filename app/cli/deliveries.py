@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from rich.markup import escape
 
+from app.cli.connection import unusable, url_of
 from app.cli.output import console
 from app.config import get_settings
 from app.labeling import deliveries
@@ -28,10 +29,11 @@ def _in_redis(work: Callable[[Redis, str], Awaitable[T]]) -> T:
     """`work(redis, key_prefix)`; a Redis it cannot use ends the command saying which and why,
     not with a traceback."""
     settings = get_settings()
+    timeout_s = settings.redis_timeout_s
+    with url_of("AIDSAFE_REDIS_URL", "Redis"):
+        redis = Redis.from_url(settings.redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
 
     async def run() -> T:
-        timeout_s = settings.redis_timeout_s
-        redis = Redis.from_url(settings.redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         try:
             return await work(redis, settings.redis_key_prefix)
         finally:
@@ -40,8 +42,7 @@ def _in_redis(work: Callable[[Redis, str], Awaitable[T]]) -> T:
     try:
         return asyncio.run(run())
     except RedisError as exc:
-        console.print(f"[red]Cannot use Redis: {escape(str(exc))}[/] (see AIDSAFE_REDIS_URL)")
-        raise typer.Exit(1) from exc
+        raise unusable("Redis", exc, "AIDSAFE_REDIS_URL") from exc
 
 
 @deliveries_cli.command("dead")

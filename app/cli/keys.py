@@ -9,9 +9,11 @@ from uuid import UUID
 
 import typer
 from rich.markup import escape
-from sqlalchemy import func, make_url, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.cli.connection import unusable, url_of
 from app.cli.output import console
 from app.config import get_settings
 from app.store import jobs, keys
@@ -21,9 +23,7 @@ from app.store.models import ApiKey
 keys_cli = typer.Typer(help="API keys (written straight to the database).", no_args_is_help=True)
 
 
-async def _with_session(work: Any) -> Any:
-    settings = get_settings()
-    engine = make_engine(settings.database_url, settings.database_timeout_s, connections=1)
+async def _with_session(engine: AsyncEngine, work: Any) -> Any:
     try:
         async with make_sessions(engine).begin() as session:
             return await work(session)
@@ -32,15 +32,18 @@ async def _with_session(work: Any) -> Any:
 
 
 def _in_database(work: Any) -> Any:
-    """`work(session)` in one transaction; a database it cannot use (down, not there, wrong
-    credentials) ends the command saying which and why, not with a traceback."""
+    """`work(session)` in one transaction; a database it cannot use (no URL SQLAlchemy can use,
+    down, not there, wrong credentials) ends the command saying which and why, not with a
+    traceback."""
+    settings = get_settings()
+    with url_of("AIDSAFE_DATABASE_URL", "the database"):
+        engine = make_engine(settings.database_url, settings.database_timeout_s, connections=1)
     try:
-        return asyncio.run(_with_session(work))
+        return asyncio.run(_with_session(engine, work))
     except (OSError, DBAPIError) as exc:  # OSError: refused, unreachable, timed out
-        where = make_url(get_settings().database_url).render_as_string(hide_password=True)
+        where = engine.url.render_as_string(hide_password=True)
         reason = exc.orig if isinstance(exc, DBAPIError) else exc
-        console.print(f"[red]Cannot use the database {where}: {reason}[/] (see AIDSAFE_DATABASE_URL)")
-        raise typer.Exit(1) from exc
+        raise unusable(f"the database {where}", reason, "AIDSAFE_DATABASE_URL") from exc
 
 
 @keys_cli.command("create")
