@@ -616,6 +616,13 @@ def edited(delivery: Delivery, drop: str | None = None, **changes: Any) -> bytes
     return json.dumps(fields).encode() + b"\n" + raw
 
 
+async def dead_ones(redis: Redis, prefix: str) -> list[DeadDelivery]:
+    """The dead list, newest first, each one a worker put there."""
+    listed = await deliveries.dead_deliveries(redis, prefix, 0)
+    assert all(isinstance(dead, DeadDelivery) for dead in listed)
+    return [dead for dead in listed if isinstance(dead, DeadDelivery)]
+
+
 @pytest.mark.parametrize(
     ("unreadable", "reason"),
     [
@@ -660,7 +667,7 @@ async def test_a_spooled_entry_that_cannot_be_read_goes_to_the_dead_list_once_wi
     moved = f"a spooled delivery could not be read, moved to {prefix}:deliveries:dead: "
     assert said.getMessage().startswith(moved + reason)
     assert await deliveries.spooled_count(redis, prefix) == 0
-    [dead] = await deliveries.dead_deliveries(redis, prefix, 10)
+    [dead] = await dead_ones(redis, prefix)
     assert (dead.entry, dead.reason.startswith(reason)) == (unreadable, True)
     assert await deliveries.dead_count(redis, prefix) == 1
 
@@ -695,7 +702,7 @@ async def test_the_dead_list_keeps_no_more_bytes_than_its_most(
     try:
         with caplog.at_level(logging.WARNING, logger="aidsafe.deliveries"):
             await deliveries.replay_spooled(sessions, redis, prefix)
-        kept = await deliveries.dead_deliveries(redis, prefix, 0)
+        kept = await dead_ones(redis, prefix)
     finally:
         await deliveries.drop_dead(redis, prefix)
 
@@ -781,7 +788,7 @@ async def test_an_entry_that_cannot_be_read_gives_back_its_keys_share_and_its_by
 
     assert (str(owner).encode() in per_key, size) == (False, len(waiting))
     assert admitted == [True, False]
-    assert [dead.entry for dead in await deliveries.dead_deliveries(redis, prefix, 10)] == [unreadable]
+    assert [dead.entry for dead in await dead_ones(redis, prefix)] == [unreadable]
     assert replay.result() == 2  # the held one, and the one admitted
 
 
@@ -894,3 +901,44 @@ def test_an_operator_is_told_which_redis_the_cli_cannot_use_not_shown_a_tracebac
     assert listed.returncode == 1
     assert listed.stdout.startswith("Cannot use Redis: ") and "(see AIDSAFE_REDIS_URL)" in listed.stdout
     assert "Traceback" not in listed.stderr
+
+
+async def died(redis: Redis, prefix: str, limits: SpoolLimits, *spooled: Delivery) -> list[bytes]:
+    """`spooled` spooled, then moved to the dead list by a worker that could not read them (an
+    older release, in a rolling upgrade), oldest first: their entries."""
+    keys = deliveries._Spool.of(prefix)
+    entries = [delivery.encoded() for delivery in spooled]
+    for entry, delivery in zip(entries, spooled, strict=True):
+        assert await deliveries.spool(redis, prefix, limits, delivery)
+        assert await redis.lmove(keys.waiting, keys.processing, "LEFT", "RIGHT") == entry
+        await deliveries._dead_letter(redis, keys, entry, "an older release could not read it")
+    return entries
+
+
+@pytest.mark.parametrize(
+    ("foreign", "reason"),
+    [
+        (b"set by hand", "head: Invalid JSON"),
+        (b'["reason", "dead_at"]\nan entry', "head: Input should be an object"),
+        (b'{"reason": "unread"}\nan entry', "dead_at: Field required"),
+        (b'{"reason": "unread", "dead_at": 1e300}\nan entry', "dead_at: Input should be less than"),
+        (b"\xff\xfe" * 200, "head: Invalid JSON"),
+    ],
+    ids=["not JSON", "no object", "a field missing", "no datetime", "not UTF-8"],
+)
+async def test_the_dead_list_shows_what_a_worker_did_not_put_there_as_unreadable(
+    foreign: bytes, reason: str, settings: Settings, redis: Redis
+) -> None:
+    prefix, limits = spool_prefix(settings), SpoolLimits(entries=10, bytes=1 << 20, key_share=1.0)
+    [entry] = await died(redis, prefix, limits, to_no_webhook(uuid4()))
+    await redis.lpush(f"{prefix}:deliveries:dead", foreign)  # type: ignore[misc]
+
+    listed = aidsafe_deliveries(settings, prefix, "dead")
+
+    assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
+    head, said, shown, dead_said, dead_shown = listed.stdout.splitlines()
+    assert head == "2 dead deliveries; the newest 2:"
+    assert said.startswith(f"(no time)  not a dead delivery: {reason}"), said
+    assert shown.startswith("  " + repr(foreign[:40].decode("utf-8", errors="replace"))[:-1]), shown
+    assert dead_said.endswith("  an older release could not read it")
+    assert dead_shown.startswith("  '" + entry[:20].decode())

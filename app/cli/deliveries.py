@@ -51,21 +51,26 @@ def list_dead(
 ) -> None:
     """How many spooled deliveries could not be read; the newest, with when, why and their start."""
 
-    async def read(redis: Redis, prefix: str) -> tuple[int, list[deliveries.DeadDelivery]]:
+    async def read(
+        redis: Redis, prefix: str
+    ) -> tuple[int, list[deliveries.DeadDelivery | deliveries.ForeignDead]]:
         count = await deliveries.dead_count(redis, prefix)
         return count, await deliveries.dead_deliveries(redis, prefix, limit)
 
     count, newest = _in_redis(read)
     console.print(f"{count} dead deliveries" + (f"; the newest {len(newest)}:" if newest else "."))
     for dead in newest:
-        shown = repr(dead.entry[:SHOWN_BYTES].decode("utf-8", errors="replace"))  # one line
-        cut = f" ... ({len(dead.entry)} bytes in all)" if len(dead.entry) > SHOWN_BYTES else ""
-        console.print(
-            f"{datetime.fromtimestamp(dead.dead_at, UTC):%Y-%m-%dT%H:%M:%S}  {escape(dead.reason)}\n"
-            f"  {escape(shown)}{cut}",
-            highlight=False,
-            soft_wrap=True,
-        )
+        if isinstance(dead, deliveries.ForeignDead):
+            _show("(no time)", f"not a dead delivery: {dead.reason}", dead.kept)
+        else:
+            _show(f"{datetime.fromtimestamp(dead.dead_at, UTC):%Y-%m-%dT%H:%M:%S}", dead.reason, dead.entry)
+
+
+def _show(when: str, why: str, kept: bytes) -> None:
+    """One dead delivery: when and why, then the start of its bytes on one line."""
+    shown = repr(kept[:SHOWN_BYTES].decode("utf-8", errors="replace"))  # one line
+    cut = f" ... ({len(kept)} bytes in all)" if len(kept) > SHOWN_BYTES else ""
+    console.print(f"{when}  {escape(why)}\n  {escape(shown)}{cut}", highlight=False, soft_wrap=True)
 
 
 @deliveries_cli.command("drop-dead")

@@ -213,6 +213,15 @@ def _named_owner(entry: bytes) -> str:
         return ""
 
 
+class _DeadHead(BaseModel):
+    """A dead one's first line, as `DeadDelivery.encoded` writes it."""
+
+    model_config = ConfigDict(strict=True)
+
+    reason: str
+    dead_at: float = Field(allow_inf_nan=False, ge=_FIRST_TIME, le=_LAST_TIME)
+
+
 @dataclass(frozen=True, slots=True)
 class DeadDelivery:
     """A spooled entry the replay could not read, as the dead list keeps it: why, when it was
@@ -227,9 +236,30 @@ class DeadDelivery:
 
     @classmethod
     def decoded(cls, kept: bytes) -> DeadDelivery:
+        """The dead one `encoded` made; UnreadableEntry if the list holds something else there
+        (written by hand, or by another release), saying why."""
         head, _, entry = kept.partition(b"\n")
-        fields = json.loads(head)
-        return cls(fields["reason"], fields["dead_at"], entry)
+        try:
+            fields = _DeadHead.model_validate_json(head)
+        except ValidationError as error:
+            raise UnreadableEntry(_why(error)) from None
+        return cls(fields.reason, fields.dead_at, entry)
+
+
+@dataclass(frozen=True, slots=True)
+class ForeignDead:
+    """Something in the dead list that is no dead one `DeadDelivery.encoded` made: as it is,
+    with why it could not be read."""
+
+    kept: bytes
+    reason: str
+
+
+def _dead_one(kept: bytes) -> DeadDelivery | ForeignDead:
+    try:
+        return DeadDelivery.decoded(kept)
+    except UnreadableEntry as unread:
+        return ForeignDead(kept, str(unread))
 
 
 _EVENT = TypeAdapter(label_studio.WebhookIn)
@@ -408,10 +438,11 @@ async def dead_count(redis: Redis, prefix: str) -> int:
     return int(await redis.llen(_Spool.of(prefix).dead))  # type: ignore[misc]
 
 
-async def dead_deliveries(redis: Redis, prefix: str, limit: int) -> list[DeadDelivery]:
-    """The newest `limit` entries of the dead list (0: all), newest first."""
+async def dead_deliveries(redis: Redis, prefix: str, limit: int) -> list[DeadDelivery | ForeignDead]:
+    """The newest `limit` entries of the dead list (0: all), newest first; one this code did
+    not put there, as a ForeignDead."""
     kept = await redis.lrange(_Spool.of(prefix).dead, 0, limit - 1)  # type: ignore[misc]
-    return [DeadDelivery.decoded(entry) for entry in kept]
+    return [_dead_one(entry) for entry in kept]
 
 
 async def drop_dead(redis: Redis, prefix: str) -> int:
