@@ -704,7 +704,7 @@ async def test_the_dead_list_keeps_no_more_bytes_than_its_most(
             await deliveries.replay_spooled(sessions, redis, prefix)
         kept = await dead_ones(redis, prefix)
     finally:
-        await deliveries.drop_dead(redis, prefix)
+        await deliveries.drop_dead(redis, prefix, deliveries.DEAD_KEPT)
 
     fits = deliveries.DEAD_KEPT_BYTES // len(kept[0].encoded())
     assert [dead.entry for dead in kept] == unread[::-1][:fits]
@@ -841,7 +841,7 @@ async def test_the_apis_metrics_show_how_many_deliveries_are_dead(
         async with api_client(settings) as api:
             scraped = await api.get("/metrics")
     finally:
-        assert await deliveries.drop_dead(redis, settings.redis_key_prefix) == 1
+        assert await deliveries.drop_dead(redis, settings.redis_key_prefix, 1) == 1
 
     assert "aidsafe_webhook_deliveries_dead 1.0" in scraped.text
 
@@ -864,11 +864,11 @@ async def test_an_operator_sees_the_dead_deliveries_newest_first_cut_short_and_d
     await deliveries.replay_spooled(sessions, redis, prefix)
 
     listed = aidsafe_deliveries(settings, prefix, "dead", "--limit", "2")
-    dropped = aidsafe_deliveries(settings, prefix, "drop-dead")
+    dropped = aidsafe_deliveries(settings, prefix, "drop-dead", "3")
     after = aidsafe_deliveries(settings, prefix, "dead")
 
     assert listed.returncode == 0, listed.stderr
-    head, reason, shown, markup_reason, markup = listed.stdout.splitlines()
+    head, reason, shown, markup_reason, markup, how_to_drop = listed.stdout.splitlines()
     assert head == "3 dead deliveries; the newest 2:"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d  owner_key_id: Field required", reason)
     assert shown.startswith("""  '{"webhook_id": """)
@@ -876,6 +876,7 @@ async def test_an_operator_sees_the_dead_deliveries_newest_first_cut_short_and_d
     assert len(shown) < 400
     assert markup_reason.endswith("  head: Invalid JSON: expected value at line 1 column 2")
     assert markup == "  '[red]not JSON'"  # the entry's text, not markup
+    assert how_to_drop == "`aidsafe deliveries drop-dead 3` drops these 3, not one that comes after."
     assert (dropped.returncode, dropped.stdout) == (0, "Dropped 3 dead deliveries.\n")
     assert after.stdout == "0 dead deliveries.\n"
     assert await deliveries.dead_count(redis, prefix) == 0
@@ -915,6 +916,45 @@ async def died(redis: Redis, prefix: str, limits: SpoolLimits, *spooled: Deliver
     return entries
 
 
+async def dead_bytes_of(redis: Redis, prefix: str) -> tuple[int, int]:
+    """The dead list's bytes, as counted and as they are."""
+    kept = await redis.lrange(f"{prefix}:deliveries:dead", 0, -1)  # type: ignore[misc]
+    return int(await redis.get(f"{prefix}:deliveries:dead_bytes") or 0), sum(map(len, kept))
+
+
+async def test_only_the_oldest_counted_are_dropped_so_one_that_came_after_stays(
+    settings: Settings, redis: Redis
+) -> None:
+    prefix, limits = spool_prefix(settings), SpoolLimits(entries=10, bytes=1 << 20, key_share=1.0)
+    await died(redis, prefix, limits, to_no_webhook(uuid4()), to_no_webhook(uuid4()))
+    counted = await deliveries.dead_count(redis, prefix)
+    [came_after] = await died(redis, prefix, limits, to_no_webhook(uuid4()))
+
+    assert await deliveries.drop_dead(redis, prefix, counted) == 2
+
+    [left] = await dead_ones(redis, prefix)
+    assert left.entry == came_after
+    counted_bytes, kept_bytes = await dead_bytes_of(redis, prefix)
+    assert counted_bytes == kept_bytes > 0
+    assert await deliveries.drop_dead(redis, prefix, 5) == 1
+    assert await dead_bytes_of(redis, prefix) == (0, 0)
+
+
+async def test_an_operator_drops_the_dead_counted_not_one_that_came_after(
+    settings: Settings, redis: Redis
+) -> None:
+    prefix, limits = spool_prefix(settings), SpoolLimits(entries=10, bytes=1 << 20, key_share=1.0)
+    await died(redis, prefix, limits, to_no_webhook(uuid4()))
+    listed = aidsafe_deliveries(settings, prefix, "dead")
+    [came_after] = await died(redis, prefix, limits, to_no_webhook(uuid4()))
+
+    dropped = aidsafe_deliveries(settings, prefix, "drop-dead", "1")
+
+    assert listed.stdout.startswith("1 dead deliveries; the newest 1:"), listed.stdout
+    assert (dropped.returncode, dropped.stdout) == (0, "Dropped 1 dead deliveries.\n"), dropped.stderr
+    assert [dead.entry for dead in await dead_ones(redis, prefix)] == [came_after]
+
+
 @pytest.mark.parametrize(
     ("foreign", "reason"),
     [
@@ -936,7 +976,7 @@ async def test_the_dead_list_shows_what_a_worker_did_not_put_there_as_unreadable
     listed = aidsafe_deliveries(settings, prefix, "dead")
 
     assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
-    head, said, shown, dead_said, dead_shown = listed.stdout.splitlines()
+    head, said, shown, dead_said, dead_shown, _ = listed.stdout.splitlines()
     assert head == "2 dead deliveries; the newest 2:"
     assert said.startswith(f"(no time)  not a dead delivery: {reason}"), said
     assert shown.startswith("  " + repr(foreign[:40].decode("utf-8", errors="replace"))[:-1]), shown

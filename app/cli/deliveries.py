@@ -64,6 +64,11 @@ def list_dead(
             _show("(no time)", f"not a dead delivery: {dead.reason}", dead.kept)
         else:
             _show(f"{datetime.fromtimestamp(dead.dead_at, UTC):%Y-%m-%dT%H:%M:%S}", dead.reason, dead.entry)
+    if count:
+        console.print(
+            f"`aidsafe deliveries drop-dead {count}` drops these {count}, not one that comes after.",
+            highlight=False,
+        )
 
 
 def _show(when: str, why: str, kept: bytes) -> None:
@@ -74,7 +79,12 @@ def _show(when: str, why: str, kept: bytes) -> None:
 
 
 @deliveries_cli.command("drop-dead")
-def drop_dead() -> None:
-    """Delete every dead delivery, for good (`aidsafe deliveries dead` shows them first)."""
-    dropped = _in_redis(deliveries.drop_dead)
+def drop_dead(
+    count: Annotated[
+        int, typer.Argument(min=0, help="How many, oldest first: the count `aidsafe deliveries dead` said.")
+    ],
+) -> None:
+    """Delete the COUNT oldest dead deliveries, for good: those `aidsafe deliveries dead` showed,
+    not one that came after."""
+    dropped = _in_redis(lambda redis, prefix: deliveries.drop_dead(redis, prefix, count))
     console.print(f"Dropped {dropped} dead deliveries.")

@@ -120,6 +120,29 @@ end
 return dropped
 """
 )
+# The dead list's bytes (KEYS[2] of the scripts below), less `freed` taken off its list KEYS[1]:
+# none once it is empty, so nothing may drift them for good.
+_DEAD_FREED = """
+local function dead_freed(dead, dead_bytes, freed)
+    if redis.call('DECRBY', dead_bytes, freed) <= 0 or redis.call('LLEN', dead) == 0 then
+        redis.call('DEL', dead_bytes)
+    end
+end
+"""
+# The oldest ARGV[1] dead ones dropped (fewer if it holds fewer): how many.
+_DROPPED_OLDEST = (
+    _DEAD_FREED
+    + """
+local dropped, freed = 0, 0
+while dropped < tonumber(ARGV[1]) do
+    local oldest = redis.call('RPOP', KEYS[1])
+    if not oldest then break end
+    dropped, freed = dropped + 1, freed + string.len(oldest)
+end
+dead_freed(KEYS[1], KEYS[2], freed)
+return dropped
+"""
+)
 # An entry that failed goes back to the front (LPUSH) or the end (RPUSH) of the waiting list,
 # only if it was still in processing (see _RECORDED).
 _PUT_BACK = """
@@ -445,14 +468,12 @@ async def dead_deliveries(redis: Redis, prefix: str, limit: int) -> list[DeadDel
     return [_dead_one(entry) for entry in kept]
 
 
-async def drop_dead(redis: Redis, prefix: str) -> int:
-    """Empty the dead list; how many it held."""
+async def drop_dead(redis: Redis, prefix: str, oldest: int) -> int:
+    """Drop the `oldest` oldest dead ones, in one step: one that came after an operator
+    counted them stays. How many were dropped (fewer if the list held fewer)."""
     keys = _Spool.of(prefix)
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.llen(keys.dead)
-        pipe.delete(keys.dead, keys.dead_bytes)
-        held, _ = await pipe.execute()
-    return int(held)
+    dropped = await redis.eval(_DROPPED_OLDEST, 2, keys.dead, keys.dead_bytes, str(oldest))  # type: ignore[misc]
+    return int(dropped)
 
 
 async def _replay(sessions: Sessions, delivery: Delivery) -> str:
