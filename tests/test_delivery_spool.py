@@ -922,6 +922,67 @@ async def dead_bytes_of(redis: Redis, prefix: str) -> tuple[int, int]:
     return int(await redis.get(f"{prefix}:deliveries:dead_bytes") or 0), sum(map(len, kept))
 
 
+async def test_the_dead_requeued_are_spooled_again_counted_as_spooled_and_replayed_by_the_next_pass(
+    settings: Settings, sessions: Sessions, redis: Redis
+) -> None:
+    owner, prefix = uuid4(), spool_prefix(settings)
+    limits = SpoolLimits(entries=10, bytes=1 << 20, key_share=1.0)
+    entries = await died(redis, prefix, limits, to_no_webhook(owner), to_no_webhook(owner))
+    assert await deliveries.spool(redis, prefix, limits, waiting := to_no_webhook(uuid4()))
+
+    assert await deliveries.requeue_dead(redis, prefix, limits) == deliveries.Requeued(requeued=2)
+
+    spooled = settings.model_copy(update={"redis_key_prefix": prefix})
+    assert await spool_of(redis, spooled) == [waiting.encoded(), *entries]  # behind it, oldest first
+    per_key, size = await counts_of(redis, prefix)
+    assert per_key[str(owner).encode()] == b"2"
+    assert int(per_key[f"{owner}:bytes".encode()]) == sum(map(len, entries))
+    assert size == sum(map(len, entries)) + len(waiting.encoded())
+    assert await deliveries.dead_count(redis, prefix) == 0
+    assert await dead_bytes_of(redis, prefix) == (0, 0)
+    assert await deliveries.replay_spooled(sessions, redis, prefix) == 3
+    assert await counts_of(redis, prefix) == ({}, 0)
+
+
+async def test_a_dead_one_the_spool_has_no_room_for_stays_dead_and_is_counted_so(
+    settings: Settings, redis: Redis
+) -> None:
+    """The spool's bounds and a key's share hold for the requeued as for deliveries spooled:
+    an operator cannot fill Redis with them."""
+    one, other, prefix = uuid4(), uuid4(), spool_prefix(settings)
+    room = SpoolLimits(entries=10, bytes=1 << 20, key_share=1.0)
+    past_share, requeued, past_bound = await died(
+        redis, prefix, room, to_no_webhook(one), to_no_webhook(other), to_no_webhook(uuid4())
+    )
+    assert await deliveries.spool(redis, prefix, room, to_no_webhook(one))
+
+    two_one_a_key = SpoolLimits(entries=2, bytes=1 << 20, key_share=0.5)
+    done = await deliveries.requeue_dead(redis, prefix, two_one_a_key)
+
+    assert done == deliveries.Requeued(requeued=1, no_room=2)
+    assert (await spool_of(redis, settings.model_copy(update={"redis_key_prefix": prefix})))[1:] == [requeued]
+    assert [dead.entry for dead in await dead_ones(redis, prefix)] == [past_bound, past_share]
+    counted_bytes, kept_bytes = await dead_bytes_of(redis, prefix)
+    assert counted_bytes == kept_bytes > 0
+
+
+async def test_requeues_run_at_once_move_each_dead_one_once(settings: Settings, redis: Redis) -> None:
+    """Each is moved in one step that first checks it is still dead: two operators (or one run
+    again after it was killed) neither spool one twice nor lose one."""
+    owner, prefix = uuid4(), spool_prefix(settings)
+    limits = SpoolLimits(entries=100, bytes=1 << 20, key_share=1.0)
+    entries = await died(redis, prefix, limits, *(to_no_webhook(owner) for _ in range(30)))
+
+    runs = await asyncio.gather(*(deliveries.requeue_dead(redis, prefix, limits) for _ in range(3)))
+
+    assert sum(run.requeued for run in runs) == 30 and not any(run.no_room for run in runs)
+    spooled = await spool_of(redis, settings.model_copy(update={"redis_key_prefix": prefix}))
+    assert sorted(spooled) == sorted(entries)
+    per_key, size = await counts_of(redis, prefix)
+    assert (per_key[str(owner).encode()], size) == (b"30", sum(map(len, entries)))
+    assert await dead_bytes_of(redis, prefix) == (0, 0)
+
+
 async def test_only_the_oldest_counted_are_dropped_so_one_that_came_after_stays(
     settings: Settings, redis: Redis
 ) -> None:
@@ -940,8 +1001,8 @@ async def test_only_the_oldest_counted_are_dropped_so_one_that_came_after_stays(
     assert await dead_bytes_of(redis, prefix) == (0, 0)
 
 
-async def test_an_operator_drops_the_dead_counted_not_one_that_came_after(
-    settings: Settings, redis: Redis
+async def test_an_operator_drops_the_dead_counted_not_one_that_came_after_and_requeues_the_rest(
+    settings: Settings, sessions: Sessions, redis: Redis
 ) -> None:
     prefix, limits = spool_prefix(settings), SpoolLimits(entries=10, bytes=1 << 20, key_share=1.0)
     await died(redis, prefix, limits, to_no_webhook(uuid4()))
@@ -949,10 +1010,13 @@ async def test_an_operator_drops_the_dead_counted_not_one_that_came_after(
     [came_after] = await died(redis, prefix, limits, to_no_webhook(uuid4()))
 
     dropped = aidsafe_deliveries(settings, prefix, "drop-dead", "1")
+    requeued = aidsafe_deliveries(settings, prefix, "requeue-dead")
 
     assert listed.stdout.startswith("1 dead deliveries; the newest 1:"), listed.stdout
     assert (dropped.returncode, dropped.stdout) == (0, "Dropped 1 dead deliveries.\n"), dropped.stderr
-    assert [dead.entry for dead in await dead_ones(redis, prefix)] == [came_after]
+    assert (requeued.returncode, requeued.stdout) == (0, "Requeued 1 dead deliveries.\n"), requeued.stderr
+    assert await spool_of(redis, settings.model_copy(update={"redis_key_prefix": prefix})) == [came_after]
+    assert await deliveries.replay_spooled(sessions, redis, prefix) == 1
 
 
 @pytest.mark.parametrize(
@@ -974,6 +1038,7 @@ async def test_the_dead_list_shows_what_a_worker_did_not_put_there_as_unreadable
     await redis.lpush(f"{prefix}:deliveries:dead", foreign)  # type: ignore[misc]
 
     listed = aidsafe_deliveries(settings, prefix, "dead")
+    requeued = await deliveries.requeue_dead(redis, prefix, limits)
 
     assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
     head, said, shown, dead_said, dead_shown, _ = listed.stdout.splitlines()
@@ -982,3 +1047,5 @@ async def test_the_dead_list_shows_what_a_worker_did_not_put_there_as_unreadable
     assert shown.startswith("  " + repr(foreign[:40].decode("utf-8", errors="replace"))[:-1]), shown
     assert dead_said.endswith("  an older release could not read it")
     assert dead_shown.startswith("  '" + entry[:20].decode())
+    assert requeued == deliveries.Requeued(requeued=1, foreign=1)
+    assert await redis.lrange(f"{prefix}:deliveries:dead", 0, -1) == [foreign]  # type: ignore[misc]

@@ -88,3 +88,19 @@ def drop_dead(
     not one that came after."""
     dropped = _in_redis(lambda redis, prefix: deliveries.drop_dead(redis, prefix, count))
     console.print(f"Dropped {dropped} dead deliveries.")
+
+
+@deliveries_cli.command("requeue-dead")
+def requeue_dead() -> None:
+    """Put the dead deliveries back in the spool, for the workers' next pass to read again (once
+    every worker runs the release that wrote them); one still unreadable goes dead again."""
+    limits = deliveries.SpoolLimits.of(get_settings())
+    done = _in_redis(lambda redis, prefix: deliveries.requeue_dead(redis, prefix, limits))
+    console.print(f"Requeued {done.requeued} dead deliveries.")
+    if done.no_room:
+        console.print(
+            f"{done.no_room} left dead: the spool, or their API key's share of it, is full "
+            "(run again once the workers have replayed it)."
+        )
+    if done.foreign:
+        console.print(f"{done.foreign} left dead: no dead delivery (see `aidsafe deliveries dead`).")

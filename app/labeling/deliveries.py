@@ -11,8 +11,9 @@ the secret sent, never the secret.
 
 An entry the replay cannot read (not JSON, a field missing or of the wrong type: written by
 another release, or not by this code) goes to a bounded dead list, with why, for an operator
-to look at (`aidsafe deliveries dead`): kept in the spool, it failed on every pass and held
-its share of the spool's bounds for good."""
+to look at (`aidsafe deliveries dead`), and drop or put back in the spool once every worker
+reads it (`requeue_dead`: a rolling upgrade's older workers could not read the newer entries):
+kept in the spool, it failed on every pass and held its share of the spool's bounds for good."""
 
 from __future__ import annotations
 
@@ -52,23 +53,35 @@ REPLAY_PASS_S = 30.0  # a pass takes no new entry after this long, well within i
 DEAD_KEPT = 2000
 DEAD_KEPT_BYTES = 64 * 1024 * 1024
 
-# Adds an entry unless the spool (waiting and being replayed) holds `max` entries or `max`
-# bytes already, or the delivery's API key holds its share of either. The bytes are counted in
-# KEYS[3], each key's entries and bytes in the hash KEYS[4]; each entry recorded is taken off.
-_SPOOL = """
-local size, key, key_bytes = string.len(ARGV[1]), ARGV[4], ARGV[4] .. ':bytes'
-if redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[2]) >= tonumber(ARGV[2])
-    or tonumber(redis.call('GET', KEYS[3]) or '0') + size > tonumber(ARGV[3])
-    or tonumber(redis.call('HGET', KEYS[4], key) or '0') >= tonumber(ARGV[5])
-    or tonumber(redis.call('HGET', KEYS[4], key_bytes) or '0') + size > tonumber(ARGV[6]) then
-    return 0
+# Adds an entry to the end of the waiting list unless the spool (waiting and being replayed)
+# holds `most` entries or `most_bytes` bytes already, or the API key it is counted under (if
+# any) its share of either. The bytes are counted in `size_key`, each key's entries and bytes in
+# the hash `per_key`; each entry recorded is taken off (_GIVE_BACK).
+_ADMIT = """
+local function admit(waiting, processing, size_key, per_key, entry,
+                     most, most_bytes, key, key_most, key_most_bytes)
+    local size, key_bytes = string.len(entry), key .. ':bytes'
+    if redis.call('LLEN', waiting) + redis.call('LLEN', processing) >= tonumber(most)
+        or tonumber(redis.call('GET', size_key) or '0') + size > tonumber(most_bytes)
+        or key ~= '' and (tonumber(redis.call('HGET', per_key, key) or '0') >= tonumber(key_most)
+            or tonumber(redis.call('HGET', per_key, key_bytes) or '0') + size > tonumber(key_most_bytes)) then
+        return false
+    end
+    redis.call('RPUSH', waiting, entry)
+    redis.call('INCRBY', size_key, size)
+    if key ~= '' then
+        redis.call('HINCRBY', per_key, key, 1)
+        redis.call('HINCRBY', per_key, key_bytes, size)
+    end
+    return true
 end
-redis.call('RPUSH', KEYS[1], ARGV[1])
-redis.call('INCRBY', KEYS[3], size)
-redis.call('HINCRBY', KEYS[4], key, 1)
-redis.call('HINCRBY', KEYS[4], key_bytes, size)
-return 1
 """
+_SPOOL = (
+    _ADMIT
+    + """
+return admit(KEYS[1], KEYS[2], KEYS[3], KEYS[4], unpack(ARGV)) and 1 or 0
+"""
+)
 # The counts start over once the spool is empty: nothing may drift them for good.
 _EMPTIED = """
 if redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[2]) == 0 then redis.call('DEL', KEYS[3], KEYS[4]) end
@@ -129,6 +142,21 @@ local function dead_freed(dead, dead_bytes, freed)
     end
 end
 """
+# A dead one, ARGV[1], back to the end of the spool as its entry, in one step, admitted and
+# counted as _SPOOL admits one (ARGV[2] to ARGV[7] as its ARGV[1] to ARGV[6]): 1; 0 if the
+# spool's bounds or its key's share leave no room for it (it stays dead); -1 if it is no longer
+# dead (requeued or dropped meanwhile).
+_REQUEUED = (
+    _ADMIT
+    + _DEAD_FREED
+    + """
+if not redis.call('LPOS', KEYS[1], ARGV[1]) then return -1 end
+if not admit(KEYS[3], KEYS[4], KEYS[5], KEYS[6], unpack(ARGV, 2)) then return 0 end
+redis.call('LREM', KEYS[1], -1, ARGV[1])
+dead_freed(KEYS[1], KEYS[2], string.len(ARGV[1]))
+return 1
+"""
+)
 # The oldest ARGV[1] dead ones dropped (fewer if it holds fewer): how many.
 _DROPPED_OLDEST = (
     _DEAD_FREED
@@ -474,6 +502,47 @@ async def drop_dead(redis: Redis, prefix: str, oldest: int) -> int:
     keys = _Spool.of(prefix)
     dropped = await redis.eval(_DROPPED_OLDEST, 2, keys.dead, keys.dead_bytes, str(oldest))  # type: ignore[misc]
     return int(dropped)
+
+
+@dataclass(frozen=True, slots=True)
+class Requeued:
+    """What `requeue_dead` did with the dead ones: put back in the spool; left dead because the
+    spool (or their API key's share of it) was full; left dead because they are no dead one
+    this code put there (ForeignDead)."""
+
+    requeued: int = 0
+    no_room: int = 0
+    foreign: int = 0
+
+
+async def requeue_dead(redis: Redis, prefix: str, limits: SpoolLimits) -> Requeued:
+    """Put the dead ones back at the end of the spool, oldest first, each in one step (in the
+    spool, counted as one spooled, or still dead: never both, never neither), for the next
+    replay pass to read again: one that still cannot be read goes dead again. Only those dead
+    when it started: one that goes dead meanwhile stays. One that finds the spool or its API
+    key's share full stays dead, as one spooled then would have been refused."""
+    keys = _Spool.of(prefix)
+    counted = (keys.dead, keys.dead_bytes, *keys.counted)
+    requeued, no_room, foreign = 0, 0, 0
+    for kept in reversed(await redis.lrange(keys.dead, 0, -1)):  # type: ignore[misc]
+        try:
+            entry = DeadDelivery.decoded(kept).entry
+        except UnreadableEntry:
+            foreign += 1
+            continue
+        most = (limits.entries, limits.bytes, _owner_counted(entry), *limits.per_key)
+        moved = await redis.eval(_REQUEUED, 6, *counted, kept, entry, *map(str, most))  # type: ignore[arg-type, misc]
+        requeued, no_room = requeued + (moved == 1), no_room + (moved == 0)
+    return Requeued(requeued, no_room, foreign)
+
+
+def _owner_counted(entry: bytes) -> str:
+    """The API key a spooled entry is counted under, as its replay will give it back: the one
+    its delivery names if it can be read (`spool`), else the one its head names (`_dead_letter`)."""
+    try:
+        return str(Delivery.decoded(entry).owner_key_id)
+    except UnreadableEntry:
+        return _named_owner(entry)
 
 
 async def _replay(sessions: Sessions, delivery: Delivery) -> str:
