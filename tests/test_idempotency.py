@@ -391,3 +391,20 @@ async def test_an_upload_replay_is_read_though_its_endpoint_is_gone(
 
     assert_replays(first, again)
     assert await stored(sessions, redis, settings) == before
+
+
+@pytest.mark.parametrize("route", SUBMITS)
+async def test_an_empty_idempotency_key_is_one_problem_on_every_submit_route(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions, redis: Redis, settings: Settings, route: str
+) -> None:
+    """The upload's options check and its submission both read the header: it was listed
+    twice, "(and 1 more)"."""
+    before = await stored(sessions, redis, settings)
+
+    error = error_of(await SUBMITS[route].send(api, {**auth, "Idempotency-Key": ""}), 422, "validation_error")
+
+    assert error["details"] == [
+        {"field": "header.idempotency-key", "problem": "String should have at least 1 character"}
+    ], error
+    assert "more" not in error["message"], error["message"]
+    assert await stored(sessions, redis, settings) == before
