@@ -316,10 +316,7 @@ class InvalidRequest(ServiceError):
 
     @classmethod
     def of(cls, errors: Sequence[Any]) -> InvalidRequest:
-        # A parameter that two dependencies declare (an upload's Idempotency-Key) fails in each
-        # of them: one problem, listed once.
-        unique = dict.fromkeys((_where(tuple(e.get("loc", ()))), e.get("msg", "")) for e in errors)
-        problems = [{"field": field, "problem": problem} for field, problem in unique]
+        problems = [{"field": _where(tuple(e.get("loc", ()))), "problem": e.get("msg", "")} for e in errors]
         first = problems[0] if problems else {"field": "body", "problem": "invalid"}
         message = f"{first['field']}: {first['problem']}"
         if len(problems) > 1:

@@ -30,7 +30,7 @@ from app.api.schemas import (
     SubmittedSampleEvaluationOut,
 )
 from app.api.state import api_state
-from app.api.submissions import IdempotencyKey, Submission, SubmissionDep, submit_responses
+from app.api.submissions import Submission, SubmissionDep, submit_responses
 from app.config import Settings
 from app.deliberation.results import Sample as EngineSample
 from app.errors import InvalidRequest
@@ -101,7 +101,6 @@ async def _uploaded(
         Literal["jsonl", "csv", "parquet"] | None,
         Query(description="The file's type; by default its Content-Type's."),
     ] = None,
-    idempotency_key: IdempotencyKey = None,
 ) -> AsyncIterator[_Upload]:
     kind = file_type or _MEDIA_TYPES.get(_media_type(request))
     if kind is None:
@@ -110,8 +109,10 @@ async def _uploaded(
         )
     # Before the body: options that cannot make an evaluation are refused unread, unless the
     # upload may be a replay, whose job is answered whatever the server's settings are now.
+    # (The header as sent: the submission's dependency checks it, and a second declaration
+    # would report an empty one twice.)
     chosen = _read_options(options)
-    if idempotency_key is None:
+    if "idempotency-key" not in request.headers:
         _asked(chosen, settings)
     async with api_state(request).body_turns.turn(key.id):
         raw = await read_capped(request, settings.max_request_bytes, settings.body_stall_s)
