@@ -822,14 +822,13 @@ class _Overrun:
 
     @classmethod
     def of(cls, budget: RequestBudget, context: int | None, ceiling: int) -> _Overrun | None:
-        """The ceiling, where it is the lesser limit, refuses the request only if its prompt
-        leaves less than the least reply, as the client does: it lowers a max_tokens over the
-        rest. A context must take the max_tokens whole, which servers keep room for."""
-        if (context is None or context > ceiling) and budget.least_tokens > ceiling:
-            return cls(budget, ceiling, of_context=False)
-        if context is not None and budget.tokens > context:
-            return cls(budget, context, of_context=True)
-        return None
+        """Held, as the client holds it, to the lesser limit alone. The ceiling refuses the
+        request only if its prompt leaves less than the least reply: the client lowers a
+        max_tokens over the rest, under a larger context too. A context must take the
+        max_tokens whole, which servers keep room for."""
+        if context is None or context > ceiling:
+            return cls(budget, ceiling, of_context=False) if budget.least_tokens > ceiling else None
+        return cls(budget, context, of_context=True) if budget.tokens > context else None
 
     def detail(self) -> dict[str, Any]:
         limit = "max_context_tokens" if self.of_context else "max_request_tokens"

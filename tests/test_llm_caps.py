@@ -455,6 +455,25 @@ async def test_a_job_is_refused_at_submission_where_the_servers_cap_would_leave_
     assert sent.body["max_tokens"] < 4_096 and sent_tokens(sent) <= 4_000
 
 
+async def test_a_job_over_a_context_larger_than_the_servers_cap_runs_its_max_tokens_lowered_under_both(
+    settings: Settings, sessions: Sessions, scripted_llm: ScriptedLLM
+) -> None:
+    # The zero-shot request is some 3,000 tokens without its max_tokens of 4,096, over a context
+    # of 5,000 whole; the cap of 4,000, the lesser limit, lowers its max_tokens to what it leaves.
+    auth = await new_key(sessions)
+    body = {"prompts": ["How do I store soup safely?"], "config": {"mode": "zero_shot", "max_tokens": 4_096}}
+    limited = settings.model_copy(update={"llm_max_request_tokens": 4_000, "llm_max_context_tokens": 5_000})
+
+    async with api_client(limited) as api:
+        accepted = await api.post("/v1/jobs", json=body, headers=auth)
+        assert accepted.status_code == 202, accepted.text
+        await run_worker_burst(limited)
+        items = (await api.get(f"/v1/jobs/{accepted.json()['id']}/items", headers=auth)).json()["data"]
+    assert [item["status"] for item in items] == ["completed"]
+    [sent] = scripted_llm.requests
+    assert sent.body["max_tokens"] < 4_096 and sent_tokens(sent) <= 4_000
+
+
 @pytest.mark.parametrize("value", ["0", "-5", "lots", ""])
 def test_a_cap_on_requests_that_is_not_a_positive_count_stops_the_server_at_start(
     monkeypatch: pytest.MonkeyPatch, value: str

@@ -614,11 +614,23 @@ def test_the_lesser_of_an_endpoints_context_and_the_servers_ceiling_names_a_refu
     ]:
         with pytest.raises(RequestTooLarge, match=f"over {named} of {over_both:,}"):
             check_job_fits(plan, POLICIES, PROMPTS, [SHORT], _context(context, _ceiling(ceiling)))
-    # Over a context its max_tokens and all, the job is refused, though under the ceiling.
+    # Over a context its max_tokens and all, the job is refused, though its prompt and least
+    # reply are under it, where the context is the lesser limit.
     with pytest.raises(RequestTooLarge, match="over its max_context_tokens"):
-        check_job_fits(
-            plan, POLICIES, PROMPTS, [SHORT], _context(writer.tokens - 1, _ceiling(writer.least_tokens))
-        )
+        check_job_fits(plan, POLICIES, PROMPTS, [SHORT], _context(writer.tokens - 1, _ceiling(writer.tokens)))
+
+
+def test_a_context_over_the_servers_ceiling_does_not_refuse_what_the_ceiling_lowers() -> None:
+    # The client holds the request to the ceiling alone and lowers its max_tokens to what that
+    # leaves: the request it sends is under the larger context too.
+    plan = _job(mode="zero_shot", max_tokens=2_048)
+    [writer] = largest_requests(plan.pipeline(), POLICIES, PROMPTS, SHORT)
+    ceiling = writer.least_tokens
+
+    check_job_fits(plan, POLICIES, PROMPTS, [SHORT], _context(writer.tokens - 1, _ceiling(ceiling)))
+    check_job_fits(plan, POLICIES, PROMPTS, [SHORT], _context(ceiling + 1, _ceiling(ceiling)))
+    with pytest.raises(RequestTooLarge, match="over the server's AIDSAFE_LLM_MAX_REQUEST_TOKENS"):
+        check_job_fits(plan, POLICIES, PROMPTS, [SHORT], _context(ceiling, _ceiling(ceiling - 1)))
 
 
 def test_a_policy_set_over_the_cap_is_refused_whatever_the_endpoints_take() -> None:
