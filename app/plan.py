@@ -802,7 +802,7 @@ def _check_fits(budgets: list[RequestBudget], policies: PolicySet, settings: Set
     found = (_Overrun.of(b, endpoints[b.endpoint].max_context_tokens, ceiling) for b in budgets)
     overruns = [overrun for overrun in found if overrun is not None]
     if overruns:
-        worst = max(overruns, key=lambda o: o.budget.tokens - o.limit)
+        worst = max(overruns, key=lambda o: o.excess)
         raise RequestTooLarge(worst.message(), details=[overrun.detail() for overrun in overruns])
 
 
@@ -829,6 +829,12 @@ class _Overrun:
         if context is None or context > ceiling:
             return cls(budget, ceiling, of_context=False) if budget.least_tokens > ceiling else None
         return cls(budget, context, of_context=True) if budget.tokens > context else None
+
+    @property
+    def excess(self) -> int:
+        """By how much the request must shrink to pass: all of it over a context; its prompt
+        and least reply over the ceiling, which lowers the rest of its max_tokens."""
+        return (self.budget.tokens if self.of_context else self.budget.least_tokens) - self.limit
 
     def detail(self) -> dict[str, Any]:
         limit = "max_context_tokens" if self.of_context else "max_request_tokens"

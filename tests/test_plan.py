@@ -620,6 +620,25 @@ def test_the_lesser_of_an_endpoints_context_and_the_servers_ceiling_names_a_refu
         check_job_fits(plan, POLICIES, PROMPTS, [SHORT], _context(writer.tokens - 1, _ceiling(writer.tokens)))
 
 
+def test_the_refusal_names_the_role_that_must_shrink_most_whichever_limit_holds_it() -> None:
+    # The seed, on "default", is 500 tokens over its context; the refiner, on "second" (context
+    # unknown), is one over the ceiling with its least reply, though far more with its max_tokens
+    # of 1,024, which the client would lower.
+    plan = _job(max_tokens=1_024, deliberators=[{"endpoint": "second"}], refiner={"endpoint": "second"})
+    budgets = {b.role: b for b in largest_requests(plan.pipeline(), POLICIES, PROMPTS, SHORT)}
+    seed, refiner = budgets["seed"], budgets["refiner"]
+    ceiling, context = refiner.least_tokens - 1, seed.tokens - 500
+    assert refiner.tokens - ceiling > 500 and context <= ceiling
+
+    with pytest.raises(RequestTooLarge) as refused:
+        check_job_fits(plan, POLICIES, PROMPTS, [SHORT], _context(context, _ceiling(ceiling)))
+    assert {over["role"] for over in refused.value.details} == {"seed", "refiner"}
+    assert refused.value.message.startswith(
+        f"role 'seed' may send endpoint 'default' requests of about {seed.tokens:,} tokens with "
+        f"max_tokens, over its max_context_tokens of {context:,}"
+    )
+
+
 def test_a_context_over_the_servers_ceiling_does_not_refuse_what_the_ceiling_lowers() -> None:
     # The client holds the request to the ceiling alone and lowers its max_tokens to what that
     # leaves: the request it sends is under the larger context too.
