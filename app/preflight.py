@@ -19,7 +19,7 @@ import aiohttp
 import orjson
 from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, event, text
 from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.orm import Session
 
@@ -31,6 +31,7 @@ CHECK_TIMEOUT_S = 5.0
 _UNDEFINED_TABLE = "42P01"
 # What a failure of the database check is reported as, by the step it failed in.
 _CONNECTING = "unreachable"
+_SETTING_UP = "reached, but cannot set up a connection (SQLAlchemy's first queries)"
 _READING_VERSION = "cannot read the server's version (SHOW server_version_num)"
 _READING_REVISION = "cannot read the schema's revision"
 # LMOVE, with which workers replay the delivery spool, came in Redis 6.2; every other command
@@ -70,6 +71,13 @@ async def dependencies(settings: Settings) -> list[Finding]:
 async def _schema(settings: Settings) -> Finding:
     engine = make_engine(settings.database_url, CHECK_TIMEOUT_S, connections=1)
     failing = _CONNECTING  # the step under way: what a failure is reported as
+
+    def reached(*_: object) -> None:
+        nonlocal failing
+        failing = _SETTING_UP
+
+    # Inserted before the dialect's own listener, which asks the server's version and settings.
+    event.listen(engine.sync_engine, "first_connect", reached, insert=True)
     try:
         async with asyncio.timeout(CHECK_TIMEOUT_S), engine.connect() as connection:
             failing = _READING_VERSION

@@ -176,6 +176,26 @@ async def test_a_server_that_cannot_tell_its_version_fails_saying_so(
     assert "server_version_nux" in _detail(found, "postgres")
 
 
+async def test_a_server_reached_that_fails_the_first_queries_of_a_connection_is_not_unreachable(
+    settings: Settings, migrated: str
+) -> None:
+    """SQLAlchemy's first connection asks `SELECT pg_catalog.version()` (and more) before the
+    check's own queries: a server that cannot answer it was reached all the same."""
+    url = make_url(settings.database_url)
+    assert url.host is not None and url.port is not None
+    async with _relay_misspelling(url.host, url.port, b"pg_catalog.version", b"pg_catalog.versiox") as port:
+        relayed = url.set(host="127.0.0.1", port=port).update_query_dict({"ssl": "disable"})
+        found = await preflight.dependencies(
+            settings.model_copy(update={"database_url": relayed.render_as_string(hide_password=False)})
+        )
+
+    assert _verdicts(found)["postgres"] is Verdict.FAILED
+    assert _detail(found, "postgres").startswith(
+        "reached, but cannot set up a connection (SQLAlchemy's first queries): "
+    ), _detail(found, "postgres")
+    assert "versiox" in _detail(found, "postgres")
+
+
 def test_a_postgresql_older_than_15_is_too_old_and_the_refusal_names_both_versions() -> None:
     """The schema's unique keys use NULLS NOT DISTINCT, which came in 15. Versions before 10
     had three parts (90624 is 9.6.24)."""
