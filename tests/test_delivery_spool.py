@@ -1019,6 +1019,23 @@ async def test_an_operator_drops_the_dead_counted_not_one_that_came_after_and_re
     assert await deliveries.replay_spooled(sessions, redis, prefix) == 1
 
 
+async def test_an_empty_entry_requeued_goes_dead_again_and_holds_up_no_delivery_behind_it(
+    settings: Settings, sessions: Sessions, redis: Redis
+) -> None:
+    """A dead one of a head alone (written by hand, or cut short) is requeued as an empty entry:
+    a pass reads it as one unread, not as the end of the spool, which left it first for good."""
+    prefix, limits = spool_prefix(settings), SpoolLimits(entries=10, bytes=1 << 20, key_share=1.0)
+    await redis.lpush(f"{prefix}:deliveries:dead", b'{"reason": "by hand", "dead_at": 1765000000.0}')  # type: ignore[misc]
+    assert await deliveries.requeue_dead(redis, prefix, limits) == deliveries.Requeued(requeued=1)
+    assert await deliveries.spool(redis, prefix, limits, to_no_webhook(uuid4()))
+
+    assert await deliveries.replay_spooled(sessions, redis, prefix) == 1
+
+    assert await deliveries.spooled_count(redis, prefix) == 0
+    [dead] = await dead_ones(redis, prefix)
+    assert (dead.entry, dead.reason.startswith("head: Invalid JSON")) == (b"", True)
+
+
 @pytest.mark.parametrize(
     ("foreign", "reason"),
     [

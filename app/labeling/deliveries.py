@@ -437,8 +437,10 @@ async def replay_spooled(sessions: Sessions, redis: Redis, prefix: str) -> int:
     try:
         while await redis.lmove(processing, spooled, "RIGHT", "LEFT") is not None:
             pass  # a killed pass's entries, back to the front in their order
-        while time.monotonic() < ends_at and (
-            entry := await redis.lmove(spooled, processing, "LEFT", "RIGHT")
+        # None ends the spool; an empty entry (b"", falsy) is one unread, not its end.
+        while (
+            time.monotonic() < ends_at
+            and (entry := await redis.lmove(spooled, processing, "LEFT", "RIGHT")) is not None
         ):
             try:
                 delivery = Delivery.decoded(entry)
