@@ -882,12 +882,17 @@ async def test_an_operator_sees_the_dead_deliveries_newest_first_cut_short_and_d
     assert await deliveries.dead_count(redis, prefix) == 0
 
 
-def test_an_operator_is_told_the_redis_url_is_of_no_scheme_redis_knows_not_shown_a_traceback(
-    settings: Settings,
+@pytest.mark.parametrize(
+    "url",
+    ["http://x", "redis://127.0.0.1:6379/0?timeout=3"],
+    ids=["another scheme", "an option it does not take"],
+)
+def test_an_operator_is_told_the_redis_url_is_one_redis_refuses_not_shown_a_traceback(
+    url: str, settings: Settings
 ) -> None:
-    http = settings.model_copy(update={"redis_url": "http://x"})
+    refused = settings.model_copy(update={"redis_url": url})
 
-    listed = aidsafe_deliveries(http, spool_prefix(settings), "dead")
+    listed = aidsafe_deliveries(refused, spool_prefix(settings), "dead")
 
     assert listed.returncode == 1 and "Traceback" not in listed.stderr, listed.stderr
     [said] = listed.stdout.splitlines()

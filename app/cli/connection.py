@@ -72,8 +72,9 @@ def url_of(setting: str, what: str) -> Iterator[None]:
     (another scheme, no URL at all) ends the command through `unusable`, not with a traceback."""
     try:
         yield
-    # redis-py: ValueError. SQLAlchemy: ArgumentError (no URL, a scheme it does not know),
-    # ImportError (a driver not installed: postgresql:// is psycopg), TypeError (sqlite://, whose
-    # pool takes none of make_engine's arguments), InvalidRequestError (a driver not async).
+    # redis-py: ValueError, TypeError (an option in the query it does not take: `?timeout=3`).
+    # SQLAlchemy: ArgumentError (no URL, a scheme it does not know), ImportError (a driver not
+    # installed: postgresql:// is psycopg), TypeError (sqlite://, whose pool takes none of
+    # make_engine's arguments), InvalidRequestError (a driver not async).
     except (ValueError, ImportError, TypeError, SQLAlchemyError) as exc:
         raise unusable(what, exc, setting) from exc

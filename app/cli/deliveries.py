@@ -32,6 +32,9 @@ def _in_redis(work: Callable[[Redis, str], Awaitable[T]]) -> T:
     timeout_s = settings.redis_timeout_s
     with url_of("AIDSAFE_REDIS_URL", "Redis"):
         redis = Redis.from_url(settings.redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        # A connection made, not opened: an option in the URL's query that it does not take
+        # fails here (TypeError), not at the first command.
+        redis.connection_pool.make_connection()
 
     async def run() -> T:
         try:
