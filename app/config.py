@@ -6,9 +6,34 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+
+def _for_asyncpg(url: str) -> str:
+    """A Postgres URL as SQLAlchemy's asyncpg driver takes it. The libpq form that hosted
+    databases hand out (`postgres://...?sslmode=require`) ended in a TypeError at the first
+    connection: the driver is named, and `sslmode` is asyncpg's `ssl` (the same modes)."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return url  # not a URL: the engine's own error names it
+    if parsed.drivername in ("postgres", "postgresql"):
+        parsed = parsed.set(drivername="postgresql+asyncpg")
+    if parsed.drivername == "postgresql+asyncpg" and "sslmode" in parsed.query:
+        if "ssl" in parsed.query:
+            raise ValueError("give the database URL's ssl or its sslmode, not both")
+        parsed = parsed.difference_update_query(["sslmode"]).update_query_dict(
+            {"ssl": parsed.query["sslmode"]}
+        )
+    return parsed.render_as_string(hide_password=False)
+
+
+DatabaseUrl = Annotated[str, AfterValidator(_for_asyncpg)]
+
 
 # Jobs name endpoints in their config: a name is capped, so an unknown one quoted back in a
 # 422 is a line, not as much of the body as its sender chose.
@@ -74,9 +99,13 @@ class EndpointConfig(BaseModel):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="AIDSAFE_", env_nested_delimiter="__")
+    # hide_input_in_errors: a refused setting is named, never quoted (URLs, endpoint keys and
+    # tokens carry secrets, and the message goes to logs).
+    model_config = SettingsConfigDict(
+        env_prefix="AIDSAFE_", env_nested_delimiter="__", hide_input_in_errors=True
+    )
 
-    database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/aidsafe"
+    database_url: DatabaseUrl = "postgresql+asyncpg://postgres@127.0.0.1:5432/aidsafe"
     redis_url: str = "redis://127.0.0.1:6379/0"
     # The workers' LLM limiter, rate budgets and budgeted jobs' spending give up on a Redis
     # call after this long (a RedisError, which the LLM client retries as a transient fault)
