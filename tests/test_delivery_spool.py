@@ -618,9 +618,8 @@ def edited(delivery: Delivery, drop: str | None = None, **changes: Any) -> bytes
 
 async def dead_ones(redis: Redis, prefix: str) -> list[DeadDelivery]:
     """The dead list, newest first, each one a worker put there."""
-    listed = await deliveries.dead_deliveries(redis, prefix, 0)
-    assert all(isinstance(dead, DeadDelivery) for dead in listed)
-    return [dead for dead in listed if isinstance(dead, DeadDelivery)]
+    kept = await redis.lrange(f"{prefix}:deliveries:dead", 0, -1)  # type: ignore[misc]
+    return [DeadDelivery.decoded(dead) for dead in kept]
 
 
 @pytest.mark.parametrize(
@@ -703,8 +702,8 @@ async def test_the_dead_list_keeps_no_more_bytes_than_its_most(
         with caplog.at_level(logging.WARNING, logger="aidsafe.deliveries"):
             await deliveries.replay_spooled(sessions, redis, prefix)
         kept = await dead_ones(redis, prefix)
-    finally:
-        await deliveries.drop_dead(redis, prefix, deliveries.DEAD_KEPT)
+    finally:  # its 64 MiB, at once
+        await redis.delete(f"{prefix}:deliveries:dead", f"{prefix}:deliveries:dead_bytes")
 
     fits = deliveries.DEAD_KEPT_BYTES // len(kept[0].encoded())
     assert [dead.entry for dead in kept] == unread[::-1][:fits]
@@ -841,7 +840,9 @@ async def test_the_apis_metrics_show_how_many_deliveries_are_dead(
         async with api_client(settings) as api:
             scraped = await api.get("/metrics")
     finally:
-        assert await deliveries.drop_dead(redis, settings.redis_key_prefix, 1) == 1
+        newest = (await deliveries.dead_deliveries(redis, settings.redis_key_prefix, 1)).newest_fingerprint
+        assert newest is not None
+        assert await deliveries.drop_dead(redis, settings.redis_key_prefix, newest) == 1
 
     assert "aidsafe_webhook_deliveries_dead 1.0" in scraped.text
 
@@ -854,6 +855,12 @@ def aidsafe_deliveries(settings: Settings, prefix: str, *args: str) -> subproces
     )
 
 
+def told_to_drop(listed: subprocess.CompletedProcess[str]) -> str:
+    """What `aidsafe deliveries dead` says to give `drop-dead`, to drop what it counted."""
+    [told] = re.findall(r"`aidsafe deliveries drop-dead (\S+)`", listed.stdout)
+    return str(told)
+
+
 async def test_an_operator_sees_the_dead_deliveries_newest_first_cut_short_and_drops_them(
     settings: Settings, sessions: Sessions, redis: Redis
 ) -> None:
@@ -862,9 +869,10 @@ async def test_an_operator_sees_the_dead_deliveries_newest_first_cut_short_and_d
     unread = (b"the oldest", b"[red]not JSON", long_one)
     await redis.rpush(f"{prefix}:deliveries:spooled", *unread)  # type: ignore[misc]
     await deliveries.replay_spooled(sessions, redis, prefix)
+    newest = deliveries.dead_fingerprint(await redis.lindex(f"{prefix}:deliveries:dead", 0))  # type: ignore[misc]
 
     listed = aidsafe_deliveries(settings, prefix, "dead", "--limit", "2")
-    dropped = aidsafe_deliveries(settings, prefix, "drop-dead", "3")
+    dropped = aidsafe_deliveries(settings, prefix, "drop-dead", told_to_drop(listed))
     after = aidsafe_deliveries(settings, prefix, "dead")
 
     assert listed.returncode == 0, listed.stderr
@@ -876,7 +884,10 @@ async def test_an_operator_sees_the_dead_deliveries_newest_first_cut_short_and_d
     assert len(shown) < 400
     assert markup_reason.endswith("  head: Invalid JSON: expected value at line 1 column 2")
     assert markup == "  '[red]not JSON'"  # the entry's text, not markup
-    assert how_to_drop == "`aidsafe deliveries drop-dead 3` drops these 3, not one that comes after."
+    assert how_to_drop == (
+        f"The newest is {newest}: `aidsafe deliveries drop-dead {newest}` drops these 3, the newest "
+        "and those older, not one that comes after."
+    )
     assert (dropped.returncode, dropped.stdout) == (0, "Dropped 3 dead deliveries.\n")
     assert after.stdout == "0 dead deliveries.\n"
     assert await deliveries.dead_count(redis, prefix) == 0
@@ -988,22 +999,37 @@ async def test_requeues_run_at_once_move_each_dead_one_once(settings: Settings, 
     assert await dead_bytes_of(redis, prefix) == (0, 0)
 
 
-async def test_only_the_oldest_counted_are_dropped_so_one_that_came_after_stays(
+async def test_the_dead_one_a_fingerprint_names_and_those_older_are_dropped_with_their_bytes(
     settings: Settings, redis: Redis
 ) -> None:
     prefix, limits = spool_prefix(settings), SpoolLimits(entries=10, bytes=1 << 20, key_share=1.0)
     await died(redis, prefix, limits, to_no_webhook(uuid4()), to_no_webhook(uuid4()))
-    counted = await deliveries.dead_count(redis, prefix)
+    counted = await deliveries.dead_deliveries(redis, prefix, 1)
     [came_after] = await died(redis, prefix, limits, to_no_webhook(uuid4()))
+    assert counted.count == 2 and counted.newest_fingerprint is not None
 
-    assert await deliveries.drop_dead(redis, prefix, counted) == 2
+    assert await deliveries.drop_dead(redis, prefix, counted.newest_fingerprint) == 2
 
     [left] = await dead_ones(redis, prefix)
     assert left.entry == came_after
     counted_bytes, kept_bytes = await dead_bytes_of(redis, prefix)
     assert counted_bytes == kept_bytes > 0
-    assert await deliveries.drop_dead(redis, prefix, 5) == 1
+    assert await deliveries.drop_dead(redis, prefix, deliveries.dead_fingerprint(left.encoded())) == 1
     assert await dead_bytes_of(redis, prefix) == (0, 0)
+    assert await redis.exists(f"{prefix}:deliveries:dead", f"{prefix}:deliveries:dead_bytes") == 0
+
+
+async def test_a_fingerprint_cut_short_is_refused_not_taken_for_every_one_it_starts(
+    settings: Settings, redis: Redis
+) -> None:
+    """Compared as a prefix, "" named the oldest dead one, whatever it was."""
+    prefix, limits = spool_prefix(settings), SpoolLimits(entries=10, bytes=1 << 20, key_share=1.0)
+    [entry] = await died(redis, prefix, limits, to_no_webhook(uuid4()))
+
+    with pytest.raises(ValueError, match="not a dead one's fingerprint"):
+        await deliveries.drop_dead(redis, prefix, "")
+
+    assert [dead.entry for dead in await dead_ones(redis, prefix)] == [entry]
 
 
 async def test_an_operator_drops_the_dead_counted_not_one_that_came_after_and_requeues_the_rest(
@@ -1014,14 +1040,88 @@ async def test_an_operator_drops_the_dead_counted_not_one_that_came_after_and_re
     listed = aidsafe_deliveries(settings, prefix, "dead")
     [came_after] = await died(redis, prefix, limits, to_no_webhook(uuid4()))
 
-    dropped = aidsafe_deliveries(settings, prefix, "drop-dead", "1")
+    dropped = aidsafe_deliveries(settings, prefix, "drop-dead", told_to_drop(listed))
     requeued = aidsafe_deliveries(settings, prefix, "requeue-dead")
 
-    assert listed.stdout.startswith("1 dead deliveries; the newest 1:"), listed.stdout
-    assert (dropped.returncode, dropped.stdout) == (0, "Dropped 1 dead deliveries.\n"), dropped.stderr
-    assert (requeued.returncode, requeued.stdout) == (0, "Requeued 1 dead deliveries.\n"), requeued.stderr
+    assert listed.stdout.startswith("1 dead delivery; the newest 1:"), listed.stdout
+    assert listed.stdout.endswith("drops this one, not one that comes after.\n"), listed.stdout
+    assert (dropped.returncode, dropped.stdout) == (0, "Dropped 1 dead delivery.\n"), dropped.stderr
+    assert (requeued.returncode, requeued.stdout) == (0, "Requeued 1 dead delivery.\n"), requeued.stderr
     assert await spool_of(redis, settings.model_copy(update={"redis_key_prefix": prefix})) == [came_after]
     assert await deliveries.replay_spooled(sessions, redis, prefix) == 1
+
+
+async def test_drop_dead_run_again_drops_none_of_those_that_came_after(
+    settings: Settings, redis: Redis
+) -> None:
+    """Counted by position, the second run dropped the two that came after the listing."""
+    prefix, limits = spool_prefix(settings), SpoolLimits(entries=10, bytes=1 << 20, key_share=1.0)
+    await died(redis, prefix, limits, to_no_webhook(uuid4()), to_no_webhook(uuid4()))
+    listed = aidsafe_deliveries(settings, prefix, "dead")
+    came_after = await died(redis, prefix, limits, to_no_webhook(uuid4()), to_no_webhook(uuid4()))
+
+    dropped = aidsafe_deliveries(settings, prefix, "drop-dead", told_to_drop(listed))
+    again = aidsafe_deliveries(settings, prefix, "drop-dead", told_to_drop(listed))
+
+    assert [dead.entry for dead in await dead_ones(redis, prefix)] == came_after[::-1]
+    counted_bytes, kept_bytes = await dead_bytes_of(redis, prefix)
+    assert counted_bytes == kept_bytes > 0
+    assert (dropped.returncode, dropped.stdout) == (0, "Dropped 2 dead deliveries.\n"), dropped.stderr
+    assert again.returncode == 1, again.stderr
+    assert again.stdout.startswith(f"No dead delivery is {told_to_drop(listed)} "), again.stdout
+    assert "none dropped" in again.stdout
+
+
+async def test_drop_dead_after_a_requeue_drops_none_that_went_dead_after(
+    settings: Settings, sessions: Sessions, redis: Redis
+) -> None:
+    """The one counted was requeued (and read this time), a new one went dead: counted by
+    position, the new one was dropped."""
+    prefix, limits = spool_prefix(settings), SpoolLimits(entries=10, bytes=1 << 20, key_share=1.0)
+    await died(redis, prefix, limits, to_no_webhook(uuid4()))
+    listed = aidsafe_deliveries(settings, prefix, "dead")
+    assert await deliveries.requeue_dead(redis, prefix, limits) == deliveries.Requeued(requeued=1)
+    await redis.rpush(f"{prefix}:deliveries:spooled", b"unread after the listing")  # type: ignore[misc]
+    assert await deliveries.replay_spooled(sessions, redis, prefix) == 1  # the requeued one
+
+    dropped = aidsafe_deliveries(settings, prefix, "drop-dead", told_to_drop(listed))
+
+    assert [dead.entry for dead in await dead_ones(redis, prefix)] == [b"unread after the listing"]
+    counted_bytes, kept_bytes = await dead_bytes_of(redis, prefix)
+    assert counted_bytes == kept_bytes > 0
+    assert dropped.returncode == 1 and "none dropped" in dropped.stdout, dropped.stdout
+
+
+async def test_drop_dead_at_the_lists_bound_drops_none_that_came_after(
+    settings: Settings, sessions: Sessions, redis: Redis
+) -> None:
+    """The list full, one more went dead and the oldest was trimmed: counted by position, the
+    count took the new one too."""
+    prefix = spool_prefix(settings)
+    older = [DeadDelivery("older", 0.0, b"%d" % n).encoded() for n in range(deliveries.DEAD_KEPT)]
+    await redis.rpush(f"{prefix}:deliveries:dead", *older)  # type: ignore[misc]
+    await redis.set(f"{prefix}:deliveries:dead_bytes", sum(map(len, older)))
+    listed = aidsafe_deliveries(settings, prefix, "dead", "--limit", "1")
+    await redis.rpush(f"{prefix}:deliveries:spooled", b"unread after the listing")  # type: ignore[misc]
+    await deliveries.replay_spooled(sessions, redis, prefix)
+
+    dropped = aidsafe_deliveries(settings, prefix, "drop-dead", told_to_drop(listed))
+
+    assert [dead.entry for dead in await dead_ones(redis, prefix)] == [b"unread after the listing"]
+    counted_bytes, kept_bytes = await dead_bytes_of(redis, prefix)
+    assert counted_bytes == kept_bytes > 0
+    assert listed.stdout.startswith(f"{deliveries.DEAD_KEPT} dead deliveries; the newest 1:"), listed.stdout
+    expected = f"Dropped {deliveries.DEAD_KEPT - 1} dead deliveries.\n"
+    assert (dropped.returncode, dropped.stdout) == (0, expected), dropped.stderr
+
+
+@pytest.mark.parametrize("given", ["3", "0123456789abcdeX"], ids=["a count", "not hex"])
+def test_drop_dead_takes_a_fingerprint_alone(given: str, settings: Settings) -> None:
+    """A count, as the command took before, would drop by position."""
+    refused = aidsafe_deliveries(settings, spool_prefix(settings), "drop-dead", given)
+
+    assert refused.returncode == 2, refused.stdout
+    assert "expected 16 hex digits" in refused.stderr, refused.stderr
 
 
 async def test_an_empty_entry_requeued_goes_dead_again_and_holds_up_no_delivery_behind_it(

@@ -48,29 +48,31 @@ def _in_redis(work: Callable[[Redis, str], Awaitable[T]]) -> T:
         raise unusable("Redis", exc, "AIDSAFE_REDIS_URL") from exc
 
 
+def _dead(count: int) -> str:
+    return f"{count} dead {'delivery' if count == 1 else 'deliveries'}"
+
+
 @deliveries_cli.command("dead")
 def list_dead(
     limit: Annotated[int, typer.Option(min=0, help="How many, newest first (0: all).")] = 10,
 ) -> None:
-    """How many spooled deliveries could not be read; the newest, with when, why and their start."""
-
-    async def read(
-        redis: Redis, prefix: str
-    ) -> tuple[int, list[deliveries.DeadDelivery | deliveries.ForeignDead]]:
-        count = await deliveries.dead_count(redis, prefix)
-        return count, await deliveries.dead_deliveries(redis, prefix, limit)
-
-    count, newest = _in_redis(read)
-    console.print(f"{count} dead deliveries" + (f"; the newest {len(newest)}:" if newest else "."))
-    for dead in newest:
+    """How many spooled deliveries could not be read; the newest, with when, why and their start;
+    the fingerprint of the newest, which `drop-dead` takes."""
+    listing = _in_redis(lambda redis, prefix: deliveries.dead_deliveries(redis, prefix, limit))
+    shown = f"; the newest {len(listing.newest)}:" if listing.newest else "."
+    console.print(_dead(listing.count) + shown)
+    for dead in listing.newest:
         if isinstance(dead, deliveries.ForeignDead):
             _show("(no time)", f"not a dead delivery: {dead.reason}", dead.kept)
         else:
             _show(f"{datetime.fromtimestamp(dead.dead_at, UTC):%Y-%m-%dT%H:%M:%S}", dead.reason, dead.entry)
-    if count:
+    if listing.newest_fingerprint:
+        these = "this one" if listing.count == 1 else f"these {listing.count}, the newest and those older"
         console.print(
-            f"`aidsafe deliveries drop-dead {count}` drops these {count}, not one that comes after.",
+            f"The newest is {listing.newest_fingerprint}: `aidsafe deliveries drop-dead "
+            f"{listing.newest_fingerprint}` drops {these}, not one that comes after.",
             highlight=False,
+            soft_wrap=True,  # the command on one line, to copy
         )
 
 
@@ -81,16 +83,35 @@ def _show(when: str, why: str, kept: bytes) -> None:
     console.print(f"{when}  {escape(why)}\n  {escape(shown)}{cut}", highlight=False, soft_wrap=True)
 
 
+def _fingerprint(given: str) -> str:
+    """FINGERPRINT as `drop_dead` takes it; a usage error if it is not one."""
+    if not deliveries.DEAD_FINGERPRINT.fullmatch(given.lower()):
+        raise typer.BadParameter(f"{given!r}: expected 16 hex digits, as `aidsafe deliveries dead` prints it")
+    return given.lower()
+
+
 @deliveries_cli.command("drop-dead")
 def drop_dead(
-    count: Annotated[
-        int, typer.Argument(min=0, help="How many, oldest first: the count `aidsafe deliveries dead` said.")
+    fingerprint: Annotated[
+        str,
+        typer.Argument(
+            callback=_fingerprint,
+            help="The newest to drop: the fingerprint `aidsafe deliveries dead` printed.",
+        ),
     ],
 ) -> None:
-    """Delete the COUNT oldest dead deliveries, for good: those `aidsafe deliveries dead` showed,
-    not one that came after."""
-    dropped = _in_redis(lambda redis, prefix: deliveries.drop_dead(redis, prefix, count))
-    console.print(f"Dropped {dropped} dead deliveries.")
+    """Delete, for good, the dead delivery FINGERPRINT names and every older one: those
+    `aidsafe deliveries dead` counted, not one that came after. Exit code 1, nothing dropped, if
+    none has it any more (dropped, requeued or trimmed since)."""
+    dropped = _in_redis(lambda redis, prefix: deliveries.drop_dead(redis, prefix, fingerprint))
+    if not dropped:
+        console.print(
+            f"No dead delivery is {fingerprint} (dropped, requeued or trimmed since): none dropped. "
+            "`aidsafe deliveries dead` shows those left.",
+            highlight=False,
+        )
+        raise typer.Exit(1)
+    console.print(f"Dropped {_dead(dropped)}.")
 
 
 @deliveries_cli.command("requeue-dead")
@@ -99,7 +120,7 @@ def requeue_dead() -> None:
     every worker runs the release that wrote them); one still unreadable goes dead again."""
     limits = deliveries.SpoolLimits.of(get_settings())
     done = _in_redis(lambda redis, prefix: deliveries.requeue_dead(redis, prefix, limits))
-    console.print(f"Requeued {done.requeued} dead deliveries.")
+    console.print(f"Requeued {_dead(done.requeued)}.")
     if done.no_room:
         console.print(
             f"{done.no_room} left dead: the spool, or their API key's share of it, is full "
