@@ -372,13 +372,13 @@ class Settings(BaseSettings):
             if name not in named:
                 raise PydanticCustomError(
                     "unknown_price_endpoint",
-                    "llm_prices names endpoint {name!r}, which is not configured (configured: {known})",
+                    "llm_prices names endpoint '{name}', which is not configured (configured: {known})",
                     {"name": name, "known": ", ".join(sorted(named))},
                 )
             if name in self.llm_endpoints and self.llm_endpoints[name].prices is not None:
                 raise PydanticCustomError(
                     "endpoint_priced_twice",
-                    "endpoint {name!r} has prices in both llm_prices and llm_endpoints: give them once",
+                    "endpoint '{name}' has prices in both llm_prices and llm_endpoints: give them once",
                     {"name": name},
                 )
         return self

@@ -71,7 +71,7 @@ def test_settings_refuse_a_price_for_an_unknown_endpoint_a_negative_price_and_a_
     with pytest.raises(ValidationError) as unknown:
         Settings(llm_prices={"gpt-typo": Prices(**PRICES)})
     assert unknown.value.errors()[0]["type"] == "unknown_price_endpoint"
-    assert "gpt-typo" in str(unknown.value)
+    assert "llm_prices names endpoint 'gpt-typo', which is not configured" in str(unknown.value)
     with pytest.raises(ValidationError) as negative:
         Settings(llm_prices={"default": Prices(**{**PRICES, "output": -1})})
     assert negative.value.errors()[0]["type"] == "greater_than_equal"
@@ -81,6 +81,7 @@ def test_settings_refuse_a_price_for_an_unknown_endpoint_a_negative_price_and_a_
             llm_prices={"vllm": Prices(**PRICES)},
         )
     assert twice.value.errors()[0]["type"] == "endpoint_priced_twice"
+    assert "endpoint 'vllm' has prices in both" in str(twice.value)
     # Given once, either way, an endpoint carries its prices.
     endpoints = Settings(
         llm_endpoints={"vllm": EndpointConfig(base_url="http://gpu/v1", prices=Prices(**PRICES))},

@@ -1022,7 +1022,7 @@ def test_cli_keys_name_a_database_they_cannot_use_without_a_traceback(settings: 
     assert "Cannot use the database" in said and '"aidsafe_no_such_database" does not exist' in said, said
 
 
-@pytest.mark.parametrize("url", ["http://x", "postgresql://127.0.0.1/aidsafe", "no URL at all"])
+@pytest.mark.parametrize("url", ["http://x", "postgresql+psycopg2://127.0.0.1/aidsafe", "no URL at all"])
 def test_cli_keys_name_a_database_url_of_no_scheme_they_know_without_a_traceback(
     url: str, settings: Settings
 ) -> None:
