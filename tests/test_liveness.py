@@ -28,6 +28,7 @@ from app.store import items
 from app.store.db import Sessions
 from app.store.models import Item
 from tests.conftest import delete_redis_keys, eventually, start_worker, submit
+from tests.redis_relay import RedisRelay
 from tests.scripted_llm import ScriptedLLM, agree, stall
 from tests.test_worker import one_item, turn_count
 from workers import liveness
@@ -426,7 +427,7 @@ async def test_a_heartbeat_stuck_on_a_silent_connection_beats_again_on_a_new_one
     nothing, for as long as TCP keeps trying; the worker is alive and must stay so."""
     brief = settings.model_copy(update={"heartbeat_interval_s": 0.2, "heartbeat_ttl_s": 1.0})
     target = redis.connection_pool.connection_kwargs
-    relay = _SilencingRelay(target["host"], target["port"])
+    relay = RedisRelay(target["host"], target["port"])
     await relay.start()
     client = Redis(host="127.0.0.1", port=relay.port, db=target.get("db", 0))
     worker_id = uuid4()
@@ -440,43 +441,6 @@ async def test_a_heartbeat_stuck_on_a_silent_connection_beats_again_on_a_new_one
         heartbeat.cancel()
         await client.aclose()
         relay.close()
-
-
-class _SilencingRelay:
-    """A TCP relay to Redis whose open connections can go silent at once (bytes swallowed
-    both ways, the sockets left open); connections made afterwards relay normally."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self._target = (host, port)
-        self._open: list[tuple[asyncio.Event, asyncio.StreamWriter, asyncio.StreamWriter]] = []
-        self.port = 0
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    def silence(self) -> None:
-        for silent, _, _ in self._open:
-            silent.set()
-
-    def close(self) -> None:
-        self._server.close()
-        for _, down, up in self._open:
-            down.close()
-            up.close()
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self._target)
-        silent = asyncio.Event()
-        self._open.append((silent, writer, up_writer))
-
-        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-            while data := await source.read(65536):
-                if not silent.is_set():
-                    sink.write(data)
-                    await sink.drain()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)
 
 
 async def _known_redis(redis: Redis, settings: Settings) -> None:
