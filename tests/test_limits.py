@@ -16,8 +16,9 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from email.utils import formatdate
+from functools import partial
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -26,6 +27,7 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from app.config import EndpointConfig, Settings
 from app.deliberation.ports import ChatRequest, LLMUnavailable
@@ -36,6 +38,7 @@ from app.llm.rates import EndpointRates
 from app.store.db import Sessions
 from bench.audit import status_counts
 from tests.conftest import eventually, start_worker, submit
+from tests.redis_relay import RedisRelay
 from tests.scripted_llm import Behaviour, ScriptedLLM, agree, chat_request, http_error, with_headers
 from tests.test_metrics import sample
 
@@ -228,6 +231,72 @@ async def test_cancelled_waiters_do_not_hold_up_the_ones_behind_them(redis: Redi
     assert served == ["third"]
     assert first.cancelled() and second.cancelled()
     assert await holders(redis, limiter) == 0
+
+
+@asynccontextmanager
+async def relayed(
+    redis: Redis, key_prefix: str, keep_s: float = 0.0
+) -> AsyncIterator[tuple[EndpointLimiter, RedisRelay]]:
+    """A limiter whose Redis connections go through a relay watching its acquire script's
+    answers. The scripts are in Redis's cache first: the acquire's first answer is its own,
+    not a NOSCRIPT that makes the client load the script and ask again."""
+    loader = EndpointLimiter(redis, key_prefix)
+    async with loader.slot("scripts-loaded", 1, 30):
+        pass
+    target = redis.connection_pool.connection_kwargs
+    relay = RedisRelay(target["host"], target["port"], watched=loader._acquire.sha.encode())
+    await relay.start()
+    client = Redis(host="127.0.0.1", port=relay.port, db=target.get("db", 0))
+    limiter = EndpointLimiter(client, key_prefix, keep_s=keep_s)
+    try:
+        yield limiter, relay
+    finally:
+        relay.let_answers_through()
+        await limiter.aclose()
+        await client.aclose()
+        relay.close()
+
+
+async def no_holders(redis: Redis, limiter: EndpointLimiter) -> bool:
+    return await holders(redis, limiter) == 0
+
+
+async def test_slots_redis_took_before_their_answer_was_lost_go_back_at_once(
+    redis: Redis, key_prefix: str
+) -> None:
+    async with relayed(redis, key_prefix) as (limiter, relay):
+        relay.cut_answers()  # Redis adds the slot; the connection drops before its answer
+        with pytest.raises(RedisError):
+            async with asyncio.timeout(10), limiter.slot("default", 2, 30):
+                pass
+
+        assert await holders(redis, limiter) == 0, "the slot waits for its lease to end"
+
+
+@pytest.mark.parametrize("keep_s", [0.0, 2.0], ids=["given-back", "kept"])
+async def test_a_slot_taken_for_a_waiter_that_left_before_the_answer_is_given_back_or_kept(
+    redis: Redis, key_prefix: str, keep_s: float
+) -> None:
+    async with relayed(redis, key_prefix, keep_s) as (limiter, relay):
+        relay.hold_answers()
+        waiter = asyncio.create_task(_enter_and_leave(limiter.slot("default", 2, 30)))
+
+        async def answer_held() -> bool:
+            return relay.held > 0
+
+        await eventually(answer_held, 10, "Redis's answer to the waiter's acquire")
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        taken = set(await redis.zrange(limiter.key("default"), 0, -1))
+        assert len(taken) == 1, "Redis took the slot for the waiter"
+        relay.let_answers_through()
+
+        if keep_s:
+            await asyncio.sleep(0.2)  # the answer reaches the limiter, which keeps the slot
+            assert await use(redis, limiter, limit=2) == taken, "the next request took the kept slot"
+            assert relay.answered == 1, "it took no slot from Redis"
+        await eventually(partial(no_holders, redis, limiter), 15, "the slot given back to Redis")
 
 
 async def test_slots_for_every_waiter_of_a_process_are_taken_in_one_round_trip(

@@ -398,7 +398,8 @@ class EndpointLimiter:
         keys = [key, f"{key}:aimd", f"{key}:paused"]
         try:
             while waiters := local.live_waiters():
-                lease_s = max(waiter.lease_s for waiter in waiters) + self._reuse_s
+                longest_s = max(waiter.lease_s for waiter in waiters)
+                lease_s = longest_s + self._reuse_s  # in Redis: REUSE_S longer if slots are kept
                 tokens = [f"{self._owner}/{uuid.uuid4().hex}" for _ in waiters]
                 generation, uncounted, local.uncounted_ok = local.generation, local.uncounted_ok, 0
                 asked = time.monotonic()  # Redis's leases surely end later than this one's
@@ -414,7 +415,7 @@ class EndpointLimiter:
                     lease = _Lease(token, int(generation), asked + lease_s)
                     if waiters := local.live_waiters():
                         waiters.popleft().handed.set_result(lease)
-                    elif not self._pass_on(endpoint, local, lease, lease_s):  # its waiter left
+                    elif not self._pass_on(endpoint, local, lease, longest_s):  # its waiter left
                         await asyncio.shield(self._release(endpoint, local, [token]))
                 if taken:
                     continue
