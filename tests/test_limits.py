@@ -391,6 +391,33 @@ async def test_a_pause_stops_the_reuse_of_the_slots_kept_before_it(redis: Redis,
     await limiter.aclose()
 
 
+async def test_a_pause_a_waiter_learnt_at_redis_is_not_skipped_by_a_slot_released_in_its_process(
+    redis: Redis, key_prefix: str
+) -> None:
+    pause_s = 2.0
+    other_process = EndpointLimiter(redis, key_prefix)
+    async with relayed(redis, key_prefix, keep_s=30) as (limiter, relay):
+        async with limiter.slot("default", 2, 30) as first:
+            first.succeeded = True
+            first_slot = set(await redis.zrange(limiter.key("default"), 0, -1))
+            async with other_process.slot("default", 2, 30) as pausing:
+                pausing.pause_s = pause_s
+            paused = time.monotonic()
+            answered = relay.answered
+            waiter = asyncio.create_task(use(redis, limiter, limit=2))
+
+            async def waiter_answered() -> bool:
+                return relay.answered > answered
+
+            await eventually(waiter_answered, 10, "Redis's answer to the waiter: paused")
+            await asyncio.sleep(0.2)  # the answer reaches the limiter, which learns the pause
+        waiter_slot = await asyncio.wait_for(waiter, 10)
+        served = time.monotonic() - paused
+
+    assert waiter_slot != first_slot, "the released slot went back to Redis"
+    assert served >= pause_s - 0.1, "the waiter waited for the pause to end"
+
+
 async def test_a_slot_kept_by_one_process_is_no_other_process_s_until_it_goes_back(
     redis: Redis, key_prefix: str
 ) -> None:
@@ -413,17 +440,18 @@ async def test_a_caller_waiting_in_the_same_process_gets_the_released_slot_at_on
     redis: Redis, key_prefix: str
 ) -> None:
     limiter = EndpointLimiter(redis, key_prefix, keep_s=30)
-    served: list[str] = []
 
     async with limiter.slot("default", 1, 30) as slot:
         slot.succeeded = True
-        waiter = asyncio.create_task(_hold_and_note(limiter, served, "waiter"))
-        await asyncio.sleep(0.1)
+        released_slot = set(await redis.zrange(limiter.key("default"), 0, -1))
+        waiter = asyncio.create_task(use(redis, limiter))
+        await asyncio.sleep(0.1)  # told by Redis that the cap is full: not a pause
         released = time.monotonic()
-    await asyncio.wait_for(waiter, timeout=5)
 
-    assert served == ["waiter"]
+    assert await asyncio.wait_for(waiter, timeout=5) == released_slot
     assert time.monotonic() - released < 0.5
+    assert await holders(redis, limiter) == 1, "kept again after the waiter's success"
+    await limiter.aclose()
 
 
 @pytest.mark.parametrize("answer", ["429", "pause"])
