@@ -261,6 +261,10 @@ async def no_holders(redis: Redis, limiter: EndpointLimiter) -> bool:
     return await holders(redis, limiter) == 0
 
 
+async def holds_an_answer(relay: RedisRelay) -> bool:
+    return relay.held > 0
+
+
 async def test_slots_redis_took_before_their_answer_was_lost_go_back_at_once(
     redis: Redis, key_prefix: str
 ) -> None:
@@ -280,11 +284,7 @@ async def test_a_slot_taken_for_a_waiter_that_left_before_the_answer_is_given_ba
     async with relayed(redis, key_prefix, keep_s) as (limiter, relay):
         relay.hold_answers()
         waiter = asyncio.create_task(_enter_and_leave(limiter.slot("default", 2, 30)))
-
-        async def answer_held() -> bool:
-            return relay.held > 0
-
-        await eventually(answer_held, 10, "Redis's answer to the waiter's acquire")
+        await eventually(partial(holds_an_answer, relay), 10, "Redis's answer to the waiter's acquire")
         waiter.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiter
@@ -296,6 +296,32 @@ async def test_a_slot_taken_for_a_waiter_that_left_before_the_answer_is_given_ba
             await asyncio.sleep(0.2)  # the answer reaches the limiter, which keeps the slot
             assert await use(redis, limiter, limit=2) == taken, "the next request took the kept slot"
             assert relay.answered == 1, "it took no slot from Redis"
+        await eventually(partial(no_holders, redis, limiter), 15, "the slot given back to Redis")
+
+
+async def test_a_waiter_cancelled_during_an_acquire_after_an_earlier_wait_leaves_no_slot_behind(
+    redis: Redis, key_prefix: str
+) -> None:
+    """A taker is cancelled with its last waiter only while it waits for a release: cancelled
+    in its acquire, it could not give back what Redis added."""
+    other_process = EndpointLimiter(redis, key_prefix)
+    async with relayed(redis, key_prefix) as (limiter, relay):
+        async with other_process.slot("default", 1, 30):
+            waited = asyncio.create_task(_enter_and_leave(limiter.slot("default", 1, 30)))
+
+            async def told_full() -> bool:
+                return relay.answered > 0
+
+            await eventually(told_full, 10, "Redis's answer to the first waiter: full")
+        await asyncio.wait_for(waited, 10)  # it waited for the release, and is served
+        relay.hold_answers()
+        waiter = asyncio.create_task(_enter_and_leave(limiter.slot("default", 1, 30)))
+        await eventually(partial(holds_an_answer, relay), 10, "Redis's answer to the waiter's acquire")
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        relay.let_answers_through()
+
         await eventually(partial(no_holders, redis, limiter), 15, "the slot given back to Redis")
 
 
