@@ -161,12 +161,12 @@ async def create(
     # Held first: a replay sent while its first request is under way waits for that request's
     # commit, and finds its job, rather than being counted against the cap.
     await keys.hold(session, request.owner_key_id)
-    if request.idempotency_key:
-        existing = await _by_idempotency_key(
-            session, request.owner_key_id, idempotency_scope, request.idempotency_key
+    if request.idempotency_key and (
+        existing := await replayed(
+            session, request.owner_key_id, idempotency_scope, request.idempotency_key, request.request_hash
         )
-        if existing:
-            return await _same_request(existing, request.request_hash), False
+    ):
+        return existing, False
     await key_limits.refuse_at_cap(
         session, key_limits.OPEN_JOBS, request.max_open_jobs, key_limits.open_jobs(request.owner_key_id)
     )
