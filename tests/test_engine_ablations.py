@@ -177,7 +177,9 @@ def test_the_request_budgets_follow_the_ablations() -> None:
     assert list(budgets(replace(full, max_rounds=0))) == ["intent", "seed", "refiner"]
     assert list(budgets(replace(full, max_turns=1))) == ["intent", "seed", "deliberator-1", "refiner"]
 
-    reply_tokens = full.max_tokens + 64  # each reply read, at most, with its labels
+    # Each reply read, at most: 512 tokens of English (4 bytes each) at 3 bytes a token, and
+    # its labels (16, and 10 for each of 6 thoughts).
+    reply_tokens = 683 + 76
     # Agent 1's last turn is the third: it reads 4 replies, not 8.
     capped = budgets(replace(full, max_turns=3))
     assert default["deliberator-1"] - capped["deliberator-1"] == 4 * reply_tokens

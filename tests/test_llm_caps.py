@@ -5,6 +5,7 @@ limit or the server's cap on every request."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from itertools import product
 from typing import Any
@@ -27,7 +28,7 @@ from app.store import keys, policy_sets, prompt_sets
 from app.store.db import Sessions
 from app.store.models import Job, PolicySetRow
 from tests.conftest import api_client, client_for, new_key, run_worker_burst, submit
-from tests.scripted_llm import RecordedRequest, ScriptedLLM, reply
+from tests.scripted_llm import RecordedRequest, Reply, ScriptedLLM, reply
 
 Headers = dict[str, str]
 SMALL_CONTEXT = 6_000  # the default policies (~7,300 characters) and a short prompt fit
@@ -247,6 +248,56 @@ async def test_a_job_that_fits_runs_and_sends_nothing_over_the_limit(
     sent = scripted_llm.requests
     assert len(sent) == 5  # intent, seed, one deliberation turn, refine, grade
     assert max(sent_tokens(request) for request in sent) <= SMALL_CONTEXT
+
+
+def english_reply(fields: dict[str, Any], list_field: str, items: int, max_tokens: int) -> Reply:
+    """A reply as long as `max_tokens` lets a model write: its JSON at four bytes a token
+    (English text runs about that), `items` sentences of `list_field` filling the rest."""
+    room = max_tokens * 4 - len(json.dumps({**fields, list_field: [""] * items}))
+    sentence = "Cooling soup fast keeps bacteria from growing in the pot. "
+    each = (sentence * (room // items // len(sentence) + 1))[: room // items]
+    answer = reply({**fields, list_field: [each] * items})
+    assert answer.content is not None and len(answer.content) <= max_tokens * 4
+    return answer
+
+
+async def test_a_job_accepted_at_the_edge_of_a_context_sends_every_request_whole_whatever_it_reads(
+    settings: Settings, sessions: Sessions, scripted_llm: ScriptedLLM
+) -> None:
+    """Submission counts each reply a request reads at its full max_tokens as the client will
+    count it: a job accepted with no room to spare is never cut back when every reply is as
+    long as it may be. Counted at a token each, the refiner's request was cut."""
+    auth, max_tokens, thoughts = await new_key(sessions), 256, Limits().thoughts_per_turn
+    config = {"agents": 1, "max_rounds": 1, "max_tokens": max_tokens, "defaults": {"endpoint": "edge"}}
+    tiny = EndpointConfig(base_url=scripted_llm.base_url, max_context_tokens=TINY_CONTEXT)
+    async with api_client(settings.model_copy(update={"llm_endpoints": {"edge": tiny}})) as api:
+        refused = await api.post("/v1/jobs", json={"prompts": ["Soup?"], "config": config}, headers=auth)
+    estimates = error_of(refused, 422, "request_too_large")["details"]
+    largest = max(detail["estimated_tokens"] for detail in estimates)
+    edge = EndpointConfig(base_url=scripted_llm.base_url, max_context_tokens=largest)
+    at_the_edge = settings.model_copy(update={"llm_endpoints": {"edge": edge}})
+    explicit = {"explicit_intents": [{"intent": "Store soup.", "label": "benign"}]}
+    scripted_llm.script("intent_decomposition", english_reply(explicit, "implicit_intents", 5, max_tokens))
+    scripted_llm.script("seed_cot", english_reply({"response": "Cool it."}, "thoughts", thoughts, max_tokens))
+    turn = {"agree": False, "critique": "More care.", "response": "Cool it."}
+    scripted_llm.script("deliberation_turn", english_reply(turn, "new_thoughts", thoughts, max_tokens))
+
+    async with api_client(at_the_edge) as api:
+        response = await api.post("/v1/jobs", json={"prompts": ["Soup?"], "config": config}, headers=auth)
+        assert response.status_code == 202, response.text
+        await run_worker_burst(at_the_edge)
+        items = (await api.get(f"/v1/jobs/{response.json()['id']}/items", headers=auth)).json()["data"]
+
+    assert [item["status"] for item in items] == ["completed"]
+    sent = scripted_llm.requests
+    assert [request.schema_name for request in sent] == [
+        "intent_decomposition",
+        "seed_cot",
+        "deliberation_turn",
+        "refined_cot",
+    ]
+    assert [request.body["max_tokens"] for request in sent] == [max_tokens] * 4
+    assert max(sent_tokens(request) for request in sent) <= largest
 
 
 async def test_a_request_grown_over_the_limit_fails_the_item_unsent(

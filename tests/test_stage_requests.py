@@ -243,21 +243,21 @@ def test_request_budgets_of_every_role_are_pinned() -> None:
 
     assert [(b.role, b.tokens) for b in budgets] == [
         ("intent", 3563),
-        ("seed", 4054),
-        ("deliberator-1", 5897),
-        ("deliberator-2", 6473),
-        ("refiner", 7190),
-        ("grader", 4594),
-        ("whisperer", 6884),
-        ("generator", 4087),
-        ("guard", 4034),
+        ("seed", 4237),
+        ("deliberator-1", 6629),
+        ("deliberator-2", 7388),
+        ("refiner", 8288),
+        ("grader", 4777),
+        ("whisperer", 7982),
+        ("generator", 4270),
+        ("guard", 4217),
         ("zero-shot", 3498),
-        ("grader", 4594),
-        ("whisperer", 5156),
-        ("generator", 4087),
-        ("guard", 1121),
-        ("guard", 3697),
-        ("judge", 4772),
+        ("grader", 4777),
+        ("whisperer", 5705),
+        ("generator", 4270),
+        ("guard", 1304),
+        ("guard", 3880),
+        ("judge", 5309),
     ]
 
 
@@ -272,10 +272,10 @@ def test_a_sample_evaluations_budgets_are_pinned_and_read_the_whole_sample() -> 
     ]
     asked_nothing = Evaluators(None, None, None, 256, 2)
 
-    # The judge's other side is one reply of max_tokens (256) and its labels (64).
+    # The judge's other side is one reply of max_tokens (256, counted as 342) and its labels (76).
     assert budgets == [
-        [("grader", 3784), ("guard", 310), ("judge", 3449)],
-        [("grader", 4784), ("guard", 1310), ("judge", 4449)],
+        [("grader", 3784), ("guard", 310), ("judge", 3547)],
+        [("grader", 4784), ("guard", 1310), ("judge", 4547)],
     ]
     assert sample_evaluation_requests(asked_nothing, POLICIES, PROMPTS, PROMPT, sample) == []
 

@@ -8,8 +8,11 @@ needs room for the prompt and for `max_tokens` of reply, so both count.
 
 `largest_requests` works out, before a job runs, the largest first request each role can
 send: fixed instructions, policies and prompt, plus every earlier reply the role reads at
-its full `max_tokens`, plus its own `max_tokens`. Re-asks can need more (they show the bad
-reply again, or double max_tokens); the client checks each request before sending it.
+its full `max_tokens`, plus its own `max_tokens`. A reply read is counted as the client will
+count it when it is sent on (`reply_tokens`): a model's tokens of English run about four
+bytes, so `max_tokens` of them are a third more at three bytes a token. Re-asks can need more
+(they show the bad reply again, or double max_tokens); the client checks each request before
+sending it.
 """
 
 from __future__ import annotations
@@ -44,9 +47,12 @@ from app.deliberation.stages import (
 
 BYTES_PER_TOKEN = 3
 MESSAGE_OVERHEAD_TOKENS = 8  # role markers and separators of a chat template, per message
-# The labels the engine puts around a reply it shows another agent ("[T12] (round 3,
-# agent 2) ", numbered steps, "Try 2. Belief: ..."), per reply.
-REPLY_LABEL_TOKENS = 64
+# What a model's reply token averages in English (3.7-4.5 bytes for today's BPE vocabularies).
+REPLY_BYTES_PER_TOKEN = 4
+# The labels the engine puts around a reply it shows another agent: per reply ("Try 2.
+# Belief: ", headings), and per thought ("[T123] (round 10, agent 3) " and its line end).
+REPLY_LABEL_TOKENS = 16
+THOUGHT_LABEL_TOKENS = 10
 # The least max_tokens worth sending (a job's smallest): a request the limit leaves less room
 # for is refused rather than sent to be cut off.
 MIN_REPLY_TOKENS = 64
@@ -62,6 +68,12 @@ def request_tokens(
     """The estimated context a chat completion needs: its messages, its schema, its reply."""
     prompt = sum(MESSAGE_OVERHEAD_TOKENS + estimate_tokens(m["content"]) for m in messages)
     return prompt + (estimate_tokens(json.dumps(schema)) if schema else 0) + max_tokens
+
+
+def reply_tokens(max_tokens: int, limits: Limits) -> int:
+    """The most a reply of `max_tokens` counts for, shown to another role with its labels."""
+    text = -(-max_tokens * REPLY_BYTES_PER_TOKEN // BYTES_PER_TOKEN)
+    return text + REPLY_LABEL_TOKENS + limits.thoughts_per_turn * THOUGHT_LABEL_TOKENS
 
 
 def least_reply_tokens(max_tokens: int) -> int:
@@ -104,7 +116,7 @@ class _Job:
         self, spec: StageSpec, config: RoleConfig, replies_read: int, agent: int = 0, **values: object
     ) -> RequestBudget:
         """The stage's request with every earlier reply it shows left out of `values` (as
-        ""); each of the `replies_read` replies adds at most max_tokens and its labels."""
+        ""); each of the `replies_read` replies adds at most reply_tokens."""
         messages = spec.messages(
             self.policies,
             self.wording,
@@ -114,7 +126,7 @@ class _Job:
             agent=agent,
             **values,
         )
-        replies = replies_read * (self.max_tokens + REPLY_LABEL_TOKENS)
+        replies = replies_read * reply_tokens(self.max_tokens, self.limits)
         tokens = request_tokens(messages, spec.schema(self.limits), self.max_tokens) + replies
         return RequestBudget(spec.role_of(agent), config.endpoint, tokens, self.max_tokens, spec.falls_back)
 
@@ -193,7 +205,7 @@ def judge_request(
     messages = JUDGE.messages(
         policies, wording, limits, judge.instructions, prompt=prompt, first="", second=""
     )
-    samples = sum(tokens + REPLY_LABEL_TOKENS for tokens in sample_max_tokens)
+    samples = sum(reply_tokens(tokens, limits) for tokens in sample_max_tokens)
     tokens = request_tokens(messages, JUDGE.schema(limits), max_tokens) + samples
     return RequestBudget(JUDGE.role, judge.endpoint, tokens, max_tokens)
 
