@@ -2,6 +2,7 @@
 
 import asyncio
 import gc
+import logging
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,7 +12,7 @@ from arq.connections import create_pool
 from fastapi import FastAPI
 from sqlalchemy import select
 
-from app import logs, stats
+from app import logs, preflight, stats
 from app.api import (
     annotations,
     callbacks,
@@ -52,6 +53,8 @@ from app.store.db import make_engine, make_sessions
 from app.store.models import Webhook
 from app.threads import in_thread
 from app.web import pages
+
+log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -134,9 +137,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 VerifiedWebhooks(arq, settings.redis_key_prefix),
             ),
         )
+        # In the background: the API starts without Postgres, to spool webhook deliveries.
+        checking = asyncio.create_task(preflight.log_problems(settings, log))
         try:
             yield {DRAINING: asyncio.Event()}  # the server's protocol sets it as it stops
         finally:
+            checking.cancel()
+            await asyncio.gather(checking, return_exceptions=True)
             # Their reads in flight, before their database goes.
             await summaries.aclose()
             await known_keys.aclose()

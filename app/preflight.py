@@ -1,6 +1,6 @@
 """Is this deployment fit to run items? `aidsafe-worker --check` asks before anything starts;
-a worker starting asks the part that its own items depend on (PostgreSQL's version and
-schema, Redis) and logs it.
+a worker or the API starting asks the part that its own work depends on (PostgreSQL's version
+and schema, Redis) and logs what is wrong.
 
 Each check names one thing and what to do about it. A failure means items would fail or be
 put at risk (no such database, a PostgreSQL older than 15, a schema this code does not match,
@@ -11,6 +11,7 @@ list, or one not listing the model)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -66,6 +67,15 @@ async def deployment(settings: Settings) -> list[Finding]:
 async def dependencies(settings: Settings) -> list[Finding]:
     """What every item depends on: the database (its version and schema) and Redis."""
     return list(await asyncio.gather(_schema(settings), _redis(settings)))
+
+
+async def log_problems(settings: Settings, log: logging.Logger) -> None:
+    """Log what `dependencies` finds wrong. Not a refusal to start: a rolling upgrade runs the
+    old release against the new schema for a while. But a failed item or request should not
+    be the first sign of a wrong deployment."""
+    for finding in await dependencies(settings):
+        if finding.verdict is not Verdict.OK:
+            log.error("deployment check, %s: %s", finding.check, finding.detail)
 
 
 async def _schema(settings: Settings) -> Finding:

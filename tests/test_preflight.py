@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import socket
 import subprocess
@@ -25,7 +26,7 @@ from app import preflight
 from app.config import Settings
 from app.preflight import Finding, Verdict
 from app.store.models import SCHEMA_REVISION
-from tests.conftest import PG_ADMIN_DSN, ROOT, _admin, restartable_redis, worker_env
+from tests.conftest import PG_ADMIN_DSN, ROOT, _admin, api_client, restartable_redis, worker_env
 from tests.scripted_llm import ScriptedLLM
 
 
@@ -341,6 +342,40 @@ async def test_a_worker_starting_on_a_database_behind_its_code_says_so_and_runs_
     assert "deployment check, postgres" in first
     assert "0027_purge_retries" in first
     assert running
+
+
+class _Errors(logging.Handler):
+    """The errors a logger logs, and an event set at the first."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+        self.first = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+        self.first.set()
+
+
+async def test_an_api_starting_on_a_database_never_migrated_says_so_and_serves_on(
+    settings: Settings, migrated: str, old_database: tuple[Config, str]
+) -> None:
+    """Its requests would fail with a missing table: the log says why, and what to run."""
+    config, _ = old_database
+    unmigrated = settings.model_copy(update={"database_url": config.attributes["database_url"]})
+    errors, logger = _Errors(), logging.getLogger("app.main")
+    logger.addHandler(errors)
+    try:
+        async with api_client(unmigrated) as api:
+            await asyncio.wait_for(errors.first.wait(), timeout=30)
+            alive = await api.get("/healthz")
+    finally:
+        logger.removeHandler(errors)
+
+    [message] = errors.messages
+    assert message.startswith("deployment check, postgres: the database has no schema;")
+    assert "run `alembic upgrade head`" in message
+    assert alive.status_code == 200
 
 
 async def test_a_redis_denying_info_or_a_database_denying_its_revision_is_not_called_unmigrated(

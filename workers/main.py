@@ -585,9 +585,5 @@ def run(argv: Sequence[str] | None = None) -> None:
         for finding in found:
             print(f"{finding.verdict:<8} {finding.check:<16} {finding.detail}")
         sys.exit(1 if any(finding.verdict is Verdict.FAILED for finding in found) else 0)
-    # Not a refusal to start: a rolling upgrade runs the old release against the new schema
-    # for a while. But an item's failure should not be the first sign of a wrong deployment.
-    for finding in loop.run_until_complete(preflight.dependencies(settings)):
-        if finding.verdict is not Verdict.OK:
-            log.error("deployment check, %s: %s", finding.check, finding.detail)
+    loop.run_until_complete(preflight.log_problems(settings, log))
     QueueWorker(**worker_settings(settings)).run()
