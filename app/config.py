@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -12,27 +13,81 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+# A database URL's query options the service honours, by libpq's names (hosted Postgres
+# providers hand them out so). The engine hands the URL to asyncpg as its DSN (app/store/db.py),
+# whose own parser takes these as libpq does: the SSL files are loaded into each connection's
+# SSL context as the sslmode asks, the hosts are tried as target_session_attrs asks ...
+DSN_OPTIONS = frozenset(
+    {
+        *("host", "port", "dbname", "user", "password", "passfile", "service"),
+        *("sslmode", "sslrootcert", "sslcert", "sslkey", "sslpassword", "sslcrl", "sslnegotiation"),
+        *("ssl_min_protocol_version", "ssl_max_protocol_version"),
+        *("target_session_attrs", "krbsrvname", "gsslib"),
+    }
+)
+# ... it sends every other one to the server as a startup parameter, which these two are in
+# libpq too (any other libpq option would be a setting the server does not know) ...
+STARTUP_PARAMETERS = frozenset({"application_name", "options"})
+# ... and libpq's connect_timeout is asyncpg.connect's timeout, which db.py gives it.
+CONNECT_TIMEOUT = "connect_timeout"
+# The values asyncpg would refuse only at the first connection.
+_OPTION_CHOICES = {
+    "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+    "sslnegotiation": ("postgres", "direct"),
+    "ssl_min_protocol_version": ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"),
+    "ssl_max_protocol_version": ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"),
+    "target_session_attrs": ("any", "primary", "standby", "prefer-standby", "read-write", "read-only"),
+    "gsslib": ("gssapi", "sspi"),
+}
 
-def _for_asyncpg(url: str) -> str:
-    """A Postgres URL as SQLAlchemy's asyncpg driver takes it. The libpq form that hosted
-    databases hand out (`postgres://...?sslmode=require`) ended in a TypeError at the first
-    connection: the driver is named, and `sslmode` is asyncpg's `ssl` (the same modes)."""
+
+def for_asyncpg(url: str) -> str:
+    """A Postgres URL as the engine takes it (app/store/db.py): SQLAlchemy's asyncpg driver
+    named (the libpq form `postgres://...` that hosted databases hand out names none), asyncpg's
+    `ssl` as libpq's `sslmode` (the same modes), and each query option one that the service
+    honours. Any other is refused here, by name: SQLAlchemy's dialect passed it to
+    asyncpg.connect as a keyword argument, a TypeError at the first connection."""
     try:
         parsed = make_url(url)
     except ArgumentError:
         return url  # not a URL: the engine's own error names it
     if parsed.drivername in ("postgres", "postgresql"):
         parsed = parsed.set(drivername="postgresql+asyncpg")
-    if parsed.drivername == "postgresql+asyncpg" and "sslmode" in parsed.query:
-        if "ssl" in parsed.query:
+    if parsed.drivername != "postgresql+asyncpg":
+        return url  # another driver: SQLAlchemy's own error, or its own options
+    if "ssl" in parsed.query:
+        if "sslmode" in parsed.query:
             raise ValueError("give the database URL's ssl or its sslmode, not both")
-        parsed = parsed.difference_update_query(["sslmode"]).update_query_dict(
-            {"ssl": parsed.query["sslmode"]}
-        )
+        parsed = parsed.difference_update_query(["ssl"]).update_query_dict({"sslmode": parsed.query["ssl"]})
+    for option, value in parsed.query.items():
+        _check_option(option, value)
     return parsed.render_as_string(hide_password=False)
 
 
-DatabaseUrl = Annotated[str, AfterValidator(_for_asyncpg)]
+def _check_option(option: str, value: str | tuple[str, ...]) -> None:
+    """Refuse a database URL's option that the service cannot honour: named, its value never
+    quoted (an sslpassword)."""
+    said = f"the database URL's {option}"
+    if option not in DSN_OPTIONS | STARTUP_PARAMETERS | {CONNECT_TIMEOUT}:
+        raise ValueError(
+            f"{said} is not an option the service's Postgres driver (asyncpg) honours: remove it"
+        )
+    if isinstance(value, tuple):
+        if option == "host":  # SQLAlchemy's form of several hosts: ?host=a:5432&host=b:5432
+            return
+        raise ValueError(f"{said} is given more than once")
+    if option in _OPTION_CHOICES and value not in _OPTION_CHOICES[option]:
+        raise ValueError(f"{said} must be one of {', '.join(_OPTION_CHOICES[option])}")
+    if option == "sslrootcert" and value == "system":
+        raise ValueError(
+            f"{said}=system (libpq 16's trusted system CAs) is not one asyncpg takes: give the path "
+            "of the system's CA bundle (Debian's: /etc/ssl/certs/ca-certificates.crt)"
+        )
+    if option == CONNECT_TIMEOUT and not (re.fullmatch("[0-9]+", value) and int(value) > 0):
+        raise ValueError(f"{said} must be a whole number of seconds above 0")
+
+
+DatabaseUrl = Annotated[str, AfterValidator(for_asyncpg)]
 
 
 # Jobs name endpoints in their config: a name is capped, so an unknown one quoted back in a

@@ -4,10 +4,10 @@ import asyncio
 
 from alembic import context
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from app.config import get_settings
 from app.preflight import postgres_too_old, server_version_num
+from app.store.db import engine_for
 from app.store.models import Base
 
 target_metadata = Base.metadata
@@ -31,7 +31,7 @@ def _migrate(connection: Connection) -> None:
 
 async def _run() -> None:
     url = context.config.attributes.get("database_url") or get_settings().database_url
-    engine = create_async_engine(url)
+    engine = engine_for(url)  # as the service's: the URL's SSL files and other options honoured
     async with engine.connect() as connection:
         # Before any DDL: an older server stops at the first NULLS NOT DISTINCT, with a bare
         # syntax error that does not say what to do.

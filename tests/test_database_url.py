@@ -1,15 +1,36 @@
 """AIDSAFE_DATABASE_URL in the libpq form hosted databases hand out (`postgres://`, no driver,
-`?sslmode=`) is taken as SQLAlchemy's asyncpg driver takes it; a refused setting is named in
-the error, never quoted (its URL may carry a password)."""
+`?sslmode=verify-full&sslrootcert=...`) connects as libpq would: asyncpg reads its options, the
+service's engines and the migrations alike. An option the service cannot honour is refused when
+the settings load, named, the URL never quoted (it may carry a password)."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+from urllib.parse import urlencode
+
 import pytest
+from alembic import command
+from alembic.config import Config
 from pydantic import ValidationError
-from sqlalchemy import make_url, text
+from sqlalchemy import URL, make_url, text
+from sqlalchemy.exc import DBAPIError
 
 from app.config import Settings
 from app.store.db import Sessions, make_engine
+from tests.conftest import ROOT
+from tests.tls_postgres import (
+    CERTIFICATE_USER,
+    CLIENT_KEY_PASSWORD,
+    DATABASE,
+    TlsPostgres,
+    postgres_binaries,
+    tls_postgres,
+)
 
 
 @pytest.mark.parametrize(
@@ -17,14 +38,18 @@ from app.store.db import Sessions, make_engine
     [
         (
             "postgres://u:p%40ss@db.example:5432/x?sslmode=require",
-            "postgresql+asyncpg://u:p%40ss@db.example:5432/x?ssl=require",
+            "postgresql+asyncpg://u:p%40ss@db.example:5432/x?sslmode=require",
         ),
         ("postgresql://u@db.example/x", "postgresql+asyncpg://u@db.example/x"),
         (
-            "postgresql+asyncpg://u@db.example/x?sslmode=verify-full&application_name=a",
-            "postgresql+asyncpg://u@db.example/x?application_name=a&ssl=verify-full",
+            "postgresql+asyncpg://u@db.example/x?sslmode=verify-full&sslrootcert=/ca.pem&application_name=a",
+            "postgresql+asyncpg://u@db.example/x?application_name=a&sslmode=verify-full&sslrootcert=%2Fca.pem",
         ),
-        ("postgresql+asyncpg://u@db.example/x?ssl=prefer", "postgresql+asyncpg://u@db.example/x?ssl=prefer"),
+        # asyncpg's own name for it, which this README once gave
+        (
+            "postgresql+asyncpg://u@db.example/x?ssl=prefer",
+            "postgresql+asyncpg://u@db.example/x?sslmode=prefer",
+        ),
     ],
 )
 def test_a_libpq_style_url_is_taken_as_asyncpg_takes_it(given: str, taken: str) -> None:
@@ -36,17 +61,137 @@ async def test_a_url_with_sslmode_and_no_driver_connects(settings: Settings, ses
         make_url(settings.database_url).set(drivername="postgresql").update_query_dict({"sslmode": "disable"})
     )
     url = Settings(database_url=libpq.render_as_string(hide_password=False)).database_url
+    assert await _one_row(url, "SELECT 1") == (1,)
+
+
+async def test_each_of_several_hosts_is_tried_in_turn(settings: Settings, sessions: Sessions) -> None:
+    """SQLAlchemy's form of several hosts, ?host=a:5432&host=b:5432: asyncpg is handed libpq's."""
+    database = make_url(settings.database_url)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        hosts = (f"{database.host}:{database.port}", f"127.0.0.1:{closed.getsockname()[1]}")
+        several = URL.create(
+            database.drivername,
+            database.username,
+            database.password,
+            database=database.database,
+            query={"host": hosts},
+        )
+        url = Settings(database_url=several.render_as_string(hide_password=False)).database_url
+        assert await _one_row(url, "SELECT 1") == (1,)
+
+
+@pytest.mark.parametrize(
+    ("query", "said"),
+    [
+        ("ssl=require&sslmode=require", "ssl or its sslmode, not both"),
+        ("channel_binding=require", "channel_binding is not an option"),
+        ("prepared_statement_cache_size=0", "prepared_statement_cache_size is not an option"),
+        ("sslmode=hunter2", "sslmode must be one of disable, allow"),
+        ("sslrootcert=system", "give the path of the system's CA bundle"),
+        ("target_session_attrs=hunter2", "target_session_attrs must be one of any, primary"),
+        ("connect_timeout=0", "connect_timeout must be a whole number of seconds above 0"),
+        ("connect_timeout=2.5", "connect_timeout must be a whole number"),
+        ("sslpassword=hunter2&sslpassword=hunter3", "sslpassword is given more than once"),
+    ],
+)
+def test_an_option_the_service_cannot_honour_is_refused_by_name_not_quoted(query: str, said: str) -> None:
+    with pytest.raises(ValidationError) as refused:
+        Settings(database_url=f"postgres://u:hunter2@db.example/x?{query}")
+    assert "database_url" in str(refused.value)
+    assert said in str(refused.value)
+    assert "hunter" not in str(refused.value)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[TlsPostgres]:
+    binaries = postgres_binaries()
+    if binaries is None:
+        pytest.skip("no PostgreSQL server binaries (initdb) on this machine")
+    with tls_postgres(binaries) as started:
+        yield started
+
+
+def _libpq_url(server: TlsPostgres, user: str = "postgres", **options: str) -> str:
+    """A URL to the private server as a provider hands one out, as the settings take it."""
+    query = urlencode({"sslmode": "verify-full", "sslrootcert": server.file("ca.crt"), **options})
+    given = f"postgres://{user}@127.0.0.1:{server.port}/{DATABASE}?{query}"
+    return Settings(database_url=given).database_url
+
+
+async def _one_row(url: str, sql: str) -> tuple[Any, ...]:
     engine = make_engine(url, timeout_s=5, connections=1)
     try:
         async with engine.connect() as connection:
-            assert await connection.scalar(text("SELECT 1")) == 1
+            return tuple((await connection.execute(text(sql))).one())
     finally:
         await engine.dispose()
 
 
-def test_a_refused_setting_is_named_not_quoted() -> None:
-    with pytest.raises(ValidationError) as refused:
-        Settings(database_url="postgresql://u:hunter2@db.example/x?ssl=require&sslmode=require")
-    assert "database_url" in str(refused.value)
-    assert "ssl or its sslmode" in str(refused.value)
-    assert "hunter2" not in str(refused.value)
+async def test_verify_full_with_the_providers_ca_connects_over_tls(server: TlsPostgres) -> None:
+    url = _libpq_url(server, target_session_attrs="read-write")
+    assert await _one_row(url, "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()") == (True,)
+
+
+async def test_a_server_whose_certificate_the_given_ca_did_not_sign_is_refused(server: TlsPostgres) -> None:
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await _one_row(_libpq_url(server, sslrootcert=server.file("other-ca.crt")), "SELECT 1")
+
+
+async def test_a_client_certificate_with_its_encrypted_key_logs_in(server: TlsPostgres) -> None:
+    url = _libpq_url(
+        server,
+        CERTIFICATE_USER,
+        sslcert=server.file("client.crt"),
+        sslkey=server.file("client.key"),
+        sslpassword=CLIENT_KEY_PASSWORD,
+    )
+    assert await _one_row(url, "SELECT current_user") == (CERTIFICATE_USER,)
+    with pytest.raises(DBAPIError, match="requires a valid client certificate"):
+        await _one_row(_libpq_url(server, CERTIFICATE_USER), "SELECT 1")
+
+
+async def test_application_name_and_options_reach_the_server(server: TlsPostgres) -> None:
+    url = _libpq_url(server, application_name="aidsafe-worker", options="-c search_path=elsewhere")
+    row = await _one_row(url, "SELECT current_setting('application_name'), current_setting('search_path')")
+    assert row == ("aidsafe-worker", "elsewhere")
+    # The engine's own startup settings are kept beside them.
+    assert await _one_row(url, "SHOW statement_timeout") == ("5s",)
+
+
+@pytest.fixture
+async def silent_server() -> AsyncIterator[int]:
+    """A port that takes connections and never answers."""
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the client gives up
+        writer.close()
+
+    listening = await asyncio.start_server(hold, "127.0.0.1", 0)
+    async with listening:
+        yield listening.sockets[0].getsockname()[1]
+
+
+async def test_connect_timeout_bounds_the_wait_for_a_server_that_does_not_answer(silent_server: int) -> None:
+    url = Settings(
+        database_url=f"postgres://u@127.0.0.1:{silent_server}/x?sslmode=disable&connect_timeout=2"
+    ).database_url
+    began = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await _one_row(url, "SELECT 1")
+    assert time.monotonic() - began < 20  # asyncpg's own default: 60 s
+
+
+async def test_the_migrations_connect_as_the_service_does(server: TlsPostgres) -> None:
+    config = Config(str(ROOT / "alembic.ini"))
+    config.attributes["database_url"] = _libpq_url(server, application_name="aidsafe-migrations")
+    await asyncio.to_thread(command.upgrade, config, "head")
+    assert await _one_row(config.attributes["database_url"], "SELECT count(*) FROM alembic_version") == (1,)
+
+
+def test_the_engine_shows_no_option_of_its_url() -> None:
+    """Its repr is logged; the URL's sslpassword is the DSN's alone."""
+    engine = make_engine(
+        Settings(database_url="postgres://u@db.example/x?sslpassword=hunter2").database_url, 5, 1
+    )
+    assert "hunter2" not in repr(engine)

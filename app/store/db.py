@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
-from sqlalchemy import Engine, ExceptionContext, event
+from sqlalchemy import Engine, ExceptionContext, event, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -20,6 +21,8 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+
+from app.config import CONNECT_TIMEOUT, for_asyncpg
 
 Sessions = async_sessionmaker[AsyncSession]
 log = logging.getLogger(__name__)
@@ -44,21 +47,44 @@ def make_engine(database_url: str, timeout_s: float, connections: int) -> AsyncE
     # ends one that runs longer (statement_timeout), so it holds no locks past it, and the
     # client gives up on a connection that has not answered a moment after (command_timeout):
     # a silent one, whose statement the server may never have seen.
-    engine = create_async_engine(
+    engine = engine_for(
         database_url,
-        pool_size=connections,
-        max_overflow=0,
-        hide_parameters=True,
-        connect_args={
+        {
             "command_timeout": timeout_s + _ANSWER_MARGIN_S,
             "server_settings": {"statement_timeout": str(round(timeout_s * 1000))},
         },
+        pool_size=connections,
+        max_overflow=0,
+        hide_parameters=True,
     )
     watch = _watches[engine.sync_engine] = _SilenceWatch()
     event.listen(engine.sync_engine, "connect", watch.connected)
     event.listen(engine.sync_engine, "checkout", watch.checked_out)
     event.listen(engine.sync_engine, "handle_error", watch.failed)
     return engine
+
+
+def engine_for(
+    database_url: str, connect_args: Mapping[str, object] | None = None, **engine_options: Any
+) -> AsyncEngine:
+    """SQLAlchemy's engine for a database URL, each of its connections made by asyncpg.connect
+    with `connect_args`. A Postgres URL, taken as the settings take it (for_asyncpg: a URL given
+    otherwise too, an Alembic config's), is asyncpg's to read, as its DSN: asyncpg's own parser
+    takes its query options as libpq does (SSL files, target_session_attrs, application_name,
+    ...), where SQLAlchemy's dialect would pass each to asyncpg.connect as a keyword argument
+    it does not take. ValueError: an option the service cannot honour."""
+    url = make_url(for_asyncpg(database_url))
+    if url.drivername != "postgresql+asyncpg":  # SQLAlchemy refuses it, or connects its own way
+        return create_async_engine(url, connect_args=dict(connect_args or {}), **engine_options)
+    arguments = dict(connect_args or {})
+    if CONNECT_TIMEOUT in url.query:
+        arguments["timeout"] = int(str(url.query[CONNECT_TIMEOUT]))
+    dsn = url.set(drivername="postgresql").difference_update_query([CONNECT_TIMEOUT])
+    if isinstance(hosts := url.query.get("host"), tuple):  # SQLAlchemy's form of several hosts
+        dsn = dsn.update_query_dict({"host": ",".join(hosts)})  # libpq's, which asyncpg reads
+    connect = functools.partial(asyncpg.connect, dsn.render_as_string(hide_password=False), **arguments)
+    # The query is the DSN's alone: an sslpassword in it would show in the engine's repr.
+    return create_async_engine(url.set(query={}), async_creator=connect, **engine_options)
 
 
 class _SilenceWatch:
