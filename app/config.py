@@ -28,8 +28,20 @@ DSN_OPTIONS = frozenset(
 # ... it sends every other one to the server as a startup parameter, which these two are in
 # libpq too (any other libpq option would be a setting the server does not know) ...
 STARTUP_PARAMETERS = frozenset({"application_name", "options"})
-# ... and libpq's connect_timeout is asyncpg.connect's timeout, which db.py gives it.
+# ... and libpq's connect_timeout is asyncpg.connect's timeout, which db.py gives it ...
 CONNECT_TIMEOUT = "connect_timeout"
+# ... and libpq 16's sslrootcert=system, the system's trusted CAs, is asyncpg.connect's
+# ssl=True, which verifies as verify-full does (libpq allows no other sslmode with it) and
+# reads none of these.
+SYSTEM_ROOTS = "system"
+_NOT_WITH_SYSTEM_ROOTS = (
+    "sslcert",
+    "sslkey",
+    "sslpassword",
+    "sslcrl",
+    "ssl_min_protocol_version",
+    "ssl_max_protocol_version",
+)
 # The values asyncpg would refuse only at the first connection.
 _OPTION_CHOICES = {
     "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
@@ -61,6 +73,16 @@ def for_asyncpg(url: str) -> str:
         parsed = parsed.difference_update_query(["ssl"]).update_query_dict({"sslmode": parsed.query["ssl"]})
     for option, value in parsed.query.items():
         _check_option(option, value)
+    if parsed.query.get("sslrootcert") == SYSTEM_ROOTS:
+        if parsed.query.get("sslmode", "verify-full") != "verify-full":
+            raise ValueError(
+                "the database URL's sslrootcert=system asks for sslmode verify-full, as libpq does"
+            )
+        if beside := [option for option in _NOT_WITH_SYSTEM_ROOTS if option in parsed.query]:
+            raise ValueError(
+                f"the database URL's sslrootcert=system cannot go with its {', '.join(beside)} "
+                "(asyncpg reads none with the system's CAs): give the path of the CA bundle instead"
+            )
     return parsed.render_as_string(hide_password=False)
 
 
@@ -78,11 +100,6 @@ def _check_option(option: str, value: str | tuple[str, ...]) -> None:
         raise ValueError(f"{said} is given more than once")
     if option in _OPTION_CHOICES and value not in _OPTION_CHOICES[option]:
         raise ValueError(f"{said} must be one of {', '.join(_OPTION_CHOICES[option])}")
-    if option == "sslrootcert" and value == "system":
-        raise ValueError(
-            f"{said}=system (libpq 16's trusted system CAs) is not one asyncpg takes: give the path "
-            "of the system's CA bundle (Debian's: /etc/ssl/certs/ca-certificates.crt)"
-        )
     if option == CONNECT_TIMEOUT and not (re.fullmatch("[0-9]+", value) and int(value) > 0):
         raise ValueError(f"{said} must be a whole number of seconds above 0")
 

@@ -88,7 +88,8 @@ async def test_each_of_several_hosts_is_tried_in_turn(settings: Settings, sessio
         ("channel_binding=require", "channel_binding is not an option"),
         ("prepared_statement_cache_size=0", "prepared_statement_cache_size is not an option"),
         ("sslmode=hunter2", "sslmode must be one of disable, allow"),
-        ("sslrootcert=system", "give the path of the system's CA bundle"),
+        ("sslrootcert=system&sslmode=require", "sslrootcert=system asks for sslmode verify-full"),
+        ("sslrootcert=system&sslcert=/c.pem&sslkey=/k.pem", "cannot go with its sslcert, sslkey"),
         ("target_session_attrs=hunter2", "target_session_attrs must be one of any, primary"),
         ("connect_timeout=0", "connect_timeout must be a whole number of seconds above 0"),
         ("connect_timeout=2.5", "connect_timeout must be a whole number"),
@@ -136,6 +137,16 @@ async def test_verify_full_with_the_providers_ca_connects_over_tls(server: TlsPo
 async def test_a_server_whose_certificate_the_given_ca_did_not_sign_is_refused(server: TlsPostgres) -> None:
     with pytest.raises(ssl.SSLCertVerificationError):
         await _one_row(_libpq_url(server, sslrootcert=server.file("other-ca.crt")), "SELECT 1")
+
+
+async def test_sslrootcert_system_verifies_the_server_with_the_systems_cas(
+    server: TlsPostgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = _libpq_url(server, sslrootcert="system")
+    with pytest.raises(ssl.SSLCertVerificationError):  # the test CA is none of the system's
+        await _one_row(url, "SELECT 1")
+    monkeypatch.setenv("SSL_CERT_FILE", server.file("ca.crt"))  # OpenSSL's system CAs, as a provider's is
+    assert await _one_row(url, "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()") == (True,)
 
 
 async def test_a_client_certificate_with_its_encrypted_key_logs_in(server: TlsPostgres) -> None:

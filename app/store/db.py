@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from app.config import CONNECT_TIMEOUT, for_asyncpg
+from app.config import CONNECT_TIMEOUT, SYSTEM_ROOTS, for_asyncpg
 
 Sessions = async_sessionmaker[AsyncSession]
 log = logging.getLogger(__name__)
@@ -80,6 +80,9 @@ def engine_for(
     if CONNECT_TIMEOUT in url.query:
         arguments["timeout"] = int(str(url.query[CONNECT_TIMEOUT]))
     dsn = url.set(drivername="postgresql").difference_update_query([CONNECT_TIMEOUT])
+    if url.query.get("sslrootcert") == SYSTEM_ROOTS:  # asyncpg's own way to the system's CAs
+        arguments["ssl"] = True
+        dsn = dsn.difference_update_query(["sslrootcert", "sslmode"])
     if isinstance(hosts := url.query.get("host"), tuple):  # SQLAlchemy's form of several hosts
         dsn = dsn.update_query_dict({"host": ",".join(hosts)})  # libpq's, which asyncpg reads
     connect = functools.partial(asyncpg.connect, dsn.render_as_string(hide_password=False), **arguments)
