@@ -74,7 +74,7 @@ def create_key(
 
 @keys_cli.command("list")
 def list_keys() -> None:
-    """Every key: id, name, prefix, created, revoked, scopes."""
+    """Every key: id, prefix, name, created, active or revoked, scopes."""
 
     async def rows(session: Any) -> list[ApiKey]:
         return list(await session.scalars(select(ApiKey).order_by(ApiKey.created_at)))
