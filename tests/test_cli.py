@@ -648,6 +648,20 @@ def test_a_threshold_without_a_score_is_refused(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "expected METRIC=SCORE" in " ".join(result.output.split())
 
 
+async def test_submit_without_following_prints_the_job_and_returns(
+    live_api: str, auth: Headers, tmp_path: Path
+) -> None:
+    """As the README says: `--no-follow` prints the job's id and returns. It printed every
+    item too, as a box saying it had no CoT yet, unless `--no-show` was given as well."""
+    prompts = write(tmp_path, "p.jsonl", '{"prompt": "Dice an onion?"}', '{"prompt": "Boil an egg?"}')
+
+    code, out = await aidsafe(live_api, auth, "submit", str(prompts), "--no-follow")
+
+    assert code == 0, out
+    [line] = out.splitlines()
+    assert line.startswith("Job ") and ": 2 prompts, policy set aidsafe-default@" in line
+
+
 async def test_cli_lists_jobs_newest_first_with_filters(live_api: str, auth: Headers, tmp_path: Path) -> None:
     prompts = write(tmp_path, "p.jsonl", '{"prompt": "Dice an onion?"}', '{"prompt": "Boil an egg?"}')
     submitted = []

@@ -79,7 +79,7 @@ def submit(
         ),
     ] = False,
     follow: Annotated[bool, typer.Option(help="Show progress until the job ends.")] = True,
-    show: Annotated[bool, typer.Option(help="Print the refined CoTs at the end.")] = True,
+    show: Annotated[bool, typer.Option(help="Print the refined CoTs once the followed job ends.")] = True,
 ) -> None:
     """Submit a file of prompts as one job; optionally follow it and print its CoTs."""
     try:
@@ -129,10 +129,11 @@ def submit(
             f"{job.policy_set.name}@{job.policy_set.version}"
             + (f", budget {budget_text(job.budget)}" if job.budget else "")
         )
+        # Unfollowed, the job has only just been queued: its CoTs are not written yet.
         if follow:
             follow_job(client, job.id)
-        if show:
-            print_cots(client, job.id)
+            if show:
+                print_cots(client, job.id)
 
 
 def print_estimate(estimate: Estimate) -> None:
