@@ -24,7 +24,7 @@ from app.store import budgets, callbacks
 from app.store.db import Sessions, make_engine, make_sessions
 from app.store.models import CallbackDelivery, Item, ItemStatus, Job, TurnRow
 from app.store.turn_writer import TurnWriter, Written
-from tests.conftest import api_client, eventually, least_loop_pause, run_worker_burst
+from tests.conftest import ROOT, api_client, eventually, least_loop_pause, run_worker_burst
 from tests.scripted_llm import ScriptedLLM
 from tests.test_turn_writer import claimed_items, turn_row
 from tests.test_viewer import logged_in
@@ -415,6 +415,24 @@ async def test_the_estimate_gives_calls_tokens_and_a_cost_range_and_creates_noth
         await priced_api.post("/v1/jobs/estimate", json={**body, "config": unused}, headers=auth)
     ).json()
     assert (answer["unpriced_endpoints"], answer["cost_usd"] is None) == ([], False)
+
+
+async def test_readme_shows_the_estimate_of_the_prompts_it_names(
+    priced_api: httpx.AsyncClient, auth: dict[str, str]
+) -> None:
+    """README's example answer is the estimate of its three prompts, to the token: a change to
+    the templates, the policies or the schemas changes it, and the README with it."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("**Estimates.**") :]
+    start = section.index("```json\n")
+    example = section[start + len("```json\n") : section.index("```\n", start)]
+    assert f"`{prompts(1)[0]}`" in section[:start], "README names the prompts it estimates"
+
+    estimate = await priced_api.post(
+        "/v1/jobs/estimate", json={"prompts": prompts(3), "config": QUICK}, headers=auth
+    )
+
+    assert estimate.json() == orjson.loads(example)
 
 
 async def test_an_estimate_of_10000_prompts_holds_the_event_loop_briefly(
