@@ -3,7 +3,7 @@
 A row names one setting or several (`AIDSAFE_LLM_HEDGE_FACTOR` / `_HEDGE_MIN_S`: the second
 shares the first's prefix) and gives their defaults in the same order: a literal in
 backticks, `none`/`unset` for None, `empty` for "", or words that describe a default the
-code computes (not compared)."""
+code computes (not compared). And every `AIDSAFE_` name the docs use is one the code reads."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ from app.config import Settings
 README = Path(__file__).resolve().parents[1] / "README.md"
 FIELDS = Settings.model_fields
 DESCRIBED = object()  # a default given in words
+DOCS = ("README.md", "Dockerfile", "docker-compose.yml", "benchmarks/README.md")
+# Where variables other than settings are read: the client, the scripts, the test fixtures.
+READERS = ("aidsafe/*.py", "scripts/*.sh", "tests/conftest.py")
 
 
 def _rows() -> list[tuple[str, str]]:
@@ -86,3 +89,23 @@ def test_readme_documents_every_setting_and_its_default() -> None:
         if not _matches(documented[name], field.get_default(call_default_factory=True))
     }
     assert wrong == {}, "README's default (left) is not the code's (right)"
+
+
+def test_every_variable_the_docs_name_is_one_the_code_reads() -> None:
+    """An `AIDSAFE_` variable named anywhere in README, the Dockerfile or the compose file (its
+    prose, examples and comments too) is a setting, or a variable the client, the scripts or
+    the test fixtures read: a renamed or mistyped one would be set and silently ignored."""
+    root = README.parent
+    docs = {name: (root / name).read_text(encoding="utf-8") for name in DOCS}
+    code = "\n".join(path.read_text(encoding="utf-8") for pattern in READERS for path in root.glob(pattern))
+
+    unknown = {
+        f"{doc}: {name}"
+        for doc, text in docs.items()
+        for name in set(re.findall(r"AIDSAFE_[A-Z0-9_]*[A-Z0-9]", text))
+        # `AIDSAFE_LLM_ENDPOINTS__vllm__API_KEY`: a nested field of a setting
+        if name.removeprefix("AIDSAFE_").split("__")[0].lower() not in FIELDS
+        and not re.search(rf"\b{name}\b", code)
+    }
+
+    assert unknown == set()
