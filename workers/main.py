@@ -530,6 +530,7 @@ async def _replay_forever(worker: Worker) -> None:
 
 
 _JOB_TIMEOUT_S = 24 * 3600
+SHUTDOWN_WAIT_S = 5  # on SIGTERM, then the items still running are handed back
 
 
 def _queue_scan_limit(settings: Settings) -> int:
@@ -559,14 +560,19 @@ def worker_settings(settings: Settings, *, sweeper: bool = True) -> dict[str, An
         # Nothing reads a job's result (the item's row is its outcome): writing one cost a
         # pickle and a SET per item, and 60 s of a key per item in Redis.
         "keep_result": 0,
-        "job_completion_wait": 5,  # on SIGTERM, then running items are released
+        "job_completion_wait": SHUTDOWN_WAIT_S,
     }
 
 
 def run(argv: Sequence[str] | None = None) -> None:
     """`aidsafe-worker`: one worker process, until SIGINT or SIGTERM (then it hands back what
-    it still runs after job_completion_wait). `--check`: check the deployment and exit."""
-    parser = argparse.ArgumentParser(prog="aidsafe-worker", description=run.__doc__)
+    it still runs after SHUTDOWN_WAIT_S). `--check`: check the deployment and exit."""
+    parser = argparse.ArgumentParser(
+        prog="aidsafe-worker",
+        description=f"Run one worker process, configured by the AIDSAFE_* environment variables, until "
+        f"SIGINT or SIGTERM; its running items then have {SHUTDOWN_WAIT_S} s to finish before the "
+        "rest go back to the queue, their turns kept.",
+    )
     parser.add_argument(
         "--check",
         action="store_true",
