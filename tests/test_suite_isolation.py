@@ -85,6 +85,60 @@ async def test_a_session_forked_from_a_test_process_has_its_own_database_and_key
         await redis.aclose()
 
 
+SETTINGS_PROBE = """
+from app.config import Settings
+from tests.conftest import worker_env
+
+
+def test_probe(settings):
+    fields = Settings.model_fields
+    defaults = fields["llm_max_concurrency"].default, fields["api_key_cache_s"].default
+    assert (settings.llm_max_concurrency, settings.api_key_cache_s) == defaults
+    assert worker_env(settings)["AIDSAFE_LLM_MAX_CONCURRENCY"] == str(defaults[0])
+    assert "AIDSAFE_REDIS_URL" not in worker_env(settings.model_copy(update={"redis_url": None}))
+"""
+
+
+async def test_the_suite_ignores_the_aidsafe_variables_its_shell_exported(tmp_path: Path) -> None:
+    """Someone who ran the service from this shell (the README's `export AIDSAFE_...`) and then
+    the tests gets the tests' settings, not a mix, in the tests and in the workers they start."""
+    probe = tmp_path / "test_probe.py"
+    probe.write_text(SETTINGS_PROBE)
+    environ = {name: value for name, value in os.environ.items() if not name.startswith("PYTEST_")}
+    environ.update(
+        AIDSAFE_LLM_MAX_CONCURRENCY="3",
+        AIDSAFE_API_KEY_CACHE_S="60",
+        AIDSAFE_REDIS_URL="redis://127.0.0.1:1/0",
+        PYTEST_DISABLE_PLUGIN_AUTOLOAD="1",
+    )
+    args = [
+        str(probe),
+        "-p",
+        "pytest_asyncio.plugin",
+        "-p",
+        "tests.conftest",
+        "-c",
+        str(ROOT / "pyproject.toml"),
+    ]
+
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "pytest",
+        *args,
+        "--rootdir",
+        str(ROOT),
+        "-q",
+        cwd=ROOT,
+        env=environ,
+        stdout=PIPE,
+        stderr=STDOUT,
+    )
+    output, _ = await child.communicate()
+
+    assert child.returncode == 0, output.decode()
+
+
 # scripts/test.sh runs the suite with -n auto, then with --only-serial: these two fail there
 # if a serial test ran in an xdist worker or --only-serial ran anything else.
 
