@@ -21,6 +21,7 @@ from fastapi.templating import Jinja2Templates
 from pydantic import BeforeValidator, TypeAdapter
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import load_only
 
 from app.api import model_evaluations as model_evaluation_api
 from app.api import sample_evaluations as sample_evaluation_api
@@ -213,8 +214,16 @@ async def logout(request: Request, session: SessionDep, settings: SettingsDep) -
 @router.get("/jobs", response_class=HTMLResponse)
 async def job_list(request: Request, session: SessionDep, key: ViewerKey) -> Response:
     """This key's newest jobs."""
+    # The columns jobs.html shows, no more: a job's duplicates report (some 20,000 values for
+    # 10,000 prompts in pairs) and metadata, decoded on the event loop for a page of 100,
+    # held it for 0.12 s of CPU.
+    shown = (Job.id, Job.created_at, Job.plan, Job.item_count, Job.cancelled_at)
     rows = await session.scalars(
-        select(Job).where(Job.owner_key_id == key.id).order_by(Job.created_at.desc()).limit(PAGE_SIZE)
+        select(Job)
+        .options(load_only(*shown, raiseload=True))
+        .where(Job.owner_key_id == key.id)
+        .order_by(Job.created_at.desc())
+        .limit(PAGE_SIZE)
     )
     listed = list(rows)
     spent = await quality.spent_usd(session, [job.id for job in listed])
