@@ -3,6 +3,7 @@ comparison's owner only."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 from collections import Counter
@@ -37,6 +38,7 @@ from app.store.models import Cot, Item, Judgement, PairCandidate
 from tests.conftest import least_loop_pause, new_key, run_worker_burst
 from tests.scripted_llm import ScriptedLLM
 from tests.test_api import error_of
+from tests.test_exports import connections_of_others
 from tests.test_quality_api import (
     GRADED,
     PAIRED,
@@ -133,6 +135,31 @@ async def test_a_label_matplotlib_would_read_as_math_titles_the_plots_as_written
 
     assert response.status_code == 200, response.text
     assert Image.open(io.BytesIO(response.content)).format == "PNG"
+
+
+@pytest.mark.parametrize("path", ["/v1/comparisons/{id}/plots/gaps.png", "/view/jobs/{id}/plots/gaps.png"])
+async def test_plots_waiting_their_turn_to_be_drawn_hold_no_database_connection(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions, path: str
+) -> None:
+    """Plots are drawn two at a time, a second or so each on a busy machine, and a request
+    waiting its turn held its Postgres connection, in an open transaction: one key's 20 plot
+    requests held the API's 20, and every tenant's requests waited for them."""
+    baseline = await finished_job(api, auth, sessions, [completed()], prompts=["x"])
+    candidate = await finished_job(api, auth, sessions, [completed()], prompts=["x"])
+    comparison = (await compare(api, auth, baseline, candidate)).json()["id"]
+    await logged_in(api, auth)
+    url = path.format(id=comparison)
+    plots = [asyncio.ensure_future(api.get(url, headers=auth)) for _ in range(6)]
+
+    # Each read what it draws long before the first is drawn: from then on, only drawing.
+    await asyncio.wait(plots, return_when=asyncio.FIRST_COMPLETED)
+    held = []
+    while not all(plot.done() for plot in plots):
+        held.append(await connections_of_others(sessions, "idle in transaction"))
+        await asyncio.sleep(0.02)
+
+    assert [(await plot).status_code for plot in plots] == [200] * 6
+    assert not any(held), held
 
 
 async def test_another_keys_comparison_and_a_plain_job_have_no_report(

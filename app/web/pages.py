@@ -6,7 +6,8 @@ untrusted, and the Content-Security-Policy allows no inline script besides."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, get_args
 from urllib.parse import parse_qs
@@ -294,17 +295,23 @@ async def _report(session: AsyncSession, job: Job) -> dict[str, Any]:
 async def job_plot(job: ViewedJob, session: SessionDep, plot: plots.Plot) -> Response:
     """A comparison's plots (as GET /v1/comparisons/{id}/plots/{plot}.png draws them), a
     sample evaluation's grader scores, a generation job's pair gaps; 404 for the others."""
+    drawing = await _plot_drawing(session, job, plot)
+    # Given back before the drawing's turn comes, as the API's plots give theirs.
+    await session.close()
+    return Response(await drawing(), media_type="image/png")
+
+
+async def _plot_drawing(session: AsyncSession, job: Job, plot: plots.Plot) -> Callable[[], Awaitable[bytes]]:
+    """The job's plot, its figures read now, to be drawn; NotFound if it has none."""
     plan, title = job.plan, job.label or f"Job {job.id}"
     if isinstance(plan, ComparisonPlan):
-        image = await plots.png(plot, await comparisons.figures(session, job))
-    elif plot is plots.Plot.SCORES and isinstance(plan, SampleEvaluationPlan) and plan.grader is not None:
+        return partial(plots.png, plot, await comparisons.figures(session, job))
+    if plot is plots.Plot.SCORES and isinstance(plan, SampleEvaluationPlan) and plan.grader is not None:
         grades = await sample_evaluations.grades(session, job.id)
-        image = await plots.scores_png(title, [Side.of("samples", grades["metrics"])])
-    elif plot is plots.Plot.GAPS and isinstance(plan, GenerationPlan) and plan.pairs is not None:
-        image = await plots.gaps_png(title, await quality.pair_gap_counts(session, job.id))
-    else:
-        raise NotFound(f"job {job.id} has no {plot.value} plot")
-    return Response(image, media_type="image/png")
+        return partial(plots.scores_png, title, [Side.of("samples", grades["metrics"])])
+    if plot is plots.Plot.GAPS and isinstance(plan, GenerationPlan) and plan.pairs is not None:
+        return partial(plots.gaps_png, title, await quality.pair_gap_counts(session, job.id))
+    raise NotFound(f"job {job.id} has no {plot.value} plot")
 
 
 async def _gate_decisions(session: AsyncSession, item_ids: list[UUID]) -> dict[UUID, bool | None]:
