@@ -4,6 +4,7 @@ timeline with its preference pair, redacted or not by the key's scope."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import random
@@ -30,6 +31,7 @@ from app.web.timeline import MAX_PAGE_WORD_PAIRS, DiffPart, response_diff
 from tests.conftest import longest_loop_pause, new_key, run_worker_burst
 from tests.scripted_llm import ScriptedLLM, agree, guard_verdict, reply, scores
 from tests.test_api import items_of, submit
+from tests.test_exports import connections_of_others
 
 Headers = dict[str, str]
 CHROMIUM = "/usr/bin/chromium"
@@ -436,6 +438,31 @@ async def test_an_items_page_diffs_its_revised_responses_off_the_event_loop(
     assert response.status_code == 200, response.text
     assert response.text.count("<ins>") >= 80  # every revision diffed against the one before
     assert held < 0.1, held  # 0.5 s and more on the event loop
+
+
+async def test_items_pages_being_rendered_hold_no_database_connection(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions, settings: Settings, scripted_llm: ScriptedLLM
+) -> None:
+    """A page of many revisions takes a second or so to render on a busy machine, in a worker
+    thread: rendering, a request held its Postgres connection in an open transaction, and
+    one key's score of such pages held the API's whole pool."""
+    revisions = [("a " * 95 + "b ") * 2, ("b " + "a " * 95) * 2]
+    scripted_llm.script("deliberation_turn", *(agree(False, response=revisions[n % 2]) for n in range(80)))
+    job = await submit(api, auth, ["How do I store rice?"], config={"agents": 4, "max_rounds": 20})
+    await run_worker_burst(settings)
+    [item] = await items_of(api, auth, job["id"])
+    await logged_in(api, auth)
+    pages = [asyncio.ensure_future(api.get(f"/view/items/{item['id']}")) for _ in range(8)]
+
+    # Each read what it shows long before the first is rendered: from then on, only rendering.
+    await asyncio.wait(pages, return_when=asyncio.FIRST_COMPLETED)
+    held = []
+    while not all(page.done() for page in pages):
+        held.append(await connections_of_others(sessions, "idle in transaction"))
+        await asyncio.sleep(0.02)
+
+    assert [(await page).status_code for page in pages] == [200] * 8
+    assert not any(held), held
 
 
 # --- in real headless Chromium ------------------------------------------------------------

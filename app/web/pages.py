@@ -372,7 +372,10 @@ async def item_page(request: Request, item_id: UUID, session: SessionDep, key: V
     }
     # In a worker thread: the timeline diffs each revised response against the one before it,
     # in Python, up to some 10 ms each for up to 160 revisions (0.5 s on the event loop for 80
-    # revisions of 190 repeated words), and the page holds every turn the item took.
+    # revisions of 190 repeated words), and the page holds every turn the item took. Its
+    # connection given back first: eight such pages at once held seven for seconds, and a
+    # key's score of them the API's whole pool.
+    await session.close()
     return await in_thread(_rendered_item_page, request, context)
 
 
