@@ -15,12 +15,14 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 from app.config import EndpointConfig, EndpointName, Prices, Settings
 from app.deliberation.budget import (
     RequestBudget,
+    bytes_tokens,
     estimate_tokens,
     evaluation_requests,
     judge_request,
     largest_requests,
     least_reply_tokens,
     sample_evaluation_requests,
+    sample_judge_request,
     stage_floors,
 )
 from app.deliberation.config import (
@@ -782,13 +784,25 @@ def check_sample_evaluation_fits(
     policies: PolicySet,
     wording: PromptSet,
     samples: Sequence[tuple[str, Sample]],
+    against: Sequence[int | None],
     settings: Settings,
 ) -> None:
     """Raise RequestTooLarge if some role's request about some (prompt, sample) may not fit
-    its endpoint: the largest sample, prompt and reasoning and response together, decides."""
-    evaluators = plan.evaluators()
-    prompt, sample = max(samples, key=lambda s: estimate_tokens(s[0]) + estimate_tokens(sample_text(s[1])))
-    _check_fits(sample_evaluation_requests(evaluators, policies, wording, prompt, sample), policies, settings)
+    its endpoint. The largest sample, prompt and reasoning and response together, decides the
+    grader's and the guard's; the judge's, the largest with the other set's sample it reads.
+    `against`: per sample, the UTF-8 bytes of that other sample as the judge is shown it
+    (None: the other set has none of its prompt, and it is not judged); empty without a judge."""
+    sizes = [estimate_tokens(prompt) + estimate_tokens(sample_text(sample)) for prompt, sample in samples]
+    largest = max(range(len(samples)), key=sizes.__getitem__)
+    budgets = sample_evaluation_requests(plan.evaluators(), policies, wording, *samples[largest])
+    judged = {n: other for n, other in enumerate(against) if other is not None}
+    if plan.judge is not None and judged:
+        n = max(judged, key=lambda n: sizes[n] + bytes_tokens(judged[n]))
+        prompt, sample = samples[n]
+        budgets.append(
+            sample_judge_request(plan.judge, policies, wording, prompt, sample, judged[n], plan.max_tokens)
+        )
+    _check_fits(budgets, policies, settings)
 
 
 def _check_fits(budgets: list[RequestBudget], policies: PolicySet, settings: Settings) -> None:

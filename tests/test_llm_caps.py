@@ -619,3 +619,38 @@ async def test_a_sample_too_long_for_the_graders_context_is_refused_and_nothing_
     assert fitting.status_code == 202, fitting.text
     assert await job_count(sessions) == 1
     assert scripted_llm.requests == []
+
+
+@pytest.mark.parametrize(("other_response", "status"), [("Cool it fast. " * 1_500, 422), ("Chill it.", 202)])
+async def test_a_judge_is_refused_at_submission_if_the_other_sets_sample_would_not_fit(
+    capped_api: httpx.AsyncClient,
+    sessions: Sessions,
+    scripted_llm: ScriptedLLM,
+    other_response: str,
+    status: int,
+) -> None:
+    """The other set's sample of a prompt is known at submission: counted as one reply of
+    max_tokens instead, one of ~7,000 tokens was accepted and its item failed unsent."""
+    auth = await new_key(sessions)
+    prompt = "How do I store soup?"
+    other = await capped_api.post(
+        "/v1/sample-evaluations",
+        json={"samples": [{"prompt": prompt, "response": other_response}], "grade": {}},
+        headers=auth,
+    )
+    assert other.status_code == 202, other.text
+    body = {
+        "samples": [{"prompt": prompt, "response": "Cool it, then refrigerate."}],
+        "judge": {"job_id": other.json()["id"], "judge": {"endpoint": "small"}},
+    }
+
+    response = await capped_api.post("/v1/sample-evaluations", json=body, headers=auth)
+
+    assert response.status_code == status, response.text
+    if status == 422:
+        error = error_of(response, 422, "request_too_large")
+        [detail] = error["details"]
+        assert (detail["role"], detail["endpoint"]) == ("judge", "small")
+        assert detail["estimated_tokens"] > SMALL_CONTEXT == detail["max_context_tokens"]
+        assert await job_count(sessions) == 1
+    assert scripted_llm.requests == []

@@ -19,6 +19,7 @@ from app.deliberation.budget import (
     judge_request,
     largest_requests,
     sample_evaluation_requests,
+    sample_judge_request,
     stage_floors,
 )
 from app.deliberation.config import (
@@ -702,9 +703,32 @@ def test_a_sample_evaluation_fits_when_its_largest_sample_fits() -> None:
     samples = [(SHORT, small), (LONG, large)]  # the prompt and the sample together decide
     [grader] = sample_evaluation_requests(plan.evaluators(), POLICIES, PROMPTS, LONG, large)
 
-    check_sample_evaluation_fits(plan, POLICIES, PROMPTS, samples, _context(grader.tokens))
+    check_sample_evaluation_fits(plan, POLICIES, PROMPTS, samples, [], _context(grader.tokens))
     with pytest.raises(RequestTooLarge):
-        check_sample_evaluation_fits(plan, POLICIES, PROMPTS, samples, _context(grader.tokens - 1))
+        check_sample_evaluation_fits(plan, POLICIES, PROMPTS, samples, [], _context(grader.tokens - 1))
+
+
+def test_a_sample_evaluations_judge_fits_when_its_largest_pair_of_samples_fits() -> None:
+    plan = resolve_sample_evaluation(None, None, RoleIn(), uuid.uuid4(), SETTINGS)
+    assert plan.judge is not None
+    small, large = Sample(["Short."], "Fine."), Sample(["A longer thought. " * 50], "A longer answer. " * 50)
+    samples = [(SHORT, small), (LONG, large), (LONG, small)]
+    # The small sample is read with the other set's largest: the pair, not our sample, decides.
+    # The large one's prompt is not in the other set: it is not judged.
+    against = [10_000, None, 10]
+    pair = sample_judge_request(plan.judge, POLICIES, PROMPTS, SHORT, small, 10_000, plan.max_tokens)
+
+    check_sample_evaluation_fits(plan, POLICIES, PROMPTS, samples, against, _context(pair.tokens))
+    with pytest.raises(RequestTooLarge) as refused:
+        check_sample_evaluation_fits(plan, POLICIES, PROMPTS, samples, against, _context(pair.tokens - 1))
+    assert refused.value.details == [
+        {
+            "role": "judge",
+            "endpoint": "default",
+            "estimated_tokens": pair.tokens,
+            "max_context_tokens": pair.tokens - 1,
+        }
+    ]
 
 
 def test_a_prompt_set_must_fit_the_largest_endpoint_context_with_the_default_max_tokens() -> None:

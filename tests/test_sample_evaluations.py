@@ -26,6 +26,7 @@ from app.cli.output import console
 from app.config import Settings
 from app.deliberation.engine import evaluate_sample
 from app.deliberation.ports import LLMRequestRejected
+from app.deliberation.quality import sample_text
 from app.errors import PayloadTooLarge, SampleFileError
 from app.plan import SampleEvaluationPlan
 from app.sample_files import (
@@ -39,7 +40,7 @@ from app.sample_files import (
     read_samples,
     samples_of,
 )
-from app.store import items, prompt_sets
+from app.store import items, prompt_sets, sample_evaluations
 from app.store.db import Sessions
 from app.store.endings import handed_back
 from app.store.models import ImportedSample, Item, Job, SampleEvaluation, TurnRow
@@ -669,6 +670,40 @@ async def test_a_judge_against_a_generation_jobs_cots(
     assert "mine" in str(judge_request.body)
     report = (await api.get(f"/v1/sample-evaluations/{response.json()['id']}", headers=auth)).json()
     assert report["pairwise"]["losses"] == 0 and report["pairwise"]["ties"] == 1  # A then A: a split
+
+
+@pytest.mark.parametrize("other_set", ["imported", "generated"])
+async def test_a_submission_sizes_each_sample_judged_against_as_the_judge_is_shown_it(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions, other_set: str
+) -> None:
+    """The submission's check counts the other set's samples by their sizes, read in SQL:
+    the same sample, of the same size, as the judge reads at run time."""
+    if other_set == "generated":
+        other = await api.post(
+            "/v1/jobs", json={"prompts": ["q0", "q1"], "config": {"mode": "zero_shot"}}, headers=auth
+        )
+        await run_worker_burst(settings)
+    else:  # of repeats, the first by position is read
+        samples = [
+            {"prompt": "q1", "thoughts": ["Ré" * 3, "x"], "response": "Crème brûlée"},
+            {"prompt": "q1", "response": "longer " * 40},
+        ]
+        other = await api.post("/v1/sample-evaluations", json={"samples": samples, "grade": {}}, headers=auth)
+    other_id = UUID(other.json()["id"])
+    body = {"samples": [{"prompt": "q1", "response": "mine"}], "judge": {"job_id": str(other_id)}}
+    response = await api.post("/v1/sample-evaluations", json=body, headers=auth)
+    assert response.status_code == 202, response.text
+    async with sessions() as session:
+        item_id = await session.scalar(select(Item.id).where(Item.job_id == UUID(response.json()["id"])))
+        sizes = await sample_evaluations.other_sample_bytes(session, other_id, ["absent", "q1"])
+    assert item_id is not None
+    claim = await items.claim(sessions, item_id, LIMITS)
+    assert claim is not None
+
+    _, judged_against = await items.evaluated_samples(sessions, claim)
+
+    assert judged_against is not None
+    assert sizes == [None, len(sample_text(judged_against).encode())]
 
 
 @pytest.mark.parametrize(("name_chars", "status"), [(200, 202), (201, 422)])

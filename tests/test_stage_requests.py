@@ -17,7 +17,13 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
-from app.deliberation.budget import judge_request, largest_requests, sample_evaluation_requests
+from app.deliberation.budget import (
+    judge_request,
+    largest_requests,
+    request_tokens,
+    sample_evaluation_requests,
+    sample_judge_request,
+)
 from app.deliberation.config import (
     Evaluators,
     GradingConfig,
@@ -31,6 +37,7 @@ from app.deliberation.config import (
 from app.deliberation.engine import deliberate, judge_pair
 from app.deliberation.ports import Stage
 from app.deliberation.prompt_sets import TEMPLATE_DIR
+from app.deliberation.quality import sample_text, sample_text_bytes
 from app.deliberation.results import METRICS, Completed, Judged, Sample
 from app.deliberation.stages import (
     DECLARED,
@@ -265,19 +272,40 @@ def test_a_sample_evaluations_budgets_are_pinned_and_read_the_whole_sample() -> 
     evaluators = Evaluators(GRADER, GuardConfig(GRADER, GuardStyle.LLAMA_GUARD), GRADER, 256, 2)
     sample = Sample(["Keep it cold."], "Refrigerate it.")
     longer = replace(sample, response=sample.response + "x" * 3000)  # 1,000 more tokens
+    other = 1_254  # bytes of the other set's sample: 418 tokens
 
     budgets = [
         [(b.role, b.tokens) for b in sample_evaluation_requests(evaluators, POLICIES, PROMPTS, PROMPT, s)]
+        + [("judge", sample_judge_request(GRADER, POLICIES, PROMPTS, PROMPT, s, other, 256).tokens)]
         for s in (sample, longer)
     ]
     asked_nothing = Evaluators(None, None, None, 256, 2)
 
-    # The judge's other side is one reply of max_tokens (256, counted as 342) and its labels (76).
     assert budgets == [
         [("grader", 3784), ("guard", 310), ("judge", 3547)],
         [("grader", 4784), ("guard", 1310), ("judge", 4547)],
     ]
     assert sample_evaluation_requests(asked_nothing, POLICIES, PROMPTS, PROMPT, sample) == []
+
+
+def test_a_sample_judges_request_counts_the_other_sample_as_it_is_shown() -> None:
+    ours, theirs = (
+        Sample(["Keep it cold."], "Refrigerate it."),
+        Sample(["Cool it.", "Ré" * 500], "Chill. " * 400),
+    )
+    shown = sample_text(theirs)
+    messages = JUDGE.messages(
+        POLICIES, PROMPTS, Limits(), GRADER.instructions, prompt=PROMPT, first=shown, second=sample_text(ours)
+    )
+    sent = request_tokens(messages, JUDGE.schema(Limits()), 256)
+
+    size = sample_text_bytes(
+        len(theirs.thoughts), sum(len(t.encode()) for t in [*theirs.thoughts, theirs.response])
+    )
+    estimated = sample_judge_request(GRADER, POLICIES, PROMPTS, PROMPT, ours, size, 256).tokens
+
+    assert size == len(shown.encode())
+    assert sent <= estimated <= sent + 1  # counted apart from the message: a token high at most
 
 
 def test_every_stage_is_declared_with_its_own_schema_name_and_existing_templates() -> None:

@@ -206,8 +206,11 @@ async def _new_evaluation(
 ) -> Job:
     session, settings = submission.session, submission.settings
     plan, callback = asked.plan, asked.callback
+    against: list[int | None] = []
     if plan.against_job_id is not None:  # this key's, and not a comparison
         await sample_evaluations.other_set(session, plan.against_job_id, key_id)
+        prompts = [s.prompt for s in samples]
+        against = await sample_evaluations.other_sample_bytes(session, plan.against_job_id, prompts)
     policy_set = await policy_sets.resolve_for_job(
         session, key_id, options.policy_set.name, options.policy_set.version
     )
@@ -219,6 +222,7 @@ async def _new_evaluation(
         policy_sets.for_engine(policy_set),
         prompt_sets.for_engine(prompt_set),
         shown,
+        against,
         settings,
     )
     job, new_item_ids = await sample_evaluations.submit(

@@ -59,7 +59,12 @@ MIN_REPLY_TOKENS = 64
 
 
 def estimate_tokens(text: str) -> int:
-    return -(-len(text.encode()) // BYTES_PER_TOKEN)
+    return bytes_tokens(len(text.encode()))
+
+
+def bytes_tokens(size: int) -> int:
+    """The estimated tokens of a text of `size` UTF-8 bytes."""
+    return -(-size // BYTES_PER_TOKEN)
 
 
 def request_tokens(
@@ -241,15 +246,29 @@ def evaluation_requests(
 def sample_evaluation_requests(
     evaluators: Evaluators, policies: PolicySet, wording: PromptSet, prompt: str, sample: Sample
 ) -> list[RequestBudget]:
-    """The request of each role a sample evaluation asks, for one of its samples: the
-    grader's and the guard's read it whole; the judge's also reads the other set's sample of
-    the prompt, counted as a reply of the evaluation's `max_tokens` (it is not known here)."""
+    """The request of the grader and of the guard, if asked, about one sample: each reads it
+    whole. (The judge's also reads the other set's sample: `sample_judge_request`.)"""
     job, shown = _Job(policies, wording, prompt, evaluators.max_tokens, Limits()), sample_text(sample)
     budgets = []
     if evaluators.grader is not None:
         budgets.append(job.budget(GRADE, evaluators.grader, 0, sample=shown))
     if (guard := evaluators.guard) is not None:
         budgets.append(job.budget(GUARDS[guard.style], guard.role, 0, sample=shown))
-    if evaluators.judge is not None:
-        budgets.append(job.budget(JUDGE, evaluators.judge, 1, first="", second=shown))
     return budgets
+
+
+def sample_judge_request(
+    judge: RoleConfig,
+    policies: PolicySet,
+    wording: PromptSet,
+    prompt: str,
+    sample: Sample,
+    other_bytes: int,
+    max_tokens: int,
+) -> RequestBudget:
+    """The judge's request about one sample: it also reads the other set's sample of the
+    prompt, shown as `sample_text` of `other_bytes` UTF-8 bytes. Counted apart from the rest
+    of its message, the other sample is estimated a token high at most, never low."""
+    job = _Job(policies, wording, prompt, max_tokens, Limits())
+    budget = job.budget(JUDGE, judge, 0, first="", second=sample_text(sample))
+    return replace(budget, tokens=budget.tokens + bytes_tokens(other_bytes))

@@ -4,6 +4,7 @@ samples."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import lru_cache
 
 from app.deliberation.calls import Caller, StageFailed
 from app.deliberation.config import GuardConfig, RoleConfig
@@ -14,6 +15,18 @@ from app.deliberation.stages import GRADE, GUARDS, JUDGE
 def sample_text(sample: Sample) -> str:
     steps = "\n".join(f"{n}. {text}" for n, text in enumerate(sample.thoughts, 1)) or "(none)"
     return f"Reasoning:\n{steps}\n\nResponse:\n<<<\n{sample.response}\n>>>"
+
+
+def sample_text_bytes(thoughts: int, text_bytes: int) -> int:
+    """The UTF-8 size of `sample_text` of a sample of `thoughts` thoughts whose thoughts and
+    response hold `text_bytes` together, for a sample whose sizes alone are read."""
+    return _framing_bytes(thoughts) + text_bytes
+
+
+@lru_cache(maxsize=1_024)  # thousands of samples sized at once have a few counts of thoughts
+def _framing_bytes(thoughts: int) -> int:
+    """What sample_text adds around `thoughts` thoughts and a response: labels, numbers, line ends."""
+    return len(sample_text(Sample([""] * thoughts, "")).encode())
 
 
 async def grade(caller: Caller, grader: RoleConfig, sample: Sample, round: int = 0, agent: int = 0) -> Grade:

@@ -10,10 +10,11 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import orjson
-from sqlalchemy import Text, cast, exists, func, or_, select, update
-from sqlalchemy.dialects.postgresql import distinct_on
+from sqlalchemy import Subquery, Text, bindparam, case, cast, column, exists, func, or_, select, update
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, distinct_on
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.deliberation.quality import sample_text_bytes
 from app.errors import InvalidConfig, NoCommonPrompts, NotFound
 from app.plan import ComparisonPlan, SampleEvaluationPlan
 from app.sample_files import Sample
@@ -78,18 +79,9 @@ async def other_set(session: AsyncSession, job_id: UUID, owner_key_id: UUID) -> 
 
 
 async def _link_other_set(session: AsyncSession, job_id: UUID, other_job_id: UUID) -> int:
-    """Point each item at the other job's sample of its prompt (exact text; the first by
-    position among repeats): an imported sample, or a CoT. How many found one."""
-    has_sample = or_(
-        exists().where(ImportedSample.item_id == Item.id), exists().where(Cot.item_id == Item.id)
-    )
-    first = (
-        select(Item.prompt, Item.id)
-        .where(Item.job_id == other_job_id, has_sample)
-        .ext(distinct_on(Item.prompt))
-        .order_by(Item.prompt, Item.position)
-        .subquery()
-    )
+    """Point each item at the other job's sample of its prompt (_judged_against): an
+    imported sample, or a CoT. How many found one."""
+    first = _judged_against(other_job_id)
     linked = await session.execute(
         update(Item)
         .where(Item.job_id == job_id, Item.prompt == first.c.prompt)
@@ -97,6 +89,64 @@ async def _link_other_set(session: AsyncSession, job_id: UUID, other_job_id: UUI
         .returning(Item.id)
     )
     return len(linked.all())
+
+
+def _judged_against(other_job_id: UUID) -> Subquery:
+    """(prompt, item id): the other job's item a judge reads for each prompt, matched by
+    exact text: the first by position among its items with a sample."""
+    has_sample = or_(
+        exists().where(ImportedSample.item_id == Item.id), exists().where(Cot.item_id == Item.id)
+    )
+    return (
+        select(Item.prompt, Item.id)
+        .where(Item.job_id == other_job_id, has_sample)
+        .ext(distinct_on(Item.prompt))
+        .order_by(Item.prompt, Item.position)
+        .subquery()
+    )
+
+
+async def other_sample_bytes(
+    session: AsyncSession, other_job_id: UUID, prompts: Sequence[str]
+) -> list[int | None]:
+    """Per prompt, the UTF-8 bytes of the other job's sample a judge reads with it, as it is
+    shown (`sample_text` of what items.evaluated_samples reads); None where it has none. The
+    sizes are counted in SQL: the other job's samples may be many and long, and none is read."""
+    asked = (
+        func.unnest(bindparam("prompts", list(prompts), type_=ARRAY(Text)))
+        .table_valued("prompt", with_ordinality="position")
+        .render_derived("asked")
+    )
+    first = _judged_against(other_job_id)
+    imported = ImportedSample.id.is_not(None)  # preferred to a CoT, as evaluated_samples does
+    imported_thoughts = func.jsonb_array_elements_text(ImportedSample.thoughts).table_valued("value")
+    cot_thoughts = func.jsonb_array_elements(Cot.refined_thoughts).table_valued(column("value", JSONB))
+    thought_bytes = case(
+        (imported, select(func.sum(func.octet_length(imported_thoughts.c.value))).scalar_subquery()),
+        else_=select(func.sum(func.octet_length(cot_thoughts.c.value["text"].astext))).scalar_subquery(),
+    )
+    thoughts = case(
+        (imported, func.jsonb_array_length(ImportedSample.thoughts)),
+        else_=func.jsonb_array_length(Cot.refined_thoughts),
+    )
+    response_bytes = func.octet_length(case((imported, ImportedSample.response), else_=Cot.response))
+    rows = (
+        await session.execute(
+            select(asked.c.position, thoughts, func.coalesce(thought_bytes, 0) + response_bytes)
+            .select_from(asked)
+            .join(first, first.c.prompt == asked.c.prompt)
+            .outerjoin(ImportedSample, ImportedSample.item_id == first.c.id)
+            .outerjoin(Cot, Cot.item_id == first.c.id)
+        )
+    ).all()
+
+    def shown() -> list[int | None]:
+        sizes: list[int | None] = [None] * len(prompts)
+        for position, count, text_bytes in rows:
+            sizes[position - 1] = sample_text_bytes(count, text_bytes)
+        return sizes
+
+    return await in_thread(shown)
 
 
 def plan_of(job: Job) -> SampleEvaluationPlan:
