@@ -803,6 +803,20 @@ async def test_the_cli_evaluates_a_file_with_a_column_mapping(
     assert report.status == "completed" and report.grades is not None and report.grades.graded == 1
 
 
+async def test_the_cli_says_a_missing_column_is_mapped_with_its_map_option(
+    live_api: str, auth: Headers, sessions: Sessions
+) -> None:
+    code, out = await aidsafe_cli(
+        live_api, auth, "evaluate", "samples", str(FIXTURES / "wrong_columns.csv"), "--grade", "--no-follow"
+    )
+
+    said = " ".join(out.split())  # as the console wrapped it
+    # The API's words stay as HTTP callers need them; the CLI's way follows.
+    assert code == 1 and "422: missing_column" in said and "map another with columns" in said, out
+    assert "(with the CLI: --map FIELD=COLUMN reads a field from another column)" in said, out
+    assert await stored(sessions) == NOTHING
+
+
 async def test_the_cli_report_says_how_many_samples_could_not_be_graded(
     live_api: str, api: httpx.AsyncClient, auth: Headers, settings: Settings, scripted_llm: ScriptedLLM
 ) -> None:

@@ -12,7 +12,7 @@ from rich.table import Table
 
 import aidsafe
 from aidsafe.models import ModelEvaluation, Rate, SampleEvaluation
-from app.cli.connection import ApiKeyOpt, ApiUrl, api_client
+from app.cli.connection import Advice, ApiKeyOpt, ApiUrl, api_client
 from app.cli.follow import follow_job
 from app.cli.job_options import PromptSetOpt
 from app.cli.output import console, interval
@@ -53,7 +53,9 @@ def evaluate_samples(
     key: ApiKeyOpt = "",
 ) -> None:
     """Grade, guard and/or judge samples written elsewhere; print the report."""
-    with api_client(api_url, key) as client:
+    # The API's words name its `columns` field; the CLI maps a column with --map.
+    advice: Advice = {"missing_column": lambda _: "--map FIELD=COLUMN reads a field from another column"}
+    with api_client(api_url, key, advice) as client:
         job = client.upload_samples(
             file,
             format=format,
