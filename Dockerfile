@@ -13,7 +13,10 @@ COPY aidsafe ./aidsafe
 COPY migrations ./migrations
 COPY policies ./policies
 COPY presets ./presets
+# The example data the README's commands name by relative path, run here from the working
+# directory (`docker compose exec api aidsafe evaluate model benchmarks/example.jsonl ...`).
 COPY samples ./samples
+COPY benchmarks ./benchmarks
 
 # llama-cpp-python compiles from source; a portable build (no -march=native) runs on any
 # x86-64 with AVX2, including CPUs where a native build crashes (AMX).
