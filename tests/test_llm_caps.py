@@ -300,6 +300,54 @@ async def test_a_job_accepted_at_the_edge_of_a_context_sends_every_request_whole
     assert max(sent_tokens(request) for request in sent) <= largest
 
 
+async def test_a_grader_reading_a_cot_never_refined_is_accepted_only_where_the_whole_cot_fits(
+    settings: Settings, sessions: Sessions, scripted_llm: ScriptedLLM
+) -> None:
+    """With `refine: false` the CoT the grader reads is every thought of the seed and of each
+    turn, and the last response: as many replies as were written, not one. Counted as one, a
+    grader's endpoint at the edge of the estimate had the grader's request cut back."""
+    auth, max_tokens, thoughts = await new_key(sessions), 256, Limits().thoughts_per_turn
+    config = {
+        "agents": 1,
+        "max_rounds": 2,
+        "refine": False,
+        "decompose_intents": False,
+        "max_tokens": max_tokens,
+        "defaults": {"endpoint": "wide"},
+        "grading": {"grader": {"endpoint": "grading"}},
+    }
+    wide = EndpointConfig(base_url=scripted_llm.base_url)
+
+    def endpoints(grading_context: int) -> Settings:
+        grading = EndpointConfig(base_url=scripted_llm.base_url, max_context_tokens=grading_context)
+        return settings.model_copy(update={"llm_endpoints": {"wide": wide, "grading": grading}})
+
+    async with api_client(endpoints(TINY_CONTEXT)) as api:
+        refused = await api.post("/v1/jobs", json={"prompts": ["Soup?"], "config": config}, headers=auth)
+    [estimate] = error_of(refused, 422, "request_too_large")["details"]
+    assert estimate["role"] == "grader"
+    at_the_edge = endpoints(estimate["estimated_tokens"])
+    scripted_llm.script("seed_cot", english_reply({"response": "Cool it."}, "thoughts", thoughts, max_tokens))
+    turn = english_reply(
+        {"agree": False, "critique": "More care.", "response": "Cool it."},
+        "new_thoughts",
+        thoughts,
+        max_tokens,
+    )
+    scripted_llm.script("deliberation_turn", turn, turn)
+
+    async with api_client(at_the_edge) as api:
+        response = await api.post("/v1/jobs", json={"prompts": ["Soup?"], "config": config}, headers=auth)
+        assert response.status_code == 202, response.text
+        await run_worker_burst(at_the_edge)
+        items = (await api.get(f"/v1/jobs/{response.json()['id']}/items", headers=auth)).json()["data"]
+
+    assert [item["status"] for item in items] == ["completed"]
+    [graded] = [request for request in scripted_llm.requests if request.schema_name == "quality_scores"]
+    assert graded.body["max_tokens"] == max_tokens
+    assert sent_tokens(graded) <= estimate["estimated_tokens"]
+
+
 async def test_a_request_grown_over_the_limit_fails_the_item_unsent(
     capped_api: httpx.AsyncClient, capped_settings: Settings, sessions: Sessions, scripted_llm: ScriptedLLM
 ) -> None:

@@ -81,6 +81,15 @@ def reply_tokens(max_tokens: int, limits: Limits) -> int:
     return text + REPLY_LABEL_TOKENS + limits.thoughts_per_turn * THOUGHT_LABEL_TOKENS
 
 
+def sample_replies(config: PipelineConfig) -> int:
+    """How many replies the CoT an item ends with (its sample: what its grader reads) is
+    written in: the refiner's, or the zero-shot call's; with no refiner, every thought of the
+    seed and of each turn, and the last response."""
+    if config.mode is Mode.ZERO_SHOT or config.refine:
+        return 1
+    return 1 + config.turn_budget()
+
+
 def least_reply_tokens(max_tokens: int) -> int:
     """The least room for its reply a request asking for `max_tokens` is sent with: the client
     lowers a max_tokens over what the limit leaves (fitted), down to this, and refuses below."""
@@ -146,8 +155,8 @@ def largest_requests(
         budgets = [job.budget(ZERO_SHOT, config.seed, 0)]
     else:
         budgets = _aidsafe_budgets(job, config)
-    if config.grading is not None:  # the item's sample, or (pairs) a rejected one
-        budgets.append(job.budget(GRADE, config.grading.grader, 1, sample=""))
+    if config.grading is not None:  # the item's sample, or (pairs) a rejected one: one reply
+        budgets.append(job.budget(GRADE, config.grading.grader, sample_replies(config), sample=""))
     if config.pairs is not None:
         pairs = config.pairs
         # The last try reads every earlier one: its belief, rejected sample and guard rationale.
