@@ -21,8 +21,10 @@ from app.deliberation.budget import (
     judge_request,
     largest_requests,
     least_reply_tokens,
+    reply_tokens,
     sample_evaluation_requests,
     sample_judge_request,
+    sample_tokens,
     stage_floors,
 )
 from app.deliberation.config import (
@@ -753,16 +755,23 @@ def check_comparison_fits(
     policies: PolicySet,
     wording: PromptSet,
     longest_prompt: str,
-    sample_max_tokens: tuple[int, int],
+    samples: tuple[int, int],
     settings: Settings,
 ) -> None:
-    """Raise RequestTooLarge if some judge's requests may not fit its endpoint; the samples
-    are the last replies of jobs with these max_tokens."""
+    """Raise RequestTooLarge if some judge's requests may not fit its endpoint; each sample
+    counts for at most as many tokens as `samples` says (cot_tokens of the job that wrote it)."""
     budgets = [
-        judge_request(judge, policies, wording, longest_prompt, sample_max_tokens, plan.max_tokens)
+        judge_request(judge, policies, wording, longest_prompt, samples, plan.max_tokens)
         for judge in plan.judges
     ]
     _check_fits(budgets, policies, settings)
+
+
+def cot_tokens(plan: JobPlan) -> int:
+    """The most one of the CoTs a job wrote counts for, read by a comparison's judge."""
+    if isinstance(plan, GenerationPlan):
+        return sample_tokens(plan.pipeline())
+    return reply_tokens(plan.max_tokens, Limits())  # it wrote none: no prompt to compare
 
 
 def check_model_evaluation_fits(

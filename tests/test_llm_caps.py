@@ -625,6 +625,66 @@ async def test_a_comparison_whose_judge_fits_is_accepted(
     assert response.status_code == 202, response.text
 
 
+async def test_a_comparisons_judge_reading_cots_never_refined_is_accepted_only_where_they_fit(
+    settings: Settings, sessions: Sessions, scripted_llm: ScriptedLLM
+) -> None:
+    """A judge reads each job's CoT: with `refine: false` every thought of the seed and of each
+    turn, at the labels of the job's limits, as for its grader. Counted as one reply at the
+    default limits, a judge's endpoint at the edge of the estimate had its request refused."""
+    auth, max_tokens, thoughts = await new_key(sessions), 256, 8
+    config = {
+        "agents": 1,
+        "max_rounds": 2,
+        "refine": False,
+        "decompose_intents": False,
+        "max_tokens": max_tokens,
+        "limits": {"thoughts_per_turn": thoughts},
+    }
+    seed = english_reply({"response": "Cool it."}, "thoughts", thoughts, max_tokens)
+    turn = english_reply(
+        {"agree": False, "critique": "More care.", "response": "Cool it."},
+        "new_thoughts",
+        thoughts,
+        max_tokens,
+    )
+    scripted_llm.script("seed_cot", seed, seed)
+    scripted_llm.script("deliberation_turn", *[turn] * 4)
+    wide = {"default": EndpointConfig(base_url=scripted_llm.base_url)}
+
+    def judged_on(context: int) -> Settings:
+        judging = EndpointConfig(base_url=scripted_llm.base_url, max_context_tokens=context)
+        return settings.model_copy(update={"llm_endpoints": {**wide, "judging": judging}})
+
+    async with api_client(judged_on(TINY_CONTEXT)) as api:
+        job_ids = []
+        for _ in range(2):
+            response = await api.post("/v1/jobs", json={"prompts": ["Soup?"], "config": config}, headers=auth)
+            job_ids.append(response.json()["id"])
+        await run_worker_burst(judged_on(TINY_CONTEXT))
+        body = {
+            "baseline_job_id": job_ids[0],
+            "candidate_job_id": job_ids[1],
+            "judge": {"endpoint": "judging"},
+        }
+        [estimate] = error_of(
+            await api.post("/v1/comparisons", json=body, headers=auth), 422, "request_too_large"
+        )["details"]
+    at_the_edge = judged_on(estimate["estimated_tokens"])
+    scripted_llm.reset()
+
+    async with api_client(at_the_edge) as api:
+        response = await api.post("/v1/comparisons", json=body, headers=auth)
+        assert response.status_code == 202, response.text
+        await run_worker_burst(at_the_edge)
+        items = (await api.get(f"/v1/jobs/{response.json()['id']}/items", headers=auth)).json()["data"]
+
+    assert [item["status"] for item in items] == ["completed"]
+    judged = scripted_llm.requests
+    assert [request.schema_name for request in judged] == ["pairwise_judgement"] * 2
+    assert [request.body["max_tokens"] for request in judged] == [settings.default_max_tokens] * 2
+    assert max(sent_tokens(request) for request in judged) <= estimate["estimated_tokens"]
+
+
 def test_the_default_endpoints_context_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AIDSAFE_LLM_MAX_CONTEXT_TOKENS", "8192")
     monkeypatch.setenv(

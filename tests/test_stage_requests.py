@@ -20,6 +20,7 @@ from jsonschema import Draft202012Validator
 from app.deliberation.budget import (
     judge_request,
     largest_requests,
+    reply_tokens,
     request_tokens,
     sample_evaluation_requests,
     sample_judge_request,
@@ -245,7 +246,14 @@ def test_request_budgets_of_every_role_are_pinned() -> None:
         *largest_requests(_config(Mode.AIDSAFE, GuardStyle.JSON, 3), POLICIES, PROMPTS, PROMPT),
         *largest_requests(_config(Mode.ZERO_SHOT, GuardStyle.LLAMA_GUARD, 2), POLICIES, PROMPTS, PROMPT),
         *largest_requests(_config(Mode.ZERO_SHOT, GuardStyle.SHIELDGEMMA, 1), POLICIES, PROMPTS, PROMPT)[-1:],
-        judge_request(GRADER, POLICIES, PROMPTS, PROMPT, (512, 1024), 256),
+        judge_request(
+            GRADER,
+            POLICIES,
+            PROMPTS,
+            PROMPT,
+            (reply_tokens(512, Limits()), reply_tokens(1024, Limits())),
+            256,
+        ),
     ]
 
     assert [(b.role, b.tokens) for b in budgets] == [

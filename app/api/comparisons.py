@@ -23,7 +23,7 @@ from app.api.schemas import ComparisonIn, ComparisonOut, ComparisonPage, Submitt
 from app.api.submissions import Submission, SubmissionDep, submit_responses
 from app.errors import ComparisonMismatch
 from app.idempotency import RequestHash
-from app.plan import check_comparison_fits, comparison_mismatches, resolve_comparison
+from app.plan import check_comparison_fits, comparison_mismatches, cot_tokens, resolve_comparison
 from app.reports import comparison_stats
 from app.store import comparisons, job_listing, jobs, policy_sets, prompt_sets
 from app.store.models import Job
@@ -118,7 +118,7 @@ async def _new_comparison(
         policy_sets.for_engine(cand_policies),
         prompt_sets.for_engine(wording),
         await comparisons.longest_prompt(session, candidate.id),
-        (baseline.plan.max_tokens, candidate.plan.max_tokens),
+        (cot_tokens(baseline.plan), cot_tokens(candidate.plan)),
         settings,
     )
     job, new_item_ids = await comparisons.create(

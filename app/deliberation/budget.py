@@ -90,6 +90,12 @@ def sample_replies(config: PipelineConfig) -> int:
     return 1 + config.turn_budget()
 
 
+def sample_tokens(config: PipelineConfig) -> int:
+    """The most the CoT an item of a job run with `config` ends with counts for, shown to
+    another role (its grader, a comparison's judge): its replies, with their labels."""
+    return sample_replies(config) * reply_tokens(config.max_tokens, config.limits)
+
+
 def least_reply_tokens(max_tokens: int) -> int:
     """The least room for its reply a request asking for `max_tokens` is sent with: the client
     lowers a max_tokens over what the limit leaves (fitted), down to this, and refuses below."""
@@ -210,17 +216,16 @@ def judge_request(
     policies: PolicySet,
     wording: PromptSet,
     prompt: str,
-    sample_max_tokens: tuple[int, int],
+    samples: tuple[int, int],
     max_tokens: int,
 ) -> RequestBudget:
-    """The largest request of a comparison's judge: two samples, each the last reply of a
-    job with the given `max_tokens`."""
+    """The largest request of a comparison's judge: two samples, each counting for at most
+    as many tokens as `samples` says (sample_tokens of the job that wrote it)."""
     limits = Limits()
     messages = JUDGE.messages(
         policies, wording, limits, judge.instructions, prompt=prompt, first="", second=""
     )
-    samples = sum(reply_tokens(tokens, limits) for tokens in sample_max_tokens)
-    tokens = request_tokens(messages, JUDGE.schema(limits), max_tokens) + samples
+    tokens = request_tokens(messages, JUDGE.schema(limits), max_tokens) + sum(samples)
     return RequestBudget(JUDGE.role, judge.endpoint, tokens, max_tokens)
 
 
