@@ -982,6 +982,28 @@ async def test_a_dead_one_the_spool_has_no_room_for_stays_dead_and_is_counted_so
     assert counted_bytes == kept_bytes > 0
 
 
+async def test_a_requeue_leaves_every_foreign_one_dead_and_counted_and_goes_on_past_it(
+    settings: Settings, redis: Redis
+) -> None:
+    """Foreign ones (not dead deliveries: pushed by hand, by another tool) older than, between
+    and newer than the dead deliveries: each is counted and stays, and none ends the requeue."""
+    prefix, limits = spool_prefix(settings), SpoolLimits(entries=10, bytes=1 << 20, key_share=1.0)
+    dead = f"{prefix}:deliveries:dead"
+    oldest, between, just_after, newest = (b"set by hand %d" % n for n in range(4))
+    await redis.lpush(dead, oldest)  # type: ignore[misc]
+    older = await died(redis, prefix, limits, to_no_webhook(uuid4()))
+    await redis.lpush(dead, between, just_after)  # type: ignore[misc]
+    newer = await died(redis, prefix, limits, to_no_webhook(uuid4()))
+    await redis.lpush(dead, newest)  # type: ignore[misc]
+
+    requeued = await deliveries.requeue_dead(redis, prefix, limits)
+
+    assert requeued == deliveries.Requeued(requeued=2, foreign=4)
+    spooled = settings.model_copy(update={"redis_key_prefix": prefix})
+    assert await spool_of(redis, spooled) == [*older, *newer]
+    assert await redis.lrange(dead, 0, -1) == [newest, just_after, between, oldest]  # type: ignore[misc]
+
+
 async def test_requeues_run_at_once_move_each_dead_one_once(settings: Settings, redis: Redis) -> None:
     """Each is moved in one step that first checks it is still dead: two operators (or one run
     again after it was killed) neither spool one twice nor lose one."""
