@@ -140,11 +140,17 @@ async def test_dead_holders_slot_frees_itself_after_its_lease(redis: Redis, key_
     assert lease_s - 0.1 <= freed_after <= lease_s + 0.5
 
 
+def test_a_negative_keep_s_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"^keep_s must not be negative, got -0.5$"):
+        EndpointLimiter(Redis.from_url(REDIS_URL), keep_s=-0.5)
+
+
 async def test_slot_is_released_on_normal_exit(redis: Redis, key_prefix: str) -> None:
     limiter = EndpointLimiter(redis, key_prefix)
 
     async with limiter.slot("default", 1, 30):
         assert await holders(redis, limiter) == 1
+        assert await redis.zcard(f"{key_prefix}:default") == 1, "held under the key prefix given"
 
     assert await holders(redis, limiter) == 0
 
@@ -341,14 +347,18 @@ async def test_slots_for_every_waiter_of_a_process_are_taken_in_one_round_trip(
 
 async def test_waiting_time_is_accumulated_for_metrics(redis: Redis, key_prefix: str) -> None:
     limiter = EndpointLimiter(redis, key_prefix)
+    endpoint = f"waited-{uuid.uuid4().hex}"
 
     async def hold_briefly() -> None:
-        async with limiter.slot("default", 1, 30):
-            await asyncio.sleep(0.2)
+        async with limiter.slot(endpoint, 1, 30):
+            await asyncio.sleep(0.25)
 
-    await asyncio.gather(hold_briefly(), hold_briefly())
+    await asyncio.gather(*(hold_briefly() for _ in range(4)))
 
-    assert 0.15 <= limiter.waited_s < 1.0
+    # One after another: waits of 0, 0.25, 0.5 and 0.75 s (the last alone is 0.75).
+    assert 1.4 <= limiter.waited_s < 3.0
+    counted = sample("aidsafe_llm_limit_wait_seconds_total", endpoint=endpoint)
+    assert counted == pytest.approx(limiter.waited_s), "counted for the endpoint waited for"
 
 
 async def test_endpoints_are_limited_separately(redis: Redis, key_prefix: str) -> None:
