@@ -331,6 +331,87 @@ async def test_a_waiter_cancelled_during_an_acquire_after_an_earlier_wait_leaves
         await eventually(partial(no_holders, redis, limiter), 15, "the slot given back to Redis")
 
 
+async def test_a_waiter_cancelled_just_as_redis_s_error_reaches_it_ends_cancelled(
+    redis: Redis, key_prefix: str
+) -> None:
+    """Its canceller (a timeout, a task group) is told it was cancelled, not of an error that
+    came meanwhile: `asyncio.timeout` would let the error through, not a TimeoutError."""
+    async with relayed(redis, key_prefix) as (limiter, relay):
+        relay.cut_answers()  # both waiters' acquire (one round trip) fails
+
+        async def cancel_the_other() -> None:
+            with pytest.raises(RedisError):
+                await _enter_and_leave(limiter.slot("default", 2, 30))
+            other.cancel()  # handed the same error, it has not resumed yet
+
+        first = asyncio.create_task(cancel_the_other())
+        other = asyncio.create_task(_enter_and_leave(limiter.slot("default", 2, 30)))
+        await asyncio.wait_for(first, 10)
+
+        with pytest.raises(asyncio.CancelledError):
+            await other
+
+
+@pytest.mark.parametrize("keep_s", [0.0, 1.0], ids=["given-back", "kept"])
+async def test_a_waiter_cancelled_just_as_a_slot_is_handed_to_it_gives_it_back_or_keeps_it(
+    redis: Redis, key_prefix: str, keep_s: float
+) -> None:
+    """Its slot is handed over, then it is cancelled before it resumes: the slot must not be
+    lost (held in Redis until its lease ends)."""
+    limiter = EndpointLimiter(redis, key_prefix, keep_s=keep_s)
+
+    async def cancel_the_other() -> None:
+        async with limiter.slot("default", 2, 30):
+            # Both slots came in one round trip; this waiter resumed first, the other has not yet.
+            other.cancel()
+            await asyncio.wait([other])  # its slot goes first: the process has kept none yet
+
+    first = asyncio.create_task(cancel_the_other())
+    other = asyncio.create_task(_enter_and_leave(limiter.slot("default", 2, 30)))
+    await asyncio.wait_for(first, 10)
+    with pytest.raises(asyncio.CancelledError):
+        await other
+
+    assert await holders(redis, limiter) == (2 if keep_s else 0), "both kept, or both given back"
+    await eventually(partial(no_holders, redis, limiter), 10, "the kept ones given back after keep_s")
+
+
+async def blocked_at_redis(redis: Redis, client_name: str) -> bool:
+    """Is a connection named `client_name` in a blocking read (a taker waiting for a release)?"""
+    return any(
+        client["name"] == client_name and client["cmd"] == "blpop" for client in await redis.client_list()
+    )
+
+
+async def test_a_waiter_cancelled_alone_while_waiting_leaves_no_wait_that_takes_another_process_s_wake_up(
+    redis: Redis, key_prefix: str
+) -> None:
+    """Its process stops waiting for a release with it: a wait left at Redis would take the
+    next release's wake-up (Redis wakes the longest blocked first) from another process's
+    waiter, which would look again only MAX_BLOCK_S later."""
+    names = [f"limits-{uuid.uuid4().hex}" for _ in range(2)]
+    connections = [Redis.from_url(REDIS_URL, client_name=name) for name in names]
+    cancelled_here, other_process = (EndpointLimiter(conn, key_prefix) for conn in connections)
+    try:
+        async with EndpointLimiter(redis, key_prefix).slot("default", 1, 30):
+            cancelled = asyncio.create_task(_enter_and_leave(cancelled_here.slot("default", 1, 30)))
+            await eventually(partial(blocked_at_redis, redis, names[0]), 10, "the first waiter's wait")
+            cancelled.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await cancelled
+            waiter = asyncio.create_task(_enter_and_leave(other_process.slot("default", 1, 30)))
+            await eventually(partial(blocked_at_redis, redis, names[1]), 10, "the other process's wait")
+        released = time.monotonic()
+        await asyncio.wait_for(waiter, 10)
+
+        assert time.monotonic() - released < 0.5, "woken by the release, not at its next look"
+        async with asyncio.timeout(5), cancelled_here.slot("default", 1, 30):
+            pass  # and the process serves its next waiter
+    finally:
+        for conn in connections:
+            await conn.aclose()
+
+
 async def test_slots_for_every_waiter_of_a_process_are_taken_in_one_round_trip(
     redis: Redis, key_prefix: str
 ) -> None:
