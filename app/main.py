@@ -137,13 +137,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 VerifiedWebhooks(arq, settings.redis_key_prefix),
             ),
         )
-        # In the background: the API starts without Postgres, to spool webhook deliveries.
-        checking = asyncio.create_task(preflight.log_problems(settings, log))
+        # Logged, not refused: the API starts without Postgres, to spool webhook deliveries.
+        # Before the first request (a hung database delays the start by its timeout, 5 s), so
+        # that its connection is no request's.
+        await preflight.log_problems(settings, log)
         try:
             yield {DRAINING: asyncio.Event()}  # the server's protocol sets it as it stops
         finally:
-            checking.cancel()
-            await asyncio.gather(checking, return_exceptions=True)
             # Their reads in flight, before their database goes.
             await summaries.aclose()
             await known_keys.aclose()
