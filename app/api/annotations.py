@@ -274,6 +274,7 @@ async def review_summary(job: OwnedJob, session: SessionDep) -> ReviewSummaryOut
     with its Wilson 95 % interval."""
     rows = await stored.job_reviews(session, job.id, job.owner_key_id)
     completed = await stored.count_cots(session, job.id)
+    await session.close()  # its connection given back before waiting for a thread (json_answer says why)
     summary = await in_thread(summarise, rows, completed)  # a large job's reviews: off the loop
     grader, between = summary.grader, summary.between_reviewers
     return ReviewSummaryOut(

@@ -4,8 +4,8 @@ by side."""
 
 from __future__ import annotations
 
-from collections import Counter
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, Response, status
@@ -33,29 +33,26 @@ router = APIRouter(prefix="/v1/comparisons", tags=["comparisons"])
 COMPARISON_BODY = JsonBody[ComparisonIn](ComparisonIn, max_values=1_000)  # two ids and a judge
 
 
-async def _comparison_out(session: AsyncSession, job: Job) -> ComparisonOut:
-    """The job as a comparison; NotFound if it is not one."""
+async def _comparison_read(session: AsyncSession, job: Job) -> Callable[[], ComparisonOut]:
+    """The job as a comparison, read now, made by the callable returned with no more reads:
+    intervals and kappas over thousands of prompts, CPU for a worker thread. NotFound if the
+    job is not a comparison."""
     plan = comparisons.plan_of(job)
     summary = await jobs.summary(session, job)
     judges = len(plan.judges)
     counts = await comparisons.verdict_counts(session, job.id, judges)
     patterns = await comparisons.verdict_patterns(session, job.id, judges)
     scores = await comparisons.paired_score_counts(session, job.id)
-    # Intervals and kappas over thousands of prompts: CPU off the event loop.
-    report = await in_thread(_report, counts, patterns, scores)
-    return views.comparison_out(job, plan, summary, report)
 
+    def shown() -> ComparisonOut:
+        report = {
+            "judges": [comparison_stats.counted_results(counted) for counted in counts],
+            "agreement": comparison_stats.agreement(len(counts), patterns),
+            "metrics": comparison_stats.metrics(scores),
+        }
+        return views.comparison_out(job, plan, summary, report)
 
-def _report(
-    counts: list[Counter[str | None]],
-    patterns: Counter[tuple[str, ...]],
-    scores: dict[str, Counter[tuple[int | None, int | None]]],
-) -> dict[str, Any]:
-    return {
-        "judges": [comparison_stats.counted_results(counted) for counted in counts],
-        "agreement": comparison_stats.agreement(len(counts), patterns),
-        "metrics": comparison_stats.metrics(scores),
-    }
+    return shown
 
 
 @router.post(
@@ -80,7 +77,7 @@ async def create_comparison(
     job = await submission.replayed(key.id, "comparisons", request_hash)
     if job is None:
         job = await _new_comparison(key.id, body, submission, request_hash)
-    shown = await _comparison_out(submission.session, job)
+    shown = await in_thread(await _comparison_read(submission.session, job))
     return SubmittedComparisonOut(**dict(shown), callback_secret=job.callback_secret)
 
 
@@ -142,17 +139,20 @@ async def list_comparisons(
     rows, next_cursor = await job_listing.page(session, key.id, ("comparison",), keep, cursor, limit)
     # A page of 500 with 8 KiB of metadata each: encoded on the event loop as GET /v1/jobs's was.
     return await json_answer(
+        session,
         lambda: ComparisonPage(
             data=[views.comparison_listed(row, comparisons.plan_of(row.job)) for row in rows],
             next_cursor=next_cursor,
-        )
+        ),
     )
 
 
-@router.get("/{comparison_id}", responses=ERRORS)
-async def get_comparison(comparison_id: UUID, session: SessionDep, key: CurrentKey) -> ComparisonOut:
+@router.get("/{comparison_id}", responses=ERRORS, response_model=ComparisonOut)
+async def get_comparison(comparison_id: UUID, session: SessionDep, key: CurrentKey) -> Response:
     """Progress; the grader's per-metric means of both jobs over the compared prompts and the
     candidate's paired lead, with 95 % t intervals; each judge's wins, ties and losses from
     the candidate's side, as shares with Wilson 95 % intervals; and, with several judges,
     their agreement (Cohen's or Fleiss' kappa)."""
-    return await _comparison_out(session, await jobs.get_owned(session, comparison_id, key.id))
+    return await json_answer(
+        session, await _comparison_read(session, await jobs.get_owned(session, comparison_id, key.id))
+    )

@@ -54,6 +54,8 @@ async def _presets(state: StateDep) -> Presets:
     return state.presets
 
 
+# A route that ends in a wait (a worker thread of the shared pool, a plot's turn) closes it once
+# its reads are done (json_answer does), giving its connection back; what it read stays loaded.
 SessionDep = Annotated[AsyncSession, Depends(_session)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 ArqDep = Annotated[ArqRedis, Depends(_arq)]

@@ -36,4 +36,4 @@ async def get_item(
 
     # Every turn, each up to a reply's length: tens of MB for a long item, shaped and encoded
     # on the event loop, held it for 58 ms at 300 turns of 64 KB.
-    return await json_answer(detail)
+    return await json_answer(session, detail)

@@ -212,7 +212,7 @@ async def list_jobs(
     # A job's metadata is up to 8 KiB of JSON: FastAPI's encoding of a page of 500 jobs with
     # 4,000 values in each held the event loop for 30 ms.
     return await json_answer(
-        lambda: JobPage(data=[views.job_listed(row) for row in rows], next_cursor=next_cursor)
+        session, lambda: JobPage(data=[views.job_listed(row) for row in rows], next_cursor=next_cursor)
     )
 
 
@@ -279,11 +279,11 @@ async def list_items(
     # Shaped and encoded in a worker thread: on the event loop, a page of 500 items of 300
     # metadata values each held it for 19-32 ms of CPU, reading the rows 5-9 of them.
     return await json_answer(
-        lambda: ItemPage(data=[views.item_out(item) for item in rows], next_cursor=next_cursor)
+        session, lambda: ItemPage(data=[views.item_out(item) for item in rows], next_cursor=next_cursor)
     )
 
 
-@router.get("/{job_id}/cots", responses=PAGE_ERRORS)
+@router.get("/{job_id}/cots", responses=PAGE_ERRORS, response_model=CotPage)
 async def list_cots(
     job: OwnedJob,
     session: SessionDep,
@@ -292,15 +292,17 @@ async def list_cots(
     ] = None,
     cursor: Cursor = None,
     limit: RowLimit = 100,
-) -> CotPage:
+) -> Response:
     """Refined CoTs of completed items, in prompt order, with their scores and gate decision."""
     rows, next_cursor = await jobs.page_cots(session, job.id, accepted, cursor, limit)
     # Shaped in a worker thread: a page of 500 CoTs held the event loop for 44 ms.
-    data = await in_thread(lambda: [views.cot_out(cot, item) for cot, item in rows])
-    return CotPage(data=data, next_cursor=next_cursor)
+    return await json_answer(
+        session,
+        lambda: CotPage(data=[views.cot_out(cot, item) for cot, item in rows], next_cursor=next_cursor),
+    )
 
 
-@router.get("/{job_id}/preference-pairs", responses=PAGE_ERRORS)
+@router.get("/{job_id}/preference-pairs", responses=PAGE_ERRORS, response_model=PreferencePairPage)
 async def list_preference_pairs(
     job: OwnedJob,
     session: SessionDep,
@@ -317,7 +319,7 @@ async def list_preference_pairs(
     ] = None,
     cursor: Cursor = None,
     limit: RowLimit = 100,
-) -> PreferencePairPage:
+) -> Response:
     """Ear-whisperer pair attempts in prompt order, with every try (standard sampling's too,
     when the job asked for the baseline). Beliefs, rejected CoTs and
     what the generator, guard and grader said about them are hazardous: keys without the
@@ -327,8 +329,12 @@ async def list_preference_pairs(
         session, job, kept=kept, min_gap=min_gap, cursor=cursor, limit=limit
     )
     # Shaped in a worker thread: a page of 500 pairs held the event loop for 56-66 ms.
-    data = await in_thread(lambda: [views.pair_out(*row, reads_hazardous, known) for row in rows])
-    return PreferencePairPage(data=data, next_cursor=next_cursor)
+    return await json_answer(
+        session,
+        lambda: PreferencePairPage(
+            data=[views.pair_out(*row, reads_hazardous, known) for row in rows], next_cursor=next_cursor
+        ),
+    )
 
 
 @router.get("/{job_id}/report", responses=ERRORS)

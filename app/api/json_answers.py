@@ -8,13 +8,20 @@ from collections.abc import Callable
 
 from fastapi import Response
 from pydantic import BaseModel
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.threads import in_thread
 
 
-async def json_answer(build: Callable[[], BaseModel]) -> Response:
+async def json_answer(session: AsyncSession, build: Callable[[], BaseModel]) -> Response:
     """The model `build` makes, as FastAPI would answer with it (by alias), made and encoded in
     one worker thread. FastAPI passes a Response on as it is, so the route declares the model
-    as its `response_model` for the OpenAPI document."""
+    as its `response_model` for the OpenAPI document.
+
+    `build` makes it from what the route has read: the request's session is closed first, its
+    connection given back (what it read stays loaded, detached). Waiting for a thread of the
+    shared pool, behind other requests' work, a route held it in an open transaction, and a
+    key's burst of them the API's whole pool."""
+    await session.close()
     body = await in_thread(lambda: build().model_dump_json(by_alias=True).encode())
     return Response(body, media_type="application/json")

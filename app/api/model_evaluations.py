@@ -4,6 +4,7 @@ the models side by side with Wilson 95 % intervals."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 from uuid import UUID
 
@@ -36,9 +37,10 @@ router = APIRouter(prefix="/v1/model-evaluations", tags=["model evaluations"])
 MODEL_EVALUATION_BODY = JsonBody[ModelEvaluationIn](ModelEvaluationIn, max_values=MAX_JOB_VALUES)
 
 
-async def evaluation_out(session: AsyncSession, job: Job) -> ModelEvaluationOut:
+async def evaluation_read(session: AsyncSession, job: Job) -> Callable[[], ModelEvaluationOut]:
     """The job as a model evaluation, with its report (as the API and the web viewer show it);
-    NotFound if it is not one."""
+    NotFound if it is not one. Read now, made by the callable with no more reads (the session
+    may be closed meanwhile): CPU for a worker thread (see below)."""
     plan = model_evaluations.plan_of(job)
     rows = await model_evaluations.tally_rows(session, job)
     policy_set = await policy_sets.by_id(session, job.policy_set_id)
@@ -60,7 +62,7 @@ async def evaluation_out(session: AsyncSession, job: Job) -> ModelEvaluationOut:
     # A Wilson interval per benchmark, category, metric and target: the categories are the
     # client's, and thousands of them held the event loop for seconds (an interval was 250 µs
     # of scipy's then; some 2 µs now); in a thread, their tallies and rows still held it 60 ms.
-    return await in_thread(shown)
+    return shown
 
 
 @router.post(
@@ -84,7 +86,7 @@ async def create_model_evaluation(
     job = await submission.replayed(key.id, "model_evaluation", request_hash)
     if job is None:
         job = await _new_model_evaluation(key.id, body, submission, request_hash)
-    shown = await evaluation_out(submission.session, job)
+    shown = await in_thread(await evaluation_read(submission.session, job))
     return SubmittedModelEvaluationOut(**dict(shown), callback_secret=job.callback_secret)
 
 
@@ -131,5 +133,5 @@ async def get_model_evaluation(evaluation_id: UUID, session: SessionDep, key: Cu
     metric, each target's rate with its Wilson 95 % interval. The answers themselves are the
     items' `respond` turns (GET /v1/items/{id}; hazardous text: keys without
     `hazardous:read` see them redacted)."""
-    shown = await evaluation_out(session, await jobs.get_owned(session, evaluation_id, key.id))
-    return await json_answer(lambda: shown)
+    shown = await evaluation_read(session, await jobs.get_owned(session, evaluation_id, key.id))
+    return await json_answer(session, shown)

@@ -70,8 +70,7 @@ def _markdown(figures: ComparisonFigures) -> str:
 async def comparison_plot(comparison_id: UUID, plot: Plot, session: SessionDep, key: CurrentKey) -> Response:
     """`scores`: per metric, the share of samples at each score on both sides. `gaps`: the
     chosen-minus-rejected gap of the candidate's preference pairs."""
+    # Its connection given back once the figures are read (comparisons.report): plots are drawn
+    # two at a time, and waiting its turn, a request held it, one key's plot requests the pool.
     figures = await comparisons.figures(session, await jobs.get_owned(session, comparison_id, key.id))
-    # Plots are drawn two at a time: waiting its turn, the request held its connection, and one
-    # key's plot requests the whole pool, every tenant's requests waiting for them.
-    await session.close()
     return Response(await plots.png(plot, figures), media_type="image/png")

@@ -5,14 +5,14 @@ Parquet file; per-sample results and a report with 95 % intervals."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, Any, Literal, get_args
 from uuid import UUID
 
 import anyio
-from fastapi import APIRouter, Depends, Query, Request, status
+from fastapi import APIRouter, Depends, Query, Request, Response, status
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -21,6 +21,7 @@ from app.api import views
 from app.api.bodies import JsonBody, read_capped
 from app.api.deps import CurrentKey, OwnedJob, ReadsHazardous, SessionDep, SettingsDep
 from app.api.jobs import ERRORS, PAGE_ERRORS, Cursor, RowLimit, resolve_prompt_set
+from app.api.json_answers import json_answer
 from app.api.schemas import (
     SampleEvaluationIn,
     SampleEvaluationOptions,
@@ -238,13 +239,14 @@ async def _new_evaluation(
 
 
 async def _submitted(session: AsyncSession, job: Job) -> SubmittedSampleEvaluationOut:
-    evaluation = await evaluation_out(session, job)
+    evaluation = await in_thread(await evaluation_read(session, job))
     return SubmittedSampleEvaluationOut(**dict(evaluation), callback_secret=job.callback_secret)
 
 
-async def evaluation_out(session: AsyncSession, job: Job) -> SampleEvaluationOut:
+async def evaluation_read(session: AsyncSession, job: Job) -> Callable[[], SampleEvaluationOut]:
     """The job as a sample evaluation, with the report of what it asks (as the API and the web
-    viewer show it); NotFound if it is not one."""
+    viewer show it); NotFound if it is not one. Read now, made by the callable with no more
+    reads (the session may be closed meanwhile): CPU for a worker thread (see below)."""
     plan = sample_evaluations.plan_of(job)
     report: dict[str, Any] = {}
     if plan.grader is not None:
@@ -255,7 +257,7 @@ async def evaluation_out(session: AsyncSession, job: Job) -> SampleEvaluationOut
         report["pairwise"] = await sample_evaluations.pairwise_counts(session, job.id)
     # A Wilson interval per sample label: the labels are the client's, and thousands of them
     # held the event loop for seconds (when an interval was 250 µs of scipy's; some 2 µs now).
-    return await in_thread(
+    return partial(
         views.sample_evaluation_out,
         job,
         plan,
@@ -266,30 +268,35 @@ async def evaluation_out(session: AsyncSession, job: Job) -> SampleEvaluationOut
     )
 
 
-@router.get("/{job_id}", responses=ERRORS)
-async def get_sample_evaluation(job: OwnedJob, session: SessionDep) -> SampleEvaluationOut:
+@router.get("/{job_id}", responses=ERRORS, response_model=SampleEvaluationOut)
+async def get_sample_evaluation(job: OwnedJob, session: SessionDep) -> Response:
     """Progress and the report: per metric the mean score with its 95 % interval and the
     score counts, the guard's unsafe rate (overall and per label) and the judge's win, tie
     and loss rates, each with its Wilson interval."""
-    return await evaluation_out(session, job)
+    return await json_answer(session, await evaluation_read(session, job))
 
 
-@router.get("/{job_id}/samples", responses=PAGE_ERRORS)
+@router.get("/{job_id}/samples", responses=PAGE_ERRORS, response_model=SampleResultPage)
 async def list_sample_results(
     job: OwnedJob,
     session: SessionDep,
     reads_hazardous: ReadsHazardous,
     cursor: Cursor = None,
     limit: RowLimit = 100,
-) -> SampleResultPage:
+) -> Response:
     """The samples in order, each with its scores, guard verdict and judgement so far. The
     guard's rationale is withheld from keys without `hazardous:read`, as for every guard."""
     sample_evaluations.plan_of(job)
     known = views.policy_ids(await policy_sets.by_id(session, job.policy_set_id))
     rows, next_cursor = await jobs.page_samples(session, job.id, cursor, limit)
     # Shaped in a worker thread: a page of 500 samples held the event loop for 40-66 ms.
-    data = await in_thread(lambda: [views.sample_result_out(*row, reads_hazardous, known) for row in rows])
-    return SampleResultPage(data=data, next_cursor=next_cursor)
+    return await json_answer(
+        session,
+        lambda: SampleResultPage(
+            data=[views.sample_result_out(*row, reads_hazardous, known) for row in rows],
+            next_cursor=next_cursor,
+        ),
+    )
 
 
 @router.get("/{job_id}/samples/{item_id}", responses=ERRORS)

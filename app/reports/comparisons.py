@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -38,15 +39,25 @@ async def report[T](session: AsyncSession, comparison: Job, lay_out: Callable[[C
     """The report of a comparison job laid out by `lay_out` (a renderer; NotFound if the job
     is not a comparison). The queries run on the event loop, and count in SQL rather than read a
     row per prompt or pair candidate; the figures and their layout in a worker thread: some
-    milliseconds of intervals, and a page's or a plot's layout."""
-    stored = await _read(session, comparison)
-    return await in_thread(lambda: lay_out(_figures(stored)))
+    milliseconds of intervals, and a page's or a plot's layout. The session's connection is
+    given back before: waiting for a thread of the shared pool, behind other requests' work, a
+    request held it in an open transaction (a caller reads no more with it after)."""
+    computed = await read(session, comparison)
+    await session.close()
+    return await in_thread(lambda: lay_out(computed()))
 
 
 async def figures(session: AsyncSession, comparison: Job) -> ComparisonFigures:
     """The report of a comparison job, for a caller that lays it out itself (NotFound if the
-    job is not one)."""
+    job is not one); its session closed, as `report` closes it."""
     return await report(session, comparison, lambda computed: computed)
+
+
+async def read(session: AsyncSession, comparison: Job) -> Callable[[], ComparisonFigures]:
+    """The report's figures of a comparison job, read now (NotFound if the job is not one), to
+    be computed by the callable with no more reads: some milliseconds of intervals, for a
+    worker thread."""
+    return partial(_figures, await _read(session, comparison))
 
 
 async def _read(session: AsyncSession, comparison: Job) -> _Stored:

@@ -268,27 +268,39 @@ async def job_page(
         },
         "next_cursor": next_cursor,
         "statuses": get_args(ItemStatus),
-        **await _report(session, job),
     }
-    # Rendered in a worker thread: an evaluation's table of thousands of categories or labels
-    # held every other request for 50-60 ms on the event loop, a comparison's means and
-    # Wilson intervals (computed as the page shows them) 10 ms.
-    return await in_thread(templates.TemplateResponse, request, "job.html", context)
+    report = await _report(session, job)
+    # Computed and rendered in a worker thread: an evaluation's table of thousands of categories
+    # or labels held every other request for 50-60 ms on the event loop, a comparison's means
+    # and Wilson intervals 10 ms. Its connection given back first, as the API's routes give
+    # theirs (app/api/json_answers.py).
+    await session.close()
+    return await in_thread(_rendered_job_page, request, context, report)
 
 
-async def _report(session: AsyncSession, job: Job) -> dict[str, Any]:
+def _rendered_job_page(
+    request: Request, context: dict[str, Any], report: Callable[[], dict[str, Any]]
+) -> Response:
+    return templates.TemplateResponse(request, "job.html", {**context, **report()})
+
+
+async def _report(session: AsyncSession, job: Job) -> Callable[[], dict[str, Any]]:
     """The job's report as its own API route computes it, under the name job.html shows it by:
     a comparison's `report`, a sample or model evaluation's `samples` or `models`, a
-    generation job's pair `candidates` (none without pairs)."""
+    generation job's pair `candidates` (none without pairs). Read now; the callable computes
+    it, with no more reads."""
     plan = job.plan
     if isinstance(plan, ComparisonPlan):
-        return {"report": await comparisons.figures(session, job)}
+        figures = await comparisons.read(session, job)
+        return lambda: {"report": figures()}
     if isinstance(plan, SampleEvaluationPlan):
-        return {"samples": await sample_evaluation_api.evaluation_out(session, job)}
+        samples = await sample_evaluation_api.evaluation_read(session, job)
+        return lambda: {"samples": samples()}
     if isinstance(plan, ModelEvaluationPlan):
-        return {"models": await model_evaluation_api.evaluation_out(session, job)}
+        models = await model_evaluation_api.evaluation_read(session, job)
+        return lambda: {"models": models()}
     candidates = await jobs.pair_candidates(session, job)
-    return {"candidates": None if candidates is None else _CANDIDATES.validate_python(candidates)}
+    return lambda: {"candidates": None if candidates is None else _CANDIDATES.validate_python(candidates)}
 
 
 @router.get("/jobs/{job_id}/plots/{plot}.png")

@@ -1,0 +1,155 @@
+"""Routes that end in CPU work in a worker thread give their Postgres connection back first.
+
+The threads are asyncio's default pool, a few for the whole process: behind other requests'
+work there, a route that had read what it shows waited holding its connection in an open
+transaction, and a key's burst of such requests held the API's whole pool (20), every
+tenant's requests waiting for them. The pool is held busy here until every request is waiting
+for it, then the connections they hold are counted."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
+
+import httpx
+import pytest
+from sqlalchemy import text
+
+from app.config import Settings
+from app.store.db import Sessions
+from tests.scripted_llm import ScriptedLLM
+from tests.test_api import items_of, submit
+from tests.test_comparison_reports import finished_comparison
+from tests.test_model_evaluation_api import benchmark_prompts, evaluation_body, submit_evaluation
+from tests.test_viewer import logged_in
+
+P = ParamSpec("P")
+T = TypeVar("T")
+Headers = dict[str, str]
+
+
+class BusyThreads(ThreadPoolExecutor):
+    """A default thread pool busy with other work: what is handed to it starts once `free` is
+    called. `handed` gets a None as each piece of work is handed over (on the event loop)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handed: asyncio.Queue[None] = asyncio.Queue()
+        self._freed = threading.Event()
+
+    def submit(self, work: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        self.handed.put_nowait(None)
+        return super().submit(self._when_freed, work, *args, **kwargs)
+
+    def _when_freed(self, work: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        self._freed.wait()
+        return work(*args, **kwargs)
+
+    def free(self) -> None:
+        self._freed.set()
+
+    async def until_handed(self, pieces: int) -> None:
+        for _ in range(pieces):
+            await self.handed.get()
+
+
+@contextmanager
+def busy_threads() -> Iterator[BusyThreads]:
+    """The running loop's default thread pool busy (BusyThreads) inside, its own again after."""
+    loop = asyncio.get_running_loop()
+    own = getattr(loop, "_default_executor", None)  # asyncio has no getter
+    busy = BusyThreads()
+    loop.set_default_executor(busy)
+    try:
+        yield busy
+    finally:
+        busy.free()
+        loop.set_default_executor(own or ThreadPoolExecutor())
+        busy.shutdown(wait=False)
+
+
+async def held_in_transaction(sessions: Sessions) -> list[str]:
+    """The last statement of each connection to this run's database idle in an open transaction."""
+    async with sessions() as session:
+        rows = await session.scalars(
+            text(
+                "SELECT query FROM pg_stat_activity WHERE datname = current_database() "
+                "AND backend_type = 'client backend' AND state = 'idle in transaction'"
+            )
+        )
+        return list(rows)
+
+
+@dataclass(frozen=True)
+class Jobs:
+    """A job of each kind, the key's: a plain job (its items queued), a finished comparison,
+    and a model and a sample evaluation (queued)."""
+
+    job: str
+    item: str
+    comparison: str
+    model_evaluation: str
+    sample_evaluation: str
+
+
+@pytest.fixture
+async def every_kind(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions, settings: Settings, scripted_llm: ScriptedLLM
+) -> Jobs:
+    comparison = await finished_comparison(api, auth, sessions, settings, scripted_llm)
+    job = (await submit(api, auth, ["How do I store rice?"]))["id"]
+    [item] = await items_of(api, auth, job)
+    benchmark = {"name": "b", "prompts": benchmark_prompts(2)}
+    model_evaluation = await submit_evaluation(api, auth, evaluation_body([benchmark], "m"))
+    samples = {"samples": [{"prompt": "Hi", "response": "Hello!"}], "grade": {}}
+    sample_evaluation = await api.post("/v1/sample-evaluations", json=samples, headers=auth)
+    return Jobs(job, item["id"], comparison, model_evaluation["id"], sample_evaluation.json()["id"])
+
+
+async def held_waiting_for_threads(
+    api: httpx.AsyncClient, sessions: Sessions, urls: list[str], headers: Headers
+) -> list[str]:
+    """What `urls` requested at once hold once each waits for a thread: held_in_transaction's."""
+    with busy_threads() as threads:
+        answers = [asyncio.ensure_future(api.get(url, headers=headers)) for url in urls]
+        await threads.until_handed(len(urls))
+        held = await held_in_transaction(sessions)
+        threads.free()
+        statuses = {url: (await answer).status_code for url, answer in zip(urls, answers, strict=True)}
+    assert statuses == dict.fromkeys(urls, 200)
+    return held
+
+
+async def test_routes_waiting_for_a_worker_thread_hold_no_database_connection(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions, every_kind: Jobs
+) -> None:
+    job, comparison = every_kind.job, every_kind.comparison
+    urls = [
+        "/v1/jobs",
+        "/v1/comparisons",
+        f"/v1/jobs/{job}/items",
+        f"/v1/jobs/{job}/cots",
+        f"/v1/jobs/{job}/preference-pairs",
+        f"/v1/jobs/{job}/reviews/summary",
+        f"/v1/items/{every_kind.item}",
+        f"/v1/comparisons/{comparison}",
+        f"/v1/comparisons/{comparison}/report",
+        f"/v1/model-evaluations/{every_kind.model_evaluation}",
+        f"/v1/sample-evaluations/{every_kind.sample_evaluation}",
+        f"/v1/sample-evaluations/{every_kind.sample_evaluation}/samples",
+    ]
+    assert await held_waiting_for_threads(api, sessions, urls, auth) == []
+
+
+async def test_the_viewers_job_pages_waiting_for_a_worker_thread_hold_no_database_connection(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions, every_kind: Jobs
+) -> None:
+    await logged_in(api, auth)
+    shown = (every_kind.job, every_kind.comparison, every_kind.model_evaluation, every_kind.sample_evaluation)
+    urls = [f"/view/jobs/{job}" for job in shown]
+    assert await held_waiting_for_threads(api, sessions, urls, {}) == []
