@@ -121,16 +121,19 @@ async def finished_since(sessions: Sessions, job_id: UUID, since_ms: int) -> lis
     """Items of the job that ended at or after this time (ms since the epoch), in the order they ended."""
     since = datetime.fromtimestamp(max(0, since_ms - CLOCK_MARGIN_MS) / 1000, tz=UTC)
     async with sessions() as session:
-        rows = await session.execute(
-            select(Item.id, Item.position, Item.status, Item.error_code)
-            .where(Item.job_id == job_id, Item.status.in_(FINISHED), Item.finished_at >= since)
-            .order_by(Item.finished_at, Item.position)
-        )
-        # Off the event loop: a job's 10,000 rows take 30-50 ms to turn into items. The rows
-        # were all fetched: reading them needs no I/O, and nothing else uses the session.
-        return await in_thread(
-            lambda: [ItemFinished(str(r.id), r.position, r.status, r.error_code) for r in rows]
-        )
+        rows = (
+            await session.execute(
+                select(Item.id, Item.position, Item.status, Item.error_code)
+                .where(Item.job_id == job_id, Item.status.in_(FINISHED), Item.finished_at >= since)
+                .order_by(Item.finished_at, Item.position)
+            )
+        ).all()
+    # Off the event loop: a job's 10,000 rows take 30-50 ms to turn into items. The rows were all
+    # fetched, so the connection is given back first: waiting for a thread of the shared pool,
+    # behind other requests' work, a follower held it in an open transaction.
+    return await in_thread(
+        lambda: [ItemFinished(str(r.id), r.position, r.status, r.error_code) for r in rows]
+    )
 
 
 class EndsSent:

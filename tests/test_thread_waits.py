@@ -15,11 +15,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
+from uuid import UUID
 
 import httpx
 import pytest
 from sqlalchemy import text
 
+from app import events
 from app.config import Settings
 from app.store.db import Sessions
 from tests.scripted_llm import ScriptedLLM
@@ -153,3 +155,17 @@ async def test_the_viewers_job_pages_waiting_for_a_worker_thread_hold_no_databas
     shown = (every_kind.job, every_kind.comparison, every_kind.model_evaluation, every_kind.sample_evaluation)
     urls = [f"/view/jobs/{job}" for job in shown]
     assert await held_waiting_for_threads(api, sessions, urls, {}) == []
+
+
+async def test_a_follower_reading_finished_items_holds_no_database_connection_waiting_for_a_thread(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    job = (await submit(api, auth, ["How do I store rice?"]))["id"]
+    with busy_threads() as threads:
+        finished = asyncio.ensure_future(events.finished_since(sessions, UUID(job), 0))
+        await threads.until_handed(1)
+        held = await held_in_transaction(sessions)
+        threads.free()
+        assert await finished == []
+
+    assert held == []
