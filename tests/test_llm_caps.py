@@ -261,6 +261,31 @@ def english_reply(fields: dict[str, Any], list_field: str, items: int, max_token
     return answer
 
 
+def script_full_length_cots(scripted_llm: ScriptedLLM, max_tokens: int, thoughts: int, turns: int) -> None:
+    """The next seed, and its `turns` deliberation turns (none agreeing), as long as
+    `max_tokens` lets them be."""
+    seed = english_reply({"response": "Cool it."}, "thoughts", thoughts, max_tokens)
+    turn = {"agree": False, "critique": "More care.", "response": "Cool it."}
+    scripted_llm.script("seed_cot", seed)
+    scripted_llm.script(
+        "deliberation_turn", *[english_reply(turn, "new_thoughts", thoughts, max_tokens)] * turns
+    )
+
+
+async def items_run_at(
+    settings: Settings, path: str, body: dict[str, Any], auth: Headers
+) -> list[dict[str, Any]]:
+    """The items of the job that `body`, posted to `path`, makes under `settings`, run."""
+    async with api_client(settings) as api:
+        response = await api.post(path, json=body, headers=auth)
+        assert response.status_code == 202, response.text
+        await run_worker_burst(settings)
+        items: list[dict[str, Any]] = (
+            await api.get(f"/v1/jobs/{response.json()['id']}/items", headers=auth)
+        ).json()["data"]
+    return items
+
+
 async def test_a_job_accepted_at_the_edge_of_a_context_sends_every_request_whole_whatever_it_reads(
     settings: Settings, sessions: Sessions, scripted_llm: ScriptedLLM
 ) -> None:
@@ -278,15 +303,9 @@ async def test_a_job_accepted_at_the_edge_of_a_context_sends_every_request_whole
     at_the_edge = settings.model_copy(update={"llm_endpoints": {"edge": edge}})
     explicit = {"explicit_intents": [{"intent": "Store soup.", "label": "benign"}]}
     scripted_llm.script("intent_decomposition", english_reply(explicit, "implicit_intents", 5, max_tokens))
-    scripted_llm.script("seed_cot", english_reply({"response": "Cool it."}, "thoughts", thoughts, max_tokens))
-    turn = {"agree": False, "critique": "More care.", "response": "Cool it."}
-    scripted_llm.script("deliberation_turn", english_reply(turn, "new_thoughts", thoughts, max_tokens))
+    script_full_length_cots(scripted_llm, max_tokens, thoughts, turns=1)
 
-    async with api_client(at_the_edge) as api:
-        response = await api.post("/v1/jobs", json={"prompts": ["Soup?"], "config": config}, headers=auth)
-        assert response.status_code == 202, response.text
-        await run_worker_burst(at_the_edge)
-        items = (await api.get(f"/v1/jobs/{response.json()['id']}/items", headers=auth)).json()["data"]
+    items = await items_run_at(at_the_edge, "/v1/jobs", {"prompts": ["Soup?"], "config": config}, auth)
 
     assert [item["status"] for item in items] == ["completed"]
     sent = scripted_llm.requests
@@ -327,20 +346,9 @@ async def test_a_grader_reading_a_cot_never_refined_is_accepted_only_where_the_w
     [estimate] = error_of(refused, 422, "request_too_large")["details"]
     assert estimate["role"] == "grader"
     at_the_edge = endpoints(estimate["estimated_tokens"])
-    scripted_llm.script("seed_cot", english_reply({"response": "Cool it."}, "thoughts", thoughts, max_tokens))
-    turn = english_reply(
-        {"agree": False, "critique": "More care.", "response": "Cool it."},
-        "new_thoughts",
-        thoughts,
-        max_tokens,
-    )
-    scripted_llm.script("deliberation_turn", turn, turn)
+    script_full_length_cots(scripted_llm, max_tokens, thoughts, turns=2)
 
-    async with api_client(at_the_edge) as api:
-        response = await api.post("/v1/jobs", json={"prompts": ["Soup?"], "config": config}, headers=auth)
-        assert response.status_code == 202, response.text
-        await run_worker_burst(at_the_edge)
-        items = (await api.get(f"/v1/jobs/{response.json()['id']}/items", headers=auth)).json()["data"]
+    items = await items_run_at(at_the_edge, "/v1/jobs", {"prompts": ["Soup?"], "config": config}, auth)
 
     assert [item["status"] for item in items] == ["completed"]
     [graded] = [request for request in scripted_llm.requests if request.schema_name == "quality_scores"]
@@ -640,15 +648,8 @@ async def test_a_comparisons_judge_reading_cots_never_refined_is_accepted_only_w
         "max_tokens": max_tokens,
         "limits": {"thoughts_per_turn": thoughts},
     }
-    seed = english_reply({"response": "Cool it."}, "thoughts", thoughts, max_tokens)
-    turn = english_reply(
-        {"agree": False, "critique": "More care.", "response": "Cool it."},
-        "new_thoughts",
-        thoughts,
-        max_tokens,
-    )
-    scripted_llm.script("seed_cot", seed, seed)
-    scripted_llm.script("deliberation_turn", *[turn] * 4)
+    for _ in range(2):  # the two jobs compared
+        script_full_length_cots(scripted_llm, max_tokens, thoughts, turns=2)
     wide = {"default": EndpointConfig(base_url=scripted_llm.base_url)}
 
     def judged_on(context: int) -> Settings:
@@ -672,11 +673,7 @@ async def test_a_comparisons_judge_reading_cots_never_refined_is_accepted_only_w
     at_the_edge = judged_on(estimate["estimated_tokens"])
     scripted_llm.reset()
 
-    async with api_client(at_the_edge) as api:
-        response = await api.post("/v1/comparisons", json=body, headers=auth)
-        assert response.status_code == 202, response.text
-        await run_worker_burst(at_the_edge)
-        items = (await api.get(f"/v1/jobs/{response.json()['id']}/items", headers=auth)).json()["data"]
+    items = await items_run_at(at_the_edge, "/v1/comparisons", body, auth)
 
     assert [item["status"] for item in items] == ["completed"]
     judged = scripted_llm.requests
