@@ -365,7 +365,7 @@ async def test_a_session_whose_connection_goes_silent_once_answered_closes_quiet
         async def send_then_silence(message: Message) -> None:
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body"):
-                pg_proxy.silence()  # the job list's transaction is still open
+                pg_proxy.silence()  # the list's transaction is still open
 
         await app(scope, receive, send_then_silence)
 
@@ -373,7 +373,9 @@ async def test_a_session_whose_connection_goes_silent_once_answered_closes_quiet
         transport = httpx.ASGITransport(app=silenced_once_answered)
         async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
             async with asyncio.timeout(10.0):
-                response = await client.get("/v1/jobs", headers=auth)
+                # A route that reads to its answer (one that ends in a worker thread gives its
+                # connection back before: app/api/json_answers.py).
+                response = await client.get("/v1/policy-sets", headers=auth)
 
     assert response.status_code == 200, response.text
     assert [
