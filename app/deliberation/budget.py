@@ -77,7 +77,7 @@ def request_tokens(
 
 def reply_tokens(max_tokens: int, limits: Limits) -> int:
     """The most a reply of `max_tokens` counts for, shown to another role with its labels."""
-    text = -(-max_tokens * REPLY_BYTES_PER_TOKEN // BYTES_PER_TOKEN)
+    text = bytes_tokens(max_tokens * REPLY_BYTES_PER_TOKEN)
     return text + REPLY_LABEL_TOKENS + limits.thoughts_per_turn * THOUGHT_LABEL_TOKENS
 
 
