@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from app.deliberation.budget import judge_request, largest_requests
-from app.deliberation.config import Limits, PipelineConfig
+from app.deliberation.config import GradingConfig, Limits, PipelineConfig
 from app.deliberation.ports import Stage, Turn, TurnKey, TurnOutcome
 from app.deliberation.stages import NOT_DECOMPOSED
 from app.llm.client import OpenAICompatibleClient
@@ -187,6 +187,20 @@ def test_the_request_budgets_follow_the_ablations() -> None:
     assert default["refiner"] - capped["refiner"] == 5 * reply_tokens  # 3 turns read, not 8
     # Without intents, nothing reads their reply; the note that replaces it is short.
     assert 0 < default["seed"] - no_intents["seed"] < reply_tokens
+
+
+def test_a_grader_reading_a_cot_never_refined_counts_every_reply_it_was_written_in() -> None:
+    graded = replace(pipeline(agents=2, max_rounds=2), grading=GradingConfig(DEFAULT_ROLE))
+    unrefined = replace(graded, refine=False)
+
+    def grader(config: PipelineConfig) -> int:
+        return next(
+            b.tokens for b in largest_requests(config, POLICIES, PROMPTS, PROMPT) if b.role == "grader"
+        )
+
+    # The refined CoT is one reply; the unrefined one the seed and every turn: each reply read at
+    # most 512 tokens of English (683 at 3 bytes a token) and its labels (76).
+    assert grader(unrefined) - grader(graded) == unrefined.turn_budget() * (683 + 76)
 
 
 def test_a_roles_budget_counts_its_own_instructions_and_names_its_endpoint() -> None:
