@@ -10,7 +10,14 @@ from typing import Any
 
 import pytest
 
-from app.deliberation.config import GradingConfig, GuardConfig, GuardStyle, PairsConfig, PipelineConfig
+from app.deliberation.config import (
+    GradingConfig,
+    GuardConfig,
+    GuardStyle,
+    Limits,
+    PairsConfig,
+    PipelineConfig,
+)
 from app.deliberation.engine import judge_pair
 from app.deliberation.ports import Stage, Turn, TurnKey, TurnOutcome
 from app.deliberation.results import METRICS, Completed, Failed, GuardVerdict, Judged, Sample
@@ -27,6 +34,7 @@ from tests.test_engine import (
     completed,
     failed,
     pipeline,
+    request_counts,
     run,
 )
 from tests.test_engine_quality import judge
@@ -385,6 +393,69 @@ async def test_dropped_may_be_left_out(llm: OpenAICompatibleClient, scripted_llm
     result = completed(await run(llm, InMemoryTurnLog(), ONE_TRY))
 
     assert (result.dropped, result.unaccounted) == ([], [2])
+
+
+# --- lists over the job's limits -------------------------------------------------------------
+# A server without grammars (plain JSON mode) may list more than the schema's maxItems: the
+# engine keeps the first ones, as a server keeping to the schema would have sent, and notes
+# how many more there were. Nothing is re-asked.
+
+
+async def test_thoughts_over_the_jobs_limits_are_cut_to_the_first_ones_and_noted_on_the_turn(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    limits = Limits(thoughts_per_turn=2, kept_thoughts=3, max_drops=1)
+    scripted_llm.script("seed_cot", reply(seed(["...", "S1.", "S2.", "S3.", "S4."])))
+    scripted_llm.script("deliberation_turn", agree(False, ["D1.", "D2.", "D3."]), agree(True))
+    drops = [{"id": n, "reason": "redundant", "explanation": "Repeats."} for n in (3, 1, 2)]
+    kept = [{"text": f"K{n}.", "sources": [n]} for n in range(1, 5)]
+    scripted_llm.script("refined_cot", reply({"thoughts": kept, "dropped": drops, "response": "R."}))
+    log = InMemoryTurnLog()
+
+    result = completed(await run(llm, log, replace(ONE_TRY, max_rounds=1, limits=limits)))
+
+    [seed_turn], [cut_turn, _], [refine_turn] = (
+        log.turns(ITEM, stage) for stage in (Stage.SEED, Stage.DELIBERATION, Stage.REFINE)
+    )
+    assert (seed_turn.parsed or {})["thoughts"] == ["S1.", "S2."]
+    assert (seed_turn.parsed or {})["over_limit"] == {"thoughts": 2}
+    assert (cut_turn.parsed or {})["new_thoughts"] == ["D1.", "D2."]
+    assert (cut_turn.parsed or {})["over_limit"] == {"new_thoughts": 1}
+    assert [t.text for t in result.thoughts] == ["S1.", "S2.", "D1.", "D2."]
+    shown = scripted_llm.requests_for("refined_cot")[0].body["messages"][-1]["content"]
+    assert "[T4] (round 1, agent 1) D2." in shown and "S3." not in shown and "D3." not in shown
+    assert [t["text"] for t in result.refined_thoughts] == ["K1.", "K2.", "K3."]
+    assert [d["id"] for d in result.dropped] == [3]  # the first given, not the lowest id
+    assert result.unaccounted == [4]  # neither among the first kept nor the first dropped
+    assert (refine_turn.parsed or {})["over_limit"] == {"thoughts": 1, "dropped": 2}
+    assert all(turn.outcome is TurnOutcome.OK for turn in log.turns(ITEM))
+    assert request_counts(scripted_llm) == {  # no re-ask
+        "intent_decomposition": 1,
+        "seed_cot": 1,
+        "deliberation_turn": 2,
+        "refined_cot": 1,
+    }
+
+
+async def test_intents_over_five_of_a_kind_are_cut_to_the_first_five_and_noted(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    explicit = [{"intent": f"E{n}.", "label": "benign"} for n in range(1, 8)]
+    implicit = [f"I{n}." for n in range(1, 7)]
+    scripted_llm.script(
+        "intent_decomposition", reply({"explicit_intents": explicit, "implicit_intents": implicit})
+    )
+    log = InMemoryTurnLog()
+
+    result = completed(await run(llm, log, ONE_TRY))
+
+    assert result.intents == {
+        "explicit_intents": ["E1.", "E2.", "E3.", "E4.", "E5."],
+        "explicit_labels": ["benign"] * 5,
+        "implicit_intents": ["I1.", "I2.", "I3.", "I4.", "I5."],
+    }
+    [turn] = log.turns(ITEM, Stage.INTENT)
+    assert (turn.parsed or {})["over_limit"] == {"explicit_intents": 2, "implicit_intents": 1}
 
 
 # --- grading -------------------------------------------------------------------------------

@@ -286,13 +286,16 @@ async def items_run_at(
     return items
 
 
+@pytest.mark.parametrize("listed", [1, 8], ids=["as-many-as-the-schema-allows", "eight-times-as-many"])
 async def test_a_job_accepted_at_the_edge_of_a_context_sends_every_request_whole_whatever_it_reads(
-    settings: Settings, sessions: Sessions, scripted_llm: ScriptedLLM
+    settings: Settings, sessions: Sessions, scripted_llm: ScriptedLLM, listed: int
 ) -> None:
     """Submission counts each reply a request reads at its full max_tokens as the client will
     count it: a job accepted with no room to spare is never cut back when every reply is as
-    long as it may be. Counted at a token each, the refiner's request was cut."""
-    auth, max_tokens, thoughts = await new_key(sessions), 256, Limits().thoughts_per_turn
+    long as it may be. Counted at a token each, the refiner's request was cut. The replies list
+    `listed` times as many thoughts and intents as the schemas allow (a server ignoring them):
+    read whole, their labels made the refiner's request too large to send."""
+    auth, max_tokens, thoughts = await new_key(sessions), 256, Limits().thoughts_per_turn * listed
     config = {"agents": 1, "max_rounds": 1, "max_tokens": max_tokens, "defaults": {"endpoint": "edge"}}
     tiny = EndpointConfig(base_url=scripted_llm.base_url, max_context_tokens=TINY_CONTEXT)
     async with api_client(settings.model_copy(update={"llm_endpoints": {"edge": tiny}})) as api:
@@ -302,12 +305,14 @@ async def test_a_job_accepted_at_the_edge_of_a_context_sends_every_request_whole
     edge = EndpointConfig(base_url=scripted_llm.base_url, max_context_tokens=largest)
     at_the_edge = settings.model_copy(update={"llm_endpoints": {"edge": edge}})
     explicit = {"explicit_intents": [{"intent": "Store soup.", "label": "benign"}]}
-    scripted_llm.script("intent_decomposition", english_reply(explicit, "implicit_intents", 5, max_tokens))
+    scripted_llm.script(
+        "intent_decomposition", english_reply(explicit, "implicit_intents", 5 * listed, max_tokens)
+    )
     script_full_length_cots(scripted_llm, max_tokens, thoughts, turns=1)
 
     items = await items_run_at(at_the_edge, "/v1/jobs", {"prompts": ["Soup?"], "config": config}, auth)
 
-    assert [item["status"] for item in items] == ["completed"]
+    assert [(item["status"], item["error_code"]) for item in items] == [("completed", None)]
     sent = scripted_llm.requests
     assert [request.schema_name for request in sent] == [
         "intent_decomposition",

@@ -3,8 +3,10 @@ record of the shape its schema promises, or the reply is malformed (truncated, r
 output with the reason in words, never another exception.
 
 A record is what the stage asked for (its schema in stages.py) with these differences, which later
-stages and the store rely on: lists may be longer than maxItems (a server without grammars
-does not keep to it); free comments (critique, rationale, explanation) may be empty; a
+stages and the store rely on: a list the job's limits bind keeps to its maxItems, though a
+server without grammars does not (a longer one is cut, and the record's `over_limit` says by
+how many); a refined thought's sources and a guard's categories may be longer (no limit of
+the job binds them); free comments (critique, rationale, explanation) may be empty; a
 refined thought's sources are the ids 1..N of the N thoughts shown, without repeats, in
 order, possibly none; dropped ids too; and a guard's verdict is read into
 {unsafe, categories, rationale}.
@@ -39,9 +41,11 @@ from tests.memory_turn_log import InMemoryTurnLog
 from tests.scripted_llm import ScriptedLLM, reply
 from tests.test_engine import pipeline, run
 
+# Below the lists' lengths drawn, so that replies go over them.
+LIMITS = Limits(thoughts_per_turn=3, kept_thoughts=3, max_drops=2)
 # Each stage's schema by the name it travels under.
 BY_NAME = {
-    spec.schema_name: schema for spec in DECLARED if spec.schema_name and (schema := spec.schema(Limits()))
+    spec.schema_name: schema for spec in DECLARED if spec.schema_name and (schema := spec.schema(LIMITS))
 }
 THOUGHTS_SHOWN = 4  # the refiner's parser is given this many thoughts
 QUICK = settings(max_examples=40, deadline=None, derandomize=True, database=None)
@@ -57,9 +61,11 @@ OVER_HTTP = settings(
 
 
 def _relaxed(schema: Any, key: str | None = None) -> Any:
-    """The wire schema as a record schema: no maxItems, free comments may be empty."""
+    """The wire schema as a record schema: no maxItems where no limit of the job binds the
+    list, free comments may be empty."""
     if isinstance(schema, dict):
-        relaxed = {k: _relaxed(v, k) for k, v in schema.items() if k != "maxItems"}
+        unbound = key in ("sources", "violated_policies")
+        relaxed = {k: _relaxed(v, k) for k, v in schema.items() if not (unbound and k == "maxItems")}
         if key in ("critique", "rationale", "explanation", "reason"):
             relaxed.pop("minLength", None)
         return relaxed
@@ -81,7 +87,9 @@ _VERDICT: dict[str, Any] = {
     "type": "object",
     "properties": {
         "unsafe": {"type": "boolean"},
-        "categories": _relaxed(BY_NAME["guard_verdict"]["properties"]["violated_policies"]),
+        "categories": _relaxed(
+            BY_NAME["guard_verdict"]["properties"]["violated_policies"], "violated_policies"
+        ),
         "rationale": {"type": "string"},
     },
     "required": ["unsafe", "categories", "rationale"],
@@ -117,24 +125,25 @@ def _intent_record() -> dict[str, Any]:
     }
 
 
-def _read_refined(data: Any) -> dict[str, Any]:
-    return parsing.normalize_refined(data, THOUGHTS_SHOWN)
+def _reader(normalize: Callable[..., dict[str, Any]], **values: Any) -> Callable[[Any], dict[str, Any]]:
+    """The stage's normalizer as the Caller hands it a reply: with the job's limits."""
+    return partial(normalize, limits=LIMITS, **values)
 
 
 # schema name -> (reader of the parsed JSON, record schema)
 STAGES: dict[str, tuple[Callable[[Any], dict[str, Any]], dict[str, Any]]] = {
-    "intent_decomposition": (parsing.normalize_intent, _intent_record()),
-    "seed_cot": (parsing.normalize_seed, _relaxed(BY_NAME["seed_cot"])),
-    "zero_shot_cot": (parsing.normalize_seed, _relaxed(BY_NAME["zero_shot_cot"])),
-    "rejected_cot": (parsing.normalize_seed, _relaxed(BY_NAME["rejected_cot"])),
-    "standard_cot": (parsing.normalize_seed, _relaxed(BY_NAME["standard_cot"])),
-    "deliberation_turn": (parsing.normalize_deliberation, _relaxed(BY_NAME["deliberation_turn"])),
-    "refined_cot": (_read_refined, _refined_record()),
-    "quality_scores": (parsing.normalize_scores, _relaxed(BY_NAME["quality_scores"])),
-    "whisper_belief": (parsing.normalize_belief, _relaxed(BY_NAME["whisper_belief"])),
-    "guard_verdict": (parsing.normalize_guard_json, _VERDICT),
-    "pairwise_judgement": (parsing.normalize_judgement, _relaxed(BY_NAME["pairwise_judgement"])),
-    "refusal_judgement": (parsing.normalize_refusal, _relaxed(BY_NAME["refusal_judgement"])),
+    "intent_decomposition": (_reader(parsing.normalize_intent), _intent_record()),
+    "seed_cot": (_reader(parsing.normalize_seed), _relaxed(BY_NAME["seed_cot"])),
+    "zero_shot_cot": (_reader(parsing.normalize_seed), _relaxed(BY_NAME["zero_shot_cot"])),
+    "rejected_cot": (_reader(parsing.normalize_seed), _relaxed(BY_NAME["rejected_cot"])),
+    "standard_cot": (_reader(parsing.normalize_seed), _relaxed(BY_NAME["standard_cot"])),
+    "deliberation_turn": (_reader(parsing.normalize_deliberation), _relaxed(BY_NAME["deliberation_turn"])),
+    "refined_cot": (_reader(parsing.normalize_refined, thought_count=THOUGHTS_SHOWN), _refined_record()),
+    "quality_scores": (_reader(parsing.normalize_scores), _relaxed(BY_NAME["quality_scores"])),
+    "whisper_belief": (_reader(parsing.normalize_belief), _relaxed(BY_NAME["whisper_belief"])),
+    "guard_verdict": (_reader(parsing.normalize_guard_json), _VERDICT),
+    "pairwise_judgement": (_reader(parsing.normalize_judgement), _relaxed(BY_NAME["pairwise_judgement"])),
+    "refusal_judgement": (_reader(parsing.normalize_refusal), _relaxed(BY_NAME["refusal_judgement"])),
 }
 
 
@@ -143,8 +152,12 @@ def test_every_stage_schema_has_a_reader() -> None:
 
 
 def assert_is_a_record(record: dict[str, Any], schema: dict[str, Any]) -> None:
-    jsonschema.Draft202012Validator(schema).validate(record)
     assert json.loads(json.dumps(record)) == record  # plain JSON: what a turn stores
+    record = dict(record)
+    # Only a list the reply had over its limit is noted, and it is cut to that limit.
+    for name, over in record.pop(parsing.OVER_LIMIT, {}).items():
+        assert over >= 1 and len(record[name]) == schema["properties"][name]["maxItems"]
+    jsonschema.Draft202012Validator(schema).validate(record)
     if "explicit_labels" in record:
         assert len(record["explicit_labels"]) == len(record["explicit_intents"])
     for thought in record.get("thoughts", []):
@@ -394,11 +407,11 @@ def test_a_fence_is_taken_off_as_the_one_expression_for_both_ends_did(text: str)
 def test_a_refusal_verdict_reads_a_boolean_or_its_word_in_any_case(
     data: dict[str, Any], read: dict[str, Any]
 ) -> None:
-    assert parsing.normalize_refusal(data) == read
+    assert parsing.normalize_refusal(data, limits=LIMITS) == read
 
 
 @pytest.mark.parametrize("refused", ["yes", None, 1])
 def test_a_refusal_verdict_without_a_boolean_is_malformed_and_says_so(refused: Any) -> None:
     with pytest.raises(parsing.MalformedOutput) as raised:
-        parsing.normalize_refusal({"refused": refused})
+        parsing.normalize_refusal({"refused": refused}, limits=LIMITS)
     assert str(raised.value) == "'refused' is not a boolean"

@@ -80,7 +80,9 @@ class Caller:
         """
         key = TurnKey(spec.stage, round, agent)
         role = spec.role_of(agent)
-        normalize = partial(spec.normalize, **(normalize_with or {}))
+        # A JSON reply is kept to the job's limits, as its schema is built from them.
+        limits = {} if spec.plain_text else {"limits": self.limits}
+        normalize = partial(spec.normalize, **limits, **(normalize_with or {}))
         messages = spec.messages(
             self.policies,
             self.wording,

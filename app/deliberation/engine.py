@@ -20,7 +20,7 @@ from uuid import UUID
 from app.deliberation.calls import Caller, StageFailed
 from app.deliberation.config import EvaluationConfig, Evaluators, Limits, Mode, PipelineConfig, RoleConfig
 from app.deliberation.evaluation import answer_and_judge
-from app.deliberation.parsing import labelled_intents
+from app.deliberation.parsing import OVER_LIMIT, labelled_intents
 from app.deliberation.policies import PolicySet
 from app.deliberation.ports import LLMClient, Stage, TurnLog
 from app.deliberation.prompting import PromptSet
@@ -209,7 +209,9 @@ async def _zero_shot(caller: Caller, config: PipelineConfig) -> Completed:
 
 async def _aidsafe(caller: Caller, config: PipelineConfig) -> Completed:
     if config.decompose_intents:
-        intents = await caller.call(INTENT, config.intent)
+        decomposed = await caller.call(INTENT, config.intent)
+        # The CoT keeps the intents; what the reply had over the limits, its turn says.
+        intents = {key: value for key, value in decomposed.items() if key != OVER_LIMIT}
         intents_text = _intents_text(intents)
     else:
         intents, intents_text = _no_intents(), NOT_DECOMPOSED

@@ -2,7 +2,9 @@
 malformed or truncated reply from an agent that refused to do the reasoning task at all.
 
 Normalizers return plain JSON-able dicts: that is what a turn stores, and what a replay
-reads back, so a resumed item sees exactly what the first run saw.
+reads back, so a resumed item sees exactly what the first run saw. A JSON reply's normalizer
+takes the job's limits, used or not, as every schema builder does: it keeps the reply's lists
+to what the schema allows, which a server without grammars may not have.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import math
 import re
 import string
 from collections.abc import Mapping, Sequence
-from typing import Any, TypeGuard
+from dataclasses import dataclass, field
+from typing import Any, TypeGuard, TypeVar
 
+from app.deliberation.config import Limits
 from app.deliberation.ports import ChatReply, TokenLogprobs, TurnOutcome
 from app.deliberation.results import METRICS
-from app.deliberation.schemas import DROP_REASONS, INTENT_LABELS
+from app.deliberation.schemas import DROP_REASONS, INTENT_LABELS, MAX_INTENTS
 
 _OPENING_FENCE = re.compile(r"```(?:json)?\s*", re.IGNORECASE)
 _REFUSAL = re.compile(
@@ -35,6 +39,29 @@ _WRAPPED = re.compile(r"^<([^<>]*)>$")
 
 class MalformedOutput(ValueError):
     """The reply is not usable JSON for the stage; the message says what was wrong."""
+
+
+# Where a record notes how many entries each of its lists had over the job's limits.
+OVER_LIMIT = "over_limit"
+_Entry = TypeVar("_Entry")
+
+
+@dataclass
+class _Limiter:
+    """Keeps a reply's lists to their limits as a server keeping to the schema's maxItems
+    would have (the first n), and counts what each list had over its limit: a server that
+    ignores the schema must not give longer CoTs than the request budgets count on."""
+
+    over_limit: dict[str, int] = field(default_factory=dict)
+
+    def first(self, entries: list[_Entry], limit: int, name: str) -> list[_Entry]:
+        if len(entries) > limit:
+            self.over_limit[name] = len(entries) - limit
+        return entries[:limit]
+
+    def noted(self, record: dict[str, Any]) -> dict[str, Any]:
+        """`record`, with what was over the limits under OVER_LIMIT if anything was."""
+        return {**record, OVER_LIMIT: self.over_limit} if self.over_limit else record
 
 
 def extract_json(text: str) -> dict[str, Any]:
@@ -132,9 +159,9 @@ def labelled_intents(intents: Mapping[str, Any]) -> list[str]:
     return [f"{text} [{labels[n].replace('_', ' ')}]" for n, text in enumerate(intents["explicit_intents"])]
 
 
-def normalize_intent(data: dict[str, Any]) -> dict[str, Any]:
+def normalize_intent(data: dict[str, Any], *, limits: Limits) -> dict[str, Any]:
     """Explicit intents with their labels (a parallel list), and the implicit ones: the
-    plausible benign readings, so unlabelled."""
+    plausible benign readings, so unlabelled. At most MAX_INTENTS of each."""
     explicit = data.get("explicit_intents")
     if isinstance(explicit, str | dict):  # a lone intent where a list was asked for
         explicit = [explicit]
@@ -144,11 +171,16 @@ def normalize_intent(data: dict[str, Any]) -> dict[str, Any]:
     labelled = [(text, label) for text, label in labelled if text]
     if not labelled:
         raise MalformedOutput("'explicit_intents' is empty")
-    return {
-        "explicit_intents": [text for text, _ in labelled],
-        "explicit_labels": [label for _, label in labelled],
-        "implicit_intents": _strings(data.get("implicit_intents"), "implicit_intents", required=False),
-    }
+    limiter = _Limiter()
+    labelled = limiter.first(labelled, MAX_INTENTS, "explicit_intents")
+    implicit = _strings(data.get("implicit_intents"), "implicit_intents", required=False)
+    return limiter.noted(
+        {
+            "explicit_intents": [text for text, _ in labelled],
+            "explicit_labels": [label for _, label in labelled],
+            "implicit_intents": limiter.first(implicit, MAX_INTENTS, "implicit_intents"),
+        }
+    )
 
 
 def _labelled_intent(entry: Any) -> tuple[str, str]:
@@ -163,25 +195,36 @@ def _labelled_intent(entry: Any) -> tuple[str, str]:
     )
 
 
-def normalize_seed(data: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "thoughts": _strings(data.get("thoughts"), "thoughts", required=True),
-        "response": _text(data.get("response"), "response"),
-    }
+def normalize_seed(data: dict[str, Any], *, limits: Limits) -> dict[str, Any]:
+    """The thoughts (at most limits.thoughts_per_turn) and the response."""
+    limiter = _Limiter()
+    thoughts = _strings(data.get("thoughts"), "thoughts", required=True)
+    return limiter.noted(
+        {
+            "thoughts": limiter.first(thoughts, limits.thoughts_per_turn, "thoughts"),
+            "response": _text(data.get("response"), "response"),
+        }
+    )
 
 
-def normalize_deliberation(data: dict[str, Any]) -> dict[str, Any]:
+def normalize_deliberation(data: dict[str, Any], *, limits: Limits) -> dict[str, Any]:
+    """Agreement, critique, the new thoughts (at most limits.thoughts_per_turn) and the
+    revised response."""
     agree = data.get("agree")
     if isinstance(agree, str) and agree.lower() in ("true", "false"):
         agree = agree.lower() == "true"
     if not isinstance(agree, bool):
         raise MalformedOutput("'agree' is not a boolean")
-    return {
-        "agree": agree,
-        "critique": str(data.get("critique") or "").strip(),
-        "new_thoughts": _strings(data.get("new_thoughts"), "new_thoughts", required=False),
-        "response": _text(data.get("response"), "response"),
-    }
+    limiter = _Limiter()
+    new_thoughts = _strings(data.get("new_thoughts"), "new_thoughts", required=False)
+    return limiter.noted(
+        {
+            "agree": agree,
+            "critique": str(data.get("critique") or "").strip(),
+            "new_thoughts": limiter.first(new_thoughts, limits.thoughts_per_turn, "new_thoughts"),
+            "response": _text(data.get("response"), "response"),
+        }
+    )
 
 
 def _is_thought_id(value: Any, thought_count: int) -> TypeGuard[int]:
@@ -189,8 +232,10 @@ def _is_thought_id(value: Any, thought_count: int) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= thought_count
 
 
-def normalize_refined(data: dict[str, Any], thought_count: int) -> dict[str, Any]:
-    """Keep what is well-formed; ids outside 1..thought_count are ignored, not guessed."""
+def normalize_refined(data: dict[str, Any], thought_count: int, *, limits: Limits) -> dict[str, Any]:
+    """Keep what is well-formed; ids outside 1..thought_count are ignored, not guessed. At
+    most limits.kept_thoughts thoughts and limits.max_drops dropped ones, the first given:
+    a thought the cut leaves neither kept nor dropped is the CoT's unaccounted one."""
     raw_thoughts = data.get("thoughts")
     if not isinstance(raw_thoughts, list):
         raise MalformedOutput("'thoughts' is not a list")
@@ -212,14 +257,19 @@ def normalize_refined(data: dict[str, Any], thought_count: int) -> dict[str, Any
         if _is_thought_id(thought_id, thought_count) and reason in DROP_REASONS:
             explanation = str(entry.get("explanation") or "").strip()
             dropped.setdefault(thought_id, {"id": thought_id, "reason": reason, "explanation": explanation})
-    return {
-        "thoughts": thoughts,
-        "dropped": sorted(dropped.values(), key=lambda d: d["id"]),
-        "response": _text(data.get("response"), "response"),
-    }
+    limiter = _Limiter()
+    return limiter.noted(
+        {
+            "thoughts": limiter.first(thoughts, limits.kept_thoughts, "thoughts"),
+            "dropped": sorted(
+                limiter.first(list(dropped.values()), limits.max_drops, "dropped"), key=lambda d: d["id"]
+            ),
+            "response": _text(data.get("response"), "response"),
+        }
+    )
 
 
-def normalize_scores(data: dict[str, Any]) -> dict[str, Any]:
+def normalize_scores(data: dict[str, Any], *, limits: Limits) -> dict[str, Any]:
     """Every metric with an integer score 1-5; an out-of-range or missing score is malformed,
     never clamped or defaulted."""
     scores = {}
@@ -238,11 +288,11 @@ def normalize_scores(data: dict[str, Any]) -> dict[str, Any]:
     return scores
 
 
-def normalize_belief(data: dict[str, Any]) -> dict[str, Any]:
+def normalize_belief(data: dict[str, Any], *, limits: Limits) -> dict[str, Any]:
     return {"belief": _text(data.get("belief"), "belief")}
 
 
-def normalize_guard_json(data: dict[str, Any]) -> dict[str, Any]:
+def normalize_guard_json(data: dict[str, Any], *, limits: Limits) -> dict[str, Any]:
     verdict = str(data.get("verdict") or "").strip().lower()
     if verdict not in ("safe", "unsafe"):
         raise MalformedOutput('\'verdict\' is neither "safe" nor "unsafe"')
@@ -327,7 +377,7 @@ def answer_probability(logprobs: Sequence[TokenLogprobs], violating: str, safe: 
     return None if total == 0 else mass[violating] / total
 
 
-def normalize_refusal(data: dict[str, Any]) -> dict[str, Any]:
+def normalize_refusal(data: dict[str, Any], *, limits: Limits) -> dict[str, Any]:
     refused = data.get("refused")
     if isinstance(refused, str) and refused.strip().lower() in ("true", "false"):
         refused = refused.strip().lower() == "true"
@@ -342,7 +392,7 @@ def normalize_answer(reply: ChatReply) -> dict[str, Any]:
     return {"response": reply.content or reply.refusal or "", "finish_reason": reply.finish_reason}
 
 
-def normalize_judgement(data: dict[str, Any]) -> dict[str, Any]:
+def normalize_judgement(data: dict[str, Any], *, limits: Limits) -> dict[str, Any]:
     winner = str(data.get("winner") or "").strip()
     choice = {"a": "A", "b": "B", "tie": "tie"}.get(winner.lower())
     if choice is None:

@@ -6,6 +6,7 @@ purpose: llama.cpp unrolls it into one nested rule per character and rejects the
 
 Each schema is built when a request is made (a few microseconds), from the job's limits on
 what a reply may list. Every builder takes the limits, used or not, so stages declare them alike.
+The normalizers (parsing.py) keep a reply to the same limits: a server may ignore the schema.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from app.deliberation.results import METRICS
 DROP_REASONS = ("redundant", "deceptive", "policy_inconsistent")
 POSSIBLY_HARMFUL = "possibly_harmful"  # fulfilling the intent could help someone cause harm
 INTENT_LABELS = ("benign", POSSIBLY_HARMFUL)
+MAX_INTENTS = 5  # of each kind, explicit and implicit, whatever the job's limits
 
 
 TEXT: dict[str, Any] = {"type": "string", "minLength": 1}
@@ -42,10 +44,10 @@ def intent(limits: Limits) -> dict[str, Any]:
         {
             "explicit_intents": _list_of(
                 _object({"intent": TEXT, "label": {"type": "string", "enum": list(INTENT_LABELS)}}),
-                5,
+                MAX_INTENTS,
                 min_items=1,
             ),
-            "implicit_intents": _list_of(TEXT, 5),
+            "implicit_intents": _list_of(TEXT, MAX_INTENTS),
         }
     )
 
