@@ -1,9 +1,18 @@
-"""Prometheus metrics. Workers expose theirs on AIDSAFE_WORKER_METRICS_PORT; the API
-serves its own (queue depth, items by state) at /metrics."""
+"""Prometheus metrics. Workers expose theirs on AIDSAFE_WORKER_METRICS_PORT (the default
+registry); the API serves its own (queue depth, items by state, webhook deliveries) at
+/metrics, from API_REGISTRY."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 LLM_REQUEST_SECONDS = Histogram(
     "aidsafe_llm_request_seconds",
@@ -53,8 +62,6 @@ LIMIT_PAUSED_UNTIL = Gauge(
     ["endpoint"],
 )
 ITEMS_FINISHED = Counter("aidsafe_items_finished_total", "Items ended by this worker, by status.", ["status"])
-ITEMS = Gauge("aidsafe_items", "Items waiting or running, over all jobs.", ["status"])
-QUEUE_DEPTH = Gauge("aidsafe_queue_depth", "arq jobs in the queue (waiting, deferred or running).")
 BATCHES_CREATED = Counter(
     "aidsafe_batches_created_total",
     "Provider batches this worker created for batch delivery (one found, made by a worker that "
@@ -73,23 +80,37 @@ BATCH_REQUESTS_RESENT = Counter(
     "next wave (next_wave) or online (online).",
     ["endpoint", "via"],
 )
-DELIVERIES_SPOOLED = Counter(
-    "aidsafe_webhook_deliveries_spooled_total",
-    "Label Studio deliveries this API process spooled to Redis because Postgres was away "
-    "(answered 202; a worker records them once it is back).",
-)
-DELIVERIES_WAITING = Gauge(
-    "aidsafe_webhook_deliveries_waiting",
-    "Spooled Label Studio deliveries not yet recorded (being replayed included), over all API processes.",
-)
-DELIVERIES_DEAD = Gauge(
-    "aidsafe_webhook_deliveries_dead",
-    "Spooled Label Studio deliveries a worker could not read, moved to the dead list "
-    "(`aidsafe deliveries dead` shows them).",
-)
 DELIVERIES_REPLAYED = Counter(
     "aidsafe_webhook_deliveries_replayed_total",
     "Spooled Label Studio deliveries this worker recorded, by outcome: recorded (reviews "
     "stored) or refused (kept as a rejection, as a live delivery's would be).",
     ["outcome"],
+)
+# The API's families apart from the workers': on the default registry, /metrics listed every
+# LLM and per-item family, which the API never gives a value. The process's own (CPU, memory,
+# Python) are on both.
+API_REGISTRY = CollectorRegistry()
+ProcessCollector(registry=API_REGISTRY)
+PlatformCollector(registry=API_REGISTRY)
+GCCollector(registry=API_REGISTRY)
+ITEMS = Gauge("aidsafe_items", "Items waiting or running, over all jobs.", ["status"], registry=API_REGISTRY)
+QUEUE_DEPTH = Gauge(
+    "aidsafe_queue_depth", "arq jobs in the queue (waiting, deferred or running).", registry=API_REGISTRY
+)
+DELIVERIES_SPOOLED = Counter(
+    "aidsafe_webhook_deliveries_spooled_total",
+    "Label Studio deliveries this API process spooled to Redis because Postgres was away "
+    "(answered 202; a worker records them once it is back).",
+    registry=API_REGISTRY,
+)
+DELIVERIES_WAITING = Gauge(
+    "aidsafe_webhook_deliveries_waiting",
+    "Spooled Label Studio deliveries not yet recorded (being replayed included), over all API processes.",
+    registry=API_REGISTRY,
+)
+DELIVERIES_DEAD = Gauge(
+    "aidsafe_webhook_deliveries_dead",
+    "Spooled Label Studio deliveries a worker could not read, moved to the dead list "
+    "(`aidsafe deliveries dead` shows them).",
+    registry=API_REGISTRY,
 )

@@ -27,6 +27,7 @@ from sqlalchemy.sql.dml import Update
 from app.config import Settings
 from app.labeling import deliveries
 from app.labeling.deliveries import DeadDelivery, Delivery, SpoolLimits
+from app.metrics import API_REGISTRY
 from app.store.db import Sessions, make_engine, make_sessions
 from app.store.keys import hash_key
 from app.store.models import ApiKey, Webhook, WebhookRejection
@@ -66,7 +67,9 @@ async def verified_webhook(
 
 
 def counted(what: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(f"aidsafe_webhook_deliveries_{what}_total", labels) or 0.0
+    """A delivery counter: the API's (spooled) or the workers' (replayed)."""
+    registry = API_REGISTRY if what == "spooled" else REGISTRY
+    return registry.get_sample_value(f"aidsafe_webhook_deliveries_{what}_total", labels) or 0.0
 
 
 async def spool_of(redis: Redis, settings: Settings) -> list[bytes]:

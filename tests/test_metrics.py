@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import httpx
 from prometheus_client import REGISTRY
@@ -28,6 +29,25 @@ async def test_api_metrics_show_queued_items_and_queue_depth(
     assert response.headers["content-type"].startswith("text/plain")
     assert 'aidsafe_items{status="queued"} 3.0' in response.text
     assert "aidsafe_queue_depth 3.0" in response.text
+
+
+async def test_api_metrics_list_only_the_apis_own_families(api: httpx.AsyncClient) -> None:
+    """The LLM and per-item families are the workers' (their port serves them): listed by the
+    API too, they never had a value there, families a Prometheus user would wait on for nothing."""
+    page = (await api.get("/metrics")).text
+
+    families = set(re.findall(r"^# TYPE (aidsafe_\w+)", page, re.MULTILINE))
+    assert families == {
+        "aidsafe_items",
+        "aidsafe_queue_depth",
+        "aidsafe_webhook_deliveries_spooled_total",
+        "aidsafe_webhook_deliveries_spooled_created",  # the counter's start, as the client shows it
+        "aidsafe_webhook_deliveries_waiting",
+        "aidsafe_webhook_deliveries_dead",
+    }
+    for family in families:
+        assert re.search(rf"^{family}[{{ ]", page, re.MULTILINE), f"{family} has no value"
+    assert re.search(r"^process_resident_memory_bytes ", page, re.MULTILINE)  # the process's own too
 
 
 async def test_a_flood_of_scrapes_takes_one_connection(settings: Settings) -> None:

@@ -18,7 +18,7 @@ from app.api.errors import documented
 from app.api.state import ApiState, api_state
 from app.errors import Unauthorized
 from app.labeling import deliveries
-from app.metrics import DELIVERIES_DEAD, DELIVERIES_WAITING, ITEMS, QUEUE_DEPTH
+from app.metrics import API_REGISTRY, DELIVERIES_DEAD, DELIVERIES_WAITING, ITEMS, QUEUE_DEPTH
 from app.store.db import closed_quietly
 from app.store.models import Item, ItemStatus
 
@@ -62,7 +62,7 @@ async def _page(state: ApiState) -> bytes:
         log.warning("queue depth unreadable: Redis unavailable", exc_info=True)
         for depth in (QUEUE_DEPTH, DELIVERIES_WAITING, DELIVERIES_DEAD):
             depth.set(math.nan)
-    return generate_latest()
+    return generate_latest(API_REGISTRY)
 
 
 def _bears(authorization: str | None, token: str) -> bool:
