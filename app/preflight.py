@@ -69,13 +69,18 @@ async def dependencies(settings: Settings) -> list[Finding]:
     return list(await asyncio.gather(_schema(settings), _redis(settings)))
 
 
+# A warning is what could not be told (a managed Redis denying INFO): logged on every start,
+# an error for it would page someone each time for a deployment that may well be fine.
+_LOG_LEVELS = {Verdict.FAILED: logging.ERROR, Verdict.WARNING: logging.WARNING}
+
+
 async def log_problems(settings: Settings, log: logging.Logger) -> None:
-    """Log what `dependencies` finds wrong. Not a refusal to start: a rolling upgrade runs the
-    old release against the new schema for a while. But a failed item or request should not
-    be the first sign of a wrong deployment."""
+    """Log what `dependencies` finds wrong, a failure as an error and a warning as a warning.
+    Not a refusal to start: a rolling upgrade runs the old release against the new schema for
+    a while. But a failed item or request should not be the first sign of a wrong deployment."""
     for finding in await dependencies(settings):
         if finding.verdict is not Verdict.OK:
-            log.error("deployment check, %s: %s", finding.check, finding.detail)
+            log.log(_LOG_LEVELS[finding.verdict], "deployment check, %s: %s", finding.check, finding.detail)
 
 
 async def _schema(settings: Settings) -> Finding:

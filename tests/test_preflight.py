@@ -16,6 +16,7 @@ from pathlib import Path
 from uuid import uuid4
 
 import asyncpg
+import pytest
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
@@ -377,6 +378,19 @@ async def test_an_api_starting_on_a_database_never_migrated_says_so_and_serves_o
     assert alive.status_code == 200
 
 
+@contextlib.asynccontextmanager
+async def _redis_denying_info(tmp_path: Path) -> AsyncIterator[str]:
+    """The URL of a Redis of the test's own, as a user its ACL denies INFO (as managed Redis
+    services do) and allows every other command."""
+    with restartable_redis(tmp_path) as (redis_url, _):
+        admin = Redis.from_url(redis_url)
+        try:
+            await admin.execute_command("ACL", "SETUSER", "app", "on", ">pw", "~*", "&*", "+@all", "-info")
+        finally:
+            await admin.aclose()
+        yield redis_url.replace("redis://", "redis://app:pw@")
+
+
 async def test_a_redis_denying_info_or_a_database_denying_its_revision_is_not_called_unmigrated(
     settings: Settings, migrated: str, old_database: tuple[Config, str], tmp_path: Path
 ) -> None:
@@ -391,17 +405,9 @@ async def test_a_redis_denying_info_or_a_database_denying_its_revision_is_not_ca
     finally:
         await connection.close()
     url = make_url(config.attributes["database_url"]).set(username=role)
-    with restartable_redis(tmp_path) as (redis_url, _):
-        admin = Redis.from_url(redis_url)
-        try:
-            await admin.execute_command("ACL", "SETUSER", "app", "on", ">pw", "~*", "&*", "+@all", "-info")
-        finally:
-            await admin.aclose()
+    async with _redis_denying_info(tmp_path) as redis_url:
         denied = settings.model_copy(
-            update={
-                "redis_url": redis_url.replace("redis://", "redis://app:pw@"),
-                "database_url": url.render_as_string(hide_password=False),
-            }
+            update={"redis_url": redis_url, "database_url": url.render_as_string(hide_password=False)}
         )
         try:
             found = await preflight.dependencies(denied)
@@ -412,6 +418,23 @@ async def test_a_redis_denying_info_or_a_database_denying_its_revision_is_not_ca
     assert "cannot read the schema's revision" in _detail(found, "postgres")
     assert "permission denied" in _detail(found, "postgres")
     assert "INFO is denied" in _detail(found, "redis")
+
+
+async def test_a_redis_denying_info_is_logged_as_a_warning_as_each_process_starts(
+    settings: Settings, migrated: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It could not be told, not found wrong: logged as an error, it was one on every start of
+    every worker and API process on a managed Redis."""
+    logger = logging.getLogger("aidsafe.test_preflight")
+    async with _redis_denying_info(tmp_path) as redis_url:
+        with caplog.at_level(logging.DEBUG, logger=logger.name):
+            await preflight.log_problems(settings.model_copy(update={"redis_url": redis_url}), logger)
+
+    [logged] = [(record.levelname, record.getMessage()) for record in caplog.records]
+    assert logged == (
+        "WARNING",
+        "deployment check, redis: INFO is denied: cannot tell Redis's version nor whether it may evict keys",
+    )
 
 
 def test_the_readmes_sample_check_shows_the_schema_this_release_needs() -> None:
