@@ -18,7 +18,7 @@ import httpx
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from sqlalchemy import func, insert, literal_column, select
+from sqlalchemy import delete, func, insert, literal_column, select
 
 import aidsafe
 from app.cli.evaluate import print_sample_report
@@ -43,13 +43,20 @@ from app.sample_files import (
 from app.store import items, prompt_sets, sample_evaluations
 from app.store.db import Sessions
 from app.store.endings import handed_back
-from app.store.models import ImportedSample, Item, Job, SampleEvaluation, TurnRow
+from app.store.models import Cot, ImportedSample, Item, Job, SampleEvaluation, TurnRow
 from app.store.policy_sets import for_engine
 from app.store.turn_log import PostgresTurnLog
 from app.store.turn_writer import TurnWriter
-from tests.conftest import client_for, least_loop_pause, longest_loop_pause, new_key, run_worker_burst
+from tests.conftest import (
+    client_for,
+    eventually,
+    least_loop_pause,
+    longest_loop_pause,
+    new_key,
+    run_worker_burst,
+)
 from tests.scripted_llm import ScriptedLLM, guard_verdict, http_error, malformed, reply, scores
-from tests.test_api import error_of
+from tests.test_api import error_of, other_backend
 from tests.test_cli import aidsafe as aidsafe_cli
 from tests.test_prompt_sets import register_on_builtin
 from tests.test_viewer import logged_in
@@ -695,7 +702,7 @@ async def test_a_submission_sizes_each_sample_judged_against_as_the_judge_is_sho
     assert response.status_code == 202, response.text
     async with sessions() as session:
         item_id = await session.scalar(select(Item.id).where(Item.job_id == UUID(response.json()["id"])))
-        sizes = await sample_evaluations.other_sample_bytes(session, other_id, ["absent", "q1"])
+        found = await sample_evaluations.other_samples(session, other_id, ["absent", "q1"])
     assert item_id is not None
     claim = await items.claim(sessions, item_id, LIMITS)
     assert claim is not None
@@ -703,7 +710,53 @@ async def test_a_submission_sizes_each_sample_judged_against_as_the_judge_is_sho
     _, judged_against = await items.evaluated_samples(sessions, claim)
 
     assert judged_against is not None
-    assert sizes == [None, len(sample_text(judged_against).encode())]
+    assert found[0] is None and found[1] is not None
+    assert found[1].shown_bytes == len(sample_text(judged_against).encode())
+
+
+async def test_a_judge_is_linked_to_the_other_sets_samples_as_the_submission_checked_them(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    """The submission checks the sizes of the other set's samples, then links its items to
+    them: a CoT the other job finished in between was linked unchecked (one too long failed
+    its item at run time, `request_too_large`). Here q1's finishes while the submission, its
+    check made, waits for the other job's row: q1 is left unmatched, as it was checked."""
+    generated = await api.post(
+        "/v1/jobs", json={"prompts": ["q0", "q1"], "config": {"mode": "zero_shot"}}, headers=auth
+    )
+    await run_worker_burst(settings)
+    other_id = UUID(generated.json()["id"])
+    async with sessions.begin() as session:
+        other_items = dict(
+            (await session.execute(select(Item.prompt, Item.id).where(Item.job_id == other_id))).all()
+        )
+        take_away = delete(Cot.__table__).where(Cot.item_id == other_items["q1"]).returning(*Cot.__table__.c)
+        unfinished_cot = (await session.execute(take_away)).one()._asdict()  # as if q1 still ran
+    samples = [{"prompt": "q0", "response": "mine"}, {"prompt": "q1", "response": "mine"}]
+
+    async with sessions.begin() as session:
+        await session.execute(select(Job.id).where(Job.id == other_id).with_for_update())
+        submitting = asyncio.create_task(
+            api.post(
+                "/v1/sample-evaluations",
+                json={"samples": samples, "judge": {"job_id": str(other_id)}},
+                headers=auth,
+            )
+        )
+        await eventually(
+            lambda: other_backend(sessions, "wait_event_type = 'Lock'"), 10, "the submission to wait"
+        )
+        await session.execute(insert(Cot.__table__).values(unfinished_cot))
+    response = await submitting
+
+    assert response.status_code == 202, response.text
+    async with sessions() as session:
+        links = (
+            await session.execute(
+                select(Item.prompt, Item.baseline_item_id).where(Item.job_id == UUID(response.json()["id"]))
+            )
+        ).all()
+    assert dict(links) == {"q0": other_items["q0"], "q1": None}
 
 
 @pytest.mark.parametrize(("name_chars", "status"), [(200, 202), (201, 422)])

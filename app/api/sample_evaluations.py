@@ -207,11 +207,12 @@ async def _new_evaluation(
 ) -> Job:
     session, settings = submission.session, submission.settings
     plan, callback = asked.plan, asked.callback
-    against: list[int | None] = []
+    against: list[sample_evaluations.OtherSample | None] = []
     if plan.against_job_id is not None:  # this key's, and not a comparison
         await sample_evaluations.other_set(session, plan.against_job_id, key_id)
         prompts = [s.prompt for s in samples]
-        against = await sample_evaluations.other_sample_bytes(session, plan.against_job_id, prompts)
+        # Linked as read here, checked: the other job may finish more samples meanwhile.
+        against = await sample_evaluations.other_samples(session, plan.against_job_id, prompts)
     policy_set = await policy_sets.resolve_for_job(
         session, key_id, options.policy_set.name, options.policy_set.version
     )
@@ -223,7 +224,7 @@ async def _new_evaluation(
         policy_sets.for_engine(policy_set),
         prompt_sets.for_engine(prompt_set),
         shown,
-        against,
+        [None if other is None else other.shown_bytes for other in against],
         settings,
     )
     job, new_item_ids = await sample_evaluations.submit(
@@ -233,6 +234,7 @@ async def _new_evaluation(
         prompt_set_id=prompt_set.id,
         plan=plan,
         samples=samples,
+        against=against,
     )
     await submission.accept(job, new_item_ids)
     return job

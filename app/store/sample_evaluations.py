@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 from uuid import UUID, uuid4
 
 import orjson
 from sqlalchemy import Subquery, Text, bindparam, case, cast, column, exists, func, or_, select, update
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, distinct_on
+from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.deliberation.quality import sample_text_bytes
@@ -24,6 +26,15 @@ from app.store.models import Cot, ImportedSample, Item, Job, SampleEvaluation
 from app.threads import in_thread
 
 
+@dataclass(frozen=True)
+class OtherSample:
+    """The other job's sample a judge reads with a prompt: its item, and its UTF-8 bytes as
+    the judge is shown it (`sample_text` of what items.evaluated_samples reads)."""
+
+    item_id: UUID
+    shown_bytes: int
+
+
 async def submit(
     session: AsyncSession,
     request: jobs.JobRequest,
@@ -32,11 +43,13 @@ async def submit(
     prompt_set_id: UUID,
     plan: SampleEvaluationPlan,
     samples: Sequence[Sample],
+    against: Sequence[OtherSample | None],
 ) -> tuple[Job, list[UUID]]:
     """Write the job, an item and a sample row per sample, and (with a judge) each item's
-    link to the other set's sample of its prompt, all in the caller's transaction: nothing
-    is stored unless everything is. Returns (job, new item ids: empty for a replay); raises
-    NoCommonPrompts if the judge's other set has none of the prompts."""
+    link to the other set's sample of its prompt, `against` (other_samples, per sample), all
+    in the caller's transaction: nothing is stored unless everything is. Returns (job, new
+    item ids: empty for a replay); raises NoCommonPrompts if the judge's other set has none
+    of the prompts."""
     if plan.against_job_id is not None:
         # A deletion of it waits, then refuses. Held before the key (jobs.create), as a
         # deletion holds them: the other way round, each waited for the other.
@@ -63,7 +76,7 @@ async def submit(
     )
     columns = ["id", "item_id", "job_id", "position", "thoughts", "response", "label"]
     await copy_rows(session, ImportedSample.__tablename__, columns, rows)
-    if plan.against_job_id is not None and not await _link_other_set(session, job.id, plan.against_job_id):
+    if plan.against_job_id is not None and not await _link_other_set(session, ids, against):
         none = f"job {plan.against_job_id} has a sample of none of these prompts (exact text)"
         raise NoCommonPrompts(none)
     return job, ids
@@ -78,17 +91,33 @@ async def other_set(session: AsyncSession, job_id: UUID, owner_key_id: UUID) -> 
     return job
 
 
-async def _link_other_set(session: AsyncSession, job_id: UUID, other_job_id: UUID) -> int:
-    """Point each item at the other job's sample of its prompt (_judged_against): an
-    imported sample, or a CoT. How many found one."""
-    first = _judged_against(other_job_id)
-    linked = await session.execute(
-        update(Item)
-        .where(Item.job_id == job_id, Item.prompt == first.c.prompt)
-        .values(baseline_item_id=first.c.id)
-        .returning(Item.id)
+async def _link_other_set(
+    session: AsyncSession, item_ids: Sequence[UUID], against: Sequence[OtherSample | None]
+) -> int:
+    """Point each item at the other job's sample the submission checked for it, not at the one
+    _judged_against would find now: a CoT the other job finished since would be judged
+    unchecked (one too long failing its item at run time). How many have one."""
+    links = [
+        (item, other.item_id) for item, other in zip(item_ids, against, strict=True) if other is not None
+    ]
+    if not links:
+        return 0
+    uuids = ARRAY(PG_UUID(as_uuid=True))
+    linked = (
+        func.unnest(
+            bindparam("item_ids", [item for item, _ in links], type_=uuids),
+            bindparam("other_ids", [other for _, other in links], type_=uuids),
+        )
+        .table_valued("item_id", "other_id")
+        .render_derived("linked")
     )
-    return len(linked.all())
+    await session.execute(
+        update(Item)
+        .where(Item.id == linked.c.item_id)
+        .values(baseline_item_id=linked.c.other_id)
+        .execution_options(synchronize_session=False)
+    )
+    return len(links)
 
 
 def _judged_against(other_job_id: UUID) -> Subquery:
@@ -106,12 +135,12 @@ def _judged_against(other_job_id: UUID) -> Subquery:
     )
 
 
-async def other_sample_bytes(
+async def other_samples(
     session: AsyncSession, other_job_id: UUID, prompts: Sequence[str]
-) -> list[int | None]:
-    """Per prompt, the UTF-8 bytes of the other job's sample a judge reads with it, as it is
-    shown (`sample_text` of what items.evaluated_samples reads); None where it has none. The
-    sizes are counted in SQL: the other job's samples may be many and long, and none is read."""
+) -> list[OtherSample | None]:
+    """Per prompt, the other job's sample a judge reads with it (_judged_against); None where
+    it has none. The sizes are counted in SQL: the other job's samples may be many and long,
+    and none is read."""
     asked = (
         func.unnest(bindparam("prompts", list(prompts), type_=ARRAY(Text)))
         .table_valued("prompt", with_ordinality="position")
@@ -132,7 +161,7 @@ async def other_sample_bytes(
     response_bytes = func.octet_length(case((imported, ImportedSample.response), else_=Cot.response))
     rows = (
         await session.execute(
-            select(asked.c.position, thoughts, func.coalesce(thought_bytes, 0) + response_bytes)
+            select(asked.c.position, first.c.id, thoughts, func.coalesce(thought_bytes, 0) + response_bytes)
             .select_from(asked)
             .join(first, first.c.prompt == asked.c.prompt)
             .outerjoin(ImportedSample, ImportedSample.item_id == first.c.id)
@@ -140,11 +169,11 @@ async def other_sample_bytes(
         )
     ).all()
 
-    def shown() -> list[int | None]:
-        sizes: list[int | None] = [None] * len(prompts)
-        for position, count, text_bytes in rows:
-            sizes[position - 1] = sample_text_bytes(count, text_bytes)
-        return sizes
+    def shown() -> list[OtherSample | None]:
+        found: list[OtherSample | None] = [None] * len(prompts)
+        for position, item_id, count, text_bytes in rows:
+            found[position - 1] = OtherSample(item_id, sample_text_bytes(count, text_bytes))
+        return found
 
     return await in_thread(shown)
 
