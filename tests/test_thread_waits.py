@@ -89,8 +89,8 @@ async def held_in_transaction(sessions: Sessions) -> list[str]:
 
 @dataclass(frozen=True)
 class Jobs:
-    """A job of each kind, the key's: a plain job (its items queued), a finished comparison,
-    and a model and a sample evaluation (queued)."""
+    """A job of each kind, the key's: a job making preference pairs (its items queued), a
+    finished comparison, a model evaluation and a sample evaluation graded and guarded (queued)."""
 
     job: str
     item: str
@@ -104,11 +104,11 @@ async def every_kind(
     api: httpx.AsyncClient, auth: Headers, sessions: Sessions, settings: Settings, scripted_llm: ScriptedLLM
 ) -> Jobs:
     comparison = await finished_comparison(api, auth, sessions, settings, scripted_llm)
-    job = (await submit(api, auth, ["How do I store rice?"]))["id"]
+    job = (await submit(api, auth, ["How do I store rice?"], config={"pairs": {}}))["id"]
     [item] = await items_of(api, auth, job)
     benchmark = {"name": "b", "prompts": benchmark_prompts(2)}
     model_evaluation = await submit_evaluation(api, auth, evaluation_body([benchmark], "m"))
-    samples = {"samples": [{"prompt": "Hi", "response": "Hello!"}], "grade": {}}
+    samples = {"samples": [{"prompt": "Hi", "response": "Hello!"}], "grade": {}, "guard": {}}
     sample_evaluation = await api.post("/v1/sample-evaluations", json=samples, headers=auth)
     return Jobs(job, item["id"], comparison, model_evaluation["id"], sample_evaluation.json()["id"])
 
@@ -138,6 +138,7 @@ async def test_routes_waiting_for_a_worker_thread_hold_no_database_connection(
         f"/v1/jobs/{job}/cots",
         f"/v1/jobs/{job}/preference-pairs",
         f"/v1/jobs/{job}/reviews/summary",
+        f"/v1/jobs/{job}/report",
         f"/v1/items/{every_kind.item}",
         f"/v1/comparisons/{comparison}",
         f"/v1/comparisons/{comparison}/report",

@@ -337,11 +337,12 @@ async def list_preference_pairs(
     )
 
 
-@router.get("/{job_id}/report", responses=ERRORS)
-async def get_report(job: OwnedJob, session: SessionDep) -> ReportOut:
+@router.get("/{job_id}/report", responses=ERRORS, response_model=ReportOut)
+async def get_report(job: OwnedJob, session: SessionDep) -> Response:
     """Quality in full: grader statistics, the gate's thresholds and misses, pair outcomes,
     and LLM usage by stage."""
-    return views.report_out(job, await jobs.report(session, job))
+    report = await jobs.report_read(session, job)
+    return await json_answer(session, lambda: views.report_out(job, report()))
 
 
 @router.delete("/{job_id}", responses=documented(401, 404, 409, 422, 503))

@@ -253,21 +253,20 @@ async def evaluation_read(session: AsyncSession, job: Job) -> Callable[[], Sampl
     report: dict[str, Any] = {}
     if plan.grader is not None:
         report["grades"] = await sample_evaluations.grades(session, job.id)
-    if plan.guard is not None:
-        report["guard"] = await sample_evaluations.guard_counts(session, job.id)
     if plan.judge is not None:
         report["pairwise"] = await sample_evaluations.pairwise_counts(session, job.id)
+    verdicts = await sample_evaluations.guard_verdicts(session, job.id) if plan.guard is not None else None
+    policy_set = await policy_sets.by_id(session, job.policy_set_id)
+    prompt_set = await prompt_sets.pinned(session, job.prompt_set_id)
+    summary = await jobs.summary(session, job)
+
+    def shown() -> SampleEvaluationOut:
+        guard = {} if verdicts is None else {"guard": sample_evaluations.guard_counts(verdicts)}
+        return views.sample_evaluation_out(job, plan, policy_set, prompt_set, summary, report | guard)
+
     # A Wilson interval per sample label: the labels are the client's, and thousands of them
     # held the event loop for seconds (when an interval was 250 µs of scipy's; some 2 µs now).
-    return partial(
-        views.sample_evaluation_out,
-        job,
-        plan,
-        await policy_sets.by_id(session, job.policy_set_id),
-        await prompt_sets.pinned(session, job.prompt_set_id),
-        await jobs.summary(session, job),
-        report,
-    )
+    return shown
 
 
 @router.get("/{job_id}", responses=ERRORS, response_model=SampleEvaluationOut)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 from uuid import UUID, uuid4
 
@@ -309,27 +310,31 @@ async def summary(session: AsyncSession, job: Job) -> dict[str, Any]:
     return summary
 
 
-async def report(session: AsyncSession, job: Job) -> dict[str, Any]:
-    """The summary, with the quality gate's thresholds and what CoTs missed, and usage by stage."""
+async def report_read(session: AsyncSession, job: Job) -> Callable[[], dict[str, Any]]:
+    """The summary, with the quality gate's thresholds and what CoTs missed, pair candidates'
+    figures and usage by stage. Read now, completed by the callable with no more reads (the
+    session may be closed meanwhile): the candidates' figures are CPU for a worker thread."""
     full = await summary(session, job)
     if isinstance(plan := job.plan, GenerationPlan) and (grading := plan.grading) is not None:
         full["quality"]["thresholds"] = dict(grading.thresholds)
         full["quality"]["below_threshold"] = await quality.below_threshold(
             session, job.id, grading.thresholds
         )
-    if (candidates := await pair_candidates(session, job)) is not None:
-        full["pairs"]["candidates"] = candidates
     full["usage_by_stage"] = await quality.usage_by_stage(session, job.id, priced(job.plan))
-    return full
+    candidates = await pair_candidates_read(session, job)
+    if candidates is None:
+        return lambda: full
+    return lambda: full | {"pairs": full["pairs"] | {"candidates": candidates()}}
 
 
-async def pair_candidates(session: AsyncSession, job: Job) -> dict[str, Any] | None:
-    """The figures of the job's pair candidates (quality.candidates) per sampling method it
-    used: the whisperer's, and standard sampling's with a baseline. None without pairs."""
+async def pair_candidates_read(session: AsyncSession, job: Job) -> Callable[[], dict[str, Any]] | None:
+    """The figures of the job's pair candidates (quality.candidate_stats) per sampling method
+    it used: the whisperer's, and standard sampling's with a baseline; None without pairs.
+    Read now, computed by the callable with no more reads, in a worker thread."""
     if not isinstance(plan := job.plan, GenerationPlan) or (pairs := plan.pairs) is None:
         return None
     methods = ("whisper", "standard") if pairs.baseline else ("whisper",)
-    return await quality.candidates(session, job.id, methods)
+    return partial(quality.candidate_stats, await quality.candidate_rows(session, job.id), methods)
 
 
 def budget_out(job: Job, usage: dict[str, Any]) -> dict[str, Any] | None:

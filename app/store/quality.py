@@ -18,7 +18,6 @@ from app.deliberation.ports import TurnOutcome
 from app.deliberation.results import GAP_SCALE
 from app.stats import mean, proportion
 from app.store.models import Cot, PairCandidate, PreferencePair, SampleEvaluation, TurnRow, sql_constant
-from app.threads import in_thread
 
 SCORES = range(1, 6)
 Graded = type[Cot] | type[SampleEvaluation]  # the tables with the grader's scores
@@ -131,22 +130,26 @@ async def pairs(session: AsyncSession, job_id: UUID, min_gap: float) -> dict[str
 GAP_BINS = tuple(half / 2 for half in range(2 * GAP_SCALE[0], 2 * GAP_SCALE[1] + 1))  # 0.5 wide
 
 
-async def candidates(session: AsyncSession, job_id: UUID, methods: Sequence[str]) -> dict[str, Any]:
+# (method, flagged, gap, count) of a job's pair candidates: candidate_rows' rows.
+CandidateRows = list[tuple[str, bool | None, float | None, int]]
+
+
+async def candidate_rows(session: AsyncSession, job_id: UUID) -> CandidateRows:
+    """The job's pair candidates counted per sampling method, guard verdict and gap, for
+    candidate_stats."""
+    rows = await session.execute(
+        select(PairCandidate.method, PairCandidate.flagged, PairCandidate.gap, func.count())
+        .where(PairCandidate.job_id == job_id)
+        .group_by(PairCandidate.method, PairCandidate.flagged, PairCandidate.gap)
+    )
+    return [(method, flagged, gap, count) for method, flagged, gap, count in rows]
+
+
+def candidate_stats(rows: CandidateRows, methods: Sequence[str]) -> dict[str, Any]:
     """Per sampling method in `methods`: the rejected sides the guard was asked about, how
     many it gave a verdict on, the share it flagged, and the distribution and mean of their
-    gaps (all graded ones, and the flagged ones: the rejected sides pairs are made of)."""
-    rows = (
-        await session.execute(
-            select(PairCandidate.method, PairCandidate.flagged, PairCandidate.gap, func.count())
-            .where(PairCandidate.job_id == job_id)
-            .group_by(PairCandidate.method, PairCandidate.flagged, PairCandidate.gap)
-        )
-    ).all()
-    # A mean's interval reads every value: off the event loop for a large job.
-    return await in_thread(_candidate_stats, [tuple(row) for row in rows], methods)
-
-
-def _candidate_stats(rows: list[tuple[Any, ...]], methods: Sequence[str]) -> dict[str, Any]:
+    gaps (all graded ones, and the flagged ones: the rejected sides pairs are made of). CPU
+    for a worker thread, its session given back first: a mean's interval reads every value."""
     stats: dict[str, Any] = {}
     for method in methods:
         counted = [(flagged, gap, n) for m, flagged, gap, n in rows if m == method]

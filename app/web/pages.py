@@ -299,8 +299,8 @@ async def _report(session: AsyncSession, job: Job) -> Callable[[], dict[str, Any
     if isinstance(plan, ModelEvaluationPlan):
         models = await model_evaluation_api.evaluation_read(session, job)
         return lambda: {"models": models()}
-    candidates = await jobs.pair_candidates(session, job)
-    return lambda: {"candidates": None if candidates is None else _CANDIDATES.validate_python(candidates)}
+    candidates = await jobs.pair_candidates_read(session, job)
+    return lambda: {"candidates": None if candidates is None else _CANDIDATES.validate_python(candidates())}
 
 
 @router.get("/jobs/{job_id}/plots/{plot}.png")
