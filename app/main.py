@@ -49,7 +49,7 @@ from app.config import Settings, get_settings
 from app.presets import load as load_presets
 from app.queue import REQUEST_RETRIES, bound_calls, redis_settings
 from app.store.budgets import Spending
-from app.store.db import make_engine, make_sessions
+from app.store.db import dispose, make_engine, make_sessions
 from app.store.models import Webhook
 from app.threads import in_thread
 from app.web import pages
@@ -152,7 +152,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await scrapes.aclose()
             await streams.aclose()
             await arq.aclose()
-            await engine.dispose()
+            await dispose(engine)
 
     app = FastAPI(
         title="AIDSAFE data service",

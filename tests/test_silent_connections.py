@@ -384,6 +384,25 @@ async def test_a_session_whose_connection_goes_silent_once_answered_closes_quiet
     assert "a session closed on a connection the database had ended" in caplog.text
 
 
+async def test_an_api_stopping_with_a_pooled_connection_gone_silent_ends_it_with_a_warning(
+    settings: Settings, pg_proxy: SilencingProxy, auth: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failover while the connection sat in the pool: the engine's dispose as the API stops
+    closed it politely, waited the command timeout for an answer (a minute by default) and
+    logged the failure as an ERROR with a traceback. It is given a second, then ended."""
+    async with api_client(_database_through(pg_proxy, settings, database_timeout_s=4.0)) as api:
+        assert (await api.get("/v1/policy-sets", headers=auth)).status_code == 200
+        pg_proxy.silence()  # its connection is back in the pool
+        stopping = time.monotonic()
+    stopped = time.monotonic()
+
+    assert stopped - stopping < 3.0, "the close waited for the command timeout (5 s)"
+    assert [
+        record.levelname for record in caplog.records if record.exc_info or record.levelno >= logging.ERROR
+    ] == []
+    assert "a pooled connection ended at our end, its close failed: no answer in 1.0 s" in caplog.text
+
+
 async def test_an_export_whose_connection_goes_silent_is_one_warning_naming_the_job(
     settings: Settings, sessions: Sessions, pg_proxy: SilencingProxy, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -55,7 +55,7 @@ from app.store import (
     webhooks,
 )
 from app.store.batches import AwaitingBatch, BatchedLLM
-from app.store.db import Sessions, deadline, in_batches, make_engine, make_sessions
+from app.store.db import Sessions, deadline, dispose, in_batches, make_engine, make_sessions
 from app.store.endings import CANCELLED, Ending, failed, handed_back
 from app.store.turn_log import PostgresTurnLog
 from app.store.turn_writer import TurnWriter
@@ -203,7 +203,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     await worker.llm.aclose()  # gives its kept LLM slots back through llm_redis: close that after
     await worker.llm_redis.aclose()
     await worker.callbacks.aclose()
-    await worker.db.dispose()
+    await dispose(worker.db)
 
 
 LEASE_LOST = "lease lost"  # how a run ends that finds another worker holding its item

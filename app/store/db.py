@@ -209,6 +209,34 @@ async def closed_quietly(sessions: Sessions) -> AsyncIterator[AsyncSession]:
             log.warning("a session closed on a connection the database had ended: %s", detail)
 
 
+async def dispose(engine: AsyncEngine) -> None:
+    """Close the engine's pooled connections, as a process that stops does: engine.dispose(),
+    each connection given _GOODBYE_TIMEOUT_S to answer its close. One gone silent (a failover,
+    a dropped NAT entry) held SQLAlchemy's close for the command timeout (a minute by default),
+    each in turn, which then logged the failure as an ERROR with a traceback: it is ended at our
+    end instead, a warning line."""
+    sync_engine = engine.sync_engine
+    event.listen(sync_engine, "close", _close_or_end)
+    try:
+        await engine.dispose()
+    finally:
+        event.remove(sync_engine, "close", _close_or_end)
+
+
+def _close_or_end(dbapi_connection: Any, _record: Any) -> None:
+    """The pool's close event, before its own close (which then finds the connection closed):
+    asyncpg's close within _GOODBYE_TIMEOUT_S, which ends the connection at our end if it
+    fails."""
+    try:
+        dbapi_connection.run_async(lambda driver: driver.close(timeout=_GOODBYE_TIMEOUT_S))
+    except Exception as error:  # whatever failed, asyncpg has ended the connection
+        detail = f"no answer in {_GOODBYE_TIMEOUT_S} s" if isinstance(error, TimeoutError) else repr(error)
+        log.warning("a pooled connection ended at our end, its close failed: %s", detail)
+
+
+_GOODBYE_TIMEOUT_S = 1.0  # a live server answers in a round trip
+
+
 def make_sessions(engine: AsyncEngine) -> Sessions:
     return async_sessionmaker(engine, expire_on_commit=False)
 
