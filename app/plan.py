@@ -24,6 +24,7 @@ from app.deliberation.budget import (
     reply_tokens,
     sample_evaluation_requests,
     sample_judge_request,
+    sample_thoughts,
     sample_tokens,
     stage_floors,
 )
@@ -772,6 +773,13 @@ def cot_tokens(plan: JobPlan) -> int:
     if isinstance(plan, GenerationPlan):
         return sample_tokens(plan.pipeline())
     return reply_tokens(plan.max_tokens, Limits())  # it wrote none: no prompt to compare
+
+
+def cot_thoughts(plan: JobPlan) -> int:
+    """The most thoughts one of the CoTs a job wrote can hold: each a labeling tool may flag."""
+    if isinstance(plan, GenerationPlan):
+        return sample_thoughts(plan.pipeline())
+    return 0  # it wrote none
 
 
 def check_model_evaluation_fits(

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from app.deliberation.budget import judge_request, largest_requests
-from app.deliberation.config import GradingConfig, Limits, PipelineConfig
+from app.deliberation.budget import judge_request, largest_requests, sample_thoughts
+from app.deliberation.config import GradingConfig, Limits, Mode, PipelineConfig
 from app.deliberation.ports import Stage, Turn, TurnKey, TurnOutcome
 from app.deliberation.stages import NOT_DECOMPOSED
 from app.llm.client import OpenAICompatibleClient
@@ -201,6 +201,18 @@ def test_a_grader_reading_a_cot_never_refined_counts_every_reply_it_was_written_
     # The refined CoT is one reply; the unrefined one the seed and every turn: each reply read at
     # most 512 tokens of English (683 at 3 bytes a token) and its labels (76).
     assert grader(unrefined) - grader(graded) == unrefined.turn_budget() * (683 + 76)
+
+
+def test_a_cot_never_refined_can_hold_every_thought_of_the_seed_and_of_each_turn() -> None:
+    """What the labeling tools offer to flag: a refined CoT keeps at most `kept_thoughts`."""
+    refined = replace(pipeline(agents=2, max_rounds=4), limits=Limits(thoughts_per_turn=5, kept_thoughts=8))
+    unrefined = replace(refined, refine=False)
+
+    assert sample_thoughts(refined) == 8
+    assert sample_thoughts(replace(refined, mode=Mode.ZERO_SHOT)) == 5  # one reply, refined or not
+    assert sample_thoughts(unrefined) == (1 + 8) * 5
+    assert sample_thoughts(replace(unrefined, max_turns=3)) == (1 + 3) * 5
+    assert sample_thoughts(replace(unrefined, max_rounds=0)) == 5
 
 
 def test_a_roles_budget_counts_its_own_instructions_and_names_its_endpoint() -> None:

@@ -53,6 +53,7 @@ from app.plan import (
     check_prompt_set_fits,
     check_sample_evaluation_fits,
     comparison_mismatches,
+    cot_thoughts,
     read_plan,
     resolve,
     resolve_comparison,
@@ -264,6 +265,15 @@ def test_a_plan_stored_before_the_baseline_reads_back_without_it_and_keeps_its_m
 
 def _job(settings: Settings = SETTINGS, **config: Any) -> GenerationPlan:
     return resolve(JobConfigIn.model_validate(config), settings)
+
+
+def test_a_jobs_cots_hold_the_thoughts_its_plan_allows_and_a_comparisons_none() -> None:
+    """What the labeling tools offer to flag for the job's CoTs."""
+    per_turn = Limits().thoughts_per_turn
+
+    assert cot_thoughts(_job(limits={"kept_thoughts": 8})) == 8
+    assert cot_thoughts(_job(refine=False, agents=2, max_rounds=4)) == (1 + 2 * 4) * per_turn
+    assert cot_thoughts(resolve_comparison([None], SETTINGS, uuid.uuid4(), uuid.uuid4())) == 0
 
 
 def test_a_role_takes_its_own_fields_then_the_jobs_defaults_then_the_servers() -> None:

@@ -90,6 +90,15 @@ def sample_replies(config: PipelineConfig) -> int:
     return 1 + config.turn_budget()
 
 
+def sample_thoughts(config: PipelineConfig) -> int:
+    """The most thoughts the CoT an item ends with can hold: the refiner keeps at most
+    `kept_thoughts`; any other CoT is every thought of the replies it is written in, each
+    listing at most `thoughts_per_turn` (the seed's, and each turn's new ones)."""
+    if config.mode is Mode.AIDSAFE and config.refine:
+        return config.limits.kept_thoughts
+    return sample_replies(config) * config.limits.thoughts_per_turn
+
+
 def sample_tokens(config: PipelineConfig) -> int:
     """The most the CoT an item of a job run with `config` ends with counts for, shown to
     another role (its grader, a comparison's judge): its replies, with their labels."""
