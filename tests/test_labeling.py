@@ -12,7 +12,7 @@ import copy
 import json
 from pathlib import Path
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import httpx
 import pytest
@@ -28,7 +28,7 @@ from app.store.annotations import human_approved
 from app.store.db import Sessions
 from app.store.models import Annotation, Cot, PreferencePair
 from tests.conftest import new_key, run_worker_burst
-from tests.scripted_llm import ScriptedLLM, guard_verdict, reply, scores
+from tests.scripted_llm import ScriptedLLM, agree, guard_verdict, reply, scores
 from tests.test_api import error_of, items_of, submit
 
 Headers = dict[str, str]
@@ -467,6 +467,98 @@ async def test_an_argilla_record_of_another_job_is_refused_whole(
 
     assert error_of(response, 422, "unknown_items")["details"] == [ids[1]]
     assert await stored(sessions) == []
+
+
+# --- a CoT never refined ----------------------------------------------------------------------
+
+# The seed's 6 thoughts and each of two turns' 6 new ones: 18, past the 12 a refined CoT keeps.
+UNREFINED = {"agents": 1, "max_rounds": 2, "refine": False}
+UNREFINED_THOUGHTS = [f"{by} thought {n}." for by in ("Seed", "Turn 1", "Turn 2") for n in range(1, 7)]
+# A reviewer flags the turns' thoughts, 13 of them: more than a refined CoT has.
+TURN_FLAGS = list(range(6, 19))
+
+
+async def unrefined_job(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, scripted_llm: ScriptedLLM
+) -> tuple[str, str]:
+    """A job with `refine: false` and its one item, whose CoT is UNREFINED_THOUGHTS."""
+    seed, first, second = (UNREFINED_THOUGHTS[n : n + 6] for n in (0, 6, 12))
+    scripted_llm.script("seed_cot", reply({"thoughts": seed, "response": "Seed response."}))
+    scripted_llm.script("deliberation_turn", agree(False, first), agree(False, second))
+    job = await submit(api, auth, PROMPTS[:1], config=UNREFINED)
+    await run_worker_burst(settings)
+    [item] = await items_of(api, auth, job["id"])
+    assert item["status"] == "completed"
+    return str(job["id"]), str(item["id"])
+
+
+async def flagged_as_stored(sessions: Sessions, job_id: str) -> list[tuple[str, list[str]]]:
+    """Each stored review's flagged thoughts, with the text of each in the model's CoT."""
+    [(_, thoughts, *_)] = await model_output(sessions, job_id)
+    return [(a.source, [thoughts[n - 1]["text"] for n in a.flagged_thoughts]) for a in await stored(sessions)]
+
+
+async def test_argilla_offers_and_reads_back_every_thought_of_a_cot_never_refined(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, scripted_llm: ScriptedLLM, sessions: Sessions
+) -> None:
+    job_id, item_id = await unrefined_job(api, auth, settings, scripted_llm)
+
+    served = await api.get(f"/v1/jobs/{job_id}/argilla/settings", headers=auth)
+    [record] = [json.loads(line) for line in (await export(api, auth, job_id, "argilla")).text.splitlines()]
+
+    [options] = [
+        q["settings"]["options"] for q in served.json()["questions"] if q["name"] == "flagged_thoughts"
+    ]
+    shown = [line.split(". ", 1) for line in record["fields"]["thoughts"].splitlines()]
+    assert [o["value"] for o in options] == [number for number, _ in shown] == [str(n) for n in range(1, 19)]
+    assert [text for _, text in shown] == UNREFINED_THOUGHTS
+    # The reviewer's response, as Argilla's API lists it: the options chosen are their values.
+    [response] = fixture("argilla_records.json", [item_id, item_id])["items"][1]["responses"][:1]
+    response["values"]["flagged_thoughts"]["value"] = [str(n) for n in TURN_FLAGS]
+    body = [{"id": str(uuid4()), "external_id": item_id, "responses": [response]}]
+
+    assert (await import_file(api, auth, job_id, "argilla", body))["imported"] == 1
+    assert await flagged_as_stored(sessions, job_id) == [("argilla", UNREFINED_THOUGHTS[5:])]
+
+
+async def test_label_studio_reads_back_flags_on_every_thought_of_a_cot_never_refined(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, scripted_llm: ScriptedLLM, sessions: Sessions
+) -> None:
+    job_id, _ = await unrefined_job(api, auth, settings, scripted_llm)
+    [task] = (await export(api, auth, job_id, "label_studio")).json()
+    assert [(c["alias"], c["value"]) for c in task["data"]["thought_choices"]] == [
+        (str(n), f"Thought {n}") for n in range(1, 19)
+    ]
+    assert [t["text"] for t in task["data"]["thoughts"]] == UNREFINED_THOUGHTS
+
+    def annotated(annotation_id: int, flags: list[int]) -> list[dict[str, Any]]:
+        """The task exported from Label Studio with one annotation flagging `flags` (by alias)."""
+        results = [
+            ("verdict", "response", ["reject"]),
+            ("flagged_thoughts", "thoughts", [str(n) for n in flags]),
+        ]
+        annotation = {
+            "id": annotation_id,
+            "completed_by": 1,
+            "result": [
+                {"from_name": name, "to_name": to, "type": "choices", "value": {"choices": choices}}
+                for name, to, choices in results
+            ],
+            "was_cancelled": False,
+            "created_at": "2026-11-20T10:00:00Z",
+            "updated_at": "2026-11-20T10:00:00Z",
+        }
+        assert LabelInterface(label_studio.CONFIG).validate_annotation(annotation)  # type: ignore[no-untyped-call]
+        return [{**task, "id": 101, "annotations": [annotation]}]
+
+    beyond = await api.post(
+        f"/v1/jobs/{job_id}/annotations/label-studio", json=annotated(601, [18, 19]), headers=auth
+    )
+    report = await import_file(api, auth, job_id, "label-studio", annotated(602, TURN_FLAGS))
+
+    assert "flags thought 19, the CoT has 18" in error_of(beyond, 422, "invalid_annotation")["message"]
+    assert report["imported"] == 1
+    assert await flagged_as_stored(sessions, job_id) == [("label_studio", UNREFINED_THOUGHTS[5:])]
 
 
 # --- hazard and keys --------------------------------------------------------------------------

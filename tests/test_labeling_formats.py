@@ -32,7 +32,15 @@ from app.deliberation.config import LIMIT_CAPS
 from app.errors import MAX_LISTED_PROBLEMS
 from app.exports.options import ExportOptions
 from app.labeling import argilla, label_studio
-from app.labeling.reviews import RATINGS, VERDICTS, Answers, InvalidAnnotations, Parsed, Review
+from app.labeling.reviews import (
+    MAX_THOUGHT_NUMBER,
+    RATINGS,
+    VERDICTS,
+    Answers,
+    InvalidAnnotations,
+    Parsed,
+    Review,
+)
 from app.store.export_rows import CotRow
 
 ITEM = UUID("6f1c2b3a-4d5e-4f60-8a7b-9c0d1e2f3a4b")
@@ -97,12 +105,18 @@ def argilla_client() -> Iterator[rg.Argilla]:
     client.http_client.close()
 
 
+def dataset_for(client: rg.Argilla, cot_thoughts: int) -> rg.Dataset:
+    """A dataset made with the service's settings for a job whose CoTs hold at most
+    `cot_thoughts` thoughts, as the SDK reads them (not created on a server)."""
+    settings = rg.Settings._from_dict(argilla.settings(cot_thoughts))
+    settings.validate()
+    return rg.Dataset(name="aidsafe-review", settings=settings, client=client)
+
+
 @pytest.fixture
 def dataset(argilla_client: rg.Argilla) -> rg.Dataset:
-    """A dataset made with the service's settings as the SDK reads them (not created on a server)."""
-    settings = rg.Settings._from_dict(argilla.settings())
-    settings.validate()
-    return rg.Dataset(name="aidsafe-review", settings=settings, client=argilla_client)
+    """The dataset of a job with refined CoTs."""
+    return dataset_for(argilla_client, LIMIT_CAPS.kept_thoughts)
 
 
 def read_as_written(written: Any, read: Any, path: str = "settings") -> None:
@@ -120,11 +134,12 @@ def read_as_written(written: Any, read: Any, path: str = "settings") -> None:
         assert written == read and type(written) is type(read), f"{path}: {written!r} read as {read!r}"
 
 
+@pytest.mark.parametrize("cot_thoughts", [LIMIT_CAPS.kept_thoughts, 54], ids=["refined", "never-refined"])
 def test_argillas_sdk_reads_the_settings_as_the_service_writes_them(
-    argilla_client: rg.Argilla, tmp_path: Path
+    argilla_client: rg.Argilla, tmp_path: Path, cot_thoughts: int
 ) -> None:
     served = tmp_path / "settings.json"  # as the README has users save and load them
-    served.write_text(json.dumps(argilla.settings()))
+    served.write_text(json.dumps(argilla.settings(cot_thoughts)))
 
     read = rg.Settings.from_json(served)
 
@@ -259,12 +274,42 @@ def test_a_rejected_record_suggests_reject_and_an_ungraded_one_neither_verdict_n
     assert set(ungraded["suggestions"]) == {"edited_response"}
 
 
-def test_every_thought_of_the_longest_cot_can_be_flagged(dataset: rg.Dataset) -> None:
-    written = argilla.record(a_row(thoughts=LIMIT_CAPS.kept_thoughts), ExportOptions())
+# The longest CoT of a refined job, and of one never refined (the seed and 8 turns, 6 thoughts each).
+@pytest.mark.parametrize("cot_thoughts", [LIMIT_CAPS.kept_thoughts, 54], ids=["refined", "never-refined"])
+def test_every_thought_of_the_longest_cot_can_be_flagged(
+    argilla_client: rg.Argilla, cot_thoughts: int
+) -> None:
+    dataset = dataset_for(argilla_client, cot_thoughts)
+    written = argilla.record(a_row(thoughts=cot_thoughts), ExportOptions())
 
     argilla_accepts(dataset, written)
     numbers = [line.split(". ", 1)[0] for line in written["fields"]["thoughts"].splitlines()]
     assert numbers == dataset.settings.questions["flagged_thoughts"].labels
+    flagged = answer("flagged_thoughts", numbers)
+    [review] = read_argilla(argilla_page(dataset, flagged)).checked().reviews
+    assert review.flagged_thoughts == list(range(1, cot_thoughts + 1))
+
+
+def flagged_thoughts_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    [question] = [q for q in settings["questions"] if q["name"] == "flagged_thoughts"]
+    question_settings: dict[str, Any] = question["settings"]
+    return question_settings
+
+
+@pytest.mark.parametrize(("cot_thoughts", "options"), [(0, 12), (6, 12), (12, 12), (13, 13), (54, 54)])
+def test_argilla_offers_a_flag_per_thought_and_never_fewer_than_a_refined_cot_keeps(
+    cot_thoughts: int, options: int
+) -> None:
+    """Zero-shot CoTs and refined ones keeping fewer than 12 thoughts get the 12 options every
+    job had: a dataset made with them still matches the settings served."""
+    written, refined = argilla.settings(cot_thoughts), argilla.settings(LIMIT_CAPS.kept_thoughts)
+
+    assert flagged_thoughts_settings(written)["options"] == [
+        {"value": str(n), "text": f"Thought {n}"} for n in range(1, options + 1)
+    ]
+    for settings in (written, refined):
+        del flagged_thoughts_settings(settings)["options"]
+    assert written == refined
 
 
 MIXED = {
@@ -830,14 +875,17 @@ def test_a_flagged_choice_naming_no_thought_is_a_problem(choice: Any) -> None:
     assert problems == [f"here: flagged thought {choice!r} is not a thought number"]
 
 
-def test_more_flagged_thoughts_than_a_cot_has_are_refused_unread() -> None:
-    _, at_most = read_answers(flagged_thoughts=["1"] * LIMIT_CAPS.kept_thoughts)
-    fields, too_many = read_answers(flagged_thoughts=["1"] * (LIMIT_CAPS.kept_thoughts + 1))
+def test_more_flagged_thoughts_than_there_are_thought_numbers_are_refused_unread() -> None:
+    """A CoT never refined may have far more thoughts than the 12 a refined one keeps: whether
+    it has each one flagged is checked against it when the review is stored."""
+    every = [str(n) for n in range(1, MAX_THOUGHT_NUMBER + 1)]
+    read, at_most = read_answers(flagged_thoughts=every)
+    fields, too_many = read_answers(flagged_thoughts=["1"] * (MAX_THOUGHT_NUMBER + 1))
 
-    assert at_most == []
+    assert (read["flagged_thoughts"], at_most) == (list(range(1, MAX_THOUGHT_NUMBER + 1)), [])
     assert fields["flagged_thoughts"] == []
     assert too_many == [
-        f"here: {LIMIT_CAPS.kept_thoughts + 1} flagged thoughts, a CoT has at most {LIMIT_CAPS.kept_thoughts}"
+        f"here: {MAX_THOUGHT_NUMBER + 1} flagged thoughts, more than the 9999 thought numbers"
     ]
 
 

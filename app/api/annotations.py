@@ -24,6 +24,7 @@ from app.config import Settings
 from app.labeling import argilla, imports, label_studio
 from app.labeling.review_summary import Decision, KappaMethod, decision, summarise
 from app.labeling.reviews import Parsed
+from app.plan import cot_thoughts
 from app.store import annotations as stored
 from app.store import jobs
 from app.store.models import Job
@@ -120,8 +121,9 @@ async def import_label_studio(
 @router.get("/v1/jobs/{job_id}/argilla/settings", responses=READ_ERRORS)
 async def argilla_settings(job: OwnedJob) -> dict[str, Any]:
     """Argilla dataset settings (fields, questions, metadata) for this job's records: load
-    them with `rg.Settings.from_json`."""
-    return argilla.settings()
+    them with `rg.Settings.from_json`. Each thought the job's CoTs can hold has an option to
+    flag it (at least 12; with `refine: false`, the seed's and every turn's)."""
+    return argilla.settings(cot_thoughts(job.plan))
 
 
 @router.post(
@@ -155,7 +157,7 @@ class ReviewOut(BaseModel):
     edited: bool = Field(description="The reviewer changed the response.")
     edited_response: str | None = Field(description="The response as the reviewer left it, when changed.")
     policy_faithfulness: int | None = Field(description="The reviewer's rating, 1-5.")
-    flagged_thoughts: list[int] = Field(description="Refined thought numbers flagged, 1-based.")
+    flagged_thoughts: list[int] = Field(description="Numbers of the CoT's thoughts flagged, 1-based.")
     comment: str | None
     reviewed_at: datetime = Field(description="The tool's time of this version.")
     received_at: datetime = Field(description="When the service stored it.")

@@ -40,8 +40,8 @@ class Limits:
     max_drops: int = 24  # the refiner's dropped thoughts
 
 
-# The most a job may ask for. Labeling tools list a CoT's thoughts as fixed options, so
-# they offer `kept_thoughts` of them.
+# The most a job may ask for. Argilla's settings list a CoT's thoughts as fixed options:
+# `kept_thoughts` of them for every job, more for one whose CoTs are never refined.
 LIMIT_CAPS = Limits(thoughts_per_turn=10, kept_thoughts=12, max_drops=24)
 
 

@@ -40,10 +40,13 @@ def _options(labels: dict[str, str]) -> list[Record]:
     return [{"value": value, "text": text} for value, text in labels.items()]
 
 
-def settings() -> Record:
-    """The dataset settings in the form `rg.Settings.serialize()` writes and
-    `rg.Settings.from_json()` reads."""
-    thoughts = {str(n): f"Thought {n}" for n in range(1, LIMIT_CAPS.kept_thoughts + 1)}
+def settings(cot_thoughts: int) -> Record:
+    """The dataset settings for a job whose CoTs hold at most `cot_thoughts` thoughts, in the
+    form `rg.Settings.serialize()` writes and `rg.Settings.from_json()` reads. A thought can
+    be flagged only if it has an option; every job gets at least the options a refined CoT
+    may need (the settings of jobs served before stay what their datasets were made with)."""
+    options = max(cot_thoughts, LIMIT_CAPS.kept_thoughts)
+    thoughts = {str(n): f"Thought {n}" for n in range(1, options + 1)}
     return {
         "guidelines": (
             "Review one chain of thought written under a safety policy. Accept it only if the "

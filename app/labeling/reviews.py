@@ -12,7 +12,6 @@ from uuid import UUID
 
 from pydantic import AfterValidator
 
-from app.deliberation.config import LIMIT_CAPS
 from app.errors import MAX_LISTED_PROBLEMS, ServiceError
 
 VERDICTS = ("accept", "reject")
@@ -21,6 +20,7 @@ RATINGS = (1, 2, 3, 4, 5)
 # value without alias). Longer text is refused unread, and fullmatch on it is linear.
 _THOUGHT_CHOICE = re.compile(r"(?:thought\s*)?(\d{1,4})", re.ASCII)  # matched lowercased
 _MAX_THOUGHT_CHOICE_CHARS = 20
+MAX_THOUGHT_NUMBER = 9_999  # the most four digits name, as _THOUGHT_CHOICE reads them
 
 
 class Question(StrEnum):
@@ -29,7 +29,7 @@ class Question(StrEnum):
     VERDICT = "verdict"  # accept | reject: may the sample go into training data
     POLICY_FAITHFULNESS = "policy_faithfulness"  # 1-5
     EDITED_RESPONSE = "edited_response"  # the response, prefilled with the model's
-    FLAGGED_THOUGHTS = "flagged_thoughts"  # refined thought numbers, 1-based
+    FLAGGED_THOUGHTS = "flagged_thoughts"  # the CoT's thought numbers, 1-based
     COMMENT = "comment"
 
 
@@ -142,9 +142,13 @@ class Answers:
         if not isinstance(choices, list):
             problems.append(f"{where}: flagged thoughts {_shown(choices)} are not a list of choices")
             return []
-        if len(choices) > LIMIT_CAPS.kept_thoughts:  # refused unread: no CoT has that many thoughts
+        # Refused unread: a tool lists a thought once, and no choice names one past
+        # MAX_THOUGHT_NUMBER. Whether the CoT has each thought is checked against the CoT
+        # (imports.record_reviews): a job never refined may have far more than `kept_thoughts`.
+        if len(choices) > MAX_THOUGHT_NUMBER:
             problems.append(
-                f"{where}: {len(choices)} flagged thoughts, a CoT has at most {LIMIT_CAPS.kept_thoughts}"
+                f"{where}: {len(choices)} flagged thoughts, "
+                f"more than the {MAX_THOUGHT_NUMBER} thought numbers"
             )
             return []
         flagged = set()
@@ -160,7 +164,7 @@ class Answers:
 def _thought_number(choice: Any) -> int | None:
     """The 1-based thought number a choice names, or None: 3, "3" or "Thought 3"."""
     if type(choice) is int:
-        return choice if 1 <= choice < 10_000 else None
+        return choice if 1 <= choice <= MAX_THOUGHT_NUMBER else None
     if not isinstance(choice, str) or len(choice) > _MAX_THOUGHT_CHOICE_CHARS:
         return None
     match = _THOUGHT_CHOICE.fullmatch(choice.strip().lower())
