@@ -12,6 +12,9 @@ A deliberation turn agrees from the --agree-after'th turn of its prompt on (1: a
 read from the "agent X of Y, in round R" line of the request. With --agree-prob P an earlier
 turn agrees with probability P, drawn from a hash of the seed, the prompt and the turn, so a
 retried turn answers the same and every run of a job deliberates the same number of turns.
+With --rewrite a turn that disagrees rewrites the response whole, to one of two texts of 192
+words in turn, as costly to diff as a revision gets on the viewer's item page
+(bench/key_threads.py).
 
 Faults are probabilities per request, drawn once from one seeded generator, in this
 order: --fault-5xx (HTTP 503 after the latency), --fault-429 (at once, Retry-After: 1),
@@ -75,6 +78,7 @@ class SimConfig:
     stall_s: float = 600.0
     agree_after: int = 1
     agree_prob: float = 0.0
+    rewrite: bool = False
     rpm_limit: int = 0
     rpm_burst_s: float = 1.0
     ratelimit_headers: bool = False
@@ -230,8 +234,12 @@ def _draw(seed: int, topic: str, turn_no: int) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
+# --rewrite's revisions: under 200 words, where the viewer matches every word however common.
+_REWRITES = (("a " * 95 + "b ") * 2, ("b " + "a " * 95) * 2)
+
+
 def deliberation_answer(
-    user_text: str, agree_after: int, agree_prob: float = 0.0, seed: int = 1
+    user_text: str, agree_after: int, agree_prob: float = 0.0, seed: int = 1, rewrite: bool = False
 ) -> dict[str, Any]:
     turn = _TURN_LINE.search(user_text)
     agent, agents, round_no = (int(g) for g in turn.groups()) if turn else (1, 1, 1)
@@ -245,6 +253,11 @@ def deliberation_answer(
             "new_thoughts": [],
             "response": response,
         }
+    revised = (
+        _REWRITES[turn_no % 2]
+        if rewrite
+        else response + " First try the simplest step; stop there if it works."
+    )
     return {
         "agree": False,
         "critique": f"Round {round_no}, agent {agent}: the safety note is vague and one intent is thin.",
@@ -254,7 +267,7 @@ def deliberation_answer(
             f"Agent {agent} in round {round_no}: the steps should be ordered so the user can stop early "
             "if the first one works.",
         ],
-        "response": response + " First try the simplest step; stop there if it works.",
+        "response": revised,
     }
 
 
@@ -273,7 +286,12 @@ def refined_answer(user_text: str) -> dict[str, Any]:
 
 
 def answer_for(
-    schema_name: str | None, body: dict[str, Any], agree_after: int, agree_prob: float = 0.0, seed: int = 1
+    schema_name: str | None,
+    body: dict[str, Any],
+    agree_after: int,
+    agree_prob: float = 0.0,
+    seed: int = 1,
+    rewrite: bool = False,
 ) -> dict[str, Any] | str:
     user_text = _last_user_text(body)
     match schema_name:
@@ -282,7 +300,7 @@ def answer_for(
         case "seed_cot":
             return seed_answer(user_text)
         case "deliberation_turn":
-            return deliberation_answer(user_text, agree_after, agree_prob, seed)
+            return deliberation_answer(user_text, agree_after, agree_prob, seed, rewrite)
         case "refined_cot":
             return refined_answer(user_text)
         case None:
@@ -441,8 +459,9 @@ class SimLLM:
             stats.faults[fault] += 1
             if await _hold_until_disconnect(request, self.config.stall_s):
                 return Response(status_code=499)  # nobody is listening any more
+        config = self.config
         answer = answer_for(
-            schema_name, body, self.config.agree_after, self.config.agree_prob, self.config.seed
+            schema_name, body, config.agree_after, config.agree_prob, config.seed, config.rewrite
         )
         content = answer if isinstance(answer, str) else json.dumps(answer)
         finish_reason = "stop"
@@ -541,6 +560,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, SimCo
     parser.add_argument(
         "--agree-prob", type=float, default=0.0, help="chance that a turn before --agree-after agrees"
     )
+    parser.add_argument(
+        "--rewrite", action="store_true", help="a turn that disagrees rewrites the response whole"
+    )
     parser.add_argument("--rpm-limit", type=int, default=0, help="requests a minute; 0: no limit")
     parser.add_argument("--rpm-burst-s", type=float, default=1.0, help="the rate limit's burst, in seconds")
     parser.add_argument(
@@ -560,6 +582,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, SimCo
         stall_s=args.stall_s,
         agree_after=args.agree_after,
         agree_prob=args.agree_prob,
+        rewrite=args.rewrite,
         rpm_limit=args.rpm_limit,
         rpm_burst_s=args.rpm_burst_s,
         ratelimit_headers=args.ratelimit_headers,
