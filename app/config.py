@@ -255,6 +255,10 @@ class Settings(BaseSettings):
     # process; past them, 429: each holds a connection and a task, and a key's burst would
     # otherwise take every connection the process may open.
     max_waiting_per_key: int = Field(default=64, ge=1)
+    # Worker threads one API key's requests may hold at once in each API process, of asyncio's
+    # few (CPU count + 4, at most 32), for decoding, checking and rendering: the key's other
+    # such work waits, never refused, and other keys' requests take the threads left.
+    threads_per_key: int = Field(default=2, ge=1)
     # A request body of which no byte came for this long is refused with 408: its client went
     # quiet, and would hold one of its key's body turns (above) for as long as its connection
     # stayed open. Per chunk, not for the whole body: a large upload on a slow link goes on.

@@ -123,6 +123,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 ),
                 KeyTurns(settings.max_bodies_per_key, max_waiting=settings.max_waiting_per_key),
                 KeyTurns(settings.max_bodies_per_key, max_waiting=settings.max_waiting_per_key),  # deliveries
+                KeyTurns(settings.threads_per_key, max_waiting=None),  # threads: accepted work waits
                 readiness,
                 scrapes,
                 Failures(

@@ -1,21 +1,47 @@
 """Work run off the event loop, in a worker thread: `in_thread` in place of asyncio.to_thread,
-which ruff forbids elsewhere (pyproject's banned-api)."""
+which ruff forbids elsewhere (pyproject's banned-api).
+
+The threads are asyncio's default pool, a few for the whole process, taken first come, first
+served. Code working for one party among several can have that party's calls take turns for
+them (`in_turns`): the API gives each request the turns of its API key, so that one key's burst
+of CPU-heavy requests holds a few of the threads and another key's light request one of the
+rest, instead of waiting behind the whole burst."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager, contextmanager
+from contextvars import ContextVar
 from typing import ParamSpec, TypeVar
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
+# A turn to run one call in a thread, waited for before the call is handed to the pool and
+# held until its work is done.
+ThreadTurn = Callable[[], AbstractAsyncContextManager[None]]
+
+_turn: ContextVar[ThreadTurn | None] = ContextVar("thread_turn", default=None)
+
+
+@contextmanager
+def in_turns(turn: ThreadTurn) -> Iterator[None]:
+    """Inside, in this context and the tasks started from it, every `in_thread` call waits for
+    `turn()` and runs in it. Outside (workers, the CLI, requests without a key) calls take a
+    thread as they come."""
+    token = _turn.set(turn)
+    try:
+        yield
+    finally:
+        _turn.reset(token)
+
 
 async def in_thread(work: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
-    """`work(*args, **kwargs)` in a worker thread, as asyncio.to_thread, except that a
-    StopIteration it raises comes out as a RuntimeError (its cause): asyncio cannot set a
-    StopIteration on a future (a TypeError in a loop callback), so the awaiting coroutine would
-    wait for good, a request never answered."""
+    """`work(*args, **kwargs)` in a worker thread, as asyncio.to_thread, in its turn if the
+    caller runs `in_turns`; except that a StopIteration it raises comes out as a RuntimeError
+    (its cause): asyncio cannot set a StopIteration on a future (a TypeError in a loop
+    callback), so the awaiting coroutine would wait for good, a request never answered."""
 
     def run() -> T:
         try:
@@ -23,4 +49,11 @@ async def in_thread(work: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) 
         except StopIteration as stop:
             raise RuntimeError(f"{getattr(work, '__qualname__', work)!s} raised StopIteration") from stop
 
-    return await asyncio.to_thread(run)
+    turn = _turn.get()
+    if turn is None:
+        return await asyncio.to_thread(run)
+    # A call cancelled in its thread gives its turn back at once, while the thread runs on to
+    # the end of its work (asyncio cannot stop it): a turn bounds the calls awaited, nearly
+    # always the threads.
+    async with turn():
+        return await asyncio.to_thread(run)

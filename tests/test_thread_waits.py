@@ -4,13 +4,17 @@ The threads are asyncio's default pool, a few for the whole process: behind othe
 work there, a route that had read what it shows waited holding its connection in an open
 transaction, and a key's burst of such requests held the API's whole pool (20), every
 tenant's requests waiting for them. The pool is held busy here until every request is waiting
-for it, then the connections they hold are counted."""
+for it, then the connections they hold are counted.
+
+A key's requests take at most its share of the threads at once (AIDSAFE_THREADS_PER_KEY), the
+others waiting for its turn in `in_thread`, past the point where their connections were given
+back: here the share is as large as a test's burst, so that every request waits in the pool."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +28,7 @@ from sqlalchemy import text
 from app import events
 from app.config import Settings
 from app.store.db import Sessions
+from tests.conftest import api_client
 from tests.scripted_llm import ScriptedLLM
 from tests.test_api import items_of, submit
 from tests.test_comparison_reports import finished_comparison
@@ -36,15 +41,20 @@ Headers = dict[str, str]
 
 
 class BusyThreads(ThreadPoolExecutor):
-    """A default thread pool busy with other work: what is handed to it starts once `free` is
-    called. `handed` gets a None as each piece of work is handed over (on the event loop)."""
+    """A default thread pool (of `max_workers` threads) busy with other work: what is handed to
+    it starts once `free` is called. `handed` gets a None as each piece of work is handed over
+    (on the event loop). With `holds`, only the work handed over while it is true (asked on the
+    event loop, in the caller's context) waits for `free` and is counted in `handed`."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, max_workers: int | None = None, holds: Callable[[], bool] = lambda: True) -> None:
+        super().__init__(max_workers)
         self.handed: asyncio.Queue[None] = asyncio.Queue()
+        self._holds = holds
         self._freed = threading.Event()
 
     def submit(self, work: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        if not self._holds():
+            return super().submit(work, *args, **kwargs)
         self.handed.put_nowait(None)
         return super().submit(self._when_freed, work, *args, **kwargs)
 
@@ -61,11 +71,13 @@ class BusyThreads(ThreadPoolExecutor):
 
 
 @contextmanager
-def busy_threads() -> Iterator[BusyThreads]:
+def busy_threads(
+    max_workers: int | None = None, holds: Callable[[], bool] = lambda: True
+) -> Iterator[BusyThreads]:
     """The running loop's default thread pool busy (BusyThreads) inside, its own again after."""
     loop = asyncio.get_running_loop()
     own = getattr(loop, "_default_executor", None)  # asyncio has no getter
-    busy = BusyThreads()
+    busy = BusyThreads(max_workers, holds)
     loop.set_default_executor(busy)
     try:
         yield busy
@@ -73,6 +85,12 @@ def busy_threads() -> Iterator[BusyThreads]:
         busy.free()
         loop.set_default_executor(own or ThreadPoolExecutor())
         busy.shutdown(wait=False)
+
+
+@pytest.fixture
+async def api(settings: Settings, sessions: Sessions) -> AsyncIterator[httpx.AsyncClient]:
+    async with api_client(settings.model_copy(update={"threads_per_key": 32})) as client:
+        yield client
 
 
 async def held_in_transaction(sessions: Sessions) -> list[str]:

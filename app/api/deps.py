@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractContextManager
+from functools import partial
 from typing import Annotated
 from uuid import UUID
 
@@ -11,6 +13,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app import threads
 from app.api.state import ApiState, api_state
 from app.api.summaries import JobSummaries
 from app.config import Settings
@@ -70,14 +73,24 @@ def client_address(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
+def threads_in_turns_of(state: ApiState, key: ApiKey) -> AbstractContextManager[None]:
+    """Inside, the request's calls for a worker thread take its key's turns
+    (ApiState.thread_turns): one key's burst of CPU-heavy requests holds a few of the process's
+    threads, and another key's request waits behind the few, not behind the whole burst."""
+    return threads.in_turns(partial(state.thread_turns.turn, key.id))
+
+
+# With yield, so that the turns end with the request (a test's requests share its context).
 async def _current_key(
     request: Request,
     state: StateDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> ApiKey:
+) -> AsyncIterator[ApiKey]:
     if credentials is None:
         raise Unauthorized("send an API key as 'Authorization: Bearer <key>'")
-    return await state.known_keys.authenticate(credentials.credentials, client_address(request))
+    key = await state.known_keys.authenticate(credentials.credentials, client_address(request))
+    with threads_in_turns_of(state, key):
+        yield key
 
 
 CurrentKey = Annotated[ApiKey, Depends(_current_key)]
@@ -104,7 +117,7 @@ async def _reads_hazardous(key: CurrentKey) -> bool:
 ReadsHazardous = Annotated[bool, Depends(_reads_hazardous)]
 
 
-def job_owned_by(key: Callable[..., Awaitable[ApiKey]]) -> Callable[..., Awaitable[Job]]:
+def job_owned_by(key: Callable[..., AsyncIterator[ApiKey]]) -> Callable[..., Awaitable[Job]]:
     """A dependency giving the route the job in its path if the key `key` gives owns it,
     NotFound otherwise (another key's job does not exist for this one). The key is
     resolved first, so a request without one is a 401 whatever the job."""

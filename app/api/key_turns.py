@@ -12,7 +12,10 @@ body decoded, then waiting for the key's row, is in memory still), the others wa
 
 A key's requests waiting for a turn are bounded too: each holds a connection and a task, and a
 burst of one key's would otherwise take every connection the process may open. Past the bound
-a request is refused at once (429 `too_many_waiting`), unread."""
+a request is refused at once (429 `too_many_waiting`), unread.
+
+Turns without a bound on the waiting serve work already accepted, which is never refused: the
+key's requests' calls for a worker thread (app/threads.py), a few at a time."""
 
 from __future__ import annotations
 
@@ -34,9 +37,9 @@ class _Turns:
 class KeyTurns:
     """`at_once` slots per key with requests under way or waiting, dropped with the last of
     them: as many as the keys busy now, however many keys there are. At most `max_waiting` of
-    a key's requests wait for a slot."""
+    a key's requests wait for a slot (None: any number)."""
 
-    def __init__(self, at_once: int = 1, *, max_waiting: int) -> None:
+    def __init__(self, at_once: int = 1, *, max_waiting: int | None) -> None:
         self.at_once = at_once
         self.max_waiting = max_waiting
         self._by_key: dict[UUID, _Turns] = {}
@@ -49,7 +52,11 @@ class KeyTurns:
         turns = self._by_key.get(key_id)
         if turns is None:
             turns = self._by_key[key_id] = _Turns(asyncio.Semaphore(self.at_once))
-        if refuse_past_max and turns.users >= self.at_once + self.max_waiting:
+        if (
+            refuse_past_max
+            and self.max_waiting is not None
+            and turns.users >= self.at_once + self.max_waiting
+        ):
             raise TooManyWaiting(
                 f"this API key has {self.max_waiting} requests waiting for their turn here, the most "
                 "it may: send fewer at once"

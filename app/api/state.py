@@ -39,6 +39,7 @@ class ApiState:
     # Each key's Label Studio deliveries being read, apart from its requests' bodies: waiting
     # behind those (held to their answers) past Label Studio's 1 s timeout lost the delivery.
     delivery_turns: KeyTurns
+    thread_turns: KeyTurns  # each key's requests' calls for a worker thread (app/threads.py), a few at a time
     readiness: Recent[None, list[str]]  # what /readyz found not answering, checked lately
     scrapes: Recent[None, bytes]  # the /metrics page, made lately
     wrong_secrets: Failures  # sent to each webhook lately, per client address

@@ -28,7 +28,7 @@ from app.api import model_evaluations as model_evaluation_api
 from app.api import sample_evaluations as sample_evaluation_api
 from app.api import views
 from app.api.bodies import read_capped
-from app.api.deps import SessionDep, SettingsDep, client_address, job_owned_by
+from app.api.deps import SessionDep, SettingsDep, StateDep, client_address, job_owned_by, threads_in_turns_of
 from app.api.events import LastEventIdHeader, ResumedEvents, resumed, server_sent
 from app.api.schemas import CandidateStats, ItemStatus
 from app.api.state import api_state
@@ -116,12 +116,15 @@ def _session_id(request: Request, settings: Settings) -> UUID | None:
     return session_token.session_id_of(token, session_token.signing_secret(settings)) if token else None
 
 
-async def _viewer_key(request: Request, session: SessionDep, settings: SettingsDep) -> ApiKey:
+async def _viewer_key(
+    request: Request, session: SessionDep, settings: SettingsDep, state: StateDep
+) -> AsyncIterator[ApiKey]:
     session_id = _session_id(request, settings)
     key = session_id and await web_sessions.live_key(session, session_id)
     if not key:
         raise LoginRequired()
-    return key
+    with threads_in_turns_of(state, key):
+        yield key
 
 
 ViewerKey = Annotated[ApiKey, Depends(_viewer_key)]

@@ -1,0 +1,97 @@
+"""One API key's requests hold at most `threads_per_key` of the API process's worker threads at
+once (app/threads.py, ApiState.thread_turns): the rest of a key's burst waits for its turn,
+never refused, and another key's request takes one of the threads left. Before, every call
+took the shared pool first come, first served: a light listing waited 3.5 s behind another
+key's 12 viewer item pages."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from contextvars import ContextVar, copy_context
+from typing import Any, TypeVar
+from uuid import uuid4
+
+import httpx
+import pytest
+
+from app.api.key_turns import KeyTurns
+from app.config import Settings
+from app.main import create_app
+from app.store.db import Sessions
+from app.threads import in_thread
+from tests.conftest import api_client, new_key, submit
+from tests.test_api import items_of
+from tests.test_thread_waits import busy_threads
+from tests.test_viewer import logged_in
+
+T = TypeVar("T")
+
+# Set in the burst's requests: their work in the thread pool is held (BusyThreads' `holds`).
+IN_BURST: ContextVar[bool] = ContextVar("in_burst", default=False)
+BURST = 6
+
+
+def in_burst(request: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    """`request` sent in a task of its own, as part of the burst."""
+    context = copy_context()
+    context.run(IN_BURST.set, True)
+    return asyncio.create_task(request, context=context)
+
+
+@pytest.mark.parametrize("page", ["/v1/items/{item}", "/view/items/{item}"])
+async def test_a_keys_burst_holds_its_share_of_threads_and_another_keys_request_takes_one_at_once(
+    settings: Settings, sessions: Sessions, auth: dict[str, str], page: str
+) -> None:
+    share = settings.threads_per_key
+    other = await new_key(sessions, "other")
+    # None of the burst's calls waiting for a thread is refused, past the most waiting too.
+    async with api_client(settings.model_copy(update={"max_waiting_per_key": 1})) as api:
+        [item] = await items_of(api, auth, await submit(api, auth, ["How do I store rice?"]))
+        await logged_in(api, auth)  # the viewer's pages: as the burst's key
+        url = page.format(item=item["id"])
+        # The pool has a thread more than the key's share: before, the burst took it.
+        with busy_threads(share + 1, holds=IN_BURST.get) as threads:
+            burst = [in_burst(api.get(url, headers=auth)) for _ in range(BURST)]
+            await threads.until_handed(share)
+            listing = asyncio.ensure_future(api.get("/v1/jobs", headers=other))
+            one_more = asyncio.ensure_future(threads.until_handed(1))
+            await asyncio.wait([listing, one_more], return_when=asyncio.FIRST_COMPLETED)
+            assert not one_more.done()  # the burst's other calls wait for a turn, not in the pool
+            one_more.cancel()
+            assert listing.done()
+            threads.free()
+            answers = await asyncio.gather(*burst)
+    assert listing.result().status_code == 200, listing.result().text
+    assert [answer.status_code for answer in answers] == [200] * BURST
+
+
+async def test_a_keys_turns_for_threads_end_with_its_request(
+    settings: Settings, auth: dict[str, str]
+) -> None:
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as api:
+            # Answered in this task, in its context, as a test's requests are.
+            assert (await api.get("/v1/jobs", headers=auth)).status_code == 200
+        with busy_threads() as threads:
+            call = asyncio.ensure_future(in_thread(str))
+            await threads.until_handed(1)
+            assert len(app.state.api.thread_turns) == 0  # a call without a key, as a worker's
+            threads.free()
+            assert await call == ""
+
+
+async def test_turns_with_no_bound_on_the_waiting_refuse_none_and_come_in_order() -> None:
+    turns, key = KeyTurns(2, max_waiting=None), uuid4()
+    order: list[int] = []
+
+    async def call(n: int) -> None:
+        async with turns.turn(key):
+            order.append(n)
+            await asyncio.sleep(0)
+
+    await asyncio.gather(*(call(n) for n in range(100)))
+    assert order == list(range(100))
+    assert len(turns) == 0
