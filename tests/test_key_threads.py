@@ -21,7 +21,9 @@ from app.main import create_app
 from app.store.db import Sessions
 from app.threads import in_thread
 from tests.conftest import api_client, new_key, submit
+from tests.scripted_llm import ScriptedLLM
 from tests.test_api import items_of
+from tests.test_comparison_reports import finished_comparison
 from tests.test_thread_waits import busy_threads
 from tests.test_viewer import logged_in
 
@@ -63,6 +65,53 @@ async def test_a_keys_burst_holds_its_share_of_threads_and_another_keys_request_
             threads.free()
             answers = await asyncio.gather(*burst)
     assert listing.result().status_code == 200, listing.result().text
+    assert [answer.status_code for answer in answers] == [200] * BURST
+
+
+# Per request of a burst of plots, its calls for a thread so far: the first computes the
+# comparison's figures, the next draws.
+THREAD_CALLS: ContextVar[list[None]] = ContextVar("thread_calls")
+
+
+def drawing_in_burst() -> bool:
+    """Whether the work handed to the thread pool now is a burst request's drawing."""
+    if not IN_BURST.get():
+        return False
+    calls = THREAD_CALLS.get()
+    calls.append(None)
+    return len(calls) > 1
+
+
+async def test_a_keys_burst_of_plots_draws_in_its_share_of_threads_and_another_keys_plot_at_once(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    sessions: Sessions,
+    settings: Settings,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    other = await new_key(sessions, "other")
+    mine = await finished_comparison(api, auth, sessions, settings, scripted_llm)
+    theirs = await finished_comparison(api, other, sessions, settings, scripted_llm)
+    share = settings.threads_per_key
+
+    def plot_in_burst() -> asyncio.Task[httpx.Response]:
+        THREAD_CALLS.set([])  # in the copy of this context in_burst's task runs in
+        return in_burst(api.get(f"/v1/comparisons/{mine}/plots/scores.png", headers=auth))
+
+    with busy_threads(share + 1, holds=drawing_in_burst) as threads:
+        plots = [copy_context().run(plot_in_burst) for _ in range(BURST)]
+        # Before, plots were drawn in anyio's threads, two at a time for the whole process: the
+        # burst took both, and another key's plot waited behind all of it.
+        await asyncio.wait_for(threads.until_handed(share), timeout=30)
+        plot = asyncio.ensure_future(api.get(f"/v1/comparisons/{theirs}/plots/scores.png", headers=other))
+        one_more = asyncio.ensure_future(threads.until_handed(1))
+        await asyncio.wait([plot, one_more], return_when=asyncio.FIRST_COMPLETED)
+        assert not one_more.done()  # the burst's other drawings wait for a turn, not in the pool
+        one_more.cancel()
+        assert plot.done()
+        threads.free()
+        answers = await asyncio.gather(*plots)
+    assert plot.result().status_code == 200 and plot.result().headers["content-type"] == "image/png"
     assert [answer.status_code for answer in answers] == [200] * BURST
 
 

@@ -70,7 +70,7 @@ def _markdown(figures: ComparisonFigures) -> str:
 async def comparison_plot(comparison_id: UUID, plot: Plot, session: SessionDep, key: CurrentKey) -> Response:
     """`scores`: per metric, the share of samples at each score on both sides. `gaps`: the
     chosen-minus-rejected gap of the candidate's preference pairs."""
-    # Its connection given back once the figures are read (comparisons.report): plots are drawn
-    # two at a time, and waiting its turn, a request held it, one key's plot requests the pool.
+    # Its connection given back once the figures are read (comparisons.report): a plot waits for
+    # its key's turn for a thread, and waiting, a request held it, one key's plot requests the pool.
     figures = await comparisons.figures(session, await jobs.get_owned(session, comparison_id, key.id))
     return Response(await plots.png(plot, figures), media_type="image/png")

@@ -8,18 +8,14 @@ from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-import anyio
-
 from app.deliberation.results import GAP_SCALE
 from app.reports.figures import SCORES, ComparisonFigures, Side, graded_metrics
+from app.threads import in_thread
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 GAP_EDGES = [edge / 2 for edge in range(2 * GAP_SCALE[0], 2 * GAP_SCALE[1] + 1)]  # 0.5 wide
-# Drawing takes a core for a few hundred ms: off the event loop, two at a time per process,
-# so requests for plots queue instead of starving everything else.
-_DRAWING = anyio.CapacityLimiter(2)
 
 
 class Plot(StrEnum):
@@ -38,14 +34,19 @@ async def png(plot: Plot, figures: ComparisonFigures) -> bytes:
     return await gaps_png(figures.title, figures.gaps)
 
 
+# Drawing takes a core for a few hundred ms: in a worker thread (in_thread), in the caller's
+# turn for threads, so an API key's burst of plots draws a few at a time (its share of threads)
+# and other keys' requests take the threads left.
+
+
 async def scores_png(title: str, sides: Sequence[Side]) -> bytes:
     """score_distributions drawn in a worker thread."""
-    return await anyio.to_thread.run_sync(score_distributions, title, sides, limiter=_DRAWING)
+    return await in_thread(score_distributions, title, sides)
 
 
 async def gaps_png(title: str, gaps: Mapping[str, Mapping[float, int]]) -> bytes:
     """gap_distributions drawn in a worker thread."""
-    return await anyio.to_thread.run_sync(gap_distributions, title, gaps, limiter=_DRAWING)
+    return await in_thread(gap_distributions, title, gaps)
 
 
 def _figure(width: float, height: float) -> Figure:
