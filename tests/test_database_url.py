@@ -6,19 +6,20 @@ the settings load, named, the URL never quoted (it may carry a password)."""
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import pytest
 from alembic import command
 from alembic.config import Config
 from pydantic import ValidationError
 from sqlalchemy import URL, make_url, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from app.config import Settings
 from app.store.db import Sessions, make_engine
@@ -27,6 +28,8 @@ from tests.tls_postgres import (
     CERTIFICATE_USER,
     CLIENT_KEY_PASSWORD,
     DATABASE,
+    PASSWORD,
+    PASSWORD_USER,
     TlsPostgres,
     postgres_binaries,
     tls_postgres,
@@ -86,6 +89,27 @@ async def test_each_of_several_hosts_is_tried_in_turn(settings: Settings, sessio
         assert await _one_row(url, "SELECT 1") == (1,)
 
 
+async def test_an_engine_from_a_libpq_url_keeps_the_services_engine_options(
+    settings: Settings, sessions: Sessions
+) -> None:
+    """A pool of the connections asked for, and a failed statement's error without the values it
+    was sent (user data: prompts, reviews), whatever the URL's options."""
+    libpq = (
+        make_url(settings.database_url).set(drivername="postgresql").update_query_dict({"sslmode": "disable"})
+    )
+    engine = make_engine(
+        Settings(database_url=libpq.render_as_string(hide_password=False)).database_url, 5, 3
+    )
+    try:
+        assert engine.sync_engine.pool.size() == 3
+        async with engine.connect() as connection:
+            with pytest.raises(DBAPIError, match="division by zero") as failed:
+                await connection.execute(text("SELECT CAST(:prompt AS text), 1 / 0"), {"prompt": "hunter2"})
+        assert "hunter2" not in str(failed.value)
+    finally:
+        await engine.dispose()
+
+
 @pytest.mark.parametrize(
     ("query", "said"),
     [
@@ -133,6 +157,21 @@ def test_an_option_the_service_cannot_honour_is_refused_by_name_not_quoted(query
         Settings(database_url=f"postgres://u:hunter2@db.example/x?{query}")
     assert f"database_url\n  Value error, {said} [type=value_error]" in str(refused.value)
     assert "hunter" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("http://x", "Can't load plugin: sqlalchemy.dialects:http"),
+        ("postgresql+psycopg2://u@db.example/x", "No module named 'psycopg2'"),
+    ],
+)
+def test_a_url_of_another_driver_fails_naming_what_sqlalchemy_cannot_load(url: str, said: str) -> None:
+    """Not asyncpg's to read: the engine's error (which a failed start and `aidsafe keys` show)
+    names the dialect or driver that is missing."""
+    assert Settings(database_url=url).database_url == url
+    with pytest.raises((ArgumentError, ImportError), match=re.escape(said)):
+        make_engine(url, 5, 1)
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +232,13 @@ async def test_a_client_certificate_with_its_encrypted_key_logs_in(server: TlsPo
         await _one_row(_libpq_url(server, CERTIFICATE_USER), "SELECT 1")
 
 
+async def test_a_password_with_characters_a_url_escapes_logs_in(server: TlsPostgres) -> None:
+    url = _libpq_url(server, f"{PASSWORD_USER}:{quote(PASSWORD, safe='')}")
+    assert await _one_row(url, "SELECT current_user") == (PASSWORD_USER,)
+    with pytest.raises(DBAPIError, match="password authentication failed"):
+        await _one_row(_libpq_url(server, f"{PASSWORD_USER}:wrong"), "SELECT 1")
+
+
 async def test_application_name_and_options_reach_the_server(server: TlsPostgres) -> None:
     url = _libpq_url(server, application_name="aidsafe-worker", options="-c search_path=elsewhere")
     row = await _one_row(url, "SELECT current_setting('application_name'), current_setting('search_path')")
@@ -232,8 +278,10 @@ async def test_the_migrations_connect_as_the_service_does(server: TlsPostgres) -
 
 
 def test_the_engine_shows_no_option_of_its_url() -> None:
-    """Its repr is logged; the URL's sslpassword is the DSN's alone."""
+    """Its URL is logged and named in errors (`aidsafe keys`' "Cannot use the database ..."): the
+    URL's sslpassword is the DSN's alone."""
     engine = make_engine(
         Settings(database_url="postgres://u@db.example/x?sslpassword=hunter2").database_url, 5, 1
     )
-    assert "hunter2" not in repr(engine)
+    assert engine.url.render_as_string(hide_password=True) == "postgresql+asyncpg://u@db.example/x"
+    assert "hunter2" not in repr(engine.sync_engine)

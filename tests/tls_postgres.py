@@ -14,9 +14,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-# Logs in with its client certificate alone (pg_hba's `cert` method); every other role with TLS alone.
+# Logs in with its client certificate alone (pg_hba's `cert` method).
 CERTIFICATE_USER = "certificate_user"
 CLIENT_KEY_PASSWORD = "client-key-password"
+# Logs in with its password (scram-sha-256), which has characters a URL must escape. Every other
+# role logs in with TLS alone.
+PASSWORD_USER = "password_user"
+PASSWORD = "p@ss:w/rd%"
 DATABASE = "aidsafe"
 
 
@@ -64,11 +68,15 @@ def tls_postgres(binaries: Path) -> Iterator[TlsPostgres]:
         # No `host` line: a connection without TLS is refused.
         (data / "pg_hba.conf").write_text(
             f"local all all trust\nhostssl all {CERTIFICATE_USER} 127.0.0.1/32 cert\n"
-            "hostssl all all 127.0.0.1/32 trust\n"
+            f"hostssl all {PASSWORD_USER} 127.0.0.1/32 scram-sha-256\nhostssl all all 127.0.0.1/32 trust\n"
         )
         run("pg_ctl", "-D", data, "-l", files / "server.log", "-w", "start")
         try:
-            for statement in (f"CREATE ROLE {CERTIFICATE_USER} LOGIN", f"CREATE DATABASE {DATABASE}"):
+            for statement in (
+                f"CREATE ROLE {CERTIFICATE_USER} LOGIN",
+                f"CREATE ROLE {PASSWORD_USER} LOGIN PASSWORD '{PASSWORD}'",
+                f"CREATE DATABASE {DATABASE}",
+            ):
                 run("psql", "-h", files, "-p", str(server.port), "-U", "postgres", "-q", "-c", statement)
             yield server
         finally:
