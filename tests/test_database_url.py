@@ -20,6 +20,7 @@ from alembic.config import Config
 from pydantic import ValidationError
 from sqlalchemy import URL, make_url, text
 from sqlalchemy.exc import ArgumentError, DBAPIError
+from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 from app.config import Settings
 from app.store.db import Sessions, make_engine
@@ -101,7 +102,8 @@ async def test_an_engine_from_a_libpq_url_keeps_the_services_engine_options(
         Settings(database_url=libpq.render_as_string(hide_password=False)).database_url, 5, 3
     )
     try:
-        assert engine.sync_engine.pool.size() == 3
+        pool = engine.sync_engine.pool
+        assert isinstance(pool, AsyncAdaptedQueuePool) and pool.size() == 3
         async with engine.connect() as connection:
             with pytest.raises(DBAPIError, match="division by zero") as failed:
                 await connection.execute(text("SELECT CAST(:prompt AS text), 1 / 0"), {"prompt": "hunter2"})
