@@ -211,30 +211,43 @@ async def closed_quietly(sessions: Sessions) -> AsyncIterator[AsyncSession]:
 
 async def dispose(engine: AsyncEngine) -> None:
     """Close the engine's pooled connections, as a process that stops does: engine.dispose(),
-    each connection given _GOODBYE_TIMEOUT_S to answer its close. One gone silent (a failover,
-    a dropped NAT entry) held SQLAlchemy's close for the command timeout (a minute by default),
-    each in turn, which then logged the failure as an ERROR with a traceback: it is ended at our
-    end instead, a warning line."""
+    the connections given _GOODBYE_TIMEOUT_S in all to answer their close. One gone silent (a
+    failover, a dropped NAT entry) held SQLAlchemy's close for the command timeout (a minute by
+    default), each in turn, which then logged the failure as an ERROR with a traceback: it is
+    ended at our end instead, a warning line. In all, not each: the pool closes them one after
+    another, and a failover leaves them all silent at once."""
+    goodbye = _Goodbye(time.monotonic() + _GOODBYE_TIMEOUT_S)
     sync_engine = engine.sync_engine
-    event.listen(sync_engine, "close", _close_or_end)
+    event.listen(sync_engine, "close", goodbye.close_or_end)
     try:
         await engine.dispose()
     finally:
-        event.remove(sync_engine, "close", _close_or_end)
+        event.remove(sync_engine, "close", goodbye.close_or_end)
 
 
-def _close_or_end(dbapi_connection: Any, _record: Any) -> None:
-    """The pool's close event, before its own close (which then finds the connection closed):
-    asyncpg's close within _GOODBYE_TIMEOUT_S, which ends the connection at our end if it
-    fails."""
-    try:
-        dbapi_connection.run_async(lambda driver: driver.close(timeout=_GOODBYE_TIMEOUT_S))
-    except Exception as error:  # whatever failed, asyncpg has ended the connection
-        detail = f"no answer in {_GOODBYE_TIMEOUT_S} s" if isinstance(error, TimeoutError) else repr(error)
-        log.warning("a pooled connection ended at our end, its close failed: %s", detail)
+class _Goodbye:
+    """The pool's close event while it is disposed, before its own close (which then finds the
+    connection closed): asyncpg's close within what is left of the time until `ends_at`, which
+    ends the connection at our end if it fails; with none left, it is ended unasked."""
+
+    def __init__(self, ends_at: float) -> None:
+        self.ends_at = ends_at
+
+    def close_or_end(self, dbapi_connection: Any, _record: Any) -> None:
+        left = self.ends_at - time.monotonic()
+        if left <= 0:
+            dbapi_connection.driver_connection.terminate()
+            log.warning("a pooled connection ended at our end, unasked: %s had passed", _GOODBYE)
+            return
+        try:
+            dbapi_connection.run_async(lambda driver: driver.close(timeout=left))
+        except Exception as error:  # whatever failed, asyncpg has ended the connection
+            detail = f"no answer within {_GOODBYE}" if isinstance(error, TimeoutError) else repr(error)
+            log.warning("a pooled connection ended at our end, its close failed: %s", detail)
 
 
 _GOODBYE_TIMEOUT_S = 1.0  # a live server answers in a round trip
+_GOODBYE = f"the pool's {_GOODBYE_TIMEOUT_S} s to close"
 
 
 def make_sessions(engine: AsyncEngine) -> Sessions:
