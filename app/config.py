@@ -42,9 +42,13 @@ _NOT_WITH_SYSTEM_ROOTS = (
     "ssl_min_protocol_version",
     "ssl_max_protocol_version",
 )
+# asyncpg's own name for sslmode, which takes the same modes: taken as sslmode.
+_SSL_ALIAS = "ssl"
+_SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 # The values asyncpg would refuse only at the first connection.
 _OPTION_CHOICES = {
-    "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+    "sslmode": _SSL_MODES,
+    _SSL_ALIAS: _SSL_MODES,
     "sslnegotiation": ("postgres", "direct"),
     "ssl_min_protocol_version": ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"),
     "ssl_max_protocol_version": ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"),
@@ -57,22 +61,24 @@ def for_asyncpg(url: str) -> str:
     """A Postgres URL as the engine takes it (app/store/db.py): SQLAlchemy's asyncpg driver
     named (the libpq form `postgres://...` that hosted databases hand out names none), asyncpg's
     `ssl` as libpq's `sslmode` (the same modes), and each query option one that the service
-    honours. Any other is refused here, by name: SQLAlchemy's dialect passed it to
+    honours. Anything else is refused here, by name: another scheme or driver (the service's
+    hot statements and connection settings are asyncpg's, so another driver failed only at the
+    first connection), and any other option, which SQLAlchemy's dialect passed to
     asyncpg.connect as a keyword argument, a TypeError at the first connection."""
     try:
         parsed = make_url(url)
     except ArgumentError:
-        return url  # not a URL: the engine's own error names it
-    if parsed.drivername in ("postgres", "postgresql"):
-        parsed = parsed.set(drivername="postgresql+asyncpg")
-    if parsed.drivername != "postgresql+asyncpg":
-        return url  # another driver: SQLAlchemy's own error, or its own options
-    if "ssl" in parsed.query:
-        if "sslmode" in parsed.query:
-            raise ValueError("give the database URL's ssl or its sslmode, not both")
-        parsed = parsed.difference_update_query(["ssl"]).update_query_dict({"sslmode": parsed.query["ssl"]})
+        raise ValueError(f"the database URL is not a URL: write {_URL_FORM}") from None
+    if parsed.drivername not in _ASYNCPG_SCHEMES:
+        raise ValueError(_not_asyncpg(parsed.drivername))
+    parsed = parsed.set(drivername="postgresql+asyncpg")
     for option, value in parsed.query.items():
         _check_option(option, value)
+    if _SSL_ALIAS in parsed.query:
+        if "sslmode" in parsed.query:
+            raise ValueError(f"give the database URL's {_SSL_ALIAS} or its sslmode, not both")
+        ssl = parsed.query[_SSL_ALIAS]
+        parsed = parsed.difference_update_query([_SSL_ALIAS]).update_query_dict({"sslmode": ssl})
     if parsed.query.get("sslrootcert") == SYSTEM_ROOTS:
         if parsed.query.get("sslmode", "verify-full") != "verify-full":
             raise ValueError(
@@ -86,11 +92,31 @@ def for_asyncpg(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+# The schemes the engine connects with: asyncpg's, named or not.
+_ASYNCPG_SCHEMES = ("postgres", "postgresql", "postgresql+asyncpg")
+_URL_FORM = "postgresql://user:password@host:5432/database"
+
+
+def _not_asyncpg(scheme: str) -> str:
+    """Why a URL of another scheme is refused, and what to write instead: the scheme is named
+    (never the rest, which may carry a password)."""
+    backend, _, driver = scheme.partition("+")
+    if backend in ("postgres", "postgresql") and driver != "asyncpg":
+        return (
+            f"the database URL names the driver {driver}, but the service connects with asyncpg alone: "
+            f"write postgresql:// (or postgresql+asyncpg://) in place of {scheme}://"
+        )
+    return (
+        f"the database URL's scheme {scheme}:// is none the service connects with: write postgresql:// "
+        "(or postgres://, postgresql+asyncpg://)"
+    )
+
+
 def _check_option(option: str, value: str | tuple[str, ...]) -> None:
-    """Refuse a database URL's option that the service cannot honour: named, its value never
-    quoted (an sslpassword)."""
+    """Refuse a database URL's option that the service cannot honour: named as given, its value
+    never quoted (an sslpassword)."""
     said = f"the database URL's {option}"
-    if option not in DSN_OPTIONS | STARTUP_PARAMETERS | {CONNECT_TIMEOUT}:
+    if option not in DSN_OPTIONS | STARTUP_PARAMETERS | {CONNECT_TIMEOUT, _SSL_ALIAS}:
         raise ValueError(
             f"{said} is not an option the service's Postgres driver (asyncpg) honours: remove it"
         )

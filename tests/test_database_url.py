@@ -1,7 +1,8 @@
 """AIDSAFE_DATABASE_URL in the libpq form hosted databases hand out (`postgres://`, no driver,
 `?sslmode=verify-full&sslrootcert=...`) connects as libpq would: asyncpg reads its options, the
-service's engines and the migrations alike. An option the service cannot honour is refused when
-the settings load, named, the URL never quoted (it may carry a password)."""
+service's engines and the migrations alike. An option the service cannot honour, or a driver
+other than asyncpg, is refused when the settings load, named, the URL never quoted (it may carry
+a password)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from alembic import command
 from alembic.config import Config
 from pydantic import ValidationError
 from sqlalchemy import URL, make_url, text
-from sqlalchemy.exc import ArgumentError, DBAPIError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 from app.config import Settings
@@ -151,6 +152,12 @@ async def test_an_engine_from_a_libpq_url_keeps_the_services_engine_options(
             "the database URL's connect_timeout must be a whole number of seconds above 0",
         ),
         ("sslpassword=hunter2&sslpassword=hunter3", "the database URL's sslpassword is given more than once"),
+        # asyncpg's name for sslmode, named as given
+        (
+            "ssl=true",
+            "the database URL's ssl must be one of disable, allow, prefer, require, verify-ca, verify-full",
+        ),
+        ("ssl=require&ssl=disable", "the database URL's ssl is given more than once"),
     ],
 )
 def test_an_option_the_service_cannot_honour_is_refused_by_name_not_quoted(query: str, said: str) -> None:
@@ -164,15 +171,42 @@ def test_an_option_the_service_cannot_honour_is_refused_by_name_not_quoted(query
 @pytest.mark.parametrize(
     ("url", "said"),
     [
-        ("http://x", "Can't load plugin: sqlalchemy.dialects:http"),
-        ("postgresql+psycopg2://u@db.example/x", "No module named 'psycopg2'"),
+        (
+            "postgresql+psycopg://u:hunter2@db.example/x",
+            "the database URL names the driver psycopg, but the service connects with asyncpg alone: "
+            "write postgresql:// (or postgresql+asyncpg://) in place of postgresql+psycopg://",
+        ),
+        (
+            "postgresql+psycopg2://u:hunter2@db.example/x",
+            "the database URL names the driver psycopg2, but the service connects with asyncpg alone: "
+            "write postgresql:// (or postgresql+asyncpg://) in place of postgresql+psycopg2://",
+        ),
+        (
+            "postgres+asyncpg://u:hunter2@db.example/x",
+            "the database URL's scheme postgres+asyncpg:// is none the service connects with: write "
+            "postgresql:// (or postgres://, postgresql+asyncpg://)",
+        ),
+        (
+            "http://u:hunter2@db.example/x",
+            "the database URL's scheme http:// is none the service connects with: write postgresql:// "
+            "(or postgres://, postgresql+asyncpg://)",
+        ),
+        (
+            "hunter2",
+            "the database URL is not a URL: write postgresql://user:password@host:5432/database",
+        ),
     ],
 )
-def test_a_url_of_another_driver_fails_naming_what_sqlalchemy_cannot_load(url: str, said: str) -> None:
-    """Not asyncpg's to read: the engine's error (which a failed start and `aidsafe keys` show)
-    names the dialect or driver that is missing."""
-    assert Settings(database_url=url).database_url == url
-    with pytest.raises((ArgumentError, ImportError), match=re.escape(said)):
+def test_a_url_not_for_asyncpg_is_refused_naming_its_driver_and_what_to_write(url: str, said: str) -> None:
+    """The service's connections are asyncpg's (its connection settings, its hot statements sent
+    to the driver itself): another driver's URL passed the settings and failed at the first
+    connection, or when SQLAlchemy could not load it."""
+    with pytest.raises(ValidationError) as refused:
+        Settings(database_url=url)
+    assert f"database_url\n  Value error, {said} [type=value_error]" in str(refused.value)
+    assert "hunter" not in str(refused.value)
+    # A URL given otherwise (an Alembic config's) is refused alike.
+    with pytest.raises(ValueError, match=re.escape(said)):
         make_engine(url, 5, 1)
 
 

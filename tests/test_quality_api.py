@@ -1022,10 +1022,19 @@ def test_cli_keys_name_a_database_they_cannot_use_without_a_traceback(settings: 
     assert "Cannot use the database" in said and '"aidsafe_no_such_database" does not exist' in said, said
 
 
-@pytest.mark.parametrize("url", ["http://x", "postgresql+psycopg2://127.0.0.1/aidsafe", "no URL at all"])
-def test_cli_keys_name_a_database_url_of_no_scheme_they_know_without_a_traceback(
-    url: str, settings: Settings
+@pytest.mark.parametrize(
+    ("url", "refused"),
+    [
+        ("http://x", "the database URL's scheme http:// is none the service connects with"),
+        ("postgresql+psycopg2://127.0.0.1/aidsafe", "the database URL names the driver psycopg2"),
+        ("no URL at all", "the database URL is not a URL"),
+        ("postgres://127.0.0.1/aidsafe?channel_binding=require", "the database URL's channel_binding is not"),
+    ],
+)
+def test_cli_keys_name_a_database_url_the_settings_refuse_without_a_traceback(
+    url: str, refused: str, settings: Settings
 ) -> None:
+    """Refused as the settings load, as the API and the workers refuse it at start: one line."""
     env = {**worker_env(settings), "AIDSAFE_DATABASE_URL": url}
     listed = subprocess.run(
         [AIDSAFE, "keys", "list"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False
@@ -1033,7 +1042,8 @@ def test_cli_keys_name_a_database_url_of_no_scheme_they_know_without_a_traceback
 
     assert listed.returncode == 1 and "Traceback" not in listed.stdout + listed.stderr, listed.stderr
     [said] = listed.stdout.splitlines()
-    assert said.startswith("Cannot use the database: ") and said.endswith("(see AIDSAFE_DATABASE_URL)"), said
+    assert said.startswith(f"Cannot use the settings: {refused}"), said
+    assert said.endswith("(see AIDSAFE_DATABASE_URL)"), said
 
 
 async def test_cli_revoking_a_key_with_cancel_jobs_stops_its_unfinished_jobs_and_no_others(

@@ -9,12 +9,13 @@ from contextlib import contextmanager
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.markup import escape
-from sqlalchemy.exc import SQLAlchemyError
 
 import aidsafe
 from aidsafe.client import KEY_ENV, URL_ENV
 from app.cli.output import console
+from app.config import Settings, get_settings
 
 ApiUrl = Annotated[str, typer.Option(envvar=URL_ENV, help="Base URL of the API.")]
 
@@ -66,6 +67,21 @@ def unusable(what: str, reason: object, setting: str) -> typer.Exit:
     return typer.Exit(1)
 
 
+def service_settings() -> Settings:
+    """The service's settings (AIDSAFE_*), as a command that reaches Redis or the database
+    straight reads them: a refused one (a database URL of another driver, an option asyncpg
+    cannot honour) ends the command through `unusable`, naming the first such setting and why
+    (never its value), not with a traceback."""
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        [first, *_] = exc.errors(include_url=False, include_input=False)
+        field = str(first["loc"][0])
+        error = first.get("ctx", {}).get("error")  # a validator's ValueError, without pydantic's prefix
+        reason = error if isinstance(error, ValueError) else first["msg"]
+        raise unusable("the settings", reason, f"AIDSAFE_{field.upper()}") from exc
+
+
 @contextmanager
 def url_of(setting: str, what: str) -> Iterator[None]:
     """Around making a client from the URL `setting` holds (no connection yet): one it refuses
@@ -73,8 +89,6 @@ def url_of(setting: str, what: str) -> Iterator[None]:
     try:
         yield
     # redis-py: ValueError, TypeError (an option in the query it does not take: `?timeout=3`).
-    # SQLAlchemy: ArgumentError (no URL, a scheme it does not know), ImportError (a driver not
-    # installed: postgresql:// is psycopg), TypeError (sqlite://, whose pool takes none of
-    # make_engine's arguments), InvalidRequestError (a driver not async).
-    except (ValueError, ImportError, TypeError, SQLAlchemyError) as exc:
+    # (The database URL is refused, if it is, as the settings load: service_settings.)
+    except (ValueError, TypeError) as exc:
         raise unusable(what, exc, setting) from exc

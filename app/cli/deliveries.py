@@ -13,9 +13,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from rich.markup import escape
 
-from app.cli.connection import unusable, url_of
+from app.cli.connection import service_settings, unusable, url_of
 from app.cli.output import console
-from app.config import get_settings
 from app.labeling import deliveries
 
 deliveries_cli = typer.Typer(
@@ -28,7 +27,7 @@ SHOWN_BYTES = 300  # of each entry: its head and the start of its body
 def _in_redis(work: Callable[[Redis, str], Awaitable[T]]) -> T:
     """`work(redis, key_prefix)`; a Redis it cannot use ends the command saying which and why,
     not with a traceback."""
-    settings = get_settings()
+    settings = service_settings()
     timeout_s = settings.redis_timeout_s
     with url_of("AIDSAFE_REDIS_URL", "Redis"):
         redis = Redis.from_url(settings.redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
@@ -118,7 +117,7 @@ def drop_dead(
 def requeue_dead() -> None:
     """Put the dead deliveries back in the spool, for the workers' next pass to read again (once
     every worker runs the release that wrote them); one still unreadable goes dead again."""
-    limits = deliveries.SpoolLimits.of(get_settings())
+    limits = deliveries.SpoolLimits.of(service_settings())
     done = _in_redis(lambda redis, prefix: deliveries.requeue_dead(redis, prefix, limits))
     console.print(f"Requeued {_dead(done.requeued)}.")
     if done.no_room:

@@ -13,9 +13,8 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.cli.connection import unusable, url_of
+from app.cli.connection import service_settings, unusable
 from app.cli.output import console
-from app.config import get_settings
 from app.store import jobs, keys
 from app.store.db import make_engine, make_sessions
 from app.store.models import ApiKey
@@ -32,12 +31,11 @@ async def _with_session(engine: AsyncEngine, work: Any) -> Any:
 
 
 def _in_database(work: Any) -> Any:
-    """`work(session)` in one transaction; a database it cannot use (no URL SQLAlchemy can use,
+    """`work(session)` in one transaction; a database it cannot use (a URL the settings refuse,
     down, not there, wrong credentials) ends the command saying which and why, not with a
     traceback."""
-    settings = get_settings()
-    with url_of("AIDSAFE_DATABASE_URL", "the database"):
-        engine = make_engine(settings.database_url, settings.database_timeout_s, connections=1)
+    settings = service_settings()
+    engine = make_engine(settings.database_url, settings.database_timeout_s, connections=1)
     try:
         return asyncio.run(_with_session(engine, work))
     except (OSError, DBAPIError) as exc:  # OSError: refused, unreachable, timed out

@@ -68,14 +68,12 @@ def engine_for(
     database_url: str, connect_args: Mapping[str, object] | None = None, **engine_options: Any
 ) -> AsyncEngine:
     """SQLAlchemy's engine for a database URL, each of its connections made by asyncpg.connect
-    with `connect_args`. A Postgres URL, taken as the settings take it (for_asyncpg: a URL given
+    with `connect_args`. The URL, taken as the settings take it (for_asyncpg: a URL given
     otherwise too, an Alembic config's), is asyncpg's to read, as its DSN: asyncpg's own parser
     takes its query options as libpq does (SSL files, target_session_attrs, application_name,
     ...), where SQLAlchemy's dialect would pass each to asyncpg.connect as a keyword argument
-    it does not take. ValueError: an option the service cannot honour."""
+    it does not take. ValueError: a URL not asyncpg's, or an option the service cannot honour."""
     url = make_url(for_asyncpg(database_url))
-    if url.drivername != "postgresql+asyncpg":  # SQLAlchemy refuses it, or connects its own way
-        return create_async_engine(url, connect_args=dict(connect_args or {}), **engine_options)
     arguments = dict(connect_args or {})
     if CONNECT_TIMEOUT in url.query:
         arguments["timeout"] = int(str(url.query[CONNECT_TIMEOUT]))
