@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from contextvars import ContextVar, copy_context
 from dataclasses import dataclass
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 from uuid import UUID
 
 import httpx
@@ -33,6 +34,8 @@ from tests.scripted_llm import ScriptedLLM
 from tests.test_api import items_of, submit
 from tests.test_comparison_reports import finished_comparison
 from tests.test_model_evaluation_api import benchmark_prompts, evaluation_body, submit_evaluation
+from tests.test_quality_api import compare
+from tests.test_sample_evaluations import upload
 from tests.test_viewer import logged_in
 
 P = ParamSpec("P")
@@ -105,6 +108,9 @@ async def held_in_transaction(sessions: Sessions) -> list[str]:
         return list(rows)
 
 
+SAMPLES = {"samples": [{"prompt": "Hi", "response": "Hello!"}], "grade": {}, "guard": {}}
+
+
 @dataclass(frozen=True)
 class Jobs:
     """A job of each kind, the key's: a job making preference pairs (its items queued), a
@@ -126,8 +132,7 @@ async def every_kind(
     [item] = await items_of(api, auth, job)
     benchmark = {"name": "b", "prompts": benchmark_prompts(2)}
     model_evaluation = await submit_evaluation(api, auth, evaluation_body([benchmark], "m"))
-    samples = {"samples": [{"prompt": "Hi", "response": "Hello!"}], "grade": {}, "guard": {}}
-    sample_evaluation = await api.post("/v1/sample-evaluations", json=samples, headers=auth)
+    sample_evaluation = await api.post("/v1/sample-evaluations", json=SAMPLES, headers=auth)
     return Jobs(job, item["id"], comparison, model_evaluation["id"], sample_evaluation.json()["id"])
 
 
@@ -187,4 +192,63 @@ async def test_a_follower_reading_finished_items_holds_no_database_connection_wa
         threads.free()
         assert await finished == []
 
+    assert held == []
+
+
+@dataclass
+class ThreadCalls:
+    """A request's calls for a worker thread so far, and from which one on (1-based) the pool
+    holds them (None: none, only counted)."""
+
+    held_from: int | None
+    made: int = 0
+
+
+# Set in a counted request's context (BusyThreads' `holds` asks in the caller's).
+THREAD_CALLS: ContextVar[ThreadCalls | None] = ContextVar("thread_calls", default=None)
+
+
+def held_by_its_request() -> bool:
+    calls = THREAD_CALLS.get()
+    if calls is None:
+        return False
+    calls.made += 1
+    return calls.held_from is not None and calls.made >= calls.held_from
+
+
+def counted(calls: ThreadCalls, request: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    """`request` sent in a task of its own, its calls for a thread counted in `calls`."""
+    context = copy_context()
+    context.run(THREAD_CALLS.set, calls)
+    return asyncio.create_task(request, context=context)
+
+
+@pytest.mark.parametrize("route", ["comparison", "model evaluation", "sample evaluation", "upload"])
+async def test_a_submission_waiting_for_a_thread_to_show_its_job_holds_no_database_connection(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions, every_kind: Jobs, route: str
+) -> None:
+    """The job committed, the answer's report is made in a worker thread: the submission's
+    session was held open, in a new transaction, for as long as it waited for one."""
+    compared = (await api.get(f"/v1/comparisons/{every_kind.comparison}", headers=auth)).json()
+    baseline, candidate = compared["baseline_job_id"], compared["candidate_job_id"]
+    benchmark = {"name": "b", "prompts": benchmark_prompts(2)}
+    jsonl = b'{"prompt": "Hi", "response": "Hello!"}\n'
+    submissions: dict[str, Callable[[], Coroutine[Any, Any, httpx.Response]]] = {
+        "comparison": lambda: compare(api, auth, baseline, candidate, judge={"model": "judge-model"}),
+        "model evaluation": lambda: api.post(
+            "/v1/model-evaluations", json=evaluation_body([benchmark], "m"), headers=auth
+        ),
+        "sample evaluation": lambda: api.post("/v1/sample-evaluations", json=SAMPLES, headers=auth),
+        "upload": lambda: upload(api, auth, jsonl, "jsonl", grade={}, guard={}),
+    }
+    submission = submissions[route]
+    with busy_threads(holds=held_by_its_request) as threads:
+        # A submission like it, unheld, says how many calls for a thread it makes: its last is held.
+        calls = ThreadCalls(held_from=None)
+        assert (await counted(calls, submission())).status_code == 202
+        answer = counted(ThreadCalls(held_from=calls.made), submission())
+        await asyncio.wait_for(threads.until_handed(1), timeout=30)
+        held = await held_in_transaction(sessions)
+        threads.free()
+        assert (await answer).status_code == 202, (await answer).text
     assert held == []

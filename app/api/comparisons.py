@@ -77,7 +77,7 @@ async def create_comparison(
     job = await submission.replayed(key.id, "comparisons", request_hash)
     if job is None:
         job = await _new_comparison(key.id, body, submission, request_hash)
-    shown = await in_thread(await _comparison_read(submission.session, job))
+    shown = await submission.shown(await _comparison_read(submission.session, job))
     return SubmittedComparisonOut(**dict(shown), callback_secret=job.callback_secret)
 
 

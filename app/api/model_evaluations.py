@@ -86,7 +86,7 @@ async def create_model_evaluation(
     job = await submission.replayed(key.id, "model_evaluation", request_hash)
     if job is None:
         job = await _new_model_evaluation(key.id, body, submission, request_hash)
-    shown = await in_thread(await evaluation_read(submission.session, job))
+    shown = await submission.shown(await evaluation_read(submission.session, job))
     return SubmittedModelEvaluationOut(**dict(shown), callback_secret=job.callback_secret)
 
 

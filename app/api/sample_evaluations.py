@@ -72,7 +72,7 @@ async def evaluate_samples(
         asked = _asked(body, submission.settings)
         samples = await anyio.to_thread.run_sync(samples_of, body.samples, body.format, body.columns)
         job = await _new_evaluation(key.id, body, asked, samples, submission, request_hash)
-    return await _submitted(submission.session, job)
+    return await _submitted(submission, job)
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,7 @@ async def upload_samples(
         job = await _new_evaluation(
             key.id, upload.options, asked, upload.samples, submission, upload.request_hash
         )
-    return await _submitted(submission.session, job)
+    return await _submitted(submission, job)
 
 
 def _media_type(request: Request) -> str:
@@ -240,8 +240,8 @@ async def _new_evaluation(
     return job
 
 
-async def _submitted(session: AsyncSession, job: Job) -> SubmittedSampleEvaluationOut:
-    evaluation = await in_thread(await evaluation_read(session, job))
+async def _submitted(submission: Submission, job: Job) -> SubmittedSampleEvaluationOut:
+    evaluation = await submission.shown(await evaluation_read(submission.session, job))
     return SubmittedSampleEvaluationOut(**dict(evaluation), callback_secret=job.callback_secret)
 
 

@@ -5,8 +5,9 @@ answers 200)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 from uuid import UUID
 
 from arq.connections import ArqRedis
@@ -21,8 +22,10 @@ from app.idempotency import RequestHash
 from app.queue import enqueue_items
 from app.store import jobs
 from app.store.models import Job
+from app.threads import in_thread
 
 log = logging.getLogger("aidsafe.api")
+T = TypeVar("T")
 # An empty header is refused (422), not taken as no key: it is likely an unset variable in the
 # client, and answering 202 would hide that its retries are not idempotent.
 IdempotencyKey = Annotated[str | None, Header(min_length=1, max_length=200)]
@@ -65,6 +68,13 @@ class Submission:
         if not new_item_ids:
             self._response.status_code = status.HTTP_200_OK
         await enqueue_committed(self._arq, self.settings, job, [(item_id, 1) for item_id in new_item_ids])
+
+    async def shown(self, build: Callable[[], T]) -> T:
+        """What `build` makes of what the route has read (the job as its answer shows it),
+        made in a worker thread once the session is closed, as json_answer does: its
+        connection given back, what it read stays loaded, detached. The route reads no more."""
+        await self.session.close()
+        return await in_thread(build)
 
     def job_request(
         self,
