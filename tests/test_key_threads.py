@@ -7,7 +7,7 @@ key's 12 viewer item pages."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from contextvars import ContextVar, copy_context
 from typing import Any, TypeVar
 from uuid import uuid4
@@ -24,7 +24,7 @@ from tests.conftest import api_client, new_key, submit
 from tests.scripted_llm import ScriptedLLM
 from tests.test_api import items_of
 from tests.test_comparison_reports import finished_comparison
-from tests.test_thread_waits import busy_threads
+from tests.test_thread_waits import BusyThreads, busy_threads
 from tests.test_viewer import logged_in
 
 T = TypeVar("T")
@@ -55,17 +55,31 @@ async def test_a_keys_burst_holds_its_share_of_threads_and_another_keys_request_
         # The pool has a thread more than the key's share: before, the burst took it.
         with busy_threads(share + 1, holds=IN_BURST.get) as threads:
             burst = [in_burst(api.get(url, headers=auth)) for _ in range(BURST)]
-            await threads.until_handed(share)
-            listing = asyncio.ensure_future(api.get("/v1/jobs", headers=other))
-            one_more = asyncio.ensure_future(threads.until_handed(1))
-            await asyncio.wait([listing, one_more], return_when=asyncio.FIRST_COMPLETED)
-            assert not one_more.done()  # the burst's other calls wait for a turn, not in the pool
-            one_more.cancel()
-            assert listing.done()
-            threads.free()
-            answers = await asyncio.gather(*burst)
-    assert listing.result().status_code == 200, listing.result().text
+            listing, answers = await answered_beside(
+                burst, share, threads, api.get("/v1/jobs", headers=other)
+            )
+    assert listing.status_code == 200, listing.text
     assert [answer.status_code for answer in answers] == [200] * BURST
+
+
+async def answered_beside(
+    burst: list[asyncio.Task[httpx.Response]],
+    share: int,
+    threads: BusyThreads,
+    request: Awaitable[httpx.Response],
+) -> tuple[httpx.Response, list[httpx.Response]]:
+    """`request`'s answer, sent once the burst has handed its share of calls to the held pool,
+    and the burst's answers once the pool is freed. `request` is answered while the burst's other
+    calls wait for their turn, none handed to the pool."""
+    await asyncio.wait_for(threads.until_handed(share), timeout=30)
+    answer = asyncio.ensure_future(request)
+    one_more = asyncio.ensure_future(threads.until_handed(1))
+    await asyncio.wait([answer, one_more], return_when=asyncio.FIRST_COMPLETED)
+    assert not one_more.done()  # the burst's other calls wait for a turn, not in the pool
+    one_more.cancel()
+    assert answer.done()
+    threads.free()
+    return answer.result(), await asyncio.gather(*burst)
 
 
 # Per request of a burst of plots, its calls for a thread so far: the first computes the
@@ -99,19 +113,13 @@ async def test_a_keys_burst_of_plots_draws_in_its_share_of_threads_and_another_k
         return in_burst(api.get(f"/v1/comparisons/{mine}/plots/scores.png", headers=auth))
 
     with busy_threads(share + 1, holds=drawing_in_burst) as threads:
+        # Before, plots were drawn in anyio's threads, two at a time for the whole process: none
+        # reached the pool, the burst took both drawing turns, and another key's plot waited
+        # behind all of it.
         plots = [copy_context().run(plot_in_burst) for _ in range(BURST)]
-        # Before, plots were drawn in anyio's threads, two at a time for the whole process: the
-        # burst took both, and another key's plot waited behind all of it.
-        await asyncio.wait_for(threads.until_handed(share), timeout=30)
-        plot = asyncio.ensure_future(api.get(f"/v1/comparisons/{theirs}/plots/scores.png", headers=other))
-        one_more = asyncio.ensure_future(threads.until_handed(1))
-        await asyncio.wait([plot, one_more], return_when=asyncio.FIRST_COMPLETED)
-        assert not one_more.done()  # the burst's other drawings wait for a turn, not in the pool
-        one_more.cancel()
-        assert plot.done()
-        threads.free()
-        answers = await asyncio.gather(*plots)
-    assert plot.result().status_code == 200 and plot.result().headers["content-type"] == "image/png"
+        theirs_drawn = api.get(f"/v1/comparisons/{theirs}/plots/scores.png", headers=other)
+        plot, answers = await answered_beside(plots, share, threads, theirs_drawn)
+    assert plot.status_code == 200 and plot.headers["content-type"] == "image/png"
     assert [answer.status_code for answer in answers] == [200] * BURST
 
 
