@@ -36,6 +36,7 @@ from app.store.db import Sessions
 from app.store.models import Batch, BatchRequest, BatchStatus, Cot, Item, Job, TurnRow
 from tests.conftest import api_client, eventually, run_worker_burst, start_worker, submit
 from tests.scripted_llm import Reply, ScriptedLLM, agree, default_answer, malformed
+from tests.test_api import other_backend
 from workers.waves import run_round
 
 PROMPTS = [f"Question {n}: how do tides and currents shape a coastline?" for n in range(20)]
@@ -1591,6 +1592,38 @@ async def test_a_create_given_up_on_is_not_tried_again_before_it_could_have_land
     assert (row.status, row.provider_batch_id, row.lease_until) == ("uploaded", None, None)
     assert now is not None
     assert row.next_poll_at - now > timedelta(seconds=batch_settings.batch_call_timeout_s / 2)
+
+
+async def test_a_worker_stopped_mid_create_releases_its_batch_before_it_exits(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    scripted_llm: ScriptedLLM,
+    workers: list[subprocess.Popen[bytes]],
+) -> None:
+    """A worker told to stop (SIGTERM) while its batch loop holds a batch gives the lease back
+    before it exits, even when the release takes a moment (here it waits for a row lock, as on
+    a busy Postgres). Unawaited, it was cut off by the worker's exit: the batch then waited a
+    whole lease for the next worker."""
+    batch_id = await _one_batch_formed(batch_api, auth, batch_settings, sessions)
+    long_lease = batch_settings.model_copy(update={"batch_lease_s": 120.0})
+    scripted_llm.batches.create_delay_s = long_lease.batch_lease_s
+    try:
+        workers.append(start_worker(long_lease))
+        await eventually(lambda: _provider_status(scripted_llm, "validating"), what="a create in flight")
+        async with sessions.begin() as holder:
+            await holder.execute(select(Batch.id).where(Batch.id == batch_id).with_for_update())
+            workers[0].send_signal(signal.SIGTERM)
+            release = "wait_event_type = 'Lock' AND query LIKE 'UPDATE batches %'"
+            await eventually(lambda: other_backend(sessions, release), what="the release waiting")
+            await asyncio.sleep(1)  # the rest of the stop takes less
+        assert await asyncio.to_thread(workers[0].wait, 30) == 0
+    finally:
+        scripted_llm.batches.create_delay_s = 0
+
+    row = await _batch_row(sessions, batch_id)
+    assert (row.status, row.lease_id, row.lease_until) == ("uploaded", None, None)
 
 
 async def _other_tenants_batches(scripted_llm: ScriptedLLM, count: int) -> None:

@@ -185,18 +185,14 @@ def _hedge_policy(settings: Settings) -> HedgePolicy | None:
     return HedgePolicy(settings.llm_hedge_factor, settings.llm_hedge_min_s, settings.llm_hedge_budget)
 
 
+# How long a stopping worker waits for its loops' cleanup, each a statement or two: with the
+# items' SHUTDOWN_WAIT_S and the pools' second, well within the 30 s compose gives it to stop.
+LOOPS_STOP_WAIT_S = 5
+
+
 async def shutdown(ctx: dict[str, Any]) -> None:
     worker = _worker(ctx)
-    for loop in (
-        worker.sweeper,
-        worker.purger,
-        worker.expirer,
-        worker.deliverer,
-        worker.replayer,
-        worker.waves,
-    ):
-        if loop:
-            loop.cancel()
+    await _stop_loops(worker)
     if worker.batch_api is not None:
         await worker.batch_api.aclose()
     await worker.heartbeat.stop()
@@ -204,6 +200,30 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     await worker.llm_redis.aclose()
     await worker.callbacks.aclose()
     await dispose(worker.db)
+
+
+async def _stop_loops(worker: Worker) -> None:
+    """Cancel the worker's loops and wait, up to LOOPS_STOP_WAIT_S, for their cleanup (the batch
+    loop releases its batch's lease, the replayer its Redis lease, a sweep rolls back) before
+    what they use is closed. Unawaited, it raced the pools' close and the end of the event
+    loop: a batch was left to the next worker only once its lease ran out. A loop stuck longer
+    is logged and left, so that the stop stays within compose's stop_grace_period."""
+    loops = {
+        "sweeper": worker.sweeper,
+        "purger": worker.purger,
+        "expirer": worker.expirer,
+        "deliverer": worker.deliverer,
+        "replayer": worker.replayer,
+        "batch loop": worker.waves,
+    }
+    running = {name: loop for name, loop in loops.items() if loop is not None}
+    for loop in running.values():
+        loop.cancel()
+    if not running:
+        return
+    _, pending = await asyncio.wait(running.values(), timeout=LOOPS_STOP_WAIT_S)
+    if stuck := [name for name, loop in running.items() if loop in pending]:
+        log.warning("stopping without waiting longer for the %s to clean up", ", ".join(stuck))
 
 
 LEASE_LOST = "lease lost"  # how a run ends that finds another worker holding its item
