@@ -67,7 +67,9 @@ def for_asyncpg(url: str) -> str:
     asyncpg.connect as a keyword argument, a TypeError at the first connection."""
     try:
         parsed = make_url(url)
-    except ArgumentError:
+    # ValueError: what it reads as the port is no number, say a password's unescaped @ and :
+    # leaving the rest of it there (SQLAlchemy's message quotes it).
+    except (ArgumentError, ValueError):
         raise ValueError(f"the database URL is not a URL: write {_URL_FORM}") from None
     if parsed.drivername not in _ASYNCPG_SCHEMES:
         raise ValueError(_not_asyncpg(parsed.drivername))

@@ -195,6 +195,10 @@ def test_an_option_the_service_cannot_honour_is_refused_by_name_not_quoted(query
             "hunter2",
             "the database URL is not a URL: write postgresql://user:password@host:5432/database",
         ),
+        (  # a password's @ and : unescaped: the rest of it read as the port, not a number
+            "postgresql://u:p@ss:hunter2@db.example/x",
+            "the database URL is not a URL: write postgresql://user:password@host:5432/database",
+        ),
     ],
 )
 def test_a_url_not_for_asyncpg_is_refused_naming_its_driver_and_what_to_write(url: str, said: str) -> None:
