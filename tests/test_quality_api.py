@@ -1046,6 +1046,20 @@ def test_cli_keys_name_a_database_url_the_settings_refuse_without_a_traceback(
     assert said.endswith("(see AIDSAFE_DATABASE_URL)"), said
 
 
+def test_cli_keys_name_settings_refused_together_without_a_traceback(settings: Settings) -> None:
+    """A refusal of settings taken together (a model validator's) names no one field."""
+    env = {**worker_env(settings), "AIDSAFE_HEARTBEAT_INTERVAL_S": "5", "AIDSAFE_HEARTBEAT_TTL_S": "10"}
+    listed = subprocess.run(
+        [AIDSAFE, "keys", "list"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+    assert listed.returncode == 1 and "Traceback" not in listed.stdout + listed.stderr, listed.stderr
+    assert listed.stdout.splitlines() == [
+        "Cannot use the settings: heartbeat_ttl_s must be at least three times heartbeat_interval_s "
+        "(see the AIDSAFE_* settings)"
+    ]
+
+
 async def test_cli_revoking_a_key_with_cancel_jobs_stops_its_unfinished_jobs_and_no_others(
     api: httpx.AsyncClient, settings: Settings, sessions: Sessions
 ) -> None:

@@ -76,10 +76,12 @@ def service_settings() -> Settings:
         return get_settings()
     except ValidationError as exc:
         [first, *_] = exc.errors(include_url=False, include_input=False)
-        field = str(first["loc"][0])
+        # No field for a refusal of settings taken together (a model validator's): its reason
+        # names them.
+        setting = f"AIDSAFE_{str(first['loc'][0]).upper()}" if first["loc"] else "the AIDSAFE_* settings"
         error = first.get("ctx", {}).get("error")  # a validator's ValueError, without pydantic's prefix
         reason = error if isinstance(error, ValueError) else first["msg"]
-        raise unusable("the settings", reason, f"AIDSAFE_{field.upper()}") from exc
+        raise unusable("the settings", reason, setting) from exc
 
 
 @contextmanager
