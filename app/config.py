@@ -73,6 +73,8 @@ def for_asyncpg(url: str) -> str:
         raise ValueError(f"the database URL is not a URL: write {_URL_FORM}") from None
     if parsed.drivername not in _ASYNCPG_SCHEMES:
         raise ValueError(_not_asyncpg(parsed.drivername))
+    if "@" in (parsed.host or ""):  # no host has one: the rest of a password, shown with the host
+        raise ValueError("the database URL's host has an @ in it: write a password's @ as %40")
     parsed = parsed.set(drivername="postgresql+asyncpg")
     for option, value in parsed.query.items():
         _check_option(option, value)

@@ -199,6 +199,10 @@ def test_an_option_the_service_cannot_honour_is_refused_by_name_not_quoted(query
             "postgresql://u:p@ss:hunter2@db.example/x",
             "the database URL is not a URL: write postgresql://user:password@host:5432/database",
         ),
+        (  # a password's @ unescaped: the rest of it read as the host's start, logged with it
+            "postgresql://u:p@hunter2@db.example/x",
+            "the database URL's host has an @ in it: write a password's @ as %40",
+        ),
     ],
 )
 def test_a_url_not_for_asyncpg_is_refused_naming_its_driver_and_what_to_write(url: str, said: str) -> None:
