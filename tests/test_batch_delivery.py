@@ -1626,6 +1626,36 @@ async def test_a_worker_stopped_mid_create_releases_its_batch_before_it_exits(
     assert (row.status, row.lease_id, row.lease_until) == ("uploaded", None, None)
 
 
+async def test_a_round_stopped_mid_create_releases_the_batches_it_took_and_had_not_reached(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    scripted_llm: ScriptedLLM,
+    arq_redis: ArqRedis,
+) -> None:
+    """A round takes every due batch at once: stopped (a worker's SIGTERM) while it leads the
+    first, it lets go of the others too. Before, only the one under way was released: the rest
+    waited a whole lease for the next worker."""
+    formed = [await _one_batch_formed(batch_api, auth, batch_settings, sessions) for _ in range(2)]
+    long_lease = batch_settings.model_copy(update={"batch_lease_s": 120.0})
+    scripted_llm.batches.create_delay_s = long_lease.batch_lease_s
+    api = BatchAPI(long_lease.endpoints(), long_lease.batch_call_timeout_s)
+    try:
+        round_ = asyncio.create_task(run_round(long_lease, sessions, arq_redis, api))
+        await eventually(lambda: _provider_status(scripted_llm, "validating"), what="a create in flight")
+        round_.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await round_
+    finally:
+        scripted_llm.batches.create_delay_s = 0
+        await api.aclose()
+
+    rows = [await _batch_row(sessions, batch_id) for batch_id in formed]
+    assert [(row.lease_id, row.lease_until) for row in rows] == [(None, None)] * 2
+    assert sorted(row.status for row in rows) == ["preparing", "uploaded"]
+
+
 async def _other_tenants_batches(scripted_llm: ScriptedLLM, count: int) -> None:
     async with httpx.AsyncClient(base_url=scripted_llm.base_url) as provider:
         line = {"custom_id": "x", "method": "POST", "url": "/v1/chat/completions", "body": {}}

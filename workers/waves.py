@@ -62,7 +62,8 @@ async def run_round(settings: Settings, sessions: Sessions, redis: ArqRedis, api
     # Not before a call given up on could have landed (a create the provider was still
     # carrying out): the next holder's search must find it, not create a second.
     after_a_call_s = max(settings.batch_poll_interval_s, settings.batch_call_timeout_s)
-    for held in await batches.take_due(sessions, settings.batch_lease_s):
+    taken = await batches.take_due(sessions, settings.batch_lease_s)
+    for position, held in enumerate(taken):
         retry_in_s = None
         try:
             await _lead(settings, sessions, api, held)
@@ -70,6 +71,8 @@ async def run_round(settings: Settings, sessions: Sessions, redis: ArqRedis, api
             log.info("batch %s: taken over by another worker", held.id)
         except asyncio.CancelledError:  # the worker stops, maybe mid-call: as a call given up on
             retry_in_s = after_a_call_s
+            for not_reached in taken[position + 1 :]:  # due still: any worker may take them now
+                await batches.release(sessions, not_reached)
             raise
         except Exception as fault:
             # The provider away, or a fault of this batch alone (a poll refused, say): the next
