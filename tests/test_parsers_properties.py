@@ -415,3 +415,17 @@ def test_a_refusal_verdict_without_a_boolean_is_malformed_and_says_so(refused: A
     with pytest.raises(parsing.MalformedOutput) as raised:
         parsing.normalize_refusal({"refused": refused}, limits=LIMITS)
     assert str(raised.value) == "'refused' is not a boolean"
+
+
+def test_a_drop_that_is_no_object_is_skipped_and_the_drops_after_it_still_read() -> None:
+    refined = parsing.normalize_refined(
+        {"thoughts": ["kept"], "dropped": ["2", {"id": 3, "reason": DROP_REASONS[0]}], "response": "r"},
+        3,
+        limits=Limits(),
+    )
+    assert [drop["id"] for drop in refined["dropped"]] == [3]
+
+
+def test_a_turn_without_a_critique_is_stored_with_an_empty_one() -> None:
+    turn = parsing.normalize_deliberation({"agree": True, "response": "r"}, limits=Limits())
+    assert turn["critique"] == ""
