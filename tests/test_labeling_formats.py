@@ -833,6 +833,7 @@ def read_answers(**answers: Any) -> tuple[dict[str, Any], list[str]]:
 @pytest.mark.parametrize(
     ("choice", "number"),
     [
+        (1, 1),
         (3, 3),
         ("3", 3),
         ("Thought 3", 3),
