@@ -35,7 +35,7 @@ from app.events import ItemFinished, announce_item_finished, stream_key
 from app.labeling.deliveries import SECRET_HEADER
 from app.labeling.reviews import Answers
 from app.main import create_app
-from app.storable import MAX_JSON_DEPTH, MAX_NUMBER_CHARS, count_values, read_json
+from app.storable import _COUNTED_SLICE, MAX_JSON_DEPTH, MAX_NUMBER_CHARS, count_values, read_json
 from app.store import keys
 from app.store.db import Sessions, make_engine
 from bench.export import insert_finished_job
@@ -428,6 +428,18 @@ async def test_text_of_millions_of_lines_is_not_split_at_once_so_healthz_answers
     # 0.15 s, not 0.1: the body's own decoding of one 30 MiB string holds the GIL for up to
     # ~0.1 s on a busy machine; the split at once held it for 0.3-0.9 s.
     assert len(latencies) >= 1 and max(latencies) < 0.15, sorted(latencies)[-5:]
+
+
+@pytest.mark.parametrize("shift", range(14))
+def test_values_are_counted_alike_wherever_the_slices_of_the_text_fall(shift: int) -> None:
+    """The text is counted a slice at a time: a slice must not end inside an escape. Each
+    string is three escaped backslashes, an escaped quote and ",[{" (14 bytes a value with
+    its comma), and the shifts put every one of its bytes at a slice's end."""
+    values = ['\\\\\\"' + ",[{"] * (3 * _COUNTED_SLICE // 14)
+    text = b" " * shift + json.dumps(values, separators=(",", ":")).encode()
+
+    assert count_values(text, len(values) + 1) == len(values) + 1  # the list and its values
+    assert count_values(text, len(values)) == len(values) + 1  # over: limit + 1
 
 
 def test_a_flagged_thought_is_read_in_linear_time_whatever_its_length() -> None:
