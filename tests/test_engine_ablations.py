@@ -157,10 +157,37 @@ async def test_the_jobs_limits_reach_the_schemas_and_the_instructions(
     assert response_schema("deliberation_turn")["properties"]["new_thoughts"]["maxItems"] == 3  # type: ignore[index]
     refined = response_schema("refined_cot")["properties"]
     assert (refined["thoughts"]["maxItems"], refined["dropped"]["maxItems"]) == (4, 2)  # type: ignore[index]
-    assert "- thoughts: 2 to 3 short reasoning steps." in system_message(scripted_llm, "seed_cot")
+    assert "- thoughts: 1 to 3 short reasoning steps." in system_message(scripted_llm, "seed_cot")
     assert "- new_thoughts: reasoning steps to add (0 to 3)" in system_message(
         scripted_llm, "deliberation_turn"
     )
+
+
+async def test_the_refiner_is_told_how_many_thoughts_it_may_keep_and_drop(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    """A server that ignores the schema is told the limits its lists are cut to, so that the
+    cut does not take the final CoT's conclusion."""
+    limits = Limits(thoughts_per_turn=3, kept_thoughts=5, max_drops=7)
+
+    completed(await run(llm, InMemoryTurnLog(), replace(pipeline(max_rounds=1), limits=limits)))
+
+    refiner = system_message(scripted_llm, "refined_cot")
+    assert "- thoughts: the final reasoning steps, in order: 1 to 5 (merge steps to fit" in refiner
+    assert "- dropped: every thought you remove (0 to 7)," in refiner
+
+
+async def test_a_job_of_one_thought_per_reply_asks_every_cot_writer_for_one(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    """Not "2 to 1": a second thought would be cut from a server that ignores the schema."""
+    one = Limits(thoughts_per_turn=1)
+
+    completed(await run(llm, InMemoryTurnLog(), replace(pipeline(max_rounds=0), limits=one)))
+    completed(await run(llm, InMemoryTurnLog(), replace(pipeline(), mode=Mode.ZERO_SHOT, limits=one)))
+
+    for stage in ("seed_cot", "zero_shot_cot"):
+        assert "- thoughts: 1 to 1 short reasoning steps." in system_message(scripted_llm, stage)
 
 
 def test_the_request_budgets_follow_the_ablations() -> None:

@@ -115,25 +115,25 @@ async def test_aidsafe_stages_with_reasks_grading_and_a_whispered_pair_send_pinn
         "turns": [
             "intent/0/0/0 intent 13f2cb3b46a1df57",
             "intent/0/0/1 intent dbedbb13c4467555",
-            "seed/0/0/0 seed 1c41c616fb1273b5",
-            "seed/0/0/1 seed fa841e6d2fc19c55",
+            "seed/0/0/0 seed 84d49dbd33a4c375",
+            "seed/0/0/1 seed 9bc9e38daee36d53",
             "deliberation/1/1/0 deliberator-1 a1f21a2a786505b4",
             "deliberation/1/2/0 deliberator-2 027d9cac4919d49b",
             "deliberation/2/1/0 deliberator-1 2bc9e24327b91856",
-            "refine/0/0/0 refiner 45a50bf0ec69972d",
+            "refine/0/0/0 refiner f1be05f33a9c2659",
             "grade/0/0/0 grader cf40c1df3f266961",
             "whisper/1/0/0 whisperer 593ec6cb631e7030",
-            "rejected/1/0/0 generator 1bd68b10ee4b07c3",
+            "rejected/1/0/0 generator 98f7edeaebcd7bde",
             "guard/1/0/0 guard 8359ae2849fb9ae2",
             "grade/1/0/0 grader e1d018b87b9c0fa2",
             "whisper/2/0/0 whisperer 82d7acbf8264b544",
-            "rejected/2/0/0 generator bf112407bc2cc240",
+            "rejected/2/0/0 generator 7732414a06d72ec1",
             "whisper/3/0/0 whisperer 35de990cfec2a18a",
-            "rejected/3/0/0 generator db9d9cf82a946f66",
+            "rejected/3/0/0 generator ae5f93ac54cbe47b",
             "guard/3/0/0 guard 8fc40c1ac8d245ef",
             "grade/3/0/0 grader 8a9712e0307b9fb3",
         ],
-        "bodies": "5d53705f9c51d4f5",
+        "bodies": "a1f1af1a9c620c2b",
     }
 
 
@@ -151,14 +151,14 @@ async def test_zero_shot_with_a_llama_guard_pair_sends_pinned_requests(
     assert isinstance(result, Completed) and result.pair is not None and result.pair.tries[0].guard
     assert _fingerprint(log, ITEM, scripted_llm) == {
         "turns": [
-            "zero_shot/0/0/0 zero-shot 2048426acc0a20f8",
+            "zero_shot/0/0/0 zero-shot a7fe469576f0b141",
             "grade/0/0/0 grader cefc22aca5cee350",
             "whisper/1/0/0 whisperer 593ec6cb631e7030",
-            "rejected/1/0/0 generator 7c6c87fed5d1f405",
+            "rejected/1/0/0 generator 902f37798175744b",
             "guard/1/0/0 guard dfa128c27c2976d5",
             "grade/1/0/0 grader 7d6ebf3e8fb9852b",
         ],
-        "bodies": "573204b2b7066b4a",
+        "bodies": "de4efc50e8b2ace9",
     }
 
 
@@ -206,14 +206,14 @@ async def test_a_shieldgemma_guard_sends_one_pinned_question_with_the_policies_a
     assert "response_format" not in guard.body
     assert _fingerprint(log, ITEM, scripted_llm) == {
         "turns": [
-            "zero_shot/0/0/0 zero-shot 2048426acc0a20f8",
+            "zero_shot/0/0/0 zero-shot a7fe469576f0b141",
             "grade/0/0/0 grader cefc22aca5cee350",
             "whisper/1/0/0 whisperer 593ec6cb631e7030",
-            "rejected/1/0/0 generator 7c6c87fed5d1f405",
+            "rejected/1/0/0 generator 902f37798175744b",
             "guard/1/0/0 guard 8d8e3cf4dff75b6f",
             "grade/1/0/0 grader cefc22aca5cee350",
         ],
-        "bodies": "0765624682bf4106",
+        "bodies": "49da42e9891ae44f",
     }
 
 
@@ -261,7 +261,7 @@ def test_request_budgets_of_every_role_are_pinned() -> None:
         ("seed", 4237),
         ("deliberator-1", 6629),
         ("deliberator-2", 7388),
-        ("refiner", 8288),
+        ("refiner", 8318),
         ("grader", 4777),
         ("whisperer", 7982),
         ("generator", 4270),
