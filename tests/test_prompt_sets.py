@@ -311,6 +311,36 @@ async def test_a_job_without_a_prompt_set_pins_the_builtin_one(
     assert seed_request.startswith("User query:\n<<<\nHi\n>>>")
 
 
+async def test_a_job_pinned_to_an_earlier_builtin_version_keeps_its_wording_after_an_upgrade(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions, scripted_llm: ScriptedLLM
+) -> None:
+    """The built-in files change with a release. A job pinned to the earlier built-in version
+    (as one submitted before the upgrade is stored, and one naming that version to reproduce
+    an earlier run) is still asked in its words; a new job in the new ones, limits named."""
+    earlier_refiner = "# Your task: refinement\nProduce the final chain of thought and response."
+    async with sessions.begin() as session:  # as the earlier release registered its built-in set
+        earlier, _ = await prompt_sets.register(
+            session, None, "aidsafe-default", "", templates(refine__system=earlier_refiner), None
+        )
+    config = {**ONE_AGENT, "limits": {"kept_thoughts": 5, "max_drops": 7}}
+    pinned = {"name": "aidsafe-default", "version": earlier.version}
+    old = await api.post(
+        "/v1/jobs", json={"prompts": ["Hi"], "config": config, "prompt_set": pinned}, headers=auth
+    )
+    new = await api.post("/v1/jobs", json={"prompts": ["Hi"], "config": config}, headers=auth)
+    assert (old.status_code, new.status_code) == (202, 202), (old.text, new.text)
+
+    await run_worker_burst(settings, max_jobs=1)
+
+    refiners = [r.body["messages"][0]["content"] for r in scripted_llm.requests_for("refined_cot")]
+    worded_earlier = [system for system in refiners if earlier_refiner in system]
+    worded_now = [system for system in refiners if "in order: 1 to 5 (" in system and "(0 to 7)" in system]
+    assert (len(worded_earlier), len(worded_now)) == (1, 1), refiners
+    for job, version in ((old, earlier.version), (new, builtin().version)):
+        cot = (await api.get(f"/v1/jobs/{job.json()['id']}/cots", headers=auth)).json()["data"][0]
+        assert (cot["prompt_set"]["name"], cot["prompt_set"]["version"]) == ("aidsafe-default", version)
+
+
 async def test_an_unknown_prompt_set_version_is_a_422_and_no_job(
     api: httpx.AsyncClient, auth: Headers, sessions: Sessions
 ) -> None:
