@@ -200,6 +200,22 @@ async def test_another_keys_job_is_not_found_and_stays(
     assert (await api.get("/v1/deletions", headers=bob)).json() == []
 
 
+async def test_another_keys_deletion_neither_waits_for_nor_locks_the_owners_job(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    """Another key's DELETE is a 404 at once while the owner's transaction holds the job (as an
+    import of reviews does): it locked the row before it checked the owner, so it waited for
+    that transaction, telling that the job exists and is in use, and the owner's writes naming
+    the job then waited behind it."""
+    job_id = (await submit(api, auth, ["How do I store rice?"]))["id"]
+    bob = await new_key(sessions, "bob")
+    async with sessions.begin() as session:
+        await jobs.hold(session, UUID(job_id))
+        answer = await asyncio.wait_for(delete(api, bob, job_id), timeout=5)
+
+    error_of(answer, 404, "not_found")
+
+
 async def test_deletions_are_listed_newest_first_to_the_deleting_key_only(
     api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
 ) -> None:

@@ -60,9 +60,11 @@ async def delete_job(session: AsyncSession, job_id: UUID, key_id: UUID) -> JobDe
     the deletion. NotFound for another key's job or none (so also when deleted already),
     JobRunning while items are queued, running or waiting or its provider batches are open
     (a cancelled job's, until the workers cancel them), JobInComparison while comparisons use it."""
-    job = jobs.owned(
-        await session.scalar(select(Job).where(Job.id == job_id).with_for_update()), job_id, key_id
-    )
+    # The owner in the statement, so that another key's job is never locked: locked first and
+    # checked after, it made another key's DELETE wait behind the owner's transactions holding
+    # the job (telling that it exists and is in use), and the owner's writes wait behind it.
+    owned_job = select(Job).where(Job.id == job_id, Job.owner_key_id == key_id).with_for_update()
+    job = jobs.owned(await session.scalar(owned_job), job_id, key_id)
     unfinished = select(Item.id).where(Item.job_id == job_id, Item.status.in_(UNFINISHED)).exists()
     # A cancelled batch job's items end at once, its provider batches when the workers cancel
     # them: deleted before, their rows would be gone, and the batches run on, paid for.
