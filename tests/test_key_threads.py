@@ -26,6 +26,7 @@ from tests.test_api import items_of
 from tests.test_comparison_reports import finished_comparison
 from tests.test_thread_waits import BusyThreads, busy_threads
 from tests.test_viewer import logged_in
+from tests.test_webhooks import HEADER, new_webhook
 
 T = TypeVar("T")
 
@@ -58,6 +59,24 @@ async def test_a_keys_burst_holds_its_share_of_threads_and_another_keys_request_
             listing, answers = await answered_beside(
                 burst, share, threads, api.get("/v1/jobs", headers=other)
             )
+    assert listing.status_code == 200, listing.text
+    assert [answer.status_code for answer in answers] == [200] * BURST
+
+
+async def test_a_keys_burst_of_webhook_deliveries_is_read_in_its_share_of_threads(
+    api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions, settings: Settings
+) -> None:
+    """A delivery is read in its webhook's key's turns, as that key's requests are: each took a
+    thread as it came, so one key's flood of deliveries held every thread of the process."""
+    share = settings.threads_per_key
+    other = await new_key(sessions, "other")
+    webhook = await new_webhook(api, auth)
+    to_webhook = httpx.URL(webhook["url"]).path
+    secret = {HEADER: webhook["secret"]}
+    event = {"action": "PROJECT_UPDATED", "project": {"id": 3}}  # acknowledged, once read
+    with busy_threads(share + 1, holds=IN_BURST.get) as threads:
+        burst = [in_burst(api.post(to_webhook, json=event, headers=secret)) for _ in range(BURST)]
+        listing, answers = await answered_beside(burst, share, threads, api.get("/v1/jobs", headers=other))
     assert listing.status_code == 200, listing.text
     assert [answer.status_code for answer in answers] == [200] * BURST
 

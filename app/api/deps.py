@@ -73,11 +73,11 @@ def client_address(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
-def threads_in_turns_of(state: ApiState, key: ApiKey) -> AbstractContextManager[None]:
-    """Inside, the request's calls for a worker thread take its key's turns
+def threads_in_turns_of(state: ApiState, key_id: UUID) -> AbstractContextManager[None]:
+    """Inside, the request's calls for a worker thread take the turns of the API key `key_id`
     (ApiState.thread_turns): one key's burst of CPU-heavy requests holds a few of the process's
     threads, and another key's request waits behind the few, not behind the whole burst."""
-    return threads.in_turns(partial(state.thread_turns.turn, key.id))
+    return threads.in_turns(partial(state.thread_turns.turn, key_id))
 
 
 # With yield, so that the turns end with the request (a test's requests share its context).
@@ -89,7 +89,7 @@ async def _current_key(
     if credentials is None:
         raise Unauthorized("send an API key as 'Authorization: Bearer <key>'")
     key = await state.known_keys.authenticate(credentials.credentials, client_address(request))
-    with threads_in_turns_of(state, key):
+    with threads_in_turns_of(state, key.id):
         yield key
 
 

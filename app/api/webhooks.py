@@ -22,7 +22,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.annotations import IMPORT_ERRORS, LABEL_STUDIO_EVENT, ImportOut, import_out
 from app.api.bodies import JsonBody
-from app.api.deps import CurrentKey, KeyWriteSession, SessionDep, SettingsDep, client_address
+from app.api.deps import (
+    CurrentKey,
+    KeyWriteSession,
+    SessionDep,
+    SettingsDep,
+    client_address,
+    threads_in_turns_of,
+)
 from app.api.errors import documented
 from app.api.failures import counted_as
 from app.api.jobs import Cursor, Limit
@@ -315,7 +322,10 @@ async def label_studio_delivery(
         if raw is None:
             raw = await _read_delivery(state, owner_key_id, request)
         body = raw.decode("utf-8", errors="replace")
-        parsed = await in_thread(deliveries.read_delivery, raw)
+        # In the owner's turns for a thread, as the owner's requests: one key's flood of
+        # deliveries, each parsed unturned, took every thread and held other keys' requests.
+        with threads_in_turns_of(state, owner_key_id):
+            parsed = await in_thread(deliveries.read_delivery, raw)
         await state.verified_webhooks.remember(webhook_id, secret_hash, owner_key_id)
         report = await deliveries.record(session, webhook_id, sent_hash, parsed)
     except ServiceError as exc:

@@ -123,7 +123,7 @@ async def _viewer_key(
     key = session_id and await web_sessions.live_key(session, session_id)
     if not key:
         raise LoginRequired()
-    with threads_in_turns_of(state, key):
+    with threads_in_turns_of(state, key.id):
         yield key
 
 
