@@ -7,14 +7,18 @@ probe cannot fill fails the test, to be taught here."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
 from fastapi.routing import iter_route_contexts
+from sqlalchemy import event
 
 from app.config import Settings
 from app.main import create_app
 from app.store.db import Sessions
+from app.store.models import Item, Job, PolicySetRow, PromptSetRow, Webhook
 from tests.conftest import new_key, run_worker_burst
 from tests.test_api import error_of, items_of, submit
 from tests.test_labeling import fixture
@@ -109,40 +113,64 @@ async def test_another_keys_ids_in_every_route_are_answered_as_nobodys_and_chang
     unteachable = [p for _, p, names in routes(settings) for n in names if n not in world]
     assert not unteachable, f"teach the tenancy probe the ids of {unteachable}"
     answers = {}
-    for method, path, _ in routes(settings):
-        if (method, path) in KEYLESS:
-            continue
-        nobodys = {name: NOBODYS for name in world}
-        theirs = await asked(api, other, method, path, world)
-        unknown = await asked(api, other, method, path, nobodys)
-        answers[(method, path)] = (theirs.status_code, unknown.status_code)
-        assert theirs.status_code == unknown.status_code, (method, path, theirs.text)
-        assert theirs.status_code == 404, (method, path, theirs.text)
-        # The answer names only the ids it was asked about, never more of the owner's rows.
-        shown = [value for value in world.values() if value not in theirs.url.path]
-        assert not [value for value in shown if value in theirs.text], (method, path, theirs.text)
+    # None of the owner's rows is even read: read, then checked, it answered a 404 later than
+    # an id nobody has (its job's plan and reports decoded), which told that it was there.
+    with rows_read() as read:
+        for method, path, _ in routes(settings):
+            if (method, path) in KEYLESS:
+                continue
+            nobodys = {name: NOBODYS for name in world}
+            theirs = await asked(api, other, method, path, world)
+            unknown = await asked(api, other, method, path, nobodys)
+            answers[(method, path)] = (theirs.status_code, unknown.status_code)
+            assert theirs.status_code == unknown.status_code, (method, path, theirs.text)
+            assert theirs.status_code == 404, (method, path, theirs.text)
+            # The answer names only the ids it was asked about, never more of the owner's rows.
+            shown = [value for value in world.values() if value not in theirs.url.path]
+            assert not [value for value in shown if value in theirs.text], (method, path, theirs.text)
 
-    assert len(answers) >= 30, answers  # every id-bearing route was asked
-    # Ids of the owner's in bodies: another key's jobs to compare or judge against, items to review.
-    jobs = world["job_id"], world["comparison_id"]
-    own_job = (await submit(api, other, ["How do I store rice?"]))["id"]
-    named = [
-        ("/v1/comparisons", {"baseline_job_id": own_job, "candidate_job_id": jobs[0]}),
-        ("/v1/comparisons", {"baseline_job_id": jobs[0], "candidate_job_id": jobs[1]}),
-        (
-            "/v1/sample-evaluations",
-            {"samples": [{"prompt": "p", "response": "r"}], "judge": {"job_id": jobs[0]}},
-        ),
-    ]
-    for url, body in named:
-        response = await api.post(url, json=body, headers=other)
-        assert response.status_code == 404, (url, response.text)
+        assert len(answers) >= 30, answers  # every id-bearing route was asked
+        # Ids of the owner's in bodies: another key's jobs to compare or judge against.
+        jobs = world["job_id"], world["comparison_id"]
+        own_job = (await submit(api, other, ["How do I store rice?"]))["id"]
+        named = [
+            ("/v1/comparisons", {"baseline_job_id": own_job, "candidate_job_id": jobs[0]}),
+            ("/v1/comparisons", {"baseline_job_id": jobs[0], "candidate_job_id": jobs[1]}),
+            (
+                "/v1/sample-evaluations",
+                {"samples": [{"prompt": "p", "response": "r"}], "judge": {"job_id": jobs[0]}},
+            ),
+        ]
+        for url, body in named:
+            response = await api.post(url, json=body, headers=other)
+            assert response.status_code == 404, (url, response.text)
+    assert not read & set(world.values()), [name for name, value in world.items() if value in read]
     await run_worker_burst(settings)
+    # And items to review.
     export = fixture("label_studio_export.json", [world["item_id"]] * 3)
     review = await api.post(f"/v1/jobs/{own_job}/annotations/label-studio", json=export, headers=other)
     assert error_of(review, 422, "unknown_items")["details"] == [world["item_id"]]
 
     assert {path: (await api.get(path, headers=owner)).json() for path in before} == before
+
+
+@contextmanager
+def rows_read() -> Iterator[set[str]]:
+    """The ids of the tenants' rows (jobs, items, webhooks, policy and prompt sets) read as
+    objects from the database inside."""
+    read: set[str] = set()
+    models = (Job, Item, Webhook, PolicySetRow, PromptSetRow)
+
+    def note(row: Job | Item | Webhook | PolicySetRow | PromptSetRow, _context: object) -> None:
+        read.add(str(row.id))
+
+    for model in models:
+        event.listen(model, "load", note)
+    try:
+        yield read
+    finally:
+        for model in models:
+            event.remove(model, "load", note)
 
 
 def _owner_reads(ids: dict[str, str]) -> list[str]:

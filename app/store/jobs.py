@@ -239,8 +239,12 @@ async def _same_request(job: Job, request_hash: RequestHash) -> Job:
 
 
 async def get_owned(session: AsyncSession, job_id: UUID, owner_key_id: UUID) -> Job:
-    """The job if this key owns it; another key's job is indistinguishable from none."""
-    return owned(await session.get(Job, job_id), job_id, owner_key_id)
+    """The job if this key owns it; another key's job is indistinguishable from none: the owner
+    is in the statement, so another key's row is never read (read, then checked, its plan and
+    duplicates report were decoded first, 3 ms of the event loop for 10,000 prompts in pairs:
+    a 404 several times slower than a nobody's, telling that the job was there, and its size)."""
+    job = await session.scalar(select(Job).where(Job.id == job_id, Job.owner_key_id == owner_key_id))
+    return owned(job, job_id, owner_key_id)
 
 
 async def hold(session: AsyncSession, job_id: UUID, *, to_change: bool = False) -> None:
@@ -537,10 +541,15 @@ async def page_samples(
 
 
 async def get_item_owned(session: AsyncSession, item_id: UUID, owner_key_id: UUID) -> tuple[Item, Job]:
-    row = (
-        await session.execute(select(Item, Job).join(Job, Job.id == Item.job_id).where(Item.id == item_id))
-    ).one_or_none()
-    if row is None or row[1].owner_key_id != owner_key_id:
+    """The item and its job if this key owns them; NotFound otherwise, another key's item read
+    no more than one nobody has (as get_owned)."""
+    owned_item = (
+        select(Item, Job)
+        .join(Job, Job.id == Item.job_id)
+        .where(Item.id == item_id, Job.owner_key_id == owner_key_id)
+    )
+    row = (await session.execute(owned_item)).one_or_none()
+    if row is None:
         raise NotFound(f"item {item_id} not found")
     return row[0], row[1]
 

@@ -113,8 +113,9 @@ async def page_owned(
 
 
 async def get_owned(session: AsyncSession, webhook_id: UUID, owner_key_id: UUID) -> Webhook:
-    webhook = await session.get(Webhook, webhook_id)
-    if webhook is None or webhook.owner_key_id != owner_key_id:
+    """The key's webhook; NotFound for another key's, which is never read (jobs.get_owned)."""
+    owned = select(Webhook).where(Webhook.id == webhook_id, Webhook.owner_key_id == owner_key_id)
+    if (webhook := await session.scalar(owned)) is None:
         raise NotFound("no such webhook")
     return webhook
 
