@@ -22,7 +22,7 @@ from app.store.db import Sessions
 from app.threads import in_thread
 from tests.conftest import api_client, new_key, submit
 from tests.scripted_llm import ScriptedLLM
-from tests.test_api import items_of
+from tests.test_api import error_of, items_of
 from tests.test_comparison_reports import finished_comparison
 from tests.test_thread_waits import BusyThreads, busy_threads
 from tests.test_viewer import logged_in
@@ -79,6 +79,34 @@ async def test_a_keys_burst_of_webhook_deliveries_is_read_in_its_share_of_thread
         listing, answers = await answered_beside(burst, share, threads, api.get("/v1/jobs", headers=other))
     assert listing.status_code == 200, listing.text
     assert [answer.status_code for answer in answers] == [200] * BURST
+
+
+async def test_a_keys_sample_file_is_read_in_its_turns_for_a_thread(
+    api: httpx.AsyncClient, auth: dict[str, str], settings: Settings
+) -> None:
+    """An uploaded file of samples is read (seconds of CPU for a large one) in its key's turns,
+    as a body is decoded: read in anyio's threads, beside the key's share, a key's burst of
+    uploads read as many files at once as it had bodies in memory. With the key's share taken,
+    an upload waits, even one whose file is refused."""
+    share = settings.threads_per_key
+    [item] = await items_of(api, auth, await submit(api, auth, ["How do I store rice?"]))
+    with busy_threads(share + 1, holds=IN_BURST.get) as threads:
+        burst = [in_burst(api.get(f"/v1/items/{item['id']}", headers=auth)) for _ in range(share)]
+        await asyncio.wait_for(threads.until_handed(share), timeout=30)
+        upload = asyncio.ensure_future(
+            api.post(
+                "/v1/sample-evaluations/upload",
+                params={"options": '{"grade": {}}', "file_type": "jsonl"},
+                content=b"not JSON\n",
+                headers=auth,
+            )
+        )
+        await asyncio.wait([upload], timeout=2)
+        assert not upload.done(), upload.result().text
+        threads.free()
+        answers = await asyncio.gather(*burst)
+    error_of(await upload, 422, "invalid_sample_file")
+    assert [answer.status_code for answer in answers] == [200] * share
 
 
 async def answered_beside(
