@@ -52,8 +52,19 @@ async def in_thread(work: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) 
     turn = _turn.get()
     if turn is None:
         return await asyncio.to_thread(run)
-    # A call cancelled in its thread gives its turn back at once, while the thread runs on to
-    # the end of its work (asyncio cannot stop it): a turn bounds the calls awaited, nearly
-    # always the threads.
     async with turn():
-        return await asyncio.to_thread(run)
+        return await _to_the_end(asyncio.ensure_future(asyncio.to_thread(run)))
+
+
+async def _to_the_end(call: asyncio.Future[T]) -> T:
+    """`call`'s result. Cancelled, the caller still waits for `call` to end (asyncio cannot
+    stop a thread), then is cancelled: so a turn is held as long as its thread works. Given
+    back at the cancel, a key hanging up on its uploads could keep every thread busy decoding
+    files that no one waits for."""
+    try:
+        return await asyncio.shield(call)
+    except asyncio.CancelledError:
+        await asyncio.wait([call])
+        if not call.cancelled():
+            call.exception()  # retrieved: the cancelled caller wants no result, nor its error
+        raise

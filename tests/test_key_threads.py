@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Coroutine
 from contextvars import ContextVar, copy_context
+from functools import partial
 from typing import Any, TypeVar
 from uuid import uuid4
 
@@ -19,7 +20,7 @@ from app.api.key_turns import KeyTurns
 from app.config import Settings
 from app.main import create_app
 from app.store.db import Sessions
-from app.threads import in_thread
+from app.threads import in_thread, in_turns
 from tests.conftest import api_client, new_key, submit
 from tests.scripted_llm import ScriptedLLM
 from tests.test_api import error_of, items_of
@@ -185,6 +186,26 @@ async def test_a_keys_turns_for_threads_end_with_its_request(
             assert len(app.state.api.thread_turns) == 0  # a call without a key, as a worker's
             threads.free()
             assert await call == ""
+
+
+async def test_a_call_cancelled_while_its_thread_works_keeps_its_turn_until_the_thread_is_done() -> None:
+    """Given back at the cancel, the turn let a key that hangs up on its requests (an upload
+    cancelled while its file is decoded) start more work than its share of threads."""
+    turns, key = KeyTurns(1, max_waiting=None), uuid4()
+    with busy_threads() as threads, in_turns(partial(turns.turn, key)):
+        cancelled = asyncio.ensure_future(in_thread(str, "cancelled"))
+        await threads.until_handed(1)
+        cancelled.cancel()
+        after = asyncio.ensure_future(in_thread(str, "after"))
+        await asyncio.sleep(0.2)
+        assert threads.handed.empty() and not cancelled.done()  # both wait for the first thread
+
+        threads.free()
+
+        assert await after == "after"
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert len(turns) == 0
 
 
 async def test_turns_with_no_bound_on_the_waiting_refuse_none_and_come_in_order() -> None:
