@@ -1,0 +1,84 @@
+"""How long the API's reading of one large body keeps every other thread waiting for the GIL.
+
+    .venv/bin/python -m bench.gil_holds --rounds 5
+
+The API reads a body in a worker thread, but C code holds the GIL for as long as one call
+takes, and the event loop, wanting it back, waits that long: every request of every key does.
+This runs the steps a sample evaluation's body goes through before it is refused (decoded,
+its request hashed, its samples read) for the body of the hostile-input tests: one sample whose
+thoughts are 30 MiB of JSON text in a string. Meanwhile a probe thread asks for the GIL every
+millisecond; `longest_wait_ms` is the longest it waited, as the event loop would have, and
+`steps_s` how long the steps took. Run from another tree (PYTHONPATH) for a BEFORE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+
+from app.api.sample_evaluations import SAMPLES_BODY
+from app.errors import SampleFileError
+from app.idempotency import RequestHash
+from app.sample_files import samples_of
+from bench.machine import describe
+
+THOUGHTS = "[" + "[]," * (10 * 1024 * 1024) + "[]]"  # tests/test_hostile_input.py's HOSTILE_JSON
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=5, help="times the body is read (default 5)")
+    p.add_argument("--json", help="also write the figures to this file")
+    return p
+
+
+def read_body(raw: bytes) -> None:
+    """A sample evaluation's body read as the route reads it, up to its refusal."""
+    body = SAMPLES_BODY.decode(raw)
+    RequestHash(body)
+    try:
+        samples_of(body.samples, body.format, body.columns)
+    except SampleFileError:
+        return  # refused: the thoughts hold more JSON values than a list of thoughts may
+    raise AssertionError("the samples were read: not the path the hostile-input tests time")
+
+
+def longest_wait_beside(work: threading.Thread) -> float:
+    """The longest a thread waited for the GIL (a 1 ms sleep's overshoot) while `work` ran."""
+    longest = 0.0
+    work.start()
+    while work.is_alive():
+        started = time.perf_counter()
+        time.sleep(0.001)
+        longest = max(longest, time.perf_counter() - started - 0.001)
+    work.join()
+    return longest
+
+
+def main() -> None:
+    args = _parser().parse_args()
+    body = {"samples": [{"prompt": "p", "response": "r", "thoughts": THOUGHTS}], "grade": {}}
+    raw = json.dumps(body, ensure_ascii=False).encode()
+    waits, steps = [], []
+    for _ in range(args.rounds):
+        started = time.perf_counter()
+        waits.append(longest_wait_beside(threading.Thread(target=read_body, args=(raw,))))
+        steps.append(time.perf_counter() - started)
+    figures = {
+        "machine": describe(),
+        "body_mib": round(len(raw) / 2**20, 1),
+        "longest_wait_ms": [round(w * 1000, 1) for w in waits],
+        "longest_wait_ms_median": round(statistics.median(waits) * 1000, 1),
+        "steps_s": [round(s, 3) for s in steps],
+    }
+    print(json.dumps(figures, indent=2))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(figures, out, indent=2)
+
+
+if __name__ == "__main__":
+    main()
