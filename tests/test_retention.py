@@ -28,7 +28,7 @@ async def new_key_id(sessions: Sessions, name: str) -> UUID:
 
 async def viewer_sessions(sessions: Sessions, key_id: UUID, count: int) -> list[UUID]:
     async with sessions.begin() as session:
-        return [await web_sessions.start(session, key_id, lifetime_s=3600) for _ in range(count)]
+        return [await web_sessions.start(session, key_id, lifetime_s=3600, most=count) for _ in range(count)]
 
 
 async def stored_sessions(sessions: Sessions) -> set[UUID]:

@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import httpx
 import pytest
@@ -28,7 +28,7 @@ from app.web import pages as web_pages
 from app.web import session as web_session
 from app.web import timeline
 from app.web.timeline import MAX_PAGE_WORD_PAIRS, DiffPart, response_diff
-from tests.conftest import longest_loop_pause, new_key, run_worker_burst
+from tests.conftest import api_client, longest_loop_pause, new_key, run_worker_burst
 from tests.scripted_llm import ScriptedLLM, agree, guard_verdict, reply, scores
 from tests.test_api import items_of, submit
 from tests.test_exports import connections_of_others
@@ -201,38 +201,72 @@ async def test_a_logged_out_session_cookie_no_longer_opens_the_viewer(
     assert (response.status_code, response.headers["location"]) == (303, "/view/login")
 
 
-async def test_a_key_holds_its_newest_sessions_only_and_another_keys_stay_live(
-    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
-) -> None:
-    """Each login makes a row that lives for hours: a key logging in in a loop made 150 a
-    second, live and so never purged, without bound."""
-    other = await new_key(sessions, "other")
-    other_cookie = (await logged_in(api, other)).cookies[web_session.COOKIE]
-    cookies = []
-    for _ in range(web_sessions.MAX_SESSIONS_PER_KEY + 5):
-        cookies.append((await logged_in(api, auth)).cookies[web_session.COOKIE])
+VIEWER_SESSIONS = 3  # per key, in the tests of the cap
 
+
+async def login_cookie(api: httpx.AsyncClient, headers: Headers) -> str:
+    """The session cookie of a new login with the key of `headers`."""
+    response = await api.post("/view/login", data={"api_key": secret_of(headers)})
+    assert response.status_code == 303 and response.headers["location"] == "/view/jobs"
+    return response.cookies[web_session.COOKIE]
+
+
+async def opens_the_viewer(api: httpx.AsyncClient, cookie: str) -> bool:
+    response = await api.get("/view/jobs", headers={"Cookie": f"{web_session.COOKIE}={cookie}"})
+    assert response.status_code == 200 or response.headers["location"] == "/view/login"
+    return response.status_code == 200
+
+
+async def stored_sessions_per_key(sessions: Sessions) -> dict[UUID, int]:
     async with sessions() as session:
         counted = await session.execute(select(WebSession.key_id, func.count()).group_by(WebSession.key_id))
-        per_key = {key_id: count for key_id, count in counted}
-    assert sorted(per_key.values()) == [1, web_sessions.MAX_SESSIONS_PER_KEY]
-    opened = [
-        (await api.get("/view/jobs", headers={"Cookie": f"{web_session.COOKIE}={cookie}"})).status_code
-        for cookie in (cookies[0], cookies[5], cookies[-1], other_cookie)
-    ]
-    assert opened == [303, 200, 200, 200]  # the five oldest of the key's were ended
+        return {key_id: count for key_id, count in counted}
+
+
+@pytest.fixture
+async def capped_api(settings: Settings, sessions: Sessions) -> AsyncIterator[httpx.AsyncClient]:
+    async with api_client(
+        settings.model_copy(update={"max_viewer_sessions_per_key": VIEWER_SESSIONS})
+    ) as api:
+        yield api
+
+
+async def test_a_login_past_the_keys_cap_ends_its_oldest_session_only(
+    capped_api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    """Each login makes a row that lives for hours: a key logging in in a loop made 150 a
+    second, live and so never purged, without bound. A login past the cap is not refused:
+    the browser logged in longest ago is logged out."""
+    other = await new_key(sessions, "other")
+    other_cookies = [await login_cookie(capped_api, other) for _ in range(VIEWER_SESSIONS)]
+    cookies = [await login_cookie(capped_api, auth) for _ in range(VIEWER_SESSIONS + 1)]
+
+    assert sorted((await stored_sessions_per_key(sessions)).values()) == [VIEWER_SESSIONS, VIEWER_SESSIONS]
+    assert [await opens_the_viewer(capped_api, cookie) for cookie in cookies] == [False, True, True, True]
+    assert all([await opens_the_viewer(capped_api, cookie) for cookie in other_cookies])
+
+
+async def test_logins_at_once_never_leave_a_key_more_sessions_than_its_cap(
+    capped_api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    """Each login that counted the key's sessions missed those of the logins under way beside
+    it, not committed yet, and kept the cap's worth beside its own."""
+    cookies = await asyncio.gather(*(login_cookie(capped_api, auth) for _ in range(6 * VIEWER_SESSIONS)))
+
+    assert list((await stored_sessions_per_key(sessions)).values()) == [VIEWER_SESSIONS]
+    assert sum([await opens_the_viewer(capped_api, cookie) for cookie in cookies]) == VIEWER_SESSIONS
 
 
 async def test_logged_out_sessions_take_none_of_a_keys_places_among_its_newest(sessions: Sessions) -> None:
     """The newest sessions a key keeps counted those it had logged out of: a script logging in
-    and out with the key ended, after MAX_SESSIONS_PER_KEY rounds, the login of every browser
+    and out with the key ended, after as many rounds as the cap, the login of every browser
     still using it."""
     async with sessions.begin() as session:
         key, _ = await keys.create_key(session, "in-and-out")
-        browser = await web_sessions.start(session, key.id, 3600)
-    for _ in range(web_sessions.MAX_SESSIONS_PER_KEY):
+        browser = await web_sessions.start(session, key.id, 3600, VIEWER_SESSIONS)
+    for _ in range(VIEWER_SESSIONS):
         async with sessions.begin() as session:
-            await web_sessions.end(session, await web_sessions.start(session, key.id, 3600))
+            await web_sessions.end(session, await web_sessions.start(session, key.id, 3600, VIEWER_SESSIONS))
     async with sessions() as session:
         assert await web_sessions.live_key(session, browser) is not None
 

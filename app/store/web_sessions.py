@@ -12,25 +12,39 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.store.models import ApiKey, WebSession
 
-# Browsers one key may be logged in from. Each login makes a row that lives for hours, and a
-# live one is never purged: a key logging in in a loop (150 a second) grew the table without bound.
-MAX_SESSIONS_PER_KEY = 100
 
-
-async def start(session: AsyncSession, key_id: UUID, lifetime_s: float) -> UUID:
-    """A new session for this key, in the caller's transaction; its id. The key's sessions
-    other than its newest MAX_SESSIONS_PER_KEY live ones are deleted (logged out, or dead)."""
+async def start(session: AsyncSession, key_id: UUID, lifetime_s: float, most: int) -> UUID:
+    """A new session for this key, in the caller's transaction; its id. The key keeps `most`
+    live sessions at most: the new one and its newest others. Its other sessions (the oldest
+    live ones, and those logged out of or expired) are deleted, so a key logging in in a loop
+    holds `most` rows, not one per login. A key's logins take turns until the caller commits."""
+    # Two logins at once would each miss the other's uncommitted session and keep `most` beside
+    # it. The turn is the key's logins' own, not its row's: a login never waits behind the
+    # key's other writes, and the next one reads this one's session (READ COMMITTED).
+    turn = f"viewer sessions of {key_id}"
+    await session.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(turn, 0))))
     row = WebSession(key_id=key_id, expires_at=func.now() + timedelta(seconds=lifetime_s))
     session.add(row)
     await session.flush()
-    # Live ones only: those logged out of must not take the places of browsers still in.
-    newest = (
+    # Live ones only: those logged out of must not take the places of browsers still in. The
+    # new one is kept by its id, not its time: a login that waited for its turn may have begun
+    # (its now()) before the one it waited for, and would seem the older.
+    others_kept = (
         select(WebSession.id)
-        .where(WebSession.key_id == key_id, WebSession.ended_at.is_(None), WebSession.expires_at > func.now())
+        .where(
+            WebSession.key_id == key_id,
+            WebSession.id != row.id,
+            WebSession.ended_at.is_(None),
+            WebSession.expires_at > func.now(),
+        )
         .order_by(WebSession.created_at.desc(), WebSession.id.desc())
-        .limit(MAX_SESSIONS_PER_KEY)
+        .limit(most - 1)
     )
-    await session.execute(delete(WebSession).where(WebSession.key_id == key_id, WebSession.id.not_in(newest)))
+    await session.execute(
+        delete(WebSession).where(
+            WebSession.key_id == key_id, WebSession.id != row.id, WebSession.id.not_in(others_kept)
+        )
+    )
     return row.id
 
 

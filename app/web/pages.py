@@ -187,7 +187,7 @@ async def login(request: Request, session: SessionDep, settings: SettingsDep) ->
         context = {"error": refused.message}
         return templates.TemplateResponse(request, "login.html", context, status_code=429, headers=headers)
     lifetime_s = settings.web_session_hours * 3600
-    session_id = await web_sessions.start(session, key.id, lifetime_s)
+    session_id = await web_sessions.start(session, key.id, lifetime_s, settings.max_viewer_sessions_per_key)
     await session.commit()
     token = session_token.issue(session_id, session_token.signing_secret(settings))
     response = RedirectResponse("/view/jobs", status_code=303)
