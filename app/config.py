@@ -454,7 +454,7 @@ class Settings(BaseSettings):
     # Live viewer sessions one API key may hold (app/store/web_sessions.py): a login past them
     # ends the key's oldest, never refused. Each login makes a row live for web_session_hours,
     # and a key logging in in a loop would otherwise grow the table without bound.
-    max_viewer_sessions_per_key: int = Field(default=20, ge=1)
+    max_viewer_sessions_per_key: int = Field(default=100, ge=1)
 
     # Job callbacks (app/callbacks.py): the hosts a job may name, comma-separated, each `host`
     # (any port) or `host:port`; empty: jobs cannot name callbacks. Checked again at each send.
