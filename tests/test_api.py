@@ -28,6 +28,7 @@ from app.errors import ServiceError
 from app.main import create_app
 from app.queue import arq_job_id
 from app.server import uvicorn_options
+from app.store import policy_sets
 from app.store.db import Sessions
 from app.store.models import Item, Job, TurnRow
 from tests.conftest import (
@@ -565,6 +566,22 @@ async def test_submitted_job_names_the_default_policy_set_version(
     assert HEX.fullmatch(job["policy_set"]["version"])
     listed = (await api.get("/v1/policy-sets", headers=auth)).json()
     assert job["policy_set"]["id"] in {p["id"] for p in listed}
+
+
+async def test_a_job_without_a_version_pins_the_policy_set_this_process_ships_not_a_newer_releases(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    """In a rolling upgrade (or after a rollback) a newer release's default policies are the
+    newest built-in row, stored beside this process's; its jobs get the policies it ships."""
+    async with sessions.begin() as session:
+        shipped = await policy_sets.ensure_default(session)  # this process's row, stored first
+    async with sessions.begin() as session:  # as a newer release registers its default policies
+        newer, _ = await policy_sets.register(session, None, "aidsafe-default", "", KITCHEN_POLICIES, None)
+
+    job = await submit(api, auth, ["a"])
+
+    assert (job["policy_set"]["id"], job["policy_set"]["version"]) == (str(shipped.id), shipped.version)
+    assert shipped.version != newer.version
 
 
 async def test_listing_policy_sets_holds_the_event_loop_briefly(

@@ -341,6 +341,31 @@ async def test_a_job_pinned_to_an_earlier_builtin_version_keeps_its_wording_afte
         assert (cot["prompt_set"]["name"], cot["prompt_set"]["version"]) == ("aidsafe-default", version)
 
 
+async def test_a_job_without_a_version_pins_the_builtin_set_this_process_ships_not_a_newer_releases(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    """In a rolling upgrade (or after a rollback) processes of two releases share the database:
+    a newer one's built-in row is the newest stored, but this process words its jobs as it ships
+    them, and that newer wording may use a placeholder this release does not know."""
+    async with sessions.begin() as session:
+        await prompt_sets.ensure_default(session)  # this process's row, stored first
+    newer_refiner = "# Your task: refinement\nKeep at most $kept_thoughts_of_a_later_release."
+    async with sessions.begin() as session:  # as a newer release registers its built-in set
+        newer, _ = await prompt_sets.register(
+            session, None, "aidsafe-default", "", templates(refine__system=newer_refiner), None
+        )
+
+    submitted = await api.post("/v1/jobs", json={"prompts": ["Hi"], "config": ONE_AGENT}, headers=auth)
+
+    assert submitted.status_code == 202, submitted.text
+    shown = submitted.json()["prompt_set"]
+    assert (
+        (shown["name"], shown["version"])
+        == ("aidsafe-default", builtin().version)
+        != (newer.name, newer.version)
+    )
+
+
 async def test_an_unknown_prompt_set_version_is_a_422_and_no_job(
     api: httpx.AsyncClient, auth: Headers, sessions: Sessions
 ) -> None:

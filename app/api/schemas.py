@@ -120,16 +120,27 @@ class PromptIn(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict, description="Kept with the item.")
 
 
+# What a set's name alone resolves to (app.store.registered_sets.newest_visible).
+SetVersion = Annotated[
+    str | None,
+    Field(
+        max_length=32,
+        description=f"Content hash. Left out: your newest version of the name, or for the built-in "
+        f"'{BUILTIN_NAME}' (unless you registered a set of that name) the version this server ships.",
+    ),
+]
+
+
 class PolicySetRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(default="aidsafe-default", max_length=100)
-    version: str | None = Field(default=None, max_length=32, description="Content hash; newest if omitted.")
+    version: SetVersion = None
 
 
 class PromptSetRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(max_length=100)
-    version: str | None = Field(default=None, max_length=32, description="Content hash; newest if omitted.")
+    version: SetVersion = None
 
 
 class Labelled(BaseModel):
@@ -195,9 +206,9 @@ class JobIn(Labelled):
     prompt_set: PromptSetRef | None = Field(
         default=None,
         exclude_if=lambda ref: ref is None,
-        description=f"The templates that word the job's requests (GET /v1/prompt-sets). Default: "
-        f"the built-in '{BUILTIN_NAME}', newest. 422 `unknown_prompt_set` if no such set is visible "
-        "to this key.",
+        description=f"The templates that word the job's requests (GET /v1/prompt-sets). Left out, "
+        f'as `{{"name": "{BUILTIN_NAME}"}}`: the built-in set as this server ships it. 422 '
+        "`unknown_prompt_set` if no such set is visible to this key.",
     )
     config: JobConfigIn = Field(default_factory=JobConfigIn)
     # Left out of the request's hash when unset, as label and metadata are.

@@ -66,10 +66,10 @@ async def get_visible(session: AsyncSession, owner_key_id: UUID, policy_set_id: 
 async def resolve_for_job(
     session: AsyncSession, owner_key_id: UUID, name: str, version: str | None
 ) -> PolicySetRow:
-    """The version a job will use: the given one, or the newest of that name (own first)."""
-    row = await registered_sets.newest_visible(session, PolicySetRow, owner_key_id, name, version)
-    if row is None and name == DEFAULT_NAME and not version:
-        row = await ensure_default(session)
+    """The version a job will use: the given one, or the newest of that name (own first; for
+    the built-in name, the set this process ships)."""
+    shipped = ensure_default if name == DEFAULT_NAME else None
+    row = await registered_sets.newest_visible(session, PolicySetRow, owner_key_id, name, version, shipped)
     if row is None:
         suffix = f" version {version}" if version else ""
         raise UnknownPolicySet(f"no policy set '{name}'{suffix} is visible to this key")

@@ -84,9 +84,8 @@ async def find_visible(
 ) -> PromptSetRow:
     """The given version of `name`, or its newest (own first; for the built-in name, the set
     this process ships), unchecked. Raises UnknownPromptSet."""
-    if name == BUILTIN_NAME and not version:
-        await ensure_default(session)
-    row = await registered_sets.newest_visible(session, PromptSetRow, owner_key_id, name, version)
+    shipped = ensure_default if name == BUILTIN_NAME else None
+    row = await registered_sets.newest_visible(session, PromptSetRow, owner_key_id, name, version, shipped)
     if row is None:
         suffix = f" version {version}" if version else ""
         raise UnknownPromptSet(f"no prompt set '{name}'{suffix} is visible to this key")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 from uuid import UUID
 
@@ -82,14 +83,25 @@ async def get_visible(
 
 
 async def newest_visible(
-    session: AsyncSession, model: type[Row], owner_key_id: UUID, name: str, version: str | None
+    session: AsyncSession,
+    model: type[Row],
+    owner_key_id: UUID,
+    name: str,
+    version: str | None,
+    shipped: Callable[[AsyncSession], Awaitable[Row]] | None = None,
 ) -> Row | None:
-    """The given version of `name`, or its newest (the key's own before built-in ones)."""
+    """The given version of `name`, or its newest (the key's own before built-in ones). With
+    `shipped`, for a built-in set's name, no version and none of the key's own: the row it
+    gives, this process's built-in set, not the newest stored, which may be another release's
+    (a newer one beside this in a rolling upgrade, or the one rolled back from)."""
     query = select(model).where(_visible_to(model, owner_key_id), model.name == name)
     if version:
         query = query.where(model.version == version)
     query = query.order_by(model.owner_key_id.is_(None), model.created_at.desc()).limit(1)
-    return await session.scalar(query)
+    row = await session.scalar(query)
+    if shipped is not None and not version and (row is None or row.owner_key_id is None):
+        return await shipped(session)
+    return row
 
 
 class ById(Generic[Row]):
