@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
 import time
 import uuid
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -266,6 +268,31 @@ async def test_truncated_output_is_reasked_without_it_and_with_twice_the_tokens(
         assert reask.body["messages"][:2] == first.body["messages"]
         assert len(reask.body["messages"]) == 3, "the cut-off reply is not sent back"
         assert "cut off" in reask.body["messages"][2]["content"]
+
+
+@pytest.mark.parametrize(
+    ("schema", "limits", "told"),
+    [
+        ("seed_cot", Limits(thoughts_per_turn=1), "thoughts: 1 to 1 short"),
+        ("refined_cot", Limits(kept_thoughts=2), "in order: 1 to 2 ("),
+    ],
+)
+async def test_the_reask_of_a_truncated_reply_asks_for_no_more_thoughts_than_the_stage_allows(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM, schema: str, limits: Limits, told: str
+) -> None:
+    """One re-ask serves every stage, each with its own limit (or no thoughts at all), so it
+    names no count of its own ("at most three thoughts" asked a seed allowed 1 for three) and
+    points at the stage's instructions, which name the job's limit."""
+    scripted_llm.script(schema, truncated())
+
+    completed(await run(llm, InMemoryTurnLog(), replace(pipeline(agents=1, max_rounds=1), limits=limits)))
+
+    first, reask = scripted_llm.requests_for(schema)
+    asked = reask.body["messages"][-1]["content"]
+    assert not re.search(r"\b(\d+|one|two|three|four|five|six|seven|eight|nine|ten) thoughts?\b", asked)
+    assert "cut off" in asked and "no more entries than your instructions allow" in asked
+    assert reask.body["messages"][0] == first.body["messages"][0]
+    assert told in reask.body["messages"][0]["content"]
 
 
 async def test_plain_text_refusal_fails_the_item_as_agent_refused(

@@ -116,7 +116,7 @@ async def test_aidsafe_stages_with_reasks_grading_and_a_whispered_pair_send_pinn
             "intent/0/0/0 intent 13f2cb3b46a1df57",
             "intent/0/0/1 intent dbedbb13c4467555",
             "seed/0/0/0 seed 84d49dbd33a4c375",
-            "seed/0/0/1 seed 9bc9e38daee36d53",
+            "seed/0/0/1 seed 68cd79854f335b11",
             "deliberation/1/1/0 deliberator-1 a1f21a2a786505b4",
             "deliberation/1/2/0 deliberator-2 027d9cac4919d49b",
             "deliberation/2/1/0 deliberator-1 2bc9e24327b91856",
@@ -133,7 +133,7 @@ async def test_aidsafe_stages_with_reasks_grading_and_a_whispered_pair_send_pinn
             "guard/3/0/0 guard 8fc40c1ac8d245ef",
             "grade/3/0/0 grader 8a9712e0307b9fb3",
         ],
-        "bodies": "a1f1af1a9c620c2b",
+        "bodies": "77f727e65f0ac9e3",
     }
 
 
