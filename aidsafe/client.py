@@ -78,6 +78,7 @@ TransportT = TypeVar("TransportT", httpx.BaseTransport, httpx.AsyncBaseTransport
 # What the CLI has always read (app/cli/connection.py passes its --api-url and --key through).
 URL_ENV, KEY_ENV = "AIDSAFE_API_URL", "AIDSAFE_API_KEY"
 DEFAULT_URL = "http://127.0.0.1:8000"
+BUILTIN_PROMPT_SET = "aidsafe-default"  # the server's own templates
 RETRIED_STATUSES = (429, 503)  # rate-limited; the database unavailable: both say "try again"
 IDEMPOTENT_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")
 MAX_EVENT_RECONNECTS = 5  # in a row, without an event in between
@@ -224,9 +225,8 @@ def _job_body(
     else:
         body = {"items": [{"prompt": p} if isinstance(p, str) else dict(p) for p in prompts]}
     body["policy_set"] = {"name": policy_set, "version": policy_version}
-    if prompt_set is not None:  # left out, the server's built-in set
-        body["prompt_set"] = {"name": prompt_set, "version": prompt_set_version}
     optional = {
+        "prompt_set": _prompt_set_ref(prompt_set, prompt_set_version),
         "config": None if config is None else dict(config),
         "callback_url": callback_url,
         "budget": None if budget is None else dict(budget),
@@ -235,6 +235,14 @@ def _job_body(
     }
     body.update({name: value for name, value in optional.items() if value is not None})
     return body
+
+
+def _prompt_set_ref(name: str | None, version: str | None) -> dict[str, Any] | None:
+    """A request's `prompt_set`: None, left out (the server's built-in set), unless a name or
+    a version is given; a version alone pins one of the built-in set's (it was dropped)."""
+    if name is None and version is None:
+        return None
+    return {"name": name or BUILTIN_PROMPT_SET, "version": version}
 
 
 BENCHMARK_FORMATS = {".jsonl": "jsonl", ".csv": "csv"}
@@ -290,8 +298,8 @@ def _evaluation_options(
         "policy_set": {"name": policy_set, "version": policy_version},
         **_labels(label, metadata),
     }
-    if prompt_set is not None:  # left out, the server's built-in set
-        options["prompt_set"] = {"name": prompt_set, "version": prompt_set_version}
+    if (prompt_set_ref := _prompt_set_ref(prompt_set, prompt_set_version)) is not None:
+        options["prompt_set"] = prompt_set_ref
     for name, role in (("grade", grade), ("guard", guard)):
         if role is not None:
             options[name] = dict(role)
@@ -730,10 +738,10 @@ class _BaseClient(Generic[TransportT]):
         `{"max_cost_usd": ..., "max_tokens": ...}` (either or both), after which no new LLM
         call starts (see `update_job`). `prompt_set` names the templates that word the
         requests (see `list_prompt_sets`; default: the built-in set), `prompt_set_version`
-        pins one version. The submission is retried on 429/503 under an Idempotency-Key
-        (`idempotency_key`, or one of the call's own), so it makes one job at most; with
-        `idempotency_key` a later call with the same key and body answers the first job, with
-        `replayed` True."""
+        pins one version of it (given alone, of the built-in set). The submission is retried
+        on 429/503 under an Idempotency-Key (`idempotency_key`, or one of the call's own), so
+        it makes one job at most; with `idempotency_key` a later call with the same key and
+        body answers the first job, with `replayed` True."""
         body = _job_body(
             prompts,
             config,
@@ -1057,7 +1065,7 @@ class _BaseClient(Generic[TransportT]):
         optional = {
             "safety_judge": None if safety_judge is None else dict(safety_judge),
             "refusal_judge": None if refusal_judge is None else dict(refusal_judge),
-            "prompt_set": None if prompt_set is None else {"name": prompt_set, "version": prompt_set_version},
+            "prompt_set": _prompt_set_ref(prompt_set, prompt_set_version),
             "max_tokens": max_tokens,
             "callback_url": callback_url,
         }

@@ -29,6 +29,7 @@ from app.cli.prompt_files import read_prompt_file
 from app.config import Settings
 from app.deliberation.prompt_sets import builtin
 from app.exports.options import CotStyle
+from app.store import prompt_sets
 from app.store.db import Sessions
 from app.store.models import Job
 from tests.conftest import eventually, run_worker_burst, served
@@ -231,6 +232,34 @@ async def test_reproduce_names_both_jobs_before_following_the_first(
 
     submitted = await job_ids(sessions)
     assert len(submitted) == 2 and set(submitted) <= set(named.replace(",", " ").split()), named
+
+
+async def test_reproduce_pins_both_jobs_to_the_builtin_version_named(
+    live_api: str, auth: Headers, sessions: Sessions, tmp_path: Path
+) -> None:
+    """To run the procedure again in the words of an earlier report, after an upgrade changed
+    the built-in set: a version alone is the built-in set's (the client dropped it unnamed)."""
+    earlier_templates = {**builtin().templates, "refine.system": "# Your task: refinement\nRefine."}
+    async with sessions.begin() as session:  # as the earlier release registered its built-in set
+        earlier, _ = await prompt_sets.register(session, None, "aidsafe-default", "", earlier_templates, None)
+    prompts = write(tmp_path, "p.jsonl", '{"prompt": "fine"}')
+    args = (
+        "reproduce",
+        str(prompts),
+        "--out",
+        str(tmp_path / "report"),
+        "--prompt-set-version",
+        earlier.version,
+    )
+    process = await interruptible(live_api, auth, *args)
+    assert process.stdout is not None
+    named = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()  # both jobs submitted
+    process.send_signal(signal.SIGINT)
+    await asyncio.wait_for(process.communicate(), 30)
+
+    async with sessions() as session:
+        pinned = list(await session.scalars(select(Job.prompt_set_id)))
+    assert pinned == [earlier.id, earlier.id], named
 
 
 async def test_cli_follow_counts_the_refusals_and_names_them_by_stage_and_model_at_the_end(

@@ -13,6 +13,10 @@ PromptSetOpt = Annotated[
         help="Prompt set name (`aidsafe prompt-sets list`) wording the requests. Default: the built-in set."
     ),
 ]
+PromptSetVersionOpt = Annotated[
+    str | None,
+    typer.Option(help="Pin a version of the prompt set (of the built-in set without --prompt-set)."),
+]
 
 
 Threshold = Annotated[

@@ -3,6 +3,7 @@ compared by one judge, written out as a report."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -10,6 +11,7 @@ import typer
 
 from app.cli.connection import ApiKeyOpt, ApiUrl, api_client
 from app.cli.follow import follow_job
+from app.cli.job_options import PromptSetOpt, PromptSetVersionOpt
 from app.cli.output import console, writing
 from app.cli.prompt_files import PromptFileError, read_prompt_file
 
@@ -33,13 +35,15 @@ def reproduce(
     agents: Annotated[int | None, typer.Option(help="Deliberating agents.")] = None,
     max_rounds: Annotated[int | None, typer.Option(help="Deliberation round budget.")] = None,
     pairs: Annotated[bool, typer.Option(help="Also make ear-whisperer pairs (adds the gap plot).")] = False,
+    prompt_set: PromptSetOpt = None,
+    prompt_set_version: PromptSetVersionOpt = None,
     label: Annotated[
         str, typer.Option(help="The report's title and the jobs' label.")
     ] = "AIDSAFE vs zero-shot",
 ) -> None:
     """The paper's procedure on your endpoint: the AIDSAFE job and the zero-shot baseline on
-    the same prompts, both graded by one judge model, compared pairwise by it, and the report
-    written to OUT (Markdown, CSV, PNG plots)."""
+    the same prompts, both worded by one prompt set and graded by one judge model, compared
+    pairwise by it, and the report written to OUT (Markdown, CSV, PNG plots)."""
     try:
         items = read_prompt_file(file)
     except PromptFileError as exc:
@@ -51,8 +55,12 @@ def reproduce(
     config: dict[str, Any] = {"defaults": writers, "grading": {"grader": judge}}
     config.update({k: v for k, v in {"agents": agents, "max_rounds": max_rounds}.items() if v is not None})
     with api_client(api_url, key) as client:
-        candidate = client.submit(items, config={**config, **({"pairs": {}} if pairs else {})}, label=label)
-        baseline = client.submit(items, config={**config, "mode": "zero_shot"}, label=label)
+        # Both jobs in one set's words: the baseline's requests worded as the candidate's and its judge's.
+        submit = partial(
+            client.submit, items, label=label, prompt_set=prompt_set, prompt_set_version=prompt_set_version
+        )
+        candidate = submit(config={**config, **({"pairs": {}} if pairs else {})})
+        baseline = submit(config={**config, "mode": "zero_shot"})
         console.print(f"AIDSAFE job [bold]{candidate.id}[/], zero-shot job [bold]{baseline.id}[/]")
         for job in (candidate, baseline):  # both named first: a Ctrl-C in the first leaves both running
             if not follow_job(client, job.id).finished:

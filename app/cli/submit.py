@@ -12,7 +12,13 @@ import typer
 from aidsafe.models import Estimate
 from app.cli.connection import ApiKeyOpt, ApiUrl, api_client
 from app.cli.follow import follow_job
-from app.cli.job_options import PromptSetOpt, Threshold, job_config, requested_budget
+from app.cli.job_options import (
+    PromptSetOpt,
+    PromptSetVersionOpt,
+    Threshold,
+    job_config,
+    requested_budget,
+)
 from app.cli.output import budget_text, console, usd
 from app.cli.prompt_files import PromptFileError, read_prompt_file
 from app.cli.results import print_cots
@@ -56,7 +62,7 @@ def submit(
     policy_set: Annotated[str, typer.Option(help="Policy set name.")] = "aidsafe-default",
     policy_version: Annotated[str | None, typer.Option(help="Pin a policy set version.")] = None,
     prompt_set: PromptSetOpt = None,
-    prompt_set_version: Annotated[str | None, typer.Option(help="Pin a prompt set version.")] = None,
+    prompt_set_version: PromptSetVersionOpt = None,
     preset: Annotated[
         str | None, typer.Option(help="A preset to start from (`aidsafe presets list`); options override it.")
     ] = None,
