@@ -239,7 +239,7 @@ def _job_body(
 
 def _prompt_set_ref(name: str | None, version: str | None) -> dict[str, Any] | None:
     """A request's `prompt_set`: None, left out (the server's built-in set), unless a name or
-    a version is given; a version alone pins one of the built-in set's (it was dropped)."""
+    a version is given; a version alone pins one of the built-in set's."""
     if name is None and version is None:
         return None
     return {"name": name or BUILTIN_PROMPT_SET, "version": version}

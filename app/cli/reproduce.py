@@ -55,7 +55,7 @@ def reproduce(
     config: dict[str, Any] = {"defaults": writers, "grading": {"grader": judge}}
     config.update({k: v for k, v in {"agents": agents, "max_rounds": max_rounds}.items() if v is not None})
     with api_client(api_url, key) as client:
-        # Both jobs in one set's words: the baseline's requests worded as the candidate's and its judge's.
+        # One prompt set words both jobs (and the comparison's judge, which takes the candidate's).
         submit = partial(
             client.submit, items, label=label, prompt_set=prompt_set, prompt_set_version=prompt_set_version
         )
