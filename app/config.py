@@ -373,6 +373,10 @@ class Settings(BaseSettings):
     # few serve many items (and 2 x 128 items must not open 280 connections).
     worker_db_connections: int = Field(default=30, ge=1)
     worker_metrics_port: int = 0  # >0: each worker serves Prometheus metrics on this port
+    # A worker told to stop (SIGTERM) is gone this long after the signal, its items' 5 s to
+    # finish included, whatever a silent Redis or Postgres still holds (workers/queue_worker.py):
+    # under the 30 s compose and Kubernetes give before they kill it, with room for the exit.
+    worker_stop_s: float = Field(default=25.0, ge=10.0)
     # Set: the API's /metrics asks for `Authorization: Bearer <token>` (Prometheus's `authorization`).
     metrics_token: str | None = None
     # An item's lease in Postgres, renewed every third of it: the backstop should heartbeats

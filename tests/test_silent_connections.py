@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -48,10 +49,13 @@ from app.store.export_rows import ExportFilter
 from app.store.exports import BATCH_ROWS
 from app.store.models import Item, Job
 from tests.conftest import api_client, eventually, run_worker_burst, start_worker, submit
+from tests.scripted_llm import ScriptedLLM, stall
 from tests.test_api import error_of
 from tests.test_endings import claimed_item
 from tests.test_events import summary_of
 from tests.test_exports import UVICORN_SCOPE, bulk_job, never_disconnects
+from tests.test_liveness import item_row
+from tests.test_worker import one_item, turn_count
 from workers.main import _keep_lease
 from workers.sweeper import sweep
 
@@ -601,6 +605,62 @@ async def test_a_worker_whose_connections_go_silent_carries_on_over_new_ones(
     assert workers[0].poll() is None, "the worker carried on; it did not exit and restart"
     job = (await api.get(f"/v1/jobs/{second}", headers=auth)).json()
     assert job["counts"]["by_status"] == {"completed": 1}, "put back and done, not failed"
+
+
+@pytest.mark.parametrize("hung", ["redis", "postgres", "both"])
+async def test_a_worker_told_to_stop_while_its_stores_hang_is_gone_by_its_deadline(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+    scripted_llm: ScriptedLLM,
+    hung: str,
+    proxy: SilencingProxy,
+    pg_proxy: SilencingProxy,
+    workers: list[subprocess.Popen[bytes]],
+) -> None:
+    """Its item running, its Redis or Postgres connections (new ones too) never answering, a
+    worker given SIGTERM took 66 s to stop with Postgres hung (the item's hand-back waited out
+    the database timeout) and 77 s with both, past the 30 s compose gives; with Redis hung it
+    ended in a traceback, its on_shutdown skipped. It is gone by AIDSAFE_WORKER_STOP_S (here
+    10 s, and a margin for a loaded machine), and what it could not release is taken back as
+    a dead worker's: its item is queued again once its heartbeat runs out, not lost."""
+    stop_s = 10.0
+    lasting = settings.model_copy(
+        update={"lease_seconds": 60, "llm_timeout_s": 60.0, "redis_timeout_s": 3.0, "worker_stop_s": stop_s}
+    )
+    scripted_llm.script("seed_cot", stall(60))
+    job_id = await submit(api, auth, ["What is a good first programming language?"])
+    item_id = (await one_item(sessions, job_id)).id
+    workers.append(start_worker(_database_through(pg_proxy, _through(proxy, lasting))))
+    await eventually(lambda: turn_count(sessions, item_id), what="the intent turn")
+    for store in {"redis": [proxy], "postgres": [pg_proxy], "both": [proxy, pg_proxy]}[hung]:
+        store.hang()
+
+    workers[0].send_signal(signal.SIGTERM)
+    bound_s = stop_s + 8
+    exit_code = await asyncio.to_thread(_exit_code_within, workers[0], bound_s)
+
+    assert exit_code is not None, f"still stopping {bound_s} s after the signal"
+    assert exit_code == 0, "the stop ended in an error"
+    await asyncio.sleep(lasting.heartbeat_ttl_s)
+    await eventually(
+        lambda: _queued_again(lasting, sessions, arq_redis, item_id), what="the item queued again"
+    )
+
+
+def _exit_code_within(process: subprocess.Popen[bytes], seconds: float) -> int | None:
+    """The process's exit code, or None if it still runs after `seconds`."""
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        return process.wait(timeout=seconds)
+    return None
+
+
+async def _queued_again(settings: Settings, sessions: Sessions, redis: ArqRedis, item_id: UUID) -> bool:
+    """Whether the item waits in the queue, after a sweep (which takes a dead worker's back)."""
+    await sweep(settings, sessions, redis)
+    return (await item_row(sessions, item_id)).status == "queued"
 
 
 async def test_giving_up_on_a_wait_for_the_pool_replaces_none_of_its_connections(migrated: str) -> None:

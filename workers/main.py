@@ -185,8 +185,9 @@ def _hedge_policy(settings: Settings) -> HedgePolicy | None:
     return HedgePolicy(settings.llm_hedge_factor, settings.llm_hedge_min_s, settings.llm_hedge_budget)
 
 
-# How long a stopping worker waits for its loops' cleanup, each a statement or two: with the
-# items' SHUTDOWN_WAIT_S and the pools' second, well within the 30 s compose gives it to stop.
+# How long a stopping worker waits for its loops' cleanup, each a statement or two, so that a
+# loop stuck on a silent store leaves the heartbeat's drop and the pools' close their turn
+# before the stop's deadline (AIDSAFE_WORKER_STOP_S, QueueWorker.close), which bounds it all.
 LOOPS_STOP_WAIT_S = 5
 
 
@@ -207,7 +208,7 @@ async def _stop_loops(worker: Worker) -> None:
     loop releases its batch's lease, the replayer its Redis lease, a sweep rolls back) before
     what they use is closed. Unawaited, it raced the pools' close and the end of the event
     loop: a batch was left to the next worker only once its lease ran out. A loop stuck longer
-    is logged and left, so that the stop stays within compose's stop_grace_period."""
+    is logged and left, its hold left to its lease."""
     loops = {
         "sweeper": worker.sweeper,
         "purger": worker.purger,
@@ -581,6 +582,7 @@ def worker_settings(settings: Settings, *, sweeper: bool = True) -> dict[str, An
         # pickle and a SET per item, and 60 s of a key per item in Redis.
         "keep_result": 0,
         "job_completion_wait": SHUTDOWN_WAIT_S,
+        "stop_s": settings.worker_stop_s,
     }
 
 
@@ -591,7 +593,7 @@ def run(argv: Sequence[str] | None = None) -> None:
         prog="aidsafe-worker",
         description=f"Run one worker process, configured by the AIDSAFE_* environment variables, until "
         f"SIGINT or SIGTERM; its running items then have {SHUTDOWN_WAIT_S} s to finish before the "
-        "rest go back to the queue, their turns kept.",
+        "rest go back to the queue, their turns kept, and it is gone within AIDSAFE_WORKER_STOP_S.",
     )
     parser.add_argument(
         "--check",

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
-from signal import Signals
+from signal import SIGUSR1, Signals
 from typing import Any, TypeVar
 from uuid import UUID, uuid4
 
@@ -122,13 +122,15 @@ class QueueWorker(ArqWorker):
     item's progress event in the same transaction) or arq's `finish_failed_job` (then the
     record's drop)."""
 
-    def __init__(self, *args: Any, queue_scan_limit: int, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, queue_scan_limit: int, stop_s: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # Jobs running stay at the queue's head: the start script looks this far past it.
         self.scan_limit = queue_scan_limit
         self.starts: dict[str, JobStart] = {}  # each running job's start
         self.item_endings: dict[str, tuple[UUID, events.ItemFinished]] = {}
         self.stopping = False  # a signal came: Redis's refusals are no longer waited out
+        self.stop_s = stop_s  # from the signal to the end of `close`, at most
+        self.stop_by: float | None = None  # the event loop's time the stop ends by, once it began
         self.ctx[ITEM_ENDINGS] = self.item_endings
 
     async def _poll_iteration(self) -> None:
@@ -218,12 +220,56 @@ class QueueWorker(ArqWorker):
                 delay_s = min(_FINISH_RETRY_MAX_S, 2 * delay_s)
 
     def handle_sig(self, signum: Signals) -> None:
-        self.stopping = True
+        self._begin_stop()
         super().handle_sig(signum)
 
     def handle_sig_wait_for_completion(self, signum: Signals) -> None:
-        self.stopping = True
+        self._begin_stop()
         super().handle_sig_wait_for_completion(signum)
+
+    def _begin_stop(self) -> None:
+        self.stopping = True
+        if self.stop_by is None:  # a second signal does not put the deadline off
+            self.stop_by = self.loop.time() + self.stop_s
+
+    async def close(self) -> None:
+        """arq's close (arq is pinned): the jobs' ends (their items handed back, their arq jobs
+        ended in Redis), on_shutdown, the pool's close; all by the stop's deadline, `stop_s`
+        after the signal. Each step waited on its store: measured, a Postgres gone silent held
+        an item's hand-back for the database timeout (the stop took 66 s, past the 30 s compose
+        gives before it kills), and a Redis that hung failed the drop of arq's health key, which
+        skipped on_shutdown (the batch loop's release) and ended the process in a traceback.
+        What the worker has not let go of by the deadline is left as a killed worker leaves
+        it, and recovered the same way: its items by the sweeper once its heartbeat or their
+        leases run out, its arq jobs' records by the sweeper, its batch at its lease's end."""
+        if not self._handle_signals:  # as arq's: in-process workers (tests) stop here
+            self.handle_sig(SIGUSR1)
+        if not self._pool:
+            return
+        try:
+            async with asyncio.timeout_at(self.stop_by) as stop:
+                # Shielded: a gather cancelled at the deadline waits for its jobs' own cleanup
+                # (arq ends a cancelled job in Redis), 3 s past it when Redis hung.
+                await asyncio.shield(asyncio.gather(*self.tasks.values()))
+                await self._drop_health_key()
+                if self.on_shutdown:
+                    await self.on_shutdown(self.ctx)
+        except TimeoutError:
+            if not stop.expired():
+                raise
+            log.warning(
+                "stopping at the deadline, %.0f s after the signal (AIDSAFE_WORKER_STOP_S), with Redis or "
+                "Postgres not answering: what this worker still holds is taken back as a dead worker's",
+                self.stop_s,
+            )
+        await self.pool.aclose(close_connection_pool=True)
+        self._pool = None
+
+    async def _drop_health_key(self) -> None:
+        try:
+            await self.pool.delete(self.health_check_key)
+        except RedisError:  # it expires by itself; on_shutdown still runs
+            log.warning("could not drop arq's health check key", exc_info=True)
 
     async def finish_job(
         self,
