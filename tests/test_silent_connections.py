@@ -627,27 +627,67 @@ async def test_a_worker_told_to_stop_while_its_stores_hang_is_gone_by_its_deadli
     10 s, and a margin for a loaded machine), and what it could not release is taken back as
     a dead worker's: its item is queued again once its heartbeat runs out, not lost."""
     stop_s = 10.0
-    lasting = settings.model_copy(
-        update={"lease_seconds": 60, "llm_timeout_s": 60.0, "redis_timeout_s": 3.0, "worker_stop_s": stop_s}
+    stopping = settings.model_copy(update={"worker_stop_s": stop_s})
+    item_id = await _running_an_item(api, auth, sessions, scripted_llm, stopping, proxy, pg_proxy, workers)
+    for store in {"redis": [proxy], "postgres": [pg_proxy], "both": [proxy, pg_proxy]}[hung]:
+        store.hang()
+
+    await _stopped_within(workers[0], stop_s + 8)
+
+    await asyncio.sleep(stopping.heartbeat_ttl_s)
+    await eventually(
+        lambda: _queued_again(stopping, sessions, arq_redis, item_id), what="the item queued again"
     )
+
+
+async def test_a_worker_told_to_stop_after_a_postgres_failover_hands_its_item_back_over_a_new_connection(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    scripted_llm: ScriptedLLM,
+    proxy: SilencingProxy,
+    pg_proxy: SilencingProxy,
+    workers: list[subprocess.Popen[bytes]],
+) -> None:
+    """The pool's connections silent, new ones answering: the hand-back waited out the database
+    timeout on its silent one (the stop took 66 s), and the item was left to the heartbeat."""
+    item_id = await _running_an_item(api, auth, sessions, scripted_llm, settings, proxy, pg_proxy, workers)
+    pg_proxy.silence()
+
+    await _stopped_within(workers[0], settings.worker_stop_s + 8)
+
+    item = await item_row(sessions, item_id)
+    assert (item.status, item.lease_until, item.error_message) == ("queued", None, "worker shut down")
+
+
+async def _running_an_item(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    sessions: Sessions,
+    scripted_llm: ScriptedLLM,
+    settings: Settings,
+    proxy: SilencingProxy,
+    pg_proxy: SilencingProxy,
+    workers: list[subprocess.Popen[bytes]],
+) -> UUID:
+    """A worker process reaching Redis and Postgres through the proxies, at production timeouts
+    and lease, with an item of a new job under way (its LLM call stalled); the item's id."""
+    lasting = settings.model_copy(update={"lease_seconds": 60, "llm_timeout_s": 60.0, "redis_timeout_s": 3.0})
     scripted_llm.script("seed_cot", stall(60))
     job_id = await submit(api, auth, ["What is a good first programming language?"])
     item_id = (await one_item(sessions, job_id)).id
     workers.append(start_worker(_database_through(pg_proxy, _through(proxy, lasting))))
     await eventually(lambda: turn_count(sessions, item_id), what="the intent turn")
-    for store in {"redis": [proxy], "postgres": [pg_proxy], "both": [proxy, pg_proxy]}[hung]:
-        store.hang()
+    return item_id
 
-    workers[0].send_signal(signal.SIGTERM)
-    bound_s = stop_s + 8
-    exit_code = await asyncio.to_thread(_exit_code_within, workers[0], bound_s)
 
+async def _stopped_within(worker: subprocess.Popen[bytes], bound_s: float) -> None:
+    """Send SIGTERM; the worker must exit without an error within `bound_s`."""
+    worker.send_signal(signal.SIGTERM)
+    exit_code = await asyncio.to_thread(_exit_code_within, worker, bound_s)
     assert exit_code is not None, f"still stopping {bound_s} s after the signal"
     assert exit_code == 0, "the stop ended in an error"
-    await asyncio.sleep(lasting.heartbeat_ttl_s)
-    await eventually(
-        lambda: _queued_again(lasting, sessions, arq_redis, item_id), what="the item queued again"
-    )
 
 
 def _exit_code_within(process: subprocess.Popen[bytes], seconds: float) -> int | None:

@@ -335,9 +335,7 @@ async def _process_claimed(worker: Worker, claim: items.Claim) -> Ending | None:
         if current is not None and current.cancelling() == 0:  # the lease watch stopped it
             return await _on_claim_lost(sessions, claim, watch)
         # The worker is shutting down: give the item back now instead of at lease expiry.
-        await asyncio.shield(
-            items.end(sessions, claim, handed_back("worker shut down", counts_as_failure=False))
-        )
+        await asyncio.shield(_hand_back_on_stop(sessions, claim))
         raise
     except items.ClaimLost:  # another worker holds the item now; it carries on from the log
         return None
@@ -364,6 +362,27 @@ async def _process_claimed(worker: Worker, claim: items.Claim) -> Ending | None:
         return await _record(sessions, claim, result)
     except Exception as exc:  # the result runs again from the turn log: no call is bought twice
         raise await _hand_back(settings, sessions, claim, exc) from exc
+
+
+# How long a stopping worker waits for an item's hand-back, one statement, before it tries
+# once more: over a connection gone silent it waited out the database timeout (a minute),
+# past the stop's deadline, and the item was left to its heartbeat though new connections
+# would have answered (a failover).
+HAND_BACK_WAIT_S = 4
+
+
+async def _hand_back_on_stop(sessions: Sessions, claim: items.Claim) -> None:
+    """Hand the item back as the worker stops. The second try goes over a new connection
+    (deadline replaces those made before a statement it gave up on); should it fail too, the
+    error is raised and the item left to the worker's heartbeat, as a killed worker's."""
+    ending = handed_back("worker shut down", counts_as_failure=False)
+    try:
+        async with deadline(sessions, HAND_BACK_WAIT_S):
+            await items.end(sessions, claim, ending)
+    except TimeoutError:  # ended under this claim or not: the next try finds out
+        log.warning("item %s not handed back within %d s; trying once more", claim.item_id, HAND_BACK_WAIT_S)
+        async with deadline(sessions, HAND_BACK_WAIT_S):
+            await items.end(sessions, claim, ending)
 
 
 async def _end(settings: Settings, sessions: Sessions, claim: items.Claim, ending: Ending) -> Ending | None:
