@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterator
-from contextlib import AbstractAsyncContextManager, contextmanager
+from contextlib import AbstractAsyncContextManager, contextmanager, suppress
 from contextvars import ContextVar
 from typing import ParamSpec, TypeVar
 
@@ -64,7 +64,11 @@ async def _to_the_end(call: asyncio.Future[T]) -> T:
     try:
         return await asyncio.shield(call)
     except asyncio.CancelledError:
-        await asyncio.wait([call])
+        # Cancelled again meanwhile (anyio cancels a cancelled scope's task at every await, as
+        # Starlette's when a client hangs up), it waits still: one wait gave the turn back then.
+        while not call.done():
+            with suppress(asyncio.CancelledError):
+                await asyncio.wait([call])
         if not call.cancelled():
             call.exception()  # retrieved: the cancelled caller wants no result, nor its error
         raise
