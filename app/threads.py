@@ -15,6 +15,8 @@ from contextlib import AbstractAsyncContextManager, contextmanager, suppress
 from contextvars import ContextVar
 from typing import ParamSpec, TypeVar
 
+import anyio
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -64,10 +66,11 @@ async def _to_the_end(call: asyncio.Future[T]) -> T:
     try:
         return await asyncio.shield(call)
     except asyncio.CancelledError:
-        # Cancelled again meanwhile (anyio cancels a cancelled scope's task at every await, as
-        # Starlette's when a client hangs up), it waits still: one wait gave the turn back then.
+        # Cancelled again meanwhile, it waits still: one wait gave the turn back then. anyio
+        # cancels a cancelled scope's task at every await (Starlette's, when a client hangs up):
+        # its shield keeps the wait from starting over on every turn of the loop.
         while not call.done():
-            with suppress(asyncio.CancelledError):
+            with anyio.CancelScope(shield=True), suppress(asyncio.CancelledError):
                 await asyncio.wait([call])
         if not call.cancelled():
             call.exception()  # retrieved: the cancelled caller wants no result, nor its error
