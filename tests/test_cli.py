@@ -29,10 +29,10 @@ from app.cli.prompt_files import read_prompt_file
 from app.config import Settings
 from app.deliberation.prompt_sets import builtin
 from app.exports.options import CotStyle
-from app.store import prompt_sets
+from app.store import policy_sets, prompt_sets
 from app.store.db import Sessions
 from app.store.models import Job
-from tests.conftest import eventually, run_worker_burst, served
+from tests.conftest import ROOT, eventually, run_worker_burst, served
 from tests.scripted_llm import ScriptedLLM, refusal
 from tests.test_api import row_counts, submit
 
@@ -260,6 +260,57 @@ async def test_reproduce_pins_both_jobs_to_the_builtin_version_named(
     async with sessions() as session:
         pinned = list(await session.scalars(select(Job.prompt_set_id)))
     assert pinned == [earlier.id, earlier.id], named
+
+
+# `evaluate <command>`: its file, its options and where the API shows what it made.
+EVALUATIONS = {
+    "samples": (
+        ROOT / "tests/fixtures/samples/safety.csv",
+        ["--format", "safety", "--guard"],
+        "sample-evaluations",
+    ),
+    "model": (ROOT / "benchmarks/example.jsonl", ["--target", "default:m1"], "model-evaluations"),
+}
+
+
+@pytest.mark.parametrize("command", EVALUATIONS)
+async def test_evaluate_pins_the_builtin_versions_named_and_its_guard_is_worded_by_them(
+    command: str,
+    live_api: str,
+    api: httpx.AsyncClient,
+    auth: Headers,
+    settings: Settings,
+    sessions: Sessions,
+    scripted_llm: ScriptedLLM,
+) -> None:
+    """To evaluate again as an earlier report did, after an upgrade changed the built-in
+    sets: a version alone is one of the built-in set's, as `submit` takes it."""
+    earlier_guard = builtin().templates["guard.system"] + "\nEARLIER GUARD WORDING."
+    earlier_policies = policy_sets.load_file(policy_sets.DEFAULT_FILE)["policies"]
+    earlier_policies[0] = {**earlier_policies[0], "title": "Earlier policy title"}
+    async with sessions.begin() as session:  # as the earlier release registered its built-in sets
+        wording, _ = await prompt_sets.register(
+            session, None, "aidsafe-default", "", {**builtin().templates, "guard.system": earlier_guard}, None
+        )
+        policies, _ = await policy_sets.register(session, None, "aidsafe-default", "", earlier_policies, None)
+    file, options, path = EVALUATIONS[command]
+    pins = ["--prompt-set-version", wording.version, "--policy-version", policies.version]
+
+    code, out = await aidsafe(live_api, auth, "evaluate", command, str(file), *options, *pins, "--no-follow")
+    assert code == 0, out
+    await run_worker_burst(settings)
+
+    [job_id] = await job_ids(sessions)
+    shown = (await api.get(f"/v1/{path}/{job_id}", headers=auth)).json()
+    assert shown["status"] == "completed", shown
+    assert (shown["prompt_set"]["version"], shown["policy_set"]["version"]) == (
+        wording.version,
+        policies.version,
+    )
+    guard_systems = [r.body["messages"][0]["content"] for r in scripted_llm.requests_for("guard_verdict")]
+    assert guard_systems and all(
+        "EARLIER GUARD WORDING." in system and "Earlier policy title" in system for system in guard_systems
+    ), guard_systems
 
 
 async def test_cli_follow_counts_the_refusals_and_names_them_by_stage_and_model_at_the_end(

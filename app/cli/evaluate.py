@@ -14,7 +14,7 @@ import aidsafe
 from aidsafe.models import ModelEvaluation, Rate, SampleEvaluation
 from app.cli.connection import Advice, ApiKeyOpt, ApiUrl, api_client
 from app.cli.follow import follow_job
-from app.cli.job_options import PromptSetOpt
+from app.cli.job_options import PolicySetOpt, PolicyVersionOpt, PromptSetOpt, PromptSetVersionOpt
 from app.cli.output import console, interval
 
 evaluate_cli = typer.Typer(help="Evaluate data and models.", no_args_is_help=True)
@@ -45,8 +45,10 @@ def evaluate_samples(
     against: Annotated[
         str | None, typer.Option(help="Judge each sample against this job's sample of the same prompt.")
     ] = None,
-    policy_set: Annotated[str, typer.Option(help="Policy set name.")] = "aidsafe-default",
+    policy_set: PolicySetOpt = "aidsafe-default",
+    policy_version: PolicyVersionOpt = None,
     prompt_set: PromptSetOpt = None,
+    prompt_set_version: PromptSetVersionOpt = None,
     label: Annotated[str | None, typer.Option(help="A name of yours for the job.")] = None,
     follow: Annotated[bool, typer.Option(help="Show progress until the job ends, then the report.")] = True,
     api_url: ApiUrl = "http://127.0.0.1:8000",
@@ -64,7 +66,9 @@ def evaluate_samples(
             guard={} if guard else None,
             judge_against=against,
             policy_set=policy_set,
+            policy_version=policy_version,
             prompt_set=prompt_set,
+            prompt_set_version=prompt_set_version,
             label=label,
         )
         console.print(f"Sample evaluation [bold]{job.id}[/]: {job.samples} samples")
@@ -142,8 +146,10 @@ def evaluate_model(
     ] = None,
     refusal_judge: Annotated[str | None, typer.Option(help="ENDPOINT:MODEL of the refusal judge.")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Max tokens per LLM call.")] = None,
-    policy_set: Annotated[str, typer.Option(help="The policies the judges are shown.")] = "aidsafe-default",
+    policy_set: PolicySetOpt = "aidsafe-default",
+    policy_version: PolicyVersionOpt = None,
     prompt_set: PromptSetOpt = None,
+    prompt_set_version: PromptSetVersionOpt = None,
     label: Annotated[str | None, typer.Option(help="A name of yours for the evaluation.")] = None,
     idempotency_key: Annotated[str | None, typer.Option(help="Makes a retried submit safe.")] = None,
     follow: Annotated[bool, typer.Option(help="Show progress, then the report, when it ends.")] = True,
@@ -169,7 +175,9 @@ def evaluate_model(
             safety_judge=judge,
             refusal_judge=_role(refusal_judge),
             policy_set=policy_set,
+            policy_version=policy_version,
             prompt_set=prompt_set,
+            prompt_set_version=prompt_set_version,
             max_tokens=max_tokens,
             label=label,
             idempotency_key=idempotency_key or None,

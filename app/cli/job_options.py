@@ -1,5 +1,5 @@
 """What the commands that make or change a job read from their options: the job's config,
-its budget and its prompt set (the API validates each)."""
+its budget and its policy and prompt sets (the API validates each)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,13 @@ from typing import Annotated, Any
 
 import typer
 
+PolicySetOpt = Annotated[
+    str, typer.Option(help="Policy set name (`aidsafe policy-sets list`) whose policies the requests show.")
+]
+PolicyVersionOpt = Annotated[
+    str | None,
+    typer.Option(help="Pin a version of the policy set (of the built-in set without --policy-set)."),
+]
 PromptSetOpt = Annotated[
     str | None,
     typer.Option(

@@ -13,6 +13,8 @@ from aidsafe.models import Estimate
 from app.cli.connection import ApiKeyOpt, ApiUrl, api_client
 from app.cli.follow import follow_job
 from app.cli.job_options import (
+    PolicySetOpt,
+    PolicyVersionOpt,
     PromptSetOpt,
     PromptSetVersionOpt,
     Threshold,
@@ -59,8 +61,8 @@ def submit(
             help="With --delivery batch, what a batch leaves unanswered goes to: next_wave or online."
         ),
     ] = None,
-    policy_set: Annotated[str, typer.Option(help="Policy set name.")] = "aidsafe-default",
-    policy_version: Annotated[str | None, typer.Option(help="Pin a policy set version.")] = None,
+    policy_set: PolicySetOpt = "aidsafe-default",
+    policy_version: PolicyVersionOpt = None,
     prompt_set: PromptSetOpt = None,
     prompt_set_version: PromptSetVersionOpt = None,
     preset: Annotated[
