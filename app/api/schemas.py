@@ -129,6 +129,12 @@ SetVersion = Annotated[
         f"'{BUILTIN_NAME}' (unless you registered a set of that name) the version this server ships.",
     ),
 ]
+# What a request that leaves out its policy set or prompt set gets: PolicySetRef's default
+# name, and app.api.jobs.resolve_prompt_set's, resolved as SetVersion says.
+LEFT_OUT_SET = (
+    f'left out, as `{{"name": "{BUILTIN_NAME}"}}`: your newest set of that name if you registered '
+    "one, else the built-in version this server ships"
+)
 
 
 class PolicySetRef(BaseModel):
@@ -201,14 +207,16 @@ class JobIn(Labelled):
     )
     prompts: list[PromptText] | None = Field(default=None, min_length=1, max_length=MAX_PROMPTS_PER_JOB)
     items: list[PromptIn] | None = Field(default=None, min_length=1, max_length=MAX_PROMPTS_PER_JOB)
-    policy_set: PolicySetRef = Field(default_factory=PolicySetRef)
+    policy_set: PolicySetRef = Field(
+        default_factory=PolicySetRef,
+        description=f"The policies the job's requests show (GET /v1/policy-sets); {LEFT_OUT_SET}.",
+    )
     # Left out of the request's hash when unset, as label and metadata are.
     prompt_set: PromptSetRef | None = Field(
         default=None,
         exclude_if=lambda ref: ref is None,
-        description=f"The templates that word the job's requests (GET /v1/prompt-sets). Left out, "
-        f'as `{{"name": "{BUILTIN_NAME}"}}`: the built-in set as this server ships it. 422 '
-        "`unknown_prompt_set` if no such set is visible to this key.",
+        description=f"The templates that word the job's requests (GET /v1/prompt-sets); {LEFT_OUT_SET}. "
+        "422 `unknown_prompt_set` if no such set is visible to this key.",
     )
     config: JobConfigIn = Field(default_factory=JobConfigIn)
     # Left out of the request's hash when unset, as label and metadata are.
@@ -987,13 +995,13 @@ class ModelEvaluationIn(Labelled, OnlineOnly):
         default=None, description="Classifies each answer refused or complied. Temperature defaults to 0."
     )
     policy_set: PolicySetRef = Field(
-        default_factory=PolicySetRef, description="The policies the judges are shown."
+        default_factory=PolicySetRef, description=f"The policies the judges are shown; {LEFT_OUT_SET}."
     )
     prompt_set: PromptSetRef | None = Field(
         default=None,
         exclude_if=lambda ref: ref is None,  # a body without it hashes as it did before
-        description="The templates that word the judges' requests (`GET /v1/prompt-sets`); left "
-        "out, the built-in set. The targets get nothing of ours but their own system prompt.",
+        description=f"The templates that word the judges' requests (`GET /v1/prompt-sets`); "
+        f"{LEFT_OUT_SET}. The targets get nothing of ours but their own system prompt.",
     )
     max_tokens: int | None = Field(
         default=None, ge=64, le=16384, description="Per call: the targets' answers and the judges' verdicts."
@@ -1262,12 +1270,15 @@ class SampleEvaluationOptions(Labelled, OnlineOnly):
     judge: AgainstIn | None = Field(
         default=None, description="Pairwise judgement against another set's sample of the same prompt."
     )
-    policy_set: PolicySetRef = Field(default_factory=PolicySetRef)
+    policy_set: PolicySetRef = Field(
+        default_factory=PolicySetRef,
+        description=f"The policies the grader, guard and judge are shown; {LEFT_OUT_SET}.",
+    )
     prompt_set: PromptSetRef | None = Field(
         default=None,
         exclude_if=lambda ref: ref is None,  # a body without it hashes as it did before
         description="The templates that word the grader's, guard's and judge's requests "
-        "(`GET /v1/prompt-sets`); left out, the built-in set.",
+        f"(`GET /v1/prompt-sets`); {LEFT_OUT_SET}.",
     )
     callback_url: CallbackUrl = None
 
