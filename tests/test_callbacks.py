@@ -658,3 +658,27 @@ async def test_no_answer_or_log_line_shows_a_pending_deliverys_secret(
         assert answer.status_code == 200, (path, answer.text)
         assert secret not in answer.text, path
     assert caplog.records and secret not in caplog.text
+
+
+async def test_one_keys_backlog_of_deliveries_does_not_hold_up_another_keys(
+    settings: Settings, sessions: Sessions
+) -> None:
+    """A key whose jobs all name a receiver that never answers (each attempt then takes the
+    whole timeout) must not take every claim: another key's delivery, due after them, is
+    claimed among the first, not once the backlog is through."""
+    unanswered = "http://127.0.0.1:9/hooks/aidsafe"  # nothing listens on the discard port
+    flooder, other = await new_key(sessions, "flooder"), await new_key(sessions, "other")
+    async with api_client(settings.model_copy(update={"callback_hosts": "127.0.0.1:9"})) as api:
+        backlog = [await submit_notifying(api, flooder, unanswered) for _ in range(6)]
+        waiting, _ = await submit_notifying(api, other, unanswered)
+        cancels = [*((job_id, flooder) for job_id, _ in backlog), (waiting, other)]
+        for job_id, auth in cancels:  # each ends, before it ran, with a delivery due
+            assert (await api.post(f"/v1/jobs/{job_id}/cancel", headers=auth)).status_code == 200
+    flooders = {UUID(job_id) for job_id, _ in backlog}
+
+    claimed_first: list[UUID] = []
+    while UUID(waiting) not in claimed_first:
+        claimed = await callbacks.claim_due(sessions, limit=2, lease_s=600)
+        assert claimed, "the other key's delivery was never claimed"
+        claimed_first += [due.job_id for due in claimed]
+    assert len(flooders.intersection(claimed_first)) <= 2, claimed_first

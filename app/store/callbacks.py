@@ -95,17 +95,35 @@ class Due:
 async def claim_due(sessions: Sessions, limit: int, lease_s: float) -> list[Due]:
     """Take up to `limit` pending deliveries that are due, each for `lease_s` (no other worker
     takes it meanwhile; a worker that dies with it leaves it due again after the lease: the
-    delivery is at least once, and receivers dedupe by delivery id)."""
+    delivery is at least once, and receivers dedupe by delivery id).
+
+    The keys take turns: each owner's oldest due delivery comes before anyone's second, so a
+    key with a backlog (say, of receivers that never answer, each attempt the whole timeout)
+    cannot hold up the deliveries of others until it is through."""
+    is_due = (
+        CallbackDelivery.status == sql_constant(CallbackStatus.PENDING),
+        CallbackDelivery.next_attempt_at <= func.now(),
+    )
+    turns = (
+        select(
+            CallbackDelivery.id,
+            CallbackDelivery.next_attempt_at,
+            func.row_number()
+            .over(partition_by=Job.owner_key_id, order_by=CallbackDelivery.next_attempt_at)
+            .label("turn"),
+        )
+        .join(Job, Job.id == CallbackDelivery.job_id)
+        .where(*is_due)
+        .subquery()
+    )
     async with sessions.begin() as session:
         due = (
             select(CallbackDelivery.id)
-            .where(
-                CallbackDelivery.status == sql_constant(CallbackStatus.PENDING),
-                CallbackDelivery.next_attempt_at <= func.now(),
-            )
-            .order_by(CallbackDelivery.next_attempt_at)
+            .join(turns, turns.c.id == CallbackDelivery.id)
+            .where(*is_due)  # again, on the row as locked: another worker may have claimed it
+            .order_by(turns.c.turn, turns.c.next_attempt_at)
             .limit(limit)
-            .with_for_update(skip_locked=True)
+            .with_for_update(of=CallbackDelivery, skip_locked=True)
         )
         rows = await session.execute(
             update(CallbackDelivery)
