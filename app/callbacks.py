@@ -7,8 +7,8 @@ and the list is checked again before every send (a host taken off it is refused)
 job ends, its delivery (a row: app/store/callbacks.py) is POSTed with a signature over a
 timestamp and the body, keyed by the job's own secret (returned once, at submission),
 and retried with exponential back-off until it is answered 2xx or `callback_retry_for_s` has
-passed. Redirects are not followed; of an answer only the status and its first characters
-are kept.
+passed. Redirects are not followed, nor cookies kept; of an answer only the status and its
+first characters are kept.
 """
 
 from __future__ import annotations
@@ -193,7 +193,10 @@ class Sender:
     def _client(self) -> aiohttp.ClientSession:
         if self._http is None:
             self._http = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self._settings.callback_timeout_s)
+                timeout=aiohttp.ClientTimeout(total=self._settings.callback_timeout_s),
+                # Every key's deliveries share the session: a cookie one receiver set went with
+                # the others' to that host (any port), and theirs came back to it.
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._http
 

@@ -65,6 +65,9 @@ class Receiver:
         return Response(self.answer, status_code=200)
 
 
+COOKIE = "session=another-tenants; Path=/"  # what a receiver at /hooks/cookie sets
+
+
 @pytest.fixture(scope="session")
 def running_receiver() -> Iterator[Receiver]:
     receiver = Receiver()
@@ -77,6 +80,9 @@ def running_receiver() -> Iterator[Receiver]:
         routes=[
             Route("/hooks/aidsafe", receiver.receive, methods=["POST"]),
             Route("/hooks/moved", lambda _: moved, methods=["POST"]),
+            Route(
+                "/hooks/cookie", lambda _: Response("ok", headers={"Set-Cookie": COOKIE}), methods=["POST"]
+            ),
         ]
     )
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
@@ -682,3 +688,30 @@ async def test_one_keys_backlog_of_deliveries_does_not_hold_up_another_keys(
         assert claimed, "the other key's delivery was never claimed"
         claimed_first += [due.job_id for due in claimed]
     assert len(flooders.intersection(claimed_first)) <= 2, claimed_first
+
+
+async def test_a_cookie_one_receiver_set_is_not_sent_with_another_keys_delivery(
+    notifying: Settings, sessions: Sessions, receiver: Receiver
+) -> None:
+    """The workers' sender is shared by every key: what one key's receiver asks it to keep
+    (a cookie, sent again to that host on any port and path) must not reach another's."""
+    by_name = notifying.model_copy(update={"callback_hosts": f"localhost:{receiver.port}"})
+    at = f"http://localhost:{receiver.port}/hooks"
+    setter, reader = await new_key(sessions, "cookie-setter"), await new_key(sessions, "cookie-reader")
+    sender = Sender(by_name, sessions)
+    try:
+        async with api_client(by_name) as api:
+            for auth, url in ((setter, f"{at}/cookie"), (reader, f"{at}/aidsafe")):
+                job_id, _ = await submit_notifying(api, auth, url)
+                assert (await api.post(f"/v1/jobs/{job_id}/cancel", headers=auth)).status_code == 200
+
+                async def delivered(job_id: str = job_id) -> bool:
+                    await sender.send_due()
+                    return [d.status for d in await deliveries(sessions, job_id)] == ["delivered"]
+
+                await eventually(delivered, timeout_s=20, what=f"the delivery to {url}")
+    finally:
+        await sender.aclose()
+
+    (request,) = receiver.received
+    assert "cookie" not in request.headers, request.headers["cookie"]
