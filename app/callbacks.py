@@ -8,7 +8,9 @@ job ends, its delivery (a row: app/store/callbacks.py) is POSTed with a signatur
 timestamp and the body, keyed by the job's own secret (returned once, at submission),
 and retried with exponential back-off until it is answered 2xx or `callback_retry_for_s` has
 passed. Redirects are not followed, nor cookies kept; of an answer only the status and its
-first characters are kept.
+first characters are kept. A name on the list is never connected to at a link-local,
+multicast, unspecified or reserved address: a tenant whose own domain is listed could
+otherwise point it at the cloud's metadata service (169.254.169.254).
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import ipaddress
 import logging
 import random
 import secrets
+import socket
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,6 +30,8 @@ from urllib.parse import SplitResult, urlsplit
 
 import aiohttp
 import orjson
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
 
 from app.config import Settings
 from app.errors import CallbackHostNotAllowed, CallbackRefused, CallbacksDisabled, InvalidCallbackUrl
@@ -197,12 +203,40 @@ class Sender:
                 # Every key's deliveries share the session: a cookie one receiver set went with
                 # the others' to that host (any port), and theirs came back to it.
                 cookie_jar=aiohttp.DummyCookieJar(),
+                connector=aiohttp.TCPConnector(resolver=ListedNameResolver()),
             )
         return self._http
 
     async def aclose(self) -> None:
         if self._http is not None:
             await self._http.close()
+
+
+class ListedNameResolver(AbstractResolver):
+    """The default resolver, less the addresses a listed name must not lead to: link-local
+    (the cloud's metadata service), multicast, unspecified and reserved ones; OSError if none
+    is left. Loopback and private addresses stay: an operator's own receivers live there. An
+    address the operator listed as such is connected to without being resolved."""
+
+    def __init__(self) -> None:
+        self._resolver = DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        resolved = await self._resolver.resolve(host, port, family)
+        kept = [address for address in resolved if not _never_connected(address["host"])]
+        if not kept:
+            raise OSError(f"{host} resolves to no address a callback may be sent to")
+        return kept
+
+    async def close(self) -> None:
+        await self._resolver.close()
+
+
+def _never_connected(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # an IPv6 zone, as in fe80::1%eth0
+    return ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved
 
 
 def requested(url: str | None, settings: Settings) -> NewCallback | None:

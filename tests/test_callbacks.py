@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
-from app.callbacks import DELIVERY_HEADER, SIGNATURE_HEADER, Sender
+from app.callbacks import DELIVERY_HEADER, SIGNATURE_HEADER, ListedNameResolver, Sender
 from app.config import Settings
 from app.store import callbacks
 from app.store.db import Sessions
@@ -715,3 +715,21 @@ async def test_a_cookie_one_receiver_set_is_not_sent_with_another_keys_delivery(
 
     (request,) = receiver.received
     assert "cookie" not in request.headers, request.headers["cookie"]
+
+
+@pytest.mark.parametrize(
+    "address", ["169.254.169.254", "fe80::1", "224.0.0.1", "ff02::1", "0.0.0.0", "240.0.0.1"]
+)
+async def test_a_listed_name_is_never_resolved_to_a_link_local_multicast_or_reserved_address(
+    address: str,
+) -> None:
+    """A tenant whose own domain is on the allow-list controls what it resolves to: pointed at
+    the cloud's metadata service, its callbacks would read it. The address resolves as such a
+    name would (the system's resolver, no DNS needed); loopback stays, for receivers there."""
+    resolver = ListedNameResolver()
+    try:
+        with pytest.raises(OSError, match="resolves to no address a callback may be sent to"):
+            await resolver.resolve(address, 80, socket.AF_UNSPEC)
+        assert {r["host"] for r in await resolver.resolve("localhost", 80)} == {"127.0.0.1"}
+    finally:
+        await resolver.close()
