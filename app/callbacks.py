@@ -33,7 +33,7 @@ import orjson
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
-from app.config import Settings
+from app.config import Settings, callback_host_entries
 from app.errors import CallbackHostNotAllowed, CallbackRefused, CallbacksDisabled, InvalidCallbackUrl
 from app.store import callbacks as store
 from app.store.db import Sessions
@@ -69,14 +69,7 @@ class AllowedHosts:
 
     @classmethod
     def parse(cls, setting: str) -> AllowedHosts:
-        """`host` or `host:port` entries, comma-separated (`[::1]:8080` for IPv6)."""
-        entries = set()
-        for entry in filter(None, (part.strip() for part in setting.split(","))):
-            parts = urlsplit(f"//{entry}")
-            if not parts.hostname or parts.path or parts.username is not None:
-                raise ValueError(f"AIDSAFE_CALLBACK_HOSTS: {entry!r} is not a host or host:port")
-            entries.add((parts.hostname, parts.port))
-        return cls(frozenset(entries))
+        return cls(callback_host_entries(setting))
 
     def check(self, url: str) -> None:
         """Raise the CallbackRefused that says why `url` may not be called, if it may not."""

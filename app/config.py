@@ -6,6 +6,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
@@ -135,6 +136,36 @@ def _check_option(option: str, value: str | tuple[str, ...]) -> None:
 
 
 DatabaseUrl = Annotated[str, AfterValidator(for_asyncpg)]
+
+
+def callback_host_entries(setting: str) -> frozenset[tuple[str, int | None]]:
+    """AIDSAFE_CALLBACK_HOSTS as (host, port) pairs, port None for any port: `host` or
+    `host:port` entries, comma-separated (`[::1]:8080` for IPv6). ValueError naming the first
+    entry that is neither."""
+    return frozenset(_callback_host(entry) for entry in setting.split(",") if entry.strip())
+
+
+def _callback_host(entry: str) -> tuple[str, int | None]:
+    refused = ValueError(f"AIDSAFE_CALLBACK_HOSTS: {entry.strip()!r} is not a host or host:port")
+    try:
+        parts = urlsplit(f"//{entry.strip()}")
+        port = parts.port  # out of range, or not a number: ValueError
+    except ValueError:
+        raise refused from None
+    if not parts.hostname or parts.path or parts.username is not None:
+        raise refused
+    return parts.hostname, port
+
+
+def _checked_callback_hosts(setting: str) -> str:
+    """The setting, read as the settings load: a bad entry found at the first submission
+    naming a callback was a 500, and at each of the workers' sends a delivery claimed again
+    and again, never recorded."""
+    callback_host_entries(setting)
+    return setting
+
+
+CallbackHosts = Annotated[str, AfterValidator(_checked_callback_hosts)]
 
 
 # Jobs name endpoints in their config: a name is capped, so an unknown one quoted back in a
@@ -462,7 +493,7 @@ class Settings(BaseSettings):
 
     # Job callbacks (app/callbacks.py): the hosts a job may name, comma-separated, each `host`
     # (any port) or `host:port`; empty: jobs cannot name callbacks. Checked again at each send.
-    callback_hosts: str = ""
+    callback_hosts: CallbackHosts = ""
     callback_timeout_s: float = Field(default=10.0, gt=0)  # per attempt, connecting included
     callback_retry_base_s: float = Field(default=10.0, gt=0)  # first back-off; doubles per attempt
     callback_retry_max_s: float = Field(default=3600.0, gt=0)  # longest back-off

@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import re
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ import httpx
 import orjson
 import pytest
 import uvicorn
+from pydantic import ValidationError
 from sqlalchemy import Interval, func, select, type_coerce, update
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -733,3 +735,15 @@ async def test_a_listed_name_is_never_resolved_to_a_link_local_multicast_or_rese
         assert {r["host"] for r in await resolver.resolve("localhost", 80)} == {"127.0.0.1"}
     finally:
         await resolver.close()
+
+
+@pytest.mark.parametrize(
+    "entry", ["example.com:99999", "example.com:http", "me@example.com", "example.com/hook", ":8080"]
+)
+def test_a_callback_host_entry_that_is_no_host_is_refused_as_the_settings_load(entry: str) -> None:
+    """Read only at the first submission naming a callback, it was a 500 there, and at every
+    send of the workers a delivery claimed again and again, never recorded."""
+    with pytest.raises(
+        ValidationError, match=f"AIDSAFE_CALLBACK_HOSTS: '{re.escape(entry)}' is not a host or host:port"
+    ):
+        Settings(callback_hosts=f"localhost, {entry}")
