@@ -213,6 +213,10 @@ class EndpointConfig(BaseModel):
     requests_per_minute: int | None = Field(default=None, ge=1)  # shared too; None: no limit
     tokens_per_minute: int | None = Field(default=None, ge=1)  # prompt + completion tokens
     default_model: str | None = None
+    # The models a job may name on this endpoint; None: any (the server decides). Tenants share
+    # the endpoint's prices and rate limits: one naming a dearer model than the prices were set
+    # for would spend more than its costs and budget count.
+    models: list[str] | None = Field(default=None, min_length=1)
     # How to ask for structured output: OpenAI's "json_schema" (OpenAI, vLLM, Ollama,
     # SGLang, llama.cpp's llama-server) or "json_object" + schema (llama-cpp-python).
     response_format: Literal["json_schema", "json_object"] = "json_schema"

@@ -46,7 +46,7 @@ from app.deliberation.prompting import PromptSet
 from app.deliberation.quality import sample_text
 from app.deliberation.results import METRICS, Sample
 from app.deliberation.stages import DECLARED
-from app.errors import BatchUnsupported, InvalidConfig, InvalidPromptSet, RequestTooLarge
+from app.errors import BatchUnsupported, InvalidConfig, InvalidPromptSet, RequestTooLarge, shown_name
 
 Metric = Literal[METRICS]  # type: ignore[valid-type]
 Score = Annotated[float, Field(ge=1, le=5)]
@@ -501,7 +501,7 @@ class _Roles:
                 break
         return RoleConfig(
             endpoint,
-            model or self.settings.llm_model,
+            self._offered(endpoint, model or self.settings.llm_model, path),
             self.settings.default_temperature if candidate is None else candidate,
             specific.instructions or self.defaults.instructions or "",
         )
@@ -531,9 +531,19 @@ class _Roles:
                 break
         return RoleConfig(
             endpoint,
-            model or settings.llm_model,
+            self._offered(endpoint, model or settings.llm_model, "fallback"),
             settings.default_temperature if temperature is None else temperature,
         )
+
+    def _offered(self, endpoint: str, model: str, path: str) -> str:
+        """`model`, if `endpoint` offers it (its `models`, when the operator lists them)."""
+        offered = self.endpoints[endpoint].models
+        if offered is not None and model not in offered:
+            raise InvalidConfig(
+                f"{path}: model '{shown_name(model)}' is not offered on endpoint '{endpoint}'; "
+                f"offered: {', '.join(offered)}"
+            )
+        return model
 
 
 def resolve(config: JobConfigIn, settings: Settings, preset: PresetRef | None = None) -> GenerationPlan:

@@ -306,6 +306,41 @@ def test_an_unknown_endpoint_is_refused_naming_the_role_and_the_configured_endpo
         _job(PRICED, deliberators=[{}, {"endpoint": "nowhere"}])
 
 
+def test_a_model_the_endpoint_does_not_offer_is_refused_naming_the_role_and_the_models_offered() -> None:
+    """Tenants share an endpoint's prices: one naming a dearer model than they were set for
+    would spend more than its costs and budget count."""
+    offering = Settings(
+        llm_model="server-model",
+        llm_endpoints={
+            "second": EndpointConfig(
+                base_url="http://127.0.0.1:1/v1", default_model="small", models=["small", "large"]
+            )
+        },
+        fallback_endpoint="second",
+        fallback_model="huge",
+    )
+    plan = resolve(
+        JobConfigIn.model_validate(
+            {"defaults": {"endpoint": "second"}, "refiner": {"model": "large"}, "fallback": False}
+        ),
+        offering,
+    )
+    assert (plan.roles.intent.model, plan.roles.refiner.model) == ("small", "large")
+    assert _job(offering, fallback=False).roles.intent.model == "server-model"  # "default" lists none
+
+    offered = "; offered: small, large"
+    with pytest.raises(
+        InvalidConfig, match=re.escape(f"seed: model 'dear' is not offered on endpoint 'second'{offered}")
+    ):
+        _job(offering, fallback=False, seed={"endpoint": "second", "model": "dear"})
+    with pytest.raises(
+        InvalidConfig, match=re.escape(f"fallback: model 'huge' is not offered on endpoint 'second'{offered}")
+    ):
+        _job(offering)
+    with pytest.raises(InvalidConfig, match=re.escape("targets[0]: model 'dear' is not offered")):
+        resolve_model_evaluation([TargetIn(endpoint="second", model="dear")], None, None, None, offering)
+
+
 def test_the_deliberators_listed_set_the_agents_and_must_agree_with_a_given_number() -> None:
     listed = _job(deliberators=[{}, {}, {"model": "third-agent"}])
 
