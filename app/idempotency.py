@@ -35,16 +35,21 @@ class RequestHash:
     async def of(cls, body: BaseModel, upload: bytes = b"") -> RequestHash:
         return await in_thread(cls, body, upload)
 
-    async def matches(self, stored: str) -> bool:
-        """Whether a job that stored `stored` was made by this request (a replay), not another.
-        The legacy hash, a second full dump, is computed (in a thread) only when it may decide."""
+    async def matches(self, stored: str, *, may_be_legacy: bool) -> bool:
+        """Whether the row that stored `stored` was made by this request (a replay), not another.
+
+        Only a row stored before requests were hashed by the fields sent (`may_be_legacy`) may
+        hold `_legacy_full_dump_hash`: a second dump of the whole body, up to tens of MiB,
+        holding the GIL (so the event loop) for a tenth of a second, that a key could otherwise
+        have computed at will by replaying its own used key with another large body. It is
+        computed (in a thread) only for such a row, and only when the hash stored is not this one."""
         if stored == self.value:
             return True
-        return stored == await in_thread(_legacy_full_dump_hash, self.body, self.upload)
+        return may_be_legacy and stored == await in_thread(_legacy_full_dump_hash, self.body, self.upload)
 
-    async def check_replay(self, stored: str) -> None:
+    async def check_replay(self, stored: str, *, may_be_legacy: bool) -> None:
         """IdempotencyConflict unless what stored `stored` was made by this request."""
-        if not await self.matches(stored):
+        if not await self.matches(stored, may_be_legacy=may_be_legacy):
             raise IdempotencyConflict("this Idempotency-Key was already used with a different request body")
 
 
@@ -100,7 +105,10 @@ def _legacy_full_dump_hash(body: BaseModel, upload: bytes) -> str:
     do not expire (the README: a key is freed only when its job is deleted), so this can go
     once no job with an Idempotency-Key created before this release is left (`SELECT
     count(*) FROM jobs WHERE idempotency_key IS NOT NULL AND created_at < <its deploy>`), or
-    once replays of submissions that old may be refused."""
+    once replays of submissions that old may be refused. Only jobs marked
+    `request_hash_may_be_legacy` are checked against it: every job stored before migration
+    0038, including those since this release's deploy, which `UPDATE jobs SET
+    request_hash_may_be_legacy = false WHERE created_at >= <its deploy>` would spare it."""
     return _sha256([body.model_dump_json()], upload)
 
 

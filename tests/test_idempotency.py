@@ -37,6 +37,7 @@ from tests.test_model_evaluation_api import GOOD_ROW, evaluation_body
 from tests.test_quality_api import completed, finished_job
 
 Headers = dict[str, str]
+CONFLICT = "this Idempotency-Key was already used with a different request body"
 CSV = b"prompt,response\nHow do tides work?,The moon pulls the sea.\n"
 SAMPLE = {"prompt": "How do tides work?", "response": "The moon pulls the sea."}
 
@@ -112,10 +113,16 @@ async def submitted(
     )
 
 
-async def store_hash(sessions: Sessions, job_id: str, request_hash: str) -> None:
-    """Make the job look submitted by another release: one that stored this hash."""
+async def store_hash(
+    sessions: Sessions, job_id: str, request_hash: str, *, by_this_release: bool = False
+) -> None:
+    """Make the job hold this hash: stored by an earlier release, which (as migration 0038 marks
+    every job stored before it) may have stored the legacy hash, or by this one."""
+    values: dict[str, Any] = {"request_hash": request_hash}
+    if not by_this_release:
+        values["request_hash_may_be_legacy"] = True
     async with sessions.begin() as session:
-        await session.execute(update(Job).where(Job.id == UUID(job_id)).values(request_hash=request_hash))
+        await session.execute(update(Job).where(Job.id == UUID(job_id)).values(values))
 
 
 def assert_replays(first: httpx.Response, again: httpx.Response) -> None:
@@ -225,7 +232,32 @@ async def test_another_request_under_the_same_key_is_a_conflict(
         await store_hash(sessions, made.json()["id"], first.legacy_hash())
     before = await stored(sessions, redis, settings)
 
-    error_of(await another.send(api, headers), 409, "idempotency_conflict")
+    error = error_of(await another.send(api, headers), 409, "idempotency_conflict")
+    assert error["message"] == CONFLICT
+    assert await stored(sessions, redis, settings) == before
+
+
+async def test_a_job_stored_by_this_release_is_matched_on_its_hash_alone(
+    api: httpx.AsyncClient,
+    auth: Headers,
+    sessions: Sessions,
+    redis: Redis,
+    settings: Settings,
+    submitted: Submit,
+) -> None:
+    """The legacy hash, a second dump of the whole body (30 MiB held the event loop for
+    70-150 ms), is never computed for it, so a key cannot have that done at will by replaying
+    its own key with another large body. Shown by planting the body's legacy hash, which
+    this release never stores: computed, it would match."""
+    headers = {**auth, "Idempotency-Key": "this-release"}
+    first = await submitted.send(api, headers)
+    assert first.status_code == 202, first.text
+    await store_hash(sessions, first.json()["id"], submitted.legacy_hash(), by_this_release=True)
+    before = await stored(sessions, redis, settings)
+
+    error = error_of(await submitted.send(api, headers), 409, "idempotency_conflict")
+
+    assert error["message"] == CONFLICT
     assert await stored(sessions, redis, settings) == before
 
 

@@ -682,6 +682,27 @@ async def test_batches_of_older_releases_are_looked_for_before_their_create(
         await connection.close()
 
 
+async def test_jobs_of_older_releases_may_hold_the_legacy_request_hash(
+    old_database: tuple[Config, str],
+) -> None:
+    """Jobs stored before 0038, and those an older release goes on inserting during a rolling
+    upgrade (without the new column), may hold app/idempotency.py's legacy hash: their
+    replays still try it. Only a job this release stores is known not to."""
+    config, dsn = old_database
+    await asyncio.to_thread(command.upgrade, config, "0037_batch_lost_cancel")
+    connection = await asyncpg.connect(dsn)
+    try:
+        await _job(connection)
+        await asyncio.to_thread(command.upgrade, config, "head")
+        await _job(connection)  # as an older API process inserts it
+
+        marks = await connection.fetch("SELECT request_hash_may_be_legacy FROM jobs")
+        assert [row["request_hash_may_be_legacy"] for row in marks] == [True, True]
+        await asyncio.to_thread(command.downgrade, config, "0037_batch_lost_cancel")
+    finally:
+        await connection.close()
+
+
 async def test_reviews_keep_a_deleted_webhooks_id_and_lose_it_on_the_way_down(
     old_database: tuple[Config, str],
 ) -> None:

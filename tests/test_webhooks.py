@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import hashlib
 import logging
 import socket
 import time
@@ -114,6 +115,22 @@ async def test_an_idempotency_key_sent_with_another_name_is_a_conflict_and_makes
 
     listed = (await api.get("/v1/webhooks", headers=auth)).json()["data"]
     assert [w["id"] for w in listed] == [made["id"]]
+
+
+async def test_a_webhooks_idempotency_key_never_matches_the_legacy_request_hash(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    """Webhooks took Idempotency-Keys (migration 0036) after jobs stopped storing the legacy
+    hash (the body with every default filled in, app/idempotency.py), so none holds it and a
+    replay never computes it. Shown by planting it: computed, it would match."""
+    made = (await posted(api, auth, "ls-1")).json()
+    legacy = hashlib.sha256(b'{"source":"label_studio","name":"ls-prod"}').hexdigest()
+    async with sessions.begin() as session:
+        await session.execute(
+            update(Webhook).where(Webhook.id == UUID(made["id"])).values(request_hash=legacy)
+        )
+
+    error_of(await posted(api, auth, "ls-1"), 409, "idempotency_conflict")
 
 
 async def test_an_idempotency_key_of_another_api_key_makes_a_webhook_of_its_own(

@@ -179,6 +179,7 @@ async def create(
         idempotency_key=request.idempotency_key,
         idempotency_scope=idempotency_scope,
         request_hash=request.request_hash.value,
+        request_hash_may_be_legacy=False,
         item_count=item_count,
         callback_url=request.callback.url if request.callback else None,
         callback_secret=request.callback.secret if request.callback else None,
@@ -234,7 +235,7 @@ async def _by_idempotency_key(
 
 
 async def _same_request(job: Job, request_hash: RequestHash) -> Job:
-    await request_hash.check_replay(job.request_hash)
+    await request_hash.check_replay(job.request_hash, may_be_legacy=job.request_hash_may_be_legacy)
     return job
 
 

@@ -45,7 +45,7 @@ NAMING_CONVENTION = {
 
 # The Alembic revision these models are (migrations/versions): a worker checks the database
 # against it before taking items (app/preflight.py). A test keeps it at Alembic's head.
-SCHEMA_REVISION = "0037_batch_lost_cancel"
+SCHEMA_REVISION = "0038_request_hash_scheme"
 
 
 class Base(DeclarativeBase):
@@ -188,6 +188,9 @@ class Job(Base):
     # The route whose Idempotency-Key namespace holds the key: jobs.IdempotencyScope.
     idempotency_scope: Mapped[str] = mapped_column(String(16), server_default="jobs")
     request_hash: Mapped[str] = mapped_column(String(64))
+    # Whether `request_hash` may be app/idempotency.py's legacy hash: true for jobs stored before
+    # this column (migration 0038) and for those an older release inserts; false since.
+    request_hash_may_be_legacy: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
     item_count: Mapped[int] = mapped_column(Integer)
     cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = _now()

@@ -75,7 +75,9 @@ async def create(session: AsyncSession, request: NewWebhook, max_live: int) -> t
             )
         )
         if made is not None:
-            await request.request_hash.check_replay(made.request_hash or "")
+            # Webhooks took Idempotency-Keys (migration 0036) after requests were hashed by the
+            # fields sent: none holds the legacy hash.
+            await request.request_hash.check_replay(made.request_hash or "", may_be_legacy=False)
             return made, None
     await key_limits.refuse_at_cap(
         session, key_limits.WEBHOOKS, max_live, key_limits.live_webhooks(request.owner_key_id)
