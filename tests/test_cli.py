@@ -34,7 +34,8 @@ from app.store.db import Sessions
 from app.store.models import Job
 from tests.conftest import ROOT, eventually, run_worker_burst, served
 from tests.scripted_llm import ScriptedLLM, refusal
-from tests.test_api import row_counts, submit
+from tests.test_api import KITCHEN_POLICIES, row_counts, submit
+from tests.test_api import register as register_policy_set
 
 Headers = dict[str, str]
 AIDSAFE = str(Path(sys.executable).parent / "aidsafe")
@@ -234,14 +235,18 @@ async def test_reproduce_names_both_jobs_before_following_the_first(
     assert len(submitted) == 2 and set(submitted) <= set(named.replace(",", " ").split()), named
 
 
-async def test_reproduce_pins_both_jobs_to_the_builtin_version_named(
-    live_api: str, auth: Headers, sessions: Sessions, tmp_path: Path
+async def test_reproduce_pins_both_jobs_to_the_set_versions_named(
+    live_api: str, api: httpx.AsyncClient, auth: Headers, sessions: Sessions, tmp_path: Path
 ) -> None:
-    """To run the procedure again in the words of an earlier report, after an upgrade changed
-    the built-in set: a version alone is the built-in set's (the client dropped it unnamed)."""
+    """To run the procedure again as an earlier report did: in the words of the built-in set
+    before an upgrade changed it (a version alone is the built-in set's: the client dropped it
+    unnamed), and under an earlier version of one's own policies, not the newest."""
     earlier_templates = {**builtin().templates, "refine.system": "# Your task: refinement\nRefine."}
     async with sessions.begin() as session:  # as the earlier release registered its built-in set
         earlier, _ = await prompt_sets.register(session, None, "aidsafe-default", "", earlier_templates, None)
+    first_policies = (await register_policy_set(api, auth, KITCHEN_POLICIES)).json()
+    revised = [{**KITCHEN_POLICIES[0], "title": "Kitchen safety, revised"}]
+    assert (await register_policy_set(api, auth, revised)).status_code == 201  # the newest: not asked for
     prompts = write(tmp_path, "p.jsonl", '{"prompt": "fine"}')
     args = (
         "reproduce",
@@ -250,16 +255,22 @@ async def test_reproduce_pins_both_jobs_to_the_builtin_version_named(
         str(tmp_path / "report"),
         "--prompt-set-version",
         earlier.version,
+        "--policy-set",
+        "kitchen",
+        "--policy-version",
+        first_policies["version"],
     )
     process = await interruptible(live_api, auth, *args)
     assert process.stdout is not None
-    named = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()  # both jobs submitted
+    named = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
+    assert "zero-shot job" in named, "both jobs not submitted: see the CLI's stderr"
     process.send_signal(signal.SIGINT)
     await asyncio.wait_for(process.communicate(), 30)
 
     async with sessions() as session:
-        pinned = list(await session.scalars(select(Job.prompt_set_id)))
-    assert pinned == [earlier.id, earlier.id], named
+        rows = await session.execute(select(Job.prompt_set_id, Job.policy_set_id))
+        pinned = [(str(wording), str(policies)) for wording, policies in rows]
+    assert pinned == [(str(earlier.id), first_policies["id"])] * 2, named
 
 
 # `evaluate <command>`: its file, its options and where the API shows what it made.

@@ -11,7 +11,7 @@ import typer
 
 from app.cli.connection import ApiKeyOpt, ApiUrl, api_client
 from app.cli.follow import follow_job
-from app.cli.job_options import PromptSetOpt, PromptSetVersionOpt
+from app.cli.job_options import PolicySetOpt, PolicyVersionOpt, PromptSetOpt, PromptSetVersionOpt
 from app.cli.output import console, writing
 from app.cli.prompt_files import PromptFileError, read_prompt_file
 
@@ -35,6 +35,8 @@ def reproduce(
     agents: Annotated[int | None, typer.Option(help="Deliberating agents.")] = None,
     max_rounds: Annotated[int | None, typer.Option(help="Deliberation round budget.")] = None,
     pairs: Annotated[bool, typer.Option(help="Also make ear-whisperer pairs (adds the gap plot).")] = False,
+    policy_set: PolicySetOpt = "aidsafe-default",
+    policy_version: PolicyVersionOpt = None,
     prompt_set: PromptSetOpt = None,
     prompt_set_version: PromptSetVersionOpt = None,
     label: Annotated[
@@ -42,8 +44,9 @@ def reproduce(
     ] = "AIDSAFE vs zero-shot",
 ) -> None:
     """The paper's procedure on your endpoint: the AIDSAFE job and the zero-shot baseline on
-    the same prompts, both worded by one prompt set and graded by one judge model, compared
-    pairwise by it, and the report written to OUT (Markdown, CSV, PNG plots)."""
+    the same prompts, both under one policy set, worded by one prompt set and graded by one
+    judge model, compared pairwise by it, and the report written to OUT (Markdown, CSV, PNG
+    plots)."""
     try:
         items = read_prompt_file(file)
     except PromptFileError as exc:
@@ -55,9 +58,16 @@ def reproduce(
     config: dict[str, Any] = {"defaults": writers, "grading": {"grader": judge}}
     config.update({k: v for k, v in {"agents": agents, "max_rounds": max_rounds}.items() if v is not None})
     with api_client(api_url, key) as client:
-        # One prompt set words both jobs (and the comparison's judge, which takes the candidate's).
+        # One policy set and one prompt set for both jobs, and for the comparison's judge, which
+        # takes the candidate's (a comparison refuses jobs of different policy sets).
         submit = partial(
-            client.submit, items, label=label, prompt_set=prompt_set, prompt_set_version=prompt_set_version
+            client.submit,
+            items,
+            label=label,
+            policy_set=policy_set,
+            policy_version=policy_version,
+            prompt_set=prompt_set,
+            prompt_set_version=prompt_set_version,
         )
         candidate = submit(config={**config, **({"pairs": {}} if pairs else {})})
         baseline = submit(config={**config, "mode": "zero_shot"})
