@@ -804,3 +804,31 @@ async def test_the_outage_waits_migration_leaves_an_items_outage_clock_as_it_was
         assert await connection.fetchval("SELECT llm_unavailable_since FROM items") == since
     finally:
         await connection.close()
+
+
+async def test_callback_deliveries_get_their_jobs_owner_also_when_an_older_release_writes_them(
+    old_database: tuple[Config, str],
+) -> None:
+    """The claims take the keys in turns along an index of each owner's deliveries: one
+    without its owner would never be claimed, and an older release's workers write them so
+    during a rolling upgrade."""
+    config, dsn = old_database
+    await asyncio.to_thread(command.upgrade, config, "0038_request_hash_scheme")
+    connection = await asyncpg.connect(dsn)
+    try:
+        written = (
+            "INSERT INTO callback_deliveries (id, job_id, url, payload, status, attempts)"
+            " VALUES ($1, $2, 'http://h/', '{}', 'pending', 0)"
+        )
+        (key, job), (later_key, later_job) = await _job(connection), await _job(connection)
+        await connection.execute(written, uuid.uuid4(), job)
+
+        await asyncio.to_thread(command.upgrade, config, "head")
+        await connection.execute(written, uuid.uuid4(), later_job)  # as an older worker writes it
+
+        owners = await connection.fetch("SELECT job_id, owner_key_id FROM callback_deliveries")
+        assert {row["job_id"]: row["owner_key_id"] for row in owners} == {job: key, later_job: later_key}
+        await asyncio.to_thread(command.downgrade, config, "0038_request_hash_scheme")
+        assert await connection.fetchval("SELECT count(*) FROM callback_deliveries") == 2
+    finally:
+        await connection.close()

@@ -71,7 +71,7 @@ def the_one(statements: list[str], table: str) -> str:
         ("running_holders", "items", "ix_items_running_lease"),
         ("expired_leases", "items", "ix_items_running_lease"),
         ("queued_unclaimed", "items", "ix_items_queued_since"),
-        ("due_callbacks", "callback_deliveries", "ix_callback_deliveries_due"),
+        ("due_callbacks", "callback_deliveries", "ix_callback_deliveries_owner_due"),
         ("finished_since", "items", "ix_items_job_finished"),
         ("open_jobs", "items", "ix_items_unfinished_job"),
     ],
@@ -100,3 +100,14 @@ async def test_a_query_that_needs_a_partial_index_uses_it_under_a_generic_plan(
     sql = the_one(await sent_statements(sessions, calls[query]), table)
 
     assert index in await generic_plan_indexes(settings, sql)
+
+
+async def test_the_callback_claims_limits_are_written_into_its_sql(sessions: Sessions) -> None:
+    """Sent as parameters, the generic plan took each LIMIT of the claim for a tenth of the
+    table: it hashed every delivery and job, over 60 s behind 100,000 due deliveries
+    (bench/callback_claims.py), where the plan for the values read 20 of them."""
+    sql = the_one(
+        await sent_statements(sessions, lambda: callbacks.claim_due(sessions, 20, 30)), "callback_deliveries"
+    )
+
+    assert re.findall(r"LIMIT (\S+)", sql) == ["1)", "1)", "20)", "20)", "20)"]

@@ -8,14 +8,29 @@ the process died right after the commit; the workers send what is due, whoever w
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
-from sqlalchemy import exists, func, select, update
+from sqlalchemy import (
+    BindParameter,
+    ColumnElement,
+    Executable,
+    Integer,
+    Interval,
+    bindparam,
+    exists,
+    func,
+    literal,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from app.storable import replace_unstorable
 from app.store.db import Sessions
@@ -47,7 +62,9 @@ async def record_if_finished(session: AsyncSession, job_id: UUID) -> None:
         return
     job = (
         await session.execute(
-            select(Job.callback_url, Job.cancelled_at, Job.item_count, Job.plan).where(Job.id == job_id)
+            select(Job.owner_key_id, Job.callback_url, Job.cancelled_at, Job.item_count, Job.plan).where(
+                Job.id == job_id
+            )
         )
     ).one()
     if job.callback_url is None:
@@ -73,7 +90,13 @@ async def record_if_finished(session: AsyncSession, job_id: UUID) -> None:
     }
     await session.execute(
         insert(CallbackDelivery)
-        .values(id=delivery_id, job_id=job_id, url=job.callback_url, payload=payload)
+        .values(
+            id=delivery_id,
+            job_id=job_id,
+            owner_key_id=job.owner_key_id,
+            url=job.callback_url,
+            payload=payload,
+        )
         .on_conflict_do_nothing(index_elements=["job_id"])
     )
 
@@ -92,6 +115,21 @@ class Due:
     claimed_at: datetime  # the database's clock
 
 
+def _rows(count: int) -> BindParameter[int]:
+    """A LIMIT written into the SQL (as sql_constant): as a parameter, a generic plan of the
+    claim takes it for a tenth of the table, and read every delivery (over 60 s at 100,000)."""
+    return literal(count, Integer, literal_execute=True)
+
+
+def _pending(deliveries: type[CallbackDelivery]) -> ColumnElement[bool]:
+    # Written into the SQL: the owner's index is partial (sql_constant).
+    return deliveries.status == sql_constant(CallbackStatus.PENDING)
+
+
+def _due(deliveries: type[CallbackDelivery]) -> tuple[ColumnElement[bool], ...]:
+    return _pending(deliveries), deliveries.next_attempt_at <= func.now()
+
+
 async def claim_due(sessions: Sessions, limit: int, lease_s: float) -> list[Due]:
     """Take up to `limit` pending deliveries that are due, each for `lease_s` (no other worker
     takes it meanwhile; a worker that dies with it leaves it due again after the lease: the
@@ -99,51 +137,95 @@ async def claim_due(sessions: Sessions, limit: int, lease_s: float) -> list[Due]
 
     The keys take turns: each owner's oldest due delivery comes before anyone's second, so a
     key with a backlog (say, of receivers that never answer, each attempt the whole timeout)
-    cannot hold up the deliveries of others until it is through."""
-    is_due = (
-        CallbackDelivery.status == sql_constant(CallbackStatus.PENDING),
-        CallbackDelivery.next_attempt_at <= func.now(),
+    cannot hold up the deliveries of others until it is through.
+
+    A claim reads no backlog whole (numbered whole, 100,000 due took 0.7-1.8 s a claim): one entry
+    per key with a pending delivery, its soonest, then the first `limit` due of the keys whose
+    first turns are the `limit` oldest, as only those keys can be in the batch (with `limit`
+    keys due or more, the batch is their first turns)."""
+    async with sessions.begin() as session:
+        rows = await session.execute(_claim(limit), {"lease": timedelta(seconds=lease_s)})
+        return [Due(*row) for row in rows]
+
+
+@functools.cache
+def _claim(limit: int) -> Executable:
+    """The claim of `limit` deliveries, the lease its parameter: made once, as making it cost a
+    claim more CPU than Postgres spent on it."""
+    # Each key's soonest pending delivery, a key after another along the owner's index.
+    first, later = aliased(CallbackDelivery), aliased(CallbackDelivery)
+    soonest = (
+        select(first.owner_key_id, first.next_attempt_at)
+        .where(_pending(first))
+        .order_by(first.owner_key_id, first.next_attempt_at)
+        .limit(_rows(1))
+        .cte("soonest", recursive=True)
     )
-    turns = (
-        select(
-            CallbackDelivery.id,
-            CallbackDelivery.next_attempt_at,
-            func.row_number()
-            .over(partition_by=Job.owner_key_id, order_by=CallbackDelivery.next_attempt_at)
-            .label("turn"),
-        )
-        .join(Job, Job.id == CallbackDelivery.job_id)
-        .where(*is_due)
+    next_key = (
+        select(later.owner_key_id, later.next_attempt_at)
+        .where(_pending(later), later.owner_key_id > soonest.c.owner_key_id)
+        .order_by(later.owner_key_id, later.next_attempt_at)
+        .limit(_rows(1))
+        .lateral()
+    )
+    soonest = soonest.union_all(select(next_key).select_from(soonest.join(next_key, true())))
+    first_turns = (
+        select(soonest.c.owner_key_id)
+        .where(soonest.c.next_attempt_at <= func.now())
+        .order_by(soonest.c.next_attempt_at)
+        .limit(_rows(limit))
         .subquery()
     )
-    async with sessions.begin() as session:
-        due = (
-            select(CallbackDelivery.id)
-            .join(turns, turns.c.id == CallbackDelivery.id)
-            .where(*is_due)  # again, on the row as locked: another worker may have claimed it
-            .order_by(turns.c.turn, turns.c.next_attempt_at)
-            .limit(limit)
-            .with_for_update(of=CallbackDelivery, skip_locked=True)
+    own = aliased(CallbackDelivery)
+    turns_of_key = (
+        select(
+            own.id, own.next_attempt_at, func.row_number().over(order_by=own.next_attempt_at).label("turn")
         )
-        rows = await session.execute(
-            update(CallbackDelivery)
-            .where(CallbackDelivery.id.in_(due), Job.id == CallbackDelivery.job_id)
-            .values(
-                attempts=CallbackDelivery.attempts + 1,
-                next_attempt_at=func.now() + timedelta(seconds=lease_s),
-            )
-            .returning(
-                CallbackDelivery.id,
-                CallbackDelivery.job_id,
-                CallbackDelivery.url,
-                Job.callback_secret,
-                CallbackDelivery.payload,
-                CallbackDelivery.attempts,
-                CallbackDelivery.created_at,
-                func.now(),
-            )
+        .where(own.owner_key_id == first_turns.c.owner_key_id, *_due(own))
+        .order_by(own.next_attempt_at)
+        .limit(_rows(limit))
+        .lateral()
+    )
+    # In the batch's order: each is read again and locked only once the batch comes to it.
+    turns = (
+        select(turns_of_key)
+        .select_from(first_turns.join(turns_of_key, true()))
+        .order_by(turns_of_key.c.turn, turns_of_key.c.next_attempt_at)
+        .subquery()
+    )
+    # One at a time by its id (joined as a set, the planner may read every due row to join),
+    # and due again on the row as locked: another worker may have claimed it meanwhile.
+    taken = aliased(CallbackDelivery)
+    locked = (
+        select(taken.id)
+        .where(taken.id == turns.c.id, *_due(taken))
+        .with_for_update(skip_locked=True)
+        .lateral()
+    )
+    due = (
+        select(locked.c.id)
+        .select_from(turns.join(locked, true()))
+        .order_by(turns.c.turn, turns.c.next_attempt_at)
+        .limit(_rows(limit))
+    )
+    return (
+        update(CallbackDelivery)
+        .where(CallbackDelivery.id.in_(due), Job.id == CallbackDelivery.job_id)
+        .values(
+            attempts=CallbackDelivery.attempts + 1,
+            next_attempt_at=func.now() + bindparam("lease", type_=Interval()),
         )
-        return [Due(*row) for row in rows]
+        .returning(
+            CallbackDelivery.id,
+            CallbackDelivery.job_id,
+            CallbackDelivery.url,
+            Job.callback_secret,
+            CallbackDelivery.payload,
+            CallbackDelivery.attempts,
+            CallbackDelivery.created_at,
+            func.now(),
+        )
+    )
 
 
 @dataclass(frozen=True)

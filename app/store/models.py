@@ -45,7 +45,7 @@ NAMING_CONVENTION = {
 
 # The Alembic revision these models are (migrations/versions): a worker checks the database
 # against it before taking items (app/preflight.py). A test keeps it at Alembic's head.
-SCHEMA_REVISION = "0038_request_hash_scheme"
+SCHEMA_REVISION = "0039_callback_deliveries_owner"
 
 
 class Base(DeclarativeBase):
@@ -748,8 +748,11 @@ class CallbackDelivery(Base):
 
     __tablename__ = "callback_deliveries"
     __table_args__ = (
+        # Each key's pending deliveries in the order they fall due: the workers' claims
+        # (app/store/callbacks.py claim_due) take the keys in turns from it.
         Index(
-            "ix_callback_deliveries_due",
+            "ix_callback_deliveries_owner_due",
+            "owner_key_id",
             "next_attempt_at",
             postgresql_where=text(f"status = '{CallbackStatus.PENDING}'"),
         ),
@@ -758,6 +761,7 @@ class CallbackDelivery(Base):
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     # One per job: its end. Deleting the job deletes its deliveries and their log.
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
+    owner_key_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.id"))  # the job's owner
     url: Mapped[str] = mapped_column(Text)
     payload: Mapped[dict[str, Any]]  # the JSON body, signed anew at each attempt
     status: Mapped[str] = mapped_column(String(16), default=CallbackStatus.PENDING)  # a CallbackStatus
