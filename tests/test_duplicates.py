@@ -5,18 +5,23 @@ and Redis; the worker against the scripted LLM where CoTs and exports are needed
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
 import pytest
 from redis.asyncio import Redis
+from sqlalchemy import event, inspect
 
 from app.api.schemas import JobIn
 from app.config import Settings
 from app.duplicates import find, normalised
 from app.store.db import Sessions
+from app.store.models import Job
 from tests.conftest import new_key, run_worker_burst
 from tests.test_api import all_pages, error_of, items_of, row_counts, submit
+from tests.test_viewer import logged_in
 
 Headers = dict[str, str]
 # Position:  0      1        2      3           4          5
@@ -206,3 +211,68 @@ async def test_openapi_documents_the_option_and_the_report(api: httpx.AsyncClien
     assert required == {"handling", "submitted", "exact", "normalised", "skipped"}
     assert set(schemas["DuplicateKind"]["properties"]) == {"count", "groups"}
     assert set(schemas["DuplicateGroup"]["properties"]) == {"first", "repeats"}
+
+
+# --- read only where shown ---------------------------------------------------------------------
+
+
+@contextmanager
+def reports_read() -> Iterator[list[bool]]:
+    """Inside, whether each job read from the database came with its duplicates report."""
+    read: list[bool] = []
+
+    def note(job: Job, *_: object) -> None:
+        read.append("duplicates" not in inspect(job).unloaded)
+
+    for name in ("load", "refresh"):
+        event.listen(Job, name, note)
+    try:
+        yield read
+    finally:
+        for name in ("load", "refresh"):
+            event.remove(Job, name, note)
+
+
+async def test_only_the_routes_showing_a_jobs_duplicates_report_read_it(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    """The report is some 20,000 values for 10,000 prompts in pairs, and every route naming the
+    job decoded it on the event loop (3-5 ms), shown or not. The job's own answers show it."""
+    job = await submit(api, auth, PROMPTS)
+    expected = report("keep", 6, EXACT, NORMALISED, [])
+    [item, *_] = await items_of(api, auth, job["id"])
+    url = f"/v1/jobs/{job['id']}"
+    requests = [
+        ("GET", url, None),  # read afresh: a first poll
+        ("GET", f"{url}/items", None),
+        ("GET", f"{url}/cots", None),
+        ("GET", f"{url}/preference-pairs", None),
+        ("GET", f"{url}/report", None),
+        ("GET", f"{url}/callbacks", None),
+        ("GET", f"{url}/reviews/summary", None),
+        ("GET", f"{url}/label-studio/config", None),
+        ("GET", f"/v1/items/{item['id']}", None),
+        ("PATCH", url, {"label": "relabelled"}),
+        ("POST", f"{url}/cancel", None),
+        ("GET", f"{url}/events", None),  # a cancelled job's: a snapshot, then done
+        ("GET", f"{url}/export?format=jsonl", None),
+        ("GET", f"/view/jobs/{job['id']}", None),
+        ("DELETE", url, None),
+    ]
+    await logged_in(api, auth)
+    reads, shown = {}, {}
+
+    for method, path, body in requests:
+        with reports_read() as read:
+            response = await api.request(method, path, json=body, headers=auth)
+        assert response.status_code < 300, (method, path, response.text)
+        reads[method, path] = any(read)
+        answer = response.json() if response.headers["content-type"] == "application/json" else {}
+        shown[method, path] = answer.get("duplicates") == expected
+
+    assert reads == shown
+    assert [request for request, is_shown in shown.items() if is_shown] == [
+        ("GET", url),
+        ("PATCH", url),
+        ("POST", f"{url}/cancel"),
+    ]

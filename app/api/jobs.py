@@ -250,7 +250,7 @@ async def relabel_job(
         resumed = await jobs.set_budget(session, state.spending, job, body.budget)
     await session.commit()
     await enqueue_committed(state.arq, state.settings, job, resumed)
-    await session.refresh(job)
+    await jobs.refresh_with_duplicates(session, job)
     summaries.forget(job.id, job.owner_key_id)
     return await job_out(session, job)
 
@@ -262,7 +262,7 @@ async def cancel_job(job: OwnedJob, session: SessionDep, summaries: SummariesDep
     is (`completed`, no `cancelled_at`). Cancelling twice is harmless."""
     await jobs.cancel(session, job)
     await session.commit()
-    await session.refresh(job)
+    await jobs.refresh_with_duplicates(session, job)
     summaries.forget(job.id, job.owner_key_id)
     return await job_out(session, job)
 

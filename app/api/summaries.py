@@ -34,8 +34,9 @@ from app.store.db import Sessions
 from app.store.models import Job
 
 
-async def job_out(session: AsyncSession, job: Job) -> JobOut:
-    """The job as the API shows it, counted now."""
+async def job_out(session: AsyncSession, job: Job, *, with_duplicates: bool = True) -> JobOut:
+    """The job as the API shows it, counted now; its duplicates report, which the job's reads
+    leave out unless asked (jobs.get_owned), only `with_duplicates` (else None)."""
     policy_set = await policy_sets.by_id(session, job.policy_set_id)
     prompt_set = await prompt_sets.pinned(session, job.prompt_set_id)
     return JobOut(
@@ -47,9 +48,13 @@ async def job_out(session: AsyncSession, job: Job) -> JobOut:
         policy_set=views.policy_set_brief(policy_set),
         prompt_set=views.prompt_set_brief(prompt_set) if prompt_set is not None else None,
         config=job.plan.model_dump(mode="json"),  # the plan's JSON, as stored
-        duplicates=DuplicatesOut.model_validate(job.duplicates) if job.duplicates is not None else None,
+        duplicates=_duplicates_out(job) if with_duplicates else None,
         **await jobs.summary(session, job),
     )
+
+
+def _duplicates_out(job: Job) -> DuplicatesOut | None:
+    return None if job.duplicates is None else DuplicatesOut.model_validate(job.duplicates)
 
 
 class JobSummaries:
@@ -65,7 +70,7 @@ class JobSummaries:
 
         async def read() -> JobOut:
             async with self._sessions() as session:
-                job = await jobs.get_owned(session, job_id, owner_key_id)
+                job = await jobs.get_owned(session, job_id, owner_key_id, with_duplicates=True)
                 return await job_out(session, job)
 
         return await self._read.get((job_id, owner_key_id), read)

@@ -10,9 +10,10 @@ from functools import partial
 from typing import Any, Literal
 from uuid import UUID, uuid4
 
-from sqlalchemy import ColumnElement, func, select, update
+from sqlalchemy import ColumnElement, func, inspect, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import undefer
 from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
 from app.costs import Budget, priced
@@ -227,10 +228,11 @@ async def replayed(
 async def _by_idempotency_key(
     session: AsyncSession, owner_key_id: UUID, scope: IdempotencyScope, key: str
 ) -> Job | None:
+    # With its duplicates report: a replay answers the job as its first request did.
     return await session.scalar(
-        select(Job).where(
-            Job.owner_key_id == owner_key_id, Job.idempotency_scope == scope, Job.idempotency_key == key
-        )
+        select(Job)
+        .options(undefer(Job.duplicates))
+        .where(Job.owner_key_id == owner_key_id, Job.idempotency_scope == scope, Job.idempotency_key == key)
     )
 
 
@@ -239,13 +241,27 @@ async def _same_request(job: Job, request_hash: RequestHash) -> Job:
     return job
 
 
-async def get_owned(session: AsyncSession, job_id: UUID, owner_key_id: UUID) -> Job:
+async def get_owned(
+    session: AsyncSession, job_id: UUID, owner_key_id: UUID, *, with_duplicates: bool = False
+) -> Job:
     """The job if this key owns it; another key's job is indistinguishable from none: the owner
     is in the statement, so another key's row is never read (read, then checked, its plan and
     duplicates report were decoded first, 3 ms of the event loop for 10,000 prompts in pairs:
-    a 404 several times slower than a nobody's, telling that the job was there, and its size)."""
-    job = await session.scalar(select(Job).where(Job.id == job_id, Job.owner_key_id == owner_key_id))
-    return owned(job, job_id, owner_key_id)
+    a 404 several times slower than a nobody's, telling that the job was there, and its size).
+    Its duplicates report is read only `with_duplicates` (Job.duplicates)."""
+    read = select(Job).where(Job.id == job_id, Job.owner_key_id == owner_key_id)
+    if with_duplicates:
+        read = read.options(undefer(Job.duplicates))
+    return owned(await session.scalar(read), job_id, owner_key_id)
+
+
+async def refresh_with_duplicates(session: AsyncSession, job: Job) -> None:
+    """Read the job's row again (after the caller's commit), its duplicates report included,
+    which a plain refresh leaves out (Job.duplicates)."""
+    await session.refresh(job, _EVERY_COLUMN)
+
+
+_EVERY_COLUMN = [column.key for column in inspect(Job).column_attrs]
 
 
 async def hold(session: AsyncSession, job_id: UUID, *, to_change: bool = False) -> None:

@@ -211,8 +211,11 @@ class Job(Base):
         "metadata", JSONB, default=dict, server_default=text("'{}'::jsonb")
     )
     # Duplicate prompts found at submission (app/duplicates.py, DuplicatesOut's JSON); None for
-    # comparisons and for jobs older than the report.
-    duplicates: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    # comparisons and for jobs older than the report. Read only where asked (undefer), as only
+    # the job's own answer shows it: some 20,000 values for 10,000 prompts in pairs, decoded on
+    # the event loop by every route naming the job (3-5 ms each), and by workers' general claim
+    # of an item. Reading it unasked raises, rather than a lazy load (AsyncSession cannot).
+    duplicates: Mapped[dict[str, Any] | None] = mapped_column(JSONB, deferred=True, deferred_raiseload=True)
     # The user's budget (app/costs.py Budget), changed by PATCH; None: no limit.
     budget_max_cost_usd: Mapped[float | None] = mapped_column(Float)
     budget_max_tokens: Mapped[int | None] = mapped_column(BigInteger)

@@ -261,7 +261,7 @@ async def job_page(
         gate = {cot.item_id: cot.accepted for cot, _ in rows}
     context = {
         "key": key,
-        "job": await job_out(session, job),
+        "job": await job_out(session, job, with_duplicates=False),  # not on the page
         "mode": job.plan.mode,
         "items": items,
         "gate": gate,
