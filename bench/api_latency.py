@@ -17,6 +17,10 @@ README runs it; no worker, so the enqueued arq jobs just wait and are deleted at
    asyncio streams, on uvloop; `--client httpx` for httpx instead) shares the machine with
    the API, so its CPU use and how late requests got a connection are reported too.
 
+--in-pairs gives each prompt twice (a duplicates report of some 20,000 values for 10,000
+prompts), and --get polls another route of the job instead, e.g. `--get '/items?limit=1'`;
+`api_cpu_ms_per_request` is the API's CPU over the open-loop load per answer.
+
 With --profile DIR the API runs under py-spy during each phase and hotspots are printed.
 """
 
@@ -48,6 +52,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts", type=int, default=10_000)
     p.add_argument("--prompt-chars", type=int, default=200)
     p.add_argument("--posts", type=int, default=3)
+    p.add_argument(
+        "--in-pairs",
+        action="store_true",
+        help="each prompt twice: 10,000 prompts make a duplicates report of some 20,000 values",
+    )
+    p.add_argument(
+        "--get", default="", help="what follows /v1/jobs/{id} in the GETs' path, e.g. /items?limit=1"
+    )
     p.add_argument("--rate", type=float, default=500.0, help="GET requests per second, open loop")
     p.add_argument("--duration", type=float, default=10.0, help="seconds of open-loop load")
     p.add_argument("--baseline", type=int, default=200, help="closed-loop GETs before the load")
@@ -83,7 +95,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         async with httpx.AsyncClient(base_url=api_url, headers=headers, timeout=60, limits=limits) as client:
             posts = await _posts(client, args, api_pid)
             job_id = posts.pop("first_job_id")
-            gets = await _gets(client, args, api_pid, f"/v1/jobs/{job_id}")
+            gets = await _gets(client, args, api_pid, f"/v1/jobs/{job_id}{args.get}")
         pg_restarted = await stack.postgres_started_at() != pg_started
         summary: dict[str, Any] = {
             "benchmark": "api_latency",
@@ -96,6 +108,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 f"{args.connections} keep-alive connections; httpx for the POSTs",
                 "prompts_per_post": args.prompts,
                 "prompt_chars": args.prompt_chars,
+                "in_pairs": args.in_pairs,
+                "get_path": f"/v1/jobs/{{id}}{args.get}",
                 "rate_per_s": args.rate,
                 "duration_s": args.duration,
                 "profiled": bool(args.profile),
@@ -124,6 +138,8 @@ async def _posts(client: httpx.AsyncClient, args: argparse.Namespace, api_pid: i
     latencies, api_cpu, job_ids = [], [], []
     for number in range(1, args.posts + 1):
         prompts = make_prompts(args.prompts, chars=args.prompt_chars, seed=number)
+        if args.in_pairs:
+            prompts = [prompts[n // 2] for n in range(len(prompts))]
         body = json.dumps({"prompts": prompts}).encode()
         cpu_before = cpu_seconds(api_pid)
         started = time.monotonic()
@@ -190,6 +206,9 @@ async def _open_loop(
         "client_connections": args.connections,
         "client_send_lag_p99_ms": percentiles(load.send_lag_s)["p99_ms"],
         "api_cpu_cores": round((cpu_seconds(api_pid) - cpu_before["api"]) / elapsed, 3),
+        "api_cpu_ms_per_request": round(
+            (cpu_seconds(api_pid) - cpu_before["api"]) * 1000 / max(1, len(load.latencies_s)), 2
+        ),
         "client_cpu_cores": round((time.process_time() - cpu_before["client"]) / elapsed, 3),
         "postgres_cpu_cores_all_backends": round(
             (cpu_seconds_of_named("postgres") - cpu_before["postgres"]) / elapsed, 3
