@@ -216,12 +216,12 @@ async def list_jobs(
     )
 
 
-@router.get("/{job_id}", responses=ERRORS)
-async def get_job(job_id: UUID, key: CurrentKey, summaries: SummariesDep) -> JobOut:
+@router.get("/{job_id}", responses=ERRORS, response_model=JobOut)
+async def get_job(job_id: UUID, key: CurrentKey, summaries: SummariesDep) -> Response:
     """Status, counts per stage and status, and token totals, as counted at most about two
     seconds ago (twice the server's `job_summary_max_age_s`), or for a job whose count takes
     long, up to ten times that (`job_summary_read_share`; app/api/summaries.py)."""
-    return await summaries.get_owned(job_id, key.id)
+    return Response(await summaries.get_owned_json(job_id, key.id), media_type="application/json")
 
 
 @router.patch(
