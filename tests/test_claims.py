@@ -1,0 +1,357 @@
+"""Claims as the crash-safety core sees them (app.store.items): an item is claimed once, its
+lease is renewed by its claim alone, a sweep takes back only lost claims, a claim's tries are
+bounded by its limits, and a completion is written once. Direct calls on real Postgres, no
+worker: fast enough to run once a mutant (bench/MUTATION-items.md)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+from uuid import UUID, uuid4
+
+import httpx
+import pytest
+from sqlalchemy import Interval, func, select, type_coerce, update
+
+from app.deliberation.results import Completed, Thought
+from app.store import items
+from app.store.db import Sessions
+from app.store.endings import handed_back
+from app.store.models import Cot, Item
+from tests.test_api import Headers, submit
+from tests.test_endings import LIMITS, expire_lease, stored
+
+SHUTDOWN = handed_back("worker shut down", counts_as_failure=False)
+
+
+async def queued_items(api: httpx.AsyncClient, auth: Headers, sessions: Sessions, count: int) -> list[UUID]:
+    job = await submit(api, auth, [f"Why is the sea salty, part {n}?" for n in range(count)])
+    async with sessions() as session:
+        ids = await session.scalars(
+            select(Item.id).where(Item.job_id == UUID(job["id"])).order_by(Item.position)
+        )
+        return list(ids)
+
+
+async def claimed(sessions: Sessions, item_id: UUID, holder: UUID | None = None) -> items.Claim:
+    claim = await items.claim(sessions, item_id, LIMITS, holder)
+    assert claim is not None
+    return claim
+
+
+async def lease_left(sessions: Sessions, item_id: UUID) -> timedelta:
+    async with sessions() as session:
+        left = await session.scalar(
+            select(type_coerce(Item.lease_until - func.now(), Interval)).where(Item.id == item_id)
+        )
+    assert left is not None
+    return left
+
+
+async def set_item(sessions: Sessions, item_id: UUID, **values: Any) -> None:
+    async with sessions.begin() as session:
+        await session.execute(update(Item).where(Item.id == item_id).values(values))
+
+
+async def test_a_queued_item_is_claimed_once_for_its_holder_and_a_second_claim_gets_nothing(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    item_id, _ = await queued_items(api, auth, sessions, 2)
+    holder = uuid4()
+
+    claim = await claimed(sessions, item_id, holder)
+
+    assert (claim.item_id, claim.attempt, claim.position) == (item_id, 1, 0)
+    assert await items.claim(sessions, item_id, LIMITS, uuid4()) is None, "claimed twice"
+    item = await stored(sessions, item_id)
+    assert (item.status, item.attempts, item.claimed_by) == ("running", 1, holder)
+    assert abs(await lease_left(sessions, item_id) - timedelta(seconds=LIMITS.lease_s)) < timedelta(seconds=5)
+
+
+async def test_an_expired_lease_taken_over_gives_the_new_holder_a_full_lease(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    [item_id] = await queued_items(api, auth, sessions, 1)
+    await claimed(sessions, item_id, uuid4())
+    await expire_lease(sessions, item_id)
+    holder = uuid4()
+
+    taken = await claimed(sessions, item_id, holder)
+
+    assert taken.attempt == 2
+    item = await stored(sessions, item_id)
+    assert (item.status, item.attempts, item.failures, item.claimed_by) == ("running", 2, 1, holder)
+    assert abs(await lease_left(sessions, item_id) - timedelta(seconds=LIMITS.lease_s)) < timedelta(seconds=5)
+
+
+async def test_a_renewal_extends_the_lease_by_its_length_from_now(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    [item_id] = await queued_items(api, auth, sessions, 1)
+    claim = await claimed(sessions, item_id)
+
+    await items.renew(sessions, claim, 600)
+
+    assert abs(await lease_left(sessions, item_id) - timedelta(seconds=600)) < timedelta(seconds=5)
+
+
+async def test_a_renewal_by_a_claim_taken_over_is_refused_and_leaves_the_new_lease(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    [item_id] = await queued_items(api, auth, sessions, 1)
+    lost = await claimed(sessions, item_id)
+    await expire_lease(sessions, item_id)
+    await claimed(sessions, item_id)  # another worker's now
+
+    with pytest.raises(items.ClaimLost) as refused:
+        await items.renew(sessions, lost, 600)
+
+    assert not isinstance(refused.value, items.JobCancelled)
+    assert await lease_left(sessions, item_id) < timedelta(seconds=LIMITS.lease_s + 5)
+
+
+async def test_a_renewal_of_a_claim_that_ended_is_refused(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    # Same attempt counter, but the item is queued again: no lease to renew.
+    [item_id] = await queued_items(api, auth, sessions, 1)
+    claim = await claimed(sessions, item_id)
+    assert await items.end(sessions, claim, SHUTDOWN)
+
+    with pytest.raises(items.ClaimLost):
+        await items.renew(sessions, claim, 600)
+
+    assert (await stored(sessions, item_id)).lease_until is None
+
+
+async def test_a_renewal_after_its_job_was_cancelled_raises_job_cancelled(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    [item_id] = await queued_items(api, auth, sessions, 1)
+    claim = await claimed(sessions, item_id)
+    assert (await api.post(f"/v1/jobs/{claim.job_id}/cancel", headers=auth)).status_code == 200
+
+    with pytest.raises(items.JobCancelled):
+        await items.renew(sessions, claim, 600)
+
+
+async def test_a_sweep_takes_back_the_claims_of_dead_workers_and_expired_leases_and_nothing_else(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    live_id, silent_id, expired_id, queued_id, ended_id = await queued_items(api, auth, sessions, 5)
+    live, dead = uuid4(), uuid4()
+    await claimed(sessions, live_id, live)
+    await claimed(sessions, silent_id, dead)
+    await claimed(sessions, expired_id, live)
+    await expire_lease(sessions, expired_id)
+    # Queued with a past lease, as an older release left it: not a claim to take back.
+    await set_item(sessions, queued_id, lease_until=func.now() - timedelta(hours=1))
+    ended = await claimed(sessions, ended_id, dead)
+    assert await items.end(sessions, ended, SHUTDOWN)
+    await set_item(sessions, ended_id, claimed_by=dead, lease_until=func.now() - timedelta(hours=1))
+
+    taken = await items.take_lost_claims(sessions, [dead])
+
+    assert sorted(taken) == sorted([(silent_id, 2), (expired_id, 2)])
+    for item_id, why in [(silent_id, "heartbeat stopped"), (expired_id, "lease expired")]:
+        item = await stored(sessions, item_id)
+        assert (item.status, item.failures, item.error_message, item.enqueues) == (
+            "queued",
+            1,
+            f"worker lost ({why})",
+            2,
+        )
+        assert (item.lease_until, item.claimed_by) == (None, None)
+    kept = await stored(sessions, live_id)
+    assert (kept.status, kept.failures, kept.enqueues, kept.claimed_by) == ("running", 0, 1, live)
+    for item_id in (queued_id, ended_id):
+        item = await stored(sessions, item_id)
+        assert (item.status, item.failures, item.enqueues) == ("queued", 0, 1)
+    assert await items.take_lost_claims(sessions, [dead]) == [], "taken twice"
+
+
+async def test_a_sweep_takes_at_most_its_limit_of_each_kind_and_the_next_takes_the_rest(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    ids = await queued_items(api, auth, sessions, 4)
+    dead = uuid4()
+    for item_id in ids[:2]:
+        await claimed(sessions, item_id, dead)
+    for item_id in ids[2:]:
+        await claimed(sessions, item_id)
+        await expire_lease(sessions, item_id)
+
+    first = await items.take_lost_claims(sessions, [dead], limit=1)
+    second = await items.take_lost_claims(sessions, [dead], limit=1)
+
+    assert len(first) == len(second) == 2
+    assert sorted(item_id for item_id, _ in first + second) == sorted(ids)
+
+
+async def test_a_sweep_passes_over_an_item_another_transaction_holds_and_takes_it_next_time(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    # A worker's transaction on its item (a turn being written, its ending) must not stall the
+    # sweep of every other lost item behind it.
+    held_id, free_id = await queued_items(api, auth, sessions, 2)
+    for item_id in (held_id, free_id):
+        await claimed(sessions, item_id)
+        await expire_lease(sessions, item_id)
+
+    async with sessions.begin() as holder:
+        await holder.execute(select(Item.id).where(Item.id == held_id).with_for_update())
+        taken = await asyncio.wait_for(items.take_lost_claims(sessions), timeout=5)
+    assert taken == [(free_id, 2)]
+
+    assert await items.take_lost_claims(sessions) == [(held_id, 2)]
+
+
+async def test_the_holders_of_running_items_are_listed_once_each(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    ids = await queued_items(api, auth, sessions, 5)
+    busy, gone = uuid4(), uuid4()
+    await claimed(sessions, ids[0], busy)
+    await claimed(sessions, ids[1], busy)
+    await claimed(sessions, ids[2])  # a claim without a holder: its lease alone keeps it
+    await set_item(sessions, ids[3], claimed_by=gone)  # queued: no one holds it
+
+    assert await items.running_holders(sessions) == [busy]
+
+
+@pytest.mark.parametrize(
+    ("attempts", "outage_claims", "failures", "ending"),
+    [
+        (LIMITS.max_claims - 1, 0, LIMITS.max_failures - 1, None),
+        (
+            LIMITS.max_claims,
+            0,
+            0,
+            ("too_many_attempts", f"gave up after {LIMITS.max_claims} attempts; last: "),
+        ),
+        (LIMITS.max_claims + 3, 4, 0, None),  # outages do not count
+        (0, 0, LIMITS.max_failures, ("too_many_failures", f"{LIMITS.max_failures} failed attempts; last: ")),
+    ],
+    ids=["one_try_left", "claims_spent", "outage_claims_not_counted", "failures_spent"],
+)
+async def test_an_item_whose_tries_are_spent_fails_instead_of_being_claimed(
+    api: httpx.AsyncClient,
+    auth: Headers,
+    sessions: Sessions,
+    attempts: int,
+    outage_claims: int,
+    failures: int,
+    ending: tuple[str, str] | None,
+) -> None:
+    [item_id] = await queued_items(api, auth, sessions, 1)
+    await set_item(
+        sessions,
+        item_id,
+        attempts=attempts,
+        outage_claims=outage_claims,
+        failures=failures,
+        error_message="the endpoint is down",
+        operator_error="upstream: 503",
+    )
+
+    claim = await items.claim(sessions, item_id, LIMITS)
+
+    item = await stored(sessions, item_id)
+    if ending is None:
+        assert claim is not None and claim.attempt == attempts + 1
+        assert item.status == "running"
+        return
+    code, message = ending
+    assert claim is None
+    assert (item.status, item.error_code, item.error_message, item.operator_error) == (
+        "failed",
+        code,
+        message + "the endpoint is down",
+        "upstream: 503",
+    )
+    assert item.attempts == attempts and item.finished_at is not None
+
+
+async def test_an_item_failed_for_spent_tries_with_no_error_recorded_says_the_last_was_unknown(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    [item_id] = await queued_items(api, auth, sessions, 1)
+    await set_item(sessions, item_id, attempts=LIMITS.max_claims)
+
+    assert await items.claim(sessions, item_id, LIMITS) is None
+
+    item = await stored(sessions, item_id)
+    assert (item.status, item.error_message) == (
+        "failed",
+        f"gave up after {LIMITS.max_claims} attempts; last: unknown",
+    )
+
+
+async def test_a_lease_taken_over_counts_its_outage_claims_out_of_its_tries(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    [item_id] = await queued_items(api, auth, sessions, 1)
+    await claimed(sessions, item_id)
+    # Nine claims lost to outages and one to come: within max_claims (10) once outages are left out.
+    await set_item(sessions, item_id, attempts=LIMITS.max_claims + 1, outage_claims=LIMITS.max_claims - 1)
+    await expire_lease(sessions, item_id)
+
+    taken = await items.claim(sessions, item_id, LIMITS)
+
+    assert taken is not None and taken.attempt == LIMITS.max_claims + 2
+    assert (await stored(sessions, item_id)).status == "running"
+
+
+def a_completion(response: str) -> Completed:
+    return Completed(
+        intents={"explicit_intents": ["x"], "implicit_intents": []},
+        thoughts=[Thought(1, "t", "seed", 0, 0)],
+        refined_thoughts=[{"text": "t", "sources": [1]}],
+        dropped=[],
+        unaccounted=[],
+        response=response,
+        rounds_used=1,
+        agreed=True,
+        agreed_by={"round": 1, "agent": 0},
+    )
+
+
+async def test_a_completion_is_written_once_and_not_by_a_claim_taken_over(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    first_id, second_id = await queued_items(api, auth, sessions, 2)
+    claim = await claimed(sessions, first_id)
+    lost = await claimed(sessions, second_id)
+    await expire_lease(sessions, second_id)
+    await claimed(sessions, second_id)
+
+    assert await items.complete(sessions, claim, a_completion("first")) is not None
+    assert await items.complete(sessions, claim, a_completion("replayed")) is None
+    assert await items.complete(sessions, lost, a_completion("late")) is None
+
+    async with sessions() as session:
+        cots = (await session.execute(select(Cot.item_id, Cot.response))).all()
+    assert [tuple(cot) for cot in cots] == [(first_id, "first")]
+    assert (await stored(sessions, first_id)).status == "completed"
+    assert (await stored(sessions, second_id)).status == "running"
+
+
+async def test_an_ending_by_a_claim_taken_over_writes_nothing(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    [item_id] = await queued_items(api, auth, sessions, 1)
+    lost = await claimed(sessions, item_id)
+    await expire_lease(sessions, item_id)
+    holder = uuid4()
+    await claimed(sessions, item_id, holder)
+
+    assert await items.end(sessions, lost, SHUTDOWN) is None
+
+    item = await stored(sessions, item_id)
+    assert (item.status, item.attempts, item.claimed_by, item.error_message) == (
+        "running",
+        2,
+        holder,
+        "worker lost (lease expired)",
+    )
