@@ -20,11 +20,15 @@ CSV = "text/csv"  # Starlette adds "; charset=utf-8"
 PARQUET = "application/vnd.apache.parquet"
 
 
+# A row of the format's source (its row type) made into a record.
+ToRecord = Callable[[Any, ExportOptions], records.Record]
+
+
 @dataclass(frozen=True)
 class ExportFormat:
     source: Source
     # Takes the source's row type; None: the source's rows are the records (JSON text).
-    to_record: Callable[[Any, ExportOptions], records.Record] | None
+    to_record: ToRecord | None
     encoder: Callable[[ExportOptions], Encoder]  # a fresh one per export
     media_type: str
     extension: str
