@@ -160,6 +160,27 @@ async def test_waiting_items_resume_by_the_counters_unless_the_budget_changed_th
     assert await status_of(sessions, claim.item_id) == (ItemStatus.QUEUED, 2)
 
 
+async def test_with_redis_away_the_turns_decide_whether_waiting_items_resume(
+    api: httpx.AsyncClient, auth: dict[str, str], settings: Settings, sessions: Sessions
+) -> None:
+    """A park settles the job's waiting items as it ends its own: raising there for want of
+    Redis would undo the park. The turns answer instead, and must hold back items whose
+    budget they have spent."""
+    claim, _ = await a_job_with_a_turn(api, auth, sessions)
+    waiting = update(Item).where(Item.id == claim.item_id).values(status=ItemStatus.BUDGET_EXHAUSTED)
+    async with sessions.begin() as session:
+        await session.execute(waiting)
+    unreachable = Redis.from_url("redis://127.0.0.1:9/0", socket_connect_timeout=0.5)
+    try:
+        spending = budgets.Spending(unreachable, sessions, settings.redis_key_prefix)
+        for budget, resumed in ((Budget(max_tokens=7), []), (Budget(max_tokens=8), [(claim.item_id, 2)])):
+            await set_budget(sessions, claim.job_id, budget)
+            async with sessions.begin() as session:
+                assert await budgets.settle_waiting(session, spending, claim.job_id) == resumed
+    finally:
+        await unreachable.aclose()
+
+
 async def test_a_park_after_the_budget_was_raised_queues_the_item_again_in_its_keys_share(
     api: httpx.AsyncClient,
     auth: dict[str, str],
