@@ -24,7 +24,7 @@ from app.store import budgets, items
 from app.store.db import Sessions
 from app.store.models import CallbackDelivery, Item, ItemStatus, Job
 from app.store.turn_writer import TurnWriter
-from tests.conftest import api_client, eventually
+from tests.conftest import api_client, eventually, new_key, submit
 from tests.scripted_llm import ScriptedLLM, chat_request
 from tests.test_turn_log import LIMITS
 from tests.test_turn_writer import claimed_items, turn_row
@@ -57,6 +57,18 @@ async def set_budget(sessions: Sessions, job_id: UUID, budget: Budget) -> None:
     async with sessions.begin() as session:
         columns = {"budget_max_tokens": budget.max_tokens, "budget_max_cost_usd": budget.max_cost_usd}
         await session.execute(update(Job).where(Job.id == job_id).values(**columns))
+
+
+async def another_tenants_waiting_item(api: httpx.AsyncClient, sessions: Sessions) -> UUID:
+    """An item of another key's job, waiting for its own budget: nothing of ours may move it."""
+    job_id = await submit(api, await new_key(sessions, "bob"), ["Someone else's?"])
+    async with sessions.begin() as session:
+        item_id = await session.scalar(select(Item.id).where(Item.job_id == UUID(job_id)))
+        await session.execute(
+            update(Item).where(Item.id == item_id).values(status=ItemStatus.BUDGET_EXHAUSTED)
+        )
+    assert item_id is not None
+    return item_id
 
 
 async def status_of(sessions: Sessions, item_id: UUID) -> tuple[ItemStatus, int]:
@@ -136,6 +148,7 @@ async def test_waiting_items_resume_by_the_counters_unless_the_budget_changed_th
     stays (resumed, it would only park again); a changed budget drops the counters and sums
     the turns, which decide then, either way."""
     claim, _ = await a_job_with_a_turn(api, auth, sessions)
+    elsewhere = await another_tenants_waiting_item(api, sessions)
     at_the_turns, above_them = (
         Budget.model_validate({limit: figure})
         for figure in {"max_tokens": (7, 100), "max_cost_usd": (0.5, 1.0)}[limit]
@@ -158,6 +171,7 @@ async def test_waiting_items_resume_by_the_counters_unless_the_budget_changed_th
         resumed = await budgets.settle_waiting(session, spending, claim.job_id, budget_changed=True)
     assert resumed == [(claim.item_id, 2)]
     assert await status_of(sessions, claim.item_id) == (ItemStatus.QUEUED, 2)
+    assert await status_of(sessions, elsewhere) == (ItemStatus.BUDGET_EXHAUSTED, 1)
 
 
 async def test_with_redis_away_the_turns_decide_whether_waiting_items_resume(
@@ -228,6 +242,7 @@ async def test_a_park_in_a_cancelled_job_cancels_the_item_and_announces_the_job_
             ids = (await session.scalars(select(Item.id).where(Item.job_id == job_id))).all()
         claims = [await items.claim(sessions, item_id, LIMITS) for item_id in ids]
         assert (await api.post(f"/v1/jobs/{job_id}/cancel", headers=auth)).status_code == 200
+        elsewhere = await another_tenants_waiting_item(api, sessions)
     for claim in claims:
         assert claim is not None
         await budgets.park(sessions, spending, arq_redis, settings.queue_name, claim)
@@ -235,6 +250,7 @@ async def test_a_park_in_a_cancelled_job_cancels_the_item_and_announces_the_job_
         statuses = (await session.scalars(select(Item.status).where(Item.job_id == job_id))).all()
         assert statuses == [ItemStatus.CANCELLED] * 2
         assert await session.scalar(select(func.count()).select_from(CallbackDelivery)) == 1
+    assert await status_of(sessions, elsewhere) == (ItemStatus.BUDGET_EXHAUSTED, 1)
 
 
 async def test_the_meter_counts_each_turn_of_a_budgeted_job_and_starts_no_call_once_it_is_spent(
