@@ -153,9 +153,9 @@ async def test_waiting_items_resume_by_the_counters_unless_the_budget_changed_th
         Budget.model_validate({limit: figure})
         for figure in {"max_tokens": (7, 100), "max_cost_usd": (0.5, 1.0)}[limit]
     )
-    waiting = update(Item).where(Item.id == claim.item_id).values(status=ItemStatus.BUDGET_EXHAUSTED)
     async with sessions.begin() as session:
-        await session.execute(waiting)
+        await items.write_ending(session, claim, budgets.WAITING)
+        parked_at = await session.scalar(select(Item.updated_at).where(Item.id == claim.item_id))
     assert await spending.spent(claim.job_id) == (7, 0.5)
     await spending.add(claim.job_id, 200, 2.0)
 
@@ -171,6 +171,11 @@ async def test_waiting_items_resume_by_the_counters_unless_the_budget_changed_th
         resumed = await budgets.settle_waiting(session, spending, claim.job_id, budget_changed=True)
     assert resumed == [(claim.item_id, 2)]
     assert await status_of(sessions, claim.item_id) == (ItemStatus.QUEUED, 2)
+    async with sessions() as session:
+        item = await session.get_one(Item, claim.item_id)
+        # Queued again: no error shown, and its time in the queue starts now (the sweeper's grace).
+        assert (item.error_code, item.error_message) == (None, None)
+        assert parked_at is not None and item.updated_at > parked_at
     assert await status_of(sessions, elsewhere) == (ItemStatus.BUDGET_EXHAUSTED, 1)
 
 
