@@ -102,9 +102,10 @@ async def test_counters_are_rebuilt_from_the_turns_added_to_by_each_turn_and_kep
 
 
 async def test_a_turn_added_while_its_counters_are_rebuilt_is_counted_once(
-    api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions, spending: budgets.Spending
+    api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions, redis: Redis, spending: budgets.Spending
 ) -> None:
     job_id = (await a_job_with_a_turn(api, auth, sessions))[0].job_id
+    key = spending.key(job_id)
     async with sessions.begin() as holder:
         # The rebuild's sum of the turns waits here, its counters already started.
         await holder.execute(text("LOCK TABLE turns IN ACCESS EXCLUSIVE MODE"))
@@ -113,6 +114,18 @@ async def test_a_turn_added_while_its_counters_are_rebuilt_is_counted_once(
         await spending.add(job_id, 10, 0.25)  # a turn recorded meanwhile (not in that sum)
     assert await asyncio.wait_for(rebuild, 10) == (17, 0.75)
     assert await spending.spent(job_id) == (17, 0.75)
+
+    # Dropped meanwhile and started again by another reader, the counters are that reader's
+    # to finish: this rebuild answers with its sum and leaves them be.
+    await spending.forget(job_id)
+    async with sessions.begin() as holder:
+        await holder.execute(text("LOCK TABLE turns IN ACCESS EXCLUSIVE MODE"))
+        rebuild = asyncio.create_task(spending.spent(job_id))
+        await eventually(lambda: sum_waits_for_the_lock(sessions), 10, "the rebuild's sum to wait")
+        await spending.forget(job_id)
+        assert await redis.register_script(budgets._READ)(keys=[key], args=[30_000, "another"]) == b"rebuild"
+    assert await asyncio.wait_for(rebuild, 10) == (7, 0.5)
+    assert await redis.hget(key, "ready") == b"0"  # type: ignore[misc]
 
 
 async def test_a_reader_meeting_another_callers_rebuild_takes_the_turns_and_leaves_it_to_them(
