@@ -227,13 +227,15 @@ async def test_a_park_after_the_budget_was_raised_queues_the_item_again_in_its_k
     say the budget is spent leaves the item waiting."""
     claim, other = await a_job_with_a_turn(api, auth, sessions)
     await set_budget(sessions, claim.job_id, Budget(max_tokens=10**6))
+    async with sessions() as session:
+        owner = str(await session.scalar(select(Job.owner_key_id).where(Job.id == claim.job_id)))
+    line = line_key(settings.queue_name)
+    placed = int(await redis.hget(line, owner))  # type: ignore[misc]  # the job's items, at submission
     ending = await budgets.park(sessions, spending, arq_redis, settings.queue_name, claim)
     assert ending is not None and ending.error_code == "budget_exhausted"
     assert await status_of(sessions, claim.item_id) == (ItemStatus.QUEUED, 2)
     assert await redis.zscore(settings.queue_name, arq_job_id(claim.item_id, 2)) is not None
-    async with sessions() as session:
-        owner = await session.scalar(select(Job.owner_key_id).where(Job.id == claim.job_id))
-    assert await redis.hget(line_key(settings.queue_name), str(owner)) is not None  # type: ignore[misc]
+    assert int(await redis.hget(line, owner)) == placed + 1  # type: ignore[misc]  # one more place of the key's
 
     await spending.add(claim.job_id, 10**6, None)  # counted, not yet in the turns
     await budgets.park(sessions, spending, arq_redis, settings.queue_name, other)
