@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import socket
+import threading
 import time
 import tracemalloc
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Coroutine
@@ -909,6 +910,45 @@ async def test_an_export_leaves_a_collector_paused_before_it_paused(sessions: Se
         gc.enable()
 
     assert still_paused and collecting == [False, False, False]
+
+
+async def test_the_collector_stays_paused_while_another_exports_batch_is_made(sessions: Sessions) -> None:
+    """Batches are made in worker threads, so two exports' batches overlap: the first one in,
+    done first, turned the collector on again under the other (and two could leave it off for
+    good: one reading it on as the other paused it, then pausing it after the other ended)."""
+    job_id = await bulk_job(sessions, 3)
+    first_in, second_in, first_done = threading.Event(), threading.Event(), threading.Event()
+    trl_sft = FORMATS["trl_sft"]
+    assert trl_sft.to_record is not None
+    to_record, collecting = trl_sft.to_record, list[bool]()
+
+    def first(row: Any, options: ExportOptions) -> Any:
+        first_in.set()
+        assert second_in.wait(10)
+        return to_record(row, options)
+
+    def second(row: Any, options: ExportOptions) -> Any:
+        second_in.set()
+        assert first_done.wait(10)
+        collecting.append(gc.isenabled())
+        return to_record(row, options)
+
+    exports = [
+        encoded(sessions, job_id, replace(trl_sft, to_record=made), ExportOptions(), ExportFilter())
+        for made in (first, second)
+    ]
+    for export in exports:
+        await anext(export)  # the format's start
+    first_batch = asyncio.ensure_future(anext(exports[0]))
+    assert await asyncio.to_thread(first_in.wait, 10)
+    second_batch = asyncio.ensure_future(anext(exports[1]))
+    await first_batch
+    first_done.set()
+    await second_batch
+    for export in exports:
+        await export.aclose()
+
+    assert collecting == [False, False, False] and gc.isenabled()
 
 
 # --- clients that read slowly --------------------------------------------------------------------

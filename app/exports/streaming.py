@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import inspect
+import threading
 from collections.abc import AsyncGenerator, Iterator, Sequence
 from contextlib import contextmanager
 from uuid import UUID
@@ -22,20 +23,40 @@ from app.store.export_rows import ExportFilter, Source
 from app.threads import in_thread
 
 
-@contextmanager
-def _collector_paused() -> Iterator[None]:
+class _CollectorPause:
     """No cyclic garbage collection while a batch is parsed and encoded: the batch's thousands of
     young objects would set it off over and over, each time traversing them all (up to a
     third of an export's CPU), and records hold no cycles for it to find. It is paused for
     the whole process, in the batch's thread: the requests the event loop runs meanwhile
-    have their collections put off until the batch is made, no longer."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
+    have their collections put off until the batches being made are made, no longer.
+
+    Batches of several exports overlap in their threads: the first one in pauses it, the last
+    one out turns it on again, if it was on. Each pausing and restoring for itself, the first
+    done turned it on under the others, and two could leave it off for good (one reading it on
+    as another paused it, then pausing it after the other had turned it on again)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._batches = 0
+        self._was_enabled = False
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._batches == 0:
+                self._was_enabled = gc.isenabled()
+                gc.disable()
+            self._batches += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._batches -= 1
+                if self._batches == 0 and self._was_enabled:
+                    gc.enable()
+
+
+_collector_paused = _CollectorPause()
 
 
 def _encoded_records(
