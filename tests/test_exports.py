@@ -48,7 +48,7 @@ from app.exports.streaming import encoded
 from app.store.db import Sessions, make_engine, make_sessions
 from app.store.deletions import delete_job
 from app.store.export_rows import ExportFilter, Source
-from app.store.exports import BATCH_ROWS, batches_statement, read_batches
+from app.store.exports import BATCH_BYTES, BATCH_ROWS, batches_statement, read_batches
 from app.store.keys import create_key
 from app.store.models import Annotation, Cot, Item, Job
 from bench.export import insert_finished_job
@@ -826,6 +826,52 @@ async def long_cots_job(sessions: Sessions, count: int, chars: int) -> UUID:
         await session.execute(update(Item).where(Item.job_id == job_id).values(prompt="p" * chars))
         await session.execute(update(Cot).where(Cot.job_id == job_id).values(response="r " * (chars // 2)))
     return job_id
+
+
+# CoTs of about 80 KB (a prompt and a response of 40,000 characters each): 104 come to BATCH_BYTES.
+LONG_CHARS = 40_000
+LONG_ROWS_A_BATCH = BATCH_BYTES // (2 * LONG_CHARS)
+
+
+@pytest.mark.parametrize("source", [Source.COTS, Source.FULL_COT_JSON])
+async def test_a_batch_of_long_cots_stops_at_its_bytes_and_the_next_goes_on_from_there(
+    sessions: Sessions, source: Source
+) -> None:
+    """1,000 CoTs of 80 KB came in one batch (80 MB of rows, held as 334-827 MB of Python
+    objects by an export): a batch ends at BATCH_BYTES of its rows, mid-way through the rows
+    a full one would have, and the next begins with the row after its last."""
+    job_id = await long_cots_job(sessions, 2 * LONG_ROWS_A_BATCH + 40, LONG_CHARS)
+
+    batches = [b async for b in read_batches(sessions, job_id, source, ExportFilter())]
+
+    # A CoT's thoughts, intents and scores add a few hundred bytes to its 80,000.
+    *full, _ = [len(batch) for batch in batches]
+    assert len(full) == 2 and all(LONG_ROWS_A_BATCH - 2 <= rows <= LONG_ROWS_A_BATCH for rows in full), full
+    positions = [row["position"] for batch in batches for row in batch]
+    assert positions == list(range(2 * LONG_ROWS_A_BATCH + 40))
+
+
+async def test_a_cot_larger_than_a_batch_comes_alone(sessions: Sessions) -> None:
+    job_id = await long_cots_job(sessions, 3, BATCH_BYTES // 2)  # 8 MiB of prompt and response each
+
+    batches = [b async for b in read_batches(sessions, job_id, Source.COTS, ExportFilter())]
+
+    assert [[row["position"] for row in batch] for batch in batches] == [[0], [1], [2]]
+
+
+@pytest.mark.parametrize("format", ["jsonl", "aidsafe_csv", "trl_sft"])
+async def test_export_memory_does_not_grow_with_a_job_of_long_cots(sessions: Sessions, format: str) -> None:
+    """A batch was 1,000 rows whatever their size: an export held 334 MB (jsonl) to 827 MB
+    (trl_sft) for CoTs of 80 KB, and an export of 208 of them a quarter of one of 832. At
+    BATCH_BYTES a batch, both hold the same (figures in bench/RESULTS.md)."""
+    small = await long_cots_job(sessions, 2 * LONG_ROWS_A_BATCH, LONG_CHARS)
+    large = await long_cots_job(sessions, 8 * LONG_ROWS_A_BATCH, LONG_CHARS)
+
+    small_size, small_peak = await export_peak_bytes(sessions, small, format)
+    large_size, large_peak = await export_peak_bytes(sessions, large, format)
+
+    assert large_size > 3.9 * small_size > 3.9 * 2 * LONG_ROWS_A_BATCH * 2 * LONG_CHARS
+    assert large_peak < 1.5 * small_peak, (small_peak, large_peak)
 
 
 @pytest.mark.parametrize("format", ["trl_sft", "aidsafe_csv", "argilla", "label_studio"])

@@ -25,6 +25,7 @@ from sqlalchemy import (
     cast,
     func,
     literal_column,
+    or_,
     select,
     text,
     true,
@@ -45,6 +46,9 @@ from app.store.models import Cot, Item, Job, PreferencePair, TurnRow
 from app.store.quality import kept_at
 
 BATCH_ROWS = 1000
+# A batch also stops at this many bytes of its rows' large stored columns: 1,000 rows of 80 KB
+# held 334 MB (jsonl) to 827 MB (trl_sft) of Python objects at once, for each export under way.
+BATCH_BYTES = 8 * 1024 * 1024
 
 # The turns a deliberation log shows: the AIDSAFE stages only. A whitelist, so that a stage
 # added later (hazardous or not) stays out until someone decides it belongs.
@@ -322,18 +326,54 @@ def _selected(source: Source, human_edits: bool) -> list[str]:
 _Query = TypeVar("_Query", bound="Select[*tuple[Any, ...]]")
 
 
+def _stored_bytes(source: Source) -> ColumnElement[int]:
+    """SQL: about how many bytes a CoT's row of `source` comes to, from its large stored
+    columns without reading them: a text's length (octet_length reads only its header), a
+    JSON's stored size (pg_column_size: compressed JSON counts less than it renders)."""
+    texts: list[Any] = [Item.prompt, Cot.response]
+    jsons: list[Any] = [Item.item_metadata, Cot.intents, Cot.thoughts, Cot.refined_thoughts]
+    jsons += [Cot.dropped_thoughts, Cot.scores]
+    if source is Source.KEPT_PAIRS:
+        texts.append(PreferencePair.rejected_response)
+        jsons.append(PreferencePair.rejected_thoughts)
+    sizes = [func.octet_length(c) for c in texts] + [func.pg_column_size(c) for c in jsons]
+    return sum((func.coalesce(size, 0) for size in sizes[1:]), func.coalesce(sizes[0], 0))
+
+
 @dataclass(frozen=True)
 class _Batch:
     """Which of the query's rows, in prompt order: those after the position bound to
-    parameter `after` (None: from the first), at most `rows` of them (None: all)."""
+    parameter `after` (None: from the first), at most `rows` of them (None: all) and no more
+    than BATCH_BYTES of them by `_stored_bytes` (a first row larger than that comes alone)."""
 
+    source: Source
     after: BindParameter[int] | None = None
     rows: int | None = None
 
     def of(self, query: _Query) -> _Query:
         if self.after is not None:
             query = query.where(Cot.position > self.after)
-        return query.limit(self.rows)
+        if self.rows is None:
+            return query
+        return query.where(Cot.position <= self._last_position(query)).limit(self.rows)
+
+    def _last_position(self, query: Select[Any]) -> Any:
+        """SQL: the position the batch ends at, sized from the stored columns alone (only the
+        outer query renders records, and only the batch's), in the statement of its rows."""
+        candidates = (
+            query.with_only_columns(Cot.position, _stored_bytes(self.source).label("size"))
+            .order_by(None)
+            .order_by(Cot.position)
+            .limit(self.rows)
+            .subquery("candidates")
+        )
+        sized = select(
+            candidates.c.position,
+            func.row_number().over(order_by=candidates.c.position).label("nth"),
+            func.sum(candidates.c.size).over(order_by=candidates.c.position).label("bytes_so_far"),
+        ).subquery("sized")
+        fits = or_(sized.c.nth == 1, sized.c.bytes_so_far <= BATCH_BYTES)
+        return select(func.max(sized.c.position)).where(fits).scalar_subquery()
 
 
 def rows_query(
@@ -349,8 +389,8 @@ def rows_query(
     text, and its position. With `human_edits`, the response is the latest reviewer's edit
     where there is one, and the row says whose (not for Source.COTS, the labeling tools' rows:
     what reviewers review). Only the CoTs after the position bound to parameter `after` (None:
-    from the first), at most `rows` of them (None: all)."""
-    batch = _Batch(after, rows)
+    from the first), at most `rows` of them (None: all) and BATCH_BYTES (see `_Batch`)."""
+    batch = _Batch(source, after, rows)
     if source is Source.FULL_COT_JSON:
         return _full_cot_query(job_id, filters, human_edits, batch)
     assert not (human_edits and source is Source.COTS), "labeling tasks carry the model's output"
@@ -396,8 +436,9 @@ async def read_batches(
     human_edits: bool = False,
     batch_rows: int = BATCH_ROWS,
 ) -> AsyncGenerator[Sequence[Record], None]:
-    """The job's rows of `rows_query` in prompt order, `batch_rows` at a time: memory holds
-    one batch whatever the job's size. Each batch is read by one statement on a pooled
+    """The job's rows of `rows_query` in prompt order, a batch at a time (`batch_rows` of them,
+    fewer if they come to more than BATCH_BYTES): memory holds one batch whatever the job's
+    size, and whatever its rows'. Each batch is read by one statement on a pooled
     connection of its own, which is back in the pool before the batch is yielded, so an
     export whose client reads slowly (or not at all) holds none of the pool's connections
     while it waits.
@@ -408,7 +449,7 @@ async def read_batches(
     (checkout, BEGIN, the query built and compiled again, ROLLBACK) cost large exports 7-32 %
     of their speed (bench/RESULTS.md).
 
-    Each batch is the next `batch_rows` after the last one's position (unique in a job), read
+    Each batch is the next rows after the last one's position (unique in a job), read
     when it is due: no row is sent twice, and none that existed when the export began is
     left out. A job still running may gain CoTs meanwhile: a reader gets those completed
     after its export began if their position is past the batch it had reached then, and
@@ -419,17 +460,15 @@ async def read_batches(
     while True:
         async with driver_connection(sessions) as connection:
             batch = await query.fetch(connection, job_id=job_id, after=last)
-            # A batch short of full ends the file: asked after its rows whether the job is still
-            # there (a deletion takes the job and its rows in one transaction, so then it had
-            # them all), lest a deletion end the file early and it look complete. Full batches
-            # need not ask: the one after them ends the file and asks.
-            ends = len(batch) < batch_rows
-            if ends and not await _JOB_EXISTS.fetchval(connection, job_id=job_id):
+            # An empty batch ends the file (one cut short by its bytes says nothing): asked after
+            # its rows whether the job is still there (a deletion takes the job and its rows in
+            # one transaction, so then it had them all), lest a deletion end the file early and
+            # it look complete.
+            if not batch and not await _JOB_EXISTS.fetchval(connection, job_id=job_id):
                 raise JobDeleted(f"job {job_id} was deleted during its export")
-        if batch:
-            yield batch
-        if ends:
+        if not batch:
             return
+        yield batch
         last = batch[-1]["position"]
 
 
