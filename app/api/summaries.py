@@ -30,6 +30,7 @@ from uuid import UUID
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.api import views
+from app.api.json_answers import as_answered
 from app.api.recent import Recent
 from app.api.schemas import JobOut
 from app.duplicates import DuplicatesOut
@@ -72,13 +73,13 @@ class JobSummaries:
 
     async def get_owned_json(self, job_id: UUID, owner_key_id: UUID) -> bytes:
         """jobs.get_owned shown as job_out, as read at most `max_age_s` ago (see above), in JSON
-        as FastAPI would answer with it (by alias)."""
+        (`as_answered`)."""
 
         async def read() -> bytes:
             async with self._sessions() as session:
                 job = await jobs.get_owned(session, job_id, owner_key_id, with_duplicates=True)
                 shown = await job_out(session, job)
-            return await in_thread(lambda: shown.model_dump_json(by_alias=True).encode())
+            return await in_thread(as_answered, shown)
 
         return await self._read.get((job_id, owner_key_id), read)
 
