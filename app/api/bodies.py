@@ -22,7 +22,7 @@ from pydantic import TypeAdapter
 from app.api.deps import CurrentKey, SettingsDep
 from app.api.state import api_state
 from app.config import Settings
-from app.errors import BodyStalled, MalformedBody, PayloadTooLarge
+from app.errors import BodyStalled, MalformedBody, PayloadTooLarge, shown_name
 from app.storable import decoded
 from app.threads import in_thread
 
@@ -77,8 +77,10 @@ class JsonBody(Generic[T]):
 
 
 async def read_capped(request: Request, max_bytes: int, stall_s: float) -> bytes:
-    """The request body; PayloadTooLarge as soon as it is known to exceed `max_bytes`, and
-    BodyStalled once none of it has come for `stall_s` (the server has no body timeout)."""
+    """The request body; MalformedBody, unread, if it is sent compressed (nothing here
+    decodes a Content-Encoding), PayloadTooLarge as soon as it is known to exceed `max_bytes`,
+    and BodyStalled once none of it has come for `stall_s` (the server has no body timeout)."""
+    refuse_compressed(request)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise PayloadTooLarge.body_over(max_bytes)
@@ -98,6 +100,21 @@ async def read_capped(request: Request, max_bytes: int, stall_s: float) -> bytes
             raise PayloadTooLarge.body_over(max_bytes)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def refuse_compressed(request: Request) -> None:
+    """MalformedBody if the body is sent with a Content-Encoding other than identity: read as it
+    came, a gzipped body was read whole (up to the byte cap) and then refused as "not UTF-8"."""
+    codings = [
+        coding.strip().lower()
+        for header in request.headers.getlist("content-encoding")
+        for coding in header.split(",")
+    ]
+    if sent := [coding for coding in codings if coding not in ("", "identity")]:
+        raise MalformedBody(
+            f"the body is sent with Content-Encoding: {shown_name(', '.join(sent))}; this API reads "
+            "bodies uncompressed: send it again without a Content-Encoding header"
+        )
 
 
 def inlined(schema: dict[str, Any]) -> Any:

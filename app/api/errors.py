@@ -29,8 +29,8 @@ _HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 
 _METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")  # those a route may serve
 _WHY = {
     400: (
-        "Malformed request: a body that is not UTF-8 JSON text sent as application/json, or a "
-        "cursor this API did not return."
+        "Malformed request: a body that is not UTF-8 JSON text sent as application/json (or is "
+        "sent with a Content-Encoding), or a cursor this API did not return."
     ),
     401: (
         "No API key, or an unknown or revoked one (a 429 too_many_wrong_keys instead, until "
