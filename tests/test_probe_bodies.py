@@ -1,5 +1,6 @@
-"""Request bodies sent compressed: nothing here decodes a Content-Encoding, so such a body is
-refused before it is read, with a message that says why, on every route that reads one."""
+"""Request bodies sent compressed: nothing here decodes a Content-Encoding (nor the server a
+Transfer-Encoding but chunked), so such a body is refused before it is read, with a message
+that says why, on every route that reads one."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ async def test_a_gzipped_body_is_a_bad_request_that_names_its_content_encoding(
     api: httpx.AsyncClient, auth: Headers
 ) -> None:
     """It was read as it came and refused as "not UTF-8 JSON text: 'utf-8' codec can't decode
-    byte 0x8b", which tells a client nothing of what to change."""
+    byte 0x8b", which tells a client nothing of what to change (a server passes a transfer
+    coding but chunked on undecoded too)."""
     body = json.dumps({"prompts": ["How do I store rice?"]}).encode()
 
     gzipped = await api.post(
@@ -39,7 +41,12 @@ async def test_a_gzipped_body_is_a_bad_request_that_names_its_content_encoding(
         "/v1/jobs", content=body, headers={**auth, **JSON, "Content-Encoding": "identity"}
     )
 
+    transferred = await api.post(
+        "/v1/jobs", content=body, headers={**auth, **JSON, "Transfer-Encoding": "gzip, chunked"}
+    )
+
     assert "Content-Encoding: gzip" in error_of(gzipped, 400, "bad_request")["message"]
+    assert "Transfer-Encoding: gzip" in error_of(transferred, 400, "bad_request")["message"]
     assert "Content-Encoding: br" in error_of(stacked, 400, "bad_request")["message"]
     assert identity.status_code == 202, identity.text
 

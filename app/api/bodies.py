@@ -77,8 +77,8 @@ class JsonBody(Generic[T]):
 
 
 async def read_capped(request: Request, max_bytes: int, stall_s: float) -> bytes:
-    """The request body; MalformedBody, unread, if it is sent compressed (nothing here
-    decodes a Content-Encoding), PayloadTooLarge as soon as it is known to exceed `max_bytes`,
+    """The request body; MalformedBody, unread, if it is sent compressed (refuse_compressed),
+    PayloadTooLarge as soon as it is known to exceed `max_bytes`,
     and BodyStalled once none of it has come for `stall_s` (the server has no body timeout)."""
     refuse_compressed(request)
     declared = request.headers.get("content-length", "")
@@ -102,19 +102,24 @@ async def read_capped(request: Request, max_bytes: int, stall_s: float) -> bytes
     return b"".join(chunks)
 
 
+# The codings a body may name: the server passes every other on undecoded.
+_READ_AS_SENT = {"content-encoding": ("", "identity"), "transfer-encoding": ("", "identity", "chunked")}
+
+
 def refuse_compressed(request: Request) -> None:
-    """MalformedBody if the body is sent with a Content-Encoding other than identity: read as it
-    came, a gzipped body was read whole (up to the byte cap) and then refused as "not UTF-8"."""
-    codings = [
-        coding.strip().lower()
-        for header in request.headers.getlist("content-encoding")
-        for coding in header.split(",")
-    ]
-    if sent := [coding for coding in codings if coding not in ("", "identity")]:
-        raise MalformedBody(
-            f"the body is sent with Content-Encoding: {shown_name(', '.join(sent))}; this API reads "
-            "bodies uncompressed: send it again without a Content-Encoding header"
-        )
+    """MalformedBody if the body is sent with a content coding other than identity, or a transfer
+    coding other than chunked: a gzipped body was read whole (up to the byte cap), then refused
+    as "not UTF-8"."""
+    for header, passed in _READ_AS_SENT.items():
+        codings = [
+            coding.strip().lower() for value in request.headers.getlist(header) for coding in value.split(",")
+        ]
+        if sent := [coding for coding in codings if coding not in passed]:
+            name = header.title()
+            raise MalformedBody(
+                f"the body is sent with {name}: {shown_name(', '.join(sent))}; this API reads bodies "
+                f"uncompressed: send it again without that {name}"
+            )
 
 
 def inlined(schema: dict[str, Any]) -> Any:

@@ -30,7 +30,8 @@ _METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")  # those
 _WHY = {
     400: (
         "Malformed request: a body that is not UTF-8 JSON text sent as application/json (or is "
-        "sent with a Content-Encoding), or a cursor this API did not return."
+        "sent compressed: a Content-Encoding, a Transfer-Encoding but chunked), or a cursor this "
+        "API did not return."
     ),
     401: (
         "No API key, or an unknown or revoked one (a 429 too_many_wrong_keys instead, until "
