@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +28,7 @@ from app.cli.follow import follow_job
 from app.cli.job_options import job_config
 from app.cli.prompt_files import read_prompt_file
 from app.config import Settings
+from app.deliberation.config import GuardStyle
 from app.deliberation.prompt_sets import builtin
 from app.exports.options import CotStyle
 from app.store import policy_sets, prompt_sets
@@ -403,6 +405,18 @@ def test_without_a_key_the_cli_says_how_to_give_one(live_api: str) -> None:
     assert "give --key or set AIDSAFE_API_KEY" in result.output
 
 
+def test_without_an_api_at_its_url_the_cli_names_the_url_and_how_to_give_another() -> None:
+    with socket.socket() as unused:  # a port nothing listens on once closed
+        unused.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{unused.getsockname()[1]}"
+
+    result = CliRunner().invoke(cli, ["jobs", "list", "--api-url", url, "--key", "k"], env={"COLUMNS": "200"})
+
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and "connection_failed" in said, said
+    assert f"is the API running at {url}?" in said and "--api-url or set AIDSAFE_API_URL" in said, said
+
+
 async def test_a_job_option_the_api_refuses_is_reported_and_creates_nothing(
     live_api: str, auth: Headers, sessions: Sessions, tmp_path: Path
 ) -> None:
@@ -718,6 +732,7 @@ def test_metadata_that_is_no_json_object_is_refused_before_anything_is_sent(
     [
         (["jobs", "list"], "--kind", get_args(JobKind)),
         (["export"], "--cot", [style.value for style in CotStyle]),
+        (["evaluate", "model"], "--guard-style", [style.value for style in GuardStyle]),
     ],
 )
 def test_an_options_help_names_every_value_the_api_takes(

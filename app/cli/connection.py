@@ -46,6 +46,8 @@ def api_client(api_url: str, key: str, advice: Advice | None = None) -> Iterator
         hint = ""
         if exc.status == 401 and not key:  # the API's words name the HTTP header
             hint = f"give --key or set {KEY_ENV}; `aidsafe keys create NAME` makes one"
+        elif exc.code == "connection_failed":  # the client's words name neither the URL nor another way
+            hint = f"is the API running at {api_url}? Start `aidsafe-api`, or give --api-url or set {URL_ENV}"
         elif advice and exc.code in advice:
             hint = "with the CLI: " + advice[exc.code](exc)
         elif exc.code == "limit_reached" and (freeing := _freeing(exc.details)):

@@ -142,7 +142,7 @@ def evaluate_model(
     temperature: Annotated[float | None, typer.Option(help="The targets' temperature (default 0).")] = None,
     safety_judge: Annotated[str | None, typer.Option(help="ENDPOINT:MODEL of the safety judge.")] = None,
     guard_style: Annotated[
-        str | None, typer.Option(help="The safety judge's style: json or llama_guard.")
+        str | None, typer.Option(help="The safety judge's style: json, llama_guard or shieldgemma.")
     ] = None,
     refusal_judge: Annotated[str | None, typer.Option(help="ENDPOINT:MODEL of the refusal judge.")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Max tokens per LLM call.")] = None,

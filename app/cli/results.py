@@ -82,7 +82,9 @@ def export(
     min_score: Annotated[
         list[str] | None, typer.Option(help="METRIC:SCORE (repeatable): only CoTs graded at least this.")
     ] = None,
-    human_approved: Annotated[bool, typer.Option(help="Only CoTs a reviewer approved.")] = False,
+    human_approved: Annotated[
+        bool, typer.Option(help="Only CoTs a reviewer accepted and none currently rejects.")
+    ] = False,
     exclude_human_rejected: Annotated[
         bool, typer.Option(help="Leave out CoTs a reviewer rejects (unreviewed ones stay).")
     ] = False,
