@@ -6,6 +6,7 @@ known); the last ones run arq's real worker against the scripted LLM."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from uuid import UUID
 
 import httpx
 import pytest
+from alembic.config import Config
 from sqlalchemy import func, select, text
 
 from app.config import Settings
@@ -1020,6 +1022,21 @@ def test_cli_keys_name_a_database_they_cannot_use_without_a_traceback(settings: 
     said = " ".join(listed.stdout.split())
     assert listed.returncode == 1 and "Traceback" not in listed.stdout + listed.stderr, listed.stderr
     assert "Cannot use the database" in said and '"aidsafe_no_such_database" does not exist' in said, said
+
+
+async def test_cli_keys_on_a_database_never_migrated_say_to_migrate_it(
+    settings: Settings, old_database: tuple[Config, str]
+) -> None:
+    _, dsn = old_database  # made, but empty
+    env = {**worker_env(settings), "AIDSAFE_DATABASE_URL": dsn}
+    command = [AIDSAFE, "keys", "create", "x"]
+    created = await asyncio.to_thread(
+        subprocess.run, command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+    said = " ".join(created.stdout.split())
+    assert created.returncode == 1 and "Traceback" not in created.stdout + created.stderr, created.stderr
+    assert "run `alembic upgrade head` against it" in said, said
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,9 @@ from app.store import jobs, keys
 from app.store.db import make_engine, make_sessions
 from app.store.models import ApiKey
 
+# Postgres's SQLSTATE for a table that is not there: a database made but not migrated.
+_UNDEFINED_TABLE = "42P01"
+
 keys_cli = typer.Typer(help="API keys (written straight to the database).", no_args_is_help=True)
 
 
@@ -40,7 +43,9 @@ def _in_database(work: Any) -> Any:
         return asyncio.run(_with_session(engine, work))
     except (OSError, DBAPIError) as exc:  # OSError: refused, unreachable, timed out
         where = engine.url.render_as_string(hide_password=True)
-        reason = exc.orig if isinstance(exc, DBAPIError) else exc
+        reason: object = exc.orig if isinstance(exc, DBAPIError) else exc
+        if getattr(reason, "sqlstate", None) == _UNDEFINED_TABLE:  # reached, but never migrated
+            reason = f"{reason}: its schema is not there yet; run `alembic upgrade head` against it"
         raise unusable(f"the database {where}", reason, "AIDSAFE_DATABASE_URL") from exc
 
 
