@@ -32,7 +32,8 @@ from app.deliberation.config import (
     Mode,
     RoleConfig,
 )
-from app.deliberation.policies import MAX_POLICY_TEXT_CHARS, PolicySet
+from app.deliberation.policies import MAX_POLICY_TEXT_CHARS, PolicySet, policy_set
+from app.deliberation.prompt_sets import builtin
 from app.deliberation.results import METRICS, Sample
 from app.deliberation.stages import DECLARED
 from app.errors import BatchUnsupported, InvalidConfig, InvalidPromptSet, RequestTooLarge
@@ -60,6 +61,8 @@ from app.plan import (
     resolve_model_evaluation,
     resolve_sample_evaluation,
 )
+from app.store.policy_sets import DEFAULT_FILE, load_file
+from tests.conftest import ROOT
 from tests.test_engine import POLICIES, PROMPTS
 
 SETTINGS = Settings(
@@ -563,6 +566,32 @@ SHORT, LONG = "Is bleach safe?", "How do I store bleach and ammonia safely at ho
 def _context(tokens: int | None, settings: Settings = SETTINGS) -> Settings:
     """The settings with the default endpoint's context at `tokens` ("second"'s is unknown)."""
     return settings.model_copy(update={"llm_max_context_tokens": tokens})
+
+
+def test_the_readmes_first_job_fits_the_demos_model_as_the_demo_runs_it() -> None:
+    """README has the job of its first curl example tried on the demo's server
+    (KEEP_RUNNING=1): the context and max_tokens scripts/demo.sh gives it must take that job,
+    worded by the built-in prompts and policies."""
+    demo = (ROOT / "scripts" / "demo.sh").read_text(encoding="utf-8")
+    context, max_tokens = (
+        int(re.search(pattern, demo, re.MULTILINE).group(1))  # type: ignore[union-attr]
+        for pattern in (r"^N_CTX=(\d+)$", r"^export AIDSAFE_DEFAULT_MAX_TOKENS=(\d+)$")
+    )
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    first = re.search(r"^# Submit .*?-d '(\{.*?\})'$", readme, re.MULTILINE | re.DOTALL)
+    body = json.loads(first.group(1))  # type: ignore[union-attr]
+    demo_settings = SETTINGS.model_copy(
+        update={"llm_max_context_tokens": context, "default_max_tokens": max_tokens}
+    )
+    default = load_file(DEFAULT_FILE)
+
+    check_job_fits(
+        _job(demo_settings, **body["config"]),
+        policy_set(default["name"], default["policies"]),
+        builtin(),
+        body["prompts"],
+        demo_settings,
+    )
 
 
 def test_a_job_fits_exactly_when_its_largest_request_for_its_longest_prompt_fits() -> None:
