@@ -937,16 +937,19 @@ async def test_the_cli_makes_lists_and_revokes_webhooks_and_shows_refusals(
     assert code == 0, made
     secret = made.strip().splitlines()[-1]
     url = next(line.split()[-1] for line in made.splitlines() if "URL:" in line)
+    webhook_id = url.rsplit("/", 1)[-1]
+    code, none_yet = await aidsafe(live_api, auth, "webhooks", "rejections", webhook_id)
+    assert code == 0 and "No refused deliveries." in none_yet, none_yet
     async with httpx.AsyncClient() as client:
         refused = await client.post(url, json={"action": "ANNOTATION_CREATED"}, headers={HEADER: "wrong"})
         accepted = await client.post(url, json={"action": "TASKS_CREATED"}, headers={HEADER: secret})
     assert (refused.status_code, accepted.status_code) == (401, 200)
 
     code, listing = await aidsafe(live_api, auth, "webhooks", "list")
-    webhook_id = url.rsplit("/", 1)[-1]
     assert code == 0 and webhook_id in listing and "ls-staging" in listing and "revoked" not in listing
     code, refusals = await aidsafe(live_api, auth, "webhooks", "rejections", webhook_id)
     assert code == 0 and "unauthorized" in refusals and "no body" in refusals, refusals
+    assert "No refused deliveries." not in refusals
     code, revoked = await aidsafe(live_api, auth, "webhooks", "revoke", webhook_id)
     assert code == 0 and "Revoked" in revoked
     _, listing = await aidsafe(live_api, auth, "webhooks", "list")

@@ -79,6 +79,8 @@ def webhook_rejections(
             if not page:
                 break
             rows += page
+    if not rows:  # said, not left blank: this is where one checks that a delivery arrived
+        console.print("No refused deliveries.")
     for row in rows:
         kept = "body kept" if row.body is not None else "no body (not authenticated)"
         console.print(
