@@ -34,7 +34,8 @@ echo "== Migrating the database"
 
 # The embedded server is llama-cpp-python: JSON mode + schema, one request at a time,
 # a CPU that needs patience, and SmolLM2's 8192-token context (its n_ctx below). Jobs that
-# may not fit are refused; 384 tokens a call lets the README's first curl example fit.
+# may not fit are refused; 384 tokens a call and 2 rounds by default let the README's curl
+# examples fit (the service's default 4 rounds come to about 9,500 tokens for the refiner).
 N_CTX=8192
 export AIDSAFE_LLM_BASE_URL="http://127.0.0.1:$LLM_PORT/v1"
 export AIDSAFE_LLM_MODEL=smollm2-135m-instruct
@@ -44,6 +45,7 @@ export AIDSAFE_LLM_TIMEOUT_S=600
 export AIDSAFE_LLM_HEDGE_FACTOR=0  # a slow reply of a local CPU server is not hung: no copies
 export AIDSAFE_LLM_MAX_CONTEXT_TOKENS=$N_CTX
 export AIDSAFE_DEFAULT_MAX_TOKENS=384
+export AIDSAFE_DEFAULT_MAX_ROUNDS=2
 export AIDSAFE_WORKER_MAX_JOBS=2
 
 pids=()

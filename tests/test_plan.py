@@ -568,30 +568,39 @@ def _context(tokens: int | None, settings: Settings = SETTINGS) -> Settings:
     return settings.model_copy(update={"llm_max_context_tokens": tokens})
 
 
-def test_the_readmes_first_job_fits_the_demos_model_as_the_demo_runs_it() -> None:
-    """README has the job of its first curl example tried on the demo's server
-    (KEEP_RUNNING=1): the context and max_tokens scripts/demo.sh gives it must take that job,
-    worded by the built-in prompts and policies."""
+def test_the_readmes_first_job_and_a_job_of_defaults_fit_the_demos_model_as_the_demo_runs_it() -> None:
+    """README has its curl examples tried on the demo's server (KEEP_RUNNING=1): the context
+    and defaults scripts/demo.sh gives it must take the first example's job, and a job that
+    sets nothing (as most examples do), worded by the built-in prompts and policies."""
     demo = (ROOT / "scripts" / "demo.sh").read_text(encoding="utf-8")
-    context, max_tokens = (
+    context, max_tokens, max_rounds = (
         int(re.search(pattern, demo, re.MULTILINE).group(1))  # type: ignore[union-attr]
-        for pattern in (r"^N_CTX=(\d+)$", r"^export AIDSAFE_DEFAULT_MAX_TOKENS=(\d+)$")
+        for pattern in (
+            r"^N_CTX=(\d+)$",
+            r"^export AIDSAFE_DEFAULT_MAX_TOKENS=(\d+)$",
+            r"^export AIDSAFE_DEFAULT_MAX_ROUNDS=(\d+)$",
+        )
     )
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     first = re.search(r"^# Submit .*?-d '(\{.*?\})'$", readme, re.MULTILINE | re.DOTALL)
     body = json.loads(first.group(1))  # type: ignore[union-attr]
     demo_settings = SETTINGS.model_copy(
-        update={"llm_max_context_tokens": context, "default_max_tokens": max_tokens}
+        update={
+            "llm_max_context_tokens": context,
+            "default_max_tokens": max_tokens,
+            "default_max_rounds": max_rounds,
+        }
     )
     default = load_file(DEFAULT_FILE)
 
-    check_job_fits(
-        _job(demo_settings, **body["config"]),
-        policy_set(default["name"], default["policies"]),
-        builtin(),
-        body["prompts"],
-        demo_settings,
-    )
+    for config in (body["config"], {}):
+        check_job_fits(
+            _job(demo_settings, **config),
+            policy_set(default["name"], default["policies"]),
+            builtin(),
+            body["prompts"],
+            demo_settings,
+        )
 
 
 def test_a_job_fits_exactly_when_its_largest_request_for_its_longest_prompt_fits() -> None:
