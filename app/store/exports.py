@@ -49,6 +49,9 @@ BATCH_ROWS = 1000
 # A batch also stops at this many bytes of its rows' large stored columns: 1,000 rows of 80 KB
 # held 334 MB (jsonl) to 827 MB (trl_sft) of Python objects at once, for each export under way.
 BATCH_BYTES = 8 * 1024 * 1024
+# The last column of a batch's rows: the batch's bytes (`_stored_bytes`) up to and including
+# that row, so the last row's are the batch's.
+BYTES_SO_FAR = "bytes_so_far"
 
 # The turns a deliberation log shows: the AIDSAFE stages only. A whitelist, so that a stage
 # added later (hazardous or not) stays out until someone decides it belongs.
@@ -231,12 +234,12 @@ _FULL_COT_STORED = [
 def _full_cot_query(
     job_id: UUID | BindParameter[UUID], filters: ExportFilter, human_edits: bool, batch: _Batch
 ) -> Select[Any]:
-    """The job's full records as JSON text, one a row with its position, in prompt order.
-    Postgres writes each straight from the stored JSON (the API neither parses nor re-encodes
-    it), in the outer query: above the subquery's sort and limit, so it writes only the
-    batch's records, as they are fetched. Inside, the sort's input would be the records, all
-    written before the first one is sent, with Postgres and the API taking turns instead of
-    working at the same time."""
+    """The job's full records as JSON text, one a row with its position (and BYTES_SO_FAR
+    when batched), in prompt order. Postgres writes each straight from the stored JSON (the
+    API neither parses nor re-encodes it), in the outer query: above the subquery's sort and
+    limit, so it writes only the batch's records, as they are fetched. Inside, the sort's
+    input would be the records, all written before the first one is sent, with Postgres and
+    the API taking turns instead of working at the same time."""
     query = select(*_FULL_COT_STORED).join(Item, Item.id == Cot.item_id)
     if human_edits:
         edit = latest_edit()
@@ -244,7 +247,8 @@ def _full_cot_query(
     query = query.where(Cot.job_id == job_id, *_conditions(filters))
     stored = batch.of(query.order_by(Cot.position)).subquery("stored")
     record = cast(_json_object(_full_cot(stored.c, human_edits)), Text)
-    return select(record, stored.c.position).order_by(stored.c.position)
+    batch_bytes = [stored.c[BYTES_SO_FAR]] if BYTES_SO_FAR in stored.c else []
+    return select(record, stored.c.position, *batch_bytes).order_by(stored.c.position)
 
 
 _JSON_FIELDS = frozenset(
@@ -343,37 +347,42 @@ def _stored_bytes(source: Source) -> ColumnElement[int]:
 @dataclass(frozen=True)
 class _Batch:
     """Which of the query's rows, in prompt order: those after the position bound to
-    parameter `after` (None: from the first), at most `rows` of them (None: all) and no more
-    than BATCH_BYTES of them by `_stored_bytes` (a first row larger than that comes alone)."""
+    parameter `after` (None: from the first), at most the number bound to parameter `rows`
+    of them (None: all, and no BYTES_SO_FAR column) and no more than BATCH_BYTES of them by
+    `_stored_bytes` (a first row larger than that comes alone)."""
 
     source: Source
     after: BindParameter[int] | None = None
-    rows: int | None = None
+    rows: BindParameter[int] | None = None
 
     def of(self, query: _Query) -> _Query:
         if self.after is not None:
             query = query.where(Cot.position > self.after)
         if self.rows is None:
             return query
-        return query.where(Cot.position <= self._last_position(query)).limit(self.rows)
-
-    def _last_position(self, query: Select[Any]) -> Any:
-        """SQL: the position the batch ends at, sized from the stored columns alone (only the
-        outer query renders records, and only the batch's), in the statement of its rows."""
-        candidates = (
-            query.with_only_columns(Cot.position, _stored_bytes(self.source).label("size"))
-            .order_by(None)
-            .order_by(Cot.position)
-            .limit(self.rows)
-            .subquery("candidates")
+        # The running sum is taken as the rows are read, in the same pass (the window's order is
+        # the index's): the rows past BATCH_BYTES are read as far as the row limit but never
+        # sent, and neither are their large columns (Postgres reads those only to send them).
+        candidates = query.add_columns(
+            func.row_number().over(order_by=Cot.position, rows=(None, 0)).label("nth"),
+            func.sum(_stored_bytes(self.source))
+            .over(order_by=Cot.position, rows=(None, 0))
+            .label(BYTES_SO_FAR),
         )
-        sized = select(
-            candidates.c.position,
-            func.row_number().over(order_by=candidates.c.position).label("nth"),
-            func.sum(candidates.c.size).over(order_by=candidates.c.position).label("bytes_so_far"),
-        ).subquery("sized")
-        fits = or_(sized.c.nth == 1, sized.c.bytes_so_far <= BATCH_BYTES)
-        return select(func.max(sized.c.position)).where(fits).scalar_subquery()
+        read = candidates.limit(self.rows).subquery("candidates")
+        fits = or_(read.c.nth == 1, read.c[BYTES_SO_FAR] <= BATCH_BYTES)
+        sent = [column for column in read.c if column.name != "nth"]
+        return select(*sent).where(fits).order_by(read.c.position)  # type: ignore[return-value]
+
+
+def next_batch_rows(batch: Sequence[Record], batch_rows: int) -> int:
+    """The row limit of the batch after `batch` (rows of a batched `rows_query`): as many rows
+    as fit in BATCH_BYTES at `batch`'s bytes a row, 1 to `batch_rows`. Ordinary rows come
+    `batch_rows` at a time; long ones in batches of about their count in BATCH_BYTES, so the
+    statement does not read a thousand rows to send a hundred. Rows longer than the last
+    batch's are cut at BATCH_BYTES all the same (`_Batch`)."""
+    batch_bytes: int = max(batch[-1][BYTES_SO_FAR], 1)
+    return max(1, min(batch_rows, BATCH_BYTES * len(batch) // batch_bytes))
 
 
 def rows_query(
@@ -382,14 +391,15 @@ def rows_query(
     filters: ExportFilter,
     human_edits: bool = False,
     after: BindParameter[int] | None = None,
-    rows: int | None = None,
+    rows: BindParameter[int] | None = None,
 ) -> Select[Any]:
     """The columns of the source's row type, in its field order, for the job's CoTs in prompt
     order; JSON columns as text. For Source.FULL_COT_JSON, two columns: the record as JSON
     text, and its position. With `human_edits`, the response is the latest reviewer's edit
     where there is one, and the row says whose (not for Source.COTS, the labeling tools' rows:
     what reviewers review). Only the CoTs after the position bound to parameter `after` (None:
-    from the first), at most `rows` of them (None: all) and BATCH_BYTES (see `_Batch`)."""
+    from the first), at most the number bound to parameter `rows` of them (None: all) and
+    BATCH_BYTES (see `_Batch`), and then with a last column BYTES_SO_FAR."""
     batch = _Batch(source, after, rows)
     if source is Source.FULL_COT_JSON:
         return _full_cot_query(job_id, filters, human_edits, batch)
@@ -401,7 +411,7 @@ def rows_query(
         query = query.outerjoin(edit, true())
         columns["response"] = func.coalesce(edit.c.edited_response, Cot.response)
         columns["human_edit"] = _json(_human_edit(edit.c))
-    query = query.add_columns(*(columns[name] for name in _selected(source, human_edits)))
+    query = query.add_columns(*(columns[name].label(name) for name in _selected(source, human_edits)))
     query = query.where(Cot.job_id == job_id)
     if source is Source.KEPT_PAIRS:
         query = query.join(PreferencePair, PreferencePair.item_id == Cot.item_id)
@@ -414,18 +424,18 @@ def rows_query(
 _BEFORE_ALL_POSITIONS = -(2**31) - 1
 _JOB_ID = bindparam("job_id", type_=Uuid)
 _AFTER = bindparam("after", type_=BigInteger)  # int8: _BEFORE_ALL_POSITIONS is below int4's range
+_ROWS = bindparam("rows", type_=Integer)
 _JOB_EXISTS = DriverStatement(select(select(Job.id).where(Job.id == _JOB_ID).exists()))
 
 
 @functools.lru_cache(maxsize=256)
-def batches_statement(
-    source: Source, filters: ExportFilter, human_edits: bool, batch_rows: int
-) -> DriverStatement:
-    """rows_query compiled for asyncpg, its parameters the job and the last batch's position:
+def batches_statement(source: Source, filters: ExportFilter, human_edits: bool) -> DriverStatement:
+    """rows_query compiled for asyncpg, its parameters the job, the last batch's position and
+    the batch's row limit:
     built and compiled once per kind of export, not once per export, for that is CPU on the
     event loop (about 19 ms for the full record's statement) which any key could ask for again
     and again."""
-    return DriverStatement(rows_query(_JOB_ID, source, filters, human_edits, _AFTER, batch_rows))
+    return DriverStatement(rows_query(_JOB_ID, source, filters, human_edits, _AFTER, _ROWS))
 
 
 async def read_batches(
@@ -438,13 +448,17 @@ async def read_batches(
 ) -> AsyncGenerator[Sequence[Record], None]:
     """The job's rows of `rows_query` in prompt order, a batch at a time (`batch_rows` of them,
     fewer if they come to more than BATCH_BYTES): memory holds one batch whatever the job's
-    size, and whatever its rows'. Each batch is read by one statement on a pooled
+    size, and whatever its rows'. Each batch's row limit is sized from the last one's bytes
+    (`next_batch_rows`), and the statement reads its rows once, summing their bytes as it goes
+    (`_Batch`): sizing each batch in a subquery of the same joins cost ordinary exports 6-28 %
+    of their speed (bench/RESULTS.md). Each batch is read by one statement on a pooled
     connection of its own, which is back in the pool before the batch is yielded, so an
     export whose client reads slowly (or not at all) holds none of the pool's connections
     while it waits.
 
     The query is compiled for asyncpg (app/store/driver_statements.py) once per kind of
-    export (batches_statement), its parameters the job and the last batch's position, and
+    export (batches_statement), its parameters the job, the last batch's position and its row
+    limit, and
     each batch is a single statement in autocommit: a transaction and an ORM session a batch
     (checkout, BEGIN, the query built and compiled again, ROLLBACK) cost large exports 7-32 %
     of their speed (bench/RESULTS.md).
@@ -455,11 +469,11 @@ async def read_batches(
     after its export began if their position is past the batch it had reached then, and
     each row as it was when its batch was read (reviews and grades included). JobDeleted if
     the job is deleted meanwhile: ending early, the file would look complete."""
-    query = batches_statement(source, filters, human_edits, batch_rows)
-    last = _BEFORE_ALL_POSITIONS
+    query = batches_statement(source, filters, human_edits)
+    last, rows = _BEFORE_ALL_POSITIONS, batch_rows
     while True:
         async with driver_connection(sessions) as connection:
-            batch = await query.fetch(connection, job_id=job_id, after=last)
+            batch = await query.fetch(connection, job_id=job_id, after=last, rows=rows)
             # An empty batch ends the file (one cut short by its bytes says nothing): asked after
             # its rows whether the job is still there (a deletion takes the job and its rows in
             # one transaction, so then it had them all), lest a deletion end the file early and
@@ -469,17 +483,17 @@ async def read_batches(
         if not batch:
             return
         yield batch
-        last = batch[-1]["position"]
+        last, rows = batch[-1]["position"], next_batch_rows(batch, batch_rows)
 
 
 def typed_rows(source: Source, batch: Sequence[Record], human_edits: bool = False) -> list[Any]:
-    """Rows of `rows_query` as the source's row type, their JSON text parsed."""
+    """Batched rows of `rows_query` as the source's row type, their JSON text parsed."""
     row_type = _ROW_TYPES[source]
     names = _selected(source, human_edits)
     parsed = [i for i, name in enumerate(names) if name in _JSON_FIELDS]
     typed = []
     for row in batch:
-        values = list(row)
+        *values, _bytes_so_far = row
         for i in parsed:
             if values[i] is not None:
                 values[i] = orjson.loads(values[i])
