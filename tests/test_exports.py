@@ -902,6 +902,7 @@ async def test_a_batch_after_long_cots_is_limited_to_about_as_many_rows_as_fit(s
 
     assert [row["position"] for batch in batches for row in batch] == list(range(long + short))
     assert all(LONG_ROWS_A_BATCH - 2 <= limit <= LONG_ROWS_A_BATCH for limit in limits[:2]), limits
+    assert len(batches[2]) == limits[1]  # short rows, read to the limit the long ones set
     assert limits[-1] == BATCH_ROWS and len(batches) <= 2 + 4 + 3, [len(batch) for batch in batches]
 
 
