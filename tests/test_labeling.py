@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
@@ -26,7 +27,7 @@ from app.config import Settings
 from app.labeling import label_studio
 from app.store.annotations import human_approved
 from app.store.db import Sessions
-from app.store.models import Annotation, Cot, PreferencePair
+from app.store.models import Annotation, Cot, Job, PreferencePair
 from tests.conftest import new_key, run_worker_burst
 from tests.scripted_llm import ScriptedLLM, agree, guard_verdict, reply, scores
 from tests.test_api import error_of, items_of, submit
@@ -291,6 +292,35 @@ async def test_another_keys_items_are_refused_and_its_job_is_not_found(
     error_of(into_mine, 422, "unknown_items")
     error_of(into_theirs, 404, "not_found")
     assert await stored(sessions) == []
+
+
+async def test_a_review_stored_under_another_job_does_not_decide_this_jobs_export_filters(
+    api: httpx.AsyncClient, auth: Headers, other: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    """The export filters read an item's reviews within its job (so its owner's), as the
+    latest edit does: a review row of another key's job naming this job's item, which no
+    import writes, decides nothing here."""
+    mine = await graded_job(api, auth, settings)
+    theirs = await graded_job(api, other, settings, PROMPTS[:1])
+    ids = await item_ids(api, auth, mine)
+    await import_file(api, auth, mine, "label-studio", fixture("label_studio_export.json", ids))
+    async with sessions.begin() as session:
+        their_owner = (await session.get_one(Job, UUID(theirs))).owner_key_id
+        session.add(
+            Annotation(
+                owner_key_id=their_owner,
+                item_id=UUID(ids[0]),
+                job_id=UUID(theirs),
+                source="label_studio",
+                external_id="9001",
+                annotator="x",
+                annotated_at=datetime.now(UTC),
+                verdict="reject",
+                raw={},
+            )
+        )
+
+    assert await approved(sessions, mine) == {ids[0]}
 
 
 @pytest.mark.parametrize(

@@ -63,10 +63,14 @@ def _current() -> ColumnElement[bool]:
 
 def _any_current(verdict: str) -> ColumnElement[bool]:
     """A condition on Cot: some reviewer's current verdict is `verdict`. A retracted
-    annotation has no verdict, so it has neither."""
+    annotation has no verdict, so it has neither. Within the CoT's job, so its owner's (the
+    owner is not in the export's cached statement), as `latest_edit`."""
     return exists(
         select(Annotation.id).where(
-            Annotation.item_id == Cot.item_id, Annotation.verdict == verdict, _current()
+            Annotation.item_id == Cot.item_id,
+            Annotation.job_id == Cot.job_id,
+            Annotation.verdict == verdict,
+            _current(),
         )
     )
 
