@@ -592,8 +592,9 @@ def test_the_readmes_first_job_and_a_job_of_defaults_fit_the_demos_model_as_the_
         }
     )
     default = load_file(DEFAULT_FILE)
+    configs: list[dict[str, Any]] = [body["config"], {}]  # the example's, and a job of defaults
 
-    for config in (body["config"], {}):
+    for config in configs:
         check_job_fits(
             _job(demo_settings, **config),
             policy_set(default["name"], default["policies"]),
