@@ -6,6 +6,7 @@ worker: fast enough to run once a mutant (bench/MUTATION-items.md)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 from uuid import UUID, uuid4
@@ -17,10 +18,13 @@ from sqlalchemy import Interval, func, select, type_coerce, update
 from app.deliberation.results import Completed, Thought
 from app.store import items
 from app.store.db import Sessions
-from app.store.endings import handed_back
-from app.store.models import Cot, Item
-from tests.test_api import Headers, submit
-from tests.test_endings import LIMITS, expire_lease, stored
+from app.store.endings import CANCELLED, COMPLETED, handed_back
+from app.store.models import CallbackDelivery, Cot, Item, Job, PairCandidate, PreferencePair
+from tests.conftest import eventually
+from tests.test_api import Headers, items_of, other_backend, submit
+from tests.test_endings import LIMITS, REJECTED, expire_lease, stored
+from tests.test_prompt_sets import CUSTOM_SEED_USER, register
+from tests.test_quality_api import a_grade, completed, kept_pair
 
 SHUTDOWN = handed_back("worker shut down", counts_as_failure=False)
 
@@ -253,6 +257,9 @@ async def test_an_item_whose_tries_are_spent_fails_instead_of_being_claimed(
         failures=failures,
         error_message="the endpoint is down",
         operator_error="upstream: 503",
+        # Queued with a past lease, as an older release left it: no lease to take over, no
+        # lost worker to count.
+        lease_until=func.now() - timedelta(hours=1),
     )
 
     claim = await items.claim(sessions, item_id, LIMITS)
@@ -355,3 +362,184 @@ async def test_an_ending_by_a_claim_taken_over_writes_nothing(
         holder,
         "worker lost (lease expired)",
     )
+
+
+async def test_a_claim_of_an_item_that_does_not_exist_gets_nothing(sessions: Sessions) -> None:
+    assert await items.claim(sessions, uuid4(), LIMITS) is None
+
+
+async def test_a_claim_that_waited_for_its_items_hand_back_takes_it_without_counting_a_lost_worker(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    # The hand-back commits between the claim's two statements: the one-statement claim saw
+    # the item running, the general one waits for the item's lock and finds it queued again.
+    [item_id] = await queued_items(api, auth, sessions, 1)
+    first = await claimed(sessions, item_id)
+    holder = uuid4()
+    async with sessions.begin() as session:
+        assert await items.write_ending(session, first, SHUTDOWN)
+        claiming = asyncio.create_task(items.claim(sessions, item_id, LIMITS, holder))
+        await eventually(lambda: other_backend(sessions, "wait_event_type = 'Lock'"), 10, "the claim to wait")
+
+    taken = await claiming
+
+    assert taken is not None and (taken.item_id, taken.attempt) == (item_id, 2)
+    item = await stored(sessions, item_id)
+    assert (item.status, item.attempts, item.failures, item.claimed_by, item.error_message) == (
+        "running",
+        2,
+        0,
+        holder,
+        "worker shut down",
+    )
+    assert abs(await lease_left(sessions, item_id) - timedelta(seconds=LIMITS.lease_s)) < timedelta(seconds=5)
+
+
+@pytest.mark.parametrize("taken_over", [False, True], ids=["queued", "lease_taken_over"])
+async def test_a_claim_carries_its_jobs_plan_and_pinned_prompt_set(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions, taken_over: bool
+) -> None:
+    registered = await register(api, auth, seed__user=CUSTOM_SEED_USER)
+    assert registered.status_code == 201, registered.text
+    pinned = {"name": "house", "version": registered.json()["version"]}
+    job = await submit(api, auth, ["Why is the sea salty?"], prompt_set=pinned)
+    [item] = await items_of(api, auth, job["id"])
+    item_id = UUID(item["id"])
+    claim = await claimed(sessions, item_id)
+    if taken_over:
+        await expire_lease(sessions, item_id)
+        claim = await claimed(sessions, item_id)
+
+    async with sessions() as session:
+        submitted = await session.get(Job, UUID(job["id"]))
+    assert submitted is not None
+    assert (claim.item_id, claim.job_id, claim.prompt, claim.plan) == (
+        item_id,
+        submitted.id,
+        "Why is the sea salty?",
+        submitted.plan,
+    )
+    assert (claim.prompt_set.id, claim.policy_set.id) == (
+        UUID(registered.json()["id"]),
+        submitted.policy_set_id,
+    )
+
+
+async def notifying(sessions: Sessions, item_id: UUID) -> UUID:
+    """The item's job given a callback URL, as a submission naming one: the job's id."""
+    async with sessions.begin() as session:
+        job_id = await session.scalar(select(Item.job_id).where(Item.id == item_id))
+        await session.execute(
+            update(Job).where(Job.id == job_id).values(callback_url="http://127.0.0.1:9/hook")
+        )
+    assert job_id is not None
+    return job_id
+
+
+async def deliveries(sessions: Sessions, job_id: UUID) -> int:
+    async with sessions() as session:
+        count = await session.scalar(
+            select(func.count()).select_from(CallbackDelivery).where(CallbackDelivery.job_id == job_id)
+        )
+    return count or 0
+
+
+async def failed_by_its_worker(sessions: Sessions, item_id: UUID) -> None:
+    assert await items.end(sessions, await claimed(sessions, item_id), REJECTED) == REJECTED
+
+
+async def failed_at_its_claim_for_spent_tries(sessions: Sessions, item_id: UUID) -> None:
+    await set_item(sessions, item_id, attempts=LIMITS.max_claims)
+    assert await items.claim(sessions, item_id, LIMITS) is None
+    assert (await stored(sessions, item_id)).status == "failed"
+
+
+ItemEnd = Callable[[Sessions, UUID], Awaitable[None]]
+
+
+@pytest.mark.parametrize(
+    ("first_end", "last_end"),
+    [
+        (failed_at_its_claim_for_spent_tries, failed_by_its_worker),
+        (failed_by_its_worker, failed_at_its_claim_for_spent_tries),
+    ],
+    ids=["last_failed_by_its_worker", "last_failed_at_its_claim"],
+)
+async def test_the_ending_that_finishes_a_notifying_job_writes_its_delivery(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions, first_end: ItemEnd, last_end: ItemEnd
+) -> None:
+    first_id, last_id = await queued_items(api, auth, sessions, 2)
+    job_id = await notifying(sessions, first_id)
+
+    await first_end(sessions, first_id)
+    assert await deliveries(sessions, job_id) == 0, "delivered with an item left to run"
+    await last_end(sessions, last_id)
+
+    assert await deliveries(sessions, job_id) == 1
+
+
+async def test_a_completion_written_after_its_jobs_cancel_stands(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    [item_id] = await queued_items(api, auth, sessions, 1)
+    claim = await claimed(sessions, item_id)
+    assert (await api.post(f"/v1/jobs/{claim.job_id}/cancel", headers=auth)).status_code == 200
+
+    async with sessions.begin() as session:
+        assert await items.write_ending(session, claim, COMPLETED) == COMPLETED
+
+    item = await stored(sessions, item_id)
+    assert (item.status, item.stage) == ("completed", "done")
+
+
+async def test_a_fault_after_its_jobs_cancel_ends_the_item_cancelled_while_other_jobs_run(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    [item_id] = await queued_items(api, auth, sessions, 1)
+    [other_id] = await queued_items(api, auth, sessions, 1)  # another job's, not cancelled
+    claim, other = await claimed(sessions, item_id), await claimed(sessions, other_id)
+    assert (await api.post(f"/v1/jobs/{claim.job_id}/cancel", headers=auth)).status_code == 200
+
+    assert await items.end(sessions, claim, REJECTED) == CANCELLED
+    assert await items.end(sessions, other, REJECTED) == REJECTED
+
+    item = await stored(sessions, item_id)
+    assert (item.status, item.error_code, item.error_message) == ("cancelled", None, None)
+    assert (await stored(sessions, other_id)).error_code == REJECTED.error_code
+
+
+async def test_a_completion_with_a_preference_pair_stores_the_pair_with_the_chosen_scores_and_its_candidates(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    [item_id] = await queued_items(api, auth, sessions, 1)
+    claim = await claimed(sessions, item_id)
+    grade, pair = a_grade(), kept_pair()
+
+    assert await items.complete(sessions, claim, completed(grade, pair)) == COMPLETED
+
+    async with sessions() as session:
+        stored_pair = await session.scalar(select(PreferencePair).where(PreferencePair.item_id == item_id))
+        candidates = (
+            await session.execute(
+                select(PairCandidate.method, PairCandidate.number).where(PairCandidate.item_id == item_id)
+            )
+        ).all()
+    assert stored_pair is not None and (stored_pair.paired, stored_pair.chosen_scores) == (True, grade.scores)
+    assert [tuple(c) for c in candidates] == [(c.method, c.number) for c in pair.candidates()]
+    assert (await stored(sessions, item_id)).status == "completed"
+
+
+async def test_a_lease_taken_over_does_not_wait_for_a_transaction_changing_its_job(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    # The general claim locks the item's row alone: a change to the job (a PATCH, a budget)
+    # must not hold up its takeovers, nor the claims of one job's items wait on one another.
+    [item_id] = await queued_items(api, auth, sessions, 1)
+    lost = await claimed(sessions, item_id)
+    await expire_lease(sessions, item_id)
+
+    async with sessions.begin() as change:
+        await change.execute(update(Job).where(Job.id == lost.job_id).values(label="renamed"))
+        taken = await asyncio.wait_for(items.claim(sessions, item_id, LIMITS), timeout=5)
+
+    assert taken is not None and taken.attempt == 2
