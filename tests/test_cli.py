@@ -340,6 +340,17 @@ async def test_cli_follow_counts_the_refusals_and_names_them_by_stage_and_model_
     assert "Refusals by stage and model: seed: scripted-model 1" in out
 
 
+def test_webhook_rejections_refuse_a_limit_of_none_rather_than_say_there_are_none() -> None:
+    """With --limit 0 nothing would be fetched, and "No refused deliveries." would be said
+    whatever the webhook refused (HN's review)."""
+    result = CliRunner().invoke(
+        cli, ["webhooks", "rejections", "w", "--limit", "0", "--api-url", "http://127.0.0.1:9", "--key", "k"]
+    )
+
+    assert result.exit_code == 2, result.output
+    assert "No refused deliveries" not in result.output
+
+
 @pytest.mark.parametrize(
     ("name", "lines", "reason"),
     [

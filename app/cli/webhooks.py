@@ -66,7 +66,7 @@ def delete_webhook(webhook_id: str, api_url: ApiUrl = "http://127.0.0.1:8000", k
 @webhooks_cli.command("rejections")
 def webhook_rejections(
     webhook_id: str,
-    limit: Annotated[int, typer.Option(help="How many, newest first.")] = 20,
+    limit: Annotated[int, typer.Option(min=1, help="How many, newest first.")] = 20,
     api_url: ApiUrl = "http://127.0.0.1:8000",
     key: ApiKeyOpt = "",
 ) -> None:
