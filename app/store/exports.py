@@ -4,7 +4,7 @@ them (records, bytes) is app.exports' business."""
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 from uuid import UUID
@@ -33,6 +33,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB, aggregate_order_by, array
 from sqlalchemy.sql.elements import BindParameter
+from sqlalchemy.sql.selectable import Subquery
 
 from app.deliberation.parsing import UNLABELLED
 from app.deliberation.ports import Stage
@@ -64,14 +65,14 @@ def _json(column: Any) -> Any:
     return cast(column, Text)
 
 
-def _deliberation_log() -> Any:
+def _deliberation_log(item_id: Any) -> Any:
     """The item's successful deliberation turns as one JSON array, oldest first."""
     turn = func.jsonb_build_object(
         "stage", TurnRow.stage, "round", TurnRow.round, "agent", TurnRow.agent, "output", TurnRow.parsed
     )
     return _json(
         select(func.coalesce(func.jsonb_agg(aggregate_order_by(turn, TurnRow.id)), text("'[]'::jsonb")))
-        .where(TurnRow.item_id == Cot.item_id, TurnRow.stage.in_(LOG_STAGES), TurnRow.outcome == "ok")
+        .where(TurnRow.item_id == item_id, TurnRow.stage.in_(LOG_STAGES), TurnRow.outcome == "ok")
         .scalar_subquery()
     )
 
@@ -204,7 +205,9 @@ def _full_cot(c: Any, human_edits: bool) -> dict[str, Any]:
     return record
 
 
-_FULL_COT_STORED = [
+# The CoT's stored columns every export's output is made from (with the latest edit's and
+# the pair's where it needs them): `_stored`.
+_STORED = [
     Cot.item_id,
     Cot.job_id,
     Cot.position,
@@ -229,6 +232,43 @@ _FULL_COT_STORED = [
     Cot.prompt_set_version,
     Cot.created_at,
 ]
+_PAIR_STORED = [
+    PreferencePair.rejected_thoughts,
+    PreferencePair.rejected_response,
+    PreferencePair.gap,
+]
+
+
+def _stored(
+    job_id: UUID | BindParameter[UUID],
+    source: Source,
+    filters: ExportFilter,
+    human_edits: bool,
+    batch: _Batch,
+) -> Subquery:
+    """The stored columns of the job's CoTs that `source` exports (`_STORED`; with
+    `human_edits`, `latest_edit()`'s too; for Source.KEPT_PAIRS, the kept pair's), the batch's
+    rows of them in prompt order. The output is made from these in the query above, that is
+    above the batch's byte filter: only for the rows it sends, as they are fetched. Made
+    inside, Postgres would make them for every row read (up to the row limit, however many
+    the bytes leave out), and all before the first is sent, with Postgres and the API taking
+    turns instead of working at the same time."""
+    query: Select[*tuple[Any, ...]] = select(*_STORED).join(Item, Item.id == Cot.item_id)
+    if human_edits:
+        edit = latest_edit()
+        query = query.add_columns(*edit.c).outerjoin(edit, true())
+    query = query.where(Cot.job_id == job_id, *_conditions(filters))
+    if source is Source.KEPT_PAIRS:
+        query = query.add_columns(*_PAIR_STORED).join(PreferencePair, PreferencePair.item_id == Cot.item_id)
+        # A purged pair (app/store/deletions.py purge_hazardous) has no rejected side left.
+        query = query.where(kept_at(filters.min_gap), PreferencePair.rejected_response.is_not(None))
+    return batch.of(query.order_by(Cot.position)).subquery("stored")
+
+
+def _made_from(stored: Subquery, columns: list[Any]) -> Select[Any]:
+    """`columns` (made from `stored`'s), in prompt order, and BYTES_SO_FAR last when batched."""
+    batch_bytes = [stored.c[BYTES_SO_FAR]] if BYTES_SO_FAR in stored.c else []
+    return select(*columns, *batch_bytes).order_by(stored.c.position)
 
 
 def _full_cot_query(
@@ -236,19 +276,10 @@ def _full_cot_query(
 ) -> Select[Any]:
     """The job's full records as JSON text, one a row with its position (and BYTES_SO_FAR
     when batched), in prompt order. Postgres writes each straight from the stored JSON (the
-    API neither parses nor re-encodes it), in the outer query: above the subquery's sort and
-    limit, so it writes only the batch's records, as they are fetched. Inside, the sort's
-    input would be the records, all written before the first one is sent, with Postgres and
-    the API taking turns instead of working at the same time."""
-    query = select(*_FULL_COT_STORED).join(Item, Item.id == Cot.item_id)
-    if human_edits:
-        edit = latest_edit()
-        query = query.add_columns(*edit.c).outerjoin(edit, true())
-    query = query.where(Cot.job_id == job_id, *_conditions(filters))
-    stored = batch.of(query.order_by(Cot.position)).subquery("stored")
+    API neither parses nor re-encodes it), above the batch's byte filter (`_stored`)."""
+    stored = _stored(job_id, Source.FULL_COT_JSON, filters, human_edits, batch)
     record = cast(_json_object(_full_cot(stored.c, human_edits)), Text)
-    batch_bytes = [stored.c[BYTES_SO_FAR]] if BYTES_SO_FAR in stored.c else []
-    return select(record, stored.c.position, *batch_bytes).order_by(stored.c.position)
+    return _made_from(stored, [record, stored.c.position])
 
 
 _JSON_FIELDS = frozenset(
@@ -269,34 +300,37 @@ _JSON_FIELDS = frozenset(
 )
 
 
-_COLUMNS: dict[str, Any] = {
-    "item_id": Cot.item_id,
-    "position": Cot.position,
-    "prompt": Item.prompt,
-    "metadata": cast(Item.item_metadata, Text),  # exported as JSON text, never parsed
-    "intents": _json(Cot.intents),
-    "thoughts": _json(Cot.thoughts),
-    "refined_thoughts": _json(Cot.refined_thoughts),
-    "dropped_thoughts": _json(Cot.dropped_thoughts),
-    "unaccounted_thought_ids": _json(Cot.unaccounted_thought_ids),
-    "response": Cot.response,
-    "rounds_used": Cot.rounds_used,
-    "agreed": Cot.agreed,
-    "scores": _json(Cot.scores),
-    "grade_error": Cot.grade_error,
-    "accepted": Cot.accepted,
-    "gate_reasons": _json(Cot.gate_reasons),
-    "policy_set_name": Cot.policy_set_name,
-    "policy_set_version": Cot.policy_set_version,
-    "prompt_set_name": Cot.prompt_set_name,
-    "prompt_set_version": Cot.prompt_set_version,
-    "created_at": Cot.created_at,
-    "rejected_thoughts": _json(PreferencePair.rejected_thoughts),
-    "rejected_response": PreferencePair.rejected_response,
-    "gap": PreferencePair.gap,
-    "deliberation_log": _deliberation_log(),
-    "fallbacks": _json(Cot.fallbacks),
-    "usage": _json(_item_usage(Cot.job_id, Cot.item_id)),
+# The row sources' columns by field name, each made from the stored columns `c` (of `_stored`).
+_COLUMNS: dict[str, Callable[[Any], Any]] = {
+    "item_id": lambda c: c.item_id,
+    "position": lambda c: c.position,
+    "prompt": lambda c: c.prompt,
+    "metadata": lambda c: cast(c.metadata, Text),  # exported as JSON text, never parsed
+    "intents": lambda c: _json(c.intents),
+    "thoughts": lambda c: _json(c.thoughts),
+    "refined_thoughts": lambda c: _json(c.refined_thoughts),
+    "dropped_thoughts": lambda c: _json(c.dropped_thoughts),
+    "unaccounted_thought_ids": lambda c: _json(c.unaccounted_thought_ids),
+    "response": lambda c: c.response,
+    "rounds_used": lambda c: c.rounds_used,
+    "agreed": lambda c: c.agreed,
+    "scores": lambda c: _json(c.scores),
+    "grade_error": lambda c: c.grade_error,
+    "accepted": lambda c: c.accepted,
+    "gate_reasons": lambda c: _json(c.gate_reasons),
+    "policy_set_name": lambda c: c.policy_set_name,
+    "policy_set_version": lambda c: c.policy_set_version,
+    "prompt_set_name": lambda c: c.prompt_set_name,
+    "prompt_set_version": lambda c: c.prompt_set_version,
+    "created_at": lambda c: c.created_at,
+    "rejected_thoughts": lambda c: _json(c.rejected_thoughts),
+    "rejected_response": lambda c: c.rejected_response,
+    "gap": lambda c: c.gap,
+    "deliberation_log": lambda c: _deliberation_log(c.item_id),
+    "fallbacks": lambda c: _json(c.fallbacks),
+    "usage": lambda c: _json(_item_usage(c.job_id, c.item_id)),
+    # Selected only with human edits (`_selected`), when `c` has latest_edit()'s columns.
+    "human_edit": lambda c: _json(_human_edit(c)),
 }
 _ROW_TYPES: dict[Source, type[Any]] = {
     Source.SAMPLES: SampleRow,
@@ -362,10 +396,9 @@ class _Batch:
             return query
         # The running sum is taken as the rows are read, in the same pass (the window's order is
         # the index's): the rows past BATCH_BYTES are read as far as the row limit but never
-        # sent. The full record is made above this filter (`_full_cot_query`); the row
-        # sources' columns are made below it, so a batch where sizes grow makes (and drops) up
-        # to the limit's rows of them: their deliberation logs and usages too (a strict xfail
-        # in tests/test_exports.py until they are made above it).
+        # sent. Only their stored columns are read: every export's output (full record or row
+        # source's columns, deliberation logs and usages included) is made above this filter
+        # (`_stored`), for the rows it sends.
         candidates = query.add_columns(
             func.row_number().over(order_by=Cot.position, rows=(None, 0)).label("nth"),
             func.sum(_stored_bytes(self.source))
@@ -407,20 +440,12 @@ def rows_query(
     if source is Source.FULL_COT_JSON:
         return _full_cot_query(job_id, filters, human_edits, batch)
     assert not (human_edits and source is Source.COTS), "labeling tasks carry the model's output"
+    stored = _stored(job_id, source, filters, human_edits, batch)
     columns = dict(_COLUMNS)
-    query = select().select_from(Cot).join(Item, Item.id == Cot.item_id)
     if human_edits:
-        edit = latest_edit()
-        query = query.outerjoin(edit, true())
-        columns["response"] = func.coalesce(edit.c.edited_response, Cot.response)
-        columns["human_edit"] = _json(_human_edit(edit.c))
-    query = query.add_columns(*(columns[name].label(name) for name in _selected(source, human_edits)))
-    query = query.where(Cot.job_id == job_id)
-    if source is Source.KEPT_PAIRS:
-        query = query.join(PreferencePair, PreferencePair.item_id == Cot.item_id)
-        # A purged pair (app/store/deletions.py purge_hazardous) has no rejected side left.
-        query = query.where(kept_at(filters.min_gap), PreferencePair.rejected_response.is_not(None))
-    return batch.of(query.where(*_conditions(filters)).order_by(Cot.position))
+        columns["response"] = lambda c: func.coalesce(c.edited_response, c.response)
+    names = _selected(source, human_edits)
+    return _made_from(stored, [columns[name](stored.c).label(name) for name in names])
 
 
 # Every position (an int4) is after this one, so the first batch's query is the others'.
