@@ -13,7 +13,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from typing import Any
 from uuid import UUID
 
@@ -524,7 +524,8 @@ async def test_a_chunked_body_without_a_key_is_refused_before_the_rest_of_it_com
 
 # Every route that reads a body, with a job and a webhook of the key's in place of {job} and
 # {webhook}: (method, path, whether the key's Authorization goes along).
-BODY_ROUTES = [
+Routes = Sequence[tuple[str, str, bool]]
+BODY_ROUTES: Routes = [
     ("PATCH", "/v1/jobs/{job}", True),
     ("POST", LS_IMPORT.format("{job}"), True),
     ("POST", ARGILLA_IMPORT.format("{job}"), True),
@@ -586,36 +587,49 @@ async def whole_answer(reader: asyncio.StreamReader) -> bytes:
     return head + await reader.readexactly(length)
 
 
+async def answers_to_a_body_begun(
+    settings: Settings, sessions: Sessions, headers: str, first: bytes, wait_s: float, also: Routes = ()
+) -> dict[str, bytes]:
+    """Each route of BODY_ROUTES (and `also`) sent the head of a 1,000-byte body with
+    `headers` (lines ending in CRLF), then only the body's `first` bytes: its answer by path
+    (within `wait_s`), the connection held open meanwhile."""
+    async with sessions.begin() as session:
+        key, secret = await keys.create_key(session, "body-sender")
+        job_id = await insert_finished_job(session, key.id, 1)
+    auth = {"Authorization": f"Bearer {secret}"}
+    # The upload's options are checked before its body is read: it asks for a grade here.
+    asked = "file_type=jsonl&options=%7B%22grade%22%3A%7B%7D%7D"
+    routes = [(method, path.replace("file_type=jsonl", asked), key) for method, path, key in BODY_ROUTES]
+    answers = {}
+    with served(settings) as url:
+        async with httpx.AsyncClient(base_url=url) as client:
+            webhook = (await client.post("/v1/webhooks", json={"name": "body"}, headers=auth)).json()
+        host, port = url.removeprefix("http://").split(":")
+        for method, path, with_key in [*routes, *also]:
+            sent = {**(auth if with_key else {}), SECRET_HEADER: webhook["secret"]}
+            reader, writer = await asyncio.open_connection(host, int(port))
+            head = f"{method} {path.format(job=job_id, webhook=webhook['id'])} HTTP/1.1\r\nHost: api\r\n"
+            head += "".join(f"{name}: {value}\r\n" for name, value in sent.items())
+            head += f"Content-Type: application/json\r\n{headers}Content-Length: 1000\r\n\r\n"
+            writer.write(head.encode() + first)
+            await writer.drain()
+            try:
+                answers[path] = await asyncio.wait_for(whole_answer(reader), wait_s)
+            finally:
+                writer.close()
+    return answers
+
+
 async def test_a_body_of_which_nothing_comes_for_a_while_is_a_408_on_every_route_that_reads_one(
     settings: Settings, sessions: Sessions
 ) -> None:
     """A body was not timed: a client gone quiet mid-body held its request, and one of its
     key's AIDSAFE_MAX_BODIES_PER_KEY body turns, for as long as its connection stayed open
     (four such held all of a key's, and its other requests waited with them)."""
-    async with sessions.begin() as session:
-        key, secret = await keys.create_key(session, "quiet-sender")
-        job_id = await insert_finished_job(session, key.id, 1)
-    auth = {"Authorization": f"Bearer {secret}"}
-    # The upload's options are checked before its body is read: it asks for a grade here.
-    asked = "file_type=jsonl&options=%7B%22grade%22%3A%7B%7D%7D"
-    routes = [(method, path.replace("file_type=jsonl", asked), key) for method, path, key in BODY_ROUTES]
-    routes.append(("POST", "/view/login", False))  # its cap is 4 KiB: the length below fits all
-    answers = {}
-    with served(settings.model_copy(update={"body_stall_s": 0.5})) as url:
-        async with httpx.AsyncClient(base_url=url) as client:
-            webhook = (await client.post("/v1/webhooks", json={"name": "quiet"}, headers=auth)).json()
-        host, port = url.removeprefix("http://").split(":")
-        for method, path, with_key in routes:
-            headers = {**(auth if with_key else {}), SECRET_HEADER: webhook["secret"]}
-            reader, writer = await asyncio.open_connection(host, int(port))
-            head = f"{method} {path.format(job=job_id, webhook=webhook['id'])} HTTP/1.1\r\nHost: api\r\n"
-            head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-            writer.write(f"{head}Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n[".encode())
-            await writer.drain()
-            try:
-                answers[path] = await asyncio.wait_for(whole_answer(reader), 10)
-            finally:
-                writer.close()
+    quiet = settings.model_copy(update={"body_stall_s": 0.5})
+    login = [("POST", "/view/login", False)]  # its cap is 4 KiB: the length sent fits all
+
+    answers = await answers_to_a_body_begun(quiet, sessions, "", b"[", 10, also=login)
 
     for path, answer in answers.items():
         assert answer.startswith(b"HTTP/1.1 408"), (path, answer)
