@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
@@ -566,3 +566,26 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def refusals(exc: ValidationError) -> list[tuple[str, str]]:
+    """Each refusal in `exc` (settings failing to load) as the variable it names and why,
+    never its value: a database URL may hold a password."""
+    said = []
+    for error in exc.errors(include_url=False, include_input=False):
+        # No field for a refusal of settings taken together (a model validator's): its reason
+        # names them.
+        setting = f"AIDSAFE_{str(error['loc'][0]).upper()}" if error["loc"] else "the AIDSAFE_* settings"
+        reason = error.get("ctx", {}).get("error")  # a validator's ValueError, without pydantic's prefix
+        said.append((setting, str(reason) if isinstance(reason, ValueError) else error["msg"]))
+    return said
+
+
+def settings_or_exit(program: str) -> Settings:
+    """The settings, for a server's entry point; refused, it exits (status 1) with a line for
+    each refused setting, not a traceback of pydantic's internals."""
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        lines = [f"  {setting}: {reason}" for setting, reason in refusals(exc)]
+        raise SystemExit("\n".join([f"{program}: cannot start, the settings are refused:", *lines])) from None

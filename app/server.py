@@ -12,7 +12,7 @@ import uvicorn
 
 from app.api.draining import DrainingProtocol
 from app.api.head_limits import HeadLimits
-from app.config import Settings, get_settings
+from app.config import Settings, settings_or_exit
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
@@ -44,6 +44,7 @@ def run() -> None:
         help="proxies trusted for X-Forwarded-For/-Proto (default: $FORWARDED_ALLOW_IPS, else 127.0.0.1)",
     )
     args = parser.parse_args()
+    settings = settings_or_exit(parser.prog)
     # An import string, as --workers needs: each process imports the app (and app.main's
     # tuning of the garbage collector) for itself.
     uvicorn.run(
@@ -53,7 +54,7 @@ def run() -> None:
         workers=args.workers,
         root_path=args.root_path,
         forwarded_allow_ips=args.forwarded_allow_ips,
-        **uvicorn_options(get_settings()),
+        **uvicorn_options(settings),
     )
 
 

@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app import events, logs, preflight
 from app.callbacks import BATCH as CALLBACK_BATCH
 from app.callbacks import Sender
-from app.config import Settings, get_settings
+from app.config import Settings, settings_or_exit
 from app.costs import BudgetExhausted
 from app.deliberation.engine import deliberate, evaluate_answer, evaluate_sample, judge_pair
 from app.deliberation.ports import LLMRequestRejected, LLMUnavailable
@@ -622,7 +622,7 @@ def run(argv: Sequence[str] | None = None) -> None:
         "found, exit 1 on a failure",
     )
     check = parser.parse_args(argv).check
-    settings = get_settings()
+    settings = settings_or_exit(parser.prog)
     logs.configure(settings.log_level, settings.log_json)
     # uvloop: the workers spend markedly less CPU per LLM call on it than on asyncio's loop.
     loop = uvloop.new_event_loop()

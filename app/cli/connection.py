@@ -15,7 +15,7 @@ from rich.markup import escape
 import aidsafe
 from aidsafe.client import KEY_ENV, URL_ENV
 from app.cli.output import console
-from app.config import Settings, get_settings
+from app.config import Settings, get_settings, refusals
 
 ApiUrl = Annotated[str, typer.Option(envvar=URL_ENV, help="Base URL of the API.")]
 
@@ -77,12 +77,7 @@ def service_settings() -> Settings:
     try:
         return get_settings()
     except ValidationError as exc:
-        [first, *_] = exc.errors(include_url=False, include_input=False)
-        # No field for a refusal of settings taken together (a model validator's): its reason
-        # names them.
-        setting = f"AIDSAFE_{str(first['loc'][0]).upper()}" if first["loc"] else "the AIDSAFE_* settings"
-        error = first.get("ctx", {}).get("error")  # a validator's ValueError, without pydantic's prefix
-        reason = error if isinstance(error, ValueError) else first["msg"]
+        [(setting, reason), *_] = refusals(exc)
         raise unusable("the settings", reason, setting) from exc
 
 

@@ -1,0 +1,52 @@
+"""The servers' entry points with settings they refuse: a line for each, naming the variable
+and why (never its value), exit status 1, and no traceback of pydantic's internals."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+BIN = Path(sys.executable).parent
+
+
+def start(program: str, *args: str, **settings: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **settings}
+    return subprocess.run(
+        [str(BIN / program), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+@pytest.mark.parametrize("program", ["aidsafe-api", "aidsafe-worker"])
+def test_a_server_refused_its_settings_names_each_and_exits_without_a_traceback(program: str) -> None:
+    password = "s3cret-do-not-print"
+    ended = start(
+        program,
+        AIDSAFE_MAX_EXPORTS="0",
+        AIDSAFE_DATABASE_URL=f"http://user:{password}@127.0.0.1/aidsafe",
+    )
+
+    assert ended.returncode == 1, ended.stderr
+    assert "Traceback" not in ended.stdout + ended.stderr and password not in ended.stderr, ended.stderr
+    assert ended.stderr.splitlines() == [
+        f"{program}: cannot start, the settings are refused:",
+        "  AIDSAFE_DATABASE_URL: the database URL's scheme http:// is none the service connects with: "
+        "write postgresql:// (or postgres://, postgresql+asyncpg://)",
+        "  AIDSAFE_MAX_EXPORTS: Input should be greater than or equal to 1",
+    ]
+
+
+def test_a_worker_checking_its_deployment_names_settings_refused_together() -> None:
+    """A refusal of settings taken together (a model validator's) names no one field."""
+    ended = start("aidsafe-worker", "--check", AIDSAFE_HEARTBEAT_INTERVAL_S="5", AIDSAFE_HEARTBEAT_TTL_S="10")
+
+    assert ended.returncode == 1 and "Traceback" not in ended.stderr, ended.stderr
+    assert ended.stderr.splitlines() == [
+        "aidsafe-worker: cannot start, the settings are refused:",
+        "  the AIDSAFE_* settings: heartbeat_ttl_s must be at least three times heartbeat_interval_s",
+    ]
