@@ -474,12 +474,16 @@ class Settings(BaseSettings):
     # Redis connection (XREAD BLOCK) and a task for as long as it lasts.
     events_max_streams_per_key: int = Field(default=32, ge=1)
     # And all keys' together: Redis's connections are shared with the workers (maxclients).
+    # The last fifth of them (at least one) go only to keys with none open, so that keys at
+    # their caps cannot fill the process (app/api/open_streams.py); any values work together.
     events_max_streams: int = Field(default=1024, ge=1)
     # Exports one API key may have under way at once in each API process, and all keys'
     # together: each holds two batches of rows in memory until its client has read it all,
     # however slowly, and one of the API process's Postgres connections (api_db_connections)
     # while it reads a batch, so one key's many exports would take a share of them from every
-    # other request.
+    # other request. The last fifth of all (at least one) go only to keys with none under way,
+    # as for progress streams above: a lone key has its 4 of 10, and two keys' 4 each leave the
+    # last two to two other keys; a cap per key past the process's, or of 1 in all, works too.
     max_exports_per_key: int = Field(default=4, ge=1)
     max_exports: int = Field(default=10, ge=1)
     # An export whose client takes none of its bytes for this long is ended: its seat would

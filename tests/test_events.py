@@ -8,7 +8,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable
-from contextlib import aclosing
+from contextlib import AsyncExitStack, aclosing
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -729,6 +729,32 @@ async def test_the_process_holds_only_so_many_streams_open_whoever_opens_them(
                 await third.aread()
             assert "server" in error_of(third, 429, "too_many_streams")["message"]
             assert third.headers["Retry-After"] == "5"
+
+
+async def test_keys_holding_all_their_streams_leave_a_seat_to_a_key_streaming_none(
+    api: httpx.AsyncClient, auth: Headers, settings: Settings, sessions: Sessions
+) -> None:
+    """Keys' caps together pass the process's (32 keys' 32 streams are all 1,024): a few keys'
+    streams held every seat, and each other tenant's stream was a 429 until one ended. The
+    process's last seat (of 4 here) is kept for a key holding none."""
+    keys = [auth, await new_key(sessions, "bob"), await new_key(sessions, "carol")]
+    jobs = [await submit(api, key, ["a"]) for key in keys]  # no worker runs: their streams stay open
+    capped = settings.model_copy(update={"events_max_streams_per_key": 2, "events_max_streams": 4})
+
+    with served(capped) as base_url:
+        async with httpx.AsyncClient(base_url=base_url, timeout=10) as client, AsyncExitStack() as held:
+            asked = []
+            for key, job in [*zip(keys[:2], jobs[:2], strict=True)] * 2:  # one each, then a second each
+                sse = await held.enter_async_context(
+                    aconnect_sse(client, "GET", f"/v1/jobs/{job['id']}/events", headers=key)
+                )
+                asked.append(sse.response)
+            async with client.stream("GET", f"/v1/jobs/{jobs[2]['id']}/events", headers=keys[2]) as third:
+                assert third.status_code == 200
+            assert [response.status_code for response in asked] == [200, 200, 200, 429]
+            await asked[3].aread()
+            refusal = error_of(asked[3], 429, "too_many_streams")["message"]
+            assert "keeps its last 1 of 4 progress streams for API keys that have none open" in refusal
 
 
 async def kinds_until_closed(stream: Any, after_first: Callable[[], Any]) -> list[str]:

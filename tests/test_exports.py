@@ -1250,6 +1250,29 @@ async def _is(expected: int, status: Awaitable[int]) -> bool:
     return await status == expected
 
 
+async def test_keys_holding_all_their_exports_leave_a_seat_to_a_key_exporting_none(
+    settings: Settings, sessions: Sessions
+) -> None:
+    """Keys' caps together pass the process's: three keys' slow exports (4 + 4 + 2 of 10 by
+    default) held every seat, and each other tenant's export was a 429 until one ended.
+    The process's last seat (of 4 here) is kept for a key holding none."""
+    greedy = [await finished_job_of_a_new_key(sessions, f"greedy-{n}", 5000) for n in range(2)]
+    others_job, other = await finished_job_of_a_new_key(sessions, "other", 1)
+    caps = {"max_exports_per_key": 2, "max_exports": 4}
+    with served(settings.model_copy(update=caps)) as url:
+        stalled, heads = [], []
+        try:
+            for job_id, headers in [*greedy, *greedy]:  # one each, then a second each
+                stalled.append(stalled_export(url, headers, job_id))
+                heads.append(read_a_little(stalled[-1]).split(b"\r\n", 1)[0])  # seated before the next
+            async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+                assert await export_status(client, other, others_job) == 200
+            assert heads == [b"HTTP/1.1 200 OK"] * 3 + [b"HTTP/1.1 429 Too Many Requests"]
+        finally:
+            for stalled_client in stalled:
+                stalled_client.close()
+
+
 async def connections_of_others(sessions: Sessions, in_state: str) -> int:
     """Client connections to this test run's database in `in_state` ('active', 'idle in
     transaction', ...), other than the one asking: the served API's (this test's own pool's
@@ -1646,7 +1669,7 @@ async def test_a_request_that_finds_every_database_connection_in_use_is_a_503(
     for one, then is a 503 to retry, not a 500."""
     job_id, reader = await finished_job_of_a_new_key(sessions, "locked-out-reader", 10)
     other = await new_key(sessions, "other")
-    caps = {"max_exports_per_key": 20, "max_exports": 20}
+    caps = {"max_exports_per_key": 20, "max_exports": 25}  # the last 5 kept for keys with none
     with served(settings.model_copy(update=caps)) as url:
         async with sessions.begin() as locking, httpx.AsyncClient(base_url=url, timeout=60) as client:
             await locking.execute(text("LOCK TABLE cots IN ACCESS EXCLUSIVE MODE"))

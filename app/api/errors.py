@@ -53,8 +53,8 @@ _WHY = {
         "code naming what the service will not take, such as invalid_config, unknown_policy_set, "
         "request_too_large or invalid_sample_file (the README's HTTP API section lists every code)."
     ),
-    429: "The API key, or the server, has as many progress streams or exports open as it may "
-    "(too_many_streams).",
+    429: "The API key, or the server, has as many progress streams or exports open as it may, or "
+    "the server keeps the rest for keys with none (too_many_streams).",
     503: "The database or the queue (Redis) is unavailable (unavailable); retry shortly.",
 }
 

@@ -98,7 +98,8 @@ async def export_job(
     """Completed items' results in prompt order, streamed with flat memory whatever the job's
     size. `trl_dpo` holds rejected (hazardous) text: it needs a key with `hazardous:read`.
     429 `too_many_streams` if the key has `AIDSAFE_MAX_EXPORTS_PER_KEY` exports under way (4
-    unless the server says otherwise), or the server `AIDSAFE_MAX_EXPORTS` (10)."""
+    unless the server says otherwise), or the server `AIDSAFE_MAX_EXPORTS` (10), or the key
+    has one and the server is into its last fifth, kept for keys that have none."""
     fmt = FORMATS[format.value]
     if human_edits and not fmt.takes_human_edits:
         raise InvalidRequest(
