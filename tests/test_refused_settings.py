@@ -16,10 +16,8 @@ BIN = Path(sys.executable).parent
 
 
 def start(program: str, *args: str, **settings: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, **settings}
-    return subprocess.run(
-        [str(BIN / program), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False
-    )
+    command, env = [str(BIN / program), *args], {**os.environ, **settings}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
 
 
 @pytest.mark.parametrize("program", ["aidsafe-api", "aidsafe-worker"])
