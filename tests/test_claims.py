@@ -1,7 +1,8 @@
 """Claims as the crash-safety core sees them (app.store.items): an item is claimed once, its
-lease is renewed by its claim alone, a sweep takes back only lost claims, a claim's tries are
-bounded by its limits, and a completion is written once. Direct calls on real Postgres, no
-worker: fast enough to run once a mutant (bench/MUTATION-items.md)."""
+lease is renewed by its claim alone, a sweep takes back only lost claims and gives new arq
+jobs only to the queued items it checked, a claim's tries are bounded by its limits, and a
+completion is written once. Direct calls on real Postgres, no worker: fast enough to run
+once a mutant (bench/MUTATION-items.md)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from app.store import items
 from app.store.db import Sessions
 from app.store.endings import CANCELLED, COMPLETED, handed_back
 from app.store.models import CallbackDelivery, Cot, Item, Job, PairCandidate, PreferencePair
-from tests.conftest import eventually
+from tests.conftest import eventually, new_key
 from tests.test_api import Headers, items_of, other_backend, submit
 from tests.test_endings import LIMITS, REJECTED, expire_lease, stored
 from tests.test_prompt_sets import CUSTOM_SEED_USER, register
@@ -543,3 +544,98 @@ async def test_a_lease_taken_over_does_not_wait_for_a_transaction_changing_its_j
         taken = await asyncio.wait_for(items.claim(sessions, item_id, LIMITS), timeout=5)
 
     assert taken is not None and taken.attempt == 2
+
+
+async def checked_ago(sessions: Sessions, item_id: UUID) -> timedelta:
+    """How long ago the item was last written (a claim, an ending, a sweep's check)."""
+    async with sessions() as session:
+        ago = await session.scalar(
+            select(type_coerce(func.now() - Item.updated_at, Interval)).where(Item.id == item_id)
+        )
+    assert ago is not None
+    return ago
+
+
+async def test_the_queued_items_past_the_grace_are_found_oldest_first_up_to_the_limit(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    # What the sweep checks for a lost arq job: a running or ended item is a claim's, and a
+    # fresh one's arq job may still be on its way.
+    old, older, fresh, running, ended = await queued_items(api, auth, sessions, 5)
+    # Written in the other order, so that a read in the table's order returns them wrong.
+    await set_item(sessions, old, updated_at=func.now() - timedelta(hours=2))
+    await set_item(sessions, older, updated_at=func.now() - timedelta(hours=3), enqueues=3)
+    await claimed(sessions, running)
+    assert await items.end(sessions, await claimed(sessions, ended), REJECTED)
+    for item_id in (running, ended):
+        await set_item(sessions, item_id, updated_at=func.now() - timedelta(hours=4))
+
+    assert await items.queued_unclaimed(sessions, grace_s=60) == [(older, 3), (old, 1)]
+    assert await items.queued_unclaimed(sessions, grace_s=60, limit=1) == [(older, 3)]
+    assert await items.queued_unclaimed(sessions, grace_s=3 * 3600 - 60) == [(older, 3)]
+
+
+async def test_a_queued_item_a_dead_worker_took_is_taken_back_only_under_the_arq_job_it_took(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    # A counter moved on (the item re-enqueued since) or a claim made means another arq job
+    # or a worker has the item now: taking it back again would run it twice.
+    taken, moved_on, running, other = await queued_items(api, auth, sessions, 4)
+    for item_id in (taken, moved_on, other):
+        await set_item(sessions, item_id, updated_at=func.now() - timedelta(hours=1))
+    await set_item(sessions, moved_on, enqueues=2)
+    await claimed(sessions, running)
+
+    assert await items.take_back_unclaimed(sessions, [(taken, 1), (moved_on, 1), (running, 1)]) == [
+        (taken, 2)
+    ]
+
+    # Checked now: the same sweep's grace check must not renumber it a second time.
+    assert await checked_ago(sessions, taken) < timedelta(minutes=1)
+    for item_id, status, enqueues in [(moved_on, "queued", 2), (running, "running", 1), (other, "queued", 1)]:
+        item = await stored(sessions, item_id)
+        assert (item.status, item.enqueues, item.failures) == (status, enqueues, 0)
+    assert await items.take_back_unclaimed(sessions, []) == []
+
+
+async def test_a_check_marks_queued_items_checked_and_leaves_a_running_claims_start(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    # A running item's updated_at is its claim's start, from which an outage's clock counts
+    # its wait in the queue (items._outage_start).
+    queued, running, unchecked = await queued_items(api, auth, sessions, 3)
+    await claimed(sessions, running)
+    for item_id in (queued, running, unchecked):
+        await set_item(sessions, item_id, updated_at=func.now() - timedelta(hours=1))
+
+    await items.touch(sessions, [queued, running])
+
+    assert await checked_ago(sessions, queued) < timedelta(minutes=1)
+    for item_id in (running, unchecked):
+        assert await checked_ago(sessions, item_id) > timedelta(minutes=59)
+    assert (await stored(sessions, queued)).enqueues == 1
+
+
+async def test_queued_items_whose_arq_jobs_are_lost_get_new_ones_grouped_by_their_jobs_owner(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    [mine, running, unasked] = await queued_items(api, auth, sessions, 3)
+    [theirs] = await queued_items(api, await new_key(sessions, "bob"), sessions, 1)
+    await claimed(sessions, running)
+    for item_id in (mine, theirs, unasked):
+        await set_item(sessions, item_id, updated_at=func.now() - timedelta(hours=1))
+    async with sessions() as session:
+        rows = await session.execute(select(Item.id, Job.owner_key_id).join(Job))
+        owner = {row.id: row.owner_key_id for row in rows}
+
+    renumbered = await items.renumber(sessions, [mine, theirs, running])
+
+    assert renumbered == {owner[mine]: [(mine, 2)], owner[theirs]: [(theirs, 2)]}
+    assert owner[mine] != owner[theirs]
+    for item_id in (mine, theirs):
+        assert await checked_ago(sessions, item_id) < timedelta(minutes=1)
+    for item_id, status in [(running, "running"), (unasked, "queued")]:
+        item = await stored(sessions, item_id)
+        assert (item.status, item.enqueues) == (status, 1)
+    assert await checked_ago(sessions, unasked) > timedelta(minutes=59)
+    assert await items.renumber(sessions, []) == {}

@@ -14,7 +14,7 @@ from sqlalchemy import func, select, update
 from app.store import items
 from app.store.db import Sessions
 from app.store.endings import CANCELLED, Ending, failed, handed_back
-from app.store.models import Item
+from app.store.models import Item, TurnRow
 from app.store.turn_log import PostgresTurnLog
 from app.store.turn_writer import TurnWriter
 from tests.test_api import Headers, items_of, submit
@@ -282,3 +282,50 @@ async def test_an_outages_clock_counts_a_wait_in_the_queue_only_as_long_as_a_bac
     assert item.llm_unavailable_since is not None and item.llm_unavailable_seen_at == item.updated_at
     counted = item.updated_at - item.llm_unavailable_since
     assert abs(counted - (seen + min(waited, MAX_COUNTED_WAIT))) < timedelta(seconds=5)
+
+
+async def test_an_item_an_older_release_put_back_mid_outage_counts_its_wait_from_the_outages_start(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    # An older release wrote no last-seen mark: the run's start stands for it, so a backlog
+    # since then counts only as long as a back-off explains, as for an item this release put
+    # back; counted in full, one blip on its next claim failed it llm_unavailable.
+    _, claim = await claimed_item(api, auth, sessions)
+    assert await end_in_outage(sessions, claim)
+    async with sessions.begin() as session:
+        await session.execute(
+            update(Item)
+            .where(Item.id == claim.item_id)
+            .values(llm_unavailable_since=func.now() - 2 * MAX_OUTAGE, llm_unavailable_seen_at=None)
+        )
+
+    ending = await end_in_outage(sessions, await claimed_again(sessions, claim.item_id))
+
+    assert ending is not None and ending.status == "queued"
+    item = await stored(sessions, claim.item_id)
+    assert item.llm_unavailable_since is not None
+    counted = item.updated_at - item.llm_unavailable_since
+    assert abs(counted - MAX_COUNTED_WAIT) < timedelta(seconds=5)
+
+
+async def test_only_an_answer_to_the_item_since_its_outage_began_starts_its_clock_again(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    # An answer before the outage began, or to another item (another endpoint, a shorter
+    # prompt), says nothing of whether the LLM answers this item now: an endpoint that never
+    # does would keep it for ever.
+    job = await submit(api, auth, ["Explain how vaccines are tested.", "Why is the sky blue?"])
+    waiting_id, answered_id = (UUID(item["id"]) for item in await items_of(api, auth, job["id"]))
+    claim = await claimed_again(sessions, waiting_id)
+    await PostgresTurnLog(TurnWriter(sessions), claim).record(a_turn(waiting_id, "intents"))
+    async with sessions.begin() as session:
+        await session.execute(update(TurnRow).values(created_at=func.now() - 3 * MAX_OUTAGE))
+    assert await end_in_outage(sessions, claim)
+    await outage_began(sessions, waiting_id, 2 * MAX_OUTAGE)
+    claim = await claimed_again(sessions, waiting_id)
+    answered = await claimed_again(sessions, answered_id)
+    await PostgresTurnLog(TurnWriter(sessions), answered).record(a_turn(answered_id, "intents"))
+
+    ending = await end_in_outage(sessions, claim)
+
+    assert ending is not None and (ending.status, ending.error_code) == ("failed", "llm_unavailable")
