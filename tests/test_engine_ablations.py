@@ -82,6 +82,12 @@ async def test_a_turn_budget_stops_deliberation_mid_round(
     assert turns == [(1, 1), (1, 2), (2, 1)]
     assert [t.text for t in result.thoughts[-3:]] == ["Turn 1.", "Turn 2.", "Turn 3."]
     assert (result.rounds_used, result.agreed) == (2, False)
+    # Each agent is told the rounds the turn budget leaves it, not the 4 of max_rounds.
+    assert [user_message(scripted_llm, "deliberation_turn", n).splitlines()[-1] for n in range(3)] == [
+        "You are agent 1 of 2, in round 1 of at most 2.",
+        "You are agent 2 of 2, in round 1 of at most 2.",
+        "You are agent 1 of 2, in round 2 of at most 2.",
+    ]
 
 
 async def test_without_the_refiner_the_cot_is_every_thought_in_order_and_the_last_response(

@@ -223,6 +223,7 @@ async def _aidsafe(caller: Caller, config: PipelineConfig) -> Completed:
     agreed_by: dict[str, int] | None = None
     rounds_used = 0
     agents = len(config.deliberators)
+    rounds_allowed = -(-config.turn_budget() // agents)  # max_turns may end it before max_rounds
     for turn_no in range(config.turn_budget()):
         rounds_done, agent_index = divmod(turn_no, agents)
         round_no, agent_no, agent_config = rounds_done + 1, agent_index + 1, config.deliberators[agent_index]
@@ -236,7 +237,7 @@ async def _aidsafe(caller: Caller, config: PipelineConfig) -> Completed:
             thoughts=_thoughts_text(thoughts),
             response=response,
             agents=agents,
-            max_rounds=config.max_rounds,
+            max_rounds=rounds_allowed,
         )
         if turn["agree"]:
             agreed_by = {"round": round_no, "agent": agent_no}
