@@ -365,11 +365,12 @@ class Settings(BaseSettings):
     max_webhooks_per_key: int = Field(default=100, ge=1)
     max_set_versions_per_key: int = Field(default=1000, ge=1)
 
-    # Job defaults, each overridable per job.
-    default_agents: int = 2
-    default_max_rounds: int = 4
-    default_max_tokens: int = 768
-    default_temperature: float = 0.7
+    # Job defaults, each overridable per job, within the bounds a job's own value has
+    # (app/plan.py): a default outside them would make every job that sets none unrunnable.
+    default_agents: int = Field(default=2, ge=1, le=8)
+    default_max_rounds: int = Field(default=4, ge=0, le=20)
+    default_max_tokens: int = Field(default=768, ge=64, le=16384)
+    default_temperature: float = Field(default=0.7, ge=0, le=2)
     # Re-asks after malformed or truncated output, per call; below FALLBACK_ATTEMPT, where a
     # fallback's attempts are numbered from.
     max_reasks: int = Field(default=2, ge=0, le=50)

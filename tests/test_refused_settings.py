@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
+from app.config import Settings
 from tests.conftest import ROOT
 
 BIN = Path(sys.executable).parent
@@ -48,3 +50,14 @@ def test_a_worker_checking_its_deployment_names_settings_refused_together() -> N
         "aidsafe-worker: cannot start, the settings are refused:",
         "  the AIDSAFE_* settings: heartbeat_ttl_s must be at least three times heartbeat_interval_s",
     ]
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("default_agents", 0), ("default_agents", 9), ("default_max_rounds", -1), ("default_max_tokens", 32)],
+)
+def test_a_job_default_outside_a_jobs_own_bounds_is_refused(setting: str, value: int) -> None:
+    """Taken, every job that set none was unrunnable: with no agents, the engine divided by
+    them; with 32 tokens, every call was cut short."""
+    with pytest.raises(ValidationError, match=setting):
+        Settings.model_validate({setting: value})
