@@ -537,6 +537,24 @@ async def test_options_a_body_could_not_hold_are_refused_as_in_a_body(
     assert await stored(sessions) == NOTHING
 
 
+async def test_an_upload_of_no_known_type_is_told_the_content_types_that_name_one(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    """Without file_type the Content-Type says what the file is; curl's --data-binary sends a
+    form's, and the refusal names the types that would be read, not only file_type's values."""
+    params = {"options": '{"format": "safety", "grade": {}}'}
+    form = {**auth, "Content-Type": "application/x-www-form-urlencoded"}
+    response = await api.post(UPLOAD, params=params, content=fixture("safety.csv"), headers=form)
+
+    error = error_of(response, 422, "validation_error")
+    assert "text/csv" in error["message"] and "application/jsonl" in error["message"], error
+    assert await stored(sessions) == NOTHING
+    csv = {**auth, "Content-Type": "text/csv"}
+    assert (
+        await api.post(UPLOAD, params=params, content=fixture("safety.csv"), headers=csv)
+    ).status_code == 202
+
+
 # --- running them ------------------------------------------------------------------------
 
 

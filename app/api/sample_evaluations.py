@@ -103,9 +103,12 @@ async def _uploaded(
 ) -> AsyncIterator[_Upload]:
     kind = file_type or _MEDIA_TYPES.get(_media_type(request))
     if kind is None:
-        raise InvalidRequest.of(
-            [{"loc": ("query", "file_type"), "msg": f"give one of {', '.join(get_args(FileType))}"}]
+        # curl's --data-binary sends a form's Content-Type: say which ones would have done.
+        problem = (
+            f"give one of {', '.join(get_args(FileType))}, or send the file with a Content-Type "
+            f"that names its type: {', '.join(_MEDIA_TYPES)}"
         )
+        raise InvalidRequest.of([{"loc": ("query", "file_type"), "msg": problem}])
     # Before the body: options that cannot make an evaluation are refused unread, unless the
     # upload may be a replay, whose job is answered whatever the server's settings are now.
     # (The header as sent: the submission's dependency checks it, and a second declaration
