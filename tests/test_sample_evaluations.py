@@ -555,6 +555,22 @@ async def test_an_upload_of_no_known_type_is_told_the_content_types_that_name_on
     ).status_code == 202
 
 
+@pytest.mark.parametrize(
+    ("asked", "first"), [({"grade": {}, "guard": {}}, "grade"), ({"guard": {}}, "guard")]
+)
+async def test_queued_samples_show_the_stage_they_run_first(
+    api: httpx.AsyncClient, auth: Headers, asked: dict[str, Any], first: str
+) -> None:
+    """Progress (the answer, GET, events, the CLI's line) counts items by stage: a sample's is
+    the first it runs, never the intent stage a generation job starts with."""
+    response = await upload(api, auth, fixture("safety.csv"), "csv", format="safety", **asked)
+    job_id = response.json()["id"]
+
+    assert response.json()["counts"]["by_stage"] == {first: {"queued": 3}}
+    report = (await api.get(f"/v1/sample-evaluations/{job_id}", headers=auth)).json()
+    assert report["counts"]["by_stage"] == {first: {"queued": 3}}
+
+
 # --- running them ------------------------------------------------------------------------
 
 

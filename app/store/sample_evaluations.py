@@ -16,6 +16,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB, distinct_on
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.deliberation.ports import Stage
 from app.deliberation.quality import sample_text_bytes
 from app.errors import InvalidConfig, NoCommonPrompts, NotFound
 from app.plan import ComparisonPlan, SampleEvaluationPlan
@@ -24,6 +25,12 @@ from app.store import jobs, quality
 from app.store.db import copy_rows
 from app.store.models import Cot, ImportedSample, Item, Job, SampleEvaluation
 from app.threads import in_thread
+
+
+def _first_stage(plan: SampleEvaluationPlan) -> str:
+    """The stage a sample's item runs first: what its progress shows until then (the items
+    column's default, the intent stage, is one a sample evaluation never runs)."""
+    return (Stage.GRADE if plan.grader else Stage.GUARD if plan.guard else Stage.JUDGE).value
 
 
 @dataclass(frozen=True)
@@ -66,7 +73,7 @@ async def submit(
     if not created:
         return job, []
     new_items = [jobs.NewItem(position, s.prompt, s.metadata) for position, s in enumerate(samples)]
-    ids = await jobs.copy_items(session, job.id, new_items)
+    ids = await jobs.copy_items(session, job.id, new_items, stage=_first_stage(plan))
     # In a worker thread: 10,000 rows' ids and thoughts held the event loop for 25 ms.
     rows = await in_thread(
         lambda: [
