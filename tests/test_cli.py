@@ -837,7 +837,8 @@ async def test_cli_estimates_submits_with_a_budget_stops_following_when_it_is_sp
     assert code == 0, out
     assert "budget 3,600 tokens" in out
     assert "budget_exhausted" in out and "cost unknown" in out
-    assert f"aidsafe jobs budget {job_id}" in out  # the hint to raise it
+    # the hint raises the limit reached: a cost limit would be refused on the unpriced endpoint
+    assert f"aidsafe jobs budget {job_id} --tokens <more>" in out
     code, out = await aidsafe(live_api, auth, "jobs", "budget", job_id, "--tokens", "100000")
     assert code == 0, out
     assert "queued" in out and "budget 100,000 tokens" in out

@@ -18,7 +18,7 @@ from rich.progress import (
 )
 
 import aidsafe
-from aidsafe.models import BatchProgress, JobProgress
+from aidsafe.models import BatchProgress, Budget, JobProgress
 from app.cli.connection import ApiKeyOpt, ApiUrl, api_client
 from app.cli.output import budget_text, console, usd
 from app.store.models import ItemStatus
@@ -69,11 +69,21 @@ def follow_job(client: aidsafe.Client, job_id: Any, poll_s: float = 2.0) -> JobP
     if final.waiting_for_budget:
         console.print(
             f"[yellow]The job's budget is spent: its items wait. Raise it to resume, e.g. "
-            f"`aidsafe jobs budget {job_id} --usd <more>` (or --tokens), or stop it: "
+            f"`aidsafe jobs budget {job_id} {_raised(final.budget)}` (or --none), or stop it: "
             f"`aidsafe jobs cancel {job_id}`.[/]",
             highlight=False,
         )
     return final
+
+
+def _raised(budget: Budget | None) -> str:
+    """The `jobs budget` option for the limit the job reached: a budget of tokens alone is
+    raised in tokens (a job on an unpriced endpoint can have no cost limit)."""
+    if budget is None or budget.max_tokens is None:
+        return "--usd <more>"
+    if budget.max_cost_usd is None or budget.spent_tokens >= budget.max_tokens:
+        return "--tokens <more>"
+    return "--usd <more>"
 
 
 def _goes_on(job_id: Any) -> str:
