@@ -539,6 +539,20 @@ async def test_wrong_method_answer_names_the_methods_of_every_route_on_the_path(
 # --- submitting ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("config", "first"),
+    [({}, "intent"), ({"mode": "zero_shot"}, "zero_shot"), ({"decompose_intents": False}, "seed")],
+)
+async def test_queued_items_show_the_stage_they_run_first(
+    api: httpx.AsyncClient, auth: Headers, config: dict[str, Any], first: str
+) -> None:
+    """Progress counts items by stage: a zero-shot job's, or one that decomposes no intents,
+    never show the intent stage they do not run."""
+    response = await api.post("/v1/jobs", json={"prompts": ["a", "b"], "config": config}, headers=auth)
+
+    assert response.json()["counts"]["by_stage"] == {first: {"queued": 2}}, response.text
+
+
 async def test_submitted_job_is_accepted_as_queued(api: httpx.AsyncClient, auth: Headers) -> None:
     response = await api.post("/v1/jobs", json={"prompts": ["a", "b", "c"]}, headers=auth)
 

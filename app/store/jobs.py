@@ -17,6 +17,8 @@ from sqlalchemy.orm import undefer
 from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
 from app.costs import Budget, priced
+from app.deliberation.config import Mode
+from app.deliberation.ports import Stage
 from app.errors import InvalidCursor, NotFound
 from app.idempotency import RequestHash
 from app.plan import GenerationPlan, JobPlan
@@ -110,7 +112,15 @@ async def submit(
     )
     if not created:
         return job, []
-    return job, await copy_items(session, job.id, items)
+    return job, await copy_items(session, job.id, items, stage=_first_stage(plan))
+
+
+def _first_stage(plan: GenerationPlan) -> str:
+    """The stage a job's items run first, what their progress shows until then: the zero-shot
+    call, or the seed when intents are not decomposed, run no intent stage."""
+    if plan.mode == Mode.ZERO_SHOT:
+        return Stage.ZERO_SHOT.value
+    return (Stage.INTENT if plan.decompose_intents else Stage.SEED).value
 
 
 async def copy_items(
