@@ -70,6 +70,21 @@ async def test_zero_rounds_take_the_seed_straight_to_the_refiner(
     assert (result.rounds_used, result.agreed, result.agreed_by) == (0, False, None)
 
 
+async def test_a_plan_of_no_agents_takes_the_seed_straight_to_the_refiner(
+    llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM
+) -> None:
+    """Releases before AIDSAFE_DEFAULT_AGENTS was bounded stored such plans (agents 0): their
+    items still run, as with no rounds, not a ZeroDivisionError for every one."""
+    scripted_llm.script("seed_cot", reply(SEED))
+    log = InMemoryTurnLog()
+
+    result = completed(await run(llm, log, pipeline(agents=0)))
+
+    assert [key.stage for key in stored_keys(log)] == [Stage.INTENT, Stage.SEED, Stage.REFINE]
+    assert (result.rounds_used, result.agreed, result.agreed_by) == (0, False, None)
+    assert "deliberation_turn" not in request_counts(scripted_llm)
+
+
 async def test_a_turn_budget_stops_deliberation_mid_round(
     llm: OpenAICompatibleClient, scripted_llm: ScriptedLLM
 ) -> None:

@@ -57,7 +57,7 @@ def test_a_worker_checking_its_deployment_names_settings_refused_together() -> N
     [("default_agents", 0), ("default_agents", 9), ("default_max_rounds", -1), ("default_max_tokens", 32)],
 )
 def test_a_job_default_outside_a_jobs_own_bounds_is_refused(setting: str, value: int) -> None:
-    """Taken, every job that set none was unrunnable: with no agents, the engine divided by
-    them; with 32 tokens, every call was cut short."""
+    """Taken, every job that set none ran unlike any a job may ask for: with no agents, none
+    deliberated; with 32 tokens, every call was cut short."""
     with pytest.raises(ValidationError, match=setting):
         Settings.model_validate({setting: value})

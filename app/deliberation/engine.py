@@ -223,7 +223,9 @@ async def _aidsafe(caller: Caller, config: PipelineConfig) -> Completed:
     agreed_by: dict[str, int] | None = None
     rounds_used = 0
     agents = len(config.deliberators)
-    rounds_allowed = -(-config.turn_budget() // agents)  # max_turns may end it before max_rounds
+    # max_turns may end it before max_rounds. No agents, no turns: a plan an older release
+    # stored when it took AIDSAFE_DEFAULT_AGENTS=0.
+    rounds_allowed = -(-config.turn_budget() // max(agents, 1))
     for turn_no in range(config.turn_budget()):
         rounds_done, agent_index = divmod(turn_no, agents)
         round_no, agent_no, agent_config = rounds_done + 1, agent_index + 1, config.deliberators[agent_index]
