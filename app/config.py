@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -10,7 +11,7 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -573,9 +574,21 @@ def get_settings() -> Settings:
     return Settings()
 
 
-def refusals(exc: ValidationError) -> list[tuple[str, str]]:
+# How pydantic-settings names the field whose variable it could not read (its SettingsError).
+_UNREAD_FIELD = re.compile(r'for field "(\w+)"')
+
+
+def refusals(exc: ValidationError | SettingsError) -> list[tuple[str, str]]:
     """Each refusal in `exc` (settings failing to load) as the variable it names and why,
     never its value: a database URL may hold a password."""
+    if isinstance(exc, SettingsError):
+        # A setting of JSON (llm_endpoints, llm_prices) that is not JSON, read before any is
+        # validated: the first such, named only in the message. The parser's error says where,
+        # never what.
+        field = _UNREAD_FIELD.search(str(exc))
+        setting = f"AIDSAFE_{field[1].upper()}" if field else "the AIDSAFE_* settings"
+        cause = exc.__cause__
+        return [(setting, f"not JSON ({cause})" if isinstance(cause, json.JSONDecodeError) else str(exc))]
     said = []
     for error in exc.errors(include_url=False, include_input=False):
         # No field for a refusal of settings taken together (a model validator's): its reason
@@ -591,6 +604,6 @@ def settings_or_exit(program: str) -> Settings:
     each refused setting, not a traceback of pydantic's internals."""
     try:
         return get_settings()
-    except ValidationError as exc:
+    except (ValidationError, SettingsError) as exc:
         lines = [f"  {setting}: {reason}" for setting, reason in refusals(exc)]
         raise SystemExit("\n".join([f"{program}: cannot start, the settings are refused:", *lines])) from None

@@ -61,3 +61,17 @@ def test_a_job_default_outside_a_jobs_own_bounds_is_refused(setting: str, value:
     deliberated; with 32 tokens, every call was cut short."""
     with pytest.raises(ValidationError, match=setting):
         Settings.model_validate({setting: value})
+
+
+@pytest.mark.parametrize("program", ["aidsafe-api", "aidsafe-worker"])
+def test_a_server_given_a_json_setting_that_is_not_json_names_it_without_a_traceback(program: str) -> None:
+    """pydantic-settings reads a setting of JSON (endpoints, prices) before validating any,
+    and raised its own error for one that is not JSON: a traceback, not the line for it."""
+    ended = start(program, AIDSAFE_LLM_ENDPOINTS='{"fast": {"api_key": "s3cret-do-not-print"')
+
+    assert ended.returncode == 1, ended.stderr
+    assert "Traceback" not in ended.stderr and "s3cret" not in ended.stderr, ended.stderr
+    assert ended.stderr.splitlines() == [
+        f"{program}: cannot start, the settings are refused:",
+        "  AIDSAFE_LLM_ENDPOINTS: not JSON (Expecting ',' delimiter: line 1 column 43 (char 42))",
+    ]

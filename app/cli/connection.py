@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 from rich.markup import escape
 
 import aidsafe
@@ -76,7 +77,7 @@ def service_settings() -> Settings:
     (never its value), not with a traceback."""
     try:
         return get_settings()
-    except ValidationError as exc:
+    except (ValidationError, SettingsError) as exc:
         [(setting, reason), *_] = refusals(exc)
         raise unusable("the settings", reason, setting) from exc
 
