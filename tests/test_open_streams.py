@@ -62,7 +62,9 @@ def test_a_lone_key_gets_its_whole_cap() -> None:
             key_id = uuid4()
             assert take(streams, held, key_id, streams.per_key) == []
             [capped] = take(streams, held, key_id, 1)
-            assert capped.startswith(f"this API key already has {streams.per_key} ")
+            assert capped.startswith(
+                f"this API key already has as many {streams.what} open as it may ({streams.per_key}); "
+            )
 
 
 @pytest.mark.parametrize("per_key", [1, 2, 5])

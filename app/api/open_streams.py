@@ -44,7 +44,7 @@ class OpenStreams:
         held, in_use = self._open[key_id], self._open.total()
         if held >= self.per_key:
             raise TooManyStreams(
-                f"this API key already has {self.per_key} {self.what} open (the most it may); "
+                f"this API key already has as many {self.what} open as it may ({self.per_key}); "
                 f"close one, or {self.instead}"
             )
         if in_use >= self.in_all:
