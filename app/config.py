@@ -236,6 +236,13 @@ class EndpointConfig(BaseModel):
     batch: BatchConfig | None = None
 
 
+# The bounds of a job's own values (app/plan.py) and of the server's defaults for them.
+Agents = Annotated[int, Field(ge=1, le=8)]
+Rounds = Annotated[int, Field(ge=0, le=20)]
+CallTokens = Annotated[int, Field(ge=64, le=16384)]
+Temperature = Annotated[float, Field(ge=0, le=2)]
+
+
 class Settings(BaseSettings):
     # hide_input_in_errors: a refused setting is named, never quoted (URLs, endpoint keys and
     # tokens carry secrets, and the message goes to logs).
@@ -366,12 +373,12 @@ class Settings(BaseSettings):
     max_webhooks_per_key: int = Field(default=100, ge=1)
     max_set_versions_per_key: int = Field(default=1000, ge=1)
 
-    # Job defaults, each overridable per job, within the bounds a job's own value has
-    # (app/plan.py): a default outside them would make every job that sets none unrunnable.
-    default_agents: int = Field(default=2, ge=1, le=8)
-    default_max_rounds: int = Field(default=4, ge=0, le=20)
-    default_max_tokens: int = Field(default=768, ge=64, le=16384)
-    default_temperature: float = Field(default=0.7, ge=0, le=2)
+    # Job defaults, each overridable per job, within the bounds a job's own value has: a
+    # default outside them would make every job that sets none unrunnable.
+    default_agents: Agents = 2
+    default_max_rounds: Rounds = 4
+    default_max_tokens: CallTokens = 768
+    default_temperature: Temperature = 0.7
     # Re-asks after malformed or truncated output, per call; below FALLBACK_ATTEMPT, where a
     # fallback's attempts are numbered from.
     max_reasks: int = Field(default=2, ge=0, le=50)
@@ -379,7 +386,7 @@ class Settings(BaseSettings):
     # agent refuses a stage, the same request goes to this endpoint and model. Unset: none.
     fallback_endpoint: EndpointName | None = None
     fallback_model: str | None = None  # unset: the fallback endpoint's default model
-    fallback_temperature: float | None = Field(default=None, ge=0, le=2)  # unset: the job's default
+    fallback_temperature: Temperature | None = None  # unset: the job's default
     # Named job configs a job may start from, one YAML file each (see the README's "Presets");
     # the API loads and checks them at startup and will not start if one is invalid.
     presets_dir: Path = Path(__file__).resolve().parents[1] / "presets"

@@ -12,7 +12,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
-from app.config import EndpointConfig, EndpointName, Prices, Settings
+from app.config import Agents, CallTokens, EndpointConfig, EndpointName, Prices, Rounds, Settings, Temperature
 from app.deliberation.budget import (
     RequestBudget,
     bytes_tokens,
@@ -67,7 +67,7 @@ class RoleIn(BaseModel):
 
     endpoint: EndpointName | None = Field(default=None, description="Name of a configured endpoint.")
     model: str | None = Field(default=None, max_length=200)
-    temperature: float | None = Field(default=None, ge=0, le=2)
+    temperature: Temperature | None = None
     instructions: str | None = Field(
         default=None,
         max_length=MAX_ROLE_INSTRUCTIONS_CHARS,
@@ -152,7 +152,7 @@ class FallbackIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     endpoint: EndpointName | None = Field(default=None, description="Name of a configured endpoint.")
     model: str | None = Field(default=None, max_length=200)
-    temperature: float | None = Field(default=None, ge=0, le=2)
+    temperature: Temperature | None = None
 
 
 class BatchOptions(BaseModel):
@@ -175,11 +175,9 @@ class JobConfigIn(BaseModel):
         description="`aidsafe`: the multi-agent pipeline. `zero_shot`: one call by the seed role "
         "writes CoT and response (the paper's LLM_ZS baseline).",
     )
-    agents: int | None = Field(default=None, ge=1, le=8, description="Deliberating agents.")
-    max_rounds: int | None = Field(
+    agents: Agents | None = Field(default=None, description="Deliberating agents.")
+    max_rounds: Rounds | None = Field(
         default=None,
-        ge=0,
-        le=20,
         description="Round budget; a round is every agent once. 0: the seed goes straight to the refiner.",
     )
     max_turns: int | None = Field(
@@ -194,7 +192,7 @@ class JobConfigIn(BaseModel):
         "nothing dropped.",
     )
     limits: LimitsIn = Field(default_factory=LimitsIn)
-    max_tokens: int | None = Field(default=None, ge=64, le=16384, description="Per call.")
+    max_tokens: CallTokens | None = Field(default=None, description="Per call.")
     defaults: RoleIn = Field(default_factory=RoleIn, description="Applies to every role.")
     intent: RoleIn | None = None
     seed: RoleIn | None = None

@@ -21,7 +21,7 @@ from pydantic_core import InitErrorDetails
 
 from app.benchmarks import BadRow, TooManyRows, TooManyValues, read_rows
 from app.benchmarks import Format as BenchmarkFormat
-from app.config import Prices
+from app.config import CallTokens, Prices
 from app.costs import Budget
 from app.deliberation.config import Mode
 from app.deliberation.policies import MAX_POLICY_TEXT_CHARS, render_policies
@@ -1003,8 +1003,8 @@ class ModelEvaluationIn(Labelled, OnlineOnly):
         description=f"The templates that word the judges' requests (`GET /v1/prompt-sets`); "
         f"{LEFT_OUT_SET}. The targets get nothing of ours but their own system prompt.",
     )
-    max_tokens: int | None = Field(
-        default=None, ge=64, le=16384, description="Per call: the targets' answers and the judges' verdicts."
+    max_tokens: CallTokens | None = Field(
+        default=None, description="Per call: the targets' answers and the judges' verdicts."
     )
     callback_url: CallbackUrl = None
 
