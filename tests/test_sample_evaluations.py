@@ -1060,7 +1060,8 @@ async def test_10000_samples_are_submitted_holding_the_event_loop_briefly(
     api: httpx.AsyncClient, auth: Headers
 ) -> None:
     """Their rows' ids and thoughts, made on the event loop, and the answer dumped and
-    validated again as the submission's, held every other request for 48 ms of CPU; 11 ms now."""
+    validated again as the submission's, held every other request for 48 ms of CPU; 11 ms now
+    (the least of three submissions: one alone measured 36 ms under the parallel suite's load)."""
     samples = [{"prompt": f"prompt {n}", "response": "Sure.", "label": f"l{n}"} for n in range(10_000)]
     body = json.dumps({"samples": samples, "guard": {}}).encode()  # here, not on the loop measured
     headers = {**auth, "Content-Type": "application/json"}
@@ -1068,11 +1069,12 @@ async def test_10000_samples_are_submitted_holding_the_event_loop_briefly(
     first = await api.post("/v1/sample-evaluations", json={"samples": samples[:1], "guard": {}}, headers=auth)
     assert first.status_code == 202, first.text
 
-    response, held = await longest_loop_pause(
-        api.post("/v1/sample-evaluations", content=body, headers=headers)
+    response, held = await least_loop_pause(
+        lambda: api.post("/v1/sample-evaluations", content=body, headers=headers)
     )
 
     assert response.status_code == 202, response.text
     assert response.json()["samples"] == 10_000
-    # Between the two: the parallel suite's load took it to 36 ms.
-    assert held < 0.045, f"the event loop was held for {held:.3f} s of CPU"
+    # The least of three: 8 ms here with 10 processes on 2 cores; the old code re-created, 37-39
+    # ms (it passed the 45 ms this bound was before).
+    assert held < 0.023, f"the event loop was held for {held:.3f} s of CPU"
