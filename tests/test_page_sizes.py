@@ -29,12 +29,15 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.api import views
+from app.api.json_answers import as_answered
+from app.api.schemas import ItemPage
 from app.store import jobs
 from app.store.db import Sessions
 from app.store.models import Cot, ImportedSample, Item, Job, PreferencePair, SampleEvaluation
 from app.store.page_sizes import PAGE_ROW_BYTES
 from app.web import pages
-from tests.conftest import least_loop_pause, submit
+from tests.conftest import least_loop_pause, longest_loop_pause, submit
 from tests.test_comparison_reports import copies_of_the_first_cot
 from tests.test_quality_api import GRADED, PAIRED, a_grade, compare, completed, finished_job, kept_pair
 from tests.test_sample_evaluations import guarded_evaluation
@@ -346,14 +349,29 @@ async def test_a_page_of_500_items_of_many_metadata_values_is_shaped_and_encoded
     async with sessions.begin() as session:
         await session.execute(update(Item).where(Item.job_id == job_id).values(item_metadata=metadata))
 
-    response, held = await least_loop_pause(
-        lambda: api.get(f"/v1/jobs/{job_id}/items", params={"limit": ROWS}, headers=auth)
-    )
+    async def shaped_on_the_loop() -> bytes:
+        """The page read, shaped and encoded on the event loop: the route's work before."""
+        async with sessions() as session:
+            rows, next_cursor = await jobs.page_items(session, job_id, None, None, ROWS)
+        return as_answered(ItemPage(data=[views.item_out(item) for item in rows], next_cursor=next_cursor))
+
+    # Against the same work on the loop, each the least of five taken in turn: a loaded machine
+    # slows all code for a while (a whole run's requests took 20-26 ms where 7-11 is usual),
+    # so a bound in seconds between the two failed now and then, or let the old route pass
+    # (28-29 ms against 0.03). Here 4-5 ms against 24-25; the old route re-created, 30 against 26.
+    held = on_the_loop = float("inf")
+    for _ in range(5):
+        response, once = await longest_loop_pause(
+            api.get(f"/v1/jobs/{job_id}/items", params={"limit": ROWS}, headers=auth)
+        )
+        held = min(held, once)
+        _, once = await longest_loop_pause(shaped_on_the_loop())
+        on_the_loop = min(on_the_loop, once)
 
     assert response.status_code == 200, response.text
     rows = response.json()["data"]
     assert len(rows) >= 400 and all(row["metadata"] == metadata for row in rows)
-    assert held < 0.03, f"the event loop was held for {held:.3f} s of CPU"
+    assert held < 0.5 * on_the_loop, f"the event loop was held for {held:.3f} s of CPU; {on_the_loop:.3f} s"
 
 
 async def test_a_page_of_500_graded_cots_is_shaped_off_the_event_loop(
