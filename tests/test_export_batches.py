@@ -19,7 +19,10 @@ from app.store.db import Sessions
 from app.store.export_rows import ExportFilter, Source
 from app.store.exports import BATCH_BYTES, BYTES_SO_FAR, read_batches
 from app.store.models import Cot, Item, PreferencePair
-from tests.test_exports import bulk_job
+
+# statements_built_afresh (autouse): each test builds the batch statement from the code as it
+# is, not from the cache mutmut's clean run left every mutant's process.
+from tests.test_exports import bulk_job, statements_built_afresh  # noqa: F401
 
 # A long column's bytes: two rows of it fit in a batch, three do not.
 LONG = BATCH_BYTES * 3 // 8
