@@ -16,11 +16,19 @@ import httpx
 import pytest
 from sqlalchemy import Interval, func, select, type_coerce, update
 
-from app.deliberation.results import Completed, Thought
+from app.deliberation.results import Completed, Evaluated, Grade, GuardVerdict, Thought
 from app.store import items
 from app.store.db import Sessions
 from app.store.endings import CANCELLED, COMPLETED, handed_back
-from app.store.models import CallbackDelivery, Cot, Item, Job, PairCandidate, PreferencePair
+from app.store.models import (
+    CallbackDelivery,
+    Cot,
+    Item,
+    Job,
+    PairCandidate,
+    PreferencePair,
+    SampleEvaluation,
+)
 from tests.conftest import eventually, new_key
 from tests.test_api import Headers, items_of, other_backend, submit
 from tests.test_endings import LIMITS, REJECTED, expire_lease, stored
@@ -528,6 +536,31 @@ async def test_a_completion_with_a_preference_pair_stores_the_pair_with_the_chos
     assert stored_pair is not None and (stored_pair.paired, stored_pair.chosen_scores) == (True, grade.scores)
     assert [tuple(c) for c in candidates] == [(c.method, c.number) for c in pair.candidates()]
     assert (await stored(sessions, item_id)).status == "completed"
+
+
+async def test_a_sample_evaluations_completion_stores_why_the_grader_gave_no_scores(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    samples = [{"prompt": "Hi", "response": "Hello!"}]
+    job = await api.post(
+        "/v1/sample-evaluations", json={"samples": samples, "grade": {}, "guard": {}}, headers=auth
+    )
+    assert job.status_code == 202, job.text
+    async with sessions() as session:
+        item_id = await session.scalar(select(Item.id).where(Item.job_id == UUID(job.json()["id"])))
+    assert item_id is not None
+    claim = await claimed(sessions, item_id)
+    unread = Grade(None, error="the grader's answer was no JSON")
+    verdict = GuardVerdict(unsafe=True, categories=["fraud-deception"])
+
+    assert await items.complete_evaluated(sessions, claim, Evaluated(unread, verdict, None)) == COMPLETED
+
+    async with sessions() as session:
+        result = await session.scalar(select(SampleEvaluation).where(SampleEvaluation.item_id == item_id))
+    # The samples page shows it: without it a grade that failed reads as one never asked for.
+    assert result is not None and (result.scores, result.grade_error) == (None, unread.error)
+    assert result.guard is not None and result.guard["categories"] == ["fraud-deception"]
+    assert (result.winner, result.votes) == (None, None)
 
 
 async def test_a_lease_taken_over_does_not_wait_for_a_transaction_changing_its_job(
