@@ -434,6 +434,29 @@ async def test_a_claim_carries_its_jobs_plan_and_pinned_prompt_set(
     )
 
 
+@pytest.mark.parametrize("taken_over", [False, True], ids=["queued", "lease_taken_over"])
+async def test_a_claim_carries_both_limits_of_its_jobs_budget(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions, taken_over: bool
+) -> None:
+    """The worker checks the item's first LLM call against the claim's budget (later ones
+    against what its stored turns read): a limit lost here lets each item of a spent job
+    start a call."""
+    [item_id] = await queued_items(api, auth, sessions, 1)
+    async with sessions.begin() as session:  # both limits, as a priced job's budget has them
+        await session.execute(
+            update(Job)
+            .where(Job.id == select(Item.job_id).where(Item.id == item_id).scalar_subquery())
+            .values(budget_max_cost_usd=0.25, budget_max_tokens=50_000)
+        )
+    claim = await claimed(sessions, item_id)
+    if taken_over:
+        await expire_lease(sessions, item_id)
+        claim = await claimed(sessions, item_id)
+
+    assert claim.budget is not None
+    assert (claim.budget.max_cost_usd, claim.budget.max_tokens) == (0.25, 50_000)
+
+
 async def notifying(sessions: Sessions, item_id: UUID) -> UUID:
     """The item's job given a callback URL, as a submission naming one: the job's id."""
     async with sessions.begin() as session:
