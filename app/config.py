@@ -602,7 +602,10 @@ def refusals(exc: ValidationError | SettingsError) -> list[tuple[str, str]]:
         # names them.
         setting = f"AIDSAFE_{str(error['loc'][0]).upper()}" if error["loc"] else "the AIDSAFE_* settings"
         reason = error.get("ctx", {}).get("error")  # a validator's ValueError, without pydantic's prefix
-        said.append((setting, str(reason) if isinstance(reason, ValueError) else error["msg"]))
+        why = str(reason) if isinstance(reason, ValueError) else error["msg"]
+        # Within a setting of JSON, which entry: an endpoint's name and its field.
+        inner = ".".join(str(part) for part in error["loc"][1:])
+        said.append((setting, f"{inner}: {why}" if inner else why))
     return said
 
 

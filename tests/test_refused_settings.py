@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from app.config import Settings
+from app.config import Settings, refusals
 from tests.conftest import ROOT
 
 BIN = Path(sys.executable).parent
@@ -74,4 +74,18 @@ def test_a_server_given_a_json_setting_that_is_not_json_names_it_without_a_trace
     assert ended.stderr.splitlines() == [
         f"{program}: cannot start, the settings are refused:",
         "  AIDSAFE_LLM_ENDPOINTS: not JSON (Expecting ',' delimiter: line 1 column 43 (char 42))",
+    ]
+
+
+def test_a_refusal_within_a_setting_of_json_names_the_entry_and_its_field() -> None:
+    """`AIDSAFE_LLM_ENDPOINTS: Input should be greater than or equal to 1` left an operator with
+    several endpoints to guess which one, and which of its fields."""
+    endpoint = {"base_url": "http://127.0.0.1:9/v1", "max_concurrency": 0, "batch": {"unknown": 1}}
+    with pytest.raises(ValidationError) as refused:
+        Settings.model_validate({"llm_endpoints": {"fast": endpoint}, "max_exports": 0})
+
+    assert sorted(refusals(refused.value)) == [
+        ("AIDSAFE_LLM_ENDPOINTS", "fast.batch.unknown: Extra inputs are not permitted"),
+        ("AIDSAFE_LLM_ENDPOINTS", "fast.max_concurrency: Input should be greater than or equal to 1"),
+        ("AIDSAFE_MAX_EXPORTS", "Input should be greater than or equal to 1"),
     ]
