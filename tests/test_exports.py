@@ -916,6 +916,22 @@ async def test_a_cot_larger_than_a_batch_leaves_a_row_limit_of_one(sessions: Ses
     assert next_batch_rows(first, BATCH_ROWS) == 1
 
 
+async def batch_plan(
+    sessions: Sessions, statement: DriverStatement, params: dict[str, Any], options: str
+) -> Any:
+    """The plan (JSON) of EXPLAIN (`options`) of a batch statement run with `params`."""
+    literals = ", ".join(f"'{params[name]}'" for name in statement.parameters)  # EXECUTE takes no $n
+    async with driver_connection(sessions) as connection:
+        await connection.execute(f"PREPARE batch AS {statement.sql}")
+        try:
+            explained = await connection.fetchval(
+                f"EXPLAIN ({options}, FORMAT JSON) EXECUTE batch({literals})"
+            )
+        finally:
+            await connection.execute("DEALLOCATE batch")
+    return explained[0]["Plan"]  # json decoded by the pool's codec
+
+
 def scanned(plan: dict[str, Any], table: str) -> int:
     """The rows an EXPLAIN ANALYZE plan (JSON) read from `table`, over all its scans."""
     own = plan["Actual Rows"] * plan["Actual Loops"] if plan.get("Relation Name") == table else 0
@@ -938,39 +954,18 @@ async def test_a_batch_statement_reads_its_cots_and_items_once(
     same joins read every row twice, and cost ordinary exports 6-28 % of their speed."""
     job_id = await bulk_job(sessions, 3 * BATCH_ROWS)
     statement = batches_statement(source, ExportFilter(), human_edits)
-    params = {"job_id": job_id, "after": 499, "rows": BATCH_ROWS}
-    literals = ", ".join(f"'{params[name]}'" for name in statement.parameters)  # EXECUTE takes no $n
-
-    async with driver_connection(sessions) as connection, connection.transaction():
+    async with driver_connection(sessions) as connection:
         # With statistics, as autovacuum keeps them: without, the planner takes the job for a
         # few hundred rows and sorts all those after `after` (see bench/RESULTS.md).
         await connection.execute("ANALYZE cots, items")
-        await connection.execute(f"PREPARE batch AS {statement.sql}")
-        try:
-            explained = await connection.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE batch({literals})")
-        finally:
-            await connection.execute("DEALLOCATE batch")
-    plan = explained[0]["Plan"]  # json decoded by the pool's codec
+
+    plan = await batch_plan(
+        sessions, statement, {"job_id": job_id, "after": 499, "rows": BATCH_ROWS}, "ANALYZE"
+    )
 
     # (The window reads one row past the limit's last.)
     assert plan["Actual Rows"] == BATCH_ROWS
     assert scanned(plan, "cots") <= BATCH_ROWS + 1 and scanned(plan, "items") <= BATCH_ROWS + 1
-
-
-async def batch_plan(
-    sessions: Sessions, statement: DriverStatement, params: dict[str, Any], options: str
-) -> Any:
-    """The plan (JSON) of EXPLAIN (`options`) of a batch statement run with `params`."""
-    literals = ", ".join(f"'{params[name]}'" for name in statement.parameters)  # EXECUTE takes no $n
-    async with driver_connection(sessions) as connection:
-        await connection.execute(f"PREPARE batch AS {statement.sql}")
-        try:
-            explained = await connection.fetchval(
-                f"EXPLAIN ({options}, FORMAT JSON) EXECUTE batch({literals})"
-            )
-        finally:
-            await connection.execute("DEALLOCATE batch")
-    return explained[0]["Plan"]  # json decoded by the pool's codec
 
 
 def subplan_loops(plan: dict[str, Any]) -> int:
