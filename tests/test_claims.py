@@ -34,6 +34,7 @@ from tests.test_api import Headers, items_of, other_backend, submit
 from tests.test_endings import LIMITS, REJECTED, expire_lease, stored
 from tests.test_prompt_sets import CUSTOM_SEED_USER, register
 from tests.test_quality_api import a_grade, completed, kept_pair
+from tests.test_sample_evaluations import one_graded_and_guarded_sample
 
 SHUTDOWN = handed_back("worker shut down", counts_as_failure=False)
 
@@ -564,14 +565,7 @@ async def test_a_completion_with_a_preference_pair_stores_the_pair_with_the_chos
 async def test_a_sample_evaluations_completion_stores_why_the_grader_gave_no_scores(
     api: httpx.AsyncClient, auth: Headers, sessions: Sessions
 ) -> None:
-    samples = [{"prompt": "Hi", "response": "Hello!"}]
-    job = await api.post(
-        "/v1/sample-evaluations", json={"samples": samples, "grade": {}, "guard": {}}, headers=auth
-    )
-    assert job.status_code == 202, job.text
-    async with sessions() as session:
-        item_id = await session.scalar(select(Item.id).where(Item.job_id == UUID(job.json()["id"])))
-    assert item_id is not None
+    item_id = await one_graded_and_guarded_sample(api, auth, sessions)
     claim = await claimed(sessions, item_id)
     unread = Grade(None, error="the grader's answer was no JSON")
     verdict = GuardVerdict(unsafe=True, categories=["fraud-deception"])

@@ -620,13 +620,8 @@ async def test_grades_and_guard_verdicts_make_a_report_with_intervals(
     assert sorted(stages) == ["grade", "guard"]  # every call a stored turn
 
 
-async def test_a_resumed_item_does_not_ask_again_what_its_turns_hold(
-    api: httpx.AsyncClient,
-    auth: Headers,
-    settings: Settings,
-    scripted_llm: ScriptedLLM,
-    sessions: Sessions,
-) -> None:
+async def one_graded_and_guarded_sample(api: httpx.AsyncClient, auth: Headers, sessions: Sessions) -> UUID:
+    """A sample evaluation of one sample, graded and guarded: its item's id."""
     samples = [{"prompt": "Hi", "response": "Hello!"}]
     response = await api.post(
         "/v1/sample-evaluations", json={"samples": samples, "grade": {}, "guard": {}}, headers=auth
@@ -635,6 +630,17 @@ async def test_a_resumed_item_does_not_ask_again_what_its_turns_hold(
     async with sessions() as session:
         item_id = await session.scalar(select(Item.id).where(Item.job_id == UUID(response.json()["id"])))
     assert item_id is not None
+    return item_id
+
+
+async def test_a_resumed_item_does_not_ask_again_what_its_turns_hold(
+    api: httpx.AsyncClient,
+    auth: Headers,
+    settings: Settings,
+    scripted_llm: ScriptedLLM,
+    sessions: Sessions,
+) -> None:
+    item_id = await one_graded_and_guarded_sample(api, auth, sessions)
     # A first worker grades, then its guard call fails: the claim ends with the grade stored.
     scripted_llm.script("guard_verdict", http_error(400))
     claim = await items.claim(sessions, item_id, LIMITS)
