@@ -72,6 +72,13 @@ def test_every_template_of_every_stage_is_declared_with_the_values_the_stage_fil
         assert spec.stage.value in slots[system].used_by
 
 
+def test_the_whisperer_may_be_shown_its_guards_violations_and_a_set_written_before_stays_valid() -> None:
+    slots = template_slots()["whisper.user"]
+
+    assert "violations" in slots.allowed - slots.required
+    assert validate(changed(whisper__user="User query:\n<<<\n$prompt\n>>>\n\n$history\n")) == []
+
+
 # --- versions ----------------------------------------------------------------------------
 
 

@@ -122,18 +122,18 @@ async def test_aidsafe_stages_with_reasks_grading_and_a_whispered_pair_send_pinn
             "deliberation/2/1/0 deliberator-1 2bc9e24327b91856",
             "refine/0/0/0 refiner f1be05f33a9c2659",
             "grade/0/0/0 grader cf40c1df3f266961",
-            "whisper/1/0/0 whisperer 593ec6cb631e7030",
+            "whisper/1/0/0 whisperer b392f5ffa4de9f8b",
             "rejected/1/0/0 generator 98f7edeaebcd7bde",
             "guard/1/0/0 guard 8359ae2849fb9ae2",
             "grade/1/0/0 grader e1d018b87b9c0fa2",
-            "whisper/2/0/0 whisperer 82d7acbf8264b544",
+            "whisper/2/0/0 whisperer fcbb0516df06464b",
             "rejected/2/0/0 generator 7732414a06d72ec1",
-            "whisper/3/0/0 whisperer 35de990cfec2a18a",
+            "whisper/3/0/0 whisperer d9186ed203450089",
             "rejected/3/0/0 generator ae5f93ac54cbe47b",
             "guard/3/0/0 guard 8fc40c1ac8d245ef",
             "grade/3/0/0 grader 8a9712e0307b9fb3",
         ],
-        "bodies": "77f727e65f0ac9e3",
+        "bodies": "7c5d52d704415b11",
     }
 
 
@@ -153,12 +153,12 @@ async def test_zero_shot_with_a_llama_guard_pair_sends_pinned_requests(
         "turns": [
             "zero_shot/0/0/0 zero-shot a7fe469576f0b141",
             "grade/0/0/0 grader cefc22aca5cee350",
-            "whisper/1/0/0 whisperer 593ec6cb631e7030",
+            "whisper/1/0/0 whisperer f7737e9188f9340d",
             "rejected/1/0/0 generator 902f37798175744b",
             "guard/1/0/0 guard dfa128c27c2976d5",
             "grade/1/0/0 grader 7d6ebf3e8fb9852b",
         ],
-        "bodies": "de4efc50e8b2ace9",
+        "bodies": "2a9643bb9babbcee",
     }
 
 
@@ -208,12 +208,12 @@ async def test_a_shieldgemma_guard_sends_one_pinned_question_with_the_policies_a
         "turns": [
             "zero_shot/0/0/0 zero-shot a7fe469576f0b141",
             "grade/0/0/0 grader cefc22aca5cee350",
-            "whisper/1/0/0 whisperer 593ec6cb631e7030",
+            "whisper/1/0/0 whisperer 7e39615580b328d4",
             "rejected/1/0/0 generator 902f37798175744b",
             "guard/1/0/0 guard 8d8e3cf4dff75b6f",
             "grade/1/0/0 grader cefc22aca5cee350",
         ],
-        "bodies": "49da42e9891ae44f",
+        "bodies": "8dcf309bd9ecd72b",
     }
 
 
@@ -263,12 +263,12 @@ def test_request_budgets_of_every_role_are_pinned() -> None:
         ("deliberator-2", 7388),
         ("refiner", 8318),
         ("grader", 4777),
-        ("whisperer", 7982),
+        ("whisperer", 8029),
         ("generator", 4270),
         ("guard", 4217),
         ("zero-shot", 3498),
         ("grader", 4777),
-        ("whisperer", 5705),
+        ("whisperer", 5738),
         ("generator", 4270),
         ("guard", 1304),
         ("guard", 3880),

@@ -41,6 +41,7 @@ from app.deliberation.stages import (
     RESPOND,
     SEED,
     WHISPER,
+    WHISPER_AIMS,
     ZERO_SHOT,
     StageSpec,
 )
@@ -177,7 +178,13 @@ def largest_requests(
         # The last try reads every earlier one: its belief, rejected sample and guard rationale.
         # Standard sampling (the baseline) sends the generator's request without the belief.
         budgets += [
-            job.budget(WHISPER, pairs.whisperer, 3 * (pairs.max_tries - 1), history=""),
+            job.budget(
+                WHISPER,
+                pairs.whisperer,
+                3 * (pairs.max_tries - 1),
+                history="",
+                violations=WHISPER_AIMS[pairs.guard.style],
+            ),
             job.budget(REJECTED, pairs.generator, 1, belief=""),
             job.budget(GUARDS[pairs.guard.style], pairs.guard.role, 1, sample=""),
         ]

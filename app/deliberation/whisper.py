@@ -23,7 +23,7 @@ from app.deliberation.calls import Caller, StageFailed
 from app.deliberation.config import PairsConfig, RoleConfig
 from app.deliberation.quality import grade, guard, sample_text
 from app.deliberation.results import Grade, GuardVerdict, PairOutcome, PairReason, PairTry, Sample
-from app.deliberation.stages import REJECTED, STANDARD, STANDARD_AGENT, WHISPER
+from app.deliberation.stages import REJECTED, STANDARD, STANDARD_AGENT, WHISPER, WHISPER_AIMS
 
 
 async def make_pair(caller: Caller, pairs: PairsConfig, grader: RoleConfig, chosen: Grade) -> PairOutcome:
@@ -39,7 +39,13 @@ async def _whisper(
     tries: list[PairTry] = []
     for number in range(1, pairs.max_tries + 1):
         try:
-            whispered = await caller.call(WHISPER, pairs.whisperer, round=number, history=_history(tries))
+            whispered = await caller.call(
+                WHISPER,
+                pairs.whisperer,
+                round=number,
+                history=_history(tries),
+                violations=WHISPER_AIMS[pairs.guard.style],
+            )
         except StageFailed as failed:
             refused = failed.failure.code == "agent_refused"
             return tries, "whisperer_refused" if refused else "whisperer_unparseable"
