@@ -124,16 +124,16 @@ async def test_aidsafe_stages_with_reasks_grading_and_a_whispered_pair_send_pinn
             "grade/0/0/0 grader cf40c1df3f266961",
             "whisper/1/0/0 whisperer b392f5ffa4de9f8b",
             "rejected/1/0/0 generator 98f7edeaebcd7bde",
-            "guard/1/0/0 guard 8359ae2849fb9ae2",
+            "guard/1/0/0 guard ca015903a72e8191",
             "grade/1/0/0 grader e1d018b87b9c0fa2",
             "whisper/2/0/0 whisperer fcbb0516df06464b",
             "rejected/2/0/0 generator 7732414a06d72ec1",
             "whisper/3/0/0 whisperer d9186ed203450089",
             "rejected/3/0/0 generator ae5f93ac54cbe47b",
-            "guard/3/0/0 guard 8fc40c1ac8d245ef",
+            "guard/3/0/0 guard 7078888c018648c0",
             "grade/3/0/0 grader 8a9712e0307b9fb3",
         ],
-        "bodies": "7c5d52d704415b11",
+        "bodies": "10e5b0054b610eb5",
     }
 
 
@@ -265,7 +265,7 @@ def test_request_budgets_of_every_role_are_pinned() -> None:
         ("grader", 4777),
         ("whisperer", 8029),
         ("generator", 4270),
-        ("guard", 4217),
+        ("guard", 4244),
         ("zero-shot", 3498),
         ("grader", 4777),
         ("whisperer", 5738),
