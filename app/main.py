@@ -186,7 +186,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         deletions,
     )
     for module in routers:
-        app.include_router(module.router)
+        # Every keyed route may answer 429 (too_many_wrong_keys, too_many_waiting): documented once
+        # here; a route's own 429 (the webhook delivery's) goes before it.
+        keyed = module not in (health, metrics)
+        app.include_router(module.router, responses=errors.documented(429) if keyed else None)
     app.include_router(pages.router)  # the web viewer, /view
     return app
 

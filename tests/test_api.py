@@ -1238,6 +1238,21 @@ async def test_openapi_document_declares_bearer_auth_on_every_v1_operation(api: 
             assert document["paths"][path][op]["security"] == [{name: []}], (path, op)
 
 
+async def test_openapi_document_lists_429_on_every_v1_operation(api: httpx.AsyncClient) -> None:
+    """Any /v1 request may be refused 429: an unknown key from an address that sent too many
+    (too_many_wrong_keys), a key's requests past AIDSAFE_MAX_WAITING_PER_KEY (too_many_waiting),
+    as the README's HTTP API says; a client made from the document must expect it."""
+    document = (await api.get("/openapi.json")).json()
+
+    undocumented = {
+        (path, op)
+        for path, ops in V1_PATHS.items()
+        for op in ops
+        if "429" not in document["paths"][path][op]["responses"]
+    }
+    assert undocumented == set()
+
+
 # --- a finished job -----------------------------------------------------------------------
 
 

@@ -53,8 +53,13 @@ _WHY = {
         "code naming what the service will not take, such as invalid_config, unknown_policy_set, "
         "request_too_large or invalid_sample_file (the README's HTTP API section lists every code)."
     ),
-    429: "The API key, or the server, has as many progress streams or exports open as it may, or "
-    "the server keeps the rest for keys with none (too_many_streams).",
+    429: (
+        "Come back after Retry-After: an unknown or revoked API key from a client address (an IPv6 "
+        "one: its /64 network) that sent too many lately (too_many_wrong_keys); this key's requests "
+        "waiting for their turn past AIDSAFE_MAX_WAITING_PER_KEY (too_many_waiting); or, for "
+        "progress streams and exports, as many open as the key or the server may, or the rest kept "
+        "for keys with none (too_many_streams)."
+    ),
     503: "The database or the queue (Redis) is unavailable (unavailable); retry shortly.",
 }
 
