@@ -7,6 +7,7 @@ connection. Requests go over a raw socket to the real app served as `aidsafe-api
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 
 import httpx
@@ -194,6 +195,27 @@ async def test_a_pipelined_requests_refused_head_is_not_taken_for_the_answer_bef
     responses = await conversation(live_api, first + second)
 
     assert [response.status_code for response in responses] in ([], [200])
+
+
+async def test_a_request_carried_out_gets_its_answer_before_what_follows_it_is_refused(
+    live_api: str, auth: dict[str, str]
+) -> None:
+    """A submission, then bytes that are no request (a client whose Content-Length fell short of
+    its body): the connection was closed as soon as they came, and the job the submission made
+    was never answered (retried, it was made twice). Now its answer goes out, then the close."""
+    body = json.dumps({"prompts": ["How do tides work?"]}).encode()
+    head = "".join(f"{name}: {value}\r\n" for name, value in auth.items())
+    submission = (
+        f"POST /v1/jobs HTTP/1.1\r\nhost: api\r\n{head}content-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+    responses = await conversation(live_api, submission + b"garbage\r\n\r\n")
+
+    assert [response.status_code for response in responses] == [202]
+    async with httpx.AsyncClient(base_url=live_api, headers=auth) as client:
+        listed = (await client.get("/v1/jobs")).json()["data"]
+    assert [job["id"] for job in listed] == [responses[0].json()["id"]]
 
 
 def _past_the_limit(settings: Settings) -> list[bytes]:

@@ -75,6 +75,7 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         self._head: _Head | None = None  # None until a request begins
         self._refusal: Refusal | None = None
         self._head_timer: asyncio.TimerHandle | None = None  # runs while a head is awaited
+        self._close_after_answer = False  # what came after the answer under way was refused
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -138,6 +139,8 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         self._handed_over().ended = True
 
     def on_response_complete(self) -> None:
+        if self._close_after_answer:  # closing, the base class starts no pipelined request
+            self.transport.close()
         super().on_response_complete()
         # uvicorn armed its keep-alive timer: the connection awaits its next request. That timer
         # ends with the request's first byte; this one bounds the whole head.
@@ -186,8 +189,9 @@ class HeadLimitedProtocol(HttpToolsProtocol):
     def _answer(self, refusal: Refusal) -> None:
         """Answers the request with the refusal and closes the connection, unread. Where an
         answer is under way (to this request, refused in its trailers; or to the one before
-        it on the connection), the connection is only closed: the client would take the
-        refusal for part of that answer, or for that answer."""
+        it on the connection), that answer goes out whole and the connection is then closed,
+        the refusal unsent: the client would take it for part of that answer, or for that
+        answer. Closed at once, a request already carried out (a job made) lost its answer."""
         if refusal is not NOT_HTTP:  # uvicorn logged that one
             self.logger.warning("Refused a request: %s.", refusal.message)
         cycle, head = self.cycle, self._head
@@ -197,7 +201,11 @@ class HeadLimitedProtocol(HttpToolsProtocol):
             under_way = cycle is not None and not cycle.response_complete
         # A pipelined request's cycle waits behind the answer under way to the one before.
         if under_way or self.pipeline:
-            self.transport.close()
+            if cycle is not None and cycle.response_complete:  # sent already, its body unread
+                self.transport.close()
+            else:
+                self._close_after_answer = True
+                self.transport.pause_reading()  # the rest is not read: nor parsed, nor refused again
             return
         response = error_response(refusal.status, refusal.code, refusal.message)
         lines = [*self.server_state.default_headers, *response.raw_headers, (b"connection", b"close")]
