@@ -141,7 +141,7 @@ async def list_comparisons(
     return await json_answer(
         session,
         lambda: ComparisonPage(
-            data=[views.comparison_listed(row, comparisons.plan_of(row.job)) for row in rows],
+            data=[views.comparison_listed(row) for row in rows],
             next_cursor=next_cursor,
         ),
     )

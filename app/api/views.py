@@ -341,10 +341,13 @@ def prompt_set_detail(row: PromptSetRow) -> PromptSetDetailOut:
 
 
 def job_listed(listed: ListedJob) -> JobListed:
-    return JobListed(**_listed_fields(listed), kind=listed.job.plan.mode)
+    return JobListed(**_listed_fields(listed), kind=listed.plan.mode)
 
 
-def comparison_listed(listed: ListedJob, plan: ComparisonPlan) -> ComparisonListed:
+def comparison_listed(listed: ListedJob) -> ComparisonListed:
+    plan = listed.plan
+    if not isinstance(plan, ComparisonPlan):  # the listing of comparisons keeps no other
+        raise TypeError(f"job {listed.job.id} is no comparison")
     return ComparisonListed(
         **_listed_fields(listed),
         baseline_job_id=plan.baseline_job_id,
@@ -363,7 +366,7 @@ def _listed_fields(listed: ListedJob) -> dict[str, Any]:
         "label": job.label,
         "metadata": job.job_metadata,
         "counts": StatusCounts(total=job.item_count, by_status=listed.by_status),
-        "cost_usd": job_cost(job.plan, listed.spent_usd),
+        "cost_usd": job_cost(listed.plan, listed.spent_usd),
     }
 
 
