@@ -155,6 +155,23 @@ async def test_cli_show_prints_square_brackets_in_the_data_as_they_are(
     assert prompt in out
 
 
+async def test_cli_show_prints_control_characters_in_the_data_as_escapes(
+    live_api: str, api: httpx.AsyncClient, auth: Headers, settings: Settings
+) -> None:
+    """A prompt (from a scraped data set, say) holding terminal control sequences reached the
+    terminal as they were: this one retitles it, clears it and turns what follows red (others
+    write the clipboard). Shown as escapes, they do nothing."""
+    prompt = "Hi \x1b]0;owned\x07\x1b[2J\x1b[31m there\x9b1m"
+    job = await submit(api, auth, [prompt])
+    await run_worker_burst(settings)
+
+    code, out = await aidsafe(live_api, auth, "show", job["id"])
+
+    assert code == 0, out
+    assert "Hi \\x1b]0;owned\\x07\\x1b[2J\\x1b[31m there\\x9b1m" in out
+    assert not {"\x1b", "\x07", "\x9b"} & set(out)
+
+
 async def test_cli_follows_a_job_to_the_end(
     live_api: str, api: httpx.AsyncClient, auth: Headers, settings: Settings
 ) -> None:

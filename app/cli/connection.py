@@ -11,11 +11,10 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
-from rich.markup import escape
 
 import aidsafe
 from aidsafe.client import KEY_ENV, URL_ENV
-from app.cli.output import console
+from app.cli.output import console, escape
 from app.config import Settings, get_settings, refusals
 
 ApiUrl = Annotated[str, typer.Option(envvar=URL_ENV, help="Base URL of the API.")]

@@ -11,10 +11,9 @@ from typing import Annotated, TypeVar
 import typer
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from rich.markup import escape
 
 from app.cli.connection import service_settings, unusable, url_of
-from app.cli.output import console
+from app.cli.output import console, escape
 from app.labeling import deliveries
 
 deliveries_cli = typer.Typer(

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 import aidsafe
@@ -15,7 +14,7 @@ from aidsafe.models import ModelEvaluation, Rate, SampleEvaluation
 from app.cli.connection import Advice, ApiKeyOpt, ApiUrl, api_client
 from app.cli.follow import follow_job
 from app.cli.job_options import PolicySetOpt, PolicyVersionOpt, PromptSetOpt, PromptSetVersionOpt
-from app.cli.output import console, interval
+from app.cli.output import console, escape, interval
 
 evaluate_cli = typer.Typer(help="Evaluate data and models.", no_args_is_help=True)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 import typer
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -20,7 +19,7 @@ from rich.progress import (
 import aidsafe
 from aidsafe.models import BatchProgress, Budget, JobProgress
 from app.cli.connection import ApiKeyOpt, ApiUrl, api_client
-from app.cli.output import budget_text, console, usd
+from app.cli.output import budget_text, console, escape, usd
 from app.store.models import ItemStatus
 
 

@@ -6,11 +6,10 @@ from itertools import islice
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 
 from app.cli.connection import Advice, ApiKeyOpt, ApiUrl, api_client
 from app.cli.job_options import requested_budget
-from app.cli.output import budget_text, console, usd
+from app.cli.output import budget_text, console, escape, usd
 
 jobs_cli = typer.Typer(help="Your jobs (over the HTTP API).", no_args_is_help=True)
 

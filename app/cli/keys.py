@@ -8,13 +8,12 @@ from typing import Annotated, Any
 from uuid import UUID
 
 import typer
-from rich.markup import escape
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.cli.connection import service_settings, unusable
-from app.cli.output import console
+from app.cli.output import console, escape
 from app.store import jobs, keys
 from app.store.db import make_engine, make_sessions
 from app.store.models import ApiKey

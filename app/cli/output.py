@@ -1,5 +1,5 @@
-"""How the CLI prints: the one console, files it cannot write, and money, budgets and
-intervals as every command shows them."""
+"""How the CLI prints: the one console, text from the server, files it cannot write, and
+money, budgets and intervals as every command shows them."""
 
 from __future__ import annotations
 
@@ -8,12 +8,24 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import typer
+from rich import markup
 from rich.console import Console
 
 from aidsafe.models import Budget, Interval
 
 console = Console()
 status = Console(stderr=True)  # what a command says beside data it writes to stdout
+
+# C0 controls but tab and newline, DEL, and C1 controls: a terminal acts on them (ESC and CSI
+# begin sequences that retitle it, clear it, recolour what follows or write its clipboard).
+_CONTROLS = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0)) if chr(code) not in "\t\n"}
+
+
+def escape(text: str) -> str:
+    """Text from the server (a prompt, a model's output, a name) as the CLI prints it: its
+    control characters shown as escapes, as Python writes them, and its Rich markup as it is.
+    A prompt from a scraped data set may hold sequences a terminal would act on."""
+    return markup.escape(text.translate(_CONTROLS))
 
 
 @contextmanager

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import typer
 import yaml
-from rich.markup import escape
 
 from app.cli.connection import ApiKeyOpt, ApiUrl, api_client
-from app.cli.output import console
+from app.cli.output import console, escape
 
 presets_cli = typer.Typer(
     help="The server's presets: named job configs (over the HTTP API).", no_args_is_help=True

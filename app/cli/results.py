@@ -6,13 +6,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 from rich.panel import Panel
 
 import aidsafe
 from aidsafe.models import Cot, Item
 from app.cli.connection import ApiKeyOpt, ApiUrl, api_client
-from app.cli.output import console, status, writing
+from app.cli.output import console, escape, status, writing
 from app.deliberation.config import Mode
 from app.deliberation.parsing import labelled_intents
 

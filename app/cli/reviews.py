@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import typer
-from rich.markup import escape
 
 from aidsafe.models import Review
 from app.cli.connection import ApiKeyOpt, ApiUrl, api_client
-from app.cli.output import console, interval
+from app.cli.output import console, escape, interval
 
 reviews_cli = typer.Typer(help="Reviewers' verdicts from Label Studio and Argilla (over the HTTP API).")
 

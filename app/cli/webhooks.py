@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 
 from aidsafe.models import Rejection
 from app.cli.connection import Advice, ApiKeyOpt, ApiUrl, api_client
-from app.cli.output import console
+from app.cli.output import console, escape
 
 webhooks_cli = typer.Typer(help="Webhooks labeling tools deliver reviews to (over the HTTP API).")
 
