@@ -568,39 +568,56 @@ def _context(tokens: int | None, settings: Settings = SETTINGS) -> Settings:
     return settings.model_copy(update={"llm_max_context_tokens": tokens})
 
 
-def test_the_readmes_first_job_and_a_job_of_defaults_fit_the_demos_model_as_the_demo_runs_it() -> None:
-    """README has its curl examples tried on the demo's server (KEEP_RUNNING=1): the context
-    and defaults scripts/demo.sh gives it must take the first example's job, and a job that
-    sets nothing (as most examples do), worded by the built-in prompts and policies."""
-    demo = (ROOT / "scripts" / "demo.sh").read_text(encoding="utf-8")
-    context, max_tokens, max_rounds = (
-        int(re.search(pattern, demo, re.MULTILINE).group(1))  # type: ignore[union-attr]
-        for pattern in (
-            r"^N_CTX=(\d+)$",
-            r"^export AIDSAFE_DEFAULT_MAX_TOKENS=(\d+)$",
-            r"^export AIDSAFE_DEFAULT_MAX_ROUNDS=(\d+)$",
+# How each way of running the embedded model (SmolLM2) sets its context and the job defaults:
+# patterns of N_CTX, AIDSAFE_DEFAULT_MAX_TOKENS and AIDSAFE_DEFAULT_MAX_ROUNDS in its file.
+EMBEDDED_MODEL_SETTINGS = {
+    "scripts/demo.sh": (
+        r"^N_CTX=(\d+)$",
+        r"^export AIDSAFE_DEFAULT_MAX_TOKENS=(\d+)$",
+        r"^export AIDSAFE_DEFAULT_MAX_ROUNDS=(\d+)$",
+    ),
+    "docker-compose.yml": tuple(
+        rf"^  {name}: \$\{{{name}:-(\d+)\}}$"
+        for name in (
+            "AIDSAFE_LLM_MAX_CONTEXT_TOKENS",
+            "AIDSAFE_DEFAULT_MAX_TOKENS",
+            "AIDSAFE_DEFAULT_MAX_ROUNDS",
         )
+    ),
+}
+
+
+@pytest.mark.parametrize("deployment", list(EMBEDDED_MODEL_SETTINGS))
+def test_the_readmes_first_job_and_a_job_of_defaults_fit_the_embedded_model_as_deployed(
+    deployment: str,
+) -> None:
+    """README has its curl examples tried on the demo's server (KEEP_RUNNING=1) and its commands
+    run in the compose stack as written: the context and defaults each gives the embedded model
+    must take the first example's job, and a job that sets nothing (as most examples and
+    `aidsafe submit samples/prompts.jsonl` do), worded by the built-in prompts and policies. A
+    default the file does not set is the server's."""
+    text = (ROOT / deployment).read_text(encoding="utf-8")
+    found = [re.search(pattern, text, re.MULTILINE) for pattern in EMBEDDED_MODEL_SETTINGS[deployment]]
+    values = dict(
+        zip(("llm_max_context_tokens", "default_max_tokens", "default_max_rounds"), found, strict=True)
     )
+    assert values["llm_max_context_tokens"] is not None, f"{deployment} sets no context"
+    embedded = SETTINGS.model_copy(update={name: int(m.group(1)) for name, m in values.items() if m})
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     first = re.search(r"^# Submit .*?-d '(\{.*?\})'$", readme, re.MULTILINE | re.DOTALL)
     body = json.loads(first.group(1))  # type: ignore[union-attr]
-    demo_settings = SETTINGS.model_copy(
-        update={
-            "llm_max_context_tokens": context,
-            "default_max_tokens": max_tokens,
-            "default_max_rounds": max_rounds,
-        }
-    )
+    samples = [
+        json.loads(line)["prompt"] for line in (ROOT / "samples" / "prompts.jsonl").open(encoding="utf-8")
+    ]
     default = load_file(DEFAULT_FILE)
-    configs: list[dict[str, Any]] = [body["config"], {}]  # the example's, and a job of defaults
 
-    for config in configs:
+    for config, prompts in ((body["config"], body["prompts"]), ({}, body["prompts"] + samples)):
         check_job_fits(
-            _job(demo_settings, **config),
+            _job(embedded, **config),
             policy_set(default["name"], default["policies"]),
             builtin(),
-            body["prompts"],
-            demo_settings,
+            prompts,
+            embedded,
         )
 
 
