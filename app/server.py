@@ -10,6 +10,7 @@ from typing import Any
 
 import uvicorn
 
+from app import logs
 from app.api.draining import DrainingProtocol
 from app.api.head_limits import HeadLimits
 from app.config import Settings, settings_or_exit
@@ -45,6 +46,9 @@ def run() -> None:
     )
     args = parser.parse_args()
     settings = settings_or_exit(parser.prog)
+    # Our log handler from the start, uvicorn's config left out: uvicorn's would print its first
+    # lines ("Started server process") as plain text before the app's start-up installs ours.
+    logs.configure(settings.log_level, settings.log_json)
     # An import string, as --workers needs: each process imports the app (and app.main's
     # tuning of the garbage collector) for itself.
     uvicorn.run(
@@ -54,6 +58,7 @@ def run() -> None:
         workers=args.workers,
         root_path=args.root_path,
         forwarded_allow_ips=args.forwarded_allow_ips,
+        log_config=None,
         **uvicorn_options(settings),
     )
 

@@ -37,6 +37,7 @@ from app.main import create_app
 from app.server import uvicorn_options
 from app.store import keys
 from app.store.db import Sessions, make_engine, make_sessions
+from bench.stack import free_port
 from tests.scripted_llm import ScriptedLLM, running_scripted_llm
 from workers.main import worker_settings
 from workers.queue_worker import QueueWorker
@@ -161,6 +162,34 @@ def worker_env(settings: Settings) -> dict[str, str]:
             continue
         env[f"AIDSAFE_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
     return env
+
+
+@contextmanager
+def api_subprocess(
+    settings: Settings, stderr: int | None = None
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`aidsafe-api` as deployed, in a process of its own behaving like `settings`: its URL once
+    it is ready, and the process (its stderr piped where asked). Stopped on leaving."""
+    port = free_port()
+    argv = [sys.executable, "-m", "app.server", "--port", str(port)]
+    process = subprocess.Popen(argv, cwd=ROOT, env=worker_env(settings), stderr=stderr)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while not _answers(f"{url}/readyz"):
+            assert process.poll() is None and time.monotonic() < deadline, "the API did not start"
+            time.sleep(0.1)
+        yield url, process
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 async def delete_redis_keys(settings: Settings) -> None:

@@ -10,8 +10,6 @@ import asyncio
 import copy
 import gc
 import json
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from typing import Any
@@ -40,15 +38,13 @@ from app.storable import _COUNTED_SLICE, MAX_JSON_DEPTH, MAX_NUMBER_CHARS, count
 from app.store import keys
 from app.store.db import Sessions, make_engine
 from bench.export import insert_finished_job
-from bench.stack import free_port
 from tests.conftest import (
-    ROOT,
     WebhookTarget,
+    api_subprocess,
     least_loop_pause,
     longest_loop_pause,
     run_worker_burst,
     served,
-    worker_env,
 )
 from tests.scripted_llm import ScriptedLLM, guard_verdict
 from tests.test_api import error_of, submit
@@ -143,26 +139,8 @@ def api_process(settings: Settings, sessions: Sessions) -> Iterator[str]:
     """The API as deployed, `aidsafe-api` in a process of its own, so that a timing
     measures it alone: a server thread in this process would stall with this process's own
     garbage collections (~300 ms over the ~240,000 objects of the test session)."""
-    port = free_port()
-    argv = [sys.executable, "-m", "app.server", "--port", str(port)]
-    process = subprocess.Popen(argv, cwd=ROOT, env=worker_env(settings))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while not _answers(f"{url}/readyz"):
-            assert process.poll() is None and time.monotonic() < deadline, "the API did not start"
-            time.sleep(0.1)
+    with api_subprocess(settings) as (url, _):
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 async def healthz_latencies(

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
 
+import httpx
 import pytest
 
 from app import logs
+from app.config import Settings
+from app.store.db import Sessions
+from tests.conftest import api_subprocess
 
 
 @pytest.fixture
@@ -37,3 +42,20 @@ def test_records_inside_an_item_carry_its_job_and_item_ids(
         "aidsafe.test",
     )
     assert "job_id" not in outside and "item_id" not in outside
+
+
+def test_the_api_as_deployed_writes_every_line_as_json_from_its_first(
+    settings: Settings, sessions: Sessions
+) -> None:
+    """uvicorn's own first lines ("Started server process", "Waiting for application
+    startup") came as plain text, before the app's start-up installed the JSON handler: a log
+    shipper reading JSON lines choked on them."""
+    with api_subprocess(settings, stderr=subprocess.PIPE) as (url, process):
+        assert httpx.get(f"{url}/healthz").status_code == 200
+    assert process.stderr is not None
+    lines = process.stderr.read().decode().splitlines()
+
+    records = [json.loads(line) for line in lines]  # each line is JSON, or this raises
+    messages = [record["message"] for record in records]
+    assert any(m.startswith("Started server process") for m in messages), messages
+    assert "Application startup complete." in messages
