@@ -87,3 +87,32 @@ def test_with_small_caps_keys_holding_none_get_the_seats_a_greedy_key_leaves(
         assert refusals[0].startswith("this API server has as many exports open as it may")
         assert given + others == in_all
         assert others >= streams.reserve or in_all == 1
+
+
+def test_each_refusal_names_the_seats_it_is_about_and_what_to_do_instead() -> None:
+    """The key's cap, the reserve and the process's cap each refuse in their own words, with the
+    numbers a client can act on and what it may do instead (the streams' own `instead`)."""
+    streams = OpenStreams(2, 5, "progress streams", "poll instead")  # a reserve of 1
+    with ExitStack() as held:
+        assert take(streams, held, uuid4(), 3) == [
+            "this API key already has as many progress streams open as it may (2); close one, or poll instead"
+        ]
+        assert take(streams, held, uuid4(), 1) == []
+        assert take(streams, held, uuid4(), 2) == [  # its second would be the 5th seat, the reserve's
+            "this API server keeps its last 1 of 5 progress streams for API keys that have none open, and "
+            "this API key has 1; close one, or poll instead, or try again shortly"
+        ]
+        assert take(streams, held, uuid4(), 1) == []
+        assert take(streams, held, uuid4(), 1) == [
+            "this API server has as many progress streams open as it may; poll instead, or try again shortly"
+        ]
+
+
+def test_a_stream_ending_gives_back_its_own_seat_and_no_other() -> None:
+    """A key holding two seats that ends one may open one more, not two."""
+    streams = exports(per_key=2)
+    key_id = uuid4()
+    with ExitStack() as held:
+        with streams.seat(key_id):
+            assert take(streams, held, key_id, 1) == []
+        assert len(take(streams, held, key_id, 2)) == 1
