@@ -10,11 +10,30 @@ from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
-from app.config import Settings, refusals
+from app.config import Settings, get_settings, refusals, settings_or_exit
 from tests.conftest import ROOT
 
 BIN = Path(sys.executable).parent
+PASSWORD = "s3cret-do-not-print"
+# Settings refused, and the lines naming them, by field, by a model validator, and not JSON.
+REFUSED_FIELDS = (
+    {"AIDSAFE_MAX_EXPORTS": "0", "AIDSAFE_DATABASE_URL": f"http://user:{PASSWORD}@127.0.0.1/aidsafe"},
+    [
+        "  AIDSAFE_DATABASE_URL: the database URL's scheme http:// is none the service connects with: "
+        "write postgresql:// (or postgres://, postgresql+asyncpg://)",
+        "  AIDSAFE_MAX_EXPORTS: Input should be greater than or equal to 1",
+    ],
+)
+REFUSED_TOGETHER = (
+    {"AIDSAFE_HEARTBEAT_INTERVAL_S": "5", "AIDSAFE_HEARTBEAT_TTL_S": "10"},
+    ["  the AIDSAFE_* settings: heartbeat_ttl_s must be at least three times heartbeat_interval_s"],
+)
+NOT_JSON = (
+    {"AIDSAFE_LLM_ENDPOINTS": f'{{"fast": {{"api_key": "{PASSWORD}"'},
+    ["  AIDSAFE_LLM_ENDPOINTS: not JSON (Expecting ',' delimiter: line 1 column 43 (char 42))"],
+)
 
 
 def start(program: str, *args: str, **settings: str) -> subprocess.CompletedProcess[str]:
@@ -24,32 +43,21 @@ def start(program: str, *args: str, **settings: str) -> subprocess.CompletedProc
 
 @pytest.mark.parametrize("program", ["aidsafe-api", "aidsafe-worker"])
 def test_a_server_refused_its_settings_names_each_and_exits_without_a_traceback(program: str) -> None:
-    password = "s3cret-do-not-print"
-    ended = start(
-        program,
-        AIDSAFE_MAX_EXPORTS="0",
-        AIDSAFE_DATABASE_URL=f"http://user:{password}@127.0.0.1/aidsafe",
-    )
+    settings, refused = REFUSED_FIELDS
+    ended = start(program, **settings)
 
     assert ended.returncode == 1, ended.stderr
-    assert "Traceback" not in ended.stdout + ended.stderr and password not in ended.stderr, ended.stderr
-    assert ended.stderr.splitlines() == [
-        f"{program}: cannot start, the settings are refused:",
-        "  AIDSAFE_DATABASE_URL: the database URL's scheme http:// is none the service connects with: "
-        "write postgresql:// (or postgres://, postgresql+asyncpg://)",
-        "  AIDSAFE_MAX_EXPORTS: Input should be greater than or equal to 1",
-    ]
+    assert "Traceback" not in ended.stdout + ended.stderr and PASSWORD not in ended.stderr, ended.stderr
+    assert ended.stderr.splitlines() == [f"{program}: cannot start, the settings are refused:", *refused]
 
 
 def test_a_worker_checking_its_deployment_names_settings_refused_together() -> None:
     """A refusal of settings taken together (a model validator's) names no one field."""
-    ended = start("aidsafe-worker", "--check", AIDSAFE_HEARTBEAT_INTERVAL_S="5", AIDSAFE_HEARTBEAT_TTL_S="10")
+    settings, refused = REFUSED_TOGETHER
+    ended = start("aidsafe-worker", "--check", **settings)
 
     assert ended.returncode == 1 and "Traceback" not in ended.stderr, ended.stderr
-    assert ended.stderr.splitlines() == [
-        "aidsafe-worker: cannot start, the settings are refused:",
-        "  the AIDSAFE_* settings: heartbeat_ttl_s must be at least three times heartbeat_interval_s",
-    ]
+    assert ended.stderr.splitlines() == ["aidsafe-worker: cannot start, the settings are refused:", *refused]
 
 
 @pytest.mark.parametrize(
@@ -67,13 +75,37 @@ def test_a_job_default_outside_a_jobs_own_bounds_is_refused(setting: str, value:
 def test_a_server_given_a_json_setting_that_is_not_json_names_it_without_a_traceback(program: str) -> None:
     """pydantic-settings reads a setting of JSON (endpoints, prices) before validating any,
     and raised its own error for one that is not JSON: a traceback, not the line for it."""
-    ended = start(program, AIDSAFE_LLM_ENDPOINTS='{"fast": {"api_key": "s3cret-do-not-print"')
+    settings, refused = NOT_JSON
+    ended = start(program, **settings)
 
     assert ended.returncode == 1, ended.stderr
-    assert "Traceback" not in ended.stderr and "s3cret" not in ended.stderr, ended.stderr
-    assert ended.stderr.splitlines() == [
-        f"{program}: cannot start, the settings are refused:",
-        "  AIDSAFE_LLM_ENDPOINTS: not JSON (Expecting ',' delimiter: line 1 column 43 (char 42))",
+    assert "Traceback" not in ended.stderr and PASSWORD not in ended.stderr, ended.stderr
+    assert ended.stderr.splitlines() == [f"{program}: cannot start, the settings are refused:", *refused]
+
+
+@pytest.mark.parametrize(("settings", "refused"), [REFUSED_FIELDS, REFUSED_TOGETHER, NOT_JSON])
+def test_settings_or_exit_ends_with_a_line_for_each_refused_setting(
+    monkeypatch: pytest.MonkeyPatch, settings: dict[str, str], refused: list[str]
+) -> None:
+    """What the servers above print, made in this process (where mutation testing sees it): the
+    exit's message is its lines, which Python writes to stderr with status 1."""
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(SystemExit) as exited:
+            settings_or_exit("aidsafe-api")
+    finally:
+        get_settings.cache_clear()  # read again, with this test's variables gone
+
+    assert exited.value.code == "\n".join(["aidsafe-api: cannot start, the settings are refused:", *refused])
+
+
+def test_a_settings_error_naming_no_field_is_refused_as_the_settings() -> None:
+    """pydantic-settings' errors of other kinds than a variable it could not read (its CLI
+    source's, say) name no variable: the line is the settings', with the error's message."""
+    assert refusals(SettingsError("error parsing CLI: no such option")) == [
+        ("the AIDSAFE_* settings", "error parsing CLI: no such option")
     ]
 
 
