@@ -4,16 +4,12 @@ labeling.md names which) and passes with it."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import httpx
-import pytest
 
 from app.store import keys
 from app.store.db import Sessions
 from tests.conftest import new_key
 from tests.test_annotation_identity import reviewed
-from tests.test_key_limits import policy_set, prompt_set
 from tests.test_labeling import approved, import_file, item_ids
 from tests.test_prompt_sets import CUSTOM_SEED_USER, ONE_AGENT, register
 from tests.test_quality_api import completed, finished_job
@@ -58,22 +54,6 @@ async def test_another_keys_later_version_of_an_annotation_id_does_not_replace_m
     mine = await get_json(api, auth, f"/v1/items/{item_id}/reviews")
 
     assert [r["reviewer"] for r in mine["reviews"]] == ["ana"] and mine["decision"] == "approved"
-
-
-@pytest.mark.parametrize(
-    ("path", "version"), [("/v1/policy-sets", policy_set), ("/v1/prompt-sets", prompt_set)]
-)
-async def test_two_keys_registering_the_same_set_each_get_a_row_of_their_own(
-    api: httpx.AsyncClient, auth: Headers, sessions: Sessions, path: str, version: Any
-) -> None:
-    other = await new_key(sessions, "bob")
-    mine = await api.post(path, json=version(1), headers=auth)
-
-    theirs = await api.post(path, json=version(1), headers=other)
-
-    assert (mine.status_code, theirs.status_code) == (201, 201), theirs.text
-    assert mine.json()["id"] != theirs.json()["id"]
-    assert (await api.get(f"{path}/{mine.json()['id']}", headers=other)).status_code == 404
 
 
 async def test_a_job_pins_the_builtin_set_not_another_keys_copy_of_it(
