@@ -16,8 +16,16 @@ import httpx
 import pytest
 from sqlalchemy import Interval, func, select, type_coerce, update
 
-from app.deliberation.results import Completed, Evaluated, Grade, GuardVerdict, Thought
-from app.store import items
+from app.deliberation.results import (
+    Completed,
+    Evaluated,
+    Grade,
+    GuardVerdict,
+    JudgedAnswer,
+    RefusalVerdict,
+    Thought,
+)
+from app.store import items, model_evaluations
 from app.store.db import Sessions
 from app.store.endings import CANCELLED, COMPLETED, handed_back
 from app.store.models import (
@@ -25,13 +33,17 @@ from app.store.models import (
     Cot,
     Item,
     Job,
+    ModelAnswer,
     PairCandidate,
+    PolicySetRow,
     PreferencePair,
+    PromptSetRow,
     SampleEvaluation,
 )
 from tests.conftest import eventually, new_key
 from tests.test_api import Headers, items_of, other_backend, submit
 from tests.test_endings import LIMITS, REJECTED, expire_lease, stored
+from tests.test_model_evaluation_api import benchmark_prompts, evaluation_body, submit_evaluation
 from tests.test_prompt_sets import CUSTOM_SEED_USER, register
 from tests.test_quality_api import a_grade, completed, kept_pair
 from tests.test_sample_evaluations import one_graded_and_guarded_sample
@@ -435,6 +447,47 @@ async def test_a_claim_carries_its_jobs_plan_and_pinned_prompt_set(
     )
 
 
+async def pinned_to_sets_never_read(sessions: Sessions, item_id: UUID) -> tuple[UUID, UUID]:
+    """The item's job pinned to copies of its policy and prompt sets under new ids, which
+    no process has read yet (as a worker's first claim of a job finds them): their ids."""
+    async with sessions.begin() as session:
+        job = await session.scalar(select(Job).join(Item, Item.job_id == Job.id).where(Item.id == item_id))
+        assert job is not None and job.prompt_set_id is not None
+        policy = await session.get(PolicySetRow, job.policy_set_id)
+        prompt = await session.get(PromptSetRow, job.prompt_set_id)
+        assert policy is not None and prompt is not None
+        copies = (
+            PolicySetRow(
+                owner_key_id=policy.owner_key_id, name=policy.name, version="copy", policies=policy.policies
+            ),
+            PromptSetRow(
+                owner_key_id=prompt.owner_key_id, name=prompt.name, version="copy", templates=prompt.templates
+            ),
+        )
+        session.add_all(copies)
+        await session.flush()
+        job.policy_set_id, job.prompt_set_id = copies[0].id, copies[1].id
+        return copies[0].id, copies[1].id
+
+
+@pytest.mark.parametrize("taken_over", [False, True], ids=["queued", "lease_taken_over"])
+async def test_a_claim_reads_the_sets_its_process_never_read_from_the_database(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions, taken_over: bool
+) -> None:
+    # A process keeps the sets it read (registered_sets.ById): the API's process read the
+    # job's at submission, but a worker's first claim of a job reads them in its session.
+    [item_id] = await queued_items(api, auth, sessions, 1)
+    if taken_over:
+        await claimed(sessions, item_id)
+        await expire_lease(sessions, item_id)
+    policy_set_id, prompt_set_id = await pinned_to_sets_never_read(sessions, item_id)
+
+    claim = await claimed(sessions, item_id)
+
+    assert (claim.policy_set.id, claim.prompt_set.id) == (policy_set_id, prompt_set_id)
+    assert (claim.policy_set.version, claim.prompt_set.version) == ("copy", "copy")
+
+
 @pytest.mark.parametrize("taken_over", [False, True], ids=["queued", "lease_taken_over"])
 async def test_a_claim_carries_both_limits_of_its_jobs_budget(
     api: httpx.AsyncClient, auth: Headers, sessions: Sessions, taken_over: bool
@@ -487,6 +540,10 @@ async def failed_at_its_claim_for_spent_tries(sessions: Sessions, item_id: UUID)
     assert (await stored(sessions, item_id)).status == "failed"
 
 
+async def completed_by_its_worker(sessions: Sessions, item_id: UUID) -> None:
+    assert await items.complete(sessions, await claimed(sessions, item_id), a_completion("done")) == COMPLETED
+
+
 ItemEnd = Callable[[Sessions, UUID], Awaitable[None]]
 
 
@@ -495,8 +552,9 @@ ItemEnd = Callable[[Sessions, UUID], Awaitable[None]]
     [
         (failed_at_its_claim_for_spent_tries, failed_by_its_worker),
         (failed_by_its_worker, failed_at_its_claim_for_spent_tries),
+        (completed_by_its_worker, completed_by_its_worker),
     ],
-    ids=["last_failed_by_its_worker", "last_failed_at_its_claim"],
+    ids=["last_failed_by_its_worker", "last_failed_at_its_claim", "last_completed"],
 )
 async def test_the_ending_that_finishes_a_notifying_job_writes_its_delivery(
     api: httpx.AsyncClient, auth: Headers, sessions: Sessions, first_end: ItemEnd, last_end: ItemEnd
@@ -578,6 +636,31 @@ async def test_a_sample_evaluations_completion_stores_why_the_grader_gave_no_sco
     assert result is not None and (result.scores, result.grade_error) == (None, unread.error)
     assert result.guard is not None and result.guard["categories"] == ["fraud-deception"]
     assert (result.winner, result.votes) == (None, None)
+
+
+async def test_a_model_answers_verdicts_are_written_once_with_its_completion_on_its_own_row(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    # The report counts these verdicts: a completion that wrote them on another item's row,
+    # or wrote them again on a replay, would count an answer wrongly.
+    body = evaluation_body([{"name": "b", "prompts": benchmark_prompts(1)}], "m1")
+    job_id = UUID((await submit_evaluation(api, auth, body))["id"])
+    async with sessions() as session:
+        answered, unanswered = (
+            await session.scalars(select(Item.id).where(Item.job_id == job_id).order_by(Item.position))
+        ).all()
+    claim = await claimed(sessions, answered)
+    unsafe = JudgedAnswer("stop", GuardVerdict(unsafe=True), RefusalVerdict(refused=False))
+
+    assert await model_evaluations.complete(sessions, claim, unsafe) == COMPLETED
+    replayed = JudgedAnswer("length", GuardVerdict(unsafe=False), RefusalVerdict(refused=True))
+    assert await model_evaluations.complete(sessions, claim, replayed) is None
+
+    async with sessions() as session:
+        answers = await session.scalars(select(ModelAnswer).where(ModelAnswer.job_id == job_id))
+        verdicts = {a.item_id: (a.finish_reason, a.unsafe, a.refused, bool(a.judged_at)) for a in answers}
+    assert verdicts == {answered: ("stop", True, False, True), unanswered: (None, None, None, False)}
+    assert [(await stored(sessions, i)).status for i in (answered, unanswered)] == ["completed", "queued"]
 
 
 async def test_a_lease_taken_over_does_not_wait_for_a_transaction_changing_its_job(
