@@ -440,6 +440,22 @@ async def test_a_pair_never_flagged_has_no_rejected_side_but_keeps_its_tries(
     assert [(t["number"], t["guard"]["unsafe"]) for t in pair["tries"]] == [(1, False), (2, False)]
 
 
+async def test_a_scoped_key_reads_why_the_grader_gave_the_rejected_side_no_scores(
+    api: httpx.AsyncClient, scoped: Headers, sessions: Sessions
+) -> None:
+    # Without it a rejected side the grader failed on reads as one never graded.
+    verdict = GuardVerdict(True, ["fraud-deception"], f"{HAZARD} guard flagged it")
+    unread = Grade(None, error=f"{HAZARD} the grader's answer was no JSON")
+    flagged = PairTry(1, f"{HAZARD} belief 1", rejected_sample(1), None, verdict, unread, None, "whisper")
+    outcome = PairOutcome("grading_failed", [flagged])
+    job_id = await finished_job(api, scoped, sessions, [completed(a_grade(), outcome)], PAIRED)
+
+    pair = (await pairs_of(api, scoped, job_id))[0]
+
+    assert (pair["kept"], pair["reason"]) == (False, "grading_failed")
+    assert (pair["rejected"]["scores"], pair["rejected"]["grade_error"]) == (None, unread.error)
+
+
 # --- hazard controls ----------------------------------------------------------------------
 
 
