@@ -237,6 +237,7 @@ async def test_completing_an_item_stores_its_scores_gate_and_pair_in_one_go(
     }
     assert [t["number"] for t in pair.tries] == [1, 2]
     assert pair.tries[0]["rejected"] is None and pair.tries[0]["guard"] is None
+    assert "grade" not in pair.tries[1]  # its rationales are hazardous: they stay in the turns
 
 
 async def test_a_stale_claim_cannot_complete_the_item_twice(
@@ -703,6 +704,22 @@ async def test_candidates_are_stored_once_each_with_their_figures_and_no_text(
     assert rows[0].rejected_scores == {m: 2 if m.endswith("policy_faithfulness") else 4 for m in scores()}
 
 
+async def test_a_candidate_the_guard_gave_no_verdict_on_is_stored_ungraded_and_unflagged(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    # The engine grades a rejected side only once the guard read it (whisper._judge).
+    unread = PairTry(1, f"{HAZARD} belief 1", rejected_sample(1), None, GuardVerdict(None, error="no JSON"))
+    job_id = await finished_job(
+        api, auth, sessions, [completed(a_grade(), PairOutcome("guard_unparseable", [unread]))], PAIRED
+    )
+
+    async with sessions() as session:
+        rows = (
+            await session.scalars(select(PairCandidate).where(PairCandidate.job_id == UUID(job_id)))
+        ).all()
+    assert [(r.number, r.flagged, r.rejected_scores, r.gap) for r in rows] == [(1, None, None, None)]
+
+
 async def test_report_sums_usage_by_stage(api: httpx.AsyncClient, auth: Headers, sessions: Sessions) -> None:
     job_id = await job_with_hazardous_turns(api, auth, sessions)
 
@@ -771,6 +788,24 @@ async def test_comparison_items_are_the_prompts_both_jobs_completed_first_by_pos
     job = await get_ok(api, auth, f"/v1/jobs/{comparison['id']}")
     assert job["config"]["mode"] == "comparison"
     assert job["config"]["judges"][0]["temperature"] == 0.0
+
+
+async def test_a_comparison_item_judges_its_baseline_and_candidate_samples_whole(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    # What the judge is shown (workers/main.py): each side's refined thoughts and response.
+    baseline = await finished_job(api, auth, sessions, [completed(text="Old")], prompts=["p"])
+    candidate = await finished_job(api, auth, sessions, [completed(text="New")], prompts=["p"])
+    response = await compare(api, auth, baseline, candidate)
+    assert response.status_code == 202, response.text
+    [item] = await items_of(api, auth, response.json()["id"])
+    claim = await items.claim(sessions, UUID(item["id"]), LIMITS)
+    assert claim is not None
+
+    assert await items.compared_samples(sessions, claim) == (
+        Sample(["Old thought"], "Old response"),
+        Sample(["New thought"], "New response"),
+    )
 
 
 async def test_comparison_of_another_keys_job_is_not_found(
