@@ -56,7 +56,7 @@ from tests.conftest import (
     run_worker_burst,
 )
 from tests.scripted_llm import ScriptedLLM, guard_verdict, http_error, malformed, reply, scores
-from tests.test_api import error_of, other_backend
+from tests.test_api import error_of, items_of, other_backend
 from tests.test_cli import aidsafe as aidsafe_cli
 from tests.test_prompt_sets import register_on_builtin
 from tests.test_viewer import logged_in
@@ -699,6 +699,8 @@ async def test_the_judge_compares_each_sample_with_the_other_sets_of_the_same_pr
     ]
     assert [s["judgement"] and s["judgement"]["outcome"] for s in page] == ["win", "win", "loss", "tie", None]
     assert page[2]["judgement"]["votes"][0] == {"order": "ab", "choice": "a", "rationale": "."}
+    # The unmatched sample is evaluated too, without a judge's call.
+    assert [i["status"] for i in await items_of(api, auth, second.json()["id"])] == ["completed"] * 5
 
 
 async def test_a_judge_against_a_generation_jobs_cots(
