@@ -270,6 +270,9 @@ async def test_items_whose_arq_jobs_were_lost_are_queued_again_as_their_keys_sha
 
     async with sessions() as session:
         light_items = set((await session.scalars(select(Item.id).where(Item.job_id == light_job))).all())
+        light_key = await session.scalar(select(Job.owner_key_id).where(Job.id == light_job))
     line = [item_of_job(job)[0] for job in await _line(arq_redis, settings)]
     assert len(line) == 32
     assert light_items <= set(line[:4]), "each key's items from the front"
+    # As shares: on an empty line, items of no one's share would stand there alike.
+    assert await arq_redis.hget(line_key(settings.queue_name), str(light_key)) is not None  # type: ignore[misc]  # redis-py types hash commands as sync or async
