@@ -147,7 +147,8 @@ def callback_host_entries(setting: str) -> frozenset[tuple[str, int | None]]:
 
 
 def _callback_host(entry: str) -> tuple[str, int | None]:
-    refused = ValueError(f"AIDSAFE_CALLBACK_HOSTS: {entry.strip()!r} is not a host or host:port")
+    # The setting's name is the refusal's to give (`refusals`): here it was said twice.
+    refused = ValueError(f"{entry.strip()!r} is not a host or host:port")
     try:
         parts = urlsplit(f"//{entry.strip()}")
         port = parts.port  # out of range, or not a number: ValueError

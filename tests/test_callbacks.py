@@ -32,7 +32,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from app.callbacks import DELIVERY_HEADER, SIGNATURE_HEADER, ListedNameResolver, Sender
-from app.config import Settings
+from app.config import Settings, refusals
 from app.plan import JobConfigIn, resolve
 from app.store import callbacks, keys, policy_sets
 from app.store.db import Sessions
@@ -746,10 +746,9 @@ async def test_a_listed_name_is_never_resolved_to_a_link_local_multicast_or_rese
 def test_a_callback_host_entry_that_is_no_host_is_refused_as_the_settings_load(entry: str) -> None:
     """Read only at the first submission naming a callback, it was a 500 there, and at every
     send of the workers a delivery claimed again and again, never recorded."""
-    with pytest.raises(
-        ValidationError, match=f"AIDSAFE_CALLBACK_HOSTS: '{re.escape(entry)}' is not a host or host:port"
-    ):
+    with pytest.raises(ValidationError) as refused:
         Settings(callback_hosts=f"localhost, {entry}")
+    assert refusals(refused.value) == [("AIDSAFE_CALLBACK_HOSTS", f"{entry!r} is not a host or host:port")]
 
 
 async def due_deliveries(sessions: Sessions, settings: Settings, per_key: list[int]) -> list[list[UUID]]:
