@@ -706,17 +706,24 @@ async def test_the_judge_compares_each_sample_with_the_other_sets_of_the_same_pr
 async def test_a_judge_against_a_generation_jobs_cots(
     api: httpx.AsyncClient, auth: Headers, settings: Settings, scripted_llm: ScriptedLLM
 ) -> None:
+    """The sample is judged against the CoT of its own prompt, not another prompt's of the job."""
+    scripted_llm.script(
+        "zero_shot_cot", *[reply({"thoughts": ["It is fine."], "response": f"answer {n}"}) for n in (1, 2)]
+    )
     generated = await api.post(
         "/v1/jobs", json={"prompts": ["q0", "q1"], "config": {"mode": "zero_shot"}}, headers=auth
     )
     await run_worker_burst(settings)
+    cots = (await api.get(f"/v1/jobs/{generated.json()['id']}/cots", headers=auth)).json()["data"]
+    answer_to = {cot["prompt"]: cot["response"] for cot in cots}
     body = {"samples": [{"prompt": "q1", "response": "mine"}], "judge": {"job_id": generated.json()["id"]}}
     response = await api.post("/v1/sample-evaluations", json=body, headers=auth)
     assert response.status_code == 202, response.text
     scripted_llm.script("pairwise_judgement", *[reply({"winner": "A", "rationale": "."})] * 2)
     await run_worker_burst(settings)
-    judge_request = scripted_llm.requests_for("pairwise_judgement")[0]
-    assert "mine" in str(judge_request.body)
+    judge_request = str(scripted_llm.requests_for("pairwise_judgement")[0].body)
+    assert "mine" in judge_request
+    assert answer_to["q1"] in judge_request and answer_to["q0"] not in judge_request
     report = (await api.get(f"/v1/sample-evaluations/{response.json()['id']}", headers=auth)).json()
     assert report["pairwise"]["losses"] == 0 and report["pairwise"]["ties"] == 1  # A then A: a split
 
