@@ -86,6 +86,10 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._close_after_answer:
+            # Read and dropped, not left unread: a close with bytes unread resets the connection
+            # (which may cut the answer short), and a client hanging up is only seen by reading.
+            return
         before = self._head
         super().data_received(data)
         head = self._head
@@ -204,8 +208,7 @@ class HeadLimitedProtocol(HttpToolsProtocol):
             if cycle is not None and cycle.response_complete:  # sent already, its body unread
                 self.transport.close()
             else:
-                self._close_after_answer = True
-                self.transport.pause_reading()  # the rest is not read: nor parsed, nor refused again
+                self._close_after_answer = True  # what comes next is dropped unparsed (data_received)
             return
         response = error_response(refusal.status, refusal.code, refusal.message)
         lines = [*self.server_state.default_headers, *response.raw_headers, (b"connection", b"close")]
