@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -33,26 +34,55 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
     """Ours, so configure() can tell it is already installed."""
 
 
-def configure(level: str = "INFO", json: bool = True) -> None:
-    """One stderr handler on the root logger; arq's and uvicorn's loggers flow into it.
-    Idempotent; other handlers on the root logger (a test runner's) are kept."""
-    root = logging.getLogger()
-    if any(isinstance(h, _Handler) for h in root.handlers):
-        return
-    handler = _Handler()
-    handler.addFilter(_WithIds())
+# Loggers whose records go to the root logger's handler, as ours.
+_FLOWING_TO_ROOT = ("arq", "uvicorn", "uvicorn.error", "uvicorn.access")
+
+
+def handler(json: bool = True) -> logging.Handler:
+    """Our stderr handler: JSON lines (or plain ones) carrying the item's ids."""
+    made = _Handler()
+    made.addFilter(_WithIds())
     if json:
-        handler.setFormatter(
+        made.setFormatter(
             JsonFormatter(
                 "{asctime}{levelname}{name}{message}",
                 style="{",
                 rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
             )
         )
-    root.addHandler(handler)
+    return made
+
+
+def _quiet_httpx(root_level: int) -> int:
+    return max(logging.WARNING, root_level)  # one line per request is noise
+
+
+def configure(level: str = "INFO", json: bool = True) -> None:
+    """One stderr handler on the root logger; arq's and uvicorn's loggers flow into it.
+    Idempotent; other handlers on the root logger (a test runner's) are kept."""
+    root = logging.getLogger()
+    if any(isinstance(h, _Handler) for h in root.handlers):
+        return
+    root.addHandler(handler(json))
     root.setLevel(level)
-    for name in ("arq", "uvicorn", "uvicorn.error", "uvicorn.access"):
+    for name in _FLOWING_TO_ROOT:
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))  # one line per request is noise
+    logging.getLogger("httpx").setLevel(_quiet_httpx(root.level))
+
+
+def uvicorn_log_config(level: str = "INFO", json: bool = True) -> dict[str, Any]:
+    """configure()'s setup as uvicorn's `log_config`, which uvicorn applies before its first
+    line in each process it starts: a worker of `--workers` is a process of its own, where
+    configure() in the parent never reaches (its first lines were lost, or plain text)."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "handlers": {"aidsafe": {"()": "app.logs.handler", "json": json}},
+        "root": {"handlers": ["aidsafe"], "level": level.upper()},
+        "loggers": {
+            **{name: {"handlers": [], "propagate": True} for name in _FLOWING_TO_ROOT},
+            "httpx": {"level": _quiet_httpx(logging.getLevelNamesMapping()[level.upper()])},
+        },
+    }

@@ -46,9 +46,6 @@ def run() -> None:
     )
     args = parser.parse_args()
     settings = settings_or_exit(parser.prog)
-    # Our log handler from the start, uvicorn's config left out: uvicorn's would print its first
-    # lines ("Started server process") as plain text before the app's start-up installs ours.
-    logs.configure(settings.log_level, settings.log_json)
     # An import string, as --workers needs: each process imports the app (and app.main's
     # tuning of the garbage collector) for itself.
     uvicorn.run(
@@ -58,7 +55,9 @@ def run() -> None:
         workers=args.workers,
         root_path=args.root_path,
         forwarded_allow_ips=args.forwarded_allow_ips,
-        log_config=None,
+        # Ours from uvicorn's first line, in every process: with uvicorn's own, its first lines
+        # ("Started server process") came as plain text, before the app's start-up set ours.
+        log_config=logs.uvicorn_log_config(settings.log_level, settings.log_json),
         **uvicorn_options(settings),
     )
 

@@ -166,12 +166,13 @@ def worker_env(settings: Settings) -> dict[str, str]:
 
 @contextmanager
 def api_subprocess(
-    settings: Settings, stderr: int | None = None
+    settings: Settings, *args: str, stderr: int | None = None
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """`aidsafe-api` as deployed, in a process of its own behaving like `settings`: its URL once
-    it is ready, and the process (its stderr piped where asked). Stopped on leaving."""
+    """`aidsafe-api` as deployed (given `args`), in a process of its own behaving like
+    `settings`: its URL once it is ready, and the process (its stderr piped where asked).
+    Stopped on leaving."""
     port = free_port()
-    argv = [sys.executable, "-m", "app.server", "--port", str(port)]
+    argv = [sys.executable, "-m", "app.server", "--port", str(port), *args]
     process = subprocess.Popen(argv, cwd=ROOT, env=worker_env(settings), stderr=stderr)
     url = f"http://127.0.0.1:{port}"
     try:

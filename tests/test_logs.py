@@ -44,13 +44,15 @@ def test_records_inside_an_item_carry_its_job_and_item_ids(
     assert "job_id" not in outside and "item_id" not in outside
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
 def test_the_api_as_deployed_writes_every_line_as_json_from_its_first(
-    settings: Settings, sessions: Sessions
+    settings: Settings, sessions: Sessions, workers: str
 ) -> None:
     """uvicorn's own first lines ("Started server process", "Waiting for application
     startup") came as plain text, before the app's start-up installed the JSON handler: a log
-    shipper reading JSON lines choked on them."""
-    with api_subprocess(settings, stderr=subprocess.PIPE) as (url, process):
+    shipper reading JSON lines choked on them. A worker of `--workers` is a process of its
+    own, which the parent's logging never reaches."""
+    with api_subprocess(settings, "--workers", workers, stderr=subprocess.PIPE) as (url, process):
         assert httpx.get(f"{url}/healthz").status_code == 200
     assert process.stderr is not None
     lines = process.stderr.read().decode().splitlines()
