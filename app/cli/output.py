@@ -23,9 +23,14 @@ _CONTROLS = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0
 
 def escape(text: str) -> str:
     """Text from the server (a prompt, a model's output, a name) as the CLI prints it: its
-    control characters shown as escapes, as Python writes them, and its Rich markup as it is.
-    A prompt from a scraped data set may hold sequences a terminal would act on."""
-    return markup.escape(text.translate(_CONTROLS))
+    control characters shown as escapes (`controls_shown`) and its Rich markup as it is."""
+    return markup.escape(controls_shown(text))
+
+
+def controls_shown(text: str) -> str:
+    """The text with its control characters shown as `\\xNN` escapes, for a terminal: a prompt
+    from a scraped data set may hold sequences a terminal would act on."""
+    return text.translate(_CONTROLS)
 
 
 @contextmanager

@@ -82,6 +82,5 @@ def webhook_rejections(
         console.print("No refused deliveries.")
     for row in rows:
         kept = "body kept" if row.body is not None else "no body (not authenticated)"
-        console.print(
-            f"{row.received_at:%Y-%m-%dT%H:%M:%S}  {row.code}  {row.message}  ({kept})", highlight=False
-        )
+        when = f"{row.received_at:%Y-%m-%dT%H:%M:%S}"
+        console.print(f"{when}  {row.code}  {escape(row.message)}  ({kept})", highlight=False)
