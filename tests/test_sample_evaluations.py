@@ -1076,7 +1076,7 @@ async def test_10000_samples_are_submitted_holding_the_event_loop_briefly(
 ) -> None:
     """Their rows' ids and thoughts, made on the event loop, and the answer dumped and
     validated again as the submission's, held every other request for 48 ms of CPU; 11 ms now
-    (the least of three submissions: one alone measured 36 ms under the parallel suite's load)."""
+    (the least of five submissions: one alone measured 36 ms under the parallel suite's load)."""
     samples = [{"prompt": f"prompt {n}", "response": "Sure.", "label": f"l{n}"} for n in range(10_000)]
     body = json.dumps({"samples": samples, "guard": {}}).encode()  # here, not on the loop measured
     headers = {**auth, "Content-Type": "application/json"}
@@ -1085,11 +1085,11 @@ async def test_10000_samples_are_submitted_holding_the_event_loop_briefly(
     assert first.status_code == 202, first.text
 
     response, held = await least_loop_pause(
-        lambda: api.post("/v1/sample-evaluations", content=body, headers=headers)
+        lambda: api.post("/v1/sample-evaluations", content=body, headers=headers), times=5
     )
 
     assert response.status_code == 202, response.text
     assert response.json()["samples"] == 10_000
-    # The least of three: 8 ms here with 10 processes on 2 cores; the old code re-created, 37-39
-    # ms (it passed the 45 ms this bound was before).
-    assert held < 0.023, f"the event loop was held for {held:.3f} s of CPU"
+    # 8 ms here with 10 processes on 2 cores; the old code re-created, 37-39 ms (it passed the
+    # 45 ms this bound was before). A CI run's least of three once measured 27 ms: of five now.
+    assert held < 0.03, f"the event loop was held for {held:.3f} s of CPU"
