@@ -313,6 +313,12 @@ async def auth(sessions: Sessions) -> dict[str, str]:
     return await new_key(sessions, "alice")
 
 
+@pytest.fixture
+async def other(sessions: Sessions) -> dict[str, str]:
+    """A second API key, unrelated to `auth`."""
+    return await new_key(sessions, "bob")
+
+
 async def submit(api: httpx.AsyncClient, auth: dict[str, str], prompts: list[str], **config: Any) -> str:
     """POST a job; its id."""
     response = await api.post("/v1/jobs", json={"prompts": prompts, "config": config}, headers=auth)

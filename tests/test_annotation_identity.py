@@ -8,21 +8,14 @@ import copy
 from typing import Any
 
 import httpx
-import pytest
 from sqlalchemy import select
 
 from app.config import Settings
 from app.store.db import Sessions
 from app.store.models import Annotation, Job
-from tests.conftest import new_key
 from tests.test_labeling import PROMPTS, approved, fixture, graded_job, import_file, item_ids
 
 Headers = dict[str, str]
-
-
-@pytest.fixture
-async def other(sessions: Sessions) -> Headers:
-    return await new_key(sessions, "bob")
 
 
 def reviewed(item_id: str, annotation_id: int, verdict: str, updated_at: str) -> dict[str, Any]:

@@ -37,7 +37,6 @@ from tests.conftest import (
     checkouts,
     eventually,
     least_loop_pause,
-    new_key,
     run_worker_burst,
     statements_sent,
 )
@@ -161,12 +160,6 @@ async def row_counts(sessions: Sessions) -> tuple[int, int]:
         jobs_ = await session.scalar(select(func.count()).select_from(Job))
         items_ = await session.scalar(select(func.count()).select_from(Item))
     return jobs_ or 0, items_ or 0
-
-
-@pytest.fixture
-async def other(sessions: Sessions) -> Headers:
-    """A second API key, unrelated to `auth`."""
-    return await new_key(sessions, "bob")
 
 
 # --- errors and validation ----------------------------------------------------------------

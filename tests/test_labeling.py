@@ -28,7 +28,7 @@ from app.labeling import label_studio
 from app.store.annotations import human_approved
 from app.store.db import Sessions
 from app.store.models import Annotation, Cot, Job, PreferencePair
-from tests.conftest import new_key, run_worker_burst
+from tests.conftest import run_worker_burst
 from tests.scripted_llm import ScriptedLLM, agree, guard_verdict, reply, scores
 from tests.test_api import error_of, items_of, submit
 
@@ -41,11 +41,6 @@ PROMPTS = [
 ]
 GRADED = {"grading": {"thresholds": {"cot_policy_faithfulness": 4}}}
 HAZARD = "HAZARD-9c2"
-
-
-@pytest.fixture
-async def other(sessions: Sessions) -> Headers:
-    return await new_key(sessions, "bob")
 
 
 async def graded_job(

@@ -58,11 +58,6 @@ async def scoped(sessions: Sessions) -> Headers:
     return await new_key(sessions, "red-team", (keys.HAZARDOUS_READ,))
 
 
-@pytest.fixture
-async def other(sessions: Sessions) -> Headers:
-    return await new_key(sessions, "bob")
-
-
 # --- hand-built engine results -------------------------------------------------------------
 
 

@@ -29,18 +29,13 @@ from app.store.db import Sessions
 from app.store.models import ApiKey, Item, Webhook, WebhookRejection
 from app.store.page_sizes import PAGE_ROW_BYTES
 from app.store.webhooks import KEPT_UNAUTHORIZED
-from tests.conftest import eventually, longest_loop_pause, new_key
+from tests.conftest import eventually, longest_loop_pause
 from tests.test_api import all_pages, error_of
 from tests.test_cli import aidsafe
 from tests.test_labeling import PROMPTS, approved, fixture, graded_job, item_ids, stored
 
 Headers = dict[str, str]
 HEADER = "X-Aidsafe-Webhook-Secret"
-
-
-@pytest.fixture
-async def other(sessions: Sessions) -> Headers:
-    return await new_key(sessions, "bob")
 
 
 async def new_webhook(api: httpx.AsyncClient, auth: Headers, name: str = "ls-prod") -> dict[str, Any]:
