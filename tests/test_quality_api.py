@@ -803,6 +803,27 @@ async def test_a_comparison_item_judges_its_baseline_and_candidate_samples_whole
     )
 
 
+async def test_a_sample_evaluation_item_judges_its_sample_against_the_other_imported_sets_whole(
+    api: httpx.AsyncClient, auth: Headers, sessions: Sessions
+) -> None:
+    # What the judge is shown (workers/main.py) against imported samples, not a job's CoTs.
+    theirs = [{"prompt": "p", "thoughts": ["Their thought"], "response": "Their response"}]
+    other = await api.post("/v1/sample-evaluations", json={"samples": theirs, "grade": {}}, headers=auth)
+    assert other.status_code == 202, other.text
+    ours = [{"prompt": "p", "thoughts": ["Our thought"], "response": "Our response"}]
+    body = {"samples": ours, "judge": {"job_id": other.json()["id"]}}
+    response = await api.post("/v1/sample-evaluations", json=body, headers=auth)
+    assert response.status_code == 202, response.text
+    [item] = await items_of(api, auth, response.json()["id"])
+    claim = await items.claim(sessions, UUID(item["id"]), LIMITS)
+    assert claim is not None
+
+    assert await items.evaluated_samples(sessions, claim) == (
+        Sample(["Our thought"], "Our response"),
+        Sample(["Their thought"], "Their response"),
+    )
+
+
 async def test_comparison_of_another_keys_job_is_not_found(
     api: httpx.AsyncClient, auth: Headers, other: Headers, sessions: Sessions
 ) -> None:
