@@ -24,8 +24,9 @@ from app.store import job_listing, keys, policy_sets, positions
 from app.store.db import Sessions
 from app.store.jobs import encode_cursor
 from app.store.models import Item, Job
+from app.store.positions import Listing
 from tests.conftest import run_worker_burst
-from tests.test_api import error_of
+from tests.test_api import error_of, items_of
 
 Headers = dict[str, str]
 BASE = datetime(2026, 1, 1, tzinfo=UTC)
@@ -377,42 +378,73 @@ async def test_another_keys_jobs_are_never_listed(
     assert {row["id"] for row in await every_page(api, alice, limit=500)} == alices
 
 
-async def test_another_listings_cursor_only_moves_within_your_own_listing(
+async def test_another_keys_cursor_only_moves_within_your_own_listing(
     api: httpx.AsyncClient, alice: Owner, bob: Owner, many: list[Made]
 ) -> None:
-    """A cursor holds a position, not checked against the listing: another key's, or the job
-    listing's given to the comparison listing, resumes the caller's own listing there."""
+    """A cursor holds a position, not checked against the rows: another key's resumes the
+    caller's own listing there."""
     bobs_newest = BASE + timedelta(minutes=29, seconds=30)
     bobs_cursor = (await api.get("/v1/jobs", params={"limit": 1}, headers=bob.headers)).json()["next_cursor"]
-    alices_page = (
-        await api.get("/v1/jobs", params={"limit": 1, "kind": "aidsafe"}, headers=alice.headers)
-    ).json()
-    alices_newest = datetime.fromisoformat(alices_page["data"][0]["created_at"])
 
     from_bobs = await every_page(api, alice, cursor=bobs_cursor, limit=500)
-    comparisons = await every_page(api, alice, "/v1/comparisons", cursor=alices_page["next_cursor"])
 
     assert [row["id"] for row in from_bobs] == newest_first([j for j in many if j.created_at < bobs_newest])
-    assert [row["id"] for row in comparisons] == newest_first(
-        [j for j in many if j.kind == "comparison" and j.created_at < alices_newest]
-    )
+
+
+async def test_a_cursor_given_to_another_listing_is_refused_naming_the_listing_it_came_from(
+    api: httpx.AsyncClient, alice: Owner, many: list[Made]
+) -> None:
+    """A cursor holds a place in the rows of the listing that returned it: given to another,
+    GET /v1/webhooks answered a job listing's with an empty page, and GET /v1/comparisons
+    resumed at that job's time, as if they were its own."""
+    for name in ("ls-1", "ls-2"):
+        assert (await api.post("/v1/webhooks", json={"name": name}, headers=alice.headers)).status_code == 201
+    item = (await items_of(api, alice.headers, str(many[0].id)))[0]["id"]
+    paths = {
+        Listing.JOBS: "/v1/jobs",
+        Listing.COMPARISONS: "/v1/comparisons",
+        Listing.WEBHOOKS: "/v1/webhooks",
+        Listing.ITEM_REVIEWS: f"/v1/items/{item}/reviews",
+    }
+    cursors: dict[Listing, str] = {
+        listing: (await api.get(path, params={"limit": 1}, headers=alice.headers)).json()["next_cursor"]
+        for listing, path in paths.items()
+        if listing is not Listing.ITEM_REVIEWS  # the item has no reviews to page through
+    }
+    cursors[Listing.ITEM_REVIEWS] = positions.encode_position(Listing.ITEM_REVIEWS, BASE, uuid4())
+
+    for given_to, path in paths.items():
+        for came_from, cursor in cursors.items():
+            response = await api.get(path, params={"cursor": cursor}, headers=alice.headers)
+            if came_from is given_to:
+                assert response.status_code == 200, response.text
+                continue
+            error = error_of(response, 400, "invalid_cursor")
+            assert error["message"] == (
+                f"the cursor is one that {came_from.route} returned, not this listing: pass each "
+                "listing only its own next_cursor"
+            )
 
 
 async def test_an_old_form_cursor_resumes_where_the_new_one_does(
     api: httpx.AsyncClient, alice: Owner, many: list[Made]
 ) -> None:
-    """A cursor issued before cursors held positions (the job's id alone) still pages on, so
-    a client paging across the upgrade is not broken."""
+    """A cursor issued before cursors held positions (the job's id alone), or before they
+    named their listing (the position alone), still pages on, so a client paging across an
+    upgrade is not broken."""
     for path in ("/v1/jobs", "/v1/comparisons"):
         first = (await api.get(path, params={"limit": 3}, headers=alice.headers)).json()
-        old_form = encode_cursor(UUID(first["data"][-1]["id"]))
+        last = first["data"][-1]
+        since_epoch = datetime.fromisoformat(last["created_at"]) - datetime(1970, 1, 1, tzinfo=UTC)
+        unnamed = struct.pack(">q16s", since_epoch // MICROSECOND, UUID(last["id"]).bytes)
 
-        by_old = await api.get(path, params={"limit": 3, "cursor": old_form}, headers=alice.headers)
         by_new = await api.get(
             path, params={"limit": 3, "cursor": first["next_cursor"]}, headers=alice.headers
         )
+        for old_form in (encode_cursor(UUID(last["id"])), urlsafe_b64encode(unnamed).decode()):
+            by_old = await api.get(path, params={"limit": 3, "cursor": old_form}, headers=alice.headers)
 
-        assert by_old.status_code == 200 and by_old.json() == by_new.json()
+            assert by_old.status_code == 200 and by_old.json() == by_new.json()
 
 
 async def test_an_old_form_cursor_naming_no_job_of_the_listing_is_refused(
@@ -443,7 +475,9 @@ async def test_an_old_form_cursor_naming_no_job_of_the_listing_is_refused(
 def test_a_position_round_trips_to_the_microsecond(created_at: datetime) -> None:
     job_id = uuid4()
 
-    assert job_listing.decode_position(positions.encode_position(created_at, job_id)) == (
+    cursor = positions.encode_position(Listing.JOBS, created_at, job_id)
+
+    assert job_listing.decode_position(Listing.JOBS, cursor) == (
         created_at,
         job_id,
     )

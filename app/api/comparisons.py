@@ -27,6 +27,7 @@ from app.plan import check_comparison_fits, comparison_mismatches, cot_tokens, r
 from app.reports import comparison_stats
 from app.store import comparisons, job_listing, jobs, policy_sets, prompt_sets
 from app.store.models import Job
+from app.store.positions import Listing
 from app.threads import in_thread
 
 router = APIRouter(prefix="/v1/comparisons", tags=["comparisons"])
@@ -136,7 +137,7 @@ async def list_comparisons(
     """This key's comparisons, newest first, with their items counted per status. Filters
     combine (all must hold). A cursor resumes where its page ended, also once the comparisons
     listed are deleted."""
-    rows, next_cursor = await job_listing.page(session, key.id, ("comparison",), keep, cursor, limit)
+    rows, next_cursor = await job_listing.page(session, key.id, Listing.COMPARISONS, keep, cursor, limit)
     # A page of 500 with 8 KiB of metadata each: encoded on the event loop as GET /v1/jobs's was.
     return await json_answer(
         session,

@@ -31,7 +31,7 @@ _WHY = {
     400: (
         "Malformed request: a body that is not UTF-8 JSON text sent as application/json (or is "
         "sent compressed: a Content-Encoding, a Transfer-Encoding but chunked), or a cursor this "
-        "API did not return."
+        "API did not return, or that another listing returned (invalid_cursor)."
     ),
     401: (
         "No API key, or an unknown or revoked one (a 429 too_many_wrong_keys instead, until "

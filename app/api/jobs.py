@@ -58,6 +58,7 @@ from app.plan import GenerationPlan, check_job_fits, resolve
 from app.presets import Presets
 from app.store import deletions, job_listing, jobs, page_sizes, policy_sets, prompt_sets
 from app.store.models import Job, PolicySetRow, PromptSetRow
+from app.store.positions import Listing
 from app.threads import in_thread
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -207,7 +208,7 @@ async def list_jobs(
     status. Filters combine (all must hold). A cursor resumes where its page ended, also once
     the jobs listed are deleted."""
     rows, next_cursor = await job_listing.page(
-        session, key.id, (), replace(keep, kinds=kind or ()), cursor, limit
+        session, key.id, Listing.JOBS, replace(keep, kinds=kind or ()), cursor, limit
     )
     # A job's metadata is up to 8 KiB of JSON: FastAPI's encoding of a page of 500 jobs with
     # 4,000 values in each held the event loop for 30 ms.

@@ -173,7 +173,9 @@ async def page_item_reviews(
     oldest_first = (Annotation.annotated_at, Annotation.id)
     kept = _item_reviews_now(item_id, owner_key_id)
     if cursor:
-        kept.append(tuple_(*oldest_first) > tuple_(*positions.decode_position(cursor)))
+        kept.append(
+            tuple_(*oldest_first) > tuple_(*positions.decode_position(positions.Listing.ITEM_REVIEWS, cursor))
+        )
     candidates = select(*oldest_first).where(*kept).order_by(*oldest_first).limit(limit + 1).cte("candidates")
     row_bytes = func.octet_length(cast(func.json_build_array(*shown), Text))
     ids, fitting = page_sizes.on_page(
@@ -185,7 +187,7 @@ async def page_item_reviews(
     page = [ItemReview(*row[:-1]) for row in rows]
     if not rows or not rows[-1][-1]:
         return page, None
-    return page, positions.encode_position(page[-1].annotated_at, page[-1].id)
+    return page, positions.encode_position(positions.Listing.ITEM_REVIEWS, page[-1].annotated_at, page[-1].id)
 
 
 class CountedReview(NamedTuple):

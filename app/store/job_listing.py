@@ -22,7 +22,11 @@ from app.plan import JobPlan, read_plan
 from app.store import quality
 from app.store.jobs import decode_cursor, decode_cursor_bytes
 from app.store.models import FINISHED, Item, ItemStatus, Job, JobStatus
-from app.store.positions import POSITION_BYTES, encode_position, position_of
+from app.store.positions import Listing, encode_position, position_of
+
+# The plan modes each listing shows (empty: every one).
+_KINDS: dict[Listing, Sequence[str]] = {Listing.JOBS: (), Listing.COMPARISONS: ("comparison",)}
+_ID_BYTES = 16  # an old-form cursor: a job's id
 
 
 @dataclass(frozen=True)
@@ -91,13 +95,14 @@ def _status() -> ColumnElement[str]:
 async def page(
     session: AsyncSession,
     owner_key_id: UUID,
-    only_kinds: Sequence[str],
+    listing: Listing,
     keep: JobFilter,
     cursor: str | None,
     limit: int,
 ) -> tuple[list[ListedJob], str | None]:
-    """The key's jobs of `only_kinds` (the listing's; empty: every kind) that `keep` keeps,
-    newest first, after the position `cursor` holds (see `decode_position`)."""
+    """The key's jobs of `listing` (JOBS or COMPARISONS) that `keep` keeps, newest first,
+    after the position `cursor` holds (see `decode_position`)."""
+    only_kinds = _KINDS[listing]
     status = _status().label("status")
     query = (
         select(Job, cast(Job.plan, Text), status, *(_COUNTS.c[s] for s in ItemStatus))
@@ -108,7 +113,7 @@ async def page(
         .options(defer(Job.duplicates, raiseload=True), defer(Job.plan, raiseload=True))
     )
     if cursor:
-        resume_after = await _resume_after(session, owner_key_id, only_kinds, cursor)
+        resume_after = await _resume_after(session, owner_key_id, listing, cursor)
         # The same order as ORDER BY below; an aware datetime is bound as a timestamptz.
         query = query.where(tuple_(Job.created_at, Job.id) < tuple_(*resume_after))
     query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
@@ -122,7 +127,7 @@ async def page(
     ]
     if len(rows) <= limit:
         return listed, None
-    return listed, encode_position(listed[-1].job.created_at, listed[-1].job.id)
+    return listed, encode_position(listing, listed[-1].job.created_at, listed[-1].job.id)
 
 
 def _conditions(
@@ -146,27 +151,28 @@ def _conditions(
     return conditions
 
 
-def decode_position(cursor: str) -> tuple[datetime, UUID] | UUID:
-    """The (created_at, id) a cursor holds (app/store/positions.py), or the job id alone of an
-    old-form cursor (16 bytes: one issued before cursors held positions); InvalidCursor if it
-    is neither."""
+def decode_position(listing: Listing, cursor: str) -> tuple[datetime, UUID] | UUID:
+    """The (created_at, id) a cursor of `listing` holds (app/store/positions.py), or the job
+    id alone of an old-form cursor (one issued before cursors held positions); InvalidCursor
+    if it is neither, or another listing's."""
     data = decode_cursor_bytes(cursor)
-    if len(data) != POSITION_BYTES:
+    if len(data) == _ID_BYTES:
         return decode_cursor(cursor)
-    return position_of(data)
+    return position_of(listing, data)
 
 
 async def _resume_after(
-    session: AsyncSession, owner_key_id: UUID, only_kinds: Sequence[str], cursor: str
+    session: AsyncSession, owner_key_id: UUID, listing: Listing, cursor: str
 ) -> tuple[datetime, UUID]:
-    """The position a page resumes after. A position is not checked against the listing: the
-    query keeps the caller's own jobs of the listing, so a made-up one, or another listing's,
+    """The position a page resumes after. A position is not checked against the rows: the
+    query keeps the caller's own jobs of the listing, so a made-up one, or another key's,
     only moves within them (as `created_before` does) and shows nothing more. An old-form
     cursor's job is looked up, and must be one of this listing's: InvalidCursor if not (so
     also once it is deleted)."""
-    position = decode_position(cursor)
+    position = decode_position(listing, cursor)
     if not isinstance(position, UUID):
         return position
+    only_kinds = _KINDS[listing]
     row = (
         await session.execute(
             select(Job.created_at, Job.id).where(

@@ -106,12 +106,14 @@ async def page_owned(
     oldest_first = (Webhook.created_at, Webhook.id)
     query = select(Webhook).where(Webhook.owner_key_id == owner_key_id)
     if cursor:
-        query = query.where(tuple_(*oldest_first) > tuple_(*positions.decode_position(cursor)))
+        query = query.where(
+            tuple_(*oldest_first) > tuple_(*positions.decode_position(positions.Listing.WEBHOOKS, cursor))
+        )
     rows = list(await session.scalars(query.order_by(*oldest_first).limit(limit + 1)))
     if len(rows) <= limit:
         return rows, None
     last = rows[limit - 1]
-    return rows[:limit], positions.encode_position(last.created_at, last.id)
+    return rows[:limit], positions.encode_position(positions.Listing.WEBHOOKS, last.created_at, last.id)
 
 
 async def get_owned(session: AsyncSession, webhook_id: UUID, owner_key_id: UUID) -> Webhook:
