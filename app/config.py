@@ -616,5 +616,11 @@ def settings_or_exit(program: str) -> Settings:
     try:
         return get_settings()
     except (ValidationError, SettingsError) as exc:
-        lines = [f"  {setting}: {reason}" for setting, reason in refusals(exc)]
-        raise SystemExit("\n".join([f"{program}: cannot start, the settings are refused:", *lines])) from None
+        raise refused_start(program, refusals(exc)) from None
+
+
+def refused_start(program: str, refused: list[tuple[str, str]]) -> SystemExit:
+    """The exit of a server refusing its settings: status 1, and its message a line for each
+    refused setting (the variable, and why). Raise it `from None`: a traceback adds nothing."""
+    lines = [f"  {setting}: {reason}" for setting, reason in refused]
+    return SystemExit("\n".join([f"{program}: cannot start, the settings are refused:", *lines]))

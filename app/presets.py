@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from app.config import Settings
+from app.config import Settings, refused_start
 from app.deliberation.policies import content_version
 from app.errors import InvalidConfig, PresetVersionMismatch, UnknownPreset
 from app.plan import JobConfigIn, PresetRef, resolve
@@ -102,8 +102,18 @@ def load(directory: Path, settings: Settings) -> Presets:
     """Every `*.yaml` preset in `directory`, each checked as a job's config and resolved
     against `settings` (its endpoints must exist); InvalidPresets at the first bad one."""
     if not directory.is_dir():
-        raise InvalidPresets(f"presets directory {directory} does not exist (AIDSAFE_PRESETS_DIR)")
+        raise InvalidPresets(f"the presets directory {directory} does not exist")
     return Presets([_load_one(path, settings) for path in sorted(directory.glob("*.yaml"))])
+
+
+def check_or_exit(program: str, settings: Settings) -> None:
+    """For a server's entry point: the presets of `settings` load, or it exits as for refused
+    settings (`refused_start`), with one line naming AIDSAFE_PRESETS_DIR and what is wrong. Once
+    the app's start-up loads them, a bad one is a traceback of the server's start-up."""
+    try:
+        load(settings.presets_dir, settings)
+    except InvalidPresets as exc:
+        raise refused_start(program, [("AIDSAFE_PRESETS_DIR", str(exc))]) from None
 
 
 def _load_one(path: Path, settings: Settings) -> Preset:
@@ -112,7 +122,9 @@ def _load_one(path: Path, settings: Settings) -> Preset:
     try:
         document = PresetFile.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
         resolve(document.config, settings)
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+    except yaml.YAMLError as exc:
+        raise InvalidPresets(f"{path}: not YAML ({_yaml_problem(exc)})") from None
+    except UnicodeDecodeError as exc:
         raise InvalidPresets(f"{path}: not YAML ({exc})") from None
     except ValidationError as exc:
         problems = "; ".join(
@@ -126,3 +138,12 @@ def _load_one(path: Path, settings: Settings) -> Preset:
     # The policy sets' content hash, over a one-element list: the same canonical JSON rule.
     version = content_version([config])
     return Preset(path.stem, version, document.description.strip(), document.notes.strip(), config)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong with a YAML text and where, on one line: PyYAML's own message quotes the
+    text on lines of its own, with a caret under the place."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem and exc.problem_mark:
+        mark = exc.problem_mark
+        return f"{exc.problem}, line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(exc).split())

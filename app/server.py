@@ -10,7 +10,7 @@ from typing import Any
 
 import uvicorn
 
-from app import logs
+from app import logs, presets
 from app.api.draining import DrainingProtocol
 from app.api.head_limits import HeadLimits
 from app.config import Settings, settings_or_exit
@@ -46,6 +46,7 @@ def run() -> None:
     )
     args = parser.parse_args()
     settings = settings_or_exit(parser.prog)
+    presets.check_or_exit(parser.prog, settings)  # as each process's start-up will
     # An import string, as --workers needs: each process imports the app (and app.main's
     # tuning of the garbage collector) for itself.
     uvicorn.run(

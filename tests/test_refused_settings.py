@@ -61,6 +61,40 @@ def test_a_worker_checking_its_deployment_names_settings_refused_together() -> N
 
 
 @pytest.mark.parametrize(
+    ("preset", "problem"),
+    [
+        (
+            "description: d\nconfig: {agents: 99}\n",
+            "bad.yaml: not a preset (config.agents: Input should be less than or equal to 8)",
+        ),
+        (
+            "description: [unclosed\n",
+            "bad.yaml: not YAML (expected ',' or ']', but got '<stream end>', line 2, column 1)",
+        ),
+        (None, "the presets directory {presets} does not exist"),
+    ],
+    ids=["not a preset", "not YAML", "no directory"],
+)
+def test_an_api_given_a_preset_that_does_not_load_names_it_on_one_line_without_a_traceback(
+    tmp_path: Path, preset: str | None, problem: str
+) -> None:
+    """It was a traceback of some 20 frames of uvicorn's and Starlette's start-up, and exit status 3."""
+    presets = tmp_path / "presets"
+    if preset is not None:
+        presets.mkdir()
+        (presets / "good.yaml").write_text("description: fine\nconfig: {agents: 1}\n", encoding="utf-8")
+        (presets / "bad.yaml").write_text(preset, encoding="utf-8")
+        problem = f"{presets}/{problem}"
+    ended = start("aidsafe-api", AIDSAFE_PRESETS_DIR=str(presets))
+
+    assert ended.returncode == 1, ended.stderr
+    assert ended.stderr.splitlines() == [
+        "aidsafe-api: cannot start, the settings are refused:",
+        f"  AIDSAFE_PRESETS_DIR: {problem.format(presets=presets)}",
+    ]
+
+
+@pytest.mark.parametrize(
     ("setting", "value"),
     [("default_agents", 0), ("default_agents", 9), ("default_max_rounds", -1), ("default_max_tokens", 32)],
 )
