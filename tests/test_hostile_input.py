@@ -10,6 +10,7 @@ import asyncio
 import copy
 import gc
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from typing import Any
@@ -646,6 +647,30 @@ async def test_a_body_of_which_nothing_comes_for_a_while_is_a_408_on_every_route
         assert answer.startswith(b"HTTP/1.1 408"), (path, answer)
         # The viewer answers people, in a page of its own.
         assert path.startswith("/view") or b'"request_timeout"' in answer, (path, answer)
+
+
+async def test_openapi_document_lists_the_408_on_every_operation_that_reads_a_body_and_no_other(
+    api: httpx.AsyncClient,
+) -> None:
+    """The stalled body's 408 (above) was in no operation's responses; an operation without a
+    body never answers it (a head's 408, as a 414 or 431, comes before any operation is known)."""
+    document = (await api.get("/openapi.json")).json()
+
+    def shape(path: str) -> str:  # a route's path, its parameters unnamed and its query dropped
+        return re.sub(r"\{[^}]*\}", "{}", path.split("?")[0])
+
+    listing_408 = {
+        (method.upper(), shape(path))
+        for path, operations in document["paths"].items()
+        for method, operation in operations.items()
+        if "408" in operation["responses"]
+    }
+    assert listing_408 == {(method, shape(path)) for method, path, _ in BODY_ROUTES}
+    timed_out = document["paths"]["/v1/sample-evaluations/upload"]["post"]["responses"]["408"]
+    assert timed_out["content"] == {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}
+    assert (
+        "AIDSAFE_BODY_STALL_S" in timed_out["description"] and "request_timeout" in timed_out["description"]
+    )
 
 
 async def test_a_login_form_larger_than_a_key_is_refused_unread(api: httpx.AsyncClient) -> None:

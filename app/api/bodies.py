@@ -20,6 +20,7 @@ from fastapi import Request
 from pydantic import TypeAdapter
 
 from app.api.deps import CurrentKey, SettingsDep
+from app.api.errors import described
 from app.api.state import api_state
 from app.config import Settings
 from app.errors import BodyStalled, MalformedBody, PayloadTooLarge, shown_name
@@ -47,11 +48,10 @@ class JsonBody(Generic[T]):
 
     @property
     def openapi(self) -> dict[str, Any]:
-        """The route's `openapi_extra`: FastAPI sees no body parameter, so it documents none.
-        The schema is inlined, as the operation cannot add its models to the components."""
-        schema = self.adapter.json_schema()
-        schema = inlined(schema)
-        return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+        """The route's `openapi_extra` (`body_openapi`): FastAPI sees no body parameter, so it
+        documents none. The schema is inlined, as the operation cannot add its models to the
+        components."""
+        return body_openapi({"application/json": {"schema": inlined(self.adapter.json_schema())}})
 
     async def __call__(self, request: Request, settings: SettingsDep, key: CurrentKey) -> AsyncIterator[T]:
         # The turn is held until the answer: decoded, the body waits for the key's row still.
@@ -74,6 +74,15 @@ class JsonBody(Generic[T]):
         """The body as `type_` (app.storable.decoded). Slow for a big body: call it off the
         event loop."""
         return decoded(raw, self.adapter, self.max_values)
+
+
+def body_openapi(content: dict[str, Any]) -> dict[str, Any]:
+    """The `openapi_extra` of a route whose body, of `content` (a schema by media type), is
+    read by `read_capped`: the body, and the 408 its read answers when the body stalls."""
+    return {
+        "requestBody": {"required": True, "content": content},
+        "responses": {"408": described(408)},
+    }
 
 
 async def read_capped(request: Request, max_bytes: int, stall_s: float) -> bytes:

@@ -40,6 +40,10 @@ _WHY = {
     ),
     403: "The API key lacks the scope this request needs (missing_scope).",
     404: "No such resource visible to this API key.",
+    408: (
+        "No byte of the request's body came for AIDSAFE_BODY_STALL_S (30 s by default; "
+        "request_timeout): the body is refused, and may be sent again."
+    ),
     409: (
         "The Idempotency-Key was already used with a different request body (idempotency_conflict), "
         "or the job to delete is still running (job_running) or compared (job_in_comparison)."
@@ -73,11 +77,14 @@ def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
 def documented_beside_a_stream(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """As `documented`, for a route whose success is not JSON (an event stream): FastAPI would
     list the errors under the route's media type, but they are JSON like every other."""
+    return {status: described(status) for status in statuses}
+
+
+def described(status: int) -> dict[str, Any]:
+    """The OpenAPI response of an error status, in the one error shape, as FastAPI would make
+    it of `documented`'s entry: for where FastAPI makes none (an operation's `openapi_extra`)."""
     error = {"$ref": f"#/components/schemas/{ErrorOut.__name__}"}
-    return {
-        status: {"description": _WHY[status], "content": {"application/json": {"schema": error}}}
-        for status in statuses
-    }
+    return {"description": _WHY[status], "content": {"application/json": {"schema": error}}}
 
 
 # Our own 503s say when to come back, as proxies' do: a restarting Postgres or Redis is back in

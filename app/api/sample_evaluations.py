@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import callbacks
 from app.api import views
-from app.api.bodies import JsonBody, read_capped
+from app.api.bodies import JsonBody, body_openapi, read_capped
 from app.api.deps import CurrentKey, OwnedJob, ReadsHazardous, SessionDep, SettingsDep
 from app.api.jobs import ERRORS, PAGE_ERRORS, Cursor, RowLimit, resolve_prompt_set
 from app.api.json_answers import json_answer
@@ -132,12 +132,7 @@ async def _uploaded(
     "/upload",
     status_code=status.HTTP_202_ACCEPTED,
     responses=SUBMIT_ERRORS,
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {t: {"schema": {"type": "string", "format": "binary"}} for t in _MEDIA_TYPES},
-        }
-    },
+    openapi_extra=body_openapi({t: {"schema": {"type": "string", "format": "binary"}} for t in _MEDIA_TYPES}),
 )
 async def upload_samples(
     key: CurrentKey, upload: Annotated[_Upload, Depends(_uploaded)], submission: SubmissionDep
