@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable
 from typing import Any
 from uuid import UUID
 
@@ -38,7 +37,7 @@ from app.store.db import Sessions
 from app.store.models import Cot, ImportedSample, Item, Job, PreferencePair, SampleEvaluation
 from app.store.page_sizes import PAGE_ROW_BYTES
 from app.web import pages
-from tests.conftest import least_loop_pause, longest_loop_pause, submit
+from tests.conftest import held_and_on_the_loop, least_loop_pause, submit
 from tests.test_comparison_reports import copies_of_the_first_cot
 from tests.test_quality_api import GRADED, PAIRED, a_grade, compare, completed, finished_job, kept_pair
 from tests.test_sample_evaluations import guarded_evaluation
@@ -86,22 +85,6 @@ async def every_page(
         pages.append(page["data"])
         if not (cursor := page["next_cursor"]):
             return pages
-
-
-async def held_and_on_the_loop(
-    route: Callable[[], Awaitable[httpx.Response]], on_the_loop: Callable[[], Awaitable[bytes]]
-) -> tuple[httpx.Response, float, float]:
-    """The route's longest loop hold, and that of the same work done on the loop (the route's
-    before), each the least of five taken in turn: a loaded machine slows all code for a while
-    (a whole run's requests took 20-26 ms where 7-11 is usual), so a bound in seconds between
-    the two failed now and then, or let the old route pass."""
-    held = held_on_the_loop = float("inf")
-    for _ in range(5):
-        response, once = await longest_loop_pause(route())
-        held = min(held, once)
-        _, once = await longest_loop_pause(on_the_loop())
-        held_on_the_loop = min(held_on_the_loop, once)
-    return response, held, held_on_the_loop
 
 
 @pytest.fixture

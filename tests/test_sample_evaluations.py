@@ -12,7 +12,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import httpx
 import pyarrow as pa
@@ -50,6 +50,7 @@ from app.store.turn_writer import TurnWriter
 from tests.conftest import (
     client_for,
     eventually,
+    held_and_on_the_loop,
     least_loop_pause,
     longest_loop_pause,
     new_key,
@@ -1075,21 +1076,30 @@ async def test_10000_samples_are_submitted_holding_the_event_loop_briefly(
     api: httpx.AsyncClient, auth: Headers
 ) -> None:
     """Their rows' ids and thoughts, made on the event loop, and the answer dumped and
-    validated again as the submission's, held every other request for 48 ms of CPU; 11 ms now
-    (the least of five submissions: one alone measured 36 ms under the parallel suite's load)."""
+    validated again as the submission's, held every other request for 48 ms of CPU; 11 ms now."""
     samples = [{"prompt": f"prompt {n}", "response": "Sure.", "label": f"l{n}"} for n in range(10_000)]
     body = json.dumps({"samples": samples, "guard": {}}).encode()  # here, not on the loop measured
     headers = {**auth, "Content-Type": "application/json"}
     # The default sets registered, as the first job of a key does.
     first = await api.post("/v1/sample-evaluations", json={"samples": samples[:1], "guard": {}}, headers=auth)
     assert first.status_code == 202, first.text
+    job_id, item_ids = uuid4(), [uuid4() for _ in samples]
 
-    response, held = await least_loop_pause(
-        lambda: api.post("/v1/sample-evaluations", content=body, headers=headers), times=5
+    async def rows_made_on_the_loop() -> object:
+        """The samples' rows made as the store makes them, on the event loop: part of the old
+        route's work, and CPU the machine's load slows as it slows the route's."""
+        return [
+            (uuid4(), item_id, job_id, position, json.dumps([]), sample["response"], sample["label"])
+            for position, (item_id, sample) in enumerate(zip(item_ids, samples, strict=True))
+        ]
+
+    response, held, on_the_loop = await held_and_on_the_loop(
+        lambda: api.post("/v1/sample-evaluations", content=body, headers=headers), rows_made_on_the_loop
     )
 
     assert response.status_code == 202, response.text
     assert response.json()["samples"] == 10_000
-    # 8 ms here with 10 processes on 2 cores; the old code re-created, 37-39 ms (it passed the
-    # 45 ms this bound was before). A CI run's least of three once measured 27 ms: of five now.
-    assert held < 0.03, f"the event loop was held for {held:.3f} s of CPU"
+    # 30 ms failed the old code (re-created: 37-43 ms) by 1.2-1.4 times, and a loaded CI run
+    # measured 27 ms once (8-11 typical); a loaded machine slows the rows made alike. Here
+    # 0.35-0.36 of the rows' time; the old code, 1.38-1.42.
+    assert held < 0.7 * on_the_loop, f"the event loop was held for {held:.3f} s of CPU; {on_the_loop:.3f} s"
