@@ -37,6 +37,7 @@ from app.store.db import Sessions
 from app.store.job_listing import JobFilter
 from app.store.models import Cot, ImportedSample, Item, Job, PreferencePair, SampleEvaluation
 from app.store.page_sizes import PAGE_ROW_BYTES
+from app.store.positions import Listing
 from app.web import pages
 from tests.conftest import held_and_on_the_loop, least_loop_pause, statements_sent, submit
 from tests.test_comparison_reports import copies_of_the_first_cot
@@ -336,7 +337,7 @@ async def test_a_page_of_500_jobs_of_8_kib_of_metadata_is_encoded_off_the_event_
             owner = await session.scalar(select(Job.owner_key_id).where(Job.id == comparison))
             assert owner is not None
             listed = JobFilter(label="listed")
-            rows, next_cursor = await job_listing.page(session, owner, (), listed, None, ROWS)
+            rows, next_cursor = await job_listing.page(session, owner, Listing.JOBS, listed, None, ROWS)
         return as_answered(JobPage(data=[views.job_listed(row) for row in rows], next_cursor=next_cursor))
 
     response, held, on_the_loop = await held_and_on_the_loop(
