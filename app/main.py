@@ -46,6 +46,7 @@ from app.api.state import ApiState
 from app.api.summaries import JobSummaries
 from app.api.verified_webhooks import VerifiedWebhooks
 from app.config import Settings, get_settings
+from app.presets import InvalidPresets
 from app.presets import load as load_presets
 from app.queue import REQUEST_RETRIES, bound_calls, redis_settings
 from app.store.budgets import Spending
@@ -72,7 +73,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # (below), so that no full collection walks them, each 17-28 ms longer otherwise.
             # Once a process: each later freeze would keep what is garbage then for good.
             gc.freeze()
-        shipped = load_presets(settings.presets_dir, settings)  # an invalid preset stops the start
+        try:
+            shipped = load_presets(settings.presets_dir, settings)
+        except InvalidPresets as exc:  # stops the start; `aidsafe-api` says so before (check_or_exit)
+            raise InvalidPresets(f"AIDSAFE_PRESETS_DIR: {exc}") from None
         engine = make_engine(settings.database_url, settings.database_timeout_s, settings.api_db_connections)
         sessions = make_sessions(engine)
         arq = await create_pool(redis_settings(settings.redis_url, REQUEST_RETRIES))

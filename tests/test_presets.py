@@ -85,9 +85,17 @@ async def test_a_preset_that_is_not_a_job_config_stops_the_server(
             pass
 
 
-def test_a_missing_presets_directory_stops_the_server(settings: Settings, tmp_path: Path) -> None:
-    with pytest.raises(InvalidPresets, match="does not exist"):
-        load(tmp_path / "nowhere", settings)
+async def test_a_missing_presets_directory_stops_the_server_naming_the_setting(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Started by `uvicorn app.main:app`, not `aidsafe-api`: the traceback's last line says
+    which setting to fix."""
+    app = create_app(settings.model_copy(update={"presets_dir": tmp_path / "nowhere"}))
+    with pytest.raises(
+        InvalidPresets, match=r"^AIDSAFE_PRESETS_DIR: the presets directory .*nowhere does not exist$"
+    ):
+        async with app.router.lifespan_context(app):
+            pass
 
 
 async def test_presets_are_listed_and_shown_with_their_content_version(

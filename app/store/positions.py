@@ -25,12 +25,15 @@ _NAMED_PLACE = struct.Struct(">Bq16s")
 
 
 class Listing(IntEnum):
-    """The listings whose cursors hold a place, each by the byte its cursors begin with."""
+    """The listings whose cursors hold a place, each by the byte its cursors begin with. A
+    named place cut to 24 bytes (its text two characters short) reads as an unnamed one whose
+    time begins with that byte: from 0x11 on, that time is past year 9999, so it is refused
+    rather than taken as a place in the 45th century (from 0x01, it was)."""
 
-    JOBS = 1
-    COMPARISONS = 2
-    WEBHOOKS = 3
-    ITEM_REVIEWS = 4
+    JOBS = 0x11
+    COMPARISONS = 0x12
+    WEBHOOKS = 0x13
+    ITEM_REVIEWS = 0x14
 
     @property
     def route(self) -> str:
