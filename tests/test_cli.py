@@ -172,6 +172,41 @@ async def test_cli_show_prints_control_characters_in_the_data_as_escapes(
     assert not {"\x1b", "\x07", "\x9b"} & set(out)
 
 
+async def test_cli_show_prints_a_backslash_doubled_so_an_escape_in_the_text_reads_apart_from_a_control(
+    live_api: str, api: httpx.AsyncClient, auth: Headers, settings: Settings
+) -> None:
+    """The text `\\x1b` (four characters) and ESC itself both printed as `\\x1b`: a reader could
+    not tell the prompt that holds a control from the one that only writes its escape."""
+    prompt = "written \\x1b[31m, sent \x1b[31m, a path C:\\new"
+    job = await submit(api, auth, [prompt])
+    await run_worker_burst(settings)
+
+    code, out = await aidsafe(live_api, auth, "show", job["id"])
+
+    assert code == 0, out
+    assert "written \\\\x1b[31m, sent \\x1b[31m, a path C:\\\\new" in out
+    assert "\x1b" not in out
+
+
+async def test_cli_shows_bidirectional_controls_in_labels_and_prompts_as_escapes(
+    live_api: str, api: httpx.AsyncClient, auth: Headers, settings: Settings
+) -> None:
+    """A right-to-left override or isolate reached the terminal as it was, and one that applies
+    them showed the text after it reversed: what was read was not what was there (Trojan
+    Source)."""
+    controls = "".join(map(chr, (*range(0x202A, 0x202F), *range(0x2066, 0x206A))))
+    job = await submit(api, auth, ["Is this \u202edesrever\u202c safe?"], label="run\u2067 1")
+    await run_worker_burst(settings)
+
+    _, listed = await aidsafe(live_api, auth, "jobs", "list")
+    code, shown = await aidsafe(live_api, auth, "show", job["id"])
+
+    assert code == 0, shown
+    assert listed.splitlines()[0].endswith("run\\u2067 1"), listed
+    assert "Is this \\u202edesrever\\u202c safe?" in shown
+    assert not set(controls) & set(listed + shown)
+
+
 async def test_cli_follows_a_job_to_the_end(
     live_api: str, api: httpx.AsyncClient, auth: Headers, settings: Settings
 ) -> None:

@@ -12,6 +12,7 @@ from rich import markup
 from rich.console import Console
 
 from aidsafe.models import Budget, Interval
+from app.bidi import BIDI_CONTROLS
 
 console = Console()
 status = Console(stderr=True)  # what a command says beside data it writes to stdout
@@ -19,6 +20,10 @@ status = Console(stderr=True)  # what a command says beside data it writes to st
 # C0 controls but tab and newline, DEL, and C1 controls: a terminal acts on them (ESC and CSI
 # begin sequences that retitle it, clear it, recolour what follows or write its clipboard).
 _CONTROLS = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0)) if chr(code) not in "\t\n"}
+# Those and the bidirectional controls as escapes, and a backslash doubled, so that an escape
+# shown stands for the character it names: the text `\x1b` (four characters) prints as
+# `\\x1b`, ESC itself as `\x1b`.
+_SHOWN = {**_CONTROLS, **{code: f"\\u{code:04x}" for code in BIDI_CONTROLS}, ord("\\"): "\\\\"}
 
 
 def escape(text: str) -> str:
@@ -28,9 +33,11 @@ def escape(text: str) -> str:
 
 
 def controls_shown(text: str) -> str:
-    """The text with its control characters shown as `\\xNN` escapes, for a terminal: a prompt
-    from a scraped data set may hold sequences a terminal would act on."""
-    return text.translate(_CONTROLS)
+    """The text with its control characters shown as `\\xNN` escapes and its bidirectional
+    controls as `\\uNNNN`, for a terminal: a prompt from a scraped data set may hold sequences
+    a terminal would act on. Its backslashes are doubled, so an escape it held already reads
+    apart from one shown here."""
+    return text.translate(_SHOWN)
 
 
 @contextmanager
