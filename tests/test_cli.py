@@ -17,15 +17,18 @@ import httpx
 import pytest
 import typer
 import yaml
+from rich.progress import Progress
 from sqlalchemy import select
 from typer.testing import CliRunner
 
 from aidsafe import Client
+from aidsafe.models import JobCounts, JobProgress, Usage
 from app.api.schemas import JobKind
 from app.cli import cli
 from app.cli.compare import judge_role
-from app.cli.follow import follow_job
+from app.cli.follow import ProgressView, follow_job
 from app.cli.job_options import job_config
+from app.cli.output import console
 from app.cli.prompt_files import read_prompt_file
 from app.config import Settings
 from app.deliberation.config import GuardStyle
@@ -221,11 +224,37 @@ async def test_cli_follows_a_job_to_the_end(
     rest = await asyncio.wait_for(process.stdout.read(), 30)
 
     assert await asyncio.wait_for(process.wait(), 30) == 0
-    assert first.decode().startswith("0/3 items | queued")
+    # Queued items wait: none in progress at the stage each runs first.
+    assert first.decode().startswith("0/3 items | queued | queued 3 | in progress - | failed 0 |")
     assert "3/3 items | completed" in rest.decode()
     assert rest.decode().splitlines()[-1].startswith("3/3 items | completed")  # no bar's frame after it
     progress = [line for line in (first + rest).decode().splitlines() if "tokens" in line]
     assert all(line.startswith(("0/3", "1/3", "2/3", "3/3")) for line in progress), progress  # one a line
+
+
+def test_follow_counts_queued_items_apart_from_those_at_work_in_each_stage() -> None:
+    """Queued items carry the stage they run next: they were counted as in progress there, so a
+    job no worker had touched showed "in progress intent:8"."""
+    by_stage = {
+        "intent": {"queued": 8, "running": 1},
+        "seed": {"queued": 1, "running": 1, "awaiting_batch": 2},
+        "done": {"completed": 3},
+    }
+    summary = JobProgress(
+        status="running",
+        counts=JobCounts(
+            total=16,
+            by_status={"queued": 9, "running": 2, "awaiting_batch": 2, "completed": 3},
+            by_stage=by_stage,
+        ),
+        usage=Usage(llm_calls=0, prompt_tokens=0, completion_tokens=0),
+    )
+    with Progress(console=console, disable=True) as progress, console.capture() as captured:
+        ProgressView(progress, progress.add_task("items")).show(summary)
+
+    assert captured.get().startswith(
+        "3/16 items | running | queued 9 | in progress intent:1 seed:3 | failed 0 |"
+    )
 
 
 async def test_ctrl_c_stops_following_says_the_job_goes_on_and_the_cli_cancels_it(
@@ -388,7 +417,7 @@ async def test_cli_follow_counts_the_refusals_and_names_them_by_stage_and_model_
     code, out = await aidsafe(live_api, auth, "follow", job["id"])
 
     assert code == 0, out
-    assert "1/1 items | completed | in progress - | failed 1 |" in out and "| refused 1" in out
+    assert "1/1 items | completed | queued 0 | in progress - | failed 1 |" in out and "| refused 1" in out
     assert "Refusals by stage and model: seed: scripted-model 1" in out
 
 

@@ -120,7 +120,9 @@ class ProgressView:
     def show(self, summary: JobProgress) -> None:
         counts, by_status, usage = summary.counts, summary.counts.by_status, summary.usage
         self.done_in_snapshot = counts.finished
-        at_work = (ItemStatus.RUNNING, ItemStatus.QUEUED, ItemStatus.AWAITING_BATCH)
+        # Queued items carry the stage they run next, yet wait; those awaiting a batch's answers
+        # are at work, as the job's status counts them.
+        at_work = (ItemStatus.RUNNING, ItemStatus.AWAITING_BATCH)
         active = {
             stage: n
             for stage, statuses in counts.by_stage.items()
@@ -128,7 +130,8 @@ class ProgressView:
         }
         stages = " ".join(f"{stage}:{n}" for stage, n in active.items()) or "-"
         detail = (
-            f"{summary.status} | in progress {stages} | failed {by_status.get(ItemStatus.FAILED, 0)} | "
+            f"{summary.status} | queued {by_status.get(ItemStatus.QUEUED, 0)} | in progress {stages} | "
+            f"failed {by_status.get(ItemStatus.FAILED, 0)} | "
             f"{usage.llm_calls} calls, {usage.prompt_tokens + usage.completion_tokens} tokens, "
             f"cost {usd(usage.cost_usd)}"
             + (f" | {wave_text(summary.batch)}" if summary.batch else "")
