@@ -332,6 +332,29 @@ async def test_model_output_is_shown_as_text_never_as_markup(
     assert "script-src 'self'" in page.headers["content-security-policy"]
 
 
+async def test_bidirectional_controls_are_shown_as_marked_escapes_not_applied(
+    api: httpx.AsyncClient, auth: Headers
+) -> None:
+    """Autoescaping leaves a right-to-left override or isolate as it is, and the browser showed
+    the text after it reversed: a prompt or a label read as what it is not (Trojan Source).
+    Shown marked, it reads apart from the same escape written as text."""
+    controls = "".join(map(chr, (*range(0x202A, 0x202F), *range(0x2066, 0x206A))))
+    prompt = "<b>written \\u202e, sent \u202edesrever\u202c</b>"
+    job = await submit(api, auth, [prompt], label="run\u2067 1")
+    [item] = await items_of(api, auth, job["id"])
+    await logged_in(api, auth)
+
+    listing = (await api.get("/view/jobs")).text
+    job_page = (await api.get(f"/view/jobs/{job['id']}")).text
+    item_page = (await api.get(f"/view/items/{item['id']}")).text
+
+    assert "<td>run<span class=control>\\u2067</span> 1</td>" in listing
+    marked = "<span class=control>\\u202e</span>desrever<span class=control>\\u202c</span>"
+    shown = f"&lt;b&gt;written \\u202e, sent {marked}&lt;/b&gt;"
+    assert shown in job_page and shown in item_page
+    assert not set(controls) & set(listing + job_page + item_page)
+
+
 async def test_each_explicit_intent_shows_its_label(
     api: httpx.AsyncClient, auth: Headers, settings: Settings, scripted_llm: ScriptedLLM
 ) -> None:

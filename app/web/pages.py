@@ -6,6 +6,7 @@ untrusted, and the Content-Security-Policy allows no inline script besides."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from functools import partial
 from pathlib import Path
@@ -19,6 +20,8 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.routing import APIRoute
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
+from markupsafe import escape as markup_escape
 from pydantic import BeforeValidator, TypeAdapter
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -32,6 +35,7 @@ from app.api.events import LastEventIdHeader, ResumedEvents, resumed, server_sen
 from app.api.schemas import CandidateStats, ItemStatus
 from app.api.state import api_state
 from app.api.summaries import job_out
+from app.bidi import BIDI_CONTROLS
 from app.config import Settings
 from app.costs import job_cost
 from app.errors import CrossSiteRequest, NotFound, ServiceError, TooManyWrongKeys, Unauthorized
@@ -55,6 +59,23 @@ def _usd(cost: float | None) -> str:
     return "unknown (unpriced endpoint)" if cost is None else f"${cost:,.4f}"
 
 
+# Bidirectional controls (app/bidi.py) in any value a page shows, as one character class.
+_BIDI = re.compile("[" + "".join(map(chr, sorted(BIDI_CONTROLS))) + "]")
+
+
+def _bidi_shown(value: Any) -> Any:
+    """A value a template shows (Jinja's `finalize`, so every one) with its bidirectional
+    controls shown as marked escapes (`\\u202e`), not applied: autoescaping leaves them, and
+    one in a prompt, a model's output or a name would show the text after it reordered. The
+    text is escaped first, as autoescaping would; other values are left to it. (In an
+    attribute the mark would read as text: no template puts the server's text in one.)"""
+    if not isinstance(value, str) or not _BIDI.search(value):
+        return value
+    escaped = value if isinstance(value, Markup) else markup_escape(value)
+    return Markup(_BIDI.sub(lambda control: f"<span class=control>\\u{ord(control[0]):04x}</span>", escaped))
+
+
+templates.env.finalize = _bidi_shown
 templates.env.filters["usd"] = _usd
 templates.env.filters["interval"] = render.interval
 templates.env.filters["percent"] = render.percent
