@@ -99,18 +99,21 @@ async def page(
     keep: JobFilter,
     cursor: str | None,
     limit: int,
+    with_metadata: bool = True,
 ) -> tuple[list[ListedJob], str | None]:
     """The key's jobs of `listing` (JOBS or COMPARISONS) that `keep` keeps, newest first,
-    after the position `cursor` holds (see `decode_position`)."""
+    after the position `cursor` holds (see `decode_position`); without their metadata unless
+    `with_metadata` (up to 8 KiB of JSON a job, decoded on the event loop as the rows come)."""
     only_kinds = _KINDS[listing]
     status = _status().label("status")
+    # Not shown in a listing, and about 150 KB of JSON a job of 10,000 repeated prompts (its
+    # duplicates report): a page of 500 read 73 MB, decoded on the event loop.
+    unread = [Job.duplicates, Job.plan, *([] if with_metadata else [Job.job_metadata])]
     query = (
         select(Job, cast(Job.plan, Text), status, *(_COUNTS.c[s] for s in ItemStatus))
         .join(_COUNTS, true())
         .where(Job.owner_key_id == owner_key_id, *_conditions(only_kinds, keep, status.element))
-        # Not shown in a listing, and about 150 KB of JSON a job of 10,000 repeated prompts
-        # (its duplicates report): a page of 500 read 73 MB, decoded on the event loop.
-        .options(defer(Job.duplicates, raiseload=True), defer(Job.plan, raiseload=True))
+        .options(*(defer(column, raiseload=True) for column in unread))
     )
     if cursor:
         resume_after = await _resume_after(session, owner_key_id, listing, cursor)
