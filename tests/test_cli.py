@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, get_args
+from uuid import uuid4
 
 import httpx
 import pytest
@@ -22,10 +23,10 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from aidsafe import Client
-from aidsafe.models import JobCounts, JobProgress, Usage
+from aidsafe.models import Comparison, JobCounts, JobProgress, Usage
 from app.api.schemas import JobKind
 from app.cli import cli
-from app.cli.compare import judge_role
+from app.cli.compare import judge_role, print_comparison
 from app.cli.follow import ProgressView, follow_job
 from app.cli.job_options import job_config
 from app.cli.output import console
@@ -956,6 +957,31 @@ async def test_cli_compares_two_jobs_with_two_judges_and_prints_each_ones_shares
     assert "relevance: baseline 4.00 [4.00, 4.00] (n=2)" in rest
     models = {r.body["model"] for r in scripted_llm.requests_for("pairwise_judgement")}
     assert models == {"judge-a", "judge-b"}
+
+
+def test_a_comparisons_judge_is_printed_as_named_not_as_markup_or_controls() -> None:
+    """A judge's model name is the caller's text: `[red]` in it coloured what followed (and an
+    unclosed `[/]` stopped the report with a MarkupError), ESC reached the terminal."""
+    rate = {"value": 0.5, "low": 0.1, "high": 0.9, "n": 2}
+    comparison = Comparison.model_validate(
+        {
+            **{"id": str(uuid4()), "status": "completed", "created_at": "2026-01-01T00:00:00Z"},
+            **{"label": None, "metadata": {}, "baseline_job_id": str(uuid4())},
+            **{"candidate_job_id": str(uuid4()), "prompts": 2, "metrics": {}},
+            "counts": {"total": 2, "by_status": {"completed": 2}, "by_stage": {}},
+            "usage": {"llm_calls": 2, "prompt_tokens": 2, "completion_tokens": 2},
+            "judges": [
+                {
+                    "judge": {"model": "judge-[red]a[/]\x1b]0;owned\x07", "endpoint": "default"},
+                    **{"wins": 1, "ties": 0, "losses": 1, "unreadable": 0},
+                    **{"win_rate": rate, "tie_rate": rate, "loss_rate": rate},
+                }
+            ],
+        }
+    )
+    with console.capture() as captured:
+        print_comparison(comparison)
+    assert "Judge judge-[red]a[/]\\x1b]0;owned\\x07@default: candidate wins" in captured.get()
 
 
 async def test_refusals_worded_for_http_callers_name_the_clis_flag_or_command_too(

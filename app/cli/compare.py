@@ -9,7 +9,7 @@ import typer
 from aidsafe.models import Comparison
 from app.cli.connection import Advice, ApiKeyOpt, ApiUrl, api_client
 from app.cli.follow import follow_job
-from app.cli.output import console, interval
+from app.cli.output import console, escape, interval
 
 
 def judge_role(spec: str) -> dict[str, Any]:
@@ -64,7 +64,7 @@ def print_comparison(comparison: Comparison) -> None:
     for results in comparison.judges:
         role, wins = results.judge, interval(results.win_rate, 1, True)
         console.print(
-            f"Judge {role['model']}@{role['endpoint']}: candidate wins {wins}, "
+            f"Judge {escape(role['model'])}@{escape(role['endpoint'])}: candidate wins {wins}, "
             f"ties {interval(results.tie_rate, 1, True)}, loses {interval(results.loss_rate, 1, True)}"
             + (f"; {results.unreadable} unreadable" if results.unreadable else ""),
             highlight=False,

@@ -50,7 +50,7 @@ def follow_job(client: aidsafe.Client, job_id: Any, poll_s: float = 2.0) -> JobP
                 poll_s=poll_s,
                 on_event=view.event,
                 on_polling=lambda exc: console.print(
-                    f"[dim]Progress events unavailable ({exc}); polling instead.[/]"
+                    f"[dim]Progress events unavailable ({escape(str(exc))}); polling instead.[/]"
                 ),
             )
     # Neither Ctrl-C nor losing the API stops the job: say so, and how to go on or to stop it.
