@@ -4,8 +4,10 @@ real worker and the scripted LLM: submit with job options, follow, export, polic
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -18,6 +20,7 @@ import httpx
 import pytest
 import typer
 import yaml
+from rich.console import Console
 from rich.progress import Progress
 from sqlalchemy import select
 from typer.testing import CliRunner
@@ -27,9 +30,9 @@ from aidsafe.models import Comparison, JobCounts, JobProgress, Usage
 from app.api.schemas import JobKind
 from app.cli import cli
 from app.cli.compare import judge_role, print_comparison
-from app.cli.follow import ProgressView, follow_job
+from app.cli.follow import ProgressView, follow_job, refusals_text
 from app.cli.job_options import job_config
-from app.cli.output import console
+from app.cli.output import console, escape
 from app.cli.prompt_files import read_prompt_file
 from app.config import Settings
 from app.deliberation.config import GuardStyle
@@ -176,20 +179,26 @@ async def test_cli_show_prints_control_characters_in_the_data_as_escapes(
     assert not {"\x1b", "\x07", "\x9b"} & set(out)
 
 
-async def test_cli_show_prints_a_backslash_doubled_so_an_escape_in_the_text_reads_apart_from_a_control(
-    live_api: str, api: httpx.AsyncClient, auth: Headers, settings: Settings
-) -> None:
+def test_a_control_is_shown_reversed_so_it_reads_apart_from_its_escape_written_in_the_text() -> None:
     """The text `\\x1b` (four characters) and ESC itself both printed as `\\x1b`: a reader could
-    not tell the prompt that holds a control from the one that only writes its escape."""
-    prompt = "written \\x1b[31m, sent \x1b[31m, a path C:\\new"
-    job = await submit(api, auth, [prompt])
-    await run_worker_burst(settings)
+    not tell the prompt that holds a control from the one that only writes its escape. Doubling
+    every backslash told them apart but misquoted every other backslash (a regex in a message,
+    a Windows path, LaTeX): on a terminal the escapes the CLI makes are reversed instead."""
+    terminal = Console(
+        file=io.StringIO(), force_terminal=True, color_system="standard", width=200, emoji=False
+    )
+    text = "written \\x1b[31m, sent \x1b[31m, a path C:\\new\\\\\x07 [b]:skull:\\"
 
-    code, out = await aidsafe(live_api, auth, "show", job["id"])
+    terminal.print(f"[green]{escape(text)}[/]", highlight=False)
 
-    assert code == 0, out
-    assert "written \\\\x1b[31m, sent \\x1b[31m, a path C:\\\\new" in out
-    assert "\x1b" not in out
+    printed = terminal.file.getvalue()  # type: ignore[attr-defined]
+    styles = re.compile("\x1b\\[[0-9;]*m")  # SGR: 32 green, 7 reverse, 0 reset
+    shown = "written \\x1b[31m, sent \\x1b[31m, a path C:\\new\\\\\\x07 [b]:skull:\\\n"
+    assert styles.sub("", printed) == shown
+    assert re.findall("\x1b\\[7;32m(.*?)\x1b\\[0m", printed) == ["\\x1b", "\\x07"]  # the two controls
+    with console.capture() as captured:  # the CLI's own console
+        console.print(escape("say :skull: and :red_circle:"))
+    assert captured.get() == "say :skull: and :red_circle:\n"  # text, not emoji
 
 
 async def test_cli_shows_bidirectional_controls_in_labels_and_prompts_as_escapes(
@@ -256,6 +265,21 @@ def test_follow_counts_queued_items_apart_from_those_at_work_in_each_stage() -> 
     assert captured.get().startswith(
         "3/16 items | running | queued 9 | in progress intent:1 seed:3 | failed 0 |"
     )
+
+
+def test_follow_names_each_refusing_model_as_the_caller_wrote_it() -> None:
+    """A model's name is the caller's text: `[red]` in it coloured the refusals line and an
+    unmatched `[/]` ended `follow` with a MarkupError, after the job had finished."""
+    summary = JobProgress(
+        status="completed",
+        counts=JobCounts(total=1, by_status={"completed": 1}, by_stage={}),
+        usage=Usage(llm_calls=1, prompt_tokens=1, completion_tokens=1),
+        refusals_by_stage={"seed": {"m[/]": 1, "evil[red]model\u202e": 2}},
+    )
+    with console.capture() as captured:
+        console.print(refusals_text(summary), highlight=False)
+
+    assert captured.get() == "seed: m[/] 1, evil[red]model\\u202e 2\n"
 
 
 async def test_ctrl_c_stops_following_says_the_job_goes_on_and_the_cli_cancels_it(

@@ -64,7 +64,7 @@ def follow_job(client: aidsafe.Client, job_id: Any, poll_s: float = 2.0) -> JobP
         console.print(f"[red]No answer from the API ({said}); {_goes_on(job_id)}[/]", highlight=False)
         raise typer.Exit(1) from exc
     if final.refusals:
-        console.print(f"Refusals by stage and model: {_refusals_text(final)}", highlight=False)
+        console.print(f"Refusals by stage and model: {refusals_text(final)}", highlight=False)
     if final.waiting_for_budget:
         console.print(
             f"[yellow]The job's budget is spent: its items wait. Raise it to resume, e.g. "
@@ -92,10 +92,10 @@ def _goes_on(job_id: Any) -> str:
     )
 
 
-def _refusals_text(progress: JobProgress) -> str:
+def refusals_text(progress: JobProgress) -> str:
     """e.g. "seed: gpt-4o-mini 1, smollm2 3; grade: smollm2 1"."""
     return "; ".join(
-        f"{stage}: " + ", ".join(f"{model} {n}" for model, n in by_model.items())
+        f"{stage}: " + ", ".join(f"{escape(model)} {n}" for model, n in by_model.items())
         for stage, by_model in progress.refusals_by_stage.items()
     )
 
@@ -149,7 +149,7 @@ def wave_text(batch: BatchProgress) -> str:
     """A batch job's current wave, e.g. "wave 3 · batch in_progress 120/200 · saved $0.0123":
     its batches' provider statuses, their requests answered of all, and the saving so far."""
     if batch.batches:
-        statuses = "/".join(sorted({b.provider_status or b.status for b in batch.batches}))
+        statuses = escape("/".join(sorted({b.provider_status or b.status for b in batch.batches})))
         answered = sum((b.request_counts or {}).get("completed", 0) for b in batch.batches)
         wave = f"wave {batch.wave} · batch {statuses} {answered}/{sum(b.requests for b in batch.batches)}"
     else:

@@ -3,6 +3,7 @@ money, budgets and intervals as every command shows them."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,30 +15,37 @@ from rich.console import Console
 from aidsafe.models import Budget, Interval
 from app.bidi import BIDI_CONTROLS
 
-console = Console()
-status = Console(stderr=True)  # what a command says beside data it writes to stdout
+# No emoji: `:skull:` in a prompt is text, as the rest of it is.
+console = Console(emoji=False)
+status = Console(stderr=True, emoji=False)  # what a command says beside data it writes to stdout
 
 # C0 controls but tab and newline, DEL, and C1 controls: a terminal acts on them (ESC and CSI
-# begin sequences that retitle it, clear it, recolour what follows or write its clipboard).
-_CONTROLS = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0)) if chr(code) not in "\t\n"}
-# Those and the bidirectional controls as escapes, and a backslash doubled, so that an escape
-# shown stands for the character it names: the text `\x1b` (four characters) prints as
-# `\\x1b`, ESC itself as `\x1b`.
-_SHOWN = {**_CONTROLS, **{code: f"\\u{code:04x}" for code in BIDI_CONTROLS}, ord("\\"): "\\\\"}
+# begin sequences that retitle it, clear it, recolour what follows or write its clipboard). And
+# the bidirectional controls, which show the text after them reordered (Trojan Source).
+_SHOWN = {
+    **{code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0)) if chr(code) not in "\t\n"},
+    **{code: f"\\u{code:04x}" for code in BIDI_CONTROLS},
+}
+_CONTROL = re.compile("([" + re.escape("".join(map(chr, sorted(_SHOWN)))) + "])")
 
 
 def escape(text: str) -> str:
-    """Text from the server (a prompt, a model's output, a name) as the CLI prints it: its
-    control characters shown as escapes (`controls_shown`) and its Rich markup as it is."""
-    return markup.escape(controls_shown(text))
+    """Text from the server (a prompt, a model's output, a name) as Rich markup that prints it
+    as it is, square brackets and backslashes included, but for its control characters: each
+    shown as its escape (`\\x1b`, `\\u202e`) in reverse video, so that on a terminal it reads
+    apart from the same characters written in the text (a regex in a message, say)."""
+    pieces = _CONTROL.split(text)  # text, a control, text, ..., text
+    shown = [
+        _before_a_tag(piece) + f"[reverse]{_SHOWN[ord(control)]}[/]"
+        for piece, control in zip(pieces[:-1:2], pieces[1::2], strict=True)
+    ]
+    return "".join(shown) + markup.escape(pieces[-1])
 
 
-def controls_shown(text: str) -> str:
-    """The text with its control characters shown as `\\xNN` escapes and its bidirectional
-    controls as `\\uNNNN`, for a terminal: a prompt from a scraped data set may hold sequences
-    a terminal would act on. Its backslashes are doubled, so an escape it held already reads
-    apart from one shown here."""
-    return text.translate(_SHOWN)
+def _before_a_tag(text: str) -> str:
+    """Text as markup that a tag follows: Rich reads 2k backslashes before a tag as k."""
+    plain = text.rstrip("\\")
+    return markup.escape(plain) + "\\" * 2 * (len(text) - len(plain))
 
 
 @contextmanager

@@ -12,7 +12,7 @@ import typer
 from app.cli.connection import ApiKeyOpt, ApiUrl, api_client
 from app.cli.follow import follow_job
 from app.cli.job_options import PolicySetOpt, PolicyVersionOpt, PromptSetOpt, PromptSetVersionOpt
-from app.cli.output import console, controls_shown, writing
+from app.cli.output import console, escape, writing
 from app.cli.prompt_files import PromptFileError, read_prompt_file
 
 
@@ -84,5 +84,5 @@ def reproduce(
         (out / "report.csv").write_text(client.get_comparison_report(comparison.id, format="csv"), "utf-8")
         for plot in ("scores", "gaps") if pairs else ("scores",):
             (out / f"{plot}.png").write_bytes(client.get_comparison_plot(comparison.id, plot))
-    console.print(controls_shown(report), markup=False, highlight=False)
+    console.print(escape(report), highlight=False)
     console.print(f"Written to {out}/ (report.md, report.csv, plots)")
