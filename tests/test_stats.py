@@ -14,6 +14,7 @@ from app.config import Settings
 from app.stats import (
     NOTHING_MEASURED,
     Estimate,
+    _sqrt_of_ratio,
     cohen_kappa,
     counted_mean,
     fleiss_kappa,
@@ -56,6 +57,14 @@ def test_the_wilson_interval_is_scipys_to_the_last_bits(counts: tuple[int, int],
     assert ours.high == pytest.approx(scipys.high, rel=1e-12, abs=1e-15)
 
 
+@pytest.mark.parametrize("n", range(1, 101))
+def test_a_share_of_none_or_of_all_has_its_interval_end_at_exactly_0_or_1(n: int) -> None:
+    # The formulas give the end only to a rounding: 0 of 2 gave a low of -5.6e-17, 32 of 32
+    # a high of 1.0000000000000002, an interval a reader would see leave [0, 1].
+    assert proportion(0, n).low == 0.0
+    assert proportion(n, n).high == 1.0
+
+
 def test_a_wider_confidence_gives_a_wider_interval() -> None:
     narrow, wide = proportion(30, 100, confidence=0.8), proportion(30, 100, confidence=0.99)
     assert wide.low is not None and narrow.low is not None
@@ -66,9 +75,9 @@ def test_a_wider_confidence_gives_a_wider_interval() -> None:
 def test_nothing_measured_and_impossible_counts() -> None:
     assert proportion(0, 0) == NOTHING_MEASURED
     assert mean([]) == NOTHING_MEASURED
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^3 successes out of 2$"):
         proportion(3, 2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^-1 successes out of 2$"):
         proportion(-1, 2)
 
 
@@ -116,6 +125,13 @@ def test_a_mean_from_counts_is_the_mean_of_the_values_to_the_last_bit(
     assert counted_mean(dict(zip(values, counts, strict=True)), within=within) == mean(
         expanded, within=within
     )
+
+
+def test_a_standard_deviation_halfway_between_two_floats_rounds_to_the_even_one() -> None:
+    # sqrt((2**53 + 1)**2 / 4) is 2**52 + 0.5 exactly: halfway between the floats 2**52 and
+    # 2**52 + 1, so round-half-even gives 2**52. An exact root must not be marked inexact.
+    assert _sqrt_of_ratio((2**53 + 1) ** 2, 4) == 2.0**52
+    assert _sqrt_of_ratio((2**53 + 3) ** 2, 4) == 2.0**52 + 2
 
 
 def test_cohen_kappa_matches_the_textbook_figure() -> None:
