@@ -116,7 +116,7 @@ def test_one_reviewer_with_two_verdicts_on_an_item_is_measured_with_fleiss_kappa
 def test_a_jobs_reviews_add_up_to_its_counts_its_decisions_and_both_agreements() -> None:
     # Two reviewers; per item: (first's verdict, second's), the grader's gate, and the decision.
     first, second = "label_studio:1", "label_studio:2"
-    item = [uuid4() for _ in range(9)]
+    item = [uuid4() for _ in range(12)]
     reviews = [
         CountedReview(item[0], True, first, ACCEPT, edited=True),  # both accept: approved
         CountedReview(item[0], True, second, ACCEPT, edited=True),
@@ -133,22 +133,26 @@ def test_a_jobs_reviews_add_up_to_its_counts_its_decisions_and_both_agreements()
         CountedReview(item[7], False, second, REJECT, edited=False),
         CountedReview(item[8], True, first, REJECT, edited=False),
         CountedReview(item[8], True, second, None, edited=False),
+        CountedReview(item[9], True, first, ACCEPT, edited=False),
+        CountedReview(item[10], True, second, ACCEPT, edited=False),
+        CountedReview(item[11], None, first, REJECT, edited=False),  # not graded
     ]
 
-    summary = summarise(reviews, completed=12)
+    summary = summarise(reviews, completed=14)
 
-    assert summary.reviews == ReviewCounts(total=15, accepted=7, rejected=6, no_verdict=2, edited=3)
-    assert summary.items == ItemCounts(completed=12, reviewed=9, approved=3, rejected=5, edited=2)
+    assert summary.reviews == ReviewCounts(total=18, accepted=9, rejected=7, no_verdict=2, edited=3)
+    assert summary.items == ItemCounts(completed=14, reviewed=12, approved=5, rejected=6, edited=2)
     assert summary.reviewers == 2
-    # Decided and gated: approved 0, 3, 5 (gates T, F, T); rejected 1, 2, 6, 7, 8 (T, F, F, F, T).
-    # Match on 0, 5, 2, 6, 7: 5 of 8. Human approves 3 of 8, the gate accepts 4 of 8: chance
-    # (3 * 4 + 5 * 4) / 64 = 1/2; Cohen's kappa (5/8 - 1/2) / (1/2) = 1/4.
+    # Decided and gated (4 has no decision, 11 no gate): approved 0, 3, 5, 9, 10 (gates T, F, T,
+    # T, T); rejected 1, 2, 6, 7, 8 (T, F, F, F, T). Match on 0, 5, 9, 10, 2, 6, 7: 7 of 10.
+    # Human approves 5 of 10, the gate accepts 6 of 10: chance (5 * 6 + 5 * 4) / 100 = 1/2;
+    # Cohen's kappa (7/10 - 1/2) / (1/2) = 2/5.
     grader = summary.grader
-    assert (grader.both_accept, grader.both_reject) == (2, 3)
+    assert (grader.both_accept, grader.both_reject) == (4, 3)
     assert (grader.human_accepts_grader_rejects, grader.human_rejects_grader_accepts) == (1, 2)
-    assert grader.kappa == pytest.approx(1 / 4)
-    wilson = scipy.stats.binomtest(5, 8).proportion_ci(0.95, method="wilson")
-    assert (grader.agreement.value, grader.agreement.n) == (5 / 8, 8)
+    assert grader.kappa == pytest.approx(2 / 5)
+    wilson = scipy.stats.binomtest(7, 10).proportion_ci(0.95, method="wilson")
+    assert (grader.agreement.value, grader.agreement.n) == (7 / 10, 10)
     assert grader.agreement.low == pytest.approx(wilson.low)
     assert grader.agreement.high == pytest.approx(wilson.high)
     # Items with two verdicts, 0, 1, 2, 3, 5: all agree on 4 of 5. The first accepts 3 of 5, the
