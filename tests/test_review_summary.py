@@ -135,15 +135,15 @@ def test_a_jobs_reviews_add_up_to_its_counts_its_decisions_and_both_agreements()
         CountedReview(item[8], True, second, None, edited=False),
         CountedReview(item[9], True, first, ACCEPT, edited=False),
         CountedReview(item[10], True, second, ACCEPT, edited=False),
-        CountedReview(item[11], None, first, REJECT, edited=False),  # not graded
+        CountedReview(item[11], None, first, None, edited=False),  # a comment, not graded
     ]
 
     summary = summarise(reviews, completed=14)
 
-    assert summary.reviews == ReviewCounts(total=18, accepted=9, rejected=7, no_verdict=2, edited=3)
-    assert summary.items == ItemCounts(completed=14, reviewed=12, approved=5, rejected=6, edited=2)
+    assert summary.reviews == ReviewCounts(total=18, accepted=9, rejected=6, no_verdict=3, edited=3)
+    assert summary.items == ItemCounts(completed=14, reviewed=12, approved=5, rejected=5, edited=2)
     assert summary.reviewers == 2
-    # Decided and gated (4 has no decision, 11 no gate): approved 0, 3, 5, 9, 10 (gates T, F, T,
+    # Decided and gated (4 and 11 have no decision): approved 0, 3, 5, 9, 10 (gates T, F, T,
     # T, T); rejected 1, 2, 6, 7, 8 (T, F, F, F, T). Match on 0, 5, 9, 10, 2, 6, 7: 7 of 10.
     # Human approves 5 of 10, the gate accepts 6 of 10: chance (5 * 6 + 5 * 4) / 100 = 1/2;
     # Cohen's kappa (7/10 - 1/2) / (1/2) = 2/5.
