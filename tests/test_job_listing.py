@@ -391,21 +391,26 @@ async def test_another_keys_cursor_only_moves_within_your_own_listing(
     assert [row["id"] for row in from_bobs] == newest_first([j for j in many if j.created_at < bobs_newest])
 
 
-async def test_a_cursor_given_to_another_listing_is_refused_naming_the_listing_it_came_from(
-    api: httpx.AsyncClient, alice: Owner, many: list[Made]
-) -> None:
-    """A cursor holds a place in the rows of the listing that returned it: given to another,
-    GET /v1/webhooks answered a job listing's with an empty page, and GET /v1/comparisons
-    resumed at that job's time, as if they were its own."""
+@pytest.fixture
+async def paths(api: httpx.AsyncClient, alice: Owner, many: list[Made]) -> dict[Listing, str]:
+    """The listings whose cursors hold a place: two webhooks, an item without reviews."""
     for name in ("ls-1", "ls-2"):
         assert (await api.post("/v1/webhooks", json={"name": name}, headers=alice.headers)).status_code == 201
     item = (await items_of(api, alice.headers, str(many[0].id)))[0]["id"]
-    paths = {
+    return {
         Listing.JOBS: "/v1/jobs",
         Listing.COMPARISONS: "/v1/comparisons",
         Listing.WEBHOOKS: "/v1/webhooks",
         Listing.ITEM_REVIEWS: f"/v1/items/{item}/reviews",
     }
+
+
+async def test_a_cursor_given_to_another_listing_is_refused_naming_the_listing_it_came_from(
+    api: httpx.AsyncClient, alice: Owner, paths: dict[Listing, str]
+) -> None:
+    """A cursor holds a place in the rows of the listing that returned it: given to another,
+    GET /v1/webhooks answered a job listing's with an empty page, and GET /v1/comparisons
+    resumed at that job's time, as if they were its own."""
     cursors: dict[Listing, str] = {
         listing: (await api.get(path, params={"limit": 1}, headers=alice.headers)).json()["next_cursor"]
         for listing, path in paths.items()
@@ -427,21 +432,12 @@ async def test_a_cursor_given_to_another_listing_is_refused_naming_the_listing_i
 
 
 async def test_a_cursor_cut_short_is_refused_not_read_as_a_place_of_the_old_form(
-    api: httpx.AsyncClient, alice: Owner, many: list[Made]
+    api: httpx.AsyncClient, alice: Owner, paths: dict[Listing, str]
 ) -> None:
     """Cut two characters short, a cursor that names its listing is 24 bytes, the old form's
     length: with listing bytes 1-4 it read as a place in the 45th to 89th century, so a job
     listing started again from the newest job (rows shown twice) and GET /v1/webhooks answered
     an empty page (as if at the end), each with a 200."""
-    assert (await api.post("/v1/webhooks", json={"name": "ls-1"}, headers=alice.headers)).status_code == 201
-    assert (await api.post("/v1/webhooks", json={"name": "ls-2"}, headers=alice.headers)).status_code == 201
-    item = (await items_of(api, alice.headers, str(many[0].id)))[0]["id"]
-    paths = {
-        Listing.JOBS: "/v1/jobs",
-        Listing.COMPARISONS: "/v1/comparisons",
-        Listing.WEBHOOKS: "/v1/webhooks",
-        Listing.ITEM_REVIEWS: f"/v1/items/{item}/reviews",
-    }
     for listing, path in paths.items():
         cursor = positions.encode_position(listing, BASE, uuid4())
         assert (await api.get(path, params={"cursor": cursor}, headers=alice.headers)).status_code == 200
