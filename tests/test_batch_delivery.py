@@ -30,6 +30,7 @@ from aidsafe.models import BatchProgress
 from app.cli.follow import wave_text
 from app.config import BatchConfig, EndpointConfig, Prices, Settings
 from app.llm.batch_api import BatchAPI
+from app.queue import enqueue_shares
 from app.store import batches, deletions
 from app.store.batches import LeaseLost, Outcome
 from app.store.db import Sessions
@@ -1879,3 +1880,231 @@ async def test_comparisons_and_evaluations_refuse_batch_delivery_rather_than_cal
 async def _job_count(sessions: Sessions) -> int:
     async with sessions() as session:
         return int(await session.scalar(select(func.count()).select_from(Job)) or 0)
+
+
+# --- what a batch's end writes on its requests and items, and how a wave is cut ------------------
+
+
+async def _waves_taken(
+    api: httpx.AsyncClient,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: Sessions,
+    *jobs: dict[str, Any],
+) -> list[tuple[batches.Held, list[int]]]:
+    """Batch jobs (each a config with `prompts`: how many of PROMPTS; `key`: its API key, if
+    not `auth`) whose items filed their first calls, their first waves formed (one batch
+    each) and taken: per job, its batch held and its request ids."""
+    job_ids = [
+        UUID(await submit(api, job.pop("key", auth), PROMPTS[: job.pop("prompts")], delivery="batch", **job))
+        for job in jobs
+    ]
+    await run_worker_burst(settings)
+    assert await batches.form_waves(sessions, settings.endpoints()) == len(job_ids)
+    held = {h.job_id: h for h in await batches.take_due(sessions, lease_s=60)}
+    async with sessions() as session:
+        requests = [
+            list(
+                await session.scalars(
+                    select(BatchRequest.id).where(BatchRequest.job_id == job_id).order_by(BatchRequest.id)
+                )
+            )
+            for job_id in job_ids
+        ]
+    return [(held[job_id], ids) for job_id, ids in zip(job_ids, requests, strict=True)]
+
+
+async def _request_rows(sessions: Sessions, ids: list[int]) -> list[tuple[Any, ...]]:
+    """(status, answer, body blanked, error, submissions, answered) of the requests, in the order given."""
+    async with sessions() as session:
+        rows = {
+            r.id: (r.status, r.answer, r.body == {}, r.error, r.submissions, r.answered_at is not None)
+            for r in await session.scalars(select(BatchRequest).where(BatchRequest.id.in_(ids)))
+        }
+    return [rows[request_id] for request_id in ids]
+
+
+def _completion(text: str) -> dict[str, Any]:
+    return {"choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
+
+
+async def test_a_batchs_answers_are_stored_once_on_its_own_waiting_requests_and_the_rest_sent_again(
+    batch_api: httpx.AsyncClient, auth: dict[str, str], batch_settings: Settings, sessions: Sessions
+) -> None:
+    (held, [answered_early, answered, refused, unanswered]), (_, [others]) = await _waves_taken(
+        batch_api, auth, batch_settings, sessions, {"prompts": 4}, {"prompts": 1}
+    )
+    # The output file read at an earlier poll (its error file refused then), stored as it was.
+    await batches.keep_read(
+        sessions, held, Outcome({answered_early: _completion("first")}, {}), {"output_file_id": "file-out"}
+    )
+
+    resent = await batches.collect(
+        sessions,
+        held,
+        BatchStatus.COLLECTED,
+        # The early answer read again (also as refused), and lines naming another batch's
+        # request (a proxy's mix-up).
+        Outcome(
+            {
+                answered_early: _completion("again"),
+                answered: _completion("late"),
+                others: _completion("not mine"),
+            },
+            {
+                refused: "HTTP 400: bad request",
+                answered_early: "HTTP 400: again",
+                others: "HTTP 400: not mine",
+            },
+        ),
+        3,
+        provider_status="completed",
+    )
+
+    assert resent == 1
+    assert await _request_rows(sessions, [answered_early, answered, refused, unanswered, others]) == [
+        ("answered", _completion("first"), True, None, 1, True),
+        ("answered", _completion("late"), True, None, 1, True),
+        ("rejected", None, False, "HTTP 400: bad request", 1, True),
+        ("pending", None, False, None, 1, False),
+        ("submitted", None, False, None, 1, False),
+    ]
+    row = await _batch_row(sessions, held.id)
+    assert (row.status, row.provider_status, row.output_file_id) == ("collected", "completed", "file-out")
+    assert row.finished_at is not None
+
+
+async def test_a_request_unanswered_in_its_last_allowed_batch_fails_its_item_and_one_with_tries_left_waits(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+    arq_redis: ArqRedis,
+) -> None:
+    (spent, [last_try]), (left, [next_wave]) = await _waves_taken(
+        batch_api, auth, batch_settings, sessions, {"prompts": 1}, {"prompts": 1}
+    )
+
+    # Each request went in 1 batch: the first job's allowed 1, the second's 2.
+    assert await batches.collect(sessions, spent, BatchStatus.COLLECTED, Outcome({}, {}), 1) == 0
+    assert await batches.collect(sessions, left, BatchStatus.COLLECTED, Outcome({}, {}), 2) == 1
+
+    assert await _request_rows(sessions, [last_try, next_wave]) == [
+        ("failed", None, False, "unanswered in 1 batches; last: collected", 1, False),
+        ("pending", None, False, None, 1, False),
+    ]
+    requeued = await batches.requeue_answered(sessions)
+    assert [item for shares in requeued.values() for item, _ in shares] == [
+        await _item_of(sessions, last_try)
+    ]
+    await enqueue_shares(arq_redis, batch_settings.queue_name, requeued)
+    await _drive(batch_settings, sessions, arq_redis, str(spent.job_id))
+    job = (await batch_api.get(f"/v1/jobs/{spent.job_id}/items", headers=auth)).json()["data"]
+    assert [(i["status"], i["error_code"], i["error_message"]) for i in job] == [
+        (
+            "failed",
+            "llm_request_rejected",
+            "the LLM endpoint 'default' left the request unanswered in every batch",
+        )
+    ]
+    assert await batches.requeue_answered(sessions) == {}, "an ended item was queued again"
+
+
+async def _item_of(sessions: Sessions, request_id: int) -> UUID:
+    async with sessions() as session:
+        return (
+            await session.scalars(select(BatchRequest.item_id).where(BatchRequest.id == request_id))
+        ).one()
+
+
+async def test_a_batch_that_leaves_requests_unanswered_hands_them_online_when_its_job_says_so(
+    batch_api: httpx.AsyncClient, auth: dict[str, str], batch_settings: Settings, sessions: Sessions
+) -> None:
+    [(held, [answered, unanswered, refused])] = await _waves_taken(
+        batch_api, auth, batch_settings, sessions, {"prompts": 3, "batch": {"unanswered": "online"}}
+    )
+
+    resent = await batches.collect(
+        sessions,
+        held,
+        BatchStatus.COLLECTED,
+        Outcome({answered: _completion("kept")}, {refused: "HTTP 400: bad request"}),
+        1,
+    )
+
+    assert resent == 1
+    assert await _request_rows(sessions, [answered, unanswered, refused]) == [
+        ("answered", _completion("kept"), True, None, 1, True),
+        ("online", None, False, "unanswered by its batch (collected)", 1, False),
+        ("rejected", None, False, "HTTP 400: bad request", 1, True),
+    ]
+
+
+async def test_a_batch_abandoned_unseen_fails_only_its_own_waiting_requests(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    other: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+) -> None:
+    (held, [answered, waiting]), (_, [others]) = await _waves_taken(
+        batch_api, auth, batch_settings, sessions, {"prompts": 2}, {"prompts": 1, "key": other}
+    )
+    # Not reached by a worker today (a batch is abandoned before its create), but a request
+    # settled in the batch must stay so: its answer was bought.
+    await batches.keep_read(sessions, held, Outcome({answered: _completion("kept")}, {}), {})
+
+    await batches.abandon(sessions, held, "its batch list failed")
+
+    assert await _request_rows(sessions, [answered, waiting, others]) == [
+        ("answered", _completion("kept"), True, None, 1, True),
+        ("rejected", None, False, "its batch list failed", 1, True),
+        ("submitted", None, False, None, 1, False),
+    ]
+    row = await _batch_row(sessions, held.id)
+    assert (row.status, row.error, row.finished_at is not None) == ("lost", "its batch list failed", True)
+    parked = await _items(sessions, held.job_id)
+    async with sessions() as session:
+        before = await session.scalar(select(func.now()))
+
+    requeued = await batches.requeue_answered(sessions)
+
+    queued = await _items(sessions, held.job_id)
+    assert {owner: sorted(shares) for owner, shares in requeued.items()} == {
+        row.owner_key_id: sorted((item_id, item.enqueues) for item_id, item in queued.items())
+    }
+    # A fresh arq job id each, the waiting message gone, the sweep's grace counted from now.
+    assert {item_id: item.enqueues for item_id, item in queued.items()} == {
+        item_id: item.enqueues + 1 for item_id, item in parked.items()
+    }
+    assert {(item.status, item.error_message) for item in queued.values()} == {("queued", None)}
+    assert all(item.updated_at >= before for item in queued.values())
+    assert await batches.requeue_answered(sessions) == {}, "an item was queued twice"
+
+
+async def _items(sessions: Sessions, job_id: UUID) -> dict[UUID, Any]:
+    async with sessions() as session:
+        rows = await session.execute(
+            select(Item.id, Item.enqueues, Item.status, Item.error_message, Item.updated_at).where(
+                Item.job_id == job_id
+            )
+        )
+        return {row.id: row for row in rows}
+
+
+@pytest.mark.parametrize(
+    ("sizes", "max_requests", "max_bytes", "parts"),
+    [
+        ([], 2, 100, []),
+        ([10, 10, 10, 10, 10], 2, 100, [[0, 1], [2, 3], [4]]),  # cut at max_requests lines
+        ([40, 60, 1], 10, 100, [[0, 1], [2]]),  # a file of exactly max_bytes is taken
+        ([60, 60, 40], 10, 100, [[0], [1, 2]]),  # each part counts its own bytes
+        ([150, 10, 150], 10, 100, [[0], [1], [2]]),  # a line over max_bytes goes alone
+    ],
+)
+def test_a_wave_is_cut_into_batches_at_the_endpoints_limits_in_order(
+    sizes: list[int], max_requests: int, max_bytes: int, parts: list[list[int]]
+) -> None:
+    requests = [(100 + n, size) for n, size in enumerate(sizes)]
+    expected = [[requests[n] for n in part] for part in parts]
+    assert batches.split(requests, max_requests, max_bytes) == expected
