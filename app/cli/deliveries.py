@@ -76,12 +76,9 @@ def list_dead(
 
 def _show(when: str, why: str, kept: bytes) -> None:
     """One dead delivery: when and why, then the start of its bytes on one line."""
-    # One line, with its controls, bidirectional controls and backslashes escaped by repr:
-    # `escape` would double the backslashes of repr's escapes.
-    shown = repr(kept[:SHOWN_BYTES].decode("utf-8", errors="replace"))
+    shown = repr(kept[:SHOWN_BYTES].decode("utf-8", errors="replace"))  # one line, controls escaped
     cut = f" ... ({len(kept)} bytes in all)" if len(kept) > SHOWN_BYTES else ""
-    console.print(f"{when}  {escape(why)}", highlight=False, soft_wrap=True)
-    console.print(f"  {shown}{cut}", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"{when}  {escape(why)}\n  {escape(shown)}{cut}", highlight=False, soft_wrap=True)
 
 
 def _fingerprint(given: str) -> str:
