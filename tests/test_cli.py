@@ -45,6 +45,7 @@ from tests.conftest import ROOT, eventually, run_worker_burst, served
 from tests.scripted_llm import ScriptedLLM, refusal
 from tests.test_api import KITCHEN_POLICIES, row_counts, submit
 from tests.test_api import register as register_policy_set
+from tests.test_readme_cli import COMMANDS
 
 Headers = dict[str, str]
 AIDSAFE = str(Path(sys.executable).parent / "aidsafe")
@@ -1053,3 +1054,17 @@ def test_a_judge_is_a_model_an_endpoint_or_both(spec: str, role: dict[str, str])
 def test_a_judge_naming_nothing_is_refused() -> None:
     with pytest.raises(typer.BadParameter):
         judge_role(" @ ")
+
+
+def test_every_command_is_summed_up_on_one_line_of_its_groups_help() -> None:
+    """Typer's commands panel keeps the line breaks of a command's summary (its docstring's
+    first paragraph; fastapi/typer#1844), so a summary wrapped in the source broke mid-sentence
+    in `aidsafe --help`, at any terminal width: each summary is one line, the rest after it."""
+    for path, group in COMMANDS.items():
+        shown = CliRunner().invoke(cli, [*path, "--help"], env={"COLUMNS": "400"})
+        assert shown.exit_code == 0, shown.output
+        rows = shown.output.splitlines()
+        for name, command in getattr(group, "commands", {}).items():
+            summary = " ".join((command.short_help or command.help or "").split("\n\n")[0].split())
+            row = next(row for row in rows if row.startswith(f"│ {name} "))
+            assert summary in row, f"aidsafe {' '.join(path)} --help: {name!r} shows {row!r}"

@@ -42,8 +42,9 @@ def compare(
     api_url: ApiUrl = "http://127.0.0.1:8000",
     key: ApiKeyOpt = "",
 ) -> None:
-    """Judge two finished jobs' samples of the prompts both completed (e.g. the zero-shot
-    baseline against AIDSAFE) and print each judge's results and the metric means."""
+    """Judge two finished jobs' samples of the prompts both completed; print the results.
+
+    E.g. the zero-shot baseline against AIDSAFE: each judge's results and the metric means."""
     judges = [judge_role(spec) for spec in judge] if judge else None
     advice: Advice = {"comparison_mismatch": lambda _: "--allow-mismatch"}
     with api_client(api_url, key, advice) as client:

@@ -54,8 +54,9 @@ def _dead(count: int) -> str:
 def list_dead(
     limit: Annotated[int, typer.Option(min=0, help="How many, newest first (0: all).")] = 10,
 ) -> None:
-    """How many spooled deliveries could not be read; the newest, with when, why and their start;
-    the fingerprint of the newest, which `drop-dead` takes."""
+    """How many spooled deliveries could not be read; the newest, with when, why and their start.
+
+    Also the fingerprint of the newest, which `drop-dead` takes."""
     listing = _in_redis(lambda redis, prefix: deliveries.dead_deliveries(redis, prefix, limit))
     shown = f"; the newest {len(listing.newest)}:" if listing.newest else "."
     console.print(_dead(listing.count) + shown)
@@ -98,9 +99,10 @@ def drop_dead(
         ),
     ],
 ) -> None:
-    """Delete, for good, the dead delivery FINGERPRINT names and every older one: those
-    `aidsafe deliveries dead` counted, not one that came after. Exit code 1, nothing dropped, if
-    none has it any more (dropped, requeued or trimmed since)."""
+    """Delete, for good, the dead delivery FINGERPRINT names and every older one.
+
+    Those `aidsafe deliveries dead` counted, not one that came after. Exit code 1, nothing
+    dropped, if none has it any more (dropped, requeued or trimmed since)."""
     dropped = _in_redis(lambda redis, prefix: deliveries.drop_dead(redis, prefix, fingerprint))
     if not dropped:
         console.print(
@@ -114,8 +116,10 @@ def drop_dead(
 
 @deliveries_cli.command("requeue-dead")
 def requeue_dead() -> None:
-    """Put the dead deliveries back in the spool, for the workers' next pass to read again (once
-    every worker runs the release that wrote them); one still unreadable goes dead again."""
+    """Put the dead deliveries back in the spool, for the workers' next pass to read again.
+
+    Do so once every worker runs the release that wrote them; one still unreadable goes dead
+    again."""
     limits = deliveries.SpoolLimits.of(service_settings())
     done = _in_redis(lambda redis, prefix: deliveries.requeue_dead(redis, prefix, limits))
     console.print(f"Requeued {_dead(done.requeued)}.")

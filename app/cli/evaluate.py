@@ -155,8 +155,10 @@ def evaluate_model(
     api_url: ApiUrl = "http://127.0.0.1:8000",
     key: ApiKeyOpt = "",
 ) -> None:
-    """Ask each target every prompt of the benchmarks; a safety judge and a refusal judge
-    classify each answer; print the models side by side with 95 % intervals."""
+    """Put models to the benchmarks; print them side by side with 95 % intervals.
+
+    Each target is asked every prompt of the benchmarks; a safety judge and a refusal judge
+    classify each answer."""
     try:
         files = [aidsafe.benchmark_file(path) for path in benchmarks]
     except ValueError as exc:

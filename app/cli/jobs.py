@@ -43,8 +43,9 @@ def list_jobs(
     api_url: ApiUrl = "http://127.0.0.1:8000",
     key: ApiKeyOpt = "",
 ) -> None:
-    """Your jobs, comparisons and evaluations included, newest first: id, created, kind,
-    status, items finished of total, cost, label."""
+    """Your jobs, comparisons and evaluations included, newest first.
+
+    Each with its id, created, kind, status, items finished of total, cost and label."""
     with api_client(api_url, key) as client:
         listed = client.iter_jobs(
             status=status,
@@ -88,8 +89,9 @@ def set_budget(
 
 @jobs_cli.command("cancel")
 def cancel_job(job_id: str, api_url: ApiUrl = "http://127.0.0.1:8000", key: ApiKeyOpt = "") -> None:
-    """Cancel a job (or comparison): its queued items at once, its running ones within a lease;
-    what is done stays. Cancelling twice is harmless."""
+    """Cancel a job (or comparison); what is done stays. Cancelling twice is harmless.
+
+    Its queued items stop at once, its running ones within a lease."""
     with api_client(api_url, key) as client:
         job = client.cancel_job(job_id)
     console.print(

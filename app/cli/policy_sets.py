@@ -40,6 +40,7 @@ def create_policy_set(
     key: ApiKeyOpt = "",
 ) -> None:
     """Register a policy set version from a YAML file (the layout of policies/default.yaml).
+
     The same content again is the same version."""
     try:
         document = read_set_file(file, "name, description, policies")

@@ -86,9 +86,10 @@ def create_prompt_set(
     api_url: ApiUrl = "http://127.0.0.1:8000",
     key: ApiKeyOpt = "",
 ) -> None:
-    """Register a prompt set version: every template the stages use (start from `show
-    --to-folder` of the built-in set), or with --base only the ones you change. The same
-    templates again are the same version."""
+    """Register a prompt set version: every template the stages use, or with --base those changed.
+
+    Start from `show --to-folder` of the built-in set. The same templates again are the same
+    version."""
     try:
         document = read_prompt_set(path, name, description)
     except SetFileError as exc:

@@ -43,10 +43,11 @@ def reproduce(
         str, typer.Option(help="The report's title and the jobs' label.")
     ] = "AIDSAFE vs zero-shot",
 ) -> None:
-    """The paper's procedure on your endpoint: the AIDSAFE job and the zero-shot baseline on
-    the same prompts, both under one policy set, worded by one prompt set and graded by one
-    judge model, compared pairwise by it, and the report written to OUT (Markdown, CSV, PNG
-    plots)."""
+    """The paper's procedure on your endpoint: AIDSAFE against the zero-shot baseline, reported.
+
+    The AIDSAFE job and the zero-shot baseline on the same prompts, both under one policy set,
+    worded by one prompt set and graded by one judge model, compared pairwise by it, and the
+    report written to OUT (Markdown, CSV, PNG plots)."""
     try:
         items = read_prompt_file(file)
     except PromptFileError as exc:
