@@ -224,11 +224,13 @@ def _decoded(raw: bytes, row_of: Callable[[str], int | None]) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        before = raw[: exc.start].decode("utf-8-sig")
-        row = row_of(before)
+        # The codec decodes the bytes after a byte-order mark: its error's positions are in them.
+        text = exc.object
+        row = row_of(text[: exc.start].decode())
         where = "the header" if row is None else f"row {row}"
+        offset = len(raw) - len(text) + exc.start
         raise InvalidEncoding(
-            f"{where} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+            f"{where} is not UTF-8 text (byte {text[exc.start]:#04x} at offset {offset}); "
             "save the file as UTF-8",
             row=row,
         ) from None

@@ -447,6 +447,30 @@ def test_text_that_is_not_utf8_is_refused_at_the_row_of_its_first_bad_byte() -> 
     assert refused.details == {"row": None, "column": None}
 
 
+@pytest.mark.parametrize(
+    ("raw", "file_type", "row", "offset"),
+    [
+        (b'{"prompt": "Why?", "response": "Because."}\n\xff\n', "jsonl", 2, 46),
+        (b"prompt,response\n\xff,Because.\n", "csv", 1, 19),
+        (b'{"prompt": "\xc3\xa9\xc3\xa9\xff", "response": "b"}\n', "jsonl", 1, 19),
+        (b"\xff", "jsonl", 1, 3),
+    ],
+    ids=["jsonl-line-start", "csv-row-start", "after-two-byte-characters", "first-byte"],
+)
+def test_a_byte_order_mark_moves_no_bad_byte_to_another_row_or_offset(
+    raw: bytes, file_type: str, row: int, offset: int
+) -> None:
+    """The codec's error counts from after the mark: the text before the bad byte was taken
+    three bytes short, naming the row before one that starts with it (the header for the first
+    row) or cutting a character in two (a UnicodeDecodeError: a 500)."""
+    refused = refusal(b"\xef\xbb\xbf" + raw, file_type, error=InvalidEncoding)
+    assert (
+        refused.message
+        == f"row {row} is not UTF-8 text (byte 0xff at offset {offset}); save the file as UTF-8"
+    )
+    assert refused.details == {"row": row, "column": None}
+
+
 def test_csv_that_breaks_before_its_first_bad_byte_is_refused_where_it_breaks() -> None:
     raw = b'prompt,response\nWhy?,Because.\n"a"b,c\nd,\xff\n'
     refused = refusal(raw, "csv")
