@@ -25,6 +25,7 @@ from app.errors import (
 from app.sample_files import (
     MAX_LABEL_CHARS,
     MAX_LINE_VALUES,
+    MAX_PARQUET_METADATA_LIST,
     MAX_PARQUET_VALUES,
     MAX_PROMPT_CHARS,
     MAX_RESPONSE_CHARS,
@@ -188,7 +189,7 @@ def test_the_safety_shape_reads_is_safe_as_a_boolean_into_the_label(is_safe: Any
     assert sample.label == label
 
 
-@pytest.mark.parametrize("is_safe", ["maybe", 2, "truthy", None])
+@pytest.mark.parametrize("is_safe", ["maybe", 2, "truthy", None, "y" * 41])
 def test_an_is_safe_that_is_no_boolean_is_refused_naming_its_row_and_column(is_safe: Any) -> None:
     rows = [{"prompt": "Why?", "response": "Because.", "is_safe": True}] * 2
     rows[1] = {**rows[1], "is_safe": is_safe}
@@ -198,7 +199,7 @@ def test_an_is_safe_that_is_no_boolean_is_refused_naming_its_row_and_column(is_s
     with pytest.raises(SampleFileError) as refused:
         samples_of(rows, "safety", {})
     assert refused.value.message == (
-        f"row 2, column 'is_safe': expected a boolean (true/false), got {str(is_safe)!r}"
+        f"row 2, column 'is_safe': expected a boolean (true/false), got {str(is_safe)[:40]!r}"
     )
     assert refused.value.details == {"row": 2, "column": "is_safe"}
 
@@ -307,7 +308,7 @@ def test_at_most_max_thoughts_of_at_most_max_chars_each(as_text: bool) -> None:
         [sample] = samples_of([{"prompt": "Why?", "response": "Because.", "thoughts": value}], "cot", {})
         return sample.thoughts
 
-    most = [f"t{n}" for n in range(MAX_THOUGHTS)]
+    most = [f"t{n} " + "x" * 300 for n in range(MAX_THOUGHTS)]  # 30,000 characters in all
     assert read(most) == most
     assert read(["t", "x" * MAX_THOUGHT_CHARS]) == ["t", "x" * MAX_THOUGHT_CHARS]
     with pytest.raises(SampleFileError, match=f"column 'thoughts': over {MAX_THOUGHTS} thoughts$"):
@@ -321,6 +322,16 @@ def test_a_thoughts_line_far_past_the_cap_is_refused_unread() -> None:
         samples_of([{"prompt": "Why?", "response": "Because.", "thoughts": "t\n" + "x" * 10**6}], "cot", {})
 
 
+def test_a_thoughts_line_is_read_whole_up_to_twice_a_thoughts_cap() -> None:
+    """A line longer is no thought, blanks around it or not: it is not matched whole."""
+    thought = "x" * MAX_THOUGHT_CHARS
+    line = " " * MAX_THOUGHT_CHARS + thought
+    [sample] = samples_of([{"prompt": "Why?", "response": "Because.", "thoughts": f"t\n{line}"}], "cot", {})
+    assert sample.thoughts == ["t", thought]
+    with pytest.raises(SampleFileError, match=f"a thought is over {MAX_THOUGHT_CHARS:,} characters$"):
+        samples_of([{"prompt": "Why?", "response": "Because.", "thoughts": f"t\n {line}"}], "cot", {})
+
+
 def test_thoughts_json_text_of_exactly_the_values_a_list_may_hold_is_decoded() -> None:
     text = json.dumps(["t"] * (MAX_THOUGHT_LIST_VALUES - 1))  # the list and its strings
     with pytest.raises(SampleFileError, match=f"over {MAX_THOUGHTS} thoughts$") as refused:
@@ -329,6 +340,14 @@ def test_thoughts_json_text_of_exactly_the_values_a_list_may_hold_is_decoded() -
     over = json.dumps(["t"] * MAX_THOUGHT_LIST_VALUES)
     with pytest.raises(SampleFileError, match=f"over {MAX_THOUGHT_LIST_VALUES:,} JSON values, more than"):
         samples_of([{"prompt": "Why?", "response": "Because.", "thoughts": over}], "cot", {})
+
+
+def test_thoughts_text_opening_with_a_bracket_of_more_commas_than_json_values_is_read_a_line_each() -> None:
+    lines = [f"[step {n}] " + "a, " * 120 + "so on." for n in range(90)]  # 10,800 commas, not JSON
+    [sample] = samples_of(
+        [{"prompt": "Why?", "response": "Because.", "thoughts": "\n".join(lines)}], "cot", {}
+    )
+    assert sample.thoughts == lines
 
 
 def test_thoughts_json_text_with_nul_or_a_long_number_is_refused_as_ever() -> None:
@@ -360,6 +379,7 @@ def test_a_jsonl_file_of_more_lines_than_samples_is_refused_before_it_is_split()
     line = b'{"prompt": "Why?", "response": "Because."}\n'
     assert len(read_samples(line * MAX_SAMPLES, "jsonl", max_bytes=CAP)) == MAX_SAMPLES
     refused = refusal(line * MAX_SAMPLES + b"\n\n", "jsonl", error=TooManySamples)
+    assert refused.message == f"the file holds over {MAX_SAMPLES:,} samples"
     assert refused.details == {"row": MAX_SAMPLES + 1, "column": None}
     refused = refusal(line * MAX_SAMPLES + b"\n", "jsonl", error=EmptyRow)  # as ever: an empty row
     assert refused.details == {"row": MAX_SAMPLES + 1, "column": None}
@@ -471,16 +491,6 @@ def test_a_byte_order_mark_moves_no_bad_byte_to_another_row_or_offset(
     assert refused.details == {"row": row, "column": None}
 
 
-def test_csv_that_breaks_before_its_first_bad_byte_is_refused_where_it_breaks() -> None:
-    raw = b'prompt,response\nWhy?,Because.\n"a"b,c\nd,\xff\n'
-    refused = refusal(raw, "csv")
-    assert type(refused) is SampleFileError
-    assert refused.message.startswith("row 2 is not CSV: ")
-    assert refused.details == {"row": 2, "column": None}
-    refused = refusal(b'"prompt"x,response\nd,\xff\n', "csv")
-    assert refused.message.startswith("row 1 is not CSV: ")  # the header's problem: the first row
-
-
 # --- CSV --------------------------------------------------------------------------------------
 
 
@@ -491,6 +501,27 @@ def test_csv_cells_are_read_by_the_header_quoted_newlines_and_a_byte_order_mark_
         ("Why?", "Because,\r\nwhy not."),
         ('Say "no".', "No."),
     ]
+
+
+def test_csv_rows_may_end_in_a_carriage_return_alone() -> None:
+    samples = read_samples(b"prompt,response\rWhy?,Because.\rHow?,So.\r", "csv", max_bytes=CAP)
+    assert [(s.prompt, s.response) for s in samples] == [("Why?", "Because."), ("How?", "So.")]
+
+
+def test_csv_that_is_not_csv_is_refused_naming_the_row_and_the_problem() -> None:
+    problem = "',' expected after '\"'"
+    for raw, row in (
+        (b'prompt,response\nWhy?,Because.\n"a"b,c\n', 2),
+        (b'prompt,response\nWhy?,Because.\n"a"b,c\nd,\xff\n', 2),  # and then not UTF-8
+        (b'"prompt"x,response\nWhy?,Because.\n', 1),  # the header: the first row
+        (b'"prompt"x,response\nd,\xff\n', 1),
+    ):
+        refused = refusal(raw, "csv")
+        assert type(refused) is SampleFileError
+        assert (refused.message, refused.details) == (
+            f"row {row} is not CSV: {problem}",
+            {"row": row, "column": None},
+        )
 
 
 def test_a_csv_row_of_more_cells_than_the_header_is_refused_and_of_fewer_misses_its_columns() -> None:
@@ -602,6 +633,17 @@ def test_a_file_that_is_not_parquet_is_refused() -> None:
     assert refused.details == {"row": None, "column": None}
 
 
+def test_a_parquet_file_whose_metadata_lists_more_columns_than_samples_need_is_refused() -> None:
+    """Each is read and walked however little it holds; the schema lists its root as well."""
+    columns: dict[str, list[str | None]] = {"prompt": ["Why?"], "response": ["Because."]}
+    columns |= {f"extra{n}": [None] for n in range(MAX_PARQUET_METADATA_LIST - 2)}
+    refused = refusal(parquet(pa.table(columns), write_statistics=False), "parquet", error=PayloadTooLarge)
+    assert (
+        refused.message
+        == f"the file's metadata lists over {MAX_PARQUET_METADATA_LIST:,} row groups or columns"
+    )
+
+
 def _values_table(thoughts_each: int, rows: int) -> pa.Table:
     return pa.table(
         {
@@ -663,8 +705,56 @@ def test_the_mapped_columns_may_decode_to_at_most_max_bytes_counted_a_batch_at_a
     raw = _sized(70, "p" * 1000, compression="zstd")
     decoded = 70 * (4 + 1000) + 70 * (4 + 1)  # each row: an index and its value, the prompt's and response's
     assert len(read_samples(raw, "parquet", max_bytes=decoded)) == 70
+    labelled = parquet(pa.table({"prompt": ["p" * 1000] * 70, "response": ["r"] * 70, "label": [""] * 70}))
+    assert len(read_samples(labelled, "parquet", max_bytes=decoded + 70 * 4)) == 70  # "" decodes to nothing
     refused = refusal(raw, "parquet", error=PayloadTooLarge, max_bytes=decoded - 1)
     assert refused.message == f"the file's mapped columns decode to over {decoded - 1:,} bytes"
+
+
+def test_a_value_repeated_is_decoded_once_until_the_batch_is_counted() -> None:
+    """32 prompts of 3 MB, one value in a dictionary: read dictionary-encoded they are counted
+    (and refused) holding some 9 MB; read plain, 99 MB are decoded first."""
+    raw = parquet(
+        pa.table({"prompt": ["p" * 3_000_000] * 32, "response": ["r"] * 32}),
+        compression="zstd",
+        dictionary_pagesize_limit=1 << 30,
+    )
+    default, pool = pa.default_memory_pool(), pa.proxy_memory_pool(pa.default_memory_pool())
+    pa.set_memory_pool(pool)
+    try:
+        refused = refusal(raw, "parquet", error=PayloadTooLarge)
+    finally:
+        pa.set_memory_pool(default)
+    assert (
+        refused.message
+        == "rows 1 to 32: the file's mapped columns decode to over 67,108,864 bytes in 32 rows"
+    )
+    assert pool.max_memory() < 30_000_000
+
+
+def test_a_batch_of_32_rows_decodes_to_at_most_64_mib_and_a_refusal_names_its_rows() -> None:
+    """The rows are counted 32 at a time: the third batch, rows 65 to 96, is over."""
+    big = "p" * 3_000_000  # stored once, in the column's dictionary
+    raw = parquet(
+        pa.table({"prompt": ["p"] * 64 + [big] * 32, "response": ["r"] * 96}),
+        dictionary_pagesize_limit=1 << 30,
+    )
+    refused = refusal(raw, "parquet", error=PayloadTooLarge)
+    assert (
+        refused.message
+        == "rows 65 to 96: the file's mapped columns decode to over 67,108,864 bytes in 32 rows"
+    )
+
+
+def test_a_batch_of_exactly_64_mib_is_counted_and_read() -> None:
+    # 32 prompts of 2,097,143 characters, each an index and its value, and 32 one-letter responses
+    # likewise: 32 * (4 + 2_097_143) + 32 * (4 + 1) = 64 MiB.
+    raw = parquet(
+        pa.table({"prompt": ["p" * 2_097_143] * 32, "response": ["r"] * 32}),
+        dictionary_pagesize_limit=1 << 30,
+    )
+    refused = refusal(raw, "parquet")  # past the batch count, to the first sample
+    assert refused.message == f"row 1, column 'prompt': 2,097,143 characters; at most {MAX_PROMPT_CHARS:,}"
 
 
 def test_thoughts_of_a_list_column_are_counted_decoded() -> None:
@@ -684,6 +774,27 @@ def test_metadata_of_a_struct_column_is_counted_decoded() -> None:
     decoded = 40 * 5 + 40 * 5 + 2 * 40 * (4 + 500)
     assert len(read_samples(raw, "parquet", columns=columns, max_bytes=decoded)) == 40
     refusal(raw, "parquet", error=PayloadTooLarge, columns=columns, max_bytes=decoded - 1)
+
+
+@pytest.mark.parametrize(
+    ("column", "row", "kind"),
+    [
+        (pa.array([0, 0, 2**40], pa.timestamp("s")), 3, "timestamp[ms]"),  # Parquet holds no seconds
+        (
+            pa.array([0, 0, 0], pa.timestamp("s", tz="Mars/Olympus_Mons")),
+            1,
+            "timestamp[ms, tz=Mars/Olympus_Mons]",
+        ),
+    ],
+    ids=["timestamp-past-9999", "unknown-time-zone"],
+)
+def test_a_parquet_value_python_cannot_read_is_refused_naming_its_row_and_column(
+    column: pa.Array, row: int, kind: str
+) -> None:
+    raw = parquet(pa.table({"prompt": ["Why?"] * 3, "response": ["Because."] * 3, "seen": column}))
+    refused = refusal(raw, "parquet", columns={"label": "seen"})
+    assert refused.message.startswith(f"row {row}, column 'seen': a {kind} value Python cannot read (")
+    assert refused.details == {"row": row, "column": "seen"}
 
 
 def test_a_parquet_string_that_is_not_utf8_is_refused_naming_its_row_and_column() -> None:
