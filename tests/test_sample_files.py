@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import io
 import json
-from datetime import date, time
+from datetime import date, time, timedelta
+from decimal import Decimal
 from typing import Any
 
 import pyarrow as pa
@@ -795,6 +796,24 @@ def test_a_parquet_value_python_cannot_read_is_refused_naming_its_row_and_column
     refused = refusal(raw, "parquet", columns={"label": "seen"})
     assert refused.message.startswith(f"row {row}, column 'seen': a {kind} value Python cannot read (")
     assert refused.details == {"row": row, "column": "seen"}
+
+
+@pytest.mark.parametrize(
+    ("column", "kind"),
+    [
+        (pa.array([Decimal("1.50")], pa.decimal128(5, 2)), "Decimal"),
+        (pa.array([b"\x00\x01"], pa.binary()), "bytes"),
+        (pa.array([[timedelta(seconds=3)]], pa.list_(pa.duration("s"))), "timedelta"),
+    ],
+    ids=["decimal", "binary", "list-of-durations"],
+)
+def test_a_parquet_value_json_has_no_type_for_is_refused_to_be_cast(column: pa.Array, kind: str) -> None:
+    raw = parquet(pa.table({"prompt": ["Why?"], "response": ["Because."], "odd": column}))
+    refused = refusal(raw, "parquet", columns={"metadata.odd": "odd"})
+    assert (
+        refused.message == f"row 1, column 'odd': a {kind} value, which JSON has no type for: cast the column"
+    )
+    assert refused.details == {"row": 1, "column": "odd"}
 
 
 def test_a_parquet_string_that_is_not_utf8_is_refused_naming_its_row_and_column() -> None:
