@@ -33,7 +33,7 @@ from app.cli.compare import judge_role, print_comparison
 from app.cli.follow import ProgressView, follow_job, refusals_text
 from app.cli.job_options import job_config
 from app.cli.output import console, escape
-from app.cli.prompt_files import read_prompt_file
+from app.cli.prompt_files import PromptFileError, read_prompt_file
 from app.config import Settings
 from app.deliberation.config import GuardStyle
 from app.deliberation.prompt_sets import builtin
@@ -498,6 +498,41 @@ async def test_a_file_that_is_not_utf8_is_refused(sessions: Sessions, tmp_path: 
 
     assert result.exit_code == 2 and "not UTF-8" in " ".join(result.output.split())
     assert await row_counts(sessions) == (0, 0)
+
+
+def test_bytes_that_are_not_utf8_are_named_by_line_and_file_offset(tmp_path: Path) -> None:
+    """A CSV was read in chunks: the offset named was within the chunk (and past a byte order
+    mark, three short), with no line to look at."""
+    path = tmp_path / "excel.csv"
+    first = "x" * 20_000
+    path.write_bytes(f"prompt\r\n{first}\r\n".encode("utf-8-sig") + "caf\xe9\r\n".encode("latin-1"))
+
+    with pytest.raises(PromptFileError) as refused:
+        read_prompt_file(path)
+
+    offset = len(f"\ufeffprompt\r\n{first}\r\ncaf".encode())
+    assert (
+        str(refused.value)
+        == f"{path}:3: not UTF-8 text (byte 0xe9 at offset {offset}); save the file as UTF-8"
+    )
+
+
+def test_a_csv_refusal_names_the_line_its_row_ends_on(tmp_path: Path) -> None:
+    """A quoted prompt may hold line breaks: a row's number is not its line's."""
+    path = write(tmp_path, "p.csv", "prompt,source", '"two', 'lines",a', '" ",b')
+
+    with pytest.raises(PromptFileError, match=r"p\.csv:4: empty prompt$"):
+        read_prompt_file(path)
+
+
+def test_a_jsonl_prompt_may_hold_unicode_line_separators(tmp_path: Path) -> None:
+    """JSON strings may hold U+2028 and the like as they are; str.splitlines cut the line there
+    and the file was refused as not JSON."""
+    prompt = "one\u2028two\u2029three\x85four\x1cfive"
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": prompt}, ensure_ascii=False) + "\r\n", encoding="utf-8")
+
+    assert read_prompt_file(path) == [{"prompt": prompt, "metadata": {}}]
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -15,36 +16,51 @@ class PromptFileError(ValueError):
 def read_prompt_file(path: Path) -> list[dict[str, Any]]:
     """Items from a JSONL ({"prompt", "metadata"?} per line) or CSV (a `prompt` column,
     other columns become metadata). Any bad line fails the whole file, naming the line."""
+    text = _text(path)
     try:
-        return _read_prompt_file(path)
-    except UnicodeDecodeError as exc:
-        raise PromptFileError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        return _read_prompt_file(path, text)
     except csv.Error as exc:
         raise PromptFileError(f"{path}: not a readable CSV ({exc})") from exc
 
 
-def _read_prompt_file(path: Path) -> list[dict[str, Any]]:
+def _text(path: Path) -> str:
+    """The file's text, without the byte order mark Excel's "CSV UTF-8" starts with (else
+    part of the first column's name); bytes that are not UTF-8 named by line and offset."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        after_mark: bytes = exc.object  # the codec's positions are in the bytes after a mark
+        line = after_mark[: exc.start].count(b"\n") + 1
+        offset = len(raw) - len(after_mark) + exc.start
+        raise PromptFileError(
+            f"{path}:{line}: not UTF-8 text (byte {after_mark[exc.start]:#04x} at offset {offset}); "
+            "save the file as UTF-8"
+        ) from None
+
+
+def _read_prompt_file(path: Path, content: str) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = []
     if path.suffix.lower() == ".csv":
-        # utf-8-sig: Excel's "CSV UTF-8" starts with a byte order mark, which would otherwise
-        # be part of the first column's name. strict: a quote left open is an error, not a
-        # prompt that runs on to the end of the file.
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle, strict=True)
-            if "prompt" not in (reader.fieldnames or []):
-                raise PromptFileError(f"{path}: the CSV needs a 'prompt' column")
-            for line, row in enumerate(reader, start=2):
-                if None in row or None in row.values():  # more fields than the header, or fewer
-                    raise PromptFileError(
-                        f"{path}:{line}: not the header's {len(reader.fieldnames or [])} fields "
-                        "(a comma or line break in a prompt that is not quoted?)"
-                    )
-                prompt = (row.pop("prompt") or "").strip()
-                if not prompt:
-                    raise PromptFileError(f"{path}:{line}: empty prompt")
-                items.append({"prompt": prompt, "metadata": {k: v for k, v in row.items() if k}})
+        # strict: a quote left open is an error, not a prompt that runs on to the end of the file.
+        reader = csv.DictReader(io.StringIO(content, newline=""), strict=True)
+        if "prompt" not in (reader.fieldnames or []):
+            raise PromptFileError(f"{path}: the CSV needs a 'prompt' column")
+        for row in reader:
+            line = reader.line_num  # where the row ends: a quoted prompt may span lines
+            if None in row or None in row.values():  # more fields than the header, or fewer
+                raise PromptFileError(
+                    f"{path}:{line}: not the header's {len(reader.fieldnames or [])} fields "
+                    "(a comma or line break in a prompt that is not quoted?)"
+                )
+            prompt = (row.pop("prompt") or "").strip()
+            if not prompt:
+                raise PromptFileError(f"{path}:{line}: empty prompt")
+            items.append({"prompt": prompt, "metadata": {k: v for k, v in row.items() if k}})
     else:
-        for line, text in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        # Lines end at "\n" only: str.splitlines also cuts at U+2028 and the like, which JSON
+        # strings may hold as they are (json.dumps(..., ensure_ascii=False) writes them so).
+        for line, text in enumerate(content.split("\n"), start=1):
             if not text.strip():
                 continue
             try:
