@@ -34,6 +34,8 @@ keeps none). The test drives the rest:
     batches.forget(batch_id)      # the provider lost the batch: asked of it, it answers 404
     batches.delete_file(file_id)  # the provider deleted the file (or kept it no longer): 404
     batches.refuse(batch_or_file_id, 404, times=2)  # its next 2 asks answer 404 (None: every ask)
+    batches.refuse(batch_id, 200, body=b"<html>")  # ... answer that body as it is (a proxy's page)
+    batches.authorizations        # every request's Authorization header (None: it sent none)
     batches.downloads[file_id]    # how often the file's content was asked for
 """
 
@@ -46,7 +48,7 @@ import itertools
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -162,18 +164,33 @@ class ScriptedBatches:
             self.lists = 0  # batch list requests answered or refused
             self.cancel_requests: list[str] = []
             self.downloads: dict[str, int] = {}  # file id: content asks, answered or refused
-            self.refusals: dict[str, tuple[int, int | None]] = {}  # id: (status, asks left)
+            # id: (status, asks left, the body as it is, or None for the provider's error)
+            self.refusals: dict[str, tuple[int, int | None, bytes | None]] = {}
+            self.authorizations: list[str | None] = []
 
     def routes(self) -> list[Route]:
-        return [
-            Route("/v1/files", self._upload, methods=["POST"]),
-            Route("/v1/files/{file_id}", self._file, methods=["GET"]),
-            Route("/v1/files/{file_id}/content", self._content, methods=["GET"]),
-            Route("/v1/batches", self._create, methods=["POST"]),
-            Route("/v1/batches", self._list, methods=["GET"]),
-            Route("/v1/batches/{batch_id}", self._retrieve, methods=["GET"]),
-            Route("/v1/batches/{batch_id}/cancel", self._cancel, methods=["POST"]),
+        handlers = [
+            ("/v1/files", self._upload, "POST"),
+            ("/v1/files/{file_id}", self._file, "GET"),
+            ("/v1/files/{file_id}/content", self._content, "GET"),
+            ("/v1/batches", self._create, "POST"),
+            ("/v1/batches", self._list, "GET"),
+            ("/v1/batches/{batch_id}", self._retrieve, "GET"),
+            ("/v1/batches/{batch_id}/cancel", self._cancel, "POST"),
         ]
+        return [Route(path, self._keyed(handler), methods=[method]) for path, handler, method in handlers]
+
+    def _keyed(
+        self, handler: Callable[[Request], Awaitable[Response]]
+    ) -> Callable[[Request], Awaitable[Response]]:
+        """The handler, noting the request's Authorization header first."""
+
+        async def keyed(request: Request) -> Response:
+            with self._lock:
+                self.authorizations.append(request.headers.get("authorization"))
+            return await handler(request)
+
+        return keyed
 
     # --- the test's controls ----------------------------------------------------------------
 
@@ -212,11 +229,14 @@ class ScriptedBatches:
         with self._lock:
             del self.batches[batch_id]
 
-    def refuse(self, object_id: str, status: int = 404, times: int | None = None) -> None:
+    def refuse(
+        self, object_id: str, status: int = 404, times: int | None = None, body: bytes | None = None
+    ) -> None:
         """The next `times` asks of the batch (its retrieve) or file (its content) answer
-        `status`, as a proxy may before it is there (None: every ask from now on)."""
+        `status`, as a proxy may before it is there (None: every ask from now on); with
+        `body` as it is instead of the provider's error (a proxy's own page)."""
         with self._lock:
-            self.refusals[object_id] = (status, times)
+            self.refusals[object_id] = (status, times, body)
 
     def delete_file(self, file_id: str) -> None:
         """The file is gone (deleted, or kept no longer): asked for, it answers 404; a batch
@@ -348,10 +368,12 @@ class ScriptedBatches:
     def _refusal(self, object_id: str) -> Response | None:
         """The answer `refuse` asked for this ask of the batch or file, if any."""
         with self._lock:
-            status, left = self.refusals.get(object_id, (0, 0))
+            status, left, body = self.refusals.get(object_id, (0, 0, None))
             if left == 0:
                 return None
-            self.refusals[object_id] = (status, None if left is None else left - 1)
+            self.refusals[object_id] = (status, None if left is None else left - 1, body)
+        if body is not None:
+            return Response(body, status)
         code = {404: "not_found", 401: "unauthorized", 403: "forbidden"}.get(status, "invalid_request")
         return _error(status, f"{object_id} is not available", code)
 
