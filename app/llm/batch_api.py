@@ -152,7 +152,7 @@ class BatchAPI:
             async with asyncio.timeout(self._timeout_s):
                 return await self._find(endpoint, tag, input_file_id, since)
         except TimeoutError as error:
-            detail = f"{endpoint}: listing batches took over {self._timeout_s:.0f} s"
+            detail = f"{endpoint}: listing batches took over {self._timeout_s:g} s"
             raise BatchUnavailable(detail) from error
 
     async def _find(self, endpoint: str, tag: str, input_file_id: str, since: float) -> dict[str, Any] | None:
