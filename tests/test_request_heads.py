@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Iterator
 
 import httpx
@@ -15,7 +16,7 @@ import pytest
 
 from app.config import Settings
 from app.store.db import Sessions
-from tests.conftest import served
+from tests.conftest import eventually, served, serving
 from tests.test_api import error_of
 
 CLOSE = b"connection: close\r\n"
@@ -220,6 +221,76 @@ async def test_a_request_carried_out_gets_its_answer_before_what_follows_it_is_r
     async with httpx.AsyncClient(base_url=live_api, headers=auth) as client:
         listed = (await client.get("/v1/jobs")).json()["data"]
     assert [job["id"] for job in listed] == [responses[0].json()["id"]]
+
+
+async def test_a_refusal_is_logged_once_with_its_reason(live_api: str, settings: Settings) -> None:
+    """As a warning; uvicorn logs what is not HTTP itself. Here the read that passes the URL's
+    cap is over the header limit too: once refused, what it held is not refused again."""
+    logged: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: logged.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("uvicorn.error")
+    logger.addHandler(handler)
+    try:
+        await refused(live_api, 400, "bad_request", b"HELLO THERE\r\n\r\n")
+        await refused(
+            live_api, 414, "url_too_long", b"GET /", b"a" * (settings.max_header_bytes + 1), pause_s=0.2
+        )
+    finally:
+        logger.removeHandler(handler)
+
+    assert [message for message in logged if message.startswith("Refused")] == [
+        f"Refused a request: the URL is over the limit of {settings.max_url_bytes} bytes."
+    ]
+
+
+async def test_headers_of_exactly_the_limit_sent_in_pieces_are_read_and_the_connection_kept(
+    live_api: str, settings: Settings
+) -> None:
+    """httptools holds an unfinished header until it ends: what it holds (the reads since it
+    last handed anything over) counts from the header's first byte, and up to the limit, with
+    the headers before it, is not refused. The read that ends it hands it over: it counts as a
+    header's name and value then, not as what is held besides."""
+    # A header is handed over once the next one begins: "host" and "api" here, 7 bytes.
+    start = b"GET /healthz HTTP/1.1\r\nhost: api\r\nx"
+    held = b"-e: " + b"e" * (settings.max_header_bytes - 7 - len(b"-e: "))  # then 3 + its value
+    pieces = [held[at : at + 4096] for at in range(0, len(held), 4096)]
+
+    responses = await conversation(live_api, start, *pieces, b"\r\n\r\n", get(b"/healthz"), pause_s=0.2)
+
+    assert [response.status_code for response in responses] == [200, 200]
+
+
+async def test_a_body_larger_than_the_header_limit_is_read_when_it_comes_apart_from_its_head(
+    live_api: str, auth: dict[str, str], settings: Settings
+) -> None:
+    """A body's pieces are handed over as they come: none is held as an unfinished header."""
+    body = b'{"prompts": ["a body in pieces"]' + b" " * 2 * settings.max_header_bytes + b"}"
+    key = "".join(f"{name}: {value}\r\n" for name, value in auth.items()).encode()
+    head = b"POST /v1/jobs HTTP/1.1\r\nhost: api\r\ncontent-type: application/json\r\n" + key + CLOSE
+    head += b"content-length: %d\r\n\r\n" % len(body)
+    half = len(body) // 2
+
+    response = await exchange(live_api, head, body[:half], body[half:], pause_s=0.2)
+
+    assert response.status_code == 202, response.text
+
+
+async def test_a_closed_connection_is_let_go(settings: Settings, sessions: Sessions) -> None:
+    """Once closed, it is no longer among the server's connections (which a shutdown waits for),
+    whether it was answered, timed out or refused."""
+    impatient = settings.model_copy(update={"head_timeout_s": HEAD_TIMEOUT_S})
+    with serving(impatient) as server:
+        assert (await exchange(server.url, get(b"/healthz"))).status_code == 200
+        error_of(await exchange(server.url), 408, "request_timeout")
+        error_of(await exchange(server.url, get(b"/" + b"a" * settings.max_url_bytes)), 414, "url_too_long")
+
+        connections = server.server.server_state.connections
+
+        async def let_go() -> bool:
+            return not connections
+
+        await eventually(let_go, 10, "the closed connections to be let go")
 
 
 def _past_the_limit(settings: Settings) -> list[bytes]:
