@@ -352,3 +352,15 @@ async def test_a_kept_alive_connection_has_the_timeout_for_each_head(impatient_a
     assert [response.status_code for response in served_] == [200, 200]
     assert error_of(timed_out, 408, "request_timeout")["message"] == TIMED_OUT
     assert timed_out.headers["connection"] == "close"
+
+
+async def test_a_refusal_reaches_a_client_still_sending(live_api: str, settings: Settings) -> None:
+    """Refused past the limit while the client sends on, the answer went out and the connection
+    was closed with the rest unread: the kernel then resets it, and a client that had not yet
+    read the 431 lost it (a "connection reset" instead). The connection is closed lingering:
+    the answer, then the end of sending, then what still comes read and dropped."""
+    header = b"x-filler: " + b"f" * (64 * settings.max_header_bytes) + b"\r\n"
+
+    message = await refused(live_api, 431, "headers_too_large", get(b"/healthz", b"host: api\r\n" + header))
+
+    assert message == f"the headers are over the limit of {settings.max_header_bytes} bytes"

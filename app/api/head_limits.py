@@ -1,7 +1,7 @@
 """Caps on a request's head (its URL and headers), in the HTTP protocol itself: uvicorn's
 httptools protocol gathers both without limit, so one client could grow the API's memory, and
 hold its event loop copying what it gathered, for as long as it kept sending. Past a cap the
-API answers 414 or 431 in the one JSON error shape and closes the connection, unread.
+API answers 414 or 431 in the one JSON error shape and closes the connection, the rest unparsed.
 
 uvicorn also waits for a head without end (its keep-alive timer only covers a connection idle
 between requests, until its first byte), so a client could hold a connection, with its socket
@@ -35,6 +35,10 @@ class Refusal(NamedTuple):
 
 
 NOT_HTTP = Refusal(400, "bad_request", "the request is not valid HTTP")
+# How long a refused connection is read (and dropped) after its answer, for a client still
+# sending: closed with bytes unread, it is reset, and a client that had not read the answer
+# yet loses it. nginx's lingering close waits as long for more of the client's bytes.
+LINGER_S = 5.0
 
 
 @dataclass
@@ -76,6 +80,7 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         self._refusal: Refusal | None = None
         self._head_timer: asyncio.TimerHandle | None = None  # runs while a head is awaited
         self._close_after_answer = False  # what came after the answer under way was refused
+        self._linger_timer: asyncio.TimerHandle | None = None  # runs while a refused one lingers
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -83,6 +88,8 @@ class HeadLimitedProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -93,8 +100,8 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         before = self._head
         super().data_received(data)
         head = self._head
-        if head is None or self.transport.is_closing():
-            return
+        if head is None or self._close_after_answer or self.transport.is_closing():
+            return  # refused in this read (answered or closing): nothing more to count
         handed_over, head.handed_over = head.handed_over, False
         if head is not before or handed_over:
             return  # not all unfinished header: a request began in it, or parts were handed over
@@ -191,7 +198,8 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         raise _Stopped(refusal.message)
 
     def _answer(self, refusal: Refusal) -> None:
-        """Answers the request with the refusal and closes the connection, unread. Where an
+        """Answers the request with the refusal and closes the connection, the rest of the
+        request read and dropped for LINGER_S at most (a lingering close). Where an
         answer is under way (to this request, refused in its trailers; or to the one before
         it on the connection), that answer goes out whole and the connection is then closed,
         the refusal unsent: the client would take it for part of that answer, or for that
@@ -218,4 +226,9 @@ class HeadLimitedProtocol(HttpToolsProtocol):
             b"\r\n",
         ]
         self.transport.write(b"".join(response_head) + response.body)
-        self.transport.close()
+        self._close_after_answer = True  # what still comes is dropped unparsed (data_received)
+        self._stop_head_timer()
+        self.flow.resume_reading()
+        self.transport.write_eof()  # the answer, then the end: a client reads it whole, then closes
+        # Its close ends the connection (eof_received); one that never closes is cut off.
+        self._linger_timer = self.loop.call_later(LINGER_S, self.transport.close)
