@@ -15,7 +15,7 @@ import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 from uuid import UUID, uuid4
@@ -29,10 +29,12 @@ from sqlalchemy import func, select, update
 from aidsafe.models import BatchProgress
 from app.cli.follow import wave_text
 from app.config import BatchConfig, EndpointConfig, Prices, Settings
-from app.llm.batch_api import BatchAPI
+from app.deliberation.ports import ChatReply, ChatRequest, LLMRequestRejected, Stage, TurnKey
+from app.llm.batch_api import BatchAPI, input_line
+from app.llm.client import chat_payload, completion_reply, fitted
 from app.queue import enqueue_shares
-from app.store import batches, deletions
-from app.store.batches import LeaseLost, Outcome
+from app.store import batches, deletions, items
+from app.store.batches import AwaitingBatch, BatchedLLM, LeaseLost, Outcome
 from app.store.db import Sessions
 from app.store.models import Batch, BatchRequest, BatchStatus, Cot, Item, Job, TurnRow
 from tests.conftest import api_client, eventually, run_worker_burst, start_worker, submit
@@ -1885,6 +1887,19 @@ async def _job_count(sessions: Sessions) -> int:
 # --- what a batch's end writes on its requests and items, and how a wave is cut ------------------
 
 
+async def _filed(
+    api: httpx.AsyncClient, auth: dict[str, str], settings: Settings, *jobs: dict[str, Any]
+) -> list[UUID]:
+    """Batch jobs (each a config with `prompts`: how many of PROMPTS; `key`: its API key, if
+    not `auth`) whose items filed their first calls, no wave formed yet: their ids."""
+    job_ids = [
+        UUID(await submit(api, job.pop("key", auth), PROMPTS[: job.pop("prompts")], delivery="batch", **job))
+        for job in jobs
+    ]
+    await run_worker_burst(settings)
+    return job_ids
+
+
 async def _waves_taken(
     api: httpx.AsyncClient,
     auth: dict[str, str],
@@ -1892,26 +1907,21 @@ async def _waves_taken(
     sessions: Sessions,
     *jobs: dict[str, Any],
 ) -> list[tuple[batches.Held, list[int]]]:
-    """Batch jobs (each a config with `prompts`: how many of PROMPTS; `key`: its API key, if
-    not `auth`) whose items filed their first calls, their first waves formed (one batch
-    each) and taken: per job, its batch held and its request ids."""
-    job_ids = [
-        UUID(await submit(api, job.pop("key", auth), PROMPTS[: job.pop("prompts")], delivery="batch", **job))
-        for job in jobs
-    ]
-    await run_worker_burst(settings)
+    """The jobs of `_filed`, their first waves formed (one batch each) and taken: per job,
+    its batch held and its request ids."""
+    job_ids = await _filed(api, auth, settings, *jobs)
     assert await batches.form_waves(sessions, settings.endpoints()) == len(job_ids)
     held = {h.job_id: h for h in await batches.take_due(sessions, lease_s=60)}
+    return [(held[job_id], await _request_ids(sessions, job_id)) for job_id in job_ids]
+
+
+async def _request_ids(sessions: Sessions, job_id: UUID) -> list[int]:
     async with sessions() as session:
-        requests = [
-            list(
-                await session.scalars(
-                    select(BatchRequest.id).where(BatchRequest.job_id == job_id).order_by(BatchRequest.id)
-                )
+        return list(
+            await session.scalars(
+                select(BatchRequest.id).where(BatchRequest.job_id == job_id).order_by(BatchRequest.id)
             )
-            for job_id in job_ids
-        ]
-    return [(held[job_id], ids) for job_id, ids in zip(job_ids, requests, strict=True)]
+        )
 
 
 async def _request_rows(sessions: Sessions, ids: list[int]) -> list[tuple[Any, ...]]:
@@ -2108,3 +2118,472 @@ def test_a_wave_is_cut_into_batches_at_the_endpoints_limits_in_order(
     requests = [(100 + n, size) for n, size in enumerate(sizes)]
     expected = [[requests[n] for n in part] for part in parts]
     assert batches.split(requests, max_requests, max_bytes) == expected
+
+
+# --- how a wave is formed, and a batch taken, split and held ------------------------------------
+
+
+async def _set(sessions: Sessions, *updates: Any) -> None:
+    """Run the updates in one transaction: a state a test sets up by hand."""
+    async with sessions.begin() as session:
+        for statement in updates:
+            await session.execute(statement)
+
+
+def _batch(batch_id: UUID) -> Any:
+    return update(Batch).where(Batch.id == batch_id)
+
+
+async def _wave(sessions: Sessions, job_id: UUID, wave: int) -> list[tuple[str, list[int]]]:
+    """The job's open batches of the wave as (endpoint, the ids of its requests), by endpoint
+    and first request; each checked to be a batch of the job's owner, preparing, counted and
+    sized as its requests' input lines."""
+    async with sessions() as session:
+        owner = await session.scalar(select(Job.owner_key_id).where(Job.id == job_id))
+        made = (
+            await session.scalars(
+                select(Batch).where(Batch.job_id == job_id, Batch.wave == wave, Batch.finished_at.is_(None))
+            )
+        ).all()
+        requests = (
+            await session.execute(
+                select(BatchRequest.batch_id, BatchRequest.id, BatchRequest.body)
+                .where(BatchRequest.batch_id.in_([b.id for b in made]))
+                .order_by(BatchRequest.id)
+            )
+        ).all()
+    found = []
+    for batch in made:
+        lines = [(r.id, len(input_line(str(r.id), r.body))) for r in requests if r.batch_id == batch.id]
+        assert (batch.status, batch.owner_key_id, batch.requests, batch.bytes) == (
+            "preparing",
+            owner,
+            len(lines),
+            sum(size for _, size in lines),
+        )
+        found.append((batch.endpoint, [request_id for request_id, _ in lines]))
+    return sorted(found)
+
+
+async def _batch_of(sessions: Sessions, request_id: int) -> UUID:
+    async with sessions() as session:
+        batch_id = (
+            await session.scalars(select(BatchRequest.batch_id).where(BatchRequest.id == request_id))
+        ).one()
+    assert batch_id is not None, "in no batch"
+    return batch_id
+
+
+async def test_a_wave_takes_its_jobs_pending_requests_by_endpoint_at_its_limits_numbered_after_its_last(
+    batch_api: httpx.AsyncClient,
+    auth: dict[str, str],
+    other: dict[str, str],
+    batch_settings: Settings,
+    sessions: Sessions,
+) -> None:
+    first, second = await _filed(
+        batch_api, auth, batch_settings, {"prompts": 5}, {"prompts": 1, "key": other}
+    )
+    r1, r2, r3, r4, r5 = await _request_ids(sessions, first)
+    [alone] = await _request_ids(sessions, second)
+    default = batch_settings.endpoints()["default"]
+    endpoints = {
+        "default": default.model_copy(update={"batch": BatchConfig(max_requests=2)}),
+        # Its batch settings removed since the requests were filed: the provider's usual limits.
+        "second": default.model_copy(update={"batch": None}),
+    }
+    await _set(
+        sessions,
+        update(BatchRequest).where(BatchRequest.id == r2).values(endpoint="second"),
+        update(BatchRequest).where(BatchRequest.id == r5).values(endpoint="gone"),  # not configured
+        update(Item).where(Item.job_id == second).values(status="queued"),
+    )
+
+    assert await batches.form_waves(sessions, endpoints) == 3
+    assert await _wave(sessions, first, 1) == [("default", [r1, r3]), ("default", [r4]), ("second", [r2])]
+    assert await _request_rows(sessions, [r1, r5, alone]) == [
+        ("submitted", None, False, None, 1, False),
+        ("rejected", None, False, "unknown LLM endpoint 'gone'", 0, True),
+        ("pending", None, False, None, 0, False),  # its job's item queued: no wave yet
+    ]
+
+    # r1 unanswered by its batch, pending again, its item running; the other job's item parked.
+    await _set(
+        sessions,
+        update(BatchRequest).where(BatchRequest.id == r1).values(status="pending"),
+        update(Item).where(Item.id == await _item_of(sessions, r1)).values(status="running"),
+        update(Item).where(Item.job_id == second).values(status="awaiting_batch"),
+    )
+    assert await batches.form_waves(sessions, endpoints) == 1
+    assert await _wave(sessions, second, 1) == [("default", [alone])], "a job's first wave is its wave 1"
+    assert await _wave(sessions, first, 2) == []
+
+    await _set(sessions, update(Item).where(Item.job_id == first).values(status="awaiting_batch"))
+    assert await batches.form_waves(sessions, endpoints) == 1
+    assert await _wave(sessions, first, 2) == [("default", [r1])]
+    assert (await _request_rows(sessions, [r1]))[0][4] == 2, "its second batch is counted"
+
+
+async def test_a_jobs_wave_is_formed_beside_inserts_naming_the_job_and_skipped_while_another_worker_forms_it(
+    batch_api: httpx.AsyncClient, auth: dict[str, str], batch_settings: Settings, sessions: Sessions
+) -> None:
+    [job_id] = await _filed(batch_api, auth, batch_settings, {"prompts": 1})
+    job = select(Job.id).where(Job.id == job_id)
+    async with sessions.begin() as session:
+        # Its row held as another worker forming its wave holds it: skipped, not waited for.
+        await session.execute(job.with_for_update(key_share=True))
+        assert await asyncio.wait_for(batches.form_waves(sessions, batch_settings.endpoints()), 5) == 0
+    async with sessions.begin() as session:
+        # Held as an insert naming the job holds it (an item's turn, through its foreign key).
+        await session.execute(job.with_for_update(read=True, key_share=True))
+        assert await asyncio.wait_for(batches.form_waves(sessions, batch_settings.endpoints()), 5) == 1
+
+
+async def test_only_open_batches_due_and_free_of_a_live_lease_are_taken_earliest_due_first_under_new_leases(
+    batch_api: httpx.AsyncClient, auth: dict[str, str], batch_settings: Settings, sessions: Sessions
+) -> None:
+    first, cancelled = await _filed(
+        batch_api, auth, batch_settings, {"prompts": 5}, {"prompts": 1, "batch": {"unanswered": "online"}}
+    )
+    one_each = batch_settings.endpoints()["default"].model_copy(update={"batch": BatchConfig(max_requests=1)})
+    assert await batches.form_waves(sessions, {"default": one_each}) == 6
+    ended, later, leased, polled, expired = [
+        await _batch_of(sessions, r) for r in await _request_ids(sessions, first)
+    ]
+    online = await _batch_of(sessions, (await _request_ids(sessions, cancelled))[0])
+    old_lease = uuid4()
+    await _set(
+        sessions,
+        _batch(ended).values(finished_at=func.now()),
+        _batch(later).values(next_poll_at=func.now() + timedelta(hours=1)),
+        _batch(leased).values(lease_until=func.now() + timedelta(hours=1), lease_id=uuid4()),
+        # Due before `polled`, but first in the table.
+        _batch(online).values(next_poll_at=func.now()),
+        _batch(polled).values(
+            status="submitted",
+            input_file_id="file-in",
+            provider_batch_id="batch-1",
+            create_unsent=True,
+            output_file_id="file-out",  # read while the other was refused
+            error_file_id="file-err",
+            cancel_sent_at=func.now(),
+            cancel_seen={"status": "cancelling"},
+            next_poll_at=func.now() - timedelta(seconds=1),
+        ),
+        _batch(expired).values(
+            lease_until=func.now() - timedelta(seconds=1),
+            lease_id=old_lease,
+            cancel_sent_at=func.now(),  # cancelled as lost, nothing seen of it since
+            next_poll_at=func.now() - timedelta(seconds=2),
+        ),
+        update(Job).where(Job.id == cancelled).values(cancelled_at=func.now()),
+    )
+
+    async with sessions.begin() as session:
+        # The row of the batch due first held, as by another worker taking it: skipped, not waited for.
+        await session.execute(select(Batch.id).where(Batch.id == expired).with_for_update())
+        taken = await asyncio.wait_for(batches.take_due(sessions, lease_s=60, limit=1), 5)
+    taken += await batches.take_due(sessions, lease_s=30)
+    assert await batches.take_due(sessions, lease_s=60) == [], "a batch was taken again under its lease"
+
+    for held in taken:
+        row = await _batch_row(sessions, held.id)
+        assert (held.created_at, held.lease_id) == (row.created_at, row.lease_id)
+    by_id = {held.id: held for held in taken}
+    assert by_id == {
+        polled: batches.Held(
+            polled,
+            first,
+            "default",
+            BatchStatus.SUBMITTED,
+            "file-in",
+            "batch-1",
+            True,
+            False,
+            "next_wave",
+            by_id[polled].created_at,
+            by_id[polled].lease_id,
+            60,
+            frozenset({"file-out", "file-err"}),
+            {"status": "cancelling"},
+        ),
+        expired: batches.Held(
+            expired,
+            first,
+            "default",
+            BatchStatus.PREPARING,
+            None,
+            None,
+            False,
+            False,
+            "next_wave",
+            by_id[expired].created_at,
+            by_id[expired].lease_id,
+            30,
+            frozenset(),
+            {},
+        ),
+        online: batches.Held(
+            online,
+            cancelled,
+            "default",
+            BatchStatus.PREPARING,
+            None,
+            None,
+            False,
+            True,
+            "online",
+            by_id[online].created_at,
+            by_id[online].lease_id,
+            30,
+            frozenset(),
+            None,
+        ),
+    }
+    assert taken[0].id == polled, "not the batch due first of those free"
+    leases = [held.lease_id for held in taken]
+    assert None not in leases and len({*leases, old_lease}) == 4, "a lease taken under a token not new"
+
+
+async def test_a_batch_the_provider_refuses_whole_is_split_in_two_of_its_wave_until_a_lone_request_is_refused(
+    batch_api: httpx.AsyncClient, auth: dict[str, str], batch_settings: Settings, sessions: Sessions
+) -> None:
+    (held, [answered, *waiting]), (_, [others]) = await _waves_taken(
+        batch_api, auth, batch_settings, sessions, {"prompts": 5}, {"prompts": 1}
+    )
+    await batches.keep_read(sessions, held, Outcome({answered: _completion("kept")}, {}), {})
+
+    assert await batches.split_refused(sessions, held, "HTTP 400: file_too_large") == 2
+
+    row = await _batch_row(sessions, held.id)
+    assert (row.status, row.error, row.finished_at is not None) == (
+        "refused",
+        "HTTP 400: file_too_large",
+        True,
+    )
+    assert await _wave(sessions, held.job_id, 1) == [("default", waiting[:2]), ("default", waiting[2:])]
+    submitted = ("submitted", None, False, None, 1, False)
+    assert await _request_rows(sessions, [answered, *waiting, others]) == [
+        ("answered", _completion("kept"), True, None, 1, True),
+        *[submitted] * 5,
+    ]
+    assert await _batch_of(sessions, answered) == held.id
+
+    halves = {h.id: h for h in await batches.take_due(sessions, lease_s=60)}
+    pair = await _batch_of(sessions, waiting[0])
+    assert set(halves) == {pair, await _batch_of(sessions, waiting[2])}
+    assert await batches.split_refused(sessions, halves[pair], "HTTP 400: again") == 2
+    assert await _wave(sessions, held.job_id, 1) == [
+        ("default", waiting[:1]),
+        ("default", waiting[1:2]),
+        ("default", waiting[2:]),
+    ]
+
+    lone = await _batch_of(sessions, waiting[0])
+    [alone] = [h for h in await batches.take_due(sessions, lease_s=60) if h.id == lone]
+    assert await batches.split_refused(sessions, alone, "HTTP 400: bad line") == 0
+    assert await _request_rows(sessions, waiting[:2]) == [
+        ("rejected", None, False, "HTTP 400: bad line", 1, True),
+        submitted,
+    ]
+    assert await _wave(sessions, held.job_id, 1) == [("default", waiting[1:2]), ("default", waiting[2:])]
+
+
+async def test_a_batch_refused_at_its_polls_is_taken_for_gone_at_its_third_refusal_once_the_period_has_passed(
+    batch_api: httpx.AsyncClient, auth: dict[str, str], batch_settings: Settings, sessions: Sessions
+) -> None:
+    (held, _), (patient, _) = await _waves_taken(
+        batch_api, auth, batch_settings, sessions, {"prompts": 1}, {"prompts": 1}
+    )
+
+    assert not await batches.refused(sessions, held, 3600, 0)
+    since = (await _batch_row(sessions, held.id)).refused_since
+    assert since is not None
+    assert [await batches.refused(sessions, held, 3600, 0) for _ in range(3)] == [False, True, True]
+    row = await _batch_row(sessions, held.id)
+    assert (row.refusals, row.refused_since) == (4, since), "the refusals are counted from the first"
+
+    # Refused as often, but not for long enough yet.
+    assert [await batches.refused(sessions, patient, 3600, 3600) for _ in range(3)] == [False] * 3
+    # Answered: the count starts again.
+    await batches.advance(sessions, patient, 3600, provider_status="in_progress")
+    row = await _batch_row(sessions, patient.id)
+    assert (row.refusals, row.refused_since, row.provider_status) == (0, None, "in_progress")
+    assert [await batches.refused(sessions, patient, 3600, 0) for _ in range(3)] == [False, False, True]
+
+    for both in (held, patient):
+        await batches.release(sessions, both)
+    assert await batches.take_due(sessions, lease_s=60) == [], "looked at again before its poll was due"
+
+
+async def test_a_holders_writes_renew_its_lease_and_its_next_look_comes_when_it_asked(
+    batch_api: httpx.AsyncClient, auth: dict[str, str], batch_settings: Settings, sessions: Sessions
+) -> None:
+    await _filed(batch_api, auth, batch_settings, {"prompts": 1})
+    assert await batches.form_waves(sessions, batch_settings.endpoints()) == 1
+    [held] = await batches.take_due(sessions, lease_s=0.2)
+    await batches.renew(sessions, replace(held, lease_s=60))
+    await asyncio.sleep(0.3)
+    assert await batches.take_due(sessions, lease_s=60) == [], "its renewed lease ran out"
+
+    moved = await batches.advance(
+        sessions, held, 0, status=BatchStatus.SUBMITTED, input_file_id="file-in", provider_batch_id="batch-1"
+    )
+    assert moved == replace(
+        held, status=BatchStatus.SUBMITTED, input_file_id="file-in", provider_batch_id="batch-1"
+    )
+    await batches.release(sessions, held)
+    [again] = await batches.take_due(sessions, lease_s=60)  # free, and due at once
+    # The batch as it is now, not as its holder knew it.
+    stale = replace(again, status=BatchStatus.PREPARING, input_file_id=None, provider_batch_id=None)
+    assert await batches.advance(sessions, stale, 3600, provider_status="in_progress") == again
+    await batches.release(sessions, again)
+    assert await batches.take_due(sessions, lease_s=60) == [], "polled before its next poll was due"
+
+    await _set(sessions, _batch(held.id).values(next_poll_at=func.now()))
+    [due] = await batches.take_due(sessions, lease_s=60)
+    await batches.release(sessions, due, 3600)
+    assert await batches.take_due(sessions, lease_s=60) == [], "a failed step's batch looked at again at once"
+    assert (await _batch_row(sessions, held.id)).lease_id is None
+
+
+async def test_a_lost_batchs_cancel_is_timed_from_the_first_and_what_the_provider_shows_of_it_kept(
+    batch_api: httpx.AsyncClient, auth: dict[str, str], batch_settings: Settings, sessions: Sessions
+) -> None:
+    [(held, _)] = await _waves_taken(batch_api, auth, batch_settings, sessions, {"prompts": 1})
+
+    assert await batches.cancel_sent(sessions, held, {}, 3600, 0), "nothing to wait for"
+    sent = (await _batch_row(sessions, held.id)).cancel_sent_at
+    assert sent is not None
+    assert not await batches.cancel_sent(sessions, held, {"status": "cancelling"}, 3600, 3600)
+    await asyncio.sleep(0.2)
+    assert await batches.cancel_sent(sessions, held, {"status": "cancelling"}, 3600, 0.1)
+
+    row = await _batch_row(sessions, held.id)
+    assert (row.cancel_sent_at, row.cancel_seen) == (sent, {"status": "cancelling"})
+    await batches.release(sessions, held)
+    assert await batches.take_due(sessions, lease_s=60) == [], "looked at again before it was due"
+
+
+class _Online:
+    """The online client a batch job's item falls back on (a test one: it answers every call)."""
+
+    def __init__(self) -> None:
+        self.asked: list[TurnKey | None] = []
+
+    async def chat(self, request: ChatRequest) -> ChatReply:
+        self.asked.append(request.key)
+        return ChatReply("online answer", "stop", request.model, 10, 5, 1.0)
+
+
+def _asked(key: TurnKey, endpoint: str = "default") -> ChatRequest:
+    return ChatRequest(
+        "seed",
+        endpoint,
+        "scripted-model",
+        [{"role": "user", "content": str(key)}],
+        None,
+        None,
+        0.2,
+        100,
+        key=key,
+    )
+
+
+async def test_a_batch_items_call_is_filed_once_per_turn_and_answered_as_its_request_was_settled(
+    batch_api: httpx.AsyncClient, auth: dict[str, str], batch_settings: Settings, sessions: Sessions
+) -> None:
+    job_id = UUID(await submit(batch_api, auth, PROMPTS[:2], delivery="batch"))
+    async with sessions() as session:
+        item_ids = (
+            await session.scalars(select(Item.id).where(Item.job_id == job_id).order_by(Item.position))
+        ).all()
+    online, endpoints = _Online(), batch_settings.endpoints()
+    mine, neighbour = [
+        BatchedLLM(sessions, claim, endpoints, online, batch_settings.llm_max_request_tokens)
+        for item_id in item_ids
+        if (claim := await items.claim(sessions, item_id, items.Limits(60, 3, 3))) is not None
+    ]
+    # Turns told apart by each part of their key.
+    answered, refused, refused_unsaid, failed, sent_online, waiting = (
+        TurnKey(Stage.SEED),
+        TurnKey(Stage.DELIBERATION),
+        TurnKey(Stage.SEED, round=1),
+        TurnKey(Stage.SEED, agent=1),
+        TurnKey(Stage.SEED, attempt=1),
+        TurnKey(Stage.REFINE),
+    )
+    keys = [answered, refused, refused_unsaid, failed, sent_online, waiting]
+    for key in keys:
+        with pytest.raises(AwaitingBatch, match="filed"):
+            await mine.chat(_asked(key))
+    with pytest.raises(AwaitingBatch, match="still in a batch"):
+        await mine.chat(_asked(answered))  # filed once
+    with pytest.raises(AwaitingBatch, match="filed"):
+        await neighbour.chat(_asked(answered))  # another item's turn of the same key
+    with pytest.raises(LLMRequestRejected, match="unknown LLM endpoint 'gone'"):
+        await mine.chat(_asked(TurnKey(Stage.INTENT), "gone"))
+
+    async with sessions() as session:
+        filed = (
+            await session.scalars(
+                select(BatchRequest).where(BatchRequest.job_id == job_id).order_by(BatchRequest.id)
+            )
+        ).all()
+    body = {
+        key: chat_payload(
+            fitted(_asked(key), endpoints["default"], batch_settings.llm_max_request_tokens),
+            endpoints["default"],
+        )
+        for key in keys
+    }
+    assert [
+        (
+            r.item_id,
+            TurnKey(Stage(r.stage), r.round, r.agent, r.attempt),
+            r.endpoint,
+            r.body,
+            r.status,
+            r.submissions,
+        )
+        for r in filed
+    ] == [
+        *[(item_ids[0], key, "default", body[key], "pending", 0) for key in keys],
+        (item_ids[1], answered, "default", body[answered], "pending", 0),
+    ]
+    request_of = {key: request.id for key, request in zip(keys, filed, strict=False)}
+    await _set(
+        sessions,
+        update(BatchRequest)
+        .where(BatchRequest.id == request_of[answered])
+        .values(status="answered", answer=_completion("batched")),
+        update(BatchRequest)
+        .where(BatchRequest.id == request_of[refused])
+        .values(status="rejected", error="HTTP 400: bad line"),
+        update(BatchRequest).where(BatchRequest.id == request_of[refused_unsaid]).values(status="rejected"),
+        update(BatchRequest)
+        .where(BatchRequest.id == request_of[failed])
+        .values(status="failed", error="unanswered in 3 batches; last: expired"),
+        update(BatchRequest).where(BatchRequest.id == request_of[sent_online]).values(status="online"),
+        update(BatchRequest).where(BatchRequest.id == request_of[waiting]).values(status="submitted"),
+    )
+
+    assert await mine.chat(_asked(answered)) == completion_reply(
+        _completion("batched"), "scripted-model", 0.0
+    )
+    rejected = "the batch API of the LLM endpoint 'default' rejected the request"
+    unanswered = "the LLM endpoint 'default' left the request unanswered in every batch"
+    for key, detail, summary in [
+        (refused, "HTTP 400: bad line", rejected),
+        (refused_unsaid, rejected, rejected),
+        (failed, "unanswered in 3 batches; last: expired", unanswered),
+    ]:
+        with pytest.raises(LLMRequestRejected) as raised:
+            await mine.chat(_asked(key))
+        assert (str(raised.value), raised.value.summary) == (detail, summary)
+    assert (await mine.chat(_asked(sent_online))).content == "online answer"
+    assert (online.asked, mine.sent_online, neighbour.sent_online) == ([sent_online], {sent_online}, set())
+    with pytest.raises(AwaitingBatch, match="still in a batch"):
+        await mine.chat(_asked(waiting))
+    with pytest.raises(AwaitingBatch, match="still in a batch"):
+        await neighbour.chat(_asked(answered))
