@@ -19,6 +19,7 @@ from uuid import uuid4
 import httpx
 import pytest
 import typer
+import typer.rich_utils
 import yaml
 from rich.console import Console
 from rich.progress import Progress
@@ -500,39 +501,53 @@ async def test_a_file_that_is_not_utf8_is_refused(sessions: Sessions, tmp_path: 
     assert await row_counts(sessions) == (0, 0)
 
 
-def test_bytes_that_are_not_utf8_are_named_by_line_and_file_offset(tmp_path: Path) -> None:
+@pytest.mark.parametrize("end", ["\r\n", "\n", "\r"])
+def test_bytes_that_are_not_utf8_are_named_by_line_and_file_offset(end: str, tmp_path: Path) -> None:
     """A CSV was read in chunks: the offset named was within the chunk (and past a byte order
-    mark, three short), with no line to look at."""
+    mark, three short), with no line to look at. Lines end as CSV readers end them (a Mac's
+    CSV, the kind likely not UTF-8, ends them with a lone carriage return)."""
     path = tmp_path / "excel.csv"
     first = "x" * 20_000
-    path.write_bytes(f"prompt\r\n{first}\r\n".encode("utf-8-sig") + "caf\xe9\r\n".encode("latin-1"))
+    path.write_bytes(f"prompt{end}{first}{end}".encode("utf-8-sig") + f"caf\xe9{end}".encode("latin-1"))
 
     with pytest.raises(PromptFileError) as refused:
         read_prompt_file(path)
 
-    offset = len(f"\ufeffprompt\r\n{first}\r\ncaf".encode())
+    offset = len(f"\ufeffprompt{end}{first}{end}caf".encode())
     assert (
         str(refused.value)
         == f"{path}:3: not UTF-8 text (byte 0xe9 at offset {offset}); save the file as UTF-8"
     )
 
 
-def test_a_csv_refusal_names_the_line_its_row_ends_on(tmp_path: Path) -> None:
-    """A quoted prompt may hold line breaks: a row's number is not its line's."""
-    path = write(tmp_path, "p.csv", "prompt,source", '"two', 'lines",a', '" ",b')
+@pytest.mark.parametrize(
+    ("lines", "refusal"),
+    [
+        (["prompt,source", '"two', 'lines",a', '" ",b'], "4: empty prompt"),
+        (["prompt", "fine", '"a"b'], "3: not a readable CSV (',' expected after '\"')"),
+    ],
+)
+def test_a_csv_refusal_names_the_line_its_row_ends_on(lines: list[str], refusal: str, tmp_path: Path) -> None:
+    """A quoted prompt may hold line breaks: a row's number is not its line's. A row that is
+    no CSV was named by no line at all."""
+    path = write(tmp_path, "p.csv", *lines)
 
-    with pytest.raises(PromptFileError, match=r"p\.csv:4: empty prompt$"):
+    with pytest.raises(PromptFileError) as refused:
         read_prompt_file(path)
 
+    assert str(refused.value) == f"{path}:{refusal}"
 
-def test_a_jsonl_prompt_may_hold_unicode_line_separators(tmp_path: Path) -> None:
+
+@pytest.mark.parametrize("end", ["\n", "\r\n", "\r"])
+def test_a_jsonl_prompt_may_hold_unicode_line_separators(end: str, tmp_path: Path) -> None:
     """JSON strings may hold U+2028 and the like as they are; str.splitlines cut the line there
-    and the file was refused as not JSON."""
-    prompt = "one\u2028two\u2029three\x85four\x1cfive"
+    and the file was refused as not JSON. Lines end at a line feed, a carriage return or both."""
+    prompts = ["one\u2028two\u2029three\x85four", "five"]
     path = tmp_path / "p.jsonl"
-    path.write_text(json.dumps({"prompt": prompt}, ensure_ascii=False) + "\r\n", encoding="utf-8")
+    lines = (json.dumps({"prompt": prompt}, ensure_ascii=False) + end for prompt in prompts)
+    path.write_bytes("".join(lines).encode())
 
-    assert read_prompt_file(path) == [{"prompt": prompt, "metadata": {}}]
+    assert read_prompt_file(path) == [{"prompt": prompt, "metadata": {}} for prompt in prompts]
 
 
 @pytest.mark.parametrize(
@@ -1091,12 +1106,16 @@ def test_a_judge_naming_nothing_is_refused() -> None:
         judge_role(" @ ")
 
 
-def test_every_command_is_summed_up_on_one_line_of_its_groups_help() -> None:
+def test_every_command_is_summed_up_on_one_line_of_its_groups_help(monkeypatch: pytest.MonkeyPatch) -> None:
     """Typer's commands panel keeps the line breaks of a command's summary (its docstring's
     first paragraph; fastapi/typer#1844), so a summary wrapped in the source broke mid-sentence
     in `aidsafe --help`, at any terminal width: each summary is one line, the rest after it."""
+    # Wide and plain whatever the environment says (Typer reads TERMINAL_WIDTH, FORCE_COLOR...
+    # as it is imported): a summary's row must fit on one line, and start with its name.
+    monkeypatch.setattr(typer.rich_utils, "MAX_WIDTH", 400)
+    monkeypatch.setattr(typer.rich_utils, "FORCE_TERMINAL", False)
     for path, group in COMMANDS.items():
-        shown = CliRunner().invoke(cli, [*path, "--help"], env={"COLUMNS": "400"})
+        shown = CliRunner().invoke(cli, [*path, "--help"])
         assert shown.exit_code == 0, shown.output
         rows = shown.output.splitlines()
         for name, command in getattr(group, "commands", {}).items():

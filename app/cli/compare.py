@@ -44,7 +44,7 @@ def compare(
 ) -> None:
     """Judge two finished jobs' samples of the prompts both completed; print the results.
 
-    E.g. the zero-shot baseline against AIDSAFE: each judge's results and the metric means."""
+    Such as the zero-shot baseline against AIDSAFE: each judge's results and the metric means."""
     judges = [judge_role(spec) for spec in judge] if judge else None
     advice: Advice = {"comparison_mismatch": lambda _: "--allow-mismatch"}
     with api_client(api_url, key, advice) as client:

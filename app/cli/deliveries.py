@@ -118,7 +118,7 @@ def drop_dead(
 def requeue_dead() -> None:
     """Put the dead deliveries back in the spool, for the workers' next pass to read again.
 
-    Do so once every worker runs the release that wrote them; one still unreadable goes dead
+    For when every worker runs the release that wrote them; one still unreadable goes dead
     again."""
     limits = deliveries.SpoolLimits.of(service_settings())
     done = _in_redis(lambda redis, prefix: deliveries.requeue_dead(redis, prefix, limits))

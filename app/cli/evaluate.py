@@ -155,7 +155,7 @@ def evaluate_model(
     api_url: ApiUrl = "http://127.0.0.1:8000",
     key: ApiKeyOpt = "",
 ) -> None:
-    """Put models to the benchmarks; print them side by side with 95 % intervals.
+    """Benchmark models under test; print them side by side with 95 % intervals.
 
     Each target is asked every prompt of the benchmarks; a safety judge and a refusal judge
     classify each answer."""

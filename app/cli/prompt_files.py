@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +14,19 @@ class PromptFileError(ValueError):
     pass
 
 
+# Where a line ends, in CSV readers and old Mac files alike: JSON text holds none of these
+# in a string as it is (str.splitlines also cuts at U+2028 and the like, which it may hold).
+LINE_BREAK = r"\r\n|\r|\n"
+
+
 def read_prompt_file(path: Path) -> list[dict[str, Any]]:
     """Items from a JSONL ({"prompt", "metadata"?} per line) or CSV (a `prompt` column,
     other columns become metadata). Any bad line fails the whole file, naming the line."""
     text = _text(path)
-    try:
-        return _read_prompt_file(path, text)
-    except csv.Error as exc:
-        raise PromptFileError(f"{path}: not a readable CSV ({exc})") from exc
+    items = _csv_items(path, text) if path.suffix.lower() == ".csv" else _jsonl_items(path, text)
+    if not items:
+        raise PromptFileError(f"{path}: no prompts")
+    return items
 
 
 def _text(path: Path) -> str:
@@ -31,7 +37,7 @@ def _text(path: Path) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         after_mark: bytes = exc.object  # the codec's positions are in the bytes after a mark
-        line = after_mark[: exc.start].count(b"\n") + 1
+        line = len(re.findall(LINE_BREAK.encode(), after_mark[: exc.start])) + 1
         offset = len(raw) - len(after_mark) + exc.start
         raise PromptFileError(
             f"{path}:{line}: not UTF-8 text (byte {after_mark[exc.start]:#04x} at offset {offset}); "
@@ -39,11 +45,11 @@ def _text(path: Path) -> str:
         ) from None
 
 
-def _read_prompt_file(path: Path, content: str) -> list[dict[str, Any]]:
+def _csv_items(path: Path, text: str) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = []
-    if path.suffix.lower() == ".csv":
-        # strict: a quote left open is an error, not a prompt that runs on to the end of the file.
-        reader = csv.DictReader(io.StringIO(content, newline=""), strict=True)
+    # strict: a quote left open is an error, not a prompt that runs on to the end of the file.
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+    try:
         if "prompt" not in (reader.fieldnames or []):
             raise PromptFileError(f"{path}: the CSV needs a 'prompt' column")
         for row in reader:
@@ -57,23 +63,25 @@ def _read_prompt_file(path: Path, content: str) -> list[dict[str, Any]]:
             if not prompt:
                 raise PromptFileError(f"{path}:{line}: empty prompt")
             items.append({"prompt": prompt, "metadata": {k: v for k, v in row.items() if k}})
-    else:
-        # Lines end at "\n" only: str.splitlines also cuts at U+2028 and the like, which JSON
-        # strings may hold as they are (json.dumps(..., ensure_ascii=False) writes them so).
-        for line, text in enumerate(content.split("\n"), start=1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise PromptFileError(f"{path}:{line}: not JSON ({exc.msg})") from exc
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise PromptFileError(f"{path}:{line}: expected an object with a string 'prompt'")
-            if not record["prompt"].strip():
-                raise PromptFileError(f"{path}:{line}: empty prompt")
-            if not isinstance(record.get("metadata") or {}, dict):
-                raise PromptFileError(f"{path}:{line}: 'metadata' must be an object")
-            items.append({"prompt": record["prompt"], "metadata": record.get("metadata") or {}})
-    if not items:
-        raise PromptFileError(f"{path}: no prompts")
+    except csv.Error as exc:  # DictReader's line_num is the last row's: its reader's is this one's
+        raise PromptFileError(f"{path}:{reader.reader.line_num}: not a readable CSV ({exc})") from exc
+    return items
+
+
+def _jsonl_items(path: Path, text: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    for line, record_text in enumerate(re.split(LINE_BREAK, text), start=1):
+        if not record_text.strip():
+            continue
+        try:
+            record = json.loads(record_text)
+        except json.JSONDecodeError as exc:
+            raise PromptFileError(f"{path}:{line}: not JSON ({exc.msg})") from exc
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise PromptFileError(f"{path}:{line}: expected an object with a string 'prompt'")
+        if not record["prompt"].strip():
+            raise PromptFileError(f"{path}:{line}: empty prompt")
+        if not isinstance(record.get("metadata") or {}, dict):
+            raise PromptFileError(f"{path}:{line}: 'metadata' must be an object")
+        items.append({"prompt": record["prompt"], "metadata": record.get("metadata") or {}})
     return items

@@ -18,9 +18,9 @@ def _kappa(kappa: float | None, method: str | None = None) -> str:
 
 @reviews_cli.command("summary")
 def review_summary(job_id: str, api_url: ApiUrl = "http://127.0.0.1:8000", key: ApiKeyOpt = "") -> None:
-    """What the job's reviews add up to: counts and agreement, with Wilson 95 % intervals.
+    """What the job's reviews add up to: counts, and agreement as shares with 95 % intervals.
 
-    Agreement with the grader's gate and between reviewers, as shares."""
+    Agreement with the grader's gate and between reviewers; the intervals are Wilson's."""
     with api_client(api_url, key) as client:
         summary = client.get_review_summary(job_id)
     reviews, items, grader, between = (
