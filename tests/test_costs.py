@@ -26,6 +26,7 @@ from app.store.models import CallbackDelivery, Item, ItemStatus, Job, TurnRow
 from app.store.turn_writer import TurnWriter, Written
 from tests.conftest import ROOT, api_client, eventually, least_loop_pause, run_worker_burst
 from tests.scripted_llm import ScriptedLLM
+from tests.test_turn_log import COST_METRIC
 from tests.test_turn_writer import claimed_items, turn_row
 from tests.test_viewer import logged_in
 from workers.sweeper import sweep
@@ -35,7 +36,6 @@ PRICES = {"input": 1.0, "cached_input": 0.5, "output": 2.0}  # USD per million t
 USAGE = (1000, 200, 400)
 CALL_USD = (600 * 1.0 + 400 * 0.5 + 200 * 2.0) / 1e6
 CALL_TOKENS = 1200
-COST_METRIC = "aidsafe_llm_cost_usd_total"
 QUICK = {"agents": 2, "max_rounds": 2, "max_tokens": 64}  # agreement at once: 4 calls an item
 
 

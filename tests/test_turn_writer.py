@@ -12,6 +12,7 @@ from uuid import UUID
 
 import asyncpg
 import httpx
+import pytest
 from sqlalchemy import func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -21,7 +22,7 @@ from app.store.db import Sessions
 from app.store.models import Item, ItemStatus, Job, TurnRow
 from app.store.turn_log import PostgresTurnLog
 from app.store.turn_writer import ROW_FIELDS, TurnWriter, Written
-from tests.test_turn_log import LIMITS, a_turn
+from tests.test_turn_log import LIMITS, a_turn, taken_over
 
 
 async def claimed_items(
@@ -38,15 +39,6 @@ async def claimed_items(
     claims = [await items.claim(sessions, item_id, LIMITS) for item_id in ids]
     assert all(claims)
     return [claim for claim in claims if claim is not None]
-
-
-async def lose(sessions: Sessions, claim: items.Claim) -> None:
-    """The claim's lease runs out and another worker takes the item over."""
-    async with sessions.begin() as session:
-        item = await session.get(Item, claim.item_id)
-        assert item is not None
-        item.lease_until = item.created_at
-    assert await items.claim(sessions, claim.item_id, LIMITS) is not None
 
 
 async def stored(sessions: Sessions, item_id: UUID) -> list[str]:
@@ -195,7 +187,7 @@ async def test_a_lost_claim_in_a_batch_is_its_callers_alone(
     api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions
 ) -> None:
     held, stale, other = await claimed_items(api, auth, sessions, 3)
-    await lose(sessions, stale)
+    await taken_over(sessions, stale)
     writer = TurnWriter(sessions)
 
     results = await asyncio.gather(
@@ -365,3 +357,71 @@ async def test_a_claim_lost_while_another_transaction_held_its_item_is_its_calle
     assert isinstance(lost, items.ClaimLost) and isinstance(written, Turn)
     assert await stored(sessions, cancelled.item_id) == []
     assert await stored(sessions, other.item_id) == ["raw"]
+
+
+async def test_a_statement_holds_at_most_64_turns(
+    api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions
+) -> None:
+    (claim,) = await claimed_items(api, auth, sessions, 1)
+    writer = TurnWriter(sessions)
+
+    outcomes = await asyncio.gather(*(writer.write(turn_row(claim) | {"agent": n}) for n in range(130)))
+
+    assert (writer.statements, writer.rows) == (3, 130)  # 64, 64, 2
+    assert all(o.inserted for o in outcomes)
+    async with sessions() as session:
+        count = select(func.count()).select_from(TurnRow).where(TurnRow.item_id == claim.item_id)
+        assert await session.scalar(count) == 130
+
+
+async def test_a_writer_idle_again_after_a_write_sends_the_next_turn_at_once(
+    api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions
+) -> None:
+    first, second = await claimed_items(api, auth, sessions, 2)
+    writer = TurnWriter(sessions, gather_s=0.01)
+    await writer.write(turn_row(first))
+    await asyncio.sleep(5 * 0.01 + 0.05)  # at least its busy window: idle again
+
+    lone = asyncio.create_task(writer.write(turn_row(second)))
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+    assert writer.statements == 2, "no gathering for a writer idle again"
+    assert (await lone).inserted
+
+
+async def test_a_row_with_a_field_missing_or_unknown_is_refused_before_anything_is_sent(
+    api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions
+) -> None:
+    (claim,) = await claimed_items(api, auth, sessions, 1)
+    writer = TurnWriter(sessions)
+    missing = turn_row(claim)
+    del missing["latency_ms"]
+
+    with pytest.raises(KeyError, match=r"\['latency_ms'\]"):
+        await writer.write(missing)
+    with pytest.raises(KeyError, match=r"\['meta'\]"):
+        await writer.write(turn_row(claim) | {"meta": {}})
+    assert writer.statements == 0
+
+
+async def test_turns_of_items_another_transaction_holds_wait_one_statement_each_while_the_rest_is_written(
+    api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions
+) -> None:
+    locked, other, also_locked = await claimed_items(api, auth, sessions, 3)
+    writer = TurnWriter(sessions)
+    async with sessions.begin() as blocker:
+        await item_locked(blocker, locked.item_id)
+        await item_locked(blocker, also_locked.item_id)
+        writing = [asyncio.create_task(writer.write(turn_row(c))) for c in (locked, other, also_locked)]
+        assert (await asyncio.wait_for(writing[1], timeout=10)).inserted
+        await asyncio.sleep(0.2)
+        # the batch, then the first locked row alone, waiting for its lock; the other waits behind it
+        assert writer.statements == 2
+        assert not writing[0].done() and not writing[2].done()
+        assert await stored(sessions, locked.item_id) == await stored(sessions, also_locked.item_id) == []
+    outcomes = await asyncio.wait_for(asyncio.gather(*writing), timeout=10)
+
+    assert [o.inserted for o in outcomes] == [True, True, True]
+    assert (writer.statements, writer.rows) == (3, 5)
+    assert [await stored(sessions, c.item_id) for c in (locked, other, also_locked)] == [["raw"]] * 3
