@@ -425,3 +425,49 @@ async def test_turns_of_items_another_transaction_holds_wait_one_statement_each_
     assert [o.inserted for o in outcomes] == [True, True, True]
     assert (writer.statements, writer.rows) == (3, 5)
     assert [await stored(sessions, c.item_id) for c in (locked, other, also_locked)] == [["raw"]] * 3
+
+
+async def stages(sessions: Sessions, claims: list[items.Claim]) -> list[str | None]:
+    async with sessions() as session:
+        stage_of = dict(
+            (
+                await session.execute(
+                    select(Item.id, Item.stage).where(Item.id.in_([c.item_id for c in claims]))
+                )
+            ).all()
+        )
+    return [stage_of[c.item_id] for c in claims]
+
+
+async def test_a_turn_added_moves_its_own_items_stage_and_a_key_stored_before_moves_none(
+    api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions
+) -> None:
+    claims = lone, first, second, _ = await claimed_items(api, auth, sessions, 4)  # the last gets no turn
+    writer = TurnWriter(sessions)
+    seed = {"stage": "seed", "role": "seed"}
+    deliberation = {"stage": "deliberation", "role": "deliberator"}
+
+    await writer.write(turn_row(lone) | seed)  # a lone turn, and a batch of two items
+    await asyncio.gather(writer.write(turn_row(first) | seed), writer.write(turn_row(second) | deliberation))
+    assert await stages(sessions, claims) == ["seed", "seed", "deliberation", "intent"]
+
+    await writer.write(turn_row(lone) | deliberation)
+    await writer.write(turn_row(lone) | seed)  # stored before: not added
+    await asyncio.gather(writer.write(turn_row(first) | deliberation), writer.write(turn_row(first) | seed))
+    assert writer.statements == 5
+    assert await stages(sessions, claims) == ["deliberation", "deliberation", "deliberation", "intent"]
+
+
+async def test_of_the_turns_of_one_key_in_one_statement_the_first_is_stored(
+    api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions
+) -> None:
+    (claim,) = await claimed_items(api, auth, sessions, 1)
+    writer = TurnWriter(sessions)
+
+    outcomes = await asyncio.gather(
+        *(writer.write(turn_row(claim) | {"raw_output": f"r{n:02}"}) for n in range(20))
+    )
+
+    assert writer.statements == 1
+    assert [o.inserted for o in outcomes] == [True] + [False] * 19
+    assert await stored(sessions, claim.item_id) == ["r00"]
