@@ -471,3 +471,21 @@ async def test_of_the_turns_of_one_key_in_one_statement_the_first_is_stored(
     assert writer.statements == 1
     assert [o.inserted for o in outcomes] == [True] + [False] * 19
     assert await stored(sessions, claim.item_id) == ["r00"]
+
+
+async def test_a_lone_turn_of_an_item_another_transaction_holds_holds_back_no_later_turn(
+    api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions
+) -> None:
+    locked, later = await claimed_items(api, auth, sessions, 2)
+    writer = TurnWriter(sessions)
+    async with sessions.begin() as blocker:
+        await item_locked(blocker, locked.item_id)
+        waiting = asyncio.create_task(writer.write(turn_row(locked)))
+        for _ in range(3):  # its statement is sent alone
+            await asyncio.sleep(0)
+        assert writer.statements == 1
+
+        assert (await asyncio.wait_for(writer.write(turn_row(later)), timeout=10)).inserted
+        assert not waiting.done()
+    assert (await asyncio.wait_for(waiting, timeout=10)).inserted
+    assert (writer.statements, writer.rows) == (3, 3)  # alone (skipped), later's, then waiting for the lock
