@@ -143,17 +143,22 @@ async def test_a_later_claim_reads_back_the_items_turns_as_they_were_recorded(
     assert await PostgresTurnLog(writer, fresh).done(claim.item_id) == [turn]
 
 
-async def test_a_stored_key_returns_that_keys_turn_and_not_a_neighbours(
+async def test_a_stored_key_returns_that_keys_turn_and_not_a_neighbours_or_another_items(
     api: httpx.AsyncClient, auth: dict[str, str], sessions: Sessions
 ) -> None:
-    claim = await claimed_item(api, auth, sessions)
-    log = PostgresTurnLog(TurnWriter(sessions), claim)
-    key = TurnKey(Stage.DELIBERATION, 1, 1, 1)
+    # Each neighbour is found before it, whether by the turns' unique index or in table order.
+    other, claim = sorted(
+        [await claimed_item(api, auth, sessions) for _ in range(2)], key=lambda c: c.item_id
+    )
+    writer = TurnWriter(sessions)
+    log = PostgresTurnLog(writer, claim)
+    key = TurnKey(Stage.REFINE, 1, 1, 1)
+    await PostgresTurnLog(writer, other).record(replace(a_turn(other.item_id, "another item's"), key=key))
     neighbours = [  # each differs from it in one part of the key
-        TurnKey(Stage.REFINE, 1, 1, 1),
-        TurnKey(Stage.DELIBERATION, 0, 1, 1),
-        TurnKey(Stage.DELIBERATION, 1, 0, 1),
-        TurnKey(Stage.DELIBERATION, 1, 1, 0),
+        TurnKey(Stage.DELIBERATION, 1, 1, 1),
+        TurnKey(Stage.REFINE, 0, 1, 1),
+        TurnKey(Stage.REFINE, 1, 0, 1),
+        TurnKey(Stage.REFINE, 1, 1, 0),
     ]
     for neighbour in neighbours:
         await log.record(replace(a_turn(claim.item_id, str(neighbour)), key=neighbour))
