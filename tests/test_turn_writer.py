@@ -355,6 +355,7 @@ async def test_a_claim_lost_while_another_transaction_held_its_item_is_its_calle
     lost, written = await asyncio.wait_for(results, timeout=10)
 
     assert isinstance(lost, items.ClaimLost) and isinstance(written, Turn)
+    assert writer.statements == 2, "the batch, then the held item's row once, waiting for its lock"
     assert await stored(sessions, cancelled.item_id) == []
     assert await stored(sessions, other.item_id) == ["raw"]
 
