@@ -229,6 +229,7 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         self._close_after_answer = True  # what still comes is dropped unparsed (data_received)
         self._stop_head_timer()
         self.flow.resume_reading()
-        self.transport.write_eof()  # the answer, then the end: a client reads it whole, then closes
+        if self.transport.can_write_eof():  # TLS cannot half-close: there the client or the timer ends it
+            self.transport.write_eof()  # the answer, then the end: a client reads it whole, then closes
         # Its close ends the connection (eof_received); one that never closes is cut off.
         self._linger_timer = self.loop.call_later(LINGER_S, self.transport.close)
