@@ -150,12 +150,13 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         self._handed_over().ended = True
 
     def on_response_complete(self) -> None:
-        if self._close_after_answer:  # closing, the base class starts no pipelined request
-            self.transport.close()
+        if self._close_after_answer:  # the answer under way is out: the connection closes
+            self.pipeline.clear()  # dropped unanswered, as the close always dropped them
+            self._linger()
         super().on_response_complete()
         # uvicorn armed its keep-alive timer: the connection awaits its next request. That timer
         # ends with the request's first byte; this one bounds the whole head.
-        if self.timeout_keep_alive_task is not None:
+        if self.timeout_keep_alive_task is not None and not self._close_after_answer:
             self._await_head()
 
     def send_400_response(self, msg: str) -> None:
@@ -227,6 +228,11 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         ]
         self.transport.write(b"".join(response_head) + response.body)
         self._close_after_answer = True  # what still comes is dropped unparsed (data_received)
+        self._linger()
+
+    def _linger(self) -> None:
+        """Close lingering: the answer sent, end sending and read (and drop) what still comes
+        until the client closes, for LINGER_S at most."""
         self._stop_head_timer()
         self.flow.resume_reading()
         if self.transport.can_write_eof():  # TLS cannot half-close: there the client or the timer ends it
