@@ -224,13 +224,12 @@ def _decoded(raw: bytes, row_of: Callable[[str], int | None]) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        # The codec decodes the bytes after a byte-order mark: its error's positions are in them.
-        text = exc.object
-        row = row_of(text[: exc.start].decode())
+        after_mark: bytes = exc.object  # the codec's positions are in the bytes after a mark
+        row = row_of(after_mark[: exc.start].decode())
         where = "the header" if row is None else f"row {row}"
-        offset = len(raw) - len(text) + exc.start
+        offset = len(raw) - len(after_mark) + exc.start
         raise InvalidEncoding(
-            f"{where} is not UTF-8 text (byte {text[exc.start]:#04x} at offset {offset}); "
+            f"{where} is not UTF-8 text (byte {after_mark[exc.start]:#04x} at offset {offset}); "
             "save the file as UTF-8",
             row=row,
         ) from None
